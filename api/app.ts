@@ -1,0 +1,103 @@
+// The HTTP surface of DESIGN.md's v1 wire protocol. Routes decode and
+// encode; the engine does the work.
+import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
+import { routePath } from 'hono/route';
+import type { Engine } from '../src/engine.js';
+import { decodeStep, parseAttendRequest } from '../src/decode-step.js';
+import { tooLarge } from '../src/errors.js';
+import { tensorOf } from '../src/tensor.js';
+import { nativeThreads } from '../native/index.js';
+import { bearerAuth } from './auth.js';
+import { readBody, reply } from './codec.js';
+import { onError, errorBody } from './errors.js';
+import { Metrics } from './metrics.js';
+
+export const VERSION = '0.1.0';
+
+export interface AppOptions {
+  token?: string;
+  bodyLimit: number;
+}
+
+export function createApp(engine: Engine, opts: AppOptions): Hono {
+  const app = new Hono();
+  const metrics = new Metrics();
+  const { documents, sessions } = engine;
+
+  app.use(async (c, next) => {
+    await next();
+    metrics.countRequest(routePath(c) ?? 'unmatched', c.res.status);
+  });
+  app.use(bearerAuth(opts.token));
+  app.use(
+    bodyLimit({
+      maxSize: opts.bodyLimit,
+      onError: () => {
+        throw tooLarge(`body exceeds the limit of ${opts.bodyLimit} bytes`);
+      },
+    }),
+  );
+  app.onError(onError);
+  app.notFound((c) => c.json(errorBody('not_found', `no route ${c.req.method} ${c.req.path}`), 404));
+
+  app.get('/v1/health', (c) =>
+    reply(c, {
+      ok: true,
+      version: VERSION,
+      backend: 'cpu',
+      threads: nativeThreads,
+      documents: documents.list().length,
+      sessions: sessions.size,
+      recovered: engine.recovered,
+    }),
+  );
+
+  app.put('/v1/documents/:doc', async (c) => reply(c, await documents.create(c.req.param('doc'), await readBody(c)), 201));
+  app.post('/v1/documents/:doc/kv', async (c) => reply(c, await documents.appendKv(c.req.param('doc'), await readBody(c))));
+  app.post('/v1/documents/:doc/seal', async (c) => {
+    await readBody(c);
+    return reply(c, await documents.seal(c.req.param('doc')));
+  });
+  app.get('/v1/documents/:doc', (c) => reply(c, documents.get(c.req.param('doc'))));
+  app.get('/v1/documents', (c) => reply(c, { documents: documents.list() }));
+  app.delete('/v1/documents/:doc', async (c) => {
+    await documents.remove(c.req.param('doc'));
+    return reply(c, { deleted: c.req.param('doc') });
+  });
+
+  app.post('/v1/sessions', async (c) => {
+    const s = sessions.create(await readBody(c));
+    return reply(c, { id: s.id, method: s.method.name, documentTokens: s.documentTokens() }, 201);
+  });
+  app.post('/v1/sessions/:sid/kv', async (c) => reply(c, await sessions.appendKv(c.req.param('sid'), await readBody(c))));
+  app.post('/v1/sessions/:sid/attend', async (c) => {
+    const session = sessions.get(c.req.param('sid'));
+    const body = await readBody(c);
+    const res = await sessions.queue.run(session.id, () => decodeStep(session, parseAttendRequest(body, session)));
+    metrics.observeAttend(res.stats.ms);
+    const m = session.model;
+    return reply(c, {
+      out: tensorOf('f32', [m.qHeads, m.headDim], res.out),
+      lse: tensorOf('f32', [m.qHeads], res.lse),
+      ...(res.selection && { selection: res.selection.map((ids) => tensorOf('i32', [ids.length], ids)) }),
+      ...(res.kv && {
+        kv: {
+          k: res.kv.k.map((a) => tensorOf(m.dtype, [a.length / m.headDim, m.headDim], a)),
+          v: res.kv.v.map((a) => tensorOf(m.dtype, [a.length / m.headDim, m.headDim], a)),
+        },
+      }),
+      stats: res.stats,
+    });
+  });
+  app.get('/v1/sessions/:sid', (c) => reply(c, sessions.get(c.req.param('sid')).describe()));
+  app.delete('/v1/sessions/:sid', (c) => {
+    sessions.remove(c.req.param('sid'));
+    return reply(c, { deleted: c.req.param('sid') });
+  });
+
+  app.get('/metrics', (c) =>
+    c.text(metrics.render({ documents: documents.list().length, sessions: sessions.size, native_threads: nativeThreads })),
+  );
+  return app;
+}

@@ -1,0 +1,30 @@
+// The one place engine errors become HTTP answers: { error: { code, message } }.
+import type { Context } from 'hono';
+import { HTTPException } from 'hono/http-exception';
+import type { ContentfulStatusCode } from 'hono/utils/http-status';
+import { KvrecallError, type ErrorKind } from '../src/errors.js';
+
+const STATUS: Record<ErrorKind, ContentfulStatusCode> = {
+  malformed: 400,
+  unauthorized: 401,
+  not_found: 404,
+  conflict: 409,
+  too_large: 413,
+  invalid: 422,
+  over_budget: 503,
+};
+
+export function errorBody(code: ErrorKind | 'internal', message: string) {
+  return { error: { code, message } };
+}
+
+export function onError(err: Error, c: Context): Response {
+  if (err instanceof KvrecallError) return c.json(errorBody(err.kind, err.message), STATUS[err.kind]);
+  if (err instanceof HTTPException && err.status === 413) return c.json(errorBody('too_large', err.message), 413);
+  if (err instanceof HTTPException) return c.json(errorBody('malformed', err.message), err.status as ContentfulStatusCode);
+  // Native argument checks throw TypeError/RangeError: a request the edge let
+  // through with a bad shape. Report it as invalid, not as a crash.
+  if (err instanceof TypeError || err instanceof RangeError) return c.json(errorBody('invalid', err.message), 422);
+  console.error('kvrecall: internal error', err);
+  return c.json(errorBody('internal', 'internal error; see the server log'), 500);
+}

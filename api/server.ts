@@ -1,0 +1,30 @@
+// Starts the engine and the HTTP server for a config; used by the CLI and
+// by the integration tests (which start it on port 0).
+import { serve, type ServerType } from '@hono/node-server';
+import type { AddressInfo } from 'node:net';
+import type { Config } from '../src/config.js';
+import { Engine } from '../src/engine.js';
+import { createApp } from './app.js';
+
+export interface RunningServer {
+  url: string;
+  engine: Engine;
+  close(): Promise<void>;
+}
+
+export async function startServer(cfg: Config): Promise<RunningServer> {
+  const engine = await Engine.open({ dataDir: cfg.dataDir });
+  const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit });
+  const server: ServerType = await new Promise((resolve) => {
+    const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port }, () => resolve(s));
+  });
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://${cfg.host}:${port}`,
+    engine,
+    close: async () => {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      await engine.close();
+    },
+  };
+}

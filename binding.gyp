@@ -1,0 +1,26 @@
+{
+  "targets": [
+    {
+      "target_name": "kvrecall",
+      "sources": [
+        "native/addon.cc",
+        "native/thread_pool.cc",
+        "native/convert.cc",
+        "native/attention.cc",
+        "native/topk.cc",
+        "native/convert_binding.cc",
+        "native/attention_binding.cc",
+        "native/topk_binding.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags_cc": ["-std=c++17", "-O3", "-fexceptions", "-pthread"],
+      "ldflags": ["-pthread"],
+      "conditions": [
+        ["target_arch=='x64'", { "cflags_cc": ["-mavx2", "-mfma", "-mf16c"] }]
+      ]
+    }
+  ]
+}

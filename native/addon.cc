@@ -1,0 +1,20 @@
+// Registers the exports of each binding file; nothing else lives here.
+#include <napi.h>
+
+#include "thread_pool.h"
+
+namespace kvr {
+void InitConvert(Napi::Env env, Napi::Object exports);
+void InitAttention(Napi::Env env, Napi::Object exports);
+void InitTopk(Napi::Env env, Napi::Object exports);
+}  // namespace kvr
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  kvr::InitConvert(env, exports);
+  kvr::InitAttention(env, exports);
+  kvr::InitTopk(env, exports);
+  exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
+  return exports;
+}
+
+NODE_API_MODULE(kvrecall, Init)

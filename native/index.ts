@@ -1,0 +1,96 @@
+// The one place that loads the compiled addon; everything else imports the
+// typed wrappers below. Tensors cross this boundary as typed arrays, never
+// as JS number arrays, and are read in place.
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** Storage and wire element types, numbered as native/half.h's Dtype. */
+export const DTYPE_CODE = { f16: 0, bf16: 1, f32: 2 } as const;
+export type FloatDtype = keyof typeof DTYPE_CODE;
+export type KvDtype = 'f16' | 'bf16';
+
+export interface AttendSegment {
+  /** Per kv head: [tokens, headDim] 16-bit words. */
+  k: Uint16Array[];
+  v: Uint16Array[];
+  /** Rows of k and v that hold tokens. */
+  tokens: number;
+  /** Range attended when `ids` is absent. */
+  begin?: number;
+  end?: number;
+  /** Per kv head: selected rows, each in [0, tokens). */
+  ids?: Int32Array[];
+}
+
+export interface AttendArgs {
+  q: Float32Array;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  dtype: KvDtype;
+  scale: number;
+  segments: AttendSegment[];
+  out: Float32Array;
+  lse: Float32Array;
+}
+
+export interface TopkArgs {
+  q: Float32Array;
+  group: number;
+  headDim: number;
+  keys: Uint16Array;
+  tokens: number;
+  dtype: KvDtype;
+  k: number;
+  outIds: Int32Array;
+  outScores: Float32Array;
+}
+
+interface Addon {
+  threads: number;
+  convert(a: { src: Uint8Array; from: number; dst: Uint8Array; to: number; count: number }): void;
+  firstNonFinite(a: { src: Uint8Array; dtype: number; count: number }): number;
+  attend(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Promise<void>;
+  topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
+}
+
+function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const up = dirname(dir);
+    if (up === dir) throw new Error('kvrecall: package root not found');
+    dir = up;
+  }
+  return dir;
+}
+
+const addon = createRequire(import.meta.url)(join(packageRoot(), 'build', 'Release', 'kvrecall.node')) as Addon;
+
+/** Worker threads the native kernels use (the machine's cores). */
+export const nativeThreads = addon.threads;
+
+export function bytesOf(a: ArrayBufferView): Uint8Array {
+  return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/** Converts `count` values between dtypes; src and dst are raw bytes at any alignment. */
+export function convert(src: Uint8Array, from: FloatDtype, dst: Uint8Array, to: FloatDtype, count: number): void {
+  addon.convert({ src, from: DTYPE_CODE[from], dst, to: DTYPE_CODE[to], count });
+}
+
+/** Index of the first NaN/Inf among `count` values, or -1. */
+export function firstNonFinite(src: Uint8Array, dtype: FloatDtype, count: number): number {
+  return addon.firstNonFinite({ src, dtype: DTYPE_CODE[dtype], count });
+}
+
+/** Exact attention over the segments, combined by log-sum-exp; fills out and lse. */
+export function attend(args: AttendArgs): Promise<void> {
+  return addon.attend({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/** Top-k keys by max over the group of q·k; returns how many were written. */
+export function topk(args: TopkArgs): Promise<number> {
+  return addon.topk({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}

@@ -1,0 +1,26 @@
+// Exhaustive top-k inner-product scan of a query group over 16-bit keys.
+// A key's score is the largest q·k over the group's query heads (the heads
+// of a GQA group share one selection). Ties break towards the lower id.
+#pragma once
+
+#include <cstdint>
+
+#include "half.h"
+
+namespace kvr {
+
+struct TopkProblem {
+  const float* q = nullptr;  // [group, headDim]
+  int group = 1, headDim = 0;
+  const uint16_t* keys = nullptr;  // [tokens, headDim]
+  int64_t tokens = 0;
+  Dtype dtype = Dtype::kF16;
+  int k = 0;
+  int32_t* outIds = nullptr;   // [min(k, tokens)], best first
+  float* outScores = nullptr;  // [min(k, tokens)]
+};
+
+// Returns how many ids were written: min(k, tokens).
+int64_t TopK(const TopkProblem& p);
+
+}  // namespace kvr

@@ -1,0 +1,39 @@
+// topk({q, group, headDim, keys, tokens, dtype, k, outIds, outScores}) -> Promise<number>
+#include <napi.h>
+
+#include "binding_args.h"
+#include "topk.h"
+
+namespace kvr {
+namespace {
+
+Napi::Value TopkJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = info[0].As<Napi::Object>();
+  TopkProblem p;
+  p.group = int(Int(o, "group", 1, 1024));
+  p.headDim = int(Int(o, "headDim", 1, 1024));
+  p.tokens = Int(o, "tokens", 0, int64_t(1) << 40);
+  p.dtype = StorageDtype(o, "dtype");
+  if (p.dtype == Dtype::kF32) throw Napi::RangeError::New(env, "keys must be f16 or bf16");
+  p.k = int(Int(o, "k", 0, int64_t(1) << 30));
+  const size_t keep = size_t(std::min<int64_t>(p.k, p.tokens));
+  auto q = Typed<float>(o.Get("q"), "q", size_t(p.group) * p.headDim);
+  auto keys = Typed<uint16_t>(o.Get("keys"), "keys", size_t(p.tokens) * p.headDim);
+  auto ids = Typed<int32_t>(o.Get("outIds"), "outIds", keep);
+  auto scores = Typed<float>(o.Get("outScores"), "outScores", keep);
+  p.q = q.Data();
+  p.keys = keys.Data();
+  p.outIds = ids.Data();
+  p.outScores = scores.Data();
+  auto count = std::make_shared<int64_t>(0);
+  return RunAsync(
+      env, {q, keys, ids, scores}, [p, count]() { *count = TopK(p); },
+      [count](Napi::Env e) { return Napi::Number::New(e, double(*count)); });
+}
+
+}  // namespace
+
+void InitTopk(Napi::Env env, Napi::Object exports) { exports.Set("topk", Napi::Function::New(env, TopkJs)); }
+
+}  // namespace kvr

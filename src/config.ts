@@ -1,0 +1,48 @@
+// Every setting of the service, parsed once (flags, then environment, then
+// defaults). Code below the CLI takes this object and never reads env.
+import { invalid } from './errors.js';
+
+export interface Config {
+  host: string;
+  port: number;
+  dataDir: string;
+  /** When set, every route but /v1/health requires `Authorization: Bearer <token>`. */
+  token?: string;
+  /** Largest request body accepted, in bytes. */
+  bodyLimit: number;
+}
+
+export const DEFAULTS: Config = {
+  host: '127.0.0.1',
+  port: 8700,
+  dataDir: './kvrecall-data',
+  bodyLimit: 256 * 1024 * 1024,
+};
+
+const FLAGS: Record<string, keyof Config> = {
+  '--host': 'host',
+  '--port': 'port',
+  '--data': 'dataDir',
+  '--token': 'token',
+  '--body-limit': 'bodyLimit',
+};
+
+export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
+  const cfg: Config = { ...DEFAULTS };
+  if (env.KVRECALL_TOKEN) cfg.token = env.KVRECALL_TOKEN;
+  if (env.KVRECALL_DATA) cfg.dataDir = env.KVRECALL_DATA;
+  for (let i = 0; i < argv.length; i++) {
+    const key = FLAGS[argv[i]];
+    const value = argv[i + 1];
+    if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
+    i++;
+    if (key === 'port' || key === 'bodyLimit') {
+      const n = Number(value);
+      if (!Number.isInteger(n) || n < 0) throw invalid(`${argv[i - 1]} takes a non-negative integer`);
+      cfg[key] = n;
+    } else {
+      cfg[key] = value;
+    }
+  }
+  return cfg;
+}

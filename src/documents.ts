@@ -1,0 +1,157 @@
+// Fixed-context documents: created `loading`, filled layer by layer, sealed
+// `ready` once, then shared read-only by every session that attaches them.
+import type { BlockWrite, DocumentMeta, DocumentStore } from '../storage/store.js';
+import { KvSegment } from '../storage/kv-segment.js';
+import { conflict, invalid, notFound } from './errors.js';
+import { checkId } from './ids.js';
+import { parseKvUpload } from './kv-input.js';
+import { parseModel } from './model.js';
+import { KeyedQueue } from './serial.js';
+
+export interface LoadedDocument {
+  meta: DocumentMeta;
+  /** One read-only segment per layer. */
+  layers: KvSegment[];
+}
+
+interface LoadingDocument {
+  meta: DocumentMeta;
+  layers: KvSegment[];
+  /** Per layer: blocks already written to LMDB. */
+  written: number[];
+}
+
+export interface DocumentView extends DocumentMeta {
+  bytes: number;
+}
+
+export class Documents {
+  private readonly loading = new Map<string, LoadingDocument>();
+  private readonly ready = new Map<string, LoadedDocument>();
+  private readonly queue = new KeyedQueue();
+
+  constructor(
+    private readonly store: DocumentStore,
+    private readonly knownMethods: ReadonlySet<string>,
+  ) {}
+
+  create(idRaw: string, body: Record<string, unknown>): Promise<DocumentView> {
+    const id = checkId(idRaw, 'document');
+    const model = parseModel(body.model);
+    const methods = this.parseMethods(body.methods);
+    return this.queue.run(id, async () => {
+      const existing = this.store.get(id);
+      if (existing && existing.status !== 'incomplete')
+        throw conflict(`document ${id} already exists (${existing.status}); DELETE it first`);
+      const meta: DocumentMeta = { id, model, status: 'loading', tokens: 0, methods, createdAt: new Date().toISOString() };
+      await this.store.create(meta);
+      this.loading.set(id, {
+        meta,
+        layers: Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype)),
+        written: new Array<number>(model.layers).fill(0),
+      });
+      return view(meta);
+    });
+  }
+
+  appendKv(idRaw: string, body: Record<string, unknown>): Promise<{ layer: number; tokens: number }> {
+    const id = checkId(idRaw, 'document');
+    return this.queue.run(id, async () => {
+      const doc = this.loadingDoc(id);
+      const up = parseKvUpload(body, doc.meta.model);
+      const seg = doc.layers[up.layer];
+      if (up.start !== seg.tokens)
+        throw conflict(`layer ${up.layer} of document ${id} holds ${seg.tokens} tokens; the next upload must start there, not at ${up.start}`);
+      seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens);
+      const full = Math.floor(seg.tokens / doc.meta.model.blockSize);
+      await this.store.writeBlocks(id, blockWrites(seg, up.layer, doc.written[up.layer], full, doc.meta.model.blockSize));
+      doc.written[up.layer] = full;
+      return { layer: up.layer, tokens: seg.tokens };
+    });
+  }
+
+  seal(idRaw: string): Promise<DocumentView> {
+    const id = checkId(idRaw, 'document');
+    return this.queue.run(id, async () => {
+      const doc = this.loadingDoc(id);
+      const counts = doc.layers.map((s) => s.tokens);
+      if (counts[0] === 0) throw conflict(`document ${id} has no tokens to seal`);
+      const odd = counts.findIndex((c) => c !== counts[0]);
+      if (odd >= 0) throw conflict(`document ${id}: layer ${odd} holds ${counts[odd]} tokens, layer 0 holds ${counts[0]}`);
+      const B = doc.meta.model.blockSize;
+      const tail = doc.layers.flatMap((seg, layer) => blockWrites(seg, layer, doc.written[layer], Math.ceil(seg.tokens / B), B));
+      const meta: DocumentMeta = { ...doc.meta, status: 'ready', tokens: counts[0], sealedAt: new Date().toISOString() };
+      await this.store.seal(meta, tail);
+      this.loading.delete(id);
+      for (const s of doc.layers) s.shrinkToFit();
+      this.ready.set(id, { meta, layers: doc.layers });
+      return view(meta);
+    });
+  }
+
+  get(idRaw: string): DocumentView {
+    const id = checkId(idRaw, 'document');
+    const meta = this.loading.get(id)?.meta ?? this.store.get(id);
+    if (!meta) throw notFound(`document ${id} does not exist`);
+    const loading = this.loading.get(id);
+    return loading ? { ...view(meta), tokens: Math.min(...loading.layers.map((s) => s.tokens)) } : view(meta);
+  }
+
+  list(): DocumentView[] {
+    return this.store.list().map((m) => this.get(m.id));
+  }
+
+  remove(idRaw: string): Promise<void> {
+    const id = checkId(idRaw, 'document');
+    return this.queue.run(id, async () => {
+      if (!this.store.get(id)) throw notFound(`document ${id} does not exist`);
+      await this.store.remove(id);
+      this.loading.delete(id);
+      this.ready.delete(id);
+    });
+  }
+
+  /** A ready document's KV, read from LMDB on first use after a restart. */
+  acquire(idRaw: string): LoadedDocument {
+    const id = checkId(idRaw, 'document');
+    const cached = this.ready.get(id);
+    if (cached) return cached;
+    const meta = this.loading.get(id)?.meta ?? this.store.get(id);
+    if (!meta) throw notFound(`document ${id} does not exist`);
+    if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
+    const doc = { meta, layers: this.store.load(meta) };
+    this.ready.set(id, doc);
+    return doc;
+  }
+
+  private loadingDoc(id: string): LoadingDocument {
+    const doc = this.loading.get(id);
+    if (doc) return doc;
+    const meta = this.store.get(id);
+    if (!meta) throw notFound(`document ${id} does not exist`);
+    if (meta.status === 'ready') throw conflict(`document ${id} is sealed; its KV cannot change`);
+    throw conflict(`document ${id} is ${meta.status}; PUT it again to restart its preload`);
+  }
+
+  private parseMethods(x: unknown): string[] {
+    if (x === undefined) return [];
+    if (!Array.isArray(x) || x.some((m) => typeof m !== 'string' || !this.knownMethods.has(m)))
+      throw invalid(`methods must be a list of: ${[...this.knownMethods].join(', ')}`);
+    return x as string[];
+  }
+}
+
+function view(meta: DocumentMeta): DocumentView {
+  const m = meta.model;
+  return { ...meta, bytes: meta.tokens * m.layers * m.kvHeads * m.headDim * 2 * 2 };
+}
+
+function blockWrites(seg: KvSegment, layer: number, from: number, to: number, B: number): BlockWrite[] {
+  const writes: BlockWrite[] = [];
+  for (let block = from; block < to; block++)
+    for (let head = 0; head < seg.kvHeads; head++) {
+      const rows = seg.rows(head, block * B, Math.min(seg.tokens, (block + 1) * B));
+      writes.push({ layer, head, block, ...rows });
+    }
+  return writes;
+}

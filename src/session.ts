@@ -1,0 +1,61 @@
+// A session: the documents it attached (read-only, shared) and its own
+// tokens (the question, then each generated token), per layer.
+import type { LayerContext, RetrievalMethod, SearchParams } from '../index/method.js';
+import { KvSegment } from '../storage/kv-segment.js';
+import type { LoadedDocument } from './documents.js';
+import type { ModelShape } from './model.js';
+
+export interface SessionStats {
+  steps: number;
+  attendMs: number;
+  selected: number;
+  scanned: number;
+  contextTokens: number;
+}
+
+export class Session {
+  /** The session's own tokens, one segment per layer. */
+  readonly own: KvSegment[];
+  readonly stats: SessionStats = { steps: 0, attendMs: 0, selected: 0, scanned: 0, contextTokens: 0 };
+  readonly createdAt = new Date().toISOString();
+
+  constructor(
+    readonly id: string,
+    readonly model: ModelShape,
+    readonly documents: LoadedDocument[],
+    readonly method: RetrievalMethod,
+    readonly params: SearchParams,
+  ) {
+    this.own = Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype));
+  }
+
+  documentTokens(): number {
+    return this.documents.reduce((n, d) => n + d.meta.tokens, 0);
+  }
+
+  context(layer: number): LayerContext {
+    const segments = [...this.documents.map((d) => d.layers[layer]), this.own[layer]];
+    const offsets: number[] = [];
+    let tokens = 0;
+    for (const s of segments) {
+      offsets.push(tokens);
+      tokens += s.tokens;
+    }
+    const { qHeads, kvHeads, headDim } = this.model;
+    return { layer, segments, offsets, tokens, qHeads, kvHeads, headDim };
+  }
+
+  describe() {
+    return {
+      id: this.id,
+      model: this.model,
+      documents: this.documents.map((d) => d.meta.id),
+      method: this.method.name,
+      ...this.params,
+      documentTokens: this.documentTokens(),
+      ownTokens: this.own.map((s) => s.tokens),
+      createdAt: this.createdAt,
+      stats: this.stats,
+    };
+  }
+}

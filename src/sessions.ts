@@ -1,0 +1,69 @@
+// Open sessions, in memory: they hold no durable state of their own.
+import { randomUUID } from 'node:crypto';
+import { findMethod, methodNames } from '../index/registry.js';
+import type { SearchParams } from '../index/method.js';
+import type { Documents } from './documents.js';
+import { conflict, invalid, notFound } from './errors.js';
+import { parseKvUpload } from './kv-input.js';
+import { describeModel, parseModel, sameModel } from './model.js';
+import { KeyedQueue } from './serial.js';
+import { Session } from './session.js';
+
+export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256 };
+
+export class Sessions {
+  private readonly open = new Map<string, Session>();
+  readonly queue = new KeyedQueue();
+
+  constructor(private readonly documents: Documents) {}
+
+  create(body: Record<string, unknown>): Session {
+    const model = parseModel(body.model);
+    const methodName = body.method ?? 'exact';
+    const method = typeof methodName === 'string' ? findMethod(methodName) : undefined;
+    if (!method) throw invalid(`method must be one of: ${[...methodNames].join(', ')}`);
+    const docIds = body.documents ?? [];
+    if (!Array.isArray(docIds) || docIds.some((d) => typeof d !== 'string')) throw invalid('documents must be a list of ids');
+    const docs = (docIds as string[]).map((id) => this.documents.acquire(id));
+    for (const d of docs)
+      if (!sameModel(d.meta.model, model))
+        throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
+    const params = { ...DEFAULT_PARAMS };
+    for (const key of ['budget', 'sinks', 'window'] as const) {
+      const v = body[key];
+      if (v === undefined) continue;
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 30) throw invalid(`${key} must be a non-negative integer`);
+      params[key] = v;
+    }
+    const session = new Session(randomUUID(), model, docs, method, params);
+    this.open.set(session.id, session);
+    return session;
+  }
+
+  /** Appends the session's own prefill tokens (e.g. the question) to one layer. */
+  appendKv(id: string, body: Record<string, unknown>): Promise<{ layer: number; tokens: number }> {
+    const session = this.get(id);
+    return this.queue.run(id, () => {
+      const up = parseKvUpload(body, session.model);
+      const seg = session.own[up.layer];
+      if (up.start !== seg.tokens)
+        throw conflict(`layer ${up.layer} of session ${id} holds ${seg.tokens} own tokens; the next upload must start there, not at ${up.start}`);
+      seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens);
+      return { layer: up.layer, tokens: seg.tokens };
+    });
+  }
+
+  get(id: string): Session {
+    const s = this.open.get(id);
+    if (!s) throw notFound(`session ${id} does not exist`);
+    return s;
+  }
+
+  remove(id: string): void {
+    if (!this.open.delete(id)) throw notFound(`session ${id} does not exist`);
+  }
+
+  get size(): number {
+    return this.open.size;
+  }
+}

@@ -1,0 +1,81 @@
+// Wire tensors: { dtype, shape, data } with raw little-endian row-major bytes.
+// Everything is checked here, before any buffer is sized from a shape.
+import { convert, firstNonFinite, type FloatDtype } from '../native/index.js';
+import { invalid } from './errors.js';
+
+export type WireDtype = FloatDtype | 'i32';
+
+export interface Tensor {
+  dtype: WireDtype;
+  shape: number[];
+  data: Uint8Array;
+}
+
+export interface FloatTensor extends Tensor {
+  dtype: FloatDtype;
+}
+
+const ELEMENT_BYTES: Record<WireDtype, number> = { f16: 2, bf16: 2, f32: 4, i32: 4 };
+
+export function elementBytes(dtype: WireDtype): number {
+  return ELEMENT_BYTES[dtype];
+}
+
+function isWireDtype(x: unknown): x is WireDtype {
+  return typeof x === 'string' && Object.hasOwn(ELEMENT_BYTES, x);
+}
+
+/** Decodes a wire tensor; `data` may be bytes (msgpack) or base64 (JSON). */
+export function parseTensor(x: unknown, name: string): Tensor {
+  if (typeof x !== 'object' || x === null || Array.isArray(x)) throw invalid(`${name} must be a tensor {dtype, shape, data}`);
+  const o = x as Record<string, unknown>;
+  if (!isWireDtype(o.dtype)) throw invalid(`${name}.dtype must be one of f16, bf16, f32, i32, got ${JSON.stringify(o.dtype)}`);
+  if (!Array.isArray(o.shape) || o.shape.length > 8) throw invalid(`${name}.shape must be an array of at most 8 sizes`);
+  let count = 1;
+  for (const s of o.shape) {
+    if (typeof s !== 'number' || !Number.isInteger(s) || s < 0) throw invalid(`${name}.shape must hold non-negative integers`);
+    count *= s;
+    if (count > Number.MAX_SAFE_INTEGER) throw invalid(`${name}.shape declares too many elements`);
+  }
+  let data: Uint8Array;
+  if (o.data instanceof Uint8Array) data = o.data;
+  else if (typeof o.data === 'string') data = Buffer.from(o.data, 'base64');
+  else throw invalid(`${name}.data must be binary (or base64 in JSON)`);
+  const expected = count * ELEMENT_BYTES[o.dtype];
+  if (data.byteLength !== expected)
+    throw invalid(`${name}.data holds ${data.byteLength} bytes, shape [${o.shape.join(', ')}] of ${o.dtype} needs ${expected}`);
+  return { dtype: o.dtype, shape: o.shape as number[], data };
+}
+
+export function parseFloatTensor(x: unknown, name: string): FloatTensor {
+  const t = parseTensor(x, name);
+  if (t.dtype === 'i32') throw invalid(`${name}.dtype must be f16, bf16 or f32, got i32`);
+  return t as FloatTensor;
+}
+
+export function expectShape(t: Tensor, expected: number[], name: string): void {
+  if (t.shape.length !== expected.length || t.shape.some((s, i) => s !== expected[i]))
+    throw invalid(`${name} must have shape [${expected.join(', ')}], got [${t.shape.join(', ')}]`);
+}
+
+export function elementCount(t: Tensor): number {
+  return t.data.byteLength / ELEMENT_BYTES[t.dtype];
+}
+
+export function expectFinite(t: FloatTensor, name: string): void {
+  const at = firstNonFinite(t.data, t.dtype, elementCount(t));
+  if (at >= 0) throw invalid(`${name} holds a NaN or infinite value at flat index ${at}`);
+}
+
+/** The tensor as f32: a view when already f32 and aligned, else one conversion. */
+export function toF32(t: FloatTensor): Float32Array {
+  const n = elementCount(t);
+  if (t.dtype === 'f32' && t.data.byteOffset % 4 === 0) return new Float32Array(t.data.buffer, t.data.byteOffset, n);
+  const out = new Float32Array(n);
+  convert(t.data, t.dtype, new Uint8Array(out.buffer), 'f32', n);
+  return out;
+}
+
+export function tensorOf(dtype: WireDtype, shape: number[], view: ArrayBufferView): Tensor {
+  return { dtype, shape, data: new Uint8Array(view.buffer, view.byteOffset, view.byteLength) };
+}

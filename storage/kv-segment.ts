@@ -1,0 +1,98 @@
+// The K and V of one layer for one stretch of context (a document or a
+// session's own tokens), held in host memory as one growable array per kv
+// head: k[h] is [capacity, headDim] 16-bit words, the first `tokens` rows
+// valid. Appends copy each head's rows once, converting dtype if needed.
+import { bytesOf, convert, type FloatDtype, type KvDtype } from '../native/index.js';
+
+const MIN_CAPACITY = 256;
+
+export class KvSegment {
+  k: Uint16Array[];
+  v: Uint16Array[];
+  tokens = 0;
+
+  constructor(
+    readonly kvHeads: number,
+    readonly headDim: number,
+    readonly dtype: KvDtype,
+    capacity = MIN_CAPACITY,
+  ) {
+    this.k = Array.from({ length: kvHeads }, () => new Uint16Array(capacity * headDim));
+    this.v = Array.from({ length: kvHeads }, () => new Uint16Array(capacity * headDim));
+  }
+
+  get capacity(): number {
+    return this.k[0].length / this.headDim;
+  }
+
+  get bytes(): number {
+    return this.tokens * this.headDim * 2 * 2 * this.kvHeads;
+  }
+
+  /**
+   * Appends n tokens from row-major [kvHeads, n, headDim] bytes of `dtype`.
+   * Callers have already checked shapes and finiteness.
+   */
+  append(k: Uint8Array, v: Uint8Array, dtype: FloatDtype, n: number): void {
+    this.reserve(this.tokens + n);
+    const perHead = n * this.headDim;
+    const srcBytes = perHead * (dtype === 'f32' ? 4 : 2);
+    for (let h = 0; h < this.kvHeads; h++) {
+      this.copyInto(this.k[h], k.subarray(h * srcBytes, (h + 1) * srcBytes), dtype, perHead);
+      this.copyInto(this.v[h], v.subarray(h * srcBytes, (h + 1) * srcBytes), dtype, perHead);
+    }
+    this.tokens += n;
+  }
+
+  /**
+   * Writes n tokens of one head at row `at` from storage-dtype bytes; used
+   * when loading blocks into a segment constructed with enough capacity.
+   */
+  writeHead(head: number, k: Uint8Array, v: Uint8Array, n: number, at: number): void {
+    if (at + n > this.capacity) throw new RangeError(`rows ${at}..${at + n} exceed capacity ${this.capacity}`);
+    const off = at * this.headDim * 2;
+    bytesOf(this.k[head]).set(k, off);
+    bytesOf(this.v[head]).set(v, off);
+  }
+
+  /** Marks `tokens` rows valid after writeHead calls filled them. */
+  setTokens(tokens: number): void {
+    this.tokens = tokens;
+  }
+
+  /** Bytes of rows [from, to) of one head, as views (valid until the next append). */
+  rows(head: number, from: number, to: number): { k: Uint8Array; v: Uint8Array } {
+    const d = this.headDim;
+    return {
+      k: bytesOf(this.k[head].subarray(from * d, to * d)),
+      v: bytesOf(this.v[head].subarray(from * d, to * d)),
+    };
+  }
+
+  /** Releases unused capacity (documents are immutable once sealed). */
+  shrinkToFit(): void {
+    const n = Math.max(1, this.tokens) * this.headDim;
+    if (this.k[0].length === n) return;
+    this.k = this.k.map((a) => a.slice(0, n));
+    this.v = this.v.map((a) => a.slice(0, n));
+  }
+
+  private copyInto(dst: Uint16Array, src: Uint8Array, dtype: FloatDtype, count: number): void {
+    const at = bytesOf(dst).subarray(this.tokens * this.headDim * 2);
+    if (dtype === this.dtype) at.set(src);
+    else convert(src, dtype, at, this.dtype, count);
+  }
+
+  private reserve(tokens: number): void {
+    const cap = this.capacity;
+    if (tokens <= cap) return;
+    const next = Math.max(tokens, cap * 2, MIN_CAPACITY) * this.headDim;
+    const grow = (a: Uint16Array) => {
+      const b = new Uint16Array(next);
+      b.set(a.subarray(0, this.tokens * this.headDim));
+      return b;
+    };
+    this.k = this.k.map(grow);
+    this.v = this.v.map(grow);
+  }
+}

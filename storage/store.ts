@@ -1,0 +1,130 @@
+// The LMDB store: document metadata, KV blocks and (later) index artifacts.
+//
+// Records:
+//   meta   doc id                      -> DocumentMeta (msgpack)
+//   blocks [doc, layer, head, block]   -> K bytes then V bytes of up to
+//                                         blockSize tokens, storage dtype
+// A document is `ready` only when the transaction that writes its last
+// blocks and its ready metadata has committed and been flushed. A document
+// still `loading` when the store opens was cut off by a crash: its blocks
+// are dropped and it is reported `incomplete`.
+import { open, type Database, type RootDatabase } from 'lmdb';
+import type { ModelShape } from '../src/model.js';
+import { KvSegment } from './kv-segment.js';
+
+export type DocumentStatus = 'loading' | 'ready' | 'incomplete';
+
+export interface DocumentMeta {
+  id: string;
+  model: ModelShape;
+  status: DocumentStatus;
+  /** Tokens per layer (all equal once ready). */
+  tokens: number;
+  methods: string[];
+  createdAt: string;
+  sealedAt?: string;
+}
+
+export interface BlockWrite {
+  layer: number;
+  head: number;
+  block: number;
+  k: Uint8Array;
+  v: Uint8Array;
+}
+
+type BlockKey = [string, number, number, number];
+
+export class DocumentStore {
+  private readonly root: RootDatabase;
+  private readonly meta: Database<DocumentMeta, string>;
+  private readonly blocks: Database<Buffer, BlockKey>;
+
+  private constructor(path: string) {
+    this.root = open({ path, maxDbs: 8, mapSize: 2 ** 40 });
+    this.meta = this.root.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' });
+    this.blocks = this.root.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
+  }
+
+  /** Opens (or creates) the store and marks crash-interrupted documents incomplete. */
+  static async open(path: string): Promise<{ store: DocumentStore; recovered: string[] }> {
+    const store = new DocumentStore(path);
+    const recovered: string[] = [];
+    for (const { value } of store.meta.getRange()) {
+      if (value.status !== 'loading') continue;
+      recovered.push(value.id);
+      await store.dropBlocks(value.id);
+      await store.meta.put(value.id, { ...value, status: 'incomplete', tokens: 0 });
+    }
+    await store.root.flushed;
+    return { store, recovered };
+  }
+
+  list(): DocumentMeta[] {
+    return Array.from(this.meta.getRange(), ({ value }) => value);
+  }
+
+  get(id: string): DocumentMeta | undefined {
+    return this.meta.get(id);
+  }
+
+  /** Records a new loading document, replacing any incomplete one of that id. */
+  async create(meta: DocumentMeta): Promise<void> {
+    await this.dropBlocks(meta.id);
+    await this.meta.put(meta.id, meta);
+  }
+
+  writeBlocks(doc: string, writes: BlockWrite[]): Promise<boolean> {
+    return this.root.transaction(() => {
+      for (const w of writes) this.blocks.put([doc, w.layer, w.head, w.block], concat(w.k, w.v));
+      return true;
+    });
+  }
+
+  /** Writes the last blocks and the ready metadata in one transaction and waits until durable. */
+  async seal(meta: DocumentMeta, tail: BlockWrite[]): Promise<void> {
+    await this.root.transaction(() => {
+      for (const w of tail) this.blocks.put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v));
+      this.meta.put(meta.id, meta);
+    });
+    await this.root.flushed;
+  }
+
+  async remove(id: string): Promise<void> {
+    await this.meta.remove(id);
+    await this.dropBlocks(id);
+  }
+
+  /** Reads a ready document's KV into one segment per layer. */
+  load(meta: DocumentMeta): KvSegment[] {
+    const { layers, kvHeads, headDim, dtype, blockSize } = meta.model;
+    const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens)));
+    const rowBytes = headDim * 2;
+    for (const { key, value } of this.blocks.getRange({ start: [meta.id], end: [meta.id, layers] })) {
+      const [, layer, head, block] = key;
+      const n = value.byteLength / (2 * rowBytes);
+      segments[layer].writeHead(head, value.subarray(0, n * rowBytes), value.subarray(n * rowBytes), n, block * blockSize);
+    }
+    for (const s of segments) s.setTokens(meta.tokens);
+    return segments;
+  }
+
+  async close(): Promise<void> {
+    await this.root.close();
+  }
+
+  private async dropBlocks(id: string): Promise<void> {
+    const keys = Array.from(this.blocks.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] }));
+    if (keys.length === 0) return;
+    await this.root.transaction(() => {
+      for (const k of keys) this.blocks.remove(k);
+    });
+  }
+}
+
+function concat(a: Uint8Array, b: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(a.byteLength + b.byteLength);
+  out.set(a, 0);
+  out.set(b, a.byteLength);
+  return out;
+}

@@ -1,0 +1,58 @@
+// Real servers for integration tests: in-process on 127.0.0.1:0, or as a
+// child process (for restarts and SIGKILL), always over real LMDB files in a
+// temp folder.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startServer, type RunningServer } from '../../api/server.js';
+import { DEFAULTS, type Config } from '../../src/config.js';
+
+export function tempDataDir(): { dir: string; cleanup(): void } {
+  const dir = mkdtempSync(join(tmpdir(), 'kvrecall-test-'));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+export function startInProcess(dataDir: string, overrides: Partial<Config> = {}): Promise<RunningServer> {
+  return startServer({ ...DEFAULTS, port: 0, dataDir, ...overrides });
+}
+
+export interface ChildServer {
+  url: string;
+  proc: ChildProcess;
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+const CLI = join(import.meta.dirname, '..', '..', 'dist', 'src', 'cli.js');
+
+export function startChild(dataDir: string, extra: string[] = []): Promise<ChildServer> {
+  const proc = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--data', dataDir, ...extra], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let log = '';
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), 20000);
+    proc.stderr!.on('data', (b: Buffer) => (log += b.toString()));
+    proc.stdout!.on('data', (b: Buffer) => {
+      log += b.toString();
+      const m = /listening on (http:\/\/\S+)/.exec(log);
+      if (m) {
+        clearTimeout(timer);
+        resolve({
+          url: m[1],
+          proc,
+          stop: (signal = 'SIGTERM') =>
+            new Promise((done) => {
+              if (proc.exitCode !== null) return done();
+              proc.once('exit', () => done());
+              proc.kill(signal);
+            }),
+        });
+      }
+    });
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`server exited with ${code}:\n${log}`));
+    });
+  });
+}
