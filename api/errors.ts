@@ -19,6 +19,9 @@ export function errorBody(code: ErrorKind | 'internal', message: string) {
 }
 
 export function onError(err: Error, c: Context): Response {
+  // A body refused before it was read leaves bytes on the socket: close it
+  // so the client does not reuse a connection the server will drop.
+  if (err instanceof KvrecallError && err.kind === 'too_large') c.header('connection', 'close');
   if (err instanceof KvrecallError) return c.json(errorBody(err.kind, err.message), STATUS[err.kind]);
   if (err instanceof HTTPException && err.status === 413) return c.json(errorBody('too_large', err.message), 413);
   if (err instanceof HTTPException) return c.json(errorBody('malformed', err.message), err.status as ContentfulStatusCode);

@@ -43,7 +43,7 @@ export function startChild(dataDir: string, extra: string[] = []): Promise<Child
           proc,
           stop: (signal = 'SIGTERM') =>
             new Promise((done) => {
-              if (proc.exitCode !== null) return done();
+              if (proc.exitCode !== null || proc.signalCode !== null) return done();
               proc.once('exit', () => done());
               proc.kill(signal);
             }),
