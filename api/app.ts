@@ -67,7 +67,7 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   });
 
   app.post('/v1/sessions', async (c) => {
-    const s = sessions.create(await readBody(c));
+    const s = await sessions.create(await readBody(c));
     return reply(c, { id: s.id, method: s.method.name, documentTokens: s.documentTokens() }, 201);
   });
   app.post('/v1/sessions/:sid/kv', async (c) => reply(c, await sessions.appendKv(c.req.param('sid'), await readBody(c))));

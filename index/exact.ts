@@ -7,7 +7,7 @@ export const exact: RetrievalMethod = {
   async select(ctx: LayerContext): Promise<Selection> {
     return {
       parts: ctx.segments.map((segment) => ({ segment, begin: 0, end: segment.tokens })),
-      scanned: 0,
+      scanned: ctx.tokens,
     };
   },
 };

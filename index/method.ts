@@ -2,7 +2,12 @@
 // context (documents, then the session's own tokens) and the step's query
 // heads, and answers which tokens attention should read. It never computes
 // the attention itself: src/decode-step.ts does, the same way for every method.
-import type { AttendSegment } from '../native/index.js';
+//
+// Methods that index documents also implement HeadIndexBuilder: an index per
+// (document, layer, kv head), built once at seal from the keys (and the
+// prefill queries when the LLM server sent them), saved as bytes in LMDB
+// next to the document, and loaded, not rebuilt, when a session attaches it.
+import type { AttendSegment, KvDtype } from '../native/index.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 
 export interface LayerContext {
@@ -11,6 +16,8 @@ export interface LayerContext {
   segments: KvSegment[];
   /** Position of each segment's first token in the context. */
   offsets: number[];
+  /** Per segment: one loaded index per kv head, where the method indexes it. */
+  indexes: (HeadIndex[] | undefined)[];
   /** Tokens in the whole context. */
   tokens: number;
   qHeads: number;
@@ -25,6 +32,8 @@ export interface SearchParams {
   sinks: number;
   /** Last tokens of the context always attended. */
   window: number;
+  /** Search effort (beam width, probes); methods scale it to their own knob. */
+  ef: number;
 }
 
 /** Part of a selection: a token range of one segment, or per-kv-head row ids. */
@@ -32,11 +41,44 @@ export type SelectionPart = { segment: KvSegment } & Pick<AttendSegment, 'begin'
 
 export interface Selection {
   parts: SelectionPart[];
-  /** Keys whose score the method computed (for the scanned fraction). */
+  /** Keys whose score the method computed, averaged over kv heads. */
   scanned: number;
 }
 
 export interface RetrievalMethod {
   readonly name: string;
+  /** Set when the method searches a per-head index of each document. */
+  readonly builder?: HeadIndexBuilder;
   select(ctx: LayerContext, q: Float32Array, params: SearchParams): Promise<Selection>;
+}
+
+export interface HeadKeys {
+  /** [tokens, headDim] storage-dtype words of one kv head. */
+  keys: Uint16Array;
+  tokens: number;
+  headDim: number;
+  dtype: KvDtype;
+}
+
+export interface BuildInput extends HeadKeys {
+  /** Prefill query rows of the kv head's group, [queryCount, headDim]; may be empty. */
+  queries: Float32Array;
+  queryCount: number;
+}
+
+export interface SearchResult {
+  /** Rows of the head's keys, best first. */
+  ids: Int32Array;
+  /** Keys scored to find them. */
+  scanned: number;
+}
+
+export interface HeadIndex {
+  /** Top-k rows for a query group [group, headDim] (score: max over the group of q·k). */
+  search(q: Float32Array, group: number, k: number, ef: number): SearchResult;
+}
+
+export interface HeadIndexBuilder {
+  build(input: BuildInput): Promise<Uint8Array>;
+  load(bytes: Uint8Array, keys: HeadKeys): HeadIndex;
 }

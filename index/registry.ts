@@ -1,10 +1,14 @@
-// The retrieval methods a session may name.
+// The retrieval methods a session may name, and a document may index.
 import { exact } from './exact.js';
+import { hnsw } from './hnsw.js';
 import type { RetrievalMethod } from './method.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([[exact.name, exact]]);
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
+
+/** Methods that build a per-head index of each document. */
+export const indexedMethodNames: ReadonlySet<string> = new Set([...METHODS.values()].filter((m) => m.builder).map((m) => m.name));
 
 export function findMethod(name: string): RetrievalMethod | undefined {
   return METHODS.get(name);

@@ -46,6 +46,7 @@ export interface SessionSpec {
   budget?: number;
   sinks?: number;
   window?: number;
+  ef?: number;
 }
 
 export interface AttendBody {
@@ -68,6 +69,8 @@ export interface AttendReply {
 export interface DocumentInfo {
   id: string;
   status: 'loading' | 'ready' | 'incomplete';
+  phase: 'loading' | 'building' | 'ready' | 'incomplete';
+  progress?: number;
   tokens: number;
   bytes: number;
   model: ModelShape;
@@ -94,8 +97,9 @@ export class KvrecallClient {
     return this.call('GET', '/v1/health');
   }
 
-  createDocument(id: string, model: SessionSpec['model'], methods?: string[]): Promise<DocumentInfo> {
-    return this.call('PUT', `/v1/documents/${encodeURIComponent(id)}`, { model, ...(methods && { methods }) });
+  /** methods: retrieval methods whose indexes are built at seal; queryStride: keep prefill queries of 1 token in N. */
+  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: string[]; queryStride?: number } = {}): Promise<DocumentInfo> {
+    return this.call('PUT', `/v1/documents/${encodeURIComponent(id)}`, { model, ...opts });
   }
 
   uploadDocumentKv(id: string, body: KvUploadBody): Promise<{ layer: number; tokens: number }> {

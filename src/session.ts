@@ -1,6 +1,6 @@
 // A session: the documents it attached (read-only, shared) and its own
 // tokens (the question, then each generated token), per layer.
-import type { LayerContext, RetrievalMethod, SearchParams } from '../index/method.js';
+import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../index/method.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
 import type { ModelShape } from './model.js';
@@ -25,6 +25,8 @@ export class Session {
     readonly documents: LoadedDocument[],
     readonly method: RetrievalMethod,
     readonly params: SearchParams,
+    /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
+    readonly documentIndexes: (HeadIndex[][] | undefined)[] = [],
   ) {
     this.own = Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype));
   }
@@ -41,8 +43,9 @@ export class Session {
       offsets.push(tokens);
       tokens += s.tokens;
     }
+    const indexes = [...this.documents.map((_, i) => this.documentIndexes[i]?.[layer]), undefined];
     const { qHeads, kvHeads, headDim } = this.model;
-    return { layer, segments, offsets, tokens, qHeads, kvHeads, headDim };
+    return { layer, segments, offsets, indexes, tokens, qHeads, kvHeads, headDim };
   }
 
   describe() {

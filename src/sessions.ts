@@ -9,7 +9,7 @@ import { describeModel, parseModel, sameModel } from './model.js';
 import { KeyedQueue } from './serial.js';
 import { Session } from './session.js';
 
-export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256 };
+export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0 };
 
 export class Sessions {
   private readonly open = new Map<string, Session>();
@@ -17,7 +17,7 @@ export class Sessions {
 
   constructor(private readonly documents: Documents) {}
 
-  create(body: Record<string, unknown>): Session {
+  async create(body: Record<string, unknown>): Promise<Session> {
     const model = parseModel(body.model);
     const methodName = body.method ?? 'exact';
     const method = typeof methodName === 'string' ? findMethod(methodName) : undefined;
@@ -29,13 +29,14 @@ export class Sessions {
       if (!sameModel(d.meta.model, model))
         throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
     const params = { ...DEFAULT_PARAMS };
-    for (const key of ['budget', 'sinks', 'window'] as const) {
+    for (const key of ['budget', 'sinks', 'window', 'ef'] as const) {
       const v = body[key];
       if (v === undefined) continue;
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 30) throw invalid(`${key} must be a non-negative integer`);
       params[key] = v;
     }
-    const session = new Session(randomUUID(), model, docs, method, params);
+    const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
+    const session = new Session(randomUUID(), model, docs, method, params, indexes);
     this.open.set(session.id, session);
     return session;
   }

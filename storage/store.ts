@@ -4,6 +4,7 @@
 //   meta   doc id                      -> DocumentMeta (msgpack)
 //   blocks [doc, layer, head, block]   -> K bytes then V bytes of up to
 //                                         blockSize tokens, storage dtype
+//   artifacts [doc, method, layer, head] -> a retrieval method's index bytes
 // A document is `ready` only when the transaction that writes its last
 // blocks and its ready metadata has committed and been flushed. A document
 // still `loading` when the store opens was cut off by a crash: its blocks
@@ -33,17 +34,27 @@ export interface BlockWrite {
   v: Uint8Array;
 }
 
+export interface ArtifactWrite {
+  method: string;
+  layer: number;
+  head: number;
+  bytes: Uint8Array;
+}
+
 type BlockKey = [string, number, number, number];
+type ArtifactKey = [string, string, number, number];
 
 export class DocumentStore {
   private readonly root: RootDatabase;
   private readonly meta: Database<DocumentMeta, string>;
   private readonly blocks: Database<Buffer, BlockKey>;
+  private readonly artifacts: Database<Buffer, ArtifactKey>;
 
   private constructor(path: string) {
     this.root = open({ path, maxDbs: 8, mapSize: 2 ** 40 });
     this.meta = this.root.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' });
     this.blocks = this.root.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
+    this.artifacts = this.root.openDB<Buffer, ArtifactKey>({ name: 'artifacts', encoding: 'binary' });
   }
 
   /** Opens (or creates) the store and marks crash-interrupted documents incomplete. */
@@ -81,13 +92,42 @@ export class DocumentStore {
     });
   }
 
-  /** Writes the last blocks and the ready metadata in one transaction and waits until durable. */
-  async seal(meta: DocumentMeta, tail: BlockWrite[]): Promise<void> {
+  /**
+   * Writes the last blocks, the index artifacts and the ready metadata in
+   * one transaction and waits until it is durable.
+   */
+  async seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void> {
     await this.root.transaction(() => {
       for (const w of tail) this.blocks.put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v));
+      for (const a of artifacts) this.artifacts.put([meta.id, a.method, a.layer, a.head], Buffer.from(a.bytes));
       this.meta.put(meta.id, meta);
     });
     await this.root.flushed;
+  }
+
+  /** Adds artifacts of a method built after seal (and its name to the metadata). */
+  async addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void> {
+    await this.root.transaction(() => {
+      for (const a of artifacts) this.artifacts.put([id, a.method, a.layer, a.head], Buffer.from(a.bytes));
+      const meta = this.meta.get(id);
+      if (meta && !meta.methods.includes(method)) this.meta.put(id, { ...meta, methods: [...meta.methods, method] });
+    });
+    await this.root.flushed;
+  }
+
+  /** A method's artifacts for every (layer, head), or undefined if any is missing. */
+  loadArtifacts(id: string, method: string, layers: number, heads: number): Uint8Array[][] | undefined {
+    const out: Uint8Array[][] = [];
+    for (let layer = 0; layer < layers; layer++) {
+      const row: Uint8Array[] = [];
+      for (let head = 0; head < heads; head++) {
+        const bytes = this.artifacts.getBinary([id, method, layer, head]);
+        if (!bytes) return undefined;
+        row.push(new Uint8Array(bytes));
+      }
+      out.push(row);
+    }
+    return out;
   }
 
   async remove(id: string): Promise<void> {
@@ -114,10 +154,12 @@ export class DocumentStore {
   }
 
   private async dropBlocks(id: string): Promise<void> {
-    const keys = Array.from(this.blocks.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] }));
-    if (keys.length === 0) return;
+    const blocks = Array.from(this.blocks.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] }));
+    const artifacts = Array.from(this.artifacts.getKeys({ start: [id], end: [id, '\uffff'] }));
+    if (blocks.length + artifacts.length === 0) return;
     await this.root.transaction(() => {
-      for (const k of keys) this.blocks.remove(k);
+      for (const k of blocks) this.blocks.remove(k);
+      for (const k of artifacts) this.artifacts.remove(k);
     });
   }
 }

@@ -1,0 +1,83 @@
+// `hnsw`: off-the-shelf HNSW over one kv head's keys by inner product
+// (hnswlib-node), the baseline the attention-aware index is measured against.
+// hnswlib-node takes points as JS number arrays: keys cross once at build,
+// and a search converts only its G query rows (G × headDim numbers).
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import hnswlib from 'hnswlib-node';
+import { convert } from '../native/index.js';
+import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
+import { staticPlusRetrieved } from './static-plus-retrieved.js';
+
+const M = 16;
+const EF_CONSTRUCTION = 200;
+
+/** hnswlib-node reads and writes indexes only through files. */
+function viaTempFile<T>(work: (path: string) => T): T {
+  const dir = mkdtempSync(join(tmpdir(), 'kvrecall-hnsw-'));
+  try {
+    return work(join(dir, 'index.bin'));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function widen(keys: HeadKeys): Float32Array {
+  const out = new Float32Array(keys.tokens * keys.headDim);
+  convert(new Uint8Array(keys.keys.buffer, keys.keys.byteOffset, out.length * 2), keys.dtype, new Uint8Array(out.buffer), 'f32', out.length);
+  return out;
+}
+
+class HnswHead implements HeadIndex {
+  constructor(
+    private readonly index: hnswlib.HierarchicalNSW,
+    private readonly headDim: number,
+  ) {}
+
+  search(q: Float32Array, group: number, k: number, ef: number): SearchResult {
+    const n = this.index.getCurrentCount();
+    k = Math.min(k, n);
+    this.index.setEf(Math.max(ef, k));
+    // Merge the group's rows by max score; the filter callback counts the
+    // candidates hnswlib examined (a lower bound on the keys it scored).
+    const best = new Map<number, number>();
+    let scanned = 0;
+    const count = () => (scanned++, true);
+    for (let g = 0; g < group; g++) {
+      const row = Array.from(q.subarray(g * this.headDim, (g + 1) * this.headDim));
+      const { neighbors, distances } = this.index.searchKnn(row, k, count);
+      neighbors.forEach((id, i) => best.set(id, Math.max(best.get(id) ?? -Infinity, 1 - distances[i])));
+    }
+    const ids = Int32Array.from([...best.entries()].sort((a, b) => b[1] - a[1] || a[0] - b[0]).slice(0, k), ([id]) => id);
+    return { ids, scanned };
+  }
+}
+
+export const hnswBuilder: HeadIndexBuilder = {
+  async build(input: BuildInput): Promise<Uint8Array> {
+    const index = new hnswlib.HierarchicalNSW('ip', input.headDim);
+    index.initIndex({ maxElements: Math.max(1, input.tokens), m: M, efConstruction: EF_CONSTRUCTION, randomSeed: 100 });
+    const keys = widen(input);
+    const d = input.headDim;
+    for (let i = 0; i < input.tokens; i++) {
+      index.addPoint(Array.from(keys.subarray(i * d, (i + 1) * d)), i);
+      if (i % 4096 === 4095) await new Promise((r) => setImmediate(r)); // keep the server responsive
+    }
+    return viaTempFile((path) => {
+      index.writeIndexSync(path);
+      return new Uint8Array(readFileSync(path));
+    });
+  },
+
+  load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
+    const index = new hnswlib.HierarchicalNSW('ip', keys.headDim);
+    viaTempFile((path) => {
+      writeFileSync(path, bytes);
+      index.readIndexSync(path);
+    });
+    return new HnswHead(index, keys.headDim);
+  },
+};
+
+export const hnsw = staticPlusRetrieved('hnsw', hnswBuilder);

@@ -1,0 +1,64 @@
+// The selection every indexed method makes: a static part (attention sinks,
+// the recent window, and the session's own tokens) attended in full, plus
+// what the method's per-head index retrieves from each document. The two are
+// disjoint (retrieved ids inside the static ranges are dropped), so the
+// kernel's log-sum-exp merge of the parts is the attention over their union.
+import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
+
+type Range = [number, number];
+
+/** Local [begin, end) ranges of segment `s` covered by sinks and the window, merged. */
+function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Range[] {
+  const seg = ctx.segments[s], off = ctx.offsets[s];
+  if (s === ctx.segments.length - 1) return seg.tokens > 0 ? [[0, seg.tokens]] : []; // own tokens: always
+  const global: Range[] = [
+    [0, Math.min(p.sinks, ctx.tokens)],
+    [Math.max(0, ctx.tokens - p.window), ctx.tokens],
+  ];
+  const local = global
+    .map(([a, b]): Range => [Math.max(a - off, 0), Math.min(b - off, seg.tokens)])
+    .filter(([a, b]) => b > a)
+    .sort((x, y) => x[0] - y[0]);
+  const merged: Range[] = [];
+  for (const r of local) {
+    const last = merged[merged.length - 1];
+    if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
+    else merged.push([...r]);
+  }
+  return merged;
+}
+
+const inside = (ranges: Range[], id: number) => ranges.some(([a, b]) => id >= a && id < b);
+
+export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): RetrievalMethod {
+  return {
+    name,
+    builder,
+    async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
+      const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
+      const docTokens = ctx.offsets[ctx.offsets.length - 1];
+      const parts: SelectionPart[] = [];
+      let scanned = 0;
+      ctx.segments.forEach((segment, s) => {
+        const ranges = staticRanges(ctx, s, p);
+        for (const [begin, end] of ranges) parts.push({ segment, begin, end });
+        const heads = ctx.indexes[s];
+        if (!heads || segment.tokens === 0) return;
+        const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
+        const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
+        const want = Math.min(share, segment.tokens - covered);
+        if (want <= 0) return;
+        const ids = heads.map((index, h) => {
+          const res = index.search(q.subarray(h * G * d, (h + 1) * G * d), G, want + covered, Math.max(p.ef, want + covered));
+          scanned += res.scanned / ctx.kvHeads;
+          const kept = new Int32Array(want);
+          let n = 0;
+          for (const id of res.ids) if (n < want && !inside(ranges, id)) kept[n++] = id;
+          return kept.subarray(0, n);
+        });
+        parts.push({ segment, ids });
+      });
+      return { parts, scanned };
+    },
+  };
+}

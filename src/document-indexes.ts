@@ -1,0 +1,79 @@
+// Builds and loads the per-(layer, kv head) indexes of a document for the
+// retrieval methods that search one.
+import type { HeadIndex, HeadIndexBuilder, HeadKeys } from '../index/method.js';
+import type { KvSegment } from '../storage/kv-segment.js';
+import type { ArtifactWrite } from '../storage/store.js';
+import type { ModelShape } from './model.js';
+
+/** Prefill query rows kept per (layer, kv head), for attention-aware indexes. */
+export class PrefillQueries {
+  private readonly chunks: Float32Array[][][];
+  private readonly counts: number[][];
+
+  constructor(
+    private readonly model: ModelShape,
+    /** Keep the queries of one token in `stride` (bounds memory and build time). */
+    readonly stride: number,
+  ) {
+    this.chunks = Array.from({ length: model.layers }, () => Array.from({ length: model.kvHeads }, () => []));
+    this.counts = Array.from({ length: model.layers }, () => new Array<number>(model.kvHeads).fill(0));
+  }
+
+  /** q: [qHeads, n, headDim] f32 for tokens [start, start + n) of a layer. */
+  add(layer: number, start: number, q: Float32Array, n: number): void {
+    const { qHeads, kvHeads, headDim: d } = this.model;
+    const G = qHeads / kvHeads;
+    const kept: number[] = [];
+    for (let i = 0; i < n; i++) if ((start + i) % this.stride === 0) kept.push(i);
+    if (kept.length === 0) return;
+    for (let h = 0; h < kvHeads; h++) {
+      const rows = new Float32Array(kept.length * G * d);
+      let at = 0;
+      for (const i of kept)
+        for (let g = 0; g < G; g++) {
+          const head = h * G + g;
+          rows.set(q.subarray((head * n + i) * d, (head * n + i + 1) * d), at);
+          at += d;
+        }
+      this.chunks[layer][h].push(rows);
+      this.counts[layer][h] += kept.length * G;
+    }
+  }
+
+  rows(layer: number, head: number): { queries: Float32Array; queryCount: number } {
+    const count = this.counts[layer][head];
+    const queries = new Float32Array(count * this.model.headDim);
+    let at = 0;
+    for (const c of this.chunks[layer][head]) {
+      queries.set(c, at);
+      at += c.length;
+    }
+    return { queries, queryCount: count };
+  }
+}
+
+export function headKeys(seg: KvSegment, head: number): HeadKeys {
+  return { keys: seg.k[head].subarray(0, seg.tokens * seg.headDim), tokens: seg.tokens, headDim: seg.headDim, dtype: seg.dtype };
+}
+
+export async function buildArtifacts(
+  method: string,
+  builder: HeadIndexBuilder,
+  layers: KvSegment[],
+  queries: PrefillQueries | undefined,
+  onProgress: (done: number) => void,
+): Promise<ArtifactWrite[]> {
+  const out: ArtifactWrite[] = [];
+  for (let layer = 0; layer < layers.length; layer++)
+    for (let head = 0; head < layers[layer].kvHeads; head++) {
+      const q = queries?.rows(layer, head) ?? { queries: new Float32Array(0), queryCount: 0 };
+      const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q });
+      out.push({ method, layer, head, bytes });
+      onProgress(out.length);
+    }
+  return out;
+}
+
+export function loadIndexes(builder: HeadIndexBuilder, layers: KvSegment[], artifacts: Uint8Array[][]): HeadIndex[][] {
+  return layers.map((seg, layer) => artifacts[layer].map((bytes, head) => builder.load(bytes, headKeys(seg, head))));
+}
