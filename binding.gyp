@@ -10,7 +10,9 @@
         "native/topk.cc",
         "native/convert_binding.cc",
         "native/attention_binding.cc",
-        "native/topk_binding.cc"
+        "native/topk_binding.cc",
+        "native/attention_mass.cc",
+        "native/attention_mass_binding.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],

@@ -18,6 +18,13 @@ export interface LayerContext {
   offsets: number[];
   /** Per segment: one loaded index per kv head, where the method indexes it. */
   indexes: (HeadIndex[] | undefined)[];
+  /**
+   * The query rows of the session's own prefill tokens (the question) for
+   * one kv head's group, [queryCount, headDim]; empty when none were sent.
+   */
+  question(head: number): { queries: Float32Array; queryCount: number };
+  /** Per (session, layer) memory a method may keep between steps. */
+  memo: Map<string, unknown>;
   /** Tokens in the whole context. */
   tokens: number;
   qHeads: number;
@@ -34,6 +41,10 @@ export interface SearchParams {
   window: number;
   /** Search effort (beam width, probes); methods scale it to their own knob. */
   ef: number;
+  /** Tokens read per chunk by chunked methods (InfiniRetri). */
+  chunk: number;
+  /** Neighbours kept on each side of a retained token (InfiniRetri's phrase span). */
+  span: number;
 }
 
 /** Part of a selection: a token range of one segment, or per-kv-head row ids. */

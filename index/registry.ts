@@ -1,9 +1,10 @@
 // The retrieval methods a session may name, and a document may index.
 import { exact } from './exact.js';
 import { hnsw } from './hnsw.js';
+import { infiniretri } from './infiniretri.js';
 import type { RetrievalMethod } from './method.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw].map((m) => [m.name, m]));
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, infiniretri].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
 

@@ -5,10 +5,10 @@
 // kernel's log-sum-exp merge of the parts is the attention over their union.
 import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
 
-type Range = [number, number];
+export type Range = [number, number];
 
 /** Local [begin, end) ranges of segment `s` covered by sinks and the window, merged. */
-function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Range[] {
+export function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Range[] {
   const seg = ctx.segments[s], off = ctx.offsets[s];
   if (s === ctx.segments.length - 1) return seg.tokens > 0 ? [[0, seg.tokens]] : []; // own tokens: always
   const global: Range[] = [
@@ -28,7 +28,7 @@ function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Range[] {
   return merged;
 }
 
-const inside = (ranges: Range[], id: number) => ranges.some(([a, b]) => id >= a && id < b);
+export const inside = (ranges: Range[], id: number) => ranges.some(([a, b]) => id >= a && id < b);
 
 export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): RetrievalMethod {
   return {

@@ -7,12 +7,14 @@ namespace kvr {
 void InitConvert(Napi::Env env, Napi::Object exports);
 void InitAttention(Napi::Env env, Napi::Object exports);
 void InitTopk(Napi::Env env, Napi::Object exports);
+void InitAttentionMass(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitConvert(env, exports);
   kvr::InitAttention(env, exports);
   kvr::InitTopk(env, exports);
+  kvr::InitAttentionMass(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }

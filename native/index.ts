@@ -48,12 +48,27 @@ export interface TopkArgs {
   outScores: Float32Array;
 }
 
+export interface AttentionMassArgs {
+  /** Query rows [rows, headDim]. */
+  q: Float32Array;
+  rows: number;
+  headDim: number;
+  keys: Uint16Array;
+  tokens: number;
+  dtype: KvDtype;
+  scale: number;
+  /** Candidate rows of keys; out[i] is the mass paid to ids[i]. */
+  ids: Int32Array;
+  out: Float32Array;
+}
+
 interface Addon {
   threads: number;
   convert(a: { src: Uint8Array; from: number; dst: Uint8Array; to: number; count: number }): void;
   firstNonFinite(a: { src: Uint8Array; dtype: number; count: number }): number;
   attend(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Promise<void>;
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
+  attentionMass(a: Omit<AttentionMassArgs, 'dtype'> & { dtype: number }): Promise<void>;
 }
 
 function packageRoot(): string {
@@ -93,4 +108,9 @@ export function attend(args: AttendArgs): Promise<void> {
 /** Top-k keys by max over the group of q·k; returns how many were written. */
 export function topk(args: TopkArgs): Promise<number> {
   return addon.topk({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/** Σ over query rows of each row's softmax over the candidates (InfiniRetri's token score). */
+export function attentionMass(args: AttentionMassArgs): Promise<void> {
+  return addon.attentionMass({ ...args, dtype: DTYPE_CODE[args.dtype] });
 }

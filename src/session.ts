@@ -4,6 +4,7 @@ import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../
 import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
 import type { ModelShape } from './model.js';
+import { PrefillQueries } from './document-indexes.js';
 
 export interface SessionStats {
   steps: number;
@@ -18,6 +19,9 @@ export class Session {
   readonly own: KvSegment[];
   readonly stats: SessionStats = { steps: 0, attendMs: 0, selected: 0, scanned: 0, contextTokens: 0 };
   readonly createdAt = new Date().toISOString();
+  /** Query rows of the session's own prefill tokens (the question), every token kept. */
+  readonly ownQueries: PrefillQueries;
+  private readonly memos: Map<string, unknown>[];
 
   constructor(
     readonly id: string,
@@ -29,6 +33,8 @@ export class Session {
     readonly documentIndexes: (HeadIndex[][] | undefined)[] = [],
   ) {
     this.own = Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype));
+    this.ownQueries = new PrefillQueries(model, 1);
+    this.memos = Array.from({ length: model.layers }, () => new Map());
   }
 
   documentTokens(): number {
@@ -45,7 +51,8 @@ export class Session {
     }
     const indexes = [...this.documents.map((_, i) => this.documentIndexes[i]?.[layer]), undefined];
     const { qHeads, kvHeads, headDim } = this.model;
-    return { layer, segments, offsets, indexes, tokens, qHeads, kvHeads, headDim };
+    const question = (head: number) => this.ownQueries.rows(layer, head);
+    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim };
   }
 
   describe() {

@@ -7,9 +7,10 @@ import { conflict, invalid, notFound } from './errors.js';
 import { parseKvUpload } from './kv-input.js';
 import { describeModel, parseModel, sameModel } from './model.js';
 import { KeyedQueue } from './serial.js';
+import { toF32 } from './tensor.js';
 import { Session } from './session.js';
 
-export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0 };
+export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0, chunk: 2048, span: 2 };
 
 export class Sessions {
   private readonly open = new Map<string, Session>();
@@ -29,7 +30,7 @@ export class Sessions {
       if (!sameModel(d.meta.model, model))
         throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
     const params = { ...DEFAULT_PARAMS };
-    for (const key of ['budget', 'sinks', 'window', 'ef'] as const) {
+    for (const key of ['budget', 'sinks', 'window', 'ef', 'chunk', 'span'] as const) {
       const v = body[key];
       if (v === undefined) continue;
       if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 30) throw invalid(`${key} must be a non-negative integer`);
@@ -50,6 +51,7 @@ export class Sessions {
       if (up.start !== seg.tokens)
         throw conflict(`layer ${up.layer} of session ${id} holds ${seg.tokens} own tokens; the next upload must start there, not at ${up.start}`);
       seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens);
+      if (up.q) session.ownQueries.add(up.layer, up.start, toF32(up.q), up.tokens);
       return { layer: up.layer, tokens: seg.tokens };
     });
   }
