@@ -1,17 +1,17 @@
 #!/usr/bin/env node
-// kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]
+// kvrecall serve   [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]
+// kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
+//                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]
 import { startServer } from '../api/server.js';
 import { parseConfig } from './config.js';
+import { preload, progressBar } from './preload.js';
 
-const USAGE = 'usage: kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]';
+const USAGE = `usage:
+  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]
+  kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]`;
 
-async function main(argv: string[]): Promise<void> {
-  const [command, ...rest] = argv;
-  if (command !== 'serve') {
-    console.error(USAGE);
-    process.exit(2);
-  }
-  const cfg = parseConfig(rest, process.env);
+async function serve(args: string[]): Promise<void> {
+  const cfg = parseConfig(args, process.env);
   const server = await startServer(cfg);
   for (const id of server.engine.recovered) console.log(`kvrecall: document ${id} was interrupted mid-preload; marked incomplete`);
   console.log(`kvrecall listening on ${server.url} (data ${cfg.dataDir}${cfg.token ? ', token required' : ''})`);
@@ -21,6 +21,44 @@ async function main(argv: string[]): Promise<void> {
   };
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
+}
+
+function flags(args: string[]): { positional: string[]; opts: Map<string, string> } {
+  const positional: string[] = [], opts = new Map<string, string>();
+  for (let i = 0; i < args.length; i++) {
+    if (args[i].startsWith('--')) {
+      if (args[i + 1] === undefined) throw new Error(`${args[i]} needs a value`);
+      opts.set(args[i].slice(2), args[++i]);
+    } else positional.push(args[i]);
+  }
+  return { positional, opts };
+}
+
+async function preloadCommand(args: string[]): Promise<void> {
+  const { positional, opts } = flags(args);
+  const file = positional[0], id = opts.get('id');
+  if (!file || !id) throw new Error(USAGE);
+  const dtype = opts.get('dtype') ?? 'f16';
+  if (dtype !== 'f16' && dtype !== 'bf16') throw new Error('--dtype is f16 or bf16');
+  const res = await preload({
+    file,
+    id,
+    url: opts.get('url') ?? 'http://127.0.0.1:8700',
+    token: opts.get('token') ?? process.env.KVRECALL_TOKEN,
+    methods: opts.get('methods')?.split(',').filter(Boolean) ?? [],
+    chunk: Number(opts.get('chunk') ?? 4096),
+    qHeads: opts.has('q-heads') ? Number(opts.get('q-heads')) : undefined,
+    dtype,
+    progress: progressBar(`preload ${id}`),
+  });
+  console.log(`kvrecall: document ${id} ready: ${res.tokens} tokens × ${res.layers} layers`);
+}
+
+async function main([command, ...rest]: string[]): Promise<void> {
+  if (command === 'serve') return serve(rest);
+  if (command === 'preload') return preloadCommand(rest);
+  console.error(USAGE);
+  process.exit(2);
 }
 
 main(process.argv.slice(2)).catch((e: unknown) => {

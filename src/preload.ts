@@ -1,0 +1,75 @@
+// `kvrecall preload <file.safetensors> --id <doc>`: uploads a prefill's K/V
+// (and optional Q) through the API with a progress bar, then seals.
+//
+// Tensor names in the file, one per layer L (shape [heads, tokens, headDim]):
+//   k.L   keys (after RoPE), [kvHeads, tokens, headDim]
+//   v.L   values,            [kvHeads, tokens, headDim]
+//   q.L   prefill queries (optional), [qHeads, tokens, headDim]
+// dtypes F16, BF16 or F32. Without q.*, give --q-heads (or metadata qHeads).
+import { KvrecallClient, type Tensor } from './client.js';
+import { invalid } from './errors.js';
+import { SafetensorsFile } from './safetensors.js';
+
+export interface PreloadOptions {
+  file: string;
+  id: string;
+  url: string;
+  token?: string;
+  methods: string[];
+  chunk: number;
+  qHeads?: number;
+  dtype: 'f16' | 'bf16';
+  progress: (done: number, total: number) => void;
+}
+
+export async function preload(o: PreloadOptions): Promise<{ tokens: number; layers: number }> {
+  const f = new SafetensorsFile(o.file);
+  try {
+    const layers = [...f.tensors.keys()].filter((n) => /^k\.\d+$/.test(n)).length;
+    const k0 = f.tensors.get('k.0');
+    if (!k0 || layers === 0) throw invalid(`${o.file}: no tensors named k.0, k.1, ...`);
+    const [kvHeads, tokens, headDim] = k0.shape;
+    const q0 = f.tensors.get('q.0');
+    const qHeads = q0?.shape[0] ?? o.qHeads ?? Number(f.metadata.qHeads);
+    if (!Number.isInteger(qHeads) || qHeads <= 0) throw invalid('the number of q heads is unknown: add q.* tensors, metadata qHeads, or --q-heads');
+    const model = { layers, qHeads, kvHeads, headDim, dtype: o.dtype };
+    const client = new KvrecallClient({ url: o.url, token: o.token });
+    await client.createDocument(o.id, model, { methods: o.methods });
+    const total = layers * tokens;
+    let done = 0;
+    const slice = (name: string, from: number, to: number, heads: number): Tensor => ({
+      dtype: f.tensors.get(name)!.dtype,
+      shape: [heads, to - from, headDim],
+      data: f.readTokens(name, from, to),
+    });
+    for (let layer = 0; layer < layers; layer++)
+      for (let start = 0; start < tokens; start += o.chunk) {
+        const end = Math.min(tokens, start + o.chunk);
+        await client.uploadDocumentKv(o.id, {
+          layer,
+          start,
+          k: slice(`k.${layer}`, start, end, kvHeads),
+          v: slice(`v.${layer}`, start, end, kvHeads),
+          ...(f.tensors.has(`q.${layer}`) && { q: slice(`q.${layer}`, start, end, qHeads) }),
+        });
+        done += end - start;
+        o.progress(done, total);
+      }
+    const sealed = await client.sealDocument(o.id);
+    return { tokens: sealed.tokens, layers };
+  } finally {
+    f.close();
+  }
+}
+
+/** A one-line progress bar on stderr. */
+export function progressBar(label: string): (done: number, total: number) => void {
+  const start = Date.now();
+  return (done, total) => {
+    const frac = total > 0 ? done / total : 1;
+    const width = 30, fill = Math.round(frac * width);
+    const secs = (Date.now() - start) / 1000;
+    process.stderr.write(`\r${label} [${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${(frac * 100).toFixed(1)}% ${done}/${total} ${secs.toFixed(1)}s`);
+    if (done >= total) process.stderr.write('\n');
+  };
+}

@@ -1,0 +1,90 @@
+// `kvrecall preload` reads a safetensors file and uploads it through the API
+// with progress; GET /v1/documents/:doc reports the build phase and fraction.
+import { execFile } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { RunningServer } from '../../api/server.js';
+import { KvrecallClient, tensor } from '../../src/client.js';
+import type { Tensor } from '../../src/tensor.js';
+import { randomKv, randomQ } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { startInProcess, tempDataDir } from '../helpers/server.js';
+
+const run = promisify(execFile);
+const CLI = join(import.meta.dirname, '..', '..', 'dist', 'src', 'cli.js');
+const seed = freshSeed();
+const rng = new Rng(seed);
+const tmp = tempDataDir();
+let server: RunningServer;
+let client: KvrecallClient;
+
+/** Writes tensors in the safetensors layout (independent of src/safetensors.ts). */
+function writeSafetensors(path: string, tensors: Record<string, Tensor>): void {
+  const names = { f16: 'F16', bf16: 'BF16', f32: 'F32', i32: 'I32' } as const;
+  const header: Record<string, unknown> = { __metadata__: { format: 'kvrecall-test' } };
+  let at = 0;
+  for (const [name, t] of Object.entries(tensors)) {
+    header[name] = { dtype: names[t.dtype], shape: t.shape, data_offsets: [at, at + t.data.byteLength] };
+    at += t.data.byteLength;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(path, Buffer.concat([len, json, ...Object.values(tensors).map((t) => Buffer.from(t.data))]));
+}
+
+beforeAll(async () => {
+  server = await startInProcess(tmp.dir);
+  client = new KvrecallClient({ url: server.url });
+});
+afterAll(async () => {
+  await server.close();
+  tmp.cleanup();
+});
+
+describe('preload', () => {
+  it('uploads a safetensors file with a progress bar and seals it', async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 16 };
+    const n = 1234;
+    const layers = [0, 1].map(() => randomKv(rng, 'f16', 2, n, 16));
+    const tensors: Record<string, Tensor> = {};
+    layers.forEach((c, l) => {
+      tensors[`k.${l}`] = c.k;
+      tensors[`v.${l}`] = c.v;
+      const q = randomQ(rng, 4 * n, 16);
+      tensors[`q.${l}`] = tensor('f32', [4, n, 16], q);
+    });
+    const file = join(tmp.dir, 'doc.safetensors');
+    writeSafetensors(file, tensors);
+    const { stdout, stderr } = await run(process.execPath, [CLI, 'preload', file, '--id', 'st', '--url', server.url, '--chunk', '500', '--methods', 'hnsw']);
+    expect(stdout).toMatch(/ready: 1234 tokens × 2 layers/);
+    expect(stderr).toMatch(/100\.0% 2468\/2468/);
+    expect(await client.getDocument('st')).toMatchObject({ status: 'ready', tokens: n, methods: ['hnsw'], model: { ...model, dtype: 'f16' } });
+    const s = await client.createSession({ model, documents: ['st'] });
+    const r = await client.attend(s.id, { layer: 1, q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), return: ['kv'] });
+    expect(Buffer.from(r.kv!.k[1].data)).toEqual(Buffer.from(layers[1].k.data.subarray(n * 16 * 2)));
+  });
+
+  it('reports the build phase and its fraction while sealing', async () => {
+    const model = { layers: 1, qHeads: 2, kvHeads: 2, headDim: 16 };
+    await client.createDocument('slow', model, { methods: ['hnsw'] });
+    const c = randomKv(rng, "f16", 2, 6000, 16);
+    await client.uploadDocumentKv('slow', { layer: 0, start: 0, k: c.k, v: c.v });
+    expect(await client.getDocument('slow')).toMatchObject({ phase: 'loading', tokens: 6000 });
+    const sealing = client.sealDocument('slow');
+    const seen: { phase: string; progress?: number }[] = [];
+    for (let i = 0; i < 400; i++) {
+      const d = await client.getDocument('slow');
+      seen.push(d);
+      if (d.phase === 'ready') break;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    await sealing;
+    const building = seen.filter((s) => s.phase === 'building');
+    expect(building.length).toBeGreaterThan(0);
+    for (const b of building) expect(b.progress).toBeGreaterThanOrEqual(0), expect(b.progress).toBeLessThanOrEqual(1);
+    expect((await client.getDocument('slow')).phase).toBe('ready');
+  });
+});
