@@ -50,6 +50,7 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
       documents: documents.list().length,
       sessions: sessions.size,
       recovered: engine.recovered,
+      memory: { used: engine.budget.used, budget: engine.budget.limit },
     }),
   );
 
@@ -91,8 +92,8 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
     });
   });
   app.get('/v1/sessions/:sid', (c) => reply(c, sessions.get(c.req.param('sid')).describe()));
-  app.delete('/v1/sessions/:sid', (c) => {
-    sessions.remove(c.req.param('sid'));
+  app.delete('/v1/sessions/:sid', async (c) => {
+    await sessions.remove(c.req.param('sid'));
     return reply(c, { deleted: c.req.param('sid') });
   });
 

@@ -1,5 +1,6 @@
 // Every setting of the service, parsed once (flags, then environment, then
 // defaults). Code below the CLI takes this object and never reads env.
+import { totalmem } from 'node:os';
 import { invalid } from './errors.js';
 
 export interface Config {
@@ -10,6 +11,8 @@ export interface Config {
   token?: string;
   /** Largest request body accepted, in bytes. */
   bodyLimit: number;
+  /** Host bytes the KV of documents and sessions may hold (default 80% of RAM). */
+  memoryBudget: number;
 }
 
 export const DEFAULTS: Config = {
@@ -17,6 +20,7 @@ export const DEFAULTS: Config = {
   port: 8700,
   dataDir: './kvrecall-data',
   bodyLimit: 256 * 1024 * 1024,
+  memoryBudget: Math.floor(totalmem() * 0.8),
 };
 
 const FLAGS: Record<string, keyof Config> = {
@@ -25,6 +29,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--data': 'dataDir',
   '--token': 'token',
   '--body-limit': 'bodyLimit',
+  '--memory-budget': 'memoryBudget',
 };
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -36,7 +41,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
     const value = argv[i + 1];
     if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
     i++;
-    if (key === 'port' || key === 'bodyLimit') {
+    if (key === 'port' || key === 'bodyLimit' || key === 'memoryBudget') {
       const n = Number(value);
       if (!Number.isInteger(n) || n < 0) throw invalid(`${argv[i - 1]} takes a non-negative integer`);
       cfg[key] = n;

@@ -4,6 +4,7 @@
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex } from '../index/method.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/store.js';
+import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
 import { conflict, invalid, notFound } from './errors.js';
@@ -48,6 +49,7 @@ export class Documents {
   constructor(
     private readonly store: DocumentStore,
     private readonly knownMethods: ReadonlySet<string>,
+    private readonly budget: HostBudget,
   ) {}
 
   create(idRaw: string, body: Record<string, unknown>): Promise<DocumentView> {
@@ -64,7 +66,7 @@ export class Documents {
       await this.store.create(meta);
       this.loading.set(id, {
         meta,
-        layers: Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype)),
+        layers: Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype, undefined, this.budget)),
         written: new Array<number>(model.layers).fill(0),
         queries: new PrefillQueries(model, stride),
         phase: 'loading',
@@ -145,6 +147,7 @@ export class Documents {
     return this.queue.run(id, async () => {
       if (!this.store.get(id)) throw notFound(`document ${id} does not exist`);
       await this.store.remove(id);
+      for (const s of this.loading.get(id)?.layers ?? this.ready.get(id)?.layers ?? []) s.release();
       this.loading.delete(id);
       this.ready.delete(id);
     });
@@ -158,7 +161,7 @@ export class Documents {
     const meta = this.loading.get(id)?.meta ?? this.store.get(id);
     if (!meta) throw notFound(`document ${id} does not exist`);
     if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
-    const doc = { meta, layers: this.store.load(meta), indexes: new Map() };
+    const doc = { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };
     this.ready.set(id, doc);
     return doc;
   }

@@ -1,6 +1,7 @@
 // A session: the documents it attached (read-only, shared) and its own
 // tokens (the question, then each generated token), per layer.
 import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../index/method.js';
+import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
 import type { ModelShape } from './model.js';
@@ -30,11 +31,23 @@ export class Session {
     readonly method: RetrievalMethod,
     readonly params: SearchParams,
     /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
-    readonly documentIndexes: (HeadIndex[][] | undefined)[] = [],
+    readonly documentIndexes: (HeadIndex[][] | undefined)[],
+    budget: HostBudget,
   ) {
-    this.own = Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype));
+    this.own = [];
+    try {
+      for (let l = 0; l < model.layers; l++) this.own.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, undefined, budget));
+    } catch (e) {
+      this.release();
+      throw e;
+    }
     this.ownQueries = new PrefillQueries(model, 1);
     this.memos = Array.from({ length: model.layers }, () => new Map());
+  }
+
+  /** Returns the session's own KV memory to the budget. */
+  release(): void {
+    for (const s of this.own) s.release();
   }
 
   documentTokens(): number {

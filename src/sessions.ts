@@ -9,6 +9,7 @@ import { describeModel, parseModel, sameModel } from './model.js';
 import { KeyedQueue } from './serial.js';
 import { toF32 } from './tensor.js';
 import { Session } from './session.js';
+import type { HostBudget } from '../storage/host-budget.js';
 
 export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0, chunk: 2048, span: 2 };
 
@@ -16,7 +17,10 @@ export class Sessions {
   private readonly open = new Map<string, Session>();
   readonly queue = new KeyedQueue();
 
-  constructor(private readonly documents: Documents) {}
+  constructor(
+    private readonly documents: Documents,
+    private readonly budget: HostBudget,
+  ) {}
 
   async create(body: Record<string, unknown>): Promise<Session> {
     const model = parseModel(body.model);
@@ -37,7 +41,7 @@ export class Sessions {
       params[key] = v;
     }
     const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
-    const session = new Session(randomUUID(), model, docs, method, params, indexes);
+    const session = new Session(randomUUID(), model, docs, method, params, indexes, this.budget);
     this.open.set(session.id, session);
     return session;
   }
@@ -62,8 +66,11 @@ export class Sessions {
     return s;
   }
 
-  remove(id: string): void {
-    if (!this.open.delete(id)) throw notFound(`session ${id} does not exist`);
+  remove(id: string): Promise<void> {
+    const session = this.get(id);
+    this.open.delete(id);
+    // After any request already queued on the session has finished with its memory.
+    return this.queue.run(id, () => session.release());
   }
 
   get size(): number {

@@ -3,6 +3,7 @@
 // head: k[h] is [capacity, headDim] 16-bit words, the first `tokens` rows
 // valid. Appends copy each head's rows once, converting dtype if needed.
 import { bytesOf, convert, type FloatDtype, type KvDtype } from '../native/index.js';
+import { UNLIMITED, type HostBudget } from './host-budget.js';
 
 const MIN_CAPACITY = 256;
 
@@ -16,7 +17,9 @@ export class KvSegment {
     readonly headDim: number,
     readonly dtype: KvDtype,
     capacity = MIN_CAPACITY,
+    private readonly budget: HostBudget = UNLIMITED,
   ) {
+    budget.reserve(this.bytesFor(capacity), 'KV');
     this.k = Array.from({ length: kvHeads }, () => new Uint16Array(capacity * headDim));
     this.v = Array.from({ length: kvHeads }, () => new Uint16Array(capacity * headDim));
   }
@@ -27,6 +30,16 @@ export class KvSegment {
 
   get bytes(): number {
     return this.tokens * this.headDim * 2 * 2 * this.kvHeads;
+  }
+
+  /** Host bytes held (capacity, K and V, every head). */
+  get heldBytes(): number {
+    return this.bytesFor(this.capacity);
+  }
+
+  /** Returns the held bytes to the budget; the segment must not be used after. */
+  release(): void {
+    this.budget.release(this.heldBytes);
   }
 
   /**
@@ -73,8 +86,13 @@ export class KvSegment {
   shrinkToFit(): void {
     const n = Math.max(1, this.tokens) * this.headDim;
     if (this.k[0].length === n) return;
+    this.budget.release(this.heldBytes - this.bytesFor(n / this.headDim));
     this.k = this.k.map((a) => a.slice(0, n));
     this.v = this.v.map((a) => a.slice(0, n));
+  }
+
+  private bytesFor(tokens: number): number {
+    return tokens * this.headDim * 2 * 2 * this.kvHeads;
   }
 
   private copyInto(dst: Uint16Array, src: Uint8Array, dtype: FloatDtype, count: number): void {
@@ -86,7 +104,9 @@ export class KvSegment {
   private reserve(tokens: number): void {
     const cap = this.capacity;
     if (tokens <= cap) return;
-    const next = Math.max(tokens, cap * 2, MIN_CAPACITY) * this.headDim;
+    const nextTokens = Math.max(tokens, cap * 2, MIN_CAPACITY);
+    this.budget.reserve(this.bytesFor(nextTokens) - this.heldBytes, 'KV');
+    const next = nextTokens * this.headDim;
     const grow = (a: Uint16Array) => {
       const b = new Uint16Array(next);
       b.set(a.subarray(0, this.tokens * this.headDim));

@@ -11,6 +11,7 @@
 // are dropped and it is reported `incomplete`.
 import { open, type Database, type RootDatabase } from 'lmdb';
 import type { ModelShape } from '../src/model.js';
+import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
 
 export type DocumentStatus = 'loading' | 'ready' | 'incomplete';
@@ -136,9 +137,9 @@ export class DocumentStore {
   }
 
   /** Reads a ready document's KV into one segment per layer. */
-  load(meta: DocumentMeta): KvSegment[] {
+  load(meta: DocumentMeta, budget: HostBudget): KvSegment[] {
     const { layers, kvHeads, headDim, dtype, blockSize } = meta.model;
-    const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens)));
+    const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens), budget));
     const rowBytes = headDim * 2;
     for (const { key, value } of this.blocks.getRange({ start: [meta.id], end: [meta.id, layers] })) {
       const [, layer, head, block] = key;
