@@ -28,7 +28,8 @@ export interface AttendResult {
   selection?: Int32Array[];
   /** Per kv head, the selected K and V rows in storage dtype (when asked). */
   kv?: { k: Uint16Array[]; v: Uint16Array[] };
-  stats: { tokens: number; attended: number; scanned: number; ms: number };
+  /** ms: the whole step; selectMs: the method's selection; attendMs: the attention kernel. */
+  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number };
 }
 
 /** Checks an attend body against the session's model (the edge of the decode path). */
@@ -67,7 +68,9 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
 
   // The method selects.
   const ctx = session.context(req.layer);
+  const t1 = performance.now();
   const selection = await session.method.select(ctx, req.q, session.params);
+  const t2 = performance.now();
 
   // Make the selection resident. On the CPU backend the host arrays already are.
 
@@ -85,10 +88,12 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
     out,
     lse,
   });
+  const t3 = performance.now();
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);
-  const result: AttendResult = { out, lse, stats: { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0 } };
+  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2 };
+  const result: AttendResult = { out, lse, stats };
   if (req.want.has('selection') || req.want.has('kv')) {
     const positions = selectedPositions(selection, ctx);
     if (req.want.has('selection')) result.selection = positions;
