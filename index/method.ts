@@ -52,8 +52,19 @@ export type SelectionPart = { segment: KvSegment } & Pick<AttendSegment, 'begin'
 
 export interface Selection {
   parts: SelectionPart[];
-  /** Keys whose score the method computed, averaged over kv heads. */
+  /** Keys (or block/centroid representatives) whose score the method computed, averaged over kv heads. */
   scanned: number;
+  /** For block-selecting methods: what the GPU block pool did this step, summed over kv heads. */
+  blocks?: BlockStats;
+}
+
+export interface BlockStats {
+  /** Blocks selected. */
+  selected: number;
+  /** Selected blocks already resident in the pool. */
+  hits: number;
+  /** Host→device bytes to bring the misses in. */
+  bytesIn: number;
 }
 
 export interface RetrievalMethod {

@@ -2,9 +2,10 @@
 import { exact } from './exact.js';
 import { hnsw } from './hnsw.js';
 import { infiniretri } from './infiniretri.js';
+import { nosa, topkBlocks } from './block-select.js';
 import type { RetrievalMethod } from './method.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, infiniretri].map((m) => [m.name, m]));
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, infiniretri, nosa, topkBlocks].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
 

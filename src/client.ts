@@ -63,7 +63,7 @@ export interface AttendReply {
   lse: Float32Array;
   selection?: Int32Array[];
   kv?: { k: Tensor[]; v: Tensor[] };
-  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number };
+  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number; blocks?: { selected: number; hits: number; bytesIn: number } };
 }
 
 export interface DocumentInfo {

@@ -4,7 +4,7 @@
 //   log-sum-exp) → answer.
 // Nothing here depends on which retrieval method the session uses.
 import { attend, type AttendSegment } from '../native/index.js';
-import type { LayerContext, Selection } from '../index/method.js';
+import type { BlockStats, LayerContext, Selection } from '../index/method.js';
 import { invalid } from './errors.js';
 import type { Session } from './session.js';
 import { expectFinite, expectShape, parseFloatTensor, toF32, type FloatTensor } from './tensor.js';
@@ -29,7 +29,7 @@ export interface AttendResult {
   /** Per kv head, the selected K and V rows in storage dtype (when asked). */
   kv?: { k: Uint16Array[]; v: Uint16Array[] };
   /** ms: the whole step; selectMs: the method's selection; attendMs: the attention kernel. */
-  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number };
+  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number; blocks?: BlockStats };
 }
 
 /** Checks an attend body against the session's model (the edge of the decode path). */
@@ -92,7 +92,7 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);
-  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2 };
+  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, ...(selection.blocks && { blocks: selection.blocks }) };
   const result: AttendResult = { out, lse, stats };
   if (req.want.has('selection') || req.want.has('kv')) {
     const positions = selectedPositions(selection, ctx);

@@ -1,0 +1,137 @@
+// Block-selecting methods, over each document's BlockSummary:
+//
+// `nosa` (NOSA): the selection is split into a query-agnostic part (the
+// blocks with the highest stable importance, plus sinks and the recent
+// window) and a query-aware part (top blocks by q · block mean), under a
+// locality constraint: a step may bring in at most `maxNew` blocks that the
+// previous step did not select, so the selected set, and what the GPU block
+// pool must copy in, changes little from step to step. Its pool evicts the
+// blocks the selection is least likely to want again (not selected now, then
+// lowest importance).
+//
+// `topk-blocks`: plain top blocks by q · block mean with an LRU pool, the
+// baseline NOSA is compared against.
+//
+// Both simulate the per-(session, layer, kv head) GPU pool on every step and
+// report blocks selected, pool hits and host→device bytes. On the CPU backend
+// nothing is copied; the numbers say what the CUDA pool would move.
+import { buildBlockSummary, loadBlockSummary, type BlockSummary } from './block-summary.js';
+import type { BlockStats, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
+import { inside, staticRanges } from './static-plus-retrieved.js';
+
+interface Policy {
+  /** Share of the block budget given to the query-agnostic top-importance blocks. */
+  agnosticShare: number;
+  /** New blocks a step may bring in, as a share of the block budget (Infinity: no constraint). */
+  maxNewShare: number;
+  eviction: 'lru' | 'importance';
+}
+
+interface HeadState {
+  selected: Set<number>;
+  /** Resident block → step it was last selected. */
+  pool: Map<number, number>;
+  step: number;
+}
+
+/** Pool capacity per head, in multiples of the block budget. */
+const POOL_FACTOR = 1.5;
+
+export const blockSummaryBuilder: HeadIndexBuilder = {
+  build: buildBlockSummary,
+  load: loadBlockSummary,
+};
+
+function choose(summary: BlockSummary, scores: Float32Array, budget: number, prev: Set<number>, policy: Policy): number[] {
+  const chosen = new Set<number>();
+  const agnostic = Math.floor(budget * policy.agnosticShare);
+  if (agnostic > 0) {
+    const byImportance = Array.from(summary.importance.keys()).sort((a, b) => summary.importance[b] - summary.importance[a]);
+    for (const b of byImportance.slice(0, agnostic)) chosen.add(b);
+  }
+  const byScore = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a] || a - b);
+  const maxNew = prev.size === 0 ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare));
+  let brought = 0;
+  for (const b of byScore) {
+    if (chosen.size >= budget) break;
+    if (chosen.has(b)) continue;
+    if (prev.has(b)) chosen.add(b);
+    else if (brought < maxNew) {
+      chosen.add(b);
+      brought++;
+    }
+  }
+  return [...chosen];
+}
+
+function updatePool(state: HeadState, chosen: number[], capacity: number, summary: BlockSummary, policy: Policy, bytesPerBlock: number): BlockStats {
+  const stats: BlockStats = { selected: chosen.length, hits: 0, bytesIn: 0 };
+  const now = new Set(chosen);
+  for (const b of chosen) {
+    if (state.pool.has(b)) stats.hits++;
+    else {
+      stats.bytesIn += bytesPerBlock;
+      if (state.pool.size >= capacity) {
+        let victim = -1, worst = Infinity;
+        for (const [r, last] of state.pool) {
+          if (now.has(r)) continue;
+          const keep = policy.eviction === 'lru' ? last : summary.importance[r] + (state.selected.has(r) ? 1 : 0);
+          if (keep < worst) (worst = keep), (victim = r);
+        }
+        if (victim >= 0) state.pool.delete(victim);
+      }
+    }
+    state.pool.set(b, state.step);
+  }
+  state.selected = now;
+  state.step++;
+  return stats;
+}
+
+function blockSelect(name: string, policy: Policy): RetrievalMethod {
+  return {
+    name,
+    builder: blockSummaryBuilder,
+    async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
+      const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
+      const docTokens = ctx.offsets[ctx.offsets.length - 1];
+      const parts: SelectionPart[] = [];
+      const blocks: BlockStats = { selected: 0, hits: 0, bytesIn: 0 };
+      let scanned = 0;
+      for (let s = 0; s < ctx.segments.length; s++) {
+        const segment = ctx.segments[s];
+        const ranges = staticRanges(ctx, s, p);
+        for (const [begin, end] of ranges) parts.push({ segment, begin, end });
+        const heads = ctx.indexes[s] as BlockSummary[] | undefined;
+        if (!heads || segment.tokens === 0) continue;
+        const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
+        const budget = Math.min(heads[0].blocks, Math.ceil(share / heads[0].blockSize));
+        const ids: Int32Array[] = [];
+        for (let h = 0; h < ctx.kvHeads; h++) {
+          const summary = heads[h];
+          const scores = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G);
+          scanned += summary.blocks / ctx.kvHeads;
+          const key = `${name}:${s}:${h}`;
+          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), step: 0 };
+          ctx.memo.set(key, state);
+          const chosen = choose(summary, scores, budget, state.selected, policy).sort((a, b) => a - b);
+          const st = updatePool(state, chosen, Math.ceil(budget * POOL_FACTOR), summary, policy, summary.blockSize * d * 2 * 2);
+          blocks.selected += st.selected;
+          blocks.hits += st.hits;
+          blocks.bytesIn += st.bytesIn;
+          const rows: number[] = [];
+          for (const b of chosen) {
+            const [a, e] = summary.rows(b);
+            for (let t = a; t < e; t++) if (!inside(ranges, t)) rows.push(t);
+          }
+          ids.push(Int32Array.from(rows));
+        }
+        parts.push({ segment, ids });
+      }
+      return { parts, scanned, blocks };
+    },
+  };
+}
+
+export const nosa = blockSelect('nosa', { agnosticShare: 0.25, maxNewShare: 0.125, eviction: 'importance' });
+export const topkBlocks = blockSelect('topk-blocks', { agnosticShare: 0, maxNewShare: Infinity, eviction: 'lru' });

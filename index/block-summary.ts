@@ -1,0 +1,158 @@
+// The per-(document, layer, kv head) artifact block-selecting methods share:
+// the mean key of every block of `blockSize` tokens (its representative
+// for query-aware scoring) and a stable, query-agnostic importance per block
+// (the attention mass the prefill queries pay the block, estimated from the
+// representatives; without prefill queries, a sample of the keys stands in).
+import { convert, topk, type KvDtype } from '../native/index.js';
+import type { BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
+
+export const SUMMARY_BLOCK = 64;
+const MAGIC = 0x4b56424c; // "KVBL"
+const MAX_IMPORTANCE_ROWS = 256;
+
+export class BlockSummary implements HeadIndex {
+  /** Block scores of the last scoreBlocks call, by block. */
+  private readonly scores: Float32Array;
+  private readonly order: Int32Array;
+
+  constructor(
+    readonly blocks: number,
+    readonly blockSize: number,
+    readonly tokens: number,
+    readonly headDim: number,
+    readonly dtype: KvDtype,
+    /** [blocks, headDim] mean keys, storage dtype. */
+    readonly means: Uint16Array,
+    /** [blocks] stable importance, sums to 1. */
+    readonly importance: Float32Array,
+  ) {
+    this.scores = new Float32Array(blocks);
+    this.order = new Int32Array(blocks);
+  }
+
+  /** Scores every block by max over the group of q·mean; returns them by block (reused buffer). */
+  async scoreBlocks(q: Float32Array, group: number): Promise<Float32Array> {
+    const sorted = new Float32Array(this.blocks);
+    await topk({ q, group, headDim: this.headDim, keys: this.means, tokens: this.blocks, dtype: this.dtype, k: this.blocks, outIds: this.order, outScores: sorted });
+    for (let i = 0; i < this.blocks; i++) this.scores[this.order[i]] = sorted[i];
+    return this.scores;
+  }
+
+  /** Token rows of a block. */
+  rows(block: number): [number, number] {
+    return [block * this.blockSize, Math.min(this.tokens, (block + 1) * this.blockSize)];
+  }
+
+  /**
+   * The stateless HeadIndex view: tokens of the top blocks by q·mean, best
+   * block first (scored in JS on widened means; the methods use scoreBlocks).
+   */
+  search(q: Float32Array, group: number, k: number): SearchResult {
+    const d = this.headDim;
+    this.widened ??= widenWords(this.means, this.dtype);
+    const m = this.widened, score = new Float32Array(this.blocks);
+    for (let b = 0; b < this.blocks; b++) {
+      let best = -Infinity;
+      for (let g = 0; g < group; g++) {
+        let s = 0;
+        for (let j = 0; j < d; j++) s += q[g * d + j] * m[b * d + j];
+        best = Math.max(best, s);
+      }
+      score[b] = best;
+    }
+    const order = Array.from(score.keys()).sort((a, b) => score[b] - score[a] || a - b);
+    const ids = new Int32Array(Math.min(k, this.tokens));
+    let n = 0;
+    for (const b of order) {
+      const [from, to] = this.rows(b);
+      for (let t = from; t < to && n < ids.length; t++) ids[n++] = t;
+      if (n === ids.length) break;
+    }
+    return { ids, scanned: this.blocks };
+  }
+
+  private widened?: Float32Array;
+}
+
+function widenWords(words: Uint16Array, dtype: KvDtype): Float32Array {
+  const out = new Float32Array(words.length);
+  convert(new Uint8Array(words.buffer, words.byteOffset, words.byteLength), dtype, new Uint8Array(out.buffer), 'f32', words.length);
+  return out;
+}
+
+function meansOf(input: HeadKeys, blockSize: number): { means: Float32Array; blocks: number } {
+  const { tokens, headDim: d } = input;
+  const blocks = Math.ceil(tokens / blockSize);
+  const keys = new Float32Array(tokens * d);
+  convert(new Uint8Array(input.keys.buffer, input.keys.byteOffset, tokens * d * 2), input.dtype, new Uint8Array(keys.buffer), 'f32', tokens * d);
+  const means = new Float32Array(blocks * d);
+  for (let t = 0; t < tokens; t++) {
+    const b = Math.floor(t / blockSize);
+    for (let j = 0; j < d; j++) means[b * d + j] += keys[t * d + j];
+  }
+  for (let b = 0; b < blocks; b++) {
+    const n = Math.min(tokens, (b + 1) * blockSize) - b * blockSize;
+    for (let j = 0; j < d; j++) means[b * d + j] /= n;
+  }
+  return { means, blocks };
+}
+
+export async function buildBlockSummary(input: BuildInput): Promise<Uint8Array> {
+  const d = input.headDim;
+  const { means, blocks } = meansOf(input, SUMMARY_BLOCK);
+  const meanWords = new Uint16Array(blocks * d);
+  convert(new Uint8Array(means.buffer), 'f32', new Uint8Array(meanWords.buffer), input.dtype, blocks * d);
+  // Importance: mean over sampled query rows of the softmax over blocks of
+  // (q·mean · scale + log blockSize), i.e. each block's share of the mass.
+  const rows = input.queryCount > 0 ? input.queries : keysAsQueries(input);
+  const count = input.queryCount > 0 ? input.queryCount : rows.length / d;
+  const step = Math.max(1, Math.floor(count / MAX_IMPORTANCE_ROWS));
+  const importance = new Float64Array(blocks);
+  const ids = new Int32Array(blocks), sorted = new Float32Array(blocks), scale = 1 / Math.sqrt(d);
+  let used = 0;
+  for (let r = 0; r < count; r += step) {
+    await topk({ q: rows.subarray(r * d, (r + 1) * d), group: 1, headDim: d, keys: meanWords, tokens: blocks, dtype: input.dtype, k: blocks, outIds: ids, outScores: sorted });
+    const m = sorted[0] * scale;
+    let z = 0;
+    for (let i = 0; i < blocks; i++) z += Math.exp(sorted[i] * scale - m);
+    for (let i = 0; i < blocks; i++) importance[ids[i]] += Math.exp(sorted[i] * scale - m) / z;
+    used++;
+  }
+  const imp = Float32Array.from(importance, (x) => x / Math.max(1, used));
+  return encode(blocks, SUMMARY_BLOCK, input.tokens, d, meanWords, imp);
+}
+
+/** Without prefill queries: every 16th key stands in for a query row. */
+function keysAsQueries(input: HeadKeys): Float32Array {
+  const d = input.headDim, n = Math.ceil(input.tokens / 16);
+  const out = new Float32Array(n * d);
+  const row = new Float32Array(d);
+  for (let i = 0; i < n; i++) {
+    convert(new Uint8Array(input.keys.buffer, input.keys.byteOffset + i * 16 * d * 2, d * 2), input.dtype, new Uint8Array(row.buffer), 'f32', d);
+    out.set(row, i * d);
+  }
+  return out;
+}
+
+function encode(blocks: number, blockSize: number, tokens: number, d: number, means: Uint16Array, importance: Float32Array): Uint8Array {
+  const header = new Int32Array([MAGIC, 1, blocks, blockSize, tokens, d]);
+  const out = new Uint8Array(header.byteLength + means.byteLength + importance.byteLength);
+  out.set(new Uint8Array(header.buffer), 0);
+  out.set(new Uint8Array(means.buffer), header.byteLength);
+  out.set(new Uint8Array(importance.buffer), header.byteLength + means.byteLength);
+  return out;
+}
+
+export function loadBlockSummary(bytes: Uint8Array, keys: HeadKeys): BlockSummary {
+  const copy = bytes.slice();
+  if (copy.byteLength < 24) throw new Error('block summary artifact is truncated');
+  const h = new Int32Array(copy.buffer, 0, 6);
+  const [magic, version, blocks, blockSize, tokens, d] = h;
+  const size = 24 + blocks * d * 2 + blocks * 4;
+  if (magic !== MAGIC || version !== 1 || tokens !== keys.tokens || d !== keys.headDim || blocks !== Math.ceil(tokens / blockSize) || copy.byteLength !== size)
+    throw new Error('block summary artifact is corrupt or belongs to other keys');
+  const means = new Uint16Array(copy.buffer, 24, blocks * d);
+  // Copied out: the importance section may sit at an offset that is not a multiple of 4.
+  const importance = new Float32Array(copy.slice(24 + blocks * d * 2).buffer);
+  return new BlockSummary(blocks, blockSize, tokens, d, keys.dtype, means, importance);
+}

@@ -1,0 +1,70 @@
+// nosa's locality constraint and pool, against plain top-k blocks with LRU,
+// through the real server over drifting decode queries.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { RunningServer } from '../../api/server.js';
+import { SUMMARY_BLOCK } from '../../index/block-summary.js';
+import { KvrecallClient, tensor } from '../../src/client.js';
+import { randomKv } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { startInProcess, tempDataDir } from '../helpers/server.js';
+
+const seed = freshSeed();
+console.log(`block-select: seed ${seed}`);
+const model = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+const d = model.headDim, TOKENS = 64 * 200 + 17, BUDGET = 64 * 16, STEPS = 25;
+const tmp = tempDataDir();
+let server: RunningServer;
+let client: KvrecallClient;
+const rng = new Rng(seed);
+
+beforeAll(async () => {
+  server = await startInProcess(tmp.dir);
+  client = new KvrecallClient({ url: server.url });
+  await client.createDocument('doc', model, { methods: ['nosa', 'topk-blocks'] });
+  const c = randomKv(rng, 'f16', model.kvHeads, TOKENS, d);
+  await client.uploadDocumentKv('doc', { layer: 0, start: 0, k: c.k, v: c.v });
+  await client.sealDocument('doc');
+});
+afterAll(async () => {
+  await server.close();
+  tmp.cleanup();
+});
+
+/** Runs drifting queries (AR(1)) and returns per step the block sets per head and the pool stats. */
+async function run(method: string) {
+  const { id } = await client.createSession({ model, documents: ['doc'], method, budget: BUDGET, sinks: 0, window: 0 });
+  const drift = new Rng(seed + 1);
+  const q = Float32Array.from({ length: model.qHeads * d }, () => drift.normal() * 2);
+  const steps: { blocks: Set<number>[]; hits: number; bytesIn: number; selected: number }[] = [];
+  for (let s = 0; s < STEPS; s++) {
+    for (let i = 0; i < q.length; i++) q[i] = 0.9 * q[i] + Math.sqrt(1 - 0.81) * drift.normal() * 2;
+    const r = await client.attend(id, { layer: 0, q: tensor('f32', [model.qHeads, d], q), return: ['selection'] });
+    // The session's own tokens sit after the document: keep document rows only.
+    const blocks = r.selection!.map((ids) => new Set([...ids].filter((t) => t < TOKENS).map((t) => Math.floor(t / SUMMARY_BLOCK))));
+    steps.push({ blocks, ...r.stats.blocks! });
+  }
+  return steps;
+}
+
+describe('block selection', () => {
+  it('nosa brings in at most its quota of new blocks per step and copies less than top-k with LRU', async () => {
+    const nosa = await run('nosa');
+    const plain = await run('topk-blocks');
+    const budgetBlocks = BUDGET / SUMMARY_BLOCK;
+    const quota = Math.ceil(budgetBlocks * 0.125);
+    for (let s = 1; s < STEPS; s++)
+      for (let h = 0; h < model.kvHeads; h++) {
+        const fresh = [...nosa[s].blocks[h]].filter((b) => !nosa[s - 1].blocks[h].has(b)).length;
+        expect(fresh).toBeLessThanOrEqual(quota);
+        expect(nosa[s].blocks[h].size).toBe(budgetBlocks);
+      }
+    const sum = (xs: { bytesIn: number }[]) => xs.reduce((a, x) => a + x.bytesIn, 0);
+    const hitRate = (xs: { hits: number; selected: number }[]) => xs.reduce((a, x) => a + x.hits, 0) / xs.reduce((a, x) => a + x.selected, 0);
+    console.log(`nosa: ${sum(nosa)} bytes in, hit rate ${hitRate(nosa).toFixed(3)}; top-k blocks + LRU: ${sum(plain)} bytes in, hit rate ${hitRate(plain).toFixed(3)}`);
+    expect(sum(nosa)).toBeLessThan(sum(plain));
+    expect(hitRate(nosa)).toBeGreaterThan(hitRate(plain));
+    // The first step fills the pool: every selected block is copied in once.
+    expect(nosa[0].hits).toBe(0);
+    expect(nosa[0].bytesIn).toBe(nosa[0].selected * SUMMARY_BLOCK * d * 2 * 2);
+  });
+});
