@@ -12,7 +12,9 @@
         "native/attention_binding.cc",
         "native/topk_binding.cc",
         "native/attention_mass.cc",
-        "native/attention_mass_binding.cc"
+        "native/attention_mass_binding.cc",
+        "native/ra_graph.cc",
+        "native/ra_graph_binding.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],

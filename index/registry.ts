@@ -4,8 +4,9 @@ import { hnsw } from './hnsw.js';
 import { infiniretri } from './infiniretri.js';
 import { nosa, topkBlocks } from './block-select.js';
 import type { RetrievalMethod } from './method.js';
+import { retrievalAttention } from './retrieval-attention.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, infiniretri, nosa, topkBlocks].map((m) => [m.name, m]));
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, retrievalAttention, infiniretri, nosa, topkBlocks].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
 

@@ -8,6 +8,7 @@ void InitConvert(Napi::Env env, Napi::Object exports);
 void InitAttention(Napi::Env env, Napi::Object exports);
 void InitTopk(Napi::Env env, Napi::Object exports);
 void InitAttentionMass(Napi::Env env, Napi::Object exports);
+void InitRaGraph(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -15,6 +16,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitAttention(env, exports);
   kvr::InitTopk(env, exports);
   kvr::InitAttentionMass(env, exports);
+  kvr::InitRaGraph(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }

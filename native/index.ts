@@ -1,10 +1,7 @@
-// The one place that loads the compiled addon; everything else imports the
-// typed wrappers below. Tensors cross this boundary as typed arrays, never
-// as JS number arrays, and are read in place.
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+// Typed wrappers around the addon's kernels (native/addon.ts loads it).
+// Tensors cross this boundary as typed arrays, never as JS number arrays,
+// and are read in place.
+import { nativeAddon } from './addon.js';
 
 /** Storage and wire element types, numbered as native/half.h's Dtype. */
 export const DTYPE_CODE = { f16: 0, bf16: 1, f32: 2 } as const;
@@ -71,17 +68,7 @@ interface Addon {
   attentionMass(a: Omit<AttentionMassArgs, 'dtype'> & { dtype: number }): Promise<void>;
 }
 
-function packageRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const up = dirname(dir);
-    if (up === dir) throw new Error('kvrecall: package root not found');
-    dir = up;
-  }
-  return dir;
-}
-
-const addon = createRequire(import.meta.url)(join(packageRoot(), 'build', 'Release', 'kvrecall.node')) as Addon;
+const addon = nativeAddon<Addon>();
 
 /** Worker threads the native kernels use (the machine's cores). */
 export const nativeThreads = addon.threads;

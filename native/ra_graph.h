@@ -22,9 +22,9 @@
 namespace kvr {
 
 struct RaGraphParams {
-  int degree = 32;             // out-degree bound of the projected graph (see RaGraph::maxDegree)
+  int degree = 32;             // out-degree bound of the projected graph (bridging may add a few: maxDegree())
   int kBuild = 64;             // exact top-k keys per build query
-  int64_t maxQueries = 16384;  // build queries are subsampled (seeded) to at most this many
+  int64_t maxQueries = 8192;   // build queries are subsampled (seeded) to at most this many
   uint64_t seed = 1;
 };
 
@@ -54,12 +54,14 @@ struct RaSearchResult {
 
 class RaGraph {
  public:
-  // Cost: the exact top-kBuild scan is O(M·n·d) multiply-adds with
+  // Cost: the exact top-kBuild scan is M·n·d multiply-adds with
   // M = min(queryCount, maxQueries) (min(n, maxQueries) pseudo-queries when
   // queryCount == 0), a blocked f32 GEMM-like kernel over widened key tiles
-  // on all cores (~35-40 GFLOP/s per Zen 3 core). Projection and pruning are
-  // O(M·kBuild + n·degree²·d); the connectivity pass is one small beam search
-  // per key that no build query retrieved. Memory: M·kBuild int32 + the graph.
+  // on all cores (measured ~40 GFLOP/s per Zen 3 core, e.g. 2.5 s on 2 cores
+  // for M = 8192, n = 64K, d = 128: it dominates). Projection and pruning are
+  // O(M·kBuild + n·degree·4·degree·d); the connectivity pass is one small beam
+  // search per key that no build query retrieved. Memory: ~5·M·kBuild int32
+  // transient + the graph.
   static RaGraph Build(const RaBuildInput& in, const RaGraphParams& params, RaBuildStats* stats = nullptr);
 
   // Best-first beam search from the entry points with beam width
@@ -67,9 +69,13 @@ class RaGraph {
   // query rows q [group, headDim], computed exactly as topk.cc does. Writes
   // min(k, tokens) ids and scores, best first (ties towards the lower id).
   // With ef >= tokens the search visits every key and the result equals the
-  // exact top-k. Thread-safe: concurrent searches on one graph are fine.
+  // exact top-k. `seeds` are extra starting keys besides the graph's entry
+  // points (e.g. the previous decode step's results, or the recent window:
+  // decode queries change little from step to step); ids outside [0, n) are
+  // ignored. Thread-safe: concurrent searches on one graph are fine.
   RaSearchResult Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
-                        int32_t* outIds, float* outScores) const;
+                        int32_t* outIds, float* outScores, const int32_t* seeds = nullptr,
+                        size_t seedCount = 0) const;
 
   // Little-endian blob: magic, version, header, CSR offsets (int64, n+1),
   // neighbours (int32), entry points (int32), checksum.

@@ -1,0 +1,39 @@
+// `retrieval-attention` (RetrievalAttention): an attention-aware graph over
+// each kv head's keys (native/ra_graph.cc). The prefill queries' exact top
+// keys tie keys together, so a greedy search driven by a decode query walks
+// to the high-attention keys while scoring a few percent of them. Without
+// prefill queries (no `q` on the kv route) the keys stand in for queries:
+// a key-to-key graph, measured in bench/retrieval.ts.
+import { RaGraph } from '../native/ra-graph.js';
+import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
+import { staticPlusRetrieved } from './static-plus-retrieved.js';
+
+class GraphHead implements HeadIndex {
+  constructor(
+    private readonly graph: RaGraph,
+    private readonly keys: HeadKeys,
+  ) {}
+
+  search(q: Float32Array, group: number, k: number, ef: number): SearchResult {
+    const n = Math.min(k, this.keys.tokens);
+    const ids = new Int32Array(n), scores = new Float32Array(n);
+    const { count, scanned } = this.graph.searchSync({ ...this.keys, q, group, k: n, ef: Math.max(ef, n), outIds: ids, outScores: scores });
+    return { ids: ids.subarray(0, count), scanned };
+  }
+}
+
+export const retrievalAttentionBuilder: HeadIndexBuilder = {
+  async build(input: BuildInput): Promise<Uint8Array> {
+    const graph = await RaGraph.build({ ...input, queries: input.queryCount > 0 ? input.queries : undefined });
+    try {
+      return graph.save();
+    } finally {
+      graph.dispose();
+    }
+  },
+  load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
+    return new GraphHead(RaGraph.load(bytes), keys);
+  },
+};
+
+export const retrievalAttention = staticPlusRetrieved('retrieval-attention', retrievalAttentionBuilder);
