@@ -25,14 +25,22 @@ interface Options {
   budgetFraction: number;
 }
 
-/** ef values swept per method (its own search-effort knob). */
-const EF: Record<string, number[]> = {
-  hnsw: [100, 400, 1600],
-  ivf: [4, 16, 64],
-  'retrieval-attention': [1, 2, 4],
-  squeezed: [1],
-  'squeezed-2l': [1],
-};
+/**
+ * Search efforts swept per method, given the ids asked for (k) and the
+ * tokens: beam widths for the graphs, lists probed for ivf (nlist = 4·√n).
+ */
+function efSweep(method: string, k: number, tokens: number): number[] {
+  const nlist = Math.round(4 * Math.sqrt(tokens));
+  switch (method) {
+    case 'hnsw':
+    case 'retrieval-attention':
+      return [k, 2 * k, 4 * k];
+    case 'ivf':
+      return [0.01, 0.03, 0.1].map((f) => Math.max(1, Math.round(f * nlist)));
+    default:
+      return [0];
+  }
+}
 
 function parseArgs(argv: string[]): Options {
   const get = (name: string) => {
@@ -108,14 +116,14 @@ async function runMethod(
   }
   const buildSeconds = (performance.now() - t0) / 1000 / o.heads;
   const rows: Row[] = [];
-  for (const ef of EF[name] ?? [1]) {
+  for (const ef of efSweep(name, want + o.sinks + o.window, tokens)) {
     const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], err: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)
       for (let s = 0; s < o.steps; s++) {
         const q = wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d);
         const t = performance.now();
-        const res = indexes[h].search(q, G, want + o.sinks + o.window, Math.max(ef, 1));
+        const res = indexes[h].search(q, G, want + o.sinks + o.window, ef);
         times.push(performance.now() - t);
         scanned.push(res.scanned / tokens);
         const S = selection(tokens, res.ids, o, want);

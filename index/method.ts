@@ -96,7 +96,11 @@ export interface SearchResult {
 }
 
 export interface HeadIndex {
-  /** Top-k rows for a query group [group, headDim] (score: max over the group of q·k). */
+  /**
+   * Top-k rows for a query group [group, headDim] (score: max over the group
+   * of q·k). `ef` is the method's search effort (beam width, lists probed);
+   * 0 asks for the method's default.
+   */
   search(q: Float32Array, group: number, k: number, ef: number): SearchResult;
 }
 

@@ -1,12 +1,13 @@
 // The retrieval methods a session may name, and a document may index.
 import { exact } from './exact.js';
 import { hnsw } from './hnsw.js';
+import { ivf } from './ivf.js';
 import { infiniretri } from './infiniretri.js';
 import { nosa, topkBlocks } from './block-select.js';
 import type { RetrievalMethod } from './method.js';
 import { retrievalAttention } from './retrieval-attention.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, retrievalAttention, infiniretri, nosa, topkBlocks].map((m) => [m.name, m]));
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, ivf, retrievalAttention, infiniretri, nosa, topkBlocks].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
 

@@ -49,7 +49,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         const want = Math.min(share, segment.tokens - covered);
         if (want <= 0) return;
         const ids = heads.map((index, h) => {
-          const res = index.search(q.subarray(h * G * d, (h + 1) * G * d), G, want + covered, Math.max(p.ef, want + covered));
+          const res = index.search(q.subarray(h * G * d, (h + 1) * G * d), G, want + covered, p.ef);
           scanned += res.scanned / ctx.kvHeads;
           const kept = new Int32Array(want);
           let n = 0;

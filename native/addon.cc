@@ -9,6 +9,7 @@ void InitAttention(Napi::Env env, Napi::Object exports);
 void InitTopk(Napi::Env env, Napi::Object exports);
 void InitAttentionMass(Napi::Env env, Napi::Object exports);
 void InitRaGraph(Napi::Env env, Napi::Object exports);
+void InitFaiss(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -17,6 +18,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitTopk(env, exports);
   kvr::InitAttentionMass(env, exports);
   kvr::InitRaGraph(env, exports);
+  kvr::InitFaiss(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }

@@ -1,0 +1,143 @@
+// Typed wrappers for the faiss-backed exports of the addon: an IVF-Flat
+// inner-product index over one kv head's keys (the `ivf` baseline) and the
+// seeded k-means that `squeezed` clusters a document's keys with.
+import { nativeAddon } from './addon.js';
+import type { KvDtype } from './index.js';
+
+const KEY_DTYPE: Record<KvDtype, number> = { f16: 0, bf16: 1 };
+
+export interface IvfBuildArgs {
+  /** [tokens, headDim] 16-bit words of one kv head. */
+  keys: Uint16Array;
+  tokens: number;
+  headDim: number;
+  dtype: KvDtype;
+  /** Inverted lists, in [1, tokens]; faiss suggests 4·√tokens to 16·√tokens. */
+  nlist: number;
+  /** In [0, 2^31): picks the training sample and the k-means initialisation. */
+  seed: number;
+}
+
+export interface IvfSearchArgs {
+  /** [group, headDim] f32: the query heads that share this kv head. */
+  q: Float32Array;
+  group: number;
+  k: number;
+  /** Lists probed per query row, in [1, nlist]; nprobe = nlist is exact. */
+  nprobe: number;
+  /** At least min(k, tokens) entries each; best first (score desc, id asc). */
+  outIds: Int32Array;
+  outScores: Float32Array;
+  /**
+   * Who scores the probed keys; same results. 'native' (default): AVX2 dot
+   * products over faiss's lists, each probed list read once per group.
+   * 'faiss': faiss's own per-row search (a scalar loop in Debian's build).
+   */
+  scan?: 'native' | 'faiss';
+}
+
+export interface IvfSearchResult {
+  /** Ids written: min(k, distinct keys in the probed lists). */
+  count: number;
+  /** Keys scored: the sizes of the probed lists, summed over the group's rows. */
+  scanned: number;
+}
+
+export interface KmeansArgs {
+  keys: Uint16Array;
+  tokens: number;
+  headDim: number;
+  dtype: KvDtype;
+  /** In [1, tokens]. */
+  clusters: number;
+  /** Lloyd iterations, in [1, 1000]. */
+  iterations: number;
+  /** In [0, 2^31). */
+  seed: number;
+}
+
+export interface KmeansResult {
+  /** [clusters, headDim]: the mean of each cluster's keys. */
+  centroids: Float32Array;
+  /** [tokens]: the nearest centroid (L2) of every key. */
+  assign: Int32Array;
+  /** [clusters]: keys per cluster (sums to tokens; may hold zeros). */
+  sizes: Int32Array;
+}
+
+interface NativeIvfIndex {
+  readonly tokens: number;
+  readonly headDim: number;
+  readonly nlist: number;
+  readonly memoryBytes: number;
+  save(): Uint8Array;
+  search(a: IvfSearchArgs): IvfSearchResult;
+  dispose(): void;
+}
+
+interface FaissAddon {
+  IvfIndex: {
+    build(a: Omit<IvfBuildArgs, 'dtype'> & { dtype: number }): Promise<NativeIvfIndex>;
+    load(bytes: Uint8Array): NativeIvfIndex;
+  };
+  kmeans(a: Omit<KmeansArgs, 'dtype'> & { dtype: number }): Promise<KmeansResult>;
+}
+
+const addon = nativeAddon<FaissAddon>();
+
+/**
+ * IVF-Flat (faiss) over one kv head's keys, scored by inner product. A key's
+ * score for a group is the largest q·k over the group's rows. The index owns
+ * an f32 copy of the keys (tokens·headDim·4 bytes + 8 per id); dispose() frees
+ * it at once, otherwise the garbage collector does.
+ */
+export class IvfIndex {
+  private constructor(private readonly native: NativeIvfIndex) {}
+
+  /** Trains on a seeded sample of ≤ 64·nlist keys, then adds all keys (id = row), off the main thread. */
+  static async build(args: IvfBuildArgs): Promise<IvfIndex> {
+    return new IvfIndex(await addon.IvfIndex.build({ ...args, dtype: KEY_DTYPE[args.dtype] }));
+  }
+
+  /** Parses bytes from save(); throws on bytes that are not an intact index. Synchronous. */
+  static load(bytes: Uint8Array): IvfIndex {
+    return new IvfIndex(addon.IvfIndex.load(bytes));
+  }
+
+  /** Serialises (faiss write_index inside a checksummed envelope). Synchronous. */
+  save(): Uint8Array {
+    return this.native.save();
+  }
+
+  /**
+   * Top-k keys by max over the group's rows of q·k, each row probing its own
+   * nprobe lists. Synchronous: runs on the calling thread (plus the native
+   * pool when the probed work is large).
+   */
+  search(args: IvfSearchArgs): IvfSearchResult {
+    return this.native.search(args);
+  }
+
+  dispose(): void {
+    this.native.dispose();
+  }
+
+  get tokens(): number {
+    return this.native.tokens;
+  }
+  get headDim(): number {
+    return this.native.headDim;
+  }
+  get nlist(): number {
+    return this.native.nlist;
+  }
+  /** Native bytes held (0 after dispose). */
+  get memoryBytes(): number {
+    return this.native.memoryBytes;
+  }
+}
+
+/** Seeded k-means (faiss, L2) over every key, then each key assigned to its nearest final centroid. */
+export async function kmeans(args: KmeansArgs): Promise<KmeansResult> {
+  return addon.kmeans({ ...args, dtype: KEY_DTYPE[args.dtype] });
+}
