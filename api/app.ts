@@ -28,6 +28,9 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   app.use(async (c, next) => {
     await next();
     metrics.countRequest(routePath(c) ?? 'unmatched', c.res.status);
+    // Answered without reading a body (an error, a GET with a body): the
+    // server will drop the connection, so say so and the client opens a new one.
+    if (c.req.raw.body && !c.req.raw.bodyUsed) c.res.headers.set('connection', 'close');
   });
   app.use(bearerAuth(opts.token));
   app.use(
@@ -73,8 +76,9 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   });
   app.post('/v1/sessions/:sid/kv', async (c) => reply(c, await sessions.appendKv(c.req.param('sid'), await readBody(c))));
   app.post('/v1/sessions/:sid/attend', async (c) => {
-    const session = sessions.get(c.req.param('sid'));
+    // The body first: answering before it is read would drop the connection.
     const body = await readBody(c);
+    const session = sessions.get(c.req.param('sid'));
     const res = await sessions.queue.run(session.id, () => decodeStep(session, parseAttendRequest(body, session)));
     metrics.observeAttend(res.stats.ms);
     const m = session.model;

@@ -28,6 +28,9 @@ export function onError(err: Error, c: Context): Response {
   // Native argument checks throw TypeError/RangeError: a request the edge let
   // through with a bad shape. Report it as invalid, not as a crash.
   if (err instanceof TypeError || err instanceof RangeError) return c.json(errorBody('invalid', err.message), 422);
+  // The client went away mid-body: nothing was applied, and nobody reads this answer.
+  if (err.message === 'aborted' || (err as NodeJS.ErrnoException).code === 'ECONNRESET')
+    return c.json(errorBody('malformed', 'request body aborted by the client'), 400);
   console.error('kvrecall: internal error', err);
   return c.json(errorBody('internal', 'internal error; see the server log'), 500);
 }

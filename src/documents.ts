@@ -62,11 +62,24 @@ export class Documents {
       const existing = this.store.get(id);
       if (existing && existing.status !== 'incomplete')
         throw conflict(`document ${id} already exists (${existing.status}); DELETE it first`);
+      // Memory first: a document refused for its size leaves nothing behind.
+      const layers: KvSegment[] = [];
+      try {
+        for (let l = 0; l < model.layers; l++) layers.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, undefined, this.budget));
+      } catch (e) {
+        for (const s of layers) s.release();
+        throw e;
+      }
       const meta: DocumentMeta = { id, model, status: 'loading', tokens: 0, methods, createdAt: new Date().toISOString() };
-      await this.store.create(meta);
+      try {
+        await this.store.create(meta);
+      } catch (e) {
+        for (const s of layers) s.release();
+        throw e;
+      }
       this.loading.set(id, {
         meta,
-        layers: Array.from({ length: model.layers }, () => new KvSegment(model.kvHeads, model.headDim, model.dtype, undefined, this.budget)),
+        layers,
         written: new Array<number>(model.layers).fill(0),
         queries: new PrefillQueries(model, stride),
         phase: 'loading',

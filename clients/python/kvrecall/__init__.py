@@ -1,0 +1,30 @@
+"""kvrecall: a Python client for the kvrecall KV-cache offload sidecar.
+
+Needs numpy and msgpack only. `kvrecall.hf` (a Hugging Face transformers
+attention adapter) imports torch and transformers when it is imported.
+"""
+
+from .client import (
+    AttendResult,
+    Client,
+    KvrecallError,
+    decode_tensor,
+    from_bf16_bits,
+    model_shape,
+    tensor,
+    to_bf16_bits,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttendResult",
+    "Client",
+    "KvrecallError",
+    "decode_tensor",
+    "from_bf16_bits",
+    "model_shape",
+    "tensor",
+    "to_bf16_bits",
+    "__version__",
+]

@@ -1,0 +1,394 @@
+"""A client for kvrecall's v1 wire protocol (msgpack over HTTP).
+
+Only numpy and msgpack are needed; HTTP is http.client with one keep-alive
+connection per thread.
+
+    from kvrecall import Client, model_shape
+
+    kv = Client("http://127.0.0.1:8700")
+    model = model_shape(layers=32, q_heads=32, kv_heads=8, head_dim=128, dtype="f16")
+    kv.create_document("manual", model)
+    for layer in range(32):
+        kv.upload_document_kv("manual", layer, 0, k[layer], v[layer])   # [8, n, 128] float16
+    kv.seal_document("manual")
+    sid = kv.create_session(model, documents=["manual"], method="exact")["id"]
+    r = kv.attend(sid, layer=0, q=q, k=k_new, v=v_new)   # q [32, 128]; k_new, v_new [8, 128]
+    r.out   # float32 [32, 128]
+    r.lse   # float32 [32]
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import select
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "Client",
+    "KvrecallError",
+    "AttendResult",
+    "model_shape",
+    "tensor",
+    "decode_tensor",
+    "to_bf16_bits",
+    "from_bf16_bits",
+]
+
+MSGPACK = "application/msgpack"
+
+# Wire dtype -> numpy dtype of the array `decode_tensor` returns. bf16 has no
+# numpy dtype: it travels and comes back as uint16 bit patterns.
+_NUMPY_OF_WIRE = {
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "f32": np.dtype("<f4"),
+    "i32": np.dtype("<i4"),
+}
+
+
+class KvrecallError(Exception):
+    """An error answer from the server: HTTP status, error code and message.
+
+    Codes (DESIGN.md): malformed (400), unauthorized (401), not_found (404),
+    conflict (409), too_large (413), invalid (422), over_budget (503).
+    """
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+# --- bf16 ------------------------------------------------------------------
+
+
+def to_bf16_bits(x: Any) -> np.ndarray:
+    """float values -> bf16 bit patterns (uint16), rounding to nearest even.
+
+    NaN stays NaN (quiet); overflow rounds to +-inf as IEEE rounding does.
+    """
+    a = np.asarray(x, dtype=np.float32)
+    flat = np.ascontiguousarray(a).reshape(-1)
+    bits = flat.view(np.uint32).astype(np.uint64)  # room for the carry
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(flat)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16).astype(np.uint16)) | np.uint16(0x0040)
+    return rounded.reshape(a.shape)
+
+
+def from_bf16_bits(bits: Any) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> float32 values (exact)."""
+    b = np.asarray(bits, dtype=np.uint16)
+    wide = np.left_shift(b.reshape(-1).astype(np.uint32), np.uint32(16))
+    return wide.view(np.float32).reshape(b.shape)
+
+
+# --- tensors ---------------------------------------------------------------
+
+
+def tensor(array: Any, dtype: Optional[str] = None) -> Dict[str, Any]:
+    """A wire tensor {dtype, shape, data} from a numpy array (or anything
+    np.asarray takes).
+
+    dtype None: taken from the array (float16 -> f16, float32 -> f32,
+    int32 -> i32; float64 is sent as f32). dtype "f16" or "f32" converts
+    floats. dtype "bf16" takes either float values (rounded to nearest even)
+    or uint16 bit patterns; a uint16 array also passes as "f16" bits.
+    """
+    if isinstance(array, dict) and {"dtype", "shape", "data"} <= set(array):
+        return array  # already a wire tensor
+    a = np.asarray(array)
+    kind, size = a.dtype.kind, a.dtype.itemsize
+    if dtype is None:
+        if kind == "f" and size == 2:
+            dtype = "f16"
+        elif kind == "f" and size in (4, 8):
+            dtype = "f32"
+        elif kind == "i" and size == 4:
+            dtype = "i32"
+        else:
+            raise TypeError(f"cannot infer a wire dtype for numpy dtype {a.dtype}; pass dtype=")
+    bits = kind == "u" and size == 2  # uint16 bit patterns
+    if dtype == "bf16":
+        data = a if bits else to_bf16_bits(a)
+    elif dtype == "f16":
+        data = a if bits else a.astype(np.float16, copy=False)
+    elif dtype == "f32":
+        data = a.astype(np.float32, copy=False)
+    elif dtype == "i32":
+        data = a.astype(np.int32, copy=False)
+    else:
+        raise ValueError(f'dtype must be "f16", "bf16", "f32" or "i32", got {dtype!r}')
+    data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"), copy=False))
+    return {"dtype": dtype, "shape": [int(s) for s in data.shape], "data": data.tobytes()}
+
+
+def decode_tensor(t: Dict[str, Any]) -> np.ndarray:
+    """A wire tensor -> numpy array of its shape (bf16 as uint16 bit patterns)."""
+    dt = _NUMPY_OF_WIRE.get(t["dtype"])
+    if dt is None:
+        raise ValueError(f"unknown wire dtype {t['dtype']!r}")
+    data = t["data"]
+    if isinstance(data, str):  # JSON replies carry base64
+        import base64
+
+        data = base64.b64decode(data)
+    a = np.frombuffer(data, dtype=dt).reshape([int(s) for s in t["shape"]])
+    return a.astype(dt.newbyteorder("="), copy=True)
+
+
+def model_shape(
+    layers: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: str = "f16",
+    block_size: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The `model` object of the protocol from Python-style names."""
+    m: Dict[str, Any] = {"layers": layers, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": dtype}
+    if block_size is not None:
+        m["blockSize"] = block_size
+    return m
+
+
+@dataclass
+class AttendResult:
+    out: np.ndarray  # float32 [qHeads, headDim]
+    lse: np.ndarray  # float32 [qHeads]
+    stats: Dict[str, Any] = field(default_factory=dict)
+    selection: Optional[List[np.ndarray]] = None  # per kv head, int32 context positions
+    kv: Optional[Dict[str, List[np.ndarray]]] = None  # {"k": [...], "v": [...]} per kv head, [m, headDim]
+
+
+# --- the client ------------------------------------------------------------
+
+
+class Client:
+    """Speaks kvrecall's v1 protocol. One keep-alive connection per thread."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8700", token: Optional[str] = None, timeout: float = 120.0):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError(f"url must be http:// or https://, got {url!r}")
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname or "127.0.0.1"
+        self._port = parsed.port or (443 if self._https else 80)
+        self._prefix = parsed.path.rstrip("/")
+        self._timeout = timeout
+        self._headers = {"content-type": MSGPACK, "accept": MSGPACK}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
+        self._local = threading.local()
+
+    # service
+
+    def health(self) -> Dict[str, Any]:
+        return self._call("GET", "/v1/health")
+
+    def metrics(self) -> str:
+        return self._call("GET", "/metrics", raw=True).decode()
+
+    # documents
+
+    def create_document(
+        self,
+        doc: str,
+        model: Dict[str, Any],
+        methods: Optional[Sequence[str]] = None,
+        query_stride: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"model": model}
+        if methods is not None:
+            body["methods"] = list(methods)
+        if query_stride is not None:
+            body["queryStride"] = query_stride
+        return self._call("PUT", f"/v1/documents/{_quote(doc)}", body)
+
+    def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
+        """k, v: [kvHeads, n, headDim]; q (optional prefill queries): [qHeads, n, headDim]."""
+        return self._call("POST", f"/v1/documents/{_quote(doc)}/kv", _kv_body(layer, start, k, v, q, dtype))
+
+    def seal_document(self, doc: str) -> Dict[str, Any]:
+        return self._call("POST", f"/v1/documents/{_quote(doc)}/seal", {})
+
+    def get_document(self, doc: str) -> Dict[str, Any]:
+        return self._call("GET", f"/v1/documents/{_quote(doc)}")
+
+    def list_documents(self) -> List[Dict[str, Any]]:
+        return self._call("GET", "/v1/documents")["documents"]
+
+    def delete_document(self, doc: str) -> Dict[str, Any]:
+        return self._call("DELETE", f"/v1/documents/{_quote(doc)}")
+
+    # sessions
+
+    def create_session(
+        self,
+        model: Dict[str, Any],
+        documents: Optional[Iterable[str]] = None,
+        method: Optional[str] = None,
+        budget: Optional[int] = None,
+        sinks: Optional[int] = None,
+        window: Optional[int] = None,
+        **extra: Any,
+    ) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"model": model}
+        if documents is not None:
+            body["documents"] = list(documents)
+        for key, value in (("method", method), ("budget", budget), ("sinks", sinks), ("window", window), *extra.items()):
+            if value is not None:
+                body[key] = value
+        return self._call("POST", "/v1/sessions", body)
+
+    def upload_session_kv(self, sid: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
+        """The session's own tokens; `start` counts from the session's first own token."""
+        return self._call("POST", f"/v1/sessions/{_quote(sid)}/kv", _kv_body(layer, start, k, v, q, dtype))
+
+    def attend(
+        self,
+        sid: str,
+        layer: int,
+        q: Any,
+        k: Any = None,
+        v: Any = None,
+        scale: Optional[float] = None,
+        returns: Optional[Sequence[str]] = None,
+        dtype: Optional[str] = None,
+    ) -> AttendResult:
+        """One decode step of one layer.
+
+        q: [qHeads, headDim] (sent as f32 unless already float16).
+        k, v: the current token, [kvHeads, headDim]; appended before attending.
+        dtype: wire dtype for k and v (default: from the arrays).
+        returns: subset of ("out", "kv", "selection"); default ("out",).
+        """
+        body: Dict[str, Any] = {"layer": int(layer), "q": tensor(q, None if _is_half(q) else "f32")}
+        if (k is None) != (v is None):
+            raise ValueError("k and v come together or not at all")
+        if k is not None:
+            body["k"] = tensor(k, dtype)
+            body["v"] = tensor(v, dtype)
+        if scale is not None:
+            body["scale"] = float(scale)
+        if returns is not None:
+            body["return"] = list(returns)
+        r = self._call("POST", f"/v1/sessions/{_quote(sid)}/attend", body)
+        result = AttendResult(out=decode_tensor(r["out"]), lse=decode_tensor(r["lse"]), stats=r.get("stats", {}))
+        if r.get("selection") is not None:
+            result.selection = [decode_tensor(t) for t in r["selection"]]
+        if r.get("kv") is not None:
+            result.kv = {"k": [decode_tensor(t) for t in r["kv"]["k"]], "v": [decode_tensor(t) for t in r["kv"]["v"]]}
+        return result
+
+    def get_session(self, sid: str) -> Dict[str, Any]:
+        return self._call("GET", f"/v1/sessions/{_quote(sid)}")
+
+    def delete_session(self, sid: str) -> Dict[str, Any]:
+        return self._call("DELETE", f"/v1/sessions/{_quote(sid)}")
+
+    # transport
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _connection(self) -> "tuple[http.client.HTTPConnection, bool]":
+        """This thread's connection, and whether it was used before."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None and _dropped(conn.sock):
+            conn.close()
+            conn = None
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=self._timeout)
+            self._local.conn = conn
+            return conn, False
+        return conn, conn.sock is not None
+
+    def _call(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
+        payload = None if body is None else msgpack.packb(body, use_bin_type=True)
+        headers = dict(self._headers)
+        if payload is not None:
+            headers["content-length"] = str(len(payload))
+        for attempt in (0, 1):
+            conn, reused = self._connection()
+            try:
+                conn.request(method, self._prefix + path, body=payload, headers=headers)
+                res = conn.getresponse()
+                data = res.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                conn.close()
+                self._local.conn = None
+                # A kept-alive connection the server closed while idle: send
+                # once more on a fresh one. A fresh connection failing is real.
+                if reused and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                self._local.conn = None
+                raise
+            if res.getheader("connection", "").lower() == "close":
+                conn.close()
+                self._local.conn = None
+            break
+        ctype = res.getheader("content-type", "") or ""
+        if res.status >= 400:
+            err = _decode(data, ctype)
+            e = err.get("error", {}) if isinstance(err, dict) else {}
+            raise KvrecallError(res.status, e.get("code", "unknown"), e.get("message", res.reason or ""))
+        if raw:
+            return data
+        return _decode(data, ctype)
+
+
+def _decode(data: bytes, ctype: str) -> Any:
+    if not data:
+        return {}
+    if "msgpack" in ctype:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if "json" in ctype:
+        return json.loads(data)
+    return {"error": {"code": "unknown", "message": data[:200].decode(errors="replace")}}
+
+
+def _quote(id_: str) -> str:
+    return urllib.parse.quote(str(id_), safe="")
+
+
+def _is_half(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize == 2
+
+
+def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str]) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"layer": int(layer), "start": int(start), "k": tensor(k, dtype), "v": tensor(v, dtype)}
+    if q is not None:
+        body["q"] = tensor(q, None if _is_half(q) else "f32")
+    return body
+
+
+def _dropped(sock: Any) -> bool:
+    """True when the peer closed an idle kept-alive socket (readable at EOF)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

@@ -1,0 +1,287 @@
+"""Decode attention through kvrecall for Hugging Face transformers models
+(Llama architecture and its relatives: any model whose attention layers call
+the `AttentionInterface` with the cache-updated key/value states).
+
+    from kvrecall import Client
+    from kvrecall.hf import KvrecallAttention, register, use_attention
+
+    attn = KvrecallAttention(Client("http://127.0.0.1:8700"), method="exact")
+    register("kvrecall", attn)            # transformers >= 4.48
+    use_attention(model, "kvrecall")      # or from_pretrained(..., attn_implementation="kvrecall")
+    model.generate(input_ids, max_new_tokens=64, do_sample=False)
+    attn.close()                          # deletes the sessions
+
+What it does, per attention layer call `fn(module, query, key, value,
+attention_mask, scaling=..., dropout=..., **kwargs)`:
+
+- prefill (more than one query token): the new tokens' K and V (after RoPE,
+  as the cache holds them) are pushed to one kvrecall session per batch row
+  (`POST /v1/sessions/:sid/kv`), and attention is computed locally with
+  transformers' SDPA function, as the model would have;
+- decode (one query token): the query heads and the new token's K/V go to
+  `POST /v1/sessions/:sid/attend`; kvrecall appends the token and answers the
+  attention over the whole context, which is returned instead of local
+  attention.
+
+A new sequence starts (fresh sessions) when layer 0 sees a key with no past
+(a DynamicCache after reset); with a StaticCache, call `reset()` before each
+`generate`. Padded batches are supported: at prefill only the positions the
+attention mask lets the last prompt token see are pushed (left padding drops
+out), so kvrecall's context is what local attention would see.
+
+K/V are stored by kvrecall as f16 or bf16 (`kv_dtype`; by default bf16 for
+bfloat16 models, else f16). For a float32 model, `round_local=True` (the
+default there) makes local prefill attention use the same rounded K/V that
+kvrecall holds, so prefill and decode see one consistent cache.
+
+This adapter still lets transformers keep its own cache (the K/V it hands
+to the attention function); it replaces the attention computation, not the
+cache's memory. Documents preloaded in kvrecall are not attached here: the
+prompt's local prefill could not see them.
+
+torch and transformers are imported only when this module is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .client import Client, KvrecallError, model_shape
+
+__all__ = ["KvrecallAttention", "register", "use_attention", "local_attention"]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _storage_torch_dtype(kv_dtype: str):
+    torch = _torch()
+    return torch.bfloat16 if kv_dtype == "bf16" else torch.float16
+
+
+def _round(x, kv_dtype: str):
+    """x as its storage dtype would hold it, back in x's dtype."""
+    return x.to(_storage_torch_dtype(kv_dtype)).to(x.dtype)
+
+
+def _wire_bits(x, kv_dtype: str) -> np.ndarray:
+    """A torch tensor -> numpy array for the wire in the storage dtype:
+    float16 values for f16, uint16 bit patterns for bf16."""
+    torch = _torch()
+    x = x.detach().to(_storage_torch_dtype(kv_dtype)).contiguous().cpu()
+    if kv_dtype == "bf16":
+        return x.view(torch.int16).numpy().view(np.uint16)
+    return x.numpy()
+
+
+def _visible(mask, b: int, row: int, cols: slice):
+    """Which key columns query `row` of batch row `b` may see (bool numpy), from a 4-D
+    mask: boolean (True = attend) or additive float (0 = attend, very negative = masked)."""
+    torch = _torch()
+    m = mask[b if mask.shape[0] > 1 else 0, 0, row, cols]
+    if m.dtype == torch.bool:
+        return m.cpu().numpy()
+    return (m > torch.finfo(m.dtype).min / 2).cpu().numpy()
+
+
+class KvrecallAttention:
+    """A transformers attention function backed by kvrecall sessions.
+
+    client None: local attention only (the same code path, nothing sent) --
+    a baseline for comparisons.
+    """
+
+    def __init__(
+        self,
+        client: Optional[Client],
+        method: str = "exact",
+        kv_dtype: Optional[str] = None,
+        round_local: Optional[bool] = None,
+        session_options: Optional[Dict[str, Any]] = None,
+        delete_sessions: bool = True,
+    ):
+        if kv_dtype not in (None, "f16", "bf16"):
+            raise ValueError('kv_dtype must be "f16", "bf16" or None')
+        self.client = client
+        self.method = method
+        self.kv_dtype = kv_dtype
+        self.round_local = round_local
+        self.session_options = dict(session_options or {})
+        self.delete_sessions = delete_sessions
+        self.sessions: List[str] = []
+        self.stats = {"sequences": 0, "uploads": 0, "attends": 0, "local": 0}
+        self._batch: Optional[int] = None
+        self._cache_len: Dict[int, int] = {}  # per layer: positions consumed in the local cache
+        self._tokens: Dict[int, List[int]] = {}  # per layer, per row: tokens kvrecall holds
+
+    # the attention function ------------------------------------------------
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        torch = _torch()
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise ValueError("kvrecall attention needs module.layer_idx")
+        if kwargs.get("sliding_window") is not None:
+            raise NotImplementedError("kvrecall attention does not do sliding-window layers")
+        batch, q_heads, q_len, head_dim = query.shape
+        kv_dtype = self._kv_dtype(key)
+        if scaling is None:
+            scaling = head_dim**-0.5
+
+        if layer == 0 and key.shape[2] == q_len:
+            self._start(batch, module, q_heads, key.shape[1], head_dim, kv_dtype)
+        if layer not in self._cache_len:
+            raise RuntimeError(f"kvrecall attention: layer {layer} called before layer 0 started a sequence; call reset()")
+        if batch != self._batch:
+            raise RuntimeError(f"kvrecall attention: batch size changed from {self._batch} to {batch}; call reset()")
+        at = self._cache_len[layer]
+        if key.shape[2] < at + q_len:
+            raise RuntimeError(
+                f"kvrecall attention: layer {layer} holds {key.shape[2]} cached positions, expected at least {at + q_len}; "
+                "the cache and the adapter are out of step (call reset() before each new sequence)"
+            )
+
+        if q_len > 1 or self.client is None:
+            out = self._local(module, query, key, value, attention_mask, scaling, dropout, kv_dtype, **kwargs)
+            if self.client is not None:
+                self._push(layer, key, value, attention_mask, at, q_len, kv_dtype)
+            self._cache_len[layer] = at + q_len
+            return out
+
+        # Decode: kvrecall answers.
+        outs = []
+        for b in range(batch):
+            q = query[b, :, 0, :].detach().float().cpu().numpy()
+            k_new = _wire_bits(key[b, :, at, :], kv_dtype)
+            v_new = _wire_bits(value[b, :, at, :], kv_dtype)
+            r = self.client.attend(self.sessions[b], layer, q, k=k_new, v=v_new, scale=float(scaling), dtype=kv_dtype)
+            outs.append(torch.from_numpy(r.out))
+            self._tokens[layer][b] += 1
+        self.stats["attends"] += batch
+        self._cache_len[layer] = at + 1
+        out = torch.stack(outs).to(device=query.device, dtype=query.dtype)  # [batch, qHeads, d]
+        return out.unsqueeze(1), None  # [batch, 1, qHeads, d], as sdpa_attention_forward returns
+
+    # sessions --------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the current sequence (and delete its sessions)."""
+        self._drop_sessions()
+        self._batch = None
+        self._cache_len = {}
+        self._tokens = {}
+
+    def close(self) -> None:
+        self.reset()
+
+    def __enter__(self) -> "KvrecallAttention":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start(self, batch, module, q_heads, kv_heads, head_dim, kv_dtype) -> None:
+        self.reset()
+        layers = getattr(module.config, "num_hidden_layers", None)
+        if layers is None:
+            raise ValueError("kvrecall attention needs module.config.num_hidden_layers")
+        self._batch = batch
+        self._cache_len = {layer: 0 for layer in range(layers)}
+        self._tokens = {layer: [0] * batch for layer in range(layers)}
+        self.stats["sequences"] += 1
+        if self.client is None:
+            return
+        model = model_shape(layers, q_heads, kv_heads, head_dim, dtype=kv_dtype)
+        for _ in range(batch):
+            s = self.client.create_session(model, method=self.method, **self.session_options)
+            self.sessions.append(s["id"])
+
+    def _drop_sessions(self) -> None:
+        if self.client is not None and self.delete_sessions:
+            for sid in self.sessions:
+                try:
+                    self.client.delete_session(sid)
+                except (KvrecallError, OSError):
+                    pass
+        self.sessions = []
+
+    # prefill ---------------------------------------------------------------
+
+    def _push(self, layer, key, value, attention_mask, at, q_len, kv_dtype) -> None:
+        """Sends the new positions' K/V of every row (those its last query may see)."""
+        for b in range(key.shape[0]):
+            k = key[b, :, at : at + q_len, :]
+            v = value[b, :, at : at + q_len, :]
+            if attention_mask is not None and getattr(attention_mask, "ndim", 0) == 4:
+                seen = _visible(attention_mask, b, attention_mask.shape[2] - 1, slice(at, at + q_len))
+                if not seen.all():
+                    idx = _torch().as_tensor(np.nonzero(seen)[0], device=k.device)
+                    k, v = k.index_select(1, idx), v.index_select(1, idx)
+            if k.shape[1] == 0:
+                continue
+            start = self._tokens[layer][b]
+            self.client.upload_session_kv(self.sessions[b], layer, start, _wire_bits(k, kv_dtype), _wire_bits(v, kv_dtype), dtype=kv_dtype)
+            self._tokens[layer][b] = start + k.shape[1]
+            self.stats["uploads"] += 1
+
+    def _local(self, module, query, key, value, attention_mask, scaling, dropout, kv_dtype, **kwargs):
+        self.stats["local"] += 1
+        if self._round_local(key):
+            key, value = _round(key, kv_dtype), _round(value, kv_dtype)
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    def _kv_dtype(self, key) -> str:
+        if self.kv_dtype is not None:
+            return self.kv_dtype
+        return "bf16" if key.dtype == _torch().bfloat16 else "f16"
+
+    def _round_local(self, key) -> bool:
+        if self.round_local is not None:
+            return self.round_local
+        return key.dtype not in (_torch().float16, _torch().bfloat16)
+
+
+def local_attention(kv_dtype: str = "f16", round_local: Optional[bool] = None) -> KvrecallAttention:
+    """The adapter without a server: local SDPA on the same code path (a baseline)."""
+    return KvrecallAttention(None, kv_dtype=kv_dtype, round_local=round_local)
+
+
+def register(name: str, fn: Any) -> None:
+    """Registers `fn` as attention implementation `name`, with SDPA's mask builder."""
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(name, fn)
+    except ImportError:  # transformers 4.48-4.49: a plain dict
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS[name] = fn
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return  # before masking_utils, models build a 4-D mask for any non-SDPA implementation
+    # Without a mask builder registered, create_causal_mask returns None for a
+    # custom implementation, and prefill would not be causal.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use_attention(model: Any, name: str) -> None:
+    """Switches a loaded model to attention implementation `name` (registered first)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        try:
+            setter(name)
+        except Exception:  # older validation rejects custom names: fall back to the config
+            pass
+    model.config._attn_implementation = name

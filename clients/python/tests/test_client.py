@@ -1,0 +1,260 @@
+"""The Python client against a running kvrecall server (env KVRECALL_URL,
+optional KVRECALL_TOKEN); skipped when KVRECALL_URL is not set.
+
+    KVRECALL_URL=http://127.0.0.1:8700 python3 -m unittest discover -s clients/python/tests -v
+"""
+
+import os
+import sys
+import unittest
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from kvrecall import (  # noqa: E402
+    Client,
+    KvrecallError,
+    from_bf16_bits,
+    model_shape,
+    tensor,
+    to_bf16_bits,
+)
+
+URL = os.environ.get("KVRECALL_URL")
+TOKEN = os.environ.get("KVRECALL_TOKEN") or None
+
+
+def reference(q, k, v, scale=None):
+    """Dense attention in float64. q [qHeads, d]; k, v per kv head [n, d]."""
+    q = np.asarray(q, dtype=np.float64)
+    q_heads, d = q.shape
+    group = q_heads // len(k)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    out = np.zeros((q_heads, d))
+    lse = np.zeros(q_heads)
+    for h in range(q_heads):
+        kh = np.asarray(k[h // group], dtype=np.float64)
+        vh = np.asarray(v[h // group], dtype=np.float64)
+        s = kh @ q[h] * scale
+        m = s.max()
+        p = np.exp(s - m)
+        z = p.sum()
+        out[h] = (p / z) @ vh
+        lse[h] = m + np.log(z)
+    return out, lse
+
+
+def rel_error(a, b):
+    """max over heads of |a - b| / |b| (rows of 2-D arrays), or max elementwise relative error."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if b.ndim == 1:
+        return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1.0)))
+    return float(np.max(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)))
+
+
+class Bf16Helpers(unittest.TestCase):
+    def test_round_to_nearest_even(self):
+        x = np.array([1.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-8 + 2.0**-20, -2.5, 0.0, np.inf, -np.inf], dtype=np.float32)
+        bits = to_bf16_bits(x)
+        self.assertEqual(bits.dtype, np.uint16)
+        self.assertEqual([hex(b) for b in bits], [hex(b) for b in [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC020, 0x0000, 0x7F80, 0xFF80]])
+        self.assertTrue(np.isnan(from_bf16_bits(to_bf16_bits(np.float32(np.nan)))))
+        # Largest finite float32 rounds up to infinity, as IEEE rounding does.
+        self.assertEqual(int(to_bf16_bits(np.float32(3.4028235e38))), 0x7F80)
+
+    def test_round_trip_is_exact_for_bf16_values(self):
+        rng = np.random.default_rng(1)
+        bits = to_bf16_bits(rng.standard_normal(1000).astype(np.float32))
+        np.testing.assert_array_equal(to_bf16_bits(from_bf16_bits(bits)), bits)
+
+    def test_tensor_layout(self):
+        t = tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
+        self.assertEqual((t["dtype"], t["shape"]), ("f32", [2, 3]))
+        self.assertEqual(t["data"], np.arange(6, dtype="<f4").tobytes())
+        t = tensor(np.ones((2, 2), dtype=np.float32), "bf16")
+        self.assertEqual(t["data"], np.full(4, 0x3F80, dtype="<u2").tobytes())
+        t = tensor(np.ones(3, dtype=np.float64), "f16")
+        self.assertEqual((t["dtype"], t["data"]), ("f16", np.ones(3, dtype="<f2").tobytes()))
+        # Big-endian input goes out little-endian.
+        t = tensor(np.array([1.0, 2.0], dtype=">f4"))
+        self.assertEqual(t["data"], np.array([1.0, 2.0], dtype="<f4").tobytes())
+
+
+@unittest.skipUnless(URL, "set KVRECALL_URL to a running kvrecall server")
+class AgainstServer(unittest.TestCase):
+    Q, KV, D, LAYERS = 8, 2, 32, 2
+
+    @classmethod
+    def setUpClass(cls):
+        cls.kv = Client(URL, token=TOKEN, timeout=60)
+        cls.prefix = "py-" + uuid.uuid4().hex[:8]
+        cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", "7")))
+        cls.created = []
+
+    @classmethod
+    def tearDownClass(cls):
+        for doc in cls.created:
+            try:
+                cls.kv.delete_document(doc)
+            except KvrecallError:
+                pass
+        cls.kv.close()
+
+    def model(self, dtype):
+        return model_shape(self.LAYERS, self.Q, self.KV, self.D, dtype=dtype, block_size=16)
+
+    def random_kv(self, dtype, n):
+        """K/V in storage dtype (as sent) and their exact values (float64), [kvHeads, n, d]."""
+        x = self.rng.standard_normal((self.KV, n, self.D)).astype(np.float32)
+        if dtype == "f16":
+            sent = x.astype(np.float16)
+            return sent, sent.astype(np.float64)
+        bits = to_bf16_bits(x)
+        return bits, from_bf16_bits(bits).astype(np.float64)
+
+    def preload(self, dtype, chunks):
+        """A sealed document; returns its id and, per layer, K and V values [kvHeads, n, d]."""
+        doc = f"{self.prefix}-{dtype}-{len(self.created)}"
+        self.created.append(doc)
+        info = self.kv.create_document(doc, self.model(dtype))
+        self.assertEqual(info["status"], "loading")
+        ks, vs = [[] for _ in range(self.LAYERS)], [[] for _ in range(self.LAYERS)]
+        for layer in range(self.LAYERS):
+            start = 0
+            for n in chunks:
+                k_sent, k_val = self.random_kv(dtype, n)
+                v_sent, v_val = self.random_kv(dtype, n)
+                r = self.kv.upload_document_kv(doc, layer, start, k_sent, v_sent, dtype=dtype)
+                start += n
+                self.assertEqual(r["tokens"], start)
+                ks[layer].append(k_val)
+                vs[layer].append(v_val)
+        sealed = self.kv.seal_document(doc)
+        self.assertEqual((sealed["status"], sealed["tokens"]), ("ready", sum(chunks)))
+        return doc, [np.concatenate(x, axis=1) for x in ks], [np.concatenate(x, axis=1) for x in vs]
+
+    def test_health(self):
+        h = self.kv.health()
+        self.assertTrue(h["ok"])
+        self.assertIn(h["backend"], ("cpu", "cuda"))
+
+    def test_attend_matches_float64_reference(self):
+        for dtype in ("f16", "bf16"):
+            with self.subTest(dtype=dtype):
+                doc, K, V = self.preload(dtype, [150, 77])
+                got = self.kv.get_document(doc)
+                self.assertEqual((got["status"], got["tokens"]), ("ready", 227))
+                self.assertIn(doc, [d["id"] for d in self.kv.list_documents()])
+                s = self.kv.create_session(self.model(dtype), documents=[doc], method="exact")
+                sid = s["id"]
+                self.assertEqual(s["documentTokens"], 227)
+                # The session's own tokens (a question), then decode steps that append.
+                for layer in range(self.LAYERS):
+                    k_sent, k_val = self.random_kv(dtype, 9)
+                    v_sent, v_val = self.random_kv(dtype, 9)
+                    self.assertEqual(self.kv.upload_session_kv(sid, layer, 0, k_sent, v_sent, dtype=dtype)["tokens"], 9)
+                    K[layer] = np.concatenate([K[layer], k_val], axis=1)
+                    V[layer] = np.concatenate([V[layer], v_val], axis=1)
+                for step in range(3):
+                    for layer in range(self.LAYERS):
+                        k_sent, k_val = self.random_kv(dtype, 1)
+                        v_sent, v_val = self.random_kv(dtype, 1)
+                        K[layer] = np.concatenate([K[layer], k_val], axis=1)
+                        V[layer] = np.concatenate([V[layer], v_val], axis=1)
+                        q = (self.rng.standard_normal((self.Q, self.D)) * 1.5).astype(np.float32)
+                        r = self.kv.attend(sid, layer, q, k=k_sent[:, 0, :], v=v_sent[:, 0, :], dtype=dtype)
+                        self.assertEqual(r.out.dtype, np.float32)
+                        self.assertEqual(r.out.shape, (self.Q, self.D))
+                        self.assertEqual(r.lse.shape, (self.Q,))
+                        self.assertEqual(r.stats["tokens"], 227 + 9 + step + 1)
+                        ref_out, ref_lse = reference(q, K[layer], V[layer])
+                        self.assertLess(rel_error(r.out, ref_out), 1e-4)
+                        self.assertLess(rel_error(r.lse, ref_lse), 1e-4)
+                # An explicit scale.
+                q = self.rng.standard_normal((self.Q, self.D)).astype(np.float32)
+                r = self.kv.attend(sid, 0, q, scale=0.05)
+                ref_out, ref_lse = reference(q, K[0], V[0], scale=0.05)
+                self.assertLess(rel_error(r.out, ref_out), 1e-4)
+                self.assertLess(rel_error(r.lse, ref_lse), 1e-4)
+                self.assertEqual(self.kv.get_session(sid)["id"], sid)
+                self.kv.delete_session(sid)
+
+    def test_returns_kv_and_selection(self):
+        doc, K, V = self.preload("bf16", [40])
+        sid = self.kv.create_session(self.model("bf16"), documents=[doc])["id"]
+        q = self.rng.standard_normal((self.Q, self.D)).astype(np.float32)
+        r = self.kv.attend(sid, 1, q, returns=["out", "kv", "selection"])
+        self.assertEqual(len(r.selection), self.KV)
+        np.testing.assert_array_equal(r.selection[0], np.arange(40, dtype=np.int32))
+        for h in range(self.KV):
+            self.assertEqual(r.kv["k"][h].dtype, np.uint16)  # bf16 bit patterns
+            np.testing.assert_array_equal(from_bf16_bits(r.kv["k"][h]), K[1][h].astype(np.float32))
+            np.testing.assert_array_equal(from_bf16_bits(r.kv["v"][h]), V[1][h].astype(np.float32))
+        self.kv.delete_session(sid)
+
+    def test_f32_upload_is_stored_as_model_dtype(self):
+        doc = f"{self.prefix}-f32in"
+        self.created.append(doc)
+        self.kv.create_document(doc, self.model("f16"))
+        x = self.rng.standard_normal((self.KV, 20, self.D)).astype(np.float32)
+        for layer in range(self.LAYERS):
+            self.kv.upload_document_kv(doc, layer, 0, x, x)  # f32 on the wire
+        self.kv.seal_document(doc)
+        sid = self.kv.create_session(self.model("f16"), documents=[doc])["id"]
+        r = self.kv.attend(sid, 0, np.zeros((self.Q, self.D), np.float32), returns=["kv"])
+        np.testing.assert_array_equal(r.kv["k"][1], x[1].astype(np.float16))
+        self.kv.delete_session(sid)
+
+    def assertError(self, status, code, fn, *args, **kwargs):
+        with self.assertRaises(KvrecallError) as cm:
+            fn(*args, **kwargs)
+        self.assertEqual((cm.exception.status, cm.exception.code), (status, code), str(cm.exception))
+        self.assertTrue(cm.exception.message)
+        return cm.exception
+
+    def test_errors_map_to_status_and_code(self):
+        doc, _, _ = self.preload("f16", [20])
+        m = self.model("f16")
+        self.assertError(404, "not_found", self.kv.get_document, f"{self.prefix}-missing")
+        self.assertError(404, "not_found", self.kv.attend, "no-such-session", 0, np.zeros((self.Q, self.D), np.float32))
+        self.assertError(404, "not_found", self.kv.create_session, m, documents=[f"{self.prefix}-missing"])
+        sid = self.kv.create_session(m, documents=[doc])["id"]
+        # Wrong q shape, layer out of range, NaN: 422.
+        self.assertError(422, "invalid", self.kv.attend, sid, 0, np.zeros((self.Q + 1, self.D), np.float32))
+        self.assertError(422, "invalid", self.kv.attend, sid, self.LAYERS, np.zeros((self.Q, self.D), np.float32))
+        bad = np.zeros((self.Q, self.D), np.float32)
+        bad[3, 4] = np.nan
+        e = self.assertError(422, "invalid", self.kv.attend, sid, 0, bad)
+        self.assertIn("NaN", e.message)
+        self.assertError(422, "invalid", self.kv.create_document, "../escape", m)
+        self.assertError(422, "invalid", self.kv.create_session, {**m, "qHeads": 7})
+        # Kv after seal, out-of-order uploads: 409.
+        k, _ = self.random_kv("f16", 3)
+        self.assertError(409, "conflict", self.kv.upload_document_kv, doc, 0, 20, k, k)
+        self.assertError(409, "conflict", self.kv.upload_session_kv, sid, 0, 5, k, k)
+        self.assertError(409, "conflict", self.kv.create_document, doc, m)
+        # Nothing above changed the session: an in-order upload still works.
+        self.assertEqual(self.kv.upload_session_kv(sid, 0, 0, k, k)["tokens"], 3)
+        self.kv.delete_session(sid)
+        self.assertError(404, "not_found", self.kv.get_session, sid)
+        self.kv.delete_document(doc)
+        self.assertError(404, "not_found", self.kv.get_document, doc)
+
+    def test_keep_alive_reuses_one_connection(self):
+        self.kv.health()
+        conn = self.kv._local.conn
+        for _ in range(20):
+            self.kv.health()
+        self.assertIs(self.kv._local.conn, conn)
+        # An error answer does not lose the connection either.
+        with self.assertRaises(KvrecallError):
+            self.kv.get_document(f"{self.prefix}-missing")
+        self.kv.health()
+        self.assertIs(self.kv._local.conn, conn)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,191 @@
+"""The transformers adapter (kvrecall.hf) on a tiny random Llama: greedy
+generation with kvrecall answering every decode step's attention gives the
+same tokens as without it.
+
+Needs torch, transformers (>= 4.48) and a running server (env KVRECALL_URL);
+skipped otherwise. Env: KVRECALL_HF_DEVICE (default cuda when available),
+KVRECALL_TEST_SEED.
+
+How "without kvrecall" is defined: kvrecall stores K/V as f16 or bf16. For a
+float32 model the baseline is the same model whose attention sees its K/V
+rounded to f16 (`local_attention()`, the adapter's own local path), which is
+what the adapter's prefill sees too; the two runs then differ only by float32
+summation order, and the tokens must be identical. For a bfloat16/float16
+model the K/V are exact in storage and the baseline is plain SDPA; the two
+runs differ by the rounding of attention outputs to the model dtype, so that
+case is checked teacher-forced with a tolerance on the logits.
+"""
+
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+try:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError:  # the client works without them; this test does not
+    torch = None
+
+URL = os.environ.get("KVRECALL_URL")
+TOKEN = os.environ.get("KVRECALL_TOKEN") or None
+SEED = int(os.environ.get("KVRECALL_TEST_SEED", "1234"))
+
+PROMPT, NEW = 24, 20
+
+
+@unittest.skipIf(torch is None, "torch and transformers are not installed")
+@unittest.skipUnless(URL, "set KVRECALL_URL to a running kvrecall server")
+class HfAdapter(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        from kvrecall import Client
+        from kvrecall.hf import KvrecallAttention, local_attention, register
+
+        cls.device = os.environ.get("KVRECALL_HF_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        cls.client = Client(URL, token=TOKEN)
+        cls.tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 must mean float32
+        cls.remote = KvrecallAttention(cls.client, method="exact")
+        cls.local = local_attention()
+        register("kvrecall_test", cls.remote)
+        register("kvrecall_test_local", cls.local)
+        register("sdpa_test", _plain_sdpa)
+
+    @classmethod
+    def tearDownClass(cls):
+        torch.backends.cuda.matmul.allow_tf32 = cls.tf32
+        cls.remote.close()
+        cls.client.close()
+
+    def setUp(self):
+        for adapter in (self.remote, self.local):
+            adapter.reset()
+            adapter.stats = dict.fromkeys(adapter.stats, 0)
+
+    def tearDown(self):
+        self.remote.reset()
+        self.local.reset()
+
+    def build(self, dtype):
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # GQA: 2 query heads per kv head
+            max_position_embeddings=256,
+            initializer_range=0.2,  # sharp attention, so that its answer matters
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=None,  # generate exactly NEW tokens
+            pad_token_id=0,
+            attn_implementation="sdpa",
+        )
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config).to(device=self.device, dtype=dtype).eval()
+        return model
+
+    def prompt(self, n, batch=1, seed=0):
+        g = torch.Generator().manual_seed(SEED + seed)
+        return torch.randint(3, 256, (batch, n), generator=g).to(self.device)
+
+    def generate(self, model, impl, ids, mask=None):
+        from kvrecall.hf import use_attention
+
+        use_attention(model, impl)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids) if mask is None else mask,
+                max_new_tokens=NEW,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[:, ids.shape[1] :].cpu()
+
+    def forced_logits(self, model, impl, ids, tokens):
+        """Logits of each step, feeding `tokens` (teacher forcing) after the prompt."""
+        from kvrecall.hf import use_attention
+
+        use_attention(model, impl)
+        logits = []
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits[:, -1].float().cpu())
+            for i in range(tokens.shape[1] - 1):
+                out = model(input_ids=tokens[:, i : i + 1].to(self.device), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits.append(out.logits[:, -1].float().cpu())
+        return torch.stack(logits, dim=1)  # [batch, steps, vocab]
+
+    def test_float32_greedy_tokens_identical(self):
+        model = self.build(torch.float32)
+        ids = self.prompt(PROMPT)
+        want = self.generate(model, "kvrecall_test_local", ids)
+        got = self.generate(model, "kvrecall_test", ids)
+        layers = model.config.num_hidden_layers
+        # Every decode step of every layer went to kvrecall, and its session
+        # holds the prompt plus every generated token but the last.
+        self.assertEqual(self.remote.stats["attends"], (NEW - 1) * layers)
+        info = self.client.get_session(self.remote.sessions[0])
+        self.assertEqual(info["ownTokens"], [PROMPT + NEW - 1] * layers)
+        self.assertEqual(info["method"], "exact")
+        self.assertEqual(got.tolist(), want.tolist())
+        # Not a vacuous pass: the tokens are not all one token.
+        self.assertGreater(len(set(want[0].tolist())), 1)
+
+        # Teacher-forced, the logits agree to float32 rounding.
+        a = self.forced_logits(model, "kvrecall_test_local", ids, want)
+        b = self.forced_logits(model, "kvrecall_test", ids, want)
+        self.assertLess((a - b).abs().max().item(), 1e-3 * max(1.0, a.abs().max().item()))
+
+    def test_float32_left_padded_batch(self):
+        model = self.build(torch.float32)
+        long_, short = self.prompt(PROMPT, seed=1), self.prompt(PROMPT - 9, seed=2)
+        ids = torch.zeros((2, PROMPT), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        ids[0], mask[0] = long_[0], 1
+        ids[1, 9:], mask[1, 9:] = short[0], 1
+        want = self.generate(model, "kvrecall_test_local", ids, mask)
+        got = self.generate(model, "kvrecall_test", ids, mask)
+        self.assertEqual(got.tolist(), want.tolist())
+        # The padded row's session holds only its real tokens.
+        own = [self.client.get_session(sid)["ownTokens"][0] for sid in self.remote.sessions]
+        self.assertEqual(own, [PROMPT + NEW - 1, PROMPT - 9 + NEW - 1])
+        # Each row alone gives the same tokens as in the padded batch.
+        self.remote.reset()
+        alone = self.generate(model, "kvrecall_test", short)
+        self.assertEqual(alone[0].tolist(), got[1].tolist())
+
+    def test_half_dtypes_teacher_forced(self):
+        dtypes = [torch.bfloat16] + ([torch.float16] if self.device.startswith("cuda") else [])
+        for dtype in dtypes:
+            with self.subTest(dtype=str(dtype)):
+                model = self.build(dtype)
+                ids = self.prompt(PROMPT, seed=3)
+                want = self.generate(model, "sdpa_test", ids)
+                a = self.forced_logits(model, "sdpa_test", ids, want)
+                self.remote.reset()
+                b = self.forced_logits(model, "kvrecall_test", ids, want)
+                self.assertGreater(self.remote.stats["attends"], 0)
+                diff = (a - b).abs().max().item()
+                self.assertLess(diff, 0.05 * a.abs().max().item(), f"{dtype}: logits differ by {diff}")
+                # The greedy choice agrees wherever it is not a near tie.
+                top2 = a.topk(2, dim=-1).values
+                clear = (top2[..., 0] - top2[..., 1]) > 4 * diff
+                self.assertTrue(bool((a.argmax(-1) == b.argmax(-1))[clear].all()), f"{dtype}: a clear greedy choice changed")
+                self.assertGreater(int(clear.sum()), 0)
+
+
+def _plain_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+if __name__ == "__main__":
+    unittest.main()
