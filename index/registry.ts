@@ -6,8 +6,9 @@ import { infiniretri } from './infiniretri.js';
 import { nosa, topkBlocks } from './block-select.js';
 import type { RetrievalMethod } from './method.js';
 import { retrievalAttention } from './retrieval-attention.js';
+import { squeezed, squeezed2l } from './squeezed.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, ivf, retrievalAttention, infiniretri, nosa, topkBlocks].map((m) => [m.name, m]));
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, ivf, retrievalAttention, infiniretri, nosa, topkBlocks, squeezed, squeezed2l].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
 
