@@ -1,28 +1,101 @@
-// npm run bench:retrieval [-- --tokens 65536,1048576 --heads 1 --steps 6 --methods hnsw,ivf,retrieval-attention --quick]
+// npm run bench:retrieval [-- --tokens 65536,1048576 --heads 1 --steps 6 --methods hnsw,ivf,retrieval-attention --budgets 0.01 --quick]
+// npm run bench:documents (the same with --suite documents: squeezed, squeezed-2l, infiniretri,
+//                          retrieval-attention and exact at kept fractions 1%, 3%, 10%)
 //
-// Each method's per-head index against the oracle on the seeded workload
-// (bench/workload.ts): build time, search latency per query group, scanned
-// fraction, attention recall (and the oracle's at the same count), top-k
-// recall (k = 1% of tokens), output error and needle hits. The selection
-// judged is what a session attends: sinks + window + what the index
-// retrieves (budget = 1% of tokens), exactly as index/static-plus-retrieved.ts
-// composes it. Results: bench/results/retrieval-<tokens>.{json,md}.
+// Each method against the oracle on the seeded workload (bench/workload.ts):
+// build (seal) time and artifact size per kv head, load (attach) time, search
+// latency per query group, scanned fraction, attention recall (and the
+// oracle's, the exact top tokens of the same count), top-k recall (k = the
+// budget), output error and needle hits. The selection judged is what a
+// session attends: sinks + window + what the method retrieves, exactly as
+// index/static-plus-retrieved.ts composes it. `exact` here is the oracle
+// itself. `infiniretri` reads the document with the question's queries (the
+// prefill query rows of the last 64 positions). Results are written after
+// every method: bench/results/<suite>-<tokens>.{json,md}.
 import { writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
+import { retainHead } from '../index/infiniretri.js';
 import { findMethod } from '../index/registry.js';
-import type { HeadIndex, HeadIndexBuilder } from '../index/method.js';
+import type { HeadIndex, SearchResult } from '../index/method.js';
 import { nativeThreads } from '../native/index.js';
-import { compareWithOracle, exactAttention, type ExactAttention } from './quality.js';
+import { compareWithOracle, exactAttention, oracleSelection, type ExactAttention } from './quality.js';
 import { generateWorkload, type Workload } from './workload.js';
 
 interface Options {
+  suite: 'retrieval' | 'documents';
   tokens: number[];
   heads: number;
   steps: number;
   methods: string[];
+  budgets: number[];
   sinks: number;
   window: number;
-  budgetFraction: number;
+}
+
+const SUITES = {
+  retrieval: { methods: 'hnsw,ivf,retrieval-attention', budgets: '0.01' },
+  documents: { methods: 'exact,squeezed,squeezed-2l,infiniretri,retrieval-attention', budgets: '0.01,0.03,0.1' },
+};
+
+function parseArgs(argv: string[]): Options {
+  const get = (name: string) => {
+    const i = argv.indexOf(`--${name}`);
+    return i >= 0 ? argv[i + 1] : undefined;
+  };
+  const quick = argv.includes('--quick');
+  const suite = get('suite') === 'documents' ? 'documents' : 'retrieval';
+  return {
+    suite,
+    tokens: (get('tokens') ?? (quick ? '16384' : '65536')).split(',').map(Number),
+    heads: Number(get('heads') ?? 1),
+    steps: Number(get('steps') ?? (quick ? 3 : 6)),
+    methods: (get('methods') ?? SUITES[suite].methods).split(',').filter((m) => m === 'exact' || m === 'infiniretri' || findMethod(m)?.builder),
+    budgets: (get('budgets') ?? SUITES[suite].budgets).split(',').map(Number),
+    sinks: 16,
+    window: 256,
+  };
+}
+
+export function machine(): string {
+  const cpu = cpus()[0]?.model.trim() ?? 'unknown CPU';
+  return `${cpu}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
+}
+
+const progress = (msg: string) => process.stderr.write(`[bench:${process.argv.includes('documents') ? 'documents' : 'retrieval'}] ${msg}\n`);
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
+}
+const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+
+interface Row {
+  method: string;
+  budget: number;
+  ef: number;
+  buildSeconds: number;
+  artifactMB: number;
+  loadMs: number;
+  searchMs: number;
+  scanned: number;
+  attentionRecall: number;
+  oracleRecall: number;
+  topKRecall: number;
+  outputError: number;
+  oracleError: number;
+  needleHits: string;
+  selected: number;
+}
+
+/** Sinks + window + retrieved (minus what the static part covers), as one id list. */
+function selection(tokens: number, retrieved: Int32Array, o: Options, want: number): Int32Array {
+  const isStatic = (t: number) => t < o.sinks || t >= tokens - o.window;
+  const ids: number[] = [];
+  for (let t = 0; t < Math.min(o.sinks, tokens); t++) ids.push(t);
+  for (let t = Math.max(o.sinks, tokens - o.window); t < tokens; t++) ids.push(t);
+  let n = 0;
+  for (const id of retrieved) if (n < want && !isStatic(id)) ids.push(id), n++;
+  return Int32Array.from(ids);
 }
 
 /**
@@ -42,88 +115,68 @@ function efSweep(method: string, k: number, tokens: number): number[] {
   }
 }
 
-function parseArgs(argv: string[]): Options {
-  const get = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
-  const quick = argv.includes('--quick');
-  return {
-    tokens: (get('tokens') ?? (quick ? '16384' : '65536')).split(',').map(Number),
-    heads: Number(get('heads') ?? 1),
-    steps: Number(get('steps') ?? (quick ? 3 : 6)),
-    methods: (get('methods') ?? 'hnsw,ivf,retrieval-attention').split(',').filter((m) => findMethod(m)?.builder),
-    sinks: 16,
-    window: 256,
-    budgetFraction: 0.01,
-  };
-}
+/** Per kv head, something that answers "the tokens to attend for this step". */
+type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number) => Promise<SearchResult>;
 
-export function machine(): string {
-  const cpu = cpus()[0]?.model.trim() ?? 'unknown CPU';
-  return `${cpu}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
-}
-
-const progress = (msg: string) => process.stderr.write(`[bench:retrieval] ${msg}\n`);
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
-}
-
-interface Row {
-  method: string;
-  ef: number;
+interface Prepared {
+  search: Searcher;
   buildSeconds: number;
-  searchMs: number;
-  scanned: number;
-  attentionRecall: number;
-  oracleRecall: number;
-  topKRecall: number;
-  outputError: number;
-  needleHits: string;
-  selected: number;
+  artifactMB: number;
+  loadMs: number;
 }
 
-/** Sinks + window + retrieved (minus what the static part covers), as one id list. */
-function selection(tokens: number, retrieved: Int32Array, o: Options, want: number): Int32Array {
-  const isStatic = (t: number) => t < o.sinks || t >= tokens - o.window;
-  const ids: number[] = [];
-  for (let t = 0; t < Math.min(o.sinks, tokens); t++) ids.push(t);
-  for (let t = Math.max(o.sinks, tokens - o.window); t < tokens; t++) ids.push(t);
-  let n = 0;
-  for (const id of retrieved) if (n < want && !isStatic(id)) ids.push(id), n++;
-  return Int32Array.from(ids);
-}
-
-async function runMethod(
-  name: string,
-  builder: HeadIndexBuilder,
-  wl: Workload,
-  exact: ExactAttention[][],
-  o: Options,
-): Promise<Row[]> {
-  const { tokens, headDim: d, qHeads, kvHeads } = wl.spec;
-  const G = qHeads / kvHeads, want = Math.round(tokens * o.budgetFraction), dtype = wl.dtype;
+async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o: Options, budget: number): Promise<Prepared> {
+  const { tokens, headDim: d } = wl.spec;
+  const keysOf = (h: number) => ({ keys: wl.keys[h], tokens, headDim: d, dtype: wl.dtype });
+  if (name === 'exact')
+    return { buildSeconds: 0, artifactMB: 0, loadMs: 0, search: async (h, s, _q, k) => ({ ids: oracleSelection(exact[h][s], k), scanned: tokens }) };
+  if (name === 'infiniretri') {
+    // Retention depends on the question, not the step: computed once per head and budget.
+    const t0 = performance.now();
+    const retained: Int32Array[] = [];
+    for (let h = 0; h < o.heads; h++) {
+      const pos = wl.prefillPos[h], rows = wl.prefillQ[h];
+      let first = pos.length;
+      while (first > 0 && pos[first - 1] >= tokens - 64) first--;
+      const question = rows.subarray(first * d);
+      retained.push(await retainHead(keysOf(h), question, pos.length - first, { chunk: 4096, span: 2 }, Math.round(tokens * budget), 1 / Math.sqrt(d)));
+    }
+    const seconds = (performance.now() - t0) / 1000 / o.heads;
+    return { buildSeconds: seconds, artifactMB: 0, loadMs: 0, search: async (h) => ({ ids: retained[h], scanned: 0 }) };
+  }
+  const builder = findMethod(name)!.builder!;
   const t0 = performance.now();
-  const indexes: HeadIndex[] = [];
+  const artifacts: Uint8Array[] = [];
   for (let h = 0; h < o.heads; h++) {
-    const keys = { keys: wl.keys[h], tokens, headDim: d, dtype };
     const q = wl.prefillQ[h];
-    const bytes = await builder.build({ ...keys, queries: q, queryCount: q.length / d });
-    indexes.push(builder.load(bytes, keys));
+    artifacts.push(await builder.build({ ...keysOf(h), queries: q, queryCount: q.length / d }));
     progress(`${name}: built head ${h + 1}/${o.heads} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
   }
   const buildSeconds = (performance.now() - t0) / 1000 / o.heads;
+  const t1 = performance.now();
+  const indexes: HeadIndex[] = artifacts.map((bytes, h) => builder.load(bytes, keysOf(h)));
+  const loadMs = (performance.now() - t1) / o.heads;
+  return {
+    buildSeconds,
+    artifactMB: artifacts.reduce((n, a) => n + a.byteLength, 0) / o.heads / 2 ** 20,
+    loadMs,
+    search: async (h, _s, q, k, ef) => indexes[h].search(q, wl.spec.qHeads / wl.spec.kvHeads, k, ef),
+  };
+}
+
+async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], o: Options, budget: number, prepared?: Prepared): Promise<{ rows: Row[]; prepared: Prepared }> {
+  const { tokens, headDim: d, qHeads, kvHeads } = wl.spec;
+  const G = qHeads / kvHeads, want = Math.round(tokens * budget);
+  const p = prepared ?? (await prepare(name, wl, exact, o, budget));
   const rows: Row[] = [];
   for (const ef of efSweep(name, want + o.sinks + o.window, tokens)) {
-    const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], err: number[] = [];
+    const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], err: number[] = [], oerr: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)
       for (let s = 0; s < o.steps; s++) {
         const q = wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d);
         const t = performance.now();
-        const res = indexes[h].search(q, G, want + o.sinks + o.window, ef);
+        const res = await p.search(h, s, q, want + o.sinks + o.window, ef);
         times.push(performance.now() - t);
         scanned.push(res.scanned / tokens);
         const S = selection(tokens, res.ids, o, want);
@@ -132,6 +185,7 @@ async function runMethod(
         orc.push(cmp.oracle.attentionRecall);
         topk.push(cmp.method.topKRecall);
         err.push(cmp.method.outputError);
+        oerr.push(cmp.oracle.outputError);
         count += cmp.method.count;
         const inS = new Set(S);
         for (const n of wl.needles)
@@ -140,44 +194,47 @@ async function runMethod(
             if (inS.has(n.position)) hits++;
           }
       }
-    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     rows.push({
       method: name,
+      budget,
       ef,
-      buildSeconds,
+      buildSeconds: p.buildSeconds,
+      artifactMB: p.artifactMB,
+      loadMs: p.loadMs,
       searchMs: median(times),
       scanned: mean(scanned),
       attentionRecall: mean(rec),
       oracleRecall: mean(orc),
       topKRecall: mean(topk),
       outputError: mean(err),
+      oracleError: mean(oerr),
       needleHits: `${hits}/${needles}`,
       selected: count / (o.heads * o.steps),
     });
-    progress(`${name} ef=${ef}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), scanned ${(mean(scanned) * 100).toFixed(2)}%`);
+    progress(`${name} budget ${budget} ef=${ef}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), scanned ${(mean(scanned) * 100).toFixed(2)}%`);
   }
-  return rows;
+  return { rows, prepared: p };
 }
 
 function markdown(tokens: number, rows: Row[], o: Options): string {
   const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
-  const lines = [
-    `### Retrieval at ${tokens.toLocaleString('en-US')} tokens per head`,
+  return [
+    `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head`,
     '',
-    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; budget ${pct(o.budgetFraction)} of tokens + ${o.sinks} sinks + ${o.window} window.`,
+    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count.`,
     '',
-    '| method | ef | build s/head | search ms | scanned | attention recall | oracle recall | top-k recall | output error | needles |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| method | kept | ef | build s/head | artifact MB/head | load ms/head | search ms | scanned | attention recall | oracle recall | top-k recall | output error | oracle error | needles |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...rows.map(
       (r) =>
-        `| ${r.method} | ${r.ef} | ${r.buildSeconds.toFixed(2)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.topKRecall.toFixed(3)} | ${pct(r.outputError)} | ${r.needleHits} |`,
+        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.topKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
     ),
-  ];
-  return lines.join('\n') + '\n';
+  ].join('\n') + '\n';
 }
 
 async function main(): Promise<void> {
   const o = parseArgs(process.argv.slice(2));
+  const out = process.env.KVRECALL_BENCH_OUT ?? 'bench/results';
   for (const tokens of o.tokens) {
     progress(`generating ${tokens} tokens × ${o.heads} kv heads`);
     const spec = { seed: 7, tokens, kvHeads: o.heads, qHeads: o.heads * 4, headDim: 128, steps: o.steps, needles: o.heads * o.steps };
@@ -192,11 +249,23 @@ async function main(): Promise<void> {
       }
     }
     const rows: Row[] = [];
-    for (const name of o.methods) rows.push(...(await runMethod(name, findMethod(name)!.builder!, wl, exact, o)));
-    const md = markdown(tokens, rows, o);
-    writeFileSync(`bench/results/retrieval-${tokens}.md`, md);
-    writeFileSync(`bench/results/retrieval-${tokens}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, rows }, null, 2));
-    process.stdout.write(md);
+    const write = () => {
+      const md = markdown(tokens, rows, o);
+      writeFileSync(`${out}/${o.suite}-${tokens}.md`, md);
+      writeFileSync(`${out}/${o.suite}-${tokens}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, rows }, null, 2));
+      return md;
+    };
+    for (const name of o.methods) {
+      let prepared: Prepared | undefined;
+      for (const budget of o.budgets) {
+        // Indexes do not depend on the budget; infiniretri's retention does.
+        const r = await runMethod(name, wl, exact, o, budget, name === 'infiniretri' ? undefined : prepared);
+        prepared = r.prepared;
+        rows.push(...r.rows);
+        write();
+      }
+    }
+    process.stdout.write(write());
   }
 }
 

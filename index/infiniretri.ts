@@ -13,8 +13,7 @@
 // question rows arrive. Each document is read as its own stream: a softmax
 // never spans two documents, and each gets a share of the budget by size.
 import { attentionMass } from '../native/index.js';
-import type { KvSegment } from '../storage/kv-segment.js';
-import type { LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
+import type { HeadKeys, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
 import { inside, staticRanges } from './static-plus-retrieved.js';
 
 interface Retained {
@@ -24,8 +23,16 @@ interface Retained {
   scanned: number;
 }
 
-/** Retains up to `budget` rows of one head of one document. */
-async function retainHead(seg: KvSegment, head: number, rows: Float32Array, rowCount: number, p: SearchParams, budget: number, scale: number): Promise<Int32Array> {
+/** Retains up to `budget` rows of one kv head's keys, read in chunks by the question's query rows. */
+export async function retainHead(
+  keys: HeadKeys,
+  rows: Float32Array,
+  rowCount: number,
+  p: Pick<SearchParams, 'chunk' | 'span'>,
+  budget: number,
+  scale: number,
+): Promise<Int32Array> {
+  const seg = keys;
   if (budget >= seg.tokens) return Int32Array.from({ length: seg.tokens }, (_, i) => i);
   const span = Math.max(0, p.span), chunk = Math.max(1, p.chunk);
   const top = Math.max(1, Math.ceil(budget / (2 * span + 1)));
@@ -36,7 +43,7 @@ async function retainHead(seg: KvSegment, head: number, rows: Float32Array, rowC
     ids.set(kept);
     for (let i = c0; i < c1; i++) ids[kept.length + i - c0] = i;
     const mass = new Float32Array(ids.length);
-    await attentionMass({ q: rows, rows: rowCount, headDim: seg.headDim, keys: seg.k[head], tokens: seg.tokens, dtype: seg.dtype, scale, ids, out: mass });
+    await attentionMass({ q: rows, rows: rowCount, headDim: seg.headDim, keys: seg.keys, tokens: seg.tokens, dtype: seg.dtype, scale, ids, out: mass });
     const order = Array.from(ids.keys()).sort((a, b) => mass[b] - mass[a] || ids[a] - ids[b]);
     const next = new Set<number>();
     for (const i of order.slice(0, top)) {
@@ -61,7 +68,8 @@ async function retain(ctx: LayerContext, q: Float32Array, p: SearchParams): Prom
       const question = ctx.question(h);
       const rows = question.queryCount > 0 ? question.queries : q.subarray(h * G * d, (h + 1) * G * d);
       const rowCount = question.queryCount > 0 ? question.queryCount : G;
-      perHead.push(seg.tokens === 0 || budget === 0 ? new Int32Array(0) : await retainHead(seg, h, rows, rowCount, p, budget, scale));
+      const keys = { keys: seg.k[h], tokens: seg.tokens, headDim: seg.headDim, dtype: seg.dtype };
+      perHead.push(seg.tokens === 0 || budget === 0 ? new Int32Array(0) : await retainHead(keys, rows, rowCount, p, budget, scale));
     }
     ids.push(perHead);
   }
