@@ -10,6 +10,7 @@ void InitTopk(Napi::Env env, Napi::Object exports);
 void InitAttentionMass(Napi::Env env, Napi::Object exports);
 void InitRaGraph(Napi::Env env, Napi::Object exports);
 void InitFaiss(Napi::Env env, Napi::Object exports);
+void InitCuda(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -19,6 +20,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitAttentionMass(env, exports);
   kvr::InitRaGraph(env, exports);
   kvr::InitFaiss(env, exports);
+  kvr::InitCuda(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }

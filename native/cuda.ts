@@ -1,0 +1,161 @@
+// Typed wrapper around the addon's CUDA decode path (native/cuda_binding.cc).
+// cudaAvailable() never throws; GpuPool.create throws when there is no device
+// or the addon was built without nvcc.
+import { nativeAddon } from './addon.js';
+import { DTYPE_CODE, type KvDtype } from './index.js';
+
+export interface CudaInfo {
+  ok: boolean;
+  /** Device name, or why there is none. */
+  device: string;
+  /** Total device memory in bytes (0 without a device). */
+  memory: number;
+  freeMemory?: number;
+  smCount?: number;
+  computeCapability?: string;
+  /** Whether the addon was compiled with CUDA. */
+  built: boolean;
+}
+
+export interface GpuPoolOptions {
+  /** Device bytes for K+V slots (one cudaMalloc each for K and V). */
+  budgetBytes: number;
+  /** Tokens per block, a power of two. */
+  blockSize: number;
+  /** 64 or 128. */
+  headDim: 64 | 128;
+  dtype: KvDtype;
+  /** Pinned host staging (and as much device staging), split in 4 chunks; default 64 MiB. */
+  stagingBytes?: number;
+}
+
+export interface GpuPoolStats {
+  slots: number;
+  used: number;
+  pinned: number;
+  hits: number;
+  misses: number;
+  evictions: number;
+  bytesCopied: number;
+  copies: number;
+  /** Split + merge kernel time of the last attend, from CUDA events. */
+  lastKernelMs: number;
+}
+
+export interface GpuAttendArgs {
+  /** [qHeads, headDim] f32. */
+  q: Float32Array;
+  qHeads: number;
+  kvHeads: number;
+  scale: number;
+  /** Per kv head: slot ids in token order (from upload/lookup). */
+  tables: Int32Array[];
+  /** Per kv head: tokens attended, at most tables[h].length * blockSize (the last block may be partial). */
+  validTokens: number[];
+  out: Float32Array;
+  lse: Float32Array;
+  /** A part computed elsewhere over other tokens (e.g. the CPU attend), merged by log-sum-exp. */
+  extraOut?: Float32Array;
+  extraLse?: Float32Array;
+  /** Split count; default fills the device. */
+  splits?: number;
+}
+
+interface NativePool {
+  upload(a: { client: number; blocks: Int32Array; k: Uint16Array; v: Uint16Array; priority?: number }): Int32Array;
+  lookup(a: { client: number; blocks: Int32Array }): Int32Array;
+  pin(a: { client: number; blocks: Int32Array; pinned: boolean }): void;
+  prefer(a: { client: number; blocks: Int32Array; priority: number }): void;
+  release(client: number): void;
+  attend(a: GpuAttendArgs): Promise<void>;
+  stats(): GpuPoolStats;
+  resetCounters(): void;
+  sync(): void;
+  probeH2D(bytes: number, iters: number): number;
+  close(): void;
+}
+
+interface Addon {
+  cudaAvailable(): CudaInfo;
+  GpuPool: new (o: { budgetBytes: number; blockSize: number; headDim: number; dtype: number; stagingBytes?: number }) => NativePool;
+}
+
+const addon = nativeAddon<Addon>();
+
+/** Whether a CUDA device can be used: {ok: false, device: reason} otherwise. */
+export function cudaAvailable(): CudaInfo {
+  try {
+    return addon.cudaAvailable();
+  } catch (e) {
+    return { ok: false, device: String(e), memory: 0, built: false };
+  }
+}
+
+/**
+ * A device pool of KV blocks: one pool client per (session, layer, kv head),
+ * each with its page table of logical block -> slot. LRU eviction within
+ * priority classes (lowest first); pinned blocks stay.
+ */
+export class GpuPool {
+  private constructor(
+    private readonly pool: NativePool,
+    readonly options: GpuPoolOptions,
+  ) {}
+
+  static create(options: GpuPoolOptions): GpuPool {
+    const pool = new addon.GpuPool({ ...options, dtype: DTYPE_CODE[options.dtype] });
+    return new GpuPool(pool, options);
+  }
+
+  /**
+   * Makes blocks of a client resident; k and v hold blocks.length blocks back
+   * to back (blockSize * headDim words each). Only misses are copied
+   * (asynchronously; attend waits for them). Returns the slot of each block.
+   */
+  upload(client: number, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority = 0): Int32Array {
+    return this.pool.upload({ client, blocks, k, v, priority });
+  }
+
+  /** Slot of each block, -1 where not resident. */
+  lookup(client: number, blocks: Int32Array): Int32Array {
+    return this.pool.lookup({ client, blocks });
+  }
+
+  pin(client: number, blocks: Int32Array, pinned = true): void {
+    this.pool.pin({ client, blocks, pinned });
+  }
+
+  /** Eviction class of resident blocks: lower classes are evicted first (default 0). */
+  prefer(client: number, blocks: Int32Array, priority: number): void {
+    this.pool.prefer({ client, blocks, priority });
+  }
+
+  release(client: number): void {
+    this.pool.release(client);
+  }
+
+  attend(args: GpuAttendArgs): Promise<void> {
+    return this.pool.attend(args);
+  }
+
+  stats(): GpuPoolStats {
+    return this.pool.stats();
+  }
+
+  resetCounters(): void {
+    this.pool.resetCounters();
+  }
+
+  sync(): void {
+    this.pool.sync();
+  }
+
+  /** Pinned host->device copy bandwidth in bytes/s (bytes per copy, iters copies). */
+  probeH2D(bytes: number, iters: number): number {
+    return this.pool.probeH2D(bytes, iters);
+  }
+
+  close(): void {
+    this.pool.close();
+  }
+}

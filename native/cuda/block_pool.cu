@@ -1,0 +1,563 @@
+// Device block pool: slots, page tables, pinned staging, eviction (see block_pool.h).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+
+#include "../thread_pool.h"
+#include "block_pool.h"
+#include "decode_kernel.h"
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+void Check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
+  }
+}
+void CheckRc(int rc, const char* what) { Check(cudaError_t(rc), what); }
+
+size_t Align(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
+
+// A device buffer that only grows.
+struct DevBuf {
+  void* p = nullptr;
+  size_t cap = 0;
+  void Reserve(size_t bytes) {
+    if (bytes <= cap) return;
+    if (p) cudaFree(p);
+    p = nullptr;
+    cap = 0;
+    Check(cudaMalloc(&p, bytes), "cudaMalloc (scratch)");
+    cap = bytes;
+  }
+  ~DevBuf() {
+    if (p) cudaFree(p);
+  }
+};
+struct HostBuf {
+  void* p = nullptr;
+  size_t cap = 0;
+  void Reserve(size_t bytes) {
+    if (bytes <= cap) return;
+    if (p) cudaFreeHost(p);
+    p = nullptr;
+    cap = 0;
+    Check(cudaHostAlloc(&p, bytes, cudaHostAllocDefault), "cudaHostAlloc (scratch)");
+    cap = bytes;
+  }
+  ~HostBuf() {
+    if (p) cudaFreeHost(p);
+  }
+};
+
+constexpr int kChunks = 4;
+
+}  // namespace
+
+DeviceInfo QueryDevice() {
+  DeviceInfo info;
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    info.device = e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device";
+    cudaGetLastError();
+    return info;
+  }
+  cudaDeviceProp prop;
+  e = cudaGetDeviceProperties(&prop, 0);
+  if (e != cudaSuccess) {
+    info.device = cudaGetErrorString(e);
+    cudaGetLastError();
+    return info;
+  }
+  size_t freeB = 0, totalB = 0;
+  if (cudaSetDevice(0) == cudaSuccess && cudaMemGetInfo(&freeB, &totalB) == cudaSuccess) info.freeMemory = int64_t(freeB);
+  cudaGetLastError();
+  info.ok = true;
+  info.device = prop.name;
+  info.memory = int64_t(prop.totalGlobalMem);
+  info.smCount = prop.multiProcessorCount;
+  info.major = prop.major;
+  info.minor = prop.minor;
+  return info;
+}
+
+struct BlockPool::Impl {
+  PoolConfig cfg;
+  int blockShift = 0;
+  int64_t slots = 0;
+  size_t blockWords = 0;  // per K (and per V) block
+  int smCount = 132;
+  uint16_t* kPool = nullptr;
+  uint16_t* vPool = nullptr;
+  cudaStream_t copyStream = nullptr, computeStream = nullptr;
+
+  // Staging: chunk c = [int32 slots x perChunk | perChunk x (K block, V block)].
+  size_t chunkBytes = 0, headerBytes = 0;
+  int64_t perChunk = 0;
+  uint8_t* hostStage[kChunks] = {};
+  uint8_t* devStage[kChunks] = {};
+  cudaEvent_t stageDone[kChunks] = {};
+  bool stageBusy[kChunks] = {};
+  int cur = 0;        // chunk being filled
+  int64_t curN = 0;   // blocks staged in it
+  bool curNeedsComputeWait = false;
+  std::vector<std::pair<const uint16_t*, const uint16_t*>> curSrc;  // host K,V sources of the staged blocks
+
+  cudaEvent_t lastCopy = nullptr, lastCompute = nullptr, kStart = nullptr, kStop = nullptr;
+  bool copyPending = false, computePending = false;
+  float lastMs = 0.f;
+
+  struct SlotInfo {
+    int64_t client = -1;
+    int32_t block = -1;
+    int prio = 0;
+    bool pinned = false;
+    bool listed = false;
+    bool everUsed = false;
+    std::list<int32_t>::iterator it;
+  };
+  std::vector<SlotInfo> info;
+  std::vector<int32_t> freeSlots;
+  std::map<int, std::list<int32_t>> lru;  // priority -> slots, least recent first
+  std::unordered_map<int64_t, std::vector<int32_t>> tables;
+  PoolStats st;
+
+  DevBuf dIn, dPart, dOutBuf;
+  HostBuf hIn, hOut;
+  std::mutex mu;
+
+  void Unlist(int32_t s) {
+    SlotInfo& si = info[s];
+    if (!si.listed) return;
+    auto& l = lru[si.prio];
+    l.erase(si.it);
+    if (l.empty()) lru.erase(si.prio);
+    si.listed = false;
+  }
+  void List(int32_t s) {  // at the most recent end of its class
+    SlotInfo& si = info[s];
+    if (si.listed || si.pinned || si.client < 0) return;
+    auto& l = lru[si.prio];
+    si.it = l.insert(l.end(), s);
+    si.listed = true;
+  }
+  int32_t* TableEntry(int64_t client, int32_t block, bool create) {
+    auto t = tables.find(client);
+    if (t == tables.end()) {
+      if (!create) return nullptr;
+      t = tables.emplace(client, std::vector<int32_t>()).first;
+    }
+    if (size_t(block) >= t->second.size()) {
+      if (!create) return nullptr;
+      t->second.resize(size_t(block) + 1, -1);
+    }
+    return &t->second[size_t(block)];
+  }
+  // A free slot, or the least recent one of the lowest class (-1 if none).
+  int32_t Allocate(bool* evicted) {
+    *evicted = false;
+    if (!freeSlots.empty()) {
+      int32_t s = freeSlots.back();
+      freeSlots.pop_back();
+      *evicted = info[s].everUsed;
+      return s;
+    }
+    if (lru.empty()) return -1;
+    auto& l = lru.begin()->second;
+    int32_t s = l.front();
+    Unlist(s);
+    SlotInfo& si = info[s];
+    if (int32_t* e = TableEntry(si.client, si.block, false)) *e = -1;
+    si.client = -1;
+    si.block = -1;
+    ++st.evictions;
+    --st.used;
+    *evicted = true;
+    return s;
+  }
+
+  void OpenChunk() {
+    if (stageBusy[cur]) {
+      Check(cudaEventSynchronize(stageDone[cur]), "staging wait");
+      stageBusy[cur] = false;
+    }
+  }
+  void Stage(int32_t slot, const uint16_t* k, const uint16_t* v, bool evicted) {
+    if (curN == 0) OpenChunk();
+    reinterpret_cast<int32_t*>(hostStage[cur])[curN] = slot;
+    curSrc.emplace_back(k, v);
+    curNeedsComputeWait |= evicted;
+    ++curN;
+    if (curN == perChunk) Flush();
+  }
+  void Flush() {
+    if (curN == 0) return;
+    const size_t bb = blockWords * sizeof(uint16_t);
+    uint8_t* data = hostStage[cur] + headerBytes;
+    ThreadPool::Get().ParallelFor(size_t(curN), [&](size_t i) {
+      std::memcpy(data + i * 2 * bb, curSrc[i].first, bb);
+      std::memcpy(data + i * 2 * bb + bb, curSrc[i].second, bb);
+    });
+    // A slot that held another block may still be read by an attend in flight.
+    if (curNeedsComputeWait && computePending) Check(cudaStreamWaitEvent(copyStream, lastCompute, 0), "wait compute");
+    const size_t bytes = headerBytes + size_t(curN) * 2 * bb;
+    Check(cudaMemcpyAsync(devStage[cur], hostStage[cur], bytes, cudaMemcpyHostToDevice, copyStream), "H2D");
+    CheckRc(LaunchScatter(reinterpret_cast<const uint16_t*>(devStage[cur] + headerBytes),
+                          reinterpret_cast<const int32_t*>(devStage[cur]), curN, int64_t(blockWords), kPool, vPool,
+                          copyStream),
+            "scatter");
+    Check(cudaEventRecord(stageDone[cur], copyStream), "event");
+    Check(cudaEventRecord(lastCopy, copyStream), "event");
+    stageBusy[cur] = true;
+    copyPending = true;
+    st.bytesCopied += int64_t(bytes);
+    ++st.copies;
+    cur = (cur + 1) % kChunks;
+    curN = 0;
+    curNeedsComputeWait = false;
+    curSrc.clear();
+  }
+};
+
+BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
+  Impl& I = *impl_;
+  I.cfg = cfg;
+  if (cfg.headDim != 64 && cfg.headDim != 128) throw std::runtime_error("GpuPool: headDim must be 64 or 128");
+  if (cfg.dtype != 0 && cfg.dtype != 1) throw std::runtime_error("GpuPool: dtype must be f16 or bf16");
+  if (cfg.blockSize < 1 || cfg.blockSize > 4096 || (cfg.blockSize & (cfg.blockSize - 1)))
+    throw std::runtime_error("GpuPool: blockSize must be a power of two in [1, 4096]");
+  while ((1 << I.blockShift) < cfg.blockSize) ++I.blockShift;
+  I.blockWords = size_t(cfg.blockSize) * cfg.headDim;
+  const size_t slotBytes = 2 * I.blockWords * sizeof(uint16_t);
+  I.slots = cfg.budgetBytes / int64_t(slotBytes);
+  if (I.slots < 1) throw std::runtime_error("GpuPool: budgetBytes holds no block");
+  if (I.slots > (int64_t(1) << 31) - 1) throw std::runtime_error("GpuPool: too many slots");
+  DeviceInfo dev = QueryDevice();
+  if (!dev.ok) throw std::runtime_error("GpuPool: no CUDA device: " + dev.device);
+  I.smCount = dev.smCount;
+  Check(cudaSetDevice(0), "cudaSetDevice");
+  Check(cudaMalloc(reinterpret_cast<void**>(&I.kPool), size_t(I.slots) * I.blockWords * 2), "cudaMalloc (K pool)");
+  if (cudaMalloc(reinterpret_cast<void**>(&I.vPool), size_t(I.slots) * I.blockWords * 2) != cudaSuccess) {
+    cudaFree(I.kPool);
+    cudaGetLastError();
+    throw std::runtime_error("GpuPool: cudaMalloc (V pool) failed for " + std::to_string(cfg.budgetBytes) + " bytes");
+  }
+  Check(cudaStreamCreateWithFlags(&I.copyStream, cudaStreamNonBlocking), "stream");
+  Check(cudaStreamCreateWithFlags(&I.computeStream, cudaStreamNonBlocking), "stream");
+  const int64_t perChunkBytes = std::max<int64_t>(cfg.stagingBytes / kChunks, int64_t(slotBytes) + 4096);
+  I.perChunk = std::max<int64_t>(1, (perChunkBytes - 256) / int64_t(slotBytes + 4));
+  I.headerBytes = Align(size_t(I.perChunk) * 4);
+  I.chunkBytes = I.headerBytes + size_t(I.perChunk) * slotBytes;
+  for (int c = 0; c < kChunks; ++c) {
+    Check(cudaHostAlloc(reinterpret_cast<void**>(&I.hostStage[c]), I.chunkBytes, cudaHostAllocDefault), "cudaHostAlloc");
+    Check(cudaMalloc(reinterpret_cast<void**>(&I.devStage[c]), I.chunkBytes), "cudaMalloc (staging)");
+    Check(cudaEventCreateWithFlags(&I.stageDone[c], cudaEventDisableTiming), "event");
+  }
+  Check(cudaEventCreateWithFlags(&I.lastCopy, cudaEventDisableTiming), "event");
+  Check(cudaEventCreateWithFlags(&I.lastCompute, cudaEventDisableTiming), "event");
+  Check(cudaEventCreate(&I.kStart), "event");
+  Check(cudaEventCreate(&I.kStop), "event");
+  I.info.resize(size_t(I.slots));
+  I.freeSlots.reserve(size_t(I.slots));
+  for (int64_t s = I.slots - 1; s >= 0; --s) I.freeSlots.push_back(int32_t(s));
+  I.st.slots = I.slots;
+}
+
+BlockPool::~BlockPool() {
+  Impl& I = *impl_;
+  if (I.copyStream) cudaStreamSynchronize(I.copyStream);
+  if (I.computeStream) cudaStreamSynchronize(I.computeStream);
+  for (int c = 0; c < kChunks; ++c) {
+    if (I.hostStage[c]) cudaFreeHost(I.hostStage[c]);
+    if (I.devStage[c]) cudaFree(I.devStage[c]);
+    if (I.stageDone[c]) cudaEventDestroy(I.stageDone[c]);
+  }
+  for (cudaEvent_t e : {I.lastCopy, I.lastCompute, I.kStart, I.kStop})
+    if (e) cudaEventDestroy(e);
+  if (I.kPool) cudaFree(I.kPool);
+  if (I.vPool) cudaFree(I.vPool);
+  if (I.copyStream) cudaStreamDestroy(I.copyStream);
+  if (I.computeStream) cudaStreamDestroy(I.computeStream);
+  cudaGetLastError();
+}
+
+const PoolConfig& BlockPool::Config() const { return impl_->cfg; }
+int64_t BlockPool::Slots() const { return impl_->slots; }
+
+void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v,
+                       int priority, int32_t* slotsOut) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  if (n > I.slots) throw std::runtime_error("GpuPool: " + std::to_string(n) + " blocks asked for, the pool holds " +
+                                            std::to_string(I.slots));
+  for (int64_t i = 0; i < n; ++i)
+    if (blocks[i] < 0) throw std::runtime_error("GpuPool: negative block id");
+  // Blocks of this call are held out of the eviction lists until it ends.
+  std::vector<int32_t> held;
+  held.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t* e = I.TableEntry(client, blocks[i], false);
+    if (e && *e >= 0) {
+      slotsOut[i] = *e;
+      ++I.st.hits;
+      if (I.info[*e].listed) {
+        I.Unlist(*e);
+        held.push_back(*e);
+      }
+    } else {
+      slotsOut[i] = -1;
+    }
+  }
+  std::string error;
+  for (int64_t i = 0; i < n && error.empty(); ++i) {
+    if (slotsOut[i] >= 0) continue;
+    int32_t* e = I.TableEntry(client, blocks[i], true);
+    if (*e >= 0) {  // repeated in this call
+      slotsOut[i] = *e;
+      continue;
+    }
+    bool evicted = false;
+    const int32_t s = I.Allocate(&evicted);
+    if (s < 0) {
+      error = "GpuPool: no evictable slot left (too many pinned blocks)";
+      break;
+    }
+    e = I.TableEntry(client, blocks[i], true);  // the eviction may have grown nothing, but stay safe
+    *e = s;
+    Impl::SlotInfo& si = I.info[s];
+    si.client = client;
+    si.block = blocks[i];
+    si.prio = priority;
+    si.everUsed = true;
+    ++I.st.misses;
+    ++I.st.used;
+    slotsOut[i] = s;
+    held.push_back(s);
+    I.Stage(s, k + size_t(i) * I.blockWords, v + size_t(i) * I.blockWords, evicted);
+  }
+  I.Flush();
+  for (int32_t s : held) {
+    I.info[s].prio = I.info[s].pinned ? I.info[s].prio : priority;
+    I.List(s);
+  }
+  if (!error.empty()) throw std::runtime_error(error);
+}
+
+void BlockPool::Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t* slotsOut) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t* e = blocks[i] >= 0 ? I.TableEntry(client, blocks[i], false) : nullptr;
+    if (e && *e >= 0) {
+      slotsOut[i] = *e;
+      ++I.st.hits;
+      if (I.info[*e].listed) {
+        I.Unlist(*e);
+        I.List(*e);
+      }
+    } else {
+      slotsOut[i] = -1;
+      ++I.st.misses;
+    }
+  }
+}
+
+void BlockPool::Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t* e = blocks[i] >= 0 ? I.TableEntry(client, blocks[i], false) : nullptr;
+    if (!e || *e < 0) continue;
+    Impl::SlotInfo& si = I.info[*e];
+    if (si.pinned == pinned) continue;
+    if (pinned) {
+      I.Unlist(*e);
+      si.pinned = true;
+      ++I.st.pinned;
+    } else {
+      si.pinned = false;
+      --I.st.pinned;
+      I.List(*e);
+    }
+  }
+}
+
+void BlockPool::Prefer(int64_t client, const int32_t* blocks, int64_t n, int priority) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  for (int64_t i = 0; i < n; ++i) {
+    int32_t* e = blocks[i] >= 0 ? I.TableEntry(client, blocks[i], false) : nullptr;
+    if (!e || *e < 0) continue;
+    const bool was = I.info[*e].listed;
+    I.Unlist(*e);
+    I.info[*e].prio = priority;
+    if (was) I.List(*e);
+  }
+}
+
+void BlockPool::Release(int64_t client) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  auto t = I.tables.find(client);
+  if (t == I.tables.end()) return;
+  for (int32_t s : t->second) {
+    if (s < 0) continue;
+    I.Unlist(s);
+    Impl::SlotInfo& si = I.info[s];
+    if (si.pinned) --I.st.pinned;
+    si.pinned = false;
+    si.client = -1;
+    si.block = -1;
+    --I.st.used;
+    I.freeSlots.push_back(s);
+  }
+  I.tables.erase(t);
+}
+
+void BlockPool::Attend(const AttendArgs& a) {
+  Impl& I = *impl_;
+  const int d = I.cfg.headDim;
+  if (a.qHeads <= 0 || a.kvHeads <= 0 || a.qHeads % a.kvHeads) throw std::runtime_error("GpuPool: bad head counts");
+  if (int(a.tables.size()) != a.kvHeads || int(a.validTokens.size()) != a.kvHeads)
+    throw std::runtime_error("GpuPool: one table and one valid count per kv head");
+  int64_t total = 0, maxTokens = 0;
+  for (int h = 0; h < a.kvHeads; ++h) {
+    const int64_t need = (a.validTokens[h] + I.cfg.blockSize - 1) >> I.blockShift;
+    if (a.validTokens[h] < 0 || int64_t(a.tables[h].size()) < need)
+      throw std::runtime_error("GpuPool: table " + std::to_string(h) + " has fewer blocks than validTokens needs");
+    for (int64_t i = 0; i < need; ++i)
+      if (a.tables[h][size_t(i)] < 0 || a.tables[h][size_t(i)] >= I.slots)
+        throw std::runtime_error("GpuPool: slot id outside the pool");
+    total += int64_t(a.tables[h].size());
+    maxTokens = std::max(maxTokens, a.validTokens[h]);
+  }
+  std::lock_guard<std::mutex> lock(I.mu);
+  const int splits = a.splits > 0 ? a.splits : ChooseSplits(I.smCount, a.qHeads, a.kvHeads, maxTokens);
+  const size_t qBytes = size_t(a.qHeads) * d * 4;
+  // Packed inputs: q | extraOut | extraLse | tableOffset | validTokens | tables.
+  const size_t oQ = 0, oEo = Align(oQ + qBytes), oEl = Align(oEo + qBytes), oOff = Align(oEl + size_t(a.qHeads) * 4),
+               oVal = Align(oOff + size_t(a.kvHeads) * 8), oTab = Align(oVal + size_t(a.kvHeads) * 8),
+               inBytes = Align(oTab + size_t(std::max<int64_t>(total, 1)) * 4);
+  I.hIn.Reserve(inBytes);
+  I.dIn.Reserve(inBytes);
+  uint8_t* h = static_cast<uint8_t*>(I.hIn.p);
+  std::memcpy(h + oQ, a.q, qBytes);
+  if (a.extraOut) {
+    std::memcpy(h + oEo, a.extraOut, qBytes);
+    std::memcpy(h + oEl, a.extraLse, size_t(a.qHeads) * 4);
+  }
+  int64_t* off = reinterpret_cast<int64_t*>(h + oOff);
+  int64_t* val = reinterpret_cast<int64_t*>(h + oVal);
+  int32_t* tab = reinterpret_cast<int32_t*>(h + oTab);
+  int64_t pos = 0;
+  for (int k = 0; k < a.kvHeads; ++k) {
+    off[k] = pos;
+    val[k] = a.validTokens[k];
+    std::memcpy(tab + pos, a.tables[k].data(), a.tables[k].size() * 4);
+    pos += int64_t(a.tables[k].size());
+  }
+  const size_t partOutBytes = Align(size_t(a.qHeads) * splits * d * 4);
+  I.dPart.Reserve(partOutBytes + Align(size_t(a.qHeads) * splits * 4));
+  const size_t outBytes = Align(qBytes) + Align(size_t(a.qHeads) * 4);
+  I.dOutBuf.Reserve(outBytes);
+  I.hOut.Reserve(outBytes);
+
+  cudaStream_t s = I.computeStream;
+  uint8_t* dIn = static_cast<uint8_t*>(I.dIn.p);
+  Check(cudaMemcpyAsync(dIn, h, inBytes, cudaMemcpyHostToDevice, s), "H2D (attend inputs)");
+  if (I.copyPending) Check(cudaStreamWaitEvent(s, I.lastCopy, 0), "wait copies");
+  DecodeParams p;
+  p.kPool = I.kPool;
+  p.vPool = I.vPool;
+  p.blockShift = I.blockShift;
+  p.headDim = d;
+  p.dtype = I.cfg.dtype;
+  p.q = reinterpret_cast<const float*>(dIn + oQ);
+  p.qHeads = a.qHeads;
+  p.kvHeads = a.kvHeads;
+  p.scale = a.scale;
+  p.tables = reinterpret_cast<const int32_t*>(dIn + oTab);
+  p.tableOffset = reinterpret_cast<const int64_t*>(dIn + oOff);
+  p.validTokens = reinterpret_cast<const int64_t*>(dIn + oVal);
+  p.maxTokens = maxTokens;
+  p.splits = splits;
+  p.partOut = static_cast<float*>(I.dPart.p);
+  p.partLse = reinterpret_cast<float*>(static_cast<uint8_t*>(I.dPart.p) + partOutBytes);
+  if (a.extraOut) {
+    p.extraOut = reinterpret_cast<const float*>(dIn + oEo);
+    p.extraLse = reinterpret_cast<const float*>(dIn + oEl);
+  }
+  uint8_t* dOut = static_cast<uint8_t*>(I.dOutBuf.p);
+  p.out = reinterpret_cast<float*>(dOut);
+  p.lse = reinterpret_cast<float*>(dOut + Align(qBytes));
+  Check(cudaEventRecord(I.kStart, s), "event");
+  CheckRc(LaunchDecode(p, s), "decode kernel launch");
+  Check(cudaEventRecord(I.kStop, s), "event");
+  Check(cudaMemcpyAsync(I.hOut.p, dOut, outBytes, cudaMemcpyDeviceToHost, s), "D2H");
+  Check(cudaEventRecord(I.lastCompute, s), "event");
+  I.computePending = true;
+  Check(cudaStreamSynchronize(s), "decode kernel");
+  cudaEventElapsedTime(&I.lastMs, I.kStart, I.kStop);
+  std::memcpy(a.out, I.hOut.p, qBytes);
+  std::memcpy(a.lse, static_cast<uint8_t*>(I.hOut.p) + Align(qBytes), size_t(a.qHeads) * 4);
+}
+
+void BlockPool::Sync() {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  Check(cudaStreamSynchronize(I.copyStream), "sync copies");
+  Check(cudaStreamSynchronize(I.computeStream), "sync compute");
+}
+
+PoolStats BlockPool::Stats() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->st;
+}
+
+void BlockPool::ResetCounters() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  PoolStats& s = impl_->st;
+  s.hits = s.misses = s.evictions = s.bytesCopied = s.copies = 0;
+}
+
+float BlockPool::LastKernelMs() const { return impl_->lastMs; }
+
+double BlockPool::ProbeH2D(int64_t bytes, int iters) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  Check(cudaStreamSynchronize(I.copyStream), "sync");
+  HostBuf hb;
+  DevBuf db;
+  hb.Reserve(size_t(bytes));
+  db.Reserve(size_t(bytes));
+  std::memset(hb.p, 1, size_t(bytes));
+  cudaEvent_t e0, e1;
+  Check(cudaEventCreate(&e0), "event");
+  Check(cudaEventCreate(&e1), "event");
+  Check(cudaMemcpyAsync(db.p, hb.p, size_t(bytes), cudaMemcpyHostToDevice, I.copyStream), "H2D");  // warm-up
+  Check(cudaEventRecord(e0, I.copyStream), "event");
+  for (int i = 0; i < iters; ++i)
+    Check(cudaMemcpyAsync(db.p, hb.p, size_t(bytes), cudaMemcpyHostToDevice, I.copyStream), "H2D");
+  Check(cudaEventRecord(e1, I.copyStream), "event");
+  Check(cudaEventSynchronize(e1), "sync");
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, e0, e1);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return double(bytes) * iters / (double(ms) / 1e3);
+}
+
+}  // namespace cuda
+}  // namespace kvr

@@ -1,0 +1,107 @@
+// Device pool of fixed-size KV blocks (CUDA). Plain C++ interface: this header
+// names no CUDA type, so the binding compiles with the host compiler.
+//
+// A slot holds one block of one pool client (a session/layer/kv head): K and V,
+// each blockSize tokens x headDim 16-bit words (f16 or bf16). The pool is one
+// cudaMalloc sized by a byte budget. Each client has a page table (logical
+// block -> slot). Misses are copied through pinned host staging chunks: one
+// host->device copy per chunk on the copy stream, then a scatter kernel into the
+// slots; an event per chunk lets the compute stream wait only for the copies it
+// needs. Eviction is LRU within a priority class (lowest class first); pinned
+// slots are never evicted, so a NOSA-aware policy can be layered on top by
+// pinning the query-agnostic blocks and raising the priority of stable ones.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kvr {
+namespace cuda {
+
+struct DeviceInfo {
+  bool ok = false;
+  std::string device;  // name, or the reason there is none
+  int64_t memory = 0;  // total bytes
+  int64_t freeMemory = 0;
+  int smCount = 0;
+  int major = 0, minor = 0;
+};
+
+// Never throws: ok = false with the reason when no driver/device answers.
+DeviceInfo QueryDevice();
+
+struct PoolConfig {
+  int64_t budgetBytes = 0;  // device bytes for K+V slots
+  int blockSize = 64;       // tokens per block, a power of two
+  int headDim = 128;        // 64 or 128
+  int dtype = 0;            // 0 f16, 1 bf16
+  int64_t stagingBytes = 64ll << 20;  // pinned host (and device) staging, split in 4 chunks
+};
+
+struct PoolStats {
+  int64_t slots = 0, used = 0, pinned = 0;
+  int64_t hits = 0, misses = 0, evictions = 0;
+  int64_t bytesCopied = 0, copies = 0;
+};
+
+struct AttendArgs {
+  const float* q = nullptr;  // [qHeads, headDim]
+  int qHeads = 0, kvHeads = 0;
+  float scale = 1.f;
+  std::vector<std::vector<int32_t>> tables;  // per kv head: slot ids, block order
+  std::vector<int64_t> validTokens;          // per kv head: tokens attended (<= blocks * blockSize)
+  // Optional part computed elsewhere (e.g. on the CPU) over other tokens,
+  // merged by log-sum-exp: [qHeads, headDim] and [qHeads].
+  const float* extraOut = nullptr;
+  const float* extraLse = nullptr;
+  float* out = nullptr;  // [qHeads, headDim]
+  float* lse = nullptr;  // [qHeads], natural log; -inf where nothing was attended
+  int splits = 0;        // 0: chosen from the device's multiprocessor count
+};
+
+class BlockPool {
+ public:
+  explicit BlockPool(const PoolConfig& cfg);  // throws std::runtime_error
+  ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+
+  const PoolConfig& Config() const;
+  int64_t Slots() const;
+
+  // Makes blocks[i] of `client` resident; k and v hold n blocks back to back,
+  // each blockSize*headDim words. Hits are touched, misses copied (async).
+  // slotsOut[i] receives the slot. Throws when more blocks are asked for than
+  // can be resident at once. `priority` applies to every block of the call.
+  void Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v, int priority,
+              int32_t* slotsOut);
+  // Slot of each block, or -1; touches residents; counts hits and misses.
+  void Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t* slotsOut);
+  // Pinned blocks are never evicted; unpinning returns them to their class.
+  void Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned);
+  // Moves resident blocks to another eviction class (lower goes first).
+  void Prefer(int64_t client, const int32_t* blocks, int64_t n, int priority);
+  // Drops every block of a client (e.g. when a session ends).
+  void Release(int64_t client);
+
+  // Decode attention over slot tables; blocks until out/lse are written.
+  void Attend(const AttendArgs& a);
+  // Waits for every copy and kernel of the pool.
+  void Sync();
+
+  PoolStats Stats() const;
+  void ResetCounters();
+  // Pure pinned host->device bandwidth of the staging buffers: bytes/second.
+  double ProbeH2D(int64_t bytes, int iters);
+  // Last Attend's kernel time (split + merge), milliseconds, from events.
+  float LastKernelMs() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cuda
+}  // namespace kvr

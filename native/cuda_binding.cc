@@ -1,0 +1,282 @@
+// CUDA decode path for JS (compiled by the host compiler; the kernels live in
+// native/cuda/*.cu, built by nvcc when binding.gyp finds it, with KVR_CUDA=1).
+//
+// cudaAvailable() -> {ok, device, memory, freeMemory, smCount, computeCapability}
+//   never throws; ok is false without a device, a driver, or a CUDA build.
+// new GpuPool({budgetBytes, blockSize, headDim, dtype, stagingBytes?})
+//   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?}) -> Int32Array slots
+//   .lookup({client, blocks}) -> Int32Array (slot or -1)
+//   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
+//   .attend({q, qHeads, kvHeads, scale, tables: Int32Array[kvHeads], validTokens: number[kvHeads],
+//            out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
+//   .stats() / .resetCounters() / .sync() / .probeH2D(bytes, iters) -> bytes/s / .close()
+// Without CUDA the same names exist: cudaAvailable() says ok: false and the
+// GpuPool constructor throws.
+#include <napi.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "binding_args.h"
+
+#ifdef KVR_CUDA
+#include "cuda/block_pool.h"
+#endif
+
+namespace kvr {
+namespace {
+
+#ifdef KVR_CUDA
+
+Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::DeviceInfo d;
+  try {
+    d = cuda::QueryDevice();
+  } catch (...) {
+    d.ok = false;
+    d.device = "CUDA query failed";
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ok", Napi::Boolean::New(env, d.ok));
+  o.Set("device", Napi::String::New(env, d.device));
+  o.Set("memory", Napi::Number::New(env, double(d.memory)));
+  o.Set("freeMemory", Napi::Number::New(env, double(d.freeMemory)));
+  o.Set("smCount", Napi::Number::New(env, d.smCount));
+  o.Set("computeCapability", Napi::String::New(env, std::to_string(d.major) + "." + std::to_string(d.minor)));
+  o.Set("built", Napi::Boolean::New(env, true));
+  return o;
+}
+
+class GpuPool : public Napi::ObjectWrap<GpuPool> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "GpuPool",
+                       {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("lookup", &GpuPool::Lookup),
+                        InstanceMethod("pin", &GpuPool::Pin), InstanceMethod("prefer", &GpuPool::Prefer),
+                        InstanceMethod("release", &GpuPool::Release), InstanceMethod("attend", &GpuPool::Attend),
+                        InstanceMethod("stats", &GpuPool::Stats), InstanceMethod("resetCounters", &GpuPool::Reset),
+                        InstanceMethod("sync", &GpuPool::Sync), InstanceMethod("probeH2D", &GpuPool::ProbeH2D),
+                        InstanceMethod("close", &GpuPool::Close)});
+  }
+
+  explicit GpuPool(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GpuPool>(info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsObject()) throw Napi::TypeError::New(env, "Expected an options object");
+    Napi::Object o = info[0].As<Napi::Object>();
+    cuda::PoolConfig c;
+    c.budgetBytes = Int(o, "budgetBytes", 1, int64_t(1) << 50);
+    c.blockSize = int(Int(o, "blockSize", 1, 4096));
+    c.headDim = int(Int(o, "headDim", 64, 128));
+    c.dtype = int(Int(o, "dtype", 0, 1));
+    if (o.Has("stagingBytes") && !o.Get("stagingBytes").IsUndefined())
+      c.stagingBytes = Int(o, "stagingBytes", 1 << 20, int64_t(1) << 34);
+    try {
+      pool_ = std::make_shared<cuda::BlockPool>(c);
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+  }
+
+ private:
+  std::shared_ptr<cuda::BlockPool> pool_;
+
+  cuda::BlockPool& Pool(Napi::Env env) {
+    if (!pool_) throw Napi::Error::New(env, "GpuPool is closed");
+    return *pool_;
+  }
+  size_t BlockWords(Napi::Env env) {
+    auto& c = Pool(env).Config();
+    return size_t(c.blockSize) * c.headDim;
+  }
+  static int64_t Client(const Napi::Object& o) { return Int(o, "client", 0, (int64_t(1) << 53)); }
+
+  Napi::Value Upload(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    const int64_t client = Client(o);
+    auto blocks = Typed<int32_t>(o.Get("blocks"), "blocks");
+    const size_t n = blocks.ElementLength(), words = n * BlockWords(env);
+    auto k = Typed<uint16_t>(o.Get("k"), "k", words);
+    auto v = Typed<uint16_t>(o.Get("v"), "v", words);
+    int priority = 0;
+    if (o.Has("priority") && !o.Get("priority").IsUndefined()) priority = int(Int(o, "priority", -1000000, 1000000));
+    auto slots = Napi::Int32Array::New(env, n);
+    try {
+      Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), priority, slots.Data());
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+    return slots;
+  }
+
+  Napi::Value Lookup(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    const int64_t client = Client(o);
+    auto blocks = Typed<int32_t>(o.Get("blocks"), "blocks");
+    auto slots = Napi::Int32Array::New(env, blocks.ElementLength());
+    Pool(env).Lookup(client, blocks.Data(), int64_t(blocks.ElementLength()), slots.Data());
+    return slots;
+  }
+
+  Napi::Value Pin(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    auto blocks = Typed<int32_t>(o.Get("blocks"), "blocks");
+    Napi::Value p = o.Get("pinned");
+    const bool pinned = p.IsUndefined() ? true : p.ToBoolean().Value();
+    Pool(env).Pin(Client(o), blocks.Data(), int64_t(blocks.ElementLength()), pinned);
+    return env.Undefined();
+  }
+
+  Napi::Value Prefer(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    auto blocks = Typed<int32_t>(o.Get("blocks"), "blocks");
+    const int priority = int(Int(o, "priority", -1000000, 1000000));
+    Pool(env).Prefer(Client(o), blocks.Data(), int64_t(blocks.ElementLength()), priority);
+    return env.Undefined();
+  }
+
+  Napi::Value Release(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsNumber()) throw Napi::TypeError::New(env, "Expected a client number");
+    Pool(env).Release(info[0].As<Napi::Number>().Int64Value());
+    return env.Undefined();
+  }
+
+  Napi::Value Attend(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsObject()) throw Napi::TypeError::New(env, "Expected an options object");
+    Napi::Object o = info[0].As<Napi::Object>();
+    std::shared_ptr<cuda::BlockPool> pool = pool_;
+    if (!pool) throw Napi::Error::New(env, "GpuPool is closed");
+    const int d = pool->Config().headDim;
+    cuda::AttendArgs a;
+    a.qHeads = int(Int(o, "qHeads", 1, 1024));
+    a.kvHeads = int(Int(o, "kvHeads", 1, 1024));
+    if (a.qHeads % a.kvHeads != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+    Napi::Value scale = o.Get("scale");
+    if (!scale.IsNumber()) throw Napi::TypeError::New(env, "Expected a number for scale");
+    a.scale = scale.As<Napi::Number>().FloatValue();
+    if (o.Has("splits") && !o.Get("splits").IsUndefined()) a.splits = int(Int(o, "splits", 1, 4096));
+    const size_t qLen = size_t(a.qHeads) * d;
+    std::vector<Napi::Value> keep;
+    auto q = Typed<float>(o.Get("q"), "q", qLen);
+    auto out = Typed<float>(o.Get("out"), "out", qLen);
+    auto lse = Typed<float>(o.Get("lse"), "lse", size_t(a.qHeads));
+    a.q = q.Data();
+    a.out = out.Data();
+    a.lse = lse.Data();
+    keep.insert(keep.end(), {q, out, lse});
+    Napi::Value eo = o.Get("extraOut");
+    if (!eo.IsUndefined() && !eo.IsNull()) {
+      auto extraOut = Typed<float>(eo, "extraOut", qLen);
+      auto extraLse = Typed<float>(o.Get("extraLse"), "extraLse", size_t(a.qHeads));
+      a.extraOut = extraOut.Data();
+      a.extraLse = extraLse.Data();
+      keep.insert(keep.end(), {extraOut, extraLse});
+    }
+    Napi::Array tables = ArrayOf(o, "tables", size_t(a.kvHeads));
+    Napi::Array valid = ArrayOf(o, "validTokens", size_t(a.kvHeads));
+    const int64_t bs = pool->Config().blockSize, slots = pool->Slots();
+    for (int h = 0; h < a.kvHeads; ++h) {
+      auto t = Typed<int32_t>(tables.Get(h), "tables entry");
+      Napi::Value vv = valid.Get(h);
+      if (!vv.IsNumber()) throw Napi::TypeError::New(env, "Expected numbers in validTokens");
+      const double vt = vv.As<Napi::Number>().DoubleValue();
+      if (vt < 0 || vt != double(int64_t(vt)) || int64_t(vt) > int64_t(t.ElementLength()) * bs)
+        throw Napi::RangeError::New(env, "validTokens[" + std::to_string(h) + "] must be an integer in [0, blocks * blockSize]");
+      const int64_t need = (int64_t(vt) + bs - 1) / bs;
+      for (int64_t i = 0; i < need; ++i)
+        if (t[size_t(i)] < 0 || t[size_t(i)] >= slots)
+          throw Napi::RangeError::New(env, "tables[" + std::to_string(h) + "][" + std::to_string(i) + "] = " +
+                                               std::to_string(t[size_t(i)]) + " is not a slot of the pool");
+      a.tables.emplace_back(t.Data(), t.Data() + need);
+      a.validTokens.push_back(int64_t(vt));
+    }
+    return RunAsync(env, std::move(keep), [pool, a]() { pool->Attend(a); }, [](Napi::Env e) { return e.Undefined(); });
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cuda::PoolStats s = Pool(env).Stats();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("slots", Napi::Number::New(env, double(s.slots)));
+    o.Set("used", Napi::Number::New(env, double(s.used)));
+    o.Set("pinned", Napi::Number::New(env, double(s.pinned)));
+    o.Set("hits", Napi::Number::New(env, double(s.hits)));
+    o.Set("misses", Napi::Number::New(env, double(s.misses)));
+    o.Set("evictions", Napi::Number::New(env, double(s.evictions)));
+    o.Set("bytesCopied", Napi::Number::New(env, double(s.bytesCopied)));
+    o.Set("copies", Napi::Number::New(env, double(s.copies)));
+    o.Set("lastKernelMs", Napi::Number::New(env, double(pool_->LastKernelMs())));
+    return o;
+  }
+
+  Napi::Value Reset(const Napi::CallbackInfo& info) {
+    Pool(info.Env()).ResetCounters();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Sync(const Napi::CallbackInfo& info) {
+    try {
+      Pool(info.Env()).Sync();
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(info.Env(), e.what());
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value ProbeH2D(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsNumber() || !info[1].IsNumber()) throw Napi::TypeError::New(env, "Expected (bytes, iters)");
+    const int64_t bytes = info[0].As<Napi::Number>().Int64Value();
+    const int iters = info[1].As<Napi::Number>().Int32Value();
+    if (bytes < 1 || bytes > (int64_t(1) << 34) || iters < 1) throw Napi::RangeError::New(env, "bad probe size");
+    try {
+      return Napi::Number::New(env, Pool(env).ProbeH2D(bytes, iters));
+    } catch (const std::exception& e) {
+      throw Napi::Error::New(env, e.what());
+    }
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    pool_.reset();  // an attend in flight keeps its own reference
+    return info.Env().Undefined();
+  }
+};
+
+#else  // no CUDA build
+
+Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ok", Napi::Boolean::New(env, false));
+  o.Set("device", Napi::String::New(env, "kvrecall was built without CUDA (nvcc not found)"));
+  o.Set("memory", Napi::Number::New(env, 0));
+  o.Set("built", Napi::Boolean::New(env, false));
+  return o;
+}
+
+class GpuPool : public Napi::ObjectWrap<GpuPool> {
+ public:
+  static Napi::Function Define(Napi::Env env) { return DefineClass(env, "GpuPool", {}); }
+  explicit GpuPool(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GpuPool>(info) {
+    throw Napi::Error::New(info.Env(), "kvrecall was built without CUDA");
+  }
+};
+
+#endif
+
+}  // namespace
+
+void InitCuda(Napi::Env env, Napi::Object exports) {
+  exports.Set("cudaAvailable", Napi::Function::New(env, CudaAvailable));
+  Napi::Function ctor = GpuPool::Define(env);
+  exports.Set("GpuPool", ctor);
+}
+
+}  // namespace kvr
