@@ -42,14 +42,10 @@ export const blockSummaryBuilder: HeadIndexBuilder = {
   load: loadBlockSummary,
 };
 
-function choose(summary: BlockSummary, scores: Float32Array, budget: number, prev: Set<number>, policy: Policy): number[] {
+function choose(summary: BlockSummary, byScore: Int32Array, budget: number, prev: Set<number>, policy: Policy): number[] {
   const chosen = new Set<number>();
   const agnostic = Math.floor(budget * policy.agnosticShare);
-  if (agnostic > 0) {
-    const byImportance = Array.from(summary.importance.keys()).sort((a, b) => summary.importance[b] - summary.importance[a]);
-    for (const b of byImportance.slice(0, agnostic)) chosen.add(b);
-  }
-  const byScore = Array.from(scores.keys()).sort((a, b) => scores[b] - scores[a] || a - b);
+  for (const b of summary.byImportance.subarray(0, agnostic)) chosen.add(b);
   const maxNew = prev.size === 0 ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare));
   let brought = 0;
   for (const b of byScore) {
@@ -109,12 +105,12 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         const ids: Int32Array[] = [];
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
-          const scores = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G);
+          const { order } = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G);
           scanned += summary.blocks / ctx.kvHeads;
           const key = `${name}:${s}:${h}`;
           const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), step: 0 };
           ctx.memo.set(key, state);
-          const chosen = choose(summary, scores, budget, state.selected, policy).sort((a, b) => a - b);
+          const chosen = choose(summary, order, budget, state.selected, policy).sort((a, b) => a - b);
           const st = updatePool(state, chosen, Math.ceil(budget * POOL_FACTOR), summary, policy, summary.blockSize * d * 2 * 2);
           blocks.selected += st.selected;
           blocks.hits += st.hits;

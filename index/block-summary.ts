@@ -30,13 +30,25 @@ export class BlockSummary implements HeadIndex {
     this.order = new Int32Array(blocks);
   }
 
-  /** Scores every block by max over the group of q·mean; returns them by block (reused buffer). */
-  async scoreBlocks(q: Float32Array, group: number): Promise<Float32Array> {
+  /**
+   * Scores every block by max over the group of q·mean: the blocks best
+   * first, and the scores by block (both reused buffers, valid until the
+   * next call).
+   */
+  async scoreBlocks(q: Float32Array, group: number): Promise<{ order: Int32Array; scores: Float32Array }> {
     const sorted = new Float32Array(this.blocks);
     await topk({ q, group, headDim: this.headDim, keys: this.means, tokens: this.blocks, dtype: this.dtype, k: this.blocks, outIds: this.order, outScores: sorted });
     for (let i = 0; i < this.blocks; i++) this.scores[this.order[i]] = sorted[i];
-    return this.scores;
+    return { order: this.order, scores: this.scores };
   }
+
+  /** Blocks by stable importance, most important first (computed once). */
+  get byImportance(): Int32Array {
+    this.importanceOrder ??= Int32Array.from(this.importance.keys()).sort((a, b) => this.importance[b] - this.importance[a] || a - b);
+    return this.importanceOrder;
+  }
+
+  private importanceOrder?: Int32Array;
 
   /** Token rows of a block. */
   rows(block: number): [number, number] {

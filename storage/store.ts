@@ -52,7 +52,8 @@ export class DocumentStore {
   private readonly artifacts: Database<Buffer, ArtifactKey>;
 
   private constructor(path: string) {
-    this.root = open({ path, maxDbs: 8, mapSize: 2 ** 40 });
+    // noSubdir: false, or a folder name with a dot is taken for a file name.
+    this.root = open({ path, maxDbs: 8, mapSize: 2 ** 40, noSubdir: false });
     this.meta = this.root.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' });
     this.blocks = this.root.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
     this.artifacts = this.root.openDB<Buffer, ArtifactKey>({ name: 'artifacts', encoding: 'binary' });

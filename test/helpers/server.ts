@@ -9,7 +9,7 @@ import { startServer, type RunningServer } from '../../api/server.js';
 import { DEFAULTS, type Config } from '../../src/config.js';
 
 export function tempDataDir(): { dir: string; cleanup(): void } {
-  const dir = mkdtempSync(join(tmpdir(), 'kvrecall-test-'));
+  const dir = mkdtempSync(join(tmpdir(), 'kvrecall.test-'));
   return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
