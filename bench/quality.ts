@@ -42,7 +42,7 @@ export interface ExactAttention {
   scores: Float64Array[];
   /** Widened values [tokens, headDim], for outputs over subsets. */
   values: Float32Array;
-  /** Exact outputs [heads, headDim]. */
+  /** Exact outputs [heads, headDim]; empty when built with outputs: false (see exactOutput). */
   out: Float64Array;
 }
 
@@ -54,6 +54,8 @@ export interface ExactOptions {
   dtype?: KvDtype;
   /** Attend only tokens [0, tokens) (default: all rows of keys). */
   tokens?: number;
+  /** Compute the exact outputs now (default true); exactOutput() does it later on demand. */
+  outputs?: boolean;
 }
 
 /**
@@ -76,18 +78,12 @@ export function exactAttention(
   if (q.length < heads * d) throw new RangeError('exactAttention: q is shorter than heads × headDim');
   const scale = opts.scale ?? 1 / Math.sqrt(d);
   const scores = Array.from({ length: heads }, () => new Float64Array(tokens));
-  const qd = new Float64Array(heads * d);
+  // Four query rows per pass over the keys (zero rows pad the last block).
+  const blocks = Math.ceil(heads / 4);
+  const qd = new Float64Array(blocks * 4 * d);
   for (let i = 0; i < heads * d; i++) qd[i] = q[i];
-  for (let t = 0; t < tokens; t++) {
-    const kb = t * d;
-    for (let h = 0; h < heads; h++) {
-      const qb = h * d;
-      let s = 0;
-      for (let j = 0; j < d; j++) s += qd[qb + j] * K[kb + j];
-      scores[h][t] = s;
-    }
-  }
-  const probs: Float64Array[] = [], lse = new Float64Array(heads), out = new Float64Array(heads * d);
+  for (let b = 0; b < blocks; b++) scoreBlock(qd, b * 4 * d, K, tokens, d, scores, b * 4, heads);
+  const probs: Float64Array[] = [], lse = new Float64Array(heads);
   for (let h = 0; h < heads; h++) {
     const s = scores[h], p = new Float64Array(tokens);
     let m = -Infinity;
@@ -97,15 +93,48 @@ export function exactAttention(
     for (let t = 0; t < tokens; t++) p[t] /= z;
     lse[h] = m + Math.log(z);
     probs.push(p);
-    const ob = h * d;
-    for (let t = 0; t < tokens; t++) {
+  }
+  const ex: ExactAttention = { heads, tokens, headDim: d, scale, probs, lse, scores, values: V, out: new Float64Array(0) };
+  if (opts.outputs !== false) exactOutput(ex);
+  return ex;
+}
+
+/** q·k for rows [h0, h0 + 4) of q (at qb) against every key, into scores. */
+function scoreBlock(q: Float64Array, qb: number, K: Float32Array, tokens: number, d: number, scores: Float64Array[], h0: number, heads: number): void {
+  const s0 = scores[h0], s1 = h0 + 1 < heads ? scores[h0 + 1] : undefined;
+  const s2 = h0 + 2 < heads ? scores[h0 + 2] : undefined, s3 = h0 + 3 < heads ? scores[h0 + 3] : undefined;
+  const q1 = qb + d, q2 = qb + 2 * d, q3 = qb + 3 * d;
+  for (let t = 0, kb = 0; t < tokens; t++, kb += d) {
+    let a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (let j = 0; j < d; j++) {
+      const x = K[kb + j];
+      a0 += q[qb + j] * x;
+      a1 += q[q1 + j] * x;
+      a2 += q[q2 + j] * x;
+      a3 += q[q3 + j] * x;
+    }
+    s0[t] = a0;
+    if (s1) s1[t] = a1;
+    if (s2) s2[t] = a2;
+    if (s3) s3[t] = a3;
+  }
+}
+
+/** The exact outputs Σ_t p_t v_t per head [heads, d] (computed once, kept in ex.out). */
+export function exactOutput(ex: ExactAttention): Float64Array {
+  if (ex.out.length === ex.heads * ex.headDim) return ex.out;
+  const d = ex.headDim, V = ex.values, out = new Float64Array(ex.heads * d);
+  for (let h = 0; h < ex.heads; h++) {
+    const p = ex.probs[h], ob = h * d;
+    for (let t = 0; t < ex.tokens; t++) {
       const w = p[t];
       if (w === 0) continue;
       const vb = t * d;
       for (let j = 0; j < d; j++) out[ob + j] += w * V[vb + j];
     }
   }
-  return { heads, tokens, headDim: d, scale, probs, lse, scores, values: V, out };
+  ex.out = out;
+  return out;
 }
 
 /** S as distinct ids in [0, tokens), in first-seen order. */
@@ -251,7 +280,7 @@ export function relativeErrors(a: ArrayLike<number>, b: ArrayLike<number>, heads
 
 /** ‖o_S − o‖/‖o‖: mean and max over the group's heads. */
 export function outputError(ex: ExactAttention, S: Int32Array): { mean: number; max: number } {
-  const e = relativeErrors(selectedOutput(ex, S), ex.out, ex.heads);
+  const e = relativeErrors(selectedOutput(ex, S), exactOutput(ex), ex.heads);
   let sum = 0, max = 0;
   for (const x of e) {
     sum += x;
