@@ -2,6 +2,10 @@
 // (hnswlib-node), the baseline the attention-aware index is measured against.
 // hnswlib-node takes points as JS number arrays: keys cross once at build,
 // and a search converts only its G query rows (G × headDim numbers).
+// Keys are centred before insertion: q·(k − μ) ranks keys as q·k does, but
+// without the keys' shared mean (outlier channels, sinks) the inner-product
+// graph no longer collapses onto a few hub keys (bench/results/workload.md).
+// The artifact is μ (f32 [headDim]) followed by hnswlib's index bytes.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -33,6 +37,7 @@ class HnswHead implements HeadIndex {
   constructor(
     private readonly index: hnswlib.HierarchicalNSW,
     private readonly headDim: number,
+    private readonly mean: Float32Array,
   ) {}
 
   search(q: Float32Array, group: number, k: number, ef: number): SearchResult {
@@ -46,8 +51,10 @@ class HnswHead implements HeadIndex {
     const count = () => (scanned++, true);
     for (let g = 0; g < group; g++) {
       const row = Array.from(q.subarray(g * this.headDim, (g + 1) * this.headDim));
+      // Back to q·k: the centred score plus this row's q·μ.
+      const offset = row.reduce((a, x, j) => a + x * this.mean[j], 0);
       const { neighbors, distances } = this.index.searchKnn(row, k, count);
-      neighbors.forEach((id, i) => best.set(id, Math.max(best.get(id) ?? -Infinity, 1 - distances[i])));
+      neighbors.forEach((id, i) => best.set(id, Math.max(best.get(id) ?? -Infinity, 1 - distances[i] + offset)));
     }
     const ids = Int32Array.from([...best.entries()].sort((a, b) => b[1] - a[1] || a[0] - b[0]).slice(0, k), ([id]) => id);
     return { ids, scanned };
@@ -60,23 +67,33 @@ export const hnswBuilder: HeadIndexBuilder = {
     index.initIndex({ maxElements: Math.max(1, input.tokens), m: M, efConstruction: EF_CONSTRUCTION, randomSeed: 100 });
     const keys = widen(input);
     const d = input.headDim;
+    const mean = new Float32Array(d);
+    for (let i = 0; i < input.tokens; i++) for (let j = 0; j < d; j++) mean[j] += keys[i * d + j] / input.tokens;
+    for (let i = 0; i < input.tokens; i++) for (let j = 0; j < d; j++) keys[i * d + j] -= mean[j];
     for (let i = 0; i < input.tokens; i++) {
       index.addPoint(Array.from(keys.subarray(i * d, (i + 1) * d)), i);
       if (i % 4096 === 4095) await new Promise((r) => setImmediate(r)); // keep the server responsive
     }
     return viaTempFile((path) => {
       index.writeIndexSync(path);
-      return new Uint8Array(readFileSync(path));
+      const graph = readFileSync(path);
+      const out = new Uint8Array(d * 4 + graph.byteLength);
+      out.set(new Uint8Array(mean.buffer), 0);
+      out.set(graph, d * 4);
+      return out;
     });
   },
 
   load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
-    const index = new hnswlib.HierarchicalNSW('ip', keys.headDim);
+    const d = keys.headDim;
+    if (bytes.byteLength <= d * 4) throw new Error('hnsw artifact is truncated');
+    const mean = new Float32Array(bytes.slice(0, d * 4).buffer);
+    const index = new hnswlib.HierarchicalNSW('ip', d);
     viaTempFile((path) => {
-      writeFileSync(path, bytes);
+      writeFileSync(path, bytes.subarray(d * 4));
       index.readIndexSync(path);
     });
-    return new HnswHead(index, keys.headDim);
+    return new HnswHead(index, d, mean);
   },
 };
 
