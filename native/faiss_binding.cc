@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "binding_args.h"
+#include "class_registry.h"
 #include "ivf_index.h"
 #include "kmeans.h"
 
@@ -65,21 +66,7 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
                      InstanceAccessor<&IvfIndexJs::HeadDimJs>("headDim"),
                      InstanceAccessor<&IvfIndexJs::NlistJs>("nlist"),
                      InstanceAccessor<&IvfIndexJs::MemoryBytesJs>("memoryBytes")});
-    // One constructor per env (main thread and each worker thread).
-    auto* ref = new Napi::FunctionReference(Napi::Persistent(ctor));
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ctors_[napi_env(env)] = ref;
-    }
-    napi_env raw = env;
-    env.AddCleanupHook([raw]() {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = ctors_.find(raw);
-      if (it != ctors_.end()) {
-        delete it->second;
-        ctors_.erase(it);
-      }
-    });
+    registry_.Add(env, ctor);
     return ctor;
   }
 
@@ -98,14 +85,7 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
 
  private:
   static Napi::Object Wrap(Napi::Env env, std::unique_ptr<IvfIndex> index) {
-    Napi::FunctionReference* ctor;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = ctors_.find(napi_env(env));
-      if (it == ctors_.end()) throw Napi::Error::New(env, "IvfIndex: class not initialised in this environment");
-      ctor = it->second;
-    }
-    return ctor->New({Napi::External<std::unique_ptr<IvfIndex>>::New(env, &index)});
+    return registry_.Get(env, "IvfIndex").New({Napi::External<std::unique_ptr<IvfIndex>>::New(env, &index)});
   }
 
   void Release() {
@@ -203,16 +183,14 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
     return Napi::Number::New(info.Env(), index_ ? double(index_->MemoryBytes()) : 0.0);
   }
 
-  static std::mutex mu_;
-  static std::unordered_map<napi_env, Napi::FunctionReference*> ctors_;
+  static ClassRegistry registry_;
 
   napi_env env_;
   std::unique_ptr<IvfIndex> index_;
   int64_t accounted_ = 0;
 };
 
-std::mutex IvfIndexJs::mu_;
-std::unordered_map<napi_env, Napi::FunctionReference*> IvfIndexJs::ctors_;
+ClassRegistry IvfIndexJs::registry_;
 
 Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "binding_args.h"
+#include "class_registry.h"
 #include "ra_graph.h"
 #include "thread_pool.h"
 
@@ -153,21 +154,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
          InstanceAccessor<&RaGraphJs::EntryPointsJs>("entryPoints"),
          InstanceAccessor<&RaGraphJs::MemoryBytesJs>("memoryBytes"),
          InstanceAccessor<&RaGraphJs::BuildStatsJs>("buildStats")});
-    // One constructor per env (main thread and each worker thread).
-    auto* ref = new Napi::FunctionReference(Napi::Persistent(ctor));
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      ctors_[napi_env(env)] = ref;
-    }
-    napi_env raw = env;
-    env.AddCleanupHook([raw]() {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = ctors_.find(raw);
-      if (it != ctors_.end()) {
-        delete it->second;
-        ctors_.erase(it);
-      }
-    });
+    registry_.Add(env, ctor);
     return ctor;
   }
 
@@ -193,14 +180,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   };
 
   static Napi::Object Wrap(Napi::Env env, Made made) {
-    Napi::FunctionReference* ctor;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = ctors_.find(napi_env(env));
-      if (it == ctors_.end()) throw Napi::Error::New(env, "RaGraph: class not initialised in this environment");
-      ctor = it->second;
-    }
-    return ctor->New({Napi::External<Made>::New(env, &made)});
+    return registry_.Get(env, "RaGraph").New({Napi::External<Made>::New(env, &made)});
   }
 
   void Release() {
@@ -283,10 +263,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   }
 
   static Napi::Function Constructor(Napi::Env env) {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = ctors_.find(napi_env(env));
-    if (it == ctors_.end()) throw Napi::Error::New(env, "RaGraph: class not initialised in this environment");
-    return it->second->Value();
+    return registry_.Get(env, "RaGraph");
   }
 
   Napi::Value Save(const Napi::CallbackInfo& info) {
@@ -365,8 +342,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     return s;
   }
 
-  static std::mutex mu_;
-  static std::unordered_map<napi_env, Napi::FunctionReference*> ctors_;
+  static ClassRegistry registry_;
 
   napi_env env_;
   std::shared_ptr<const RaGraph> graph_;
@@ -374,8 +350,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   int64_t accounted_ = 0;
 };
 
-std::mutex RaGraphJs::mu_;
-std::unordered_map<napi_env, Napi::FunctionReference*> RaGraphJs::ctors_;
+ClassRegistry RaGraphJs::registry_;
 
 }  // namespace
 
