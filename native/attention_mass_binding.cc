@@ -16,8 +16,7 @@ Napi::Value AttentionMassJs(const Napi::CallbackInfo& info) {
   p.rows = Int(o, "rows", 1, int64_t(1) << 20);
   p.headDim = int(Int(o, "headDim", 1, 1024));
   p.tokens = Int(o, "tokens", 0, int64_t(1) << 40);
-  p.dtype = StorageDtype(o, "dtype");
-  if (p.dtype == Dtype::kF32) throw Napi::RangeError::New(env, "keys must be f16 or bf16");
+  p.dtype = KeyDtype(o);
   Napi::Value scale = o.Get("scale");
   if (!scale.IsNumber()) throw Napi::TypeError::New(env, "Expected a number for scale");
   p.scale = scale.As<Napi::Number>().FloatValue();

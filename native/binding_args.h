@@ -59,6 +59,26 @@ inline Dtype StorageDtype(const Napi::Object& o, const char* key) {
   return Dtype(int(d));
 }
 
+// Keys are stored as 16-bit words: f16 or bf16, never f32.
+inline Dtype KeyDtype(const Napi::Object& o) {
+  Dtype d = StorageDtype(o, "dtype");
+  if (d == Dtype::kF32) throw Napi::RangeError::New(o.Env(), "keys must be f16 or bf16");
+  return d;
+}
+
+// node-addon-api turns only Napi::Error into a JS exception; anything else
+// thrown by native code in a synchronous call must be converted here.
+template <typename F>
+auto Guard(Napi::Env env, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, e.what());
+  }
+}
+
 inline Napi::Array ArrayOf(const Napi::Object& o, const char* key, size_t length) {
   Napi::Value v = o.Get(key);
   if (!v.IsArray()) throw Napi::TypeError::New(o.Env(), std::string("Expected an array for ") + key);

@@ -35,25 +35,6 @@ Napi::Object ArgObject(const Napi::CallbackInfo& info) {
   return info[0].As<Napi::Object>();
 }
 
-Dtype KeyDtype(const Napi::Object& o) {
-  Dtype d = StorageDtype(o, "dtype");
-  if (d == Dtype::kF32) throw Napi::RangeError::New(o.Env(), "keys must be f16 or bf16");
-  return d;
-}
-
-// node-addon-api turns only Napi::Error into a JS exception; anything else
-// thrown by native code in a synchronous call must be converted here.
-template <typename F>
-auto Guard(Napi::Env env, F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw Napi::Error::New(env, e.what());
-  }
-}
-
 class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
  public:
   static Napi::Function Define(Napi::Env env) {

@@ -50,25 +50,6 @@ int64_t OptInt(const Napi::Object& o, const char* key, int64_t lo, int64_t hi, i
   return Int(o, key, lo, hi);
 }
 
-Dtype KeyDtype(const Napi::Object& o) {
-  Dtype d = StorageDtype(o, "dtype");
-  if (d == Dtype::kF32) throw Napi::RangeError::New(o.Env(), "keys must be f16 or bf16");
-  return d;
-}
-
-// node-addon-api turns only Napi::Error into a JS exception; anything else
-// thrown by native code in a synchronous call is converted here.
-template <typename F>
-auto Guard(Napi::Env env, F&& f) -> decltype(f()) {
-  try {
-    return f();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    throw Napi::Error::New(env, e.what());
-  }
-}
-
 size_t GraphBytes(const RaGraph& g) {
   return g.offsets().size() * 8 + g.neighbors().size() * 4 + g.entries().size() * 4;
 }

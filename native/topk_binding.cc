@@ -14,8 +14,7 @@ Napi::Value TopkJs(const Napi::CallbackInfo& info) {
   p.group = int(Int(o, "group", 1, 1024));
   p.headDim = int(Int(o, "headDim", 1, 1024));
   p.tokens = Int(o, "tokens", 0, int64_t(1) << 40);
-  p.dtype = StorageDtype(o, "dtype");
-  if (p.dtype == Dtype::kF32) throw Napi::RangeError::New(env, "keys must be f16 or bf16");
+  p.dtype = KeyDtype(o);
   p.k = int(Int(o, "k", 0, int64_t(1) << 30));
   const size_t keep = size_t(std::min<int64_t>(p.k, p.tokens));
   auto q = Typed<float>(o.Get("q"), "q", size_t(p.group) * p.headDim);
