@@ -37,9 +37,10 @@
 // of each partition into clusters in proportion to its size — about
 // 2·n·√C·d per iteration instead of n·C·d (the partitions are then the
 // coarse groups of the two-level index). Each k-means trains on a seeded
-// sample of ≤ 64 keys per centroid and then assigns every key. It is faiss's
-// (native/faiss.ts) when the loaded addon has it, else a seeded TypeScript
-// Lloyd with the SIMD kernel of simd-dot.ts.
+// sample of ≤ 64 keys per centroid (faiss's k-means, native/faiss.ts) and then
+// assigns every key; the size-weighted k-means of fine centroids into coarse
+// groups (faiss has no weights) is a seeded Lloyd with the SIMD kernel of
+// simd-dot.ts.
 //
 // Centroids are scored synchronously (HeadIndex.search is synchronous; the
 // native kernels are async) with the WebAssembly SIMD kernel of simd-dot.ts,
@@ -56,6 +57,7 @@
 // [C, d], (two levels) coarse offsets i32[P+1] into clusters and coarse
 // centroids [P, d]. Load checks lengths, checksum, offsets, that members are
 // a permutation of the tokens, and finite centroids; it throws on anything else.
+import { kmeans as faissKmeans } from '../native/faiss.js';
 import { bytesOf, convert, firstNonFinite, type KvDtype } from '../native/index.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { DotKernel, paddedStride } from './simd-dot.js';
@@ -81,15 +83,12 @@ export interface SqueezedOptions {
   minExpanded?: number;
   /** Calibration blocks of 16 query rows, at most (default 64; fewer for large C). */
   calibrationBlocks?: number;
-  /** k-means implementation (default 'auto': faiss when the addon has it). */
-  kmeans?: 'auto' | 'faiss' | 'ts';
 }
 
 export interface BuildInfo {
   ms: number;
   kmeansMs: number;
   calibrationMs: number;
-  kmeans: 'faiss' | 'ts';
   clusters: number;
   coarse: number;
   twoStage: boolean;
@@ -211,26 +210,6 @@ export interface KmeansResult {
 }
 type KmeansFn = (a: KmeansArgs) => Promise<KmeansResult>;
 
-let faissKmeans: Promise<KmeansFn | undefined> | undefined;
-/** faiss's k-means when native/faiss.ts loads and the addon answers a probe. */
-function nativeKmeans(): Promise<KmeansFn | undefined> {
-  return (faissKmeans ??= (async () => {
-    try {
-      const m = await import('../native/faiss.js');
-      if (typeof m.kmeans !== 'function') return undefined;
-      const probe = await m.kmeans({ keys: new Uint16Array(8), tokens: 2, headDim: 4, dtype: 'f16', clusters: 1, iterations: 1, seed: 1 });
-      return probe.assign.length === 2 ? (m.kmeans as KmeansFn) : undefined;
-    } catch {
-      return undefined;
-    }
-  })());
-}
-
-/** Which k-means the 'auto' builders use in this process. */
-export async function kmeansBackend(): Promise<'faiss' | 'ts'> {
-  return (await nativeKmeans()) ? 'faiss' : 'ts';
-}
-
 /**
  * Nearest centroid (L2) of each of n f32 rows: argmin |c|² − 2 x·c, with the
  * centroids in a kernel and the rows fed 4 at a time. Returns the best ids.
@@ -337,16 +316,6 @@ async function assignAll(a: KmeansArgs, centroids: Float32Array): Promise<Kmeans
   const sizes = new Int32Array(k);
   for (let i = 0; i < n; i++) sizes[assign[i]]++;
   return { centroids, assign, sizes };
-}
-
-/** Seeded TypeScript k-means (the fallback): Lloyd over every key given, then every key assigned. */
-export async function kmeansTs(a: KmeansArgs): Promise<KmeansResult> {
-  const { tokens: n, headDim: d, clusters: k } = a;
-  if (k < 1 || k > n) throw new Error(`kmeans: clusters must be in [1, ${n}]`);
-  const all = new Int32Array(n);
-  for (let i = 0; i < n; i++) all[i] = i;
-  const centroids = await lloyd(gatherF32(a.keys, d, a.dtype, all), n, d, k, a.iterations, new Rng(a.seed));
-  return assignAll(a, centroids);
 }
 
 /**
@@ -1166,7 +1135,6 @@ const DEFAULTS: Omit<Required<SqueezedOptions>, 'levels'> = {
   expand: 4,
   minExpanded: 3,
   calibrationBlocks: 64,
-  kmeans: 'auto',
 };
 
 function toCentroidWords(c: Float32Array): { words: Uint16Array | Float32Array; dtype: 0 | 2 } {
@@ -1192,9 +1160,7 @@ export function squeezedBuilder(options: SqueezedOptions): SqueezedBuilder {
       if (!Number.isInteger(n) || n < 0 || !Number.isInteger(d) || d < 1 || input.keys.length < n * d)
         throw new Error(`squeezed: keys hold ${input.keys.length} words, expected ${n} × ${d}`);
       if (input.queries.length < input.queryCount * d) throw new Error('squeezed: fewer query values than queryCount × headDim');
-      const native = o.kmeans === 'ts' ? undefined : await nativeKmeans();
-      if (o.kmeans === 'faiss' && !native) throw new Error('squeezed: faiss k-means is not in the loaded addon');
-      const kmeans = native ?? kmeansTs;
+      const kmeans: KmeansFn = faissKmeans;
       const cl: Clustering =
         n === 0
           ? { offsets: Int32Array.of(0), members: new Int32Array(0), centroids: new Float32Array(0), twoStage: false, ...(o.levels === 2 ? { coarseOffsets: Int32Array.of(0), coarseCentroids: new Float32Array(0) } : {}) }
@@ -1233,7 +1199,6 @@ export function squeezedBuilder(options: SqueezedOptions): SqueezedBuilder {
         ms: t2 - t0,
         kmeansMs: t1 - t0,
         calibrationMs: t2 - t1,
-        kmeans: native ? 'faiss' : 'ts',
         clusters: C,
         coarse: Math.max(0, parts.coarseOffsets.length - 1),
         twoStage: cl.twoStage,
