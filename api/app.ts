@@ -7,6 +7,7 @@ import type { Engine } from '../src/engine.js';
 import { decodeStep, parseAttendRequest } from '../src/decode-step.js';
 import { tooLarge } from '../src/errors.js';
 import { tensorOf } from '../src/tensor.js';
+import { cudaAvailable } from '../native/cuda.js';
 import { nativeThreads } from '../native/index.js';
 import { bearerAuth } from './auth.js';
 import { readBody, reply } from './codec.js';
@@ -24,6 +25,7 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   const app = new Hono();
   const metrics = new Metrics();
   const { documents, sessions } = engine;
+  const gpu = cudaAvailable();
 
   app.use(async (c, next) => {
     await next();
@@ -54,6 +56,8 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
       sessions: sessions.size,
       recovered: engine.recovered,
       memory: { used: engine.budget.used, budget: engine.budget.limit },
+      // What the CUDA path would run on; attends are not routed to it yet.
+      gpu: { available: gpu.ok, device: gpu.device, memory: gpu.memory, built: gpu.built },
     }),
   );
 

@@ -116,6 +116,10 @@ describe('bad input', () => {
   it('health needs no token; nothing was lost', async () => {
     const res = await fetch(`${server.url}/v1/health`);
     expect(res.status).toBe(200);
+    const health = (await res.json()) as { backend: string; gpu: { available: boolean; built: boolean } };
+    // No GPU on CI machines: the CPU backend answers, and says why there is no GPU.
+    expect(health.backend).toBe('cpu');
+    expect(typeof health.gpu.available).toBe('boolean');
     expect(await client.getDocument('doc')).toMatchObject({ status: 'ready', tokens: 50 });
     expect(await client.getDocument('open')).toMatchObject({ status: 'loading', tokens: 0 });
     // The open document still accepts the upload it expects.
