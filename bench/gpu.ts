@@ -21,28 +21,9 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, GpuPool } from '../native/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../native/index.js';
+import { Rng } from './workload.js';
 
 // ---------------------------------------------------------------- data
-
-export class Rng {
-  private s: number;
-  constructor(seed: number) {
-    this.s = seed >>> 0 || 1;
-  }
-  next(): number {
-    let t = (this.s = (this.s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  normal(): number {
-    const u = Math.max(this.next(), 1e-12), v = this.next();
-    return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
-  }
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-}
 
 /** n random 16-bit words of dtype dt and their exact values. */
 function randomWords(rng: Rng, dt: KvDtype, n: number, sigma = 1): { bits: Uint16Array; values: Float32Array } {

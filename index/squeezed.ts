@@ -57,7 +57,7 @@
 // [C, d], (two levels) coarse offsets i32[P+1] into clusters and coarse
 // centroids [P, d]. Load checks lengths, checksum, offsets, that members are
 // a permutation of the tokens, and finite centroids; it throws on anything else.
-import { kmeans as faissKmeans } from '../native/faiss.js';
+import { kmeans as faissKmeans, type KmeansArgs, type KmeansResult } from '../native/faiss.js';
 import { bytesOf, convert, firstNonFinite, type KvDtype } from '../native/index.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { DotKernel, paddedStride } from './simd-dot.js';
@@ -194,20 +194,6 @@ function gather16(keys: Uint16Array, d: number, ids: Int32Array): Uint16Array {
 
 // ---------- k-means ----------
 
-export interface KmeansArgs {
-  keys: Uint16Array;
-  tokens: number;
-  headDim: number;
-  dtype: KvDtype;
-  clusters: number;
-  iterations: number;
-  seed: number;
-}
-export interface KmeansResult {
-  centroids: Float32Array;
-  assign: Int32Array;
-  sizes: Int32Array;
-}
 type KmeansFn = (a: KmeansArgs) => Promise<KmeansResult>;
 
 /**
