@@ -50,14 +50,14 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
     reply(c, {
       ok: true,
       version: VERSION,
-      backend: 'cpu',
+      backend: engine.gpu ? 'cuda' : 'cpu',
       threads: nativeThreads,
       documents: documents.list().length,
       sessions: sessions.size,
       recovered: engine.recovered,
       memory: { used: engine.budget.used, budget: engine.budget.limit },
-      // What the CUDA path would run on; attends are not routed to it yet.
-      gpu: { available: gpu.ok, device: gpu.device, memory: gpu.memory, built: gpu.built },
+      // The device and its block pool when attends use it; otherwise what the CUDA path found (or why not).
+      gpu: engine.gpu ? engine.gpu.describe() : { available: gpu.ok, device: gpu.device, memory: gpu.memory, built: gpu.built },
     }),
   );
 
@@ -76,7 +76,7 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
 
   app.post('/v1/sessions', async (c) => {
     const s = await sessions.create(await readBody(c));
-    return reply(c, { id: s.id, method: s.method.name, documentTokens: s.documentTokens() }, 201);
+    return reply(c, { id: s.id, method: s.method.name, documentTokens: s.documentTokens(), backend: s.gpu ? 'cuda' : 'cpu' }, 201);
   });
   app.post('/v1/sessions/:sid/kv', async (c) => reply(c, await sessions.appendKv(c.req.param('sid'), await readBody(c))));
   app.post('/v1/sessions/:sid/attend', async (c) => {

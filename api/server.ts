@@ -13,7 +13,7 @@ export interface RunningServer {
 }
 
 export async function startServer(cfg: Config): Promise<RunningServer> {
-  const engine = await Engine.open({ dataDir: cfg.dataDir, memoryBudget: cfg.memoryBudget });
+  const engine = await Engine.open({ dataDir: cfg.dataDir, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget });
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit });
   const server: ServerType = await new Promise((resolve) => {
     const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port }, () => resolve(s));

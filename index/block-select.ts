@@ -17,7 +17,7 @@
 // nothing is copied; the numbers say what the CUDA pool would move.
 import { buildBlockSummary, loadBlockSummary, type BlockSummary } from './block-summary.js';
 import type { BlockStats, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
-import { inside, staticRanges } from './static-plus-retrieved.js';
+import { inside, staticRanges, type Range } from './static-plus-retrieved.js';
 
 interface Policy {
   /** Share of the block budget given to the query-agnostic top-importance blocks. */
@@ -84,6 +84,29 @@ function updatePool(state: HeadState, chosen: number[], capacity: number, summar
   return stats;
 }
 
+/**
+ * Sinks and window widened to whole blocks: a block method attends blocks,
+ * so a block the static part touches is attended whole, and no selected
+ * block is split between the two parts.
+ */
+function blockAligned(ranges: Range[], size: number, tokens: number): Range[] {
+  const out: Range[] = [];
+  for (const [a, b] of ranges) {
+    const r: Range = [Math.floor(a / size) * size, Math.min(tokens, Math.ceil(b / size) * size)];
+    const last = out[out.length - 1];
+    if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
+    else out.push(r);
+  }
+  return out;
+}
+
+/** Pool eviction class of a selected block: query-agnostic ones outlive the rest. */
+function priorityOf(summary: BlockSummary, block: number, agnostic: Set<number>, policy: Policy): number {
+  if (policy.eviction === 'lru') return 0;
+  if (agnostic.has(block)) return 2;
+  return summary.importance[block] * summary.blocks >= 1 ? 1 : 0;
+}
+
 function blockSelect(name: string, policy: Policy): RetrievalMethod {
   return {
     name,
@@ -96,13 +119,17 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
       let scanned = 0;
       for (let s = 0; s < ctx.segments.length; s++) {
         const segment = ctx.segments[s];
-        const ranges = staticRanges(ctx, s, p);
-        for (const [begin, end] of ranges) parts.push({ segment, begin, end });
         const heads = ctx.indexes[s] as BlockSummary[] | undefined;
-        if (!heads || segment.tokens === 0) continue;
+        if (!heads || segment.tokens === 0) {
+          for (const [begin, end] of staticRanges(ctx, s, p)) parts.push({ segment, begin, end });
+          continue;
+        }
+        const size = heads[0].blockSize;
+        const ranges = blockAligned(staticRanges(ctx, s, p), size, segment.tokens);
+        for (const [begin, end] of ranges) parts.push({ segment, begin, end });
         const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
-        const budget = Math.min(heads[0].blocks, Math.ceil(share / heads[0].blockSize));
-        const ids: Int32Array[] = [];
+        const budget = Math.min(heads[0].blocks, Math.ceil(share / size));
+        const ids: Int32Array[] = [], priority: Uint8Array[] = [];
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
           const { order } = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G);
@@ -115,14 +142,13 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
           blocks.selected += st.selected;
           blocks.hits += st.hits;
           blocks.bytesIn += st.bytesIn;
-          const rows: number[] = [];
-          for (const b of chosen) {
-            const [a, e] = summary.rows(b);
-            for (let t = a; t < e; t++) if (!inside(ranges, t)) rows.push(t);
-          }
-          ids.push(Int32Array.from(rows));
+          // Blocks the static part already covers are attended there.
+          const kept = chosen.filter((b) => !inside(ranges, b * size));
+          const agnostic = new Set(summary.byImportance.subarray(0, Math.floor(budget * policy.agnosticShare)));
+          ids.push(Int32Array.from(kept));
+          priority.push(Uint8Array.from(kept, (b) => priorityOf(summary, b, agnostic, policy)));
         }
-        parts.push({ segment, ids });
+        parts.push({ segment, blocks: { size, ids, priority } });
       }
       return { parts, scanned, blocks };
     },

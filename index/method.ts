@@ -47,8 +47,30 @@ export interface SearchParams {
   span: number;
 }
 
-/** Part of a selection: a token range of one segment, or per-kv-head row ids. */
-export type SelectionPart = { segment: KvSegment } & Pick<AttendSegment, 'begin' | 'end' | 'ids'>;
+/**
+ * Whole blocks of one segment, per kv head: block b stands for rows
+ * [b * size, min((b + 1) * size, tokens)). The form block-selecting methods
+ * answer in, so a GPU block pool can take the blocks as they are.
+ */
+export interface BlockList {
+  size: number;
+  /** Per kv head, block ids, ascending. */
+  ids: Int32Array[];
+  /**
+   * Per kv head, aligned with ids: the pool's eviction class for each block
+   * (lower is evicted first); absent means 0 (plain LRU).
+   */
+  priority?: Uint8Array[];
+}
+
+/**
+ * Part of a selection: a token range of one segment, per-kv-head row ids, or
+ * per-kv-head whole blocks.
+ */
+export type SelectionPart = { segment: KvSegment } & (
+  | (Pick<AttendSegment, 'begin' | 'end' | 'ids'> & { blocks?: undefined })
+  | { blocks: BlockList; begin?: undefined; end?: undefined; ids?: undefined }
+);
 
 export interface Selection {
   parts: SelectionPart[];

@@ -62,7 +62,7 @@ export interface GpuAttendArgs {
 }
 
 interface NativePool {
-  upload(a: { client: number; blocks: Int32Array; k: Uint16Array; v: Uint16Array; priority?: number }): Int32Array;
+  upload(a: { client: number; blocks: Int32Array; k: Uint16Array; v: Uint16Array; priority?: number; indexed?: boolean }): Int32Array;
   lookup(a: { client: number; blocks: Int32Array }): Int32Array;
   pin(a: { client: number; blocks: Int32Array; pinned: boolean }): void;
   prefer(a: { client: number; blocks: Int32Array; priority: number }): void;
@@ -116,11 +116,21 @@ export class GpuPool {
     return this.pool.upload({ client, blocks, k, v, priority });
   }
 
+  /**
+   * As upload, but k and v are a whole head's rows (a KvSegment's k[h], v[h])
+   * and block b is read at b * blockSize * headDim: nothing is gathered in
+   * JS, and only misses are copied.
+   */
+  uploadIndexed(client: number, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority = 0): Int32Array {
+    return this.pool.upload({ client, blocks, k, v, priority, indexed: true });
+  }
+
   /** Slot of each block, -1 where not resident. */
   lookup(client: number, blocks: Int32Array): Int32Array {
     return this.pool.lookup({ client, blocks });
   }
 
+  /** Pins count: a block pinned twice stays until it is unpinned twice. */
   pin(client: number, blocks: Int32Array, pinned = true): void {
     this.pool.pin({ client, blocks, pinned });
   }

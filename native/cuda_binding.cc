@@ -4,7 +4,8 @@
 // cudaAvailable() -> {ok, device, memory, freeMemory, smCount, computeCapability}
 //   never throws; ok is false without a device, a driver, or a CUDA build.
 // new GpuPool({budgetBytes, blockSize, headDim, dtype, stagingBytes?})
-//   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?}) -> Int32Array slots
+//   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?, indexed?}) -> Int32Array slots
+//     k/v: the blocks back to back, or (indexed) a whole head's rows with block b at b*blockSize*headDim
 //   .lookup({client, blocks}) -> Int32Array (slot or -1)
 //   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
 //   .attend({q, qHeads, kvHeads, scale, tables: Int32Array[kvHeads], validTokens: number[kvHeads],
@@ -14,6 +15,7 @@
 // GpuPool constructor throws.
 #include <napi.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -97,14 +99,26 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     Napi::Object o = info[0].As<Napi::Object>();
     const int64_t client = Client(o);
     auto blocks = Typed<int32_t>(o.Get("blocks"), "blocks");
-    const size_t n = blocks.ElementLength(), words = n * BlockWords(env);
+    const size_t n = blocks.ElementLength();
+    const bool indexed = o.Has("indexed") && o.Get("indexed").ToBoolean().Value();
+    size_t words = n * BlockWords(env);
+    if (indexed) {
+      // Every block read must lie inside the arrays: the largest id bounds them.
+      int64_t top = -1;
+      for (size_t i = 0; i < n; ++i) {
+        if (blocks.Data()[i] < 0) throw Napi::RangeError::New(env, "blocks: negative block id");
+        top = std::max<int64_t>(top, blocks.Data()[i]);
+      }
+      words = size_t(top + 1) * BlockWords(env);
+    }
     auto k = Typed<uint16_t>(o.Get("k"), "k", words);
     auto v = Typed<uint16_t>(o.Get("v"), "v", words);
     int priority = 0;
     if (o.Has("priority") && !o.Get("priority").IsUndefined()) priority = int(Int(o, "priority", -1000000, 1000000));
     auto slots = Napi::Int32Array::New(env, n);
     try {
-      Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), priority, slots.Data());
+      Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), priority, slots.Data(),
+                       indexed ? kvr::cuda::BlockPool::Source::kIndexed : kvr::cuda::BlockPool::Source::kPacked);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 // kvrecall serve   [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]
+//                  [--memory-budget BYTES] [--gpu-budget BYTES (0: CPU only)]
 // kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
 //                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]
 import { startServer } from '../api/server.js';
@@ -7,14 +8,16 @@ import { parseConfig } from './config.js';
 import { preload, progressBar } from './preload.js';
 
 const USAGE = `usage:
-  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]
+  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES]
   kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]`;
 
 async function serve(args: string[]): Promise<void> {
   const cfg = parseConfig(args, process.env);
   const server = await startServer(cfg);
   for (const id of server.engine.recovered) console.log(`kvrecall: document ${id} was interrupted mid-preload; marked incomplete`);
-  console.log(`kvrecall listening on ${server.url} (data ${cfg.dataDir}${cfg.token ? ', token required' : ''})`);
+  const gpu = server.engine.gpu?.describe();
+  const backend = gpu ? `cuda: ${gpu.device}, pool ${(gpu.pool.budgetBytes / 2 ** 30).toFixed(1)} GiB` : 'cpu';
+  console.log(`kvrecall listening on ${server.url} (data ${cfg.dataDir}, ${backend}${cfg.token ? ', token required' : ''})`);
   const stop = async () => {
     await server.close();
     process.exit(0);

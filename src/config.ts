@@ -13,6 +13,11 @@ export interface Config {
   bodyLimit: number;
   /** Host bytes the KV of documents and sessions may hold (default 80% of RAM). */
   memoryBudget: number;
+  /**
+   * Device bytes for the GPU block pool; 0 keeps attention on the CPU even
+   * with a GPU. Unset: 80% of the device's free memory when one answers.
+   */
+  gpuBudget?: number;
 }
 
 export const DEFAULTS: Config = {
@@ -30,24 +35,30 @@ const FLAGS: Record<string, keyof Config> = {
   '--token': 'token',
   '--body-limit': 'bodyLimit',
   '--memory-budget': 'memoryBudget',
+  '--gpu-budget': 'gpuBudget',
 };
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   const cfg: Config = { ...DEFAULTS };
   if (env.KVRECALL_TOKEN) cfg.token = env.KVRECALL_TOKEN;
   if (env.KVRECALL_DATA) cfg.dataDir = env.KVRECALL_DATA;
+  if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];
     if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
     i++;
-    if (key === 'port' || key === 'bodyLimit' || key === 'memoryBudget') {
-      const n = Number(value);
-      if (!Number.isInteger(n) || n < 0) throw invalid(`${argv[i - 1]} takes a non-negative integer`);
-      cfg[key] = n;
+    if (key === 'port' || key === 'bodyLimit' || key === 'memoryBudget' || key === 'gpuBudget') {
+      cfg[key] = nonNegative(value, argv[i - 1]);
     } else {
       cfg[key] = value;
     }
   }
   return cfg;
+}
+
+function nonNegative(value: string, what: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw invalid(`${what} takes a non-negative integer`);
+  return n;
 }

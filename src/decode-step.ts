@@ -1,10 +1,12 @@
 // One decode step of one layer, top to bottom:
 //   check the request → append the current token → the method selects →
-//   the selection is made resident → attend over it (parts combined by
-//   log-sum-exp) → answer.
+//   the selection is made resident (GPU pool) → attend over it (parts
+//   combined by log-sum-exp) → answer.
 // Nothing here depends on which retrieval method the session uses.
-import { attend, type AttendSegment } from '../native/index.js';
-import type { BlockStats, LayerContext, Selection } from '../index/method.js';
+import { attend } from '../native/index.js';
+import type { BlockStats, Selection, SelectionPart } from '../index/method.js';
+import { POOL_BLOCK, RANGE_PRIORITY } from './gpu-backend.js';
+import { attendedCount, rowsOf, selectedPositions, splitForPool, toAttendSegment } from './selection-parts.js';
 import { invalid } from './errors.js';
 import type { Session } from './session.js';
 import { expectFinite, expectShape, parseFloatTensor, toF32, type FloatTensor } from './tensor.js';
@@ -28,8 +30,12 @@ export interface AttendResult {
   selection?: Int32Array[];
   /** Per kv head, the selected K and V rows in storage dtype (when asked). */
   kv?: { k: Uint16Array[]; v: Uint16Array[] };
-  /** ms: the whole step; selectMs: the method's selection; attendMs: the attention kernel. */
-  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number; blocks?: BlockStats };
+  /**
+   * ms: the whole step; selectMs: the method's selection; attendMs: making
+   * the selection resident and attending; backend: where the kernel ran;
+   * blocks: the pool's work (measured with a GPU, simulated without).
+   */
+  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number; backend: 'cpu' | 'cuda'; blocks?: BlockStats };
 }
 
 /** Checks an attend body against the session's model (the edge of the decode path). */
@@ -64,7 +70,8 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const m = session.model;
 
   // Append the current token: the query is the last position and sees itself.
-  if (req.k && req.v) session.own[req.layer].append(req.k.data, req.v.data, req.k.dtype, 1);
+  const own = session.own[req.layer];
+  if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1);
 
   // The method selects.
   const ctx = session.context(req.layer);
@@ -72,27 +79,29 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const selection = await session.method.select(ctx, req.q, session.params);
   const t2 = performance.now();
 
-  // Make the selection resident. On the CPU backend the host arrays already are.
-
-  // Attend over every part; the kernel combines the parts by log-sum-exp.
+  // Make the selection resident and attend over every part; parts are
+  // combined by log-sum-exp. With a GPU, whole blocks of documents are read
+  // from the device pool (misses copied in) and the rest (own tokens, partial
+  // blocks, row ids) on the host, merged into the kernel's answer.
   const out = new Float32Array(m.qHeads * m.headDim);
   const lse = new Float32Array(m.qHeads);
-  await attend({
-    q: req.q,
-    qHeads: m.qHeads,
-    kvHeads: m.kvHeads,
-    headDim: m.headDim,
-    dtype: m.dtype,
-    scale: req.scale,
-    segments: selection.parts.map(toAttendSegment),
-    out,
-    lse,
-  });
+  const gpu = session.gpu;
+  const split = gpu ? splitForPool(selection.parts, (seg) => seg !== own, POOL_BLOCK, m.kvHeads, RANGE_PRIORITY) : undefined;
+  let blocks = selection.blocks, backend: 'cpu' | 'cuda' = 'cpu';
+  if (gpu && split && split.poolBlocks > 0 && gpu.fits(m, split.poolBlocks)) {
+    const host = split.host.length > 0 ? { out: new Float32Array(out.length), lse: new Float32Array(lse.length) } : undefined;
+    if (host) await attendOnHost(session, req, split.host, host.out, host.lse);
+    const { kernelMs: _, ...pool } = await gpu.attend(m, req.layer, split.pool, req.q, req.scale, out, lse, host);
+    blocks = pool;
+    backend = 'cuda';
+  } else {
+    await attendOnHost(session, req, selection.parts, out, lse);
+  }
   const t3 = performance.now();
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);
-  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, ...(selection.blocks && { blocks: selection.blocks }) };
+  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }) };
   const result: AttendResult = { out, lse, stats };
   if (req.want.has('selection') || req.want.has('kv')) {
     const positions = selectedPositions(selection, ctx);
@@ -108,39 +117,18 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   return result;
 }
 
-function toAttendSegment(p: Selection['parts'][number]): AttendSegment {
-  return { k: p.segment.k, v: p.segment.v, tokens: p.segment.tokens, begin: p.begin, end: p.end, ids: p.ids };
-}
-
-/** Tokens attended per kv head, averaged over heads. */
-function attendedCount(sel: Selection, kvHeads: number): number {
-  let n = 0;
-  for (const p of sel.parts) {
-    if (p.ids) n += p.ids.reduce((a, ids) => a + ids.length, 0) / kvHeads;
-    else n += (p.end ?? p.segment.tokens) - (p.begin ?? 0);
-  }
-  return n;
-}
-
-function rowsOf(p: Selection['parts'][number], head: number): Int32Array {
-  if (p.ids) return p.ids[head];
-  const begin = p.begin ?? 0, end = p.end ?? p.segment.tokens;
-  return Int32Array.from({ length: end - begin }, (_, i) => begin + i);
-}
-
-function selectedPositions(sel: Selection, ctx: LayerContext): Int32Array[] {
-  return Array.from({ length: ctx.kvHeads }, (_, h) => {
-    const chunks = sel.parts.map((p) => {
-      const base = ctx.offsets[ctx.segments.indexOf(p.segment)];
-      return rowsOf(p, h).map((r) => r + base);
-    });
-    const all = new Int32Array(chunks.reduce((n, c) => n + c.length, 0));
-    let at = 0;
-    for (const c of chunks) {
-      all.set(c, at);
-      at += c.length;
-    }
-    return all;
+function attendOnHost(session: Session, req: AttendRequest, parts: SelectionPart[], out: Float32Array, lse: Float32Array): Promise<void> {
+  const m = session.model;
+  return attend({
+    q: req.q,
+    qHeads: m.qHeads,
+    kvHeads: m.kvHeads,
+    headDim: m.headDim,
+    dtype: m.dtype,
+    scale: req.scale,
+    segments: parts.map(toAttendSegment),
+    out,
+    lse,
   });
 }
 

@@ -4,13 +4,17 @@ import { mkdirSync } from 'node:fs';
 import { methodNames } from '../index/registry.js';
 import { HostBudget } from '../storage/host-budget.js';
 import { DocumentStore } from '../storage/store.js';
+import { cudaAvailable } from '../native/cuda.js';
 import { Documents } from './documents.js';
+import { GpuBackend } from './gpu-backend.js';
 import { Sessions } from './sessions.js';
 
 export interface EngineOptions {
   dataDir: string;
   /** Host bytes the KV of documents and sessions may hold. */
   memoryBudget: number;
+  /** Device bytes for the GPU block pool (0: CPU only; unset: 80% of free device memory). */
+  gpuBudget?: number;
 }
 
 export class Engine {
@@ -21,6 +25,8 @@ export class Engine {
     /** Documents found mid-preload at start (a crash) and marked incomplete. */
     readonly recovered: string[],
     readonly budget: HostBudget,
+    /** The CUDA backend, when a device answered and the budget allows one. */
+    readonly gpu?: GpuBackend,
   ) {}
 
   static async open(opts: EngineOptions): Promise<Engine> {
@@ -28,10 +34,13 @@ export class Engine {
     const { store, recovered } = await DocumentStore.open(opts.dataDir);
     const budget = new HostBudget(opts.memoryBudget);
     const documents = new Documents(store, methodNames, budget);
-    return new Engine(store, documents, new Sessions(documents, budget), recovered, budget);
+    const device = cudaAvailable();
+    const gpu = device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8) }) : undefined;
+    return new Engine(store, documents, new Sessions(documents, budget, gpu), recovered, budget, gpu);
   }
 
   async close(): Promise<void> {
     await this.store.close();
+    this.gpu?.close();
   }
 }

@@ -2,6 +2,7 @@
 // tokens (the question, then each generated token), per layer.
 import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../index/method.js';
 import type { HostBudget } from '../storage/host-budget.js';
+import type { GpuBackend } from './gpu-backend.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
 import type { ModelShape } from './model.js';
@@ -33,6 +34,10 @@ export class Session {
     /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
     readonly documentIndexes: (HeadIndex[][] | undefined)[],
     budget: HostBudget,
+    /** The GPU pool this session's steps use, when it was admitted to one. */
+    readonly gpu?: GpuBackend,
+    /** Pool bytes reserved for its working set (returned by release). */
+    private readonly gpuReserved = 0,
   ) {
     this.own = [];
     try {
@@ -48,6 +53,7 @@ export class Session {
   /** Returns the session's own KV memory to the budget. */
   release(): void {
     for (const s of this.own) s.release();
+    this.gpu?.release(this.gpuReserved);
   }
 
   documentTokens(): number {
@@ -74,6 +80,7 @@ export class Session {
       model: this.model,
       documents: this.documents.map((d) => d.meta.id),
       method: this.method.name,
+      backend: this.gpu ? 'cuda' : 'cpu',
       ...this.params,
       documentTokens: this.documentTokens(),
       ownTokens: this.own.map((s) => s.tokens),

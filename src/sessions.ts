@@ -10,6 +10,7 @@ import { KeyedQueue } from './serial.js';
 import { toF32 } from './tensor.js';
 import { Session } from './session.js';
 import type { HostBudget } from '../storage/host-budget.js';
+import type { GpuBackend } from './gpu-backend.js';
 
 export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0, chunk: 2048, span: 2 };
 
@@ -20,6 +21,7 @@ export class Sessions {
   constructor(
     private readonly documents: Documents,
     private readonly budget: HostBudget,
+    private readonly gpu?: GpuBackend,
   ) {}
 
   async create(body: Record<string, unknown>): Promise<Session> {
@@ -41,7 +43,9 @@ export class Sessions {
       params[key] = v;
     }
     const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
-    const session = new Session(randomUUID(), model, docs, method, params, indexes, this.budget);
+    const docTokens = docs.reduce((n, d) => n + d.meta.tokens, 0);
+    const reserved = this.gpu?.admit(model, method.name, params, docTokens) ?? 0;
+    const session = new Session(randomUUID(), model, docs, method, params, indexes, this.budget, reserved > 0 ? this.gpu : undefined, reserved);
     this.open.set(session.id, session);
     return session;
   }

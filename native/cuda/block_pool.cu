@@ -123,7 +123,7 @@ struct BlockPool::Impl {
     int64_t client = -1;
     int32_t block = -1;
     int prio = 0;
-    bool pinned = false;
+    int pins = 0;  // holders that keep the slot out of eviction (a count: steps overlap)
     bool listed = false;
     bool everUsed = false;
     std::list<int32_t>::iterator it;
@@ -148,7 +148,7 @@ struct BlockPool::Impl {
   }
   void List(int32_t s) {  // at the most recent end of its class
     SlotInfo& si = info[s];
-    if (si.listed || si.pinned || si.client < 0) return;
+    if (si.listed || si.pins > 0 || si.client < 0) return;
     auto& l = lru[si.prio];
     si.it = l.insert(l.end(), s);
     si.listed = true;
@@ -297,7 +297,7 @@ const PoolConfig& BlockPool::Config() const { return impl_->cfg; }
 int64_t BlockPool::Slots() const { return impl_->slots; }
 
 void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v,
-                       int priority, int32_t* slotsOut) {
+                       int priority, int32_t* slotsOut, Source source) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
   if (n > I.slots) throw std::runtime_error("GpuPool: " + std::to_string(n) + " blocks asked for, the pool holds " +
@@ -345,11 +345,12 @@ void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const u
     ++I.st.used;
     slotsOut[i] = s;
     held.push_back(s);
-    I.Stage(s, k + size_t(i) * I.blockWords, v + size_t(i) * I.blockWords, evicted);
+    const size_t at = size_t(source == Source::kIndexed ? int64_t(blocks[i]) : i) * I.blockWords;
+    I.Stage(s, k + at, v + at, evicted);
   }
   I.Flush();
   for (int32_t s : held) {
-    I.info[s].prio = I.info[s].pinned ? I.info[s].prio : priority;
+    I.info[s].prio = I.info[s].pins > 0 ? I.info[s].prio : priority;
     I.List(s);
   }
   if (!error.empty()) throw std::runtime_error(error);
@@ -381,13 +382,12 @@ void BlockPool::Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinne
     int32_t* e = blocks[i] >= 0 ? I.TableEntry(client, blocks[i], false) : nullptr;
     if (!e || *e < 0) continue;
     Impl::SlotInfo& si = I.info[*e];
-    if (si.pinned == pinned) continue;
     if (pinned) {
-      I.Unlist(*e);
-      si.pinned = true;
-      ++I.st.pinned;
-    } else {
-      si.pinned = false;
+      if (si.pins++ == 0) {
+        I.Unlist(*e);
+        ++I.st.pinned;
+      }
+    } else if (si.pins > 0 && --si.pins == 0) {
       --I.st.pinned;
       I.List(*e);
     }
@@ -416,8 +416,8 @@ void BlockPool::Release(int64_t client) {
     if (s < 0) continue;
     I.Unlist(s);
     Impl::SlotInfo& si = I.info[s];
-    if (si.pinned) --I.st.pinned;
-    si.pinned = false;
+    if (si.pins > 0) --I.st.pinned;
+    si.pins = 0;
     si.client = -1;
     si.block = -1;
     --I.st.used;

@@ -71,15 +71,20 @@ class BlockPool {
   const PoolConfig& Config() const;
   int64_t Slots() const;
 
-  // Makes blocks[i] of `client` resident; k and v hold n blocks back to back,
-  // each blockSize*headDim words. Hits are touched, misses copied (async).
-  // slotsOut[i] receives the slot. Throws when more blocks are asked for than
-  // can be resident at once. `priority` applies to every block of the call.
+  // Where Ensure reads block i: kPacked, k and v hold the n requested blocks
+  // back to back; kIndexed, they are a whole segment (a head's rows) and
+  // block b is at b*blockSize*headDim, so nothing is gathered for hits.
+  enum class Source { kPacked, kIndexed };
+  // Makes blocks[i] of `client` resident, each blockSize*headDim words of K
+  // and of V. Hits are touched, misses copied (async). slotsOut[i] receives
+  // the slot. Throws when more blocks are asked for than can be resident at
+  // once. `priority` applies to every block of the call.
   void Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v, int priority,
-              int32_t* slotsOut);
+              int32_t* slotsOut, Source source = Source::kPacked);
   // Slot of each block, or -1; touches residents; counts hits and misses.
   void Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t* slotsOut);
-  // Pinned blocks are never evicted; unpinning returns them to their class.
+  // Pinned blocks are never evicted; pins count (a block pinned twice needs
+  // two unpins), so overlapping steps can each hold what their attend reads.
   void Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned);
   // Moves resident blocks to another eviction class (lower goes first).
   void Prefer(int64_t client, const int32_t* blocks, int64_t n, int priority);

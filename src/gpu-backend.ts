@@ -1,0 +1,222 @@
+// The CUDA backend: one device pool of KV blocks (native/cuda) that decode
+// steps read whole document blocks from. Each (document segment, layer, kv
+// head) is one pool client with its own page table; documents are shared by
+// sessions, so are their resident blocks. What a step selects beyond whole
+// document blocks (the session's own tokens, partial blocks, token-level
+// selections) is attended on the host and merged in by the kernel through
+// log-sum-exp, so the answer is the same as the CPU path's.
+//
+// Admission: a session reserves its working set (the blocks one step of
+// every layer reads) at creation. A working set larger than the whole pool
+// runs on the host; one that fits but not beside the open sessions' is
+// refused with 503 until they end.
+import { cudaAvailable, GpuPool, type CudaInfo, type GpuPoolStats } from '../native/cuda.js';
+import type { BlockStats, SearchParams } from '../index/method.js';
+import type { KvSegment } from '../storage/kv-segment.js';
+import { KvrecallError } from './errors.js';
+import type { ModelShape } from './model.js';
+import type { PoolPart } from './selection-parts.js';
+
+/** Tokens per pool block; block-selecting methods summarize blocks of the same size. */
+export const POOL_BLOCK = 64;
+/** Eviction class of range parts (sinks, window, whole documents): every step reads them. */
+export const RANGE_PRIORITY = 3;
+
+export interface GpuBackendOptions {
+  /** Device bytes for the pool (K and V slots). */
+  budgetBytes: number;
+  stagingBytes?: number;
+}
+
+export interface GpuDescription {
+  backend: 'cuda';
+  device: string;
+  memory: number;
+  pool: {
+    budgetBytes: number;
+    blockSize: number;
+    /** The shape the pool was made for (the first session's that fits), once made. */
+    headDim?: number;
+    dtype?: string;
+    reservedBytes: number;
+  } & Partial<GpuPoolStats>;
+}
+
+export interface GpuStepResult extends BlockStats {
+  kernelMs: number;
+}
+
+export class GpuBackend {
+  private pool?: GpuPool;
+  private shape?: { headDim: number; dtype: string };
+  private readonly uids = new WeakMap<KvSegment, number>();
+  private nextUid = 1;
+  private reserved = 0;
+
+  private constructor(
+    readonly info: CudaInfo,
+    readonly options: GpuBackendOptions,
+  ) {}
+
+  /** The backend when a CUDA device answers and the budget is positive; undefined otherwise. */
+  static open(options: GpuBackendOptions): GpuBackend | undefined {
+    const info = cudaAvailable();
+    if (!info.ok || options.budgetBytes <= 0) return undefined;
+    return new GpuBackend(info, options);
+  }
+
+  /** Whether sessions of this model can use the pool (the kernel's head dims; one pool shape per process). */
+  accepts(m: ModelShape): boolean {
+    if (m.headDim !== 64 && m.headDim !== 128) return false;
+    return !this.shape || (this.shape.headDim === m.headDim && this.shape.dtype === m.dtype);
+  }
+
+  private slotBytes(m: ModelShape): number {
+    return POOL_BLOCK * m.headDim * 2 * 2;
+  }
+
+  /**
+   * Reserves a session's working set; returns the bytes to give back at its
+   * end, or 0 when the session runs on the host (shape not accepted, or a
+   * working set larger than the pool).
+   */
+  admit(m: ModelShape, method: string, params: SearchParams, documentTokens: number): number {
+    if (!this.accepts(m) || documentTokens === 0) return 0;
+    // Blocks per kv head one step reads: exact, the whole documents; the
+    // others, their budget plus sinks and window (+2 blocks for alignment).
+    const perHead = method === 'exact' ? Math.ceil(documentTokens / POOL_BLOCK) : Math.min(Math.ceil(documentTokens / POOL_BLOCK), Math.ceil((params.budget + params.sinks + params.window) / POOL_BLOCK) + 2);
+    const bytes = perHead * m.kvHeads * m.layers * this.slotBytes(m);
+    if (bytes > this.options.budgetBytes) return 0;
+    if (this.reserved + bytes > this.options.budgetBytes)
+      throw new KvrecallError(
+        'over_budget',
+        `the GPU pool cannot hold this session's working set (${gib(bytes)}) beside the open sessions' (${gib(this.reserved)} of ${gib(this.options.budgetBytes)}); retry when sessions end`,
+      );
+    this.reserved += bytes;
+    return bytes;
+  }
+
+  release(bytes: number): void {
+    this.reserved = Math.max(0, this.reserved - bytes);
+  }
+
+  private poolFor(m: ModelShape): GpuPool {
+    if (!this.pool) {
+      this.pool = GpuPool.create({ budgetBytes: this.options.budgetBytes, blockSize: POOL_BLOCK, headDim: m.headDim as 64 | 128, dtype: m.dtype, stagingBytes: this.options.stagingBytes });
+      this.shape = { headDim: m.headDim, dtype: m.dtype };
+    }
+    return this.pool;
+  }
+
+  /** Pool client of one (segment, layer, kv head): layers and heads are below 1024 (model.ts). */
+  private client(segment: KvSegment, layer: number, head: number): number {
+    let uid = this.uids.get(segment);
+    if (uid === undefined) this.uids.set(segment, (uid = this.nextUid++));
+    return (uid * 1024 + layer) * 1024 + head;
+  }
+
+  /** Whether a step with this many blocks can be held in the pool beside the blocks other steps hold now. */
+  fits(m: ModelShape, blocks: number): boolean {
+    const pool = this.poolFor(m);
+    const st = pool.stats();
+    return blocks <= st.slots - st.pinned;
+  }
+
+  /**
+   * Makes the parts' blocks resident (copying misses from the host
+   * segments), holds them for the kernel, and attends; `extra` is the host
+   * part, merged by log-sum-exp. Returns what the pool did for this step.
+   */
+  async attend(
+    m: ModelShape,
+    layer: number,
+    parts: PoolPart[],
+    q: Float32Array,
+    scale: number,
+    out: Float32Array,
+    lse: Float32Array,
+    extra?: { out: Float32Array; lse: Float32Array },
+  ): Promise<GpuStepResult> {
+    const pool = this.poolFor(m);
+    const before = pool.stats();
+    const held: [number, Int32Array][] = [];
+    const slots: Int32Array[][] = Array.from({ length: m.kvHeads }, () => []);
+    let selected = 0;
+    try {
+      for (const part of parts) {
+        for (let h = 0; h < m.kvHeads; h++) {
+          const blocks = part.blocks[h];
+          if (blocks.length === 0) continue;
+          const client = this.client(part.segment, layer, h);
+          for (const [priority, ids] of byPriority(blocks, part.priority[h])) {
+            slots[h].push(pool.uploadIndexed(client, ids, part.segment.k[h], part.segment.v[h], priority));
+            // Held until the kernel has read them: a later upload (this step's
+            // next head, or another session's step) must not evict them.
+            pool.pin(client, ids);
+            held.push([client, ids]);
+          }
+          selected += blocks.length;
+        }
+      }
+      const tables = slots.map(concat);
+      await pool.attend({
+        q,
+        qHeads: m.qHeads,
+        kvHeads: m.kvHeads,
+        scale,
+        tables,
+        validTokens: tables.map((t) => t.length * POOL_BLOCK),
+        out,
+        lse,
+        ...(extra && { extraOut: extra.out, extraLse: extra.lse }),
+      });
+    } finally {
+      for (const [client, ids] of held) pool.pin(client, ids, false);
+    }
+    const after = pool.stats();
+    return { selected, hits: after.hits - before.hits, bytesIn: after.bytesCopied - before.bytesCopied, kernelMs: after.lastKernelMs };
+  }
+
+  describe(): GpuDescription {
+    return {
+      backend: 'cuda',
+      device: this.info.device,
+      memory: this.info.memory,
+      pool: { budgetBytes: this.options.budgetBytes, blockSize: POOL_BLOCK, ...this.shape, reservedBytes: this.reserved, ...this.pool?.stats() },
+    };
+  }
+
+  close(): void {
+    this.pool?.close();
+    this.pool = undefined;
+  }
+}
+
+/** Blocks grouped by eviction class (one upload per class; usually one or two). */
+function byPriority(blocks: Int32Array, priority: Uint8Array): [number, Int32Array][] {
+  let uniform = true;
+  for (let i = 1; i < priority.length && uniform; i++) uniform = priority[i] === priority[0];
+  if (uniform) return [[priority[0] ?? 0, blocks]];
+  const groups = new Map<number, number[]>();
+  priority.forEach((p, i) => {
+    const g = groups.get(p);
+    if (g) g.push(blocks[i]);
+    else groups.set(p, [blocks[i]]);
+  });
+  return [...groups].map(([p, ids]) => [p, Int32Array.from(ids)]);
+}
+
+function concat(parts: Int32Array[]): Int32Array {
+  if (parts.length === 1) return parts[0];
+  const all = new Int32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  return all;
+}
+
+function gib(bytes: number): string {
+  return `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+}
