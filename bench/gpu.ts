@@ -1,6 +1,6 @@
 // GPU decode path: correctness checks and a benchmark (needs a CUDA device).
 //
-//   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--quick])
+//   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode] [--quick])
 //
 // --check runs the same comparisons as test/native/gpu.test.ts without vitest:
 // the split-K kernel over block tables against the CPU `attend` and a float64
@@ -15,12 +15,15 @@
 // copies: the pool's upload path end to end (host memcpy into pinned staging,
 // H2D, scatter into slots) and the bare pinned copy, against the 54.8 GB/s
 // measured on the lent H100. Results: bench/results/gpu-h100.{json,md}
-// (also copied to $OUT when set).
+// (also copied to $OUT when set). Then the decode loop of bench/gpu-decode.ts
+// (256 steps at 1M tokens: dense vs nosa vs topk-blocks on the real pool);
+// --decode runs only that one, --bench only the kernel and copy timings.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, GpuPool } from '../native/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../native/index.js';
+import { runDecodeBench } from './gpu-decode.js';
 import { Rng } from './workload.js';
 
 // ---------------------------------------------------------------- data
@@ -385,13 +388,16 @@ async function main(): Promise<void> {
     console.log('no CUDA device: nothing to run');
     return;
   }
-  const quick = process.argv.includes('--quick');
-  if (process.argv.includes('--check')) {
+  const argv = process.argv, quick = argv.includes('--quick');
+  const get = (name: string) => (argv.indexOf(name) >= 0 ? Number(argv[argv.indexOf(name) + 1]) : undefined);
+  if (argv.includes('--check')) {
     const ok = await runChecks(quick);
     if (!ok) process.exitCode = 1;
-    if (!process.argv.includes('--bench')) return;
+    if (!argv.includes('--bench') && !argv.includes('--decode')) return;
   }
-  await runBench(quick);
+  const bench = argv.includes('--bench'), decode = argv.includes('--decode');
+  if (bench || !decode) await runBench(quick);
+  if (decode || !bench) await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device });
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

@@ -42,11 +42,21 @@ export const blockSummaryBuilder: HeadIndexBuilder = {
   load: loadBlockSummary,
 };
 
-function choose(summary: BlockSummary, byScore: Int32Array, budget: number, prev: Set<number>, policy: Policy): number[] {
+/**
+ * The step's blocks: the agnostic ones, then by score, keeping what the
+ * previous step selected and bringing in at most `maxNew` others. Only the
+ * candidates can be chosen (the previous selection and the top `reach`
+ * blocks by score, reach = budget + agnostic + maxNew: any block below them
+ * would come after the budget or the quota is spent), so nothing beyond them
+ * is sorted.
+ */
+function choose(summary: BlockSummary, top: Int32Array, scores: Float32Array, budget: number, prev: Set<number>, policy: Policy): number[] {
   const chosen = new Set<number>();
-  const agnostic = Math.floor(budget * policy.agnosticShare);
-  for (const b of summary.byImportance.subarray(0, agnostic)) chosen.add(b);
-  const maxNew = prev.size === 0 ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare));
+  for (const b of summary.byImportance.subarray(0, agnosticCount(budget, policy))) chosen.add(b);
+  const maxNew = prev.size === 0 ? Infinity : maxNewCount(budget, policy);
+  const candidates = new Set<number>(top);
+  for (const b of prev) candidates.add(b);
+  const byScore = [...candidates].sort((a, b) => scores[b] - scores[a] || a - b);
   let brought = 0;
   for (const b of byScore) {
     if (chosen.size >= budget) break;
@@ -59,6 +69,9 @@ function choose(summary: BlockSummary, byScore: Int32Array, budget: number, prev
   }
   return [...chosen];
 }
+
+const agnosticCount = (budget: number, policy: Policy) => Math.floor(budget * policy.agnosticShare);
+const maxNewCount = (budget: number, policy: Policy) => (policy.maxNewShare === Infinity ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare)));
 
 function updatePool(state: HeadState, chosen: number[], capacity: number, summary: BlockSummary, policy: Policy, bytesPerBlock: number): BlockStats {
   const stats: BlockStats = { selected: chosen.length, hits: 0, bytesIn: 0 };
@@ -132,19 +145,21 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         const ids: Int32Array[] = [], priority: Uint8Array[] = [];
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
-          const { order } = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G);
+          const maxNew = maxNewCount(budget, policy);
+          const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew);
+          const { order, scores } = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G, reach);
           scanned += summary.blocks / ctx.kvHeads;
           const key = `${name}:${s}:${h}`;
           const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), step: 0 };
           ctx.memo.set(key, state);
-          const chosen = choose(summary, order, budget, state.selected, policy).sort((a, b) => a - b);
+          const chosen = choose(summary, order, scores, budget, state.selected, policy).sort((a, b) => a - b);
           const st = updatePool(state, chosen, Math.ceil(budget * POOL_FACTOR), summary, policy, summary.blockSize * d * 2 * 2);
           blocks.selected += st.selected;
           blocks.hits += st.hits;
           blocks.bytesIn += st.bytesIn;
           // Blocks the static part already covers are attended there.
           const kept = chosen.filter((b) => !inside(ranges, b * size));
-          const agnostic = new Set(summary.byImportance.subarray(0, Math.floor(budget * policy.agnosticShare)));
+          const agnostic = new Set(summary.byImportance.subarray(0, agnosticCount(budget, policy)));
           ids.push(Int32Array.from(kept));
           priority.push(Uint8Array.from(kept, (b) => priorityOf(summary, b, agnostic, policy)));
         }

@@ -14,6 +14,7 @@ export class BlockSummary implements HeadIndex {
   /** Block scores of the last scoreBlocks call, by block. */
   private readonly scores: Float32Array;
   private readonly order: Int32Array;
+  private readonly topScores: Float32Array;
 
   constructor(
     readonly blocks: number,
@@ -28,18 +29,19 @@ export class BlockSummary implements HeadIndex {
   ) {
     this.scores = new Float32Array(blocks);
     this.order = new Int32Array(blocks);
+    this.topScores = new Float32Array(blocks);
   }
 
   /**
-   * Scores every block by max over the group of q·mean: the blocks best
-   * first, and the scores by block (both reused buffers, valid until the
-   * next call).
+   * Scores every block by max over the group of q·mean: the `k` best
+   * blocks, best first, and every block's score, by block (both reused
+   * buffers, valid until the next call). One native pass; nothing is sorted
+   * beyond the k asked for.
    */
-  async scoreBlocks(q: Float32Array, group: number): Promise<{ order: Int32Array; scores: Float32Array }> {
-    const sorted = new Float32Array(this.blocks);
-    await topk({ q, group, headDim: this.headDim, keys: this.means, tokens: this.blocks, dtype: this.dtype, k: this.blocks, outIds: this.order, outScores: sorted });
-    for (let i = 0; i < this.blocks; i++) this.scores[this.order[i]] = sorted[i];
-    return { order: this.order, scores: this.scores };
+  async scoreBlocks(q: Float32Array, group: number, k = this.blocks): Promise<{ order: Int32Array; scores: Float32Array }> {
+    const keep = Math.min(k, this.blocks);
+    const n = await topk({ q, group, headDim: this.headDim, keys: this.means, tokens: this.blocks, dtype: this.dtype, k: keep, outIds: this.order, outScores: this.topScores, allScores: this.scores });
+    return { order: this.order.subarray(0, n), scores: this.scores };
   }
 
   /** Blocks by stable importance, most important first (computed once). */

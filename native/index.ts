@@ -43,6 +43,8 @@ export interface TopkArgs {
   k: number;
   outIds: Int32Array;
   outScores: Float32Array;
+  /** When given ([tokens]), receives every row's score, by row. */
+  allScores?: Float32Array;
 }
 
 export interface AttentionMassArgs {

@@ -18,6 +18,7 @@ struct TopkProblem {
   int k = 0;
   int32_t* outIds = nullptr;   // [min(k, tokens)], best first
   float* outScores = nullptr;  // [min(k, tokens)]
+  float* allScores = nullptr;  // optional [tokens]: every row's score, by row
 };
 
 // Returns how many ids were written: min(k, tokens).

@@ -1,5 +1,8 @@
-// topk({q, group, headDim, keys, tokens, dtype, k, outIds, outScores}) -> Promise<number>
+// topk({q, group, headDim, keys, tokens, dtype, k, outIds, outScores, allScores?}) -> Promise<number>
+// allScores (Float32Array [tokens]), when given, receives every row's score.
 #include <napi.h>
+
+#include <vector>
 
 #include "binding_args.h"
 #include "topk.h"
@@ -25,9 +28,15 @@ Napi::Value TopkJs(const Napi::CallbackInfo& info) {
   p.keys = keys.Data();
   p.outIds = ids.Data();
   p.outScores = scores.Data();
+  std::vector<Napi::Value> hold{q, keys, ids, scores};
+  if (o.Has("allScores") && !o.Get("allScores").IsUndefined()) {
+    auto all = Typed<float>(o.Get("allScores"), "allScores", size_t(p.tokens));
+    p.allScores = all.Data();
+    hold.push_back(all);
+  }
   auto count = std::make_shared<int64_t>(0);
   return RunAsync(
-      env, {q, keys, ids, scores}, [p, count]() { *count = TopK(p); },
+      env, hold, [p, count]() { *count = TopK(p); },
       [count](Napi::Env e) { return Napi::Number::New(e, double(*count)); });
 }
 

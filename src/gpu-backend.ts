@@ -39,6 +39,8 @@ export interface GpuDescription {
     headDim?: number;
     dtype?: string;
     reservedBytes: number;
+    /** Why no pool could be made (steps then run on the host). */
+    failure?: string;
   } & Partial<GpuPoolStats>;
 }
 
@@ -52,11 +54,17 @@ export class GpuBackend {
   private readonly uids = new WeakMap<KvSegment, number>();
   private nextUid = 1;
   private reserved = 0;
+  /** Pool bytes: the configured budget, or what the device could give. */
+  private budget: number;
+  /** Why the pool could not be made, once that happened. */
+  private failure?: string;
 
   private constructor(
     readonly info: CudaInfo,
     readonly options: GpuBackendOptions,
-  ) {}
+  ) {
+    this.budget = options.budgetBytes;
+  }
 
   /** The backend when a CUDA device answers and the budget is positive; undefined otherwise. */
   static open(options: GpuBackendOptions): GpuBackend | undefined {
@@ -81,16 +89,16 @@ export class GpuBackend {
    * working set larger than the pool).
    */
   admit(m: ModelShape, method: string, params: SearchParams, documentTokens: number): number {
-    if (!this.accepts(m) || documentTokens === 0) return 0;
+    if (!this.accepts(m) || documentTokens === 0 || (this.failure && !this.pool)) return 0;
     // Blocks per kv head one step reads: exact, the whole documents; the
     // others, their budget plus sinks and window (+2 blocks for alignment).
     const perHead = method === 'exact' ? Math.ceil(documentTokens / POOL_BLOCK) : Math.min(Math.ceil(documentTokens / POOL_BLOCK), Math.ceil((params.budget + params.sinks + params.window) / POOL_BLOCK) + 2);
     const bytes = perHead * m.kvHeads * m.layers * this.slotBytes(m);
-    if (bytes > this.options.budgetBytes) return 0;
-    if (this.reserved + bytes > this.options.budgetBytes)
+    if (bytes > this.budget) return 0;
+    if (this.reserved + bytes > this.budget)
       throw new KvrecallError(
         'over_budget',
-        `the GPU pool cannot hold this session's working set (${gib(bytes)}) beside the open sessions' (${gib(this.reserved)} of ${gib(this.options.budgetBytes)}); retry when sessions end`,
+        `the GPU pool cannot hold this session's working set (${gib(bytes)}) beside the open sessions' (${gib(this.reserved)} of ${gib(this.budget)}); retry when sessions end`,
       );
     this.reserved += bytes;
     return bytes;
@@ -100,12 +108,26 @@ export class GpuBackend {
     this.reserved = Math.max(0, this.reserved - bytes);
   }
 
-  private poolFor(m: ModelShape): GpuPool {
-    if (!this.pool) {
-      this.pool = GpuPool.create({ budgetBytes: this.options.budgetBytes, blockSize: POOL_BLOCK, headDim: m.headDim as 64 | 128, dtype: m.dtype, stagingBytes: this.options.stagingBytes });
-      this.shape = { headDim: m.headDim, dtype: m.dtype };
+  /**
+   * The pool, made at the first step that needs it. When the device cannot
+   * give the budget (another process holds memory), it tries half, down to
+   * 1/16, and admission then counts what it got; with none, steps stay on the
+   * host (never an error to the client).
+   */
+  private poolFor(m: ModelShape): GpuPool | undefined {
+    if (this.pool || this.failure) return this.pool;
+    for (let bytes = this.budget; bytes >= this.options.budgetBytes / 16; bytes = Math.floor(bytes / 2)) {
+      try {
+        this.pool = GpuPool.create({ budgetBytes: bytes, blockSize: POOL_BLOCK, headDim: m.headDim as 64 | 128, dtype: m.dtype, stagingBytes: this.options.stagingBytes });
+        this.budget = bytes;
+        this.shape = { headDim: m.headDim, dtype: m.dtype };
+        return this.pool;
+      } catch (e) {
+        this.failure = String(e);
+      }
     }
-    return this.pool;
+    console.error(`kvrecall: GPU pool unavailable, attending on the host: ${this.failure}`);
+    return undefined;
   }
 
   /** Pool client of one (segment, layer, kv head): layers and heads are below 1024 (model.ts). */
@@ -118,6 +140,7 @@ export class GpuBackend {
   /** Whether a step with this many blocks can be held in the pool beside the blocks other steps hold now. */
   fits(m: ModelShape, blocks: number): boolean {
     const pool = this.poolFor(m);
+    if (!pool) return false;
     const st = pool.stats();
     return blocks <= st.slots - st.pinned;
   }
@@ -138,6 +161,7 @@ export class GpuBackend {
     extra?: { out: Float32Array; lse: Float32Array },
   ): Promise<GpuStepResult> {
     const pool = this.poolFor(m);
+    if (!pool) throw new Error('GpuBackend.attend without a pool (fits() said no)');
     const before = pool.stats();
     const held: [number, Int32Array][] = [];
     const slots: Int32Array[][] = Array.from({ length: m.kvHeads }, () => []);
@@ -182,7 +206,7 @@ export class GpuBackend {
       backend: 'cuda',
       device: this.info.device,
       memory: this.info.memory,
-      pool: { budgetBytes: this.options.budgetBytes, blockSize: POOL_BLOCK, ...this.shape, reservedBytes: this.reserved, ...this.pool?.stats() },
+      pool: { budgetBytes: this.budget, blockSize: POOL_BLOCK, ...this.shape, reservedBytes: this.reserved, ...(this.failure && !this.pool && { failure: this.failure }), ...this.pool?.stats() },
     };
   }
 

@@ -13,8 +13,12 @@ export function tempDataDir(): { dir: string; cleanup(): void } {
   return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
+// Test servers share a GPU (where there is one) across parallel test files:
+// each takes a modest pool instead of 80% of the device.
+const TEST_GPU_BUDGET = 1 << 30;
+
 export function startInProcess(dataDir: string, overrides: Partial<Config> = {}): Promise<RunningServer> {
-  return startServer({ ...DEFAULTS, port: 0, dataDir, ...overrides });
+  return startServer({ ...DEFAULTS, port: 0, dataDir, gpuBudget: TEST_GPU_BUDGET, ...overrides });
 }
 
 export interface ChildServer {
@@ -26,7 +30,7 @@ export interface ChildServer {
 const CLI = join(import.meta.dirname, '..', '..', 'dist', 'src', 'cli.js');
 
 export function startChild(dataDir: string, extra: string[] = []): Promise<ChildServer> {
-  const proc = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--data', dataDir, ...extra], {
+  const proc = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--data', dataDir, '--gpu-budget', String(TEST_GPU_BUDGET), ...extra], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let log = '';

@@ -1,0 +1,174 @@
+// The GPU decode loop over a 1M-token layer, as the server runs it: the
+// seeded workload (bench/workload.ts: 8 kv heads, d=128, drifting decode
+// queries with temporal locality) as one sealed document, and 256 steps of
+// src/decode-step.ts's decodeStep per configuration, in process (no HTTP):
+//
+//   dense        method exact, the whole layer's KV resident in the pool;
+//   nosa         NOSA block selection, pool = 5% of the layer's KV;
+//   topk-blocks  plain top blocks by q·mean, the same pool, LRU eviction.
+//
+// Per step: latency (selection, residency + attention), kernel time, blocks
+// selected, pool hits and host→device bytes, and the output's error against
+// the dense answer of the same step. Part of `npm run bench:gpu` (or
+// `node dist/bench/gpu.js --decode [--tokens N --steps S]`); results in
+// bench/results/gpu-decode-h100.{json,md}.
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { blockSummaryBuilder } from '../index/block-select.js';
+import { findMethod } from '../index/registry.js';
+import type { HeadIndex, SearchParams } from '../index/method.js';
+import { decodeStep } from '../src/decode-step.js';
+import type { LoadedDocument } from '../src/documents.js';
+import { GpuBackend } from '../src/gpu-backend.js';
+import type { ModelShape } from '../src/model.js';
+import { DEFAULT_PARAMS } from '../src/sessions.js';
+import { Session } from '../src/session.js';
+import { UNLIMITED } from '../storage/host-budget.js';
+import { KvSegment } from '../storage/kv-segment.js';
+import { generateWorkload } from './workload.js';
+
+const progress = (msg: string) => process.stderr.write(`[bench:gpu decode] ${msg}\n`);
+
+interface StepRow {
+  ms: number;
+  selectMs: number;
+  attendMs: number;
+  kernelMs: number;
+  selected: number;
+  hits: number;
+  bytesIn: number;
+  outError: number;
+}
+
+const pct = (xs: number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(p * (s.length - 1)))];
+};
+const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+
+function relError(a: Float32Array, b: Float32Array, heads: number): number {
+  const d = a.length / heads;
+  let sum = 0;
+  for (let h = 0; h < heads; h++) {
+    let num = 0, den = 0;
+    for (let j = 0; j < d; j++) {
+      num += (a[h * d + j] - b[h * d + j]) ** 2;
+      den += b[h * d + j] ** 2;
+    }
+    sum += Math.sqrt(num / Math.max(den, 1e-30));
+  }
+  return sum / heads;
+}
+
+export async function runDecodeBench(opts: { tokens: number; steps: number; device: string }): Promise<void> {
+  const { tokens, steps } = opts;
+  const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16', blockSize: 64 };
+  const { kvHeads, headDim: d } = model;
+  progress(`generating ${tokens} tokens × ${kvHeads} kv heads, ${steps} decode steps`);
+  const t0 = performance.now();
+  const w = generateWorkload({ seed: 11, tokens, kvHeads, qHeads: model.qHeads, headDim: d, steps, needles: 0 });
+  progress(`workload ready (${((performance.now() - t0) / 1e3).toFixed(1)} s); block summaries`);
+  const seg = new KvSegment(kvHeads, d, 'f16', 1);
+  seg.k = w.keys;
+  seg.v = w.values;
+  seg.setTokens(tokens);
+  const summaries: HeadIndex[] = [];
+  for (let h = 0; h < kvHeads; h++) {
+    const queries = w.prefillQ[h];
+    const bytes = await blockSummaryBuilder.build({ keys: w.keys[h], tokens, headDim: d, dtype: 'f16', queries, queryCount: queries.length / d });
+    summaries.push(blockSummaryBuilder.load(bytes, { keys: w.keys[h], tokens, headDim: d, dtype: 'f16' }));
+  }
+  const doc: LoadedDocument = {
+    meta: { id: 'workload', model, status: 'ready', tokens, methods: ['nosa', 'topk-blocks'], createdAt: new Date().toISOString() },
+    layers: [seg],
+    indexes: new Map(),
+  };
+  const layerBytes = tokens * kvHeads * d * 2 * 2;
+  const sparseBudget = Math.floor(tokens * 0.01);
+  const poolShare = 0.05;
+  const configs = [
+    { name: 'dense (exact)', method: 'exact', poolBytes: Math.ceil(layerBytes * 1.02), params: DEFAULT_PARAMS },
+    { name: 'nosa', method: 'nosa', poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
+    { name: 'topk-blocks + LRU', method: 'topk-blocks', poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
+  ];
+  const denseOut: Float32Array[] = [];
+  const results: Record<string, unknown>[] = [];
+  for (const cfg of configs) {
+    const gpu = GpuBackend.open({ budgetBytes: cfg.poolBytes, stagingBytes: 256 << 20 });
+    if (!gpu) throw new Error('no CUDA device');
+    const method = findMethod(cfg.method)!;
+    const indexes = method.builder ? [[summaries]] : [];
+    const reserved = gpu.admit(model, cfg.method, cfg.params as SearchParams, tokens);
+    const session = new Session(cfg.method, model, [doc], method, cfg.params as SearchParams, indexes, UNLIMITED, reserved > 0 ? gpu : undefined, reserved);
+    const rows: StepRow[] = [];
+    for (let s = 0; s < steps; s++) {
+      const q = w.decodeQ[s];
+      const r = await decodeStep(session, { layer: 0, q, scale: w.scale, want: new Set(['out']) });
+      const st = gpu.describe().pool;
+      if (cfg.method === 'exact') denseOut.push(r.out);
+      rows.push({
+        ms: r.stats.ms, selectMs: r.stats.selectMs, attendMs: r.stats.attendMs, kernelMs: st.lastKernelMs ?? NaN,
+        selected: r.stats.blocks?.selected ?? 0, hits: r.stats.blocks?.hits ?? 0, bytesIn: r.stats.blocks?.bytesIn ?? 0,
+        outError: cfg.method === 'exact' ? 0 : relError(r.out, denseOut[s], model.qHeads),
+      });
+      if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
+      if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
+    }
+    session.release();
+    gpu.close();
+    // Step 0 fills the pool (every block is a miss): steady state is steps 1..
+    const warm = rows.slice(1);
+    const sel = warm.reduce((a, r) => a + r.selected, 0), hit = warm.reduce((a, r) => a + r.hits, 0);
+    const summary = {
+      config: cfg.name,
+      method: cfg.method,
+      poolBytes: cfg.poolBytes,
+      poolShareOfKv: cfg.poolBytes / layerBytes,
+      budgetTokensPerHead: cfg.method === 'exact' ? tokens : sparseBudget,
+      stepMsP50: pct(warm.map((r) => r.ms), 0.5),
+      stepMsP99: pct(warm.map((r) => r.ms), 0.99),
+      selectMsP50: pct(warm.map((r) => r.selectMs), 0.5),
+      attendMsP50: pct(warm.map((r) => r.attendMs), 0.5),
+      kernelMsP50: pct(warm.map((r) => r.kernelMs), 0.5),
+      blocksSelectedPerStep: sel / warm.length,
+      hitRate: sel ? hit / sel : NaN,
+      bytesInPerStepMean: mean(warm.map((r) => r.bytesIn)),
+      bytesInPerStepP99: pct(warm.map((r) => r.bytesIn), 0.99),
+      firstStepBytesIn: rows[0].bytesIn,
+      outErrorMean: mean(warm.map((r) => r.outError)),
+      outErrorMax: Math.max(...warm.map((r) => r.outError)),
+    };
+    console.log(JSON.stringify(summary));
+    results.push({ ...summary, steps: rows });
+  }
+  const result = {
+    device: opts.device,
+    shape: { tokens, kvHeads, qHeads: model.qHeads, headDim: d, dtype: 'f16', poolBlock: 64, layerKvBytes: layerBytes },
+    workload: { seed: 11, steps, generator: 'bench/workload.ts' },
+    note: 'one layer, in process (decodeStep, no HTTP); no own session tokens; step 0 (pool fill) excluded from the steady-state columns',
+    configs: results,
+    date: new Date().toISOString(),
+  };
+  const f = (x: unknown, n = 2) => Number(x).toFixed(n);
+  const md = [
+    `# GPU decode loop at ${tokens} tokens per layer (${opts.device})`,
+    '',
+    `One layer, ${model.qHeads} q / ${kvHeads} kv heads, d=${d}, f16 (${(layerBytes / 2 ** 30).toFixed(1)} GiB of K+V), ${steps} decode steps of the seeded workload through ` +
+      "src/decode-step.ts in process. Sparse methods: budget 1% of tokens per kv head + 64 sinks + 256 window, pool 5% of the layer's KV. " +
+      'Steady state (steps 1..), step 0 fills the pool.',
+    '',
+    '| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ...results.map((r) =>
+      `| ${r.config} | ${f(Number(r.poolShareOfKv) * 100, 0)}% | ${f(r.stepMsP50)} / ${f(r.stepMsP99)} | ${f(r.selectMsP50)} | ${f(r.attendMsP50)} | ${f(r.kernelMsP50, 3)} | ` +
+      `${f(r.blocksSelectedPerStep, 0)} | ${f(r.hitRate, 3)} | ${f(Number(r.bytesInPerStepMean) / 2 ** 20)} / ${f(Number(r.bytesInPerStepP99) / 2 ** 20)} | ${f(r.outErrorMean, 3)} / ${f(r.outErrorMax, 3)} |`),
+    '',
+  ].join('\n');
+  const dir = join('bench', 'results');
+  mkdirSync(dir, { recursive: true });
+  for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
+    writeFileSync(join(d, 'gpu-decode-h100.json'), JSON.stringify(result, null, 2) + '\n');
+    writeFileSync(join(d, 'gpu-decode-h100.md'), md);
+  }
+  console.log(md);
+}
