@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <list>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -126,11 +125,16 @@ struct BlockPool::Impl {
     int pins = 0;  // holders that keep the slot out of eviction (a count: steps overlap)
     bool listed = false;
     bool everUsed = false;
-    std::list<int32_t>::iterator it;
+    int32_t prev = -1, next = -1;  // neighbours in its class's LRU chain
+  };
+  // Least recent first. Intrusive (indices in SlotInfo), so touching a block
+  // allocates nothing: a dense step touches every block of the context.
+  struct Chain {
+    int32_t head = -1, tail = -1;
   };
   std::vector<SlotInfo> info;
   std::vector<int32_t> freeSlots;
-  std::map<int, std::list<int32_t>> lru;  // priority -> slots, least recent first
+  std::map<int, Chain> lru;  // priority -> slots, least recent first; no empty chains
   std::unordered_map<int64_t, std::vector<int32_t>> tables;
   PoolStats st;
 
@@ -141,16 +145,25 @@ struct BlockPool::Impl {
   void Unlist(int32_t s) {
     SlotInfo& si = info[s];
     if (!si.listed) return;
-    auto& l = lru[si.prio];
-    l.erase(si.it);
-    if (l.empty()) lru.erase(si.prio);
+    auto c = lru.find(si.prio);
+    Chain& l = c->second;
+    if (si.prev >= 0) info[si.prev].next = si.next;
+    else l.head = si.next;
+    if (si.next >= 0) info[si.next].prev = si.prev;
+    else l.tail = si.prev;
+    si.prev = si.next = -1;
+    if (l.head < 0) lru.erase(c);
     si.listed = false;
   }
   void List(int32_t s) {  // at the most recent end of its class
     SlotInfo& si = info[s];
     if (si.listed || si.pins > 0 || si.client < 0) return;
-    auto& l = lru[si.prio];
-    si.it = l.insert(l.end(), s);
+    Chain& l = lru[si.prio];
+    si.prev = l.tail;
+    si.next = -1;
+    if (l.tail >= 0) info[l.tail].next = s;
+    else l.head = s;
+    l.tail = s;
     si.listed = true;
   }
   int32_t* TableEntry(int64_t client, int32_t block, bool create) {
@@ -175,8 +188,7 @@ struct BlockPool::Impl {
       return s;
     }
     if (lru.empty()) return -1;
-    auto& l = lru.begin()->second;
-    int32_t s = l.front();
+    int32_t s = lru.begin()->second.head;
     Unlist(s);
     SlotInfo& si = info[s];
     if (int32_t* e = TableEntry(si.client, si.block, false)) *e = -1;
@@ -307,8 +319,11 @@ void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const u
   // Blocks of this call are held out of the eviction lists until it ends.
   std::vector<int32_t> held;
   held.reserve(size_t(n));
+  // One table lookup per call, not per block (a dense step passes every block).
+  auto found = I.tables.find(client);
+  const std::vector<int32_t>* table = found == I.tables.end() ? nullptr : &found->second;
   for (int64_t i = 0; i < n; ++i) {
-    int32_t* e = I.TableEntry(client, blocks[i], false);
+    const int32_t* e = table && size_t(blocks[i]) < table->size() ? &(*table)[size_t(blocks[i])] : nullptr;
     if (e && *e >= 0) {
       slotsOut[i] = *e;
       ++I.st.hits;
@@ -378,8 +393,11 @@ void BlockPool::Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t
 void BlockPool::Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
+  auto found = I.tables.find(client);
+  if (found == I.tables.end()) return;
+  const std::vector<int32_t>& table = found->second;
   for (int64_t i = 0; i < n; ++i) {
-    int32_t* e = blocks[i] >= 0 ? I.TableEntry(client, blocks[i], false) : nullptr;
+    const int32_t* e = blocks[i] >= 0 && size_t(blocks[i]) < table.size() ? &table[size_t(blocks[i])] : nullptr;
     if (!e || *e < 0) continue;
     Impl::SlotInfo& si = I.info[*e];
     if (pinned) {
