@@ -23,6 +23,7 @@ import http.client
 import json
 import select
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -229,6 +230,65 @@ class Client:
 
     def delete_document(self, doc: str) -> Dict[str, Any]:
         return self._call("DELETE", f"/v1/documents/{_quote(doc)}")
+
+    def wait_document_ready(self, doc: str, timeout: float = 600.0) -> Dict[str, Any]:
+        """Polls `GET /v1/documents/:doc` until the document is ready; returns it.
+
+        Raises KvrecallError 409 "conflict" if it is `incomplete` (the server
+        restarted during its preload), TimeoutError after `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            info = self.get_document(doc)
+            status = info.get("status")
+            if status == "ready":
+                return info
+            if status == "incomplete":
+                raise KvrecallError(409, "conflict", f"document {doc} is incomplete; PUT it again to restart its preload")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"document {doc} is not ready after {timeout} s (phase {info.get('phase')})")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(0.5, delay * 2)
+
+    def push_document(
+        self,
+        doc: str,
+        model: Dict[str, Any],
+        k: Sequence[Any],
+        v: Sequence[Any],
+        q: Optional[Sequence[Any]] = None,
+        methods: Optional[Sequence[str]] = None,
+        query_stride: Optional[int] = None,
+        chunk: int = 4096,
+        dtype: Optional[str] = None,
+        timeout: float = 600.0,
+    ) -> Dict[str, Any]:
+        """A whole document in one call: create, upload every layer in chunks
+        of `chunk` tokens, seal, wait until ready; returns the ready document.
+
+        k[layer], v[layer]: [kvHeads, n, headDim]; q[layer] (optional prefill
+        queries, for the attention-aware index builds): [qHeads, n, headDim].
+        `methods` are indexed at seal. On an error the document is deleted.
+        """
+        if len(k) != model["layers"] or len(v) != model["layers"] or (q is not None and len(q) != model["layers"]):
+            raise ValueError(f"k, v (and q) need one array per layer ({model['layers']})")
+        self.create_document(doc, model, methods=methods, query_stride=query_stride)
+        try:
+            for layer in range(model["layers"]):
+                n = int(np.shape(k[layer])[1])
+                for start in range(0, n, max(1, chunk)):
+                    end = min(n, start + max(1, chunk))
+                    qs = None if q is None else q[layer][:, start:end]
+                    self.upload_document_kv(doc, layer, start, k[layer][:, start:end], v[layer][:, start:end], q=qs, dtype=dtype)
+            self.seal_document(doc)
+            return self.wait_document_ready(doc, timeout)
+        except BaseException:
+            try:
+                self.delete_document(doc)
+            except (KvrecallError, OSError):
+                pass
+            raise
 
     # sessions
 

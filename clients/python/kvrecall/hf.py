@@ -39,12 +39,28 @@ to the attention function); it replaces the attention computation, not the
 cache's memory. Documents preloaded in kvrecall are not attached here: the
 prompt's local prefill could not see them.
 
+Prompt as a document (`prompt_as_document=True`): every retrieval method
+attends a session's own tokens densely, so with the prompt pushed as the
+session's own tokens a sparse budget changes nothing. In this mode the
+prompt's K/V -- and its query rows (`q` on the kv route, which the
+attention-aware index builds of `retrieval-attention` use) -- go to a
+kvrecall *document* per batch row instead: created at the first prefill
+call, filled layer by layer, sealed (indexes for `method` built at seal) at
+the first decode step, and waited on until ready; then each row's session is
+created attached to it with `method` and `session_options` (budget, sinks,
+window, ef, chunk, span). Decode steps go to the session as before (attend
+appends the new token), so decode attention over the prompt is what the
+method selects: sinks + window + up to `budget` retrieved tokens per kv
+head. Prefill itself stays local and dense. The documents are deleted with
+the sessions (reset, close, the next sequence).
+
 torch and transformers are imported only when this module is used.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import uuid
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -100,6 +116,20 @@ class KvrecallAttention:
 
     client None: local attention only (the same code path, nothing sent) --
     a baseline for comparisons.
+
+    session_options: extra fields of `POST /v1/sessions` (budget, sinks,
+    window, ef, chunk, span). prompt_as_document: push each prompt as a
+    kvrecall document the session attaches (see the module docstring), so
+    that sparse methods apply to it; with it, send_queries (default True)
+    also sends the prompt's query rows, query_stride sets the document's
+    `queryStride` (server default 4), document_methods adds methods to index
+    at seal besides `method`, document_prefix names the documents and
+    ready_timeout bounds the wait for a sealed document to be ready.
+
+    stats: sequences, uploads (kv posts), attends, local (local attention
+    calls), documents (created), and over all attends the sums of the
+    server's stats `tokens` (context), `attended` and `scanned`, so that
+    stats["attended"] / stats["context"] is the kept fraction.
     """
 
     def __init__(
@@ -110,6 +140,12 @@ class KvrecallAttention:
         round_local: Optional[bool] = None,
         session_options: Optional[Dict[str, Any]] = None,
         delete_sessions: bool = True,
+        prompt_as_document: bool = False,
+        send_queries: bool = True,
+        query_stride: Optional[int] = None,
+        document_methods: Optional[Sequence[str]] = None,
+        document_prefix: str = "hf",
+        ready_timeout: float = 600.0,
     ):
         if kv_dtype not in (None, "f16", "bf16"):
             raise ValueError('kv_dtype must be "f16", "bf16" or None')
@@ -119,11 +155,21 @@ class KvrecallAttention:
         self.round_local = round_local
         self.session_options = dict(session_options or {})
         self.delete_sessions = delete_sessions
+        self.prompt_as_document = prompt_as_document
+        self.send_queries = send_queries
+        self.query_stride = query_stride
+        self.document_methods = list(document_methods or [])
+        self.document_prefix = document_prefix
+        self.ready_timeout = ready_timeout
         self.sessions: List[str] = []
-        self.stats = {"sequences": 0, "uploads": 0, "attends": 0, "local": 0}
+        self.documents: List[str] = []  # per row, in prompt_as_document mode ("" where the row had no prompt)
+        self.stats = dict(_NEW_STATS)
         self._batch: Optional[int] = None
+        self._model: Optional[Dict[str, Any]] = None
+        self._attached = True  # False while the prompt's documents are still being filled
         self._cache_len: Dict[int, int] = {}  # per layer: positions consumed in the local cache
-        self._tokens: Dict[int, List[int]] = {}  # per layer, per row: tokens kvrecall holds
+        self._tokens: Dict[int, List[int]] = {}  # per layer, per row: tokens the row's session holds as its own
+        self._doc_tokens: Dict[int, List[int]] = {}  # per layer, per row: tokens of the row's document
 
     # the attention function ------------------------------------------------
 
@@ -155,11 +201,13 @@ class KvrecallAttention:
         if q_len > 1 or self.client is None:
             out = self._local(module, query, key, value, attention_mask, scaling, dropout, kv_dtype, **kwargs)
             if self.client is not None:
-                self._push(layer, key, value, attention_mask, at, q_len, kv_dtype)
+                self._push(layer, query, key, value, attention_mask, at, q_len, kv_dtype)
             self._cache_len[layer] = at + q_len
             return out
 
         # Decode: kvrecall answers.
+        if not self._attached:
+            self._attach()
         outs = []
         for b in range(batch):
             q = query[b, :, 0, :].detach().float().cpu().numpy()
@@ -168,6 +216,9 @@ class KvrecallAttention:
             r = self.client.attend(self.sessions[b], layer, q, k=k_new, v=v_new, scale=float(scaling), dtype=kv_dtype)
             outs.append(torch.from_numpy(r.out))
             self._tokens[layer][b] += 1
+            self.stats["context"] += r.stats.get("tokens", 0)
+            self.stats["attended"] += r.stats.get("attended", 0)
+            self.stats["scanned"] += r.stats.get("scanned", 0)
         self.stats["attends"] += batch
         self._cache_len[layer] = at + 1
         out = torch.stack(outs).to(device=query.device, dtype=query.dtype)  # [batch, qHeads, d]
@@ -176,11 +227,14 @@ class KvrecallAttention:
     # sessions --------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget the current sequence (and delete its sessions)."""
+        """Forget the current sequence (and delete its sessions and documents)."""
         self._drop_sessions()
         self._batch = None
+        self._model = None
+        self._attached = True
         self._cache_len = {}
         self._tokens = {}
+        self._doc_tokens = {}
 
     def close(self) -> None:
         self.reset()
@@ -191,6 +245,11 @@ class KvrecallAttention:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def kept_fraction(self) -> Optional[float]:
+        """Tokens attended / context tokens, over every attend so far (None before any)."""
+        return self.stats["attended"] / self.stats["context"] if self.stats["context"] else None
+
     def _start(self, batch, module, q_heads, kv_heads, head_dim, kv_dtype) -> None:
         self.reset()
         layers = getattr(module.config, "num_hidden_layers", None)
@@ -199,13 +258,43 @@ class KvrecallAttention:
         self._batch = batch
         self._cache_len = {layer: 0 for layer in range(layers)}
         self._tokens = {layer: [0] * batch for layer in range(layers)}
+        self._doc_tokens = {layer: [0] * batch for layer in range(layers)}
         self.stats["sequences"] += 1
         if self.client is None:
             return
-        model = model_shape(layers, q_heads, kv_heads, head_dim, dtype=kv_dtype)
+        self._model = model = model_shape(layers, q_heads, kv_heads, head_dim, dtype=kv_dtype)
+        if self.prompt_as_document:
+            # The sessions come at the first decode step, once the documents are sealed.
+            self._attached = False
+            methods = list(dict.fromkeys([self.method, *self.document_methods]))
+            tag = uuid.uuid4().hex[:12]
+            for b in range(batch):
+                doc = f"{self.document_prefix}-{tag}-{b}"
+                self.client.create_document(doc, model, methods=methods, query_stride=self.query_stride)
+                self.documents.append(doc)
+                self.stats["documents"] += 1
+            return
         for _ in range(batch):
             s = self.client.create_session(model, method=self.method, **self.session_options)
             self.sessions.append(s["id"])
+
+    def _attach(self) -> None:
+        """Seals each row's prompt document, waits until it is ready, and opens
+        the row's session over it."""
+        for b, doc in enumerate(self.documents):
+            counts = {self._doc_tokens[layer][b] for layer in self._doc_tokens}
+            if len(counts) != 1:
+                raise RuntimeError(f"kvrecall attention: the layers of row {b}'s prompt hold different token counts {sorted(counts)}")
+            if counts == {0}:  # nothing visible to push (an empty row): no document
+                self.client.delete_document(doc)
+                self.documents[b] = ""
+                continue
+            self.client.seal_document(doc)
+            self.client.wait_document_ready(doc, self.ready_timeout)
+        for doc in self.documents:
+            s = self.client.create_session(self._model, documents=[doc] if doc else [], method=self.method, **self.session_options)
+            self.sessions.append(s["id"])
+        self._attached = True
 
     def _drop_sessions(self) -> None:
         if self.client is not None and self.delete_sessions:
@@ -214,25 +303,45 @@ class KvrecallAttention:
                     self.client.delete_session(sid)
                 except (KvrecallError, OSError):
                     pass
+            for doc in self.documents:  # after the sessions that attach them
+                if not doc:
+                    continue
+                try:
+                    self.client.delete_document(doc)
+                except (KvrecallError, OSError):
+                    pass
         self.sessions = []
+        self.documents = []
 
     # prefill ---------------------------------------------------------------
 
-    def _push(self, layer, key, value, attention_mask, at, q_len, kv_dtype) -> None:
-        """Sends the new positions' K/V of every row (those its last query may see)."""
+    def _push(self, layer, query, key, value, attention_mask, at, q_len, kv_dtype) -> None:
+        """Sends the new positions' K/V of every row (those its last query may see):
+        to the row's prompt document while it is being filled, else to its session."""
+        to_document = not self._attached
         for b in range(key.shape[0]):
             k = key[b, :, at : at + q_len, :]
             v = value[b, :, at : at + q_len, :]
+            q = query[b] if to_document and self.send_queries else None  # [qHeads, q_len, d]
             if attention_mask is not None and getattr(attention_mask, "ndim", 0) == 4:
                 seen = _visible(attention_mask, b, attention_mask.shape[2] - 1, slice(at, at + q_len))
                 if not seen.all():
                     idx = _torch().as_tensor(np.nonzero(seen)[0], device=k.device)
                     k, v = k.index_select(1, idx), v.index_select(1, idx)
+                    if q is not None:
+                        q = q.index_select(1, idx.to(q.device))
             if k.shape[1] == 0:
                 continue
-            start = self._tokens[layer][b]
-            self.client.upload_session_kv(self.sessions[b], layer, start, _wire_bits(k, kv_dtype), _wire_bits(v, kv_dtype), dtype=kv_dtype)
-            self._tokens[layer][b] = start + k.shape[1]
+            k_wire, v_wire = _wire_bits(k, kv_dtype), _wire_bits(v, kv_dtype)
+            if to_document:
+                start = self._doc_tokens[layer][b]
+                q_wire = None if q is None else q.detach().float().contiguous().cpu().numpy()
+                self.client.upload_document_kv(self.documents[b], layer, start, k_wire, v_wire, q=q_wire, dtype=kv_dtype)
+                self._doc_tokens[layer][b] = start + k.shape[1]
+            else:
+                start = self._tokens[layer][b]
+                self.client.upload_session_kv(self.sessions[b], layer, start, k_wire, v_wire, dtype=kv_dtype)
+                self._tokens[layer][b] = start + k.shape[1]
             self.stats["uploads"] += 1
 
     def _local(self, module, query, key, value, attention_mask, scaling, dropout, kv_dtype, **kwargs):
@@ -250,6 +359,9 @@ class KvrecallAttention:
         if self.round_local is not None:
             return self.round_local
         return key.dtype not in (_torch().float16, _torch().bfloat16)
+
+
+_NEW_STATS = {"sequences": 0, "uploads": 0, "attends": 0, "local": 0, "documents": 0, "context": 0, "attended": 0.0, "scanned": 0.0}
 
 
 def local_attention(kv_dtype: str = "f16", round_local: Optional[bool] = None) -> KvrecallAttention:

@@ -46,6 +46,13 @@ def reference(q, k, v, scale=None):
     return out, lse
 
 
+def server_methods(client):
+    """The server's retrieval method names, from the answer to an unknown one."""
+    with unittest.TestCase().assertRaises(KvrecallError) as cm:
+        client.create_session(model_shape(1, 1, 1, 8), method="no-such-method")
+    return {m.strip() for m in cm.exception.message.split("one of:")[1].split(",")}
+
+
 def rel_error(a, b):
     """max over heads of |a - b| / |b| (rows of 2-D arrays), or max elementwise relative error."""
     a = np.asarray(a, dtype=np.float64)
@@ -241,6 +248,70 @@ class AgainstServer(unittest.TestCase):
         self.kv.delete_session(sid)
         self.assertError(404, "not_found", self.kv.get_session, sid)
         self.kv.delete_document(doc)
+        self.assertError(404, "not_found", self.kv.get_document, doc)
+
+    def test_push_document_head_dim_8_every_method(self):
+        """push_document (create, chunked kv with prefill q, seal, wait) at
+        stories260K's shape (head_dim 8, GQA 2): exact attend over it equals
+        float64; every method with a budget covering the document equals exact,
+        and with a sparse budget attends a small part of it."""
+        model = model_shape(2, 4, 2, 8, dtype="f16")
+        n, kv_heads, d = 300, 2, 8
+        methods = server_methods(self.kv)
+        self.assertIn("exact", methods)
+        K = [self.rng.standard_normal((kv_heads, n, d)).astype(np.float16) for _ in range(2)]
+        V = [self.rng.standard_normal((kv_heads, n, d)).astype(np.float16) for _ in range(2)]
+        Q = [(self.rng.standard_normal((4, n, d)) * 1.5).astype(np.float32) for _ in range(2)]
+        doc = f"{self.prefix}-d8"
+        self.created.append(doc)
+        info = self.kv.push_document(doc, model, K, V, q=Q, methods=sorted(methods), query_stride=1, chunk=128)
+        self.assertEqual((info["status"], info["tokens"]), ("ready", n))
+        self.assertEqual(self.kv.wait_document_ready(doc, timeout=5)["status"], "ready")
+
+        q = (self.rng.standard_normal((4, d)) * 2).astype(np.float32)
+        k_new = self.rng.standard_normal((kv_heads, d)).astype(np.float16)
+        v_new = self.rng.standard_normal((kv_heads, d)).astype(np.float16)
+        ref_out, ref_lse = reference(
+            q,
+            [np.concatenate([K[1][h], k_new[h : h + 1]]).astype(np.float64) for h in range(kv_heads)],
+            [np.concatenate([V[1][h], v_new[h : h + 1]]).astype(np.float64) for h in range(kv_heads)],
+        )
+        answers = {}
+        for method in sorted(methods):
+            for label, params in (("full", dict(budget=n, ef=n)), ("sparse", dict(budget=16))):
+                with self.subTest(method=method, budget=label):
+                    sid = self.kv.create_session(model, documents=[doc], method=method, sinks=4, window=16, **params)["id"]
+                    try:
+                        r = self.kv.attend(sid, 1, q, k=k_new, v=v_new, returns=["out", "selection"])
+                    finally:
+                        self.kv.delete_session(sid)
+                    self.assertEqual(r.stats["tokens"], n + 1)
+                    self.assertTrue(np.isfinite(r.out).all())
+                    answers[method, label] = r
+                    if method == "exact" or label == "full":
+                        # A budget covering the document: what exact attends (hnsw's graph search
+                        # may miss a few of 300 keys; every other method must find them all).
+                        attended = min(len(ids) for ids in r.selection)
+                        if method != "hnsw":
+                            self.assertEqual(attended, n + 1)
+                        if attended == n + 1:
+                            self.assertLess(rel_error(r.out, ref_out), 1e-4)
+                            self.assertLess(rel_error(r.lse, ref_lse), 1e-4)
+                    else:
+                        # sinks 4 + window 16 + at most 16 retrieved (a 64-token block for block methods).
+                        self.assertLessEqual(max(len(ids) for ids in r.selection), 4 + 16 + 64)
+                        self.assertLess(r.stats["attended"], n / 2)
+        # The deleted document's sessions are gone; the document goes too.
+        self.kv.delete_document(doc)
+        self.created.remove(doc)
+        self.assertError(404, "not_found", self.kv.get_document, doc)
+
+    def test_push_document_cleans_up_on_error(self):
+        model = model_shape(1, 2, 1, 8, dtype="f16")
+        doc = f"{self.prefix}-bad"
+        k = np.zeros((1, 5, 8), np.float16)
+        bad = np.zeros((2, 5, 8), np.float16)  # wrong kv head count
+        self.assertError(422, "invalid", self.kv.push_document, doc, model, [k], [bad])
         self.assertError(404, "not_found", self.kv.get_document, doc)
 
     def test_keep_alive_reuses_one_connection(self):
