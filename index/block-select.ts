@@ -15,7 +15,7 @@
 // Both simulate the per-(session, layer, kv head) GPU pool on every step and
 // report blocks selected, pool hits and host→device bytes. On the CPU backend
 // nothing is copied; the numbers say what the CUDA pool would move.
-import { buildBlockSummary, loadBlockSummary, type BlockSummary } from './block-summary.js';
+import { BlockSummary, buildBlockSummary, loadBlockSummary } from './block-summary.js';
 import type { BlockStats, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
 import { inside, staticRanges, type Range } from './static-plus-retrieved.js';
 
@@ -143,11 +143,12 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
         const budget = Math.min(heads[0].blocks, Math.ceil(share / size));
         const ids: Int32Array[] = [], priority: Uint8Array[] = [];
+        const maxNew = maxNewCount(budget, policy);
+        const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew);
+        const scored = await BlockSummary.scoreHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach);
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
-          const maxNew = maxNewCount(budget, policy);
-          const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew);
-          const { order, scores } = await summary.scoreBlocks(q.subarray(h * G * d, (h + 1) * G * d), G, reach);
+          const { order, scores } = scored[h];
           scanned += summary.blocks / ctx.kvHeads;
           const key = `${name}:${s}:${h}`;
           const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), step: 0 };

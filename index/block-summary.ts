@@ -3,7 +3,7 @@
 // for query-aware scoring) and a stable, query-agnostic importance per block
 // (the attention mass the prefill queries pay the block, estimated from the
 // representatives; without prefill queries, a sample of the keys stands in).
-import { convert, topk, type KvDtype } from '../native/index.js';
+import { convert, topk, topkHeads, type KvDtype } from '../native/index.js';
 import type { BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
 
 export const SUMMARY_BLOCK = 64;
@@ -39,9 +39,24 @@ export class BlockSummary implements HeadIndex {
    * beyond the k asked for.
    */
   async scoreBlocks(q: Float32Array, group: number, k = this.blocks): Promise<{ order: Int32Array; scores: Float32Array }> {
-    const keep = Math.min(k, this.blocks);
-    const n = await topk({ q, group, headDim: this.headDim, keys: this.means, tokens: this.blocks, dtype: this.dtype, k: keep, outIds: this.order, outScores: this.topScores, allScores: this.scores });
-    return { order: this.order.subarray(0, n), scores: this.scores };
+    return (await BlockSummary.scoreHeads([this], q, group, k))[0];
+  }
+
+  /**
+   * scoreBlocks for the summaries of every kv head at once (one native call
+   * for the step): head h scores with the query rows h*group .. of q.
+   */
+  static async scoreHeads(heads: BlockSummary[], q: Float32Array, group: number, k: number): Promise<{ order: Int32Array; scores: Float32Array }[]> {
+    const s0 = heads[0];
+    const counts = await topkHeads({
+      q,
+      group,
+      headDim: s0.headDim,
+      dtype: s0.dtype,
+      k,
+      heads: heads.map((s) => ({ keys: s.means, tokens: s.blocks, outIds: s.order, outScores: s.topScores, allScores: s.scores })),
+    });
+    return heads.map((s, h) => ({ order: s.order.subarray(0, counts[h]), scores: s.scores }));
   }
 
   /** Blocks by stable importance, most important first (computed once). */

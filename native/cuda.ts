@@ -62,7 +62,7 @@ export interface GpuAttendArgs {
 }
 
 interface NativePool {
-  upload(a: { client: number; blocks: Int32Array; k: Uint16Array; v: Uint16Array; priority?: number; indexed?: boolean }): Int32Array;
+  upload(a: { client: number; blocks: Int32Array; k: Uint16Array; v: Uint16Array; priority?: number; priorities?: Uint8Array; indexed?: boolean; hold?: boolean }): Int32Array;
   lookup(a: { client: number; blocks: Int32Array }): Int32Array;
   pin(a: { client: number; blocks: Int32Array; pinned: boolean }): void;
   prefer(a: { client: number; blocks: Int32Array; priority: number }): void;
@@ -119,10 +119,12 @@ export class GpuPool {
   /**
    * As upload, but k and v are a whole head's rows (a KvSegment's k[h], v[h])
    * and block b is read at b * blockSize * headDim: nothing is gathered in
-   * JS, and only misses are copied.
+   * JS, and only misses are copied. `priorities` gives each block its
+   * eviction class; `hold` pins the blocks too (undo with pin(.., false)
+   * once the attend that reads them has returned).
    */
-  uploadIndexed(client: number, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority = 0): Int32Array {
-    return this.pool.upload({ client, blocks, k, v, priority, indexed: true });
+  uploadIndexed(client: number, blocks: Int32Array, k: Uint16Array, v: Uint16Array, o: { priority?: number; priorities?: Uint8Array; hold?: boolean } = {}): Int32Array {
+    return this.pool.upload({ client, blocks, k, v, ...o, indexed: true });
   }
 
   /** Slot of each block, -1 where not resident. */

@@ -4,7 +4,8 @@
 // cudaAvailable() -> {ok, device, memory, freeMemory, smCount, computeCapability}
 //   never throws; ok is false without a device, a driver, or a CUDA build.
 // new GpuPool({budgetBytes, blockSize, headDim, dtype, stagingBytes?})
-//   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?, indexed?}) -> Int32Array slots
+//   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?, priorities?: Uint8Array,
+//            indexed?, hold?}) -> Int32Array slots (hold: pin them too, for the step's attend)
 //     k/v: the blocks back to back, or (indexed) a whole head's rows with block b at b*blockSize*headDim
 //   .lookup({client, blocks}) -> Int32Array (slot or -1)
 //   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
@@ -113,12 +114,17 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     }
     auto k = Typed<uint16_t>(o.Get("k"), "k", words);
     auto v = Typed<uint16_t>(o.Get("v"), "v", words);
-    int priority = 0;
-    if (o.Has("priority") && !o.Get("priority").IsUndefined()) priority = int(Int(o, "priority", -1000000, 1000000));
+    kvr::cuda::BlockPool::EnsureOptions opt;
+    opt.source = indexed ? kvr::cuda::BlockPool::Source::kIndexed : kvr::cuda::BlockPool::Source::kPacked;
+    if (o.Has("priority") && !o.Get("priority").IsUndefined()) opt.priority = int(Int(o, "priority", -1000000, 1000000));
+    if (o.Has("priorities") && !o.Get("priorities").IsUndefined()) {
+      auto pr = Typed<uint8_t>(o.Get("priorities"), "priorities", n);
+      opt.priorities = pr.Data();
+    }
+    opt.hold = o.Has("hold") && o.Get("hold").ToBoolean().Value();
     auto slots = Napi::Int32Array::New(env, n);
     try {
-      Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), priority, slots.Data(),
-                       indexed ? kvr::cuda::BlockPool::Source::kIndexed : kvr::cuda::BlockPool::Source::kPacked);
+      Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), slots.Data(), opt);
     } catch (const std::exception& e) {
       throw Napi::Error::New(env, e.what());
     }
@@ -177,14 +183,13 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     a.scale = scale.As<Napi::Number>().FloatValue();
     if (o.Has("splits") && !o.Get("splits").IsUndefined()) a.splits = int(Int(o, "splits", 1, 4096));
     const size_t qLen = size_t(a.qHeads) * d;
-    std::vector<Napi::Value> keep;
     auto q = Typed<float>(o.Get("q"), "q", qLen);
     auto out = Typed<float>(o.Get("out"), "out", qLen);
     auto lse = Typed<float>(o.Get("lse"), "lse", size_t(a.qHeads));
     a.q = q.Data();
     a.out = out.Data();
     a.lse = lse.Data();
-    keep.insert(keep.end(), {q, out, lse});
+    std::vector<Napi::Value> keep{q, out, lse};
     Napi::Value eo = o.Get("extraOut");
     if (!eo.IsUndefined() && !eo.IsNull()) {
       auto extraOut = Typed<float>(eo, "extraOut", qLen);

@@ -47,6 +47,25 @@ export interface TopkArgs {
   allScores?: Float32Array;
 }
 
+/** One kv head of a topkHeads call: its keys and outputs (as in TopkArgs). */
+export interface TopkHead {
+  keys: Uint16Array;
+  tokens: number;
+  outIds: Int32Array;
+  outScores: Float32Array;
+  allScores?: Float32Array;
+}
+
+export interface TopkHeadsArgs {
+  /** [heads.length * group, headDim]: head h scores with rows h*group .. (h+1)*group. */
+  q: Float32Array;
+  group: number;
+  headDim: number;
+  dtype: KvDtype;
+  k: number;
+  heads: TopkHead[];
+}
+
 export interface AttentionMassArgs {
   /** Query rows [rows, headDim]. */
   q: Float32Array;
@@ -67,6 +86,7 @@ interface Addon {
   firstNonFinite(a: { src: Uint8Array; dtype: number; count: number }): number;
   attend(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Promise<void>;
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
+  topkHeads(a: Omit<TopkHeadsArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
   attentionMass(a: Omit<AttentionMassArgs, 'dtype'> & { dtype: number }): Promise<void>;
 }
 
@@ -97,6 +117,11 @@ export function attend(args: AttendArgs): Promise<void> {
 /** Top-k keys by max over the group of q·k; returns how many were written. */
 export function topk(args: TopkArgs): Promise<number> {
   return addon.topk({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/** topk for every kv head in one native call; resolves to the count written per head. */
+export function topkHeads(args: TopkHeadsArgs): Promise<number[]> {
+  return addon.topkHeads({ ...args, dtype: DTYPE_CODE[args.dtype] });
 }
 
 /** Σ over query rows of each row's softmax over the candidates (InfiniRetri's token score). */

@@ -24,41 +24,64 @@ inline bool Better(const Hit& a, const Hit& b) { return a.score > b.score || (a.
 
 }  // namespace
 
-int64_t TopK(const TopkProblem& p) {
-  const int64_t keep = std::min<int64_t>(p.k, p.tokens);
-  if (keep <= 0 && !p.allScores) return 0;
-  const int64_t tasks = (p.tokens + kTaskTokens - 1) / kTaskTokens;
-  std::vector<std::vector<Hit>> local(tasks);
-  ThreadPool::Get().ParallelFor(size_t(tasks), [&](size_t t) {
-    std::vector<float> row(p.headDim);
-    std::vector<Hit>& heap = local[t];
-    heap.reserve(keep + 1);
-    const int64_t end = std::min(p.tokens, int64_t(t + 1) * kTaskTokens);
-    for (int64_t i = int64_t(t) * kTaskTokens; i < end; ++i) {
-      WidenRow(p.keys + size_t(i) * p.headDim, p.dtype, p.headDim, row.data());
-      float s = -std::numeric_limits<float>::infinity();
-      for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));
-      if (p.allScores) p.allScores[i] = s;
-      Hit h{s, int32_t(i)};
-      if (int64_t(heap.size()) < keep) {
-        heap.push_back(h);
-        std::push_heap(heap.begin(), heap.end(), Better);
-      } else if (Better(h, heap.front())) {
-        std::pop_heap(heap.begin(), heap.end(), Better);
-        heap.back() = h;
-        std::push_heap(heap.begin(), heap.end(), Better);
-      }
+// Rows [begin, end) of one problem into a local heap of its best `keep`.
+void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, std::vector<Hit>& heap) {
+  std::vector<float> row(p.headDim);
+  heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
+  for (int64_t i = begin; i < end; ++i) {
+    WidenRow(p.keys + size_t(i) * p.headDim, p.dtype, p.headDim, row.data());
+    float s = -std::numeric_limits<float>::infinity();
+    for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));
+    if (p.allScores) p.allScores[i] = s;
+    if (keep <= 0) continue;
+    Hit h{s, int32_t(i)};
+    if (int64_t(heap.size()) < keep) {
+      heap.push_back(h);
+      std::push_heap(heap.begin(), heap.end(), Better);
+    } else if (Better(h, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), Better);
+      heap.back() = h;
+      std::push_heap(heap.begin(), heap.end(), Better);
     }
-  });
-  std::vector<Hit> all;
-  for (auto& l : local) all.insert(all.end(), l.begin(), l.end());
-  if (keep <= 0) return 0;
-  std::partial_sort(all.begin(), all.begin() + keep, all.end(), Better);
-  for (int64_t i = 0; i < keep; ++i) {
-    p.outIds[i] = all[i].id;
-    p.outScores[i] = all[i].score;
   }
-  return keep;
+}
+
+void TopKMany(const TopkProblem* problems, size_t n, int64_t* counts) {
+  struct Task {
+    size_t problem;
+    int64_t begin, end;
+  };
+  // Every (problem, chunk of rows) is one task, so a step's kv heads share
+  // the cores instead of taking turns.
+  auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, problems[p].tokens); };
+  std::vector<Task> tasks;
+  for (size_t p = 0; p < n; ++p)
+    for (int64_t b = 0; (keepOf(p) > 0 || problems[p].allScores) && b < problems[p].tokens; b += kTaskTokens)
+      tasks.push_back({p, b, std::min(problems[p].tokens, b + kTaskTokens)});
+  std::vector<std::vector<Hit>> local(tasks.size());
+  ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
+    const Task& task = tasks[t];
+    ScanRows(problems[task.problem], task.begin, task.end, keepOf(task.problem), local[t]);
+  });
+  size_t t = 0;
+  for (size_t p = 0; p < n; ++p) {
+    const int64_t keep = keepOf(p);
+    std::vector<Hit> all;
+    for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
+    counts[p] = std::max<int64_t>(keep, 0);
+    if (keep <= 0) continue;
+    std::partial_sort(all.begin(), all.begin() + keep, all.end(), Better);
+    for (int64_t i = 0; i < keep; ++i) {
+      problems[p].outIds[i] = all[i].id;
+      problems[p].outScores[i] = all[i].score;
+    }
+  }
+}
+
+int64_t TopK(const TopkProblem& p) {
+  int64_t count = 0;
+  TopKMany(&p, 1, &count);
+  return count;
 }
 
 }  // namespace kvr

@@ -23,5 +23,8 @@ struct TopkProblem {
 
 // Returns how many ids were written: min(k, tokens).
 int64_t TopK(const TopkProblem& p);
+// Several independent problems (e.g. one per kv head) sharing the thread
+// pool in one pass; counts[i] = what TopK(problems[i]) would return.
+void TopKMany(const TopkProblem* problems, size_t n, int64_t* counts);
 
 }  // namespace kvr

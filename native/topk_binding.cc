@@ -2,6 +2,7 @@
 // allScores (Float32Array [tokens]), when given, receives every row's score.
 #include <napi.h>
 
+#include <memory>
 #include <vector>
 
 #include "binding_args.h"
@@ -40,8 +41,64 @@ Napi::Value TopkJs(const Napi::CallbackInfo& info) {
       [count](Napi::Env e) { return Napi::Number::New(e, double(*count)); });
 }
 
+// topkHeads({q: [heads*group, headDim], group, headDim, dtype, k,
+//            heads: [{keys, tokens, outIds, outScores, allScores?}]}) -> Promise<number[]>
+// One scan per kv head (head h scores with query rows h*group ..), all in one
+// worker: a decode step selects for every kv head with one call.
+Napi::Value TopkHeadsJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = info[0].As<Napi::Object>();
+  const int group = int(Int(o, "group", 1, 1024)), headDim = int(Int(o, "headDim", 1, 1024));
+  const Dtype dtype = KeyDtype(o);
+  const int k = int(Int(o, "k", 0, int64_t(1) << 30));
+  Napi::Value hv = o.Get("heads");
+  if (!hv.IsArray()) throw Napi::TypeError::New(env, "Expected an array for heads");
+  auto heads = hv.As<Napi::Array>();
+  const uint32_t n = heads.Length();
+  auto q = Typed<float>(o.Get("q"), "q", size_t(n) * group * headDim);
+  std::vector<Napi::Value> hold{q};
+  auto problems = std::make_shared<std::vector<TopkProblem>>(n);
+  for (uint32_t h = 0; h < n; ++h) {
+    Napi::Value e = heads.Get(h);
+    if (!e.IsObject()) throw Napi::TypeError::New(env, "heads entries are objects");
+    Napi::Object ho = e.As<Napi::Object>();
+    TopkProblem& p = (*problems)[h];
+    p.group = group;
+    p.headDim = headDim;
+    p.dtype = dtype;
+    p.k = k;
+    p.tokens = Int(ho, "tokens", 0, int64_t(1) << 40);
+    const size_t keep = size_t(std::min<int64_t>(p.k, p.tokens));
+    auto keys = Typed<uint16_t>(ho.Get("keys"), "keys", size_t(p.tokens) * headDim);
+    auto ids = Typed<int32_t>(ho.Get("outIds"), "outIds", keep);
+    auto scores = Typed<float>(ho.Get("outScores"), "outScores", keep);
+    p.q = q.Data() + size_t(h) * group * headDim;
+    p.keys = keys.Data();
+    p.outIds = ids.Data();
+    p.outScores = scores.Data();
+    hold.insert(hold.end(), {keys, ids, scores});
+    if (ho.Has("allScores") && !ho.Get("allScores").IsUndefined()) {
+      auto all = Typed<float>(ho.Get("allScores"), "allScores", size_t(p.tokens));
+      p.allScores = all.Data();
+      hold.push_back(all);
+    }
+  }
+  auto counts = std::make_shared<std::vector<int64_t>>(n);
+  return RunAsync(
+      env, hold,
+      [problems, counts]() { TopKMany(problems->data(), problems->size(), counts->data()); },
+      [counts](Napi::Env e) {
+        auto a = Napi::Array::New(e, counts->size());
+        for (size_t h = 0; h < counts->size(); ++h) a.Set(uint32_t(h), Napi::Number::New(e, double((*counts)[h])));
+        return a;
+      });
+}
+
 }  // namespace
 
-void InitTopk(Napi::Env env, Napi::Object exports) { exports.Set("topk", Napi::Function::New(env, TopkJs)); }
+void InitTopk(Napi::Env env, Napi::Object exports) {
+  exports.Set("topk", Napi::Function::New(env, TopkJs));
+  exports.Set("topkHeads", Napi::Function::New(env, TopkHeadsJs));
+}
 
 }  // namespace kvr

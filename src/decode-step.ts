@@ -33,9 +33,20 @@ export interface AttendResult {
   /**
    * ms: the whole step; selectMs: the method's selection; attendMs: making
    * the selection resident and attending; backend: where the kernel ran;
-   * blocks: the pool's work (measured with a GPU, simulated without).
+   * blocks: the pool's work (measured with a GPU, simulated without); gpu:
+   * of attendMs, making blocks resident and the kernel itself.
    */
-  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number; backend: 'cpu' | 'cuda'; blocks?: BlockStats };
+  stats: {
+    tokens: number;
+    attended: number;
+    scanned: number;
+    ms: number;
+    selectMs: number;
+    attendMs: number;
+    backend: 'cpu' | 'cuda';
+    blocks?: BlockStats;
+    gpu?: { residentMs: number; kernelMs: number };
+  };
 }
 
 /** Checks an attend body against the session's model (the edge of the decode path). */
@@ -87,13 +98,14 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const lse = new Float32Array(m.qHeads);
   const gpu = session.gpu;
   const split = gpu ? splitForPool(selection.parts, (seg) => seg !== own, POOL_BLOCK, m.kvHeads, RANGE_PRIORITY) : undefined;
-  let blocks = selection.blocks, backend: 'cpu' | 'cuda' = 'cpu';
+  let blocks = selection.blocks, backend: 'cpu' | 'cuda' = 'cpu', device: AttendResult['stats']['gpu'];
   if (gpu && split && split.poolBlocks > 0 && gpu.fits(m, split.poolBlocks)) {
     const host = split.host.length > 0 ? { out: new Float32Array(out.length), lse: new Float32Array(lse.length) } : undefined;
     if (host) await attendOnHost(session, req, split.host, host.out, host.lse);
-    const { kernelMs: _, ...pool } = await gpu.attend(m, req.layer, split.pool, req.q, req.scale, out, lse, host);
+    const { kernelMs, residentMs, ...pool } = await gpu.attend(m, req.layer, split.pool, req.q, req.scale, out, lse, host);
     blocks = pool;
     backend = 'cuda';
+    device = { residentMs, kernelMs };
   } else {
     await attendOnHost(session, req, selection.parts, out, lse);
   }
@@ -101,7 +113,7 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);
-  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }) };
+  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(device && { gpu: device }) };
   const result: AttendResult = { out, lse, stats };
   if (req.want.has('selection') || req.want.has('kv')) {
     const positions = selectedPositions(selection, ctx);

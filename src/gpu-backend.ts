@@ -45,6 +45,9 @@ export interface GpuDescription {
 }
 
 export interface GpuStepResult extends BlockStats {
+  /** Making the blocks resident (page-table lookups, copies of misses issued). */
+  residentMs: number;
+  /** The kernel (split + merge), from CUDA events. */
   kernelMs: number;
 }
 
@@ -166,23 +169,23 @@ export class GpuBackend {
     const held: [number, Int32Array][] = [];
     const slots: Int32Array[][] = Array.from({ length: m.kvHeads }, () => []);
     let selected = 0;
+    const t0 = performance.now();
+    let t1 = t0;
     try {
       for (const part of parts) {
         for (let h = 0; h < m.kvHeads; h++) {
           const blocks = part.blocks[h];
           if (blocks.length === 0) continue;
           const client = this.client(part.segment, layer, h);
-          for (const [priority, ids] of byPriority(blocks, part.priority[h])) {
-            slots[h].push(pool.uploadIndexed(client, ids, part.segment.k[h], part.segment.v[h], priority));
-            // Held until the kernel has read them: a later upload (this step's
-            // next head, or another session's step) must not evict them.
-            pool.pin(client, ids);
-            held.push([client, ids]);
-          }
+          // Held (pinned) until the kernel has read them: a later upload (this
+          // step's next head, or another session's step) must not evict them.
+          slots[h].push(pool.uploadIndexed(client, blocks, part.segment.k[h], part.segment.v[h], { priorities: part.priority[h], hold: true }));
+          held.push([client, blocks]);
           selected += blocks.length;
         }
       }
       const tables = slots.map(concat);
+      t1 = performance.now();
       await pool.attend({
         q,
         qHeads: m.qHeads,
@@ -198,7 +201,7 @@ export class GpuBackend {
       for (const [client, ids] of held) pool.pin(client, ids, false);
     }
     const after = pool.stats();
-    return { selected, hits: after.hits - before.hits, bytesIn: after.bytesCopied - before.bytesCopied, kernelMs: after.lastKernelMs };
+    return { selected, hits: after.hits - before.hits, bytesIn: after.bytesCopied - before.bytesCopied, kernelMs: after.lastKernelMs, residentMs: t1 - t0 };
   }
 
   describe(): GpuDescription {
@@ -214,20 +217,6 @@ export class GpuBackend {
     this.pool?.close();
     this.pool = undefined;
   }
-}
-
-/** Blocks grouped by eviction class (one upload per class; usually one or two). */
-function byPriority(blocks: Int32Array, priority: Uint8Array): [number, Int32Array][] {
-  let uniform = true;
-  for (let i = 1; i < priority.length && uniform; i++) uniform = priority[i] === priority[0];
-  if (uniform) return [[priority[0] ?? 0, blocks]];
-  const groups = new Map<number, number[]>();
-  priority.forEach((p, i) => {
-    const g = groups.get(p);
-    if (g) g.push(blocks[i]);
-    else groups.set(p, [blocks[i]]);
-  });
-  return [...groups].map(([p, ids]) => [p, Int32Array.from(ids)]);
 }
 
 function concat(parts: Int32Array[]): Int32Array {

@@ -309,7 +309,8 @@ const PoolConfig& BlockPool::Config() const { return impl_->cfg; }
 int64_t BlockPool::Slots() const { return impl_->slots; }
 
 void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v,
-                       int priority, int32_t* slotsOut, Source source) {
+                       int32_t* slotsOut, const EnsureOptions& o) {
+  const Source source = o.source;
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
   if (n > I.slots) throw std::runtime_error("GpuPool: " + std::to_string(n) + " blocks asked for, the pool holds " +
@@ -354,7 +355,6 @@ void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const u
     Impl::SlotInfo& si = I.info[s];
     si.client = client;
     si.block = blocks[i];
-    si.prio = priority;
     si.everUsed = true;
     ++I.st.misses;
     ++I.st.used;
@@ -364,10 +364,14 @@ void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const u
     I.Stage(s, k + at, v + at, evicted);
   }
   I.Flush();
-  for (int32_t s : held) {
-    I.info[s].prio = I.info[s].pins > 0 ? I.info[s].prio : priority;
-    I.List(s);
+  // Every block of the call is off the chains here (held, pinned, or new).
+  for (int64_t i = 0; i < n; ++i) {
+    if (slotsOut[i] < 0) continue;  // not reached after an error
+    Impl::SlotInfo& si = I.info[slotsOut[i]];
+    si.prio = o.priorities ? int(o.priorities[i]) : o.priority;
+    if (error.empty() && o.hold && si.pins++ == 0) ++I.st.pinned;
   }
+  for (int32_t s : held) I.List(s);  // skips what is now pinned
   if (!error.empty()) throw std::runtime_error(error);
 }
 

@@ -75,12 +75,18 @@ class BlockPool {
   // back to back; kIndexed, they are a whole segment (a head's rows) and
   // block b is at b*blockSize*headDim, so nothing is gathered for hits.
   enum class Source { kPacked, kIndexed };
+  struct EnsureOptions {
+    int priority = 0;                    // eviction class of every block of the call
+    const uint8_t* priorities = nullptr;  // or one per block
+    Source source = Source::kPacked;
+    bool hold = false;  // pin every block (as Pin) before returning: a step holds what its attend reads
+  };
   // Makes blocks[i] of `client` resident, each blockSize*headDim words of K
   // and of V. Hits are touched, misses copied (async). slotsOut[i] receives
   // the slot. Throws when more blocks are asked for than can be resident at
-  // once. `priority` applies to every block of the call.
-  void Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v, int priority,
-              int32_t* slotsOut, Source source = Source::kPacked);
+  // once (nothing is held then).
+  void Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v, int32_t* slotsOut,
+              const EnsureOptions& options);
   // Slot of each block, or -1; touches residents; counts hits and misses.
   void Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t* slotsOut);
   // Pinned blocks are never evicted; pins count (a block pinned twice needs
