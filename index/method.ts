@@ -129,4 +129,10 @@ export interface HeadIndex {
 export interface HeadIndexBuilder {
   build(input: BuildInput): Promise<Uint8Array>;
   load(bytes: Uint8Array, keys: HeadKeys): HeadIndex;
+  /**
+   * Optional: HeadIndex.search for every kv head of a step at once (head h
+   * with query rows h*group ..), off the main thread and in parallel; the
+   * loaded indexes are this builder's.
+   */
+  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number): Promise<SearchResult[]>;
 }

@@ -10,8 +10,8 @@ import { staticPlusRetrieved } from './static-plus-retrieved.js';
 
 class GraphHead implements HeadIndex {
   constructor(
-    private readonly graph: RaGraph,
-    private readonly keys: HeadKeys,
+    readonly graph: RaGraph,
+    readonly keys: HeadKeys,
   ) {}
 
   search(q: Float32Array, group: number, k: number, ef: number): SearchResult {
@@ -33,6 +33,17 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
   },
   load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
     return new GraphHead(RaGraph.load(bytes), keys);
+  },
+  // A step's kv heads searched in parallel (one native call), not one after another.
+  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number): Promise<SearchResult[]> {
+    const d = (heads[0] as GraphHead).keys.headDim;
+    const items = heads.map((head, h) => {
+      const { graph, keys } = head as GraphHead;
+      const n = Math.min(k[h], keys.tokens);
+      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ef: Math.max(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n) };
+    });
+    const res = await RaGraph.searchBatch(items);
+    return res.map((r, h) => ({ ids: items[h].outIds.subarray(0, r.count), scanned: r.scanned }));
   },
 };
 

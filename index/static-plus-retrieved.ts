@@ -39,17 +39,21 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
       const docTokens = ctx.offsets[ctx.offsets.length - 1];
       const parts: SelectionPart[] = [];
       let scanned = 0;
-      ctx.segments.forEach((segment, s) => {
+      for (let s = 0; s < ctx.segments.length; s++) {
+        const segment = ctx.segments[s];
         const ranges = staticRanges(ctx, s, p);
         for (const [begin, end] of ranges) parts.push({ segment, begin, end });
         const heads = ctx.indexes[s];
-        if (!heads || segment.tokens === 0) return;
+        if (!heads || segment.tokens === 0) continue;
         const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
         const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
         const want = Math.min(share, segment.tokens - covered);
-        if (want <= 0) return;
-        const ids = heads.map((index, h) => {
-          const res = index.search(q.subarray(h * G * d, (h + 1) * G * d), G, want + covered, p.ef);
+        if (want <= 0) continue;
+        const k = want + covered;
+        const results = builder.searchHeads
+          ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef)
+          : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
+        const ids = results.map((res) => {
           scanned += res.scanned / ctx.kvHeads;
           const kept = new Int32Array(want);
           let n = 0;
@@ -57,7 +61,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
           return kept.subarray(0, n);
         });
         parts.push({ segment, ids });
-      });
+      }
       return { parts, scanned };
     },
   };
