@@ -144,8 +144,12 @@ def run_demo(
     exact: bool = True,
     device: Optional[str] = None,
     log=print,
+    stop_at: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """Runs the comparison; returns the results (see `to_markdown`)."""
+    """Runs the comparison; returns the results (see `to_markdown`).
+
+    stop_at: a time.time() after which no new (method, budget) is started;
+    those left are listed under "not_run"."""
     import torch
     import transformers
 
@@ -173,6 +177,7 @@ def run_demo(
             "prompts": [],
             "rows": [],
             "failures": [],
+            "not_run": [],
         }
         dense_runs = []
         for p, text in enumerate(prompts):
@@ -198,6 +203,9 @@ def run_demo(
                 continue
             configs += [(m, b) for b in budgets] + ([(m, FULL)] if full else [])
         for method, budget in configs:
+            if stop_at is not None and time.time() > stop_at:
+                result["not_run"].append({"method": method, "budget": budget})
+                continue
             per_prompt = []
             for p, (x, want) in enumerate(dense_runs):
                 n = x.shape[1]
@@ -319,6 +327,8 @@ def to_markdown(r: Dict[str, Any]) -> str:
     fp = [x["fp32_kv_agreement"]["agreement"] for x in r["prompts"]]
     lines += ["", f"For scale: plain float32 K/V (no f16 rounding) vs the dense reference: agreement "
                   f"{', '.join(f'{a:.3f}' for a in fp)} per prompt."]
+    if r.get("not_run"):
+        lines += ["", "Not run (time limit): " + ", ".join(f"{x['method']} {x['budget']}" for x in r["not_run"]) + "."]
     if r["failures"]:
         lines += ["", "Failures:", ""] + [f"- {f['method']} budget {f.get('budget')}: {f['error']}" for f in r["failures"]]
     else:
@@ -389,6 +399,7 @@ def _run_jobs(a: argparse.Namespace, url: str) -> Dict[str, Any]:
             args += (["--model-dir", a.model_dir] if a.model_dir else []) + (["--token", a.token] if a.token else [])
             args += (["--device", a.device] if a.device else []) + (["--no-exact"] if no_exact else [])
             args += (["--no-full"] if a.no_full else []) + (["--no-forced"] if a.no_forced else [])
+            args += ["--stop-at", repr(a.stop_at)] if a.stop_at is not None else []
             procs.append((out, subprocess.Popen(args, env=env, stderr=subprocess.STDOUT)))
         parts = []
         for out, proc in procs:
@@ -405,6 +416,7 @@ def _run_jobs(a: argparse.Namespace, url: str) -> Dict[str, Any]:
     order = {m: i for i, m in enumerate(["exact", *methods])}
     merged["rows"] = sorted((row for p in parts for row in p["rows"]), key=lambda row: order.get(row["method"], len(order)))
     merged["failures"] = [f for p in parts for f in p["failures"]]
+    merged["not_run"] = [x for p in parts for x in p.get("not_run", [])]
     merged["jobs"] = len(procs)
     return merged
 
@@ -429,11 +441,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-exact", action="store_true", help="skip the exact row")
     ap.add_argument("--quiet", action="store_true", help="do not print the table at the end")
     ap.add_argument("--jobs", type=int, default=1, help="run the methods in this many processes at once (one server)")
+    ap.add_argument("--time-limit", type=float, default=None, help="start no new (method, budget) after this many seconds")
+    ap.add_argument("--stop-at", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default=None, help="torch device of the model (default cuda when available)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--markdown", default=None, help="write the table as markdown here")
     a = ap.parse_args(argv)
 
+    if a.time_limit is not None and a.stop_at is None:
+        a.stop_at = time.time() + a.time_limit
     model_dir = find_model_dir(a.model_dir)
     if model_dir is None:
         ap.error("stories260K not found: pass --model-dir or set KVRECALL_STORIES260K")
@@ -449,7 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             client = Client(url, token=a.token)
             r = run_demo(client, model_dir, prompts=prompts, methods=[m for m in a.methods.split(",") if m],
                          budgets=[int(b) for b in a.budgets.split(",") if b], new=a.new, sinks=a.sinks, window=a.window,
-                         ef=a.ef, full=not a.no_full, teacher_forced=not a.no_forced, exact=not a.no_exact, device=a.device)
+                         ef=a.ef, full=not a.no_full, teacher_forced=not a.no_forced, exact=not a.no_exact, device=a.device,
+                         stop_at=a.stop_at)
     finally:
         if server:
             server.close()
