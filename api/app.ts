@@ -1,16 +1,14 @@
 // The HTTP surface of DESIGN.md's v1 wire protocol. Routes decode and
 // encode; the engine does the work.
 import { Hono } from 'hono';
-import { bodyLimit } from 'hono/body-limit';
 import { routePath } from 'hono/route';
 import type { Engine } from '../src/engine.js';
 import { decodeStep, parseAttendRequest } from '../src/decode-step.js';
-import { tooLarge } from '../src/errors.js';
 import { tensorOf } from '../src/tensor.js';
 import { cudaAvailable } from '../native/cuda.js';
 import { nativeThreads } from '../native/index.js';
 import { bearerAuth } from './auth.js';
-import { readBody, reply } from './codec.js';
+import { bodyLeftUnread, limitBody, readBody, reply, withBody } from './codec.js';
 import { onError, errorBody } from './errors.js';
 import { Metrics } from './metrics.js';
 
@@ -32,17 +30,10 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
     metrics.countRequest(routePath(c) ?? 'unmatched', c.res.status);
     // Answered without reading a body (an error, a GET with a body): the
     // server will drop the connection, so say so and the client opens a new one.
-    if (c.req.raw.body && !c.req.raw.bodyUsed) c.res.headers.set('connection', 'close');
+    if (bodyLeftUnread(c)) c.res.headers.set('connection', 'close');
   });
   app.use(bearerAuth(opts.token));
-  app.use(
-    bodyLimit({
-      maxSize: opts.bodyLimit,
-      onError: () => {
-        throw tooLarge(`body exceeds the limit of ${opts.bodyLimit} bytes`);
-      },
-    }),
-  );
+  app.use(limitBody(opts.bodyLimit));
   app.onError(onError);
   app.notFound((c) => c.json(errorBody('not_found', `no route ${c.req.method} ${c.req.path}`), 404));
 
@@ -62,7 +53,8 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   );
 
   app.put('/v1/documents/:doc', async (c) => reply(c, await documents.create(c.req.param('doc'), await readBody(c)), 201));
-  app.post('/v1/documents/:doc/kv', async (c) => reply(c, await documents.appendKv(c.req.param('doc'), await readBody(c))));
+  // The body's tensors are views into a pooled buffer, copied out before appendKv settles.
+  app.post('/v1/documents/:doc/kv', async (c) => reply(c, await withBody(c, (body, times) => documents.appendKv(c.req.param('doc'), body, times))));
   app.post('/v1/documents/:doc/seal', async (c) => {
     await readBody(c);
     return reply(c, await documents.seal(c.req.param('doc')));

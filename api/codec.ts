@@ -1,9 +1,17 @@
 // Request and response bodies: msgpack (the wire format) or JSON (for
-// debugging; tensor bytes as base64). Binary fields decode as views into the
-// request body, not copies.
-import type { Context } from 'hono';
+// debugging; tensor bytes as base64).
+//
+// A body is read straight from the Node request into one buffer of its
+// declared length (no chunk list, no concatenation, no web stream), and
+// msgpack binary fields decode as views into that buffer, not copies. The
+// upload routes borrow the buffer from a small pool (`withBody`): the views
+// are valid until the route's work settles, and nothing may keep them
+// longer; other routes get a buffer of their own (`readBody`).
+import type { IncomingMessage } from 'node:http';
+import type { Context, MiddlewareHandler } from 'hono';
 import { Packr, Unpackr } from 'msgpackr';
-import { malformed } from '../src/errors.js';
+import { malformed, tooLarge } from '../src/errors.js';
+import { BufferPool } from '../storage/buffer-pool.js';
 
 const MSGPACK = 'application/msgpack';
 const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
@@ -15,8 +23,144 @@ function isMsgpack(contentType: string | undefined): boolean {
   return !!contentType && /application\/(x-)?msgpack/i.test(contentType);
 }
 
+/** Per request: the body limit (set by limitBody), and whether the body was read whole. */
+const limits = new WeakMap<Context, number>();
+const readWhole = new WeakSet<Context>();
+
+/** Refuses (413) a body whose declared length exceeds maxSize before reading it; readBody enforces it on chunked bodies. */
+export function limitBody(maxSize: number): MiddlewareHandler {
+  return async (c, next) => {
+    const declared = c.req.header('content-length');
+    if (declared !== undefined && Number(declared) > maxSize) throw tooLarge(`body exceeds the limit of ${maxSize} bytes`);
+    limits.set(c, maxSize);
+    await next();
+  };
+}
+
+/** True when the request has a body that nothing read (the server will drop the connection after answering). */
+export function bodyLeftUnread(c: Context): boolean {
+  if (readWhole.has(c) || c.req.raw.bodyUsed) return false;
+  const incoming = incomingOf(c);
+  if (!incoming) return !!c.req.raw.body;
+  const length = incoming.headers['content-length'];
+  const hasBody = incoming.headers['transfer-encoding'] !== undefined || (length !== undefined && Number(length) > 0);
+  return hasBody && !incoming.readableEnded;
+}
+
+/** The decoded body, in a buffer of its own. */
 export async function readBody(c: Context): Promise<Body> {
-  const raw = new Uint8Array(await c.req.arrayBuffer());
+  const raw = await readRaw(c, (n) => Buffer.allocUnsafe(n));
+  return decode(c, raw);
+}
+
+/** How long a body took to arrive (from the route's start) and to decode. */
+export interface BodyTimes {
+  bytes: number;
+  readMs: number;
+  decodeMs: number;
+}
+
+/**
+ * Runs `work` on the decoded body held in a pooled buffer, then returns the
+ * buffer: `work` must not keep any part of the body after it settles.
+ */
+export async function withBody<T>(c: Context, work: (body: Body, times: BodyTimes) => Promise<T>): Promise<T> {
+  let lease: Buffer | undefined;
+  try {
+    const t0 = performance.now();
+    const raw = await readRaw(c, (n) => (lease = pool.take(n)).subarray(0, n));
+    const t1 = performance.now();
+    const body = decode(c, raw);
+    return await work(body, { bytes: raw.byteLength, readMs: t1 - t0, decodeMs: performance.now() - t1 });
+  } finally {
+    if (lease) pool.give(lease);
+  }
+}
+
+function incomingOf(c: Context): IncomingMessage | undefined {
+  const incoming = (c.env as { incoming?: IncomingMessage } | undefined)?.incoming;
+  return incoming && typeof incoming.on === 'function' && 'headers' in incoming ? incoming : undefined;
+}
+
+async function readRaw(c: Context, alloc: (n: number) => Buffer): Promise<Uint8Array> {
+  const limit = limits.get(c) ?? Number.POSITIVE_INFINITY;
+  const incoming = incomingOf(c);
+  let raw: Uint8Array;
+  if (!incoming) {
+    raw = new Uint8Array(await c.req.arrayBuffer());
+    if (raw.byteLength > limit) throw tooLarge(`body exceeds the limit of ${limit} bytes`);
+  } else {
+    const declared = incoming.headers['content-length'];
+    const chunked = incoming.headers['transfer-encoding'] !== undefined;
+    if (!chunked && declared === undefined) raw = new Uint8Array(0);
+    else if (!chunked) {
+      const n = Number(declared);
+      if (n > limit) throw tooLarge(`body exceeds the limit of ${limit} bytes`);
+      raw = n === 0 ? new Uint8Array(0) : await readInto(incoming, alloc(n));
+    } else raw = await readChunks(incoming, limit);
+  }
+  readWhole.add(c);
+  return raw;
+}
+
+/** Reads a body of exactly buf.byteLength bytes into buf. */
+function readInto(incoming: IncomingMessage, buf: Buffer): Promise<Buffer> {
+  let at = 0;
+  return stream(incoming, (chunk) => {
+    if (at + chunk.byteLength > buf.byteLength) throw malformed('body longer than its content-length');
+    buf.set(chunk, at);
+    at += chunk.byteLength;
+  }).then(() => {
+    if (at !== buf.byteLength) throw new Error('aborted');
+    return buf;
+  });
+}
+
+/** A body without a declared length: its chunks, refused past the limit. */
+async function readChunks(incoming: IncomingMessage, limit: number): Promise<Uint8Array> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  await stream(incoming, (chunk) => {
+    size += chunk.byteLength;
+    if (size > limit) throw tooLarge(`body exceeds the limit of ${limit} bytes`);
+    chunks.push(chunk);
+  });
+  return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size);
+}
+
+/** Feeds the request's chunks to onChunk until it ends; rejects if the client goes away first or onChunk throws. */
+function stream(incoming: IncomingMessage, onChunk: (chunk: Buffer) => void): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (incoming.readableEnded || incoming.destroyed) return reject(new Error('aborted'));
+    const done = (err?: unknown) => {
+      incoming.off('data', onData);
+      incoming.off('end', onEnd);
+      incoming.off('error', onError);
+      incoming.off('close', onClose);
+      if (err === undefined) resolve();
+      else {
+        incoming.pause();
+        reject(err);
+      }
+    };
+    const onData = (chunk: Buffer) => {
+      try {
+        onChunk(chunk);
+      } catch (e) {
+        done(e);
+      }
+    };
+    const onEnd = () => done();
+    const onError = (e: Error) => done(e);
+    const onClose = () => done(new Error('aborted'));
+    incoming.on('data', onData);
+    incoming.on('end', onEnd);
+    incoming.on('error', onError);
+    incoming.on('close', onClose);
+  });
+}
+
+function decode(c: Context, raw: Uint8Array): Body {
   if (raw.byteLength === 0) return {};
   let value: unknown;
   if (isMsgpack(c.req.header('content-type'))) {
@@ -36,6 +180,9 @@ export async function readBody(c: Context): Promise<Body> {
     throw malformed('body must be a map');
   return value as Body;
 }
+
+/** Body buffers of the upload routes, kept warm between requests. */
+const pool = new BufferPool();
 
 /** Answers in msgpack when the client sent or accepts msgpack, else JSON. */
 export function reply(c: Context, value: unknown, status: 200 | 201 = 200): Response {

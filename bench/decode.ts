@@ -5,15 +5,20 @@
 //
 //   npm run bench:decode [-- --quick | --full] [--url http://host:port] [--preset llama3-8b|llama3.2-1b|custom
 //        --layers L --q-heads Q --kv-heads K --head-dim D] [--tokens N] [--steps S] [--methods exact,hnsw,...]
-//        [--budget TOKENS|FRACTION] [--sweep 8K,16K|none] [--layer-data distinct|shared] [--help]
+//        [--budget TOKENS|FRACTION] [--sweep 8K,16K|none] [--layer-data distinct|shared] [--concurrency N] [--help]
 //
 // What one context point does:
-//   1. Preload. The document's K/V (and prefill queries, f16, one token in
-//      queryStride kept by the server) come from the seeded workload
-//      generator (bench/workload.ts), one layer at a time, uploaded in chunks
-//      of ~64 MiB; the document indexes every requested method that has an
-//      index builder; seal is timed per method by polling the document's
-//      build progress.
+//   1. Preload. The document's K/V and prefill queries come from the seeded
+//      workload generator (bench/workload.ts) and are uploaded in chunks of
+//      ~64 MiB, --concurrency layers side by side (each layer's chunks in
+//      order). The document is created with a tokens hint (its host memory
+//      reserved up front), and each chunk carries q (f16) only for the tokens
+//      the document keeps (t % queryStride == 0, declared with queryStride).
+//      The upload is reported as wall-time throughput and split by phase from
+//      the server's per-upload stats (body read, decode, queue, checks,
+//      append, LMDB write wait). The document indexes every requested method
+//      that has an index builder; seal is timed per method by polling the
+//      document's build progress.
 //   2. Sessions. One per method over the document (budget 1% of the
 //      document's tokens unless --budget, 16 sinks, 256 window).
 //   3. Decode. For each step and each layer, every session (taking turns
@@ -38,27 +43,32 @@
 // copied. Every position then matches what a real decode would send.
 //
 // Quick mode: llama3-8b heads with 2 layers, 16K tokens, 32 steps, sweep
-// 4K/8K/16K, every layer generated with its own seed (index builds dominate:
-// at 32K × 2 layers, sweep 8K/16K/32K, the seven methods' seals took 8.5 of
-// 11 minutes on a shared 2-core machine). Full mode: the preset's
-// layers (default llama3.2-1b, 16 layers), 1M tokens, 64 steps, sweep
-// 128K/256K/512K/1M; generating 1M tokens × 8 heads takes tens of seconds per
-// layer in JS, so by default one layer is generated per context and its K/V
-// reused for every layer (--layer-data shared). Only one generated layer is
-// held in JS at a time; uploads stream in chunks.
+// 4K/8K/16K, every method, every layer generated with its own seed (index
+// builds dominate: at 32K × 2 layers, sweep 8K/16K/32K, the seven methods'
+// seals took 8.5 of 11 minutes on a shared 2-core machine). Full mode: the
+// preset's layers (default llama3.2-1b, 16 layers), 1M tokens, 64 steps,
+// sweep 128K/256K/512K/1M, methods exact, nosa and topk-blocks (their seal
+// builds are block summaries; the others are opt-in with --methods);
+// generating 1M tokens × 8 heads takes tens of seconds per layer in JS, so
+// by default one layer is generated per context and its K/V reused for every
+// layer (--layer-data shared). Only the layers being uploaded are held in JS;
+// uploads stream in chunks. The JSON records the backend /v1/health reports
+// (cpu, or cuda when attends run on the GPU pool) and, per context, health's
+// gpu (pool stats) after the decode.
 //
-// Results: bench/results/decode-<mode>-<preset>.{json,md}, decode-latency.svg,
-// decode-recall.svg. Progress on stderr.
+// Results: bench/results/ (or --out) decode-<mode>-<preset>.{json,md},
+// decode-latency.svg, decode-recall.svg. Progress on stderr.
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { startServer, type RunningServer } from '../api/server.js';
 import { findMethod, methodNames } from '../index/registry.js';
 import { bytesOf, convert, nativeThreads } from '../native/index.js';
-import { KvrecallClient, KvrecallRequestError, tensor, type AttendReply } from '../src/client.js';
+import { keptTokens, KvrecallClient, KvrecallRequestError, tensor, type AttendReply } from '../src/client.js';
 import { DEFAULTS } from '../src/config.js';
 import { attentionRecall, distinctIds, exactAttention, meanProbs, relativeErrors, topKIndices, type ExactAttention } from './quality.js';
 import { lineChart, type ChartSeries } from './svg-chart.js';
+import { describePhases, PHASE_MEANING, SERVER_PHASES, UploadTally, type UploadPhases } from './upload-tally.js';
 import { generateWorkload, ropeFrequencies, type Needle, type Workload } from './workload.js';
 
 // ---------------------------------------------------------------- options
@@ -69,6 +79,9 @@ interface Shape {
   kvHeads: number;
   headDim: number;
 }
+
+/** Full mode's default methods (besides exact): cheap seal builds at 1M tokens. */
+const FULL_METHODS = ['nosa', 'topk-blocks'];
 
 const PRESETS: Record<string, Shape> = {
   'llama3-8b': { layers: 32, qHeads: 32, kvHeads: 8, headDim: 128 },
@@ -103,6 +116,10 @@ interface Options {
   seed: number;
   sampleLayers: number[];
   uploadBytes: number;
+  /** Layers uploaded side by side during preload. */
+  concurrency: number;
+  /** Results folder (default bench/results). */
+  out?: string;
 }
 
 const USAGE = `npm run bench:decode -- [--quick | --full] [options]
@@ -116,7 +133,8 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --steps S              decode steps at the main context (quick 32, full 64)
   --sweep LIST|none      context lengths for the latency sweep (quick 4K,8K,16K; full 128K,256K,512K,1M)
   --sweep-steps S        decode steps at the other sweep points (quick 8, full 16)
-  --methods a,b          methods (default: every registered method; exact is always added)
+  --methods a,b          methods (quick: every registered method; full: nosa,topk-blocks, whose seal builds are
+                         block summaries; exact, the dense baseline, is always added)
   --budget B             session budget: tokens (≥ 1) or fraction of document tokens (default 0.01)
   --sinks N --window N --ef N --chunk N --span N   session parameters
   --query-stride N       document keeps prefill queries of 1 token in N (quick 4, full 16)
@@ -124,7 +142,9 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --layer-data distinct|shared   generate every layer (quick) or reuse one generated layer (full)
   --sample-layers LIST   layers whose selections are judged against float64 attention (default 0)
   --seed N               workload seed (default 7)
-  --upload-mib N         upload chunk size (default 64)`;
+  --upload-mib N         upload chunk size (default 64)
+  --concurrency N        layers uploaded side by side during preload (default 2)
+  --out DIR              results folder (default bench/results)`;
 
 function parseCount(s: string, name: string): number {
   const m = /^(\d+(?:\.\d+)?)([kKmM]?)$/.exec(s.trim());
@@ -159,7 +179,7 @@ function parseArgs(argv: string[]): Options {
   const known = [
     'url', 'token', 'data', 'server-pid', 'preset', 'layers', 'q-heads', 'kv-heads', 'head-dim', 'tokens', 'steps', 'sweep',
     'sweep-steps', 'methods', 'budget', 'sinks', 'window', 'ef', 'chunk', 'span', 'query-stride', 'prefill-q', 'layer-data',
-    'sample-layers', 'seed', 'upload-mib',
+    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out',
   ];
   for (const k of values.keys()) if (!known.includes(k)) throw new Error(`unknown option --${k}\n${USAGE}`);
   if (seen.has('quick') && seen.has('full')) throw new Error('--quick and --full exclude each other');
@@ -202,7 +222,9 @@ function parseArgs(argv: string[]): Options {
           .sort((a, b) => a - b);
 
   const all = [...methodNames];
-  const asked = get('methods') ? get('methods')!.split(',').map((s) => s.trim()).filter(Boolean) : all;
+  // Full mode indexes 1M tokens × every layer at seal: by default only the methods whose build is a
+  // block summary per head (seconds per layer); the others are opt-in with --methods.
+  const asked = get('methods') ? get('methods')!.split(',').map((s) => s.trim()).filter(Boolean) : quick ? all : FULL_METHODS.filter((m) => all.includes(m));
   for (const m of asked) if (!findMethod(m)) throw new Error(`unknown method ${m} (registered: ${all.join(', ')})`);
   const methods = ['exact', ...asked.filter((m) => m !== 'exact')];
   const indexed = methods.some((m) => findMethod(m)?.builder);
@@ -241,6 +263,8 @@ function parseArgs(argv: string[]): Options {
     seed: int('seed', 7),
     sampleLayers: [...new Set(sampleLayers)],
     uploadBytes: Math.max(1, int('upload-mib', 64)) * 2 ** 20,
+    concurrency: Math.max(1, int('concurrency', 2)),
+    out: get('out'),
   };
 }
 
@@ -371,6 +395,15 @@ function toF16(x: Float32Array): Uint16Array {
   return out;
 }
 
+const halfCache = new WeakMap<Workload, Uint16Array[]>();
+
+/** A workload's prefill query rows as f16 per kv head, converted once (shared layers reuse them). */
+function halfQueries(wl: Workload): Uint16Array[] {
+  let half = halfCache.get(wl);
+  if (!half) halfCache.set(wl, (half = wl.prefillQ.map(toF16)));
+  return half;
+}
+
 // ---------------------------------------------------------------- judging selections
 
 /**
@@ -446,8 +479,13 @@ interface Preload {
   /** K/V plus prefill queries as sent. */
   wireBytes: number;
   generateSeconds: number;
+  /** Upload wall time (generation excluded), with `concurrency` layers in flight. */
   uploadSeconds: number;
+  /** K/V bytes per second of upload wall time. */
   uploadGBps: number;
+  concurrency: number;
+  /** The upload's split: client wall time and the server's phases (from each reply's stats). */
+  upload: UploadPhases;
   sealSeconds: number;
   /** Index build per indexed method (from the document's build progress, ±50 ms). */
   buildSeconds: Record<string, number>;
@@ -517,6 +555,8 @@ interface ContextResult {
   preload: Preload;
   methods: MethodResult[];
   baselines: Baselines;
+  /** GET /v1/health after the decode: the backend the attends ran on and its GPU (pool stats with the cuda backend). */
+  server: { backend: string; gpu?: unknown };
 }
 
 // ---------------------------------------------------------------- the run
@@ -577,16 +617,21 @@ class Bench {
     return wl;
   }
 
-  /** Uploads one layer of the document in chunks; returns [seconds, wire bytes]. */
-  private async uploadLayer(doc: string, layer: number, wl: Workload, tokens: number, bar: Progress, doneBefore: number): Promise<[number, number]> {
+  /**
+   * Uploads one layer of the document in chunks, one request at a time (its
+   * chunks must arrive in order). With prefill queries, each chunk carries q
+   * only for the tokens the document keeps (t % queryStride == 0), declared
+   * with queryStride: token t = i·stride carries prefill row G·i + j as q
+   * head h·G + j.
+   */
+  private async uploadLayer(doc: string, layer: number, wl: Workload, tokens: number, tally: UploadTally): Promise<void> {
     const { qHeads: Q, kvHeads: K, headDim: d } = this.shape;
     const G = Q / K, stride = this.o.queryStride;
-    const perToken = K * d * 2 * 2 + (this.o.prefillQ ? Q * d * 2 : 0);
+    const perToken = K * d * 2 * 2 + (this.o.prefillQ ? (Q * d * 2) / stride : 0);
     const n = Math.max(64, Math.floor(this.o.uploadBytes / perToken / 64) * 64);
     const kBuf = new Uint16Array(K * n * d), vBuf = new Uint16Array(K * n * d);
-    const qBuf = this.o.prefillQ ? new Uint16Array(Q * n * d) : undefined;
-    const qHalf = this.o.prefillQ ? wl.prefillQ.map(toF16) : [];
-    let seconds = 0, wire = 0;
+    const qBuf = this.o.prefillQ ? new Uint16Array(Q * Math.ceil(n / stride) * d) : undefined;
+    const qHalf = this.o.prefillQ ? halfQueries(wl) : [];
     for (let t0 = 0; t0 < tokens; t0 += n) {
       const m = Math.min(n, tokens - t0);
       const k = kBuf.subarray(0, K * m * d), v = vBuf.subarray(0, K * m * d);
@@ -595,17 +640,17 @@ class Bench {
         v.set(wl.values[h].subarray(t0 * d, (t0 + m) * d), h * m * d);
       }
       let q: Uint16Array | undefined;
-      if (qBuf) {
-        q = qBuf.subarray(0, Q * m * d);
+      const { first, count } = keptTokens(t0, m, stride);
+      if (qBuf && count > 0) {
+        q = qBuf.subarray(0, Q * count * d);
         q.fill(0);
-        // Token t = i·stride carries prefill row G·i + j as q head h·G + j (the rows the server keeps).
-        for (let t = Math.ceil(t0 / stride) * stride; t < t0 + m; t += stride) {
-          const i = t / stride;
+        for (let c = 0; c < count; c++) {
+          const i = (t0 + first + c * stride) / stride;
           for (let h = 0; h < K; h++)
             for (let j = 0; j < G; j++) {
               const r = G * i + j;
               if ((r + 1) * d > qHalf[h].length) continue;
-              q.set(qHalf[h].subarray(r * d, (r + 1) * d), ((h * G + j) * m + (t - t0)) * d);
+              q.set(qHalf[h].subarray(r * d, (r + 1) * d), ((h * G + j) * count + c) * d);
             }
         }
       }
@@ -614,15 +659,46 @@ class Bench {
         start: t0,
         k: tensor('f16', [K, m, d], k),
         v: tensor('f16', [K, m, d], v),
-        ...(q && { q: tensor('f16', [Q, m, d], q) }),
+        ...(q && { q: tensor('f16', [Q, count, d], q), queryStride: stride }),
       };
       const t = now();
-      await this.client.uploadDocumentKv(doc, body);
-      seconds += (now() - t) / 1000;
-      wire += k.byteLength + v.byteLength + (q?.byteLength ?? 0);
-      bar.update(doneBefore + t0 + m, `${((wire / seconds) / 1e9).toFixed(2)} GB/s`);
+      const r = await this.client.uploadDocumentKv(doc, body);
+      tally.request(now() - t, m, k.byteLength + v.byteLength, k.byteLength + v.byteLength + (q?.byteLength ?? 0), r.stats);
     }
-    return [seconds, wire];
+  }
+
+  /** What decode and fidelity need of a layer: its steps' queries and new tokens, and the sampled heads. */
+  private keepForDecode(l: number, wl: Workload, tokens: number, steps: number, decodeData: LayerDecode[], samples: Sample[]): void {
+    const { kvHeads: K, headDim: d } = this.shape;
+    // The generated tokens' K/V: tokens − steps.. moved `steps` positions on (see the top).
+    const freq = ropeFrequencies(d, wl.knobs.ropeBase, wl.knobs.ropeScaling);
+    const src = tokens - steps;
+    const newK = wl.keys.map((kh) => shiftKeys(kh.subarray(src * d, tokens * d), d, steps, freq));
+    const newV = wl.values.map((vh) => vh.slice(src * d, tokens * d));
+    if (this.o.layerData === 'shared' && l > 0) decodeData.push(decodeData[0]);
+    else {
+      const ld: LayerDecode = { q: [], k: [], v: [], needles: wl.needles.filter((n) => n.step < steps) };
+      for (let s = 0; s < steps; s++) {
+        ld.q.push(wl.decodeQ[s]);
+        const k = new Uint16Array(K * d), v = new Uint16Array(K * d);
+        for (let h = 0; h < K; h++) {
+          k.set(newK[h].subarray(s * d, (s + 1) * d), h * d);
+          v.set(newV[h].subarray(s * d, (s + 1) * d), h * d);
+        }
+        ld.k.push(k);
+        ld.v.push(v);
+      }
+      decodeData.push(ld);
+    }
+    if (this.o.sampleLayers.includes(l))
+      for (const head of [...new Set([0, K - 1])]) {
+        const keys = new Uint16Array((tokens + steps) * d), values = new Uint16Array((tokens + steps) * d);
+        keys.set(wl.keys[head].subarray(0, tokens * d));
+        keys.set(newK[head], tokens * d);
+        values.set(wl.values[head].subarray(0, tokens * d));
+        values.set(newV[head], tokens * d);
+        samples.push({ layer: l, head, keys, values });
+      }
   }
 
   /** Seals, polling the build progress to time each method's index build. */
@@ -690,7 +766,8 @@ class Bench {
 
   private gpuPool(h: Record<string, unknown>): string {
     if (h.backend !== 'cuda') return `n/a (${String(h.backend ?? 'unknown')} backend)`;
-    const pool = h.gpu ?? h.pool ?? h.device;
+    const gpu = h.gpu as { pool?: unknown } | undefined;
+    const pool = gpu?.pool ?? gpu;
     return pool === undefined ? 'cuda (pool size not reported by /v1/health)' : JSON.stringify(pool);
   }
 
@@ -716,59 +793,39 @@ class Bench {
     } catch {
       /* not there */
     }
-    await this.client.createDocument(doc, model, { methods: this.indexedMethods(), queryStride: o.queryStride });
+    // The tokens hint reserves the document's host memory up front (no regrowth while uploading).
+    await this.client.createDocument(doc, model, { methods: this.indexedMethods(), queryStride: o.queryStride, tokens });
 
-    // Preload, layer by layer; keep only what decode and fidelity need.
+    // Preload: layers in groups of --concurrency, each group generated (or the shared layer reused),
+    // then uploaded side by side; keep only what decode and fidelity need.
     const decodeData: LayerDecode[] = [];
     const samples: Sample[] = [];
     const bar = new Progress(`preload ${fmtTokens(tokens)}`, L * tokens);
-    let generateSeconds = 0, uploadSeconds = 0, wireBytes = 0;
+    const tally = new UploadTally((done, note) => bar.update(done, note));
+    let generateSeconds = 0;
     let shared: Workload | undefined;
-    for (let l = 0; l < L; l++) {
-      let wl: Workload;
-      if (o.layerData === 'shared' && shared) wl = shared;
-      else {
-        const t = now();
-        wl = this.generate(l, tokens, steps);
-        generateSeconds += (now() - t) / 1000;
-        await settle();
-        if (o.layerData === 'shared') shared = wl;
-      }
-      // The generated tokens' K/V: tokens − steps.. moved `steps` positions on (see the top).
-      const freq = ropeFrequencies(d, wl.knobs.ropeBase, wl.knobs.ropeScaling);
-      const src = tokens - steps;
-      const newK = wl.keys.map((kh) => shiftKeys(kh.subarray(src * d, tokens * d), d, steps, freq));
-      const newV = wl.values.map((vh) => vh.slice(src * d, tokens * d));
-      if (o.layerData === 'shared' && l > 0) decodeData.push(decodeData[0]);
-      else {
-        const ld: LayerDecode = { q: [], k: [], v: [], needles: wl.needles.filter((n) => n.step < steps) };
-        for (let s = 0; s < steps; s++) {
-          ld.q.push(wl.decodeQ[s]);
-          const k = new Uint16Array(K * d), v = new Uint16Array(K * d);
-          for (let h = 0; h < K; h++) {
-            k.set(newK[h].subarray(s * d, (s + 1) * d), h * d);
-            v.set(newV[h].subarray(s * d, (s + 1) * d), h * d);
-          }
-          ld.k.push(k);
-          ld.v.push(v);
+    for (let g0 = 0; g0 < L; g0 += o.concurrency) {
+      const group: { layer: number; wl: Workload }[] = [];
+      for (let l = g0; l < Math.min(L, g0 + o.concurrency); l++) {
+        let wl: Workload;
+        if (o.layerData === 'shared' && shared) wl = shared;
+        else {
+          const t = now();
+          wl = this.generate(l, tokens, steps);
+          generateSeconds += (now() - t) / 1000;
+          await settle();
+          if (o.layerData === 'shared') shared = wl;
         }
-        decodeData.push(ld);
+        this.keepForDecode(l, wl, tokens, steps, decodeData, samples);
+        group.push({ layer: l, wl });
       }
-      if (o.sampleLayers.includes(l))
-        for (const head of [...new Set([0, K - 1])]) {
-          const keys = new Uint16Array((tokens + steps) * d), values = new Uint16Array((tokens + steps) * d);
-          keys.set(wl.keys[head].subarray(0, tokens * d));
-          keys.set(newK[head], tokens * d);
-          values.set(wl.values[head].subarray(0, tokens * d));
-          values.set(newV[head], tokens * d);
-          samples.push({ layer: l, head, keys, values });
-        }
-      const [s, w] = await this.uploadLayer(doc, l, wl, tokens, bar, l * tokens);
-      uploadSeconds += s;
-      wireBytes += w;
+      tally.resume();
+      await Promise.all(group.map(({ layer, wl }) => this.uploadLayer(doc, layer, wl, tokens, tally)));
+      tally.pause();
     }
     shared = undefined;
-    bar.finish(`${((L * K * d * 4 * tokens) / uploadSeconds / 1e9).toFixed(2)} GB/s K/V`);
+    bar.finish(`${tally.kvGBps.toFixed(2)} GB/s K/V`);
+    log(`upload ${fmtTokens(tokens)}: ${describePhases(tally.phases, o.concurrency)}`);
 
     const sealed = await this.seal(doc);
 
@@ -805,10 +862,12 @@ class Bench {
       tokens,
       layers: L,
       kvBytes,
-      wireBytes,
+      wireBytes: tally.phases.wireBytes,
       generateSeconds,
-      uploadSeconds,
-      uploadGBps: kvBytes / uploadSeconds / 1e9,
+      uploadSeconds: tally.phases.wallSeconds,
+      uploadGBps: tally.kvGBps,
+      concurrency: o.concurrency,
+      upload: tally.phases,
       sealSeconds: sealed.seconds,
       buildSeconds: sealed.build,
       sealWriteSeconds: sealed.write,
@@ -818,7 +877,7 @@ class Bench {
       gpuPool: this.gpuPool(h1),
     };
     log(
-      `preload: ${fmtBytes(kvBytes)} K/V in ${uploadSeconds.toFixed(1)} s (${preload.uploadGBps.toFixed(2)} GB/s), seal ${sealed.seconds.toFixed(1)} s` +
+      `preload: ${fmtBytes(kvBytes)} K/V in ${preload.uploadSeconds.toFixed(1)} s (${preload.uploadGBps.toFixed(2)} GB/s), seal ${sealed.seconds.toFixed(1)} s` +
         (afterSeal.rssBytes ? `, RSS ${fmtBytes(afterSeal.rssBytes)}` : ''),
     );
 
@@ -915,6 +974,9 @@ class Bench {
       }
     }
     dbar.finish();
+    const h2 = (await this.client.health()) as unknown as Record<string, unknown>;
+    const server = { backend: String(h2.backend ?? 'unknown'), ...(h2.gpu !== undefined && { gpu: h2.gpu }) };
+    if (server.backend === 'cuda') log(`GPU after decode: ${JSON.stringify(h2.gpu)}`);
 
     // Clean up: sessions, then the document.
     for (const run of runs)
@@ -937,7 +999,7 @@ class Bench {
         `${fmtTokens(tokens)} ${m.method}: p50 ${m.latency.p50Ms.toFixed(2)} ms/token, recall ${m.fidelity.recallMean.toFixed(3)}, ` +
           `out err ${(m.fidelity.outputErrorMean * 100).toFixed(2)}%, scanned ${(m.scannedFraction * 100).toFixed(2)}%${m.error ? ` (ERROR ${m.error})` : ''}`,
       );
-    return { tokens, steps, budgetTokens, preload, methods, baselines: baselines(this.shape, tokens) };
+    return { tokens, steps, budgetTokens, preload, methods, baselines: baselines(this.shape, tokens), server };
   }
 }
 
@@ -1066,7 +1128,7 @@ function markdown(o: Options, m: Machine, health: Record<string, unknown>, date:
     '',
     `${m.cpu}, ${m.cores} cores, ${m.memoryGiB} GiB, Node ${m.node} (${m.platform}); server ${o.url ? o.url : 'in-process'}: kvrecall ${String(health.version)}, ${String(health.backend)} backend, ${String(health.threads)} native threads. ${date}, ${(wallSeconds / 60).toFixed(1)} min; load average ${m.loadAverage} at the start, ${loadEnd.toFixed(2)} at the end.`,
     '',
-    `Workload: bench/workload.ts, seed ${o.seed}, ${o.layerData === 'distinct' ? 'every layer generated with its own seed' : 'one layer generated per context and its K/V reused for every layer'}; prefill queries ${o.prefillQ ? `uploaded (f16, the server keeps 1 token in ${o.queryStride})` : 'not uploaded'}. Sessions: budget ${o.budget >= 1 ? `${o.budget} tokens` : `${pct(o.budget, 0)} of the document (${main.budgetTokens} tokens)`} per kv head + ${o.sinks} sinks + ${o.window} window${o.ef !== undefined ? `, ef ${o.ef}` : ''}. Each step sends every layer one attend (q f32 [${s.qHeads},${s.headDim}], new k/v f16 [${s.kvHeads},${s.headDim}]) to every session in turn.`,
+    `Workload: bench/workload.ts, seed ${o.seed}, ${o.layerData === 'distinct' ? 'every layer generated with its own seed' : 'one layer generated per context and its K/V reused for every layer'}; prefill queries ${o.prefillQ ? `uploaded for the tokens the server keeps (f16, 1 token in ${o.queryStride}, declared with queryStride)` : 'not uploaded'}. Sessions: budget ${o.budget >= 1 ? `${o.budget} tokens` : `${pct(o.budget, 0)} of the document (${main.budgetTokens} tokens)`} per kv head + ${o.sinks} sinks + ${o.window} window${o.ef !== undefined ? `, ef ${o.ef}` : ''}. Each step sends every layer one attend (q f32 [${s.qHeads},${s.headDim}], new k/v f16 [${s.kvHeads},${s.headDim}]) to every session in turn.`,
     '',
     '### Preload',
     '',
@@ -1083,6 +1145,9 @@ function markdown(o: Options, m: Machine, health: Record<string, unknown>, date:
   lines.push(
     '',
     `Host RSS: ${main.preload.rssNote}, after seal and session attach; peak ${main.preload.peakRssBytes ? fmtBytes(main.preload.peakRssBytes) : 'n/a'}. Session attach (index load) at ${fmtTokens(main.tokens)}: ${Object.entries(main.preload.attachMs).map(([k, v]) => `${k} ${ms(v)} ms`).join(', ')}.`,
+    '',
+    `Upload at ${fmtTokens(main.tokens)}: ${describePhases(main.preload.upload, main.preload.concurrency)}. Phases: ${SERVER_PHASES.map((ph) => `${ph} = ${PHASE_MEANING[ph]}`).join('; ')}. Seal write = the seal's own LMDB transaction and flush.`,
+    ...(main.server.backend === 'cuda' ? ['', `GPU after the decode (/v1/health): ${JSON.stringify(main.server.gpu)}.`] : []),
     '',
     `### Decode at ${fmtTokens(main.tokens)} tokens (${main.steps} steps × ${s.layers} layers)`,
     '',
@@ -1230,9 +1295,9 @@ async function main(): Promise<void> {
     const bench = new Bench(o, client, server, dataDir, health);
     const { layers: L, qHeads: Q, kvHeads: K, headDim: d } = o.shape;
     const kvTotal = o.sweep.reduce((n, t) => n + L * K * d * 4 * t, 0);
-    const qTotal = o.prefillQ ? o.sweep.reduce((n, t) => n + L * Q * d * 2 * t, 0) : 0;
+    const qTotal = o.prefillQ ? o.sweep.reduce((n, t) => n + L * Q * d * 2 * Math.ceil(t / o.queryStride), 0) : 0;
     log(
-      `plan: contexts ${o.sweep.map(fmtTokens).join(', ')} × ${L} layers; ${fmtBytes(kvTotal)} K/V${qTotal ? ` + ${fmtBytes(qTotal)} prefill q` : ''} to upload; ` +
+      `plan: contexts ${o.sweep.map(fmtTokens).join(', ')} × ${L} layers; ${fmtBytes(kvTotal)} K/V${qTotal ? ` + ${fmtBytes(qTotal)} prefill q` : ''} to upload, ${o.concurrency} layer(s) at a time; ` +
         `indexes built at seal: ${o.methods.filter((x) => findMethod(x)?.builder).join(', ') || 'none'}`,
     );
     const results: ContextResult[] = [];
@@ -1243,16 +1308,17 @@ async function main(): Promise<void> {
     const wallSeconds = (now() - t0) / 1000;
     const md = markdown(o, m, health, date, results, wallSeconds, loadavg()[0]);
     const { latency, recall } = charts(o, results);
-    mkdirSync(RESULTS_DIR, { recursive: true });
-    const base = join(RESULTS_DIR, `decode-${o.mode}-${o.preset}`);
+    const dir = o.out ?? RESULTS_DIR;
+    mkdirSync(dir, { recursive: true });
+    const base = join(dir, `decode-${o.mode}-${o.preset}`);
     writeFileSync(`${base}.md`, md);
     writeFileSync(
       `${base}.json`,
-      JSON.stringify({ machine: m, date, wallSeconds: round(wallSeconds, 1), server: { url: o.url ?? 'in-process', health }, options: o, results }, (_, v) =>
+      JSON.stringify({ machine: m, date, wallSeconds: round(wallSeconds, 1), backend: String(health.backend ?? 'unknown'), server: { url: o.url ?? 'in-process', health }, options: o, results }, (_, v) =>
         typeof v === 'number' && !Number.isInteger(v) ? round(v, 5) : v, 2) + '\n',
     );
-    writeFileSync(join(RESULTS_DIR, 'decode-latency.svg'), latency);
-    writeFileSync(join(RESULTS_DIR, 'decode-recall.svg'), recall);
+    writeFileSync(join(dir, 'decode-latency.svg'), latency);
+    writeFileSync(join(dir, 'decode-recall.svg'), recall);
     process.stdout.write(md);
     log(`wrote ${base}.{md,json}, decode-latency.svg, decode-recall.svg in ${wallSeconds.toFixed(0)} s`);
   } finally {

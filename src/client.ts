@@ -6,11 +6,20 @@
 //   await kv.sealDocument('manual');
 //   const { id } = await kv.createSession({ model, documents: ['manual'], method: 'exact' });
 //   const { out, lse } = await kv.attend(id, { layer, q: tensor('f32', [32, 128], q) });
+//
+// K/V uploads go out through node:http as the msgpack header bytes and the
+// caller's tensor bytes themselves (no body is assembled); the caller keeps
+// those arrays unchanged until the upload's promise settles.
+import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { Packr, Unpackr } from 'msgpackr';
 import type { ModelShape } from './model.js';
+import { packParts } from './msgpack-parts.js';
+import { keptTokens } from './query-stride.js';
 import type { Tensor, WireDtype } from './tensor.js';
 
 export type { Tensor, WireDtype, ModelShape };
+export { keptTokens };
 
 const packr = new Packr({ useRecords: false });
 const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
@@ -36,7 +45,38 @@ export interface KvUploadBody {
   start: number;
   k: Tensor;
   v: Tensor;
+  /** [qHeads, n, d], or with queryStride only the rows the document keeps (see stridedQueries). */
   q?: Tensor;
+  /** Document uploads: q holds only the tokens t of [start, start + n) with t % queryStride == 0; must be the document's stride. */
+  queryStride?: number;
+}
+
+/** What the server spent on one document upload (ms), and the bytes it read. */
+export interface KvUploadStats {
+  bytes: number;
+  readMs: number;
+  decodeMs: number;
+  queueMs: number;
+  checkMs: number;
+  appendMs: number;
+  writeMs: number;
+}
+
+/**
+ * The rows of a prefill q [qHeads, n, d] for tokens start.. that a document
+ * with this queryStride keeps: [qHeads, count, d] (one copy of those rows).
+ */
+export function stridedQueries(q: Tensor, start: number, stride: number): Tensor {
+  const [heads, n, d] = q.shape;
+  const { first, count } = keptTokens(start, n, stride);
+  const row = (q.data.byteLength / (heads * n)) | 0;
+  const out = new Uint8Array(heads * count * row);
+  for (let h = 0; h < heads; h++)
+    for (let i = 0; i < count; i++) {
+      const src = (h * n + first + i * stride) * row;
+      out.set(q.data.subarray(src, src + row), (h * count + i) * row);
+    }
+  return { dtype: q.dtype, shape: [heads, count, d], data: out };
 }
 
 export interface SessionSpec {
@@ -69,6 +109,8 @@ export interface AttendReply {
 export interface DocumentInfo {
   id: string;
   status: 'loading' | 'ready' | 'incomplete';
+  /** Prefill queries kept: one token in queryStride. */
+  queryStride?: number;
   phase: 'loading' | 'building' | 'ready' | 'incomplete';
   progress?: number;
   tokens: number;
@@ -97,13 +139,16 @@ export class KvrecallClient {
     return this.call('GET', '/v1/health');
   }
 
-  /** methods: retrieval methods whose indexes are built at seal; queryStride: keep prefill queries of 1 token in N. */
-  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: string[]; queryStride?: number } = {}): Promise<DocumentInfo> {
+  /**
+   * methods: retrieval methods whose indexes are built at seal; queryStride: keep prefill queries of 1 token in N;
+   * tokens: the tokens per layer the document will hold (its host memory is reserved now, 503 if it does not fit).
+   */
+  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: string[]; queryStride?: number; tokens?: number } = {}): Promise<DocumentInfo> {
     return this.call('PUT', `/v1/documents/${encodeURIComponent(id)}`, { model, ...opts });
   }
 
-  uploadDocumentKv(id: string, body: KvUploadBody): Promise<{ layer: number; tokens: number }> {
-    return this.call('POST', `/v1/documents/${encodeURIComponent(id)}/kv`, body);
+  uploadDocumentKv(id: string, body: KvUploadBody): Promise<{ layer: number; tokens: number; stats?: KvUploadStats }> {
+    return this.send('POST', `/v1/documents/${encodeURIComponent(id)}/kv`, body);
   }
 
   sealDocument(id: string): Promise<DocumentInfo> {
@@ -126,8 +171,8 @@ export class KvrecallClient {
     return this.call('POST', '/v1/sessions', spec);
   }
 
-  uploadSessionKv(sid: string, body: KvUploadBody): Promise<{ layer: number; tokens: number }> {
-    return this.call('POST', `/v1/sessions/${sid}/kv`, body);
+  uploadSessionKv(sid: string, body: Omit<KvUploadBody, 'queryStride'>): Promise<{ layer: number; tokens: number }> {
+    return this.send('POST', `/v1/sessions/${sid}/kv`, body);
   }
 
   async attend(sid: string, body: AttendBody): Promise<AttendReply> {
@@ -160,13 +205,48 @@ export class KvrecallClient {
       headers: this.headers,
       body: packed && new Uint8Array(packed.buffer as ArrayBuffer, packed.byteOffset, packed.byteLength),
     });
-    const raw = new Uint8Array(await res.arrayBuffer());
-    const type = res.headers.get('content-type') ?? '';
-    const value = raw.byteLength === 0 ? {} : type.includes('msgpack') ? unpackr.unpack(raw) : JSON.parse(new TextDecoder().decode(raw));
-    if (!res.ok) {
-      const err = (value as { error?: { code?: string; message?: string } }).error;
-      throw new KvrecallRequestError(res.status, err?.code ?? 'unknown', err?.message ?? res.statusText);
-    }
-    return value as T;
+    return answer<T>(res.status, res.statusText, res.headers.get('content-type') ?? '', new Uint8Array(await res.arrayBuffer()));
   }
+
+  /**
+   * A request whose body holds tensors: its parts (msgpack header bytes and
+   * the tensors' own bytes) are written to the socket in order, with the
+   * length up front. A network failure rejects with a TypeError, as fetch's.
+   */
+  private send<T>(method: string, path: string, body: unknown): Promise<T> {
+    const { parts, byteLength } = packParts(body);
+    const url = new URL(this.url + path);
+    return new Promise<T>((resolve, reject) => {
+      const failed = (e: Error) => reject(new TypeError(`${method} ${url.pathname} failed: ${e.message}`, { cause: e }));
+      const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(
+        url,
+        { method, headers: { ...this.headers, 'content-length': String(byteLength) } },
+        (res: IncomingMessage) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('error', failed);
+          res.on('end', () => {
+            try {
+              resolve(answer<T>(res.statusCode ?? 0, res.statusMessage ?? '', String(res.headers['content-type'] ?? ''), Buffer.concat(chunks)));
+            } catch (e) {
+              reject(e);
+            }
+          });
+        },
+      );
+      req.on('error', failed);
+      for (const p of parts) req.write(p);
+      req.end();
+    });
+  }
+}
+
+/** A reply's body decoded; an error reply thrown as KvrecallRequestError. */
+function answer<T>(status: number, statusText: string, type: string, raw: Uint8Array): T {
+  const value = raw.byteLength === 0 ? {} : type.includes('msgpack') ? unpackr.unpack(raw) : JSON.parse(new TextDecoder().decode(raw));
+  if (status < 200 || status >= 300) {
+    const err = (value as { error?: { code?: string; message?: string } }).error;
+    throw new KvrecallRequestError(status, err?.code ?? 'unknown', err?.message ?? statusText);
+  }
+  return value as T;
 }

@@ -19,12 +19,22 @@ export class PrefillQueries {
     this.counts = Array.from({ length: model.layers }, () => new Array<number>(model.kvHeads).fill(0));
   }
 
-  /** q: [qHeads, n, headDim] f32 for tokens [start, start + n) of a layer. */
+  /** q: [qHeads, n, headDim] f32 for tokens [start, start + n) of a layer; keeps the tokens t with t % stride == 0. */
   add(layer: number, start: number, q: Float32Array, n: number): void {
-    const { qHeads, kvHeads, headDim: d } = this.model;
-    const G = qHeads / kvHeads;
     const kept: number[] = [];
     for (let i = 0; i < n; i++) if ((start + i) % this.stride === 0) kept.push(i);
+    this.keep(layer, q, n, kept);
+  }
+
+  /** q: [qHeads, count, headDim] f32, the rows of the kept tokens only (in token order), as add would keep them. */
+  addKept(layer: number, q: Float32Array, count: number): void {
+    this.keep(layer, q, count, Array.from({ length: count }, (_, i) => i));
+  }
+
+  /** Keeps token rows `kept` of q [qHeads, n, headDim], grouped by kv head. */
+  private keep(layer: number, q: Float32Array, n: number, kept: number[]): void {
+    const { qHeads, kvHeads, headDim: d } = this.model;
+    const G = qHeads / kvHeads;
     if (kept.length === 0) return;
     for (let h = 0; h < kvHeads; h++) {
       const rows = new Float32Array(kept.length * G * d);

@@ -9,10 +9,11 @@ import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
 import { conflict, invalid, notFound } from './errors.js';
 import { checkId } from './ids.js';
-import { parseKvUpload } from './kv-input.js';
+import { parseKvUpload, type KvUpload } from './kv-input.js';
 import { parseModel } from './model.js';
+import { keptTokens } from './query-stride.js';
 import { KeyedQueue } from './serial.js';
-import { toF32 } from './tensor.js';
+import { elementBytes, toF32 } from './tensor.js';
 
 export interface LoadedDocument {
   meta: DocumentMeta;
@@ -25,8 +26,12 @@ export interface LoadedDocument {
 interface LoadingDocument {
   meta: DocumentMeta;
   layers: KvSegment[];
-  /** Per layer: blocks already written to LMDB. */
+  /** Per layer: blocks handed to LMDB (committed once `writing` settles). */
   written: number[];
+  /** The last batch of block writes, behind the upload that made it (never rejects). */
+  writing: Promise<void>;
+  /** Set when a block write failed: the document cannot be sealed. */
+  writeError?: Error;
   queries: PrefillQueries;
   phase: 'loading' | 'building';
   /** Fraction of the index build done, while building. */
@@ -40,6 +45,25 @@ export interface DocumentView extends DocumentMeta {
 }
 
 export const DEFAULT_QUERY_STRIDE = 4;
+
+/** Where the server's time on one document upload went (ms), and the body's size. */
+export interface UploadStats {
+  bytes: number;
+  /** Body arrival (from the route's start) and msgpack decode, when the route measured them. */
+  readMs: number;
+  decodeMs: number;
+  /** Waiting behind the document's earlier requests. */
+  queueMs: number;
+  /** Shapes, dtypes, NaN/Inf. */
+  checkMs: number;
+  /** Copy into host memory, prefill queries kept. */
+  appendMs: number;
+  /** Waiting for the previous upload's blocks to commit, and staging this one's. */
+  writeMs: number;
+}
+
+const MAX_TOKENS_HINT = 2 ** 31;
+const now = () => performance.now();
 
 export class Documents {
   private readonly loading = new Map<string, LoadingDocument>();
@@ -58,6 +82,9 @@ export class Documents {
     const methods = this.parseMethods(body.methods);
     const stride = body.queryStride ?? DEFAULT_QUERY_STRIDE;
     if (typeof stride !== 'number' || !Number.isInteger(stride) || stride < 1) throw invalid('queryStride must be a positive integer');
+    const hint = body.tokens ?? 0;
+    if (typeof hint !== 'number' || !Number.isInteger(hint) || hint < 0 || hint > MAX_TOKENS_HINT)
+      throw invalid(`tokens (the tokens per layer to reserve memory for) must be an integer in [0, ${MAX_TOKENS_HINT}]`);
     return this.queue.run(id, async () => {
       const existing = this.store.get(id);
       if (existing && existing.status !== 'incomplete')
@@ -65,12 +92,13 @@ export class Documents {
       // Memory first: a document refused for its size leaves nothing behind.
       const layers: KvSegment[] = [];
       try {
-        for (let l = 0; l < model.layers; l++) layers.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, undefined, this.budget));
+        // With a tokens hint the memory is reserved now, whole (no regrowth while uploading, no trim at seal).
+        for (let l = 0; l < model.layers; l++) layers.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, hint || undefined, this.budget));
       } catch (e) {
         for (const s of layers) s.release();
         throw e;
       }
-      const meta: DocumentMeta = { id, model, status: 'loading', tokens: 0, methods, createdAt: new Date().toISOString() };
+      const meta: DocumentMeta = { id, model, status: 'loading', tokens: 0, methods, queryStride: stride, createdAt: new Date().toISOString() };
       try {
         await this.store.create(meta);
       } catch (e) {
@@ -81,6 +109,7 @@ export class Documents {
         meta,
         layers,
         written: new Array<number>(model.layers).fill(0),
+        writing: Promise.resolve(),
         queries: new PrefillQueries(model, stride),
         phase: 'loading',
         progress: 0,
@@ -89,20 +118,45 @@ export class Documents {
     });
   }
 
-  appendKv(idRaw: string, body: Record<string, unknown>): Promise<{ layer: number; tokens: number }> {
+  /**
+   * Appends one upload to a layer. Its full blocks are written to LMDB
+   * behind the answer: the next upload of the document (or the seal) waits
+   * for them, so one batch is in flight while the next request is read and
+   * checked. A loading document is not durable before seal anyway.
+   */
+  appendKv(idRaw: string, body: Record<string, unknown>, times?: { bytes: number; readMs: number; decodeMs: number }): Promise<{ layer: number; tokens: number; stats: UploadStats }> {
     const id = checkId(idRaw, 'document');
+    const t0 = now();
     return this.queue.run(id, async () => {
+      const t1 = now();
       const doc = this.loadingDoc(id);
-      const up = parseKvUpload(body, doc.meta.model);
+      if (doc.writeError) throw doc.writeError;
+      const up = parseKvUpload(body, doc.meta.model, doc.queries.stride);
+      const t2 = now();
       const seg = doc.layers[up.layer];
       if (up.start !== seg.tokens)
         throw conflict(`layer ${up.layer} of document ${id} holds ${seg.tokens} tokens; the next upload must start there, not at ${up.start}`);
       seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens);
-      if (up.q) doc.queries.add(up.layer, up.start, toF32(up.q), up.tokens);
-      const full = Math.floor(seg.tokens / doc.meta.model.blockSize);
-      await this.store.writeBlocks(id, blockWrites(seg, up.layer, doc.written[up.layer], full, doc.meta.model.blockSize));
+      if (up.q) keepQueries(doc.queries, up);
+      const t3 = now();
+      await doc.writing;
+      if (doc.writeError) throw doc.writeError;
+      const B = doc.meta.model.blockSize;
+      const full = Math.floor(seg.tokens / B);
+      doc.writing = this.store.writeBlocks(id, blockWrites(seg, up.layer, doc.written[up.layer], full, B)).catch((e: Error) => {
+        doc.writeError = new Error(`document ${id}: writing its blocks to LMDB failed (${e.message}); DELETE it and upload it again`);
+      });
       doc.written[up.layer] = full;
-      return { layer: up.layer, tokens: seg.tokens };
+      const stats: UploadStats = {
+        bytes: times?.bytes ?? 0,
+        readMs: times?.readMs ?? 0,
+        decodeMs: times?.decodeMs ?? 0,
+        queueMs: t1 - t0,
+        checkMs: t2 - t1,
+        appendMs: t3 - t2,
+        writeMs: now() - t3,
+      };
+      return { layer: up.layer, tokens: seg.tokens, stats };
     });
   }
 
@@ -110,6 +164,8 @@ export class Documents {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
       const doc = this.loadingDoc(id);
+      await doc.writing;
+      if (doc.writeError) throw doc.writeError;
       const counts = doc.layers.map((s) => s.tokens);
       if (counts[0] === 0) throw conflict(`document ${id} has no tokens to seal`);
       const odd = counts.findIndex((c) => c !== counts[0]);
@@ -159,6 +215,8 @@ export class Documents {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
       if (!this.store.get(id)) throw notFound(`document ${id} does not exist`);
+      // Blocks still being written would land after the drop.
+      await this.loading.get(id)?.writing;
       await this.store.remove(id);
       for (const s of this.loading.get(id)?.layers ?? this.ready.get(id)?.layers ?? []) s.release();
       this.loading.delete(id);
@@ -230,6 +288,32 @@ export class Documents {
 function view(meta: DocumentMeta): DocumentView {
   const m = meta.model;
   return { ...meta, bytes: meta.tokens * m.layers * m.kvHeads * m.headDim * 2 * 2, phase: meta.status };
+}
+
+/**
+ * Keeps an upload's prefill queries of the tokens t with t % stride == 0,
+ * converting only those rows to f32.
+ */
+function keepQueries(queries: PrefillQueries, up: KvUpload): void {
+  const q = up.q!;
+  if (up.qStride !== undefined || queries.stride === 1) {
+    // q already holds only the kept rows (or every row is kept).
+    const rows = q.shape[1];
+    if (up.qStride !== undefined) queries.addKept(up.layer, toF32(q), rows);
+    else queries.add(up.layer, up.start, toF32(q), up.tokens);
+    return;
+  }
+  const [heads, n, d] = q.shape;
+  const { first, count } = keptTokens(up.start, n, queries.stride);
+  if (count === 0) return;
+  const row = d * elementBytes(q.dtype);
+  const picked = new Uint8Array(heads * count * row);
+  for (let h = 0; h < heads; h++)
+    for (let i = 0; i < count; i++) {
+      const src = (h * n + first + i * queries.stride) * row;
+      picked.set(q.data.subarray(src, src + row), (h * count + i) * row);
+    }
+  queries.addKept(up.layer, toF32({ dtype: q.dtype, shape: [heads, count, d], data: picked }), count);
 }
 
 function blockWrites(seg: KvSegment, layer: number, from: number, to: number, B: number): BlockWrite[] {

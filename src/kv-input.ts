@@ -1,6 +1,7 @@
-// Checks a kv upload ({layer, start, k, v, q?}) against a model shape.
+// Checks a kv upload ({layer, start, k, v, q?, queryStride?}) against a model shape.
 import type { ModelShape } from './model.js';
 import { invalid } from './errors.js';
+import { keptTokens } from './query-stride.js';
 import { expectFinite, expectShape, parseFloatTensor, type FloatTensor } from './tensor.js';
 
 export interface KvUpload {
@@ -9,10 +10,19 @@ export interface KvUpload {
   tokens: number;
   k: FloatTensor;
   v: FloatTensor;
+  /** [qHeads, tokens, d], or with qStride [qHeads, kept, d]: the rows of the kept tokens only. */
   q?: FloatTensor;
+  /** Set when q holds only the tokens t with t % qStride == 0 (the document's stride). */
+  qStride?: number;
 }
 
-export function parseKvUpload(body: Record<string, unknown>, model: ModelShape): KvUpload {
+/**
+ * `queryStride`: the stride of the route's prefill queries (a document's).
+ * With it, a body may declare `queryStride` (it must be that one) and send
+ * q for the kept tokens only (or no q where none is kept); without it,
+ * `queryStride` is not read.
+ */
+export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, queryStride?: number): KvUpload {
   const layer = body.layer;
   if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= model.layers)
     throw invalid(`layer must be an integer in [0, ${model.layers - 1}], got ${JSON.stringify(layer)}`);
@@ -25,13 +35,20 @@ export function parseKvUpload(body: Record<string, unknown>, model: ModelShape):
   expectShape(k, [model.kvHeads, n, model.headDim], 'k');
   expectShape(v, [model.kvHeads, n, model.headDim], 'v');
   if (n === 0) throw invalid('k and v must hold at least one token');
-  expectFinite(k, 'k');
-  expectFinite(v, 'v');
+  let qStride: number | undefined;
+  if (queryStride !== undefined && body.queryStride !== undefined && body.queryStride !== null) {
+    if (body.queryStride !== queryStride)
+      throw invalid(`queryStride must be the document's, ${queryStride}, got ${JSON.stringify(body.queryStride)}`);
+    qStride = queryStride;
+  }
   let q: FloatTensor | undefined;
   if (body.q !== undefined && body.q !== null) {
     q = parseFloatTensor(body.q, 'q');
-    expectShape(q, [model.qHeads, n, model.headDim], 'q');
-    expectFinite(q, 'q');
+    const rows = qStride === undefined ? n : keptTokens(start, n, qStride).count;
+    expectShape(q, [model.qHeads, rows, model.headDim], qStride === undefined ? 'q' : `q (the ${rows} tokens of ${n} kept at queryStride ${qStride})`);
   }
-  return { layer, start, tokens: n, k, v, q };
+  expectFinite(k, 'k');
+  expectFinite(v, 'v');
+  if (q) expectFinite(q, 'q');
+  return { layer, start, tokens: n, k, v, ...(q && { q }), ...(qStride !== undefined && { qStride }) };
 }

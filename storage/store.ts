@@ -11,6 +11,7 @@
 // are dropped and it is reported `incomplete`.
 import { open, type Database, type RootDatabase } from 'lmdb';
 import type { ModelShape } from '../src/model.js';
+import { BufferPool } from './buffer-pool.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
 
@@ -23,6 +24,8 @@ export interface DocumentMeta {
   /** Tokens per layer (all equal once ready). */
   tokens: number;
   methods: string[];
+  /** Prefill queries kept: one token in queryStride (absent in documents stored before it was recorded). */
+  queryStride?: number;
   createdAt: string;
   sealedAt?: string;
 }
@@ -50,6 +53,9 @@ export class DocumentStore {
   private readonly meta: Database<DocumentMeta, string>;
   private readonly blocks: Database<Buffer, BlockKey>;
   private readonly artifacts: Database<Buffer, ArtifactKey>;
+  /** Block writes not yet committed, and the staging buffers their values sit in. */
+  private readonly inflight = new Set<Promise<void>>();
+  private readonly staging = new BufferPool(4);
 
   private constructor(path: string) {
     // noSubdir: false, or a folder name with a dot is taken for a file name.
@@ -87,11 +93,35 @@ export class DocumentStore {
     await this.meta.put(meta.id, meta);
   }
 
-  writeBlocks(doc: string, writes: BlockWrite[]): Promise<boolean> {
-    return this.root.transaction(() => {
-      for (const w of writes) this.blocks.put([doc, w.layer, w.head, w.block], concat(w.k, w.v));
-      return true;
+  /**
+   * Writes blocks of a loading document; resolves when they are committed
+   * (not yet flushed: a loading document is not durable until seal). The
+   * values are laid out K then V in a staging buffer here, on the caller's
+   * thread; LMDB's write thread copies them into the file from there, and
+   * the buffer is reused once they are in. The writes' views may change
+   * after this returns.
+   */
+  writeBlocks(doc: string, writes: BlockWrite[]): Promise<void> {
+    if (writes.length === 0) return Promise.resolve();
+    const staging = this.staging.take(writes.reduce((n, w) => n + w.k.byteLength + w.v.byteLength, 0));
+    const puts: Promise<boolean>[] = [];
+    let at = 0;
+    for (const w of writes) {
+      const value = staging.subarray(at, at + w.k.byteLength + w.v.byteLength);
+      value.set(w.k, 0);
+      value.set(w.v, w.k.byteLength);
+      puts.push(this.blocks.put([doc, w.layer, w.head, w.block], value));
+      at += value.byteLength;
+    }
+    // Every put settled before the staging buffer is reused, failed ones included.
+    const done: Promise<void> = Promise.allSettled(puts).then((results) => {
+      this.inflight.delete(done);
+      this.staging.give(staging);
+      const failed = results.find((r) => r.status === 'rejected');
+      if (failed) throw failed.reason;
     });
+    this.inflight.add(done);
+    return done;
   }
 
   /**
@@ -152,6 +182,7 @@ export class DocumentStore {
   }
 
   async close(): Promise<void> {
+    await Promise.allSettled(this.inflight);
     await this.root.close();
   }
 
