@@ -2,7 +2,7 @@
 // `ready` once (indexes built, everything durable in one transaction), then
 // shared read-only by every session that attaches them.
 import { findMethod } from '../index/registry.js';
-import type { HeadIndex } from '../index/method.js';
+import type { HeadIndex, HeadIndexBuilder } from '../index/method.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/store.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
@@ -175,11 +175,20 @@ export class Documents {
       doc.phase = 'building';
       const artifacts: ArtifactWrite[] = [];
       const total = doc.meta.methods.length * doc.meta.model.layers * doc.meta.model.kvHeads;
+      // Methods that share a builder (nosa and topk-blocks: block summaries) share its artifacts:
+      // build() sees only the keys and queries, so one build serves every such method.
+      const built = new Map<HeadIndexBuilder, ArtifactWrite[]>();
       for (const name of doc.meta.methods) {
         const builder = findMethod(name)?.builder;
         if (!builder) continue;
         const before = artifacts.length;
-        artifacts.push(...(await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total))));
+        const same = built.get(builder);
+        const mine = same
+          ? same.map((a) => ({ ...a, method: name }))
+          : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total));
+        if (!same) built.set(builder, mine);
+        artifacts.push(...mine);
+        doc.progress = artifacts.length / total;
       }
 
       const B = doc.meta.model.blockSize;

@@ -9,6 +9,7 @@ import { connect } from 'node:net';
 import { pack } from 'msgpackr';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
+import { blockSummaryBuilder } from '../../index/block-select.js';
 import { methodNames } from '../../index/registry.js';
 import { KvrecallClient, keptTokens, stridedQueries, tensor } from '../../src/client.js';
 import { Documents } from '../../src/documents.js';
@@ -292,6 +293,38 @@ async function readBackWide(doc: string, m: typeof model): Promise<string[]> {
   }
   return out;
 }
+
+describe('seal', () => {
+  it('builds the index of methods that share a builder once, and stores it for each', async () => {
+    const rng = new Rng(seed ^ 0x51);
+    const calls = { n: 0 };
+    const build = blockSummaryBuilder.build;
+    blockSummaryBuilder.build = (input) => {
+      calls.n++;
+      return build(input);
+    };
+    try {
+      await client.createDocument('shared-builder', model, { methods: ['nosa', 'topk-blocks'] });
+      for (let layer = 0; layer < model.layers; layer++) {
+        const c = randomKv(rng, 'f16', model.kvHeads, 333, model.headDim);
+        await client.uploadDocumentKv('shared-builder', { layer, start: 0, k: c.k, v: c.v });
+      }
+      await client.sealDocument('shared-builder');
+    } finally {
+      blockSummaryBuilder.build = build;
+    }
+    expect(calls.n).toBe(model.layers * model.kvHeads);
+    const nosa = server.engine.store.loadArtifacts('shared-builder', 'nosa', model.layers, model.kvHeads)!;
+    const topk = server.engine.store.loadArtifacts('shared-builder', 'topk-blocks', model.layers, model.kvHeads)!;
+    expect(topk.flat().map((b) => Buffer.from(b).toString('hex'))).toEqual(nosa.flat().map((b) => Buffer.from(b).toString('hex')));
+    // Both methods answer from their stored index.
+    for (const method of ['nosa', 'topk-blocks']) {
+      const s = await client.createSession({ model, documents: ['shared-builder'], method, budget: 64 });
+      await expect(client.attend(s.id, { layer: 1, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) })).resolves.toBeDefined();
+    }
+    expect(server.engine.documents.buildsAfterSeal).toBe(0);
+  });
+});
 
 describe('a tokens hint at PUT', () => {
   it('reserves the document\'s memory up front, refuses one that does not fit, and still accepts more tokens', async () => {
