@@ -49,7 +49,7 @@ export function bodyLeftUnread(c: Context): boolean {
 
 /** The decoded body, in a buffer of its own. */
 export async function readBody(c: Context): Promise<Body> {
-  const raw = await readRaw(c, (n) => Buffer.allocUnsafe(n));
+  const raw = await readRaw(c, (n) => Buffer.allocUnsafeSlow(n));
   return decode(c, raw);
 }
 
