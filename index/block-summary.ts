@@ -3,7 +3,7 @@
 // for query-aware scoring) and a stable, query-agnostic importance per block
 // (the attention mass the prefill queries pay the block, estimated from the
 // representatives; without prefill queries, a sample of the keys stands in).
-import { convert, topk, topkHeads, type KvDtype } from '../native/index.js';
+import { convert, topkHeads, type KvDtype } from '../native/index.js';
 import type { BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
 
 export const SUMMARY_BLOCK = 64;
@@ -112,12 +112,17 @@ function widenWords(words: Uint16Array, dtype: KvDtype): Float32Array {
 function meansOf(input: HeadKeys, blockSize: number): { means: Float32Array; blocks: number } {
   const { tokens, headDim: d } = input;
   const blocks = Math.ceil(tokens / blockSize);
-  const keys = new Float32Array(tokens * d);
-  convert(new Uint8Array(input.keys.buffer, input.keys.byteOffset, tokens * d * 2), input.dtype, new Uint8Array(keys.buffer), 'f32', tokens * d);
   const means = new Float32Array(blocks * d);
-  for (let t = 0; t < tokens; t++) {
-    const b = Math.floor(t / blockSize);
-    for (let j = 0; j < d; j++) means[b * d + j] += keys[t * d + j];
+  // Widened a chunk of blocks at a time: a 1M-token head is 512 MB as f32.
+  const chunkBlocks = 64, keys = new Float32Array(chunkBlocks * blockSize * d);
+  const bytes = new Uint8Array(input.keys.buffer, input.keys.byteOffset, tokens * d * 2);
+  for (let b0 = 0; b0 < blocks; b0 += chunkBlocks) {
+    const t0 = b0 * blockSize, t1 = Math.min(tokens, (b0 + chunkBlocks) * blockSize);
+    convert(bytes.subarray(t0 * d * 2, t1 * d * 2), input.dtype, new Uint8Array(keys.buffer, 0, (t1 - t0) * d * 4), 'f32', (t1 - t0) * d);
+    for (let t = t0; t < t1; t++) {
+      const b = Math.floor(t / blockSize), row = (t - t0) * d;
+      for (let j = 0; j < d; j++) means[b * d + j] += keys[row + j];
+    }
   }
   for (let b = 0; b < blocks; b++) {
     const n = Math.min(tokens, (b + 1) * blockSize) - b * blockSize;
@@ -133,21 +138,26 @@ export async function buildBlockSummary(input: BuildInput): Promise<Uint8Array> 
   convert(new Uint8Array(means.buffer), 'f32', new Uint8Array(meanWords.buffer), input.dtype, blocks * d);
   // Importance: mean over sampled query rows of the softmax over blocks of
   // (q·mean · scale + log blockSize), i.e. each block's share of the mass.
+  // Every sampled row's scores come from one native pass (nothing sorted).
   const rows = input.queryCount > 0 ? input.queries : keysAsQueries(input);
   const count = input.queryCount > 0 ? input.queryCount : rows.length / d;
   const step = Math.max(1, Math.floor(count / MAX_IMPORTANCE_ROWS));
-  const importance = new Float64Array(blocks);
-  const ids = new Int32Array(blocks), sorted = new Float32Array(blocks), scale = 1 / Math.sqrt(d);
-  let used = 0;
-  for (let r = 0; r < count; r += step) {
-    await topk({ q: rows.subarray(r * d, (r + 1) * d), group: 1, headDim: d, keys: meanWords, tokens: blocks, dtype: input.dtype, k: blocks, outIds: ids, outScores: sorted });
-    const m = sorted[0] * scale;
+  const sampled: number[] = [];
+  for (let r = 0; r < count; r += step) sampled.push(r);
+  const q = new Float32Array(sampled.length * d);
+  sampled.forEach((r, i) => q.set(rows.subarray(r * d, (r + 1) * d), i * d));
+  const none = new Int32Array(0), noScores = new Float32Array(0);
+  const scores = sampled.map(() => new Float32Array(blocks));
+  await topkHeads({ q, group: 1, headDim: d, dtype: input.dtype, k: 0, heads: scores.map((all) => ({ keys: meanWords, tokens: blocks, outIds: none, outScores: noScores, allScores: all })) });
+  const importance = new Float64Array(blocks), scale = 1 / Math.sqrt(d);
+  for (const row of scores) {
+    let m = -Infinity;
+    for (let i = 0; i < blocks; i++) m = Math.max(m, row[i] * scale);
     let z = 0;
-    for (let i = 0; i < blocks; i++) z += Math.exp(sorted[i] * scale - m);
-    for (let i = 0; i < blocks; i++) importance[ids[i]] += Math.exp(sorted[i] * scale - m) / z;
-    used++;
+    for (let i = 0; i < blocks; i++) z += Math.exp(row[i] * scale - m);
+    for (let i = 0; i < blocks; i++) importance[i] += Math.exp(row[i] * scale - m) / z;
   }
-  const imp = Float32Array.from(importance, (x) => x / Math.max(1, used));
+  const imp = Float32Array.from(importance, (x) => x / Math.max(1, sampled.length));
   return encode(blocks, SUMMARY_BLOCK, input.tokens, d, meanWords, imp);
 }
 
