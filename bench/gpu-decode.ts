@@ -25,6 +25,7 @@ import { DEFAULT_PARAMS } from '../src/sessions.js';
 import { Session } from '../src/session.js';
 import { UNLIMITED } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
+import { relativeErrors } from './quality.js';
 import { generateWorkload } from './workload.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:gpu decode] ${msg}\n`);
@@ -47,19 +48,8 @@ const pct = (xs: number[], p: number) => {
 };
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
 
-function relError(a: Float32Array, b: Float32Array, heads: number): number {
-  const d = a.length / heads;
-  let sum = 0;
-  for (let h = 0; h < heads; h++) {
-    let num = 0, den = 0;
-    for (let j = 0; j < d; j++) {
-      num += (a[h * d + j] - b[h * d + j]) ** 2;
-      den += b[h * d + j] ** 2;
-    }
-    sum += Math.sqrt(num / Math.max(den, 1e-30));
-  }
-  return sum / heads;
-}
+/** Mean over q heads of ‖a_h − b_h‖ / ‖b_h‖. */
+const relError = (a: Float32Array, b: Float32Array, heads: number) => mean([...relativeErrors(a, b, heads)]);
 
 export async function runDecodeBench(opts: { tokens: number; steps: number; device: string }): Promise<void> {
   const { tokens, steps } = opts;

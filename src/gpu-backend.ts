@@ -15,7 +15,7 @@ import type { BlockStats, SearchParams } from '../index/method.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 import { KvrecallError } from './errors.js';
 import type { ModelShape } from './model.js';
-import type { PoolPart } from './selection-parts.js';
+import { concatRows, type PoolPart } from './selection-parts.js';
 
 /** Tokens per pool block; block-selecting methods summarize blocks of the same size. */
 export const POOL_BLOCK = 64;
@@ -184,7 +184,7 @@ export class GpuBackend {
           selected += blocks.length;
         }
       }
-      const tables = slots.map(concat);
+      const tables = slots.map(concatRows);
       t1 = performance.now();
       await pool.attend({
         q,
@@ -217,17 +217,6 @@ export class GpuBackend {
     this.pool?.close();
     this.pool = undefined;
   }
-}
-
-function concat(parts: Int32Array[]): Int32Array {
-  if (parts.length === 1) return parts[0];
-  const all = new Int32Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    all.set(p, at);
-    at += p.length;
-  }
-  return all;
 }
 
 function gib(bytes: number): string {

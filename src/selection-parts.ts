@@ -53,14 +53,20 @@ export function selectedPositions(sel: Selection, ctx: LayerContext): Int32Array
       const base = ctx.offsets[ctx.segments.indexOf(p.segment)];
       return rowsOf(p, h).map((r) => r + base);
     });
-    const all = new Int32Array(chunks.reduce((n, c) => n + c.length, 0));
-    let at = 0;
-    for (const c of chunks) {
-      all.set(c, at);
-      at += c.length;
-    }
-    return all;
+    return concatRows(chunks);
   });
+}
+
+/** Int32 arrays back to back (the one array itself when there is one). */
+export function concatRows(parts: Int32Array[]): Int32Array {
+  if (parts.length === 1) return parts[0];
+  const all = new Int32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.length;
+  }
+  return all;
 }
 
 /** Whole blocks of one segment for the pool, per kv head, with their eviction classes. */
