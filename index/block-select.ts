@@ -5,16 +5,20 @@
 // window) and a query-aware part (top blocks by q · block mean), under a
 // locality constraint: a step may bring in at most `maxNew` blocks that the
 // previous step did not select, so the selected set, and what the GPU block
-// pool must copy in, changes little from step to step. Its pool evicts the
-// blocks the selection is least likely to want again (not selected now, then
-// lowest importance).
+// pool must copy in, changes little from step to step. In the pool its
+// query-agnostic blocks are a class above the rest (evicted last), the rest
+// least recently used first.
 //
 // `topk-blocks`: plain top blocks by q · block mean with an LRU pool, the
 // baseline NOSA is compared against.
 //
-// Both simulate the per-(session, layer, kv head) GPU pool on every step and
-// report blocks selected, pool hits and host→device bytes. On the CPU backend
-// nothing is copied; the numbers say what the CUDA pool would move.
+// Each block carries its eviction class to the CUDA pool (native/cuda's
+// classes + LRU). Both methods also simulate that policy in a
+// per-(session, layer, kv head) pool of 1.5× the block budget on every step;
+// on the CPU backend those numbers (blocks selected, pool hits,
+// host→device bytes) say what the CUDA pool would move. (An earlier policy
+// kept high-importance blocks a class above recently used ones: on the H100
+// with a tight pool it hit 0.85 against LRU's 0.90, so it was dropped.)
 import { BlockSummary, buildBlockSummary, loadBlockSummary } from './block-summary.js';
 import type { BlockStats, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
 import { inside, staticRanges, type Range } from './static-plus-retrieved.js';
@@ -24,14 +28,15 @@ interface Policy {
   agnosticShare: number;
   /** New blocks a step may bring in, as a share of the block budget (Infinity: no constraint). */
   maxNewShare: number;
-  eviction: 'lru' | 'importance';
+  /** Whether the query-agnostic blocks are an eviction class above the rest. */
+  protectAgnostic: boolean;
 }
 
 interface HeadState {
   selected: Set<number>;
-  /** Resident block → step it was last selected. */
-  pool: Map<number, number>;
-  step: number;
+  /** Resident block → its eviction class and when it was last used (a counter). */
+  pool: Map<number, { cls: number; used: number }>;
+  clock: number;
 }
 
 /** Pool capacity per head, in multiples of the block budget. */
@@ -73,7 +78,12 @@ function choose(summary: BlockSummary, top: Int32Array, scores: Float32Array, bu
 const agnosticCount = (budget: number, policy: Policy) => Math.floor(budget * policy.agnosticShare);
 const maxNewCount = (budget: number, policy: Policy) => (policy.maxNewShare === Infinity ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare)));
 
-function updatePool(state: HeadState, chosen: number[], capacity: number, summary: BlockSummary, policy: Policy, bytesPerBlock: number): BlockStats {
+/**
+ * The pool's policy (native/cuda/block_pool.cu), on one head: hits are
+ * touched, a miss takes a free slot or evicts the least recently used block
+ * of the lowest class that this step does not use.
+ */
+function updatePool(state: HeadState, chosen: number[], cls: (b: number) => number, capacity: number, bytesPerBlock: number): BlockStats {
   const stats: BlockStats = { selected: chosen.length, hits: 0, bytesIn: 0 };
   const now = new Set(chosen);
   for (const b of chosen) {
@@ -81,19 +91,17 @@ function updatePool(state: HeadState, chosen: number[], capacity: number, summar
     else {
       stats.bytesIn += bytesPerBlock;
       if (state.pool.size >= capacity) {
-        let victim = -1, worst = Infinity;
-        for (const [r, last] of state.pool) {
+        let victim = -1, worstCls = Infinity, worstUsed = Infinity;
+        for (const [r, e] of state.pool) {
           if (now.has(r)) continue;
-          const keep = policy.eviction === 'lru' ? last : summary.importance[r] + (state.selected.has(r) ? 1 : 0);
-          if (keep < worst) (worst = keep), (victim = r);
+          if (e.cls < worstCls || (e.cls === worstCls && e.used < worstUsed)) (victim = r), (worstCls = e.cls), (worstUsed = e.used);
         }
         if (victim >= 0) state.pool.delete(victim);
       }
     }
-    state.pool.set(b, state.step);
+    state.pool.set(b, { cls: cls(b), used: state.clock++ });
   }
   state.selected = now;
-  state.step++;
   return stats;
 }
 
@@ -114,10 +122,8 @@ function blockAligned(ranges: Range[], size: number, tokens: number): Range[] {
 }
 
 /** Pool eviction class of a selected block: query-agnostic ones outlive the rest. */
-function priorityOf(summary: BlockSummary, block: number, agnostic: Set<number>, policy: Policy): number {
-  if (policy.eviction === 'lru') return 0;
-  if (agnostic.has(block)) return 2;
-  return summary.importance[block] * summary.blocks >= 1 ? 1 : 0;
+function priorityOf(block: number, agnostic: Set<number>, policy: Policy): number {
+  return policy.protectAgnostic && agnostic.has(block) ? 1 : 0;
 }
 
 function blockSelect(name: string, policy: Policy): RetrievalMethod {
@@ -151,18 +157,19 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
           const { order, scores } = scored[h];
           scanned += summary.blocks / ctx.kvHeads;
           const key = `${name}:${s}:${h}`;
-          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), step: 0 };
+          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), clock: 0 };
           ctx.memo.set(key, state);
           const chosen = choose(summary, order, scores, budget, state.selected, policy).sort((a, b) => a - b);
-          const st = updatePool(state, chosen, Math.ceil(budget * POOL_FACTOR), summary, policy, summary.blockSize * d * 2 * 2);
+          const agnostic = new Set(summary.byImportance.subarray(0, agnosticCount(budget, policy)));
+          const cls = (b: number) => priorityOf(b, agnostic, policy);
+          const st = updatePool(state, chosen, cls, Math.ceil(budget * POOL_FACTOR), summary.blockSize * d * 2 * 2);
           blocks.selected += st.selected;
           blocks.hits += st.hits;
           blocks.bytesIn += st.bytesIn;
           // Blocks the static part already covers are attended there.
           const kept = chosen.filter((b) => !inside(ranges, b * size));
-          const agnostic = new Set(summary.byImportance.subarray(0, agnosticCount(budget, policy)));
           ids.push(Int32Array.from(kept));
-          priority.push(Uint8Array.from(kept, (b) => priorityOf(summary, b, agnostic, policy)));
+          priority.push(Uint8Array.from(kept, cls));
         }
         parts.push({ segment, blocks: { size, ids, priority } });
       }
@@ -171,5 +178,5 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
   };
 }
 
-export const nosa = blockSelect('nosa', { agnosticShare: 0.25, maxNewShare: 0.125, eviction: 'importance' });
-export const topkBlocks = blockSelect('topk-blocks', { agnosticShare: 0, maxNewShare: Infinity, eviction: 'lru' });
+export const nosa = blockSelect('nosa', { agnosticShare: 0.25, maxNewShare: 0.125, protectAgnostic: true });
+export const topkBlocks = blockSelect('topk-blocks', { agnosticShare: 0, maxNewShare: Infinity, protectAgnostic: false });
