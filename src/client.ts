@@ -13,6 +13,7 @@
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { Packr, Unpackr } from 'msgpackr';
+import type { UploadStats } from './documents.js';
 import type { ModelShape } from './model.js';
 import { packParts } from './msgpack-parts.js';
 import { keptTokens } from './query-stride.js';
@@ -51,16 +52,8 @@ export interface KvUploadBody {
   queryStride?: number;
 }
 
-/** What the server spent on one document upload (ms), and the bytes it read. */
-export interface KvUploadStats {
-  bytes: number;
-  readMs: number;
-  decodeMs: number;
-  queueMs: number;
-  checkMs: number;
-  appendMs: number;
-  writeMs: number;
-}
+/** What the server spent on one document upload (ms), and the bytes it read (the server's own type; erased at run time). */
+export type KvUploadStats = UploadStats;
 
 /**
  * The rows of a prefill q [qHeads, n, d] for tokens start.. that a document
