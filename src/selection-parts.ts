@@ -9,12 +9,17 @@ import type { KvSegment } from '../storage/kv-segment.js';
 
 const range = (begin: number, end: number) => Int32Array.from({ length: Math.max(0, end - begin) }, (_, i) => begin + i);
 
+/** How many rows a block list covers for one kv head (without listing them). */
+function blockRowCount(blocks: BlockList, head: number, tokens: number): number {
+  let n = 0;
+  for (const b of blocks.ids[head]) n += Math.max(0, Math.min(tokens, (b + 1) * blocks.size) - b * blocks.size);
+  return n;
+}
+
 /** Rows of a block list for one kv head, clamped to the segment. */
 export function blockRows(blocks: BlockList, head: number, tokens: number): Int32Array {
   const ids = blocks.ids[head], size = blocks.size;
-  let n = 0;
-  for (const b of ids) n += Math.max(0, Math.min(tokens, (b + 1) * size) - b * size);
-  const rows = new Int32Array(n);
+  const rows = new Int32Array(blockRowCount(blocks, head, tokens));
   let at = 0;
   for (const b of ids) for (let t = b * size, e = Math.min(tokens, (b + 1) * size); t < e; t++) rows[at++] = t;
   return rows;
@@ -39,7 +44,7 @@ export function toAttendSegment(p: SelectionPart): AttendSegment {
 export function attendedCount(sel: Selection, kvHeads: number): number {
   let n = 0;
   for (const p of sel.parts) {
-    if (p.blocks) for (let h = 0; h < kvHeads; h++) n += blockRows(p.blocks, h, p.segment.tokens).length / kvHeads;
+    if (p.blocks) for (let h = 0; h < kvHeads; h++) n += blockRowCount(p.blocks, h, p.segment.tokens) / kvHeads;
     else if (p.ids) n += p.ids.reduce((a, ids) => a + ids.length, 0) / kvHeads;
     else n += (p.end ?? p.segment.tokens) - (p.begin ?? 0);
   }
