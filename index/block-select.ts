@@ -13,9 +13,9 @@
 // baseline NOSA is compared against.
 //
 // Each block carries its eviction class to the CUDA pool (native/cuda's
-// classes + LRU). Both methods also simulate that policy in a
-// per-(session, layer, kv head) pool of 1.5× the block budget on every step;
-// on the CPU backend those numbers (blocks selected, pool hits,
+// classes + LRU). Without a real pool (the CPU backend) both methods
+// simulate that policy in a per-(session, layer, kv head) pool of 1.5× the
+// block budget on every step: those numbers (blocks selected, pool hits,
 // host→device bytes) say what the CUDA pool would move. (An earlier policy
 // kept high-importance blocks a class above recently used ones: on the H100
 // with a tight pool it hit 0.85 against LRU's 0.90, so it was dropped.)
@@ -162,10 +162,12 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
           const chosen = choose(summary, order, scores, budget, state.selected, policy).sort((a, b) => a - b);
           const agnostic = new Set(summary.byImportance.subarray(0, agnosticCount(budget, policy)));
           const cls = (b: number) => priorityOf(b, agnostic, policy);
-          const st = updatePool(state, chosen, cls, Math.ceil(budget * POOL_FACTOR), summary.blockSize * d * 2 * 2);
-          blocks.selected += st.selected;
-          blocks.hits += st.hits;
-          blocks.bytesIn += st.bytesIn;
+          if (ctx.simulatePool) {
+            const st = updatePool(state, chosen, cls, Math.ceil(budget * POOL_FACTOR), summary.blockSize * d * 2 * 2);
+            blocks.selected += st.selected;
+            blocks.hits += st.hits;
+            blocks.bytesIn += st.bytesIn;
+          } else state.selected = new Set(chosen);
           // Blocks the static part already covers are attended there.
           const kept = chosen.filter((b) => !inside(ranges, b * size));
           ids.push(Int32Array.from(kept));
@@ -173,7 +175,7 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         }
         parts.push({ segment, blocks: { size, ids, priority } });
       }
-      return { parts, scanned, blocks };
+      return { parts, scanned, ...(ctx.simulatePool && { blocks }) };
     },
   };
 }

@@ -25,6 +25,11 @@ export interface LayerContext {
   question(head: number): { queries: Float32Array; queryCount: number };
   /** Per (session, layer) memory a method may keep between steps. */
   memo: Map<string, unknown>;
+  /**
+   * Whether block-selecting methods model the GPU pool's work (stats.blocks):
+   * without a real pool; with one, the decode step measures it instead.
+   */
+  simulatePool: boolean;
   /** Tokens in the whole context. */
   tokens: number;
   qHeads: number;

@@ -71,7 +71,7 @@ export class Session {
     const indexes = [...this.documents.map((_, i) => this.documentIndexes[i]?.[layer]), undefined];
     const { qHeads, kvHeads, headDim } = this.model;
     const question = (head: number) => this.ownQueries.rows(layer, head);
-    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim };
+    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], simulatePool: !this.gpu, tokens, qHeads, kvHeads, headDim };
   }
 
   describe() {
