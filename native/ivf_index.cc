@@ -18,6 +18,7 @@
 #include <typeinfo>
 
 #include "faiss_common.h"
+#include "ranked_hits.h"
 #include "simd_math.h"
 #include "thread_pool.h"
 
@@ -84,13 +85,6 @@ std::vector<int64_t> SampleRows(int64_t n, int64_t count, uint64_t seed) {
   std::sort(rows.begin(), rows.end());
   return rows;
 }
-
-struct Hit {
-  float score;
-  int32_t id;
-};
-
-inline bool Better(const Hit& a, const Hit& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
 
 [[noreturn]] void Corrupt(const std::string& why) { throw std::runtime_error("corrupt IVF index: " + why); }
 
@@ -359,13 +353,7 @@ IvfSearchResult IvfIndex::SearchFaiss(const float* q, int group, int64_t keep, i
   std::sort(all.begin(), all.end(),
             [](const Hit& a, const Hit& b) { return a.id < b.id || (a.id == b.id && a.score > b.score); });
   all.erase(std::unique(all.begin(), all.end(), [](const Hit& a, const Hit& b) { return a.id == b.id; }), all.end());
-  const int64_t count = std::min<int64_t>(keep, int64_t(all.size()));
-  std::partial_sort(all.begin(), all.begin() + count, all.end(), Better);
-  for (int64_t i = 0; i < count; ++i) {
-    outIds[i] = all[size_t(i)].id;
-    outScores[i] = all[size_t(i)].score;
-  }
-  res.count = count;
+  res.count = WriteBest(all, keep, outIds, outScores);
   return res;
 }
 
@@ -374,17 +362,7 @@ namespace {
 // Keeps the `keep` best hits seen; the worst kept hit sits on top.
 struct TopHeap {
   explicit TopHeap(int64_t keep) : keep(keep) { hits.reserve(size_t(keep) + 1); }
-  void Push(float score, int32_t id) {
-    const Hit h{score, id};
-    if (int64_t(hits.size()) < keep) {
-      hits.push_back(h);
-      std::push_heap(hits.begin(), hits.end(), Better);
-    } else if (Better(h, hits.front())) {
-      std::pop_heap(hits.begin(), hits.end(), Better);
-      hits.back() = h;
-      std::push_heap(hits.begin(), hits.end(), Better);
-    }
-  }
+  void Push(float score, int32_t id) { Offer(hits, size_t(keep), Hit{score, id}); }
   int64_t keep;
   std::vector<Hit> hits;
 };
@@ -490,13 +468,7 @@ IvfSearchResult IvfIndex::SearchNative(const float* q, int group, int64_t keep, 
   // Each key lives in one list, so the heaps hold distinct ids.
   std::vector<Hit> all;
   for (auto& h : heaps) all.insert(all.end(), h.hits.begin(), h.hits.end());
-  const int64_t count = std::min<int64_t>(keep, int64_t(all.size()));
-  std::partial_sort(all.begin(), all.begin() + count, all.end(), Better);
-  for (int64_t i = 0; i < count; ++i) {
-    outIds[i] = all[size_t(i)].id;
-    outScores[i] = all[size_t(i)].score;
-  }
-  res.count = count;
+  res.count = WriteBest(all, keep, outIds, outScores);
   return res;
 }
 

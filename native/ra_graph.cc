@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "ranked_hits.h"
 #include "simd_math.h"
 #include "thread_pool.h"
 
@@ -17,15 +18,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kEntryPoints = 32;
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-struct Hit {
-  float score;
-  int32_t id;
-};
-// Better = higher score, then lower id (as topk.cc). A heap ordered by Better
-// keeps the worst hit on top; one ordered by Worse keeps the best on top.
-inline bool Better(const Hit& a, const Hit& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
-inline bool Worse(const Hit& a, const Hit& b) { return Better(b, a); }
 
 struct SplitMix64 {
   uint64_t s;
@@ -38,17 +30,6 @@ struct SplitMix64 {
   uint64_t Below(uint64_t n) { return Next() % n; }  // bias is irrelevant here
 };
 
-// Pushes h into a bounded "keep the best `cap`" heap (worst on top).
-inline void Offer(std::vector<Hit>& heap, size_t cap, const Hit& h) {
-  if (heap.size() < cap) {
-    heap.push_back(h);
-    std::push_heap(heap.begin(), heap.end(), Better);
-  } else if (Better(h, heap.front())) {
-    std::pop_heap(heap.begin(), heap.end(), Better);
-    heap.back() = h;
-    std::push_heap(heap.begin(), heap.end(), Better);
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Exact top-k of many query rows: a blocked GEMM-like scan.
@@ -659,12 +640,7 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
         return s;
       },
       top);
-  std::sort(top.begin(), top.end(), Better);
-  res.count = std::min<int64_t>(keep, int64_t(top.size()));
-  for (int64_t i = 0; i < res.count; ++i) {
-    outIds[i] = top[size_t(i)].id;
-    outScores[i] = top[size_t(i)].score;
-  }
+  res.count = WriteBest(top, keep, outIds, outScores);
   return res;
 }
 

@@ -4,6 +4,7 @@
 #include <limits>
 #include <vector>
 
+#include "ranked_hits.h"
 #include "simd_math.h"
 #include "thread_pool.h"
 
@@ -13,14 +14,6 @@ namespace {
 // Small enough that block summaries (16K rows at 1M tokens) spread over the cores.
 constexpr int64_t kTaskTokens = 2048;
 
-struct Hit {
-  float score;
-  int32_t id;
-};
-
-// Better = higher score, then lower id. A heap ordered by Better keeps the
-// worst hit on top.
-inline bool Better(const Hit& a, const Hit& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); }
 
 }  // namespace
 
@@ -33,16 +26,7 @@ void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, st
     float s = -std::numeric_limits<float>::infinity();
     for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));
     if (p.allScores) p.allScores[i] = s;
-    if (keep <= 0) continue;
-    Hit h{s, int32_t(i)};
-    if (int64_t(heap.size()) < keep) {
-      heap.push_back(h);
-      std::push_heap(heap.begin(), heap.end(), Better);
-    } else if (Better(h, heap.front())) {
-      std::pop_heap(heap.begin(), heap.end(), Better);
-      heap.back() = h;
-      std::push_heap(heap.begin(), heap.end(), Better);
-    }
+    if (keep > 0) Offer(heap, size_t(keep), Hit{s, int32_t(i)});
   }
 }
 
@@ -68,13 +52,7 @@ void TopKMany(const TopkProblem* problems, size_t n, int64_t* counts) {
     const int64_t keep = keepOf(p);
     std::vector<Hit> all;
     for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
-    counts[p] = std::max<int64_t>(keep, 0);
-    if (keep <= 0) continue;
-    std::partial_sort(all.begin(), all.begin() + keep, all.end(), Better);
-    for (int64_t i = 0; i < keep; ++i) {
-      problems[p].outIds[i] = all[i].id;
-      problems[p].outScores[i] = all[i].score;
-    }
+    counts[p] = WriteBest(all, keep, problems[p].outIds, problems[p].outScores);
   }
 }
 
