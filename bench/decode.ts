@@ -527,7 +527,7 @@ interface MethodResult {
   scannedFraction: number;
   /** Mean tokens attended per kv head per call. */
   attended: number;
-  /** Simulated GPU block pool (methods that report stats.blocks). */
+  /** The GPU block pool's work per call (stats.blocks): measured with the cuda backend, simulated by block methods without it. */
   blocks?: { selectedPerCall: number; hitRate: number; bytesInPerToken: number };
   fidelity: {
     /** Over all layers and steps: mean over calls of the mean over q heads of ‖o − o_exact‖/‖o_exact‖, and the worst head. */
@@ -1041,12 +1041,12 @@ class Run {
   }
 
   record(step: number, wallMs: number, r: AttendReply): void {
-    const st = r.stats as AttendReply['stats'] & { transferMs?: number };
+    const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number } };
     this.wall[step] += wallMs;
     this.server[step] += st.ms ?? 0;
     this.select[step] += st.selectMs ?? 0;
     this.attendK[step] += st.attendMs ?? 0;
-    this.transfer[step] += st.transferMs ?? 0;
+    this.transfer[step] += st.gpu?.residentMs ?? 0;
     if (st.tokens > 0) this.scanned.push((st.scanned ?? 0) / st.tokens);
     this.attended.push(st.attended ?? 0);
     if (st.blocks) {
@@ -1151,7 +1151,7 @@ function markdown(o: Options, m: Machine, health: Record<string, unknown>, date:
     '',
     `### Decode at ${fmtTokens(main.tokens)} tokens (${main.steps} steps × ${s.layers} layers)`,
     '',
-    'Per generated token = the sum over layers of one attend each, client wall time (encode, HTTP, server, decode). Cold first = a warm-up pass before the timed steps (step 0\'s queries, no k/v appended): JIT, lazy per-session work such as infiniretri\'s retention. Scanned = mean over calls (warm-up included, so one-time passes are amortised over the steps) of stats.scanned / stats.tokens. RPC = wall − server stats.ms; retrieval = stats.selectMs; attention = stats.attendMs; other = the rest of stats.ms (parse, append, selection positions); transfers = host→device time (0 on the CPU backend). Split columns are means per token.',
+    'Per generated token = the sum over layers of one attend each, client wall time (encode, HTTP, server, decode). Cold first = a warm-up pass before the timed steps (step 0\'s queries, no k/v appended): JIT, lazy per-session work such as infiniretri\'s retention. Scanned = mean over calls (warm-up included, so one-time passes are amortised over the steps) of stats.scanned / stats.tokens. RPC = wall − server stats.ms; retrieval = stats.selectMs; attention = stats.attendMs; other = the rest of stats.ms (parse, append, selection positions); transfers = stats.gpu.residentMs, making the selected blocks resident in the GPU pool (page tables, copies of misses issued; part of attention; 0 on the CPU backend). Split columns are means per token.',
     '',
     '| method | p50 ms/token | p99 | cold first | RPC | retrieval | attention | other | transfers | tokens/s | × exact | scanned | attended/head | attn recall mean | worst | oracle @count | top-k recall | out err mean | worst | needles |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
@@ -1173,7 +1173,7 @@ function markdown(o: Options, m: Machine, health: Record<string, unknown>, date:
   if (blocks.length)
     lines.push(
       '',
-      `Simulated GPU block pool (stats.blocks): ${blocks.map((r) => `${r.method} ${r.blocks!.selectedPerCall.toFixed(0)} blocks/call, hit rate ${pct(r.blocks!.hitRate, 1)}, ${fmtBytes(r.blocks!.bytesInPerToken)} host→device per token`).join('; ')}.`,
+      `${main.server.backend === 'cuda' ? 'GPU block pool, measured' : 'Simulated GPU block pool'} (stats.blocks): ${blocks.map((r) => `${r.method} ${r.blocks!.selectedPerCall.toFixed(0)} blocks/call, hit rate ${pct(r.blocks!.hitRate, 1)}, ${fmtBytes(r.blocks!.bytesInPerToken)} host→device per token`).join('; ')}.`,
     );
   for (const r of results) for (const m of r.methods) if (m.error) lines.push('', `⚠ ${fmtTokens(r.tokens)} ${m.method}: ${m.error}`);
   for (const r of results)
