@@ -2,11 +2,10 @@
 // encode; the engine does the work.
 import { Hono } from 'hono';
 import { routePath } from 'hono/route';
-import type { Engine } from '../src/engine.js';
-import { decodeStep, parseAttendRequest } from '../src/decode-step.js';
-import { tensorOf } from '../src/tensor.js';
-import { cudaAvailable } from '../native/cuda.js';
-import { nativeThreads } from '../native/index.js';
+import type { Engine } from '../engine/engine.js';
+import { tensorOf } from '../core/tensor.js';
+import { cudaAvailable } from '../addon/cuda.js';
+import { nativeThreads } from '../addon/kernels.js';
 import { bearerAuth } from './auth.js';
 import { bodyLeftUnread, limitBody, readBody, reply, withBody } from './codec.js';
 import { onError, errorBody } from './errors.js';
@@ -74,10 +73,10 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   app.post('/v1/sessions/:sid/attend', async (c) => {
     // The body first: answering before it is read would drop the connection.
     const body = await readBody(c);
-    const session = sessions.get(c.req.param('sid'));
-    const res = await sessions.queue.run(session.id, () => decodeStep(session, parseAttendRequest(body, session)));
+    const sid = c.req.param('sid');
+    const res = await sessions.attend(sid, body);
     metrics.observeAttend(res.stats.ms);
-    const m = session.model;
+    const m = sessions.get(sid).model;
     return reply(c, {
       out: tensorOf('f32', [m.qHeads, m.headDim], res.out),
       lse: tensorOf('f32', [m.qHeads], res.lse),

@@ -1,7 +1,7 @@
 // Optional bearer token on every route but /v1/health.
 import { timingSafeEqual } from 'node:crypto';
 import type { MiddlewareHandler } from 'hono';
-import { KvrecallError } from '../src/errors.js';
+import { KvrecallError } from '../core/errors.js';
 
 export function bearerAuth(token: string | undefined): MiddlewareHandler {
   const expected = token ? Buffer.from(`Bearer ${token}`) : undefined;

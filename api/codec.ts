@@ -10,7 +10,7 @@
 import type { IncomingMessage } from 'node:http';
 import type { Context, MiddlewareHandler } from 'hono';
 import { Packr, Unpackr } from 'msgpackr';
-import { malformed, tooLarge } from '../src/errors.js';
+import { malformed, tooLarge } from '../core/errors.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
 const MSGPACK = 'application/msgpack';

@@ -2,7 +2,7 @@
 import type { Context } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
-import { KvrecallError, type ErrorKind } from '../src/errors.js';
+import { KvrecallError, type ErrorKind } from '../core/errors.js';
 
 const STATUS: Record<ErrorKind, ContentfulStatusCode> = {
   malformed: 400,

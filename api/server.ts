@@ -2,8 +2,8 @@
 // by the integration tests (which start it on port 0).
 import { serve, type ServerType } from '@hono/node-server';
 import type { AddressInfo } from 'node:net';
-import type { Config } from '../src/config.js';
-import { Engine } from '../src/engine.js';
+import type { Config } from '../core/config.js';
+import { Engine } from '../engine/engine.js';
 import { createApp } from './app.js';
 
 export interface RunningServer {

@@ -21,9 +21,9 @@ import { cpus, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { Packr, Unpackr } from 'msgpackr';
 import { startServer, type RunningServer } from '../api/server.js';
-import { attend, bytesOf, convert, nativeThreads, type AttendSegment } from '../native/index.js';
-import { KvrecallClient, tensor } from '../src/client.js';
-import { DEFAULTS } from '../src/config.js';
+import { attend, bytesOf, convert, nativeThreads, type AttendSegment } from '../addon/kernels.js';
+import { KvrecallClient, tensor } from '../clients/ts/client.js';
+import { DEFAULTS } from '../core/config.js';
 
 // ---------------------------------------------------------------- settings
 

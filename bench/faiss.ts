@@ -5,8 +5,8 @@
 //
 //   node dist/bench/faiss.js [--tokens 65536] [--quick]
 import { cpus } from 'node:os';
-import { IvfIndex, kmeans } from '../native/faiss.js';
-import { bytesOf, convert, nativeThreads, topk } from '../native/index.js';
+import { IvfIndex, kmeans } from '../addon/faiss.js';
+import { bytesOf, convert, nativeThreads, topk } from '../addon/kernels.js';
 import { generateWorkload, Rng } from './workload.js';
 
 const arg = (name: string, def: number) => {

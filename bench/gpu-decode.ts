@@ -1,7 +1,7 @@
 // The GPU decode loop over a 1M-token layer, as the server runs it: the
 // seeded workload (bench/workload.ts: 8 kv heads, d=128, drifting decode
 // queries with temporal locality) as one sealed document, and 256 steps of
-// src/decode-step.ts's decodeStep per configuration, in process (no HTTP):
+// engine/decode-step.ts's decodeStep per configuration, in process (no HTTP):
 //
 //   dense        method exact, the whole layer's KV resident in the pool;
 //   nosa         NOSA block selection, pool = 5% of the layer's KV;
@@ -17,12 +17,12 @@ import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchParams } from '../index/method.js';
-import { decodeStep } from '../src/decode-step.js';
-import type { LoadedDocument } from '../src/documents.js';
-import { GpuBackend } from '../src/gpu-backend.js';
-import type { ModelShape } from '../src/model.js';
-import { DEFAULT_PARAMS } from '../src/sessions.js';
-import { Session } from '../src/session.js';
+import { decodeStep } from '../engine/decode-step.js';
+import type { LoadedDocument } from '../engine/documents.js';
+import { GpuBackend } from '../engine/cache/gpu-pool.js';
+import type { ModelShape } from '../core/model.js';
+import { DEFAULT_PARAMS } from '../engine/sessions.js';
+import { Session } from '../engine/session.js';
 import { UNLIMITED } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { relativeErrors } from './quality.js';
@@ -93,7 +93,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     const method = findMethod(cfg.method)!;
     const indexes = method.builder ? [[summaries]] : [];
     const reserved = gpu.admit(model, cfg.method, cfg.params as SearchParams, tokens);
-    const session = new Session(cfg.method, model, [doc], method, cfg.params as SearchParams, indexes, UNLIMITED, reserved > 0 ? gpu : undefined, reserved);
+    const session = new Session({ id: cfg.method, model, documents: [doc], method, params: cfg.params as SearchParams, documentIndexes: indexes, budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved });
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
       const q = w.decodeQ[s];
@@ -148,7 +148,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     `# GPU decode loop at ${tokens} tokens per layer (${opts.device})`,
     '',
     `One layer, ${model.qHeads} q / ${kvHeads} kv heads, d=${d}, f16 (${(layerBytes / 2 ** 30).toFixed(1)} GiB of K+V), ${steps} decode steps of the seeded workload through ` +
-      "src/decode-step.ts in process. Sparse methods: budget 1% of tokens per kv head + 64 sinks + 256 window, pool 5% of the layer's KV (tight: 1.5%). " +
+      "engine/decode-step.ts in process. Sparse methods: budget 1% of tokens per kv head + 64 sinks + 256 window, pool 5% of the layer's KV (tight: 1.5%). " +
       'Steady state (steps 1..), step 0 fills the pool.',
     '',
     '| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | of which resident | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |',

@@ -21,8 +21,8 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { cudaAvailable, GpuPool } from '../native/cuda.js';
-import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../native/index.js';
+import { cudaAvailable, GpuPool } from '../addon/cuda.js';
+import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
 import { runDecodeBench } from './gpu-decode.js';
 import { Rng } from './workload.js';
 

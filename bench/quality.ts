@@ -14,7 +14,7 @@
 // group's heads: the set of size m that maximises the (head-averaged)
 // attention recall. Duplicate ids in S count once; ids must lie in
 // [0, tokens).
-import { attend, bytesOf, convert, type KvDtype } from '../native/index.js';
+import { attend, bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 
 const widened = new WeakMap<Uint16Array, Float32Array>();
 

@@ -17,7 +17,7 @@ import { cpus, totalmem } from 'node:os';
 import { retainHead } from '../index/infiniretri.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchResult } from '../index/method.js';
-import { nativeThreads } from '../native/index.js';
+import { nativeThreads } from '../addon/kernels.js';
 import { compareWithOracle, exactAttention, oracleSelection, type ExactAttention } from './quality.js';
 import { generateWorkload, type Workload } from './workload.js';
 

@@ -4,7 +4,7 @@
 // requests overlap, so their sum may exceed the wall time; each phase's rate
 // is the K/V bytes over that phase's time alone (what it would allow if it
 // were the only cost).
-import type { KvUploadStats } from '../src/client.js';
+import type { KvUploadStats } from '../clients/ts/client.js';
 
 export const SERVER_PHASES = ['read', 'decode', 'queue', 'check', 'append', 'write'] as const;
 export type ServerPhase = (typeof SERVER_PHASES)[number];

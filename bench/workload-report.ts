@@ -14,7 +14,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { bytesOf, convert } from '../native/index.js';
+import { bytesOf, convert } from '../addon/kernels.js';
 import { exactAttention, rankOf, topKIndices, widen, type ExactAttention } from './quality.js';
 import { fillNormals, generateWorkload, hash32, Rng, type Workload, type WorkloadKnobs, type WorkloadSpec } from './workload.js';
 

@@ -107,7 +107,7 @@
 // `convert`; nothing is allocated per element. Every random stream is keyed
 // by the seed and by what it draws, never by the order of work, so a seed
 // always gives the same bytes.
-import { bytesOf, convert, type KvDtype } from '../native/index.js';
+import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 
 export interface WorkloadKnobs {
   ropeBase: number;

@@ -12,15 +12,13 @@
 // `topk-blocks`: plain top blocks by q · block mean with an LRU pool, the
 // baseline NOSA is compared against.
 //
-// Each block carries its eviction class to the CUDA pool (native/cuda's
-// classes + LRU). Without a real pool (the CPU backend) both methods
-// simulate that policy in a per-(session, layer, kv head) pool of 1.5× the
-// block budget on every step: those numbers (blocks selected, pool hits,
-// host→device bytes) say what the CUDA pool would move. (An earlier policy
-// kept high-importance blocks a class above recently used ones: on the H100
-// with a tight pool it hit 0.85 against LRU's 0.90, so it was dropped.)
+// Each block carries its eviction class to the pool (engine/cache: the CUDA
+// pool's classes + LRU, or their host model when there is no GPU). (An
+// earlier policy kept high-importance blocks a class above recently used
+// ones: on the H100 with a tight pool it hit 0.85 against LRU's 0.90, so it
+// was dropped.)
 import { BlockSummary, buildBlockSummary, loadBlockSummary } from './block-summary.js';
-import type { BlockStats, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
+import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
 import { inside, staticRanges, type Range } from './static-plus-retrieved.js';
 
 interface Policy {
@@ -34,13 +32,7 @@ interface Policy {
 
 interface HeadState {
   selected: Set<number>;
-  /** Resident block → its eviction class and when it was last used (a counter). */
-  pool: Map<number, { cls: number; used: number }>;
-  clock: number;
 }
-
-/** Pool capacity per head, in multiples of the block budget. */
-const POOL_FACTOR = 1.5;
 
 export const blockSummaryBuilder: HeadIndexBuilder = {
   build: buildBlockSummary,
@@ -79,33 +71,6 @@ const agnosticCount = (budget: number, policy: Policy) => Math.floor(budget * po
 const maxNewCount = (budget: number, policy: Policy) => (policy.maxNewShare === Infinity ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare)));
 
 /**
- * The pool's policy (native/cuda/block_pool.cu), on one head: hits are
- * touched, a miss takes a free slot or evicts the least recently used block
- * of the lowest class that this step does not use.
- */
-function updatePool(state: HeadState, chosen: number[], cls: (b: number) => number, capacity: number, bytesPerBlock: number): BlockStats {
-  const stats: BlockStats = { selected: chosen.length, hits: 0, bytesIn: 0 };
-  const now = new Set(chosen);
-  for (const b of chosen) {
-    if (state.pool.has(b)) stats.hits++;
-    else {
-      stats.bytesIn += bytesPerBlock;
-      if (state.pool.size >= capacity) {
-        let victim = -1, worstCls = Infinity, worstUsed = Infinity;
-        for (const [r, e] of state.pool) {
-          if (now.has(r)) continue;
-          if (e.cls < worstCls || (e.cls === worstCls && e.used < worstUsed)) (victim = r), (worstCls = e.cls), (worstUsed = e.used);
-        }
-        if (victim >= 0) state.pool.delete(victim);
-      }
-    }
-    state.pool.set(b, { cls: cls(b), used: state.clock++ });
-  }
-  state.selected = now;
-  return stats;
-}
-
-/**
  * Sinks and window widened to whole blocks: a block method attends blocks,
  * so a block the static part touches is attended whole, and no selected
  * block is split between the two parts.
@@ -134,7 +99,6 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
       const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
       const docTokens = ctx.offsets[ctx.offsets.length - 1];
       const parts: SelectionPart[] = [];
-      const blocks: BlockStats = { selected: 0, hits: 0, bytesIn: 0 };
       let scanned = 0;
       for (let s = 0; s < ctx.segments.length; s++) {
         const segment = ctx.segments[s];
@@ -157,17 +121,12 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
           const { order, scores } = scored[h];
           scanned += summary.blocks / ctx.kvHeads;
           const key = `${name}:${s}:${h}`;
-          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set(), pool: new Map(), clock: 0 };
+          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set() };
           ctx.memo.set(key, state);
           const chosen = choose(summary, order, scores, budget, state.selected, policy).sort((a, b) => a - b);
           const agnostic = new Set(summary.byImportance.subarray(0, agnosticCount(budget, policy)));
           const cls = (b: number) => priorityOf(b, agnostic, policy);
-          if (ctx.simulatePool) {
-            const st = updatePool(state, chosen, cls, Math.ceil(budget * POOL_FACTOR), summary.blockSize * d * 2 * 2);
-            blocks.selected += st.selected;
-            blocks.hits += st.hits;
-            blocks.bytesIn += st.bytesIn;
-          } else state.selected = new Set(chosen);
+          state.selected = new Set(chosen);
           // Blocks the static part already covers are attended there.
           const kept = chosen.filter((b) => !inside(ranges, b * size));
           ids.push(Int32Array.from(kept));
@@ -175,7 +134,7 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         }
         parts.push({ segment, blocks: { size, ids, priority } });
       }
-      return { parts, scanned, ...(ctx.simulatePool && { blocks }) };
+      return { parts, scanned };
     },
   };
 }

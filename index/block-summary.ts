@@ -3,10 +3,12 @@
 // for query-aware scoring) and a stable, query-agnostic importance per block
 // (the attention mass the prefill queries pay the block, estimated from the
 // representatives; without prefill queries, a sample of the keys stands in).
-import { convert, topkHeads, type KvDtype } from '../native/index.js';
+import { convert, topkHeads, type KvDtype } from '../addon/kernels.js';
+import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
 import type { BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
 
-export const SUMMARY_BLOCK = 64;
+/** Tokens per summarized block: the GPU pool's block, so selected blocks are pool blocks. */
+export const SUMMARY_BLOCK = DEFAULT_BLOCK_SIZE;
 const MAGIC = 0x4b56424c; // "KVBL"
 const MAX_IMPORTANCE_ROWS = 256;
 

@@ -12,7 +12,7 @@
 // Retention is computed once per layer and recomputed only when more
 // question rows arrive. Each document is read as its own stream: a softmax
 // never spans two documents, and each gets a share of the budget by size.
-import { attentionMass } from '../native/index.js';
+import { attentionMass } from '../addon/kernels.js';
 import type { HeadKeys, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
 import { inside, staticRanges } from './static-plus-retrieved.js';
 

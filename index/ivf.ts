@@ -2,7 +2,7 @@
 // (faiss from Debian's libfaiss-dev, linked into the addon), a baseline.
 // nlist = 4·√tokens; the search's `ef` is the number of lists probed per
 // query row (0: nlist/32, about 3% of the keys).
-import { IvfIndex } from '../native/faiss.js';
+import { IvfIndex } from '../addon/faiss.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 

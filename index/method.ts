@@ -1,13 +1,13 @@
 // The interface every retrieval method implements. A method sees one layer's
 // context (documents, then the session's own tokens) and the step's query
 // heads, and answers which tokens attention should read. It never computes
-// the attention itself: src/decode-step.ts does, the same way for every method.
+// the attention itself: engine/decode-step.ts does, the same way for every method.
 //
 // Methods that index documents also implement HeadIndexBuilder: an index per
 // (document, layer, kv head), built once at seal from the keys (and the
 // prefill queries when the LLM server sent them), saved as bytes in LMDB
 // next to the document, and loaded, not rebuilt, when a session attaches it.
-import type { AttendSegment, KvDtype } from '../native/index.js';
+import type { AttendSegment, KvDtype } from '../addon/kernels.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 
 export interface LayerContext {
@@ -25,11 +25,6 @@ export interface LayerContext {
   question(head: number): { queries: Float32Array; queryCount: number };
   /** Per (session, layer) memory a method may keep between steps. */
   memo: Map<string, unknown>;
-  /**
-   * Whether block-selecting methods model the GPU pool's work (stats.blocks):
-   * without a real pool; with one, the decode step measures it instead.
-   */
-  simulatePool: boolean;
   /** Tokens in the whole context. */
   tokens: number;
   qHeads: number;
@@ -81,17 +76,6 @@ export interface Selection {
   parts: SelectionPart[];
   /** Keys (or block/centroid representatives) whose score the method computed, averaged over kv heads. */
   scanned: number;
-  /** For block-selecting methods: what the GPU block pool did this step, summed over kv heads. */
-  blocks?: BlockStats;
-}
-
-export interface BlockStats {
-  /** Blocks selected. */
-  selected: number;
-  /** Selected blocks already resident in the pool. */
-  hits: number;
-  /** Host→device bytes to bring the misses in. */
-  bytesIn: number;
 }
 
 export interface RetrievalMethod {

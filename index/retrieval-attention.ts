@@ -4,7 +4,7 @@
 // to the high-attention keys while scoring a few percent of them. Without
 // prefill queries (no `q` on the kv route) the keys stand in for queries:
 // a key-to-key graph, measured in bench/retrieval.ts.
-import { RaGraph } from '../native/ra-graph.js';
+import { RaGraph } from '../addon/ra-graph.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 

@@ -37,7 +37,7 @@
 // of each partition into clusters in proportion to its size — about
 // 2·n·√C·d per iteration instead of n·C·d (the partitions are then the
 // coarse groups of the two-level index). Each k-means trains on a seeded
-// sample of ≤ 64 keys per centroid (faiss's k-means, native/faiss.ts) and then
+// sample of ≤ 64 keys per centroid (faiss's k-means, addon/faiss.ts) and then
 // assigns every key; the size-weighted k-means of fine centroids into coarse
 // groups (faiss has no weights) is a seeded Lloyd with the SIMD kernel of
 // simd-dot.ts.
@@ -57,8 +57,8 @@
 // [C, d], (two levels) coarse offsets i32[P+1] into clusters and coarse
 // centroids [P, d]. Load checks lengths, checksum, offsets, that members are
 // a permutation of the tokens, and finite centroids; it throws on anything else.
-import { kmeans as faissKmeans, type KmeansArgs, type KmeansResult } from '../native/faiss.js';
-import { bytesOf, convert, firstNonFinite, type KvDtype } from '../native/index.js';
+import { kmeans as faissKmeans, type KmeansArgs, type KmeansResult } from '../addon/faiss.js';
+import { bytesOf, convert, firstNonFinite, type KvDtype } from '../addon/kernels.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { DotKernel, paddedStride } from './simd-dot.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';

@@ -2,7 +2,7 @@
 // here before it allocates, so a request that would push the process past
 // its budget is refused (503) before anything changes, instead of the
 // process swapping itself to death.
-import { KvrecallError } from '../src/errors.js';
+import { KvrecallError } from '../core/errors.js';
 
 export class HostBudget {
   private usedBytes = 0;

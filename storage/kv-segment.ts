@@ -2,7 +2,7 @@
 // session's own tokens), held in host memory as one growable array per kv
 // head: k[h] is [capacity, headDim] 16-bit words, the first `tokens` rows
 // valid. Appends copy each head's rows once, converting dtype if needed.
-import { bytesOf, convert, type FloatDtype, type KvDtype } from '../native/index.js';
+import { bytesOf, convert, type FloatDtype, type KvDtype } from '../addon/kernels.js';
 import { UNLIMITED, type HostBudget } from './host-budget.js';
 
 const MIN_CAPACITY = 256;

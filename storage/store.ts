@@ -10,7 +10,7 @@
 // still `loading` when the store opens was cut off by a crash: its blocks
 // are dropped and it is reported `incomplete`.
 import { open, type Database, type RootDatabase } from 'lmdb';
-import type { ModelShape } from '../src/model.js';
+import type { ModelShape } from '../core/model.js';
 import { BufferPool } from './buffer-pool.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';

@@ -19,7 +19,7 @@ import {
   type ExactAttention,
 } from '../../bench/quality.js';
 import { generateWorkload, type Workload, type WorkloadSpec } from '../../bench/workload.js';
-import { bytesOf, convert } from '../../native/index.js';
+import { bytesOf, convert } from '../../addon/kernels.js';
 import { f16Bits, f16Value } from '../helpers/half.js';
 
 const tiny: WorkloadSpec = { seed: 7, tokens: 3000, kvHeads: 2, qHeads: 4, headDim: 64, steps: 5, needles: 2 };

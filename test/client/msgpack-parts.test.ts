@@ -4,7 +4,7 @@
 // the caller's own bytes, not copies.
 import { Unpackr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
-import { packParts } from '../../src/msgpack-parts.js';
+import { packParts } from '../../clients/ts/msgpack-parts.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();

@@ -1,5 +1,5 @@
 // Random K/V/Q in wire layout plus their exact decoded values for references.
-import type { Tensor } from '../../src/tensor.js';
+import type { Tensor } from '../../core/tensor.js';
 import { bitsOf, valueOf, type Dt } from './half.js';
 import type { Rng } from './random.js';
 

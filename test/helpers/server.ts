@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startServer, type RunningServer } from '../../api/server.js';
-import { DEFAULTS, type Config } from '../../src/config.js';
+import { DEFAULTS, type Config } from '../../core/config.js';
 
 export function tempDataDir(): { dir: string; cleanup(): void } {
   const dir = mkdtempSync(join(tmpdir(), 'kvrecall.test-'));
@@ -27,7 +27,7 @@ export interface ChildServer {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
-const CLI = join(import.meta.dirname, '..', '..', 'dist', 'src', 'cli.js');
+const CLI = join(import.meta.dirname, '..', '..', 'dist', 'cli', 'cli.js');
 
 export function startChild(dataDir: string, extra: string[] = []): Promise<ChildServer> {
   const proc = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--data', dataDir, '--gpu-budget', String(TEST_GPU_BUDGET), ...extra], {

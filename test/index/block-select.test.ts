@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { SUMMARY_BLOCK } from '../../index/block-summary.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { randomKv } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';

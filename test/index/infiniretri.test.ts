@@ -3,8 +3,8 @@
 // the retained set keeps it with its phrase span.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
-import type { Tensor } from '../../src/tensor.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import type { Tensor } from '../../core/tensor.js';
 import { f16Bits } from '../helpers/half.js';
 import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';

@@ -10,7 +10,7 @@ import { blockSummaryBuilder } from '../../index/block-select.js';
 import { SUMMARY_BLOCK } from '../../index/block-summary.js';
 import { findMethod, methodNames } from '../../index/registry.js';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError } from '../helpers/reference.js';

@@ -7,7 +7,7 @@
 //  - corrupt artifacts are rejected;
 //  - the SIMD scoring kernel matches float64 dot products.
 import { beforeAll, describe, expect, it } from 'vitest';
-import { bytesOf, convert } from '../../native/index.js';
+import { bytesOf, convert } from '../../addon/kernels.js';
 import type { HeadKeys } from '../../index/method.js';
 import { DotKernel, paddedStride } from '../../index/simd-dot.js';
 import { squeezedBuilder, type SqueezedHead } from '../../index/squeezed.js';

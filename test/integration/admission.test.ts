@@ -2,7 +2,7 @@
 // clear message, changes nothing, and memory returns when sessions close.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, KvrecallRequestError, tensor } from '../../src/client.js';
+import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';

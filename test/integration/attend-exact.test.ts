@@ -2,9 +2,9 @@
 // LMDB files, against float64 dense attention over documents + session
 // tokens + the appended current token.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvrecallClient, tensor } from '../../src/client.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import type { RunningServer } from '../../api/server.js';
-import type { Tensor } from '../../src/tensor.js';
+import type { Tensor } from '../../core/tensor.js';
 import { asStep, concatValues, f32Tensor, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';

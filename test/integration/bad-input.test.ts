@@ -2,10 +2,10 @@
 // serving: every case below is followed by a check that a valid request
 // still gets the same answer as before.
 import { pack } from 'msgpackr';
-import { cudaAvailable } from '../../native/cuda.js';
+import { cudaAvailable } from '../../addon/cuda.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { asStep, f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';

@@ -2,7 +2,7 @@
 // sealed document survives a restart bit for bit; a document cut off by
 // SIGKILL mid-preload is never served as ready, and nothing else is lost.
 import { afterAll, describe, expect, it } from 'vitest';
-import { KvrecallClient, KvrecallRequestError, tensor } from '../../src/client.js';
+import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startChild, tempDataDir, type ChildServer } from '../helpers/server.js';

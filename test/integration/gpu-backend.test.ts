@@ -9,11 +9,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import type { SelectionPart } from '../../index/method.js';
-import { cudaAvailable } from '../../native/cuda.js';
-import { attend } from '../../native/index.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
-import { POOL_BLOCK, RANGE_PRIORITY } from '../../src/gpu-backend.js';
-import { rowsOf, splitForPool, toAttendSegment } from '../../src/selection-parts.js';
+import { cudaAvailable } from '../../addon/cuda.js';
+import { attend } from '../../addon/kernels.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { POOL_BLOCK, RANGE_PRIORITY } from '../../engine/cache/gpu-pool.js';
+import { rowsOf, splitForPool, toAttendSegment } from '../../engine/cache/selection-parts.js';
 import { KvSegment } from '../../storage/kv-segment.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';

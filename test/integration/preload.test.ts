@@ -6,21 +6,21 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
-import type { Tensor } from '../../src/tensor.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import type { Tensor } from '../../core/tensor.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
 
 const run = promisify(execFile);
-const CLI = join(import.meta.dirname, '..', '..', 'dist', 'src', 'cli.js');
+const CLI = join(import.meta.dirname, '..', '..', 'dist', 'cli', 'cli.js');
 const seed = freshSeed();
 const rng = new Rng(seed);
 const tmp = tempDataDir();
 let server: RunningServer;
 let client: KvrecallClient;
 
-/** Writes tensors in the safetensors layout (independent of src/safetensors.ts). */
+/** Writes tensors in the safetensors layout (independent of clients/ts/safetensors.ts). */
 function writeSafetensors(path: string, tensors: Record<string, Tensor>): void {
   const names = { f16: 'F16', bf16: 'BF16', f32: 'F32', i32: 'I32' } as const;
   const header: Record<string, unknown> = { __metadata__: { format: 'kvrecall-test' } };

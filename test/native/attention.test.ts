@@ -1,6 +1,6 @@
 // The native kernels against float64 references, at odd sizes.
 import { describe, expect, it } from 'vitest';
-import { attend, convert, firstNonFinite, topk, type AttendSegment } from '../../native/index.js';
+import { attend, convert, firstNonFinite, topk, type AttendSegment } from '../../addon/kernels.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';

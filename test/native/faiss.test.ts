@@ -4,8 +4,8 @@ import { spawnSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { IvfIndex, kmeans } from '../../native/faiss.js';
-import { topk } from '../../native/index.js';
+import { IvfIndex, kmeans } from '../../addon/faiss.js';
+import { topk } from '../../addon/kernels.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 

@@ -4,7 +4,7 @@
 // machine without vitest.
 import { describe, expect, it } from 'vitest';
 import { checkCase, checkCases, checkEviction, TOL } from '../../bench/gpu.js';
-import { cudaAvailable, GpuPool } from '../../native/cuda.js';
+import { cudaAvailable, GpuPool } from '../../addon/cuda.js';
 
 const info = cudaAvailable();
 const seed = Date.now() % 1_000_000;

@@ -3,8 +3,8 @@
 // blobs are rejected, and on clustered keys with out-of-distribution
 // (shifted) queries the query-built graph beats a key-only graph.
 import { describe, expect, it } from 'vitest';
-import { topk } from '../../native/index.js';
-import { RaGraph, type RaGraphSearchArgs } from '../../native/ra-graph.js';
+import { topk } from '../../addon/kernels.js';
+import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 

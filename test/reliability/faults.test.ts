@@ -12,7 +12,7 @@ import { connect } from 'node:net';
 import { pack } from 'msgpackr';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, KvrecallRequestError, tensor } from '../../src/client.js';
+import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
 import { randomKv, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startChild, startInProcess, tempDataDir, type ChildServer } from '../helpers/server.js';

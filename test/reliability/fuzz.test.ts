@@ -12,7 +12,7 @@
 import { connect } from 'node:net';
 import { pack } from 'msgpackr';
 import { afterAll, describe, expect, it } from 'vitest';
-import { KvrecallClient, tensor, type Tensor } from '../../src/client.js';
+import { KvrecallClient, tensor, type Tensor } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startChild, tempDataDir, type ChildServer } from '../helpers/server.js';

@@ -7,7 +7,7 @@
 // KVRECALL_LOAD_SECONDS overrides the 15 s.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../src/client.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { asStep, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';

@@ -6,7 +6,7 @@ transformers adapter (issue #7).
     python3 -m kvrecall.demo_sparse --url http://127.0.0.1:8700 --new 64 --budgets 8,16,32,64
 
 (from clients/python, or with it on PYTHONPATH). Needs torch, transformers,
-numpy, msgpack; `--serve` starts `node dist/src/cli.js serve` of this
+numpy, msgpack; `--serve` starts `node dist/cli/cli.js serve` of this
 checkout on a free port with a temporary data folder.
 
 For each prompt (TinyStories-like text, 200-400 tokens with BOS) it decodes
@@ -340,7 +340,7 @@ def to_markdown(r: Dict[str, Any]) -> str:
 
 
 class LocalServer:
-    """`node dist/src/cli.js serve` of this checkout on a free port, temporary data."""
+    """`node dist/cli/cli.js serve` of this checkout on a free port, temporary data."""
 
     def __init__(self, node: str = "node", root: Optional[str] = None, timeout: float = 60.0):
         root = root or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -424,7 +424,7 @@ def _run_jobs(a: argparse.Namespace, url: str) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("KVRECALL_URL"), help="a running kvrecall server")
-    ap.add_argument("--serve", action="store_true", help="start this checkout's server (node dist/src/cli.js) instead")
+    ap.add_argument("--serve", action="store_true", help="start this checkout's server (node dist/cli/cli.js) instead")
     ap.add_argument("--node", default="node")
     ap.add_argument("--token", default=os.environ.get("KVRECALL_TOKEN"))
     ap.add_argument("--model-dir", default=None, help="stories260K folder (default: env KVRECALL_STORIES260K or /work/shared/...)")

@@ -2,8 +2,8 @@
 // JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
 // Tensors are read by row ranges with positioned reads, never whole.
 import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
-import { invalid } from './errors.js';
-import type { WireDtype } from './tensor.js';
+import { invalid } from '../../core/errors.js';
+import type { WireDtype } from '../../core/tensor.js';
 
 export interface SafetensorInfo {
   dtype: WireDtype;

@@ -4,9 +4,9 @@ import { mkdirSync } from 'node:fs';
 import { methodNames } from '../index/registry.js';
 import { HostBudget } from '../storage/host-budget.js';
 import { DocumentStore } from '../storage/store.js';
-import { cudaAvailable } from '../native/cuda.js';
+import { cudaAvailable } from '../addon/cuda.js';
 import { Documents } from './documents.js';
-import { GpuBackend } from './gpu-backend.js';
+import { GpuBackend } from './cache/gpu-pool.js';
 import { Sessions } from './sessions.js';
 
 export interface EngineOptions {

@@ -7,13 +7,13 @@ import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
-import { conflict, invalid, notFound } from './errors.js';
-import { checkId } from './ids.js';
+import { conflict, invalid, notFound } from '../core/errors.js';
+import { checkId } from '../core/ids.js';
 import { parseKvUpload, type KvUpload } from './kv-input.js';
-import { parseModel } from './model.js';
-import { keptTokens } from './query-stride.js';
-import { KeyedQueue } from './serial.js';
-import { elementBytes, toF32 } from './tensor.js';
+import { parseModel } from '../core/model.js';
+import { keptTokens } from '../core/query-stride.js';
+import { KeyedQueue } from '../core/serial.js';
+import { elementBytes, toF32 } from '../core/tensor.js';
 
 export interface LoadedDocument {
   meta: DocumentMeta;

@@ -13,11 +13,11 @@
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { Packr, Unpackr } from 'msgpackr';
-import type { UploadStats } from './documents.js';
-import type { ModelShape } from './model.js';
+import type { UploadStats } from '../../engine/documents.js';
+import type { ModelShape } from '../../core/model.js';
 import { packParts } from './msgpack-parts.js';
-import { keptTokens } from './query-stride.js';
-import type { Tensor, WireDtype } from './tensor.js';
+import { keptTokens } from '../../core/query-stride.js';
+import type { Tensor, WireDtype } from '../../core/tensor.js';
 
 export type { Tensor, WireDtype, ModelShape };
 export { keptTokens };

@@ -3,7 +3,7 @@
 // graph over one kv head's keys, built from the prefill queries' exact top
 // keys, searched greedily by a decode query group.
 import { nativeAddon } from './addon.js';
-import type { KvDtype } from './index.js';
+import type { KvDtype } from './kernels.js';
 
 const KEY_DTYPE: Record<KvDtype, number> = { f16: 0, bf16: 1 };
 

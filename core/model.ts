@@ -1,5 +1,5 @@
 // The model shape a document or session is built for.
-import type { KvDtype } from '../native/index.js';
+import type { KvDtype } from '../addon/kernels.js';
 import { invalid } from './errors.js';
 
 export interface ModelShape {

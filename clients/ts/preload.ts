@@ -7,7 +7,7 @@
 //   q.L   prefill queries (optional), [qHeads, tokens, headDim]
 // dtypes F16, BF16 or F32. Without q.*, give --q-heads (or metadata qHeads).
 import { KvrecallClient, type Tensor } from './client.js';
-import { invalid } from './errors.js';
+import { invalid } from '../../core/errors.js';
 import { SafetensorsFile } from './safetensors.js';
 
 export interface PreloadOptions {

@@ -1,8 +1,8 @@
 // Checks a kv upload ({layer, start, k, v, q?, queryStride?}) against a model shape.
-import type { ModelShape } from './model.js';
-import { invalid } from './errors.js';
-import { keptTokens } from './query-stride.js';
-import { expectFinite, expectShape, parseFloatTensor, type FloatTensor } from './tensor.js';
+import type { ModelShape } from '../core/model.js';
+import { invalid } from '../core/errors.js';
+import { keptTokens } from '../core/query-stride.js';
+import { expectFinite, expectShape, parseFloatTensor, type FloatTensor } from '../core/tensor.js';
 
 export interface KvUpload {
   layer: number;

@@ -1,4 +1,4 @@
-// Typed wrappers around the addon's kernels (native/addon.ts loads it).
+// Typed wrappers around the addon's kernels (addon/addon.ts loads it).
 // Tensors cross this boundary as typed arrays, never as JS number arrays,
 // and are read in place.
 import { nativeAddon } from './addon.js';

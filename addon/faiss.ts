@@ -2,7 +2,7 @@
 // inner-product index over one kv head's keys (the `ivf` baseline) and the
 // seeded k-means that `squeezed` clusters a document's keys with.
 import { nativeAddon } from './addon.js';
-import type { KvDtype } from './index.js';
+import type { KvDtype } from './kernels.js';
 
 const KEY_DTYPE: Record<KvDtype, number> = { f16: 0, bf16: 1 };
 

@@ -1,5 +1,5 @@
 // The one place that loads the compiled addon (build/Release/kvrecall.node).
-// native/index.ts, native/ra-graph.ts and native/faiss.ts take their typed
+// addon/kernels.ts, addon/ra-graph.ts and addon/faiss.ts take their typed
 // views of it from here.
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';

@@ -2,7 +2,7 @@
 // cudaAvailable() never throws; GpuPool.create throws when there is no device
 // or the addon was built without nvcc.
 import { nativeAddon } from './addon.js';
-import { DTYPE_CODE, type KvDtype } from './index.js';
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
 export interface CudaInfo {
   ok: boolean;

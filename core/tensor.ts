@@ -1,6 +1,6 @@
 // Wire tensors: { dtype, shape, data } with raw little-endian row-major bytes.
 // Everything is checked here, before any buffer is sized from a shape.
-import { convert, firstNonFinite, type FloatDtype } from '../native/index.js';
+import { convert, firstNonFinite, type FloatDtype } from '../addon/kernels.js';
 import { invalid } from './errors.js';
 
 export type WireDtype = FloatDtype | 'i32';

@@ -3,9 +3,9 @@
 // the host kernel (everything else). Pure functions over the parts, so the
 // division is tested without a GPU: both halves attended on the host and
 // merged equal the whole.
-import type { AttendSegment } from '../native/index.js';
-import type { BlockList, LayerContext, Selection, SelectionPart } from '../index/method.js';
-import type { KvSegment } from '../storage/kv-segment.js';
+import type { AttendSegment } from '../../addon/kernels.js';
+import type { BlockList, LayerContext, Selection, SelectionPart } from '../../index/method.js';
+import type { KvSegment } from '../../storage/kv-segment.js';
 
 const range = (begin: number, end: number) => Int32Array.from({ length: Math.max(0, end - begin) }, (_, i) => begin + i);
 

@@ -3,14 +3,16 @@ import { randomUUID } from 'node:crypto';
 import { findMethod, methodNames } from '../index/registry.js';
 import type { SearchParams } from '../index/method.js';
 import type { Documents } from './documents.js';
-import { conflict, invalid, notFound } from './errors.js';
+import { conflict, invalid, notFound } from '../core/errors.js';
 import { parseKvUpload } from './kv-input.js';
-import { describeModel, parseModel, sameModel } from './model.js';
-import { KeyedQueue } from './serial.js';
-import { toF32 } from './tensor.js';
+import { describeModel, parseModel, sameModel } from '../core/model.js';
+import { KeyedQueue } from '../core/serial.js';
+import { toF32 } from '../core/tensor.js';
 import { Session } from './session.js';
+import { decodeStep, type AttendResult } from './decode-step.js';
+import { parseAttendRequest } from './attend-request.js';
 import type { HostBudget } from '../storage/host-budget.js';
-import type { GpuBackend } from './gpu-backend.js';
+import type { GpuBackend } from './cache/gpu-pool.js';
 
 export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0, chunk: 2048, span: 2 };
 
@@ -45,7 +47,7 @@ export class Sessions {
     const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
     const docTokens = docs.reduce((n, d) => n + d.meta.tokens, 0);
     const reserved = this.gpu?.admit(model, method.name, params, docTokens) ?? 0;
-    const session = new Session(randomUUID(), model, docs, method, params, indexes, this.budget, reserved > 0 ? this.gpu : undefined, reserved);
+    const session = new Session({ id: randomUUID(), model, documents: docs, method, params, documentIndexes: indexes, budget: this.budget, gpu: reserved > 0 ? this.gpu : undefined, gpuReserved: reserved });
     this.open.set(session.id, session);
     return session;
   }
@@ -62,6 +64,12 @@ export class Sessions {
       if (up.q) session.ownQueries.add(up.layer, up.start, toF32(up.q), up.tokens);
       return { layer: up.layer, tokens: seg.tokens };
     });
+  }
+
+  /** One decode step of a session, after any request already queued on it. */
+  attend(id: string, body: Record<string, unknown>): Promise<AttendResult> {
+    const session = this.get(id);
+    return this.queue.run(id, () => decodeStep(session, parseAttendRequest(body, session.model)));
   }
 
   get(id: string): Session {

@@ -2,10 +2,11 @@
 // tokens (the question, then each generated token), per layer.
 import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../index/method.js';
 import type { HostBudget } from '../storage/host-budget.js';
-import type { GpuBackend } from './gpu-backend.js';
+import type { GpuBackend } from './cache/gpu-pool.js';
+import { SessionCache } from './cache/residency.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
-import type { ModelShape } from './model.js';
+import type { ModelShape } from '../core/model.js';
 import { PrefillQueries } from './document-indexes.js';
 
 export interface SessionStats {
@@ -14,6 +15,21 @@ export interface SessionStats {
   selected: number;
   scanned: number;
   contextTokens: number;
+}
+
+export interface SessionOptions {
+  id: string;
+  model: ModelShape;
+  documents: LoadedDocument[];
+  method: RetrievalMethod;
+  params: SearchParams;
+  /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
+  documentIndexes: (HeadIndex[][] | undefined)[];
+  budget: HostBudget;
+  /** The GPU pool this session's steps use, when it was admitted to one. */
+  gpu?: GpuBackend;
+  /** Pool bytes reserved for its working set. */
+  gpuReserved?: number;
 }
 
 export class Session {
@@ -25,29 +41,41 @@ export class Session {
   readonly ownQueries: PrefillQueries;
   private readonly memos: Map<string, unknown>[];
 
-  constructor(
-    readonly id: string,
-    readonly model: ModelShape,
-    readonly documents: LoadedDocument[],
-    readonly method: RetrievalMethod,
-    readonly params: SearchParams,
-    /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
-    readonly documentIndexes: (HeadIndex[][] | undefined)[],
-    budget: HostBudget,
-    /** The GPU pool this session's steps use, when it was admitted to one. */
-    readonly gpu?: GpuBackend,
-    /** Pool bytes reserved for its working set (returned by release). */
-    private readonly gpuReserved = 0,
-  ) {
+  readonly id: string;
+  readonly model: ModelShape;
+  readonly documents: LoadedDocument[];
+  readonly method: RetrievalMethod;
+  readonly params: SearchParams;
+  /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
+  readonly documentIndexes: (HeadIndex[][] | undefined)[];
+  /** Where the step's selection is made resident: the GPU pool it was admitted to, or the host. */
+  readonly cache: SessionCache;
+  /** Pool bytes reserved for its working set (returned by release). */
+  private readonly gpuReserved: number;
+
+  constructor(o: SessionOptions) {
+    this.id = o.id;
+    this.model = o.model;
+    this.documents = o.documents;
+    this.method = o.method;
+    this.params = o.params;
+    this.documentIndexes = o.documentIndexes;
+    this.gpuReserved = o.gpuReserved ?? 0;
     this.own = [];
     try {
-      for (let l = 0; l < model.layers; l++) this.own.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, undefined, budget));
+      for (let l = 0; l < o.model.layers; l++) this.own.push(new KvSegment(o.model.kvHeads, o.model.headDim, o.model.dtype, undefined, o.budget));
     } catch (e) {
-      this.release();
+      for (const s of this.own) s.release();
+      o.gpu?.release(this.gpuReserved);
       throw e;
     }
-    this.ownQueries = new PrefillQueries(model, 1);
-    this.memos = Array.from({ length: model.layers }, () => new Map());
+    this.cache = new SessionCache(o.model, this.own, o.gpu);
+    this.ownQueries = new PrefillQueries(o.model, 1);
+    this.memos = Array.from({ length: o.model.layers }, () => new Map());
+  }
+
+  get gpu(): GpuBackend | undefined {
+    return this.cache.gpu;
   }
 
   /** Returns the session's own KV memory to the budget. */
@@ -71,7 +99,7 @@ export class Session {
     const indexes = [...this.documents.map((_, i) => this.documentIndexes[i]?.[layer]), undefined];
     const { qHeads, kvHeads, headDim } = this.model;
     const question = (head: number) => this.ownQueries.rows(layer, head);
-    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], simulatePool: !this.gpu, tokens, qHeads, kvHeads, headDim };
+    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim };
   }
 
   describe() {

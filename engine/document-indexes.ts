@@ -3,7 +3,7 @@
 import type { HeadIndex, HeadIndexBuilder, HeadKeys } from '../index/method.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 import type { ArtifactWrite } from '../storage/store.js';
-import type { ModelShape } from './model.js';
+import type { ModelShape } from '../core/model.js';
 
 /** Prefill query rows kept per (layer, kv head), for attention-aware indexes. */
 export class PrefillQueries {

@@ -10,15 +10,16 @@
 // every layer reads) at creation. A working set larger than the whole pool
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
-import { cudaAvailable, GpuPool, type CudaInfo, type GpuPoolStats } from '../native/cuda.js';
-import type { BlockStats, SearchParams } from '../index/method.js';
-import type { KvSegment } from '../storage/kv-segment.js';
-import { KvrecallError } from './errors.js';
-import type { ModelShape } from './model.js';
+import { cudaAvailable, GpuPool, type CudaInfo, type GpuPoolStats } from '../../addon/cuda.js';
+import type { SearchParams } from '../../index/method.js';
+import type { BlockStats } from './block-stats.js';
+import type { KvSegment } from '../../storage/kv-segment.js';
+import { KvrecallError } from '../../core/errors.js';
+import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
 import { concatRows, type PoolPart } from './selection-parts.js';
 
-/** Tokens per pool block; block-selecting methods summarize blocks of the same size. */
-export const POOL_BLOCK = 64;
+/** Tokens per pool block: the summaries' block size, so a method's blocks are the pool's. */
+export const POOL_BLOCK = DEFAULT_BLOCK_SIZE;
 /** Eviction class of range parts (sinks, window, whole documents): every step reads them. */
 export const RANGE_PRIORITY = 3;
 

@@ -4,8 +4,8 @@
 // kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
 //                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]
 import { startServer } from '../api/server.js';
-import { parseConfig } from './config.js';
-import { preload, progressBar } from './preload.js';
+import { parseConfig } from '../core/config.js';
+import { preload, progressBar } from '../clients/ts/preload.js';
 
 const USAGE = `usage:
   kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES]

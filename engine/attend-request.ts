@@ -1,0 +1,43 @@
+// An attend request, checked against the session's model: the edge of the
+// decode path (everything after it trusts the shapes).
+import { invalid } from '../core/errors.js';
+import { expectFinite, expectShape, parseFloatTensor, toF32, type FloatTensor } from '../core/tensor.js';
+import type { ModelShape } from '../core/model.js';
+
+export type ReturnPart = 'out' | 'kv' | 'selection';
+
+export interface AttendRequest {
+  layer: number;
+  q: Float32Array;
+  /** The current token's k and v, [kvHeads, headDim]; appended before attending. */
+  k?: FloatTensor;
+  v?: FloatTensor;
+  scale: number;
+  want: Set<ReturnPart>;
+}
+
+/** Checks an attend body against the session's model (the edge of the decode path). */
+export function parseAttendRequest(body: Record<string, unknown>, m: ModelShape): AttendRequest {
+  const layer = body.layer;
+  if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= m.layers)
+    throw invalid(`layer must be an integer in [0, ${m.layers - 1}], got ${JSON.stringify(layer)}`);
+  const q = parseFloatTensor(body.q, 'q');
+  expectShape(q, [m.qHeads, m.headDim], 'q');
+  expectFinite(q, 'q');
+  let k: FloatTensor | undefined, v: FloatTensor | undefined;
+  if ((body.k === undefined) !== (body.v === undefined)) throw invalid('k and v come together or not at all');
+  if (body.k !== undefined) {
+    k = parseFloatTensor(body.k, 'k');
+    v = parseFloatTensor(body.v, 'v');
+    expectShape(k, [m.kvHeads, m.headDim], 'k');
+    expectShape(v, [m.kvHeads, m.headDim], 'v');
+    expectFinite(k, 'k');
+    expectFinite(v, 'v');
+  }
+  const scale = body.scale ?? 1 / Math.sqrt(m.headDim);
+  if (typeof scale !== 'number' || !Number.isFinite(scale) || scale <= 0) throw invalid('scale must be a positive number');
+  const ret = body.return ?? ['out'];
+  if (!Array.isArray(ret) || ret.some((r) => r !== 'out' && r !== 'kv' && r !== 'selection'))
+    throw invalid('return must be a list of "out", "kv", "selection"');
+  return { layer, q: toF32(q), k, v, scale, want: new Set(ret as ReturnPart[]) };
+}

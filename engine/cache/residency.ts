@@ -1,0 +1,78 @@
+// Making a selection resident and attending over it: the one place that
+// decides where a step's parts are read from. With a GPU pool, whole blocks
+// of documents are read from the device (misses copied in) and the rest (own
+// tokens, partial blocks, row ids) is attended on the host and merged into
+// the kernel's answer by log-sum-exp; without one, everything is attended on
+// the host and the simulated pool reports what the device pool would move.
+import { attend, type KvDtype } from '../../addon/kernels.js';
+import type { SelectionPart } from '../../index/method.js';
+import type { KvSegment } from '../../storage/kv-segment.js';
+import { POOL_BLOCK, RANGE_PRIORITY, type GpuBackend } from './gpu-pool.js';
+import type { BlockStats } from './block-stats.js';
+import { splitForPool, toAttendSegment } from './selection-parts.js';
+import { SimulatedPool } from './simulated-pool.js';
+import type { ModelShape } from '../../core/model.js';
+
+export interface Residency {
+  backend: 'cpu' | 'cuda';
+  /** The pool's work: measured with a GPU, simulated without. */
+  blocks?: BlockStats;
+  /** Of the step's attend time: making blocks resident, and the kernel. */
+  gpu?: { residentMs: number; kernelMs: number };
+}
+
+export interface AttendInput {
+  layer: number;
+  q: Float32Array;
+  scale: number;
+  out: Float32Array;
+  lse: Float32Array;
+}
+
+/** Per session: the GPU pool it was admitted to, or one simulated pool per layer. */
+export class SessionCache {
+  private readonly simulated: SimulatedPool[];
+
+  constructor(
+    private readonly model: ModelShape,
+    /** The session's own segments: never pooled (they grow every step). */
+    private readonly own: readonly KvSegment[],
+    readonly gpu?: GpuBackend,
+  ) {
+    this.simulated = gpu ? [] : Array.from({ length: model.layers }, () => new SimulatedPool(model.kvHeads));
+  }
+
+  async attend(parts: SelectionPart[], a: AttendInput): Promise<Residency> {
+    const m = this.model, gpu = this.gpu;
+    if (gpu) {
+      const own = this.own[a.layer];
+      const split = splitForPool(parts, (seg) => seg !== own, POOL_BLOCK, m.kvHeads, RANGE_PRIORITY);
+      if (split.poolBlocks > 0 && gpu.fits(m, split.poolBlocks)) {
+        const host = split.host.length > 0 ? { out: new Float32Array(a.out.length), lse: new Float32Array(a.lse.length) } : undefined;
+        if (host) await attendOnHost(m, split.host, { ...a, out: host.out, lse: host.lse });
+        const { kernelMs, residentMs, ...blocks } = await gpu.attend(m, a.layer, split.pool, a.q, a.scale, a.out, a.lse, host);
+        return { backend: 'cuda', blocks, gpu: { residentMs, kernelMs } };
+      }
+      await attendOnHost(m, parts, a);
+      return { backend: 'cpu' };
+    }
+    await attendOnHost(m, parts, a);
+    const blocks = this.simulated[a.layer].step(parts, m.headDim);
+    return { backend: 'cpu', ...(blocks && { blocks }) };
+  }
+}
+
+/** The host kernel over every part, combined by log-sum-exp. */
+export function attendOnHost(m: { qHeads: number; kvHeads: number; headDim: number; dtype: KvDtype }, parts: SelectionPart[], a: AttendInput): Promise<void> {
+  return attend({
+    q: a.q,
+    qHeads: m.qHeads,
+    kvHeads: m.kvHeads,
+    headDim: m.headDim,
+    dtype: m.dtype,
+    scale: a.scale,
+    segments: parts.map(toAttendSegment),
+    out: a.out,
+    lse: a.lse,
+  });
+}

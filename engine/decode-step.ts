@@ -1,0 +1,95 @@
+// One decode step of one layer, top to bottom:
+//   check the request → append the current token → the method selects →
+//   the selection is made resident (GPU pool) → attend over it (parts
+//   combined by log-sum-exp) → answer.
+// Nothing here depends on which retrieval method the session uses.
+import type { Selection } from '../index/method.js';
+import type { BlockStats } from './cache/block-stats.js';
+import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
+import type { AttendRequest } from './attend-request.js';
+import type { Session } from './session.js';
+
+export interface AttendResult {
+  out: Float32Array; // [qHeads, headDim]
+  lse: Float32Array; // [qHeads]
+  /** Per kv head, the context positions attended (when asked). */
+  selection?: Int32Array[];
+  /** Per kv head, the selected K and V rows in storage dtype (when asked). */
+  kv?: { k: Uint16Array[]; v: Uint16Array[] };
+  /**
+   * ms: the whole step; selectMs: the method's selection; attendMs: making
+   * the selection resident and attending; backend: where the kernel ran;
+   * blocks: the pool's work (measured with a GPU, simulated without); gpu:
+   * of attendMs, making blocks resident and the kernel itself.
+   */
+  stats: {
+    tokens: number;
+    attended: number;
+    scanned: number;
+    ms: number;
+    selectMs: number;
+    attendMs: number;
+    backend: 'cpu' | 'cuda';
+    blocks?: BlockStats;
+    gpu?: { residentMs: number; kernelMs: number };
+  };
+}
+
+export async function decodeStep(session: Session, req: AttendRequest): Promise<AttendResult> {
+  const t0 = performance.now();
+  const m = session.model;
+
+  // Append the current token: the query is the last position and sees itself.
+  const own = session.own[req.layer];
+  if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1);
+
+  // The method selects.
+  const ctx = session.context(req.layer);
+  const t1 = performance.now();
+  const selection = await session.method.select(ctx, req.q, session.params);
+  const t2 = performance.now();
+
+  // The cache makes the selection resident (GPU pool or host) and attends
+  // over every part; parts are combined by log-sum-exp.
+  const out = new Float32Array(m.qHeads * m.headDim);
+  const lse = new Float32Array(m.qHeads);
+  const { backend, blocks, gpu } = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
+  const t3 = performance.now();
+
+  // Answer.
+  const attended = attendedCount(selection, m.kvHeads);
+  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
+  const result: AttendResult = { out, lse, stats };
+  if (req.want.has('selection') || req.want.has('kv')) {
+    const positions = selectedPositions(selection, ctx);
+    if (req.want.has('selection')) result.selection = positions;
+    if (req.want.has('kv')) result.kv = gatherKv(selection, m.kvHeads, m.headDim);
+  }
+  result.stats.ms = performance.now() - t0;
+  session.stats.steps++;
+  session.stats.attendMs += result.stats.ms;
+  session.stats.selected += attended;
+  session.stats.scanned += selection.scanned;
+  session.stats.contextTokens = ctx.tokens;
+  return result;
+}
+
+function gatherKv(sel: Selection, kvHeads: number, d: number): { k: Uint16Array[]; v: Uint16Array[] } {
+  const k: Uint16Array[] = [], v: Uint16Array[] = [];
+  for (let h = 0; h < kvHeads; h++) {
+    const rows = sel.parts.map((p) => rowsOf(p, h));
+    const n = rows.reduce((a, r) => a + r.length, 0);
+    const kh = new Uint16Array(n * d), vh = new Uint16Array(n * d);
+    let at = 0;
+    sel.parts.forEach((p, i) => {
+      for (const r of rows[i]) {
+        kh.set(p.segment.k[h].subarray(r * d, (r + 1) * d), at * d);
+        vh.set(p.segment.v[h].subarray(r * d, (r + 1) * d), at * d);
+        at++;
+      }
+    });
+    k.push(kh);
+    v.push(vh);
+  }
+  return { k, v };
+}

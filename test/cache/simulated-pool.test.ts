@@ -1,0 +1,49 @@
+// The host model of the GPU pool's eviction policy: classes first, then least
+// recently used, never a block the step itself uses. On a GPU the same
+// random sequence runs through the native pool and the two must agree hit
+// for hit (the policy is written once per language; this keeps them one).
+import { describe, expect, it } from 'vitest';
+import { cudaAvailable, GpuPool } from '../../addon/cuda.js';
+import { touch, type HeadPool } from '../../engine/cache/simulated-pool.js';
+import { Rng } from '../helpers/random.js';
+
+const fresh = (capacity: number): HeadPool => ({ capacity, resident: new Map(), clock: 0 });
+const ids = (...b: number[]) => Int32Array.from(b);
+
+describe('simulated pool', () => {
+  it('evicts the least recently used block of the lowest class, never one the step uses', () => {
+    const p = fresh(3);
+    expect(touch(p, ids(1, 2, 3), Uint8Array.of(1, 0, 0), 10)).toEqual({ selected: 3, hits: 0, bytesIn: 30 });
+    expect(touch(p, ids(3), undefined, 10).hits).toBe(1);
+    // Full: block 4 evicts 2 (class 0, used before 3); class-1 block 1 outlives both.
+    expect(touch(p, ids(4), undefined, 10)).toEqual({ selected: 1, hits: 0, bytesIn: 10 });
+    expect([...p.resident.keys()].sort()).toEqual([1, 3, 4]);
+    // 3 and 4 are this step's: the only victim left is class-1 block 1.
+    touch(p, ids(3, 4, 5), undefined, 10);
+    expect([...p.resident.keys()].sort()).toEqual([3, 4, 5]);
+  });
+
+  it('agrees with the native pool on a random sequence (GPU only)', async (ctx) => {
+    if (!cudaAvailable().ok) return ctx.skip();
+    const blockSize = 64, d = 64, capacity = 24, blocks = 64;
+    const pool = GpuPool.create({ budgetBytes: capacity * blockSize * d * 2 * 2, blockSize, headDim: d, dtype: 'f16' });
+    try {
+      const slots = pool.stats().slots;
+      const sim = fresh(slots);
+      const k = new Uint16Array(blocks * blockSize * d), v = new Uint16Array(k.length);
+      const rng = new Rng(7);
+      for (let step = 0; step < 200; step++) {
+        const chosen = new Set<number>();
+        while (chosen.size < 8) chosen.add(Math.floor(rng.next() * blocks * (step % 3 === 0 ? 0.5 : 1)));
+        const b = Int32Array.from([...chosen].sort((x, y) => x - y));
+        const pr = Uint8Array.from(b, (x) => (x % 5 === 0 ? 1 : 0));
+        const before = pool.stats().hits;
+        pool.uploadIndexed(1, b, k, v, { priorities: pr, hold: true });
+        pool.pin(1, b, false);
+        expect(pool.stats().hits - before, `step ${step}`).toBe(touch(sim, b, pr, 0).hits);
+      }
+    } finally {
+      pool.close();
+    }
+  });
+});
