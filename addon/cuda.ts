@@ -1,4 +1,4 @@
-// Typed wrapper around the addon's CUDA decode path (native/cuda_binding.cc).
+// Typed wrapper around the addon's CUDA decode path (native/bindings/cuda_binding.cc).
 // cudaAvailable() never throws; GpuPool.create throws when there is no device
 // or the addon was built without nvcc.
 import { nativeAddon } from './addon.js';

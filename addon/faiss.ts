@@ -2,9 +2,7 @@
 // inner-product index over one kv head's keys (the `ivf` baseline) and the
 // seeded k-means that `squeezed` clusters a document's keys with.
 import { nativeAddon } from './addon.js';
-import type { KvDtype } from './kernels.js';
-
-const KEY_DTYPE: Record<KvDtype, number> = { f16: 0, bf16: 1 };
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
 export interface IvfBuildArgs {
   /** [tokens, headDim] 16-bit words of one kv head. */
@@ -96,7 +94,7 @@ export class IvfIndex {
 
   /** Trains on a seeded sample of ≤ 64·nlist keys, then adds all keys (id = row), off the main thread. */
   static async build(args: IvfBuildArgs): Promise<IvfIndex> {
-    return new IvfIndex(await addon.IvfIndex.build({ ...args, dtype: KEY_DTYPE[args.dtype] }));
+    return new IvfIndex(await addon.IvfIndex.build({ ...args, dtype: DTYPE_CODE[args.dtype] }));
   }
 
   /** Parses bytes from save(); throws on bytes that are not an intact index. Synchronous. */
@@ -139,5 +137,5 @@ export class IvfIndex {
 
 /** Seeded k-means (faiss, L2) over every key, then each key assigned to its nearest final centroid. */
 export async function kmeans(args: KmeansArgs): Promise<KmeansResult> {
-  return addon.kmeans({ ...args, dtype: KEY_DTYPE[args.dtype] });
+  return addon.kmeans({ ...args, dtype: DTYPE_CODE[args.dtype] });
 }

@@ -3,7 +3,7 @@
 // and are read in place.
 import { nativeAddon } from './addon.js';
 
-/** Storage and wire element types, numbered as native/half.h's Dtype. */
+/** Storage and wire element types, numbered as native/common/half.h's Dtype (the one table on the TS side). */
 export const DTYPE_CODE = { f16: 0, bf16: 1, f32: 2 } as const;
 export type FloatDtype = keyof typeof DTYPE_CODE;
 export type KvDtype = 'f16' | 'bf16';
@@ -88,6 +88,7 @@ interface Addon {
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
   topkHeads(a: Omit<TopkHeadsArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
   attentionMass(a: Omit<AttentionMassArgs, 'dtype'> & { dtype: number }): Promise<void>;
+  checksum64(bytes: Uint8Array): bigint;
 }
 
 const addon = nativeAddon<Addon>();
@@ -127,4 +128,9 @@ export function topkHeads(args: TopkHeadsArgs): Promise<number[]> {
 /** Σ over query rows of each row's softmax over the candidates (InfiniRetri's token score). */
 export function attentionMass(args: AttentionMassArgs): Promise<void> {
   return addon.attentionMass({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/** The 64-bit checksum of the native artifacts (native/common/checksum.h's Checksum64) over `bytes`. */
+export function checksum64(bytes: Uint8Array): bigint {
+  return addon.checksum64(bytes);
 }

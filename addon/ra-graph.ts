@@ -1,13 +1,11 @@
 // Typed wrapper for the RetrievalAttention graph index of the addon
-// (native/ra_graph.{h,cc}, native/ra_graph_binding.cc): an attention-aware
+// (native/indexes/ra_graph*, native/bindings/ra_graph_binding.cc): an attention-aware
 // graph over one kv head's keys, built from the prefill queries' exact top
 // keys, searched greedily by a decode query group.
 import { nativeAddon } from './addon.js';
-import type { KvDtype } from './kernels.js';
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
-const KEY_DTYPE: Record<KvDtype, number> = { f16: 0, bf16: 1 };
-
-/** Build parameters the wrapper fills in when absent (native/ra_graph.h's RaGraphParams). */
+/** Build parameters the wrapper fills in when absent (native/indexes/ra_graph.h's RaGraphParams). */
 export const RA_GRAPH_DEFAULTS = { degree: 32, kBuild: 64, maxQueries: 8192, seed: 1 } as const;
 
 export interface RaGraphBuildArgs {
@@ -116,7 +114,7 @@ interface RaGraphAddon {
 
 const addon = nativeAddon<RaGraphAddon>();
 
-const nativeSearch = (a: RaGraphSearchArgs): NativeSearchArgs => ({ ...a, dtype: KEY_DTYPE[a.dtype] });
+const nativeSearch = (a: RaGraphSearchArgs): NativeSearchArgs => ({ ...a, dtype: DTYPE_CODE[a.dtype] });
 
 /**
  * RetrievalAttention's attention-aware graph over one kv head's keys. Holds
@@ -132,7 +130,7 @@ export class RaGraph {
     return new RaGraph(
       await addon.RaGraph.build({
         ...args,
-        dtype: KEY_DTYPE[args.dtype],
+        dtype: DTYPE_CODE[args.dtype],
         queryCount,
         degree: args.degree ?? RA_GRAPH_DEFAULTS.degree,
         kBuild: args.kBuild ?? RA_GRAPH_DEFAULTS.kBuild,

@@ -1,13 +1,16 @@
 // One decode step of one layer, top to bottom:
 //   check the request → append the current token → the method selects →
 //   the selection is made resident (GPU pool) → attend over it (parts
-//   combined by log-sum-exp) → answer.
+//   combined by log-sum-exp) → estimate what it left out (when the session
+//   estimates) and merge that in → answer.
 // Nothing here depends on which retrieval method the session uses.
-import type { Selection } from '../index/method.js';
+import { budgetTokens, type Selection } from '../index/method.js';
+import type { ClusterIndex } from '../index/wave/cluster-index.js';
 import type { BlockStats } from './cache/block-stats.js';
 import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
 import type { AttendRequest } from './attend-request.js';
 import type { Session } from './session.js';
+import { estimateRest, mergeInto } from './estimate.js';
 
 export interface AttendResult {
   out: Float32Array; // [qHeads, headDim]
@@ -24,7 +27,10 @@ export interface AttendResult {
    */
   stats: {
     tokens: number;
+    /** Tokens attended exactly, per kv head. */
     attended: number;
+    /** Tokens covered by estimates, per kv head (sessions that estimate). */
+    estimated?: number;
     scanned: number;
     ms: number;
     selectMs: number;
@@ -46,7 +52,8 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   // The method selects.
   const ctx = session.context(req.layer);
   const t1 = performance.now();
-  const selection = await session.method.select(ctx, req.q, session.params);
+  const params = { ...session.params, budget: budgetTokens(session.params.budget, ctx.tokens) };
+  const selection = await session.method.select(ctx, req.q, params);
   const t2 = performance.now();
 
   // The cache makes the selection resident (GPU pool or host) and attends
@@ -54,11 +61,20 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const out = new Float32Array(m.qHeads * m.headDim);
   const lse = new Float32Array(m.qHeads);
   const { backend, blocks, gpu } = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
+
+  // What the method left out of the documents, estimated from their clusters.
+  let estimated: number | undefined;
+  if (session.clusterIndexes && ctx.segments.length > 1) {
+    const clusters = session.clusterIndexes.map((perLayer) => perLayer[req.layer] as ClusterIndex[]);
+    const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
+    mergeInto(out, lse, est.out, est.lse, m.headDim);
+    estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
+  }
   const t3 = performance.now();
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);
-  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
+  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
   const result: AttendResult = { out, lse, stats };
   if (req.want.has('selection') || req.want.has('kv')) {
     const positions = selectedPositions(selection, ctx);

@@ -63,7 +63,8 @@ export class PrefillQueries {
 }
 
 export function headKeys(seg: KvSegment, head: number): HeadKeys {
-  return { keys: seg.k[head].subarray(0, seg.tokens * seg.headDim), tokens: seg.tokens, headDim: seg.headDim, dtype: seg.dtype };
+  const n = seg.tokens * seg.headDim;
+  return { keys: seg.k[head].subarray(0, n), values: seg.v[head].subarray(0, n), tokens: seg.tokens, headDim: seg.headDim, dtype: seg.dtype };
 }
 
 export async function buildArtifacts(
@@ -72,12 +73,13 @@ export async function buildArtifacts(
   layers: KvSegment[],
   queries: PrefillQueries | undefined,
   onProgress: (done: number) => void,
+  clusterSize?: number,
 ): Promise<ArtifactWrite[]> {
   const out: ArtifactWrite[] = [];
   for (let layer = 0; layer < layers.length; layer++)
     for (let head = 0; head < layers[layer].kvHeads; head++) {
       const q = queries?.rows(layer, head) ?? { queries: new Float32Array(0), queryCount: 0 };
-      const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q });
+      const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q, clusterSize });
       out.push({ method, layer, head, bytes });
       onProgress(out.length);
     }

@@ -80,6 +80,9 @@ export class Documents {
     const id = checkId(idRaw, 'document');
     const model = parseModel(body.model);
     const methods = this.parseMethods(body.methods);
+    const clusterSize = body.clusterSize;
+    if (clusterSize !== undefined && (typeof clusterSize !== 'number' || !Number.isInteger(clusterSize) || clusterSize < 1 || clusterSize > 4096))
+      throw invalid('clusterSize must be an integer in [1, 4096]');
     const stride = body.queryStride ?? DEFAULT_QUERY_STRIDE;
     if (typeof stride !== 'number' || !Number.isInteger(stride) || stride < 1) throw invalid('queryStride must be a positive integer');
     const hint = body.tokens ?? 0;
@@ -98,7 +101,7 @@ export class Documents {
         for (const s of layers) s.release();
         throw e;
       }
-      const meta: DocumentMeta = { id, model, status: 'loading', tokens: 0, methods, queryStride: stride, createdAt: new Date().toISOString() };
+      const meta: DocumentMeta = { id, model, status: 'loading', tokens: 0, methods, queryStride: stride, ...(clusterSize !== undefined && { clusterSize }), createdAt: new Date().toISOString() };
       try {
         await this.store.create(meta);
       } catch (e) {
@@ -185,7 +188,7 @@ export class Documents {
         const same = built.get(builder);
         const mine = same
           ? same.map((a) => ({ ...a, method: name }))
-          : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total));
+          : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total), doc.meta.clusterSize);
         if (!same) built.set(builder, mine);
         artifacts.push(...mine);
         doc.progress = artifacts.length / total;
@@ -260,7 +263,7 @@ export class Documents {
       const { layers, kvHeads } = doc.meta.model;
       let artifacts = this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads);
       if (!artifacts) {
-        const built = await buildArtifacts(method, builder, doc.layers, undefined, () => undefined);
+        const built = await buildArtifacts(method, builder, doc.layers, undefined, () => undefined, doc.meta.clusterSize);
         await this.store.addArtifacts(doc.meta.id, method, built);
         artifacts = doc.layers.map((_, layer) => built.filter((a) => a.layer === layer).map((a) => a.bytes));
         this.buildsAfterSeal++;

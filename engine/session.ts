@@ -25,6 +25,8 @@ export interface SessionOptions {
   params: SearchParams;
   /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
   documentIndexes: (HeadIndex[][] | undefined)[];
+  /** Per document, its wave clusters [layer][kv head], when the session estimates what its method leaves out. */
+  clusterIndexes?: HeadIndex[][][];
   budget: HostBudget;
   /** The GPU pool this session's steps use, when it was admitted to one. */
   gpu?: GpuBackend;
@@ -48,6 +50,8 @@ export class Session {
   readonly params: SearchParams;
   /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
   readonly documentIndexes: (HeadIndex[][] | undefined)[];
+  /** Per document, its clusters [layer][kv head], when the session estimates the tokens its method does not select. */
+  readonly clusterIndexes?: HeadIndex[][][];
   /** Where the step's selection is made resident: the GPU pool it was admitted to, or the host. */
   readonly cache: SessionCache;
   /** Pool bytes reserved for its working set (returned by release). */
@@ -60,6 +64,7 @@ export class Session {
     this.method = o.method;
     this.params = o.params;
     this.documentIndexes = o.documentIndexes;
+    this.clusterIndexes = o.clusterIndexes;
     this.gpuReserved = o.gpuReserved ?? 0;
     this.own = [];
     try {
@@ -110,6 +115,7 @@ export class Session {
       method: this.method.name,
       backend: this.gpu ? 'cuda' : 'cpu',
       ...this.params,
+      estimate: this.clusterIndexes !== undefined,
       documentTokens: this.documentTokens(),
       ownTokens: this.own.map((s) => s.tokens),
       createdAt: this.createdAt,

@@ -1,6 +1,7 @@
 // Open sessions, in memory: they hold no durable state of their own.
 import { randomUUID } from 'node:crypto';
 import { findMethod, methodNames } from '../index/registry.js';
+import { WAVE } from '../index/wave/wave.js';
 import type { SearchParams } from '../index/method.js';
 import type { Documents } from './documents.js';
 import { conflict, invalid, notFound } from '../core/errors.js';
@@ -15,6 +16,12 @@ import type { HostBudget } from '../storage/host-budget.js';
 import type { GpuBackend } from './cache/gpu-pool.js';
 
 export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0, chunk: 2048, span: 2 };
+
+/**
+ * Where a method's defaults differ: `wave` reads about 2% of a long context
+ * exactly and estimates the rest (issue #13: ≤ 3% exact).
+ */
+const METHOD_DEFAULTS: Record<string, Partial<SearchParams>> = { [WAVE]: { budget: 0.02, sinks: 16, window: 64 } };
 
 export class Sessions {
   private readonly open = new Map<string, Session>();
@@ -37,17 +44,26 @@ export class Sessions {
     for (const d of docs)
       if (!sameModel(d.meta.model, model))
         throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
-    const params = { ...DEFAULT_PARAMS };
+    const params = { ...DEFAULT_PARAMS, ...METHOD_DEFAULTS[method.name] };
     for (const key of ['budget', 'sinks', 'window', 'ef', 'chunk', 'span'] as const) {
       const v = body[key];
       if (v === undefined) continue;
-      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 30) throw invalid(`${key} must be a non-negative integer`);
-      params[key] = v;
+      const fraction = key === 'budget' && typeof v === 'number' && v > 0 && v < 1;
+      if (!fraction && (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 30))
+        throw invalid(key === 'budget' ? 'budget must be a non-negative integer (tokens) or a fraction in (0, 1) of the context' : `${key} must be a non-negative integer`);
+      params[key] = v as number;
     }
+    const estimate = body.estimate ?? method.name === WAVE;
+    if (typeof estimate !== 'boolean') throw invalid('estimate must be true or false');
+    if (estimate && method.name !== WAVE)
+      for (const d of docs)
+        if (!d.meta.methods.includes(WAVE))
+          throw conflict(`estimate needs the cluster index of document ${d.meta.id}: PUT it with methods including "${WAVE}" (and optionally clusterSize) to estimate what a method leaves out`);
     const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
+    const clusters = estimate ? await Promise.all(docs.map((d) => this.documents.indexes(d, WAVE))) : undefined;
     const docTokens = docs.reduce((n, d) => n + d.meta.tokens, 0);
     const reserved = this.gpu?.admit(model, method.name, params, docTokens) ?? 0;
-    const session = new Session({ id: randomUUID(), model, documents: docs, method, params, documentIndexes: indexes, budget: this.budget, gpu: reserved > 0 ? this.gpu : undefined, gpuReserved: reserved });
+    const session = new Session({ id: randomUUID(), model, documents: docs, method, params, documentIndexes: indexes, clusterIndexes: clusters, budget: this.budget, gpu: reserved > 0 ? this.gpu : undefined, gpuReserved: reserved });
     this.open.set(session.id, session);
     return session;
   }

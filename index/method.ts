@@ -33,7 +33,11 @@ export interface LayerContext {
 }
 
 export interface SearchParams {
-  /** Tokens the method may select per kv head, beyond sinks and window. */
+  /**
+   * Tokens the method may select per kv head, beyond sinks and window. A
+   * session may give a fraction below 1 (of the context); the decode step
+   * resolves it to tokens (budgetTokens) before a method sees it.
+   */
   budget: number;
   /** First tokens of the context always attended. */
   sinks: number;
@@ -88,6 +92,8 @@ export interface RetrievalMethod {
 export interface HeadKeys {
   /** [tokens, headDim] storage-dtype words of one kv head. */
   keys: Uint16Array;
+  /** [tokens, headDim] the head's values, for indexes that summarise them (wave). */
+  values?: Uint16Array;
   tokens: number;
   headDim: number;
   dtype: KvDtype;
@@ -97,6 +103,8 @@ export interface BuildInput extends HeadKeys {
   /** Prefill query rows of the kv head's group, [queryCount, headDim]; may be empty. */
   queries: Float32Array;
   queryCount: number;
+  /** Tokens per cluster, for clustered indexes (the document's `clusterSize`). */
+  clusterSize?: number;
 }
 
 export interface SearchResult {
@@ -124,4 +132,9 @@ export interface HeadIndexBuilder {
    * loaded indexes are this builder's.
    */
   searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number): Promise<SearchResult[]>;
+}
+
+/** The budget in tokens for a context of `tokens`: a fraction below 1 is a share of it. */
+export function budgetTokens(budget: number, tokens: number): number {
+  return budget > 0 && budget < 1 ? Math.ceil(budget * tokens) : budget;
 }

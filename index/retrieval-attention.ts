@@ -1,5 +1,5 @@
 // `retrieval-attention` (RetrievalAttention): an attention-aware graph over
-// each kv head's keys (native/ra_graph.cc). The prefill queries' exact top
+// each kv head's keys (native/indexes/ra_graph_build.cc). The prefill queries' exact top
 // keys tie keys together, so a greedy search driven by a decode query walks
 // to the high-attention keys while scoring a few percent of them. Without
 // prefill queries (no `q` on the kv route) the keys stand in for queries:

@@ -26,6 +26,8 @@ export interface DocumentMeta {
   methods: string[];
   /** Prefill queries kept: one token in queryStride (absent in documents stored before it was recorded). */
   queryStride?: number;
+  /** Tokens per cluster of the wave index (absent: the default). */
+  clusterSize?: number;
   createdAt: string;
   sealedAt?: string;
 }

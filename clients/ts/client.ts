@@ -76,10 +76,15 @@ export interface SessionSpec {
   model: Partial<ModelShape> & Omit<ModelShape, 'dtype' | 'blockSize'>;
   documents?: string[];
   method?: string;
+  /** Tokens attended exactly beyond sinks and window, or a fraction (< 1) of the context. */
   budget?: number;
   sinks?: number;
   window?: number;
   ef?: number;
+  chunk?: number;
+  span?: number;
+  /** Estimate what the method leaves out from the documents' clusters (default: on for `wave`). */
+  estimate?: boolean;
 }
 
 export interface AttendBody {
@@ -96,7 +101,7 @@ export interface AttendReply {
   lse: Float32Array;
   selection?: Int32Array[];
   kv?: { k: Tensor[]; v: Tensor[] };
-  stats: { tokens: number; attended: number; scanned: number; ms: number; selectMs: number; attendMs: number; blocks?: { selected: number; hits: number; bytesIn: number } };
+  stats: { tokens: number; attended: number; estimated?: number; scanned: number; ms: number; selectMs: number; attendMs: number; blocks?: { selected: number; hits: number; bytesIn: number } };
 }
 
 export interface DocumentInfo {
@@ -136,7 +141,7 @@ export class KvrecallClient {
    * methods: retrieval methods whose indexes are built at seal; queryStride: keep prefill queries of 1 token in N;
    * tokens: the tokens per layer the document will hold (its host memory is reserved now, 503 if it does not fit).
    */
-  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: string[]; queryStride?: number; tokens?: number } = {}): Promise<DocumentInfo> {
+  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: string[]; queryStride?: number; tokens?: number; clusterSize?: number } = {}): Promise<DocumentInfo> {
     return this.call('PUT', `/v1/documents/${encodeURIComponent(id)}`, { model, ...opts });
   }
 

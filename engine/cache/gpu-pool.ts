@@ -11,7 +11,7 @@
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
 import { cudaAvailable, GpuPool, type CudaInfo, type GpuPoolStats } from '../../addon/cuda.js';
-import type { SearchParams } from '../../index/method.js';
+import { budgetTokens, type SearchParams } from '../../index/method.js';
 import type { BlockStats } from './block-stats.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { KvrecallError } from '../../core/errors.js';
@@ -96,7 +96,7 @@ export class GpuBackend {
     if (!this.accepts(m) || documentTokens === 0 || (this.failure && !this.pool)) return 0;
     // Blocks per kv head one step reads: exact, the whole documents; the
     // others, their budget plus sinks and window (+2 blocks for alignment).
-    const perHead = method === 'exact' ? Math.ceil(documentTokens / POOL_BLOCK) : Math.min(Math.ceil(documentTokens / POOL_BLOCK), Math.ceil((params.budget + params.sinks + params.window) / POOL_BLOCK) + 2);
+    const perHead = method === 'exact' ? Math.ceil(documentTokens / POOL_BLOCK) : Math.min(Math.ceil(documentTokens / POOL_BLOCK), Math.ceil((budgetTokens(params.budget, documentTokens) + params.sinks + params.window) / POOL_BLOCK) + 2);
     const bytes = perHead * m.kvHeads * m.layers * this.slotBytes(m);
     if (bytes > this.budget) return 0;
     if (this.reserved + bytes > this.budget)

@@ -10,9 +10,9 @@
 #include <string>
 #include <unordered_map>
 
-#include "../thread_pool.h"
-#include "block_pool.h"
-#include "decode_kernel.h"
+#include "common/thread_pool.h"
+#include "cuda/block_pool.h"
+#include "cuda/decode_kernel.h"
 
 namespace kvr {
 namespace cuda {
@@ -247,7 +247,7 @@ BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
   Impl& I = *impl_;
   I.cfg = cfg;
   if (cfg.headDim != 64 && cfg.headDim != 128) throw std::runtime_error("GpuPool: headDim must be 64 or 128");
-  if (cfg.dtype != 0 && cfg.dtype != 1) throw std::runtime_error("GpuPool: dtype must be f16 or bf16");
+  if (!IsWordDtype(cfg.dtype)) throw std::runtime_error("GpuPool: dtype must be f16 or bf16");
   if (cfg.blockSize < 1 || cfg.blockSize > 4096 || (cfg.blockSize & (cfg.blockSize - 1)))
     throw std::runtime_error("GpuPool: blockSize must be a power of two in [1, 4096]");
   while ((1 << I.blockShift) < cfg.blockSize) ++I.blockShift;

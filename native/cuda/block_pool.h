@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "common/half.h"
+
 namespace kvr {
 namespace cuda {
 
@@ -36,7 +38,7 @@ struct PoolConfig {
   int64_t budgetBytes = 0;  // device bytes for K+V slots
   int blockSize = 64;       // tokens per block, a power of two
   int headDim = 128;        // 64 or 128
-  int dtype = 0;            // 0 f16, 1 bf16
+  Dtype dtype = Dtype::kF16;  // f16 or bf16
   int64_t stagingBytes = 64ll << 20;  // pinned host (and device) staging, split in 4 chunks
 };
 

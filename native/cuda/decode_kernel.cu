@@ -14,7 +14,7 @@
 #include <limits>
 #include <vector>
 
-#include "decode_kernel.h"
+#include "cuda/decode_kernel.h"
 
 namespace kvr {
 namespace cuda {
@@ -24,9 +24,9 @@ constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int DT>
+template <Dtype DT>
 __device__ __forceinline__ void Widen8(const uint4& w, float* f) {
-  if constexpr (DT == 0) {
+  if constexpr (DT == Dtype::kF16) {
     const __half2* h = reinterpret_cast<const __half2*>(&w);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -44,7 +44,7 @@ __device__ __forceinline__ void Widen8(const uint4& w, float* f) {
   }
 }
 
-template <int D, int GC, int DT>
+template <int D, int GC, Dtype DT>
 __global__ void __launch_bounds__(kThreads) SplitKernel(DecodeParams p, int G) {
   constexpr int LPR = D / 8;                    // lanes per row
   constexpr int RPW = 32 / LPR;                 // rows per warp
@@ -268,7 +268,7 @@ __global__ void ScatterKernel(const uint4* __restrict__ staged, const int32_t* _
   }
 }
 
-template <int D, int GC, int DT>
+template <int D, int GC, Dtype DT>
 int LaunchSplit(const DecodeParams& p, cudaStream_t s) {
   const int G = p.qHeads / p.kvHeads;
   dim3 grid(p.splits, p.kvHeads, G / GC);
@@ -276,7 +276,7 @@ int LaunchSplit(const DecodeParams& p, cudaStream_t s) {
   return int(cudaGetLastError());
 }
 
-template <int D, int DT>
+template <int D, Dtype DT>
 int LaunchSplitG(const DecodeParams& p, cudaStream_t s) {
   const int G = p.qHeads / p.kvHeads;
   if (G % 8 == 0) return LaunchSplit<D, 8, DT>(p, s);
@@ -304,9 +304,9 @@ int LaunchDecode(const DecodeParams& p, void* stream) {
   if (p.qHeads <= 0 || p.kvHeads <= 0 || p.qHeads % p.kvHeads != 0 || p.splits < 1) return int(cudaErrorInvalidValue);
   int rc;
   if (p.headDim == 128)
-    rc = p.dtype == 0 ? LaunchSplitG<128, 0>(p, s) : LaunchSplitG<128, 1>(p, s);
+    rc = p.dtype == Dtype::kF16 ? LaunchSplitG<128, Dtype::kF16>(p, s) : LaunchSplitG<128, Dtype::kBf16>(p, s);
   else if (p.headDim == 64)
-    rc = p.dtype == 0 ? LaunchSplitG<64, 0>(p, s) : LaunchSplitG<64, 1>(p, s);
+    rc = p.dtype == Dtype::kF16 ? LaunchSplitG<64, Dtype::kF16>(p, s) : LaunchSplitG<64, Dtype::kBf16>(p, s);
   else
     return int(cudaErrorInvalidValue);
   if (rc) return rc;

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "common/half.h"
+
 namespace kvr {
 namespace cuda {
 
@@ -16,7 +18,7 @@ struct DecodeParams {
   const uint16_t* vPool = nullptr;
   int blockShift = 6;               // log2(blockSize)
   int headDim = 128;                // 64 or 128
-  int dtype = 0;                    // 0 f16, 1 bf16
+  Dtype dtype = Dtype::kF16;        // f16 or bf16
   const float* q = nullptr;         // [qHeads, headDim], device
   int qHeads = 0, kvHeads = 0;
   float scale = 1.f;

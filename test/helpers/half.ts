@@ -1,5 +1,5 @@
 // Independent f16/bf16 encoders and decoders for test data and references
-// (written from the IEEE formats, not from native/half.h).
+// (written from the IEEE formats, not from native/common/half.h).
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 

@@ -10,7 +10,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { bytesOf, convert } from '../../addon/kernels.js';
 import type { HeadKeys } from '../../index/method.js';
 import { DotKernel, paddedStride } from '../../index/simd-dot.js';
-import { squeezedBuilder, type SqueezedHead } from '../../index/squeezed.js';
+import { squeezedBuilder, type SqueezedHead } from '../../index/squeezed/index.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { referenceAttention } from '../helpers/reference.js';
 

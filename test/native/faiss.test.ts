@@ -54,7 +54,7 @@ function expectTopK(ids: Int32Array, scores: Float32Array, count: number, exact:
   for (const id of order.slice(0, count)) if (exact[id] > kth + tol(kth)) expect(got.has(id)).toBe(true);
 }
 
-/** The envelope hash of native/ivf_index.cc, to forge intact envelopes around bad payloads. */
+/** The envelope hash of native/indexes/ivf_index.cc, to forge intact envelopes around bad payloads. */
 function hash64(p: Uint8Array): bigint {
   const M = (1n << 64n) - 1n;
   const dv = new DataView(p.buffer, p.byteOffset, p.byteLength);

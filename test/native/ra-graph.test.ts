@@ -1,4 +1,4 @@
-// The RetrievalAttention graph index (native/ra_graph.cc) at odd sizes:
+// The RetrievalAttention graph index (native/indexes/ra_graph_build.cc) at odd sizes:
 // exhaustive search equals the exact top-k, save/load round-trips, corrupt
 // blobs are rejected, and on clustered keys with out-of-distribution
 // (shifted) queries the query-built graph beats a key-only graph.

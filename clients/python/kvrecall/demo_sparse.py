@@ -344,7 +344,7 @@ class LocalServer:
 
     def __init__(self, node: str = "node", root: Optional[str] = None, timeout: float = 60.0):
         root = root or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-        cli = os.path.join(root, "dist", "src", "cli.js")
+        cli = os.path.join(root, "dist", "cli", "cli.js")
         if not os.path.isfile(cli):
             raise FileNotFoundError(f"{cli} not found: build the server first (npx tsc -p tsconfig.json)")
         self.data = tempfile.mkdtemp(prefix="kvrecall-demo-")
@@ -427,7 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--serve", action="store_true", help="start this checkout's server (node dist/cli/cli.js) instead")
     ap.add_argument("--node", default="node")
     ap.add_argument("--token", default=os.environ.get("KVRECALL_TOKEN"))
-    ap.add_argument("--model-dir", default=None, help="stories260K folder (default: env KVRECALL_STORIES260K or /work/shared/...)")
+    ap.add_argument("--model-dir", default=None, help="stories260K folder (default: env KVRECALL_STORIES260K, else $KVRECALL_MODELS_DIR/stories260K, else <repo>/../shared/data/models/stories260K)")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} built-in prompts")
     ap.add_argument("--prompt-file", action="append", default=[], help="a text file to use as a prompt (repeatable; replaces the built-in ones)")
     ap.add_argument("--new", type=int, default=64, help="tokens to decode")
@@ -452,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.stop_at = time.time() + a.time_limit
     model_dir = find_model_dir(a.model_dir)
     if model_dir is None:
-        ap.error("stories260K not found: pass --model-dir or set KVRECALL_STORIES260K")
+        ap.error("stories260K not found: pass --model-dir or set KVRECALL_STORIES260K or KVRECALL_MODELS_DIR")
     prompts = [open(f, encoding="utf-8").read() for f in a.prompt_file] or PROMPTS[: a.prompts]
     server = LocalServer(a.node) if a.serve else None
     url = server.url if server else a.url

@@ -3,6 +3,9 @@ model trained on TinyStories) for the transformers adapter's tests and demo.
 
 The model folder holds `stories260K.bin` (a llama2.c version-0 fp32
 checkpoint) and `tok512.bin` (a llama2.c tokenizer file); see its SOURCE.md.
+`find_model_dir` finds it relative to the repository
+(`<repo>/../shared/data/models/stories260K`) or by env KVRECALL_STORIES260K
+or KVRECALL_MODELS_DIR; no absolute path.
 Header: dim 64, hidden 172, 5 layers, 8 query heads, 4 kv heads (head_dim 8),
 vocab 512, trained at 512 tokens; the classifier is tied to the embedding.
 
@@ -24,9 +27,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["DEFAULT_DIR", "UPSTREAM_GREEDY", "find_model_dir", "load_weights", "Tokenizer", "build_model", "numpy_greedy"]
+__all__ = ["UPSTREAM_GREEDY", "models_dir", "find_model_dir", "load_weights", "Tokenizer", "build_model", "numpy_greedy"]
 
-DEFAULT_DIR = "/work/shared/data/models/stories260K"
+MODEL_NAME = "stories260K"
 
 # The first 40 greedy tokens from BOS that upstream's run.c prints for
 # stories260K ("Once upon a time, there was a little girl named Lily. ...").
@@ -36,11 +39,32 @@ UPSTREAM_GREEDY = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 3
 BOS = 1
 
 
-def find_model_dir(explicit: Optional[str] = None) -> Optional[str]:
+def models_dir(anchor: Optional[str] = None) -> str:
+    """The shared models folder: env KVRECALL_MODELS_DIR, else
+    `<repository root>/../shared/data/models`, the repository root being
+    three folders above `anchor` (default this file; a test file in
+    clients/python/tests/ works too). The checkout's clone sits beside
+    `shared/`, in CI as in the workplace, so nothing here is absolute."""
+    env = os.environ.get("KVRECALL_MODELS_DIR")
+    if env:
+        return os.path.abspath(env)
+    root = os.path.dirname(os.path.abspath(anchor or __file__))
+    for _ in range(3):  # kvrecall/ (or tests/) -> python/ -> clients/ -> repository root
+        root = os.path.dirname(root)
+    return os.path.normpath(os.path.join(root, "..", "shared", "data", "models"))
+
+
+def _is_model_dir(d: Optional[str]) -> bool:
+    return bool(d) and os.path.isfile(os.path.join(d, "stories260K.bin")) and os.path.isfile(os.path.join(d, "tok512.bin"))
+
+
+def find_model_dir(explicit: Optional[str] = None, anchor: Optional[str] = None) -> Optional[str]:
     """The stories260K folder: `explicit`, else env KVRECALL_STORIES260K, else
-    DEFAULT_DIR; None when none of them holds stories260K.bin and tok512.bin."""
-    for d in (explicit, os.environ.get("KVRECALL_STORIES260K"), DEFAULT_DIR):
-        if d and os.path.isfile(os.path.join(d, "stories260K.bin")) and os.path.isfile(os.path.join(d, "tok512.bin")):
+    `models_dir(anchor)/stories260K` (env KVRECALL_MODELS_DIR, else the
+    repository's `../shared/data/models`); None when none of them holds
+    stories260K.bin and tok512.bin."""
+    for d in (explicit, os.environ.get("KVRECALL_STORIES260K"), os.path.join(models_dir(anchor), MODEL_NAME)):
+        if _is_model_dir(d):
             return d
     return None
 

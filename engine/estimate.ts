@@ -1,0 +1,51 @@
+// The estimation zone of a step: the document tokens the method did not
+// select are estimated from the documents' cluster summaries (native
+// estimateClusters) instead of dropped, and merged into the exact answer by
+// log-sum-exp. The session's own tokens are never clustered: the methods
+// always attend them exactly.
+import { estimateClusters, type ClusterHeadArgs } from '../addon/estimate.js';
+import type { LayerContext, Selection } from '../index/method.js';
+import type { ClusterIndex } from '../index/wave/cluster-index.js';
+import { concatRows, rowsOf } from './cache/selection-parts.js';
+
+export interface Estimate {
+  out: Float32Array;
+  lse: Float32Array;
+  /** Per kv head: tokens covered by the estimate. */
+  estimated: Float32Array;
+}
+
+/** Estimates what `selection` leaves out of the documents; `clusters[s]` are document s's heads for this layer. */
+export async function estimateRest(ctx: LayerContext, selection: Selection, clusters: ClusterIndex[][], q: Float32Array, scale: number): Promise<Estimate> {
+  const segments: ClusterHeadArgs[][] = clusters.map((heads, s) => {
+    const segment = ctx.segments[s];
+    const parts = selection.parts.filter((p) => p.segment === segment);
+    return heads.map((index, h) => index.estimateArgs(concatRows(parts.map((p) => rowsOf(p, h)))));
+  });
+  const d = ctx.headDim, h0 = clusters[0][0];
+  const est: Estimate = { out: new Float32Array(ctx.qHeads * d), lse: new Float32Array(ctx.qHeads), estimated: new Float32Array(ctx.kvHeads) };
+  await estimateClusters({
+    q,
+    qHeads: ctx.qHeads,
+    kvHeads: ctx.kvHeads,
+    headDim: d,
+    centroidStride: h0.stride,
+    dtype: h0.arrays.dtype,
+    scale,
+    segments,
+    ...est,
+  });
+  return est;
+}
+
+/** out, lse ← the log-sum-exp merge of (out, lse) and (partOut, partLse), per query head. */
+export function mergeInto(out: Float32Array, lse: Float32Array, partOut: Float32Array, partLse: Float32Array, headDim: number): void {
+  for (let h = 0; h < lse.length; h++) {
+    const a = lse[h], b = partLse[h];
+    if (b === -Infinity) continue;
+    const m = Math.max(a, b), wa = Math.exp(a - m), wb = Math.exp(b - m), l = m + Math.log(wa + wb);
+    const ca = wa / (wa + wb), cb = wb / (wa + wb);
+    for (let i = h * headDim; i < (h + 1) * headDim; i++) out[i] = ca * out[i] + cb * partOut[i];
+    lse[h] = l;
+  }
+}

@@ -1,0 +1,90 @@
+// Building a kv head's clusters (RetroInfer's wave index): keys are clustered
+// by k-means inside segments of `segmentTokens` (nearby tokens share topics,
+// and segments keep k-means cheap and a build incremental), about
+// `clusterSize` tokens per cluster. Each cluster keeps what estimation and
+// ranking need: the mean of its keys (so q·centroid is the mean logit over
+// it), the mean of its values, its token count, its radius (the largest
+// distance of a member key from the centroid, for the optimistic score) and
+// its members.
+import { convert, type KvDtype } from '../../addon/kernels.js';
+import { kmeans } from '../../addon/faiss.js';
+import type { BuildInput } from '../method.js';
+import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
+
+export interface ClusterOptions {
+  /** Tokens per cluster on average (8–16 in RetroInfer). */
+  clusterSize: number;
+  /** Tokens per k-means segment. */
+  segmentTokens: number;
+  /** Lloyd iterations per segment. */
+  iterations: number;
+  seed: number;
+}
+
+export const DEFAULT_CLUSTER_OPTIONS: ClusterOptions = { clusterSize: 8, segmentTokens: 8192, iterations: 8, seed: 1 };
+
+function widen(words: Uint16Array, dtype: KvDtype, count: number): Float32Array {
+  const out = new Float32Array(count);
+  convert(new Uint8Array(words.buffer, words.byteOffset, count * 2), dtype, new Uint8Array(out.buffer), 'f32', count);
+  return out;
+}
+
+function narrow(values: Float32Array, dtype: KvDtype): Uint16Array {
+  const out = new Uint16Array(values.length);
+  convert(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 'f32', new Uint8Array(out.buffer), dtype, values.length);
+  return out;
+}
+
+/** Cluster of every row of one segment [t0, t1): k-means, or each row alone when clusters would not be fewer than rows. */
+async function assignSegment(input: BuildInput, t0: number, t1: number, o: ClusterOptions): Promise<{ assign: Int32Array; clusters: number }> {
+  const n = t1 - t0, d = input.headDim;
+  const clusters = Math.max(1, Math.ceil(n / o.clusterSize));
+  if (clusters >= n) return { assign: Int32Array.from({ length: n }, (_, i) => i), clusters: n };
+  const r = await kmeans({ keys: input.keys.subarray(t0 * d, t1 * d), tokens: n, headDim: d, dtype: input.dtype, clusters, iterations: o.iterations, seed: (o.seed + t0) % 2 ** 31 });
+  return { assign: r.assign, clusters };
+}
+
+export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAULT_CLUSTER_OPTIONS): Promise<Uint8Array> {
+  if (!input.values) throw new Error('the wave index needs the values of the head');
+  const d = input.headDim, N = input.tokens, stride = centroidStride(d);
+  let bound = 0;
+  for (let t0 = 0; t0 < N; t0 += o.segmentTokens) bound += Math.ceil(Math.min(o.segmentTokens, N - t0) / Math.max(1, Math.min(o.clusterSize, N - t0)));
+  const centroids = new Float32Array(bound * stride), valueMeans = new Float32Array(bound * d), counts = new Int32Array(bound);
+  const tokenCluster = new Int32Array(N);
+  let C = 0;
+  for (let t0 = 0; t0 < N; t0 += o.segmentTokens) {
+    const t1 = Math.min(N, t0 + o.segmentTokens), n = t1 - t0;
+    const { assign, clusters } = await assignSegment(input, t0, t1, o);
+    const keys = widen(input.keys.subarray(t0 * d), input.dtype, n * d);
+    const values = widen(input.values.subarray(t0 * d), input.dtype, n * d);
+    // Empty clusters are dropped: ids are renumbered densely.
+    const cnt = new Int32Array(clusters);
+    for (let i = 0; i < n; i++) cnt[assign[i]]++;
+    const id = new Int32Array(clusters).fill(-1), first = C;
+    for (let c = 0; c < clusters; c++) if (cnt[c] > 0) counts[(id[c] = C++)] = cnt[c];
+    for (let i = 0; i < n; i++) {
+      const c = (tokenCluster[t0 + i] = id[assign[i]]);
+      for (let j = 0; j < d; j++) (centroids[c * stride + j] += keys[i * d + j]), (valueMeans[c * d + j] += values[i * d + j]);
+    }
+    for (let c = first; c < C; c++)
+      for (let j = 0; j < d; j++) (centroids[c * stride + j] /= counts[c]), (valueMeans[c * d + j] /= counts[c]);
+    // Radius: the farthest member key from its centroid.
+    for (let i = 0; i < n; i++) {
+      const c = tokenCluster[t0 + i];
+      let s = 0;
+      for (let j = 0; j < d; j++) s += (keys[i * d + j] - centroids[c * stride + j]) ** 2;
+      centroids[c * stride + d] = Math.max(centroids[c * stride + d], Math.sqrt(s));
+    }
+  }
+  const arrays: ClusterArrays = {
+    tokens: N,
+    headDim: d,
+    clusterSize: o.clusterSize,
+    dtype: input.dtype,
+    centroids: narrow(centroids.subarray(0, C * stride), input.dtype),
+    valueMeans: narrow(valueMeans.subarray(0, C * d), input.dtype),
+    counts: counts.slice(0, C),
+    tokenCluster,
+  };
+  return encodeClusters(arrays);
+}

@@ -1,0 +1,32 @@
+// Registers the exports of each binding file; nothing else lives here.
+#include <napi.h>
+
+#include "common/thread_pool.h"
+
+namespace kvr {
+void InitConvert(Napi::Env env, Napi::Object exports);
+void InitChecksum(Napi::Env env, Napi::Object exports);
+void InitAttention(Napi::Env env, Napi::Object exports);
+void InitTopk(Napi::Env env, Napi::Object exports);
+void InitAttentionMass(Napi::Env env, Napi::Object exports);
+void InitClusterEstimate(Napi::Env env, Napi::Object exports);
+void InitRaGraph(Napi::Env env, Napi::Object exports);
+void InitFaiss(Napi::Env env, Napi::Object exports);
+void InitCuda(Napi::Env env, Napi::Object exports);
+}  // namespace kvr
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  kvr::InitConvert(env, exports);
+  kvr::InitChecksum(env, exports);
+  kvr::InitAttention(env, exports);
+  kvr::InitTopk(env, exports);
+  kvr::InitAttentionMass(env, exports);
+  kvr::InitClusterEstimate(env, exports);
+  kvr::InitRaGraph(env, exports);
+  kvr::InitFaiss(env, exports);
+  kvr::InitCuda(env, exports);
+  exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
+  return exports;
+}
+
+NODE_API_MODULE(kvrecall, Init)

@@ -1,0 +1,69 @@
+// attend({q, qHeads, kvHeads, headDim, dtype, scale, segments, out, lse}) -> Promise<void>
+// segments: [{k: Uint16Array[kvHeads], v: Uint16Array[kvHeads], tokens,
+//             begin, end, ids?: Int32Array[kvHeads]}]
+#include <napi.h>
+
+#include <string>
+#include <vector>
+
+#include "common/binding_args.h"
+#include "kernels/attention.h"
+
+namespace kvr {
+namespace {
+
+AttnSegment ReadSegment(const Napi::Object& s, const AttnProblem& p, std::vector<Napi::Value>& keep) {
+  AttnSegment seg;
+  seg.tokens = Int(s, "tokens", 0, int64_t(1) << 40);
+  const size_t rows = size_t(seg.tokens) * p.headDim;
+  Napi::Array k = ArrayOf(s, "k", p.kvHeads), v = ArrayOf(s, "v", p.kvHeads);
+  for (int h = 0; h < p.kvHeads; ++h) {
+    auto kh = Typed<uint16_t>(k.Get(h), "segment k", rows);
+    auto vh = Typed<uint16_t>(v.Get(h), "segment v", rows);
+    seg.k.push_back(kh.Data());
+    seg.v.push_back(vh.Data());
+    keep.push_back(kh);
+    keep.push_back(vh);
+  }
+  if (Absent(s.Get("ids"))) {
+    seg.begin = Int(s, "begin", 0, seg.tokens);
+    seg.end = Int(s, "end", seg.begin, seg.tokens);
+    return seg;
+  }
+  Napi::Array perHead = ArrayOf(s, "ids", p.kvHeads);
+  for (int h = 0; h < p.kvHeads; ++h) {
+    auto ih = Typed<int32_t>(perHead.Get(h), "segment ids");
+    CheckIds(ih, seg.tokens, "segment ids (kv head " + std::to_string(h) + ")");
+    seg.ids.push_back(ih.Data());
+    seg.idCount.push_back(int64_t(ih.ElementLength()));
+    keep.push_back(ih);
+  }
+  return seg;
+}
+
+Napi::Value AttendJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = ArgObject(info);
+  AttnProblem p;
+  p.qHeads = int(Int(o, "qHeads", 1, 1024));
+  p.kvHeads = int(Int(o, "kvHeads", 1, 1024));
+  p.headDim = int(Int(o, "headDim", 1, 1024));
+  if (p.qHeads % p.kvHeads != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+  p.dtype = KeyDtype(o);
+  p.scale = Float(o, "scale");
+  AttendArrays io = AttendArraysAt(o, size_t(p.qHeads), size_t(p.headDim));
+  p.q = io.q.Data();
+  p.out = io.out.Data();
+  p.lse = io.lse.Data();
+  std::vector<Napi::Value> keep{io.q, io.out, io.lse};
+  Napi::Array segs = ArrayAt(o, "segments");
+  for (uint32_t i = 0; i < segs.Length(); ++i)
+    p.segments.push_back(ReadSegment(ObjectOf(segs.Get(i), "segments[" + std::to_string(i) + "]"), p, keep));
+  return RunAsync(env, std::move(keep), [p]() { Attend(p); }, [](Napi::Env e) { return e.Undefined(); });
+}
+
+}  // namespace
+
+void InitAttention(Napi::Env env, Napi::Object exports) { exports.Set("attend", Napi::Function::New(env, AttendJs)); }
+
+}  // namespace kvr

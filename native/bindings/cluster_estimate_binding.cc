@@ -1,0 +1,90 @@
+// estimateClusters({q, qHeads, kvHeads, headDim, centroidStride, dtype, scale,
+//   segments: [{heads: [{centroids, valueMeans, counts, tokenCluster, values,
+//                        clusters, tokens, retrieved?, exact?}] (kvHeads)}],
+//   out, lse, estimated}) -> Promise<void>
+#include <napi.h>
+
+#include <memory>
+#include <string>
+
+#include "common/binding_args.h"
+#include "kernels/cluster_estimate.h"
+
+namespace kvr {
+namespace {
+
+ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vector<Napi::Value>& keep) {
+  ClusterHead c;
+  c.clusters = Int(o, "clusters", 0, int64_t(1) << 31);
+  c.tokens = Int(o, "tokens", 0, int64_t(1) << 31);
+  const size_t C = size_t(c.clusters), N = size_t(c.tokens), d = size_t(p.headDim);
+  auto centroids = TypedAt<uint16_t>(o, "centroids", C * size_t(p.centroidStride));
+  auto means = TypedAt<uint16_t>(o, "valueMeans", C * d);
+  auto counts = TypedAt<int32_t>(o, "counts", C);
+  auto tokenCluster = TypedAt<int32_t>(o, "tokenCluster", N);
+  auto values = TypedAt<uint16_t>(o, "values", N * d);
+  // Indices that address memory are checked here, once, before any is read.
+  for (size_t i = 0; i < N; ++i)
+    if (tokenCluster[i] < 0 || tokenCluster[i] >= c.clusters)
+      throw Napi::RangeError::New(o.Env(), "tokenCluster[" + std::to_string(i) + "] is outside [0, clusters)");
+  c.centroids = centroids.Data();
+  c.valueMeans = means.Data();
+  c.counts = counts.Data();
+  c.tokenCluster = tokenCluster.Data();
+  c.values = values.Data();
+  keep.insert(keep.end(), {centroids, means, counts, tokenCluster, values});
+  if (auto r = OptTypedAt<int32_t>(o, "retrieved")) {
+    CheckIds(*r, c.clusters, "retrieved");
+    c.retrieved = r->Data();
+    c.retrievedCount = int64_t(r->ElementLength());
+    keep.push_back(*r);
+  }
+  if (auto e = OptTypedAt<int32_t>(o, "exact")) {
+    CheckIds(*e, c.tokens, "exact");
+    c.exact = e->Data();
+    c.exactCount = int64_t(e->ElementLength());
+    keep.push_back(*e);
+  }
+  return c;
+}
+
+Napi::Value EstimateJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = ArgObject(info);
+  EstimateProblem p;
+  p.qHeads = int(Int(o, "qHeads", 1, 1024));
+  p.kvHeads = int(Int(o, "kvHeads", 1, 1024));
+  p.headDim = int(Int(o, "headDim", 1, 1024));
+  p.centroidStride = int(Int(o, "centroidStride", p.headDim, 4096));
+  if (p.qHeads % p.kvHeads != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+  p.dtype = KeyDtype(o);
+  p.scale = Float(o, "scale");
+  AttendArrays io = AttendArraysAt(o, size_t(p.qHeads), size_t(p.headDim));
+  auto estimated = TypedAt<float>(o, "estimated", size_t(p.kvHeads));
+  p.q = io.q.Data();
+  p.out = io.out.Data();
+  p.lse = io.lse.Data();
+  std::vector<Napi::Value> keep{io.q, io.out, io.lse, estimated};
+  Napi::Array segs = ArrayAt(o, "segments");
+  for (uint32_t s = 0; s < segs.Length(); ++s) {
+    Napi::Array heads = ArrayOf(ObjectOf(segs.Get(s), "segments[" + std::to_string(s) + "]"), "heads", size_t(p.kvHeads));
+    std::vector<ClusterHead> row;
+    for (int h = 0; h < p.kvHeads; ++h) row.push_back(ReadHead(ObjectOf(heads.Get(h), "heads[" + std::to_string(h) + "]"), p, keep));
+    p.segments.push_back(std::move(row));
+  }
+  float* est = estimated.Data();
+  auto counts = std::make_shared<std::vector<double>>(size_t(p.kvHeads));
+  p.estimated = counts->data();
+  return RunAsync(env, std::move(keep), [p, counts, est]() {
+    EstimateClusters(p);
+    for (size_t h = 0; h < counts->size(); ++h) est[h] = float((*counts)[h]);
+  }, [](Napi::Env e) { return e.Undefined(); });
+}
+
+}  // namespace
+
+void InitClusterEstimate(Napi::Env env, Napi::Object exports) {
+  exports.Set("estimateClusters", Napi::Function::New(env, EstimateJs));
+}
+
+}  // namespace kvr

@@ -1,0 +1,270 @@
+// CUDA decode path for JS (compiled by the host compiler; the kernels live in
+// native/cuda/*.cu, built by nvcc when binding.gyp finds it, with KVR_CUDA=1).
+//
+// cudaAvailable() -> {ok, device, memory, freeMemory, smCount, computeCapability}
+//   never throws; ok is false without a device, a driver, or a CUDA build.
+// new GpuPool({budgetBytes, blockSize, headDim, dtype, stagingBytes?})
+//   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?, priorities?: Uint8Array,
+//            indexed?, hold?}) -> Int32Array slots (hold: pin them too, for the step's attend)
+//     k/v: the blocks back to back, or (indexed) a whole head's rows with block b at b*blockSize*headDim
+//   .lookup({client, blocks}) -> Int32Array (slot or -1)
+//   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
+//   .attend({q, qHeads, kvHeads, scale, tables: Int32Array[kvHeads], validTokens: number[kvHeads],
+//            out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
+//   .stats() / .resetCounters() / .sync() / .probeH2D(bytes, iters) -> bytes/s / .close()
+// Without CUDA the same names exist: cudaAvailable() says ok: false and the
+// GpuPool constructor throws.
+#include <napi.h>
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/binding_args.h"
+
+#ifdef KVR_CUDA
+#include "cuda/block_pool.h"
+#endif
+
+namespace kvr {
+namespace {
+
+#ifdef KVR_CUDA
+
+Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cuda::DeviceInfo d;
+  try {
+    d = cuda::QueryDevice();
+  } catch (...) {
+    d.ok = false;
+    d.device = "CUDA query failed";
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ok", Napi::Boolean::New(env, d.ok));
+  o.Set("device", Napi::String::New(env, d.device));
+  o.Set("memory", Napi::Number::New(env, double(d.memory)));
+  o.Set("freeMemory", Napi::Number::New(env, double(d.freeMemory)));
+  o.Set("smCount", Napi::Number::New(env, d.smCount));
+  o.Set("computeCapability", Napi::String::New(env, std::to_string(d.major) + "." + std::to_string(d.minor)));
+  o.Set("built", Napi::Boolean::New(env, true));
+  return o;
+}
+
+class GpuPool : public Napi::ObjectWrap<GpuPool> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "GpuPool",
+                       {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("lookup", &GpuPool::Lookup),
+                        InstanceMethod("pin", &GpuPool::Pin), InstanceMethod("prefer", &GpuPool::Prefer),
+                        InstanceMethod("release", &GpuPool::Release), InstanceMethod("attend", &GpuPool::Attend),
+                        InstanceMethod("stats", &GpuPool::Stats), InstanceMethod("resetCounters", &GpuPool::Reset),
+                        InstanceMethod("sync", &GpuPool::Sync), InstanceMethod("probeH2D", &GpuPool::ProbeH2D),
+                        InstanceMethod("close", &GpuPool::Close)});
+  }
+
+  explicit GpuPool(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GpuPool>(info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    cuda::PoolConfig c;
+    c.budgetBytes = Int(o, "budgetBytes", 1, int64_t(1) << 50);
+    c.blockSize = int(Int(o, "blockSize", 1, 4096));
+    c.headDim = int(Int(o, "headDim", 64, 128));
+    c.dtype = KeyDtype(o);
+    c.stagingBytes = OptInt(o, "stagingBytes", 1 << 20, int64_t(1) << 34, c.stagingBytes);
+    pool_ = Guard(env, [&] { return std::make_shared<cuda::BlockPool>(c); });
+  }
+
+ private:
+  std::shared_ptr<cuda::BlockPool> pool_;
+
+  cuda::BlockPool& Pool(Napi::Env env) {
+    if (!pool_) throw Napi::Error::New(env, "GpuPool is closed");
+    return *pool_;
+  }
+  size_t BlockWords(Napi::Env env) {
+    auto& c = Pool(env).Config();
+    return size_t(c.blockSize) * c.headDim;
+  }
+  static constexpr int64_t kMaxClient = int64_t(1) << 53;
+  static int64_t Client(const Napi::Object& o) { return Int(o, "client", 0, kMaxClient); }
+
+  Napi::Value Upload(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    const int64_t client = Client(o);
+    auto blocks = TypedAt<int32_t>(o, "blocks");
+    const size_t n = blocks.ElementLength();
+    const bool indexed = Flag(o, "indexed", false);
+    size_t words = n * BlockWords(env);
+    if (indexed) {
+      // Every block read must lie inside the arrays: the largest id bounds them.
+      int64_t top = -1;
+      for (size_t i = 0; i < n; ++i) {
+        if (blocks.Data()[i] < 0) throw Napi::RangeError::New(env, "blocks: negative block id");
+        top = std::max<int64_t>(top, blocks.Data()[i]);
+      }
+      words = size_t(top + 1) * BlockWords(env);
+    }
+    auto k = TypedAt<uint16_t>(o, "k", words);
+    auto v = TypedAt<uint16_t>(o, "v", words);
+    cuda::BlockPool::EnsureOptions opt;
+    opt.source = indexed ? cuda::BlockPool::Source::kIndexed : cuda::BlockPool::Source::kPacked;
+    opt.priority = int(OptInt(o, "priority", -1000000, 1000000, opt.priority));
+    if (auto pr = OptTypedAt<uint8_t>(o, "priorities", n)) opt.priorities = pr->Data();
+    opt.hold = Flag(o, "hold", false);
+    auto slots = Napi::Int32Array::New(env, n);
+    Guard(env, [&] { Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), slots.Data(), opt); });
+    return slots;
+  }
+
+  Napi::Value Lookup(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    const int64_t client = Client(o);
+    auto blocks = TypedAt<int32_t>(o, "blocks");
+    auto slots = Napi::Int32Array::New(env, blocks.ElementLength());
+    Pool(env).Lookup(client, blocks.Data(), int64_t(blocks.ElementLength()), slots.Data());
+    return slots;
+  }
+
+  Napi::Value Pin(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    auto blocks = TypedAt<int32_t>(o, "blocks");
+    const bool pinned = Flag(o, "pinned", true);
+    Pool(env).Pin(Client(o), blocks.Data(), int64_t(blocks.ElementLength()), pinned);
+    return env.Undefined();
+  }
+
+  Napi::Value Prefer(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    auto blocks = TypedAt<int32_t>(o, "blocks");
+    const int priority = int(Int(o, "priority", -1000000, 1000000));
+    Pool(env).Prefer(Client(o), blocks.Data(), int64_t(blocks.ElementLength()), priority);
+    return env.Undefined();
+  }
+
+  Napi::Value Release(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Pool(env).Release(IntArg(info, 0, "client", 0, kMaxClient));
+    return env.Undefined();
+  }
+
+  Napi::Value Attend(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    std::shared_ptr<cuda::BlockPool> pool = pool_;
+    if (!pool) throw Napi::Error::New(env, "GpuPool is closed");
+    const int d = pool->Config().headDim;
+    cuda::AttendArgs a;
+    a.qHeads = int(Int(o, "qHeads", 1, 1024));
+    a.kvHeads = int(Int(o, "kvHeads", 1, 1024));
+    if (a.qHeads % a.kvHeads != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+    a.scale = Float(o, "scale");
+    a.splits = int(OptInt(o, "splits", 1, 4096, a.splits));
+    AttendArrays io = AttendArraysAt(o, size_t(a.qHeads), size_t(d));
+    a.q = io.q.Data();
+    a.out = io.out.Data();
+    a.lse = io.lse.Data();
+    std::vector<Napi::Value> keep{io.q, io.out, io.lse};
+    if (auto extraOut = OptTypedAt<float>(o, "extraOut", size_t(a.qHeads) * d)) {
+      auto extraLse = TypedAt<float>(o, "extraLse", size_t(a.qHeads));
+      a.extraOut = extraOut->Data();
+      a.extraLse = extraLse.Data();
+      keep.insert(keep.end(), {*extraOut, extraLse});
+    }
+    Napi::Array tables = ArrayOf(o, "tables", size_t(a.kvHeads));
+    Napi::Array valid = ArrayOf(o, "validTokens", size_t(a.kvHeads));
+    const int64_t bs = pool->Config().blockSize, slots = pool->Slots();
+    for (int h = 0; h < a.kvHeads; ++h) {
+      auto t = Typed<int32_t>(tables.Get(h), "tables entry");
+      Napi::Value vv = valid.Get(h);
+      if (!vv.IsNumber()) throw Napi::TypeError::New(env, "Expected numbers in validTokens");
+      const double vt = vv.As<Napi::Number>().DoubleValue();
+      if (vt < 0 || vt != double(int64_t(vt)) || int64_t(vt) > int64_t(t.ElementLength()) * bs)
+        throw Napi::RangeError::New(env, "validTokens[" + std::to_string(h) + "] must be an integer in [0, blocks * blockSize]");
+      const int64_t need = (int64_t(vt) + bs - 1) / bs;
+      for (int64_t i = 0; i < need; ++i)
+        if (t[size_t(i)] < 0 || t[size_t(i)] >= slots)
+          throw Napi::RangeError::New(env, "tables[" + std::to_string(h) + "][" + std::to_string(i) + "] = " +
+                                               std::to_string(t[size_t(i)]) + " is not a slot of the pool");
+      a.tables.emplace_back(t.Data(), t.Data() + need);
+      a.validTokens.push_back(int64_t(vt));
+    }
+    return RunAsync(env, std::move(keep), [pool, a]() { pool->Attend(a); }, [](Napi::Env e) { return e.Undefined(); });
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cuda::PoolStats s = Pool(env).Stats();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("slots", Napi::Number::New(env, double(s.slots)));
+    o.Set("used", Napi::Number::New(env, double(s.used)));
+    o.Set("pinned", Napi::Number::New(env, double(s.pinned)));
+    o.Set("hits", Napi::Number::New(env, double(s.hits)));
+    o.Set("misses", Napi::Number::New(env, double(s.misses)));
+    o.Set("evictions", Napi::Number::New(env, double(s.evictions)));
+    o.Set("bytesCopied", Napi::Number::New(env, double(s.bytesCopied)));
+    o.Set("copies", Napi::Number::New(env, double(s.copies)));
+    o.Set("lastKernelMs", Napi::Number::New(env, double(pool_->LastKernelMs())));
+    return o;
+  }
+
+  Napi::Value Reset(const Napi::CallbackInfo& info) {
+    Pool(info.Env()).ResetCounters();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Sync(const Napi::CallbackInfo& info) {
+    Guard(info.Env(), [&] { Pool(info.Env()).Sync(); });
+    return info.Env().Undefined();
+  }
+
+  Napi::Value ProbeH2D(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int64_t bytes = IntArg(info, 0, "bytes", 1, int64_t(1) << 34);
+    const int iters = int(IntArg(info, 1, "iters", 1, std::numeric_limits<int32_t>::max()));
+    return Napi::Number::New(env, Guard(env, [&] { return Pool(env).ProbeH2D(bytes, iters); }));
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    pool_.reset();  // an attend in flight keeps its own reference
+    return info.Env().Undefined();
+  }
+};
+
+#else  // no CUDA build
+
+Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ok", Napi::Boolean::New(env, false));
+  o.Set("device", Napi::String::New(env, "kvrecall was built without CUDA (nvcc not found)"));
+  o.Set("memory", Napi::Number::New(env, 0));
+  o.Set("built", Napi::Boolean::New(env, false));
+  return o;
+}
+
+class GpuPool : public Napi::ObjectWrap<GpuPool> {
+ public:
+  static Napi::Function Define(Napi::Env env) { return DefineClass(env, "GpuPool", {}); }
+  explicit GpuPool(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GpuPool>(info) {
+    throw Napi::Error::New(info.Env(), "kvrecall was built without CUDA");
+  }
+};
+
+#endif
+
+}  // namespace
+
+void InitCuda(Napi::Env env, Napi::Object exports) {
+  exports.Set("cudaAvailable", Napi::Function::New(env, CudaAvailable));
+  Napi::Function ctor = GpuPool::Define(env);
+  exports.Set("GpuPool", ctor);
+}
+
+}  // namespace kvr

@@ -1,0 +1,203 @@
+// The faiss-backed exports:
+//   class IvfIndex
+//     static build({keys, tokens, headDim, dtype, nlist, seed}) -> Promise<IvfIndex>
+//     static load(bytes: Uint8Array) -> IvfIndex            (throws on corrupt bytes)
+//     save() -> Uint8Array
+//     search({q, group, k, nprobe, outIds, outScores, scan?: 'native' | 'faiss'}) -> {count, scanned}
+//       (synchronous)
+//     dispose(); tokens, headDim, nlist, memoryBytes (getters)
+//   kmeans({keys, tokens, headDim, dtype, clusters, iterations, seed})
+//     -> Promise<{centroids: Float32Array, assign: Int32Array, sizes: Int32Array}>
+#include <napi.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/binding_args.h"
+#include "common/class_registry.h"
+#include "indexes/ivf_index.h"
+#include "indexes/kmeans.h"
+
+namespace kvr {
+namespace {
+
+constexpr int64_t kMaxTokens = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxSeed = (int64_t(1) << 31) - 1;
+
+class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    Napi::Function ctor =
+        DefineClass(env, "IvfIndex",
+                    {StaticMethod<&IvfIndexJs::Build>("build"), StaticMethod<&IvfIndexJs::Load>("load"),
+                     InstanceMethod<&IvfIndexJs::Save>("save"), InstanceMethod<&IvfIndexJs::Search>("search"),
+                     InstanceMethod<&IvfIndexJs::Dispose>("dispose"),
+                     InstanceAccessor<&IvfIndexJs::TokensJs>("tokens"),
+                     InstanceAccessor<&IvfIndexJs::HeadDimJs>("headDim"),
+                     InstanceAccessor<&IvfIndexJs::NlistJs>("nlist"),
+                     InstanceAccessor<&IvfIndexJs::MemoryBytesJs>("memoryBytes")});
+    registry_.Add(env, ctor);
+    return ctor;
+  }
+
+  // Only build() and load() construct: they pass the native index inside an
+  // External, which script cannot forge.
+  explicit IvfIndexJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<IvfIndexJs>(info), env_(info.Env()) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw Napi::TypeError::New(info.Env(), "IvfIndex is made by IvfIndex.build() or IvfIndex.load()");
+    index_ = std::move(*info[0].As<Napi::External<std::unique_ptr<IvfIndex>>>().Data());
+    if (!index_) throw Napi::TypeError::New(info.Env(), "IvfIndex: no index");
+    accounted_ = int64_t(index_->MemoryBytes());
+    Napi::MemoryManagement::AdjustExternalMemory(info.Env(), accounted_);
+  }
+
+  ~IvfIndexJs() override { Release(); }
+
+ private:
+  static Napi::Object Wrap(Napi::Env env, std::unique_ptr<IvfIndex> index) {
+    return registry_.Get(env, "IvfIndex").New({Napi::External<std::unique_ptr<IvfIndex>>::New(env, &index)});
+  }
+
+  void Release() {
+    if (!index_) return;
+    index_.reset();
+    Napi::MemoryManagement::AdjustExternalMemory(env_, -accounted_);
+    accounted_ = 0;
+  }
+
+  const IvfIndex& Live(Napi::Env env) const {
+    if (!index_) throw Napi::Error::New(env, "IvfIndex was disposed");
+    return *index_;
+  }
+
+  static Napi::Value Build(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    const int64_t tokens = Int(o, "tokens", 1, kMaxTokens);
+    const int d = int(Int(o, "headDim", 1, 1024));
+    const Dtype dtype = KeyDtype(o);
+    const int nlist = int(Int(o, "nlist", 1, std::min<int64_t>(tokens, int64_t(1) << 24)));
+    const uint64_t seed = uint64_t(Int(o, "seed", 0, kMaxSeed));
+    auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
+    const uint16_t* data = keys.Data();
+    auto built = std::make_shared<std::unique_ptr<IvfIndex>>();
+    return RunAsync(
+        env, {keys}, [=]() { *built = IvfIndex::Build(data, tokens, d, dtype, nlist, seed); },
+        [built](Napi::Env e) -> Napi::Value { return Wrap(e, std::move(*built)); });
+  }
+
+  static Napi::Value Load(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1) throw Napi::TypeError::New(env, "Expected a Uint8Array for bytes");
+    auto bytes = Typed<uint8_t>(info[0], "bytes");
+    std::unique_ptr<IvfIndex> index =
+        Guard(env, [&] { return IvfIndex::Load(bytes.Data(), bytes.ElementLength()); });
+    return Wrap(env, std::move(index));
+  }
+
+  Napi::Value Save(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const IvfIndex& index = Live(env);
+    // The bytes move into an external ArrayBuffer: no second copy of a
+    // possibly large index.
+    auto* bytes = new std::vector<uint8_t>(Guard(env, [&] { return index.Save(); }));
+    const size_t size = bytes->size();
+    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
+        env, bytes->data(), size, [](Napi::Env, void*, std::vector<uint8_t>* v) { delete v; }, bytes);
+    return Napi::Uint8Array::New(env, size, buffer, 0);
+  }
+
+  Napi::Value Search(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const IvfIndex& index = Live(env);
+    Napi::Object o = ArgObject(info);
+    const int group = int(Int(o, "group", 1, 1024));
+    const int k = int(Int(o, "k", 0, int64_t(1) << 30));
+    const int nprobe = int(Int(o, "nprobe", 1, index.Lists()));
+    const size_t keep = size_t(std::min<int64_t>(k, index.Tokens()));
+    auto q = TypedAt<float>(o, "q", size_t(group) * index.Dim());
+    TopkOutputs res = TopkOutputsAt(o, keep);
+    IvfIndex::Scan scan = IvfIndex::Scan::kNative;
+    Napi::Value s = o.Get("scan");
+    if (!Absent(s)) {
+      const std::string name = s.IsString() ? s.As<Napi::String>().Utf8Value() : "";
+      if (name == "faiss")
+        scan = IvfIndex::Scan::kFaiss;
+      else if (name != "native")
+        throw Napi::TypeError::New(env, "scan must be 'native' or 'faiss'");
+    }
+    IvfSearchResult r = Guard(
+        env, [&] { return index.Search(q.Data(), group, k, nprobe, res.ids.Data(), res.scores.Data(), scan); });
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("count", Napi::Number::New(env, double(r.count)));
+    out.Set("scanned", Napi::Number::New(env, double(r.scanned)));
+    return out;
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    Release();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value TokensJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(Live(info.Env()).Tokens()));
+  }
+  Napi::Value HeadDimJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(Live(info.Env()).Dim()));
+  }
+  Napi::Value NlistJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(Live(info.Env()).Lists()));
+  }
+  Napi::Value MemoryBytesJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), index_ ? double(index_->MemoryBytes()) : 0.0);
+  }
+
+  static ClassRegistry registry_;
+
+  napi_env env_;
+  std::unique_ptr<IvfIndex> index_;
+  int64_t accounted_ = 0;
+};
+
+ClassRegistry IvfIndexJs::registry_;
+
+Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = ArgObject(info);
+  KmeansProblem p;
+  p.tokens = Int(o, "tokens", 1, kMaxTokens);
+  p.headDim = int(Int(o, "headDim", 1, 1024));
+  p.dtype = KeyDtype(o);
+  p.clusters = int(Int(o, "clusters", 1, std::min<int64_t>(p.tokens, int64_t(1) << 24)));
+  p.iterations = int(Int(o, "iterations", 1, 1000));
+  p.seed = uint64_t(Int(o, "seed", 0, kMaxSeed));
+  auto keys = TypedAt<uint16_t>(o, "keys", size_t(p.tokens) * p.headDim);
+  auto centroids = Napi::Float32Array::New(env, size_t(p.clusters) * p.headDim);
+  auto assign = Napi::Int32Array::New(env, size_t(p.tokens));
+  auto sizes = Napi::Int32Array::New(env, size_t(p.clusters));
+  p.keys = keys.Data();
+  p.centroids = centroids.Data();
+  p.assign = assign.Data();
+  p.sizes = sizes.Data();
+  auto out = Napi::Object::New(env);
+  out.Set("centroids", centroids);
+  out.Set("assign", assign);
+  out.Set("sizes", sizes);
+  return RunAsync(
+      env, {keys, out}, [p]() { Kmeans(p); },
+      [ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(out))](Napi::Env) -> Napi::Value {
+        return ref->Value();
+      });
+}
+
+}  // namespace
+
+void InitFaiss(Napi::Env env, Napi::Object exports) {
+  exports.Set("IvfIndex", IvfIndexJs::Define(env));
+  exports.Set("kmeans", Napi::Function::New(env, KmeansJs));
+}
+
+}  // namespace kvr

@@ -1,0 +1,61 @@
+#include "indexes/kmeans.h"
+
+#include <faiss/Clustering.h>
+#include <faiss/IndexFlat.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "indexes/faiss_common.h"
+
+namespace kvr {
+
+double Kmeans(const KmeansProblem& p) {
+  const int64_t n = p.tokens;
+  const int d = p.headDim, c = p.clusters;
+  if (!IsWordDtype(p.dtype)) throw std::invalid_argument("keys must be f16 or bf16");
+  if (d < 1 || n < 1 || n > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("need 1 <= tokens < 2^31 and headDim >= 1");
+  if (c < 1 || c > n) throw std::invalid_argument("clusters must be in [1, tokens]");
+  if (p.iterations < 1) throw std::invalid_argument("iterations must be >= 1");
+  OmpThreads omp(FaissThreads());
+
+  std::vector<float> x(size_t(n) * d);
+  WidenRows(p.keys, p.dtype, d, 0, n, x.data());
+
+  faiss::ClusteringParameters cp;
+  cp.niter = p.iterations;
+  cp.nredo = 1;
+  cp.seed = int(p.seed & 0x7fffffff);
+  cp.spherical = false;
+  cp.verbose = false;
+  cp.min_points_per_centroid = 1;                   // no stderr warning for small documents
+  cp.max_points_per_centroid = int((n + c - 1) / c);  // n <= c * max: faiss uses every key
+  faiss::Clustering clus(d, c, cp);
+  faiss::IndexFlatL2 index(d);
+  clus.train(n, x.data(), index);  // leaves the final centroids in index
+
+  std::memcpy(p.centroids, clus.centroids.data(), size_t(c) * d * sizeof(float));
+  if (index.ntotal != c) {  // defensive: faiss documents that index holds the centroids
+    index.reset();
+    index.add(c, p.centroids);
+  }
+  std::vector<int64_t> labels(static_cast<size_t>(n));
+  std::vector<float> dist(static_cast<size_t>(n));
+  index.search(n, x.data(), 1, dist.data(), labels.data());
+  std::fill(p.sizes, p.sizes + c, 0);
+  double objective = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t l = labels[size_t(i)];
+    if (l < 0 || l >= c) throw std::runtime_error("k-means: a key got no centroid (non-finite keys?)");
+    p.assign[i] = int32_t(l);
+    ++p.sizes[l];
+    objective += dist[size_t(i)];
+  }
+  return objective;
+}
+
+}  // namespace kvr

@@ -1,0 +1,134 @@
+// Internal to the ra_graph_*.cc files: the best-first beam search that both
+// the public search (ra_graph_search.cc, over the final CSR graph) and the
+// build's connectivity pass (ra_graph_build.cc, over the graph under
+// construction) run.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "common/half.h"
+#include "common/ranked_hits.h"
+
+namespace kvr {
+namespace ragraph {
+
+// A per-thread "visited" bitset sized n (n/8 bytes: 8 KiB at 64K keys, so it
+// stays in L1), cleared at the start of each search.
+class Visited {
+ public:
+  static Visited& Local(int64_t n) {
+    thread_local Visited v;
+    v.Begin(n);
+    return v;
+  }
+  bool TestAndSet(int32_t i) {
+    uint64_t& w = bits_[size_t(i) >> 6];
+    const uint64_t bit = uint64_t(1) << (i & 63);
+    if (w & bit) return true;
+    w |= bit;
+    return false;
+  }
+
+ private:
+  void Begin(int64_t n) {
+    const size_t words = size_t((n + 63) / 64);
+    if (bits_.size() < words) bits_.resize(words);
+    std::memset(bits_.data(), 0, words * sizeof(uint64_t));
+  }
+  std::vector<uint64_t> bits_;
+};
+
+inline void Prefetch(const void* p) {
+#ifdef KVR_X86_SIMD
+  _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
+}
+
+inline void PrefetchRow(const uint16_t* row, int d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (size_t b = 0; b < size_t(d) * 2; b += 64) Prefetch(p + b);
+}
+
+// The final graph (CSR) and the one under construction (a list per key), as
+// the search sees them: List(u) -> (pointer, count); the Prefetch calls hide
+// the two dependent cache misses of reading a list (its offset, then it).
+struct CsrView {
+  const int64_t* off;
+  const int32_t* nbr;
+  std::pair<const int32_t*, size_t> List(int32_t u) const { return {nbr + off[u], size_t(off[u + 1] - off[u])}; }
+  void PrefetchHead(int32_t u) const { Prefetch(off + u); }
+  void PrefetchList(int32_t u) const { Prefetch(nbr + off[u]); }
+};
+struct AdjView {
+  const std::vector<std::vector<int32_t>>* adj;
+  std::pair<const int32_t*, size_t> List(int32_t u) const { return {(*adj)[size_t(u)].data(), (*adj)[size_t(u)].size()}; }
+  void PrefetchHead(int32_t u) const { Prefetch(&(*adj)[size_t(u)]); }
+  void PrefetchList(int32_t u) const { Prefetch((*adj)[size_t(u)].data()); }
+};
+
+constexpr size_t kPrefetchAhead = 8;
+
+// score(id) -> float. Starts from the entries and the seeds (ids outside
+// [0, n) skipped). Fills `top` with the best min(ef, reachable) hits (a
+// heap, worst on top); returns how many keys were scored. Stops when the best
+// unexpanded candidate is worse than the worst of `top` with `top` full, so
+// with ef >= n it expands every key reachable from the entries.
+template <typename Graph, typename Score>
+int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
+                   size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top) {
+  top.clear();
+  if (n == 0 || ef == 0) return 0;
+  thread_local std::vector<Hit> cand;
+  thread_local std::vector<int32_t> fresh;
+  cand.clear();
+  Visited& seen = Visited::Local(n);
+  int64_t scanned = 0;
+  auto consider = [&](int32_t id) {
+    const float s = score(id);
+    ++scanned;
+    const Hit h{s, id};
+    if (top.size() < ef || Better(h, top.front())) {
+      Offer(top, ef, h);
+      cand.push_back(h);
+      std::push_heap(cand.begin(), cand.end(), Worse);
+      graph.PrefetchHead(id);
+    }
+  };
+  for (size_t e = 0; e < entryCount; ++e)
+    if (!seen.TestAndSet(entries[e])) consider(entries[e]);
+  for (size_t e = 0; e < seedCount; ++e)
+    if (seeds[e] >= 0 && seeds[e] < n && !seen.TestAndSet(seeds[e])) consider(seeds[e]);
+  while (!cand.empty()) {
+    std::pop_heap(cand.begin(), cand.end(), Worse);
+    const Hit c = cand.back();
+    cand.pop_back();
+    if (top.size() >= ef && Better(top.front(), c)) break;
+    if (!cand.empty()) graph.PrefetchList(cand.front().id);  // likely the next one expanded
+    const auto nb = graph.List(c.id);
+    fresh.clear();
+    for (size_t i = 0; i < nb.second; ++i) {
+      const int32_t v = nb.first[i];
+      if (!seen.TestAndSet(v)) {
+        if (fresh.size() < kPrefetchAhead) PrefetchRow(keys + size_t(v) * d, d);
+        fresh.push_back(v);
+      }
+    }
+    // Rows are prefetched a few ahead of the one being scored (prefetching
+    // them all at once stalls on the core's outstanding-miss limit).
+    for (size_t i = 0; i < fresh.size(); ++i) {
+      if (i + kPrefetchAhead < fresh.size()) PrefetchRow(keys + size_t(fresh[i + kPrefetchAhead]) * d, d);
+      consider(fresh[i]);
+    }
+  }
+  return scanned;
+}
+
+}  // namespace ragraph
+}  // namespace kvr

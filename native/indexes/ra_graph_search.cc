@@ -1,0 +1,46 @@
+// RaGraph::Search: a beam search over the CSR graph (see ra_graph.h).
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/ranked_hits.h"
+#include "common/simd_math.h"
+#include "indexes/ra_graph.h"
+#include "indexes/ra_graph_beam.h"
+
+namespace kvr {
+
+int64_t RaGraph::maxDegree() const {
+  int64_t best = 0;
+  for (int64_t u = 0; u < n_; ++u) best = std::max(best, offsets_[size_t(u) + 1] - offsets_[size_t(u)]);
+  return best;
+}
+
+RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
+                               int32_t* outIds, float* outScores, const int32_t* seeds, size_t seedCount) const {
+  RaSearchResult res;
+  const int64_t keep = std::min<int64_t>(k, n_);
+  if (keep <= 0 || group <= 0) return res;
+  const size_t beam = size_t(std::min<int64_t>(std::max<int64_t>(ef, keep), n_));
+  thread_local std::vector<float> row;
+  thread_local std::vector<Hit> top;
+  row.resize(size_t(d_));
+  const int d = d_;
+  res.scanned = ragraph::BeamSearch(
+      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n_, entries_.data(), entries_.size(), seeds, seedCount,
+      beam, keys, d,
+      [&](int32_t id) {
+        // Exactly topk.cc's arithmetic, so exhaustive results match it bit for bit.
+        WidenRow(keys + size_t(id) * d, dtype, size_t(d), row.data());
+        float s = -std::numeric_limits<float>::infinity();
+        for (int gi = 0; gi < group; ++gi) s = std::max(s, Dot(q + size_t(gi) * d, row.data(), size_t(d)));
+        return s;
+      },
+      top);
+  res.count = WriteBest(top, keep, outIds, outScores);
+  return res;
+}
+
+}  // namespace kvr

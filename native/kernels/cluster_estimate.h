@@ -1,0 +1,46 @@
+// The estimation zone (RetroInfer's wave index): attention over the tokens a
+// step does not attend exactly, estimated from cluster summaries. A cluster c
+// of n_c tokens with centroid mu_c and value mean vbar_c contributes about
+// n_c * exp(s q.mu_c) to the softmax normaliser and exp(s q.mu_c) * n_c vbar_c
+// to the numerator. Clusters the step retrieved whole are left out; a token
+// attended exactly inside a cluster that was not retrieved (a sink, the
+// window, another method's pick) is removed from its cluster's terms, so no
+// token is counted twice. The result is a partial attention (out, lse) over
+// the estimated tokens, merged with the exact part by log-sum-exp.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/half.h"
+
+namespace kvr {
+
+// One document segment's clusters for one kv head.
+struct ClusterHead {
+  const uint16_t* centroids = nullptr;  // [clusters, centroidStride] storage words; the first headDim are the centroid
+  const uint16_t* valueMeans = nullptr; // [clusters, headDim]
+  const int32_t* counts = nullptr;      // [clusters]
+  const int32_t* tokenCluster = nullptr;// [tokens]: the cluster of each row
+  const uint16_t* values = nullptr;     // [tokens, headDim]: the segment's V rows
+  int64_t clusters = 0, tokens = 0;
+  const int32_t* retrieved = nullptr;   // clusters attended whole (not estimated)
+  int64_t retrievedCount = 0;
+  const int32_t* exact = nullptr;       // rows attended exactly (members of retrieved clusters are ignored)
+  int64_t exactCount = 0;
+};
+
+struct EstimateProblem {
+  const float* q = nullptr;  // [qHeads, headDim]
+  int qHeads = 0, kvHeads = 0, headDim = 0, centroidStride = 0;
+  Dtype dtype = Dtype::kF16;
+  float scale = 1.f;
+  std::vector<std::vector<ClusterHead>> segments;  // [segment][kv head]
+  float* out = nullptr;        // [qHeads, headDim]
+  float* lse = nullptr;        // [qHeads]; -inf where nothing is estimated
+  double* estimated = nullptr; // [kvHeads]: tokens covered by estimates
+};
+
+void EstimateClusters(const EstimateProblem& p);
+
+}  // namespace kvr

@@ -1,0 +1,65 @@
+#include "kernels/topk.h"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "common/ranked_hits.h"
+#include "common/simd_math.h"
+#include "common/thread_pool.h"
+
+namespace kvr {
+namespace {
+
+// Small enough that block summaries (16K rows at 1M tokens) spread over the cores.
+constexpr int64_t kTaskTokens = 2048;
+
+
+}  // namespace
+
+// Rows [begin, end) of one problem into a local heap of its best `keep`.
+void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, std::vector<Hit>& heap) {
+  std::vector<float> row(p.headDim);
+  heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
+  for (int64_t i = begin; i < end; ++i) {
+    WidenRow(p.keys + size_t(i) * p.headDim, p.dtype, p.headDim, row.data());
+    float s = -std::numeric_limits<float>::infinity();
+    for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));
+    if (p.allScores) p.allScores[i] = s;
+    if (keep > 0) Offer(heap, size_t(keep), Hit{s, int32_t(i)});
+  }
+}
+
+void TopKMany(const TopkProblem* problems, size_t n, int64_t* counts) {
+  struct Task {
+    size_t problem;
+    int64_t begin, end;
+  };
+  // Every (problem, chunk of rows) is one task, so a step's kv heads share
+  // the cores instead of taking turns.
+  auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, problems[p].tokens); };
+  std::vector<Task> tasks;
+  for (size_t p = 0; p < n; ++p)
+    for (int64_t b = 0; (keepOf(p) > 0 || problems[p].allScores) && b < problems[p].tokens; b += kTaskTokens)
+      tasks.push_back({p, b, std::min(problems[p].tokens, b + kTaskTokens)});
+  std::vector<std::vector<Hit>> local(tasks.size());
+  ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
+    const Task& task = tasks[t];
+    ScanRows(problems[task.problem], task.begin, task.end, keepOf(task.problem), local[t]);
+  });
+  size_t t = 0;
+  for (size_t p = 0; p < n; ++p) {
+    const int64_t keep = keepOf(p);
+    std::vector<Hit> all;
+    for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
+    counts[p] = WriteBest(all, keep, problems[p].outIds, problems[p].outScores);
+  }
+}
+
+int64_t TopK(const TopkProblem& p) {
+  int64_t count = 0;
+  TopKMany(&p, 1, &count);
+  return count;
+}
+
+}  // namespace kvr
