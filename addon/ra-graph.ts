@@ -55,7 +55,7 @@ export interface RaGraphSearchArgs {
   /**
    * Extra keys to start from besides the graph's entry points, each in
    * [0, tokens): e.g. the previous decode step's ids (queries change little
-   * from step to step; on bench/workload.ts this lifted recall@100 at ef=100
+   * from step to step; on workload/ this lifted recall@100 at ef=100
    * from 0.63 to 0.70 at the same scanned count). Seeds are scored (and count
    * as scanned).
    */

@@ -24,6 +24,7 @@ import { startServer, type RunningServer } from '../api/server.js';
 import { attend, bytesOf, convert, nativeThreads, type AttendSegment } from '../addon/kernels.js';
 import { KvrecallClient, tensor } from '../clients/ts/client.js';
 import { DEFAULTS } from '../core/config.js';
+import { mean, percentile } from './stats.js';
 
 // ---------------------------------------------------------------- settings
 
@@ -52,12 +53,6 @@ const log = (msg: string): void => void process.stderr.write(`[bench:attend] ${m
 
 function nowMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
-}
-
-/** Nearest-rank percentile of an unsorted sample. */
-function percentile(xs: number[], p: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))];
 }
 
 const round = (x: number, digits = 3): number => Number(x.toFixed(digits));
@@ -300,7 +295,7 @@ function series(samplesMs: number[]): HttpSeries {
     requests: samplesMs.length,
     p50Ms: round(percentile(samplesMs, 50)),
     p99Ms: round(percentile(samplesMs, 99)),
-    meanMs: round(samplesMs.reduce((a, b) => a + b, 0) / samplesMs.length),
+    meanMs: round(mean(samplesMs)),
     samplesMs: samplesMs.map((x) => round(x)),
   };
 }

@@ -1,13 +1,14 @@
 // faiss natives on this machine: IVF-Flat build, save/load, single-group
 // search latency and recall@k against the exact scan for several nprobe, and
 // k-means time. Keys: isotropic Gaussian (the hard case for IVF: no cluster
-// structure) and the seeded synthetic workload (bench/workload.ts).
+// structure) and the seeded synthetic workload (workload/).
 //
 //   node dist/bench/faiss.js [--tokens 65536] [--quick]
 import { cpus } from 'node:os';
 import { IvfIndex, kmeans } from '../addon/faiss.js';
 import { bytesOf, convert, nativeThreads, topk } from '../addon/kernels.js';
-import { generateWorkload, Rng } from './workload.js';
+import { generateWorkload, Rng } from '../workload/index.js';
+import { quantile } from './stats.js';
 
 const arg = (name: string, def: number) => {
   const i = process.argv.indexOf(name);
@@ -30,7 +31,7 @@ function gaussian(n: number, seed: number): Float32Array {
 }
 
 const ms = (t0: bigint) => Number(process.hrtime.bigint() - t0) / 1e6;
-const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))];
+const pct = (xs: number[], p: number) => quantile(xs, p, 'high');
 
 async function exact(keys: Uint16Array, q: Float32Array) {
   const outIds = new Int32Array(K), outScores = new Float32Array(K);
@@ -103,7 +104,7 @@ async function main() {
 
   // The seeded synthetic workload: one kv head, decode queries of its group.
   const w = generateWorkload({ seed: 3, tokens: N, kvHeads: 1, qHeads: G, headDim: D, steps: QUERIES, needles: 0 });
-  await run('synthetic workload (bench/workload.ts)', w.keys[0], w.decodeQ);
+  await run('synthetic workload (workload/)', w.keys[0], w.decodeQ);
 
   console.log('\n### k-means (faiss, L2, every key used)\n');
   console.log('| keys | clusters | iterations | wall s | CPU s (all threads) |');

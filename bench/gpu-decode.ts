@@ -1,5 +1,5 @@
 // The GPU decode loop over a 1M-token layer, as the server runs it: the
-// seeded workload (bench/workload.ts: 8 kv heads, d=128, drifting decode
+// seeded workload (workload/: 8 kv heads, d=128, drifting decode
 // queries with temporal locality) as one sealed document, and 256 steps of
 // engine/decode-step.ts's decodeStep per configuration, in process (no HTTP):
 //
@@ -26,7 +26,8 @@ import { Session } from '../engine/session.js';
 import { UNLIMITED } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { relativeErrors } from './quality.js';
-import { generateWorkload } from './workload.js';
+import { generateWorkload } from '../workload/index.js';
+import { mean, quantile } from './stats.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:gpu decode] ${msg}\n`);
 
@@ -42,11 +43,7 @@ interface StepRow {
   outError: number;
 }
 
-const pct = (xs: number[], p: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(p * (s.length - 1)))];
-};
-const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+const pct = (xs: number[], p: number) => quantile(xs, p, 'low');
 
 /** Mean over q heads of ‖a_h − b_h‖ / ‖b_h‖. */
 const relError = (a: Float32Array, b: Float32Array, heads: number) => mean([...relativeErrors(a, b, heads)]);
@@ -138,7 +135,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   const result = {
     device: opts.device,
     shape: { tokens, kvHeads, qHeads: model.qHeads, headDim: d, dtype: 'f16', poolBlock: 64, layerKvBytes: layerBytes },
-    workload: { seed: 11, steps, generator: 'bench/workload.ts' },
+    workload: { seed: 11, steps, generator: 'workload/' },
     note: 'one layer, in process (decodeStep, no HTTP); no own session tokens; step 0 (pool fill) excluded from the steady-state columns',
     configs: results,
     date: new Date().toISOString(),

@@ -24,7 +24,8 @@ import { pathToFileURL } from 'node:url';
 import { cudaAvailable, GpuPool } from '../addon/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
 import { runDecodeBench } from './gpu-decode.js';
-import { Rng } from './workload.js';
+import { Rng } from '../workload/index.js';
+import { quantile } from './stats.js';
 
 // ---------------------------------------------------------------- data
 
@@ -316,10 +317,9 @@ async function runBench(quick: boolean): Promise<void> {
       kms.push(pool.stats().lastKernelMs);
     }
     const wallMs = (performance.now() - w0) / iters;
-    kms.sort((a, b) => a - b);
-    const med = kms[iters >> 1];
+    const med = quantile(kms, 0.5, 'high');
     const bytes = kvHeads * T * d * 2 * 2;
-    const row: Record<string, number | string> = { tokens: T, kvBytesRead: bytes, kernelMsMedian: med, kernelMsMin: kms[0],
+    const row: Record<string, number | string> = { tokens: T, kvBytesRead: bytes, kernelMsMedian: med, kernelMsMin: Math.min(...kms),
       callMsMean: wallMs, GBps: bytes / (med / 1e3) / 1e9, fractionOf3TBps: bytes / (med / 1e3) / 3e12 };
     if (T === contexts[0]) {
       // The same step on the CPU path, for scale (and as a check of the GPU answer).

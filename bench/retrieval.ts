@@ -2,7 +2,7 @@
 // npm run bench:documents (the same with --suite documents: squeezed, squeezed-2l, infiniretri,
 //                          retrieval-attention and exact at kept fractions 1%, 3%, 10%)
 //
-// Each method against the oracle on the seeded workload (bench/workload.ts):
+// Each method against the oracle on the seeded workload (workload/):
 // build (seal) time and artifact size per kv head, load (attach) time, search
 // latency per query group, scanned fraction, attention recall (and the
 // oracle's, the exact top tokens of the same count), top-k recall (k = the
@@ -19,7 +19,8 @@ import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchResult } from '../index/method.js';
 import { nativeThreads } from '../addon/kernels.js';
 import { compareWithOracle, exactAttention, oracleSelection, type ExactAttention } from './quality.js';
-import { generateWorkload, type Workload } from './workload.js';
+import { generateWorkload, type Workload } from '../workload/index.js';
+import { mean, median } from './stats.js';
 
 interface Options {
   suite: 'retrieval' | 'documents';
@@ -63,11 +64,6 @@ export function machine(): string {
 
 const progress = (msg: string) => process.stderr.write(`[bench:${process.argv.includes('documents') ? 'documents' : 'retrieval'}] ${msg}\n`);
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.floor((s.length - 1) / 2)] : NaN;
-}
-const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 
 interface Row {
   method: string;

@@ -1,4 +1,4 @@
-// The synthetic workload generator (bench/workload.ts): deterministic for a
+// The synthetic workload generator (workload/): deterministic for a
 // seed, the right shapes, each property measurable on a small instance; and
 // the quality metrics (bench/quality.ts) against float64 brute force.
 import { describe, expect, it } from 'vitest';
@@ -18,7 +18,7 @@ import {
   widen,
   type ExactAttention,
 } from '../../bench/quality.js';
-import { generateWorkload, type Workload, type WorkloadSpec } from '../../bench/workload.js';
+import { generateWorkload, type Workload, type WorkloadSpec } from '../../workload/index.js';
 import { bytesOf, convert } from '../../addon/kernels.js';
 import { f16Bits, f16Value } from '../helpers/half.js';
 

@@ -1,0 +1,180 @@
+// One context point of the sweep: check the server has room, preload the
+// document, open one session per method, a warm-up pass, the timed decode,
+// clean up, and summarise each method.
+import type { RunningServer } from '../../api/server.js';
+import { tensor, type KvrecallClient } from '../../clients/ts/client.js';
+import { percentile } from '../stats.js';
+import type { LayerDecode } from './layer-data.js';
+import { decodeSteps } from './loop.js';
+import { gpuPool, serverMemory } from './machine.js';
+import type { Options } from './options.js';
+import { Preloader } from './preload.js';
+import { baselines, type ContextResult, type Preload } from './results.js';
+import { Run } from './run.js';
+import { fmtBytes, fmtTokens, log, now } from './util.js';
+
+type Health = Record<string, unknown>;
+
+export class Bench {
+  private readonly preloader: Preloader;
+
+  constructor(
+    readonly o: Options,
+    readonly client: KvrecallClient,
+    readonly server: RunningServer | undefined,
+    readonly dataDir: string | undefined,
+  ) {
+    this.preloader = new Preloader(o, client);
+  }
+
+  private get model() {
+    return { ...this.o.shape, dtype: 'f16' as const };
+  }
+
+  private async fetchHealth(): Promise<Health> {
+    return (await this.client.health()) as unknown as Health;
+  }
+
+  /** Throws when the server's host KV budget cannot take the document. */
+  private async checkRoom(kvBytes: number): Promise<void> {
+    const h0 = await this.fetchHealth();
+    const mem = h0.memory as { used?: number; budget?: number } | undefined;
+    if (mem?.budget !== undefined && kvBytes * 1.02 > mem.budget - (mem.used ?? 0))
+      throw new Error(
+        `the document needs ${fmtBytes(kvBytes)} of host KV; the server's budget has ${fmtBytes(mem.budget - (mem.used ?? 0))} free. Use fewer --tokens or --layers.`,
+      );
+  }
+
+  /** One session per method (exact first); a failed create is recorded on its Run. */
+  private async openSessions(doc: string, budgetTokens: number, steps: number): Promise<{ runs: Run[]; attachMs: Record<string, number> }> {
+    const o = this.o;
+    const attachMs: Record<string, number> = {};
+    const runs: Run[] = [];
+    for (const method of o.methods) {
+      const spec = {
+        model: this.model,
+        documents: [doc],
+        method,
+        budget: budgetTokens,
+        sinks: o.sinks,
+        window: o.window,
+        ...(o.ef !== undefined && { ef: o.ef }),
+        ...(o.chunk !== undefined && { chunk: o.chunk }),
+        ...(o.span !== undefined && { span: o.span }),
+      };
+      const t = now();
+      try {
+        const { id } = await this.client.createSession(spec);
+        attachMs[method] = now() - t;
+        runs.push(new Run(method, id, steps));
+      } catch (e) {
+        const run = new Run(method, '', steps);
+        run.error = `createSession: ${(e as Error).message}`;
+        log(`${method}: ${run.error}`);
+        runs.push(run);
+      }
+    }
+    return { runs, attachMs };
+  }
+
+  /**
+   * Warm-up (cold) pass: every session, every layer, step 0's queries without
+   * k/v (nothing is appended). It pays JIT and lazy per-session work (e.g.
+   * infiniretri's retention) outside the timed steps, and is reported as the
+   * cold first token.
+   */
+  private async warmUp(runs: Run[], decodeData: LayerDecode[]): Promise<void> {
+    const { layers: L, qHeads: Q, headDim: d } = this.o.shape;
+    for (const run of runs) {
+      if (run.error) continue;
+      const t = now();
+      try {
+        for (let l = 0; l < L; l++) {
+          const r = await this.client.attend(run.sid, { layer: l, q: tensor('f32', [Q, d], decodeData[l].q[0]) });
+          // One-time work (a retention pass) counts towards the scanned fraction, amortised over the decode.
+          if (r.stats.tokens > 0) run.scanned.push((r.stats.scanned ?? 0) / r.stats.tokens);
+        }
+        run.coldMs = now() - t;
+      } catch (e) {
+        run.error = `warm-up attend: ${(e as Error).message}`;
+        log(`${run.method}: ${run.error}`);
+      }
+    }
+  }
+
+  /** Sessions, then the document. */
+  private async cleanUp(runs: Run[], doc: string): Promise<void> {
+    for (const run of runs)
+      if (run.sid)
+        try {
+          await this.client.deleteSession(run.sid);
+        } catch {
+          /* already gone */
+        }
+    try {
+      await this.client.deleteDocument(doc);
+    } catch (e) {
+      log(`delete document ${doc}: ${(e as Error).message}`);
+    }
+  }
+
+  async runContext(tokens: number, steps: number, index: number, count: number): Promise<ContextResult> {
+    const o = this.o, { layers: L, kvHeads: K, headDim: d } = o.shape;
+    const budgetTokens = o.budget >= 1 ? Math.round(o.budget) : Math.max(1, Math.round(o.budget * tokens));
+    const doc = `bench-decode-${process.pid}-${tokens}`;
+    log(`context ${index + 1}/${count}: ${fmtTokens(tokens)} tokens × ${L} layers, ${steps} steps, methods ${o.methods.join(', ')}, budget ${budgetTokens}`);
+    const kvBytes = L * K * d * 2 * 2 * tokens;
+    await this.checkRoom(kvBytes);
+    try {
+      await this.client.deleteDocument(doc);
+    } catch {
+      /* not there */
+    }
+    // The tokens hint reserves the document's host memory up front (no regrowth while uploading).
+    await this.client.createDocument(doc, this.model, { methods: this.preloader.indexedMethods(), queryStride: o.queryStride, tokens });
+    const { decodeData, samples, generateSeconds, tally } = await this.preloader.load(doc, tokens, steps);
+    const sealed = await this.preloader.seal(doc);
+    const { runs, attachMs } = await this.openSessions(doc, budgetTokens, steps);
+
+    const afterSeal = serverMemory(this.server !== undefined, o.serverPid, this.dataDir);
+    const h1 = await this.fetchHealth();
+    const preload: Preload = {
+      tokens,
+      layers: L,
+      kvBytes,
+      wireBytes: tally.phases.wireBytes,
+      generateSeconds,
+      uploadSeconds: tally.phases.wallSeconds,
+      uploadGBps: tally.kvGBps,
+      concurrency: o.concurrency,
+      upload: tally.phases,
+      sealSeconds: sealed.seconds,
+      buildSeconds: sealed.build,
+      sealWriteSeconds: sealed.write,
+      attachMs,
+      ...afterSeal,
+      kvAccountedBytes: (h1.memory as { used?: number } | undefined)?.used,
+      gpuPool: gpuPool(h1),
+    };
+    log(
+      `preload: ${fmtBytes(kvBytes)} K/V in ${preload.uploadSeconds.toFixed(1)} s (${preload.uploadGBps.toFixed(2)} GB/s), seal ${sealed.seconds.toFixed(1)} s` +
+        (afterSeal.rssBytes ? `, RSS ${fmtBytes(afterSeal.rssBytes)}` : ''),
+    );
+
+    await this.warmUp(runs, decodeData);
+    await decodeSteps(this.client, { shape: o.shape, tokens, steps, budgetTokens, decodeData, samples }, runs);
+    const h2 = await this.fetchHealth();
+    const server = { backend: String(h2.backend ?? 'unknown'), ...(h2.gpu !== undefined && { gpu: h2.gpu }) };
+    if (server.backend === 'cuda') log(`GPU after decode: ${JSON.stringify(h2.gpu)}`);
+    await this.cleanUp(runs, doc);
+
+    const exactP50 = percentile(runs[0].perToken(), 50);
+    const methods = runs.map((r) => r.result(exactP50, L));
+    for (const m of methods)
+      log(
+        `${fmtTokens(tokens)} ${m.method}: p50 ${m.latency.p50Ms.toFixed(2)} ms/token, recall ${m.fidelity.recallMean.toFixed(3)}, ` +
+          `out err ${(m.fidelity.outputErrorMean * 100).toFixed(2)}%, scanned ${(m.scannedFraction * 100).toFixed(2)}%${m.error ? ` (ERROR ${m.error})` : ''}`,
+      );
+    return { tokens, steps, budgetTokens, preload, methods, baselines: baselines(o.shape, tokens), server };
+  }
+}

@@ -1,0 +1,115 @@
+// What bench:decode records: per context, the preload, one result per
+// method and the GPU reference points. These shapes are the JSON output's
+// schema (decode-<mode>-<preset>.json): add fields, do not rename them.
+import type { UploadPhases } from '../upload-tally.js';
+import type { Shape } from './options.js';
+
+/** Per-layer dense decode attention on the lent H100 (torch SDPA, f16, 32 q / 8 kv heads), ms, at 128K and 1M. */
+export const H100_DENSE: Record<number, [number, number]> = { 128: [0.227, 1.449], 64: [0.122, 0.746] };
+export const H100_PINNED_GBPS = 54.8;
+
+export interface Baselines {
+  /** Whole token (all layers), dense attention with the KV resident in HBM. */
+  gpuDenseMs?: number;
+  /** Whole token, the KV streamed from pinned host memory every step. */
+  gpuStreamMs: number;
+  /** The dense figure is a straight-line extrapolation outside 128K..1M. */
+  extrapolated: boolean;
+}
+
+export function baselines(shape: Shape, tokens: number): Baselines {
+  const kvBytesPerLayer = tokens * shape.kvHeads * shape.headDim * 2 * 2;
+  const gpuStreamMs = (shape.layers * kvBytesPerLayer) / (H100_PINNED_GBPS * 1e9) * 1e3;
+  const ref = shape.qHeads === 32 && shape.kvHeads === 8 ? H100_DENSE[shape.headDim] : undefined;
+  if (!ref) return { gpuStreamMs, extrapolated: false };
+  const slope = (ref[1] - ref[0]) / (1048576 - 131072);
+  const perLayer = ref[0] + slope * (tokens - 131072);
+  return { gpuDenseMs: shape.layers * perLayer, gpuStreamMs, extrapolated: tokens < 131072 || tokens > 1048576 };
+}
+
+export interface Preload {
+  tokens: number;
+  layers: number;
+  kvBytes: number;
+  /** K/V plus prefill queries as sent. */
+  wireBytes: number;
+  generateSeconds: number;
+  /** Upload wall time (generation excluded), with `concurrency` layers in flight. */
+  uploadSeconds: number;
+  /** K/V bytes per second of upload wall time. */
+  uploadGBps: number;
+  concurrency: number;
+  /** The upload's split: client wall time and the server's phases (from each reply's stats). */
+  upload: UploadPhases;
+  sealSeconds: number;
+  /** Index build per indexed method (from the document's build progress, ±50 ms). */
+  buildSeconds: Record<string, number>;
+  /** Seal time after the last index build (the LMDB transaction). */
+  sealWriteSeconds: number;
+  /** Session create (index load at attach) per method. */
+  attachMs: Record<string, number>;
+  rssBytes?: number;
+  peakRssBytes?: number;
+  rssNote: string;
+  dataMdbBytes?: number;
+  dataMdbAllocatedBytes?: number;
+  kvAccountedBytes?: number;
+  gpuPool: string;
+}
+
+export interface MethodResult {
+  method: string;
+  error?: string;
+  steps: number;
+  latency: {
+    perTokenMs: number[];
+    p50Ms: number;
+    p99Ms: number;
+    meanMs: number;
+    /** The warm-up pass (step 0's queries, nothing appended): JIT and lazy per-session work. */
+    coldMs: number;
+    /** Means per token of: client wall − server stats.ms; stats.selectMs; stats.attendMs; stats.ms − select − attend; transfers. */
+    rpcMs: number;
+    serverMs: number;
+    retrievalMs: number;
+    attentionMs: number;
+    otherServerMs: number;
+    transferMs: number;
+    tokensPerSecond: number;
+    ratioToExact: number;
+  };
+  /** Mean over calls (the warm-up pass included) of stats.scanned / stats.tokens. */
+  scannedFraction: number;
+  /** Mean tokens attended per kv head per call. */
+  attended: number;
+  /** The GPU block pool's work per call (stats.blocks): measured with the cuda backend, simulated by block methods without it. */
+  blocks?: { selectedPerCall: number; hitRate: number; bytesInPerToken: number };
+  fidelity: {
+    /** Over all layers and steps: mean over calls of the mean over q heads of ‖o − o_exact‖/‖o_exact‖, and the worst head. */
+    outputErrorMean: number;
+    outputErrorWorst: number;
+    /** Sampled layers/heads, vs float64 exact attention. */
+    recallMean: number;
+    recallWorst: number;
+    oracleRecallMean: number;
+    topKRecallMean: number;
+    recallSamples: number;
+    needlesHit: number;
+    needles: number;
+    /** Selections holding a position twice (server problem if > 0). */
+    duplicateSelections: number;
+    /** exact only: its out vs float64 exact attention on the sampled heads (worst head). */
+    kernelErrorVsFloat64?: number;
+  };
+}
+
+export interface ContextResult {
+  tokens: number;
+  steps: number;
+  budgetTokens: number;
+  preload: Preload;
+  methods: MethodResult[];
+  baselines: Baselines;
+  /** GET /v1/health after the decode: the backend the attends ran on and its GPU (pool stats with the cuda backend). */
+  server: { backend: string; gpu?: unknown };
+}
