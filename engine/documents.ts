@@ -1,6 +1,7 @@
 // Fixed-context documents: created `loading`, filled layer by layer, sealed
 // `ready` once (indexes built, everything durable in one transaction), then
 // shared read-only by every session that attaches them.
+import type { UploadStats } from '../core/upload-stats.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, HeadIndexBuilder } from '../index/method.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/store.js';
@@ -45,22 +46,6 @@ export interface DocumentView extends DocumentMeta {
 }
 
 export const DEFAULT_QUERY_STRIDE = 4;
-
-/** Where the server's time on one document upload went (ms), and the body's size. */
-export interface UploadStats {
-  bytes: number;
-  /** Body arrival (from the route's start) and msgpack decode, when the route measured them. */
-  readMs: number;
-  decodeMs: number;
-  /** Waiting behind the document's earlier requests. */
-  queueMs: number;
-  /** Shapes, dtypes, NaN/Inf. */
-  checkMs: number;
-  /** Copy into host memory, prefill queries kept. */
-  appendMs: number;
-  /** Waiting for the previous upload's blocks to commit, and staging this one's. */
-  writeMs: number;
-}
 
 const MAX_TOKENS_HINT = 2 ** 31;
 const now = () => performance.now();

@@ -13,7 +13,7 @@
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { Packr, Unpackr } from 'msgpackr';
-import type { UploadStats } from '../../engine/documents.js';
+import type { UploadStats } from '../../core/upload-stats.js';
 import type { ModelShape } from '../../core/model.js';
 import { packParts } from './msgpack-parts.js';
 import { keptTokens } from '../../core/query-stride.js';

@@ -1,0 +1,17 @@
+// The per-phase timing an upload's answer carries: part of the wire protocol,
+// shared by the server and the clients.
+/** Where the server's time on one document upload went (ms), and the body's size. */
+export interface UploadStats {
+  bytes: number;
+  /** Body arrival (from the route's start) and msgpack decode, when the route measured them. */
+  readMs: number;
+  decodeMs: number;
+  /** Waiting behind the document's earlier requests. */
+  queueMs: number;
+  /** Shapes, dtypes, NaN/Inf. */
+  checkMs: number;
+  /** Copy into host memory, prefill queries kept. */
+  appendMs: number;
+  /** Waiting for the previous upload's blocks to commit, and staging this one's. */
+  writeMs: number;
+}
