@@ -51,6 +51,8 @@ export interface TopkArgs {
 export interface TopkHead {
   keys: Uint16Array;
   tokens: number;
+  /** Scan only these rows of keys (each < tokens); ids written are rows. */
+  rows?: Int32Array;
   outIds: Int32Array;
   outScores: Float32Array;
   allScores?: Float32Array;

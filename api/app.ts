@@ -3,12 +3,12 @@
 import { Hono } from 'hono';
 import { routePath } from 'hono/route';
 import type { Engine } from '../engine/engine.js';
-import { tensorOf } from '../core/tensor.js';
 import { cudaAvailable } from '../addon/cuda.js';
 import { nativeThreads } from '../addon/kernels.js';
 import { bearerAuth } from './auth.js';
 import { bodyLeftUnread, limitBody, readBody, reply, withBody } from './codec.js';
-import { onError, errorBody } from './errors.js';
+import { onError, errorBody, errorOf } from './errors.js';
+import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { Metrics } from './metrics.js';
 
 export const VERSION = '0.1.0';
@@ -18,9 +18,8 @@ export interface AppOptions {
   bodyLimit: number;
 }
 
-export function createApp(engine: Engine, opts: AppOptions): Hono {
+export function createApp(engine: Engine, opts: AppOptions, metrics = new Metrics()): Hono {
   const app = new Hono();
-  const metrics = new Metrics();
   const { documents, sessions } = engine;
   const gpu = cudaAvailable();
 
@@ -73,22 +72,15 @@ export function createApp(engine: Engine, opts: AppOptions): Hono {
   app.post('/v1/sessions/:sid/attend', async (c) => {
     // The body first: answering before it is read would drop the connection.
     const body = await readBody(c);
-    const sid = c.req.param('sid');
-    const res = await sessions.attend(sid, body);
+    const res = await sessions.attend(c.req.param('sid'), body);
     metrics.observeAttend(res.stats.ms);
-    const m = sessions.get(sid).model;
-    return reply(c, {
-      out: tensorOf('f32', [m.qHeads, m.headDim], res.out),
-      lse: tensorOf('f32', [m.qHeads], res.lse),
-      ...(res.selection && { selection: res.selection.map((ids) => tensorOf('i32', [ids.length], ids)) }),
-      ...(res.kv && {
-        kv: {
-          k: res.kv.k.map((a) => tensorOf(m.dtype, [a.length / m.headDim, m.headDim], a)),
-          v: res.kv.v.map((a) => tensorOf(m.dtype, [a.length / m.headDim, m.headDim], a)),
-        },
-      }),
-      stats: res.stats,
-    });
+    return reply(c, attendAnswer(res));
+  });
+  // A server's running batch: one layer of many sessions, answered in order; a bad step fails only itself.
+  app.post('/v1/attend', async (c) => {
+    const results = await sessions.attendBatch(await readBody(c));
+    for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
+    return reply(c, { results: results.map((r) => batchAnswer(r, errorOf)) });
   });
   app.get('/v1/sessions/:sid', (c) => reply(c, sessions.get(c.req.param('sid')).describe()));
   app.delete('/v1/sessions/:sid', async (c) => {

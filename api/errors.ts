@@ -18,6 +18,17 @@ export function errorBody(code: ErrorKind | 'internal', message: string) {
   return { error: { code, message } };
 }
 
+/**
+ * An error as `{code, message}` and its status: for answers that carry an
+ * error without failing the whole request (a batch step, a stream frame).
+ */
+export function errorOf(err: unknown): { code: ErrorKind | 'internal'; message: string; status: ContentfulStatusCode } {
+  if (err instanceof KvrecallError) return { code: err.kind, message: err.message, status: STATUS[err.kind] };
+  if (err instanceof TypeError || err instanceof RangeError) return { code: 'invalid', message: err.message, status: 422 };
+  console.error('kvrecall: internal error', err);
+  return { code: 'internal', message: 'internal error; see the server log', status: 500 };
+}
+
 export function onError(err: Error, c: Context): Response {
   // A body refused before it was read leaves bytes on the socket: close it
   // so the client does not reuse a connection the server will drop.

@@ -4,7 +4,10 @@ import { serve, type ServerType } from '@hono/node-server';
 import type { AddressInfo } from 'node:net';
 import type { Config } from '../core/config.js';
 import { Engine } from '../engine/engine.js';
+import type { Server } from 'node:http';
 import { createApp } from './app.js';
+import { Metrics } from './metrics.js';
+import { attachStream } from './stream.js';
 
 export interface RunningServer {
   url: string;
@@ -14,15 +17,18 @@ export interface RunningServer {
 
 export async function startServer(cfg: Config): Promise<RunningServer> {
   const engine = await Engine.open({ dataDir: cfg.dataDir, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget });
-  const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit });
+  const metrics = new Metrics();
+  const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);
   const server: ServerType = await new Promise((resolve) => {
     const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port }, () => resolve(s));
   });
+  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,
     engine,
     close: async () => {
+      stream.close();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await engine.close();
     },

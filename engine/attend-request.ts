@@ -14,6 +14,12 @@ export interface AttendRequest {
   v?: FloatTensor;
   scale: number;
   want: Set<ReturnPart>;
+  /**
+   * The position of the appended token among the session's own tokens (0 =
+   * its first); when given, an append that would repeat or skip a token is
+   * refused.
+   */
+  position?: number;
 }
 
 /** Checks an attend body against the session's model (the edge of the decode path). */
@@ -39,5 +45,10 @@ export function parseAttendRequest(body: Record<string, unknown>, m: ModelShape)
   const ret = body.return ?? ['out'];
   if (!Array.isArray(ret) || ret.some((r) => r !== 'out' && r !== 'kv' && r !== 'selection'))
     throw invalid('return must be a list of "out", "kv", "selection"');
-  return { layer, q: toF32(q), k, v, scale, want: new Set(ret as ReturnPart[]) };
+  const position = body.position;
+  if (position !== undefined) {
+    if (typeof position !== 'number' || !Number.isInteger(position) || position < 0) throw invalid('position must be a non-negative integer');
+    if (!k) throw invalid('position names the appended token: send k and v with it');
+  }
+  return { layer, q: toF32(q), k, v, scale, want: new Set(ret as ReturnPart[]), ...(position !== undefined && { position }) };
 }

@@ -10,6 +10,7 @@ import type { BlockStats } from './cache/block-stats.js';
 import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
 import type { AttendRequest } from './attend-request.js';
 import type { Session } from './session.js';
+import { conflict } from '../core/errors.js';
 import { estimateRest, mergeInto } from './estimate.js';
 
 export interface AttendResult {
@@ -47,6 +48,8 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
 
   // Append the current token: the query is the last position and sees itself.
   const own = session.own[req.layer];
+  if (req.position !== undefined && req.position !== own.tokens)
+    throw conflict(`layer ${req.layer} of session ${session.id} holds ${own.tokens} own tokens: the next append is position ${own.tokens}, not ${req.position}`);
   if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1);
 
   // The method selects.

@@ -6,7 +6,7 @@ import type { SearchParams } from '../index/method.js';
 import type { Documents } from './documents.js';
 import { conflict, invalid, notFound } from '../core/errors.js';
 import { parseKvUpload } from './kv-input.js';
-import { describeModel, parseModel, sameModel } from '../core/model.js';
+import { describeModel, parseModel, sameModel, type ModelShape } from '../core/model.js';
 import { KeyedQueue } from '../core/serial.js';
 import { toF32 } from '../core/tensor.js';
 import { Session } from './session.js';
@@ -22,6 +22,12 @@ export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 2
  * exactly and estimates the rest (issue #13: ≤ 3% exact).
  */
 const METHOD_DEFAULTS: Record<string, Partial<SearchParams>> = { [WAVE]: { budget: 0.02, sinks: 16, window: 64 } };
+
+/** An attend's answer with the shape it is read in. */
+export type AttendAnswer = AttendResult & { model: ModelShape };
+
+/** Steps one batch may carry (a server's running batch, with room). */
+export const MAX_BATCH = 4096;
 
 export class Sessions {
   private readonly open = new Map<string, Session>();
@@ -83,9 +89,29 @@ export class Sessions {
   }
 
   /** One decode step of a session, after any request already queued on it. */
-  attend(id: string, body: Record<string, unknown>): Promise<AttendResult> {
+  async attend(id: string, body: Record<string, unknown>): Promise<AttendAnswer> {
     const session = this.get(id);
-    return this.queue.run(id, () => decodeStep(session, parseAttendRequest(body, session.model)));
+    const result = await this.queue.run(id, () => decodeStep(session, parseAttendRequest(body, session.model)));
+    return { ...result, model: session.model };
+  }
+
+  /**
+   * A server's running batch: one layer of several sessions' steps, each
+   * `{session, q, k?, v?, scale?, position?}`. Steps settle on their own: a
+   * bad or failing step fails only its own result; the order is kept.
+   */
+  async attendBatch(body: Record<string, unknown>): Promise<PromiseSettledResult<AttendAnswer>[]> {
+    const { layer, steps } = body;
+    if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0) throw invalid('layer must be a non-negative integer');
+    if (!Array.isArray(steps) || steps.length === 0 || steps.length > MAX_BATCH) throw invalid(`steps must be a list of 1 to ${MAX_BATCH} steps`);
+    return Promise.allSettled(
+      steps.map(async (step: unknown) => {
+        if (typeof step !== 'object' || step === null || Array.isArray(step) || typeof (step as Record<string, unknown>).session !== 'string')
+          throw invalid('a step is a map with a session id');
+        const { session, ...rest } = step as Record<string, unknown>;
+        return this.attend(session as string, { ...rest, layer });
+      }),
+    );
   }
 
   get(id: string): Session {

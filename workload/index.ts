@@ -112,7 +112,7 @@
 // stages), kv.ts (keys & values), queries.ts (decode drift, prefill),
 // needles.ts, generate.ts (the stages in order). This file is the surface.
 export { generateWorkload } from './generate.js';
-export { defaultKnobs } from './knobs.js';
+export { broadKnobs, defaultKnobs } from './knobs.js';
 export type { Needle, Workload, WorkloadKnobs, WorkloadSpec } from './types.js';
 export type { RopeScaling } from './rope.js';
 // What benchmarks reuse: the seeded streams (for baselines drawn like the

@@ -35,6 +35,19 @@ export function defaultKnobs(tokens: number, over: Partial<WorkloadKnobs> = {}):
   };
 }
 
+/**
+ * The broad-attention configuration (aggregation tasks: a question about a
+ * topic reads every run of it). Short spans of few topics, so a topic's keys
+ * are spread over many runs across the whole context; queries pull on the
+ * topic more than on any one token; recency, heavy hitters and sinks are
+ * weak. Attention mass is spread thin: choosing tokens alone leaves much of
+ * it out, which is what the estimation zone is for.
+ */
+export function broadKnobs(tokens: number, over: Partial<WorkloadKnobs> = {}): WorkloadKnobs {
+  const L = Math.log(Math.max(tokens, 2));
+  return defaultKnobs(tokens, { topics: 16, spanMean: 48, topicBoost: 3, topicStay: 0.95, recency: L - 5, hitters: 1, hitterBoost: L - 5, sinkBoost: L - 2, ...over });
+}
+
 /** Throws a RangeError naming the first malformed field of `spec`. */
 export function validateSpec(spec: WorkloadSpec): void {
   const ints: [string, number, number][] = [

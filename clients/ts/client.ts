@@ -16,6 +16,7 @@ import { Packr, Unpackr } from 'msgpackr';
 import type { UploadStats } from '../../core/upload-stats.js';
 import type { ModelShape } from '../../core/model.js';
 import { packParts } from './msgpack-parts.js';
+import { KvrecallStream } from './stream.js';
 import { keptTokens } from '../../core/query-stride.js';
 import type { Tensor, WireDtype } from '../../core/tensor.js';
 
@@ -94,6 +95,8 @@ export interface AttendBody {
   v?: Tensor;
   scale?: number;
   return?: ('out' | 'kv' | 'selection')[];
+  /** Position of the appended token among the session's own tokens: a repeat or a skip is refused (409). */
+  position?: number;
 }
 
 export interface AttendReply {
@@ -115,6 +118,26 @@ export interface DocumentInfo {
   bytes: number;
   model: ModelShape;
   methods: string[];
+}
+
+/** One step of a batch: a session's attend body (the layer is the batch's). */
+export type BatchStep = Omit<AttendBody, 'layer'> & { session: string; position?: number };
+export type BatchResult = AttendReply | { error: { code: string; message: string } };
+export type WireResult = { out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] } | { error: { code: string; message: string } };
+
+/** An attend answer off the wire, its arrays copied out of the message buffer. */
+export function attendReply(r: { out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] }): AttendReply {
+  return {
+    out: copyOut((n) => new Float32Array(n), r.out),
+    lse: copyOut((n) => new Float32Array(n), r.lse),
+    ...(r.selection && { selection: r.selection.map((t) => copyOut((n) => new Int32Array(n), t)) }),
+    ...(r.kv && { kv: r.kv }),
+    stats: r.stats,
+  };
+}
+
+export function batchResult(r: WireResult): BatchResult {
+  return 'error' in r ? { error: r.error } : attendReply(r);
 }
 
 function copyOut<T extends Float32Array | Int32Array>(make: (n: number) => T, t: Tensor): T {
@@ -179,13 +202,21 @@ export class KvrecallClient {
       `/v1/sessions/${sid}/attend`,
       body,
     );
-    return {
-      out: copyOut((n) => new Float32Array(n), r.out),
-      lse: copyOut((n) => new Float32Array(n), r.lse),
-      ...(r.selection && { selection: r.selection.map((t) => copyOut((n) => new Int32Array(n), t)) }),
-      ...(r.kv && { kv: r.kv }),
-      stats: r.stats,
-    };
+    return attendReply(r);
+  }
+
+  /**
+   * One layer of several sessions' steps in one call (a server's running
+   * batch); results in order, each an answer or `{error}` for that step alone.
+   */
+  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[]> {
+    const r = await this.call<{ results: WireResult[] }>('POST', '/v1/attend', { layer, steps });
+    return r.results.map(batchResult);
+  }
+
+  /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. */
+  openStream(): Promise<KvrecallStream> {
+    return KvrecallStream.open(this.url, this.headers.authorization);
   }
 
   getSession(sid: string): Promise<Record<string, unknown>> {

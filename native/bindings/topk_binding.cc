@@ -42,7 +42,8 @@ Napi::Value TopkJs(const Napi::CallbackInfo& info) {
 }
 
 // topkHeads({q: [heads*group, headDim], group, headDim, dtype, k,
-//            heads: [{keys, tokens, outIds, outScores, allScores?}]}) -> Promise<number[]>
+//            heads: [{keys, tokens, outIds, outScores, allScores?, rows?}]}) -> Promise<number[]>
+// rows (Int32Array): scan only those rows of keys (a candidate list).
 // One scan per kv head (head h scores with query rows h*group ..), all in one
 // worker: a decode step selects for every kv head with one call.
 Napi::Value TopkHeadsJs(const Napi::CallbackInfo& info) {
@@ -64,7 +65,14 @@ Napi::Value TopkHeadsJs(const Napi::CallbackInfo& info) {
     p.dtype = dtype;
     p.k = k;
     p.tokens = Int(ho, "tokens", 0, int64_t(1) << 40);
-    const size_t keep = size_t(std::min<int64_t>(p.k, p.tokens));
+    auto rows = OptTypedAt<int32_t>(ho, "rows");
+    if (rows) {
+      CheckIds(*rows, p.tokens, "rows");
+      p.rows = rows->Data();
+      p.rowCount = int64_t(rows->ElementLength());
+      hold.push_back(*rows);
+    }
+    const size_t keep = size_t(std::min<int64_t>(p.k, ScanCount(p)));
     auto keys = TypedAt<uint16_t>(ho, "keys", size_t(p.tokens) * headDim);
     TopkOutputs res = TopkOutputsAt(ho, keep);
     p.q = q.Data() + size_t(h) * group * headDim;
@@ -73,6 +81,7 @@ Napi::Value TopkHeadsJs(const Napi::CallbackInfo& info) {
     p.outScores = res.scores.Data();
     hold.insert(hold.end(), {keys, res.ids, res.scores});
     if (auto all = OptTypedAt<float>(ho, "allScores", size_t(p.tokens))) {
+      if (rows) throw Napi::RangeError::New(env, "allScores scores every row: not with rows");
       p.allScores = all->Data();
       hold.push_back(*all);
     }

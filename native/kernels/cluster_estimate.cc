@@ -64,9 +64,11 @@ void Accumulate(const float* q, const ClusterHead& c, const HeadPlan& plan, cons
   logits.resize(size_t(c.clusters));
   row.resize(size_t(d));
   float hi = -std::numeric_limits<float>::infinity();
+  row.resize(size_t(p.centroidStride));
   for (int64_t cl = 0; cl < c.clusters; ++cl) {
     if (plan.skip[size_t(cl)] || c.counts[cl] <= 0) continue;
-    WidenRow(c.centroids + size_t(cl) * p.centroidStride, p.dtype, size_t(d), row.data());
+    const uint16_t* cr = c.centroids + size_t(cl) * p.centroidStride;
+    WidenRow(cr, p.dtype, size_t(d), row.data());
     float w = p.scale * Dot(q, row.data(), size_t(d));
     logits[size_t(cl)] = w;
     hi = std::max(hi, w);

@@ -7,6 +7,12 @@
 // window, another method's pick) is removed from its cluster's terms, so no
 // token is counted twice. The result is a partial attention (out, lse) over
 // the estimated tokens, merged with the exact part by log-sum-exp.
+//
+// Each estimated token weighs exp(s q.mu_c), below the mean of exp(s q.k)
+// over the cluster (Jensen). A second-order correction with an isotropic
+// spread, n exp(s q.mu + s^2 |q|^2 spread / (2d)), cut the error from 0.23
+// to 0.16 at 16K tokens of the generator but raised it from 0.21 to 0.77 at
+// 128K (queries lie along channels where keys barely vary), so there is none.
 #pragma once
 
 #include <cstdint>

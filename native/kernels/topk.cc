@@ -22,11 +22,12 @@ void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, st
   std::vector<float> row(p.headDim);
   heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
   for (int64_t i = begin; i < end; ++i) {
-    WidenRow(p.keys + size_t(i) * p.headDim, p.dtype, p.headDim, row.data());
+    const int64_t r = p.rows ? p.rows[i] : i;
+    WidenRow(p.keys + size_t(r) * p.headDim, p.dtype, p.headDim, row.data());
     float s = -std::numeric_limits<float>::infinity();
     for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));
-    if (p.allScores) p.allScores[i] = s;
-    if (keep > 0) Offer(heap, size_t(keep), Hit{s, int32_t(i)});
+    if (p.allScores) p.allScores[r] = s;
+    if (keep > 0) Offer(heap, size_t(keep), Hit{s, int32_t(r)});
   }
 }
 
@@ -37,11 +38,11 @@ void TopKMany(const TopkProblem* problems, size_t n, int64_t* counts) {
   };
   // Every (problem, chunk of rows) is one task, so a step's kv heads share
   // the cores instead of taking turns.
-  auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, problems[p].tokens); };
+  auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, ScanCount(problems[p])); };
   std::vector<Task> tasks;
   for (size_t p = 0; p < n; ++p)
-    for (int64_t b = 0; (keepOf(p) > 0 || problems[p].allScores) && b < problems[p].tokens; b += kTaskTokens)
-      tasks.push_back({p, b, std::min(problems[p].tokens, b + kTaskTokens)});
+    for (int64_t b = 0; (keepOf(p) > 0 || problems[p].allScores) && b < ScanCount(problems[p]); b += kTaskTokens)
+      tasks.push_back({p, b, std::min(ScanCount(problems[p]), b + kTaskTokens)});
   std::vector<std::vector<Hit>> local(tasks.size());
   ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
     const Task& task = tasks[t];

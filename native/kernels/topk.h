@@ -19,7 +19,13 @@ struct TopkProblem {
   int32_t* outIds = nullptr;   // [min(k, tokens)], best first
   float* outScores = nullptr;  // [min(k, tokens)]
   float* allScores = nullptr;  // optional [tokens]: every row's score, by row
+  // Optional: scan only these rows (each < tokens; no allScores then); ids written are rows.
+  const int32_t* rows = nullptr;
+  int64_t rowCount = 0;
 };
+
+// Rows a problem scans: its row list, or every row.
+inline int64_t ScanCount(const TopkProblem& p) { return p.rows ? p.rowCount : p.tokens; }
 
 // Returns how many ids were written: min(k, tokens).
 int64_t TopK(const TopkProblem& p);

@@ -277,6 +277,7 @@ const ROUTES: Route[] = [
   { method: 'POST', path: () => '/v1/sessions', body: (r) => ({ model: modelBody(r), documents: r.next() < 0.6 ? [['keep-a', 'keep-b', 'fz-open', 'nope', '../x'][r.int(5)]] : [], method: ['exact', 'exact', 'hnsw', 'bogus'][r.int(4)], ...(r.next() < 0.3 && { budget: [0, 1, 64, -1, 2 ** 31][r.int(5)], sinks: r.int(4), window: r.int(40) }) }) },
   { method: 'POST', path: (r, w) => `/v1/sessions/${pickSession(r, w)}/kv`, body: (r) => kvBody(r, 1 + r.int(20), false) },
   { method: 'POST', path: (r, w) => `/v1/sessions/${pickSession(r, w)}/attend`, body: (r) => ({ layer: r.int(2), q: tensor('f32', [4, 16], randomQ(r, 4, 16)), ...(r.next() < 0.5 && kvBody(r, 1, true)), ...(r.next() < 0.3 && { return: [['out', 'kv', 'selection', 'bogus'][r.int(4)]] }), ...(r.next() < 0.2 && { scale: [0.25, 0, -1, 1e-300, 1e300][r.int(5)] }) }) },
+  { method: 'POST', path: () => '/v1/attend', body: (r, w) => ({ layer: r.int(3) - (r.next() < 0.1 ? 1 : 0), steps: Array.from({ length: r.int(4) }, () => ({ session: pickSession(r, w), q: tensor('f32', [4, 16], randomQ(r, 4, 16)), ...(r.next() < 0.5 && kvBody(r, 1, true)), ...(r.next() < 0.3 && { position: r.int(4) - 1 }) })) }) },
   { method: 'GET', path: (r, w) => `/v1/sessions/${pickSession(r, w)}` },
   { method: 'DELETE', path: (r, w) => `/v1/sessions/${pickSession(r, w)}` },
 ];

@@ -1,0 +1,84 @@
+// The client end of GET /v1/stream: one WebSocket, msgpack frames, each
+// request answered by the frame with its id, in order. Tensor bytes are sent
+// as they are (msgpack bin), answers copied out of the frame once.
+import { Packr, Unpackr } from 'msgpackr';
+import { WebSocket } from 'ws';
+import { attendReply, batchResult, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type WireResult } from './client.js';
+
+const packr = new Packr({ useRecords: false });
+const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
+
+type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void };
+
+export class KvrecallStream {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private closed?: Error;
+
+  private constructor(private readonly ws: WebSocket) {
+    ws.on('message', (data: Buffer) => {
+      let frame: Record<string, unknown>;
+      try {
+        frame = unpackr.unpack(data) as Record<string, unknown>;
+      } catch (e) {
+        return this.fail(new Error(`stream: undecodable answer: ${(e as Error).message}`));
+      }
+      const p = this.pending.get(frame.id as number);
+      if (!p) return;
+      this.pending.delete(frame.id as number);
+      p.resolve(frame);
+    });
+    ws.on('close', () => this.fail(new Error('stream closed')));
+    ws.on('error', (e) => this.fail(e));
+  }
+
+  static open(url: string, authorization?: string): Promise<KvrecallStream> {
+    const ws = new WebSocket(url.replace(/^http/, 'ws') + '/v1/stream', { perMessageDeflate: false, headers: authorization ? { authorization } : {} });
+    return new Promise((resolve, reject) => {
+      ws.once('open', () => resolve(new KvrecallStream(ws)));
+      ws.once('error', reject);
+      ws.once('unexpected-response', (_req, res) => reject(new KvrecallRequestError(res.statusCode ?? 0, 'refused', `stream refused: ${res.statusCode}`)));
+    });
+  }
+
+  async attend(session: string, body: AttendBody): Promise<AttendReply> {
+    const frame = await this.request({ ...body, session });
+    if (frame.error) throw requestError(frame.error as { code: string; message: string });
+    return attendReply(frame as unknown as Parameters<typeof attendReply>[0]);
+  }
+
+  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[]> {
+    const frame = await this.request({ layer, steps });
+    if (frame.error) throw requestError(frame.error as { code: string; message: string });
+    return (frame.results as WireResult[]).map(batchResult);
+  }
+
+  /** Sends raw bytes as one frame and waits for the next answer (for tests of bad frames). */
+  sendRaw(bytes: Uint8Array): void {
+    this.ws.send(bytes);
+  }
+
+  close(): void {
+    this.ws.close();
+  }
+
+  private request(body: Record<string, unknown>): Promise<Record<string, unknown>> {
+    if (this.closed) return Promise.reject(this.closed);
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.ws.send(packr.pack({ ...body, id }));
+    });
+  }
+
+  private fail(e: Error): void {
+    this.closed ??= e;
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+  }
+}
+
+function requestError(e: { code: string; message: string }): KvrecallRequestError {
+  const status = { malformed: 400, unauthorized: 401, not_found: 404, conflict: 409, too_large: 413, invalid: 422, over_budget: 503 }[e.code] ?? 500;
+  return new KvrecallRequestError(status, e.code, e.message);
+}

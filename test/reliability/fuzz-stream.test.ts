@@ -1,0 +1,77 @@
+// Fuzz of the WebSocket stream (GET /v1/stream) against a server process:
+// valid, mutated, truncated and random frames on one connection. Every frame
+// gets one answer frame, in order, with a documented code (never internal);
+// the connection survives; the server stays up and answers 0 5xx.
+import { afterAll, describe, expect, it } from 'vitest';
+import { Packr, Unpackr } from 'msgpackr';
+import { WebSocket } from 'ws';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { asStep, randomKv, randomQ } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { startChild, tempDataDir, type ChildServer } from '../helpers/server.js';
+
+const seed = freshSeed();
+console.log(`fuzz-stream: seed ${seed}`);
+const FRAMES = Number(process.env.KVRECALL_FUZZ_CASES ?? 3000) / 3;
+const M = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const, blockSize: 16 };
+const packr = new Packr({ useRecords: false });
+const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false });
+const DOCUMENTED = new Set(['malformed', 'not_found', 'conflict', 'too_large', 'invalid', 'over_budget']);
+
+function mutate(bytes: Uint8Array, rng: Rng): Uint8Array {
+  const out = Uint8Array.from(bytes);
+  const r = rng.next();
+  if (r < 0.4) for (let i = 0; i < 1 + rng.int(4); i++) out[rng.int(out.length)] = rng.int(256);
+  else if (r < 0.7) return out.subarray(0, rng.int(out.length));
+  else return Uint8Array.from({ length: rng.int(64) }, () => rng.int(256));
+  return out;
+}
+
+describe('fuzz: stream frames', () => {
+  const tmp = tempDataDir();
+  let server: ChildServer;
+  afterAll(async () => {
+    await server?.stop('SIGKILL');
+    tmp.cleanup();
+  });
+
+  it(`${FRAMES} frames on one connection: each answered in order, documented codes only, the server stays up`, async () => {
+    server = await startChild(tmp.dir, ['--body-limit', String(1 << 20)]);
+    const client = new KvrecallClient({ url: server.url });
+    const rng = new Rng(seed);
+    const sessions = [];
+    for (let i = 0; i < 3; i++) sessions.push((await client.createSession({ model: M })).id);
+    const ws = new WebSocket(server.url.replace('http', 'ws') + '/v1/stream', { perMessageDeflate: false });
+    await new Promise((resolve, reject) => (ws.once('open', resolve), ws.once('error', reject)));
+    const answers: Record<string, unknown>[] = [];
+    ws.on('message', (d: Buffer) => answers.push(unpackr.unpack(d) as Record<string, unknown>));
+    const frame = (id: number) => {
+      const step = () => ({ session: sessions[rng.int(3)], q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), ...(rng.next() < 0.5 && asStep(randomKv(rng, 'f16', 2, 1, 16))), ...(rng.next() < 0.3 && { position: rng.int(5) }) });
+      const body = rng.next() < 0.5 ? { id, layer: rng.int(3), ...step() } : { id, layer: rng.int(3), steps: Array.from({ length: rng.int(4) }, step) };
+      const bytes = packr.pack(body);
+      return rng.next() < 0.5 ? bytes : mutate(bytes, rng);
+    };
+    for (let i = 0; i < FRAMES; i++) ws.send(frame(i));
+    const deadline = Date.now() + 60_000;
+    while (answers.length < FRAMES && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    expect(answers.length).toBe(FRAMES);
+    const codes = new Map<string, number>();
+    const bad: string[] = [];
+    answers.forEach((a, i) => {
+      // An answer with an id carries its frame's id, in order.
+      if (a.id !== undefined && a.id !== i) bad.push(`answer ${i} has id ${String(a.id)}`);
+      const errs = [a.error, ...((a.results as Record<string, unknown>[] | undefined) ?? []).map((r) => r.error)].filter(Boolean) as { code: string }[];
+      for (const e of errs) {
+        codes.set(e.code, (codes.get(e.code) ?? 0) + 1);
+        if (!DOCUMENTED.has(e.code)) bad.push(`answer ${i}: ${JSON.stringify(e)}`);
+      }
+    });
+    console.log(`fuzz-stream: ${FRAMES} frames; error codes ${JSON.stringify(Object.fromEntries(codes))}`);
+    expect(bad).toEqual([]);
+    expect(ws.readyState).toBe(WebSocket.OPEN);
+    ws.close();
+    expect((await fetch(`${server.url}/v1/health`)).status).toBe(200);
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    expect(metrics.split('\n').filter((l) => /status="5\d\d"/.test(l))).toEqual([]);
+  }, 120_000);
+});
