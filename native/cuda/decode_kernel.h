@@ -35,8 +35,9 @@ struct DecodeParams {
   float* lse = nullptr;             // [qHeads], device
 };
 
-// Splits that fill the device for this problem: about 3 CTAs per multiprocessor,
-// never fewer than ~256 tokens per split.
+// Splits that fill the device in one wave for this problem: as many CTAs as the
+// multiprocessors hold at once (2 each; a second, partial wave would cost as
+// long as the first), never fewer than ~256 tokens per split.
 int ChooseSplits(int smCount, int qHeads, int kvHeads, int64_t maxTokens);
 
 // Enqueues the split kernel and the merge kernel on `stream`. Returns a CUDA
