@@ -11,7 +11,7 @@
 // selected, pool hits and host→device bytes, and the output's error against
 // the dense answer of the same step. Part of `npm run bench:gpu` (or
 // `node dist/bench/gpu.js --decode [--tokens N --steps S]`); results in
-// bench/results/gpu-decode-h100.{json,md}.
+// bench/results/gpu-decode-<device>.{json,md} (h100, h200).
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
@@ -47,6 +47,9 @@ const pct = (xs: number[], p: number) => quantile(xs, p, 'low');
 
 /** Mean over q heads of ‖a_h − b_h‖ / ‖b_h‖. */
 const relError = (a: Float32Array, b: Float32Array, heads: number) => mean([...relativeErrors(a, b, heads)]);
+
+/** A result file's device tag: the chip's model (h100, h200), or 'gpu'. */
+export const deviceTag = (device: string) => /\b([hab]\d{2,3})\b/i.exec(device)?.[1].toLowerCase() ?? 'gpu';
 
 export async function runDecodeBench(opts: { tokens: number; steps: number; device: string }): Promise<void> {
   const { tokens, steps } = opts;
@@ -158,8 +161,8 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   const dir = join('bench', 'results');
   mkdirSync(dir, { recursive: true });
   for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
-    writeFileSync(join(d, 'gpu-decode-h100.json'), JSON.stringify(result, null, 2) + '\n');
-    writeFileSync(join(d, 'gpu-decode-h100.md'), md);
+    writeFileSync(join(d, `gpu-decode-${deviceTag(opts.device)}.json`), JSON.stringify(result, null, 2) + '\n');
+    writeFileSync(join(d, `gpu-decode-${deviceTag(opts.device)}.md`), md);
   }
   console.log(md);
 }

@@ -10,8 +10,8 @@
 // K/V uploads go out through node:http as the msgpack header bytes and the
 // caller's tensor bytes themselves (no body is assembled); the caller keeps
 // those arrays unchanged until the upload's promise settles.
-import { request as httpRequest, type IncomingMessage } from 'node:http';
-import { request as httpsRequest } from 'node:https';
+import { Agent, request as httpRequest, type IncomingMessage } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { Packr, Unpackr } from 'msgpackr';
 import type { UploadStats } from '../../core/upload-stats.js';
 import type { ModelShape } from '../../core/model.js';
@@ -149,9 +149,12 @@ function copyOut<T extends Float32Array | Int32Array>(make: (n: number) => T, t:
 export class KvrecallClient {
   private readonly url: string;
   private readonly headers: Record<string, string>;
+  /** One kept-alive connection pool per client, Nagle off: a decode call is one small write each way. */
+  private readonly agent: Agent;
 
   constructor(opts: { url: string; token?: string }) {
     this.url = opts.url.replace(/\/$/, '');
+    this.agent = this.url.startsWith('https:') ? new HttpsAgent({ keepAlive: true, noDelay: true }) : new Agent({ keepAlive: true, noDelay: true });
     this.headers = { 'content-type': 'application/msgpack', accept: 'application/msgpack' };
     if (opts.token) this.headers.authorization = `Bearer ${opts.token}`;
   }
@@ -197,11 +200,8 @@ export class KvrecallClient {
   }
 
   async attend(sid: string, body: AttendBody): Promise<AttendReply> {
-    const r = await this.call<{ out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] }>(
-      'POST',
-      `/v1/sessions/${sid}/attend`,
-      body,
-    );
+    // node:http on a keep-alive agent, tensor bytes written as they are: fetch costs ~1 ms more per call.
+    const r = await this.send<{ out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] }>('POST', `/v1/sessions/${sid}/attend`, body);
     return attendReply(r);
   }
 
@@ -249,7 +249,7 @@ export class KvrecallClient {
       const failed = (e: Error) => reject(new TypeError(`${method} ${url.pathname} failed: ${e.message}`, { cause: e }));
       const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(
         url,
-        { method, headers: { ...this.headers, 'content-length': String(byteLength) } },
+        { method, agent: this.agent, headers: { ...this.headers, 'content-length': String(byteLength) } },
         (res: IncomingMessage) => {
           const chunks: Buffer[] = [];
           res.on('data', (c: Buffer) => chunks.push(c));
@@ -264,6 +264,8 @@ export class KvrecallClient {
         },
       );
       req.on('error', failed);
+      // Corked: the header and every part leave in one write (one packet for a decode step).
+      req.cork();
       for (const p of parts) req.write(p);
       req.end();
     });

@@ -15,6 +15,11 @@ connection per thread.
     r = kv.attend(sid, layer=0, q=q, k=k_new, v=v_new)   # q [32, 128]; k_new, v_new [8, 128]
     r.out   # float32 [32, 128]
     r.lse   # float32 [32]
+
+Decode steps have three transports with bit-identical answers: `attend` (one
+HTTP request per step), `attend_batch` (one HTTP request for one layer of
+many sessions) and `open_stream()` (a WebSocket: one frame per attend or
+batch, no per-request HTTP).
 """
 
 from __future__ import annotations
@@ -22,19 +27,24 @@ from __future__ import annotations
 import http.client
 import json
 import select
+import socket
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import msgpack
 import numpy as np
+
+if TYPE_CHECKING:
+    from .stream import Stream
 
 __all__ = [
     "Client",
     "KvrecallError",
     "AttendResult",
+    "BatchResult",
     "model_shape",
     "tensor",
     "decode_tensor",
@@ -66,6 +76,25 @@ class KvrecallError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+    @classmethod
+    def from_wire(cls, error: Any) -> "KvrecallError":
+        """From an `{code, message}` error object (a batch step's, a stream
+        frame's): the status is the one the HTTP route answers with."""
+        e = error if isinstance(error, dict) else {}
+        code = str(e.get("code", "unknown"))
+        return cls(STATUS_OF_CODE.get(code, 500), code, str(e.get("message", "")))
+
+
+STATUS_OF_CODE = {
+    "malformed": 400,
+    "unauthorized": 401,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "invalid": 422,
+    "over_budget": 503,
+}
 
 
 # --- bf16 ------------------------------------------------------------------
@@ -169,6 +198,64 @@ class AttendResult:
     stats: Dict[str, Any] = field(default_factory=dict)
     selection: Optional[List[np.ndarray]] = None  # per kv head, int32 context positions
     kv: Optional[Dict[str, List[np.ndarray]]] = None  # {"k": [...], "v": [...]} per kv head, [m, headDim]
+
+
+# One step's answer in a batch: its result, or its error (not raised).
+BatchResult = Union[AttendResult, KvrecallError]
+
+
+def attend_body(
+    q: Any,
+    k: Any = None,
+    v: Any = None,
+    scale: Optional[float] = None,
+    position: Optional[int] = None,
+    returns: Optional[Sequence[str]] = None,
+    dtype: Optional[str] = None,
+) -> Dict[str, Any]:
+    """An attend's wire fields (all but layer and session), tensors as
+    msgpack bin of the arrays' bytes."""
+    body: Dict[str, Any] = {"q": tensor(q, None if _is_half(q) else "f32")}
+    if (k is None) != (v is None):
+        raise ValueError("k and v come together or not at all")
+    if k is not None:
+        body["k"] = tensor(k, dtype)
+        body["v"] = tensor(v, dtype)
+    elif position is not None:
+        raise ValueError("position names the appended token: send k and v with it")
+    if scale is not None:
+        body["scale"] = float(scale)
+    if position is not None:
+        body["position"] = int(position)
+    if returns is not None:
+        body["return"] = list(returns)
+    return body
+
+
+def step_body(step: Dict[str, Any]) -> Dict[str, Any]:
+    """A batch step {session, q, k?, v?, scale?, position?, returns?, dtype?}
+    as its wire fields."""
+    if not isinstance(step, dict) or "session" not in step:
+        raise TypeError("a batch step is a dict with a session id and q")
+    fields = dict(step)
+    session = fields.pop("session")
+    if "return" in fields:
+        fields["returns"] = fields.pop("return")
+    return {"session": str(session), **attend_body(**fields)}
+
+
+def attend_result(r: Dict[str, Any]) -> AttendResult:
+    """An attend answer off the wire: arrays copied out of it once."""
+    result = AttendResult(out=decode_tensor(r["out"]), lse=decode_tensor(r["lse"]), stats=r.get("stats", {}))
+    if r.get("selection") is not None:
+        result.selection = [decode_tensor(t) for t in r["selection"]]
+    if r.get("kv") is not None:
+        result.kv = {"k": [decode_tensor(t) for t in r["kv"]["k"]], "v": [decode_tensor(t) for t in r["kv"]["v"]]}
+    return result
+
+
+def batch_results(results: List[Dict[str, Any]]) -> List[BatchResult]:
+    return [KvrecallError.from_wire(r["error"]) if "error" in r else attend_result(r) for r in results]
 
 
 # --- the client ------------------------------------------------------------
@@ -324,6 +411,7 @@ class Client:
         scale: Optional[float] = None,
         returns: Optional[Sequence[str]] = None,
         dtype: Optional[str] = None,
+        position: Optional[int] = None,
     ) -> AttendResult:
         """One decode step of one layer.
 
@@ -331,24 +419,41 @@ class Client:
         k, v: the current token, [kvHeads, headDim]; appended before attending.
         dtype: wire dtype for k and v (default: from the arrays).
         returns: subset of ("out", "kv", "selection"); default ("out",).
+        position: with k and v, the appended token's index among the
+        session's own tokens (0 = the first after its documents); a repeat
+        or a skip is refused with 409 "conflict" and changes nothing, so a
+        step whose answer was lost can be sent again safely.
         """
-        body: Dict[str, Any] = {"layer": int(layer), "q": tensor(q, None if _is_half(q) else "f32")}
-        if (k is None) != (v is None):
-            raise ValueError("k and v come together or not at all")
-        if k is not None:
-            body["k"] = tensor(k, dtype)
-            body["v"] = tensor(v, dtype)
-        if scale is not None:
-            body["scale"] = float(scale)
-        if returns is not None:
-            body["return"] = list(returns)
-        r = self._call("POST", f"/v1/sessions/{_quote(sid)}/attend", body)
-        result = AttendResult(out=decode_tensor(r["out"]), lse=decode_tensor(r["lse"]), stats=r.get("stats", {}))
-        if r.get("selection") is not None:
-            result.selection = [decode_tensor(t) for t in r["selection"]]
-        if r.get("kv") is not None:
-            result.kv = {"k": [decode_tensor(t) for t in r["kv"]["k"]], "v": [decode_tensor(t) for t in r["kv"]["v"]]}
-        return result
+        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype)
+        body["layer"] = int(layer)
+        return attend_result(self._call("POST", f"/v1/sessions/{_quote(sid)}/attend", body))
+
+    def attend_batch(self, layer: int, steps: Sequence[Dict[str, Any]]) -> List[BatchResult]:
+        """One layer of many sessions in one request (`POST /v1/attend`).
+
+        steps: dicts {"session": id, "q": ..., and optionally "k", "v",
+        "scale", "position", "returns", "dtype"} -- attend's arguments.
+        Returns one entry per step, in order: an AttendResult, or for a step
+        that failed alone (unknown session, wrong shape, wrong position...)
+        a KvrecallError instance, returned, not raised; a failed step changes
+        nothing. A request that fails whole (no steps, a bad layer, 401)
+        raises KvrecallError.
+        """
+        body = {"layer": int(layer), "steps": [step_body(s) for s in steps]}
+        return batch_results(self._call("POST", "/v1/attend", body)["results"])
+
+    def open_stream(self, timeout: Optional[float] = None) -> "Stream":
+        """A WebSocket stream for decode steps (`GET /v1/stream`, the bearer
+        token on the upgrade): `attend` and `attend_batch` as here, answered
+        bit-identically, over one connection with no per-request HTTP. Use it
+        as a context manager or close() it. timeout: seconds per socket
+        operation (default: the client's). A refused upgrade raises
+        KvrecallError (401 without the right token)."""
+        from .stream import Stream
+
+        url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
+        auth = self._headers.get("authorization")
+        return Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout)
 
     def get_session(self, sid: str) -> Dict[str, Any]:
         return self._call("GET", f"/v1/sessions/{_quote(sid)}")
@@ -377,7 +482,7 @@ class Client:
             conn.close()
             conn = None
         if conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            cls = _HTTPSConnection if self._https else _HTTPConnection
             conn = cls(self._host, self._port, timeout=self._timeout)
             self._local.conn = conn
             return conn, False
@@ -418,6 +523,20 @@ class Client:
         if raw:
             return data
         return _decode(data, ctype)
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """With TCP_NODELAY: a small request or answer goes out at once."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _decode(data: bytes, ctype: str) -> Any:

@@ -18,10 +18,14 @@ attention_mask, scaling=..., dropout=..., **kwargs)`:
   as the cache holds them) are pushed to one kvrecall session per batch row
   (`POST /v1/sessions/:sid/kv`), and attention is computed locally with
   transformers' SDPA function, as the model would have;
-- decode (one query token): the query heads and the new token's K/V go to
-  `POST /v1/sessions/:sid/attend`; kvrecall appends the token and answers the
-  attention over the whole context, which is returned instead of local
-  attention.
+- decode (one query token): the query heads and the new token's K/V of
+  every batch row go to kvrecall as one batch per layer (`transport`:
+  "stream", the default, is one frame on a WebSocket kept open across
+  steps and sequences, `GET /v1/stream`; "http" is one `POST /v1/attend`
+  request); kvrecall appends each token and answers the attention over the
+  row's whole context, which is returned instead of local attention. Each
+  step names its token's `position`, so a step is never appended twice:
+  when the stream's connection is lost, it reconnects once and resends.
 
 A new sequence starts (fresh sessions) when layer 0 sees a key with no past
 (a DynamicCache after reset); with a StaticCache, call `reset()` before each
@@ -65,6 +69,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .client import Client, KvrecallError, model_shape
+from .stream import Stream
 
 __all__ = ["KvrecallAttention", "register", "use_attention", "local_attention"]
 
@@ -126,6 +131,10 @@ class KvrecallAttention:
     at seal besides `method`, document_prefix names the documents and
     ready_timeout bounds the wait for a sealed document to be ready.
 
+    transport: how decode steps travel, one batch of every row per layer and
+    step: "stream" (default; one WebSocket, opened at the first decode step
+    and kept until close()) or "http" (`POST /v1/attend`).
+
     stats: sequences, uploads (kv posts), attends, local (local attention
     calls), documents (created), and over all attends the sums of the
     server's stats `tokens` (context), `attended` and `scanned`, so that
@@ -146,9 +155,14 @@ class KvrecallAttention:
         document_methods: Optional[Sequence[str]] = None,
         document_prefix: str = "hf",
         ready_timeout: float = 600.0,
+        transport: str = "stream",
     ):
         if kv_dtype not in (None, "f16", "bf16"):
             raise ValueError('kv_dtype must be "f16", "bf16" or None')
+        if transport not in ("stream", "http"):
+            raise ValueError('transport must be "stream" or "http"')
+        self.transport = transport
+        self._stream: Optional[Stream] = None
         self.client = client
         self.method = method
         self.kv_dtype = kv_dtype
@@ -208,21 +222,61 @@ class KvrecallAttention:
         # Decode: kvrecall answers.
         if not self._attached:
             self._attach()
-        outs = []
-        for b in range(batch):
-            q = query[b, :, 0, :].detach().float().cpu().numpy()
-            k_new = _wire_bits(key[b, :, at, :], kv_dtype)
-            v_new = _wire_bits(value[b, :, at, :], kv_dtype)
-            r = self.client.attend(self.sessions[b], layer, q, k=k_new, v=v_new, scale=float(scaling), dtype=kv_dtype)
-            outs.append(torch.from_numpy(r.out))
+        q_all = query[:, :, 0, :].detach().float().cpu().numpy()  # [batch, qHeads, d]
+        k_all = _wire_bits(key[:, :, at, :], kv_dtype)  # [batch, kvHeads, d]
+        v_all = _wire_bits(value[:, :, at, :], kv_dtype)
+        steps = [
+            {"session": self.sessions[b], "q": q_all[b], "k": k_all[b], "v": v_all[b], "scale": float(scaling), "position": self._tokens[layer][b], "dtype": kv_dtype}
+            for b in range(batch)
+        ]
+        results = self._attend(layer, steps)
+        for b, r in enumerate(results):
             self._tokens[layer][b] += 1
             self.stats["context"] += r.stats.get("tokens", 0)
             self.stats["attended"] += r.stats.get("attended", 0)
             self.stats["scanned"] += r.stats.get("scanned", 0)
         self.stats["attends"] += batch
         self._cache_len[layer] = at + 1
-        out = torch.stack(outs).to(device=query.device, dtype=query.dtype)  # [batch, qHeads, d]
+        out = torch.from_numpy(np.stack([r.out for r in results])).to(device=query.device, dtype=query.dtype)  # [batch, qHeads, d]
         return out.unsqueeze(1), None  # [batch, 1, qHeads, d], as sdpa_attention_forward returns
+
+    def _attend(self, layer: int, steps: List[Dict[str, Any]]) -> list:
+        """One layer's decode steps of every row, answered in order; raises
+        the first step's error."""
+        if self.transport == "http":
+            results = self.client.attend_batch(layer, steps)
+        else:
+            try:
+                results = self._open_stream().attend_batch(layer, steps)
+            except ConnectionError:
+                # The connection was lost: once more on a new one. Positions
+                # make the resend safe: a step that went through the first
+                # time answers 409, and its token is there; ask it again
+                # without the token.
+                self._close_stream()
+                results = self._open_stream().attend_batch(layer, steps)
+                for i, r in enumerate(results):
+                    if isinstance(r, KvrecallError) and r.code == "conflict" and self._appended(steps[i], layer):
+                        step = {key: steps[i][key] for key in ("session", "q", "scale") if key in steps[i]}
+                        results[i] = self._stream.attend_batch(layer, [step])[0]
+        for r in results:
+            if isinstance(r, KvrecallError):
+                raise r
+        return results
+
+    def _appended(self, step: Dict[str, Any], layer: int) -> bool:
+        """Whether the session holds the step's token already (its position is the last)."""
+        return self.client.get_session(step["session"])["ownTokens"][layer] == step["position"] + 1
+
+    def _open_stream(self) -> Stream:
+        if self._stream is None or self._stream.closed:
+            self._stream = self.client.open_stream()
+        return self._stream
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     # sessions --------------------------------------------------------------
 
@@ -237,7 +291,9 @@ class KvrecallAttention:
         self._doc_tokens = {}
 
     def close(self) -> None:
+        """Deletes the sessions (and documents) and closes the stream."""
         self.reset()
+        self._close_stream()
 
     def __enter__(self) -> "KvrecallAttention":
         return self

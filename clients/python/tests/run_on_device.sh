@@ -101,6 +101,8 @@ if [ -z "${KVRECALL_URL:-}" ]; then
   if [ -z "$NODE" ]; then
     if [ -x .device/node ]; then NODE=$ROOT/.device/node; else NODE=node; fi
   fi
+  # test_transports.py starts a server of its own (with --token) with this node.
+  export KVRECALL_NODE=${KVRECALL_NODE:-$(command -v "$NODE")}
   if [ ! -d node_modules ] && [ -f .device/node_modules.tar.xz ]; then
     "$PY" -c 'import sys, tarfile; t = tarfile.open(sys.argv[1]); t.extractall(".", **({"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}))' \
       .device/node_modules.tar.xz || exit 2

@@ -1,0 +1,237 @@
+"""Per-call overhead of the decode transports from Python: client wall time
+minus the server's own step time (`stats.ms`), p50/p90/p99 over N calls.
+
+    python3 -m kvrecall.bench_transport --serve --out transport.json     # from clients/python
+    python3 -m kvrecall.bench_transport --url http://127.0.0.1:8700 --out transport.json
+
+Rows (interleaved call by call, so drift hits all alike):
+- health: a bare `GET /v1/health` on one kept-alive http.client connection
+  (TCP_NODELAY), the floor of an HTTP round trip; no server step, so its
+  overhead is its whole wall time. "health, alone" is the same, N calls
+  back to back before the interleaved rounds (no attends between them);
+- http attend: `Client.attend` (`POST /v1/sessions/:sid/attend`);
+- http batch(1): `Client.attend_batch` with one step (`POST /v1/attend`);
+- stream attend: `Stream.attend` (one WebSocket frame each way);
+- stream batch(1): `Stream.attend_batch` with one step.
+
+Each attend is a decode step as the transformers adapter sends it: q
+[qHeads, d] f32 and the new token's k, v [kvHeads, d] f16 with its
+position, on its own session over one document of --tokens tokens (model:
+1 layer, 32 q / 8 kv heads, d 128 by default; method exact). Prints a table
+and writes JSON (--out): the configuration, the machine, and per row the
+overhead, wall and server-ms percentiles in microseconds.
+
+--serve starts this checkout's server (node dist/cli/cli.js serve; node
+from KVRECALL_NODE or PATH) on 127.0.0.1 with a temporary data folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .client import Client, model_shape
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+
+
+def percentiles(xs: List[float]) -> Dict[str, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+class _Health:
+    """GET /v1/health on one kept-alive connection with TCP_NODELAY."""
+
+    def __init__(self, url: str, token: Optional[str]):
+        u = urllib.parse.urlsplit(url)
+        self.path = u.path.rstrip("/") + "/v1/health"
+        self.conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=30)
+        self.conn.connect()
+        self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.headers = {"accept": "application/msgpack", **({"authorization": f"Bearer {token}"} if token else {})}
+        self.sock = self.conn.sock
+
+    def __call__(self) -> None:
+        self.conn.request("GET", self.path, headers=self.headers)
+        res = self.conn.getresponse()
+        res.read()
+        if res.status != 200:
+            raise RuntimeError(f"health: {res.status}")
+        if self.conn.sock is not self.sock:
+            raise RuntimeError("health: the connection was not kept alive")
+
+
+def run(
+    url: str,
+    token: Optional[str] = None,
+    calls: int = 500,
+    warmup: int = 50,
+    tokens: int = 4096,
+    q_heads: int = 32,
+    kv_heads: int = 8,
+    head_dim: int = 128,
+    method: str = "exact",
+    seed: int = 1,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
+    kv = Client(url, token=token, timeout=120)
+    model = model_shape(1, q_heads, kv_heads, head_dim, dtype="f16")
+    rng = np.random.default_rng(seed)
+    doc = f"bench-transport-{uuid.uuid4().hex[:8]}"
+    k = rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16)
+    v = rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16)
+    log(f"preloading {tokens} tokens ...")
+    kv.push_document(doc, model, [k], [v], methods=[method] if method != "exact" else None)
+    n = warmup + calls
+    qs = (rng.standard_normal((n, q_heads, head_dim))).astype(np.float32)
+    ks = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
+    vs = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
+
+    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)"]
+    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names[1:]}
+    health = _Health(url, token)
+    stream = kv.open_stream()
+    wall: Dict[str, List[float]] = {name: [] for name in names}
+    server: Dict[str, List[float]] = {name: [] for name in names}
+    alone: List[float] = []
+
+    def step(i: int) -> Dict[str, Any]:
+        return {"q": qs[i], "k": ks[i], "v": vs[i], "position": i}
+
+    def one(name: str, i: int) -> float:
+        """The call's server ms (0 for health)."""
+        if name == "health":
+            health()
+            return 0.0
+        sid = sessions[name]
+        if name == "http attend":
+            return kv.attend(sid, 0, **step(i)).stats["ms"]
+        if name == "stream attend":
+            return stream.attend(sid, 0, **step(i)).stats["ms"]
+        fn = kv.attend_batch if name == "http batch(1)" else stream.attend_batch
+        (r,) = fn(0, [{"session": sid, **step(i)}])
+        if not hasattr(r, "stats"):
+            raise r
+        return r.stats["ms"]
+
+    log(f"{warmup} warm-up + {calls} calls per row, interleaved ...")
+    try:
+        # The floor first, alone: health calls back to back, no attends between them.
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            health()
+            if i >= warmup:
+                alone.append((time.perf_counter_ns() - t0) / 1e3)
+        for i in range(n):
+            for name in names:
+                t0 = time.perf_counter_ns()
+                ms = one(name, i)
+                t1 = time.perf_counter_ns()
+                if i >= warmup:
+                    wall[name].append((t1 - t0) / 1e3)
+                    server[name].append(ms * 1e3)
+        info = kv.health()
+    finally:
+        stream.close()
+        health.conn.close()
+        for sid in sessions.values():
+            kv.delete_session(sid)
+        kv.delete_document(doc)
+        kv.close()
+
+    rows = [{"transport": "health, alone", "calls": len(alone), "overhead_us": percentiles(alone), "wall_us": percentiles(alone), "server_us": percentiles([0.0] * len(alone))}]
+    for name in names:
+        over = [w - s for w, s in zip(wall[name], server[name])]
+        rows.append({"transport": name, "calls": len(over), "overhead_us": percentiles(over), "wall_us": percentiles(wall[name]), "server_us": percentiles(server[name])})
+    return {
+        "what": "per-call overhead = client wall time - server stats.ms (health: no server step, overhead = wall)",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {"tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "server": {k: info.get(k) for k in ("version", "backend", "threads")}},
+        "rows": rows,
+    }
+
+
+def table(result: Dict[str, Any]) -> str:
+    lines = [
+        "| transport | overhead p50 (us) | p90 | p99 | wall p50 (us) | server ms p50 (us) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        o = r["overhead_us"]
+        lines.append(f"| {r['transport']} | {o['p50']:.0f} | {o['p90']:.0f} | {o['p99']:.0f} | {r['wall_us']['p50']:.0f} | {r['server_us']['p50']:.0f} |")
+    return "\n".join(lines)
+
+
+def _serve(args: argparse.Namespace) -> Tuple[subprocess.Popen, str, str]:
+    node = os.environ.get("KVRECALL_NODE") or shutil.which("node")
+    cli = os.path.join(ROOT, "dist", "cli", "cli.js")
+    if not node or not os.path.exists(cli):
+        sys.exit(f"--serve needs node and {cli} (npx tsc -p tsconfig.json)")
+    data = tempfile.mkdtemp(prefix="kvrecall-bench-")
+    cmd = [node, cli, "serve", "--host", "127.0.0.1", "--port", "0", "--data", data] + (["--token", args.token] if args.token else [])
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    for line in proc.stdout:
+        if "listening on " in line:
+            # Keep reading its output, so that a full pipe never stalls it.
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, line.split("listening on ", 1)[1].split()[0], data
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    sys.exit("the server did not start")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", help="a running server (else --serve)")
+    p.add_argument("--serve", action="store_true", help="start this checkout's server for the run")
+    p.add_argument("--token", default=os.environ.get("KVRECALL_TOKEN"))
+    p.add_argument("--calls", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--method", default="exact")
+    p.add_argument("--out", help="write the JSON here")
+    args = p.parse_args(argv)
+    if bool(args.url) == bool(args.serve):
+        p.error("give --url or --serve")
+    proc = data = None
+    url = args.url
+    if args.serve:
+        proc, url, data = _serve(args)
+    try:
+        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+            shutil.rmtree(data, ignore_errors=True)
+    print(table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Starts this checkout's kvrecall server for a test (not a test module).
+
+`start(token=None)` runs `node dist/cli/cli.js serve --port 0` on 127.0.0.1
+with a fresh data folder and returns a `Server` (its url; stop() ends it and
+removes the folder). `available()` says why not when it cannot: the server
+must be built (npx tsc -p tsconfig.json; build/Release/kvrecall.node) and
+node found (env KVRECALL_NODE, else node on PATH).
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Optional
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+CLI = os.environ.get("KVRECALL_CLI") or os.path.join(ROOT, "dist", "cli", "cli.js")
+
+
+def node() -> Optional[str]:
+    return os.environ.get("KVRECALL_NODE") or shutil.which("node")
+
+
+def available() -> Optional[str]:
+    """None when a server can be started here, else why not."""
+    if not node():
+        return "node not found (KVRECALL_NODE)"
+    if not os.path.exists(CLI):
+        return f"{CLI} not built (npx tsc -p tsconfig.json)"
+    return None
+
+
+class Server:
+    def __init__(self, token: Optional[str] = None, timeout: float = 20.0):
+        self.data = tempfile.mkdtemp(prefix="kvrecall-pytest-")
+        args = [node(), CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--data", self.data]
+        if token:
+            args += ["--token", token]
+        env = {k: v for k, v in os.environ.items() if k != "KVRECALL_TOKEN"}
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = ""
+        self.log = []
+        found = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.log.append(line)
+                if not self.url and "listening on " in line:
+                    self.url = line.split("listening on ", 1)[1].split()[0]
+                    found.set()
+            found.set()
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.05):
+            if time.monotonic() > deadline:
+                break
+        if not self.url:
+            self.stop()
+            raise RuntimeError("kvrecall server did not start:\n" + "".join(self.log))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        if self.proc.stdout and not self._reader.is_alive():
+            self.proc.stdout.close()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+def start(token: Optional[str] = None) -> Server:
+    return Server(token)
