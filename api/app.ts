@@ -78,9 +78,9 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
   });
   // A server's running batch: one layer of many sessions, answered in order; a bad step fails only itself.
   app.post('/v1/attend', async (c) => {
-    const results = await sessions.attendBatch(await readBody(c));
+    const { results, ms } = await sessions.attendBatch(await readBody(c));
     for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
-    return reply(c, { results: results.map((r) => batchAnswer(r, errorOf)) });
+    return reply(c, { results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } });
   });
   app.get('/v1/sessions/:sid', (c) => reply(c, sessions.get(c.req.param('sid')).describe()));
   app.delete('/v1/sessions/:sid', async (c) => {

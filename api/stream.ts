@@ -74,9 +74,9 @@ async function handle(data: RawData, isBinary: boolean, sessions: Sessions, metr
     const body = frame as Record<string, unknown>;
     id = body.id;
     if (body.steps !== undefined) {
-      const results = await sessions.attendBatch(body);
+      const { results, ms } = await sessions.attendBatch(body);
       for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
-      return { id, results: results.map((r) => batchAnswer(r, errorOf)) };
+      return { id, results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } };
     }
     if (typeof body.session !== 'string') throw malformed('an attend frame names its session');
     const res = await sessions.attend(body.session, body);

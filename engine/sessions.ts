@@ -26,6 +26,12 @@ const METHOD_DEFAULTS: Record<string, Partial<SearchParams>> = { [WAVE]: { budge
 /** An attend's answer with the shape it is read in. */
 export type AttendAnswer = AttendResult & { model: ModelShape };
 
+/** A batch's step results in order, and the server's milliseconds for the whole batch. */
+export interface BatchAnswer {
+  results: PromiseSettledResult<AttendAnswer>[];
+  ms: number;
+}
+
 /** Steps one batch may carry (a server's running batch, with room). */
 export const MAX_BATCH = 4096;
 
@@ -100,11 +106,12 @@ export class Sessions {
    * `{session, q, k?, v?, scale?, position?}`. Steps settle on their own: a
    * bad or failing step fails only its own result; the order is kept.
    */
-  async attendBatch(body: Record<string, unknown>): Promise<PromiseSettledResult<AttendAnswer>[]> {
+  async attendBatch(body: Record<string, unknown>): Promise<BatchAnswer> {
+    const t0 = performance.now();
     const { layer, steps } = body;
     if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0) throw invalid('layer must be a non-negative integer');
     if (!Array.isArray(steps) || steps.length === 0 || steps.length > MAX_BATCH) throw invalid(`steps must be a list of 1 to ${MAX_BATCH} steps`);
-    return Promise.allSettled(
+    const results = await Promise.allSettled(
       steps.map(async (step: unknown) => {
         if (typeof step !== 'object' || step === null || Array.isArray(step) || typeof (step as Record<string, unknown>).session !== 'string')
           throw invalid('a step is a map with a session id');
@@ -112,6 +119,7 @@ export class Sessions {
         return this.attend(session as string, { ...rest, layer });
       }),
     );
+    return { results, ms: performance.now() - t0 };
   }
 
   get(id: string): Session {

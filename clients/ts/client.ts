@@ -209,9 +209,9 @@ export class KvrecallClient {
    * One layer of several sessions' steps in one call (a server's running
    * batch); results in order, each an answer or `{error}` for that step alone.
    */
-  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[]> {
-    const r = await this.call<{ results: WireResult[] }>('POST', '/v1/attend', { layer, steps });
-    return r.results.map(batchResult);
+  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[] & { ms?: number }> {
+    const r = await this.call<{ results: WireResult[]; stats?: { ms: number } }>('POST', '/v1/attend', { layer, steps });
+    return Object.assign(r.results.map(batchResult), { ms: r.stats?.ms });
   }
 
   /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. */

@@ -47,10 +47,11 @@ export class KvrecallStream {
     return attendReply(frame as unknown as Parameters<typeof attendReply>[0]);
   }
 
-  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[]> {
+  /** Results in order; `ms` is the server's time for the whole batch. */
+  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[] & { ms?: number }> {
     const frame = await this.request({ layer, steps });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
-    return (frame.results as WireResult[]).map(batchResult);
+    return Object.assign((frame.results as WireResult[]).map(batchResult), { ms: (frame.stats as { ms: number } | undefined)?.ms });
   }
 
   /** Sends raw bytes as one frame and waits for the next answer (for tests of bad frames). */
