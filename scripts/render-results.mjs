@@ -64,6 +64,48 @@ const day = (iso) => iso.slice(0, 10);
 // ---------------------------------------------------------------- blocks
 
 const BLOCKS = {
+  'gpu-dense': () => {
+    const f = 'bench/results/gpu-dense-h200.json';
+    const j = json(f);
+    const sdpa = (r) => j.sdpa.cases.find((x) => x.headDim === r.headDim && x.tokens === r.tokens).sdpa_enable_gqa.p50;
+    const rows = j.rows.map((r) => [`${r.headDim}`, tok(r.tokens), fix(sdpa(r), 3), fix(r.ours.p50, 3), `${fix(r.ours.p50 / sdpa(r), 2)}×`, `${sig(r.oursGBps / 1000)} TB/s`]);
+    return [
+      `**Dense decode kernel vs torch SDPA** (\`${f}\`, ${j.device}, ${day(j.date)}, \`bench/dense-vs-sdpa.ts\` + \`bench/sdpa_reference.py\` in one visit):`,
+      `one layer, one query token, 32 q / 8 kv heads, f16, every block resident; p50 of CUDA-event times.`,
+      '',
+      table(['d', 'tokens', 'SDPA ms', 'kvrecall ms', 'ratio', 'K+V read'], ['r', 'r', 'r', 'r', 'r', 'r'], rows),
+    ].join('\n');
+  },
+
+  fidelity: () => {
+    const f = 'bench/results/fidelity-131072.json';
+    const j = json(f);
+    const o = j.options;
+    const rows = j.rows.map((r) => [r.config, r.method, r.estimate ? 'on' : 'off', pct(r.exactShare, 3), fix(r.outError, 3), fix(r.oracleError, 3), `${r.needlesFound}/${r.needleSteps}`]);
+    return [
+      `**Fidelity with and without the estimation zone** (\`${f}\`, ${machine(j.machine)}, ${day(j.date)}, \`npm run bench:fidelity\`):`,
+      `${tok(o.tokens)} tokens, ${o.kvHeads} kv heads × 4 q heads, d=128, ${o.steps} decode steps of the generator in its default and broad`,
+      `configurations; budget ${pct(o.budget)} of the context + 16 sinks + 64 window; mean output error per q head against float64;`,
+      `\`oracle\` is the exact top-k as a method; the last error column is the exact top-k at the same exact count, without estimation.`,
+      '',
+      table(['config', 'method', 'estimate', 'exact', 'output error', 'top-k oracle, same count', 'needles'], ['l', 'l', 'l', 'r', 'r', 'r', 'r'], rows),
+    ].join('\n');
+  },
+
+  transport: () => {
+    const files = ['bench/results/transport-vm.json', 'bench/results/transport-h200.json'];
+    const rows = files.map((f) => {
+      const j = json(f);
+      return [`${machine(j.machine)} (\`${f}\`)`, fix(j.healthMsP50, 2), `${fix(j.httpOverheadMsP50, 2)} (${fix(j.httpVsHealth, 2)}×)`, `${fix(j.streamOverheadMsP50, 2)} (${fix(j.streamVsHealth, 2)}×)`, `${fix(j.batchOverheadMsP50, 2)} (${fix(j.batchVsSingleStream, 1)}× one step)`];
+    });
+    return [
+      `**Decode-call overhead** (client wall − server \`stats.ms\`, p50, TypeScript client, \`npm run bench:transport\`): one layer, 32 q / 8 kv heads,`,
+      `d=128, \`exact\` over 4K tokens; a bare \`GET /v1/health\` on the same keep-alive connection for scale; the batch carries 32 sessions' steps.`,
+      '',
+      table(['machine', 'bare health ms', 'HTTP attend ms', 'stream attend ms', 'stream batch of 32 ms'], ['l', 'r', 'r', 'r', 'r'], rows),
+    ].join('\n');
+  },
+
   'attend-cpu': () => {
     const f = 'bench/results/attend-cpu.json';
     const j = json(f);
@@ -106,7 +148,7 @@ const BLOCKS = {
   },
 
   'gpu-decode': () => {
-    const f = 'bench/results/gpu-decode-h100.json';
+    const f = 'bench/results/gpu-decode-h200.json';
     const j = json(f);
     const s = j.shape, c = j.configs;
     const sparse = c.filter((x) => x.method !== 'exact');
