@@ -45,10 +45,10 @@ Napi::Value AttendJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = ArgObject(info);
   AttnProblem p;
-  p.qHeads = int(Int(o, "qHeads", 1, 1024));
-  p.kvHeads = int(Int(o, "kvHeads", 1, 1024));
-  p.headDim = int(Int(o, "headDim", 1, 1024));
-  if (p.qHeads % p.kvHeads != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+  const HeadShape shape = HeadShapeAt(o);
+  p.qHeads = shape.qHeads;
+  p.kvHeads = shape.kvHeads;
+  p.headDim = shape.headDim;
   p.dtype = KeyDtype(o);
   p.scale = Float(o, "scale");
   AttendArrays io = AttendArraysAt(o, size_t(p.qHeads), size_t(p.headDim));

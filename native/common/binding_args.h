@@ -128,6 +128,16 @@ inline void CheckIds(const Napi::Int32Array& ids, int64_t limit, const std::stri
                                                  " is outside [0, " + std::to_string(limit) + ")");
 }
 
+// The head shape of an attention call: qHeads a multiple of kvHeads.
+struct HeadShape {
+  int qHeads, kvHeads, headDim;
+};
+inline HeadShape HeadShapeAt(const Napi::Object& o) {
+  HeadShape s{int(Int(o, "qHeads", 1, 1024)), int(Int(o, "kvHeads", 1, 1024)), int(Int(o, "headDim", 1, 1024))};
+  if (s.qHeads % s.kvHeads != 0) throw Napi::RangeError::New(o.Env(), "qHeads must be a multiple of kvHeads");
+  return s;
+}
+
 // The arrays of an attention call: q and out [heads, headDim], lse [heads].
 struct AttendArrays {
   Napi::Float32Array q, out, lse;
