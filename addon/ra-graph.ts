@@ -6,7 +6,7 @@ import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
 /** Build parameters the wrapper fills in when absent (native/indexes/ra_graph.h's RaGraphParams). */
-export const RA_GRAPH_DEFAULTS = { degree: 32, kBuild: 64, maxQueries: 8192, seed: 1 } as const;
+export const RA_GRAPH_DEFAULTS = { degree: 32, kBuild: 64, maxQueries: 8192, seed: 1, positional: 1 } as const;
 
 export interface RaGraphBuildArgs {
   /** [tokens, headDim] 16-bit words of one kv head. Not copied: searches pass them again. */
@@ -34,6 +34,12 @@ export interface RaGraphBuildArgs {
   maxQueries?: number;
   /** In [0, 2^53). */
   seed?: number;
+  /**
+   * Positional neighbours linked each side, beyond `degree`, in [0, 64]
+   * (default 1): a search walks along a span it reached, and every key stays
+   * reachable, also keys no build query retrieved.
+   */
+  positional?: number;
 }
 
 export interface RaGraphSearchArgs {
@@ -47,8 +53,14 @@ export interface RaGraphSearchArgs {
   q: Float32Array;
   group: number;
   k: number;
-  /** Beam width (raised to k). ef >= tokens visits every key: the exact top-k. */
+  /** Beam width (raised to k). ef >= tokens visits every key (without a margin): the exact top-k. */
   ef: number;
+  /**
+   * The quality bound, in score units (q·k, unscaled), >= 0: stop once the
+   * best unexpanded candidate scores below the k-th best so far minus
+   * `margin` (then ef only caps the work). Absent: the fixed beam alone.
+   */
+  margin?: number;
   /** At least min(k, tokens) entries each; best first (score desc, id asc). */
   outIds: Int32Array;
   outScores: Float32Array;
@@ -94,6 +106,7 @@ interface NativeRaGraph {
   readonly edges: number;
   readonly maxDegree: number;
   readonly entryPoints: number;
+  readonly positional: number;
   readonly memoryBytes: number;
   readonly buildStats: RaGraphBuildStats | null;
   save(): Uint8Array;
@@ -136,11 +149,16 @@ export class RaGraph {
         kBuild: args.kBuild ?? RA_GRAPH_DEFAULTS.kBuild,
         maxQueries: args.maxQueries ?? RA_GRAPH_DEFAULTS.maxQueries,
         seed: args.seed ?? RA_GRAPH_DEFAULTS.seed,
+        positional: args.positional ?? RA_GRAPH_DEFAULTS.positional,
       }),
     );
   }
 
-  /** Parses bytes from save(); throws on bytes that are not an intact graph. Synchronous. */
+  /**
+   * Parses bytes from save(); throws on bytes that are not an intact graph,
+   * and on a blob of an older version ("... is stale ...": rebuild it; see
+   * isStaleRaGraph). Synchronous.
+   */
   static load(bytes: Uint8Array): RaGraph {
     return new RaGraph(addon.RaGraph.load(bytes));
   }
@@ -200,6 +218,10 @@ export class RaGraph {
   get entryPoints(): number {
     return this.native.entryPoints;
   }
+  /** Positional neighbours linked each side. */
+  get positional(): number {
+    return this.native.positional;
+  }
   /** Native bytes held (0 after dispose). */
   get memoryBytes(): number {
     return this.native.memoryBytes;
@@ -208,4 +230,9 @@ export class RaGraph {
   get buildStats(): RaGraphBuildStats | null {
     return this.native.buildStats;
   }
+}
+
+/** Whether `err` (from RaGraph.load) says the blob is of an older version and its index must be rebuilt. */
+export function isStaleRaGraph(err: unknown): boolean {
+  return err instanceof Error && /^ra-graph blob version \d+ is stale/.test(err.message);
 }

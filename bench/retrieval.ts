@@ -1,4 +1,6 @@
 // npm run bench:retrieval [-- --tokens 65536,1048576 --heads 1 --steps 6 --methods hnsw,ivf,retrieval-attention --budgets 0.01 --quick]
+//                          [--broad (workload/knobs.ts broadKnobs; results in retrieval-broad-<tokens>.*)]
+//                          [--positional 1 --degree 32 (retrieval-attention's positional edges each side, degree)]
 // npm run bench:documents (the same with --suite documents: squeezed, squeezed-2l, infiniretri,
 //                          retrieval-attention and exact at kept fractions 1%, 3%, 10%)
 //
@@ -12,14 +14,25 @@
 // itself. `infiniretri` reads the document with the question's queries (the
 // prefill query rows of the last 64 positions). Results are written after
 // every method: bench/results/<suite>-<tokens>.{json,md}.
+//
+// retrieval-attention is swept over the fixed beam (ef = k, 2k) and over the
+// quality-bound stop (margin m logits: stop once the best unexpanded
+// candidate scores m below the k-th best; ef = 8k only caps the work), plus
+// one exhaustive row (ef = tokens: the ceiling of its ranking, max over the
+// group of q·k). "search recall" is |retrieved ∩ exact top-k by that score|
+// / k, k = the ids asked (budget + sinks + window): what an ANN search is
+// judged by; "top-k recall" is against each head's own attention top-k
+// (budget only), which a set shared by the group cannot fully cover (the
+// oracle's own top-k recall is shown beside it).
 import { writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
+import { RaGraph } from '../addon/ra-graph.js';
 import { retainHead } from '../index/infiniretri.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchResult } from '../index/method.js';
 import { nativeThreads } from '../addon/kernels.js';
-import { compareWithOracle, exactAttention, oracleSelection, type ExactAttention } from './quality.js';
-import { generateWorkload, type Workload } from '../workload/index.js';
+import { compareWithOracle, exactAttention, oracleSelection, topKIndices, type ExactAttention } from './quality.js';
+import { broadKnobs, generateWorkload, type Workload } from '../workload/index.js';
 import { mean, median } from './stats.js';
 
 interface Options {
@@ -31,6 +44,9 @@ interface Options {
   budgets: number[];
   sinks: number;
   window: number;
+  broad: boolean;
+  positional: number;
+  degree: number;
 }
 
 const SUITES = {
@@ -54,6 +70,9 @@ function parseArgs(argv: string[]): Options {
     budgets: (get('budgets') ?? SUITES[suite].budgets).split(',').map(Number),
     sinks: 16,
     window: 256,
+    broad: argv.includes('--broad'),
+    positional: Number(get('positional') ?? 1),
+    degree: Number(get('degree') ?? 32),
   };
 }
 
@@ -69,6 +88,8 @@ interface Row {
   method: string;
   budget: number;
   ef: number;
+  /** Quality-bound margin in logits (retrieval-attention), or null for none. */
+  margin: number | null;
   buildSeconds: number;
   artifactMB: number;
   loadMs: number;
@@ -77,6 +98,8 @@ interface Row {
   attentionRecall: number;
   oracleRecall: number;
   topKRecall: number;
+  oracleTopKRecall: number;
+  searchRecall: number;
   outputError: number;
   oracleError: number;
   needleHits: string;
@@ -98,21 +121,22 @@ function selection(tokens: number, retrieved: Int32Array, o: Options, want: numb
  * Search efforts swept per method, given the ids asked for (k) and the
  * tokens: beam widths for the graphs, lists probed for ivf (nlist = 4·√n).
  */
-function efSweep(method: string, k: number, tokens: number): number[] {
+function efSweep(method: string, k: number, tokens: number): [number, number | null][] {
   const nlist = Math.round(4 * Math.sqrt(tokens));
   switch (method) {
     case 'hnsw':
+      return [k, 2 * k, 4 * k].map((ef) => [ef, null]);
     case 'retrieval-attention':
-      return [k, 2 * k, 4 * k];
+      return [[k, null], [2 * k, null], ...[0, 0.5, 1, 2, 3].map((m): [number, number] => [8 * k, m]), [tokens, null]];
     case 'ivf':
-      return [0.01, 0.03, 0.1].map((f) => Math.max(1, Math.round(f * nlist)));
+      return [0.01, 0.03, 0.1].map((f): [number, null] => [Math.max(1, Math.round(f * nlist)), null]);
     default:
-      return [0];
+      return [[0, null]];
   }
 }
 
 /** Per kv head, something that answers "the tokens to attend for this step". */
-type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number) => Promise<SearchResult>;
+type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null) => Promise<SearchResult>;
 
 interface Prepared {
   search: Searcher;
@@ -140,6 +164,33 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
     const seconds = (performance.now() - t0) / 1000 / o.heads;
     return { buildSeconds: seconds, artifactMB: 0, loadMs: 0, search: async (h) => ({ ids: retained[h], scanned: 0 }) };
   }
+  if (name === 'retrieval-attention') {
+    // The graph directly, for the margin sweep and the positional option.
+    const t0 = performance.now();
+    const graphs: RaGraph[] = [];
+    for (let h = 0; h < o.heads; h++) {
+      const q = wl.prefillQ[h];
+      graphs.push(await RaGraph.build({ ...keysOf(h), queries: q, positional: o.positional, degree: o.degree }));
+      progress(`${name}: built head ${h + 1}/${o.heads} (${((performance.now() - t0) / 1000).toFixed(1)} s) ${JSON.stringify(graphs[h].buildStats)}`);
+    }
+    const buildSeconds = (performance.now() - t0) / 1000 / o.heads;
+    const bytes = graphs.map((g) => g.save());
+    const t1 = performance.now();
+    const loaded = bytes.map((b) => RaGraph.load(b));
+    const loadMs = (performance.now() - t1) / o.heads;
+    graphs.forEach((g) => g.dispose());
+    const G = wl.spec.qHeads / wl.spec.kvHeads;
+    return {
+      buildSeconds,
+      artifactMB: bytes.reduce((n, a) => n + a.byteLength, 0) / o.heads / 2 ** 20,
+      loadMs,
+      search: async (h, _s, q, k, ef, margin) => {
+        const n = Math.min(k, tokens), outIds = new Int32Array(n), outScores = new Float32Array(n);
+        const r = loaded[h].searchSync({ ...keysOf(h), q, group: G, k: n, ef: Math.max(ef, n), outIds, outScores, margin: margin === null ? undefined : margin * Math.sqrt(d) });
+        return { ids: outIds.subarray(0, r.count), scanned: r.scanned };
+      },
+    };
+  }
   const builder = findMethod(name)!.builder!;
   const t0 = performance.now();
   const artifacts: Uint8Array[] = [];
@@ -165,21 +216,34 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
   const G = qHeads / kvHeads, want = Math.round(tokens * budget);
   const p = prepared ?? (await prepare(name, wl, exact, o, budget));
   const rows: Row[] = [];
-  for (const ef of efSweep(name, want + o.sinks + o.window, tokens)) {
-    const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], err: number[] = [], oerr: number[] = [];
+  const asked = want + o.sinks + o.window;
+  // Per (head, step): the exact top-`asked` by max over the group of q·k.
+  const exactTop = exact.map((steps) =>
+    steps.map((ex) => {
+      const best = new Float64Array(ex.tokens).fill(-Infinity);
+      for (const sc of ex.scores) for (let t = 0; t < ex.tokens; t++) best[t] = Math.max(best[t], sc[t]);
+      return new Set(topKIndices(best, asked));
+    }),
+  );
+  for (const [ef, margin] of efSweep(name, asked, tokens)) {
+    const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)
       for (let s = 0; s < o.steps; s++) {
         const q = wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d);
         const t = performance.now();
-        const res = await p.search(h, s, q, want + o.sinks + o.window, ef);
+        const res = await p.search(h, s, q, asked, ef, margin);
         times.push(performance.now() - t);
+        let found = 0;
+        for (const id of res.ids) found += exactTop[h][s].has(id) ? 1 : 0;
+        srec.push(found / asked);
         scanned.push(res.scanned / tokens);
         const S = selection(tokens, res.ids, o, want);
         const cmp = compareWithOracle(exact[h][s], S, want);
         rec.push(cmp.method.attentionRecall);
         orc.push(cmp.oracle.attentionRecall);
         topk.push(cmp.method.topKRecall);
+        otopk.push(cmp.oracle.topKRecall);
         err.push(cmp.method.outputError);
         oerr.push(cmp.oracle.outputError);
         count += cmp.method.count;
@@ -194,6 +258,7 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       method: name,
       budget,
       ef,
+      margin,
       buildSeconds: p.buildSeconds,
       artifactMB: p.artifactMB,
       loadMs: p.loadMs,
@@ -202,12 +267,14 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       attentionRecall: mean(rec),
       oracleRecall: mean(orc),
       topKRecall: mean(topk),
+      oracleTopKRecall: mean(otopk),
+      searchRecall: mean(srec),
       outputError: mean(err),
       oracleError: mean(oerr),
       needleHits: `${hits}/${needles}`,
       selected: count / (o.heads * o.steps),
     });
-    progress(`${name} budget ${budget} ef=${ef}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), scanned ${(mean(scanned) * 100).toFixed(2)}%`);
+    progress(`${name} budget ${budget} ef=${ef} margin=${margin}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
   }
   return { rows, prepared: p };
 }
@@ -215,15 +282,15 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
 function markdown(tokens: number, rows: Row[], o: Options): string {
   const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
   return [
-    `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head`,
+    `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head${o.broad ? ' (broad configuration)' : ''}`,
     '',
-    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count.`,
+    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + positional edges ${o.positional} each side; margin = the quality-bound stop in logits (— = fixed beam); ef = tokens is the exhaustive ceiling. Search recall: against the exact top-k by max over the group of q·k, k = budget + sinks + window.`,
     '',
-    '| method | kept | ef | build s/head | artifact MB/head | load ms/head | search ms | scanned | attention recall | oracle recall | top-k recall | output error | oracle error | needles |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| method | kept | ef | margin | build s/head | artifact MB/head | load ms/head | search ms | scanned | attention recall | oracle recall | search recall | top-k recall | oracle top-k recall | output error | oracle error | needles |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...rows.map(
       (r) =>
-        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.topKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
+        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
     ),
   ].join('\n') + '\n';
 }
@@ -233,7 +300,7 @@ async function main(): Promise<void> {
   const out = process.env.KVRECALL_BENCH_OUT ?? 'bench/results';
   for (const tokens of o.tokens) {
     progress(`generating ${tokens} tokens × ${o.heads} kv heads`);
-    const spec = { seed: 7, tokens, kvHeads: o.heads, qHeads: o.heads * 4, headDim: 128, steps: o.steps, needles: o.heads * o.steps };
+    const spec = { seed: 7, tokens, kvHeads: o.heads, qHeads: o.heads * 4, headDim: 128, steps: o.steps, needles: o.heads * o.steps, ...(o.broad ? { knobs: broadKnobs(tokens) } : {}) };
     const wl = generateWorkload(spec, (f) => f === 1 && progress('workload ready'));
     const G = 4, d = 128;
     const exact: ExactAttention[][] = [];
@@ -247,8 +314,9 @@ async function main(): Promise<void> {
     const rows: Row[] = [];
     const write = () => {
       const md = markdown(tokens, rows, o);
-      writeFileSync(`${out}/${o.suite}-${tokens}.md`, md);
-      writeFileSync(`${out}/${o.suite}-${tokens}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, rows }, null, 2));
+      const name = `${o.suite}${o.broad ? '-broad' : ''}-${tokens}${process.env.KVRECALL_BENCH_TAG ?? ''}`;
+      writeFileSync(`${out}/${name}.md`, md);
+      writeFileSync(`${out}/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, rows }, null, 2));
       return md;
     };
     for (const name of o.methods) {

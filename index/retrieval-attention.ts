@@ -4,9 +4,22 @@
 // to the high-attention keys while scoring a few percent of them. Without
 // prefill queries (no `q` on the kv route) the keys stand in for queries:
 // a key-to-key graph, measured in bench/retrieval.ts.
+//
+// Search effort: the session's `ef` > 0 is a fixed beam width (raised to k);
+// `ef` 0 (the default) stops on the quality bound instead: once the best
+// unexpanded candidate scores DEFAULT_MARGIN logits below the k-th best
+// found (at scale 1/√headDim), with a beam of 8k capping the work.
 import { RaGraph } from '../addon/ra-graph.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
+
+/** The quality-bound stop in logits when a session leaves `ef` at 0 (bench/results/retrieval-65536.md). */
+export const DEFAULT_MARGIN = 0.5;
+
+/** Beam and margin (score units) for a search of k ids at the session's ef. */
+function effort(ef: number, k: number, headDim: number): { ef: number; margin?: number } {
+  return ef > 0 ? { ef: Math.max(ef, k) } : { ef: 8 * k, margin: DEFAULT_MARGIN * Math.sqrt(headDim) };
+}
 
 class GraphHead implements HeadIndex {
   constructor(
@@ -17,7 +30,7 @@ class GraphHead implements HeadIndex {
   search(q: Float32Array, group: number, k: number, ef: number): SearchResult {
     const n = Math.min(k, this.keys.tokens);
     const ids = new Int32Array(n), scores = new Float32Array(n);
-    const { count, scanned } = this.graph.searchSync({ ...this.keys, q, group, k: n, ef: Math.max(ef, n), outIds: ids, outScores: scores });
+    const { count, scanned } = this.graph.searchSync({ ...this.keys, q, group, k: n, ...effort(ef, n, this.keys.headDim), outIds: ids, outScores: scores });
     return { ids: ids.subarray(0, count), scanned };
   }
 }
@@ -40,7 +53,7 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
     const items = heads.map((head, h) => {
       const { graph, keys } = head as GraphHead;
       const n = Math.min(k[h], keys.tokens);
-      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ef: Math.max(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n) };
+      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n, d), outIds: new Int32Array(n), outScores: new Float32Array(n) };
     });
     const res = await RaGraph.searchBatch(items);
     return res.map((r, h) => ({ ids: items[h].outIds.subarray(0, r.count), scanned: r.scanned }));

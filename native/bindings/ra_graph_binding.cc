@@ -1,13 +1,14 @@
 // The RetrievalAttention graph index (ra_graph.h) as a JS class:
 //   class RaGraph
-//     static build({keys, tokens, headDim, dtype, queries?, queryCount, degree?, kBuild?, maxQueries?, seed?})
+//     static build({keys, tokens, headDim, dtype, queries?, queryCount, degree?, kBuild?, maxQueries?, seed?, positional?})
 //       -> Promise<RaGraph>                                   (off the event loop)
 //     static load(bytes: Uint8Array) -> RaGraph               (throws on corrupt bytes)
 //     static searchBatch([{graph, keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?}, ...])
 //       -> Promise<{count, scanned}[]>                        (the searches run in parallel on the native pool)
 //     save() -> Uint8Array
-//     search({keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?}) -> Promise<{count, scanned}>
-//       (seeds: Int32Array of extra start keys, e.g. the previous decode step's ids)
+//     search({keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?, margin?}) -> Promise<{count, scanned}>
+//       (seeds: Int32Array of extra start keys, e.g. the previous decode step's ids; margin: the
+//        quality-bound stop in score units, absent = none)
 //     searchSync(same) -> {count, scanned}                    (on the calling thread: ~0.1-0.3 ms at 64K keys)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
@@ -53,9 +54,10 @@ struct SearchJob {
   float* outScores = nullptr;
   const int32_t* seeds = nullptr;
   size_t seedCount = 0;
+  float margin = RaGraph::kNoMargin;
   RaSearchResult result;
 
-  void Run() { result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, seeds, seedCount); }
+  void Run() { result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, seeds, seedCount, margin); }
 };
 
 SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<const RaGraph> graph,
@@ -74,6 +76,11 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   job.group = int(Int(o, "group", 1, 1024));
   job.k = int(Int(o, "k", 0, int64_t(1) << 30));
   job.ef = Int(o, "ef", 0, kMaxSafeInt);
+  if (!Absent(o.Get("margin"))) {
+    const float m = Float(o, "margin");
+    if (!(m >= 0)) throw Napi::RangeError::New(env, "margin must be a number >= 0");
+    job.margin = std::min(m, RaGraph::kNoMargin);
+  }
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);
@@ -114,6 +121,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
          InstanceAccessor<&RaGraphJs::SeedJs>("seed"), InstanceAccessor<&RaGraphJs::QueriesUsedJs>("queriesUsed"),
          InstanceAccessor<&RaGraphJs::EdgesJs>("edges"), InstanceAccessor<&RaGraphJs::MaxDegreeJs>("maxDegree"),
          InstanceAccessor<&RaGraphJs::EntryPointsJs>("entryPoints"),
+         InstanceAccessor<&RaGraphJs::PositionalJs>("positional"),
          InstanceAccessor<&RaGraphJs::MemoryBytesJs>("memoryBytes"),
          InstanceAccessor<&RaGraphJs::BuildStatsJs>("buildStats")});
     registry_.Add(env, ctor);
@@ -170,6 +178,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     params.kBuild = int(OptInt(o, "kBuild", 1, 4096, params.kBuild));
     params.maxQueries = OptInt(o, "maxQueries", 1, kMaxSafeInt, params.maxQueries);
     params.seed = uint64_t(OptInt(o, "seed", 0, kMaxSafeInt, int64_t(params.seed)));
+    params.positional = int(OptInt(o, "positional", 0, 64, params.positional));
     auto keys = TypedAt<uint16_t>(o, "keys", size_t(in.tokens) * in.headDim);
     std::vector<Napi::Value> keep{keys};
     in.keys = keys.Data();
@@ -284,6 +293,9 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   }
   Napi::Value MaxDegreeJs(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), double(Live(info.Env())->maxDegree()));
+  }
+  Napi::Value PositionalJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(Live(info.Env())->params().positional));
   }
   Napi::Value EntryPointsJs(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), double(Live(info.Env())->entries().size()));

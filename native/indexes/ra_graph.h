@@ -30,6 +30,11 @@ struct RaGraphParams {
   int kBuild = 64;             // exact top-k keys per build query
   int64_t maxQueries = 8192;   // build queries are subsampled (seeded) to at most this many
   uint64_t seed = 1;
+  // Positional neighbours linked each side (t-1..t-p, t+1..t+p), beyond
+  // `degree`: adjacent post-RoPE keys are near in key space and a span's
+  // tokens are attended together; with p >= 1 every key is reachable from
+  // any other, including keys no build query retrieved. 0 = none.
+  int positional = 1;
 };
 
 struct RaBuildInput {
@@ -72,21 +77,28 @@ class RaGraph {
   // max(ef, k); a key's score is the largest q·k over the group's `group`
   // query rows q [group, headDim], computed exactly as topk.cc does. Writes
   // min(k, tokens) ids and scores, best first (ties towards the lower id).
-  // With ef >= tokens the search visits every key and the result equals the
-  // exact top-k. `seeds` are extra starting keys besides the graph's entry
+  // It stops when the best unexpanded candidate is worse than the beam's
+  // worst (beam full), or, with a finite `margin` (score units, >= 0), as
+  // soon as it scores below the current k-th best minus `margin`: nothing
+  // reached from it is likely to enter the top k (the quality bound; the
+  // beam then only caps the work). With ef >= tokens and no margin the
+  // search visits every key and the result equals the exact top-k. `seeds` are extra starting keys besides the graph's entry
   // points (e.g. the previous decode step's results, or the recent window:
   // decode queries change little from step to step); ids outside [0, n) are
   // ignored. Thread-safe: concurrent searches on one graph are fine.
   RaSearchResult Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
                         int32_t* outIds, float* outScores, const int32_t* seeds = nullptr,
-                        size_t seedCount = 0) const;
+                        size_t seedCount = 0, float margin = kNoMargin) const;
+  static constexpr float kNoMargin = 3.0e38f;
 
-  // Little-endian blob: magic, version, header, CSR offsets (int64, n+1),
+  // Little-endian blob (version 3): magic, version, header, CSR offsets (int64, n+1),
   // neighbours (int32), entry points (int32), Checksum64 (common/checksum.h)
   // of all that.
   std::vector<uint8_t> Serialize() const;
   // Throws std::runtime_error on any inconsistency (magic, version, sizes,
-  // offsets, ids out of range, checksum); never reads out of bounds.
+  // offsets, ids out of range, checksum); never reads out of bounds. A blob
+  // of an older version throws "ra-graph blob version V is stale ...": its
+  // index must be rebuilt from the keys.
   static RaGraph Deserialize(const uint8_t* data, size_t size);
 
   int64_t tokens() const { return n_; }

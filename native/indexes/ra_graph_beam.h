@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -79,20 +80,35 @@ constexpr size_t kPrefetchAhead = 8;
 // [0, n) skipped). Fills `top` with the best min(ef, reachable) hits (a
 // heap, worst on top); returns how many keys were scored. Stops when the best
 // unexpanded candidate is worse than the worst of `top` with `top` full, so
-// with ef >= n it expands every key reachable from the entries.
+// with ef >= n (and no margin) it expands every key reachable from the
+// entries. The quality bound: with k >= 1 and a finite margin it also stops
+// once the best unexpanded candidate scores below the k-th best so far
+// minus margin.
 template <typename Graph, typename Score>
 int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
-                   size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top) {
+                   size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top,
+                   size_t k = 0, float margin = 3.0e38f) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
   thread_local std::vector<Hit> cand;
   thread_local std::vector<int32_t> fresh;
+  thread_local std::vector<float> kbest;  // min-heap of the k best scores so far
   cand.clear();
+  kbest.clear();
+  const bool bounded = k > 0 && margin < 3.0e38f;
   Visited& seen = Visited::Local(n);
   int64_t scanned = 0;
   auto consider = [&](int32_t id) {
     const float s = score(id);
     ++scanned;
+    if (bounded && (kbest.size() < k || s > kbest.front())) {
+      if (kbest.size() >= k) {
+        std::pop_heap(kbest.begin(), kbest.end(), std::greater<float>());
+        kbest.pop_back();
+      }
+      kbest.push_back(s);
+      std::push_heap(kbest.begin(), kbest.end(), std::greater<float>());
+    }
     const Hit h{s, id};
     if (top.size() < ef || Better(h, top.front())) {
       Offer(top, ef, h);
@@ -110,6 +126,7 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
     const Hit c = cand.back();
     cand.pop_back();
     if (top.size() >= ef && Better(top.front(), c)) break;
+    if (bounded && kbest.size() >= k && c.score < kbest.front() - margin) break;
     if (!cand.empty()) graph.PrefetchList(cand.front().id);  // likely the next one expanded
     const auto nb = graph.List(c.id);
     fresh.clear();

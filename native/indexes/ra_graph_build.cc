@@ -22,7 +22,7 @@ namespace kvr {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr int64_t kEntryPoints = 32;
+constexpr int64_t kEntryPoints = 64;
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 struct SplitMix64 {
@@ -349,10 +349,29 @@ RaGraph RaGraph::Build(const RaBuildInput& in, const RaGraphParams& params, RaBu
   std::vector<int32_t>().swap(cand);
   std::vector<int64_t>().swap(candOff);
 
+  // Positional edges, beyond `degree`: t-1..t-p and t+1..t+p. Adjacent
+  // post-RoPE keys are near in key space and a span's tokens are attended
+  // together, so a search that reaches a span walks along it; and the chain
+  // makes every key reachable, also those no build query retrieved.
+  if (params.positional > 0)
+    ThreadPool::Get().ParallelFor(size_t((n + 4095) / 4096), [&](size_t t) {
+      for (int64_t u = int64_t(t) * 4096; u < std::min<int64_t>(n, int64_t(t + 1) * 4096); ++u) {
+        auto& out = adj[size_t(u)];
+        const size_t projected = out.size();
+        for (int64_t j = 1; j <= params.positional; ++j)
+          for (int64_t v : {u - j, u + j})
+            if (v >= 0 && v < n && std::find(out.begin(), out.begin() + projected, int32_t(v)) == out.begin() + projected)
+              out.push_back(int32_t(v));
+      }
+    });
+
   stats.projectSeconds = Since(t0);
 
   // 4. Entry points: the keys that are the nearest key of the most build
-  //    queries (hubs of the query distribution), ties to the larger norm.
+  //    queries (hubs of the query distribution), ties to the larger norm:
+  //    kEntryPoints / 4 over the whole context, then the best of each of
+  //    the rest's equal stretches of positions (content comes in spans, so a
+  //    query's region is seldom far from one of them).
   t0 = Clock::now();
   std::vector<float> norm2(static_cast<size_t>(n));
   ThreadPool::Get().ParallelFor(size_t((n + 4095) / 4096), [&](size_t t) {
@@ -363,15 +382,24 @@ RaGraph RaGraph::Build(const RaBuildInput& in, const RaGraphParams& params, RaBu
     }
   });
   {
-    const size_t want = size_t(std::min<int64_t>(n, kEntryPoints));
-    std::vector<int32_t> ids(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = int32_t(i);
-    std::partial_sort(ids.begin(), ids.begin() + want, ids.end(), [&](int32_t a, int32_t b) {
+    auto hub = [&](int32_t a, int32_t b) {
       if (pivotCount[size_t(a)] != pivotCount[size_t(b)]) return pivotCount[size_t(a)] > pivotCount[size_t(b)];
       if (norm2[size_t(a)] != norm2[size_t(b)]) return norm2[size_t(a)] > norm2[size_t(b)];
       return a < b;
-    });
-    g.entries_.assign(ids.begin(), ids.begin() + want);
+    };
+    const size_t global = size_t(std::min<int64_t>(n, kEntryPoints / 4));
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ids[size_t(i)] = int32_t(i);
+    std::partial_sort(ids.begin(), ids.begin() + global, ids.end(), hub);
+    g.entries_.assign(ids.begin(), ids.begin() + global);
+    const int64_t stripes = std::min<int64_t>(n, kEntryPoints - int64_t(global));
+    for (int64_t s = 0; s < stripes; ++s) {
+      const int64_t a = s * n / stripes, b = (s + 1) * n / stripes;
+      int32_t best = int32_t(a);
+      for (int64_t i = a + 1; i < b; ++i)
+        if (hub(int32_t(i), best)) best = int32_t(i);
+      if (std::find(g.entries_.begin(), g.entries_.end(), best) == g.entries_.end()) g.entries_.push_back(best);
+    }
   }
 
   // 5. Connectivity: every key must be reachable from the entry points (the

@@ -13,9 +13,10 @@ namespace kvr {
 namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'R', 'A', 'G', 'R', 'P', 'H'};
-// Version 2: the trailing checksum is common/checksum.h's Checksum64 (version
-// 1 blobs used a checksum of their own and are rebuilt, not read).
-constexpr uint32_t kVersion = 2;
+// Version 3: positional edges and entry points per stretch of positions
+// (the header records `positional`). Version 2 (the trailing checksum became
+// common/checksum.h's Checksum64) and 1 are stale: rebuilt, not read.
+constexpr uint32_t kVersion = 3;
 
 #pragma pack(push, 1)
 struct Header {
@@ -31,6 +32,8 @@ struct Header {
   uint64_t seed;
   int64_t queriesUsed;
   int64_t edgeCount;
+  int32_t positional;
+  int32_t reserved;
 };
 #pragma pack(pop)
 
@@ -52,6 +55,7 @@ std::vector<uint8_t> RaGraph::Serialize() const {
   h.seed = params_.seed;
   h.queriesUsed = queriesUsed_;
   h.edgeCount = int64_t(neighbors_.size());
+  h.positional = params_.positional;
   const size_t size = sizeof(Header) + offsets_.size() * 8 + neighbors_.size() * 4 + entries_.size() * 4 + 8;
   std::vector<uint8_t> out(size);
   uint8_t* p = out.data();
@@ -75,11 +79,17 @@ RaGraph RaGraph::Deserialize(const uint8_t* data, size_t size) {
     std::memcpy(&lo, &probe, 1);
     if (lo != 1) throw std::runtime_error("ra-graph: big-endian hosts are not supported");
   }
-  if (data == nullptr || size < sizeof(Header) + 8) Corrupt("too short");
+  if (data == nullptr || size < 12) Corrupt("too short");
+  if (std::memcmp(data, kMagic, 8) != 0) Corrupt("bad magic");
+  uint32_t version;
+  std::memcpy(&version, data + 8, 4);
+  if (version < kVersion)
+    throw std::runtime_error("ra-graph blob version " + std::to_string(version) + " is stale (this build reads version " +
+                             std::to_string(kVersion) + "): rebuild the index from the keys");
+  if (version != kVersion) Corrupt("unsupported version " + std::to_string(version));
+  if (size < sizeof(Header) + 8) Corrupt("too short");
   Header h;
   std::memcpy(&h, data, sizeof h);
-  if (std::memcmp(h.magic, kMagic, 8) != 0) Corrupt("bad magic");
-  if (h.version != kVersion) Corrupt("unsupported version " + std::to_string(h.version));
   if (h.headerBytes != sizeof(Header)) Corrupt("bad header size");
   uint64_t sum;
   std::memcpy(&sum, data + size - 8, 8);
@@ -87,7 +97,8 @@ RaGraph RaGraph::Deserialize(const uint8_t* data, size_t size) {
   const uint64_t body = uint64_t(size) - sizeof(Header) - 8;
   if (h.n < 0 || h.n > int64_t(std::numeric_limits<int32_t>::max())) Corrupt("bad token count");
   if (h.d < 1 || h.d > (1 << 16)) Corrupt("bad head dim");
-  if (h.degree < 1 || h.kBuild < 1 || h.maxQueries < 1 || h.queriesUsed < 0) Corrupt("bad parameters");
+  if (h.degree < 1 || h.kBuild < 1 || h.maxQueries < 1 || h.queriesUsed < 0 || h.positional < 0 || h.positional > 64)
+    Corrupt("bad parameters");
   if (h.entryCount < 0 || h.entryCount > h.n || (h.n > 0 && h.entryCount == 0)) Corrupt("bad entry count");
   if (h.edgeCount < 0 || uint64_t(h.edgeCount) > body / 4) Corrupt("bad edge count");
   const uint64_t need = (uint64_t(h.n) + 1) * 8 + uint64_t(h.edgeCount) * 4 + uint64_t(h.entryCount) * 4;
@@ -99,6 +110,7 @@ RaGraph RaGraph::Deserialize(const uint8_t* data, size_t size) {
   g.params_.kBuild = h.kBuild;
   g.params_.maxQueries = h.maxQueries;
   g.params_.seed = h.seed;
+  g.params_.positional = h.positional;
   g.queriesUsed_ = h.queriesUsed;
   const uint8_t* p = data + sizeof(Header);
   g.offsets_.resize(size_t(h.n) + 1);

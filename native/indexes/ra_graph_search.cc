@@ -19,7 +19,8 @@ int64_t RaGraph::maxDegree() const {
 }
 
 RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
-                               int32_t* outIds, float* outScores, const int32_t* seeds, size_t seedCount) const {
+                               int32_t* outIds, float* outScores, const int32_t* seeds, size_t seedCount,
+                               float margin) const {
   RaSearchResult res;
   const int64_t keep = std::min<int64_t>(k, n_);
   if (keep <= 0 || group <= 0) return res;
@@ -38,7 +39,7 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
         for (int gi = 0; gi < group; ++gi) s = std::max(s, Dot(q + size_t(gi) * d, row.data(), size_t(d)));
         return s;
       },
-      top);
+      top, size_t(keep), margin);
   res.count = WriteBest(top, keep, outIds, outScores);
   return res;
 }

@@ -1,10 +1,12 @@
 // The RetrievalAttention graph index (native/indexes/ra_graph_build.cc) at odd sizes:
-// exhaustive search equals the exact top-k, save/load round-trips, corrupt
-// blobs are rejected, and on clustered keys with out-of-distribution
+// exhaustive search equals the exact top-k, every key is reachable from the
+// entry points (also keys no build query selects), save/load round-trips
+// and a stale version is refused as such, corrupt blobs are rejected, the
+// quality-bound stop, and on clustered keys with out-of-distribution
 // (shifted) queries the query-built graph beats a key-only graph.
 import { describe, expect, it } from 'vitest';
 import { topk } from '../../addon/kernels.js';
-import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
+import { isStaleRaGraph, RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -85,6 +87,40 @@ describe('ra-graph exhaustive search', () => {
         expect(() => graph.save()).toThrow(/disposed/);
       });
 
+  // An exhaustive search (ef >= tokens, no margin) never stops early: it
+  // expands every key reachable from the entry points, a breadth-first
+  // reachability check. Queries aimed at a few directions leave most keys
+  // in no build query's top list.
+  for (const positional of [0, 1, 3])
+    it(`reaches every key from the entry points, also keys no prefill query selects (positional ${positional})`, async () => {
+      const rng = new Rng(seed + 80 + positional);
+      for (const [n, d] of [[1999, 16], [4001, 32]]) {
+        const keys = gaussianKeys(rng, 'f16', n, d);
+        const aims = Array.from({ length: 3 }, () => Float64Array.from({ length: d }, () => 2 * rng.normal()));
+        const queries = new Float32Array(500 * d);
+        for (let r = 0; r < 500; r++) for (let j = 0; j < d; j++) queries[r * d + j] = aims[r % 3][j] + 0.2 * rng.normal();
+        const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries, degree: 8, kBuild: 16, positional });
+        expect(graph.positional).toBe(positional);
+        const stats = graph.buildStats!;
+        expect(stats.unretrieved).toBeGreaterThan(n / 2);
+        if (positional === 0) expect(stats.bridged).toBeGreaterThan(0); // bridging edges may pile onto a few keys
+        else {
+          expect(stats.bridged).toBe(0); // the positional chain already connects everything
+          expect(graph.maxDegree).toBeLessThanOrEqual(8 + 2 * positional);
+        }
+        for (let trial = 0; trial < 4; trial++) {
+          const q = queryRows(rng, 2, d, trial % 2 ? 0 : -1, 1);
+          const args = searchArgs(keys.bits, n, d, 'f16', q, 2, 5, n);
+          expect(graph.searchSync(args)).toEqual({ count: 5, scanned: n });
+          expect([...args.outIds]).toEqual([...(await exact(q, 2, keys.bits, n, d, 'f16', 5)).ids]);
+        }
+        // The same after a round trip (the loaded graph is not rebuilt: no build stats).
+        const loaded = RaGraph.load(graph.save());
+        expect(loaded.buildStats).toBeNull();
+        expect(loaded.searchSync(searchArgs(keys.bits, n, d, 'f16', queryRows(rng, 1, d), 1, 3, n)).scanned).toBe(n);
+      }
+    });
+
   it('handles k > tokens, tiny graphs and an empty one', async () => {
     const rng = new Rng(seed + 30);
     for (const n of [0, 1, 2, 37]) {
@@ -112,7 +148,7 @@ describe('ra-graph save/load', () => {
     const loaded = RaGraph.load(bytes);
     expect(loaded.buildStats).toBeNull();
     expect(graph.buildStats?.queriesUsed).toBe(1200);
-    for (const key of ['tokens', 'headDim', 'degree', 'kBuild', 'maxQueries', 'seed', 'queriesUsed', 'edges', 'maxDegree', 'entryPoints', 'memoryBytes'] as const)
+    for (const key of ['tokens', 'headDim', 'degree', 'kBuild', 'maxQueries', 'seed', 'queriesUsed', 'edges', 'maxDegree', 'entryPoints', 'positional', 'memoryBytes'] as const)
       expect(loaded[key]).toBe(graph[key]);
     expect([...loaded.save()]).toEqual([...bytes]);
     for (let trial = 0; trial < 5; trial++) {
@@ -162,6 +198,33 @@ describe('ra-graph save/load', () => {
     expect(RaGraph.load(shifted.subarray(1)).edges).toBe(graph.edges);
   });
 
+  it('refuses a blob of an older version as stale (its index is rebuilt, not read)', async () => {
+    const rng = new Rng(seed + 52);
+    const [n, d] = [301, 8];
+    const keys = gaussianKeys(rng, 'f16', n, d);
+    const bytes = (await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: queryRows(rng, 40, d) })).save();
+    expect(new DataView(bytes.buffer, bytes.byteOffset).getUint32(8, true)).toBe(3);
+    for (const version of [1, 2]) {
+      const old = bytes.slice();
+      new DataView(old.buffer).setUint32(8, version, true);
+      let err: unknown;
+      try {
+        RaGraph.load(old);
+      } catch (e) {
+        err = e;
+      }
+      expect(String(err)).toMatch(new RegExp(`ra-graph blob version ${version} is stale \\(this build reads version 3\\): rebuild`));
+      expect(isStaleRaGraph(err)).toBe(true);
+    }
+    let corrupt: unknown;
+    try {
+      RaGraph.load(bytes.subarray(0, 40));
+    } catch (e) {
+      corrupt = e;
+    }
+    expect(isStaleRaGraph(corrupt)).toBe(false);
+  });
+
   it('starts from the given seeds as well as its entry points', async () => {
     const rng = new Rng(seed + 55);
     const [n, d, G, k] = [2003, 24, 4, 31];
@@ -206,6 +269,41 @@ describe('ra-graph save/load', () => {
 });
 
 describe('ra-graph quality', () => {
+  it('stops on the quality bound: margin 0 is the narrowest beam, a wide margin the exhaustive search', async () => {
+    const rng = new Rng(seed + 65);
+    const [n, d, G, k] = [6007, 32, 4, 40];
+    const keys = gaussianKeys(rng, 'f16', n, d);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: queryRows(rng, 1500, d), degree: 16, kBuild: 32 });
+    let narrow = 0, mid = 0, midScanned = 0, narrowScanned = 0;
+    for (let trial = 0; trial < 8; trial++) {
+      const q = queryRows(rng, G, d, 0.3, 1.2);
+      const truth = new Set((await exact(q, G, keys.bits, n, d, 'f16', k)).ids);
+      const hits = (a: RaGraphSearchArgs, c: number) => [...a.outIds.subarray(0, c)].filter((id) => truth.has(id)).length;
+      const fixed = searchArgs(keys.bits, n, d, 'f16', q, G, k, k), m0 = { ...searchArgs(keys.bits, n, d, 'f16', q, G, k, n), margin: 0 };
+      const rf = graph.searchSync(fixed), r0 = graph.searchSync(m0);
+      // Margin 0 stops where a beam of width k would (ef only caps the work).
+      expect(r0).toEqual(rf);
+      expect([...m0.outIds]).toEqual([...fixed.outIds]);
+      narrow += hits(m0, r0.count);
+      narrowScanned += r0.scanned;
+      const m4 = { ...searchArgs(keys.bits, n, d, 'f16', q, G, k, n), margin: 4 };
+      const r4 = graph.searchSync(m4);
+      expect(r4.scanned).toBeGreaterThanOrEqual(r0.scanned);
+      mid += hits(m4, r4.count);
+      midScanned += r4.scanned;
+      // A margin wider than any score gap: the exhaustive search, exactly.
+      const wide = { ...searchArgs(keys.bits, n, d, 'f16', q, G, k, n), margin: 1e6 };
+      expect(graph.searchSync(wide)).toEqual({ count: k, scanned: n });
+      expect(new Set(wide.outIds)).toEqual(truth);
+    }
+    expect(mid).toBeGreaterThanOrEqual(narrow);
+    expect(midScanned).toBeLessThan(8 * n);
+    console.log(`quality bound (n=${n}): margin 0 recall@${k} ${(narrow / (8 * k)).toFixed(3)} at ${((100 * narrowScanned) / (8 * n)).toFixed(1)}%; margin 4 ${(mid / (8 * k)).toFixed(3)} at ${((100 * midScanned) / (8 * n)).toFixed(1)}%`);
+    const ok = searchArgs(keys.bits, n, d, 'f16', queryRows(rng, G, d), G, k, k);
+    expect(() => graph.searchSync({ ...ok, margin: -1 })).toThrow(RangeError);
+    expect(() => graph.searchSync({ ...ok, margin: Number.NaN })).toThrow(RangeError);
+  });
+
   it('beats a key-only graph on clustered keys with shifted queries at the same scanned count', async () => {
     const rng = new Rng(seed + 70);
     const [n, d, G, k, clusters] = [20011, 64, 4, 50, 32];
