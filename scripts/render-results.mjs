@@ -206,6 +206,7 @@ const BLOCKS = {
     const of = (rs, m) => rs.filter((r) => r.method === m);
     const at64 = (m) => {
       const rs = of(j64.rows, m);
+      if (rs.length === 0) return '';
       return `\`${m}\` ${span(rs.map((r) => r.attentionRecall), (v) => fix(v, 2))} scanning ${span(rs.map((r) => r.scanned * 100), (v) => v.toFixed(0))}%, ${needleSpan(rs)} needles`;
     };
     return [
@@ -225,7 +226,8 @@ const BLOCKS = {
       `output error ${span(hr.map((r) => r.outputError * 100), (v) => v.toFixed(0))}%, ${needleSpan(hr)} needles, ${span(hr.map((r) => r.searchMs), (v) => v.toFixed(0))} ms per search.`,
       `At ${tok(j64.options.tokens[0])} (\`${f64}\`, ${machine(j64.machine)}, budget ${pct(j64.options.budgets[0])}): ${at64('hnsw')}`,
       `(without centring, the keys' shared mean turns the inner-product graph into a few hubs,`,
-      `\`bench/results/workload.md\`); ${at64('ivf')}; ${at64('retrieval-attention')}; the oracle ${fix(j64.rows[0].oracleRecall, 2)}.`,
+      `\`bench/results/workload.md\`); ${[at64('ivf'), at64('retrieval-attention')].filter(Boolean).join('; ')}; the oracle ${fix(j64.rows[0].oracleRecall, 2)}.`,
+      `The graph after issue #15's changes against hnsw at 64K, default and broad configurations: \`bench/results/graph-65536.md\`.`,
     ].join('\n');
   },
 
