@@ -10,6 +10,7 @@
         "native/bindings/addon.cc",
         "native/bindings/attention_binding.cc",
         "native/bindings/attention_mass_binding.cc",
+        "native/bindings/block_scores_binding.cc",
         "native/bindings/checksum_binding.cc",
         "native/bindings/cluster_estimate_binding.cc",
         "native/bindings/convert_binding.cc",
@@ -41,6 +42,7 @@
         ["has_cuda==1", {
           "defines": ["KVR_CUDA=1"],
           "sources": ["native/cuda/block_pool.cu", "native/cuda/decode_kernel.cu"],
+          "sources+": ["native/cuda/block_scores.cu"],
           "rules": [{
             "rule_name": "nvcc",
             "extension": "cu",

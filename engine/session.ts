@@ -4,6 +4,7 @@ import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../
 import type { HostBudget } from '../storage/host-budget.js';
 import type { GpuBackend } from './cache/gpu-pool.js';
 import { SessionCache } from './cache/residency.js';
+import { deviceBlockScorer } from './cache/device-block-scores.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
 import type { ModelShape } from '../core/model.js';
@@ -104,7 +105,9 @@ export class Session {
     const indexes = [...this.documents.map((_, i) => this.documentIndexes[i]?.[layer]), undefined];
     const { qHeads, kvHeads, headDim } = this.model;
     const question = (head: number) => this.ownQueries.rows(layer, head);
-    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim };
+    // GPU sessions score block summaries on the device (the same blocks as on the host).
+    const blockScorer = this.gpu ? deviceBlockScorer() : undefined;
+    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim, ...(blockScorer && { blockScorer }) };
   }
 
   describe() {

@@ -12,6 +12,13 @@
 // `topk-blocks`: plain top blocks by q · block mean with an LRU pool, the
 // baseline NOSA is compared against.
 //
+// Scoring: a GPU session's layer context offers a device scorer
+// (engine/cache/device-block-scores.ts: the block means resident on the GPU,
+// every kv head scored and its top blocks found in one call); otherwise one
+// native host pass over the means. Either way only the candidates come back
+// (the top `reach` blocks and last step's blocks, with scores bit for bit
+// the same), and the logic below is O(candidates) per step.
+//
 // Each block carries its eviction class to the pool (engine/cache: the CUDA
 // pool's classes + LRU, or their host model when there is no GPU). (An
 // earlier policy kept high-importance blocks a class above recently used
@@ -31,7 +38,8 @@ interface Policy {
 }
 
 interface HeadState {
-  selected: Set<number>;
+  /** The blocks the last step selected, ascending. */
+  selected: Int32Array;
 }
 
 export const blockSummaryBuilder: HeadIndexBuilder = {
@@ -39,32 +47,50 @@ export const blockSummaryBuilder: HeadIndexBuilder = {
   load: loadBlockSummary,
 };
 
+const PREV = 1, TOP = 2, CHOSEN = 4;
+
 /**
  * The step's blocks: the agnostic ones, then by score, keeping what the
  * previous step selected and bringing in at most `maxNew` others. Only the
  * candidates can be chosen (the previous selection and the top `reach`
  * blocks by score, reach = budget + agnostic + maxNew: any block below them
- * would come after the budget or the quota is spent), so nothing beyond them
- * is sorted.
+ * would come after the budget or the quota is spent). `top` is already in
+ * score order (higher score, then lower id) and every block outside it ranks
+ * below it, so the order of all candidates is `top`, then the previous
+ * blocks outside it sorted by their scores (prevScores, aligned with prev):
+ * nothing else is scored or sorted, and the work is O(candidates) (the
+ * summary's flag scratch marks them and is cleared again).
  */
-function choose(summary: BlockSummary, top: Int32Array, scores: Float32Array, budget: number, prev: Set<number>, policy: Policy): number[] {
-  const chosen = new Set<number>();
-  for (const b of summary.byImportance.subarray(0, agnosticCount(budget, policy))) chosen.add(b);
-  const maxNew = prev.size === 0 ? Infinity : maxNewCount(budget, policy);
-  const candidates = new Set<number>(top);
-  for (const b of prev) candidates.add(b);
-  const byScore = [...candidates].sort((a, b) => scores[b] - scores[a] || a - b);
+function choose(summary: BlockSummary, top: Int32Array, prev: Int32Array, prevScores: Float32Array, budget: number, policy: Policy): Int32Array {
+  const f = summary.flags;
+  const agnostic = summary.byImportance.subarray(0, agnosticCount(budget, policy));
+  const out = new Int32Array(Math.max(budget, agnostic.length));
+  let n = 0;
+  for (let i = 0; i < agnostic.length; i++) {
+    f[agnostic[i]] |= CHOSEN;
+    out[n++] = agnostic[i];
+  }
+  for (let i = 0; i < prev.length; i++) f[prev[i]] |= PREV;
+  for (let i = 0; i < top.length; i++) f[top[i]] |= TOP;
+  const below: number[] = [];
+  for (let i = 0; i < prev.length; i++) if (!(f[prev[i]] & TOP)) below.push(i);
+  below.sort((i, j) => prevScores[j] - prevScores[i] || prev[i] - prev[j]);
+  const maxNew = prev.length === 0 ? Infinity : maxNewCount(budget, policy);
   let brought = 0;
-  for (const b of byScore) {
-    if (chosen.size >= budget) break;
-    if (chosen.has(b)) continue;
-    if (prev.has(b)) chosen.add(b);
-    else if (brought < maxNew) {
-      chosen.add(b);
-      brought++;
+  for (let i = 0; i < top.length + below.length && n < budget; i++) {
+    const b = i < top.length ? top[i] : prev[below[i - top.length]];
+    if (f[b] & CHOSEN) continue;
+    if (f[b] & PREV || brought < maxNew) {
+      if (!(f[b] & PREV)) brought++;
+      f[b] |= CHOSEN;
+      out[n++] = b;
     }
   }
-  return [...chosen];
+  for (let i = 0; i < agnostic.length; i++) f[agnostic[i]] = 0;
+  for (let i = 0; i < prev.length; i++) f[prev[i]] = 0;
+  for (let i = 0; i < top.length; i++) f[top[i]] = 0;
+  for (let i = 0; i < n; i++) f[out[i]] = 0;
+  return out.subarray(0, n);
 }
 
 const agnosticCount = (budget: number, policy: Policy) => Math.floor(budget * policy.agnosticShare);
@@ -84,11 +110,6 @@ function blockAligned(ranges: Range[], size: number, tokens: number): Range[] {
     else out.push(r);
   }
   return out;
-}
-
-/** Pool eviction class of a selected block: query-agnostic ones outlive the rest. */
-function priorityOf(block: number, agnostic: Set<number>, policy: Policy): number {
-  return policy.protectAgnostic && agnostic.has(block) ? 1 : 0;
 }
 
 function blockSelect(name: string, policy: Policy): RetrievalMethod {
@@ -115,22 +136,31 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         const ids: Int32Array[] = [], priority: Uint8Array[] = [];
         const maxNew = maxNewCount(budget, policy);
         const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew);
-        const scored = await BlockSummary.scoreHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach);
+        const states = heads.map((_, h) => {
+          const key = `${name}:${s}:${h}`;
+          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Int32Array(0) };
+          ctx.memo.set(key, state);
+          return state;
+        });
+        // The candidates (top `reach` and last step's blocks) and their scores:
+        // on the device for GPU sessions, else on the host.
+        const prev = states.map((st) => st.selected);
+        const scored = await BlockSummary.topHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach, prev, ctx.blockScorer);
+        const agnostic = agnosticCount(budget, policy);
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
-          const { order, scores } = scored[h];
           scanned += summary.blocks / ctx.kvHeads;
-          const key = `${name}:${s}:${h}`;
-          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Set() };
-          ctx.memo.set(key, state);
-          const chosen = choose(summary, order, scores, budget, state.selected, policy).sort((a, b) => a - b);
-          const agnostic = new Set(summary.byImportance.subarray(0, agnosticCount(budget, policy)));
-          const cls = (b: number) => priorityOf(b, agnostic, policy);
-          state.selected = new Set(chosen);
-          // Blocks the static part already covers are attended there.
-          const kept = chosen.filter((b) => !inside(ranges, b * size));
-          ids.push(Int32Array.from(kept));
-          priority.push(Uint8Array.from(kept, cls));
+          const chosen = choose(summary, scored[h].order, prev[h], scored[h].extraScores, budget, policy).sort();
+          states[h].selected = chosen;
+          // Blocks the static part already covers are attended there; the
+          // query-agnostic ones are a pool class above the rest.
+          const kept = new Int32Array(chosen.length);
+          let n = 0;
+          for (let i = 0; i < chosen.length; i++) if (!inside(ranges, chosen[i] * size)) kept[n++] = chosen[i];
+          const rank = summary.importanceRank, cls = new Uint8Array(n);
+          if (policy.protectAgnostic) for (let i = 0; i < n; i++) cls[i] = rank[kept[i]] < agnostic ? 1 : 0;
+          ids.push(kept.subarray(0, n));
+          priority.push(cls);
         }
         parts.push({ segment, blocks: { size, ids, priority } });
       }

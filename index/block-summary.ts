@@ -5,7 +5,7 @@
 // representatives; without prefill queries, a sample of the keys stands in).
 import { convert, topkHeads, type KvDtype } from '../addon/kernels.js';
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
-import type { BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
+import type { BlockScorer, BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
 
 /** Tokens per summarized block: the GPU pool's block, so selected blocks are pool blocks. */
 export const SUMMARY_BLOCK = DEFAULT_BLOCK_SIZE;
@@ -61,13 +61,57 @@ export class BlockSummary implements HeadIndex {
     return heads.map((s, h) => ({ order: s.order.subarray(0, counts[h]), scores: s.scores }));
   }
 
+  /**
+   * A step's candidates for every kv head: the top `k` blocks, best first
+   * (higher score, then lower id), and the scores of the blocks extra[h].
+   * With a device scorer (GPU sessions) that takes the summaries, one device
+   * call that returns only those (nothing of size blocks comes back to JS);
+   * otherwise scoreHeads on the host. Both give the same blocks in the same
+   * order and the same scores, bit for bit.
+   */
+  static async topHeads(
+    heads: BlockSummary[],
+    q: Float32Array,
+    group: number,
+    k: number,
+    extra: Int32Array[],
+    scorer?: BlockScorer,
+  ): Promise<{ order: Int32Array; extraScores: Float32Array }[]> {
+    const device = scorer ? await scorer.topBlocks(heads, q, group, k, extra) : undefined;
+    if (device) return device.map((r) => ({ order: r.ids, extraScores: r.extraScores }));
+    const scored = await BlockSummary.scoreHeads(heads, q, group, k);
+    return scored.map(({ order, scores }, h) => ({ order, extraScores: Float32Array.from(extra[h], (b) => scores[b]) }));
+  }
+
   /** Blocks by stable importance, most important first (computed once). */
   get byImportance(): Int32Array {
     this.importanceOrder ??= Int32Array.from(this.importance.keys()).sort((a, b) => this.importance[b] - this.importance[a] || a - b);
     return this.importanceOrder;
   }
 
+  /** Each block's position in byImportance (computed once): block b is among the n most important iff rank[b] < n. */
+  get importanceRank(): Int32Array {
+    if (!this.rank) {
+      const order = this.byImportance, rank = new Int32Array(this.blocks);
+      for (let i = 0; i < order.length; i++) rank[order[i]] = i;
+      this.rank = rank;
+    }
+    return this.rank;
+  }
+
+  /**
+   * A per-block flag scratch for the methods' per-step candidate logic
+   * (allocated once, blocks bytes): all zero between uses, a user sets flags
+   * on the few blocks it looks at and clears exactly those before it
+   * returns, without awaiting in between, so no step pays for every block.
+   */
+  get flags(): Uint8Array {
+    return (this.flagScratch ??= new Uint8Array(this.blocks));
+  }
+
   private importanceOrder?: Int32Array;
+  private rank?: Int32Array;
+  private flagScratch?: Uint8Array;
 
   /** Token rows of a block. */
   rows(block: number): [number, number] {

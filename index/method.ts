@@ -7,6 +7,7 @@
 // (document, layer, kv head), built once at seal from the keys (and the
 // prefill queries when the LLM server sent them), saved as bytes in LMDB
 // next to the document, and loaded, not rebuilt, when a session attaches it.
+import type { HeadTopBlocks } from '../addon/block-scores.js';
 import type { AttendSegment, KvDtype } from '../addon/kernels.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 
@@ -30,6 +31,33 @@ export interface LayerContext {
   qHeads: number;
   kvHeads: number;
   headDim: number;
+  /**
+   * Block scoring on the device, offered to GPU sessions only: block
+   * methods score their summaries through it when present, on the host
+   * otherwise (the same blocks either way).
+   */
+  blockScorer?: BlockScorer;
+}
+
+/** One kv head's block means, as a block scorer reads them (index/block-summary.ts's BlockSummary is one). */
+export interface BlockMeans {
+  readonly blocks: number;
+  readonly headDim: number;
+  readonly dtype: KvDtype;
+  /** [blocks, headDim] storage-dtype words. */
+  readonly means: Uint16Array;
+}
+
+/** Scores the block means of every kv head of one document's layer in one call. */
+export interface BlockScorer {
+  /**
+   * Per kv head h (query rows h*group ..): the top `k` blocks by max over
+   * the group of q·mean, best first, ties towards the lower id, with their
+   * scores, and the scores of the blocks extra[h]; exactly what the host's
+   * topkHeads computes. Undefined when it cannot take these summaries (the
+   * caller scores them on the host).
+   */
+  topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined>;
 }
 
 export interface SearchParams {

@@ -1,0 +1,162 @@
+// Typed wrapper around the addon's device block scoring
+// (native/bindings/block_scores_binding.cc, kernels in native/cuda/block_scores.cu):
+// one (document, layer)'s block means, every kv head, resident on the GPU,
+// and per decode step one native call that scores every block of every head
+// (max over the GQA group of q·mean, summed in the host kernel's order, so
+// the scores are the host's bit for bit) and returns each head's top k
+// blocks, best first, ties towards the lower id: what topkHeads over the
+// same means returns.
+import { nativeAddon } from './addon.js';
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
+
+interface NativeBlockScores {
+  topk(a: {
+    q: Float32Array;
+    group: number;
+    k: number;
+    outIds: Int32Array;
+    outScores: Float32Array;
+    extraIds?: Int32Array;
+    extraCounts?: Int32Array;
+    extraScores?: Float32Array;
+    sync?: boolean;
+  }): number | Promise<number>;
+  bytes(): number;
+  lastTimes(): BlockTopKTimes;
+  close(): void;
+}
+
+interface Addon {
+  blockScoresSupported(headDim: number, group: number): boolean;
+  BlockScores: new (o: { heads: Uint16Array[]; blocks: number; headDim: number; dtype: number }) => NativeBlockScores;
+}
+
+const addon = nativeAddon<Addon>();
+
+/** Where the last step's time went, milliseconds. */
+export interface BlockTopKTimes {
+  /** The scoring and the selection kernel (CUDA events). */
+  scoreMs: number;
+  selectMs: number;
+  /** On the host: staging the inputs, issuing copies and launches, waiting for the stream, copying the outputs out. */
+  prepMs: number;
+  issueMs: number;
+  waitMs: number;
+  copyOutMs: number;
+}
+
+/** One kv head's answer of a step. */
+export interface HeadTopBlocks {
+  /** The best blocks, best first (min(k, blocks) of them). */
+  ids: Int32Array;
+  /** Their scores, aligned with ids. */
+  scores: Float32Array;
+  /** The scores of the extra blocks asked for, in their order. */
+  extraScores: Float32Array;
+}
+
+export interface BlockTopKArgs {
+  /** [heads * group, headDim]: head h scores with rows h*group .. (h+1)*group. */
+  q: Float32Array;
+  group: number;
+  k: number;
+  /** Per kv head, blocks whose scores are wanted too (any blocks, each < blocks). */
+  extra?: Int32Array[];
+}
+
+/** Whether this build and host can score blocks of this shape on the device (never throws). */
+export function deviceBlockScoresSupported(headDim: number, group: number): boolean {
+  try {
+    return addon.blockScoresSupported(headDim, group);
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The block means of one (document, layer) on the device: heads × blocks ×
+ * headDim 16-bit words, uploaded once by create (blocks × headDim × 2 bytes
+ * per head, 1/64 of the K and V at 64-token blocks).
+ */
+export class DeviceBlockScores {
+  private constructor(
+    private readonly native: NativeBlockScores,
+    readonly heads: number,
+    readonly blocks: number,
+    readonly headDim: number,
+  ) {}
+
+  /** Uploads every head's [blocks, headDim] means; throws without a device, a CUDA build or the memory. */
+  static create(o: { means: Uint16Array[]; blocks: number; headDim: number; dtype: KvDtype }): DeviceBlockScores {
+    const native = new addon.BlockScores({ heads: o.means, blocks: o.blocks, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype] });
+    return new DeviceBlockScores(native, o.means.length, o.blocks, o.headDim);
+  }
+
+  /**
+   * One decode step for every kv head, blocking the caller until the
+   * answer is back (tens of microseconds: cheaper than a hop to a worker
+   * thread and back).
+   */
+  topk(a: BlockTopKArgs): HeadTopBlocks[] {
+    const call = this.args(a);
+    const kk = this.native.topk({ ...call.native, sync: true }) as number;
+    return this.split(call, kk);
+  }
+
+  /** topk on a worker thread (the event loop runs meanwhile). */
+  async topkAsync(a: BlockTopKArgs): Promise<HeadTopBlocks[]> {
+    const call = this.args(a);
+    const kk = await this.native.topk(call.native);
+    return this.split(call, kk);
+  }
+
+  /** Device bytes held (means and scratch). */
+  get bytes(): number {
+    return this.native.bytes();
+  }
+
+  /** Where the last step's time went (kernels from CUDA events, host phases from a steady clock). */
+  get lastTimes(): BlockTopKTimes {
+    return this.native.lastTimes();
+  }
+
+  /** Frees the device memory now (otherwise when collected). */
+  close(): void {
+    this.native.close();
+  }
+
+  private args(a: BlockTopKArgs) {
+    const kk = Math.max(0, Math.min(a.k, this.blocks));
+    const outIds = new Int32Array(this.heads * kk), outScores = new Float32Array(this.heads * kk);
+    const native: Parameters<NativeBlockScores['topk']>[0] = { q: a.q, group: a.group, k: a.k, outIds, outScores };
+    let extraCounts: Int32Array | undefined, extraScores: Float32Array | undefined;
+    if (a.extra) {
+      if (a.extra.length !== this.heads) throw new RangeError(`extra must have ${this.heads} entries`);
+      extraCounts = Int32Array.from(a.extra, (e) => e.length);
+      const extraIds = new Int32Array(extraCounts.reduce((n, c) => n + c, 0));
+      let at = 0;
+      for (const e of a.extra) {
+        extraIds.set(e, at);
+        at += e.length;
+      }
+      extraScores = new Float32Array(extraIds.length);
+      Object.assign(native, { extraIds, extraCounts, extraScores });
+    }
+    return { native, outIds, outScores, extraCounts, extraScores };
+  }
+
+  private split(call: ReturnType<DeviceBlockScores['args']>, kk: number): HeadTopBlocks[] {
+    const out: HeadTopBlocks[] = [];
+    let at = 0;
+    for (let h = 0; h < this.heads; h++) {
+      const n = call.extraCounts?.[h] ?? 0;
+      out.push({
+        ids: call.outIds.subarray(h * kk, (h + 1) * kk),
+        scores: call.outScores.subarray(h * kk, (h + 1) * kk),
+        extraScores: call.extraScores?.subarray(at, at + n) ?? new Float32Array(0),
+      });
+      at += n;
+    }
+    return out;
+  }
+}

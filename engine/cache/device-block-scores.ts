@@ -1,0 +1,88 @@
+// The block scorer GPU sessions offer their block methods (nosa,
+// topk-blocks) in the layer context: each (document, layer)'s block means,
+// every kv head, are copied to the device the first time a GPU session's
+// step scores them (blocks × headDim × 2 bytes per head: 1/64 of the K and
+// V), and each step is then one native call for all kv heads on one stream
+// (score every block, exact top-k per head, copy back the few ids and
+// scores): tens of microseconds at 1M tokens where the host pass took
+// milliseconds. The selection is the host's, block for block (the device
+// sums in the host kernel's order; test/native/block-scores.test.ts).
+//
+// The copies are shared by every GPU session (documents are shared) and
+// freed when the summaries they were made from are collected (a document
+// deleted or dropped). When the device cannot take a copy (its memory is the
+// pool's), that (document, layer) is scored on the host from then on; an
+// error in a step falls back to the host for that step.
+import { DeviceBlockScores, deviceBlockScoresSupported, type HeadTopBlocks } from '../../addon/block-scores.js';
+import type { BlockMeans, BlockScorer } from '../../index/method.js';
+
+interface Uploaded {
+  heads: readonly BlockMeans[];
+  /** Null when the device could not take them. */
+  device: DeviceBlockScores | null;
+}
+
+export interface DeviceBlockScorerStats {
+  /** Steps scored on the device. */
+  steps: number;
+  /** (document, layer)s copied to the device, and their device bytes. */
+  uploads: number;
+  bytes: number;
+  /** Copies or steps the device refused (scored on the host instead). */
+  failures: number;
+}
+
+export class DeviceBlockScorer implements BlockScorer {
+  /** By the first head's summary: a (document, layer)'s means on the device. */
+  private readonly uploaded = new WeakMap<BlockMeans, Uploaded>();
+  readonly stats: DeviceBlockScorerStats = { steps: 0, uploads: 0, bytes: 0, failures: 0 };
+
+  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined> {
+    const first = heads[0];
+    if (!first || !deviceBlockScoresSupported(first.headDim, group)) return undefined;
+    if (heads.some((s) => s.blocks !== first.blocks || s.headDim !== first.headDim || s.dtype !== first.dtype)) return undefined;
+    let up = this.uploaded.get(first);
+    if (!up || up.heads.length !== heads.length || up.heads.some((s, h) => s !== heads[h])) {
+      up = this.upload(heads);
+      this.uploaded.set(first, up);
+    }
+    if (!up.device) return undefined;
+    try {
+      const r = up.device.topk({ q, group, k, extra });
+      this.stats.steps++;
+      return r;
+    } catch (e) {
+      this.stats.failures++;
+      warnOnce(`kvrecall: device block scoring failed, scoring on the host: ${String(e)}`);
+      return undefined;
+    }
+  }
+
+  private upload(heads: readonly BlockMeans[]): Uploaded {
+    const { blocks, headDim, dtype } = heads[0];
+    try {
+      const device = DeviceBlockScores.create({ means: heads.map((s) => s.means.subarray(0, blocks * headDim)), blocks, headDim, dtype });
+      this.stats.uploads++;
+      this.stats.bytes += device.bytes;
+      return { heads: [...heads], device };
+    } catch (e) {
+      this.stats.failures++;
+      warnOnce(`kvrecall: block means not copied to the device, scoring them on the host: ${String(e)}`);
+      return { heads: [...heads], device: null };
+    }
+  }
+}
+
+let warned = false;
+function warnOnce(msg: string): void {
+  if (warned) return;
+  warned = true;
+  console.error(msg);
+}
+
+let shared: DeviceBlockScorer | undefined;
+
+/** The process's device block scorer (one device copy of each document's means for every GPU session). */
+export function deviceBlockScorer(): DeviceBlockScorer {
+  return (shared ??= new DeviceBlockScorer());
+}

@@ -1,0 +1,477 @@
+// Device block scoring and exact top-k per kv head (see block_scores.h).
+//
+// Per step, on one stream: the step's inputs in one copy (q, extra ids and
+// their per-head offsets), ScoreBlocks (every block of every head, the whole
+// device), SelectTop (one CTA per head: radix select of the k-th best key,
+// compaction, bitonic sort, extra scores), the outputs in one copy back.
+//
+// Keys. A block's rank key is (order(score) << 32) | (0xffffffff - id): a
+// larger key is a higher score, or the same score and a lower id, which is
+// the host's order (common/ranked_hits.h). Keys are unique, so the k-th best
+// key is a threshold that selects exactly k blocks, and ties never need a
+// second pass. -0 and +0 rank equal, as they compare on the host.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/block_scores.h"
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+void Check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
+  }
+}
+
+size_t Align(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
+
+constexpr int kScoreThreads = 256;
+constexpr int kRowsPerCta = kScoreThreads / 2;  // two threads per block mean
+constexpr int kGroupChunk = 8;                  // query rows scored per pass over a mean
+constexpr int kMaxQueryFloats = 8192;           // group * headDim, held in shared memory
+constexpr int kSelectThreads = 1024;
+constexpr int64_t kSharedSortKeys = 8192;  // 64 KiB of keys: larger sorts run in global memory
+
+// Eight 16-bit words (one 16-byte load, lowest address first) as floats.
+template <bool kBf16>
+__device__ __forceinline__ void Widen8(uint4 w, float* f) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = words[i] & 0xffffu, hi = words[i] >> 16;
+    if (kBf16) {
+      f[2 * i] = __uint_as_float(lo << 16);
+      f[2 * i + 1] = __uint_as_float(hi << 16);
+    } else {
+      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo)));
+      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi)));
+    }
+  }
+}
+
+// scores[h, b] = max over g of q[h*group + g] · means[h, b], summed in the
+// order of the host's AVX2 Dot: lane j of accumulator 0 takes words 16s + j,
+// lane j of accumulator 1 words 16s + 8 + j (one FMA each, s ascending), a
+// last 8 words (headDim % 16 == 8) go to accumulator 0; then acc = acc0 +
+// acc1, h_j = acc_j + acc_{j+4}, s = (h0 + h2) + (h1 + h3). Thread pair
+// (2r, 2r+1) holds accumulator 0 and 1 of block r; kGC query rows are summed
+// per pass over the mean, and kUnroll 16-byte loads are in flight per
+// thread. The max keeps the first of equal scores, as std::max does.
+constexpr int kUnroll = 4;
+
+template <bool kBf16, int kGC>
+__global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __restrict__ means, const float* __restrict__ q,
+                                                             float* __restrict__ scores, int64_t blocks, int d, int group) {
+  extern __shared__ float qs[];  // [group, d]
+  const int h = blockIdx.y;
+  const float* qh = q + size_t(h) * group * d;
+  for (int i = threadIdx.x; i < group * d; i += blockDim.x) qs[i] = qh[i];
+  __syncthreads();
+  const int half = threadIdx.x & 1;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
+  const bool live = row < blocks;
+  const uint16_t* m = means + (size_t(h) * blocks + size_t(live ? row : 0)) * d + half * 8;
+  const int strides = d / 16;
+  const bool tail8 = (d % 16) == 8;
+  float best = -INFINITY;
+  for (int g0 = 0; g0 < group; g0 += kGC) {
+    float acc[kGC][8];
+#pragma unroll
+    for (int g = 0; g < kGC; ++g)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+    for (int s0 = 0; s0 < strides; s0 += kUnroll) {
+      uint4 w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        w[u] = live && s0 + u < strides ? __ldg(reinterpret_cast<const uint4*>(m + (s0 + u) * 16)) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (s0 + u >= strides) break;
+        float kf[8];
+        Widen8<kBf16>(w[u], kf);
+        const float* qr = qs + (s0 + u) * 16 + half * 8;
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) {
+          if (g0 + g >= group) break;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(qr[(g0 + g) * d + j], kf[j], acc[g][j]);
+        }
+      }
+    }
+    if (tail8 && half == 0 && live) {
+      float kf[8];
+      Widen8<kBf16>(__ldg(reinterpret_cast<const uint4*>(m + strides * 16)), kf);
+      const float* qr = qs + strides * 16;
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) {
+        if (g0 + g >= group) break;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(qr[(g0 + g) * d + j], kf[j], acc[g][j]);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      if (g0 + g >= group) break;
+      float a[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = __fadd_rn(acc[g][j], __shfl_xor_sync(0xffffffffu, acc[g][j], 1));
+      const float h0 = __fadd_rn(a[0], a[4]), h1 = __fadd_rn(a[1], a[5]), h2 = __fadd_rn(a[2], a[6]), h3 = __fadd_rn(a[3], a[7]);
+      const float s = __fadd_rn(__fadd_rn(h0, h2), __fadd_rn(h1, h3));
+      if (best < s) best = s;
+    }
+  }
+  if (live && half == 0) scores[size_t(h) * blocks + size_t(row)] = best;
+}
+
+template <bool kBf16>
+void LaunchScore(dim3 grid, size_t shared, cudaStream_t stream, const uint16_t* means, const float* q, float* scores, int64_t blocks, int d,
+                 int group) {
+  switch (group) {
+    case 1: ScoreBlocks<kBf16, 1><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
+    case 2: ScoreBlocks<kBf16, 2><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
+    case 4: ScoreBlocks<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
+    default: ScoreBlocks<kBf16, kGroupChunk><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
+  }
+}
+
+__device__ __forceinline__ uint64_t KeyOf(float score, int64_t id) {
+  uint32_t u = __float_as_uint(score == 0.f ? 0.f : score);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(id));
+}
+
+__device__ __forceinline__ int32_t IdOf(uint64_t key) { return int32_t(0xffffffffu - uint32_t(key)); }
+
+// Blocks a select thread holds in registers (blocks <= kHeldKeys *
+// kSelectThreads: 16,384, a 1M-token head); larger heads re-read scores.
+constexpr int kHeldKeys = 16;
+
+// Calls f(key, valid) for every block of the head, the whole warp together
+// (f may use warp collectives): from registers when kItems > 0.
+template <int kItems, typename F>
+__device__ __forceinline__ void EachKey(const uint64_t* held, const float* sc, int64_t blocks, int tid, int bd, F&& f) {
+  if constexpr (kItems > 0) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) f(held[j], tid + int64_t(j) * bd < blocks);
+  } else {
+    for (int64_t base = 0; base < blocks; base += bd) {
+      const int64_t i = base + tid;
+      f(i < blocks ? KeyOf(sc[i], i) : uint64_t(0), i < blocks);
+    }
+  }
+}
+
+// One CTA per kv head: the head's best kk = min(k, blocks) blocks, best
+// first, and its extra scores. The sort runs over p2 keys of shared memory
+// when p2 <= kSharedSortKeys, else over the head's p2 keys of global scratch.
+template <int kItems>
+__global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restrict__ scores, int64_t blocks, int64_t kk, int64_t p2,
+                                                            uint64_t* __restrict__ globalKeys, const int32_t* __restrict__ extraIds,
+                                                            const int32_t* __restrict__ extraOffsets, float* __restrict__ extraScores,
+                                                            int32_t* __restrict__ outIds, float* __restrict__ outScores) {
+  extern __shared__ uint64_t sharedKeys[];
+  __shared__ unsigned hist[256];
+  __shared__ uint64_t sPrefix, sMask;
+  __shared__ unsigned sNeed, sCount;
+  __shared__ int sDone;
+  const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, bd = blockDim.x;
+  const float* sc = scores + size_t(h) * blocks;
+
+  if (extraIds)
+    for (int64_t e = extraOffsets[h] + tid; e < extraOffsets[h + 1]; e += bd) extraScores[e] = sc[extraIds[e]];
+  if (kk == 0) return;
+  uint64_t held[kItems > 0 ? kItems : 1];
+  if constexpr (kItems > 0) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = tid + int64_t(j) * bd;
+      held[j] = i < blocks ? KeyOf(sc[i], i) : uint64_t(0);
+    }
+  }
+
+  // The kk-th best key T, a digit of 8 bits at a time from the top: every
+  // block whose key is >= T is selected, exactly kk of them.
+  uint64_t prefix = 0;
+  if (kk < blocks) {
+    uint64_t mask = 0;
+    unsigned need = unsigned(kk);
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += bd) hist[i] = 0;
+      __syncthreads();
+      EachKey<kItems>(held, sc, blocks, tid, bd, [&](uint64_t key, bool valid) {
+        const unsigned digit = valid && (key & mask) == prefix ? unsigned(key >> shift) & 255u : 256u;
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], unsigned(__popc(peers)));
+      });
+      __syncthreads();
+      if (tid < 32) {
+        // Lane l holds digits 255 - 8l .. 248 - 8l (best first).
+        unsigned c[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum += (c[j] = hist[255 - lane * 8 - j]);
+        unsigned incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += v;
+        }
+        const unsigned excl = incl - sum;
+        if (excl < need && need <= incl) {
+          unsigned cum = excl;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (cum + c[j] >= need) {
+              const unsigned digit = 255u - unsigned(lane * 8 + j);
+              sPrefix = prefix | (uint64_t(digit) << shift);
+              sMask = mask | (uint64_t(255) << shift);
+              sNeed = need - cum;
+              sDone = c[j] == need - cum;
+              break;
+            }
+            cum += c[j];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = sPrefix;
+      mask = sMask;
+      need = sNeed;
+      const bool done = sDone;
+      if (done) break;
+    }
+  }
+
+  // Compaction of the keys >= T (warp-aggregated slots), padded with 0
+  // (below every key) to p2.
+  uint64_t* keys = p2 <= kSharedSortKeys ? sharedKeys : globalKeys + size_t(h) * p2;
+  if (tid == 0) sCount = 0;
+  for (int64_t i = tid; i < p2; i += bd) keys[i] = 0;
+  __syncthreads();
+  EachKey<kItems>(held, sc, blocks, tid, bd, [&](uint64_t key, bool valid) {
+    const bool take = valid && key >= prefix;
+    const unsigned ballot = __ballot_sync(0xffffffffu, take);
+    unsigned first = 0;
+    if (lane == 0 && ballot) first = atomicAdd(&sCount, unsigned(__popc(ballot)));
+    first = __shfl_sync(0xffffffffu, first, 0);
+    if (take) {
+      const unsigned at = first + unsigned(__popc(ballot & ((1u << lane) - 1u)));
+      if (at < p2) keys[at] = key;
+    }
+  });
+  __syncthreads();
+
+  // Bitonic sort, descending.
+  for (int64_t size = 2; size <= p2; size <<= 1)
+    for (int64_t stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int64_t i = tid; i < p2; i += bd) {
+        const int64_t j = i ^ stride;
+        if (j > i) {
+          const uint64_t a = keys[i], b = keys[j];
+          if (((i & size) == 0) ? (a < b) : (a > b)) {
+            keys[i] = b;
+            keys[j] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+  for (int64_t j = tid; j < kk; j += bd) {
+    const int32_t id = IdOf(keys[j]);
+    outIds[size_t(h) * kk + j] = id;
+    outScores[size_t(h) * kk + j] = sc[id];
+  }
+}
+
+int64_t NextPow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+}  // namespace
+
+struct BlockScores::Impl {
+  BlockScoresConfig cfg;
+  std::mutex mu;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t kStart = nullptr, kMid = nullptr, kStop = nullptr;
+  uint16_t* means = nullptr;  // [heads, blocks, d]
+  float* scores = nullptr;    // [heads, blocks]
+  uint8_t* devIn = nullptr;   // q | extraIds | extraOffsets
+  uint8_t* devOut = nullptr;  // ids | scores | extraScores
+  uint8_t* hostIn = nullptr;  // pinned mirrors
+  uint8_t* hostOut = nullptr;
+  size_t inCap = 0, outCap = 0;
+  uint64_t* sortKeys = nullptr;  // [heads, p2] for sorts beyond shared memory
+  size_t sortCap = 0;
+  BlockTopKTimes last;
+
+  ~Impl() {
+    if (stream) cudaStreamSynchronize(stream);
+    for (void* p : {static_cast<void*>(means), static_cast<void*>(scores), static_cast<void*>(devIn), static_cast<void*>(devOut),
+                    static_cast<void*>(sortKeys)})
+      if (p) cudaFree(p);
+    if (hostIn) cudaFreeHost(hostIn);
+    if (hostOut) cudaFreeHost(hostOut);
+    for (cudaEvent_t e : {kStart, kMid, kStop})
+      if (e) cudaEventDestroy(e);
+    if (stream) cudaStreamDestroy(stream);
+    cudaGetLastError();
+  }
+
+  int64_t Bytes() const {
+    return int64_t(size_t(cfg.heads) * cfg.blocks * cfg.headDim * 2 + size_t(cfg.heads) * cfg.blocks * 4 + inCap + outCap + sortCap);
+  }
+
+  // Grows a device buffer and its pinned host mirror to `bytes`.
+  static void Grow(uint8_t*& dev, uint8_t*& host, size_t& cap, size_t bytes) {
+    if (bytes <= cap) return;
+    bytes = Align(std::max(bytes, cap * 2));
+    if (dev) cudaFree(dev);
+    if (host) cudaFreeHost(host);
+    dev = host = nullptr;
+    cap = 0;
+    Check(cudaMalloc(reinterpret_cast<void**>(&dev), bytes), "cudaMalloc (block scores staging)");
+    Check(cudaHostAlloc(reinterpret_cast<void**>(&host), bytes, cudaHostAllocDefault), "cudaHostAlloc (block scores staging)");
+    cap = bytes;
+  }
+};
+
+bool BlockScores::Supports(int headDim, int group) {
+  return headDim >= 8 && headDim <= 1024 && headDim % 8 == 0 && group >= 1 && int64_t(group) * headDim <= kMaxQueryFloats;
+}
+
+BlockScores::BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* means) : impl_(std::make_unique<Impl>()) {
+  Impl& I = *impl_;
+  I.cfg = cfg;
+  if (cfg.heads < 1 || cfg.heads > 1024) throw std::runtime_error("BlockScores: heads must be in [1, 1024]");
+  if (cfg.blocks < 1 || cfg.blocks > (int64_t(1) << 30)) throw std::runtime_error("BlockScores: blocks must be in [1, 2^30]");
+  if (!Supports(cfg.headDim, 1)) throw std::runtime_error("BlockScores: headDim must be a multiple of 8 in [8, 1024]");
+  if (!IsWordDtype(cfg.dtype)) throw std::runtime_error("BlockScores: dtype must be f16 or bf16");
+  Check(cudaSetDevice(0), "cudaSetDevice");
+  Check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "stream");
+  Check(cudaEventCreate(&I.kStart), "event");
+  Check(cudaEventCreate(&I.kMid), "event");
+  Check(cudaEventCreate(&I.kStop), "event");
+  const size_t headWords = size_t(cfg.blocks) * cfg.headDim;
+  Check(cudaMalloc(reinterpret_cast<void**>(&I.means), size_t(cfg.heads) * headWords * 2), "cudaMalloc (block means)");
+  Check(cudaMalloc(reinterpret_cast<void**>(&I.scores), size_t(cfg.heads) * cfg.blocks * 4), "cudaMalloc (block scores)");
+  for (int h = 0; h < cfg.heads; ++h)
+    Check(cudaMemcpyAsync(I.means + size_t(h) * headWords, means[h], headWords * 2, cudaMemcpyHostToDevice, I.stream), "H2D (block means)");
+  Check(cudaStreamSynchronize(I.stream), "upload (block means)");
+  static std::once_flag attr;
+  std::call_once(attr, [] {
+    cudaFuncSetAttribute(SelectTop<kHeldKeys>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
+    cudaFuncSetAttribute(SelectTop<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
+  });
+  Check(cudaGetLastError(), "cudaFuncSetAttribute");
+}
+
+BlockScores::~BlockScores() = default;
+
+const BlockScoresConfig& BlockScores::Config() const { return impl_->cfg; }
+
+int64_t BlockScores::DeviceBytes() const { return impl_->Bytes(); }
+
+BlockTopKTimes BlockScores::LastTimes() const { return impl_->last; }
+
+int64_t BlockScores::TopK(const BlockTopKArgs& a) {
+  Impl& I = *impl_;
+  const BlockScoresConfig& c = I.cfg;
+  if (!Supports(c.headDim, a.group)) throw std::runtime_error("BlockScores: group * headDim is beyond the device scorer");
+  const int64_t kk = std::max<int64_t>(0, std::min<int64_t>(a.k, c.blocks));
+  const int64_t extra = a.extraIds ? a.extraTotal : 0;
+  std::lock_guard<std::mutex> lock(I.mu);
+  using Clock = std::chrono::steady_clock;
+  const auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<float, std::milli>(b - a).count(); };
+  const Clock::time_point t0 = Clock::now();
+
+  const size_t qBytes = size_t(c.heads) * a.group * c.headDim * 4;
+  const size_t idsAt = Align(qBytes), offAt = Align(idsAt + size_t(extra) * 4);
+  const size_t inBytes = offAt + size_t(c.heads + 1) * 4;
+  const size_t outScoresAt = Align(size_t(c.heads) * kk * 4), extraAt = Align(outScoresAt + size_t(c.heads) * kk * 4);
+  const size_t outBytes = extraAt + size_t(extra) * 4 + 4;
+  Impl::Grow(I.devIn, I.hostIn, I.inCap, inBytes);
+  Impl::Grow(I.devOut, I.hostOut, I.outCap, outBytes);
+  const int64_t p2 = NextPow2(std::max<int64_t>(kk, 1));
+  if (p2 > kSharedSortKeys && size_t(c.heads) * p2 * 8 > I.sortCap) {
+    if (I.sortKeys) cudaFree(I.sortKeys);
+    I.sortKeys = nullptr;
+    I.sortCap = 0;
+    Check(cudaMalloc(reinterpret_cast<void**>(&I.sortKeys), size_t(c.heads) * p2 * 8), "cudaMalloc (sort keys)");
+    I.sortCap = size_t(c.heads) * p2 * 8;
+  }
+
+  std::memcpy(I.hostIn, a.q, qBytes);
+  if (extra > 0) {
+    std::memcpy(I.hostIn + idsAt, a.extraIds, size_t(extra) * 4);
+    int32_t* off = reinterpret_cast<int32_t*>(I.hostIn + offAt);
+    off[0] = 0;
+    for (int h = 0; h < c.heads; ++h) off[h + 1] = off[h] + a.extraCounts[h];
+  }
+  const bool haveExtra = extra > 0;
+  const Clock::time_point t1 = Clock::now();
+  Check(cudaMemcpyAsync(I.devIn, I.hostIn, haveExtra ? inBytes : qBytes, cudaMemcpyHostToDevice, I.stream), "H2D (step inputs)");
+  Check(cudaEventRecord(I.kStart, I.stream), "event");
+  const dim3 scoreGrid(unsigned((c.blocks + kRowsPerCta - 1) / kRowsPerCta), unsigned(c.heads));
+  const size_t qShared = size_t(a.group) * c.headDim * 4;
+  const float* dq = reinterpret_cast<const float*>(I.devIn);
+  if (c.dtype == Dtype::kBf16)
+    LaunchScore<true>(scoreGrid, qShared, I.stream, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
+  else
+    LaunchScore<false>(scoreGrid, qShared, I.stream, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
+  Check(cudaGetLastError(), "ScoreBlocks launch");
+  Check(cudaEventRecord(I.kMid, I.stream), "event");
+  if (kk > 0 || haveExtra) {
+    const size_t sortShared = p2 <= kSharedSortKeys ? size_t(p2) * 8 : 0;
+    int32_t* outIds = reinterpret_cast<int32_t*>(I.devOut);
+    float* outScores = reinterpret_cast<float*>(I.devOut + outScoresAt);
+    float* extraScores = reinterpret_cast<float*>(I.devOut + extraAt);
+    const int32_t* ids = haveExtra ? reinterpret_cast<const int32_t*>(I.devIn + idsAt) : nullptr;
+    const int32_t* offsets = reinterpret_cast<const int32_t*>(I.devIn + offAt);
+    if (c.blocks <= int64_t(kHeldKeys) * kSelectThreads)
+      SelectTop<kHeldKeys><<<unsigned(c.heads), kSelectThreads, sortShared, I.stream>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
+                                                                                       extraScores, outIds, outScores);
+    else
+      SelectTop<0><<<unsigned(c.heads), kSelectThreads, sortShared, I.stream>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
+                                                                               extraScores, outIds, outScores);
+    Check(cudaGetLastError(), "SelectTop launch");
+  }
+  Check(cudaEventRecord(I.kStop, I.stream), "event");
+  if (kk > 0 || haveExtra) Check(cudaMemcpyAsync(I.hostOut, I.devOut, extraAt + size_t(extra) * 4, cudaMemcpyDeviceToHost, I.stream), "D2H (top blocks)");
+  const Clock::time_point t2 = Clock::now();
+  Check(cudaStreamSynchronize(I.stream), "block top-k");
+  const Clock::time_point t3 = Clock::now();
+  BlockTopKTimes& t = I.last;
+  if (cudaEventElapsedTime(&t.scoreMs, I.kStart, I.kMid) != cudaSuccess || cudaEventElapsedTime(&t.selectMs, I.kMid, I.kStop) != cudaSuccess)
+    cudaGetLastError();
+  const size_t n = size_t(c.heads) * kk;
+  if (n > 0) {
+    std::memcpy(a.outIds, I.hostOut, n * 4);
+    std::memcpy(a.outScores, I.hostOut + outScoresAt, n * 4);
+  }
+  if (haveExtra) std::memcpy(a.extraScores, I.hostOut + extraAt, size_t(extra) * 4);
+  const Clock::time_point t4 = Clock::now();
+  t.prepMs = ms(t0, t1);
+  t.issueMs = ms(t1, t2);
+  t.waitMs = ms(t2, t3);
+  t.copyOutMs = ms(t3, t4);
+  return kk;
+}
+
+}  // namespace cuda
+}  // namespace kvr

@@ -1,0 +1,85 @@
+// Device block scoring for the block-selecting methods (nosa, topk-blocks).
+// Plain C++ interface: this header names no CUDA type, so the binding
+// compiles with the host compiler.
+//
+// One BlockScores holds the block means of one (document, layer): every kv
+// head's [blocks, headDim] 16-bit words (f16 or bf16), in one device buffer,
+// uploaded once. TopK scores every block of every kv head for one decode
+// step (score = max over the head's GQA group of q·mean) and returns each
+// head's best k blocks, best first, ties towards the lower id, plus the
+// scores of any extra blocks asked for: two kernels and two copies on one
+// stream, one synchronisation.
+//
+// Exactness: a score is computed in the order of the host kernel's Dot
+// (native/common/simd_math.h, AVX2: two 8-lane FMA accumulators over 16-word
+// strides, then its horizontal sum), so the device scores are bit for bit the
+// host's and the selection is the one topkHeads makes. That order needs
+// headDim % 8 == 0 (Supports()); the host must be built with KVR_X86_SIMD
+// (the binding checks).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "common/half.h"
+
+namespace kvr {
+namespace cuda {
+
+struct BlockScoresConfig {
+  int heads = 0;        // kv heads
+  int64_t blocks = 0;   // blocks per head (the same for every head of a layer)
+  int headDim = 0;      // a multiple of 8, at most 1024
+  Dtype dtype = Dtype::kF16;  // f16 or bf16
+};
+
+struct BlockTopKArgs {
+  const float* q = nullptr;  // [heads * group, headDim]: head h scores with rows h*group ..
+  int group = 1;
+  int64_t k = 0;  // blocks wanted per head; min(k, blocks) are written
+  // Optional: per head h, extraCounts[h] block ids (back to back in extraIds,
+  // each < blocks) whose scores are written to extraScores in the same order.
+  const int32_t* extraIds = nullptr;
+  const int32_t* extraCounts = nullptr;  // [heads]
+  int64_t extraTotal = 0;
+  int32_t* outIds = nullptr;     // [heads, min(k, blocks)], best first
+  float* outScores = nullptr;    // [heads, min(k, blocks)]
+  float* extraScores = nullptr;  // [extraTotal]
+};
+
+// Where the last TopK's time went, milliseconds: its two kernels (CUDA
+// events) and, on the host, staging the inputs, issuing the copies and
+// launches, waiting for the stream, and copying the outputs out.
+struct BlockTopKTimes {
+  float scoreMs = 0, selectMs = 0;
+  float prepMs = 0, issueMs = 0, waitMs = 0, copyOutMs = 0;
+};
+
+class BlockScores {
+ public:
+  // Copies means[h] ([blocks, headDim] words) for every head to the device.
+  // Throws std::runtime_error (no device, out of memory, bad shape).
+  BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* means);
+  ~BlockScores();
+  BlockScores(const BlockScores&) = delete;
+  BlockScores& operator=(const BlockScores&) = delete;
+
+  // Whether a head dim and group size can be scored on the device.
+  static bool Supports(int headDim, int group);
+
+  const BlockScoresConfig& Config() const;
+  // Device bytes held (means and scratch).
+  int64_t DeviceBytes() const;
+
+  // One decode step for every kv head; returns min(k, blocks). Blocks until
+  // the outputs are written. Calls from several threads take turns.
+  int64_t TopK(const BlockTopKArgs& a);
+  BlockTopKTimes LastTimes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cuda
+}  // namespace kvr

@@ -1,0 +1,229 @@
+// Device block scoring (addon/block-scores.ts, native/cuda/block_scores.cu)
+// and its use by the block methods. Everywhere: a block method offered a
+// scorer that returns only the candidates (top `reach` and last step's
+// blocks) selects what it selects from the host's full score array. With a
+// GPU (skipped here and in CI): the device top-k is the host topkHeads's,
+// ids and scores bit for bit, at odd sizes (blocks not a multiple of 32,
+// G = 1, 4, 8, d = 64/128, f16 and bf16, ties, k past the blocks, a sort
+// larger than shared memory); and a nosa or topk-blocks session on a GPU
+// backend selects the blocks a CPU session selects, step after step.
+import { describe, expect, it } from 'vitest';
+import { DeviceBlockScores, deviceBlockScoresSupported, type HeadTopBlocks } from '../../addon/block-scores.js';
+import { cudaAvailable } from '../../addon/cuda.js';
+import { topkHeads, type KvDtype } from '../../addon/kernels.js';
+import type { ModelShape } from '../../core/model.js';
+import { deviceBlockScorer } from '../../engine/cache/device-block-scores.js';
+import { GpuBackend } from '../../engine/cache/gpu-pool.js';
+import { decodeStep } from '../../engine/decode-step.js';
+import type { LoadedDocument } from '../../engine/documents.js';
+import { Session } from '../../engine/session.js';
+import { DEFAULT_PARAMS } from '../../engine/sessions.js';
+import { blockSummaryBuilder, nosa, topkBlocks } from '../../index/block-select.js';
+import { BlockSummary } from '../../index/block-summary.js';
+import type { BlockMeans, BlockScorer, HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../../index/method.js';
+import { UNLIMITED } from '../../storage/host-budget.js';
+import { KvSegment } from '../../storage/kv-segment.js';
+import { bitsOf } from '../helpers/half.js';
+import { randomKv } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`block-scores: seed ${seed}`);
+const gpu = cudaAvailable();
+
+/** Random means [blocks, d] per head, with ties: some rows copy others, some are zero. */
+function randomMeans(rng: Rng, heads: number, blocks: number, d: number, dtype: KvDtype): Uint16Array[] {
+  const bits = bitsOf(dtype);
+  return Array.from({ length: heads }, () => {
+    const m = Uint16Array.from({ length: blocks * d }, () => bits(rng.normal()));
+    for (let i = 0; i < Math.floor(blocks / 10); i++) {
+      const from = rng.int(blocks), to = rng.int(blocks);
+      m.copyWithin(to * d, from * d, (from + 1) * d);
+    }
+    if (blocks > 3) m.fill(0, 2 * d, 3 * d);
+    return m;
+  });
+}
+
+/** The host answer: topkHeads with every block's score. */
+async function hostTopk(means: Uint16Array[], blocks: number, d: number, dtype: KvDtype, q: Float32Array, group: number, k: number) {
+  const keep = Math.min(k, blocks);
+  const heads = means.map((keys) => ({ keys, tokens: blocks, outIds: new Int32Array(keep), outScores: new Float32Array(keep), allScores: new Float32Array(blocks) }));
+  const counts = await topkHeads({ q, group, headDim: d, dtype, k, heads });
+  return heads.map((h, i) => ({ ids: h.outIds.subarray(0, counts[i]), scores: h.outScores.subarray(0, counts[i]), all: h.allScores }));
+}
+
+/** A BlockScorer on the host that, like the device one, answers only the candidates. */
+const hostCandidateScorer = (calls: { n: number }): BlockScorer => ({
+  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[]> {
+    calls.n++;
+    const { blocks, headDim, dtype } = heads[0];
+    const host = await hostTopk(heads.map((s) => s.means), blocks, headDim, dtype, q, group, k);
+    return host.map((r, h) => ({ ids: r.ids.slice(), scores: r.scores.slice(), extraScores: Float32Array.from(extra[h], (b) => r.all[b]) }));
+  },
+});
+
+function layerContext(heads: HeadIndex[], tokens: number, kvHeads: number, qHeads: number, d: number, memo: Map<string, unknown>, blockScorer?: BlockScorer): LayerContext {
+  const doc = { tokens } as KvSegment, own = { tokens: 0 } as KvSegment;
+  return { layer: 0, segments: [doc, own], offsets: [0, tokens], indexes: [heads, undefined], question: () => ({ queries: new Float32Array(0), queryCount: 0 }), memo, tokens, qHeads, kvHeads, headDim: d, ...(blockScorer && { blockScorer }) };
+}
+
+/**
+ * The selection rule as first written, over every block's score: the
+ * agnostic blocks, then the union of the top `reach` and the previous
+ * selection sorted by score (then id), previous blocks kept, at most maxNew
+ * new ones.
+ */
+function referenceChoose(byImportance: Int32Array, all: Float32Array, top: Int32Array, budget: number, prev: Set<number>, agnostic: number, maxNewShare: number): number[] {
+  const chosen = new Set<number>(byImportance.subarray(0, agnostic));
+  const maxNew = prev.size === 0 || maxNewShare === Infinity ? Infinity : Math.max(1, Math.ceil(budget * maxNewShare));
+  const byScore = [...new Set([...top, ...prev])].sort((a, b) => all[b] - all[a] || a - b);
+  let brought = 0;
+  for (const b of byScore) {
+    if (chosen.size >= budget) break;
+    if (chosen.has(b)) continue;
+    if (prev.has(b)) chosen.add(b);
+    else if (brought < maxNew) {
+      chosen.add(b);
+      brought++;
+    }
+  }
+  return [...chosen].sort((a, b) => a - b);
+}
+
+describe('block methods with a candidate scorer', () => {
+  for (const method of [nosa, topkBlocks] as RetrievalMethod[])
+    it(`${method.name}: selects what the host's full scores select, step after step`, async () => {
+      const rng = new Rng(seed + 1);
+      const kvHeads = 2, qHeads = 8, d = 64, blocks = 777, tokens = blocks * 64 - 5, G = qHeads / kvHeads;
+      const means = randomMeans(rng, kvHeads, blocks, d, 'f16');
+      const heads = means.map((m) => new BlockSummary(blocks, 64, tokens, d, 'f16', m, Float32Array.from({ length: blocks }, () => rng.next())));
+      const params: SearchParams = { ...DEFAULT_PARAMS, budget: 64 * 40, sinks: 16, window: 100 } as SearchParams;
+      // 40 blocks; nosa: 10 agnostic, at most 5 new a step, reach 55.
+      const budget = 40, isNosa = method.name === 'nosa';
+      const agnostic = isNosa ? 10 : 0, maxNewShare = isNosa ? 0.125 : Infinity, reach = isNosa ? 55 : 40;
+      const calls = { n: 0 };
+      const memoHost = new Map<string, unknown>(), memoScored = new Map<string, unknown>();
+      const prev = heads.map(() => new Set<number>());
+      let q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+      for (let step = 0; step < 12; step++) {
+        // Drifting queries: consecutive steps share most of their top blocks.
+        q = q.map((x) => 0.8 * x + 0.2 * rng.normal());
+        const onHost = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoHost), q, params);
+        const scored = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoScored, hostCandidateScorer(calls)), q, params);
+        expect(scored).toEqual(onHost);
+        const full = await hostTopk(means, blocks, d, 'f16', q, G, reach);
+        for (let h = 0; h < kvHeads; h++) {
+          const want = referenceChoose(heads[h].byImportance, full[h].all, full[h].ids, budget, prev[h], agnostic, maxNewShare);
+          const got = [...(memoScored.get(`${method.name}:0:${h}`) as { selected: Int32Array }).selected].sort((a, b) => a - b);
+          expect(got, `step ${step} head ${h}`).toEqual(want);
+          prev[h] = new Set(want);
+        }
+      }
+      expect(calls.n).toBe(12);
+    });
+});
+
+describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
+  const cases: { dtype: KvDtype; d: number; G: number; blocks: number }[] = [];
+  const sizes = [1, 31, 1000, 4099, 16387];
+  let i = 0;
+  for (const dtype of ['f16', 'bf16'] as KvDtype[])
+    for (const d of [64, 128])
+      for (const G of [1, 4, 8]) cases.push({ dtype, d, G, blocks: sizes[i++ % sizes.length] });
+
+  for (const c of cases)
+    it(`${c.dtype} d=${c.d} G=${c.G} blocks=${c.blocks}: the host's ids and scores, bit for bit`, async () => {
+      const rng = new Rng(seed + c.blocks + c.d + c.G);
+      const heads = 3;
+      const means = randomMeans(rng, heads, c.blocks, c.d, c.dtype);
+      const dev = DeviceBlockScores.create({ means, blocks: c.blocks, headDim: c.d, dtype: c.dtype });
+      try {
+        for (const k of [0, 1, 7, Math.max(1, c.blocks - 1), c.blocks, c.blocks + 5, 300]) {
+          const q = Float32Array.from({ length: heads * c.G * c.d }, () => rng.normal() * 2);
+          const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: h * 5 }, () => rng.int(c.blocks)));
+          const want = await hostTopk(means, c.blocks, c.d, c.dtype, q, c.G, k);
+          for (const got of [dev.topk({ q, group: c.G, k, extra }), await dev.topkAsync({ q, group: c.G, k, extra })])
+            for (let h = 0; h < heads; h++) {
+              expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(Array.from(want[h].ids));
+              expect(Array.from(got[h].scores)).toEqual(Array.from(want[h].scores));
+              expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (b) => want[h].all[b]));
+            }
+        }
+      } finally {
+        dev.close();
+      }
+    });
+
+  it('a top-k larger than shared memory sorts in global memory, the same', async () => {
+    const rng = new Rng(seed + 5);
+    const blocks = 20011, d = 64, G = 2, k = 12000;
+    const means = randomMeans(rng, 2, blocks, d, 'bf16');
+    const dev = DeviceBlockScores.create({ means, blocks, headDim: d, dtype: 'bf16' });
+    try {
+      const q = Float32Array.from({ length: 2 * G * d }, () => rng.normal());
+      const want = await hostTopk(means, blocks, d, 'bf16', q, G, k);
+      const got = dev.topk({ q, group: G, k });
+      for (let h = 0; h < 2; h++) expect(Array.from(got[h].ids)).toEqual(Array.from(want[h].ids));
+    } finally {
+      dev.close();
+    }
+  });
+
+  it('refuses extra ids outside the blocks and steps after close', () => {
+    const dev = DeviceBlockScores.create({ means: [new Uint16Array(10 * 64)], blocks: 10, headDim: 64, dtype: 'f16' });
+    expect(() => dev.topk({ q: new Float32Array(64), group: 1, k: 3, extra: [Int32Array.of(10)] })).toThrow(/extraIds/);
+    expect(deviceBlockScoresSupported(64, 1)).toBe(true);
+    expect(deviceBlockScoresSupported(60, 1)).toBe(false);
+    dev.close();
+    expect(() => dev.topk({ q: new Float32Array(64), group: 1, k: 3 })).toThrow(/closed/);
+  });
+});
+
+describe.skipIf(!gpu.ok)('block methods on a GPU session (GPU)', () => {
+  for (const name of ['nosa', 'topk-blocks'])
+    it(`${name}: the GPU session selects the CPU session's blocks, step after step`, async () => {
+      const rng = new Rng(seed + 9);
+      const model: ModelShape = { layers: 1, qHeads: 16, kvHeads: 4, headDim: 128, dtype: 'f16', blockSize: 64 };
+      const tokens = 64 * 260 + 13;
+      const chunk = randomKv(rng, 'f16', model.kvHeads, tokens, model.headDim);
+      const seg = new KvSegment(model.kvHeads, model.headDim, 'f16');
+      seg.append(chunk.k.data, chunk.v.data, 'f16', tokens);
+      const summaries: HeadIndex[] = [];
+      for (let h = 0; h < model.kvHeads; h++) {
+        const keys = seg.k[h].subarray(0, tokens * model.headDim);
+        const bytes = await blockSummaryBuilder.build({ keys, tokens, headDim: model.headDim, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 });
+        summaries.push(blockSummaryBuilder.load(bytes, { keys, tokens, headDim: model.headDim, dtype: 'f16' }));
+      }
+      const doc: LoadedDocument = {
+        meta: { id: 'doc', model, status: 'ready', tokens, methods: ['nosa', 'topk-blocks'], createdAt: new Date().toISOString() },
+        layers: [seg],
+        indexes: new Map(),
+      };
+      const method = name === 'nosa' ? nosa : topkBlocks;
+      const params = { ...DEFAULT_PARAMS, budget: 64 * 30, sinks: 16, window: 100 } as SearchParams;
+      const backend = GpuBackend.open({ budgetBytes: 256 << 20 })!;
+      const reserved = backend.admit(model, name, params, tokens);
+      expect(reserved).toBeGreaterThan(0);
+      const open = (onGpu: boolean) =>
+        new Session({ id: `${name}-${onGpu}`, model, documents: [doc], method, params, documentIndexes: [[summaries]], budget: UNLIMITED, ...(onGpu && { gpu: backend, gpuReserved: reserved }) });
+      const [g, c] = [open(true), open(false)];
+      const before = deviceBlockScorer().stats.steps;
+      try {
+        let q = Float32Array.from({ length: model.qHeads * model.headDim }, () => rng.normal());
+        for (let step = 0; step < 10; step++) {
+          q = q.map((x) => 0.85 * x + 0.15 * rng.normal());
+          const req = { layer: 0, q, scale: 1 / Math.sqrt(model.headDim), want: new Set(['selection']) } as Parameters<typeof decodeStep>[1];
+          const [rg, rc] = [await decodeStep(g, req), await decodeStep(c, req)];
+          expect(rg.stats.backend).toBe('cuda');
+          expect(rc.stats.backend).toBe('cpu');
+          expect(rg.selection!.map((s) => Array.from(s))).toEqual(rc.selection!.map((s) => Array.from(s)));
+        }
+        expect(deviceBlockScorer().stats.steps - before).toBe(10);
+      } finally {
+        g.release();
+        c.release();
+        backend.close();
+      }
+    });
+});
