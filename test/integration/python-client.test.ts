@@ -4,6 +4,7 @@
 // python3-msgpack; a pyenv python3 may not see them, so /usr/bin/python3 is
 // tried too; KVRECALL_PYTHON picks one).
 import { spawn, spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
@@ -65,5 +66,10 @@ describe.skipIf(!python)('Python client', () => {
     // The server-backed tests ran (not skipped).
     expect(output).toMatch(/test_attend_matches_float64_reference .*\.\.\. ok/);
     expect(output).toMatch(/test_errors_map_to_status_and_code .*\.\.\. ok/);
+    // The real model's short-context check ran wherever the model sits beside the repository (CI has ../shared).
+    if (existsSync(join(ROOT, '..', 'shared', 'data', 'models', 'kvrecall-code-13M', 'config.json'))) {
+      expect(output).toMatch(/test_exact_reproduces_dense .*\.\.\. ok/);
+      expect(output).toMatch(/test_every_method_at_a_full_budget_reproduces_dense .*\.\.\. ok/);
+    }
   });
 });
