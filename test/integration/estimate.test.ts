@@ -83,9 +83,12 @@ describe('estimation zone', () => {
   });
 
   for (const method of ['topk-blocks', 'hnsw'])
-    it(`${method}: estimate lowers the error at the same exact count`, async () => {
+    it(`${method}: estimate (on by default over clustered documents) lowers the error at the same exact count`, async () => {
       const spec = { model, documents: ['clustered'], method, budget: 128, sinks: 4, window: 8 };
-      const off = await errors(spec), on = await errors({ ...spec, estimate: true });
+      // Over documents sealed with wave clusters, estimation is the default.
+      const off = await errors({ ...spec, estimate: false }), on = await errors(spec);
+      expect(on[0].stats.estimated).toBeGreaterThan(0);
+      expect(off[0].stats.estimated).toBeUndefined();
       expect(on[0].stats.attended).toBe(off[0].stats.attended);
       console.log(`${method}: error ${mean(off).toFixed(4)} → ${mean(on).toFixed(4)} with estimation`);
       expect(mean(on)).toBeLessThan(0.5 * mean(off));
