@@ -18,6 +18,7 @@
         "native/bindings/faiss_binding.cc",
         "native/bindings/ra_graph_binding.cc",
         "native/bindings/topk_binding.cc",
+        "native/bindings/wave_gpu_binding.cc",
         "native/common/thread_pool.cc",
         "native/indexes/ivf_index.cc",
         "native/indexes/kmeans.cc",
@@ -53,6 +54,9 @@
             "process_outputs_as_sources": 1
           }],
           "libraries": ["-L<(cuda_lib)", "-lcudart_static", "-ldl", "-lrt"]
+        }],
+        ["has_cuda==1", {
+          "sources": ["native/cuda/wave_step.cu"]
         }]
       ]
     }

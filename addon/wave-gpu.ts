@@ -1,0 +1,157 @@
+// Typed wrapper of the wave decode step on the GPU (native/cuda/wave_step,
+// native/bindings/wave_gpu_binding.cc): a device-resident cluster store per
+// (segment, layer) with every kv head's clusters and rows, and one call per
+// layer-step that selects the retrieval zone (clusters by the optimistic
+// score until probe × budget tokens, their members rescored exactly, the best
+// `budget` kept) and estimates the rest from the clusters, as a partial
+// (out, lse) per q head. The selection is index/wave/cluster-index.ts's
+// searchHeads bit for bit; the estimate is addon/estimate.ts's
+// estimateClusters over every cluster minus the rows attended exactly (the
+// selection plus `exact`), in f32 with tiles merged in float64.
+// WaveGpuStore.create throws without a device or a CUDA build.
+import { nativeAddon } from './addon.js';
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
+
+/** One kv head's wave clusters (index/wave/cluster-codec.ts's arrays) and its rows. */
+export interface WaveGpuHead {
+  /** [clusters, headDim + 8]: centroid, radius, padding. */
+  centroids: Uint16Array;
+  /** [clusters, headDim]. */
+  valueMeans: Uint16Array;
+  /** [clusters]: must be tokenCluster's histogram. */
+  counts: Int32Array;
+  /** [tokens]. */
+  tokenCluster: Int32Array;
+  /** [tokens, headDim]: rescored on the device. */
+  keys: Uint16Array;
+  /** [tokens, headDim]: what exact rows remove from their cluster's estimate. */
+  values: Uint16Array;
+}
+
+export interface WaveGpuStoreOptions {
+  kvHeads: number;
+  /** A multiple of 8, at most 1024. */
+  headDim: number;
+  dtype: KvDtype;
+  tokens: number;
+  heads: WaveGpuHead[];
+}
+
+export interface WaveGpuStepArgs {
+  /** [qHeads, headDim]. */
+  q: Float32Array;
+  qHeads: number;
+  scale: number;
+  /** Tokens kept per kv head. */
+  budget: number[];
+  /** Clusters are taken until they hold probe × budget tokens (index/wave's PROBE). */
+  probe: number;
+  /** The optimistic score's share of ‖q‖·radius (index/wave's RADIUS_SHARE). */
+  radiusShare: number;
+  /** Rows attended exactly besides the selection (sinks, window), for every kv head; segment rows. */
+  exact?: Int32Array;
+  /** Default true. */
+  estimate?: boolean;
+}
+
+export interface WaveGpuStepResult {
+  /** Per kv head: the kept rows, best first (score desc, then lower id). */
+  ids: Int32Array[];
+  /** Per kv head: clusters + members scored (searchHeads' `scanned`). */
+  scanned: number[];
+  /** [qHeads, headDim] and [qHeads]: the estimate, -Infinity where nothing is estimated. */
+  out: Float32Array;
+  lse: Float32Array;
+  /** Per kv head: tokens the estimate covers. */
+  estimated: number[];
+  /** The whole step on the device's stream (inputs in to outputs out), CUDA events. */
+  ms: number;
+  /** ms per stage: in, score, clusters, rescore, topk, estimate, out. */
+  stages: Record<string, number>;
+}
+
+export interface WaveGpuBytes {
+  /** Centroids, value means, counts, member lists, token->cluster. */
+  summaries: number;
+  /** The K and V rows held on the device. */
+  kv: number;
+  /** Per-step buffers. */
+  scratch: number;
+}
+
+interface NativeStore {
+  step(a: {
+    q: Float32Array;
+    qHeads: number;
+    scale: number;
+    normTerms: Float32Array;
+    budget: number[];
+    target: number[];
+    maxClusters: number[];
+    exact?: Int32Array;
+    estimate?: boolean;
+  }): Promise<{ width: number; ids: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number> }>;
+  bytes(): WaveGpuBytes;
+  close(): void;
+}
+
+interface Addon {
+  WaveGpuStore: new (o: Omit<WaveGpuStoreOptions, 'dtype' | 'heads'> & { dtype: number; heads: (WaveGpuHead & { clusters: number })[] }) => NativeStore;
+}
+
+const addon = nativeAddon<Addon>();
+
+export class WaveGpuStore {
+  private constructor(
+    private readonly store: NativeStore,
+    readonly options: Omit<WaveGpuStoreOptions, 'heads'>,
+    /** Clusters per kv head. */
+    readonly clusters: number[],
+  ) {}
+
+  /** Copies every head's arrays to the device (synchronously). */
+  static create(o: WaveGpuStoreOptions): WaveGpuStore {
+    const heads = o.heads.map((h) => ({ ...h, clusters: h.counts.length }));
+    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads });
+    return new WaveGpuStore(store, { kvHeads: o.kvHeads, headDim: o.headDim, dtype: o.dtype, tokens: o.tokens }, heads.map((h) => h.clusters));
+  }
+
+  /** One layer-step for every kv head. */
+  async step(a: WaveGpuStepArgs): Promise<WaveGpuStepResult> {
+    const { headDim: d, kvHeads, tokens } = this.options;
+    // The optimistic query's extra column, as searchHeads computes it (double, then f32).
+    const normTerms = new Float32Array(a.qHeads);
+    for (let r = 0; r < a.qHeads; r++) normTerms[r] = a.radiusShare * Math.hypot(...a.q.subarray(r * d, (r + 1) * d));
+    // Clusters ranked at most: searchHeads' `want` (enough for the budget at
+    // the average cluster size, twice over), the same for every head.
+    const want = Math.max(...a.budget.map((k, h) => Math.min(this.clusters[h], Math.ceil((2 * a.probe * k * this.clusters[h]) / Math.max(1, tokens)) + 8)));
+    const r = await this.store.step({
+      q: a.q,
+      qHeads: a.qHeads,
+      scale: a.scale,
+      normTerms,
+      budget: a.budget,
+      target: a.budget.map((k) => a.probe * k),
+      maxClusters: new Array<number>(kvHeads).fill(want),
+      exact: a.exact,
+      estimate: a.estimate,
+    });
+    return {
+      ids: r.idCounts.map((n, h) => r.ids.subarray(h * r.width, h * r.width + n)),
+      scanned: r.candidates.map((m, h) => this.clusters[h] + m),
+      out: r.out,
+      lse: r.lse,
+      estimated: r.estimated,
+      ms: r.ms,
+      stages: r.stages,
+    };
+  }
+
+  bytes(): WaveGpuBytes {
+    return this.store.bytes();
+  }
+
+  close(): void {
+    this.store.close();
+  }
+}

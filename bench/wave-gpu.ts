@@ -1,0 +1,339 @@
+// The wave decode step on the GPU (addon/wave-gpu.ts): checks against the
+// host path and a benchmark at 1M tokens (needs a CUDA device).
+//
+//   node dist/bench/wave-gpu.js [--check] [--bench] [--steps N]
+//
+// --check runs the comparisons test/native/wave-gpu.test.ts makes, without
+// vitest: on random keys clustered by the real builder (k-means, odd sizes),
+// the selection equals ClusterIndex.searchHeads (ids in order, and scanned),
+// and the estimate equals estimateClusters over the same exact rows within
+// 1e-4 relative (out per q head, lse; estimated token counts exactly).
+//
+// --bench: one layer at 1M tokens per kv head, 8 kv heads x 4 q heads, d=128,
+// f16, clusters of exactly 8 tokens (131,072 per head), budget 2%, sinks 16,
+// window 64: p50/p90 of the whole call (CUDA events from the inputs' copy to
+// the outputs' copy), its stages, the host's wall time around the await, the
+// same without the estimate, and the device memory of the summaries as a share
+// of the layer's K/V. One step is also checked against the host path.
+// Results: bench/results/wave-gpu-h200.{json,md} (also copied to $OUT when set).
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { cudaAvailable } from '../addon/cuda.js';
+import { estimateClusters } from '../addon/estimate.js';
+import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
+import { WaveGpuStore, type WaveGpuHead, type WaveGpuStepResult } from '../addon/wave-gpu.js';
+import { buildClusters } from '../index/wave/cluster-build.js';
+import { centroidStride, decodeClusters, type ClusterArrays } from '../index/wave/cluster-codec.js';
+import { ClusterIndex, PROBE, RADIUS_SHARE } from '../index/wave/cluster-index.js';
+import { Rng } from '../workload/index.js';
+import { quantile } from './stats.js';
+
+export const TOL = { out: 1e-4, lse: 1e-4 };
+
+function words(f: Float32Array, dt: KvDtype): Uint16Array {
+  const w = new Uint16Array(f.length);
+  convert(bytesOf(f), 'f32', bytesOf(w), dt, f.length);
+  return w;
+}
+
+/** Sinks and window rows of a context of n tokens. */
+export function staticRows(n: number, sinks: number, window: number): Int32Array {
+  const rows = new Set<number>();
+  for (let t = 0; t < Math.min(sinks, n); t++) rows.add(t);
+  for (let t = Math.max(0, n - window); t < n; t++) rows.add(t);
+  return Int32Array.from(rows);
+}
+
+/** q rows near a random key of their kv head (spiky attention, as decoding sees). */
+function queries(rng: Rng, keyRow: (h: number, t: number) => Float32Array, H: number, tokens: number, d: number, G: number): Float32Array {
+  const q = new Float32Array(H * G * d);
+  for (let h = 0; h < H; h++)
+    for (let g = 0; g < G; g++) {
+      const k = keyRow(h, rng.int(tokens));
+      for (let j = 0; j < d; j++) q[(h * G + g) * d + j] = 1.5 * k[j] + rng.normal();
+    }
+  return q;
+}
+
+export interface CompareResult {
+  /** Heads whose ids differ from searchHeads' (order included). */
+  idsDiffer: number;
+  firstDiff?: string;
+  scannedEqual: boolean;
+  /** Max over q heads of ||out_gpu - out_cpu|| / ||out_cpu||. */
+  outRel: number;
+  /** Max over q heads of |lse_gpu - lse_cpu| / max(1, |lse_cpu|) (0 where both are -Infinity). */
+  lseRel: number;
+  estimatedEqual: boolean;
+  ok: boolean;
+}
+
+/** The GPU step against searchHeads + estimateClusters on the same heads and query. */
+export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: Float32Array, G: number, d: number, dt: KvDtype,
+                              scale: number, budget: number[], exact: Int32Array): Promise<CompareResult> {
+  const cpu = await ClusterIndex.searchHeads(heads, q, G, budget);
+  let idsDiffer = 0, firstDiff: string | undefined;
+  heads.forEach((_, h) => {
+    const a = Array.from(gpu.ids[h]), b = Array.from(cpu[h].ids);
+    if (a.length !== b.length || a.some((x, i) => x !== b[i])) {
+      idsDiffer++;
+      const at = a.findIndex((x, i) => x !== b[i]);
+      firstDiff ??= `head ${h}: gpu ${a.length} ids, cpu ${b.length}; first difference at ${at}: ${a[at]} vs ${b[at]}`;
+    }
+  });
+  const scannedEqual = heads.every((_, h) => gpu.scanned[h] === cpu[h].scanned);
+  const qHeads = heads.length * G;
+  const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
+  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact])));
+  await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
+  let outRel = 0, lseRel = 0;
+  for (let r = 0; r < qHeads; r++) {
+    if (lse[r] === -Infinity || gpu.lse[r] === -Infinity) {
+      if (lse[r] !== gpu.lse[r]) lseRel = Infinity;
+      continue;
+    }
+    lseRel = Math.max(lseRel, Math.abs(gpu.lse[r] - lse[r]) / Math.max(1, Math.abs(lse[r])));
+    let diff = 0, norm = 0;
+    for (let j = 0; j < d; j++) (diff += (gpu.out[r * d + j] - out[r * d + j]) ** 2), (norm += out[r * d + j] ** 2);
+    outRel = Math.max(outRel, Math.sqrt(diff) / Math.max(Math.sqrt(norm), 1e-30));
+  }
+  const estimatedEqual = heads.every((_, h) => gpu.estimated[h] === estimated[h]);
+  const ok = idsDiffer === 0 && scannedEqual && outRel <= TOL.out && lseRel <= TOL.lse && estimatedEqual;
+  return { idsDiffer, firstDiff, scannedEqual, outRel, lseRel, estimatedEqual, ok };
+}
+
+export interface WaveCase {
+  dt: KvDtype;
+  kvHeads: number;
+  G: number;
+  d: number;
+  tokens: number;
+  clusterSize: number;
+  budget: number[];
+  sinks: number;
+  window: number;
+  scale: number;
+}
+
+/** Odd sizes: d % 16 == 8, groups above the kernels' 4, uneven budgets, budgets past the context, several k-means segments. */
+export function waveCases(): WaveCase[] {
+  return [
+    { dt: 'f16', kvHeads: 3, G: 3, d: 40, tokens: 20011, clusterSize: 8, budget: [97, 13, 401], sinks: 5, window: 17, scale: 0.3 },
+    { dt: 'bf16', kvHeads: 2, G: 4, d: 128, tokens: 12345, clusterSize: 5, budget: [250, 251], sinks: 16, window: 64, scale: 1 / Math.sqrt(128) },
+    { dt: 'bf16', kvHeads: 2, G: 5, d: 24, tokens: 9001, clusterSize: 16, budget: [123, 77], sinks: 3, window: 0, scale: 0.5 },
+    { dt: 'f16', kvHeads: 4, G: 2, d: 128, tokens: 70001, clusterSize: 8, budget: [1401, 1401, 1401, 1401], sinks: 16, window: 64, scale: 1 / Math.sqrt(128) },
+    { dt: 'f16', kvHeads: 1, G: 1, d: 64, tokens: 3001, clusterSize: 8, budget: [3001], sinks: 16, window: 64, scale: 0.125 },
+  ];
+}
+
+export const caseName = (c: WaveCase) => `${c.dt} d=${c.d} kv=${c.kvHeads} G=${c.G} N=${c.tokens} cluster=${c.clusterSize} budget=${c.budget.join('/')}`;
+
+/** Builds the case's clusters on the host (k-means), runs one GPU step and compares. */
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<CompareResult & { ms: number }> {
+  const rng = new Rng(seed);
+  const { dt, d, tokens: N, kvHeads: H, G } = c;
+  const keysF: Float32Array[] = [], heads: ClusterIndex[] = [], gpuHeads: WaveGpuHead[] = [];
+  for (let h = 0; h < H; h++) {
+    const kf = Float32Array.from({ length: N * d }, () => rng.normal());
+    const keys = words(kf, dt), values = words(Float32Array.from({ length: N * d }, () => rng.normal()), dt);
+    const bytes = await buildClusters({ keys, values, tokens: N, headDim: d, dtype: dt, queries: new Float32Array(0), queryCount: 0 },
+      { clusterSize: c.clusterSize, segmentTokens: 8192, iterations: 4, seed: seed + h });
+    const arrays: ClusterArrays = decodeClusters(bytes);
+    keysF.push(kf);
+    heads.push(new ClusterIndex(arrays, keys, values));
+    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
+  }
+  const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads });
+  try {
+    const q = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G), exact = staticRows(N, c.sinks, c.window);
+    const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, radiusShare: RADIUS_SHARE, exact });
+    return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact)), ms: gpu.ms };
+  } finally {
+    store.close();
+  }
+}
+
+// ---------------------------------------------------------------- benchmark
+
+interface BenchConfig {
+  tokens: number;
+  kvHeads: number;
+  G: number;
+  d: number;
+  clusterSize: number;
+  budgetShare: number;
+  sinks: number;
+  window: number;
+  steps: number;
+}
+
+/**
+ * One kv head at scale: clusters of exactly `size` tokens inside 8K segments,
+ * keys around their centres. The noise and the values are shared by the heads
+ * (`shared`, drawn once): only the centres and the membership differ.
+ */
+function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype, shared: { noise: Float32Array; values: Uint16Array; scratch: Float32Array }): { head: WaveGpuHead; arrays: ClusterArrays } {
+  const C = N / size, stride = centroidStride(d), seg = 8192;
+  const tokenCluster = new Int32Array(N);
+  const perm = Int32Array.from({ length: seg }, (_, i) => i);
+  for (let t0 = 0; t0 < N; t0 += seg) {
+    for (let i = seg - 1; i > 0; i--) {
+      const j = rng.int(i + 1), x = perm[i];
+      (perm[i] = perm[j]), (perm[j] = x);
+    }
+    for (let i = 0; i < seg && t0 + i < N; i++) tokenCluster[t0 + i] = ((t0 + perm[i]) / size) | 0;
+  }
+  const centres = new Float32Array(C * stride), means = new Float32Array(C * d);
+  for (let c = 0; c < C; c++) {
+    for (let j = 0; j < d; j++) (centres[c * stride + j] = rng.normal()), (means[c * d + j] = 0.3 * rng.normal());
+    centres[c * stride + d] = 0.5 * Math.sqrt(d) * (0.9 + 0.2 * rng.next());
+  }
+  const keysF = shared.scratch, noise = shared.noise;
+  for (let t = 0; t < N; t++) {
+    const c = tokenCluster[t] * stride, r = t * d;
+    for (let j = 0; j < d; j++) keysF[r + j] = centres[c + j] + noise[r + j];
+  }
+  const arrays: ClusterArrays = {
+    tokens: N, headDim: d, clusterSize: size, dtype: dt,
+    centroids: words(centres, dt), valueMeans: words(means, dt), counts: new Int32Array(C).fill(size), tokenCluster,
+  };
+  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
+  return { head, arrays };
+}
+
+/** Row t of a head's keys, widened. */
+function keyRows(heads: WaveGpuHead[], d: number, dt: KvDtype): (h: number, t: number) => Float32Array {
+  return (h, t) => {
+    const out = new Float32Array(d);
+    convert(bytesOf(heads[h].keys.subarray(t * d, (t + 1) * d)), dt, bytesOf(out), 'f32', d);
+    return out;
+  };
+}
+
+const p = (xs: number[], q: number) => quantile(xs, q);
+
+async function runBench(cfg: BenchConfig, log: (s: string) => void) {
+  const { tokens: N, kvHeads: H, G, d } = cfg, dt: KvDtype = 'f16';
+  const rng = new Rng(20260513);
+  const t0 = performance.now();
+  const noise = new Float32Array(N * d);
+  for (let i = 0; i < noise.length; i++) noise[i] = 0.5 * rng.normal();
+  const shared = { noise, values: words(noise, dt), scratch: new Float32Array(N * d) };
+  const built = Array.from({ length: H }, () => syntheticHead(rng, N, d, cfg.clusterSize, dt, shared));
+  log(`data: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const t1 = performance.now();
+  const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: built.map((b) => b.head) });
+  log(`upload: ${((performance.now() - t1) / 1000).toFixed(1)} s`);
+  const budget = Math.ceil(cfg.budgetShare * N), exact = staticRows(N, cfg.sinks, cfg.window), scale = 1 / Math.sqrt(d);
+  const budgets = new Array<number>(H).fill(budget);
+  const keyRow = keyRows(built.map((b) => b.head), d, dt);
+  const qs = Array.from({ length: cfg.steps + 5 }, () => queries(rng, keyRow, H, N, d, G));
+  const step = (q: Float32Array, estimate = true) => store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, radiusShare: RADIUS_SHARE, exact, estimate });
+  for (let i = 0; i < 5; i++) await step(qs[i]);
+  const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {};
+  for (let i = 0; i < cfg.steps; i++) {
+    const w0 = performance.now();
+    const r = await step(qs[5 + i]);
+    wall.push(performance.now() - w0);
+    ms.push(r.ms);
+    for (const [k, v] of Object.entries(r.stages)) (stages[k] ??= []).push(v);
+  }
+  const msSel: number[] = [];
+  for (let i = 0; i < cfg.steps; i++) msSel.push((await step(qs[5 + i], false)).ms);
+  // One step against the host path, at full size.
+  const heads = built.map((b) => new ClusterIndex(b.arrays, b.head.keys, b.head.values));
+  const last = await step(qs[5]);
+  const check = await compare(heads, last, qs[5], G, d, dt, scale, budgets, exact);
+  const bytes = store.bytes();
+  store.close();
+  const kvBytes = 2 * H * N * d * 2;
+  const poolBytes = H * (budget + exact.length) * d * 2 * 2;
+  const info = cudaAvailable();
+  const result = {
+    device: info.device,
+    config: { ...cfg, dtype: dt, budget, probe: PROBE, clustersPerHead: N / cfg.clusterSize, candidatesPerHead: PROBE * budget },
+    stepMs: { p50: p(ms, 0.5), p90: p(ms, 0.9), p99: p(ms, 0.99), min: Math.min(...ms) },
+    selectionOnlyMs: { p50: p(msSel, 0.5), p90: p(msSel, 0.9) },
+    hostWallMs: { p50: p(wall, 0.5), p90: p(wall, 0.9) },
+    stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
+    memory: {
+      summariesBytes: bytes.summaries, layerKvBytes: kvBytes, summariesShare: bytes.summaries / kvBytes,
+      poolBytesForBudget: poolBytes, summariesPlusPoolShare: (bytes.summaries + poolBytes) / kvBytes,
+      deviceKvHeldBytes: bytes.kv, scratchBytes: bytes.scratch,
+    },
+    checkAtScale: check,
+    targets: { stepMs: 0.5, summariesPlusPoolShare: 0.2 },
+  };
+  return result;
+}
+
+function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
+  const c = r.config, m = r.memory, pct = (x: number) => `${(100 * x).toFixed(1)}%`, f = (x: number) => x.toFixed(3);
+  const gib = (b: number) => `${(b / 2 ** 30).toFixed(2)} GiB`, mib = (b: number) => `${(b / 2 ** 20).toFixed(0)} MiB`;
+  return [
+    `# Wave step on the GPU (${r.device})`,
+    '',
+    `One layer-step of \`wave\` in one native call (addon/wave-gpu.ts): ${c.tokens} tokens per kv head, ${c.kvHeads} kv heads × ${c.G} q heads, d=${c.d}, ${c.dtype}, ` +
+      `clusters of ${c.clusterSize} (${c.clustersPerHead} per head), budget ${c.budget} tokens (${pct(c.budgetShare)}), probe ${c.probe} (${c.candidatesPerHead} candidates per head rescored), ` +
+      `sinks ${c.sinks}, window ${c.window}; ${c.steps} timed steps, each a fresh query. Generated by \`node dist/bench/wave-gpu.js --bench\`.`,
+    '',
+    '| measure | p50 ms | p90 ms |',
+    '| --- | ---: | ---: |',
+    `| whole call, CUDA events (inputs in → outputs out) | ${f(r.stepMs.p50)} | ${f(r.stepMs.p90)} |`,
+    `| the same without the estimate (selection only) | ${f(r.selectionOnlyMs.p50)} | ${f(r.selectionOnlyMs.p90)} |`,
+    `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
+    '',
+    'Stages (p50 ms): ' + Object.entries(r.stagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
+    '',
+    '| memory | bytes | share of the layer\'s K/V |',
+    '| --- | ---: | ---: |',
+    `| layer K/V (f16) | ${gib(m.layerKvBytes)} | 100% |`,
+    `| summaries on the device (centroids+radius, value means, counts, members, token→cluster) | ${mib(m.summariesBytes)} | ${pct(m.summariesShare)} |`,
+    `| summaries + a pool holding the budget, sinks and window | ${mib(m.summariesBytes + m.poolBytesForBudget)} | ${pct(m.summariesPlusPoolShare)} |`,
+    `| K and V held for this measurement (rescoring, exact rows) | ${gib(m.deviceKvHeldBytes)} | 100% |`,
+    `| per-step scratch | ${mib(m.scratchBytes)} | ${pct(m.scratchBytes / m.layerKvBytes)} |`,
+    '',
+    `Check at full size against the host path (ClusterIndex.searchHeads + estimateClusters): heads with different ids ${r.checkAtScale.idsDiffer}, ` +
+      `out max rel ${r.checkAtScale.outRel.toExponential(1)}, lse max rel ${r.checkAtScale.lseRel.toExponential(1)}, estimated equal ${r.checkAtScale.estimatedEqual}.`,
+    '',
+    `Targets (issue #13): a wave step ≤ ${r.targets.stepMs} ms; summaries + pool ≤ ${pct(r.targets.summariesPlusPoolShare)} of K/V.`,
+    '',
+  ].join('\n');
+}
+
+async function main() {
+  const args = process.argv.slice(2);
+  const all = !args.includes('--check') && !args.includes('--bench');
+  const steps = args.includes('--steps') ? Number(args[args.indexOf('--steps') + 1]) : 50;
+  const info = cudaAvailable();
+  console.log(`device: ${info.device}`);
+  if (!info.ok) process.exit(2);
+  let failed = 0;
+  if (all || args.includes('--check')) {
+    let seed = Date.now() % 1_000_000;
+    for (const c of waveCases()) {
+      const r = await checkWaveCase(c, seed++);
+      if (!r.ok) failed++;
+      console.log(`${r.ok ? 'ok  ' : 'FAIL'} ${caseName(c)}: idsDiffer ${r.idsDiffer} scanned ${r.scannedEqual} out ${r.outRel.toExponential(2)} lse ${r.lseRel.toExponential(2)} estimated ${r.estimatedEqual} ${r.ms.toFixed(3)} ms${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+    }
+  }
+  if (all || args.includes('--bench')) {
+    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: 8, budgetShare: 0.02, sinks: 16, window: 64, steps }, console.log);
+    const md = markdown(r);
+    console.log(JSON.stringify(r, null, 2));
+    console.log(md);
+    const dirs = ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])];
+    for (const dir of dirs) {
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(join(dir, 'wave-gpu-h200.json'), JSON.stringify(r, null, 2) + '\n');
+      writeFileSync(join(dir, 'wave-gpu-h200.md'), md);
+    }
+  }
+  process.exit(failed ? 1 : 0);
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -1,0 +1,194 @@
+// The wave decode step on the GPU for JS (native/cuda/wave_step). Compiled by
+// the host compiler; without a CUDA build the class exists and its
+// constructor throws.
+//
+// new WaveGpuStore({kvHeads, headDim, dtype, tokens,
+//                   heads: [{centroids, valueMeans, counts, tokenCluster, keys, values, clusters}] (kvHeads)})
+//   .step({q, qHeads, scale, normTerms: Float32Array[qHeads], budget: number[kvHeads],
+//          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, estimate?})
+//     -> Promise<{width, ids: Int32Array[kvHeads*width], idCounts: number[], candidates: number[],
+//                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}}>
+//   .bytes() -> {summaries, kv, scratch}
+//   .close()
+#include <napi.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/binding_args.h"
+
+#ifdef KVR_CUDA
+#include "cuda/wave_step.h"
+#endif
+
+namespace kvr {
+namespace {
+
+#ifdef KVR_CUDA
+
+std::vector<int64_t> Ints(const Napi::Object& o, const char* key, size_t n, int64_t lo, int64_t hi) {
+  Napi::Array a = ArrayOf(o, key, n);
+  std::vector<int64_t> v;
+  for (uint32_t i = 0; i < a.Length(); ++i) v.push_back(IntValue(a.Get(i), std::string(key) + "[" + std::to_string(i) + "]", lo, hi));
+  return v;
+}
+
+Napi::Array NumberArray(Napi::Env env, const std::vector<int64_t>& v) {
+  Napi::Array a = Napi::Array::New(env, v.size());
+  for (size_t i = 0; i < v.size(); ++i) a.Set(uint32_t(i), Napi::Number::New(env, double(v[i])));
+  return a;
+}
+
+class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "WaveGpuStore", {InstanceMethod("step", &WaveGpuStore::Step), InstanceMethod("bytes", &WaveGpuStore::Bytes),
+                                             InstanceMethod("close", &WaveGpuStore::Close)});
+  }
+
+  explicit WaveGpuStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<WaveGpuStore>(info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    cuda::WaveStoreConfig c;
+    c.kvHeads = int(Int(o, "kvHeads", 1, 1024));
+    c.headDim = int(Int(o, "headDim", 8, 1024));
+    if (!cuda::WaveStore::Supports(c.headDim)) throw Napi::RangeError::New(env, "headDim must be a multiple of 8 in [8, 1024]");
+    c.dtype = KeyDtype(o);
+    c.tokens = Int(o, "tokens", 1, (int64_t(1) << 31) - 1);
+    const size_t N = size_t(c.tokens), d = size_t(c.headDim), stride = d + 8;
+    Napi::Array heads = ArrayOf(o, "heads", size_t(c.kvHeads));
+    std::vector<cuda::WaveHeadHost> host(size_t(c.kvHeads));
+    for (int h = 0; h < c.kvHeads; ++h) {
+      Napi::Object x = ObjectOf(heads.Get(h), "heads[" + std::to_string(h) + "]");
+      cuda::WaveHeadHost& w = host[size_t(h)];
+      w.clusters = Int(x, "clusters", 1, (int64_t(1) << 31) - 1);
+      const size_t C = size_t(w.clusters);
+      w.centroids = TypedAt<uint16_t>(x, "centroids", C * stride).Data();
+      w.valueMeans = TypedAt<uint16_t>(x, "valueMeans", C * d).Data();
+      auto counts = TypedAt<int32_t>(x, "counts", C);
+      auto tokenCluster = TypedAt<int32_t>(x, "tokenCluster", N);
+      w.keys = TypedAt<uint16_t>(x, "keys", N * d).Data();
+      w.values = TypedAt<uint16_t>(x, "values", N * d).Data();
+      // The store groups members by tokenCluster and trusts counts: they must agree.
+      std::vector<int64_t> hist(C, 0);
+      for (size_t t = 0; t < N; ++t) {
+        const int32_t cl = tokenCluster[t];
+        if (cl < 0 || size_t(cl) >= C)
+          throw Napi::RangeError::New(env, "heads[" + std::to_string(h) + "].tokenCluster[" + std::to_string(t) + "] is outside [0, clusters)");
+        ++hist[size_t(cl)];
+      }
+      for (size_t cl = 0; cl < C; ++cl)
+        if (hist[cl] != counts[cl])
+          throw Napi::RangeError::New(env, "heads[" + std::to_string(h) + "].counts[" + std::to_string(cl) + "] is not the number of its tokens");
+      w.counts = counts.Data();
+      w.tokenCluster = tokenCluster.Data();
+    }
+    // The arrays are copied to the device here, synchronously.
+    store_ = Guard(env, [&] { return std::make_shared<cuda::WaveStore>(c, host.data()); });
+  }
+
+ private:
+  std::shared_ptr<cuda::WaveStore> store_;
+
+  std::shared_ptr<cuda::WaveStore> Store(Napi::Env env) {
+    if (!store_) throw Napi::Error::New(env, "WaveGpuStore is closed");
+    return store_;
+  }
+
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    std::shared_ptr<cuda::WaveStore> store = Store(env);
+    const cuda::WaveStoreConfig& c = store->Config();
+    auto a = std::make_shared<cuda::WaveStepArgs>();
+    a->qHeads = int(Int(o, "qHeads", 1, 1024));
+    if (a->qHeads % c.kvHeads != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+    if (int64_t(a->qHeads / c.kvHeads) * (c.headDim + 8) > 12288)
+      throw Napi::RangeError::New(env, "group * (headDim + 8) must be at most 12288");
+    a->scale = Float(o, "scale");
+    auto q = TypedAt<float>(o, "q", size_t(a->qHeads) * c.headDim);
+    auto norms = TypedAt<float>(o, "normTerms", size_t(a->qHeads));
+    const int64_t big = (int64_t(1) << 40);
+    a->budget = Ints(o, "budget", size_t(c.kvHeads), 0, big);
+    a->target = Ints(o, "target", size_t(c.kvHeads), 0, big);
+    a->maxClusters = Ints(o, "maxClusters", size_t(c.kvHeads), 0, big);
+    a->estimate = Flag(o, "estimate", true);
+    // The inputs are copied: the step runs off the event loop.
+    auto qCopy = std::make_shared<std::vector<float>>(q.Data(), q.Data() + q.ElementLength());
+    auto normCopy = std::make_shared<std::vector<float>>(norms.Data(), norms.Data() + a->qHeads);
+    auto exact = std::make_shared<std::vector<int32_t>>();
+    if (auto e = OptTypedAt<int32_t>(o, "exact")) {
+      CheckIds(*e, c.tokens, "exact");
+      exact->assign(e->Data(), e->Data() + e->ElementLength());
+    }
+    auto result = std::make_shared<cuda::WaveStepResult>();
+    const int H = c.kvHeads;
+    return RunAsync(
+        env, {},
+        [store, a, qCopy, normCopy, exact, result]() {
+          a->q = qCopy->data();
+          a->normTerms = normCopy->data();
+          a->exact = exact->data();
+          a->exactCount = int64_t(exact->size());
+          *result = store->Step(*a);
+        },
+        [result, H](Napi::Env e) -> Napi::Value {
+          const cuda::WaveStepResult& r = *result;
+          Napi::Object out = Napi::Object::New(e);
+          out.Set("width", Napi::Number::New(e, double(r.width)));
+          auto ids = Napi::Int32Array::New(e, r.ids.size());
+          std::copy(r.ids.begin(), r.ids.end(), ids.Data());
+          out.Set("ids", ids);
+          out.Set("idCounts", NumberArray(e, r.idCounts));
+          out.Set("candidates", NumberArray(e, r.candidates));
+          auto o2 = Napi::Float32Array::New(e, r.out.size());
+          std::copy(r.out.begin(), r.out.end(), o2.Data());
+          out.Set("out", o2);
+          auto lse = Napi::Float32Array::New(e, r.lse.size());
+          std::copy(r.lse.begin(), r.lse.end(), lse.Data());
+          out.Set("lse", lse);
+          Napi::Array est = Napi::Array::New(e, size_t(H));
+          for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
+          out.Set("estimated", est);
+          out.Set("ms", Napi::Number::New(e, double(r.ms)));
+          Napi::Object stages = Napi::Object::New(e);
+          for (const auto& s : r.stages) stages.Set(s.first, Napi::Number::New(e, double(s.second)));
+          out.Set("stages", stages);
+          return out;
+        });
+  }
+
+  Napi::Value Bytes(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    cuda::WaveStoreBytes b = Store(env)->Bytes();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("summaries", Napi::Number::New(env, double(b.summaries)));
+    o.Set("kv", Napi::Number::New(env, double(b.kv)));
+    o.Set("scratch", Napi::Number::New(env, double(b.scratch)));
+    return o;
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    store_.reset();  // a step in flight keeps its own reference
+    return info.Env().Undefined();
+  }
+};
+
+#else  // no CUDA build
+
+class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
+ public:
+  static Napi::Function Define(Napi::Env env) { return DefineClass(env, "WaveGpuStore", {}); }
+  explicit WaveGpuStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<WaveGpuStore>(info) {
+    throw Napi::Error::New(info.Env(), "kvrecall was built without CUDA");
+  }
+};
+
+#endif
+
+}  // namespace
+
+void InitWaveGpu(Napi::Env env, Napi::Object exports) { exports.Set("WaveGpuStore", WaveGpuStore::Define(env)); }
+
+}  // namespace kvr

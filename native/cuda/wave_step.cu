@@ -1,0 +1,395 @@
+// The wave decode step on the GPU (see wave_step.h).
+//
+// Per step, on one stream: the inputs in one copy (optimistic query rows,
+// per-head budgets, sinks/window rows); ScoreClusters (every cluster of every
+// head: the optimistic score as a sort key, and scale·q·centroid per q head,
+// kept for the estimate); a CUB radix sort of (head, score) keys, stable, so
+// equal scores keep the lower id first; an inclusive scan of the sorted
+// counts and CutClusters (where the tokens reach the target);
+// GatherCandidates (members, the last cluster cut); RescoreCandidates (max
+// over the group of q·k); a second radix sort and FixTies (runs of equal
+// scores in the kept prefix ordered by id: the host's order); then the
+// estimate: the exact rows (selection + sinks/window) deduplicated through an
+// owner array, counted per cluster, EstimatePart over cluster tiles (rows
+// left: (n-r)·e to the normaliser, n·e·v̄ to the numerator) and over the
+// exact rows of partly kept clusters (-e·v), tiles merged in float64; the
+// outputs in one copy back.
+//
+// Scores are summed in the host's AVX2 Dot order (common/simd_math.h): lane
+// j of accumulator a takes words 8c + j of the chunks c with c % 2 == a, one
+// FMA each, c ascending; then acc = acc0 + acc1, h_j = acc_j + acc_{j+4},
+// s = (h0 + h2) + (h1 + h3). A thread pair holds accumulators 0 and 1 of a
+// row. headDim % 8 == 0 makes the centroid's first headDim words the same
+// chunks as the plain dot, so one pass gives both scores.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/wave_step.h"
+#include "cuda/wave_step_kernels.cuh"
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+void Check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
+  }
+}
+
+size_t Align(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
+int64_t Cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A device buffer that only grows (the stream is idle between steps).
+struct DevBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void Need(size_t n, const char* what) {
+    if (n <= bytes) return;
+    if (p) cudaFree(p);
+    p = nullptr;
+    bytes = 0;
+    Check(cudaMalloc(&p, n), what);
+    bytes = n;
+  }
+  ~DevBuf() { if (p) cudaFree(p); }
+};
+struct HostBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void Need(size_t n, const char* what) {
+    if (n <= bytes) return;
+    if (p) cudaFreeHost(p);
+    p = nullptr;
+    bytes = 0;
+    Check(cudaHostAlloc(&p, n, cudaHostAllocDefault), what);
+    bytes = n;
+  }
+  ~HostBuf() { if (p) cudaFreeHost(p); }
+};
+
+// Carves one buffer into aligned arrays: first Add every array, then Bind.
+struct Layout {
+  size_t at = 0;
+  size_t Add(size_t bytes) {
+    const size_t o = at;
+    at += Align(bytes);
+    return o;
+  }
+  template <typename T> static T* At(void* base, size_t off) { return reinterpret_cast<T*>(static_cast<char*>(base) + off); }
+};
+
+}  // namespace
+
+struct WaveStore::Impl {
+  WaveStoreConfig cfg;
+  int stride = 0;
+  std::vector<int64_t> clusters, base;
+  int64_t ctot = 0, cmax = 0;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ev[8] = {};
+  DevBuf store, fixed, work, in, out;
+  HostBuf hin, hout;
+  size_t summaryBytes = 0, kvBytes = 0;
+  StepParams p{};  // the store's and the fixed scratch's pointers
+  std::mutex mu;
+  ~Impl() {
+    for (auto& e : ev)
+      if (e) cudaEventDestroy(e);
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+bool WaveStore::Supports(int headDim) { return headDim >= 8 && headDim <= 1024 && headDim % 8 == 0; }
+
+WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : impl_(std::make_unique<Impl>()) {
+  Impl& I = *impl_;
+  I.cfg = cfg;
+  if (!Supports(cfg.headDim)) throw std::runtime_error("wave store: headDim must be a multiple of 8 in [8, 1024]");
+  if (cfg.kvHeads < 1 || cfg.tokens < 1) throw std::runtime_error("wave store: no heads or no tokens");
+  if (!IsWordDtype(cfg.dtype)) throw std::runtime_error("wave store: dtype must be f16 or bf16");
+  const int H = cfg.kvHeads, d = cfg.headDim;
+  const int64_t N = cfg.tokens;
+  I.stride = d + 8;
+  I.base.assign(size_t(H) + 1, 0);
+  for (int h = 0; h < H; ++h) {
+    if (heads[h].clusters < 1) throw std::runtime_error("wave store: a head without clusters");
+    I.clusters.push_back(heads[h].clusters);
+    I.base[h + 1] = I.base[h] + heads[h].clusters;
+    I.cmax = std::max(I.cmax, heads[h].clusters);
+  }
+  I.ctot = I.base[H];
+  if (I.ctot >= (int64_t(1) << 31) || int64_t(H) * N >= (int64_t(1) << 31))
+    throw std::runtime_error("wave store: more than 2^31 clusters or rows");
+  // Members grouped per cluster, ascending (a counting sort of tokenCluster).
+  std::vector<int32_t> memberStart(size_t(I.ctot)), members(size_t(H) * N);
+  for (int h = 0; h < H; ++h) {
+    const int64_t C = heads[h].clusters;
+    std::vector<int64_t> at(size_t(C) + 1, 0);
+    for (int64_t t = 0; t < N; ++t) {
+      const int32_t c = heads[h].tokenCluster[t];
+      if (c < 0 || c >= C) throw std::runtime_error("wave store: tokenCluster outside [0, clusters)");
+      ++at[size_t(c) + 1];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      if (at[size_t(c) + 1] != heads[h].counts[c]) throw std::runtime_error("wave store: counts are not tokenCluster's histogram");
+      at[size_t(c) + 1] += at[size_t(c)];
+      memberStart[size_t(I.base[h] + c)] = int32_t(at[size_t(c)]);
+    }
+    for (int64_t t = 0; t < N; ++t) members[size_t(h) * N + size_t(at[size_t(heads[h].tokenCluster[t])]++)] = int32_t(t);
+  }
+  Check(cudaSetDevice(0), "cudaSetDevice");
+  Check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "stream");
+  for (auto& e : I.ev) Check(cudaEventCreate(&e), "event");
+  Layout L;
+  const size_t oCent = L.Add(size_t(I.ctot) * I.stride * 2), oMeans = L.Add(size_t(I.ctot) * d * 2),
+               oCounts = L.Add(size_t(I.ctot) * 4), oStart = L.Add(size_t(I.ctot) * 4), oMembers = L.Add(size_t(H) * N * 4),
+               oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8);
+  I.summaryBytes = L.at;
+  const size_t oKeys = L.Add(size_t(H) * N * d * 2), oValues = L.Add(size_t(H) * N * d * 2);
+  I.kvBytes = L.at - I.summaryBytes;
+  I.store.Need(L.at, "cudaMalloc (wave store)");
+  void* S = I.store.p;
+  StepParams& p = I.p;
+  p.cent = Layout::At<uint16_t>(S, oCent);
+  p.means = Layout::At<uint16_t>(S, oMeans);
+  p.counts = Layout::At<int32_t>(S, oCounts);
+  p.memberStart = Layout::At<int32_t>(S, oStart);
+  p.members = Layout::At<int32_t>(S, oMembers);
+  p.tokCl = Layout::At<int32_t>(S, oTok);
+  p.base = Layout::At<int64_t>(S, oBase);
+  p.keys = Layout::At<uint16_t>(S, oKeys);
+  p.values = Layout::At<uint16_t>(S, oValues);
+  auto put = [](const void* dst, const void* src, size_t bytes) {
+    Check(cudaMemcpy(const_cast<void*>(dst), src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (wave store)");
+  };
+  for (int h = 0; h < H; ++h) {
+    const size_t b = size_t(I.base[h]), C = size_t(heads[h].clusters);
+    put(p.cent + b * I.stride, heads[h].centroids, C * I.stride * 2);
+    put(p.means + b * d, heads[h].valueMeans, C * d * 2);
+    put(p.counts + b, heads[h].counts, C * 4);
+    put(p.tokCl + size_t(h) * N, heads[h].tokenCluster, size_t(N) * 4);
+    put(p.keys + size_t(h) * N * d, heads[h].keys, size_t(N) * d * 2);
+    put(p.values + size_t(h) * N * d, heads[h].values, size_t(N) * d * 2);
+  }
+  put(p.memberStart, memberStart.data(), memberStart.size() * 4);
+  put(p.members, members.data(), members.size() * 4);
+  put(p.base, I.base.data(), I.base.size() * 8);
+  // Scratch sized by the store: the cluster sort, the owner and removed arrays.
+  Layout F;
+  const size_t oK1 = F.Add(size_t(I.ctot) * 8), oK1s = F.Add(size_t(I.ctot) * 8), oV1 = F.Add(size_t(I.ctot) * 4),
+               oV1s = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
+               oOwner = F.Add(size_t(H) * N * 4), oRemoved = F.Add(size_t(I.ctot) * 4);
+  I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
+  void* X = I.fixed.p;
+  p.key1 = Layout::At<uint64_t>(X, oK1);
+  p.key1s = Layout::At<uint64_t>(X, oK1s);
+  p.val1 = Layout::At<int32_t>(X, oV1);
+  p.val1s = Layout::At<int32_t>(X, oV1s);
+  p.cnt = Layout::At<int64_t>(X, oCnt);
+  p.cum = Layout::At<int64_t>(X, oCum);
+  p.owner = Layout::At<int32_t>(X, oOwner);
+  p.removed = Layout::At<int32_t>(X, oRemoved);
+  Check(cudaMemset(p.owner, 0x7f, size_t(H) * N * 4), "cudaMemset");
+  Check(cudaMemset(p.removed, 0, size_t(I.ctot) * 4), "cudaMemset");
+  p.N = N;
+  p.cmax = I.cmax;
+  p.d = d;
+  p.stride = I.stride;
+  for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>})
+    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
+  Check(cudaDeviceSynchronize(), "wave store upload");
+}
+
+WaveStore::~WaveStore() = default;
+
+const WaveStoreConfig& WaveStore::Config() const { return impl_->cfg; }
+int64_t WaveStore::Clusters(int head) const { return impl_->clusters.at(size_t(head)); }
+
+WaveStoreBytes WaveStore::Bytes() const {
+  const Impl& I = *impl_;
+  return {int64_t(I.summaryBytes), int64_t(I.kvBytes), int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes)};
+}
+
+WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  const int H = I.cfg.kvHeads, d = I.cfg.headDim, stride = I.stride, Q = a.qHeads;
+  const int64_t N = I.cfg.tokens;
+  if (Q < H || Q % H != 0) throw std::runtime_error("wave step: qHeads must be a multiple of kvHeads");
+  const int G = Q / H;
+  if (int64_t(G) * stride > kMaxQueryFloats) throw std::runtime_error("wave step: GQA group too large for shared memory");
+  if (a.budget.size() != size_t(H) || a.target.size() != size_t(H) || a.maxClusters.size() != size_t(H))
+    throw std::runtime_error("wave step: budget, target and maxClusters need one entry per kv head");
+  std::vector<int64_t> params(size_t(H) * 3);
+  int64_t width = 0, tmax = 0, capMax = 0;
+  for (int h = 0; h < H; ++h) {
+    params[h * 3] = std::clamp<int64_t>(a.budget[h], 0, N);
+    params[h * 3 + 1] = std::clamp<int64_t>(a.target[h], 0, N);
+    params[h * 3 + 2] = std::clamp<int64_t>(a.maxClusters[h], 0, I.clusters[h]);
+    width = std::max(width, params[h * 3]);
+    tmax = std::max(tmax, params[h * 3 + 1]);
+    capMax = std::max(capMax, params[h * 3 + 2]);
+  }
+  const int64_t E = a.exactCount, rowsMax = width + E;
+  if (int64_t(H) * tmax >= (int64_t(1) << 31)) throw std::runtime_error("wave step: too many candidates");
+  const int nMain = int(Cdiv(I.cmax, kTile)), nSub = int(Cdiv(rowsMax, kTile)), parts = nMain + nSub;
+  const int endBit = 32 + (H > 1 ? 32 - __builtin_clz(unsigned(H - 1)) : 0);
+  StepParams p = I.p;
+  p.group = G;
+  p.scale = a.scale;
+  p.exactCount = E;
+  p.tmax = tmax;
+  p.width = width;
+  p.nMain = nMain;
+  p.parts = parts;
+  // CUB's scratch, for the largest of its three calls.
+  size_t t1 = 0, t2 = 0, t3 = 0;
+  Check(cub::DeviceRadixSort::SortPairs(nullptr, t1, p.key1, p.key1s, p.val1, p.val1s, int(I.ctot), 0, endBit, I.stream), "cub sizing");
+  Check(cub::DeviceScan::InclusiveSum(nullptr, t2, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
+  if (tmax > 0)
+    Check(cub::DeviceRadixSort::SortPairs(nullptr, t3, p.key2, p.key2s, p.cand, p.val2s, int(H * tmax), 0, endBit, I.stream), "cub sizing");
+  const size_t n2 = size_t(H) * tmax;
+  Layout W;
+  const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oK2 = W.Add(n2 * 8),
+               oK2s = W.Add(n2 * 8), oCand = W.Add(n2 * 4), oV2s = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
+               oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
+               oPest = W.Add(size_t(H) * nMain * 8), oTemp = W.Add(std::max({t1, t2, t3, size_t(1)}));
+  I.work.Need(W.at, "cudaMalloc (wave step)");
+  void* X = I.work.p;
+  p.logits = Layout::At<float>(X, oLogits);
+  p.sel = Layout::At<int64_t>(X, oSel);
+  p.key2 = Layout::At<uint64_t>(X, oK2);
+  p.key2s = Layout::At<uint64_t>(X, oK2s);
+  p.cand = Layout::At<int32_t>(X, oCand);
+  p.val2s = Layout::At<int32_t>(X, oV2s);
+  p.pm = Layout::At<float>(X, oPm);
+  p.pden = Layout::At<float>(X, oPden);
+  p.pnum = Layout::At<float>(X, oPnum);
+  p.pest = Layout::At<int64_t>(X, oPest);
+  void* temp = Layout::At<void>(X, oTemp);
+  // Inputs: the optimistic query rows, the per-head numbers, the exact rows.
+  Layout In;
+  const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * 24), oExact = In.Add(size_t(E) * 4);
+  I.in.Need(In.at, "cudaMalloc (wave inputs)");
+  I.hin.Need(In.at, "cudaHostAlloc (wave inputs)");
+  float* qAug = Layout::At<float>(I.hin.p, oQ);
+  for (int r = 0; r < Q; ++r) {
+    float* row = qAug + size_t(r) * stride;
+    std::memcpy(row, a.q + size_t(r) * d, size_t(d) * 4);
+    row[d] = a.normTerms[r];
+    std::fill(row + d + 1, row + stride, 0.f);
+  }
+  std::memcpy(Layout::At<int64_t>(I.hin.p, oParams), params.data(), params.size() * 8);
+  if (E > 0) std::memcpy(Layout::At<int32_t>(I.hin.p, oExact), a.exact, size_t(E) * 4);
+  p.qAug = Layout::At<float>(I.in.p, oQ);
+  p.params = Layout::At<int64_t>(I.in.p, oParams);
+  p.exact = Layout::At<int32_t>(I.in.p, oExact);
+  Layout Out;
+  const size_t oIds = Out.Add(size_t(H) * width * 4), oCounts = Out.Add(size_t(H) * 16), oOut = Out.Add(size_t(Q) * d * 4),
+               oLse = Out.Add(size_t(Q) * 4), oEst = Out.Add(size_t(H) * 8);
+  I.out.Need(Out.at, "cudaMalloc (wave outputs)");
+  I.hout.Need(Out.at, "cudaHostAlloc (wave outputs)");
+  p.outIds = Layout::At<int32_t>(I.out.p, oIds);
+  p.outCounts = Layout::At<int64_t>(I.out.p, oCounts);
+  p.out = Layout::At<float>(I.out.p, oOut);
+  p.lse = Layout::At<float>(I.out.p, oLse);
+  p.est = Layout::At<int64_t>(I.out.p, oEst);
+
+  Check(cudaSetDevice(0), "cudaSetDevice");
+  cudaStream_t s = I.stream;
+  const bool bf16 = I.cfg.dtype == Dtype::kBf16;
+  const size_t qSmem = size_t(G) * stride * 4;
+  const int ctot = int(I.ctot);
+  Check(cudaEventRecord(I.ev[0], s), "event");
+  Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
+  Check(cudaEventRecord(I.ev[1], s), "event");
+  const dim3 scoreGrid(unsigned(Cdiv(I.cmax, kRowsPerCta)), unsigned(H));
+  if (bf16) ScoreClusters<true><<<scoreGrid, kThreads, qSmem, s>>>(p);
+  else ScoreClusters<false><<<scoreGrid, kThreads, qSmem, s>>>(p);
+  Check(cudaEventRecord(I.ev[2], s), "event");
+  Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
+  Check(cub::DeviceRadixSort::SortPairs(temp, t1, p.key1, p.key1s, p.val1, p.val1s, ctot, 0, endBit, s), "cluster sort");
+  const unsigned flat = unsigned(Cdiv(I.ctot, kThreads));
+  GatherCounts<<<flat, kThreads, 0, s>>>(p, I.ctot);
+  Check(cub::DeviceScan::InclusiveSum(temp, t2, p.cnt, p.cum, ctot, s), "cluster scan");
+  CutClusters<<<flat, kThreads, 0, s>>>(p, I.ctot);
+  if (capMax > 0 && tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(capMax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p);
+  Check(cudaEventRecord(I.ev[3], s), "event");
+  if (tmax > 0) {
+    const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
+    if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
+    else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
+  }
+  Check(cudaEventRecord(I.ev[4], s), "event");
+  if (tmax > 0) {
+    Check(cub::DeviceRadixSort::SortPairs(temp, t3, p.key2, p.key2s, p.cand, p.val2s, int(n2), 0, endBit, s), "candidate sort");
+    if (width > 0) FixTies<<<dim3(unsigned(Cdiv(width, kThreads)), unsigned(H)), kThreads, 0, s>>>(p);
+  }
+  PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
+  Check(cudaEventRecord(I.ev[5], s), "event");
+  if (a.estimate) {
+    const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
+    if (rowsMax > 0) {
+      ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
+      ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
+    }
+    if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+    else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+    if (nSub > 0) {
+      if (bf16) EstimatePart<true, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      else EstimatePart<false, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+    }
+    MergeEstimate<<<unsigned(Q), 128, size_t(parts) * 8, s>>>(p);
+    if (rowsMax > 0) ExactRows<2><<<rowsGrid, kThreads, 0, s>>>(p);
+  }
+  Check(cudaGetLastError(), "wave step launch");
+  Check(cudaEventRecord(I.ev[6], s), "event");
+  Check(cudaMemcpyAsync(I.hout.p, I.out.p, Out.at, cudaMemcpyDeviceToHost, s), "copy out");
+  Check(cudaEventRecord(I.ev[7], s), "event");
+  Check(cudaStreamSynchronize(s), "wave step");
+
+  WaveStepResult r;
+  r.width = width;
+  const int32_t* ids = Layout::At<int32_t>(I.hout.p, oIds);
+  r.ids.assign(ids, ids + size_t(H) * width);
+  const int64_t* counts = Layout::At<int64_t>(I.hout.p, oCounts);
+  for (int h = 0; h < H; ++h) {
+    r.idCounts.push_back(counts[h * 2]);
+    r.candidates.push_back(counts[h * 2 + 1]);
+  }
+  if (a.estimate) {
+    const float* o = Layout::At<float>(I.hout.p, oOut);
+    const float* l = Layout::At<float>(I.hout.p, oLse);
+    const int64_t* e = Layout::At<int64_t>(I.hout.p, oEst);
+    r.out.assign(o, o + size_t(Q) * d);
+    r.lse.assign(l, l + Q);
+    for (int h = 0; h < H; ++h) r.estimated.push_back(double(e[h]));
+  } else {
+    r.out.assign(size_t(Q) * d, 0.f);
+    r.lse.assign(size_t(Q), -INFINITY);
+    r.estimated.assign(size_t(H), 0.0);
+  }
+  Check(cudaEventElapsedTime(&r.ms, I.ev[0], I.ev[7]), "event time");
+  static const char* const kStages[] = {"in", "score", "clusters", "rescore", "topk", "estimate", "out"};
+  for (int i = 0; i < 7; ++i) {
+    float ms = 0;
+    Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
+    r.stages.emplace_back(kStages[i], ms);
+  }
+  return r;
+}
+
+}  // namespace cuda
+}  // namespace kvr

@@ -1,0 +1,108 @@
+// The wave index's decode step on the GPU (issue #13 items 1-2): a
+// device-resident cluster store per (segment, layer) holding every kv head's
+// clusters, and one call per layer-step that selects the retrieval zone and
+// estimates the rest. Plain C++ interface: this header names no CUDA type, so
+// the binding compiles with the host compiler.
+//
+// A step, for every kv head at once, on one stream:
+//  1. every cluster scored by the optimistic score (max over the GQA group of
+//     q·centroid + share·‖q‖·radius) and ranked (score descending, id
+//     ascending); the best clusters taken until they hold `target` tokens
+//     (the last one cut, its first members kept), at most `maxClusters`;
+//  2. their members rescored exactly (max over the group of q·k) and the best
+//     `budget` kept, best first, ties towards the lower id;
+//  3. the estimation zone: every cluster minus the rows attended exactly (the
+//     selection plus the given sinks/window rows) as a partial (out, lse) per
+//     q head, with native/kernels/cluster_estimate's semantics.
+// This is index/wave/cluster-index.ts's searchHeads followed by
+// estimateClusters. Scores are summed in the order of the host's AVX2 Dot
+// (native/common/simd_math.h), so they are bit for bit the host's and the
+// selection is the host's; the estimate is f32 with a max shift per tile of
+// clusters, tiles merged in float64.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/half.h"
+
+namespace kvr {
+namespace cuda {
+
+struct WaveStoreConfig {
+  int kvHeads = 0;
+  int headDim = 0;  // a multiple of 8, at most 1024 (Supports)
+  Dtype dtype = Dtype::kF16;
+  int64_t tokens = 0;  // the segment's rows per kv head
+};
+
+// One kv head's clusters as the wave artifact holds them, and its rows.
+struct WaveHeadHost {
+  const uint16_t* centroids = nullptr;   // [clusters, headDim + 8]: centroid, radius, padding
+  const uint16_t* valueMeans = nullptr;  // [clusters, headDim]
+  const int32_t* counts = nullptr;       // [clusters]; must be tokenCluster's histogram
+  const int32_t* tokenCluster = nullptr; // [tokens], each in [0, clusters)
+  const uint16_t* keys = nullptr;        // [tokens, headDim] (rescoring)
+  const uint16_t* values = nullptr;      // [tokens, headDim] (exact rows leave their cluster's estimate)
+  int64_t clusters = 0;
+};
+
+struct WaveStepArgs {
+  const float* q = nullptr;         // [qHeads, headDim]
+  const float* normTerms = nullptr; // [qHeads]: share·‖q‖, the optimistic query's column headDim
+  int qHeads = 0;
+  float scale = 1.f;
+  std::vector<int64_t> budget;       // [kvHeads]: tokens kept
+  std::vector<int64_t> target;       // [kvHeads]: candidate tokens (probe × budget)
+  std::vector<int64_t> maxClusters;  // [kvHeads]: clusters ranked at most
+  const int32_t* exact = nullptr;    // rows attended exactly besides the selection, every head
+  int64_t exactCount = 0;
+  bool estimate = true;
+};
+
+struct WaveStepResult {
+  int64_t width = 0;              // ids per head in `ids`
+  std::vector<int32_t> ids;       // [kvHeads, width]: head h's first idCounts[h], best first
+  std::vector<int64_t> idCounts;  // [kvHeads]
+  std::vector<int64_t> candidates;// [kvHeads]: members rescored
+  std::vector<float> out;         // [qHeads, headDim] (estimate)
+  std::vector<float> lse;         // [qHeads]; -inf where nothing is estimated
+  std::vector<double> estimated;  // [kvHeads]: tokens the estimate covers
+  float ms = 0;                   // the whole step on the stream (inputs in to outputs out), CUDA events
+  std::vector<std::pair<std::string, float>> stages;  // ms per stage, in order
+};
+
+struct WaveStoreBytes {
+  int64_t summaries = 0;  // centroids, value means, counts, member lists, token->cluster
+  int64_t kv = 0;         // the K and V rows held for rescoring and exact rows
+  int64_t scratch = 0;    // per-step buffers
+};
+
+class WaveStore {
+ public:
+  // Copies every head's arrays to the device. Throws std::runtime_error (no
+  // device, out of memory, a shape Supports refuses).
+  WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads);
+  ~WaveStore();
+  WaveStore(const WaveStore&) = delete;
+  WaveStore& operator=(const WaveStore&) = delete;
+
+  static bool Supports(int headDim);
+  const WaveStoreConfig& Config() const;
+  int64_t Clusters(int head) const;
+  WaveStoreBytes Bytes() const;
+
+  // One layer-step; blocks until the outputs are on the host. Calls from
+  // several threads take turns.
+  WaveStepResult Step(const WaveStepArgs& a);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cuda
+}  // namespace kvr

@@ -1,0 +1,47 @@
+// The wave decode step on the GPU against the host path: the selection
+// equals ClusterIndex.searchHeads (the same ids in the same order: scores are
+// summed in the host's order), the estimate equals estimateClusters over the
+// same exact rows within 1e-4 relative. Skips where no CUDA device answers
+// (here and in CI). The comparisons live in bench/wave-gpu.ts so that
+// `node dist/bench/wave-gpu.js --check` runs them on a device machine without
+// vitest.
+import { describe, expect, it } from 'vitest';
+import { cudaAvailable } from '../../addon/cuda.js';
+import { WaveGpuStore } from '../../addon/wave-gpu.js';
+import { caseName, checkWaveCase, TOL, waveCases } from '../../bench/wave-gpu.js';
+import { freshSeed } from '../helpers/random.js';
+
+const info = cudaAvailable();
+const seed = freshSeed();
+
+describe('WaveGpuStore', () => {
+  it('is refused without a device', () => {
+    if (info.ok) return;
+    const w = new Uint16Array(16);
+    expect(() =>
+      WaveGpuStore.create({ kvHeads: 1, headDim: 8, dtype: 'f16', tokens: 1, heads: [{ centroids: w, valueMeans: w, counts: Int32Array.of(1), tokenCluster: Int32Array.of(0), keys: w, values: w }] }),
+    ).toThrow();
+  });
+});
+
+describe.skipIf(!info.ok)('wave step on the GPU', () => {
+  console.log(`wave-gpu: seed ${seed}`);
+  waveCases().forEach((c, i) =>
+    it(caseName(c), async () => {
+      const r = await checkWaveCase(c, seed + i);
+      expect(r.firstDiff ?? '').toBe('');
+      expect(r.idsDiffer).toBe(0);
+      expect(r.scannedEqual).toBe(true);
+      expect(r.outRel).toBeLessThanOrEqual(TOL.out);
+      expect(r.lseRel).toBeLessThanOrEqual(TOL.lse);
+      expect(r.estimatedEqual).toBe(true);
+    }, 120_000),
+  );
+
+  it('refuses a token cluster out of range and counts that are not the histogram', () => {
+    const d = 8, w = new Uint16Array(4 * (d + 8) * 2);
+    const head = { centroids: w, valueMeans: w, counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 1, 1, 2), keys: w, values: w };
+    expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [head] })).toThrow(/tokenCluster/);
+    expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [{ ...head, tokenCluster: Int32Array.of(0, 1, 1, 1) }] })).toThrow(/counts/);
+  });
+});
