@@ -70,6 +70,7 @@ Napi::Value TopkHeadsJs(const Napi::CallbackInfo& info) {
       CheckIds(*rows, p.tokens, "rows");
       p.rows = rows->Data();
       p.rowCount = int64_t(rows->ElementLength());
+      p.hasRows = true;
       hold.push_back(*rows);
     }
     const size_t keep = size_t(std::min<int64_t>(p.k, ScanCount(p)));

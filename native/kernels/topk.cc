@@ -22,7 +22,7 @@ void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, st
   std::vector<float> row(p.headDim);
   heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t r = p.rows ? p.rows[i] : i;
+    const int64_t r = p.hasRows ? p.rows[i] : i;
     WidenRow(p.keys + size_t(r) * p.headDim, p.dtype, p.headDim, row.data());
     float s = -std::numeric_limits<float>::infinity();
     for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));

@@ -22,10 +22,11 @@ struct TopkProblem {
   // Optional: scan only these rows (each < tokens; no allScores then); ids written are rows.
   const int32_t* rows = nullptr;
   int64_t rowCount = 0;
+  bool hasRows = false;  // rows given (an empty list scans nothing; its pointer may be null)
 };
 
 // Rows a problem scans: its row list, or every row.
-inline int64_t ScanCount(const TopkProblem& p) { return p.rows ? p.rowCount : p.tokens; }
+inline int64_t ScanCount(const TopkProblem& p) { return p.hasRows ? p.rowCount : p.tokens; }
 
 // Returns how many ids were written: min(k, tokens).
 int64_t TopK(const TopkProblem& p);

@@ -29,6 +29,12 @@ describe('topkHeads with rows', () => {
     outIds.forEach((t, i) => expect(outScores[i]).toBeCloseTo(score(t), 3));
   });
 
+  it('scans nothing for an empty row list (one head may have no budget)', async () => {
+    const keys = new Uint16Array(8 * 4).fill(0x3c00);
+    const counts = await topkHeads({ q: new Float32Array(16).fill(1), group: 1, headDim: 8, dtype: 'f16', k: 2, heads: [{ keys, tokens: 4, rows: new Int32Array(0), outIds: new Int32Array(0), outScores: new Float32Array(0) }, { keys, tokens: 4, rows: Int32Array.of(2), outIds: new Int32Array(1), outScores: new Float32Array(1) }] });
+    expect(counts).toEqual([0, 1]);
+  });
+
   it('refuses a row outside the keys', async () => {
     const keys = new Uint16Array(8 * 4);
     await expect(async () =>
