@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// kvrecall serve   [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES]
+// kvrecall serve   [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data | --store redis://HOST:PORT[,HOST:PORT...]]
+//                  [--token T] [--body-limit BYTES]
 //                  [--memory-budget BYTES] [--gpu-budget BYTES (0: CPU only)]
 // kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
 //                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]
@@ -8,7 +9,7 @@ import { parseConfig } from '../core/config.js';
 import { preload, progressBar } from '../clients/ts/preload.js';
 
 const USAGE = `usage:
-  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES]
+  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data | --store redis://HOST:PORT[,HOST:PORT...]] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES]
   kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]`;
 
 async function serve(args: string[]): Promise<void> {
@@ -17,7 +18,7 @@ async function serve(args: string[]): Promise<void> {
   for (const id of server.engine.recovered) console.log(`kvrecall: document ${id} was interrupted mid-preload; marked incomplete`);
   const gpu = server.engine.gpu?.describe();
   const backend = gpu ? `cuda: ${gpu.device}, pool ${(gpu.pool.budgetBytes / 2 ** 30).toFixed(1)} GiB` : 'cpu';
-  console.log(`kvrecall listening on ${server.url} (data ${cfg.dataDir}, ${backend}${cfg.token ? ', token required' : ''})`);
+  console.log(`kvrecall listening on ${server.url} (${cfg.store ? `store ${cfg.store}` : `data ${cfg.dataDir}`}, ${backend}${cfg.token ? ', token required' : ''})`);
   const stop = async () => {
     await server.close();
     process.exit(0);

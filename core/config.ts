@@ -7,6 +7,12 @@ export interface Config {
   host: string;
   port: number;
   dataDir: string;
+  /**
+   * Where documents live when not in LMDB under dataDir: a Redis Cluster
+   * seed list, `redis://HOST:PORT[,HOST:PORT...]` (shared by every server
+   * that names it).
+   */
+  store?: string;
   /** When set, every route but /v1/health requires `Authorization: Bearer <token>`. */
   token?: string;
   /** Largest request body accepted, in bytes. */
@@ -32,6 +38,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--host': 'host',
   '--port': 'port',
   '--data': 'dataDir',
+  '--store': 'store',
   '--token': 'token',
   '--body-limit': 'bodyLimit',
   '--memory-budget': 'memoryBudget',
@@ -42,6 +49,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   const cfg: Config = { ...DEFAULTS };
   if (env.KVRECALL_TOKEN) cfg.token = env.KVRECALL_TOKEN;
   if (env.KVRECALL_DATA) cfg.dataDir = env.KVRECALL_DATA;
+  if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
@@ -54,6 +62,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
       cfg[key] = value;
     }
   }
+  if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))
+    throw invalid(`--store (KVRECALL_STORE) takes a Redis Cluster seed list, redis://HOST:PORT[,HOST:PORT...], not ${cfg.store}`);
   return cfg;
 }
 

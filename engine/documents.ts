@@ -4,7 +4,7 @@
 import type { UploadStats } from '../core/upload-stats.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, HeadIndexBuilder } from '../index/method.js';
-import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/store.js';
+import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/document-store.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
@@ -27,7 +27,7 @@ export interface LoadedDocument {
 interface LoadingDocument {
   meta: DocumentMeta;
   layers: KvSegment[];
-  /** Per layer: blocks handed to LMDB (committed once `writing` settles). */
+  /** Per layer: blocks handed to the store (committed once `writing` settles). */
   written: number[];
   /** The last batch of block writes, behind the upload that made it (never rejects). */
   writing: Promise<void>;
@@ -81,7 +81,7 @@ export class Documents {
       const layers: KvSegment[] = [];
       try {
         // With a tokens hint the memory is reserved now, whole (no regrowth while uploading, no trim at seal).
-        for (let l = 0; l < model.layers; l++) layers.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, hint || undefined, this.budget));
+        for (let l = 0; l < model.layers; l++) layers.push(new KvSegment(model.kvHeads, model.headDim, model.dtype, hint || undefined, this.budget, this.store.sharedSegments));
       } catch (e) {
         for (const s of layers) s.release();
         throw e;
@@ -107,7 +107,7 @@ export class Documents {
   }
 
   /**
-   * Appends one upload to a layer. Its full blocks are written to LMDB
+   * Appends one upload to a layer. Its full blocks are written to the store
    * behind the answer: the next upload of the document (or the seal) waits
    * for them, so one batch is in flight while the next request is read and
    * checked. A loading document is not durable before seal anyway.
@@ -132,7 +132,7 @@ export class Documents {
       const B = doc.meta.model.blockSize;
       const full = Math.floor(seg.tokens / B);
       doc.writing = this.store.writeBlocks(id, blockWrites(seg, up.layer, doc.written[up.layer], full, B)).catch((e: Error) => {
-        doc.writeError = new Error(`document ${id}: writing its blocks to LMDB failed (${e.message}); DELETE it and upload it again`);
+        doc.writeError = new Error(`document ${id}: writing its blocks to ${this.store.name} failed (${e.message}); DELETE it and upload it again`);
       });
       doc.written[up.layer] = full;
       const stats: UploadStats = {
@@ -205,7 +205,7 @@ export class Documents {
   }
 
   list(): DocumentView[] {
-    return this.store.list().map((m) => this.get(m.id));
+    return this.store.list().map((m) => (this.loading.has(m.id) ? this.get(m.id) : view(m)));
   }
 
   remove(idRaw: string): Promise<void> {
@@ -221,12 +221,22 @@ export class Documents {
     });
   }
 
-  /** A ready document's KV, read from LMDB on first use after a restart. */
+  /**
+   * A ready document's KV: from memory, else read from the store (on first
+   * use after a restart, or a document another server sealed in a shared
+   * store). What is in memory is checked against the store first: a
+   * document deleted or replaced through another server is not served.
+   */
   acquire(idRaw: string): LoadedDocument {
     const id = checkId(idRaw, 'document');
+    const loading = this.loading.get(id)?.meta;
+    const meta = loading ?? this.store.get(id);
     const cached = this.ready.get(id);
-    if (cached) return cached;
-    const meta = this.loading.get(id)?.meta ?? this.store.get(id);
+    if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
+    if (cached) {
+      for (const s of cached.layers) s.release();
+      this.ready.delete(id);
+    }
     if (!meta) throw notFound(`document ${id} does not exist`);
     if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
     const doc = { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };

@@ -1,9 +1,12 @@
 // The engine: the document store, the documents and the sessions, wired
-// together once at start.
+// together once at start. The store is LMDB in `dataDir`, or a Redis Cluster
+// shared with other servers when `store` names one.
 import { mkdirSync } from 'node:fs';
 import { methodNames } from '../index/registry.js';
 import { HostBudget } from '../storage/host-budget.js';
-import { DocumentStore } from '../storage/store.js';
+import type { DocumentStore, OpenedStore } from '../storage/document-store.js';
+import { LmdbStore } from '../storage/lmdb-store.js';
+import { RedisStore } from '../storage/redis-store.js';
 import { cudaAvailable } from '../addon/cuda.js';
 import { Documents } from './documents.js';
 import { GpuBackend } from './cache/gpu-pool.js';
@@ -11,6 +14,8 @@ import { Sessions } from './sessions.js';
 
 export interface EngineOptions {
   dataDir: string;
+  /** A Redis Cluster seed list (`redis://HOST:PORT[,HOST:PORT...]`) to keep documents on instead of LMDB in dataDir. */
+  store?: string;
   /** Host bytes the KV of documents and sessions may hold. */
   memoryBudget: number;
   /** Device bytes for the GPU block pool (0: CPU only; unset: 80% of free device memory). */
@@ -30,8 +35,7 @@ export class Engine {
   ) {}
 
   static async open(opts: EngineOptions): Promise<Engine> {
-    mkdirSync(opts.dataDir, { recursive: true });
-    const { store, recovered } = await DocumentStore.open(opts.dataDir);
+    const { store, recovered } = await openStore(opts);
     const budget = new HostBudget(opts.memoryBudget);
     const documents = new Documents(store, methodNames, budget);
     const device = cudaAvailable();
@@ -43,4 +47,10 @@ export class Engine {
     await this.store.close();
     this.gpu?.close();
   }
+}
+
+function openStore(opts: EngineOptions): Promise<OpenedStore> {
+  if (opts.store) return RedisStore.open(opts.store);
+  mkdirSync(opts.dataDir, { recursive: true });
+  return LmdbStore.open(opts.dataDir);
 }

@@ -3,6 +3,8 @@
 # the native build links against are present (faiss for `ivf` and k-means,
 # OpenBLAS under it, a C++ toolchain). Installs them with apt-get when run as
 # root; otherwise says what to install.
+# (Test-only packages are not here: .ci/run installs python3-numpy,
+# python3-msgpack and redis-server for the test suite.)
 set -euo pipefail
 needed=(build-essential python3 libfaiss-dev libopenblas-dev)
 missing=()

@@ -2,6 +2,8 @@
 // session's own tokens), held in host memory as one growable array per kv
 // head: k[h] is [capacity, headDim] 16-bit words, the first `tokens` rows
 // valid. Appends copy each head's rows once, converting dtype if needed.
+// A shared segment keeps its arrays in SharedArrayBuffers, so that a worker
+// thread can fill them (the Redis store reads blocks straight into them).
 import { bytesOf, convert, type FloatDtype, type KvDtype } from '../addon/kernels.js';
 import { UNLIMITED, type HostBudget } from './host-budget.js';
 
@@ -18,10 +20,11 @@ export class KvSegment {
     readonly dtype: KvDtype,
     capacity = MIN_CAPACITY,
     private readonly budget: HostBudget = UNLIMITED,
+    readonly shared = false,
   ) {
     budget.reserve(this.bytesFor(capacity), 'KV');
-    this.k = Array.from({ length: kvHeads }, () => new Uint16Array(capacity * headDim));
-    this.v = Array.from({ length: kvHeads }, () => new Uint16Array(capacity * headDim));
+    this.k = Array.from({ length: kvHeads }, () => this.alloc(capacity * headDim));
+    this.v = Array.from({ length: kvHeads }, () => this.alloc(capacity * headDim));
   }
 
   get capacity(): number {
@@ -87,8 +90,18 @@ export class KvSegment {
     const n = Math.max(1, this.tokens) * this.headDim;
     if (this.k[0].length === n) return;
     this.budget.release(this.heldBytes - this.bytesFor(n / this.headDim));
-    this.k = this.k.map((a) => a.slice(0, n));
-    this.v = this.v.map((a) => a.slice(0, n));
+    const cut = (a: Uint16Array) => {
+      if (!this.shared) return a.slice(0, n);
+      const b = this.alloc(n);
+      b.set(a.subarray(0, n));
+      return b;
+    };
+    this.k = this.k.map(cut);
+    this.v = this.v.map(cut);
+  }
+
+  private alloc(words: number): Uint16Array {
+    return this.shared ? new Uint16Array(new SharedArrayBuffer(words * 2)) : new Uint16Array(words);
   }
 
   private bytesFor(tokens: number): number {
@@ -108,7 +121,7 @@ export class KvSegment {
     this.budget.reserve(this.bytesFor(nextTokens) - this.heldBytes, 'KV');
     const next = nextTokens * this.headDim;
     const grow = (a: Uint16Array) => {
-      const b = new Uint16Array(next);
+      const b = this.alloc(next);
       b.set(a.subarray(0, this.tokens * this.headDim));
       return b;
     };

@@ -1,0 +1,89 @@
+// What the engine needs of a document store, and the records it keeps.
+// Two stores implement it: LMDB in a local folder (`lmdb-store.ts`, the
+// embedded default) and a Redis Cluster shared by several servers
+// (`redis-store.ts`, `--store redis://…`).
+//
+// Every store keeps, per document: its metadata and status on one record,
+// its K/V in blocks of `blockSize` tokens per (layer, kv head) (K bytes then
+// V bytes, storage dtype), and the index artifacts of its methods per
+// (method, layer, kv head). A document is `ready` only once every block and
+// artifact is durable; a preload cut off midway is `incomplete`, never ready.
+import type { ModelShape } from '../core/model.js';
+import type { HostBudget } from './host-budget.js';
+import type { KvSegment } from './kv-segment.js';
+
+export type DocumentStatus = 'loading' | 'ready' | 'incomplete';
+
+export interface DocumentMeta {
+  id: string;
+  model: ModelShape;
+  status: DocumentStatus;
+  /** Tokens per layer (all equal once ready). */
+  tokens: number;
+  methods: string[];
+  /** Prefill queries kept: one token in queryStride (absent in documents stored before it was recorded). */
+  queryStride?: number;
+  /** Tokens per cluster of the wave index (absent: the default). */
+  clusterSize?: number;
+  createdAt: string;
+  sealedAt?: string;
+}
+
+export interface BlockWrite {
+  layer: number;
+  head: number;
+  block: number;
+  k: Uint8Array;
+  v: Uint8Array;
+}
+
+export interface ArtifactWrite {
+  method: string;
+  layer: number;
+  head: number;
+  bytes: Uint8Array;
+}
+
+export interface DocumentStore {
+  /** What the store is, for messages: "LMDB", "the Redis Cluster". */
+  readonly name: string;
+  /**
+   * Whether loading documents' segments should be SharedArrayBuffer-backed:
+   * the store then reads the blocks it is given in place, from another
+   * thread, instead of copying them first.
+   */
+  readonly sharedSegments?: boolean;
+
+  /** Every document's metadata. */
+  list(): DocumentMeta[];
+  /** One document's metadata, as the store holds it now. */
+  get(id: string): DocumentMeta | undefined;
+  /** Records a new loading document, replacing any incomplete one of that id (conflict if another exists). */
+  create(meta: DocumentMeta): Promise<void>;
+  /**
+   * Writes blocks of a loading document; resolves when the store has them
+   * (a loading document is not durable until seal). The writes' views may
+   * change once this returns: the store copies them first.
+   */
+  writeBlocks(doc: string, writes: BlockWrite[]): Promise<void>;
+  /**
+   * Writes the last blocks and the index artifacts, then the ready metadata,
+   * and resolves only once all of it is durable.
+   */
+  seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void>;
+  /** Adds artifacts of a method built after seal (and its name to the metadata). */
+  addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void>;
+  /** A method's artifacts for every (layer, head), or undefined if any is missing. */
+  loadArtifacts(id: string, method: string, layers: number, heads: number): Uint8Array[][] | undefined;
+  /** Removes the document, its blocks and its artifacts (for every server sharing the store). */
+  remove(id: string): Promise<void>;
+  /** Reads a ready document's KV into one segment per layer, reserving its bytes in `budget`. */
+  load(meta: DocumentMeta, budget: HostBudget): KvSegment[];
+  close(): Promise<void>;
+}
+
+/** A store once opened, and the documents it found cut off mid-preload and marked incomplete. */
+export interface OpenedStore {
+  store: DocumentStore;
+  recovered: string[];
+}

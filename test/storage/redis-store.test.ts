@@ -1,0 +1,234 @@
+// Documents on a real Redis Cluster (6 nodes: 3 masters, 3 replicas, started
+// here on loopback ports) shared by several real kvrecall servers: one
+// preloads, another attends, equal to float64 exact attention; a preload
+// killed midway is incomplete on every server; a damaged block is refused,
+// not attended; DELETE removes a document cluster-wide; a master killed
+// during an attach is replaced by its replica and the attach either completes
+// with every block checked or fails with a clear 503 — never a wrong answer.
+//
+// Needs redis-server and redis-cli (Debian's redis-server; .ci/run installs
+// it) and the compiled tree (the store's worker and the child servers run
+// from dist/: `npm test` builds it first). Without Redis these tests are
+// skipped, with a message, except in CI (CI or KVRECALL_CI set), where they fail.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { randomFillSync } from 'node:crypto';
+import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
+import type { RunningServer } from '../../api/server.js';
+import type { Tensor } from '../../core/tensor.js';
+import { BLOCK_HEADER, blockKey, metaKey } from '../../storage/redis-format.js';
+import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
+import { redisInstalled, redisRequired, startRedisCluster, type RedisCluster } from '../helpers/redis-cluster.js';
+import { startChild, startInProcess, tempDataDir, type ChildServer } from '../helpers/server.js';
+
+const available = redisInstalled();
+const skip = !available && !redisRequired();
+if (skip) console.warn('redis-store: SKIPPED: redis-server and redis-cli are not installed (apt-get install redis-server); CI installs them and runs these tests');
+
+const seed = freshSeed();
+console.log(`redis-store: seed ${seed}`);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Random f16 K or V bits, [kvHeads, n, d], finite; for documents whose answers are compared between servers, not to a reference. */
+function randomBits(kvHeads: number, n: number, d: number): Tensor {
+  const words = new Uint32Array((kvHeads * n * d) / 2);
+  randomFillSync(words);
+  for (let i = 0; i < words.length; i++) words[i] &= 0xbfffbfff;
+  return { dtype: 'f16', shape: [kvHeads, n, d], data: new Uint8Array(words.buffer) };
+}
+
+async function statusOf(c: KvrecallClient, id: string): Promise<number> {
+  try {
+    await c.getDocument(id);
+    return 200;
+  } catch (e) {
+    return (e as KvrecallRequestError).status;
+  }
+}
+
+describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', () => {
+  let cluster: RedisCluster;
+  let store: string;
+  const dirs = [tempDataDir(), tempDataDir(), tempDataDir(), tempDataDir()];
+  const servers: RunningServer[] = [];
+  const children: ChildServer[] = [];
+  let a: KvrecallClient, b: KvrecallClient;
+
+  beforeAll(async () => {
+    if (!available) throw new Error('redis-server and redis-cli are not installed, and CI must run the Redis store tests: .ci/run installs them (apt-get install redis-server)');
+    cluster = await startRedisCluster({ nodeTimeoutMs: 2000 });
+    // A short lease: a loader silent for 3 s leaves its document incomplete.
+    store = `${cluster.url}?lease=3000&failover=15000`;
+    for (const d of dirs.slice(0, 2)) servers.push(await startInProcess(d.dir, { store }));
+    [a, b] = servers.map((s) => new KvrecallClient({ url: s.url }));
+  }, 120_000);
+
+  afterAll(async () => {
+    for (const c of children) await c.stop('SIGKILL');
+    for (const s of servers) await s.close();
+    await cluster?.stop();
+    for (const d of dirs) d.cleanup();
+  }, 60_000);
+
+  /** Keys of a document's blocks on the cluster, per master. */
+  const blockKeysPerMaster = (id: string) => cluster.topology().masters.map((m) => cluster.cli(m, '--scan', '--pattern', `kvr:{b/${id}/*`).split('\n').filter(Boolean).length);
+
+  it('one server preloads and seals; the other attends it: equal to float64 exact attention, blocks on every master, replicated; its index is read, not rebuilt', async () => {
+    const rng = new Rng(seed);
+    const model = { layers: 2, qHeads: 16, kvHeads: 4, headDim: 64, dtype: 'f16' as const };
+    const { qHeads, kvHeads, headDim: d } = model;
+    const tokens = 24000, chunk = 6000;
+    const context: KvChunk[][] = [[], []];
+    await a.createDocument('shared', model, { methods: ['nosa'] });
+    for (let layer = 0; layer < model.layers; layer++)
+      for (let start = 0; start < tokens; start += chunk) {
+        const c = randomKv(rng, 'f16', kvHeads, chunk, d);
+        await a.uploadDocumentKv('shared', { layer, start, k: c.k, v: c.v });
+        context[layer].push(c);
+      }
+    // The other server sees it loading while it loads.
+    expect((await b.getDocument('shared')).status).toBe('loading');
+    expect(await a.sealDocument('shared')).toMatchObject({ status: 'ready', tokens });
+    expect(await b.getDocument('shared')).toMatchObject({ status: 'ready', tokens, methods: ['nosa'] });
+    expect((await b.listDocuments()).map((x) => x.id)).toContain('shared');
+
+    // A layer's blocks are spread over every master (hash tags per group of blocks), and every replica holds its master's keys.
+    expect(blockKeysPerMaster('shared').every((n) => n > 0)).toBe(true);
+    const { masters, replicasOf } = cluster.topology();
+    for (const m of masters) for (const r of replicasOf.get(m) ?? []) expect(cluster.cli(r, 'dbsize').trim()).toBe(cluster.cli(m, 'dbsize').trim());
+
+    // Attended through B, which has never seen it: read from the cluster, every block checked.
+    const s = await b.createSession({ model, documents: ['shared'], method: 'exact' });
+    expect(s.documentTokens).toBe(tokens);
+    for (let layer = 0; layer < model.layers; layer++) {
+      const q = randomQ(rng, qHeads, d);
+      const got = await b.attend(s.id, { layer, q: tensor('f32', [qHeads, d], q) });
+      const ref = referenceAttention(q, concatValues(context[layer], 'kValues'), concatValues(context[layer], 'vValues'), qHeads, d);
+      expect(maxRelError(got.out, ref.out, qHeads)).toBeLessThan(1e-4);
+      expect(maxRelErrorScalar(got.lse, ref.lse)).toBeLessThan(1e-4);
+      // The server that preloaded it answers bit for bit the same.
+      const sa = await a.createSession({ model, documents: ['shared'], method: 'exact' });
+      const mine = await a.attend(sa.id, { layer, q: tensor('f32', [qHeads, d], q) });
+      expect(Buffer.from(mine.out.buffer).equals(Buffer.from(got.out.buffer))).toBe(true);
+    }
+    // The index built at seal is read from the cluster, not rebuilt.
+    const before = servers[1].engine.documents.buildsAfterSeal;
+    await b.createSession({ model, documents: ['shared'], method: 'nosa', budget: 1024 });
+    expect(servers[1].engine.documents.buildsAfterSeal).toBe(before);
+  });
+
+  it('DELETE through one server removes the document cluster-wide', async () => {
+    const rng = new Rng(seed ^ 1);
+    const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    await a.createDocument('doomed', model, { methods: ['nosa'] });
+    const c = randomKv(rng, 'f16', 2, 3000, 32);
+    await a.uploadDocumentKv('doomed', { layer: 0, start: 0, k: c.k, v: c.v });
+    await a.sealDocument('doomed');
+    await b.createSession({ model, documents: ['doomed'] }); // B holds it in memory now
+    expect(blockKeysPerMaster('doomed').reduce((x, y) => x + y)).toBeGreaterThan(0);
+    await b.deleteDocument('doomed');
+    expect(await statusOf(a, 'doomed')).toBe(404);
+    expect(await statusOf(b, 'doomed')).toBe(404);
+    await expect(a.createSession({ model, documents: ['doomed'] })).rejects.toMatchObject({ status: 404 });
+    await expect(b.createSession({ model, documents: ['doomed'] })).rejects.toMatchObject({ status: 404 });
+    expect(blockKeysPerMaster('doomed').reduce((x, y) => x + y)).toBe(0);
+    expect(cluster.topology().masters.map((m) => cluster.cli(m, '--scan', '--pattern', 'kvr:{a/doomed/*').trim()).join('')).toBe('');
+  });
+
+  it('a preload killed midway (SIGKILL) is incomplete on both servers once its lease lapses; PUT starts it again', async () => {
+    const model = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64, dtype: 'f16' as const };
+    const child = await startChild(dirs[2].dir, ['--store', store]);
+    children.push(child);
+    const c = new KvrecallClient({ url: child.url });
+    await c.createDocument('victim', model);
+    for (let start = 0; start < 4000; start += 1000) await c.uploadDocumentKv('victim', { layer: 0, start, k: randomBits(2, 1000, 64), v: randomBits(2, 1000, 64) });
+    const inflight = c.uploadDocumentKv('victim', { layer: 1, start: 0, k: randomBits(2, 20000, 64), v: randomBits(2, 20000, 64) }).catch((e: Error) => e);
+    await sleep(5);
+    await child.stop('SIGKILL');
+    await inflight;
+    expect(['loading', 'incomplete']).toContain((await a.getDocument('victim')).status);
+    const deadline = Date.now() + 15000;
+    while ((await a.getDocument('victim')).status !== 'incomplete') {
+      expect(Date.now()).toBeLessThan(deadline);
+      await sleep(200);
+    }
+    expect(await b.getDocument('victim')).toMatchObject({ status: 'incomplete', tokens: 0 });
+    await expect(b.createSession({ model, documents: ['victim'] })).rejects.toMatchObject({ status: 409 });
+    // Its blocks are dropped.
+    for (let t = Date.now(); blockKeysPerMaster('victim').some((n) => n > 0); await sleep(100)) expect(Date.now() - t).toBeLessThan(10000);
+    // PUT again through B: a fresh preload that seals.
+    await b.createDocument('victim', model);
+    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('victim', { layer, start: 0, k: randomBits(2, 500, 64), v: randomBits(2, 500, 64) });
+    expect(await b.sealDocument('victim')).toMatchObject({ status: 'ready', tokens: 500 });
+    expect(await a.getDocument('victim')).toMatchObject({ status: 'ready', tokens: 500 });
+  });
+
+  it('a damaged or missing block is detected on read and the document is not attended (409, saying which block)', async () => {
+    const model = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 64, dtype: 'f16' as const };
+    for (const id of ['damaged', 'gapped']) {
+      await a.createDocument(id, model);
+      await a.uploadDocumentKv(id, { layer: 0, start: 0, k: randomBits(2, 1000, 64), v: randomBits(2, 1000, 64) });
+      await a.sealDocument(id);
+    }
+    const anyMaster = cluster.topology().masters[0];
+    const gen = (id: string) => cluster.cli(anyMaster, '-c', 'HGET', metaKey(id), 'gen').trim();
+    // Overwrite 8 bytes of V in block 3 of kv head 1 (the value's length is unchanged).
+    const key = blockKey('damaged', gen('damaged'), 0, 1, 3);
+    expect(cluster.cli(anyMaster, '-c', 'SETRANGE', key, String(BLOCK_HEADER + 64 * 128 + 40), 'CORRUPT!').trim()).toBe(String(BLOCK_HEADER + 2 * 64 * 128));
+    const err = await b.createSession({ model, documents: ['damaged'] }).catch((e: KvrecallRequestError) => e);
+    expect(err).toBeInstanceOf(KvrecallRequestError);
+    expect(err).toMatchObject({ status: 409 });
+    expect((err as Error).message).toMatch(/block 3 of layer 0, kv head 1 fails its V checksum .*not attended/);
+    // A block gone is as plain.
+    cluster.cli(anyMaster, '-c', 'DEL', blockKey('gapped', gen('gapped'), 0, 0, 7));
+    await expect(b.createSession({ model, documents: ['gapped'] })).rejects.toThrow(/block 7 of layer 0, kv head 0 is missing/);
+    // Nothing half-read stays behind: the budget is back and the server still answers.
+    expect(servers[1].engine.budget.used).toBeLessThan(2 ** 30);
+    expect((await b.getDocument('damaged')).status).toBe('ready');
+  });
+
+  it('a master SIGKILLed during an attach: its replica takes over and the attach completes with every block checked, or fails with a clear 503; never a wrong answer', async () => {
+    const model = { layers: 2, qHeads: 16, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
+    const tokens = 16384, chunk = 4096;
+    await a.createDocument('big', model, { tokens });
+    for (let layer = 0; layer < model.layers; layer++)
+      for (let start = 0; start < tokens; start += chunk)
+        await a.uploadDocumentKv('big', { layer, start, k: randomBits(8, chunk, 128), v: randomBits(8, chunk, 128) });
+    await a.sealDocument('big');
+    const rng = new Rng(seed ^ 2);
+    const qs = [0, 1].map(() => randomQ(rng, model.qHeads, model.headDim));
+    const want: Buffer[] = [];
+    const sa = await a.createSession({ model, documents: ['big'] });
+    for (let layer = 0; layer < 2; layer++) want.push(Buffer.from((await a.attend(sa.id, { layer, q: tensor('f32', [16, 128], qs[layer]) })).out.buffer));
+
+    // A fresh server (its own process, so this one can kill a master while it reads).
+    const child = await startChild(dirs[3].dir, ['--store', store]);
+    children.push(child);
+    const c = new KvrecallClient({ url: child.url });
+    const answers = async (sid: string) => {
+      for (let layer = 0; layer < 2; layer++) {
+        const got = await c.attend(sid, { layer, q: tensor('f32', [16, 128], qs[layer]) });
+        expect(Buffer.from(got.out.buffer).equals(want[layer])).toBe(true);
+      }
+    };
+    const victim = cluster.topology().masters[1];
+    const node = cluster.nodes.find((n) => n.port === victim)!;
+    const t0 = performance.now();
+    const attach = c.createSession({ model, documents: ['big'] }).catch((e: KvrecallRequestError) => e);
+    await sleep(15);
+    node.proc.kill('SIGKILL');
+    const killedAt = performance.now() - t0;
+    const first = await attach;
+    console.log(`redis-store: master ${victim} killed ${killedAt.toFixed(0)} ms into an attach that ${first instanceof Error ? `failed: ${first.message}` : 'completed'} after ${(performance.now() - t0).toFixed(0)} ms`);
+    if (first instanceof Error) {
+      expect(first).toMatchObject({ status: 503 });
+      expect(first.message).toMatch(/Redis Cluster.*try again/);
+    } else await answers(first.id);
+    // Once the replica has taken over, the attach completes and answers the same.
+    await cluster.waitHealthy(30000, 0);
+    expect(cluster.topology().masters).not.toContain(victim);
+    const again = await c.createSession({ model, documents: ['big'] });
+    await answers(again.id);
+  }, 120_000);
+});
