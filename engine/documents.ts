@@ -3,7 +3,7 @@
 // shared read-only by every session that attaches them.
 import type { UploadStats } from '../core/upload-stats.js';
 import { findMethod } from '../index/registry.js';
-import type { HeadIndex, HeadIndexBuilder } from '../index/method.js';
+import { isStaleArtifact, type HeadIndex, type HeadIndexBuilder } from '../index/method.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/document-store.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
@@ -256,14 +256,21 @@ export class Documents {
       const builder = findMethod(method)?.builder;
       if (!builder) throw invalid(`method ${method} does not index documents`);
       const { layers, kvHeads } = doc.meta.model;
-      let artifacts = this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads);
-      if (!artifacts) {
+      const rebuild = async () => {
         const built = await buildArtifacts(method, builder, doc.layers, undefined, () => undefined, doc.meta.clusterSize);
         await this.store.addArtifacts(doc.meta.id, method, built);
-        artifacts = doc.layers.map((_, layer) => built.filter((a) => a.layer === layer).map((a) => a.bytes));
         this.buildsAfterSeal++;
+        return doc.layers.map((_, layer) => built.filter((a) => a.layer === layer).map((a) => a.bytes));
+      };
+      const artifacts = this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads) ?? (await rebuild());
+      let loaded: HeadIndex[][];
+      try {
+        loaded = loadIndexes(builder, doc.layers, artifacts);
+      } catch (e) {
+        // An artifact of an older format (this build reads only its own): rebuilt from the keys and stored once.
+        if (!isStaleArtifact(e)) throw e;
+        loaded = loadIndexes(builder, doc.layers, await rebuild());
       }
-      const loaded = loadIndexes(builder, doc.layers, artifacts);
       doc.indexes.set(method, loaded);
       return loaded;
     });

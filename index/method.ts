@@ -166,3 +166,12 @@ export interface HeadIndexBuilder {
 export function budgetTokens(budget: number, tokens: number): number {
   return budget > 0 && budget < 1 ? Math.ceil(budget * tokens) : budget;
 }
+
+/**
+ * Whether loading an artifact failed because it was written in an older
+ * format (each builder versions its bytes and names the version it refuses):
+ * the engine rebuilds such an index from the keys instead of failing the session.
+ */
+export function isStaleArtifact(err: unknown): boolean {
+  return err instanceof Error && /\bstale\b|\bversion\b/i.test(err.message);
+}
