@@ -22,20 +22,13 @@
 #include <string>
 #include <vector>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/block_scores.h"
 
 namespace kvr {
 namespace cuda {
 namespace {
 
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
-  }
-}
-
-size_t Align(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
 
 constexpr int kScoreThreads = 256;
 constexpr int kRowsPerCta = kScoreThreads / 2;  // two threads per block mean
@@ -44,22 +37,6 @@ constexpr int kMaxQueryFloats = 8192;           // group * headDim, held in shar
 constexpr int kSelectThreads = 1024;
 constexpr int64_t kSharedSortKeys = 8192;  // 64 KiB of keys: larger sorts run in global memory
 
-// Eight 16-bit words (one 16-byte load, lowest address first) as floats.
-template <bool kBf16>
-__device__ __forceinline__ void Widen8(uint4 w, float* f) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = words[i] & 0xffffu, hi = words[i] >> 16;
-    if (kBf16) {
-      f[2 * i] = __uint_as_float(lo << 16);
-      f[2 * i + 1] = __uint_as_float(hi << 16);
-    } else {
-      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo)));
-      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi)));
-    }
-  }
-}
 
 // scores[h, b] = max over g of q[h*group + g] · means[h, b], summed in the
 // order of the host's AVX2 Dot: lane j of accumulator 0 takes words 16s + j,
@@ -101,7 +78,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
       for (int u = 0; u < kUnroll; ++u) {
         if (s0 + u >= strides) break;
         float kf[8];
-        Widen8<kBf16>(w[u], kf);
+        Widen8Words<kBf16>(w[u], kf);
         const float* qr = qs + (s0 + u) * 16 + half * 8;
 #pragma unroll
         for (int g = 0; g < kGC; ++g) {
@@ -113,7 +90,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
     }
     if (tail8 && half == 0 && live) {
       float kf[8];
-      Widen8<kBf16>(__ldg(reinterpret_cast<const uint4*>(m + strides * 16)), kf);
+      Widen8Words<kBf16>(__ldg(reinterpret_cast<const uint4*>(m + strides * 16)), kf);
       const float* qr = qs + strides * 16;
 #pragma unroll
       for (int g = 0; g < kGC; ++g) {

@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/cuda_common.cuh"
 #include "cuda/wave_step.h"
 #include "cuda/wave_step_kernels.cuh"
 
@@ -41,14 +42,6 @@ namespace kvr {
 namespace cuda {
 namespace {
 
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
-  }
-}
-
-size_t Align(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
 int64_t Cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A device buffer that only grows (the stream is idle between steps).

@@ -2,6 +2,8 @@
 // describes the step's order and the score summation).
 #pragma once
 
+#include "cuda/cuda_common.cuh"
+
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -23,21 +25,6 @@ constexpr int32_t kNoOwner = 0x7f7f7f7f;   // owner[] when no exact row claims a
 // groups × kGC × d floats, 32 KiB for any d).
 constexpr size_t kEstimateSmem = size_t(kTile) * 8 + size_t(kGC) * kTile * 4 + size_t(kThreads) * 8 * kGC * 4;
 
-template <bool kBf16>
-__device__ __forceinline__ void Widen8(uint4 w, float* f) {
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = words[i] & 0xffffu, hi = words[i] >> 16;
-    if (kBf16) {
-      f[2 * i] = __uint_as_float(lo << 16);
-      f[2 * i + 1] = __uint_as_float(hi << 16);
-    } else {
-      f[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo)));
-      f[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi)));
-    }
-  }
-}
 
 // A score's rank key within head h: ascending key = head, then score
 // descending. -0 and +0 rank equal, as they compare on the host.
@@ -62,7 +49,7 @@ __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs,
     for (int u = 0; u < 4; ++u) {
       if (c + 2 * u >= c1) break;
       float kf[8];
-      Widen8<kBf16>(w[u], kf);
+      Widen8Words<kBf16>(w[u], kf);
       const float* qr = qs + (c + 2 * u) * 8;
 #pragma unroll
       for (int g = 0; g < kGC; ++g) {
@@ -429,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
           const int i = i0 + u * groups;
           if (i >= live) break;
           float v[8];
-          Widen8<kBf16>(x[u], v);
+          Widen8Words<kBf16>(x[u], v);
 #pragma unroll
           for (int g = 0; g < kGC; ++g) {
             const float e = g < gc ? sE[g * kTile + i] : 0.f;
