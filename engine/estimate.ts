@@ -17,13 +17,18 @@ export interface Estimate {
 
 /** Estimates what `selection` leaves out of the documents; `clusters[s]` are document s's heads for this layer. */
 export async function estimateRest(ctx: LayerContext, selection: Selection, clusters: ClusterIndex[][], q: Float32Array, scale: number): Promise<Estimate> {
-  const segments: ClusterHeadArgs[][] = clusters.map((heads, s) => {
+  const d = ctx.headDim;
+  const est: Estimate = { out: new Float32Array(ctx.qHeads * d), lse: new Float32Array(ctx.qHeads).fill(-Infinity), estimated: new Float32Array(ctx.kvHeads) };
+  const segments: ClusterHeadArgs[][] = [];
+  clusters.forEach((heads, s) => {
     const segment = ctx.segments[s];
     const parts = selection.parts.filter((p) => p.segment === segment);
-    return heads.map((index, h) => index.estimateArgs(concatRows(parts.map((p) => rowsOf(p, h)))));
+    // A document attended whole leaves nothing to estimate: skip it rather than list every row.
+    if (parts.some((p) => !p.ids && !p.blocks && (p.begin ?? 0) === 0 && (p.end ?? segment.tokens) >= segment.tokens)) return;
+    segments.push(heads.map((index, h) => index.estimateArgs(concatRows(parts.map((p) => rowsOf(p, h))))));
   });
-  const d = ctx.headDim, h0 = clusters[0][0];
-  const est: Estimate = { out: new Float32Array(ctx.qHeads * d), lse: new Float32Array(ctx.qHeads), estimated: new Float32Array(ctx.kvHeads) };
+  if (segments.length === 0) return est;
+  const h0 = clusters[0][0];
   await estimateClusters({
     q,
     qHeads: ctx.qHeads,

@@ -66,8 +66,9 @@ export class Sessions {
       params[key] = v as number;
     }
     // Estimating what a method leaves out costs one centroid score per cluster and cut every method's
-    // error about tenfold on the real model (bench/results/model-vm.md): on wherever the clusters exist.
-    const estimate = body.estimate ?? (method.name === WAVE || (docs.length > 0 && docs.every((d) => d.meta.methods.includes(WAVE))));
+    // error about tenfold on the real model (bench/results/model-vm.md): on wherever the clusters exist,
+    // except for `exact`, which leaves nothing out.
+    const estimate = body.estimate ?? (method.name === WAVE || (method.name !== 'exact' && docs.length > 0 && docs.every((d) => d.meta.methods.includes(WAVE))));
     if (typeof estimate !== 'boolean') throw invalid('estimate must be true or false');
     if (estimate && method.name !== WAVE)
       for (const d of docs)

@@ -94,6 +94,19 @@ describe('estimation zone', () => {
       expect(mean(on)).toBeLessThan(0.5 * mean(off));
     });
 
+  it('exact estimates nothing by default; asked to, it skips documents it attends whole', async () => {
+    const byDefault = await errors({ model, documents: ['clustered'], method: 'exact' });
+    const asked = await errors({ model, documents: ['clustered'], method: 'exact', estimate: true });
+    for (const g of byDefault) {
+      expect(g.stats.estimated).toBeUndefined();
+      expect(g.err).toBeLessThan(1e-5);
+    }
+    for (const g of asked) {
+      expect(g.stats.estimated).toBe(0);
+      expect(g.err).toBeLessThan(1e-5);
+    }
+  });
+
   it('refuses estimate over a document without clusters (409) and a bad estimate flag (422)', async () => {
     const e1 = await client.createSession({ model, documents: ['plain'], method: 'topk-blocks', estimate: true }).catch((e) => e);
     expect(e1).toBeInstanceOf(KvrecallRequestError);
