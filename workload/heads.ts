@@ -2,7 +2,7 @@
 // head's key/value means, noise spectrum, topic centroids and sink
 // direction, and each q head's mean (the out-of-distribution shift, the
 // recency alignment and the slow-band part that meets the outliers).
-import { hash32, Rng, S_HEAD, S_QHEAD } from './random.js';
+import { hash32, Rng, S_DSHIFT, S_HEAD, S_QHEAD } from './random.js';
 import type { WorkloadKnobs } from './types.js';
 
 /** Channel kinds. */
@@ -153,6 +153,28 @@ export function queryMean(seed: number, g: number, d: number, k: WorkloadKnobs, 
   const a = v > 0 ? (k.queryShift * Math.sqrt(d)) / Math.sqrt(v) : 0;
   for (let c = 0; c < d; c++) mean[c] += a * shift[c];
   return mean;
+}
+
+/**
+ * q head g's decode-only shift (knob decodeShift): like the queries' own
+ * shift, random in the topic channels and weighted towards channels where
+ * keys vary least, scaled to a logit std of `decodeShift` against the keys'
+ * noise; added to decode queries only, so what the prefill queries learned
+ * about the keys is off by that much at decode. Null when the knob is 0.
+ */
+export function decodeShiftOf(seed: number, g: number, d: number, k: WorkloadKnobs, bands: Bands, hm: HeadModel): Float64Array | null {
+  if (!(k.decodeShift > 0)) return null;
+  const rng = new Rng(hash32(seed, S_DSHIFT, g));
+  const shift = new Float64Array(d);
+  let v = 0;
+  for (let c = 0; c < d; c++)
+    if (bands.kind[c] === TOPIC) {
+      shift[c] = rng.normal() / hm.keyStd[c];
+      v += (shift[c] * hm.keyStd[c]) ** 2;
+    }
+  const a = v > 0 ? (k.decodeShift * Math.sqrt(d)) / Math.sqrt(v) : 0;
+  for (let c = 0; c < d; c++) shift[c] *= a;
+  return shift;
 }
 
 /** Unit random direction over the feature channels (pre-RoPE) from stream `key`, into out. */

@@ -93,6 +93,22 @@
 //     key: rank 1 by construction. No other query (decode or prefill)
 //     contains that feature. Recorded as { head, qHead, position, step }.
 //     Knobs: needleBoost (3), needleNorm (4).
+// (i) Facts no prefill query asks about. What: a share `unasked` of the
+//     spans (drawn per span) that no prefill query targets: a prefill row
+//     whose span is one of them targets an asked span at or before it
+//     instead (or nothing), so neither their topic run nor their salient
+//     tokens are singled out by any prefill query; decode queries still
+//     pick spans as before. Why: a question asks about what the document's
+//     own reading did not dwell on, which is where attention-aware indexes
+//     built from prefill queries fail (issue 15). Knob: unasked (0).
+// (j) Query shift between prefill and decode. What: every q head's decode
+//     queries carry one more shift in the topic channels, drawn like the
+//     queries' own (d) and scaled to a logit std of `decodeShift` against
+//     the keys' noise; prefill queries do not. Why: the answer's queries
+//     are not the document's; an index that learned the prefill queries'
+//     neighbourhoods meets decode queries off them. Knob: decodeShift (0).
+//     Both off, the output is byte for byte what it was without them;
+//     HARD_KNOBS turns both on (unasked 0.5, decodeShift 0.8).
 //
 // Prefill queries (per kv head, tokens/16 rows by default, the group's q
 // heads in turn, ascending positions) are drawn like decode queries at their
@@ -112,7 +128,7 @@
 // stages), kv.ts (keys & values), queries.ts (decode drift, prefill),
 // needles.ts, generate.ts (the stages in order). This file is the surface.
 export { generateWorkload } from './generate.js';
-export { broadKnobs, defaultKnobs } from './knobs.js';
+export { broadKnobs, defaultKnobs, HARD_KNOBS } from './knobs.js';
 export type { Needle, Workload, WorkloadKnobs, WorkloadSpec } from './types.js';
 export type { RopeScaling } from './rope.js';
 // What benchmarks reuse: the seeded streams (for baselines drawn like the

@@ -31,6 +31,8 @@ export function defaultKnobs(tokens: number, over: Partial<WorkloadKnobs> = {}):
     drift: 0.95,
     needleBoost: 3,
     needleNorm: 4,
+    unasked: 0,
+    decodeShift: 0,
     ...over,
   };
 }
@@ -48,6 +50,13 @@ export function broadKnobs(tokens: number, over: Partial<WorkloadKnobs> = {}): W
   return defaultKnobs(tokens, { topics: 16, spanMean: 48, topicBoost: 3, topicStay: 0.95, recency: L - 5, hitters: 1, hitterBoost: L - 5, sinkBoost: L - 2, ...over });
 }
 
+/**
+ * The hard knobs on top of a configuration's (defaultKnobs or broadKnobs):
+ * half the spans are facts no prefill query asks about, and decode queries
+ * are shifted away from the prefill queries (workload/index.ts, (i) and (j)).
+ */
+export const HARD_KNOBS: Readonly<Pick<WorkloadKnobs, 'unasked' | 'decodeShift'>> = { unasked: 0.5, decodeShift: 0.8 };
+
 /** Throws a RangeError naming the first malformed field of `spec`. */
 export function validateSpec(spec: WorkloadSpec): void {
   const ints: [string, number, number][] = [
@@ -63,6 +72,10 @@ export function validateSpec(spec: WorkloadSpec): void {
   if (spec.qHeads % spec.kvHeads !== 0) throw new RangeError('workload: qHeads must be a multiple of kvHeads');
   if (spec.headDim % 2 !== 0) throw new RangeError('workload: headDim must be even');
   if (spec.needles > 0 && spec.steps === 0) throw new RangeError('workload: needles need decode steps');
+  const u = spec.knobs?.unasked;
+  if (u !== undefined && !(u >= 0 && u <= 1)) throw new RangeError(`workload: unasked must be in [0, 1], got ${u}`);
+  const ds = spec.knobs?.decodeShift;
+  if (ds !== undefined && !(ds >= 0 && Number.isFinite(ds))) throw new RangeError(`workload: decodeShift must be a finite number ≥ 0, got ${ds}`);
   if (spec.prefillQueries !== undefined && !(Number.isInteger(spec.prefillQueries) && spec.prefillQueries >= 0))
     throw new RangeError('workload: prefillQueries must be a non-negative integer');
 }

@@ -1,7 +1,7 @@
 // The context's layout along positions, the same in every head: the spans of
 // clustered content (each with a topic) and the salient tokens (the
 // heavy-hitter candidates).
-import { hash32, Rng, S_SALIENT, S_SPANS } from './random.js';
+import { hash32, Rng, S_SALIENT, S_SPANS, S_UNASKED } from './random.js';
 import type { WorkloadKnobs } from './types.js';
 
 export interface Spans {
@@ -60,4 +60,16 @@ export function salientPositions(seed: number, tokens: number, sinks: number, fr
 /** The stream of salient token t's feature direction in kv head h. */
 export function salientKey(seed: number, h: number, t: number): number {
   return hash32(seed, S_SALIENT, h, t);
+}
+
+/**
+ * The spans prefill queries may target, ascending: each span is left out
+ * (a fact no prefill query asks about) with probability `unasked`, drawn
+ * per span; every span when the knob is 0.
+ */
+export function askedSpans(seed: number, spans: number, unasked: number): Int32Array {
+  const limit = Math.max(0, Math.min(1, unasked)) * 4294967296;
+  const out: number[] = [];
+  for (let s = 0; s < spans; s++) if (!(hash32(seed, S_UNASKED, s) < limit)) out.push(s);
+  return Int32Array.from(out);
 }

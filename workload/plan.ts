@@ -5,9 +5,9 @@
 // streams, so a stage's bytes do not depend on which stages ran before it,
 // only on the data it is handed.
 import type { KvDtype } from '../addon/kernels.js';
-import { bandsOf, headModel, queryMean, type Bands, type HeadModel } from './heads.js';
+import { bandsOf, decodeShiftOf, headModel, queryMean, type Bands, type HeadModel } from './heads.js';
 import { defaultKnobs, validateSpec } from './knobs.js';
-import { lowerBound, makeSpans, salientPositions, type Spans } from './layout.js';
+import { askedSpans, lowerBound, makeSpans, salientPositions, type Spans } from './layout.js';
 import { RopeTable, ropeFrequencies } from './rope.js';
 import type { WorkloadKnobs, WorkloadSpec } from './types.js';
 
@@ -28,7 +28,11 @@ export interface Plan {
   sinks: number;
   heads: HeadModel[];
   qMeans: Float64Array[];
+  /** Per q head: the decode-only shift (knob decodeShift), null when off. */
+  decodeShift: (Float64Array | null)[];
   spans: Spans;
+  /** Spans prefill queries may target, ascending (all unless the knob `unasked` is set). */
+  asked: Int32Array;
   salient: Int32Array;
 }
 
@@ -40,6 +44,7 @@ export function makePlan(spec: WorkloadSpec): Plan {
   const bands = bandsOf(d, k.outlierPairs);
   const sinks = Math.max(0, Math.min(k.sinks, tokens - 1));
   const heads = Array.from({ length: kvHeads }, (_, h) => headModel(seed, h, d, k, bands));
+  const spans = makeSpans(seed, tokens, sinks, k);
   return {
     seed,
     tokens,
@@ -55,7 +60,9 @@ export function makePlan(spec: WorkloadSpec): Plan {
     sinks,
     heads,
     qMeans: Array.from({ length: qHeads }, (_, g) => queryMean(seed, g, d, k, bands, heads[Math.floor(g / G)])),
-    spans: makeSpans(seed, tokens, sinks, k),
+    decodeShift: Array.from({ length: qHeads }, (_, g) => decodeShiftOf(seed, g, d, k, bands, heads[Math.floor(g / G)])),
+    spans,
+    asked: askedSpans(seed, spans.start.length, k.unasked),
     salient: salientPositions(seed, tokens, sinks, k.salient),
   };
 }

@@ -119,6 +119,8 @@ export function decodeQueries(plan: Plan, parts: QueryParts): { decodeQ: Float32
           x[c] = st === 0 ? z : rho * x[c] + innov * z;
         }
         for (let c = 0; c < d; c++) q[c] = mean[c] + x[c];
+        const shift = plan.decodeShift[g];
+        if (shift) for (let c = 0; c < d; c++) q[c] += shift[c];
         rope.rotate(q, qr, tokens + st);
         target.addTo(h, qr);
         decodeQ[st].set(qr, g * d);
@@ -139,7 +141,13 @@ export function prefillQueries(
   rows: number,
   tick: () => void,
 ): { prefillQ: Float32Array[]; prefillPos: Int32Array[]; prefillHead: Int32Array[] } {
-  const { seed, tokens, kvHeads, d, G, k, rope, qMeans, spans } = plan, kind = plan.bands.kind;
+  const { seed, tokens, kvHeads, d, G, k, rope, qMeans, spans, asked } = plan, kind = plan.bands.kind;
+  // Every span is asked unless the knob `unasked` left some out (then no extra draws, so the bytes stay as without the knob).
+  const askedCount = asked.length;
+  const isAsked = (s: number) => {
+    const i = lowerBound(asked, s);
+    return i < asked.length && asked[i] === s;
+  };
   const prefillQ: Float32Array[] = [], prefillPos: Int32Array[] = [], prefillHead: Int32Array[] = [];
   const q = new Float64Array(d), qr = new Float64Array(d);
   for (let h = 0; h < kvHeads; h++) {
@@ -154,7 +162,16 @@ export function prefillQueries(
       rope.rotate(q, qr, pos);
       if (spans.start.length > 0 && pos >= spans.start[0]) {
         const here = spanOf(spans.start, pos);
-        const s = rng.next() < 0.6 ? here : rng.int(here + 1);
+        let s = rng.next() < 0.6 ? here : rng.int(here + 1);
+        // A span no prefill query asks about: this row asks about an asked span at or before it instead, if any.
+        if (askedCount < spans.start.length && !isAsked(s)) {
+          const n = lowerBound(asked, here + 1);
+          s = n > 0 ? asked[rng.int(n)] : -1;
+        }
+        if (s < 0) {
+          Q.set(qr, r * d);
+          continue;
+        }
         parts.addTopic(h, s, qr);
         let last = -1;
         for (let j = 0; j < k.hitters; j++) {

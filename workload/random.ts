@@ -6,7 +6,7 @@
 // 32-bit draw on the per-element path (fillNormals).
 
 /** Stream tags: every stream is named by what it draws. */
-export const S_HEAD = 1, S_KEYS = 2, S_VALUES = 3, S_SPANS = 4, S_NEEDLES = 5, S_DECODE = 6, S_PREFILL = 7, S_QHEAD = 8, S_SALIENT = 9;
+export const S_HEAD = 1, S_KEYS = 2, S_VALUES = 3, S_SPANS = 4, S_NEEDLES = 5, S_DECODE = 6, S_PREFILL = 7, S_QHEAD = 8, S_SALIENT = 9, S_DSHIFT = 10, S_UNASKED = 11;
 
 /** 32-bit mix of stream keys (murmur-style finaliser per part); deterministic. */
 export function hash32(...parts: number[]): number {

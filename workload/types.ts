@@ -27,6 +27,8 @@ export interface WorkloadKnobs {
   drift: number;
   needleBoost: number;
   needleNorm: number;
+  unasked: number;
+  decodeShift: number;
 }
 
 export interface WorkloadSpec {
