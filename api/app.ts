@@ -41,7 +41,8 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
       version: VERSION,
       backend: engine.gpu ? 'cuda' : 'cpu',
       threads: nativeThreads,
-      documents: documents.list().length,
+      documents: documents.count(),
+      resident: documents.residency.stats(),
       sessions: sessions.size,
       recovered: engine.recovered,
       memory: { used: engine.budget.used, budget: engine.budget.limit },
@@ -57,8 +58,8 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
     await readBody(c);
     return reply(c, await documents.seal(c.req.param('doc')));
   });
-  app.get('/v1/documents/:doc', (c) => reply(c, documents.get(c.req.param('doc'))));
-  app.get('/v1/documents', (c) => reply(c, { documents: documents.list() }));
+  app.get('/v1/documents/:doc', async (c) => reply(c, await documents.get(c.req.param('doc'))));
+  app.get('/v1/documents', async (c) => reply(c, { documents: await documents.list() }));
   app.delete('/v1/documents/:doc', async (c) => {
     await documents.remove(c.req.param('doc'));
     return reply(c, { deleted: c.req.param('doc') });
@@ -89,7 +90,7 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
   });
 
   app.get('/metrics', (c) =>
-    c.text(metrics.render({ documents: documents.list().length, sessions: sessions.size, native_threads: nativeThreads })),
+    c.text(metrics.render({ documents: documents.count(), sessions: sessions.size, native_threads: nativeThreads })),
   );
   return app;
 }

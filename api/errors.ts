@@ -12,6 +12,7 @@ const STATUS: Record<ErrorKind, ContentfulStatusCode> = {
   too_large: 413,
   invalid: 422,
   over_budget: 503,
+  unavailable: 503,
 };
 
 export function errorBody(code: ErrorKind | 'internal', message: string) {

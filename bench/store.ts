@@ -100,7 +100,7 @@ async function run(store: 'lmdb' | 'redis', sources: { k: Uint8Array; v: Uint8Ar
     for (let a = 0; a < ATTACHES; a++) {
       const engine = await open(store, dir, cluster);
       const t1 = performance.now();
-      const doc = engine.documents.acquire(id);
+      const doc = await engine.documents.acquire(id);
       attachS.push((performance.now() - t1) / 1000);
       progress(`${store}: attach ${attachS[a].toFixed(2)} s (${(BYTES / GiB / attachS[a]).toFixed(2)} GiB/s)`);
       if (a === 0) verified = verify(doc.layers[0], sources);

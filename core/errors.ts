@@ -8,7 +8,8 @@ export type ErrorKind =
   | 'conflict' // valid request, wrong moment (kv after seal, out-of-order start)
   | 'too_large'
   | 'invalid' // decoded, but wrong shape, dtype, range or value
-  | 'over_budget';
+  | 'over_budget' // host memory or GPU pool full: admission control
+  | 'unavailable'; // a backing service (the Redis Cluster) cannot be reached or failed: try again
 
 export class KvrecallError extends Error {
   constructor(
@@ -25,3 +26,4 @@ export const notFound = (message: string) => new KvrecallError('not_found', mess
 export const conflict = (message: string) => new KvrecallError('conflict', message);
 export const malformed = (message: string) => new KvrecallError('malformed', message);
 export const tooLarge = (message: string) => new KvrecallError('too_large', message);
+export const unavailable = (message: string) => new KvrecallError('unavailable', message);

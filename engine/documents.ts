@@ -8,6 +8,7 @@ import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
+import { LayerCache, ResidentLayers } from './resident-layers.js';
 import { conflict, invalid, notFound } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
 import { parseKvUpload, type KvUpload } from './kv-input.js';
@@ -18,10 +19,18 @@ import { elementBytes, toF32 } from '../core/tensor.js';
 
 export interface LoadedDocument {
   meta: DocumentMeta;
-  /** One read-only segment per layer. */
+  /**
+   * One read-only segment per layer. Of a partially resident document (with
+   * `resident`), only the layers resident now: a step reads a layer only
+   * between Documents.pinLayer and its release.
+   */
   layers: KvSegment[];
-  /** Loaded indexes by method: [layer][kv head]. */
+  /** Loaded indexes by method: [layer][kv head] (of a partially resident document, its resident layers'). */
   indexes: Map<string, HeadIndex[][]>;
+  /** Set when the store reads layers on use (a shared store): which layers are in host memory. */
+  resident?: ResidentLayers;
+  /** Of a partially resident document: its methods' stored artifacts, to load a layer's indexes when it is read again. */
+  artifacts?: Map<string, Uint8Array[][]>;
 }
 
 interface LoadingDocument {
@@ -54,12 +63,19 @@ export class Documents {
   private readonly loading = new Map<string, LoadingDocument>();
   private readonly ready = new Map<string, LoadedDocument>();
   private readonly queue = new KeyedQueue();
+  /** Document layers read on use from a shared store, evicted least recently used first. */
+  readonly residency: LayerCache;
+  /** Documents the store held when last listed (health and metrics do not wait on a remote store). */
+  private listed = 0;
+  private listing?: Promise<void>;
 
   constructor(
     private readonly store: DocumentStore,
     private readonly knownMethods: ReadonlySet<string>,
     private readonly budget: HostBudget,
-  ) {}
+  ) {
+    this.residency = new LayerCache(budget);
+  }
 
   create(idRaw: string, body: Record<string, unknown>): Promise<DocumentView> {
     const id = checkId(idRaw, 'document');
@@ -74,7 +90,7 @@ export class Documents {
     if (typeof hint !== 'number' || !Number.isInteger(hint) || hint < 0 || hint > MAX_TOKENS_HINT)
       throw invalid(`tokens (the tokens per layer to reserve memory for) must be an integer in [0, ${MAX_TOKENS_HINT}]`);
     return this.queue.run(id, async () => {
-      const existing = this.store.get(id);
+      const existing = await this.store.get(id);
       if (existing && existing.status !== 'incomplete')
         throw conflict(`document ${id} already exists (${existing.status}); DELETE it first`);
       // Memory first: a document refused for its size leaves nothing behind.
@@ -102,7 +118,7 @@ export class Documents {
         phase: 'loading',
         progress: 0,
       });
-      return this.get(id);
+      return this.view(id);
     });
   }
 
@@ -117,7 +133,8 @@ export class Documents {
     const t0 = now();
     return this.queue.run(id, async () => {
       const t1 = now();
-      const doc = this.loadingDoc(id);
+      const doc = this.loading.get(id) ?? (await this.notLoading(id));
+      if (doc.phase === 'building') throw conflict(`document ${id} is being sealed`);
       if (doc.writeError) throw doc.writeError;
       const up = parseKvUpload(body, doc.meta.model, doc.queries.stride);
       const t2 = now();
@@ -151,7 +168,8 @@ export class Documents {
   seal(idRaw: string): Promise<DocumentView> {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
-      const doc = this.loadingDoc(id);
+      const doc = this.loading.get(id) ?? (await this.notLoading(id));
+      if (doc.phase === 'building') throw conflict(`document ${id} is being sealed`);
       await doc.writing;
       if (doc.writeError) throw doc.writeError;
       const counts = doc.layers.map((s) => s.tokens);
@@ -185,39 +203,63 @@ export class Documents {
       await this.store.seal(meta, tail, artifacts);
       this.loading.delete(id);
       this.ready.set(id, { meta, layers: doc.layers, indexes: new Map() });
-      return this.get(id);
+      return view(meta);
     });
   }
 
-  get(idRaw: string): DocumentView {
+  /** A document as this server loads it, else as the store holds it (a remote store's answer is awaited, not blocked on). */
+  async get(idRaw: string): Promise<DocumentView> {
     const id = checkId(idRaw, 'document');
-    const loading = this.loading.get(id);
-    if (loading)
-      return {
-        ...view(loading.meta),
-        tokens: Math.min(...loading.layers.map((s) => s.tokens)),
-        phase: loading.phase,
-        ...(loading.phase === 'building' && { progress: loading.progress }),
-      };
-    const meta = this.store.get(id);
+    if (this.loading.has(id)) return this.view(id);
+    const meta = await this.store.get(id);
     if (!meta) throw notFound(`document ${id} does not exist`);
     return view(meta);
   }
 
-  list(): DocumentView[] {
-    return this.store.list().map((m) => (this.loading.has(m.id) ? this.get(m.id) : view(m)));
+  async list(): Promise<DocumentView[]> {
+    const metas = await this.store.list();
+    this.listed = metas.length;
+    return metas.map((m) => (this.loading.has(m.id) ? this.view(m.id) : view(m)));
+  }
+
+  /**
+   * How many documents the store holds: now from a local store; from a
+   * remote one, as last listed (refreshed behind the answer), so that
+   * health and metrics answer while the store is slow or unreachable.
+   */
+  count(): number {
+    if (this.listing) return this.listed;
+    const metas = this.store.list();
+    if (Array.isArray(metas)) return metas.length;
+    this.listing = metas.then(
+      (m) => void (this.listed = m.length),
+      () => undefined,
+    ).finally(() => (this.listing = undefined));
+    return this.listed;
+  }
+
+  /** A loading document's view: the tokens every layer holds, and the phase. */
+  private view(id: string): DocumentView {
+    const loading = this.loading.get(id)!;
+    return {
+      ...view(loading.meta),
+      tokens: Math.min(...loading.layers.map((s) => s.tokens)),
+      phase: loading.phase,
+      ...(loading.phase === 'building' && { progress: loading.progress }),
+    };
   }
 
   remove(idRaw: string): Promise<void> {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
-      if (!this.store.get(id)) throw notFound(`document ${id} does not exist`);
+      if (!(await this.store.get(id))) throw notFound(`document ${id} does not exist`);
       // Blocks still being written would land after the drop.
       await this.loading.get(id)?.writing;
       await this.store.remove(id);
-      for (const s of this.loading.get(id)?.layers ?? this.ready.get(id)?.layers ?? []) s.release();
+      for (const s of this.loading.get(id)?.layers ?? []) s.release();
+      const ready = this.ready.get(id);
+      if (ready) this.forget(ready, `document ${id} was deleted`);
       this.loading.delete(id);
-      this.ready.delete(id);
     });
   }
 
@@ -226,22 +268,73 @@ export class Documents {
    * use after a restart, or a document another server sealed in a shared
    * store). What is in memory is checked against the store first: a
    * document deleted or replaced through another server is not served.
+   * A store that reads layers on use (readLayer) attaches the document
+   * partially resident: the layers that fit now, the others on use.
+   * In the document's queue: sessions attaching it at once read it once.
    */
-  acquire(idRaw: string): LoadedDocument {
+  acquire(idRaw: string): Promise<LoadedDocument> {
     const id = checkId(idRaw, 'document');
-    const loading = this.loading.get(id)?.meta;
-    const meta = loading ?? this.store.get(id);
-    const cached = this.ready.get(id);
-    if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
-    if (cached) {
-      for (const s of cached.layers) s.release();
-      this.ready.delete(id);
+    return this.queue.run(id, async () => {
+      const meta = this.loading.get(id)?.meta ?? (await this.store.get(id));
+      const cached = this.ready.get(id);
+      if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
+      if (cached) this.forget(cached, `document ${id} was deleted or replaced since this session attached it; create a new session`);
+      if (!meta) throw notFound(`document ${id} does not exist`);
+      if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
+      const doc = this.store.readLayer ? await this.attachResident(meta) : { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };
+      this.ready.set(id, doc);
+      return doc;
+    });
+  }
+
+  private async attachResident(meta: DocumentMeta): Promise<LoadedDocument> {
+    const resident = new ResidentLayers(this.residency, meta, (layer, into) => this.store.readLayer!(meta, layer, into));
+    const doc: LoadedDocument = { meta, layers: resident.layers as KvSegment[], indexes: new Map(), resident, artifacts: new Map() };
+    // A layer's indexes hold its keys: they go with it, and are loaded again with the layer.
+    resident.onEvict = (layer) => {
+      for (const perLayer of doc.indexes.values()) delete perLayer[layer];
+    };
+    try {
+      await resident.prefetch();
+    } catch (e) {
+      resident.drop(`document ${meta.id} could not be attached`);
+      throw e;
     }
-    if (!meta) throw notFound(`document ${id} does not exist`);
-    if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
-    const doc = { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };
-    this.ready.set(id, doc);
     return doc;
+  }
+
+  /** Returns a document's memory (a partially resident one's, once no step reads it) and stops serving it. */
+  private forget(doc: LoadedDocument, why: string): void {
+    if (doc.resident) doc.resident.drop(why);
+    else for (const s of doc.layers) s.release();
+    this.ready.delete(doc.meta.id);
+  }
+
+  /**
+   * Makes one layer of every partially resident document of a step resident
+   * (awaiting the reads of those that are not) and keeps it so until the
+   * returned release: a layer is never evicted under a step.
+   */
+  async pinLayer(docs: readonly LoadedDocument[], layer: number): Promise<() => void> {
+    const releases: (() => void)[] = [];
+    const release = () => releases.splice(0).forEach((r) => r());
+    try {
+      for (const doc of docs) {
+        if (!doc.resident) continue;
+        releases.push(await doc.resident.pin(layer));
+        for (const [method, perLayer] of doc.indexes) perLayer[layer] ??= this.layerIndexes(doc, method, layer);
+      }
+    } catch (e) {
+      release();
+      throw e;
+    }
+    return release;
+  }
+
+  /** One resident layer's indexes of a method, from the artifacts kept at attach. */
+  private layerIndexes(doc: LoadedDocument, method: string, layer: number): HeadIndex[] {
+    const builder = findMethod(method)!.builder!;
+    return loadIndexes(builder, [doc.layers[layer]], [doc.artifacts!.get(method)![layer]])[0];
   }
 
   /**
@@ -256,20 +349,47 @@ export class Documents {
       const builder = findMethod(method)?.builder;
       if (!builder) throw invalid(`method ${method} does not index documents`);
       const { layers, kvHeads } = doc.meta.model;
-      const rebuild = async () => {
-        const built = await buildArtifacts(method, builder, doc.layers, undefined, () => undefined, doc.meta.clusterSize);
-        await this.store.addArtifacts(doc.meta.id, method, built);
-        this.buildsAfterSeal++;
-        return doc.layers.map((_, layer) => built.filter((a) => a.layer === layer).map((a) => a.bytes));
+      // Layer by layer; of a partially resident document, each read (and held) only while it is used.
+      const eachLayer = async <T>(fn: (seg: KvSegment, layer: number) => Promise<T>): Promise<T[]> => {
+        const out: T[] = [];
+        for (let layer = 0; layer < layers; layer++) {
+          const release = await doc.resident?.pin(layer);
+          try {
+            out.push(await fn(doc.layers[layer], layer));
+          } finally {
+            release?.();
+          }
+        }
+        return out;
       };
-      const artifacts = this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads) ?? (await rebuild());
+      const rebuild = async () => {
+        const perLayer = await eachLayer(async (seg, layer) =>
+          (await buildArtifacts(method, builder, [seg], undefined, () => undefined, doc.meta.clusterSize)).map((a) => ({ ...a, layer })),
+        );
+        await this.store.addArtifacts(doc.meta.id, method, perLayer.flat());
+        this.buildsAfterSeal++;
+        return perLayer.map((built) => built.map((a) => a.bytes));
+      };
+      const load = async (artifacts: Uint8Array[][]): Promise<HeadIndex[][]> => {
+        if (!doc.resident) return loadIndexes(builder, doc.layers, artifacts);
+        // Partially resident: the resident layers' indexes now (layer 0 read if need be: a stale format shows here), the others with their layer.
+        const release = await doc.resident.pin(0);
+        try {
+          const loaded: HeadIndex[][] = [];
+          doc.layers.forEach((seg, layer) => seg && (loaded[layer] = loadIndexes(builder, [seg], [artifacts[layer]])[0]));
+          doc.artifacts!.set(method, artifacts);
+          return loaded;
+        } finally {
+          release();
+        }
+      };
       let loaded: HeadIndex[][];
       try {
-        loaded = loadIndexes(builder, doc.layers, artifacts);
+        loaded = await load((await this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads)) ?? (await rebuild()));
       } catch (e) {
         // An artifact of an older format (this build reads only its own): rebuilt from the keys and stored once.
         if (!isStaleArtifact(e)) throw e;
-        loaded = loadIndexes(builder, doc.layers, await rebuild());
+        loaded = await load(await rebuild());
       }
       doc.indexes.set(method, loaded);
       return loaded;
@@ -279,13 +399,9 @@ export class Documents {
   /** Index builds that happened at attach rather than at seal (for tests and metrics). */
   buildsAfterSeal = 0;
 
-  private loadingDoc(id: string): LoadingDocument {
-    const doc = this.loading.get(id);
-    if (doc) {
-      if (doc.phase === 'building') throw conflict(`document ${id} is being sealed`);
-      return doc;
-    }
-    const meta = this.store.get(id);
+  /** Why a document that is not loading here cannot take uploads or a seal. */
+  private async notLoading(id: string): Promise<never> {
+    const meta = await this.store.get(id);
     if (!meta) throw notFound(`document ${id} does not exist`);
     if (meta.status === 'ready') throw conflict(`document ${id} is sealed; its KV cannot change`);
     throw conflict(`document ${id} is ${meta.status}; PUT it again to restart its preload`);

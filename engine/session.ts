@@ -95,7 +95,7 @@ export class Session {
   }
 
   context(layer: number): LayerContext {
-    const segments = [...this.documents.map((d) => d.layers[layer]), this.own[layer]];
+    const segments = [...this.documents.map((d) => residentLayer(d, layer)), this.own[layer]];
     const offsets: number[] = [];
     let tokens = 0;
     for (const s of segments) {
@@ -125,4 +125,11 @@ export class Session {
       stats: this.stats,
     };
   }
+}
+
+/** A document's layer, which a partially resident document holds only while a step pins it (Documents.pinLayer). */
+function residentLayer(doc: LoadedDocument, layer: number): KvSegment {
+  const seg = doc.layers[layer];
+  if (!seg) throw new Error(`layer ${layer} of document ${doc.meta.id} is not resident: the step did not pin it`);
+  return seg;
 }

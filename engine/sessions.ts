@@ -52,7 +52,7 @@ export class Sessions {
     if (!method) throw invalid(`method must be one of: ${[...methodNames].join(', ')}`);
     const docIds = body.documents ?? [];
     if (!Array.isArray(docIds) || docIds.some((d) => typeof d !== 'string')) throw invalid('documents must be a list of ids');
-    const docs = (docIds as string[]).map((id) => this.documents.acquire(id));
+    const docs = await Promise.all((docIds as string[]).map((id) => this.documents.acquire(id)));
     for (const d of docs)
       if (!sameModel(d.meta.model, model))
         throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
@@ -100,7 +100,16 @@ export class Sessions {
   /** One decode step of a session, after any request already queued on it. */
   async attend(id: string, body: Record<string, unknown>): Promise<AttendAnswer> {
     const session = this.get(id);
-    const result = await this.queue.run(id, () => decodeStep(session, parseAttendRequest(body, session.model)));
+    const result = await this.queue.run(id, async () => {
+      const req = parseAttendRequest(body, session.model);
+      // Documents read on use from a shared store: the step's layer is resident (read if need be) and stays so until it ends.
+      const release = session.documents.some((d) => d.resident) ? await this.documents.pinLayer(session.documents, req.layer) : undefined;
+      try {
+        return await decodeStep(session, req);
+      } finally {
+        release?.();
+      }
+    });
     return { ...result, model: session.model };
   }
 

@@ -12,6 +12,9 @@ import type { ModelShape } from '../core/model.js';
 import type { HostBudget } from './host-budget.js';
 import type { KvSegment } from './kv-segment.js';
 
+/** An answer a local store gives at once and a remote store later. */
+export type MaybePromise<T> = T | Promise<T>;
+
 export type DocumentStatus = 'loading' | 'ready' | 'incomplete';
 
 export interface DocumentMeta {
@@ -54,10 +57,10 @@ export interface DocumentStore {
    */
   readonly sharedSegments?: boolean;
 
-  /** Every document's metadata. */
-  list(): DocumentMeta[];
+  /** Every document's metadata (a remote store answers asynchronously: the thread serves other requests meanwhile). */
+  list(): MaybePromise<DocumentMeta[]>;
   /** One document's metadata, as the store holds it now. */
-  get(id: string): DocumentMeta | undefined;
+  get(id: string): MaybePromise<DocumentMeta | undefined>;
   /** Records a new loading document, replacing any incomplete one of that id (conflict if another exists). */
   create(meta: DocumentMeta): Promise<void>;
   /**
@@ -74,11 +77,19 @@ export interface DocumentStore {
   /** Adds artifacts of a method built after seal (and its name to the metadata). */
   addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void>;
   /** A method's artifacts for every (layer, head), or undefined if any is missing. */
-  loadArtifacts(id: string, method: string, layers: number, heads: number): Uint8Array[][] | undefined;
+  loadArtifacts(id: string, method: string, layers: number, heads: number): MaybePromise<Uint8Array[][] | undefined>;
   /** Removes the document, its blocks and its artifacts (for every server sharing the store). */
   remove(id: string): Promise<void>;
   /** Reads a ready document's KV into one segment per layer, reserving its bytes in `budget`. */
   load(meta: DocumentMeta, budget: HostBudget): KvSegment[];
+  /**
+   * Optional: reads one layer of a ready document into `into` (capacity ≥
+   * its tokens; shared when `sharedSegments`) without blocking the thread,
+   * every block checked. A store that has it lets a server keep only some of
+   * a document's layers in host memory and read the others on use (a remote
+   * store, where a document may be larger than one server's budget).
+   */
+  readLayer?(meta: DocumentMeta, layer: number, into: KvSegment): Promise<void>;
   close(): Promise<void>;
 }
 

@@ -1,6 +1,6 @@
-// Calls into the Redis store's worker thread, asynchronously or (for the
-// store's synchronous reads: get, list, load) by blocking this thread until
-// the worker answers, the way a synchronous LMDB read blocks it.
+// Calls into the Redis store's worker thread, asynchronously (everything the
+// server does) or, for tools that read a whole document at once (load), by
+// blocking this thread until the worker answers.
 //
 // Requests and answers are messages on one MessageChannel. After posting an
 // answer the worker bumps a shared counter and notifies it; a blocked caller
@@ -50,7 +50,7 @@ export class WorkerBridge {
     this.port.unref();
     this.port.on('message', (m: WorkerAnswer) => this.settle(m));
     this.worker.on('error', (e) => this.fail(e));
-    this.worker.on('exit', (code) => this.fail(new Error(`the Redis store's worker exited (${code})`)));
+    this.worker.on('exit', (code) => this.fail(new KvrecallError('unavailable', `the Redis store's worker exited (${code}); restart the server`)));
   }
 
   /** Calls op in the worker; the promise keeps the process alive while it is pending. */
@@ -77,7 +77,7 @@ export class WorkerBridge {
         this.settle(answer);
       }
       const left = deadline - Date.now();
-      if (left <= 0) throw new KvrecallError('over_budget', `the Redis store did not answer ${op} within ${Math.round(timeoutMs / 1000)} s`);
+      if (left <= 0) throw new KvrecallError('unavailable', `the Redis store did not answer ${op} within ${Math.round(timeoutMs / 1000)} s`);
       Atomics.wait(this.signal, 0, seen, Math.min(left, 1000));
     }
   }

@@ -23,7 +23,7 @@ import { parseRedisLocation, type RedisLocation, type StagedArtifact, type Stage
 /** Block bytes of one document handed to the cluster and not yet acknowledged, at most (beyond one upload's). */
 const IN_FLIGHT = 64 * 2 ** 20;
 
-/** A synchronous metadata read waits this long at most (a failover takes failoverMs). */
+/** A synchronous read (load) waits this long at most, plus its bytes' time (a failover takes failoverMs). */
 const META_TIMEOUT_MS = 120_000;
 
 export class RedisStore implements DocumentStore {
@@ -56,12 +56,14 @@ export class RedisStore implements DocumentStore {
     }
   }
 
-  list(): DocumentMeta[] {
-    return this.bridge.callSync<DocumentMeta[]>('list', undefined, META_TIMEOUT_MS);
+  // Metadata reads answer asynchronously: a round trip (or a failover's
+  // retries, up to failoverMs) stalls only the request that waits for it.
+  list(): Promise<DocumentMeta[]> {
+    return this.bridge.call<DocumentMeta[]>('list', undefined);
   }
 
-  get(id: string): DocumentMeta | undefined {
-    return this.bridge.callSync<DocumentMeta | undefined>('get', { id }, META_TIMEOUT_MS);
+  get(id: string): Promise<DocumentMeta | undefined> {
+    return this.bridge.call<DocumentMeta | undefined>('get', { id });
   }
 
   create(meta: DocumentMeta): Promise<void> {
@@ -126,8 +128,8 @@ export class RedisStore implements DocumentStore {
     return this.bridge.call('addArtifacts', { id, method, staging: staging.buffer, artifacts: staged }, [staging.buffer as ArrayBuffer]);
   }
 
-  loadArtifacts(id: string, method: string, layers: number, heads: number): Uint8Array[][] | undefined {
-    return this.bridge.callSync<Uint8Array[][] | undefined>('loadArtifacts', { id, method, layers, heads }, META_TIMEOUT_MS);
+  loadArtifacts(id: string, method: string, layers: number, heads: number): Promise<Uint8Array[][] | undefined> {
+    return this.bridge.call<Uint8Array[][] | undefined>('loadArtifacts', { id, method, layers, heads });
   }
 
   async remove(id: string): Promise<void> {
@@ -139,9 +141,20 @@ export class RedisStore implements DocumentStore {
   }
 
   /**
-   * Reads a ready document into shared segments that the worker fills
-   * directly; blocks this thread until every block is in and checked (a
-   * damaged block: 409; the cluster unreachable past failoverMs: 503).
+   * One layer of a ready document, read by the worker straight into a
+   * shared segment, every block checked (a damaged or missing block: 409;
+   * the document replaced meanwhile: 409; the cluster unreachable past
+   * failoverMs: 503 unavailable). The thread serves other requests meanwhile.
+   */
+  async readLayer(meta: DocumentMeta, layer: number, into: KvSegment): Promise<void> {
+    if (!into.shared || into.capacity < meta.tokens) throw new RangeError(`layer ${layer} of ${meta.id} needs a shared segment of ${meta.tokens} tokens`);
+    await this.bridge.call('load', { meta, layers: [layer], segments: [{ k: into.k, v: into.v }] });
+  }
+
+  /**
+   * Reads a whole ready document into shared segments that the worker fills
+   * directly; blocks this thread until every block is in and checked (tools
+   * and benchmarks: the server reads layers on use, readLayer).
    */
   load(meta: DocumentMeta, budget: HostBudget): KvSegment[] {
     const { layers, kvHeads, headDim, dtype } = meta.model;

@@ -62,8 +62,7 @@ function script(name: keyof typeof SCRIPTS, keys: string[], args: (string | numb
   return (cluster as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>)[name](...keys, ...args);
 }
 
-class StoreError extends KvrecallError {}
-const unavailable = (message: string) => new StoreError('over_budget', message);
+const unavailable = (message: string) => new KvrecallError('unavailable', message);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Errors that mean "the cluster is (re)arranging itself", worth retrying until failoverMs. */
@@ -84,7 +83,9 @@ async function retrying<T>(what: string, fn: () => Promise<T>): Promise<T> {
       if (Date.now() >= deadline)
         throw unavailable(`the Redis Cluster did not answer ${what} within ${location.failoverMs} ms (${err.message}); a master may be down and not yet replaced: try again`);
       await sleep(Math.min(100 * 2 ** attempt, 1000));
-      cluster.refreshSlotsCache();
+      // ioredis gives the cluster up after its retries (every node down at once): connect again once it is back.
+      if (cluster.status === 'end' || cluster.status === 'close') cluster.connect().catch(() => undefined);
+      else cluster.refreshSlotsCache();
     }
   }
 }
@@ -431,8 +432,8 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     await dropKeys(id, old);
   },
 
-  /** Reads a ready document's blocks straight into the segments' shared arrays, checking each. */
-  async load({ meta, segments }: { meta: DocumentMeta; segments: Segments }) {
+  /** Reads a ready document's blocks (of `layers`, else every layer: segments[i] is layers[i]'s) straight into the segments' shared arrays, checking each. */
+  async load({ meta, segments, layers: which }: { meta: DocumentMeta; segments: Segments; layers?: number[] }) {
     const { id } = meta;
     const doc = await read(id);
     if (!doc || doc.meta.status !== 'ready' || doc.meta.createdAt !== meta.createdAt) throw conflict(`document ${id} changed in the Redis Cluster while it was being attached; try again`);
@@ -440,9 +441,12 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     const rowBytes = headDim * 2;
     const blocks = Math.ceil(meta.tokens / blockSize);
     const views = segments.map((s) => ({ k: s.k.map((a) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength)), v: s.v.map((a) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength)) }));
+    const wanted = which ?? Array.from({ length: layers }, (_, l) => l);
     const tasks: [number, number][] = [];
-    for (let g = 0; g * GROUP_BLOCKS < blocks; g++) for (let layer = 0; layer < layers; layer++) tasks.push([layer, g]);
-    await inParallel(tasks, WIDTH, async ([layer, g]) => {
+    for (let g = 0; g * GROUP_BLOCKS < blocks; g++) for (let at = 0; at < wanted.length; at++) tasks.push([at, g]);
+    await inParallel(tasks, WIDTH, async ([slot, g]) => {
+      const layer = wanted[slot];
+      if (!Number.isInteger(layer) || layer < 0 || layer >= layers) throw new RangeError(`layer ${layer} of ${id} does not exist`);
       const keys: string[] = [], where: [number, number][] = [];
       for (let h = 0; h < kvHeads; h++)
         for (let b = g * GROUP_BLOCKS; b < Math.min(blocks, (g + 1) * GROUP_BLOCKS); b++) {
@@ -453,7 +457,7 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
       const dest = (i: number) => {
         const [h, b] = where[i];
         const at = b * blockSize * rowBytes;
-        return { k: views[layer].k[h].subarray(at, at + blockBytes(b)), v: views[layer].v[h].subarray(at, at + blockBytes(b)) };
+        return { k: views[slot].k[h].subarray(at, at + blockBytes(b)), v: views[slot].v[h].subarray(at, at + blockBytes(b)) };
       };
       const wrong = (i: number, why: string) => {
         const [h, b] = where[i];
@@ -504,6 +508,8 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
   },
 };
 
+const PROGRAM_ERRORS = new Set(['TypeError', 'RangeError', 'ReferenceError', 'SyntaxError']);
+
 function answer(msg: WorkerAnswer, transfer: ArrayBuffer[] = []): void {
   port.postMessage(msg, transfer);
   Atomics.add(signal, 0, 1);
@@ -517,8 +523,10 @@ parentPort!.on('message', async ({ id, op, args }: WorkerRequest) => {
     answer({ id, value }, transfer);
   } catch (e) {
     const err = e as Error;
-    const kind: ErrorKind | undefined = err instanceof KvrecallError ? err.kind : undefined;
-    if (!kind) console.error(`kvrecall: Redis store ${op} failed:`, err);
-    answer({ id, error: { kind, message: kind ? err.message : `the Redis store failed to ${op}: ${err.message}` } });
+    if (err instanceof KvrecallError) return answer({ id, error: { kind: err.kind, message: err.message } });
+    console.error(`kvrecall: Redis store ${op} failed:`, err);
+    // A fault of this code is internal (500); anything else came from the cluster or the connection to it: 503 unavailable.
+    const kind: ErrorKind | undefined = PROGRAM_ERRORS.has(err.name) ? undefined : 'unavailable';
+    answer({ id, error: { kind, message: `the Redis Cluster failed to ${op} (${err.message}); try again` } });
   }
 });

@@ -366,7 +366,7 @@ describe('a block write that fails', () => {
       await upload(0, 40);
       await upload(40, 40); // its blocks fail behind the answer
       await expect(upload(80, 40)).rejects.toThrow(/writing its blocks to LMDB failed \(disk full\)/);
-      expect(docs.get('doomed')).toMatchObject({ tokens: 80, status: 'loading', phase: 'loading' });
+      expect(await docs.get('doomed')).toMatchObject({ tokens: 80, status: 'loading', phase: 'loading' });
       await expect(docs.seal('doomed')).rejects.toThrow(/writing its blocks to LMDB failed/);
       expect(store.get('doomed')?.status).toBe('loading');
       await docs.remove('doomed');

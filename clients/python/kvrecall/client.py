@@ -68,7 +68,8 @@ class KvrecallError(Exception):
     """An error answer from the server: HTTP status, error code and message.
 
     Codes (DESIGN.md): malformed (400), unauthorized (401), not_found (404),
-    conflict (409), too_large (413), invalid (422), over_budget (503).
+    conflict (409), too_large (413), invalid (422), over_budget (503),
+    unavailable (503: the server's document store cannot be reached).
     """
 
     def __init__(self, status: int, code: str, message: str):
@@ -94,6 +95,7 @@ STATUS_OF_CODE = {
     "too_large": 413,
     "invalid": 422,
     "over_budget": 503,
+    "unavailable": 503,
 }
 
 
