@@ -1,6 +1,9 @@
 // npm run bench:retrieval [-- --tokens 65536,1048576 --heads 1 --steps 6 --methods hnsw,ivf,retrieval-attention --budgets 0.01 --quick]
 //                          [--broad (workload/knobs.ts broadKnobs; results in retrieval-broad-<tokens>.*)]
+//                          [--hard (the generator's HARD_KNOBS on top: facts no prefill query asks about, decode query shift;
+//                           results in retrieval[-broad]-hard-<tokens>.*)]
 //                          [--positional 1 --degree 32 (retrieval-attention's positional edges each side, degree)]
+//                          [--prefill N (prefill query rows per kv head; default tokens/16)]
 // npm run bench:documents (the same with --suite documents: squeezed, squeezed-2l, infiniretri,
 //                          retrieval-attention and exact at kept fractions 1%, 3%, 10%)
 //
@@ -11,8 +14,13 @@
 // budget), output error and needle hits. The selection judged is what a
 // session attends: sinks + window + what the method retrieves, exactly as
 // index/static-plus-retrieved.ts composes it. `exact` here is the oracle
-// itself. `infiniretri` reads the document with the question's queries (the
-// prefill query rows of the last 64 positions). Results are written after
+// itself. `infiniretri` (index/infiniretri.ts): the seal's read with the
+// document's prefill queries, stored and loaded, extended by the question's
+// read, where the question is the decode steps' query rows (the paper reads
+// the question before answering); one kept set serves every step, and its
+// scanned share is the question's read of every key amortised over the
+// steps. `infiniretri-seal` is the seal's evidence alone (no question),
+// `infiniretri-question` the question's read alone. Results are written after
 // every method: bench/results/<suite>-<tokens>.{json,md}.
 //
 // retrieval-attention is swept over the fixed beam (ef = k, 2k) and over the
@@ -27,12 +35,14 @@
 import { writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { RaGraph } from '../addon/ra-graph.js';
-import { retainHead } from '../index/infiniretri.js';
+import { infiniretriBuilder, KeptHead, mergeKept } from '../index/infiniretri.js';
+import { encodeKept } from '../index/infiniretri-artifact.js';
+import { readChunks } from '../index/infiniretri-read.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchResult } from '../index/method.js';
 import { nativeThreads } from '../addon/kernels.js';
 import { compareWithOracle, exactAttention, oracleSelection, topKIndices, type ExactAttention } from './quality.js';
-import { broadKnobs, generateWorkload, type Workload } from '../workload/index.js';
+import { broadKnobs, defaultKnobs, generateWorkload, HARD_KNOBS, type Workload } from '../workload/index.js';
 import { mean, median } from './stats.js';
 
 interface Options {
@@ -45,8 +55,12 @@ interface Options {
   sinks: number;
   window: number;
   broad: boolean;
+  /** The generator's hard knobs (HARD_KNOBS) on top of the configuration. */
+  hard: boolean;
   positional: number;
   degree: number;
+  /** Prefill query rows per kv head (the generator's default tokens/16 when absent). */
+  prefill?: number;
 }
 
 const SUITES = {
@@ -66,13 +80,15 @@ function parseArgs(argv: string[]): Options {
     tokens: (get('tokens') ?? (quick ? '16384' : '65536')).split(',').map(Number),
     heads: Number(get('heads') ?? 1),
     steps: Number(get('steps') ?? (quick ? 3 : 6)),
-    methods: (get('methods') ?? SUITES[suite].methods).split(',').filter((m) => m === 'exact' || m === 'infiniretri' || findMethod(m)?.builder),
+    methods: (get('methods') ?? SUITES[suite].methods).split(',').filter((m) => m === 'exact' || m.startsWith('infiniretri') || findMethod(m)?.builder),
     budgets: (get('budgets') ?? SUITES[suite].budgets).split(',').map(Number),
     sinks: 16,
     window: 256,
     broad: argv.includes('--broad'),
+    hard: argv.includes('--hard'),
     positional: Number(get('positional') ?? 1),
     degree: Number(get('degree') ?? 32),
+    prefill: get('prefill') === undefined ? undefined : Number(get('prefill')),
   };
 }
 
@@ -150,19 +166,30 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
   const keysOf = (h: number) => ({ keys: wl.keys[h], tokens, headDim: d, dtype: wl.dtype });
   if (name === 'exact')
     return { buildSeconds: 0, artifactMB: 0, loadMs: 0, search: async (h, s, _q, k) => ({ ids: oracleSelection(exact[h][s], k), scanned: tokens }) };
-  if (name === 'infiniretri') {
-    // Retention depends on the question, not the step: computed once per head and budget.
+  if (name.startsWith('infiniretri')) {
+    // The seal's read (the document's prefill queries), stored and loaded as the engine does; then the
+    // question's read. The question is the decode steps' query rows of the head's group: the paper's
+    // setting, where the question is read before the answer and asks what the answer needs.
     const t0 = performance.now();
+    const artifacts: Uint8Array[] = [];
+    for (let h = 0; h < o.heads; h++) {
+      artifacts.push(name === 'infiniretri-question' ? encodeKept({ ids: new Int32Array(0), scores: new Float32Array(0), tokens, chunk: 0, span: 0 }) : await infiniretriBuilder.build({ ...keysOf(h), queries: wl.prefillQ[h], queryCount: wl.prefillQ[h].length / d }));
+      progress(`${name}: seal read head ${h + 1}/${o.heads} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+    }
+    const buildSeconds = (performance.now() - t0) / 1000 / o.heads;
+    const t1 = performance.now();
+    const seal = artifacts.map((b, h) => (infiniretriBuilder.load(b, keysOf(h)) as KeptHead).kept);
+    const loadMs = (performance.now() - t1) / o.heads;
+    const G = wl.spec.qHeads / wl.spec.kvHeads, want = Math.round(tokens * budget);
     const retained: Int32Array[] = [];
     for (let h = 0; h < o.heads; h++) {
-      const pos = wl.prefillPos[h], rows = wl.prefillQ[h];
-      let first = pos.length;
-      while (first > 0 && pos[first - 1] >= tokens - 64) first--;
-      const question = rows.subarray(first * d);
-      retained.push(await retainHead(keysOf(h), question, pos.length - first, { chunk: 4096, span: 2 }, Math.round(tokens * budget), 1 / Math.sqrt(d)));
+      const rows = new Float32Array(o.steps * G * d);
+      for (let s = 0; s < o.steps; s++) rows.set(wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d), s * G * d);
+      const read = name === 'infiniretri-seal' ? seal[h] : await readChunks(keysOf(h), rows, o.steps * G, { chunk: 4096, span: 2, budget: want, scale: 1 / Math.sqrt(d) });
+      retained.push(mergeKept(seal[h], read, want));
     }
-    const seconds = (performance.now() - t0) / 1000 / o.heads;
-    return { buildSeconds: seconds, artifactMB: 0, loadMs: 0, search: async (h) => ({ ids: retained[h], scanned: 0 }) };
+    const scanned = name === 'infiniretri-seal' ? 0 : tokens / o.steps;
+    return { buildSeconds, artifactMB: artifacts.reduce((n, a) => n + a.byteLength, 0) / o.heads / 2 ** 20, loadMs, search: async (h) => ({ ids: retained[h], scanned }) };
   }
   if (name === 'retrieval-attention') {
     // The graph directly, for the margin sweep and the positional option.
@@ -282,9 +309,9 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
 function markdown(tokens: number, rows: Row[], o: Options): string {
   const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
   return [
-    `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head${o.broad ? ' (broad configuration)' : ''}`,
+    `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head${o.broad ? ' (broad configuration)' : ''}${o.hard ? ' (hard knobs)' : ''}`,
     '',
-    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + positional edges ${o.positional} each side; margin = the quality-bound stop in logits (— = fixed beam); ef = tokens is the exhaustive ceiling. Search recall: against the exact top-k by max over the group of q·k, k = budget + sinks + window.`,
+    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}${o.hard ? ` + HARD_KNOBS (unasked ${HARD_KNOBS.unasked}, decodeShift ${HARD_KNOBS.decodeShift})` : ''}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + positional edges ${o.positional} each side; margin = the quality-bound stop in logits (— = fixed beam); ef = tokens is the exhaustive ceiling. Search recall: against the exact top-k by max over the group of q·k, k = budget + sinks + window. Prefill query rows per kv head: ${o.prefill ?? 'tokens/16'}.${o.methods.some((m) => m.startsWith('infiniretri')) ? ' infiniretri: build = the seal\'s read by the prefill queries (artifact = its kept set, 1% of tokens); the question = the decode steps\' query rows, read once (scanned = every key, amortised over the steps); one kept set serves every step; -seal = the seal\'s evidence alone, -question = the question\'s read alone.' : ''}`,
     '',
     '| method | kept | ef | margin | build s/head | artifact MB/head | load ms/head | search ms | scanned | attention recall | oracle recall | search recall | top-k recall | oracle top-k recall | output error | oracle error | needles |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
@@ -300,7 +327,7 @@ async function main(): Promise<void> {
   const out = process.env.KVRECALL_BENCH_OUT ?? 'bench/results';
   for (const tokens of o.tokens) {
     progress(`generating ${tokens} tokens × ${o.heads} kv heads`);
-    const spec = { seed: 7, tokens, kvHeads: o.heads, qHeads: o.heads * 4, headDim: 128, steps: o.steps, needles: o.heads * o.steps, ...(o.broad ? { knobs: broadKnobs(tokens) } : {}) };
+    const spec = { seed: 7, tokens, kvHeads: o.heads, qHeads: o.heads * 4, headDim: 128, steps: o.steps, needles: o.heads * o.steps, ...(o.prefill !== undefined ? { prefillQueries: o.prefill } : {}), knobs: (o.broad ? broadKnobs : defaultKnobs)(tokens, o.hard ? HARD_KNOBS : {}) };
     const wl = generateWorkload(spec, (f) => f === 1 && progress('workload ready'));
     const G = 4, d = 128;
     const exact: ExactAttention[][] = [];
@@ -314,7 +341,7 @@ async function main(): Promise<void> {
     const rows: Row[] = [];
     const write = () => {
       const md = markdown(tokens, rows, o);
-      const name = `${o.suite}${o.broad ? '-broad' : ''}-${tokens}${process.env.KVRECALL_BENCH_TAG ?? ''}`;
+      const name = `${o.suite}${o.broad ? '-broad' : ''}${o.hard ? '-hard' : ''}-${tokens}${process.env.KVRECALL_BENCH_TAG ?? ''}`;
       writeFileSync(`${out}/${name}.md`, md);
       writeFileSync(`${out}/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, rows }, null, 2));
       return md;
@@ -323,7 +350,7 @@ async function main(): Promise<void> {
       let prepared: Prepared | undefined;
       for (const budget of o.budgets) {
         // Indexes do not depend on the budget; infiniretri's retention does.
-        const r = await runMethod(name, wl, exact, o, budget, name === 'infiniretri' ? undefined : prepared);
+        const r = await runMethod(name, wl, exact, o, budget, name.startsWith('infiniretri') ? undefined : prepared);
         prepared = r.prepared;
         rows.push(...r.rows);
         write();

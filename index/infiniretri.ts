@@ -1,58 +1,73 @@
-// `infiniretri` (InfiniRetri): the question's own queries read each attached
-// document chunk by chunk. In every chunk the candidates are the tokens
-// retained so far plus the chunk's tokens; each is scored by the attention
-// mass the question's query rows pay it (softmax over the candidates, summed
-// over rows); the top tokens are kept with their neighbouring span (phrase
-// granularity) and carried into the next chunk. What remains after the last
-// chunk is the retained set (ids, not copies) that decode attends, with
-// sinks, window and the session's own tokens.
-//
-// The question's query rows come from the session's kv route (`q`). When the
-// session sent none, the first decode step's query rows stand in for them.
-// Retention is computed once per layer and recomputed only when more
-// question rows arrive. Each document is read as its own stream: a softmax
-// never spans two documents, and each gets a share of the budget by size.
-import { attentionMass } from '../addon/kernels.js';
-import type { HeadKeys, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
+// `infiniretri` (InfiniRetri, arXiv 2502.12962): the model's own attention,
+// read chunk by chunk, decides which tokens are kept as evidence
+// (index/infiniretri-read.ts). What stands in for the model's attention:
+//  - at seal, the document's prefill query rows (the kv route's `q`) read
+//    it; the kept set (1% of its tokens, best first) is the document's
+//    artifact (index/infiniretri-artifact.ts), loaded, not re-read, when a
+//    session attaches the document;
+//  - in a session, the session's question (its own prefill rows' queries;
+//    without them, the first decode step's rows) reads each document again,
+//    and extends the document's evidence: half the session's budget is the
+//    seal's best, the rest the question's best.
+// Decode attends the kept ids (not copies) with sinks, window and the
+// session's own tokens. The question's read is done once per layer and
+// redone only when more question rows arrive. Each document is read as its
+// own stream (a softmax never spans two documents) and gets a share of the
+// budget by size.
+import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection, SelectionPart } from './method.js';
+import { decodeKept, encodeKept } from './infiniretri-artifact.js';
+import { readChunks, type Kept } from './infiniretri-read.js';
 import { inside, staticRanges } from './static-plus-retrieved.js';
+
+/** The seal's read: kept share of the document, phrase half-width, and the smallest chunk. */
+export const SEAL_KEEP = 0.01;
+export const SEAL_SPAN = 2;
+export const SEAL_CHUNK = 4096;
+/** Share of a session's budget given to the seal's evidence when the session's question read too. */
+export const SEAL_SHARE = 0.5;
+
+/** A document head's seal-time evidence. search() ignores the query: the evidence is what the document's own queries read. */
+export class KeptHead implements HeadIndex {
+  constructor(readonly kept: Kept) {}
+  search(_q: Float32Array, _group: number, k: number): SearchResult {
+    return { ids: this.kept.ids.subarray(0, Math.min(k, this.kept.ids.length)), scanned: 0 };
+  }
+}
+
+/** The seal's read of one kv head with its prefill queries (none: an empty kept set). */
+export async function sealRead(input: BuildInput): Promise<Kept & { chunk: number }> {
+  const keep = Math.min(input.tokens, Math.max(64, Math.ceil(SEAL_KEEP * input.tokens)));
+  // A chunk at least twice the cache, so re-reading the cache costs at most half a pass more.
+  const chunk = Math.max(SEAL_CHUNK, 2 * keep);
+  const kept = await readChunks(input, input.queries, input.queryCount, { chunk, span: SEAL_SPAN, budget: keep, scale: 1 / Math.sqrt(input.headDim) });
+  return { ...kept, chunk };
+}
+
+export const infiniretriBuilder: HeadIndexBuilder = {
+  async build(input: BuildInput): Promise<Uint8Array> {
+    const kept = await sealRead(input);
+    return encodeKept({ ...kept, tokens: input.tokens, span: SEAL_SPAN });
+  },
+  load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
+    return new KeptHead(decodeKept(bytes, keys.tokens));
+  },
+};
+
+/** The seal's best (up to `sealShare` of the budget, when the question read anything), then the question's best, to `budget` ids, ascending. */
+export function mergeKept(seal: Kept, question: Kept, budget: number, sealShare = SEAL_SHARE): Int32Array {
+  const out = new Set<number>();
+  const fromSeal = question.ids.length > 0 ? Math.ceil(budget * sealShare) : budget;
+  for (const t of seal.ids) if (out.size < fromSeal) out.add(t);
+  for (const t of question.ids) if (out.size < budget) out.add(t);
+  for (const t of seal.ids) if (out.size < budget) out.add(t);
+  return Int32Array.from(out).sort();
+}
 
 interface Retained {
   questionRows: number;
   /** [segment][kv head]: retained rows, ascending. */
   ids: Int32Array[][];
   scanned: number;
-}
-
-/** Retains up to `budget` rows of one kv head's keys, read in chunks by the question's query rows. */
-export async function retainHead(
-  keys: HeadKeys,
-  rows: Float32Array,
-  rowCount: number,
-  p: Pick<SearchParams, 'chunk' | 'span'>,
-  budget: number,
-  scale: number,
-): Promise<Int32Array> {
-  const seg = keys;
-  if (budget >= seg.tokens) return Int32Array.from({ length: seg.tokens }, (_, i) => i);
-  const span = Math.max(0, p.span), chunk = Math.max(1, p.chunk);
-  const top = Math.max(1, Math.ceil(budget / (2 * span + 1)));
-  let kept = new Int32Array(0);
-  for (let c0 = 0; c0 < seg.tokens; c0 += chunk) {
-    const c1 = Math.min(seg.tokens, c0 + chunk);
-    const ids = new Int32Array(kept.length + c1 - c0);
-    ids.set(kept);
-    for (let i = c0; i < c1; i++) ids[kept.length + i - c0] = i;
-    const mass = new Float32Array(ids.length);
-    await attentionMass({ q: rows, rows: rowCount, headDim: seg.headDim, keys: seg.keys, tokens: seg.tokens, dtype: seg.dtype, scale, ids, out: mass });
-    const order = Array.from(ids.keys()).sort((a, b) => mass[b] - mass[a] || ids[a] - ids[b]);
-    const next = new Set<number>();
-    for (const i of order.slice(0, top)) {
-      if (next.size >= budget) break;
-      for (let t = Math.max(0, ids[i] - span); t <= Math.min(seg.tokens - 1, ids[i] + span) && next.size < budget; t++) next.add(t);
-    }
-    kept = Int32Array.from(next).sort();
-  }
-  return kept;
 }
 
 async function retain(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Retained> {
@@ -69,7 +84,9 @@ async function retain(ctx: LayerContext, q: Float32Array, p: SearchParams): Prom
       const rows = question.queryCount > 0 ? question.queries : q.subarray(h * G * d, (h + 1) * G * d);
       const rowCount = question.queryCount > 0 ? question.queryCount : G;
       const keys = { keys: seg.k[h], tokens: seg.tokens, headDim: seg.headDim, dtype: seg.dtype };
-      perHead.push(seg.tokens === 0 || budget === 0 ? new Int32Array(0) : await retainHead(keys, rows, rowCount, p, budget, scale));
+      const seal = (ctx.indexes[s]?.[h] as KeptHead | undefined)?.kept ?? { ids: new Int32Array(0), scores: new Float32Array(0) };
+      const read = seg.tokens === 0 || budget === 0 ? seal : await readChunks(keys, rows, rowCount, { chunk: p.chunk, span: p.span, budget, scale });
+      perHead.push(mergeKept(seal, read, budget));
     }
     ids.push(perHead);
   }
@@ -78,6 +95,7 @@ async function retain(ctx: LayerContext, q: Float32Array, p: SearchParams): Prom
 
 export const infiniretri: RetrievalMethod = {
   name: 'infiniretri',
+  builder: infiniretriBuilder,
   async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
     let r = ctx.memo.get('infiniretri') as Retained | undefined;
     let scanned = 0;
