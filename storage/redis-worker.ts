@@ -160,7 +160,7 @@ function bulkConnection(key: string): RespConnection | undefined {
   let c = bulkConnections.get(node);
   if (!c || c.broken) {
     const at = node.lastIndexOf(':');
-    c = new RespConnection(node.slice(0, at), Number(node.slice(at + 1)));
+    c = new RespConnection(node.slice(0, at), Number(node.slice(at + 1)), location.failoverMs);
     bulkConnections.set(node, c);
   }
   return c;

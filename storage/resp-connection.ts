@@ -35,6 +35,7 @@ export class RespConnection {
   private readonly pending: Pending[] = [];
   private readonly ready: Promise<void>;
   private failed?: Error;
+  private rejectReady?: (e: Error) => void;
   // Parser state.
   private line = '';
   /** An array reply being read: its elements so far and how many there are. */
@@ -42,9 +43,15 @@ export class RespConnection {
   /** A bulk string being read: bytes left (CRLF included) and where they go. */
   private bulk?: { length: number; left: number; views: Uint8Array[]; view: number; at: number; collect?: Buffer };
 
+  /**
+   * `silenceMs`: a node that sends nothing this long while a reply is owed
+   * (or while connecting) fails the connection, so that a hung node (paused,
+   * partitioned) sends the command back to ioredis instead of holding it.
+   */
   constructor(
     readonly host: string,
     readonly port: number,
+    silenceMs = 0,
   ) {
     // Replies are read into one reused buffer (no allocation per read) and parsed out of it at once.
     this.socket = connect({
@@ -64,12 +71,19 @@ export class RespConnection {
       },
     });
     this.ready = new Promise((resolve, reject) => {
+      this.rejectReady = reject;
       this.socket.once('connect', () => resolve());
       this.socket.once('error', reject);
     });
     this.ready.catch(() => undefined);
     this.socket.on('error', (e) => this.fail(e));
     this.socket.on('close', () => this.fail(new Error(`connection to ${host}:${port} closed`)));
+    if (silenceMs > 0) {
+      this.socket.setTimeout(silenceMs);
+      this.socket.on('timeout', () => {
+        if (this.pending.length > 0 || this.socket.connecting) this.fail(new Error(`${host}:${port} sent nothing for ${silenceMs} ms`));
+      });
+    }
   }
 
   get broken(): boolean {
@@ -109,6 +123,7 @@ export class RespConnection {
 
   private fail(e: Error): void {
     this.failed ??= e;
+    this.rejectReady?.(this.failed);
     for (const p of this.pending.splice(0)) p.reject(this.failed);
     this.socket.destroy();
   }

@@ -17,6 +17,8 @@ import type { RunningServer } from '../../api/server.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
+import { DEFAULT_BLOCK_SIZE } from '../../core/model.js';
+import { BLOCK_HEADER, blockKey, metaKey } from '../../storage/redis-format.js';
 import { redisInstalled, redisRequired, startRedisCluster, type RedisCluster } from '../helpers/redis-cluster.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
 
@@ -124,6 +126,48 @@ describe.skipIf(skip)('a document larger than the host budget, read from a Redis
     }
     expect(small.engine.documents.residency.stats().reads - reads).toBeGreaterThanOrEqual(3);
     await b.deleteSession(sb.id);
+  });
+
+  it('a master SIGKILLed while a step reads its layer: the step answers exactly or fails with a clear 503, never a wrong answer; once the replica took over, every layer answers', async () => {
+    const s = await b.createSession({ model, documents: ['big'], method: 'exact' });
+    const held = await resident();
+    const layer = [0, 1, 2, 3].find((l) => !held.includes(l))!;
+    const x = q();
+    const victim = cluster.topology().masters[0];
+    const step = b.attend(s.id, { layer, q: tensor('f32', [model.qHeads, model.headDim], x) }).catch((e: unknown) => e);
+    cluster.nodes.find((n) => n.port === victim)!.proc.kill('SIGKILL');
+    const got = await step;
+    if (got instanceof KvrecallRequestError) {
+      expect(got).toMatchObject({ status: 503, code: 'unavailable' });
+      expect(got.message).toMatch(/Redis Cluster.*try again/);
+    } else expect(maxRelError((got as { out: Float32Array }).out, reference(layer, x).out, model.qHeads)).toBeLessThan(1e-4);
+    console.log(`redis-residency: a step reading layer ${layer} while master ${victim} died ${got instanceof Error ? `failed: ${got.message}` : 'answered exactly'}`);
+    await cluster.waitHealthy(30000, 0);
+    for (let l = 0; l < model.layers; l++) {
+      const y = q();
+      const again = await b.attend(s.id, { layer: l, q: tensor('f32', [model.qHeads, model.headDim], y) });
+      expect(maxRelError(again.out, reference(l, y).out, model.qHeads)).toBeLessThan(1e-4);
+    }
+  }, 60_000);
+
+  it('a damaged block of a layer read on use fails that step (409 naming the block), is never attended, and keeps nothing', async () => {
+    const s = await b.createSession({ model, documents: ['big'], method: 'exact' });
+    const held = await resident();
+    const layer = [0, 1, 2, 3].find((l) => !held.includes(l))!;
+    const anyMaster = cluster.topology().masters[0];
+    const gen = cluster.cli(anyMaster, '-c', 'HGET', metaKey('big'), 'gen').trim();
+    const key = blockKey('big', gen, layer, 1, 3);
+    cluster.cli(anyMaster, '-c', 'SETRANGE', key, String(BLOCK_HEADER + model.headDim * 2 * DEFAULT_BLOCK_SIZE + 40), 'CORRUPT!');
+    const other = () => small.engine.budget.used - small.engine.documents.residency.stats().residentBytes;
+    const before = other();
+    const x = tensor('f32', [model.qHeads, model.headDim], q());
+    const e = await failure(b.attend(s.id, { layer, q: x }));
+    expect(e).toMatchObject({ status: 409, code: 'conflict' });
+    expect(e.message).toMatch(new RegExp(`block 3 of layer ${layer}, kv head 1 fails its V checksum .*not attended`));
+    expect(other()).toBe(before);
+    expect((await resident()).includes(layer)).toBe(false);
+    // Asked again, it is read again and refused again (the damage is in the store).
+    await expect(b.attend(s.id, { layer, q: x })).rejects.toMatchObject({ status: 409 });
   });
 
   it('a slow store stalls only the requests that wait for it: with every node paused, a metadata read waits while health and resident steps answer', async () => {

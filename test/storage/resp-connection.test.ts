@@ -102,6 +102,23 @@ describe('RespConnection', () => {
     await expect(c.send(['PING'])).rejects.toThrow();
     expect(c.broken).toBe(true);
   });
+
+  it('a node silent past silenceMs while a reply is owed fails the connection (a hung node); an idle connection stays', async () => {
+    const mute = createServer(() => undefined); // accepts, never answers
+    await new Promise<void>((r) => mute.listen(0, '127.0.0.1', () => r()));
+    try {
+      const { port: mutePort } = mute.address() as AddressInfo;
+      const c = new RespConnection('127.0.0.1', mutePort, 200);
+      await new Promise((r) => setTimeout(r, 400)); // connected and idle past silenceMs: still usable
+      expect(c.broken).toBe(false);
+      const t0 = performance.now();
+      await expect(c.send(['MGET', 'a'])).rejects.toThrow(/sent nothing for 200 ms/);
+      expect(performance.now() - t0).toBeGreaterThanOrEqual(150);
+      expect(c.broken).toBe(true);
+    } finally {
+      mute.close();
+    }
+  });
 });
 
 describe('cluster slots and store URLs', () => {
