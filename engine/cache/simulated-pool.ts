@@ -21,7 +21,8 @@ interface HeadPool {
 }
 
 export class SimulatedPool {
-  private readonly heads = new Map<KvSegment, HeadPool[]>();
+  // Weak: a document layer evicted from host memory (a shared store's, read on use) is not kept alive by its pool.
+  private readonly heads = new WeakMap<KvSegment, HeadPool[]>();
 
   constructor(private readonly kvHeads: number) {}
 
