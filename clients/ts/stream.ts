@@ -80,6 +80,6 @@ export class KvrecallStream {
 }
 
 function requestError(e: { code: string; message: string }): KvrecallRequestError {
-  const status = { malformed: 400, unauthorized: 401, not_found: 404, conflict: 409, too_large: 413, invalid: 422, over_budget: 503 }[e.code] ?? 500;
+  const status = { malformed: 400, unauthorized: 401, not_found: 404, conflict: 409, too_large: 413, invalid: 422, over_budget: 503, unavailable: 503 }[e.code] ?? 500;
   return new KvrecallRequestError(status, e.code, e.message);
 }
