@@ -339,8 +339,9 @@ export class Documents {
 
   /**
    * A method's indexes of a ready document: from memory, else loaded from
-   * LMDB, else (the document was sealed without that method) built now and
-   * stored, once.
+   * the store, else (the document was sealed without that method) built now
+   * and stored, once. Of a partially resident document, the resident
+   * layers' now and each other layer's when a step reads it.
    */
   indexes(doc: LoadedDocument, method: string): Promise<HeadIndex[][]> {
     return this.queue.run(doc.meta.id, async () => {
