@@ -13,6 +13,7 @@
         "native/bindings/block_scores_binding.cc",
         "native/bindings/checksum_binding.cc",
         "native/bindings/cluster_estimate_binding.cc",
+        "native/bindings/cluster_rank_binding.cc",
         "native/bindings/convert_binding.cc",
         "native/bindings/cuda_binding.cc",
         "native/bindings/faiss_binding.cc",
@@ -28,6 +29,7 @@
         "native/kernels/attention.cc",
         "native/kernels/attention_mass.cc",
         "native/kernels/cluster_estimate.cc",
+        "native/kernels/cluster_rank.cc",
         "native/kernels/convert.cc",
         "native/kernels/topk.cc"
       ],

@@ -19,6 +19,13 @@ export interface ClusterHeadArgs {
   tokens: number;
   /** Rows attended exactly: they leave their cluster's estimate (a cluster attended whole is skipped). */
   exact?: Int32Array;
+  /**
+   * [clusters, headDim]: per-channel key variances; with `keys` the estimate
+   * is second order (native/kernels/cluster_estimate.h), without them first order.
+   */
+  keyVars?: Uint16Array;
+  /** [tokens, headDim]: the segment's key rows (what exact rows take out of their cluster's moments). */
+  keys?: Uint16Array;
 }
 
 export interface EstimateArgs {

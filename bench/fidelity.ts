@@ -1,5 +1,5 @@
 // npm run bench:fidelity [-- --tokens 131072 --kv-heads 2 --steps 24 --configs default,broad
-//                           --methods wave,topk-blocks,nosa,hnsw --budget 0.02 --quick]
+//                           --methods wave,topk-blocks,nosa,hnsw --budget 0.02 --cluster-size 8 --quick]
 //
 // Attention output error of each method, with and without the estimation
 // zone, on the seeded generator (workload/) in two configurations: `default`
@@ -207,7 +207,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   for (const config of o.configs) rows.push(...(await runConfig(config, o)));
   const host = describeMachine();
-  const base = `bench/results/fidelity-${o.tokens}`;
+  const base = `bench/results/fidelity-${o.tokens}${o.clusterSize === 8 ? '' : `-cs${o.clusterSize}`}`;
   writeFileSync(`${base}.json`, JSON.stringify({ machine: host, date: new Date().toISOString(), options: o, rows }, null, 1) + '\n');
   writeFileSync(`${base}.md`, markdown(o, rows, host));
   progress(`wrote ${base}.{json,md}`);

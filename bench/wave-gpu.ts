@@ -72,7 +72,8 @@ export interface CompareResult {
 /** The GPU step against searchHeads + estimateClusters on the same heads and query. */
 export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: Float32Array, G: number, d: number, dt: KvDtype,
                               scale: number, budget: number[], exact: Int32Array): Promise<CompareResult> {
-  const cpu = await ClusterIndex.searchHeads(heads, q, G, budget);
+  // The GPU step ranks by the radius (the host's 'radius' ranking).
+  const cpu = await ClusterIndex.searchHeads(heads, q, G, budget, 'radius');
   let idsDiffer = 0, firstDiff: string | undefined;
   heads.forEach((_, h) => {
     const a = Array.from(gpu.ids[h]), b = Array.from(cpu[h].ids);
@@ -85,7 +86,8 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const scannedEqual = heads.every((_, h) => gpu.scanned[h] === cpu[h].scanned);
   const qHeads = heads.length * G;
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
-  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact])));
+  // The GPU step's estimate is first order (the second-order term is host-only so far).
+  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), true));
   await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
   let outRel = 0, lseRel = 0;
   for (let r = 0; r < qHeads; r++) {
@@ -197,6 +199,9 @@ function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype
   const arrays: ClusterArrays = {
     tokens: N, headDim: d, clusterSize: size, dtype: dt,
     centroids: words(centres, dt), valueMeans: words(means, dt), counts: new Int32Array(C).fill(size), tokenCluster,
+    // The GPU step ranks by the radius and estimates first order: it reads no key variances or axes.
+    keyVars: new Uint16Array(C * d),
+    keyAxes: new Uint16Array(C * d),
   };
   const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
   return { head, arrays };

@@ -3,9 +3,12 @@
 // and segments keep k-means cheap and a build incremental), about
 // `clusterSize` tokens per cluster. Each cluster keeps what estimation and
 // ranking need: the mean of its keys (so q·centroid is the mean logit over
-// it), the mean of its values, its token count, its radius (the largest
-// distance of a member key from the centroid, for the optimistic score) and
-// its members.
+// it), the mean of its values, each channel's key variance (the estimate's
+// second-order term, native/kernels/cluster_estimate.h), its principal axis
+// scaled by the members' standard deviation along it (ranking:
+// native/kernels/cluster_rank.h), its token count,
+// its radius (the largest distance of a member key from the centroid, for
+// the optimistic score) and its members.
 import { convert, type KvDtype } from '../../addon/kernels.js';
 import { kmeans } from '../../addon/faiss.js';
 import type { BuildInput } from '../method.js';
@@ -44,12 +47,66 @@ async function assignSegment(input: BuildInput, t0: number, t1: number, o: Clust
   return { assign: r.assign, clusters };
 }
 
+const AXIS_ITERATIONS = 4;
+
+/**
+ * Each cluster's principal axis (power iteration on its members' offsets
+ * from the centroid, started from the farthest member: a lone outlier is the
+ * axis at once), scaled by the standard deviation along it, into
+ * axes[c * d ..] for the clusters [first, end) of one segment.
+ */
+function principalAxes(keys: Float32Array, cluster: Int32Array, first: number, end: number, centroids: Float32Array, stride: number, d: number, axes: Float32Array): void {
+  const n = cluster.length, C = end - first;
+  const at = new Int32Array(C + 1);
+  for (let i = 0; i < n; i++) at[cluster[i] - first + 1]++;
+  for (let c = 0; c < C; c++) at[c + 1] += at[c];
+  const rows = new Int32Array(n), fill = at.slice(0, C);
+  for (let i = 0; i < n; i++) rows[fill[cluster[i] - first]++] = i;
+  const off = new Float32Array(d), u = new Float32Array(d), next = new Float32Array(d);
+  const offset = (i: number, c: number) => {
+    for (let j = 0; j < d; j++) off[j] = keys[i * d + j] - centroids[c * stride + j];
+    return off;
+  };
+  for (let c = first; c < end; c++) {
+    const from = at[c - first], to = at[c - first + 1], m = to - from;
+    if (m < 2) continue;
+    let far = -1;
+    for (let r = from; r < to; r++) {
+      const o = offset(rows[r], c);
+      let s = 0;
+      for (let j = 0; j < d; j++) s += o[j] * o[j];
+      if (s > far) (far = s), u.set(o);
+    }
+    if (!(far > 0)) continue;
+    let variance = 0;
+    for (let it = 0; it <= AXIS_ITERATIONS; it++) {
+      let norm = 0;
+      for (let j = 0; j < d; j++) norm += u[j] * u[j];
+      norm = Math.sqrt(norm);
+      if (!(norm > 0)) break;
+      for (let j = 0; j < d; j++) u[j] /= norm;
+      next.fill(0);
+      variance = 0;
+      for (let r = from; r < to; r++) {
+        const o = offset(rows[r], c);
+        let p = 0;
+        for (let j = 0; j < d; j++) p += o[j] * u[j];
+        variance += (p * p) / m;
+        for (let j = 0; j < d; j++) next[j] += p * o[j];
+      }
+      if (it < AXIS_ITERATIONS) u.set(next);
+    }
+    const sd = Math.sqrt(variance);
+    for (let j = 0; j < d; j++) axes[c * d + j] = sd * u[j];
+  }
+}
+
 export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAULT_CLUSTER_OPTIONS): Promise<Uint8Array> {
   if (!input.values) throw new Error('the wave index needs the values of the head');
   const d = input.headDim, N = input.tokens, stride = centroidStride(d);
   let bound = 0;
   for (let t0 = 0; t0 < N; t0 += o.segmentTokens) bound += Math.ceil(Math.min(o.segmentTokens, N - t0) / Math.max(1, Math.min(o.clusterSize, N - t0)));
-  const centroids = new Float32Array(bound * stride), valueMeans = new Float32Array(bound * d), counts = new Int32Array(bound);
+  const centroids = new Float32Array(bound * stride), valueMeans = new Float32Array(bound * d), keyVars = new Float32Array(bound * d), keyAxes = new Float32Array(bound * d), counts = new Int32Array(bound);
   const tokenCluster = new Int32Array(N);
   let C = 0;
   for (let t0 = 0; t0 < N; t0 += o.segmentTokens) {
@@ -68,13 +125,19 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     }
     for (let c = first; c < C; c++)
       for (let j = 0; j < d; j++) (centroids[c * stride + j] /= counts[c]), (valueMeans[c * d + j] /= counts[c]);
-    // Radius: the farthest member key from its centroid.
+    // Radius (the farthest member key from its centroid) and per-channel variance.
     for (let i = 0; i < n; i++) {
       const c = tokenCluster[t0 + i];
       let s = 0;
-      for (let j = 0; j < d; j++) s += (keys[i * d + j] - centroids[c * stride + j]) ** 2;
+      for (let j = 0; j < d; j++) {
+        const x = (keys[i * d + j] - centroids[c * stride + j]) ** 2;
+        s += x;
+        keyVars[c * d + j] += x;
+      }
       centroids[c * stride + d] = Math.max(centroids[c * stride + d], Math.sqrt(s));
     }
+    for (let c = first; c < C; c++) for (let j = 0; j < d; j++) keyVars[c * d + j] /= counts[c];
+    principalAxes(keys, tokenCluster.subarray(t0, t1), first, C, centroids, stride, d, keyAxes);
   }
   const arrays: ClusterArrays = {
     tokens: N,
@@ -83,6 +146,8 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     dtype: input.dtype,
     centroids: narrow(centroids.subarray(0, C * stride), input.dtype),
     valueMeans: narrow(valueMeans.subarray(0, C * d), input.dtype),
+    keyVars: narrow(keyVars.subarray(0, C * d), input.dtype),
+    keyAxes: narrow(keyAxes.subarray(0, C * d), input.dtype),
     counts: counts.slice(0, C),
     tokenCluster,
   };

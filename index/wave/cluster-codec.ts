@@ -4,7 +4,8 @@
 import { checksum64, type KvDtype } from '../../addon/kernels.js';
 
 const MAGIC = 0x4b565756; // "KVWV"
-const VERSION = 1;
+/** 1: no key variances or axes (stale: rebuilt at attach); 2: with them. */
+const VERSION = 2;
 const HEADER_WORDS = 8;
 
 export interface ClusterArrays {
@@ -16,6 +17,10 @@ export interface ClusterArrays {
   centroids: Uint16Array;
   /** [clusters, headDim]. */
   valueMeans: Uint16Array;
+  /** [clusters, headDim]: each channel's key variance over the members (the estimate's second-order term). */
+  keyVars: Uint16Array;
+  /** [clusters, headDim]: the principal axis of the members' keys, scaled by their standard deviation along it (ranking). */
+  keyAxes: Uint16Array;
   counts: Int32Array;
   /** [tokens]. */
   tokenCluster: Int32Array;
@@ -32,7 +37,7 @@ const pad4 = (n: number) => (n + 3) & ~3;
 
 export function encodeClusters(a: ClusterArrays): Uint8Array {
   const C = a.counts.length;
-  const parts: ArrayBufferView[] = [a.centroids, a.valueMeans, a.counts, a.tokenCluster];
+  const parts: ArrayBufferView[] = [a.centroids, a.valueMeans, a.keyVars, a.keyAxes, a.counts, a.tokenCluster];
   const size = HEADER_WORDS * 4 + parts.reduce((n, p) => n + pad4(p.byteLength), 0);
   const out = new Uint8Array(size);
   const header = new Uint32Array([MAGIC, VERSION, a.tokens, a.headDim, C, a.clusterSize, a.dtype === 'f16' ? 0 : 1, 0]);
@@ -51,7 +56,8 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   // Typed views need aligned offsets: copy once when the store's buffer is not.
   const b = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
   const header = new Uint32Array(b.buffer, b.byteOffset, HEADER_WORDS);
-  if (header[0] !== MAGIC || header[1] !== VERSION) throw new Error('not a wave cluster artifact (or another version)');
+  if (header[0] !== MAGIC) throw new Error('not a wave cluster artifact');
+  if (header[1] !== VERSION) throw new Error(`wave cluster artifact version ${header[1]} is stale (this build reads ${VERSION})`);
   const sum = header[7];
   const zeroed = b.slice();
   new DataView(zeroed.buffer).setUint32(CHECKSUM_AT, 0, true);
@@ -74,6 +80,8 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
     dtype: dt === 0 ? 'f16' : 'bf16',
     centroids: take(u16, C * stride, 2),
     valueMeans: take(u16, C * headDim, 2),
+    keyVars: take(u16, C * headDim, 2),
+    keyAxes: take(u16, C * headDim, 2),
     counts: take(i32, C, 4),
     tokenCluster: take(i32, tokens, 4),
   };

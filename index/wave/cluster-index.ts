@@ -1,22 +1,33 @@
 // A kv head's loaded clusters: ranking for the retrieval zone and the
 // summaries the estimation zone reads.
 //
-// Ranking is by an optimistic score, max over the query group of
-// q·centroid + RADIUS_SHARE·‖q‖·radius: the centroid alone can hide a lone
-// outlier key (a planted fact) inside a cluster of ordinary ones, and with
-// share 1 the score bounds every member's q·k. On the project's generator
-// (bench/fidelity.ts, 16K tokens) shares of 0.25–2 lost the needles that
-// 0–0.1 find (in 128 dimensions every cluster's radius is mostly noise), so
-// the share is small. The radius sits in the centroid row's extra column, so
-// one native top-k over the rows [centroid, radius, ...] with queries
-// [q, share·‖q‖, 0...] scores every cluster of every head of a step in one
-// call.
+// Ranking is by an optimistic score, max over the query group of the
+// centroid score plus SPREAD standard deviations of the members' logits
+// along q (the cluster's principal axis and per-channel variances;
+// native/kernels/cluster_rank.h): the centroid alone hides a lone outlier
+// key (a planted fact) inside a cluster of ordinary ones. The older score,
+// q·centroid + RADIUS_SHARE·‖q‖·radius, stays as what the GPU wave step
+// computes (bench/wave-gpu.ts checks the two against each other): on the
+// generator (bench/fidelity.ts, 16K tokens) radius shares of 0.25–2 lost
+// the needles that 0–0.1 find (in 128 dimensions every cluster's radius is
+// mostly noise).
 import { topkHeads } from '../../addon/kernels.js';
+import { rankClusterHeads } from '../../addon/cluster-rank.js';
 import type { ClusterHeadArgs } from '../../addon/estimate.js';
 import type { HeadIndex, HeadKeys, SearchResult } from '../method.js';
 import { centroidStride, decodeClusters, type ClusterArrays } from './cluster-codec.js';
 
 export const RADIUS_SHARE = 0.1;
+/**
+ * Standard deviations above the mean logit a cluster is ranked at. At 32K
+ * tokens of the generator (2% exact, 8× the budget rescored) 1 kept 2/4 and
+ * 2/4 planted needles (default / broad configuration), 2 kept 4/4 and 4/4,
+ * 3 no more; the top-k's share among the candidates 0.94 / 0.98.
+ */
+export const SPREAD = 2;
+
+/** How clusters are ranked: by SPREAD standard deviations, or by the radius (the GPU wave step's score). */
+export type ClusterRanking = 'spread' | 'radius';
 /**
  * The retrieval zone is chosen in two stages: the best clusters until they
  * hold PROBE × k tokens, then their members scored exactly (q·k, max over
@@ -63,10 +74,15 @@ export class ClusterIndex implements HeadIndex {
     return new ClusterIndex(arrays, keys.keys, keys.values);
   }
 
-  /** The summaries as the estimation kernel takes them. */
-  estimateArgs(exact?: Int32Array): ClusterHeadArgs {
+  /**
+   * The summaries as the estimation kernel takes them: second order (with
+   * the key variances) unless `firstOrder`, which is what the GPU wave step
+   * computes (bench/wave-gpu.ts checks it against this).
+   */
+  estimateArgs(exact?: Int32Array, firstOrder = false): ClusterHeadArgs {
     const a = this.arrays;
-    return { centroids: a.centroids, valueMeans: a.valueMeans, counts: a.counts, tokenCluster: a.tokenCluster, values: this.values, clusters: this.clusters, tokens: a.tokens, exact };
+    const base = { centroids: a.centroids, valueMeans: a.valueMeans, counts: a.counts, tokenCluster: a.tokenCluster, values: this.values, clusters: this.clusters, tokens: a.tokens, exact };
+    return firstOrder ? base : { ...base, keyVars: a.keyVars, keys: this.keys };
   }
 
   /** Rows of the best clusters, best cluster first, until k rows (the last cluster may be cut). */
@@ -89,23 +105,15 @@ export class ClusterIndex implements HeadIndex {
    * rows each: one native call for the step. Clusters asked for: enough to
    * cover k rows at the average cluster size, twice over.
    */
-  static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[]): Promise<SearchResult[]> {
+  static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread'): Promise<SearchResult[]> {
     const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
-    const aug = new Float32Array(heads.length * group * stride);
-    for (let r = 0; r < heads.length * group; r++) {
-      const row = q.subarray(r * d, (r + 1) * d);
-      aug.set(row, r * stride);
-      aug[r * stride + d] = RADIUS_SHARE * Math.hypot(...row);
-    }
     const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * PROBE * k[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
-    const counts = await topkHeads({
-      q: aug,
-      group,
-      headDim: stride,
-      dtype: h0.arrays.dtype,
-      k: want,
-      heads: heads.map((h) => ({ keys: h.arrays.centroids, tokens: h.clusters, outIds: h.topIds, outScores: h.topScores })),
-    });
+    const counts = ranking === 'spread'
+      ? await rankClusterHeads({
+          q, group, headDim: d, centroidStride: stride, dtype: h0.arrays.dtype, k: want, spread: SPREAD,
+          heads: heads.map((h) => ({ centroids: h.arrays.centroids, axes: h.arrays.keyAxes, vars: h.arrays.keyVars, clusters: h.clusters, outIds: h.topIds, outScores: h.topScores })),
+        })
+      : await ClusterIndex.rankByRadius(heads, q, group, want);
     const candidates = heads.map((h, i) => h.expand(counts[i], PROBE * k[i]));
     const kMax = Math.max(...k);
     const ids = heads.map((_, i) => new Int32Array(Math.min(kMax, candidates[i].length)));
@@ -119,5 +127,24 @@ export class ClusterIndex implements HeadIndex {
       heads: heads.map((h, i) => ({ keys: h.keys, tokens: h.arrays.tokens, rows: candidates[i], outIds: ids[i], outScores: scores[i] })),
     });
     return heads.map((h, i) => ({ ids: ids[i].subarray(0, Math.min(kept[i], k[i])), scanned: h.clusters + candidates[i].length }));
+  }
+
+  /** The radius ranking: one top-k over the rows [centroid, radius, 0 ...] with queries [q, share·‖q‖, 0 ...]. */
+  private static rankByRadius(heads: ClusterIndex[], q: Float32Array, group: number, want: number): Promise<number[]> {
+    const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
+    const aug = new Float32Array(heads.length * group * stride);
+    for (let r = 0; r < heads.length * group; r++) {
+      const row = q.subarray(r * d, (r + 1) * d);
+      aug.set(row, r * stride);
+      aug[r * stride + d] = RADIUS_SHARE * Math.hypot(...row);
+    }
+    return topkHeads({
+      q: aug,
+      group,
+      headDim: stride,
+      dtype: h0.arrays.dtype,
+      k: want,
+      heads: heads.map((h) => ({ keys: h.arrays.centroids, tokens: h.clusters, outIds: h.topIds, outScores: h.topScores })),
+    });
   }
 }

@@ -10,6 +10,7 @@ void InitAttention(Napi::Env env, Napi::Object exports);
 void InitTopk(Napi::Env env, Napi::Object exports);
 void InitAttentionMass(Napi::Env env, Napi::Object exports);
 void InitClusterEstimate(Napi::Env env, Napi::Object exports);
+void InitClusterRank(Napi::Env env, Napi::Object exports);
 void InitRaGraph(Napi::Env env, Napi::Object exports);
 void InitFaiss(Napi::Env env, Napi::Object exports);
 void InitCuda(Napi::Env env, Napi::Object exports);
@@ -24,6 +25,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitTopk(env, exports);
   kvr::InitAttentionMass(env, exports);
   kvr::InitClusterEstimate(env, exports);
+  kvr::InitClusterRank(env, exports);
   kvr::InitRaGraph(env, exports);
   kvr::InitFaiss(env, exports);
   kvr::InitCuda(env, exports);

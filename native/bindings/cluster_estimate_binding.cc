@@ -1,6 +1,6 @@
 // estimateClusters({q, qHeads, kvHeads, headDim, centroidStride, dtype, scale,
 //   segments: [{heads: [{centroids, valueMeans, counts, tokenCluster, values,
-//                        clusters, tokens, retrieved?, exact?}] (kvHeads)}],
+//                        clusters, tokens, retrieved?, exact?, keyVars?, keys?}] (kvHeads)}],
 //   out, lse, estimated}) -> Promise<void>
 #include <napi.h>
 
@@ -33,6 +33,17 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
   c.tokenCluster = tokenCluster.Data();
   c.values = values.Data();
   keep.insert(keep.end(), {centroids, means, counts, tokenCluster, values});
+  // The second-order estimate needs both: the variances and the keys the exact rows take out.
+  auto keyVars = OptTypedAt<uint16_t>(o, "keyVars");
+  auto keys = OptTypedAt<uint16_t>(o, "keys");
+  if (bool(keyVars) != bool(keys)) throw Napi::TypeError::New(o.Env(), "keyVars and keys come together");
+  if (keyVars) {
+    if (keyVars->ElementLength() != C * d) throw Napi::RangeError::New(o.Env(), "keyVars must hold clusters x headDim words");
+    if (keys->ElementLength() != N * d) throw Napi::RangeError::New(o.Env(), "keys must hold tokens x headDim words");
+    c.keyVars = keyVars->Data();
+    c.keys = keys->Data();
+    keep.insert(keep.end(), {*keyVars, *keys});
+  }
   if (auto r = OptTypedAt<int32_t>(o, "retrieved")) {
     CheckIds(*r, c.clusters, "retrieved");
     c.retrieved = r->Data();

@@ -1,0 +1,42 @@
+// Typed wrapper of the cluster ranking kernel (native/kernels/cluster_rank):
+// every kv head's clusters ranked for a step's query group in one native
+// call, by the centroid score plus `spread` standard deviations of the
+// members' logits along the query.
+import { nativeAddon } from './addon.js';
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
+
+export interface ClusterRankHead {
+  /** [clusters, centroidStride] storage words; the first headDim of a row are the centroid. */
+  centroids: Uint16Array;
+  /** [clusters, headDim]: principal axes scaled by the standard deviation along them. */
+  axes: Uint16Array;
+  /** [clusters, headDim]: per-channel key variances. */
+  vars: Uint16Array;
+  clusters: number;
+  /** [k]: the best clusters, best first (ties: lower id). */
+  outIds: Int32Array;
+  outScores: Float32Array;
+}
+
+export interface ClusterRankArgs {
+  /** [heads × group, headDim]: head h ranks with rows h*group ... */
+  q: Float32Array;
+  group: number;
+  headDim: number;
+  centroidStride: number;
+  dtype: KvDtype;
+  k: number;
+  spread: number;
+  heads: ClusterRankHead[];
+}
+
+interface Addon {
+  rankClusterHeads(a: Omit<ClusterRankArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
+}
+
+const addon = nativeAddon<Addon>();
+
+/** Per head: how many ids were written, min(k, clusters). */
+export function rankClusterHeads(args: ClusterRankArgs): Promise<number[]> {
+  return addon.rankClusterHeads({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}

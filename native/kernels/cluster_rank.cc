@@ -1,0 +1,62 @@
+#include "kernels/cluster_rank.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/ranked_hits.h"
+#include "common/simd_math.h"
+#include "common/thread_pool.h"
+
+namespace kvr {
+namespace {
+
+constexpr int64_t kTaskClusters = 2048;
+
+// Clusters [begin, end) of one problem into a local heap of its best `keep`.
+void ScanClusters(const ClusterRankProblem& p, int64_t begin, int64_t end, int64_t keep, std::vector<Hit>& heap) {
+  const size_t d = size_t(p.headDim);
+  std::vector<float> mu(d), axis(d), var(d), q2(size_t(p.group) * d);
+  for (size_t i = 0; i < q2.size(); ++i) q2[i] = p.q[i] * p.q[i];
+  heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
+  for (int64_t c = begin; c < end; ++c) {
+    WidenRow(p.centroids + size_t(c) * p.centroidStride, p.dtype, d, mu.data());
+    WidenRow(p.axes + size_t(c) * d, p.dtype, d, axis.data());
+    WidenRow(p.vars + size_t(c) * d, p.dtype, d, var.data());
+    float s = -std::numeric_limits<float>::infinity();
+    for (int g = 0; g < p.group; ++g) {
+      const float* q = p.q + size_t(g) * d;
+      const float along = Dot(q, axis.data(), d), channels = Dot(q2.data() + size_t(g) * d, var.data(), d);
+      s = std::max(s, Dot(q, mu.data(), d) + p.spread * std::sqrt(std::max(0.f, along * along + channels)));
+    }
+    Offer(heap, size_t(keep), Hit{s, int32_t(c)});
+  }
+}
+
+}  // namespace
+
+void RankClustersMany(const ClusterRankProblem* problems, size_t n, int64_t* counts) {
+  struct Task {
+    size_t problem;
+    int64_t begin, end;
+  };
+  auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, problems[p].clusters); };
+  std::vector<Task> tasks;
+  for (size_t p = 0; p < n; ++p)
+    for (int64_t b = 0; keepOf(p) > 0 && b < problems[p].clusters; b += kTaskClusters)
+      tasks.push_back({p, b, std::min(problems[p].clusters, b + kTaskClusters)});
+  std::vector<std::vector<Hit>> local(tasks.size());
+  ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
+    const Task& task = tasks[t];
+    ScanClusters(problems[task.problem], task.begin, task.end, keepOf(task.problem), local[t]);
+  });
+  size_t t = 0;
+  for (size_t p = 0; p < n; ++p) {
+    std::vector<Hit> all;
+    for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
+    counts[p] = WriteBest(all, keepOf(p), problems[p].outIds, problems[p].outScores);
+  }
+}
+
+}  // namespace kvr
