@@ -19,7 +19,7 @@ const packr = new Packr({ useRecords: false });
 
 export type Body = Record<string, unknown>;
 
-function isMsgpack(contentType: string | undefined): boolean {
+export function isMsgpack(contentType: string | undefined): boolean {
   return !!contentType && /application\/(x-)?msgpack/i.test(contentType);
 }
 
@@ -104,7 +104,7 @@ async function readRaw(c: Context, alloc: (n: number) => Buffer): Promise<Uint8A
 }
 
 /** Reads a body of exactly buf.byteLength bytes into buf. */
-function readInto(incoming: IncomingMessage, buf: Buffer): Promise<Buffer> {
+export function readInto(incoming: IncomingMessage, buf: Buffer): Promise<Buffer> {
   let at = 0;
   return stream(incoming, (chunk) => {
     if (at + chunk.byteLength > buf.byteLength) throw malformed('body longer than its content-length');
@@ -162,22 +162,31 @@ function stream(incoming: IncomingMessage, onChunk: (chunk: Buffer) => void): Pr
 
 function decode(c: Context, raw: Uint8Array): Body {
   if (raw.byteLength === 0) return {};
+  if (isMsgpack(c.req.header('content-type'))) return decodeMsgpack(raw);
   let value: unknown;
-  if (isMsgpack(c.req.header('content-type'))) {
-    try {
-      value = unpackr.unpack(Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
-    } catch (e) {
-      throw malformed(`body is not valid msgpack: ${(e as Error).message}`);
-    }
-  } else {
-    try {
-      value = JSON.parse(new TextDecoder().decode(raw));
-    } catch (e) {
-      throw malformed(`body is not valid JSON: ${(e as Error).message}`);
-    }
+  try {
+    value = JSON.parse(new TextDecoder().decode(raw));
+  } catch (e) {
+    throw malformed(`body is not valid JSON: ${(e as Error).message}`);
   }
-  if (typeof value !== 'object' || value === null || Array.isArray(value) || value instanceof Uint8Array)
-    throw malformed('body must be a map');
+  return asMap(value);
+}
+
+/** A msgpack body (binary fields as views into raw); {} when empty. */
+export function decodeMsgpack(raw: Uint8Array): Body {
+  if (raw.byteLength === 0) return {};
+  let value: unknown;
+  try {
+    value = unpackr.unpack(Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
+  } catch (e) {
+    throw malformed(`body is not valid msgpack: ${(e as Error).message}`);
+  }
+  return asMap(value);
+}
+
+function asMap(value: unknown): Body {
+  // A plain object only: msgpackr decodes the reserved byte 0xc1 as an object of its own class.
+  if (typeof value !== 'object' || value === null || Object.getPrototypeOf(value) !== Object.prototype) throw malformed('body must be a map');
   return value as Body;
 }
 

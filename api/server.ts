@@ -4,8 +4,9 @@ import { serve, type ServerType } from '@hono/node-server';
 import type { AddressInfo } from 'node:net';
 import type { Config } from '../core/config.js';
 import { Engine } from '../engine/engine.js';
-import type { Server } from 'node:http';
+import { createServer, type RequestListener, type Server, type ServerOptions } from 'node:http';
 import { createApp } from './app.js';
+import { withFastAttend } from './fast-attend.js';
 import { Metrics } from './metrics.js';
 import { attachStream } from './stream.js';
 
@@ -20,7 +21,10 @@ export async function startServer(cfg: Config): Promise<RunningServer> {
   const metrics = new Metrics();
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);
   const server: ServerType = await new Promise((resolve) => {
-    const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port }, () => resolve(s));
+    // The attend routes' common case is served before the Hono app (api/fast-attend.ts).
+    const withFast = (options: ServerOptions, listener: RequestListener) =>
+      createServer(options, withFastAttend(engine.sessions, metrics, { token: cfg.token, bodyLimit: cfg.bodyLimit }, listener));
+    const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port, createServer: withFast as typeof createServer }, () => resolve(s));
   });
   const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit });
   const { port } = server.address() as AddressInfo;

@@ -151,9 +151,13 @@ export class KvrecallClient {
   private readonly headers: Record<string, string>;
   /** One kept-alive connection pool per client, Nagle off: a decode call is one small write each way. */
   private readonly agent: Agent;
+  /** The URL parsed once (not per call). */
+  private readonly target: { https: boolean; host: string; port: number; prefix: string };
 
   constructor(opts: { url: string; token?: string }) {
     this.url = opts.url.replace(/\/$/, '');
+    const u = new URL(this.url);
+    this.target = { https: u.protocol === 'https:', host: u.hostname.replace(/^\[(.*)\]$/, '$1'), port: Number(u.port) || (u.protocol === 'https:' ? 443 : 80), prefix: u.pathname.replace(/\/$/, '') };
     this.agent = this.url.startsWith('https:') ? new HttpsAgent({ keepAlive: true, noDelay: true }) : new Agent({ keepAlive: true, noDelay: true });
     this.headers = { 'content-type': 'application/msgpack', accept: 'application/msgpack' };
     if (opts.token) this.headers.authorization = `Bearer ${opts.token}`;
@@ -244,19 +248,27 @@ export class KvrecallClient {
    */
   private send<T>(method: string, path: string, body: unknown): Promise<T> {
     const { parts, byteLength } = packParts(body);
-    const url = new URL(this.url + path);
+    const target = this.target;
     return new Promise<T>((resolve, reject) => {
-      const failed = (e: Error) => reject(new TypeError(`${method} ${url.pathname} failed: ${e.message}`, { cause: e }));
-      const req = (url.protocol === 'https:' ? httpsRequest : httpRequest)(
-        url,
-        { method, agent: this.agent, headers: { ...this.headers, 'content-length': String(byteLength) } },
+      const failed = (e: Error) => reject(new TypeError(`${method} ${path} failed: ${e.message}`, { cause: e }));
+      const req = (target.https ? httpsRequest : httpRequest)(
+        { host: target.host, port: target.port, path: target.prefix + path, method, agent: this.agent, headers: { ...this.headers, 'content-length': String(byteLength) } },
         (res: IncomingMessage) => {
+          // The answer into one buffer of its declared length (no chunk list to concatenate).
+          const declared = Number(res.headers['content-length']);
+          const whole = Number.isSafeInteger(declared) && declared >= 0 ? Buffer.allocUnsafe(declared) : undefined;
           const chunks: Buffer[] = [];
-          res.on('data', (c: Buffer) => chunks.push(c));
+          let at = 0;
+          res.on('data', (c: Buffer) => {
+            if (whole && at + c.byteLength <= whole.byteLength) whole.set(c, at);
+            else chunks.push(c);
+            at += c.byteLength;
+          });
           res.on('error', failed);
           res.on('end', () => {
             try {
-              resolve(answer<T>(res.statusCode ?? 0, res.statusMessage ?? '', String(res.headers['content-type'] ?? ''), Buffer.concat(chunks)));
+              const raw = whole && at === whole.byteLength && chunks.length === 0 ? whole : Buffer.concat(chunks);
+              resolve(answer<T>(res.statusCode ?? 0, res.statusMessage ?? '', String(res.headers['content-type'] ?? ''), raw));
             } catch (e) {
               reject(e);
             }

@@ -1,11 +1,16 @@
 // The client end of GET /v1/stream: one WebSocket, msgpack frames, each
-// request answered by the frame with its id, in order. Tensor bytes are sent
-// as they are (msgpack bin), answers copied out of the frame once.
-import { Packr, Unpackr } from 'msgpackr';
+// request answered by the frame with its id, in order. A request's parts
+// (the caller's tensors as they are) are copied once into a warm buffer and
+// sent unmasked-in-effect (a zero mask: masking guards browsers' proxies,
+// and would cost a fresh copy of every frame); answers are copied out of
+// the frame once.
+import { Unpackr } from 'msgpackr';
 import { WebSocket } from 'ws';
+import { joinParts, packParts } from '../../core/msgpack-parts.js';
 import { attendReply, batchResult, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type WireResult } from './client.js';
 
-const packr = new Packr({ useRecords: false });
+/** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
+const POOLED_FRAME = 1 << 16;
 const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
 
 type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void };
@@ -14,6 +19,7 @@ export class KvrecallStream {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
   private closed?: Error;
+  private spare?: Buffer;
 
   private constructor(private readonly ws: WebSocket) {
     ws.on('message', (data: Buffer) => {
@@ -33,7 +39,11 @@ export class KvrecallStream {
   }
 
   static open(url: string, authorization?: string): Promise<KvrecallStream> {
-    const ws = new WebSocket(url.replace(/^http/, 'ws') + '/v1/stream', { perMessageDeflate: false, headers: authorization ? { authorization } : {} });
+    const ws = new WebSocket(url.replace(/^http/, 'ws') + '/v1/stream', {
+      perMessageDeflate: false,
+      headers: authorization ? { authorization } : {},
+      generateMask: (mask) => void mask.fill(0),
+    });
     return new Promise((resolve, reject) => {
       ws.once('open', () => resolve(new KvrecallStream(ws)));
       ws.once('error', reject);
@@ -68,7 +78,16 @@ export class KvrecallStream {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.ws.send(packr.pack({ ...body, id }));
+      this.send(packParts({ ...body, id }));
+    });
+  }
+
+  private send(parts: ReturnType<typeof packParts>): void {
+    if (parts.byteLength < POOLED_FRAME) return this.ws.send(joinParts(parts, Buffer.allocUnsafe(parts.byteLength)));
+    const buf = this.spare && this.spare.byteLength >= parts.byteLength ? this.spare : Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(parts.byteLength)));
+    this.spare = undefined;
+    this.ws.send(joinParts(parts, buf), () => {
+      if (!this.spare || this.spare.byteLength < buf.byteLength) this.spare = buf;
     });
   }
 
