@@ -23,6 +23,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kEntryPoints = 64;
+// One outlier entry point per kOutlierShare keys (step 4b).
+constexpr int64_t kOutlierShare = 256;
 double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 struct SplitMix64 {
@@ -399,6 +401,65 @@ RaGraph RaGraph::Build(const RaBuildInput& in, const RaGraphParams& params, RaBu
       for (int64_t i = a + 1; i < b; ++i)
         if (hub(int32_t(i), best)) best = int32_t(i);
       if (std::find(g.entries_.begin(), g.entries_.end(), best) == g.entries_.end()) g.entries_.push_back(best);
+    }
+  }
+
+  // 4b. Outlier entry points: keys that are no build query's nearest key
+  //     (pivotCount 0) and stand out from the key distribution channel by
+  //     channel (the largest Σ_c (k_c − μ_c)² / σ_c²), n / kOutlierShare of
+  //     them. A fact no prefill query asked about is such a key when it
+  //     carries content in channels where keys are otherwise quiet; at most
+  //     it sits by chance deep in some query's list, its positional
+  //     neighbours are ordinary keys, so a greedy search reaches it only by
+  //     luck. As an entry point it is scored by every search: a query aimed
+  //     at it finds it at once. (Facts the prefill queries did ask about are
+  //     their nearest keys and reached through the projected edges.)
+  {
+    const int64_t want = std::min<int64_t>(n, n / kOutlierShare);
+    if (want > 0) {
+      const int64_t blocks = (n + 4095) / 4096;
+      std::vector<double> sum(static_cast<size_t>(blocks * d), 0.0), sq(static_cast<size_t>(blocks * d), 0.0);
+      ThreadPool::Get().ParallelFor(size_t(blocks), [&](size_t t) {
+        std::vector<float> r(static_cast<size_t>(d));
+        double* s1 = sum.data() + t * d;
+        double* s2 = sq.data() + t * d;
+        for (int64_t i = int64_t(t) * 4096; i < std::min<int64_t>(n, int64_t(t + 1) * 4096); ++i) {
+          WidenRow(in.keys + size_t(i) * d, in.dtype, size_t(d), r.data());
+          for (int c = 0; c < d; ++c) s1[c] += r[size_t(c)], s2[c] += double(r[size_t(c)]) * r[size_t(c)];
+        }
+      });
+      std::vector<float> mu(static_cast<size_t>(d)), inv(static_cast<size_t>(d));
+      for (int c = 0; c < d; ++c) {
+        double a = 0, b = 0;
+        for (int64_t t = 0; t < blocks; ++t) a += sum[size_t(t) * d + c], b += sq[size_t(t) * d + c];
+        const double m = a / double(n), v = std::max(b / double(n) - m * m, 1e-12);
+        mu[size_t(c)] = float(m);
+        inv[size_t(c)] = float(1.0 / v);
+      }
+      std::vector<float> z(static_cast<size_t>(n), -1.f);
+      ThreadPool::Get().ParallelFor(size_t(blocks), [&](size_t t) {
+        std::vector<float> r(static_cast<size_t>(d));
+        for (int64_t i = int64_t(t) * 4096; i < std::min<int64_t>(n, int64_t(t + 1) * 4096); ++i) {
+          if (pivotCount[size_t(i)] > 0) continue;
+          WidenRow(in.keys + size_t(i) * d, in.dtype, size_t(d), r.data());
+          float acc = 0.f;
+          for (int c = 0; c < d; ++c) {
+            const float x = r[size_t(c)] - mu[size_t(c)];
+            acc += x * x * inv[size_t(c)];
+          }
+          z[size_t(i)] = acc;
+        }
+      });
+      std::vector<int32_t> cand;
+      for (int64_t i = 0; i < n; ++i)
+        if (pivotCount[size_t(i)] == 0) cand.push_back(int32_t(i));
+      const size_t take = std::min(cand.size(), size_t(want));
+      std::partial_sort(cand.begin(), cand.begin() + take, cand.end(), [&](int32_t a, int32_t b) {
+        return z[size_t(a)] != z[size_t(b)] ? z[size_t(a)] > z[size_t(b)] : a < b;
+      });
+      for (size_t i = 0; i < take; ++i)
+        if (std::find(g.entries_.begin(), g.entries_.begin() + std::min<size_t>(g.entries_.size(), kEntryPoints), cand[i]) == g.entries_.begin() + std::min<size_t>(g.entries_.size(), kEntryPoints))
+          g.entries_.push_back(cand[i]);
     }
   }
 
