@@ -37,11 +37,15 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     await client.createDocument(o.id, model, { methods: o.methods });
     const total = layers * tokens;
     let done = 0;
-    const slice = (name: string, from: number, to: number, heads: number): Tensor => ({
-      dtype: f.tensors.get(name)!.dtype,
-      shape: [heads, to - from, headDim],
-      data: f.readTokens(name, from, to),
-    });
+    // One buffer per tensor kind, reused for every chunk: each upload settles before the next chunk is read.
+    const scratch = new Map<string, Buffer>();
+    const slice = (name: string, from: number, to: number, heads: number): Tensor => {
+      const kind = name.split('.')[0];
+      const t = f.tensors.get(name)!;
+      const bytes = heads * o.chunk * (t.end - t.begin) / (t.shape[0] * t.shape[1]);
+      if (!scratch.has(kind) || scratch.get(kind)!.byteLength < bytes) scratch.set(kind, Buffer.allocUnsafeSlow(bytes));
+      return { dtype: t.dtype, shape: [heads, to - from, headDim], data: f.readTokens(name, from, to, scratch.get(kind)) };
+    };
     for (let layer = 0; layer < layers; layer++)
       for (let start = 0; start < tokens; start += o.chunk) {
         const end = Math.min(tokens, start + o.chunk);

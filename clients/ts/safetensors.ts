@@ -47,14 +47,17 @@ export class SafetensorsFile {
 
   /**
    * Rows [from, to) of dimension 1 of a [heads, tokens, dim] tensor, as
-   * contiguous [heads, to - from, dim] bytes.
+   * contiguous [heads, to - from, dim] bytes: in `into` when given and
+   * large enough (a buffer reused chunk after chunk is not paid for again
+   * in page faults), else in a new buffer.
    */
-  readTokens(name: string, from: number, to: number): Uint8Array {
+  readTokens(name: string, from: number, to: number, into?: Buffer): Uint8Array {
     const t = this.tensors.get(name);
     if (!t || t.shape.length !== 3) throw invalid(`tensor ${name} missing or not [heads, tokens, dim]`);
     const [heads, tokens, dim] = t.shape;
     const row = dim * BYTES[t.dtype];
-    const out = Buffer.alloc(heads * (to - from) * row);
+    const bytes = heads * (to - from) * row;
+    const out = into && into.byteLength >= bytes ? into.subarray(0, bytes) : Buffer.allocUnsafe(bytes);
     for (let h = 0; h < heads; h++) readSync(this.fd, out, h * (to - from) * row, (to - from) * row, t.begin + (h * tokens + from) * row);
     return out;
   }
