@@ -43,7 +43,8 @@ class Stream:
         """Connects and upgrades; a refusal raises KvrecallError with the
         server's status (401 "unauthorized" without the right token)."""
         try:
-            ws = WebSocket.connect(url, headers=headers, timeout=timeout)
+            # Zero mask: no masked copy of every request frame (the payload is q, k and v as they are).
+            ws = WebSocket.connect(url, headers=headers, timeout=timeout, zero_mask=True)
         except HandshakeError as e:
             code, message = _refusal(e)
             raise KvrecallError(e.status, code, message) from None

@@ -98,6 +98,9 @@ def mask(payload: Union[bytes, bytearray, memoryview], key: bytes) -> Union[byte
     return (int.from_bytes(payload, "little") ^ int.from_bytes(pattern, "little")).to_bytes(n, "little")
 
 
+_ZERO_KEY = b"\0\0\0\0"
+
+
 def frame_header(opcode: int, length: int, fin: bool = True, masked: bool = True) -> bytes:
     """A frame's first bytes up to (not including) the masking key."""
     b0 = (0x80 if fin else 0) | opcode
@@ -112,9 +115,13 @@ def frame_header(opcode: int, length: int, fin: bool = True, masked: bool = True
 class WebSocket:
     """One client connection. Make it with `WebSocket.connect`."""
 
-    def __init__(self, sock: socket.socket, leftover: bytes = b"", max_message: int = 1 << 31):
+    def __init__(self, sock: socket.socket, leftover: bytes = b"", max_message: int = 1 << 31, zero_mask: bool = False):
         self.sock = sock
         self.max_message = max_message
+        # A zero masking key leaves the payload as it is: no masked copy of
+        # every frame. Masking guards proxies against script-driven browsers;
+        # a program's own client may skip it (the frames stay valid).
+        self.zero_mask = zero_mask
         self._buf = bytearray(leftover)  # bytes read past what has been parsed
         self._closed: Optional[ConnectionClosed] = None
         self._close_sent = False
@@ -130,13 +137,15 @@ class WebSocket:
         timeout: Optional[float] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         max_message: int = 1 << 31,
+        zero_mask: bool = False,
     ) -> "WebSocket":
         """Opens a TCP (or TLS) connection to `url` and upgrades it.
 
         url: ws://, wss://, http:// or https:// with the path to upgrade.
         headers: more request headers (e.g. authorization). timeout: seconds
         for the connection, the handshake and every later socket operation
-        (None blocks). Raises HandshakeError when the server refuses.
+        (None blocks). zero_mask: mask frames with the key 0 (payloads sent
+        as they are). Raises HandshakeError when the server refuses.
         """
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("ws", "wss", "http", "https"):
@@ -154,7 +163,7 @@ class WebSocket:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, leftover, max_message=max_message)
+        return cls(sock, leftover, max_message=max_message, zero_mask=zero_mask)
 
     # sending ---------------------------------------------------------------
 
@@ -181,9 +190,9 @@ class WebSocket:
             raise self._closed
         if opcode >= 0x8 and len(payload) > 125:
             raise ValueError("a control frame's payload is at most 125 bytes")
-        key = os.urandom(4)
+        key = _ZERO_KEY if self.zero_mask else os.urandom(4)
         head = frame_header(opcode, len(payload), fin=fin) + key
-        body = mask(payload, key)
+        body = payload if self.zero_mask else mask(payload, key)
         try:
             if self._can_sendmsg:
                 sent = self.sock.sendmsg([head, body])

@@ -91,6 +91,52 @@ class Bf16Helpers(unittest.TestCase):
         self.assertEqual(t["data"], np.array([1.0, 2.0], dtype="<f4").tobytes())
 
 
+class OneWriteRequests(unittest.TestCase):
+    """A request with a body leaves as head and body in one sendmsg; what
+    arrives is the whole request, for small bodies and for one larger than
+    the socket buffers (a short write finished with sendall)."""
+
+    def test_head_and_body_arrive_whole(self):
+        import socket
+        import threading
+        import time
+
+        import msgpack
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        got = []
+
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                buf = b""
+                for _ in range(2):
+                    while b"\r\n\r\n" not in buf:
+                        buf += conn.recv(65536)
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+                    time.sleep(0.05)  # a slow reader: the client's sendmsg writes short
+                    while len(buf) < length:
+                        buf += conn.recv(1 << 20)
+                    body, buf = buf[:length], buf[length:]
+                    got.append((head.split(b"\r\n")[0], body))
+                    answer = msgpack.packb({"n": len(body)})
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/msgpack\r\ncontent-length: %d\r\n\r\n" % len(answer) + answer)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}")
+        small, large = {"q": os.urandom(300)}, {"q": os.urandom(12 << 20)}
+        for body in (small, large):
+            packed = msgpack.packb(body, use_bin_type=True)
+            self.assertEqual(client._call("POST", "/v1/sessions/s/attend", body), {"n": len(packed)})
+        t.join(10)
+        listener.close()
+        client.close()
+        self.assertEqual([line for line, _ in got], [b"POST /v1/sessions/s/attend HTTP/1.1"] * 2)
+        self.assertEqual([msgpack.unpackb(b) for _, b in got], [small, large])
+
+
 @unittest.skipUnless(URL, "set KVRECALL_URL to a running kvrecall server")
 class AgainstServer(unittest.TestCase):
     Q, KV, D, LAYERS = 8, 2, 32, 2

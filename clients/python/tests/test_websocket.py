@@ -120,6 +120,32 @@ class WebSocketProtocol(unittest.TestCase):
             self.assertIn(line, head)
         self.assertEqual(ws.sock.fileno(), -1)
 
+    def test_zero_mask_sends_payloads_as_they_are(self):
+        sizes = [0, 5, 126, 70_000]
+
+        def script(sock):
+            seen = []
+            for _ in sizes:
+                b0, b1 = read_exact(sock, 2)
+                n = b1 & 0x7F
+                if n == 126:
+                    n = struct.unpack("!H", read_exact(sock, 2))[0]
+                elif n == 127:
+                    n = struct.unpack("!Q", read_exact(sock, 8))[0]
+                key = read_exact(sock, 4) if b1 & 0x80 else None
+                seen.append((bool(b1 & 0x80), key, read_exact(sock, n)))
+            return seen
+
+        srv = Scripted(script)
+        ws = WebSocket.connect(srv.url, timeout=10, zero_mask=True)
+        payloads = [os.urandom(n) for n in sizes]
+        for p in payloads:
+            ws.send_binary(p)
+        seen = srv.join()
+        ws.close()
+        # Masked frames (the bit set, as RFC 6455 asks of a client) whose key is 0: the bytes on the wire are the payload.
+        self.assertEqual(seen, [(True, b"\0\0\0\0", p) for p in payloads])
+
     def test_fragments_with_a_ping_between_are_one_message(self):
         def script(sock):
             sock.sendall(server_frame(0x2, b"abc", fin=False) + server_frame(0x9, b"are you there"))
