@@ -1,14 +1,16 @@
 // Typed wrapper of the wave decode step on the GPU (native/cuda/wave_step,
 // native/bindings/wave_gpu_binding.cc): a device-resident cluster store per
 // (segment, layer) with every kv head's clusters and rows, and one call per
-// layer-step that selects the retrieval zone (clusters by the optimistic
+// layer-step that selects the retrieval zone (clusters by an optimistic
 // score until probe × budget tokens, their members rescored exactly, the best
 // `budget` kept) and estimates the rest from the clusters, as a partial
-// (out, lse) per q head. The selection is index/wave/cluster-index.ts's
-// searchHeads bit for bit; the estimate is addon/estimate.ts's
-// estimateClusters over every cluster minus the rows attended exactly (the
-// selection plus `exact`), in f32 with tiles merged in float64.
-// WaveGpuStore.create throws without a device or a CUDA build.
+// (out, lse) per q head. With ranking 'spread' (index/wave's default path)
+// the selection is index/wave/cluster-index.ts's searchHeads bit for bit and
+// the estimate is addon/estimate.ts's estimateClusters, second order, over
+// every cluster minus the rows attended exactly (the selection plus
+// `exact`); with 'radius', searchHeads(..., 'radius') and the first-order
+// estimate (estimateArgs(ids, true)). The estimate is f32 with tiles merged
+// in float64. WaveGpuStore.create throws without a device or a CUDA build.
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
@@ -18,6 +20,10 @@ export interface WaveGpuHead {
   centroids: Uint16Array;
   /** [clusters, headDim]. */
   valueMeans: Uint16Array;
+  /** [clusters, headDim]: principal axes scaled by the standard deviation along them (ranking 'spread'). */
+  keyAxes: Uint16Array;
+  /** [clusters, headDim]: per-channel key variances (ranking 'spread' and its second-order estimate). */
+  keyVars: Uint16Array;
   /** [clusters]: must be tokenCluster's histogram. */
   counts: Int32Array;
   /** [tokens]. */
@@ -37,6 +43,14 @@ export interface WaveGpuStoreOptions {
   heads: WaveGpuHead[];
 }
 
+/**
+ * How clusters are ranked, and with it the estimate's order:
+ * 'spread': max over the group of q·mu + spread·sqrt((q·a)² + Σ q_j² var_j)
+ * (index/wave's SPREAD), second-order estimate; 'radius': q·mu +
+ * radiusShare·‖q‖·radius (index/wave's RADIUS_SHARE), first-order estimate.
+ */
+export type WaveGpuRanking = { kind: 'spread'; spread: number } | { kind: 'radius'; radiusShare: number };
+
 export interface WaveGpuStepArgs {
   /** [qHeads, headDim]. */
   q: Float32Array;
@@ -46,8 +60,7 @@ export interface WaveGpuStepArgs {
   budget: number[];
   /** Clusters are taken until they hold probe × budget tokens (index/wave's PROBE). */
   probe: number;
-  /** The optimistic score's share of ‖q‖·radius (index/wave's RADIUS_SHARE). */
-  radiusShare: number;
+  ranking: WaveGpuRanking;
   /** Rows attended exactly besides the selection (sinks, window), for every kv head; segment rows. */
   exact?: Int32Array;
   /** Default true. */
@@ -71,8 +84,10 @@ export interface WaveGpuStepResult {
 }
 
 export interface WaveGpuBytes {
-  /** Centroids, value means, counts, member lists, token->cluster. */
+  /** Centroids, value means, key axes and variances, counts, member lists, token->cluster. */
   summaries: number;
+  /** Of `summaries`: the key axes and variances. */
+  moments: number;
   /** The K and V rows held on the device. */
   kv: number;
   /** Per-step buffers. */
@@ -84,7 +99,9 @@ interface NativeStore {
     q: Float32Array;
     qHeads: number;
     scale: number;
-    normTerms: Float32Array;
+    ranking: 'spread' | 'radius';
+    spread?: number;
+    normTerms?: Float32Array;
     budget: number[];
     target: number[];
     maxClusters: number[];
@@ -119,9 +136,14 @@ export class WaveGpuStore {
   /** One layer-step for every kv head. */
   async step(a: WaveGpuStepArgs): Promise<WaveGpuStepResult> {
     const { headDim: d, kvHeads, tokens } = this.options;
-    // The optimistic query's extra column, as searchHeads computes it (double, then f32).
-    const normTerms = new Float32Array(a.qHeads);
-    for (let r = 0; r < a.qHeads; r++) normTerms[r] = a.radiusShare * Math.hypot(...a.q.subarray(r * d, (r + 1) * d));
+    // 'radius': the optimistic query's extra column, as searchHeads computes it
+    // (double, then f32). 'spread': the binding computes ‖q‖ as the host's estimate does.
+    let normTerms: Float32Array | undefined;
+    const rk = a.ranking;
+    if (rk.kind === 'radius') {
+      normTerms = new Float32Array(a.qHeads);
+      for (let r = 0; r < a.qHeads; r++) normTerms[r] = rk.radiusShare * Math.hypot(...a.q.subarray(r * d, (r + 1) * d));
+    }
     // Clusters ranked at most: searchHeads' `want` (enough for the budget at
     // the average cluster size, twice over), the same for every head.
     const want = Math.max(...a.budget.map((k, h) => Math.min(this.clusters[h], Math.ceil((2 * a.probe * k * this.clusters[h]) / Math.max(1, tokens)) + 8)));
@@ -129,6 +151,8 @@ export class WaveGpuStore {
       q: a.q,
       qHeads: a.qHeads,
       scale: a.scale,
+      ranking: rk.kind,
+      spread: rk.kind === 'spread' ? rk.spread : undefined,
       normTerms,
       budget: a.budget,
       target: a.budget.map((k) => a.probe * k),

@@ -5,16 +5,23 @@
 //
 // --check runs the comparisons test/native/wave-gpu.test.ts makes, without
 // vitest: on random keys clustered by the real builder (k-means, odd sizes),
-// the selection equals ClusterIndex.searchHeads (ids in order, and scanned),
-// and the estimate equals estimateClusters over the same exact rows within
-// 1e-4 relative (out per q head, lse; estimated token counts exactly).
+// in both rankings of the step: 'spread' against the host's default path
+// (ClusterIndex.searchHeads, ranking 'spread', then estimateClusters with
+// estimateArgs(ids): second order) and 'radius' against the older one
+// (searchHeads(..., 'radius'), estimateArgs(ids, true): first order). The
+// selection must equal the host's (ids in order, and scanned: the GPU sums
+// every score in the host's order with its roundings, wave_step.cu), the
+// estimate must equal estimateClusters over the same exact rows within 1e-4
+// relative (out per q head, lse; estimated token counts exactly): the GPU
+// sums in f32 tiles merged in float64, the host in float64.
 //
 // --bench: one layer at 1M tokens per kv head, 8 kv heads x 4 q heads, d=128,
 // f16, clusters of exactly 8 tokens (131,072 per head), budget 2%, sinks 16,
 // window 64: p50/p90 of the whole call (CUDA events from the inputs' copy to
-// the outputs' copy), its stages, the host's wall time around the await, the
-// same without the estimate, and the device memory of the summaries as a share
-// of the layer's K/V. One step is also checked against the host path.
+// the outputs' copy) with ranking 'spread', its stages, the host's wall time
+// around the await, the same without the estimate, the same with ranking
+// 'radius', and the device memory of the summaries as a share of the layer's
+// K/V. One step is also checked against the host's default path.
 // Results: bench/results/wave-gpu-h200.{json,md} (also copied to $OUT when set).
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -22,14 +29,18 @@ import { pathToFileURL } from 'node:url';
 import { cudaAvailable } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
 import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
-import { WaveGpuStore, type WaveGpuHead, type WaveGpuStepResult } from '../addon/wave-gpu.js';
+import { WaveGpuStore, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { buildClusters } from '../index/wave/cluster-build.js';
 import { centroidStride, decodeClusters, type ClusterArrays } from '../index/wave/cluster-codec.js';
-import { ClusterIndex, PROBE, RADIUS_SHARE } from '../index/wave/cluster-index.js';
+import { ClusterIndex, PROBE, RADIUS_SHARE, SPREAD, type ClusterRanking } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 
 export const TOL = { out: 1e-4, lse: 1e-4 };
+
+/** The GPU step's ranking for the host's: index/wave's constants. */
+export const gpuRanking = (r: ClusterRanking): WaveGpuRanking =>
+  r === 'spread' ? { kind: 'spread', spread: SPREAD } : { kind: 'radius', radiusShare: RADIUS_SHARE };
 
 function words(f: Float32Array, dt: KvDtype): Uint16Array {
   const w = new Uint16Array(f.length);
@@ -69,11 +80,14 @@ export interface CompareResult {
   ok: boolean;
 }
 
-/** The GPU step against searchHeads + estimateClusters on the same heads and query. */
+/**
+ * The GPU step against searchHeads + estimateClusters on the same heads and
+ * query: with 'spread' the host's default path (second-order estimate), with
+ * 'radius' the older one (first order).
+ */
 export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: Float32Array, G: number, d: number, dt: KvDtype,
-                              scale: number, budget: number[], exact: Int32Array): Promise<CompareResult> {
-  // The GPU step ranks by the radius (the host's 'radius' ranking).
-  const cpu = await ClusterIndex.searchHeads(heads, q, G, budget, 'radius');
+                              scale: number, budget: number[], exact: Int32Array, ranking: ClusterRanking): Promise<CompareResult> {
+  const cpu = await ClusterIndex.searchHeads(heads, q, G, budget, ranking);
   let idsDiffer = 0, firstDiff: string | undefined;
   heads.forEach((_, h) => {
     const a = Array.from(gpu.ids[h]), b = Array.from(cpu[h].ids);
@@ -86,8 +100,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const scannedEqual = heads.every((_, h) => gpu.scanned[h] === cpu[h].scanned);
   const qHeads = heads.length * G;
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
-  // The GPU step's estimate is first order (the second-order term is host-only so far).
-  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), true));
+  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius'));
   await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
   let outRel = 0, lseRel = 0;
   for (let r = 0; r < qHeads; r++) {
@@ -131,8 +144,8 @@ export function waveCases(): WaveCase[] {
 
 export const caseName = (c: WaveCase) => `${c.dt} d=${c.d} kv=${c.kvHeads} G=${c.G} N=${c.tokens} cluster=${c.clusterSize} budget=${c.budget.join('/')}`;
 
-/** Builds the case's clusters on the host (k-means), runs one GPU step and compares. */
-export async function checkWaveCase(c: WaveCase, seed: number): Promise<CompareResult & { ms: number }> {
+/** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<ClusterRanking, CompareResult & { ms: number }>> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const keysF: Float32Array[] = [], heads: ClusterIndex[] = [], gpuHeads: WaveGpuHead[] = [];
@@ -144,13 +157,19 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<CompareR
     const arrays: ClusterArrays = decodeClusters(bytes);
     keysF.push(kf);
     heads.push(new ClusterIndex(arrays, keys, values));
-    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
+    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
   }
   const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads });
   try {
     const q = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G), exact = staticRows(N, c.sinks, c.window);
-    const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, radiusShare: RADIUS_SHARE, exact });
-    return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact)), ms: gpu.ms };
+    const run = async (ranking: ClusterRanking) => {
+      const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact });
+      return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking)), ms: gpu.ms };
+    };
+    // Both on one store, radius first: the second step also checks that the
+    // first left its per-cluster scratch (owner, removed, lead) reset.
+    const radius = await run('radius');
+    return { radius, spread: await run('spread') };
   } finally {
     store.close();
   }
@@ -173,7 +192,12 @@ interface BenchConfig {
 /**
  * One kv head at scale: clusters of exactly `size` tokens inside 8K segments,
  * keys around their centres. The noise and the values are shared by the heads
- * (`shared`, drawn once): only the centres and the membership differ.
+ * (`shared`, drawn once): only the centres and the membership differ. Each
+ * cluster's radius and per-channel variance are its members' around the
+ * centre; its axis is the farthest member's offset scaled by the members'
+ * standard deviation along it (the builder's power iteration starts there:
+ * cheaper at 1M tokens, and the check compares GPU and host on the same
+ * arrays either way).
  */
 function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype, shared: { noise: Float32Array; values: Uint16Array; scratch: Float32Array }): { head: WaveGpuHead; arrays: ClusterArrays } {
   const C = N / size, stride = centroidStride(d), seg = 8192;
@@ -187,23 +211,39 @@ function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype
     for (let i = 0; i < seg && t0 + i < N; i++) tokenCluster[t0 + i] = ((t0 + perm[i]) / size) | 0;
   }
   const centres = new Float32Array(C * stride), means = new Float32Array(C * d);
-  for (let c = 0; c < C; c++) {
+  for (let c = 0; c < C; c++)
     for (let j = 0; j < d; j++) (centres[c * stride + j] = rng.normal()), (means[c * d + j] = 0.3 * rng.normal());
-    centres[c * stride + d] = 0.5 * Math.sqrt(d) * (0.9 + 0.2 * rng.next());
-  }
   const keysF = shared.scratch, noise = shared.noise;
+  const vars = new Float32Array(C * d), axes = new Float32Array(C * d), far = new Int32Array(C).fill(-1), farSq = new Float64Array(C);
   for (let t = 0; t < N; t++) {
-    const c = tokenCluster[t] * stride, r = t * d;
-    for (let j = 0; j < d; j++) keysF[r + j] = centres[c + j] + noise[r + j];
+    const c = tokenCluster[t], r = t * d;
+    let sq = 0;
+    for (let j = 0; j < d; j++) {
+      const x = noise[r + j];
+      keysF[r + j] = centres[c * stride + j] + x;
+      vars[c * d + j] += (x * x) / size;
+      sq += x * x;
+    }
+    if (sq > farSq[c]) (farSq[c] = sq), (far[c] = t);
+  }
+  const along = new Float64Array(C);
+  for (let t = 0; t < N; t++) {
+    const c = tokenCluster[t], f = far[c];
+    let dot = 0;
+    for (let j = 0; j < d; j++) dot += noise[t * d + j] * noise[f * d + j];
+    along[c] += (dot * dot) / farSq[c] / size;
+  }
+  for (let c = 0; c < C; c++) {
+    const norm = Math.sqrt(farSq[c]), sd = Math.sqrt(along[c]);
+    centres[c * stride + d] = norm;
+    for (let j = 0; j < d; j++) axes[c * d + j] = norm > 0 ? (sd * noise[far[c] * d + j]) / norm : 0;
   }
   const arrays: ClusterArrays = {
     tokens: N, headDim: d, clusterSize: size, dtype: dt,
-    centroids: words(centres, dt), valueMeans: words(means, dt), counts: new Int32Array(C).fill(size), tokenCluster,
-    // The GPU step ranks by the radius and estimates first order: it reads no key variances or axes.
-    keyVars: new Uint16Array(C * d),
-    keyAxes: new Uint16Array(C * d),
+    centroids: words(centres, dt), valueMeans: words(means, dt), keyVars: words(vars, dt), keyAxes: words(axes, dt), varianceShare: 1,
+    counts: new Int32Array(C).fill(size), tokenCluster,
   };
-  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
+  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
   return { head, arrays };
 }
 
@@ -234,7 +274,8 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const budgets = new Array<number>(H).fill(budget);
   const keyRow = keyRows(built.map((b) => b.head), d, dt);
   const qs = Array.from({ length: cfg.steps + 5 }, () => queries(rng, keyRow, H, N, d, G));
-  const step = (q: Float32Array, estimate = true) => store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, radiusShare: RADIUS_SHARE, exact, estimate });
+  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread') =>
+    store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate });
   for (let i = 0; i < 5; i++) await step(qs[i]);
   const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
@@ -244,12 +285,13 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     ms.push(r.ms);
     for (const [k, v] of Object.entries(r.stages)) (stages[k] ??= []).push(v);
   }
-  const msSel: number[] = [];
+  const msSel: number[] = [], msRadius: number[] = [];
   for (let i = 0; i < cfg.steps; i++) msSel.push((await step(qs[5 + i], false)).ms);
-  // One step against the host path, at full size.
+  for (let i = 0; i < cfg.steps; i++) msRadius.push((await step(qs[5 + i], true, 'radius')).ms);
+  // One step against the host's default path, at full size.
   const heads = built.map((b) => new ClusterIndex(b.arrays, b.head.keys, b.head.values));
   const last = await step(qs[5]);
-  const check = await compare(heads, last, qs[5], G, d, dt, scale, budgets, exact);
+  const check = await compare(heads, last, qs[5], G, d, dt, scale, budgets, exact, 'spread');
   const bytes = store.bytes();
   store.close();
   const kvBytes = 2 * H * N * d * 2;
@@ -257,13 +299,14 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const info = cudaAvailable();
   const result = {
     device: info.device,
-    config: { ...cfg, dtype: dt, budget, probe: PROBE, clustersPerHead: N / cfg.clusterSize, candidatesPerHead: PROBE * budget },
+    config: { ...cfg, dtype: dt, budget, probe: PROBE, spread: SPREAD, clustersPerHead: N / cfg.clusterSize, candidatesPerHead: PROBE * budget },
     stepMs: { p50: p(ms, 0.5), p90: p(ms, 0.9), p99: p(ms, 0.99), min: Math.min(...ms) },
     selectionOnlyMs: { p50: p(msSel, 0.5), p90: p(msSel, 0.9) },
+    radiusRankingMs: { p50: p(msRadius, 0.5), p90: p(msRadius, 0.9) },
     hostWallMs: { p50: p(wall, 0.5), p90: p(wall, 0.9) },
     stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
     memory: {
-      summariesBytes: bytes.summaries, layerKvBytes: kvBytes, summariesShare: bytes.summaries / kvBytes,
+      summariesBytes: bytes.summaries, momentsBytes: bytes.moments, layerKvBytes: kvBytes, summariesShare: bytes.summaries / kvBytes,
       poolBytesForBudget: poolBytes, summariesPlusPoolShare: (bytes.summaries + poolBytes) / kvBytes,
       deviceKvHeldBytes: bytes.kv, scratchBytes: bytes.scratch,
     },
@@ -281,12 +324,14 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     '',
     `One layer-step of \`wave\` in one native call (addon/wave-gpu.ts): ${c.tokens} tokens per kv head, ${c.kvHeads} kv heads × ${c.G} q heads, d=${c.d}, ${c.dtype}, ` +
       `clusters of ${c.clusterSize} (${c.clustersPerHead} per head), budget ${c.budget} tokens (${pct(c.budgetShare)}), probe ${c.probe} (${c.candidatesPerHead} candidates per head rescored), ` +
-      `sinks ${c.sinks}, window ${c.window}; ${c.steps} timed steps, each a fresh query. Generated by \`node dist/bench/wave-gpu.js --bench\`.`,
+      `sinks ${c.sinks}, window ${c.window}; clusters ranked by ${c.spread} standard deviations of their logits along q, second-order estimate (the host's default path); ` +
+      `${c.steps} timed steps, each a fresh query. Generated by \`node dist/bench/wave-gpu.js --bench\`.`,
     '',
     '| measure | p50 ms | p90 ms |',
     '| --- | ---: | ---: |',
     `| whole call, CUDA events (inputs in → outputs out) | ${f(r.stepMs.p50)} | ${f(r.stepMs.p90)} |`,
     `| the same without the estimate (selection only) | ${f(r.selectionOnlyMs.p50)} | ${f(r.selectionOnlyMs.p90)} |`,
+    `| the older step: radius ranking, first-order estimate | ${f(r.radiusRankingMs.p50)} | ${f(r.radiusRankingMs.p90)} |`,
     `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
     '',
     'Stages (p50 ms): ' + Object.entries(r.stagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
@@ -294,12 +339,13 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     '| memory | bytes | share of the layer\'s K/V |',
     '| --- | ---: | ---: |',
     `| layer K/V (f16) | ${gib(m.layerKvBytes)} | 100% |`,
-    `| summaries on the device (centroids+radius, value means, counts, members, token→cluster) | ${mib(m.summariesBytes)} | ${pct(m.summariesShare)} |`,
+    `| summaries on the device (centroids+radius, value means, key axes and variances, counts, members, token→cluster) | ${mib(m.summariesBytes)} | ${pct(m.summariesShare)} |`,
+    `| of which key axes and variances (the spread ranking, the second-order estimate) | ${mib(m.momentsBytes)} | ${pct(m.momentsBytes / m.layerKvBytes)} |`,
     `| summaries + a pool holding the budget, sinks and window | ${mib(m.summariesBytes + m.poolBytesForBudget)} | ${pct(m.summariesPlusPoolShare)} |`,
     `| K and V held for this measurement (rescoring, exact rows) | ${gib(m.deviceKvHeldBytes)} | 100% |`,
     `| per-step scratch | ${mib(m.scratchBytes)} | ${pct(m.scratchBytes / m.layerKvBytes)} |`,
     '',
-    `Check at full size against the host path (ClusterIndex.searchHeads + estimateClusters): heads with different ids ${r.checkAtScale.idsDiffer}, ` +
+    `Check at full size against the host's default path (ClusterIndex.searchHeads, ranking 'spread', + estimateClusters, second order): heads with different ids ${r.checkAtScale.idsDiffer}, ` +
       `out max rel ${r.checkAtScale.outRel.toExponential(1)}, lse max rel ${r.checkAtScale.lseRel.toExponential(1)}, estimated equal ${r.checkAtScale.estimatedEqual}.`,
     '',
     `Targets (issue #13): a wave step ≤ ${r.targets.stepMs} ms; summaries + pool ≤ ${pct(r.targets.summariesPlusPoolShare)} of K/V.`,
@@ -318,9 +364,11 @@ async function main() {
   if (all || args.includes('--check')) {
     let seed = Date.now() % 1_000_000;
     for (const c of waveCases()) {
-      const r = await checkWaveCase(c, seed++);
-      if (!r.ok) failed++;
-      console.log(`${r.ok ? 'ok  ' : 'FAIL'} ${caseName(c)}: idsDiffer ${r.idsDiffer} scanned ${r.scannedEqual} out ${r.outRel.toExponential(2)} lse ${r.lseRel.toExponential(2)} estimated ${r.estimatedEqual} ${r.ms.toFixed(3)} ms${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+      const both = await checkWaveCase(c, seed++);
+      for (const [ranking, r] of Object.entries(both)) {
+        if (!r.ok) failed++;
+        console.log(`${r.ok ? 'ok  ' : 'FAIL'} ${ranking} ${caseName(c)}: idsDiffer ${r.idsDiffer} scanned ${r.scannedEqual} out ${r.outRel.toExponential(2)} lse ${r.lseRel.toExponential(2)} estimated ${r.estimatedEqual} ${r.ms.toFixed(3)} ms${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+      }
     }
   }
   if (all || args.includes('--bench')) {

@@ -3,20 +3,29 @@
 // constructor throws.
 //
 // new WaveGpuStore({kvHeads, headDim, dtype, tokens,
-//                   heads: [{centroids, valueMeans, counts, tokenCluster, keys, values, clusters}] (kvHeads)})
-//   .step({q, qHeads, scale, normTerms: Float32Array[qHeads], budget: number[kvHeads],
+//                   heads: [{centroids, valueMeans, keyAxes, keyVars, counts, tokenCluster, keys, values,
+//                            clusters}] (kvHeads)})
+//   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
+//          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
 //          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, estimate?})
 //     -> Promise<{width, ids: Int32Array[kvHeads*width], idCounts: number[], candidates: number[],
 //                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}}>
-//   .bytes() -> {summaries, kv, scratch}
+//   .bytes() -> {summaries, moments, kv, scratch}
 //   .close()
+// ranking 'spread' (the default) is the host's default path: clusters ranked
+// by spread standard deviations, second-order estimate; 'radius' the older
+// one (wave_step.h). With 'spread' the binding computes ‖q‖ itself, as the
+// host's estimate does (common/simd_math.h's Dot, compiled with the same
+// flags), for the second-order logit's cap.
 #include <napi.h>
 
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "common/binding_args.h"
+#include "common/simd_math.h"
 
 #ifdef KVR_CUDA
 #include "cuda/wave_step.h"
@@ -66,6 +75,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       const size_t C = size_t(w.clusters);
       w.centroids = TypedAt<uint16_t>(x, "centroids", C * stride).Data();
       w.valueMeans = TypedAt<uint16_t>(x, "valueMeans", C * d).Data();
+      w.keyAxes = TypedAt<uint16_t>(x, "keyAxes", C * d).Data();
+      w.keyVars = TypedAt<uint16_t>(x, "keyVars", C * d).Data();
       auto counts = TypedAt<int32_t>(x, "counts", C);
       auto tokenCluster = TypedAt<int32_t>(x, "tokenCluster", N);
       w.keys = TypedAt<uint16_t>(x, "keys", N * d).Data();
@@ -108,15 +119,31 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       throw Napi::RangeError::New(env, "group * (headDim + 8) must be at most 12288");
     a->scale = Float(o, "scale");
     auto q = TypedAt<float>(o, "q", size_t(a->qHeads) * c.headDim);
-    auto norms = TypedAt<float>(o, "normTerms", size_t(a->qHeads));
+    std::string ranking = "spread";
+    if (!Absent(o.Get("ranking"))) {
+      if (!o.Get("ranking").IsString()) throw Napi::TypeError::New(env, "ranking must be 'spread' or 'radius'");
+      ranking = o.Get("ranking").As<Napi::String>().Utf8Value();
+    }
+    auto normCopy = std::make_shared<std::vector<float>>(size_t(a->qHeads));
+    const size_t d = size_t(c.headDim);
+    if (ranking == "spread") {
+      a->ranking = cuda::WaveRanking::kSpread;
+      a->spread = Float(o, "spread");
+      for (int r = 0; r < a->qHeads; ++r) (*normCopy)[size_t(r)] = std::sqrt(Dot(q.Data() + size_t(r) * d, q.Data() + size_t(r) * d, d));
+    } else if (ranking == "radius") {
+      a->ranking = cuda::WaveRanking::kRadius;
+      auto norms = TypedAt<float>(o, "normTerms", size_t(a->qHeads));
+      std::copy(norms.Data(), norms.Data() + a->qHeads, normCopy->data());
+    } else {
+      throw Napi::RangeError::New(env, "ranking must be 'spread' or 'radius'");
+    }
     const int64_t big = (int64_t(1) << 40);
     a->budget = Ints(o, "budget", size_t(c.kvHeads), 0, big);
     a->target = Ints(o, "target", size_t(c.kvHeads), 0, big);
     a->maxClusters = Ints(o, "maxClusters", size_t(c.kvHeads), 0, big);
     a->estimate = Flag(o, "estimate", true);
     // The inputs are copied: the step runs off the event loop.
-    auto qCopy = std::make_shared<std::vector<float>>(q.Data(), q.Data() + q.ElementLength());
-    auto normCopy = std::make_shared<std::vector<float>>(norms.Data(), norms.Data() + a->qHeads);
+    auto qCopy = std::make_shared<std::vector<float>>(q.Data(), q.Data() + size_t(a->qHeads) * d);
     auto exact = std::make_shared<std::vector<int32_t>>();
     if (auto e = OptTypedAt<int32_t>(o, "exact")) {
       CheckIds(*e, c.tokens, "exact");
@@ -164,6 +191,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     cuda::WaveStoreBytes b = Store(env)->Bytes();
     Napi::Object o = Napi::Object::New(env);
     o.Set("summaries", Napi::Number::New(env, double(b.summaries)));
+    o.Set("moments", Napi::Number::New(env, double(b.moments)));
     o.Set("kv", Napi::Number::New(env, double(b.kv)));
     o.Set("scratch", Napi::Number::New(env, double(b.scratch)));
     return o;

@@ -1,26 +1,37 @@
 // The wave decode step on the GPU (see wave_step.h).
 //
-// Per step, on one stream: the inputs in one copy (optimistic query rows,
-// per-head budgets, sinks/window rows); ScoreClusters (every cluster of every
-// head: the optimistic score as a sort key, and scale·q·centroid per q head,
-// kept for the estimate); a CUB radix sort of (head, score) keys, stable, so
+// Per step, on one stream: the inputs in one copy (query rows with their
+// norm term, per-head budgets, sinks/window rows); ScoreClusters (every
+// cluster of every head: the optimistic score as a sort key, and per q head
+// the cluster's logit, kept for the estimate: second order with kSpread,
+// s·q·centroid with kRadius); a CUB radix sort of (head, score) keys, stable, so
 // equal scores keep the lower id first; an inclusive scan of the sorted
 // counts and CutClusters (where the tokens reach the target);
 // GatherCandidates (members, the last cluster cut); RescoreCandidates (max
 // over the group of q·k); a second radix sort and FixTies (runs of equal
 // scores in the kept prefix ordered by id: the host's order); then the
 // estimate: the exact rows (selection + sinks/window) deduplicated through an
-// owner array, counted per cluster, EstimatePart over cluster tiles (rows
-// left: (n-r)·e to the normaliser, n·e·v̄ to the numerator) and over the
-// exact rows of partly kept clusters (-e·v), tiles merged in float64; the
-// outputs in one copy back.
+// owner array, counted per cluster; with kSpread, PartialLogits (a partly
+// kept cluster's logit from the moments of the rows it has left, over the
+// one ScoreClusters wrote); EstimatePart over cluster tiles (rows left:
+// (n-r)·e to the normaliser, n·e·v̄ to the numerator) and over the exact
+// rows of partly kept clusters (-e·v), tiles merged in float64; the outputs
+// in one copy back.
 //
 // Scores are summed in the host's AVX2 Dot order (common/simd_math.h): lane
 // j of accumulator a takes words 8c + j of the chunks c with c % 2 == a, one
 // FMA each, c ascending; then acc = acc0 + acc1, h_j = acc_j + acc_{j+4},
 // s = (h0 + h2) + (h1 + h3). A thread pair holds accumulators 0 and 1 of a
 // row. headDim % 8 == 0 makes the centroid's first headDim words the same
-// chunks as the plain dot, so one pass gives both scores.
+// chunks as the plain dot, so one pass gives both of kRadius's scores.
+// kSpread's three dots (q·mu, q·a, q²·var) are each summed so, and combined
+// as the host's cluster_rank.cc is compiled: GCC (C++, -O3 -mfma, where
+// floating-point contraction is on by default) turns along·along + channels
+// and dot + spread·sd into FMAs, so the kernel calls fmaf there and
+// __fmul_rn/__fsqrt_rn elsewhere (nvcc would contract on its own terms). A
+// host compiler that contracts differently would move a score by an ulp and,
+// rarely, a cluster across the cut; making the host's FMAs explicit
+// (std::fma) would pin it.
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 #include <cuda_fp16.h>
@@ -37,6 +48,7 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/wave_step.h"
 #include "cuda/wave_step_kernels.cuh"
+#include "cuda/wave_step_estimate.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -94,7 +106,7 @@ struct WaveStore::Impl {
   cudaEvent_t ev[8] = {};
   DevBuf store, fixed, work, in, out;
   HostBuf hin, hout;
-  size_t summaryBytes = 0, kvBytes = 0;
+  size_t summaryBytes = 0, momentBytes = 0, kvBytes = 0;
   StepParams p{};  // the store's and the fixed scratch's pointers
   std::mutex mu;
   ~Impl() {
@@ -112,6 +124,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   if (!Supports(cfg.headDim)) throw std::runtime_error("wave store: headDim must be a multiple of 8 in [8, 1024]");
   if (cfg.kvHeads < 1 || cfg.tokens < 1) throw std::runtime_error("wave store: no heads or no tokens");
   if (!IsWordDtype(cfg.dtype)) throw std::runtime_error("wave store: dtype must be f16 or bf16");
+  for (int h = 0; h < cfg.kvHeads; ++h)
+    if (!heads[h].keyAxes || !heads[h].keyVars) throw std::runtime_error("wave store: every head needs keyAxes and keyVars");
   const int H = cfg.kvHeads, d = cfg.headDim;
   const int64_t N = cfg.tokens;
   I.stride = d + 8;
@@ -147,9 +161,11 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   for (auto& e : I.ev) Check(cudaEventCreate(&e), "event");
   Layout L;
   const size_t oCent = L.Add(size_t(I.ctot) * I.stride * 2), oMeans = L.Add(size_t(I.ctot) * d * 2),
+               oAxes = L.Add(size_t(I.ctot) * d * 2), oVars = L.Add(size_t(I.ctot) * d * 2),
                oCounts = L.Add(size_t(I.ctot) * 4), oStart = L.Add(size_t(I.ctot) * 4), oMembers = L.Add(size_t(H) * N * 4),
                oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8);
   I.summaryBytes = L.at;
+  I.momentBytes = oCounts - oAxes;
   const size_t oKeys = L.Add(size_t(H) * N * d * 2), oValues = L.Add(size_t(H) * N * d * 2);
   I.kvBytes = L.at - I.summaryBytes;
   I.store.Need(L.at, "cudaMalloc (wave store)");
@@ -157,6 +173,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   StepParams& p = I.p;
   p.cent = Layout::At<uint16_t>(S, oCent);
   p.means = Layout::At<uint16_t>(S, oMeans);
+  p.axes = Layout::At<uint16_t>(S, oAxes);
+  p.vars = Layout::At<uint16_t>(S, oVars);
   p.counts = Layout::At<int32_t>(S, oCounts);
   p.memberStart = Layout::At<int32_t>(S, oStart);
   p.members = Layout::At<int32_t>(S, oMembers);
@@ -171,6 +189,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
     const size_t b = size_t(I.base[h]), C = size_t(heads[h].clusters);
     put(p.cent + b * I.stride, heads[h].centroids, C * I.stride * 2);
     put(p.means + b * d, heads[h].valueMeans, C * d * 2);
+    put(p.axes + b * d, heads[h].keyAxes, C * d * 2);
+    put(p.vars + b * d, heads[h].keyVars, C * d * 2);
     put(p.counts + b, heads[h].counts, C * 4);
     put(p.tokCl + size_t(h) * N, heads[h].tokenCluster, size_t(N) * 4);
     put(p.keys + size_t(h) * N * d, heads[h].keys, size_t(N) * d * 2);
@@ -179,11 +199,11 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   put(p.memberStart, memberStart.data(), memberStart.size() * 4);
   put(p.members, members.data(), members.size() * 4);
   put(p.base, I.base.data(), I.base.size() * 8);
-  // Scratch sized by the store: the cluster sort, the owner and removed arrays.
+  // Scratch sized by the store: the cluster sort, the owner, removed and lead arrays.
   Layout F;
   const size_t oK1 = F.Add(size_t(I.ctot) * 8), oK1s = F.Add(size_t(I.ctot) * 8), oV1 = F.Add(size_t(I.ctot) * 4),
                oV1s = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
-               oOwner = F.Add(size_t(H) * N * 4), oRemoved = F.Add(size_t(I.ctot) * 4);
+               oOwner = F.Add(size_t(H) * N * 4), oRemoved = F.Add(size_t(I.ctot) * 4), oLead = F.Add(size_t(I.ctot) * 4);
   I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
   void* X = I.fixed.p;
   p.key1 = Layout::At<uint64_t>(X, oK1);
@@ -194,7 +214,9 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.cum = Layout::At<int64_t>(X, oCum);
   p.owner = Layout::At<int32_t>(X, oOwner);
   p.removed = Layout::At<int32_t>(X, oRemoved);
-  Check(cudaMemset(p.owner, 0x7f, size_t(H) * N * 4), "cudaMemset");
+  p.lead = Layout::At<int32_t>(X, oLead);
+  Check(cudaMemset(p.owner, 0x7f, size_t(H) * N * 4), "cudaMemset");  // kNoOwner
+  Check(cudaMemset(p.lead, 0x7f, size_t(I.ctot) * 4), "cudaMemset");
   Check(cudaMemset(p.removed, 0, size_t(I.ctot) * 4), "cudaMemset");
   p.N = N;
   p.cmax = I.cmax;
@@ -212,7 +234,12 @@ int64_t WaveStore::Clusters(int head) const { return impl_->clusters.at(size_t(h
 
 WaveStoreBytes WaveStore::Bytes() const {
   const Impl& I = *impl_;
-  return {int64_t(I.summaryBytes), int64_t(I.kvBytes), int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes)};
+  WaveStoreBytes b;
+  b.summaries = int64_t(I.summaryBytes);
+  b.moments = int64_t(I.momentBytes);
+  b.kv = int64_t(I.kvBytes);
+  b.scratch = int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes);
+  return b;
 }
 
 WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
@@ -225,6 +252,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   if (int64_t(G) * stride > kMaxQueryFloats) throw std::runtime_error("wave step: GQA group too large for shared memory");
   if (a.budget.size() != size_t(H) || a.target.size() != size_t(H) || a.maxClusters.size() != size_t(H))
     throw std::runtime_error("wave step: budget, target and maxClusters need one entry per kv head");
+  if (!a.q || !a.normTerms) throw std::runtime_error("wave step: q and normTerms are needed");
   std::vector<int64_t> params(size_t(H) * 3);
   int64_t width = 0, tmax = 0, capMax = 0;
   for (int h = 0; h < H; ++h) {
@@ -242,6 +270,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   StepParams p = I.p;
   p.group = G;
   p.scale = a.scale;
+  p.spreadMode = a.ranking == WaveRanking::kSpread;
+  p.spread = a.spread;
   p.exactCount = E;
   p.tmax = tmax;
   p.width = width;
@@ -272,7 +302,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.pnum = Layout::At<float>(X, oPnum);
   p.pest = Layout::At<int64_t>(X, oPest);
   void* temp = Layout::At<void>(X, oTemp);
-  // Inputs: the optimistic query rows, the per-head numbers, the exact rows.
+  // Inputs: the query rows with their norm term in column d, the per-head numbers, the exact rows.
   Layout In;
   const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * 24), oExact = In.Add(size_t(E) * 4);
   I.in.Need(In.at, "cudaMalloc (wave inputs)");
@@ -337,6 +367,12 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (rowsMax > 0) {
       ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
       ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
+      if (p.spreadMode) {
+        const dim3 grid(unsigned(Cdiv(rowsMax, kPartialWarps)), unsigned(H));
+        const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
+        if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
+        else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
+      }
     }
     if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
     else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);

@@ -5,20 +5,28 @@
 // the binding compiles with the host compiler.
 //
 // A step, for every kv head at once, on one stream:
-//  1. every cluster scored by the optimistic score (max over the GQA group of
-//     q·centroid + share·‖q‖·radius) and ranked (score descending, id
-//     ascending); the best clusters taken until they hold `target` tokens
-//     (the last one cut, its first members kept), at most `maxClusters`;
+//  1. every cluster scored by an optimistic score and ranked (score
+//     descending, id ascending); the best clusters taken until they hold
+//     `target` tokens (the last one cut, its first members kept), at most
+//     `maxClusters`. The score, max over the GQA group, is either
+//       kSpread: q·mu + spread·sqrt((q·a)² + Σ_j q_j² var_j)
+//                (native/kernels/cluster_rank.h; a: the scaled principal axis)
+//       kRadius: q·mu + share·‖q‖·radius (the older score);
 //  2. their members rescored exactly (max over the group of q·k) and the best
 //     `budget` kept, best first, ties towards the lower id;
 //  3. the estimation zone: every cluster minus the rows attended exactly (the
 //     selection plus the given sinks/window rows) as a partial (out, lse) per
-//     q head, with native/kernels/cluster_estimate's semantics.
-// This is index/wave/cluster-index.ts's searchHeads followed by
-// estimateClusters. Scores are summed in the order of the host's AVX2 Dot
-// (native/common/simd_math.h), so they are bit for bit the host's and the
-// selection is the host's; the estimate is f32 with a max shift per tile of
-// clusters, tiles merged in float64.
+//     q head, with native/kernels/cluster_estimate's semantics: second order
+//     with kSpread (logit s q·mu + s²/2 Σ q_j² var_j capped at
+//     s (q·mu + ‖q‖ r); a partly attended cluster's logit from the moments of
+//     the rows it has left), first order with kRadius.
+// kSpread is index/wave/cluster-index.ts's searchHeads (default ranking)
+// followed by estimateClusters with estimateArgs(ids) (second order); kRadius
+// is searchHeads(..., 'radius') followed by estimateArgs(ids, true). Scores
+// are summed in the order of the host's AVX2 Dot (native/common/simd_math.h)
+// and combined with the host's roundings, so they are bit for bit the host's
+// and the selection is the host's; the estimate is f32 with a max shift per
+// tile of clusters, tiles merged in float64.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +51,8 @@ struct WaveStoreConfig {
 struct WaveHeadHost {
   const uint16_t* centroids = nullptr;   // [clusters, headDim + 8]: centroid, radius, padding
   const uint16_t* valueMeans = nullptr;  // [clusters, headDim]
+  const uint16_t* keyAxes = nullptr;     // [clusters, headDim]: principal axis scaled by its std (kSpread ranking)
+  const uint16_t* keyVars = nullptr;     // [clusters, headDim]: per-channel key variance (kSpread ranking and estimate)
   const int32_t* counts = nullptr;       // [clusters]; must be tokenCluster's histogram
   const int32_t* tokenCluster = nullptr; // [tokens], each in [0, clusters)
   const uint16_t* keys = nullptr;        // [tokens, headDim] (rescoring)
@@ -50,9 +60,16 @@ struct WaveHeadHost {
   int64_t clusters = 0;
 };
 
+enum class WaveRanking { kSpread, kRadius };
+
 struct WaveStepArgs {
   const float* q = nullptr;         // [qHeads, headDim]
-  const float* normTerms = nullptr; // [qHeads]: share·‖q‖, the optimistic query's column headDim
+  WaveRanking ranking = WaveRanking::kSpread;
+  // [qHeads]: kRadius: share·‖q‖ (the optimistic query's column headDim);
+  // kSpread: ‖q‖ as the host's estimate computes it (sqrt of its Dot(q, q)),
+  // for the cap of the second-order logit.
+  const float* normTerms = nullptr;
+  float spread = 2.f;               // kSpread: standard deviations (index/wave's SPREAD)
   int qHeads = 0;
   float scale = 1.f;
   std::vector<int64_t> budget;       // [kvHeads]: tokens kept
@@ -76,7 +93,8 @@ struct WaveStepResult {
 };
 
 struct WaveStoreBytes {
-  int64_t summaries = 0;  // centroids, value means, counts, member lists, token->cluster
+  int64_t summaries = 0;  // centroids, value means, key axes and variances, counts, member lists, token->cluster
+  int64_t moments = 0;    // of which the key axes and variances (what kSpread adds)
   int64_t kv = 0;         // the K and V rows held for rescoring and exact rows
   int64_t scratch = 0;    // per-step buffers
 };

@@ -1,0 +1,302 @@
+// Kernels of the wave decode step's estimation zone, included once, by
+// wave_step.cu after wave_step_kernels.cuh (StepParams, the shared helpers).
+#pragma once
+
+#include "cuda/wave_step_kernels.cuh"
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+// kMode 0: owner[t] = the first position listing t; 1: that position counts
+// its row against its cluster, and lead[c] = the first such position of the
+// cluster; 2: all undone for the next step.
+template <int kMode>
+__global__ void ExactRows(StepParams p) {
+  const int h = blockIdx.y;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h);
+  if (j >= kept + p.exactCount) return;
+  const int32_t t = ExactRow(p, h, j, kept);
+  int32_t* owner = p.owner + size_t(h) * p.N + t;
+  const int64_t c = p.base[h] + p.tokCl[size_t(h) * p.N + t];
+  if (kMode == 0) atomicMin(owner, int32_t(j));
+  if (kMode == 1 && *owner == int32_t(j)) {
+    atomicAdd(p.removed + c, 1);
+    atomicMin(p.lead + c, int32_t(j));
+  }
+  if (kMode == 2) {
+    *owner = kNoOwner;
+    p.removed[c] = 0;
+    p.lead[c] = kNoOwner;
+  }
+}
+
+// The second-order logits of the partly attended clusters (0 < removed < n),
+// per q head, over the ones ScoreClusters wrote: from the moments of the rows
+// the cluster has left, as native/kernels/cluster_estimate.cc's Rest computes
+// them (float64, the exact rows taken out in ascending row order: the
+// members are listed ascending; FMAs where GCC contracts the host's), then
+// SecondOrderLogit with the whole cluster's centroid and radius in the cap.
+// One warp per exact-row position j of kv head blockIdx.y; only the warp of
+// the cluster's lead position works. Lanes hold channels lane, lane + 32, ...
+// for the moments; for the dots, lane = 16·(q head of the pair) + 8·(the
+// host's accumulator) + (its lane), as ReduceSixteen sums them.
+template <bool kBf16>
+__global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p) {
+  extern __shared__ __align__(16) float rest[];  // [kPartialWarps, 2, d]: the rest's mean key, then its variance
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y;
+  const int64_t j = int64_t(blockIdx.x) * kPartialWarps + warp, kept = Kept(p, h);
+  // Every exit below is uniform over the warp; there is no block-wide barrier.
+  if (j >= kept + p.exactCount) return;
+  const int32_t t = ExactRow(p, h, j, kept);
+  const int32_t* own = p.owner + size_t(h) * p.N;
+  if (own[t] != int32_t(j)) return;
+  const int32_t cl = p.tokCl[size_t(h) * p.N + t];
+  const int64_t c = p.base[h] + cl;
+  const int32_t n = p.counts[c], removed = p.removed[c];
+  if (!(removed > 0 && removed < n) || p.lead[c] != int32_t(j)) return;
+  float* mean = rest + size_t(warp) * 2 * p.d;
+  float* var = mean + p.d;
+  const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
+  const uint16_t* keys = p.keys + size_t(h) * p.N * p.d;
+  const uint16_t* cent = p.cent + size_t(c) * p.stride;
+  const uint16_t* kv = p.vars + size_t(c) * p.d;
+  const double whole = double(n), left = double(n - removed);
+  for (int ch = lane; ch < p.d; ch += 32) {
+    const double m = double(WidenWord<kBf16>(cent[ch]));
+    double s1 = __dmul_rn(whole, m);
+    double s2 = __dmul_rn(whole, fma(m, m, double(WidenWord<kBf16>(kv[ch]))));
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t u = mem[i];
+      if (own[u] == kNoOwner) continue;
+      const double k = double(WidenWord<kBf16>(keys[size_t(u) * p.d + ch]));
+      s1 = __dsub_rn(s1, k);
+      s2 = fma(-k, k, s2);
+    }
+    const double mu = __ddiv_rn(s1, left), v = fma(-mu, mu, __ddiv_rn(s2, left));
+    mean[ch] = __double2float_rn(mu);
+    var[ch] = __double2float_rn(0.0 < v ? v : 0.0);  // std::max(0.0, v)
+  }
+  __syncwarp();
+  const float radius = WidenWord<kBf16>(cent[p.d]);
+  const int nd = p.d / 8;
+  for (int g0 = 0; g0 < p.group; g0 += 2) {
+    const int g = g0 + (lane >> 4);
+    const bool on = g < p.group;
+    const float* q = p.qAug + (size_t(h) * p.group + (on ? g : g0)) * p.stride;
+    float aMu = 0.f, aVar = 0.f, aCen = 0.f;
+    for (int cc = (lane >> 3) & 1; cc < nd; cc += 2) {
+      const int i = cc * 8 + (lane & 7);
+      const float qv = q[i];
+      aMu = fmaf(qv, mean[i], aMu);
+      aVar = fmaf(__fmul_rn(qv, qv), var[i], aVar);
+      aCen = fmaf(qv, WidenWord<kBf16>(cent[i]), aCen);
+    }
+    const float dMu = ReduceSixteen(aMu), dVar = ReduceSixteen(aVar), dCen = ReduceSixteen(aCen);
+    if (on && (lane & 15) == 0)
+      p.logits[(size_t(h) * p.group + g) * p.cmax + cl] = SecondOrderLogit(p.scale, dMu, dVar, dCen, q[p.d], radius);
+  }
+}
+
+// kGC values reduced over the block at once; every thread gets the results.
+template <typename Op>
+__device__ void BlockReduceGC(float (&v)[kGC], Op op, float* scratch /* [32 * kGC] */) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int g = 0; g < kGC; ++g)
+    for (int o = 16; o > 0; o >>= 1) v[g] = op(v[g], __shfl_down_sync(0xffffffffu, v[g], o));
+  __syncthreads();
+  if (lane == 0)
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) scratch[warp * kGC + g] = v[g];
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < kGC; ++g) {
+    float r = scratch[g];
+    for (int w = 1; w < warps; ++w) r = op(r, scratch[w * kGC + g]);
+    v[g] = r;
+  }
+  __syncthreads();
+}
+
+// Exclusive prefix of x over the block, in thread order; total: the sum.
+__device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  int inc = x;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = inc;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < warps; ++w) {
+    if (w < warp) before += scratch[w];
+    total += scratch[w];
+  }
+  __syncthreads();
+  return before + inc - x;
+}
+
+// One tile's partial estimate for every q head of kv head blockIdx.y: the
+// tile's max logit m, the normaliser and numerator shifted by it. kRows: the
+// exact rows of partly kept clusters, each -e·v (their count already left the
+// normaliser through n - r). Thread t looks at tile rows 2t and 2t+1; the
+// rows left are compacted in order, so the sums do not depend on timing.
+static_assert(kTile == 2 * kThreads, "two tile rows per thread");
+template <bool kBf16, bool kRows>
+__global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
+  float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] its numerator weight n·e (or e)
+  float* sRed = sE + kGC * kTile;                     // [rowGroups, kGC, d]
+  __shared__ float fScratch[32 * kGC];
+  __shared__ long long iScratch[32];
+  __shared__ int nScratch[32];
+  const int h = blockIdx.y;
+  const int64_t b = p.base[h], C = p.base[h + 1] - b, kept = kRows ? Kept(p, h) : 0;
+  int64_t src[2] = {-1, -1};
+  int32_t lc[2] = {0, 0};
+  float wd[2] = {0, 0}, wn[2] = {0, 0};
+  long long est = 0;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int64_t at = int64_t(blockIdx.x) * kTile + 2 * threadIdx.x + k;
+    if (!kRows) {
+      if (at < C) {
+        const int32_t n = p.counts[b + at], r = p.removed[b + at];
+        if (n > 0 && r < n) src[k] = (b + at) * p.d, lc[k] = int32_t(at), wd[k] = float(n - r), wn[k] = float(n), est += n - r;
+      }
+    } else if (at < kept + p.exactCount) {
+      const int32_t t = ExactRow(p, h, at, kept);
+      if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
+        const int32_t c = p.tokCl[size_t(h) * p.N + t], n = p.counts[b + c], r = p.removed[b + c];
+        if (n > 0 && r < n) src[k] = (int64_t(h) * p.N + t) * p.d, lc[k] = c, wn[k] = 1.f;
+      }
+    }
+  }
+  if (!kRows) {
+    est = BlockReduce(est, Add(), iScratch);
+    if (threadIdx.x == 0) p.pest[size_t(h) * p.nMain + blockIdx.x] = est;
+  }
+  int live = 0;
+  const int pos = BlockExclusiveScan(int(src[0] >= 0) + int(src[1] >= 0), nScratch, live);
+  int at[2];
+  at[0] = pos;
+  at[1] = pos + int(src[0] >= 0);
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+    if (src[k] >= 0) sSrc[at[k]] = src[k];
+  const int part = (kRows ? p.nMain : 0) + blockIdx.x;
+  const int lanes = p.d / 8, groups = kThreads / lanes, lane = threadIdx.x % lanes, rg = threadIdx.x / lanes;
+  const uint16_t* rows = kRows ? p.values : p.means;
+  for (int g0 = 0; g0 < p.group; g0 += kGC) {
+    const int gc = min(kGC, p.group - g0);
+    const size_t qh0 = size_t(h) * p.group + g0;
+    float w[kGC][2], mx[kGC], den[kGC];
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      mx[g] = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        w[g][k] = g < gc && src[k] >= 0 ? p.logits[(qh0 + g) * p.cmax + lc[k]] : -INFINITY;
+        mx[g] = fmaxf(mx[g], w[g][k]);
+      }
+    }
+    BlockReduceGC(mx, Max(), fScratch);
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      den[g] = 0;
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+        if (g < gc && src[k] >= 0) {
+          const float e = expf(w[g][k] - mx[g]);
+          sE[g * kTile + at[k]] = e * wn[k];
+          den[g] += e * wd[k];
+        }
+    }
+    BlockReduceGC(den, Add(), fScratch);  // its barriers publish sSrc and sE too
+    if (threadIdx.x < gc) {
+      p.pm[(qh0 + threadIdx.x) * p.parts + part] = mx[threadIdx.x];
+      p.pden[(qh0 + threadIdx.x) * p.parts + part] = den[threadIdx.x];
+    }
+    float acc[kGC][8];
+#pragma unroll
+    for (int g = 0; g < kGC; ++g)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+    if (rg < groups) {
+      for (int i0 = rg; i0 < live; i0 += 4 * groups) {
+        uint4 x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u * groups;
+          x[u] = i < live ? __ldg(reinterpret_cast<const uint4*>(rows + sSrc[i] + lane * 8)) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = i0 + u * groups;
+          if (i >= live) break;
+          float v[8];
+          Widen8Words<kBf16>(x[u], v);
+#pragma unroll
+          for (int g = 0; g < kGC; ++g) {
+            const float e = g < gc ? sE[g * kTile + i] : 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(e, v[j], acc[g][j]);
+          }
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGC; ++g)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sRed[(size_t(rg) * kGC + g) * p.d + lane * 8 + j] = acc[g][j];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < gc * p.d; i += blockDim.x) {
+      const int g = i / p.d, col = i % p.d;
+      float sum = 0;
+      for (int r = 0; r < groups; ++r) sum += sRed[(size_t(r) * kGC + g) * p.d + col];
+      p.pnum[((qh0 + g) * p.parts + part) * p.d + col] = kRows ? -sum : sum;
+    }
+    __syncthreads();
+  }
+}
+
+// One CTA per q head: the tiles merged by log-sum-exp in float64.
+__global__ void MergeEstimate(StepParams p) {
+  extern __shared__ double sf[];  // [parts]
+  __shared__ float fScratch[32];
+  __shared__ double dScratch[32];
+  __shared__ long long iScratch[32];
+  const int qh = blockIdx.x, h = qh / p.group;
+  const float* pm = p.pm + size_t(qh) * p.parts;
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < p.parts; i += blockDim.x) mx = fmaxf(mx, pm[i]);
+  mx = BlockReduce(mx, Max(), fScratch);
+  double den = 0;
+  long long est = 0;
+  for (int i = threadIdx.x; i < p.parts; i += blockDim.x) {
+    sf[i] = pm[i] == -INFINITY ? 0.0 : exp(double(pm[i]) - double(mx));
+    den += double(p.pden[size_t(qh) * p.parts + i]) * sf[i];
+  }
+  for (int i = threadIdx.x; i < p.nMain; i += blockDim.x) est += p.pest[size_t(h) * p.nMain + i];
+  den = BlockReduce(den, Add(), dScratch);  // its barriers publish sf too
+  est = BlockReduce(est, Add(), iScratch);
+  const bool ok = mx != -INFINITY && den > 0 && est > 0;
+  for (int col = threadIdx.x; col < p.d; col += blockDim.x) {
+    double num = 0;
+    for (int i = 0; i < p.parts; ++i) num += double(p.pnum[(size_t(qh) * p.parts + i) * p.d + col]) * sf[i];
+    p.out[size_t(qh) * p.d + col] = ok ? float(num / den) : 0.f;
+  }
+  if (threadIdx.x == 0) {
+    p.lse[qh] = ok ? float(double(mx) + log(den)) : -INFINITY;
+    if (qh % p.group == 0) p.est[h] = est;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kvr
