@@ -24,6 +24,8 @@ export interface WaveGpuHead {
   keyAxes: Uint16Array;
   /** [clusters, headDim]: per-channel key variances (ranking 'spread' and its second-order estimate). */
   keyVars: Uint16Array;
+  /** The share of the second-order term this head takes (its artifact's calibrated share; default 1, all of it). */
+  varianceShare?: number;
   /** [clusters]: must be tokenCluster's histogram. */
   counts: Int32Array;
   /** [tokens]. */

@@ -156,8 +156,12 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<C
       { clusterSize: c.clusterSize, segmentTokens: 8192, iterations: 4, seed: seed + h });
     const arrays: ClusterArrays = decodeClusters(bytes);
     keysF.push(kf);
-    heads.push(new ClusterIndex(arrays, keys, values));
-    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
+    const index = new ClusterIndex(arrays, keys, values);
+    heads.push(index);
+    // The head's share of the second-order term, where its artifact has one (else the whole term).
+    const { varianceShare } = index.estimateArgs() as { varianceShare?: number };
+    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, varianceShare,
+      counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
   }
   const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads });
   try {
@@ -238,12 +242,15 @@ function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype
     centres[c * stride + d] = norm;
     for (let j = 0; j < d; j++) axes[c * d + j] = norm > 0 ? (sd * noise[far[c] * d + j]) / norm : 0;
   }
-  const arrays: ClusterArrays = {
+  // varianceShare 1: the whole second-order term (a built artifact calibrates
+  // its own). Asserted rather than annotated: the field is new in the codec.
+  const arrays = {
     tokens: N, headDim: d, clusterSize: size, dtype: dt,
     centroids: words(centres, dt), valueMeans: words(means, dt), keyVars: words(vars, dt), keyAxes: words(axes, dt), varianceShare: 1,
     counts: new Int32Array(C).fill(size), tokenCluster,
-  };
-  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
+  } as ClusterArrays;
+  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, varianceShare: 1,
+    counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
   return { head, arrays };
 }
 

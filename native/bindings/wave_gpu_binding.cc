@@ -3,8 +3,8 @@
 // constructor throws.
 //
 // new WaveGpuStore({kvHeads, headDim, dtype, tokens,
-//                   heads: [{centroids, valueMeans, keyAxes, keyVars, counts, tokenCluster, keys, values,
-//                            clusters}] (kvHeads)})
+//                   heads: [{centroids, valueMeans, keyAxes, keyVars, varianceShare?, counts, tokenCluster,
+//                            keys, values, clusters}] (kvHeads)})
 //   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
 //          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
 //          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, estimate?})
@@ -77,6 +77,11 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       w.valueMeans = TypedAt<uint16_t>(x, "valueMeans", C * d).Data();
       w.keyAxes = TypedAt<uint16_t>(x, "keyAxes", C * d).Data();
       w.keyVars = TypedAt<uint16_t>(x, "keyVars", C * d).Data();
+      if (!Absent(x.Get("varianceShare"))) {
+        w.varianceShare = Float(x, "varianceShare");
+        if (!(w.varianceShare >= 0.f && w.varianceShare <= 4.f))
+          throw Napi::RangeError::New(env, "heads[" + std::to_string(h) + "].varianceShare must be in [0, 4]");
+      }
       auto counts = TypedAt<int32_t>(x, "counts", C);
       auto tokenCluster = TypedAt<int32_t>(x, "tokenCluster", N);
       w.keys = TypedAt<uint16_t>(x, "keys", N * d).Data();

@@ -163,7 +163,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   const size_t oCent = L.Add(size_t(I.ctot) * I.stride * 2), oMeans = L.Add(size_t(I.ctot) * d * 2),
                oAxes = L.Add(size_t(I.ctot) * d * 2), oVars = L.Add(size_t(I.ctot) * d * 2),
                oCounts = L.Add(size_t(I.ctot) * 4), oStart = L.Add(size_t(I.ctot) * 4), oMembers = L.Add(size_t(H) * N * 4),
-               oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8);
+               oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8), oShares = L.Add(size_t(H) * 4);
   I.summaryBytes = L.at;
   I.momentBytes = oCounts - oAxes;
   const size_t oKeys = L.Add(size_t(H) * N * d * 2), oValues = L.Add(size_t(H) * N * d * 2);
@@ -180,6 +180,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.members = Layout::At<int32_t>(S, oMembers);
   p.tokCl = Layout::At<int32_t>(S, oTok);
   p.base = Layout::At<int64_t>(S, oBase);
+  p.shares = Layout::At<float>(S, oShares);
   p.keys = Layout::At<uint16_t>(S, oKeys);
   p.values = Layout::At<uint16_t>(S, oValues);
   auto put = [](const void* dst, const void* src, size_t bytes) {
@@ -199,6 +200,9 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   put(p.memberStart, memberStart.data(), memberStart.size() * 4);
   put(p.members, members.data(), members.size() * 4);
   put(p.base, I.base.data(), I.base.size() * 8);
+  std::vector<float> shares(static_cast<size_t>(H));
+  for (int h = 0; h < H; ++h) shares[size_t(h)] = heads[h].varianceShare;
+  put(p.shares, shares.data(), shares.size() * 4);
   // Scratch sized by the store: the cluster sort, the owner, removed and lead arrays.
   Layout F;
   const size_t oK1 = F.Add(size_t(I.ctot) * 8), oK1s = F.Add(size_t(I.ctot) * 8), oV1 = F.Add(size_t(I.ctot) * 4),

@@ -17,7 +17,7 @@
 //  3. the estimation zone: every cluster minus the rows attended exactly (the
 //     selection plus the given sinks/window rows) as a partial (out, lse) per
 //     q head, with native/kernels/cluster_estimate's semantics: second order
-//     with kSpread (logit s q·mu + s²/2 Σ q_j² var_j capped at
+//     with kSpread (logit s q·mu + share·s²/2 Σ q_j² var_j capped at
 //     s (q·mu + ‖q‖ r); a partly attended cluster's logit from the moments of
 //     the rows it has left), first order with kRadius.
 // kSpread is index/wave/cluster-index.ts's searchHeads (default ranking)
@@ -53,6 +53,7 @@ struct WaveHeadHost {
   const uint16_t* valueMeans = nullptr;  // [clusters, headDim]
   const uint16_t* keyAxes = nullptr;     // [clusters, headDim]: principal axis scaled by its std (kSpread ranking)
   const uint16_t* keyVars = nullptr;     // [clusters, headDim]: per-channel key variance (kSpread ranking and estimate)
+  float varianceShare = 1.f;             // the share of the second-order term this head takes (its artifact's; 1: all of it)
   const int32_t* counts = nullptr;       // [clusters]; must be tokenCluster's histogram
   const int32_t* tokenCluster = nullptr; // [tokens], each in [0, clusters)
   const uint16_t* keys = nullptr;        // [tokens, headDim] (rescoring)

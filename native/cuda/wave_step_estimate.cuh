@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
     }
     const float dMu = ReduceSixteen(aMu), dVar = ReduceSixteen(aVar), dCen = ReduceSixteen(aCen);
     if (on && (lane & 15) == 0)
-      p.logits[(size_t(h) * p.group + g) * p.cmax + cl] = SecondOrderLogit(p.scale, dMu, dVar, dCen, q[p.d], radius);
+      p.logits[(size_t(h) * p.group + g) * p.cmax + cl] = SecondOrderLogit(p.scale, p.shares[h], dMu, dVar, dCen, q[p.d], radius);
   }
 }
 

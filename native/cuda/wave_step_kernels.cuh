@@ -122,9 +122,12 @@ __device__ __forceinline__ void Zero(float (&acc)[kGC][8]) {
 // The second-order logit of a cluster's tokens, with the host's roundings
 // (native/kernels/cluster_estimate.cc's Logit as GCC compiles it: C++ with
 // -mfma contracts a*b + c into one FMA): w = s·dot, then
-// fma((0.5·s)·s, channels, w), capped at s·fma(norm, radius, centroidDot).
-__device__ __forceinline__ float SecondOrderLogit(float scale, float dot, float channels, float centroidDot, float norm, float radius) {
-  const float w = fmaf(__fmul_rn(__fmul_rn(0.5f, scale), scale), channels, __fmul_rn(scale, dot));
+// fma(((share·0.5)·s)·s, channels, w), capped at s·fma(norm, radius,
+// centroidDot). share = 1 rounds as the host's 0.5·s·s (1·0.5 is exact).
+__device__ __forceinline__ float SecondOrderLogit(float scale, float share, float dot, float channels, float centroidDot, float norm,
+                                                  float radius) {
+  const float coef = __fmul_rn(__fmul_rn(__fmul_rn(share, 0.5f), scale), scale);
+  const float w = fmaf(coef, channels, __fmul_rn(scale, dot));
   const float cap = __fmul_rn(scale, fmaf(norm, radius, centroidDot));
   return cap < w ? cap : w;  // std::min(w, cap)
 }
@@ -138,6 +141,7 @@ struct StepParams {
   const uint16_t *axes, *vars;  // [ctot, d]: scaled principal axes, per-channel key variances
   const int32_t *counts, *memberStart, *members, *tokCl;
   const int64_t* base;  // [kvHeads + 1]: head h's clusters are base[h] .. base[h+1]
+  const float* shares;  // [kvHeads]: the second-order term's share per head
   int64_t N, cmax;
   int d, stride, group;
   float scale;
@@ -196,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
   if (p.spreadMode) {
     const uint16_t* axis = p.axes + c * p.d;
     const uint16_t* var = p.vars + c * p.d;
-    const float radius = WidenWord<kBf16>(row[p.d]);
+    const float radius = WidenWord<kBf16>(row[p.d]), share = p.shares[h];
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
       float dot[kGC], along[kGC];
@@ -222,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
         best = best < s ? s : best;  // std::max
         if (half == 0 && live)
           p.logits[size_t(h * p.group + g0 + g) * p.cmax + r] =
-              SecondOrderLogit(p.scale, dot[g], channels, dot[g], qs[(g0 + g) * p.stride + p.d], radius);
+              SecondOrderLogit(p.scale, share, dot[g], channels, dot[g], qs[(g0 + g) * p.stride + p.d], radius);
       }
     }
   } else {
