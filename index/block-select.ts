@@ -2,22 +2,25 @@
 //
 // `nosa` (NOSA): the selection is split into a query-agnostic part (the
 // blocks with the highest stable importance, plus sinks and the recent
-// window) and a query-aware part (top blocks by q · block mean), under a
-// locality constraint: a step may bring in at most `maxNew` blocks that the
-// previous step did not select, so the selected set, and what the GPU block
-// pool must copy in, changes little from step to step. In the pool its
+// window) and a query-aware part (top blocks by their optimistic score,
+// q · block mean + α · ‖q‖ · block radius, α the head's radius share
+// calibrated at seal; block-summary.ts),
+// under a locality constraint: a step may bring in at most `maxNew` blocks
+// that the previous step did not select, so the selected set, and what the
+// GPU block pool must copy in, changes little from step to step. In the pool its
 // query-agnostic blocks are a class above the rest (evicted last), the rest
 // least recently used first.
 //
-// `topk-blocks`: plain top blocks by q · block mean with an LRU pool, the
+// `topk-blocks`: plain top blocks by the same score with an LRU pool, the
 // baseline NOSA is compared against.
 //
 // Scoring: a GPU session's layer context offers a device scorer
-// (engine/cache/device-block-scores.ts: the block means resident on the GPU,
-// every kv head scored and its top blocks found in one call); otherwise one
-// native host pass over the means. Either way only the candidates come back
-// (the top `reach` blocks and last step's blocks, with scores bit for bit
-// the same), and the logic below is O(candidates) per step.
+// (engine/cache/device-block-scores.ts: the summary rows [mean, radius]
+// resident on the GPU, every kv head scored and its top blocks found in one
+// call); otherwise one native host pass over the same rows. Either way
+// only the candidates come back (the top `reach` blocks and last step's
+// blocks, with scores bit for bit the same), and the logic below is
+// O(candidates) per step.
 //
 // Each block carries its eviction class to the pool (engine/cache: the CUDA
 // pool's classes + LRU, or their host model when there is no GPU). (An

@@ -1,12 +1,15 @@
 // The block scorer GPU sessions offer their block methods (nosa,
-// topk-blocks) in the layer context: each (document, layer)'s block means,
-// every kv head, are copied to the device the first time a GPU session's
-// step scores them (blocks × headDim × 2 bytes per head: 1/64 of the K and
-// V), and each step is then one native call for all kv heads on one stream
-// (score every block, exact top-k per head, copy back the few ids and
-// scores): tens of microseconds at 1M tokens where the host pass took
-// milliseconds. The selection is the host's, block for block (the device
-// sums in the host kernel's order; test/native/block-scores.test.ts).
+// topk-blocks) in the layer context: each (document, layer)'s block summary
+// rows, every kv head, are copied to the device the first time a GPU
+// session's step scores them (blocks × (headDim + 8) × 2 bytes per head: the
+// mean key and the radius column, about 1/60 of the K and V), and each step
+// is then one native call for all kv heads on one stream (score every block
+// with the augmented query rows [q, α_h·‖q‖, 0 ...] (α_h the kv head's
+// calibrated radius share), exact top-k per head,
+// copy back the few ids and scores): tens of microseconds at 1M tokens where
+// the host pass took milliseconds. The selection is the host's, block for
+// block (the device sums in the host kernel's order, a row width of
+// headDim + 8 included; test/native/block-scores.test.ts).
 //
 // The copies are shared by every GPU session (documents are shared) and
 // freed when the summaries they were made from are collected (a document
