@@ -26,6 +26,8 @@ export interface ClusterHeadArgs {
   keyVars?: Uint16Array;
   /** [tokens, headDim]: the segment's key rows (what exact rows take out of their cluster's moments). */
   keys?: Uint16Array;
+  /** The share of the second-order term (default 1; the head's calibrated share: index/wave/variance-share.ts). */
+  varianceShare?: number;
 }
 
 export interface EstimateArgs {

@@ -13,6 +13,7 @@ import { convert, type KvDtype } from '../../addon/kernels.js';
 import { kmeans } from '../../addon/faiss.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
+import { calibrateVarianceShare } from './variance-share.js';
 
 export interface ClusterOptions {
   /** Tokens per cluster on average (8–16 in RetroInfer). */
@@ -108,6 +109,7 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
   for (let t0 = 0; t0 < N; t0 += o.segmentTokens) bound += Math.ceil(Math.min(o.segmentTokens, N - t0) / Math.max(1, Math.min(o.clusterSize, N - t0)));
   const centroids = new Float32Array(bound * stride), valueMeans = new Float32Array(bound * d), keyVars = new Float32Array(bound * d), keyAxes = new Float32Array(bound * d), counts = new Int32Array(bound);
   const tokenCluster = new Int32Array(N);
+  const segments: [number, number, number, number][] = [];
   let C = 0;
   for (let t0 = 0; t0 < N; t0 += o.segmentTokens) {
     const t1 = Math.min(N, t0 + o.segmentTokens), n = t1 - t0;
@@ -138,7 +140,9 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     }
     for (let c = first; c < C; c++) for (let j = 0; j < d; j++) keyVars[c * d + j] /= counts[c];
     principalAxes(keys, tokenCluster.subarray(t0, t1), first, C, centroids, stride, d, keyAxes);
+    segments.push([t0, t1, first, C]);
   }
+  const varianceShare = calibrateVarianceShare(input, { headDim: d, stride, centroids, keyVars, valueMeans, counts, tokenCluster, segments });
   const arrays: ClusterArrays = {
     tokens: N,
     headDim: d,
@@ -148,6 +152,7 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     valueMeans: narrow(valueMeans.subarray(0, C * d), input.dtype),
     keyVars: narrow(keyVars.subarray(0, C * d), input.dtype),
     keyAxes: narrow(keyAxes.subarray(0, C * d), input.dtype),
+    varianceShare,
     counts: counts.slice(0, C),
     tokenCluster,
   };

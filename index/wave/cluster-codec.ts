@@ -4,9 +4,9 @@
 import { checksum64, type KvDtype } from '../../addon/kernels.js';
 
 const MAGIC = 0x4b565756; // "KVWV"
-/** 1: no key variances or axes (stale: rebuilt at attach); 2: with them. */
-const VERSION = 2;
-const HEADER_WORDS = 8;
+/** 1: no key variances or axes, 2: no variance share (both stale: rebuilt at attach); 3: with them. */
+const VERSION = 3;
+const HEADER_WORDS = 9;
 
 export interface ClusterArrays {
   tokens: number;
@@ -22,6 +22,8 @@ export interface ClusterArrays {
   /** [clusters, headDim]: the principal axis of the members' keys, scaled by their standard deviation along it (ranking). */
   keyAxes: Uint16Array;
   counts: Int32Array;
+  /** The share of the estimate's second-order term this head takes (calibrated at build: index/wave/variance-share.ts). */
+  varianceShare: number;
   /** [tokens]. */
   tokenCluster: Int32Array;
 }
@@ -40,7 +42,8 @@ export function encodeClusters(a: ClusterArrays): Uint8Array {
   const parts: ArrayBufferView[] = [a.centroids, a.valueMeans, a.keyVars, a.keyAxes, a.counts, a.tokenCluster];
   const size = HEADER_WORDS * 4 + parts.reduce((n, p) => n + pad4(p.byteLength), 0);
   const out = new Uint8Array(size);
-  const header = new Uint32Array([MAGIC, VERSION, a.tokens, a.headDim, C, a.clusterSize, a.dtype === 'f16' ? 0 : 1, 0]);
+  const header = new Uint32Array([MAGIC, VERSION, a.tokens, a.headDim, C, a.clusterSize, a.dtype === 'f16' ? 0 : 1, 0, 0]);
+  new Float32Array(header.buffer, 8 * 4, 1)[0] = a.varianceShare;
   out.set(new Uint8Array(header.buffer), 0);
   let at = HEADER_WORDS * 4;
   for (const p of parts) {
@@ -63,6 +66,7 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   new DataView(zeroed.buffer).setUint32(CHECKSUM_AT, 0, true);
   if (checksumOf(zeroed) !== sum) throw new Error('wave cluster artifact: checksum mismatch');
   const [, , tokens, headDim, C, clusterSize, dt] = header;
+  const varianceShare = new Float32Array(header.buffer, header.byteOffset + 8 * 4, 1)[0];
   const stride = centroidStride(headDim);
   let at = b.byteOffset + HEADER_WORDS * 4;
   const take = <T>(make: (buf: ArrayBuffer, off: number, n: number) => T, n: number, width: number): T => {
@@ -83,6 +87,7 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
     keyVars: take(u16, C * headDim, 2),
     keyAxes: take(u16, C * headDim, 2),
     counts: take(i32, C, 4),
+    varianceShare,
     tokenCluster: take(i32, tokens, 4),
   };
 }

@@ -82,7 +82,7 @@ export class ClusterIndex implements HeadIndex {
   estimateArgs(exact?: Int32Array, firstOrder = false): ClusterHeadArgs {
     const a = this.arrays;
     const base = { centroids: a.centroids, valueMeans: a.valueMeans, counts: a.counts, tokenCluster: a.tokenCluster, values: this.values, clusters: this.clusters, tokens: a.tokens, exact };
-    return firstOrder ? base : { ...base, keyVars: a.keyVars, keys: this.keys };
+    return firstOrder ? base : { ...base, keyVars: a.keyVars, keys: this.keys, varianceShare: a.varianceShare };
   }
 
   /** Rows of the best clusters, best cluster first, until k rows (the last cluster may be cut). */

@@ -1,6 +1,6 @@
 // estimateClusters({q, qHeads, kvHeads, headDim, centroidStride, dtype, scale,
 //   segments: [{heads: [{centroids, valueMeans, counts, tokenCluster, values,
-//                        clusters, tokens, retrieved?, exact?, keyVars?, keys?}] (kvHeads)}],
+//                        clusters, tokens, retrieved?, exact?, keyVars?, keys?, varianceShare?}] (kvHeads)}],
 //   out, lse, estimated}) -> Promise<void>
 #include <napi.h>
 
@@ -41,6 +41,10 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
     if (keyVars->ElementLength() != C * d) throw Napi::RangeError::New(o.Env(), "keyVars must hold clusters x headDim words");
     if (keys->ElementLength() != N * d) throw Napi::RangeError::New(o.Env(), "keys must hold tokens x headDim words");
     c.keyVars = keyVars->Data();
+    if (o.Has("varianceShare")) {
+      c.varianceShare = Float(o, "varianceShare");
+      if (!(c.varianceShare >= 0.f && c.varianceShare <= 4.f)) throw Napi::RangeError::New(o.Env(), "varianceShare must be in [0, 4]");
+    }
     c.keys = keys->Data();
     keep.insert(keep.end(), {*keyVars, *keys});
   }

@@ -123,13 +123,13 @@ struct QueryRow {
 };
 
 // The logit of a cluster's tokens: s q.mu first order; with variances
-// s q.mu + s^2 q^2.var / 2, capped at s (q.mu_c + |q| r_c) (the bound of
+// s q.mu + share s^2 q^2.var / 2, capped at s (q.mu_c + |q| r_c) (the bound of
 // every member's logit, from the whole cluster's centroid and radius).
-float Logit(const QueryRow& qr, const float* mu, const float* var, float centroidDot, float radius, const EstimateProblem& p) {
+float Logit(const QueryRow& qr, const float* mu, const float* var, float share, float centroidDot, float radius, const EstimateProblem& p) {
   const size_t d = size_t(p.headDim);
   float w = p.scale * Dot(qr.q, mu, d);
   if (!var) return w;
-  w += 0.5f * p.scale * p.scale * Dot(qr.q2.data(), var, d);
+  w += share * 0.5f * p.scale * p.scale * Dot(qr.q2.data(), var, d);
   return std::min(w, p.scale * (centroidDot + qr.norm * radius));
 }
 
@@ -149,17 +149,17 @@ void Accumulate(const QueryRow& qr, const ClusterHead& c, const HeadPlan& plan, 
     float w;
     if (second) {
       WidenRow(c.keyVars + size_t(cl) * d, p.dtype, size_t(d), var.data());
-      w = Logit(qr, row.data(), var.data(), Dot(qr.q, row.data(), size_t(d)), row[size_t(d)], p);
+      w = Logit(qr, row.data(), var.data(), c.varianceShare, Dot(qr.q, row.data(), size_t(d)), row[size_t(d)], p);
     } else {
-      w = Logit(qr, row.data(), nullptr, 0.f, 0.f, p);
+      w = Logit(qr, row.data(), nullptr, 0.f, 0.f, 0.f, p);
     }
     logits[size_t(cl)] = w;
     hi = std::max(hi, w);
   }
   for (const auto& part : plan.partial) {
     WidenRow(c.centroids + size_t(part.cluster) * p.centroidStride, p.dtype, size_t(d) + 1, row.data());
-    const float w = second ? Logit(qr, part.mean.data(), part.var.data(), Dot(qr.q, row.data(), size_t(d)), row[size_t(d)], p)
-                           : Logit(qr, row.data(), nullptr, 0.f, 0.f, p);
+    const float w = second ? Logit(qr, part.mean.data(), part.var.data(), c.varianceShare, Dot(qr.q, row.data(), size_t(d)), row[size_t(d)], p)
+                           : Logit(qr, row.data(), nullptr, 0.f, 0.f, 0.f, p);
     logits[size_t(part.cluster)] = w;
     hi = std::max(hi, w);
   }

@@ -15,7 +15,8 @@
 // 0.04-0.11). Given each cluster's per-channel key variance sigma^2_c
 // (`keyVars`), the logit is second order, s q.mu + s^2 sum_j q_j^2
 // sigma^2_cj / 2 (the Gaussian moment along q with the channels taken
-// independent), capped at s (q.mu + |q| r_c), which no member's logit
+// independent; times the head's calibrated varianceShare, since correlated
+// channels make it overstate the spread), capped at s (q.mu + |q| r_c), which no member's logit
 // exceeds. A cluster partly attended exactly is estimated from the moments
 // of the rows it has left (mean, per-channel variance and value sum with
 // the exact rows' keys and values taken out), since those rows are the
@@ -44,6 +45,7 @@ struct ClusterHead {
   const uint16_t* values = nullptr;     // [tokens, headDim]: the segment's V rows
   const uint16_t* keyVars = nullptr;    // [clusters, headDim]: per-channel key variance (optional: second order)
   const uint16_t* keys = nullptr;       // [tokens, headDim]: the segment's K rows (with keyVars)
+  float varianceShare = 1.f;            // the share of the second-order term this head takes (index/wave/variance-share.ts)
   int64_t clusters = 0, tokens = 0;
   const int32_t* retrieved = nullptr;   // clusters attended whole (not estimated)
   int64_t retrievedCount = 0;

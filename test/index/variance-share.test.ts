@@ -1,0 +1,67 @@
+// The second-order term's share is calibrated per kv head from the
+// document's prefill queries (index/wave/variance-share.ts). The same keys,
+// varying around their topic along one direction u: queries orthogonal to u
+// see no spread at all, which the per-channel variances overstate (share 0);
+// queries along u see more spread than the per-channel variances show
+// (Σ u_j⁴ < 1), so the full term is the best of the shares (high). Without
+// queries it is the default. The share travels in the artifact.
+import { describe, expect, it } from 'vitest';
+import { buildClusters } from '../../index/wave/cluster-build.js';
+import { decodeClusters } from '../../index/wave/cluster-codec.js';
+import { DEFAULT_SHARE } from '../../index/wave/variance-share.js';
+import { bitsOf } from '../helpers/half.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`variance-share: seed ${seed}`);
+const toBits = bitsOf('f16');
+const d = 32, N = 4096, topics = 64;
+
+function document(rng: Rng, spread: (key: Float32Array) => void, queryOf: () => Float32Array) {
+  const centres = Array.from({ length: topics }, () => Float32Array.from({ length: d }, () => 2 * rng.normal()));
+  const keys = new Uint16Array(N * d), values = new Uint16Array(N * d);
+  const key = new Float32Array(d);
+  for (let t = 0; t < N; t++) {
+    key.set(centres[Math.floor(t / 64) % topics]);
+    spread(key);
+    for (let j = 0; j < d; j++) (keys[t * d + j] = toBits(key[j])), (values[t * d + j] = toBits(rng.normal()));
+  }
+  const queryCount = 64, queries = new Float32Array(queryCount * d);
+  for (let r = 0; r < queryCount; r++) queries.set(queryOf(), r * d);
+  return { keys, values, tokens: N, headDim: d, dtype: 'f16' as const, queries, queryCount };
+}
+
+describe('variance share calibration', () => {
+  it('is 0 for queries orthogonal to the direction keys vary along, and high for queries along it', async () => {
+    const rng = new Rng(seed);
+    const u = Float32Array.from({ length: d }, () => rng.normal());
+    const un = Math.hypot(...u);
+    u.forEach((x, j) => (u[j] = x / un));
+    const orthogonal = () => {
+      const q = Float32Array.from({ length: d }, () => 2 * rng.normal());
+      const along = q.reduce((a, x, j) => a + x * u[j], 0);
+      return q.map((x, j) => x - along * u[j]);
+    };
+    const alongOf = (query: () => Float32Array) => {
+      const keyRng = new Rng(seed + 7);
+      return document(keyRng, (k) => {
+        const z = 3 * keyRng.normal();
+        for (let j = 0; j < d; j++) k[j] += z * u[j];
+      }, query);
+    };
+    const orthogonalQueries = alongOf(orthogonal);
+    const alongQueries = alongOf(() => Float32Array.from(u, (x) => 1.5 * x + 0.1 * rng.normal()));
+    const shareOf = async (input: ReturnType<typeof alongOf>) => decodeClusters(await buildClusters(input)).varianceShare;
+    expect(await shareOf(orthogonalQueries)).toBe(0);
+    expect(await shareOf(alongQueries)).toBeGreaterThanOrEqual(0.75);
+  });
+
+  it('is the default without prefill queries, and survives the artifact round trip', async () => {
+    const rng = new Rng(seed + 1);
+    const input = document(rng, (k) => {
+      for (let j = 0; j < d; j++) k[j] += rng.normal();
+    }, () => new Float32Array(d));
+    const arrays = decodeClusters(await buildClusters({ ...input, queries: new Float32Array(0), queryCount: 0 }));
+    expect(arrays.varianceShare).toBe(DEFAULT_SHARE);
+  });
+});
