@@ -28,7 +28,9 @@ void ScanClusters(const ClusterRankProblem& p, int64_t begin, int64_t end, int64
     for (int g = 0; g < p.group; ++g) {
       const float* q = p.q + size_t(g) * d;
       const float along = Dot(q, axis.data(), d), channels = Dot(q2.data() + size_t(g) * d, var.data(), d);
-      s = std::max(s, Dot(q, mu.data(), d) + p.spread * std::sqrt(std::max(0.f, along * along + channels)));
+      // Fused multiply-adds written out: the GPU wave step sums the same way,
+      // so both rank clusters bit for bit alike whatever the compiler contracts.
+      s = std::max(s, std::fma(p.spread, std::sqrt(std::max(0.f, std::fma(along, along, channels))), Dot(q, mu.data(), d)));
     }
     Offer(heap, size_t(keep), Hit{s, int32_t(c)});
   }
