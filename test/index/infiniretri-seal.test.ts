@@ -20,8 +20,10 @@ console.log(`infiniretri-seal: seed ${seed}`);
 const rng = new Rng(seed);
 const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
 const d = model.headDim, G = 2, TOKENS = 9001, NEEDLE = 6151, STRIDE = 8;
-// The row that asks for the needle sits on a kept query position (a multiple of the stride).
-const ASKER = 3000;
+// The question that asks for the needle: 4 prefill rows at kept query positions (multiples of the
+// stride). One row's +1 of attention mass would sit within the spread the random rows' mass has over
+// ordinary keys (±0.2 per token, summed over a 5-token phrase), as a one-token question would in the paper.
+const ASKERS = [3000, 3008, 3016, 3024];
 const dir = Float32Array.from({ length: d }, () => rng.normal());
 const dnorm = Math.hypot(...dir);
 dir.forEach((x, i) => (dir[i] = x / dnorm));
@@ -37,9 +39,9 @@ function plant(k: Tensor, values: Float64Array[]): void {
     }
 }
 plant(doc.k, doc.kValues);
-// Prefill queries [qHeads, tokens, d]: N(0, 1), except q head 0 and 2 (one per kv head) at ASKER, which asks for the needle.
+// Prefill queries [qHeads, tokens, d]: N(0, 1), except q heads 0 and 2 (one per kv head) at ASKERS, which ask for the needle.
 const prefill = new Float32Array(model.qHeads * TOKENS * d).map(() => rng.normal());
-for (const qh of [0, 2]) for (let j = 0; j < d; j++) prefill[(qh * TOKENS + ASKER) * d + j] = dir[j] * 40;
+for (const qh of [0, 2]) for (const at of ASKERS) for (let j = 0; j < d; j++) prefill[(qh * TOKENS + at) * d + j] = dir[j] * 40;
 
 /** kv head h's keys and the prefill rows of its group at the kept positions, as a seal's build sees them. */
 function buildInput(h: number) {
@@ -50,7 +52,7 @@ function buildInput(h: number) {
 }
 
 describe('infiniretri: the seal read', () => {
-  it('keeps a needle that one prefill query asks about, with its phrase', async () => {
+  it('keeps a needle that the prefill queries of one question ask about, with its phrase', async () => {
     for (let h = 0; h < model.kvHeads; h++) {
       const kept = decodeKept(await infiniretriBuilder.build(buildInput(h)), TOKENS);
       expect(kept.ids.length).toBe(Math.ceil(0.01 * TOKENS));
@@ -108,12 +110,18 @@ describe('infiniretri: the artifact', () => {
     expect(() => decodeKept(bad, 20)).toThrow(/out of range/);
   });
 
-  it('merges the seal evidence and the question read: half each, then the rest', () => {
+  it('merges the seal evidence and the question read: the seal share, then the best of the question, then the rest', () => {
     const seal = { ids: Int32Array.from([1, 2, 3, 4]), scores: new Float32Array(4) };
     const question = { ids: Int32Array.from([2, 9, 8, 7]), scores: new Float32Array(4) };
+    expect([...mergeKept(seal, question, 4, 0.5)]).toEqual([1, 2, 8, 9]);
+    expect([...mergeKept(seal, question, 10)]).toEqual([1, 2, 3, 4, 7, 8, 9]);
+    // The default share: a tenth of the budget from the seal.
+    const ten = (from: number) => ({ ids: Int32Array.from({ length: 10 }, (_, i) => from + i), scores: new Float32Array(10) });
+    expect([...mergeKept(ten(1), ten(20), 10)]).toEqual([1, 20, 21, 22, 23, 24, 25, 26, 27, 28]);
     expect([...mergeKept(seal, question, 4)]).toEqual([1, 2, 8, 9]);
     expect([...mergeKept(seal, { ids: new Int32Array(0), scores: new Float32Array(0) }, 3)]).toEqual([1, 2, 3]);
-    expect([...mergeKept({ ids: Int32Array.from([5]), scores: new Float32Array(1) }, question, 4)]).toEqual([2, 5, 8, 9]);
+    expect([...mergeKept({ ids: Int32Array.from([5]), scores: new Float32Array(1) }, question, 4, 0.5)]).toEqual([2, 5, 8, 9]);
+    expect([...mergeKept({ ids: Int32Array.from([5, 6]), scores: new Float32Array(2) }, question, 20)]).toEqual([2, 5, 6, 7, 8, 9]);
   });
 });
 
@@ -151,7 +159,9 @@ describe('infiniretri: through the server', () => {
       const r = await client.attend(id, { layer: 0, q: tensor('f32', [model.qHeads, d], q), return: ['out', 'selection'] });
       expect(r.selection!.map((s) => s.length)).toEqual([TOKENS, TOKENS]);
       const ref = referenceAttention(q, doc.kValues, doc.vValues, model.qHeads, d);
-      expect(maxRelError(r.out, ref.out, model.qHeads)).toBeLessThan(1e-5);
+      // The f32 kernel sums 9001 terms; the output, an average of random values, is ~1/√n of their
+      // scale, so its relative error is ~100 f32 epsilons (measured ≤ 1.2e-5).
+      expect(maxRelError(r.out, ref.out, model.qHeads)).toBeLessThan(5e-5);
     }
   });
 });
