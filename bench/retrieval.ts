@@ -161,6 +161,9 @@ interface Prepared {
   loadMs: number;
 }
 
+/** The seal's reads per workload (kept-set artifacts per kv head) and their time per head. */
+const sealReads = new WeakMap<Workload, { artifacts: Uint8Array[]; seconds: number }>();
+
 async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o: Options, budget: number): Promise<Prepared> {
   const { tokens, headDim: d } = wl.spec;
   const keysOf = (h: number) => ({ keys: wl.keys[h], tokens, headDim: d, dtype: wl.dtype });
@@ -170,13 +173,20 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
     // The seal's read (the document's prefill queries), stored and loaded as the engine does; then the
     // question's read. The question is the decode steps' query rows of the head's group: the paper's
     // setting, where the question is read before the answer and asks what the answer needs.
-    const t0 = performance.now();
-    const artifacts: Uint8Array[] = [];
-    for (let h = 0; h < o.heads; h++) {
-      artifacts.push(name === 'infiniretri-question' ? encodeKept({ ids: new Int32Array(0), scores: new Float32Array(0), tokens, chunk: 0, span: 0 }) : await infiniretriBuilder.build({ ...keysOf(h), queries: wl.prefillQ[h], queryCount: wl.prefillQ[h].length / d }));
-      progress(`${name}: seal read head ${h + 1}/${o.heads} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+    // The seal's read does not depend on the budget: done once per workload, its time reported with every budget.
+    let seal0 = sealReads.get(wl);
+    if (!seal0 && name !== 'infiniretri-question') {
+      const t0 = performance.now(), artifacts: Uint8Array[] = [];
+      for (let h = 0; h < o.heads; h++) {
+        artifacts.push(await infiniretriBuilder.build({ ...keysOf(h), queries: wl.prefillQ[h], queryCount: wl.prefillQ[h].length / d }));
+        progress(`${name}: seal read head ${h + 1}/${o.heads} (${((performance.now() - t0) / 1000).toFixed(1)} s)`);
+      }
+      seal0 = { artifacts, seconds: (performance.now() - t0) / 1000 / o.heads };
+      sealReads.set(wl, seal0);
     }
-    const buildSeconds = (performance.now() - t0) / 1000 / o.heads;
+    const none = encodeKept({ ids: new Int32Array(0), scores: new Float32Array(0), tokens, chunk: 0, span: 0 });
+    const artifacts = name === 'infiniretri-question' || !seal0 ? Array.from({ length: o.heads }, () => none) : seal0.artifacts;
+    const buildSeconds = name === 'infiniretri-question' || !seal0 ? 0 : seal0.seconds;
     const t1 = performance.now();
     const seal = artifacts.map((b, h) => (infiniretriBuilder.load(b, keysOf(h)) as KeptHead).kept);
     const loadMs = (performance.now() - t1) / o.heads;
