@@ -16,6 +16,13 @@ export interface ClusterRankHead {
   /** [k]: the best clusters, best first (ties: lower id). */
   outIds: Int32Array;
   outScores: Float32Array;
+  /**
+   * Optional: the best clusters' members copied here, best cluster first,
+   * until it is full; cluster c's members are members[offsets[c] .. offsets[c + 1]).
+   */
+  outRows?: Int32Array;
+  offsets?: Int32Array;
+  members?: Int32Array;
 }
 
 export interface ClusterRankArgs {
@@ -31,12 +38,17 @@ export interface ClusterRankArgs {
 }
 
 interface Addon {
-  rankClusterHeads(a: Omit<ClusterRankArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
+  rankClusterHeads(a: Omit<ClusterRankArgs, 'dtype'> & { dtype: number }): Promise<ClusterRankCounts>;
 }
 
 const addon = nativeAddon<Addon>();
 
-/** Per head: how many ids were written, min(k, clusters). */
-export function rankClusterHeads(args: ClusterRankArgs): Promise<number[]> {
+/** Per head: ids written (min(k, clusters)) and rows written to outRows (0 without). */
+export interface ClusterRankCounts {
+  ids: number[];
+  rows: number[];
+}
+
+export function rankClusterHeads(args: ClusterRankArgs): Promise<ClusterRankCounts> {
   return addon.rankClusterHeads({ ...args, dtype: DTYPE_CODE[args.dtype] });
 }

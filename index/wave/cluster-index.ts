@@ -39,14 +39,24 @@ export type ClusterRanking = 'spread' | 'radius';
  */
 export const PROBE = 8;
 
+interface Scratch {
+  ids: Int32Array;
+  scores: Float32Array;
+  rows: Int32Array;
+}
+
 export class ClusterIndex implements HeadIndex {
   readonly clusters: number;
   readonly stride: number;
   /** Members of cluster c: rows members[offsets[c] .. offsets[c + 1]), ascending. */
   readonly offsets: Int32Array;
   readonly members: Int32Array;
-  private readonly topIds: Int32Array;
-  private readonly topScores: Float32Array;
+  /**
+   * Free step scratch (ranked cluster ids and scores, candidate rows): a
+   * step takes one per head and gives it back, so steady decoding allocates
+   * none and concurrent sessions over a shared document never share one.
+   */
+  private readonly free: Scratch[] = [];
 
   constructor(
     readonly arrays: ClusterArrays,
@@ -63,8 +73,6 @@ export class ClusterIndex implements HeadIndex {
     this.members = new Int32Array(arrays.tokens);
     const at = this.offsets.slice(0, C);
     arrays.tokenCluster.forEach((c, t) => (this.members[at[c]++] = t));
-    this.topIds = new Int32Array(C);
-    this.topScores = new Float32Array(C);
   }
 
   static load(bytes: Uint8Array, keys: HeadKeys): ClusterIndex {
@@ -85,15 +93,21 @@ export class ClusterIndex implements HeadIndex {
     return firstOrder ? base : { ...base, keyVars: a.keyVars, keys: this.keys, varianceShare: a.varianceShare };
   }
 
-  /** Rows of the best clusters, best cluster first, until k rows (the last cluster may be cut). */
-  private expand(count: number, k: number): Int32Array {
-    const out = new Int32Array(k);
+  private take(clusters: number, rows: number): Scratch {
+    const s = this.free.pop() ?? { ids: new Int32Array(0), scores: new Float32Array(0), rows: new Int32Array(0) };
+    if (s.ids.length < clusters) (s.ids = new Int32Array(clusters)), (s.scores = new Float32Array(clusters));
+    if (s.rows.length < rows) s.rows = new Int32Array(rows);
+    return s;
+  }
+
+  /** Rows of the best clusters in s.ids[0 .. count), best cluster first, until k rows (the last cluster may be cut); the radius ranking's path. */
+  private expand(s: Scratch, count: number, k: number): Int32Array {
     let n = 0;
     for (let i = 0; i < count && n < k; i++) {
-      const c = this.topIds[i];
-      for (let j = this.offsets[c]; j < this.offsets[c + 1] && n < k; j++) out[n++] = this.members[j];
+      const c = s.ids[i];
+      for (let j = this.offsets[c]; j < this.offsets[c + 1] && n < k; j++) s.rows[n++] = this.members[j];
     }
-    return out.subarray(0, n);
+    return s.rows.subarray(0, n);
   }
 
   search(): SearchResult {
@@ -108,29 +122,43 @@ export class ClusterIndex implements HeadIndex {
   static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread'): Promise<SearchResult[]> {
     const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
     const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * PROBE * k[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
-    const counts = ranking === 'spread'
-      ? await rankClusterHeads({
+    const scratch = heads.map((h, i) => h.take(want, PROBE * k[i]));
+    try {
+      let candidates: Int32Array[];
+      if (ranking === 'spread') {
+        // The members of the best clusters come back from the same native call.
+        const counts = await rankClusterHeads({
           q, group, headDim: d, centroidStride: stride, dtype: h0.arrays.dtype, k: want, spread: SPREAD,
-          heads: heads.map((h) => ({ centroids: h.arrays.centroids, axes: h.arrays.keyAxes, vars: h.arrays.keyVars, clusters: h.clusters, outIds: h.topIds, outScores: h.topScores })),
-        })
-      : await ClusterIndex.rankByRadius(heads, q, group, want);
-    const candidates = heads.map((h, i) => h.expand(counts[i], PROBE * k[i]));
-    const kMax = Math.max(...k);
-    const ids = heads.map((_, i) => new Int32Array(Math.min(kMax, candidates[i].length)));
-    const scores = ids.map((a) => new Float32Array(a.length));
-    const kept = await topkHeads({
-      q,
-      group,
-      headDim: d,
-      dtype: h0.arrays.dtype,
-      k: kMax,
-      heads: heads.map((h, i) => ({ keys: h.keys, tokens: h.arrays.tokens, rows: candidates[i], outIds: ids[i], outScores: scores[i] })),
-    });
-    return heads.map((h, i) => ({ ids: ids[i].subarray(0, Math.min(kept[i], k[i])), scanned: h.clusters + candidates[i].length }));
+          heads: heads.map((h, i) => ({
+            centroids: h.arrays.centroids, axes: h.arrays.keyAxes, vars: h.arrays.keyVars, clusters: h.clusters,
+            outIds: scratch[i].ids.subarray(0, want), outScores: scratch[i].scores.subarray(0, want),
+            offsets: h.offsets, members: h.members, outRows: scratch[i].rows.subarray(0, PROBE * k[i]),
+          })),
+        });
+        candidates = scratch.map((s, i) => s.rows.subarray(0, counts.rows[i]));
+      } else {
+        const counts = await ClusterIndex.rankByRadius(heads, scratch, q, group, want);
+        candidates = heads.map((h, i) => h.expand(scratch[i], counts[i], PROBE * k[i]));
+      }
+      const kMax = Math.max(...k);
+      const ids = heads.map((_, i) => new Int32Array(Math.min(kMax, candidates[i].length)));
+      const scores = ids.map((a) => new Float32Array(a.length));
+      const kept = await topkHeads({
+        q,
+        group,
+        headDim: d,
+        dtype: h0.arrays.dtype,
+        k: kMax,
+        heads: heads.map((h, i) => ({ keys: h.keys, tokens: h.arrays.tokens, rows: candidates[i], outIds: ids[i], outScores: scores[i] })),
+      });
+      return heads.map((h, i) => ({ ids: ids[i].subarray(0, Math.min(kept[i], k[i])), scanned: h.clusters + candidates[i].length }));
+    } finally {
+      heads.forEach((h, i) => h.free.push(scratch[i]));
+    }
   }
 
   /** The radius ranking: one top-k over the rows [centroid, radius, 0 ...] with queries [q, share·‖q‖, 0 ...]. */
-  private static rankByRadius(heads: ClusterIndex[], q: Float32Array, group: number, want: number): Promise<number[]> {
+  private static rankByRadius(heads: ClusterIndex[], scratch: Scratch[], q: Float32Array, group: number, want: number): Promise<number[]> {
     const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
     const aug = new Float32Array(heads.length * group * stride);
     for (let r = 0; r < heads.length * group; r++) {
@@ -144,7 +172,7 @@ export class ClusterIndex implements HeadIndex {
       headDim: stride,
       dtype: h0.arrays.dtype,
       k: want,
-      heads: heads.map((h) => ({ keys: h.arrays.centroids, tokens: h.clusters, outIds: h.topIds, outScores: h.topScores })),
+      heads: heads.map((h, i) => ({ keys: h.arrays.centroids, tokens: h.clusters, outIds: scratch[i].ids.subarray(0, want), outScores: scratch[i].scores.subarray(0, want) })),
     });
   }
 }

@@ -1,5 +1,8 @@
 // rankClusterHeads({q: [heads*group, headDim], group, headDim, centroidStride, dtype, k, spread,
-//                   heads: [{centroids, axes, vars, clusters, outIds, outScores}]}) -> Promise<number[]>
+//                   heads: [{centroids, axes, vars, clusters, outIds, outScores,
+//                            offsets?, members?, outRows?}]}) -> Promise<{ids: number[], rows: number[]}>
+// With offsets (Int32Array [clusters + 1]), members and outRows, the best
+// clusters' members are copied into outRows, best cluster first, until it is full.
 // One ranking per kv head (head h scores with query rows h*group ..), all in
 // one worker: a decode step ranks every kv head's clusters with one call.
 #include <napi.h>
@@ -49,14 +52,36 @@ Napi::Value RankClusterHeadsJs(const Napi::CallbackInfo& info) {
     p.outIds = res.ids.Data();
     p.outScores = res.scores.Data();
     hold.insert(hold.end(), {centroids, axes, vars, res.ids, res.scores});
+    if (auto rows = OptTypedAt<int32_t>(ho, "outRows")) {
+      auto offsets = TypedAt<int32_t>(ho, "offsets", C + 1);
+      auto members = OptTypedAt<int32_t>(ho, "members");
+      if (!members) throw Napi::TypeError::New(env, "outRows needs offsets and members");
+      // The offsets address members: checked once, before any copy.
+      const int32_t* off = offsets.Data();
+      if (off[0] != 0) throw Napi::RangeError::New(env, "offsets[0] must be 0");
+      for (size_t c = 0; c < C; ++c)
+        if (off[c + 1] < off[c]) throw Napi::RangeError::New(env, "offsets must not decrease");
+      if (size_t(off[C]) > members->ElementLength()) throw Napi::RangeError::New(env, "offsets run past members");
+      p.offsets = off;
+      p.members = members->Data();
+      p.outRows = rows->Data();
+      p.maxRows = int64_t(rows->ElementLength());
+      hold.insert(hold.end(), {offsets, *members, *rows});
+    }
   }
-  auto counts = std::make_shared<std::vector<int64_t>>(n);
+  auto counts = std::make_shared<std::vector<ClusterRankCounts>>(n);
   return RunAsync(
       env, hold, [problems, counts]() { RankClustersMany(problems->data(), problems->size(), counts->data()); },
       [counts](Napi::Env e) {
-        auto a = Napi::Array::New(e, counts->size());
-        for (size_t h = 0; h < counts->size(); ++h) a.Set(uint32_t(h), Napi::Number::New(e, double((*counts)[h])));
-        return a;
+        auto ids = Napi::Array::New(e, counts->size()), rows = Napi::Array::New(e, counts->size());
+        for (size_t h = 0; h < counts->size(); ++h) {
+          ids.Set(uint32_t(h), Napi::Number::New(e, double((*counts)[h].ids)));
+          rows.Set(uint32_t(h), Napi::Number::New(e, double((*counts)[h].rows)));
+        }
+        auto out = Napi::Object::New(e);
+        out.Set("ids", ids);
+        out.Set("rows", rows);
+        return out;
       });
 }
 

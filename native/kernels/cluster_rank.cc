@@ -38,7 +38,7 @@ void ScanClusters(const ClusterRankProblem& p, int64_t begin, int64_t end, int64
 
 }  // namespace
 
-void RankClustersMany(const ClusterRankProblem* problems, size_t n, int64_t* counts) {
+void RankClustersMany(const ClusterRankProblem* problems, size_t n, ClusterRankCounts* counts) {
   struct Task {
     size_t problem;
     int64_t begin, end;
@@ -57,7 +57,18 @@ void RankClustersMany(const ClusterRankProblem* problems, size_t n, int64_t* cou
   for (size_t p = 0; p < n; ++p) {
     std::vector<Hit> all;
     for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
-    counts[p] = WriteBest(all, keepOf(p), problems[p].outIds, problems[p].outScores);
+    const ClusterRankProblem& pr = problems[p];
+    counts[p].ids = WriteBest(all, keepOf(p), pr.outIds, pr.outScores);
+    counts[p].rows = 0;
+    if (!pr.outRows) continue;
+    int64_t r = 0;
+    for (int64_t i = 0; i < counts[p].ids && r < pr.maxRows; ++i) {
+      const int32_t c = pr.outIds[i];
+      const int64_t take = std::min<int64_t>(pr.offsets[c + 1] - pr.offsets[c], pr.maxRows - r);
+      std::copy(pr.members + pr.offsets[c], pr.members + pr.offsets[c] + take, pr.outRows + r);
+      r += take;
+    }
+    counts[p].rows = r;
   }
 }
 

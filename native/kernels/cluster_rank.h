@@ -34,10 +34,22 @@ struct ClusterRankProblem {
   int k = 0;
   int32_t* outIds = nullptr;   // [min(k, clusters)], best first
   float* outScores = nullptr;  // [min(k, clusters)]
+  // Optional: the members of the best clusters, best cluster first, copied
+  // into outRows until maxRows (the last cluster may be cut); cluster c's
+  // members are members[offsets[c] .. offsets[c + 1]).
+  const int32_t* offsets = nullptr;  // [clusters + 1]
+  const int32_t* members = nullptr;
+  int32_t* outRows = nullptr;        // [maxRows]
+  int64_t maxRows = 0;
+};
+
+struct ClusterRankCounts {
+  int64_t ids = 0;   // min(k, clusters)
+  int64_t rows = 0;  // rows written to outRows
 };
 
 // Several independent problems (one per kv head) sharing the thread pool in
-// one pass; counts[i] = min(k, clusters) of problem i.
-void RankClustersMany(const ClusterRankProblem* problems, size_t n, int64_t* counts);
+// one pass.
+void RankClustersMany(const ClusterRankProblem* problems, size_t n, ClusterRankCounts* counts);
 
 }  // namespace kvr

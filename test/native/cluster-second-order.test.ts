@@ -124,7 +124,8 @@ describe('rankClusterHeads', () => {
     }
     const q = Float32Array.from({ length: H * G * d }, () => rng.normal());
     const counts = await rankClusterHeads({ q, group: G, headDim: d, centroidStride: stride, dtype: 'f16', k, spread, heads });
-    expect(counts).toEqual([k, k]);
+    expect(counts.ids).toEqual([k, k]);
+    expect(counts.rows).toEqual([0, 0]);
     heads.forEach((h, hi) => {
       const score = (c: number) => {
         let best = -Infinity;
@@ -144,6 +145,29 @@ describe('rankClusterHeads', () => {
     });
     const i3 = [...heads[0].outIds].indexOf(3), i7 = [...heads[0].outIds].indexOf(7);
     if (i3 >= 0 || i7 >= 0) expect(i3 >= 0 && (i7 < 0 || i3 < i7)).toBe(true);
+  });
+
+  it('copies the best clusters\' members into outRows, best cluster first, cut where it is full; refuses offsets that would read past members', async () => {
+    const rng = new Rng(seed + 4);
+    const d = 8, stride = 16, C = 40;
+    const sizes = Int32Array.from({ length: C }, () => 1 + rng.int(5));
+    const offsets = new Int32Array(C + 1);
+    sizes.forEach((n, c) => (offsets[c + 1] = offsets[c] + n));
+    const members = Int32Array.from({ length: offsets[C] }, (_, i) => 1000 + i);
+    const head = {
+      centroids: Uint16Array.from({ length: C * stride }, () => toBits(rng.normal())),
+      axes: new Uint16Array(C * d), vars: new Uint16Array(C * d), clusters: C,
+      outIds: new Int32Array(C), outScores: new Float32Array(C), offsets, members, outRows: new Int32Array(11),
+    };
+    const q = Float32Array.from({ length: d }, () => rng.normal());
+    const counts = await rankClusterHeads({ q, group: 1, headDim: d, centroidStride: stride, dtype: 'f16', k: C, spread: 2, heads: [head] });
+    const want: number[] = [];
+    for (const c of head.outIds) for (let j = offsets[c]; j < offsets[c + 1] && want.length < 11; j++) want.push(members[j]);
+    expect(counts.rows[0]).toBe(11);
+    expect([...head.outRows]).toEqual(want);
+    const bad = Int32Array.from(offsets);
+    bad[C] = members.length + 1;
+    await expect(async () => rankClusterHeads({ q, group: 1, headDim: d, centroidStride: stride, dtype: 'f16', k: C, spread: 2, heads: [{ ...head, offsets: bad }] })).rejects.toThrow(/members/);
   });
 
   it('finds planted outlier keys hidden in clusters of ordinary ones at a budget of a few tokens, where the radius score misses them', async () => {
