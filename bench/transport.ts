@@ -8,7 +8,7 @@
 // sessions' steps in one call against one step. The server is a separate
 // process on 127.0.0.1. Results: bench/results/transport-<host>.{json,md}.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,8 +24,25 @@ const CALLS = get('calls', 500), TOKENS = get('tokens', 4096), BATCH = 32;
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport] ${msg}\n`);
 const p50 = (xs: number[]) => quantile(xs, 0.5, 'nearest');
+const p10 = (xs: number[]) => quantile(xs, 0.1, 'nearest');
 
-async function startServer(dir: string): Promise<{ url: string; stop(): void }> {
+/** CPU ms (user + system, every thread) a process has used, from /proc (USER_HZ = 100: 10 ms steps). */
+function cpuMs(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(f[11]) + Number(f[12])) * 10;
+}
+const ownCpuMs = () => {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1000;
+};
+/** Runs `f`, and the CPU ms per call the server and this client spent on it. */
+async function metered<T>(pid: number, calls: number, f: () => Promise<T>): Promise<{ value: T; serverCpuMs: number; clientCpuMs: number }> {
+  const s0 = cpuMs(pid), c0 = ownCpuMs();
+  const value = await f();
+  return { value, serverCpuMs: (cpuMs(pid) - s0) / calls, clientCpuMs: (ownCpuMs() - c0) / calls };
+}
+
+async function startServer(dir: string): Promise<{ url: string; pid: number; stop(): void }> {
   const proc = spawn(process.execPath, [join(import.meta.dirname, '..', 'cli', 'cli.js'), 'serve', '--port', '0', '--data', dir, '--gpu-budget', process.env.KVRECALL_GPU_BUDGET ?? '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = await new Promise<string>((resolve, reject) => {
     proc.stdout.on('data', (d: Buffer) => {
@@ -34,7 +51,7 @@ async function startServer(dir: string): Promise<{ url: string; stop(): void }> 
     });
     proc.once('exit', (c) => reject(new Error(`server exited ${c}`)));
   });
-  return { url, stop: () => proc.kill('SIGKILL') };
+  return { url, pid: proc.pid!, stop: () => proc.kill('SIGKILL') };
 }
 
 /** GET /v1/health on one keep-alive connection, wall ms per call. */
@@ -77,24 +94,28 @@ async function main(): Promise<void> {
       return xs;
     };
     progress(`server ${server.url}; ${CALLS} calls each`);
-    const health = await bareHealth(server.url, CALLS);
-    const http = await over(async () => {
+    const mHealth = await metered(server.pid, CALLS, () => bareHealth(server.url, CALLS));
+    const health = mHealth.value;
+    const mHttp = await metered(server.pid, CALLS + 20, () => over(async () => {
       const t0 = performance.now();
       const r = await client.attend(sids[0], body);
       return performance.now() - t0 - r.stats.ms;
-    });
+    }));
+    const http = mHttp.value;
     const stream = await client.openStream();
-    const streamed = await over(async () => {
+    const mStream = await metered(server.pid, CALLS + 20, () => over(async () => {
       const t0 = performance.now();
       const r = await stream.attend(sids[0], body);
       return performance.now() - t0 - r.stats.ms;
-    });
+    }));
+    const streamed = mStream.value;
     // A batch: wall minus the server's time for the whole batch (stats.ms of the batch answer).
-    const batchOver = await over(async () => {
+    const mBatch = await metered(server.pid, CALLS + 20, () => over(async () => {
       const t0 = performance.now();
       const rs = await stream.attendBatch(0, sids.map((session) => ({ session, q })));
       return performance.now() - t0 - (rs.ms ?? NaN);
-    });
+    }));
+    const batchOver = mBatch.value;
     stream.close();
     const rows = {
       healthMsP50: p50(health),
@@ -102,7 +123,13 @@ async function main(): Promise<void> {
       streamOverheadMsP50: p50(streamed),
       batchOverheadMsP50: p50(batchOver),
     };
-    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50 };
+    // Less moved by other load than p50 on a shared machine: the 10th percentile, and CPU ms per call
+    // (server process, every thread, the engine's work included; this client).
+    const p10s = { healthMsP10: p10(health), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver) };
+    const cpu = Object.fromEntries(
+      ([['health', mHealth], ['http', mHttp], ['stream', mStream], ['batch', mBatch]] as const).map(([k, m]) => [k, { serverMs: m.serverCpuMs, clientMs: m.clientCpuMs }]),
+    );
+    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, ...p10s, cpuPerCall: cpu };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${tag}`);
@@ -113,14 +140,16 @@ async function main(): Promise<void> {
       [
         `# Decode-call overhead per transport (${m.cpu}, ${m.cores} cores)`,
         '',
-        `TypeScript client, server in its own process on 127.0.0.1, ${CALLS} calls after 20 warm-up; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${d}, method exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms, p50.`,
+        `TypeScript client, server in its own process on 127.0.0.1, ${CALLS} calls after 20 warm-up; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${d}, method exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms, p50. Load average at the start: ${m.loadAverage} (a shared machine moves every number).`,
         '',
-        '| transport | p50 ms | × bare health |',
-        '| --- | ---: | ---: |',
-        `| bare GET /v1/health (same keep-alive connection) | ${rows.healthMsP50.toFixed(3)} | 1.00 |`,
-        `| HTTP attend | ${rows.httpOverheadMsP50.toFixed(3)} | ${result.httpVsHealth.toFixed(2)} |`,
-        `| stream attend | ${rows.streamOverheadMsP50.toFixed(3)} | ${result.streamVsHealth.toFixed(2)} |`,
-        `| stream batch of ${BATCH} sessions (one call) | ${rows.batchOverheadMsP50.toFixed(3)} | ${(rows.batchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.batchVsSingleStream.toFixed(2)}× one stream attend) |`,
+        'p10: the 10th percentile of the same calls; CPU ms per call: the server process (every thread, its engine work included) and this client.',
+        '',
+        '| transport | p50 ms | × bare health | p10 ms | p10 × bare health | server CPU ms/call | client CPU ms/call |',
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+        `| bare GET /v1/health (same keep-alive connection) | ${rows.healthMsP50.toFixed(3)} | 1.00 | ${p10s.healthMsP10.toFixed(3)} | 1.00 | ${cpu.health.serverMs.toFixed(3)} | ${cpu.health.clientMs.toFixed(3)} |`,
+        `| HTTP attend | ${rows.httpOverheadMsP50.toFixed(3)} | ${result.httpVsHealth.toFixed(2)} | ${p10s.httpOverheadMsP10.toFixed(3)} | ${(p10s.httpOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.http.serverMs.toFixed(3)} | ${cpu.http.clientMs.toFixed(3)} |`,
+        `| stream attend | ${rows.streamOverheadMsP50.toFixed(3)} | ${result.streamVsHealth.toFixed(2)} | ${p10s.streamOverheadMsP10.toFixed(3)} | ${(p10s.streamOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.stream.serverMs.toFixed(3)} | ${cpu.stream.clientMs.toFixed(3)} |`,
+        `| stream batch of ${BATCH} sessions (one call) | ${rows.batchOverheadMsP50.toFixed(3)} | ${(rows.batchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.batchVsSingleStream.toFixed(2)}× one stream attend) | ${p10s.batchOverheadMsP10.toFixed(3)} | ${(p10s.batchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.batchOverheadMsP10 / p10s.streamOverheadMsP10).toFixed(2)}× one stream attend) | ${cpu.batch.serverMs.toFixed(3)} | ${cpu.batch.clientMs.toFixed(3)} |`,
         '',
       ].join('\n'),
     );
