@@ -107,6 +107,13 @@ export function convert(src: Uint8Array, from: FloatDtype, dst: Uint8Array, to: 
   addon.convert({ src, from: DTYPE_CODE[from], dst, to: DTYPE_CODE[to], count });
 }
 
+/** The first `count` (default: all) 16-bit storage words widened to float32. */
+export function widenWords(words: Uint16Array, dtype: KvDtype, count = words.length): Float32Array {
+  const out = new Float32Array(count);
+  convert(new Uint8Array(words.buffer, words.byteOffset, count * 2), dtype, new Uint8Array(out.buffer), 'f32', count);
+  return out;
+}
+
 /** Index of the first NaN/Inf among `count` values, or -1. */
 export function firstNonFinite(src: Uint8Array, dtype: FloatDtype, count: number): number {
   return addon.firstNonFinite({ src, dtype: DTYPE_CODE[dtype], count });

@@ -10,7 +10,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import hnswlib from 'hnswlib-node';
-import { convert } from '../addon/kernels.js';
+import { widenWords } from '../addon/kernels.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 
@@ -27,11 +27,7 @@ function viaTempFile<T>(work: (path: string) => T): T {
   }
 }
 
-function widen(keys: HeadKeys): Float32Array {
-  const out = new Float32Array(keys.tokens * keys.headDim);
-  convert(new Uint8Array(keys.keys.buffer, keys.keys.byteOffset, out.length * 2), keys.dtype, new Uint8Array(out.buffer), 'f32', out.length);
-  return out;
-}
+const widen = (keys: HeadKeys): Float32Array => widenWords(keys.keys, keys.dtype, keys.tokens * keys.headDim);
 
 class HnswHead implements HeadIndex {
   constructor(

@@ -9,7 +9,7 @@
 // native/kernels/cluster_rank.h), its token count,
 // its radius (the largest distance of a member key from the centroid, for
 // the optimistic score) and its members.
-import { convert, type KvDtype } from '../../addon/kernels.js';
+import { convert, widenWords, type KvDtype } from '../../addon/kernels.js';
 import { kmeans } from '../../addon/faiss.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
@@ -26,12 +26,6 @@ export interface ClusterOptions {
 }
 
 export const DEFAULT_CLUSTER_OPTIONS: ClusterOptions = { clusterSize: 8, segmentTokens: 8192, iterations: 8, seed: 1 };
-
-function widen(words: Uint16Array, dtype: KvDtype, count: number): Float32Array {
-  const out = new Float32Array(count);
-  convert(new Uint8Array(words.buffer, words.byteOffset, count * 2), dtype, new Uint8Array(out.buffer), 'f32', count);
-  return out;
-}
 
 function narrow(values: Float32Array, dtype: KvDtype): Uint16Array {
   const out = new Uint16Array(values.length);
@@ -114,8 +108,8 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
   for (let t0 = 0; t0 < N; t0 += o.segmentTokens) {
     const t1 = Math.min(N, t0 + o.segmentTokens), n = t1 - t0;
     const { assign, clusters } = await assignSegment(input, t0, t1, o);
-    const keys = widen(input.keys.subarray(t0 * d), input.dtype, n * d);
-    const values = widen(input.values.subarray(t0 * d), input.dtype, n * d);
+    const keys = widenWords(input.keys.subarray(t0 * d), input.dtype, n * d);
+    const values = widenWords(input.values.subarray(t0 * d), input.dtype, n * d);
     // Empty clusters are dropped: ids are renumbered densely.
     const cnt = new Int32Array(clusters);
     for (let i = 0; i < n; i++) cnt[assign[i]]++;

@@ -14,7 +14,7 @@
 // rows over a few segments, the whole clusters that hold their top tokens
 // attended exactly, the rest estimated, the output compared with exact
 // attention over the same tokens. Without prefill queries, DEFAULT_SHARE.
-import { convert, type KvDtype } from '../../addon/kernels.js';
+import { widenWords } from '../../addon/kernels.js';
 import type { BuildInput } from '../method.js';
 
 export const VARIANCE_SHARES = [0, 0.25, 0.5, 0.75, 1];
@@ -38,12 +38,6 @@ export interface BuiltClusters {
   segments: [number, number, number, number][];
 }
 
-function widen(words: Uint16Array, dtype: KvDtype): Float32Array {
-  const out = new Float32Array(words.length);
-  convert(new Uint8Array(words.buffer, words.byteOffset, words.byteLength), dtype, new Uint8Array(out.buffer), 'f32', words.length);
-  return out;
-}
-
 /** Evenly spaced picks of `want` out of `n`. */
 const spread = (n: number, want: number) => Array.from({ length: Math.min(n, want) }, (_, i) => Math.floor(((i + 0.5) * n) / Math.min(n, want)));
 
@@ -54,8 +48,8 @@ export function calibrateVarianceShare(input: BuildInput, c: BuiltClusters): num
   const rows = spread(input.queryCount, ROWS);
   for (const si of spread(c.segments.length, SEGMENTS)) {
     const [t0, t1, c0, c1] = c.segments[si];
-    const keys = widen(input.keys.subarray(t0 * d, t1 * d), input.dtype);
-    const values = widen(input.values.subarray(t0 * d, t1 * d), input.dtype);
+    const keys = widenWords(input.keys.subarray(t0 * d, t1 * d), input.dtype);
+    const values = widenWords(input.values.subarray(t0 * d, t1 * d), input.dtype);
     const n = t1 - t0, logits = new Float64Array(n), exact = new Uint8Array(c1 - c0);
     const want = new Float64Array(d), got = new Float64Array(d), numExact = new Float64Array(d);
     const base = new Float64Array(c1 - c0), second = new Float64Array(c1 - c0), cap = new Float64Array(c1 - c0);

@@ -1,10 +1,11 @@
 // The second-order term's share is calibrated per kv head from the
-// document's prefill queries (index/wave/variance-share.ts). The same keys,
-// varying around their topic along one direction u: queries orthogonal to u
-// see no spread at all, which the per-channel variances overstate (share 0);
-// queries along u see more spread than the per-channel variances show
-// (Σ u_j⁴ < 1), so the full term is the best of the shares (high). Without
-// queries it is the default. The share travels in the artifact.
+// document's prefill queries (index/wave/variance-share.ts). Keys varying
+// around their topic along a direction u spread over every channel: queries
+// orthogonal to u see no spread at all, which the per-channel variances
+// overstate (share 0). Keys varying along one channel, queries along it: the
+// per-channel variance is the spread the queries see, and the full term
+// (or nearly) is the best share. Without queries it is the default. The
+// share travels in the artifact.
 import { describe, expect, it } from 'vitest';
 import { buildClusters } from '../../index/wave/cluster-build.js';
 import { decodeClusters } from '../../index/wave/cluster-codec.js';
@@ -32,7 +33,7 @@ function document(rng: Rng, spread: (key: Float32Array) => void, queryOf: () => 
 }
 
 describe('variance share calibration', () => {
-  it('is 0 for queries orthogonal to the direction keys vary along, and high for queries along it', async () => {
+  it('is 0 for queries orthogonal to a direction keys vary along, and high for queries along a channel keys vary in', async () => {
     const rng = new Rng(seed);
     const u = Float32Array.from({ length: d }, () => rng.normal());
     const un = Math.hypot(...u);
@@ -42,16 +43,15 @@ describe('variance share calibration', () => {
       const along = q.reduce((a, x, j) => a + x * u[j], 0);
       return q.map((x, j) => x - along * u[j]);
     };
-    const alongOf = (query: () => Float32Array) => {
-      const keyRng = new Rng(seed + 7);
-      return document(keyRng, (k) => {
-        const z = 3 * keyRng.normal();
-        for (let j = 0; j < d; j++) k[j] += z * u[j];
+    const varyingAlong = (dir: Float32Array, query: () => Float32Array) =>
+      document(rng, (k) => {
+        const z = 3 * rng.normal();
+        for (let j = 0; j < d; j++) k[j] += z * dir[j];
       }, query);
-    };
-    const orthogonalQueries = alongOf(orthogonal);
-    const alongQueries = alongOf(() => Float32Array.from(u, (x) => 1.5 * x + 0.1 * rng.normal()));
-    const shareOf = async (input: ReturnType<typeof alongOf>) => decodeClusters(await buildClusters(input)).varianceShare;
+    const orthogonalQueries = varyingAlong(u, orthogonal);
+    const e0 = Float32Array.from({ length: d }, (_, j) => (j === 0 ? 1 : 0));
+    const alongQueries = varyingAlong(e0, () => Float32Array.from({ length: d }, (_, j) => (j === 0 ? 8 : 0.1 * rng.normal())));
+    const shareOf = async (input: ReturnType<typeof varyingAlong>) => decodeClusters(await buildClusters(input)).varianceShare;
     expect(await shareOf(orthogonalQueries)).toBe(0);
     expect(await shareOf(alongQueries)).toBeGreaterThanOrEqual(0.75);
   });
