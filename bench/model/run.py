@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 import kvdecode  # noqa: E402
 from kvdecode import REPO, Held, SessionAttend, Trial, decode, make_trial, push_document  # noqa: E402
 import heldout  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from model import Model  # noqa: E402
 
 # The order of the tables; a method the server does not know is left out.
@@ -204,16 +205,6 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def pct(x, q) -> float:
     return float(np.percentile(np.asarray(x, np.float64), q)) if len(x) else float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def machine(health: Dict[str, object]) -> Dict[str, object]:

@@ -30,6 +30,7 @@ from typing import Dict, List
 import numpy as np
 
 import heldout
+from machine import cpu_name
 from model import Model
 from wave_index import BLOCK, Variant, attend_one, build_indexes, merged_softmax, static_mask
 
@@ -48,16 +49,6 @@ VARIANTS: List[Variant] = [
     Variant("(d) blocks + mean", "block-mean", False, 64, 8, 0.025),
     Variant("(e) blocks + mean + est s8", "block-mean", True, 64, 8, 0.025),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def budget_tokens(var: Variant, ctx: int) -> int:
