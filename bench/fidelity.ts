@@ -1,5 +1,5 @@
 // npm run bench:fidelity [-- --tokens 131072 --kv-heads 2 --steps 24 --configs default,broad
-//                           --methods wave,topk-blocks,nosa,hnsw --budget 0.02 --cluster-size 8 --quick]
+//                           --methods wave,topk-blocks,nosa,hnsw --budget 0.02 --cluster-size 8 --quick --tag T]
 //
 // Attention output error of each method, with and without the estimation
 // zone, on the seeded generator (workload/) in two configurations: `default`
@@ -10,7 +10,7 @@
 // at the same exact count (the best any token choice can do). Needles: a
 // needle counts as found when the step that asks for it attends it exactly
 // (or, estimated, when that q head's output error is under 0.1).
-// Results: bench/results/fidelity-<tokens>.{json,md}.
+// Results: bench/results/fidelity-<tokens>[-cs<N>][-<tag>].{json,md}.
 import { writeFileSync } from 'node:fs';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
@@ -41,6 +41,8 @@ interface Options {
   methods: string[];
   budget: number;
   clusterSize: number;
+  /** Appended to the results' file name (a partial run beside the full table). */
+  tag?: string;
 }
 
 const progress = (msg: string) => process.stderr.write(`[bench:fidelity] ${msg}\n`);
@@ -59,6 +61,7 @@ function parseArgs(argv: string[]): Options {
     methods: (get('methods') ?? 'oracle,wave,topk-blocks,nosa,hnsw').split(','),
     budget: Number(get('budget') ?? 0.02),
     clusterSize: Number(get('cluster-size') ?? 8),
+    tag: get('tag'),
   };
 }
 
@@ -207,7 +210,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   for (const config of o.configs) rows.push(...(await runConfig(config, o)));
   const host = describeMachine();
-  const base = `bench/results/fidelity-${o.tokens}${o.clusterSize === 8 ? '' : `-cs${o.clusterSize}`}`;
+  const base = `bench/results/fidelity-${o.tokens}${o.clusterSize === 8 ? '' : `-cs${o.clusterSize}`}${o.tag ? `-${o.tag}` : ''}`;
   writeFileSync(`${base}.json`, JSON.stringify({ machine: host, date: new Date().toISOString(), options: o, rows }, null, 1) + '\n');
   writeFileSync(`${base}.md`, markdown(o, rows, host));
   progress(`wrote ${base}.{json,md}`);
