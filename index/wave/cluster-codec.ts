@@ -4,8 +4,11 @@
 import { checksum64, type KvDtype } from '../../addon/kernels.js';
 
 const MAGIC = 0x4b565756; // "KVWV"
-/** 1: no key variances or axes, 2: no variance share (both stale: rebuilt at attach); 3: with them. */
-const VERSION = 3;
+/**
+ * 1: no key variances or axes, 2: no variance share, 3: outlier keys inside
+ * k-means clusters (all stale: rebuilt at attach); 4: outliers alone.
+ */
+const VERSION = 4;
 const HEADER_WORDS = 9;
 
 export interface ClusterArrays {
