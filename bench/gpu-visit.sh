@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One batched visit to a lent GPU machine (the `device` tool: 10 minutes per
+# command, 30 minutes a session, no Node and no network there), for what only
+# a GPU can answer: the CUDA tests, the wave step and block selection on the
+# device, the dense kernel against torch SDPA in the same visit, the decode
+# loop at 1M. Run it from the repository root there, with the node binary,
+# a node_modules that has vitest, dist/ and build/Release/kvrecall.node
+# carried: here, ../shared/tools/device-prep packs the node binary into
+# .device/node.xz and `tar cf - node_modules | xz -T2 -3 >
+# .device/nm-full.tar.xz` the modules; the command there starts with
+# `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
+# PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
+#
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave blocks dense decode (default: all)
+#
+# Each stage has its own time limit so one hang cannot eat the visit; the
+# log and every bench/results file the visit wrote land in $OUT.
+set -o pipefail
+OUT=${OUT:-/tmp/gpu-visit}
+mkdir -p "$OUT"
+L=$OUT/log.txt
+T0=$(date +%s)
+touch "$OUT/.start"
+stamp() { echo "== $1 $(( $(date +%s) - T0 ))s" | tee -a "$L"; }
+step() { # step <seconds> <label> <command...>
+  local limit=$1 label=$2; shift 2
+  stamp "$label"
+  timeout "$limit" "$@" 2>&1 | tee -a "$L"
+  echo "$label rc=${PIPESTATUS[0]}" | tee -a "$L"
+}
+vitest() { node node_modules/vitest/vitest.mjs run "$@"; }
+
+node --version | tee -a "$L"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee -a "$L"
+stages=${*:-tests wave blocks dense decode}
+for s in $stages; do
+  case $s in
+    tests) step 240 tests vitest test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts ;;
+    wave)
+      step 120 wave-check node dist/bench/wave-gpu.js --check
+      step 150 wave-bench node dist/bench/wave-gpu.js --bench ;;
+    blocks) step 90 blocks node dist/bench/block-select-gpu.js --steps 200 ;;
+    dense)
+      step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"
+      step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
+    decode) step 180 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
+    *) echo "unknown stage $s" | tee -a "$L" ;;
+  esac
+done
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$L"
+# What the benches wrote, to commit from the development machine.
+mkdir -p "$OUT/results"
+find bench/results -newer "$OUT/.start" -type f -exec cp {} "$OUT/results/" \;
+stamp done
