@@ -5,7 +5,6 @@
 //   estimates) and merge that in → answer.
 // Nothing here depends on which retrieval method the session uses.
 import { budgetTokens, type Selection } from '../index/method.js';
-import type { ClusterIndex } from '../index/wave/cluster-index.js';
 import type { BlockStats } from './cache/block-stats.js';
 import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
 import type { AttendRequest } from './attend-request.js';
@@ -55,8 +54,9 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   // The method selects.
   const ctx = session.context(req.layer);
   const t1 = performance.now();
-  const params = { ...session.params, budget: budgetTokens(session.params.budget, ctx.tokens) };
-  const selection = await session.method.select(ctx, req.q, params);
+  // The layer's own parameters: a session's per-layer policy may give each layer its budget.
+  const params = session.paramsFor(req.layer);
+  const selection = await session.method.select(ctx, req.q, { ...params, budget: budgetTokens(params.budget, ctx.tokens) });
   const t2 = performance.now();
 
   // The cache makes the selection resident (GPU pool or host) and attends
@@ -65,10 +65,10 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const lse = new Float32Array(m.qHeads);
   const { backend, blocks, gpu } = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
 
-  // What the method left out of the documents, estimated from their clusters.
+  // What the method left out of the documents, estimated from their clusters (when this layer estimates).
   let estimated: number | undefined;
-  if (session.clusterIndexes && ctx.segments.length > 1) {
-    const clusters = session.clusterIndexes.map((perLayer) => perLayer[req.layer] as ClusterIndex[]);
+  const clusters = session.clustersFor(req.layer);
+  if (clusters && ctx.segments.length > 1) {
     const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
     mergeInto(out, lse, est.out, est.lse, m.headDim);
     estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;

@@ -9,6 +9,8 @@ import { KvSegment } from '../storage/kv-segment.js';
 import type { LoadedDocument } from './documents.js';
 import type { ModelShape } from '../core/model.js';
 import { PrefillQueries } from './document-indexes.js';
+import type { ClusterIndex } from '../index/wave/cluster-index.js';
+import type { LayerParams } from './session-params.js';
 
 export interface SessionStats {
   steps: number;
@@ -24,9 +26,13 @@ export interface SessionOptions {
   documents: LoadedDocument[];
   method: RetrievalMethod;
   params: SearchParams;
+  /** Whether the session estimates what its method leaves out (default: when it has clusters; layers may differ). */
+  estimate?: boolean;
+  /** Per layer, its budget and whether it estimates: a per-layer policy (default: the session's in every layer). */
+  layers?: LayerParams[];
   /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
   documentIndexes: (HeadIndex[][] | undefined)[];
-  /** Per document, its wave clusters [layer][kv head], when the session estimates what its method leaves out. */
+  /** Per document, its wave clusters [layer][kv head], when any layer estimates what its method leaves out. */
   clusterIndexes?: HeadIndex[][][];
   budget: HostBudget;
   /** The GPU pool this session's steps use, when it was admitted to one. */
@@ -49,6 +55,10 @@ export class Session {
   readonly documents: LoadedDocument[];
   readonly method: RetrievalMethod;
   readonly params: SearchParams;
+  readonly estimate: boolean;
+  private readonly layers: LayerParams[];
+  /** Whether the session was created with a per-layer policy (described back to the client). */
+  private readonly layerOverrides: boolean;
   /** Per document, the method's loaded indexes [layer][kv head] (indexed methods only). */
   readonly documentIndexes: (HeadIndex[][] | undefined)[];
   /** Per document, its clusters [layer][kv head], when the session estimates the tokens its method does not select. */
@@ -64,6 +74,9 @@ export class Session {
     this.documents = o.documents;
     this.method = o.method;
     this.params = o.params;
+    this.estimate = o.estimate ?? o.clusterIndexes !== undefined;
+    this.layerOverrides = o.layers !== undefined;
+    this.layers = o.layers ?? Array.from({ length: o.model.layers }, () => ({ budget: o.params.budget, estimate: this.estimate }));
     this.documentIndexes = o.documentIndexes;
     this.clusterIndexes = o.clusterIndexes;
     this.gpuReserved = o.gpuReserved ?? 0;
@@ -88,6 +101,17 @@ export class Session {
   release(): void {
     for (const s of this.own) s.release();
     this.gpu?.release(this.gpuReserved);
+  }
+
+  /** The search parameters of one layer's steps: the session's, with that layer's budget. */
+  paramsFor(layer: number): SearchParams {
+    return { ...this.params, budget: this.layers[layer].budget };
+  }
+
+  /** The documents' clusters of one layer, when that layer estimates what the method leaves out. */
+  clustersFor(layer: number): ClusterIndex[][] | undefined {
+    if (!this.layers[layer].estimate || !this.clusterIndexes) return undefined;
+    return this.clusterIndexes.map((perLayer) => perLayer[layer] as ClusterIndex[]);
   }
 
   documentTokens(): number {
@@ -118,7 +142,8 @@ export class Session {
       method: this.method.name,
       backend: this.gpu ? 'cuda' : 'cpu',
       ...this.params,
-      estimate: this.clusterIndexes !== undefined,
+      estimate: this.estimate,
+      ...(this.layerOverrides && { layers: this.layers }),
       documentTokens: this.documentTokens(),
       ownTokens: this.own.map((s) => s.tokens),
       createdAt: this.createdAt,

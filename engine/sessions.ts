@@ -10,6 +10,7 @@ import { describeModel, parseModel, sameModel, type ModelShape } from '../core/m
 import { KeyedQueue } from '../core/serial.js';
 import { toF32 } from '../core/tensor.js';
 import { Session } from './session.js';
+import { largestBudget, parseLayers, parseSearchParams } from './session-params.js';
 import { decodeStep, type AttendResult } from './decode-step.js';
 import { parseAttendRequest } from './attend-request.js';
 import type { HostBudget } from '../storage/host-budget.js';
@@ -50,35 +51,33 @@ export class Sessions {
     const methodName = body.method ?? 'exact';
     const method = typeof methodName === 'string' ? findMethod(methodName) : undefined;
     if (!method) throw invalid(`method must be one of: ${[...methodNames].join(', ')}`);
+    const params = parseSearchParams(body, { ...DEFAULT_PARAMS, ...METHOD_DEFAULTS[method.name] });
     const docIds = body.documents ?? [];
     if (!Array.isArray(docIds) || docIds.some((d) => typeof d !== 'string')) throw invalid('documents must be a list of ids');
     const docs = await Promise.all((docIds as string[]).map((id) => this.documents.acquire(id)));
     for (const d of docs)
       if (!sameModel(d.meta.model, model))
         throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
-    const params = { ...DEFAULT_PARAMS, ...METHOD_DEFAULTS[method.name] };
-    for (const key of ['budget', 'sinks', 'window', 'ef', 'chunk', 'span'] as const) {
-      const v = body[key];
-      if (v === undefined) continue;
-      const fraction = key === 'budget' && typeof v === 'number' && v > 0 && v < 1;
-      if (!fraction && (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > 1 << 30))
-        throw invalid(key === 'budget' ? 'budget must be a non-negative integer (tokens) or a fraction in (0, 1) of the context' : `${key} must be a non-negative integer`);
-      params[key] = v as number;
-    }
     // Estimating what a method leaves out costs one centroid score per cluster and cut every method's
     // error about tenfold on the real model (bench/results/model-vm.md): on wherever the clusters exist,
     // except for `exact`, which leaves nothing out.
     const estimate = body.estimate ?? (method.name === WAVE || (method.name !== 'exact' && docs.length > 0 && docs.every((d) => d.meta.methods.includes(WAVE))));
     if (typeof estimate !== 'boolean') throw invalid('estimate must be true or false');
-    if (estimate && method.name !== WAVE)
+    const layers = parseLayers(body.layers, model.layers, params.budget, estimate);
+    const estimating = layers.some((l) => l.estimate);
+    if (estimating && method.name !== WAVE)
       for (const d of docs)
         if (!d.meta.methods.includes(WAVE))
           throw conflict(`estimate needs the cluster index of document ${d.meta.id}: PUT it with methods including "${WAVE}" (and optionally clusterSize) to estimate what a method leaves out`);
     const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
-    const clusters = estimate ? await Promise.all(docs.map((d) => this.documents.indexes(d, WAVE))) : undefined;
+    const clusters = estimating ? await Promise.all(docs.map((d) => this.documents.indexes(d, WAVE))) : undefined;
     const docTokens = docs.reduce((n, d) => n + d.meta.tokens, 0);
-    const reserved = this.gpu?.admit(model, method.name, params, docTokens) ?? 0;
-    const session = new Session({ id: randomUUID(), model, documents: docs, method, params, documentIndexes: indexes, clusterIndexes: clusters, budget: this.budget, gpu: reserved > 0 ? this.gpu : undefined, gpuReserved: reserved });
+    // The pool holds the working set of the layer that reads the most.
+    const reserved = this.gpu?.admit(model, method.name, { ...params, budget: largestBudget(layers, docTokens) }, docTokens) ?? 0;
+    const session = new Session({
+      id: randomUUID(), model, documents: docs, method, params, estimate, ...(body.layers !== undefined && { layers }),
+      documentIndexes: indexes, clusterIndexes: clusters, budget: this.budget, gpu: reserved > 0 ? this.gpu : undefined, gpuReserved: reserved,
+    });
     this.open.set(session.id, session);
     return session;
   }

@@ -86,6 +86,18 @@ export interface SessionSpec {
   span?: number;
   /** Estimate what the method leaves out from the documents' clusters (default: on for `wave`). */
   estimate?: boolean;
+  /**
+   * A per-layer policy: one entry per model layer, each overriding the
+   * session's budget and/or estimate in that layer (e.g. the first layers of
+   * a model, which attend broadly, with more budget).
+   */
+  layers?: LayerPolicy[];
+}
+
+/** One layer's overrides of a session's budget and estimate (absent: the session's). */
+export interface LayerPolicy {
+  budget?: number;
+  estimate?: boolean;
 }
 
 export interface AttendBody {

@@ -387,14 +387,20 @@ class Client:
         model: Dict[str, Any],
         documents: Optional[Iterable[str]] = None,
         method: Optional[str] = None,
-        budget: Optional[int] = None,
+        budget: Optional[float] = None,
         sinks: Optional[int] = None,
         window: Optional[int] = None,
+        layers: Optional[Sequence[Dict[str, Any]]] = None,
         **extra: Any,
     ) -> Dict[str, Any]:
+        """`budget` is tokens or a fraction (< 1) of the context; `layers`, a per-layer policy: one map per model
+        layer, each with an optional `budget` and `estimate` overriding the session's in that layer. Other
+        parameters (ef, chunk, span, estimate) pass through as keywords."""
         body: Dict[str, Any] = {"model": model}
         if documents is not None:
             body["documents"] = list(documents)
+        if layers is not None:
+            body["layers"] = [dict(entry) for entry in layers]
         for key, value in (("method", method), ("budget", budget), ("sinks", sinks), ("window", window), *extra.items()):
             if value is not None:
                 body[key] = value
