@@ -3,8 +3,9 @@
 Per trial: a held-out context (Debian python3 dist-packages code, not the training corpus) of `length` bytes with a
 planted pass key, ending with the question `\\x1fpass key? `. The numpy model prefills the document part (all but
 the last --steps bytes); its per-layer post-RoPE K/V (f16) and prefill queries (kept at stride 4) are pushed as one
-kvrecall document sealed with every indexed method, `wave` included (so `estimate` works for every method). Then,
-per configuration (method, with and without `estimate`), a session over the document decodes the last --steps
+kvrecall document sealed with the methods the run asks for and `wave` (its clusters are what `estimate` reads, on by
+default for every method but exact over such a document). Then, per configuration (a method at the server's default
+`estimate`, optionally also without it, or a per-layer policy), a session over the document decodes the last --steps
 positions teacher-forced and then greedily the five pass-key digits: every layer's attention at the decode
 position is the session's answer (the stream transport, one frame per layer, with the position's q, k, v and
 `position`); the rest of the model runs in numpy.
@@ -23,6 +24,8 @@ Measured, per configuration and per layer (means over trials, decode steps and q
     python3 bench/model/run.py                      # defaults: 8K bytes, 4 trials, 32 positions (the VM)
     python3 bench/model/run.py --lengths 8192,16384,32768 --trials 100
     python3 bench/model/run.py --url http://127.0.0.1:8700 --methods exact,wave,ivf
+    python3 bench/model/run.py --session-defaults --tag vm-defaults   # every method at the server's default budgets
+    python3 bench/model/run.py --methods wave --policy 'wide L1-2:0=wave@64,1-2=wave@0.04,3-5=wave@0.02'
 
 Writes bench/results/model-<tag>.json and .md (tag: --tag, else `vm` on a CPU server, else the GPU's name).
 """
@@ -69,16 +72,15 @@ from model import Model  # noqa: E402
 # The order of the tables; a method the server does not know is left out.
 METHOD_ORDER = ["exact", "wave", "hnsw", "ivf", "retrieval-attention", "squeezed", "squeezed-2l", "infiniretri",
                 "nosa", "topk-blocks"]
-ESTIMATE_DEFAULT = {"wave"}
 
 
 @dataclass
 class Config:
     label: str
     method: str
-    estimate: Optional[bool]  # None: the method's default
-    # A per-layer policy: (method, estimate, budget) per layer (None: the method's default / --budget), one
-    # session per distinct triple; method and estimate above are then unused.
+    estimate: Optional[bool]  # None: the server's default (on for every method but exact over a document with wave)
+    # A per-layer policy: (method, estimate, budget) per layer (None: the session's default / --budget). One session
+    # per method in the plan, its per-layer overrides in the session's `layers`; method and estimate above unused.
     plan: Optional[List[Tuple[str, Optional[bool], Optional[float]]]] = None
 
     def layer_plan(self, layers: int) -> List[Tuple[str, Optional[bool], Optional[float]]]:
@@ -89,7 +91,7 @@ def parse_policy(spec: str, layers: int) -> Config:
     """`label:0-1=wave,2-5=retrieval-attention+est@0.05` (ranges of layers = method, `+est`/`-est` for estimate
     on/off, `@budget` for that layer's budget instead of --budget; layers not named use `exact`)."""
     label, _, body = spec.rpartition(":")
-    if not body:
+    if not body or not label:
         raise SystemExit(f"--policy {spec!r}: expected label:layers=method,...")
     plan: List[Tuple[str, Optional[bool], Optional[float]]] = [("exact", None, None)] * layers
     for part in body.split(","):
@@ -102,21 +104,33 @@ def parse_policy(spec: str, layers: int) -> Config:
             if meth.endswith(suffix):
                 meth, est = meth[:-len(suffix)], val
         for li in range(int(a), int(b or a) + 1):
+            if not 0 <= li < layers:
+                raise SystemExit(f"--policy {spec!r}: layer {li} is not one of the model's {layers}")
             plan[li] = (meth.strip(), est, budget)
     return Config(label.strip(), "policy", None, plan)
 
 
-def configs_for(methods: List[str], with_estimate: bool, wave_without: bool) -> List[Config]:
+def plan_sessions(plan: List[Tuple[str, Optional[bool], Optional[float]]]) -> Dict[str, List[Dict[str, object]]]:
+    """Per method in a plan, the `layers` policy of its one session: the plan's budget and estimate in the layers
+    it answers ({} elsewhere: the session's own, unused)."""
+    out: Dict[str, List[Dict[str, object]]] = {}
+    for li, (method, est, budget) in enumerate(plan):
+        layers = out.setdefault(method, [{} for _ in plan])
+        if budget is not None:
+            layers[li]["budget"] = budget
+        if est is not None:
+            layers[li]["estimate"] = est
+    return out
+
+
+def configs_for(methods: List[str], estimate_off: bool) -> List[Config]:
     out = [Config("exact", "exact", None)]
     for m in methods:
         if m == "exact":
             continue
         out.append(Config(m, m, None))
-        if m in ESTIMATE_DEFAULT:
-            if wave_without:
-                out.append(Config(f"{m} -estimate", m, False))
-        elif with_estimate:
-            out.append(Config(f"{m} +estimate", m, True))
+        if estimate_off:
+            out.append(Config(f"{m} -estimate", m, False))
     return out
 
 
@@ -232,8 +246,11 @@ def run_length(a, client, model: Model, text: bytes, length: int, configs: List[
     local = Meter(L)  # numpy dense over the f16 K/V (float64 attention): what `exact` should reproduce
     rng = np.random.default_rng(a.seed + length)
     timing = dict(prefill_s=0.0, push_s=0.0, decode_s={c.label: 0.0 for c in configs}, local_dense_s=0.0)
+    trial_s: List[float] = []
+    loads: List[float] = []  # the 1-minute load average at each trial's end (other jobs share the cores)
     extra = a.steps + kvdecode.PASS_KEY_DIGITS
     for trial_i in range(a.trials):
+        t_trial = time.perf_counter()
         trial: Trial = make_trial(model, text, length, a.steps, rng)
         timing["prefill_s"] += trial.prefill_s
         doc = f"model-{length}-{trial_i}-{uuid.uuid4().hex[:8]}"
@@ -255,21 +272,21 @@ def run_length(a, client, model: Model, text: bytes, length: int, configs: List[
                     m = meters[c.label]
                     t0 = time.perf_counter()
                     plan = c.layer_plan(L)
-                    sessions: Dict[Tuple[str, Optional[bool], Optional[float]], str] = {}
+                    sessions: Dict[str, str] = {}
                     try:
-                        for method, estimate, budget in plan:
-                            if (method, estimate, budget) in sessions:
-                                continue
-                            extra_params = {} if estimate is None else {"estimate": estimate}
+                        for method, layers in plan_sessions(plan).items():
+                            params: Dict[str, object] = {} if a.session_defaults else dict(budget=a.budget, sinks=a.sinks, window=a.window)
+                            if c.plan:
+                                params["layers"] = layers
+                            elif c.estimate is not None:
+                                params["estimate"] = c.estimate
                             if a.ef:
-                                extra_params["ef"] = a.ef
-                            sessions[(method, estimate, budget)] = client.create_session(
-                                kvdecode.model_spec(model), documents=[doc], method=method,
-                                budget=a.budget if budget is None else budget,
-                                sinks=a.sinks, window=a.window, **extra_params)["id"]
+                                params["ef"] = a.ef
+                            sessions[method] = client.create_session(kvdecode.model_spec(model), documents=[doc],
+                                                                     method=method, **params)["id"]
                         m.setup_ms.append((time.perf_counter() - t0) * 1e3)
                         held = Held(model, trial, extra)
-                        att = SessionAttend(stream, [sessions[p] for p in plan], L, returns=("out", "selection"),
+                        att = SessionAttend(stream, [sessions[p[0]] for p in plan], L, returns=("out", "selection"),
                                             observe=lambda li, q, k, v, r, rtt, m=m, held=held: m.observe(held, li, q, k, v, r, rtt))
                         t0 = time.perf_counter()
                         n_rtt = len(m.rtt_ms)
@@ -283,6 +300,9 @@ def run_length(a, client, model: Model, text: bytes, length: int, configs: List[
                     m.tf_argmax.append(d.logits.argmax(axis=1)), m.tf_logits.append(d.logits)
                     m.answers.append(d.answer), m.keys.append(trial.key)
                     line.append(f"{c.label} {d.answer.decode('latin-1')!r}")
+            trial_s.append(time.perf_counter() - t_trial)
+            loads.append(os.getloadavg()[0])
+            line.append(f"trial {trial_s[-1]:.0f}s, load {loads[-1]:.1f}")
             log("; ".join(line))
         finally:
             client.delete_document(doc)
@@ -296,13 +316,24 @@ def run_length(a, client, model: Model, text: bytes, length: int, configs: List[
         same_answers=int(sum(x == y for x, y in zip(local.answers, dense.answers))),
         max_logit_diff=float(max(np.abs(x - y).max() for x, y in zip(local.tf_logits, dense.tf_logits))))
     return dict(length=length, trials=a.trials, steps=a.steps, document_tokens=length - a.steps,
-                configs=results, local_dense=local_vs_exact,
+                configs=results, local_dense=local_vs_exact, trial_s=[round(x, 1) for x in trial_s],
+                load_per_trial=[round(x, 1) for x in loads],
                 timing={k: (round(v, 2) if isinstance(v, float) else {kk: round(vv, 2) for kk, vv in v.items()})
                         for k, v in timing.items()})
 
 
 def fmt(x: float, d: int = 3) -> str:
     return f"{x:.{d}f}"
+
+
+def per_trial(r: Dict[str, object]) -> str:
+    ts, tm, n = r.get("trial_s") or [], r["timing"], max(1, r["trials"])
+    decode = sum(tm["decode_s"].values()) + tm["local_dense_s"]
+    loads = r.get("load_per_trial") or []
+    whole = f"{np.mean(ts):.0f} s (min {min(ts):.0f}, max {max(ts):.0f}" if ts else "n/a ("
+    whole += f"; load {min(loads):.1f}-{max(loads):.1f})" if loads else ")"
+    return (f"{whole}: prefill {tm['prefill_s'] / n:.0f} s, push + seal {tm['push_s'] / n:.0f} s, decode of every "
+            f"configuration and the local reference {decode / n:.0f} s")
 
 
 def markdown(res: Dict[str, object]) -> str:
@@ -317,7 +348,8 @@ def markdown(res: Dict[str, object]) -> str:
            f"- machine: {m['cpu']}, {m['cores']} cores, {m['arch']}; server backend {m['backend']} "
            f"({m['threads']} native threads){', GPU ' + m['gpu'] if m.get('gpu') else ''}; Python {m['python']}, "
            f"numpy {m['numpy']}",
-           f"- sessions: budget {p['budget']} (of the context), sinks {p['sinks']}, window {p['window']}"
+           ("- sessions: the server's defaults (budget, sinks, window per method: engine/sessions.ts)" if p.get("session_defaults") else
+            f"- sessions: budget {p['budget']} (of the context), sinks {p['sinks']}, window {p['window']}") +
            f"{', ef ' + str(p['ef']) if p['ef'] else ''}; document prefill queries kept at stride {p['query_stride']}; "
            f"document sealed with {', '.join(p['document_methods'])}",
            f"- held-out text: {p['heldout']} (seed {p['seed']}); model {p['model']}",
@@ -332,7 +364,7 @@ def markdown(res: Dict[str, object]) -> str:
                 f"`exact` through kvrecall vs numpy dense over the same f16 K/V (float64 attention): next-byte "
                 f"agreement {fmt(ld['agreement'])}, same pass-key answers {ld['same_answers']}/{r['trials']}, "
                 f"max logit difference {ld['max_logit_diff']:.2e}. Prefill {tm['prefill_s']:.1f} s, push + seal "
-                f"{tm['push_s']:.1f} s (all trials).", "",
+                f"{tm['push_s']:.1f} s (all trials); per trial {per_trial(r)}.", "",
                 "| config | exact share | est. share | scanned share | mean err | oracle err | recall | "
                 "top-1 = dense | KL (nats) | pass key | lost vs dense | server ms p50 / p99 | rtt ms p50 | ms / token |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -378,11 +410,14 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--ef", type=int, default=0, help="search effort (0: each method's default)")
     ap.add_argument("--methods", default="", help="comma-separated (default: every method the server knows)")
-    ap.add_argument("--no-estimate", action="store_true", help="skip the +estimate configurations")
-    ap.add_argument("--no-wave-without-estimate", action="store_true", help="skip wave with estimate off")
+    ap.add_argument("--estimate-off", action="store_true",
+                    help="also run every method with estimate off (the default is the server's: on over a document with wave)")
+    ap.add_argument("--session-defaults", action="store_true",
+                    help="sessions at the server's default budget, sinks and window (ignores --budget, --sinks, --window)")
     ap.add_argument("--policy", action="append", default=[],
-                    help="a per-layer policy, e.g. 'ra L0-1 est:0-1=retrieval-attention+est,2-5=retrieval-attention' "
-                         "(repeatable; layers not named use exact)")
+                    help="a per-layer policy, e.g. 'ra wide L0:0=retrieval-attention@0.05,1-5=retrieval-attention-est' "
+                         "(repeatable; layers not named use exact; one session per method, per-layer budget and "
+                         "estimate through the session's `layers`)")
     ap.add_argument("--query-stride", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=4096, help="upload chunk (tokens)")
     ap.add_argument("--seed", type=int, default=0)
@@ -417,16 +452,19 @@ def main() -> None:
         if unknown:
             sys.exit(f"the server does not know {unknown}; it knows {known}")
         methods = [m for m in wanted if m in known]
-        configs = configs_for(methods, not a.no_estimate, not a.no_wave_without_estimate)
+        configs = configs_for(methods, a.estimate_off)
         n_layers = int(json.loads((kvdecode.model_dir() / "config.json").read_text())["num_hidden_layers"])
         configs += [parse_policy(p, n_layers) for p in a.policy]
         for c in configs:
             for method, _, _ in c.layer_plan(n_layers):
                 if method not in known:
                     sys.exit(f"{c.label}: the server does not know {method}; it knows {known}")
-        doc_methods = [m for m in known if m != "exact"]
-        if "wave" not in doc_methods:
+        if "wave" not in known:
             sys.exit("the server has no wave method; estimate needs it")
+        # Sealed with what the configurations use and wave (estimate's clusters): every other method's index would
+        # cost seal time for nothing (16K bytes on the 2-core VM: hnsw 57 s, wave 40 s, squeezed-2l 13 s, ...).
+        used = {meth for c in configs for meth, _, _ in c.layer_plan(n_layers)} | {"wave"}
+        doc_methods = [m for m in known if m in used and m != "exact"]
         model = Model()
         text = heldout.corpus(a.seed)
         log = lambda s: print(s, flush=True)  # noqa: E731
@@ -436,6 +474,7 @@ def main() -> None:
             lengths.append(run_length(a, client, model, text, length, configs, doc_methods, log))
         res = dict(bench="model", machine=mach,
                    params=dict(budget=a.budget, sinks=a.sinks, window=a.window, ef=a.ef, steps=a.steps,
+                               session_defaults=a.session_defaults,
                                query_stride=a.query_stride, document_methods=doc_methods, seed=a.seed,
                                heldout=os.environ.get("KVRECALL_HELDOUT_DIR", heldout.DEFAULT_DIR),
                                model="kvrecall-code-13M (bench/model/model.py, numpy float32)"),
