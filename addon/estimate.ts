@@ -28,6 +28,14 @@ export interface ClusterHeadArgs {
   keys?: Uint16Array;
   /** The share of the second-order term (default 1; the head's calibrated share: index/wave/variance-share.ts). */
   varianceShare?: number;
+  /**
+   * The clusters' member lists (with keys): cluster c's rows are
+   * members[offsets[c] .. offsets[c + 1]). Given them, the rows a partly
+   * attended cluster has left are weighed by their own logits (their keys
+   * read) instead of the moments of the rest.
+   */
+  offsets?: Int32Array;
+  members?: Int32Array;
 }
 
 export interface EstimateArgs {
@@ -45,6 +53,8 @@ export interface EstimateArgs {
   lse: Float32Array;
   /** [kvHeads]: tokens the estimate covers. */
   estimated: Float32Array;
+  /** [kvHeads]: keys the estimate read (partly attended clusters' remaining rows). */
+  scanned?: Float32Array;
 }
 
 interface Addon {

@@ -8,8 +8,10 @@
 // the selection is index/wave/cluster-index.ts's searchHeads bit for bit and
 // the estimate is addon/estimate.ts's estimateClusters, second order, over
 // every cluster minus the rows attended exactly (the selection plus
-// `exact`); with 'radius', searchHeads(..., 'radius') and the first-order
-// estimate (estimateArgs(ids, true)). The estimate is f32 with tiles merged
+// `exact`), partly attended clusters by their rest's moments
+// (estimateArgs(ids, 'moments'); the host's default since weighs those
+// rows by their own logits, which the device has yet to do); with 'radius', searchHeads(..., 'radius') and the first-order
+// estimate (estimateArgs(ids, 'first')). The estimate is f32 with tiles merged
 // in float64. WaveGpuStore.create throws without a device or a CUDA build.
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';

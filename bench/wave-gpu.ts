@@ -7,8 +7,8 @@
 // vitest: on random keys clustered by the real builder (k-means, odd sizes),
 // in both rankings of the step: 'spread' against the host's default path
 // (ClusterIndex.searchHeads, ranking 'spread', then estimateClusters with
-// estimateArgs(ids): second order) and 'radius' against the older one
-// (searchHeads(..., 'radius'), estimateArgs(ids, true): first order). The
+// estimateArgs(ids, 'moments'): second order) and 'radius' against the older one
+// (searchHeads(..., 'radius'), estimateArgs(ids, 'first'): first order). The
 // selection must equal the host's (ids in order, and scanned: the GPU sums
 // every score in the host's order with its roundings, wave_step.cu), the
 // estimate must equal estimateClusters over the same exact rows within 1e-4
@@ -100,7 +100,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const scannedEqual = heads.every((_, h) => gpu.scanned[h] === cpu[h].scanned);
   const qHeads = heads.length * G;
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
-  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius'));
+  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius' ? 'first' : 'moments'));
   await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
   let outRel = 0, lseRel = 0;
   for (let r = 0; r < qHeads; r++) {

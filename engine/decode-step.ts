@@ -67,17 +67,19 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
 
   // What the method left out of the documents, estimated from their clusters (when this layer estimates).
   let estimated: number | undefined;
+  let scanned = selection.scanned;
   const clusters = session.clustersFor(req.layer);
   if (clusters && ctx.segments.length > 1) {
     const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
     mergeInto(out, lse, est.out, est.lse, m.headDim);
     estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
+    scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
   }
   const t3 = performance.now();
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);
-  const stats = { tokens: ctx.tokens, attended, scanned: selection.scanned, ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
+  const stats = { tokens: ctx.tokens, attended, scanned, ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
   const result: AttendResult = { out, lse, stats };
   if (req.want.has('selection') || req.want.has('kv')) {
     const positions = selectedPositions(selection, ctx);
@@ -88,7 +90,7 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   session.stats.steps++;
   session.stats.attendMs += result.stats.ms;
   session.stats.selected += attended;
-  session.stats.scanned += selection.scanned;
+  session.stats.scanned += scanned;
   session.stats.contextTokens = ctx.tokens;
   return result;
 }

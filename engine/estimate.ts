@@ -13,12 +13,14 @@ export interface Estimate {
   lse: Float32Array;
   /** Per kv head: tokens covered by the estimate. */
   estimated: Float32Array;
+  /** Per kv head: keys it read (the rows partly attended clusters have left, weighed by their own logits). */
+  scanned: Float32Array;
 }
 
 /** Estimates what `selection` leaves out of the documents; `clusters[s]` are document s's heads for this layer. */
 export async function estimateRest(ctx: LayerContext, selection: Selection, clusters: ClusterIndex[][], q: Float32Array, scale: number): Promise<Estimate> {
   const d = ctx.headDim;
-  const est: Estimate = { out: new Float32Array(ctx.qHeads * d), lse: new Float32Array(ctx.qHeads).fill(-Infinity), estimated: new Float32Array(ctx.kvHeads) };
+  const est: Estimate = { out: new Float32Array(ctx.qHeads * d), lse: new Float32Array(ctx.qHeads).fill(-Infinity), estimated: new Float32Array(ctx.kvHeads), scanned: new Float32Array(ctx.kvHeads) };
   const segments: ClusterHeadArgs[][] = [];
   clusters.forEach((heads, s) => {
     const segment = ctx.segments[s];

@@ -26,6 +26,9 @@ export const RADIUS_SHARE = 0.1;
  */
 export const SPREAD = 2;
 
+/** How the estimate treats a cluster: see ClusterIndex.estimateArgs. */
+export type EstimateOrder = 'rows' | 'moments' | 'first';
+
 /** How clusters are ranked: by SPREAD standard deviations, or by the radius (the GPU wave step's score). */
 export type ClusterRanking = 'spread' | 'radius';
 /**
@@ -83,14 +86,18 @@ export class ClusterIndex implements HeadIndex {
   }
 
   /**
-   * The summaries as the estimation kernel takes them: second order (with
-   * the key variances) unless `firstOrder`, which is what the GPU wave step
-   * computes (bench/wave-gpu.ts checks it against this).
+   * The summaries as the estimation kernel takes them. 'rows' (the engine's):
+   * second order, a partly attended cluster's remaining rows by their own
+   * logits; 'moments': second order, those rows by their moments (what the
+   * GPU wave step's 'spread' path computes); 'first': first order (its
+   * 'radius' path). bench/wave-gpu.ts checks the GPU against the last two.
    */
-  estimateArgs(exact?: Int32Array, firstOrder = false): ClusterHeadArgs {
+  estimateArgs(exact?: Int32Array, order: EstimateOrder = 'rows'): ClusterHeadArgs {
     const a = this.arrays;
     const base = { centroids: a.centroids, valueMeans: a.valueMeans, counts: a.counts, tokenCluster: a.tokenCluster, values: this.values, clusters: this.clusters, tokens: a.tokens, exact };
-    return firstOrder ? base : { ...base, keyVars: a.keyVars, keys: this.keys, varianceShare: a.varianceShare };
+    if (order === 'first') return base;
+    const second = { ...base, keyVars: a.keyVars, keys: this.keys, varianceShare: a.varianceShare };
+    return order === 'rows' ? { ...second, offsets: this.offsets, members: this.members } : second;
   }
 
   private take(clusters: number, rows: number): Scratch {

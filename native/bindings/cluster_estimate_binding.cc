@@ -1,7 +1,10 @@
 // estimateClusters({q, qHeads, kvHeads, headDim, centroidStride, dtype, scale,
 //   segments: [{heads: [{centroids, valueMeans, counts, tokenCluster, values,
-//                        clusters, tokens, retrieved?, exact?, keyVars?, keys?, varianceShare?}] (kvHeads)}],
-//   out, lse, estimated}) -> Promise<void>
+//                        clusters, tokens, retrieved?, exact?, keyVars?, keys?, varianceShare?,
+//                        offsets?, members?}] (kvHeads)}],
+//   out, lse, estimated, scanned?}) -> Promise<void>
+// offsets/members (the clusters' member lists, with keys): a partly attended
+// cluster's remaining rows are weighed by their own logits.
 #include <napi.h>
 
 #include <memory>
@@ -48,6 +51,25 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
     c.keys = keys->Data();
     keep.insert(keep.end(), {*keyVars, *keys});
   }
+  auto offsets = OptTypedAt<int32_t>(o, "offsets");
+  auto members = OptTypedAt<int32_t>(o, "members");
+  if (bool(offsets) != bool(members)) throw Napi::TypeError::New(o.Env(), "offsets and members come together");
+  if (offsets) {
+    if (!c.keys) throw Napi::TypeError::New(o.Env(), "offsets and members need keyVars and keys");
+    if (offsets->ElementLength() != C + 1) throw Napi::RangeError::New(o.Env(), "offsets must hold clusters + 1 entries");
+    if (members->ElementLength() != N) throw Napi::RangeError::New(o.Env(), "members must hold tokens entries");
+    // They address keys: checked once, before any is read.
+    const int32_t* off = offsets->Data();
+    if (off[0] != 0) throw Napi::RangeError::New(o.Env(), "offsets[0] must be 0");
+    for (size_t i = 0; i < C; ++i)
+      if (off[i + 1] - off[i] != c.counts[i]) throw Napi::RangeError::New(o.Env(), "offsets[" + std::to_string(i + 1) + "] - offsets[" + std::to_string(i) + "] is not counts[" + std::to_string(i) + "]");
+    const int32_t* mem = members->Data();
+    for (size_t i = 0; i < N; ++i)
+      if (mem[i] < 0 || mem[i] >= c.tokens) throw Napi::RangeError::New(o.Env(), "members[" + std::to_string(i) + "] is outside [0, tokens)");
+    c.offsets = off;
+    c.members = mem;
+    keep.insert(keep.end(), {*offsets, *members});
+  }
   if (auto r = OptTypedAt<int32_t>(o, "retrieved")) {
     CheckIds(*r, c.clusters, "retrieved");
     c.retrieved = r->Data();
@@ -88,11 +110,22 @@ Napi::Value EstimateJs(const Napi::CallbackInfo& info) {
     p.segments.push_back(std::move(row));
   }
   float* est = estimated.Data();
-  auto counts = std::make_shared<std::vector<double>>(size_t(p.kvHeads));
+  float* scannedOut = nullptr;
+  if (auto sc = OptTypedAt<float>(o, "scanned")) {
+    if (sc->ElementLength() != size_t(p.kvHeads)) throw Napi::RangeError::New(env, "scanned must hold kvHeads entries");
+    scannedOut = sc->Data();
+    keep.push_back(*sc);
+  }
+  // [0, kvHeads): tokens estimated; [kvHeads, 2 kvHeads): keys read for partly attended clusters' rows.
+  auto counts = std::make_shared<std::vector<double>>(size_t(2 * p.kvHeads));
   p.estimated = counts->data();
-  return RunAsync(env, std::move(keep), [p, counts, est]() {
+  p.scanned = counts->data() + p.kvHeads;
+  return RunAsync(env, std::move(keep), [p, counts, est, scannedOut]() {
     EstimateClusters(p);
-    for (size_t h = 0; h < counts->size(); ++h) est[h] = float((*counts)[h]);
+    for (int h = 0; h < p.kvHeads; ++h) {
+      est[h] = float((*counts)[size_t(h)]);
+      if (scannedOut) scannedOut[h] = float((*counts)[size_t(p.kvHeads + h)]);
+    }
   }, [](Napi::Env e) { return e.Undefined(); });
 }
 

@@ -14,13 +14,15 @@ namespace {
 enum : uint8_t { kWhole = 0, kSkip = 1, kPartial = 2 };
 
 // A cluster some of whose rows were attended exactly: it is estimated from
-// the rows it has left.
+// the rows it has left, by their own logits when the member lists are
+// given, else by their moments.
 struct Partial {
   int32_t cluster;
   double count = 0;            // rows left
   std::vector<double> values;  // [d]: their value sum
-  std::vector<float> mean;     // [d]: their mean key (second order only)
-  std::vector<float> var;      // [d]: their per-channel key variance (second order only)
+  std::vector<int32_t> rest;   // the rows left (with member lists)
+  std::vector<float> mean;     // [d]: their mean key (second order, no member lists)
+  std::vector<float> var;      // [d]: their per-channel key variance (second order, no member lists)
 };
 
 // What one (segment, kv head) leaves to estimate: the clusters left out
@@ -29,6 +31,7 @@ struct HeadPlan {
   std::vector<uint8_t> mode;  // [clusters]: kWhole, kSkip (retrieved, or every row attended), kPartial
   std::vector<Partial> partial;
   double estimated = 0;
+  double scanned = 0;  // rows whose logits the partial clusters read
 };
 
 void Widen(const uint16_t* w, Dtype dt, int d, std::vector<float>& out) {
@@ -36,8 +39,9 @@ void Widen(const uint16_t* w, Dtype dt, int d, std::vector<float>& out) {
   WidenRow(w, dt, size_t(d), out.data());
 }
 
-// The rest of cluster cl once `rows` leave it: count and value sum, and with
-// keyVars its mean key and per-channel variance (float64 moments).
+// The rest of cluster cl once `rows` (ascending) leave it: count and value
+// sum, and with keyVars its rows (member lists given) or else its mean key
+// and per-channel variance (float64 moments).
 Partial Rest(const ClusterHead& c, int32_t cl, const std::vector<int32_t>& rows, const EstimateProblem& e) {
   const Dtype dt = e.dtype;
   const int d = e.headDim;
@@ -54,6 +58,11 @@ Partial Rest(const ClusterHead& c, int32_t cl, const std::vector<int32_t>& rows,
     for (int i = 0; i < d; ++i) p.values[size_t(i)] -= double(row[size_t(i)]);
   }
   if (!c.keyVars) return p;
+  if (c.members) {
+    for (int32_t i = c.offsets[cl]; i < c.offsets[cl + 1]; ++i)
+      if (!std::binary_search(rows.begin(), rows.end(), c.members[i])) p.rest.push_back(c.members[i]);
+    return p;
+  }
   std::vector<float> mu, var;
   Widen(c.centroids + size_t(cl) * e.centroidStride, dt, d, mu);
   Widen(c.keyVars + size_t(cl) * d, dt, d, var);
@@ -110,7 +119,7 @@ HeadPlan Plan(const ClusterHead& c, const EstimateProblem& e) {
   }
   for (int64_t cl = 0; cl < c.clusters; ++cl)
     if (plan.mode[size_t(cl)] == kWhole && c.counts[cl] > 0) plan.estimated += c.counts[cl];
-  for (const auto& p : plan.partial) plan.estimated += p.count;
+  for (const auto& p : plan.partial) plan.estimated += p.count, plan.scanned += double(p.rest.size());
   return plan;
 }
 
@@ -156,7 +165,21 @@ void Accumulate(const QueryRow& qr, const ClusterHead& c, const HeadPlan& plan, 
     logits[size_t(cl)] = w;
     hi = std::max(hi, w);
   }
+  // The rows partly attended clusters have left, by their own logits (after the clusters' in `logits`).
+  size_t rows = 0;
+  for (const auto& part : plan.partial) rows += part.rest.size();
+  logits.resize(size_t(c.clusters) + rows);
+  size_t at = size_t(c.clusters);
   for (const auto& part : plan.partial) {
+    if (c.members) {
+      for (int32_t r : part.rest) {
+        WidenRow(c.keys + size_t(r) * d, p.dtype, size_t(d), var.data());
+        const float w = p.scale * Dot(qr.q, var.data(), size_t(d));
+        logits[at++] = w;
+        hi = std::max(hi, w);
+      }
+      continue;
+    }
     WidenRow(c.centroids + size_t(part.cluster) * p.centroidStride, p.dtype, size_t(d) + 1, row.data());
     const float w = second ? Logit(qr, part.mean.data(), part.var.data(), c.varianceShare, Dot(qr.q, row.data(), size_t(d)), row[size_t(d)], p)
                            : Logit(qr, row.data(), nullptr, 0.f, 0.f, 0.f, p);
@@ -177,7 +200,16 @@ void Accumulate(const QueryRow& qr, const ClusterHead& c, const HeadPlan& plan, 
     WidenRow(c.valueMeans + size_t(cl) * d, p.dtype, size_t(d), row.data());
     for (int i = 0; i < d; ++i) num[size_t(i)] += n * e * double(row[size_t(i)]);
   }
+  at = size_t(c.clusters);
   for (const auto& part : plan.partial) {
+    if (c.members) {
+      // Each row's own weight; its value is the rest's mean.
+      double mass = 0;
+      for (size_t i = 0; i < part.rest.size(); ++i) mass += std::exp(double(logits[at++]) - m);
+      den += mass;
+      for (int i = 0; i < d; ++i) num[size_t(i)] += mass / part.count * part.values[size_t(i)];
+      continue;
+    }
     double e = std::exp(double(logits[size_t(part.cluster)]) - m);
     den += part.count * e;
     for (int i = 0; i < d; ++i) num[size_t(i)] += e * part.values[size_t(i)];
@@ -192,9 +224,10 @@ void EstimateClusters(const EstimateProblem& p) {
   std::vector<HeadPlan> plans(S * size_t(p.kvHeads));
   ThreadPool::Get().ParallelFor(plans.size(), [&](size_t i) { plans[i] = Plan(p.segments[i / p.kvHeads][i % p.kvHeads], p); });
   for (int h = 0; h < p.kvHeads; ++h) {
-    double n = 0;
-    for (size_t s = 0; s < S; ++s) n += plans[s * p.kvHeads + h].estimated;
+    double n = 0, read = 0;
+    for (size_t s = 0; s < S; ++s) n += plans[s * p.kvHeads + h].estimated, read += plans[s * p.kvHeads + h].scanned;
     p.estimated[h] = n;
+    if (p.scanned) p.scanned[h] = read;
   }
   ThreadPool::Get().ParallelFor(size_t(p.qHeads), [&](size_t qh) {
     const int h = int(qh) / G;
