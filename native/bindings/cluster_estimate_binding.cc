@@ -8,6 +8,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "common/binding_args.h"
@@ -26,10 +27,6 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
   auto counts = TypedAt<int32_t>(o, "counts", C);
   auto tokenCluster = TypedAt<int32_t>(o, "tokenCluster", N);
   auto values = TypedAt<uint16_t>(o, "values", N * d);
-  // Indices that address memory are checked here, once, before any is read.
-  for (size_t i = 0; i < N; ++i)
-    if (tokenCluster[i] < 0 || tokenCluster[i] >= c.clusters)
-      throw Napi::RangeError::New(o.Env(), "tokenCluster[" + std::to_string(i) + "] is outside [0, clusters)");
   c.centroids = centroids.Data();
   c.valueMeans = means.Data();
   c.counts = counts.Data();
@@ -63,11 +60,8 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
     if (off[0] != 0) throw Napi::RangeError::New(o.Env(), "offsets[0] must be 0");
     for (size_t i = 0; i < C; ++i)
       if (off[i + 1] - off[i] != c.counts[i]) throw Napi::RangeError::New(o.Env(), "offsets[" + std::to_string(i + 1) + "] - offsets[" + std::to_string(i) + "] is not counts[" + std::to_string(i) + "]");
-    const int32_t* mem = members->Data();
-    for (size_t i = 0; i < N; ++i)
-      if (mem[i] < 0 || mem[i] >= c.tokens) throw Napi::RangeError::New(o.Env(), "members[" + std::to_string(i) + "] is outside [0, tokens)");
     c.offsets = off;
-    c.members = mem;
+    c.members = members->Data();
     keep.insert(keep.end(), {*offsets, *members});
   }
   if (auto r = OptTypedAt<int32_t>(o, "retrieved")) {
@@ -83,6 +77,20 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
     keep.push_back(*e);
   }
   return c;
+}
+
+// The per-token indices that address memory (tokenCluster into the
+// clusters, members into the rows), checked on the worker before the kernel
+// reads anything: O(tokens) per head, kept off the event loop.
+void CheckIndices(const EstimateProblem& p) {
+  for (const auto& seg : p.segments)
+    for (const ClusterHead& c : seg)
+      for (int64_t i = 0; i < c.tokens; ++i) {
+        if (c.tokenCluster[i] < 0 || c.tokenCluster[i] >= c.clusters)
+          throw std::out_of_range("tokenCluster[" + std::to_string(i) + "] is outside [0, clusters)");
+        if (c.members && (c.members[i] < 0 || c.members[i] >= c.tokens))
+          throw std::out_of_range("members[" + std::to_string(i) + "] is outside [0, tokens)");
+      }
 }
 
 Napi::Value EstimateJs(const Napi::CallbackInfo& info) {
@@ -121,6 +129,7 @@ Napi::Value EstimateJs(const Napi::CallbackInfo& info) {
   p.estimated = counts->data();
   p.scanned = counts->data() + p.kvHeads;
   return RunAsync(env, std::move(keep), [p, counts, est, scannedOut]() {
+    CheckIndices(p);
     EstimateClusters(p);
     for (int h = 0; h < p.kvHeads; ++h) {
       est[h] = float((*counts)[size_t(h)]);
