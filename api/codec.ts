@@ -9,12 +9,12 @@
 // longer; other routes get a buffer of their own (`readBody`).
 import type { IncomingMessage } from 'node:http';
 import type { Context, MiddlewareHandler } from 'hono';
-import { Packr, Unpackr } from 'msgpackr';
+import { Packr } from 'msgpackr';
 import { malformed, tooLarge } from '../core/errors.js';
+import { unpackView } from '../core/msgpack-parts-decode.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
 const MSGPACK = 'application/msgpack';
-const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
 const packr = new Packr({ useRecords: false });
 
 export type Body = Record<string, unknown>;
@@ -103,13 +103,17 @@ async function readRaw(c: Context, alloc: (n: number) => Buffer): Promise<Uint8A
   return raw;
 }
 
-/** Reads a body of exactly buf.byteLength bytes into buf. */
+/**
+ * Reads a body of exactly buf.byteLength bytes into buf, done at its last
+ * byte (the parser has framed it by its length: nothing of it comes after).
+ */
 export function readInto(incoming: IncomingMessage, buf: Buffer): Promise<Buffer> {
   let at = 0;
   return stream(incoming, (chunk) => {
     if (at + chunk.byteLength > buf.byteLength) throw malformed('body longer than its content-length');
     buf.set(chunk, at);
     at += chunk.byteLength;
+    return at === buf.byteLength;
   }).then(() => {
     if (at !== buf.byteLength) throw new Error('aborted');
     return buf;
@@ -128,8 +132,8 @@ async function readChunks(incoming: IncomingMessage, limit: number): Promise<Uin
   return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size);
 }
 
-/** Feeds the request's chunks to onChunk until it ends; rejects if the client goes away first or onChunk throws. */
-function stream(incoming: IncomingMessage, onChunk: (chunk: Buffer) => void): Promise<void> {
+/** Feeds the request's chunks to onChunk until it ends or onChunk returns true; rejects if the client goes away first or onChunk throws. */
+function stream(incoming: IncomingMessage, onChunk: (chunk: Buffer) => boolean | void): Promise<void> {
   return new Promise((resolve, reject) => {
     if (incoming.readableEnded || incoming.destroyed) return reject(new Error('aborted'));
     const done = (err?: unknown) => {
@@ -145,7 +149,7 @@ function stream(incoming: IncomingMessage, onChunk: (chunk: Buffer) => void): Pr
     };
     const onData = (chunk: Buffer) => {
       try {
-        onChunk(chunk);
+        if (onChunk(chunk) === true) done();
       } catch (e) {
         done(e);
       }
@@ -177,7 +181,7 @@ export function decodeMsgpack(raw: Uint8Array): Body {
   if (raw.byteLength === 0) return {};
   let value: unknown;
   try {
-    value = unpackr.unpack(Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
+    value = unpackView(raw);
   } catch (e) {
     throw malformed(`body is not valid msgpack: ${(e as Error).message}`);
   }
@@ -185,7 +189,6 @@ export function decodeMsgpack(raw: Uint8Array): Body {
 }
 
 function asMap(value: unknown): Body {
-  // A plain object only: msgpackr decodes the reserved byte 0xc1 as an object of its own class.
   if (typeof value !== 'object' || value === null || Object.getPrototypeOf(value) !== Object.prototype) throw malformed('body must be a map');
   return value as Body;
 }

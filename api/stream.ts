@@ -12,10 +12,10 @@
 // helper itself does.
 import type { IncomingMessage, Server } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { Unpackr } from 'msgpackr';
 import { WebSocketServer, WebSocket, type RawData } from 'ws';
 import { malformed } from '../core/errors.js';
 import { joinParts, packParts } from '../core/msgpack-parts.js';
+import { unpackView } from '../core/msgpack-parts-decode.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
@@ -23,7 +23,6 @@ import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
 
-const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
 /** Answer frames from this size up are joined into a warm buffer, given back once the socket took it. */
 const POOLED_FRAME = 1 << 16;
 const frames = new BufferPool(8);
@@ -83,7 +82,7 @@ async function handle(data: RawData, isBinary: boolean, sessions: Sessions, metr
     if (!isBinary || !(data instanceof Buffer)) throw malformed('frames are binary msgpack');
     let frame: unknown;
     try {
-      frame = unpackr.unpack(data);
+      frame = unpackView(data);
     } catch (e) {
       throw malformed(`frame is not valid msgpack: ${(e as Error).message}`);
     }

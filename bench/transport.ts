@@ -1,11 +1,12 @@
-// npm run bench:transport [-- --calls 500 --tokens 4096]
+// npm run bench:transport [-- --calls 500 --tokens 4096 --rounds 5]
 //
 // What a decode call costs beyond the server's own work, per transport: the
 // client's wall time minus the server's stats.ms, p50 over `calls` attends
 // (one layer, 32 q / 8 kv heads, d=128, method exact over a 4K-token
 // document), for the TypeScript client over HTTP and over the stream, beside
 // a bare GET /v1/health on the same keep-alive connection; and a batch of 32
-// sessions' steps in one call against one step. The server is a separate
+// sessions' steps in one call (over the stream and over HTTP) against one
+// step. Rows take turns in rounds. The server is a separate
 // process on 127.0.0.1. Results: bench/results/transport-<host>.{json,md}.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -20,7 +21,7 @@ const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? Number(process.argv[i + 1]) : def;
 };
-const CALLS = get('calls', 500), TOKENS = get('tokens', 4096), BATCH = 32;
+const CALLS = get('calls', 500), TOKENS = get('tokens', 4096), BATCH = 32, ROUNDS = get('rounds', 5);
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport] ${msg}\n`);
 const p50 = (xs: number[]) => quantile(xs, 0.5, 'nearest');
@@ -54,10 +55,10 @@ async function startServer(dir: string): Promise<{ url: string; pid: number; sto
   return { url, pid: proc.pid!, stop: () => proc.kill('SIGKILL') };
 }
 
-/** GET /v1/health on one keep-alive connection, wall ms per call. */
-async function bareHealth(url: string, calls: number): Promise<number[]> {
+/** GET /v1/health on one keep-alive connection (node:http, nothing else): a call's wall ms. */
+function bareHealth(url: string): { call(): Promise<number>; close(): void } {
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
-  const once = () =>
+  const call = () =>
     new Promise<number>((resolve, reject) => {
       const t0 = performance.now();
       request(`${url}/v1/health`, { agent, headers: { accept: 'application/msgpack' } }, (res) => {
@@ -67,10 +68,7 @@ async function bareHealth(url: string, calls: number): Promise<number[]> {
         .on('error', reject)
         .end();
     });
-  const out: number[] = [];
-  for (let i = 0; i < calls; i++) out.push(await once());
-  agent.destroy();
-  return out;
+  return { call, close: () => agent.destroy() };
 }
 
 async function main(): Promise<void> {
@@ -87,49 +85,62 @@ async function main(): Promise<void> {
     for (let i = 0; i < BATCH; i++) sids.push((await client.createSession({ model, documents: ['doc'], method: 'exact' })).id);
     const q = tensor('f32', [model.qHeads, d], new Float32Array(model.qHeads * d).map(() => Math.random()));
     const body = { layer: 0, q };
-    const over = async (call: () => Promise<number>) => {
-      for (let i = 0; i < 20; i++) await call(); // warm
-      const xs: number[] = [];
-      for (let i = 0; i < CALLS; i++) xs.push(await call());
-      return xs;
-    };
-    progress(`server ${server.url}; ${CALLS} calls each`);
-    const mHealth = await metered(server.pid, CALLS, () => bareHealth(server.url, CALLS));
-    const health = mHealth.value;
-    const mHttp = await metered(server.pid, CALLS + 20, () => over(async () => {
+    const stream = await client.openStream();
+    const bare = bareHealth(server.url);
+    const health = bare.call;
+    const httpAttend = async () => {
       const t0 = performance.now();
       const r = await client.attend(sids[0], body);
       return performance.now() - t0 - r.stats.ms;
-    }));
-    const http = mHttp.value;
-    const stream = await client.openStream();
-    const mStream = await metered(server.pid, CALLS + 20, () => over(async () => {
+    };
+    const streamAttend = async () => {
       const t0 = performance.now();
       const r = await stream.attend(sids[0], body);
       return performance.now() - t0 - r.stats.ms;
-    }));
-    const streamed = mStream.value;
+    };
     // A batch: wall minus the server's time for the whole batch (stats.ms of the batch answer).
-    const mBatch = await metered(server.pid, CALLS + 20, () => over(async () => {
+    const steps = sids.map((session) => ({ session, q }));
+    const streamBatch = async () => {
       const t0 = performance.now();
-      const rs = await stream.attendBatch(0, sids.map((session) => ({ session, q })));
+      const rs = await stream.attendBatch(0, steps);
       return performance.now() - t0 - (rs.ms ?? NaN);
-    }));
-    const batchOver = mBatch.value;
+    };
+    const httpBatch = async () => {
+      const t0 = performance.now();
+      const rs = await client.attendBatch(0, steps);
+      return performance.now() - t0 - (rs.ms ?? NaN);
+    };
+    const calls = { health, http: httpAttend, stream: streamAttend, batch: streamBatch, httpBatch };
+    type Row = keyof typeof calls;
+    // Rows take turns, ROUNDS blocks each (a shared machine's load drifts: no row gets only the quiet or the busy minutes).
+    const samples = Object.fromEntries(Object.keys(calls).map((k) => [k, [] as number[]])) as Record<Row, number[]>;
+    const cpuSums = Object.fromEntries(Object.keys(calls).map((k) => [k, { serverMs: 0, clientMs: 0 }])) as Record<Row, { serverMs: number; clientMs: number }>;
+    progress(`server ${server.url}; ${CALLS} calls per row in ${ROUNDS} rounds`);
+    for (const f of Object.values(calls)) for (let i = 0; i < 20; i++) await f(); // warm
+    for (let round = 0; round < ROUNDS; round++)
+      for (const [name, f] of Object.entries(calls) as [Row, () => Promise<number>][]) {
+        const n = Math.ceil(CALLS / ROUNDS);
+        const m = await metered(server.pid, n, async () => {
+          for (let i = 0; i < n; i++) samples[name].push(await f());
+        });
+        cpuSums[name].serverMs += m.serverCpuMs / ROUNDS;
+        cpuSums[name].clientMs += m.clientCpuMs / ROUNDS;
+      }
     stream.close();
+    bare.close();
+    const { health: healthMs, http, stream: streamed, batch: batchOver, httpBatch: httpBatchOver } = samples;
     const rows = {
-      healthMsP50: p50(health),
+      healthMsP50: p50(healthMs),
       httpOverheadMsP50: p50(http),
       streamOverheadMsP50: p50(streamed),
       batchOverheadMsP50: p50(batchOver),
+      httpBatchOverheadMsP50: p50(httpBatchOver),
     };
     // Less moved by other load than p50 on a shared machine: the 10th percentile, and CPU ms per call
     // (server process, every thread, the engine's work included; this client).
-    const p10s = { healthMsP10: p10(health), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver) };
-    const cpu = Object.fromEntries(
-      ([['health', mHealth], ['http', mHttp], ['stream', mStream], ['batch', mBatch]] as const).map(([k, m]) => [k, { serverMs: m.serverCpuMs, clientMs: m.clientCpuMs }]),
-    );
-    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, ...p10s, cpuPerCall: cpu };
+    const p10s = { healthMsP10: p10(healthMs), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver), httpBatchOverheadMsP10: p10(httpBatchOver) };
+    const cpu = cpuSums;
+    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, rounds: ROUNDS, ...p10s, cpuPerCall: cpu };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${tag}`);
@@ -140,7 +151,7 @@ async function main(): Promise<void> {
       [
         `# Decode-call overhead per transport (${m.cpu}, ${m.cores} cores)`,
         '',
-        `TypeScript client, server in its own process on 127.0.0.1, ${CALLS} calls after 20 warm-up; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${d}, method exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms, p50. Load average at the start: ${m.loadAverage} (a shared machine moves every number).`,
+        `TypeScript client, server in its own process on 127.0.0.1, ${CALLS} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} rounds (one run: every ratio below is from it); one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${d}, method exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms, p50. Load average at the start: ${m.loadAverage} (a shared machine moves every number).`,
         '',
         'p10: the 10th percentile of the same calls; CPU ms per call: the server process (every thread, its engine work included) and this client.',
         '',
@@ -150,6 +161,7 @@ async function main(): Promise<void> {
         `| HTTP attend | ${rows.httpOverheadMsP50.toFixed(3)} | ${result.httpVsHealth.toFixed(2)} | ${p10s.httpOverheadMsP10.toFixed(3)} | ${(p10s.httpOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.http.serverMs.toFixed(3)} | ${cpu.http.clientMs.toFixed(3)} |`,
         `| stream attend | ${rows.streamOverheadMsP50.toFixed(3)} | ${result.streamVsHealth.toFixed(2)} | ${p10s.streamOverheadMsP10.toFixed(3)} | ${(p10s.streamOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.stream.serverMs.toFixed(3)} | ${cpu.stream.clientMs.toFixed(3)} |`,
         `| stream batch of ${BATCH} sessions (one call) | ${rows.batchOverheadMsP50.toFixed(3)} | ${(rows.batchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.batchVsSingleStream.toFixed(2)}× one stream attend) | ${p10s.batchOverheadMsP10.toFixed(3)} | ${(p10s.batchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.batchOverheadMsP10 / p10s.streamOverheadMsP10).toFixed(2)}× one stream attend) | ${cpu.batch.serverMs.toFixed(3)} | ${cpu.batch.clientMs.toFixed(3)} |`,
+        `| HTTP batch of ${BATCH} sessions (one call) | ${rows.httpBatchOverheadMsP50.toFixed(3)} | ${(rows.httpBatchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.httpBatchVsSingleHttp.toFixed(2)}× one HTTP attend) | ${p10s.httpBatchOverheadMsP10.toFixed(3)} | ${(p10s.httpBatchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.httpBatchOverheadMsP10 / p10s.httpOverheadMsP10).toFixed(2)}× one HTTP attend) | ${cpu.httpBatch.serverMs.toFixed(3)} | ${cpu.httpBatch.clientMs.toFixed(3)} |`,
         '',
       ].join('\n'),
     );

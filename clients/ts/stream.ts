@@ -4,14 +4,12 @@
 // sent unmasked-in-effect (a zero mask: masking guards browsers' proxies,
 // and would cost a fresh copy of every frame); answers are copied out of
 // the frame once.
-import { Unpackr } from 'msgpackr';
 import { WebSocket } from 'ws';
-import { joinParts, packParts } from '../../core/msgpack-parts.js';
+import { joinParts, packParts, unpackView } from './msgpack-parts.js';
 import { attendReply, batchResult, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type WireResult } from './client.js';
 
 /** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
-const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false, int64AsType: 'number' });
 
 type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void };
 
@@ -25,7 +23,7 @@ export class KvrecallStream {
     ws.on('message', (data: Buffer) => {
       let frame: Record<string, unknown>;
       try {
-        frame = unpackr.unpack(data) as Record<string, unknown>;
+        frame = unpackView(data) as Record<string, unknown>;
       } catch (e) {
         return this.fail(new Error(`stream: undecodable answer: ${(e as Error).message}`));
       }

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 import msgpack
 import numpy as np
 
-from ._http import _HTTPConnection, _HTTPSConnection
+from ._http import _HTTPSConnection, _RawHTTPConnection
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -484,15 +484,17 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _connection(self) -> "tuple[http.client.HTTPConnection, bool]":
+    def _connection(self) -> "tuple[Union[_RawHTTPConnection, http.client.HTTPConnection], bool]":
         """This thread's connection, and whether it was used before."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and conn.sock is not None and _dropped(conn.sock):
             conn.close()
             conn = None
         if conn is None:
-            cls = _HTTPSConnection if self._https else _HTTPConnection
-            conn = cls(self._host, self._port, timeout=self._timeout)
+            if self._https:
+                conn = _HTTPSConnection(self._host, self._port, timeout=self._timeout)
+            else:
+                conn = _RawHTTPConnection(self._host, self._port, self._timeout)
             self._local.conn = conn
             return conn, False
         return conn, conn.sock is not None
@@ -505,9 +507,13 @@ class Client:
         for attempt in (0, 1):
             conn, reused = self._connection()
             try:
-                conn.request(method, self._prefix + path, body=payload, headers=headers)
-                res = conn.getresponse()
-                data = res.read()
+                if isinstance(conn, _RawHTTPConnection):
+                    res = conn.request(method, self._prefix + path, payload, headers)
+                    data = res.data
+                else:
+                    conn.request(method, self._prefix + path, body=payload, headers=headers)
+                    res = conn.getresponse()
+                    data = res.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                 conn.close()
                 self._local.conn = None
