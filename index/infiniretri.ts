@@ -6,13 +6,21 @@
 //    artifact (index/infiniretri-artifact.ts), loaded, not re-read, when a
 //    session attaches the document;
 //  - in a session, the session's question (its own prefill rows' queries;
-//    without them, the first decode step's rows) reads each document again,
-//    and extends the document's evidence: a tenth of the session's budget
-//    is the seal's best, the rest the question's best.
+//    without them, the decode steps' rows so far) reads each document
+//    again, and extends the document's evidence: a tenth of the session's
+//    budget is the seal's best, the rest the question's best.
 // Decode attends the kept ids (not copies) with sinks, window and the
 // session's own tokens. The question's read is done once per layer and
-// redone only when more question rows arrive. Each document is read as its
-// own stream (a softmax never spans two documents) and gets a share of the
+// redone when more question rows arrive; without them, when the decode
+// steps read so far have doubled (1, 2, 4, ... steps; past STEP_ROWS steps,
+// every STEP_ROWS steps over the last STEP_ROWS): a question that arrives as
+// decode steps (a prompt's tail decoded token by token) is read soon after
+// it is asked, where the first step alone would fix the evidence before it
+// (kvrecall-code-13M, 8K bytes, the pass key asked in the last 11 of 32
+// decoded bytes, default budget: 1/8 keys found where dense found 8/8,
+// bench/results/model-vm-defaults.md; 8/8 with the steps' reads,
+// model-vm-defaults-fixes.md). Each document is read as its own
+// stream (a softmax never spans two documents) and gets a share of the
 // budget by size.
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection, SelectionPart } from './method.js';
 import { decodeKept, encodeKept } from './infiniretri-artifact.js';
@@ -74,6 +82,9 @@ export function mergeKept(seal: Kept, question: Kept, budget: number, sealShare 
   return Int32Array.from(out).sort();
 }
 
+/** Decode steps whose rows a session keeps as its question when it has none of its own (bounds memory and a read's cost). */
+export const STEP_ROWS = 256;
+
 interface Retained {
   questionRows: number;
   /** [segment][kv head]: retained rows, ascending. */
@@ -81,8 +92,40 @@ interface Retained {
   scanned: number;
 }
 
-async function retain(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Retained> {
-  const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim, scale = 1 / Math.sqrt(d);
+/** A question as the rows of one kv head's query heads. */
+type QuestionRows = (head: number) => { queries: Float32Array; queryCount: number };
+
+/**
+ * Without question rows of its own, a session's question is its decode
+ * steps' rows: per kv head, the group's rows of the last STEP_ROWS steps.
+ */
+class StepRows {
+  steps = 0;
+  private readonly rows: Float32Array[];
+
+  constructor(private readonly kvHeads: number, private readonly width: number) {
+    this.rows = Array.from({ length: kvHeads }, () => new Float32Array(STEP_ROWS * width));
+  }
+
+  add(q: Float32Array): void {
+    const at = (this.steps % STEP_ROWS) * this.width;
+    for (let h = 0; h < this.kvHeads; h++) this.rows[h].set(q.subarray(h * this.width, (h + 1) * this.width), at);
+    this.steps++;
+  }
+
+  /** Whether the steps so far call for a new read: they doubled, or STEP_ROWS more arrived. */
+  due(): boolean {
+    return this.steps <= STEP_ROWS ? (this.steps & (this.steps - 1)) === 0 : this.steps % STEP_ROWS === 0;
+  }
+
+  question(group: number): QuestionRows {
+    const steps = Math.min(this.steps, STEP_ROWS);
+    return (h) => ({ queries: this.rows[h].subarray(0, steps * this.width), queryCount: steps * group });
+  }
+}
+
+async function retain(ctx: LayerContext, question: QuestionRows, p: SearchParams): Promise<Retained> {
+  const d = ctx.headDim, scale = 1 / Math.sqrt(d);
   const docs = ctx.segments.length - 1;
   const docTokens = ctx.offsets[docs];
   const ids: Int32Array[][] = [];
@@ -91,12 +134,10 @@ async function retain(ctx: LayerContext, q: Float32Array, p: SearchParams): Prom
     const budget = Math.min(seg.tokens, Math.ceil((p.budget * seg.tokens) / Math.max(1, docTokens)));
     const perHead: Int32Array[] = [];
     for (let h = 0; h < ctx.kvHeads; h++) {
-      const question = ctx.question(h);
-      const rows = question.queryCount > 0 ? question.queries : q.subarray(h * G * d, (h + 1) * G * d);
-      const rowCount = question.queryCount > 0 ? question.queryCount : G;
+      const { queries, queryCount } = question(h);
       const keys = { keys: seg.k[h], tokens: seg.tokens, headDim: seg.headDim, dtype: seg.dtype };
       const seal = (ctx.indexes[s]?.[h] as KeptHead | undefined)?.kept ?? { ids: new Int32Array(0), scores: new Float32Array(0) };
-      const read = seg.tokens === 0 || budget === 0 ? seal : await readChunks(keys, rows, rowCount, { chunk: p.chunk, span: p.span, budget, scale });
+      const read = seg.tokens === 0 || budget === 0 ? seal : await readChunks(keys, queries, queryCount, { chunk: p.chunk, span: p.span, budget, scale });
       perHead.push(mergeKept(seal, read, budget));
     }
     ids.push(perHead);
@@ -109,9 +150,20 @@ export const infiniretri: RetrievalMethod = {
   builder: infiniretriBuilder,
   async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
     let r = ctx.memo.get('infiniretri') as Retained | undefined;
+    const asked = ctx.question(0).queryCount;
+    let question: QuestionRows = ctx.question;
+    let due = !r || r.questionRows !== asked;
+    if (asked === 0) {
+      const G = ctx.qHeads / ctx.kvHeads;
+      let steps = ctx.memo.get('infiniretri-steps') as StepRows | undefined;
+      if (!steps) ctx.memo.set('infiniretri-steps', (steps = new StepRows(ctx.kvHeads, G * ctx.headDim)));
+      steps.add(q);
+      question = steps.question(G);
+      due ||= steps.due();
+    }
     let scanned = 0;
-    if (!r || r.questionRows !== ctx.question(0).queryCount) {
-      r = await retain(ctx, q, p);
+    if (!r || due) {
+      r = await retain(ctx, question, p);
       ctx.memo.set('infiniretri', r);
       scanned = r.scanned;
     }

@@ -250,6 +250,9 @@ def run_length(a, client, model: Model, text: bytes, length: int, configs: List[
     loads: List[float] = []  # the 1-minute load average at each trial's end (other jobs share the cores)
     extra = a.steps + kvdecode.PASS_KEY_DIGITS
     for trial_i in range(a.trials):
+        if trial_i > 0 and a.deadline and time.time() > a.deadline:
+            log(f"[{length}] --minutes reached: {trial_i} trials")
+            break
         t_trial = time.perf_counter()
         trial: Trial = make_trial(model, text, length, a.steps, rng)
         timing["prefill_s"] += trial.prefill_s
@@ -315,7 +318,7 @@ def run_length(a, client, model: Model, text: bytes, length: int, configs: List[
         pass_key_hits=int(sum(x == k for x, k in zip(local.answers, local.keys))),
         same_answers=int(sum(x == y for x, y in zip(local.answers, dense.answers))),
         max_logit_diff=float(max(np.abs(x - y).max() for x, y in zip(local.tf_logits, dense.tf_logits))))
-    return dict(length=length, trials=a.trials, steps=a.steps, document_tokens=length - a.steps,
+    return dict(length=length, trials=len(trial_s), steps=a.steps, document_tokens=length - a.steps,
                 configs=results, local_dense=local_vs_exact, trial_s=[round(x, 1) for x in trial_s],
                 load_per_trial=[round(x, 1) for x in loads],
                 timing={k: (round(v, 2) if isinstance(v, float) else {kk: round(vv, 2) for kk, vv in v.items()})
@@ -420,6 +423,8 @@ def main() -> None:
                          "estimate through the session's `layers`)")
     ap.add_argument("--query-stride", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=4096, help="upload chunk (tokens)")
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="start no new trial after this many minutes of the run (0: run every trial); at least one per length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="machine tag for the result files (default: vm on a CPU server)")
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
@@ -427,6 +432,7 @@ def main() -> None:
     a = ap.parse_args()
     budget = int(a.budget) if a.budget >= 1 else a.budget
     a.budget = budget
+    a.deadline = time.time() + 60 * a.minutes if a.minutes > 0 else 0.0
 
     from kvrecall import Client
 

@@ -66,4 +66,28 @@ describe('infiniretri', () => {
     const r = await client.attend(id, { layer: 0, q: tensor('f32', [model.qHeads, d], q), return: ['selection'] });
     for (const sel of r.selection!) expect(new Set(sel).has(NEEDLE)).toBe(true);
   });
+
+  it('without question queries, reads again as decode steps double: a needle asked at step 4 is kept from then on', async () => {
+    const { id } = await client.createSession({ model, documents: ['book'], method: 'infiniretri', budget: 50, chunk: 2048, span: 1, sinks: 0, window: 0 });
+    // Steps 1-3 ask for nothing in the needle's direction (its logit is 0, the median); step 4 asks for it.
+    const away = () => {
+      const q = randomQ(rng, model.qHeads, d);
+      for (let r = 0; r < model.qHeads; r++) {
+        let dot = 0;
+        for (let j = 0; j < d; j++) dot += q[r * d + j] * dir[j];
+        for (let j = 0; j < d; j++) q[r * d + j] -= dot * dir[j];
+      }
+      return q;
+    };
+    const toward = Float32Array.from({ length: model.qHeads * d }, (_, i) => dir[i % d] * 3);
+    const kept = [];
+    for (const q of [away(), away(), away(), toward, away()]) {
+      const r = await client.attend(id, { layer: 0, q: tensor('f32', [model.qHeads, d], q), return: ['selection'] });
+      kept.push(r.selection!.map((sel) => new Set(sel).has(NEEDLE)));
+    }
+    expect(kept[2]).toEqual([false, false]);
+    expect(kept[3]).toEqual([true, true]);
+    // Step 5 reads nothing new (8 is the next read): the evidence of step 4 stays.
+    expect(kept[4]).toEqual([true, true]);
+  });
 });
