@@ -11,6 +11,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
+import { connect } from 'node:net';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvrecallClient, tensor } from '../clients/ts/client.js';
@@ -41,6 +42,62 @@ async function metered<T>(pid: number, calls: number, f: () => Promise<T>): Prom
   const s0 = cpuMs(pid), c0 = ownCpuMs();
   const value = await f();
   return { value, serverCpuMs: (cpuMs(pid) - s0) / calls, clientCpuMs: (ownCpuMs() - c0) / calls };
+}
+
+/**
+ * The floor under any protocol: a node:net peer in its own process that
+ * answers each `ask` bytes with `answer` bytes (no parsing, no framing).
+ * A call's wall ms for `calls` round trips of each size pair.
+ */
+async function tcpFloor(sizes: [ask: number, answer: number][], calls: number): Promise<number[][]> {
+  const peer = spawn(process.execPath, ['-e', `
+    const net = require('node:net');
+    const server = net.createServer((s) => {
+      s.setNoDelay(true);
+      let want = 0, answer = null, got = 0, header = Buffer.alloc(0);
+      s.on('data', (c) => {
+        // Each round trip starts with 8 bytes: the ask's and the answer's lengths.
+        if (!answer) { header = Buffer.concat([header, c]); if (header.length < 8) return; want = header.readUInt32LE(0); answer = Buffer.alloc(header.readUInt32LE(4), 1); c = header.subarray(8); header = Buffer.alloc(0); }
+        got += c.length;
+        if (got >= want) { const a = answer; answer = null; got = 0; s.write(a); }
+      });
+    });
+    server.listen(0, '127.0.0.1', () => console.log(server.address().port));
+  `], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((resolve) => peer.stdout.once('data', (d: Buffer) => resolve(Number(d.toString()))));
+  const socket = connect(port, '127.0.0.1');
+  socket.setNoDelay(true);
+  await new Promise((r) => socket.once('connect', r));
+  let expect = 0, got = 0, done: () => void = () => undefined;
+  socket.on('data', (c: Buffer) => {
+    got += c.byteLength;
+    if (got >= expect) done();
+  });
+  const out: number[][] = [];
+  for (const [ask, answer] of sizes) {
+    const head = Buffer.alloc(8);
+    head.writeUInt32LE(ask, 0);
+    head.writeUInt32LE(answer, 4);
+    const body = Buffer.alloc(ask, 2);
+    const xs: number[] = [];
+    for (let i = 0; i < calls + 20; i++) {
+      const t0 = performance.now();
+      await new Promise<void>((resolve) => {
+        expect = answer;
+        got = 0;
+        done = resolve;
+        socket.cork();
+        socket.write(head);
+        socket.write(body);
+        socket.uncork();
+      });
+      if (i >= 20) xs.push(performance.now() - t0);
+    }
+    out.push(xs);
+  }
+  socket.destroy();
+  peer.kill('SIGKILL');
+  return out;
 }
 
 async function startServer(dir: string): Promise<{ url: string; pid: number; stop(): void }> {
@@ -128,6 +185,13 @@ async function main(): Promise<void> {
       }
     stream.close();
     bare.close();
+    // The bytes each call moves (request, answer), and the floor for them: a bare TCP round trip of the same sizes.
+    const { packParts } = await import('../clients/ts/msgpack-parts.js');
+    const r = await client.attend(sids[0], body);
+    const answer = { out: tensor('f32', [model.qHeads, d], r.out), lse: tensor('f32', [model.qHeads], r.lse), stats: r.stats };
+    const single = [packParts({ ...body, session: sids[0], id: 1 }).byteLength, packParts({ id: 1, ...answer }).byteLength] as [number, number];
+    const batchBytes = [packParts({ layer: 0, steps, id: 1 }).byteLength, packParts({ id: 1, results: sids.map(() => answer), stats: { ms: 1.5 } }).byteLength] as [number, number];
+    const [floorSingle, floorBatch] = await tcpFloor([single, batchBytes], CALLS);
     const { health: healthMs, http, stream: streamed, batch: batchOver, httpBatch: httpBatchOver } = samples;
     const rows = {
       healthMsP50: p50(healthMs),
@@ -135,12 +199,14 @@ async function main(): Promise<void> {
       streamOverheadMsP50: p50(streamed),
       batchOverheadMsP50: p50(batchOver),
       httpBatchOverheadMsP50: p50(httpBatchOver),
+      tcpFloorSingleMsP50: p50(floorSingle),
+      tcpFloorBatchMsP50: p50(floorBatch),
     };
     // Less moved by other load than p50 on a shared machine: the 10th percentile, and CPU ms per call
     // (server process, every thread, the engine's work included; this client).
     const p10s = { healthMsP10: p10(healthMs), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver), httpBatchOverheadMsP10: p10(httpBatchOver) };
     const cpu = cpuSums;
-    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, rounds: ROUNDS, ...p10s, cpuPerCall: cpu };
+    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${tag}`);
@@ -162,6 +228,8 @@ async function main(): Promise<void> {
         `| stream attend | ${rows.streamOverheadMsP50.toFixed(3)} | ${result.streamVsHealth.toFixed(2)} | ${p10s.streamOverheadMsP10.toFixed(3)} | ${(p10s.streamOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.stream.serverMs.toFixed(3)} | ${cpu.stream.clientMs.toFixed(3)} |`,
         `| stream batch of ${BATCH} sessions (one call) | ${rows.batchOverheadMsP50.toFixed(3)} | ${(rows.batchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.batchVsSingleStream.toFixed(2)}× one stream attend) | ${p10s.batchOverheadMsP10.toFixed(3)} | ${(p10s.batchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.batchOverheadMsP10 / p10s.streamOverheadMsP10).toFixed(2)}× one stream attend) | ${cpu.batch.serverMs.toFixed(3)} | ${cpu.batch.clientMs.toFixed(3)} |`,
         `| HTTP batch of ${BATCH} sessions (one call) | ${rows.httpBatchOverheadMsP50.toFixed(3)} | ${(rows.httpBatchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.httpBatchVsSingleHttp.toFixed(2)}× one HTTP attend) | ${p10s.httpBatchOverheadMsP10.toFixed(3)} | ${(p10s.httpBatchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.httpBatchOverheadMsP10 / p10s.httpOverheadMsP10).toFixed(2)}× one HTTP attend) | ${cpu.httpBatch.serverMs.toFixed(3)} | ${cpu.httpBatch.clientMs.toFixed(3)} |`,
+        '',
+        `The floor under any protocol: a bare TCP round trip (node:net, a peer process answering a fixed number of bytes, no parsing) of a single call's sizes (${single[0]} bytes out, ${single[1]} back) takes ${rows.tcpFloorSingleMsP50.toFixed(3)} ms p50, of a batch's (${batchBytes[0]} out, ${batchBytes[1]} back) ${rows.tcpFloorBatchMsP50.toFixed(3)} ms (${result.tcpFloorBatchVsSingle.toFixed(2)}×): moving the batch's bytes alone costs ${(rows.tcpFloorBatchMsP50 - rows.tcpFloorSingleMsP50).toFixed(3)} ms more than a single call's.`,
         '',
       ].join('\n'),
     );

@@ -6,7 +6,7 @@
 // the frame once.
 import { WebSocket } from 'ws';
 import { joinParts, packParts, unpackView } from './msgpack-parts.js';
-import { attendReply, batchResult, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type WireResult } from './client.js';
+import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type WireResult } from './client.js';
 
 /** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
@@ -55,11 +55,11 @@ export class KvrecallStream {
     return attendReply(frame as unknown as Parameters<typeof attendReply>[0]);
   }
 
-  /** Results in order; `ms` is the server's time for the whole batch. */
+  /** Results in order (out and lse views of one buffer for the batch); `ms` is the server's time for the whole batch. */
   async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[] & { ms?: number }> {
     const frame = await this.request({ layer, steps });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
-    return Object.assign((frame.results as WireResult[]).map(batchResult), { ms: (frame.stats as { ms: number } | undefined)?.ms });
+    return Object.assign(batchResults(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
   }
 
   /** Sends raw bytes as one frame and waits for the next answer (for tests of bad frames). */

@@ -39,7 +39,9 @@ afterAll(async () => {
 });
 
 const session = async () => (await client.createSession({ model, documents: ['doc'], method: 'topk-blocks', budget: 128 })).id;
-const bits = (r: AttendReply) => [Buffer.from(r.out.buffer).toString('hex'), Buffer.from(r.lse.buffer).toString('hex')];
+// A batch's out and lse are views of one buffer for the batch: each array's own bytes.
+const hex = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
+const bits = (r: AttendReply) => [hex(r.out), hex(r.lse)];
 const ok = (r: BatchResult): AttendReply => {
   if ('error' in r) throw new Error(`step failed: ${r.error.code} ${r.error.message}`);
   return r;
@@ -58,6 +60,7 @@ describe('decode transports', () => {
           const streamed = await stream.attend(c, body);
           expect(bits(batched)).toEqual(bits(single));
           expect(bits(other)).toEqual(bits(single));
+          expect(batched.out.buffer).toBe(other.lse.buffer); // one buffer for the batch's arrays
           expect(bits(streamed)).toEqual(bits(single));
           const [viaStreamBatch] = (await stream.attendBatch(layer, [{ session: c, q: qT(steps[s].q) }])).map(ok);
           expect(viaStreamBatch.stats.tokens).toBe(streamed.stats.tokens);
