@@ -6,7 +6,7 @@ import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
 /** Build parameters the wrapper fills in when absent (native/indexes/ra_graph.h's RaGraphParams). */
-export const RA_GRAPH_DEFAULTS = { degree: 32, kBuild: 64, maxQueries: 8192, seed: 1, positional: 1 } as const;
+export const RA_GRAPH_DEFAULTS = { degree: 16, kBuild: 64, maxQueries: 8192, seed: 1, positional: 1, keyNeighbors: 8, keyEf: 48 } as const;
 
 export interface RaGraphBuildArgs {
   /** [tokens, headDim] 16-bit words of one kv head. Not copied: searches pass them again. */
@@ -40,6 +40,16 @@ export interface RaGraphBuildArgs {
    * reachable, also keys no build query retrieved.
    */
   positional?: number;
+  /**
+   * Key-key edges per key, beyond `degree` and the positional ones, in
+   * [0, 1024] (default 8): the key's nearest keys by cosine after centring,
+   * found by a beam search of width `keyEf` (in [1, 4096], default 48) over
+   * the graph being built (RoarGraph's connectivity enhancement). A decode
+   * query's top keys that no prefill query predicted are mostly keys whose
+   * content aligns with it; their centred neighbours do too.
+   */
+  keyNeighbors?: number;
+  keyEf?: number;
 }
 
 export interface RaGraphSearchArgs {
@@ -49,19 +59,42 @@ export interface RaGraphSearchArgs {
   tokens: number;
   headDim: number;
   dtype: KvDtype;
-  /** [group, headDim] f32: the query heads that share this kv head. A key's score is max over rows of q·k. */
+  /** [group, headDim] f32: the query heads that share this kv head; `aggregate` says how their scores combine. */
   q: Float32Array;
   group: number;
   k: number;
   /** Beam width (raised to k). ef >= tokens visits every key (without a margin): the exact top-k. */
   ef: number;
   /**
-   * The quality bound, in score units (q·k, unscaled), >= 0: stop once the
-   * best unexpanded candidate scores below the k-th best so far minus
-   * `margin` (then ef only caps the work). Absent: the fixed beam alone.
+   * The quality bound, in score units, >= 0: stop once the best unexpanded
+   * candidate scores below the k-th best so far minus `margin` (then ef
+   * only caps the work). Score units: q·k unscaled for 'max', logits for
+   * 'attention'. Absent: the fixed beam alone.
    */
   margin?: number;
-  /** At least min(k, tokens) entries each; best first (score desc, id asc). */
+  /**
+   * How the group's rows rank a key (native/indexes/ra_graph.h, RaAggregate):
+   * 'max' (default) the largest q·k over the rows, an exhaustive search then
+   * equals `topk`; 'attention' the key's softmax probability summed over the
+   * rows, each row's log-partition estimated from a strided sample of the
+   * keys (n/512 of them, 64..4096, counted as scanned) and refined from the
+   * keys scored: the ranking of the set the group attends (an exhaustive
+   * search returns the exact top-k by mean probability). group <= 64.
+   */
+  aggregate?: RaAggregate;
+  /** Softmax scale for 'attention' (default 1/√headDim). */
+  scale?: number;
+  /**
+   * A cap on the keys scored (0 or absent: none): the walk stops expanding
+   * once it has scored this many ('attention''s sample included), whatever
+   * ef and margin say; it may pass the cap by one neighbour list.
+   */
+  maxScanned?: number;
+  /**
+   * At least min(k, tokens) entries each; best first (score desc, id asc).
+   * Scores: q·k for 'max'; for 'attention' the log of the group's mean
+   * probability as estimated.
+   */
   outIds: Int32Array;
   outScores: Float32Array;
   /**
@@ -73,6 +106,9 @@ export interface RaGraphSearchArgs {
    */
   seeds?: Int32Array;
 }
+
+export type RaAggregate = 'max' | 'attention';
+const AGGREGATE_CODE: Record<RaAggregate, number> = { max: 0, attention: 1 };
 
 export interface RaGraphSearchResult {
   /** Ids written: min(k, tokens). */
@@ -90,10 +126,12 @@ export interface RaGraphBuildStats {
   bridged: number;
   knnSeconds: number;
   projectSeconds: number;
+  /** The key-key edges' beam searches. */
+  keySeconds: number;
   connectSeconds: number;
 }
 
-type NativeSearchArgs = Omit<RaGraphSearchArgs, 'dtype'> & { dtype: number };
+type NativeSearchArgs = Omit<RaGraphSearchArgs, 'dtype' | 'aggregate'> & { dtype: number; aggregate: number };
 
 interface NativeRaGraph {
   readonly tokens: number;
@@ -107,6 +145,7 @@ interface NativeRaGraph {
   readonly maxDegree: number;
   readonly entryPoints: number;
   readonly positional: number;
+  readonly keyNeighbors: number;
   readonly memoryBytes: number;
   readonly buildStats: RaGraphBuildStats | null;
   save(): Uint8Array;
@@ -127,11 +166,15 @@ interface RaGraphAddon {
 
 const addon = nativeAddon<RaGraphAddon>();
 
-const nativeSearch = (a: RaGraphSearchArgs): NativeSearchArgs => ({ ...a, dtype: DTYPE_CODE[a.dtype] });
+function nativeSearch(a: RaGraphSearchArgs): NativeSearchArgs {
+  const aggregate = AGGREGATE_CODE[a.aggregate ?? 'max'];
+  if (aggregate === undefined) throw new TypeError(`aggregate must be 'max' or 'attention', got ${String(a.aggregate)}`);
+  return { ...a, dtype: DTYPE_CODE[a.dtype], aggregate };
+}
 
 /**
  * RetrievalAttention's attention-aware graph over one kv head's keys. Holds
- * only the graph (CSR, ~4·(degree+2)·tokens bytes), not the keys; dispose()
+ * only the graph (CSR, ~4·(degree+keyNeighbors+2)·tokens bytes), not the keys; dispose()
  * frees it at once, otherwise the garbage collector does.
  */
 export class RaGraph {
@@ -150,6 +193,8 @@ export class RaGraph {
         maxQueries: args.maxQueries ?? RA_GRAPH_DEFAULTS.maxQueries,
         seed: args.seed ?? RA_GRAPH_DEFAULTS.seed,
         positional: args.positional ?? RA_GRAPH_DEFAULTS.positional,
+        keyNeighbors: args.keyNeighbors ?? RA_GRAPH_DEFAULTS.keyNeighbors,
+        keyEf: args.keyEf ?? RA_GRAPH_DEFAULTS.keyEf,
       }),
     );
   }
@@ -221,6 +266,10 @@ export class RaGraph {
   /** Positional neighbours linked each side. */
   get positional(): number {
     return this.native.positional;
+  }
+  /** Key-key edges per key. */
+  get keyNeighbors(): number {
+    return this.native.keyNeighbors;
   }
   /** Native bytes held (0 after dispose). */
   get memoryBytes(): number {

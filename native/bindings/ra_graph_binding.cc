@@ -1,17 +1,20 @@
 // The RetrievalAttention graph index (ra_graph.h) as a JS class:
 //   class RaGraph
-//     static build({keys, tokens, headDim, dtype, queries?, queryCount, degree?, kBuild?, maxQueries?, seed?, positional?})
+//     static build({keys, tokens, headDim, dtype, queries?, queryCount, degree?, kBuild?, maxQueries?, seed?, positional?,
+//                   keyNeighbors?, keyEf?})
 //       -> Promise<RaGraph>                                   (off the event loop)
 //     static load(bytes: Uint8Array) -> RaGraph               (throws on corrupt bytes)
 //     static searchBatch([{graph, keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?}, ...])
 //       -> Promise<{count, scanned}[]>                        (the searches run in parallel on the native pool)
 //     save() -> Uint8Array
-//     search({keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?, margin?}) -> Promise<{count, scanned}>
+//     search({keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?, margin?, aggregate?, scale?}) -> Promise<{count, scanned}>
 //       (seeds: Int32Array of extra start keys, e.g. the previous decode step's ids; margin: the
-//        quality-bound stop in score units, absent = none)
+//        quality-bound stop in score units, absent = none; aggregate: 0 max over the group's rows,
+//        1 the group's attention, with scale: the softmax scale, absent = 1/sqrt(headDim); maxScanned:
+//        a cap on the keys scored, 0 or absent = none)
 //     searchSync(same) -> {count, scanned}                    (on the calling thread: ~0.1-0.3 ms at 64K keys)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
-//     entryPoints, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
+//     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
 //
 // Why a class: a search must not re-parse the graph (a 64K-key graph is ~5 MB),
 // and node-addon-api cannot key a native cache by a Uint8Array's identity; the
@@ -20,6 +23,7 @@
 #include <napi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -55,9 +59,21 @@ struct SearchJob {
   const int32_t* seeds = nullptr;
   size_t seedCount = 0;
   float margin = RaGraph::kNoMargin;
+  RaAggregate aggregate = RaAggregate::kMax;
+  float scale = 0.f;
+  int64_t maxScanned = 0;
   RaSearchResult result;
 
-  void Run() { result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, seeds, seedCount, margin); }
+  void Run() {
+    RaSearchOptions opt;
+    opt.seeds = seeds;
+    opt.seedCount = seedCount;
+    opt.margin = margin;
+    opt.aggregate = aggregate;
+    opt.scale = scale;
+    opt.maxScanned = maxScanned;
+    result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
+  }
 };
 
 SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<const RaGraph> graph,
@@ -81,6 +97,16 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
     if (!(m >= 0)) throw Napi::RangeError::New(env, "margin must be a number >= 0");
     job.margin = std::min(m, RaGraph::kNoMargin);
   }
+  // aggregate: 0 = max over the group's rows of q·k, 1 = the group's attention (ra_graph.h, RaAggregate).
+  job.aggregate = RaAggregate(int(OptInt(o, "aggregate", 0, 1, 0)));
+  if (job.aggregate == RaAggregate::kAttention && job.group > 64)
+    throw Napi::RangeError::New(env, "group must be <= 64 when ranking by the group's attention");
+  if (!Absent(o.Get("scale"))) {
+    const float sc = Float(o, "scale");
+    if (!(sc > 0) || !std::isfinite(sc)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
+    job.scale = sc;
+  }
+  job.maxScanned = OptInt(o, "maxScanned", 0, kMaxSafeInt, 0);
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);
@@ -122,6 +148,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
          InstanceAccessor<&RaGraphJs::EdgesJs>("edges"), InstanceAccessor<&RaGraphJs::MaxDegreeJs>("maxDegree"),
          InstanceAccessor<&RaGraphJs::EntryPointsJs>("entryPoints"),
          InstanceAccessor<&RaGraphJs::PositionalJs>("positional"),
+         InstanceAccessor<&RaGraphJs::KeyNeighborsJs>("keyNeighbors"),
          InstanceAccessor<&RaGraphJs::MemoryBytesJs>("memoryBytes"),
          InstanceAccessor<&RaGraphJs::BuildStatsJs>("buildStats")});
     registry_.Add(env, ctor);
@@ -179,6 +206,8 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     params.maxQueries = OptInt(o, "maxQueries", 1, kMaxSafeInt, params.maxQueries);
     params.seed = uint64_t(OptInt(o, "seed", 0, kMaxSafeInt, int64_t(params.seed)));
     params.positional = int(OptInt(o, "positional", 0, 64, params.positional));
+    params.keyNeighbors = int(OptInt(o, "keyNeighbors", 0, 1024, params.keyNeighbors));
+    params.keyEf = int(OptInt(o, "keyEf", 1, 4096, params.keyEf));
     auto keys = TypedAt<uint16_t>(o, "keys", size_t(in.tokens) * in.headDim);
     std::vector<Napi::Value> keep{keys};
     in.keys = keys.Data();
@@ -297,6 +326,9 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   Napi::Value PositionalJs(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), double(Live(info.Env())->params().positional));
   }
+  Napi::Value KeyNeighborsJs(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(Live(info.Env())->params().keyNeighbors));
+  }
   Napi::Value EntryPointsJs(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), double(Live(info.Env())->entries().size()));
   }
@@ -312,6 +344,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     s.Set("bridged", Napi::Number::New(env, double(stats_->bridged)));
     s.Set("knnSeconds", Napi::Number::New(env, stats_->knnSeconds));
     s.Set("projectSeconds", Napi::Number::New(env, stats_->projectSeconds));
+    s.Set("keySeconds", Napi::Number::New(env, stats_->keySeconds));
     s.Set("connectSeconds", Napi::Number::New(env, stats_->connectSeconds));
     return s;
   }

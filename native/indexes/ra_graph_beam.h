@@ -1,7 +1,8 @@
-// Internal to the ra_graph_*.cc files: the best-first beam search that both
-// the public search (ra_graph_search.cc, over the final CSR graph) and the
-// build's connectivity pass (ra_graph_build.cc, over the graph under
-// construction) run.
+// Internal to the ra_graph_*.cc files: the best-first beam search that the
+// public searches (ra_graph_search.cc, ra_graph_attention.cc, over the final
+// CSR graph), the build's key-key edges (ra_graph_keys.cc) and its
+// connectivity pass (ra_graph_build.cc, over the graph under construction)
+// run.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 
 #include "common/half.h"
 #include "common/ranked_hits.h"
+#include "indexes/ra_graph.h"
 
 namespace kvr {
 namespace ragraph {
@@ -83,11 +85,12 @@ constexpr size_t kPrefetchAhead = 8;
 // with ef >= n (and no margin) it expands every key reachable from the
 // entries. The quality bound: with k >= 1 and a finite margin it also stops
 // once the best unexpanded candidate scores below the k-th best so far
-// minus margin.
+// minus margin. With maxScan > 0 it stops expanding once that many keys
+// have been scored (the last expansion may pass it by one neighbour list).
 template <typename Graph, typename Score>
 int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
                    size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top,
-                   size_t k = 0, float margin = 3.0e38f) {
+                   size_t k = 0, float margin = 3.0e38f, int64_t maxScan = 0) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
   thread_local std::vector<Hit> cand;
@@ -127,6 +130,7 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
     cand.pop_back();
     if (top.size() >= ef && Better(top.front(), c)) break;
     if (bounded && kbest.size() >= k && c.score < kbest.front() - margin) break;
+    if (maxScan > 0 && scanned >= maxScan) break;
     if (!cand.empty()) graph.PrefetchList(cand.front().id);  // likely the next one expanded
     const auto nb = graph.List(c.id);
     fresh.clear();
@@ -146,6 +150,10 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
   }
   return scanned;
 }
+
+// Appends to adj[u] up to params.keyNeighbors of u's nearest keys by cosine
+// after centring, none already in adj[u] (ra_graph_keys.cc).
+void AddKeyEdges(std::vector<std::vector<int32_t>>& adj, const RaBuildInput& in, const RaGraphParams& params);
 
 }  // namespace ragraph
 }  // namespace kvr

@@ -369,6 +369,11 @@ RaGraph RaGraph::Build(const RaBuildInput& in, const RaGraphParams& params, RaBu
 
   stats.projectSeconds = Since(t0);
 
+  // 3b. Key-key edges (RaGraphParams::keyNeighbors; ra_graph_keys.cc).
+  t0 = Clock::now();
+  ragraph::AddKeyEdges(adj, in, params);
+  stats.keySeconds = Since(t0);
+
   // 4. Entry points: the keys that are the nearest key of the most build
   //    queries (hubs of the query distribution), ties to the larger norm:
   //    kEntryPoints / 4 over the whole context, then the best of each of

@@ -13,10 +13,11 @@ namespace kvr {
 namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'R', 'A', 'G', 'R', 'P', 'H'};
-// Version 3: positional edges and entry points per stretch of positions
-// (the header records `positional`). Version 2 (the trailing checksum became
-// common/checksum.h's Checksum64) and 1 are stale: rebuilt, not read.
-constexpr uint32_t kVersion = 3;
+// Version 4: key-key edges (the header records keyNeighbors). Version 3
+// (positional edges and entry points per stretch of positions, the header
+// records `positional`), 2 (the trailing checksum became common/checksum.h's
+// Checksum64) and 1 are stale: rebuilt, not read.
+constexpr uint32_t kVersion = 4;
 
 #pragma pack(push, 1)
 struct Header {
@@ -33,7 +34,7 @@ struct Header {
   int64_t queriesUsed;
   int64_t edgeCount;
   int32_t positional;
-  int32_t reserved;
+  int32_t keyNeighbors;
 };
 #pragma pack(pop)
 
@@ -56,6 +57,7 @@ std::vector<uint8_t> RaGraph::Serialize() const {
   h.queriesUsed = queriesUsed_;
   h.edgeCount = int64_t(neighbors_.size());
   h.positional = params_.positional;
+  h.keyNeighbors = params_.keyNeighbors;
   const size_t size = sizeof(Header) + offsets_.size() * 8 + neighbors_.size() * 4 + entries_.size() * 4 + 8;
   std::vector<uint8_t> out(size);
   uint8_t* p = out.data();
@@ -97,7 +99,8 @@ RaGraph RaGraph::Deserialize(const uint8_t* data, size_t size) {
   const uint64_t body = uint64_t(size) - sizeof(Header) - 8;
   if (h.n < 0 || h.n > int64_t(std::numeric_limits<int32_t>::max())) Corrupt("bad token count");
   if (h.d < 1 || h.d > (1 << 16)) Corrupt("bad head dim");
-  if (h.degree < 1 || h.kBuild < 1 || h.maxQueries < 1 || h.queriesUsed < 0 || h.positional < 0 || h.positional > 64)
+  if (h.degree < 1 || h.kBuild < 1 || h.maxQueries < 1 || h.queriesUsed < 0 || h.positional < 0 || h.positional > 64 ||
+      h.keyNeighbors < 0 || h.keyNeighbors > 1024)
     Corrupt("bad parameters");
   if (h.entryCount < 0 || h.entryCount > h.n || (h.n > 0 && h.entryCount == 0)) Corrupt("bad entry count");
   if (h.edgeCount < 0 || uint64_t(h.edgeCount) > body / 4) Corrupt("bad edge count");
@@ -111,6 +114,7 @@ RaGraph RaGraph::Deserialize(const uint8_t* data, size_t size) {
   g.params_.maxQueries = h.maxQueries;
   g.params_.seed = h.seed;
   g.params_.positional = h.positional;
+  g.params_.keyNeighbors = h.keyNeighbors;
   g.queriesUsed_ = h.queriesUsed;
   const uint8_t* p = data + sizeof(Header);
   g.offsets_.resize(size_t(h.n) + 1);

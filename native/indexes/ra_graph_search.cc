@@ -44,4 +44,30 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
   return res;
 }
 
+RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
+                               int32_t* outIds, float* outScores, const RaSearchOptions& opt) const {
+  if (opt.aggregate == RaAggregate::kAttention) return SearchAttention(keys, dtype, q, group, k, ef, outIds, outScores, opt);
+  if (opt.maxScanned <= 0) return Search(keys, dtype, q, group, k, ef, outIds, outScores, opt.seeds, opt.seedCount, opt.margin);
+  RaSearchResult res;
+  const int64_t keep = std::min<int64_t>(k, n_);
+  if (keep <= 0 || group <= 0) return res;
+  const size_t beam = size_t(std::min<int64_t>(std::max<int64_t>(ef, keep), n_));
+  thread_local std::vector<float> row;
+  thread_local std::vector<Hit> top;
+  row.resize(size_t(d_));
+  const int d = d_;
+  res.scanned = ragraph::BeamSearch(
+      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n_, entries_.data(), entries_.size(), opt.seeds,
+      opt.seedCount, beam, keys, d,
+      [&](int32_t id) {
+        WidenRow(keys + size_t(id) * d, dtype, size_t(d), row.data());
+        float s = -std::numeric_limits<float>::infinity();
+        for (int gi = 0; gi < group; ++gi) s = std::max(s, Dot(q + size_t(gi) * d, row.data(), size_t(d)));
+        return s;
+      },
+      top, size_t(keep), opt.margin, opt.maxScanned);
+  res.count = WriteBest(top, keep, outIds, outScores);
+  return res;
+}
+
 }  // namespace kvr

@@ -1,0 +1,246 @@
+// The RetrievalAttention graph ranked by the group's attention
+// (native/indexes/ra_graph_attention.cc) and its key-key edges
+// (ra_graph_build.cc, step 3b): an exhaustive search returns the exact top-k
+// of the group's mean probability (float64 reference), which the max over
+// the group's rows does not when the rows' partitions differ; a bounded
+// search's estimated log-probabilities are close to the exact ones; the scan
+// cap stops the walk; the key-key edges raise recall per key scanned when
+// the build queries say nothing about the decode queries; bad arguments are
+// refused.
+import { describe, expect, it } from 'vitest';
+import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
+import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`native ra-graph attention tests: seed ${seed}`);
+
+/** Keys as storage words and their exact values: N(0, 1) plus `offset` in the first two channels. */
+function keysOf(rng: Rng, dt: Dt, n: number, d: number, offset = 0) {
+  const bits = new Uint16Array(n * d), values = new Float64Array(n * d);
+  for (let i = 0; i < n * d; i++) {
+    bits[i] = bitsOf(dt)(rng.normal() + (i % d < 2 ? offset : 0));
+    values[i] = valueOf(dt)(bits[i]);
+  }
+  return { bits, values };
+}
+
+/** Float64 per-row softmax at `scale` and the group's mean probability and max-over-rows score per key. */
+function reference(q: Float32Array, G: number, keys: Float64Array, n: number, d: number, scale: number) {
+  const logits = Array.from({ length: G }, (_, g) =>
+    Float64Array.from({ length: n }, (_, t) => {
+      let s = 0;
+      for (let j = 0; j < d; j++) s += q[g * d + j] * keys[t * d + j];
+      return s * scale;
+    }),
+  );
+  const meanProb = new Float64Array(n), maxLogit = new Float64Array(n).fill(-Infinity);
+  for (const x of logits) {
+    const m = Math.max(...x);
+    let z = 0;
+    for (let t = 0; t < n; t++) z += Math.exp(x[t] - m);
+    for (let t = 0; t < n; t++) {
+      meanProb[t] += Math.exp(x[t] - m) / z / G;
+      maxLogit[t] = Math.max(maxLogit[t], x[t]);
+    }
+  }
+  const order = (v: Float64Array) => Array.from({ length: n }, (_, t) => t).sort((a, b) => v[b] - v[a] || a - b);
+  return { meanProb, byAttention: order(meanProb), byMax: order(maxLogit) };
+}
+
+/** Rows with one peaked head (a large query norm: a few keys take its mass) and broad ones. */
+function groupRows(rng: Rng, G: number, d: number): Float32Array {
+  const q = new Float32Array(G * d);
+  for (let g = 0; g < G; g++) for (let j = 0; j < d; j++) q[g * d + j] = (g === 0 ? 3 : 0.8) * rng.normal();
+  return q;
+}
+
+function args(keys: Uint16Array, n: number, d: number, dt: Dt, q: Float32Array, G: number, k: number, ef: number): RaGraphSearchArgs {
+  const keep = Math.min(k, n);
+  return { keys, tokens: n, headDim: d, dtype: dt, q, group: G, k, ef, outIds: new Int32Array(keep), outScores: new Float32Array(keep), aggregate: 'attention' };
+}
+
+describe('ra-graph ranked by the group attention', () => {
+  for (const dt of ['f16', 'bf16'] as const)
+    for (const [n, G] of [[3001, 4], [40, 2], [9000, 1]] as const)
+      it(`returns the exact top-k of the group's mean probability when ef >= tokens (${dt}, n=${n}, G=${G})`, async () => {
+        const rng = new Rng(seed + n + G + (dt === 'f16' ? 0 : 7));
+        const d = 24, k = Math.min(60, n), scale = 1 / Math.sqrt(d);
+        const keys = keysOf(rng, dt, n, d, 2);
+        const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: groupRows(rng, 300, d), degree: 8, kBuild: 16 });
+        let differs = 0;
+        for (let trial = 0; trial < 3; trial++) {
+          const q = groupRows(rng, G, d);
+          const ref = reference(q, G, keys.values, n, d, scale);
+          const a = args(keys.bits, n, d, dt, q, G, k, n);
+          expect(graph.searchSync(a)).toEqual({ count: k, scanned: n });
+          // Ranks may swap only where f32 and f64 disagree: keys within 1e-5 relative of each other.
+          const want = ref.byAttention.slice(0, k);
+          for (let i = 0; i < k; i++) {
+            const got = a.outIds[i];
+            if (got !== want[i]) expect(Math.abs(ref.meanProb[got] - ref.meanProb[want[i]])).toBeLessThan(1e-5 * ref.meanProb[want[i]]);
+            // Scores: log of the mean probability.
+            expect(Math.abs(a.outScores[i] - Math.log(ref.meanProb[got]))).toBeLessThan(1e-3);
+          }
+          // The premise: the max over rows ranks another set (for G > 1).
+          const maxTop = new Set(ref.byMax.slice(0, k));
+          differs += want.filter((t) => !maxTop.has(t)).length;
+          // The same after a round trip.
+          const b = args(keys.bits, n, d, dt, q, G, k, n);
+          RaGraph.load(graph.save()).searchSync(b);
+          expect([...b.outIds]).toEqual([...a.outIds]);
+        }
+        if (G > 1 && n > 2 * k) expect(differs).toBeGreaterThan(0);
+      });
+
+  it("estimates the rows' partitions: a bounded search's log-probabilities are near the exact ones, and it holds more of the group's attention than the max", async () => {
+    const rng = new Rng(seed + 101);
+    const [n, d, G, k] = [40009, 32, 4, 200];
+    const scale = 1 / Math.sqrt(d);
+    const keys = keysOf(rng, 'f16', n, d, 3);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 2000, d), degree: 12, kBuild: 32 });
+    let worst = 0, sum = 0, scanned = 0, heldAttention = 0, heldMax = 0;
+    for (let trial = 0; trial < 4; trial++) {
+      const q = groupRows(rng, G, d);
+      const ref = reference(q, G, keys.values, n, d, scale);
+      const a = { ...args(keys.bits, n, d, 'f16', q, G, k, 8 * k), margin: 1 };
+      const r = graph.searchSync(a);
+      expect(r.count).toBe(k);
+      // The sample (n/512 keys, at least 64) is scored and counted.
+      expect(r.scanned).toBeGreaterThanOrEqual(Math.max(64, Math.floor(n / 512)));
+      expect(r.scanned).toBeLessThan(n);
+      scanned += r.scanned / n / 4;
+      for (let i = 0; i < k; i++) {
+        const e = Math.abs(a.outScores[i] - Math.log(ref.meanProb[a.outIds[i]]));
+        worst = Math.max(worst, e);
+        sum += e / (4 * k);
+        heldAttention += ref.meanProb[a.outIds[i]];
+      }
+      // The same walk's budget ranked by the max over rows (margin in q·k units).
+      const m = { ...args(keys.bits, n, d, 'f16', q, G, k, 8 * k), margin: 1 / scale, aggregate: 'max' as const };
+      graph.searchSync(m);
+      for (const id of m.outIds) heldMax += ref.meanProb[id];
+    }
+    console.log(
+      `attention ranking, bounded (margin 1): log-probability error mean ${sum.toFixed(3)}, worst ${worst.toFixed(3)} at ${(100 * scanned).toFixed(1)}% scanned; ` +
+        `group attention held ${(heldAttention / 4).toFixed(3)} (max ranking ${(heldMax / 4).toFixed(3)})`,
+    );
+    // The unreached keys' mass comes from the sample's unreached part (n/512
+    // keys, 78 here; 2048 at 1M keys). On the peaked row most of the mass
+    // sits in a few hundred keys, which a 78-key sample seldom holds, so its
+    // partition tends to come out low when the walk missed some of them:
+    // measured over 6 seeds, mean 0.14-0.31 and worst 0.33-0.49 (logits).
+    expect(sum).toBeLessThan(0.4);
+    expect(worst).toBeLessThan(0.7);
+    // Held attention: 4 of 4 seeds above the max ranking, by 0.2-5%; the bar is "not below by 2%".
+    expect(heldAttention).toBeGreaterThan(0.98 * heldMax);
+  });
+
+  it('refuses a group over 64 rows, a scale that is not positive and an unknown ranking', async () => {
+    const rng = new Rng(seed + 102);
+    const [n, d] = [500, 8];
+    const keys = keysOf(rng, 'f16', n, d);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 50, d) });
+    const ok = args(keys.bits, n, d, 'f16', groupRows(rng, 65, d), 65, 5, 20);
+    expect(() => graph.searchSync(ok)).toThrow(/group must be <= 64/);
+    expect(graph.searchSync({ ...ok, aggregate: 'max' }).count).toBe(5);
+    const two = args(keys.bits, n, d, 'f16', groupRows(rng, 2, d), 2, 5, 20);
+    for (const scale of [0, -1, Number.NaN, Infinity]) expect(() => graph.searchSync({ ...two, scale })).toThrow(/scale must be/);
+    expect(() => graph.searchSync({ ...two, aggregate: 'mean' as unknown as 'max' })).toThrow(/aggregate/);
+    // An explicit scale is the softmax's: scores are the log of the mean probability at that scale.
+    const s2 = { ...args(keys.bits, n, d, 'f16', two.q, 2, 5, n), scale: 0.7 };
+    graph.searchSync(s2);
+    const ref = reference(two.q, 2, keys.values, n, d, 0.7);
+    expect(s2.outIds[0]).toBe(ref.byAttention[0]);
+    expect(Math.abs(s2.outScores[0] - Math.log(ref.meanProb[s2.outIds[0]]))).toBeLessThan(1e-3);
+  });
+});
+
+describe('ra-graph scan cap', () => {
+  it('stops once maxScanned keys are scored (by at most one neighbour list over), for both rankings', async () => {
+    const rng = new Rng(seed + 105);
+    const [n, d, G, k] = [20011, 16, 4, 100];
+    const keys = keysOf(rng, 'f16', n, d, 2);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 1000, d), degree: 8, kBuild: 16 });
+    const q = groupRows(rng, G, d);
+    for (const aggregate of ['max', 'attention'] as const) {
+      const free = { ...args(keys.bits, n, d, 'f16', q, G, k, n), aggregate, margin: 1e6 };
+      expect(graph.searchSync(free).scanned).toBe(n);
+      for (const cap of [300, 1000, 4000]) {
+        const a = { ...args(keys.bits, n, d, 'f16', q, G, k, n), aggregate, margin: 1e6, maxScanned: cap };
+        const r = graph.searchSync(a);
+        expect(r.count).toBe(k);
+        // 'attention' counts its 64-key sample once though its walk may reach sample keys again: up to 64 under.
+        expect(r.scanned).toBeGreaterThanOrEqual(cap - (aggregate === 'attention' ? 64 : 0));
+        expect(r.scanned).toBeLessThanOrEqual(cap + graph.maxDegree);
+        const truth = new Set(free.outIds);
+        const hits = [...a.outIds].filter((id) => truth.has(id)).length;
+        expect(hits).toBeGreaterThan(0);
+      }
+      // 0 means no cap.
+      expect(graph.searchSync({ ...args(keys.bits, n, d, 'f16', q, G, k, n), aggregate, margin: 1e6, maxScanned: 0 }).scanned).toBe(n);
+    }
+    expect(() => graph.searchSync({ ...args(keys.bits, n, d, 'f16', q, G, k, k), maxScanned: -1 })).toThrow(RangeError);
+  });
+});
+
+describe('ra-graph key-key edges', () => {
+  it('adds keyNeighbors edges per key, round-trips them, and keeps every key reachable', async () => {
+    const rng = new Rng(seed + 103);
+    const [n, d] = [2003, 16];
+    const keys = keysOf(rng, 'f16', n, d, 4);
+    const queries = groupRows(rng, 200, d);
+    const none = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries, degree: 8, kBuild: 16, keyNeighbors: 0 });
+    const some = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries, degree: 8, kBuild: 16, keyNeighbors: 6 });
+    expect(none.keyNeighbors).toBe(0);
+    expect(some.keyNeighbors).toBe(6);
+    // Up to 6 more per key (none duplicates a projected or positional edge).
+    expect(some.edges - none.edges).toBeGreaterThan(5 * n);
+    expect(some.edges - none.edges).toBeLessThanOrEqual(6 * n);
+    const loaded = RaGraph.load(some.save());
+    expect(loaded.keyNeighbors).toBe(6);
+    expect(loaded.edges).toBe(some.edges);
+    const q = groupRows(rng, 3, d);
+    const a = args(keys.bits, n, d, 'f16', q, 3, 7, n);
+    expect(loaded.searchSync({ ...a, aggregate: 'max' }).scanned).toBe(n);
+    await expect(RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', keyNeighbors: 1025 })).rejects.toThrow(/keyNeighbors/);
+  });
+
+  it('raise recall per key scanned when the build queries say nothing about the decode queries', async () => {
+    const rng = new Rng(seed + 104);
+    const [n, d, G, k] = [20011, 32, 2, 100];
+    // Keys share a large offset in two channels (centring removes it); build
+    // queries look at other channels than the decode queries do.
+    const keys = keysOf(rng, 'f16', n, d, 6);
+    const queries = Float32Array.from({ length: 3000 * d }, (_, i) => (i % d < d / 2 ? 2 * rng.normal() : 0));
+    const decode = Array.from({ length: 24 }, () => Float32Array.from({ length: G * d }, (_, i) => (i % d >= d / 2 ? 1.5 * rng.normal() : 0.2 * rng.normal())));
+    const build = (keyNeighbors: number) => RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries, degree: 12, kBuild: 32, keyNeighbors });
+    const [plain, linked] = [await build(0), await build(8)];
+    const truth = decode.map((q) => {
+      const a = args(keys.bits, n, d, 'f16', q, G, k, n);
+      plain.searchSync(a);
+      return new Set(a.outIds);
+    });
+    const curve = (graph: RaGraph) =>
+      [1, 2, 4, 8].map((m) => {
+        let hit = 0, scanned = 0;
+        decode.forEach((q, i) => {
+          const a = args(keys.bits, n, d, 'f16', q, G, k, m * k);
+          scanned += graph.searchSync(a).scanned;
+          for (const id of a.outIds) hit += truth[i].has(id) ? 1 : 0;
+        });
+        return { recall: hit / (decode.length * k), scanned: scanned / decode.length / n };
+      });
+    const [p, l] = [curve(plain), curve(linked)];
+    const fmt = (c: { recall: number; scanned: number }[]) => c.map((x) => `${x.recall.toFixed(3)}@${(100 * x.scanned).toFixed(1)}%`).join(' ');
+    console.log(`key-key edges: without ${fmt(p)}; with 8 ${fmt(l)}`);
+    // The plain graph's recall at the scan each linked point used, interpolated on its curve (clamped at the ends).
+    const plainAt = (s: number) => {
+      if (s <= p[0].scanned) return p[0].recall;
+      for (let i = 1; i < p.length; i++)
+        if (s <= p[i].scanned) return p[i - 1].recall + ((p[i].recall - p[i - 1].recall) * (s - p[i - 1].scanned)) / (p[i].scanned - p[i - 1].scanned);
+      return p[p.length - 1].recall;
+    };
+    for (const x of l.slice(0, 3)) expect(x.recall).toBeGreaterThan(plainAt(x.scanned) + 0.03);
+  });
+});
