@@ -8,9 +8,9 @@
 // the selection is index/wave/cluster-index.ts's searchHeads bit for bit and
 // the estimate is addon/estimate.ts's estimateClusters, second order, over
 // every cluster minus the rows attended exactly (the selection plus
-// `exact`), partly attended clusters by their rest's moments
-// (estimateArgs(ids, 'moments'); the host's default since weighs those
-// rows by their own logits, which the device has yet to do); with 'radius', searchHeads(..., 'radius') and the first-order
+// `exact`), a partly attended cluster's remaining rows by their own logits
+// (estimateArgs(ids), 'rows': rest 'rows', the default) or by their moments
+// (rest 'moments': estimateArgs(ids, 'moments')); with 'radius', searchHeads(..., 'radius') and the first-order
 // estimate (estimateArgs(ids, 'first')). The estimate is f32 with tiles merged
 // in float64. WaveGpuStore.create throws without a device or a CUDA build.
 import { nativeAddon } from './addon.js';
@@ -69,6 +69,8 @@ export interface WaveGpuStepArgs {
   exact?: Int32Array;
   /** Default true. */
   estimate?: boolean;
+  /** With 'spread': a partly attended cluster's remaining rows by their own logits ('rows', the default) or their moments. */
+  rest?: 'rows' | 'moments';
 }
 
 export interface WaveGpuStepResult {
@@ -111,6 +113,7 @@ interface NativeStore {
     maxClusters: number[];
     exact?: Int32Array;
     estimate?: boolean;
+    rest?: 'rows' | 'moments';
   }): Promise<{ width: number; ids: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number> }>;
   bytes(): WaveGpuBytes;
   close(): void;
@@ -163,6 +166,7 @@ export class WaveGpuStore {
       maxClusters: new Array<number>(kvHeads).fill(want),
       exact: a.exact,
       estimate: a.estimate,
+      rest: a.rest,
     });
     return {
       ids: r.idCounts.map((n, h) => r.ids.subarray(h * r.width, h * r.width + n)),

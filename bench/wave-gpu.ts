@@ -7,7 +7,9 @@
 // vitest: on random keys clustered by the real builder (k-means, odd sizes),
 // in both rankings of the step: 'spread' against the host's default path
 // (ClusterIndex.searchHeads, ranking 'spread', then estimateClusters with
-// estimateArgs(ids, 'moments'): second order) and 'radius' against the older one
+// estimateArgs(ids): second order, partly attended clusters' remaining rows
+// by their own logits), 'spread-moments' (rest 'moments' against
+// estimateArgs(ids, 'moments')) and 'radius' against the older one
 // (searchHeads(..., 'radius'), estimateArgs(ids, 'first'): first order). The
 // selection must equal the host's (ids in order, and scanned: the GPU sums
 // every score in the host's order with its roundings, wave_step.cu), the
@@ -86,7 +88,7 @@ export interface CompareResult {
  * 'radius' the older one (first order).
  */
 export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: Float32Array, G: number, d: number, dt: KvDtype,
-                              scale: number, budget: number[], exact: Int32Array, ranking: ClusterRanking): Promise<CompareResult> {
+                              scale: number, budget: number[], exact: Int32Array, ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows'): Promise<CompareResult> {
   const cpu = await ClusterIndex.searchHeads(heads, q, G, budget, ranking);
   let idsDiffer = 0, firstDiff: string | undefined;
   heads.forEach((_, h) => {
@@ -100,7 +102,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const scannedEqual = heads.every((_, h) => gpu.scanned[h] === cpu[h].scanned);
   const qHeads = heads.length * G;
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
-  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius' ? 'first' : 'moments'));
+  const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius' ? 'first' : rest));
   await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
   let outRel = 0, lseRel = 0;
   for (let r = 0; r < qHeads; r++) {
@@ -145,7 +147,7 @@ export function waveCases(): WaveCase[] {
 export const caseName = (c: WaveCase) => `${c.dt} d=${c.d} kv=${c.kvHeads} G=${c.G} N=${c.tokens} cluster=${c.clusterSize} budget=${c.budget.join('/')}`;
 
 /** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
-export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<ClusterRanking, CompareResult & { ms: number }>> {
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number }>> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const keysF: Float32Array[] = [], heads: ClusterIndex[] = [], gpuHeads: WaveGpuHead[] = [];
@@ -166,14 +168,15 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<C
   const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads });
   try {
     const q = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G), exact = staticRows(N, c.sinks, c.window);
-    const run = async (ranking: ClusterRanking) => {
-      const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact });
-      return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking)), ms: gpu.ms };
+    const run = async (ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows') => {
+      const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact, rest });
+      return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest)), ms: gpu.ms };
     };
-    // Both on one store, radius first: the second step also checks that the
-    // first left its per-cluster scratch (owner, removed, lead) reset.
+    // All on one store, radius first: each later step also checks that the
+    // one before left its per-cluster scratch (owner, removed, lead) reset.
     const radius = await run('radius');
-    return { radius, spread: await run('spread') };
+    const spread = await run('spread');
+    return { radius, spread, 'spread-moments': await run('spread', 'moments') };
   } finally {
     store.close();
   }

@@ -7,7 +7,9 @@
 //                            keys, values, clusters}] (kvHeads)})
 //   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
 //          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
-//          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, estimate?})
+//          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, estimate?,
+//          rest?: 'rows' | 'moments' (with 'spread': partly attended clusters' remaining rows by their
+//          own logits, the default, or by their moments)})
 //     -> Promise<{width, ids: Int32Array[kvHeads*width], idCounts: number[], candidates: number[],
 //                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}}>
 //   .bytes() -> {summaries, moments, kv, scratch}
@@ -147,6 +149,12 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     a->target = Ints(o, "target", size_t(c.kvHeads), 0, big);
     a->maxClusters = Ints(o, "maxClusters", size_t(c.kvHeads), 0, big);
     a->estimate = Flag(o, "estimate", true);
+    if (!Absent(o.Get("rest"))) {
+      const Napi::Value r = o.Get("rest");
+      const std::string rest = r.IsString() ? r.As<Napi::String>().Utf8Value() : "";
+      if (rest != "rows" && rest != "moments") throw Napi::RangeError::New(env, "rest must be 'rows' or 'moments'");
+      a->restRows = rest == "rows";
+    }
     // The inputs are copied: the step runs off the event loop.
     auto qCopy = std::make_shared<std::vector<float>>(q.Data(), q.Data() + size_t(a->qHeads) * d);
     auto exact = std::make_shared<std::vector<int32_t>>();

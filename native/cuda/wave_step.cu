@@ -12,8 +12,9 @@
 // scores in the kept prefix ordered by id: the host's order); then the
 // estimate: the exact rows (selection + sinks/window) deduplicated through an
 // owner array, counted per cluster; with kSpread, PartialLogits (a partly
-// kept cluster's logit from the moments of the rows it has left, over the
-// one ScoreClusters wrote); EstimatePart over cluster tiles (rows left:
+// kept cluster's logit from the rows it has left, log of their own logits'
+// mean exp with restRows, else from their moments, over the one
+// ScoreClusters wrote); EstimatePart over cluster tiles (rows left:
 // (n-r)·e to the normaliser, n·e·v̄ to the numerator) and over the exact
 // rows of partly kept clusters (-e·v), tiles merged in float64; the outputs
 // in one copy back.
@@ -276,6 +277,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.scale = a.scale;
   p.spreadMode = a.ranking == WaveRanking::kSpread;
   p.spread = a.spread;
+  p.restRows = a.restRows;
   p.exactCount = E;
   p.tmax = tmax;
   p.width = width;

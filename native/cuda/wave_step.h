@@ -18,11 +18,13 @@
 //     selection plus the given sinks/window rows) as a partial (out, lse) per
 //     q head, with native/kernels/cluster_estimate's semantics: second order
 //     with kSpread (logit s q·mu + share·s²/2 Σ q_j² var_j capped at
-//     s (q·mu + ‖q‖ r); a partly attended cluster's logit from the moments of
-//     the rows it has left), first order with kRadius.
+//     s (q·mu + ‖q‖ r); a partly attended cluster by the rows it has left,
+//     each by its own logit (restRows) or by their moments), first order
+//     with kRadius.
 // kSpread is index/wave/cluster-index.ts's searchHeads (default ranking)
-// followed by estimateClusters with estimateArgs(ids) (second order); kRadius
-// is searchHeads(..., 'radius') followed by estimateArgs(ids, true). Scores
+// followed by estimateClusters with estimateArgs(ids) (restRows) or
+// estimateArgs(ids, 'moments'); kRadius is searchHeads(..., 'radius')
+// followed by estimateArgs(ids, 'first'). Scores
 // are summed in the order of the host's AVX2 Dot (native/common/simd_math.h)
 // and combined with the host's roundings, so they are bit for bit the host's
 // and the selection is the host's; the estimate is f32 with a max shift per
@@ -79,6 +81,10 @@ struct WaveStepArgs {
   const int32_t* exact = nullptr;    // rows attended exactly besides the selection, every head
   int64_t exactCount = 0;
   bool estimate = true;
+  // kSpread: a partly attended cluster's remaining rows weigh by their own
+  // logits (estimateArgs 'rows', the engine's default), else by their
+  // moments ('moments').
+  bool restRows = true;
 };
 
 struct WaveStepResult {

@@ -32,7 +32,8 @@ __global__ void ExactRows(StepParams p) {
 }
 
 // The second-order logits of the partly attended clusters (0 < removed < n),
-// per q head, over the ones ScoreClusters wrote: from the moments of the rows
+// per q head, over the ones ScoreClusters wrote: with restRows from the rows
+// the cluster has left, each by its own logit; else from the moments of the rows
 // the cluster has left, as native/kernels/cluster_estimate.cc's Rest computes
 // them (float64, the exact rows taken out in ascending row order: the
 // members are listed ascending; FMAs where GCC contracts the host's), then
@@ -62,6 +63,35 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
   const uint16_t* cent = p.cent + size_t(c) * p.stride;
   const uint16_t* kv = p.vars + size_t(c) * p.d;
   const double whole = double(n), left = double(n - removed);
+  const int nd = p.d / 8;
+  if (p.restRows) {
+    // The rows left by their own logits s·q·k (the host's Dot order), as one
+    // logit per cluster: log(Σ exp(s·q·k_r) / left), so that the tile's
+    // (n − removed)·exp(logit) is their mass and its numerator the rest's
+    // value sum times mass / left, as cluster_estimate.cc weighs them.
+    for (int g0 = 0; g0 < p.group; g0 += 2) {
+      const int g = g0 + (lane >> 4);
+      const bool on = g < p.group;
+      const float* q = p.qAug + (size_t(h) * p.group + (on ? g : g0)) * p.stride;
+      float m = -INFINITY, sum = 0.f;
+      for (int32_t i = 0; i < n; ++i) {
+        const int32_t u = mem[i];
+        if (own[u] != kNoOwner) continue;
+        const uint16_t* k = keys + size_t(u) * p.d;
+        float acc = 0.f;
+        for (int cc = (lane >> 3) & 1; cc < nd; cc += 2) {
+          const int ch = cc * 8 + (lane & 7);
+          acc = fmaf(q[ch], WidenWord<kBf16>(k[ch]), acc);
+        }
+        const float w = __fmul_rn(p.scale, ReduceSixteen(acc));
+        if (w > m) sum = fmaf(sum, expf(m - w), 1.f), m = w;
+        else sum += expf(w - m);
+      }
+      if (on && (lane & 15) == 0)
+        p.logits[(size_t(h) * p.group + g) * p.cmax + cl] = m + logf(sum) - logf(float(left));
+    }
+    return;
+  }
   for (int ch = lane; ch < p.d; ch += 32) {
     const double m = double(WidenWord<kBf16>(cent[ch]));
     double s1 = __dmul_rn(whole, m);
@@ -79,7 +109,6 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
   }
   __syncwarp();
   const float radius = WidenWord<kBf16>(cent[p.d]);
-  const int nd = p.d / 8;
   for (int g0 = 0; g0 < p.group; g0 += 2) {
     const int g = g0 + (lane >> 4);
     const bool on = g < p.group;

@@ -149,6 +149,8 @@ struct StepParams {
   // radius ranking and the first-order estimate)
   bool spreadMode;
   float spread;
+  // kSpread: partly attended clusters by their remaining rows' own logits (else their moments)
+  bool restRows;
   // step inputs (device)
   const float* qAug;       // [qHeads, stride]
   const int64_t* params;   // [kvHeads, 3]: budget, target, cluster cap
