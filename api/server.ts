@@ -7,6 +7,7 @@ import { Engine } from '../engine/engine.js';
 import { createServer, type RequestListener, type Server, type ServerOptions } from 'node:http';
 import { createApp } from './app.js';
 import { withFastAttend } from './fast-attend.js';
+import { lingerOnClose } from './linger.js';
 import { Metrics } from './metrics.js';
 import { attachStream } from './stream.js';
 
@@ -26,6 +27,7 @@ export async function startServer(cfg: Config): Promise<RunningServer> {
       createServer(options, withFastAttend(engine.sessions, metrics, { token: cfg.token, bodyLimit: cfg.bodyLimit }, listener));
     const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port, createServer: withFast as typeof createServer }, () => resolve(s));
   });
+  lingerOnClose(server as Server);
   const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit });
   const { port } = server.address() as AddressInfo;
   return {
