@@ -159,7 +159,17 @@ export interface HeadIndexBuilder {
    * with query rows h*group ..), off the main thread and in parallel; the
    * loaded indexes are this builder's.
    */
-  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number): Promise<SearchResult[]>;
+  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo): Promise<SearchResult[]>;
+}
+
+/**
+ * What a search keeps between one session's steps over one document's
+ * layer: the ids the last step found per kv head (a graph search starts
+ * from them as well as from its entry points: a decode query changes
+ * little from one step to the next).
+ */
+export interface SearchMemo {
+  last?: Int32Array[];
 }
 
 /** The budget in tokens for a context of `tokens`: a fraction below 1 is a share of it. */

@@ -17,12 +17,18 @@
 // others (at 1M keys on workload/ an exhaustive search by the max held 0.79
 // of the group's top 1%, error 26.9% against 26.0%).
 //
+// A session's search over a document starts from the graph's entry points
+// and from the ids it found there at its last step (SearchMemo: a decode
+// query changes little from one step to the next; on workload/ at 1M,
+// +0.08 of the group's top 1% for +0.5-0.9% scanned,
+// bench/results/retrieval-graph-v4-vm.md's seeded rows).
+//
 // Search effort: the session's `ef` > 0 is a fixed beam width (raised to k);
 // `ef` 0 (the default) stops on the quality bound instead: once the best
 // unexpanded candidate scores DEFAULT_MARGIN logits below the k-th best
 // found (softmax scale 1/√headDim), with a beam of 8k capping the work.
 import { RaGraph } from '../addon/ra-graph.js';
-import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
+import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchMemo, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 
 /** The quality-bound stop in logits when a session leaves `ef` at 0 (bench/results/retrieval-graph-v4-vm.md). */
@@ -59,16 +65,20 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
   load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
     return new GraphHead(RaGraph.load(bytes), keys);
   },
-  // A step's kv heads searched in parallel (one native call), not one after another.
-  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number): Promise<SearchResult[]> {
+  // A step's kv heads searched in parallel (one native call), not one after
+  // another, each also from the ids its head found at the session's last step.
+  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo): Promise<SearchResult[]> {
     const d = (heads[0] as GraphHead).keys.headDim;
     const items = heads.map((head, h) => {
       const { graph, keys } = head as GraphHead;
       const n = Math.min(k[h], keys.tokens);
-      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n) };
+      const seeds = memo?.last?.[h];
+      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }) };
     });
     const res = await RaGraph.searchBatch(items);
-    return res.map((r, h) => ({ ids: items[h].outIds.subarray(0, r.count), scanned: r.scanned }));
+    const ids = res.map((r, h) => items[h].outIds.subarray(0, r.count));
+    if (memo) memo.last = ids;
+    return ids.map((found, h) => ({ ids: found, scanned: res[h].scanned }));
   },
 };
 

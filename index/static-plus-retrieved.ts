@@ -3,7 +3,7 @@
 // what the method's per-head index retrieves from each document. The two are
 // disjoint (retrieved ids inside the static ranges are dropped), so the
 // kernel's log-sum-exp merge of the parts is the attention over their union.
-import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
+import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchMemo, SearchParams, Selection, SelectionPart } from './method.js';
 
 export type Range = [number, number];
 
@@ -30,6 +30,14 @@ export function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Ran
 
 export const inside = (ranges: Range[], id: number) => ranges.some(([a, b]) => id >= a && id < b);
 
+/** The search memo of document segment s in this session's layer. */
+function memoOf(ctx: LayerContext, s: number): SearchMemo {
+  const key = `retrieved:${s}`;
+  let memo = ctx.memo.get(key) as SearchMemo | undefined;
+  if (!memo) ctx.memo.set(key, (memo = {}));
+  return memo;
+}
+
 export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): RetrievalMethod {
   return {
     name,
@@ -50,8 +58,9 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         const want = Math.min(share, segment.tokens - covered);
         if (want <= 0) continue;
         const k = want + covered;
+        const memo = memoOf(ctx, s);
         const results = builder.searchHeads
-          ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef)
+          ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo)
           : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
         const ids = results.map((res) => {
           scanned += res.scanned / ctx.kvHeads;
