@@ -21,33 +21,16 @@ int64_t RaGraph::maxDegree() const {
 RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
                                int32_t* outIds, float* outScores, const int32_t* seeds, size_t seedCount,
                                float margin) const {
-  RaSearchResult res;
-  const int64_t keep = std::min<int64_t>(k, n_);
-  if (keep <= 0 || group <= 0) return res;
-  const size_t beam = size_t(std::min<int64_t>(std::max<int64_t>(ef, keep), n_));
-  thread_local std::vector<float> row;
-  thread_local std::vector<Hit> top;
-  row.resize(size_t(d_));
-  const int d = d_;
-  res.scanned = ragraph::BeamSearch(
-      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n_, entries_.data(), entries_.size(), seeds, seedCount,
-      beam, keys, d,
-      [&](int32_t id) {
-        // Exactly topk.cc's arithmetic, so exhaustive results match it bit for bit.
-        WidenRow(keys + size_t(id) * d, dtype, size_t(d), row.data());
-        float s = -std::numeric_limits<float>::infinity();
-        for (int gi = 0; gi < group; ++gi) s = std::max(s, Dot(q + size_t(gi) * d, row.data(), size_t(d)));
-        return s;
-      },
-      top, size_t(keep), margin);
-  res.count = WriteBest(top, keep, outIds, outScores);
-  return res;
+  RaSearchOptions opt;
+  opt.seeds = seeds;
+  opt.seedCount = seedCount;
+  opt.margin = margin;
+  return Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
 }
 
 RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q, int group, int k, int64_t ef,
                                int32_t* outIds, float* outScores, const RaSearchOptions& opt) const {
   if (opt.aggregate == RaAggregate::kAttention) return SearchAttention(keys, dtype, q, group, k, ef, outIds, outScores, opt);
-  if (opt.maxScanned <= 0) return Search(keys, dtype, q, group, k, ef, outIds, outScores, opt.seeds, opt.seedCount, opt.margin);
   RaSearchResult res;
   const int64_t keep = std::min<int64_t>(k, n_);
   if (keep <= 0 || group <= 0) return res;
@@ -60,12 +43,13 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
       ragraph::CsrView{offsets_.data(), neighbors_.data()}, n_, entries_.data(), entries_.size(), opt.seeds,
       opt.seedCount, beam, keys, d,
       [&](int32_t id) {
+        // Exactly topk.cc's arithmetic, so exhaustive results match it bit for bit.
         WidenRow(keys + size_t(id) * d, dtype, size_t(d), row.data());
         float s = -std::numeric_limits<float>::infinity();
         for (int gi = 0; gi < group; ++gi) s = std::max(s, Dot(q + size_t(gi) * d, row.data(), size_t(d)));
         return s;
       },
-      top, size_t(keep), opt.margin, opt.maxScanned);
+      top, size_t(keep), opt.margin, std::max<int64_t>(0, opt.maxScanned));
   res.count = WriteBest(top, keep, outIds, outScores);
   return res;
 }
