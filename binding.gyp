@@ -15,6 +15,7 @@
         "native/bindings/cluster_estimate_binding.cc",
         "native/bindings/cluster_rank_binding.cc",
         "native/bindings/convert_binding.cc",
+        "native/bindings/outlier_scores_binding.cc",
         "native/bindings/cuda_binding.cc",
         "native/bindings/faiss_binding.cc",
         "native/bindings/ra_graph_binding.cc",
@@ -33,6 +34,7 @@
         "native/kernels/cluster_estimate.cc",
         "native/kernels/cluster_rank.cc",
         "native/kernels/convert.cc",
+        "native/kernels/outlier_scores.cc",
         "native/kernels/topk.cc"
       ],
       "include_dirs": ["native", "<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -90,6 +90,7 @@ interface Addon {
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
   topkHeads(a: Omit<TopkHeadsArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
   attentionMass(a: Omit<AttentionMassArgs, 'dtype'> & { dtype: number }): Promise<void>;
+  outlierScores(a: { keys: Uint16Array; dtype: number; tokens: number; headDim: number; out: Float32Array }): Promise<void>;
   checksum64(bytes: Uint8Array): bigint;
 }
 
@@ -137,6 +138,14 @@ export function topkHeads(args: TopkHeadsArgs): Promise<number[]> {
 /** Σ over query rows of each row's softmax over the candidates (InfiniRetri's token score). */
 export function attentionMass(args: AttentionMassArgs): Promise<void> {
   return addon.attentionMass({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/**
+ * How far each key stands out from its head's keys channel by channel,
+ * Σ_c (k_c − μ_c)² / σ_c² (native/kernels/outlier_scores.h), into out [tokens].
+ */
+export function outlierScores(keys: Uint16Array, dtype: KvDtype, tokens: number, headDim: number, out: Float32Array): Promise<void> {
+  return addon.outlierScores({ keys, dtype: DTYPE_CODE[dtype], tokens, headDim, out });
 }
 
 /** The 64-bit checksum of the native artifacts (native/common/checksum.h's Checksum64) over `bytes`. */

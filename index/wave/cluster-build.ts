@@ -16,7 +16,7 @@
 // its logit is invisible to any summary (its offset from the centroid is no
 // longer than the others'; only the query knows the direction that matters).
 // Alone, its cluster's score is its exact logit.
-import { convert, widenWords, type KvDtype } from '../../addon/kernels.js';
+import { convert, outlierScores, widenWords, type KvDtype } from '../../addon/kernels.js';
 import { kmeans } from '../../addon/faiss.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
@@ -58,33 +58,18 @@ async function assignSegment(input: BuildInput, t0: number, t1: number, o: Clust
 }
 
 /**
- * The tokens/OUTLIER_SHARE keys of largest Σ_c (k_c − μ_c)² / σ_c² over the
- * head's channel means and variances (a diagonal Mahalanobis distance: a
- * key carrying content in channels where keys are otherwise quiet), as a
- * per-token flag. Two passes over the keys a segment at a time.
+ * The tokens/OUTLIER_SHARE keys that stand out most from the head's keys
+ * channel by channel (native outlierScores, the statistic the
+ * RetrievalAttention graph's outlier entry points use), as a per-token flag;
+ * ties at the cut go to the lower positions, so the count is exact.
  */
-export function outlierKeys(input: BuildInput, segmentTokens: number): Uint8Array {
-  const d = input.headDim, N = input.tokens, flag = new Uint8Array(N);
+export async function outlierKeys(input: BuildInput): Promise<Uint8Array> {
+  const N = input.tokens, flag = new Uint8Array(N);
   const want = Math.floor(N / OUTLIER_SHARE);
   if (want === 0) return flag;
-  const sum = new Float64Array(d), sq = new Float64Array(d);
-  for (let t0 = 0; t0 < N; t0 += segmentTokens) {
-    const n = Math.min(segmentTokens, N - t0), k = widenWords(input.keys.subarray(t0 * d), input.dtype, n * d);
-    for (let i = 0; i < n * d; i++) (sum[i % d] += k[i]), (sq[i % d] += k[i] * k[i]);
-  }
-  const mu = new Float64Array(d), inv = new Float64Array(d);
-  for (let c = 0; c < d; c++) (mu[c] = sum[c] / N), (inv[c] = 1 / Math.max(sq[c] / N - mu[c] * mu[c], 1e-12));
   const z = new Float32Array(N);
-  for (let t0 = 0; t0 < N; t0 += segmentTokens) {
-    const n = Math.min(segmentTokens, N - t0), k = widenWords(input.keys.subarray(t0 * d), input.dtype, n * d);
-    for (let i = 0; i < n; i++) {
-      let acc = 0;
-      for (let c = 0; c < d; c++) acc += (k[i * d + c] - mu[c]) ** 2 * inv[c];
-      z[t0 + i] = acc;
-    }
-  }
+  await outlierScores(input.keys, input.dtype, N, input.headDim, z);
   const cut = z.slice().sort()[N - want];
-  // Ties at the cut go to the lower positions, so the count is exact.
   let left = want;
   for (let t = 0; t < N && left > 0; t++) if (z[t] > cut) (flag[t] = 1), left--;
   for (let t = 0; t < N && left > 0; t++) if (z[t] === cut) (flag[t] = 1), left--;
@@ -148,7 +133,7 @@ function principalAxes(keys: Float32Array, cluster: Int32Array, first: number, e
 export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAULT_CLUSTER_OPTIONS): Promise<Uint8Array> {
   if (!input.values) throw new Error('the wave index needs the values of the head');
   const d = input.headDim, N = input.tokens, stride = centroidStride(d);
-  const outliers = outlierKeys(input, o.segmentTokens);
+  const outliers = await outlierKeys(input);
   let bound = outliers.reduce((n, f) => n + f, 0);
   for (let t0 = 0; t0 < N; t0 += o.segmentTokens) bound += Math.ceil(Math.min(o.segmentTokens, N - t0) / Math.max(1, Math.min(o.clusterSize, N - t0)));
   const centroids = new Float32Array(bound * stride), valueMeans = new Float32Array(bound * d), keyVars = new Float32Array(bound * d), keyAxes = new Float32Array(bound * d), counts = new Int32Array(bound);

@@ -5,6 +5,7 @@
 
 namespace kvr {
 void InitConvert(Napi::Env env, Napi::Object exports);
+void InitOutlierScores(Napi::Env env, Napi::Object exports);
 void InitChecksum(Napi::Env env, Napi::Object exports);
 void InitAttention(Napi::Env env, Napi::Object exports);
 void InitTopk(Napi::Env env, Napi::Object exports);
@@ -20,6 +21,7 @@ void InitWaveGpu(Napi::Env env, Napi::Object exports);
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitConvert(env, exports);
+  kvr::InitOutlierScores(env, exports);
   kvr::InitChecksum(env, exports);
   kvr::InitAttention(env, exports);
   kvr::InitTopk(env, exports);

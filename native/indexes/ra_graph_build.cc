@@ -17,6 +17,7 @@
 #include "common/simd_math.h"
 #include "common/thread_pool.h"
 #include "indexes/ra_graph_beam.h"
+#include "kernels/outlier_scores.h"
 
 namespace kvr {
 namespace {
@@ -422,39 +423,8 @@ RaGraph RaGraph::Build(const RaBuildInput& in, const RaGraphParams& params, RaBu
   {
     const int64_t want = std::min<int64_t>(n, n / kOutlierShare);
     if (want > 0) {
-      const int64_t blocks = (n + 4095) / 4096;
-      std::vector<double> sum(static_cast<size_t>(blocks * d), 0.0), sq(static_cast<size_t>(blocks * d), 0.0);
-      ThreadPool::Get().ParallelFor(size_t(blocks), [&](size_t t) {
-        std::vector<float> r(static_cast<size_t>(d));
-        double* s1 = sum.data() + t * d;
-        double* s2 = sq.data() + t * d;
-        for (int64_t i = int64_t(t) * 4096; i < std::min<int64_t>(n, int64_t(t + 1) * 4096); ++i) {
-          WidenRow(in.keys + size_t(i) * d, in.dtype, size_t(d), r.data());
-          for (int c = 0; c < d; ++c) s1[c] += r[size_t(c)], s2[c] += double(r[size_t(c)]) * r[size_t(c)];
-        }
-      });
-      std::vector<float> mu(static_cast<size_t>(d)), inv(static_cast<size_t>(d));
-      for (int c = 0; c < d; ++c) {
-        double a = 0, b = 0;
-        for (int64_t t = 0; t < blocks; ++t) a += sum[size_t(t) * d + c], b += sq[size_t(t) * d + c];
-        const double m = a / double(n), v = std::max(b / double(n) - m * m, 1e-12);
-        mu[size_t(c)] = float(m);
-        inv[size_t(c)] = float(1.0 / v);
-      }
-      std::vector<float> z(static_cast<size_t>(n), -1.f);
-      ThreadPool::Get().ParallelFor(size_t(blocks), [&](size_t t) {
-        std::vector<float> r(static_cast<size_t>(d));
-        for (int64_t i = int64_t(t) * 4096; i < std::min<int64_t>(n, int64_t(t + 1) * 4096); ++i) {
-          if (pivotCount[size_t(i)] > 0) continue;
-          WidenRow(in.keys + size_t(i) * d, in.dtype, size_t(d), r.data());
-          float acc = 0.f;
-          for (int c = 0; c < d; ++c) {
-            const float x = r[size_t(c)] - mu[size_t(c)];
-            acc += x * x * inv[size_t(c)];
-          }
-          z[size_t(i)] = acc;
-        }
-      });
+      std::vector<float> z(static_cast<size_t>(n));
+      OutlierScores(in.keys, in.dtype, n, d, z.data());
       std::vector<int32_t> cand;
       for (int64_t i = 0; i < n; ++i)
         if (pivotCount[size_t(i)] == 0) cand.push_back(int32_t(i));

@@ -5,14 +5,15 @@
 // longer than theirs), and the ranking then misses it at a small budget.
 // Alone, its cluster's score is its own logit.
 import { describe, expect, it } from 'vitest';
+import { outlierScores } from '../../addon/kernels.js';
 import { buildClusters, OUTLIER_SHARE, outlierKeys } from '../../index/wave/cluster-build.js';
 import { ClusterIndex } from '../../index/wave/cluster-index.js';
-import { bitsOf } from '../helpers/half.js';
+import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
 console.log(`wave-outliers: seed ${seed}`);
-const toBits = bitsOf('f16');
+const toBits = bitsOf('f16'), toValue = valueOf('f16');
 const d = 32, N = 8192, loud = 24, topics = 128, facts = 6;
 
 /** Topic keys in channels [0, loud), near-silent channels above; facts add content of norm 3 in the quiet channels. */
@@ -38,9 +39,24 @@ function document(rng: Rng) {
 }
 
 describe('wave outlier keys', () => {
-  it('flags exactly tokens/OUTLIER_SHARE keys, the planted facts among them', () => {
+  it('scores each key by Σ_c (k_c − μ_c)² / σ_c² over its head (float64 reference, 1e-4 relative)', async () => {
+    const { input } = document(new Rng(seed + 3));
+    const z = new Float32Array(N);
+    await outlierScores(input.keys, 'f16', N, d, z);
+    const k = Float64Array.from(input.keys, toValue);
+    const mu = new Float64Array(d), v = new Float64Array(d);
+    for (let t = 0; t < N; t++) for (let j = 0; j < d; j++) mu[j] += k[t * d + j] / N;
+    for (let t = 0; t < N; t++) for (let j = 0; j < d; j++) v[j] += (k[t * d + j] - mu[j]) ** 2 / N;
+    for (let t = 0; t < N; t += 97) {
+      let want = 0;
+      for (let j = 0; j < d; j++) want += (k[t * d + j] - mu[j]) ** 2 / v[j];
+      expect(Math.abs(z[t] - want)).toBeLessThan(1e-4 * want + 1e-3);
+    }
+  });
+
+  it('flags exactly tokens/OUTLIER_SHARE keys, the planted facts among them', async () => {
     const { input, dirs } = document(new Rng(seed));
-    const flag = outlierKeys(input, 2048);
+    const flag = await outlierKeys(input);
     expect(flag.reduce((n, f) => n + f, 0)).toBe(Math.floor(N / OUTLIER_SHARE));
     for (const p of dirs.keys()) expect(flag[p]).toBe(1);
   });
