@@ -28,14 +28,13 @@ step() { # step <seconds> <label> <command...>
   timeout "$limit" "$@" 2>&1 | tee -a "$L"
   echo "$label rc=${PIPESTATUS[0]}" | tee -a "$L"
 }
-vitest() { node node_modules/vitest/vitest.mjs run "$@"; }
 
 node --version | tee -a "$L"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee -a "$L"
 stages=${*:-tests wave blocks dense decode}
 for s in $stages; do
   case $s in
-    tests) step 240 tests vitest test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts ;;
+    tests) step 120 tests node node_modules/vitest/vitest.mjs run test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts ;;
     wave)
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench node dist/bench/wave-gpu.js --bench ;;
@@ -43,7 +42,7 @@ for s in $stages; do
     dense)
       step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
-    decode) step 180 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
+    decode) step 150 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
 done
