@@ -1,13 +1,16 @@
 // An attend's answer on the wire, the same for the single route, the batch
-// route and the stream: out and lse as f32 tensors, optional selection and
-// kv, the step's stats. Tensors are views of the result's arrays (no copy).
+// route and the stream: out (f32, or the model's 16-bit dtype when the
+// request asked) and lse (f32) tensors, optional selection and kv, the
+// step's stats. Tensors are views of the result's arrays (no copy) but a
+// 16-bit out, which is one rounding of the f32 result.
+import { convert } from '../addon/kernels.js';
 import { tensorOf } from '../core/tensor.js';
 import type { AttendAnswer } from '../engine/sessions.js';
 
 export function attendAnswer(res: AttendAnswer): Record<string, unknown> {
   const m = res.model;
   return {
-    out: tensorOf('f32', [m.qHeads, m.headDim], res.out),
+    out: outTensor(res),
     lse: tensorOf('f32', [m.qHeads], res.lse),
     ...(res.selection && { selection: res.selection.map((ids) => tensorOf('i32', [ids.length], ids)) }),
     ...(res.kv && {
@@ -18,6 +21,14 @@ export function attendAnswer(res: AttendAnswer): Record<string, unknown> {
     }),
     stats: res.stats,
   };
+}
+
+function outTensor(res: AttendAnswer): ReturnType<typeof tensorOf> {
+  const shape = [res.model.qHeads, res.model.headDim];
+  if (res.outDtype === 'f32') return tensorOf('f32', shape, res.out);
+  const words = new Uint16Array(res.out.length);
+  convert(new Uint8Array(res.out.buffer, res.out.byteOffset, res.out.byteLength), 'f32', new Uint8Array(words.buffer), res.outDtype, res.out.length);
+  return tensorOf(res.outDtype, shape, words);
 }
 
 /** One batch step's answer: the attend's, or its error. */

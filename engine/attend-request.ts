@@ -3,11 +3,13 @@
 import { invalid } from '../core/errors.js';
 import { expectFinite, expectShape, parseFloatTensor, toF32, type FloatTensor } from '../core/tensor.js';
 import type { ModelShape } from '../core/model.js';
+import type { FloatDtype } from '../addon/kernels.js';
 
 export type ReturnPart = 'out' | 'kv' | 'selection';
 
 export interface AttendRequest {
   layer: number;
+  /** Sent as f32 or 16-bit (a model holds q in its own dtype); widened exactly to f32 here. */
   q: Float32Array;
   /** The current token's k and v, [kvHeads, headDim]; appended before attending. */
   k?: FloatTensor;
@@ -20,6 +22,13 @@ export interface AttendRequest {
    * refused.
    */
   position?: number;
+  /**
+   * The dtype of the answer's `out`: f32 (the default) or the model's
+   * 16-bit dtype (rounded to nearest even from the f32 result), which
+   * halves the answer's largest part for a caller that holds activations
+   * in that dtype anyway. Absent: f32.
+   */
+  outDtype?: FloatDtype;
 }
 
 /** Checks an attend body against the session's model (the edge of the decode path). */
@@ -50,5 +59,8 @@ export function parseAttendRequest(body: Record<string, unknown>, m: ModelShape)
     if (typeof position !== 'number' || !Number.isInteger(position) || position < 0) throw invalid('position must be a non-negative integer');
     if (!k) throw invalid('position names the appended token: send k and v with it');
   }
-  return { layer, q: toF32(q), k, v, scale, want: new Set(ret as ReturnPart[]), ...(position !== undefined && { position }) };
+  const outDtype: unknown = body.outDtype ?? 'f32';
+  if (outDtype !== 'f32' && outDtype !== m.dtype)
+    throw invalid(`outDtype must be "f32" or the model's dtype "${m.dtype}", got ${JSON.stringify(outDtype)}`);
+  return { layer, q: toF32(q), k, v, scale, want: new Set(ret as ReturnPart[]), ...(position !== undefined && { position }), outDtype: outDtype as FloatDtype };
 }

@@ -15,6 +15,7 @@ import { decodeStep, type AttendResult } from './decode-step.js';
 import { parseAttendRequest } from './attend-request.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import type { GpuBackend } from './cache/gpu-pool.js';
+import type { FloatDtype } from '../addon/kernels.js';
 
 export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 256, ef: 0, chunk: 2048, span: 2 };
 
@@ -24,8 +25,8 @@ export const DEFAULT_PARAMS: SearchParams = { budget: 2048, sinks: 16, window: 2
  */
 const METHOD_DEFAULTS: Record<string, Partial<SearchParams>> = { [WAVE]: { budget: 0.02, sinks: 16, window: 64 } };
 
-/** An attend's answer with the shape it is read in. */
-export type AttendAnswer = AttendResult & { model: ModelShape };
+/** An attend's answer with the shape it is read in, and the dtype its `out` goes out in. */
+export type AttendAnswer = AttendResult & { model: ModelShape; outDtype: FloatDtype };
 
 /** A batch's step results in order, and the server's milliseconds for the whole batch. */
 export interface BatchAnswer {
@@ -99,8 +100,10 @@ export class Sessions {
   /** One decode step of a session, after any request already queued on it. */
   async attend(id: string, body: Record<string, unknown>): Promise<AttendAnswer> {
     const session = this.get(id);
+    let outDtype: FloatDtype = 'f32';
     const result = await this.queue.run(id, async () => {
       const req = parseAttendRequest(body, session.model);
+      outDtype = req.outDtype ?? 'f32';
       // Documents read on use from a shared store: the step's layer is resident (read if need be) and stays so until it ends.
       const release = session.documents.some((d) => d.resident) ? await this.documents.pinLayer(session.documents, req.layer) : undefined;
       try {
@@ -109,7 +112,7 @@ export class Sessions {
         release?.();
       }
     });
-    return { ...result, model: session.model };
+    return { ...result, model: session.model, outDtype };
   }
 
   /**

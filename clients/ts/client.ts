@@ -6,6 +6,8 @@
 //   await kv.sealDocument('manual');
 //   const { id } = await kv.createSession({ model, documents: ['manual'], method: 'exact' });
 //   const { out, lse } = await kv.attend(id, { layer, q: tensor('f32', [32, 128], q) });
+//   // A model that holds q in f16 sends it as is, and may ask for out in f16 (half the bytes each way):
+//   const r = await kv.attend(id, { layer, q: tensor('f16', [32, 128], qWords), outDtype: 'f16' }); // r.out: Uint16Array
 //
 // K/V uploads go out through node:http as the msgpack header bytes and the
 // caller's tensor bytes themselves (no body is assembled); the caller keeps
@@ -100,8 +102,12 @@ export interface LayerPolicy {
   estimate?: boolean;
 }
 
+/** The dtypes a float tensor travels in. */
+export type FloatDtype = 'f32' | 'f16' | 'bf16';
+
 export interface AttendBody {
   layer: number;
+  /** [qHeads, headDim]: f32, or 16-bit (f16 or bf16) as a model holds it. */
   q: Tensor;
   k?: Tensor;
   v?: Tensor;
@@ -109,10 +115,25 @@ export interface AttendBody {
   return?: ('out' | 'kv' | 'selection')[];
   /** Position of the appended token among the session's own tokens: a repeat or a skip is refused (409). */
   position?: number;
+  /**
+   * The answer's out in the model's 16-bit dtype (its raw words, rounded to
+   * nearest even from the f32 result) instead of f32, the default; any
+   * other dtype is refused (422).
+   */
+  outDtype?: FloatDtype;
 }
 
-export interface AttendReply {
-  out: Float32Array;
+/** An answer's out: f32 values, or the 16-bit words asked for with outDtype. */
+export type OutArray = Float32Array | Uint16Array;
+
+/** The out array a body's outDtype brings back (either, when its type does not say which). */
+export type OutOf<B> = B extends { outDtype?: infer D } ? OutFor<D> : Float32Array;
+type OutFor<D> = [D] extends [undefined] ? Float32Array : [D] extends ['f32' | undefined] ? Float32Array : [D] extends ['f16' | 'bf16' | undefined] ? Uint16Array : OutArray;
+
+export interface AttendReply<Out extends OutArray = Float32Array> {
+  /** [qHeads, headDim]: f32 values, or with outDtype f16/bf16 the 16-bit words (outDtype says which). */
+  out: Out;
+  outDtype: FloatDtype;
   lse: Float32Array;
   selection?: Int32Array[];
   kv?: { k: Tensor[]; v: Tensor[] };
@@ -134,13 +155,15 @@ export interface DocumentInfo {
 
 /** One step of a batch: a session's attend body (the layer is the batch's). */
 export type BatchStep = Omit<AttendBody, 'layer'> & { session: string; position?: number };
-export type BatchResult = AttendReply | { error: { code: string; message: string } };
-export type WireResult = { out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] } | { error: { code: string; message: string } };
+export type BatchResult<Out extends OutArray = Float32Array> = AttendReply<Out> | { error: { code: string; message: string } };
+export type WireAnswer = { out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] };
+export type WireResult = WireAnswer | { error: { code: string; message: string } };
 
 /** An attend answer off the wire, its arrays copied out of the message buffer. */
-export function attendReply(r: { out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] }): AttendReply {
+export function attendReply<Out extends OutArray = Float32Array>(r: WireAnswer): AttendReply<Out> {
   return {
-    out: copyOut((b) => new Float32Array(b), r.out),
+    out: (r.out.dtype === 'f32' ? copyOut((b) => new Float32Array(b), r.out) : copyOut((b) => new Uint16Array(b), r.out)) as Out,
+    outDtype: r.out.dtype as FloatDtype,
     lse: copyOut((b) => new Float32Array(b), r.lse),
     ...(r.selection && { selection: r.selection.map((t) => copyOut((b) => new Int32Array(b), t)) }),
     ...(r.kv && { kv: r.kv }),
@@ -155,22 +178,23 @@ export function attendReply(r: { out: Tensor; lse: Tensor; selection?: Tensor[];
  * two per step (64 fresh arrays per batch of 32 were most of the client's
  * garbage collection on the 2-core VM).
  */
-export function batchResults(results: WireResult[]): BatchResult[] {
+export function batchResults<Out extends OutArray = Float32Array>(results: WireResult[]): BatchResult<Out>[] {
   let bytes = 0;
   for (const r of results) if (!('error' in r)) bytes += align4(r.out.data.byteLength) + align4(r.lse.data.byteLength);
   const all = new Uint8Array(Buffer.allocUnsafeSlow(bytes).buffer, 0, bytes);
   let at = 0;
-  const place = (t: Tensor): Float32Array => {
+  const place = (t: Tensor): OutArray => {
     all.set(t.data, at);
-    const view = new Float32Array(all.buffer, at, t.data.byteLength / 4);
+    const view = t.dtype === 'f32' ? new Float32Array(all.buffer, at, t.data.byteLength / 4) : new Uint16Array(all.buffer, at, t.data.byteLength / 2);
     at += align4(t.data.byteLength);
     return view;
   };
   return results.map((r) => {
     if ('error' in r) return { error: r.error };
     return {
-      out: place(r.out),
-      lse: place(r.lse),
+      out: place(r.out) as Out,
+      outDtype: r.out.dtype as FloatDtype,
+      lse: place(r.lse) as Float32Array,
       ...(r.selection && { selection: r.selection.map((t) => copyOut((b) => new Int32Array(b), t)) }),
       ...(r.kv && { kv: r.kv }),
       stats: r.stats,
@@ -181,7 +205,7 @@ export function batchResults(results: WireResult[]): BatchResult[] {
 const align4 = (n: number) => (n + 3) & ~3;
 
 /** The tensor's bytes in an array of their own (an uninitialised copy: a zeroed one cost twice as much per answer). */
-function copyOut<T extends Float32Array | Int32Array>(make: (buffer: ArrayBufferLike) => T, t: Tensor): T {
+function copyOut<T extends Float32Array | Int32Array | Uint16Array>(make: (buffer: ArrayBufferLike) => T, t: Tensor): T {
   return make(Uint8Array.prototype.slice.call(t.data).buffer);
 }
 
@@ -245,10 +269,10 @@ export class KvrecallClient {
     return this.send('POST', `/v1/sessions/${sid}/kv`, body);
   }
 
-  async attend(sid: string, body: AttendBody): Promise<AttendReply> {
+  async attend<B extends AttendBody>(sid: string, body: B): Promise<AttendReply<OutOf<B>>> {
     // Our own HTTP/1.1 on kept-alive sockets, tensor bytes written as they are (fetch cost ~1 ms more per call, node:http ~0.3 ms).
-    const r = await this.send<{ out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] }>('POST', `/v1/sessions/${sid}/attend`, body);
-    return attendReply(r);
+    const r = await this.send<WireAnswer>('POST', `/v1/sessions/${sid}/attend`, body);
+    return attendReply<OutOf<B>>(r);
   }
 
   /**
@@ -256,9 +280,9 @@ export class KvrecallClient {
    * batch); results in order, each an answer or `{error}` for that step alone.
    * The results' out and lse arrays are views of one buffer for the batch.
    */
-  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[] & { ms?: number }> {
+  async attendBatch<S extends BatchStep>(layer: number, steps: S[]): Promise<BatchResult<OutOf<S>>[] & { ms?: number }> {
     const r = await this.send<{ results: WireResult[]; stats?: { ms: number } }>('POST', '/v1/attend', { layer, steps });
-    return Object.assign(batchResults(r.results), { ms: r.stats?.ms });
+    return Object.assign(batchResults<OutOf<S>>(r.results), { ms: r.stats?.ms });
   }
 
   /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. */

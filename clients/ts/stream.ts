@@ -6,7 +6,7 @@
 // the frame once.
 import { WebSocket } from 'ws';
 import { joinParts, packParts, unpackView } from './msgpack-parts.js';
-import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type WireResult } from './client.js';
+import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type OutOf, type WireAnswer, type WireResult } from './client.js';
 
 /** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
@@ -49,17 +49,17 @@ export class KvrecallStream {
     });
   }
 
-  async attend(session: string, body: AttendBody): Promise<AttendReply> {
-    const frame = await this.request({ ...body, session });
+  async attend<B extends AttendBody>(session: string, body: B): Promise<AttendReply<OutOf<B>>> {
+    const frame = await this.request({ ...(body as AttendBody), session });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
-    return attendReply(frame as unknown as Parameters<typeof attendReply>[0]);
+    return attendReply<OutOf<B>>(frame as unknown as WireAnswer);
   }
 
   /** Results in order (out and lse views of one buffer for the batch); `ms` is the server's time for the whole batch. */
-  async attendBatch(layer: number, steps: BatchStep[]): Promise<BatchResult[] & { ms?: number }> {
+  async attendBatch<S extends BatchStep>(layer: number, steps: S[]): Promise<BatchResult<OutOf<S>>[] & { ms?: number }> {
     const frame = await this.request({ layer, steps });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
-    return Object.assign(batchResults(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
+    return Object.assign(batchResults<OutOf<S>>(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
   }
 
   /** Sends raw bytes as one frame and waits for the next answer (for tests of bad frames). */

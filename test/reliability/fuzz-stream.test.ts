@@ -46,7 +46,9 @@ describe('fuzz: stream frames', () => {
     const answers: Record<string, unknown>[] = [];
     ws.on('message', (d: Buffer) => answers.push(unpackr.unpack(d) as Record<string, unknown>));
     const frame = (id: number) => {
-      const step = () => ({ session: sessions[rng.int(3)], q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), ...(rng.next() < 0.5 && asStep(randomKv(rng, 'f16', 2, 1, 16))), ...(rng.next() < 0.3 && { position: rng.int(5) }) });
+      // q in f32 or 16 bits (random words: NaN and Inf among them); outDtype good or bad now and then.
+      const q = () => (rng.next() < 0.6 ? tensor('f32', [4, 16], randomQ(rng, 4, 16)) : tensor(rng.next() < 0.5 ? 'f16' : 'bf16', [4, 16], Uint16Array.from({ length: 64 }, () => rng.int(0x10000))));
+      const step = () => ({ session: sessions[rng.int(3)], q: q(), ...(rng.next() < 0.3 && { outDtype: ['f16', 'bf16', 'f32', 'f64', 16][rng.int(5)] }), ...(rng.next() < 0.5 && asStep(randomKv(rng, 'f16', 2, 1, 16))), ...(rng.next() < 0.3 && { position: rng.int(5) }) });
       const body = rng.next() < 0.5 ? { id, layer: rng.int(3), ...step() } : { id, layer: rng.int(3), steps: Array.from({ length: rng.int(4) }, step) };
       const bytes = packr.pack(body);
       return rng.next() < 0.5 ? bytes : mutate(bytes, rng);

@@ -265,6 +265,13 @@ interface Route {
   body?: (rng: Rng, w: World) => unknown;
 }
 
+/** An attend's q, f32 or 16-bit (random words: NaN and Inf among them), and now and then an outDtype, good or bad. */
+function qFields(rng: Rng): Record<string, unknown> {
+  const r = rng.next();
+  const q = r < 0.6 ? tensor('f32', [4, 16], randomQ(rng, 4, 16)) : tensor(r < 0.8 ? 'f16' : 'bf16', [4, 16], Uint16Array.from({ length: 64 }, () => rng.int(0x10000)));
+  return { q, ...(rng.next() < 0.3 && { outDtype: ['f16', 'bf16', 'f32', 'f64', 16, null][rng.int(6)] }) };
+}
+
 const ROUTES: Route[] = [
   { method: 'GET', path: () => '/v1/health' },
   { method: 'GET', path: () => '/metrics' },
@@ -276,8 +283,8 @@ const ROUTES: Route[] = [
   { method: 'DELETE', path: (r, w) => `/v1/documents/${pickDoc(r, w, true)}` },
   { method: 'POST', path: () => '/v1/sessions', body: (r) => ({ model: modelBody(r), documents: r.next() < 0.6 ? [['keep-a', 'keep-b', 'fz-open', 'nope', '../x'][r.int(5)]] : [], method: ['exact', 'exact', 'hnsw', 'bogus'][r.int(4)], ...(r.next() < 0.3 && { budget: [0, 1, 64, -1, 2 ** 31][r.int(5)], sinks: r.int(4), window: r.int(40) }) }) },
   { method: 'POST', path: (r, w) => `/v1/sessions/${pickSession(r, w)}/kv`, body: (r) => kvBody(r, 1 + r.int(20), false) },
-  { method: 'POST', path: (r, w) => `/v1/sessions/${pickSession(r, w)}/attend`, body: (r) => ({ layer: r.int(2), q: tensor('f32', [4, 16], randomQ(r, 4, 16)), ...(r.next() < 0.5 && kvBody(r, 1, true)), ...(r.next() < 0.3 && { return: [['out', 'kv', 'selection', 'bogus'][r.int(4)]] }), ...(r.next() < 0.2 && { scale: [0.25, 0, -1, 1e-300, 1e300][r.int(5)] }) }) },
-  { method: 'POST', path: () => '/v1/attend', body: (r, w) => ({ layer: r.int(3) - (r.next() < 0.1 ? 1 : 0), steps: Array.from({ length: r.int(4) }, () => ({ session: pickSession(r, w), q: tensor('f32', [4, 16], randomQ(r, 4, 16)), ...(r.next() < 0.5 && kvBody(r, 1, true)), ...(r.next() < 0.3 && { position: r.int(4) - 1 }) })) }) },
+  { method: 'POST', path: (r, w) => `/v1/sessions/${pickSession(r, w)}/attend`, body: (r) => ({ layer: r.int(2), ...qFields(r), ...(r.next() < 0.5 && kvBody(r, 1, true)), ...(r.next() < 0.3 && { return: [['out', 'kv', 'selection', 'bogus'][r.int(4)]] }), ...(r.next() < 0.2 && { scale: [0.25, 0, -1, 1e-300, 1e300][r.int(5)] }) }) },
+  { method: 'POST', path: () => '/v1/attend', body: (r, w) => ({ layer: r.int(3) - (r.next() < 0.1 ? 1 : 0), steps: Array.from({ length: r.int(4) }, () => ({ session: pickSession(r, w), ...qFields(r), ...(r.next() < 0.5 && kvBody(r, 1, true)), ...(r.next() < 0.3 && { position: r.int(4) - 1 }) })) }) },
   { method: 'GET', path: (r, w) => `/v1/sessions/${pickSession(r, w)}` },
   { method: 'DELETE', path: (r, w) => `/v1/sessions/${pickSession(r, w)}` },
 ];

@@ -16,6 +16,12 @@ connection per thread.
     r.out   # float32 [32, 128]
     r.lse   # float32 [32]
 
+A model that holds q and its attention output in 16 bits sends q as it is
+and may take out in the model's dtype (half the bytes each way):
+
+    r = kv.attend(sid, layer=0, q=q16, out_dtype="f16")   # q16 float16 [32, 128]
+    r.out   # float16 [32, 128]: the f32 answer rounded to nearest even
+
 Decode steps have three transports with bit-identical answers: `attend` (one
 HTTP request per step), `attend_batch` (one HTTP request for one layer of
 many sessions) and `open_stream()` (a WebSocket: one frame per attend or
@@ -196,7 +202,7 @@ def model_shape(
 
 @dataclass
 class AttendResult:
-    out: np.ndarray  # float32 [qHeads, headDim]
+    out: np.ndarray  # float32 [qHeads, headDim]; with out_dtype "f16" float16, "bf16" uint16 bit patterns
     lse: np.ndarray  # float32 [qHeads]
     stats: Dict[str, Any] = field(default_factory=dict)
     selection: Optional[List[np.ndarray]] = None  # per kv head, int32 context positions
@@ -215,10 +221,12 @@ def attend_body(
     position: Optional[int] = None,
     returns: Optional[Sequence[str]] = None,
     dtype: Optional[str] = None,
+    q_dtype: Optional[str] = None,
+    out_dtype: Optional[str] = None,
 ) -> Dict[str, Any]:
     """An attend's wire fields (all but layer and session), tensors as
     msgpack bin of the arrays' bytes."""
-    body: Dict[str, Any] = {"q": tensor(q, None if _is_half(q) else "f32")}
+    body: Dict[str, Any] = {"q": tensor(q, q_dtype if q_dtype is not None else None if _is_half(q) else "f32")}
     if (k is None) != (v is None):
         raise ValueError("k and v come together or not at all")
     if k is not None:
@@ -232,12 +240,14 @@ def attend_body(
         body["position"] = int(position)
     if returns is not None:
         body["return"] = list(returns)
+    if out_dtype is not None:
+        body["outDtype"] = str(out_dtype)
     return body
 
 
 def step_body(step: Dict[str, Any]) -> Dict[str, Any]:
-    """A batch step {session, q, k?, v?, scale?, position?, returns?, dtype?}
-    as its wire fields."""
+    """A batch step {session, q, k?, v?, scale?, position?, returns?, dtype?,
+    q_dtype?, out_dtype?} as its wire fields."""
     if not isinstance(step, dict) or "session" not in step:
         raise TypeError("a batch step is a dict with a session id and q")
     fields = dict(step)
@@ -421,19 +431,26 @@ class Client:
         returns: Optional[Sequence[str]] = None,
         dtype: Optional[str] = None,
         position: Optional[int] = None,
+        q_dtype: Optional[str] = None,
+        out_dtype: Optional[str] = None,
     ) -> AttendResult:
         """One decode step of one layer.
 
         q: [qHeads, headDim] (sent as f32 unless already float16).
         k, v: the current token, [kvHeads, headDim]; appended before attending.
         dtype: wire dtype for k and v (default: from the arrays).
+        q_dtype: wire dtype for q: "f32", "f16" or "bf16" (float values are
+        rounded to nearest even; uint16 bit patterns pass as they are).
+        out_dtype: "f32" (the default) or the model's dtype: out comes back
+        as the f32 answer rounded to nearest even, float16 for "f16", uint16
+        bf16 bit patterns for "bf16"; any other is refused (422).
         returns: subset of ("out", "kv", "selection"); default ("out",).
         position: with k and v, the appended token's index among the
         session's own tokens (0 = the first after its documents); a repeat
         or a skip is refused with 409 "conflict" and changes nothing, so a
         step whose answer was lost can be sent again safely.
         """
-        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype)
+        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
         body["layer"] = int(layer)
         return attend_result(self._call("POST", f"/v1/sessions/{_quote(sid)}/attend", body))
 
@@ -441,7 +458,8 @@ class Client:
         """One layer of many sessions in one request (`POST /v1/attend`).
 
         steps: dicts {"session": id, "q": ..., and optionally "k", "v",
-        "scale", "position", "returns", "dtype"} -- attend's arguments.
+        "scale", "position", "returns", "dtype", "q_dtype", "out_dtype"} --
+        attend's arguments.
         Returns one entry per step, in order: an AttendResult, or for a step
         that failed alone (unknown session, wrong shape, wrong position...)
         a KvrecallError instance, returned, not raised; a failed step changes

@@ -133,7 +133,10 @@ class KvrecallAttention:
 
     transport: how decode steps travel, one batch of every row per layer and
     step: "stream" (default; one WebSocket, opened at the first decode step
-    and kept until close()) or "http" (`POST /v1/attend`).
+    and kept until close()) or "http" (`POST /v1/attend`). half_wire (default
+    True): when the model's dtype is the one kvrecall stores (f16 or bf16), q
+    goes out and out comes back in it (`q_dtype`, `out_dtype`), half the bytes
+    of float32 each way with the same answer; False sends float32.
 
     stats: sequences, uploads (kv posts), attends, local (local attention
     calls), documents (created), and over all attends the sums of the
@@ -156,12 +159,14 @@ class KvrecallAttention:
         document_prefix: str = "hf",
         ready_timeout: float = 600.0,
         transport: str = "stream",
+        half_wire: bool = True,
     ):
         if kv_dtype not in (None, "f16", "bf16"):
             raise ValueError('kv_dtype must be "f16", "bf16" or None')
         if transport not in ("stream", "http"):
             raise ValueError('transport must be "stream" or "http"')
         self.transport = transport
+        self.half_wire = half_wire
         self._stream: Optional[Stream] = None
         self.client = client
         self.method = method
@@ -222,11 +227,15 @@ class KvrecallAttention:
         # Decode: kvrecall answers.
         if not self._attached:
             self._attach()
-        q_all = query[:, :, 0, :].detach().float().cpu().numpy()  # [batch, qHeads, d]
+        # A model in the dtype kvrecall stores sends q as it holds it and takes out in that dtype: half the
+        # bytes each way, the same answer (the server rounds the f32 out to nearest even, as .to(dtype) would).
+        half = self.half_wire and query.dtype == _storage_torch_dtype(kv_dtype)
+        q_all = _wire_bits(query[:, :, 0, :], kv_dtype) if half else query[:, :, 0, :].detach().float().cpu().numpy()  # [batch, qHeads, d]
         k_all = _wire_bits(key[:, :, at, :], kv_dtype)  # [batch, kvHeads, d]
         v_all = _wire_bits(value[:, :, at, :], kv_dtype)
+        wire = {"q_dtype": kv_dtype, "out_dtype": kv_dtype} if half else {}
         steps = [
-            {"session": self.sessions[b], "q": q_all[b], "k": k_all[b], "v": v_all[b], "scale": float(scaling), "position": self._tokens[layer][b], "dtype": kv_dtype}
+            {"session": self.sessions[b], "q": q_all[b], "k": k_all[b], "v": v_all[b], "scale": float(scaling), "position": self._tokens[layer][b], "dtype": kv_dtype, **wire}
             for b in range(batch)
         ]
         results = self._attend(layer, steps)
@@ -237,7 +246,9 @@ class KvrecallAttention:
             self.stats["scanned"] += r.stats.get("scanned", 0)
         self.stats["attends"] += batch
         self._cache_len[layer] = at + 1
-        out = torch.from_numpy(np.stack([r.out for r in results])).to(device=query.device, dtype=query.dtype)  # [batch, qHeads, d]
+        outs = np.stack([r.out for r in results])  # [batch, qHeads, d]: float32, float16, or bf16 as uint16 bits
+        out = torch.from_numpy(outs.view(np.int16)).view(torch.bfloat16) if outs.dtype == np.uint16 else torch.from_numpy(outs)
+        out = out.to(device=query.device, dtype=query.dtype)
         return out.unsqueeze(1), None  # [batch, 1, qHeads, d], as sdpa_attention_forward returns
 
     def _attend(self, layer: int, steps: List[Dict[str, Any]]) -> list:
@@ -257,7 +268,7 @@ class KvrecallAttention:
                 results = self._open_stream().attend_batch(layer, steps)
                 for i, r in enumerate(results):
                     if isinstance(r, KvrecallError) and r.code == "conflict" and self._appended(steps[i], layer):
-                        step = {key: steps[i][key] for key in ("session", "q", "scale") if key in steps[i]}
+                        step = {key: steps[i][key] for key in ("session", "q", "scale", "q_dtype", "out_dtype") if key in steps[i]}
                         results[i] = self._stream.attend_batch(layer, [step])[0]
         for r in results:
             if isinstance(r, KvrecallError):

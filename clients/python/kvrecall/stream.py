@@ -61,10 +61,12 @@ class Stream:
         position: Optional[int] = None,
         returns: Optional[Sequence[str]] = None,
         dtype: Optional[str] = None,
+        q_dtype: Optional[str] = None,
+        out_dtype: Optional[str] = None,
     ) -> AttendResult:
         """As Client.attend; an error answer raises KvrecallError (the
         stream stays open)."""
-        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype)
+        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
         body["session"] = str(session)
         body["layer"] = int(layer)
         frame = self._request(body)

@@ -180,6 +180,37 @@ class HfAdapter(unittest.TestCase):
                 self.assertTrue(bool((a.argmax(-1) == b.argmax(-1))[clear].all()), f"{dtype}: a clear greedy choice changed")
                 self.assertGreater(int(clear.sum()), 0)
 
+    def test_half_wire_gives_the_f32_wire_answers(self):
+        """A 16-bit model's decode steps travel as 16-bit q and out (half the
+        bytes) and the logits are bit-identical to the float32 wire's: the
+        server's rounding of out is the one .to(dtype) does."""
+        from kvrecall.hf import KvrecallAttention, register
+
+        dtypes = [torch.bfloat16] + ([torch.float16] if self.device.startswith("cuda") else [])
+        wide = KvrecallAttention(self.client, method="exact", half_wire=False)
+        register("kvrecall_test_f32_wire", wide)
+        sent = []
+        attend = self.remote._attend
+        self.remote._attend = lambda layer, steps: (sent.extend(steps), attend(layer, steps))[1]
+        try:
+            for dtype in dtypes:
+                with self.subTest(dtype=str(dtype)):
+                    model = self.build(dtype)
+                    ids = self.prompt(PROMPT, seed=4)
+                    want = self.generate(model, "sdpa_test", ids)
+                    self.remote.reset()
+                    wide.reset()
+                    sent.clear()
+                    a = self.forced_logits(model, "kvrecall_test_f32_wire", ids, want)
+                    b = self.forced_logits(model, "kvrecall_test", ids, want)
+                    kv_dtype = "bf16" if dtype == torch.bfloat16 else "f16"
+                    self.assertGreater(len(sent), 0)
+                    self.assertTrue(all(s.get("out_dtype") == kv_dtype and s.get("q_dtype") == kv_dtype for s in sent))
+                    self.assertTrue(torch.equal(a, b), f"{dtype}: logits differ by {(a - b).abs().max().item()}")
+        finally:
+            self.remote._attend = attend
+            wide.close()
+
 
 def _plain_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
