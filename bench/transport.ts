@@ -6,7 +6,9 @@
 // document), for the TypeScript client over HTTP and over the stream, beside
 // a bare GET /v1/health on the same keep-alive connection; and a batch of 32
 // sessions' steps in one call (over the stream and over HTTP) against one
-// step. Rows take turns in rounds. The server is a separate
+// step; and the same with q and out in the model's dtype (f16: `outDtype`),
+// as an LLM server holding its activations in 16 bits sends them, half the
+// bytes. Rows take turns in rounds. The server is a separate
 // process on 127.0.0.1. Results: bench/results/transport-<host>.{json,md}.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -140,8 +142,14 @@ async function main(): Promise<void> {
     await client.sealDocument('doc');
     const sids: string[] = [];
     for (let i = 0; i < BATCH; i++) sids.push((await client.createSession({ model, documents: ['doc'], method: 'exact' })).id);
-    const q = tensor('f32', [model.qHeads, d], new Float32Array(model.qHeads * d).map(() => Math.random()));
+    const qValues = new Float32Array(model.qHeads * d).map(() => Math.random());
+    const q = tensor('f32', [model.qHeads, d], qValues);
     const body = { layer: 0, q };
+    // The same q in f16 (what a 16-bit model holds), the answer's out in f16 too.
+    const { convert } = await import('../addon/kernels.js');
+    const q16Words = new Uint16Array(qValues.length);
+    convert(new Uint8Array(qValues.buffer), 'f32', new Uint8Array(q16Words.buffer), 'f16', qValues.length);
+    const body16 = { layer: 0, q: tensor('f16', [model.qHeads, d], q16Words), outDtype: 'f16' as const };
     const stream = await client.openStream();
     const bare = bareHealth(server.url);
     const health = bare.call;
@@ -153,6 +161,16 @@ async function main(): Promise<void> {
     const streamAttend = async () => {
       const t0 = performance.now();
       const r = await stream.attend(sids[0], body);
+      return performance.now() - t0 - r.stats.ms;
+    };
+    const httpAttend16 = async () => {
+      const t0 = performance.now();
+      const r = await client.attend(sids[0], body16);
+      return performance.now() - t0 - r.stats.ms;
+    };
+    const streamAttend16 = async () => {
+      const t0 = performance.now();
+      const r = await stream.attend(sids[0], body16);
       return performance.now() - t0 - r.stats.ms;
     };
     // A batch: wall minus the server's time for the whole batch (stats.ms of the batch answer).
@@ -167,7 +185,18 @@ async function main(): Promise<void> {
       const rs = await client.attendBatch(0, steps);
       return performance.now() - t0 - (rs.ms ?? NaN);
     };
-    const calls = { health, http: httpAttend, stream: streamAttend, batch: streamBatch, httpBatch };
+    const steps16 = sids.map((session) => ({ session, q: body16.q, outDtype: body16.outDtype }));
+    const streamBatch16 = async () => {
+      const t0 = performance.now();
+      const rs = await stream.attendBatch(0, steps16);
+      return performance.now() - t0 - (rs.ms ?? NaN);
+    };
+    const httpBatch16 = async () => {
+      const t0 = performance.now();
+      const rs = await client.attendBatch(0, steps16);
+      return performance.now() - t0 - (rs.ms ?? NaN);
+    };
+    const calls = { health, http: httpAttend, stream: streamAttend, batch: streamBatch, httpBatch, http16: httpAttend16, stream16: streamAttend16, batch16: streamBatch16, httpBatch16 };
     type Row = keyof typeof calls;
     // Rows take turns, ROUNDS blocks each (a shared machine's load drifts: no row gets only the quiet or the busy minutes).
     const samples = Object.fromEntries(Object.keys(calls).map((k) => [k, [] as number[]])) as Record<Row, number[]>;
@@ -188,10 +217,14 @@ async function main(): Promise<void> {
     // The bytes each call moves (request, answer), and the floor for them: a bare TCP round trip of the same sizes.
     const { packParts } = await import('../clients/ts/msgpack-parts.js');
     const r = await client.attend(sids[0], body);
+    const r16 = await client.attend(sids[0], body16);
     const answer = { out: tensor('f32', [model.qHeads, d], r.out), lse: tensor('f32', [model.qHeads], r.lse), stats: r.stats };
+    const answer16 = { out: tensor('f16', [model.qHeads, d], r16.out), lse: tensor('f32', [model.qHeads], r16.lse), stats: r16.stats };
     const single = [packParts({ ...body, session: sids[0], id: 1 }).byteLength, packParts({ id: 1, ...answer }).byteLength] as [number, number];
     const batchBytes = [packParts({ layer: 0, steps, id: 1 }).byteLength, packParts({ id: 1, results: sids.map(() => answer), stats: { ms: 1.5 } }).byteLength] as [number, number];
-    const [floorSingle, floorBatch] = await tcpFloor([single, batchBytes], CALLS);
+    const single16 = [packParts({ ...body16, session: sids[0], id: 1 }).byteLength, packParts({ id: 1, ...answer16 }).byteLength] as [number, number];
+    const batchBytes16 = [packParts({ layer: 0, steps: steps16, id: 1 }).byteLength, packParts({ id: 1, results: sids.map(() => answer16), stats: { ms: 1.5 } }).byteLength] as [number, number];
+    const [floorSingle, floorBatch, floorSingle16, floorBatch16] = await tcpFloor([single, batchBytes, single16, batchBytes16], CALLS);
     const { health: healthMs, http, stream: streamed, batch: batchOver, httpBatch: httpBatchOver } = samples;
     const rows = {
       healthMsP50: p50(healthMs),
@@ -202,11 +235,31 @@ async function main(): Promise<void> {
       tcpFloorSingleMsP50: p50(floorSingle),
       tcpFloorBatchMsP50: p50(floorBatch),
     };
+    // q and out in f16: the same calls with half the tensor bytes.
+    const half = {
+      httpOverheadMsP50: p50(samples.http16),
+      streamOverheadMsP50: p50(samples.stream16),
+      batchOverheadMsP50: p50(samples.batch16),
+      httpBatchOverheadMsP50: p50(samples.httpBatch16),
+      tcpFloorSingleMsP50: p50(floorSingle16),
+      tcpFloorBatchMsP50: p50(floorBatch16),
+      httpOverheadMsP10: p10(samples.http16),
+      streamOverheadMsP10: p10(samples.stream16),
+      batchOverheadMsP10: p10(samples.batch16),
+      httpBatchOverheadMsP10: p10(samples.httpBatch16),
+    };
+    const halfRatios = {
+      batchVsSingleStream: half.batchOverheadMsP50 / half.streamOverheadMsP50,
+      batchVsSingleStreamF32: half.batchOverheadMsP50 / rows.streamOverheadMsP50,
+      httpBatchVsSingleHttp: half.httpBatchOverheadMsP50 / half.httpOverheadMsP50,
+      tcpFloorBatchVsSingle: half.tcpFloorBatchMsP50 / half.tcpFloorSingleMsP50,
+      tcpFloorBatchVsSingleF32: half.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50,
+    };
     // Less moved by other load than p50 on a shared machine: the 10th percentile, and CPU ms per call
     // (server process, every thread, the engine's work included; this client).
     const p10s = { healthMsP10: p10(healthMs), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver), httpBatchOverheadMsP10: p10(httpBatchOver) };
     const cpu = cpuSums;
-    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu };
+    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes, single16, batch16: batchBytes16 }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu, f16: { ...half, ...halfRatios } };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${tag}`);
@@ -228,8 +281,12 @@ async function main(): Promise<void> {
         `| stream attend | ${rows.streamOverheadMsP50.toFixed(3)} | ${result.streamVsHealth.toFixed(2)} | ${p10s.streamOverheadMsP10.toFixed(3)} | ${(p10s.streamOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.stream.serverMs.toFixed(3)} | ${cpu.stream.clientMs.toFixed(3)} |`,
         `| stream batch of ${BATCH} sessions (one call) | ${rows.batchOverheadMsP50.toFixed(3)} | ${(rows.batchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.batchVsSingleStream.toFixed(2)}× one stream attend) | ${p10s.batchOverheadMsP10.toFixed(3)} | ${(p10s.batchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.batchOverheadMsP10 / p10s.streamOverheadMsP10).toFixed(2)}× one stream attend) | ${cpu.batch.serverMs.toFixed(3)} | ${cpu.batch.clientMs.toFixed(3)} |`,
         `| HTTP batch of ${BATCH} sessions (one call) | ${rows.httpBatchOverheadMsP50.toFixed(3)} | ${(rows.httpBatchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${result.httpBatchVsSingleHttp.toFixed(2)}× one HTTP attend) | ${p10s.httpBatchOverheadMsP10.toFixed(3)} | ${(p10s.httpBatchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(p10s.httpBatchOverheadMsP10 / p10s.httpOverheadMsP10).toFixed(2)}× one HTTP attend) | ${cpu.httpBatch.serverMs.toFixed(3)} | ${cpu.httpBatch.clientMs.toFixed(3)} |`,
+        `| HTTP attend, f16 q and out | ${half.httpOverheadMsP50.toFixed(3)} | ${(half.httpOverheadMsP50 / rows.healthMsP50).toFixed(2)} | ${half.httpOverheadMsP10.toFixed(3)} | ${(half.httpOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.http16.serverMs.toFixed(3)} | ${cpu.http16.clientMs.toFixed(3)} |`,
+        `| stream attend, f16 q and out | ${half.streamOverheadMsP50.toFixed(3)} | ${(half.streamOverheadMsP50 / rows.healthMsP50).toFixed(2)} | ${half.streamOverheadMsP10.toFixed(3)} | ${(half.streamOverheadMsP10 / p10s.healthMsP10).toFixed(2)} | ${cpu.stream16.serverMs.toFixed(3)} | ${cpu.stream16.clientMs.toFixed(3)} |`,
+        `| stream batch of ${BATCH}, f16 q and out | ${half.batchOverheadMsP50.toFixed(3)} | ${(half.batchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${halfRatios.batchVsSingleStream.toFixed(2)}× one f16 stream attend, ${halfRatios.batchVsSingleStreamF32.toFixed(2)}× one f32) | ${half.batchOverheadMsP10.toFixed(3)} | ${(half.batchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(half.batchOverheadMsP10 / half.streamOverheadMsP10).toFixed(2)}× one f16 stream attend) | ${cpu.batch16.serverMs.toFixed(3)} | ${cpu.batch16.clientMs.toFixed(3)} |`,
+        `| HTTP batch of ${BATCH}, f16 q and out | ${half.httpBatchOverheadMsP50.toFixed(3)} | ${(half.httpBatchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${halfRatios.httpBatchVsSingleHttp.toFixed(2)}× one f16 HTTP attend) | ${half.httpBatchOverheadMsP10.toFixed(3)} | ${(half.httpBatchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(half.httpBatchOverheadMsP10 / half.httpOverheadMsP10).toFixed(2)}× one f16 HTTP attend) | ${cpu.httpBatch16.serverMs.toFixed(3)} | ${cpu.httpBatch16.clientMs.toFixed(3)} |`,
         '',
-        `The floor under any protocol: a bare TCP round trip (node:net, a peer process answering a fixed number of bytes, no parsing) of a single call's sizes (${single[0]} bytes out, ${single[1]} back) takes ${rows.tcpFloorSingleMsP50.toFixed(3)} ms p50, of a batch's (${batchBytes[0]} out, ${batchBytes[1]} back) ${rows.tcpFloorBatchMsP50.toFixed(3)} ms (${result.tcpFloorBatchVsSingle.toFixed(2)}×): moving the batch's bytes alone costs ${(rows.tcpFloorBatchMsP50 - rows.tcpFloorSingleMsP50).toFixed(3)} ms more than a single call's.`,
+        `The floor under any protocol: a bare TCP round trip (node:net, a peer process answering a fixed number of bytes, no parsing) of a single call's sizes (${single[0]} bytes out, ${single[1]} back) takes ${rows.tcpFloorSingleMsP50.toFixed(3)} ms p50, of a batch's (${batchBytes[0]} out, ${batchBytes[1]} back) ${rows.tcpFloorBatchMsP50.toFixed(3)} ms (${result.tcpFloorBatchVsSingle.toFixed(2)}×): moving the batch's bytes alone costs ${(rows.tcpFloorBatchMsP50 - rows.tcpFloorSingleMsP50).toFixed(3)} ms more than a single call's. With f16 q and out: a single call ${single16[0]} out, ${single16[1]} back, ${half.tcpFloorSingleMsP50.toFixed(3)} ms; a batch ${batchBytes16[0]} out, ${batchBytes16[1]} back, ${half.tcpFloorBatchMsP50.toFixed(3)} ms (${halfRatios.tcpFloorBatchVsSingle.toFixed(2)}× the f16 single, ${halfRatios.tcpFloorBatchVsSingleF32.toFixed(2)}× the f32 single).`,
         '',
       ].join('\n'),
     );

@@ -96,13 +96,15 @@ const BLOCKS = {
     const files = ['bench/results/transport-vm.json', 'bench/results/transport-h200.json'];
     const rows = files.map((f) => {
       const j = json(f);
-      return [`${machine(j.machine)} (\`${f}\`)`, fix(j.healthMsP50, 2), `${fix(j.httpOverheadMsP50, 2)} (${fix(j.httpVsHealth, 2)}×)`, `${fix(j.streamOverheadMsP50, 2)} (${fix(j.streamVsHealth, 2)}×)`, `${fix(j.batchOverheadMsP50, 2)} (${fix(j.batchVsSingleStream, 1)}× one step)`];
+      const half = j.f16 ? `${fix(j.f16.batchOverheadMsP50, 2)} (${fix(j.f16.batchVsSingleStream, 1)}× one f16 step)` : '—';
+      return [`${machine(j.machine)} (\`${f}\`)`, fix(j.healthMsP50, 2), `${fix(j.httpOverheadMsP50, 2)} (${fix(j.httpVsHealth, 2)}×)`, `${fix(j.streamOverheadMsP50, 2)} (${fix(j.streamVsHealth, 2)}×)`, `${fix(j.batchOverheadMsP50, 2)} (${fix(j.batchVsSingleStream, 1)}× one step)`, half];
     });
     return [
       `**Decode-call overhead** (client wall − server \`stats.ms\`, p50, TypeScript client, \`npm run bench:transport\`): one layer, 32 q / 8 kv heads,`,
-      `d=128, \`exact\` over 4K tokens; a bare \`GET /v1/health\` on the same keep-alive connection for scale; the batch carries 32 sessions' steps.`,
+      `d=128, \`exact\` over 4K tokens; a bare \`GET /v1/health\` on the same keep-alive connection for scale; the batch carries 32 sessions' steps;`,
+      `f16: q and out in the model's dtype (\`outDtype\`), half the tensor bytes.`,
       '',
-      table(['machine', 'bare health ms', 'HTTP attend ms', 'stream attend ms', 'stream batch of 32 ms'], ['l', 'r', 'r', 'r', 'r'], rows),
+      table(['machine', 'bare health ms', 'HTTP attend ms', 'stream attend ms', 'stream batch of 32 ms', 'stream batch of 32, f16 ms'], ['l', 'r', 'r', 'r', 'r', 'r'], rows),
     ].join('\n');
   },
 
