@@ -6,12 +6,17 @@ dist-packages (env KVRECALL_HELDOUT_DIR overrides the folder). Files are
 sorted, shuffled with a fixed seed and joined by `\\n\\x1e\\n`, the training
 separator; samples are windows of that corpus.
 
+A packed corpus (bench/model/pack.py, for a machine without that folder or with another version of it):
+env KVRECALL_HELDOUT_PACK names a folder holding `heldout-seed<seed>.xz`, the exact bytes `corpus(seed)`
+returned where it was packed, so both machines draw the same trials.
+
 Pass key (SOURCE.md): somewhere in the sequence `\\x1fpass key: NNNNN\\n`; the
 sequence ends with `\\x1fpass key? ` and the answer is the five digits.
 """
 
 from __future__ import annotations
 
+import lzma
 import os
 from pathlib import Path
 from typing import Tuple
@@ -21,9 +26,20 @@ import numpy as np
 SEPARATOR = b"\n\x1e\n"
 DEFAULT_DIR = "/usr/lib/python3/dist-packages"
 QUESTION = b"\x1fpass key? "
+PACKED_BYTES = 8 << 20  # the default corpus size, the one pack.py packs
 
 
-def corpus(seed: int = 0, max_bytes: int = 8 << 20) -> bytes:
+def packed_name(seed: int) -> str:
+    return f"heldout-seed{seed}.xz"
+
+
+def corpus(seed: int = 0, max_bytes: int = PACKED_BYTES) -> bytes:
+    pack = os.environ.get("KVRECALL_HELDOUT_PACK")
+    if pack:
+        path = Path(pack) / packed_name(seed)
+        if not path.is_file() or max_bytes != PACKED_BYTES:
+            raise FileNotFoundError(f"{path}: only corpus(seed) at {PACKED_BYTES} bytes is packed (bench/model/pack.py)")
+        return lzma.decompress(path.read_bytes())
     root = Path(os.environ.get("KVRECALL_HELDOUT_DIR", DEFAULT_DIR))
     files = sorted(p for p in root.rglob("*.py") if p.is_file() and p.stat().st_size >= 512)
     if not files:

@@ -54,6 +54,11 @@ class Trial:
         return len(self.seq)
 
 
+def trial_rng(seed: int, length: int, trial: int) -> np.random.Generator:
+    """Trial `trial` at `length` draws from its own stream: the same context and key whichever worker runs it."""
+    return np.random.default_rng([seed, length, trial])
+
+
 def make_trial(model: Model, text: bytes, ctx: int, steps: int, rng: np.random.Generator) -> Trial:
     """A pass-key context of ctx bytes whose plant lies inside the document (the first ctx - steps bytes)."""
     n_doc = ctx - steps
@@ -79,9 +84,30 @@ def model_spec(model: Model) -> Dict[str, object]:
 
 def push_document(client, doc: str, model: Model, trial: Trial, methods: Sequence[str], query_stride: int = 4,
                   chunk: int = 4096) -> Dict[str, object]:
-    """The trial's document into kvrecall (K/V f16, prefill queries f32, kept at query_stride); sealed and ready."""
-    return client.push_document(doc, model_spec(model), trial.k16, trial.v16, q=trial.q, methods=list(methods),
-                                query_stride=query_stride, chunk=chunk)
+    """The trial's document into kvrecall (K/V f16, prefill queries f32), sealed and ready. Only the query rows the
+    document keeps (tokens t with t % query_stride == 0) travel, with `queryStride` on each upload: a quarter of
+    the bytes at stride 4 (32K bytes: 96 MB of f32 queries instead of 384 MB)."""
+    from kvrecall.client import tensor
+
+    spec = model_spec(model)
+    client.create_document(doc, spec, methods=list(methods), query_stride=query_stride)
+    try:
+        for layer in range(spec["layers"]):
+            n = trial.k16[layer].shape[1]
+            for start in range(0, n, chunk):
+                end = min(n, start + chunk)
+                body: Dict[str, object] = dict(layer=layer, start=start, k=tensor(trial.k16[layer][:, start:end], None),
+                                               v=tensor(trial.v16[layer][:, start:end], None))
+                first = -(-start // query_stride) * query_stride
+                if first < end:
+                    body["q"] = tensor(np.ascontiguousarray(trial.q[layer][:, first:end:query_stride], np.float32), "f32")
+                    body["queryStride"] = query_stride
+                client._call("POST", f"/v1/documents/{doc}/kv", body)
+        client.seal_document(doc)
+        return client.wait_document_ready(doc, 600)
+    except BaseException:
+        client.delete_document(doc)
+        raise
 
 
 def index_methods(client) -> List[str]:
@@ -167,6 +193,19 @@ class Held:
         """Model attend callback: append, then dense float64 attention (as float32)."""
         self.append(li, k, v)
         return self.reference(li, q)[0].astype(np.float32)
+
+    def measure(self, li: int, q: np.ndarray, out: np.ndarray, selection: Sequence[Sequence[int]]) -> Tuple[np.ndarray, ...]:
+        """An answer `out` [qHeads, 64] to q in layer li (after append) against the float64 reference: per query
+        head (error |out - o_ref| / |o_ref|, the exact top-k oracle's error at the selection's count per kv head,
+        the selection's attention recall, the oracle's recall)."""
+        o_ref, p = self.reference(li, q)
+        ref = np.linalg.norm(o_ref, axis=1)
+        err = np.linalg.norm(np.asarray(out, np.float64) - o_ref, axis=1) / ref
+        G = self.group
+        recall = np.concatenate([p[g * G:(g + 1) * G, np.asarray(sel, np.int64)].sum(axis=1)
+                                 for g, sel in enumerate(selection)])
+        o_or, rec_or = self.oracle(li, p, [len(sel) for sel in selection])
+        return err, np.linalg.norm(o_or - o_ref, axis=1) / ref, recall, rec_or
 
 
 Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# bench:model on the lent GPU machine (the `device` tool: one H200, 16 cores, Python with torch and transformers,
+# no Node, no network, no ../shared; 10 minutes a command; at most 64 MiB of ignored paths carried).
+#
+# Here, once:  python3 bench/model/pack.py --seeds 0,1   (model + held-out text + pure-Python msgpack into
+# .device/model/, ~21 MiB), npx tsc -p tsconfig.json (dist/), the addon built (build/Release/kvrecall.node), and
+# .device/node.xz + .device/node_modules.tar.xz (the lead's device prep). Carry, 57.7 MiB in all:
+#   .device/node.xz  .device/node_modules.tar.xz  .device/model  dist  build/Release/kvrecall.node
+# There:  bash bench/model/device.sh [run.py flags, appended to the defaults below]
+#   e.g.  bash bench/model/device.sh --lengths 32768 --first-trial 1000 --tag h200-32k
+#
+# Stages, each under its own time limit (so one hang cannot eat the command), everything under $OUT:
+#   check   bench/model/check_backends.py at 2K and 8K bytes: numpy vs torch vs transformers, numpy vs torch float64
+#           reference (JSON in $OUT/check-backends.json; the bench runs whatever it says)
+#   bench   bench/model/run.py with $WORKERS workers (default 8), each with its own server and its model on the
+#           GPU; trials start until $MINUTES (default 6.0) from the bench's start, workers still running at $HARD
+#           (default 7.3) are ended; a trial counts once it finished. Results: $OUT/results/model-<tag>.{md,json}
+#           and the workers' states $OUT/work.tar.xz (to merge runs on the development machine:
+#           run.py --merge dirA,dirB --tag h200 after untarring each; runs must use distinct --first-trial ranges)
+# Skip the check with CHECK=0; when it finds transformers out of tolerance (or not loading) and torch within, the
+# bench runs the model with --backend torch (and the numpy reference if the torch one differs). The servers attend on the host backend, as on the VM
+# (KVRECALL_GPU_BUDGET=0); KVRECALL_GPU_BUDGET=4294967296 gives each its CUDA backend with 4 GiB instead.
+# Typical: setup 15 s, check 40 s (limit 90), bench 6.0 min of trial starts + the last trials (ended at 7.3 min)
+# + report: under 9 minutes in all.
+set -o pipefail
+OUT=${OUT:-/tmp/model-out}
+mkdir -p "$OUT/results"
+L=$OUT/log.txt
+T0=$(date +%s)
+stamp() { echo "== $1 $(( $(date +%s) - T0 ))s" | tee -a "$L"; }
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+stamp setup
+if ! command -v node >/dev/null; then
+  xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export PATH=/tmp:$PATH || exit 3
+fi
+[ -d node_modules ] || tar -xJf .device/node_modules.tar.xz || exit 3
+M=/tmp/kvrecall-models/kvrecall-code-13M
+mkdir -p "$M" && cp .device/model/kvrecall-code-13M/*.json "$M/" || exit 3
+for f in .device/model/kvrecall-code-13M/*.safetensors.xz; do
+  [ -s "$M/$(basename "$f" .xz)" ] || xz -dc "$f" > "$M/$(basename "$f" .xz)" &
+done
+wait
+export KVRECALL_MODELS_DIR=/tmp/kvrecall-models KVRECALL_HELDOUT_PACK=$PWD/.device/model
+if ! python3 -c 'import msgpack' 2>/dev/null; then
+  export PYTHONPATH=$PWD/.device/model/py${PYTHONPATH:+:$PYTHONPATH} MSGPACK_PUREPYTHON=1
+fi
+export KVRECALL_GPU_BUDGET=${KVRECALL_GPU_BUDGET:-0}
+{ node --version; python3 -c 'import sys, numpy, torch; print(sys.version.split()[0], numpy.__version__, torch.__version__, torch.cuda.is_available())'
+  python3 -c 'import transformers; print("transformers", transformers.__version__)'
+  python3 -c 'import msgpack; print("msgpack", msgpack.version)'
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; nproc; free -g | head -2; } 2>&1 | tee -a "$L"
+
+if [ "${CHECK:-1}" != 0 ]; then
+  stamp check
+  timeout 90 python3 bench/model/check_backends.py --lengths 2048,8192 --out "$OUT/check-backends.json" 2>&1 | tee -a "$L"
+  echo "check rc=${PIPESTATUS[0]}" | tee -a "$L"
+  PICK=$(python3 - "$OUT/check-backends.json" <<'PY' 2>/dev/null
+import json, sys
+f = json.load(open(sys.argv[1]))["failures"]
+bad = lambda name: any(x.startswith(name) or f" {name}:" in x for x in f)  # noqa: E731
+print("--backend", "torch" if bad("transformers") and not bad("torch") else "auto",
+      "--held", "numpy" if any("TorchHeld" in x for x in f) else "auto")
+PY
+  )
+  echo "model for the bench: ${PICK:=--backend auto --held auto}" | tee -a "$L"
+fi
+
+stamp bench
+WORK=/tmp/kvrecall-bench-work
+rm -rf "$WORK"
+MINUTES=${MINUTES:-6.0}
+HARD=${HARD:-7.3}
+timeout $(python3 -c "print(int(60 * $HARD) + 30)") python3 bench/model/run.py \
+  --lengths 16384 --trials 1000 --workers "${WORKERS:-8}" --budget 0.024 ${PICK:-} \
+  --methods wave,retrieval-attention,hnsw,topk-blocks,nosa --minutes "$MINUTES" --hard-minutes "$HARD" \
+  --work "$WORK" --out-dir "$OUT/results" --tag h200 "$@" > "$OUT/bench.txt" 2>&1
+rc=$?
+grep -v '^|' "$OUT/bench.txt" | grep -v '^$' | tail -30 | tee -a "$L"
+echo "bench rc=$rc" | tee -a "$L"
+if ! ls "$OUT"/results/model-*.json >/dev/null 2>&1 && ls "$WORK"/w*.pkl >/dev/null 2>&1; then
+  stamp merge  # the bench was cut short: its workers' saved trials
+  python3 bench/model/run.py --merge "$WORK" --out-dir "$OUT/results" --tag h200-partial 2>&1 | tail -3 | tee -a "$L"
+fi
+[ -d "$WORK" ] && tar -cJf "$OUT/work.tar.xz" -C "$WORK" . 2>/dev/null
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>&1 | tee -a "$L"
+stamp done
