@@ -1,34 +1,36 @@
 #!/usr/bin/env bash
-# bench:model on the lent GPU machine (the `device` tool: one H200, 16 cores, Python with torch and transformers,
-# no Node, no network, no ../shared; 10 minutes a command; at most 64 MiB of ignored paths carried).
+# bench:model on a lent GPU machine (the `device` tool: one H200 and 16 cores, or x2/x4/x8 with 32-128 cores;
+# Python with torch and transformers, no Node, no network, no ../shared; 10 minutes a command; at most 64 MiB of
+# ignored paths carried).
 #
 # Here, once:  python3 bench/model/pack.py --seeds 0,1   (model + held-out text + pure-Python msgpack into
-# .device/model/, ~21 MiB), npx tsc -p tsconfig.json (dist/), the addon built (build/Release/kvrecall.node), and
+# .device/model/, 21 MiB), npx tsc -p tsconfig.json (dist/), the addon built (build/Release/kvrecall.node), and
 # .device/node.xz + .device/node_modules.tar.xz (the lead's device prep). Carry, 57.7 MiB in all:
 #   .device/node.xz  .device/node_modules.tar.xz  .device/model  dist  build/Release/kvrecall.node
-# There:  bash bench/model/device.sh [run.py flags, appended to the defaults below]
-#   e.g.  bash bench/model/device.sh --lengths 32768 --first-trial 1000 --tag h200-32k
+# There:  bash bench/model/device.sh [run.py flags, appended to the defaults below: the last of a flag wins]
+#   e.g.  CHECK=0 bash bench/model/device.sh --first-trial 500 --tag h200-b       # more 16K trials, to merge
+#         WORKERS=60 bash bench/model/device.sh --lengths 8192,16384,32768 --trials 120 --shares 0.15,0.3,0.55
 #
 # Stages, each under its own time limit (so one hang cannot eat the command), everything under $OUT:
-#   check   bench/model/check_backends.py at 2K and 8K bytes: numpy vs torch vs transformers, numpy vs torch float64
-#           reference (JSON in $OUT/check-backends.json; the bench runs whatever it says)
-#   bench   bench/model/run.py with $WORKERS workers (default 8), each with its own server and its model on the
-#           GPU; trials start until $MINUTES (default 6.0) from the bench's start, workers still running at $HARD
-#           (default 7.3) are ended; a trial counts once it finished. Results: $OUT/results/model-<tag>.{md,json}
-#           and the workers' states $OUT/work.tar.xz (to merge runs on the development machine:
-#           run.py --merge dirA,dirB --tag h200 after untarring each; runs must use distinct --first-trial ranges)
-# Skip the check with CHECK=0; when it finds transformers out of tolerance (or not loading) and torch within, the
-# bench runs the model with --backend torch (and the numpy reference if the torch one differs). The servers attend on the host backend, as on the VM
-# (KVRECALL_GPU_BUDGET=0); KVRECALL_GPU_BUDGET=4294967296 gives each its CUDA backend with 4 GiB instead.
-# Typical: setup 15 s, check 40 s (limit 90), bench 6.0 min of trial starts + the last trials (ended at 7.3 min)
-# + report: under 9 minutes in all.
+#   check  bench/model/check_backends.py at 2K and 8K bytes: numpy vs torch vs transformers, and the float64
+#          reference numpy vs torch ($OUT/check-backends.json). When transformers is out of tolerance (or does
+#          not load) and torch within, the bench runs --backend torch (and --held numpy if the torch reference
+#          differs). CHECK=0 skips it.
+#   bench  bench/model/run.py with $WORKERS workers (default one per 2 cores: a trial's seal keeps ~2 busy), each
+#          with its own server and its model on a GPU (worker w on GPU w mod count). Trials start until $MINUTES
+#          (default 6.0) after the bench started; workers still running at $HARD (7.3) are ended, and a trial counts
+#          only once finished. Results $OUT/results/model-<tag>.{md,json}; the workers' states $OUT/work.tar.xz
+#          (runs with distinct --first-trial ranges merge here: untar each, run.py --merge dirA,dirB --tag h200).
+# The servers attend on the host backend as on the VM (KVRECALL_GPU_BUDGET=0); KVRECALL_GPU_BUDGET=4294967296
+# gives each its CUDA backend with 4 GiB. Typical: setup 15 s, check 40 s (limit 90), bench 6.0 min of trial
+# starts + the last trials + report: under 9 minutes in all.
 set -o pipefail
 OUT=${OUT:-/tmp/model-out}
 mkdir -p "$OUT/results"
 L=$OUT/log.txt
 T0=$(date +%s)
 stamp() { echo "== $1 $(( $(date +%s) - T0 ))s" | tee -a "$L"; }
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no network there: never wait on the hub
 
 stamp setup
 if ! command -v node >/dev/null; then
@@ -72,7 +74,7 @@ rm -rf "$WORK"
 MINUTES=${MINUTES:-6.0}
 HARD=${HARD:-7.3}
 timeout $(python3 -c "print(int(60 * $HARD) + 30)") python3 bench/model/run.py \
-  --lengths 16384 --trials 1000 --workers "${WORKERS:-8}" --budget 0.024 ${PICK:-} \
+  --lengths 16384 --trials 1000 --workers "${WORKERS:-$(( $(nproc) / 2 ))}" --budget 0.024 ${PICK:-} \
   --methods wave,retrieval-attention,hnsw,topk-blocks,nosa --minutes "$MINUTES" --hard-minutes "$HARD" \
   --work "$WORK" --out-dir "$OUT/results" --tag h200 "$@" > "$OUT/bench.txt" 2>&1
 rc=$?

@@ -19,8 +19,10 @@ def per_trial(r: Dict[str, object]) -> str:
     loads = r.get("load_per_trial") or []
     whole = f"{np.mean(ts):.1f} s (min {min(ts):.1f}, max {max(ts):.1f}" if ts else "n/a ("
     whole += f"; load {min(loads):.1f}-{max(loads):.1f})" if loads else ")"
+    rate = (f"; {r['trials']} trials in {r['span_s']:.0f} s from the first's start to the last's end "
+            f"({60 * r['trials'] / max(r['span_s'], 1e-9):.1f} a minute)") if r.get("span_s") else ""
     return (f"{whole}: prefill {tm['prefill_s'] / n:.1f} s, push + seal {tm['push_s'] / n:.1f} s, decode of every "
-            f"configuration and the local reference {decode / n:.1f} s")
+            f"configuration and the local reference {decode / n:.1f} s{rate}")
 
 
 def markdown(res: Dict[str, object]) -> str:
@@ -54,7 +56,8 @@ def markdown(res: Dict[str, object]) -> str:
         tm = r["timing"]
         out += [f"## {r['length']} bytes ({r['document_tokens']} document tokens, {r['trials']} trials, "
                 f"{r['steps']} teacher-forced positions + {kvdecode.PASS_KEY_DIGITS - 1} free-running)", "",
-                f"`exact` through kvrecall vs numpy dense over the same f16 K/V (float64 attention): next-byte "
+                f"`exact` through kvrecall vs the local dense decode (the same model, float64 attention over the same "
+                f"f16 K/V): next-byte "
                 f"agreement {fmt(ld['agreement'])}, same pass-key answers {ld['same_answers']}/{r['trials']}, "
                 f"max logit difference {ld['max_logit_diff']:.2e}. Prefill {tm['prefill_s']:.1f} s, push + seal "
                 f"{tm['push_s']:.1f} s (all trials); per trial {per_trial(r)}.", "",

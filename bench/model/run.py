@@ -132,6 +132,11 @@ def merge_states(states: List[Dict[str, object]]) -> Dict[str, object]:
                 acc["meters"][label].merge(m)
             acc["local"].merge(ls["local"])
             acc["trial_s"] += ls["trial_s"]
+            if "span" in ls:  # the runs merged: their spans add up (a run's workers share one)
+                a0, a1 = acc.get("span", ls["span"])
+                b0, b1 = ls["span"]
+                overlap = a0 <= b1 and b0 <= a1
+                acc["span"] = [min(a0, b0), max(a1, b1)] if overlap else [a0, a1 + (b1 - b0)]
             acc["loads"] += ls["loads"]
             for k, v in ls["timing"].items():
                 if isinstance(v, dict):
@@ -160,6 +165,7 @@ def length_result(a, length: int, ls: Dict[str, object], configs) -> Dict[str, o
     tm = ls["timing"]
     return dict(length=length, trials=len(ls["trial_s"]), steps=a.steps, document_tokens=length - a.steps,
                 trial_ids=[int(i) for i in dense.trial_ids],
+                span_s=round(ls["span"][1] - ls["span"][0], 1) if "span" in ls else None,
                 configs=results, local_dense=local_vs_exact, trial_s=[round(x, 1) for x in ls["trial_s"]],
                 load_per_trial=[round(x, 1) for x in ls["loads"]],
                 timing={k: (round(v, 2) if isinstance(v, float) else {kk: round(vv, 2) for kk, vv in v.items()})

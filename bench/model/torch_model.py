@@ -37,6 +37,17 @@ def _torch():
     return torch
 
 
+def use_gpu_of_worker(wid: int) -> None:
+    """On a machine with several GPUs, worker wid's model and reference go to GPU wid mod count ("cuda" is then
+    that one); without torch or a GPU, nothing."""
+    try:
+        torch = _torch()
+    except ImportError:
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(wid % torch.cuda.device_count())
+
+
 def default_device() -> str:
     return "cuda" if _torch().cuda.is_available() else "cpu"
 
@@ -158,7 +169,9 @@ class HfModel:
         self.device = device or default_device()
         self.cfg = Config.from_json(json.loads((folder / "config.json").read_text()))
         self.scale = 1.0 / float(np.sqrt(self.cfg.head_dim))
-        self.hf = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).to(self.device).eval()
+        # No dtype argument (torch_dtype in 4.x, dtype in 5.x, whose default follows the config: bf16): widened after
+        # loading instead, which is exact from bf16.
+        self.hf = AutoModelForCausalLM.from_pretrained(str(folder)).to(device=self.device, dtype=torch.float32).eval()
         register(ATTN_NAME, self._attention)
         use_attention(self.hf, ATTN_NAME)
         self._mode = ""

@@ -165,6 +165,8 @@ def run_trial(a, client, model, text: bytes, length: int, trial_i: int, configs:
     state["timing"]["push_s"] += push_s
     state["timing"]["local_dense_s"] += local_s
     state["trial_s"].append(time.perf_counter() - t_trial)
+    now = time.time()  # wall clock, comparable across workers: the span of a length's trials
+    state["span"] = [min(state.get("span", [now])[0], now - state["trial_s"][-1]), now]
     state["loads"].append(os.getloadavg()[0])
     line.append(f"trial {state['trial_s'][-1]:.0f}s, load {state['loads'][-1]:.1f}")
     log("; ".join(line))
@@ -218,6 +220,7 @@ def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lo
         from kvrecall import Client
 
         client = Client(url, token=a.token, timeout=600)
+        torch_model.use_gpu_of_worker(wid)
         model = torch_model.load(a.backend, log=lambda s: log(tag + s))
         state["model"] = torch_model.model_name(model)
         held_cls = held_class(model, a.held)
