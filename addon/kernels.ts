@@ -86,6 +86,7 @@ interface Addon {
   threads: number;
   convert(a: { src: Uint8Array; from: number; dst: Uint8Array; to: number; count: number }): void;
   firstNonFinite(a: { src: Uint8Array; dtype: number; count: number }): number;
+  prefault(a: ArrayBufferView[]): Promise<boolean>;
   attend(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Promise<void>;
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
   topkHeads(a: Omit<TopkHeadsArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
@@ -118,6 +119,15 @@ export function widenWords(words: Uint16Array, dtype: KvDtype, count = words.len
 /** Index of the first NaN/Inf among `count` values, or -1. */
 export function firstNonFinite(src: Uint8Array, dtype: FloatDtype, count: number): number {
   return addon.firstNonFinite({ src, dtype: DTYPE_CODE[dtype], count });
+}
+
+/**
+ * Faults arrays' pages in on a libuv thread, ahead of the copies that will
+ * fill them (a document's K/V): they then run on warm pages. Never changes
+ * the contents; resolves false where the kernel cannot do it.
+ */
+export function prefault(views: ArrayBufferView[]): Promise<boolean> {
+  return addon.prefault(views);
 }
 
 /** Exact attention over the segments, combined by log-sum-exp; fills out and lse. */

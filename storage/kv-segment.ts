@@ -4,10 +4,14 @@
 // valid. Appends copy each head's rows once, converting dtype if needed.
 // A shared segment keeps its arrays in SharedArrayBuffers, so that a worker
 // thread can fill them (the Redis store reads blocks straight into them).
-import { bytesOf, convert, type FloatDtype, type KvDtype } from '../addon/kernels.js';
+import { bytesOf, convert, prefault, type FloatDtype, type KvDtype } from '../addon/kernels.js';
 import { UNLIMITED, type HostBudget } from './host-budget.js';
 
 const MIN_CAPACITY = 256;
+/** Rows ahead of the fill are faulted in off the event loop from this many bytes per array up (fewer fault cheaply). */
+const PREFAULT_BYTES = 256 << 10;
+/** One fault-in at a time, in order: one libuv thread, the others free for the store's writes. */
+let prefaulting: Promise<boolean> = Promise.resolve(true);
 
 export class KvSegment {
   k: Uint16Array[];
@@ -58,6 +62,21 @@ export class KvSegment {
       this.copyInto(this.v[h], v.subarray(h * srcBytes, (h + 1) * srcBytes), dtype, perHead);
     }
     this.tokens += n;
+    this.prefaultAhead(n);
+  }
+
+  /**
+   * A fresh array's first fill faults every page on the event loop: most of
+   * a document upload's copy time (bench/results/preload-vm.md). The rows
+   * the next append of this size will fill are faulted in on a libuv thread
+   * now, while its body arrives. Faulting the whole capacity at once slowed
+   * the store's writes for the length of the upload on the 2-core VM.
+   */
+  private prefaultAhead(n: number): void {
+    const d = this.headDim, from = this.tokens * d, to = Math.min(this.capacity, this.tokens + n) * d;
+    if ((to - from) * 2 < PREFAULT_BYTES) return;
+    const arrays = [...this.k, ...this.v].map((a) => a.subarray(from, to));
+    prefaulting = prefaulting.then(() => prefault(arrays)).catch(() => false);
   }
 
   /**

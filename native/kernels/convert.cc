@@ -1,5 +1,6 @@
 #include "kernels/convert.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -44,20 +45,38 @@ void Convert(const uint8_t* src, Dtype from, uint8_t* dst, Dtype to, size_t n) {
   });
 }
 
-int64_t FirstNonFinite(const uint8_t* src, Dtype dtype, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    if (dtype == Dtype::kF32) {
-      uint32_t x;
-      std::memcpy(&x, src + 4 * i, 4);
-      if ((x & 0x7f800000u) == 0x7f800000u) return int64_t(i);
-    } else {
-      uint16_t w;
-      std::memcpy(&w, src + 2 * i, 2);
-      uint16_t expMask = dtype == Dtype::kF16 ? 0x7c00u : 0x7f80u;
-      if ((w & expMask) == expMask) return int64_t(i);
+namespace {
+
+// A word is NaN or infinite when its exponent bits are all ones. Each block
+// is scanned without an early exit (the loop vectorizes: a 16 MiB upload's
+// check took ~5 ms word by word, a third of its server time on the 2-core
+// VM), and only a block with a hit is searched for its first one.
+template <typename W>
+int64_t FirstAllOnes(const uint8_t* src, size_t n, W mask) {
+  constexpr size_t kBlock = 4096;
+  for (size_t b = 0; b < n; b += kBlock) {
+    const size_t end = std::min(n, b + kBlock);
+    W hit = 0;
+    for (size_t i = b; i < end; ++i) {
+      W w;
+      std::memcpy(&w, src + sizeof(W) * i, sizeof(W));
+      hit |= W((w & mask) == mask);
+    }
+    if (!hit) continue;
+    for (size_t i = b; i < end; ++i) {
+      W w;
+      std::memcpy(&w, src + sizeof(W) * i, sizeof(W));
+      if ((w & mask) == mask) return int64_t(i);
     }
   }
   return -1;
+}
+
+}  // namespace
+
+int64_t FirstNonFinite(const uint8_t* src, Dtype dtype, size_t n) {
+  if (dtype == Dtype::kF32) return FirstAllOnes<uint32_t>(src, n, 0x7f800000u);
+  return FirstAllOnes<uint16_t>(src, n, dtype == Dtype::kF16 ? uint16_t(0x7c00u) : uint16_t(0x7f80u));
 }
 
 }  // namespace kvr

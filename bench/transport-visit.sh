@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue #14's transport and preload numbers on the 16-core GPU host, in one
+# visit of about 4 minutes (no network there: node and node_modules carried
+# as for bench/gpu-visit.sh, whose header says how; no npm). From the
+# repository root there:
+#
+#   bash bench/transport-visit.sh [stage ...]   stages: transport cuda preload python (default: all)
+#
+# transport: bench:transport on the CPU backend (comparable with the 2-core
+#   VM's bench/results/transport-vm.md), 300 calls per row in 3 rounds;
+# cuda: the same with the CUDA backend (the issue's batch target is there);
+# preload: bench/preload.js, 2 layers x 262144 tokens (2.1 GB of K/V), 2
+#   rounds, one upload in flight and then two (a layer per connection);
+# python: the Python client's per-call overhead, when python3 has numpy and
+#   msgpack (skipped otherwise).
+# Each stage has its own time limit; the log and every results file written
+# land in $OUT (results/), to commit from the development machine.
+set -o pipefail
+OUT=${OUT:-/tmp/transport-visit}
+mkdir -p "$OUT/results"
+L=$OUT/log.txt
+T0=$(date +%s)
+touch "$OUT/.start"
+stamp() { echo "== $1 $(( $(date +%s) - T0 ))s" | tee -a "$L"; }
+step() { # step <seconds> <label> <command...>
+  local limit=$1 label=$2; shift 2
+  stamp "$label"
+  timeout "$limit" "$@" 2>&1 | tee -a "$L"
+  echo "$label rc=${PIPESTATUS[0]}" | tee -a "$L"
+}
+
+node --version | tee -a "$L"
+nproc | tee -a "$L"
+uptime | tee -a "$L"
+for s in ${*:-transport cuda preload python}; do
+  case $s in
+    transport) step 100 transport env KVRECALL_BENCH_TAG=h200 node dist/bench/transport.js --calls 300 --rounds 3 ;;
+    cuda) step 70 transport-cuda env KVRECALL_BENCH_TAG=h200-cuda KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --calls 300 --rounds 3 ;;
+    preload)
+      step 60 preload env KVRECALL_BENCH_TAG=h200 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --inflight 1
+      step 60 preload-inflight2 env KVRECALL_BENCH_TAG=h200-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --inflight 2 ;;
+    python)
+      if python3 -c 'import numpy, msgpack' 2>/dev/null; then
+        (cd clients/python && step 60 python env KVRECALL_NODE="$(command -v node)" python3 -m kvrecall.bench_transport --serve --out "$OUT/results/transport-python-h200.json")
+      else
+        echo "python: skipped (python3 lacks numpy or msgpack)" | tee -a "$L"
+      fi ;;
+    *) echo "unknown stage $s" | tee -a "$L" ;;
+  esac
+done
+find bench/results -newer "$OUT/.start" -type f -exec cp {} "$OUT/results/" \;
+stamp done
