@@ -31,6 +31,28 @@ void Store(uint8_t* dst, Dtype d, size_t i, float f) {
   std::memcpy(dst + 2 * i, &w, 2);
 }
 
+// Elements [i, end), 8 at a time where F16C does it in one instruction (f16
+// <-> f32, the decode path's q and out: one by one, a 4096-value row took
+// ~4.6 us on the 2-core VM), the rest one by one. The same rounding either
+// way: _mm256_cvtps_ph and _cvtss_sh are one conversion.
+void ConvertRange(const uint8_t* src, Dtype from, uint8_t* dst, Dtype to, size_t i, size_t end) {
+#ifdef KVR_X86_SIMD
+  if (from == Dtype::kF16 && to == Dtype::kF32) {
+    for (; i + 8 <= end; i += 8)
+      _mm256_storeu_ps(reinterpret_cast<float*>(dst + 4 * i), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i))));
+  } else if (from == Dtype::kF32 && to == Dtype::kF16) {
+    for (; i + 8 <= end; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * i), _mm256_cvtps_ph(_mm256_loadu_ps(reinterpret_cast<const float*>(src + 4 * i)), _MM_FROUND_TO_NEAREST_INT));
+  } else if (from == Dtype::kBf16 && to == Dtype::kF32) {
+    for (; i + 8 <= end; i += 8) {
+      __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i)));
+      _mm256_storeu_ps(reinterpret_cast<float*>(dst + 4 * i), _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+    }
+  }
+#endif
+  for (; i < end; ++i) Store(dst, to, i, Load(src, from, i));
+}
+
 }  // namespace
 
 void Convert(const uint8_t* src, Dtype from, uint8_t* dst, Dtype to, size_t n) {
@@ -39,10 +61,7 @@ void Convert(const uint8_t* src, Dtype from, uint8_t* dst, Dtype to, size_t n) {
     return;
   }
   size_t chunks = (n + kChunk - 1) / kChunk;
-  ThreadPool::Get().ParallelFor(chunks, [&](size_t c) {
-    size_t end = std::min(n, (c + 1) * kChunk);
-    for (size_t i = c * kChunk; i < end; ++i) Store(dst, to, i, Load(src, from, i));
-  });
+  ThreadPool::Get().ParallelFor(chunks, [&](size_t c) { ConvertRange(src, from, dst, to, c * kChunk, std::min(n, (c + 1) * kChunk)); });
 }
 
 namespace {
