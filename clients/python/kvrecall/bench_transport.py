@@ -12,7 +12,13 @@ Rows (interleaved call by call, so drift hits all alike):
 - http attend: `Client.attend` (`POST /v1/sessions/:sid/attend`);
 - http batch(1): `Client.attend_batch` with one step (`POST /v1/attend`);
 - stream attend: `Stream.attend` (one WebSocket frame each way);
-- stream batch(1): `Stream.attend_batch` with one step.
+- stream batch(1): `Stream.attend_batch` with one step;
+- http attend f16, stream attend f16: as above with q sent as float16 and
+  out asked for in f16 (`out_dtype`), as the transformers adapter does for
+  a 16-bit model: half the tensor bytes;
+- stream batch(32) f16: one `Stream.attend_batch` of 32 sessions' steps
+  (q and out in f16), the overhead of the whole call (wall - the batch's
+  server ms).
 
 Each attend is a decode step as the transformers adapter sends it: q
 [qHeads, d] f32 and the new token's k, v [kvHeads, d] f16 with its
@@ -103,8 +109,10 @@ def run(
     ks = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
     vs = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
 
-    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)"]
+    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "stream batch(32) f16"]
     sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names[1:]}
+    batch32 = [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)]
+    q16s = qs.astype(np.float16)
     health = _Health(url, token)
     stream = kv.open_stream()
     wall: Dict[str, List[float]] = {name: [] for name in names}
@@ -120,6 +128,16 @@ def run(
             health()
             return 0.0
         sid = sessions[name]
+        if name == "http attend f16":
+            return kv.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
+        if name == "stream attend f16":
+            return stream.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
+        if name == "stream batch(32) f16":
+            rs = stream.attend_batch(0, [{"session": b, "q": q16s[i], "k": ks[i], "v": vs[i], "position": i, "out_dtype": "f16"} for b in batch32])
+            for r in rs:
+                if not hasattr(r, "stats"):
+                    raise r
+            return rs.ms
         if name == "http attend":
             return kv.attend(sid, 0, **step(i)).stats["ms"]
         if name == "stream attend":
@@ -150,7 +168,7 @@ def run(
     finally:
         stream.close()
         health.conn.close()
-        for sid in sessions.values():
+        for sid in [*sessions.values(), *batch32]:
             kv.delete_session(sid)
         kv.delete_document(doc)
         kv.close()

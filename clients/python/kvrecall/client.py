@@ -267,8 +267,18 @@ def attend_result(r: Dict[str, Any]) -> AttendResult:
     return result
 
 
-def batch_results(results: List[Dict[str, Any]]) -> List[BatchResult]:
-    return [KvrecallError.from_wire(r["error"]) if "error" in r else attend_result(r) for r in results]
+class BatchResults(list):
+    """A batch's results in order (a list), and `ms`: the server's time for
+    the whole batch (its answer's stats), None if it did not say."""
+
+    ms: Optional[float] = None
+
+
+def batch_results(results: List[Dict[str, Any]], stats: Any = None) -> "BatchResults":
+    out = BatchResults(KvrecallError.from_wire(r["error"]) if "error" in r else attend_result(r) for r in results)
+    if isinstance(stats, dict) and isinstance(stats.get("ms"), (int, float)):
+        out.ms = float(stats["ms"])
+    return out
 
 
 # --- the client ------------------------------------------------------------
@@ -454,20 +464,22 @@ class Client:
         body["layer"] = int(layer)
         return attend_result(self._call("POST", f"/v1/sessions/{_quote(sid)}/attend", body))
 
-    def attend_batch(self, layer: int, steps: Sequence[Dict[str, Any]]) -> List[BatchResult]:
+    def attend_batch(self, layer: int, steps: Sequence[Dict[str, Any]]) -> "BatchResults":
         """One layer of many sessions in one request (`POST /v1/attend`).
 
         steps: dicts {"session": id, "q": ..., and optionally "k", "v",
         "scale", "position", "returns", "dtype", "q_dtype", "out_dtype"} --
         attend's arguments.
-        Returns one entry per step, in order: an AttendResult, or for a step
+        Returns one entry per step, in order (a list whose `ms` is the
+        server's time for the whole batch): an AttendResult, or for a step
         that failed alone (unknown session, wrong shape, wrong position...)
         a KvrecallError instance, returned, not raised; a failed step changes
         nothing. A request that fails whole (no steps, a bad layer, 401)
         raises KvrecallError.
         """
         body = {"layer": int(layer), "steps": [step_body(s) for s in steps]}
-        return batch_results(self._call("POST", "/v1/attend", body)["results"])
+        answer = self._call("POST", "/v1/attend", body)
+        return batch_results(answer["results"], answer.get("stats"))
 
     def open_stream(self, timeout: Optional[float] = None) -> "Stream":
         """A WebSocket stream for decode steps (`GET /v1/stream`, the bearer

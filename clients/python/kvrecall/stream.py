@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import msgpack
 
-from .client import AttendResult, BatchResult, KvrecallError, attend_body, attend_result, batch_results, step_body
+from .client import AttendResult, BatchResult, BatchResults, KvrecallError, attend_body, attend_result, batch_results, step_body
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
 
 __all__ = ["Stream"]
@@ -74,13 +74,14 @@ class Stream:
             raise KvrecallError.from_wire(frame["error"])
         return attend_result(frame)
 
-    def attend_batch(self, layer: int, steps: Sequence[Dict[str, Any]]) -> List[BatchResult]:
+    def attend_batch(self, layer: int, steps: Sequence[Dict[str, Any]]) -> BatchResults:
         """As Client.attend_batch: per step an AttendResult or a KvrecallError
-        instance (returned); a batch that fails whole raises KvrecallError."""
+        instance (returned; the list's `ms` is the server's time for the
+        batch); a batch that fails whole raises KvrecallError."""
         frame = self._request({"layer": int(layer), "steps": [step_body(s) for s in steps]})
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
-        return batch_results(frame["results"])
+        return batch_results(frame["results"], frame.get("stats"))
 
     @property
     def closed(self) -> bool:

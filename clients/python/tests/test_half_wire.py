@@ -106,6 +106,11 @@ class HalfWire(unittest.TestCase):
                         stream.attend(streamed, 0, q16, **half),
                         ok(stream.attend_batch(0, [{"session": stream_batched, "q": q16, **half}])[0]),
                     ]
+                    # A batch's list carries the server's time for the whole batch.
+                    batch_lists = [self.kv.attend_batch(0, [{"session": half_q, "q": q16, "q_dtype": dt}]), stream.attend_batch(0, [{"session": half_q, "q": q16, "q_dtype": dt}])]
+                    for rs in batch_lists:
+                        self.assertIsInstance(rs.ms, float)
+                        self.assertGreaterEqual(rs.ms, ok(rs[0]).stats["ms"])
                     expected = self.rounded(ref.out, dt)
                     for a in answers:
                         self.assertEqual(a.out.dtype, np.float16 if dt == "f16" else np.uint16)
