@@ -18,8 +18,8 @@
 #          differs). CHECK=0 skips it.
 #   bench  bench/model/run.py with $WORKERS workers (default one per 2 cores: a trial's seal keeps ~2 busy), each
 #          with its own server and its model on a GPU (worker w on GPU w mod count). Trials start until $MINUTES
-#          (default 6.0) after the bench started; workers still running at $HARD (7.3) are ended, and a trial counts
-#          only once finished. Results $OUT/results/model-<tag>.{md,json}; the workers' states $OUT/work.tar.xz
+#          (default 6.0; 7.0 with CHECK=0) after the bench started; workers still running at $HARD (7.3; 8.2) are
+#          ended, and a trial counts only once finished. Results $OUT/results/model-<tag>.{md,json}; the workers' states $OUT/work.tar.xz
 #          (runs with distinct --first-trial ranges merge here: untar each, run.py --merge dirA,dirB --tag h200).
 # The servers attend on the host backend as on the VM (KVRECALL_GPU_BUDGET=0); KVRECALL_GPU_BUDGET=4294967296
 # gives each its CUDA backend with 4 GiB. Typical: setup 15 s, check 40 s (limit 90), bench 6.0 min of trial
@@ -71,8 +71,7 @@ fi
 stamp bench
 WORK=/tmp/kvrecall-bench-work
 rm -rf "$WORK"
-MINUTES=${MINUTES:-6.0}
-HARD=${HARD:-7.3}
+if [ "${CHECK:-1}" != 0 ]; then MINUTES=${MINUTES:-6.0} HARD=${HARD:-7.3}; else MINUTES=${MINUTES:-7.0} HARD=${HARD:-8.2}; fi
 timeout $(python3 -c "print(int(60 * $HARD) + 30)") python3 bench/model/run.py \
   --lengths 16384 --trials 1000 --workers "${WORKERS:-$(( $(nproc) / 2 ))}" --budget 0.024 ${PICK:-} \
   --methods wave,retrieval-attention,hnsw,topk-blocks,nosa --minutes "$MINUTES" --hard-minutes "$HARD" \
@@ -80,7 +79,7 @@ timeout $(python3 -c "print(int(60 * $HARD) + 30)") python3 bench/model/run.py \
 rc=$?
 grep -v '^|' "$OUT/bench.txt" | grep -v '^$' | tail -30 | tee -a "$L"
 echo "bench rc=$rc" | tee -a "$L"
-if ! ls "$OUT"/results/model-*.json >/dev/null 2>&1 && ls "$WORK"/w*.pkl >/dev/null 2>&1; then
+if ! ls "$OUT"/results/model-*.json >/dev/null 2>&1 && ls "$WORK"/w*.json >/dev/null 2>&1; then
   stamp merge  # the bench was cut short: its workers' saved trials
   python3 bench/model/run.py --merge "$WORK" --out-dir "$OUT/results" --tag h200-partial 2>&1 | tail -3 | tee -a "$L"
 fi

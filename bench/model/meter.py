@@ -40,6 +40,28 @@ class Meter:
         for f in self.LISTS:
             getattr(self, f).extend(getattr(other, f))
 
+    def to_plain(self) -> Dict[str, object]:
+        """JSON-ready (the worker states travel between machines whose numpy versions differ, where pickles of
+        numpy objects do not load)."""
+        d: Dict[str, object] = {f: [float(x) for x in getattr(self, f)] for f in self.SUMS + ("err_max",)}
+        d.update(server_ms=self.server_ms, rtt_ms=self.rtt_ms, token_ms=self.token_ms, kl=self.kl,
+                 logit_diff=self.logit_diff, setup_ms=self.setup_ms, trial_ids=[int(i) for i in self.trial_ids],
+                 tf_argmax=[[int(x) for x in a] for a in self.tf_argmax],
+                 answers=[a.decode("latin-1") for a in self.answers], keys=[k.decode("latin-1") for k in self.keys])
+        return d
+
+    @staticmethod
+    def from_plain(d: Dict[str, object]) -> "Meter":
+        m = Meter(len(d["n"]))
+        for f in Meter.SUMS + ("err_max",):
+            setattr(m, f, np.asarray(d[f], np.float64))
+        for f in ("server_ms", "rtt_ms", "token_ms", "kl", "logit_diff", "setup_ms", "trial_ids"):
+            setattr(m, f, list(d[f]))
+        m.tf_argmax = [np.asarray(a, np.int64) for a in d["tf_argmax"]]
+        m.answers = [a.encode("latin-1") for a in d["answers"]]
+        m.keys = [k.encode("latin-1") for k in d["keys"]]
+        return m
+
     def in_trial_order(self) -> "Meter":
         """The per-trial lists sorted by trial id: every configuration's meter lines up with dense's."""
         order = np.argsort(self.trial_ids, kind="stable")

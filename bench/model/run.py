@@ -42,8 +42,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import pickle
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -76,7 +76,7 @@ import heldout  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from meter import Meter  # noqa: E402
 from report import markdown  # noqa: E402
-from trials import configs_for, parse_policy, worker  # noqa: E402
+from trials import configs_for, parse_policy, state_from_plain, worker  # noqa: E402
 
 # The order of the tables; a method the server does not know is left out.
 METHOD_ORDER = ["exact", "wave", "hnsw", "ivf", "retrieval-attention", "squeezed", "squeezed-2l", "infiniretri",
@@ -102,7 +102,7 @@ def default_tag(m: Dict[str, object]) -> str:
 
 
 def load_states(works: List[Path]) -> List[Dict[str, object]]:
-    states = [pickle.loads(p.read_bytes()) for w in works for p in sorted(w.glob("w*.pkl"))]
+    states = [state_from_plain(json.loads(p.read_text())) for w in works for p in sorted(w.glob("w*.json"))]
     if not states:
         raise SystemExit(f"no worker states in {', '.join(map(str, works))}")
     return states
@@ -194,16 +194,30 @@ def run_workers(a, lengths: List[int], configs, doc_methods: List[str], work: Pa
     counters = [ctx.Value("i", 0, lock=False) for _ in lengths]
     procs = [ctx.Process(target=worker, args=(w, a, lengths, deadlines, counters, lock, configs, doc_methods, str(work)))
              for w in range(a.workers)]
-    for p in procs:
-        p.start()
-    hard = t_start + 60 * a.hard_minutes if a.hard_minutes > 0 else float("inf")
-    for p in procs:
-        p.join(max(0.0, hard - time.time()) if hard < float("inf") else None)
-    for p in procs:
-        if p.is_alive():
-            print(f"worker pid {p.pid} still running at --hard-minutes: ended", flush=True)
-            p.terminate()
-            p.join(10)
+    def end(why: str) -> None:
+        for p in procs:
+            if p.is_alive():
+                print(f"worker pid {p.pid} still running {why}: ended with its server", flush=True)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # the worker made its own group (trials.worker)
+                except ProcessLookupError:
+                    pass
+                p.join(5)
+
+    def on_term(*_) -> None:  # `timeout` ended this run: the workers' groups are not this one's
+        end("when the run was ended")
+        sys.exit(143)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for p in procs:
+            p.start()
+        hard = t_start + 60 * a.hard_minutes if a.hard_minutes > 0 else float("inf")
+        for p in procs:
+            p.join(max(0.0, hard - time.time()) if hard < float("inf") else None)
+        end("at --hard-minutes")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_wall(states: List[Dict[str, object]]) -> float:
@@ -340,7 +354,7 @@ def main() -> None:
         print(f"{len(configs)} configurations: {', '.join(c.label for c in configs)}; {a.workers} worker(s)", flush=True)
         work = Path(a.work or tempfile.mkdtemp(prefix="kvrecall-bench-model-"))
         work.mkdir(parents=True, exist_ok=True)
-        for old in work.glob("w*.pkl"):
+        for old in work.glob("w*.json"):
             old.unlink()
         lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
         run_workers(a, lengths, configs, doc_methods, work, t_start)

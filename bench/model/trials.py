@@ -6,18 +6,18 @@ float64 reference (numpy, or torch on the GPU); several workers run trials in pa
 where one trial leaves most cores idle (hnsw's index build at seal runs on the server's event loop). Trial i of a
 length draws from its own random stream (kvdecode.trial_rng), so the trials do not depend on the worker count.
 After every trial a worker writes its state (per length: every configuration's Meter, the local dense meter,
-timings, log) to <work>/w<id>.pkl, so a run cut short still reports what it finished (run.py --merge).
+timings, log) to <work>/w<id>.json, so a run cut short still reports what it finished (run.py --merge).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
+import json
 import sys
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -172,6 +172,28 @@ def run_trial(a, client, model, text: bytes, length: int, trial_i: int, configs:
     log("; ".join(line))
 
 
+def state_to_plain(state: Dict[str, object]) -> Dict[str, object]:
+    """A worker's state as JSON values (numpy-free: it is read back on machines with other numpy versions)."""
+    out = {k: v for k, v in state.items() if k not in ("lengths", "configs")}
+    out["configs"] = [asdict(c) for c in state["configs"]]
+    out["lengths"] = {str(length): {**{k: v for k, v in ls.items() if k not in ("meters", "local")},
+                                    "meters": {label: m.to_plain() for label, m in ls["meters"].items()},
+                                    "local": ls["local"].to_plain()}
+                      for length, ls in state["lengths"].items()}
+    return out
+
+
+def state_from_plain(d: Dict[str, object]) -> Dict[str, object]:
+    state = {k: v for k, v in d.items() if k not in ("lengths", "configs")}
+    state["configs"] = [Config(c["label"], c["method"], c["estimate"], [tuple(p) for p in c["plan"]] if c["plan"] else None)
+                        for c in d["configs"]]
+    state["lengths"] = {int(length): {**{k: v for k, v in ls.items() if k not in ("meters", "local")},
+                                      "meters": {label: Meter.from_plain(m) for label, m in ls["meters"].items()},
+                                      "local": Meter.from_plain(ls["local"])}
+                        for length, ls in d["lengths"].items()}
+    return state
+
+
 def held_class(model, which: str):
     """The float64 reference: numpy's Held, or TorchHeld on the model's device when it has one."""
     device = getattr(model, "device", "cpu")
@@ -185,20 +207,21 @@ def held_class(model, which: str):
 def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lock, configs: List[Config],
            doc_methods: List[str], work: str) -> None:
     """Runs trials (the next index of a length from the shared counters) until each length's trials are taken or
-    its deadline passed (its first trial always runs); writes its state to <work>/w<wid>.pkl after every trial."""
-    import signal
-
+    its deadline passed (its first trial always runs); writes its state to <work>/w<wid>.json after every trial."""
     import heldout
     import torch_model
 
-    # Ended at --hard-minutes (SIGTERM): unwind, so that the finally below saves the state and stops the server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if a.workers > 1:
+        # Its own process group, with its server: ended at --hard-minutes, the group is killed whole (a signal
+        # handler would not run before the blocking call it interrupts returns: a seal can take a minute). The
+        # state saved after the last finished trial stands.
+        os.setpgrp()
 
     def log(s: str) -> None:
         print(s, flush=True)
 
     tag = f"w{wid} " if a.workers > 1 else ""
-    out = Path(work) / f"w{wid}.pkl"
+    out = Path(work) / f"w{wid}.json"
     state: Dict[str, object] = dict(worker=wid, lengths={}, error=None, model="", held="", args=vars(a),
                                     configs=configs, doc_methods=doc_methods)
     server = None
@@ -206,7 +229,7 @@ def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lo
     def save() -> None:
         state["saved_at"] = time.time()
         tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps(state))
+        tmp.write_text(json.dumps(state_to_plain(state)))
         tmp.replace(out)
 
     try:

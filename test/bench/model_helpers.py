@@ -2,7 +2,8 @@
 the numbers one sequential run would. Run by test/bench/model-helpers.test.ts (python3 -m unittest).
 
 - Meter.merge + in_trial_order: per-trial meters merged from workers in any order summarise exactly as one meter
-  that saw the trials in index order (sums, maxima, per-trial lists lined up with dense's);
+  that saw the trials in index order (sums, maxima, per-trial lists lined up with dense's); a meter's JSON form
+  (the worker states' format) summarises as the meter;
 - merge_states refuses two states holding the same trial (runs merged without distinct --first-trial ranges);
 - the packed held-out corpus (pack.py's format, KVRECALL_HELDOUT_PACK) is the same bytes as the folder's;
 - TorchHeld (the float64 reference on a torch device) measures what Held measures, when torch is installed.
@@ -98,6 +99,17 @@ class MeterMerge(unittest.TestCase):
         for key, val in seq["latency"].items():
             self.assertAlmostEqual(val, par["latency"][key], places=12, msg=key)
         self.assertEqual(seq["agreement_steps"], 36)
+
+    def test_a_meter_survives_its_json_form(self):
+        # Worker states travel as JSON (numpy-free) between the GPU machine and this one.
+        import json
+
+        dense, mine = trial_meter(0, 0), trial_meter(0, 3)
+        for t in (1, 2):
+            dense.merge(trial_meter(t, 0)), mine.merge(trial_meter(t, 3))
+        back = Meter.from_plain(json.loads(json.dumps(mine.to_plain())))
+        dense_back = Meter.from_plain(json.loads(json.dumps(dense.to_plain())))
+        self.assertEqual(json.dumps(mine.summary(dense)), json.dumps(back.summary(dense_back)))
 
     def test_answers_line_up_with_dense_by_trial(self):
         # The same trials as dense's (label 0), merged in another worker order: without in_trial_order one worker's
