@@ -43,6 +43,7 @@ import msgpack
 import numpy as np
 
 from ._http import _HTTPSConnection, _RawHTTPConnection
+from .tensors import decode_tensor, from_bf16_bits, tensor, to_bf16_bits  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -60,16 +61,6 @@ __all__ = [
 ]
 
 MSGPACK = "application/msgpack"
-
-# Wire dtype -> numpy dtype of the array `decode_tensor` returns. bf16 has no
-# numpy dtype: it travels and comes back as uint16 bit patterns.
-_NUMPY_OF_WIRE = {
-    "f16": np.dtype("<f2"),
-    "bf16": np.dtype("<u2"),
-    "f32": np.dtype("<f4"),
-    "i32": np.dtype("<i4"),
-}
-
 
 class KvrecallError(Exception):
     """An error answer from the server: HTTP status, error code and message.
@@ -104,85 +95,6 @@ STATUS_OF_CODE = {
     "over_budget": 503,
     "unavailable": 503,
 }
-
-
-# --- bf16 ------------------------------------------------------------------
-
-
-def to_bf16_bits(x: Any) -> np.ndarray:
-    """float values -> bf16 bit patterns (uint16), rounding to nearest even.
-
-    NaN stays NaN (quiet); overflow rounds to +-inf as IEEE rounding does.
-    """
-    a = np.asarray(x, dtype=np.float32)
-    flat = np.ascontiguousarray(a).reshape(-1)
-    bits = flat.view(np.uint32).astype(np.uint64)  # room for the carry
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(flat)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16).astype(np.uint16)) | np.uint16(0x0040)
-    return rounded.reshape(a.shape)
-
-
-def from_bf16_bits(bits: Any) -> np.ndarray:
-    """bf16 bit patterns (uint16) -> float32 values (exact)."""
-    b = np.asarray(bits, dtype=np.uint16)
-    wide = np.left_shift(b.reshape(-1).astype(np.uint32), np.uint32(16))
-    return wide.view(np.float32).reshape(b.shape)
-
-
-# --- tensors ---------------------------------------------------------------
-
-
-def tensor(array: Any, dtype: Optional[str] = None) -> Dict[str, Any]:
-    """A wire tensor {dtype, shape, data} from a numpy array (or anything
-    np.asarray takes).
-
-    dtype None: taken from the array (float16 -> f16, float32 -> f32,
-    int32 -> i32; float64 is sent as f32). dtype "f16" or "f32" converts
-    floats. dtype "bf16" takes either float values (rounded to nearest even)
-    or uint16 bit patterns; a uint16 array also passes as "f16" bits.
-    """
-    if isinstance(array, dict) and {"dtype", "shape", "data"} <= set(array):
-        return array  # already a wire tensor
-    a = np.asarray(array)
-    kind, size = a.dtype.kind, a.dtype.itemsize
-    if dtype is None:
-        if kind == "f" and size == 2:
-            dtype = "f16"
-        elif kind == "f" and size in (4, 8):
-            dtype = "f32"
-        elif kind == "i" and size == 4:
-            dtype = "i32"
-        else:
-            raise TypeError(f"cannot infer a wire dtype for numpy dtype {a.dtype}; pass dtype=")
-    bits = kind == "u" and size == 2  # uint16 bit patterns
-    if dtype == "bf16":
-        data = a if bits else to_bf16_bits(a)
-    elif dtype == "f16":
-        data = a if bits else a.astype(np.float16, copy=False)
-    elif dtype == "f32":
-        data = a.astype(np.float32, copy=False)
-    elif dtype == "i32":
-        data = a.astype(np.int32, copy=False)
-    else:
-        raise ValueError(f'dtype must be "f16", "bf16", "f32" or "i32", got {dtype!r}')
-    data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"), copy=False))
-    return {"dtype": dtype, "shape": [int(s) for s in data.shape], "data": data.tobytes()}
-
-
-def decode_tensor(t: Dict[str, Any]) -> np.ndarray:
-    """A wire tensor -> numpy array of its shape (bf16 as uint16 bit patterns)."""
-    dt = _NUMPY_OF_WIRE.get(t["dtype"])
-    if dt is None:
-        raise ValueError(f"unknown wire dtype {t['dtype']!r}")
-    data = t["data"]
-    if isinstance(data, str):  # JSON replies carry base64
-        import base64
-
-        data = base64.b64decode(data)
-    a = np.frombuffer(data, dtype=dt).reshape([int(s) for s in t["shape"]])
-    return a.astype(dt.newbyteorder("="), copy=True)
 
 
 def model_shape(
