@@ -69,6 +69,27 @@ def check_held(model, trial, device: str) -> float:
     return worst
 
 
+def markdown(res: dict, models: dict) -> str:
+    from machine import cpu_name
+
+    out = ["# bench:model backends: numpy vs torch vs transformers (bench/model/check_backends.py)", "",
+           f"One pass-key context per length (seed 0, trial 0), prefilled by each backend and decoded teacher-forced "
+           f"and greedily with dense float64 attention over its own f16 K/V; against numpy's. Device {res['device']} "
+           f"({cpu_name()}); " + "; ".join(f"{n}: {m.name}" for n, m in models.items() if m is not None) + ".", "",
+           "| length | backend | prefill s | Q max rel. diff | K f16 flipped | logits max abs diff | argmax agreement "
+           "| pass key (numpy's) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for length, row in res["lengths"].items():
+        out.append(f"| {length} | numpy | {row['numpy_prefill_s']:.2f} | | | | | |")
+        for name in models:
+            c = row.get(name)
+            if c:
+                out.append(f"| {length} | {name} | {c['prefill_s']:.2f} | {c['q_rel']:.1e} | {100 * c['k16_flipped']:.2f}% | "
+                           f"{c['logits_max_abs']:.4f} | {c['agreement']:.3f} | {c['answer']} ({c['numpy_answer']}) |")
+        out.append(f"| {length} | torch float64 reference vs numpy's | | | | {row['held_max_diff']:.1e} | | |")
+    out += ["", "Failures: " + ("; ".join(res["failures"]) or "none"), ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,16384")
@@ -76,7 +97,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", default="torch,transformers")
     ap.add_argument("--device", default="")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="", help="JSON results")
+    ap.add_argument("--md", default="", help="a markdown table of the results")
     a = ap.parse_args()
     device = a.device or torch_model.default_device()
     text = heldout.corpus(a.seed)
@@ -117,6 +139,9 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(markdown(res, models))
     sys.exit(1 if res["failures"] else 0)
 
 

@@ -9,13 +9,14 @@
 #   .device/node.xz  .device/node_modules.tar.xz  .device/model  dist  build/Release/kvrecall.node
 # There:  bash bench/model/device.sh [run.py flags, appended to the defaults below: the last of a flag wins]
 #   e.g.  CHECK=0 bash bench/model/device.sh --first-trial 500 --tag h200-b       # more 16K trials, to merge
-#         WORKERS=60 bash bench/model/device.sh --lengths 8192,16384,32768 --trials 120 --shares 0.15,0.3,0.55
+#         CHECK=0 bash bench/model/device.sh --lengths 32768 --tag h200-32k                # 32K
+#         (x8, 128 cores) bash bench/model/device.sh --lengths 16384,32768 --trials 110 --shares 0.3,0.7 --tag h200x8
 #
 # Stages, each under its own time limit (so one hang cannot eat the command), everything under $OUT:
 #   check  bench/model/check_backends.py at 2K and 8K bytes: numpy vs torch vs transformers, and the float64
-#          reference numpy vs torch ($OUT/check-backends.json). When transformers is out of tolerance (or does
-#          not load) and torch within, the bench runs --backend torch (and --held numpy if the torch reference
-#          differs). CHECK=0 skips it.
+#          reference numpy vs torch ($OUT/results/model-backends-h200.{json,md}). When transformers is out of
+#          tolerance (or does not load) and torch within, the bench runs --backend torch (and --held numpy if
+#          the torch reference differs). CHECK=0 skips it.
 #   bench  bench/model/run.py with $WORKERS workers (default one per 2 cores: a trial's seal keeps ~2 busy), each
 #          with its own server and its model on a GPU (worker w on GPU w mod count). Trials start until $MINUTES
 #          (default 6.0; 7.0 with CHECK=0) after the bench started; workers still running at $HARD (7.3; 8.2) are
@@ -55,9 +56,9 @@ export KVRECALL_GPU_BUDGET=${KVRECALL_GPU_BUDGET:-0}
 
 if [ "${CHECK:-1}" != 0 ]; then
   stamp check
-  timeout 90 python3 bench/model/check_backends.py --lengths 2048,8192 --out "$OUT/check-backends.json" 2>&1 | tee -a "$L"
+  timeout 90 python3 bench/model/check_backends.py --lengths 2048,8192 --out "$OUT/results/model-backends-h200.json" --md "$OUT/results/model-backends-h200.md" 2>&1 | tee -a "$L"
   echo "check rc=${PIPESTATUS[0]}" | tee -a "$L"
-  PICK=$(python3 - "$OUT/check-backends.json" <<'PY' 2>/dev/null
+  PICK=$(python3 - "$OUT/results/model-backends-h200.json" <<'PY' 2>/dev/null
 import json, sys
 f = json.load(open(sys.argv[1]))["failures"]
 bad = lambda name: any(x.startswith(name) or f" {name}:" in x for x in f)  # noqa: E731
@@ -79,7 +80,7 @@ timeout $(python3 -c "print(int(60 * $HARD) + 30)") python3 bench/model/run.py \
 rc=$?
 grep -v '^|' "$OUT/bench.txt" | grep -v '^$' | tail -30 | tee -a "$L"
 echo "bench rc=$rc" | tee -a "$L"
-if ! ls "$OUT"/results/model-*.json >/dev/null 2>&1 && ls "$WORK"/w*.json >/dev/null 2>&1; then
+if [ "$rc" != 0 ] && ls "$WORK"/w*.json >/dev/null 2>&1; then
   stamp merge  # the bench was cut short: its workers' saved trials
   python3 bench/model/run.py --merge "$WORK" --out-dir "$OUT/results" --tag h200-partial 2>&1 | tail -3 | tee -a "$L"
 fi
