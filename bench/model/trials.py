@@ -206,8 +206,8 @@ def held_class(model, which: str):
 
 def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lock, configs: List[Config],
            doc_methods: List[str], work: str) -> None:
-    """Runs trials (the next index of a length from the shared counters) until each length's trials are taken or
-    its deadline passed (its first trial always runs); writes its state to <work>/w<wid>.json after every trial."""
+    """Runs trials (the next index of a length from the shared counters) until each length's trials are taken, its
+    deadline passed or the next would not finish before --hard-minutes (its first trial always runs); writes its state to <work>/w<wid>.json after every trial."""
     import heldout
     import torch_model
 
@@ -250,12 +250,18 @@ def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lo
         state["held"] = "numpy" if held_cls is Held else f"torch float64 on {model.device}"
         state["health"] = client.health()
         text = heldout.corpus(a.seed)
+        hard = a.run_start + 60 * a.hard_minutes if a.hard_minutes > 0 else float("inf")
+        prev = None  # (length, its last trial's seconds) of this worker: a first guess at the next length's
         for li, length in enumerate(lengths):
             st = state["lengths"].setdefault(length, new_length_state(configs, model.cfg.n_layers))
             while True:
+                # A trial that could not finish before --hard-minutes (its length's last one here took that long,
+                # with 10% to spare) is not started: ended there, its work would count for nothing.
+                last = 1.1 * st["trial_s"][-1] if st["trial_s"] else (1.1 * prev[1] * length / prev[0] if prev else 0.0)
+                late = time.time() > deadlines[li] or time.time() + last > hard
                 with lock:
                     i = a.first_trial + counters[li].value
-                    if i >= a.first_trial + a.trials or (i > a.first_trial and time.time() > deadlines[li]):
+                    if i >= a.first_trial + a.trials or (i > a.first_trial and late):
                         break
                     counters[li].value += 1
                 try:
@@ -267,6 +273,8 @@ def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lo
                     if len(errors) >= 3:
                         raise
                 save()
+            if st["trial_s"]:
+                prev = (length, st["trial_s"][-1])
     except BaseException as e:  # noqa: BLE001 -- reported in the results, the other workers go on
         state["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         log(f"{tag}failed: {state['error']}")
