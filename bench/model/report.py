@@ -47,7 +47,8 @@ def markdown(res: Dict[str, object]) -> str:
            f"- {p.get('workers', 1)} worker(s) running trials in parallel"
            f"{', each with its own server (latencies are under that load)' if p.get('workers', 1) > 1 else ''}"
            f"{runs}; wall time "
-           f"{res['wall_s']:.0f} s; load average at the end {res['load_average'][0]:.1f} (other jobs may share the cores), "
+           f"{res['wall_s']:.0f} s; load average at the last save {res['load_average'][0]:.1f} (other jobs may share the "
+           f"cores), "
            f"{res['date']}", ""]
     out += [f"- error: {e.splitlines()[0]}" for e in res.get("errors", [])] + ([""] if res.get("errors") else [])
     for r in res["lengths"]:

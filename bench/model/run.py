@@ -248,8 +248,11 @@ def report(a, configs, doc_methods: List[str], states: List[Dict[str, object]], 
                            or os.environ.get("KVRECALL_HELDOUT_DIR", heldout.DEFAULT_DIR),
                            model=next((s["model"] for s in states if s.get("model")), ""),
                            reference=next((s["held"] for s in states if s.get("held")), "")),
-               lengths=lengths, errors=errors, wall_s=run_wall(states), runs=len({s["args"]["run_start"] for s in states}), load_average=list(os.getloadavg()),
-               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+               lengths=lengths, errors=errors, wall_s=run_wall(states), runs=len({s["args"]["run_start"] for s in states}),
+               # as the workers last saw them (a merge may run later, elsewhere)
+               load_average=[max(s.get("load_at_save") or max((ls["loads"][-1] for ls in s["lengths"].values() if ls["loads"]),
+                                                              default=0.0) for s in states)],
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(s.get("saved_at", time.time()) for s in states))))
     md = markdown(res)
     print(md)
     for e in errors:

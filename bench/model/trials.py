@@ -228,6 +228,7 @@ def worker(wid: int, a, lengths: List[int], deadlines: List[float], counters, lo
 
     def save() -> None:
         state["saved_at"] = time.time()
+        state["load_at_save"] = os.getloadavg()[0]
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(state_to_plain(state)))
         tmp.replace(out)
