@@ -22,7 +22,7 @@
 #          $HARD minutes (7.3; 8.2 with CHECK=0) after the bench started are ended, and a trial counts only once
 #          finished, so a worker starts no trial that its previous one's time (+10%) says would end later; nor
 #          after $MINUTES (default $HARD; --shares splits it over --lengths). Results
-#          $OUT/results/model-<tag>.{md,json}; the workers' states $OUT/work.tar.xz
+#          $OUT/results/model-<tag>.{md,json,svg}; the workers' states $OUT/work.tar.xz
 #          (runs with distinct --first-trial ranges merge here: untar each, run.py --merge dirA,dirB --tag h200).
 # The servers attend on the host backend as on the VM (KVRECALL_GPU_BUDGET=0); KVRECALL_GPU_BUDGET=4294967296
 # gives each its CUDA backend with 4 GiB. Typical: setup 15 s, check 40 s (limit 90), bench up to 7.3 min + the
@@ -87,6 +87,9 @@ if [ "$rc" != 0 ] && ls "$WORK"/w*.json >/dev/null 2>&1; then
   stamp merge  # the bench was cut short: its workers' saved trials
   python3 bench/model/run.py --merge "$WORK" --out-dir "$OUT/results" --tag h200-partial 2>&1 | tail -3 | tee -a "$L"
 fi
+for f in "$OUT"/results/model-*.json; do
+  case $f in *model-backends-*) ;; *) python3 bench/model/chart.py "$f" 2>&1 | tee -a "$L" ;; esac
+done
 [ -d "$WORK" ] && tar -cJf "$OUT/work.tar.xz" -C "$WORK" . 2>/dev/null
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>&1 | tee -a "$L"
 stamp done
