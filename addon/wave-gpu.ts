@@ -67,8 +67,22 @@ export interface WaveGpuStepArgs {
   ranking: WaveGpuRanking;
   /** Rows attended exactly besides the selection (sinks, window), for every kv head; segment rows. */
   exact?: Int32Array;
+  /**
+   * Rows dropped from the kept ids (at most two [lo, hi) ranges: the sinks and
+   * window the step attends through `exact` anyway), and per kv head the ids
+   * kept at most after that (default: budget): as staticPlusRetrieved keeps
+   * a search's ids.
+   */
+  skip?: [number, number][];
+  keep?: number[];
   /** Default true. */
   estimate?: boolean;
+  /**
+   * Default false. The kept rows and `exact` (a row listed twice once)
+   * attended exactly from the store's K and V and merged with the estimate:
+   * out/lse are then the attention over the whole segment.
+   */
+  attend?: boolean;
   /** With 'spread': a partly attended cluster's remaining rows by their own logits ('rows', the default) or their moments. */
   rest?: 'rows' | 'moments';
 }
@@ -78,14 +92,14 @@ export interface WaveGpuStepResult {
   ids: Int32Array[];
   /** Per kv head: clusters + members scored (searchHeads' `scanned`). */
   scanned: number[];
-  /** [qHeads, headDim] and [qHeads]: the estimate, -Infinity where nothing is estimated. */
+  /** [qHeads, headDim] and [qHeads]: the estimate (with attend, merged with the exact rows' attention), -Infinity where empty. */
   out: Float32Array;
   lse: Float32Array;
   /** Per kv head: tokens the estimate covers. */
   estimated: number[];
   /** The whole step on the device's stream (inputs in to outputs out), CUDA events. */
   ms: number;
-  /** ms per stage: in, score, clusters, rescore, topk, estimate, out. */
+  /** ms per stage: in, score, clusters, rescore, topk, exact, partial, tiles (the estimate's and the attended rows'), merge, out. */
   stages: Record<string, number>;
 }
 
@@ -112,7 +126,10 @@ interface NativeStore {
     target: number[];
     maxClusters: number[];
     exact?: Int32Array;
+    keep?: number[];
+    skip?: number[];
     estimate?: boolean;
+    attend?: boolean;
     rest?: 'rows' | 'moments';
   }): Promise<{ width: number; ids: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number> }>;
   bytes(): WaveGpuBytes;
@@ -165,7 +182,10 @@ export class WaveGpuStore {
       target: a.budget.map((k) => a.probe * k),
       maxClusters: new Array<number>(kvHeads).fill(want),
       exact: a.exact,
+      keep: a.keep,
+      skip: a.skip?.flat(),
       estimate: a.estimate,
+      attend: a.attend,
       rest: a.rest,
     });
     return {

@@ -1,7 +1,7 @@
 // The wave decode step on the GPU (addon/wave-gpu.ts): checks against the
 // host path and a benchmark at 1M tokens (needs a CUDA device).
 //
-//   node dist/bench/wave-gpu.js [--check] [--bench] [--steps N]
+//   node dist/bench/wave-gpu.js [--check] [--bench] [--steps N] [--cluster-size 8]
 //
 // --check runs the comparisons test/native/wave-gpu.test.ts makes, without
 // vitest: on random keys clustered by the real builder (k-means, odd sizes),
@@ -88,8 +88,9 @@ export interface CompareResult {
  * 'radius' the older one (first order).
  */
 export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: Float32Array, G: number, d: number, dt: KvDtype,
-                              scale: number, budget: number[], exact: Int32Array, ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows'): Promise<CompareResult> {
-  const cpu = await ClusterIndex.searchHeads(heads, q, G, budget, ranking);
+                              scale: number, budget: number[], exact: Int32Array, ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows',
+                              attended?: { keys: Uint16Array[]; values: Uint16Array[] }, filter?: KeptFilter): Promise<CompareResult> {
+  const cpu = (await ClusterIndex.searchHeads(heads, q, G, budget, ranking)).map((r, h) => (filter ? { ...r, ids: keptIds(r.ids, filter, h) } : r));
   let idsDiffer = 0, firstDiff: string | undefined;
   heads.forEach((_, h) => {
     const a = Array.from(gpu.ids[h]), b = Array.from(cpu[h].ids);
@@ -104,6 +105,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
   const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius' ? 'first' : rest));
   await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
+  if (attended) mergeAttended(out, lse, q, G, d, dt, scale, heads.map((_, h) => Int32Array.from(new Set([...cpu[h].ids, ...exact]))), attended);
   let outRel = 0, lseRel = 0;
   for (let r = 0; r < qHeads; r++) {
     if (lse[r] === -Infinity || gpu.lse[r] === -Infinity) {
@@ -118,6 +120,56 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const estimatedEqual = heads.every((_, h) => gpu.estimated[h] === estimated[h]);
   const ok = idsDiffer === 0 && scannedEqual && outRel <= TOL.out && lseRel <= TOL.lse && estimatedEqual;
   return { idsDiffer, firstDiff, scannedEqual, outRel, lseRel, estimatedEqual, ok };
+}
+
+/** The GPU step's skip and keep, as staticPlusRetrieved applies them to a search's ids. */
+export interface KeptFilter {
+  skip: [number, number][];
+  keep: number[];
+}
+function keptIds(ids: Int32Array, f: KeptFilter, h: number): Int32Array {
+  const out: number[] = [];
+  for (const id of ids) if (out.length < f.keep[h] && !f.skip.some(([lo, hi]) => id >= lo && id < hi)) out.push(id);
+  return Int32Array.from(out);
+}
+
+/**
+ * Float64 attention of each q head over its kv head's rows (each once),
+ * merged by log-sum-exp into (out, lse): what the GPU step's `attend` adds
+ * to the estimate.
+ */
+function mergeAttended(out: Float32Array, lse: Float32Array, q: Float32Array, G: number, d: number, dt: KvDtype, scale: number,
+                       rows: Int32Array[], kv: { keys: Uint16Array[]; values: Uint16Array[] }): void {
+  const widen = (w: Uint16Array, t: number) => {
+    const f = new Float32Array(d);
+    convert(bytesOf(w.subarray(t * d, (t + 1) * d)), dt, bytesOf(f), 'f32', d);
+    return f;
+  };
+  rows.forEach((ts, h) => {
+    const ks = Array.from(ts, (t) => widen(kv.keys[h], t)), vs = Array.from(ts, (t) => widen(kv.values[h], t));
+    for (let g = 0; g < G; g++) {
+      const r = h * G + g;
+      const logits = ks.map((k) => {
+        let dot = 0;
+        for (let j = 0; j < d; j++) dot += q[r * d + j] * k[j];
+        return scale * dot;
+      });
+      if (!logits.length) continue;
+      const m = Math.max(...logits);
+      let den = 0;
+      const num = new Float64Array(d);
+      logits.forEach((l, i) => {
+        const e = Math.exp(l - m);
+        den += e;
+        for (let j = 0; j < d; j++) num[j] += e * vs[i][j];
+      });
+      const lseA = m + Math.log(den), lseE = lse[r];
+      const all = lseE === -Infinity ? lseA : Math.max(lseA, lseE) + Math.log1p(Math.exp(-Math.abs(lseA - lseE)));
+      const wa = Math.exp(lseA - all), we = lseE === -Infinity ? 0 : Math.exp(lseE - all);
+      for (let j = 0; j < d; j++) out[r * d + j] = (wa * num[j]) / den + we * out[r * d + j];
+      lse[r] = all;
+    }
+  });
 }
 
 export interface WaveCase {
@@ -168,15 +220,21 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
   const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads });
   try {
     const q = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G), exact = staticRows(N, c.sinks, c.window);
-    const run = async (ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows') => {
-      const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact, rest });
-      return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest)), ms: gpu.ms };
+    const kv = { keys: gpuHeads.map((g) => g.keys), values: gpuHeads.map((g) => g.values) };
+    // The layer-step as the engine asks for it: sinks and window attended
+    // through `exact`, so dropped from the kept ids, and the budget less them.
+    const skip: [number, number][] = [[0, Math.min(c.sinks, N)], [Math.max(0, N - c.window), N]];
+    const filter: KeptFilter = { skip, keep: c.budget.map((k) => Math.max(0, k - exact.length)) };
+    const run = async (ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows', attend = false) => {
+      const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact, rest, attend,
+        ...(attend && filter) });
+      return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest, attend ? kv : undefined, attend ? filter : undefined)), ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the
-    // one before left its per-cluster scratch (owner, removed, lead) reset.
+    // one before left its per-cluster scratch (owner, removed) reset.
     const radius = await run('radius');
     const spread = await run('spread');
-    return { radius, spread, 'spread-moments': await run('spread', 'moments') };
+    return { radius, spread, 'spread-moments': await run('spread', 'moments'), 'spread+attend': await run('spread', 'rows', true) };
   } finally {
     store.close();
   }
@@ -284,8 +342,8 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const budgets = new Array<number>(H).fill(budget);
   const keyRow = keyRows(built.map((b) => b.head), d, dt);
   const qs = Array.from({ length: cfg.steps + 5 }, () => queries(rng, keyRow, H, N, d, G));
-  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread') =>
-    store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate });
+  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false) =>
+    store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate, attend });
   for (let i = 0; i < 5; i++) await step(qs[i]);
   const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
@@ -298,10 +356,18 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const msSel: number[] = [], msRadius: number[] = [];
   for (let i = 0; i < cfg.steps; i++) msSel.push((await step(qs[5 + i], false)).ms);
   for (let i = 0; i < cfg.steps; i++) msRadius.push((await step(qs[5 + i], true, 'radius')).ms);
+  const msAttend: number[] = [], attendStages: Record<string, number[]> = {};
+  for (let i = 0; i < cfg.steps; i++) {
+    const r = await step(qs[5 + i], true, 'spread', true);
+    msAttend.push(r.ms);
+    for (const [k, v] of Object.entries(r.stages)) (attendStages[k] ??= []).push(v);
+  }
   // One step against the host's default path, at full size.
   const heads = built.map((b) => new ClusterIndex(b.arrays, b.head.keys, b.head.values));
   const last = await step(qs[5]);
   const check = await compare(heads, last, qs[5], G, d, dt, scale, budgets, exact, 'spread');
+  const kv = { keys: built.map((b) => b.head.keys), values: built.map((b) => b.head.values) };
+  const checkAttend = await compare(heads, await step(qs[5], true, 'spread', true), qs[5], G, d, dt, scale, budgets, exact, 'spread', 'rows', kv);
   const bytes = store.bytes();
   store.close();
   const kvBytes = 2 * H * N * d * 2;
@@ -313,6 +379,8 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     stepMs: { p50: p(ms, 0.5), p90: p(ms, 0.9), p99: p(ms, 0.99), min: Math.min(...ms) },
     selectionOnlyMs: { p50: p(msSel, 0.5), p90: p(msSel, 0.9) },
     radiusRankingMs: { p50: p(msRadius, 0.5), p90: p(msRadius, 0.9) },
+    withAttentionMs: { p50: p(msAttend, 0.5), p90: p(msAttend, 0.9) },
+    withAttentionStagesP50Ms: Object.fromEntries(Object.entries(attendStages).map(([k, v]) => [k, p(v, 0.5)])),
     hostWallMs: { p50: p(wall, 0.5), p90: p(wall, 0.9) },
     stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
     memory: {
@@ -321,6 +389,7 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
       deviceKvHeldBytes: bytes.kv, scratchBytes: bytes.scratch,
     },
     checkAtScale: check,
+    checkAtScaleWithAttention: checkAttend,
     targets: { stepMs: 0.5, summariesPlusPoolShare: 0.2 },
   };
   return result;
@@ -339,12 +408,14 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     '',
     '| measure | p50 ms | p90 ms |',
     '| --- | ---: | ---: |',
-    `| whole call, CUDA events (inputs in → outputs out) | ${f(r.stepMs.p50)} | ${f(r.stepMs.p90)} |`,
+    `| **the layer-step: selection, estimate and the exact rows attended from the device's K/V (attend)** | **${f(r.withAttentionMs.p50)}** | ${f(r.withAttentionMs.p90)} |`,
+    `| selection and estimate (inputs in → outputs out, CUDA events) | ${f(r.stepMs.p50)} | ${f(r.stepMs.p90)} |`,
     `| the same without the estimate (selection only) | ${f(r.selectionOnlyMs.p50)} | ${f(r.selectionOnlyMs.p90)} |`,
     `| the older step: radius ranking, first-order estimate | ${f(r.radiusRankingMs.p50)} | ${f(r.radiusRankingMs.p90)} |`,
     `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
     '',
-    'Stages (p50 ms): ' + Object.entries(r.stagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
+    'Stages (p50 ms) of the layer-step: ' + Object.entries(r.withAttentionStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
+      ' (tiles: the estimate\'s cluster tiles and the attended rows\' tiles).',
     '',
     '| memory | bytes | share of the layer\'s K/V |',
     '| --- | ---: | ---: |',
@@ -356,7 +427,9 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `| per-step scratch | ${mib(m.scratchBytes)} | ${pct(m.scratchBytes / m.layerKvBytes)} |`,
     '',
     `Check at full size against the host's default path (ClusterIndex.searchHeads, ranking 'spread', + estimateClusters, second order): heads with different ids ${r.checkAtScale.idsDiffer}, ` +
-      `out max rel ${r.checkAtScale.outRel.toExponential(1)}, lse max rel ${r.checkAtScale.lseRel.toExponential(1)}, estimated equal ${r.checkAtScale.estimatedEqual}.`,
+      `out max rel ${r.checkAtScale.outRel.toExponential(1)}, lse max rel ${r.checkAtScale.lseRel.toExponential(1)}, estimated equal ${r.checkAtScale.estimatedEqual}; ` +
+      `the layer-step (attend) against the same estimate merged with float64 attention over the same rows: out max rel ${r.checkAtScaleWithAttention.outRel.toExponential(1)}, ` +
+      `lse max rel ${r.checkAtScaleWithAttention.lseRel.toExponential(1)}.`,
     '',
     `Targets (issue #13): a wave step ≤ ${r.targets.stepMs} ms; summaries + pool ≤ ${pct(r.targets.summariesPlusPoolShare)} of K/V.`,
     '',
@@ -382,15 +455,17 @@ async function main() {
     }
   }
   if (all || args.includes('--bench')) {
-    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: 8, budgetShare: 0.02, sinks: 16, window: 64, steps }, console.log);
+    const clusterSize = args.includes('--cluster-size') ? Number(args[args.indexOf('--cluster-size') + 1]) : 8;
+    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps }, console.log);
     const md = markdown(r);
     console.log(JSON.stringify(r, null, 2));
     console.log(md);
     const dirs = ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])];
     for (const dir of dirs) {
       mkdirSync(dir, { recursive: true });
-      writeFileSync(join(dir, 'wave-gpu-h200.json'), JSON.stringify(r, null, 2) + '\n');
-      writeFileSync(join(dir, 'wave-gpu-h200.md'), md);
+      const name = `wave-gpu-h200${clusterSize === 8 ? '' : `-cs${clusterSize}`}`;
+      writeFileSync(join(dir, `${name}.json`), JSON.stringify(r, null, 2) + '\n');
+      writeFileSync(join(dir, `${name}.md`), md);
     }
   }
   process.exit(failed ? 1 : 0);

@@ -7,7 +7,8 @@
 //                            keys, values, clusters}] (kvHeads)})
 //   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
 //          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
-//          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, estimate?,
+//          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, keep?: number[kvHeads], skip?: number[] (flat [lo, hi) pairs, at most two),
+//          estimate?, attend?,
 //          rest?: 'rows' | 'moments' (with 'spread': partly attended clusters' remaining rows by their
 //          own logits, the default, or by their moments)})
 //     -> Promise<{width, ids: Int32Array[kvHeads*width], idCounts: number[], candidates: number[],
@@ -148,7 +149,20 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     a->budget = Ints(o, "budget", size_t(c.kvHeads), 0, big);
     a->target = Ints(o, "target", size_t(c.kvHeads), 0, big);
     a->maxClusters = Ints(o, "maxClusters", size_t(c.kvHeads), 0, big);
+    if (!Absent(o.Get("keep"))) a->keep = Ints(o, "keep", size_t(c.kvHeads), 0, big);
+    if (!Absent(o.Get("skip"))) {
+      // Flat [lo0, hi0, lo1, hi1, ...]: at most two ranges of segment rows.
+      if (!o.Get("skip").IsArray()) throw Napi::TypeError::New(env, "skip must be an array of [lo, hi) pairs, flat");
+      const size_t n = o.Get("skip").As<Napi::Array>().Length();
+      if (n % 2 != 0 || n > 4) throw Napi::RangeError::New(env, "skip must hold at most two [lo, hi) pairs, flat");
+      const std::vector<int64_t> flat = Ints(o, "skip", n, 0, big);
+      for (size_t i = 0; i < n; i += 2) {
+        if (flat[i] > flat[i + 1]) throw Napi::RangeError::New(env, "skip: each range needs lo <= hi");
+        a->skip.emplace_back(flat[i], flat[i + 1]);
+      }
+    }
     a->estimate = Flag(o, "estimate", true);
+    a->attend = Flag(o, "attend", false);
     if (!Absent(o.Get("rest"))) {
       const Napi::Value r = o.Get("rest");
       const std::string rest = r.IsString() ? r.As<Napi::String>().Utf8Value() : "";

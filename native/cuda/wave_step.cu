@@ -50,6 +50,7 @@
 #include "cuda/wave_step.h"
 #include "cuda/wave_step_kernels.cuh"
 #include "cuda/wave_step_estimate.cuh"
+#include "cuda/wave_step_attend.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -104,7 +105,7 @@ struct WaveStore::Impl {
   std::vector<int64_t> clusters, base;
   int64_t ctot = 0, cmax = 0;
   cudaStream_t stream = nullptr;
-  cudaEvent_t ev[8] = {};
+  cudaEvent_t ev[11] = {};
   DevBuf store, fixed, work, in, out;
   HostBuf hin, hout;
   size_t summaryBytes = 0, momentBytes = 0, kvBytes = 0;
@@ -204,11 +205,11 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   std::vector<float> shares(static_cast<size_t>(H));
   for (int h = 0; h < H; ++h) shares[size_t(h)] = heads[h].varianceShare;
   put(p.shares, shares.data(), shares.size() * 4);
-  // Scratch sized by the store: the cluster sort, the owner, removed and lead arrays.
+  // Scratch sized by the store: the cluster sort, the owner and removed arrays.
   Layout F;
   const size_t oK1 = F.Add(size_t(I.ctot) * 8), oK1s = F.Add(size_t(I.ctot) * 8), oV1 = F.Add(size_t(I.ctot) * 4),
                oV1s = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
-               oOwner = F.Add(size_t(H) * N * 4), oRemoved = F.Add(size_t(I.ctot) * 4), oLead = F.Add(size_t(I.ctot) * 4);
+               oOwner = F.Add(size_t(H) * N * 4), oRemoved = F.Add(size_t(I.ctot) * 4);
   I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
   void* X = I.fixed.p;
   p.key1 = Layout::At<uint64_t>(X, oK1);
@@ -219,9 +220,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.cum = Layout::At<int64_t>(X, oCum);
   p.owner = Layout::At<int32_t>(X, oOwner);
   p.removed = Layout::At<int32_t>(X, oRemoved);
-  p.lead = Layout::At<int32_t>(X, oLead);
   Check(cudaMemset(p.owner, 0x7f, size_t(H) * N * 4), "cudaMemset");  // kNoOwner
-  Check(cudaMemset(p.lead, 0x7f, size_t(I.ctot) * 4), "cudaMemset");
   Check(cudaMemset(p.removed, 0, size_t(I.ctot) * 4), "cudaMemset");
   p.N = N;
   p.cmax = I.cmax;
@@ -229,6 +228,12 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.stride = I.stride;
   for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
+  for (auto fn : {AttendPart<false>, AttendPart<true>})
+    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
+  for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
+    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
+  for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>})
+    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
   Check(cudaDeviceSynchronize(), "wave store upload");
 }
 
@@ -258,19 +263,26 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   if (a.budget.size() != size_t(H) || a.target.size() != size_t(H) || a.maxClusters.size() != size_t(H))
     throw std::runtime_error("wave step: budget, target and maxClusters need one entry per kv head");
   if (!a.q || !a.normTerms) throw std::runtime_error("wave step: q and normTerms are needed");
-  std::vector<int64_t> params(size_t(H) * 3);
+  if (!a.keep.empty() && a.keep.size() != size_t(H)) throw std::runtime_error("wave step: keep needs one entry per kv head");
+  if (a.skip.size() > 2) throw std::runtime_error("wave step: at most two skip ranges");
+  std::vector<int64_t> params(size_t(H) * kParams);
   int64_t width = 0, tmax = 0, capMax = 0;
   for (int h = 0; h < H; ++h) {
-    params[h * 3] = std::clamp<int64_t>(a.budget[h], 0, N);
-    params[h * 3 + 1] = std::clamp<int64_t>(a.target[h], 0, N);
-    params[h * 3 + 2] = std::clamp<int64_t>(a.maxClusters[h], 0, I.clusters[h]);
-    width = std::max(width, params[h * 3]);
-    tmax = std::max(tmax, params[h * 3 + 1]);
-    capMax = std::max(capMax, params[h * 3 + 2]);
+    int64_t* ph = params.data() + size_t(h) * kParams;
+    ph[0] = std::clamp<int64_t>(a.budget[h], 0, N);
+    ph[1] = std::clamp<int64_t>(a.target[h], 0, N);
+    ph[2] = std::clamp<int64_t>(a.maxClusters[h], 0, I.clusters[h]);
+    ph[3] = a.keep.empty() ? ph[0] : std::clamp<int64_t>(a.keep[h], 0, ph[0]);
+    width = std::max(width, ph[0]);
+    tmax = std::max(tmax, ph[1]);
+    capMax = std::max(capMax, ph[2]);
   }
   const int64_t E = a.exactCount, rowsMax = width + E;
   if (int64_t(H) * tmax >= (int64_t(1) << 31)) throw std::runtime_error("wave step: too many candidates");
-  const int nMain = int(Cdiv(I.cmax, kTile)), nSub = int(Cdiv(rowsMax, kTile)), parts = nMain + nSub;
+  // Parts MergeEstimate combines: the estimate's cluster tiles and its exact-row
+  // tiles (with a.estimate), then the exact rows attended (with a.attend).
+  const int nMain = a.estimate ? int(Cdiv(I.cmax, kTile)) : 0, nSub = a.estimate ? int(Cdiv(rowsMax, kTile)) : 0,
+            nAtt = a.attend ? int(Cdiv(rowsMax, kTile)) : 0, parts = nMain + nSub + nAtt;
   const int endBit = 32 + (H > 1 ? 32 - __builtin_clz(unsigned(H - 1)) : 0);
   StepParams p = I.p;
   p.group = G;
@@ -283,6 +295,13 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.width = width;
   p.nMain = nMain;
   p.parts = parts;
+  p.attendPart0 = nMain + nSub;
+  for (size_t i = 0; i < 2; ++i) {
+    p.skip[2 * i] = i < a.skip.size() ? a.skip[i].first : 0;
+    p.skip[2 * i + 1] = i < a.skip.size() ? a.skip[i].second : 0;
+  }
+  p.estimateOn = a.estimate;
+  p.attendOn = a.attend;
   // CUB's scratch, for the largest of its three calls.
   size_t t1 = 0, t2 = 0, t3 = 0;
   Check(cub::DeviceRadixSort::SortPairs(nullptr, t1, p.key1, p.key1s, p.val1, p.val1s, int(I.ctot), 0, endBit, I.stream), "cub sizing");
@@ -294,7 +313,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oK2 = W.Add(n2 * 8),
                oK2s = W.Add(n2 * 8), oCand = W.Add(n2 * 4), oV2s = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
                oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
-               oPest = W.Add(size_t(H) * nMain * 8), oTemp = W.Add(std::max({t1, t2, t3, size_t(1)}));
+               oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
+               oTouchedN = W.Add(size_t(H) * 4),
+               oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, t3, size_t(1)}));
   I.work.Need(W.at, "cudaMalloc (wave step)");
   void* X = I.work.p;
   p.logits = Layout::At<float>(X, oLogits);
@@ -307,10 +328,15 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.pden = Layout::At<float>(X, oPden);
   p.pnum = Layout::At<float>(X, oPnum);
   p.pest = Layout::At<int64_t>(X, oPest);
+  p.touched = Layout::At<int32_t>(X, oTouched);
+  p.touchedN = Layout::At<int32_t>(X, oTouchedN);
+  p.keptIds = Layout::At<int32_t>(X, oKeptIds);
+  p.keptN = Layout::At<int64_t>(X, oKeptN);
+  p.rowsMax = rowsMax;
   void* temp = Layout::At<void>(X, oTemp);
   // Inputs: the query rows with their norm term in column d, the per-head numbers, the exact rows.
   Layout In;
-  const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * 24), oExact = In.Add(size_t(E) * 4);
+  const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * kParams * 8), oExact = In.Add(size_t(E) * 4);
   I.in.Need(In.at, "cudaMalloc (wave inputs)");
   I.hin.Need(In.at, "cudaHostAlloc (wave inputs)");
   float* qAug = Layout::At<float>(I.hin.p, oQ);
@@ -345,8 +371,15 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
   Check(cudaEventRecord(I.ev[1], s), "event");
   const dim3 scoreGrid(unsigned(Cdiv(I.cmax, kRowsPerCta)), unsigned(H));
-  if (bf16) ScoreClusters<true><<<scoreGrid, kThreads, qSmem, s>>>(p);
-  else ScoreClusters<false><<<scoreGrid, kThreads, qSmem, s>>>(p);
+  const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
+  const size_t stagedSmem = 2 * qSmem + ScoreTileBytes(d, stride);
+  if (p.spreadMode && stagedSmem <= kStagedSmem) {
+    if (bf16) ScoreClusters<true, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
+    else ScoreClusters<false, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
+  } else {
+    if (bf16) ScoreClusters<true, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
+    else ScoreClusters<false, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
+  }
   Check(cudaEventRecord(I.ev[2], s), "event");
   Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
   Check(cub::DeviceRadixSort::SortPairs(temp, t1, p.key1, p.key1s, p.val1, p.val1s, ctot, 0, endBit, s), "cluster sort");
@@ -366,33 +399,46 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     Check(cub::DeviceRadixSort::SortPairs(temp, t3, p.key2, p.key2s, p.cand, p.val2s, int(n2), 0, endBit, s), "candidate sort");
     if (width > 0) FixTies<<<dim3(unsigned(Cdiv(width, kThreads)), unsigned(H)), kThreads, 0, s>>>(p);
   }
+  FilterKept<<<unsigned(H), kThreads, 0, s>>>(p);
   PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
   Check(cudaEventRecord(I.ev[5], s), "event");
+  const bool merge = a.estimate || a.attend;
+  const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
+  if (merge && rowsMax > 0) {
+    Check(cudaMemsetAsync(p.touchedN, 0, size_t(H) * 4, s), "memset");
+    ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
+    if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
+  }
+  Check(cudaEventRecord(I.ev[6], s), "event");
+  if (a.estimate && rowsMax > 0 && p.spreadMode) {
+    // Enough warps to hide their loads' latency, each striding over the touched list.
+    const dim3 grid(unsigned(std::min<int64_t>(Cdiv(rowsMax, kPartialWarps), 512)), unsigned(H));
+    const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
+    if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
+    else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
+  }
+  Check(cudaEventRecord(I.ev[7], s), "event");
   if (a.estimate) {
-    const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
-    if (rowsMax > 0) {
-      ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
-      ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
-      if (p.spreadMode) {
-        const dim3 grid(unsigned(Cdiv(rowsMax, kPartialWarps)), unsigned(H));
-        const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
-        if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
-        else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
-      }
-    }
     if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
     else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
     if (nSub > 0) {
       if (bf16) EstimatePart<true, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
       else EstimatePart<false, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
     }
-    MergeEstimate<<<unsigned(Q), 128, size_t(parts) * 8, s>>>(p);
+  }
+  if (a.attend && nAtt > 0) {
+    if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+    else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+  }
+  Check(cudaEventRecord(I.ev[8], s), "event");
+  if (merge) {
+    MergeEstimate<<<dim3(unsigned(Q), unsigned(Cdiv(d, 32))), 256, size_t(std::max(parts, 1)) * 8, s>>>(p);
     if (rowsMax > 0) ExactRows<2><<<rowsGrid, kThreads, 0, s>>>(p);
   }
   Check(cudaGetLastError(), "wave step launch");
-  Check(cudaEventRecord(I.ev[6], s), "event");
+  Check(cudaEventRecord(I.ev[9], s), "event");
   Check(cudaMemcpyAsync(I.hout.p, I.out.p, Out.at, cudaMemcpyDeviceToHost, s), "copy out");
-  Check(cudaEventRecord(I.ev[7], s), "event");
+  Check(cudaEventRecord(I.ev[10], s), "event");
   Check(cudaStreamSynchronize(s), "wave step");
 
   WaveStepResult r;
@@ -404,21 +450,22 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     r.idCounts.push_back(counts[h * 2]);
     r.candidates.push_back(counts[h * 2 + 1]);
   }
-  if (a.estimate) {
+  if (merge) {
     const float* o = Layout::At<float>(I.hout.p, oOut);
     const float* l = Layout::At<float>(I.hout.p, oLse);
-    const int64_t* e = Layout::At<int64_t>(I.hout.p, oEst);
     r.out.assign(o, o + size_t(Q) * d);
     r.lse.assign(l, l + Q);
-    for (int h = 0; h < H; ++h) r.estimated.push_back(double(e[h]));
   } else {
     r.out.assign(size_t(Q) * d, 0.f);
     r.lse.assign(size_t(Q), -INFINITY);
-    r.estimated.assign(size_t(H), 0.0);
   }
-  Check(cudaEventElapsedTime(&r.ms, I.ev[0], I.ev[7]), "event time");
-  static const char* const kStages[] = {"in", "score", "clusters", "rescore", "topk", "estimate", "out"};
-  for (int i = 0; i < 7; ++i) {
+  const int64_t* e = Layout::At<int64_t>(I.hout.p, oEst);
+  for (int h = 0; h < H; ++h) r.estimated.push_back(a.estimate ? double(e[h]) : 0.0);
+  Check(cudaEventElapsedTime(&r.ms, I.ev[0], I.ev[10]), "event time");
+  // The estimate's stages: the exact rows counted per cluster, the partly
+  // attended clusters' logits, the cluster tiles, their merge.
+  static const char* const kStages[] = {"in", "score", "clusters", "rescore", "topk", "exact", "partial", "tiles", "merge", "out"};
+  for (int i = 0; i < 10; ++i) {
     float ms = 0;
     Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
     r.stages.emplace_back(kStages[i], ms);

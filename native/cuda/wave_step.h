@@ -78,6 +78,11 @@ struct WaveStepArgs {
   std::vector<int64_t> budget;       // [kvHeads]: tokens kept
   std::vector<int64_t> target;       // [kvHeads]: candidate tokens (probe × budget)
   std::vector<int64_t> maxClusters;  // [kvHeads]: clusters ranked at most
+  // Rows dropped from the kept ids (at most two [lo, hi) ranges: the sinks and
+  // window a caller attends anyway), and ids kept at most per kv head after
+  // that (empty: budget), as index/static-plus-retrieved.ts keeps them.
+  std::vector<std::pair<int64_t, int64_t>> skip;
+  std::vector<int64_t> keep;
   const int32_t* exact = nullptr;    // rows attended exactly besides the selection, every head
   int64_t exactCount = 0;
   bool estimate = true;
@@ -85,6 +90,11 @@ struct WaveStepArgs {
   // logits (estimateArgs 'rows', the engine's default), else by their
   // moments ('moments').
   bool restRows = true;
+  // The retrieval and steady zones (the selection and `exact`, a row listed
+  // twice once) attended exactly from the store's K and V and merged into
+  // out/lse with the estimate (when estimate): the layer's attention over
+  // the whole segment. Else out/lse are the estimate alone.
+  bool attend = false;
 };
 
 struct WaveStepResult {
@@ -92,8 +102,8 @@ struct WaveStepResult {
   std::vector<int32_t> ids;       // [kvHeads, width]: head h's first idCounts[h], best first
   std::vector<int64_t> idCounts;  // [kvHeads]
   std::vector<int64_t> candidates;// [kvHeads]: members rescored
-  std::vector<float> out;         // [qHeads, headDim] (estimate)
-  std::vector<float> lse;         // [qHeads]; -inf where nothing is estimated
+  std::vector<float> out;         // [qHeads, headDim]: the estimate, or with attend the whole attention
+  std::vector<float> lse;         // [qHeads]; -inf where nothing is estimated (or attended)
   std::vector<double> estimated;  // [kvHeads]: tokens the estimate covers
   float ms = 0;                   // the whole step on the stream (inputs in to outputs out), CUDA events
   std::vector<std::pair<std::string, float>> stages;  // ms per stage, in order

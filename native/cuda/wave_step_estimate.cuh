@@ -9,8 +9,9 @@ namespace cuda {
 namespace {
 
 // kMode 0: owner[t] = the first position listing t; 1: that position counts
-// its row against its cluster, and lead[c] = the first such position of the
-// cluster; 2: all undone for the next step.
+// its row against its cluster, and the first to count a cluster lists it in
+// touched (the clusters PartialLogits looks at, in no particular order: each
+// is worked on its own); 2: all undone for the next step.
 template <int kMode>
 __global__ void ExactRows(StepParams p) {
   const int h = blockIdx.y;
@@ -18,45 +19,49 @@ __global__ void ExactRows(StepParams p) {
   if (j >= kept + p.exactCount) return;
   const int32_t t = ExactRow(p, h, j, kept);
   int32_t* owner = p.owner + size_t(h) * p.N + t;
-  const int64_t c = p.base[h] + p.tokCl[size_t(h) * p.N + t];
+  const int32_t cl = p.tokCl[size_t(h) * p.N + t];
+  const int64_t c = p.base[h] + cl;
   if (kMode == 0) atomicMin(owner, int32_t(j));
-  if (kMode == 1 && *owner == int32_t(j)) {
-    atomicAdd(p.removed + c, 1);
-    atomicMin(p.lead + c, int32_t(j));
-  }
+  if (kMode == 1 && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0)
+    p.touched[size_t(h) * p.rowsMax + atomicAdd(p.touchedN + h, 1)] = cl;
   if (kMode == 2) {
     *owner = kNoOwner;
     p.removed[c] = 0;
-    p.lead[c] = kNoOwner;
   }
 }
+template <bool kBf16>
+__device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t cl, float* rest, int lane);
 
-// The second-order logits of the partly attended clusters (0 < removed < n),
-// per q head, over the ones ScoreClusters wrote: with restRows from the rows
-// the cluster has left, each by its own logit; else from the moments of the rows
-// the cluster has left, as native/kernels/cluster_estimate.cc's Rest computes
-// them (float64, the exact rows taken out in ascending row order: the
-// members are listed ascending; FMAs where GCC contracts the host's), then
-// SecondOrderLogit with the whole cluster's centroid and radius in the cap.
-// One warp per exact-row position j of kv head blockIdx.y; only the warp of
-// the cluster's lead position works. Lanes hold channels lane, lane + 32, ...
-// for the moments; for the dots, lane = 16·(q head of the pair) + 8·(the
-// host's accumulator) + (its lane), as ReduceSixteen sums them.
+// A warp per touched cluster of kv head blockIdx.y, striding over the list:
+// a warp per exact row, most of them with nothing to do, spent longer
+// finding that out (a chain of dependent loads each) than the others worked.
 template <bool kBf16>
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p) {
   extern __shared__ __align__(16) float rest[];  // [kPartialWarps, 2, d]: the rest's mean key, then its variance
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y;
-  const int64_t j = int64_t(blockIdx.x) * kPartialWarps + warp, kept = Kept(p, h);
-  // Every exit below is uniform over the warp; there is no block-wide barrier.
-  if (j >= kept + p.exactCount) return;
-  const int32_t t = ExactRow(p, h, j, kept);
-  const int32_t* own = p.owner + size_t(h) * p.N;
-  if (own[t] != int32_t(j)) return;
-  const int32_t cl = p.tokCl[size_t(h) * p.N + t];
+  const int32_t listed = p.touchedN[h];
+  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps)
+    PartialLogit<kBf16>(p, h, p.touched[size_t(h) * p.rowsMax + k], rest + size_t(warp) * 2 * p.d, lane);
+}
+
+// The second-order logit of a partly attended cluster (0 < removed < n),
+// per q head, over the one ScoreClusters wrote: with restRows from the rows
+// the cluster has left, each by its own logit; else from the moments of the
+// rows it has left, as native/kernels/cluster_estimate.cc's Rest computes
+// them (float64, the exact rows taken out in ascending row order: the
+// members are listed ascending; FMAs where GCC contracts the host's), then
+// SecondOrderLogit with the whole cluster's centroid and radius in the cap.
+// The whole warp works on it (every return is uniform over it). Lanes hold
+// channels lane, lane + 32, ... for the moments; for the moments' dots, lane
+// = 16·(q head of the pair) + 8·(the host's accumulator) + (its lane), as
+// ReduceSixteen sums them; for the rows' own logits, a thread pair per member.
+template <bool kBf16>
+__device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t cl, float* rest, int lane) {
   const int64_t c = p.base[h] + cl;
   const int32_t n = p.counts[c], removed = p.removed[c];
-  if (!(removed > 0 && removed < n) || p.lead[c] != int32_t(j)) return;
-  float* mean = rest + size_t(warp) * 2 * p.d;
+  if (!(removed > 0 && removed < n)) return;
+  const int32_t* own = p.owner + size_t(h) * p.N;
+  float* mean = rest;
   float* var = mean + p.d;
   const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
   const uint16_t* keys = p.keys + size_t(h) * p.N * p.d;
@@ -65,33 +70,52 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
   const double whole = double(n), left = double(n - removed);
   const int nd = p.d / 8;
   if (p.restRows) {
-    // The rows left by their own logits s·q·k (the host's Dot order), as one
-    // logit per cluster: log(Σ exp(s·q·k_r) / left), so that the tile's
-    // (n − removed)·exp(logit) is their mass and its numerator the rest's
-    // value sum times mass / left, as cluster_estimate.cc weighs them.
-    for (int g0 = 0; g0 < p.group; g0 += 2) {
-      const int g = g0 + (lane >> 4);
-      const bool on = g < p.group;
-      const float* q = p.qAug + (size_t(h) * p.group + (on ? g : g0)) * p.stride;
-      float m = -INFINITY, sum = 0.f;
-      for (int32_t i = 0; i < n; ++i) {
-        const int32_t u = mem[i];
-        if (own[u] != kNoOwner) continue;
-        const uint16_t* k = keys + size_t(u) * p.d;
-        float acc = 0.f;
-        for (int cc = (lane >> 3) & 1; cc < nd; cc += 2) {
-          const int ch = cc * 8 + (lane & 7);
-          acc = fmaf(q[ch], WidenWord<kBf16>(k[ch]), acc);
+    // The rows left by their own logits s·q·k, as one logit per cluster:
+    // log(Σ exp(s·q·k_r) / left), so that the tile's (n − removed)·exp(logit)
+    // is their mass and its numerator the rest's value sum times mass / left,
+    // as cluster_estimate.cc weighs them. A thread pair per member, 16
+    // members at once (each dot in the host's Dot order, as ScoreClusters
+    // sums a row); the members' exps summed over the warp. A warp that walked
+    // the members one by one spent the step's largest stage waiting on loads.
+    const float* qg = p.qAug + size_t(h) * p.group * p.stride;
+    const int half = lane & 1;
+    for (int g0 = 0; g0 < p.group; g0 += kGC) {
+      const int gc = min(kGC, p.group - g0);  // uniform over the warp: the shuffles see every lane
+      float m[kGC], sum[kGC];
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) m[g] = -INFINITY, sum[g] = 0.f;
+      for (int32_t i0 = 0; i0 < n; i0 += 16) {
+        const int32_t i = i0 + (lane >> 1);
+        const int32_t u = i < n ? mem[i] : 0;
+        const bool live = i < n && own[u] == kNoOwner;
+        float acc[kGC][8];
+        Zero(acc);
+        Accumulate<kBf16>(keys + size_t(u) * p.d, qg, p.stride, g0, gc, 0, nd, half, live, acc);
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) {
+          if (g >= gc) break;
+          const float dot = ReducePair(acc[g]);
+          const float w = live ? __fmul_rn(p.scale, dot) : -INFINITY;
+          float top = w;
+          for (int o = 16; o > 1; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+          const float next = fmaxf(m[g], top);
+          float e = half == 0 && live ? expf(w - next) : 0.f;
+          for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+          if (next != -INFINITY) sum[g] = (m[g] == -INFINITY ? 0.f : sum[g] * expf(m[g] - next)) + e;
+          m[g] = next;
         }
-        const float w = __fmul_rn(p.scale, ReduceSixteen(acc));
-        if (w > m) sum = fmaf(sum, expf(m - w), 1.f), m = w;
-        else sum += expf(w - m);
       }
-      if (on && (lane & 15) == 0)
-        p.logits[(size_t(h) * p.group + g) * p.cmax + cl] = m + logf(sum) - logf(float(left));
+      if (lane < gc) {
+        float mg = m[0], sg = sum[0];
+#pragma unroll
+        for (int g = 1; g < kGC; ++g)
+          if (g == lane) mg = m[g], sg = sum[g];
+        p.logits[(size_t(h) * p.group + g0 + lane) * p.cmax + cl] = mg + logf(sg) - logf(float(left));
+      }
     }
     return;
   }
+  __syncwarp();  // the warp's last cluster has been read out of rest
   for (int ch = lane; ch < p.d; ch += 32) {
     const double m = double(WidenWord<kBf16>(cent[ch]));
     double s1 = __dmul_rn(whole, m);
@@ -148,25 +172,54 @@ __device__ void BlockReduceGC(float (&v)[kGC], Op op, float* scratch /* [32 * kG
   __syncthreads();
 }
 
-// Exclusive prefix of x over the block, in thread order; total: the sum.
-__device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  int inc = x;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, inc, o);
-    if (lane >= o) inc += y;
+// The numerators of one tile for q heads qh0 .. qh0 + gc: sign · Σ_i sE[g, i]
+// · row_i over its `live` compacted rows (rows + sSrc[i]), d/8 lanes per row,
+// row groups summed apart and added in group order (deterministic). Every
+// thread of the CTA calls it; it ends on a barrier.
+template <bool kBf16>
+__device__ void TileNumerators(const StepParams& p, const uint16_t* rows, const int64_t* sSrc, const float* sE, float* sRed, int live,
+                               int gc, size_t qh0, int part, float sign) {
+  const int lanes = p.d / 8, groups = kThreads / lanes, lane = threadIdx.x % lanes, rg = threadIdx.x / lanes;
+  float acc[kGC][8];
+#pragma unroll
+  for (int g = 0; g < kGC; ++g)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+  if (rg < groups) {
+    for (int i0 = rg; i0 < live; i0 += 4 * groups) {
+      uint4 x[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * groups;
+        x[u] = i < live ? __ldg(reinterpret_cast<const uint4*>(rows + sSrc[i] + lane * 8)) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * groups;
+        if (i >= live) break;
+        float v[8];
+        Widen8Words<kBf16>(x[u], v);
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) {
+          const float e = g < gc ? sE[g * kTile + i] : 0.f;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(e, v[j], acc[g][j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGC; ++g)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sRed[(size_t(rg) * kGC + g) * p.d + lane * 8 + j] = acc[g][j];
   }
   __syncthreads();
-  if (lane == 31) scratch[warp] = inc;
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < warps; ++w) {
-    if (w < warp) before += scratch[w];
-    total += scratch[w];
+  for (int i = threadIdx.x; i < gc * p.d; i += blockDim.x) {
+    const int g = i / p.d, col = i % p.d;
+    float sum = 0;
+    for (int r = 0; r < groups; ++r) sum += sRed[(size_t(r) * kGC + g) * p.d + col];
+    p.pnum[((qh0 + g) * p.parts + part) * p.d + col] = sign * sum;
   }
   __syncthreads();
-  return before + inc - x;
 }
 
 // One tile's partial estimate for every q head of kv head blockIdx.y: the
@@ -219,8 +272,6 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
   for (int k = 0; k < 2; ++k)
     if (src[k] >= 0) sSrc[at[k]] = src[k];
   const int part = (kRows ? p.nMain : 0) + blockIdx.x;
-  const int lanes = p.d / 8, groups = kThreads / lanes, lane = threadIdx.x % lanes, rg = threadIdx.x / lanes;
-  const uint16_t* rows = kRows ? p.values : p.means;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
     const size_t qh0 = size_t(h) * p.group + g0;
@@ -251,55 +302,20 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
       p.pm[(qh0 + threadIdx.x) * p.parts + part] = mx[threadIdx.x];
       p.pden[(qh0 + threadIdx.x) * p.parts + part] = den[threadIdx.x];
     }
-    float acc[kGC][8];
-#pragma unroll
-    for (int g = 0; g < kGC; ++g)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
-    if (rg < groups) {
-      for (int i0 = rg; i0 < live; i0 += 4 * groups) {
-        uint4 x[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = i0 + u * groups;
-          x[u] = i < live ? __ldg(reinterpret_cast<const uint4*>(rows + sSrc[i] + lane * 8)) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = i0 + u * groups;
-          if (i >= live) break;
-          float v[8];
-          Widen8Words<kBf16>(x[u], v);
-#pragma unroll
-          for (int g = 0; g < kGC; ++g) {
-            const float e = g < gc ? sE[g * kTile + i] : 0.f;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(e, v[j], acc[g][j]);
-          }
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < kGC; ++g)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sRed[(size_t(rg) * kGC + g) * p.d + lane * 8 + j] = acc[g][j];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < gc * p.d; i += blockDim.x) {
-      const int g = i / p.d, col = i % p.d;
-      float sum = 0;
-      for (int r = 0; r < groups; ++r) sum += sRed[(size_t(r) * kGC + g) * p.d + col];
-      p.pnum[((qh0 + g) * p.parts + part) * p.d + col] = kRows ? -sum : sum;
-    }
-    __syncthreads();
+    TileNumerators<kBf16>(p, kRows ? p.values : p.means, sSrc, sE, sRed, live, gc, qh0, part, kRows ? -1.f : 1.f);
   }
 }
 
-// One CTA per q head: the tiles merged by log-sum-exp in float64.
+// One CTA per q head and 32 output columns (blockIdx.y): the tiles merged by
+// log-sum-exp in float64. Warp w sums the tiles i ≡ w (mod warps) of its
+// lane's column, the warps' sums added in warp order (deterministic); a CTA
+// per q head whose threads each walked every tile left most of the GPU idle.
 __global__ void MergeEstimate(StepParams p) {
   extern __shared__ double sf[];  // [parts]
   __shared__ float fScratch[32];
   __shared__ double dScratch[32];
   __shared__ long long iScratch[32];
+  __shared__ double colSum[32][33];  // [warp][lane]
   const int qh = blockIdx.x, h = qh / p.group;
   const float* pm = p.pm + size_t(qh) * p.parts;
   float mx = -INFINITY;
@@ -311,16 +327,25 @@ __global__ void MergeEstimate(StepParams p) {
     sf[i] = pm[i] == -INFINITY ? 0.0 : exp(double(pm[i]) - double(mx));
     den += double(p.pden[size_t(qh) * p.parts + i]) * sf[i];
   }
-  for (int i = threadIdx.x; i < p.nMain; i += blockDim.x) est += p.pest[size_t(h) * p.nMain + i];
+  if (p.estimateOn)
+    for (int i = threadIdx.x; i < p.nMain; i += blockDim.x) est += p.pest[size_t(h) * p.nMain + i];
   den = BlockReduce(den, Add(), dScratch);  // its barriers publish sf too
   est = BlockReduce(est, Add(), iScratch);
-  const bool ok = mx != -INFINITY && den > 0 && est > 0;
-  for (int col = threadIdx.x; col < p.d; col += blockDim.x) {
-    double num = 0;
-    for (int i = 0; i < p.parts; ++i) num += double(p.pnum[(size_t(qh) * p.parts + i) * p.d + col]) * sf[i];
-    p.out[size_t(qh) * p.d + col] = ok ? float(num / den) : 0.f;
+  // The estimate alone is empty when it covers no token (every cluster attended).
+  const bool ok = mx != -INFINITY && den > 0 && (p.attendOn || est > 0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int col = int(blockIdx.y) * 32 + lane;
+  double num = 0;
+  if (col < p.d)
+    for (int i = warp; i < p.parts; i += warps) num += double(p.pnum[(size_t(qh) * p.parts + i) * p.d + col]) * sf[i];
+  colSum[warp][lane] = num;
+  __syncthreads();
+  if (warp == 0 && col < p.d) {
+    double total = 0;
+    for (int w = 0; w < warps; ++w) total += colSum[w][lane];
+    p.out[size_t(qh) * p.d + col] = ok ? float(total / den) : 0.f;
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && blockIdx.y == 0) {
     p.lse[qh] = ok ? float(double(mx) + log(den)) : -INFINITY;
     if (qh % p.group == 0) p.est[h] = est;
   }

@@ -7,6 +7,7 @@
 #include "cuda/cuda_common.cuh"
 
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -26,6 +27,7 @@ constexpr int32_t kNoOwner = 0x7f7f7f7f;   // owner[] when no exact row claims a
 // weights, and the row groups' partial sums (at most kThreads / (d / 8)
 // groups × kGC × d floats, 32 KiB for any d).
 constexpr size_t kEstimateSmem = size_t(kTile) * 8 + size_t(kGC) * kTile * 4 + size_t(kThreads) * 8 * kGC * 4;
+constexpr int kParams = 4;                 // per kv head: budget, target, cluster cap, ids kept after the skip
 constexpr int kPartialWarps = 4;           // PartialLogits: warps per CTA, each with [2, d] floats of shared memory
 
 // One 16-bit word as a float (exact).
@@ -46,18 +48,23 @@ __device__ __forceinline__ uint64_t RankKey(int h, float s) {
 }
 __device__ __forceinline__ uint64_t PadKey(int h) { return (uint64_t(h) << 32) | 0xffffffffull; }
 
-// acc[g] += q rows g0.. · row over the chunks c in [c0, c1) with c % 2 == half;
-// kSquare: the q rows' squares (each rounded to f32, as the host's q2).
-template <bool kBf16, bool kSquare = false>
+// acc[g] += q rows g0.. · row over the chunks c in [c0, c1) with c % 2 == half.
+// kLoads chunks are loaded before any is used: a d=128 row's half (8 chunks)
+// is then one round trip to memory, not two; the dots are latency-bound.
+constexpr int kLoads = 8;
+// kShared: row is in shared memory (a plain load; __ldg is global only).
+template <bool kBf16, bool kShared = false>
 __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs, int qStride, int g0, int gc, int c0,
                                            int c1, int half, bool live, float (&acc)[kGC][8]) {
-  for (int c = c0 + ((c0 ^ half) & 1); c < c1; c += 8) {
-    uint4 w[4];
+  for (int c = c0 + ((c0 ^ half) & 1); c < c1; c += 2 * kLoads) {
+    uint4 w[kLoads];
 #pragma unroll
-    for (int u = 0; u < 4; ++u)
-      w[u] = live && c + 2 * u < c1 ? __ldg(reinterpret_cast<const uint4*>(row + (c + 2 * u) * 8)) : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < kLoads; ++u) {
+      const uint4* at = reinterpret_cast<const uint4*>(row + (c + 2 * u) * 8);
+      w[u] = live && c + 2 * u < c1 ? (kShared ? *at : __ldg(at)) : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kLoads; ++u) {
       if (c + 2 * u >= c1) break;
       float kf[8];
       Widen8Words<kBf16>(w[u], kf);
@@ -68,10 +75,7 @@ __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs,
         // Two 16-byte broadcast reads of the q row (rows are 32-byte aligned: stride % 8 == 0).
         const float4 a = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride);
         const float4 z = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride + 4);
-        float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
-        if (kSquare)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) qv[j] = __fmul_rn(qv[j], qv[j]);
+        const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(qv[j], kf[j], acc[g][j]);
       }
@@ -153,18 +157,25 @@ struct StepParams {
   bool restRows;
   // step inputs (device)
   const float* qAug;       // [qHeads, stride]
-  const int64_t* params;   // [kvHeads, 3]: budget, target, cluster cap
+  const int64_t* params;   // [kvHeads, kParams]: budget, target, cluster cap, keep
+  int64_t skip[4];         // two [lo, hi) ranges of rows dropped from the kept ids (empty: lo == hi)
   const int32_t* exact;
   int64_t exactCount, tmax, width;
   // scratch
   float* logits;           // [qHeads, cmax]
   uint64_t *key1, *key1s, *key2, *key2s;
   int32_t *val1, *val1s, *cand, *val2s, *owner, *removed;
-  int32_t* lead;  // [ctot]: the first position of the exact rows owning a row of the cluster (kNoOwner: none)
+  int32_t* touched;   // [kvHeads, rowsMax]: clusters with an exact row, each listed once (touchedN[h] of them)
+  int32_t* touchedN;  // [kvHeads]
+  int64_t rowsMax;    // exact rows per head at most: width + exactCount
   int64_t *cnt, *cum, *sel;  // sel [kvHeads, 2]: clusters taken, candidates
+  int32_t* keptIds;          // [kvHeads, width]: the ranked ids outside the skip ranges, at most keep
+  int64_t* keptN;            // [kvHeads]
   float *pm, *pden, *pnum;
   int64_t* pest;
   int nMain, parts;
+  int attendPart0;  // the first part of the exact rows' attention (after the estimate's)
+  bool estimateOn, attendOn;
   // outputs (device)
   int32_t* outIds;
   int64_t* outCounts;  // [kvHeads, 2]: ids kept, candidates
@@ -172,10 +183,13 @@ struct StepParams {
   int64_t* est;
 };
 
-__device__ __forceinline__ int64_t Kept(const StepParams& p, int h) { return min(p.params[h * 3], p.sel[h * 2 + 1]); }
+// The ids ranked best first (the budget, or every candidate when fewer).
+__device__ __forceinline__ int64_t Ranked(const StepParams& p, int h) { return min(p.params[h * kParams], p.sel[h * 2 + 1]); }
+// Of those, the ones kept (FilterKept).
+__device__ __forceinline__ int64_t Kept(const StepParams& p, int h) { return p.keptN[h]; }
 // Exact row j of head h: the selection, then the sinks/window rows.
 __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t j, int64_t kept) {
-  return j < kept ? p.val2s[h * p.tmax + j] : p.exact[j - kept];
+  return j < kept ? p.keptIds[h * p.width + j] : p.exact[j - kept];
 }
 
 // One thread pair per cluster (blockIdx.y: the kv head): its rank key, and
@@ -184,40 +198,77 @@ __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t 
 // along = q·a, channels = q²·var, the host's cluster_rank.cc as GCC compiles
 // it; the logit is second order. kRadius: the optimistic row [q, share·‖q‖]
 // against [centroid, radius], the logit s·q·mu.
-template <bool kBf16>
+//
+// kStaged (kSpread only): the CTA's centroids, axes and variances are first
+// copied into shared memory with cp.async, all at once, and the dots read
+// them there: the three passes over a cluster otherwise wait on memory one
+// after the other, with few warps per SM (the accumulators take registers)
+// to hide it. Staged when the tile and q fit kStagedSmem (two CTAs per SM).
+__host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride) { return size_t(kRowsPerCta) * (stride + 2 * d) * 2; }
+constexpr size_t kStagedSmem = 113 * 1024;
+template <bool kBf16, bool kStaged>
 __global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
-  extern __shared__ __align__(16) float qs[];  // [group, stride]: q, then column d: the norm term
-  const int h = blockIdx.y;
-  for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];
+  // [group, stride]: q, then column d: the norm term; kSpread: then the
+  // same again squared (each rounded to f32, as the host's q2), squared once
+  // here rather than per cluster; kStaged: then the tile.
+  extern __shared__ __align__(16) float qs[];
+  const int h = blockIdx.y, qn = p.group * p.stride;
+  float* q2 = qs + qn;
+  const int64_t b = p.base[h], C = p.base[h + 1] - b, r0 = int64_t(blockIdx.x) * kRowsPerCta;
+  if (r0 >= C) return;  // the grid covers the head with the most clusters
+  uint16_t* tile = reinterpret_cast<uint16_t*>(q2 + qn);  // [rows, stride] centroids, [rows, d] axes, [rows, d] variances
+  const int tileRows = int(min(int64_t(kRowsPerCta), C - r0));
+  const bool staged = kStaged && p.spreadMode;  // the launch stages only kSpread
+  if (staged) {
+    const int nc = tileRows * p.stride / 8, na = tileRows * p.d / 8;  // 16-byte pieces
+    const uint4* srcC = reinterpret_cast<const uint4*>(p.cent + size_t(b + r0) * p.stride);
+    const uint4* srcA = reinterpret_cast<const uint4*>(p.axes + size_t(b + r0) * p.d);
+    const uint4* srcV = reinterpret_cast<const uint4*>(p.vars + size_t(b + r0) * p.d);
+    uint4* dst = reinterpret_cast<uint4*>(tile);
+    uint4* dstA = dst + size_t(kRowsPerCta) * p.stride / 8;
+    uint4* dstV = dstA + size_t(kRowsPerCta) * p.d / 8;
+    for (int i = threadIdx.x; i < nc; i += blockDim.x) __pipeline_memcpy_async(dst + i, srcC + i, 16);
+    for (int i = threadIdx.x; i < na; i += blockDim.x) {
+      __pipeline_memcpy_async(dstA + i, srcA + i, 16);
+      __pipeline_memcpy_async(dstV + i, srcV + i, 16);
+    }
+    __pipeline_commit();
+  }
+  for (int i = threadIdx.x; i < qn; i += blockDim.x) {
+    const float x = p.qAug[size_t(h) * qn + i];
+    qs[i] = x;
+    if (p.spreadMode) q2[i] = __fmul_rn(x, x);
+  }
+  if (staged) __pipeline_wait_prior(0);
   __syncthreads();
-  const int64_t b = p.base[h], C = p.base[h + 1] - b;
   const int half = threadIdx.x & 1;
-  const int64_t r = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
+  const int64_t r = r0 + (threadIdx.x >> 1);
   const bool live = r < C;
   const size_t c = size_t(b + (live ? r : 0));  // a dead pair reads the head's cluster 0 (C >= 1) and writes nothing
-  const uint16_t* row = p.cent + c * p.stride;
+  const int tr = live ? int(r - r0) : 0;
+  const uint16_t* row = staged ? tile + size_t(tr) * p.stride : p.cent + c * p.stride;
   const int nd = p.d / 8, ns = p.stride / 8;
   float best = -INFINITY;
   float acc[kGC][8];
   if (p.spreadMode) {
-    const uint16_t* axis = p.axes + c * p.d;
-    const uint16_t* var = p.vars + c * p.d;
+    const uint16_t* axis = kStaged ? tile + size_t(kRowsPerCta) * p.stride + size_t(tr) * p.d : p.axes + c * p.d;
+    const uint16_t* var = kStaged ? tile + size_t(kRowsPerCta) * (p.stride + p.d) + size_t(tr) * p.d : p.vars + c * p.d;
     const float radius = WidenWord<kBf16>(row[p.d]), share = p.shares[h];
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
       float dot[kGC], along[kGC];
       Zero(acc);
-      Accumulate<kBf16>(row, qs, p.stride, g0, gc, 0, nd, half, live, acc);
+      Accumulate<kBf16, kStaged>(row, qs, p.stride, g0, gc, 0, nd, half, live, acc);
 #pragma unroll
       for (int g = 0; g < kGC; ++g)
         if (g < gc) dot[g] = ReducePair(acc[g]);
       Zero(acc);
-      Accumulate<kBf16>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc);
+      Accumulate<kBf16, kStaged>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc);
 #pragma unroll
       for (int g = 0; g < kGC; ++g)
         if (g < gc) along[g] = ReducePair(acc[g]);
       Zero(acc);
-      Accumulate<kBf16, true>(var, qs, p.stride, g0, gc, 0, nd, half, live, acc);
+      Accumulate<kBf16, kStaged>(var, q2, p.stride, g0, gc, 0, nd, half, live, acc);
 #pragma unroll
       for (int g = 0; g < kGC; ++g) {
         if (g >= gc) break;
@@ -272,7 +323,7 @@ __global__ void CutClusters(StepParams p, int64_t total) {
   const int h = int(p.key1s[i] >> 32);
   const int64_t b = p.base[h], r = i - b, cb = b == 0 ? 0 : p.cum[b - 1];
   const int64_t before = r == 0 ? 0 : p.cum[i - 1] - cb, upto = p.cum[i] - cb;
-  const int64_t target = p.params[h * 3 + 1], cap = p.params[h * 3 + 2];
+  const int64_t target = p.params[h * kParams + 1], cap = p.params[h * kParams + 2];
   if (target > 0 && r < cap && before < target && (upto >= target || r == cap - 1)) {
     p.sel[h * 2] = r + 1;
     p.sel[h * 2 + 1] = min(target, upto);
@@ -328,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
 // Runs of equal scores that start inside the kept prefix, ordered by id.
 __global__ void FixTies(StepParams p) {
   const int h = blockIdx.y;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h), m = p.sel[h * 2 + 1];
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Ranked(p, h), m = p.sel[h * 2 + 1];
   if (i >= kept) return;
   const uint64_t* k = p.key2s + size_t(h) * p.tmax;
   int32_t* v = p.val2s + size_t(h) * p.tmax;
@@ -343,10 +394,51 @@ __global__ void FixTies(StepParams p) {
   }
 }
 
+// Exclusive prefix of x over the block, in thread order; total: the sum.
+__device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  int inc = x;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += y;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[warp] = inc;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < warps; ++w) {
+    if (w < warp) before += scratch[w];
+    total += scratch[w];
+  }
+  __syncthreads();
+  return before + inc - x;
+}
+
+// One CTA per kv head: the ranked ids outside the skip ranges (the rows a
+// caller attends in full anyway: sinks and window), in rank order, at most
+// keep of them: the host's staticPlusRetrieved drops them the same way.
+__global__ void FilterKept(StepParams p) {
+  __shared__ int scratch[32];
+  const int h = blockIdx.x;
+  const int64_t ranked = Ranked(p, h), keep = p.params[h * kParams + 3];
+  int64_t n = 0;  // the same in every thread
+  for (int64_t i0 = 0; i0 < ranked && n < keep; i0 += blockDim.x) {
+    const int64_t i = i0 + threadIdx.x;
+    const int32_t id = i < ranked ? p.val2s[size_t(h) * p.tmax + i] : -1;
+    const bool take = i < ranked && !(id >= p.skip[0] && id < p.skip[1]) && !(id >= p.skip[2] && id < p.skip[3]);
+    int total = 0;
+    const int before = BlockExclusiveScan(int(take), scratch, total);
+    if (take && n + before < keep) p.keptIds[size_t(h) * p.width + n + before] = id;
+    n += total;
+  }
+  if (threadIdx.x == 0) p.keptN[h] = min(n, keep);
+}
+
 __global__ void PackIds(StepParams p) {
   const int h = blockIdx.y;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h);
-  if (i < p.width) p.outIds[size_t(h) * p.width + i] = i < kept ? p.val2s[size_t(h) * p.tmax + i] : -1;
+  if (i < p.width) p.outIds[size_t(h) * p.width + i] = i < kept ? p.keptIds[size_t(h) * p.width + i] : -1;
   if (i == 0) {
     p.outCounts[h * 2] = kept;
     p.outCounts[h * 2 + 1] = p.sel[h * 2 + 1];

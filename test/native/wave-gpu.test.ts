@@ -5,7 +5,10 @@
 // estimate). The selection equals the host's (the same ids in the same order:
 // scores are summed in the host's order with its roundings), the estimate
 // equals estimateClusters over the same exact rows within 1e-4 relative (f32
-// tiles against float64). Skips where no CUDA device answers (here and in
+// tiles against float64); 'spread+attend' (the layer-step: the kept rows and
+// sinks/window attended from the device's K/V and merged with the estimate)
+// equals that estimate merged with float64 attention over the same rows,
+// within the same tolerance. Skips where no CUDA device answers (here and in
 // CI). The comparisons live in bench/wave-gpu.ts so that
 // `node dist/bench/wave-gpu.js --check` runs them on a device machine without
 // vitest.

@@ -1,0 +1,99 @@
+// The wave decode step's retrieval and steady zones attended exactly, from
+// the K and V the store holds, as more tiles of the same (max, normaliser,
+// numerator) parts the estimate writes: MergeEstimate combines them all, so
+// one layer-step answers attention over the whole context (the session's
+// own tokens aside, which the host holds). Included once, by wave_step.cu
+// after wave_step_estimate.cuh (TileNumerators, the block reductions).
+#pragma once
+
+#include "cuda/wave_step_estimate.cuh"
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+// One tile of exact-row positions of kv head blockIdx.y (the selection, then
+// the sinks/window rows; a row listed twice is attended once, at the first
+// position owner[] names): per q head the row's logit s·q·k, the tile's max,
+// its normaliser and numerator. The dots run a thread pair per row (the
+// step's other dots' layout); the logits wait in sE until the tile's max is
+// known.
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* sSrc = reinterpret_cast<int64_t*>(smem);    // [kTile] the row's first word in keys and values, compacted
+  float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] logits, then their exps
+  float* sRed = sE + kGC * kTile;                     // TileNumerators' scratch
+  __shared__ float fScratch[32 * kGC];
+  __shared__ int nScratch[32];
+  const int h = blockIdx.y;
+  const int64_t kept = Kept(p, h);
+  int64_t src[2] = {-1, -1};
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int64_t at = int64_t(blockIdx.x) * kTile + 2 * threadIdx.x + k;
+    if (at < kept + p.exactCount) {
+      const int32_t t = ExactRow(p, h, at, kept);
+      if (p.owner[size_t(h) * p.N + t] == int32_t(at)) src[k] = (int64_t(h) * p.N + t) * p.d;
+    }
+  }
+  int live = 0;
+  const int pos = BlockExclusiveScan(int(src[0] >= 0) + int(src[1] >= 0), nScratch, live);
+  int at[2];
+  at[0] = pos;
+  at[1] = pos + int(src[0] >= 0);
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+    if (src[k] >= 0) sSrc[at[k]] = src[k];
+  __syncthreads();
+  const int part = p.attendPart0 + blockIdx.x;
+  const int half = threadIdx.x & 1, pair = threadIdx.x >> 1, nd = p.d / 8;
+  const float* qg = p.qAug + size_t(h) * p.group * p.stride;
+  for (int g0 = 0; g0 < p.group; g0 += kGC) {
+    const int gc = min(kGC, p.group - g0);
+    const size_t qh0 = size_t(h) * p.group + g0;
+    // Rows by pairs; the bound is uniform over the CTA, so every lane shuffles.
+    for (int i0 = 0; i0 < live; i0 += kRowsPerCta) {
+      const int i = i0 + pair;
+      const bool on = i < live;
+      float acc[kGC][8];
+      Zero(acc);
+      Accumulate<kBf16>(p.keys + (on ? sSrc[i] : 0), qg, p.stride, g0, gc, 0, nd, half, on, acc);
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) {
+        if (g >= gc) break;
+        const float dot = ReducePair(acc[g]);
+        if (on && half == 0) sE[g * kTile + i] = __fmul_rn(p.scale, dot);
+      }
+    }
+    __syncthreads();
+    float mx[kGC], den[kGC];
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      mx[g] = -INFINITY;
+      if (g < gc)
+        for (int i = threadIdx.x; i < live; i += blockDim.x) mx[g] = fmaxf(mx[g], sE[g * kTile + i]);
+    }
+    BlockReduceGC(mx, Max(), fScratch);
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      den[g] = 0.f;
+      if (g < gc)
+        for (int i = threadIdx.x; i < live; i += blockDim.x) {
+          const float e = expf(sE[g * kTile + i] - mx[g]);
+          sE[g * kTile + i] = e;
+          den[g] += e;
+        }
+    }
+    BlockReduceGC(den, Add(), fScratch);  // its barriers publish sE too
+    if (threadIdx.x < gc) {
+      p.pm[(qh0 + threadIdx.x) * p.parts + part] = mx[threadIdx.x];
+      p.pden[(qh0 + threadIdx.x) * p.parts + part] = den[threadIdx.x];
+    }
+    TileNumerators<kBf16>(p, p.values, sSrc, sE, sRed, live, gc, qh0, part, 1.f);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kvr
