@@ -11,10 +11,11 @@
 // selected, pool hits and host→device bytes, and the output's error against
 // the dense answer of the same step. Part of `npm run bench:gpu` (or
 // `node dist/bench/gpu.js --decode [--tokens N --steps S]`); results in
-// bench/results/gpu-decode-<device>.{json,md} (h100, h200).
+// bench/results/gpu-decode-<device>.{json,md} (h100, h200; with --configs, gpu-decode-<configs>-<device>).
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
+import { clusterIndexBuilder } from '../index/wave/wave.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchParams } from '../index/method.js';
 import { decodeStep } from '../engine/decode-step.js';
@@ -51,7 +52,7 @@ const relError = (a: Float32Array, b: Float32Array, heads: number) => mean([...r
 /** A result file's device tag: the chip's model (h100, h200), or 'gpu'. */
 export const deviceTag = (device: string) => /\b([hab]\d{2,3})\b/i.exec(device)?.[1].toLowerCase() ?? 'gpu';
 
-export async function runDecodeBench(opts: { tokens: number; steps: number; device: string }): Promise<void> {
+export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[] }): Promise<void> {
   const { tokens, steps } = opts;
   const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16', blockSize: 64 };
   const { kvHeads, headDim: d } = model;
@@ -77,23 +78,47 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   const layerBytes = tokens * kvHeads * d * 2 * 2;
   const sparseBudget = Math.floor(tokens * 0.01);
   const poolShare = 0.05;
-  const configs = [
+  const waveParams = { ...DEFAULT_PARAMS, budget: Math.floor(tokens * 0.02), sinks: 16, window: 64 };
+  const all = [
     { name: 'dense (exact)', method: 'exact', poolBytes: Math.ceil(layerBytes * 1.02), params: DEFAULT_PARAMS },
+    // wave's defaults (2% exact, sinks 16, window 64, estimate on), the layer held on the device
+    // (engine/cache/device-wave.ts): one native call per step; the pool only for what is left.
+    { name: 'wave (device)', method: 'wave', poolBytes: 256 << 20, waveBytes: 16 * 2 ** 30, params: waveParams, optIn: true },
     { name: 'nosa', method: 'nosa', poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
     { name: 'topk-blocks + LRU', method: 'topk-blocks', poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
     // A tight pool (1.5% of the KV, just above one step's working set): where eviction choices matter.
     { name: 'nosa, tight pool', method: 'nosa', poolBytes: Math.floor(layerBytes * 0.015), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
     { name: 'topk-blocks + LRU, tight pool', method: 'topk-blocks', poolBytes: Math.floor(layerBytes * 0.015), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
   ];
+  // --configs picks by method (dense always runs first: the others' error is against it); wave only when asked.
+  const configs = all.filter((c) => (opts.configs ? c.method === 'exact' || opts.configs.includes(c.method) : !('optIn' in c)));
+  let waveHeads: HeadIndex[] | undefined;
+  const clustersOf = async () => {
+    if (waveHeads) return waveHeads;
+    const t = performance.now();
+    // Clusters of 16 (as fidelity at 128K: bench/results/fidelity-131072-cs16.md), the heads built side by side.
+    waveHeads = await Promise.all(Array.from({ length: kvHeads }, async (_, h) => {
+      const queries = w.prefillQ[h];
+      const bytes = await clusterIndexBuilder.build({ keys: w.keys[h], values: w.values[h], tokens, headDim: d, dtype: 'f16', queries, queryCount: queries.length / d, clusterSize: 16 });
+      return clusterIndexBuilder.load(bytes, { keys: w.keys[h], values: w.values[h], tokens, headDim: d, dtype: 'f16' });
+    }));
+    progress(`wave clusters built (${((performance.now() - t) / 1e3).toFixed(1)} s)`);
+    return waveHeads;
+  };
   const denseOut: Float32Array[] = [];
   const results: Record<string, unknown>[] = [];
   for (const cfg of configs) {
-    const gpu = GpuBackend.open({ budgetBytes: cfg.poolBytes, stagingBytes: 256 << 20 });
+    const waveBytes = 'waveBytes' in cfg ? cfg.waveBytes : undefined;
+    const gpu = GpuBackend.open({ budgetBytes: cfg.poolBytes, stagingBytes: 256 << 20, waveBudgetBytes: waveBytes });
     if (!gpu) throw new Error('no CUDA device');
     const method = findMethod(cfg.method)!;
-    const indexes = method.builder ? [[summaries]] : [];
+    const heads = cfg.method === 'wave' ? await clustersOf() : summaries;
+    const indexes = method.builder ? [[heads]] : [];
     const reserved = gpu.admit(model, cfg.method, cfg.params as SearchParams, tokens);
-    const session = new Session({ id: cfg.method, model, documents: [doc], method, params: cfg.params as SearchParams, documentIndexes: indexes, budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved });
+    const session = new Session({
+      id: cfg.method, model, documents: [doc], method, params: cfg.params as SearchParams, documentIndexes: indexes,
+      ...(cfg.method === 'wave' && { clusterIndexes: [[heads]] }), budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved,
+    });
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
       const q = w.decodeQ[s];
@@ -107,6 +132,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
       if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
     }
+    if (cfg.method === 'wave' && !gpu.describe().wave?.stores) throw new Error('wave (device): the layer was not held on the device (the host path ran)');
     session.release();
     gpu.close();
     // Step 0 fills the pool (every block is a miss): steady state is steps 1..
@@ -149,7 +175,8 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     '',
     `One layer, ${model.qHeads} q / ${kvHeads} kv heads, d=${d}, f16 (${(layerBytes / 2 ** 30).toFixed(1)} GiB of K+V), ${steps} decode steps of the seeded workload through ` +
       "engine/decode-step.ts in process. Sparse methods: budget 1% of tokens per kv head + 64 sinks + 256 window, pool 5% of the layer's KV (tight: 1.5%). " +
-      'Steady state (steps 1..), step 0 fills the pool.',
+      'Steady state (steps 1..), step 0 fills the pool. `wave (device)`: wave\'s defaults (2% exact + 16 sinks + 64 window, the rest estimated; clusters of 16), ' +
+      'the layer\'s clusters and K/V held on the device (engine/cache/device-wave.ts), one native call per step (selection, estimate and the exact rows); kernel ms is that call on the stream.',
     '',
     '| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | of which resident | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
@@ -161,8 +188,10 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   const dir = join('bench', 'results');
   mkdirSync(dir, { recursive: true });
   for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
-    writeFileSync(join(d, `gpu-decode-${deviceTag(opts.device)}.json`), JSON.stringify(result, null, 2) + '\n');
-    writeFileSync(join(d, `gpu-decode-${deviceTag(opts.device)}.md`), md);
+    // A run of some configurations (--configs) has its own file: the README renders the full one.
+    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${deviceTag(opts.device)}`;
+    writeFileSync(join(d, `${name}.json`), JSON.stringify(result, null, 2) + '\n');
+    writeFileSync(join(d, `${name}.md`), md);
   }
   console.log(md);
 }

@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave blocks dense decode (default: all)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave blocks dense decode decode-wave (default: all but decode-wave)
 #
 # Each stage has its own time limit so one hang cannot eat the visit; the
 # log and every bench/results file the visit wrote land in $OUT.
@@ -34,15 +34,17 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 stages=${*:-tests wave blocks dense decode}
 for s in $stages; do
   case $s in
-    tests) step 120 tests node node_modules/vitest/vitest.mjs run test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts ;;
+    tests) step 120 tests node node_modules/vitest/vitest.mjs run test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-wave.test.ts ;;
     wave)
       step 120 wave-check node dist/bench/wave-gpu.js --check
-      step 150 wave-bench node dist/bench/wave-gpu.js --bench ;;
+      step 150 wave-bench node dist/bench/wave-gpu.js --bench
+      step 150 wave-bench-cs16 node dist/bench/wave-gpu.js --bench --cluster-size 16 ;;
     blocks) step 90 blocks node dist/bench/block-select-gpu.js --steps 200 ;;
     dense)
       step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
-    decode) step 150 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
+    decode) step 300 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
+    decode-wave) step 240 decode-wave node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
 done

@@ -1,6 +1,6 @@
 // GPU decode path: correctness checks and a benchmark (needs a CUDA device).
 //
-//   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode] [--quick])
+//   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode [--configs wave,nosa,...]] [--quick])
 //
 // --check runs the same comparisons as test/native/gpu.test.ts without vitest:
 // the split-K kernel over block tables against the CPU `attend` and a float64
@@ -397,7 +397,8 @@ async function main(): Promise<void> {
   }
   const bench = argv.includes('--bench'), decode = argv.includes('--decode');
   if (bench || !decode) await runBench(quick);
-  if (decode || !bench) await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device });
+  const configs = argv.indexOf('--configs') >= 0 ? argv[argv.indexOf('--configs') + 1].split(',') : undefined;
+  if (decode || !bench) await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device, configs });
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

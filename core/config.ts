@@ -24,6 +24,12 @@ export interface Config {
    * with a GPU. Unset: 80% of the device's free memory when one answers.
    */
   gpuBudget?: number;
+  /**
+   * Device bytes for `wave` document layers held whole on the device (their
+   * clusters, K and V: one native call per layer-step), beside the pool.
+   * Unset or 0: wave steps run on the host path.
+   */
+  gpuWaveBudget?: number;
 }
 
 export const DEFAULTS: Config = {
@@ -43,6 +49,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--body-limit': 'bodyLimit',
   '--memory-budget': 'memoryBudget',
   '--gpu-budget': 'gpuBudget',
+  '--gpu-wave-budget': 'gpuWaveBudget',
 };
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -51,12 +58,13 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_DATA) cfg.dataDir = env.KVRECALL_DATA;
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
+  if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];
     if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
     i++;
-    if (key === 'port' || key === 'bodyLimit' || key === 'memoryBudget' || key === 'gpuBudget') {
+    if (key === 'port' || key === 'bodyLimit' || key === 'memoryBudget' || key === 'gpuBudget' || key === 'gpuWaveBudget') {
       cfg[key] = nonNegative(value, argv[i - 1]);
     } else {
       cfg[key] = value;

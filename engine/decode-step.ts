@@ -2,9 +2,12 @@
 //   check the request → append the current token → the method selects →
 //   the selection is made resident (GPU pool) → attend over it (parts
 //   combined by log-sum-exp) → estimate what it left out (when the session
-//   estimates) and merge that in → answer.
-// Nothing here depends on which retrieval method the session uses.
+//   estimates) and merge that in → answer. A wave session whose document
+//   layer the GPU holds does the middle three in one device call.
+// Nothing else here depends on which retrieval method the session uses.
 import { budgetTokens, type Selection } from '../index/method.js';
+import type { Residency } from './cache/residency.js';
+import { waveOnDevice } from './wave-on-device.js';
 import type { BlockStats } from './cache/block-stats.js';
 import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
 import type { AttendRequest } from './attend-request.js';
@@ -55,27 +58,42 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const ctx = session.context(req.layer);
   const t1 = performance.now();
   // The layer's own parameters: a session's per-layer policy may give each layer its budget.
-  const params = session.paramsFor(req.layer);
-  const selection = await session.method.select(ctx, req.q, { ...params, budget: budgetTokens(params.budget, ctx.tokens) });
-  const t2 = performance.now();
-
-  // The cache makes the selection resident (GPU pool or host) and attends
-  // over every part; parts are combined by log-sum-exp.
+  const layerParams = session.paramsFor(req.layer);
+  const params = { ...layerParams, budget: budgetTokens(layerParams.budget, ctx.tokens) };
   const out = new Float32Array(m.qHeads * m.headDim);
   const lse = new Float32Array(m.qHeads);
-  const { backend, blocks, gpu } = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
 
-  // What the method left out of the documents, estimated from their clusters (when this layer estimates).
-  let estimated: number | undefined;
-  let scanned = selection.scanned;
-  const clusters = session.clustersFor(req.layer);
-  if (clusters && ctx.segments.length > 1) {
-    const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
-    mergeInto(out, lse, est.out, est.lse, m.headDim);
-    estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
-    scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
+  // A wave session whose document layer the device holds: one native call
+  // selects, attends the document and estimates its rest; the own tokens
+  // are merged in (engine/wave-on-device.ts). Otherwise the steps below.
+  const device = await waveOnDevice(session, ctx, params, req.q, req.scale, out, lse);
+  let selection: Selection, t2: number, residency: Residency, estimated: number | undefined, scanned: number;
+  if (device) {
+    selection = device.selection;
+    t2 = t1 + device.deviceMs;
+    residency = { backend: 'cuda', gpu: { residentMs: 0, kernelMs: device.kernelMs } };
+    estimated = device.estimated;
+    scanned = selection.scanned;
+  } else {
+    selection = await session.method.select(ctx, req.q, params);
+    t2 = performance.now();
+
+    // The cache makes the selection resident (GPU pool or host) and attends
+    // over every part; parts are combined by log-sum-exp.
+    residency = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
+
+    // What the method left out of the documents, estimated from their clusters (when this layer estimates).
+    scanned = selection.scanned;
+    const clusters = session.clustersFor(req.layer);
+    if (clusters && ctx.segments.length > 1) {
+      const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
+      mergeInto(out, lse, est.out, est.lse, m.headDim);
+      estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
+      scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
+    }
   }
   const t3 = performance.now();
+  const { backend, blocks, gpu } = residency;
 
   // Answer.
   const attended = attendedCount(selection, m.kvHeads);

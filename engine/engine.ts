@@ -20,6 +20,8 @@ export interface EngineOptions {
   memoryBudget: number;
   /** Device bytes for the GPU block pool (0: CPU only; unset: 80% of free device memory). */
   gpuBudget?: number;
+  /** Device bytes for wave document layers held whole on the device (0 or unset: none; engine/cache/device-wave.ts). */
+  gpuWaveBudget?: number;
 }
 
 export class Engine {
@@ -39,7 +41,7 @@ export class Engine {
     const budget = new HostBudget(opts.memoryBudget);
     const documents = new Documents(store, methodNames, budget);
     const device = cudaAvailable();
-    const gpu = device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8) }) : undefined;
+    const gpu = device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget }) : undefined;
     return new Engine(store, documents, new Sessions(documents, budget, gpu), recovered, budget, gpu);
   }
 

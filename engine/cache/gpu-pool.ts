@@ -17,6 +17,9 @@ import type { KvSegment } from '../../storage/kv-segment.js';
 import { KvrecallError } from '../../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
 import { concatRows, type PoolPart } from './selection-parts.js';
+import { DeviceWaveStores, type DeviceWaveStats } from './device-wave.js';
+import type { WaveGpuStore } from '../../addon/wave-gpu.js';
+import type { ClusterIndex } from '../../index/wave/cluster-index.js';
 
 /** Tokens per pool block: the summaries' block size, so a method's blocks are the pool's. */
 export const POOL_BLOCK = DEFAULT_BLOCK_SIZE;
@@ -27,12 +30,19 @@ export interface GpuBackendOptions {
   /** Device bytes for the pool (K and V slots). */
   budgetBytes: number;
   stagingBytes?: number;
+  /**
+   * Device bytes for `wave` document layers held whole on the device
+   * (engine/cache/device-wave.ts: clusters, K and V); 0 or unset: wave steps
+   * run on the host path, their exact parts through the pool.
+   */
+  waveBudgetBytes?: number;
 }
 
 export interface GpuDescription {
   backend: 'cuda';
   device: string;
   memory: number;
+  wave?: DeviceWaveStats;
   pool: {
     budgetBytes: number;
     blockSize: number;
@@ -62,12 +72,25 @@ export class GpuBackend {
   private budget: number;
   /** Why the pool could not be made, once that happened. */
   private failure?: string;
+  /** Document layers of `wave` held whole on the device, when a budget allows them. */
+  private readonly wave?: DeviceWaveStores;
 
   private constructor(
     readonly info: CudaInfo,
     readonly options: GpuBackendOptions,
   ) {
     this.budget = options.budgetBytes;
+    if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!);
+  }
+
+  /**
+   * The device store of a document's wave layer (made on first use), pinned
+   * until `release`; undefined without a wave budget, for a shape the pool
+   * does not take, or when it cannot be held (the step then runs the host path).
+   */
+  waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): { store: WaveGpuStore; release: () => void } | undefined {
+    if (!this.wave || !this.accepts(m)) return undefined;
+    return this.wave.acquire(`${this.uidOf(segment)}:${layer}`, heads, m);
   }
 
   /** The backend when a CUDA device answers and the budget is positive; undefined otherwise. */
@@ -136,9 +159,13 @@ export class GpuBackend {
 
   /** Pool client of one (segment, layer, kv head): layers and heads are below 1024 (model.ts). */
   private client(segment: KvSegment, layer: number, head: number): number {
+    return (this.uidOf(segment) * 1024 + layer) * 1024 + head;
+  }
+
+  private uidOf(segment: KvSegment): number {
     let uid = this.uids.get(segment);
     if (uid === undefined) this.uids.set(segment, (uid = this.nextUid++));
-    return (uid * 1024 + layer) * 1024 + head;
+    return uid;
   }
 
   /** Whether a step with this many blocks can be held in the pool beside the blocks other steps hold now. */
@@ -210,6 +237,7 @@ export class GpuBackend {
       backend: 'cuda',
       device: this.info.device,
       memory: this.info.memory,
+      ...(this.wave && { wave: this.wave.stats() }),
       pool: { budgetBytes: this.budget, blockSize: POOL_BLOCK, ...this.shape, reservedBytes: this.reserved, ...(this.failure && !this.pool && { failure: this.failure }), ...this.pool?.stats() },
     };
   }
@@ -217,6 +245,7 @@ export class GpuBackend {
   close(): void {
     this.pool?.close();
     this.pool = undefined;
+    this.wave?.close();
   }
 }
 

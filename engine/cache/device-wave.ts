@@ -1,0 +1,144 @@
+// `wave` on the GPU (issue #13): a document layer's clusters and its K/V held
+// on the device (addon/wave-gpu.ts), so that one native call per layer-step
+// ranks the clusters, rescores their members, keeps the budget, attends the
+// kept rows with the sinks and window and estimates everything else — the
+// document's whole share of the attention — with no per-block host work.
+// The session's own tokens stay on the host (they grow every step) and are
+// merged by the decode step.
+//
+// A layer's store is made on the first GPU step over it and shared by every
+// session of the document. Stores live within their own device budget
+// (GpuBackendOptions.waveBudgetBytes, beside the block pool's), the least
+// recently used evicted first, never one a step is reading; a layer whose
+// store cannot be held steps on the host path, as without a GPU. The upload
+// at first use is synchronous (about a second per 1M-token layer).
+import { WaveGpuStore, type WaveGpuStepResult } from '../../addon/wave-gpu.js';
+import type { ModelShape } from '../../core/model.js';
+import { PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
+
+interface Entry {
+  store: WaveGpuStore;
+  bytes: number;
+  /** Steps reading the store now. */
+  pins: number;
+}
+
+export interface DeviceWaveStats {
+  budgetBytes: number;
+  usedBytes: number;
+  stores: number;
+  /** Layers that stepped on the host because their store could not be held. */
+  refused: number;
+  evictions: number;
+}
+
+/** Device bytes a layer's store takes: summaries, member lists, K and V (native/cuda/wave_step.cu's layout, before alignment). */
+export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: number): number {
+  let b = 0;
+  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + 3 * headDim * 2 + 8) + tokens * (8 + 4 * headDim);
+  return b;
+}
+
+export class DeviceWaveStores {
+  /** Entries by (segment, layer) key, least recently used first (Map keeps insertion order). */
+  private readonly lru = new Map<string, Entry>();
+  private used = 0;
+  private refused = 0;
+  private evictions = 0;
+
+  constructor(readonly budgetBytes: number) {}
+
+  /**
+   * The store of a document layer (`key`), made on first use, pinned until
+   * `release`; undefined when it cannot be held beside the stores steps are
+   * reading (the caller steps on the host).
+   */
+  acquire(key: string, heads: ClusterIndex[], model: ModelShape): { store: WaveGpuStore; release: () => void } | undefined {
+    let e = this.lru.get(key);
+    if (e) {
+      this.lru.delete(key);
+      this.lru.set(key, e);
+    } else {
+      const tokens = heads[0].arrays.tokens;
+      const bytes = waveStoreBytes(heads, tokens, model.headDim);
+      if (!this.makeRoom(bytes)) {
+        this.refused++;
+        return undefined;
+      }
+      try {
+        const store = WaveGpuStore.create({
+          kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, tokens,
+          heads: heads.map((h) => ({
+            centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
+            varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
+          })),
+        });
+        e = { store, bytes, pins: 0 };
+      } catch (err) {
+        // Out of device memory or a shape the kernels refuse: the host path answers.
+        this.refused++;
+        console.error(`kvrecall: wave layer ${key} stays on the host: ${String(err)}`);
+        return undefined;
+      }
+      this.lru.set(key, e);
+      this.used += bytes;
+    }
+    const entry = e;
+    entry.pins++;
+    return { store: entry.store, release: () => void entry.pins-- };
+  }
+
+  private makeRoom(bytes: number): boolean {
+    if (bytes > this.budgetBytes) return false;
+    for (const [key, e] of this.lru) {
+      if (this.used + bytes <= this.budgetBytes) break;
+      if (e.pins > 0) continue;
+      e.store.close();
+      this.lru.delete(key);
+      this.used -= e.bytes;
+      this.evictions++;
+    }
+    return this.used + bytes <= this.budgetBytes;
+  }
+
+  stats(): DeviceWaveStats {
+    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions };
+  }
+
+  close(): void {
+    for (const e of this.lru.values()) e.store.close();
+    this.lru.clear();
+    this.used = 0;
+  }
+}
+
+export interface DocumentStepArgs {
+  q: Float32Array;
+  qHeads: number;
+  scale: number;
+  /** Per kv head: ids searched for (the kept ones plus the rows the static ranges cover), as staticPlusRetrieved asks. */
+  searchK: number;
+  /** Per kv head: ids kept after those inside `ranges` are dropped. */
+  keep: number;
+  /** Sinks and window in the document's rows (attended exactly, never retrieved). */
+  ranges: [number, number][];
+  estimate: boolean;
+}
+
+/**
+ * The document's part of a wave layer-step on the device: the same ids,
+ * estimate and attention as the host path (staticPlusRetrieved over
+ * ClusterIndex.searchHeads, the cache's exact attention, estimateRest), in
+ * one call.
+ */
+export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<WaveGpuStepResult> {
+  const exact: number[] = [];
+  for (const [lo, hi] of a.ranges) for (let t = lo; t < hi; t++) exact.push(t);
+  const kvHeads = store.options.kvHeads;
+  return store.step({
+    q: a.q, qHeads: a.qHeads, scale: a.scale,
+    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, ranking: { kind: 'spread', spread: SPREAD },
+    exact: Int32Array.from(exact), skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
+    estimate: a.estimate, attend: true, rest: 'rows',
+  });
+}

@@ -1,0 +1,69 @@
+// The wave layer-step of a GPU session whose document layer the device holds
+// (engine/cache/device-wave.ts): one native call gives the document's share
+// of the attention — the ids the host path would keep, the sinks and window,
+// the estimate of everything else — and the session's own tokens are
+// attended as any step's and merged by log-sum-exp. The answer, the ids and
+// the estimate are the host path's (test/integration/gpu-wave.test.ts).
+import type { LayerContext, SearchParams, Selection, SelectionPart } from '../index/method.js';
+import { staticRanges } from '../index/static-plus-retrieved.js';
+import { WAVE } from '../index/wave/wave.js';
+import type { ClusterIndex } from '../index/wave/cluster-index.js';
+import { stepDocument } from './cache/device-wave.js';
+import { mergeInto } from './estimate.js';
+import type { Session } from './session.js';
+
+export interface DeviceStep {
+  selection: Selection;
+  /** Tokens the estimate covered, per kv head (when the layer estimates). */
+  estimated?: number;
+  /** The native call's wall ms (selection, estimate and the document's attention). */
+  deviceMs: number;
+  /** The call on the device's stream, CUDA events. */
+  kernelMs: number;
+}
+
+/**
+ * Runs the step on the device when it can: a `wave` session on the GPU,
+ * one document, whose layer the device holds (or can be made to). Returns
+ * undefined otherwise, having done nothing: the host path runs.
+ */
+export async function waveOnDevice(session: Session, ctx: LayerContext, p: SearchParams, q: Float32Array, scale: number,
+                                   out: Float32Array, lse: Float32Array): Promise<DeviceStep | undefined> {
+  const gpu = session.gpu, heads = ctx.indexes[0] as ClusterIndex[] | undefined;
+  if (!gpu || session.method.name !== WAVE || ctx.segments.length !== 2 || !heads) return undefined;
+  const doc = ctx.segments[0], own = ctx.segments[1];
+  if (doc.tokens === 0) return undefined;
+  const held = gpu.waveLayer(session.model, doc, ctx.layer, heads);
+  if (!held) return undefined;
+  try {
+    // What staticPlusRetrieved asks of the index: the budget beyond the
+    // static ranges, searched for with room for ids those ranges hold.
+    const ranges = staticRanges(ctx, 0, p);
+    const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
+    const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
+    const t0 = performance.now();
+    const r = await stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate: session.clustersFor(ctx.layer) !== undefined });
+    const deviceMs = performance.now() - t0;
+    // The own tokens, on the host as on every path, merged in.
+    const parts: SelectionPart[] = ranges.map(([begin, end]) => ({ segment: doc, begin, end }));
+    parts.push({ segment: doc, ids: r.ids });
+    if (own.tokens > 0) {
+      const ownPart: SelectionPart = { segment: own, begin: 0, end: own.tokens };
+      await session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse });
+      parts.push(ownPart);
+      mergeInto(out, lse, r.out, r.lse, ctx.headDim);
+    } else {
+      out.set(r.out);
+      lse.set(r.lse);
+    }
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    return {
+      selection: { parts, scanned: mean(r.scanned) },
+      ...(session.clustersFor(ctx.layer) && { estimated: mean(r.estimated) }),
+      deviceMs,
+      kernelMs: r.ms,
+    };
+  } finally {
+    held.release();
+  }
+}

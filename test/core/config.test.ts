@@ -1,0 +1,24 @@
+// The server's configuration from flags and environment (core/config.ts):
+// the GPU budgets among them, and bad values refused with the flag named.
+import { describe, expect, it } from 'vitest';
+import { DEFAULTS, parseConfig } from '../../core/config.js';
+
+describe('parseConfig', () => {
+  it('takes the pool and the wave budgets from flags, and from the environment when no flag says', () => {
+    expect(parseConfig([], {})).toEqual(DEFAULTS);
+    const cfg = parseConfig(['--gpu-budget', '1024', '--gpu-wave-budget', '4294967296'], {});
+    expect(cfg.gpuBudget).toBe(1024);
+    expect(cfg.gpuWaveBudget).toBe(4294967296);
+    const env = parseConfig([], { KVRECALL_GPU_BUDGET: '0', KVRECALL_GPU_WAVE_BUDGET: '8589934592' });
+    expect(env.gpuBudget).toBe(0);
+    expect(env.gpuWaveBudget).toBe(8589934592);
+    expect(parseConfig(['--gpu-wave-budget', '7'], { KVRECALL_GPU_WAVE_BUDGET: '9' }).gpuWaveBudget).toBe(7);
+  });
+
+  it('refuses a budget that is not a non-negative integer, naming where it came from', () => {
+    expect(() => parseConfig(['--gpu-wave-budget', '-1'], {})).toThrow(/--gpu-wave-budget/);
+    expect(() => parseConfig(['--gpu-wave-budget', '1.5'], {})).toThrow(/--gpu-wave-budget/);
+    expect(() => parseConfig([], { KVRECALL_GPU_WAVE_BUDGET: 'lots' })).toThrow(/KVRECALL_GPU_WAVE_BUDGET/);
+    expect(() => parseConfig(['--gpu-wave-budget'], {})).toThrow(/incomplete/);
+  });
+});

@@ -1,0 +1,84 @@
+// `wave` on the GPU (engine/cache/device-wave.ts, engine/wave-on-device.ts):
+// a server with a wave budget holds a document's layers on the device and
+// answers each step in one native call; it selects the ids a CPU-only
+// server selects and answers as it does (the estimate on and off), and with
+// the estimate off as float64 attention over those ids. Skipped without a
+// CUDA device (here and in CI): bench/gpu-visit.sh runs it on the GPU host.
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { RunningServer } from '../../api/server.js';
+import { cudaAvailable } from '../../addon/cuda.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
+import { startInProcess, tempDataDir } from '../helpers/server.js';
+
+const seed = freshSeed();
+console.log(`gpu-wave: seed ${seed}`);
+const gpu = cudaAvailable();
+
+type Health = { gpu: { wave?: { stores: number; refused: number } } };
+
+describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
+  const model = { layers: 2, qHeads: 16, kvHeads: 4, headDim: 128, dtype: 'f16' as const };
+  const { qHeads, kvHeads, headDim: d } = model;
+  const DOC = 6000;
+  const dirs = [tempDataDir(), tempDataDir()];
+  let onGpu: RunningServer, onCpu: RunningServer;
+  const chunks: KvChunk[] = [];
+
+  beforeAll(async () => {
+    onGpu = await startInProcess(dirs[0].dir, { gpuWaveBudget: 4 * 2 ** 30 });
+    onCpu = await startInProcess(dirs[1].dir, { gpuBudget: 0 });
+    const rng = new Rng(seed);
+    for (let l = 0; l < model.layers; l++) chunks.push(randomKv(rng, 'f16', kvHeads, DOC, d));
+    for (const s of [onGpu, onCpu]) {
+      const c = new KvrecallClient({ url: s.url });
+      await c.createDocument('doc', model, { methods: ['wave'] });
+      for (let l = 0; l < model.layers; l++) await c.uploadDocumentKv('doc', { layer: l, start: 0, k: chunks[l].k, v: chunks[l].v });
+      await c.sealDocument('doc');
+    }
+  }, 240_000);
+  afterAll(async () => {
+    for (const s of [onGpu, onCpu]) await s?.close();
+    for (const t of dirs) t.cleanup();
+  });
+
+  for (const estimate of [true, false])
+    it(`estimate ${estimate ? 'on' : 'off'}: the device selects the CPU server's ids and answers as it does, step after step`, async () => {
+      const rng = new Rng(seed + (estimate ? 1 : 2));
+      const params = { method: 'wave', budget: 180, sinks: 16, window: 64, estimate };
+      const sessions = await Promise.all([onGpu, onCpu].map(async (s) => {
+        const c = new KvrecallClient({ url: s.url });
+        return { c, id: (await c.createSession({ model, documents: ['doc'], ...params })).id };
+      }));
+      const own: KvChunk[][] = [[], []];
+      for (let step = 0; step < 4; step++)
+        for (let layer = 0; layer < model.layers; layer++) {
+          const tok = randomKv(rng, 'f16', kvHeads, 1, d);
+          own[layer].push(tok);
+          // Queries near document keys: attention with a few heavy rows, as decoding sees.
+          const q = randomQ(rng, qHeads, d, 2);
+          const body = { layer, q: tensor('f32', [qHeads, d], q), k: { ...tok.k, shape: [kvHeads, d] }, v: { ...tok.v, shape: [kvHeads, d] }, return: ['out', 'selection'] as ('out' | 'selection')[] };
+          const [g, c] = await Promise.all(sessions.map((s) => s.c.attend(s.id, body)));
+          expect(g.stats.backend).toBe('cuda');
+          expect(c.stats.backend).toBe('cpu');
+          for (let h = 0; h < kvHeads; h++) expect(Array.from(g.selection![h]).sort((a, b) => a - b)).toEqual(Array.from(c.selection![h]).sort((a, b) => a - b));
+          expect(g.stats.attended).toBe(c.stats.attended);
+          if (estimate) expect(g.stats.estimated).toBe(c.stats.estimated);
+          // f32 tiles on the device against the host's native estimate: 1e-4 relative.
+          expect(maxRelError(g.out, c.out, qHeads)).toBeLessThan(1e-4);
+          expect(maxRelErrorScalar(g.lse, c.lse)).toBeLessThan(1e-4);
+          if (!estimate) {
+            const all = [chunks[layer], ...own[layer]];
+            const rows = g.selection!.map((ids) => Array.from(ids));
+            const ref = referenceAttention(q, concatValues(all, 'kValues'), concatValues(all, 'vValues'), qHeads, d, 1 / Math.sqrt(d), rows);
+            expect(maxRelError(g.out, ref.out, qHeads)).toBeLessThan(1e-4);
+            expect(maxRelErrorScalar(g.lse, ref.lse)).toBeLessThan(1e-4);
+          }
+        }
+      const h = (await sessions[0].c.health()) as Health;
+      expect(h.gpu.wave?.stores).toBe(model.layers);
+      expect(h.gpu.wave?.refused).toBe(0);
+    }, 240_000);
+});
