@@ -15,19 +15,8 @@
 #
 # Each stage has its own time limit so one hang cannot eat the visit; the
 # log and every bench/results file the visit wrote land in $OUT.
-set -o pipefail
 OUT=${OUT:-/tmp/gpu-visit}
-mkdir -p "$OUT"
-L=$OUT/log.txt
-T0=$(date +%s)
-touch "$OUT/.start"
-stamp() { echo "== $1 $(( $(date +%s) - T0 ))s" | tee -a "$L"; }
-step() { # step <seconds> <label> <command...>
-  local limit=$1 label=$2; shift 2
-  stamp "$label"
-  timeout "$limit" "$@" 2>&1 | tee -a "$L"
-  echo "$label rc=${PIPESTATUS[0]}" | tee -a "$L"
-}
+source "$(dirname "$0")/visit-lib.sh"
 
 node --version | tee -a "$L"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1 | tee -a "$L"

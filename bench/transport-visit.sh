@@ -15,19 +15,9 @@
 #   msgpack (skipped otherwise).
 # Each stage has its own time limit; the log and every results file written
 # land in $OUT (results/), to commit from the development machine.
-set -o pipefail
 OUT=${OUT:-/tmp/transport-visit}
 mkdir -p "$OUT/results"
-L=$OUT/log.txt
-T0=$(date +%s)
-touch "$OUT/.start"
-stamp() { echo "== $1 $(( $(date +%s) - T0 ))s" | tee -a "$L"; }
-step() { # step <seconds> <label> <command...>
-  local limit=$1 label=$2; shift 2
-  stamp "$label"
-  timeout "$limit" "$@" 2>&1 | tee -a "$L"
-  echo "$label rc=${PIPESTATUS[0]}" | tee -a "$L"
-}
+source "$(dirname "$0")/visit-lib.sh"
 
 node --version | tee -a "$L"
 nproc | tee -a "$L"

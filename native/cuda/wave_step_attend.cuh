@@ -37,14 +37,8 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) src[k] = (int64_t(h) * p.N + t) * p.d;
     }
   }
-  int live = 0;
-  const int pos = BlockExclusiveScan(int(src[0] >= 0) + int(src[1] >= 0), nScratch, live);
   int at[2];
-  at[0] = pos;
-  at[1] = pos + int(src[0] >= 0);
-#pragma unroll
-  for (int k = 0; k < 2; ++k)
-    if (src[k] >= 0) sSrc[at[k]] = src[k];
+  const int live = CompactRows(src, sSrc, nScratch, at);
   __syncthreads();
   const int part = p.attendPart0 + blockIdx.x;
   const int half = threadIdx.x & 1, pair = threadIdx.x >> 1, nd = p.d / 8;

@@ -172,6 +172,20 @@ __device__ void BlockReduceGC(float (&v)[kGC], Op op, float* scratch /* [32 * kG
   __syncthreads();
 }
 
+// The tile rows this thread holds (src[k] >= 0: two per thread) compacted
+// into sSrc in thread order, so a tile's sums do not depend on timing;
+// at[k]: each one's place. Returns the tile's rows. Every thread calls it.
+__device__ __forceinline__ int CompactRows(const int64_t (&src)[2], int64_t* sSrc, int* scratch, int (&at)[2]) {
+  int live = 0;
+  const int pos = BlockExclusiveScan(int(src[0] >= 0) + int(src[1] >= 0), scratch, live);
+  at[0] = pos;
+  at[1] = pos + int(src[0] >= 0);
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+    if (src[k] >= 0) sSrc[at[k]] = src[k];
+  return live;
+}
+
 // The numerators of one tile for q heads qh0 .. qh0 + gc: sign · Σ_i sE[g, i]
 // · row_i over its `live` compacted rows (rows + sSrc[i]), d/8 lanes per row,
 // row groups summed apart and added in group order (deterministic). Every
@@ -263,14 +277,8 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
     est = BlockReduce(est, Add(), iScratch);
     if (threadIdx.x == 0) p.pest[size_t(h) * p.nMain + blockIdx.x] = est;
   }
-  int live = 0;
-  const int pos = BlockExclusiveScan(int(src[0] >= 0) + int(src[1] >= 0), nScratch, live);
   int at[2];
-  at[0] = pos;
-  at[1] = pos + int(src[0] >= 0);
-#pragma unroll
-  for (int k = 0; k < 2; ++k)
-    if (src[k] >= 0) sSrc[at[k]] = src[k];
+  const int live = CompactRows(src, sSrc, nScratch, at);
   const int part = (kRows ? p.nMain : 0) + blockIdx.x;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
