@@ -12,7 +12,7 @@
 // recently used evicted first, never one a step is reading; a layer whose
 // store cannot be held steps on the host path, as without a GPU. The upload
 // at first use is synchronous (about a second per 1M-token layer).
-import { WaveGpuStore, type WaveGpuStepResult } from '../../addon/wave-gpu.js';
+import { WaveGpuStore, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
 
@@ -46,7 +46,11 @@ export class DeviceWaveStores {
   private refused = 0;
   private evictions = 0;
 
-  constructor(readonly budgetBytes: number) {}
+  constructor(
+    readonly budgetBytes: number,
+    /** The device's store (a stand-in where no device runs: the budget and eviction logic's tests). */
+    private readonly create: (o: WaveGpuStoreOptions) => WaveGpuStore = (o) => WaveGpuStore.create(o),
+  ) {}
 
   /**
    * The store of a document layer (`key`), made on first use, pinned until
@@ -66,7 +70,7 @@ export class DeviceWaveStores {
         return undefined;
       }
       try {
-        const store = WaveGpuStore.create({
+        const store = this.create({
           kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, tokens,
           heads: heads.map((h) => ({
             centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,

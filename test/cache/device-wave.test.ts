@@ -1,0 +1,90 @@
+// The device wave stores' budget (engine/cache/device-wave.ts): a layer's
+// store is made once and shared, the least recently used one is evicted to
+// make room, never one a step is reading, a layer that cannot be held (too
+// big, every store pinned, the device refusing) is refused so the step runs
+// on the host. The device itself cannot run here: the stores are stand-ins
+// that record their closing; the clusters are the real builder's. On a GPU,
+// test/integration/gpu-wave.test.ts runs the real stores through a server.
+import { describe, expect, it } from 'vitest';
+import { bytesOf, convert } from '../../addon/kernels.js';
+import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
+import type { ModelShape } from '../../core/model.js';
+import { DeviceWaveStores, waveStoreBytes } from '../../engine/cache/device-wave.js';
+import { buildClusters } from '../../index/wave/cluster-build.js';
+import { decodeClusters } from '../../index/wave/cluster-codec.js';
+import { ClusterIndex } from '../../index/wave/cluster-index.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' };
+const N = 600;
+
+async function layerHeads(rng: Rng): Promise<ClusterIndex[]> {
+  const words = () => {
+    const f = Float32Array.from({ length: N * model.headDim }, () => rng.normal()), w = new Uint16Array(f.length);
+    convert(bytesOf(f), 'f32', bytesOf(w), 'f16', f.length);
+    return w;
+  };
+  return Promise.all(Array.from({ length: model.kvHeads }, async () => {
+    const keys = words(), values = words();
+    const bytes = await buildClusters({ keys, values, tokens: N, headDim: model.headDim, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 },
+      { clusterSize: 8, segmentTokens: 8192, iterations: 2, seed: 1 });
+    return new ClusterIndex(decodeClusters(bytes), keys, values);
+  }));
+}
+
+/** Stand-in stores: which were made (with what) and which closed. */
+function standIns() {
+  const made: { options: WaveGpuStoreOptions; closed: boolean }[] = [];
+  let fail = false;
+  const create = (options: WaveGpuStoreOptions) => {
+    if (fail) throw new Error('out of device memory');
+    const rec = { options, closed: false };
+    made.push(rec);
+    return { close: () => void (rec.closed = true) } as unknown as WaveGpuStore;
+  };
+  return { made, create, failNext: (f: boolean) => void (fail = f) };
+}
+
+describe('device wave stores', () => {
+  it('shares a layer, evicts the least recently used unpinned one, refuses what cannot be held', async () => {
+    const heads = await layerHeads(new Rng(seed));
+    const bytes = waveStoreBytes(heads, N, model.headDim);
+    // K and V of every head are the bulk: 2 heads × 600 rows × 16 × 2 bytes × 2.
+    expect(bytes).toBeGreaterThan(2 * N * model.headDim * 4);
+    const s = standIns();
+    const stores = new DeviceWaveStores(Math.floor(2.5 * bytes), s.create);
+
+    const a = stores.acquire('a', heads, model)!;
+    expect(s.made).toHaveLength(1);
+    expect(s.made[0].options).toMatchObject({ kvHeads: 2, headDim: 16, dtype: 'f16', tokens: N });
+    expect(s.made[0].options.heads[1].keys).toBe(heads[1].keys);
+    a.release();
+    const b = stores.acquire('b', heads, model)!; // pinned until the end
+    const again = stores.acquire('a', heads, model)!;
+    expect(again.store).toBe(a.store); // shared, not made twice
+    expect(s.made).toHaveLength(2);
+    again.release();
+
+    // Room for c: a (least recently used and unpinned) goes, b (pinned) stays.
+    const c = stores.acquire('c', heads, model)!;
+    expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
+    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 2 * bytes, evictions: 1, refused: 0 });
+
+    // Both held stores pinned: d cannot be held, nothing is closed.
+    expect(stores.acquire('d', heads, model)).toBeUndefined();
+    expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
+    // Larger than the whole budget, and the device refusing: the host path too.
+    expect(new DeviceWaveStores(bytes - 1, s.create).acquire('e', heads, model)).toBeUndefined();
+    c.release();
+    s.failNext(true);
+    expect(stores.acquire('f', heads, model)).toBeUndefined();
+    expect(stores.stats()).toMatchObject({ stores: 1, refused: 2, evictions: 2 }); // c was evicted to try f
+    s.failNext(false);
+
+    b.release();
+    stores.close();
+    expect(s.made.every((m) => m.closed)).toBe(true);
+    expect(stores.stats()).toMatchObject({ stores: 0, usedBytes: 0 });
+  });
+});
