@@ -4,17 +4,9 @@
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { findPython } from '../helpers/python.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
-
-function findPython(): string | undefined {
-  const candidates = [process.env.KVRECALL_PYTHON, 'python3', '/usr/bin/python3'].filter((p): p is string => !!p);
-  for (const py of candidates) {
-    const r = spawnSync(py, ['-c', 'import numpy, msgpack'], { stdio: 'ignore', timeout: 20_000 });
-    if (r.status === 0) return py;
-  }
-  return undefined;
-}
 
 const python = findPython();
 if (!python) console.warn('bench model helpers: skipped, no python3 with numpy and msgpack');

@@ -3,23 +3,15 @@
 // numpy and msgpack is found (Debian: apt-get install python3-numpy
 // python3-msgpack; a pyenv python3 may not see them, so /usr/bin/python3 is
 // tried too; KVRECALL_PYTHON picks one).
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { findPython } from '../helpers/python.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
-
-function findPython(): string | undefined {
-  const candidates = [process.env.KVRECALL_PYTHON, 'python3', '/usr/bin/python3'].filter((p): p is string => !!p);
-  for (const py of candidates) {
-    const r = spawnSync(py, ['-c', 'import numpy, msgpack'], { stdio: 'ignore', timeout: 20_000 });
-    if (r.status === 0) return py;
-  }
-  return undefined;
-}
 
 const python = findPython();
 if (!python) console.warn('python-client: skipped, no python3 with numpy and msgpack (apt-get install python3-numpy python3-msgpack)');
