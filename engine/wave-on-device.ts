@@ -41,8 +41,9 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const ranges = staticRanges(ctx, 0, p);
     const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
     const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
+    const estimate = session.clustersFor(ctx.layer) !== undefined;
     const t0 = performance.now();
-    const r = await stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate: session.clustersFor(ctx.layer) !== undefined });
+    const r = await stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate });
     const deviceMs = performance.now() - t0;
     // The own tokens, on the host as on every path, merged in.
     const parts: SelectionPart[] = ranges.map(([begin, end]) => ({ segment: doc, begin, end }));
@@ -59,7 +60,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     return {
       selection: { parts, scanned: mean(r.scanned) },
-      ...(session.clustersFor(ctx.layer) && { estimated: mean(r.estimated) }),
+      ...(estimate && { estimated: mean(r.estimated) }),
       deviceMs,
       kernelMs: r.ms,
     };

@@ -27,7 +27,7 @@ export interface DeviceWaveStats {
   budgetBytes: number;
   usedBytes: number;
   stores: number;
-  /** Layers that stepped on the host because their store could not be held. */
+  /** Steps that ran on the host because their layer's store could not be held. */
   refused: number;
   evictions: number;
 }
@@ -45,6 +45,11 @@ export class DeviceWaveStores {
   private used = 0;
   private refused = 0;
   private evictions = 0;
+  /**
+   * Layers the device refused to hold (out of memory, a shape the kernels
+   * refuse): not tried again, or every step would copy gigabytes to fail.
+   */
+  private readonly failed = new Set<string>();
 
   constructor(
     readonly budgetBytes: number,
@@ -59,6 +64,10 @@ export class DeviceWaveStores {
    */
   acquire(key: string, heads: ClusterIndex[], model: ModelShape): { store: WaveGpuStore; release: () => void } | undefined {
     let e = this.lru.get(key);
+    if (!e && this.failed.has(key)) {
+      this.refused++;
+      return undefined;
+    }
     if (e) {
       this.lru.delete(key);
       this.lru.set(key, e);
@@ -79,8 +88,9 @@ export class DeviceWaveStores {
         });
         e = { store, bytes, pins: 0 };
       } catch (err) {
-        // Out of device memory or a shape the kernels refuse: the host path answers.
+        // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
         this.refused++;
+        this.failed.add(key);
         console.error(`kvrecall: wave layer ${key} stays on the host: ${String(err)}`);
         return undefined;
       }

@@ -1,8 +1,8 @@
 // The device wave stores' budget (engine/cache/device-wave.ts): a layer's
 // store is made once and shared, the least recently used one is evicted to
 // make room, never one a step is reading, a layer that cannot be held (too
-// big, every store pinned, the device refusing) is refused so the step runs
-// on the host. The device itself cannot run here: the stores are stand-ins
+// big, every store pinned, the device refusing — that one for good) is
+// refused so the step runs on the host. The device itself cannot run here: the stores are stand-ins
 // that record their closing; the clusters are the real builder's. On a GPU,
 // test/integration/gpu-wave.test.ts runs the real stores through a server.
 import { describe, expect, it } from 'vitest';
@@ -80,7 +80,12 @@ describe('device wave stores', () => {
     s.failNext(true);
     expect(stores.acquire('f', heads, model)).toBeUndefined();
     expect(stores.stats()).toMatchObject({ stores: 1, refused: 2, evictions: 2 }); // c was evicted to try f
+    // A layer the device refused is not tried again (each try would copy the layer).
     s.failNext(false);
+    const tries = s.made.length;
+    expect(stores.acquire('f', heads, model)).toBeUndefined();
+    expect(s.made).toHaveLength(tries);
+    expect(stores.stats()).toMatchObject({ refused: 3 });
 
     b.release();
     stores.close();
