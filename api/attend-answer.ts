@@ -7,6 +7,8 @@ import { convert } from '../addon/kernels.js';
 import { tensorOf } from '../core/tensor.js';
 import type { AttendAnswer } from '../engine/sessions.js';
 
+type ErrorOf = (e: unknown) => { code: string; message: string };
+
 export function attendAnswer(res: AttendAnswer): Record<string, unknown> {
   const m = res.model;
   return {
@@ -26,13 +28,17 @@ export function attendAnswer(res: AttendAnswer): Record<string, unknown> {
 function outTensor(res: AttendAnswer): ReturnType<typeof tensorOf> {
   const shape = [res.model.qHeads, res.model.headDim];
   if (res.outDtype === 'f32') return tensorOf('f32', shape, res.out);
-  const words = new Uint16Array(res.out.length);
-  convert(new Uint8Array(res.out.buffer, res.out.byteOffset, res.out.byteLength), 'f32', new Uint8Array(words.buffer), res.outDtype, res.out.length);
+  // Rounded in the step (engine/sessions.ts); here only for a result made without it.
+  let words = res.outWords;
+  if (!words) {
+    words = new Uint16Array(res.out.length);
+    convert(new Uint8Array(res.out.buffer, res.out.byteOffset, res.out.byteLength), 'f32', new Uint8Array(words.buffer), res.outDtype, res.out.length);
+  }
   return tensorOf(res.outDtype, shape, words);
 }
 
 /** One batch step's answer: the attend's, or its error. */
-export function batchAnswer(r: PromiseSettledResult<AttendAnswer>, errorOf: (e: unknown) => { code: string; message: string }): Record<string, unknown> {
+export function batchAnswer(r: PromiseSettledResult<AttendAnswer>, errorOf: ErrorOf): Record<string, unknown> {
   if (r.status === 'fulfilled') return attendAnswer(r.value);
   const { code, message } = errorOf(r.reason);
   return { error: { code, message } };

@@ -8,11 +8,12 @@
 // (@hono/node-server builds both for every request), the middleware chain
 // and msgpackr's growing of a fresh answer buffer were most of the rest. Here
 // the body is read into one buffer of its Content-Length and decoded with
-// tensors as views into it; the answer's header bytes and its tensors' own
-// arrays are written to the socket in one corked write, never assembled.
+// tensors as views into it; the answer is joined into one buffer and
+// written with its head.
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
 import { KvrecallError, tooLarge } from '../core/errors.js';
-import { packParts, type Parts } from '../core/msgpack-parts.js';
+import { joinParts, packParts, type Parts } from '../core/msgpack-parts.js';
+import { BufferPool } from '../storage/buffer-pool.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { tokenAccepted } from './auth.js';
@@ -23,6 +24,9 @@ import type { Metrics } from './metrics.js';
 const SINGLE = /^\/v1\/sessions\/([^/?]+)\/attend(?:\?.*)?$/;
 const BATCH = /^\/v1\/attend(?:\?.*)?$/;
 const MSGPACK = 'application/msgpack';
+/** Answers from this size up (a batch's) are joined into pooled buffers, kept warm. */
+const POOLED = 1 << 16;
+const answers = new BufferPool(4);
 
 export interface FastAttendOptions {
   token?: string;
@@ -78,14 +82,20 @@ async function serve(req: IncomingMessage, res: ServerResponse, route: { name: s
   metrics.countRequest(route.name, status);
 }
 
-/** The answer's parts in one corked write: the head and the tensors' bytes leave together. */
-function send(res: ServerResponse, { parts, byteLength }: Parts): void {
+/**
+ * The answer's parts joined into one buffer (a pooled one when large, given
+ * back once written) and ended with the head: one write of two buffers.
+ * Written part by part through ServerResponse it cost ~140 µs per answer
+ * on the 2-core VM, the join of 16 KB a few.
+ */
+function send(res: ServerResponse, parts: Parts): void {
   if (res.destroyed) return;
-  res.writeHead(200, ['content-type', MSGPACK, 'content-length', String(byteLength)]);
-  res.cork();
-  for (const p of parts) res.write(p);
-  res.end();
-  res.uncork();
+  const pooled = parts.byteLength >= POOLED;
+  const buf = pooled ? answers.take(parts.byteLength) : Buffer.allocUnsafe(parts.byteLength);
+  const body = joinParts(parts, buf);
+  res.writeHead(200, ['content-type', MSGPACK, 'content-length', String(parts.byteLength)]);
+  if (pooled) res.end(body, () => answers.give(buf));
+  else res.end(body);
 }
 
 /** Answers an error as the Hono app does (JSON `{error}`), closing a connection whose body was left unread. */

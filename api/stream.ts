@@ -7,79 +7,82 @@
 // and the sessions survive it, and a client that goes away leaves its
 // sessions as they are.
 //
-// Hono's Node WebSocket helper (@hono/node-ws) needs @hono/node-server 1.x;
-// this server runs 2.x, so the upgrade is handled here with `ws`, as the
-// helper itself does.
+// The WebSocket itself is api/websocket.ts (our own framing; Hono's Node
+// helper needs @hono/node-server 1.x, and `ws` gathered every message into
+// a fresh buffer). A request's tensors are read as views of its message;
+// its answer is packed straight into its frame.
 import type { IncomingMessage, Server } from 'node:http';
+import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { WebSocketServer, WebSocket, type RawData } from 'ws';
 import { malformed } from '../core/errors.js';
 import { joinParts, packParts } from '../core/msgpack-parts.js';
 import { unpackView } from '../core/msgpack-parts-decode.js';
-import { BufferPool } from '../storage/buffer-pool.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
-
-/** Answer frames from this size up are joined into a warm buffer, given back once the socket took it. */
-const POOLED_FRAME = 1 << 16;
-const frames = new BufferPool(8);
+import { acceptHandshake, handshakeProblem, WsConnection } from './websocket.js';
 
 export interface StreamOptions {
   token?: string;
-  /** Largest frame accepted (the body limit of the HTTP routes). */
+  /** Largest message accepted (the body limit of the HTTP routes). */
   maxFrame: number;
 }
 
 /** Serves the stream on `server`; close() ends every open stream (their sessions stay). */
 export function attachStream(server: Server, sessions: Sessions, metrics: Metrics, opts: StreamOptions): { close(): void } {
-  const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxFrame, perMessageDeflate: false });
+  const open = new Set<WsConnection>();
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const path = new URL(req.url ?? '/', 'http://localhost').pathname;
     if (path !== '/v1/stream') return refuse(socket, 404, 'Not Found');
     if (!tokenAccepted(opts.token, req.headers.authorization)) return refuse(socket, 401, 'Unauthorized');
-    wss.handleUpgrade(req, socket, head, (ws) => serve(ws, sessions, metrics));
+    const problem = handshakeProblem(req);
+    if (problem) return refuse(socket, 400, 'Bad Request', problem);
+    acceptHandshake(req, socket as Socket);
+    const conn: WsConnection = new WsConnection(socket as Socket, opts.maxFrame, serve(() => conn, sessions, metrics, () => open.delete(conn)));
+    open.add(conn);
+    conn.feed(head);
   });
-  return { close: () => wss.clients.forEach((ws) => ws.terminate()) };
+  return { close: () => open.forEach((c) => c.terminate()) };
 }
 
-function refuse(socket: Duplex, status: number, reason: string): void {
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`);
+function refuse(socket: Duplex, status: number, reason: string, why = ''): void {
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
-function serve(ws: WebSocket, sessions: Sessions, metrics: Metrics): void {
+function serve(conn: () => WsConnection, sessions: Sessions, metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
   let answered: Promise<void> = Promise.resolve();
-  ws.on('message', (data: RawData, isBinary: boolean) => {
-    const answer = handle(data, isBinary, sessions, metrics);
-    answered = answered
-      .then(() => answer)
-      .then((frame) => {
-        if (ws.readyState === WebSocket.OPEN) send(ws, frame);
-      });
-  });
-  // A socket error ends this connection only; in-flight steps finish and their answers are dropped.
-  ws.on('error', () => ws.terminate());
+  return {
+    message: (data, binary, release) => {
+      const answer = handle(data, binary, sessions, metrics);
+      answered = answered
+        .then(() => answer)
+        .then((frame) => {
+          try {
+            send(conn(), frame);
+          } finally {
+            // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one).
+            release();
+          }
+        });
+    },
+    // In-flight steps finish and their answers are dropped (send skips a closed connection).
+    closed,
+  };
 }
 
-/**
- * One answer frame: its parts (tensors as the result's own arrays) copied
- * once into one buffer; a large one into a pooled, already mapped buffer
- * (a batch of 32 answers is 0.5 MB: packed by msgpackr into fresh buffers
- * it cost 0.75 ms on the 2-core VM).
- */
-function send(ws: WebSocket, frame: Record<string, unknown>): void {
+/** One answer frame: its parts (tensors as the result's own arrays) copied once, straight after the frame header. */
+function send(conn: WsConnection, frame: Record<string, unknown>): void {
+  if (!conn.open) return;
   const parts = packParts(frame);
-  if (parts.byteLength < POOLED_FRAME) return ws.send(joinParts(parts, Buffer.allocUnsafe(parts.byteLength)));
-  const buf = frames.take(parts.byteLength);
-  ws.send(joinParts(parts, buf), () => frames.give(buf));
+  conn.sendBinary(parts.byteLength, (payload) => joinParts(parts, payload));
 }
 
-async function handle(data: RawData, isBinary: boolean, sessions: Sessions, metrics: Metrics): Promise<Record<string, unknown>> {
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, metrics: Metrics): Promise<Record<string, unknown>> {
   let id: unknown;
   try {
-    if (!isBinary || !(data instanceof Buffer)) throw malformed('frames are binary msgpack');
+    if (!isBinary) throw malformed('frames are binary msgpack');
     let frame: unknown;
     try {
       frame = unpackView(data);
