@@ -2,9 +2,9 @@
 //
 // `nosa` (NOSA): the selection is split into a query-agnostic part (the
 // blocks with the highest stable importance, plus sinks and the recent
-// window) and a query-aware part (top blocks by their optimistic score,
-// q · block mean + α · ‖q‖ · block radius, α the head's radius share
-// calibrated at seal; block-summary.ts),
+// window) and a query-aware part (top blocks by their best representative's
+// score, q·c + α·‖q‖·r + √d·ln n over a few k-means sub-centroids per block,
+// α the head's radius share calibrated at seal; block-summary.ts),
 // under a locality constraint: a step may bring in at most `maxNew` blocks
 // that the previous step did not select, so the selected set, and what the
 // GPU block pool must copy in, changes little from step to step. In the pool its
@@ -15,12 +15,12 @@
 // baseline NOSA is compared against.
 //
 // Scoring: a GPU session's layer context offers a device scorer
-// (engine/cache/device-block-scores.ts: the summary rows [mean, radius]
-// resident on the GPU, every kv head scored and its top blocks found in one
+// (engine/cache/device-block-scores.ts: the summary rows [c, r, ln n]
+// resident on the GPU, every kv head scored and its top rows found in one
 // call); otherwise one native host pass over the same rows. Either way
-// only the candidates come back (the top `reach` blocks and last step's
-// blocks, with scores bit for bit the same), and the logic below is
-// O(candidates) per step.
+// only the candidates come back (the top `reach` blocks' rows and last
+// step's blocks' rows, with scores bit for bit the same), and the logic
+// below is O(candidates × reps) per step.
 //
 // Each block carries its eviction class to the pool (engine/cache: the CUDA
 // pool's classes + LRU, or their host model when there is no GPU). (An
@@ -152,7 +152,7 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         const agnostic = agnosticCount(budget, policy);
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
-          scanned += summary.blocks / ctx.kvHeads;
+          scanned += (summary.blocks * summary.reps) / ctx.kvHeads;
           const chosen = choose(summary, scored[h].order, prev[h], scored[h].extraScores, budget, policy).sort();
           states[h].selected = chosen;
           // Blocks the static part already covers are attended there; the

@@ -16,6 +16,7 @@ void InitRaGraph(Napi::Env env, Napi::Object exports);
 void InitFaiss(Napi::Env env, Napi::Object exports);
 void InitCuda(Napi::Env env, Napi::Object exports);
 void InitBlockScores(Napi::Env env, Napi::Object exports);
+void InitBlockReps(Napi::Env env, Napi::Object exports);
 void InitWaveGpu(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
@@ -32,6 +33,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitFaiss(env, exports);
   kvr::InitCuda(env, exports);
   kvr::InitBlockScores(env, exports);
+  kvr::InitBlockReps(env, exports);
   kvr::InitWaveGpu(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;

@@ -1,24 +1,28 @@
-// Block summaries (index/block-summary.ts): each block's mean key and radius
-// in one row [mean, radius, 0 ...], ranked by the optimistic score
-// max over the group of q·mean + α·‖q‖·radius, α the head's radius share,
-// calibrated at build from the prefill queries (issue #16).
-//  - a block with one outlier key among ordinary ones ranks above blocks of a
-//    higher mean score when the query points at the outlier, in scoreBlocks,
-//    the stateless search, and topk-blocks / nosa selections (the plain
-//    q·mean ranks it below them);
-//  - calibration picks a share above 0 where the prefill queries seek lone
-//    keys the block means hide, 0 where the large radii are spread the
-//    queries never see, and 0 without prefill queries;
-//  - the stored radius bounds every key's distance from the stored mean;
-//  - summaries from bare means (no radius) score by q·mean, bit for bit;
-//  - a block scorer is handed the rows and the augmented query rows (each
-//    head's own share), and a candidate scorer's selection is the host's;
-//  - the artifact round-trips with its share; versions 1 and 2 are refused
-//    as stale.
+// Block summaries (index/block-summary.ts): per block a few k-means
+// sub-centroids of its keys, each row [c, radius, ln count, 0 ...], ranked by
+// max over the group and the block's rows of q·c + α·‖q‖·r + √d·ln n, α the
+// head's radius share, calibrated at build from the prefill queries
+// (issue #16).
+//  - a block whose one outlier key holds more attention mass than any other
+//    block, among keys whose mean is unremarkable (and whose radius is below
+//    the spread blocks'), ranks first in scoreBlocks, the stateless search,
+//    and topk-blocks / nosa selections, while the one-mean-per-block score
+//    (q·mean + α·‖q‖·radius, computed here in float64) ranks it below the
+//    spread blocks at every share;
+//  - at share 1 a block's score bounds every one of its keys' q·k;
+//  - calibration picks a share above 0 where a needle hides inside a
+//    sub-cluster, 0 where the large radii are spread the queries never see,
+//    and 0 without prefill queries;
+//  - summaries from bare means score by q·mean, bit for bit;
+//  - a block scorer is handed the rows (blocks × reps of them) and the
+//    augmented query rows (each head's own share), and a candidate
+//    scorer's selection is the host's;
+//  - the artifact round-trips with its share and reps; versions 1 to 3 are
+//    refused as stale.
 import { describe, expect, it } from 'vitest';
 import { topkHeads, type KvDtype } from '../../addon/kernels.js';
 import { blockSummaryBuilder, nosa, topkBlocks } from '../../index/block-select.js';
-import { BlockSummary, calibrateShare, RADIUS_SHARES, SUMMARY_BLOCK, summaryStride } from '../../index/block-summary.js';
+import { BlockSummary, calibrateShare, RADIUS_SHARES, SUMMARY_BLOCK, SUMMARY_REPS, summaryStride } from '../../index/block-summary.js';
 import { isStaleArtifact, type BlockMeans, type BlockScorer, type HeadIndex, type LayerContext, type RetrievalMethod, type SearchParams } from '../../index/method.js';
 import { DEFAULT_PARAMS } from '../../engine/sessions.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
@@ -53,7 +57,7 @@ function captured(f: () => unknown): unknown {
 }
 
 /** The same summary with radius share `share`. */
-const withShare = (s: BlockSummary, share: number) => new BlockSummary(s.blocks, s.blockSize, s.tokens, s.headDim, s.dtype, s.rows, s.importance, share);
+const withShare = (s: BlockSummary, share: number) => new BlockSummary(s.blocks, s.blockSize, s.tokens, s.headDim, s.dtype, s.rows, s.importance, share, s.reps);
 
 function layerContext(heads: HeadIndex[], tokens: number, kvHeads: number, qHeads: number, d: number, memo = new Map<string, unknown>(), blockScorer?: BlockScorer): LayerContext {
   const doc = { tokens } as KvSegment, own = { tokens: 0 } as KvSegment;
@@ -66,73 +70,97 @@ function selectedBlocks(sel: Awaited<ReturnType<RetrievalMethod['select']>>, h: 
   return part ? [...part.blocks.ids[h]] : [];
 }
 
-describe('the optimistic block score', () => {
-  // 12 blocks, d = 32, the query along channel 0 (u). Ordinary keys: small
-  // noise plus a per-block offset along u; blocks 3, 6, 9 lean towards u
-  // (mean score 1.5), the rest sit at 0. Block 7's keys have no lean, but
-  // one of them is the outlier A·u: its mean score is A/64, far below 1.5,
-  // while its best key, A, beats every other key by far.
+describe('the block score', () => {
+  // 12 blocks, d = 32, the query along channel 0 (u, norm 2). Spread blocks
+  // 3, 6, 9: every key 1.5·u plus noise 3.5 in channels 1..31 (radius ~25,
+  // q·k = 3). The rest: noise 0.1. Block 7 holds one key A·u (q·k = 2A):
+  // its mean score is 2A/64, its radius ~A, below the spread blocks'. Dense
+  // attention pays block 7 exp(2A/√32) ≈ 285 against a spread block's
+  // 64·exp(3/√32) ≈ 109 (checked below): the block to select.
   const d = 32, blocks = 12, tokens = blocks * B, dtype: KvDtype = 'f16';
-  const lean = new Set([3, 6, 9]), OUTLIER_BLOCK = 7, outlier = OUTLIER_BLOCK * B + 21;
-  // Large enough that the radius term carries block 7 past the leaning blocks at share ALPHA.
-  const ALPHA = 0.5, A = 3 / ALPHA;
+  const spread = new Set([3, 6, 9]), OUTLIER_BLOCK = 7, outlier = OUTLIER_BLOCK * B + 21, A = 16;
   const makeKeys = (rng: Rng) =>
     keyWords(tokens, d, dtype, (t, j) => {
       if (t === outlier) return j === 0 ? A : 0;
-      const base = j === 0 && lean.has(Math.floor(t / B)) ? 1.5 : 0;
-      return base + 0.1 * rng.normal();
+      const b = Math.floor(t / B);
+      if (spread.has(b)) return j === 0 ? 1.5 + 0.1 * rng.normal() : 3.5 * rng.normal();
+      return 0.1 * rng.normal();
     });
   const qDir = (group: number, norm = 2) => {
     const q = new Float32Array(group * d);
     for (let g = 0; g < group; g++) q[g * d] = norm * (g === 0 ? 1 : 0.5);
     return q;
   };
+  /** Float64 from the stored keys: each block's dense attention mass (query row 0) and its one-mean score at share α. */
+  const reference = (keys: Uint16Array, q: Float32Array, group: number) => {
+    const value = valueOf(dtype), k = Array.from(keys, value);
+    const logits = Array.from({ length: tokens }, (_, t) => k.slice(t * d, (t + 1) * d).reduce((s, x, j) => s + x * q[j], 0) / Math.sqrt(d));
+    const top = Math.max(...logits), mass = new Array(blocks).fill(0);
+    logits.forEach((l, t) => (mass[Math.floor(t / B)] += Math.exp(l - top)));
+    const oneMean = (b: number, alpha: number) => {
+      const mean = new Array(d).fill(0);
+      for (let t = b * B; t < (b + 1) * B; t++) for (let j = 0; j < d; j++) mean[j] += k[t * d + j] / B;
+      let radius = 0;
+      for (let t = b * B; t < (b + 1) * B; t++) radius = Math.max(radius, Math.hypot(...mean.map((m, j) => k[t * d + j] - m)));
+      let best = -Infinity;
+      for (let g = 0; g < group; g++) {
+        const qg = q.subarray(g * d, (g + 1) * d);
+        best = Math.max(best, mean.reduce((s, m, j) => s + m * qg[j], 0) + alpha * Math.hypot(...qg) * radius);
+      }
+      return best;
+    };
+    return { mass, oneMean };
+  };
 
-  it('ranks a block with one outlier key above blocks of a higher mean score', async () => {
+  it('ranks first the block whose lone key holds the most mass, which one mean per block ranks below the spread blocks at every share', async () => {
     const rng = new Rng(seed);
     const keys = makeKeys(rng);
-    const s = withShare(await summaryOf(keys, tokens, d, dtype), ALPHA);
+    const s = withShare(await summaryOf(keys, tokens, d, dtype), 0);
     expect(s.stride).toBe(summaryStride(d));
-    expect(s.rows.length).toBe(blocks * (d + 8));
-    // The plain mean score puts the leaning blocks first: the problem.
-    const meanScore = (b: number) => 2 * s.mean(b)[0];
-    for (const b of lean) expect(meanScore(b)).toBeGreaterThan(meanScore(OUTLIER_BLOCK) + 1);
-    // The radius sees the outlier.
-    expect(s.radius(OUTLIER_BLOCK)).toBeGreaterThan(A * 0.9);
-    for (const b of lean) expect(s.radius(b)).toBeLessThan(1.5);
+    expect(s.reps).toBe(SUMMARY_REPS);
+    expect(s.rows.length).toBe(blocks * SUMMARY_REPS * (d + 8));
     for (const group of [1, 4]) {
       const q = qDir(group);
+      const { mass, oneMean } = reference(keys, q, group);
+      // The premise: block 7 holds the most mass, and one mean per block
+      // (any share of the calibration) ranks the spread blocks above it.
+      for (let b = 0; b < blocks; b++) if (b !== OUTLIER_BLOCK) expect(mass[OUTLIER_BLOCK]).toBeGreaterThan(2 * mass[b]);
+      for (const alpha of RADIUS_SHARES) for (const b of spread) expect(oneMean(b, alpha)).toBeGreaterThan(oneMean(OUTLIER_BLOCK, alpha));
       const { order, scores } = await s.scoreBlocks(q, group, 4);
       expect(order[0]).toBe(OUTLIER_BLOCK);
-      expect([...order.subarray(1)].sort()).toEqual([...lean].sort());
-      // The score is max over the group of q·mean + share·‖q‖·radius.
+      // The score is max over the group and the block's rows of q·c + √d·ln n (share 0).
       for (let b = 0; b < blocks; b++) {
         let want = -Infinity;
-        const m = s.mean(b), r = s.radius(b);
-        for (let g = 0; g < group; g++) {
-          let dot = 0, nn = 0;
-          for (let j = 0; j < d; j++) {
-            dot += q[g * d + j] * m[j];
-            nn += q[g * d + j] ** 2;
-          }
-          want = Math.max(want, dot + ALPHA * Math.sqrt(nn) * r);
+        for (let r = 0; r < s.reps; r++) {
+          const { centroid, logCount } = s.row(b, r);
+          for (let g = 0; g < group; g++) want = Math.max(want, centroid.reduce((a, x, j) => a + x * q[g * d + j], 0) + Math.sqrt(d) * logCount);
         }
         expect(scores[b]).toBeCloseTo(want, 3);
       }
       // The stateless view ranks the same way: block 7's tokens come first.
-      const hit = s.search(q, group, B);
-      expect(hit.ids[0]).toBe(OUTLIER_BLOCK * B);
-      // At share 0 (the plain mean) the leaning blocks come first.
-      const plain = await withShare(s, 0).scoreBlocks(q, group, 3);
-      expect([...plain.order].sort()).toEqual([...lean].sort());
+      expect(s.search(q, group, B).ids[0]).toBe(OUTLIER_BLOCK * B);
     }
+  });
+
+  it('at share 1 bounds every key of the block', async () => {
+    const rng = new Rng(seed + 7);
+    const keys = makeKeys(rng), value = valueOf(dtype);
+    const s = withShare(await summaryOf(keys, tokens, d, dtype), 1);
+    const G = 3, q = Float32Array.from({ length: G * d }, () => rng.normal());
+    const { scores } = await s.scoreBlocks(q, G, blocks);
+    for (let t = 0; t < tokens; t++)
+      for (let g = 0; g < G; g++) {
+        let dot = 0;
+        for (let j = 0; j < d; j++) dot += q[g * d + j] * value(keys[t * d + j]);
+        expect(scores[Math.floor(t / B)]).toBeGreaterThanOrEqual(dot - 1e-3);
+      }
   });
 
   for (const method of [topkBlocks, nosa] as RetrievalMethod[])
     it(`${method.name}: one block of budget selects the outlier's block`, async () => {
       const rng = new Rng(seed + 1);
       const kvHeads = 2, G = 4, qHeads = kvHeads * G;
-      const heads = [withShare(await summaryOf(makeKeys(rng), tokens, d, dtype), ALPHA), withShare(await summaryOf(makeKeys(rng), tokens, d, dtype), ALPHA)];
+      const heads = [await summaryOf(makeKeys(rng), tokens, d, dtype), await summaryOf(makeKeys(rng), tokens, d, dtype)];
       const q = new Float32Array(qHeads * d);
       q.set(qDir(G), 0);
       q.set(qDir(G, 3), G * d);
@@ -157,25 +185,30 @@ describe('calibrating the radius share', () => {
     return q;
   };
 
-  it('picks a share above 0 where a lone key per block holds the mass its block mean hides', async () => {
+  it('picks a share above 0 where a needle hides inside a sub-cluster', async () => {
     // Ordinary keys: noise 0.3 per channel; 40 blocks lean towards one of
-    // the directions (every key +1 along it: mean score 4 for a query
-    // along it, its keys' logits 4/√32). A needle A·e_i in every 8th block
-    // (direction by block): its logit 4·12/√32 = 8.5 outweighs a leaning
-    // block's 64 keys ~30 times over, but it moves its block's mean score
-    // by only 4·12/64 = 0.75, so by q·mean its blocks rank below the
-    // leaning ones, while its radius (~12, against ~2.5) carries them first.
+    // the directions (every key +1 along it: score 4 for a query along it,
+    // its keys' logits 4/√32). Every block holds three decoys, 30·e_(16+i)
+    // in channels no query reads: the farthest keys from the block mean, so
+    // they take the three sub-clusters of their own. A needle A·e_i in every
+    // 8th block (direction by block) is nearer the bulk than any decoy, so
+    // it stays in the bulk's sub-cluster: its logit 4·12/√32 = 8.5 outweighs
+    // a leaning block's 64 keys ~30 times over, but it moves the bulk's
+    // centroid score by only 4·12/61, so at share 0 its blocks rank below
+    // the leaning ones, while the bulk's radius (~12, against ~2.5) carries
+    // them first at a share.
     const rng = new Rng(seed + 10);
     const needleAt = (b: number) => (b % 8 === 3 ? b * B + ((b * 7) % B) : -1);
     const keys = keyWords(tokens, d, dtype, (t, j) => {
-      const b = Math.floor(t / B);
+      const b = Math.floor(t / B), i = t % B;
+      if (i >= 40 && i < 43) return j === 16 + i - 40 ? 30 : 0;
       if (t === needleAt(b)) return j === (b >> 3) % 4 ? 12 : 0;
       return (b % 4 === 1 && j === (b >> 2) % 4 ? 1 : 0) + 0.3 * rng.normal();
     });
     const queries = queriesOf(rng, 4);
-    const { share, capture } = await calibrateShare({ keys, tokens, headDim: d, dtype, queries, queryCount: rowsCount }, (await summaryOf(keys, tokens, d, dtype)).rows, blocks);
+    const { share, capture } = await calibrateShare({ keys, tokens, headDim: d, dtype, queries, queryCount: rowsCount }, (await summaryOf(keys, tokens, d, dtype)).rows, blocks, SUMMARY_REPS, B);
     expect(share).toBeGreaterThan(0);
-    // The plain mean captures far less of the mass than the share chosen.
+    // Share 0 captures far less of the mass than the share chosen.
     expect(capture[RADIUS_SHARES.indexOf(share as never)]).toBeGreaterThan(capture[0] + 0.2);
     // The built summary carries the share, and with it one block finds the needle.
     const s = await summaryOf(keys, tokens, d, dtype, queries);
@@ -201,7 +234,7 @@ describe('calibrating the radius share', () => {
       return (j === topic ? 2 : 0) + 0.3 * rng.normal();
     });
     const rows = (await summaryOf(keys, tokens, d, dtype)).rows;
-    const { share, capture } = await calibrateShare({ keys, tokens, headDim: d, dtype, queries: queriesOf(rng, 4), queryCount: rowsCount }, rows, blocks);
+    const { share, capture } = await calibrateShare({ keys, tokens, headDim: d, dtype, queries: queriesOf(rng, 4), queryCount: rowsCount }, rows, blocks, SUMMARY_REPS, B);
     // The mean alone captures the most; the rule keeps the largest share
     // within 10% of the best, which here is 0 or, on some seeds, the
     // smallest share above it — never a share that lifts the spread blocks
@@ -210,7 +243,8 @@ describe('calibrating the radius share', () => {
     expect(share).toBeLessThanOrEqual(RADIUS_SHARES[1]);
     // The radius is large where the spread is: the test's premise.
     const s = await summaryOf(keys, tokens, d, dtype);
-    expect(s.radius(2)).toBeGreaterThan(4 * s.radius(3));
+    const radius = (b: number) => Math.max(...Array.from({ length: s.reps }, (_, r) => s.row(b, r).radius));
+    expect(radius(2)).toBeGreaterThan(4 * radius(3));
   });
 
   it('is 0 without prefill queries, and on a document too short to have candidates', async () => {
@@ -220,13 +254,13 @@ describe('calibrating the radius share', () => {
     const short = 9 * B;
     const q = queriesOf(rng, 4).subarray(0, (short / 4) * d);
     const zeros = RADIUS_SHARES.map(() => 0);
-    expect(await calibrateShare({ keys: keys.subarray(0, short * d), tokens: short, headDim: d, dtype, queries: q, queryCount: short / 4 }, new Uint16Array(9 * summaryStride(d)), 9)).toEqual({ share: 0, capture: zeros, mass: zeros, peak: zeros });
+    expect(await calibrateShare({ keys: keys.subarray(0, short * d), tokens: short, headDim: d, dtype, queries: q, queryCount: short / 4 }, new Uint16Array(9 * SUMMARY_REPS * summaryStride(d)), 9, SUMMARY_REPS, B)).toEqual({ share: 0, capture: zeros, mass: zeros, peak: zeros });
   });
 });
 
-describe('block radii', () => {
+describe('row radii', () => {
   for (const dtype of ['f16', 'bf16'] as KvDtype[])
-    it(`${dtype}: the stored radius bounds every key's distance from the stored mean (a partial last block too)`, async () => {
+    it(`${dtype}: every key lies within the stored radius of one of its block's rows (a partial last block too)`, async () => {
       const rng = new Rng(seed + 2);
       const d = 64, tokens = 5 * B + 23;
       const keys = keyWords(tokens, d, dtype, () => rng.normal() * 3 + (rng.next() < 0.01 ? 40 : 0));
@@ -234,18 +268,18 @@ describe('block radii', () => {
       expect(s.blocks).toBe(6);
       const value = valueOf(dtype);
       for (let b = 0; b < s.blocks; b++) {
-        const m = s.mean(b);
+        const rows = Array.from({ length: s.reps }, (_, r) => s.row(b, r));
         const [from, to] = s.tokenRange(b);
-        let worst = 0;
+        let worst = -Infinity;
         for (let t = from; t < to; t++) {
-          let ss = 0;
-          for (let j = 0; j < d; j++) ss += (value(keys[t * d + j]) - m[j]) ** 2;
-          worst = Math.max(worst, Math.sqrt(ss));
+          // Its gap to the nearest row's ball (≤ 0: inside), float64.
+          const gap = Math.min(...rows.map(({ centroid, radius }) => Math.sqrt(centroid.reduce((a, c, j) => a + (value(keys[t * d + j]) - c) ** 2, 0)) - radius));
+          worst = Math.max(worst, gap);
         }
-        expect(s.radius(b)).toBeGreaterThanOrEqual(worst * (1 - 1e-6));
-        expect(s.radius(b)).toBeLessThan(worst * 1.01);
-        // The padding after the radius is zero.
-        for (let j = d + 1; j < s.stride; j++) expect(s.rows[b * s.stride + j]).toBe(0);
+        expect(worst).toBeLessThanOrEqual(1e-9);
+        for (const { logCount } of rows) expect(logCount >= 0 && logCount <= Math.log(B) + 0.01).toBe(true);
+        // The padding after the ln count is zero.
+        for (let i = b * s.reps; i < (b + 1) * s.reps; i++) for (let j = d + 2; j < s.stride; j++) expect(s.rows[i * s.stride + j]).toBe(0);
       }
     });
 });
@@ -277,17 +311,18 @@ describe('a block scorer', () => {
     // Each head its own share: the query rows carry α_h·‖q‖ per head.
     const shares = [0.5, 0.25];
     for (let h = 0; h < kvHeads; h++) heads.push(withShare(await summaryOf(keyWords(tokens, d, 'f16', () => rng.normal() + (rng.next() < 0.002 ? 8 : 0)), tokens, d, 'f16'), shares[h]));
-    const seen: { headDim: number; qLength: number; rows: boolean }[] = [];
+    const seen: { headDim: number; qLength: number; rows: boolean; blocks: number }[] = [];
     let radiusColumnChecked = 0;
     const scorer: BlockScorer = {
       async topBlocks(views: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]) {
         const { blocks, headDim, dtype } = views[0];
-        seen.push({ headDim, qLength: q.length, rows: views.every((v, h) => v.means === heads[h].rows && v === heads[h].scored) });
+        seen.push({ headDim, qLength: q.length, rows: views.every((v, h) => v.means === heads[h].rows && v === heads[h].scored), blocks });
         for (let r = 0; r < views.length * group; r++) {
           const row = q.subarray(r * headDim, (r + 1) * headDim);
           const norm = Math.hypot(...row.subarray(0, d));
           expect(row[d]).toBeCloseTo(shares[Math.floor(r / group)] * norm, 4);
-          expect([...row.subarray(d + 1)]).toEqual(new Array(headDim - d - 1).fill(0));
+          expect(row[d + 1]).toBe(Math.sqrt(d));
+          expect([...row.subarray(d + 2)]).toEqual(new Array(headDim - d - 2).fill(0));
           radiusColumnChecked++;
         }
         const keep = Math.min(k, blocks);
@@ -309,7 +344,7 @@ describe('a block scorer', () => {
     }
     expect(seen.length).toBe(16);
     expect(radiusColumnChecked).toBe(16 * qHeads);
-    for (const s of seen) expect(s).toEqual({ headDim: summaryStride(d), qLength: qHeads * summaryStride(d), rows: true });
+    for (const s of seen) expect(s).toEqual({ headDim: summaryStride(d), qLength: qHeads * summaryStride(d), rows: true, blocks: heads[0].blocks * SUMMARY_REPS });
   });
 });
 
@@ -323,7 +358,8 @@ describe('the artifact', () => {
     const bytes = await blockSummaryBuilder.build({ ...hk, queries: new Float32Array(0), queryCount: 0 });
     const s = blockSummaryBuilder.load(bytes, hk) as BlockSummary;
     expect(s.blocks).toBe(4);
-    expect(bytes.byteLength).toBe(28 + 4 * summaryStride(d) * 2 + 4 * 4);
+    expect(s.reps).toBe(SUMMARY_REPS);
+    expect(bytes.byteLength).toBe(32 + 4 * SUMMARY_REPS * summaryStride(d) * 2 + 4 * 4);
     // Loaded from an unaligned copy: the same rows and importance.
     const shifted = new Uint8Array(bytes.byteLength + 1);
     shifted.set(bytes, 1);
@@ -348,19 +384,26 @@ describe('the artifact', () => {
     foreign[0] ^= 0xff;
     expect(() => blockSummaryBuilder.load(foreign, hk)).toThrow(/corrupt/);
     const future = bytes.slice();
-    new DataView(future.buffer).setInt32(4, 4, true);
+    new DataView(future.buffer).setInt32(4, 5, true);
     expect(() => blockSummaryBuilder.load(future, hk)).toThrow(/corrupt/);
+    // reps out of range, or not the rows' count.
+    for (const reps of [0, 65, SUMMARY_REPS + 1]) {
+      const bad = bytes.slice();
+      new DataView(bad.buffer).setInt32(28, reps, true);
+      expect(() => blockSummaryBuilder.load(bad, hk)).toThrow(/corrupt/);
+    }
   });
 
-  it('refuses version-1 (means without radii) and version-2 (no share) artifacts as stale', () => {
-    // As the previous builds wrote them: a six-int32 header, means [blocks, d]
-    // (v1) or rows [blocks, d + 8] (v2), importance.
+  it('refuses version-1 (means without radii), version-2 (no share) and version-3 (one mean per block) artifacts as stale', () => {
+    // As the previous builds wrote them: a six-int32 header (v3: and the
+    // share), means [blocks, d] (v1) or rows [blocks, d + 8] (v2, v3),
+    // importance.
     const blocks = 4;
     const hk = { keys: new Uint16Array(tokens * d), tokens, headDim: d, dtype: 'f16' as const };
-    for (const [version, width] of [[1, d], [2, summaryStride(d)]]) {
-      const header = new Int32Array([0x4b56424c, version, blocks, B, tokens, d]);
-      const old = new Uint8Array(24 + blocks * width * 2 + blocks * 4);
-      old.set(new Uint8Array(header.buffer), 0);
+    for (const [version, width, headerBytes] of [[1, d, 24], [2, summaryStride(d), 24], [3, summaryStride(d), 28]]) {
+      const header = new Int32Array([0x4b56424c, version, blocks, B, tokens, d, 0]);
+      const old = new Uint8Array(headerBytes + blocks * width * 2 + blocks * 4);
+      old.set(new Uint8Array(header.buffer, 0, headerBytes), 0);
       expect(() => blockSummaryBuilder.load(old, hk)).toThrow(new RegExp(`block summary artifact version ${version} is stale`));
       expect(isStaleArtifact(captured(() => blockSummaryBuilder.load(old, hk)))).toBe(true);
     }

@@ -1,12 +1,14 @@
 // Device block scoring (addon/block-scores.ts, native/cuda/block_scores.cu)
 // and its use by the block methods. Everywhere: a block method offered a
-// scorer that returns only the candidates (top `reach` and last step's
-// blocks) selects what it selects from the host's full score array. With a
+// scorer that returns only the candidates (the rows of the top `reach` and
+// last step's blocks, one or several rows per block) selects what it
+// selects from the host's full score array. With a
 // GPU (skipped here and in CI): the device top-k is the host topkHeads's,
 // ids and scores bit for bit, at odd sizes (blocks not a multiple of 32,
 // G = 1, 4, 8, d = 64/128, f16 and bf16, ties, k past the blocks, a sort
 // larger than shared memory); and a nosa or topk-blocks session on a GPU
-// backend selects the blocks a CPU session selects, step after step.
+// backend (summaries built as sealed: SUMMARY_REPS rows per block) selects
+// the blocks a CPU session selects, step after step.
 import { describe, expect, it } from 'vitest';
 import { DeviceBlockScores, deviceBlockScoresSupported, type HeadTopBlocks } from '../../addon/block-scores.js';
 import { cudaAvailable } from '../../addon/cuda.js';
@@ -19,7 +21,7 @@ import type { LoadedDocument } from '../../engine/documents.js';
 import { Session } from '../../engine/session.js';
 import { DEFAULT_PARAMS } from '../../engine/sessions.js';
 import { blockSummaryBuilder, nosa, topkBlocks } from '../../index/block-select.js';
-import { BlockSummary } from '../../index/block-summary.js';
+import { BlockSummary, SUMMARY_REPS } from '../../index/block-summary.js';
 import type { BlockMeans, BlockScorer, HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../../index/method.js';
 import { UNLIMITED } from '../../storage/host-budget.js';
 import { KvSegment } from '../../storage/kv-segment.js';
@@ -92,36 +94,43 @@ function referenceChoose(byImportance: Int32Array, all: Float32Array, top: Int32
 }
 
 describe('block methods with a candidate scorer', () => {
+  // reps 1: one row per block (bare means); reps 3: three rows per block,
+  // the block scored as its best row (the candidates are the top reach·3
+  // rows, deduplicated to blocks). The reference takes every block's score
+  // as the max of its rows' host scores and sorts every block.
   for (const method of [nosa, topkBlocks] as RetrievalMethod[])
-    it(`${method.name}: selects what the host's full scores select, step after step`, async () => {
-      const rng = new Rng(seed + 1);
-      const kvHeads = 2, qHeads = 8, d = 64, blocks = 777, tokens = blocks * 64 - 5, G = qHeads / kvHeads;
-      const means = randomMeans(rng, kvHeads, blocks, d, 'f16');
-      const heads = means.map((m) => new BlockSummary(blocks, 64, tokens, d, 'f16', m, Float32Array.from({ length: blocks }, () => rng.next())));
-      const params: SearchParams = { ...DEFAULT_PARAMS, budget: 64 * 40, sinks: 16, window: 100 } as SearchParams;
-      // 40 blocks; nosa: 10 agnostic, at most 5 new a step, reach 55.
-      const budget = 40, isNosa = method.name === 'nosa';
-      const agnostic = isNosa ? 10 : 0, maxNewShare = isNosa ? 0.125 : Infinity, reach = isNosa ? 55 : 40;
-      const calls = { n: 0 };
-      const memoHost = new Map<string, unknown>(), memoScored = new Map<string, unknown>();
-      const prev = heads.map(() => new Set<number>());
-      let q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-      for (let step = 0; step < 12; step++) {
-        // Drifting queries: consecutive steps share most of their top blocks.
-        q = q.map((x) => 0.8 * x + 0.2 * rng.normal());
-        const onHost = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoHost), q, params);
-        const scored = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoScored, hostCandidateScorer(calls)), q, params);
-        expect(scored).toEqual(onHost);
-        const full = await hostTopk(means, blocks, d, 'f16', q, G, reach);
-        for (let h = 0; h < kvHeads; h++) {
-          const want = referenceChoose(heads[h].byImportance, full[h].all, full[h].ids, budget, prev[h], agnostic, maxNewShare);
-          const got = [...(memoScored.get(`${method.name}:0:${h}`) as { selected: Int32Array }).selected].sort((a, b) => a - b);
-          expect(got, `step ${step} head ${h}`).toEqual(want);
-          prev[h] = new Set(want);
+    for (const reps of [1, 3])
+      it(`${method.name}, ${reps} row(s) per block: selects what the host's full scores select, step after step`, async () => {
+        const rng = new Rng(seed + 1 + reps);
+        const kvHeads = 2, qHeads = 8, d = 64, blocks = 777, tokens = blocks * 64 - 5, G = qHeads / kvHeads, stride = d + 8;
+        const means = randomMeans(rng, kvHeads, blocks * reps, stride, 'f16');
+        const heads = means.map((m) => new BlockSummary(blocks, 64, tokens, d, 'f16', m, Float32Array.from({ length: blocks }, () => rng.next()), 0, reps));
+        const params: SearchParams = { ...DEFAULT_PARAMS, budget: 64 * 40, sinks: 16, window: 100 } as SearchParams;
+        // 40 blocks; nosa: 10 agnostic, at most 5 new a step, reach 55.
+        const budget = 40, isNosa = method.name === 'nosa';
+        const agnostic = isNosa ? 10 : 0, maxNewShare = isNosa ? 0.125 : Infinity, reach = isNosa ? 55 : 40;
+        const calls = { n: 0 };
+        const memoHost = new Map<string, unknown>(), memoScored = new Map<string, unknown>();
+        const prev = heads.map(() => new Set<number>());
+        let q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+        for (let step = 0; step < 12; step++) {
+          // Drifting queries: consecutive steps share most of their top blocks.
+          q = q.map((x) => 0.8 * x + 0.2 * rng.normal());
+          const onHost = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoHost), q, params);
+          const scored = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoScored, hostCandidateScorer(calls)), q, params);
+          expect(scored).toEqual(onHost);
+          const rows = await hostTopk(means, blocks * reps, stride, 'f16', BlockSummary.augment(heads, q, G), G, 0);
+          for (let h = 0; h < kvHeads; h++) {
+            const all = Float32Array.from({ length: blocks }, (_, b) => Math.max(...rows[h].all.subarray(b * reps, (b + 1) * reps)));
+            const top = Int32Array.from([...all.keys()].sort((a, b) => all[b] - all[a] || a - b).slice(0, reach));
+            const want = referenceChoose(heads[h].byImportance, all, top, budget, prev[h], agnostic, maxNewShare);
+            const got = [...(memoScored.get(`${method.name}:0:${h}`) as { selected: Int32Array }).selected].sort((a, b) => a - b);
+            expect(got, `step ${step} head ${h}`).toEqual(want);
+            prev[h] = new Set(want);
+          }
         }
-      }
-      expect(calls.n).toBe(12);
-    });
+        expect(calls.n).toBe(12);
+      });
 });
 
 describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
@@ -195,6 +204,8 @@ describe.skipIf(!gpu.ok)('block methods on a GPU session (GPU)', () => {
         const bytes = await blockSummaryBuilder.build({ keys, tokens, headDim: model.headDim, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 });
         summaries.push(blockSummaryBuilder.load(bytes, { keys, tokens, headDim: model.headDim, dtype: 'f16' }));
       }
+      // Several rows per block: the device ranks rows, the step deduplicates them to blocks.
+      expect((summaries[0] as BlockSummary).reps).toBe(SUMMARY_REPS);
       const doc: LoadedDocument = {
         meta: { id: 'doc', model, status: 'ready', tokens, methods: ['nosa', 'topk-blocks'], createdAt: new Date().toISOString() },
         layers: [seg],
