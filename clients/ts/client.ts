@@ -159,43 +159,50 @@ export type BatchResult<Out extends OutArray = Float32Array> = AttendReply<Out> 
 export type WireAnswer = { out: Tensor; lse: Tensor; selection?: Tensor[]; kv?: AttendReply['kv']; stats: AttendReply['stats'] };
 export type WireResult = WireAnswer | { error: { code: string; message: string } };
 
-/** An attend answer off the wire, its arrays copied out of the message buffer. */
+/** An attend answer off the wire, its arrays copied out of the message buffer (each array's buffer is its own). */
 export function attendReply<Out extends OutArray = Float32Array>(r: WireAnswer): AttendReply<Out> {
   return {
-    out: (r.out.dtype === 'f32' ? copyOut((b) => new Float32Array(b), r.out) : copyOut((b) => new Uint16Array(b), r.out)) as Out,
+    out: (r.out.dtype === 'f32' ? copyOf(Float32Array, r.out) : copyOf(Uint16Array, r.out)) as Out,
     outDtype: r.out.dtype as FloatDtype,
-    lse: copyOut((b) => new Float32Array(b), r.lse),
-    ...(r.selection && { selection: r.selection.map((t) => copyOut((b) => new Int32Array(b), t)) }),
+    lse: copyOf(Float32Array, r.lse),
+    ...(r.selection && { selection: r.selection.map((t) => copyOf(Int32Array, t)) }),
     ...(r.kv && { kv: r.kv }),
     stats: r.stats,
   };
 }
 
 /**
- * A batch's answers off the wire: every step's out and lse copied into one
- * array of the batch's own (out and lse are views of it at their offsets,
- * so `out.buffer` is the whole batch's): one allocation for the batch, not
- * two per step (64 fresh arrays per batch of 32 were most of the client's
- * garbage collection on the 2-core VM).
+ * A batch's answers off the wire, in order. Every step's out and lse are
+ * views of the answer message (`out.buffer` is the whole batch's): no copy
+ * and no allocation per step. Where the message's bytes are not aligned
+ * for them, they are copied into one array of the batch's own instead.
  */
 export function batchResults<Out extends OutArray = Float32Array>(results: WireResult[]): BatchResult<Out>[] {
-  let bytes = 0;
-  for (const r of results) if (!('error' in r)) bytes += align4(r.out.data.byteLength) + align4(r.lse.data.byteLength);
-  const all = new Uint8Array(Buffer.allocUnsafeSlow(bytes).buffer, 0, bytes);
-  let at = 0;
-  const place = (t: Tensor): OutArray => {
-    all.set(t.data, at);
-    const view = t.dtype === 'f32' ? new Float32Array(all.buffer, at, t.data.byteLength / 4) : new Uint16Array(all.buffer, at, t.data.byteLength / 2);
-    at += align4(t.data.byteLength);
-    return view;
-  };
+  let bytes = 0, aligned = true;
+  for (const r of results)
+    if (!('error' in r)) {
+      bytes += align4(r.out.data.byteLength) + align4(r.lse.data.byteLength);
+      aligned &&= r.out.data.byteOffset % 4 === 0 && r.lse.data.byteOffset % 4 === 0;
+    }
+  let place: (t: Tensor) => OutArray;
+  if (aligned) place = (t) => (t.dtype === 'f32' ? arrayOf(Float32Array, t) : arrayOf(Uint16Array, t));
+  else {
+    const all = new Uint8Array(Buffer.allocUnsafeSlow(bytes).buffer, 0, bytes);
+    let at = 0;
+    place = (t) => {
+      all.set(t.data, at);
+      const view = t.dtype === 'f32' ? new Float32Array(all.buffer, at, t.data.byteLength / 4) : new Uint16Array(all.buffer, at, t.data.byteLength / 2);
+      at += align4(t.data.byteLength);
+      return view;
+    };
+  }
   return results.map((r) => {
     if ('error' in r) return { error: r.error };
     return {
       out: place(r.out) as Out,
       outDtype: r.out.dtype as FloatDtype,
       lse: place(r.lse) as Float32Array,
-      ...(r.selection && { selection: r.selection.map((t) => copyOut((b) => new Int32Array(b), t)) }),
+      ...(r.selection && { selection: r.selection.map((t) => copyOf(Int32Array, t)) }),
       ...(r.kv && { kv: r.kv }),
       stats: r.stats,
     };
@@ -204,9 +211,16 @@ export function batchResults<Out extends OutArray = Float32Array>(results: WireR
 
 const align4 = (n: number) => (n + 3) & ~3;
 
+type ArrayType<T> = { new (buffer: ArrayBufferLike, byteOffset: number, length: number): T; new (buffer: ArrayBufferLike): T; BYTES_PER_ELEMENT: number };
+
+/** The tensor's bytes as an array viewing the message (the caller has checked the alignment). */
+function arrayOf<T>(Type: ArrayType<T>, t: Tensor): T {
+  return new Type(t.data.buffer, t.data.byteOffset, t.data.byteLength / Type.BYTES_PER_ELEMENT);
+}
+
 /** The tensor's bytes in an array of their own (an uninitialised copy: a zeroed one cost twice as much per answer). */
-function copyOut<T extends Float32Array | Int32Array | Uint16Array>(make: (buffer: ArrayBufferLike) => T, t: Tensor): T {
-  return make(Uint8Array.prototype.slice.call(t.data).buffer);
+function copyOf<T>(Type: ArrayType<T>, t: Tensor): T {
+  return new Type(Uint8Array.prototype.slice.call(t.data).buffer);
 }
 
 export class KvrecallClient {

@@ -1,12 +1,12 @@
-// The client end of GET /v1/stream: one WebSocket, msgpack frames, each
-// request answered by the frame with its id, in order. A request's parts
-// (the caller's tensors as they are) are copied once into a warm buffer and
-// sent unmasked-in-effect (a zero mask: masking guards browsers' proxies,
-// and would cost a fresh copy of every frame); answers are copied out of
-// the frame once.
-import { WebSocket } from 'ws';
+// The client end of GET /v1/stream: one WebSocket (clients/ts/websocket.ts),
+// msgpack frames, each request answered by the frame with its id, in order.
+// A request's parts (the caller's tensors as they are) are copied once,
+// straight after the frame header, into a warm buffer; an answer's arrays
+// are views of its frame (read once from the socket into a buffer of its
+// own), not copies.
 import { joinParts, packParts, unpackView } from './msgpack-parts.js';
 import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type OutOf, type WireAnswer, type WireResult } from './client.js';
+import { HandshakeRefused, WsClient } from './websocket.js';
 
 /** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
@@ -18,35 +18,22 @@ export class KvrecallStream {
   private readonly pending = new Map<number, Pending>();
   private closed?: Error;
   private spare?: Buffer;
+  private ws!: WsClient;
 
-  private constructor(private readonly ws: WebSocket) {
-    ws.on('message', (data: Buffer) => {
-      let frame: Record<string, unknown>;
-      try {
-        frame = unpackView(data) as Record<string, unknown>;
-      } catch (e) {
-        return this.fail(new Error(`stream: undecodable answer: ${(e as Error).message}`));
-      }
-      const p = this.pending.get(frame.id as number);
-      if (!p) return;
-      this.pending.delete(frame.id as number);
-      p.resolve(frame);
-    });
-    ws.on('close', () => this.fail(new Error('stream closed')));
-    ws.on('error', (e) => this.fail(e));
-  }
+  private constructor() {}
 
-  static open(url: string, authorization?: string): Promise<KvrecallStream> {
-    const ws = new WebSocket(url.replace(/^http/, 'ws') + '/v1/stream', {
-      perMessageDeflate: false,
-      headers: authorization ? { authorization } : {},
-      generateMask: (mask) => void mask.fill(0),
-    });
-    return new Promise((resolve, reject) => {
-      ws.once('open', () => resolve(new KvrecallStream(ws)));
-      ws.once('error', reject);
-      ws.once('unexpected-response', (_req, res) => reject(new KvrecallRequestError(res.statusCode ?? 0, 'refused', `stream refused: ${res.statusCode}`)));
-    });
+  static async open(url: string, authorization?: string): Promise<KvrecallStream> {
+    const s = new KvrecallStream();
+    try {
+      s.ws = await WsClient.open(url + '/v1/stream', authorization ? { authorization } : {}, {
+        message: (data) => s.onMessage(data),
+        closed: (e) => s.fail(e),
+      });
+    } catch (e) {
+      if (e instanceof HandshakeRefused) throw new KvrecallRequestError(e.status, 'refused', `stream refused: ${e.status}`);
+      throw e;
+    }
+    return s;
   }
 
   async attend<B extends AttendBody>(session: string, body: B): Promise<AttendReply<OutOf<B>>> {
@@ -55,20 +42,34 @@ export class KvrecallStream {
     return attendReply<OutOf<B>>(frame as unknown as WireAnswer);
   }
 
-  /** Results in order (out and lse views of one buffer for the batch); `ms` is the server's time for the whole batch. */
+  /** Results in order (out and lse views of the answer frame); `ms` is the server's time for the whole batch. */
   async attendBatch<S extends BatchStep>(layer: number, steps: S[]): Promise<BatchResult<OutOf<S>>[] & { ms?: number }> {
     const frame = await this.request({ layer, steps });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
     return Object.assign(batchResults<OutOf<S>>(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
   }
 
-  /** Sends raw bytes as one frame and waits for the next answer (for tests of bad frames). */
+  /** Sends raw bytes as one frame (for tests of bad frames). */
   sendRaw(bytes: Uint8Array): void {
-    this.ws.send(bytes);
+    this.ws.sendBytes(bytes);
   }
 
   close(): void {
     this.ws.close();
+    this.fail(new Error('stream closed'));
+  }
+
+  private onMessage(data: Uint8Array): void {
+    let frame: Record<string, unknown>;
+    try {
+      frame = unpackView(data) as Record<string, unknown>;
+    } catch (e) {
+      return this.fail(new Error(`stream: undecodable answer: ${(e as Error).message}`));
+    }
+    const p = this.pending.get(frame.id as number);
+    if (!p) return;
+    this.pending.delete(frame.id as number);
+    p.resolve(frame);
   }
 
   private request(body: Record<string, unknown>): Promise<Record<string, unknown>> {
@@ -76,16 +77,19 @@ export class KvrecallStream {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.send(packParts({ ...body, id }));
-    });
-  }
-
-  private send(parts: ReturnType<typeof packParts>): void {
-    if (parts.byteLength < POOLED_FRAME) return this.ws.send(joinParts(parts, Buffer.allocUnsafe(parts.byteLength)));
-    const buf = this.spare && this.spare.byteLength >= parts.byteLength ? this.spare : Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(parts.byteLength)));
-    this.spare = undefined;
-    this.ws.send(joinParts(parts, buf), () => {
-      if (!this.spare || this.spare.byteLength < buf.byteLength) this.spare = buf;
+      const parts = packParts({ ...body, id });
+      const fill = (payload: Uint8Array) => void joinParts(parts, payload);
+      try {
+        if (parts.byteLength < POOLED_FRAME) return this.ws.send(parts.byteLength, fill);
+        const room = this.spare;
+        this.spare = undefined;
+        this.ws.send(parts.byteLength, fill, room ?? Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(parts.byteLength + 14))), (buf) => {
+          if (!this.spare || this.spare.byteLength < buf.byteLength) this.spare = buf;
+        });
+      } catch (e) {
+        this.pending.delete(id);
+        reject(e as Error);
+      }
     });
   }
 

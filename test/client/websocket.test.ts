@@ -1,0 +1,190 @@
+// The TypeScript client's own WebSocket (clients/ts/websocket.ts) against a
+// scripted server on 127.0.0.1 that writes its frames byte by byte or in
+// random pieces: the handshake checked (a wrong accept key refused, a
+// refusal's status kept), messages put together from fragments of every
+// length form with a ping between them (answered with a pong), every
+// message handed over at a 4-byte aligned offset, the client's own frames
+// masked with the zero key in the smallest length form, a close answered,
+// a masked server frame closed with 1002; and against the real server, a
+// refused handshake surfaces as a KvrecallRequestError with its status.
+import { createHash } from 'node:crypto';
+import { createServer, type Server, type Socket } from 'node:net';
+import { afterAll, describe, expect, it } from 'vitest';
+import { KvrecallClient } from '../../clients/ts/client.js';
+import { HandshakeRefused, WsClient } from '../../clients/ts/websocket.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { startInProcess, tempDataDir } from '../helpers/server.js';
+
+const seed = freshSeed();
+console.log(`client websocket: seed ${seed}`);
+const rng = new Rng(seed);
+
+/** A server frame (never masked) in the smallest length form unless `wide`. */
+function frame(opcode: number, payload: Uint8Array, fin = true, wide = false, mask = false): Buffer {
+  const n = payload.length;
+  const head = [(fin ? 0x80 : 0) | opcode];
+  const m = mask ? 0x80 : 0;
+  if (n < 126 && !wide) head.push(m | n);
+  else if (n < 0x10000 && !wide) head.push(m | 126, n >> 8, n & 0xff);
+  else {
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64BE(BigInt(n));
+    head.push(m | 127, ...len);
+  }
+  return Buffer.concat([Buffer.from(head), ...(mask ? [Buffer.from([1, 2, 3, 4])] : []), Buffer.from(payload)]);
+}
+
+/** Client frames as the server reads them: opcode, fin, the key, the length's header size, the payload (unmasked). */
+function readFrames(bytes: Buffer): { opcode: number; fin: boolean; key: Buffer; headerBytes: number; payload: Buffer }[] {
+  const out = [];
+  let at = 0;
+  while (at + 2 <= bytes.length) {
+    const b1 = bytes[at + 1];
+    let len = b1 & 0x7f, h = 2;
+    if (len === 126) (len = bytes.readUInt16BE(at + 2)), (h = 4);
+    else if (len === 127) (len = Number(bytes.readBigUInt64BE(at + 2))), (h = 10);
+    if (at + h + 4 + len > bytes.length) break;
+    const key = bytes.subarray(at + h, at + h + 4);
+    const payload = Buffer.from(bytes.subarray(at + h + 4, at + h + 4 + len));
+    for (let i = 0; i < len; i++) payload[i] ^= key[i & 3];
+    out.push({ opcode: bytes[at] & 0x0f, fin: (bytes[at] & 0x80) !== 0, key: Buffer.from(key), headerBytes: h, payload });
+    at += h + 4 + len;
+  }
+  return out;
+}
+
+/** A scripted server: answers the handshake (with `accept` wrong when asked), then hands the socket and what it received to the test. */
+async function scripted(opts: { badAccept?: boolean; status?: number } = {}): Promise<{ url: string; server: Server; conn: Promise<{ socket: Socket; received: () => Buffer }> }> {
+  let give!: (v: { socket: Socket; received: () => Buffer }) => void;
+  const conn = new Promise<{ socket: Socket; received: () => Buffer }>((r) => (give = r));
+  const server = createServer((socket) => {
+    let buf = Buffer.alloc(0), upgraded = false;
+    socket.on('data', (c: Buffer) => {
+      buf = Buffer.concat([buf, c]);
+      if (upgraded) return;
+      const end = buf.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      const key = /sec-websocket-key: (\S+)/i.exec(buf.subarray(0, end).toString())![1];
+      buf = buf.subarray(end + 4);
+      upgraded = true;
+      if (opts.status) return void socket.end(`HTTP/1.1 ${opts.status} Nope\r\ncontent-length: 4\r\n\r\nnope`);
+      const accept = opts.badAccept ? 'AAAA' : createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+      socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+      give({ socket, received: () => buf });
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  const port = (server.address() as { port: number }).port;
+  return { url: `http://127.0.0.1:${port}/v1/stream`, server, conn };
+}
+
+/** Writes bytes in random pieces, each its own write with a pause between (so the client reads them apart). */
+async function dribble(socket: Socket, bytes: Buffer): Promise<void> {
+  let at = 0;
+  while (at < bytes.length) {
+    const n = Math.min(bytes.length - at, rng.next() < 0.4 ? 1 + rng.int(3) : 1 + rng.int(40_000));
+    socket.write(bytes.subarray(at, at + n));
+    at += n;
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+const until = async (ok: () => boolean) => {
+  const deadline = Date.now() + 5000;
+  while (!ok() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+};
+
+describe('the client WebSocket (own framing)', () => {
+  const servers: Server[] = [];
+  afterAll(() => servers.forEach((s) => s.close()));
+
+  it('puts messages together from fragments of every length form with a ping between, and hands them over 4-byte aligned', async () => {
+    const s = await scripted();
+    servers.push(s.server);
+    const got: Uint8Array[] = [];
+    const ws = await WsClient.open(s.url, {}, { message: (d) => got.push(d), closed: () => undefined });
+    const { socket, received } = await s.conn;
+    const big = Buffer.from(Array.from({ length: 70_001 }, () => rng.int(256)));
+    const small = Buffer.from([1, 2, 3, 4, 5, 6, 7]);
+    // One message in three fragments (16-bit, 64-bit and 7-bit lengths) with a ping between; then a small whole one, and one in the 64-bit form.
+    await dribble(socket, Buffer.concat([
+      frame(0x2, big.subarray(0, 300), false), frame(0x9, Buffer.from('ping?')), frame(0x0, big.subarray(300, 70_000), false, true), frame(0x0, big.subarray(70_000), true),
+      frame(0x2, small), frame(0x2, small, true, true), frame(0x2, new Uint8Array(0)),
+    ]));
+    await until(() => got.length >= 4);
+    expect(got.map((d) => Buffer.from(d).toString('hex'))).toEqual([big, small, small, Buffer.alloc(0)].map((b) => b.toString('hex')));
+    for (const d of got) expect(d.byteOffset % 4).toBe(0);
+    await until(() => readFrames(received()).length >= 1);
+    const [pong] = readFrames(received());
+    expect([pong.opcode, pong.payload.toString(), pong.key.toString('hex')]).toEqual([0xa, 'ping?', '00000000']);
+    ws.close();
+  });
+
+  it('frames what it sends masked with the zero key, in the smallest length form', async () => {
+    const s = await scripted();
+    servers.push(s.server);
+    const ws = await WsClient.open(s.url, {}, { message: () => undefined, closed: () => undefined });
+    const { received } = await s.conn;
+    const sizes = [0, 125, 126, 65_535, 65_536, 200_000];
+    const payloads = sizes.map((n) => Buffer.from(Array.from({ length: n }, () => rng.int(256))));
+    for (const p of payloads) ws.sendBytes(p);
+    await until(() => readFrames(received()).length >= sizes.length);
+    const frames = readFrames(received());
+    expect(frames.map((f) => f.headerBytes)).toEqual([2, 2, 4, 4, 10, 10]);
+    expect(frames.map((f) => [f.opcode, f.fin, f.key.toString('hex')])).toEqual(sizes.map(() => [0x2, true, '00000000']));
+    expect(frames.map((f) => f.payload.toString('hex'))).toEqual(payloads.map((p) => p.toString('hex')));
+    ws.close();
+  });
+
+  it('answers a close and reports the end; closes a masked server frame with 1002', async () => {
+    const s = await scripted();
+    servers.push(s.server);
+    let closed: Error | undefined;
+    const ws = await WsClient.open(s.url, {}, { message: () => undefined, closed: (e) => (closed = e) });
+    const { socket, received } = await s.conn;
+    socket.write(frame(0x8, Buffer.from([0x03, 0xe9])));
+    await until(() => readFrames(received()).length >= 1);
+    const [answer] = readFrames(received());
+    expect([answer.opcode, answer.payload.readUInt16BE(0)]).toEqual([0x8, 1001]);
+    socket.end();
+    await until(() => closed !== undefined);
+    expect(closed).toBeDefined();
+    void ws;
+
+    const m = await scripted();
+    servers.push(m.server);
+    let why: Error | undefined;
+    await WsClient.open(m.url, {}, { message: () => undefined, closed: (e) => (why = e) });
+    const c = await m.conn;
+    c.socket.write(frame(0x2, Buffer.from('hello'), true, false, true));
+    await until(() => why !== undefined);
+    expect(why?.message).toMatch(/masked/);
+    await until(() => readFrames(c.received()).length >= 1);
+    expect(readFrames(c.received()).map((f) => [f.opcode, f.payload.readUInt16BE(0)])).toEqual([[0x8, 1002]]);
+  });
+
+  it('refuses a wrong accept key, and keeps a refusal status', async () => {
+    const bad = await scripted({ badAccept: true });
+    servers.push(bad.server);
+    await expect(WsClient.open(bad.url, {}, { message: () => undefined, closed: () => undefined })).rejects.toThrow(/Sec-WebSocket-Accept/);
+    const no = await scripted({ status: 403 });
+    servers.push(no.server);
+    const e = await WsClient.open(no.url, {}, { message: () => undefined, closed: () => undefined }).catch((x) => x);
+    expect(e).toBeInstanceOf(HandshakeRefused);
+    expect([(e as HandshakeRefused).status, (e as HandshakeRefused).body]).toEqual([403, 'nope']);
+  });
+
+  it('a stream the real server refuses (no token) fails with 401', async () => {
+    const tmp = tempDataDir();
+    const server = await startInProcess(tmp.dir, { token: 'secret' });
+    try {
+      const e = await new KvrecallClient({ url: server.url }).openStream().catch((x) => x);
+      expect(e).toMatchObject({ status: 401 });
+      const ok = await new KvrecallClient({ url: server.url, token: 'secret' }).openStream();
+      ok.close();
+    } finally {
+      await server.close();
+      tmp.cleanup();
+    }
+  });
+});
