@@ -17,17 +17,26 @@ constexpr int64_t kTaskTokens = 2048;
 
 }  // namespace
 
-// Rows [begin, end) of one problem into a local heap of its best `keep`.
+// Rows [begin, end) of one problem into a local list of its best `keep`:
+// a heap, or, where most rows would enter it anyway (a block summary's
+// candidates: k·reps rows of a few thousand), every row and one selection
+// at the end (the same set: the order is total).
 void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, std::vector<Hit>& heap) {
   std::vector<float> row(p.headDim);
-  heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
+  const bool collect = keep > 0 && keep * 4 >= end - begin;
+  heap.reserve(collect ? size_t(end - begin) : size_t(std::max<int64_t>(keep, 0)) + 1);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t r = p.hasRows ? p.rows[i] : i;
     WidenRow(p.keys + size_t(r) * p.headDim, p.dtype, p.headDim, row.data());
     float s = -std::numeric_limits<float>::infinity();
     for (int g = 0; g < p.group; ++g) s = std::max(s, Dot(p.q + size_t(g) * p.headDim, row.data(), p.headDim));
     if (p.allScores) p.allScores[r] = s;
-    if (keep > 0) Offer(heap, size_t(keep), Hit{s, int32_t(r)});
+    if (collect) heap.push_back(Hit{s, int32_t(r)});
+    else if (keep > 0) Offer(heap, size_t(keep), Hit{s, int32_t(r)});
+  }
+  if (collect && int64_t(heap.size()) > keep) {
+    std::nth_element(heap.begin(), heap.begin() + keep, heap.end(), Better);
+    heap.resize(size_t(keep));
   }
 }
 

@@ -93,6 +93,27 @@ function referenceChoose(byImportance: Int32Array, all: Float32Array, top: Int32
   return [...chosen].sort((a, b) => a - b);
 }
 
+describe('host topkHeads at the candidate counts of several rows per block', () => {
+  // k·reps rows of a few thousand: most of a task's rows make its top list
+  // (native/kernels/topk.cc then keeps every row and selects once); the
+  // answer is the rows sorted by score, then id, whatever the path.
+  it('returns the first k of every row sorted by score then id (ties from copied rows)', async () => {
+    const rng = new Rng(seed + 20);
+    const d = 72, G = 4, rows = 6151;
+    const means = randomMeans(rng, 2, rows, d, 'f16');
+    const q = Float32Array.from({ length: 2 * G * d }, () => rng.normal());
+    for (const k of [300, 1600, 4000, 6151]) {
+      const got = await hostTopk(means, rows, d, 'f16', q, G, k);
+      for (let h = 0; h < 2; h++) {
+        const all = got[h].all;
+        const want = [...all.keys()].sort((a, b) => all[b] - all[a] || a - b).slice(0, k);
+        expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(want);
+        expect(Array.from(got[h].scores)).toEqual(want.map((i) => all[i]));
+      }
+    }
+  });
+});
+
 describe('block methods with a candidate scorer', () => {
   // reps 1: one row per block (bare means); reps 3: three rows per block,
   // the block scored as its best row (the candidates are the top reach·3
