@@ -24,8 +24,8 @@ nproc | tee -a "$L"
 uptime | tee -a "$L"
 for s in ${*:-transport cuda preload python}; do
   case $s in
-    transport) step 100 transport env KVRECALL_BENCH_TAG=h200 node dist/bench/transport.js --calls 300 --rounds 3 ;;
-    cuda) step 70 transport-cuda env KVRECALL_BENCH_TAG=h200-cuda KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --calls 300 --rounds 3 ;;
+    transport) step 130 transport env KVRECALL_BENCH_TAG=h200 node dist/bench/transport.js --calls 300 --rounds 3 ;;
+    cuda) step 90 transport-cuda env KVRECALL_BENCH_TAG=h200-cuda KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --calls 300 --rounds 3 ;;
     preload)
       step 60 preload env KVRECALL_BENCH_TAG=h200 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --inflight 1
       step 60 preload-inflight2 env KVRECALL_BENCH_TAG=h200-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --inflight 2 ;;

@@ -9,7 +9,11 @@
 // step; and the same with q and out in the model's dtype (f16: `outDtype`),
 // as an LLM server holding its activations in 16 bits sends them, half the
 // bytes. Rows take turns in rounds. The server is a separate
-// process on 127.0.0.1. Results: bench/results/transport-<host>.{json,md}.
+// process on 127.0.0.1. Then the floor under any protocol: bare TCP
+// exchanges of the same bytes, back to back and with the peer first waiting
+// the server's p50 time for that call (a batch waits ~70 ms on the 2-core
+// VM, and a process that waited is slow to wake there). Results:
+// bench/results/transport-<host>.{json,md}.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
@@ -48,20 +52,29 @@ async function metered<T>(pid: number, calls: number, f: () => Promise<T>): Prom
 
 /**
  * The floor under any protocol: a node:net peer in its own process that
- * answers each `ask` bytes with `answer` bytes (no parsing, no framing).
- * A call's wall ms for `calls` round trips of each size pair.
+ * answers each `ask` bytes with `answer` bytes (no parsing, no framing),
+ * after waiting `pauseMs` (0: at once). With a pause it stands for the
+ * server's own time: on a VM a process that waited that long is slow to
+ * wake, and loopback moves the bytes slower then (2-core VM: a 271 KB
+ * answer's last byte 0.28 ms after the write back to back, 0.6-0.7 ms after
+ * 50 ms idle). Per call: wall ms minus the pause the peer actually took.
  */
-async function tcpFloor(sizes: [ask: number, answer: number][], calls: number): Promise<number[][]> {
+async function tcpFloor(sizes: [ask: number, answer: number, pauseMs: number, calls: number][]): Promise<number[][]> {
   const peer = spawn(process.execPath, ['-e', `
     const net = require('node:net');
     const server = net.createServer((s) => {
       s.setNoDelay(true);
-      let want = 0, answer = null, got = 0, header = Buffer.alloc(0);
+      let want = 0, answer = null, pause = 0, got = 0, header = Buffer.alloc(0);
       s.on('data', (c) => {
-        // Each round trip starts with 8 bytes: the ask's and the answer's lengths.
-        if (!answer) { header = Buffer.concat([header, c]); if (header.length < 8) return; want = header.readUInt32LE(0); answer = Buffer.alloc(header.readUInt32LE(4), 1); c = header.subarray(8); header = Buffer.alloc(0); }
+        // Each round trip starts with 12 bytes: the ask's and the answer's lengths, the pause in microseconds.
+        if (!answer) { header = Buffer.concat([header, c]); if (header.length < 12) return; want = header.readUInt32LE(0); answer = Buffer.alloc(header.readUInt32LE(4), 1); pause = header.readUInt32LE(8) / 1000; c = header.subarray(12); header = Buffer.alloc(0); }
         got += c.length;
-        if (got >= want) { const a = answer; answer = null; got = 0; s.write(a); }
+        if (got < want) return;
+        const a = answer, t0 = performance.now();
+        answer = null; got = 0;
+        // The answer's first 8 bytes: the pause taken (ms); most of a pause asleep, its last ms spun for precision.
+        const send = () => { while (performance.now() - t0 < pause); a.writeDoubleLE(performance.now() - t0, 0); s.write(a); };
+        if (pause > 1.5) setTimeout(send, pause - 1); else send();
       });
     });
     server.listen(0, '127.0.0.1', () => console.log(server.address().port));
@@ -70,19 +83,22 @@ async function tcpFloor(sizes: [ask: number, answer: number][], calls: number): 
   const socket = connect(port, '127.0.0.1');
   socket.setNoDelay(true);
   await new Promise((r) => socket.once('connect', r));
-  let expect = 0, got = 0, done: () => void = () => undefined;
+  let expect = 0, got = 0, paused = 0, done: () => void = () => undefined;
   socket.on('data', (c: Buffer) => {
+    if (got === 0) paused = c.readDoubleLE(0);
     got += c.byteLength;
     if (got >= expect) done();
   });
   const out: number[][] = [];
-  for (const [ask, answer] of sizes) {
-    const head = Buffer.alloc(8);
+  for (const [ask, answer, pauseMs, calls] of sizes) {
+    const head = Buffer.alloc(12);
     head.writeUInt32LE(ask, 0);
     head.writeUInt32LE(answer, 4);
+    head.writeUInt32LE(Math.round(pauseMs * 1000), 8);
     const body = Buffer.alloc(ask, 2);
     const xs: number[] = [];
-    for (let i = 0; i < calls + 20; i++) {
+    const warm = pauseMs > 10 ? 5 : 20;
+    for (let i = 0; i < calls + warm; i++) {
       const t0 = performance.now();
       await new Promise<void>((resolve) => {
         expect = answer;
@@ -93,7 +109,7 @@ async function tcpFloor(sizes: [ask: number, answer: number][], calls: number): 
         socket.write(body);
         socket.uncork();
       });
-      if (i >= 20) xs.push(performance.now() - t0);
+      if (i >= warm) xs.push(performance.now() - t0 - paused);
     }
     out.push(xs);
   }
@@ -152,54 +168,32 @@ async function main(): Promise<void> {
     const body16 = { layer: 0, q: tensor('f16', [model.qHeads, d], q16Words), outDtype: 'f16' as const };
     const stream = await client.openStream();
     const bare = bareHealth(server.url);
-    const health = bare.call;
-    const httpAttend = async () => {
+    // Each call's overhead: wall minus the server's time (stats.ms of the step, or of the whole batch); that time kept in lastMs.
+    let lastMs = 0;
+    const timed = async (call: () => Promise<number | undefined>) => {
       const t0 = performance.now();
-      const r = await client.attend(sids[0], body);
-      return performance.now() - t0 - r.stats.ms;
+      lastMs = (await call()) ?? NaN;
+      return performance.now() - t0 - lastMs;
     };
-    const streamAttend = async () => {
-      const t0 = performance.now();
-      const r = await stream.attend(sids[0], body);
-      return performance.now() - t0 - r.stats.ms;
-    };
-    const httpAttend16 = async () => {
-      const t0 = performance.now();
-      const r = await client.attend(sids[0], body16);
-      return performance.now() - t0 - r.stats.ms;
-    };
-    const streamAttend16 = async () => {
-      const t0 = performance.now();
-      const r = await stream.attend(sids[0], body16);
-      return performance.now() - t0 - r.stats.ms;
-    };
-    // A batch: wall minus the server's time for the whole batch (stats.ms of the batch answer).
+    const httpAttend = () => timed(async () => (await client.attend(sids[0], body)).stats.ms);
+    const streamAttend = () => timed(async () => (await stream.attend(sids[0], body)).stats.ms);
+    const httpAttend16 = () => timed(async () => (await client.attend(sids[0], body16)).stats.ms);
+    const streamAttend16 = () => timed(async () => (await stream.attend(sids[0], body16)).stats.ms);
     const steps = sids.map((session) => ({ session, q }));
-    const streamBatch = async () => {
-      const t0 = performance.now();
-      const rs = await stream.attendBatch(0, steps);
-      return performance.now() - t0 - (rs.ms ?? NaN);
-    };
-    const httpBatch = async () => {
-      const t0 = performance.now();
-      const rs = await client.attendBatch(0, steps);
-      return performance.now() - t0 - (rs.ms ?? NaN);
-    };
+    const streamBatch = () => timed(async () => (await stream.attendBatch(0, steps)).ms);
+    const httpBatch = () => timed(async () => (await client.attendBatch(0, steps)).ms);
     const steps16 = sids.map((session) => ({ session, q: body16.q, outDtype: body16.outDtype }));
-    const streamBatch16 = async () => {
-      const t0 = performance.now();
-      const rs = await stream.attendBatch(0, steps16);
-      return performance.now() - t0 - (rs.ms ?? NaN);
-    };
-    const httpBatch16 = async () => {
-      const t0 = performance.now();
-      const rs = await client.attendBatch(0, steps16);
-      return performance.now() - t0 - (rs.ms ?? NaN);
+    const streamBatch16 = () => timed(async () => (await stream.attendBatch(0, steps16)).ms);
+    const httpBatch16 = () => timed(async () => (await client.attendBatch(0, steps16)).ms);
+    const health = async () => {
+      lastMs = 0;
+      return bare.call();
     };
     const calls = { health, http: httpAttend, stream: streamAttend, batch: streamBatch, httpBatch, http16: httpAttend16, stream16: streamAttend16, batch16: streamBatch16, httpBatch16 };
     type Row = keyof typeof calls;
     // Rows take turns, ROUNDS blocks each (a shared machine's load drifts: no row gets only the quiet or the busy minutes).
     const samples = Object.fromEntries(Object.keys(calls).map((k) => [k, [] as number[]])) as Record<Row, number[]>;
+    const serverMs = Object.fromEntries(Object.keys(calls).map((k) => [k, [] as number[]])) as Record<Row, number[]>;
     const cpuSums = Object.fromEntries(Object.keys(calls).map((k) => [k, { serverMs: 0, clientMs: 0 }])) as Record<Row, { serverMs: number; clientMs: number }>;
     progress(`server ${server.url}; ${CALLS} calls per row in ${ROUNDS} rounds`);
     for (const f of Object.values(calls)) for (let i = 0; i < 20; i++) await f(); // warm
@@ -207,7 +201,10 @@ async function main(): Promise<void> {
       for (const [name, f] of Object.entries(calls) as [Row, () => Promise<number>][]) {
         const n = Math.ceil(CALLS / ROUNDS);
         const m = await metered(server.pid, n, async () => {
-          for (let i = 0; i < n; i++) samples[name].push(await f());
+          for (let i = 0; i < n; i++) {
+            samples[name].push(await f());
+            serverMs[name].push(lastMs);
+          }
         });
         cpuSums[name].serverMs += m.serverCpuMs / ROUNDS;
         cpuSums[name].clientMs += m.clientCpuMs / ROUNDS;
@@ -224,7 +221,17 @@ async function main(): Promise<void> {
     const batchBytes = [packParts({ layer: 0, steps, id: 1 }).byteLength, packParts({ id: 1, results: sids.map(() => answer), stats: { ms: 1.5 } }).byteLength] as [number, number];
     const single16 = [packParts({ ...body16, session: sids[0], id: 1 }).byteLength, packParts({ id: 1, ...answer16 }).byteLength] as [number, number];
     const batchBytes16 = [packParts({ layer: 0, steps: steps16, id: 1 }).byteLength, packParts({ id: 1, results: sids.map(() => answer16), stats: { ms: 1.5 } }).byteLength] as [number, number];
-    const [floorSingle, floorBatch, floorSingle16, floorBatch16] = await tcpFloor([single, batchBytes, single16, batchBytes16], CALLS);
+    // Back to back, and after the server's p50 time for that call (fewer batch calls: each waits ~the batch's time).
+    const pauseOf = (row: Row) => p50(serverMs[row]);
+    const batchCalls = Math.min(CALLS, 150);
+    const [floorSingle, floorBatch, floorSingle16, floorBatch16, pausedSingle, pausedBatch, pausedSingle16, pausedBatch16] = await tcpFloor([
+      [...single, 0, CALLS], [...batchBytes, 0, CALLS], [...single16, 0, CALLS], [...batchBytes16, 0, CALLS],
+      [...single, pauseOf('stream'), CALLS], [...batchBytes, pauseOf('batch'), batchCalls], [...single16, pauseOf('stream16'), CALLS], [...batchBytes16, pauseOf('batch16'), batchCalls],
+    ]);
+    const paused = {
+      serverMsP50: { stream: pauseOf('stream'), batch: pauseOf('batch'), stream16: pauseOf('stream16'), batch16: pauseOf('batch16') },
+      singleMsP50: p50(pausedSingle), batchMsP50: p50(pausedBatch), single16MsP50: p50(pausedSingle16), batch16MsP50: p50(pausedBatch16),
+    };
     const { health: healthMs, http, stream: streamed, batch: batchOver, httpBatch: httpBatchOver } = samples;
     const rows = {
       healthMsP50: p50(healthMs),
@@ -259,7 +266,7 @@ async function main(): Promise<void> {
     // (server process, every thread, the engine's work included; this client).
     const p10s = { healthMsP10: p10(healthMs), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver), httpBatchOverheadMsP10: p10(httpBatchOver) };
     const cpu = cpuSums;
-    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes, single16, batch16: batchBytes16 }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu, f16: { ...half, ...halfRatios } };
+    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes, single16, batch16: batchBytes16 }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu, f16: { ...half, ...halfRatios }, pausedFloor: paused };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${tag}`);
@@ -287,6 +294,8 @@ async function main(): Promise<void> {
         `| HTTP batch of ${BATCH}, f16 q and out | ${half.httpBatchOverheadMsP50.toFixed(3)} | ${(half.httpBatchOverheadMsP50 / rows.healthMsP50).toFixed(2)} (${halfRatios.httpBatchVsSingleHttp.toFixed(2)}× one f16 HTTP attend) | ${half.httpBatchOverheadMsP10.toFixed(3)} | ${(half.httpBatchOverheadMsP10 / p10s.healthMsP10).toFixed(2)} (${(half.httpBatchOverheadMsP10 / half.httpOverheadMsP10).toFixed(2)}× one f16 HTTP attend) | ${cpu.httpBatch16.serverMs.toFixed(3)} | ${cpu.httpBatch16.clientMs.toFixed(3)} |`,
         '',
         `The floor under any protocol: a bare TCP round trip (node:net, a peer process answering a fixed number of bytes, no parsing) of a single call's sizes (${single[0]} bytes out, ${single[1]} back) takes ${rows.tcpFloorSingleMsP50.toFixed(3)} ms p50, of a batch's (${batchBytes[0]} out, ${batchBytes[1]} back) ${rows.tcpFloorBatchMsP50.toFixed(3)} ms (${result.tcpFloorBatchVsSingle.toFixed(2)}×): moving the batch's bytes alone costs ${(rows.tcpFloorBatchMsP50 - rows.tcpFloorSingleMsP50).toFixed(3)} ms more than a single call's. With f16 q and out: a single call ${single16[0]} out, ${single16[1]} back, ${half.tcpFloorSingleMsP50.toFixed(3)} ms; a batch ${batchBytes16[0]} out, ${batchBytes16[1]} back, ${half.tcpFloorBatchMsP50.toFixed(3)} ms (${halfRatios.tcpFloorBatchVsSingle.toFixed(2)}× the f16 single, ${halfRatios.tcpFloorBatchVsSingleF32.toFixed(2)}× the f32 single).`,
+        '',
+        `The floor after the server's time: the same peer waiting, before it answers, the server's p50 time for the call (so both ends wait as they do here: on this VM a process that waited is slow to wake, and the bytes move slower then): a single f16 call (${paused.serverMsP50.stream16.toFixed(2)} ms pause) ${paused.single16MsP50.toFixed(3)} ms beyond the pause, a batch of ${BATCH} f16 (${paused.serverMsP50.batch16.toFixed(1)} ms pause) ${paused.batch16MsP50.toFixed(3)} ms (${(paused.batch16MsP50 / paused.single16MsP50).toFixed(2)}×); f32: ${paused.singleMsP50.toFixed(3)} and ${paused.batchMsP50.toFixed(3)} ms (${(paused.batchMsP50 / paused.singleMsP50).toFixed(2)}×). Overhead above that floor: one f16 stream attend ${(half.streamOverheadMsP50 - paused.single16MsP50).toFixed(3)} ms, the f16 stream batch ${(half.batchOverheadMsP50 - paused.batch16MsP50).toFixed(3)} ms; f32 ${(rows.streamOverheadMsP50 - paused.singleMsP50).toFixed(3)} and ${(rows.batchOverheadMsP50 - paused.batchMsP50).toFixed(3)} ms.`,
         '',
       ].join('\n'),
     );

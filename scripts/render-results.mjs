@@ -105,6 +105,16 @@ const BLOCKS = {
       `f16: q and out in the model's dtype (\`outDtype\`), half the tensor bytes.`,
       '',
       table(['machine', 'bare health ms', 'HTTP attend ms', 'stream attend ms', 'stream batch of 32 ms', 'stream batch of 32, f16 ms'], ['l', 'r', 'r', 'r', 'r', 'r'], rows),
+      ...files.flatMap((f) => {
+        // The floor after the server's time (bench/transport.ts): bare TCP, the same bytes, the peer waiting the server's p50 time first.
+        const j = json(f), p = j.pausedFloor;
+        if (!p) return [];
+        const single = j.f16.streamOverheadMsP50 - p.single16MsP50, batch = j.f16.batchOverheadMsP50 - p.batch16MsP50;
+        return [
+          '',
+          `${machine(j.machine)}: a bare TCP exchange of the same bytes, its peer first waiting the server's p50 time, takes ${fix(p.single16MsP50, 2)} ms beyond the wait for one f16 step and ${fix(p.batch16MsP50, 2)} ms for the f16 batch (${fix(p.batch16MsP50 / p.single16MsP50, 1)}×): above that floor, one f16 stream step costs ${fix(single, 2)} ms and the batch ${fix(batch, 2)} ms (${fix(batch / single, 1)}×).`,
+        ];
+      }),
     ].join('\n');
   },
 
