@@ -30,6 +30,9 @@ export const CLOSE_NORMAL = 1000, CLOSE_PROTOCOL = 1002, CLOSE_TOO_BIG = 1009;
 export const MAX_HEADER = 10;
 /** Messages and answers from this size up live in pooled buffers; smaller ones are fresh (cheap, and no pool round trip). */
 const POOLED = 1 << 16;
+/** Nor larger ones: the pool keeps what it is given for a while, and a batch's frames are well under this. */
+const POOLED_MAX = 32 << 20;
+const pooledSize = (n: number) => n >= POOLED && n <= POOLED_MAX;
 /** How long a closing connection waits for the peer's close before dropping it. */
 const CLOSE_WAIT_MS = 1000;
 
@@ -126,10 +129,11 @@ export class WsConnection {
     if (!this.open) return;
     const headerBytes = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
     const total = headerBytes + length;
-    const buf = total >= POOLED ? pool.take(total) : Buffer.allocUnsafe(total);
+    const pooled = pooledSize(total);
+    const buf = pooled ? pool.take(total) : Buffer.allocUnsafe(total);
     writeHeader(buf, OP_BINARY, length, headerBytes);
     fill(buf.subarray(headerBytes, total));
-    if (total >= POOLED) this.socket.write(buf.subarray(0, total), () => pool.give(buf));
+    if (pooled) this.socket.write(buf.subarray(0, total), () => pool.give(buf));
     else this.socket.write(buf.subarray(0, total));
   }
 
@@ -238,13 +242,14 @@ export class WsConnection {
   private reserve(n: number): void {
     if (this.msg && this.msg.byteLength >= n) return;
     const size = this.fin && this.opcode !== OP_CONT ? n : Math.max(n, 2 * (this.msg?.byteLength ?? 0));
-    const next = size >= POOLED ? pool.take(size) : Buffer.allocUnsafe(size);
+    const pooled = pooledSize(size);
+    const next = pooled ? pool.take(size) : Buffer.allocUnsafe(size);
     if (this.msg) {
       this.msg.copy(next, 0, 0, this.msgLength);
       if (this.pooled) pool.give(this.msg);
     }
     this.msg = next;
-    this.pooled = size >= POOLED;
+    this.pooled = pooled;
   }
 
   /** `n` payload bytes of the frame at chunk[at]. */
