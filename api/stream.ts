@@ -60,6 +60,8 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
     if (path !== '/v1/stream') return refuse(socket, 404, 'Not Found');
     if (!tokenAccepted(opts.token, req.headers.authorization)) return refuse(socket, 401, 'Unauthorized');
     const problem = handshakeProblem(req);
+    // A version we do not speak: 426 and the one we do (RFC 6455 4.4), so the client can retry with it.
+    if (problem?.startsWith('Sec-WebSocket-Version')) return refuse(socket, 426, 'Upgrade Required', problem, 'sec-websocket-version: 13\r\n');
     if (problem) return refuse(socket, 400, 'Bad Request', problem);
     acceptHandshake(req, socket as Socket);
     const conn: WsConnection = new WsConnection(socket as Socket, limits, serve(() => conn, sessions, metrics, () => open.delete(conn)));
@@ -69,8 +71,8 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
   return { close: () => open.forEach((c) => c.terminate()), connections: () => open };
 }
 
-function refuse(socket: Duplex, status: number, reason: string, why = ''): void {
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
+function refuse(socket: Duplex, status: number, reason: string, why = '', headers = ''): void {
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\n${headers}content-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
 function serve(conn: () => WsConnection, sessions: Sessions, metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {

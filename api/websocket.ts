@@ -421,10 +421,16 @@ export class WsConnection {
     } else if (op === OP_CLOSE) {
       if (payload.byteLength === 1) return this.fail(CLOSE_PROTOCOL, 'a close payload is a 2-byte code and a reason');
       const code = payload.byteLength >= 2 ? (payload[0] << 8) | payload[1] : CLOSE_NORMAL;
-      // The peer's close, answered with its code (1000 for one it may not send back).
-      this.close(code >= 1000 && code < 5000 && code !== 1005 && code !== 1006 && code !== 1015 ? code : CLOSE_NORMAL);
+      if (payload.byteLength >= 2 && !sendableCode(code)) return this.fail(CLOSE_PROTOCOL, `close code ${code} may not be sent`);
+      // The peer's close, answered with its code.
+      this.close(code);
     }
   }
+}
+
+/** Close codes a peer may put in a close frame (RFC 6455 7.4: the defined ones less 1004-1006 and 1015, and 3000-4999). */
+function sendableCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
 }
 
 function writeHeader(buf: Uint8Array, opcode: number, length: number, headerBytes: number): void {

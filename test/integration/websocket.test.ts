@@ -160,12 +160,14 @@ describe('the stream WebSocket (own framing)', () => {
     expect(accept).toBe('s3pPLMBiTxaQ9kYGzzhZRbK+xOo='); // RFC 6455 section 1.3's example
     expect(accept).toBe(createHash('sha1').update(KEY + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64'));
     ok.socket.destroy();
-    for (const [headers, why] of [
-      [{ 'Sec-WebSocket-Version': '8' }, 'Sec-WebSocket-Version must be 13'],
-      [{ 'Sec-WebSocket-Key': '' }, 'Sec-WebSocket-Key must be 16 bytes in base64'],
+    for (const [headers, status, why] of [
+      [{ 'Sec-WebSocket-Version': '8' }, 426, 'Sec-WebSocket-Version must be 13'],
+      [{ 'Sec-WebSocket-Key': '' }, 400, 'Sec-WebSocket-Key must be 16 bytes in base64'],
     ] as const) {
       const r = await open('/v1/stream', headers);
-      expect(r.head).toMatch(/^HTTP\/1\.1 400 /);
+      expect(r.head).toMatch(new RegExp(`^HTTP/1\\.1 ${status} `));
+      // A version we do not speak is answered with the one we do (RFC 6455 4.4).
+      if (status === 426) expect(r.head).toMatch(/\r\nsec-websocket-version: 13(\r\n|$)/i);
       await r.until(() => r.ended);
       expect(r.body).toBe(why);
       r.socket.destroy();
@@ -254,6 +256,16 @@ describe('the stream WebSocket (own framing)', () => {
     }
     expect((await fetch(`${server.url}/v1/health`)).status).toBe(200);
     expect((await client.attend(sid, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) })).out).toHaveLength(model.qHeads * model.headDim);
+  });
+
+  it('closes with 1002 a close frame whose code may not be sent (RFC 6455 7.4), and echoes one that may', async () => {
+    for (const [code, answer] of [[999, 1002], [1004, 1002], [1005, 1002], [1006, 1002], [1015, 1002], [1016, 1002], [2999, 1002], [5000, 1002], [1001, 1001], [1011, 1011], [3000, 3000], [4999, 4999]]) {
+      const raw = await open();
+      await raw.write(frame(0x8, Buffer.from([code >> 8, code & 0xff])));
+      await raw.until(() => raw.frames.length >= 1);
+      expect([code, raw.frames[0].opcode, closeCode(raw.frames[0])]).toEqual([code, 0x8, answer]);
+      raw.socket.destroy();
+    }
   });
 
   it('answers a close with a close of the same code and ends the connection', async () => {
