@@ -232,6 +232,8 @@ export class WsConnection {
   }
 
   private onData(chunk: Buffer): void {
+    // Bytes read after a pause took hold wait behind the backlog, in order.
+    if (this.backlog) return void (this.backlog = Buffer.concat([this.backlog, chunk]));
     try {
       this.parse(chunk);
     } catch (e) {
