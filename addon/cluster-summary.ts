@@ -4,26 +4,6 @@
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
-interface Addon {
-  clusterSummary(a: {
-    keys: Uint16Array;
-    values: Uint16Array;
-    dtype: number;
-    tokens: number;
-    headDim: number;
-    stride: number;
-    cluster: Int32Array;
-    clusters: number;
-    axisIterations: number;
-    centroids: Float32Array;
-    valueMeans: Float32Array;
-    keyVars: Float32Array;
-    keyAxes: Float32Array;
-  }): Promise<void>;
-}
-
-const addon = nativeAddon<Addon>();
-
 export interface ClusterSummaryArgs {
   /** [tokens, headDim] storage words of the segment's keys and values. */
   keys: Uint16Array;
@@ -44,6 +24,12 @@ export interface ClusterSummaryArgs {
   keyVars: Float32Array;
   keyAxes: Float32Array;
 }
+
+interface Addon {
+  clusterSummary(a: Omit<ClusterSummaryArgs, 'dtype'> & { dtype: number }): Promise<void>;
+}
+
+const addon = nativeAddon<Addon>();
 
 /** Every cluster's summaries, in parallel over clusters, off the event loop. */
 export async function clusterSummary(a: ClusterSummaryArgs): Promise<void> {

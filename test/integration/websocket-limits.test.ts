@@ -17,6 +17,7 @@ import type { WsConnection } from '../../api/websocket.js';
 import { unpackView } from '../../core/msgpack-parts-decode.js';
 import { joinParts, packParts } from '../../core/msgpack-parts.js';
 import type { Sessions } from '../../engine/sessions.js';
+import { takeFrames, type RawFrame } from '../helpers/ws-frames.js';
 
 const TOKEN = 'secret';
 const HIGH_WATER = 1 << 20;
@@ -52,7 +53,7 @@ afterAll(async () => {
 /** A raw client that reads only when told to: the handshake's head, then server frames. */
 class Raw {
   head = '';
-  frames: { opcode: number; payload: Buffer }[] = [];
+  frames: RawFrame[] = [];
   ended = false;
   private buf = Buffer.alloc(0);
 
@@ -72,23 +73,9 @@ class Raw {
   }
 
   private parse(): void {
-    for (;;) {
-      const b = this.buf;
-      if (b.length < 2) return;
-      let len = b[1] & 0x7f, at = 2;
-      if (len === 126) {
-        if (b.length < 4) return;
-        len = b.readUInt16BE(2);
-        at = 4;
-      } else if (len === 127) {
-        if (b.length < 10) return;
-        len = Number(b.readBigUInt64BE(2));
-        at = 10;
-      }
-      if (b.length < at + len) return;
-      this.frames.push({ opcode: b[0] & 0x0f, payload: Buffer.from(b.subarray(at, at + len)) });
-      this.buf = b.subarray(at + len);
-    }
+    const { frames, rest } = takeFrames(this.buf);
+    this.frames.push(...frames);
+    this.buf = rest;
   }
 }
 

@@ -15,6 +15,7 @@ import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { takeFrames, type RawFrame } from '../helpers/ws-frames.js';
 
 const seed = freshSeed();
 console.log(`websocket: seed ${seed}`);
@@ -36,15 +37,9 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
-interface Frame {
-  fin: boolean;
-  opcode: number;
-  payload: Buffer;
-}
-
 /** A raw client: the handshake's answer head, then the server's frames as they come (server frames are never masked). */
 class Raw {
-  frames: Frame[] = [];
+  frames: RawFrame[] = [];
   ended = false;
   head = '';
   /** The body of a refusal. */
@@ -77,24 +72,10 @@ class Raw {
   }
 
   private parse(): void {
-    for (;;) {
-      const b = this.buf;
-      if (b.length < 2) return;
-      expect(b[1] & 0x80).toBe(0);
-      let len = b[1] & 0x7f, at = 2;
-      if (len === 126) {
-        if (b.length < 4) return;
-        len = b.readUInt16BE(2);
-        at = 4;
-      } else if (len === 127) {
-        if (b.length < 10) return;
-        len = Number(b.readBigUInt64BE(2));
-        at = 10;
-      }
-      if (b.length < at + len) return;
-      this.frames.push({ fin: (b[0] & 0x80) !== 0, opcode: b[0] & 0x0f, payload: Buffer.from(b.subarray(at, at + len)) });
-      this.buf = b.subarray(at + len);
-    }
+    const { frames, rest } = takeFrames(this.buf);
+    for (const f of frames) expect(f.masked, 'a server frame is masked').toBe(false);
+    this.frames.push(...frames);
+    this.buf = rest;
   }
 
   /** Waits until `ok()` holds (or the socket closed), for at most 5 s. */
@@ -149,7 +130,7 @@ const pack = (v: unknown) => {
   const parts = packParts(v);
   return joinParts(parts, new Uint8Array(parts.byteLength));
 };
-const closeCode = (f: Frame) => f.payload.readUInt16BE(0);
+const closeCode = (f: RawFrame) => f.payload.readUInt16BE(0);
 const hex = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
 
 describe('the stream WebSocket (own framing)', () => {
