@@ -17,7 +17,7 @@ import type { WsConnection } from '../../api/websocket.js';
 import { unpackView } from '../../core/msgpack-parts-decode.js';
 import { joinParts, packParts } from '../../core/msgpack-parts.js';
 import type { Sessions } from '../../engine/sessions.js';
-import { takeFrames, type RawFrame } from '../helpers/ws-frames.js';
+import { openRawWs, RawWsClient } from '../helpers/ws-raw.js';
 
 const TOKEN = 'secret';
 const HIGH_WATER = 1 << 20;
@@ -50,51 +50,15 @@ afterAll(async () => {
   await new Promise((r) => server.close(r));
 });
 
-/** A raw client that reads only when told to: the handshake's head, then server frames. */
-class Raw {
-  head = '';
-  frames: RawFrame[] = [];
-  ended = false;
-  private buf = Buffer.alloc(0);
-
-  constructor(readonly socket: Socket) {
-    socket.on('data', (c: Buffer) => {
-      this.buf = Buffer.concat([this.buf, c]);
-      if (!this.head) {
-        const end = this.buf.indexOf('\r\n\r\n');
-        if (end < 0) return;
-        this.head = this.buf.subarray(0, end).toString('latin1');
-        this.buf = this.buf.subarray(end + 4);
-      }
-      if (this.head.startsWith('HTTP/1.1 101')) this.parse();
-    });
-    socket.on('close', () => (this.ended = true));
-    socket.on('error', () => undefined);
-  }
-
-  private parse(): void {
-    const { frames, rest } = takeFrames(this.buf);
-    this.frames.push(...frames);
-    this.buf = rest;
-  }
-}
-
 /** Polls `ok` until it holds, for at most 10 s (then the test's own expectations fail). */
 async function until(ok: () => boolean): Promise<void> {
   const deadline = Date.now() + 10_000;
   while (!ok() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
 }
 
-async function open(): Promise<{ raw: Raw; conn: WsConnection }> {
+async function open(): Promise<{ raw: RawWsClient; conn: WsConnection }> {
   const before = new Set(stream.connections());
-  const socket = connect(port, '127.0.0.1');
-  await new Promise((r) => socket.once('connect', r));
-  const raw = new Raw(socket);
-  socket.write(
-    `GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n` +
-      `Sec-WebSocket-Version: 13\r\nAuthorization: Bearer ${TOKEN}\r\n\r\n`,
-  );
-  await until(() => raw.head !== '');
+  const raw = await openRawWs(port, { headers: { Authorization: `Bearer ${TOKEN}` } });
   const conn = [...stream.connections()].find((c) => !before.has(c))!;
   return { raw, conn };
 }

@@ -6,7 +6,7 @@
 // read, protocol errors closed with 1002, the close handshake, and text or
 // empty messages answered with error frames on a connection that survives.
 import { createHash, randomBytes } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { unpackView } from '../../core/msgpack-parts-decode.js';
@@ -15,7 +15,7 @@ import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
-import { takeFrames, type RawFrame } from '../helpers/ws-frames.js';
+import { openRawWs, RawWsClient, WS_TEST_KEY, type RawFrame } from '../helpers/ws-raw.js';
 
 const seed = freshSeed();
 console.log(`websocket: seed ${seed}`);
@@ -37,51 +37,10 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
-/** A raw client: the handshake's answer head, then the server's frames as they come (server frames are never masked). */
-class Raw {
-  frames: RawFrame[] = [];
-  ended = false;
-  head = '';
-  /** The body of a refusal. */
-  body = '';
-  private buf = Buffer.alloc(0);
-  private waiters: (() => void)[] = [];
-
-  constructor(readonly socket: Socket) {
-    socket.on('data', (c: Buffer) => {
-      this.buf = Buffer.concat([this.buf, c]);
-      if (!this.head) {
-        const end = this.buf.indexOf('\r\n\r\n');
-        if (end < 0) return;
-        this.head = this.buf.subarray(0, end).toString('latin1');
-        this.buf = this.buf.subarray(end + 4);
-      }
-      if (this.head.startsWith('HTTP/1.1 101')) this.parse();
-      else this.body = this.buf.toString('latin1');
-      this.wake();
-    });
-    socket.on('close', () => {
-      this.ended = true;
-      this.wake();
-    });
-    socket.on('error', () => undefined);
-  }
-
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
-  }
-
-  private parse(): void {
-    const { frames, rest } = takeFrames(this.buf);
-    for (const f of frames) expect(f.masked, 'a server frame is masked').toBe(false);
-    this.frames.push(...frames);
-    this.buf = rest;
-  }
-
-  /** Waits until `ok()` holds (or the socket closed), for at most 5 s. */
-  async until(ok: () => boolean): Promise<void> {
-    const deadline = Date.now() + 5000;
-    while (!ok() && !this.ended && Date.now() < deadline) await new Promise<void>((r) => (this.waiters.push(r), setTimeout(r, 50)));
+/** The shared raw client, asserting every server frame is unmasked, with writes in random pieces. */
+class Raw extends RawWsClient {
+  constructor(socket: Socket) {
+    super(socket, (f) => expect(f.masked, 'a server frame is masked').toBe(false));
   }
 
   /** Sends bytes in random pieces (1 byte up to all of them), each its own write. */
@@ -96,16 +55,8 @@ class Raw {
   }
 }
 
-const KEY = 'dGhlIHNhbXBsZSBub25jZQ==';
-
-async function open(path = '/v1/stream', headers: Record<string, string> = {}): Promise<Raw> {
-  const socket = connect(Number(new URL(server.url).port), '127.0.0.1');
-  await new Promise((r) => socket.once('connect', r));
-  const raw = new Raw(socket);
-  const all = { Host: 'localhost', Upgrade: 'websocket', Connection: 'Upgrade', 'Sec-WebSocket-Key': KEY, 'Sec-WebSocket-Version': '13', ...headers };
-  socket.write(`GET ${path} HTTP/1.1\r\n${Object.entries(all).filter(([, v]) => v !== '').map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`);
-  await raw.until(() => raw.head !== '');
-  return raw;
+function open(path = '/v1/stream', headers: Record<string, string> = {}): Promise<Raw> {
+  return openRawWs(Number(new URL(server.url).port), { path, headers, make: (socket) => new Raw(socket) });
 }
 
 /** A client frame: masked with `key` (random unless given; null: unmasked), the length in its smallest form unless `wide`. */
@@ -139,7 +90,7 @@ describe('the stream WebSocket (own framing)', () => {
     expect(ok.head).toMatch(/^HTTP\/1\.1 101 /);
     const accept = /sec-websocket-accept: (\S+)/i.exec(ok.head)?.[1];
     expect(accept).toBe('s3pPLMBiTxaQ9kYGzzhZRbK+xOo='); // RFC 6455 section 1.3's example
-    expect(accept).toBe(createHash('sha1').update(KEY + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64'));
+    expect(accept).toBe(createHash('sha1').update(WS_TEST_KEY + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64'));
     ok.socket.destroy();
     for (const [headers, status, why] of [
       [{ 'Sec-WebSocket-Version': '8' }, 426, 'Sec-WebSocket-Version must be 13'],
