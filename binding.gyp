@@ -18,6 +18,7 @@
         "native/bindings/cluster_summary_binding.cc",
         "native/bindings/convert_binding.cc",
         "native/bindings/outlier_scores_binding.cc",
+        "native/bindings/socket_read_binding.cc",
         "native/bindings/cuda_binding.cc",
         "native/bindings/faiss_binding.cc",
         "native/bindings/ra_graph_binding.cc",

@@ -5,11 +5,13 @@
 // are views of its frame (read once from the socket into a buffer of its
 // own), not copies.
 import { joinParts, packParts, unpackView } from './msgpack-parts.js';
-import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type OutOf, type WireAnswer, type WireResult } from './client.js';
+import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type KvUploadBody, type KvUploadStats, type OutOf, type WireAnswer, type WireResult } from './client.js';
 import { HandshakeRefused, WsClient, type WsOptions } from './websocket.js';
 
-/** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
+/** Request frames from this size up go through `spares`, buffers kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
+/** Warm frame buffers kept: one per upload a preload keeps in flight. */
+const SPARES = 4;
 
 type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void };
 
@@ -17,7 +19,7 @@ export class KvrecallStream {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
   private closed?: Error;
-  private spare?: Buffer;
+  private spares: Buffer[] = [];
   private ws!: WsClient;
 
   private constructor() {}
@@ -48,6 +50,18 @@ export class KvrecallStream {
     const frame = await this.request({ layer, steps });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
     return Object.assign(batchResults<OutOf<S>>(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
+  }
+
+  /**
+   * One document upload, the body of KvrecallClient.uploadDocumentKv. Its
+   * tensors are copied into the frame before this returns, so the caller
+   * may reuse them at once and send the next upload before this one's
+   * answer (answers come in order; the server appends in order).
+   */
+  async uploadDocumentKv(document: string, body: KvUploadBody): Promise<{ layer: number; tokens: number; stats?: KvUploadStats }> {
+    const frame = await this.request({ ...body, document });
+    if (frame.error) throw requestError(frame.error as { code: string; message: string });
+    return { layer: frame.layer as number, tokens: frame.tokens as number, stats: frame.stats as KvUploadStats | undefined };
   }
 
   /** Sends raw bytes as one frame (for tests of bad frames). */
@@ -93,10 +107,12 @@ export class KvrecallStream {
       const fill = (payload: Uint8Array) => void joinParts(parts, payload);
       try {
         if (parts.byteLength < POOLED_FRAME) return this.ws.send(parts.byteLength, fill);
-        const room = this.spare;
-        this.spare = undefined;
-        this.ws.send(parts.byteLength, fill, room ?? Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(parts.byteLength + 14))), (buf) => {
-          if (!this.spare || this.spare.byteLength < buf.byteLength) this.spare = buf;
+        const need = parts.byteLength + 14;
+        const at = this.spares.findIndex((b) => b.byteLength >= need);
+        const room = at >= 0 ? this.spares.splice(at, 1)[0] : Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(need)));
+        this.ws.send(parts.byteLength, fill, room, (buf) => {
+          this.spares.push(buf);
+          if (this.spares.length > SPARES) this.spares.sort((a, b) => b.byteLength - a.byteLength).pop();
         });
       } catch (e) {
         this.pending.delete(id);
