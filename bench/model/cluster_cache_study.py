@@ -35,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-import heldout
 from machine import cpu_name
 from model import Model
-from wave_index import build_index
+from wave_index import build_index, study_context
 
 WARMUP = 16
 CAPS = (1.0, 1.5, 2.0, 4.0)
@@ -127,12 +126,8 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.time()
     model = Model()
-    rng = np.random.default_rng(a.seed)
-    seq, key, at = heldout.plant(heldout.corpus(), a.ctx - 5, rng)
-    ids = np.frombuffer(seq + key, np.uint8)
-    pre = model.prefill(ids, keep_qkv=True, logits="none")
-    Q = [x.astype(np.float64) for x in pre.q]
-    K = [x.astype(np.float64) for x in pre.k]
+    sc = study_context(model, a.ctx, a.seed, logits="none")
+    Q, K, at = sc.Q, sc.K, sc.at
     group = model.cfg.n_heads // model.cfg.n_kv_heads
     n_idx = (a.ctx - a.steps) // 64 * 64
     budget = int(round(a.budget * a.ctx))
