@@ -17,6 +17,7 @@
         "native/bindings/cluster_rank_binding.cc",
         "native/bindings/cluster_summary_binding.cc",
         "native/bindings/convert_binding.cc",
+        "native/bindings/copy_binding.cc",
         "native/bindings/outlier_scores_binding.cc",
         "native/bindings/socket_read_binding.cc",
         "native/bindings/cuda_binding.cc",

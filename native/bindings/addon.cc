@@ -20,6 +20,7 @@ void InitBlockScores(Napi::Env env, Napi::Object exports);
 void InitBlockReps(Napi::Env env, Napi::Object exports);
 void InitWaveGpu(Napi::Env env, Napi::Object exports);
 void InitSocketRead(Napi::Env env, Napi::Object exports);
+void InitCopy(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -39,6 +40,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitBlockReps(env, exports);
   kvr::InitWaveGpu(env, exports);
   kvr::InitSocketRead(env, exports);
+  kvr::InitCopy(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }
