@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import msgpack
 import numpy as np
@@ -285,6 +285,7 @@ class Client:
         chunk: int = 4096,
         dtype: Optional[str] = None,
         timeout: float = 600.0,
+        window: int = 2,
     ) -> Dict[str, Any]:
         """A whole document in one call: create, upload every layer in chunks
         of `chunk` tokens, seal, wait until ready; returns the ready document.
@@ -292,17 +293,24 @@ class Client:
         k[layer], v[layer]: [kvHeads, n, headDim]; q[layer] (optional prefill
         queries, for the attention-aware index builds): [qHeads, n, headDim].
         `methods` are indexed at seal. On an error the document is deleted.
+        The uploads go over a stream (`GET /v1/stream`), `window` of them
+        sent ahead of their answers (Stream.upload_document).
         """
         if len(k) != model["layers"] or len(v) != model["layers"] or (q is not None and len(q) != model["layers"]):
             raise ValueError(f"k, v (and q) need one array per layer ({model['layers']})")
         self.create_document(doc, model, methods=methods, query_stride=query_stride)
-        try:
+
+        def chunks() -> Iterator[Tuple[int, int, Any, Any, Any]]:
+            step = max(1, chunk)
             for layer in range(model["layers"]):
                 n = int(np.shape(k[layer])[1])
-                for start in range(0, n, max(1, chunk)):
-                    end = min(n, start + max(1, chunk))
-                    qs = None if q is None else q[layer][:, start:end]
-                    self.upload_document_kv(doc, layer, start, k[layer][:, start:end], v[layer][:, start:end], q=qs, dtype=dtype)
+                for start in range(0, n, step):
+                    end = min(n, start + step)
+                    yield layer, start, k[layer][:, start:end], v[layer][:, start:end], None if q is None else q[layer][:, start:end]
+
+        try:
+            with self.open_stream() as s:
+                s.upload_document(doc, chunks(), window=window, dtype=dtype)
             self.seal_document(doc)
             return self.wait_document_ready(doc, timeout)
         except BaseException:

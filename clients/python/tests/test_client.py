@@ -262,6 +262,44 @@ class AgainstServer(unittest.TestCase):
         np.testing.assert_array_equal(r.kv["k"][1], x[1].astype(np.float16))
         self.kv.delete_session(sid)
 
+    def test_stream_uploads_in_flight_store_the_bytes_sent(self):
+        """Uploads over the stream, three sent ahead of their answers, store
+        exactly the K/V sent, answered in order; an error answer raises
+        KvrecallError, changes nothing and leaves the stream usable."""
+        doc = f"{self.prefix}-stream-up"
+        self.created.append(doc)
+        self.kv.create_document(doc, self.model("f16"))
+        sizes = (37, 300, 5)
+        chunks, ks, vs = [], [], []
+        for layer in range(self.LAYERS):
+            start = 0
+            for n in sizes:
+                k_sent, _ = self.random_kv("f16", n)
+                v_sent, _ = self.random_kv("f16", n)
+                chunks.append((layer, start, k_sent, v_sent, None))
+                start += n
+            ks.append(np.concatenate([c[2] for c in chunks[-len(sizes):]], axis=1))
+            vs.append(np.concatenate([c[3] for c in chunks[-len(sizes):]], axis=1))
+        seen = []
+        with self.kv.open_stream() as s:
+            self.assertError(409, "conflict", s.upload_document_kv, doc, 0, 7, chunks[0][2], chunks[0][3])
+            # A bad chunk (k of the wrong shape) in a window of 3: the chunks sent with it are answered (the
+            # one after it goes in: the bad one changed nothing), then the error is raised.
+            bad = lambda start: (0, start, chunks[1][2][:1], chunks[1][3], None)  # noqa: E731
+            self.assertError(422, "invalid", s.upload_document, doc, [chunks[0], bad(37), chunks[1]], window=3)
+            # In a window of 1, nothing after the bad chunk is sent: chunks[2] then goes in at 337 (else 409).
+            self.assertError(422, "invalid", s.upload_document, doc, [bad(337), chunks[2]], window=1)
+            s.upload_document(doc, chunks[2:], window=3, answered=lambda a: seen.append((a["layer"], a["tokens"])))
+        self.assertEqual(seen, [(0, 342), (1, 37), (1, 337), (1, 342)])
+        self.kv.seal_document(doc)
+        sid = self.kv.create_session(self.model("f16"), documents=[doc])["id"]
+        for layer in range(self.LAYERS):
+            r = self.kv.attend(sid, layer, np.zeros((self.Q, self.D), np.float32), returns=["kv"])
+            for h in range(self.KV):
+                np.testing.assert_array_equal(r.kv["k"][h], ks[layer][h])
+                np.testing.assert_array_equal(r.kv["v"][h], vs[layer][h])
+        self.kv.delete_session(sid)
+
     def assertError(self, status, code, fn, *args, **kwargs):
         with self.assertRaises(KvrecallError) as cm:
             fn(*args, **kwargs)
