@@ -50,12 +50,14 @@ const CLOSE_WAIT_MS = 1000;
  */
 const FIRST_BUFFER = 1 << 20;
 /**
- * Single-frame messages this large are read straight from the socket
- * (smaller ones come in a read or two anyway), up to POOLED_MAX: a buffer of
- * the declared size is taken at once, and a fresh one commits memory only
- * as bytes come into it.
+ * Single-frame messages from DIRECT_MIN to DIRECT_MAX bytes are read
+ * straight from the socket (smaller ones come in a read or two anyway) into
+ * a buffer of the declared size taken at once: a pooled one up to
+ * POOLED_MAX, else one of their own, which commits memory only as bytes come
+ * into it. Larger messages are gathered as they come (FIRST_BUFFER).
  */
 const DIRECT_MIN = 1 << 20;
+const DIRECT_MAX = 64 << 20;
 /** Direct reads in progress, process-wide: each holds a thread (a slow peer for up to progressMs). */
 let directReads = 0;
 const MAX_DIRECT_READS = 64;
@@ -400,7 +402,7 @@ export class WsConnection {
       this.read = n;
       this.left = 0;
       return this.endFrame(data);
-    } else if (this.read === 0 && this.fin && op !== OP_CONT && this.left >= DIRECT_MIN && this.left <= POOLED_MAX && directReads < MAX_DIRECT_READS && canReadDirect(this.socket)) {
+    } else if (this.read === 0 && this.fin && op !== OP_CONT && this.left >= DIRECT_MIN && this.left <= DIRECT_MAX && directReads < MAX_DIRECT_READS && canReadDirect(this.socket)) {
       return this.readDirect(chunk.subarray(at, at + n));
     } else {
       const declared = this.msgLength + this.read + this.left;
@@ -422,11 +424,12 @@ export class WsConnection {
    */
   private readDirect(first: Uint8Array): void {
     const total = this.left;
-    const buf = pool.take(total);
+    const pooled = pooledSize(total);
+    const buf = pooled ? pool.take(total) : Buffer.allocUnsafeSlow(total);
     buf.set(first);
     unmask(buf.subarray(0, first.byteLength), this.mask, 0);
     this.msg = buf;
-    this.pooled = true;
+    this.pooled = pooled;
     this.read = first.byteLength;
     this.left = total - first.byteLength;
     directReads++;
@@ -437,7 +440,7 @@ export class WsConnection {
       if (!ok || this.msg !== buf || this.gone || this.closeSent) {
         // Failed, or the connection was dropped or closed meanwhile (dropMessage left the buffer to us).
         if (this.msg === buf) this.dropMessage();
-        else pool.give(buf);
+        else if (pooled) pool.give(buf);
         if (!ok && !this.gone && !this.closeSent) {
           if (/timeout/.test(why?.message ?? '')) this.fail(CLOSE_POLICY, `a message must progress within ${this.limits.progressMs} ms`);
           else this.socket.destroy();

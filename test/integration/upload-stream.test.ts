@@ -1,10 +1,12 @@
 // Document uploads over the stream (GET /v1/stream), against a real server
 // and real LMDB files: uploads large enough to be read straight from the
-// socket (api/websocket.ts) and small ones, several in flight, store
-// exactly the bytes sent, as the HTTP route does; a masked frame is
+// socket (api/websocket.ts; in pooled buffers or, past their size, one of
+// their own) and small ones, several in flight, store exactly the bytes
+// sent, as the HTTP route does; a masked frame is
 // unmasked; bad uploads get error frames, change nothing and leave the
 // stream usable; a peer that goes away mid-message, or stalls, or a server
 // that closes meanwhile, leaves the document loading and usable.
+import { randomFillSync } from 'node:crypto';
 import { pack, unpack } from 'msgpackr';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
@@ -124,6 +126,27 @@ describe('document uploads over the stream', () => {
       expect(await client.sealDocument(doc)).toMatchObject({ status: 'ready', tokens: sums[sums.length - 1] });
       await expectHolds(doc, sent);
     }
+  });
+
+  it('reads an upload larger than the pooled buffers (40 MB) directly, into a buffer of its own', async () => {
+    const n = 80_000, words = model.kvHeads * n * model.headDim;
+    // Random finite f16 words (the exponent's top bit clear), made fast: randomKv draws normals one by one.
+    const finite = () => {
+      const w = new Uint16Array(words);
+      randomFillSync(w);
+      for (let i = 0; i < w.length; i++) w[i] &= 0xbfff;
+      return tensor('f16', [model.kvHeads, n, model.headDim], w);
+    };
+    const chunks: KvChunk[][] = [0, 1].map(() => [{ k: finite(), v: finite(), kValues: [], vValues: [] }]);
+    await client.createDocument('big', model, { methods: ['exact'] });
+    const stream = await client.openStream();
+    const before = { ...directReadTotals };
+    for (let layer = 0; layer < model.layers; layer++) await stream.uploadDocumentKv('big', { layer, start: 0, k: chunks[layer][0].k, v: chunks[layer][0].v });
+    stream.close();
+    expect(directReadTotals.messages - before.messages).toBe(2);
+    expect(directReadTotals.bytes - before.bytes).toBeGreaterThan(2 * 40_000_000);
+    await client.sealDocument('big');
+    await expectHolds('big', chunks);
   });
 
   it('unmasks a frame masked with a nonzero key, its bytes coming in pieces', async () => {
