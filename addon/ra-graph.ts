@@ -90,6 +90,8 @@ export interface RaGraphSearchArgs {
    * ef and margin say; it may pass the cap by one neighbour list.
    */
   maxScanned?: number;
+  /** Report where an 'attention' search's time went (result.profile); timing each key costs ~10%. */
+  profile?: boolean;
   /**
    * At least min(k, tokens) entries each; best first (score desc, id asc).
    * Scores: q·k for 'max'; for 'attention' the log of the group's mean
@@ -115,6 +117,23 @@ export interface RaGraphSearchResult {
   count: number;
   /** Keys whose score was computed (scanned fraction = scanned / tokens). */
   scanned: number;
+  /** With `profile` and the 'attention' ranking: where the search's time went. */
+  profile?: RaSearchProfile;
+}
+
+/** Milliseconds per phase of one 'attention' search (native/indexes/ra_graph.h, RaSearchProfile). */
+export interface RaSearchProfile {
+  /** The strided sample scored, the partitions estimated, its best keys picked as seeds. */
+  sampleMs: number;
+  /** The beam search, scoring included. */
+  walkMs: number;
+  /** Of walkMs: reading and scoring keys. */
+  scoreMs: number;
+  refineMs: number;
+  /** The bound, the final scores and the sort. */
+  finalMs: number;
+  /** Keys given a final score (the rest ruled out by the bound). */
+  finalScored: number;
 }
 
 export interface RaGraphBuildStats {
