@@ -229,12 +229,18 @@ class Client:
         model: Dict[str, Any],
         methods: Optional[Sequence[str]] = None,
         query_stride: Optional[int] = None,
+        tokens: Optional[int] = None,
     ) -> Dict[str, Any]:
+        """tokens: the tokens per layer the document will hold: its host
+        memory is reserved now, whole (503 "over_budget" if it does not fit),
+        and never regrown while it is uploaded."""
         body: Dict[str, Any] = {"model": model}
         if methods is not None:
             body["methods"] = list(methods)
         if query_stride is not None:
             body["queryStride"] = query_stride
+        if tokens is not None:
+            body["tokens"] = int(tokens)
         return self._call("PUT", f"/v1/documents/{_quote(doc)}", body)
 
     def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
@@ -298,7 +304,7 @@ class Client:
         """
         if len(k) != model["layers"] or len(v) != model["layers"] or (q is not None and len(q) != model["layers"]):
             raise ValueError(f"k, v (and q) need one array per layer ({model['layers']})")
-        self.create_document(doc, model, methods=methods, query_stride=query_stride)
+        self.create_document(doc, model, methods=methods, query_stride=query_stride, tokens=int(np.shape(k[0])[1]) if model["layers"] > 0 else None)
 
         def chunks() -> Iterator[Tuple[int, int, Any, Any, Any]]:
             step = max(1, chunk)
@@ -508,10 +514,11 @@ def _is_half(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize == 2
 
 
-def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str]) -> Dict[str, Any]:
-    body: Dict[str, Any] = {"layer": int(layer), "start": int(start), "k": tensor(k, dtype), "v": tensor(v, dtype)}
+def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str], view: bool = False) -> Dict[str, Any]:
+    """view: tensor data as views of the arrays (sent before they may change: Stream.upload_document)."""
+    body: Dict[str, Any] = {"layer": int(layer), "start": int(start), "k": tensor(k, dtype, view), "v": tensor(v, dtype, view)}
     if q is not None:
-        body["q"] = tensor(q, None if _is_half(q) else "f32")
+        body["q"] = tensor(q, None if _is_half(q) else "f32", view)
     return body
 
 

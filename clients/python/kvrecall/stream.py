@@ -27,6 +27,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 import msgpack
 
 from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_body, attend_result, batch_results, step_body
+from .tensors import pack_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
 
 __all__ = ["Stream"]
@@ -126,9 +127,10 @@ class Stream:
                 if failed is not None:
                     break
                 # A chunk that cannot be packed is the caller's error: the stream goes on (its answers are skipped).
-                body = _kv_body(layer, start, k, v, q, dtype)
+                body = _kv_body(layer, start, k, v, q, dtype, view=True)
                 body["document"] = str(doc)
-                self._io(lambda: pending.append(self._send(body)))
+                # The tensors go from the arrays to the socket (no joined copy), before this returns.
+                self._io(lambda: pending.append(self._send(body, parts=True)))
                 if len(pending) >= max(1, window):
                     self._io(settle_one)
             while pending:
@@ -174,12 +176,15 @@ class Stream:
             self.ws.close(1001)
             raise
 
-    def _send(self, body: Dict[str, Any]) -> int:
-        """Sends one request frame; its id."""
+    def _send(self, body: Dict[str, Any], parts: bool = False) -> int:
+        """Sends one request frame (parts: its large binary fields written as they are); its id."""
         id_ = self._next_id
         self._next_id += 1
         body["id"] = id_
-        self.ws.send_binary(self._packer.pack(body))
+        if parts:
+            self.ws.send_binary_parts(pack_parts(body, self._packer))
+        else:
+            self.ws.send_binary(self._packer.pack(body))
         return id_
 
     def _await(self, id_: int) -> Dict[str, Any]:
