@@ -26,6 +26,7 @@
         "native/bindings/topk_binding.cc",
         "native/bindings/wave_gpu_binding.cc",
         "native/common/thread_pool.cc",
+        "native/indexes/ivf_attention.cc",
         "native/indexes/ivf_index.cc",
         "native/indexes/kmeans.cc",
         "native/indexes/ra_graph_attention.cc",

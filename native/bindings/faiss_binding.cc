@@ -3,7 +3,7 @@
 //     static build({keys, tokens, headDim, dtype, nlist, seed}) -> Promise<IvfIndex>
 //     static load(bytes: Uint8Array) -> IvfIndex            (throws on corrupt bytes)
 //     save() -> Uint8Array
-//     search({q, group, k, nprobe, outIds, outScores, scan?: 'native' | 'faiss'}) -> {count, scanned}
+//     search({q, group, k, nprobe, outIds, outScores, scan?: 'native' | 'faiss', scale?}) -> {count, scanned}
 //       (synchronous)
 //     dispose(); tokens, headDim, nlist, memoryBytes (getters)
 //   kmeans({keys, tokens, headDim, dtype, clusters, iterations, seed})
@@ -11,6 +11,7 @@
 #include <napi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <utility>
@@ -129,8 +130,17 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
       else if (name != "native")
         throw Napi::TypeError::New(env, "scan must be 'native' or 'faiss'");
     }
-    IvfSearchResult r = Guard(
-        env, [&] { return index.Search(q.Data(), group, k, nprobe, res.ids.Data(), res.scores.Data(), scan); });
+    float scale = 0;  // 0: max over the rows; > 0: the group's attention (native scan only)
+    Napi::Value sc = o.Get("scale");
+    if (!Absent(sc)) {
+      const double v = sc.IsNumber() ? sc.As<Napi::Number>().DoubleValue() : -1;
+      if (!(v > 0) || !std::isfinite(v) || scan != IvfIndex::Scan::kNative)
+        throw Napi::RangeError::New(env, "scale must be a finite number > 0, with scan 'native'");
+      scale = float(v);
+    }
+    IvfSearchResult r = Guard(env, [&] {
+      return index.Search(q.Data(), group, k, nprobe, res.ids.Data(), res.scores.Data(), scan, scale);
+    });
     Napi::Object out = Napi::Object::New(env);
     out.Set("count", Napi::Number::New(env, double(r.count)));
     out.Set("scanned", Napi::Number::New(env, double(r.scanned)));
