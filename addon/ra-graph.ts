@@ -242,7 +242,10 @@ export class RaGraph {
     return this.native.search(nativeSearch(args));
   }
 
-  /** The same search on the calling thread: for one group it takes ~0.1-0.3 ms at 64K keys, less than a promise round trip costs. */
+  /**
+   * The same search on the calling thread. One group takes 0.5–3 ms of CPU at 64K keys and 12–24 ms at 1M (2-core VM,
+   * bench/results/ra-search-*-vm.md), so a step's kv heads belong in searchBatch, off the event loop.
+   */
   searchSync(args: RaGraphSearchArgs): RaGraphSearchResult {
     return this.native.searchSync(nativeSearch(args));
   }

@@ -13,7 +13,7 @@
 //        1 the group's attention, with scale: the softmax scale, absent = 1/sqrt(headDim); maxScanned:
 //        a cap on the keys scored, 0 or absent = none; profile: true adds {sampleMs, walkMs, scoreMs,
 //        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
-//     searchSync(same) -> {count, scanned}                    (on the calling thread: ~0.1-0.3 ms at 64K keys)
+//     searchSync(same) -> {count, scanned}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
 //
