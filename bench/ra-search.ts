@@ -16,12 +16,12 @@
 // sinks + window + retrieved, against the exact top-k of the group's mean
 // probability, k = 1% of tokens, as bench/retrieval.ts does) and a
 // fingerprint of every id returned, so a change that should leave answers
-// alone can be checked to (before/after fingerprints equal). With
+// alone can be checked (before/after fingerprints equal). With
 // `--profile` the native search's phase times are summed and shown too.
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
+import { RA_GRAPH_DEFAULTS, RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
 import { nativeThreads } from '../addon/kernels.js';
 import { median } from './stats.js';
@@ -69,10 +69,11 @@ progress('workload ready');
 const keyArgs = { keys, tokens, headDim: d, dtype: 'f16' as const };
 
 // The cache is keyed by the workload and the graph's defaults; a stale blob (older version) is rebuilt.
+const graphFile = `${stem}-${Object.values(RA_GRAPH_DEFAULTS).join('-')}.graph`;
 let graph: RaGraph | undefined;
-if (existsSync(`${stem}.graph`)) {
+if (existsSync(graphFile)) {
   try {
-    graph = RaGraph.load(new Uint8Array(readFileSync(`${stem}.graph`)));
+    graph = RaGraph.load(new Uint8Array(readFileSync(graphFile)));
   } catch (e) {
     progress(`cached graph refused (${(e as Error).message}); rebuilding`);
   }
@@ -82,7 +83,7 @@ if (!graph) {
   prefillQ ??= generateWorkload(spec).prefillQ[0];
   graph = await RaGraph.build({ ...keyArgs, queries: prefillQ });
   progress(`built in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  writeFileSync(`${stem}.graph`, graph.save());
+  writeFileSync(graphFile, graph.save());
 }
 
 // The exact top-k of the group's attention per step.
