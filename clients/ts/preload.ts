@@ -70,7 +70,8 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     if (!Number.isInteger(qHeads) || qHeads <= 0) throw invalid('the number of q heads is unknown: add q.* tensors, metadata qHeads, or --q-heads');
     const model = { layers, qHeads, kvHeads, headDim, dtype: o.dtype };
     const client = new KvrecallClient({ url: o.url, token: o.token });
-    await client.createDocument(o.id, model, { methods: o.methods });
+    // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
+    await client.createDocument(o.id, model, { methods: o.methods, tokens });
     const total = layers * tokens;
     let done = 0;
     const stream = await client.openStream();
