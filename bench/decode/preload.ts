@@ -147,7 +147,7 @@ export class Preloader {
         ...(q && { q: tensor('f16', [Q, count, d], q), queryStride: stride }),
       };
       const t = now(), kvBytes = k.byteLength + v.byteLength, wireBytes = kvBytes + (q?.byteLength ?? 0);
-      // The buffers are copied into the frame as it is sent: the next chunk may be written into them at once.
+      // The socket has taken the buffers once send resolves: the next chunk may be written into them then.
       await uploads.send(doc, body, (r) => tally.request(now() - t, m, kvBytes, wireBytes, r.stats));
     }
     await uploads.drain();

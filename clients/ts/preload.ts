@@ -39,10 +39,16 @@ export class UploadWindow {
     private readonly window: number,
   ) {}
 
-  /** Sends one upload (its tensors copied before this returns); waits while `window` are unanswered. */
+  /**
+   * Sends one upload, its tensors written to the socket as they are;
+   * resolves once the socket has taken them (the caller may then reuse
+   * them) and fewer than `window` are unanswered.
+   */
   async send(doc: string, body: KvUploadBody, answered: (r: { layer: number; tokens: number; stats?: KvUploadStats }) => void): Promise<void> {
     this.throwIfFailed();
-    this.inflight.push(this.stream.uploadDocumentKv(doc, body).then(answered, (e: unknown) => void (this.failed ??= { e })));
+    const { written, answer } = this.stream.sendDocumentKv(doc, body);
+    this.inflight.push(answer.then(answered, (e: unknown) => void (this.failed ??= { e })));
+    await written.catch((e: unknown) => void (this.failed ??= { e }));
     if (this.inflight.length >= this.window) await this.inflight.shift();
     this.throwIfFailed();
   }
@@ -76,7 +82,7 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     let done = 0;
     const stream = await client.openStream();
     const uploads = new UploadWindow(stream, o.window ?? 2);
-    // One buffer per tensor kind, reused for every chunk: an upload's tensors are copied into its frame as it is sent.
+    // One buffer per tensor kind, reused for every chunk: an upload's tensors are in the socket once send resolves.
     const scratch = new Map<string, Buffer>();
     const slice = (name: string, from: number, to: number, heads: number): Tensor => {
       const kind = name.split('.')[0];

@@ -64,6 +64,29 @@ export class KvrecallStream {
     return { layer: frame.layer as number, tokens: frame.tokens as number, stats: frame.stats as KvUploadStats | undefined };
   }
 
+  /**
+   * As uploadDocumentKv, the tensors written to the socket as they are (no
+   * copy into the frame): `written` settles once the socket has taken
+   * them, and until then they must not change; `answer` is the server's.
+   */
+  sendDocumentKv(document: string, body: KvUploadBody): { written: Promise<void>; answer: Promise<{ layer: number; tokens: number; stats?: KvUploadStats }> } {
+    let written: Promise<void> = Promise.resolve();
+    const answer = this.request({ ...body, document }, (parts) => {
+      let done!: (e?: Error | null) => void;
+      written = new Promise((resolve, reject) => (done = (e) => (e ? reject(e) : resolve())));
+      try {
+        this.ws.sendParts(parts.parts, parts.byteLength, done);
+      } catch (e) {
+        done(e as Error);
+        throw e;
+      }
+    }).then((frame) => {
+      if (frame.error) throw requestError(frame.error as { code: string; message: string });
+      return { layer: frame.layer as number, tokens: frame.tokens as number, stats: frame.stats as KvUploadStats | undefined };
+    });
+    return { written, answer };
+  }
+
   /** Sends raw bytes as one frame (for tests of bad frames). */
   sendRaw(bytes: Uint8Array): void {
     this.ws.sendBytes(bytes);
@@ -98,12 +121,22 @@ export class KvrecallStream {
     p.resolve(frame);
   }
 
-  private request(body: Record<string, unknown>): Promise<Record<string, unknown>> {
+  /** `write`: sends the packed frame itself (else it is copied into a warm frame buffer and sent). */
+  private request(body: Record<string, unknown>, write?: (parts: ReturnType<typeof packParts>) => void): Promise<Record<string, unknown>> {
     if (this.closed) return Promise.reject(this.closed);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       const parts = packParts({ ...body, id });
+      if (write) {
+        try {
+          write(parts);
+        } catch (e) {
+          this.pending.delete(id);
+          reject(e as Error);
+        }
+        return;
+      }
       const fill = (payload: Uint8Array) => void joinParts(parts, payload);
       try {
         if (parts.byteLength < POOLED_FRAME) return this.ws.send(parts.byteLength, fill);

@@ -89,6 +89,14 @@ function frame(body: Record<string, unknown>, key: number[]): Buffer {
   return Buffer.concat([head, payload]);
 }
 
+/** Random finite f16 words (the exponent's top bit clear), made fast: randomKv draws normals one by one. */
+function finiteF16(shape: number[]): Tensor {
+  const w = new Uint16Array(shape.reduce((a, b) => a * b, 1));
+  randomFillSync(w);
+  for (let i = 0; i < w.length; i++) w[i] &= 0xbfff;
+  return tensor('f16', shape, w);
+}
+
 const answers = (raw: RawWsClient) => raw.frames.filter((f) => f.opcode === 2).map((f) => unpack(f.payload) as Record<string, unknown>);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -128,16 +136,32 @@ describe('document uploads over the stream', () => {
     }
   });
 
+  it('UploadWindow: one buffer refilled for every chunk once send resolves, three unanswered, stores every chunk as it was', async () => {
+    // 10 MB uploads: more than the socket takes at once, so a send resolves before its bytes are all in the kernel only if it is wrong.
+    const n = 20_000, shape = [model.kvHeads, n, model.headDim];
+    await client.createDocument('reused', model, { methods: ['exact'] });
+    const stream = await client.openStream();
+    const uploads = new UploadWindow(stream, 3);
+    const k = new Uint16Array(model.kvHeads * n * model.headDim), v = new Uint16Array(k.length);
+    const sent: KvChunk[][] = [[], []];
+    for (let layer = 0; layer < model.layers; layer++)
+      for (let i = 0; i < 4; i++) {
+        const c = { k: finiteF16(shape), v: finiteF16(shape), kValues: [], vValues: [] };
+        sent[layer].push(c);
+        // What the socket has not taken yet would change here, as a preload's reused chunk buffers do.
+        k.set(new Uint16Array(c.k.data.buffer));
+        v.set(new Uint16Array(c.v.data.buffer));
+        await uploads.send('reused', { layer, start: i * n, k: tensor('f16', shape, k), v: tensor('f16', shape, v) }, () => undefined);
+      }
+    await uploads.drain();
+    stream.close();
+    await client.sealDocument('reused');
+    await expectHolds('reused', sent);
+  });
+
   it('reads an upload larger than the pooled buffers (40 MB) directly, into a buffer of its own', async () => {
-    const n = 80_000, words = model.kvHeads * n * model.headDim;
-    // Random finite f16 words (the exponent's top bit clear), made fast: randomKv draws normals one by one.
-    const finite = () => {
-      const w = new Uint16Array(words);
-      randomFillSync(w);
-      for (let i = 0; i < w.length; i++) w[i] &= 0xbfff;
-      return tensor('f16', [model.kvHeads, n, model.headDim], w);
-    };
-    const chunks: KvChunk[][] = [0, 1].map(() => [{ k: finite(), v: finite(), kValues: [], vValues: [] }]);
+    const shape = [model.kvHeads, 80_000, model.headDim];
+    const chunks: KvChunk[][] = [0, 1].map(() => [{ k: finiteF16(shape), v: finiteF16(shape), kValues: [], vValues: [] }]);
     await client.createDocument('big', model, { methods: ['exact'] });
     const stream = await client.openStream();
     const before = { ...directReadTotals };
