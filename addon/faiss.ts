@@ -89,6 +89,7 @@ interface FaissAddon {
     load(bytes: Uint8Array): NativeIvfIndex;
   };
   kmeans(a: Omit<KmeansArgs, 'dtype'> & { dtype: number }): Promise<KmeansResult>;
+  kmeansMany(a: (Omit<KmeansArgs, 'dtype'> & { dtype: number })[]): Promise<KmeansResult[]>;
 }
 
 const addon = nativeAddon<FaissAddon>();
@@ -154,4 +155,13 @@ export class IvfIndex {
 /** Seeded k-means (faiss, L2) over every key, then each key assigned to its nearest final centroid. */
 export async function kmeans(args: KmeansArgs): Promise<KmeansResult> {
   return addon.kmeans({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/**
+ * Independent k-means problems side by side on the native pool, each
+ * answered as kmeans answers it alone (a wave head's segments: one small
+ * problem leaves most cores idle inside faiss).
+ */
+export async function kmeansMany(problems: readonly KmeansArgs[]): Promise<KmeansResult[]> {
+  return addon.kmeansMany(problems.map((a) => ({ ...a, dtype: DTYPE_CODE[a.dtype] })));
 }
