@@ -13,7 +13,8 @@
 #   rounds: over the stream (2 and 4 uploads ahead of their answers; a
 #   layer per stream), over HTTP as before (one upload in flight), and the
 #   Python client over the stream (kvrecall.bench_preload), all with the
-#   server's main-thread CPU beside its process's;
+#   server's main-thread CPU beside its process's; and LMDB's block writes
+#   alone (bench/lmdb-write.js: the store's ceiling for a preload);
 # python: the Python client's per-call overhead, when python3 has numpy and
 #   msgpack (skipped otherwise).
 # Each stage has its own time limit; the log and every results file written
@@ -34,6 +35,7 @@ for s in ${*:-transport cuda preload python}; do
       step 60 preload-window4 env KVRECALL_BENCH_TAG=h200-window4 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 4
       step 60 preload-inflight2 env KVRECALL_BENCH_TAG=h200-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --inflight 2
       step 60 preload-http env KVRECALL_BENCH_TAG=h200-http node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via http
+      step 60 lmdb-write env KVRECALL_BENCH_TAG=h200 node dist/bench/lmdb-write.js --rounds 3
       if python3 -c 'import numpy, msgpack' 2>/dev/null; then
         (cd clients/python && step 90 preload-python env KVRECALL_NODE="$(command -v node)" python3 -m kvrecall.bench_preload --serve --tokens 262144 --layers 2 --rounds 2 --out "$OUT/results/preload-python-h200.json")
       fi ;;
