@@ -19,7 +19,7 @@
 // stays consistent without sync (no write map): a system crash can lose
 // only the commits after the last sync, a process crash none.
 import { open, type Database, type RootDatabase } from 'lmdb';
-import { copyRanges } from '../addon/copy-ranges.js';
+import { copyViews } from '../addon/copy-ranges.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
@@ -84,18 +84,17 @@ export class LmdbStore implements DocumentStore {
   writeBlocks(doc: string, writes: BlockWrite[]): Promise<void> {
     if (writes.length === 0) return Promise.resolve();
     const staging = this.staging.take(writes.reduce((n, w) => n + w.k.byteLength + w.v.byteLength, 0));
-    const values: Buffer[] = [], src: Uint8Array[] = [], dst: Uint8Array[] = [];
+    const values: Buffer[] = [], src: Uint8Array[] = [], offsets: number[] = [];
     let at = 0;
     for (const w of writes) {
-      const value = staging.subarray(at, at + w.k.byteLength + w.v.byteLength);
-      values.push(value);
+      values.push(staging.subarray(at, at + w.k.byteLength + w.v.byteLength));
       src.push(w.k, w.v);
-      dst.push(value.subarray(0, w.k.byteLength), value.subarray(w.k.byteLength));
-      at += value.byteLength;
+      offsets.push(staging.byteOffset + at, staging.byteOffset + at + w.k.byteLength);
+      at += w.k.byteLength + w.v.byteLength;
     }
     // Laid out off the event loop (a preload's 16 MiB per upload), then put in one batch. Every put
     // settles before the staging buffer is reused, failed ones included.
-    const done: Promise<void> = copyRanges(src, dst)
+    const done: Promise<void> = copyViews(src, new Uint8Array(staging.buffer), offsets)
       .then(() => Promise.allSettled(writes.map((w, i) => this.blocks.put([doc, w.layer, w.head, w.block], values[i]))))
       .then((results) => {
         const failed = results.find((r) => r.status === 'rejected');
