@@ -185,6 +185,26 @@ describe('k and v of different dtypes', () => {
     await client.uploadSessionKv(s.id, { layer: 0, start: 0, k: c.k, v: v32t });
     const r = await client.attend(s.id, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim)), return: ['kv'] });
     for (let h = 0; h < model.kvHeads; h++) expect(same(words(r.kv!.v[h]), ref.v[0][h]), `session v ${h}`).toBe(true);
+    // A decode step's own k (f16) and v (f32) appended by attend: the same.
+    const d = model.headDim;
+    const stepK = new Uint16Array(model.kvHeads * d), stepV = new Float32Array(model.kvHeads * d);
+    for (let h = 0; h < model.kvHeads; h++)
+      for (let j = 0; j < d; j++) {
+        stepV[h * d + j] = Math.round(rng.normal() * 64) / 64;
+        stepK[h * d + j] = f16Bits(rng.normal());
+      }
+    const a = await client.attend(s.id, {
+      layer: 0,
+      q: tensor('f32', [model.qHeads, d], new Float32Array(model.qHeads * d)),
+      k: tensor('f16', [model.kvHeads, d], stepK),
+      v: f32Tensor([model.kvHeads, d], stepV),
+      return: ['kv'],
+    });
+    for (let h = 0; h < model.kvHeads; h++) {
+      const v = words(a.kv!.v[h]);
+      expect(same(v.subarray(n * d), halfOf(stepV.subarray(h * d, (h + 1) * d))), `step v ${h}`).toBe(true);
+      expect(same(words(a.kv!.k[h]).subarray(n * d), stepK.subarray(h * d, (h + 1) * d)), `step k ${h}`).toBe(true);
+    }
     await client.deleteSession(s.id);
   });
 });
