@@ -18,10 +18,8 @@ answers' stats (as bench/preload.ts on the TypeScript side).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
 import sys
 import time
 import uuid
@@ -29,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .bench_transport import _serve
+from .bench_server import add_server_args, server, write_json
 from .client import Client, model_shape
 
 PHASES = ("readMs", "decodeMs", "queueMs", "checkMs", "appendMs", "writeMs")
@@ -84,9 +82,7 @@ def run_round(kv: Client, args: argparse.Namespace, sources: List[np.ndarray], p
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="a running server (else --serve)")
-    p.add_argument("--serve", action="store_true", help="start this checkout's server for the run")
-    p.add_argument("--token", default=os.environ.get("KVRECALL_TOKEN"))
+    add_server_args(p)
     p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--chunk", type=int, default=4096)
@@ -95,29 +91,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", help="write the JSON here")
     args = p.parse_args(argv)
-    if bool(args.url) == bool(args.serve):
-        p.error("give --url or --serve")
-    proc = data = None
-    url = args.url
-    if args.serve:
-        proc, url, data = _serve(args)
     kv_bytes = args.layers * args.tokens * 8 * 128 * 2 * 2
     rounds = []
-    try:
+    with server(p, args) as (url, pid):
         kv = Client(url, token=args.token, timeout=120)
         sources = _sources(8, args.chunk, 128)
         for i in range(args.rounds):
-            r = run_round(kv, args, sources, proc.pid if proc else None)
+            r = run_round(kv, args, sources, pid)
             rounds.append(r)
-            server = f", server CPU {r['serverCpuS']:.2f} s" if r["serverCpuS"] is not None else ""
-            print(f"round {i}: upload {r['uploadS']:.2f} s ({kv_bytes / r['uploadS'] / 1e9:.2f} GB/s), client CPU {r['clientCpuS']:.2f} s{server}, seal {r['sealS']:.2f} s; "
+            cpu_note = f", server CPU {r['serverCpuS']:.2f} s" if r["serverCpuS"] is not None else ""
+            print(f"round {i}: upload {r['uploadS']:.2f} s ({kv_bytes / r['uploadS'] / 1e9:.2f} GB/s), client CPU {r['clientCpuS']:.2f} s{cpu_note}, seal {r['sealS']:.2f} s; "
                   + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r["phases"].items()), file=sys.stderr)
         kv.close()
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-            shutil.rmtree(data, ignore_errors=True)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "load": os.getloadavg()[0]},
         "config": {k: getattr(args, k) for k in ("tokens", "layers", "chunk", "window", "via", "rounds")},
@@ -125,10 +110,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "rounds": rounds,
         "uploadGBps": [kv_bytes / r["uploadS"] / 1e9 for r in rounds],
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
