@@ -384,7 +384,7 @@ export class WsConnection {
     const pooled = pooledSize(size);
     const next = pooled ? pool.take(size) : Buffer.allocUnsafe(size);
     if (this.msg) {
-      this.msg.copy(next, 0, 0, this.msgLength);
+      this.msg.copy(next, 0, 0, this.msgLength + this.read); // the finished frames and what has come of this one
       if (this.pooled) pool.give(this.msg);
     }
     this.msg = next;

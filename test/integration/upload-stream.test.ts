@@ -197,6 +197,47 @@ describe('document uploads over the stream', () => {
     await expectHolds('masked', sent);
   });
 
+  it('puts together uploads it cannot read directly (fragmented, or one frame past 64 MiB) as they were sent', async () => {
+    // Both are gathered chunk by chunk into a buffer that grows as bytes come:
+    // each growth must keep the bytes of the frame being read, not only the
+    // frames before it.
+    const rng = new Rng(seed ^ 0x53);
+    await client.createDocument('fragmented', model, { methods: ['exact'] });
+    await client.createDocument('past-direct', model, { methods: ['exact'] });
+    const raw = await openRawWs(port);
+    const before = directReadTotals.messages;
+    const fragmented: KvChunk[][] = [];
+    for (let layer = 0; layer < model.layers; layer++) {
+      const c = randomKv(rng, 'f16', model.kvHeads, 2600, model.headDim);
+      fragmented.push([c]);
+      // One upload's payload as two frames, 1.3 MB not final, then the rest as the final continuation (zero mask).
+      const payload = frame({ id: layer + 1, document: 'fragmented', layer, start: 0, k: c.k, v: c.v }, [0, 0, 0, 0]).subarray(14);
+      const cut = 1_300_000;
+      const head = (opcode: number, n: number) => {
+        const h = Buffer.alloc(14);
+        h[0] = opcode;
+        h[1] = 0x80 | 127;
+        h.writeBigUInt64BE(BigInt(n), 2);
+        return h;
+      };
+      raw.socket.write(Buffer.concat([head(0x02, cut), payload.subarray(0, cut), head(0x80, payload.byteLength - cut), payload.subarray(cut)]));
+    }
+    await raw.until(() => answers(raw).length === 2);
+    expect(answers(raw).map((a) => [a.id, a.tokens, a.error])).toEqual([[1, 2600, undefined], [2, 2600, undefined]]);
+    // One frame of 64 MiB and a little more (bench:decode's 64 MiB uploads with their header); layer 1 over HTTP.
+    const n = (64 << 20) / (4 * model.kvHeads * model.headDim) + 16, shape = [model.kvHeads, n, model.headDim];
+    const big = { k: finiteF16(shape), v: finiteF16(shape), kValues: [], vValues: [] };
+    raw.socket.write(frame({ id: 3, document: 'past-direct', layer: 0, start: 0, k: big.k, v: big.v }, [0x9a, 0xbc, 0xde, 0xf0]));
+    await raw.until(() => answers(raw).length === 3, 30_000);
+    expect(answers(raw)[2]).toMatchObject({ id: 3, tokens: n });
+    expect(directReadTotals.messages - before).toBe(0);
+    raw.socket.destroy();
+    await client.uploadDocumentKv('past-direct', { layer: 1, start: 0, k: big.k, v: big.v });
+    for (const doc of ['fragmented', 'past-direct']) await client.sealDocument(doc);
+    await expectHolds('fragmented', fragmented);
+    await expectHolds('past-direct', [[big], [big]]);
+  }, 60_000);
+
   it('refuses bad uploads with error frames, changes nothing, and the stream goes on', async () => {
     const rng = new Rng(seed ^ 0x53);
     await client.createDocument('bad', model, { methods: ['exact'] });
