@@ -18,6 +18,8 @@ type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: 
 export class KvrecallStream {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
+  /** Places of raw frames without an id among the pending (negative, so never a request's id). */
+  private rawId = -1;
   private closed?: Error;
   private spares: Buffer[] = [];
   private ws!: WsClient;
@@ -89,6 +91,17 @@ export class KvrecallStream {
 
   /** Sends raw bytes as one frame (for tests of bad frames). */
   sendRaw(bytes: Uint8Array): void {
+    // A frame without a numeric id is answered by an error without one, in
+    // its turn: it holds a place among the pending requests, so that answer
+    // is not taken for the oldest real request's.
+    let id: unknown;
+    try {
+      const frame = unpackView(bytes) as { id?: unknown } | null;
+      id = typeof frame === 'object' && frame !== null ? frame.id : undefined;
+    } catch {
+      id = undefined;
+    }
+    if (typeof id !== 'number') this.pending.set(this.rawId--, { resolve: () => undefined, reject: () => undefined });
     this.ws.sendBytes(bytes);
   }
 
@@ -115,9 +128,13 @@ export class KvrecallStream {
   }
 
   private answer(frame: Record<string, unknown>): void {
-    const p = this.pending.get(frame.id as number);
-    if (!p) return;
-    this.pending.delete(frame.id as number);
+    // An error answer without an id is for a frame the server could not
+    // decode (so could not read its id); answers come in order, so it is the
+    // oldest request's.
+    const id = typeof frame.id === 'number' ? frame.id : frame.error !== undefined ? this.pending.keys().next().value : undefined;
+    const p = id === undefined ? undefined : this.pending.get(id);
+    if (!p || id === undefined) return;
+    this.pending.delete(id);
     p.resolve(frame);
   }
 

@@ -196,7 +196,12 @@ class Stream:
             frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
             if isinstance(frame, dict) and frame.get("id") == id_:
                 return frame
-            # Another request's answer (or an id-less error for a bad frame): not ours.
+            # An error without an id answers a frame the server could not
+            # decode; answers come in order and this is the oldest awaited
+            # request, so it is ours (else it would wait forever).
+            if isinstance(frame, dict) and "id" not in frame and "error" in frame:
+                return frame
+            # Another request's answer: not ours.
 
 
 def _refusal(e: HandshakeError) -> "tuple[str, str]":

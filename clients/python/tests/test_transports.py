@@ -184,8 +184,14 @@ class Transports(unittest.TestCase):
                 self.assertEqual(answer["error"]["code"], "malformed")
                 self.assertTrue(answer["error"]["message"])
             self.assertEqual(answer["id"], 77)  # a frame that parsed keeps its id
-            # Garbage whose error is not read: the next request skips that id-less answer.
+            # Garbage sent past the client, its error not read: answers come in
+            # order, so the oldest awaited request takes that id-less error (a
+            # request the server could not decode must not wait forever); the
+            # next ones get their own answers.
             ws.send_binary(b"\xc1")
+            with self.assertRaises(KvrecallError) as cm:
+                stream.attend(a, 0, self.steps[0][0])
+            self.assertEqual((cm.exception.status, cm.exception.code), (400, "malformed"))
             with self.assertRaises(KvrecallError) as cm:
                 stream.attend("nope", 0, self.steps[0][0])
             self.assertEqual(cm.exception.status, 404)
