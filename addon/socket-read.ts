@@ -54,7 +54,14 @@ export function readSocketInto(socket: Socket, dst: Uint8Array, mask: Uint8Array
   const restart = () => {
     if (!socket.destroyed && handleOf(socket) === handle && handle.reading) handle.readStart!();
   };
-  const done = addon.readSocket({ fd: handle.fd!, dst, mask, phase, cancel, progressMs }).then(
+  let started: Promise<number>;
+  try {
+    started = addon.readSocket({ fd: handle.fd!, dst, mask, phase, cancel, progressMs });
+  } catch (e) {
+    // Refused before any read (its arguments): node reads the socket again and the caller sees a failed read.
+    started = Promise.reject(e as Error);
+  }
+  const done = started.then(
     (n) => (restart(), n),
     (e: Error) => {
       restart();

@@ -94,7 +94,9 @@ export class LmdbStore implements DocumentStore {
     }
     // Laid out off the event loop (a preload's 16 MiB per upload), then put in one batch. Every put
     // settles before the staging buffer is reused, failed ones included.
-    const done: Promise<void> = copyViews(src, new Uint8Array(staging.buffer), offsets)
+    // (copyViews checks its plan synchronously: a throw there must become this promise's rejection, the staging buffer given back.)
+    const done: Promise<void> = Promise.resolve()
+      .then(() => copyViews(src, new Uint8Array(staging.buffer), offsets))
       .then(() => Promise.allSettled(writes.map((w, i) => this.blocks.put([doc, w.layer, w.head, w.block], values[i]))))
       .then((results) => {
         const failed = results.find((r) => r.status === 'rejected');

@@ -14,6 +14,7 @@
 // through a dup of the descriptor: should node close the socket meanwhile,
 // the descriptor's number cannot be reused under the thread, which notices
 // cancel[0] within kPollMs and returns.
+#include <fcntl.h>
 #include <napi.h>
 #include <poll.h>
 #include <unistd.h>
@@ -22,7 +23,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "common/binding_args.h"
@@ -96,33 +99,46 @@ Napi::Value ReadSocketJs(const Napi::CallbackInfo& info) {
   auto dst = Typed<uint8_t>(o.Get("dst"), "dst");
   auto mask = Typed<uint8_t>(o.Get("mask"), "mask", 4);
   auto cancel = Typed<int32_t>(o.Get("cancel"), "cancel", 1);
-  auto* op = new ReadOp(env);
+  // Every argument checked before anything is owned: a throw below this leaks nothing.
+  const size_t phase = size_t(Int(o, "phase", 0, int64_t(1) << 52));
+  const int progressMs = int(Int(o, "progressMs", 1, 1 << 30));
+  auto op = std::make_unique<ReadOp>(env);
   op->dst = dst.Data();
   op->length = dst.ByteLength();
   std::memcpy(op->mask, mask.Data(), 4);
-  op->phase = size_t(Int(o, "phase", 0, int64_t(1) << 52));
+  op->phase = phase;
   op->cancel = cancel.Data();
-  op->progressMs = int(Int(o, "progressMs", 1, 1 << 30));
+  op->progressMs = progressMs;
   op->keepDst = Napi::Persistent(Napi::Value(dst));
   op->keepCancel = Napi::Persistent(Napi::Value(cancel));
   Napi::Promise promise = op->deferred.Promise();
-  op->fd = dup(fd);
+  // Close-on-exec: a child spawned meanwhile must not hold the connection open.
+  op->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (op->fd < 0) {
     op->deferred.Reject(Napi::Error::New(env, std::string("readSocket: dup: ") + std::strerror(errno)).Value());
-    delete op;
     return promise;
   }
   op->tsfn = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "readSocket", 0, 1);
-  std::thread([op]() {
-    ReadLoop(op);
+  ReadOp* raw = op.get();
+  try {
+    std::thread([raw]() {
+      ReadLoop(raw);
+      close(raw->fd);
+      raw->tsfn.BlockingCall(raw, [](Napi::Env env, Napi::Function, ReadOp* op) {
+        if (op->error.empty()) op->deferred.Resolve(Napi::Number::New(env, double(op->done)));
+        else op->deferred.Reject(Napi::Error::New(env, "readSocket: " + op->error).Value());
+        op->tsfn.Release();
+        delete op;
+      });
+    }).detach();
+  } catch (const std::system_error& e) {
+    // No thread (the process is out of them): the read fails, nothing kept.
     close(op->fd);
-    op->tsfn.BlockingCall(op, [](Napi::Env env, Napi::Function, ReadOp* op) {
-      if (op->error.empty()) op->deferred.Resolve(Napi::Number::New(env, double(op->done)));
-      else op->deferred.Reject(Napi::Error::New(env, "readSocket: " + op->error).Value());
-      op->tsfn.Release();
-      delete op;
-    });
-  }).detach();
+    op->tsfn.Release();
+    op->deferred.Reject(Napi::Error::New(env, std::string("readSocket: no thread: ") + e.what()).Value());
+    return promise;
+  }
+  op.release();  // the thread owns it now
   return promise;
 }
 

@@ -246,7 +246,8 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
       }
     std::nth_element(S.ranks.begin(), S.ranks.begin() + (keep - 1), S.ranks.end(), std::greater<float>());
     const float kth = S.ranks[size_t(keep - 1)];
-    if (std::isfinite(kth)) cut = kth - kPruneSlack * (1.f + std::abs(kth) + logRows + hi - lo);
+    // r carries float error of the order of |x - c0|, i.e. of |lo| and |hi| (large when every row's sample estimate is far off).
+    if (std::isfinite(kth)) cut = kth - kPruneSlack * (1.f + std::abs(kth) + logRows + std::abs(hi) + std::abs(lo));
   }
   S.all.clear();
   for (int64_t i = 0; i < reached; ++i)

@@ -100,15 +100,6 @@ inline void OfferHit(std::vector<Hit>& heap, size_t cap, const Hit& h) {
   }
 }
 
-// score(id) -> float. Starts from the entries and the seeds (ids outside
-// [0, n) skipped). Fills `top` with the best min(ef, reachable) hits (a
-// heap, worst on top); returns how many keys were scored. Stops when the best
-// unexpanded candidate is worse than the worst of `top` with `top` full, so
-// with ef >= n (and no margin) it expands every key reachable from the
-// entries. The quality bound: with k >= 1 and a finite margin it also stops
-// once the best unexpanded candidate scores below the k-th best so far
-// minus margin. With maxScan > 0 it stops expanding once that many keys
-// have been scored (the last expansion may pass it by one neighbour list).
 // A min-heap of floats: the smallest on top. Replacing the top is one sift
 // down where pop_heap + push_heap was two passes.
 inline void ReplaceMin(std::vector<float>& heap, float x) {
