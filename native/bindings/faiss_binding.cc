@@ -136,8 +136,9 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
     Napi::Value sc = o.Get("scale");
     if (!Absent(sc)) {
       const double v = sc.IsNumber() ? sc.As<Napi::Number>().DoubleValue() : -1;
-      if (!(v > 0) || !std::isfinite(v) || scan != IvfIndex::Scan::kNative)
-        throw Napi::RangeError::New(env, "scale must be a finite number > 0, with scan 'native'");
+      // Checked as the float it becomes: a tiny double rounds to 0, which would mean the max ranking.
+      if (!(float(v) > 0) || !std::isfinite(float(v)) || scan != IvfIndex::Scan::kNative)
+        throw Napi::RangeError::New(env, "scale must be a finite float > 0, with scan 'native'");
       scale = float(v);
     }
     IvfSearchResult r = Guard(env, [&] {

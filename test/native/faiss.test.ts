@@ -166,6 +166,8 @@ describe('native IvfIndex', () => {
     expect(() => index.search({ ...qArgs, aggregate: 'attention', scan: 'faiss' })).toThrow(RangeError);
     expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: 0 })).toThrow(RangeError);
     expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: NaN })).toThrow(RangeError);
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: 1e-50 })).toThrow(RangeError); // 0 as a float
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: 1e39 })).toThrow(RangeError); // inf as a float
     expect(() => index.search({ ...qArgs, scale: 0.5 })).toThrow(TypeError);
     expect(() => index.search({ ...qArgs, aggregate: 'sum' as 'max' })).toThrow(TypeError);
   });
