@@ -49,9 +49,11 @@ function fakeServer(undecodable: Set<number>): Promise<{ server: Server; url: st
             at = 4;
           }
           if (buf.byteLength < at + 4 + n) return;
-          const mask = buf.subarray(at, at + 4), payload = Buffer.from(buf.subarray(at + 4, at + 4 + n));
+          const opcode = buf[0] & 0x0f, mask = buf.subarray(at, at + 4), payload = Buffer.from(buf.subarray(at + 4, at + 4 + n));
           for (let i = 0; i < n; i++) payload[i] ^= mask[i & 3];
           buf = buf.subarray(at + 4 + n);
+          if (opcode === 0x8) return void socket.end(); // the client's close
+          if (opcode !== 0x2) continue;
           if (undecodable.has(seen++)) socket.write(serverFrame(pack({ error: { code: 'malformed', message: 'undecodable frame' } })));
           else {
             const body = unpack(payload) as { id: number; layer: number };

@@ -115,7 +115,7 @@ describe.skipIf(!gpu.ok)('GPU backend (server)', () => {
     for (let l = 0; l < model.layers; l++) chunks.push(randomKv(rng, 'f16', kvHeads, DOC, d));
     for (const s of [onGpu, onCpu, tiny]) {
       const c = new KvrecallClient({ url: s.url });
-      await c.createDocument('doc', model, { methods: ['nosa', 'topk-blocks'] });
+      await c.createDocument('doc', model, { methods: ['nosa', 'topk-blocks', 'quest'] });
       for (let l = 0; l < model.layers; l++) await c.uploadDocumentKv('doc', { layer: l, start: 0, k: chunks[l].k, v: chunks[l].v });
       await c.sealDocument('doc');
     }
@@ -132,7 +132,8 @@ describe.skipIf(!gpu.ok)('GPU backend (server)', () => {
     expect((await new KvrecallClient({ url: onCpu.url }).health()).backend).toBe('cpu');
   });
 
-  for (const method of ['exact', 'nosa', 'topk-blocks'])
+  // quest's rows [max, min] are 2·headDim wide: the device scorer takes them (block_scores.cu's Supports).
+  for (const method of ['exact', 'nosa', 'topk-blocks', 'quest'])
     it(`${method}: the GPU answers as float64 and as the CPU server, step after step`, async () => {
       const rng = new Rng(seed + 2);
       const params = { method, budget: 64 * 6, sinks: 16, window: 100 };

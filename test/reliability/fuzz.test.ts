@@ -114,8 +114,8 @@ function mutateTensor(t: Record<string, unknown>, rng: Rng): void {
     const longer = new Uint8Array(t.data.byteLength + 1 + rng.int(64));
     longer.set(t.data);
     t.data = longer;
-  } else if (what === 4 && t.data instanceof Uint8Array) {
-    // Poison values: f16 NaN/Inf (0x7e00, 0x7c00) or f32 NaN bytes.
+  } else if (what === 4 && t.data instanceof Uint8Array && t.data.byteLength >= 2) {
+    // Poison values: f16 NaN/Inf (0x7e00, 0x7c00) or f32 NaN bytes (a tensor an earlier cut left under 2 bytes has no room).
     const d = new Uint8Array(t.data);
     const at = rng.int(Math.max(1, d.byteLength - 4)) & ~1;
     d.set(rng.next() < 0.5 ? [0x00, 0x7e] : [0x00, 0x7c], at);

@@ -24,7 +24,7 @@ from kvrecall import (  # noqa: E402
 
 URL = os.environ.get("KVRECALL_URL")
 TOKEN = os.environ.get("KVRECALL_TOKEN") or None
-BLOCK_METHODS = {"nosa", "topk-blocks"}  # select (and attend) whole blocks of the document
+BLOCK_METHODS = {"nosa", "topk-blocks", "quest"}  # select (and attend) whole blocks of the document
 
 
 def reference(q, k, v, scale=None):
