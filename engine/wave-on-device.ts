@@ -16,7 +16,7 @@ export interface DeviceStep {
   selection: Selection;
   /** Tokens the estimate covered, per kv head (when the layer estimates). */
   estimated?: number;
-  /** The native call's wall ms (selection, estimate and the document's attention). */
+  /** The step's wall ms: the native call (selection, estimate, the document's attention), the own tokens attended on the host meanwhile. */
   deviceMs: number;
   /** The call on the device's stream, CUDA events. */
   kernelMs: number;
@@ -42,15 +42,24 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
     const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
     const estimate = session.clustersFor(ctx.layer) !== undefined;
+    // The own tokens, on the host as on every path (never pooled), while the
+    // device works on the document: neither reads what the other writes, and
+    // the step waits for the longer of the two instead of their sum. Both
+    // settle before the store is released (a failure of one must not free
+    // the store while the other still reads it).
+    const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
-    const r = await stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate });
+    const [device, host] = await Promise.allSettled([
+      stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate }),
+      ownPart && session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse }),
+    ]);
     const deviceMs = performance.now() - t0;
-    // The own tokens, on the host as on every path, merged in.
+    if (device.status === 'rejected') throw device.reason;
+    if (host.status === 'rejected') throw host.reason;
+    const r = device.value;
     const parts: SelectionPart[] = ranges.map(([begin, end]) => ({ segment: doc, begin, end }));
     parts.push({ segment: doc, ids: r.ids });
-    if (own.tokens > 0) {
-      const ownPart: SelectionPart = { segment: own, begin: 0, end: own.tokens };
-      await session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse });
+    if (ownPart) {
       parts.push(ownPart);
       mergeInto(out, lse, r.out, r.lse, ctx.headDim);
     } else {

@@ -1,0 +1,127 @@
+// engine/wave-on-device.ts's plumbing, with a stand-in for the device's
+// store (no GPU runs here; test/integration/gpu-wave.test.ts runs the real
+// one through a server on a GPU): the device's answer for the document and
+// the host's for the session's own tokens, computed side by side, merge to
+// attention over both (float64 reference); and when either fails, the
+// layer's store is released only after both have settled, so a failed host
+// half never frees a store the device is still reading.
+import { describe, expect, it } from 'vitest';
+import { attend, bytesOf, convert } from '../../addon/kernels.js';
+import type { WaveGpuStepResult, WaveGpuStore } from '../../addon/wave-gpu.js';
+import type { ModelShape } from '../../core/model.js';
+import type { Session } from '../../engine/session.js';
+import { waveOnDevice } from '../../engine/wave-on-device.js';
+import type { LayerContext, SearchParams } from '../../index/method.js';
+import type { KvSegment } from '../../storage/kv-segment.js';
+import { maxRelError, referenceAttention } from '../helpers/reference.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`wave-on-device: seed ${seed}`);
+const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' };
+const { qHeads, kvHeads, headDim: d } = model;
+const DOC = 300, OWN = 5;
+const params: SearchParams = { budget: 40, sinks: 4, window: 8, ef: 0, chunk: 0, span: 0 };
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A segment of n rows of N(0, 1) per head, as f16 words, and the values the words hold. */
+function segmentOf(rng: Rng, n: number): { seg: KvSegment; k: Float64Array[]; v: Float64Array[] } {
+  const words = () => {
+    const f = Float32Array.from({ length: n * d }, () => rng.normal()), w = new Uint16Array(f.length);
+    convert(bytesOf(f), 'f32', bytesOf(w), 'f16', f.length);
+    const back = new Float32Array(f.length);
+    convert(bytesOf(w), 'f16', bytesOf(back), 'f32', f.length);
+    return { w, x: Float64Array.from(back) };
+  };
+  const k = Array.from({ length: kvHeads }, words), v = Array.from({ length: kvHeads }, words);
+  const seg = { tokens: n, k: k.map((h) => h.w), v: v.map((h) => h.w) } as unknown as KvSegment;
+  return { seg, k: k.map((h) => h.x), v: v.map((h) => h.x) };
+}
+
+/**
+ * The device's half as a stand-in computes it: attention over the
+ * document's sinks, window and a few ids per head (native attend), no
+ * estimate. `fail`: rejects after `delay` ms instead.
+ */
+function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; fail?: boolean; log: string[] }): WaveGpuStore {
+  return {
+    options: { kvHeads },
+    async step(a: { q: Float32Array; scale: number; skip: [number, number][] }): Promise<WaveGpuStepResult> {
+      opts.log.push('device start');
+      await sleep(opts.delay);
+      if (opts.fail) {
+        opts.log.push('device failed');
+        throw new Error('device step failed');
+      }
+      const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
+      const segments = [...a.skip.map(([begin, end]) => ({ k: doc.k, v: doc.v, tokens: doc.tokens, begin, end })), { k: doc.k, v: doc.v, tokens: doc.tokens, ids }];
+      await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out, lse });
+      opts.log.push('device done');
+      return { ids, scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {} };
+    },
+  } as unknown as WaveGpuStore;
+}
+
+function sessionWith(store: WaveGpuStore, own: KvSegment, log: string[], hostFails = false): Session {
+  return {
+    model,
+    method: { name: 'wave' },
+    clustersFor: () => undefined,
+    gpu: { waveLayer: () => ({ store, release: () => log.push('released') }) },
+    cache: {
+      async attend(parts: { segment: KvSegment; begin: number; end: number }[], a: { q: Float32Array; scale: number; out: Float32Array; lse: Float32Array }) {
+        log.push('host start');
+        if (hostFails) {
+          log.push('host failed');
+          throw new Error('host attend failed');
+        }
+        const segments = parts.map((p) => ({ k: p.segment.k, v: p.segment.v, tokens: p.segment.tokens, begin: p.begin, end: p.end }));
+        await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out: a.out, lse: a.lse });
+        log.push('host done');
+        return { backend: 'cpu' };
+      },
+    },
+  } as unknown as Session;
+}
+
+function contextOf(doc: KvSegment, own: KvSegment): LayerContext {
+  return { layer: 0, segments: [doc, own], offsets: [0, DOC], indexes: [[{}, {}] as never, undefined], tokens: DOC + OWN, qHeads, kvHeads, headDim: d, memo: new Map() } as unknown as LayerContext;
+}
+
+describe('wave on the device: the host half beside it', () => {
+  it('merges the document (device) and the own tokens (host) into attention over both', async () => {
+    const rng = new Rng(seed);
+    const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
+    const ids = [Int32Array.of(30, 77, 150), Int32Array.of(12, 200)];
+    const log: string[] = [];
+    const store = standInStore(doc.seg, ids, { delay: 30, log });
+    const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+    const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
+    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse);
+    expect(r).toBeDefined();
+    // Side by side: the host half started before the device's finished, and the store was released last.
+    expect(log.indexOf('host start')).toBeLessThan(log.indexOf('device done'));
+    expect(log[log.length - 1]).toBe('released');
+    // Float64 over the rows the selection names: the document's sinks, window and ids, then the own tokens.
+    // (sinks [0, 4) and the window's last 3 document rows; the own tokens are the window's rest.)
+    const docRows = (h: number) => [...[0, 1, 2, 3], ...Array.from({ length: 3 }, (_, i) => DOC - 3 + i), ...Array.from(ids[h])];
+    const kAll = (h: number) => Float64Array.from([...doc.k[h], ...own.k[h]]), vAll = (h: number) => Float64Array.from([...doc.v[h], ...own.v[h]]);
+    const sel = Array.from({ length: kvHeads }, (_, h) => [...docRows(h), ...Array.from({ length: OWN }, (_, i) => DOC + i)]);
+    const ref = referenceAttention(q, Array.from({ length: kvHeads }, (_, h) => kAll(h)), Array.from({ length: kvHeads }, (_, h) => vAll(h)), qHeads, d, 1 / Math.sqrt(d), sel);
+    expect(maxRelError(out, ref.out, qHeads)).toBeLessThan(1e-4);
+    expect(r!.selection.parts.length).toBeGreaterThan(2);
+  });
+
+  for (const failing of ['device', 'host'] as const)
+    it(`releases the store only after both halves settle when the ${failing} half fails`, async () => {
+      const rng = new Rng(seed + (failing === 'device' ? 1 : 2));
+      const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
+      const log: string[] = [];
+      // The host half fails at once while the device still works (or the device fails after the host is done).
+      const store = standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 40, fail: failing === 'device', log });
+      const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads))).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
+      expect(log[log.length - 1]).toBe('released');
+      expect(log).toContain(failing === 'device' ? 'device failed' : 'device done');
+    });
+});
