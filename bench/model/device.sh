@@ -10,6 +10,8 @@
 # There:  bash bench/model/device.sh [run.py flags, appended to the defaults below: the last of a flag wins]
 #   e.g.  CHECK=0 bash bench/model/device.sh --first-trial 500 --tag h200-b       # more 16K trials, to merge
 #         CHECK=0 bash bench/model/device.sh --lengths 32768 --tag h200-32k                # 32K
+#         CHECK=0 bash bench/model/device.sh --methods wave,hnsw,ivf,retrieval-attention --tag h200-ivf  # issue #16's
+#           four at 16K (on nvidia-h100-x4 / h200-x4: 32 workers, >= 100 trials in the 8.2 minutes)
 #         (x8, 128 cores) bash bench/model/device.sh --lengths 16384,32768 --trials 110 --shares 0.3,0.7 --tag h200x8
 #
 # Stages, each under its own time limit (so one hang cannot eat the command), everything under $OUT:
