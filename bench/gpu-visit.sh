@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave blocks dense decode decode-wave (default: all but decode-wave)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 blocks dense decode decode-wave (default: tests wave blocks dense decode)
 #
 # Each stage has its own time limit so one hang cannot eat the visit; the
 # log and every bench/results file the visit wrote land in $OUT.
@@ -27,6 +27,9 @@ for s in $stages; do
     wave)
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench node dist/bench/wave-gpu.js --bench
+      step 150 wave-bench-cs16 node dist/bench/wave-gpu.js --bench --cluster-size 16 ;;
+    wave16)  # the check and clusters of 16 only
+      step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench-cs16 node dist/bench/wave-gpu.js --bench --cluster-size 16 ;;
     blocks) step 90 blocks node dist/bench/block-select-gpu.js --steps 200 ;;
     dense)

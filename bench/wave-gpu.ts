@@ -11,7 +11,7 @@
 // by their own logits), 'spread-moments' (rest 'moments' against
 // estimateArgs(ids, 'moments')) and 'radius' against the older one
 // (searchHeads(..., 'radius'), estimateArgs(ids, 'first'): first order). The
-// selection must equal the host's (ids in order, and scanned: the GPU sums
+// selection must equal the host's (the same ids, and scanned: the GPU sums
 // every score in the host's order with its roundings, wave_step.cu), the
 // estimate must equal estimateClusters over the same exact rows within 1e-4
 // relative (out per q head, lse; estimated token counts exactly): the GPU
@@ -70,7 +70,7 @@ function queries(rng: Rng, keyRow: (h: number, t: number) => Float32Array, H: nu
 }
 
 export interface CompareResult {
-  /** Heads whose ids differ from searchHeads' (order included). */
+  /** Heads whose ids differ from searchHeads' (as sets: the GPU returns them in cluster order). */
   idsDiffer: number;
   firstDiff?: string;
   scannedEqual: boolean;
@@ -93,7 +93,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const cpu = (await ClusterIndex.searchHeads(heads, q, G, budget, ranking)).map((r, h) => (filter ? { ...r, ids: keptIds(r.ids, filter, h) } : r));
   let idsDiffer = 0, firstDiff: string | undefined;
   heads.forEach((_, h) => {
-    const a = Array.from(gpu.ids[h]), b = Array.from(cpu[h].ids);
+    const a = Array.from(gpu.ids[h]).sort((x, y) => x - y), b = Array.from(cpu[h].ids).sort((x, y) => x - y);
     if (a.length !== b.length || a.some((x, i) => x !== b[i])) {
       idsDiffer++;
       const at = a.findIndex((x, i) => x !== b[i]);
@@ -183,6 +183,8 @@ export interface WaveCase {
   sinks: number;
   window: number;
   scale: number;
+  /** Keys drawn from this many distinct rows: scores tie, clusters and candidates alike (the cut's order by index). */
+  distinctKeys?: number;
 }
 
 /** Odd sizes: d % 16 == 8, groups above the kernels' 4, uneven budgets, budgets past the context, several k-means segments. */
@@ -193,6 +195,7 @@ export function waveCases(): WaveCase[] {
     { dt: 'bf16', kvHeads: 2, G: 5, d: 24, tokens: 9001, clusterSize: 16, budget: [123, 77], sinks: 3, window: 0, scale: 0.5 },
     { dt: 'f16', kvHeads: 4, G: 2, d: 128, tokens: 70001, clusterSize: 8, budget: [1401, 1401, 1401, 1401], sinks: 16, window: 64, scale: 1 / Math.sqrt(128) },
     { dt: 'f16', kvHeads: 1, G: 1, d: 64, tokens: 3001, clusterSize: 8, budget: [3001], sinks: 16, window: 64, scale: 0.125 },
+    { dt: 'f16', kvHeads: 2, G: 2, d: 32, tokens: 6007, clusterSize: 8, budget: [301, 999], sinks: 4, window: 8, scale: 0.25, distinctKeys: 5 },
   ];
 }
 
@@ -205,6 +208,12 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
   const keysF: Float32Array[] = [], heads: ClusterIndex[] = [], gpuHeads: WaveGpuHead[] = [];
   for (let h = 0; h < H; h++) {
     const kf = Float32Array.from({ length: N * d }, () => rng.normal());
+    // Ties: every row a copy of one of the first few.
+    if (c.distinctKeys)
+      for (let t = c.distinctKeys; t < N; t++) {
+        const src = rng.int(c.distinctKeys) * d;
+        kf.copyWithin(t * d, src, src + d);
+      }
     const keys = words(kf, dt), values = words(Float32Array.from({ length: N * d }, () => rng.normal()), dt);
     const bytes = await buildClusters({ keys, values, tokens: N, headDim: d, dtype: dt, queries: new Float32Array(0), queryCount: 0 },
       { clusterSize: c.clusterSize, segmentTokens: 8192, iterations: 4, seed: seed + h });
