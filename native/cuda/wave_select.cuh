@@ -44,7 +44,7 @@ struct CutState {
   uint64_t cut;              // the cut element's key
   int64_t take;              // weight the cut element gives (the rest of the target, or all of it)
   int64_t total;             // weight taken in all
-  int32_t bin;               // the cut's bin; kAll: the target is never reached, every element is taken
+  int32_t bin;               // the cut's bin; kAll: none to resolve (cut ~0: every element taken; cut 0: none)
   int32_t n;                 // elements gathered from the bin
 };
 constexpr int32_t kAll = -1;
@@ -76,6 +76,7 @@ struct ClusterCut {
   __device__ int64_t Weight(int64_t i) const { return counts[i]; }
   __device__ int64_t Target(int h) const { return params[h * kParams + 1]; }
   __device__ int64_t Cap(int h) const { return params[h * kParams + 2]; }
+  __device__ int IndexBits(int h) const { return Len(h) > 1 ? 32 - __clz(uint32_t(Len(h) - 1)) : 0; }
 };
 // ... or the candidates (index = token id, weight 1, the best `keep`).
 struct CandidateCut {
@@ -84,12 +85,14 @@ struct CandidateCut {
   const int64_t* sel;
   const int64_t* params;
   int64_t tmax;
+  int64_t tokens;  // token ids are below it
   __device__ int64_t Begin(int h) const { return int64_t(h) * tmax; }
   __device__ int64_t Len(int h) const { return sel[h * 2 + 1]; }
   __device__ uint32_t Index(int, int64_t i) const { return uint32_t(cand[i]); }
   __device__ int64_t Weight(int64_t) const { return 1; }
   __device__ int64_t Target(int h) const { return params[h * kParams + 3]; }
   __device__ int64_t Cap(int h) const { return params[h * kParams + 3]; }
+  __device__ int IndexBits(int) const { return tokens > 1 ? 32 - __clz(uint32_t(tokens - 1)) : 0; }
 };
 
 template <typename S>
@@ -147,7 +150,7 @@ __global__ void Histogram(S s, const uint32_t* range, uint32_t* hist) {
 // the count the cap, and what the bins before it hold.
 template <typename S>
 __global__ void __launch_bounds__(kFindThreads) FindBin(S s, const uint32_t* hist, CutState* cuts) {
-  using Scan = cub::BlockScan<longlong2, kFindThreads>;
+  using Scan = cub::BlockScan<longlong2, kFindThreads, cub::BLOCK_SCAN_WARP_SCANS>;  // raking spilled ~1 KB a thread
   __shared__ typename Scan::TempStorage scanTemp;
   __shared__ int found;
   const int h = blockIdx.x;
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(kFindThreads) FindBin(S s, const uint32_t* his
   const int64_t target = s.Target(h), cap = s.Cap(h);
   CutState& c = cuts[h];
   if (target <= 0 || cap <= 0) {  // nothing is taken: no key is below 0, and the cut takes 0
-    if (threadIdx.x == 0) c = CutState{0, 0, 0, 0, 0, 0, 0};
+    if (threadIdx.x == 0) c = CutState{0, 0, 0, 0, 0, kAll, 0};  // and no key is below cut 0
     return;
   }
   if (threadIdx.x == 0) found = kBins;
@@ -230,6 +233,7 @@ __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_
   if (c.bin == kAll || s.Target(h) <= 0 || s.Cap(h) <= 0) return;
   const int64_t b = s.Begin(h), n = c.n, target = s.Target(h), cap = s.Cap(h);
   const int top0 = 32 + SpanOf(range, h).shift;  // bits below the bin's
+  const int indexBits = s.IndexBits(h);
   if (threadIdx.x == 0) {
     prefix = uint64_t(uint32_t(c.bin)) << top0;
     wBefore = c.wBefore;
@@ -277,7 +281,9 @@ __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_
         prefix = known | (uint64_t(at) << shift);
         wBefore = w;
         cBefore = m;
-        low = shift;
+        // Index bits above the largest index are 0 in every key: skip them
+        // (all keys tied on their order would otherwise crowd one digit).
+        low = shift <= 32 && shift > indexBits ? indexBits : shift;
         single = histN[at] == 1;
       }
     }

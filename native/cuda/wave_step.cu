@@ -437,7 +437,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   // The candidates kept: the best `keep` outside the skip ranges.
   Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
   if (tmax > 0) {
-    const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax};
+    const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
     const unsigned spread2 = unsigned(std::clamp<int64_t>(Cdiv(tmax, 4096), 1, 32));
     Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
     OrderRange<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2);
