@@ -15,6 +15,7 @@
         "native/bindings/checksum_binding.cc",
         "native/bindings/cluster_estimate_binding.cc",
         "native/bindings/cluster_rank_binding.cc",
+        "native/bindings/cluster_summary_binding.cc",
         "native/bindings/convert_binding.cc",
         "native/bindings/outlier_scores_binding.cc",
         "native/bindings/cuda_binding.cc",
@@ -35,6 +36,7 @@
         "native/kernels/block_reps.cc",
         "native/kernels/cluster_estimate.cc",
         "native/kernels/cluster_rank.cc",
+        "native/kernels/cluster_summary.cc",
         "native/kernels/convert.cc",
         "native/kernels/outlier_scores.cc",
         "native/kernels/topk.cc"

@@ -22,33 +22,57 @@ import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
-import { acceptHandshake, handshakeProblem, WsConnection } from './websocket.js';
+import { acceptHandshake, CLOSE_ERROR, handshakeProblem, WsConnection, type WsLimits } from './websocket.js';
 
 export interface StreamOptions {
   token?: string;
   /** Largest message accepted (the body limit of the HTTP routes). */
   maxFrame: number;
+  /** A message begun must progress within this long (default 30 s). */
+  progressMs?: number;
+  /** Open streams at most; more are refused with 503 (default 1024). */
+  maxConnections?: number;
+  /** Per connection: messages awaiting answers, and answer bytes unsent, above which reading pauses (defaults 16, 4 MiB). */
+  maxInFlight?: number;
+  highWater?: number;
+}
+
+export interface StreamHandle {
+  close(): void;
+  /** The open connections (for tests). */
+  connections(): ReadonlySet<WsConnection>;
 }
 
 /** Serves the stream on `server`; close() ends every open stream (their sessions stay). */
-export function attachStream(server: Server, sessions: Sessions, metrics: Metrics, opts: StreamOptions): { close(): void } {
+export function attachStream(server: Server, sessions: Sessions, metrics: Metrics, opts: StreamOptions): StreamHandle {
   const open = new Set<WsConnection>();
+  const limits: WsLimits = {
+    maxMessage: opts.maxFrame,
+    progressMs: opts.progressMs ?? 30_000,
+    maxInFlight: opts.maxInFlight ?? 16,
+    highWater: opts.highWater ?? 4 << 20,
+  };
   server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    // Node takes its own 'error' handler off before 'upgrade': without one, a peer's reset (even after a refusal) is an uncaught error.
+    socket.on('error', () => socket.destroy());
+    if (open.size >= (opts.maxConnections ?? 1024)) return refuse(socket, 503, 'Service Unavailable', 'too many open streams');
     const path = new URL(req.url ?? '/', 'http://localhost').pathname;
     if (path !== '/v1/stream') return refuse(socket, 404, 'Not Found');
     if (!tokenAccepted(opts.token, req.headers.authorization)) return refuse(socket, 401, 'Unauthorized');
     const problem = handshakeProblem(req);
+    // A version we do not speak: 426 and the one we do (RFC 6455 4.4), so the client can retry with it.
+    if (problem?.startsWith('Sec-WebSocket-Version')) return refuse(socket, 426, 'Upgrade Required', problem, 'sec-websocket-version: 13\r\n');
     if (problem) return refuse(socket, 400, 'Bad Request', problem);
     acceptHandshake(req, socket as Socket);
-    const conn: WsConnection = new WsConnection(socket as Socket, opts.maxFrame, serve(() => conn, sessions, metrics, () => open.delete(conn)));
+    const conn: WsConnection = new WsConnection(socket as Socket, limits, serve(() => conn, sessions, metrics, () => open.delete(conn)));
     open.add(conn);
     conn.feed(head);
   });
-  return { close: () => open.forEach((c) => c.terminate()) };
+  return { close: () => open.forEach((c) => c.terminate()), connections: () => open };
 }
 
-function refuse(socket: Duplex, status: number, reason: string, why = ''): void {
-  socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
+function refuse(socket: Duplex, status: number, reason: string, why = '', headers = ''): void {
+  socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\n${headers}content-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
 function serve(conn: () => WsConnection, sessions: Sessions, metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
@@ -65,7 +89,9 @@ function serve(conn: () => WsConnection, sessions: Sessions, metrics: Metrics, c
             // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one).
             release();
           }
-        });
+        })
+        // An answer that could not be sent (nothing should throw there): this connection closes, the process and the other streams go on.
+        .catch(() => conn().close(CLOSE_ERROR, 'the server failed to send an answer'));
     },
     // In-flight steps finish and their answers are dropped (send skips a closed connection).
     closed,

@@ -25,13 +25,33 @@ import { BufferPool } from '../storage/buffer-pool.js';
 
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 const OP_CONT = 0x0, OP_TEXT = 0x1, OP_BINARY = 0x2, OP_CLOSE = 0x8, OP_PING = 0x9, OP_PONG = 0xa;
-export const CLOSE_NORMAL = 1000, CLOSE_PROTOCOL = 1002, CLOSE_TOO_BIG = 1009;
+export const CLOSE_NORMAL = 1000, CLOSE_PROTOCOL = 1002, CLOSE_POLICY = 1008, CLOSE_TOO_BIG = 1009, CLOSE_ERROR = 1011;
 /** The largest frame header: 2 bytes, a 64-bit length, no mask (server frames). */
 export const MAX_HEADER = 10;
 /** Messages and answers from this size up live in pooled buffers; smaller ones are fresh (cheap, and no pool round trip). */
 const POOLED = 1 << 16;
+/** Nor larger ones: the pool keeps what it is given for a while, and a batch's frames are well under this. */
+const POOLED_MAX = 32 << 20;
+const pooledSize = (n: number) => n >= POOLED && n <= POOLED_MAX;
 /** How long a closing connection waits for the peer's close before dropping it. */
 const CLOSE_WAIT_MS = 1000;
+/**
+ * A message's buffer starts at most this large and grows (doubling, up to
+ * its declared length) as its bytes come: a header alone claiming 256 MiB
+ * pins no more than this. A batch (0.27–0.53 MB) still fits the first buffer.
+ */
+const FIRST_BUFFER = 1 << 20;
+
+export interface WsLimits {
+  /** Largest message accepted (1009 above it, from its header). */
+  maxMessage: number;
+  /** A message begun must make progress (some bytes) within this long, or the connection closes with 1008. */
+  progressMs: number;
+  /** Reading pauses while more messages than this await their answers... */
+  maxInFlight: number;
+  /** ...or while more than this many answer bytes wait in the socket, and resumes as they go. */
+  highWater: number;
+}
 
 const pool = new BufferPool(8);
 
@@ -93,19 +113,35 @@ export class WsConnection {
   private control = new Uint8Array(125);
   private closeSent = false;
   private gone = false;
+  /** Messages handed on whose release() has not come (their answers are not yet written). */
+  private inFlight = 0;
+  /** The rest of a read left unparsed while reading is paused for backpressure. */
+  private backlog?: Buffer;
+  /** The peer sent its FIN: the socket ends once the answers in flight are written. */
+  private peerEnded = false;
+  private progress?: NodeJS.Timeout;
+  private peak = 0;
 
   constructor(
     private readonly socket: Socket,
-    private readonly maxMessage: number,
+    private readonly limits: WsLimits,
     private readonly handlers: WsHandlers,
   ) {
     socket.setNoDelay(true);
     socket.setTimeout(0);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', () => socket.destroy());
-    // The peer's FIN without a close frame: nothing more will come.
-    socket.on('end', () => socket.end());
+    socket.on('drain', () => this.resume());
+    // The peer's FIN without a close frame: nothing more will come, but the answers owed are still written (the socket is half-open).
+    socket.on('end', () => {
+      this.peerEnded = true;
+      this.endIfDone();
+    });
     socket.on('close', () => this.onGone());
+  }
+
+  private get maxMessage(): number {
+    return this.limits.maxMessage;
   }
 
   get open(): boolean {
@@ -126,11 +162,13 @@ export class WsConnection {
     if (!this.open) return;
     const headerBytes = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
     const total = headerBytes + length;
-    const buf = total >= POOLED ? pool.take(total) : Buffer.allocUnsafe(total);
+    const pooled = pooledSize(total);
+    const buf = pooled ? pool.take(total) : Buffer.allocUnsafe(total);
     writeHeader(buf, OP_BINARY, length, headerBytes);
     fill(buf.subarray(headerBytes, total));
-    if (total >= POOLED) this.socket.write(buf.subarray(0, total), () => pool.give(buf));
+    if (pooled) this.socket.write(buf.subarray(0, total), () => pool.give(buf));
     else this.socket.write(buf.subarray(0, total));
+    this.peak = Math.max(this.peak, this.socket.writableLength);
   }
 
   /** Starts the close handshake (or answers the peer's): a close frame, then the socket ends. */
@@ -147,6 +185,26 @@ export class WsConnection {
     setTimeout(() => this.socket.destroy(), CLOSE_WAIT_MS).unref();
   }
 
+  /** The most answer bytes the socket has held unsent at once (for tests). */
+  get peakQueued(): number {
+    return this.peak;
+  }
+
+  /** Messages handed on whose answers are not yet written. */
+  get inFlightCount(): number {
+    return this.inFlight;
+  }
+
+  /** Bytes held for the message being put together (for tests). */
+  get heldBytes(): number {
+    return this.msg?.byteLength ?? 0;
+  }
+
+  /** Whether reading is paused for backpressure. */
+  get paused(): boolean {
+    return this.backlog !== undefined || this.socket.isPaused();
+  }
+
   /** Drops the connection at once (server shutdown). */
   terminate(): void {
     this.socket.destroy();
@@ -155,6 +213,8 @@ export class WsConnection {
   private onGone(): void {
     if (this.gone) return;
     this.gone = true;
+    clearTimeout(this.progress);
+    this.backlog = undefined;
     this.dropMessage();
     this.handlers.closed();
   }
@@ -172,8 +232,54 @@ export class WsConnection {
   }
 
   private onData(chunk: Buffer): void {
+    // Bytes read after a pause took hold wait behind the backlog, in order.
+    if (this.backlog) return void (this.backlog = Buffer.concat([this.backlog, chunk]));
+    try {
+      this.parse(chunk);
+    } catch (e) {
+      // An allocation that failed, or a handler that threw: this connection closes, the process goes on.
+      this.dropMessage();
+      this.fail(e instanceof RangeError ? CLOSE_TOO_BIG : CLOSE_ERROR, 'the server could not take this message');
+    }
+    this.watchProgress();
+  }
+
+  /** Too much is waiting on this connection: read no more until answers go. */
+  private saturated(): boolean {
+    return this.inFlight >= this.limits.maxInFlight || this.socket.writableLength > this.limits.highWater;
+  }
+
+  /** Parses the backlog, then reads again, once the connection is no longer saturated. */
+  private resume(): void {
+    if (this.gone || this.closeSent || this.saturated()) return;
+    const rest = this.backlog;
+    this.backlog = undefined;
+    if (rest) this.onData(rest);
+    if (!this.backlog && !this.gone) this.socket.resume();
+  }
+
+  private endIfDone(): void {
+    if (this.peerEnded && this.inFlight === 0 && !this.backlog && !this.gone && !this.closeSent) this.socket.end();
+  }
+
+  /** Arms the progress timer while a message is part-way in (and reading is not paused by us), clears it otherwise. */
+  private watchProgress(): void {
+    const midMessage = this.have > 0 || !this.inHeader || this.msgOpcode >= 0;
+    clearTimeout(this.progress);
+    this.progress = undefined;
+    if (midMessage && !this.backlog && !this.closeSent && !this.gone)
+      this.progress = setTimeout(() => this.fail(CLOSE_POLICY, `a message must progress within ${this.limits.progressMs} ms`), this.limits.progressMs).unref();
+  }
+
+  private parse(chunk: Buffer): void {
     let at = 0;
     while (!this.closeSent && !this.gone) {
+      if (this.inHeader && this.have === 0 && at < chunk.byteLength && this.saturated()) {
+        // Between frames with too much waiting: keep the rest and stop reading (resume() goes on from here).
+        this.backlog = chunk.subarray(at);
+        this.socket.pause();
+        return;
+      }
       if (this.inHeader) {
         // The header, byte by byte until its length is known (at most 14 bytes).
         while (at < chunk.byteLength && this.have < headerLength(this.head, this.have)) this.head[this.have++] = chunk[at++];
@@ -234,17 +340,22 @@ export class WsConnection {
     return false;
   }
 
-  /** Room for `n` bytes of message, the bytes so far kept; a fragmented message grows by doubling. */
-  private reserve(n: number): void {
+  /**
+   * Room for `n` bytes of message (`declared`: as many as its headers say
+   * will come), the bytes so far kept. The buffer grows by doubling as bytes
+   * come, never past `declared`, so what a peer pins is what it has sent.
+   */
+  private reserve(n: number, declared: number): void {
     if (this.msg && this.msg.byteLength >= n) return;
-    const size = this.fin && this.opcode !== OP_CONT ? n : Math.max(n, 2 * (this.msg?.byteLength ?? 0));
-    const next = size >= POOLED ? pool.take(size) : Buffer.allocUnsafe(size);
+    const size = Math.min(Math.max(declared, n), Math.max(n, FIRST_BUFFER, 2 * (this.msg?.byteLength ?? 0)));
+    const pooled = pooledSize(size);
+    const next = pooled ? pool.take(size) : Buffer.allocUnsafe(size);
     if (this.msg) {
       this.msg.copy(next, 0, 0, this.msgLength);
       if (this.pooled) pool.give(this.msg);
     }
     this.msg = next;
-    this.pooled = size >= POOLED;
+    this.pooled = pooled;
   }
 
   /** `n` payload bytes of the frame at chunk[at]. */
@@ -259,7 +370,9 @@ export class WsConnection {
       this.left = 0;
       return this.endFrame(data);
     } else {
-      if (this.read === 0) this.reserve(this.msgLength + this.left);
+      const declared = this.msgLength + this.read + this.left;
+      // A final frame's length is the message's; a fragment's only a floor.
+      this.reserve(this.msgLength + this.read + n, this.fin ? declared : this.maxMessage);
       const into = this.msg!.subarray(this.msgLength + this.read, this.msgLength + this.read + n);
       into.set(chunk.subarray(at, at + n));
       unmask(into, this.mask, this.read);
@@ -288,11 +401,15 @@ export class WsConnection {
     this.pooled = false;
     this.msgOpcode = -1;
     this.msgLength = 0;
-    let released = view !== undefined || !pooled;
+    let released = false;
+    this.inFlight++;
     this.handlers.message(data, binary, () => {
       if (released) return;
       released = true;
-      pool.give(msg!);
+      if (view === undefined && pooled) pool.give(msg!);
+      this.inFlight--;
+      this.resume();
+      this.endIfDone();
     });
   }
 
@@ -306,10 +423,16 @@ export class WsConnection {
     } else if (op === OP_CLOSE) {
       if (payload.byteLength === 1) return this.fail(CLOSE_PROTOCOL, 'a close payload is a 2-byte code and a reason');
       const code = payload.byteLength >= 2 ? (payload[0] << 8) | payload[1] : CLOSE_NORMAL;
-      // The peer's close, answered with its code (1000 for one it may not send back).
-      this.close(code >= 1000 && code < 5000 && code !== 1005 && code !== 1006 && code !== 1015 ? code : CLOSE_NORMAL);
+      if (payload.byteLength >= 2 && !sendableCode(code)) return this.fail(CLOSE_PROTOCOL, `close code ${code} may not be sent`);
+      // The peer's close, answered with its code.
+      this.close(code);
     }
   }
+}
+
+/** Close codes a peer may put in a close frame (RFC 6455 7.4: the defined ones less 1004-1006 and 1015, and 3000-4999). */
+function sendableCode(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999);
 }
 
 function writeHeader(buf: Uint8Array, opcode: number, length: number, headerBytes: number): void {

@@ -147,6 +147,8 @@ function bareHealth(url: string): { call(): Promise<number>; close(): void } {
 }
 
 async function main(): Promise<void> {
+  // The load as the run starts (machine() at the end would give the load the run itself added to).
+  const loadAtStart = machine().loadAverage;
   const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-'));
   const server = await startServer(dir);
   try {
@@ -266,7 +268,7 @@ async function main(): Promise<void> {
     // (server process, every thread, the engine's work included; this client).
     const p10s = { healthMsP10: p10(healthMs), httpOverheadMsP10: p10(http), streamOverheadMsP10: p10(streamed), batchOverheadMsP10: p10(batchOver), httpBatchOverheadMsP10: p10(httpBatchOver) };
     const cpu = cpuSums;
-    const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes, single16, batch16: batchBytes16 }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu, f16: { ...half, ...halfRatios }, pausedFloor: paused };
+    const result = { machine: machine(), loadAtStart, host: hostname(), date: new Date().toISOString(), calls: CALLS, tokens: TOKENS, model, batch: BATCH, ...rows, httpVsHealth: rows.httpOverheadMsP50 / rows.healthMsP50, streamVsHealth: rows.streamOverheadMsP50 / rows.healthMsP50, batchVsSingleStream: rows.batchOverheadMsP50 / rows.streamOverheadMsP50, httpBatchVsSingleHttp: rows.httpBatchOverheadMsP50 / rows.httpOverheadMsP50, tcpFloorBatchVsSingle: rows.tcpFloorBatchMsP50 / rows.tcpFloorSingleMsP50, bytes: { single, batch: batchBytes, single16, batch16: batchBytes16 }, rounds: ROUNDS, ...p10s, cpuPerCall: cpu, f16: { ...half, ...halfRatios }, pausedFloor: paused };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${tag}`);
@@ -277,7 +279,7 @@ async function main(): Promise<void> {
       [
         `# Decode-call overhead per transport (${m.cpu}, ${m.cores} cores)`,
         '',
-        `TypeScript client, server in its own process on 127.0.0.1, ${CALLS} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} rounds (one run: every ratio below is from it); one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${d}, method exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms, p50. Load average at the start: ${m.loadAverage} (a shared machine moves every number).`,
+        `TypeScript client, server in its own process on 127.0.0.1, ${CALLS} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} rounds (one run: every ratio below is from it); one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${d}, method exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms, p50. Load average at the start: ${loadAtStart}, at the end ${m.loadAverage} (a shared machine moves every number).`,
         '',
         'p10: the 10th percentile of the same calls; CPU ms per call: the server process (every thread, its engine work included) and this client.',
         '',

@@ -30,6 +30,10 @@ export interface Config {
    * Unset or 0: wave steps run on the host path.
    */
   gpuWaveBudget?: number;
+  /** Open decode streams (`GET /v1/stream`) at most; more are refused with 503. */
+  maxStreams: number;
+  /** A stream message begun must progress within this many ms, else the connection is closed (1008). */
+  streamIdleMs: number;
 }
 
 export const DEFAULTS: Config = {
@@ -38,6 +42,8 @@ export const DEFAULTS: Config = {
   dataDir: './kvrecall-data',
   bodyLimit: 256 * 1024 * 1024,
   memoryBudget: Math.floor(totalmem() * 0.8),
+  maxStreams: 1024,
+  streamIdleMs: 30_000,
 };
 
 const FLAGS: Record<string, keyof Config> = {
@@ -50,7 +56,13 @@ const FLAGS: Record<string, keyof Config> = {
   '--memory-budget': 'memoryBudget',
   '--gpu-budget': 'gpuBudget',
   '--gpu-wave-budget': 'gpuWaveBudget',
+  '--max-streams': 'maxStreams',
+  '--stream-idle-ms': 'streamIdleMs',
 };
+
+/** The settings that take a non-negative integer. */
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'maxStreams', 'streamIdleMs'] as const;
+const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   const cfg: Config = { ...DEFAULTS };
@@ -59,17 +71,17 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
+  if (env.KVRECALL_MAX_STREAMS) cfg.maxStreams = nonNegative(env.KVRECALL_MAX_STREAMS, 'KVRECALL_MAX_STREAMS');
+  if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];
     if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
     i++;
-    if (key === 'port' || key === 'bodyLimit' || key === 'memoryBudget' || key === 'gpuBudget' || key === 'gpuWaveBudget') {
-      cfg[key] = nonNegative(value, argv[i - 1]);
-    } else {
-      cfg[key] = value;
-    }
+    if (isInteger(key)) cfg[key] = nonNegative(value, argv[i - 1]);
+    else cfg[key] = value;
   }
+  if (cfg.streamIdleMs < 1) throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a positive number of milliseconds');
   if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))
     throw invalid(`--store (KVRECALL_STORE) takes a Redis Cluster seed list, redis://HOST:PORT[,HOST:PORT...], not ${cfg.store}`);
   return cfg;

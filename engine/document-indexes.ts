@@ -75,14 +75,21 @@ export async function buildArtifacts(
   onProgress: (done: number) => void,
   clusterSize?: number,
 ): Promise<ArtifactWrite[]> {
-  const out: ArtifactWrite[] = [];
-  for (let layer = 0; layer < layers.length; layer++)
-    for (let head = 0; head < layers[layer].kvHeads; head++) {
+  const jobs = layers.flatMap((seg, layer) => Array.from({ length: seg.kvHeads }, (_, head) => ({ layer, head })));
+  const out = new Array<ArtifactWrite>(jobs.length);
+  let next = 0, done = 0;
+  // Up to the builder's concurrency at once, each worker taking the next
+  // (layer, head); the artifacts keep their (layer, head) order.
+  const worker = async () => {
+    while (next < jobs.length) {
+      const i = next++, { layer, head } = jobs[i];
       const q = queries?.rows(layer, head) ?? { queries: new Float32Array(0), queryCount: 0 };
       const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q, clusterSize });
-      out.push({ method, layer, head, bytes });
-      onProgress(out.length);
+      out[i] = { method, layer, head, bytes };
+      onProgress(++done);
     }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(builder.concurrency ?? 1, jobs.length)) }, worker));
   return out;
 }
 

@@ -104,7 +104,7 @@ export class BlockSummary implements HeadIndex {
     this.topScores = new Float32Array(n);
   }
 
-  /** Row `row` widened: its representative [headDim], radius, ln count. */
+  /** Block b's representative `rep` as stored, widened: its centroid [headDim], radius and ln count. */
   row(block: number, rep = 0): { centroid: Float32Array; radius: number; logCount: number } {
     const at = (block * this.reps + rep) * this.stride, w = widenWords(this.rows.subarray(at, at + this.headDim + REPS_COUNT_COLUMN + 1), this.dtype);
     return { centroid: w.subarray(0, this.headDim), radius: w[this.headDim], logCount: w[this.headDim + REPS_COUNT_COLUMN] };

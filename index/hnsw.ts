@@ -5,14 +5,16 @@
 // Keys are centred before insertion: q·(k − μ) ranks keys as q·k does, but
 // without the keys' shared mean (outlier channels, sinks) the inner-product
 // graph no longer collapses onto a few hub keys (bench/results/workload.md).
-// The artifact is μ (f32 [headDim]) followed by hnswlib's index bytes.
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+// The artifact is μ (f32 [headDim]) followed by hnswlib's index bytes; the
+// graph is built in a worker thread (index/hnsw-build.ts).
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import hnswlib from 'hnswlib-node';
 import { widenWords } from '../addon/kernels.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
+import { buildHnswGraph, HNSW_BUILD_WORKERS } from './hnsw-build.js';
 
 const M = 16;
 const EF_CONSTRUCTION = 200;
@@ -59,26 +61,18 @@ class HnswHead implements HeadIndex {
 
 export const hnswBuilder: HeadIndexBuilder = {
   async build(input: BuildInput): Promise<Uint8Array> {
-    const index = new hnswlib.HierarchicalNSW('ip', input.headDim);
-    index.initIndex({ maxElements: Math.max(1, input.tokens), m: M, efConstruction: EF_CONSTRUCTION, randomSeed: 100 });
     const keys = widen(input);
     const d = input.headDim;
     const mean = new Float32Array(d);
     for (let i = 0; i < input.tokens; i++) for (let j = 0; j < d; j++) mean[j] += keys[i * d + j] / input.tokens;
     for (let i = 0; i < input.tokens; i++) for (let j = 0; j < d; j++) keys[i * d + j] -= mean[j];
-    for (let i = 0; i < input.tokens; i++) {
-      index.addPoint(Array.from(keys.subarray(i * d, (i + 1) * d)), i);
-      if (i % 4096 === 4095) await new Promise((r) => setImmediate(r)); // keep the server responsive
-    }
-    return viaTempFile((path) => {
-      index.writeIndexSync(path);
-      const graph = readFileSync(path);
-      const out = new Uint8Array(d * 4 + graph.byteLength);
-      out.set(new Uint8Array(mean.buffer), 0);
-      out.set(graph, d * 4);
-      return out;
-    });
+    const graph = await buildHnswGraph({ keys, tokens: input.tokens, d, m: M, efConstruction: EF_CONSTRUCTION, seed: 100 });
+    const out = new Uint8Array(d * 4 + graph.byteLength);
+    out.set(new Uint8Array(mean.buffer), 0);
+    out.set(graph, d * 4);
+    return out;
   },
+  concurrency: HNSW_BUILD_WORKERS,
 
   load(bytes: Uint8Array, keys: HeadKeys): HeadIndex {
     const d = keys.headDim;

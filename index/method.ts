@@ -160,6 +160,8 @@ export interface HeadIndexBuilder {
    * loaded indexes are this builder's.
    */
   searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo): Promise<SearchResult[]>;
+  /** Optional: builds a seal may run at once (default 1: one after another). */
+  concurrency?: number;
 }
 
 /**

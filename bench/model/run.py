@@ -13,7 +13,7 @@ position is the session's answer (the stream transport, one frame per layer, wit
 
 Trials run in --workers processes (each its own server; bench/model/trials.py): trial i of a length is the same
 context whichever worker runs it and however many there are. Where a trial's time goes (16K bytes, 2-core VM):
-numpy prefill 44 s; seal wave 9.9 s, retrieval-attention 12.7, hnsw 21.5 (on the server's event loop: one core),
+numpy prefill 44 s; seal wave 9.9 s, retrieval-attention 12.7, hnsw 21.5 (then on the server's event loop, one core; now in worker threads),
 ivf 3.8, topk-blocks 1.6, nosa 1.4, infiniretri 16.6; per configuration 216 attends of ~3 ms plus the float64
 reference and oracle, 3.9 ms a call in numpy. On the GPU machine the prefill (~0.3 s) and the reference move to
 the GPU and the seals run side by side in the workers' servers.

@@ -6,7 +6,7 @@
 // own), not copies.
 import { joinParts, packParts, unpackView } from './msgpack-parts.js';
 import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type OutOf, type WireAnswer, type WireResult } from './client.js';
-import { HandshakeRefused, WsClient } from './websocket.js';
+import { HandshakeRefused, WsClient, type WsOptions } from './websocket.js';
 
 /** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
@@ -22,13 +22,14 @@ export class KvrecallStream {
 
   private constructor() {}
 
-  static async open(url: string, authorization?: string): Promise<KvrecallStream> {
+  /** `opts.maxMessage`: the largest answer taken (256 MiB unless given); a larger one fails every pending request. */
+  static async open(url: string, authorization?: string, opts: WsOptions = {}): Promise<KvrecallStream> {
     const s = new KvrecallStream();
     try {
       s.ws = await WsClient.open(url + '/v1/stream', authorization ? { authorization } : {}, {
         message: (data) => s.onMessage(data),
         closed: (e) => s.fail(e),
-      });
+      }, opts);
     } catch (e) {
       if (e instanceof HandshakeRefused) throw new KvrecallRequestError(e.status, 'refused', `stream refused: ${e.status}`);
       throw e;
@@ -60,12 +61,23 @@ export class KvrecallStream {
   }
 
   private onMessage(data: Uint8Array): void {
-    let frame: Record<string, unknown>;
+    let frame: unknown;
     try {
-      frame = unpackView(data) as Record<string, unknown>;
+      frame = unpackView(data);
     } catch (e) {
-      return this.fail(new Error(`stream: undecodable answer: ${(e as Error).message}`));
+      return this.protocolError(`undecodable answer: ${(e as Error).message}`);
     }
+    if (typeof frame !== 'object' || frame === null || Array.isArray(frame) || frame instanceof Uint8Array) return this.protocolError('an answer is not a map');
+    this.answer(frame as Record<string, unknown>);
+  }
+
+  /** The server broke the protocol: every request fails with why, and the connection closes (1002). */
+  private protocolError(why: string): void {
+    this.fail(new Error(`stream: protocol error: ${why}`));
+    this.ws.close(1002);
+  }
+
+  private answer(frame: Record<string, unknown>): void {
     const p = this.pending.get(frame.id as number);
     if (!p) return;
     this.pending.delete(frame.id as number);

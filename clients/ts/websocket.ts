@@ -24,6 +24,13 @@ const OP_CONT = 0x0, OP_BINARY = 0x2, OP_CLOSE = 0x8, OP_PING = 0x9, OP_PONG = 0
 const MAX_HEAD = 64 << 10;
 /** The warm read buffer of a plain TCP connection. */
 const READ_BUFFER = 1 << 20;
+/** The largest server message taken unless told otherwise (the server's own default body limit is this order). */
+export const MAX_MESSAGE = 256 << 20;
+
+export interface WsOptions {
+  /** A server message over this many bytes closes the connection with 1009 (from its header, before any of it is buffered). */
+  maxMessage?: number;
+}
 
 /** The server answered the handshake with something other than 101. */
 export class HandshakeRefused extends Error {
@@ -75,10 +82,13 @@ export class WsClient {
   private msgLength = 0;
   private control: Buffer[] = [];
 
-  private constructor(private readonly socket: Socket) {}
+  private constructor(
+    private readonly socket: Socket,
+    private readonly maxMessage: number,
+  ) {}
 
   /** Connects and upgrades; `url` is http(s)/ws(s) with the path to upgrade. */
-  static open(url: string, headers: Record<string, string>, events: WsEvents): Promise<WsClient> {
+  static open(url: string, headers: Record<string, string>, events: WsEvents, opts: WsOptions = {}): Promise<WsClient> {
     const u = new URL(url.replace(/^ws/, 'http'));
     const tls = u.protocol === 'https:';
     const port = Number(u.port) || (tls ? 443 : 80);
@@ -114,7 +124,7 @@ export class WsClient {
         if (status !== 101) return fail(new HandshakeRefused(status, head.subarray(end + 4).toString('utf8')));
         const accept = lines.find((l) => /^sec-websocket-accept:/i.test(l))?.split(':')[1]?.trim();
         if (accept !== createHash('sha1').update(key + GUID).digest('base64')) return fail(new Error('stream: wrong Sec-WebSocket-Accept'));
-        const ws = new WsClient(socket);
+        const ws = new WsClient(socket, opts.maxMessage ?? MAX_MESSAGE);
         ws.events = events;
         onBytes = (c, reused) => ws.onData(c, reused);
         socket.on('error', (e) => ws.end(e));
@@ -166,14 +176,26 @@ export class WsClient {
     this.events?.closed(e);
   }
 
-  private protocolError(why: string): void {
+  private protocolError(why: string, code = 1002): void {
     const h = header(OP_CLOSE, 2);
-    this.socket.end(Buffer.concat([h, Buffer.from([1002 >> 8, 1002 & 0xff])]));
+    this.socket.end(Buffer.concat([h, Buffer.from([code >> 8, code & 0xff])]));
     this.end(new Error(`stream: ${why}`));
   }
 
-  /** `reused`: chunk is the warm read buffer (the next read overwrites it), so nothing kept may be a view of it. */
+  /**
+   * `reused`: chunk is the warm read buffer (the next read overwrites it), so
+   * nothing kept may be a view of it. Never throws: this runs in the socket's
+   * read callback, where a throw would be uncaught in the caller's process.
+   */
   private onData(chunk: Buffer, reused: boolean): void {
+    try {
+      this.parse(chunk, reused);
+    } catch (e) {
+      this.protocolError(`reading a server message failed: ${(e as Error).message}`, 1011);
+    }
+  }
+
+  private parse(chunk: Buffer, reused: boolean): void {
     let at = 0;
     while (at < chunk.byteLength && !this.gone) {
       if (this.left === 0 && !this.inPayload) {
@@ -185,7 +207,13 @@ export class WsClient {
         if (src.byteLength < n) return void (this.pending = Buffer.from(src));
         if (src[1] & 0x80) return this.protocolError('a server frame is masked');
         if (src[0] & 0x70) return this.protocolError('reserved bits set');
+        if (len7 === 127 && src.readUInt32BE(2) >= 0x200000) return this.protocolError('a frame length over 2^53');
         const length = len7 === 126 ? src.readUInt16BE(2) : len7 === 127 ? src.readUInt32BE(2) * 2 ** 32 + src.readUInt32BE(6) : len7;
+        const op = src[0] & 0x0f;
+        if (op >= 0x8 && (length > 125 || !(src[0] & 0x80))) return this.protocolError('control frames are whole and at most 125 bytes');
+        const before = op === OP_CONT ? this.msgLength : 0;
+        if (op < 0x8 && before + length > this.maxMessage)
+          return this.protocolError(`a server message of ${before + length} bytes or more is over the limit of ${this.maxMessage} (maxMessage)`, 1009);
         at += n - this.pending.byteLength;
         this.pending = Buffer.alloc(0);
         this.fin = (src[0] & 0x80) !== 0;

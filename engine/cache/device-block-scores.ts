@@ -1,11 +1,12 @@
 // The block scorer GPU sessions offer their block methods (nosa,
 // topk-blocks) in the layer context: each (document, layer)'s block summary
 // rows, every kv head, are copied to the device the first time a GPU
-// session's step scores them (blocks × (headDim + 8) × 2 bytes per head: the
-// mean key and the radius column, about 1/60 of the K and V), and each step
-// is then one native call for all kv heads on one stream (score every block
-// with the augmented query rows [q, α_h·‖q‖, 0 ...] (α_h the kv head's
-// calibrated radius share), exact top-k per head,
+// session's step scores them (blocks × reps × (headDim + 8) × 2 bytes per
+// head: each block's 4 sub-centroids with radius and ln count columns,
+// about 1/30 of the K and V at headDim 128), and each step is then one
+// native call for all kv heads on one stream (score every row with the
+// augmented query rows [q, α_h·‖q‖, √d, 0 ...] (α_h the kv head's
+// calibrated radius share), exact top-k rows per head,
 // copy back the few ids and scores): tens of microseconds at 1M tokens where
 // the host pass took milliseconds. The selection is the host's, block for
 // block (the device sums in the host kernel's order, a row width of

@@ -18,6 +18,7 @@
 // Alone, its cluster's score is its exact logit.
 import { convert, outlierScores, widenWords, type KvDtype } from '../../addon/kernels.js';
 import { kmeans } from '../../addon/faiss.js';
+import { clusterSummary } from '../../addon/cluster-summary.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
 import { calibrateVarianceShare } from './variance-share.js';
@@ -76,59 +77,8 @@ export async function outlierKeys(input: BuildInput): Promise<Uint8Array> {
   return flag;
 }
 
+/** Power iterations for a cluster's principal axis (native/kernels/cluster_summary.h), from its farthest member: a lone outlier is the axis at once. */
 const AXIS_ITERATIONS = 4;
-
-/**
- * Each cluster's principal axis (power iteration on its members' offsets
- * from the centroid, started from the farthest member: a lone outlier is the
- * axis at once), scaled by the standard deviation along it, into
- * axes[c * d ..] for the clusters [first, end) of one segment.
- */
-function principalAxes(keys: Float32Array, cluster: Int32Array, first: number, end: number, centroids: Float32Array, stride: number, d: number, axes: Float32Array): void {
-  const n = cluster.length, C = end - first;
-  const at = new Int32Array(C + 1);
-  for (let i = 0; i < n; i++) at[cluster[i] - first + 1]++;
-  for (let c = 0; c < C; c++) at[c + 1] += at[c];
-  const rows = new Int32Array(n), fill = at.slice(0, C);
-  for (let i = 0; i < n; i++) rows[fill[cluster[i] - first]++] = i;
-  const off = new Float32Array(d), u = new Float32Array(d), next = new Float32Array(d);
-  const offset = (i: number, c: number) => {
-    for (let j = 0; j < d; j++) off[j] = keys[i * d + j] - centroids[c * stride + j];
-    return off;
-  };
-  for (let c = first; c < end; c++) {
-    const from = at[c - first], to = at[c - first + 1], m = to - from;
-    if (m < 2) continue;
-    let far = -1;
-    for (let r = from; r < to; r++) {
-      const o = offset(rows[r], c);
-      let s = 0;
-      for (let j = 0; j < d; j++) s += o[j] * o[j];
-      if (s > far) (far = s), u.set(o);
-    }
-    if (!(far > 0)) continue;
-    let variance = 0;
-    for (let it = 0; it <= AXIS_ITERATIONS; it++) {
-      let norm = 0;
-      for (let j = 0; j < d; j++) norm += u[j] * u[j];
-      norm = Math.sqrt(norm);
-      if (!(norm > 0)) break;
-      for (let j = 0; j < d; j++) u[j] /= norm;
-      next.fill(0);
-      variance = 0;
-      for (let r = from; r < to; r++) {
-        const o = offset(rows[r], c);
-        let p = 0;
-        for (let j = 0; j < d; j++) p += o[j] * u[j];
-        variance += (p * p) / m;
-        for (let j = 0; j < d; j++) next[j] += p * o[j];
-      }
-      if (it < AXIS_ITERATIONS) u.set(next);
-    }
-    const sd = Math.sqrt(variance);
-    for (let j = 0; j < d; j++) axes[c * d + j] = sd * u[j];
-  }
-}
 
 export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAULT_CLUSTER_OPTIONS): Promise<Uint8Array> {
   if (!input.values) throw new Error('the wave index needs the values of the head');
@@ -147,32 +97,19 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     let clusters = seg.clusters;
     // Outliers leave their k-means cluster for one of their own (a cluster left empty is dropped below).
     if (clusters < n) for (let i = 0; i < n; i++) if (outliers[t0 + i]) assign[i] = clusters++;
-    const keys = widenWords(input.keys.subarray(t0 * d), input.dtype, n * d);
-    const values = widenWords(input.values.subarray(t0 * d), input.dtype, n * d);
     // Empty clusters are dropped: ids are renumbered densely.
     const cnt = new Int32Array(clusters);
     for (let i = 0; i < n; i++) cnt[assign[i]]++;
     const id = new Int32Array(clusters).fill(-1), first = C;
     for (let c = 0; c < clusters; c++) if (cnt[c] > 0) counts[(id[c] = C++)] = cnt[c];
-    for (let i = 0; i < n; i++) {
-      const c = (tokenCluster[t0 + i] = id[assign[i]]);
-      for (let j = 0; j < d; j++) (centroids[c * stride + j] += keys[i * d + j]), (valueMeans[c * d + j] += values[i * d + j]);
-    }
-    for (let c = first; c < C; c++)
-      for (let j = 0; j < d; j++) (centroids[c * stride + j] /= counts[c]), (valueMeans[c * d + j] /= counts[c]);
-    // Radius (the farthest member key from its centroid) and per-channel variance.
-    for (let i = 0; i < n; i++) {
-      const c = tokenCluster[t0 + i];
-      let s = 0;
-      for (let j = 0; j < d; j++) {
-        const x = (keys[i * d + j] - centroids[c * stride + j]) ** 2;
-        s += x;
-        keyVars[c * d + j] += x;
-      }
-      centroids[c * stride + d] = Math.max(centroids[c * stride + d], Math.sqrt(s));
-    }
-    for (let c = first; c < C; c++) for (let j = 0; j < d; j++) keyVars[c * d + j] /= counts[c];
-    principalAxes(keys, tokenCluster.subarray(t0, t1), first, C, centroids, stride, d, keyAxes);
+    const local = new Int32Array(n);
+    for (let i = 0; i < n; i++) local[i] = (tokenCluster[t0 + i] = id[assign[i]]) - first;
+    await clusterSummary({
+      keys: input.keys.subarray(t0 * d, t1 * d), values: input.values.subarray(t0 * d, t1 * d), dtype: input.dtype, tokens: n, headDim: d, stride,
+      cluster: local, clusters: C - first, axisIterations: AXIS_ITERATIONS,
+      centroids: centroids.subarray(first * stride, C * stride), valueMeans: valueMeans.subarray(first * d, C * d),
+      keyVars: keyVars.subarray(first * d, C * d), keyAxes: keyAxes.subarray(first * d, C * d),
+    });
     segments.push([t0, t1, first, C]);
   }
   const varianceShare = calibrateVarianceShare(input, { headDim: d, stride, centroids, keyVars, valueMeans, counts, tokenCluster, segments });

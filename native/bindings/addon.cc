@@ -12,6 +12,7 @@ void InitTopk(Napi::Env env, Napi::Object exports);
 void InitAttentionMass(Napi::Env env, Napi::Object exports);
 void InitClusterEstimate(Napi::Env env, Napi::Object exports);
 void InitClusterRank(Napi::Env env, Napi::Object exports);
+void InitClusterSummary(Napi::Env env, Napi::Object exports);
 void InitRaGraph(Napi::Env env, Napi::Object exports);
 void InitFaiss(Napi::Env env, Napi::Object exports);
 void InitCuda(Napi::Env env, Napi::Object exports);
@@ -29,6 +30,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitAttentionMass(env, exports);
   kvr::InitClusterEstimate(env, exports);
   kvr::InitClusterRank(env, exports);
+  kvr::InitClusterSummary(env, exports);
   kvr::InitRaGraph(env, exports);
   kvr::InitFaiss(env, exports);
   kvr::InitCuda(env, exports);

@@ -5,12 +5,15 @@
 // length form with a ping between them (answered with a pong), every
 // message handed over at a 4-byte aligned offset, the client's own frames
 // masked with the zero key in the smallest length form, a close answered,
-// a masked server frame closed with 1002; and against the real server, a
+// a masked server frame closed with 1002, a message over maxMessage closed
+// with 1009 from its header and an answer that is not a map failing the
+// pending calls (never a throw in the read callback); and against the real server, a
 // refused handshake surfaces as a KvrecallRequestError with its status.
 import { createHash } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { KvrecallClient } from '../../clients/ts/client.js';
+import { KvrecallStream } from '../../clients/ts/stream.js';
 import { HandshakeRefused, WsClient } from '../../clients/ts/websocket.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
@@ -172,6 +175,42 @@ describe('the client WebSocket (own framing)', () => {
     const e = await WsClient.open(no.url, {}, { message: () => undefined, closed: () => undefined }).catch((x) => x);
     expect(e).toBeInstanceOf(HandshakeRefused);
     expect([(e as HandshakeRefused).status, (e as HandshakeRefused).body]).toEqual([403, 'nope']);
+  });
+
+  it('closes with 1009 a server message over maxMessage from its header (2^50 bytes claimed), failing the pending call; over 2^53 with 1002', async () => {
+    const s = await scripted();
+    servers.push(s.server);
+    const stream = await KvrecallStream.open(s.url.replace('/v1/stream', ''), undefined, { maxMessage: 1 << 20 });
+    const { socket, received } = await s.conn;
+    const call = stream.attendBatch(0, []).catch((e: Error) => e);
+    // A 64-bit length of 2^50, then one byte of it: taking it would be an allocation that throws inside the read callback.
+    socket.write(Buffer.from([0x82, 127, 0, 0x04, 0, 0, 0, 0, 0, 0, 0xc0]));
+    expect(((await call) as Error).message).toMatch(/over the limit of 1048576 \(maxMessage\)/);
+    await until(() => readFrames(received()).some((f) => f.opcode === 0x8));
+    expect(readFrames(received()).filter((f) => f.opcode === 0x8).map((f) => f.payload.readUInt16BE(0))).toEqual([1009]);
+
+    const h = await scripted();
+    servers.push(h.server);
+    let why: Error | undefined;
+    await WsClient.open(h.url, {}, { message: () => undefined, closed: (e) => (why = e) }, { maxMessage: 2 ** 60 });
+    const c = await h.conn;
+    c.socket.write(Buffer.from([0x82, 127, 0x10, 0, 0, 0, 0, 0, 0, 0, 0xc0]));
+    await until(() => why !== undefined);
+    expect(why?.message).toMatch(/2\^53/);
+    await until(() => readFrames(c.received()).length >= 1);
+    expect(readFrames(c.received()).map((f) => [f.opcode, f.payload.readUInt16BE(0)])).toEqual([[0x8, 1002]]);
+  });
+
+  it('fails pending calls with a protocol error on an answer that is not a map (msgpack nil), and closes with 1002', async () => {
+    const s = await scripted();
+    servers.push(s.server);
+    const stream = await KvrecallStream.open(s.url.replace('/v1/stream', ''));
+    const { socket, received } = await s.conn;
+    const call = stream.attendBatch(0, []).catch((e: Error) => e);
+    socket.write(frame(0x2, Buffer.from([0xc0])));
+    expect(((await call) as Error).message).toMatch(/protocol error: an answer is not a map/);
+    await until(() => readFrames(received()).some((f) => f.opcode === 0x8));
+    expect(readFrames(received()).filter((f) => f.opcode === 0x8).map((f) => f.payload.readUInt16BE(0))).toEqual([1002]);
   });
 
   it('a stream the real server refuses (no token) fails with 401', async () => {

@@ -1,5 +1,6 @@
 // The server's configuration from flags and environment (core/config.ts):
-// the GPU budgets among them, and bad values refused with the flag named.
+// the GPU budgets and the stream limits among them, and bad values refused
+// with the flag named.
 import { describe, expect, it } from 'vitest';
 import { DEFAULTS, parseConfig } from '../../core/config.js';
 
@@ -20,5 +21,18 @@ describe('parseConfig', () => {
     expect(() => parseConfig(['--gpu-wave-budget', '1.5'], {})).toThrow(/--gpu-wave-budget/);
     expect(() => parseConfig([], { KVRECALL_GPU_WAVE_BUDGET: 'lots' })).toThrow(/KVRECALL_GPU_WAVE_BUDGET/);
     expect(() => parseConfig(['--gpu-wave-budget'], {})).toThrow(/incomplete/);
+  });
+
+  it('takes the stream limits from flags and the environment, and refuses an idle time of 0', () => {
+    expect(DEFAULTS.maxStreams).toBe(1024);
+    expect(DEFAULTS.streamIdleMs).toBe(30_000);
+    const cfg = parseConfig(['--max-streams', '8', '--stream-idle-ms', '250'], {});
+    expect([cfg.maxStreams, cfg.streamIdleMs]).toEqual([8, 250]);
+    const env = parseConfig([], { KVRECALL_MAX_STREAMS: '3', KVRECALL_STREAM_IDLE_MS: '1000' });
+    expect([env.maxStreams, env.streamIdleMs]).toEqual([3, 1000]);
+    expect(parseConfig(['--max-streams', '5'], { KVRECALL_MAX_STREAMS: '3' }).maxStreams).toBe(5);
+    expect(() => parseConfig(['--max-streams', '-2'], {})).toThrow(/--max-streams/);
+    expect(() => parseConfig(['--stream-idle-ms', '0'], {})).toThrow(/--stream-idle-ms/);
+    expect(() => parseConfig([], { KVRECALL_STREAM_IDLE_MS: 'soon' })).toThrow(/KVRECALL_STREAM_IDLE_MS/);
   });
 });

@@ -6,7 +6,7 @@
 // read, protocol errors closed with 1002, the close handshake, and text or
 // empty messages answered with error frames on a connection that survives.
 import { createHash, randomBytes } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { unpackView } from '../../core/msgpack-parts-decode.js';
@@ -15,6 +15,7 @@ import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { openRawWs, RawWsClient, WS_TEST_KEY, type RawFrame } from '../helpers/ws-raw.js';
 
 const seed = freshSeed();
 console.log(`websocket: seed ${seed}`);
@@ -36,71 +37,10 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
-interface Frame {
-  fin: boolean;
-  opcode: number;
-  payload: Buffer;
-}
-
-/** A raw client: the handshake's answer head, then the server's frames as they come (server frames are never masked). */
-class Raw {
-  frames: Frame[] = [];
-  ended = false;
-  head = '';
-  /** The body of a refusal. */
-  body = '';
-  private buf = Buffer.alloc(0);
-  private waiters: (() => void)[] = [];
-
-  constructor(readonly socket: Socket) {
-    socket.on('data', (c: Buffer) => {
-      this.buf = Buffer.concat([this.buf, c]);
-      if (!this.head) {
-        const end = this.buf.indexOf('\r\n\r\n');
-        if (end < 0) return;
-        this.head = this.buf.subarray(0, end).toString('latin1');
-        this.buf = this.buf.subarray(end + 4);
-      }
-      if (this.head.startsWith('HTTP/1.1 101')) this.parse();
-      else this.body = this.buf.toString('latin1');
-      this.wake();
-    });
-    socket.on('close', () => {
-      this.ended = true;
-      this.wake();
-    });
-    socket.on('error', () => undefined);
-  }
-
-  private wake(): void {
-    for (const w of this.waiters.splice(0)) w();
-  }
-
-  private parse(): void {
-    for (;;) {
-      const b = this.buf;
-      if (b.length < 2) return;
-      expect(b[1] & 0x80).toBe(0);
-      let len = b[1] & 0x7f, at = 2;
-      if (len === 126) {
-        if (b.length < 4) return;
-        len = b.readUInt16BE(2);
-        at = 4;
-      } else if (len === 127) {
-        if (b.length < 10) return;
-        len = Number(b.readBigUInt64BE(2));
-        at = 10;
-      }
-      if (b.length < at + len) return;
-      this.frames.push({ fin: (b[0] & 0x80) !== 0, opcode: b[0] & 0x0f, payload: Buffer.from(b.subarray(at, at + len)) });
-      this.buf = b.subarray(at + len);
-    }
-  }
-
-  /** Waits until `ok()` holds (or the socket closed), for at most 5 s. */
-  async until(ok: () => boolean): Promise<void> {
-    const deadline = Date.now() + 5000;
-    while (!ok() && !this.ended && Date.now() < deadline) await new Promise<void>((r) => (this.waiters.push(r), setTimeout(r, 50)));
+/** The shared raw client, asserting every server frame is unmasked, with writes in random pieces. */
+class Raw extends RawWsClient {
+  constructor(socket: Socket) {
+    super(socket, (f) => expect(f.masked, 'a server frame is masked').toBe(false));
   }
 
   /** Sends bytes in random pieces (1 byte up to all of them), each its own write. */
@@ -115,16 +55,8 @@ class Raw {
   }
 }
 
-const KEY = 'dGhlIHNhbXBsZSBub25jZQ==';
-
-async function open(path = '/v1/stream', headers: Record<string, string> = {}): Promise<Raw> {
-  const socket = connect(Number(new URL(server.url).port), '127.0.0.1');
-  await new Promise((r) => socket.once('connect', r));
-  const raw = new Raw(socket);
-  const all = { Host: 'localhost', Upgrade: 'websocket', Connection: 'Upgrade', 'Sec-WebSocket-Key': KEY, 'Sec-WebSocket-Version': '13', ...headers };
-  socket.write(`GET ${path} HTTP/1.1\r\n${Object.entries(all).filter(([, v]) => v !== '').map(([k, v]) => `${k}: ${v}\r\n`).join('')}\r\n`);
-  await raw.until(() => raw.head !== '');
-  return raw;
+function open(path = '/v1/stream', headers: Record<string, string> = {}): Promise<Raw> {
+  return openRawWs(Number(new URL(server.url).port), { path, headers, make: (socket) => new Raw(socket) });
 }
 
 /** A client frame: masked with `key` (random unless given; null: unmasked), the length in its smallest form unless `wide`. */
@@ -149,7 +81,7 @@ const pack = (v: unknown) => {
   const parts = packParts(v);
   return joinParts(parts, new Uint8Array(parts.byteLength));
 };
-const closeCode = (f: Frame) => f.payload.readUInt16BE(0);
+const closeCode = (f: RawFrame) => f.payload.readUInt16BE(0);
 const hex = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
 
 describe('the stream WebSocket (own framing)', () => {
@@ -158,14 +90,16 @@ describe('the stream WebSocket (own framing)', () => {
     expect(ok.head).toMatch(/^HTTP\/1\.1 101 /);
     const accept = /sec-websocket-accept: (\S+)/i.exec(ok.head)?.[1];
     expect(accept).toBe('s3pPLMBiTxaQ9kYGzzhZRbK+xOo='); // RFC 6455 section 1.3's example
-    expect(accept).toBe(createHash('sha1').update(KEY + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64'));
+    expect(accept).toBe(createHash('sha1').update(WS_TEST_KEY + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64'));
     ok.socket.destroy();
-    for (const [headers, why] of [
-      [{ 'Sec-WebSocket-Version': '8' }, 'Sec-WebSocket-Version must be 13'],
-      [{ 'Sec-WebSocket-Key': '' }, 'Sec-WebSocket-Key must be 16 bytes in base64'],
+    for (const [headers, status, why] of [
+      [{ 'Sec-WebSocket-Version': '8' }, 426, 'Sec-WebSocket-Version must be 13'],
+      [{ 'Sec-WebSocket-Key': '' }, 400, 'Sec-WebSocket-Key must be 16 bytes in base64'],
     ] as const) {
       const r = await open('/v1/stream', headers);
-      expect(r.head).toMatch(/^HTTP\/1\.1 400 /);
+      expect(r.head).toMatch(new RegExp(`^HTTP/1\\.1 ${status} `));
+      // A version we do not speak is answered with the one we do (RFC 6455 4.4).
+      if (status === 426) expect(r.head).toMatch(/\r\nsec-websocket-version: 13(\r\n|$)/i);
       await r.until(() => r.ended);
       expect(r.body).toBe(why);
       r.socket.destroy();
@@ -254,6 +188,16 @@ describe('the stream WebSocket (own framing)', () => {
     }
     expect((await fetch(`${server.url}/v1/health`)).status).toBe(200);
     expect((await client.attend(sid, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) })).out).toHaveLength(model.qHeads * model.headDim);
+  });
+
+  it('closes with 1002 a close frame whose code may not be sent (RFC 6455 7.4), and echoes one that may', async () => {
+    for (const [code, answer] of [[999, 1002], [1004, 1002], [1005, 1002], [1006, 1002], [1015, 1002], [1016, 1002], [2999, 1002], [5000, 1002], [1001, 1001], [1011, 1011], [3000, 3000], [4999, 4999]]) {
+      const raw = await open();
+      await raw.write(frame(0x8, Buffer.from([code >> 8, code & 0xff])));
+      await raw.until(() => raw.frames.length >= 1);
+      expect([code, raw.frames[0].opcode, closeCode(raw.frames[0])]).toEqual([code, 0x8, answer]);
+      raw.socket.destroy();
+    }
   });
 
   it('answers a close with a close of the same code and ends the connection', async () => {

@@ -131,9 +131,12 @@ describe('ra-graph ranked by the group attention', () => {
     // partition tends to come out low when the walk missed some of them:
     // measured over 12 seeds, mean 0.10-0.31 and worst 0.26-0.49 (logits);
     // signed, over 8 trials, the mean error was positive every time (the
-    // partitions low).
+    // partitions low). The worst is one trial's partition miss shared by its
+    // k keys (their 99th percentile is within 0.02 of it), so it has the
+    // sample's tail: over 25 more seeds 0.22-0.57, and 0.80 for seed
+    // 1184125512 (a CI run failed on the old bound of 0.7).
     expect(sum).toBeLessThan(0.4);
-    expect(worst).toBeLessThan(0.7);
+    expect(worst).toBeLessThan(1.0);
     // Held attention: 4 of 4 seeds above the max ranking, by 0.2-5%; the bar is "not below by 2%".
     expect(heldAttention).toBeGreaterThan(0.98 * heldMax);
   });

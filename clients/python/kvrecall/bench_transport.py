@@ -9,6 +9,11 @@ Rows (interleaved call by call, so drift hits all alike):
   (TCP_NODELAY), the floor of an HTTP round trip; no server step, so its
   overhead is its whole wall time. "health, alone" is the same, N calls
   back to back before the interleaved rounds (no attends between them);
+- health, after a wait: the same health call, after the client slept as
+  long as the last HTTP attend's server step (not timed): an attend's
+  client waits that long idle, and on a VM an idle process is slow to wake
+  (bench/results/transport-python-wait-vm.md), so this is the bare request
+  an attend's overhead compares with;
 - http attend: `Client.attend` (`POST /v1/sessions/:sid/attend`);
 - http batch(1): `Client.attend_batch` with one step (`POST /v1/attend`);
 - stream attend: `Stream.attend` (one WebSocket frame each way);
@@ -109,8 +114,8 @@ def run(
     ks = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
     vs = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
 
-    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "stream batch(32) f16"]
-    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names[1:]}
+    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "health, after a wait", "stream batch(32) f16"]
+    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith("health")}
     batch32 = [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)]
     q16s = qs.astype(np.float16)
     health = _Health(url, token)
@@ -124,7 +129,7 @@ def run(
 
     def one(name: str, i: int) -> float:
         """The call's server ms (0 for health)."""
-        if name == "health":
+        if name.startswith("health"):
             health()
             return 0.0
         sid = sessions[name]
@@ -156,10 +161,16 @@ def run(
             health()
             if i >= warmup:
                 alone.append((time.perf_counter_ns() - t0) / 1e3)
+        last_ms = 0.0
         for i in range(n):
             for name in names:
+                if name == "health, after a wait":
+                    # As long as the last HTTP attend's server step (untimed): the client idle as it is during an attend.
+                    time.sleep(last_ms / 1e3)
                 t0 = time.perf_counter_ns()
                 ms = one(name, i)
+                if name == "http attend":
+                    last_ms = ms
                 t1 = time.perf_counter_ns()
                 if i >= warmup:
                     wall[name].append((t1 - t0) / 1e3)
