@@ -32,6 +32,16 @@ export interface IvfSearchArgs {
    * 'faiss': faiss's own per-row search (a scalar loop in Debian's build).
    */
   scan?: 'native' | 'faiss';
+  /**
+   * How the rows' scores combine. 'max' (default): a key's score is the
+   * largest q·k over the rows. 'attention' (native scan only): the log of the
+   * group's attention on it, log Σ_g exp(scale·q_g·k − lse_g) over the rows
+   * that probed its list, each lse_g from the row's probed keys and every
+   * 32nd key of the lists it did not probe (counted in `scanned`).
+   */
+  aggregate?: 'max' | 'attention';
+  /** Softmax scale for 'attention' (default 1/√headDim). */
+  scale?: number;
 }
 
 export interface IvfSearchResult {
@@ -69,7 +79,7 @@ interface NativeIvfIndex {
   readonly nlist: number;
   readonly memoryBytes: number;
   save(): Uint8Array;
-  search(a: IvfSearchArgs): IvfSearchResult;
+  search(a: Omit<IvfSearchArgs, 'aggregate' | 'scale'> & { scale?: number }): IvfSearchResult;
   dispose(): void;
 }
 
@@ -79,6 +89,7 @@ interface FaissAddon {
     load(bytes: Uint8Array): NativeIvfIndex;
   };
   kmeans(a: Omit<KmeansArgs, 'dtype'> & { dtype: number }): Promise<KmeansResult>;
+  kmeansMany(a: (Omit<KmeansArgs, 'dtype'> & { dtype: number })[]): Promise<KmeansResult[]>;
 }
 
 const addon = nativeAddon<FaissAddon>();
@@ -108,12 +119,18 @@ export class IvfIndex {
   }
 
   /**
-   * Top-k keys by max over the group's rows of q·k, each row probing its own
-   * nprobe lists. Synchronous: runs on the calling thread (plus the native
+   * Top-k keys by the group's rows' scores (`aggregate`), each row probing its
+   * own nprobe lists. Synchronous: runs on the calling thread (plus the native
    * pool when the probed work is large).
    */
   search(args: IvfSearchArgs): IvfSearchResult {
-    return this.native.search(args);
+    const { aggregate, scale, ...rest } = args;
+    if (aggregate === undefined || aggregate === 'max') {
+      if (scale !== undefined) throw new TypeError("scale applies to aggregate 'attention' only");
+      return this.native.search(rest);
+    }
+    if (aggregate !== 'attention') throw new TypeError(`aggregate must be 'max' or 'attention', got ${String(aggregate)}`);
+    return this.native.search({ ...rest, scale: scale ?? 1 / Math.sqrt(this.native.headDim) });
   }
 
   dispose(): void {
@@ -138,4 +155,13 @@ export class IvfIndex {
 /** Seeded k-means (faiss, L2) over every key, then each key assigned to its nearest final centroid. */
 export async function kmeans(args: KmeansArgs): Promise<KmeansResult> {
   return addon.kmeans({ ...args, dtype: DTYPE_CODE[args.dtype] });
+}
+
+/**
+ * Independent k-means problems side by side on the native pool, each
+ * answered as kmeans answers it alone (a wave head's segments: one small
+ * problem leaves most cores idle inside faiss).
+ */
+export async function kmeansMany(problems: readonly KmeansArgs[]): Promise<KmeansResult[]> {
+  return addon.kmeansMany(problems.map((a) => ({ ...a, dtype: DTYPE_CODE[a.dtype] })));
 }

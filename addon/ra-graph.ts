@@ -90,6 +90,8 @@ export interface RaGraphSearchArgs {
    * ef and margin say; it may pass the cap by one neighbour list.
    */
   maxScanned?: number;
+  /** Report where an 'attention' search's time went (result.profile); timing each key costs ~10%. */
+  profile?: boolean;
   /**
    * At least min(k, tokens) entries each; best first (score desc, id asc).
    * Scores: q·k for 'max'; for 'attention' the log of the group's mean
@@ -115,6 +117,23 @@ export interface RaGraphSearchResult {
   count: number;
   /** Keys whose score was computed (scanned fraction = scanned / tokens). */
   scanned: number;
+  /** With `profile` and the 'attention' ranking: where the search's time went. */
+  profile?: RaSearchProfile;
+}
+
+/** Milliseconds per phase of one 'attention' search (native/indexes/ra_graph.h, RaSearchProfile). */
+export interface RaSearchProfile {
+  /** The strided sample scored, the partitions estimated, its best keys picked as seeds. */
+  sampleMs: number;
+  /** The beam search, scoring included. */
+  walkMs: number;
+  /** Of walkMs: reading and scoring keys. */
+  scoreMs: number;
+  refineMs: number;
+  /** The bound, the final scores and the sort. */
+  finalMs: number;
+  /** Keys given a final score (the rest ruled out by the bound). */
+  finalScored: number;
 }
 
 export interface RaGraphBuildStats {
@@ -223,7 +242,10 @@ export class RaGraph {
     return this.native.search(nativeSearch(args));
   }
 
-  /** The same search on the calling thread: for one group it takes ~0.1-0.3 ms at 64K keys, less than a promise round trip costs. */
+  /**
+   * The same search on the calling thread. One group takes 0.5–3 ms of CPU at 64K keys and 12–24 ms at 1M (2-core VM,
+   * bench/results/ra-search-*-vm.md), so a step's kv heads belong in searchBatch, off the event loop.
+   */
   searchSync(args: RaGraphSearchArgs): RaGraphSearchResult {
     return this.native.searchSync(nativeSearch(args));
   }

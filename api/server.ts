@@ -28,7 +28,7 @@ export async function startServer(cfg: Config): Promise<RunningServer> {
     const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port, createServer: withFast as typeof createServer }, () => resolve(s));
   });
   lingerOnClose(server as Server);
-  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs });
+  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,

@@ -1,6 +1,10 @@
 // GET /v1/stream: a WebSocket per client connection for decode steps. Each
 // binary frame is msgpack: one attend `{id, session, layer, q, k?, v?,
-// scale?, position?, return?}` or one batch `{id, layer, steps: [...]}`;
+// scale?, position?, return?}`, one batch `{id, layer, steps: [...]}`, or
+// one document upload `{id, document, layer, start, k, v, q?, queryStride?}`
+// (the body of POST /v1/documents/:doc/kv, answered as it is: `{id, layer,
+// tokens, stats}`; a preload sends its uploads one behind another here, and
+// a large one is read straight from the socket: api/websocket.ts);
 // each gets one answer frame with the same id, in the order the frames came
 // (work on different sessions runs side by side; only the answers queue). A
 // bad frame gets an error frame with its id when it has one; the connection
@@ -14,9 +18,10 @@
 import type { IncomingMessage, Server } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { malformed } from '../core/errors.js';
+import { malformed, notFound } from '../core/errors.js';
 import { joinParts, packParts } from '../core/msgpack-parts.js';
 import { unpackView } from '../core/msgpack-parts-decode.js';
+import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { tokenAccepted } from './auth.js';
@@ -35,6 +40,8 @@ export interface StreamOptions {
   /** Per connection: messages awaiting answers, and answer bytes unsent, above which reading pauses (defaults 16, 4 MiB). */
   maxInFlight?: number;
   highWater?: number;
+  /** Where document upload frames go (without it they are answered not_found). */
+  documents?: Pick<Documents, 'appendKv'>;
 }
 
 export interface StreamHandle {
@@ -64,7 +71,7 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
     if (problem?.startsWith('Sec-WebSocket-Version')) return refuse(socket, 426, 'Upgrade Required', problem, 'sec-websocket-version: 13\r\n');
     if (problem) return refuse(socket, 400, 'Bad Request', problem);
     acceptHandshake(req, socket as Socket);
-    const conn: WsConnection = new WsConnection(socket as Socket, limits, serve(() => conn, sessions, metrics, () => open.delete(conn)));
+    const conn: WsConnection = new WsConnection(socket as Socket, limits, serve(() => conn, sessions, opts.documents, metrics, () => open.delete(conn)));
     open.add(conn);
     conn.feed(head);
   });
@@ -75,11 +82,11 @@ function refuse(socket: Duplex, status: number, reason: string, why = '', header
   socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\n${headers}content-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
-function serve(conn: () => WsConnection, sessions: Sessions, metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
+function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
   let answered: Promise<void> = Promise.resolve();
   return {
-    message: (data, binary, release) => {
-      const answer = handle(data, binary, sessions, metrics);
+    message: (data, binary, release, readMs) => {
+      const answer = handle(data, binary, sessions, documents, metrics, readMs);
       answered = answered
         .then(() => answer)
         .then((frame) => {
@@ -105,10 +112,11 @@ function send(conn: WsConnection, frame: Record<string, unknown>): void {
   conn.sendBinary(parts.byteLength, (payload) => joinParts(parts, payload));
 }
 
-async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, metrics: Metrics): Promise<Record<string, unknown>> {
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number): Promise<Record<string, unknown>> {
   let id: unknown;
   try {
     if (!isBinary) throw malformed('frames are binary msgpack');
+    const t0 = performance.now();
     let frame: unknown;
     try {
       frame = unpackView(data);
@@ -118,6 +126,12 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, m
     if (typeof frame !== 'object' || frame === null || Array.isArray(frame) || frame instanceof Uint8Array) throw malformed('a frame is a map');
     const body = frame as Record<string, unknown>;
     id = body.id;
+    if (body.document !== undefined) {
+      if (typeof body.document !== 'string') throw malformed('an upload frame names its document');
+      if (!documents) throw notFound('document uploads are not served on this stream');
+      // The frame's tensors are views of its message, released only once this answer is sent.
+      return { id, ...(await documents.appendKv(body.document, body, { bytes: data.byteLength, readMs, decodeMs: performance.now() - t0 })) };
+    }
     if (body.steps !== undefined) {
       const { results, ms } = await sessions.attendBatch(body);
       for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);

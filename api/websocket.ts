@@ -18,9 +18,17 @@
 // of the connection. A protocol error closes with 1002, a message over the
 // limit with 1009 (before any of it is buffered). Text messages are passed
 // on as they are (the stream answers them with an error frame).
+//
+// A large message in one frame (a document's K/V upload) is read past
+// node's socket stream: its first bytes from the read that brought its
+// header, the rest straight from the socket into a pooled buffer on a
+// thread of the addon's (addon/socket-read.ts), node's reading stopped
+// meanwhile. Through the stream, every 64 KiB read was a fresh buffer,
+// copied again and collected: most of an upload's cost to the event loop.
 import { createHash } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';
+import { canReadDirect, readSocketInto, type SocketRead } from '../addon/socket-read.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
 const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
@@ -41,6 +49,20 @@ const CLOSE_WAIT_MS = 1000;
  * pins no more than this. A batch (0.27–0.53 MB) still fits the first buffer.
  */
 const FIRST_BUFFER = 1 << 20;
+/**
+ * Single-frame messages from DIRECT_MIN to DIRECT_MAX bytes are read
+ * straight from the socket (smaller ones come in a read or two anyway) into
+ * a buffer of the declared size taken at once: a pooled one up to
+ * POOLED_MAX, else one of their own, which commits memory only as bytes come
+ * into it. Larger messages are gathered as they come (FIRST_BUFFER).
+ */
+const DIRECT_MIN = 1 << 20;
+const DIRECT_MAX = 64 << 20;
+/** Direct reads in progress, process-wide: each holds a thread (a slow peer for up to progressMs). */
+let directReads = 0;
+const MAX_DIRECT_READS = 64;
+/** Messages read directly and their bytes, process-wide (for tests and benches: whether the path was taken). */
+export const directReadTotals = { messages: 0, bytes: 0 };
 
 export interface WsLimits {
   /** Largest message accepted (1009 above it, from its header). */
@@ -77,8 +99,9 @@ export interface WsHandlers {
   /**
    * One whole message. `data` may live in a pooled buffer: call release()
    * once nothing holds a view of it (after that its bytes are reused).
+   * `readMs`: from its first frame's header to its last byte.
    */
-  message(data: Uint8Array, binary: boolean, release: () => void): void;
+  message(data: Uint8Array, binary: boolean, release: () => void, readMs: number): void;
   /** The connection is gone (closed either way, or the socket failed). */
   closed(): void;
 }
@@ -109,6 +132,8 @@ export class WsConnection {
   private msg?: Buffer;
   private pooled = false;
   private msgLength = 0;
+  /** When the message's first frame header was read (performance.now()). */
+  private msgStart = 0;
   /** A control frame's payload (at most 125 bytes). */
   private control = new Uint8Array(125);
   private closeSent = false;
@@ -121,6 +146,8 @@ export class WsConnection {
   private peerEnded = false;
   private progress?: NodeJS.Timeout;
   private peak = 0;
+  /** The rest of the current message being read straight from the socket. */
+  private direct?: SocketRead;
 
   constructor(
     private readonly socket: Socket,
@@ -225,13 +252,17 @@ export class WsConnection {
   }
 
   private dropMessage(): void {
-    if (this.msg && this.pooled) pool.give(this.msg);
+    // A direct read's thread may still be writing the buffer: it is handed back when the read settles.
+    if (this.direct) this.direct.cancel();
+    else if (this.msg && this.pooled) pool.give(this.msg);
     this.msg = undefined;
     this.msgOpcode = -1;
     this.msgLength = 0;
   }
 
   private onData(chunk: Buffer): void {
+    // Node's reading is stopped while a direct read runs: bytes here would be out of order.
+    if (this.direct) return this.fail(CLOSE_ERROR, 'the server read out of order');
     // Bytes read after a pause took hold wait behind the backlog, in order.
     if (this.backlog) return void (this.backlog = Buffer.concat([this.backlog, chunk]));
     try {
@@ -251,7 +282,7 @@ export class WsConnection {
 
   /** Parses the backlog, then reads again, once the connection is no longer saturated. */
   private resume(): void {
-    if (this.gone || this.closeSent || this.saturated()) return;
+    if (this.gone || this.closeSent || this.direct || this.saturated()) return;
     const rest = this.backlog;
     this.backlog = undefined;
     if (rest) this.onData(rest);
@@ -267,13 +298,14 @@ export class WsConnection {
     const midMessage = this.have > 0 || !this.inHeader || this.msgOpcode >= 0;
     clearTimeout(this.progress);
     this.progress = undefined;
-    if (midMessage && !this.backlog && !this.closeSent && !this.gone)
+    // A direct read watches its own progress.
+    if (midMessage && !this.backlog && !this.direct && !this.closeSent && !this.gone)
       this.progress = setTimeout(() => this.fail(CLOSE_POLICY, `a message must progress within ${this.limits.progressMs} ms`), this.limits.progressMs).unref();
   }
 
   private parse(chunk: Buffer): void {
     let at = 0;
-    while (!this.closeSent && !this.gone) {
+    while (!this.closeSent && !this.gone && !this.direct) {
       if (this.inHeader && this.have === 0 && at < chunk.byteLength && this.saturated()) {
         // Between frames with too much waiting: keep the rest and stop reading (resume() goes on from here).
         this.backlog = chunk.subarray(at);
@@ -327,6 +359,7 @@ export class WsConnection {
     } else if (op === OP_TEXT || op === OP_BINARY) {
       if (this.msgOpcode >= 0) return this.refuse(CLOSE_PROTOCOL, 'new message before the last one ended');
       this.msgOpcode = op;
+      this.msgStart = performance.now();
     } else return this.refuse(CLOSE_PROTOCOL, `unknown opcode ${op}`);
     if (op < 0x8 && this.msgLength + length > this.maxMessage)
       return this.refuse(CLOSE_TOO_BIG, `message over the limit of ${this.maxMessage} bytes`);
@@ -351,7 +384,7 @@ export class WsConnection {
     const pooled = pooledSize(size);
     const next = pooled ? pool.take(size) : Buffer.allocUnsafe(size);
     if (this.msg) {
-      this.msg.copy(next, 0, 0, this.msgLength);
+      this.msg.copy(next, 0, 0, this.msgLength + this.read); // the finished frames and what has come of this one
       if (this.pooled) pool.give(this.msg);
     }
     this.msg = next;
@@ -369,6 +402,8 @@ export class WsConnection {
       this.read = n;
       this.left = 0;
       return this.endFrame(data);
+    } else if (this.read === 0 && this.fin && op !== OP_CONT && this.left >= DIRECT_MIN && this.left <= DIRECT_MAX && directReads < MAX_DIRECT_READS && canReadDirect(this.socket)) {
+      return this.readDirect(chunk.subarray(at, at + n));
     } else {
       const declared = this.msgLength + this.read + this.left;
       // A final frame's length is the message's; a fragment's only a floor.
@@ -380,6 +415,50 @@ export class WsConnection {
     this.read += n;
     this.left -= n;
     if (this.left === 0) this.endFrame();
+  }
+
+  /**
+   * The message is this frame, `first` its first bytes: the rest is read
+   * straight from the socket into the message's buffer, then the frame ends
+   * as if its bytes had come through parse().
+   */
+  private readDirect(first: Uint8Array): void {
+    const total = this.left;
+    const pooled = pooledSize(total);
+    const buf = pooled ? pool.take(total) : Buffer.allocUnsafeSlow(total);
+    buf.set(first);
+    unmask(buf.subarray(0, first.byteLength), this.mask, 0);
+    this.msg = buf;
+    this.pooled = pooled;
+    this.read = first.byteLength;
+    this.left = total - first.byteLength;
+    directReads++;
+    const read = (this.direct = readSocketInto(this.socket, buf.subarray(first.byteLength, total), this.mask, first.byteLength, this.limits.progressMs));
+    const settle = (ok: boolean, why?: Error) => {
+      directReads--;
+      this.direct = undefined;
+      if (!ok || this.msg !== buf || this.gone || this.closeSent) {
+        // Failed, or the connection was dropped or closed meanwhile (dropMessage left the buffer to us).
+        if (this.msg === buf) this.dropMessage();
+        else if (pooled) pool.give(buf);
+        if (!ok && !this.gone && !this.closeSent) {
+          if (/timeout/.test(why?.message ?? '')) this.fail(CLOSE_POLICY, `a message must progress within ${this.limits.progressMs} ms`);
+          else this.socket.destroy();
+        }
+        return;
+      }
+      this.read = total;
+      this.left = 0;
+      directReadTotals.messages++;
+      directReadTotals.bytes += total;
+      this.endFrame();
+      this.resume();
+      this.watchProgress();
+    };
+    read.done.then(
+      () => settle(true),
+      (e: Error) => settle(false, e),
+    );
   }
 
   /** The frame's payload is all in (`view`: the whole message, as a view of the read). */
@@ -403,6 +482,7 @@ export class WsConnection {
     this.msgLength = 0;
     let released = false;
     this.inFlight++;
+    const readMs = performance.now() - this.msgStart;
     this.handlers.message(data, binary, () => {
       if (released) return;
       released = true;
@@ -410,7 +490,7 @@ export class WsConnection {
       this.inFlight--;
       this.resume();
       this.endIfDone();
-    });
+    }, readMs);
   }
 
   private onControl(op: number, payload: Uint8Array): void {

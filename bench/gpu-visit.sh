@@ -11,7 +11,11 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 blocks dense decode decode-wave (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 blocks dense decode decode-wave ra-search (default: tests wave blocks dense decode)
+#
+# ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
+# target (8 kv heads of one layer-step at 1M) is set there. Its first run
+# generates the keys and builds the graph (minutes); later runs reuse them.
 #
 # Each stage has its own time limit so one hang cannot eat the visit; the
 # log and every bench/results file the visit wrote land in $OUT.
@@ -37,6 +41,7 @@ for s in $stages; do
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
     decode) step 300 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
     decode-wave) step 240 decode-wave node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave ;;
+    ra-search) step 420 ra-search node dist/bench/ra-search.js --reps 3 --out bench/results/ra-search-1048576-host.md ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
 done

@@ -1,11 +1,13 @@
-// node dist/bench/preload.js [--tokens 262144 --layers 2 --chunk 4096 --rounds 2 --inflight 1]
+// node dist/bench/preload.js [--tokens 262144 --layers 2 --chunk 4096 --rounds 2 --inflight 1 --via stream --window 2]
 //
 // Preload and seal over loopback, as `kvrecall preload` does it: the
 // TypeScript client uploads each layer in chunks of `chunk` tokens (8 kv
 // heads, d=128, f16; no prefill q; methods: exact only) to a server in its
-// own process with an LMDB store, then seals. --inflight N: N layers upload
-// at once, each on its own connection (a layer's chunks stay in order), so
-// one upload's body arrives while the server checks and stores another's. Per round: the wall time of
+// own process with an LMDB store, then seals. --via stream (default): the
+// uploads go over GET /v1/stream, `window` unanswered at a time; --via
+// http: POST /v1/documents/:doc/kv, one at a time per connection.
+// --inflight N: N layers upload at once, each on its own connection or
+// stream (a layer's chunks stay in order). Per round: the wall time of
 // the uploads and of the seal, GB/s of K/V (10^9 bytes), and where the
 // server's time went, summed over the uploads from each answer's stats
 // (body read, msgpack decode, queue, checks, copy into the segment, block
@@ -20,23 +22,25 @@ import { randomFillSync } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { KvrecallClient, tensor } from '../clients/ts/client.js';
-import type { UploadStats } from '../core/upload-stats.js';
+import { KvrecallClient, tensor, type KvUploadStats } from '../clients/ts/client.js';
+import { UploadWindow } from '../clients/ts/preload.js';
 import { machine } from './decode/machine.js';
 
 const arg = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? Number(process.argv[i + 1]) : def;
 };
-const TOKENS = arg('tokens', 1 << 18), LAYERS = arg('layers', 2), CHUNK = arg('chunk', 4096), ROUNDS = arg('rounds', 2), INFLIGHT = arg('inflight', 1), SOURCES = 8;
+const TOKENS = arg('tokens', 1 << 18), LAYERS = arg('layers', 2), CHUNK = arg('chunk', 4096), ROUNDS = arg('rounds', 2), INFLIGHT = arg('inflight', 1), WINDOW = arg('window', 2), SOURCES = 8;
+const VIA = process.argv.includes('--via') ? process.argv[process.argv.indexOf('--via') + 1] : 'stream';
+if (VIA !== 'stream' && VIA !== 'http') throw new Error('--via stream|http');
 const model = { layers: LAYERS, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
 const BYTES = LAYERS * TOKENS * model.kvHeads * model.headDim * 2 * 2;
 const progress = (msg: string) => process.stderr.write(`[bench:preload] ${msg}\n`);
 const PHASES = ['readMs', 'decodeMs', 'queueMs', 'checkMs', 'appendMs', 'writeMs'] as const;
 
 /** CPU seconds (user + system, every thread) a process has used, from /proc. */
-function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+function cpuSeconds(pid: number, thread?: number): number {
+  const fields = readFileSync(thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`, 'utf8').split(') ')[1].split(' ');
   return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
 }
 const clientCpu = () => {
@@ -71,6 +75,8 @@ interface Round {
   sealS: number;
   /** CPU seconds of the server process over the uploads and over the seal, and of the client over the uploads. */
   serverUploadCpuS: number;
+  /** Of those, the server's main thread (its event loop: the one that bounds a preload where cores are free). */
+  serverMainCpuS: number;
   serverSealCpuS: number;
   clientUploadCpuS: number;
   /** Server phases summed over the uploads, seconds. */
@@ -85,27 +91,38 @@ async function round(sources: Uint16Array[], i: number): Promise<Round> {
     const client = new KvrecallClient({ url: server.url });
     const load = loadavg()[0];
     const phases = Object.fromEntries(PHASES.map((p) => [p, 0])) as Round['phases'];
-    const c0 = cpuSeconds(server.pid), k0 = clientCpu();
+    const c0 = cpuSeconds(server.pid), m0 = cpuSeconds(server.pid, server.pid), k0 = clientCpu();
     const t0 = performance.now();
     await client.createDocument(`doc${i}`, model, { tokens: TOKENS });
     let c = 0;
+    const tally = (r: { stats?: KvUploadStats }) => {
+      for (const p of PHASES) phases[p] += (r.stats?.[p] ?? 0) / 1000;
+    };
     const lane = async (first: number) => {
-      for (let layer = first; layer < LAYERS; layer += INFLIGHT)
-        for (let start = 0; start < TOKENS; start += CHUNK) {
-          const n = Math.min(CHUNK, TOKENS - start);
-          const k = sources[c++ % SOURCES], v = sources[c++ % SOURCES];
-          const shape = [model.kvHeads, n, model.headDim];
-          const r = await client.uploadDocumentKv(`doc${i}`, { layer, start, k: tensor('f16', shape, n === CHUNK ? k : k.subarray(0, model.kvHeads * n * model.headDim)), v: tensor('f16', shape, n === CHUNK ? v : v.subarray(0, model.kvHeads * n * model.headDim)) });
-          for (const p of PHASES) phases[p] += ((r.stats as UploadStats | undefined)?.[p] ?? 0) / 1000;
-        }
+      const stream = VIA === 'stream' ? await client.openStream() : undefined;
+      const uploads = stream && new UploadWindow(stream, WINDOW);
+      try {
+        for (let layer = first; layer < LAYERS; layer += INFLIGHT)
+          for (let start = 0; start < TOKENS; start += CHUNK) {
+            const n = Math.min(CHUNK, TOKENS - start);
+            const k = sources[c++ % SOURCES], v = sources[c++ % SOURCES];
+            const shape = [model.kvHeads, n, model.headDim];
+            const body = { layer, start, k: tensor('f16', shape, n === CHUNK ? k : k.subarray(0, model.kvHeads * n * model.headDim)), v: tensor('f16', shape, n === CHUNK ? v : v.subarray(0, model.kvHeads * n * model.headDim)) };
+            if (uploads) await uploads.send(`doc${i}`, body, tally);
+            else tally(await client.uploadDocumentKv(`doc${i}`, body));
+          }
+        await uploads?.drain();
+      } finally {
+        stream?.close();
+      }
     };
     await Promise.all(Array.from({ length: Math.min(INFLIGHT, LAYERS) }, (_, j) => lane(j)));
     const t1 = performance.now();
-    const c1 = cpuSeconds(server.pid), k1 = clientCpu();
+    const c1 = cpuSeconds(server.pid), m1 = cpuSeconds(server.pid, server.pid), k1 = clientCpu();
     await client.sealDocument(`doc${i}`);
     const t2 = performance.now();
     const c2 = cpuSeconds(server.pid);
-    return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverSealCpuS: c2 - c1, clientUploadCpuS: k1 - k0, phases, load };
+    return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverMainCpuS: m1 - m0, serverSealCpuS: c2 - c1, clientUploadCpuS: k1 - k0, phases, load };
   } finally {
     await server.stop();
     rmSync(dir, { recursive: true, force: true });
@@ -121,7 +138,7 @@ async function main(): Promise<void> {
     progress(`round ${i}: upload ${r.uploadS.toFixed(2)} s (${(BYTES / r.uploadS / 1e9).toFixed(2)} GB/s), seal ${r.sealS.toFixed(2)} s; load ${r.load.toFixed(1)}`);
   }
   const best = rounds.reduce((a, b) => (b.uploadS + b.sealS < a.uploadS + a.sealS ? b : a));
-  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, inflight: INFLIGHT, model, bytes: BYTES, rounds, best };
+  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, inflight: INFLIGHT, via: VIA, window: WINDOW, model, bytes: BYTES, rounds, best };
   const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
   const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `preload-${tag}`);
   writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
@@ -130,13 +147,13 @@ async function main(): Promise<void> {
   const lines = [
     `# Preload and seal over loopback (${m.cpu}, ${m.cores} cores)`,
     '',
-    `TypeScript client → server in its own process on 127.0.0.1, LMDB store; ${LAYERS} layer(s) × ${TOKENS} tokens × ${model.kvHeads} kv heads × d=${model.headDim}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens (${((CHUNK * model.kvHeads * model.headDim * 4) / 2 ** 20).toFixed(0)} MiB bodies), ${INFLIGHT} in flight, created with the tokens hint, methods: exact only. Seal = the seal call until durable. Server phases summed over the uploads (from each answer's stats).`,
+    `TypeScript client → server in its own process on 127.0.0.1, LMDB store; ${LAYERS} layer(s) × ${TOKENS} tokens × ${model.kvHeads} kv heads × d=${model.headDim}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens (${((CHUNK * model.kvHeads * model.headDim * 4) / 2 ** 20).toFixed(0)} MiB bodies) ${VIA === 'stream' ? `over the stream, ${WINDOW} unanswered per layer in flight` : 'over HTTP, one at a time per layer in flight'}, ${INFLIGHT} layer(s) in flight, created with the tokens hint, methods: exact only. Seal = the seal call until durable. Server phases summed over the uploads (from each answer's stats).`,
     '',
     'Seconds; "GB per server CPU s": the K/V bytes over the server process\'s CPU seconds for the uploads (every thread), the cost that moves least with other load.',
     '',
-    '| round | load | upload s | upload GB/s | server CPU s | client CPU s | GB per server CPU s | seal s | seal GB/s | read | decode | queue | check | append | write |',
-    '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-    ...rounds.map((r, i) => `| ${i} | ${r.load.toFixed(1)} | ${r.uploadS.toFixed(2)} | ${gbs(r.uploadS)} | ${r.serverUploadCpuS.toFixed(2)} | ${r.clientUploadCpuS.toFixed(2)} | ${gbs(r.serverUploadCpuS)} | ${r.sealS.toFixed(2)} | ${gbs(r.sealS)} | ${PHASES.map((p) => r.phases[p].toFixed(2)).join(' | ')} |`),
+    '| round | load | upload s | upload GB/s | server CPU s | of it main thread | client CPU s | GB per server CPU s | GB per main-thread CPU s | seal s | seal GB/s | read | decode | queue | check | append | write |',
+    '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ...rounds.map((r, i) => `| ${i} | ${r.load.toFixed(1)} | ${r.uploadS.toFixed(2)} | ${gbs(r.uploadS)} | ${r.serverUploadCpuS.toFixed(2)} | ${r.serverMainCpuS.toFixed(2)} | ${r.clientUploadCpuS.toFixed(2)} | ${gbs(r.serverUploadCpuS)} | ${gbs(r.serverMainCpuS)} | ${r.sealS.toFixed(2)} | ${gbs(r.sealS)} | ${PHASES.map((p) => r.phases[p].toFixed(2)).join(' | ')} |`),
     '',
   ];
   writeFileSync(`${base}.md`, lines.join('\n'));

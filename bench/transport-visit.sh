@@ -10,7 +10,11 @@
 #   VM's bench/results/transport-vm.md), 300 calls per row in 3 rounds;
 # cuda: the same with the CUDA backend (the batch target is there);
 # preload: bench/preload.js, 2 layers x 262144 tokens (2.1 GB of K/V), 2
-#   rounds, one upload in flight and then two (a layer per connection);
+#   rounds: over the stream (2 and 4 uploads ahead of their answers; a
+#   layer per stream), over HTTP as before (one upload in flight), and the
+#   Python client over the stream (kvrecall.bench_preload), all with the
+#   server's main-thread CPU beside its process's; and LMDB's block writes
+#   alone (bench/lmdb-write.js: the store's ceiling for a preload);
 # python: the Python client's per-call overhead, when python3 has numpy and
 #   msgpack (skipped otherwise).
 # Each stage has its own time limit; the log and every results file written
@@ -27,8 +31,14 @@ for s in ${*:-transport cuda preload python}; do
     transport) step 130 transport env KVRECALL_BENCH_TAG=h200 node dist/bench/transport.js --calls 300 --rounds 3 ;;
     cuda) step 90 transport-cuda env KVRECALL_BENCH_TAG=h200-cuda KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --calls 300 --rounds 3 ;;
     preload)
-      step 60 preload env KVRECALL_BENCH_TAG=h200 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --inflight 1
-      step 60 preload-inflight2 env KVRECALL_BENCH_TAG=h200-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --inflight 2 ;;
+      step 60 preload env KVRECALL_BENCH_TAG=h200 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2
+      step 60 preload-window4 env KVRECALL_BENCH_TAG=h200-window4 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 4
+      step 60 preload-inflight2 env KVRECALL_BENCH_TAG=h200-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --inflight 2
+      step 60 preload-http env KVRECALL_BENCH_TAG=h200-http node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via http
+      step 60 lmdb-write env KVRECALL_BENCH_TAG=h200 node dist/bench/lmdb-write.js --rounds 3
+      if python3 -c 'import numpy, msgpack' 2>/dev/null; then
+        (cd clients/python && step 90 preload-python env KVRECALL_NODE="$(command -v node)" python3 -m kvrecall.bench_preload --serve --tokens 262144 --layers 2 --rounds 2 --out "$OUT/results/preload-python-h200.json")
+      fi ;;
     python)
       if python3 -c 'import numpy, msgpack' 2>/dev/null; then
         (cd clients/python && step 60 python env KVRECALL_NODE="$(command -v node)" python3 -m kvrecall.bench_transport --serve --out "$OUT/results/transport-python-h200.json")

@@ -81,7 +81,9 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
     if (isInteger(key)) cfg[key] = nonNegative(value, argv[i - 1]);
     else cfg[key] = value;
   }
-  if (cfg.streamIdleMs < 1) throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a positive number of milliseconds');
+  // At most 2^30 ms (12 days): timers and the native socket reader take no more.
+  if (cfg.streamIdleMs < 1 || cfg.streamIdleMs > 2 ** 30)
+    throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a number of milliseconds in [1, 2^30]');
   if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))
     throw invalid(`--store (KVRECALL_STORE) takes a Redis Cluster seed list, redis://HOST:PORT[,HOST:PORT...], not ${cfg.store}`);
   return cfg;

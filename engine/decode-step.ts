@@ -52,7 +52,7 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const own = session.own[req.layer];
   if (req.position !== undefined && req.position !== own.tokens)
     throw conflict(`layer ${req.layer} of session ${session.id} holds ${own.tokens} own tokens: the next append is position ${own.tokens}, not ${req.position}`);
-  if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1);
+  if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1, req.v.dtype);
 
   // The method selects.
   const ctx = session.context(req.layer);

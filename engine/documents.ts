@@ -141,7 +141,9 @@ export class Documents {
       const seg = doc.layers[up.layer];
       if (up.start !== seg.tokens)
         throw conflict(`layer ${up.layer} of document ${id} holds ${seg.tokens} tokens; the next upload must start there, not at ${up.start}`);
-      seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens);
+      // In the storage dtype (a preload's case), copied off the event loop.
+      if (up.k.dtype === seg.dtype && up.v.dtype === seg.dtype) await seg.appendStored(up.k.data, up.v.data, up.tokens);
+      else seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens, up.v.dtype);
       if (up.q) keepQueries(doc.queries, up);
       const t3 = now();
       await doc.writing;

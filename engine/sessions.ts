@@ -98,7 +98,7 @@ export class Sessions {
       const seg = session.own[up.layer];
       if (up.start !== seg.tokens)
         throw conflict(`layer ${up.layer} of session ${id} holds ${seg.tokens} own tokens; the next upload must start there, not at ${up.start}`);
-      seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens);
+      seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens, up.v.dtype);
       if (up.q) session.ownQueries.add(up.layer, up.start, toF32(up.q), up.tokens);
       return { layer: up.layer, tokens: seg.tokens };
     });

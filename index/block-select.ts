@@ -29,7 +29,7 @@
 // was dropped.)
 import { BlockSummary, buildBlockSummary, loadBlockSummary } from './block-summary.js';
 import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
-import { inside, staticRanges, type Range } from './static-plus-retrieved.js';
+import { blockAligned, inside, staticRanges } from './static-plus-retrieved.js';
 
 interface Policy {
   /** Share of the block budget given to the query-agnostic top-importance blocks. */
@@ -98,22 +98,6 @@ function choose(summary: BlockSummary, top: Int32Array, prev: Int32Array, prevSc
 
 const agnosticCount = (budget: number, policy: Policy) => Math.floor(budget * policy.agnosticShare);
 const maxNewCount = (budget: number, policy: Policy) => (policy.maxNewShare === Infinity ? Infinity : Math.max(1, Math.ceil(budget * policy.maxNewShare)));
-
-/**
- * Sinks and window widened to whole blocks: a block method attends blocks,
- * so a block the static part touches is attended whole, and no selected
- * block is split between the two parts.
- */
-function blockAligned(ranges: Range[], size: number, tokens: number): Range[] {
-  const out: Range[] = [];
-  for (const [a, b] of ranges) {
-    const r: Range = [Math.floor(a / size) * size, Math.min(tokens, Math.ceil(b / size) * size)];
-    const last = out[out.length - 1];
-    if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
-    else out.push(r);
-  }
-  return out;
-}
 
 function blockSelect(name: string, policy: Policy): RetrievalMethod {
   return {

@@ -4,12 +4,13 @@ import { hnsw } from './hnsw.js';
 import { ivf } from './ivf.js';
 import { infiniretri } from './infiniretri.js';
 import { nosa, topkBlocks } from './block-select.js';
+import { quest } from './quest.js';
 import type { RetrievalMethod } from './method.js';
 import { wave } from './wave/wave.js';
 import { retrievalAttention } from './retrieval-attention.js';
 import { squeezed, squeezed2l } from './squeezed/index.js';
 
-const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, ivf, retrievalAttention, infiniretri, nosa, topkBlocks, squeezed, squeezed2l, wave].map((m) => [m.name, m]));
+const METHODS: ReadonlyMap<string, RetrievalMethod> = new Map([exact, hnsw, ivf, retrievalAttention, infiniretri, nosa, topkBlocks, quest, squeezed, squeezed2l, wave].map((m) => [m.name, m]));
 
 export const methodNames: ReadonlySet<string> = new Set(METHODS.keys());
 

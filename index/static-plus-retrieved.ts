@@ -30,6 +30,22 @@ export function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Ran
 
 export const inside = (ranges: Range[], id: number) => ranges.some(([a, b]) => id >= a && id < b);
 
+/**
+ * Sinks and window widened to whole blocks: a block method attends blocks,
+ * so a block the static part touches is attended whole, and no selected
+ * block is split between the two parts.
+ */
+export function blockAligned(ranges: Range[], size: number, tokens: number): Range[] {
+  const out: Range[] = [];
+  for (const [a, b] of ranges) {
+    const r: Range = [Math.floor(a / size) * size, Math.min(tokens, Math.ceil(b / size) * size)];
+    const last = out[out.length - 1];
+    if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
+    else out.push(r);
+  }
+  return out;
+}
+
 /** The search memo of document segment s in this session's layer. */
 function memoOf(ctx: LayerContext, s: number): SearchMemo {
   const key = `retrieved:${s}`;

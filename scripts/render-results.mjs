@@ -118,6 +118,33 @@ const BLOCKS = {
     ].join('\n');
   },
 
+  preload: () => {
+    // The 2-core VM's before/after runs, alternated (bench/preload-ab.ts), the Python client's, and the 16-core host's latest.
+    const ab = 'bench/results/preload-ab-vm.json', py = 'bench/results/preload-python-vm.json', host = 'bench/results/preload-h200.json';
+    const a = json(ab), p = json(py), h = json(host);
+    const rows = a.runs.map((r) => {
+      const mine = a.rows.filter((x) => x.label === r.label);
+      const gbps = (x, s) => x.bytes / s / 1e9;
+      return [r.label, span(mine.map((x) => gbps(x, x.round.uploadS)), (v) => fix(v, 2)), span(mine.map((x) => x.round.serverMainCpuS / (x.bytes / 1e9)), (v) => fix(v, 2)), span(mine.map((x) => x.round.serverUploadCpuS / (x.bytes / 1e9)), (v) => fix(v, 1))];
+    });
+    const pyVia = (via) => p.runs.filter((r) => r.via === via);
+    const hostVia = h.via ?? 'http';
+    const hostGb = h.rounds.map((r) => h.bytes / r.uploadS / 1e9), hostSeal = h.rounds.map((r) => h.bytes / r.sealS / 1e9);
+    return [
+      `**Preload** (\`bench/preload.ts\`: the TypeScript client → a server in its own process on 127.0.0.1, LMDB store, 2 layers × 8 kv heads × d=128 f16 in uploads`,
+      `of 4096 tokens (16 MiB), exact only). Over the stream (\`GET /v1/stream\`) two uploads go ahead of their answers and the server reads each`,
+      `straight from the socket; \`kvrecall preload\`, bench:decode and the Python client's \`push_document\` upload this way. ${machine(a.machine)},`,
+      `${fix(a.rows[0].bytes / 1e9, 2)} GB per run, the variants alternated ${a.reps} times in one sitting (\`${ab}\`, load ${span(a.rows.map((x) => x.load), (v) => fix(v, 1))} from other work):`,
+      '',
+      table(['variant', 'upload GB/s', "server's main thread, CPU s per GB", 'server process, CPU s per GB'], ['l', 'r', 'r', 'r'], rows),
+      '',
+      `The Python client (\`kvrecall.bench_preload\`, ${fix(p.runs[0].kvBytes / 1e9, 2)} GB per run, alternated, \`${py}\`): ${span(pyVia('stream').map((r) => r.uploadGBps), (v) => fix(v, 2))} GB/s over the stream against ${span(pyVia('http').map((r) => r.uploadGBps), (v) => fix(v, 2))} over HTTP,`,
+      `client CPU ${span(pyVia('stream').map((r) => r.round.clientCpuS), (v) => fix(v, 2))} s against ${span(pyVia('http').map((r) => r.round.clientCpuS), (v) => fix(v, 2))} s.`,
+      `${machine(h.machine)} (\`${host}\`, ${day(h.date)}, over ${hostVia === 'stream' ? `the stream, ${h.window ?? 2} ahead` : 'HTTP, before the stream'}, ${fix(h.bytes / 1e9, 2)} GB):`,
+      `upload ${span(hostGb, (v) => fix(v, 2))} GB/s, seal (exact only) ${span(hostSeal, (v) => fix(v, 2))} GB/s; targets 2 and 1 GB/s.`,
+    ].join('\n');
+  },
+
   'attend-cpu': () => {
     const f = 'bench/results/attend-cpu.json';
     const j = json(f);

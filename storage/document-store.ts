@@ -65,8 +65,9 @@ export interface DocumentStore {
   create(meta: DocumentMeta): Promise<void>;
   /**
    * Writes blocks of a loading document; resolves when the store has them
-   * (a loading document is not durable until seal). The writes' views may
-   * change once this returns: the store copies them first.
+   * (a loading document is not durable until seal). The writes' views must
+   * not change until it settles (they are a layer's appended rows, which
+   * never do): a store may copy them off the event loop.
    */
   writeBlocks(doc: string, writes: BlockWrite[]): Promise<void>;
   /**

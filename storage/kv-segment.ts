@@ -4,6 +4,7 @@
 // valid. Appends copy each head's rows once, converting dtype if needed.
 // A shared segment keeps its arrays in SharedArrayBuffers, so that a worker
 // thread can fill them (the Redis store reads blocks straight into them).
+import { copyRanges } from '../addon/copy-ranges.js';
 import { bytesOf, convert, prefault, type FloatDtype, type KvDtype } from '../addon/kernels.js';
 import { UNLIMITED, type HostBudget } from './host-budget.js';
 
@@ -50,17 +51,37 @@ export class KvSegment {
   }
 
   /**
-   * Appends n tokens from row-major [kvHeads, n, headDim] bytes of `dtype`.
-   * Callers have already checked shapes and finiteness.
+   * Appends n tokens from row-major [kvHeads, n, headDim] bytes of `dtype`
+   * (v's: `vDtype`, the same unless given). Callers have already checked
+   * shapes and finiteness.
    */
-  append(k: Uint8Array, v: Uint8Array, dtype: FloatDtype, n: number): void {
+  append(k: Uint8Array, v: Uint8Array, dtype: FloatDtype, n: number, vDtype: FloatDtype = dtype): void {
     this.reserve(this.tokens + n);
     const perHead = n * this.headDim;
-    const srcBytes = perHead * (dtype === 'f32' ? 4 : 2);
+    const kBytes = perHead * (dtype === 'f32' ? 4 : 2), vBytes = perHead * (vDtype === 'f32' ? 4 : 2);
     for (let h = 0; h < this.kvHeads; h++) {
-      this.copyInto(this.k[h], k.subarray(h * srcBytes, (h + 1) * srcBytes), dtype, perHead);
-      this.copyInto(this.v[h], v.subarray(h * srcBytes, (h + 1) * srcBytes), dtype, perHead);
+      this.copyInto(this.k[h], k.subarray(h * kBytes, (h + 1) * kBytes), dtype, perHead);
+      this.copyInto(this.v[h], v.subarray(h * vBytes, (h + 1) * vBytes), vDtype, perHead);
     }
+    this.tokens += n;
+    this.prefaultAhead(n);
+  }
+
+  /**
+   * As append for bytes in the storage dtype, copied off the event loop
+   * (a document upload's 16 MiB: bench/results/preload-vm.md); the rows
+   * count once it resolves. Nothing else may append to this segment, nor
+   * k and v change, until then (a document's uploads run one at a time).
+   */
+  async appendStored(k: Uint8Array, v: Uint8Array, n: number): Promise<void> {
+    this.reserve(this.tokens + n);
+    const bytes = n * this.headDim * 2, at = this.tokens * this.headDim * 2;
+    const src: Uint8Array[] = [], dst: Uint8Array[] = [];
+    for (let h = 0; h < this.kvHeads; h++) {
+      src.push(k.subarray(h * bytes, (h + 1) * bytes), v.subarray(h * bytes, (h + 1) * bytes));
+      dst.push(bytesOf(this.k[h]).subarray(at, at + bytes), bytesOf(this.v[h]).subarray(at, at + bytes));
+    }
+    await copyRanges(src, dst);
     this.tokens += n;
     this.prefaultAhead(n);
   }

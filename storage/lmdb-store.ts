@@ -19,6 +19,7 @@
 // stays consistent without sync (no write map): a system crash can lose
 // only the commits after the last sync, a process crash none.
 import { open, type Database, type RootDatabase } from 'lmdb';
+import { copyViews } from '../addon/copy-ranges.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
@@ -76,30 +77,35 @@ export class LmdbStore implements DocumentStore {
   /**
    * Writes blocks of a loading document; resolves when they are committed
    * (not yet flushed: a loading document is not durable until seal). The
-   * values are laid out K then V in a staging buffer here, on the caller's
-   * thread; LMDB's write thread copies them into the file from there, and
-   * the buffer is reused once they are in. The writes' views may change
-   * after this returns.
+   * values are laid out K then V in a staging buffer by the native pool;
+   * LMDB's write thread copies them into the file from there, and the
+   * buffer is reused once they are in.
    */
   writeBlocks(doc: string, writes: BlockWrite[]): Promise<void> {
     if (writes.length === 0) return Promise.resolve();
     const staging = this.staging.take(writes.reduce((n, w) => n + w.k.byteLength + w.v.byteLength, 0));
-    const puts: Promise<boolean>[] = [];
+    const values: Buffer[] = [], src: Uint8Array[] = [], offsets: number[] = [];
     let at = 0;
     for (const w of writes) {
-      const value = staging.subarray(at, at + w.k.byteLength + w.v.byteLength);
-      value.set(w.k, 0);
-      value.set(w.v, w.k.byteLength);
-      puts.push(this.blocks.put([doc, w.layer, w.head, w.block], value));
-      at += value.byteLength;
+      values.push(staging.subarray(at, at + w.k.byteLength + w.v.byteLength));
+      src.push(w.k, w.v);
+      offsets.push(staging.byteOffset + at, staging.byteOffset + at + w.k.byteLength);
+      at += w.k.byteLength + w.v.byteLength;
     }
-    // Every put settled before the staging buffer is reused, failed ones included.
-    const done: Promise<void> = Promise.allSettled(puts).then((results) => {
-      this.inflight.delete(done);
-      this.staging.give(staging);
-      const failed = results.find((r) => r.status === 'rejected');
-      if (failed) throw failed.reason;
-    });
+    // Laid out off the event loop (a preload's 16 MiB per upload), then put in one batch. Every put
+    // settles before the staging buffer is reused, failed ones included.
+    // (copyViews checks its plan synchronously: a throw there must become this promise's rejection, the staging buffer given back.)
+    const done: Promise<void> = Promise.resolve()
+      .then(() => copyViews(src, new Uint8Array(staging.buffer), offsets))
+      .then(() => Promise.allSettled(writes.map((w, i) => this.blocks.put([doc, w.layer, w.head, w.block], values[i]))))
+      .then((results) => {
+        const failed = results.find((r) => r.status === 'rejected');
+        if (failed) throw failed.reason;
+      })
+      .finally(() => {
+        this.inflight.delete(done);
+        this.staging.give(staging);
+      });
     this.inflight.add(done);
     return done;
   }

@@ -5,6 +5,7 @@
 import { tensor, keptTokens, type KvrecallClient } from '../../clients/ts/client.js';
 import { findMethod } from '../../index/registry.js';
 import { generateWorkload, type Workload } from '../../workload/index.js';
+import { UploadWindow } from '../../clients/ts/preload.js';
 import { describePhases, UploadTally } from '../upload-tally.js';
 import { halfQueries, keepForDecode, type LayerDecode, type Sample } from './layer-data.js';
 import type { Options } from './options.js';
@@ -92,13 +93,23 @@ export class Preloader {
   }
 
   /**
-   * Uploads one layer of the document in chunks, one request at a time (its
-   * chunks must arrive in order). With prefill queries, each chunk carries q
+   * Uploads one layer of the document in chunks over a stream of its own,
+   * in order, two sent ahead of their answers (as `kvrecall preload`). With
+   * prefill queries, each chunk carries q
    * only for the tokens the document keeps (t % queryStride == 0), declared
    * with queryStride: token t = i·stride carries prefill row G·i + j as q
    * head h·G + j.
    */
   private async uploadLayer(doc: string, layer: number, wl: Workload, tokens: number, tally: UploadTally): Promise<void> {
+    const stream = await this.client.openStream();
+    try {
+      await this.uploadChunks(doc, layer, wl, tokens, tally, new UploadWindow(stream, 2));
+    } finally {
+      stream.close();
+    }
+  }
+
+  private async uploadChunks(doc: string, layer: number, wl: Workload, tokens: number, tally: UploadTally, uploads: UploadWindow): Promise<void> {
     const { qHeads: Q, kvHeads: K, headDim: d } = this.o.shape;
     const G = Q / K, stride = this.o.queryStride;
     const perToken = K * d * 2 * 2 + (this.o.prefillQ ? (Q * d * 2) / stride : 0);
@@ -135,10 +146,11 @@ export class Preloader {
         v: tensor('f16', [K, m, d], v),
         ...(q && { q: tensor('f16', [Q, count, d], q), queryStride: stride }),
       };
-      const t = now();
-      const r = await this.client.uploadDocumentKv(doc, body);
-      tally.request(now() - t, m, k.byteLength + v.byteLength, k.byteLength + v.byteLength + (q?.byteLength ?? 0), r.stats);
+      const t = now(), kvBytes = k.byteLength + v.byteLength, wireBytes = kvBytes + (q?.byteLength ?? 0);
+      // The socket has taken the buffers once send resolves: the next chunk may be written into them then.
+      await uploads.send(doc, body, (r) => tally.request(now() - t, m, kvBytes, wireBytes, r.stats));
     }
+    await uploads.drain();
   }
 
   /** Seals, polling the build progress to time each method's index build. */

@@ -76,7 +76,8 @@ def markdown(res: Dict[str, object]) -> str:
             if c.get("plan"):
                 out.append(f"\nPolicy `{c['label']}`: " + ", ".join(
                     f"L{i} {m}{'' if e is None else (' +estimate' if e else ' -estimate')}"
-                    f"{'' if b is None else f' (budget {b})'}" for i, (m, e, b) in enumerate(c["plan"])))
+                    f"{'' if b is None else f' (budget {b})'}" for i, (m, e, b) in enumerate(c["plan"]))
+                    + (f"; ef {c['ef']}" if c.get("ef") else ""))
         out += ["", "Attention output error per layer (mean; the exact top-k oracle at the same count in brackets):", "",
                 "| config | " + " | ".join(f"L{i}" for i in range(L)) + " |",
                 "| --- |" + " ---: |" * L]

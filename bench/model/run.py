@@ -160,7 +160,8 @@ def length_result(a, length: int, ls: Dict[str, object], configs) -> Dict[str, o
     meters: Dict[str, Meter] = ls["meters"]
     dense, local = meters["exact"], ls["local"]
     results = [dict(label=c.label, method=c.method, estimate=c.estimate,
-                    **({"plan": [list(p) for p in c.plan]} if c.plan else {}), **meters[c.label].summary(dense))
+                    **({"plan": [list(p) for p in c.plan]} if c.plan else {}), **({"ef": c.ef} if c.ef else {}),
+                    **meters[c.label].summary(dense))
                for c in configs]
     local_vs_exact = dict(
         agreement=float(np.mean(np.concatenate(local.tf_argmax) == np.concatenate(dense.tf_argmax))),

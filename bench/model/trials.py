@@ -36,6 +36,8 @@ class Config:
     # A per-layer policy: (method, estimate, budget) per layer (None: the session's default / --budget). One session
     # per method in the plan, its per-layer overrides in the session's `layers`; method and estimate above unused.
     plan: Optional[List[Tuple[str, Optional[bool], Optional[float]]]] = None
+    # The sessions' `ef` (search effort) instead of --ef: one run compares efforts on the same trials and prefill.
+    ef: Optional[int] = None
 
     def layer_plan(self, layers: int) -> List[Tuple[str, Optional[bool], Optional[float]]]:
         return self.plan or [(self.method, self.estimate, None)] * layers
@@ -43,10 +45,13 @@ class Config:
 
 def parse_policy(spec: str, layers: int) -> Config:
     """`label:0-1=wave,2-5=retrieval-attention+est@0.05` (ranges of layers = method, `+est`/`-est` for estimate
-    on/off, `@budget` for that layer's budget instead of --budget; layers not named use `exact`)."""
+    on/off, `@budget` for that layer's budget instead of --budget; layers not named use `exact`), optionally
+    `label#ef:...` for every session's `ef` instead of --ef."""
     label, _, body = spec.rpartition(":")
     if not body or not label:
         raise SystemExit(f"--policy {spec!r}: expected label:layers=method,...")
+    label, _, ef_s = label.partition("#")
+    ef = int(ef_s) if ef_s else None
     plan: List[Tuple[str, Optional[bool], Optional[float]]] = [("exact", None, None)] * layers
     for part in body.split(","):
         rng, _, meth = part.partition("=")
@@ -61,7 +66,7 @@ def parse_policy(spec: str, layers: int) -> Config:
             if not 0 <= li < layers:
                 raise SystemExit(f"--policy {spec!r}: layer {li} is not one of the model's {layers}")
             plan[li] = (meth.strip(), est, budget)
-    return Config(label.strip(), "policy", None, plan)
+    return Config(label.strip(), "policy", None, plan, ef)
 
 
 def plan_sessions(plan: List[Tuple[str, Optional[bool], Optional[float]]]) -> Dict[str, List[Dict[str, object]]]:
@@ -131,8 +136,9 @@ def run_trial(a, client, model, text: bytes, length: int, trial_i: int, configs:
                             params["layers"] = layers
                         elif c.estimate is not None:
                             params["estimate"] = c.estimate
-                        if a.ef:
-                            params["ef"] = a.ef
+                        ef = c.ef if c.ef is not None else a.ef
+                        if ef:
+                            params["ef"] = ef
                         sessions[method] = client.create_session(kvdecode.model_spec(model), documents=[doc],
                                                                  method=method, **params)["id"]
                     m.setup_ms.append((time.perf_counter() - t0) * 1e3)
@@ -185,8 +191,8 @@ def state_to_plain(state: Dict[str, object]) -> Dict[str, object]:
 
 def state_from_plain(d: Dict[str, object]) -> Dict[str, object]:
     state = {k: v for k, v in d.items() if k not in ("lengths", "configs")}
-    state["configs"] = [Config(c["label"], c["method"], c["estimate"], [tuple(p) for p in c["plan"]] if c["plan"] else None)
-                        for c in d["configs"]]
+    state["configs"] = [Config(c["label"], c["method"], c["estimate"], [tuple(p) for p in c["plan"]] if c["plan"] else None,
+                               c.get("ef")) for c in d["configs"]]
     state["lengths"] = {int(length): {**{k: v for k, v in ls.items() if k not in ("meters", "local")},
                                       "meters": {label: Meter.from_plain(m) for label, m in ls["meters"].items()},
                                       "local": Meter.from_plain(ls["local"])}

@@ -1,4 +1,7 @@
-"""Cluster indexes and approximate attention for the wave study (float64, numpy).
+"""Cluster indexes and approximate attention for the wave studies (float64, numpy).
+
+`study_context` is the context both studies read: held-out code with a
+planted pass key, prefilled once, Q/K/V in float64.
 
 A `ClusterIndex` covers one kv head's keys 0..n_idx-1: k-means (L2) inside
 segments (8192 tokens for "wave-8K", 64 for "wave-block"), per cluster the
@@ -15,9 +18,11 @@ mean value, all merged in one log-sum-exp.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
+
+import heldout
 
 BLOCK = 64
 SINKS = 16
@@ -195,3 +200,23 @@ def build_indexes(variants, keys: np.ndarray, vals: np.ndarray, n_idx: int, iter
             out[var.index_key] = build_index(keys, vals, n_idx, var.segment, var.size, iters,
                                              np.random.default_rng(seed))
     return out
+
+
+@dataclass
+class StudyContext:
+    ids: np.ndarray  # [ctx] bytes, the pass key's digits last
+    key: bytes
+    at: int  # byte offset of the plant
+    prefill: object  # model.Prefill (logits as asked)
+    Q: List[np.ndarray]  # per layer [n_heads, ctx, d], float64
+    K: List[np.ndarray]  # per layer [n_kv_heads, ctx, d]
+    V: List[np.ndarray]
+
+
+def study_context(model, ctx: int, seed: int, logits: str = "all") -> StudyContext:
+    """ctx bytes of held-out code ending in the pass-key question and its answer, prefilled once (float32)."""
+    seq, key, at = heldout.plant(heldout.corpus(), ctx - 5, np.random.default_rng(seed))
+    ids = np.frombuffer(seq + key, np.uint8)
+    pre = model.prefill(ids, keep_qkv=True, logits=logits)
+    f64 = lambda xs: [x.astype(np.float64) for x in xs]  # noqa: E731
+    return StudyContext(ids, key, at, pre, f64(pre.q), f64(pre.k), f64(pre.v))

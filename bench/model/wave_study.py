@@ -29,10 +29,9 @@ from typing import Dict, List
 
 import numpy as np
 
-import heldout
 from machine import cpu_name
 from model import Model
-from wave_index import BLOCK, Variant, attend_one, build_indexes, merged_softmax, static_mask
+from wave_index import BLOCK, Variant, attend_one, build_indexes, merged_softmax, static_mask, study_context
 
 VARIANTS: List[Variant] = [
     Variant("(a) oracle top-k", "oracle", False, budget=0.025),
@@ -131,13 +130,8 @@ def main() -> None:
     a = ap.parse_args()
     t_start = time.time()
     model = Model()
-    rng = np.random.default_rng(a.seed)
-    seq, key, at = heldout.plant(heldout.corpus(), a.ctx - 5, rng)
-    ids = np.frombuffer(seq + key, np.uint8)
-    pre = model.prefill(ids, keep_qkv=True, logits="all")
-    Q = [x.astype(np.float64) for x in pre.q]
-    K = [x.astype(np.float64) for x in pre.k]
-    V = [x.astype(np.float64) for x in pre.v]
+    sc = study_context(model, a.ctx, a.seed)
+    ids, key, at, pre, Q, K, V = sc.ids, sc.key, sc.at, sc.prefill, sc.Q, sc.K, sc.V
     t_prefill = time.time() - t_start
     n_idx = (a.ctx - a.steps) // BLOCK * BLOCK
     t0 = time.time()

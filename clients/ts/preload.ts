@@ -6,7 +6,12 @@
 //   v.L   values,            [kvHeads, tokens, headDim]
 //   q.L   prefill queries (optional), [qHeads, tokens, headDim]
 // dtypes F16, BF16 or F32. Without q.*, give --q-heads (or metadata qHeads).
-import { KvrecallClient, type Tensor } from './client.js';
+//
+// Uploads go over the stream (GET /v1/stream), `window` of them in flight:
+// the server reads the next one's bytes straight from the socket while it
+// appends and stores this one (bench/results/preload-vm.md).
+import { KvrecallClient, type KvUploadBody, type KvUploadStats, type Tensor } from './client.js';
+import type { KvrecallStream } from './stream.js';
 import { invalid } from '../../core/errors.js';
 import { SafetensorsFile } from './safetensors.js';
 
@@ -20,6 +25,43 @@ export interface PreloadOptions {
   qHeads?: number;
   dtype: 'f16' | 'bf16';
   progress: (done: number, total: number) => void;
+  /** Uploads in flight on the stream (default 2). */
+  window?: number;
+}
+
+/** Uploads in order on one stream, up to `window` answers outstanding; the first failure is thrown (by `send` or `drain`). */
+export class UploadWindow {
+  private readonly inflight: Promise<void>[] = [];
+  private failed?: { e: unknown };
+
+  constructor(
+    private readonly stream: KvrecallStream,
+    private readonly window: number,
+  ) {}
+
+  /**
+   * Sends one upload, its tensors written to the socket as they are;
+   * resolves once the socket has taken them (the caller may then reuse
+   * them) and fewer than `window` are unanswered.
+   */
+  async send(doc: string, body: KvUploadBody, answered: (r: { layer: number; tokens: number; stats?: KvUploadStats }) => void): Promise<void> {
+    this.throwIfFailed();
+    const { written, answer } = this.stream.sendDocumentKv(doc, body);
+    this.inflight.push(answer.then(answered, (e: unknown) => void (this.failed ??= { e })));
+    await written.catch((e: unknown) => void (this.failed ??= { e }));
+    if (this.inflight.length >= this.window) await this.inflight.shift();
+    this.throwIfFailed();
+  }
+
+  /** Waits for every upload sent. */
+  async drain(): Promise<void> {
+    await Promise.all(this.inflight.splice(0));
+    this.throwIfFailed();
+  }
+
+  private throwIfFailed(): void {
+    if (this.failed) throw this.failed.e;
+  }
 }
 
 export async function preload(o: PreloadOptions): Promise<{ tokens: number; layers: number }> {
@@ -34,10 +76,13 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     if (!Number.isInteger(qHeads) || qHeads <= 0) throw invalid('the number of q heads is unknown: add q.* tensors, metadata qHeads, or --q-heads');
     const model = { layers, qHeads, kvHeads, headDim, dtype: o.dtype };
     const client = new KvrecallClient({ url: o.url, token: o.token });
-    await client.createDocument(o.id, model, { methods: o.methods });
+    // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
+    await client.createDocument(o.id, model, { methods: o.methods, tokens });
     const total = layers * tokens;
     let done = 0;
-    // One buffer per tensor kind, reused for every chunk: each upload settles before the next chunk is read.
+    const stream = await client.openStream();
+    const uploads = new UploadWindow(stream, o.window ?? 2);
+    // One buffer per tensor kind, reused for every chunk: an upload's tensors are in the socket once send resolves.
     const scratch = new Map<string, Buffer>();
     const slice = (name: string, from: number, to: number, heads: number): Tensor => {
       const kind = name.split('.')[0];
@@ -46,19 +91,23 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
       if (!scratch.has(kind) || scratch.get(kind)!.byteLength < bytes) scratch.set(kind, Buffer.allocUnsafeSlow(bytes));
       return { dtype: t.dtype, shape: [heads, to - from, headDim], data: f.readTokens(name, from, to, scratch.get(kind)) };
     };
-    for (let layer = 0; layer < layers; layer++)
-      for (let start = 0; start < tokens; start += o.chunk) {
-        const end = Math.min(tokens, start + o.chunk);
-        await client.uploadDocumentKv(o.id, {
-          layer,
-          start,
-          k: slice(`k.${layer}`, start, end, kvHeads),
-          v: slice(`v.${layer}`, start, end, kvHeads),
-          ...(f.tensors.has(`q.${layer}`) && { q: slice(`q.${layer}`, start, end, qHeads) }),
-        });
-        done += end - start;
-        o.progress(done, total);
-      }
+    try {
+      for (let layer = 0; layer < layers; layer++)
+        for (let start = 0; start < tokens; start += o.chunk) {
+          const end = Math.min(tokens, start + o.chunk);
+          const body = {
+            layer,
+            start,
+            k: slice(`k.${layer}`, start, end, kvHeads),
+            v: slice(`v.${layer}`, start, end, kvHeads),
+            ...(f.tensors.has(`q.${layer}`) && { q: slice(`q.${layer}`, start, end, qHeads) }),
+          };
+          await uploads.send(o.id, body, () => o.progress((done += end - start), total));
+        }
+      await uploads.drain();
+    } finally {
+      stream.close();
+    }
     const sealed = await client.sealDocument(o.id);
     return { tokens: sealed.tokens, layers };
   } finally {

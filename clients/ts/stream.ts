@@ -5,19 +5,23 @@
 // are views of its frame (read once from the socket into a buffer of its
 // own), not copies.
 import { joinParts, packParts, unpackView } from './msgpack-parts.js';
-import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type OutOf, type WireAnswer, type WireResult } from './client.js';
+import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type KvUploadBody, type KvUploadStats, type OutOf, type WireAnswer, type WireResult } from './client.js';
 import { HandshakeRefused, WsClient, type WsOptions } from './websocket.js';
 
-/** Request frames from this size up go through `spare`, a buffer kept warm (fresh ones cost their page faults each time). */
+/** Request frames from this size up go through `spares`, buffers kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
+/** Warm frame buffers kept: one per upload a preload keeps in flight. */
+const SPARES = 4;
 
 type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void };
 
 export class KvrecallStream {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
+  /** Places of raw frames without an id among the pending (negative, so never a request's id). */
+  private rawId = -1;
   private closed?: Error;
-  private spare?: Buffer;
+  private spares: Buffer[] = [];
   private ws!: WsClient;
 
   private constructor() {}
@@ -50,8 +54,54 @@ export class KvrecallStream {
     return Object.assign(batchResults<OutOf<S>>(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
   }
 
+  /**
+   * One document upload, the body of KvrecallClient.uploadDocumentKv. Its
+   * tensors are copied into the frame before this returns, so the caller
+   * may reuse them at once and send the next upload before this one's
+   * answer (answers come in order; the server appends in order).
+   */
+  async uploadDocumentKv(document: string, body: KvUploadBody): Promise<{ layer: number; tokens: number; stats?: KvUploadStats }> {
+    const frame = await this.request({ ...body, document });
+    if (frame.error) throw requestError(frame.error as { code: string; message: string });
+    return { layer: frame.layer as number, tokens: frame.tokens as number, stats: frame.stats as KvUploadStats | undefined };
+  }
+
+  /**
+   * As uploadDocumentKv, the tensors written to the socket as they are (no
+   * copy into the frame): `written` settles once the socket has taken
+   * them, and until then they must not change; `answer` is the server's.
+   */
+  sendDocumentKv(document: string, body: KvUploadBody): { written: Promise<void>; answer: Promise<{ layer: number; tokens: number; stats?: KvUploadStats }> } {
+    let written: Promise<void> = Promise.resolve();
+    const answer = this.request({ ...body, document }, (parts) => {
+      let done!: (e?: Error | null) => void;
+      written = new Promise((resolve, reject) => (done = (e) => (e ? reject(e) : resolve())));
+      try {
+        this.ws.sendParts(parts.parts, parts.byteLength, done);
+      } catch (e) {
+        done(e as Error);
+        throw e;
+      }
+    }).then((frame) => {
+      if (frame.error) throw requestError(frame.error as { code: string; message: string });
+      return { layer: frame.layer as number, tokens: frame.tokens as number, stats: frame.stats as KvUploadStats | undefined };
+    });
+    return { written, answer };
+  }
+
   /** Sends raw bytes as one frame (for tests of bad frames). */
   sendRaw(bytes: Uint8Array): void {
+    // A frame without a numeric id is answered by an error without one, in
+    // its turn: it holds a place among the pending requests, so that answer
+    // is not taken for the oldest real request's.
+    let id: unknown;
+    try {
+      const frame = unpackView(bytes) as { id?: unknown } | null;
+      id = typeof frame === 'object' && frame !== null ? frame.id : undefined;
+    } catch {
+      id = undefined;
+    }
+    if (typeof id !== 'number') this.pending.set(this.rawId--, { resolve: () => undefined, reject: () => undefined });
     this.ws.sendBytes(bytes);
   }
 
@@ -78,25 +128,41 @@ export class KvrecallStream {
   }
 
   private answer(frame: Record<string, unknown>): void {
-    const p = this.pending.get(frame.id as number);
-    if (!p) return;
-    this.pending.delete(frame.id as number);
+    // An error answer without an id is for a frame the server could not
+    // decode (so could not read its id); answers come in order, so it is the
+    // oldest request's.
+    const id = typeof frame.id === 'number' ? frame.id : frame.error !== undefined ? this.pending.keys().next().value : undefined;
+    const p = id === undefined ? undefined : this.pending.get(id);
+    if (!p || id === undefined) return;
+    this.pending.delete(id);
     p.resolve(frame);
   }
 
-  private request(body: Record<string, unknown>): Promise<Record<string, unknown>> {
+  /** `write`: sends the packed frame itself (else it is copied into a warm frame buffer and sent). */
+  private request(body: Record<string, unknown>, write?: (parts: ReturnType<typeof packParts>) => void): Promise<Record<string, unknown>> {
     if (this.closed) return Promise.reject(this.closed);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       const parts = packParts({ ...body, id });
+      if (write) {
+        try {
+          write(parts);
+        } catch (e) {
+          this.pending.delete(id);
+          reject(e as Error);
+        }
+        return;
+      }
       const fill = (payload: Uint8Array) => void joinParts(parts, payload);
       try {
         if (parts.byteLength < POOLED_FRAME) return this.ws.send(parts.byteLength, fill);
-        const room = this.spare;
-        this.spare = undefined;
-        this.ws.send(parts.byteLength, fill, room ?? Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(parts.byteLength + 14))), (buf) => {
-          if (!this.spare || this.spare.byteLength < buf.byteLength) this.spare = buf;
+        const need = parts.byteLength + 14;
+        const at = this.spares.findIndex((b) => b.byteLength >= need);
+        const room = at >= 0 ? this.spares.splice(at, 1)[0] : Buffer.allocUnsafeSlow(2 ** Math.ceil(Math.log2(need)));
+        this.ws.send(parts.byteLength, fill, room, (buf) => {
+          this.spares.push(buf);
+          if (this.spares.length > SPARES) this.spares.sort((a, b) => b.byteLength - a.byteLength).pop();
         });
       } catch (e) {
         this.pending.delete(id);

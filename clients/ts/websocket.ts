@@ -155,6 +155,25 @@ export class WsClient {
     this.socket.write(buf.subarray(0, total), () => written?.(buf));
   }
 
+  /**
+   * Sends one binary message whose payload is `parts` one after another,
+   * written as they are (one corked writev, no copy into a frame buffer);
+   * `written` once the socket has taken them all: until then the parts'
+   * bytes must not change.
+   */
+  sendParts(parts: Uint8Array[], length: number, written: (e?: Error | null) => void): void {
+    if (this.gone || this.closing) throw this.gone ?? new Error('stream closed');
+    const s = this.socket;
+    s.cork();
+    s.write(header(OP_BINARY, length));
+    const last = parts.reduce((at, p, i) => (p.byteLength > 0 ? i : at), -1);
+    parts.forEach((p, i) => {
+      if (p.byteLength > 0) s.write(p, i === last ? written : undefined);
+    });
+    if (last < 0) s.write(new Uint8Array(0), written);
+    s.uncork();
+  }
+
   /** Sends raw bytes as one binary message (tests of bad frames). */
   sendBytes(bytes: Uint8Array): void {
     this.send(bytes.byteLength, (p) => p.set(bytes));

@@ -17,7 +17,7 @@
 // longer than the others'; only the query knows the direction that matters).
 // Alone, its cluster's score is its exact logit.
 import { convert, outlierScores, widenWords, type KvDtype } from '../../addon/kernels.js';
-import { kmeans } from '../../addon/faiss.js';
+import { kmeansMany } from '../../addon/faiss.js';
 import { clusterSummary } from '../../addon/cluster-summary.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
@@ -49,13 +49,23 @@ function narrow(values: Float32Array, dtype: KvDtype): Uint16Array {
   return out;
 }
 
-/** Cluster of every row of one segment [t0, t1): k-means, or each row alone when clusters would not be fewer than rows. */
-async function assignSegment(input: BuildInput, t0: number, t1: number, o: ClusterOptions): Promise<{ assign: Int32Array; clusters: number }> {
-  const n = t1 - t0, d = input.headDim;
-  const clusters = Math.max(1, Math.ceil(n / o.clusterSize));
-  if (clusters >= n) return { assign: Int32Array.from({ length: n }, (_, i) => i), clusters: n };
-  const r = await kmeans({ keys: input.keys.subarray(t0 * d, t1 * d), tokens: n, headDim: d, dtype: input.dtype, clusters, iterations: o.iterations, seed: (o.seed + t0) % 2 ** 31 });
-  return { assign: r.assign, clusters };
+/**
+ * Cluster of every row of each segment [t0, t1): k-means, all segments side
+ * by side (native kmeansMany), or each row alone where clusters would not
+ * be fewer than rows.
+ */
+async function assignSegments(input: BuildInput, bounds: readonly [number, number][], o: ClusterOptions): Promise<{ assign: Int32Array; clusters: number }[]> {
+  const d = input.headDim;
+  const clustersOf = (t0: number, t1: number) => Math.max(1, Math.ceil((t1 - t0) / o.clusterSize));
+  const trained = bounds.filter(([t0, t1]) => clustersOf(t0, t1) < t1 - t0);
+  const results = await kmeansMany(
+    trained.map(([t0, t1]) => ({ keys: input.keys.subarray(t0 * d, t1 * d), tokens: t1 - t0, headDim: d, dtype: input.dtype, clusters: clustersOf(t0, t1), iterations: o.iterations, seed: (o.seed + t0) % 2 ** 31 })),
+  );
+  let next = 0;
+  return bounds.map(([t0, t1]) => {
+    const n = t1 - t0, clusters = clustersOf(t0, t1);
+    return clusters < n ? { assign: results[next++].assign, clusters } : { assign: Int32Array.from({ length: n }, (_, i) => i), clusters: n };
+  });
 }
 
 /**
@@ -90,9 +100,12 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
   const tokenCluster = new Int32Array(N);
   const segments: [number, number, number, number][] = [];
   let C = 0;
-  for (let t0 = 0; t0 < N; t0 += o.segmentTokens) {
-    const t1 = Math.min(N, t0 + o.segmentTokens), n = t1 - t0;
-    const seg = await assignSegment(input, t0, t1, o);
+  const bounds: [number, number][] = [];
+  for (let t0 = 0; t0 < N; t0 += o.segmentTokens) bounds.push([t0, Math.min(N, t0 + o.segmentTokens)]);
+  const assigned = await assignSegments(input, bounds, o);
+  for (const [s, [t0, t1]] of bounds.entries()) {
+    const n = t1 - t0;
+    const seg = assigned[s];
     const assign = seg.assign;
     let clusters = seg.clusters;
     // Outliers leave their k-means cluster for one of their own (a cluster left empty is dropped below).

@@ -19,6 +19,8 @@ void InitCuda(Napi::Env env, Napi::Object exports);
 void InitBlockScores(Napi::Env env, Napi::Object exports);
 void InitBlockReps(Napi::Env env, Napi::Object exports);
 void InitWaveGpu(Napi::Env env, Napi::Object exports);
+void InitSocketRead(Napi::Env env, Napi::Object exports);
+void InitCopy(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -37,6 +39,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitBlockScores(env, exports);
   kvr::InitBlockReps(env, exports);
   kvr::InitWaveGpu(env, exports);
+  kvr::InitSocketRead(env, exports);
+  kvr::InitCopy(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }

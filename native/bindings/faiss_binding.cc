@@ -3,14 +3,17 @@
 //     static build({keys, tokens, headDim, dtype, nlist, seed}) -> Promise<IvfIndex>
 //     static load(bytes: Uint8Array) -> IvfIndex            (throws on corrupt bytes)
 //     save() -> Uint8Array
-//     search({q, group, k, nprobe, outIds, outScores, scan?: 'native' | 'faiss'}) -> {count, scanned}
+//     search({q, group, k, nprobe, outIds, outScores, scan?: 'native' | 'faiss', scale?}) -> {count, scanned}
 //       (synchronous)
 //     dispose(); tokens, headDim, nlist, memoryBytes (getters)
 //   kmeans({keys, tokens, headDim, dtype, clusters, iterations, seed})
 //     -> Promise<{centroids: Float32Array, assign: Int32Array, sizes: Int32Array}>
+//   kmeansMany([{keys, tokens, headDim, dtype, clusters, iterations, seed}, ...])
+//     -> Promise<[{centroids, assign, sizes}, ...]>   (independent problems side by side)
 #include <napi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <utility>
@@ -129,8 +132,18 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
       else if (name != "native")
         throw Napi::TypeError::New(env, "scan must be 'native' or 'faiss'");
     }
-    IvfSearchResult r = Guard(
-        env, [&] { return index.Search(q.Data(), group, k, nprobe, res.ids.Data(), res.scores.Data(), scan); });
+    float scale = 0;  // 0: max over the rows; > 0: the group's attention (native scan only)
+    Napi::Value sc = o.Get("scale");
+    if (!Absent(sc)) {
+      const double v = sc.IsNumber() ? sc.As<Napi::Number>().DoubleValue() : -1;
+      // Checked as the float it becomes: a tiny double rounds to 0, which would mean the max ranking.
+      if (!(float(v) > 0) || !std::isfinite(float(v)) || scan != IvfIndex::Scan::kNative)
+        throw Napi::RangeError::New(env, "scale must be a finite float > 0, with scan 'native'");
+      scale = float(v);
+    }
+    IvfSearchResult r = Guard(env, [&] {
+      return index.Search(q.Data(), group, k, nprobe, res.ids.Data(), res.scores.Data(), scan, scale);
+    });
     Napi::Object out = Napi::Object::New(env);
     out.Set("count", Napi::Number::New(env, double(r.count)));
     out.Set("scanned", Napi::Number::New(env, double(r.scanned)));
@@ -164,9 +177,9 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
 
 ClassRegistry IvfIndexJs::registry_;
 
-Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Napi::Object o = ArgObject(info);
+// One problem's arguments checked and its outputs allocated; `hold` keeps
+// the keys and outputs alive until the work is done.
+KmeansProblem KmeansArgs(Napi::Env env, Napi::Object o, Napi::Object out, std::vector<Napi::Value>& hold) {
   KmeansProblem p;
   p.tokens = Int(o, "tokens", 1, kMaxTokens);
   p.headDim = int(Int(o, "headDim", 1, 1024));
@@ -182,13 +195,45 @@ Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
   p.centroids = centroids.Data();
   p.assign = assign.Data();
   p.sizes = sizes.Data();
-  auto out = Napi::Object::New(env);
   out.Set("centroids", centroids);
   out.Set("assign", assign);
   out.Set("sizes", sizes);
+  hold.push_back(keys);
+  return p;
+}
+
+Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto out = Napi::Object::New(env);
+  std::vector<Napi::Value> hold;
+  const KmeansProblem p = KmeansArgs(env, ArgObject(info), out, hold);
+  hold.push_back(out);
   return RunAsync(
-      env, {keys, out}, [p]() { Kmeans(p); },
+      env, hold, [p]() { Kmeans(p); },
       [ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(out))](Napi::Env) -> Napi::Value {
+        return ref->Value();
+      });
+}
+
+Napi::Value KmeansManyJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "kmeansMany: expected an array of problems");
+  Napi::Array list = info[0].As<Napi::Array>();
+  if (list.Length() > (1u << 20)) throw Napi::RangeError::New(env, "kmeansMany: at most 2^20 problems");
+  auto outs = Napi::Array::New(env, list.Length());
+  std::vector<Napi::Value> hold;
+  std::vector<KmeansProblem> problems;
+  for (uint32_t i = 0; i < list.Length(); ++i) {
+    Napi::Value item = list.Get(i);
+    if (!item.IsObject()) throw Napi::TypeError::New(env, "kmeansMany: problem " + std::to_string(i) + " is not an object");
+    auto out = Napi::Object::New(env);
+    problems.push_back(KmeansArgs(env, item.As<Napi::Object>(), out, hold));
+    outs.Set(i, out);
+  }
+  hold.push_back(outs);
+  return RunAsync(
+      env, hold, [problems]() mutable { KmeansMany(problems); },
+      [ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(static_cast<Napi::Object>(outs)))](Napi::Env) -> Napi::Value {
         return ref->Value();
       });
 }
@@ -198,6 +243,7 @@ Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
 void InitFaiss(Napi::Env env, Napi::Object exports) {
   exports.Set("IvfIndex", IvfIndexJs::Define(env));
   exports.Set("kmeans", Napi::Function::New(env, KmeansJs));
+  exports.Set("kmeansMany", Napi::Function::New(env, KmeansManyJs));
 }
 
 }  // namespace kvr

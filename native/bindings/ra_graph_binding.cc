@@ -11,8 +11,9 @@
 //       (seeds: Int32Array of extra start keys, e.g. the previous decode step's ids; margin: the
 //        quality-bound stop in score units, absent = none; aggregate: 0 max over the group's rows,
 //        1 the group's attention, with scale: the softmax scale, absent = 1/sqrt(headDim); maxScanned:
-//        a cap on the keys scored, 0 or absent = none)
-//     searchSync(same) -> {count, scanned}                    (on the calling thread: ~0.1-0.3 ms at 64K keys)
+//        a cap on the keys scored, 0 or absent = none; profile: true adds {sampleMs, walkMs, scoreMs,
+//        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
+//     searchSync(same) -> {count, scanned}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
 //
@@ -62,6 +63,8 @@ struct SearchJob {
   RaAggregate aggregate = RaAggregate::kMax;
   float scale = 0.f;
   int64_t maxScanned = 0;
+  bool profiled = false;
+  RaSearchProfile profile;
   RaSearchResult result;
 
   void Run() {
@@ -72,6 +75,7 @@ struct SearchJob {
     opt.aggregate = aggregate;
     opt.scale = scale;
     opt.maxScanned = maxScanned;
+    if (profiled) opt.profile = &profile;
     result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
   }
 };
@@ -107,6 +111,7 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
     job.scale = sc;
   }
   job.maxScanned = OptInt(o, "maxScanned", 0, kMaxSafeInt, 0);
+  job.profiled = o.Get("profile").ToBoolean().Value();
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);
@@ -126,10 +131,22 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   return job;
 }
 
-Napi::Object ResultObject(Napi::Env env, const RaSearchResult& r) {
+Napi::Object ResultObject(Napi::Env env, const SearchJob& job) {
+  const RaSearchResult& r = job.result;
   Napi::Object res = Napi::Object::New(env);
   res.Set("count", Napi::Number::New(env, double(r.count)));
   res.Set("scanned", Napi::Number::New(env, double(r.scanned)));
+  if (job.profiled) {
+    const RaSearchProfile& p = job.profile;
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("sampleMs", p.sampleMs);
+    o.Set("walkMs", p.walkMs);
+    o.Set("scoreMs", p.scoreMs);
+    o.Set("refineMs", p.refineMs);
+    o.Set("finalMs", p.finalMs);
+    o.Set("finalScored", double(p.finalScored));
+    res.Set("profile", o);
+  }
   return res;
 }
 
@@ -257,7 +274,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
         [jobs]() { ThreadPool::Get().ParallelFor(jobs->size(), [&](size_t i) { (*jobs)[i].Run(); }); },
         [jobs](Napi::Env e) -> Napi::Value {
           Napi::Array out = Napi::Array::New(e, jobs->size());
-          for (size_t i = 0; i < jobs->size(); ++i) out.Set(uint32_t(i), ResultObject(e, (*jobs)[i].result));
+          for (size_t i = 0; i < jobs->size(); ++i) out.Set(uint32_t(i), ResultObject(e, (*jobs)[i]));
           return out;
         });
   }
@@ -280,7 +297,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     std::vector<Napi::Value> keep{info.This()};
     auto job = std::make_shared<SearchJob>(ParseSearch(env, ArgObject(info), Live(env), keep));
     return RunAsync(
-        env, keep, [job]() { job->Run(); }, [job](Napi::Env e) -> Napi::Value { return ResultObject(e, job->result); });
+        env, keep, [job]() { job->Run(); }, [job](Napi::Env e) -> Napi::Value { return ResultObject(e, *job); });
   }
 
   Napi::Value SearchSync(const Napi::CallbackInfo& info) {
@@ -288,7 +305,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     std::vector<Napi::Value> keep;
     SearchJob job = ParseSearch(env, ArgObject(info), Live(env), keep);
     Guard(env, [&] { job.Run(); });
-    return ResultObject(env, job.result);
+    return ResultObject(env, job);
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {

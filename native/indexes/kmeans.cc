@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -21,7 +22,7 @@ double Kmeans(const KmeansProblem& p) {
     throw std::invalid_argument("need 1 <= tokens < 2^31 and headDim >= 1");
   if (c < 1 || c > n) throw std::invalid_argument("clusters must be in [1, tokens]");
   if (p.iterations < 1) throw std::invalid_argument("iterations must be >= 1");
-  OmpThreads omp(FaissThreads());
+  OmpThreads omp(p.threads > 0 ? p.threads : FaissThreads());
 
   std::vector<float> x(size_t(n) * d);
   WidenRows(p.keys, p.dtype, d, 0, n, x.data());
@@ -56,6 +57,23 @@ double Kmeans(const KmeansProblem& p) {
     objective += dist[size_t(i)];
   }
   return objective;
+}
+
+void KmeansMany(std::vector<KmeansProblem>& problems) {
+  if (problems.empty()) return;
+  const int each = std::max(1, FaissThreads() / int(problems.size()));
+  for (KmeansProblem& p : problems) p.threads = each;
+  // The pool does not carry exceptions across threads: the first is kept and rethrown here.
+  std::vector<std::exception_ptr> failed(problems.size());
+  ThreadPool::Get().ParallelFor(problems.size(), [&](size_t i) {
+    try {
+      Kmeans(problems[i]);
+    } catch (...) {
+      failed[i] = std::current_exception();
+    }
+  });
+  for (const std::exception_ptr& e : failed)
+    if (e) std::rethrow_exception(e);
 }
 
 }  // namespace kvr

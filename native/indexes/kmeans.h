@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common/half.h"
 
@@ -24,6 +25,7 @@ struct KmeansProblem {
   int clusters = 0;    // 1 <= clusters <= tokens
   int iterations = 0;  // Lloyd iterations, >= 1
   uint64_t seed = 0;   // faiss takes 31 bits of it
+  int threads = 0;     // faiss's OpenMP threads; 0: as many as the native pool has
   float* centroids = nullptr;  // out [clusters, headDim]
   int32_t* assign = nullptr;   // out [tokens], in [0, clusters)
   int32_t* sizes = nullptr;    // out [clusters], sums to tokens
@@ -36,5 +38,13 @@ struct KmeansProblem {
 // during training. Returns the final sum of squared distances.
 // Memory: an f32 copy of the keys (tokens * headDim * 4 bytes).
 double Kmeans(const KmeansProblem& p);
+
+// Independent problems side by side (a wave head's 8K-token segments): each
+// on a task of the native pool with faiss on pool threads / problems threads
+// (at least 1). One small problem keeps few cores busy in faiss (its GEMMs
+// are 8K x 1K x d), so the segments one after another left most of a 16-core
+// host idle. Each problem's answer is the one Kmeans gives it alone: the
+// same seed, and faiss's k-means does not depend on its thread count.
+void KmeansMany(std::vector<KmeansProblem>& problems);
 
 }  // namespace kvr

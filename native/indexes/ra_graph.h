@@ -89,6 +89,18 @@ enum class RaAggregate {
   kAttention = 1,
 };
 
+// Where a search's time went (RaSearchOptions::profile; kAttention only), in
+// the thread's CPU milliseconds; scoreMs by the wall clock per key. Timing
+// every key costs ~10% more, so it is measured only when asked.
+struct RaSearchProfile {
+  double sampleMs = 0;  // scoring the strided sample, lse estimate, sample seeds
+  double walkMs = 0;    // the beam search, scoring included
+  double scoreMs = 0;   // of walkMs: reading and scoring keys (the dot products and the rank)
+  double refineMs = 0;  // lse refined
+  double finalMs = 0;   // the bound, the final scores and the sort
+  int64_t finalScored = 0;  // keys given a final score (the rest were ruled out by the bound)
+};
+
 struct RaSearchOptions {
   // Extra start keys besides the entry points; ids outside [0, n) ignored.
   const int32_t* seeds = nullptr;
@@ -103,6 +115,8 @@ struct RaSearchOptions {
   // has scored this many (kAttention's sample included), whatever ef and
   // margin say; it may pass the cap by one neighbour list.
   int64_t maxScanned = 0;
+  // Filled when set (kAttention only).
+  RaSearchProfile* profile = nullptr;
 };
 
 struct RaSearchResult {

@@ -3,9 +3,12 @@
 // query rows, with each row's log-partition estimated from a strided sample
 // of the keys and refined after the walk.
 #include <algorithm>
+#include <chrono>
+#include <ctime>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -13,6 +16,8 @@
 #include "common/simd_math.h"
 #include "indexes/ra_graph.h"
 #include "indexes/ra_graph_beam.h"
+#include "indexes/ra_graph_dot.h"
+#include "indexes/ra_graph_exp.h"
 
 namespace kvr {
 namespace {
@@ -49,6 +54,33 @@ struct LogSum {
   double Value() const { return sum > 0 ? ref + std::log(sum) : -std::numeric_limits<double>::infinity(); }
 };
 
+// Step 4's bound is exact in real arithmetic; the floats of rank and of the
+// final score each carry a few ulps. This slack (relative to the logits'
+// size) is far above those and far below any real gap.
+constexpr float kPruneSlack = 1e-4f;
+
+// The profile's phases are in the thread's CPU time (a loaded machine's
+// waits for a core would otherwise swamp them); a key's scoring is timed by
+// the wall clock, too short to be preempted but for rare outliers, which
+// are dropped.
+double CpuMs() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) * 1e3 + double(t.tv_nsec) * 1e-6;
+}
+using Clock = std::chrono::steady_clock;
+constexpr double kPreemptedMs = 0.05;
+
+// A search's working memory, kept per thread across searches (at 1M keys a
+// search fills ~72K entries of each walk array) and looked up once: every
+// thread_local access in this shared library is a call (__tls_get_addr).
+struct AttentionScratch {
+  std::vector<float> row, sampleX, walkX, walkRank, ranks;
+  std::vector<uint8_t> sampleReached;
+  std::vector<int32_t> walkIds, seeds;
+  std::vector<Hit> top, all, best;
+};
+
 }  // namespace
 
 RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const float* q, int group, int k,
@@ -61,36 +93,38 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   const int d = d_;
   const int64_t n = n_;
   const float scale = opt.scale > 0 ? opt.scale : 1.f / std::sqrt(float(d));
-  thread_local std::vector<float> row;
-  row.resize(size_t(d));
+  RaSearchProfile* prof = opt.profile;
+  double t0 = prof ? CpuMs() : 0;
+  thread_local AttentionScratch scratch;
+  AttentionScratch& S = scratch;
+  S.row.resize(size_t(d));
   // x_h = scale·q_h·k for the G rows, exactly the kernels' dot products.
-  auto logits = [&](int32_t id, float* x) {
-    WidenRow(keys + size_t(id) * d, dtype, size_t(d), row.data());
-    for (int h = 0; h < G; ++h) x[h] = scale * Dot(q + size_t(h) * d, row.data(), size_t(d));
-  };
+  auto logits = [&](int32_t id, float* x) { ragraph::ScaledDots(q, G, keys + size_t(id) * d, dtype, d, scale, x, S.row.data()); };
 
   // 1. The strided sample: keys off + j·stride, j < m.
   const int64_t want = std::min<int64_t>(n, std::min(kSampleMax, std::max(kSampleMin, n / kSampleShare)));
   const int64_t stride = std::max<int64_t>(1, n / want), off = stride / 2;
   const int64_t m = (n - off + stride - 1) / stride;
-  thread_local std::vector<float> sampleX;
-  thread_local std::vector<uint8_t> sampleReached;
-  sampleX.resize(size_t(m) * G);
-  sampleReached.assign(size_t(m), 0);
-  std::vector<LogSum> sampleSum(static_cast<size_t>(G));
+  S.sampleX.resize(size_t(m) * G);
+  S.sampleReached.assign(size_t(m), 0);
+  LogSum sampleSum[kMaxGroup];
   for (int64_t j = 0; j < m; ++j) {
-    float* x = sampleX.data() + size_t(j) * G;
+    if (j + 4 < m) ragraph::PrefetchRow(keys + size_t(off + (j + 4) * stride) * d, d);
+    float* x = S.sampleX.data() + size_t(j) * G;
     logits(int32_t(off + j * stride), x);
-    for (int h = 0; h < G; ++h) sampleSum[size_t(h)].Add(x[h]);
+    for (int h = 0; h < G; ++h) sampleSum[h].Add(x[h]);
   }
   // lse_h before the walk: the sample's mean exp-score times n.
   float c0[kMaxGroup];
-  for (int h = 0; h < G; ++h) c0[h] = float(sampleSum[size_t(h)].Value() + std::log(double(n) / double(m)));
+  for (int h = 0; h < G; ++h) c0[h] = float(sampleSum[h].Value() + std::log(double(n) / double(m)));
   auto rank = [&](const float* x) {
     float best = -std::numeric_limits<float>::infinity();
     for (int h = 0; h < G; ++h) best = std::max(best, x[h] - c0[h]);
+    double a[kMaxGroup], e[kMaxGroup];
+    for (int h = 0; h < G; ++h) a[h] = double(x[h] - c0[h] - best);
+    ragraph::ExpN(a, G, e);
     double s = 0;
-    for (int h = 0; h < G; ++h) s += std::exp(double(x[h] - c0[h] - best));
+    for (int h = 0; h < G; ++h) s += e[h];
     return best + float(std::log(s));
   };
   auto sampleIndex = [&](int32_t id) -> int64_t {
@@ -99,76 +133,142 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   };
 
   // 2. The walk, ranked by the estimated log of the group's summed
-  //    probability; every key it scores is kept with its G logits.
-  thread_local std::vector<int32_t> walkIds;
-  thread_local std::vector<float> walkX;
-  walkIds.clear();
-  walkX.clear();
+  //    probability; every key it scores is kept with its G logits and its
+  //    rank, and each row's exact sum over the keys reached is kept as it goes
+  //    (step 3's sums, in the same order).
+  S.walkIds.clear();
+  S.walkX.clear();
+  S.walkRank.clear();
+  ragraph::LogSums reachedSum(G);
   int64_t reusedSample = 0;
-  std::vector<int32_t> seeds(opt.seeds, opt.seeds + opt.seedCount);
+  S.seeds.assign(opt.seeds, opt.seeds + opt.seedCount);
   {
-    std::vector<Hit> best;
+    S.best.clear();
     const size_t take = size_t(std::min(kSampleSeeds, m / kSampleSeedShare));
-    for (int64_t j = 0; j < m && take > 0; ++j) Offer(best, take, Hit{rank(sampleX.data() + size_t(j) * G), int32_t(off + j * stride)});
-    for (const Hit& h : best) seeds.push_back(h.id);
+    for (int64_t j = 0; j < m && take > 0; ++j)
+      ragraph::OfferHit(S.best, take, Hit{rank(S.sampleX.data() + size_t(j) * G), int32_t(off + j * stride)});
+    for (const Hit& h : S.best) S.seeds.push_back(h.id);
   }
   const size_t beam = size_t(std::min<int64_t>(std::max<int64_t>(ef, keep), n));
-  thread_local std::vector<Hit> top;
+  if (prof) prof->sampleMs += CpuMs() - t0, t0 = CpuMs();
   const int64_t walked = ragraph::BeamSearch(
-      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), seeds.data(),
-      seeds.size(), beam, keys, d,
+      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), S.seeds.data(),
+      S.seeds.size(), beam, keys, d,
       [&](int32_t id) {
-        const size_t at = walkX.size();
-        walkX.resize(at + size_t(G));
-        float* x = walkX.data() + at;
+        const Clock::time_point ts = prof ? Clock::now() : Clock::time_point();
+        const size_t at = S.walkX.size();
+        S.walkX.resize(at + size_t(G));
+        float* x = S.walkX.data() + at;
         const int64_t j = sampleIndex(id);
         if (j >= 0) {
-          std::copy_n(sampleX.data() + size_t(j) * G, G, x);
-          sampleReached[size_t(j)] = 1;
+          std::copy_n(S.sampleX.data() + size_t(j) * G, G, x);
+          S.sampleReached[size_t(j)] = 1;
           ++reusedSample;
         } else {
           logits(id, x);
         }
-        walkIds.push_back(id);
-        return rank(x);
+        reachedSum.Add(x, G);
+        S.walkIds.push_back(id);
+        const float r = rank(x);
+        S.walkRank.push_back(r);
+        if (prof) {
+          const double ms = std::chrono::duration<double, std::milli>(Clock::now() - ts).count();
+          if (ms < kPreemptedMs) prof->scoreMs += ms;
+        }
+        return r;
       },
-      top, size_t(keep), opt.margin, opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0);
+      S.top, size_t(keep), opt.margin, opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0);
   res.scanned = m + walked - reusedSample;
+  if (prof) prof->walkMs += CpuMs() - t0, t0 = CpuMs();
 
   // 3. lse_h refined: the walk's keys exactly, the sample's unreached keys
   //    exactly, and the rest of the unreached keys at the unreached sample's
   //    mean (they are, like it, a uniform draw from what the walk missed).
-  const int64_t reached = int64_t(walkIds.size());
+  const int64_t reached = int64_t(S.walkIds.size());
   int64_t unreachedSample = 0;
-  for (int64_t j = 0; j < m; ++j) unreachedSample += sampleReached[size_t(j)] ? 0 : 1;
+  for (int64_t j = 0; j < m; ++j) unreachedSample += S.sampleReached[size_t(j)] ? 0 : 1;
   const int64_t rest = n - reached - unreachedSample;
+  LogSum miss[kMaxGroup];
+  if (unreachedSample > 0)
+    for (int64_t j = 0; j < m; ++j)
+      if (!S.sampleReached[size_t(j)])
+        for (int h = 0; h < G; ++h) miss[h].Add(S.sampleX[size_t(j) * G + h]);
   float c[kMaxGroup];
   for (int h = 0; h < G; ++h) {
-    LogSum all, miss;
-    for (int64_t i = 0; i < reached; ++i) all.Add(walkX[size_t(i) * G + h]);
-    for (int64_t j = 0; j < m; ++j)
-      if (!sampleReached[size_t(j)]) miss.Add(sampleX[size_t(j) * G + h]);
+    LogSum all;
+    all.ref = reachedSum.ref[h];
+    all.sum = reachedSum.sum[h];
     if (unreachedSample > 0) {
-      all.Add(miss.Value());
-      if (rest > 0) all.AddScaled(miss.Value(), double(rest) / double(unreachedSample));
+      all.Add(miss[h].Value());
+      if (rest > 0) all.AddScaled(miss[h].Value(), double(rest) / double(unreachedSample));
     }
     c[h] = float(all.Value());
   }
 
+  if (prof) prof->refineMs += CpuMs() - t0, t0 = CpuMs();
+
   // 4. The best keep of every key scored, by log of the mean probability.
+  //    Its exponentials are spent only where they can matter. A key's final
+  //    score + log G, log Σ_h exp(x_h − c_h), lies within [m, m + log G] for
+  //    m = max_h (x_h − c_h), and within [r + min_h δ_h, r + max_h δ_h] of its
+  //    walk rank r for δ_h = c0_h − c_h. So a key whose upper bound is below
+  //    the keep-th largest lower bound (less a rounding slack) cannot enter
+  //    the best keep, and the set and order written are those of scoring
+  //    every key. At 1M keys this leaves ~1/3 of the keys scored.
   const float logG = std::log(float(group));
   auto finalScore = [&](const float* x) {
+    double a[kMaxGroup], e[kMaxGroup];
+    for (int h = 0; h < G; ++h) a[h] = double(x[h]) - double(c[h]);
+    ragraph::ExpN(a, G, e);
     double s = 0;
-    for (int h = 0; h < G; ++h) s += std::exp(double(x[h]) - double(c[h]));
+    for (int h = 0; h < G; ++h) s += e[h];
     return s > 0 ? float(std::log(s)) - logG : -std::numeric_limits<float>::infinity();
   };
-  thread_local std::vector<Hit> all;
-  all.clear();
-  all.reserve(size_t(reached + unreachedSample));
-  for (int64_t i = 0; i < reached; ++i) all.push_back(Hit{finalScore(walkX.data() + size_t(i) * G), walkIds[size_t(i)]});
+  const float logRows = std::log(float(G));
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (int h = 0; h < G; ++h) lo = std::min(lo, c0[h] - c[h]), hi = std::max(hi, c0[h] - c[h]);
+  auto maxShifted = [&](const float* x) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int h = 0; h < G; ++h) m = std::max(m, x[h] - c[h]);
+    return m;
+  };
+  auto lower = [&](const float* x, float r) { return std::max(maxShifted(x), r + lo); };
+  auto upper = [&](const float* x, float r) { return std::min(maxShifted(x) + logRows, r + hi); };
+  const int64_t scored = reached + unreachedSample;
+  float cut = -std::numeric_limits<float>::infinity();
+  if (scored > keep && std::isfinite(lo) && std::isfinite(hi)) {
+    S.ranks.clear();
+    for (int64_t i = 0; i < reached; ++i) S.ranks.push_back(lower(S.walkX.data() + size_t(i) * G, S.walkRank[size_t(i)]));
+    for (int64_t j = 0; j < m; ++j)
+      if (!S.sampleReached[size_t(j)]) {
+        const float* x = S.sampleX.data() + size_t(j) * G;
+        S.ranks.push_back(lower(x, rank(x)));
+      }
+    std::nth_element(S.ranks.begin(), S.ranks.begin() + (keep - 1), S.ranks.end(), std::greater<float>());
+    const float kth = S.ranks[size_t(keep - 1)];
+    // r carries float error of the order of |x - c0|, i.e. of |lo| and |hi| (large when every row's sample estimate is far off).
+    if (std::isfinite(kth)) cut = kth - kPruneSlack * (1.f + std::abs(kth) + logRows + std::abs(hi) + std::abs(lo));
+  }
+  S.all.clear();
+  for (int64_t i = 0; i < reached; ++i)
+    if (upper(S.walkX.data() + size_t(i) * G, S.walkRank[size_t(i)]) >= cut) S.all.push_back(Hit{finalScore(S.walkX.data() + size_t(i) * G), S.walkIds[size_t(i)]});
   for (int64_t j = 0; j < m; ++j)
-    if (!sampleReached[size_t(j)]) all.push_back(Hit{finalScore(sampleX.data() + size_t(j) * G), int32_t(off + j * stride)});
-  res.count = WriteBest(all, keep, outIds, outScores);
+    if (!S.sampleReached[size_t(j)]) {
+      const float* x = S.sampleX.data() + size_t(j) * G;
+      if (upper(x, rank(x)) >= cut) S.all.push_back(Hit{finalScore(x), int32_t(off + j * stride)});
+    }
+  const int64_t count = std::min<int64_t>(keep, int64_t(S.all.size()));
+  // Selection then a sort of the kept (the order is total: ids are unique),
+  // cheaper than partial_sort's heap over ~20K hits.
+  if (count > 0 && count < int64_t(S.all.size()))
+    std::nth_element(S.all.begin(), S.all.begin() + (count - 1), S.all.end(), ragraph::BetterFn());
+  std::sort(S.all.begin(), S.all.begin() + count, ragraph::BetterFn());
+  for (int64_t i = 0; i < count; ++i) {
+    outIds[i] = S.all[size_t(i)].id;
+    outScores[i] = S.all[size_t(i)].score;
+  }
+  res.count = count;
+  if (prof) prof->finalMs += CpuMs() - t0, prof->finalScored += int64_t(S.all.size());
   return res;
 }
 

@@ -78,57 +78,119 @@ struct AdjView {
 
 constexpr size_t kPrefetchAhead = 8;
 
+// Better and Worse as function objects: std::push_heap given the functions
+// themselves calls them through a pointer, which at ~3 heap operations per
+// key scored was ~10% of a 1M-key search.
+struct BetterFn {
+  bool operator()(const Hit& a, const Hit& b) const { return Better(a, b); }
+};
+struct WorseFn {
+  bool operator()(const Hit& a, const Hit& b) const { return Better(b, a); }
+};
+
+// Offer (common/ranked_hits.h) with the comparator inlined.
+inline void OfferHit(std::vector<Hit>& heap, size_t cap, const Hit& h) {
+  if (heap.size() < cap) {
+    heap.push_back(h);
+    std::push_heap(heap.begin(), heap.end(), BetterFn());
+  } else if (Better(h, heap.front())) {
+    std::pop_heap(heap.begin(), heap.end(), BetterFn());
+    heap.back() = h;
+    std::push_heap(heap.begin(), heap.end(), BetterFn());
+  }
+}
+
+// A min-heap of floats: the smallest on top. Replacing the top is one sift
+// down where pop_heap + push_heap was two passes.
+inline void ReplaceMin(std::vector<float>& heap, float x) {
+  float* a = heap.data();
+  const size_t n = heap.size();
+  size_t i = 0;
+  for (;;) {
+    size_t c = 2 * i + 1;
+    if (c >= n) break;
+    if (c + 1 < n && a[c + 1] < a[c]) ++c;
+    if (!(a[c] < x)) break;
+    a[i] = a[c];
+    i = c;
+  }
+  a[i] = x;
+}
+
 // score(id) -> float. Starts from the entries and the seeds (ids outside
-// [0, n) skipped). Fills `top` with the best min(ef, reachable) hits (a
-// heap, worst on top); returns how many keys were scored. Stops when the best
+// [0, n) skipped). Fills `top` with the best min(ef, reachable) hits (in no
+// particular order); returns how many keys were scored. Stops when the best
 // unexpanded candidate is worse than the worst of `top` with `top` full, so
 // with ef >= n (and no margin) it expands every key reachable from the
 // entries. The quality bound: with k >= 1 and a finite margin it also stops
 // once the best unexpanded candidate scores below the k-th best so far
 // minus margin. With maxScan > 0 it stops expanding once that many keys
 // have been scored (the last expansion may pass it by one neighbour list).
+//
+// Cost at 1M keys (bench/ra-search.ts): most of it is reading the scored keys'
+// rows from memory; the bookkeeping is kept off that path: `top` becomes a
+// heap only once it holds ef hits (until then every hit enters it, and a
+// search stopped by the margin often never fills it), the k-best heap
+// replaces its top in one sift, and the thread's scratch is looked up once.
 template <typename Graph, typename Score>
 int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
                    size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top,
                    size_t k = 0, float margin = 3.0e38f, int64_t maxScan = 0) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
-  thread_local std::vector<Hit> cand;
-  thread_local std::vector<int32_t> fresh;
-  thread_local std::vector<float> kbest;  // min-heap of the k best scores so far
+  struct Scratch {
+    std::vector<Hit> cand;
+    std::vector<int32_t> fresh;
+    std::vector<float> kbest;  // min-heap of the k best scores so far
+  };
+  thread_local Scratch scratch;
+  std::vector<Hit>& cand = scratch.cand;
+  std::vector<int32_t>& fresh = scratch.fresh;
+  std::vector<float>& kbest = scratch.kbest;
   cand.clear();
   kbest.clear();
   const bool bounded = k > 0 && margin < 3.0e38f;
   Visited& seen = Visited::Local(n);
   int64_t scanned = 0;
+  bool full = false;  // top holds ef hits and is a heap (worst on top)
   auto consider = [&](int32_t id) {
     const float s = score(id);
     ++scanned;
-    if (bounded && (kbest.size() < k || s > kbest.front())) {
-      if (kbest.size() >= k) {
-        std::pop_heap(kbest.begin(), kbest.end(), std::greater<float>());
-        kbest.pop_back();
+    if (bounded) {
+      if (kbest.size() < k) {
+        kbest.push_back(s);
+        std::push_heap(kbest.begin(), kbest.end(), std::greater<float>());
+      } else if (s > kbest.front()) {
+        ReplaceMin(kbest, s);
       }
-      kbest.push_back(s);
-      std::push_heap(kbest.begin(), kbest.end(), std::greater<float>());
     }
     const Hit h{s, id};
-    if (top.size() < ef || Better(h, top.front())) {
-      Offer(top, ef, h);
-      cand.push_back(h);
-      std::push_heap(cand.begin(), cand.end(), Worse);
-      graph.PrefetchHead(id);
+    if (!full) {
+      top.push_back(h);
+      if (top.size() == ef) {
+        std::make_heap(top.begin(), top.end(), BetterFn());
+        full = true;
+      }
+    } else if (Better(h, top.front())) {
+      std::pop_heap(top.begin(), top.end(), BetterFn());
+      top.back() = h;
+      std::push_heap(top.begin(), top.end(), BetterFn());
+    } else {
+      return;
     }
+    cand.push_back(h);
+    std::push_heap(cand.begin(), cand.end(), WorseFn());
+    graph.PrefetchHead(id);
   };
   for (size_t e = 0; e < entryCount; ++e)
     if (!seen.TestAndSet(entries[e])) consider(entries[e]);
   for (size_t e = 0; e < seedCount; ++e)
     if (seeds[e] >= 0 && seeds[e] < n && !seen.TestAndSet(seeds[e])) consider(seeds[e]);
   while (!cand.empty()) {
-    std::pop_heap(cand.begin(), cand.end(), Worse);
+    std::pop_heap(cand.begin(), cand.end(), WorseFn());
     const Hit c = cand.back();
     cand.pop_back();
-    if (top.size() >= ef && Better(top.front(), c)) break;
+    if (full && Better(top.front(), c)) break;
     if (bounded && kbest.size() >= k && c.score < kbest.front() - margin) break;
     if (maxScan > 0 && scanned >= maxScan) break;
     if (!cand.empty()) graph.PrefetchList(cand.front().id);  // likely the next one expanded

@@ -9,6 +9,7 @@
 #include "common/simd_math.h"
 #include "indexes/ra_graph.h"
 #include "indexes/ra_graph_beam.h"
+#include "indexes/ra_graph_dot.h"
 
 namespace kvr {
 
@@ -39,14 +40,19 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
   thread_local std::vector<Hit> top;
   row.resize(size_t(d_));
   const int d = d_;
+  float x[64];
   res.scanned = ragraph::BeamSearch(
       ragraph::CsrView{offsets_.data(), neighbors_.data()}, n_, entries_.data(), entries_.size(), opt.seeds,
       opt.seedCount, beam, keys, d,
       [&](int32_t id) {
-        // Exactly topk.cc's arithmetic, so exhaustive results match it bit for bit.
-        WidenRow(keys + size_t(id) * d, dtype, size_t(d), row.data());
+        // Exactly topk.cc's arithmetic (Dot over the widened row), so
+        // exhaustive results match it bit for bit; rows in chunks of 64.
         float s = -std::numeric_limits<float>::infinity();
-        for (int gi = 0; gi < group; ++gi) s = std::max(s, Dot(q + size_t(gi) * d, row.data(), size_t(d)));
+        for (int g0 = 0; g0 < group; g0 += 64) {
+          const int c = std::min(64, group - g0);
+          ragraph::ScaledDots(q + size_t(g0) * d, c, keys + size_t(id) * d, dtype, d, 1.f, x, row.data());
+          for (int gi = 0; gi < c; ++gi) s = std::max(s, x[gi]);
+        }
         return s;
       },
       top, size_t(keep), opt.margin, std::max<int64_t>(0, opt.maxScanned));

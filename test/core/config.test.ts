@@ -33,6 +33,8 @@ describe('parseConfig', () => {
     expect(parseConfig(['--max-streams', '5'], { KVRECALL_MAX_STREAMS: '3' }).maxStreams).toBe(5);
     expect(() => parseConfig(['--max-streams', '-2'], {})).toThrow(/--max-streams/);
     expect(() => parseConfig(['--stream-idle-ms', '0'], {})).toThrow(/--stream-idle-ms/);
+    expect(() => parseConfig(['--stream-idle-ms', String(2 ** 30 + 1)], {})).toThrow(/--stream-idle-ms/);
+    expect(parseConfig(['--stream-idle-ms', String(2 ** 30)], {}).streamIdleMs).toBe(2 ** 30);
     expect(() => parseConfig([], { KVRECALL_STREAM_IDLE_MS: 'soon' })).toThrow(/KVRECALL_STREAM_IDLE_MS/);
   });
 });

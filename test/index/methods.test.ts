@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { blockSummaryBuilder } from '../../index/block-select.js';
 import { SUMMARY_BLOCK } from '../../index/block-summary.js';
 import { findMethod, methodNames } from '../../index/registry.js';
+import { questBuilder } from '../../index/quest.js';
 import type { RunningServer } from '../../api/server.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
@@ -85,7 +86,7 @@ describe.each([...methodNames])('method %s', (method) => {
       for (const p of [0, 1, 2, 3, TOKENS - 16, TOKENS - 1]) expect(set.has(p)).toBe(true);
       // Block-selecting methods attend whole blocks: the budget rounds up, and
       // sinks and window widen to the blocks they touch.
-      const B = SUMMARY_BLOCK, blocky = findMethod(method)?.builder === blockSummaryBuilder;
+      const B = SUMMARY_BLOCK, blocky = findMethod(method)?.builder === blockSummaryBuilder || findMethod(method)?.builder === questBuilder;
       const bound = blocky ? B + (TOKENS - Math.floor((TOKENS - 16) / B) * B) + Math.ceil(50 / B) * B : 4 + 16 + 50;
       expect(ids.length).toBeLessThanOrEqual(method === 'exact' ? TOKENS : bound);
     }

@@ -157,6 +157,58 @@ describe('prefill queries at the document stride', () => {
 
 const halfOf = (x: Float32Array) => Uint16Array.from(x, f16Bits);
 
+describe('k and v of different dtypes', () => {
+  it('are each read as their own dtype on the document and session routes', async () => {
+    const rng = new Rng(seed ^ 0x61);
+    await client.createDocument('mixed', model);
+    await client.createDocument('mixed-ref', model);
+    const n = 5, size = model.kvHeads * n * model.headDim;
+    const c = randomKv(rng, 'f16', model.kvHeads, n, model.headDim);
+    // f32 values exactly representable in f16: stored, they are the f16 words of the same values.
+    const v32 = Float32Array.from({ length: size }, () => Math.round(rng.normal() * 64) / 64);
+    const v16 = tensor('f16', [model.kvHeads, n, model.headDim], Uint16Array.from(v32, f16Bits));
+    const v32t = f32Tensor([model.kvHeads, n, model.headDim], v32);
+    const k32t = f32Tensor([model.kvHeads, n, model.headDim], Float32Array.from(c.kValues.flatMap((h) => Array.from(h))));
+    for (let layer = 0; layer < model.layers; layer++) {
+      await client.uploadDocumentKv('mixed', layer === 0 ? { layer, start: 0, k: c.k, v: v32t } : { layer, start: 0, k: k32t, v: v16 });
+      await client.uploadDocumentKv('mixed-ref', { layer, start: 0, k: c.k, v: v16 });
+    }
+    for (const id of ['mixed', 'mixed-ref']) await client.sealDocument(id);
+    const [got, ref] = [await readBack('mixed'), await readBack('mixed-ref')];
+    for (let layer = 0; layer < model.layers; layer++)
+      for (let h = 0; h < model.kvHeads; h++) {
+        expect(same(got.k[layer][h], ref.k[layer][h]), `k ${layer} ${h}`).toBe(true);
+        expect(same(got.v[layer][h], ref.v[layer][h]), `v ${layer} ${h}`).toBe(true);
+      }
+    // A session's own tokens: the same.
+    const s = await client.createSession({ model, method: 'exact' });
+    await client.uploadSessionKv(s.id, { layer: 0, start: 0, k: c.k, v: v32t });
+    const r = await client.attend(s.id, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim)), return: ['kv'] });
+    for (let h = 0; h < model.kvHeads; h++) expect(same(words(r.kv!.v[h]), ref.v[0][h]), `session v ${h}`).toBe(true);
+    // A decode step's own k (f16) and v (f32) appended by attend: the same.
+    const d = model.headDim;
+    const stepK = new Uint16Array(model.kvHeads * d), stepV = new Float32Array(model.kvHeads * d);
+    for (let h = 0; h < model.kvHeads; h++)
+      for (let j = 0; j < d; j++) {
+        stepV[h * d + j] = Math.round(rng.normal() * 64) / 64;
+        stepK[h * d + j] = f16Bits(rng.normal());
+      }
+    const a = await client.attend(s.id, {
+      layer: 0,
+      q: tensor('f32', [model.qHeads, d], new Float32Array(model.qHeads * d)),
+      k: tensor('f16', [model.kvHeads, d], stepK),
+      v: f32Tensor([model.kvHeads, d], stepV),
+      return: ['kv'],
+    });
+    for (let h = 0; h < model.kvHeads; h++) {
+      const v = words(a.kv!.v[h]);
+      expect(same(v.subarray(n * d), halfOf(stepV.subarray(h * d, (h + 1) * d))), `step v ${h}`).toBe(true);
+      expect(same(words(a.kv!.k[h]).subarray(n * d), stepK.subarray(h * d, (h + 1) * d)), `step k ${h}`).toBe(true);
+    }
+    await client.deleteSession(s.id);
+  });
+});
+
 describe('request bodies', () => {
   function raw(path: string, body: Uint8Array, chunked: boolean): Promise<{ status: number; json: { error?: { code: string }; tokens?: number } }> {
     const { hostname, port } = new URL(server.url);

@@ -12,10 +12,11 @@ import { freshSeed, Rng } from '../helpers/random.js';
 const seed = freshSeed();
 console.log(`native faiss tests: seed ${seed}`);
 
-function keysOf(rng: Rng, dt: Dt, n: number, d: number) {
+/** Keys N(offset_j, 1) per channel j (offset 0 unless given). */
+function keysOf(rng: Rng, dt: Dt, n: number, d: number, offset?: number[]) {
   const bits = new Uint16Array(n * d), values = new Float64Array(n * d);
   for (let i = 0; i < n * d; i++) {
-    bits[i] = bitsOf(dt)(rng.normal());
+    bits[i] = bitsOf(dt)((offset ? offset[i % d] : 0) + rng.normal());
     values[i] = valueOf(dt)(bits[i]);
   }
   return { bits, values };
@@ -70,9 +71,9 @@ function hash64(p: Uint8Array): bigint {
   return h ^ (h >> 33n);
 }
 
-function envelope(payload: Uint8Array): Uint8Array {
+function envelope(payload: Uint8Array, magic = 'KVRIVF02'): Uint8Array {
   const out = new Uint8Array(24 + payload.length);
-  out.set(new TextEncoder().encode('KVRIVF01'));
+  out.set(new TextEncoder().encode(magic));
   const dv = new DataView(out.buffer);
   dv.setBigUint64(8, BigInt(payload.length), true);
   dv.setBigUint64(16, hash64(payload), true);
@@ -92,10 +93,13 @@ describe('native IvfIndex', () => {
   for (const dt of ['f16', 'bf16'] as const)
     it(`with nprobe = nlist returns the exact top-k (${dt}, n=${n}, d=${d}, G=${group})`, async () => {
       const rng = new Rng(seed + (dt === 'f16' ? 1 : 2));
-      const { bits, values } = keysOf(rng, dt, n, d);
+      // An offset per channel larger than the spread, as a model's keys have: the index holds the keys less
+      // their mean, and its scores must still be q·k.
+      const offset = Array.from({ length: d }, () => 3 * rng.normal());
+      const { bits, values } = keysOf(rng, dt, n, d, offset);
       const index = await IvfIndex.build({ keys: bits, tokens: n, headDim: d, dtype: dt, nlist, seed: 7 });
       expect([index.tokens, index.headDim, index.nlist]).toEqual([n, d, nlist]);
-      expect(index.memoryBytes).toBe(n * (d * 4 + 8) + nlist * d * 4);
+      expect(index.memoryBytes).toBe(n * (d * 4 + 8) + (nlist + 1) * d * 4);
       for (let trial = 0; trial < 3; trial++) {
         const q = Float32Array.from({ length: group * d }, () => rng.normal() * (1 + trial));
         const exact = exactScores(q, group, values, n, d);
@@ -117,6 +121,56 @@ describe('native IvfIndex', () => {
       expect(index.memoryBytes).toBe(0);
       expect(() => index.save()).toThrow(/disposed/);
     });
+
+  it("with aggregate 'attention' and nprobe = nlist returns the exact top-k of the group's summed probabilities", async () => {
+    // Rows of unequal norms: the max over the rows of q·k follows the largest row, the group's attention does not.
+    const rng = new Rng(seed + 11);
+    const offset = Array.from({ length: d }, () => 2 * rng.normal());
+    const { bits, values } = keysOf(rng, 'f16', n, d, offset);
+    const index = await IvfIndex.build({ keys: bits, tokens: n, headDim: d, dtype: 'f16', nlist, seed: 3 });
+    const scale = 1 / Math.sqrt(d);
+    let differs = 0;
+    for (let trial = 0; trial < 3; trial++) {
+      const q = Float32Array.from({ length: group * d }, (_, i) => rng.normal() * [0.3, 0.6, 1.2, 2.4][Math.floor(i / d)]);
+      // Float64: each row's logits over every key, its log-partition, and the key's summed probability.
+      const mass = new Float64Array(n);
+      for (let g = 0; g < group; g++) {
+        const logit = new Float64Array(n);
+        for (let i = 0; i < n; i++) {
+          let dot = 0;
+          for (let j = 0; j < d; j++) dot += q[g * d + j] * values[i * d + j];
+          logit[i] = scale * dot;
+        }
+        const m = Math.max(...logit);
+        const lse = m + Math.log(logit.reduce((acc, x) => acc + Math.exp(x - m), 0));
+        for (let i = 0; i < n; i++) mass[i] += Math.exp(logit[i] - lse);
+      }
+      const exact = mass.map(Math.log);
+      const got = search(index, q, group, k, nlist);
+      const att = index.search({ q, group, k, nprobe: nlist, outIds: new Int32Array(k), outScores: new Float32Array(k), aggregate: 'attention' });
+      expect(att.scanned).toBe(group * n); // every list probed: nothing sampled
+      const ids = new Int32Array(k), scores = new Float32Array(k);
+      const r = index.search({ q, group, k, nprobe: nlist, outIds: ids, outScores: scores, aggregate: 'attention', scale });
+      expect(r.count).toBe(k);
+      expectTopK(ids, scores, r.count, exact, k);
+      differs += k - got.ids.filter((id) => new Set(ids).has(id)).length;
+    }
+    expect(differs).toBeGreaterThan(0); // the max ranking picks other keys: the test tells the two apart
+    // With fewer probes the sampled rest of each row's lists is scored too, and the ranking stays near exact.
+    const q = Float32Array.from({ length: group * d }, () => rng.normal());
+    const few = search(index, q, group, k, 9);
+    const att = index.search({ q, group, k, nprobe: 9, outIds: new Int32Array(k), outScores: new Float32Array(k), aggregate: 'attention' });
+    expect(att.scanned).toBeGreaterThan(few.scanned);
+    expect(att.scanned).toBeLessThan(few.scanned + group * Math.ceil(n / 32) + group * nlist);
+    const qArgs = { q, group, k, nprobe: 9, outIds: new Int32Array(k), outScores: new Float32Array(k) };
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scan: 'faiss' })).toThrow(RangeError);
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: 0 })).toThrow(RangeError);
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: NaN })).toThrow(RangeError);
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: 1e-50 })).toThrow(RangeError); // 0 as a float
+    expect(() => index.search({ ...qArgs, aggregate: 'attention', scale: 1e39 })).toThrow(RangeError); // inf as a float
+    expect(() => index.search({ ...qArgs, scale: 0.5 })).toThrow(TypeError);
+    expect(() => index.search({ ...qArgs, aggregate: 'sum' as 'max' })).toThrow(TypeError);
+  });
 
   it('scores exactly what it probes, and scans less with fewer probes', async () => {
     const rng = new Rng(seed + 3);
@@ -180,6 +234,30 @@ describe('native IvfIndex', () => {
       expect(y.ids).toEqual(x.ids);
       expect(y.scores).toEqual(x.scores);
     }
+  });
+
+  it('loads a version 1 index (uncentred, no mean) as one with a zero mean', async () => {
+    // A v1 payload is faiss's bytes alone; a v2 one's without its trailing mean, under a v1 envelope, is such
+    // an index over the centred keys: its scores are q·(k - mean), the ranking of each row unchanged.
+    const rng = new Rng(seed + 10);
+    const [m, dim] = [1201, 20];
+    const offset = Array.from({ length: dim }, () => 2 * rng.normal());
+    const { bits, values } = keysOf(rng, 'f16', m, dim, offset);
+    const index = await IvfIndex.build({ keys: bits, tokens: m, headDim: dim, dtype: 'f16', nlist: 9, seed: 4 });
+    const payload = index.save().subarray(24);
+    const v1 = IvfIndex.load(envelope(payload.subarray(0, payload.length - 4 * dim), 'KVRIVF01'));
+    expect([v1.tokens, v1.headDim, v1.nlist]).toEqual([m, dim, 9]);
+    const mean = new Float64Array(dim);
+    for (let i = 0; i < m * dim; i++) mean[i % dim] += values[i] / m;
+    for (let t = 0; t < 3; t++) {
+      const q = Float32Array.from({ length: dim }, () => rng.normal());
+      const qMean = q.reduce((acc, x, j) => acc + x * mean[j], 0);
+      const a = search(index, q, 1, 40, 9), b = search(v1, q, 1, 40, 9);
+      expect(b.ids).toEqual(a.ids);
+      for (let i = 0; i < 40; i++) expect(Math.abs(b.scores[i] + qMean - a.scores[i])).toBeLessThan(1e-4 * (1 + Math.abs(a.scores[i])));
+    }
+    // A v2 envelope without the mean's bytes is not an index.
+    expect(() => IvfIndex.load(envelope(payload.subarray(0, payload.length - 4 * dim)))).toThrow(/corrupt IVF index/);
   });
 
   it('rejects corrupt bytes with an error', async () => {

@@ -3,8 +3,9 @@
 // (ra_graph_build.cc, step 3b): an exhaustive search returns the exact top-k
 // of the group's mean probability (float64 reference), which the max over
 // the group's rows does not when the rows' partitions differ; a bounded
-// search's estimated log-probabilities are close to the exact ones; the scan
-// cap stops the walk; the key-key edges raise recall per key scanned when
+// search's estimated log-probabilities are close to the exact ones; the final
+// scores are spent only where the bound allows a key into the result; the
+// scan cap stops the walk; the key-key edges raise recall per key scanned when
 // the build queries say nothing about the decode queries; bad arguments are
 // refused.
 import { describe, expect, it } from 'vitest';
@@ -158,6 +159,52 @@ describe('ra-graph ranked by the group attention', () => {
     const ref = reference(two.q, 2, keys.values, n, d, 0.7);
     expect(s2.outIds[0]).toBe(ref.byAttention[0]);
     expect(Math.abs(s2.outScores[0] - Math.log(ref.meanProb[s2.outIds[0]]))).toBeLessThan(1e-3);
+  });
+});
+
+describe('ra-graph final scores', () => {
+  it('scores only keys that can enter the result, and still returns the exact top-k; a profile changes nothing', async () => {
+    const rng = new Rng(seed + 107);
+    const [n, d, G, k] = [20011, 32, 4, 200];
+    const scale = 1 / Math.sqrt(d);
+    const keys = keysOf(rng, 'f16', n, d, 2);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 1000, d), degree: 8, kBuild: 16 });
+    const q = groupRows(rng, G, d);
+    const ref = reference(q, G, keys.values, n, d, scale);
+    // Every key scored: the final score is spent on a minority (the bound rules out the rest), and
+    // the result is still the float64 top-k, as in the exhaustive test above.
+    const full = { ...args(keys.bits, n, d, 'f16', q, G, k, n), profile: true };
+    const r = graph.searchSync(full);
+    expect(r.scanned).toBe(n);
+    expect(r.profile).toBeDefined();
+    const p = r.profile!;
+    expect(p.finalScored).toBeGreaterThanOrEqual(k);
+    expect(p.finalScored).toBeLessThan(n / 2);
+    for (const ms of [p.sampleMs, p.walkMs, p.scoreMs, p.refineMs, p.finalMs]) expect(ms).toBeGreaterThanOrEqual(0);
+    expect(p.scoreMs).toBeLessThanOrEqual(p.walkMs + 1);
+    const want = ref.byAttention.slice(0, k);
+    for (let i = 0; i < k; i++)
+      if (full.outIds[i] !== want[i]) expect(Math.abs(ref.meanProb[full.outIds[i]] - ref.meanProb[want[i]])).toBeLessThan(1e-5 * ref.meanProb[want[i]]);
+    // A bounded search, then the exhaustive one again, on the same thread (its scratch is reused):
+    // each gives what it gave alone, with or without the profile.
+    const bounded = () => ({ ...args(keys.bits, n, d, 'f16', q, G, k, 2 * k), margin: 0.5 });
+    const b1 = bounded();
+    const rb = graph.searchSync(b1);
+    expect(rb.profile).toBeUndefined();
+    const again = args(keys.bits, n, d, 'f16', q, G, k, n);
+    graph.searchSync(again);
+    expect([...again.outIds]).toEqual([...full.outIds]);
+    expect([...again.outScores]).toEqual([...full.outScores]);
+    const b2 = { ...bounded(), profile: true };
+    const rb2 = graph.searchSync(b2);
+    expect(rb2.scanned).toBe(rb.scanned);
+    expect([...b2.outIds]).toEqual([...b1.outIds]);
+    expect(rb2.profile!.finalScored).toBeLessThanOrEqual(rb.scanned);
+    // In a batch on the native pool's threads: the same.
+    const b3 = bounded(), b4 = { ...args(keys.bits, n, d, 'f16', q, G, k, n) };
+    await RaGraph.searchBatch([{ ...b3, graph }, { ...b4, graph }]);
+    expect([...b3.outIds]).toEqual([...b1.outIds]);
+    expect([...b4.outIds]).toEqual([...full.outIds]);
   });
 });
 

@@ -1,5 +1,7 @@
 // Fuzz of the WebSocket stream (GET /v1/stream) against a server process:
-// valid, mutated, truncated and random frames on one connection. Every frame
+// valid, mutated, truncated and random frames on one connection (attends,
+// batches and document uploads, a few of them large enough to be read
+// straight from the socket, masked with ws's random keys). Every frame
 // gets one answer frame, in order, with a documented code (never internal);
 // the connection survives; the server stays up and answers 0 5xx.
 import { afterAll, describe, expect, it } from 'vitest';
@@ -36,11 +38,12 @@ describe('fuzz: stream frames', () => {
   });
 
   it(`${FRAMES} frames on one connection: each answered in order, documented codes only, the server stays up`, async () => {
-    server = await startChild(tmp.dir, ['--body-limit', String(1 << 20)]);
+    server = await startChild(tmp.dir, ['--body-limit', String(4 << 20)]);
     const client = new KvrecallClient({ url: server.url });
     const rng = new Rng(seed);
     const sessions = [];
     for (let i = 0; i < 3; i++) sessions.push((await client.createSession({ model: M })).id);
+    await client.createDocument('fz-doc', M);
     const ws = new WebSocket(server.url.replace('http', 'ws') + '/v1/stream', { perMessageDeflate: false });
     await new Promise((resolve, reject) => (ws.once('open', resolve), ws.once('error', reject)));
     const answers: Record<string, unknown>[] = [];
@@ -49,7 +52,13 @@ describe('fuzz: stream frames', () => {
       // q in f32 or 16 bits (random words: NaN and Inf among them); outDtype good or bad now and then.
       const q = () => (rng.next() < 0.6 ? tensor('f32', [4, 16], randomQ(rng, 4, 16)) : tensor(rng.next() < 0.5 ? 'f16' : 'bf16', [4, 16], Uint16Array.from({ length: 64 }, () => rng.int(0x10000))));
       const step = () => ({ session: sessions[rng.int(3)], q: q(), ...(rng.next() < 0.3 && { outDtype: ['f16', 'bf16', 'f32', 'f64', 16][rng.int(5)] }), ...(rng.next() < 0.5 && asStep(randomKv(rng, 'f16', 2, 1, 16))), ...(rng.next() < 0.3 && { position: rng.int(5) }) });
-      const body = rng.next() < 0.5 ? { id, layer: rng.int(3), ...step() } : { id, layer: rng.int(3), steps: Array.from({ length: rng.int(4) }, step) };
+      // Uploads: 1 in 40 of 9000 tokens (1.1 MB, read directly), starts often out of order.
+      const upload = () => {
+        const kv = randomKv(rng, 'f16', 2, rng.next() < 0.025 ? 9000 : 1 + rng.int(40), 16);
+        return { document: rng.next() < 0.9 ? 'fz-doc' : 'fz-none', start: rng.next() < 0.5 ? 0 : rng.int(20_000), k: kv.k, v: kv.v };
+      };
+      const r = rng.next();
+      const body = r < 0.35 ? { id, layer: rng.int(3), ...step() } : r < 0.7 ? { id, layer: rng.int(3), steps: Array.from({ length: rng.int(4) }, step) } : { id, layer: rng.int(3), ...upload() };
       const bytes = packr.pack(body);
       return rng.next() < 0.5 ? bytes : mutate(bytes, rng);
     };

@@ -40,25 +40,20 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
-import shutil
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .bench_server import add_server_args, server, write_json
 from .client import Client, model_shape
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 def percentiles(xs: List[float]) -> Dict[str, float]:
@@ -208,31 +203,9 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _serve(args: argparse.Namespace) -> Tuple[subprocess.Popen, str, str]:
-    node = os.environ.get("KVRECALL_NODE") or shutil.which("node")
-    cli = os.path.join(ROOT, "dist", "cli", "cli.js")
-    if not node or not os.path.exists(cli):
-        sys.exit(f"--serve needs node and {cli} (npx tsc -p tsconfig.json)")
-    data = tempfile.mkdtemp(prefix="kvrecall-bench-")
-    cmd = [node, cli, "serve", "--host", "127.0.0.1", "--port", "0", "--data", data] + (["--token", args.token] if args.token else [])
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    for line in proc.stdout:
-        if "listening on " in line:
-            # Keep reading its output, so that a full pipe never stalls it.
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, line.split("listening on ", 1)[1].split()[0], data
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    sys.exit("the server did not start")
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="a running server (else --serve)")
-    p.add_argument("--serve", action="store_true", help="start this checkout's server for the run")
-    p.add_argument("--token", default=os.environ.get("KVRECALL_TOKEN"))
+    add_server_args(p)
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--tokens", type=int, default=4096)
@@ -242,25 +215,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--method", default="exact")
     p.add_argument("--out", help="write the JSON here")
     args = p.parse_args(argv)
-    if bool(args.url) == bool(args.serve):
-        p.error("give --url or --serve")
-    proc = data = None
-    url = args.url
-    if args.serve:
-        proc, url, data = _serve(args)
-    try:
+    with server(p, args) as (url, _):
         result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-            shutil.rmtree(data, ignore_errors=True)
     print(table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-
+    write_json(args.out, result)
 
 if __name__ == "__main__":
     main()

@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import msgpack
 import numpy as np
@@ -229,12 +229,18 @@ class Client:
         model: Dict[str, Any],
         methods: Optional[Sequence[str]] = None,
         query_stride: Optional[int] = None,
+        tokens: Optional[int] = None,
     ) -> Dict[str, Any]:
+        """tokens: the tokens per layer the document will hold: its host
+        memory is reserved now, whole (503 "over_budget" if it does not fit),
+        and never regrown while it is uploaded."""
         body: Dict[str, Any] = {"model": model}
         if methods is not None:
             body["methods"] = list(methods)
         if query_stride is not None:
             body["queryStride"] = query_stride
+        if tokens is not None:
+            body["tokens"] = int(tokens)
         return self._call("PUT", f"/v1/documents/{_quote(doc)}", body)
 
     def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
@@ -285,6 +291,7 @@ class Client:
         chunk: int = 4096,
         dtype: Optional[str] = None,
         timeout: float = 600.0,
+        window: int = 2,
     ) -> Dict[str, Any]:
         """A whole document in one call: create, upload every layer in chunks
         of `chunk` tokens, seal, wait until ready; returns the ready document.
@@ -292,17 +299,24 @@ class Client:
         k[layer], v[layer]: [kvHeads, n, headDim]; q[layer] (optional prefill
         queries, for the attention-aware index builds): [qHeads, n, headDim].
         `methods` are indexed at seal. On an error the document is deleted.
+        The uploads go over a stream (`GET /v1/stream`), `window` of them
+        sent ahead of their answers (Stream.upload_document).
         """
         if len(k) != model["layers"] or len(v) != model["layers"] or (q is not None and len(q) != model["layers"]):
             raise ValueError(f"k, v (and q) need one array per layer ({model['layers']})")
-        self.create_document(doc, model, methods=methods, query_stride=query_stride)
-        try:
+        self.create_document(doc, model, methods=methods, query_stride=query_stride, tokens=int(np.shape(k[0])[1]) if model["layers"] > 0 else None)
+
+        def chunks() -> Iterator[Tuple[int, int, Any, Any, Any]]:
+            step = max(1, chunk)
             for layer in range(model["layers"]):
                 n = int(np.shape(k[layer])[1])
-                for start in range(0, n, max(1, chunk)):
-                    end = min(n, start + max(1, chunk))
-                    qs = None if q is None else q[layer][:, start:end]
-                    self.upload_document_kv(doc, layer, start, k[layer][:, start:end], v[layer][:, start:end], q=qs, dtype=dtype)
+                for start in range(0, n, step):
+                    end = min(n, start + step)
+                    yield layer, start, k[layer][:, start:end], v[layer][:, start:end], None if q is None else q[layer][:, start:end]
+
+        try:
+            with self.open_stream() as s:
+                s.upload_document(doc, chunks(), window=window, dtype=dtype)
             self.seal_document(doc)
             return self.wait_document_ready(doc, timeout)
         except BaseException:
@@ -500,10 +514,11 @@ def _is_half(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize == 2
 
 
-def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str]) -> Dict[str, Any]:
-    body: Dict[str, Any] = {"layer": int(layer), "start": int(start), "k": tensor(k, dtype), "v": tensor(v, dtype)}
+def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str], view: bool = False) -> Dict[str, Any]:
+    """view: tensor data as views of the arrays (sent before they may change: Stream.upload_document)."""
+    body: Dict[str, Any] = {"layer": int(layer), "start": int(start), "k": tensor(k, dtype, view), "v": tensor(v, dtype, view)}
     if q is not None:
-        body["q"] = tensor(q, None if _is_half(q) else "f32")
+        body["q"] = tensor(q, None if _is_half(q) else "f32", view)
     return body
 
 

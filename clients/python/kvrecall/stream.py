@@ -5,6 +5,8 @@ id, in order. Made by `Client.open_stream()`:
     with kv.open_stream() as s:
         r = s.attend(sid, layer, q, k=k_new, v=v_new, position=n)   # AttendResult
         rs = s.attend_batch(layer, [{"session": a, "q": qa}, {"session": b, "q": qb}])
+        s.upload_document_kv(doc, layer, start, k, v)           # as Client.upload_document_kv
+        s.upload_document(doc, chunks, window=2)                # several uploads in flight (a preload)
 
 The answers are the HTTP routes' (bit-identical out and lse). Tensors go
 out as the arrays' bytes (msgpack bin) and come back copied once into
@@ -19,11 +21,13 @@ did go through answers 409 "conflict" and changes nothing).
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import msgpack
 
-from .client import AttendResult, BatchResult, BatchResults, KvrecallError, attend_body, attend_result, batch_results, step_body
+from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_body, attend_result, batch_results, step_body
+from .tensors import pack_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
 
 __all__ = ["Stream"]
@@ -83,6 +87,58 @@ class Stream:
             raise KvrecallError.from_wire(frame["error"])
         return batch_results(frame["results"], frame.get("stats"))
 
+    def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
+        """As Client.upload_document_kv, over the stream: {layer, tokens, stats}."""
+        return self.upload_document(doc, [(layer, start, k, v, q)], dtype=dtype)[0]
+
+    def upload_document(
+        self,
+        doc: str,
+        chunks: Iterable[Tuple[int, int, Any, Any, Any]],
+        window: int = 2,
+        dtype: Optional[str] = None,
+        answered: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> List[Dict[str, Any]]:
+        """Uploads (layer, start, k, v, q or None) in order, `window` sent
+        ahead of their answers: the server reads the next one while it
+        stores this one (a preload at the socket's speed rather than one
+        round trip per chunk). Returns the answers in order, each passed to
+        `answered` as it comes. The first error answer raises KvrecallError
+        once the uploads already sent are answered: those sent behind the
+        failed one may have gone in (it changed nothing), later chunks are
+        not sent, and the stream stays open."""
+        answers: List[Dict[str, Any]] = []
+        pending: Deque[int] = deque()
+        failed: Optional[KvrecallError] = None
+
+        def settle_one() -> None:
+            nonlocal failed
+            frame = self._await(pending.popleft())
+            if "error" in frame:
+                failed = failed or KvrecallError.from_wire(frame["error"])
+                return
+            answer = {"layer": frame["layer"], "tokens": frame["tokens"], "stats": frame.get("stats")}
+            answers.append(answer)
+            if answered is not None:
+                answered(answer)
+
+        with self._lock:
+            for layer, start, k, v, q in chunks:
+                if failed is not None:
+                    break
+                # A chunk that cannot be packed is the caller's error: the stream goes on (its answers are skipped).
+                body = _kv_body(layer, start, k, v, q, dtype, view=True)
+                body["document"] = str(doc)
+                # The tensors go from the arrays to the socket (no joined copy), before this returns.
+                self._io(lambda: pending.append(self._send(body, parts=True)))
+                if len(pending) >= max(1, window):
+                    self._io(settle_one)
+            while pending:
+                self._io(settle_one)
+        if failed is not None:
+            raise failed
+        return answers
+
     @property
     def closed(self) -> bool:
         return self.ws.closed
@@ -102,29 +158,50 @@ class Stream:
 
     def _request(self, body: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
-            id_ = self._next_id
-            self._next_id += 1
-            body["id"] = id_
-            try:
-                self.ws.send_binary(self._packer.pack(body))
-                while True:
-                    data = self.ws.recv()
-                    if not isinstance(data, (bytes, bytearray)):
-                        raise WebSocketError("a text frame on the stream")
-                    frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
-                    if isinstance(frame, dict) and frame.get("id") == id_:
-                        return frame
-                    # Another request's answer (or an id-less error for a bad frame): not ours.
-            except ConnectionClosed as e:
-                raise ConnectionError(f"kvrecall stream: {e}") from e
-            except (WebSocketError, ValueError, msgpack.UnpackException) as e:
-                self.ws.close(1002)
-                raise ConnectionError(f"kvrecall stream: {e}") from e
-            except BaseException:
-                # Interrupted (a timeout, KeyboardInterrupt) mid-request: the
-                # framing may be cut mid-frame, so the stream cannot go on.
-                self.ws.close(1001)
-                raise
+            return self._io(lambda: self._await(self._send(body)))
+
+    def _io(self, fn: Callable[[], Any]) -> Any:
+        """Runs one exchange on the socket. A lost connection or a protocol
+        error raises ConnectionError; an interruption (a timeout,
+        KeyboardInterrupt) mid-exchange may cut the framing mid-frame, so the
+        stream closes and it propagates."""
+        try:
+            return fn()
+        except ConnectionClosed as e:
+            raise ConnectionError(f"kvrecall stream: {e}") from e
+        except (WebSocketError, ValueError, msgpack.UnpackException) as e:
+            self.ws.close(1002)
+            raise ConnectionError(f"kvrecall stream: {e}") from e
+        except BaseException:
+            self.ws.close(1001)
+            raise
+
+    def _send(self, body: Dict[str, Any], parts: bool = False) -> int:
+        """Sends one request frame (parts: its large binary fields written as they are); its id."""
+        id_ = self._next_id
+        self._next_id += 1
+        body["id"] = id_
+        if parts:
+            self.ws.send_binary_parts(pack_parts(body, self._packer))
+        else:
+            self.ws.send_binary(self._packer.pack(body))
+        return id_
+
+    def _await(self, id_: int) -> Dict[str, Any]:
+        """Reads frames until the answer with this id."""
+        while True:
+            data = self.ws.recv()
+            if not isinstance(data, (bytes, bytearray)):
+                raise WebSocketError("a text frame on the stream")
+            frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            if isinstance(frame, dict) and frame.get("id") == id_:
+                return frame
+            # An error without an id answers a frame the server could not
+            # decode; answers come in order and this is the oldest awaited
+            # request, so it is ours (else it would wait forever).
+            if isinstance(frame, dict) and "id" not in frame and "error" in frame:
+                return frame
+            # Another request's answer: not ours.
 
 
 def _refusal(e: HandshakeError) -> "tuple[str, str]":

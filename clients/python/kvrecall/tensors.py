@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -44,9 +44,11 @@ def from_bf16_bits(bits: Any) -> np.ndarray:
 # --- tensors ---------------------------------------------------------------
 
 
-def tensor(array: Any, dtype: Optional[str] = None) -> Dict[str, Any]:
+def tensor(array: Any, dtype: Optional[str] = None, view: bool = False) -> Dict[str, Any]:
     """A wire tensor {dtype, shape, data} from a numpy array (or anything
-    np.asarray takes).
+    np.asarray takes). view: data is a memoryview of the array's bytes (no
+    copy where it is already contiguous, little-endian and of the wire
+    dtype), valid while the array is unchanged.
 
     dtype None: taken from the array (float16 -> f16, float32 -> f32,
     int32 -> i32; float64 is sent as f32). dtype "f16" or "f32" converts
@@ -78,7 +80,41 @@ def tensor(array: Any, dtype: Optional[str] = None) -> Dict[str, Any]:
     else:
         raise ValueError(f'dtype must be "f16", "bf16", "f32" or "i32", got {dtype!r}')
     data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"), copy=False))
-    return {"dtype": dtype, "shape": [int(s) for s in data.shape], "data": data.tobytes()}
+    return {"dtype": dtype, "shape": [int(s) for s in data.shape], "data": memoryview(data.reshape(-1)).cast("B") if view else data.tobytes()}
+
+
+# Binary fields from this size up stay parts of their own in pack_parts.
+_PART = 1 << 16
+
+
+def pack_parts(value: Any, packer: Any) -> List[Union[bytes, memoryview]]:
+    """msgpack of `value` (maps, with `packer` for everything else) as a
+    list of parts whose bytes, one after another, are its packing: large
+    memoryviews (tensor data from tensor(view=True)) are parts as they are,
+    behind a bin32 header, so that a document upload's tensors go to the
+    socket without being copied into one buffer."""
+    parts: List[Union[bytes, memoryview]] = []
+    head = bytearray()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            n = len(x)
+            head.extend(bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdf" + n.to_bytes(4, "big"))
+            for k, v in x.items():
+                head.extend(packer.pack(k))
+                walk(v)
+        elif isinstance(x, memoryview) and x.nbytes >= _PART:
+            head.extend(b"\xc6" + x.nbytes.to_bytes(4, "big"))
+            parts.append(bytes(head))
+            head.clear()
+            parts.append(x)
+        else:
+            head.extend(packer.pack(x))
+
+    walk(value)
+    if head:
+        parts.append(bytes(head))
+    return parts
 
 
 def decode_tensor(t: Dict[str, Any]) -> np.ndarray:

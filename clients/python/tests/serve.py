@@ -1,6 +1,8 @@
-"""Starts this checkout's kvrecall server for a test (not a test module).
+"""The server a test talks to (not a test module).
 
-`start(token=None)` runs `node dist/cli/cli.js serve --port 0` on 127.0.0.1
+`Target()` is KVRECALL_URL's server (with KVRECALL_TOKEN) when set, else one
+this checkout starts; `why_not()` says why there is none and `needs_server`
+skips a test class then; `ok(r)` fails a test on a step's error result. `start(token=None)` runs `node dist/cli/cli.js serve --port 0` on 127.0.0.1
 with a fresh data folder and returns a `Server` (its url; stop() ends it and
 removes the folder). `available()` says why not when it cannot: the server
 must be built (npx tsc -p tsconfig.json; build/Release/kvrecall.node) and
@@ -13,8 +15,11 @@ import subprocess
 import tempfile
 import threading
 import time
+import unittest
 from typing import Optional
 
+URL = os.environ.get("KVRECALL_URL")
+TOKEN = os.environ.get("KVRECALL_TOKEN") or None
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 CLI = os.environ.get("KVRECALL_CLI") or os.path.join(ROOT, "dist", "cli", "cli.js")
 
@@ -30,6 +35,24 @@ def available() -> Optional[str]:
     if not os.path.exists(CLI):
         return f"{CLI} not built (npx tsc -p tsconfig.json)"
     return None
+
+
+def why_not() -> Optional[str]:
+    """None when a test has a server: KVRECALL_URL's, or one started here."""
+    return None if URL else available()
+
+
+def needs_server(cls):
+    """Skips the test class when there is no server to talk to."""
+    why = why_not()
+    return unittest.skipIf(why, f"no server: set KVRECALL_URL or build this checkout's ({why})")(cls)
+
+
+def ok(r):
+    """A batch's or stream's step result, or the test fails with its error."""
+    if isinstance(r, Exception):
+        raise AssertionError(f"step failed: {r}")
+    return r
 
 
 class Server:
@@ -78,3 +101,16 @@ class Server:
 
 def start(token: Optional[str] = None) -> Server:
     return Server(token)
+
+
+class Target:
+    """KVRECALL_URL's server when set, else this checkout's, started now; stop() ends only the latter."""
+
+    def __init__(self):
+        self.server = None if URL else start()
+        self.url = URL or self.server.url
+        self.token = TOKEN if URL else None
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()

@@ -91,6 +91,27 @@ class Bf16Helpers(unittest.TestCase):
         self.assertEqual(t["data"], np.array([1.0, 2.0], dtype="<f4").tobytes())
 
 
+class PackParts(unittest.TestCase):
+    """pack_parts (a stream upload's frame, its tensors as they are) packs
+    exactly what msgpack packs for the same value with the bytes joined."""
+
+    def test_same_bytes_as_msgpack(self):
+        import msgpack
+
+        from kvrecall.tensors import pack_parts
+
+        rng = np.random.default_rng(3)
+        big = rng.standard_normal((3, 40_001)).astype(np.float16)  # 240 KB: a part of its own
+        small = rng.standard_normal((2, 5)).astype(np.float32)
+        many = {f"key{i}": i for i in range(20)}  # a map16
+        body = {"layer": 3, "start": 4096, "k": tensor(big, view=True), "v": tensor(small, view=True), "q": None, "nested": {"many": many, "s": "é"}, "id": 7}
+        packer = msgpack.Packer(use_bin_type=True)
+        parts = pack_parts(body, packer)
+        self.assertTrue(any(isinstance(p, memoryview) and p.nbytes == big.nbytes for p in parts))
+        plain = {**body, "k": tensor(big), "v": tensor(small)}
+        self.assertEqual(b"".join(bytes(p) for p in parts), msgpack.packb(plain, use_bin_type=True))
+
+
 class OneWriteRequests(unittest.TestCase):
     """A request with a body leaves as head and body in one sendmsg; what
     arrives is the whole request, for small bodies and for one larger than
@@ -260,6 +281,46 @@ class AgainstServer(unittest.TestCase):
         sid = self.kv.create_session(self.model("f16"), documents=[doc])["id"]
         r = self.kv.attend(sid, 0, np.zeros((self.Q, self.D), np.float32), returns=["kv"])
         np.testing.assert_array_equal(r.kv["k"][1], x[1].astype(np.float16))
+        self.kv.delete_session(sid)
+
+    def test_stream_uploads_in_flight_store_the_bytes_sent(self):
+        """Uploads over the stream, three sent ahead of their answers, store
+        exactly the K/V sent, answered in order (one of 40000 tokens, 10 MB:
+        written in pieces from the arrays, read straight from the socket by
+        the server); an error answer raises KvrecallError, changes nothing
+        and leaves the stream usable."""
+        doc = f"{self.prefix}-stream-up"
+        self.created.append(doc)
+        self.kv.create_document(doc, self.model("f16"))
+        sizes = (37, 40_000, 5)
+        chunks, ks, vs = [], [], []
+        for layer in range(self.LAYERS):
+            start = 0
+            for n in sizes:
+                k_sent, _ = self.random_kv("f16", n)
+                v_sent, _ = self.random_kv("f16", n)
+                chunks.append((layer, start, k_sent, v_sent, None))
+                start += n
+            ks.append(np.concatenate([c[2] for c in chunks[-len(sizes):]], axis=1))
+            vs.append(np.concatenate([c[3] for c in chunks[-len(sizes):]], axis=1))
+        seen = []
+        with self.kv.open_stream() as s:
+            self.assertError(409, "conflict", s.upload_document_kv, doc, 0, 7, chunks[0][2], chunks[0][3])
+            # A bad chunk (k of the wrong shape) in a window of 3: the chunks sent with it are answered (the
+            # one after it goes in: the bad one changed nothing), then the error is raised.
+            bad = lambda start: (0, start, chunks[1][2][:1], chunks[1][3], None)  # noqa: E731
+            self.assertError(422, "invalid", s.upload_document, doc, [chunks[0], bad(37), chunks[1]], window=3)
+            # In a window of 1, nothing after the bad chunk is sent: chunks[2] then goes in at 40037 (else 409).
+            self.assertError(422, "invalid", s.upload_document, doc, [bad(40_037), chunks[2]], window=1)
+            s.upload_document(doc, chunks[2:], window=3, answered=lambda a: seen.append((a["layer"], a["tokens"])))
+        self.assertEqual(seen, [(0, 40_042), (1, 37), (1, 40_037), (1, 40_042)])
+        self.kv.seal_document(doc)
+        sid = self.kv.create_session(self.model("f16"), documents=[doc])["id"]
+        for layer in range(self.LAYERS):
+            r = self.kv.attend(sid, layer, np.zeros((self.Q, self.D), np.float32), returns=["kv"])
+            for h in range(self.KV):
+                np.testing.assert_array_equal(r.kv["k"][h], ks[layer][h])
+                np.testing.assert_array_equal(r.kv["v"][h], vs[layer][h])
         self.kv.delete_session(sid)
 
     def assertError(self, status, code, fn, *args, **kwargs):

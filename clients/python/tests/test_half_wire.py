@@ -22,25 +22,16 @@ import numpy as np  # noqa: E402
 import serve  # noqa: E402
 from kvrecall import Client, KvrecallError, from_bf16_bits, model_shape, to_bf16_bits  # noqa: E402
 
-URL = os.environ.get("KVRECALL_URL")
-TOKEN = os.environ.get("KVRECALL_TOKEN") or None
-WHY_NOT = None if URL else serve.available()
 
 Q, KV, D, LAYERS, DOC = 8, 2, 32, 2, 300
 
 
-def ok(r):
-    if isinstance(r, KvrecallError):
-        raise AssertionError(f"step failed: {r}")
-    return r
-
-
-@unittest.skipIf(WHY_NOT, f"no server: set KVRECALL_URL or build this checkout's ({WHY_NOT})")
+@serve.needs_server
 class HalfWire(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = None if URL else serve.start()
-        cls.kv = Client(URL or cls.server.url, token=TOKEN if URL else None, timeout=60)
+        cls.server = serve.Target()
+        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
         cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", "11")))
         cls.docs = {}
         for dt in ("f16", "bf16"):
@@ -64,8 +55,7 @@ class HalfWire(unittest.TestCase):
             except (KvrecallError, OSError):
                 pass
         cls.kv.close()
-        if cls.server:
-            cls.server.stop()
+        cls.server.stop()
 
     def session(self, dt):
         sid = self.kv.create_session(model_shape(LAYERS, Q, KV, D, dtype=dt), documents=[self.docs[dt]], method="exact")["id"]
@@ -102,15 +92,15 @@ class HalfWire(unittest.TestCase):
                     half = {"q_dtype": dt, "out_dtype": dt, **kv}
                     answers = [
                         self.kv.attend(single, 0, q16, **half),
-                        ok(self.kv.attend_batch(0, [{"session": batched, "q": q16, **half}])[0]),
+                        serve.ok(self.kv.attend_batch(0, [{"session": batched, "q": q16, **half}])[0]),
                         stream.attend(streamed, 0, q16, **half),
-                        ok(stream.attend_batch(0, [{"session": stream_batched, "q": q16, **half}])[0]),
+                        serve.ok(stream.attend_batch(0, [{"session": stream_batched, "q": q16, **half}])[0]),
                     ]
                     # A batch's list carries the server's time for the whole batch.
                     batch_lists = [self.kv.attend_batch(0, [{"session": half_q, "q": q16, "q_dtype": dt}]), stream.attend_batch(0, [{"session": half_q, "q": q16, "q_dtype": dt}])]
                     for rs in batch_lists:
                         self.assertIsInstance(rs.ms, float)
-                        self.assertGreaterEqual(rs.ms, ok(rs[0]).stats["ms"])
+                        self.assertGreaterEqual(rs.ms, serve.ok(rs[0]).stats["ms"])
                     expected = self.rounded(ref.out, dt)
                     for a in answers:
                         self.assertEqual(a.out.dtype, np.float16 if dt == "f16" else np.uint16)

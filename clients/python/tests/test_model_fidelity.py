@@ -43,9 +43,6 @@ FULL_BUDGET = 1 << 16  # tokens: covers every token of the context (also nosa's 
 # and hnsw's default ef misses a token or two; the conformance suite (test/index/methods.test.ts) does the same.
 FULL_EF = 2 * CONTEXT
 
-URL = os.environ.get("KVRECALL_URL")
-TOKEN = os.environ.get("KVRECALL_TOKEN") or None
-
 if WHY_NOT is None:
     import serve  # noqa: E402
 
@@ -56,8 +53,8 @@ if WHY_NOT is None:
 
     if not (model_dir() / "config.json").is_file():
         WHY_NOT = f"no {MODEL_NAME} in {model_dir().parent} (KVRECALL_MODELS_DIR)"
-    elif not URL and serve.available():
-        WHY_NOT = f"no server: set KVRECALL_URL or build this checkout's ({serve.available()})"
+    elif serve.why_not():
+        WHY_NOT = f"no server: set KVRECALL_URL or build this checkout's ({serve.why_not()})"
 
 
 def margins(logits):
@@ -86,16 +83,15 @@ class ModelFidelity(unittest.TestCase):
         if cls.trial is None:
             raise AssertionError(f"dense kvrecall-code-13M found no pass key without a near tie in {CANDIDATES} "
                                  f"windows of {CONTEXT} bytes: the model or its numpy port is broken")
-        cls.server = None if URL else serve.start()
-        cls.kv = Client(URL or cls.server.url, token=TOKEN if URL else None, timeout=60)
+        cls.server = serve.Target()
+        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
         try:
             cls.methods = kvdecode.session_methods(cls.kv)
             cls.doc = f"model-fidelity-{uuid.uuid4().hex[:8]}"
             kvdecode.push_document(cls.kv, cls.doc, cls.model, cls.trial, [m for m in cls.methods if m != "exact"])
             cls.stream = cls.kv.open_stream()
         except BaseException:
-            if cls.server:
-                cls.server.stop()
+            cls.server.stop()
             raise
 
     @classmethod
@@ -105,8 +101,7 @@ class ModelFidelity(unittest.TestCase):
             cls.kv.delete_document(cls.doc)
             cls.kv.close()
         finally:
-            if cls.server:
-                cls.server.stop()
+            cls.server.stop()
 
     def decode_through(self, method, **params):
         """Decodes through a new session; returns (Decoded, the steps' stats)."""

@@ -11,9 +11,12 @@ import socket
 import struct
 import sys
 import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
 
 from kvrecall.websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError, mask  # noqa: E402
 
@@ -95,6 +98,20 @@ class Scripted:
         return self.result
 
 
+class _CountingSocket:
+    """A socket whose sendmsg calls are counted (short writes make several)."""
+
+    def __init__(self, sock, calls):
+        self._sock, self._calls = sock, calls
+
+    def sendmsg(self, buffers):
+        self._calls.append(1)
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
 class WebSocketProtocol(unittest.TestCase):
     def test_handshake_and_masked_frames_of_every_length_form(self):
         sizes = [0, 5, 125, 126, 1000, 65535, 65536, 200_000]
@@ -145,6 +162,29 @@ class WebSocketProtocol(unittest.TestCase):
         ws.close()
         # Masked frames (the bit set, as RFC 6455 asks of a client) whose key is 0: the bytes on the wire are the payload.
         self.assertEqual(seen, [(True, b"\0\0\0\0", p) for p in payloads])
+
+    def test_parts_go_as_one_frame_through_short_writes(self):
+        """send_binary_parts: one frame whose payload is the parts in order,
+        with the zero key or a random one, through many short writes (a
+        small send buffer and a server that reads slowly)."""
+        parts = [b"head", memoryview(np.arange(2_000_000, dtype=np.uint16)).cast("B"), b"", memoryview(os.urandom(1_500_000)), b"tail"]
+        whole = b"".join(bytes(p) for p in parts)
+
+        def script(sock):
+            time.sleep(0.2)  # let the client's buffer fill
+            return [read_client_frame(sock) for _ in range(2)]
+
+        srv = Scripted(script)
+        ws = WebSocket.connect(srv.url, timeout=10, zero_mask=True)
+        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        calls = []
+        ws.sock = _CountingSocket(ws.sock, calls)
+        ws.send_binary_parts(parts)
+        ws.zero_mask = False
+        ws.send_binary_parts(parts)
+        frames = srv.join()
+        self.assertEqual([(fin, op, masked, payload == whole) for fin, op, masked, payload in frames], [(True, 0x2, True, True)] * 2)
+        self.assertGreater(len(calls), 2)
 
     def test_fragments_with_a_ping_between_are_one_message(self):
         def script(sock):
