@@ -88,7 +88,7 @@ export interface WaveGpuStepArgs {
 }
 
 export interface WaveGpuStepResult {
-  /** Per kv head: the kept rows, best first (score desc, then lower id). */
+  /** Per kv head: the kept rows (the best by score, then lower id), in cluster order, not rank order. */
   ids: Int32Array[];
   /** Per kv head: clusters + members scored (searchHeads' `scanned`). */
   scanned: number[];

@@ -11,7 +11,7 @@
 // by their own logits), 'spread-moments' (rest 'moments' against
 // estimateArgs(ids, 'moments')) and 'radius' against the older one
 // (searchHeads(..., 'radius'), estimateArgs(ids, 'first'): first order). The
-// selection must equal the host's (ids in order, and scanned: the GPU sums
+// selection must equal the host's (the same ids, and scanned: the GPU sums
 // every score in the host's order with its roundings, wave_step.cu), the
 // estimate must equal estimateClusters over the same exact rows within 1e-4
 // relative (out per q head, lse; estimated token counts exactly): the GPU
@@ -70,7 +70,7 @@ function queries(rng: Rng, keyRow: (h: number, t: number) => Float32Array, H: nu
 }
 
 export interface CompareResult {
-  /** Heads whose ids differ from searchHeads' (order included). */
+  /** Heads whose ids differ from searchHeads' (as sets: the GPU returns them in cluster order). */
   idsDiffer: number;
   firstDiff?: string;
   scannedEqual: boolean;
@@ -93,7 +93,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const cpu = (await ClusterIndex.searchHeads(heads, q, G, budget, ranking)).map((r, h) => (filter ? { ...r, ids: keptIds(r.ids, filter, h) } : r));
   let idsDiffer = 0, firstDiff: string | undefined;
   heads.forEach((_, h) => {
-    const a = Array.from(gpu.ids[h]), b = Array.from(cpu[h].ids);
+    const a = Array.from(gpu.ids[h]).sort((x, y) => x - y), b = Array.from(cpu[h].ids).sort((x, y) => x - y);
     if (a.length !== b.length || a.some((x, i) => x !== b[i])) {
       idsDiffer++;
       const at = a.findIndex((x, i) => x !== b[i]);
@@ -183,7 +183,7 @@ export interface WaveCase {
   sinks: number;
   window: number;
   scale: number;
-  /** Keys drawn from this many distinct rows: scores tie, clusters and candidates alike (ties go to the lower index). */
+  /** Keys drawn from this many distinct rows: scores tie, clusters and candidates alike (the cut's order by index). */
   distinctKeys?: number;
 }
 

@@ -2,14 +2,15 @@
 //
 // Per step, on one stream: the inputs in one copy (query rows with their
 // norm term, per-head budgets, sinks/window rows); ScoreClusters (every
-// cluster of every head: the optimistic score as a sort key, and per q head
+// cluster of every head: the optimistic score as a rank order, and per q head
 // the cluster's logit, kept for the estimate: second order with kSpread,
-// s·q·centroid with kRadius); a CUB radix sort of (head, score) keys, stable, so
-// equal scores keep the lower id first; an inclusive scan of the sorted
-// counts and CutClusters (where the tokens reach the target);
-// GatherCandidates (members, the last cluster cut); RescoreCandidates (max
-// over the group of q·k); a second radix sort and FixTies (runs of equal
-// scores in the kept prefix ordered by id: the host's order); then the
+// s·q·centroid with kRadius); the cluster cut (where the best clusters'
+// tokens reach the target, by a radix select on (score, index) keys,
+// wave_select.cuh) and a scan of the tokens each gives; GatherCandidates
+// (members, the cut cluster's first ones, in cluster order);
+// RescoreCandidates (max over the group of q·k; rows in the skip ranges left
+// out); the candidate cut (the best `keep`, ties towards the lower id, the
+// host's order) and ScatterKept; then the
 // estimate: the exact rows (selection + sinks/window) deduplicated through an
 // owner array, counted per cluster; with kSpread, PartialLogits (a partly
 // kept cluster's logit from the rows it has left, log of their own logits'
@@ -33,7 +34,6 @@
 // host compiler that contracts differently would move a score by an ulp and,
 // rarely, a cluster across the cut; making the host's FMAs explicit
 // (std::fma) would pin it.
-#include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -51,6 +51,7 @@
 #include "cuda/wave_step_kernels.cuh"
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_step_attend.cuh"
+#include "cuda/wave_select.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -105,11 +106,17 @@ struct WaveStore::Impl {
   std::vector<int64_t> clusters, base;
   int64_t ctot = 0, cmax = 0;
   cudaStream_t stream = nullptr;
-  cudaEvent_t ev[11] = {};
+  cudaEvent_t ev[13] = {};
   DevBuf store, fixed, work, in, out;
   HostBuf hin, hout;
   size_t summaryBytes = 0, momentBytes = 0, kvBytes = 0;
   StepParams p{};  // the store's and the fixed scratch's pointers
+  // the cuts' scratch (wave_select.cuh): the cluster cut's bin gathered, the histogram, per head the two cuts
+  uint64_t* buf1 = nullptr;
+  int64_t* bufW1 = nullptr;
+  uint32_t* hist = nullptr;
+  CutState* cuts = nullptr;
+  uint32_t* range = nullptr;  // [2, kvHeads, 2]: each cut's order range per head
   std::mutex mu;
   ~Impl() {
     for (auto& e : ev)
@@ -205,19 +212,23 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   std::vector<float> shares(static_cast<size_t>(H));
   for (int h = 0; h < H; ++h) shares[size_t(h)] = heads[h].varianceShare;
   put(p.shares, shares.data(), shares.size() * 4);
-  // Scratch sized by the store: the cluster sort, the owner and removed arrays.
+  // Scratch sized by the store: the cluster cut (orders, tokens taken and
+  // their scan, the cut's bin gathered, the histogram), owner and removed.
   Layout F;
-  const size_t oK1 = F.Add(size_t(I.ctot) * 8), oK1s = F.Add(size_t(I.ctot) * 8), oV1 = F.Add(size_t(I.ctot) * 4),
-               oV1s = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
-               oOwner = F.Add(size_t(H) * N * 4), oRemoved = F.Add(size_t(I.ctot) * 4);
+  const size_t oOrd1 = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
+               oBuf1 = F.Add(size_t(I.ctot) * 8), oBufW1 = F.Add(size_t(I.ctot) * 8), oHist = F.Add(size_t(H) * kBins * 8),
+               oCuts = F.Add(size_t(H) * 2 * sizeof(CutState)), oRange = F.Add(size_t(H) * 4 * 4), oOwner = F.Add(size_t(H) * N * 4),
+               oRemoved = F.Add(size_t(I.ctot) * 4);
   I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
   void* X = I.fixed.p;
-  p.key1 = Layout::At<uint64_t>(X, oK1);
-  p.key1s = Layout::At<uint64_t>(X, oK1s);
-  p.val1 = Layout::At<int32_t>(X, oV1);
-  p.val1s = Layout::At<int32_t>(X, oV1s);
+  p.ord1 = Layout::At<uint32_t>(X, oOrd1);
   p.cnt = Layout::At<int64_t>(X, oCnt);
   p.cum = Layout::At<int64_t>(X, oCum);
+  I.buf1 = Layout::At<uint64_t>(X, oBuf1);
+  I.bufW1 = Layout::At<int64_t>(X, oBufW1);
+  I.hist = Layout::At<uint32_t>(X, oHist);
+  I.cuts = Layout::At<CutState>(X, oCuts);
+  I.range = Layout::At<uint32_t>(X, oRange);
   p.owner = Layout::At<int32_t>(X, oOwner);
   p.removed = Layout::At<int32_t>(X, oRemoved);
   Check(cudaMemset(p.owner, 0x7f, size_t(H) * N * 4), "cudaMemset");  // kNoOwner
@@ -266,7 +277,20 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   if (!a.keep.empty() && a.keep.size() != size_t(H)) throw std::runtime_error("wave step: keep needs one entry per kv head");
   if (a.skip.size() > 2) throw std::runtime_error("wave step: at most two skip ranges");
   std::vector<int64_t> params(size_t(H) * kParams);
-  int64_t width = 0, tmax = 0, capMax = 0;
+  // Rows the skip ranges hold (their union within [0, N)).
+  int64_t skipped = 0;
+  {
+    std::vector<std::pair<int64_t, int64_t>> r;
+    for (const auto& [lo, hi] : a.skip)
+      if (std::min(hi, N) > std::max<int64_t>(lo, 0)) r.emplace_back(std::max<int64_t>(lo, 0), std::min(hi, N));
+    std::sort(r.begin(), r.end());
+    int64_t end = 0;
+    for (const auto& [lo, hi] : r) {
+      skipped += std::max<int64_t>(0, hi - std::max(lo, end));
+      end = std::max(end, hi);
+    }
+  }
+  int64_t width = 0, tmax = 0;
   for (int h = 0; h < H; ++h) {
     int64_t* ph = params.data() + size_t(h) * kParams;
     ph[0] = std::clamp<int64_t>(a.budget[h], 0, N);
@@ -275,7 +299,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     ph[3] = a.keep.empty() ? ph[0] : std::clamp<int64_t>(a.keep[h], 0, ph[0]);
     width = std::max(width, ph[0]);
     tmax = std::max(tmax, ph[1]);
-    capMax = std::max(capMax, ph[2]);
+    // The kept ids are the best `keep` outside the skip ranges, which is what
+    // dropping those rows from the best `budget` leaves only with this room.
+    if (skipped > 0 && ph[3] + skipped > ph[0] && ph[3] > 0)
+      throw std::runtime_error("wave step: keep + the rows in the skip ranges must not exceed the budget");
   }
   const int64_t E = a.exactCount, rowsMax = width + E;
   if (int64_t(H) * tmax >= (int64_t(1) << 31)) throw std::runtime_error("wave step: too many candidates");
@@ -283,7 +310,6 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   // tiles (with a.estimate), then the exact rows attended (with a.attend).
   const int nMain = a.estimate ? int(Cdiv(I.cmax, kTile)) : 0, nSub = a.estimate ? int(Cdiv(rowsMax, kTile)) : 0,
             nAtt = a.attend ? int(Cdiv(rowsMax, kTile)) : 0, parts = nMain + nSub + nAtt;
-  const int endBit = 32 + (H > 1 ? 32 - __builtin_clz(unsigned(H - 1)) : 0);
   StepParams p = I.p;
   p.group = G;
   p.scale = a.scale;
@@ -302,28 +328,29 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
-  // CUB's scratch, for the largest of its three calls.
-  size_t t1 = 0, t2 = 0, t3 = 0;
-  Check(cub::DeviceRadixSort::SortPairs(nullptr, t1, p.key1, p.key1s, p.val1, p.val1s, int(I.ctot), 0, endBit, I.stream), "cub sizing");
-  Check(cub::DeviceScan::InclusiveSum(nullptr, t2, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
-  if (tmax > 0)
-    Check(cub::DeviceRadixSort::SortPairs(nullptr, t3, p.key2, p.key2s, p.cand, p.val2s, int(H * tmax), 0, endBit, I.stream), "cub sizing");
+  // CUB's scratch, for the larger of its two scans.
+  size_t t1 = 0, t2 = 0;
+  Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
+  if (tmax > 0) Check(cub::DeviceScan::InclusiveSum(nullptr, t2, p.take2, p.cum2, int(H * tmax), I.stream), "cub sizing");
   const size_t n2 = size_t(H) * tmax;
   Layout W;
-  const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oK2 = W.Add(n2 * 8),
-               oK2s = W.Add(n2 * 8), oCand = W.Add(n2 * 4), oV2s = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
+  const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oOrd2 = W.Add(n2 * 4),
+               oTake2 = W.Add(n2 * 4), oCum2 = W.Add(n2 * 4), oBuf2 = W.Add(n2 * 8), oBufW2 = W.Add(n2 * 8),
+               oCand = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
                oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
                oTouchedN = W.Add(size_t(H) * 4),
-               oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, t3, size_t(1)}));
+               oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, size_t(1)}));
   I.work.Need(W.at, "cudaMalloc (wave step)");
   void* X = I.work.p;
   p.logits = Layout::At<float>(X, oLogits);
   p.sel = Layout::At<int64_t>(X, oSel);
-  p.key2 = Layout::At<uint64_t>(X, oK2);
-  p.key2s = Layout::At<uint64_t>(X, oK2s);
+  p.ord2 = Layout::At<uint32_t>(X, oOrd2);
+  p.take2 = Layout::At<int32_t>(X, oTake2);
+  p.cum2 = Layout::At<int32_t>(X, oCum2);
+  uint64_t* buf2 = Layout::At<uint64_t>(X, oBuf2);
+  int64_t* bufW2 = Layout::At<int64_t>(X, oBufW2);
   p.cand = Layout::At<int32_t>(X, oCand);
-  p.val2s = Layout::At<int32_t>(X, oV2s);
   p.pm = Layout::At<float>(X, oPm);
   p.pden = Layout::At<float>(X, oPden);
   p.pnum = Layout::At<float>(X, oPnum);
@@ -381,27 +408,52 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     else ScoreClusters<false, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
   }
   Check(cudaEventRecord(I.ev[2], s), "event");
+  // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
   Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
-  Check(cub::DeviceRadixSort::SortPairs(temp, t1, p.key1, p.key1s, p.val1, p.val1s, ctot, 0, endBit, s), "cluster sort");
-  const unsigned flat = unsigned(Cdiv(I.ctot, kThreads));
-  GatherCounts<<<flat, kThreads, 0, s>>>(p, I.ctot);
-  Check(cub::DeviceScan::InclusiveSum(temp, t2, p.cnt, p.cum, ctot, s), "cluster scan");
-  CutClusters<<<flat, kThreads, 0, s>>>(p, I.ctot);
-  if (capMax > 0 && tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(capMax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p);
+  const ClusterCut cc{p.ord1, p.base, p.counts, p.params};
+  CutState* const cuts1 = I.cuts;
+  CutState* const cuts2 = I.cuts + H;
+  uint32_t* const range1 = I.range;
+  uint32_t* const range2 = I.range + 2 * H;
+  const unsigned spread1 = unsigned(std::clamp<int64_t>(Cdiv(I.cmax, 4096), 1, 32));
+  Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 16, s), "memset");
+  Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
+  OrderRange<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1);
+  Histogram<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, I.hist);
+  FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
   Check(cudaEventRecord(I.ev[3], s), "event");
+  CollectBin<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
+  ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
+  TakeWeights<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
+  Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
+  if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
+  Check(cudaEventRecord(I.ev[4], s), "event");
   if (tmax > 0) {
     const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
     if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
     else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
   }
-  Check(cudaEventRecord(I.ev[4], s), "event");
-  if (tmax > 0) {
-    Check(cub::DeviceRadixSort::SortPairs(temp, t3, p.key2, p.key2s, p.cand, p.val2s, int(n2), 0, endBit, s), "candidate sort");
-    if (width > 0) FixTies<<<dim3(unsigned(Cdiv(width, kThreads)), unsigned(H)), kThreads, 0, s>>>(p);
-  }
-  FilterKept<<<unsigned(H), kThreads, 0, s>>>(p);
-  PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
   Check(cudaEventRecord(I.ev[5], s), "event");
+  // The candidates kept: the best `keep` outside the skip ranges.
+  Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
+  if (tmax > 0) {
+    const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
+    const unsigned spread2 = unsigned(std::clamp<int64_t>(Cdiv(tmax, 4096), 1, 32));
+    Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
+    OrderRange<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2);
+    Histogram<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, I.hist);
+    FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, I.hist, cuts2);
+    Check(cudaEventRecord(I.ev[6], s), "event");
+    CollectBin<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
+    ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
+    TakeWeights<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
+    Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
+    ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
+  } else {
+    Check(cudaEventRecord(I.ev[6], s), "event");
+  }
+  PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
+  Check(cudaEventRecord(I.ev[7], s), "event");
   const bool merge = a.estimate || a.attend;
   const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
   if (merge && rowsMax > 0) {
@@ -409,7 +461,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
     if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
   }
-  Check(cudaEventRecord(I.ev[6], s), "event");
+  Check(cudaEventRecord(I.ev[8], s), "event");
   if (a.estimate && rowsMax > 0 && p.spreadMode) {
     // Enough warps to hide their loads' latency, each striding over the touched list.
     const dim3 grid(unsigned(std::min<int64_t>(Cdiv(rowsMax, kPartialWarps), 512)), unsigned(H));
@@ -417,7 +469,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
     else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
   }
-  Check(cudaEventRecord(I.ev[7], s), "event");
+  Check(cudaEventRecord(I.ev[9], s), "event");
   if (a.estimate) {
     if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
     else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
@@ -430,15 +482,15 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
     else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
   }
-  Check(cudaEventRecord(I.ev[8], s), "event");
+  Check(cudaEventRecord(I.ev[10], s), "event");
   if (merge) {
     MergeEstimate<<<dim3(unsigned(Q), unsigned(Cdiv(d, 32))), 256, size_t(std::max(parts, 1)) * 8, s>>>(p);
     if (rowsMax > 0) ExactRows<2><<<rowsGrid, kThreads, 0, s>>>(p);
   }
   Check(cudaGetLastError(), "wave step launch");
-  Check(cudaEventRecord(I.ev[9], s), "event");
+  Check(cudaEventRecord(I.ev[11], s), "event");
   Check(cudaMemcpyAsync(I.hout.p, I.out.p, Out.at, cudaMemcpyDeviceToHost, s), "copy out");
-  Check(cudaEventRecord(I.ev[10], s), "event");
+  Check(cudaEventRecord(I.ev[12], s), "event");
   Check(cudaStreamSynchronize(s), "wave step");
 
   WaveStepResult r;
@@ -461,11 +513,13 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   const int64_t* e = Layout::At<int64_t>(I.hout.p, oEst);
   for (int h = 0; h < H; ++h) r.estimated.push_back(a.estimate ? double(e[h]) : 0.0);
-  Check(cudaEventElapsedTime(&r.ms, I.ev[0], I.ev[10]), "event time");
+  Check(cudaEventElapsedTime(&r.ms, I.ev[0], I.ev[12]), "event time");
   // The estimate's stages: the exact rows counted per cluster, the partly
   // attended clusters' logits, the cluster tiles, their merge.
-  static const char* const kStages[] = {"in", "score", "clusters", "rescore", "topk", "exact", "partial", "tiles", "merge", "out"};
-  for (int i = 0; i < 10; ++i) {
+  // clusters.bin / topk.bin: each cut's range, histogram and bin; clusters /
+  // topk: the rest of the cut, the scan and the gather.
+  static const char* const kStages[] = {"in", "score", "clusters.bin", "clusters", "rescore", "topk.bin", "topk", "exact", "partial", "tiles", "merge", "out"};
+  for (int i = 0; i < 12; ++i) {
     float ms = 0;
     Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
     r.stages.emplace_back(kStages[i], ms);

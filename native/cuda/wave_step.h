@@ -13,7 +13,8 @@
 //                (native/kernels/cluster_rank.h; a: the scaled principal axis)
 //       kRadius: q·mu + share·‖q‖·radius (the older score);
 //  2. their members rescored exactly (max over the group of q·k) and the best
-//     `budget` kept, best first, ties towards the lower id;
+//     `budget` kept, ties towards the lower id (a set: returned in cluster
+//     order; both cuts by threshold, not by sorting, wave_select.cuh);
 //  3. the estimation zone: every cluster minus the rows attended exactly (the
 //     selection plus the given sinks/window rows) as a partial (out, lse) per
 //     q head, with native/kernels/cluster_estimate's semantics: second order
@@ -99,7 +100,7 @@ struct WaveStepArgs {
 
 struct WaveStepResult {
   int64_t width = 0;              // ids per head in `ids`
-  std::vector<int32_t> ids;       // [kvHeads, width]: head h's first idCounts[h], best first
+  std::vector<int32_t> ids;       // [kvHeads, width]: head h's first idCounts[h], in cluster order (a set)
   std::vector<int64_t> idCounts;  // [kvHeads]
   std::vector<int64_t> candidates;// [kvHeads]: members rescored
   std::vector<float> out;         // [qHeads, headDim]: the estimate, or with attend the whole attention

@@ -38,15 +38,13 @@ __device__ __forceinline__ float WidenWord(uint16_t w) {
 }
 
 
-// A score's rank key within head h: ascending key = head, then score
-// descending. -0 and +0 rank equal, as they compare on the host.
-__device__ __forceinline__ uint64_t RankKey(int h, float s) {
+// A score's rank order: ascending = score descending. -0 and +0 rank equal,
+// as they compare on the host.
+__device__ __forceinline__ uint32_t RankOrder(float s) {
   uint32_t u = __float_as_uint(s);
   if ((u << 1) == 0) u = 0;
-  const uint32_t order = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(h) << 32) | uint64_t(~order);
+  return ~((u & 0x80000000u) ? ~u : (u | 0x80000000u));
 }
-__device__ __forceinline__ uint64_t PadKey(int h) { return (uint64_t(h) << 32) | 0xffffffffull; }
 
 // acc[g] += q rows g0.. · row over the chunks c in [c0, c1) with c % 2 == half.
 // kLoads chunks are loaded before any is used: a d=128 row's half (8 chunks)
@@ -163,12 +161,13 @@ struct StepParams {
   int64_t exactCount, tmax, width;
   // scratch
   float* logits;           // [qHeads, cmax]
-  uint64_t *key1, *key1s, *key2, *key2s;
-  int32_t *val1, *val1s, *cand, *val2s, *owner, *removed;
+  uint32_t *ord1, *ord2;  // rank orders (ascending = better): [ctot] clusters, [kvHeads, tmax] candidates
+  int32_t *cand, *owner, *removed;
+  int32_t *take2, *cum2;  // [kvHeads, tmax]: a candidate kept (0/1), and the inclusive scan of that
   int32_t* touched;   // [kvHeads, rowsMax]: clusters with an exact row, each listed once (touchedN[h] of them)
   int32_t* touchedN;  // [kvHeads]
   int64_t rowsMax;    // exact rows per head at most: width + exactCount
-  int64_t *cnt, *cum, *sel;  // sel [kvHeads, 2]: clusters taken, candidates
+  int64_t *cnt, *cum, *sel;  // [ctot]: tokens a cluster gives, their scan; sel [kvHeads, 2]: -, candidates
   int32_t* keptIds;          // [kvHeads, width]: the ranked ids outside the skip ranges, at most keep
   int64_t* keptN;            // [kvHeads]
   float *pm, *pden, *pnum;
@@ -183,9 +182,7 @@ struct StepParams {
   int64_t* est;
 };
 
-// The ids ranked best first (the budget, or every candidate when fewer).
-__device__ __forceinline__ int64_t Ranked(const StepParams& p, int h) { return min(p.params[h * kParams], p.sel[h * 2 + 1]); }
-// Of those, the ones kept (FilterKept).
+// The ids kept (ScatterKept).
 __device__ __forceinline__ int64_t Kept(const StepParams& p, int h) { return p.keptN[h]; }
 // Exact row j of head h: the selection, then the sinks/window rows.
 __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t j, int64_t kept) {
@@ -303,46 +300,7 @@ __global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
       }
     }
   }
-  if (half == 0 && live) {
-    p.key1[b + r] = RankKey(h, best);
-    p.val1[b + r] = int32_t(r);
-  }
-}
-
-__global__ void GatherCounts(StepParams p, int64_t total) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const int h = int(p.key1s[i] >> 32);
-  p.cnt[i] = p.counts[p.base[h] + p.val1s[i]];
-}
-
-// The ranked cluster where head h's tokens reach its target (or its cap).
-__global__ void CutClusters(StepParams p, int64_t total) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const int h = int(p.key1s[i] >> 32);
-  const int64_t b = p.base[h], r = i - b, cb = b == 0 ? 0 : p.cum[b - 1];
-  const int64_t before = r == 0 ? 0 : p.cum[i - 1] - cb, upto = p.cum[i] - cb;
-  const int64_t target = p.params[h * kParams + 1], cap = p.params[h * kParams + 2];
-  if (target > 0 && r < cap && before < target && (upto >= target || r == cap - 1)) {
-    p.sel[h * 2] = r + 1;
-    p.sel[h * 2 + 1] = min(target, upto);
-  }
-}
-
-// Members of the taken clusters, best cluster first, into cand[h, 0 .. m).
-__global__ void GatherCandidates(StepParams p) {
-  const int h = blockIdx.y;
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= p.sel[h * 2]) return;
-  const int64_t m = p.sel[h * 2 + 1], b = p.base[h], i = b + r, cb = b == 0 ? 0 : p.cum[b - 1];
-  const int64_t before = r == 0 ? 0 : p.cum[i - 1] - cb;
-  if (before >= m) return;
-  const int32_t c = p.val1s[i];
-  const int64_t take = min(int64_t(p.counts[b + c]), m - before);
-  const int32_t* src = p.members + size_t(h) * p.N + p.memberStart[b + c];
-  int32_t* dst = p.cand + size_t(h) * p.tmax + before;
-  for (int64_t k = 0; k < take; ++k) dst[k] = src[k];
+  if (half == 0 && live) p.ord1[b + r] = RankOrder(best);
 }
 
 template <bool kBf16>
@@ -370,28 +328,11 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
       best = best < s ? s : best;
     }
   }
-  if (half == 0 && j < p.tmax) {
-    p.key2[size_t(h) * p.tmax + j] = live ? RankKey(h, best) : PadKey(h);
-    if (!live) p.cand[size_t(h) * p.tmax + j] = INT32_MAX;
-  }
-}
-
-// Runs of equal scores that start inside the kept prefix, ordered by id.
-__global__ void FixTies(StepParams p) {
-  const int h = blockIdx.y;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Ranked(p, h), m = p.sel[h * 2 + 1];
-  if (i >= kept) return;
-  const uint64_t* k = p.key2s + size_t(h) * p.tmax;
-  int32_t* v = p.val2s + size_t(h) * p.tmax;
-  if (i > 0 && k[i - 1] == k[i]) return;
-  int64_t e = i + 1;
-  while (e < m && k[e] == k[i]) ++e;
-  for (int64_t a = i + 1; a < e; ++a) {
-    const int32_t x = v[a];
-    int64_t z = a;
-    for (; z > i && v[z - 1] > x; --z) v[z] = v[z - 1];
-    v[z] = x;
-  }
+  // Rows inside the skip ranges are not candidates: the kept ids are then
+  // the best `keep` of the rest, what staticPlusRetrieved keeps of a search
+  // for keep + skipped ids (WaveStore::Step checks the budget leaves room).
+  const bool skipped = (t >= p.skip[0] && t < p.skip[1]) || (t >= p.skip[2] && t < p.skip[3]);
+  if (half == 0 && j < p.tmax) p.ord2[size_t(h) * p.tmax + j] = live && !skipped ? RankOrder(best) : 0xffffffffu;
 }
 
 // Exclusive prefix of x over the block, in thread order; total: the sum.
@@ -413,26 +354,6 @@ __device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
   }
   __syncthreads();
   return before + inc - x;
-}
-
-// One CTA per kv head: the ranked ids outside the skip ranges (the rows a
-// caller attends in full anyway: sinks and window), in rank order, at most
-// keep of them: the host's staticPlusRetrieved drops them the same way.
-__global__ void FilterKept(StepParams p) {
-  __shared__ int scratch[32];
-  const int h = blockIdx.x;
-  const int64_t ranked = Ranked(p, h), keep = p.params[h * kParams + 3];
-  int64_t n = 0;  // the same in every thread
-  for (int64_t i0 = 0; i0 < ranked && n < keep; i0 += blockDim.x) {
-    const int64_t i = i0 + threadIdx.x;
-    const int32_t id = i < ranked ? p.val2s[size_t(h) * p.tmax + i] : -1;
-    const bool take = i < ranked && !(id >= p.skip[0] && id < p.skip[1]) && !(id >= p.skip[2] && id < p.skip[3]);
-    int total = 0;
-    const int before = BlockExclusiveScan(int(take), scratch, total);
-    if (take && n + before < keep) p.keptIds[size_t(h) * p.width + n + before] = id;
-    n += total;
-  }
-  if (threadIdx.x == 0) p.keptN[h] = min(n, keep);
 }
 
 __global__ void PackIds(StepParams p) {

@@ -2,7 +2,7 @@
 // rankings: 'spread' against the host's default path (ClusterIndex.searchHeads
 // ranking by SPREAD standard deviations, then estimateClusters second order),
 // 'radius' against the older one (searchHeads(..., 'radius'), first-order
-// estimate). The selection equals the host's (the same ids in the same order:
+// estimate). The selection equals the host's (the same ids, ties included:
 // scores are summed in the host's order with its roundings), the estimate
 // equals estimateClusters over the same exact rows within 1e-4 relative (f32
 // tiles against float64); 'spread+attend' (the layer-step: the kept rows and

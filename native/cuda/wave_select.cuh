@@ -1,0 +1,362 @@
+// The wave step's two cuts without sorting: which clusters are probed (ranked
+// by score, taken until their tokens reach the candidate target or the
+// cluster cap) and which candidates are kept (the best `keep` by their own
+// score). Both used to be full CUB radix sorts (8 heads x 65K-131K clusters,
+// then 8 x 168K candidates: a third of the step at 1M) though only the cut
+// matters: what falls before it is attended or estimated as a set.
+//
+// Every element has a unique 64-bit key, (rank order - the head's lowest
+// << 32) | index: the score's order (ascending = better) and, for equal
+// scores, the lower cluster index or token id first, the order the host's
+// stable sort gives. Per kv head the cut is the first element, in key order,
+// where the summed weight (a cluster's tokens; 1 per candidate) reaches the
+// target or the count reaches the cap. It is found as a radix select: the
+// orders' range (OrderRange), a histogram of 4096 bins spanning it, in
+// shared memory (Histogram: scores crowd a few bins, and global atomics on
+// them serialize), the bin the cut falls in (FindBin), that bin's elements
+// gathered (CollectBin), and the rest of their key resolved by 8-bit digits
+// in one CTA (ResolveCut), usually in one or two. Then each element takes
+// its whole weight before the cut, the cut element the remainder up to the
+// target, nothing after (TakeWeights); a scan of those places the taken
+// elements, in index order, so the result does not depend on the order
+// atomics ran in.
+#pragma once
+
+#include "cuda/wave_step_kernels.cuh"
+
+#include <cub/block/block_scan.cuh>
+
+#include <cstdint>
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+constexpr int kBinBits = 12;
+constexpr int kBins = 1 << kBinBits;
+constexpr uint32_t kExcluded = 0xffffffffu;  // an order no score has (a NaN's): never taken
+constexpr int kFindThreads = 1024, kBinsPerThread = kBins / kFindThreads;
+constexpr int kResolveThreads = 256;
+
+// Per kv head: the cut of one selection.
+struct CutState {
+  int64_t wBefore, cBefore;  // weight and count of the elements before the cut's bin, then before the cut
+  uint64_t cut;              // the cut element's key
+  int64_t take;              // weight the cut element gives (the rest of the target, or all of it)
+  int64_t total;             // weight taken in all
+  int32_t bin;               // the cut's bin; kAll: none to resolve (cut ~0: every element taken; cut 0: none)
+  int32_t n;                 // elements gathered from the bin
+};
+constexpr int32_t kAll = -1;
+
+// range[h]: {lowest order, ~highest order} of head h's elements (both kept
+// by atomicMin: memset to 0xff before OrderRange). A bin is (order - lowest) >> shift.
+struct OrderSpan {
+  uint32_t low;
+  int shift;
+  bool empty;
+};
+__device__ __forceinline__ OrderSpan SpanOf(const uint32_t* range, int h) {
+  const uint32_t lo = range[h * 2], hi = ~range[h * 2 + 1];
+  if (lo > hi) return {0, 0, true};
+  const uint32_t span = hi - lo;
+  return {lo, span == 0 ? 0 : max(0, 32 - __clz(span) - kBinBits), false};
+}
+
+// Elements of head h: the clusters (index = cluster, weight = its tokens,
+// target and cap from the step's parameters) ...
+struct ClusterCut {
+  const uint32_t* ord;
+  const int64_t* base;
+  const int32_t* counts;
+  const int64_t* params;
+  __device__ int64_t Begin(int h) const { return base[h]; }
+  __device__ int64_t Len(int h) const { return base[h + 1] - base[h]; }
+  __device__ uint32_t Index(int h, int64_t i) const { return uint32_t(i - base[h]); }
+  __device__ int64_t Weight(int64_t i) const { return counts[i]; }
+  __device__ int64_t Target(int h) const { return params[h * kParams + 1]; }
+  __device__ int64_t Cap(int h) const { return params[h * kParams + 2]; }
+  __device__ int IndexBits(int h) const { return Len(h) > 1 ? 32 - __clz(uint32_t(Len(h) - 1)) : 0; }
+};
+// ... or the candidates (index = token id, weight 1, the best `keep`).
+struct CandidateCut {
+  const uint32_t* ord;
+  const int32_t* cand;
+  const int64_t* sel;
+  const int64_t* params;
+  int64_t tmax;
+  int64_t tokens;  // token ids are below it
+  __device__ int64_t Begin(int h) const { return int64_t(h) * tmax; }
+  __device__ int64_t Len(int h) const { return sel[h * 2 + 1]; }
+  __device__ uint32_t Index(int, int64_t i) const { return uint32_t(cand[i]); }
+  __device__ int64_t Weight(int64_t) const { return 1; }
+  __device__ int64_t Target(int h) const { return params[h * kParams + 3]; }
+  __device__ int64_t Cap(int h) const { return params[h * kParams + 3]; }
+  __device__ int IndexBits(int) const { return tokens > 1 ? 32 - __clz(uint32_t(tokens - 1)) : 0; }
+};
+
+template <typename S>
+__device__ __forceinline__ uint64_t KeyOf(const S& s, uint32_t low, int h, int64_t i) {
+  return (uint64_t(s.ord[i] - low) << 32) | s.Index(h, i);
+}
+
+template <typename S>
+__global__ void OrderRange(S s, uint32_t* range) {
+  const int h = blockIdx.y;
+  const int64_t b = s.Begin(h), n = s.Len(h);
+  uint32_t lo = kExcluded, notHi = kExcluded;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t o = s.ord[b + j];
+    if (o == kExcluded) continue;
+    lo = min(lo, o);
+    notHi = min(notHi, ~o);
+  }
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  notHi = __reduce_min_sync(0xffffffffu, notHi);
+  if ((threadIdx.x & 31) == 0 && lo != kExcluded) {
+    atomicMin(range + h * 2, lo);
+    atomicMin(range + h * 2 + 1, notHi);
+  }
+}
+
+// hist [kvHeads, kBins, 2]: weight and count per bin, summed in shared
+// memory and added to the global bins they touched.
+template <typename S>
+__global__ void Histogram(S s, const uint32_t* range, uint32_t* hist) {
+  __shared__ uint32_t local[kBins * 2];
+  const int h = blockIdx.y;
+  const OrderSpan sp = SpanOf(range, h);
+  if (sp.empty) return;
+  for (int k = threadIdx.x; k < kBins * 2; k += blockDim.x) local[k] = 0;
+  __syncthreads();
+  const int64_t b = s.Begin(h), n = s.Len(h);
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t o = s.ord[b + j];
+    if (o == kExcluded) continue;
+    const uint32_t bin = (o - sp.low) >> sp.shift;
+    atomicAdd(local + bin * 2, uint32_t(s.Weight(b + j)));
+    atomicAdd(local + bin * 2 + 1, 1u);
+  }
+  __syncthreads();
+  uint32_t* hh = hist + size_t(h) * kBins * 2;
+  for (int k = threadIdx.x; k < kBins; k += blockDim.x)
+    if (local[k * 2 + 1]) {
+      atomicAdd(hh + k * 2, local[k * 2]);
+      atomicAdd(hh + k * 2 + 1, local[k * 2 + 1]);
+    }
+}
+
+// One CTA per kv head: the first bin where the weight reaches the target or
+// the count the cap, and what the bins before it hold.
+template <typename S>
+__global__ void __launch_bounds__(kFindThreads) FindBin(S s, const uint32_t* hist, CutState* cuts) {
+  using Scan = cub::BlockScan<longlong2, kFindThreads, cub::BLOCK_SCAN_WARP_SCANS>;  // raking spilled ~1 KB a thread
+  __shared__ typename Scan::TempStorage scanTemp;
+  __shared__ int found;
+  const int h = blockIdx.x;
+  const uint32_t* hh = hist + size_t(h) * kBins * 2;
+  const int64_t target = s.Target(h), cap = s.Cap(h);
+  CutState& c = cuts[h];
+  if (target <= 0 || cap <= 0) {  // nothing is taken: no key is below 0, and the cut takes 0
+    if (threadIdx.x == 0) c = CutState{0, 0, 0, 0, 0, kAll, 0};  // and no key is below cut 0
+    return;
+  }
+  if (threadIdx.x == 0) found = kBins;
+  const int first = threadIdx.x * kBinsPerThread;
+  longlong2 mine = make_longlong2(0, 0);
+  for (int k = 0; k < kBinsPerThread; ++k) {
+    mine.x += hh[(first + k) * 2];
+    mine.y += hh[(first + k) * 2 + 1];
+  }
+  longlong2 before;
+  Scan(scanTemp).ExclusiveScan(mine, before, make_longlong2(0, 0),
+                               [](const longlong2& a, const longlong2& b) { return make_longlong2(a.x + b.x, a.y + b.y); });
+  __syncthreads();
+  int64_t w = before.x, n = before.y;
+  int at = kBins;
+  for (int k = 0; k < kBinsPerThread; ++k) {
+    const int64_t bw = hh[(first + k) * 2], bn = hh[(first + k) * 2 + 1];
+    if (bn > 0 && (w + bw >= target || n + bn >= cap)) {
+      at = first + k;
+      break;
+    }
+    w += bw;
+    n += bn;
+  }
+  if (at < kBins) atomicMin(&found, at);
+  __syncthreads();
+  if (found == kBins) {  // never reached: every element is taken
+    if (threadIdx.x == kFindThreads - 1) c = CutState{w, n, ~0ull, 0, w, kAll, 0};
+  } else if (at == found) {
+    c = CutState{w, n, 0, 0, 0, at, 0};
+  }
+}
+
+// Gathers the keys of the elements in the cut's bin into buf (head h at
+// Begin(h)), with their weights.
+template <typename S>
+__global__ void CollectBin(S s, const uint32_t* range, CutState* cuts, uint64_t* buf, int64_t* bufW) {
+  const int h = blockIdx.y;
+  const int32_t bin = cuts[h].bin;
+  if (bin == kAll || s.Target(h) <= 0 || s.Cap(h) <= 0) return;
+  const OrderSpan sp = SpanOf(range, h);
+  const int64_t b = s.Begin(h), n = s.Len(h);
+  const int lane = threadIdx.x & 31;
+  for (int64_t j0 = int64_t(blockIdx.x) * blockDim.x; j0 < n; j0 += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    const bool in = j < n && s.ord[b + j] != kExcluded && int32_t((s.ord[b + j] - sp.low) >> sp.shift) == bin;
+    const unsigned mask = __ballot_sync(0xffffffffu, in);
+    if (!mask) continue;
+    int at = 0;
+    if (lane == __ffs(mask) - 1) at = atomicAdd(&cuts[h].n, __popc(mask));
+    at = __shfl_sync(0xffffffffu, at, __ffs(mask) - 1) + __popc(mask & ((1u << lane) - 1));
+    if (in) {
+      buf[b + at] = KeyOf(s, sp.low, h, b + j);
+      bufW[b + at] = s.Weight(b + j);
+    }
+  }
+}
+
+// One CTA per kv head: the exact cut among the gathered keys, digit by digit
+// below the bin's bits (keys are unique: it ends at one element, often
+// early, when a digit holds a single key).
+template <typename S>
+__global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_t* range, CutState* cuts, const uint64_t* buf,
+                                                              const int64_t* bufW) {
+  __shared__ unsigned long long histW[256];
+  __shared__ unsigned int histN[256];
+  __shared__ uint64_t prefix;
+  __shared__ int64_t wBefore, cBefore, wCut;
+  __shared__ int low, single;
+  const int h = blockIdx.x;
+  CutState& c = cuts[h];
+  if (c.bin == kAll || s.Target(h) <= 0 || s.Cap(h) <= 0) return;
+  const int64_t b = s.Begin(h), n = c.n, target = s.Target(h), cap = s.Cap(h);
+  const int top0 = 32 + SpanOf(range, h).shift;  // bits below the bin's
+  const int indexBits = s.IndexBits(h);
+  if (threadIdx.x == 0) {
+    prefix = uint64_t(uint32_t(c.bin)) << top0;
+    wBefore = c.wBefore;
+    cBefore = c.cBefore;
+    low = top0;
+    single = 0;
+    wCut = 0;
+  }
+  __syncthreads();
+  while (low > 0 && !single) {
+    const int top = low, shift = max(0, top - 8), digits = 1 << (top - shift);
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) histW[k] = 0, histN[k] = 0;
+    __syncthreads();
+    const uint64_t known = prefix, high = ~0ull << top;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const uint64_t key = buf[b + j];
+      if ((key & high) != known) continue;
+      const int digit = int((key >> shift) & uint64_t(digits - 1));
+      atomicAdd(&histW[digit], (unsigned long long)bufW[b + j]);
+      atomicAdd(&histN[digit], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // the first digit where the target or the cap is reached: a warp, 8 digits a lane
+      const int lane = threadIdx.x, d0 = lane * 8;
+      int64_t lw = 0, ln = 0;
+      for (int k = d0; k < d0 + 8; ++k) lw += int64_t(histW[k]), ln += histN[k];
+      int64_t ew = lw, en = ln;  // inclusive scans over the lanes, then exclusive
+      for (int o = 1; o < 32; o <<= 1) {
+        const int64_t yw = __shfl_up_sync(0xffffffffu, ew, o), yn = __shfl_up_sync(0xffffffffu, en, o);
+        if (lane >= o) ew += yw, en += yn;
+      }
+      int64_t w = wBefore + ew - lw, m = cBefore + en - ln;
+      int at = 256;
+      for (int k = d0; k < d0 + 8; ++k) {
+        if (histN[k] > 0 && (w + int64_t(histW[k]) >= target || m + int64_t(histN[k]) >= cap)) {
+          at = k;
+          break;
+        }
+        w += int64_t(histW[k]);
+        m += histN[k];
+      }
+      const unsigned hit = __ballot_sync(0xffffffffu, at < 256);
+      if (!hit && lane == 0) single = 1;  // cannot happen (FindBin's bin holds the cut); never loop on it
+      if (hit && lane == __ffs(hit) - 1) {
+        prefix = known | (uint64_t(at) << shift);
+        wBefore = w;
+        cBefore = m;
+        // Index bits above the largest index are 0 in every key: skip them
+        // (all keys tied on their order would otherwise crowd one digit).
+        low = shift <= 32 && shift > indexBits ? indexBits : shift;
+        single = histN[at] == 1;
+      }
+    }
+    __syncthreads();
+  }
+  // The cut's key: found whole, or the one key under the prefix.
+  __shared__ uint64_t cutKey;
+  const uint64_t want = prefix, mask = ~0ull << low;
+  if (threadIdx.x == 0) cutKey = want;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    if ((buf[b + j] & mask) == want) {  // one key matches
+      cutKey = buf[b + j];
+      wCut = bufW[b + j];
+    }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    c.cut = cutKey;
+    c.wBefore = wBefore;
+    c.cBefore = cBefore;
+    c.total = min(target, wBefore + wCut);
+    c.take = c.total - wBefore;
+  }
+}
+
+// What element i of head h takes: all of its weight before the cut, the
+// cut's share at it, nothing after.
+template <typename S>
+__device__ __forceinline__ int64_t Taken(const S& s, uint32_t low, const CutState& c, int h, int64_t i) {
+  if (s.ord[i] == kExcluded) return 0;
+  const uint64_t key = KeyOf(s, low, h, i);
+  return key < c.cut ? s.Weight(i) : key == c.cut ? c.take : 0;
+}
+
+// take[Begin(h) + j]: element j's share; blockIdx.y: the kv head.
+// span: the positions written from Begin(h), zeros past Len(h) (the
+// candidates: tmax); 0: Len(h) (the clusters, whose heads abut).
+template <typename S, typename T>
+__global__ void TakeWeights(S s, const uint32_t* range, const CutState* cuts, T* take, int64_t span) {
+  const int h = blockIdx.y;
+  const uint32_t low = SpanOf(range, h).low;
+  const int64_t b = s.Begin(h), n = s.Len(h), end = span > 0 ? span : n;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < end; j += int64_t(gridDim.x) * blockDim.x)
+    take[b + j] = j < n ? T(Taken(s, low, cuts[h], h, b + j)) : T(0);
+}
+
+// Members of the clusters taken (cnt: how many of each, the cut's first
+// ones), in cluster order, into cand[h, 0 .. m); m into sel.
+__global__ void GatherCandidates(StepParams p, const CutState* cuts) {
+  const int h = blockIdx.y;
+  const int64_t b = p.base[h], r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r == 0) p.sel[h * 2 + 1] = cuts[h].total;
+  if (r >= p.base[h + 1] - b) return;
+  const int64_t i = b + r, take = p.cnt[i];
+  if (take == 0) return;
+  const int64_t at = p.cum[i] - take - (b == 0 ? 0 : p.cum[b - 1]);
+  const int32_t* src = p.members + size_t(h) * p.N + p.memberStart[i];
+  int32_t* dst = p.cand + size_t(h) * p.tmax + at;
+  for (int64_t k = 0; k < take; ++k) dst[k] = src[k];
+}
+
+// The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]).
+__global__ void ScatterKept(StepParams p, const CutState* cuts) {
+  const int h = blockIdx.y;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j == 0) p.keptN[h] = cuts[h].total;
+  if (j >= p.tmax) return;
+  const size_t i = size_t(h) * p.tmax + j;
+  if (!p.take2[i]) return;
+  const int64_t at = p.cum2[i] - 1 - (h == 0 ? 0 : p.cum2[size_t(h) * p.tmax - 1]);
+  p.keptIds[size_t(h) * p.width + at] = p.cand[i];
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kvr
