@@ -28,8 +28,8 @@
 // ones: on the H100 with a tight pool it hit 0.85 against LRU's 0.90, so it
 // was dropped.)
 import { BlockSummary, buildBlockSummary, loadBlockSummary } from './block-summary.js';
-import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection, SelectionPart } from './method.js';
-import { blockAligned, inside, staticRanges } from './static-plus-retrieved.js';
+import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection } from './method.js';
+import { blockSelection } from './static-plus-retrieved.js';
 
 interface Policy {
   /** Share of the block budget given to the query-agnostic top-importance blocks. */
@@ -103,24 +103,9 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
   return {
     name,
     builder: blockSummaryBuilder,
-    async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
+    select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
       const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
-      const docTokens = ctx.offsets[ctx.offsets.length - 1];
-      const parts: SelectionPart[] = [];
-      let scanned = 0;
-      for (let s = 0; s < ctx.segments.length; s++) {
-        const segment = ctx.segments[s];
-        const heads = ctx.indexes[s] as BlockSummary[] | undefined;
-        if (!heads || segment.tokens === 0) {
-          for (const [begin, end] of staticRanges(ctx, s, p)) parts.push({ segment, begin, end });
-          continue;
-        }
-        const size = heads[0].blockSize;
-        const ranges = blockAligned(staticRanges(ctx, s, p), size, segment.tokens);
-        for (const [begin, end] of ranges) parts.push({ segment, begin, end });
-        const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
-        const budget = Math.min(heads[0].blocks, Math.ceil(share / size));
-        const ids: Int32Array[] = [], priority: Uint8Array[] = [];
+      return blockSelection<BlockSummary>(ctx, p, async (s, heads, budget) => {
         const maxNew = maxNewCount(budget, policy);
         const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew);
         const states = heads.map((_, h) => {
@@ -134,24 +119,21 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         const prev = states.map((st) => st.selected);
         const scored = await BlockSummary.topHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach, prev, ctx.blockScorer);
         const agnostic = agnosticCount(budget, policy);
+        const ids: Int32Array[] = [], priority: Uint8Array[] = [];
+        let scanned = 0;
         for (let h = 0; h < ctx.kvHeads; h++) {
           const summary = heads[h];
           scanned += (summary.blocks * summary.reps) / ctx.kvHeads;
           const chosen = choose(summary, scored[h].order, prev[h], scored[h].extraScores, budget, policy).sort();
           states[h].selected = chosen;
-          // Blocks the static part already covers are attended there; the
-          // query-agnostic ones are a pool class above the rest.
-          const kept = new Int32Array(chosen.length);
-          let n = 0;
-          for (let i = 0; i < chosen.length; i++) if (!inside(ranges, chosen[i] * size)) kept[n++] = chosen[i];
-          const rank = summary.importanceRank, cls = new Uint8Array(n);
-          if (policy.protectAgnostic) for (let i = 0; i < n; i++) cls[i] = rank[kept[i]] < agnostic ? 1 : 0;
-          ids.push(kept.subarray(0, n));
+          // The query-agnostic blocks are a pool class above the rest.
+          const rank = summary.importanceRank, cls = new Uint8Array(chosen.length);
+          if (policy.protectAgnostic) for (let i = 0; i < chosen.length; i++) cls[i] = rank[chosen[i]] < agnostic ? 1 : 0;
+          ids.push(chosen);
           priority.push(cls);
         }
-        parts.push({ segment, blocks: { size, ids, priority } });
-      }
-      return { parts, scanned };
+        return { ids, priority, scanned };
+      });
     },
   };
 }

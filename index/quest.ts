@@ -16,8 +16,8 @@
 // of this width scores them on the GPU.
 import { convert, topkHeads, widenWords, type KvDtype } from '../addon/kernels.js';
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
-import type { BlockMeans, BlockScorer, BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection, SelectionPart } from './method.js';
-import { blockAligned, inside, staticRanges } from './static-plus-retrieved.js';
+import type { BlockMeans, BlockScorer, BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection } from './method.js';
+import { blockSelection } from './static-plus-retrieved.js';
 
 /** Tokens per block: the GPU pool's block, so selected blocks are pool blocks. */
 export const QUEST_BLOCK = DEFAULT_BLOCK_SIZE;
@@ -152,30 +152,11 @@ export const questBuilder: HeadIndexBuilder = { build: buildQuestSummary, load: 
 export const quest: RetrievalMethod = {
   name: 'quest',
   builder: questBuilder,
-  async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
+  select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
     const G = ctx.qHeads / ctx.kvHeads;
-    const docTokens = ctx.offsets[ctx.offsets.length - 1];
-    const parts: SelectionPart[] = [];
-    let scanned = 0;
-    for (let s = 0; s < ctx.segments.length; s++) {
-      const segment = ctx.segments[s];
-      const heads = ctx.indexes[s] as QuestSummary[] | undefined;
-      if (!heads || segment.tokens === 0) {
-        for (const [begin, end] of staticRanges(ctx, s, p)) parts.push({ segment, begin, end });
-        continue;
-      }
-      const size = heads[0].blockSize;
-      const ranges = blockAligned(staticRanges(ctx, s, p), size, segment.tokens);
-      for (const [begin, end] of ranges) parts.push({ segment, begin, end });
-      // The document's share of the budget, in blocks.
-      const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
-      const budget = Math.min(heads[0].blocks, Math.ceil(share / size));
+    return blockSelection<QuestSummary>(ctx, p, async (_s, heads, budget) => {
       const top = await QuestSummary.topHeads(heads, q.subarray(0, ctx.qHeads * ctx.headDim), G, budget, ctx.blockScorer);
-      // Blocks the static part covers are attended there.
-      const ids = top.map((blocks) => blocks.filter((b) => !inside(ranges, b * size)).sort());
-      scanned += heads[0].blocks;
-      parts.push({ segment, blocks: { size, ids } });
-    }
-    return { parts, scanned };
+      return { ids: top.map((blocks) => blocks.sort()), scanned: heads[0].blocks };
+    });
   },
 };

@@ -3,7 +3,7 @@
 // what the method's per-head index retrieves from each document. The two are
 // disjoint (retrieved ids inside the static ranges are dropped), so the
 // kernel's log-sum-exp merge of the parts is the attention over their union.
-import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchMemo, SearchParams, Selection, SelectionPart } from './method.js';
+import type { BlockList, HeadIndex, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchMemo, SearchParams, Selection, SelectionPart } from './method.js';
 
 export type Range = [number, number];
 
@@ -44,6 +44,59 @@ export function blockAligned(ranges: Range[], size: number, tokens: number): Ran
     else out.push(r);
   }
   return out;
+}
+
+/** A per-kv-head block index of a document (block-select's summaries, quest's bounds). */
+export interface BlockIndex extends HeadIndex {
+  readonly blocks: number;
+  readonly blockSize: number;
+}
+
+/**
+ * The selection every block method makes: per segment its static ranges
+ * (widened to whole blocks where the segment is indexed, so no block is
+ * split between the parts), and in each indexed document segment the
+ * blocks `pick` chooses within the segment's share of the budget (in
+ * blocks), less those the static ranges already cover.
+ */
+export async function blockSelection<H extends BlockIndex>(
+  ctx: LayerContext,
+  p: SearchParams,
+  pick: (s: number, heads: H[], budget: number) => Promise<{ ids: Int32Array[]; priority?: Uint8Array[]; scanned: number }>,
+): Promise<Selection> {
+  const docTokens = ctx.offsets[ctx.offsets.length - 1];
+  const parts: SelectionPart[] = [];
+  let scanned = 0;
+  for (let s = 0; s < ctx.segments.length; s++) {
+    const segment = ctx.segments[s];
+    const heads = ctx.indexes[s] as H[] | undefined;
+    if (!heads || segment.tokens === 0) {
+      for (const [begin, end] of staticRanges(ctx, s, p)) parts.push({ segment, begin, end });
+      continue;
+    }
+    const size = heads[0].blockSize;
+    const ranges = blockAligned(staticRanges(ctx, s, p), size, segment.tokens);
+    for (const [begin, end] of ranges) parts.push({ segment, begin, end });
+    const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
+    const picked = await pick(s, heads, Math.min(heads[0].blocks, Math.ceil(share / size)));
+    scanned += picked.scanned;
+    // Blocks the static part covers are attended there (with their classes, where given).
+    const ids: Int32Array[] = [], priority: Uint8Array[] = [];
+    for (const [h, chosen] of picked.ids.entries()) {
+      const kept = new Int32Array(chosen.length), cls = new Uint8Array(chosen.length);
+      let n = 0;
+      for (let i = 0; i < chosen.length; i++)
+        if (!inside(ranges, chosen[i] * size)) {
+          cls[n] = picked.priority?.[h][i] ?? 0;
+          kept[n++] = chosen[i];
+        }
+      ids.push(kept.subarray(0, n));
+      priority.push(cls.subarray(0, n));
+    }
+    const blocks: BlockList = picked.priority ? { size, ids, priority } : { size, ids };
+    parts.push({ segment, blocks });
+  }
+  return { parts, scanned };
 }
 
 /** The search memo of document segment s in this session's layer. */
