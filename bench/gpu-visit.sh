@@ -11,11 +11,18 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 blocks dense decode decode-wave ra-search (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
 # generates the keys and builds the graph (minutes); later runs reuse them.
+#
+# preload-shards needs no GPU but the host's cores (issue #14's preload at
+# >= 2 GB/s): LMDB block writes alone over 1, 2, 4, 8 shards (libuv pool 16,
+# then 1 vs 4 with libuv's 4), the preload over the stream with the server's
+# default (kvrecall.cjs: pool 16) against 1 shard and 2, 4, 8 alternated,
+# and one layer per stream (--inflight 2), and the Python client with 1 shard
+# and the default; about 3 minutes, results tagged with the card's name.
 #
 # Each stage has its own time limit so one hang cannot eat the visit; the
 # log and every bench/results file the visit wrote land in $OUT.
@@ -41,6 +48,20 @@ for s in $stages; do
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
     decode) step 300 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
     decode-wave) step 240 decode-wave node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave ;;
+    preload-shards)
+      g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-host}
+      nproc | tee -a "$L"; uptime | tee -a "$L"
+      step 60 lmdb-write-shards env KVRECALL_BENCH_TAG=$g-shards UV_THREADPOOL_SIZE=16 node dist/bench/lmdb-write.js --rounds 3 --shards 1,2,4,8
+      step 30 lmdb-write-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/lmdb-write.js --rounds 2 --shards 1,4
+      step 75 preload-shards env KVRECALL_BENCH_TAG=$g-shards node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2 --shards 0,1,2,4,8
+      step 40 preload-shards-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2 --shards 1,2 --pool 4
+      step 40 preload-shards-inflight2 env KVRECALL_BENCH_TAG=$g-shards-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --inflight 2 --shards 1,0
+      if python3 -c 'import numpy, msgpack' 2>/dev/null; then
+        for n in 1 4; do
+          (cd clients/python && step 45 preload-python-shards$n env KVRECALL_LMDB_SHARDS=$n UV_THREADPOOL_SIZE=16 KVRECALL_NODE="$(command -v node)" python3 -m kvrecall.bench_preload --serve --tokens 262144 --layers 2 --rounds 2 --out "$OUT/results/preload-python-$g-shards$n.json")
+        done
+      fi
+      uptime | tee -a "$L" ;;
     ra-search) step 420 ra-search node dist/bench/ra-search.js --reps 3 --out bench/results/ra-search-1048576-host.md ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac

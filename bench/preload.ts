@@ -1,4 +1,4 @@
-// node dist/bench/preload.js [--tokens 262144 --layers 2 --chunk 4096 --rounds 2 --inflight 1 --via stream --window 2]
+// node dist/bench/preload.js [--tokens 262144 --layers 2 --chunk 4096 --rounds 2 --inflight 1 --via stream --window 2 --shards 1,4 --pool 16]
 //
 // Preload and seal over loopback, as `kvrecall preload` does it: the
 // TypeScript client uploads each layer in chunks of `chunk` tokens (8 kv
@@ -16,6 +16,10 @@
 // may be shared: beside wall times, the CPU seconds the server process (all
 // its threads: LMDB's writer, the kernel's work on its behalf) and the
 // client spent, which move less with other load. Results:
+// --shards: the server's LMDB block shards (--lmdb-shards), each count
+// once per round, in turn (unset: the server's default); --pool: the
+// server's libuv pool (UV_THREADPOOL_SIZE; each shard's commits hold one of
+// its threads). Results:
 // bench/results/preload-<tag>.{json,md} (tag: KVRECALL_BENCH_TAG, default vm).
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -31,6 +35,8 @@ const arg = (name: string, def: number) => {
   return i >= 0 ? Number(process.argv[i + 1]) : def;
 };
 const TOKENS = arg('tokens', 1 << 18), LAYERS = arg('layers', 2), CHUNK = arg('chunk', 4096), ROUNDS = arg('rounds', 2), INFLIGHT = arg('inflight', 1), WINDOW = arg('window', 2), SOURCES = 8;
+const SHARDS = process.argv.includes('--shards') ? process.argv[process.argv.indexOf('--shards') + 1].split(',').map(Number) : [0];
+const POOL = arg('pool', 0);
 const VIA = process.argv.includes('--via') ? process.argv[process.argv.indexOf('--via') + 1] : 'stream';
 if (VIA !== 'stream' && VIA !== 'http') throw new Error('--via stream|http');
 const model = { layers: LAYERS, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
@@ -48,10 +54,13 @@ const clientCpu = () => {
   return (u.user + u.system) / 1e6;
 };
 
-async function startServer(dir: string): Promise<{ url: string; pid: number; stop(): Promise<void> }> {
+async function startServer(dir: string, shards: number): Promise<{ url: string; pid: number; stop(): Promise<void> }> {
   // KVRECALL_SERVER_FLAGS: node flags for the server process (e.g. --cpu-prof --cpu-prof-dir=DIR to see where its time goes).
   const flags = (process.env.KVRECALL_SERVER_FLAGS ?? '').split(' ').filter(Boolean);
-  const proc = spawn(process.execPath, [...flags, join(import.meta.dirname, '..', 'cli', 'cli.js'), 'serve', '--port', '0', '--data', dir, '--gpu-budget', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const args = ['serve', '--port', '0', '--data', dir, '--gpu-budget', '0', ...(shards > 0 ? ['--lmdb-shards', String(shards)] : [])];
+  const env = POOL > 0 ? { ...process.env, UV_THREADPOOL_SIZE: String(POOL) } : process.env;
+  // kvrecall.cjs, as `kvrecall serve` runs: libuv's pool at 16 unless UV_THREADPOOL_SIZE (or --pool) says otherwise.
+  const proc = spawn(process.execPath, [...flags, join(import.meta.dirname, '..', 'cli', 'kvrecall.cjs'), ...args], { stdio: ['ignore', 'pipe', 'inherit'], env });
   const url = await new Promise<string>((resolve, reject) => {
     proc.stdout.on('data', (d: Buffer) => {
       const m = /listening on (http:\/\/\S+)/.exec(d.toString());
@@ -71,6 +80,8 @@ function randomChunk(): Uint16Array {
 }
 
 interface Round {
+  /** The server's --lmdb-shards (0: its default). */
+  shards: number;
   uploadS: number;
   sealS: number;
   /** CPU seconds of the server process over the uploads and over the seal, and of the client over the uploads. */
@@ -84,9 +95,9 @@ interface Round {
   load: number;
 }
 
-async function round(sources: Uint16Array[], i: number): Promise<Round> {
+async function round(sources: Uint16Array[], i: number, shards: number): Promise<Round> {
   const dir = mkdtempSync(join(tmpdir(), 'kvr-preload-'));
-  const server = await startServer(dir);
+  const server = await startServer(dir, shards);
   try {
     const client = new KvrecallClient({ url: server.url });
     const load = loadavg()[0];
@@ -122,7 +133,7 @@ async function round(sources: Uint16Array[], i: number): Promise<Round> {
     await client.sealDocument(`doc${i}`);
     const t2 = performance.now();
     const c2 = cpuSeconds(server.pid);
-    return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverMainCpuS: m1 - m0, serverSealCpuS: c2 - c1, clientUploadCpuS: k1 - k0, phases, load };
+    return { shards, uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverMainCpuS: m1 - m0, serverSealCpuS: c2 - c1, clientUploadCpuS: k1 - k0, phases, load };
   } finally {
     await server.stop();
     rmSync(dir, { recursive: true, force: true });
@@ -132,13 +143,14 @@ async function round(sources: Uint16Array[], i: number): Promise<Round> {
 async function main(): Promise<void> {
   const sources = Array.from({ length: SOURCES }, randomChunk);
   const rounds: Round[] = [];
-  for (let i = 0; i < ROUNDS; i++) {
-    rounds.push(await round(sources, i));
-    const r = rounds[rounds.length - 1];
-    progress(`round ${i}: upload ${r.uploadS.toFixed(2)} s (${(BYTES / r.uploadS / 1e9).toFixed(2)} GB/s), seal ${r.sealS.toFixed(2)} s; load ${r.load.toFixed(1)}`);
-  }
+  for (let i = 0; i < ROUNDS; i++)
+    for (const shards of SHARDS) {
+      rounds.push(await round(sources, i, shards));
+      const r = rounds[rounds.length - 1];
+      progress(`round ${i}, shards ${shards || 'default'}: upload ${r.uploadS.toFixed(2)} s (${(BYTES / r.uploadS / 1e9).toFixed(2)} GB/s), seal ${r.sealS.toFixed(2)} s; load ${r.load.toFixed(1)}`);
+    }
   const best = rounds.reduce((a, b) => (b.uploadS + b.sealS < a.uploadS + a.sealS ? b : a));
-  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, inflight: INFLIGHT, via: VIA, window: WINDOW, model, bytes: BYTES, rounds, best };
+  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, inflight: INFLIGHT, via: VIA, shards: SHARDS, uvThreadpool: POOL || process.env.UV_THREADPOOL_SIZE || 16, window: WINDOW, model, bytes: BYTES, rounds, best };
   const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
   const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `preload-${tag}`);
   writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
@@ -147,13 +159,13 @@ async function main(): Promise<void> {
   const lines = [
     `# Preload and seal over loopback (${m.cpu}, ${m.cores} cores)`,
     '',
-    `TypeScript client → server in its own process on 127.0.0.1, LMDB store; ${LAYERS} layer(s) × ${TOKENS} tokens × ${model.kvHeads} kv heads × d=${model.headDim}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens (${((CHUNK * model.kvHeads * model.headDim * 4) / 2 ** 20).toFixed(0)} MiB bodies) ${VIA === 'stream' ? `over the stream, ${WINDOW} unanswered per layer in flight` : 'over HTTP, one at a time per layer in flight'}, ${INFLIGHT} layer(s) in flight, created with the tokens hint, methods: exact only. Seal = the seal call until durable. Server phases summed over the uploads (from each answer's stats).`,
+    `TypeScript client → server in its own process on 127.0.0.1, LMDB store; ${LAYERS} layer(s) × ${TOKENS} tokens × ${model.kvHeads} kv heads × d=${model.headDim}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens (${((CHUNK * model.kvHeads * model.headDim * 4) / 2 ** 20).toFixed(0)} MiB bodies) ${VIA === 'stream' ? `over the stream, ${WINDOW} unanswered per layer in flight` : 'over HTTP, one at a time per layer in flight'}, ${INFLIGHT} layer(s) in flight, created with the tokens hint, methods: exact only; LMDB block shards ${SHARDS.map((n) => n || "the server's default").join(', ')}${SHARDS.length > 1 ? ' in turn within each round' : ''}, the server's libuv pool ${POOL || process.env.UV_THREADPOOL_SIZE || "16 (kvrecall's default)"}. Seal = the seal call until durable. Server phases summed over the uploads (from each answer's stats).`,
     '',
     'Seconds; "GB per server CPU s": the K/V bytes over the server process\'s CPU seconds for the uploads (every thread), the cost that moves least with other load.',
     '',
-    '| round | load | upload s | upload GB/s | server CPU s | of it main thread | client CPU s | GB per server CPU s | GB per main-thread CPU s | seal s | seal GB/s | read | decode | queue | check | append | write |',
-    '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-    ...rounds.map((r, i) => `| ${i} | ${r.load.toFixed(1)} | ${r.uploadS.toFixed(2)} | ${gbs(r.uploadS)} | ${r.serverUploadCpuS.toFixed(2)} | ${r.serverMainCpuS.toFixed(2)} | ${r.clientUploadCpuS.toFixed(2)} | ${gbs(r.serverUploadCpuS)} | ${gbs(r.serverMainCpuS)} | ${r.sealS.toFixed(2)} | ${gbs(r.sealS)} | ${PHASES.map((p) => r.phases[p].toFixed(2)).join(' | ')} |`),
+    '| round | shards | load | upload s | upload GB/s | server CPU s | of it main thread | client CPU s | GB per server CPU s | GB per main-thread CPU s | seal s | seal GB/s | read | decode | queue | check | append | write |',
+    '| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ...rounds.map((r, i) => `| ${Math.floor(i / SHARDS.length)} | ${r.shards || 'default'} | ${r.load.toFixed(1)} | ${r.uploadS.toFixed(2)} | ${gbs(r.uploadS)} | ${r.serverUploadCpuS.toFixed(2)} | ${r.serverMainCpuS.toFixed(2)} | ${r.clientUploadCpuS.toFixed(2)} | ${gbs(r.serverUploadCpuS)} | ${gbs(r.serverMainCpuS)} | ${r.sealS.toFixed(2)} | ${gbs(r.sealS)} | ${PHASES.map((p) => r.phases[p].toFixed(2)).join(' | ')} |`),
     '',
   ];
   writeFileSync(`${base}.md`, lines.join('\n'));

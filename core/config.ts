@@ -30,6 +30,16 @@ export interface Config {
    * Unset or 0: wave steps run on the host path.
    */
   gpuWaveBudget?: number;
+  /**
+   * LMDB environments a document's blocks are spread over, each with its
+   * own writer (storage/lmdb-shards.ts). Unset: one per 4 cores, at most 4.
+   */
+  lmdbShards?: number;
+  /**
+   * Threads in libuv's pool, as UV_THREADPOOL_SIZE said when the process
+   * started (libuv reads it once; `kvrecall` sets 16 when unset).
+   */
+  threadPool: number;
   /** Open decode streams (`GET /v1/stream`) at most; more are refused with 503. */
   maxStreams: number;
   /** A stream message begun must progress within this many ms, else the connection is closed (1008). */
@@ -42,6 +52,7 @@ export const DEFAULTS: Config = {
   dataDir: './kvrecall-data',
   bodyLimit: 256 * 1024 * 1024,
   memoryBudget: Math.floor(totalmem() * 0.8),
+  threadPool: 4,
   maxStreams: 1024,
   streamIdleMs: 30_000,
 };
@@ -56,12 +67,13 @@ const FLAGS: Record<string, keyof Config> = {
   '--memory-budget': 'memoryBudget',
   '--gpu-budget': 'gpuBudget',
   '--gpu-wave-budget': 'gpuWaveBudget',
+  '--lmdb-shards': 'lmdbShards',
   '--max-streams': 'maxStreams',
   '--stream-idle-ms': 'streamIdleMs',
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'maxStreams', 'streamIdleMs'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -71,6 +83,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
+  if (env.UV_THREADPOOL_SIZE && Number(env.UV_THREADPOOL_SIZE) >= 1) cfg.threadPool = Math.floor(Number(env.UV_THREADPOOL_SIZE));
+  if (env.KVRECALL_LMDB_SHARDS) cfg.lmdbShards = nonNegative(env.KVRECALL_LMDB_SHARDS, 'KVRECALL_LMDB_SHARDS');
   if (env.KVRECALL_MAX_STREAMS) cfg.maxStreams = nonNegative(env.KVRECALL_MAX_STREAMS, 'KVRECALL_MAX_STREAMS');
   if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');
   for (let i = 0; i < argv.length; i++) {
@@ -84,6 +98,9 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   // At most 2^30 ms (12 days): timers and the native socket reader take no more.
   if (cfg.streamIdleMs < 1 || cfg.streamIdleMs > 2 ** 30)
     throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a number of milliseconds in [1, 2^30]');
+  // storage/lmdb-shards.ts MAX_SHARDS (core sits below storage).
+  if (cfg.lmdbShards !== undefined && (cfg.lmdbShards < 1 || cfg.lmdbShards > 64))
+    throw invalid('--lmdb-shards (KVRECALL_LMDB_SHARDS) takes a number of LMDB environments in [1, 64]');
   if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))
     throw invalid(`--store (KVRECALL_STORE) takes a Redis Cluster seed list, redis://HOST:PORT[,HOST:PORT...], not ${cfg.store}`);
   return cfg;

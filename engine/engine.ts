@@ -16,6 +16,10 @@ export interface EngineOptions {
   dataDir: string;
   /** A Redis Cluster seed list (`redis://HOST:PORT[,HOST:PORT...]`) to keep documents on instead of LMDB in dataDir. */
   store?: string;
+  /** LMDB environments a document's blocks are spread over (unset: the store's default). */
+  lmdbShards?: number;
+  /** Threads in libuv's pool (for the default shard count). */
+  threadPool?: number;
   /** Host bytes the KV of documents and sessions may hold. */
   memoryBudget: number;
   /** Device bytes for the GPU block pool (0: CPU only; unset: 80% of free device memory). */
@@ -54,5 +58,5 @@ export class Engine {
 function openStore(opts: EngineOptions): Promise<OpenedStore> {
   if (opts.store) return RedisStore.open(opts.store);
   mkdirSync(opts.dataDir, { recursive: true });
-  return LmdbStore.open(opts.dataDir);
+  return LmdbStore.open(opts.dataDir, { shards: opts.lmdbShards, threadPool: opts.threadPool });
 }

@@ -6,27 +6,48 @@
 //   blocks [doc, layer, head, block]   -> K bytes then V bytes of up to
 //                                         blockSize tokens, storage dtype
 //   artifacts [doc, method, layer, head] -> a retrieval method's index bytes
-// A document is `ready` only when the transaction that writes its last
-// blocks and its ready metadata has committed and been flushed. A document
-// still `loading` when the store opens was cut off by a crash: its blocks
-// are dropped and it is reported `incomplete`.
+// Blocks are spread over shards (`lmdb-shards.ts`: the main environment and
+// `blocks-<i>/` environments beside it), each with its own writer; metadata
+// and artifacts stay in the main environment. A document is `ready` only
+// once every shard's blocks of it are committed and flushed, and then the
+// transaction that writes its ready metadata has been. A document still
+// `loading` when the store opens was cut off by a crash: its blocks are
+// dropped in every shard and it is reported `incomplete`.
 //
-// The environment commits without syncing (noSync) and syncs once where a
+// Every environment commits without syncing (noSync) and syncs once where a
 // change must be durable (open's recovery, seal, added artifacts, delete):
 // a loading document's block writes need no fsync of their own (it is not
 // durable before seal), and a sync per commit held them to 0.26–0.28 GB/s
 // on the 2-core VM against 0.83–1.06 GB/s without (16 MiB batches). LMDB
 // stays consistent without sync (no write map): a system crash can lose
 // only the commits after the last sync, a process crash none.
+import { availableParallelism } from 'node:os';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { copyViews } from '../addon/copy-ranges.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
+import { BlockShards, syncEnv, type BlockKey } from './lmdb-shards.js';
 
-type BlockKey = [string, number, number, number];
 type ArtifactKey = [string, string, number, number];
+
+export interface LmdbStoreOptions {
+  /** Environments new blocks are spread over (1: all in the main one, as before shards). Default: defaultShards(). */
+  shards?: number;
+  /** Threads of libuv's pool (UV_THREADPOOL_SIZE as the process started), for the default shard count. */
+  threadPool?: number;
+}
+
+/**
+ * One writer per 4 cores, at most 8, and 2 fewer than libuv's pool has
+ * threads (`pool`: UV_THREADPOOL_SIZE as the process started, default 4):
+ * a shard's commit holds a pool thread while it runs, and an upload's
+ * copies and the segments' prefault need theirs beside the writers.
+ */
+export function defaultShards(cores = availableParallelism(), pool = 4): number {
+  return Math.max(1, Math.min(8, Math.floor(cores / 4), pool - 2));
+}
 
 export class LmdbStore implements DocumentStore {
   readonly name = 'LMDB';
@@ -34,30 +55,46 @@ export class LmdbStore implements DocumentStore {
   private readonly meta: Database<DocumentMeta, string>;
   private readonly blocks: Database<Buffer, BlockKey>;
   private readonly artifacts: Database<Buffer, ArtifactKey>;
+  private readonly shards: BlockShards;
   /** Block writes not yet committed, and the staging buffers their values sit in. */
   private readonly inflight = new Set<Promise<void>>();
   private readonly staging = new BufferPool(4);
 
-  private constructor(path: string) {
+  private constructor(path: string, shards: number) {
     // noSubdir: false, or a folder name with a dot is taken for a file name.
     this.root = open({ path, maxDbs: 8, mapSize: 2 ** 40, noSubdir: false, noSync: true });
     this.meta = this.root.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' });
     this.blocks = this.root.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
     this.artifacts = this.root.openDB<Buffer, ArtifactKey>({ name: 'artifacts', encoding: 'binary' });
+    try {
+      this.shards = BlockShards.open(path, this.blocks, shards);
+    } catch (e) {
+      void this.root.close();
+      throw e;
+    }
   }
 
-  /** Opens (or creates) the store and marks crash-interrupted documents incomplete. */
-  static async open(path: string): Promise<{ store: LmdbStore; recovered: string[] }> {
-    const store = new LmdbStore(path);
+  /**
+   * Opens (or creates) the store and marks crash-interrupted documents
+   * incomplete. A store written before shards (every block in the main
+   * environment) opens as it is: blocks are read from every shard.
+   */
+  static async open(path: string, opts: LmdbStoreOptions = {}): Promise<{ store: LmdbStore; recovered: string[] }> {
+    const store = new LmdbStore(path, opts.shards ?? defaultShards(undefined, opts.threadPool));
     const recovered: string[] = [];
     for (const { value } of store.meta.getRange()) {
-      if (value.status !== 'loading') continue;
-      recovered.push(value.id);
-      await store.dropBlocks(value.id);
-      await store.meta.put(value.id, { ...value, status: 'incomplete', tokens: 0 });
+      if (value.status === 'loading') {
+        recovered.push(value.id);
+        await store.dropBlocks(value.id, { ...value, status: 'incomplete', tokens: 0 });
+      } else if (value.status === 'incomplete' && store.hasBlocks(value.id)) await store.dropBlocks(value.id); // a delete cut off by a crash
     }
     await store.durable();
     return { store, recovered };
+  }
+
+  /** Shards new blocks are spread over. */
+  get shardCount(): number {
+    return this.shards.writeCount;
   }
 
   list(): DocumentMeta[] {
@@ -83,6 +120,7 @@ export class LmdbStore implements DocumentStore {
    */
   writeBlocks(doc: string, writes: BlockWrite[]): Promise<void> {
     if (writes.length === 0) return Promise.resolve();
+    const kvHeads = this.meta.get(doc)?.model.kvHeads ?? 1;
     const staging = this.staging.take(writes.reduce((n, w) => n + w.k.byteLength + w.v.byteLength, 0));
     const values: Buffer[] = [], src: Uint8Array[] = [], offsets: number[] = [];
     let at = 0;
@@ -97,7 +135,7 @@ export class LmdbStore implements DocumentStore {
     // (copyViews checks its plan synchronously: a throw there must become this promise's rejection, the staging buffer given back.)
     const done: Promise<void> = Promise.resolve()
       .then(() => copyViews(src, new Uint8Array(staging.buffer), offsets))
-      .then(() => Promise.allSettled(writes.map((w, i) => this.blocks.put([doc, w.layer, w.head, w.block], values[i]))))
+      .then(() => Promise.allSettled(writes.map((w, i) => this.shardDb(w, kvHeads).put([doc, w.layer, w.head, w.block], values[i]))))
       .then((results) => {
         const failed = results.find((r) => r.status === 'rejected');
         if (failed) throw failed.reason;
@@ -111,12 +149,19 @@ export class LmdbStore implements DocumentStore {
   }
 
   /**
-   * Writes the last blocks, the index artifacts and the ready metadata in
-   * one transaction and waits until it is durable.
+   * Writes the last blocks of the other shards and flushes every shard
+   * (their earlier blocks too); only then the main shard's last blocks, the
+   * index artifacts and the ready metadata in one transaction, and waits
+   * until it is durable. A crash at any point leaves the document `loading`
+   * on disk, or ready with every block.
    */
   async seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void> {
+    const kvHeads = meta.model.kvHeads;
+    const others = tail.filter((w) => this.shardDb(w, kvHeads) !== this.blocks);
+    await Promise.all(others.map((w) => this.shardDb(w, kvHeads).put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v))));
+    await this.shards.syncOthers();
     await this.root.transaction(() => {
-      for (const w of tail) this.blocks.put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v));
+      for (const w of tail) if (this.shardDb(w, kvHeads) === this.blocks) this.blocks.put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v));
       for (const a of artifacts) this.artifacts.put([meta.id, a.method, a.layer, a.head], Buffer.from(a.bytes));
       this.meta.put(meta.id, meta);
     });
@@ -148,21 +193,35 @@ export class LmdbStore implements DocumentStore {
     return out;
   }
 
+  /**
+   * The document is marked incomplete (durably) before its blocks go: a
+   * crash midway leaves an incomplete document, whose leftover blocks the
+   * next open drops, never a ready one missing blocks in some shard.
+   */
   async remove(id: string): Promise<void> {
+    const meta = this.meta.get(id);
+    await this.dropBlocks(id, meta && { ...meta, status: 'incomplete', tokens: 0 });
     await this.meta.remove(id);
-    await this.dropBlocks(id);
     await this.durable();
   }
 
-  /** Reads a ready document's KV into one segment per layer. */
+  /** Reads a ready document's KV into one segment per layer, from every shard; refuses one missing blocks. */
   load(meta: DocumentMeta, budget: HostBudget): KvSegment[] {
     const { layers, kvHeads, headDim, dtype, blockSize } = meta.model;
     const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens), budget));
     const rowBytes = headDim * 2;
-    for (const { key, value } of this.blocks.getRange({ start: [meta.id], end: [meta.id, layers] })) {
-      const [, layer, head, block] = key;
-      const n = value.byteLength / (2 * rowBytes);
-      segments[layer].writeHead(head, value.subarray(0, n * rowBytes), value.subarray(n * rowBytes), n, block * blockSize);
+    let found = 0;
+    for (const db of this.shards.all())
+      for (const { key, value } of db.getRange({ start: [meta.id], end: [meta.id, layers] })) {
+        const [, layer, head, block] = key;
+        const n = value.byteLength / (2 * rowBytes);
+        segments[layer].writeHead(head, value.subarray(0, n * rowBytes), value.subarray(n * rowBytes), n, block * blockSize);
+        found++;
+      }
+    const expected = layers * kvHeads * Math.ceil(meta.tokens / blockSize);
+    if (found !== expected) {
+      for (const s of segments) s.release();
+      throw new Error(`document ${meta.id}: ${found} of its ${expected} KV blocks are in the LMDB store (${this.shards.count} shard(s) open: is a blocks-<i> folder missing?)`);
     }
     for (const s of segments) s.setTokens(meta.tokens);
     return segments;
@@ -170,25 +229,43 @@ export class LmdbStore implements DocumentStore {
 
   async close(): Promise<void> {
     await Promise.allSettled(this.inflight);
+    await this.shards.close();
     await this.root.close();
   }
 
-  /** Every commit so far on disk (the environment does not sync per commit). */
-  private async durable(): Promise<void> {
-    await this.root.committed;
-    // lmdb-js's sync(callback): mdb_env_sync(force) on a worker thread (not in its typings).
-    const env = this.root as unknown as { sync(done: (err?: Error | null) => void): void };
-    await new Promise<void>((resolve, reject) => env.sync((err) => (err ? reject(err) : resolve())));
+  /** The database a block is written to. */
+  private shardDb(w: BlockWrite, kvHeads: number): Database<Buffer, BlockKey> {
+    return this.shards.db(this.shards.shardOf(w.layer, w.head, w.block, kvHeads));
   }
 
-  private async dropBlocks(id: string): Promise<void> {
+  private hasBlocks(id: string): boolean {
+    return this.shards.all().some((db) => db.getKeysCount({ start: [id], end: [id, Number.MAX_SAFE_INTEGER], limit: 1 }) > 0);
+  }
+
+  /** Every commit so far on disk, every shard's (no environment syncs per commit). */
+  private async durable(): Promise<void> {
+    await this.shards.syncOthers();
+    await syncEnv(this.root);
+  }
+
+  /**
+   * Drops a document's blocks and artifacts. With `marked`, that metadata
+   * is first put and flushed with the main shard's drop, before the other
+   * shards' blocks go and are flushed: no crash leaves the old metadata
+   * over blocks some shard has lost.
+   */
+  private async dropBlocks(id: string, marked?: DocumentMeta): Promise<void> {
     const blocks = Array.from(this.blocks.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] }));
     const artifacts = Array.from(this.artifacts.getKeys({ start: [id], end: [id, '\uffff'] }));
-    if (blocks.length + artifacts.length === 0) return;
-    await this.root.transaction(() => {
-      for (const k of blocks) this.blocks.remove(k);
-      for (const k of artifacts) this.artifacts.remove(k);
-    });
+    if (marked || blocks.length + artifacts.length > 0)
+      await this.root.transaction(() => {
+        for (const k of blocks) this.blocks.remove(k);
+        for (const k of artifacts) this.artifacts.remove(k);
+        if (marked) this.meta.put(id, marked);
+      });
+    if (marked) await syncEnv(this.root);
+    await this.shards.dropOthers(id);
+    if (marked) await this.shards.syncOthers();
   }
 }
 

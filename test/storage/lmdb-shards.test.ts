@@ -1,0 +1,211 @@
+// The LMDB store with its blocks spread over shards, on real LMDB files in a
+// temp folder: blocks round-trip through several shards bit for bit; a
+// document cut off mid-preload loses its blocks in every shard on reopen; a
+// delete (and one cut off midway) removes them everywhere; a store written
+// before shards (every block in the main environment) opens and reads, and a
+// store reopened with another shard count reads what it holds.
+import { existsSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { open } from 'lmdb';
+import { afterEach, describe, expect, it } from 'vitest';
+import { parseConfig } from '../../core/config.js';
+import type { BlockWrite, DocumentMeta } from '../../storage/document-store.js';
+import { HostBudget } from '../../storage/host-budget.js';
+import { defaultShards, LmdbStore } from '../../storage/lmdb-store.js';
+import { tempDataDir } from '../helpers/server.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`lmdb-shards: seed ${seed}`);
+// Odd sizes: 1001 tokens = 62 full blocks of 16 and a tail of 9.
+const model = { layers: 3, qHeads: 4, kvHeads: 2, headDim: 8, dtype: 'f16' as const, blockSize: 16 };
+const TOKENS = 1001;
+const ROW = model.headDim * 2;
+
+const temps: { cleanup(): void }[] = [];
+afterEach(() => temps.splice(0).forEach((t) => t.cleanup()));
+function folder(): string {
+  const t = tempDataDir();
+  temps.push(t);
+  return t.dir;
+}
+
+/** Random K and V bytes per (layer, head): the reference the store's blocks are checked against. */
+function source(rng: Rng): { k: Uint8Array; v: Uint8Array }[][] {
+  const bytes = () => Uint8Array.from({ length: TOKENS * ROW }, () => rng.int(256));
+  return Array.from({ length: model.layers }, () => Array.from({ length: model.kvHeads }, () => ({ k: bytes(), v: bytes() })));
+}
+
+function blocksOf(src: { k: Uint8Array; v: Uint8Array }[][], from: number, to: number): BlockWrite[] {
+  const out: BlockWrite[] = [];
+  const B = model.blockSize;
+  for (let layer = 0; layer < model.layers; layer++)
+    for (let block = from; block < to; block++)
+      for (let head = 0; head < model.kvHeads; head++) {
+        const a = block * B * ROW, b = Math.min(TOKENS, (block + 1) * B) * ROW;
+        out.push({ layer, head, block, k: src[layer][head].k.subarray(a, b), v: src[layer][head].v.subarray(a, b) });
+      }
+  return out;
+}
+
+const meta = (id: string, status: DocumentMeta['status'], tokens = 0): DocumentMeta => ({ id, model, status, tokens, methods: [], queryStride: 4, createdAt: '2026-12-05T00:00:00Z' });
+
+/** Uploads every full block in batches as a preload does; with `seal`, the tail block and the ready metadata too. */
+async function preload(store: LmdbStore, id: string, src: { k: Uint8Array; v: Uint8Array }[][], seal = true): Promise<void> {
+  await store.create(meta(id, 'loading'));
+  const full = Math.floor(TOKENS / model.blockSize);
+  for (let b = 0; b < full; b += 10) await store.writeBlocks(id, blocksOf(src, b, Math.min(full, b + 10)));
+  if (seal) await store.seal({ ...meta(id, 'ready', TOKENS), sealedAt: '2026-12-05T00:00:01Z' }, blocksOf(src, full, full + 1), []);
+}
+
+/** A document's block records per shard folder (0: the main environment), read with lmdb directly once the store is closed. */
+function blocksPerShard(dir: string, id: string, shards: number): number[] {
+  return Array.from({ length: shards }, (_, i) => {
+    const path = i === 0 ? dir : join(dir, `blocks-${i}`);
+    if (!existsSync(path)) return 0;
+    const env = open({ path, maxDbs: 8, noSubdir: false, readOnly: true });
+    try {
+      return env.openDB({ name: 'blocks', encoding: 'binary' }).getKeysCount({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] });
+    } finally {
+      void env.close();
+    }
+  });
+}
+
+function expectSame(store: LmdbStore, id: string, src: { k: Uint8Array; v: Uint8Array }[][]): void {
+  const segments = store.load(store.get(id)!, new HostBudget(1 << 30));
+  for (let layer = 0; layer < model.layers; layer++)
+    for (let head = 0; head < model.kvHeads; head++) {
+      const { k, v } = segments[layer].rows(head, 0, TOKENS);
+      expect(Buffer.from(k).equals(Buffer.from(src[layer][head].k)), `layer ${layer} head ${head} K`).toBe(true);
+      expect(Buffer.from(v).equals(Buffer.from(src[layer][head].v)), `layer ${layer} head ${head} V`).toBe(true);
+    }
+}
+
+const BLOCKS = model.layers * model.kvHeads * Math.ceil(TOKENS / model.blockSize);
+
+describe('LMDB store over shards', () => {
+  const rng = new Rng(seed);
+
+  it('blocks spread evenly over every shard and read back bit for bit, also after reopening with another count', async () => {
+    const dir = folder(), src = source(rng);
+    let { store } = await LmdbStore.open(dir, { shards: 4 });
+    expect(store.shardCount).toBe(4);
+    await preload(store, 'doc', src);
+    expectSame(store, 'doc', src);
+    await store.close();
+
+    const counts = blocksPerShard(dir, 'doc', 4);
+    expect(counts.reduce((a, b) => a + b)).toBe(BLOCKS);
+    // 378 blocks over 4 shards: none more than a few off a quarter.
+    for (const c of counts) expect(Math.abs(c - BLOCKS / 4)).toBeLessThanOrEqual(3);
+
+    for (const shards of [1, 2, 7]) {
+      ({ store } = await LmdbStore.open(dir, { shards }));
+      expect(store.get('doc')?.status).toBe('ready');
+      expectSame(store, 'doc', src);
+      await store.close();
+    }
+  });
+
+  it('a document left loading with blocks in several shards is incomplete on reopen, its blocks gone from every shard', async () => {
+    const dir = folder(), src = source(rng);
+    let { store } = await LmdbStore.open(dir, { shards: 3 });
+    await preload(store, 'kept', src);
+    await preload(store, 'cut', src, false);
+    await store.close(); // as a crash after the block commits: the metadata still says loading
+    const before = blocksPerShard(dir, 'cut', 3);
+    expect(before.filter((c) => c > 0).length).toBe(3);
+
+    let recovered: string[];
+    ({ store, recovered } = await LmdbStore.open(dir, { shards: 3 }));
+    expect(recovered).toEqual(['cut']);
+    expect(store.get('cut')).toMatchObject({ status: 'incomplete', tokens: 0 });
+    expectSame(store, 'kept', src);
+    // Preloaded again from scratch, it is whole.
+    await preload(store, 'cut', src);
+    expectSame(store, 'cut', src);
+    await store.remove('cut');
+    await store.close();
+    expect(blocksPerShard(dir, 'cut', 3)).toEqual([0, 0, 0]);
+
+    // Reopened with fewer shards than hold blocks: recovery still reaches every shard folder.
+    ({ store } = await LmdbStore.open(dir, { shards: 3 }));
+    await preload(store, 'cut2', src, false);
+    await store.close();
+    ({ store, recovered } = await LmdbStore.open(dir, { shards: 1 }));
+    expect(recovered).toEqual(['cut2']);
+    await store.close();
+    expect(blocksPerShard(dir, 'cut2', 3)).toEqual([0, 0, 0]);
+    expect(blocksPerShard(dir, 'kept', 3).reduce((a, b) => a + b)).toBe(BLOCKS);
+  });
+
+  it('delete removes the blocks from every shard; a delete cut off after marking the document incomplete is finished on reopen', async () => {
+    const dir = folder(), src = source(rng);
+    let { store } = await LmdbStore.open(dir, { shards: 2 });
+    await preload(store, 'a', src);
+    await preload(store, 'b', src);
+    await store.remove('a');
+    expect(store.get('a')).toBeUndefined();
+    await store.close();
+    expect(blocksPerShard(dir, 'a', 2)).toEqual([0, 0]);
+
+    // A crash after the delete's first step (metadata marked incomplete, durably) and before the blocks went.
+    const env = open({ path: dir, maxDbs: 8, noSubdir: false });
+    await env.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' }).put('b', meta('b', 'incomplete'));
+    await env.close();
+    expect(blocksPerShard(dir, 'b', 2).every((c) => c > 0)).toBe(true);
+    let recovered: string[];
+    ({ store, recovered } = await LmdbStore.open(dir, { shards: 2 }));
+    expect(recovered).toEqual([]); // it was not mid-preload
+    expect(store.get('b')?.status).toBe('incomplete');
+    await store.close();
+    expect(blocksPerShard(dir, 'b', 2)).toEqual([0, 0]);
+  });
+
+  it('a store written before shards (every block in the main environment) opens and reads with shards; new documents spread', async () => {
+    const dir = folder(), src = source(rng);
+    // The layout as lmdb-store.ts wrote it before shards, written with lmdb directly.
+    const env = open({ path: dir, maxDbs: 8, mapSize: 2 ** 30, noSubdir: false });
+    const metaDb = env.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' });
+    const blocksDb = env.openDB<Buffer, [string, number, number, number]>({ name: 'blocks', encoding: 'binary' });
+    await env.transaction(() => {
+      for (const w of blocksOf(src, 0, Math.ceil(TOKENS / model.blockSize))) blocksDb.put(['old', w.layer, w.head, w.block], Buffer.concat([w.k, w.v]));
+      metaDb.put('old', meta('old', 'ready', TOKENS));
+    });
+    await env.close();
+
+    const { store } = await LmdbStore.open(dir, { shards: 4 });
+    expectSame(store, 'old', src);
+    const src2 = source(rng);
+    await preload(store, 'new', src2);
+    expectSame(store, 'new', src2);
+    expectSame(store, 'old', src);
+    await store.close();
+    expect(blocksPerShard(dir, 'old', 4)).toEqual([BLOCKS, 0, 0, 0]);
+    expect(blocksPerShard(dir, 'new', 4).every((c) => c > 0)).toBe(true);
+  });
+
+  it('a ready document missing a shard folder is refused with a message naming it, not read with holes', async () => {
+    const dir = folder(), src = source(rng);
+    let { store } = await LmdbStore.open(dir, { shards: 3 });
+    await preload(store, 'doc', src);
+    await store.close();
+    rmSync(join(dir, 'blocks-2'), { recursive: true });
+    ({ store } = await LmdbStore.open(dir, { shards: 2 }));
+    expect(() => store.load(store.get('doc')!, new HostBudget(1 << 30))).toThrow(/of its 378 KV blocks .*blocks-<i> folder missing/);
+    await store.close();
+  });
+
+  it('the shard count: default one per 4 cores (at most 8, 2 under the libuv pool), the flag and environment checked at the edge', async () => {
+    expect([1, 2, 4, 8, 16, 64].map((c) => defaultShards(c))).toEqual([1, 1, 1, 2, 2, 2]);
+    expect([1, 2, 4, 8, 16, 64].map((c) => defaultShards(c, 16))).toEqual([1, 1, 1, 2, 4, 8]);
+    expect(parseConfig([], { UV_THREADPOOL_SIZE: '16' }).threadPool).toBe(16);
+    expect(parseConfig([], {}).threadPool).toBe(4);
+    expect(parseConfig(['--lmdb-shards', '6'], {}).lmdbShards).toBe(6);
+    expect(parseConfig([], { KVRECALL_LMDB_SHARDS: '3' }).lmdbShards).toBe(3);
+    expect(parseConfig([], {}).lmdbShards).toBeUndefined();
+    for (const bad of ['0', '65', '2.5', 'x']) expect(() => parseConfig(['--lmdb-shards', bad], {})).toThrow(/lmdb-shards|non-negative integer/);
+    await expect(LmdbStore.open(folder(), { shards: 0 })).rejects.toThrow(/not an integer in \[1, 64\]/);
+  });
+});
