@@ -1,4 +1,4 @@
-// node dist/bench/preload.js [--tokens 262144 --layers 2 --chunk 4096 --rounds 2 --inflight 1 --via stream --window 2 --shards 1,4 --pool 16]
+// node dist/bench/preload.js [--tokens 262144 --layers 2 --chunk 4096 --rounds 2 --inflight 1 --via stream --window 2 --shards 1,4 --pool 16 --warmup 0]
 //
 // Preload and seal over loopback, as `kvrecall preload` does it: the
 // TypeScript client uploads each layer in chunks of `chunk` tokens (8 kv
@@ -19,7 +19,9 @@
 // --shards: the server's LMDB block shards (--lmdb-shards), each count
 // once per round, in turn (unset: the server's default); --pool: the
 // server's libuv pool (UV_THREADPOOL_SIZE; each shard's commits hold one of
-// its threads). Results:
+// its threads). --warmup N: N rounds first, not recorded (on the 2-core VM
+// the first server of a sitting uploaded at a third of the rest's speed,
+// its LMDB writes 3-4x as long, whatever its shard count). Results:
 // bench/results/preload-<tag>.{json,md} (tag: KVRECALL_BENCH_TAG, default vm).
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -36,7 +38,7 @@ const arg = (name: string, def: number) => {
 };
 const TOKENS = arg('tokens', 1 << 18), LAYERS = arg('layers', 2), CHUNK = arg('chunk', 4096), ROUNDS = arg('rounds', 2), INFLIGHT = arg('inflight', 1), WINDOW = arg('window', 2), SOURCES = 8;
 const SHARDS = process.argv.includes('--shards') ? process.argv[process.argv.indexOf('--shards') + 1].split(',').map(Number) : [0];
-const POOL = arg('pool', 0);
+const POOL = arg('pool', 0), WARMUP = arg('warmup', 0);
 const VIA = process.argv.includes('--via') ? process.argv[process.argv.indexOf('--via') + 1] : 'stream';
 if (VIA !== 'stream' && VIA !== 'http') throw new Error('--via stream|http');
 const model = { layers: LAYERS, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
@@ -143,6 +145,7 @@ async function round(sources: Uint16Array[], i: number, shards: number): Promise
 async function main(): Promise<void> {
   const sources = Array.from({ length: SOURCES }, randomChunk);
   const rounds: Round[] = [];
+  for (let i = 0; i < WARMUP; i++) progress(`warm-up ${i}: upload ${(await round(sources, i, SHARDS[0])).uploadS.toFixed(2)} s, not recorded`);
   for (let i = 0; i < ROUNDS; i++)
     for (const shards of SHARDS) {
       rounds.push(await round(sources, i, shards));
@@ -150,7 +153,7 @@ async function main(): Promise<void> {
       progress(`round ${i}, shards ${shards || 'default'}: upload ${r.uploadS.toFixed(2)} s (${(BYTES / r.uploadS / 1e9).toFixed(2)} GB/s), seal ${r.sealS.toFixed(2)} s; load ${r.load.toFixed(1)}`);
     }
   const best = rounds.reduce((a, b) => (b.uploadS + b.sealS < a.uploadS + a.sealS ? b : a));
-  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, inflight: INFLIGHT, via: VIA, shards: SHARDS, uvThreadpool: POOL || process.env.UV_THREADPOOL_SIZE || 16, window: WINDOW, model, bytes: BYTES, rounds, best };
+  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, inflight: INFLIGHT, via: VIA, shards: SHARDS, warmup: WARMUP, uvThreadpool: POOL || process.env.UV_THREADPOOL_SIZE || 16, window: WINDOW, model, bytes: BYTES, rounds, best };
   const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
   const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `preload-${tag}`);
   writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
@@ -159,7 +162,7 @@ async function main(): Promise<void> {
   const lines = [
     `# Preload and seal over loopback (${m.cpu}, ${m.cores} cores)`,
     '',
-    `TypeScript client → server in its own process on 127.0.0.1, LMDB store; ${LAYERS} layer(s) × ${TOKENS} tokens × ${model.kvHeads} kv heads × d=${model.headDim}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens (${((CHUNK * model.kvHeads * model.headDim * 4) / 2 ** 20).toFixed(0)} MiB bodies) ${VIA === 'stream' ? `over the stream, ${WINDOW} unanswered per layer in flight` : 'over HTTP, one at a time per layer in flight'}, ${INFLIGHT} layer(s) in flight, created with the tokens hint, methods: exact only; LMDB block shards ${SHARDS.map((n) => n || "the server's default").join(', ')}${SHARDS.length > 1 ? ' in turn within each round' : ''}, the server's libuv pool ${POOL || process.env.UV_THREADPOOL_SIZE || "16 (kvrecall's default)"}. Seal = the seal call until durable. Server phases summed over the uploads (from each answer's stats).`,
+    `TypeScript client → server in its own process on 127.0.0.1, LMDB store; ${LAYERS} layer(s) × ${TOKENS} tokens × ${model.kvHeads} kv heads × d=${model.headDim}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens (${((CHUNK * model.kvHeads * model.headDim * 4) / 2 ** 20).toFixed(0)} MiB bodies) ${VIA === 'stream' ? `over the stream, ${WINDOW} unanswered per layer in flight` : 'over HTTP, one at a time per layer in flight'}, ${INFLIGHT} layer(s) in flight, created with the tokens hint, methods: exact only; LMDB block shards ${SHARDS.map((n) => n || "the server's default").join(', ')}${SHARDS.length > 1 ? ' in turn within each round' : ''}, the server's libuv pool ${POOL || process.env.UV_THREADPOOL_SIZE || "16 (kvrecall's default)"}. ${WARMUP ? `${WARMUP} warm-up round(s) first, not shown. ` : ''}Seal = the seal call until durable. Server phases summed over the uploads (from each answer's stats).`,
     '',
     'Seconds; "GB per server CPU s": the K/V bytes over the server process\'s CPU seconds for the uploads (every thread), the cost that moves least with other load.',
     '',
