@@ -53,7 +53,7 @@ for s in $stages; do
       nproc | tee -a "$L"; uptime | tee -a "$L"
       step 60 lmdb-write-shards env KVRECALL_BENCH_TAG=$g-shards UV_THREADPOOL_SIZE=16 node dist/bench/lmdb-write.js --rounds 3 --shards 1,2,4,8
       step 30 lmdb-write-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/lmdb-write.js --rounds 2 --shards 1,4
-      step 75 preload-shards env KVRECALL_BENCH_TAG=$g-shards node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2 --shards 0,1,2,4,8
+      step 75 preload-shards env KVRECALL_BENCH_TAG=$g-shards node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --warmup 1 --via stream --window 2 --shards 0,1,2,4,8
       step 40 preload-shards-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2 --shards 1,2 --pool 4
       step 40 preload-shards-inflight2 env KVRECALL_BENCH_TAG=$g-shards-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --inflight 2 --shards 1,0
       if python3 -c 'import numpy, msgpack' 2>/dev/null; then
