@@ -20,7 +20,7 @@
 # preload-shards needs no GPU but the host's cores (issue #14's preload at
 # >= 2 GB/s): LMDB block writes alone over 1, 2, 4, 8 shards (libuv pool 16,
 # then 1 vs 4 with libuv's 4), the preload over the stream with the server's
-# default (kvrecall.cjs: pool 16) against 1 shard and 2, 4, 8 alternated,
+# default (kvrecall.cjs: pool 16) against 1, 4 and 8 shards alternated,
 # and one layer per stream (--inflight 2), and the Python client with 1 shard
 # and the default; about 3 minutes, results tagged with the card's name.
 #
@@ -53,7 +53,7 @@ for s in $stages; do
       nproc | tee -a "$L"; uptime | tee -a "$L"
       step 60 lmdb-write-shards env KVRECALL_BENCH_TAG=$g-shards UV_THREADPOOL_SIZE=16 node dist/bench/lmdb-write.js --rounds 3 --shards 1,2,4,8
       step 30 lmdb-write-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/lmdb-write.js --rounds 2 --shards 1,4
-      step 75 preload-shards env KVRECALL_BENCH_TAG=$g-shards node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --warmup 1 --via stream --window 2 --shards 0,1,2,4,8
+      step 100 preload-shards env KVRECALL_BENCH_TAG=$g-shards node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --warmup 1 --via stream --window 2 --shards 0,1,4,8
       step 40 preload-shards-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2 --shards 1,2 --pool 4
       step 40 preload-shards-inflight2 env KVRECALL_BENCH_TAG=$g-shards-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --inflight 2 --shards 1,0
       if python3 -c 'import numpy, msgpack' 2>/dev/null; then
