@@ -10,7 +10,7 @@
 // `<!-- results:NAME end -->`; everything outside the markers is left as it
 // is. Every block named below must appear exactly once, and every block in
 // the README must be one named below. Plain Node ESM, no dependencies.
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -60,6 +60,33 @@ function machine(m) {
   return `${m.cpu.replace('Intel(R) Xeon(R) Processor', 'Xeon')}, ${m.cores} cores, ${fix(m.memoryGiB, 1)} GiB`;
 }
 const day = (iso) => iso.slice(0, 10);
+
+/**
+ * LMDB block shards, alternated in one sitting per machine: the writes alone
+ * (bench/results/lmdb-write-<tag>-shards.json) and the preload over the
+ * stream (preload-<tag>-shards*.json), GB/s ranges per shard count.
+ */
+function shardLines() {
+  const gb = (j, s) => j.bytes / s / 1e9;
+  const byShards = (rounds, f) => {
+    const counts = [...new Set(rounds.map((r) => r.shards))];
+    return counts.map((n) => `${n || 'default'}: ${span(rounds.filter((r) => r.shards === n).map(f), (v) => fix(v, 2))}`).join(', ');
+  };
+  const lines = ['', `**LMDB block shards** (\`--lmdb-shards\`, DESIGN.md "Durability"; counts alternated within each round of one sitting, GB/s by shard count):`];
+  for (const tag of ['vm', 'h100', 'h200']) {
+    const w = `bench/results/lmdb-write-${tag}-shards.json`;
+    if (!existsSync(join(ROOT, w))) continue;
+    const lw = json(w);
+    const pre = ['', '-b'].map((x) => `bench/results/preload-${tag}-shards${x}.json`).filter((f) => existsSync(join(ROOT, f)));
+    const runs = pre.flatMap((f) => json(f).rounds.map((r) => ({ ...r, j: json(f) })));
+    const p0 = json(pre[0]);
+    lines.push(
+      `- ${machine(lw.machine)}, load ${span(lw.rounds.map((r) => r.load), (v) => fix(v, 1))}: writes alone (\`${w}\`, 1.07 GB, libuv pool ${lw.uvThreadpool}) ${byShards(lw.rounds, (r) => lw.bytes / r.seconds / 1e9)};` +
+        ` the preload (\`${pre.join('`, `')}\`, ${fix(p0.bytes / 1e9, 2)} GB, server's pool ${p0.uvThreadpool}, load ${span(runs.map((r) => r.load), (v) => fix(v, 1))}) ${byShards(runs, (r) => gb(r.j, r.uploadS))}, seal ${byShards(runs, (r) => gb(r.j, r.sealS))}.`,
+    );
+  }
+  return lines;
+}
 
 // ---------------------------------------------------------------- blocks
 
@@ -119,8 +146,9 @@ const BLOCKS = {
   },
 
   preload: () => {
-    // The 2-core VM's before/after runs, alternated (bench/preload-ab.ts), the Python client's, and the 16-core host's latest.
-    const ab = 'bench/results/preload-ab-vm.json', py = 'bench/results/preload-python-vm.json', host = 'bench/results/preload-h200.json';
+    // The 2-core VM's before/after runs, alternated (bench/preload-ab.ts), the Python client's, the 16-core host's latest
+    // before LMDB shards, and the shard counts alternated (bench/lmdb-write.ts, bench/preload.ts --shards).
+    const ab = 'bench/results/preload-ab-vm.json', py = 'bench/results/preload-python-vm.json', host = 'bench/results/preload-h100.json';
     const a = json(ab), p = json(py), h = json(host);
     const rows = a.runs.map((r) => {
       const mine = a.rows.filter((x) => x.label === r.label);
@@ -142,6 +170,7 @@ const BLOCKS = {
       `client CPU ${span(pyVia('stream').map((r) => r.round.clientCpuS), (v) => fix(v, 2))} s against ${span(pyVia('http').map((r) => r.round.clientCpuS), (v) => fix(v, 2))} s.`,
       `${machine(h.machine)} (\`${host}\`, ${day(h.date)}, over ${hostVia === 'stream' ? `the stream, ${h.window ?? 2} ahead` : 'HTTP, before the stream'}, ${fix(h.bytes / 1e9, 2)} GB):`,
       `upload ${span(hostGb, (v) => fix(v, 2))} GB/s, seal (exact only) ${span(hostSeal, (v) => fix(v, 2))} GB/s; targets 2 and 1 GB/s.`,
+      ...shardLines(),
     ].join('\n');
   },
 
