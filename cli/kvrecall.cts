@@ -5,5 +5,5 @@
 // only a CommonJS entry can set it in time. Each LMDB shard's commit holds a
 // pool thread while it runs, beside an upload's copies and prefault
 // (storage/lmdb-shards.ts); `node dist/cli/cli.js` runs with libuv's 4.
-process.env.UV_THREADPOOL_SIZE ??= '16';
+process.env.UV_THREADPOOL_SIZE ||= '16'; // set but empty is unset
 void import('./cli.js');

@@ -32,7 +32,8 @@ export interface Config {
   gpuWaveBudget?: number;
   /**
    * LMDB environments a document's blocks are spread over, each with its
-   * own writer (storage/lmdb-shards.ts). Unset: one per 4 cores, at most 4.
+   * own writer (storage/lmdb-shards.ts). Unset: one per 4 cores, at most 8,
+   * and at most the pool's threads less 2 (storage/lmdb-store.ts defaultShards).
    */
   lmdbShards?: number;
   /**
@@ -83,7 +84,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
-  if (env.UV_THREADPOOL_SIZE && Number(env.UV_THREADPOOL_SIZE) >= 1) cfg.threadPool = Math.floor(Number(env.UV_THREADPOOL_SIZE));
+  // libuv's own reading: atoi, anything below 1 is 1 thread, at most 1024.
+  if (env.UV_THREADPOOL_SIZE !== undefined) cfg.threadPool = Math.min(1024, Math.max(1, Number.parseInt(env.UV_THREADPOOL_SIZE, 10) || 1));
   if (env.KVRECALL_LMDB_SHARDS) cfg.lmdbShards = nonNegative(env.KVRECALL_LMDB_SHARDS, 'KVRECALL_LMDB_SHARDS');
   if (env.KVRECALL_MAX_STREAMS) cfg.maxStreams = nonNegative(env.KVRECALL_MAX_STREAMS, 'KVRECALL_MAX_STREAMS');
   if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');

@@ -181,28 +181,37 @@ export class Documents {
       for (const s of doc.layers) s.shrinkToFit();
 
       doc.phase = 'building';
-      const artifacts: ArtifactWrite[] = [];
-      const total = doc.meta.methods.length * doc.meta.model.layers * doc.meta.model.kvHeads;
-      // Methods that share a builder (nosa and topk-blocks: block summaries) share its artifacts:
-      // build() sees only the keys and queries, so one build serves every such method.
-      const built = new Map<HeadIndexBuilder, ArtifactWrite[]>();
-      for (const name of doc.meta.methods) {
-        const builder = findMethod(name)?.builder;
-        if (!builder) continue;
-        const before = artifacts.length;
-        const same = built.get(builder);
-        const mine = same
-          ? same.map((a) => ({ ...a, method: name }))
-          : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total), doc.meta.clusterSize);
-        if (!same) built.set(builder, mine);
-        artifacts.push(...mine);
-        doc.progress = artifacts.length / total;
-      }
+      let meta: DocumentMeta;
+      try {
+        const artifacts: ArtifactWrite[] = [];
+        const total = doc.meta.methods.length * doc.meta.model.layers * doc.meta.model.kvHeads;
+        // Methods that share a builder (nosa and topk-blocks: block summaries) share its artifacts:
+        // build() sees only the keys and queries, so one build serves every such method.
+        const built = new Map<HeadIndexBuilder, ArtifactWrite[]>();
+        for (const name of doc.meta.methods) {
+          const builder = findMethod(name)?.builder;
+          if (!builder) continue;
+          const before = artifacts.length;
+          const same = built.get(builder);
+          const mine = same
+            ? same.map((a) => ({ ...a, method: name }))
+            : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total), doc.meta.clusterSize);
+          if (!same) built.set(builder, mine);
+          artifacts.push(...mine);
+          doc.progress = artifacts.length / total;
+        }
 
-      const B = doc.meta.model.blockSize;
-      const tail = doc.layers.flatMap((seg, layer) => blockWrites(seg, layer, doc.written[layer], Math.ceil(seg.tokens / B), B));
-      const meta: DocumentMeta = { ...doc.meta, status: 'ready', tokens: counts[0], sealedAt: new Date().toISOString() };
-      await this.store.seal(meta, tail, artifacts);
+        const B = doc.meta.model.blockSize;
+        const tail = doc.layers.flatMap((seg, layer) => blockWrites(seg, layer, doc.written[layer], Math.ceil(seg.tokens / B), B));
+        meta = { ...doc.meta, status: 'ready', tokens: counts[0], sealedAt: new Date().toISOString() };
+        await this.store.seal(meta, tail, artifacts);
+      } catch (e) {
+        // An index build or the store's seal failed: the document is still
+        // loading (its blocks so far stay), so a later seal can try again.
+        doc.phase = 'loading';
+        doc.progress = 0;
+        throw e;
+      }
       this.loading.delete(id);
       this.ready.set(id, { meta, layers: doc.layers, indexes: new Map() });
       return view(meta);

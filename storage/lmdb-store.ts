@@ -18,9 +18,11 @@
 // change must be durable (open's recovery, seal, added artifacts, delete):
 // a loading document's block writes need no fsync of their own (it is not
 // durable before seal), and a sync per commit held them to 0.26–0.28 GB/s
-// on the 2-core VM against 0.83–1.06 GB/s without (16 MiB batches). LMDB
-// stays consistent without sync (no write map): a system crash can lose
-// only the commits after the last sync, a process crash none.
+// on the 2-core VM against 0.83–1.06 GB/s without (16 MiB batches). A
+// process crash loses no commit. A system crash (power) can undo the commits
+// after the last sync, and LMDB's own documentation of MDB_NOSYNC allows
+// worse where the file system does not keep write order: the syncs bound
+// what a system crash can reach, not make every unsynced commit safe.
 import { availableParallelism } from 'node:os';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { copyViews } from '../addon/copy-ranges.js';
@@ -82,13 +84,18 @@ export class LmdbStore implements DocumentStore {
   static async open(path: string, opts: LmdbStoreOptions = {}): Promise<{ store: LmdbStore; recovered: string[] }> {
     const store = new LmdbStore(path, opts.shards ?? defaultShards(undefined, opts.threadPool));
     const recovered: string[] = [];
-    for (const { value } of store.meta.getRange()) {
-      if (value.status === 'loading') {
-        recovered.push(value.id);
-        await store.dropBlocks(value.id, { ...value, status: 'incomplete', tokens: 0 });
-      } else if (value.status === 'incomplete' && store.hasBlocks(value.id)) await store.dropBlocks(value.id); // a delete cut off by a crash
+    try {
+      for (const { value } of store.meta.getRange()) {
+        if (value.status === 'loading') {
+          recovered.push(value.id);
+          await store.dropBlocks(value.id, { ...value, status: 'incomplete', tokens: 0 });
+        } else if (value.status === 'incomplete' && store.hasBlocks(value.id)) await store.dropBlocks(value.id); // a delete cut off by a crash
+      }
+      await store.durable();
+    } catch (e) {
+      await store.close(); // every environment, so that a retry can open them again
+      throw e;
     }
-    await store.durable();
     return { store, recovered };
   }
 
@@ -239,7 +246,11 @@ export class LmdbStore implements DocumentStore {
   }
 
   private hasBlocks(id: string): boolean {
-    return this.shards.all().some((db) => db.getKeysCount({ start: [id], end: [id, Number.MAX_SAFE_INTEGER], limit: 1 }) > 0);
+    // getKeysCount ignores `limit`: the first key found is enough.
+    return this.shards.all().some((db) => {
+      for (const _ of db.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER], limit: 1 })) return true;
+      return false;
+    });
   }
 
   /** Every commit so far on disk, every shard's (no environment syncs per commit). */

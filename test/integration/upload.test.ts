@@ -429,3 +429,28 @@ describe('a block write that fails', () => {
     }
   });
 });
+
+describe('a seal that fails', () => {
+  it('leaves the document loading, and the next seal makes it ready', async () => {
+    const dir = tempDataDir();
+    const { store } = await DocumentStore.open(dir.dir);
+    try {
+      const docs = new Documents(store, methodNames, new HostBudget(2 ** 30));
+      const rng = new Rng(seed ^ 0x53);
+      await docs.create('retry', { model: { ...model, layers: 1 } });
+      const c = randomKv(rng, 'f16', model.kvHeads, 100, model.headDim);
+      await docs.appendKv('retry', { layer: 0, start: 0, k: c.k, v: c.v });
+      const seal = store.seal.bind(store);
+      let seals = 0;
+      store.seal = (meta, tail, artifacts) => (++seals === 1 ? Promise.reject(new Error('disk full')) : seal(meta, tail, artifacts));
+      await expect(docs.seal('retry')).rejects.toThrow(/disk full/);
+      expect(await docs.get('retry')).toMatchObject({ tokens: 100, status: 'loading', phase: 'loading' });
+      expect(store.get('retry')?.status).toBe('loading');
+      expect(await docs.seal('retry')).toMatchObject({ status: 'ready', tokens: 100 });
+      expect(store.get('retry')?.status).toBe('ready');
+    } finally {
+      await store.close();
+      dir.cleanup();
+    }
+  });
+});

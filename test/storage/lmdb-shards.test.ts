@@ -202,6 +202,8 @@ describe('LMDB store over shards', () => {
     expect([1, 2, 4, 8, 16, 64].map((c) => defaultShards(c, 16))).toEqual([1, 1, 1, 2, 4, 8]);
     expect(parseConfig([], { UV_THREADPOOL_SIZE: '16' }).threadPool).toBe(16);
     expect(parseConfig([], {}).threadPool).toBe(4);
+    // As libuv reads it (atoi; below 1 is one thread; at most 1024).
+    for (const [v, n] of [['', 1], ['0', 1], ['x', 1], ['8x', 8], ['2000', 1024]] as const) expect(parseConfig([], { UV_THREADPOOL_SIZE: v }).threadPool).toBe(n);
     expect(parseConfig(['--lmdb-shards', '6'], {}).lmdbShards).toBe(6);
     expect(parseConfig([], { KVRECALL_LMDB_SHARDS: '3' }).lmdbShards).toBe(3);
     expect(parseConfig([], {}).lmdbShards).toBeUndefined();
