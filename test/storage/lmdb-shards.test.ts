@@ -12,6 +12,7 @@ import { parseConfig } from '../../core/config.js';
 import type { BlockWrite, DocumentMeta } from '../../storage/document-store.js';
 import { HostBudget } from '../../storage/host-budget.js';
 import { defaultShards, LmdbStore } from '../../storage/lmdb-store.js';
+import { blocksPerShard } from '../helpers/lmdb-blocks.js';
 import { tempDataDir } from '../helpers/server.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -59,19 +60,6 @@ async function preload(store: LmdbStore, id: string, src: { k: Uint8Array; v: Ui
 }
 
 /** A document's block records per shard folder (0: the main environment), read with lmdb directly once the store is closed. */
-function blocksPerShard(dir: string, id: string, shards: number): number[] {
-  return Array.from({ length: shards }, (_, i) => {
-    const path = i === 0 ? dir : join(dir, `blocks-${i}`);
-    if (!existsSync(path)) return 0;
-    const env = open({ path, maxDbs: 8, noSubdir: false, readOnly: true });
-    try {
-      return env.openDB({ name: 'blocks', encoding: 'binary' }).getKeysCount({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] });
-    } finally {
-      void env.close();
-    }
-  });
-}
-
 function expectSame(store: LmdbStore, id: string, src: { k: Uint8Array; v: Uint8Array }[][]): void {
   const segments = store.load(store.get(id)!, new HostBudget(1 << 30));
   for (let layer = 0; layer < model.layers; layer++)
