@@ -4,7 +4,7 @@
 // delete (and one cut off midway) removes them everywhere; a store written
 // before shards (every block in the main environment) opens and reads, and a
 // store reopened with another shard count reads what it holds.
-import { existsSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { open } from 'lmdb';
 import { afterEach, describe, expect, it } from 'vitest';
