@@ -26,6 +26,7 @@
 import { availableParallelism } from 'node:os';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { copyViews } from '../addon/copy-ranges.js';
+import { crashPoint } from '../core/crash-point.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
@@ -167,11 +168,13 @@ export class LmdbStore implements DocumentStore {
     const others = tail.filter((w) => this.shardDb(w, kvHeads) !== this.blocks);
     await Promise.all(others.map((w) => this.shardDb(w, kvHeads).put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v))));
     await this.shards.syncOthers();
+    crashPoint('seal:others-synced');
     await this.root.transaction(() => {
       for (const w of tail) if (this.shardDb(w, kvHeads) === this.blocks) this.blocks.put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v));
       for (const a of artifacts) this.artifacts.put([meta.id, a.method, a.layer, a.head], Buffer.from(a.bytes));
       this.meta.put(meta.id, meta);
     });
+    crashPoint('seal:committed');
     await this.durable();
   }
 
@@ -274,9 +277,15 @@ export class LmdbStore implements DocumentStore {
         for (const k of artifacts) this.artifacts.remove(k);
         if (marked) this.meta.put(id, marked);
       });
-    if (marked) await syncEnv(this.root);
+    if (marked) {
+      await syncEnv(this.root);
+      crashPoint('drop:marked');
+    }
     await this.shards.dropOthers(id);
-    if (marked) await this.shards.syncOthers();
+    if (marked) {
+      crashPoint('drop:others-dropped');
+      await this.shards.syncOthers();
+    }
   }
 }
 

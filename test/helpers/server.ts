@@ -29,9 +29,10 @@ export interface ChildServer {
 
 const CLI = join(import.meta.dirname, '..', '..', 'dist', 'cli', 'cli.js');
 
-export function startChild(dataDir: string, extra: string[] = []): Promise<ChildServer> {
+export function startChild(dataDir: string, extra: string[] = [], env: Record<string, string> = {}): Promise<ChildServer> {
   const proc = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--data', dataDir, '--gpu-budget', String(TEST_GPU_BUDGET), ...extra], {
     stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...env },
   });
   let log = '';
   return new Promise((resolve, reject) => {

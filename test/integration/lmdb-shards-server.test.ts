@@ -21,13 +21,14 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
-async function start(extra: string[]): Promise<KvrecallClient> {
-  const server = await startChild(tmp.dir, extra);
+async function start(extra: string[], env: Record<string, string> = {}, dir = tmp.dir): Promise<KvrecallClient> {
+  const server = await startChild(dir, extra, env);
   children.push(server);
   return new KvrecallClient({ url: server.url });
 }
 
 async function upload(client: KvrecallClient, id: string, rng: Rng, tokens: number): Promise<void> {
+  // Chunk sizes and contents from rng alone: the same rng state uploads the same document.
   for (let layer = 0; layer < model.layers; layer++)
     for (let start = 0; start < tokens; ) {
       const n = Math.min(tokens - start, 50 + rng.int(150));
@@ -37,8 +38,8 @@ async function upload(client: KvrecallClient, id: string, rng: Rng, tokens: numb
     }
 }
 
-async function answer(client: KvrecallClient, q: Float32Array): Promise<string[]> {
-  const s = await client.createSession({ model, documents: ['kept'] });
+async function answer(client: KvrecallClient, q: Float32Array, doc = 'kept'): Promise<string[]> {
+  const s = await client.createSession({ model, documents: [doc] });
   const outs: string[] = [];
   for (let layer = 0; layer < model.layers; layer++) {
     const r = await client.attend(s.id, { layer, q: tensor('f32', [model.qHeads, model.headDim], q) });
@@ -78,4 +79,49 @@ describe('a server over 3 LMDB shards', () => {
     expect(await answer(c, q)).toEqual(before);
     await children[2].stop('SIGTERM');
   });
+});
+
+// The store's crash points (core/crash-point.ts): SIGKILL between a seal's
+// steps and a delete's, over 3 shards. After a restart the document is ready
+// and answers as the same K/V sealed by a server that did not crash, or it
+// is incomplete (or gone) with no block left in any shard.
+describe('a crash at each step of seal and delete, over 3 LMDB shards', () => {
+  const cases: [string, 'seal' | 'delete', 'ready' | 'incomplete'][] = [
+    ['seal:others-synced', 'seal', 'incomplete'],
+    ['seal:committed', 'seal', 'ready'],
+    ['drop:marked', 'delete', 'incomplete'],
+    ['drop:others-dropped', 'delete', 'incomplete'],
+  ];
+  for (const [point, op, after] of cases)
+    it(`${point}: ${after} after the restart`, async () => {
+      const dir = tempDataDir();
+      try {
+        const docSeed = seed ^ 0x5ea1;
+        const a = await start(['--lmdb-shards', '3'], { KVRECALL_CRASH_AT: point }, dir.dir);
+        await a.createDocument('d', model);
+        await upload(a, 'd', new Rng(docSeed), 600);
+        if (op === 'seal') expect(await a.sealDocument('d').catch((e: Error) => e)).toBeInstanceOf(Error);
+        else {
+          await a.sealDocument('d');
+          expect(blocksPerShard(dir.dir, 'd', 3).every((n) => n > 0)).toBe(true);
+          expect(await a.deleteDocument('d').catch((e: Error) => e)).toBeInstanceOf(Error);
+        }
+        const b = await start(['--lmdb-shards', '3'], {}, dir.dir);
+        const status = await b.getDocument('d').then((v) => v.status, (e: { status?: number }) => (e.status === 404 ? 'gone' : 'error'));
+        if (after === 'ready') {
+          expect(status).toBe('ready');
+          await b.createDocument('ref', model);
+          await upload(b, 'ref', new Rng(docSeed), 600);
+          await b.sealDocument('ref');
+          const q = randomQ(new Rng(docSeed + 1), model.qHeads, model.headDim);
+          expect(await answer(b, q, 'd')).toEqual(await answer(b, q, 'ref'));
+        } else {
+          expect(['incomplete', 'gone']).toContain(status);
+          expect(blocksPerShard(dir.dir, 'd', 3)).toEqual([0, 0, 0]);
+        }
+      } finally {
+        for (const c of children.splice(0)) await c.stop('SIGKILL');
+        dir.cleanup();
+      }
+    });
 });
