@@ -2,8 +2,9 @@
 // sealed document survives a restart bit for bit; a document cut off by
 // SIGKILL mid-preload is never served as ready, and nothing else is lost.
 import { afterAll, describe, expect, it } from 'vitest';
-import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
+import { KvrecallClient, KvrecallRequestError } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
+import { answerBytes } from '../helpers/answer-bytes.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startChild, tempDataDir, type ChildServer } from '../helpers/server.js';
 
@@ -37,17 +38,7 @@ async function preload(client: KvrecallClient, id: string, rng: Rng, tokens: num
   if (seal) await client.sealDocument(id);
 }
 
-/** Attention of a fixed query over the document (no token appended), as raw bytes. */
-async function answer(client: KvrecallClient, doc: string, q: Float32Array): Promise<string[]> {
-  const s = await client.createSession({ model, documents: [doc] });
-  const outs: string[] = [];
-  for (let layer = 0; layer < model.layers; layer++) {
-    const r = await client.attend(s.id, { layer, q: tensor('f32', [model.qHeads, model.headDim], q) });
-    outs.push(Buffer.from(r.out.buffer).toString('hex') + Buffer.from(r.lse.buffer).toString('hex'));
-  }
-  await client.deleteSession(s.id);
-  return outs;
-}
+const answer = (client: KvrecallClient, doc: string, q: Float32Array) => answerBytes(client, model, doc, q);
 
 describe('durability', () => {
   const rng = new Rng(seed);

@@ -4,8 +4,9 @@
 // bit for bit as before, its blocks read from every shard; a restart with
 // one shard reads the same.
 import { afterAll, describe, expect, it } from 'vitest';
-import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { KvrecallClient } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
+import { answerBytes } from '../helpers/answer-bytes.js';
 import { blocksPerShard } from '../helpers/lmdb-blocks.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startChild, tempDataDir, type ChildServer } from '../helpers/server.js';
@@ -38,16 +39,7 @@ async function upload(client: KvrecallClient, id: string, rng: Rng, tokens: numb
     }
 }
 
-async function answer(client: KvrecallClient, q: Float32Array, doc = 'kept'): Promise<string[]> {
-  const s = await client.createSession({ model, documents: [doc] });
-  const outs: string[] = [];
-  for (let layer = 0; layer < model.layers; layer++) {
-    const r = await client.attend(s.id, { layer, q: tensor('f32', [model.qHeads, model.headDim], q) });
-    outs.push(Buffer.from(r.out.buffer).toString('hex') + Buffer.from(r.lse.buffer).toString('hex'));
-  }
-  await client.deleteSession(s.id);
-  return outs;
-}
+const answer = (client: KvrecallClient, q: Float32Array, doc = 'kept') => answerBytes(client, model, doc, q);
 
 describe('a server over 3 LMDB shards', () => {
   it('SIGKILL mid-preload: that document is incomplete after restart; the sealed one answers bit for bit, with any shard count', async () => {
