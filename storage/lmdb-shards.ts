@@ -16,6 +16,11 @@ import { open, type Database, type RootDatabase } from 'lmdb';
 
 export type BlockKey = [string, number, number, number];
 
+/** The key range of a document's blocks, in any shard. */
+export function documentBlocks(id: string): { start: [string]; end: [string, number] } {
+  return { start: [id], end: [id, Number.MAX_SAFE_INTEGER] };
+}
+
 /** Shard folders hold `blocks-<i>`; more than this many are refused (a stray folder name, not a store). */
 export const MAX_SHARDS = 64;
 const SHARD_DIR = /^blocks-([1-9][0-9]*)$/;
@@ -90,7 +95,7 @@ export class BlockShards {
     await Promise.all(
       this.dbs.slice(1).map(async (db) => {
         if (!db) return;
-        const keys = Array.from(db.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] }));
+        const keys = Array.from(db.getKeys(documentBlocks(id)));
         if (keys.length > 0) await db.transaction(() => keys.forEach((k) => db.remove(k)));
       }),
     );

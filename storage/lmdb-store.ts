@@ -31,7 +31,7 @@ import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
-import { BlockShards, syncEnv, type BlockKey } from './lmdb-shards.js';
+import { BlockShards, documentBlocks, syncEnv, type BlockKey } from './lmdb-shards.js';
 
 type ArtifactKey = [string, string, number, number];
 
@@ -251,7 +251,7 @@ export class LmdbStore implements DocumentStore {
   private hasBlocks(id: string): boolean {
     // getKeysCount ignores `limit`: the first key found is enough.
     return this.shards.all().some((db) => {
-      for (const _ of db.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER], limit: 1 })) return true;
+      for (const _ of db.getKeys({ ...documentBlocks(id), limit: 1 })) return true;
       return false;
     });
   }
@@ -269,7 +269,7 @@ export class LmdbStore implements DocumentStore {
    * over blocks some shard has lost.
    */
   private async dropBlocks(id: string, marked?: DocumentMeta): Promise<void> {
-    const blocks = Array.from(this.blocks.getKeys({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] }));
+    const blocks = Array.from(this.blocks.getKeys(documentBlocks(id)));
     const artifacts = Array.from(this.artifacts.getKeys({ start: [id], end: [id, '\uffff'] }));
     if (marked || blocks.length + artifacts.length > 0)
       await this.root.transaction(() => {

@@ -3,6 +3,7 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { open } from 'lmdb';
+import { documentBlocks } from '../../storage/lmdb-shards.js';
 
 /** Blocks of document `id` in the main environment (shard 0) and in blocks-1 … blocks-<shards-1>. */
 export function blocksPerShard(dir: string, id: string, shards: number): number[] {
@@ -11,7 +12,7 @@ export function blocksPerShard(dir: string, id: string, shards: number): number[
     if (!existsSync(path)) return 0;
     const env = open({ path, maxDbs: 8, noSubdir: false, readOnly: true });
     try {
-      return env.openDB({ name: 'blocks', encoding: 'binary' }).getKeysCount({ start: [id], end: [id, Number.MAX_SAFE_INTEGER] });
+      return env.openDB({ name: 'blocks', encoding: 'binary' }).getKeysCount(documentBlocks(id));
     } finally {
       void env.close();
     }
