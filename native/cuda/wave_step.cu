@@ -39,6 +39,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -266,6 +267,8 @@ WaveStoreBytes WaveStore::Bytes() const {
 WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point h0 = Clock::now();
   const int H = I.cfg.kvHeads, d = I.cfg.headDim, stride = I.stride, Q = a.qHeads;
   const int64_t N = I.cfg.tokens;
   if (Q < H || Q % H != 0) throw std::runtime_error("wave step: qHeads must be a multiple of kvHeads");
@@ -333,10 +336,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
   if (tmax > 0) Check(cub::DeviceScan::InclusiveSum(nullptr, t2, p.take2, p.cum2, int(H * tmax), I.stream), "cub sizing");
   const size_t n2 = size_t(H) * tmax;
+  const bool useCdot = a.estimate && a.restRows && p.spreadMode && tmax > 0;
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oOrd2 = W.Add(n2 * 4),
                oTake2 = W.Add(n2 * 4), oCum2 = W.Add(n2 * 4), oBuf2 = W.Add(n2 * 8), oBufW2 = W.Add(n2 * 8),
-               oCand = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
+               oCand = W.Add(n2 * 4), oCdot = W.Add(useCdot ? size_t(Q) * tmax * 4 : 0), oPm = W.Add(size_t(Q) * parts * 4),
                oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
                oTouchedN = W.Add(size_t(H) * 4),
@@ -351,6 +355,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   uint64_t* buf2 = Layout::At<uint64_t>(X, oBuf2);
   int64_t* bufW2 = Layout::At<int64_t>(X, oBufW2);
   p.cand = Layout::At<int32_t>(X, oCand);
+  // The candidates' dots, kept only where PartialLogit reads them.
+  p.cdot = useCdot ? Layout::At<float>(X, oCdot) : nullptr;
   p.pm = Layout::At<float>(X, oPm);
   p.pden = Layout::At<float>(X, oPden);
   p.pnum = Layout::At<float>(X, oPnum);
@@ -394,6 +400,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool bf16 = I.cfg.dtype == Dtype::kBf16;
   const size_t qSmem = size_t(G) * stride * 4;
   const int ctot = int(I.ctot);
+  const Clock::time_point h1 = Clock::now();
   Check(cudaEventRecord(I.ev[0], s), "event");
   Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
   Check(cudaEventRecord(I.ev[1], s), "event");
@@ -491,7 +498,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cudaEventRecord(I.ev[11], s), "event");
   Check(cudaMemcpyAsync(I.hout.p, I.out.p, Out.at, cudaMemcpyDeviceToHost, s), "copy out");
   Check(cudaEventRecord(I.ev[12], s), "event");
+  const Clock::time_point h2 = Clock::now();
   Check(cudaStreamSynchronize(s), "wave step");
+  const Clock::time_point h3 = Clock::now();
 
   WaveStepResult r;
   r.width = width;
@@ -524,6 +533,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
     r.stages.emplace_back(kStages[i], ms);
   }
+  const auto msBetween = [](Clock::time_point x, Clock::time_point y) { return std::chrono::duration<float, std::milli>(y - x).count(); };
+  r.host = {{"prep", msBetween(h0, h1)}, {"launch", msBetween(h1, h2)}, {"wait", msBetween(h2, h3)}, {"copy", msBetween(h3, Clock::now())}};
   return r;
 }
 
