@@ -336,11 +336,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
   if (tmax > 0) Check(cub::DeviceScan::InclusiveSum(nullptr, t2, p.take2, p.cum2, int(H * tmax), I.stream), "cub sizing");
   const size_t n2 = size_t(H) * tmax;
-  const bool useCdot = a.estimate && a.restRows && p.spreadMode && tmax > 0;
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oOrd2 = W.Add(n2 * 4),
                oTake2 = W.Add(n2 * 4), oCum2 = W.Add(n2 * 4), oBuf2 = W.Add(n2 * 8), oBufW2 = W.Add(n2 * 8),
-               oCand = W.Add(n2 * 4), oCdot = W.Add(useCdot ? size_t(Q) * tmax * 4 : 0), oPm = W.Add(size_t(Q) * parts * 4),
+               oCand = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
                oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
                oTouchedN = W.Add(size_t(H) * 4),
@@ -355,8 +354,6 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   uint64_t* buf2 = Layout::At<uint64_t>(X, oBuf2);
   int64_t* bufW2 = Layout::At<int64_t>(X, oBufW2);
   p.cand = Layout::At<int32_t>(X, oCand);
-  // The candidates' dots, kept only where PartialLogit reads them.
-  p.cdot = useCdot ? Layout::At<float>(X, oCdot) : nullptr;
   p.pm = Layout::At<float>(X, oPm);
   p.pden = Layout::At<float>(X, oPden);
   p.pnum = Layout::At<float>(X, oPnum);

@@ -77,14 +77,8 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
     // members at once (each dot in the host's Dot order, as ScoreClusters
     // sums a row); the members' exps summed over the warp. A warp that walked
     // the members one by one spent the step's largest stage waiting on loads.
-    // The cluster's first `known` members were rescored as candidates: their
-    // dots (the same sums, bit for bit) are read from cdot, not recomputed
-    // from their keys, which cost this stage as much as the rescoring.
     const float* qg = p.qAug + size_t(h) * p.group * p.stride;
     const int half = lane & 1;
-    const int64_t b = p.base[h];
-    const int32_t known = p.cdot ? int32_t(p.cnt[c]) : 0;
-    const float* cd = known > 0 ? p.cdot + size_t(h) * p.group * p.tmax + (p.cum[c] - known - (b == 0 ? 0 : p.cum[b - 1])) : nullptr;
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the warp: the shuffles see every lane
       float m[kGC], sum[kGC];
@@ -93,15 +87,14 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
       for (int32_t i0 = 0; i0 < n; i0 += 16) {
         const int32_t i = i0 + (lane >> 1);
         const int32_t u = i < n ? mem[i] : 0;
-        const bool live = i < n && own[u] == kNoOwner, rescored = i < known;
+        const bool live = i < n && own[u] == kNoOwner;
         float acc[kGC][8];
         Zero(acc);
-        Accumulate<kBf16>(keys + size_t(u) * p.d, qg, p.stride, g0, gc, 0, nd, half, live && !rescored, acc);
+        Accumulate<kBf16>(keys + size_t(u) * p.d, qg, p.stride, g0, gc, 0, nd, half, live, acc);
 #pragma unroll
         for (int g = 0; g < kGC; ++g) {
           if (g >= gc) break;
-          const float summed = ReducePair(acc[g]);  // every lane shuffles
-          const float dot = live && rescored ? cd[size_t(g0 + g) * p.tmax + i] : summed;
+          const float dot = ReducePair(acc[g]);
           const float w = live ? __fmul_rn(p.scale, dot) : -INFINITY;
           float top = w;
           for (int o = 16; o > 1; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));

@@ -168,9 +168,6 @@ struct StepParams {
   int32_t* touchedN;  // [kvHeads]
   int64_t rowsMax;    // exact rows per head at most: width + exactCount
   int64_t *cnt, *cum, *sel;  // [ctot]: tokens a cluster gives, their scan; sel [kvHeads, 2]: -, candidates
-  // [qHeads, tmax]: each candidate's q·k per q head, as RescoreCandidates
-  // summed it, for PartialLogit's rows (null: not kept, the rows' keys are read)
-  float* cdot;
   int32_t* keptIds;          // [kvHeads, width]: the ranked ids outside the skip ranges, at most keep
   int64_t* keptN;            // [kvHeads]
   float *pm, *pden, *pnum;
@@ -329,7 +326,6 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
     for (int g = 0; g < gc; ++g) {
       const float s = ReducePair(acc[g]);
       best = best < s ? s : best;
-      if (p.cdot && half == 0 && live) p.cdot[(size_t(h) * p.group + g0 + g) * p.tmax + j] = s;
     }
   }
   // Rows inside the skip ranges are not candidates: the kept ids are then
