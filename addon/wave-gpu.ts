@@ -101,6 +101,13 @@ export interface WaveGpuStepResult {
   ms: number;
   /** ms per stage: in, score, clusters, rescore, topk, exact, partial, tiles (the estimate's and the attended rows'), merge, out. */
   stages: Record<string, number>;
+  /**
+   * Host ms around the stream: queue (the call to the work's start on a
+   * worker thread), prep, launch, wait (the stream), copy (outputs read
+   * back), back (the work's end to the answer's conversion on the event
+   * loop), convert.
+   */
+  host: Record<string, number>;
 }
 
 export interface WaveGpuBytes {
@@ -131,7 +138,7 @@ interface NativeStore {
     estimate?: boolean;
     attend?: boolean;
     rest?: 'rows' | 'moments';
-  }): Promise<{ width: number; ids: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number> }>;
+  }): Promise<{ width: number; ids: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number>; host: Record<string, number> }>;
   bytes(): WaveGpuBytes;
   close(): void;
 }
@@ -196,6 +203,7 @@ export class WaveGpuStore {
       estimated: r.estimated,
       ms: r.ms,
       stages: r.stages,
+      host: r.host,
     };
   }
 

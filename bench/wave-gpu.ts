@@ -354,13 +354,14 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false) =>
     store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate, attend });
   for (let i = 0; i < 5; i++) await step(qs[i]);
-  const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {};
+  const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {}, host: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
     const w0 = performance.now();
     const r = await step(qs[5 + i]);
     wall.push(performance.now() - w0);
     ms.push(r.ms);
     for (const [k, v] of Object.entries(r.stages)) (stages[k] ??= []).push(v);
+    for (const [k, v] of Object.entries(r.host)) (host[k] ??= []).push(v);
   }
   const msSel: number[] = [], msRadius: number[] = [];
   for (let i = 0; i < cfg.steps; i++) msSel.push((await step(qs[5 + i], false)).ms);
@@ -391,6 +392,7 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     withAttentionMs: { p50: p(msAttend, 0.5), p90: p(msAttend, 0.9) },
     withAttentionStagesP50Ms: Object.fromEntries(Object.entries(attendStages).map(([k, v]) => [k, p(v, 0.5)])),
     hostWallMs: { p50: p(wall, 0.5), p90: p(wall, 0.9) },
+    hostStagesP50Ms: Object.fromEntries(Object.entries(host).map(([k, v]) => [k, p(v, 0.5)])),
     stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
     memory: {
       summariesBytes: bytes.summaries, momentsBytes: bytes.moments, layerKvBytes: kvBytes, summariesShare: bytes.summaries / kvBytes,
@@ -422,6 +424,10 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `| the same without the estimate (selection only) | ${f(r.selectionOnlyMs.p50)} | ${f(r.selectionOnlyMs.p90)} |`,
     `| the older step: radius ranking, first-order estimate | ${f(r.radiusRankingMs.p50)} | ${f(r.radiusRankingMs.p90)} |`,
     `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
+    '',
+    'Host stages (p50 ms) of the selection-and-estimate step: ' + Object.entries(r.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
+      ' (queue: the call to the work\'s start on a worker thread; prep: the inputs laid out; launch: every launch issued; wait: the stream; ' +
+      'copy: the outputs read back; back: the work\'s end to the answer\'s conversion on the event loop).',
     '',
     'Stages (p50 ms) of the layer-step: ' + Object.entries(r.withAttentionStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
       ' (tiles: the estimate\'s cluster tiles and the attended rows\' tiles).',

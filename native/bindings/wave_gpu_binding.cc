@@ -12,7 +12,8 @@
 //          rest?: 'rows' | 'moments' (with 'spread': partly attended clusters' remaining rows by their
 //          own logits, the default, or by their moments)})
 //     -> Promise<{width, ids: Int32Array[kvHeads*width], idCounts: number[], candidates: number[],
-//                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}}>
+//                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms},
+//                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream)}>
 //   .bytes() -> {summaries, moments, kv, scratch}
 //   .close()
 // ranking 'spread' (the default) is the host's default path: clusters ranked
@@ -22,6 +23,8 @@
 // flags), for the second-order logit's cap.
 #include <napi.h>
 
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -178,37 +181,47 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     }
     auto result = std::make_shared<cuda::WaveStepResult>();
     const int H = c.kvHeads;
+    // The hop onto the worker thread and back (queue: this call to the
+    // work's start; convert: the answer's objects) beside the step's own
+    // host stages, so a bench sees where the wall time outside the stream goes.
+    using Clock = std::chrono::steady_clock;
+    auto times = std::make_shared<std::array<Clock::time_point, 3>>();
+    (*times)[0] = Clock::now();
     return RunAsync(
         env, {},
-        [store, a, qCopy, normCopy, exact, result]() {
+        [store, a, qCopy, normCopy, exact, result, times]() {
+          (*times)[1] = Clock::now();
           a->q = qCopy->data();
           a->normTerms = normCopy->data();
           a->exact = exact->data();
           a->exactCount = int64_t(exact->size());
           *result = store->Step(*a);
+          (*times)[2] = Clock::now();
         },
-        [result, H](Napi::Env e) -> Napi::Value {
-          const cuda::WaveStepResult& r = *result;
+        [result, H, times](Napi::Env e) -> Napi::Value {
+          const Clock::time_point c0 = Clock::now();
+          cuda::WaveStepResult& r = *result;
           Napi::Object out = Napi::Object::New(e);
           out.Set("width", Napi::Number::New(e, double(r.width)));
-          auto ids = Napi::Int32Array::New(e, r.ids.size());
-          std::copy(r.ids.begin(), r.ids.end(), ids.Data());
-          out.Set("ids", ids);
+          out.Set("ids", Adopt(e, std::move(r.ids)));
           out.Set("idCounts", NumberArray(e, r.idCounts));
           out.Set("candidates", NumberArray(e, r.candidates));
-          auto o2 = Napi::Float32Array::New(e, r.out.size());
-          std::copy(r.out.begin(), r.out.end(), o2.Data());
-          out.Set("out", o2);
-          auto lse = Napi::Float32Array::New(e, r.lse.size());
-          std::copy(r.lse.begin(), r.lse.end(), lse.Data());
-          out.Set("lse", lse);
+          out.Set("out", Adopt(e, std::move(r.out)));
+          out.Set("lse", Adopt(e, std::move(r.lse)));
           Napi::Array est = Napi::Array::New(e, size_t(H));
           for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
           out.Set("estimated", est);
           out.Set("ms", Napi::Number::New(e, double(r.ms)));
           Napi::Object stages = Napi::Object::New(e);
-          for (const auto& s : r.stages) stages.Set(s.first, Napi::Number::New(e, double(s.second)));
+          for (const auto& st : r.stages) stages.Set(st.first, Napi::Number::New(e, double(st.second)));
           out.Set("stages", stages);
+          const auto ms = [](Clock::time_point x, Clock::time_point y) { return double(std::chrono::duration<float, std::milli>(y - x).count()); };
+          Napi::Object host = Napi::Object::New(e);
+          host.Set("queue", Napi::Number::New(e, ms((*times)[0], (*times)[1])));
+          for (const auto& st : r.host) host.Set(st.first, Napi::Number::New(e, double(st.second)));
+          host.Set("back", Napi::Number::New(e, ms((*times)[2], c0)));
+          host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
+          out.Set("host", host);
           return out;
         });
   }

@@ -5,6 +5,7 @@
 
 #include <napi.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -182,6 +183,27 @@ inline Napi::Array ArrayOf(const Napi::Object& o, const char* key, size_t length
   if (a.Length() != length)
     throw Napi::RangeError::New(o.Env(), std::string(key) + " must have " + std::to_string(length) + " entries");
   return a;
+}
+
+// A typed array over the vector's own memory: the vector moves into the
+// array buffer, which frees it when collected. Results of tens to hundreds
+// of KiB per call (a layer-step's ids) are then not copied a second time.
+template <typename T>
+Napi::TypedArrayOf<T> Adopt(Napi::Env env, std::vector<T>&& v) {
+  const size_t n = v.size();
+  if (n == 0) return Napi::TypedArrayOf<T>::New(env, 0);
+  auto* held = new std::vector<T>(std::move(v));
+  napi_value buffer = nullptr;
+  const napi_status st = napi_create_external_arraybuffer(
+      env, held->data(), n * sizeof(T), [](napi_env, void*, void* h) { delete static_cast<std::vector<T>*>(h); }, held, &buffer);
+  if (st != napi_ok) {
+    // Runtimes with V8's sandbox (Electron) refuse external buffers: copy instead.
+    Napi::TypedArrayOf<T> copy = Napi::TypedArrayOf<T>::New(env, n);
+    std::copy(held->begin(), held->end(), copy.Data());
+    delete held;
+    return copy;
+  }
+  return Napi::TypedArrayOf<T>::New(env, n, Napi::ArrayBuffer(env, buffer), 0);
 }
 
 // Runs work() on a libuv thread and settles a promise with result(env).

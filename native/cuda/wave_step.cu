@@ -39,6 +39,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -266,6 +267,8 @@ WaveStoreBytes WaveStore::Bytes() const {
 WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point h0 = Clock::now();
   const int H = I.cfg.kvHeads, d = I.cfg.headDim, stride = I.stride, Q = a.qHeads;
   const int64_t N = I.cfg.tokens;
   if (Q < H || Q % H != 0) throw std::runtime_error("wave step: qHeads must be a multiple of kvHeads");
@@ -394,6 +397,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool bf16 = I.cfg.dtype == Dtype::kBf16;
   const size_t qSmem = size_t(G) * stride * 4;
   const int ctot = int(I.ctot);
+  const Clock::time_point h1 = Clock::now();
   Check(cudaEventRecord(I.ev[0], s), "event");
   Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
   Check(cudaEventRecord(I.ev[1], s), "event");
@@ -491,7 +495,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cudaEventRecord(I.ev[11], s), "event");
   Check(cudaMemcpyAsync(I.hout.p, I.out.p, Out.at, cudaMemcpyDeviceToHost, s), "copy out");
   Check(cudaEventRecord(I.ev[12], s), "event");
+  const Clock::time_point h2 = Clock::now();
   Check(cudaStreamSynchronize(s), "wave step");
+  const Clock::time_point h3 = Clock::now();
 
   WaveStepResult r;
   r.width = width;
@@ -524,6 +530,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
     r.stages.emplace_back(kStages[i], ms);
   }
+  const auto msBetween = [](Clock::time_point x, Clock::time_point y) { return std::chrono::duration<float, std::milli>(y - x).count(); };
+  r.host = {{"prep", msBetween(h0, h1)}, {"launch", msBetween(h1, h2)}, {"wait", msBetween(h2, h3)}, {"copy", msBetween(h3, Clock::now())}};
   return r;
 }
 

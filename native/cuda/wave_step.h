@@ -108,6 +108,10 @@ struct WaveStepResult {
   std::vector<double> estimated;  // [kvHeads]: tokens the estimate covers
   float ms = 0;                   // the whole step on the stream (inputs in to outputs out), CUDA events
   std::vector<std::pair<std::string, float>> stages;  // ms per stage, in order
+  // Host ms around the stream, in order (steady clock): prep (inputs laid
+  // out, up to the first launch), launch (every launch issued), wait (the
+  // stream synchronised), copy (the outputs read back into this result).
+  std::vector<std::pair<std::string, float>> host;
 };
 
 struct WaveStoreBytes {
