@@ -53,6 +53,7 @@ if ! python3 -c 'import msgpack' 2>/dev/null; then
   export PYTHONPATH=$PWD/.device/model/py${PYTHONPATH:+:$PYTHONPATH} MSGPACK_PUREPYTHON=1
 fi
 export KVRECALL_GPU_BUDGET=${KVRECALL_GPU_BUDGET:-0}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # 8 workers share one device
 { node --version; python3 -c 'import sys, numpy, torch; print(sys.version.split()[0], numpy.__version__, torch.__version__, torch.cuda.is_available())'
   python3 -c 'import transformers; print("transformers", transformers.__version__)'
   python3 -c 'import msgpack; print("msgpack", msgpack.version)'

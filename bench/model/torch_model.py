@@ -48,6 +48,13 @@ def use_gpu_of_worker(wid: int) -> None:
         torch.cuda.set_device(wid % torch.cuda.device_count())
 
 
+def release_cached(torch) -> None:
+    """Hand the caching allocator's free blocks back after a prefill: its chunked scores leave GiBs reserved in each
+    worker, and 8 workers sharing one device then run out of memory on later trials."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def default_device() -> str:
     return "cuda" if _torch().cuda.is_available() else "cpu"
 
@@ -139,6 +146,7 @@ class TorchModel:
             if logits != "none":
                 hh = h if logits == "all" else h[-1:]
                 res.logits = (self._rms(hh, self.final_norm) @ self.lm_head).cpu().numpy()
+        release_cached(torch)
         return res
 
     def decode_step(self, byte: int, pos: int, attend: Attend) -> np.ndarray:
@@ -208,6 +216,7 @@ class HfModel:
                 lg = None if logits == "none" else self.hf.lm_head(h if logits == "all" else h[-1:])
         finally:
             kept, self._mode, self._keep = self._keep, "", None
+            release_cached(torch)
         res = Prefill(logits=np.zeros((0, self.cfg.vocab), np.float32) if lg is None else lg.float().cpu().numpy())
         for q, k, v in kept or []:
             res.q.append(q), res.k.append(k), res.v.append(v)
