@@ -57,6 +57,7 @@ for s in $stages; do
       step 40 preload-shards-pool4 env KVRECALL_BENCH_TAG=$g-shards-pool4 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --window 2 --shards 1,2 --pool 4
       step 40 preload-shards-inflight2 env KVRECALL_BENCH_TAG=$g-shards-inflight2 node dist/bench/preload.js --tokens 262144 --layers 2 --rounds 2 --via stream --inflight 2 --shards 1,0
       if python3 -c 'import numpy, msgpack' 2>/dev/null; then
+        mkdir -p "$OUT/results"  # the Python bench writes there; the copy of bench/results comes at the end
         for n in 1 4; do
           (cd clients/python && step 45 preload-python-shards$n env KVRECALL_LMDB_SHARDS=$n UV_THREADPOOL_SIZE=16 KVRECALL_NODE="$(command -v node)" python3 -m kvrecall.bench_preload --serve --tokens 262144 --layers 2 --rounds 2 --out "$OUT/results/preload-python-$g-shards$n.json")
         done
