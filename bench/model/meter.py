@@ -95,11 +95,18 @@ class Meter:
                        exact_share=self.exact[i] / n[i], estimated_share=self.estimated[i] / n[i],
                        scanned_share=self.scanned[i] / n[i], server_ms_mean=float(np.mean(self.server_ms[i])))
                   for i in range(len(n))]
+        # Dense on this configuration's trials: merged runs may have run a configuration on some of dense's trials.
+        if list(self.trial_ids) == list(dense.trial_ids):
+            pick = list(range(len(dense.tf_argmax)))
+        else:
+            at = {t: i for i, t in enumerate(dense.trial_ids)}
+            pick = [at[t] for t in self.trial_ids]
         mine = np.concatenate(self.tf_argmax)
-        theirs = np.concatenate(dense.tf_argmax)
+        theirs = np.concatenate([dense.tf_argmax[i] for i in pick])
         kl = float(np.mean(self.kl))
         hits = [a == k for a, k in zip(self.answers, self.keys)]
-        dense_hits = [a == k for a, k in zip(dense.answers, dense.keys)]
+        dense_hits = [dense.answers[i] == dense.keys[i] for i in pick]
+        dense_answers = [dense.answers[i] for i in pick]
         all_ms = np.concatenate([np.asarray(x) for x in self.server_ms])
         return dict(
             layers=[{k: float(v) for k, v in d.items()} for d in layers],
@@ -111,9 +118,9 @@ class Meter:
             scanned_share=float(np.mean(self.scanned / n)),
             agreement=float(np.mean(mine == theirs)), agreement_steps=int(len(mine)),
             kl=kl,
-            pass_key=dict(hits=int(sum(hits)), trials=len(hits),
+            pass_key=dict(hits=int(sum(hits)), trials=len(hits), dense_hits=int(sum(dense_hits)),
                           lost_vs_dense=int(sum(d and not h for h, d in zip(hits, dense_hits))),
-                          same_as_dense=int(sum(a == b for a, b in zip(self.answers, dense.answers))),
+                          same_as_dense=int(sum(a == b for a, b in zip(self.answers, dense_answers))),
                           answers=[a.decode("latin-1") for a in self.answers]),
             latency=dict(server_ms_p50=pct(all_ms, 50), server_ms_p99=pct(all_ms, 99), server_ms_mean=float(all_ms.mean()),
                          rtt_ms_p50=pct(self.rtt_ms, 50), rtt_ms_p99=pct(self.rtt_ms, 99),

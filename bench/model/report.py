@@ -35,9 +35,10 @@ def markdown(res: Dict[str, object]) -> str:
            "and the appended tokens' f16 k/v); the oracle is the exact top-k (by mean probability over the GQA "
            "group) at the session's own exact count per kv head. Agreement and KL are against the same decode "
            "through `exact` (teacher-forced positions only); the pass key is the free-running greedy answer.", "",
-           f"- machine: {m['cpu']}, {m['cores']} cores, {m['arch']}; server backend {m['backend']} "
-           f"({m['threads']} native threads){', GPU ' + m['gpu'] if m.get('gpu') else ''}; Python {m['python']}, "
-           f"numpy {m['numpy']}",
+           *[f"- machine{' (as `' + m['source'] + '` records it)' if m.get('source') else ''}: {m['cpu']}, "
+             f"{m['cores']} cores, {m['arch']}; server backend {m['backend']} "
+             f"({m['threads']} native threads){', GPU ' + m['gpu'] if m.get('gpu') else ''}; Python {m['python']}, "
+             f"numpy {m['numpy']}" for m in res.get("machines") or [m]],
            ("- sessions: the server's defaults (budget, sinks, window per method: engine/sessions.ts)" if p.get("session_defaults") else
             f"- sessions: budget {p['budget']} (of the context), sinks {p['sinks']}, window {p['window']}") +
            f"{', ef ' + str(p['ef']) if p['ef'] else ''}; document prefill queries kept at stride {p['query_stride']}; "
@@ -72,6 +73,11 @@ def markdown(res: Dict[str, object]) -> str:
                        f"{fmt(c['recall'])} | {fmt(c['agreement'])} | {c['kl']:.4f} | {pk['hits']}/{pk['trials']} | "
                        f"{pk['lost_vs_dense']} | {lt['server_ms_p50']:.2f} / {lt['server_ms_p99']:.2f} | "
                        f"{lt['rtt_ms_p50']:.2f} | {lt['token_ms_p50']:.1f} |")
+        for c in r["configs"]:
+            if c.get("trial_ids"):  # merged runs: a configuration some runs did not have
+                pk = c["pass_key"]
+                out.append(f"\n`{c['label']}` ran on {pk['trials']} of the {r['trials']} trials; its agreement, KL and "
+                           f"keys lost are against dense on those ({pk['dense_hits']}/{pk['trials']} keys).")
         for c in r["configs"]:
             if c.get("plan"):
                 out.append(f"\nPolicy `{c['label']}`: " + ", ".join(

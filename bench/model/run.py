@@ -36,6 +36,9 @@ Measured, per configuration and per layer (means over trials, decode steps and q
     python3 bench/model/run.py --methods wave --policy 'wide L1-2:0=wave@64,1-2=wave@0.04,3-5=wave@0.02'
     python3 bench/model/run.py --lengths 16384,32768 --trials 200 --workers 8 --minutes 6.5 --shares 0.6,0.4
     python3 bench/model/run.py --merge /tmp/wA,/tmp/wB --tag h200  # the report from worker states (runs merged)
+    python3 bench/model/run.py --merge /tmp/wA,/tmp/wB --merge-lengths 32768 --machine-from bench/results/model-h200.json \
+        --tag h200-32k-merged      # merged elsewhere: the machine as the runs' results name it; runs may differ in methods
+    python3 bench/model/tally.py                                  # trials of other machines' results summed per length
     bash bench/model/device.sh                                    # on the lent GPU machine (see its top)
 
 Writes bench/results/model-<tag>.json and .md (tag: --tag, else `vm` on a CPU server, else the GPU's name).
@@ -53,7 +56,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 def _python_with_deps() -> None:
@@ -113,9 +116,20 @@ def load_states(works: List[Path]) -> List[Dict[str, object]]:
     return states
 
 
+# What makes two runs' trials the same experiment: merged runs must agree on these.
+SAME_IN_MERGED_RUNS = ("budget", "sinks", "window", "ef", "steps", "query_stride", "seed", "session_defaults")
+
+
 def merge_states(states: List[Dict[str, object]]) -> Dict[str, object]:
-    """Workers' states (of one run, or of runs with the same configurations and distinct --first-trial ranges)
-    merged: per length, each configuration's meter (trials in index order)."""
+    """Workers' states (of one run, or of runs with distinct --first-trial ranges) merged: per length, each
+    configuration's meter (trials in index order). Runs may differ in their configurations (e.g. one of ivf alone):
+    a configuration holds the trials of the runs that had it, and is compared with dense on those trials."""
+    for st in states[1:]:
+        a, b = states[0].get("args", {}), st.get("args", {})
+        differ = [k for k in SAME_IN_MERGED_RUNS if a.get(k) != b.get(k)]
+        if differ:
+            raise SystemExit(f"runs differ in {', '.join(f'{k} ({a.get(k)} vs {b.get(k)})' for k in differ)}: "
+                             "their trials do not merge")
     seen: Dict[int, set] = {}
     for st in states:
         for length, ls in st["lengths"].items():
@@ -134,21 +148,29 @@ def merge_states(states: List[Dict[str, object]]) -> Dict[str, object]:
                 continue
             acc = lengths[length]
             for label, m in ls["meters"].items():
-                acc["meters"][label].merge(m)
+                if label in acc["meters"]:
+                    acc["meters"][label].merge(m)
+                else:
+                    acc["meters"][label] = m
             acc["local"].merge(ls["local"])
             acc["trial_s"] += ls["trial_s"]
-            if "span" in ls:  # the runs merged: their spans add up (a run's workers share one)
-                a0, a1 = acc.get("span", ls["span"])
-                b0, b1 = ls["span"]
-                overlap = a0 <= b1 and b0 <= a1
-                acc["span"] = [min(a0, b0), max(a1, b1)] if overlap else [a0, a1 + (b1 - b0)]
             acc["loads"] += ls["loads"]
             for k, v in ls["timing"].items():
                 if isinstance(v, dict):
                     for kk, vv in v.items():
-                        acc["timing"][k][kk] += vv
+                        acc["timing"][k][kk] = acc["timing"][k].get(kk, 0.0) + vv
                 else:
                     acc["timing"][k] += v
+    # A run's workers share one span (first trial's start to last trial's end); the runs merged add theirs up.
+    spans: Dict[int, Dict[float, List[float]]] = {}
+    for st in states:
+        for length, ls in st["lengths"].items():
+            if ls["trial_s"] and "span" in ls:
+                run = spans.setdefault(length, {}).setdefault(st.get("args", {}).get("run_start", 0.0), list(ls["span"]))
+                run[:] = [min(run[0], ls["span"][0]), max(run[1], ls["span"][1])]
+    for length, runs in spans.items():
+        start = min(r[0] for r in runs.values())
+        lengths[length]["span"] = [start, start + sum(r[1] - r[0] for r in runs.values())]
     for ls in lengths.values():
         for m in ls["meters"].values():
             m.in_trial_order()
@@ -159,8 +181,11 @@ def merge_states(states: List[Dict[str, object]]) -> Dict[str, object]:
 def length_result(a, length: int, ls: Dict[str, object], configs) -> Dict[str, object]:
     meters: Dict[str, Meter] = ls["meters"]
     dense, local = meters["exact"], ls["local"]
+    configs = [c for c in configs if c.label in meters and meters[c.label].trial_ids]  # merged runs: at this length
     results = [dict(label=c.label, method=c.method, estimate=c.estimate,
                     **({"plan": [list(p) for p in c.plan]} if c.plan else {}), **({"ef": c.ef} if c.ef else {}),
+                    **({"trial_ids": [int(i) for i in meters[c.label].trial_ids]}
+                       if meters[c.label].trial_ids != dense.trial_ids else {}),
                     **meters[c.label].summary(dense))
                for c in configs]
     local_vs_exact = dict(
@@ -235,17 +260,20 @@ def run_wall(states: List[Dict[str, object]]) -> float:
     return sum(end - start for start, end in ends.items())
 
 
-def report(a, configs, doc_methods: List[str], states: List[Dict[str, object]], t_start: float) -> None:
+def report(a, configs, doc_methods: List[str], states: List[Dict[str, object]], t_start: float,
+           machines: Optional[List[Dict[str, object]]] = None, heldout_text: str = "") -> None:
+    """machines: where the runs ran, when this process is not that machine (a merge elsewhere); the first is the
+    result's `machine`, all of them its `machines`; heldout_text: the runs' held-out text, as their results say."""
     merged = merge_states(states)
     health = next((s["health"] for s in states if s.get("health")), {})
-    mach = machine(health, a.workers)
+    mach = machines[0] if machines else machine(health, a.workers)
     lengths = [length_result(a, length, ls, configs) for length, ls in sorted(merged["lengths"].items())]
     errors = [f"w{s['worker']}: {e}" for s in states for e in ([s["error"]] if s.get("error") else []) + s.get("trial_errors", [])]
-    res = dict(bench="model", machine=mach,
+    res = dict(bench="model", machine=mach, **({"machines": machines} if machines and len(machines) > 1 else {}),
                params=dict(budget=a.budget, sinks=a.sinks, window=a.window, ef=a.ef, steps=a.steps,
                            session_defaults=a.session_defaults, query_stride=a.query_stride,
                            document_methods=doc_methods, seed=a.seed, workers=a.workers,
-                           heldout=os.environ.get("KVRECALL_HELDOUT_PACK") and f"packed {heldout.DEFAULT_DIR} corpus"
+                           heldout=heldout_text or os.environ.get("KVRECALL_HELDOUT_PACK") and f"packed {heldout.DEFAULT_DIR} corpus"
                            or os.environ.get("KVRECALL_HELDOUT_DIR", heldout.DEFAULT_DIR),
                            model=next((s["model"] for s in states if s.get("model")), ""),
                            reference=next((s["held"] for s in states if s.get("held")), "")),
@@ -302,6 +330,10 @@ def main() -> None:
     ap.add_argument("--merge", default="",
                     help="only report the worker states in these folders (comma-separated: a cut-short run's, or runs "
                          "with distinct --first-trial ranges); parameters and configurations are the runs' own")
+    ap.add_argument("--merge-lengths", default="", help="with --merge: only these lengths (comma-separated)")
+    ap.add_argument("--machine-from", default="",
+                    help="with --merge: the machine(s) the runs ran on, from their committed result files "
+                         "(comma-separated; the merging machine is not theirs)")
     ap.add_argument("--first-trial", type=int, default=0, help="the first trial index (runs to merge take distinct ranges)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="machine tag for the result files (default: vm on a CPU server)")
@@ -312,8 +344,24 @@ def main() -> None:
     t_start = a.run_start = time.time()
     if a.merge:  # the runs' own parameters and configurations; this command's only say where to write
         states = load_states([Path(w) for w in a.merge.split(",")])
-        run_args = argparse.Namespace(**{**states[0]["args"], "tag": a.tag, "out_dir": a.out_dir, "no_write": a.no_write})
-        report(run_args, states[0]["configs"], states[0]["doc_methods"], states, t_start)
+        if a.merge_lengths:
+            keep = {int(x) for x in a.merge_lengths.split(",")}
+            for st in states:
+                st["lengths"] = {length: ls for length, ls in st["lengths"].items() if length in keep}
+        configs: Dict[str, object] = {}  # every run's configurations, in the order they first appear
+        for st in states:
+            for c in st["configs"]:
+                configs.setdefault(c.label, c)
+        doc_methods = list(dict.fromkeys(m for st in states for m in st["doc_methods"]))
+        machines, heldout_text = None, ""
+        if a.machine_from:
+            runs = [(Path(f).name, json.loads(Path(f).read_text())) for f in a.machine_from.split(",")]
+            machines = [dict(r["machine"], source=name) for name, r in runs]
+            heldout_text = "; ".join(dict.fromkeys(r["params"]["heldout"] for _, r in runs))
+        workers = max(st["args"].get("workers", 1) for st in states)
+        run_args = argparse.Namespace(**{**states[0]["args"], "workers": workers, "tag": a.tag, "out_dir": a.out_dir,
+                                         "no_write": a.no_write})
+        report(run_args, list(configs.values()), doc_methods, states, t_start, machines, heldout_text)
         return
     if a.workers > 1:  # each worker's numpy / torch on its share of the cores
         share = str(max(1, (os.cpu_count() or 1) // a.workers))

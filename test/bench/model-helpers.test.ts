@@ -24,5 +24,7 @@ describe.skipIf(!python)('bench:model helpers', () => {
     expect(r.status).toBe(0);
     expect(output).toMatch(/test_workers_in_any_order_summarise_as_one_sequential_meter .*\.\.\. ok/);
     expect(output).toMatch(/test_packed_bytes_are_the_folders .*\.\.\. ok/);
+    expect(output).toMatch(/test_runs_of_other_configurations_merge .*\.\.\. ok/);
+    expect(output).toMatch(/test_sums_as_the_trials_and_refuses_a_trial_twice .*\.\.\. ok/);
   });
 });

@@ -4,13 +4,17 @@ the numbers one sequential run would. Run by test/bench/model-helpers.test.ts (p
 - Meter.merge + in_trial_order: per-trial meters merged from workers in any order summarise exactly as one meter
   that saw the trials in index order (sums, maxima, per-trial lists lined up with dense's); a meter's JSON form
   (the worker states' format) summarises as the meter;
-- merge_states refuses two states holding the same trial (runs merged without distinct --first-trial ranges);
+- merge_states refuses two states holding the same trial (runs merged without distinct --first-trial ranges) or
+  runs of other parameters; runs of other configurations merge, each configuration compared with dense on its own
+  trials (as a run of that configuration alone would report);
+- tally.py sums result files as their trials would sum, and refuses a trial counted twice;
 - the packed held-out corpus (pack.py's format, KVRECALL_HELDOUT_PACK) is the same bytes as the folder's;
 - TorchHeld (the float64 reference on a torch device) measures what Held measures, when torch is installed.
 """
 
 from __future__ import annotations
 
+import json
 import lzma
 import os
 import sys
@@ -131,6 +135,65 @@ class MergeStates(unittest.TestCase):
         with self.assertRaises(SystemExit):
             run.merge_states([state([0, 1]), state([1, 2])])
         self.assertIn(2048, run.merge_states([state([0, 1]), state([2, 3])])["lengths"])
+
+
+    def test_runs_of_other_configurations_merge(self):
+        # Run A: dense and "wave" on trials 0-3; run B: dense and "ivf" alone on trials 4-6. Merged, ivf is compared
+        # with dense on 4-6 only, exactly as run B alone reports it, and wave as run A alone.
+        import run
+        from trials import Config
+
+        def state(ids, label, seed, run_start):
+            meters = {"exact": Meter(LAYERS), label: Meter(LAYERS)}
+            local = Meter(LAYERS)
+            for t in ids:
+                meters["exact"].merge(trial_meter(t, 0)), meters[label].merge(trial_meter(t, seed))
+                local.merge(trial_meter(t, 0))
+            ls = dict(local=local, meters=meters, trial_s=[1.0] * len(ids), loads=[0.0] * len(ids),
+                      timing=dict(decode_s={"exact": 1.0, label: 1.0}), span=[run_start, run_start + 10])
+            return dict(lengths={2048: ls}, args=dict(budget=0.024, run_start=run_start),
+                        configs=[Config("exact", "exact", None), Config(label, label, None)])
+
+        alone = {label: state(ids, label, seed, 0.0)["lengths"][2048]["meters"]
+                 for label, ids, seed in (("wave", [0, 1, 2, 3], 5), ("ivf", [4, 5, 6], 9))}
+        merged = run.merge_states([state([0, 1, 2, 3], "wave", 5, 0.0), state([4, 5, 6], "ivf", 9, 100.0)])["lengths"][2048]
+        self.assertEqual(merged["meters"]["exact"].trial_ids, list(range(7)))
+        for label, m in alone.items():
+            want = json.dumps(m[label].summary(m["exact"]), sort_keys=True)
+            self.assertEqual(json.dumps(merged["meters"][label].summary(merged["meters"]["exact"]), sort_keys=True), want)
+        self.assertEqual(merged["span"][1] - merged["span"][0], 20)  # two runs of 10 s each, 100 s apart
+        other = state([7], "ivf", 9, 200.0)
+        other["args"]["budget"] = 0.05
+        with self.assertRaises(SystemExit):
+            run.merge_states([state([0], "wave", 5, 0.0), other])
+
+
+class Tally(unittest.TestCase):
+    def test_sums_as_the_trials_and_refuses_a_trial_twice(self):
+        import tally
+
+        def result(ids, hits, dense_hits, agreement, steps, err):
+            params = {k: 1 for k in tally.SAME}
+            cfg = lambda label, h, a, e: dict(label=label, pass_key=dict(hits=h, trials=len(ids), lost_vs_dense=0),  # noqa: E731
+                                              agreement=a, agreement_steps=steps, exact_share=0.02,
+                                              layers=[dict(err=x) for x in e])
+            return dict(machine=dict(cpu="cpu", cores=2), params=params, lengths=[dict(
+                length=2048, trial_ids=ids, configs=[cfg("exact", dense_hits, 1.0, [0.0, 0.0]), cfg("m", hits, agreement, err)])])
+
+        with tempfile.TemporaryDirectory() as d:
+            tally.RESULTS = Path(d)
+            (Path(d) / "a.json").write_text(json.dumps(result([0, 1, 2], 2, 3, 0.9, 30, [0.01, 0.04])))
+            (Path(d) / "b.json").write_text(json.dumps(result([3], 1, 0, 0.5, 10, [0.05, 0.10])))
+            t = tally.tally(2048, [("a.json", None), ("b.json", ["m"])])
+            (c,) = t["configs"]
+            self.assertEqual((c["trials"], c["pass_key"]["hits"], c["pass_key"]["dense_hits"]), (4, 3, 3))
+            self.assertAlmostEqual(c["agreement"], (0.9 * 30 + 0.5 * 10) / 40, places=12)
+            self.assertAlmostEqual(c["layers_err"][1], (3 * 0.04 + 0.10) / 4, places=12)
+            self.assertFalse(c["meets"]["layer_err"])  # layer 1: 0.055 over trials, though a.json alone has 0.04
+            self.assertAlmostEqual(c["key_gap_points"], 0.0)
+            (Path(d) / "c.json").write_text(json.dumps(result([2, 9], 1, 1, 1.0, 20, [0.0, 0.0])))
+            with self.assertRaises(SystemExit):
+                tally.tally(2048, [("a.json", None), ("c.json", None)])
 
 
 class PackedCorpus(unittest.TestCase):
