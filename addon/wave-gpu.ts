@@ -85,11 +85,21 @@ export interface WaveGpuStepArgs {
   attend?: boolean;
   /** With 'spread': a partly attended cluster's remaining rows by their own logits ('rows', the default) or their moments. */
   rest?: 'rows' | 'moments';
+  /**
+   * Default true. False: the kept ids stay on the device (the result has
+   * their counts, `kept`, and no `ids`); reading them back was 0.4 ms of
+   * the step's host time at 1M tokens (bench/results/wave-gpu-h200-cs16-cdot.md).
+   */
+  ids?: boolean;
+  /** Default true. False: no per-stage event times (`stages` is empty), `ms` only. */
+  stages?: boolean;
 }
 
 export interface WaveGpuStepResult {
-  /** Per kv head: the kept rows (the best by score, then lower id), in cluster order, not rank order. */
-  ids: Int32Array[];
+  /** Per kv head: the kept rows (the best by score, then lower id), in cluster order, not rank order; absent with `ids: false`. */
+  ids?: Int32Array[];
+  /** Per kv head: how many rows were kept. */
+  kept: number[];
   /** Per kv head: clusters + members scored (searchHeads' `scanned`). */
   scanned: number[];
   /** [qHeads, headDim] and [qHeads]: the estimate (with attend, merged with the exact rows' attention), -Infinity where empty. */
@@ -138,7 +148,9 @@ interface NativeStore {
     estimate?: boolean;
     attend?: boolean;
     rest?: 'rows' | 'moments';
-  }): Promise<{ width: number; ids: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number>; host: Record<string, number> }>;
+    ids?: boolean;
+    stages?: boolean;
+  }): Promise<{ width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number>; host: Record<string, number> }>;
   bytes(): WaveGpuBytes;
   close(): void;
 }
@@ -194,9 +206,13 @@ export class WaveGpuStore {
       estimate: a.estimate,
       attend: a.attend,
       rest: a.rest,
+      ids: a.ids,
+      stages: a.stages,
     });
+    const ids = r.ids;
     return {
-      ids: r.idCounts.map((n, h) => r.ids.subarray(h * r.width, h * r.width + n)),
+      ...(ids && { ids: r.idCounts.map((n, h) => ids.subarray(h * r.width, h * r.width + n)) }),
+      kept: r.idCounts,
       scanned: r.candidates.map((m, h) => this.clusters[h] + m),
       out: r.out,
       lse: r.lse,

@@ -92,8 +92,10 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
                               attended?: { keys: Uint16Array[]; values: Uint16Array[] }, filter?: KeptFilter): Promise<CompareResult> {
   const cpu = (await ClusterIndex.searchHeads(heads, q, G, budget, ranking)).map((r, h) => (filter ? { ...r, ids: keptIds(r.ids, filter, h) } : r));
   let idsDiffer = 0, firstDiff: string | undefined;
+  const gpuIds = gpu.ids;
+  if (!gpuIds) throw new Error('compare needs the step\'s ids (ids: true)');
   heads.forEach((_, h) => {
-    const a = Array.from(gpu.ids[h]).sort((x, y) => x - y), b = Array.from(cpu[h].ids).sort((x, y) => x - y);
+    const a = Array.from(gpuIds[h]).sort((x, y) => x - y), b = Array.from(cpu[h].ids).sort((x, y) => x - y);
     if (a.length !== b.length || a.some((x, i) => x !== b[i])) {
       idsDiffer++;
       const at = a.findIndex((x, i) => x !== b[i]);
@@ -202,7 +204,19 @@ export function waveCases(): WaveCase[] {
 export const caseName = (c: WaveCase) => `${c.dt} d=${c.d} kv=${c.kvHeads} G=${c.G} N=${c.tokens} cluster=${c.clusterSize} budget=${c.budget.join('/')}`;
 
 /** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
-export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number }>> {
+/**
+ * The engine's call (ids left on the device, no stage times) against the full one: `kept` the ids' lengths, no ids,
+ * no stages, the same out and lse within 1e-6 relative (the touched clusters are listed in atomic order, so sums may
+ * round differently from one call to the next).
+ */
+function leanSame(full: WaveGpuStepResult, lean: WaveGpuStepResult): boolean {
+  const close = (x: number, y: number) => x === y || Math.abs(x - y) <= 1e-6 * Math.max(1, Math.abs(y));
+  const same = (a: Float32Array, b: Float32Array) => a.length === b.length && a.every((x, i) => close(x, b[i]));
+  return lean.ids === undefined && Object.keys(lean.stages).length === 0 && Object.keys(full.stages).length > 0 &&
+    full.ids !== undefined && full.ids.every((ids, h) => ids.length === lean.kept[h]) && same(full.out, lean.out) && same(full.lse, lean.lse);
+}
+
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean }>> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const keysF: Float32Array[] = [], heads: ClusterIndex[] = [], gpuHeads: WaveGpuHead[] = [];
@@ -235,9 +249,12 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
     const skip: [number, number][] = [[0, Math.min(c.sinks, N)], [Math.max(0, N - c.window), N]];
     const filter: KeptFilter = { skip, keep: c.budget.map((k) => Math.max(0, k - exact.length)) };
     const run = async (ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows', attend = false) => {
-      const gpu = await store.step({ q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact, rest, attend,
-        ...(attend && filter) });
-      return { ...(await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest, attend ? kv : undefined, attend ? filter : undefined)), ms: gpu.ms };
+      const args = { q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact, rest, attend, ...(attend && filter) };
+      const gpu = await store.step(args);
+      const r = await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest, attend ? kv : undefined, attend ? filter : undefined);
+      if (!attend) return { ...r, ms: gpu.ms };
+      const lean = leanSame(gpu, await store.step({ ...args, ids: false, stages: false }));
+      return { ...r, ok: r.ok && lean, leanSame: lean, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the
     // one before left its per-cluster scratch (owner, removed) reset.
@@ -351,8 +368,10 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const budgets = new Array<number>(H).fill(budget);
   const keyRow = keyRows(built.map((b) => b.head), d, dt);
   const qs = Array.from({ length: cfg.steps + 5 }, () => queries(rng, keyRow, H, N, d, G));
-  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false) =>
-    store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate, attend });
+  // lean: as the engine calls it (ids left on the device, no stage times).
+  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false, lean = false) =>
+    store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate, attend,
+      ...(lean && { ids: false, stages: false }) });
   for (let i = 0; i < 5; i++) await step(qs[i]);
   const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {}, host: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
@@ -371,6 +390,15 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     const r = await step(qs[5 + i], true, 'spread', true);
     msAttend.push(r.ms);
     for (const [k, v] of Object.entries(r.stages)) (attendStages[k] ??= []).push(v);
+  }
+  // The engine's call: with attention, ids and stage times off; its host wall time against the device's.
+  const leanWall: number[] = [], leanMs: number[] = [], leanHost: Record<string, number[]> = {};
+  for (let i = 0; i < cfg.steps; i++) {
+    const w0 = performance.now();
+    const r = await step(qs[5 + i], true, 'spread', true, true);
+    leanWall.push(performance.now() - w0);
+    leanMs.push(r.ms);
+    for (const [k, v] of Object.entries(r.host)) (leanHost[k] ??= []).push(v);
   }
   // One step against the host's default path, at full size.
   const heads = built.map((b) => new ClusterIndex(b.arrays, b.head.keys, b.head.values));
@@ -393,6 +421,11 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     withAttentionStagesP50Ms: Object.fromEntries(Object.entries(attendStages).map(([k, v]) => [k, p(v, 0.5)])),
     hostWallMs: { p50: p(wall, 0.5), p90: p(wall, 0.9) },
     hostStagesP50Ms: Object.fromEntries(Object.entries(host).map(([k, v]) => [k, p(v, 0.5)])),
+    engineCall: {
+      deviceMs: { p50: p(leanMs, 0.5), p90: p(leanMs, 0.9) },
+      hostWallMs: { p50: p(leanWall, 0.5), p90: p(leanWall, 0.9) },
+      hostStagesP50Ms: Object.fromEntries(Object.entries(leanHost).map(([k, v]) => [k, p(v, 0.5)])),
+    },
     stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
     memory: {
       summariesBytes: bytes.summaries, momentsBytes: bytes.moments, layerKvBytes: kvBytes, summariesShare: bytes.summaries / kvBytes,
@@ -424,10 +457,13 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `| the same without the estimate (selection only) | ${f(r.selectionOnlyMs.p50)} | ${f(r.selectionOnlyMs.p90)} |`,
     `| the older step: radius ranking, first-order estimate | ${f(r.radiusRankingMs.p50)} | ${f(r.radiusRankingMs.p90)} |`,
     `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
+    `| the engine's call (attend, ids left on the device, no stage times): on the device | ${f(r.engineCall.deviceMs.p50)} | ${f(r.engineCall.deviceMs.p90)} |`,
+    `| the engine's call: host wall time around the await | ${f(r.engineCall.hostWallMs.p50)} | ${f(r.engineCall.hostWallMs.p90)} |`,
     '',
     'Host stages (p50 ms) of the selection-and-estimate step: ' + Object.entries(r.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
       ' (queue: the call to the work\'s start on a worker thread; prep: the inputs laid out; launch: every launch issued; wait: the stream; ' +
-      'copy: the outputs read back; back: the work\'s end to the answer\'s conversion on the event loop).',
+      'copy: the outputs read back; back: the work\'s end to the answer\'s conversion on the event loop). The engine\'s call: ' +
+      Object.entries(r.engineCall.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
     '',
     'Stages (p50 ms) of the layer-step: ' + Object.entries(r.withAttentionStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
       ' (tiles: the estimate\'s cluster tiles and the attended rows\' tiles).',

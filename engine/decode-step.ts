@@ -66,7 +66,8 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   // A wave session whose document layer the device holds: one native call
   // selects, attends the document and estimates its rest; the own tokens
   // are merged in (engine/wave-on-device.ts). Otherwise the steps below.
-  const device = await waveOnDevice(session, ctx, params, req.q, req.scale, out, lse);
+  const wantIds = req.want.has('selection') || req.want.has('kv');
+  const device = await waveOnDevice(session, ctx, params, req.q, req.scale, out, lse, wantIds);
   let selection: Selection, t2: number, residency: Residency, estimated: number | undefined, scanned: number;
   if (device) {
     selection = device.selection;
@@ -96,10 +97,10 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const { backend, blocks, gpu } = residency;
 
   // Answer.
-  const attended = attendedCount(selection, m.kvHeads);
+  const attended = device ? device.attended : attendedCount(selection, m.kvHeads);
   const stats = { tokens: ctx.tokens, attended, scanned, ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
   const result: AttendResult = { out, lse, stats };
-  if (req.want.has('selection') || req.want.has('kv')) {
+  if (wantIds) {
     const positions = selectedPositions(selection, ctx);
     if (req.want.has('selection')) result.selection = positions;
     if (req.want.has('kv')) result.kv = gatherKv(selection, m.kvHeads, m.headDim);

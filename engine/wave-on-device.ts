@@ -13,7 +13,10 @@ import { mergeInto } from './estimate.js';
 import type { Session } from './session.js';
 
 export interface DeviceStep {
+  /** The ranges and own tokens; the document's kept ids only when asked for (`wantIds`). */
   selection: Selection;
+  /** Exact tokens per kv head: the ranges, the kept ids, the own tokens. */
+  attended: number;
   /** Tokens the estimate covered, per kv head (when the layer estimates). */
   estimated?: number;
   /** The step's wall ms: the native call (selection, estimate, the document's attention), the own tokens attended on the host meanwhile. */
@@ -28,7 +31,7 @@ export interface DeviceStep {
  * undefined otherwise, having done nothing: the host path runs.
  */
 export async function waveOnDevice(session: Session, ctx: LayerContext, p: SearchParams, q: Float32Array, scale: number,
-                                   out: Float32Array, lse: Float32Array): Promise<DeviceStep | undefined> {
+                                   out: Float32Array, lse: Float32Array, wantIds: boolean): Promise<DeviceStep | undefined> {
   const gpu = session.gpu, heads = ctx.indexes[0] as ClusterIndex[] | undefined;
   if (!gpu || session.method.name !== WAVE || ctx.segments.length !== 2 || !heads) return undefined;
   const doc = ctx.segments[0], own = ctx.segments[1];
@@ -50,7 +53,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
     const [device, host] = await Promise.allSettled([
-      stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate }),
+      stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ids: wantIds }),
       ownPart && session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse }),
     ]);
     const deviceMs = performance.now() - t0;
@@ -58,7 +61,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     if (host.status === 'rejected') throw host.reason;
     const r = device.value;
     const parts: SelectionPart[] = ranges.map(([begin, end]) => ({ segment: doc, begin, end }));
-    parts.push({ segment: doc, ids: r.ids });
+    if (r.ids) parts.push({ segment: doc, ids: r.ids });
     if (ownPart) {
       parts.push(ownPart);
       mergeInto(out, lse, r.out, r.lse, ctx.headDim);
@@ -69,6 +72,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     return {
       selection: { parts, scanned: mean(r.scanned) },
+      attended: covered + mean(r.kept) + own.tokens,
       ...(estimate && { estimated: mean(r.estimated) }),
       deviceMs,
       kernelMs: r.ms,

@@ -137,6 +137,8 @@ export interface DocumentStepArgs {
   /** Sinks and window in the document's rows (attended exactly, never retrieved). */
   ranges: [number, number][];
   estimate: boolean;
+  /** Read the kept ids back (a caller asked for the selection); otherwise only their counts. */
+  ids: boolean;
 }
 
 /**
@@ -153,6 +155,6 @@ export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<
     q: a.q, qHeads: a.qHeads, scale: a.scale,
     budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, ranking: { kind: 'spread', spread: SPREAD },
     exact: Int32Array.from(exact), skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
-    estimate: a.estimate, attend: true, rest: 'rows',
+    estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false,
   });
 }

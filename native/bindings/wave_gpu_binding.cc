@@ -166,6 +166,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     }
     a->estimate = Flag(o, "estimate", true);
     a->attend = Flag(o, "attend", false);
+    a->ids = Flag(o, "ids", true);
+    a->stageTimes = Flag(o, "stages", true);
     if (!Absent(o.Get("rest"))) {
       const Napi::Value r = o.Get("rest");
       const std::string rest = r.IsString() ? r.As<Napi::String>().Utf8Value() : "";
@@ -198,12 +200,12 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           *result = store->Step(*a);
           (*times)[2] = Clock::now();
         },
-        [result, H, times](Napi::Env e) -> Napi::Value {
+        [result, H, times, wantIds = a->ids](Napi::Env e) -> Napi::Value {
           const Clock::time_point c0 = Clock::now();
           cuda::WaveStepResult& r = *result;
           Napi::Object out = Napi::Object::New(e);
           out.Set("width", Napi::Number::New(e, double(r.width)));
-          out.Set("ids", Adopt(e, std::move(r.ids)));
+          if (wantIds) out.Set("ids", Adopt(e, std::move(r.ids)));
           out.Set("idCounts", NumberArray(e, r.idCounts));
           out.Set("candidates", NumberArray(e, r.candidates));
           out.Set("out", Adopt(e, std::move(r.out)));

@@ -382,8 +382,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.params = Layout::At<int64_t>(I.in.p, oParams);
   p.exact = Layout::At<int32_t>(I.in.p, oExact);
   Layout Out;
-  const size_t oIds = Out.Add(size_t(H) * width * 4), oCounts = Out.Add(size_t(H) * 16), oOut = Out.Add(size_t(Q) * d * 4),
-               oLse = Out.Add(size_t(Q) * 4), oEst = Out.Add(size_t(H) * 8);
+  // The ids last: without args.ids the copy back stops before them.
+  const size_t oCounts = Out.Add(size_t(H) * 16), oOut = Out.Add(size_t(Q) * d * 4), oLse = Out.Add(size_t(Q) * 4),
+               oEst = Out.Add(size_t(H) * 8), oIds = Out.Add(size_t(H) * width * 4);
   I.out.Need(Out.at, "cudaMalloc (wave outputs)");
   I.hout.Need(Out.at, "cudaHostAlloc (wave outputs)");
   p.outIds = Layout::At<int32_t>(I.out.p, oIds);
@@ -493,7 +494,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   Check(cudaGetLastError(), "wave step launch");
   Check(cudaEventRecord(I.ev[11], s), "event");
-  Check(cudaMemcpyAsync(I.hout.p, I.out.p, Out.at, cudaMemcpyDeviceToHost, s), "copy out");
+  Check(cudaMemcpyAsync(I.hout.p, I.out.p, a.ids ? Out.at : oIds, cudaMemcpyDeviceToHost, s), "copy out");
   Check(cudaEventRecord(I.ev[12], s), "event");
   const Clock::time_point h2 = Clock::now();
   Check(cudaStreamSynchronize(s), "wave step");
@@ -501,8 +502,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
 
   WaveStepResult r;
   r.width = width;
-  const int32_t* ids = Layout::At<int32_t>(I.hout.p, oIds);
-  r.ids.assign(ids, ids + size_t(H) * width);
+  if (a.ids) {
+    const int32_t* ids = Layout::At<int32_t>(I.hout.p, oIds);
+    r.ids.assign(ids, ids + size_t(H) * width);
+  }
   const int64_t* counts = Layout::At<int64_t>(I.hout.p, oCounts);
   for (int h = 0; h < H; ++h) {
     r.idCounts.push_back(counts[h * 2]);
@@ -525,7 +528,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   // clusters.bin / topk.bin: each cut's range, histogram and bin; clusters /
   // topk: the rest of the cut, the scan and the gather.
   static const char* const kStages[] = {"in", "score", "clusters.bin", "clusters", "rescore", "topk.bin", "topk", "exact", "partial", "tiles", "merge", "out"};
-  for (int i = 0; i < 12; ++i) {
+  for (int i = 0; i < 12 && a.stageTimes; ++i) {
     float ms = 0;
     Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
     r.stages.emplace_back(kStages[i], ms);

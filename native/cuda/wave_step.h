@@ -96,18 +96,25 @@ struct WaveStepArgs {
   // out/lse with the estimate (when estimate): the layer's attention over
   // the whole segment. Else out/lse are the estimate alone.
   bool attend = false;
+  // The kept ids read back (false: only their counts, idCounts: the engine
+  // needs the ids only when a caller asks for the selection, and reading
+  // [kvHeads, width] back costs more host time than the rest of the answer).
+  bool ids = true;
+  // Per-stage CUDA event times in `stages` (false: `ms` only): a bench's
+  // question, a dozen driver calls per step that the engine does not need.
+  bool stageTimes = true;
 };
 
 struct WaveStepResult {
   int64_t width = 0;              // ids per head in `ids`
-  std::vector<int32_t> ids;       // [kvHeads, width]: head h's first idCounts[h], in cluster order (a set)
+  std::vector<int32_t> ids;       // [kvHeads, width]: head h's first idCounts[h], in cluster order (a set); empty unless args.ids
   std::vector<int64_t> idCounts;  // [kvHeads]
   std::vector<int64_t> candidates;// [kvHeads]: members rescored
   std::vector<float> out;         // [qHeads, headDim]: the estimate, or with attend the whole attention
   std::vector<float> lse;         // [qHeads]; -inf where nothing is estimated (or attended)
   std::vector<double> estimated;  // [kvHeads]: tokens the estimate covers
   float ms = 0;                   // the whole step on the stream (inputs in to outputs out), CUDA events
-  std::vector<std::pair<std::string, float>> stages;  // ms per stage, in order
+  std::vector<std::pair<std::string, float>> stages;  // ms per stage, in order (with args.stageTimes)
   // Host ms around the stream, in order (steady clock): prep (inputs laid
   // out, up to the first launch), launch (every launch issued), wait (the
   // stream synchronised), copy (the outputs read back into this result).

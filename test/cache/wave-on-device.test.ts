@@ -46,7 +46,7 @@ function segmentOf(rng: Rng, n: number): { seg: KvSegment; k: Float64Array[]; v:
 function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; fail?: boolean; log: string[] }): WaveGpuStore {
   return {
     options: { kvHeads },
-    async step(a: { q: Float32Array; scale: number; skip: [number, number][] }): Promise<WaveGpuStepResult> {
+    async step(a: { q: Float32Array; scale: number; skip: [number, number][]; ids?: boolean }): Promise<WaveGpuStepResult> {
       opts.log.push('device start');
       await sleep(opts.delay);
       if (opts.fail) {
@@ -57,7 +57,8 @@ function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; 
       const segments = [...a.skip.map(([begin, end]) => ({ k: doc.k, v: doc.v, tokens: doc.tokens, begin, end })), { k: doc.k, v: doc.v, tokens: doc.tokens, ids }];
       await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out, lse });
       opts.log.push('device done');
-      return { ids, scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {} };
+      // As the device answers: the ids only when asked for, their counts always.
+      return { ...(a.ids !== false && { ids }), kept: ids.map((x) => x.length), scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {} };
     },
   } as unknown as WaveGpuStore;
 }
@@ -89,7 +90,8 @@ function contextOf(doc: KvSegment, own: KvSegment): LayerContext {
 }
 
 describe('wave on the device: the host half beside it', () => {
-  it('merges the document (device) and the own tokens (host) into attention over both', async () => {
+  for (const wantIds of [true, false])
+  it(`merges the document (device) and the own tokens (host) into attention over both (ids ${wantIds ? 'read back' : 'left on the device'})`, async () => {
     const rng = new Rng(seed);
     const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
     const ids = [Int32Array.of(30, 77, 150), Int32Array.of(12, 200)];
@@ -97,7 +99,7 @@ describe('wave on the device: the host half beside it', () => {
     const store = standInStore(doc.seg, ids, { delay: 30, log });
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
     const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
-    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse);
+    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse, wantIds);
     expect(r).toBeDefined();
     // Side by side: the host half started before the device's finished, and the store was released last.
     expect(log.indexOf('host start')).toBeLessThan(log.indexOf('device done'));
@@ -109,7 +111,10 @@ describe('wave on the device: the host half beside it', () => {
     const sel = Array.from({ length: kvHeads }, (_, h) => [...docRows(h), ...Array.from({ length: OWN }, (_, i) => DOC + i)]);
     const ref = referenceAttention(q, Array.from({ length: kvHeads }, (_, h) => kAll(h)), Array.from({ length: kvHeads }, (_, h) => vAll(h)), qHeads, d, 1 / Math.sqrt(d), sel);
     expect(maxRelError(out, ref.out, qHeads)).toBeLessThan(1e-4);
-    expect(r!.selection.parts.length).toBeGreaterThan(2);
+    // Parts: sinks, window, (the kept ids,) the own tokens; attended counts the kept ids either way.
+    expect(r!.selection.parts.length).toBe(wantIds ? 4 : 3);
+    expect(r!.selection.parts.some((p) => p.ids)).toBe(wantIds);
+    expect(r!.attended).toBe(sel.reduce((n, rows) => n + rows.length, 0) / kvHeads);
   });
 
   for (const failing of ['device', 'host'] as const)
@@ -120,7 +125,7 @@ describe('wave on the device: the host half beside it', () => {
       // The host half fails at once while the device still works (or the device fails after the host is done).
       const store = standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 40, fail: failing === 'device', log });
       const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads))).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
+      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), true)).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
       expect(log[log.length - 1]).toBe('released');
       expect(log).toContain(failing === 'device' ? 'device failed' : 'device done');
     });

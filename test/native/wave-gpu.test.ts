@@ -47,6 +47,7 @@ describe.skipIf(!info.ok)('wave step on the GPU', () => {
         expect(r.outRel, at + 'out').toBeLessThanOrEqual(TOL.out);
         expect(r.lseRel, at + 'lse').toBeLessThanOrEqual(TOL.lse);
         expect(r.estimatedEqual, at + 'estimated').toBe(true);
+        if (r.leanSame !== undefined) expect(r.leanSame, at + 'the engine\'s call (ids and stage times off) answers the same').toBe(true);
       }
     }, 240_000),
   );
