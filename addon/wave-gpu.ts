@@ -62,8 +62,10 @@ export interface WaveGpuStepArgs {
   scale: number;
   /** Tokens kept per kv head. */
   budget: number[];
-  /** Clusters are taken until they hold probe × budget tokens (index/wave's PROBE). */
+  /** Clusters are taken until they hold probe × budget tokens (index/wave's PROBE), or `target` tokens where given. */
   probe: number;
+  /** Per kv head: candidate tokens (index/wave's candidateTokens); overrides probe × budget. */
+  target?: number[];
   ranking: WaveGpuRanking;
   /** Rows attended exactly besides the selection (sinks, window), for every kv head; segment rows. */
   exact?: Int32Array;
@@ -189,7 +191,8 @@ export class WaveGpuStore {
     }
     // Clusters ranked at most: searchHeads' `want` (enough for the budget at
     // the average cluster size, twice over), the same for every head.
-    const want = Math.max(...a.budget.map((k, h) => Math.min(this.clusters[h], Math.ceil((2 * a.probe * k * this.clusters[h]) / Math.max(1, tokens)) + 8)));
+    const target = a.target ?? a.budget.map((k) => a.probe * k);
+    const want = Math.max(...target.map((t, h) => Math.min(this.clusters[h], Math.ceil((2 * t * this.clusters[h]) / Math.max(1, tokens)) + 8)));
     const r = await this.store.step({
       q: a.q,
       qHeads: a.qHeads,
@@ -198,7 +201,7 @@ export class WaveGpuStore {
       spread: rk.kind === 'spread' ? rk.spread : undefined,
       normTerms,
       budget: a.budget,
-      target: a.budget.map((k) => a.probe * k),
+      target,
       maxClusters: new Array<number>(kvHeads).fill(want),
       exact: a.exact,
       keep: a.keep,

@@ -1,5 +1,6 @@
 // npm run bench:fidelity [-- --tokens 131072 --kv-heads 2 --steps 24 --configs default,broad
-//                           --methods wave,topk-blocks,nosa,hnsw --budget 0.02 --cluster-size 8 --quick --tag T]
+//                           --methods wave,topk-blocks,nosa,hnsw --budget 0.02 --cluster-size 8 --probes 8,4,2 --quick --tag T]
+// --probes: wave once per probe (candidates rescored = probe × the tokens it keeps, as a session's ef asks).
 //
 // Attention output error of each method, with and without the estimation
 // zone, on the seeded generator (workload/) in two configurations: `default`
@@ -13,7 +14,7 @@
 // Results: bench/results/fidelity-<tokens>[-cs<N>][-<tag>].{json,md}.
 import { writeFileSync } from 'node:fs';
 import { findMethod } from '../index/registry.js';
-import type { HeadIndex, LayerContext, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
+import { budgetTokens, type HeadIndex, type LayerContext, type RetrievalMethod, type SearchParams, type Selection } from '../index/method.js';
 import { staticRanges } from '../index/static-plus-retrieved.js';
 import { decodeStep } from '../engine/decode-step.js';
 import type { LoadedDocument } from '../engine/documents.js';
@@ -41,6 +42,8 @@ interface Options {
   methods: string[];
   budget: number;
   clusterSize: number;
+  /** wave's probes (candidates rescored per token kept); empty: its default. */
+  probes: number[];
   /** Appended to the results' file name (a partial run beside the full table). */
   tag?: string;
 }
@@ -61,6 +64,7 @@ function parseArgs(argv: string[]): Options {
     methods: (get('methods') ?? 'oracle,wave,topk-blocks,nosa,hnsw').split(','),
     budget: Number(get('budget') ?? 0.02),
     clusterSize: Number(get('cluster-size') ?? 8),
+    probes: (get('probes') ?? '').split(',').filter(Boolean).map(Number),
     tag: get('tag'),
   };
 }
@@ -118,6 +122,8 @@ function oracleMethod(exact: ExactAttention[][], step: () => number): RetrievalM
 interface Row {
   config: string;
   method: string;
+  /** wave's probe where --probes set one. */
+  probe?: number;
   estimate: boolean;
   exactShare: number;
   estimatedShare: number;
@@ -141,11 +147,14 @@ async function runConfig(config: string, o: Options): Promise<Row[]> {
   // Float64 references per step and kv head group.
   const exact = w.decodeQ.map((q) => Array.from({ length: model.kvHeads }, (_, h) => exactAttention(q.subarray(h * G * d, (h + 1) * G * d), G, w.keys[h], w.values[h], { headDim: d, scale: w.scale })));
   const rows: Row[] = [];
-  for (const method of o.methods)
+  const runs = o.methods.flatMap((method): { method: string; probe?: number }[] => (method === 'wave' && o.probes.length ? o.probes.map((probe) => ({ method, probe })) : [{ method, probe: undefined }]));
+  for (const { method, probe } of runs)
     for (const estimate of [false, true]) {
       let current = 0;
       const m = method === 'oracle' ? oracleMethod(exact, () => current) : findMethod(method)!;
-      const params: SearchParams = { ...DEFAULT_PARAMS, budget: o.budget, sinks: 16, window: 64 };
+      // wave keeps the budget plus the sinks and window it searches past (engine/wave-on-device.ts, staticPlusRetrieved).
+      const ef = probe ? probe * (budgetTokens(o.budget, o.tokens) + 16 + 64) : 0;
+      const params: SearchParams = { ...DEFAULT_PARAMS, budget: o.budget, sinks: 16, window: 64, ef };
       const session = new Session({
         id: method, model, documents: [doc], method: m, params,
         documentIndexes: m.builder ? [[indexes.get(method)!]] : [],
@@ -177,13 +186,13 @@ async function runConfig(config: string, o: Options): Promise<Row[]> {
       }
       const sorted = [...errs].sort((a, b) => a - b);
       const row: Row = {
-        config, method, estimate,
+        config, method, ...(probe && { probe }), estimate,
         exactShare: mean(att) / o.tokens, estimatedShare: mean(est) / o.tokens,
         outError: mean(errs), outErrorP90: sorted[Math.floor(0.9 * (sorted.length - 1))], oracleError: mean(oracle),
         needleSteps, needlesFound: found, needleStepError: needleErr.length ? mean(needleErr) : NaN,
         selectMsP50: median(sel), stepMsP50: median(ms),
       };
-      progress(`${config} ${method}${estimate ? ' +estimate' : ''}: error ${row.outError.toFixed(4)} (oracle ${row.oracleError.toFixed(4)}), exact ${(row.exactShare * 100).toFixed(2)}%, needles ${found}/${needleSteps}`);
+      progress(`${config} ${method}${probe ? ` (probe ${probe})` : ''}${estimate ? ' +estimate' : ''}: error ${row.outError.toFixed(4)} (oracle ${row.oracleError.toFixed(4)}), exact ${(row.exactShare * 100).toFixed(2)}%, needles ${found}/${needleSteps}`);
       rows.push(row);
       session.release();
     }
@@ -199,7 +208,7 @@ function markdown(o: Options, rows: Row[], host: string): string {
     '',
     '| config | method | estimate | exact | estimated | output error | p90 | oracle (same count) | needles | needle-step error | select p50 ms | step p50 ms |',
     '| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-    ...rows.map((r) => `| ${r.config} | ${r.method} | ${r.estimate ? 'on' : 'off'} | ${pct(r.exactShare)} | ${pct(r.estimatedShare)} | ${r.outError.toFixed(4)} | ${r.outErrorP90.toFixed(4)} | ${r.oracleError.toFixed(4)} | ${r.needlesFound}/${r.needleSteps} | ${r.needleStepError.toFixed(3)} | ${r.selectMsP50.toFixed(2)} | ${r.stepMsP50.toFixed(2)} |`),
+    ...rows.map((r) => `| ${r.config} | ${r.method}${r.probe ? ` (probe ${r.probe})` : ''} | ${r.estimate ? 'on' : 'off'} | ${pct(r.exactShare)} | ${pct(r.estimatedShare)} | ${r.outError.toFixed(4)} | ${r.outErrorP90.toFixed(4)} | ${r.oracleError.toFixed(4)} | ${r.needlesFound}/${r.needleSteps} | ${r.needleStepError.toFixed(3)} | ${r.selectMsP50.toFixed(2)} | ${r.stepMsP50.toFixed(2)} |`),
     '',
   ];
   return lines.join('\n');

@@ -53,7 +53,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
     const [device, host] = await Promise.allSettled([
-      stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ids: wantIds }),
+      stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ef: p.ef, ids: wantIds }),
       ownPart && session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse }),
     ]);
     const deviceMs = performance.now() - t0;

@@ -14,7 +14,7 @@
 // at first use is synchronous (about a second per 1M-token layer).
 import { WaveGpuStore, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
-import { PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
+import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
 
 interface Entry {
   store: WaveGpuStore;
@@ -137,6 +137,8 @@ export interface DocumentStepArgs {
   /** Sinks and window in the document's rows (attended exactly, never retrieved). */
   ranges: [number, number][];
   estimate: boolean;
+  /** The session's ef: candidate tokens rescored per kv head (0: the default). */
+  ef: number;
   /** Read the kept ids back (a caller asked for the selection); otherwise only their counts. */
   ids: boolean;
 }
@@ -153,7 +155,7 @@ export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<
   const kvHeads = store.options.kvHeads;
   return store.step({
     q: a.q, qHeads: a.qHeads, scale: a.scale,
-    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, ranking: { kind: 'spread', spread: SPREAD },
+    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef)), ranking: { kind: 'spread', spread: SPREAD },
     exact: Int32Array.from(exact), skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
     estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false,
   });

@@ -42,6 +42,15 @@ export type ClusterRanking = 'spread' | 'radius';
  */
 export const PROBE = 8;
 
+/**
+ * Candidate tokens rescored for k kept: a session's `ef` when it sets one
+ * (at least k), else PROBE × k. The host path and the device step both ask
+ * this, so both rescore the same candidates.
+ */
+export function candidateTokens(k: number, ef = 0): number {
+  return ef > 0 ? Math.max(k, Math.round(ef)) : PROBE * k;
+}
+
 interface Scratch {
   ids: Int32Array;
   scores: Float32Array;
@@ -126,10 +135,11 @@ export class ClusterIndex implements HeadIndex {
    * rows each: one native call for the step. Clusters asked for: enough to
    * cover k rows at the average cluster size, twice over.
    */
-  static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread'): Promise<SearchResult[]> {
+  static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread', ef = 0): Promise<SearchResult[]> {
     const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
-    const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * PROBE * k[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
-    const scratch = heads.map((h, i) => h.take(want, PROBE * k[i]));
+    const target = k.map((n) => candidateTokens(n, ef));
+    const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * target[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
+    const scratch = heads.map((h, i) => h.take(want, target[i]));
     try {
       let candidates: Int32Array[];
       if (ranking === 'spread') {
@@ -139,13 +149,13 @@ export class ClusterIndex implements HeadIndex {
           heads: heads.map((h, i) => ({
             centroids: h.arrays.centroids, axes: h.arrays.keyAxes, vars: h.arrays.keyVars, clusters: h.clusters,
             outIds: scratch[i].ids.subarray(0, want), outScores: scratch[i].scores.subarray(0, want),
-            offsets: h.offsets, members: h.members, outRows: scratch[i].rows.subarray(0, PROBE * k[i]),
+            offsets: h.offsets, members: h.members, outRows: scratch[i].rows.subarray(0, target[i]),
           })),
         });
         candidates = scratch.map((s, i) => s.rows.subarray(0, counts.rows[i]));
       } else {
         const counts = await ClusterIndex.rankByRadius(heads, scratch, q, group, want);
-        candidates = heads.map((h, i) => h.expand(scratch[i], counts[i], PROBE * k[i]));
+        candidates = heads.map((h, i) => h.expand(scratch[i], counts[i], target[i]));
       }
       const kMax = Math.max(...k);
       const ids = heads.map((_, i) => new Int32Array(Math.min(kMax, candidates[i].length)));

@@ -1,0 +1,57 @@
+// wave's `ef`: the candidate tokens rescored per kv head (index/wave/cluster-index.ts,
+// candidateTokens). With every token a candidate the kept ids are the exact top-k by the
+// group's max of q·k (float64 over the f16 keys); fewer candidates scan fewer keys.
+import { describe, expect, it } from 'vitest';
+import { buildClusters } from '../../index/wave/cluster-build.js';
+import { candidateTokens, ClusterIndex, PROBE } from '../../index/wave/cluster-index.js';
+import { bitsOf, valueOf } from '../helpers/half.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`wave-candidates: seed ${seed}`);
+const toBits = bitsOf('f16'), toValue = valueOf('f16');
+const d = 16, N = 4096, G = 2, k = 40;
+
+async function head(rng: Rng) {
+  const keys = Uint16Array.from({ length: N * d }, () => toBits(rng.normal()));
+  const values = Uint16Array.from({ length: N * d }, () => toBits(rng.normal()));
+  const input = { keys, values, tokens: N, headDim: d, dtype: 'f16' as const, queries: new Float32Array(0), queryCount: 0 };
+  return ClusterIndex.load(await buildClusters(input, { clusterSize: 8, segmentTokens: 2048, iterations: 4, seed: 3 }), input);
+}
+
+/** The k rows of highest max over the group of q·k, float64. */
+function exactTop(keys: Uint16Array, q: Float32Array): number[] {
+  const score = Array.from({ length: N }, (_, t) => {
+    let best = -Infinity;
+    for (let g = 0; g < G; g++) {
+      let s = 0;
+      for (let j = 0; j < d; j++) s += q[g * d + j] * toValue(keys[t * d + j]);
+      best = Math.max(best, s);
+    }
+    return best;
+  });
+  return score.map((s, t) => [s, t]).sort((a, b) => b[0] - a[0]).slice(0, k).map(([, t]) => t).sort((a, b) => a - b);
+}
+
+describe("wave's candidate tokens (ef)", () => {
+  it('defaults to PROBE × k and never goes below k', () => {
+    expect(candidateTokens(100)).toBe(PROBE * 100);
+    expect(candidateTokens(100, 30)).toBe(100);
+    expect(candidateTokens(100, 250)).toBe(250);
+  });
+
+  it('with every token a candidate keeps the exact top-k; with fewer it scans fewer keys', async () => {
+    const rng = new Rng(seed);
+    const index = await head(rng);
+    for (let trial = 0; trial < 3; trial++) {
+      const q = Float32Array.from({ length: G * d }, () => rng.normal());
+      const [all] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', N);
+      expect(Array.from(all.ids).sort((a, b) => a - b)).toEqual(exactTop(index.keys, q));
+      const [narrow] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', 2 * k);
+      const [wide] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread');
+      expect(narrow.ids.length).toBe(k);
+      expect(narrow.scanned).toBeLessThan(wide.scanned);
+      expect(wide.scanned).toBeLessThan(all.scanned);
+    }
+  });
+});
