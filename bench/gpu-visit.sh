@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -42,6 +42,9 @@ for s in $stages; do
     wave16)  # the check and clusters of 16 only
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench-cs16 node dist/bench/wave-gpu.js --bench --cluster-size 16 ;;
+    wave-probes)  # the check, then clusters of 16 with the engine's call at probes 4 and 2 too (results tagged probes)
+      step 120 wave-check node dist/bench/wave-gpu.js --check
+      step 180 wave-bench-probes node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag probes ;;
     blocks) step 90 blocks node dist/bench/block-select-gpu.js --steps 200 ;;
     dense)
       step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"

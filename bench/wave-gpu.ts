@@ -1,7 +1,7 @@
 // The wave decode step on the GPU (addon/wave-gpu.ts): checks against the
 // host path and a benchmark at 1M tokens (needs a CUDA device).
 //
-//   node dist/bench/wave-gpu.js [--check] [--bench] [--steps N] [--cluster-size 8]
+//   node dist/bench/wave-gpu.js [--check] [--bench] [--steps N] [--cluster-size 8] [--probes 4,2] [--tag T]
 //
 // --check runs the comparisons test/native/wave-gpu.test.ts makes, without
 // vitest: on random keys clustered by the real builder (k-means, odd sizes),
@@ -278,6 +278,8 @@ interface BenchConfig {
   sinks: number;
   window: number;
   steps: number;
+  /** The engine's call timed again at each of these probes (candidates = probe × budget; a session's ef). */
+  probes: number[];
 }
 
 /**
@@ -369,8 +371,8 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const keyRow = keyRows(built.map((b) => b.head), d, dt);
   const qs = Array.from({ length: cfg.steps + 5 }, () => queries(rng, keyRow, H, N, d, G));
   // lean: as the engine calls it (ids left on the device, no stage times).
-  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false, lean = false) =>
-    store.step({ q, qHeads: H * G, scale, budget: budgets, probe: PROBE, ranking: gpuRanking(ranking), exact, estimate, attend,
+  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false, lean = false, probe = PROBE) =>
+    store.step({ q, qHeads: H * G, scale, budget: budgets, probe, ranking: gpuRanking(ranking), exact, estimate, attend,
       ...(lean && { ids: false, stages: false }) });
   for (let i = 0; i < 5; i++) await step(qs[i]);
   const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {}, host: Record<string, number[]> = {};
@@ -400,6 +402,18 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     leanMs.push(r.ms);
     for (const [k, v] of Object.entries(r.host)) (leanHost[k] ??= []).push(v);
   }
+  // The engine's call at other probes (fewer candidates rescored: bench/results/fidelity-131072-cs16-probes.md).
+  const byProbe: { probe: number; deviceMs: { p50: number; p90: number }; hostWallMs: { p50: number } }[] = [];
+  for (const probe of cfg.probes) {
+    const dev: number[] = [], wallP: number[] = [];
+    for (let i = 0; i < cfg.steps; i++) {
+      const w0 = performance.now();
+      const r = await step(qs[5 + i], true, 'spread', true, true, probe);
+      wallP.push(performance.now() - w0);
+      dev.push(r.ms);
+    }
+    byProbe.push({ probe, deviceMs: { p50: p(dev, 0.5), p90: p(dev, 0.9) }, hostWallMs: { p50: p(wallP, 0.5) } });
+  }
   // One step against the host's default path, at full size.
   const heads = built.map((b) => new ClusterIndex(b.arrays, b.head.keys, b.head.values));
   const last = await step(qs[5]);
@@ -426,6 +440,7 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
       hostWallMs: { p50: p(leanWall, 0.5), p90: p(leanWall, 0.9) },
       hostStagesP50Ms: Object.fromEntries(Object.entries(leanHost).map(([k, v]) => [k, p(v, 0.5)])),
     },
+    byProbe,
     stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
     memory: {
       summariesBytes: bytes.summaries, momentsBytes: bytes.moments, layerKvBytes: kvBytes, summariesShare: bytes.summaries / kvBytes,
@@ -465,6 +480,11 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
       'copy: the outputs read back; back: the work\'s end to the answer\'s conversion on the event loop). The engine\'s call: ' +
       Object.entries(r.engineCall.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
     '',
+    ...(r.byProbe.length ? [
+      `The engine's call by probe (candidates rescored = probe × budget; ${c.probe} is the default; a session sets it through ef): ` +
+        r.byProbe.map((b) => `probe ${b.probe}: ${f(b.deviceMs.p50)} ms on the device (p90 ${f(b.deviceMs.p90)}), ${f(b.hostWallMs.p50)} host wall`).join('; ') + '.',
+      '',
+    ] : []),
     'Stages (p50 ms) of the layer-step: ' + Object.entries(r.withAttentionStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
       ' (tiles: the estimate\'s cluster tiles and the attended rows\' tiles).',
     '',
@@ -506,15 +526,18 @@ async function main() {
     }
   }
   if (all || args.includes('--bench')) {
-    const clusterSize = args.includes('--cluster-size') ? Number(args[args.indexOf('--cluster-size') + 1]) : 8;
-    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps }, console.log);
+    const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+    const clusterSize = Number(opt('--cluster-size') ?? 8);
+    const probes = (opt('--probes') ?? '').split(',').filter(Boolean).map(Number);
+    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps, probes }, console.log);
     const md = markdown(r);
     console.log(JSON.stringify(r, null, 2));
     console.log(md);
     const dirs = ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])];
     for (const dir of dirs) {
       mkdirSync(dir, { recursive: true });
-      const name = `wave-gpu-h200${clusterSize === 8 ? '' : `-cs${clusterSize}`}`;
+      const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu', tag = opt('--tag');
+      const name = `wave-gpu-${card}${clusterSize === 8 ? '' : `-cs${clusterSize}`}${tag ? `-${tag}` : ''}`;
       writeFileSync(join(dir, `${name}.json`), JSON.stringify(r, null, 2) + '\n');
       writeFileSync(join(dir, `${name}.md`), md);
     }
