@@ -1,10 +1,12 @@
 // Copies between host arrays off the event loop, spread over the native
 // pool (native/bindings/copy_binding.cc says why).
 import { nativeAddon } from './addon.js';
+import { DTYPE_CODE, type FloatDtype } from './kernels.js';
 
 const addon = nativeAddon<{
   copyRanges(src: Uint8Array[], dst: Uint8Array[]): Promise<void>;
   copyPlan(src: Uint8Array[], dst: Uint8Array, plan: Float64Array): Promise<void>;
+  copyChecked(src: Uint8Array[], dst: (Uint8Array | null)[], dtypes: number[]): Promise<number[]>;
 }>();
 
 /**
@@ -37,4 +39,25 @@ export function copyViews(from: Uint8Array[], dst: Uint8Array, at: number[]): Pr
     plan[i * 4 + 3] = v.byteLength;
   });
   return addon.copyPlan(src, dst, plan);
+}
+
+/** One range of copyChecked: values of `dtype` in `src`, copied to `dst` (same size) unless it is null. */
+export interface CheckedRange {
+  src: Uint8Array;
+  dst: Uint8Array | null;
+  dtype: FloatDtype;
+}
+
+/**
+ * As copyRanges, each range's values checked finite on the way, in the same
+ * pass (native/bindings/copy_binding.cc says why): per range, the index of
+ * its first NaN or infinite value, or -1. A range with one may be partly
+ * copied: callers treat dst as unwritten until every range comes back -1.
+ */
+export function copyChecked(ranges: readonly CheckedRange[]): Promise<number[]> {
+  return addon.copyChecked(
+    ranges.map((r) => r.src),
+    ranges.map((r) => r.dst),
+    ranges.map((r) => DTYPE_CODE[r.dtype]),
+  );
 }

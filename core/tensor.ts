@@ -64,7 +64,12 @@ export function elementCount(t: Tensor): number {
 
 export function expectFinite(t: FloatTensor, name: string): void {
   const at = firstNonFinite(t.data, t.dtype, elementCount(t));
-  if (at >= 0) throw invalid(`${name} holds a NaN or infinite value at flat index ${at}`);
+  if (at >= 0) throw nonFinite(name, at);
+}
+
+/** The 422 for a tensor's first NaN or infinite value (found here or by a scan off the event loop). */
+export function nonFinite(name: string, at: number): Error {
+  return invalid(`${name} holds a NaN or infinite value at flat index ${at}`);
 }
 
 /** The tensor as f32: a view when already f32 and aligned, else one conversion. */

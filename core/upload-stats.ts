@@ -8,9 +8,9 @@ export interface UploadStats {
   decodeMs: number;
   /** Waiting behind the document's earlier requests. */
   queueMs: number;
-  /** Shapes, dtypes, NaN/Inf. */
+  /** Shapes and dtypes (the NaN/Inf scan counts in appendMs). */
   checkMs: number;
-  /** Copy into host memory, prefill queries kept. */
+  /** NaN/Inf scan and copy into host memory (for a body in the storage dtype, one pass off the event loop), prefill queries kept. */
   appendMs: number;
   /** Waiting for the previous upload's blocks to commit, and staging this one's. */
   writeMs: number;

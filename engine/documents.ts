@@ -11,11 +11,11 @@ import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.
 import { LayerCache, ResidentLayers } from './resident-layers.js';
 import { conflict, invalid, notFound } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
-import { parseKvUpload, type KvUpload } from './kv-input.js';
+import { expectUploadFinite, parseKvUpload, type KvUpload } from './kv-input.js';
 import { parseModel } from '../core/model.js';
 import { keptTokens } from '../core/query-stride.js';
 import { KeyedQueue } from '../core/serial.js';
-import { elementBytes, toF32 } from '../core/tensor.js';
+import { elementBytes, nonFinite, toF32 } from '../core/tensor.js';
 
 export interface LoadedDocument {
   meta: DocumentMeta;
@@ -126,7 +126,11 @@ export class Documents {
    * Appends one upload to a layer. Its full blocks are written to the store
    * behind the answer: the next upload of the document (or the seal) waits
    * for them, so one batch is in flight while the next request is read and
-   * checked. A loading document is not durable before seal anyway.
+   * checked. A loading document is not durable before seal anyway. The
+   * body's NaN/Inf scan runs off the event loop (with the copy, for a body
+   * in the storage dtype), so the next body is read meanwhile; the
+   * document's queue still runs its uploads one at a time, each whole or
+   * not at all.
    */
   appendKv(idRaw: string, body: Record<string, unknown>, times?: { bytes: number; readMs: number; decodeMs: number }): Promise<{ layer: number; tokens: number; stats: UploadStats }> {
     const id = checkId(idRaw, 'document');
@@ -136,14 +140,22 @@ export class Documents {
       const doc = this.loading.get(id) ?? (await this.notLoading(id));
       if (doc.phase === 'building') throw conflict(`document ${id} is being sealed`);
       if (doc.writeError) throw doc.writeError;
-      const up = parseKvUpload(body, doc.meta.model, doc.queries.stride);
+      const up = parseKvUpload(body, doc.meta.model, doc.queries.stride, { finite: false });
       const t2 = now();
       const seg = doc.layers[up.layer];
-      if (up.start !== seg.tokens)
+      if (up.start !== seg.tokens) {
+        // A body with a NaN is refused for it first, as when the scan came with the shapes.
+        await expectUploadFinite(up);
         throw conflict(`layer ${up.layer} of document ${id} holds ${seg.tokens} tokens; the next upload must start there, not at ${up.start}`);
-      // In the storage dtype (a preload's case), copied off the event loop.
-      if (up.k.dtype === seg.dtype && up.v.dtype === seg.dtype) await seg.appendStored(up.k.data, up.v.data, up.tokens);
-      else seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens, up.v.dtype);
+      }
+      if (up.k.dtype === seg.dtype && up.v.dtype === seg.dtype) {
+        // In the storage dtype (a preload's case): scanned as it is copied, off the event loop.
+        const bad = await seg.appendStored(up.k.data, up.v.data, up.tokens, up.q);
+        if (bad) throw nonFinite(bad.tensor === 'also' ? 'q' : bad.tensor, bad.at);
+      } else {
+        await expectUploadFinite(up);
+        seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens, up.v.dtype);
+      }
       if (up.q) keepQueries(doc.queries, up);
       const t3 = now();
       await doc.writing;

@@ -2,7 +2,8 @@
 import type { ModelShape } from '../core/model.js';
 import { invalid } from '../core/errors.js';
 import { keptTokens } from '../core/query-stride.js';
-import { expectFinite, expectShape, parseFloatTensor, type FloatTensor } from '../core/tensor.js';
+import { copyChecked } from '../addon/copy-ranges.js';
+import { expectFinite, expectShape, nonFinite, parseFloatTensor, type FloatTensor } from '../core/tensor.js';
 
 export interface KvUpload {
   layer: number;
@@ -20,9 +21,10 @@ export interface KvUpload {
  * `queryStride`: the stride of the route's prefill queries (a document's).
  * With it, a body may declare `queryStride` (it must be that one) and send
  * q for the kept tokens only (or no q where none is kept); without it,
- * `queryStride` is not read.
+ * `queryStride` is not read. `finite: false` leaves the NaN/Inf scan of
+ * k, v and q to the caller (expectUploadFinite, or a checked append).
  */
-export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, queryStride?: number): KvUpload {
+export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, queryStride?: number, { finite = true } = {}): KvUpload {
   const layer = body.layer;
   if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= model.layers)
     throw invalid(`layer must be an integer in [0, ${model.layers - 1}], got ${JSON.stringify(layer)}`);
@@ -47,8 +49,22 @@ export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, 
     const rows = qStride === undefined ? n : keptTokens(start, n, qStride).count;
     expectShape(q, [model.qHeads, rows, model.headDim], qStride === undefined ? 'q' : `q (the ${rows} tokens of ${n} kept at queryStride ${qStride})`);
   }
-  expectFinite(k, 'k');
-  expectFinite(v, 'v');
-  if (q) expectFinite(q, 'q');
+  if (finite) {
+    expectFinite(k, 'k');
+    expectFinite(v, 'v');
+    if (q) expectFinite(q, 'q');
+  }
   return { layer, start, tokens: n, k, v, ...(q && { q }), ...(qStride !== undefined && { qStride }) };
+}
+
+/**
+ * parseKvUpload's NaN/Inf scan of k, v and q (the first found, in that
+ * order, refused as it words it), run off the event loop: a 16 MiB body
+ * scanned there held up reading the next one.
+ */
+export async function expectUploadFinite(up: KvUpload): Promise<void> {
+  const tensors: [string, FloatTensor][] = [['k', up.k], ['v', up.v], ...(up.q ? [['q', up.q] as [string, FloatTensor]] : [])];
+  const first = await copyChecked(tensors.map(([, t]) => ({ src: t.data, dst: null, dtype: t.dtype })));
+  const bad = first.findIndex((i) => i >= 0);
+  if (bad >= 0) throw nonFinite(tensors[bad][0], first[bad]);
 }

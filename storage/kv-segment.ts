@@ -4,7 +4,7 @@
 // valid. Appends copy each head's rows once, converting dtype if needed.
 // A shared segment keeps its arrays in SharedArrayBuffers, so that a worker
 // thread can fill them (the Redis store reads blocks straight into them).
-import { copyRanges } from '../addon/copy-ranges.js';
+import { copyChecked, copyRanges, type CheckedRange } from '../addon/copy-ranges.js';
 import { bytesOf, convert, prefault, type FloatDtype, type KvDtype } from '../addon/kernels.js';
 import { UNLIMITED, type HostBudget } from './host-budget.js';
 
@@ -13,6 +13,12 @@ const MIN_CAPACITY = 256;
 const PREFAULT_BYTES = 256 << 10;
 /** One fault-in at a time, in order: one libuv thread, the others free for the store's writes. */
 let prefaulting: Promise<boolean> = Promise.resolve(true);
+
+/** Where the first NaN or infinite value of an append was: its tensor, and the flat index in it. */
+export interface NonFinite {
+  tensor: 'k' | 'v' | 'also';
+  at: number;
+}
 
 export class KvSegment {
   k: Uint16Array[];
@@ -68,22 +74,43 @@ export class KvSegment {
   }
 
   /**
-   * As append for bytes in the storage dtype, copied off the event loop
-   * (a document upload's 16 MiB: bench/results/preload-vm.md); the rows
-   * count once it resolves. Nothing else may append to this segment, nor
-   * k and v change, until then (a document's uploads run one at a time).
+   * As append for bytes in the storage dtype, checked finite as they are
+   * copied, off the event loop (a document upload's 16 MiB: the scan alone
+   * held the loop ~2 ms on the 16-core host, the next body unread
+   * meanwhile; bench/results/preload-ab-vm-overlap.md). `also` (an upload's q)
+   * is checked beside them. Resolves to the first NaN or infinite value (in
+   * k, else v, else also; its flat index there), the segment as it was
+   * (rows past `tokens` may have been written: they hold nothing yet); else
+   * the rows count and it resolves undefined. Nothing else may append to
+   * this segment, nor the sources change, until then (a document's uploads
+   * run one at a time).
    */
-  async appendStored(k: Uint8Array, v: Uint8Array, n: number): Promise<void> {
-    this.reserve(this.tokens + n);
+  async appendStored(k: Uint8Array, v: Uint8Array, n: number, also?: { data: Uint8Array; dtype: FloatDtype }): Promise<NonFinite | undefined> {
+    // Growing takes memory from the budget: only for rows that will count, so a bad upload reserves nothing.
+    const grow = this.tokens + n > this.capacity;
     const bytes = n * this.headDim * 2, at = this.tokens * this.headDim * 2;
-    const src: Uint8Array[] = [], dst: Uint8Array[] = [];
-    for (let h = 0; h < this.kvHeads; h++) {
-      src.push(k.subarray(h * bytes, (h + 1) * bytes), v.subarray(h * bytes, (h + 1) * bytes));
-      dst.push(bytesOf(this.k[h]).subarray(at, at + bytes), bytesOf(this.v[h]).subarray(at, at + bytes));
+    const dst = (a: Uint16Array) => (grow ? null : bytesOf(a).subarray(at, at + bytes));
+    const ranges: CheckedRange[] = [];
+    for (let h = 0; h < this.kvHeads; h++) ranges.push({ src: k.subarray(h * bytes, (h + 1) * bytes), dst: dst(this.k[h]), dtype: this.dtype });
+    for (let h = 0; h < this.kvHeads; h++) ranges.push({ src: v.subarray(h * bytes, (h + 1) * bytes), dst: dst(this.v[h]), dtype: this.dtype });
+    if (also) ranges.push({ src: also.data, dst: null, dtype: also.dtype });
+    const first = await copyChecked(ranges);
+    const bad = first.findIndex((i) => i >= 0);
+    if (bad >= 0) {
+      const H = this.kvHeads, perHead = n * this.headDim;
+      return bad < H ? { tensor: 'k', at: bad * perHead + first[bad] } : bad < 2 * H ? { tensor: 'v', at: (bad - H) * perHead + first[bad] } : { tensor: 'also', at: first[bad] };
     }
-    await copyRanges(src, dst);
+    if (grow) {
+      this.reserve(this.tokens + n);
+      const heads = [...this.k, ...this.v];
+      await copyRanges(
+        ranges.slice(0, 2 * this.kvHeads).map((r) => r.src),
+        heads.map((a) => bytesOf(a).subarray(at, at + bytes)),
+      );
+    }
     this.tokens += n;
     this.prefaultAhead(n);
+    return undefined;
   }
 
   /**
