@@ -5,7 +5,7 @@ import type { Socket } from 'node:net';
 import { nativeAddon } from './addon.js';
 
 interface Addon {
-  readSocket(a: { fd: number; dst: Uint8Array; mask: Uint8Array; phase: number; cancel: Int32Array; progressMs: number }): Promise<number>;
+  readSocket(a: { fd: number; dst: Uint8Array; mask: Uint8Array; phase: number; cancel: Int32Array; progressMs: number; ahead?: Uint8Array }): Promise<number>;
 }
 
 const addon = nativeAddon<Addon>();
@@ -20,6 +20,7 @@ interface StreamHandle {
 
 /** A read in progress: settles with the bytes read, or rejects (peer gone, timeout, cancel). */
 export interface SocketRead {
+  /** dst.byteLength, plus the bytes read on into `ahead` (from its start), as they came: not unmasked. */
   done: Promise<number>;
   /** Asks the reading thread to stop (it notices within ~50 ms); `done` then rejects. */
   cancel(): void;
@@ -43,9 +44,13 @@ export function canReadDirect(socket: Socket): boolean {
  * into dst (XOR-ed with `mask` from byte `phase` of the frame on, as a
  * WebSocket payload), then starts node's reading again where it settled
  * with all of them. Call only where canReadDirect(socket) is true, from
- * within the socket's 'data' handler or with it paused.
+ * within the socket's 'data' handler or with it paused. With `ahead`, the
+ * bytes that have already come after dst's are read into it too (at most
+ * its size, without waiting for more): they come before anything node
+ * reads next, so the caller must take them as the socket's next bytes
+ * before it yields to the event loop.
  */
-export function readSocketInto(socket: Socket, dst: Uint8Array, mask: Uint8Array, phase: number, progressMs: number): SocketRead {
+export function readSocketInto(socket: Socket, dst: Uint8Array, mask: Uint8Array, phase: number, progressMs: number, ahead?: Uint8Array): SocketRead {
   const handle = handleOf(socket)!;
   // libuv reads only in its poll callback, so once stopped no byte is taken from the descriptor. `reading` stays true:
   // net.Socket's _read (called for more data after every chunk) starts reading again where it is false.
@@ -56,7 +61,7 @@ export function readSocketInto(socket: Socket, dst: Uint8Array, mask: Uint8Array
   };
   let started: Promise<number>;
   try {
-    started = addon.readSocket({ fd: handle.fd!, dst, mask, phase, cancel, progressMs });
+    started = addon.readSocket({ fd: handle.fd!, dst, mask, phase, cancel, progressMs, ...(ahead && { ahead }) });
   } catch (e) {
     // Refused before any read (its arguments): node reads the socket again and the caller sees a failed read.
     started = Promise.reject(e as Error);

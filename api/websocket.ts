@@ -25,6 +25,10 @@
 // thread of the addon's (addon/socket-read.ts), node's reading stopped
 // meanwhile. Through the stream, every 64 KiB read was a fresh buffer,
 // copied again and collected: most of an upload's cost to the event loop.
+// The thread also reads what has already come after the message (up to
+// AHEAD bytes): parsed as the message is handed on, a next large message
+// starts its own direct read at once, not once the event loop comes round
+// to the socket behind the work this message set off.
 import { createHash } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';
@@ -58,11 +62,13 @@ const FIRST_BUFFER = 1 << 20;
  */
 const DIRECT_MIN = 1 << 20;
 const DIRECT_MAX = 64 << 20;
+/** Bytes a direct read reads on past its message (the next one's header and first bytes), as node's reads are. */
+const AHEAD = 1 << 16;
 /** Direct reads in progress, process-wide: each holds a thread (a slow peer for up to progressMs). */
 let directReads = 0;
 const MAX_DIRECT_READS = 64;
 /** Messages read directly and their bytes, process-wide (for tests and benches: whether the path was taken). */
-export const directReadTotals = { messages: 0, bytes: 0 };
+export const directReadTotals = { messages: 0, bytes: 0, aheadBytes: 0 };
 
 export interface WsLimits {
   /** Largest message accepted (1009 above it, from its header). */
@@ -433,8 +439,10 @@ export class WsConnection {
     this.read = first.byteLength;
     this.left = total - first.byteLength;
     directReads++;
-    const read = (this.direct = readSocketInto(this.socket, buf.subarray(first.byteLength, total), this.mask, first.byteLength, this.limits.progressMs));
-    const settle = (ok: boolean, why?: Error) => {
+    // Its own buffer: a small message in it is handed on as a view, as a read of node's is.
+    const ahead = Buffer.allocUnsafeSlow(AHEAD);
+    const read = (this.direct = readSocketInto(this.socket, buf.subarray(first.byteLength, total), this.mask, first.byteLength, this.limits.progressMs, ahead));
+    const settle = (ok: boolean, why?: Error, aheadBytes = 0) => {
       directReads--;
       this.direct = undefined;
       if (!ok || this.msg !== buf || this.gone || this.closeSent) {
@@ -451,12 +459,15 @@ export class WsConnection {
       this.left = 0;
       directReadTotals.messages++;
       directReadTotals.bytes += total;
+      directReadTotals.aheadBytes += aheadBytes;
       this.endFrame();
+      // The socket's next bytes, before node reads any (it reads only once this turn of the loop is over).
+      if (aheadBytes > 0 && !this.gone && !this.closeSent) this.onData(ahead.subarray(0, aheadBytes));
       this.resume();
       this.watchProgress();
     };
     read.done.then(
-      () => settle(true),
+      (n) => settle(true, undefined, n - (total - first.byteLength)),
       (e: Error) => settle(false, e),
     );
   }
