@@ -90,6 +90,21 @@ function shardLines() {
 
 // ---------------------------------------------------------------- blocks
 
+/** bench:model at the server's default budgets: which methods lose a pass key dense finds. */
+function defaultsLine(f) {
+  const j = json(f);
+  const parts = j.lengths.map((r) => {
+    const methods = r.configs.filter((c) => c.label !== 'exact');
+    const dense = r.configs.find((c) => c.label === 'exact').pass_key;
+    const lost = methods.filter((c) => c.pass_key.lost_vs_dense > 0).map((c) => `\`${c.label}\` loses ${c.pass_key.lost_vs_dense}`);
+    const shares = methods.map((c) => c.exact_share);
+    return `${tok(r.length)} bytes, ${r.trials} trials, ${methods.length} methods at ${pctSpan(shares)} exact, dense ${dense.hits}/${dense.trials} keys: ` +
+      (lost.length ? lost.join(', ') : 'no method loses a key dense finds') +
+      `, agreement ${span(methods.map((c) => c.agreement), (x) => fix(x, 3))}, worst layer ${fix(Math.max(...methods.map((c) => Math.max(...c.layers.map((l) => l.err)))), 3)}`;
+  });
+  return `At the server's default budgets (\`${f}\`, ${machine(`${j.machine.cpu}, ${j.machine.cores} cores`)}, ${j.date.slice(0, 10)}): ${parts.join('; ')}.`;
+}
+
 const BLOCKS = {
   'gpu-dense': () => {
     const f = 'bench/results/gpu-dense-h200.json';
@@ -116,6 +131,33 @@ const BLOCKS = {
       `\`oracle\` is the exact top-k as a method; the last error column is the exact top-k at the same exact count, without estimation.`,
       '',
       table(['config', 'method', 'estimate', 'exact', 'output error', 'top-k oracle, same count', 'needles'], ['l', 'l', 'l', 'r', 'r', 'r', 'r'], rows),
+    ].join('\n');
+  },
+
+  model: () => {
+    const files = ['bench/results/model-tally-16k.json', 'bench/results/model-tally-32k.json'];
+    const misses = (c) => Object.entries({ exact_share: '> 3% exact', agreement: 'agreement', layer_err: 'a layer > 0.05', pass_key: `keys ${-c.key_gap_points > 0 ? '+' : ''}${fix(-c.key_gap_points, 1)} points`, trials: '< 100 trials' })
+      .filter(([k]) => !c.meets[k]).map(([, why]) => why);
+    const rows = files.flatMap((f) => json(f).configs.map((c) => {
+      const worst = c.layers_err.indexOf(c.worst_layer_err);
+      const miss = misses(c);
+      return [tok(json(f).length), c.label, String(c.trials), pct(c.exact_share), fix(c.agreement, 3), `${fix(c.worst_layer_err, 3)} (L${worst})`,
+        `${c.pass_key.hits} / ${c.pass_key.dense_hits}`, String(c.pass_key.lost_vs_dense), miss.length ? `no: ${miss.join(', ')}` : 'yes'];
+    }));
+    const sources = files.map((f) => `${tok(json(f).length)}: ${json(f).files.map((x) => `\`${x.file}\` (${x.configurations.join(', ')}; ${x.machine.replace(/Intel\(R\) Xeon\(R\) Processor/g, 'Xeon')})`).join(', ')}`);
+    const p = json(files[0]).params;
+    return [
+      `**kvrecall-code-13M through kvrecall** (\`bench/model/tally.py\` over the result files below, \`npm run bench:model\`): bytes of held-out code`,
+      `with a planted pass key, every layer's attention a session's answer; budget ${pct(p.budget)} of the context + ${p.sinks} sinks + ${p.window} window, estimation on;`,
+      `agreement is next-byte top-1 with dense (\`exact\`) over ${p.steps} teacher-forced positions a trial; worst layer: the highest per-layer mean attention`,
+      `output error against float64; pass keys: the method's / dense's on the same trials. Issue #16's targets: ≤ 3% exact, agreement ≥ 0.99, every`,
+      `layer ≤ 0.05, keys within 2 points of dense over ≥ 100 trials.`,
+      '',
+      table(['bytes', 'method', 'trials', 'exact', 'agreement', 'worst layer', 'pass keys', 'lost vs dense', 'targets met'], ['r', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'l'], rows),
+      '',
+      ...sources.map((s) => `- ${s}`),
+      '',
+      defaultsLine('bench/results/model-vm-defaults-f157a3b.json'),
     ].join('\n');
   },
 

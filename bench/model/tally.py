@@ -53,7 +53,8 @@ TALLIES: Dict[str, Tuple[int, List[Tuple[str, Optional[List[str]]]]]] = {
 
 def machine_words(res: dict) -> str:
     ms = res.get("machines") or [res["machine"]]
-    return "; ".join(dict.fromkeys(f"{m['cpu']}, {m['cores']} cores" for m in ms))
+    gpu = ", the model on a GPU" if "on cuda" in res["params"].get("model", "") else ""
+    return "; ".join(dict.fromkeys(f"{m['cpu']}, {m['cores']} cores{gpu}" for m in ms))
 
 
 def tally(length: int, sources: List[Tuple[str, Optional[List[str]]]]) -> dict:
