@@ -34,7 +34,7 @@ import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { buildClusters } from '../index/wave/cluster-build.js';
 import { centroidStride, decodeClusters, type ClusterArrays } from '../index/wave/cluster-codec.js';
-import { ClusterIndex, PROBE, RADIUS_SHARE, SPREAD, type ClusterRanking } from '../index/wave/cluster-index.js';
+import { ClusterIndex, PROBE, PROBE_ESTIMATED, RADIUS_SHARE, SPREAD, type ClusterRanking } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 
@@ -397,7 +397,7 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const leanWall: number[] = [], leanMs: number[] = [], leanHost: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
     const w0 = performance.now();
-    const r = await step(qs[5 + i], true, 'spread', true, true);
+    const r = await step(qs[5 + i], true, 'spread', true, true, PROBE_ESTIMATED);
     leanWall.push(performance.now() - w0);
     leanMs.push(r.ms);
     for (const [k, v] of Object.entries(r.host)) (leanHost[k] ??= []).push(v);
@@ -472,7 +472,7 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `| the same without the estimate (selection only) | ${f(r.selectionOnlyMs.p50)} | ${f(r.selectionOnlyMs.p90)} |`,
     `| the older step: radius ranking, first-order estimate | ${f(r.radiusRankingMs.p50)} | ${f(r.radiusRankingMs.p90)} |`,
     `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
-    `| the engine's call (attend, ids left on the device, no stage times): on the device | ${f(r.engineCall.deviceMs.p50)} | ${f(r.engineCall.deviceMs.p90)} |`,
+    `| the engine's call (attend, ids left on the device, no stage times, probe ${PROBE_ESTIMATED} as where a layer estimates): on the device | ${f(r.engineCall.deviceMs.p50)} | ${f(r.engineCall.deviceMs.p90)} |`,
     `| the engine's call: host wall time around the await | ${f(r.engineCall.hostWallMs.p50)} | ${f(r.engineCall.hostWallMs.p90)} |`,
     '',
     'Host stages (p50 ms) of the selection-and-estimate step: ' + Object.entries(r.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
@@ -481,7 +481,7 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
       Object.entries(r.engineCall.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
     '',
     ...(r.byProbe.length ? [
-      `The engine's call by probe (candidates rescored = probe × budget; ${c.probe} is the default; a session sets it through ef): ` +
+      `The engine's call by probe (candidates rescored = probe × budget; ${c.probe} without the estimate, ${PROBE_ESTIMATED} with it, by default; a session sets it through ef): ` +
         r.byProbe.map((b) => `probe ${b.probe}: ${f(b.deviceMs.p50)} ms on the device (p90 ${f(b.deviceMs.p90)}), ${f(b.hostWallMs.p50)} host wall`).join('; ') + '.',
       '',
     ] : []),

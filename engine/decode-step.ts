@@ -59,7 +59,7 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const t1 = performance.now();
   // The layer's own parameters: a session's per-layer policy may give each layer its budget.
   const layerParams = session.paramsFor(req.layer);
-  const params = { ...layerParams, budget: budgetTokens(layerParams.budget, ctx.tokens) };
+  const params = { ...layerParams, budget: budgetTokens(layerParams.budget, ctx.tokens), estimate: session.clustersFor(req.layer) !== undefined };
   const out = new Float32Array(m.qHeads * m.headDim);
   const lse = new Float32Array(m.qHeads);
 

@@ -77,6 +77,12 @@ export interface SearchParams {
   chunk: number;
   /** Neighbours kept on each side of a retained token (InfiniRetri's phrase span). */
   span: number;
+  /**
+   * Set by the decode step: this layer estimates what the method leaves out
+   * (the estimation zone), so a method may search less (wave rescores half
+   * the candidates).
+   */
+  estimate?: boolean;
 }
 
 /**
@@ -159,7 +165,7 @@ export interface HeadIndexBuilder {
    * with query rows h*group ..), off the main thread and in parallel; the
    * loaded indexes are this builder's.
    */
-  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo): Promise<SearchResult[]>;
+  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, estimate?: boolean): Promise<SearchResult[]>;
   /** Optional: builds a seal may run at once (default 1: one after another). */
   concurrency?: number;
 }

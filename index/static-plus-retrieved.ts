@@ -129,7 +129,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         const k = want + covered;
         const memo = memoOf(ctx, s);
         const results = builder.searchHeads
-          ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo)
+          ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate)
           : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
         const ids = results.map((res) => {
           scanned += res.scanned / ctx.kvHeads;

@@ -155,7 +155,7 @@ export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<
   const kvHeads = store.options.kvHeads;
   return store.step({
     q: a.q, qHeads: a.qHeads, scale: a.scale,
-    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef)), ranking: { kind: 'spread', spread: SPREAD },
+    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef, a.estimate)), ranking: { kind: 'spread', spread: SPREAD },
     exact: Int32Array.from(exact), skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
     estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false,
   });

@@ -41,14 +41,26 @@ export type ClusterRanking = 'spread' | 'radius';
  * 0.05); 8 scans about 16% of the keys besides the centroids.
  */
 export const PROBE = 8;
+/**
+ * The probe where the layer estimates what is not kept: the estimate covers
+ * what fewer candidates miss. Generator 128K, clusters of 16, 2% exact
+ * (bench/results/fidelity-131072-cs16-probes.md): probe 8/4/2 err
+ * 0.0070/0.0056/0.0062 (default) and 0.0068/0.0066/0.0079 (broad), needles
+ * 4/4; kvrecall-code-13M at 8K bytes, 4 trials: every layer's error the same
+ * at 4 as at 8 within 0.001, agreement 1.000 (model-vm-8k-wave-ef*.md); at
+ * 16K probe 2 left layer 4 at 0.058 against 0.055 (commit 0ebd2d9, with
+ * wave-probe-fidelity-131072-cs16-probe*.md). Without the estimate
+ * probe 4 errs 6–9% more than 8: PROBE stays there.
+ */
+export const PROBE_ESTIMATED = 4;
 
 /**
  * Candidate tokens rescored for k kept: a session's `ef` when it sets one
- * (at least k), else PROBE × k. The host path and the device step both ask
- * this, so both rescore the same candidates.
+ * (at least k), else a probe × k. The host path and the device step both
+ * ask this, so both rescore the same candidates.
  */
-export function candidateTokens(k: number, ef = 0): number {
-  return ef > 0 ? Math.max(k, Math.round(ef)) : PROBE * k;
+export function candidateTokens(k: number, ef = 0, estimate = false): number {
+  return ef > 0 ? Math.max(k, Math.round(ef)) : (estimate ? PROBE_ESTIMATED : PROBE) * k;
 }
 
 interface Scratch {
@@ -135,9 +147,10 @@ export class ClusterIndex implements HeadIndex {
    * rows each: one native call for the step. Clusters asked for: enough to
    * cover k rows at the average cluster size, twice over.
    */
-  static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread', ef = 0): Promise<SearchResult[]> {
+  static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread', ef = 0,
+                           estimate = false): Promise<SearchResult[]> {
     const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
-    const target = k.map((n) => candidateTokens(n, ef));
+    const target = k.map((n) => candidateTokens(n, ef, estimate));
     const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * target[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
     const scratch = heads.map((h, i) => h.take(want, target[i]));
     try {

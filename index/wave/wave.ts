@@ -14,9 +14,9 @@ export const WAVE = 'wave';
 export const clusterIndexBuilder: HeadIndexBuilder = {
   build: (input) => buildClusters(input, { ...DEFAULT_CLUSTER_OPTIONS, clusterSize: input.clusterSize ?? DEFAULT_CLUSTER_OPTIONS.clusterSize }),
   load: (bytes, keys) => ClusterIndex.load(bytes, keys),
-  // ef: candidate tokens rescored per kv head (0: PROBE × what it keeps; cluster-index.ts).
-  searchHeads: (heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number): Promise<SearchResult[]> =>
-    ClusterIndex.searchHeads(heads as ClusterIndex[], q, group, k, 'spread', ef),
+  // ef: candidate tokens rescored per kv head (0: a probe × what it keeps, smaller where the layer estimates; cluster-index.ts).
+  searchHeads: (heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, _memo?: unknown, estimate = false): Promise<SearchResult[]> =>
+    ClusterIndex.searchHeads(heads as ClusterIndex[], q, group, k, 'spread', ef, estimate),
 };
 
 export const wave = staticPlusRetrieved(WAVE, clusterIndexBuilder);

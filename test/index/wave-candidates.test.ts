@@ -3,7 +3,7 @@
 // group's max of q·k (float64 over the f16 keys); fewer candidates scan fewer keys.
 import { describe, expect, it } from 'vitest';
 import { buildClusters } from '../../index/wave/cluster-build.js';
-import { candidateTokens, ClusterIndex, PROBE } from '../../index/wave/cluster-index.js';
+import { candidateTokens, ClusterIndex, PROBE, PROBE_ESTIMATED } from '../../index/wave/cluster-index.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -34,8 +34,11 @@ function exactTop(keys: Uint16Array, q: Float32Array): number[] {
 }
 
 describe("wave's candidate tokens (ef)", () => {
-  it('defaults to PROBE × k and never goes below k', () => {
+  it('defaults to PROBE × k (PROBE_ESTIMATED × k where the layer estimates) and never goes below k', () => {
     expect(candidateTokens(100)).toBe(PROBE * 100);
+    expect(candidateTokens(100, 0, true)).toBe(PROBE_ESTIMATED * 100);
+    expect(PROBE_ESTIMATED).toBeLessThan(PROBE);
+    expect(candidateTokens(100, 250, true)).toBe(250);
     expect(candidateTokens(100, 30)).toBe(100);
     expect(candidateTokens(100, 250)).toBe(250);
   });
@@ -49,8 +52,10 @@ describe("wave's candidate tokens (ef)", () => {
       expect(Array.from(all.ids).sort((a, b) => a - b)).toEqual(exactTop(index.keys, q));
       const [narrow] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', 2 * k);
       const [wide] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread');
+      const [estimating] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', 0, true);
       expect(narrow.ids.length).toBe(k);
-      expect(narrow.scanned).toBeLessThan(wide.scanned);
+      expect(narrow.scanned).toBeLessThan(estimating.scanned);
+      expect(estimating.scanned).toBeLessThan(wide.scanned);
       expect(wide.scanned).toBeLessThan(all.scanned);
     }
   });
