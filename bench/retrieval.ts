@@ -2,7 +2,7 @@
 //                          [--broad (workload/knobs.ts broadKnobs; results in retrieval-broad-<tokens>.*)]
 //                          [--hard (the generator's HARD_KNOBS on top: facts no prefill query asks about, decode query shift;
 //                           results in retrieval[-broad]-hard-<tokens>.*)]
-//                          [--positional 1 --degree 16 --key-neighbors 8 --kbuild 64 --max-queries 8192
+//                          [--positional 1 --degree 16 --key-neighbors 8 --key-ef 48 --kbuild 64 --max-queries 8192
 //                           (retrieval-attention's positional edges each side, projected degree, key-key edges,
 //                           exact top keys per build query, build queries kept)]
 //                          [--ranking max (retrieval-attention's swept rows ranked by the max over the group's q·k,
@@ -73,6 +73,8 @@ interface Options {
   maxQueries?: number;
   /** retrieval-attention's key-key edges per key (addon/ra-graph.ts default when absent). */
   keyNeighbors?: number;
+  /** The beam width of the key-key edges' searches (addon/ra-graph.ts default when absent). */
+  keyEf?: number;
   /** retrieval-attention's ranking for the swept rows ('attention' as sessions search; 'max' as it was before). */
   ranking: RaAggregate;
   /** Prefill query rows per kv head (the generator's default tokens/16 when absent). */
@@ -107,6 +109,7 @@ function parseArgs(argv: string[]): Options {
     kBuild: get('kbuild') === undefined ? undefined : Number(get('kbuild')),
     maxQueries: get('max-queries') === undefined ? undefined : Number(get('max-queries')),
     keyNeighbors: get('key-neighbors') === undefined ? undefined : Number(get('key-neighbors')),
+    keyEf: get('key-ef') === undefined ? undefined : Number(get('key-ef')),
     ranking: get('ranking') === 'max' ? 'max' : 'attention',
     prefill: get('prefill') === undefined ? undefined : Number(get('prefill')),
   };
@@ -184,6 +187,8 @@ function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate
         ...[0.02, 0.03].map((cap): Effort => [8 * k, 3, ranking, false, cap]),
         // Seeded by the previous step's ids (step 0 starts cold): consecutive decode queries are alike.
         ...[0, 0.5, 1].map((m): Effort => [8 * k, m, ranking, true]),
+        // Seeded and capped: what a session's chained steps reach at the issue's small scanned shares.
+        ...[0.02, 0.03, 0.05].map((cap): Effort => [8 * k, 3, ranking, true, cap]),
         [tokens, null, 'attention'],
         [tokens, null, 'max'],
       ];
@@ -250,7 +255,7 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
     const graphs: RaGraph[] = [];
     for (let h = 0; h < o.heads; h++) {
       const q = wl.prefillQ[h];
-      graphs.push(await RaGraph.build({ ...keysOf(h), queries: q, positional: o.positional, degree: o.degree, kBuild: o.kBuild, maxQueries: o.maxQueries, keyNeighbors: o.keyNeighbors }));
+      graphs.push(await RaGraph.build({ ...keysOf(h), queries: q, positional: o.positional, degree: o.degree, kBuild: o.kBuild, maxQueries: o.maxQueries, keyNeighbors: o.keyNeighbors, keyEf: o.keyEf }));
       progress(`${name}: built head ${h + 1}/${o.heads} (${((performance.now() - t0) / 1000).toFixed(1)} s) ${JSON.stringify(graphs[h].buildStats)}`);
     }
     const buildSeconds = (performance.now() - t0) / 1000 / o.heads;
@@ -378,7 +383,7 @@ function markdown(tokens: number, rows: Row[], o: Options): string {
   return [
     `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head${o.broad ? ' (broad configuration)' : ''}${o.hard ? ' (hard knobs)' : ''}`,
     '',
-    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}${o.hard ? ` + HARD_KNOBS (unasked ${HARD_KNOBS.unasked}, decodeShift ${HARD_KNOBS.decodeShift})` : ''}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + ${o.keyNeighbors ?? RA_GRAPH_DEFAULTS.keyNeighbors} key-key edges + positional edges ${o.positional} each side, kBuild ${o.kBuild ?? RA_GRAPH_DEFAULTS.kBuild}, build queries ≤ ${o.maxQueries ?? RA_GRAPH_DEFAULTS.maxQueries}; margin = the quality-bound stop in logits (— = fixed beam); "≤ x% scanned" = the walk capped at that share of keys scored (maxScanned); ef = tokens is the exhaustive ceiling; ranking = how the group's 4 q heads rank a key: attention = the key's probability summed over the heads (each head's log-partition estimated from a strided sample of n/512 keys, counted as scanned), max = the largest q·k. Top-k recall (group): the selection against the exact top-k of the group's attention (mean probability over the group's heads, the oracle's ranking), k = the budget: the index's recall target. Top-k recall: against each head's own top-k, which one set shared by the group cannot cover (the oracle's beside it). Search recall: against the exact top-k by the row's own ranking (the group's attention for the other methods), k = budget + sinks + window. Prefill query rows per kv head: ${o.prefill ?? 'tokens/16'}.${o.methods.some((m) => m.startsWith('infiniretri')) ? ' infiniretri: build = the seal\'s read by the prefill queries (artifact = its kept set, 1% of tokens); the question = the decode steps\' query rows, read once (scanned = every key, amortised over the steps); one kept set serves every step; -seal = the seal\'s evidence alone, -question = the question\'s read alone.' : ''}`,
+    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}${o.hard ? ` + HARD_KNOBS (unasked ${HARD_KNOBS.unasked}, decodeShift ${HARD_KNOBS.decodeShift})` : ''}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + ${o.keyNeighbors ?? RA_GRAPH_DEFAULTS.keyNeighbors} key-key edges (beam ${o.keyEf ?? RA_GRAPH_DEFAULTS.keyEf}) + positional edges ${o.positional} each side, kBuild ${o.kBuild ?? RA_GRAPH_DEFAULTS.kBuild}, build queries ≤ ${o.maxQueries ?? RA_GRAPH_DEFAULTS.maxQueries}; margin = the quality-bound stop in logits (— = fixed beam); "≤ x% scanned" = the walk capped at that share of keys scored (maxScanned); ef = tokens is the exhaustive ceiling; ranking = how the group's 4 q heads rank a key: attention = the key's probability summed over the heads (each head's log-partition estimated from a strided sample of n/512 keys, counted as scanned), max = the largest q·k. Top-k recall (group): the selection against the exact top-k of the group's attention (mean probability over the group's heads, the oracle's ranking), k = the budget: the index's recall target. Top-k recall: against each head's own top-k, which one set shared by the group cannot cover (the oracle's beside it). Search recall: against the exact top-k by the row's own ranking (the group's attention for the other methods), k = budget + sinks + window. Prefill query rows per kv head: ${o.prefill ?? 'tokens/16'}.${o.methods.some((m) => m.startsWith('infiniretri')) ? ' infiniretri: build = the seal\'s read by the prefill queries (artifact = its kept set, 1% of tokens); the question = the decode steps\' query rows, read once (scanned = every key, amortised over the steps); one kept set serves every step; -seal = the seal\'s evidence alone, -question = the question\'s read alone.' : ''}`,
     '',
     '| method | kept | ef | margin | ranking | build s/head | artifact MB/head | load ms/head | search ms | scanned | attention recall | oracle recall | top-k recall (group) | search recall | top-k recall | oracle top-k recall | output error | oracle error | needles |',
     '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
