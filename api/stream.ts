@@ -24,6 +24,7 @@ import { unpackView } from '../core/msgpack-parts-decode.js';
 import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
+import { packBatchAnswer, PackedFrame } from './batch-pack.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
@@ -105,14 +106,15 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
   };
 }
 
-/** One answer frame: its parts (tensors as the result's own arrays) copied once, straight after the frame header. */
-function send(conn: WsConnection, frame: Record<string, unknown>): void {
+/** One answer frame: packed (a batch's) or its parts (tensors as the result's own arrays) copied once, straight after the frame header. */
+function send(conn: WsConnection, frame: Record<string, unknown> | PackedFrame): void {
   if (!conn.open) return;
+  if (frame instanceof PackedFrame) return conn.sendBinary(frame.byteLength, frame.fill);
   const parts = packParts(frame);
   conn.sendBinary(parts.byteLength, (payload) => joinParts(parts, payload));
 }
 
-async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number): Promise<Record<string, unknown>> {
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number): Promise<Record<string, unknown> | PackedFrame> {
   let id: unknown;
   try {
     if (!isBinary) throw malformed('frames are binary msgpack');
@@ -135,7 +137,7 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
     if (body.steps !== undefined) {
       const { results, ms } = await sessions.attendBatch(body);
       for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
-      return { id, results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } };
+      return packBatchAnswer(id, results, ms) ?? { id, results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } };
     }
     if (typeof body.session !== 'string') throw malformed('an attend frame names its session');
     const res = await sessions.attend(body.session, body);

@@ -1,0 +1,170 @@
+// node dist/bench/transport-ab.js --before <tree> --after <tree> [--calls 200 --rounds 5 --tag ab --rows health,stream,...]
+//
+// Two servers' decode-call overhead side by side: the built trees `before`
+// and `after` (each holding dist/cli/cli.js and its addon) serve at once,
+// each in its own process on 127.0.0.1, and one TypeScript client (this
+// tree's) takes turns between them call block by call block, so a shared
+// machine's load falls on both alike. Rows: bare GET /v1/health, one stream
+// attend (f32 and f16 q/out), a stream batch of 32 sessions (f32 and f16),
+// an HTTP batch of 32 (f16); one layer, 32 q / 8 kv heads, d=128, exact over
+// 4K tokens, as bench/transport.ts. Overhead = client wall − the server's
+// stats.ms (of the step or of the whole batch), p50 and p10.
+// Results: bench/results/transport-<host tag>-batch-<tag>.{json,md}.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { Agent, request } from 'node:http';
+import { hostname, loadavg, tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { KvrecallClient, tensor } from '../clients/ts/client.js';
+import type { KvrecallStream } from '../clients/ts/stream.js';
+import { convert } from '../addon/kernels.js';
+import { machine } from './decode/machine.js';
+import { quantile } from './stats.js';
+
+const arg = (name: string, def?: string) => {
+  const i = process.argv.indexOf(`--${name}`);
+  return i >= 0 ? process.argv[i + 1] : def;
+};
+const CALLS = Number(arg('calls', '200')), ROUNDS = Number(arg('rounds', '5')), TOKENS = 4096, BATCH = 32;
+const trees = { before: resolve(arg('before') ?? '.'), after: resolve(arg('after') ?? '.') };
+const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
+const progress = (msg: string) => process.stderr.write(`[bench:transport-ab] ${msg}\n`);
+
+async function startServer(tree: string, dir: string): Promise<{ url: string; stop(): void }> {
+  const proc = spawn(process.execPath, [join(tree, 'dist', 'cli', 'cli.js'), 'serve', '--port', '0', '--data', dir, '--gpu-budget', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const url = await new Promise<string>((ok, fail) => {
+    proc.stdout.on('data', (d: Buffer) => {
+      const m = /listening on (http:\/\/\S+)/.exec(d.toString());
+      if (m) ok(m[1]);
+    });
+    proc.once('exit', (c) => fail(new Error(`server in ${tree} exited ${c}`)));
+  });
+  return { url, stop: () => proc.kill('SIGKILL') };
+}
+
+type Call = () => Promise<number>;
+
+/** One server's calls: each returns its overhead (wall − server ms), a health call its wall. */
+async function callsOf(url: string): Promise<{ calls: Record<string, Call>; stream: KvrecallStream; agent: Agent }> {
+  const client = new KvrecallClient({ url });
+  const n = TOKENS, d = model.headDim;
+  const words = new Uint16Array(model.kvHeads * n * d).map(() => 0x3c00 ^ ((Math.random() * 0x3ff) | 0));
+  await client.createDocument('doc', model);
+  await client.uploadDocumentKv('doc', { layer: 0, start: 0, k: tensor('f16', [model.kvHeads, n, d], words), v: tensor('f16', [model.kvHeads, n, d], words) });
+  await client.sealDocument('doc');
+  const sids: string[] = [];
+  for (let i = 0; i < BATCH; i++) sids.push((await client.createSession({ model, documents: ['doc'], method: 'exact' })).id);
+  const qValues = new Float32Array(model.qHeads * d).map(() => Math.random());
+  const q = tensor('f32', [model.qHeads, d], qValues);
+  const q16Words = new Uint16Array(qValues.length);
+  convert(new Uint8Array(qValues.buffer), 'f32', new Uint8Array(q16Words.buffer), 'f16', qValues.length);
+  const q16 = tensor('f16', [model.qHeads, d], q16Words);
+  const stream = await client.openStream();
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  const timed = async (call: () => Promise<number | undefined>) => {
+    const t0 = performance.now();
+    const ms = (await call()) ?? NaN;
+    return performance.now() - t0 - ms;
+  };
+  const steps = sids.map((session) => ({ session, q }));
+  const steps16 = sids.map((session) => ({ session, q: q16, outDtype: 'f16' as const }));
+  const calls: Record<string, Call> = {
+    health: () =>
+      new Promise<number>((ok, fail) => {
+        const t0 = performance.now();
+        request(`${url}/v1/health`, { agent, headers: { accept: 'application/msgpack' } }, (res) => {
+          res.on('data', () => undefined);
+          res.on('end', () => ok(performance.now() - t0));
+        })
+          .on('error', fail)
+          .end();
+      }),
+    stream: () => timed(async () => (await stream.attend(sids[0], { layer: 0, q })).stats.ms),
+    stream16: () => timed(async () => (await stream.attend(sids[0], { layer: 0, q: q16, outDtype: 'f16' })).stats.ms),
+    batch: () => timed(async () => (await stream.attendBatch(0, steps)).ms),
+    batch16: () => timed(async () => (await stream.attendBatch(0, steps16)).ms),
+    httpBatch16: () => timed(async () => (await client.attendBatch(0, steps16)).ms),
+  };
+  return { calls, stream, agent };
+}
+
+const ALL_ROWS: Record<string, string> = {
+  health: 'bare GET /v1/health (wall)',
+  stream: 'stream attend',
+  stream16: 'stream attend, f16 q and out',
+  batch: `stream batch of ${BATCH}`,
+  batch16: `stream batch of ${BATCH}, f16`,
+  httpBatch16: `HTTP batch of ${BATCH}, f16`,
+};
+/** The rows run (--rows: a comma list of ALL_ROWS' keys; all by default). */
+const ROWS = Object.fromEntries(Object.entries(ALL_ROWS).filter(([k]) => (arg('rows')?.split(',') ?? [k]).includes(k)));
+
+async function main(): Promise<void> {
+  const loadAtStart = Number(loadavg()[0].toFixed(2));
+  const dirs = { before: mkdtempSync(join(tmpdir(), 'kvr-ab-')), after: mkdtempSync(join(tmpdir(), 'kvr-ab-')) };
+  const servers = { before: await startServer(trees.before, dirs.before), after: await startServer(trees.after, dirs.after) };
+  const sides = ['before', 'after'] as const;
+  try {
+    const of = { before: await callsOf(servers.before.url), after: await callsOf(servers.after.url) };
+    const samples = Object.fromEntries(sides.map((s) => [s, Object.fromEntries(Object.keys(ROWS).map((r) => [r, [] as number[]]))])) as Record<(typeof sides)[number], Record<string, number[]>>;
+    for (const s of sides) for (const r of Object.keys(ROWS)) for (let i = 0; i < 10; i++) await of[s].calls[r](); // warm
+    const loads: number[] = [];
+    const per = Math.ceil(CALLS / ROUNDS);
+    progress(`${CALLS} calls per row and side in ${ROUNDS} rounds; before ${trees.before}, after ${trees.after}`);
+    for (let round = 0; round < ROUNDS; round++) {
+      loads.push(Number(loadavg()[0].toFixed(2)));
+      // Within a round each row runs on one side then the other, the order swapped every round.
+      const order = round % 2 === 0 ? sides : ([...sides].reverse() as unknown as typeof sides);
+      for (const row of Object.keys(ROWS))
+        for (const s of order) for (let i = 0; i < per; i++) samples[s][row].push(await of[s].calls[row]());
+    }
+    loads.push(Number(loadavg()[0].toFixed(2)));
+    for (const s of sides) {
+      of[s].stream.close();
+      of[s].agent.destroy();
+    }
+    const p = (xs: number[], q: number) => quantile(xs, q, 'nearest');
+    const table = Object.fromEntries(
+      sides.map((s) => [s, Object.fromEntries(Object.keys(ROWS).map((r) => [r, { p50: p(samples[s][r], 0.5), p10: p(samples[s][r], 0.1), n: samples[s][r].length }]))]),
+    ) as Record<(typeof sides)[number], Record<string, { p50: number; p10: number; n: number }>>;
+    const at = (s: (typeof sides)[number], r: string, q: 'p50' | 'p10') => table[s][r]?.[q] ?? NaN;
+    const ratio = (s: (typeof sides)[number], q: 'p50' | 'p10') => ({
+      batchVsStream: at(s, 'batch', q) / at(s, 'stream', q),
+      batch16VsStream16: at(s, 'batch16', q) / at(s, 'stream16', q),
+      batch16VsStream: at(s, 'batch16', q) / at(s, 'stream', q),
+    });
+    const m = machine();
+    const tag = (arg('tag', 'ab') ?? 'ab').replace(/[^a-z0-9-]/gi, '');
+    const host = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
+    const result = {
+      machine: m, host: hostname(), date: new Date().toISOString(), trees, calls: CALLS, rounds: ROUNDS, tokens: TOKENS, batch: BATCH, model,
+      loadAtStart, loadPerRound: loads, overheadMs: table, ratios: { before: { p50: ratio('before', 'p50'), p10: ratio('before', 'p10') }, after: { p50: ratio('after', 'p50'), p10: ratio('after', 'p10') } },
+    };
+    const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${host}-batch-${tag}`);
+    writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
+    const f = (x: number) => x.toFixed(3);
+    const lines = [
+      `# Decode-call overhead, two servers side by side (${m.cpu}, ${m.cores} cores)`,
+      '',
+      `\`bench/transport-ab.ts\`: the trees before (${trees.before}) and after (${trees.after}) served at once, one TypeScript client taking turns between them (${CALLS} calls per row and side in ${ROUNDS} rounds, each row's block on one side then the other, the order swapped every round). One layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms (ms). Load average at each round's start and at the end: ${loads.join(', ')} (a shared machine: the ratios between sides are what this measures).`,
+      '',
+      '| row | before p50 | after p50 | after / before | before p10 | after p10 |',
+      '| --- | ---: | ---: | ---: | ---: | ---: |',
+      ...Object.entries(ROWS).map(([r, name]) => `| ${name} | ${f(table.before[r].p50)} | ${f(table.after[r].p50)} | ${(table.after[r].p50 / table.before[r].p50).toFixed(2)} | ${f(table.before[r].p10)} | ${f(table.after[r].p10)} |`),
+      '',
+      ...(ROWS.batch && ROWS.stream && ROWS.batch16 && ROWS.stream16
+        ? [`Batch of ${BATCH} over one stream attend (p50): before ${result.ratios.before.p50.batchVsStream.toFixed(2)}× (f32), ${result.ratios.before.p50.batch16VsStream16.toFixed(2)}× (f16); after ${result.ratios.after.p50.batchVsStream.toFixed(2)}×, ${result.ratios.after.p50.batch16VsStream16.toFixed(2)}× (target ≤ 2×).`, '']
+        : []),
+    ];
+    writeFileSync(`${base}.md`, lines.join('\n'));
+    console.log(lines.join('\n'));
+    progress(`wrote ${base}.{json,md}`);
+  } finally {
+    for (const s of sides) {
+      servers[s].stop();
+      rmSync(dirs[s], { recursive: true, force: true });
+    }
+  }
+}
+
+await main();
