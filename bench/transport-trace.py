@@ -67,9 +67,6 @@ def main():
     if 'metrics' in groups:
         rows = [x for x in load(d, groups['metrics']) if x['c_kind'] > 1]
         result['afterBatchReadStatsMsUs'] = med([x['s_metrics'] - x['s_awaited'] for x in rows])
-    with open(f'{out}.json', 'w') as f:
-        json.dump(result, f, indent=1)
-        f.write('\n')
     cols = [('overheadUs', 'overhead'), ('movingRequestUs', 'moving the request'), ('movingAnswerUs', 'moving the answer'), ('movingShare', 'moving share'),
             ('clientEncodeUs', 'client encode'), ('serverDecodeUs', 'server decode'), ('serverEncodeUs', 'server encode'), ('clientDecodeUs', 'client decode')]
     lines = [
@@ -102,10 +99,22 @@ def main():
         f'{b["1"]["clientWriteSyscallUs"]} for one step; the server\'s answer {b["3"]["serverWriteSyscallUs"]} and {b["1"]["serverWriteSyscallUs"]}; '
         f'from the end of the server\'s write to the client\'s first read {b["3"]["serverWriteToClientFirstReadUs"]} and {b["1"]["serverWriteToClientFirstReadUs"]}.',
     ]
+    # What a batch costs beyond one step, split: moving its bytes, and the JS work (sums of the parts' medians).
+    js = lambda k: k['clientEncodeUs'] + k['serverDecodeUs'] + k['serverEncodeUs'] + k['clientDecodeUs']
+    mv = lambda k: k['movingRequestUs'] + k['movingAnswerUs']
+    result['batchExtraOverStep'] = {name: {'movingUs': mv(b[k]) - mv(b['1']), 'jsUs': js(b[k]) - js(b['1'])} for k, name in (('2', 'f32'), ('3', 'f16'))}
+    for e in result['batchExtraOverStep'].values():
+        e['movingShare'] = round(e['movingUs'] / (e['movingUs'] + e['jsUs']), 2)
+    x = result['batchExtraOverStep']
+    lines += ['', f'What a batch costs beyond one step (before, sums of the parts\' medians): f32 {x["f32"]["movingUs"]} µs moving and {x["f32"]["jsUs"]} µs JS '
+              f'(moving {x["f32"]["movingShare"]} of it), f16 {x["f16"]["movingUs"]} and {x["f16"]["jsUs"]} ({x["f16"]["movingShare"]}).']
     if 'afterBatchReadStatsMsUs' in result:
         lines += ['', f'Right after a batch, reading the 32 steps\' `stats.ms` (the metrics loop, 32 property reads) took {result["afterBatchReadStatsMsUs"]} µs p50: '
                   'the batch streamed 32 × 16 MB of K/V through the caches, so the first touch of anything after it misses (the same work in a warm process: < 1 µs).']
     lines.append('')
+    with open(f'{out}.json', 'w') as f:
+        json.dump(result, f, indent=1)
+        f.write('\n')
     with open(f'{out}.md', 'w') as f:
         f.write('\n'.join(lines))
     print('\n'.join(lines))

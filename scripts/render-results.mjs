@@ -105,6 +105,21 @@ function defaultsLine(f) {
   return `At the server's default budgets (\`${f}\`, ${machine(`${j.machine.cpu}, ${j.machine.cores} cores`)}, ${j.date.slice(0, 10)}): ${parts.join('; ')}.`;
 }
 
+/** The batch's overhead traced at both ends, and the batch answer packer alternated with the tree before it (bench/transport-ab.ts). */
+function batchLines() {
+  const trace = 'bench/results/transport-vm-batch-trace.json', abs = ['bench/results/transport-vm-batch-ab.json', 'bench/results/transport-vm-batch-ab-2.json'];
+  if (!existsSync(join(ROOT, trace)) || !abs.every((f) => existsSync(join(ROOT, f)))) return [];
+  const t = json(trace).sides.before, runs = abs.map(json);
+  const change = (row) => runs.map((a) => `${fix(a.overheadMs.before[row].p50, 2)} → ${fix(a.overheadMs.after[row].p50, 2)}`).join(' and ');
+  const shares = Object.values(t).filter((k) => typeof k === 'object' && 'movingShare' in k);
+  const batch = [t['2'], t['3']];
+  return [
+    '',
+    `AMD EPYC, 2 cores, the batch traced at both ends (\`${trace}\`, load ${json(trace).loadAverage}): from the sender's write call until the receiver holds the whole message (kernel copies, waking the receiver, its reads) is ${span(shares.map((k) => k.movingShare), (x) => fix(x, 2))} of a call's overhead p50, one step's as much as a batch's; of the JS work, the largest is the server's after the batch (${span(batch.map((k) => k.serverEncodeUs / 1000), (x) => fix(x, 2))} ms, everything it touches cold). ` +
+      `Batch answers packed straight into their frame (\`api/batch-pack.ts\`), two servers side by side, two runs (${abs.map((f) => `\`${f}\``).join(', ')}, load ${span(runs.flatMap((a) => a.loadPerRound), (x) => fix(x, 1))}): stream batch of 32 ${change('batch')} ms (f32), ${change('batch16')} ms (f16); after, ${span(runs.map((a) => a.ratios.after.p50.batchVsStream), (x) => fix(x, 1))}× (f32) and ${span(runs.map((a) => a.ratios.after.p50.batch16VsStream16), (x) => fix(x, 1))}× (f16) one stream attend (target 2×).`,
+  ];
+}
+
 const BLOCKS = {
   'gpu-dense': () => {
     const f = 'bench/results/gpu-dense-h200.json';
@@ -184,6 +199,7 @@ const BLOCKS = {
           `${machine(j.machine)}: a bare TCP exchange of the same bytes, its peer first waiting the server's p50 time, takes ${fix(p.single16MsP50, 2)} ms beyond the wait for one f16 step and ${fix(p.batch16MsP50, 2)} ms for the f16 batch (${fix(p.batch16MsP50 / p.single16MsP50, 1)}×): above that floor, one f16 stream step costs ${fix(single, 2)} ms and the batch ${fix(batch, 2)} ms (${fix(batch / single, 1)}×).`,
         ];
       }),
+      ...batchLines(),
     ].join('\n');
   },
 
