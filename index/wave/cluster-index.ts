@@ -150,7 +150,9 @@ export class ClusterIndex implements HeadIndex {
   static async searchHeads(heads: ClusterIndex[], q: Float32Array, group: number, k: number[], ranking: ClusterRanking = 'spread', ef = 0,
                            estimate = false): Promise<SearchResult[]> {
     const h0 = heads[0], d = h0.arrays.headDim, stride = h0.stride;
-    const target = k.map((n) => candidateTokens(n, ef, estimate));
+    // No more candidates than the head has rows (a session's ef may ask up to
+    // 2^30): the scratch holds them, and the device step clamps alike.
+    const target = k.map((n, i) => Math.min(candidateTokens(n, ef, estimate), heads[i].arrays.tokens));
     const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * target[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
     const scratch = heads.map((h, i) => h.take(want, target[i]));
     try {

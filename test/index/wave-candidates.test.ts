@@ -59,4 +59,17 @@ describe("wave's candidate tokens (ef)", () => {
       expect(wide.scanned).toBeLessThan(all.scanned);
     }
   });
+
+  it('an ef past the tokens (up to the 2^30 a session accepts) searches as ef = tokens, without scratch for rows that cannot exist', async () => {
+    const rng = new Rng(seed + 1);
+    const index = await head(rng);
+    const q = Float32Array.from({ length: G * d }, () => rng.normal());
+    const [all] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', N);
+    const before = process.memoryUsage().arrayBuffers;
+    const [huge] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', 2 ** 30);
+    // Candidate rows beyond the head's tokens were 4 bytes each of 2^30 (4 GiB, kept for the next step).
+    expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(64 * 2 ** 20);
+    expect(Array.from(huge.ids)).toEqual(Array.from(all.ids));
+    expect(huge.scanned).toBe(all.scanned);
+  });
 });
