@@ -44,7 +44,8 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const ranges = staticRanges(ctx, 0, p);
     const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
     const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
-    const estimate = session.clustersFor(ctx.layer) !== undefined;
+    // The decode step's own answer (params.estimate), so the device rescores as the host path would.
+    const estimate = p.estimate ?? session.clustersFor(ctx.layer) !== undefined;
     // The own tokens, on the host as on every path (never pooled), while the
     // device works on the document: neither reads what the other writes, and
     // the step waits for the longer of the two instead of their sum. Both

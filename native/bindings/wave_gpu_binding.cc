@@ -8,10 +8,11 @@
 //   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
 //          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
 //          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, keep?: number[kvHeads], skip?: number[] (flat [lo, hi) pairs, at most two),
-//          estimate?, attend?,
+//          estimate?, attend?, ids? (default true; false: the kept ids stay on the device, only their counts
+//          come back), stages? (default true; false: no per-stage event times),
 //          rest?: 'rows' | 'moments' (with 'spread': partly attended clusters' remaining rows by their
 //          own logits, the default, or by their moments)})
-//     -> Promise<{width, ids: Int32Array[kvHeads*width], idCounts: number[], candidates: number[],
+//     -> Promise<{width, ids?: Int32Array[kvHeads*width] (absent with ids: false), idCounts: number[], candidates: number[],
 //                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms},
 //                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream)}>
 //   .bytes() -> {summaries, moments, kv, scratch}
