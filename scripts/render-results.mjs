@@ -91,7 +91,10 @@ function shardLines() {
 // ---------------------------------------------------------------- blocks
 
 /** bench:model at the server's default budgets: which methods lose a pass key dense finds. */
-function defaultsLine(f) {
+function defaultsLine(files) {
+  return `At the server's default budgets: ${files.filter((f) => existsSync(join(ROOT, f))).map(defaultsOf).join('; ')}.`;
+}
+function defaultsOf(f) {
   const j = json(f);
   const parts = j.lengths.map((r) => {
     const methods = r.configs.filter((c) => c.label !== 'exact');
@@ -102,7 +105,7 @@ function defaultsLine(f) {
       (lost.length ? lost.join(', ') : 'no method loses a key dense finds') +
       `, agreement ${span(methods.map((c) => c.agreement), (x) => fix(x, 3))}, worst layer ${fix(Math.max(...methods.map((c) => Math.max(...c.layers.map((l) => l.err)))), 3)}`;
   });
-  return `At the server's default budgets (\`${f}\`, ${machine(`${j.machine.cpu}, ${j.machine.cores} cores`)}, ${j.date.slice(0, 10)}): ${parts.join('; ')}.`;
+  return `${parts.join('; ')} (\`${f}\`, ${machine(`${j.machine.cpu}, ${j.machine.cores} cores`)}, ${j.date.slice(0, 10)})`;
 }
 
 /** The batch's overhead traced at both ends, and the batch answer packer alternated with the tree before it (bench/transport-ab.ts). */
@@ -172,7 +175,7 @@ const BLOCKS = {
       '',
       ...sources.map((s) => `- ${s}`),
       '',
-      defaultsLine('bench/results/model-vm-defaults-f157a3b.json'),
+      defaultsLine(['bench/results/model-vm-defaults-f157a3b.json', 'bench/results/model-vm-defaults-16k-32k.json']),
     ].join('\n');
   },
 
