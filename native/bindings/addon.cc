@@ -18,6 +18,7 @@ void InitFaiss(Napi::Env env, Napi::Object exports);
 void InitCuda(Napi::Env env, Napi::Object exports);
 void InitBlockScores(Napi::Env env, Napi::Object exports);
 void InitBlockReps(Napi::Env env, Napi::Object exports);
+void InitBlockChoose(Napi::Env env, Napi::Object exports);
 void InitWaveGpu(Napi::Env env, Napi::Object exports);
 void InitSocketRead(Napi::Env env, Napi::Object exports);
 void InitCopy(Napi::Env env, Napi::Object exports);
@@ -38,6 +39,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitCuda(env, exports);
   kvr::InitBlockScores(env, exports);
   kvr::InitBlockReps(env, exports);
+  kvr::InitBlockChoose(env, exports);
   kvr::InitWaveGpu(env, exports);
   kvr::InitSocketRead(env, exports);
   kvr::InitCopy(env, exports);
