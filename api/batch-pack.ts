@@ -206,6 +206,8 @@ function write(sink: Sink, id: unknown, results: AttendAnswer[], stats: [string,
  */
 export function packBatchAnswer(id: unknown, settled: PromiseSettledResult<AttendAnswer>[], ms: number): PackedFrame | undefined {
   if (id !== undefined && typeof id !== 'number' && !(typeof id === 'string' && shortAscii(id))) return undefined;
+  // Anything but a number goes the general way, which refuses what it cannot pack (the stream then closes with 1011).
+  if (typeof ms !== 'number') return undefined;
   const results: AttendAnswer[] = [], stats: [string, number | string][][] = [];
   for (const r of settled) {
     const pairs = r.status === 'fulfilled' ? plainStats(r.value) : undefined;
