@@ -370,10 +370,14 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const budgets = new Array<number>(H).fill(budget);
   const keyRow = keyRows(built.map((b) => b.head), d, dt);
   const qs = Array.from({ length: cfg.steps + 5 }, () => queries(rng, keyRow, H, N, d, G));
-  // lean: as the engine calls it (ids left on the device, no stage times).
+  // lean: as the engine calls it (engine/cache/device-wave.ts stepDocument): the budget searched for past the sinks
+  // and window, which are dropped from the kept ids (skip) and attended through `exact`; ids left on the device, no
+  // stage times.
+  const skip: [number, number][] = [[0, Math.min(cfg.sinks, N)], [Math.max(0, N - cfg.window), N]];
+  const leanArgs = { budget: budgets.map((k) => k + exact.length), keep: budgets, skip, ids: false, stages: false };
   const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false, lean = false, probe = PROBE) =>
     store.step({ q, qHeads: H * G, scale, budget: budgets, probe, ranking: gpuRanking(ranking), exact, estimate, attend,
-      ...(lean && { ids: false, stages: false }) });
+      ...(lean && leanArgs) });
   for (let i = 0; i < 5; i++) await step(qs[i]);
   const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {}, host: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
