@@ -10,16 +10,14 @@
 // 4K tokens, as bench/transport.ts. Overhead = client wall − the server's
 // stats.ms (of the step or of the whole batch), p50 and p10.
 // Results: bench/results/transport-<host tag>-batch-<tag>.{json,md}.
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { Agent, request } from 'node:http';
 import { hostname, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { KvrecallClient, tensor } from '../clients/ts/client.js';
+import { KvrecallClient } from '../clients/ts/client.js';
 import type { KvrecallStream } from '../clients/ts/stream.js';
-import { convert } from '../addon/kernels.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
+import { bareHealth, decodeFixture, startServer } from './transport-rows.js';
 
 const arg = (name: string, def?: string) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -30,37 +28,14 @@ const trees = { before: resolve(arg('before') ?? '.'), after: resolve(arg('after
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport-ab] ${msg}\n`);
 
-async function startServer(tree: string, dir: string): Promise<{ url: string; stop(): void }> {
-  const proc = spawn(process.execPath, [join(tree, 'dist', 'cli', 'cli.js'), 'serve', '--port', '0', '--data', dir, '--gpu-budget', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const url = await new Promise<string>((ok, fail) => {
-    proc.stdout.on('data', (d: Buffer) => {
-      const m = /listening on (http:\/\/\S+)/.exec(d.toString());
-      if (m) ok(m[1]);
-    });
-    proc.once('exit', (c) => fail(new Error(`server in ${tree} exited ${c}`)));
-  });
-  return { url, stop: () => proc.kill('SIGKILL') };
-}
-
 type Call = () => Promise<number>;
 
 /** One server's calls: each returns its overhead (wall − server ms), a health call its wall. */
-async function callsOf(url: string): Promise<{ calls: Record<string, Call>; stream: KvrecallStream; agent: Agent }> {
+async function callsOf(url: string): Promise<{ calls: Record<string, Call>; stream: KvrecallStream; bare: { close(): void } }> {
   const client = new KvrecallClient({ url });
-  const n = TOKENS, d = model.headDim;
-  const words = new Uint16Array(model.kvHeads * n * d).map(() => 0x3c00 ^ ((Math.random() * 0x3ff) | 0));
-  await client.createDocument('doc', model);
-  await client.uploadDocumentKv('doc', { layer: 0, start: 0, k: tensor('f16', [model.kvHeads, n, d], words), v: tensor('f16', [model.kvHeads, n, d], words) });
-  await client.sealDocument('doc');
-  const sids: string[] = [];
-  for (let i = 0; i < BATCH; i++) sids.push((await client.createSession({ model, documents: ['doc'], method: 'exact' })).id);
-  const qValues = new Float32Array(model.qHeads * d).map(() => Math.random());
-  const q = tensor('f32', [model.qHeads, d], qValues);
-  const q16Words = new Uint16Array(qValues.length);
-  convert(new Uint8Array(qValues.buffer), 'f32', new Uint8Array(q16Words.buffer), 'f16', qValues.length);
-  const q16 = tensor('f16', [model.qHeads, d], q16Words);
+  const { sids, q, q16 } = await decodeFixture(client, model, TOKENS, BATCH);
   const stream = await client.openStream();
-  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  const bare = bareHealth(url);
   const timed = async (call: () => Promise<number | undefined>) => {
     const t0 = performance.now();
     const ms = (await call()) ?? NaN;
@@ -69,23 +44,14 @@ async function callsOf(url: string): Promise<{ calls: Record<string, Call>; stre
   const steps = sids.map((session) => ({ session, q }));
   const steps16 = sids.map((session) => ({ session, q: q16, outDtype: 'f16' as const }));
   const calls: Record<string, Call> = {
-    health: () =>
-      new Promise<number>((ok, fail) => {
-        const t0 = performance.now();
-        request(`${url}/v1/health`, { agent, headers: { accept: 'application/msgpack' } }, (res) => {
-          res.on('data', () => undefined);
-          res.on('end', () => ok(performance.now() - t0));
-        })
-          .on('error', fail)
-          .end();
-      }),
+    health: bare.call,
     stream: () => timed(async () => (await stream.attend(sids[0], { layer: 0, q })).stats.ms),
     stream16: () => timed(async () => (await stream.attend(sids[0], { layer: 0, q: q16, outDtype: 'f16' })).stats.ms),
     batch: () => timed(async () => (await stream.attendBatch(0, steps)).ms),
     batch16: () => timed(async () => (await stream.attendBatch(0, steps16)).ms),
     httpBatch16: () => timed(async () => (await client.attendBatch(0, steps16)).ms),
   };
-  return { calls, stream, agent };
+  return { calls, stream, bare };
 }
 
 const ALL_ROWS: Record<string, string> = {
@@ -102,7 +68,8 @@ const ROWS = Object.fromEntries(Object.entries(ALL_ROWS).filter(([k]) => (arg('r
 async function main(): Promise<void> {
   const loadAtStart = Number(loadavg()[0].toFixed(2));
   const dirs = { before: mkdtempSync(join(tmpdir(), 'kvr-ab-')), after: mkdtempSync(join(tmpdir(), 'kvr-ab-')) };
-  const servers = { before: await startServer(trees.before, dirs.before), after: await startServer(trees.after, dirs.after) };
+  const cli = (tree: string) => join(tree, 'dist', 'cli', 'cli.js');
+  const servers = { before: await startServer(cli(trees.before), dirs.before, '0'), after: await startServer(cli(trees.after), dirs.after, '0') };
   const sides = ['before', 'after'] as const;
   try {
     const of = { before: await callsOf(servers.before.url), after: await callsOf(servers.after.url) };
@@ -121,7 +88,7 @@ async function main(): Promise<void> {
     loads.push(Number(loadavg()[0].toFixed(2)));
     for (const s of sides) {
       of[s].stream.close();
-      of[s].agent.destroy();
+      of[s].bare.close();
     }
     const p = (xs: number[], q: number) => quantile(xs, q, 'nearest');
     const table = Object.fromEntries(

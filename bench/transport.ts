@@ -16,13 +16,13 @@
 // bench/results/transport-<host>.{json,md}.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { Agent, request } from 'node:http';
 import { connect } from 'node:net';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvrecallClient, tensor } from '../clients/ts/client.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
+import { bareHealth, decodeFixture, startServer } from './transport-rows.js';
 
 const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -118,56 +118,18 @@ async function tcpFloor(sizes: [ask: number, answer: number, pauseMs: number, ca
   return out;
 }
 
-async function startServer(dir: string): Promise<{ url: string; pid: number; stop(): void }> {
-  const proc = spawn(process.execPath, [join(import.meta.dirname, '..', 'cli', 'cli.js'), 'serve', '--port', '0', '--data', dir, '--gpu-budget', process.env.KVRECALL_GPU_BUDGET ?? '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const url = await new Promise<string>((resolve, reject) => {
-    proc.stdout.on('data', (d: Buffer) => {
-      const m = /listening on (http:\/\/\S+)/.exec(d.toString());
-      if (m) resolve(m[1]);
-    });
-    proc.once('exit', (c) => reject(new Error(`server exited ${c}`)));
-  });
-  return { url, pid: proc.pid!, stop: () => proc.kill('SIGKILL') };
-}
-
-/** GET /v1/health on one keep-alive connection (node:http, nothing else): a call's wall ms. */
-function bareHealth(url: string): { call(): Promise<number>; close(): void } {
-  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
-  const call = () =>
-    new Promise<number>((resolve, reject) => {
-      const t0 = performance.now();
-      request(`${url}/v1/health`, { agent, headers: { accept: 'application/msgpack' } }, (res) => {
-        res.on('data', () => undefined);
-        res.on('end', () => resolve(performance.now() - t0));
-      })
-        .on('error', reject)
-        .end();
-    });
-  return { call, close: () => agent.destroy() };
-}
-
 async function main(): Promise<void> {
   // The load as the run starts (machine() at the end would give the load the run itself added to).
   const loadAtStart = machine().loadAverage;
   const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-'));
-  const server = await startServer(dir);
+  const server = await startServer(join(import.meta.dirname, '..', 'cli', 'cli.js'), dir, process.env.KVRECALL_GPU_BUDGET ?? '0');
   try {
     const client = new KvrecallClient({ url: server.url });
-    const n = TOKENS, d = model.headDim;
-    const words = new Uint16Array(model.kvHeads * n * d).map(() => 0x3c00 ^ ((Math.random() * 0x3ff) | 0));
-    await client.createDocument('doc', model);
-    await client.uploadDocumentKv('doc', { layer: 0, start: 0, k: tensor('f16', [model.kvHeads, n, d], words), v: tensor('f16', [model.kvHeads, n, d], words) });
-    await client.sealDocument('doc');
-    const sids: string[] = [];
-    for (let i = 0; i < BATCH; i++) sids.push((await client.createSession({ model, documents: ['doc'], method: 'exact' })).id);
-    const qValues = new Float32Array(model.qHeads * d).map(() => Math.random());
-    const q = tensor('f32', [model.qHeads, d], qValues);
+    const d = model.headDim;
+    const { sids, q, q16 } = await decodeFixture(client, model, TOKENS, BATCH);
     const body = { layer: 0, q };
     // The same q in f16 (what a 16-bit model holds), the answer's out in f16 too.
-    const { convert } = await import('../addon/kernels.js');
-    const q16Words = new Uint16Array(qValues.length);
-    convert(new Uint8Array(qValues.buffer), 'f32', new Uint8Array(q16Words.buffer), 'f16', qValues.length);
-    const body16 = { layer: 0, q: tensor('f16', [model.qHeads, d], q16Words), outDtype: 'f16' as const };
+    const body16 = { layer: 0, q: q16, outDtype: 'f16' as const };
     const stream = await client.openStream();
     const bare = bareHealth(server.url);
     // Each call's overhead: wall minus the server's time (stats.ms of the step, or of the whole batch); that time kept in lastMs.

@@ -5,7 +5,9 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { afterAll, beforeAll } from 'vitest';
 import { startServer, type RunningServer } from '../../api/server.js';
+import { KvrecallClient } from '../../clients/ts/client.js';
 import { DEFAULTS, type Config } from '../../core/config.js';
 
 export function tempDataDir(): { dir: string; cleanup(): void } {
@@ -19,6 +21,41 @@ const TEST_GPU_BUDGET = 1 << 30;
 
 export function startInProcess(dataDir: string, overrides: Partial<Config> = {}): Promise<RunningServer> {
   return startServer({ ...DEFAULTS, port: 0, dataDir, gpuBudget: TEST_GPU_BUDGET, ...overrides });
+}
+
+export interface LiveServer {
+  server(): RunningServer;
+  client(): KvrecallClient;
+  port(): number;
+}
+
+/**
+ * One in-process server and a client of it for the enclosing suite (file or
+ * describe): started in beforeAll over a fresh temp data dir, closed and the
+ * dir removed in afterAll. Getters, since the server exists only once
+ * beforeAll has run.
+ */
+export function useServer(overrides: Partial<Config> = {}): LiveServer {
+  const tmp = tempDataDir();
+  let server: RunningServer | undefined;
+  let client: KvrecallClient | undefined;
+  beforeAll(async () => {
+    server = await startInProcess(tmp.dir, overrides);
+    client = new KvrecallClient({ url: server.url });
+  });
+  afterAll(async () => {
+    await server?.close();
+    tmp.cleanup();
+  });
+  const started = <T>(x: T | undefined): T => {
+    if (x === undefined) throw new Error('useServer: the server starts in beforeAll');
+    return x;
+  };
+  return {
+    server: () => started(server),
+    client: () => started(client),
+    port: () => Number(new URL(started(server).url).port),
+  };
 }
 
 export interface ChildServer {

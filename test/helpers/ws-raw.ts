@@ -1,7 +1,26 @@
-// A raw WebSocket client for tests, and the frames it reads from a server,
-// taken whole off the front of what it has received (RFC 6455 framing; the
-// payload as sent).
+// A raw WebSocket client for tests: the masked frames it sends, and the
+// frames it reads from a server, taken whole off the front of what it has
+// received (RFC 6455 framing; the payload as sent).
 import { connect, type Socket } from 'node:net';
+
+/** One client frame (RFC 6455): fin, `opcode`, masked with `key` (the payload is copied, not changed). */
+export function clientFrame(opcode: number, payload: Buffer, key: number[]): Buffer {
+  const n = payload.byteLength;
+  const head = Buffer.alloc(n < 126 ? 6 : n < 65536 ? 8 : 14);
+  head[0] = 0x80 | opcode;
+  if (n < 126) head[1] = 0x80 | n;
+  else if (n < 65536) {
+    head[1] = 0x80 | 126;
+    head.writeUInt16BE(n, 2);
+  } else {
+    head[1] = 0x80 | 127;
+    head.writeBigUInt64BE(BigInt(n), 2);
+  }
+  Buffer.from(key).copy(head, head.byteLength - 4);
+  const body = Buffer.from(payload);
+  for (let i = 0; i < n; i++) body[i] ^= key[i & 3];
+  return Buffer.concat([head, body]);
+}
 
 export interface RawFrame {
   fin: boolean;

@@ -6,63 +6,33 @@
 // key) is taken as if node had read it: the uploads answered in order, the
 // ping with its pong, and the document holds exactly the bytes sent.
 import { pack, unpack } from 'msgpackr';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RunningServer } from '../../api/server.js';
+import { describe, expect, it } from 'vitest';
 import { directReadTotals } from '../../api/websocket.js';
-import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { tensor } from '../../clients/ts/client.js';
 import type { Tensor } from '../../core/tensor.js';
 import { randomKv, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
-import { openRawWs } from '../helpers/ws-raw.js';
+import { useServer } from '../helpers/server.js';
+import { clientFrame, openRawWs } from '../helpers/ws-raw.js';
 
 const seed = freshSeed();
 console.log(`upload-ahead: seed ${seed}`);
 // 512 bytes of K/V per token: 2048 tokens and up are read directly (1 MiB).
 const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 64, dtype: 'f16' as const, blockSize: 16 };
-const tmp = tempDataDir();
-let server: RunningServer;
-let client: KvrecallClient;
+const { client, port } = useServer();
 
-beforeAll(async () => {
-  server = await startInProcess(tmp.dir);
-  client = new KvrecallClient({ url: server.url });
-});
-afterAll(async () => {
-  await server.close();
-  tmp.cleanup();
-});
-
-/** One client frame (RFC 6455): fin, opcode, masked with `key`. */
-function frame(opcode: number, payload: Buffer, key: number[]): Buffer {
-  const n = payload.byteLength;
-  const head = Buffer.alloc(n < 126 ? 6 : n < 65536 ? 8 : 14);
-  head[0] = 0x80 | opcode;
-  if (n < 126) head[1] = 0x80 | n;
-  else if (n < 65536) {
-    head[1] = 0x80 | 126;
-    head.writeUInt16BE(n, 2);
-  } else {
-    head[1] = 0x80 | 127;
-    head.writeBigUInt64BE(BigInt(n), 2);
-  }
-  Buffer.from(key).copy(head, head.byteLength - 4);
-  const body = Buffer.from(payload);
-  for (let i = 0; i < n; i++) body[i] ^= key[i & 3];
-  return Buffer.concat([head, body]);
-}
-const upload = (id: number, start: number, c: KvChunk, key: number[]) => frame(0x2, Buffer.from(pack({ id, document: 'ahead', layer: 0, start, k: c.k, v: c.v })), key);
+const upload = (id: number, start: number, c: KvChunk, key: number[]) => clientFrame(0x2, Buffer.from(pack({ id, document: 'ahead', layer: 0, start, k: c.k, v: c.v })), key);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 describe('reading on past a large upload', () => {
   it('takes a ping, a small upload and the start of a large one from the bytes read ahead, in order, intact', async () => {
     const rng = new Rng(seed);
-    await client.createDocument('ahead', model, { methods: ['exact'] });
+    await client().createDocument('ahead', model, { methods: ['exact'] });
     const a = randomKv(rng, 'f16', model.kvHeads, 3000, model.headDim);
     const b = randomKv(rng, 'f16', model.kvHeads, 37, model.headDim);
     const c = randomKv(rng, 'f16', model.kvHeads, 2600, model.headDim);
     const fa = upload(1, 0, a, [0x12, 0x34, 0x56, 0x78]);
-    const ping = frame(0x9, Buffer.from('are you there'), [9, 8, 7, 6]);
+    const ping = clientFrame(0x9, Buffer.from('are you there'), [9, 8, 7, 6]);
     const fb = upload(2, 3000, b, [0xaa, 0, 0x55, 1]);
     const fc = upload(3, 3037, c, [0x0f, 0xf0, 0x3c, 0xc3]);
     const raw = await openRawWs(port());
@@ -82,9 +52,9 @@ describe('reading on past a large upload', () => {
     expect(raw.frames.filter((f) => f.opcode === 0xa).map((f) => f.payload.toString())).toEqual(['are you there']);
     for (const f of raw.frames.filter((x) => x.opcode === 0x2)) expect(unpack(f.payload)).not.toHaveProperty('error');
     raw.socket.destroy();
-    await client.sealDocument('ahead');
-    const s = await client.createSession({ model, documents: ['ahead'], method: 'exact' });
-    const r = await client.attend(s.id, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim)), return: ['kv'] });
+    await client().sealDocument('ahead');
+    const s = await client().createSession({ model, documents: ['ahead'], method: 'exact' });
+    const r = await client().attend(s.id, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim)), return: ['kv'] });
     const want = (which: 'k' | 'v', h: number) =>
       Buffer.concat([a, b, c].map((x) => {
         const n = x.k.shape[1], t = x[which].data, bytes = n * model.headDim * 2;
@@ -97,4 +67,3 @@ describe('reading on past a large upload', () => {
   });
 });
 
-const port = () => Number(new URL(server.url).port);

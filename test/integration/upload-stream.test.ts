@@ -8,48 +8,34 @@
 // that closes meanwhile, leaves the document loading and usable.
 import { randomFillSync } from 'node:crypto';
 import { pack, unpack } from 'msgpackr';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RunningServer } from '../../api/server.js';
+import { describe, expect, it } from 'vitest';
 import { directReadTotals } from '../../api/websocket.js';
-import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { tensor } from '../../clients/ts/client.js';
 import { UploadWindow } from '../../clients/ts/preload.js';
 import type { Tensor } from '../../core/tensor.js';
 import { randomKv, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
-import { openRawWs, type RawWsClient } from '../helpers/ws-raw.js';
+import { startInProcess, tempDataDir, useServer } from '../helpers/server.js';
+import { clientFrame, openRawWs, type RawWsClient } from '../helpers/ws-raw.js';
 
 const seed = freshSeed();
 console.log(`upload-stream: seed ${seed}`);
 // 512 bytes of K/V per token: 2048 tokens and up are read directly (1 MiB).
 const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 64, dtype: 'f16' as const, blockSize: 16 };
-const tmp = tempDataDir();
-let server: RunningServer;
-let client: KvrecallClient;
-let port: number;
-
-beforeAll(async () => {
-  server = await startInProcess(tmp.dir, { streamIdleMs: 400 });
-  client = new KvrecallClient({ url: server.url });
-  port = Number(new URL(server.url).port);
-});
-afterAll(async () => {
-  await server.close();
-  tmp.cleanup();
-});
+const { client, port } = useServer({ streamIdleMs: 400 });
 
 const same = (a: Uint8Array, b: Uint8Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 
 /** Per layer and head, K and V of a ready document as its exact session returns them. */
 async function readBack(doc: string): Promise<{ k: Uint8Array[][]; v: Uint8Array[][] }> {
-  const s = await client.createSession({ model, documents: [doc], method: 'exact' });
+  const s = await client().createSession({ model, documents: [doc], method: 'exact' });
   const k: Uint8Array[][] = [], v: Uint8Array[][] = [];
   for (let layer = 0; layer < model.layers; layer++) {
-    const r = await client.attend(s.id, { layer, q: tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim)), return: ['kv'] });
+    const r = await client().attend(s.id, { layer, q: tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim)), return: ['kv'] });
     k.push(r.kv!.k.map((t: Tensor) => t.data));
     v.push(r.kv!.v.map((t: Tensor) => t.data));
   }
-  await client.deleteSession(s.id);
+  await client().deleteSession(s.id);
   return { k, v };
 }
 
@@ -71,23 +57,7 @@ async function expectHolds(doc: string, perLayer: KvChunk[][]): Promise<void> {
 }
 
 /** One upload frame as the client packs it, masked with `key` (RFC 6455), split nowhere. */
-function frame(body: Record<string, unknown>, key: number[]): Buffer {
-  const payload = Buffer.from(pack(body));
-  const n = payload.byteLength;
-  const head = Buffer.alloc(n < 126 ? 6 : n < 65536 ? 8 : 14);
-  head[0] = 0x82;
-  if (n < 126) head[1] = 0x80 | n;
-  else if (n < 65536) {
-    head[1] = 0x80 | 126;
-    head.writeUInt16BE(n, 2);
-  } else {
-    head[1] = 0x80 | 127;
-    head.writeBigUInt64BE(BigInt(n), 2);
-  }
-  Buffer.from(key).copy(head, head.byteLength - 4);
-  for (let i = 0; i < n; i++) payload[i] ^= key[i & 3];
-  return Buffer.concat([head, payload]);
-}
+const frame = (body: Record<string, unknown>, key: number[]): Buffer => clientFrame(0x2, Buffer.from(pack(body)), key);
 
 /** Random finite f16 words (the exponent's top bit clear), made fast: randomKv draws normals one by one. */
 function finiteF16(shape: number[]): Tensor {
@@ -104,9 +74,9 @@ describe('document uploads over the stream', () => {
   it('store exactly the bytes sent, large (read directly) and small, several in flight, as the HTTP route does', async () => {
     const rng = new Rng(seed ^ 0x51);
     const SIZES = [3001, 37, 2500, 1, 2048];
-    await client.createDocument('via-stream', model, { methods: ['exact'] });
-    await client.createDocument('via-http', model, { methods: ['exact'] });
-    const stream = await client.openStream();
+    await client().createDocument('via-stream', model, { methods: ['exact'] });
+    await client().createDocument('via-http', model, { methods: ['exact'] });
+    const stream = await client().openStream();
     const uploads = new UploadWindow(stream, 3);
     const sent: KvChunk[][] = [];
     const before = { ...directReadTotals };
@@ -118,7 +88,7 @@ describe('document uploads over the stream', () => {
         const c = randomKv(rng, 'f16', model.kvHeads, n, model.headDim);
         sent[layer].push(c);
         await uploads.send('via-stream', { layer, start, k: c.k, v: c.v }, (r) => answered.push(r.tokens));
-        await client.uploadDocumentKv('via-http', { layer, start, k: c.k, v: c.v });
+        await client().uploadDocumentKv('via-http', { layer, start, k: c.k, v: c.v });
         start += n;
       }
     }
@@ -131,7 +101,7 @@ describe('document uploads over the stream', () => {
     expect(directReadTotals.messages - before.messages).toBe(3 * model.layers);
     expect(directReadTotals.bytes - before.bytes).toBeGreaterThan(3 * model.layers * (1 << 20));
     for (const doc of ['via-stream', 'via-http']) {
-      expect(await client.sealDocument(doc)).toMatchObject({ status: 'ready', tokens: sums[sums.length - 1] });
+      expect(await client().sealDocument(doc)).toMatchObject({ status: 'ready', tokens: sums[sums.length - 1] });
       await expectHolds(doc, sent);
     }
   });
@@ -139,8 +109,8 @@ describe('document uploads over the stream', () => {
   it('UploadWindow: one buffer refilled for every chunk once send resolves, three unanswered, stores every chunk as it was', async () => {
     // 10 MB uploads: more than the socket takes at once, so a send resolves before its bytes are all in the kernel only if it is wrong.
     const n = 20_000, shape = [model.kvHeads, n, model.headDim];
-    await client.createDocument('reused', model, { methods: ['exact'] });
-    const stream = await client.openStream();
+    await client().createDocument('reused', model, { methods: ['exact'] });
+    const stream = await client().openStream();
     const uploads = new UploadWindow(stream, 3);
     const k = new Uint16Array(model.kvHeads * n * model.headDim), v = new Uint16Array(k.length);
     const sent: KvChunk[][] = [[], []];
@@ -155,28 +125,28 @@ describe('document uploads over the stream', () => {
       }
     await uploads.drain();
     stream.close();
-    await client.sealDocument('reused');
+    await client().sealDocument('reused');
     await expectHolds('reused', sent);
   });
 
   it('reads an upload larger than the pooled buffers (40 MB) directly, into a buffer of its own', async () => {
     const shape = [model.kvHeads, 80_000, model.headDim];
     const chunks: KvChunk[][] = [0, 1].map(() => [{ k: finiteF16(shape), v: finiteF16(shape), kValues: [], vValues: [] }]);
-    await client.createDocument('big', model, { methods: ['exact'] });
-    const stream = await client.openStream();
+    await client().createDocument('big', model, { methods: ['exact'] });
+    const stream = await client().openStream();
     const before = { ...directReadTotals };
     for (let layer = 0; layer < model.layers; layer++) await stream.uploadDocumentKv('big', { layer, start: 0, k: chunks[layer][0].k, v: chunks[layer][0].v });
     stream.close();
     expect(directReadTotals.messages - before.messages).toBe(2);
     expect(directReadTotals.bytes - before.bytes).toBeGreaterThan(2 * 40_000_000);
-    await client.sealDocument('big');
+    await client().sealDocument('big');
     await expectHolds('big', chunks);
   });
 
   it('unmasks a frame masked with a nonzero key, its bytes coming in pieces', async () => {
     const rng = new Rng(seed ^ 0x52);
-    await client.createDocument('masked', model, { methods: ['exact'] });
-    const raw = await openRawWs(port);
+    await client().createDocument('masked', model, { methods: ['exact'] });
+    const raw = await openRawWs(port());
     const before = directReadTotals.messages;
     const sent: KvChunk[][] = [[], []];
     for (let layer = 0; layer < model.layers; layer++) {
@@ -193,7 +163,7 @@ describe('document uploads over the stream', () => {
     expect(answers(raw).map((a) => [a.id, a.tokens, a.error])).toEqual([[1, 2600, undefined], [2, 2600, undefined]]);
     expect(directReadTotals.messages - before).toBe(2);
     raw.socket.destroy();
-    await client.sealDocument('masked');
+    await client().sealDocument('masked');
     await expectHolds('masked', sent);
   });
 
@@ -202,9 +172,9 @@ describe('document uploads over the stream', () => {
     // each growth must keep the bytes of the frame being read, not only the
     // frames before it.
     const rng = new Rng(seed ^ 0x53);
-    await client.createDocument('fragmented', model, { methods: ['exact'] });
-    await client.createDocument('past-direct', model, { methods: ['exact'] });
-    const raw = await openRawWs(port);
+    await client().createDocument('fragmented', model, { methods: ['exact'] });
+    await client().createDocument('past-direct', model, { methods: ['exact'] });
+    const raw = await openRawWs(port());
     const before = directReadTotals.messages;
     const fragmented: KvChunk[][] = [];
     for (let layer = 0; layer < model.layers; layer++) {
@@ -232,16 +202,16 @@ describe('document uploads over the stream', () => {
     expect(answers(raw)[2]).toMatchObject({ id: 3, tokens: n });
     expect(directReadTotals.messages - before).toBe(0);
     raw.socket.destroy();
-    await client.uploadDocumentKv('past-direct', { layer: 1, start: 0, k: big.k, v: big.v });
-    for (const doc of ['fragmented', 'past-direct']) await client.sealDocument(doc);
+    await client().uploadDocumentKv('past-direct', { layer: 1, start: 0, k: big.k, v: big.v });
+    for (const doc of ['fragmented', 'past-direct']) await client().sealDocument(doc);
     await expectHolds('fragmented', fragmented);
     await expectHolds('past-direct', [[big], [big]]);
   }, 60_000);
 
   it('refuses bad uploads with error frames, changes nothing, and the stream goes on', async () => {
     const rng = new Rng(seed ^ 0x53);
-    await client.createDocument('bad', model, { methods: ['exact'] });
-    const stream = await client.openStream();
+    await client().createDocument('bad', model, { methods: ['exact'] });
+    const stream = await client().openStream();
     const good = randomKv(rng, 'f16', model.kvHeads, 2100, model.headDim);
     const nan = randomKv(rng, 'f16', model.kvHeads, 2100, model.headDim);
     new Uint16Array(nan.v.data.buffer, nan.v.data.byteOffset)[2100 * 64 + 77] = 0x7e00; // head 1's first NaN, past the first read
@@ -252,7 +222,7 @@ describe('document uploads over the stream', () => {
       [stream.uploadDocumentKv('bad', { layer: 9, start: 0, k: good.k, v: good.v }), 422, 'invalid'],
     ];
     for (const [p, status, code] of tries) await expect(p).rejects.toMatchObject({ status, code });
-    expect((await client.getDocument('bad')).tokens).toBe(0);
+    expect((await client().getDocument('bad')).tokens).toBe(0);
     // The same stream takes the good uploads.
     const sent: KvChunk[][] = [[good], []];
     await stream.uploadDocumentKv('bad', { layer: 0, start: 0, k: good.k, v: good.v });
@@ -260,33 +230,33 @@ describe('document uploads over the stream', () => {
     sent[1].push(other);
     await stream.uploadDocumentKv('bad', { layer: 1, start: 0, k: other.k, v: other.v });
     stream.close();
-    await client.sealDocument('bad');
+    await client().sealDocument('bad');
     await expectHolds('bad', sent);
   });
 
   it('a peer gone mid-message leaves the document loading with what it held; a stalled one is closed with 1008', async () => {
     const rng = new Rng(seed ^ 0x54);
-    await client.createDocument('cut', model, { methods: ['exact'] });
+    await client().createDocument('cut', model, { methods: ['exact'] });
     const first = randomKv(rng, 'f16', model.kvHeads, 2200, model.headDim);
-    const stream = await client.openStream();
+    const stream = await client().openStream();
     await stream.uploadDocumentKv('cut', { layer: 0, start: 0, k: first.k, v: first.v });
     stream.close();
     const next = randomKv(rng, 'f16', model.kvHeads, 3000, model.headDim);
     const bytes = frame({ id: 1, document: 'cut', layer: 0, start: 2200, k: next.k, v: next.v }, [0, 0, 0, 0]);
 
     // Gone: half the message, then the connection drops.
-    const gone = await openRawWs(port);
+    const gone = await openRawWs(port());
     gone.socket.write(bytes.subarray(0, 200_000));
     await sleep(50);
     gone.socket.write(bytes.subarray(200_000, 800_000));
     await sleep(50);
     gone.socket.destroy();
     await sleep(100);
-    expect(await client.getDocument('cut')).toMatchObject({ status: 'loading', tokens: 0 });
-    expect((await client.health()).ok).toBe(true);
+    expect(await client().getDocument('cut')).toMatchObject({ status: 'loading', tokens: 0 });
+    expect((await client().health()).ok).toBe(true);
 
     // Stalled: part of the message, then nothing for longer than the server's 400 ms.
-    const stalled = await openRawWs(port);
+    const stalled = await openRawWs(port());
     const t0 = Date.now();
     stalled.socket.write(bytes.subarray(0, 300_000));
     await stalled.until(() => stalled.frames.some((f) => f.opcode === 8), 5000);
@@ -296,14 +266,14 @@ describe('document uploads over the stream', () => {
     stalled.socket.destroy();
 
     // The document goes on from where it was.
-    const rest = await openRawWs(port);
+    const rest = await openRawWs(port());
     rest.socket.write(bytes);
     await rest.until(() => answers(rest).length === 1);
     expect(answers(rest)[0]).toMatchObject({ id: 1, tokens: 5200 });
     rest.socket.destroy();
     const layer1 = randomKv(rng, 'f16', model.kvHeads, 5200, model.headDim);
-    await client.uploadDocumentKv('cut', { layer: 1, start: 0, k: layer1.k, v: layer1.v });
-    await client.sealDocument('cut');
+    await client().uploadDocumentKv('cut', { layer: 1, start: 0, k: layer1.k, v: layer1.v });
+    await client().sealDocument('cut');
     await expectHolds('cut', [[first, next], [layer1]]);
   });
 

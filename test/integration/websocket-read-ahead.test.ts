@@ -11,7 +11,7 @@ import { connect, createServer, type Server, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { directReadTotals, WsConnection } from '../../api/websocket.js';
 import { Rng } from '../helpers/random.js';
-import { takeFrames } from '../helpers/ws-raw.js';
+import { clientFrame, takeFrames } from '../helpers/ws-raw.js';
 
 const linux = process.platform === 'linux';
 let server: Server;
@@ -25,24 +25,6 @@ beforeAll(async () => {
 });
 afterAll(() => server.close());
 
-/** One client frame (RFC 6455), masked with `key`. */
-function frame(opcode: number, payload: Buffer, key: number[]): Buffer {
-  const n = payload.byteLength;
-  const head = Buffer.alloc(n < 126 ? 6 : n < 65536 ? 8 : 14);
-  head[0] = 0x80 | opcode;
-  if (n < 126) head[1] = 0x80 | n;
-  else if (n < 65536) {
-    head[1] = 0x80 | 126;
-    head.writeUInt16BE(n, 2);
-  } else {
-    head[1] = 0x80 | 127;
-    head.writeBigUInt64BE(BigInt(n), 2);
-  }
-  Buffer.from(key).copy(head, head.byteLength - 4);
-  const body = Buffer.from(payload);
-  for (let i = 0; i < n; i++) body[i] ^= key[i & 3];
-  return Buffer.concat([head, body]);
-}
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const bytes = (rng: Rng, n: number) => Buffer.from(Array.from({ length: n }, () => rng.int(256)));
 /** A message read directly (1 MiB and up). */
@@ -96,7 +78,7 @@ describe.skipIf(!linux)('a direct read reading on past its message', () => {
     const small = Array.from({ length: 100 }, () => bytes(rng, 1 + rng.int(2400)));
     const b = large(rng);
     const ahead0 = directReadTotals.aheadBytes, direct0 = directReadTotals.messages;
-    await sendBehind(client, frame(2, a, [1, 2, 3, 4]), Buffer.concat([...small.map((m, i) => frame(2, m, [i, 0x5a, 7, 0xff - i])), frame(2, b, [0xf0, 0x0f, 0x33, 0xcc])]));
+    await sendBehind(client, clientFrame(2, a, [1, 2, 3, 4]), Buffer.concat([...small.map((m, i) => clientFrame(2, m, [i, 0x5a, 7, 0xff - i])), clientFrame(2, b, [0xf0, 0x0f, 0x33, 0xcc])]));
     const want = [a, ...small, b];
     await until(() => got.length === want.length);
     expect(directReadTotals.aheadBytes - ahead0).toBeGreaterThan(0);
@@ -111,9 +93,9 @@ describe.skipIf(!linux)('a direct read reading on past its message', () => {
       const rng = new Rng(cut);
       const { got, client } = await open();
       const a = large(rng), b = large(rng);
-      const fb = frame(2, b, [5, 6, 7, 8]);
+      const fb = clientFrame(2, b, [5, 6, 7, 8]);
       const ahead0 = directReadTotals.aheadBytes;
-      await sendBehind(client, frame(2, a, [1, 2, 3, 4]), fb.subarray(0, cut));
+      await sendBehind(client, clientFrame(2, a, [1, 2, 3, 4]), fb.subarray(0, cut));
       await sleep(100);
       client.write(fb.subarray(cut));
       await until(() => got.length === 2);
@@ -129,7 +111,7 @@ describe.skipIf(!linux)('a direct read reading on past its message', () => {
     const a = large(rng);
     const closed = once(client, 'close');
     const ahead0 = directReadTotals.aheadBytes;
-    await sendBehind(client, frame(2, a, [9, 8, 7, 6]), frame(8, Buffer.from([0x0f, 0xa0]), [1, 1, 2, 3]), true);
+    await sendBehind(client, clientFrame(2, a, [9, 8, 7, 6]), clientFrame(8, Buffer.from([0x0f, 0xa0]), [1, 1, 2, 3]), true);
     await closed;
     expect(directReadTotals.aheadBytes - ahead0).toBe(8);
     expect(got.length).toBe(1);
@@ -142,9 +124,9 @@ describe.skipIf(!linux)('a direct read reading on past its message', () => {
     const { got, client, conn, frames } = await open(1, true);
     const a = large(rng), b = large(rng);
     const small = Array.from({ length: 5 }, () => bytes(rng, 1 + rng.int(3000)));
-    const rest = Buffer.concat([frame(9, Buffer.from('ping'), [4, 3, 2, 1]), ...small.map((m, i) => frame(2, m, [i, i, 0x80, 1])), frame(2, b, [2, 7, 1, 8])]);
+    const rest = Buffer.concat([clientFrame(9, Buffer.from('ping'), [4, 3, 2, 1]), ...small.map((m, i) => clientFrame(2, m, [i, i, 0x80, 1])), clientFrame(2, b, [2, 7, 1, 8])]);
     const ahead0 = directReadTotals.aheadBytes;
-    await sendBehind(client, frame(2, a, [3, 1, 4, 1]), rest);
+    await sendBehind(client, clientFrame(2, a, [3, 1, 4, 1]), rest);
     const want = [a, ...small, b];
     for (let n = 1; n <= want.length; n++) {
       await until(() => got.length >= n);

@@ -3,40 +3,12 @@
 // already come after them, as it came (the mask is the message's, not the
 // next one's), and node reads on from the byte after those; with nothing
 // after them it reads nothing more and node gets every later byte.
-import { once } from 'node:events';
-import { createServer, connect, type Socket } from 'node:net';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { readSocketInto } from '../../addon/socket-read.js';
+import { nodeReads, useSocketPairs } from '../helpers/socket-pair.js';
 
 const linux = process.platform === 'linux';
-let cleanup: (() => void)[] = [];
-afterEach(() => {
-  for (const f of cleanup) f();
-  cleanup = [];
-});
-
-async function pair(): Promise<{ server: Socket; client: Socket }> {
-  const srv = createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const { port } = srv.address() as { port: number };
-  const accepted = once(srv, 'connection');
-  const client = connect(port, '127.0.0.1');
-  const [server] = (await accepted) as [Socket];
-  cleanup.push(() => (client.destroy(), server.destroy(), srv.close()));
-  return { server, client };
-}
-
-async function nodeReads(socket: Socket, n: number): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  let got = 0;
-  while (got < n) {
-    const [chunk] = (await once(socket, 'data')) as [Buffer];
-    parts.push(chunk);
-    got += chunk.byteLength;
-  }
-  return Buffer.concat(parts);
-}
+const pair = useSocketPairs();
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

@@ -4,41 +4,12 @@
 // up front (here a progress limit past its bound) fails the returned promise
 // and leaves node reading the socket, nothing taken from it.
 import { once } from 'node:events';
-import { createServer, connect, type Socket } from 'node:net';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { canReadDirect, readSocketInto } from '../../addon/socket-read.js';
+import { nodeReads, useSocketPairs } from '../helpers/socket-pair.js';
 
 const linux = process.platform === 'linux';
-let cleanup: (() => void)[] = [];
-afterEach(() => {
-  for (const f of cleanup) f();
-  cleanup = [];
-});
-
-/** A connected pair: `server` is the accepted side (read here), `client` writes. */
-async function pair(): Promise<{ server: Socket; client: Socket }> {
-  const srv = createServer();
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  const { port } = srv.address() as { port: number };
-  const accepted = once(srv, 'connection');
-  const client = connect(port, '127.0.0.1');
-  const [server] = (await accepted) as [Socket];
-  cleanup.push(() => (client.destroy(), server.destroy(), srv.close()));
-  return { server, client };
-}
-
-/** Node's next 'data' chunks until `n` bytes have come. */
-async function nodeReads(socket: Socket, n: number): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  let got = 0;
-  while (got < n) {
-    const [chunk] = (await once(socket, 'data')) as [Buffer];
-    parts.push(chunk);
-    got += chunk.byteLength;
-  }
-  return Buffer.concat(parts);
-}
+const pair = useSocketPairs();
 
 describe.skipIf(!linux)('readSocketInto', () => {
   it('reads exactly its bytes, unmasked from the phase given; node reads on from the next byte', async () => {

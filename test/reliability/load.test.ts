@@ -5,13 +5,12 @@
 // that session's own tokens at that step. Queries come from a pool so the
 // reference can cache each query's document part and merge the rest exactly.
 // KVRECALL_LOAD_SECONDS overrides the 15 s.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { describe, expect, it } from 'vitest';
+import { tensor } from '../../clients/ts/client.js';
 import { asStep, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { useServer } from '../helpers/server.js';
 
 const SESSIONS = 32;
 const POOL = 128; // queries per layer that steps draw from
@@ -22,18 +21,7 @@ const { layers, qHeads, kvHeads, headDim: d } = model;
 
 const seed = freshSeed();
 console.log(`load: seed ${seed}`);
-const tmp = tempDataDir();
-let server: RunningServer;
-let client: KvrecallClient;
-
-beforeAll(async () => {
-  server = await startInProcess(tmp.dir);
-  client = new KvrecallClient({ url: server.url });
-});
-afterAll(async () => {
-  await server.close();
-  tmp.cleanup();
-});
+const { client } = useServer();
 
 /** Decoded K or V rows of one kv head, growable. */
 class Rows {
@@ -128,26 +116,26 @@ describe('load', () => {
     const rng = new Rng(seed);
     // The shared document, in uneven chunks.
     const docRows = Array.from({ length: layers }, () => ({ k: [new Rows(), new Rows()], v: [new Rows(), new Rows()] }));
-    await client.createDocument('shared', model);
+    await client().createDocument('shared', model);
     for (let layer = 0; layer < layers; layer++)
       for (let start = 0; start < DOC_TOKENS; ) {
         const n = Math.min(DOC_TOKENS - start, 100 + rng.int(400));
         const c = randomKv(rng, 'f16', kvHeads, n, d);
-        await client.uploadDocumentKv('shared', { layer, start, k: c.k, v: c.v });
+        await client().uploadDocumentKv('shared', { layer, start, k: c.k, v: c.v });
         addRows(docRows[layer], c);
         start += n;
       }
-    expect(await client.sealDocument('shared')).toMatchObject({ status: 'ready', tokens: DOC_TOKENS });
+    expect(await client().sealDocument('shared')).toMatchObject({ status: 'ready', tokens: DOC_TOKENS });
 
     // Sessions, each with its own prefix (a question) of a different length.
     const sessions: Sess[] = [];
     for (let i = 0; i < SESSIONS; i++) {
-      const { id } = await client.createSession({ model, documents: ['shared'], method: 'exact' });
+      const { id } = await client().createSession({ model, documents: ['shared'], method: 'exact' });
       const s: Sess = { id, own: Array.from({ length: layers }, () => ({ k: [new Rows(), new Rows()], v: [new Rows(), new Rows()] })) };
       const n = 1 + rng.int(40);
       for (let layer = 0; layer < layers; layer++) {
         const c = randomKv(rng, 'f16', kvHeads, n, d);
-        await client.uploadSessionKv(id, { layer, start: 0, k: c.k, v: c.v });
+        await client().uploadSessionKv(id, { layer, start: 0, k: c.k, v: c.v });
         addRows(s.own[layer], c);
       }
       sessions.push(s);
@@ -169,7 +157,7 @@ describe('load', () => {
             const q = pool[layer][qi];
             const sent = performance.now();
             try {
-              const got = await client.attend(s.id, { layer, q: tensor('f32', [qHeads, d], q), ...asStep(cur) });
+              const got = await client().attend(s.id, { layer, q: tensor('f32', [qHeads, d], q), ...asStep(cur) });
               latencies.push(performance.now() - sent);
               addRows(s.own[layer], cur);
               records.push({ sess: si, layer, ownCount: s.own[layer].k[0].n, qi, out: got.out, lse: got.lse, tokens: got.stats.tokens });
@@ -194,7 +182,7 @@ describe('load', () => {
 
     // Each session saw its own tokens only: the server agrees on the counts.
     for (const s of sessions) {
-      const info = (await client.getSession(s.id)) as { ownTokens: number[] };
+      const info = (await client().getSession(s.id)) as { ownTokens: number[] };
       expect(info.ownTokens).toEqual(s.own.map((o) => o.k[0].n));
     }
 
