@@ -59,7 +59,9 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   const t1 = performance.now();
   // The layer's own parameters: a session's per-layer policy may give each layer its budget.
   const layerParams = session.paramsFor(req.layer);
-  const params = { ...layerParams, budget: budgetTokens(layerParams.budget, ctx.tokens), estimate: session.clustersFor(req.layer) !== undefined };
+  // The clusters this layer estimates from (undefined: it does not), looked up once for the step.
+  const clusters = session.clustersFor(req.layer);
+  const params = { ...layerParams, budget: budgetTokens(layerParams.budget, ctx.tokens), estimate: clusters !== undefined };
   const out = new Float32Array(m.qHeads * m.headDim);
   const lse = new Float32Array(m.qHeads);
 
@@ -85,7 +87,6 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
 
     // What the method left out of the documents, estimated from their clusters (when this layer estimates).
     scanned = selection.scanned;
-    const clusters = session.clustersFor(req.layer);
     if (clusters && ctx.segments.length > 1) {
       const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
       mergeInto(out, lse, est.out, est.lse, m.headDim);
