@@ -95,6 +95,12 @@ export interface WaveGpuStepArgs {
   ids?: boolean;
   /** Default true. False: no per-stage event times (`stages` is empty), `ms` only. */
   stages?: boolean;
+  /**
+   * Default true: with `stages: false`, the step's ~40 launches are replayed
+   * from a CUDA graph captured once per shape (one launch from the host).
+   * False: launched one by one (a bench's comparison).
+   */
+  graph?: boolean;
 }
 
 export interface WaveGpuStepResult {
@@ -120,6 +126,8 @@ export interface WaveGpuStepResult {
    * loop), convert.
    */
   host: Record<string, number>;
+  /** Graphs the store has captured so far: one per shape while the shape holds. */
+  graphCaptures: number;
 }
 
 export interface WaveGpuBytes {
@@ -152,7 +160,11 @@ interface NativeStore {
     rest?: 'rows' | 'moments';
     ids?: boolean;
     stages?: boolean;
-  }): Promise<{ width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[]; ms: number; stages: Record<string, number>; host: Record<string, number> }>;
+    graph?: boolean;
+  }): Promise<{
+    width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
+    ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number;
+  }>;
   bytes(): WaveGpuBytes;
   close(): void;
 }
@@ -211,6 +223,7 @@ export class WaveGpuStore {
       rest: a.rest,
       ids: a.ids,
       stages: a.stages,
+      graph: a.graph,
     });
     const ids = r.ids;
     return {
@@ -223,6 +236,7 @@ export class WaveGpuStore {
       ms: r.ms,
       stages: r.stages,
       host: r.host,
+      graphCaptures: r.graphCaptures,
     };
   }
 

@@ -45,6 +45,9 @@ for s in $stages; do
     wave-probes)  # the check, then clusters of 16 with the engine's call at probes 4 and 2 too (results tagged probes)
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 180 wave-bench-probes node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag probes ;;
+    wave-graph)  # the check (the lean call replayed from its graph on fresh queries), then the bench: graph against one by one
+      step 120 wave-check node dist/bench/wave-gpu.js --check
+      step 180 wave-bench-graph node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag graph ;;
     blocks) step 90 blocks node dist/bench/block-select-gpu.js --steps 200 ;;
     dense)
       step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"

@@ -253,8 +253,19 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
       const gpu = await store.step(args);
       const r = await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest, attend ? kv : undefined, attend ? filter : undefined);
       if (!attend) return { ...r, ms: gpu.ms };
+      // The engine's call, replayed from a CUDA graph: the same answer for
+      // this query and for fresh ones (the graph must take each step's
+      // inputs, not the captured step's), one capture while the shape holds.
       const lean = leanSame(gpu, await store.step({ ...args, ids: false, stages: false }));
-      return { ...r, ok: r.ok && lean, leanSame: lean, ms: gpu.ms };
+      const captures = (await store.step({ ...args, ids: false, stages: false })).graphCaptures;
+      let fresh = true;
+      for (let i = 0; i < 3; i++) {
+        const qi = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G);
+        const full = await store.step({ ...args, q: qi });
+        const replayed = await store.step({ ...args, q: qi, ids: false, stages: false });
+        fresh &&= leanSame(full, replayed) && replayed.graphCaptures === captures;
+      }
+      return { ...r, ok: r.ok && lean && fresh, leanSame: lean && fresh, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the
     // one before left its per-cluster scratch (owner, removed) reset.
@@ -375,9 +386,9 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   // stage times.
   const skip: [number, number][] = [[0, Math.min(cfg.sinks, N)], [Math.max(0, N - cfg.window), N]];
   const leanArgs = { budget: budgets.map((k) => k + exact.length), keep: budgets, skip, ids: false, stages: false };
-  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false, lean = false, probe = PROBE) =>
+  const step = (q: Float32Array, estimate = true, ranking: ClusterRanking = 'spread', attend = false, lean = false, probe = PROBE, graph = true) =>
     store.step({ q, qHeads: H * G, scale, budget: budgets, probe, ranking: gpuRanking(ranking), exact, estimate, attend,
-      ...(lean && leanArgs) });
+      ...(lean && leanArgs), graph });
   for (let i = 0; i < 5; i++) await step(qs[i]);
   const ms: number[] = [], wall: number[] = [], stages: Record<string, number[]> = {}, host: Record<string, number[]> = {};
   for (let i = 0; i < cfg.steps; i++) {
@@ -398,14 +409,17 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
     for (const [k, v] of Object.entries(r.stages)) (attendStages[k] ??= []).push(v);
   }
   // The engine's call: with attention, ids and stage times off; its host wall time against the device's.
+  // Replayed from its CUDA graph (the default) and launched one by one, alternated step by step.
   const leanWall: number[] = [], leanMs: number[] = [], leanHost: Record<string, number[]> = {};
-  for (let i = 0; i < cfg.steps; i++) {
-    const w0 = performance.now();
-    const r = await step(qs[5 + i], true, 'spread', true, true, PROBE_ESTIMATED);
-    leanWall.push(performance.now() - w0);
-    leanMs.push(r.ms);
-    for (const [k, v] of Object.entries(r.host)) (leanHost[k] ??= []).push(v);
-  }
+  const ungraphedWall: number[] = [], ungraphedMs: number[] = [], ungraphedHost: Record<string, number[]> = {};
+  for (let i = 0; i < cfg.steps; i++)
+    for (const graph of i % 2 ? [false, true] : [true, false]) {
+      const w0 = performance.now();
+      const r = await step(qs[5 + i], true, 'spread', true, true, PROBE_ESTIMATED, graph);
+      (graph ? leanWall : ungraphedWall).push(performance.now() - w0);
+      (graph ? leanMs : ungraphedMs).push(r.ms);
+      for (const [k, v] of Object.entries(r.host)) ((graph ? leanHost : ungraphedHost)[k] ??= []).push(v);
+    }
   // The engine's call at other probes (fewer candidates rescored: bench/results/fidelity-131072-cs16-probes.md).
   const byProbe: { probe: number; deviceMs: { p50: number; p90: number }; hostWallMs: { p50: number } }[] = [];
   for (const probe of cfg.probes) {
@@ -443,6 +457,11 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
       deviceMs: { p50: p(leanMs, 0.5), p90: p(leanMs, 0.9) },
       hostWallMs: { p50: p(leanWall, 0.5), p90: p(leanWall, 0.9) },
       hostStagesP50Ms: Object.fromEntries(Object.entries(leanHost).map(([k, v]) => [k, p(v, 0.5)])),
+      ungraphed: {
+        deviceMs: { p50: p(ungraphedMs, 0.5), p90: p(ungraphedMs, 0.9) },
+        hostWallMs: { p50: p(ungraphedWall, 0.5), p90: p(ungraphedWall, 0.9) },
+        hostStagesP50Ms: Object.fromEntries(Object.entries(ungraphedHost).map(([k, v]) => [k, p(v, 0.5)])),
+      },
     },
     byProbe,
     stagesP50Ms: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, p(v, 0.5)])),
@@ -478,11 +497,14 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `| host wall time around the await (N-API, worker thread) | ${f(r.hostWallMs.p50)} | ${f(r.hostWallMs.p90)} |`,
     `| the engine's call (attend, ids left on the device, no stage times, probe ${PROBE_ESTIMATED} as where a layer estimates): on the device | ${f(r.engineCall.deviceMs.p50)} | ${f(r.engineCall.deviceMs.p90)} |`,
     `| the engine's call: host wall time around the await | ${f(r.engineCall.hostWallMs.p50)} | ${f(r.engineCall.hostWallMs.p90)} |`,
+    `| the engine's call launched one by one (graph: false, alternated with the above): on the device | ${f(r.engineCall.ungraphed.deviceMs.p50)} | ${f(r.engineCall.ungraphed.deviceMs.p90)} |`,
+    `| the same: host wall time around the await | ${f(r.engineCall.ungraphed.hostWallMs.p50)} | ${f(r.engineCall.ungraphed.hostWallMs.p90)} |`,
     '',
     'Host stages (p50 ms) of the selection-and-estimate step: ' + Object.entries(r.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
       ' (queue: the call to the work\'s start on a worker thread; prep: the inputs laid out; launch: every launch issued; wait: the stream; ' +
       'copy: the outputs read back; back: the work\'s end to the answer\'s conversion on the event loop). The engine\'s call: ' +
-      Object.entries(r.engineCall.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
+      Object.entries(r.engineCall.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '; launched one by one: ' +
+      Object.entries(r.engineCall.ungraphed.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
     '',
     ...(r.byProbe.length ? [
       `The engine's call by probe (candidates rescored = probe × budget; ${c.probe} without the estimate, ${PROBE_ESTIMATED} with it, by default; a session sets it through ef): ` +

@@ -9,11 +9,12 @@
 //          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
 //          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, keep?: number[kvHeads], skip?: number[] (flat [lo, hi) pairs, at most two),
 //          estimate?, attend?, ids? (default true; false: the kept ids stay on the device, only their counts
-//          come back), stages? (default true; false: no per-stage event times),
+//          come back), stages? (default true; false: no per-stage event times), graph? (default true; with
+//          stages: false the launches are replayed from a captured CUDA graph; false: launched one by one),
 //          rest?: 'rows' | 'moments' (with 'spread': partly attended clusters' remaining rows by their
 //          own logits, the default, or by their moments)})
 //     -> Promise<{width, ids?: Int32Array[kvHeads*width] (absent with ids: false), idCounts: number[], candidates: number[],
-//                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms},
+//                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}, graphCaptures,
 //                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream)}>
 //   .bytes() -> {summaries, moments, kv, scratch}
 //   .close()
@@ -169,6 +170,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     a->attend = Flag(o, "attend", false);
     a->ids = Flag(o, "ids", true);
     a->stageTimes = Flag(o, "stages", true);
+    a->graph = Flag(o, "graph", true);
     if (!Absent(o.Get("rest"))) {
       const Napi::Value r = o.Get("rest");
       const std::string rest = r.IsString() ? r.As<Napi::String>().Utf8Value() : "";
@@ -215,6 +217,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
           out.Set("estimated", est);
           out.Set("ms", Napi::Number::New(e, double(r.ms)));
+          out.Set("graphCaptures", Napi::Number::New(e, double(r.graphCaptures)));
           Napi::Object stages = Napi::Object::New(e);
           for (const auto& st : r.stages) stages.Set(st.first, Napi::Number::New(e, double(st.second)));
           out.Set("stages", stages);

@@ -53,6 +53,7 @@
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_step_attend.cuh"
 #include "cuda/wave_select.cuh"
+#include "cuda/step_graph.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -118,6 +119,7 @@ struct WaveStore::Impl {
   uint32_t* hist = nullptr;
   CutState* cuts = nullptr;
   uint32_t* range = nullptr;  // [2, kvHeads, 2]: each cut's order range per head
+  StepGraph graph;  // the lean step's launches (WaveStepArgs::graph)
   std::mutex mu;
   ~Impl() {
     for (auto& e : ev)
@@ -313,7 +315,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   // tiles (with a.estimate), then the exact rows attended (with a.attend).
   const int nMain = a.estimate ? int(Cdiv(I.cmax, kTile)) : 0, nSub = a.estimate ? int(Cdiv(rowsMax, kTile)) : 0,
             nAtt = a.attend ? int(Cdiv(rowsMax, kTile)) : 0, parts = nMain + nSub + nAtt;
-  StepParams p = I.p;
+  // Copied bytewise, padding included: the graph's key compares p's bytes.
+  StepParams p;
+  std::memcpy(&p, &I.p, sizeof p);
   p.group = G;
   p.scale = a.scale;
   p.spreadMode = a.ranking == WaveRanking::kSpread;
@@ -325,9 +329,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.nMain = nMain;
   p.parts = parts;
   p.attendPart0 = nMain + nSub;
+  int64_t skipRanges[4];
   for (size_t i = 0; i < 2; ++i) {
-    p.skip[2 * i] = i < a.skip.size() ? a.skip[i].first : 0;
-    p.skip[2 * i + 1] = i < a.skip.size() ? a.skip[i].second : 0;
+    skipRanges[2 * i] = i < a.skip.size() ? a.skip[i].first : 0;
+    skipRanges[2 * i + 1] = i < a.skip.size() ? a.skip[i].second : 0;
   }
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
@@ -366,7 +371,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   void* temp = Layout::At<void>(X, oTemp);
   // Inputs: the query rows with their norm term in column d, the per-head numbers, the exact rows.
   Layout In;
-  const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * kParams * 8), oExact = In.Add(size_t(E) * 4);
+  const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * kParams * 8), oSkip = In.Add(4 * 8),
+               oExact = In.Add(size_t(E) * 4);
   I.in.Need(In.at, "cudaMalloc (wave inputs)");
   I.hin.Need(In.at, "cudaHostAlloc (wave inputs)");
   float* qAug = Layout::At<float>(I.hin.p, oQ);
@@ -377,9 +383,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     std::fill(row + d + 1, row + stride, 0.f);
   }
   std::memcpy(Layout::At<int64_t>(I.hin.p, oParams), params.data(), params.size() * 8);
+  std::memcpy(Layout::At<int64_t>(I.hin.p, oSkip), skipRanges, sizeof skipRanges);
   if (E > 0) std::memcpy(Layout::At<int32_t>(I.hin.p, oExact), a.exact, size_t(E) * 4);
   p.qAug = Layout::At<float>(I.in.p, oQ);
   p.params = Layout::At<int64_t>(I.in.p, oParams);
+  p.skip = Layout::At<int64_t>(I.in.p, oSkip);
   p.exact = Layout::At<int32_t>(I.in.p, oExact);
   Layout Out;
   // The ids last: without args.ids the copy back stops before them.
@@ -394,110 +402,136 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.est = Layout::At<int64_t>(I.out.p, oEst);
 
   Check(cudaSetDevice(0), "cudaSetDevice");
-  cudaStream_t s = I.stream;
   const bool bf16 = I.cfg.dtype == Dtype::kBf16;
   const size_t qSmem = size_t(G) * stride * 4;
   const int ctot = int(I.ctot);
-  const Clock::time_point h1 = Clock::now();
-  Check(cudaEventRecord(I.ev[0], s), "event");
-  Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
-  Check(cudaEventRecord(I.ev[1], s), "event");
-  const dim3 scoreGrid(unsigned(Cdiv(I.cmax, kRowsPerCta)), unsigned(H));
-  const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
-  const size_t stagedSmem = 2 * qSmem + ScoreTileBytes(d, stride);
-  if (p.spreadMode && stagedSmem <= kStagedSmem) {
-    if (bf16) ScoreClusters<true, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
-    else ScoreClusters<false, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
-  } else {
-    if (bf16) ScoreClusters<true, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
-    else ScoreClusters<false, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
-  }
-  Check(cudaEventRecord(I.ev[2], s), "event");
-  // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
-  Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
-  const ClusterCut cc{p.ord1, p.base, p.counts, p.params};
-  CutState* const cuts1 = I.cuts;
-  CutState* const cuts2 = I.cuts + H;
-  uint32_t* const range1 = I.range;
-  uint32_t* const range2 = I.range + 2 * H;
-  const unsigned spread1 = unsigned(std::clamp<int64_t>(Cdiv(I.cmax, 4096), 1, 32));
-  Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 16, s), "memset");
-  Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
-  OrderRange<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1);
-  Histogram<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, I.hist);
-  FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
-  Check(cudaEventRecord(I.ev[3], s), "event");
-  CollectBin<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
-  ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
-  TakeWeights<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
-  Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
-  if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
-  Check(cudaEventRecord(I.ev[4], s), "event");
-  if (tmax > 0) {
-    const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
-    if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
-    else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
-  }
-  Check(cudaEventRecord(I.ev[5], s), "event");
-  // The candidates kept: the best `keep` outside the skip ranges.
-  Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
-  if (tmax > 0) {
-    const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
-    const unsigned spread2 = unsigned(std::clamp<int64_t>(Cdiv(tmax, 4096), 1, 32));
-    Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
-    OrderRange<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2);
-    Histogram<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, I.hist);
-    FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, I.hist, cuts2);
-    Check(cudaEventRecord(I.ev[6], s), "event");
-    CollectBin<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
-    ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
-    TakeWeights<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
-    Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
-    ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
-  } else {
-    Check(cudaEventRecord(I.ev[6], s), "event");
-  }
-  PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
-  Check(cudaEventRecord(I.ev[7], s), "event");
   const bool merge = a.estimate || a.attend;
-  const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
-  if (merge && rowsMax > 0) {
-    Check(cudaMemsetAsync(p.touchedN, 0, size_t(H) * 4, s), "memset");
-    ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
-    if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
-  }
-  Check(cudaEventRecord(I.ev[8], s), "event");
-  if (a.estimate && rowsMax > 0 && p.spreadMode) {
-    // Enough warps to hide their loads' latency, each striding over the touched list.
-    const dim3 grid(unsigned(std::min<int64_t>(Cdiv(rowsMax, kPartialWarps), 512)), unsigned(H));
-    const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
-    if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
-    else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
-  }
-  Check(cudaEventRecord(I.ev[9], s), "event");
-  if (a.estimate) {
-    if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-    else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-    if (nSub > 0) {
-      if (bf16) EstimatePart<true, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      else EstimatePart<false, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+  const Clock::time_point h1 = Clock::now();
+  // A stage's end, with stage times only (a graph replays none).
+  const auto mark = [&](int i, cudaStream_t s) {
+    if (a.stageTimes) Check(cudaEventRecord(I.ev[i], s), "event");
+  };
+  const auto enqueue = [&](cudaStream_t s) {
+    Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
+    mark(1, s);
+    const dim3 scoreGrid(unsigned(Cdiv(I.cmax, kRowsPerCta)), unsigned(H));
+    const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
+    const size_t stagedSmem = 2 * qSmem + ScoreTileBytes(d, stride);
+    if (p.spreadMode && stagedSmem <= kStagedSmem) {
+      if (bf16) ScoreClusters<true, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
+      else ScoreClusters<false, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
+    } else {
+      if (bf16) ScoreClusters<true, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
+      else ScoreClusters<false, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
     }
+    mark(2, s);
+    // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
+    Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
+    const ClusterCut cc{p.ord1, p.base, p.counts, p.params};
+    CutState* const cuts1 = I.cuts;
+    CutState* const cuts2 = I.cuts + H;
+    uint32_t* const range1 = I.range;
+    uint32_t* const range2 = I.range + 2 * H;
+    const unsigned spread1 = unsigned(std::clamp<int64_t>(Cdiv(I.cmax, 4096), 1, 32));
+    Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 16, s), "memset");
+    Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
+    OrderRange<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1);
+    Histogram<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, I.hist);
+    FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
+    mark(3, s);
+    CollectBin<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
+    ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
+    TakeWeights<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
+    Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
+    if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
+    mark(4, s);
+    if (tmax > 0) {
+      const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
+      if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
+      else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
+    }
+    mark(5, s);
+    // The candidates kept: the best `keep` outside the skip ranges.
+    Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
+    if (tmax > 0) {
+      const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
+      const unsigned spread2 = unsigned(std::clamp<int64_t>(Cdiv(tmax, 4096), 1, 32));
+      Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
+      OrderRange<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2);
+      Histogram<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, I.hist);
+      FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, I.hist, cuts2);
+      mark(6, s);
+      CollectBin<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
+      ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
+      TakeWeights<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
+      Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
+      ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
+    } else {
+      mark(6, s);
+    }
+    PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
+    mark(7, s);
+    const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
+    if (merge && rowsMax > 0) {
+      Check(cudaMemsetAsync(p.touchedN, 0, size_t(H) * 4, s), "memset");
+      ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
+      if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
+    }
+    mark(8, s);
+    if (a.estimate && rowsMax > 0 && p.spreadMode) {
+      // Enough warps to hide their loads' latency, each striding over the touched list.
+      const dim3 grid(unsigned(std::min<int64_t>(Cdiv(rowsMax, kPartialWarps), 512)), unsigned(H));
+      const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
+      if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
+      else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
+    }
+    mark(9, s);
+    if (a.estimate) {
+      if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      if (nSub > 0) {
+        if (bf16) EstimatePart<true, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+        else EstimatePart<false, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      }
+    }
+    if (a.attend && nAtt > 0) {
+      if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+    }
+    mark(10, s);
+    if (merge) {
+      MergeEstimate<<<dim3(unsigned(Q), unsigned(Cdiv(d, 32))), 256, size_t(std::max(parts, 1)) * 8, s>>>(p);
+      if (rowsMax > 0) ExactRows<2><<<rowsGrid, kThreads, 0, s>>>(p);
+    }
+    Check(cudaGetLastError(), "wave step launch");
+    mark(11, s);
+    Check(cudaMemcpyAsync(I.hout.p, I.out.p, a.ids ? Out.at : oIds, cudaMemcpyDeviceToHost, s), "copy out");
+  };
+  Check(cudaEventRecord(I.ev[0], I.stream), "event");
+  if (a.graph && !a.stageTimes) {
+    // Everything the launches bake in beyond p (whose pointers cover the
+    // work buffer): the copies' buffers and sizes, CUB's scratch, the
+    // launches chosen.
+    struct Key {
+      StepParams p;
+      const void *in, *hin, *out, *hout, *temp;
+      size_t inBytes, outBytes, t1, t2;
+      int nSub, nAtt;
+      bool estimate, attend, ids;
+    } k;
+    std::memset(&k, 0, sizeof k);
+    std::memcpy(&k.p, &p, sizeof p);
+    k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
+    k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
+    k.nSub = nSub, k.nAtt = nAtt;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids;
+    I.graph.Run(I.stream, &k, sizeof k, enqueue);
+  } else {
+    enqueue(I.stream);
   }
-  if (a.attend && nAtt > 0) {
-    if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-    else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-  }
-  Check(cudaEventRecord(I.ev[10], s), "event");
-  if (merge) {
-    MergeEstimate<<<dim3(unsigned(Q), unsigned(Cdiv(d, 32))), 256, size_t(std::max(parts, 1)) * 8, s>>>(p);
-    if (rowsMax > 0) ExactRows<2><<<rowsGrid, kThreads, 0, s>>>(p);
-  }
-  Check(cudaGetLastError(), "wave step launch");
-  Check(cudaEventRecord(I.ev[11], s), "event");
-  Check(cudaMemcpyAsync(I.hout.p, I.out.p, a.ids ? Out.at : oIds, cudaMemcpyDeviceToHost, s), "copy out");
-  Check(cudaEventRecord(I.ev[12], s), "event");
+  Check(cudaEventRecord(I.ev[12], I.stream), "event");
   const Clock::time_point h2 = Clock::now();
-  Check(cudaStreamSynchronize(s), "wave step");
+  Check(cudaStreamSynchronize(I.stream), "wave step");
   const Clock::time_point h3 = Clock::now();
 
   WaveStepResult r;
@@ -534,6 +568,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     r.stages.emplace_back(kStages[i], ms);
   }
   const auto msBetween = [](Clock::time_point x, Clock::time_point y) { return std::chrono::duration<float, std::milli>(y - x).count(); };
+  r.graphCaptures = I.graph.Captures();
   r.host = {{"prep", msBetween(h0, h1)}, {"launch", msBetween(h1, h2)}, {"wait", msBetween(h2, h3)}, {"copy", msBetween(h3, Clock::now())}};
   return r;
 }

@@ -103,6 +103,10 @@ struct WaveStepArgs {
   // Per-stage CUDA event times in `stages` (false: `ms` only): a bench's
   // question, a dozen driver calls per step that the engine does not need.
   bool stageTimes = true;
+  // Without stage times, the step's launches replayed from a CUDA graph
+  // captured once per shape (native/cuda/step_graph.cuh): one launch instead
+  // of ~40 (false: launched one by one, a bench's comparison).
+  bool graph = true;
 };
 
 struct WaveStepResult {
@@ -119,6 +123,7 @@ struct WaveStepResult {
   // out, up to the first launch), launch (every launch issued), wait (the
   // stream synchronised), copy (the outputs read back into this result).
   std::vector<std::pair<std::string, float>> host;
+  int64_t graphCaptures = 0;  // graphs this store has captured so far (a steady shape: one)
 };
 
 struct WaveStoreBytes {

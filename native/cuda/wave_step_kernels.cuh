@@ -156,7 +156,7 @@ struct StepParams {
   // step inputs (device)
   const float* qAug;       // [qHeads, stride]
   const int64_t* params;   // [kvHeads, kParams]: budget, target, cluster cap, keep
-  int64_t skip[4];         // two [lo, hi) ranges of rows dropped from the kept ids (empty: lo == hi)
+  const int64_t* skip;     // [4], device (an input: it moves with the window, the launches stay): two [lo, hi) ranges of rows dropped from the kept ids (empty: lo == hi)
   const int32_t* exact;
   int64_t exactCount, tmax, width;
   // scratch
