@@ -31,7 +31,7 @@
 import { chooseBlocks } from '../addon/block-choose.js';
 import { BlockSummary, buildBlockSummary, loadBlockSummary } from './block-summary.js';
 import type { HeadIndexBuilder, LayerContext, RetrievalMethod, SearchParams, Selection } from './method.js';
-import { blockSelection } from './static-plus-retrieved.js';
+import { blockSelection, without } from './static-plus-retrieved.js';
 
 interface Policy {
   /** Share of the block budget given to the query-agnostic top-importance blocks. */
@@ -61,9 +61,10 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
     builder: blockSummaryBuilder,
     select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
       const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
-      return blockSelection<BlockSummary>(ctx, p, async (s, heads, budget) => {
+      return blockSelection<BlockSummary>(ctx, p, async (s, heads, budget, exclude) => {
         const maxNew = maxNewCount(budget, policy);
-        const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew);
+        // The blocks the sinks and window touch are never chosen: `exclude.length` more candidates make up for them.
+        const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew) + exclude.length;
         const states = heads.map((_, h) => {
           const key = `${name}:${s}:${h}`;
           const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Int32Array(0) };
@@ -72,15 +73,16 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
         });
         // The candidates (top `reach` and last step's blocks) and their scores:
         // on the device for GPU sessions, else on the host.
-        const prev = states.map((st) => st.selected);
+        const prev = states.map((st) => without(st.selected, exclude));
         const scored = await BlockSummary.topHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach, prev, ctx.blockScorer);
         // The choice for every head in one native call (native/kernels/block_choose.cc): the agnostic blocks,
         // then the candidates in score order (`top`, then the previous blocks outside it by their scores), the
         // previous step's kept and at most maxNew others; the query-agnostic blocks a pool class above the rest.
         const agnostic = agnosticCount(budget, policy);
         const { ids, priority } = chooseBlocks(heads.map((summary, h) => ({
-          top: scored[h].order, prev: prev[h], prevScores: scored[h].extraScores,
-          agnostic: summary.byImportance.subarray(0, agnostic), importanceRank: summary.importanceRank, flags: summary.flags,
+          top: without(scored[h].order, exclude), prev: prev[h], prevScores: scored[h].extraScores,
+          agnostic: without(summary.byImportance.subarray(0, agnostic + exclude.length), exclude).subarray(0, agnostic),
+          importanceRank: summary.importanceRank, flags: summary.flags,
         })), { blocks: heads[0].blocks, budget, maxNew, agnosticClass: agnostic, protectAgnostic: policy.protectAgnostic });
         ids.forEach((chosen, h) => (states[h].selected = chosen));
         const scanned = heads.reduce((n, summary) => n + (summary.blocks * summary.reps) / ctx.kvHeads, 0);

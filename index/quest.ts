@@ -5,8 +5,10 @@
 // block, so a block holding one key the query seeks (a planted fact, a pass
 // key among code) ranks by that key, where a block mean would average it
 // away. A GQA group's blocks rank by the largest bound over its q heads;
-// the step attends the top blocks within the budget, plus sinks and window
-// widened to whole blocks.
+// the step attends the top blocks within the budget, spent as every block
+// method spends it (static-plus-retrieved.ts blockSelection: whole blocks
+// clear of the sinks and window, half of them traded for the rows just
+// before the window in the last document).
 //
 // The bound is one dot product: a block's row is [max, min] (2·headDim
 // storage-dtype words, the keys' own values, so no rounding), a query's row
@@ -17,7 +19,7 @@
 import { convert, topkHeads, widenWords, type KvDtype } from '../addon/kernels.js';
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
 import type { BlockMeans, BlockScorer, BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection } from './method.js';
-import { blockSelection } from './static-plus-retrieved.js';
+import { blockSelection, without } from './static-plus-retrieved.js';
 
 /** Tokens per block: the GPU pool's block, so selected blocks are pool blocks. */
 export const QUEST_BLOCK = DEFAULT_BLOCK_SIZE;
@@ -154,9 +156,9 @@ export const quest: RetrievalMethod = {
   builder: questBuilder,
   select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
     const G = ctx.qHeads / ctx.kvHeads;
-    return blockSelection<QuestSummary>(ctx, p, async (_s, heads, budget) => {
-      const top = await QuestSummary.topHeads(heads, q.subarray(0, ctx.qHeads * ctx.headDim), G, budget, ctx.blockScorer);
-      return { ids: top.map((blocks) => blocks.sort()), scanned: heads[0].blocks };
+    return blockSelection<QuestSummary>(ctx, p, async (_s, heads, budget, exclude) => {
+      const top = await QuestSummary.topHeads(heads, q.subarray(0, ctx.qHeads * ctx.headDim), G, budget + exclude.length, ctx.blockScorer);
+      return { ids: top.map((blocks) => without(blocks, exclude).subarray(0, budget).sort()), scanned: heads[0].blocks };
     });
   },
 };

@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { SUMMARY_BLOCK } from '../../index/block-summary.js';
+import { RECENT_SHARE } from '../../index/static-plus-retrieved.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { bitsOf } from '../helpers/half.js';
 import { randomKv } from '../helpers/kv-data.js';
@@ -16,6 +17,9 @@ const seed = freshSeed();
 console.log(`block-select: seed ${seed}`);
 const model = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
 const d = model.headDim, TOKENS = 64 * 200 + 17, BUDGET = 64 * 16, STEPS = 25;
+/** Blocks of the budget a block method picks; the rest extends the window back. */
+const PICKED = BUDGET / SUMMARY_BLOCK - Math.floor((BUDGET / SUMMARY_BLOCK) * RECENT_SHARE);
+const CLEAR_OF_RECENT = Math.floor((TOKENS - (BUDGET - PICKED * SUMMARY_BLOCK)) / SUMMARY_BLOCK) * SUMMARY_BLOCK;
 const tmp = tempDataDir();
 let server: RunningServer;
 let client: KvrecallClient;
@@ -43,8 +47,9 @@ async function run(method: string) {
   for (let s = 0; s < STEPS; s++) {
     for (let i = 0; i < q.length; i++) q[i] = 0.9 * q[i] + Math.sqrt(1 - 0.81) * drift.normal() * 2;
     const r = await client.attend(id, { layer: 0, q: tensor('f32', [model.qHeads, d], q), return: ['selection'] });
-    // The session's own tokens sit after the document: keep document rows only.
-    const blocks = r.selection!.map((ids) => new Set([...ids].filter((t) => t < TOKENS).map((t) => Math.floor(t / SUMMARY_BLOCK))));
+    // The picked blocks: the document's rows before its recent ones (the window extended back by the share's
+    // rest, index/static-plus-retrieved.ts), in blocks clear of them.
+    const blocks = r.selection!.map((ids) => new Set([...ids].filter((t) => t < CLEAR_OF_RECENT).map((t) => Math.floor(t / SUMMARY_BLOCK))));
     steps.push({ blocks, ...r.stats.blocks! });
   }
   return steps;
@@ -54,7 +59,7 @@ describe('block selection', () => {
   it('nosa brings in at most its quota of new blocks per step and copies less than top-k with LRU', async () => {
     const nosa = await run('nosa');
     const plain = await run('topk-blocks');
-    const budgetBlocks = BUDGET / SUMMARY_BLOCK;
+    const budgetBlocks = PICKED;
     const quota = Math.ceil(budgetBlocks * 0.125);
     for (let s = 1; s < STEPS; s++)
       for (let h = 0; h < model.kvHeads; h++) {
