@@ -69,10 +69,15 @@ function binaryHas(sorted: Int32Array, x: number): boolean {
  * blocks in layers 1-2 (0.18 / 0.17 of the mass at 8K bytes), and the block
  * score, a block's sub-centroids, misses them: at 16K bytes with the same
  * exact rows, 6 scored blocks cover 0.28 / 0.18 / 0.15 (layers 1 / 2 / 4)
- * of the attention beyond sinks and window, 3 scored blocks and 201 recent
- * rows 0.35 / 0.25 / 0.19 (bench/model/block_recall.py).
+ * of the attention beyond sinks and window, 2 scored blocks and 265 recent
+ * rows 0.36 / 0.26 / 0.19 (bench/model/block_recall.py; all recent, layer 4
+ * loses what its scored blocks held). End to end at 16K (trials 0-3, 2.9%
+ * exact) 0.75 beat 0.5 in every layer but L0 (L1 / L2 / L4 0.048 / 0.039 /
+ * 0.040 against 0.049 / 0.042 / 0.046); on the synthetic generator, which
+ * has no locality, it costs a little (32K tokens, estimate on: error 0.0073
+ * at 0.5, 0.0080 at 0.75, needles 4/4): bench/results/model-vm-blocks-recent.md.
  */
-export const RECENT_SHARE = 0.5;
+export const RECENT_SHARE = 0.75;
 
 /** A per-kv-head block index of a document (block-select's summaries, quest's bounds). */
 export interface BlockIndex extends HeadIndex {

@@ -102,13 +102,13 @@ describe('a block method spends its budget', () => {
       scanned: 0,
     }));
     // Each document's share: ceil(670 / 2) = 335 rows, 5 whole blocks: in the first 5 blocks; in the second
-    // 5 - floor(5 * RECENT_SHARE) = 3 blocks picked and 335 - 3 * 64 = 143 recent rows.
-    expect(RECENT_SHARE).toBe(0.5);
+    // 5 - floor(5 * RECENT_SHARE) = 2 blocks picked and 335 - 2 * 64 = 207 recent rows.
+    expect(RECENT_SHARE).toBe(0.75);
     expect(rowsOfSegment(sel, ctx, 0, 0)).toEqual(Array.from({ length: 5 * 64 }, (_, i) => i));
     const second = rowsOfSegment(sel, ctx, 1, 1);
     expect(second.length).toBe(335);
-    expect(second.slice(0, 192)).toEqual(Array.from({ length: 192 }, (_, i) => i));
-    expect(second.slice(192)).toEqual(Array.from({ length: 143 }, (_, i) => 6400 - 143 + i));
+    expect(second.slice(0, 128)).toEqual(Array.from({ length: 128 }, (_, i) => i));
+    expect(second.slice(128)).toEqual(Array.from({ length: 207 }, (_, i) => 6400 - 207 + i));
   });
 });
 
