@@ -36,6 +36,9 @@ MAX_EXACT_SHARE, MIN_AGREEMENT, MAX_LAYER_ERR, MIN_TRIALS, MAX_KEY_GAP = 0.03, 0
 # at 16K (in model-gpu-16k-merged.json): block summaries before a6aad4b (sub-centroids), counted from the files of
 # the build after it instead.
 TALLIES: Dict[str, Tuple[int, List[Tuple[str, Optional[List[str]]]]]] = {
+    "8k": (8192, [
+        ("model-h200-8k-a.json", None),
+    ]),
     "16k": (16384, [
         ("model-gpu-16k-merged.json", ["wave", "hnsw", "ivf", "retrieval-attention"]),
         ("model-vm-ivf.json", ["ivf"]),
