@@ -265,6 +265,15 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
         const replayed = await store.step({ ...args, q: qi, ids: false, stages: false });
         fresh &&= leanSame(full, replayed) && replayed.graphCaptures === captures;
       }
+      // A second shape (one more kept row a head) taking turns with the first,
+      // as sessions with other budgets do on a shared layer: each keeps its graph.
+      const other = { ...args, budget: c.budget.map((b) => b + 1) };
+      for (let i = 0; i < 2; i++)
+        for (const a2 of [other, args]) {
+          const full = await store.step(a2);
+          fresh &&= leanSame(full, await store.step({ ...a2, ids: false, stages: false }));
+        }
+      fresh &&= (await store.step({ ...args, ids: false, stages: false })).graphCaptures === captures + 1;
       return { ...r, ok: r.ok && lean && fresh, leanSame: lean && fresh, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the

@@ -3,7 +3,9 @@
 // the host ~6 us each and leave the device a gap between dependent kernels.
 // Captured once and replayed, the step is one launch. Everything a launch
 // bakes in (grid sizes, kernel arguments by value, buffer pointers and copy
-// sizes) must be in the key: a key unlike the last one's captures anew.
+// sizes) must be in the key: a key unlike every cached one captures anew.
+// A few graphs are kept: a layer's store is shared by the document's
+// sessions, and sessions with other budgets (other shapes) take turns on it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,29 +22,41 @@ namespace cuda {
 
 class StepGraph {
  public:
+  static constexpr size_t kMaxGraphs = 8;
+
   StepGraph() = default;
   StepGraph(const StepGraph&) = delete;
   StepGraph& operator=(const StepGraph&) = delete;
-  ~StepGraph() { Drop(); }
+  ~StepGraph() {
+    for (Entry& e : entries_) cudaGraphExecDestroy(e.exec);
+  }
 
   // Runs `enqueue(stream)`'s work on `s`: from the graph captured for `key`,
-  // capturing it first when the key differs from the last run's. `enqueue`
-  // may only issue stream work on its argument (no synchronisation, no event
-  // queries); it throws on a failed call. Throws std::runtime_error.
+  // capturing it first when no cached graph has that key (the least recently
+  // used one makes room). `enqueue` may only issue stream work on its
+  // argument (no synchronisation, no event queries); it throws on a failed
+  // call. Throws std::runtime_error.
   template <typename Enqueue>
   void Run(cudaStream_t s, const void* key, size_t keyBytes, Enqueue&& enqueue) {
     const auto* k = static_cast<const unsigned char*>(key);
-    if (!exec_ || keyBytes != key_.size() || std::memcmp(k, key_.data(), keyBytes) != 0) {
-      Capture(s, std::forward<Enqueue>(enqueue));
-      key_.assign(k, k + keyBytes);
-    }
-    Check(cudaGraphLaunch(exec_, s), "cudaGraphLaunch");
+    Entry* hit = nullptr;
+    for (Entry& e : entries_)
+      if (e.key.size() == keyBytes && std::memcmp(e.key.data(), k, keyBytes) == 0) hit = &e;
+    if (!hit) hit = &Capture(s, k, keyBytes, std::forward<Enqueue>(enqueue));
+    hit->used = ++clock_;
+    Check(cudaGraphLaunch(hit->exec, s), "cudaGraphLaunch");
   }
   int64_t Captures() const { return captures_; }
 
  private:
+  struct Entry {
+    std::vector<unsigned char> key;
+    cudaGraphExec_t exec = nullptr;
+    uint64_t used = 0;
+  };
+
   template <typename Enqueue>
-  void Capture(cudaStream_t s, Enqueue&& enqueue) {
+  Entry& Capture(cudaStream_t s, const unsigned char* key, size_t keyBytes, Enqueue&& enqueue) {
     // A capture that fails must still end, or the stream stays in capture mode.
     Check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
     try {
@@ -52,39 +66,43 @@ class StepGraph {
       cudaStreamEndCapture(s, &g);
       if (g) cudaGraphDestroy(g);
       cudaGetLastError();
-      Drop();
       throw;
     }
     cudaGraph_t g = nullptr;
     Check(cudaStreamEndCapture(s, &g), "cudaStreamEndCapture");
-    // Same topology (the usual case: a pointer or a size moved): update in
-    // place, which costs far less than instantiating.
-    bool updated = false;
-    if (exec_) {
+    Entry* slot = nullptr;
+    if (entries_.size() < kMaxGraphs) {
+      entries_.emplace_back();
+      slot = &entries_.back();
+    } else {
+      slot = &entries_.front();
+      for (Entry& e : entries_)
+        if (e.used < slot->used) slot = &e;
+      // The evicted graph's topology is often the new one's (a pointer or a
+      // size moved): updated in place, which costs far less than instantiating.
       cudaGraphExecUpdateResultInfo info{};
-      updated = cudaGraphExecUpdate(exec_, g, &info) == cudaSuccess;
-      if (!updated) {
+      if (cudaGraphExecUpdate(slot->exec, g, &info) != cudaSuccess) {
         cudaGetLastError();
-        Drop();
+        cudaGraphExecDestroy(slot->exec);
+        slot->exec = nullptr;
       }
     }
+    slot->key.clear();  // unusable until instantiated
     cudaError_t e = cudaSuccess;
-    if (!updated) e = cudaGraphInstantiate(&exec_, g, 0);
+    if (!slot->exec) e = cudaGraphInstantiate(&slot->exec, g, 0);
     cudaGraphDestroy(g);
     if (e != cudaSuccess) {
-      exec_ = nullptr;
-      Drop();
+      slot->exec = nullptr;
+      entries_.erase(entries_.begin() + (slot - entries_.data()));
       Check(e, "cudaGraphInstantiate");
     }
+    slot->key.assign(key, key + keyBytes);
     ++captures_;
+    return *slot;
   }
-  void Drop() {
-    if (exec_) cudaGraphExecDestroy(exec_);
-    exec_ = nullptr;
-    key_.clear();
-  }
-  std::vector<unsigned char> key_;
-  cudaGraphExec_t exec_ = nullptr;
+
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
   int64_t captures_ = 0;
 };
 
