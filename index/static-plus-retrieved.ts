@@ -75,9 +75,27 @@ function binaryHas(sorted: Int32Array, x: number): boolean {
  * exact) 0.75 beat 0.5 in every layer but L0 (L1 / L2 / L4 0.048 / 0.039 /
  * 0.040 against 0.049 / 0.042 / 0.046); on the synthetic generator, which
  * has no locality, it costs a little (32K tokens, estimate on: error 0.0073
- * at 0.5, 0.0080 at 0.75, needles 4/4): bench/results/model-vm-blocks-recent.md.
+ * at 0.5, 0.0080 at 0.75, needles 4/4): bench/results/model-block-recent-vm.md.
  */
 export const RECENT_SHARE = 0.75;
+
+/**
+ * The segment's ranges (merged, ascending) with the one that ends at the
+ * segment's end (the window, or none) extended back by `extra` rows, merged
+ * with those it reaches; in place.
+ */
+function extendBack(ranges: Range[], tokens: number, extra: number): void {
+  const tail = ranges.length > 0 && ranges[ranges.length - 1][1] === tokens ? ranges.pop() : undefined;
+  let from = Math.max(0, (tail ? tail[0] : tokens) - extra);
+  for (let r = ranges.pop(); r; r = ranges.pop()) {
+    if (r[1] < from) {
+      ranges.push(r);
+      break;
+    }
+    from = Math.min(from, r[0]);
+  }
+  if (from < tokens) ranges.push([from, tokens]);
+}
 
 /** A per-kv-head block index of a document (block-select's summaries, quest's bounds). */
 export interface BlockIndex extends HeadIndex {
@@ -123,11 +141,8 @@ export async function blockSelection<H extends BlockIndex>(
     if (s === ctx.segments.length - 2) {
       // The document the session's own tokens follow: its most recent rows, the window extended back by the
       // share's remainder below a block and RECENT_SHARE of its blocks, attended as a range.
-      const recent = Math.floor(count * RECENT_SHARE), extra = share - (count - recent) * size;
-      const tail = ranges.length > 0 && ranges[ranges.length - 1][1] === segment.tokens ? ranges.pop() : undefined;
-      let from = Math.max(0, (tail ? tail[0] : segment.tokens) - extra);
-      while (ranges.length > 0 && ranges[ranges.length - 1][1] >= from) from = Math.min(from, ranges.pop()![0]);
-      ranges.push([from, segment.tokens]);
+      const recent = Math.floor(count * RECENT_SHARE);
+      extendBack(ranges, segment.tokens, share - (count - recent) * size);
       count -= recent;
     }
     for (const [begin, end] of ranges) parts.push({ segment, begin, end });
