@@ -23,6 +23,7 @@ import { DEFAULT_PARAMS } from '../../engine/sessions.js';
 import { blockSummaryBuilder, nosa, topkBlocks } from '../../index/block-select.js';
 import { BlockSummary, SUMMARY_REPS } from '../../index/block-summary.js';
 import type { BlockMeans, BlockScorer, HeadIndex, LayerContext, RetrievalMethod, SearchParams } from '../../index/method.js';
+import { RECENT_SHARE } from '../../index/static-plus-retrieved.js';
 import { UNLIMITED } from '../../storage/host-budget.js';
 import { KvSegment } from '../../storage/kv-segment.js';
 import { bitsOf } from '../helpers/half.js';
@@ -126,10 +127,15 @@ describe('block methods with a candidate scorer', () => {
         const kvHeads = 2, qHeads = 8, d = 64, blocks = 777, tokens = blocks * 64 - 5, G = qHeads / kvHeads, stride = d + 8;
         const means = randomMeans(rng, kvHeads, blocks * reps, stride, 'f16');
         const heads = means.map((m) => new BlockSummary(blocks, 64, tokens, d, 'f16', m, Float32Array.from({ length: blocks }, () => rng.next()), 0, reps));
-        const params: SearchParams = { ...DEFAULT_PARAMS, budget: 64 * 40, sinks: 16, window: 100 } as SearchParams;
-        // 40 blocks; nosa: 10 agnostic, at most 5 new a step, reach 55.
+        const params: SearchParams = { ...DEFAULT_PARAMS, budget: 64 * 160, sinks: 16, window: 100 } as SearchParams;
+        // 160 blocks of budget, RECENT_SHARE of them (120) spent on the rows before the window: 40 picked; nosa: 10
+        // agnostic, at most 5 new a step, reach 55. Never picked: the blocks the sinks and the window extended back
+        // by the rest of the budget touch (static-plus-retrieved.ts), so each method asks for that many more.
+        expect(RECENT_SHARE).toBe(0.75);
         const budget = 40, isNosa = method.name === 'nosa';
-        const agnostic = isNosa ? 10 : 0, maxNewShare = isNosa ? 0.125 : Infinity, reach = isNosa ? 55 : 40;
+        const from = tokens - params.window - (params.budget - budget * 64);
+        const excluded = new Set([0, ...Array.from({ length: blocks - Math.floor(from / 64) }, (_, i) => Math.floor(from / 64) + i)]);
+        const agnostic = isNosa ? 10 : 0, maxNewShare = isNosa ? 0.125 : Infinity, reach = (isNosa ? 55 : 40) + excluded.size;
         const calls = { n: 0 };
         const memoHost = new Map<string, unknown>(), memoScored = new Map<string, unknown>();
         const prev = heads.map(() => new Set<number>());
@@ -143,8 +149,10 @@ describe('block methods with a candidate scorer', () => {
           const rows = await hostTopk(means, blocks * reps, stride, 'f16', BlockSummary.augment(heads, q, G), G, 0);
           for (let h = 0; h < kvHeads; h++) {
             const all = Float32Array.from({ length: blocks }, (_, b) => Math.max(...rows[h].all.subarray(b * reps, (b + 1) * reps)));
-            const top = Int32Array.from([...all.keys()].sort((a, b) => all[b] - all[a] || a - b).slice(0, reach));
-            const want = referenceChoose(heads[h].byImportance, all, top, budget, prev[h], agnostic, maxNewShare);
+            const top = Int32Array.from([...all.keys()].sort((a, b) => all[b] - all[a] || a - b).slice(0, reach).filter((b) => !excluded.has(b)));
+            const importance = heads[h].byImportance.filter((b) => !excluded.has(b));
+            const want = referenceChoose(importance, all, top, budget, prev[h], agnostic, maxNewShare);
+            for (const b of want) expect(excluded.has(b)).toBe(false);
             const got = [...(memoScored.get(`${method.name}:0:${h}`) as { selected: Int32Array }).selected].sort((a, b) => a - b);
             expect(got, `step ${step} head ${h}`).toEqual(want);
             prev[h] = new Set(want);
