@@ -20,7 +20,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { malformed, notFound } from '../core/errors.js';
 import { joinParts, packParts } from '../core/msgpack-parts.js';
-import { unpackView } from '../core/msgpack-parts-decode.js';
+import { MsgpackError, unpackView } from '../core/msgpack-parts-decode.js';
 import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
@@ -123,6 +123,8 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
     try {
       frame = unpackView(data);
     } catch (e) {
+      // What the frame's map held before the bad byte may name its id: the answer carries it, so the client can match it.
+      if (e instanceof MsgpackError) id = e.partial?.id;
       throw malformed(`frame is not valid msgpack: ${(e as Error).message}`);
     }
     if (typeof frame !== 'object' || frame === null || Array.isArray(frame) || frame instanceof Uint8Array) throw malformed('a frame is a map');

@@ -256,24 +256,20 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
       // The engine's call, replayed from a CUDA graph: the same answer for
       // this query and for fresh ones (the graph must take each step's
       // inputs, not the captured step's), one capture while the shape holds.
-      const lean = leanSame(gpu, await store.step({ ...args, ids: false, stages: false }));
-      const captures = (await store.step({ ...args, ids: false, stages: false })).graphCaptures;
+      const leanStep = (a: typeof args) => store.step({ ...a, ids: false, stages: false });
+      const lean = leanSame(gpu, await leanStep(args));
+      const captures = (await leanStep(args)).graphCaptures;
       let fresh = true;
       for (let i = 0; i < 3; i++) {
-        const qi = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G);
-        const full = await store.step({ ...args, q: qi });
-        const replayed = await store.step({ ...args, q: qi, ids: false, stages: false });
+        const a2 = { ...args, q: queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G) };
+        const full = await store.step(a2), replayed = await leanStep(a2);
         fresh &&= leanSame(full, replayed) && replayed.graphCaptures === captures;
       }
       // A second shape (one more kept row a head) taking turns with the first,
       // as sessions with other budgets do on a shared layer: each keeps its graph.
       const other = { ...args, budget: c.budget.map((b) => b + 1) };
-      for (let i = 0; i < 2; i++)
-        for (const a2 of [other, args]) {
-          const full = await store.step(a2);
-          fresh &&= leanSame(full, await store.step({ ...a2, ids: false, stages: false }));
-        }
-      fresh &&= (await store.step({ ...args, ids: false, stages: false })).graphCaptures === captures + 1;
+      for (const a2 of [other, args, other, args]) fresh &&= leanSame(await store.step(a2), await leanStep(a2));
+      fresh &&= (await leanStep(args)).graphCaptures === captures + 1;
       return { ...r, ok: r.ok && lean && fresh, leanSame: lean && fresh, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the
@@ -402,10 +398,7 @@ async function benchSetup(cfg: BenchConfig, log: (s: string) => void) {
   return { N, H, G, d, dt, built, store, budget, budgets, exact, scale, qs, step };
 }
 
-/**
- * The engine's call, launched one by one, `cfg.steps` times after 2 warm-ups:
- * for a kernel profiler (ncu), which then sees each kernel as its own launch.
- */
+/** The engine's call launched one by one, `cfg.steps` times after 2 warm-ups: for ncu (each kernel its own launch). */
 async function profileSteps(cfg: BenchConfig, log: (s: string) => void): Promise<void> {
   const { store, qs, step } = await benchSetup(cfg, log);
   for (let i = 0; i < cfg.steps + 2; i++) await step(qs[i % qs.length], true, 'spread', true, true, PROBE_ESTIMATED, false);

@@ -16,7 +16,13 @@ const KEY_MAX = 16;
 const KEY_SLOTS = 1024;
 const keyText: (string | undefined)[] = new Array(KEY_SLOTS);
 
-export class MsgpackError extends Error {}
+export class MsgpackError extends Error {
+  /**
+   * The top-level map's entries read before the error, when the message is a
+   * map: a stream can still answer a malformed frame with the id it carried.
+   */
+  partial?: Record<string, unknown>;
+}
 
 class Reader {
   pos = 0;
@@ -170,14 +176,19 @@ class Reader {
     this.need(2 * n);
     if (depth >= MAX_DEPTH) throw new MsgpackError(`nested deeper than ${MAX_DEPTH}`);
     const out: Record<string, unknown> = {};
-    for (let i = 0; i < n; i++) {
-      const b = this.src[this.pos];
-      const k = b >= 0xa0 && b < 0xa0 + KEY_MAX ? this.key(b & 0x1f) : this.value(depth + 1);
-      if (typeof k !== 'string' && typeof k !== 'number') throw new MsgpackError('a map key is a string or a number');
-      const value = this.value(depth + 1);
-      // A key named __proto__ is an own field, never the object's prototype.
-      if (k === '__proto__') Object.defineProperty(out, k, { value, enumerable: true, writable: true, configurable: true });
-      else out[k] = value;
+    try {
+      for (let i = 0; i < n; i++) {
+        const b = this.src[this.pos];
+        const k = b >= 0xa0 && b < 0xa0 + KEY_MAX ? this.key(b & 0x1f) : this.value(depth + 1);
+        if (typeof k !== 'string' && typeof k !== 'number') throw new MsgpackError('a map key is a string or a number');
+        const value = this.value(depth + 1);
+        // A key named __proto__ is an own field, never the object's prototype.
+        if (k === '__proto__') Object.defineProperty(out, k, { value, enumerable: true, writable: true, configurable: true });
+        else out[k] = value;
+      }
+    } catch (e) {
+      if (depth === 0 && e instanceof MsgpackError) e.partial = out;
+      throw e;
     }
     return out;
   }
@@ -188,6 +199,10 @@ export function unpackView(src: Uint8Array): unknown {
   const bytes = src.constructor === Uint8Array ? src : new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
   const r = new Reader(bytes);
   const value = r.value(0);
-  if (r.pos !== bytes.byteLength) throw new MsgpackError(`${bytes.byteLength - r.pos} bytes after the message`);
+  if (r.pos !== bytes.byteLength) {
+    const e = new MsgpackError(`${bytes.byteLength - r.pos} bytes after the message`);
+    if (typeof value === 'object' && value !== null && !Array.isArray(value) && !(value instanceof Uint8Array)) e.partial = value as Record<string, unknown>;
+    throw e;
+  }
   return value;
 }

@@ -112,4 +112,28 @@ describe('unpackView', () => {
     expect(() => unpackView(Uint8Array.of(0x81, 0x90, 0x01))).toThrow(/map key/);
     expect(() => unpackView(new Uint8Array(100_000).fill(0x91))).toThrow(/nested deeper/);
   });
+
+  it('names the top-level map entries read before the error, and only those', () => {
+    const caught = (b: Uint8Array) => {
+      try {
+        unpackView(b);
+      } catch (e) {
+        return e as MsgpackError;
+      }
+      throw new Error('no error');
+    };
+    const good = joined({ id: 7, layer: 1, q: { dtype: 'f32', shape: [2], data: new Uint8Array(8) } });
+    // A byte no msgpack value starts with, inside the third entry: the first two were read.
+    const bad = good.slice();
+    bad[bad.indexOf(0x91)] = 0xc1; // the shape array's header
+    expect(caught(bad).partial).toEqual({ id: 7, layer: 1 });
+    // Cut inside the second entry's key: the id; a map whose entries cannot fit what is left is not begun.
+    expect(caught(good.subarray(0, 8)).partial).toEqual({ id: 7 });
+    expect(caught(good.subarray(0, 5)).partial).toBeUndefined();
+    // Bytes after a whole map: the map.
+    expect(caught(Uint8Array.of(...good, 0xc0)).partial).toMatchObject({ id: 7, layer: 1 });
+    // A map nested deeper is no top-level entry, and a message that is no map names none.
+    expect(caught(Uint8Array.of(0x81, 0xa1, 0x61, 0x81, 0xa2, 0x69, 0x64, 0xc1)).partial).toEqual({});
+    expect(caught(Uint8Array.of(0x92, 0x01, 0xc1)).partial).toBeUndefined();
+  });
 });

@@ -152,11 +152,16 @@ describe('the stream WebSocket (own framing)', () => {
     const raw = await open();
     await raw.write(frame(0x1, Buffer.from('{"id": 1}')));
     await raw.write(frame(0x2, new Uint8Array(0)));
+    // Not msgpack from its q on (0xc1 is no value's first byte): refused, with the id read before it.
+    // {id: 8, layer: 0, q: <0xc1>}
+    await raw.write(frame(0x2, Uint8Array.of(0x83, 0xa2, 0x69, 0x64, 0x08, 0xa5, 0x6c, 0x61, 0x79, 0x65, 0x72, 0x00, 0xa1, 0x71, 0xc1)));
     await raw.write(frame(0x2, pack({ id: 9, session: sid, layer: 0, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) })));
-    await raw.until(() => raw.frames.length >= 3);
-    const [text, empty, ok] = raw.frames.map((f) => unpackView(f.payload) as { id?: number; error?: { code: string }; out?: unknown });
+    await raw.until(() => raw.frames.length >= 4);
+    const [text, empty, cut, ok] = raw.frames.map((f) => unpackView(f.payload) as { id?: number; error?: { code: string }; out?: unknown });
     expect(text.error?.code).toBe('malformed');
     expect(empty.error?.code).toBe('malformed');
+    expect(cut.error?.code).toBe('malformed');
+    expect(cut.id).toBe(8);
     expect(ok.id).toBe(9);
     expect(ok.out).toBeDefined();
     raw.socket.destroy();
