@@ -90,6 +90,7 @@ interface FaissAddon {
   };
   kmeans(a: Omit<KmeansArgs, 'dtype'> & { dtype: number }): Promise<KmeansResult>;
   kmeansMany(a: (Omit<KmeansArgs, 'dtype'> & { dtype: number })[]): Promise<KmeansResult[]>;
+  kmeansManyDevice(a: (Omit<KmeansArgs, 'dtype'> & { dtype: number })[]): Promise<KmeansResult[]>;
 }
 
 const addon = nativeAddon<FaissAddon>();
@@ -164,4 +165,14 @@ export async function kmeans(args: KmeansArgs): Promise<KmeansResult> {
  */
 export async function kmeansMany(problems: readonly KmeansArgs[]): Promise<KmeansResult[]> {
   return addon.kmeansMany(problems.map((a) => ({ ...a, dtype: DTYPE_CODE[a.dtype] })));
+}
+
+/**
+ * The same problems on the GPU (native/cuda/kmeans_device.h; every problem
+ * with the same headDim, a multiple of 4, dtype and iterations): Lloyd's
+ * k-means from a seeded sample of each problem's keys, repeatable, but not
+ * faiss's clusters. Rejects without a CUDA build or device.
+ */
+export async function kmeansManyDevice(problems: readonly KmeansArgs[]): Promise<KmeansResult[]> {
+  return addon.kmeansManyDevice(problems.map((a) => ({ ...a, dtype: DTYPE_CODE[a.dtype] })));
 }

@@ -18,7 +18,7 @@ export interface RunningServer {
 }
 
 export async function startServer(cfg: Config): Promise<RunningServer> {
-  const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget });
+  const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuKmeans: cfg.gpuKmeans === 1 });
   const metrics = new Metrics();
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);
   const server: ServerType = await new Promise((resolve) => {

@@ -31,6 +31,13 @@ export interface Config {
    */
   gpuWaveBudget?: number;
   /**
+   * 1: the seal's k-means for `wave` runs on the GPU when the server has one
+   * (native/cuda/kmeans_device.h); its clusters are not faiss's, so a
+   * document then answers a little differently than on a CPU server.
+   * Unset or 0: on the host, the same clusters everywhere.
+   */
+  gpuKmeans?: number;
+  /**
    * LMDB environments a document's blocks are spread over, each with its
    * own writer (storage/lmdb-shards.ts). Unset: one per 4 cores, at most 8,
    * and at most the pool's threads less 2 (storage/lmdb-store.ts defaultShards).
@@ -68,13 +75,14 @@ const FLAGS: Record<string, keyof Config> = {
   '--memory-budget': 'memoryBudget',
   '--gpu-budget': 'gpuBudget',
   '--gpu-wave-budget': 'gpuWaveBudget',
+  '--gpu-kmeans': 'gpuKmeans',
   '--lmdb-shards': 'lmdbShards',
   '--max-streams': 'maxStreams',
   '--stream-idle-ms': 'streamIdleMs',
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -84,6 +92,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
+  if (env.KVRECALL_GPU_KMEANS) cfg.gpuKmeans = nonNegative(env.KVRECALL_GPU_KMEANS, 'KVRECALL_GPU_KMEANS');
   // libuv's own reading: atoi, anything below 1 is 1 thread, at most 1024.
   if (env.UV_THREADPOOL_SIZE !== undefined) cfg.threadPool = Math.min(1024, Math.max(1, Number.parseInt(env.UV_THREADPOOL_SIZE, 10) || 1));
   if (env.KVRECALL_LMDB_SHARDS) cfg.lmdbShards = nonNegative(env.KVRECALL_LMDB_SHARDS, 'KVRECALL_LMDB_SHARDS');
@@ -101,6 +110,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (cfg.streamIdleMs < 1 || cfg.streamIdleMs > 2 ** 30)
     throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a number of milliseconds in [1, 2^30]');
   // storage/lmdb-shards.ts MAX_SHARDS (core sits below storage).
+  if (cfg.gpuKmeans !== undefined && cfg.gpuKmeans > 1) throw invalid('--gpu-kmeans (KVRECALL_GPU_KMEANS) takes 0 or 1');
   if (cfg.lmdbShards !== undefined && (cfg.lmdbShards < 1 || cfg.lmdbShards > 64))
     throw invalid('--lmdb-shards (KVRECALL_LMDB_SHARDS) takes a number of LMDB environments in [1, 64]');
   if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))

@@ -74,6 +74,7 @@ export async function buildArtifacts(
   queries: PrefillQueries | undefined,
   onProgress: (done: number) => void,
   clusterSize?: number,
+  device = false,
 ): Promise<ArtifactWrite[]> {
   const jobs = layers.flatMap((seg, layer) => Array.from({ length: seg.kvHeads }, (_, head) => ({ layer, head })));
   const out = new Array<ArtifactWrite>(jobs.length);
@@ -84,7 +85,7 @@ export async function buildArtifacts(
     while (next < jobs.length) {
       const i = next++, { layer, head } = jobs[i];
       const q = queries?.rows(layer, head) ?? { queries: new Float32Array(0), queryCount: 0 };
-      const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q, clusterSize });
+      const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q, clusterSize, device });
       out[i] = { method, layer, head, bytes };
       onProgress(++done);
     }

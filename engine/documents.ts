@@ -73,6 +73,8 @@ export class Documents {
     private readonly store: DocumentStore,
     private readonly knownMethods: ReadonlySet<string>,
     private readonly budget: HostBudget,
+    /** Index builds may use the GPU (BuildInput.device). */
+    private readonly deviceBuilds = false,
   ) {
     this.residency = new LayerCache(budget);
   }
@@ -207,7 +209,7 @@ export class Documents {
           const same = built.get(builder);
           const mine = same
             ? same.map((a) => ({ ...a, method: name }))
-            : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total), doc.meta.clusterSize);
+            : await buildArtifacts(name, builder, doc.layers, doc.queries, (n) => (doc.progress = (before + n) / total), doc.meta.clusterSize, this.deviceBuilds);
           if (!same) built.set(builder, mine);
           artifacts.push(...mine);
           doc.progress = artifacts.length / total;
@@ -388,7 +390,7 @@ export class Documents {
       };
       const rebuild = async () => {
         const perLayer = await eachLayer(async (seg, layer) =>
-          (await buildArtifacts(method, builder, [seg], undefined, () => undefined, doc.meta.clusterSize)).map((a) => ({ ...a, layer })),
+          (await buildArtifacts(method, builder, [seg], undefined, () => undefined, doc.meta.clusterSize, this.deviceBuilds)).map((a) => ({ ...a, layer })),
         );
         await this.store.addArtifacts(doc.meta.id, method, perLayer.flat());
         this.buildsAfterSeal++;

@@ -26,6 +26,8 @@ export interface EngineOptions {
   gpuBudget?: number;
   /** Device bytes for wave document layers held whole on the device (0 or unset: none; engine/cache/device-wave.ts). */
   gpuWaveBudget?: number;
+  /** wave's k-means at seal on the device, when there is one (core/config.ts gpuKmeans). */
+  gpuKmeans?: boolean;
 }
 
 export class Engine {
@@ -43,9 +45,9 @@ export class Engine {
   static async open(opts: EngineOptions): Promise<Engine> {
     const { store, recovered } = await openStore(opts);
     const budget = new HostBudget(opts.memoryBudget);
-    const documents = new Documents(store, methodNames, budget);
     const device = cudaAvailable();
     const gpu = device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget }) : undefined;
+    const documents = new Documents(store, methodNames, budget, gpu !== undefined && opts.gpuKmeans === true);
     return new Engine(store, documents, new Sessions(documents, budget, gpu), recovered, budget, gpu);
   }
 

@@ -139,6 +139,8 @@ export interface BuildInput extends HeadKeys {
   queryCount: number;
   /** Tokens per cluster, for clustered indexes (the document's `clusterSize`). */
   clusterSize?: number;
+  /** The server runs on a GPU: a builder may use it (wave's k-means), its artifact the same format. */
+  device?: boolean;
 }
 
 export interface SearchResult {

@@ -17,7 +17,7 @@
 // longer than the others'; only the query knows the direction that matters).
 // Alone, its cluster's score is its exact logit.
 import { convert, outlierScores, widenWords, type KvDtype } from '../../addon/kernels.js';
-import { kmeansMany } from '../../addon/faiss.js';
+import { kmeansMany, kmeansManyDevice, type KmeansArgs, type KmeansResult } from '../../addon/faiss.js';
 import { clusterSummary } from '../../addon/cluster-summary.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
@@ -50,6 +50,24 @@ function narrow(values: Float32Array, dtype: KvDtype): Uint16Array {
 }
 
 /**
+ * The segments' k-means on the GPU where the server has one, else on the
+ * host (faiss: most of a wave layer's 100-112 s seal at 1M tokens on the
+ * 16-core H200 host, bench/results/gpu-decode-wave-h200.md); a device that
+ * fails (memory, a shape it refuses) leaves the build to the host. The clusters differ between the two (not the same algorithm
+ * step for step), each valid and repeatable.
+ */
+async function kmeansOn(device: boolean, problems: KmeansArgs[]): Promise<KmeansResult[]> {
+  if (device && problems.length > 0 && problems[0].headDim % 4 === 0) {
+    try {
+      return await kmeansManyDevice(problems);
+    } catch {
+      // the host's below
+    }
+  }
+  return kmeansMany(problems);
+}
+
+/**
  * Cluster of every row of each segment [t0, t1): k-means, all segments side
  * by side (native kmeansMany), or each row alone where clusters would not
  * be fewer than rows.
@@ -58,7 +76,8 @@ async function assignSegments(input: BuildInput, bounds: readonly [number, numbe
   const d = input.headDim;
   const clustersOf = (t0: number, t1: number) => Math.max(1, Math.ceil((t1 - t0) / o.clusterSize));
   const trained = bounds.filter(([t0, t1]) => clustersOf(t0, t1) < t1 - t0);
-  const results = await kmeansMany(
+  const results = await kmeansOn(
+    input.device === true,
     trained.map(([t0, t1]) => ({ keys: input.keys.subarray(t0 * d, t1 * d), tokens: t1 - t0, headDim: d, dtype: input.dtype, clusters: clustersOf(t0, t1), iterations: o.iterations, seed: (o.seed + t0) % 2 ** 31 })),
   );
   let next = 0;

@@ -10,6 +10,8 @@
 //     -> Promise<{centroids: Float32Array, assign: Int32Array, sizes: Int32Array}>
 //   kmeansMany([{keys, tokens, headDim, dtype, clusters, iterations, seed}, ...])
 //     -> Promise<[{centroids, assign, sizes}, ...]>   (independent problems side by side)
+//   kmeansManyDevice([...]) -> the same, on the GPU (native/cuda/kmeans_device.h: every problem with the same
+//     headDim, dtype and iterations); without a CUDA build it throws
 #include <napi.h>
 
 #include <algorithm>
@@ -23,6 +25,9 @@
 #include "common/class_registry.h"
 #include "indexes/ivf_index.h"
 #include "indexes/kmeans.h"
+#ifdef KVR_CUDA
+#include "cuda/kmeans_device.h"
+#endif
 
 namespace kvr {
 namespace {
@@ -215,8 +220,12 @@ Napi::Value KmeansJs(const Napi::CallbackInfo& info) {
       });
 }
 
-Napi::Value KmeansManyJs(const Napi::CallbackInfo& info) {
+// kmeansMany's problems on the host (faiss) or the device.
+Napi::Value KmeansManyOn(const Napi::CallbackInfo& info, bool device) {
   Napi::Env env = info.Env();
+#ifndef KVR_CUDA
+  if (device) throw Napi::Error::New(env, "kmeansManyDevice: this build has no CUDA");
+#endif
   if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "kmeansMany: expected an array of problems");
   Napi::Array list = info[0].As<Napi::Array>();
   if (list.Length() > (1u << 20)) throw Napi::RangeError::New(env, "kmeansMany: at most 2^20 problems");
@@ -232,7 +241,14 @@ Napi::Value KmeansManyJs(const Napi::CallbackInfo& info) {
   }
   hold.push_back(outs);
   return RunAsync(
-      env, hold, [problems]() mutable { KmeansMany(problems); },
+      env, hold,
+      [problems, device]() mutable {
+#ifdef KVR_CUDA
+        if (device) return cuda::KmeansManyDevice(problems);
+#endif
+        (void)device;
+        KmeansMany(problems);
+      },
       [ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(static_cast<Napi::Object>(outs)))](Napi::Env) -> Napi::Value {
         return ref->Value();
       });
@@ -243,7 +259,8 @@ Napi::Value KmeansManyJs(const Napi::CallbackInfo& info) {
 void InitFaiss(Napi::Env env, Napi::Object exports) {
   exports.Set("IvfIndex", IvfIndexJs::Define(env));
   exports.Set("kmeans", Napi::Function::New(env, KmeansJs));
-  exports.Set("kmeansMany", Napi::Function::New(env, KmeansManyJs));
+  exports.Set("kmeansMany", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return KmeansManyOn(info, false); }));
+  exports.Set("kmeansManyDevice", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { return KmeansManyOn(info, true); }));
 }
 
 }  // namespace kvr

@@ -16,6 +16,15 @@ describe('parseConfig', () => {
     expect(parseConfig(['--gpu-wave-budget', '7'], { KVRECALL_GPU_WAVE_BUDGET: '9' }).gpuWaveBudget).toBe(7);
   });
 
+  it('takes k-means on the device as 0 or 1, off unless asked', () => {
+    expect(parseConfig([], {}).gpuKmeans).toBeUndefined();
+    expect(parseConfig(['--gpu-kmeans', '1'], {}).gpuKmeans).toBe(1);
+    expect(parseConfig([], { KVRECALL_GPU_KMEANS: '1' }).gpuKmeans).toBe(1);
+    expect(parseConfig(['--gpu-kmeans', '0'], { KVRECALL_GPU_KMEANS: '1' }).gpuKmeans).toBe(0);
+    expect(() => parseConfig(['--gpu-kmeans', '2'], {})).toThrow(/--gpu-kmeans/);
+    expect(() => parseConfig([], { KVRECALL_GPU_KMEANS: 'yes' })).toThrow(/KVRECALL_GPU_KMEANS/);
+  });
+
   it('refuses a budget that is not a non-negative integer, naming where it came from', () => {
     expect(() => parseConfig(['--gpu-wave-budget', '-1'], {})).toThrow(/--gpu-wave-budget/);
     expect(() => parseConfig(['--gpu-wave-budget', '1.5'], {})).toThrow(/--gpu-wave-budget/);
