@@ -69,7 +69,7 @@ import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startServer, type RunningServer } from '../api/server.js';
 import { KvrecallClient } from '../clients/ts/client.js';
-import { DEFAULTS } from '../core/config.js';
+import { parseConfig } from '../core/config.js';
 import { findMethod } from '../index/registry.js';
 import { charts } from './decode/charts.js';
 import { Bench } from './decode/context.js';
@@ -97,7 +97,8 @@ async function main(): Promise<void> {
   if (!url) {
     tempDir = mkdtempSync(join(tmpdir(), 'kvrecall-decode-'));
     dataDir = tempDir;
-    server = await startServer({ ...DEFAULTS, host: '127.0.0.1', port: 0, dataDir: tempDir });
+    // The environment's settings as `kvrecall serve` reads them (KVRECALL_GPU_BUDGET, KVRECALL_GPU_WAVE_BUDGET, KVRECALL_GPU_KMEANS, ...).
+    server = await startServer({ ...parseConfig([], process.env), host: '127.0.0.1', port: 0, dataDir: tempDir });
     url = server.url;
     log(`in-process server at ${url}, data in ${tempDir}`);
   }
