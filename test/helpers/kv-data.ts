@@ -60,3 +60,14 @@ export function randomQ(rng: Rng, qHeads: number, d: number, sd = 1.5): Float32A
 export function f32Tensor(shape: number[], a: Float32Array): Tensor {
   return { dtype: 'f32', shape, data: new Uint8Array(a.buffer, a.byteOffset, a.byteLength) };
 }
+
+/** Keys around `centres` random centres (structure for k-means to find, and ties to break), as f16 or bf16 words. */
+export function clusteredKeys(rng: Rng, n: number, d: number, dt: Dt, centres = 6): Uint16Array {
+  const cs = Array.from({ length: centres }, () => Float64Array.from({ length: d }, () => 2 * rng.normal()));
+  const bits = new Uint16Array(n * d);
+  for (let i = 0; i < n; i++) {
+    const c = cs[rng.int(cs.length)];
+    for (let j = 0; j < d; j++) bits[i * d + j] = bitsOf(dt)(c[j] + rng.normal());
+  }
+  return bits;
+}

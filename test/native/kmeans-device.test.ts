@@ -8,23 +8,14 @@ import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { kmeansMany, kmeansManyDevice, type KmeansArgs, type KmeansResult } from '../../addon/faiss.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
-import { bitsOf, valueOf } from '../helpers/half.js';
+import { valueOf } from '../helpers/half.js';
+import { clusteredKeys } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
 console.log(`kmeans-device: seed ${seed}`);
 const info = cudaAvailable();
 
-/** Keys around a few centres (structure to find), f16 or bf16 words. */
-function clusteredKeys(rng: Rng, n: number, d: number, dtype: 'f16' | 'bf16'): Uint16Array {
-  const centres = Array.from({ length: 12 }, () => Float64Array.from({ length: d }, () => 2 * rng.normal()));
-  const bits = new Uint16Array(n * d);
-  for (let i = 0; i < n; i++) {
-    const c = centres[rng.int(centres.length)];
-    for (let j = 0; j < d; j++) bits[i * d + j] = bitsOf(dtype)(c[j] + rng.normal());
-  }
-  return bits;
-}
 
 /** Sum of squared distances of each key to its assigned centroid, and the keys whose nearest centroid (float64) is clearly another. */
 function judge(p: KmeansArgs, r: KmeansResult): { objective: number; misassigned: number } {
@@ -48,12 +39,12 @@ function judge(p: KmeansArgs, r: KmeansResult): { objective: number; misassigned
 
 function problems(rng: Rng): KmeansArgs[] {
   const d = 40;
-  const head = clusteredKeys(rng, 2 * 1200 + 333, d, 'f16');
+  const head = clusteredKeys(rng, 2 * 1200 + 333, d, 'f16', 12);
   const out: KmeansArgs[] = [0, 1200, 2400].map((t0, i) => {
     const t1 = Math.min(2 * 1200 + 333, t0 + 1200);
     return { keys: head.subarray(t0 * d, t1 * d), tokens: t1 - t0, headDim: d, dtype: 'f16', clusters: Math.ceil((t1 - t0) / 16), iterations: 6, seed: 3 + i };
   });
-  out.push({ keys: clusteredKeys(rng, 64, d, 'f16'), tokens: 64, headDim: d, dtype: 'f16', clusters: 64, iterations: 6, seed: 9 });
+  out.push({ keys: clusteredKeys(rng, 64, d, 'f16', 12), tokens: 64, headDim: d, dtype: 'f16', clusters: 64, iterations: 6, seed: 9 });
   return out;
 }
 
@@ -74,7 +65,7 @@ describe.skipIf(!info.ok)('kmeansManyDevice on the GPU', () => {
   it('assigns every key to its nearest centroid, counts them, comes near faiss, and repeats itself', async () => {
     const rng = new Rng(seed);
     for (const dtype of ['f16', 'bf16'] as const) {
-      const ps = problems(rng).map((p) => ({ ...p, dtype, keys: dtype === 'f16' ? p.keys : clusteredKeys(rng, p.tokens, p.headDim, 'bf16') }));
+      const ps = problems(rng).map((p) => ({ ...p, dtype, keys: dtype === 'f16' ? p.keys : clusteredKeys(rng, p.tokens, p.headDim, 'bf16', 12) }));
       const [gpu, again, host] = [await kmeansManyDevice(ps), await kmeansManyDevice(ps), await kmeansMany(ps)];
       for (const [i, p] of ps.entries()) {
         const at = `${dtype} problem ${i}: `;

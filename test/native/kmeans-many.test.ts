@@ -4,22 +4,12 @@
 // however many share the pool.
 import { describe, expect, it } from 'vitest';
 import { kmeans, kmeansMany, type KmeansArgs } from '../../addon/faiss.js';
-import { bitsOf } from '../helpers/half.js';
+import { clusteredKeys } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
 console.log(`kmeansMany tests: seed ${seed}`);
 
-/** Keys around a few centres, so k-means has structure to find (and ties to break). */
-function clusteredKeys(rng: Rng, n: number, d: number, dtype: 'f16' | 'bf16'): Uint16Array {
-  const centres = Array.from({ length: 6 }, () => Float64Array.from({ length: d }, () => 2 * rng.normal()));
-  const bits = new Uint16Array(n * d);
-  for (let i = 0; i < n; i++) {
-    const c = centres[rng.int(centres.length)];
-    for (let j = 0; j < d; j++) bits[i * d + j] = bitsOf(dtype)(c[j] + rng.normal());
-  }
-  return bits;
-}
 
 describe('native kmeansMany', () => {
   it('answers each problem as kmeans answers it alone', async () => {
