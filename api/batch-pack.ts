@@ -1,5 +1,5 @@
-// A batch's answer `{id?, results: [{out, lse, stats}, ...], stats: {ms}}`
-// packed straight into its frame: the same bytes as packParts() of the
+// A batch's answer `{id?, results: [{out, lse, stats}, ...], stats: {ms}}`,
+// and one attend's `{id?, out, lse, stats}`, packed straight into their frame: the same bytes as packParts() of the
 // answer objects (core/msgpack-parts.ts: the same forms, keys in the same
 // order, tensor data at offsets that are multiples of 4), without building
 // those objects, walking them, or joining parts.
@@ -174,29 +174,68 @@ class Sink {
   }
 }
 
+/** One step's answer `{out, lse, stats}` (after its map header, which the caller writes with any keys before these). */
+function writeStep(sink: Sink, r: AttendAnswer, stats: [string, number | string][]): void {
+  sink.str('out');
+  sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outBytes(r)!);
+  sink.str('lse');
+  sink.tensor('f32', r.model.qHeads, undefined, new Uint8Array(r.lse.buffer, r.lse.byteOffset, r.lse.byteLength));
+  sink.str('stats');
+  sink.flat(stats);
+}
+
+/** An id as packParts writes it (the caller has checked it is a number or a short ASCII string). */
+function writeId(sink: Sink, id: unknown): void {
+  sink.str('id');
+  if (typeof id === 'number') sink.num(id);
+  else sink.str(id as string);
+}
+
 function write(sink: Sink, id: unknown, results: AttendAnswer[], stats: [string, number | string][][], ms: number): void {
   sink.u8(id === undefined ? 0x82 : 0x83);
-  if (id !== undefined) {
-    sink.str('id');
-    if (typeof id === 'number') sink.num(id);
-    else sink.str(id as string);
-  }
+  if (id !== undefined) writeId(sink, id);
   sink.str('results');
   sink.head(results.length, 0x90, 0xdc, 0xdd);
   for (let i = 0; i < results.length; i++) {
-    const r = results[i];
     sink.u8(0x83);
-    sink.str('out');
-    sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outBytes(r)!);
-    sink.str('lse');
-    sink.tensor('f32', r.model.qHeads, undefined, new Uint8Array(r.lse.buffer, r.lse.byteOffset, r.lse.byteLength));
-    sink.str('stats');
-    sink.flat(stats[i]);
+    writeStep(sink, results[i], stats[i]);
   }
   sink.str('stats');
   sink.u8(0x81);
   sink.str('ms');
   sink.num(ms);
+}
+
+/** Whether packParts would write this id as this file writes it (absent, a number, or a short ASCII string). */
+const plainId = (id: unknown) => id === undefined || typeof id === 'number' || (typeof id === 'string' && shortAscii(id));
+
+/**
+ * One attend's answer frame `{id, out, lse, stats}` (id left out when
+ * undefined), the bytes packParts makes of `{id, ...attendAnswer(r)}`, or
+ * undefined when the answer is not the common one (selection, kv, stats
+ * beyond numbers and short strings, an id of another kind).
+ *
+ * Why: a single decode step's answer went through the answer object, the
+ * spread with its id, packParts (a zeroed 4 KB scratch, the parts) and the
+ * join into the frame: 35-50 µs p50 on the 2-core VM after a step over 4K
+ * tokens, against ~10 here (bench/results/transport-vm-stream-trace.md).
+ */
+export function packAttendAnswer(id: unknown, r: AttendAnswer): PackedFrame | undefined {
+  if (!plainId(id)) return undefined;
+  const stats = plainStats(r);
+  if (!stats) return undefined;
+  const one = (sink: Sink) => {
+    sink.u8(id === undefined ? 0x83 : 0x84);
+    if (id !== undefined) writeId(sink, id);
+    writeStep(sink, r, stats);
+  };
+  const size = new Sink();
+  one(size);
+  return new PackedFrame(size.at, (target) => {
+    const sink = new Sink(target);
+    one(sink);
+    if (sink.at !== size.at) throw new Error(`attend answer: wrote ${sink.at} bytes of ${size.at}`);
+  });
 }
 
 /**
@@ -205,7 +244,7 @@ function write(sink: Sink, id: unknown, results: AttendAnswer[], stats: [string,
  * failed or any part of it is not the common answer.
  */
 export function packBatchAnswer(id: unknown, settled: PromiseSettledResult<AttendAnswer>[], ms: number): PackedFrame | undefined {
-  if (id !== undefined && typeof id !== 'number' && !(typeof id === 'string' && shortAscii(id))) return undefined;
+  if (!plainId(id)) return undefined;
   // Anything but a number goes the general way, which refuses what it cannot pack (the stream then closes with 1011).
   if (typeof ms !== 'number') return undefined;
   const results: AttendAnswer[] = [], stats: [string, number | string][][] = [];

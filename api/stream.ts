@@ -24,7 +24,7 @@ import { MsgpackError, unpackView } from '../core/msgpack-parts-decode.js';
 import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
-import { packBatchAnswer, PackedFrame } from './batch-pack.js';
+import { packAttendAnswer, packBatchAnswer, PackedFrame } from './batch-pack.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
@@ -84,26 +84,50 @@ function refuse(socket: Duplex, status: number, reason: string, why = '', header
 }
 
 function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
-  let answered: Promise<void> = Promise.resolve();
+  // Answers owed, in the order their frames came: each goes out once it and
+  // every one before it are ready. (A promise chain per answer cost a few
+  // microtask turns and promises on every decode step.)
+  const owed: Owed[] = [];
+  const flush = () => {
+    while (owed.length > 0 && owed[0].ready) {
+      const { frame, release } = owed.shift()!;
+      try {
+        // A rejected handle() (nothing should reject there) or a send that threw: this connection closes, the process and the other streams go on.
+        if (frame === undefined) conn().close(CLOSE_ERROR, 'the server failed to send an answer');
+        else send(conn(), frame);
+      } catch {
+        conn().close(CLOSE_ERROR, 'the server failed to send an answer');
+      } finally {
+        // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one).
+        release();
+      }
+    }
+  };
   return {
     message: (data, binary, release, readMs) => {
-      const answer = handle(data, binary, sessions, documents, metrics, readMs);
-      answered = answered
-        .then(() => answer)
-        .then((frame) => {
-          try {
-            send(conn(), frame);
-          } finally {
-            // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one).
-            release();
-          }
-        })
-        // An answer that could not be sent (nothing should throw there): this connection closes, the process and the other streams go on.
-        .catch(() => conn().close(CLOSE_ERROR, 'the server failed to send an answer'));
+      const slot: Owed = { ready: false, release };
+      owed.push(slot);
+      handle(data, binary, sessions, documents, metrics, readMs).then(
+        (frame) => {
+          slot.frame = frame;
+          slot.ready = true;
+          flush();
+        },
+        () => {
+          slot.ready = true;
+          flush();
+        },
+      );
     },
     // In-flight steps finish and their answers are dropped (send skips a closed connection).
     closed,
   };
+}
+
+interface Owed {
+  ready: boolean;
+  frame?: Record<string, unknown> | PackedFrame;
+  release: () => void;
 }
 
 /** One answer frame: packed (a batch's) or its parts (tensors as the result's own arrays) copied once, straight after the frame header. */
@@ -144,7 +168,7 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
     if (typeof body.session !== 'string') throw malformed('an attend frame names its session');
     const res = await sessions.attend(body.session, body);
     metrics.observeAttend(res.stats.ms);
-    return { id, ...attendAnswer(res) };
+    return packAttendAnswer(id, res) ?? { id, ...attendAnswer(res) };
   } catch (e) {
     const { code, message } = errorOf(e);
     return { id, error: { code, message } };

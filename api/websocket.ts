@@ -45,6 +45,9 @@ const POOLED = 1 << 16;
 /** Nor larger ones: the pool keeps what it is given for a while, and a batch's frames are well under this. */
 const POOLED_MAX = 32 << 20;
 const pooledSize = (n: number) => n >= POOLED && n <= POOLED_MAX;
+/** A connection's warm answer buffer: at least this large, and frames up to its largest size go through it. */
+const SPARE_MIN = 1 << 14;
+const SPARE_MAX = POOLED;
 /** How long a closing connection waits for the peer's close before dropping it. */
 const CLOSE_WAIT_MS = 1000;
 /**
@@ -154,6 +157,12 @@ export class WsConnection {
   private peak = 0;
   /** The rest of the current message being read straight from the socket. */
   private direct?: SocketRead;
+  /**
+   * A warm buffer for answer frames below the pool's sizes (a decode step's
+   * 8-17 KB): reused while each write is taken whole by the kernel at once
+   * (the socket then holds nothing of it), instead of a fresh buffer per answer.
+   */
+  private spare?: Buffer;
 
   constructor(
     private readonly socket: Socket,
@@ -196,12 +205,19 @@ export class WsConnection {
     const headerBytes = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
     const total = headerBytes + length;
     const pooled = pooledSize(total);
-    const buf = pooled ? pool.take(total) : Buffer.allocUnsafe(total);
+    const spare = !pooled && total <= SPARE_MAX;
+    let buf: Buffer;
+    if (pooled) buf = pool.take(total);
+    else if (spare) buf = this.spare && this.spare.byteLength >= total ? this.spare : (this.spare = Buffer.allocUnsafeSlow(Math.max(SPARE_MIN, 2 ** Math.ceil(Math.log2(total)))));
+    else buf = Buffer.allocUnsafe(total);
     writeHeader(buf, OP_BINARY, length, headerBytes);
     fill(buf.subarray(headerBytes, total));
     if (pooled) this.socket.write(buf.subarray(0, total), () => pool.give(buf));
     else this.socket.write(buf.subarray(0, total));
-    this.peak = Math.max(this.peak, this.socket.writableLength);
+    const queued = this.socket.writableLength;
+    // Not all taken by the kernel at once: the socket holds the spare until it is written, and the next answer takes a new one.
+    if (spare && queued > 0) this.spare = undefined;
+    this.peak = Math.max(this.peak, queued);
   }
 
   /** Starts the close handshake (or answers the peer's): a close frame, then the socket ends. */

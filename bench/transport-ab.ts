@@ -1,10 +1,13 @@
-// node dist/bench/transport-ab.js --before <tree> --after <tree> [--calls 200 --rounds 5 --tag ab --rows health,stream,...]
+// node dist/bench/transport-ab.js --before <tree> --after <tree> [--calls 200 --rounds 5 --tag ab --rows health,stream,... --clients own --warm 10 --out name]
 //
 // Two servers' decode-call overhead side by side: the built trees `before`
 // and `after` (each holding dist/cli/cli.js and its addon) serve at once,
 // each in its own process on 127.0.0.1, and one TypeScript client (this
-// tree's) takes turns between them call block by call block, so a shared
-// machine's load falls on both alike. Rows: bare GET /v1/health, one stream
+// tree's; with --clients own, each tree's own client for its server, so
+// client changes are measured too) takes turns between them call block by
+// call block, so a shared machine's load falls on both alike. --warm: calls
+// per row and side before the rounds (the JIT tiers a path up over its
+// first thousands of calls; a decode server makes them in seconds). Rows: bare GET /v1/health, one stream
 // attend (f32 and f16 q/out), a stream batch of 32 sessions (f32 and f16),
 // an HTTP batch of 32 (f16); one layer, 32 q / 8 kv heads, d=128, exact over
 // 4K tokens, as bench/transport.ts. Overhead = client wall − the server's
@@ -25,14 +28,17 @@ const arg = (name: string, def?: string) => {
 };
 const CALLS = Number(arg('calls', '200')), ROUNDS = Number(arg('rounds', '5')), TOKENS = 4096, BATCH = 32;
 const trees = { before: resolve(arg('before') ?? '.'), after: resolve(arg('after') ?? '.') };
+const OWN_CLIENTS = arg('clients') === 'own', WARM = Number(arg('warm', '10'));
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport-ab] ${msg}\n`);
 
 type Call = () => Promise<number>;
 
 /** One server's calls: each returns its overhead (wall − server ms), a health call its wall. */
-async function callsOf(url: string): Promise<{ calls: Record<string, Call>; stream: KvrecallStream; bare: { close(): void } }> {
-  const client = new KvrecallClient({ url });
+async function callsOf(url: string, tree: string): Promise<{ calls: Record<string, Call>; stream: KvrecallStream; bare: { close(): void } }> {
+  // The other tree's client, when asked for: the same API (both are this project's), loaded from its build.
+  const Client: typeof KvrecallClient = OWN_CLIENTS ? ((await import(join(tree, 'dist', 'clients', 'ts', 'client.js'))) as { KvrecallClient: typeof KvrecallClient }).KvrecallClient : KvrecallClient;
+  const client = new Client({ url });
   const { sids, q, q16 } = await decodeFixture(client, model, TOKENS, BATCH);
   const stream = await client.openStream();
   const bare = bareHealth(url);
@@ -72,9 +78,9 @@ async function main(): Promise<void> {
   const servers = { before: await startServer(cli(trees.before), dirs.before, '0'), after: await startServer(cli(trees.after), dirs.after, '0') };
   const sides = ['before', 'after'] as const;
   try {
-    const of = { before: await callsOf(servers.before.url), after: await callsOf(servers.after.url) };
+    const of = { before: await callsOf(servers.before.url, trees.before), after: await callsOf(servers.after.url, trees.after) };
     const samples = Object.fromEntries(sides.map((s) => [s, Object.fromEntries(Object.keys(ROWS).map((r) => [r, [] as number[]]))])) as Record<(typeof sides)[number], Record<string, number[]>>;
-    for (const s of sides) for (const r of Object.keys(ROWS)) for (let i = 0; i < 10; i++) await of[s].calls[r](); // warm
+    for (const s of sides) for (const r of Object.keys(ROWS)) for (let i = 0; i < WARM; i++) await of[s].calls[r](); // warm
     const loads: number[] = [];
     const per = Math.ceil(CALLS / ROUNDS);
     progress(`${CALLS} calls per row and side in ${ROUNDS} rounds; before ${trees.before}, after ${trees.after}`);
@@ -104,16 +110,17 @@ async function main(): Promise<void> {
     const tag = (arg('tag', 'ab') ?? 'ab').replace(/[^a-z0-9-]/gi, '');
     const host = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const result = {
-      machine: m, host: hostname(), date: new Date().toISOString(), trees, calls: CALLS, rounds: ROUNDS, tokens: TOKENS, batch: BATCH, model,
+      machine: m, host: hostname(), date: new Date().toISOString(), trees, clients: OWN_CLIENTS ? 'each tree its own' : 'this tree', warm: WARM, calls: CALLS, rounds: ROUNDS, tokens: TOKENS, batch: BATCH, model,
       loadAtStart, loadPerRound: loads, overheadMs: table, ratios: { before: { p50: ratio('before', 'p50'), p10: ratio('before', 'p10') }, after: { p50: ratio('after', 'p50'), p10: ratio('after', 'p10') } },
     };
-    const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-${host}-batch-${tag}`);
+    // --out: the results' base name (default transport-<host>-batch-<tag>).
+    const base = join(import.meta.dirname, '..', '..', 'bench', 'results', (arg('out') ?? `transport-${host}-batch-${tag}`).replace(/[^a-z0-9-]/gi, ''));
     writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
     const f = (x: number) => x.toFixed(3);
     const lines = [
       `# Decode-call overhead, two servers side by side (${m.cpu}, ${m.cores} cores)`,
       '',
-      `\`bench/transport-ab.ts\`: the trees before (${trees.before}) and after (${trees.after}) served at once, one TypeScript client taking turns between them (${CALLS} calls per row and side in ${ROUNDS} rounds, each row's block on one side then the other, the order swapped every round). One layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms (ms). Load average at each round's start and at the end: ${loads.join(', ')} (a shared machine: the ratios between sides are what this measures).`,
+      `\`bench/transport-ab.ts\`: the trees before (${trees.before}) and after (${trees.after}) served at once, ${OWN_CLIENTS ? "each tree's own TypeScript client for its server, in one process," : 'one TypeScript client'} taking turns between them (${WARM} warm-up calls per row and side, then ${CALLS} calls per row and side in ${ROUNDS} rounds, each row's block on one side then the other, the order swapped every round). One layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, exact over ${TOKENS} tokens. Overhead = client wall − server stats.ms (ms). Load average at each round's start and at the end: ${loads.join(', ')} (a shared machine: the ratios between sides are what this measures).`,
       '',
       '| row | before p50 | after p50 | after / before | before p10 | after p10 |',
       '| --- | ---: | ---: | ---: | ---: | ---: |',

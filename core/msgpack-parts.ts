@@ -28,19 +28,38 @@ export interface Parts {
 /** Small bytes are written into one scratch buffer; each part of them is a view of a stretch of it (a new scratch only when full). */
 const SCRATCH = 4096;
 
+/** packInto's target is full: the message does not fit. */
+class NoRoom {}
+const NO_ROOM = new NoRoom();
+
 class Writer {
   readonly parts: Uint8Array[] = [];
   byteLength = 0;
-  private buf = new Uint8Array(SCRATCH);
-  private view = new DataView(this.buf.buffer);
+  private buf: Uint8Array;
+  private view: DataView;
   /** The unflushed stretch is buf[from, at). */
-  private from = 0;
-  private at = 0;
+  private from: number;
+  private at: number;
 
-  constructor(private readonly inlineLimit: number) {}
+  /** `into`: write every byte into this target from `offset` (packInto), never past its end; else parts of scratch and the caller's views. */
+  constructor(
+    private readonly inlineLimit: number,
+    private readonly into?: Uint8Array,
+    offset = 0,
+  ) {
+    this.buf = into ?? new Uint8Array(SCRATCH);
+    this.view = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
+    this.from = this.at = offset;
+  }
+
+  /** Where the next byte goes in the target (packInto). */
+  get end(): number {
+    return this.at;
+  }
 
   private room(n: number): void {
     if (this.at + n <= this.buf.length) return;
+    if (this.into) throw NO_ROOM;
     this.flush();
     this.buf = new Uint8Array(Math.max(SCRATCH, n));
     this.view = new DataView(this.buf.buffer);
@@ -219,6 +238,24 @@ export function packParts(value: unknown, inlineLimit = INLINE_LIMIT): Parts {
   const w = new Writer(inlineLimit);
   w.value(value);
   return w.finish();
+}
+
+/**
+ * The msgpack encoding of `value` written into `target` from `offset`, every
+ * byte inline (the same bytes packParts makes, joined; tensor data aligned
+ * as there, counting from `offset`): the end offset, or -1 when it does not
+ * fit (target's bytes past `offset` are then undefined). For a message
+ * packed straight into a warm frame buffer: no scratch, no parts, no join.
+ */
+export function packInto(value: unknown, target: Uint8Array, offset: number): number {
+  const w = new Writer(Infinity, target, offset);
+  try {
+    w.value(value);
+  } catch (e) {
+    if (e === NO_ROOM) return -1;
+    throw e;
+  }
+  return w.end;
 }
 
 /** Copies the parts, in order, into `target` (at least byteLength bytes); returns the filled view. */

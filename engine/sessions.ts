@@ -111,9 +111,15 @@ export class Sessions {
    * and out in the dtype asked for; reading, decoding and encoding the
    * message around it are the transport's, not in it.
    */
-  async attend(id: string, body: Record<string, unknown>): Promise<AttendAnswer> {
-    const session = this.get(id);
-    return this.queue.run(id, async () => {
+  attend(id: string, body: Record<string, unknown>): Promise<AttendAnswer> {
+    // Not an async function: it returns the queue's promise itself (an async one's wrapping cost two more microtask turns per step).
+    let session: Session;
+    try {
+      session = this.get(id);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.queue.runNow(id, async () => {
       const t0 = performance.now();
       const req = parseAttendRequest(body, session.model);
       const outDtype = req.outDtype ?? 'f32';

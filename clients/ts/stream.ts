@@ -4,7 +4,7 @@
 // straight after the frame header, into a warm buffer; an answer's arrays
 // are views of its frame (read once from the socket into a buffer of its
 // own), not copies.
-import { joinParts, packParts, unpackView } from './msgpack-parts.js';
+import { joinParts, packInto, packParts, unpackView } from './msgpack-parts.js';
 import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type KvUploadBody, type KvUploadStats, type OutOf, type WireAnswer, type WireResult } from './client.js';
 import { HandshakeRefused, WsClient, type WsOptions } from './websocket.js';
 
@@ -13,7 +13,12 @@ const POOLED_FRAME = 1 << 16;
 /** Warm frame buffers kept: one per upload a preload keeps in flight. */
 const SPARES = 4;
 
-type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void };
+/**
+ * `view`: the request copies out all it keeps of its answer as soon as it is
+ * resolved (in the same turn of microtasks), so the answer may be read as a
+ * view of the warm read buffer.
+ */
+type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: Error) => void; view?: boolean };
 
 export class KvrecallStream {
   private nextId = 1;
@@ -31,7 +36,8 @@ export class KvrecallStream {
     const s = new KvrecallStream();
     try {
       s.ws = await WsClient.open(url + '/v1/stream', authorization ? { authorization } : {}, {
-        message: (data) => s.onMessage(data),
+        message: (data) => void s.onMessage(data, false),
+        messageView: (data) => s.onMessage(data, true),
         closed: (e) => s.fail(e),
       }, opts);
     } catch (e) {
@@ -42,7 +48,9 @@ export class KvrecallStream {
   }
 
   async attend<B extends AttendBody>(session: string, body: B): Promise<AttendReply<OutOf<B>>> {
-    const frame = await this.request({ ...(body as AttendBody), session });
+    // Its answer's out, lse and selection are copied out straight after the await (attendReply); kv tensors are passed on as views, so not then.
+    const view = !(body.return as unknown[] | undefined)?.includes('kv');
+    const frame = await this.request({ ...(body as AttendBody), session }, { view, small: true });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
     return attendReply<OutOf<B>>(frame as unknown as WireAnswer);
   }
@@ -73,7 +81,7 @@ export class KvrecallStream {
    */
   sendDocumentKv(document: string, body: KvUploadBody): { written: Promise<void>; answer: Promise<{ layer: number; tokens: number; stats?: KvUploadStats }> } {
     let written: Promise<void> = Promise.resolve();
-    const answer = this.request({ ...body, document }, (parts) => {
+    const write = (parts: ReturnType<typeof packParts>) => {
       let done!: (e?: Error | null) => void;
       written = new Promise((resolve, reject) => (done = (e) => (e ? reject(e) : resolve())));
       try {
@@ -82,7 +90,8 @@ export class KvrecallStream {
         done(e as Error);
         throw e;
       }
-    }).then((frame) => {
+    };
+    const answer = this.request({ ...body, document }, { write }).then((frame) => {
       if (frame.error) throw requestError(frame.error as { code: string; message: string });
       return { layer: frame.layer as number, tokens: frame.tokens as number, stats: frame.stats as KvUploadStats | undefined };
     });
@@ -110,15 +119,22 @@ export class KvrecallStream {
     this.fail(new Error('stream closed'));
   }
 
-  private onMessage(data: Uint8Array): void {
+  /** `view`: data is a view of the warm read buffer (see WsEvents.messageView); false when it must be copied and given again. */
+  private onMessage(data: Uint8Array, view: boolean): boolean {
+    // Answers come in order: the oldest pending request's is most likely this one.
+    if (view && !this.pending.values().next().value?.view) return false;
     let frame: unknown;
     try {
       frame = unpackView(data);
     } catch (e) {
-      return this.protocolError(`undecodable answer: ${(e as Error).message}`);
+      this.protocolError(`undecodable answer: ${(e as Error).message}`);
+      return true;
     }
-    if (typeof frame !== 'object' || frame === null || Array.isArray(frame) || frame instanceof Uint8Array) return this.protocolError('an answer is not a map');
-    this.answer(frame as Record<string, unknown>);
+    if (typeof frame !== 'object' || frame === null || Array.isArray(frame) || frame instanceof Uint8Array) {
+      this.protocolError('an answer is not a map');
+      return true;
+    }
+    return this.answer(frame as Record<string, unknown>, view);
   }
 
   /** The server broke the protocol: every request fails with why, and the connection closes (1002). */
@@ -127,24 +143,41 @@ export class KvrecallStream {
     this.ws.close(1002);
   }
 
-  private answer(frame: Record<string, unknown>): void {
+  /** False (nothing done) when the frame is a view and its request keeps views of it. */
+  private answer(frame: Record<string, unknown>, view: boolean): boolean {
     // An error answer without an id is for a frame the server could not
     // decode (so could not read its id); answers come in order, so it is the
     // oldest request's.
     const id = typeof frame.id === 'number' ? frame.id : frame.error !== undefined ? this.pending.keys().next().value : undefined;
     const p = id === undefined ? undefined : this.pending.get(id);
-    if (!p || id === undefined) return;
+    if (!p || id === undefined) return true;
+    if (view && !p.view) return false;
     this.pending.delete(id);
     p.resolve(frame);
+    return true;
   }
 
-  /** `write`: sends the packed frame itself (else it is copied into a warm frame buffer and sent). */
-  private request(body: Record<string, unknown>, write?: (parts: ReturnType<typeof packParts>) => void): Promise<Record<string, unknown>> {
+  /**
+   * `body` is the caller's own object (its id is set here). `write`: sends
+   * the packed frame itself (else it is copied into a warm frame buffer and
+   * sent); `small`: a decode step's request, packed straight into the
+   * connection's warm buffer when it fits; `view`: see Pending.
+   */
+  private request(body: Record<string, unknown>, { write, view = false, small = false }: { write?: (parts: ReturnType<typeof packParts>) => void; view?: boolean; small?: boolean } = {}): Promise<Record<string, unknown>> {
     if (this.closed) return Promise.reject(this.closed);
     const id = this.nextId++;
+    body.id = id;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      const parts = packParts({ ...body, id });
+      this.pending.set(id, { resolve, reject, view });
+      // No scratch, no parts, no join: the request packed after room for its frame header (its size is not known before).
+      if (small)
+        try {
+          if (this.ws.sendPacked((target, at) => packInto(body, target, at), POOLED_FRAME)) return;
+        } catch (e) {
+          this.pending.delete(id);
+          return reject(e as Error);
+        }
+      const parts = packParts(body);
       if (write) {
         try {
           write(parts);

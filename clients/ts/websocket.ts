@@ -24,6 +24,11 @@ const OP_CONT = 0x0, OP_BINARY = 0x2, OP_CLOSE = 0x8, OP_PING = 0x9, OP_PONG = 0
 const MAX_HEAD = 64 << 10;
 /** The warm read buffer of a plain TCP connection. */
 const READ_BUFFER = 1 << 20;
+const EMPTY = Buffer.alloc(0);
+/** A client frame header at most: 2 bytes, a 64-bit length, the mask key. */
+const MAX_CLIENT_HEADER = 14;
+/** sendPacked's first warm buffer (a decode step's request is 8-17 KB). */
+const SPARE_MIN = 1 << 15;
 /** The largest server message taken unless told otherwise (the server's own default body limit is this order). */
 export const MAX_MESSAGE = 256 << 20;
 
@@ -45,6 +50,13 @@ export class HandshakeRefused extends Error {
 export interface WsEvents {
   /** One whole binary (or text) message; `data` stays valid (the caller may keep views of it), its offset a multiple of 4. */
   message(data: Uint8Array): void;
+  /**
+   * A whole message that came in one read, as a view of the warm read
+   * buffer: valid only until this call and the microtasks it sets off are
+   * done (the next read overwrites it), its offset any. True when taken;
+   * false to have it copied and given to message() instead.
+   */
+  messageView?(data: Uint8Array): boolean;
   /** The connection is gone, and why. */
   closed(e: Error): void;
 }
@@ -71,7 +83,7 @@ export class WsClient {
   private gone?: Error;
   private closing = false;
   /** Bytes of a frame header not yet complete. */
-  private pending: Buffer = Buffer.alloc(0);
+  private pending: Buffer = EMPTY;
   /** The frame being read. */
   private opcode = 0;
   private fin = true;
@@ -81,6 +93,8 @@ export class WsClient {
   private msg?: Buffer;
   private msgLength = 0;
   private control: Buffer[] = [];
+  /** The warm buffer sendPacked packs requests into (absent while the socket holds it). */
+  private spare?: Buffer;
 
   private constructor(
     private readonly socket: Socket,
@@ -153,6 +167,46 @@ export class WsClient {
     h.copy(buf, 0);
     fill(buf.subarray(h.byteLength, total));
     this.socket.write(buf.subarray(0, total), () => written?.(buf));
+  }
+
+  /**
+   * Sends one binary message that `pack` writes into a warm buffer of this
+   * connection's, straight after room for the frame header: pack(target,
+   * at) writes the payload from `at` and returns its end, or -1 when it
+   * does not fit (it is then called again with a buffer twice as large, up
+   * to `max` bytes; past that this returns false and sends nothing). The
+   * buffer stays warm while each write is taken whole by the kernel at once;
+   * one the socket still holds is left to it and the next message takes a
+   * new one.
+   */
+  sendPacked(pack: (target: Uint8Array, at: number) => number, max: number): boolean {
+    if (this.gone || this.closing) throw this.gone ?? new Error('stream closed');
+    for (;;) {
+      const buf = (this.spare ??= Buffer.allocUnsafeSlow(SPARE_MIN));
+      const end = pack(buf, MAX_CLIENT_HEADER);
+      if (end < 0) {
+        if (buf.byteLength * 2 > max) return false;
+        this.spare = Buffer.allocUnsafeSlow(buf.byteLength * 2);
+        continue;
+      }
+      const length = end - MAX_CLIENT_HEADER;
+      const n = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
+      const start = MAX_CLIENT_HEADER - n - 4;
+      buf[start] = 0x80 | OP_BINARY;
+      if (n === 2) buf[start + 1] = 0x80 | length;
+      else if (n === 4) {
+        buf[start + 1] = 0x80 | 126;
+        buf.writeUInt16BE(length, start + 2);
+      } else {
+        buf[start + 1] = 0x80 | 127;
+        buf.writeUInt32BE(Math.floor(length / 2 ** 32), start + 2);
+        buf.writeUInt32BE(length >>> 0, start + 6);
+      }
+      buf.writeUInt32BE(0, MAX_CLIENT_HEADER - 4); // the zero mask key
+      this.socket.write(buf.subarray(start, end));
+      if (this.socket.writableLength > 0) this.spare = undefined;
+      return true;
+    }
   }
 
   /**
@@ -234,7 +288,7 @@ export class WsClient {
         if (op < 0x8 && before + length > this.maxMessage)
           return this.protocolError(`a server message of ${before + length} bytes or more is over the limit of ${this.maxMessage} (maxMessage)`, 1009);
         at += n - this.pending.byteLength;
-        this.pending = Buffer.alloc(0);
+        this.pending = EMPTY;
         this.fin = (src[0] & 0x80) !== 0;
         this.opcode = src[0] & 0x0f;
         this.left = length;
@@ -255,6 +309,13 @@ export class WsClient {
         this.control.push(Buffer.from(bytes));
         this.left -= n;
         if (this.left === 0) this.endFrame(Buffer.concat(this.control.splice(0)));
+        continue;
+      }
+      // The whole message in the warm read buffer: offered as a view of it first (no copy, no buffer of its own).
+      if (reused && this.left === n && this.fin && this.opcode !== OP_CONT && !this.msg && this.events?.messageView?.(bytes)) {
+        this.left = 0;
+        this.inPayload = false;
+        this.msgLength = 0;
         continue;
       }
       // The whole message in this read, aligned: a view of it.

@@ -1,11 +1,12 @@
 // The batch answer packed straight into its frame (api/batch-pack.ts) is
 // byte for byte what the generic packer makes of the same answer objects
-// (packParts of {id, results: batchAnswer(...), stats: {ms}}), at every
+// (packParts of {id, results: batchAnswer(...), stats: {ms}}; one attend's:
+// of {id, ...attendAnswer(r)}), at every
 // size boundary its forms cross (counts, shapes, numbers, data lengths and
 // the tensor padding); answers it does not cover are left to packParts.
 import { describe, expect, it } from 'vitest';
-import { batchAnswer } from '../../api/attend-answer.js';
-import { packBatchAnswer } from '../../api/batch-pack.js';
+import { attendAnswer, batchAnswer } from '../../api/attend-answer.js';
+import { packAttendAnswer, packBatchAnswer } from '../../api/batch-pack.js';
 import { errorOf } from '../../api/errors.js';
 import { joinParts, packParts } from '../../core/msgpack-parts.js';
 import type { AttendAnswer } from '../../engine/sessions.js';
@@ -86,5 +87,46 @@ describe('packBatchAnswer', () => {
     expect(packBatchAnswer('x'.repeat(32), [good()], 1)).toBeUndefined();
     expect(packBatchAnswer({ a: 1 }, [good()], 1)).toBeUndefined();
     expect(packBatchAnswer(1, [good()], 1)).toBeDefined();
+  });
+});
+
+describe('packAttendAnswer', () => {
+  const bytes = (p: { byteLength: number; fill: (t: Uint8Array) => void }) => {
+    const buf = new Uint8Array(p.byteLength);
+    p.fill(buf);
+    return Buffer.from(buf);
+  };
+  const generic1 = (id: unknown, r: AttendAnswer) => {
+    const parts = packParts({ id, ...attendAnswer(r) });
+    return Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)));
+  };
+
+  it('writes the bytes packParts writes for the same answer', () => {
+    const shapes: [number, number][] = [[1, 1], [1, 3], [2, 5], [32, 128], [15, 16], [16, 17], [127, 2], [128, 3], [255, 1], [256, 1], [3, 300], [40, 1700], [2, 65536 / 2 + 1]];
+    for (let trial = 0; trial < 120; trial++) {
+      const [qHeads, headDim] = pick(shapes);
+      const r = answer(qHeads, headDim, pick(['f32', 'f16', 'bf16'] as const));
+      const id = pick([undefined, 1, 7, 127, 128, 70000, 2 ** 40, -5, 0.25, Number.NaN, 'abc', '', 'x'.repeat(31)]);
+      const mine = packAttendAnswer(id, r);
+      expect(mine, `trial ${trial}`).toBeDefined();
+      expect(bytes(mine!).equals(generic1(id, r)), `trial ${trial}: ${qHeads}x${headDim}, id ${String(id)}`).toBe(true);
+    }
+  });
+
+  it('leaves selections, kv, nested stats, unrounded 16-bit outs and unusual ids to packParts', () => {
+    const withSelection = answer(4, 8, 'f32');
+    withSelection.selection = [new Int32Array([1, 2])];
+    expect(packAttendAnswer(1, withSelection)).toBeUndefined();
+    const withKv = answer(4, 8, 'f32');
+    withKv.kv = { k: [new Uint16Array(8)], v: [new Uint16Array(8)] };
+    expect(packAttendAnswer(1, withKv)).toBeUndefined();
+    const nested = answer(4, 8, 'f32');
+    (nested.stats as unknown as Record<string, unknown>).blocks = { selected: 1, hits: 0, bytesIn: 0 };
+    expect(packAttendAnswer(1, nested)).toBeUndefined();
+    const unrounded = answer(4, 8, 'f16');
+    delete unrounded.outWords;
+    expect(packAttendAnswer(1, unrounded)).toBeUndefined();
+    for (const id of ['é', 'x'.repeat(32), { a: 1 }, [1], null, true]) expect(packAttendAnswer(id, answer(4, 8, 'f32')), String(id)).toBeUndefined();
+    expect(packAttendAnswer(1, answer(4, 8, 'f32'))).toBeDefined();
   });
 });

@@ -1,10 +1,11 @@
 // The client's part-wise msgpack encoder: concatenated, its parts decode
 // (with the server's decoder settings) to the value encoded, at every size
 // boundary of the format; binary fields at or above the inline limit are
-// the caller's own bytes, not copies.
+// the caller's own bytes, not copies. packInto writes the same bytes into
+// a target from an offset, or reports that they do not fit.
 import { Unpackr } from 'msgpackr';
 import { describe, expect, it } from 'vitest';
-import { packParts } from '../../clients/ts/msgpack-parts.js';
+import { joinParts, packInto, packParts } from '../../clients/ts/msgpack-parts.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
@@ -78,5 +79,40 @@ describe('packParts', () => {
     const big = parts.filter((p) => p.buffer === backing.buffer);
     expect(big.map((p) => [p.byteOffset, p.byteLength])).toEqual([[100, 8000], [9000, 4096]]);
     expect(parts.some((p) => p.buffer === small.buffer)).toBe(false);
+  });
+});
+
+describe('packInto', () => {
+  it('writes the joined parts of packParts from the offset given, tensor padding counted from there, or -1 when they do not fit', () => {
+    const rng = new Rng(seed ^ 0x79);
+    const value = (depth: number): unknown => {
+      const pick = rng.int(depth > 2 ? 5 : 7);
+      if (pick === 0) return rng.int(2 ** 33) - 2 ** 32;
+      if (pick === 1) return rng.normal();
+      if (pick === 2) return (rng.int(2) ? 'é' : 'k').repeat(rng.int(80));
+      if (pick === 3) return bytes(rng, rng.int(3) === 0 ? 5000 + rng.int(5000) : rng.int(300));
+      if (pick === 4) return { dtype: 'f32', shape: [1 + rng.int(3), 1 + rng.int(300)], data: bytes(rng, 4 * rng.int(700)) };
+      if (pick === 5) return Array.from({ length: rng.int(6) }, () => value(depth + 1));
+      return Object.fromEntries(Array.from({ length: rng.int(6) }, (_, i) => [`f${i}`, value(depth + 1)]));
+    };
+    for (let i = 0; i < 300; i++) {
+      const v = { id: rng.int(1000), layer: rng.int(32), body: value(0) };
+      const parts = packParts(v);
+      const want = Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)));
+      const offset = rng.int(20);
+      const target = new Uint8Array(offset + want.byteLength + rng.int(3)).fill(0xee);
+      const end = packInto(v, target, offset);
+      expect(end).toBe(offset + want.byteLength);
+      expect(Buffer.from(target.subarray(offset, end)).equals(want), `value ${i}`).toBe(true);
+      expect(target.subarray(0, offset).every((b) => b === 0xee)).toBe(true);
+      // One byte short anywhere in the message: it does not fit, and nothing is written before the offset.
+      const short = new Uint8Array(offset + want.byteLength - 1 - rng.int(Math.min(want.byteLength, 50))).fill(0xee);
+      expect(packInto(v, short, offset)).toBe(-1);
+      expect(short.subarray(0, offset).every((b) => b === 0xee)).toBe(true);
+    }
+  });
+
+  it('refuses what packParts refuses', () => {
+    expect(() => packInto({ f: () => 1 }, new Uint8Array(64), 0)).toThrow(TypeError);
   });
 });
