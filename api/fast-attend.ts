@@ -16,7 +16,7 @@ import { joinParts, packParts, type Parts } from '../core/msgpack-parts.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
-import { packBatchAnswer, PackedFrame } from './batch-pack.js';
+import { packAttendAnswer, packBatchAnswer, PackedFrame } from './batch-pack.js';
 import { tokenAccepted } from './auth.js';
 import { decodeMsgpack, isMsgpack, readInto } from './codec.js';
 import { errorBody, errorOf } from './errors.js';
@@ -71,7 +71,8 @@ async function serve(req: IncomingMessage, res: ServerResponse, route: { name: s
     if (route.sid !== undefined) {
       const r = await sessions.attend(route.sid, body);
       metrics.observeAttend(r.stats.ms);
-      send(res, packParts(attendAnswer(r)));
+      // The common answer written straight into the body (the bytes packParts writes: test/api/batch-pack.test.ts).
+      send(res, packAttendAnswer(undefined, r) ?? packParts(attendAnswer(r)));
     } else {
       const { results, ms } = await sessions.attendBatch(body);
       for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
