@@ -34,7 +34,9 @@ MAX_EXACT_SHARE, MIN_AGREEMENT, MAX_LAYER_ERR, MIN_TRIALS, MAX_KEY_GAP = 0.03, 0
 # (no trial ids; its trials 0-16 are trials 0-16 of model-h200.json's, and its ivf is the build before d134c37);
 # model-vm-16k-seed1.json (no trial ids); topk-blocks and nosa of model-vm-32k.json and of the H200's trials 0-31
 # at 16K (in model-gpu-16k-merged.json): block summaries before a6aad4b (sub-centroids), counted from the files of
-# the build after it instead.
+# the build after it instead; topk-blocks and nosa of model-vm-16k-blocks-new.json and model-vm-32k-blocks-new.json:
+# the budget spent before d5dc1b6/4c461b3 (rounded up, sinks and window widened, no recent rows), counted from
+# model-vm-blocks-recent.json instead (its `split` configurations: a per-layer budget of mean 0.024).
 TALLIES: Dict[str, Tuple[int, List[Tuple[str, Optional[List[str]]]]]] = {
     "8k": (8192, [
         ("model-h200-8k-a.json", None),
@@ -42,14 +44,14 @@ TALLIES: Dict[str, Tuple[int, List[Tuple[str, Optional[List[str]]]]]] = {
     "16k": (16384, [
         ("model-gpu-16k-merged.json", ["wave", "hnsw", "ivf", "retrieval-attention"]),
         ("model-vm-ivf.json", ["ivf"]),
-        ("model-vm-16k-blocks-new.json", ["topk-blocks", "nosa"]),
+        ("model-vm-blocks-recent.json", None),
     ]),
     "32k": (32768, [
         ("model-h200-32k-merged.json", None),
         ("model-vm-32k.json", ["wave", "hnsw", "retrieval-attention"]),
         ("model-vm-32k-c.json", None),
         ("model-vm-ivf.json", ["ivf"]),
-        ("model-vm-32k-blocks-new.json", ["topk-blocks", "nosa"]),
+        ("model-vm-blocks-recent.json", None),
     ]),
 }
 
