@@ -100,8 +100,12 @@ describe('ra-graph ranked by the group attention', () => {
     const scale = 1 / Math.sqrt(d);
     const keys = keysOf(rng, 'f16', n, d, 3);
     const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 2000, d), degree: 12, kBuild: 32 });
-    let worst = 0, sum = 0, scanned = 0, heldAttention = 0, heldMax = 0;
-    for (let trial = 0; trial < 4; trial++) {
+    // 12 trials: one trial's error is mostly its partition miss (below), so the mean over 4 had the
+    // sample's tail (0.51 on one CI seed); over 12 its spread is a third of that.
+    const trials = 12;
+    const trialMean: number[] = [], trialWorst: number[] = [];
+    let sum = 0, scanned = 0, heldAttention = 0, heldMax = 0;
+    for (let trial = 0; trial < trials; trial++) {
       const q = groupRows(rng, G, d);
       const ref = reference(q, G, keys.values, n, d, scale);
       const a = { ...args(keys.bits, n, d, 'f16', q, G, k, 8 * k), margin: 1 };
@@ -110,21 +114,27 @@ describe('ra-graph ranked by the group attention', () => {
       // The sample (n/512 keys, at least 64) is scored and counted.
       expect(r.scanned).toBeGreaterThanOrEqual(Math.max(64, Math.floor(n / 512)));
       expect(r.scanned).toBeLessThan(n);
-      scanned += r.scanned / n / 4;
+      scanned += r.scanned / n / trials;
+      let mean = 0, worst = 0;
       for (let i = 0; i < k; i++) {
         const e = Math.abs(a.outScores[i] - Math.log(ref.meanProb[a.outIds[i]]));
         worst = Math.max(worst, e);
-        sum += e / (4 * k);
+        mean += e / k;
         heldAttention += ref.meanProb[a.outIds[i]];
       }
+      trialMean.push(mean);
+      trialWorst.push(worst);
+      sum += mean / trials;
       // The same walk's budget ranked by the max over rows (margin in q·k units).
       const m = { ...args(keys.bits, n, d, 'f16', q, G, k, 8 * k), margin: 1 / scale, aggregate: 'max' as const };
       graph.searchSync(m);
       for (const id of m.outIds) heldMax += ref.meanProb[id];
     }
+    const median = (v: number[]) => [...v].sort((x, y) => x - y)[v.length >> 1];
     console.log(
-      `attention ranking, bounded (margin 1): log-probability error mean ${sum.toFixed(3)}, worst ${worst.toFixed(3)} at ${(100 * scanned).toFixed(1)}% scanned; ` +
-        `group attention held ${(heldAttention / 4).toFixed(3)} (max ranking ${(heldMax / 4).toFixed(3)})`,
+      `attention ranking, bounded (margin 1): log-probability error mean ${sum.toFixed(3)}, per trial ${trialMean.map((e) => e.toFixed(2)).join(' ')}; ` +
+        `worst per trial ${trialWorst.map((e) => e.toFixed(2)).join(' ')}; ${(100 * scanned).toFixed(1)}% scanned; ` +
+        `group attention held ${(heldAttention / trials).toFixed(3)} (max ranking ${(heldMax / trials).toFixed(3)})`,
     );
     // The unreached keys' mass comes from the sample's unreached part (n/512
     // keys, 78 here; 2048 at 1M keys). On the peaked row most of the mass
@@ -135,9 +145,12 @@ describe('ra-graph ranked by the group attention', () => {
     // partitions low). The worst is one trial's partition miss shared by its
     // k keys (their 99th percentile is within 0.02 of it), so it has the
     // sample's tail: over 25 more seeds 0.22-0.57, and 0.80 for seed
-    // 1184125512 (a CI run failed on the old bound of 0.7).
+    // 1184125512 (a CI run failed on the old bound of 0.7). Per trial, over
+    // 25 seeds x 12 trials: mean 0.23, range 0.005-0.59; the mean of 12
+    // trials 0.17-0.31. Bounds: the mean of 12 below 0.4, and the median
+    // trial's worst key below 0.7.
     expect(sum).toBeLessThan(0.4);
-    expect(worst).toBeLessThan(1.0);
+    expect(median(trialWorst)).toBeLessThan(0.7);
     // Held attention: 4 of 4 seeds above the max ranking, by 0.2-5%; the bar is "not below by 2%".
     expect(heldAttention).toBeGreaterThan(0.98 * heldMax);
   });
