@@ -7,6 +7,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -62,6 +63,10 @@ double Kmeans(const KmeansProblem& p) {
 void KmeansMany(std::vector<KmeansProblem>& problems) {
   if (problems.empty()) return;
   const int each = std::max(1, FaissThreads() / int(problems.size()));
+  // With a thread a problem the problems fill the pool themselves; with
+  // fewer problems than threads OpenBLAS keeps its own to spread each sgemm.
+  std::optional<SingleThreadBlas> blas;
+  if (each == 1) blas.emplace();
   for (KmeansProblem& p : problems) p.threads = each;
   // The pool does not carry exceptions across threads: the first is kept and rethrown here.
   std::vector<std::exception_ptr> failed(problems.size());
