@@ -33,7 +33,10 @@ export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, 
     throw invalid(`start must be a non-negative integer, got ${JSON.stringify(start)}`);
   const k = parseFloatTensor(body.k, 'k');
   const v = parseFloatTensor(body.v, 'v');
-  const n = k.shape[1] ?? 0;
+  // n is read from k itself, so a k of the wrong rank would be told a shape made up from its own dims.
+  if (k.shape.length !== 3)
+    throw invalid(`k must have shape [kvHeads, tokens, headDim] = [${model.kvHeads}, tokens, ${model.headDim}], got [${k.shape.join(', ')}]`);
+  const n = k.shape[1];
   expectShape(k, [model.kvHeads, n, model.headDim], 'k');
   expectShape(v, [model.kvHeads, n, model.headDim], 'v');
   if (n === 0) throw invalid('k and v must hold at least one token');

@@ -153,6 +153,19 @@ describe('prefill queries at the document stride', () => {
     await expect(client.uploadSessionKv(s.id, { layer: 0, start: 0, k: c.k, v: c.v, q: stridedQueries(q, 0, 3), ...{ queryStride: 3 } })).rejects.toMatchObject({ status: 422 });
     await expect(client.uploadSessionKv(s.id, { layer: 0, start: 0, k: c.k, v: c.v, q })).resolves.toMatchObject({ tokens: 6 });
   });
+
+  it('tells a k of the wrong rank the shape it needs, not one made from its own dims', async () => {
+    const rng = new Rng(seed ^ 0x14);
+    await client.createDocument('rank', model);
+    const s = await client.createSession({ model });
+    // One token sent as [kvHeads, d], as an attend's k is: read as tokens = d, the old message asked for [2, 32, 32].
+    const flat = randomKv(rng, 'f16', model.kvHeads, 1, d);
+    const k2 = { ...flat.k, shape: [model.kvHeads, d] }, v2 = { ...flat.v, shape: [model.kvHeads, d] };
+    const need = /k must have shape \[kvHeads, tokens, headDim\] = \[2, tokens, 32\], got \[2, 32\]/;
+    await expect(client.uploadDocumentKv('rank', { layer: 0, start: 0, k: k2, v: v2 })).rejects.toMatchObject({ status: 422, message: expect.stringMatching(need) });
+    await expect(client.uploadSessionKv(s.id, { layer: 0, start: 0, k: k2, v: v2 })).rejects.toMatchObject({ status: 422, message: expect.stringMatching(need) });
+    expect((await client.getDocument('rank')).tokens).toBe(0);
+  });
 });
 
 const halfOf = (x: Float32Array) => Uint16Array.from(x, f16Bits);
