@@ -21,12 +21,25 @@ export async function startServer(cfg: Config): Promise<RunningServer> {
   const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuKmeans: cfg.gpuKmeans === 1 });
   const metrics = new Metrics();
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);
-  const server: ServerType = await new Promise((resolve) => {
-    // The attend routes' common case is served before the Hono app (api/fast-attend.ts).
-    const withFast = (options: ServerOptions, listener: RequestListener) =>
-      createServer(options, withFastAttend(engine.sessions, metrics, { token: cfg.token, bodyLimit: cfg.bodyLimit }, listener));
-    const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port, createServer: withFast as typeof createServer }, () => resolve(s));
-  });
+  let server: ServerType;
+  try {
+    server = await new Promise((resolve, reject) => {
+      // The attend routes' common case is served before the Hono app (api/fast-attend.ts).
+      const withFast = (options: ServerOptions, listener: RequestListener) =>
+        createServer(options, withFastAttend(engine.sessions, metrics, { token: cfg.token, bodyLimit: cfg.bodyLimit }, listener));
+      const s = serve({ fetch: app.fetch, hostname: cfg.host, port: cfg.port, createServer: withFast as typeof createServer }, () => {
+        s.off('error', reject);
+        resolve(s);
+      });
+      // Unheard, a port in use was an unhandled 'error' event: a stack trace instead of what to change.
+      s.once('error', reject);
+    });
+  } catch (e) {
+    await engine.close();
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'EADDRINUSE' ? 'the address is in use' : code === 'EADDRNOTAVAIL' ? 'no interface has that address' : (e as Error).message;
+    throw new Error(`cannot listen on ${cfg.host}:${cfg.port}: ${why}; choose another with --port (or --host)`);
+  }
   lingerOnClose(server as Server);
   const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents });
   const { port } = server.address() as AddressInfo;

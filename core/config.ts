@@ -106,6 +106,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
     if (isInteger(key)) cfg[key] = nonNegative(value, argv[i - 1]);
     else cfg[key] = value;
   }
+  // 0 lets the system choose (the tests do); past 65535 node's listen threw its own words, not naming the flag.
+  if (cfg.port > 65535) throw invalid('--port takes a TCP port in [0, 65535] (0: any free port)');
   // At most 2^30 ms (12 days): timers and the native socket reader take no more.
   if (cfg.streamIdleMs < 1 || cfg.streamIdleMs > 2 ** 30)
     throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a number of milliseconds in [1, 2^30]');

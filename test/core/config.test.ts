@@ -46,4 +46,11 @@ describe('parseConfig', () => {
     expect(parseConfig(['--stream-idle-ms', String(2 ** 30)], {}).streamIdleMs).toBe(2 ** 30);
     expect(() => parseConfig([], { KVRECALL_STREAM_IDLE_MS: 'soon' })).toThrow(/KVRECALL_STREAM_IDLE_MS/);
   });
+
+  it('takes a port in [0, 65535], naming the flag past it', () => {
+    expect(parseConfig(['--port', '65535'], {}).port).toBe(65535);
+    expect(parseConfig(['--port', '0'], {}).port).toBe(0);
+    expect(() => parseConfig(['--port', '99999'], {})).toThrow(/--port takes a TCP port in \[0, 65535\]/);
+    expect(() => parseConfig(['--port', 'http'], {})).toThrow(/--port/);
+  });
 });
