@@ -39,6 +39,15 @@ function flags(args: string[]): { positional: string[]; opts: Map<string, string
   return { positional, opts };
 }
 
+/** A flag that takes a count: refused here, before a document is created (`--chunk 0` had the document created and then refused its first upload, `abc` failed sizing a buffer). */
+function positive(opts: Map<string, string>, name: string): number | undefined {
+  const value = opts.get(name);
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name} takes a positive integer, not ${value}`);
+  return n;
+}
+
 async function preloadCommand(args: string[]): Promise<void> {
   const { positional, opts } = flags(args);
   const file = positional[0], id = opts.get('id');
@@ -51,8 +60,8 @@ async function preloadCommand(args: string[]): Promise<void> {
     url: opts.get('url') ?? 'http://127.0.0.1:8700',
     token: opts.get('token') ?? process.env.KVRECALL_TOKEN,
     methods: opts.get('methods')?.split(',').filter(Boolean) ?? [],
-    chunk: Number(opts.get('chunk') ?? 4096),
-    qHeads: opts.has('q-heads') ? Number(opts.get('q-heads')) : undefined,
+    chunk: positive(opts, 'chunk') ?? 4096,
+    qHeads: positive(opts, 'q-heads'),
     dtype,
     progress: progressBar(`preload ${id}`),
   });

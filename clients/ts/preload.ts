@@ -65,6 +65,7 @@ export class UploadWindow {
 }
 
 export async function preload(o: PreloadOptions): Promise<{ tokens: number; layers: number }> {
+  if (!Number.isInteger(o.chunk) || o.chunk < 1) throw invalid(`chunk takes a positive integer of tokens, not ${o.chunk}`);
   const f = new SafetensorsFile(o.file);
   try {
     const layers = [...f.tensors.keys()].filter((n) => /^k\.\d+$/.test(n)).length;
@@ -78,41 +79,57 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     const client = new KvrecallClient({ url: o.url, token: o.token });
     // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
     await client.createDocument(o.id, model, { methods: o.methods, tokens });
-    const total = layers * tokens;
-    let done = 0;
-    const stream = await client.openStream();
-    const uploads = new UploadWindow(stream, o.window ?? 2);
-    // One buffer per tensor kind, reused for every chunk: an upload's tensors are in the socket once send resolves.
-    const scratch = new Map<string, Buffer>();
-    const slice = (name: string, from: number, to: number, heads: number): Tensor => {
-      const kind = name.split('.')[0];
-      const t = f.tensors.get(name)!;
-      const bytes = heads * o.chunk * (t.end - t.begin) / (t.shape[0] * t.shape[1]);
-      if (!scratch.has(kind) || scratch.get(kind)!.byteLength < bytes) scratch.set(kind, Buffer.allocUnsafeSlow(bytes));
-      return { dtype: t.dtype, shape: [heads, to - from, headDim], data: f.readTokens(name, from, to, scratch.get(kind)) };
-    };
     try {
-      for (let layer = 0; layer < layers; layer++)
-        for (let start = 0; start < tokens; start += o.chunk) {
-          const end = Math.min(tokens, start + o.chunk);
-          const body = {
-            layer,
-            start,
-            k: slice(`k.${layer}`, start, end, kvHeads),
-            v: slice(`v.${layer}`, start, end, kvHeads),
-            ...(f.tensors.has(`q.${layer}`) && { q: slice(`q.${layer}`, start, end, qHeads) }),
-          };
-          await uploads.send(o.id, body, () => o.progress((done += end - start), total));
-        }
-      await uploads.drain();
-    } finally {
-      stream.close();
+      return await uploadAndSeal(o, f, client, { layers, tokens, qHeads, kvHeads, headDim });
+    } catch (e) {
+      // Left loading, the document kept its whole reservation of host memory (the tokens hint) until someone
+      // DELETEd it, and a rerun got 409; as the Python client's push_document, a failed preload removes what it made.
+      await client.deleteDocument(o.id).catch(() => undefined);
+      throw e;
     }
-    const sealed = await client.sealDocument(o.id);
-    return { tokens: sealed.tokens, layers };
   } finally {
     f.close();
   }
+}
+
+async function uploadAndSeal(
+  o: PreloadOptions,
+  f: SafetensorsFile,
+  client: KvrecallClient,
+  { layers, tokens, qHeads, kvHeads, headDim }: { layers: number; tokens: number; qHeads: number; kvHeads: number; headDim: number },
+): Promise<{ tokens: number; layers: number }> {
+  const total = layers * tokens;
+  let done = 0;
+  const stream = await client.openStream();
+  const uploads = new UploadWindow(stream, o.window ?? 2);
+  // One buffer per tensor kind, reused for every chunk: an upload's tensors are in the socket once send resolves.
+  const scratch = new Map<string, Buffer>();
+  const slice = (name: string, from: number, to: number, heads: number): Tensor => {
+    const kind = name.split('.')[0];
+    const t = f.tensors.get(name)!;
+    const bytes = heads * o.chunk * (t.end - t.begin) / (t.shape[0] * t.shape[1]);
+    if (!scratch.has(kind) || scratch.get(kind)!.byteLength < bytes) scratch.set(kind, Buffer.allocUnsafeSlow(bytes));
+    return { dtype: t.dtype, shape: [heads, to - from, headDim], data: f.readTokens(name, from, to, scratch.get(kind)) };
+  };
+  try {
+    for (let layer = 0; layer < layers; layer++)
+      for (let start = 0; start < tokens; start += o.chunk) {
+        const end = Math.min(tokens, start + o.chunk);
+        const body = {
+          layer,
+          start,
+          k: slice(`k.${layer}`, start, end, kvHeads),
+          v: slice(`v.${layer}`, start, end, kvHeads),
+          ...(f.tensors.has(`q.${layer}`) && { q: slice(`q.${layer}`, start, end, qHeads) }),
+        };
+        await uploads.send(o.id, body, () => o.progress((done += end - start), total));
+      }
+    await uploads.drain();
+  } finally {
+    stream.close();
+  }
+  const sealed = await client.sealDocument(o.id);
+  return { tokens: sealed.tokens, layers };
 }
 
 /** A one-line progress bar on stderr. */

@@ -67,6 +67,29 @@ describe('preload', () => {
     expect(Buffer.from(r.kv!.k[1].data)).toEqual(Buffer.from(layers[1].k.data.subarray(n * 16 * 2)));
   });
 
+  it('refuses a chunk that is not a positive integer before creating anything', async () => {
+    const file = join(tmp.dir, 'small.safetensors');
+    const c = randomKv(rng, 'f16', 2, 10, 16);
+    writeSafetensors(file, { 'k.0': c.k, 'v.0': c.v, 'q.0': tensor('f32', [4, 10, 16], randomQ(rng, 40, 16)) });
+    for (const chunk of ['0', 'abc', '-5']) {
+      const id = `chunk${chunk}`;
+      const failed = run(process.execPath, [CLI, 'preload', file, '--id', id, '--url', server.url, '--chunk', chunk]);
+      await expect(failed).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining(`--chunk takes a positive integer, not ${chunk}`) });
+      await expect(client.getDocument(id)).rejects.toMatchObject({ status: 404 });
+    }
+  });
+
+  it('deletes the document it created when an upload fails, so a rerun starts clean', async () => {
+    const file = join(tmp.dir, 'nan.safetensors');
+    const good = randomKv(rng, 'f16', 2, 300, 16), bad = randomKv(rng, 'f16', 2, 300, 16);
+    // A NaN (f16 0x7e00) in layer 1's second chunk: refused with 422 after layer 0 and a chunk of layer 1 were stored.
+    new Uint16Array(bad.k.data.buffer, bad.k.data.byteOffset, bad.k.data.byteLength / 2)[250 * 16 + 3] = 0x7e00;
+    writeSafetensors(file, { 'k.0': good.k, 'v.0': good.v, 'k.1': bad.k, 'v.1': bad.v });
+    const failed = run(process.execPath, [CLI, 'preload', file, '--id', 'nan', '--url', server.url, '--chunk', '200', '--q-heads', '4']);
+    await expect(failed).rejects.toMatchObject({ code: 1, stderr: expect.stringMatching(/422 invalid: k holds a NaN/) });
+    await expect(client.getDocument('nan')).rejects.toMatchObject({ status: 404 });
+  });
+
   it('reports the build phase and its fraction while sealing', async () => {
     const model = { layers: 1, qHeads: 2, kvHeads: 2, headDim: 16 };
     await client.createDocument('slow', model, { methods: ['hnsw'] });
