@@ -52,8 +52,8 @@ async function preloadCommand(args: string[]): Promise<void> {
   const { positional, opts } = flags(args);
   const file = positional[0], id = opts.get('id');
   if (!file || !id) throw new Error(USAGE);
-  const dtype = opts.get('dtype') ?? 'f16';
-  if (dtype !== 'f16' && dtype !== 'bf16') throw new Error('--dtype is f16 or bf16');
+  const dtype = opts.get('dtype');
+  if (dtype !== undefined && dtype !== 'f16' && dtype !== 'bf16') throw new Error('--dtype is f16 or bf16');
   const res = await preload({
     file,
     id,

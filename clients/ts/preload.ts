@@ -23,7 +23,8 @@ export interface PreloadOptions {
   methods: string[];
   chunk: number;
   qHeads?: number;
-  dtype: 'f16' | 'bf16';
+  /** The document's storage dtype; unset: k.0's when it is F16 or BF16, else f16. */
+  dtype?: 'f16' | 'bf16';
   progress: (done: number, total: number) => void;
   /** Uploads in flight on the stream (default 2). */
   window?: number;
@@ -75,7 +76,9 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     const q0 = f.tensors.get('q.0');
     const qHeads = q0?.shape[0] ?? o.qHeads ?? Number(f.metadata.qHeads);
     if (!Number.isInteger(qHeads) || qHeads <= 0) throw invalid('the number of q heads is unknown: add q.* tensors, metadata qHeads, or --q-heads');
-    const model = { layers, qHeads, kvHeads, headDim, dtype: o.dtype };
+    // A bf16 prefill stored as f16 lost its range (past 65504 it is infinite, refused) and no longer matched a bf16 session.
+    const dtype = o.dtype ?? (k0.dtype === 'bf16' ? 'bf16' : 'f16');
+    const model = { layers, qHeads, kvHeads, headDim, dtype };
     const client = new KvrecallClient({ url: o.url, token: o.token });
     // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
     await client.createDocument(o.id, model, { methods: o.methods, tokens });

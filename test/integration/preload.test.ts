@@ -90,6 +90,18 @@ describe('preload', () => {
     await expect(client.getDocument('nan')).rejects.toMatchObject({ status: 404 });
   });
 
+  it("stores a BF16 file as bf16 without --dtype, its words unchanged", async () => {
+    const file = join(tmp.dir, 'bf16.safetensors');
+    const c = randomKv(rng, 'bf16', 2, 70, 16);
+    writeSafetensors(file, { 'k.0': c.k, 'v.0': c.v });
+    await run(process.execPath, [CLI, 'preload', file, '--id', 'bf', '--url', server.url, '--q-heads', '4']);
+    const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'bf16' as const };
+    expect(await client.getDocument('bf')).toMatchObject({ status: 'ready', tokens: 70, model });
+    const s = await client.createSession({ model, documents: ['bf'] });
+    const r = await client.attend(s.id, { layer: 0, q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), return: ['kv'] });
+    expect(Buffer.from(r.kv!.k[1].data)).toEqual(Buffer.from(c.k.data.subarray(70 * 16 * 2)));
+  });
+
   it('reports the build phase and its fraction while sealing', async () => {
     const model = { layers: 1, qHeads: 2, kvHeads: 2, headDim: 16 };
     await client.createDocument('slow', model, { methods: ['hnsw'] });
