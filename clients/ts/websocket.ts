@@ -82,6 +82,8 @@ export class WsClient {
   private events?: WsEvents;
   private gone?: Error;
   private closing = false;
+  /** Why the server closed, from its close frame: what the pending calls fail with. */
+  private closedBy?: Error;
   /** Bytes of a frame header not yet complete. */
   private pending: Buffer = EMPTY;
   /** The frame being read. */
@@ -142,7 +144,7 @@ export class WsClient {
         ws.events = events;
         onBytes = (c, reused) => ws.onData(c, reused);
         socket.on('error', (e) => ws.end(e));
-        socket.on('close', () => ws.end(new Error('stream closed')));
+        socket.on('close', () => ws.end(ws.closedBy ?? new Error('stream closed')));
         resolve(ws);
         const rest = head.subarray(end + 4);
         if (rest.byteLength > 0) ws.onData(rest, false);
@@ -351,7 +353,11 @@ export class WsClient {
     if (op === OP_PING) {
       if (!this.closing) this.socket.write(Buffer.concat([header(OP_PONG, data!.byteLength), data!]));
     } else if (op === OP_CLOSE) {
-      this.close(data && data.byteLength >= 2 ? (data[0] << 8) | data[1] : 1000);
+      const code = data && data.byteLength >= 2 ? (data[0] << 8) | data[1] : 1000;
+      // The server's code and reason (1009: a message over its --body-limit) are what the caller can act on; 'stream closed' said neither.
+      const reason = data && data.byteLength > 2 ? Buffer.from(data.buffer, data.byteOffset + 2, data.byteLength - 2).toString('utf8') : '';
+      if (!this.closing) this.closedBy ??= new Error(`stream closed by the server (${code}${reason ? `: ${reason}` : ''})`);
+      this.close(code);
     } else if (op === OP_PONG) {
       // unasked pongs are allowed and ignored
     } else if (op > OP_BINARY) this.protocolError(`unknown opcode ${op}`);

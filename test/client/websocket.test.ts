@@ -12,7 +12,7 @@
 import { createHash } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
-import { KvrecallClient } from '../../clients/ts/client.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { KvrecallStream } from '../../clients/ts/stream.js';
 import { HandshakeRefused, WsClient } from '../../clients/ts/websocket.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -211,6 +211,24 @@ describe('the client WebSocket (own framing)', () => {
     expect(((await call) as Error).message).toMatch(/protocol error: an answer is not a map/);
     await until(() => readFrames(received()).some((f) => f.opcode === 0x8));
     expect(readFrames(received()).filter((f) => f.opcode === 0x8).map((f) => f.payload.readUInt16BE(0))).toEqual([1002]);
+  });
+
+  it("fails the calls pending when the real server closes with 1009 with its code and reason, not a bare 'stream closed'", async () => {
+    const tmp = tempDataDir();
+    const server = await startInProcess(tmp.dir, { bodyLimit: 100_000 });
+    try {
+      const client = new KvrecallClient({ url: server.url });
+      const model = { layers: 1, qHeads: 2, kvHeads: 2, headDim: 64 };
+      await client.createDocument('big', model);
+      const zeros = new Uint16Array(2 * 1000 * 64);
+      const stream = await client.openStream();
+      const upload = stream.uploadDocumentKv('big', { layer: 0, start: 0, k: tensor('f16', [2, 1000, 64], zeros), v: tensor('f16', [2, 1000, 64], zeros) });
+      await expect(upload).rejects.toThrow(/stream closed by the server \(1009: message over the limit of 100000 bytes\)/);
+      expect((await client.getDocument('big')).tokens).toBe(0);
+    } finally {
+      await server.close();
+      tmp.cleanup();
+    }
   });
 
   it('a stream the real server refuses (no token) fails with 401', async () => {
