@@ -9,6 +9,8 @@ import socket
 import ssl
 from typing import Any, Dict, Optional
 
+from .websocket import kernel_timeouts
+
 
 class _OneWrite:
     """http.client sends a request's head and its body in two writes: with
@@ -78,6 +80,13 @@ class _RawHTTPConnection:
         if self.sock is None:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            kernel_timeouts(self.sock, self.timeout)  # no poll before each send and read
+        try:
+            return self._exchange(method, path, body, headers)
+        except BlockingIOError as e:  # the kernel's timeout: as Python's would be
+            raise TimeoutError("timed out") from e
+
+    def _exchange(self, method: str, path: str, body: Optional[bytes], headers: Dict[str, str]) -> Response:
         lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}"] + [f"{k}: {v}" for k, v in headers.items()]
         if body is not None and "content-length" not in headers:
             lines.append(f"content-length: {len(body)}")

@@ -138,14 +138,11 @@ def attend_body(
 ) -> Dict[str, Any]:
     """An attend's wire fields (all but layer and session), tensors as
     msgpack bin of the arrays' bytes."""
+    check_kv(k, v, position)
     body: Dict[str, Any] = {"q": tensor(q, q_dtype if q_dtype is not None else None if _is_half(q) else "f32")}
-    if (k is None) != (v is None):
-        raise ValueError("k and v come together or not at all")
     if k is not None:
         body["k"] = tensor(k, dtype)
         body["v"] = tensor(v, dtype)
-    elif position is not None:
-        raise ValueError("position names the appended token: send k and v with it")
     if scale is not None:
         body["scale"] = float(scale)
     if position is not None:
@@ -155,6 +152,13 @@ def attend_body(
     if out_dtype is not None:
         body["outDtype"] = str(out_dtype)
     return body
+
+
+def check_kv(k: Any, v: Any, position: Optional[int]) -> None:
+    if (k is None) != (v is None):
+        raise ValueError("k and v come together or not at all")
+    if k is None and position is not None:
+        raise ValueError("position names the appended token: send k and v with it")
 
 
 def step_body(step: Dict[str, Any]) -> Dict[str, Any]:

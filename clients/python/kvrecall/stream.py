@@ -9,8 +9,10 @@ id, in order. Made by `Client.open_stream()`:
         s.upload_document(doc, chunks, window=2)                # several uploads in flight (a preload)
 
 The answers are the HTTP routes' (bit-identical out and lse). Tensors go
-out as the arrays' bytes (msgpack bin) and come back copied once into
-numpy. A request is synchronous: it sends one frame and reads until the
+out as the arrays' bytes (msgpack bin, written from the arrays to the
+socket where they are contiguous and of the wire dtype) and come back
+copied once, from the connection's receive buffer into the arrays
+returned: those are the caller's to keep (kvrecall.wire). A request is synchronous: it sends one frame and reads until the
 answer with its id (frames with other ids, such as an id-less error for a
 garbage frame sent through `ws`, are skipped). A stream is for one thread
 at a time; a timeout or a lost connection closes it (open another; with
@@ -26,8 +28,9 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 
 import msgpack
 
-from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_body, attend_result, batch_results, step_body
+from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_result, batch_results
 from .tensors import pack_parts
+from .wire import attend_fields, attend_parts, batch_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
 
 __all__ = ["Stream"]
@@ -69,11 +72,11 @@ class Stream:
         out_dtype: Optional[str] = None,
     ) -> AttendResult:
         """As Client.attend; an error answer raises KvrecallError (the
-        stream stays open)."""
-        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
-        body["session"] = str(session)
-        body["layer"] = int(layer)
-        frame = self._request(body)
+        stream stays open). The request goes from the arrays to the socket
+        (no joined copy); out and lse are the caller's own arrays, copied
+        once out of the receive buffer."""
+        fields = attend_fields(q, k, v, scale, position, returns, dtype, q_dtype, out_dtype)
+        frame = self._call(lambda id_: attend_parts(self._packer, id_, str(session), int(layer), fields))
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
         return attend_result(frame)
@@ -82,7 +85,7 @@ class Stream:
         """As Client.attend_batch: per step an AttendResult or a KvrecallError
         instance (returned; the list's `ms` is the server's time for the
         batch); a batch that fails whole raises KvrecallError."""
-        frame = self._request({"layer": int(layer), "steps": [step_body(s) for s in steps]})
+        frame = self._call(lambda id_: batch_parts(self._packer, id_, int(layer), steps))
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
         return batch_results(frame["results"], frame.get("stats"))
@@ -130,7 +133,7 @@ class Stream:
                 body = _kv_body(layer, start, k, v, q, dtype, view=True)
                 body["document"] = str(doc)
                 # The tensors go from the arrays to the socket (no joined copy), before this returns.
-                self._io(lambda: pending.append(self._send(body, parts=True)))
+                self._io(lambda: pending.append(self._send(body)))
                 if len(pending) >= max(1, window):
                     self._io(settle_one)
             while pending:
@@ -156,10 +159,6 @@ class Stream:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _request(self, body: Dict[str, Any]) -> Dict[str, Any]:
-        with self._lock:
-            return self._io(lambda: self._await(self._send(body)))
-
     def _io(self, fn: Callable[[], Any]) -> Any:
         """Runs one exchange on the socket. A lost connection or a protocol
         error raises ConnectionError; an interruption (a timeout,
@@ -176,22 +175,34 @@ class Stream:
             self.ws.close(1001)
             raise
 
-    def _send(self, body: Dict[str, Any], parts: bool = False) -> int:
-        """Sends one request frame (parts: its large binary fields written as they are); its id."""
+    def _send(self, body: Dict[str, Any]) -> int:
+        """Sends one request frame, its large binary fields written as they are; its id."""
         id_ = self._next_id
         self._next_id += 1
         body["id"] = id_
-        if parts:
-            self.ws.send_binary_parts(pack_parts(body, self._packer))
-        else:
-            self.ws.send_binary(self._packer.pack(body))
+        self.ws.send_binary_parts(pack_parts(body, self._packer))
         return id_
 
+    def _call(self, make: Callable[[int], List[Any]]) -> Dict[str, Any]:
+        """One request: its parts made for its id, sent, its answer read. A
+        request that cannot be packed (the caller's bad array) raises before
+        anything is sent; the stream goes on."""
+        with self._lock:
+            id_ = self._next_id
+            self._next_id += 1
+            parts = make(id_)
+            return self._io(lambda: self._exchange(id_, parts))
+
+    def _exchange(self, id_: int, parts: List[Any]) -> Dict[str, Any]:
+        self.ws.send_binary_parts(parts)
+        return self._await(id_)
+
     def _await(self, id_: int) -> Dict[str, Any]:
-        """Reads frames until the answer with this id."""
+        """Reads frames until the answer with this id (decoded where it lies
+        in the receive buffer; msgpack copies out what it returns)."""
         while True:
-            data = self.ws.recv()
-            if not isinstance(data, (bytes, bytearray)):
+            data = self.ws.recv_view()
+            if isinstance(data, str):
                 raise WebSocketError("a text frame on the stream")
             frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
             if isinstance(frame, dict) and frame.get("id") == id_:

@@ -14,6 +14,8 @@ _NUMPY_OF_WIRE = {
     "f32": np.dtype("<f4"),
     "i32": np.dtype("<i4"),
 }
+# ... and in this machine's byte order: the arrays returned.
+_NATIVE_OF_WIRE = {wire: dt.newbyteorder("=") for wire, dt in _NUMPY_OF_WIRE.items()}
 
 
 # --- bf16 ------------------------------------------------------------------
@@ -118,7 +120,9 @@ def pack_parts(value: Any, packer: Any) -> List[Union[bytes, memoryview]]:
 
 
 def decode_tensor(t: Dict[str, Any]) -> np.ndarray:
-    """A wire tensor -> numpy array of its shape (bf16 as uint16 bit patterns)."""
+    """A wire tensor -> numpy array of its shape (bf16 as uint16 bit
+    patterns): a new array, the caller's, whatever holds the data (bytes,
+    or a view of a receive buffer that the next read writes over)."""
     dt = _NUMPY_OF_WIRE.get(t["dtype"])
     if dt is None:
         raise ValueError(f"unknown wire dtype {t['dtype']!r}")
@@ -127,5 +131,5 @@ def decode_tensor(t: Dict[str, Any]) -> np.ndarray:
         import base64
 
         data = base64.b64decode(data)
-    a = np.frombuffer(data, dtype=dt).reshape([int(s) for s in t["shape"]])
-    return a.astype(dt.newbyteorder("="), copy=True)
+    a = np.frombuffer(data, dtype=dt).reshape(t["shape"])
+    return a.astype(_NATIVE_OF_WIRE[t["dtype"]], copy=True)

@@ -17,7 +17,10 @@ faster): what kvrecall's `GET /v1/stream` needs.
   frames) are put together, with control frames allowed between fragments;
   a ping is answered with a pong carrying its payload; a close frame is
   answered with a close frame and ends the connection (`ConnectionClosed`).
-- TCP_NODELAY is on: a request is one write and goes out at once.
+- TCP_NODELAY is on: a request is one write and goes out at once. The
+  timeout is the kernel's (kernel_timeouts), on Linux without TLS.
+- Receiving: frames are read (recv_into) into one warm buffer and parsed
+  where they lie; `recv_view()` gives a binary message without a copy.
 - Not thread-safe: one thread sends and receives at a time. `close()` from
   another thread while one waits in `recv()` makes that `recv()` raise.
 - `http://` and `ws://` are plain TCP; `https://` and `wss://` use TLS.
@@ -31,8 +34,9 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import urllib.parse
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 try:  # only to mask large frames faster; everything works without it
     import numpy as _np
@@ -99,7 +103,34 @@ def mask(payload: Union[bytes, bytearray, memoryview], key: bytes) -> Union[byte
 
 
 _IOV_MAX = 512
+# A frame up to this size is read into the warm receive buffer (grown to
+# hold it); a larger one into a buffer of its own.
+_KEEP = 16 << 20
 _ZERO_KEY = b"\0\0\0\0"
+
+
+def kernel_timeouts(sock: socket.socket, timeout: Optional[float]) -> bool:
+    """Leaves a plain TCP socket's timeout to the kernel (SO_RCVTIMEO and
+    SO_SNDTIMEO, per call) and puts it in blocking mode; False (nothing
+    changed) where that is not done (not Linux, TLS, a timeout <= 0).
+    Python polls a socket with a timeout before every send and receive: a
+    syscall more each way, 5-7 us a send on the 2-core VM. A timed-out call
+    then raises BlockingIOError (EAGAIN), which the callers here report as
+    TimeoutError."""
+    if not sys.platform.startswith("linux") or isinstance(sock, ssl.SSLSocket) or (timeout is not None and timeout <= 0):
+        return False
+    if timeout is not None:
+        sec = int(timeout)
+        tv = struct.pack("@ll", sec, int((timeout - sec) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.settimeout(None)
+    return True
+
+
+def _timed_out(e: OSError) -> OSError:
+    """A kernel timeout (kernel_timeouts) as the TimeoutError Python's would be."""
+    return TimeoutError("timed out") if isinstance(e, BlockingIOError) else e
 
 
 def frame_header(opcode: int, length: int, fin: bool = True, masked: bool = True) -> bytes:
@@ -116,14 +147,18 @@ def frame_header(opcode: int, length: int, fin: bool = True, masked: bool = True
 class WebSocket:
     """One client connection. Make it with `WebSocket.connect`."""
 
-    def __init__(self, sock: socket.socket, leftover: bytes = b"", max_message: int = 1 << 31, zero_mask: bool = False):
+    def __init__(self, sock: socket.socket, leftover: bytes = b"", max_message: int = 1 << 31, zero_mask: bool = False, recv_buffer: int = 1 << 16):
         self.sock = sock
         self.max_message = max_message
         # A zero masking key leaves the payload as it is: no masked copy of
         # every frame. Masking guards proxies against script-driven browsers;
         # a program's own client may skip it (the frames stay valid).
         self.zero_mask = zero_mask
-        self._buf = bytearray(leftover)  # bytes read past what has been parsed
+        # Frames are read into one warm buffer and parsed where they lie:
+        # _rbuf[_pos:_end] is read but not yet parsed.
+        self._rbuf = bytearray(max(recv_buffer, len(leftover)))
+        self._rbuf[: len(leftover)] = leftover
+        self._pos, self._end = 0, len(leftover)
         self._closed: Optional[ConnectionClosed] = None
         self._close_sent = False
         self._can_sendmsg = hasattr(sock, "sendmsg") and not isinstance(sock, ssl.SSLSocket)
@@ -139,6 +174,7 @@ class WebSocket:
         ssl_context: Optional[ssl.SSLContext] = None,
         max_message: int = 1 << 31,
         zero_mask: bool = False,
+        recv_buffer: int = 1 << 16,
     ) -> "WebSocket":
         """Opens a TCP (or TLS) connection to `url` and upgrades it.
 
@@ -146,7 +182,9 @@ class WebSocket:
         headers: more request headers (e.g. authorization). timeout: seconds
         for the connection, the handshake and every later socket operation
         (None blocks). zero_mask: mask frames with the key 0 (payloads sent
-        as they are). Raises HandshakeError when the server refuses.
+        as they are). recv_buffer: the receive buffer's first size (it grows
+        to hold a larger frame). Raises HandshakeError when the server
+        refuses.
         """
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("ws", "wss", "http", "https"):
@@ -161,10 +199,11 @@ class WebSocket:
             if tls:
                 sock = (ssl_context or ssl.create_default_context()).wrap_socket(sock, server_hostname=host)
             leftover = _handshake(sock, host, port, path, headers or {})
+            kernel_timeouts(sock, timeout)
         except BaseException:
             sock.close()
             raise
-        return cls(sock, leftover, max_message=max_message, zero_mask=zero_mask)
+        return cls(sock, leftover, max_message=max_message, zero_mask=zero_mask, recv_buffer=recv_buffer)
 
     # sending ---------------------------------------------------------------
 
@@ -172,30 +211,40 @@ class WebSocket:
         """Sends one binary message as one masked frame."""
         self._send_frame(OP_BINARY, payload)
 
-    def send_binary_parts(self, parts: Sequence[Union[bytes, bytearray, memoryview]]) -> None:
+    def send_binary_parts(self, parts: Sequence[Any]) -> None:
         """Sends one binary message whose payload is the parts one after
-        another, as one frame, without joining them (with the zero key; else
-        joined and masked): a document upload's tensors go from the caller's
-        arrays to the socket."""
+        another (bytes-like objects, or C-contiguous numpy arrays: their
+        bytes), as one frame, without joining them (with the zero key; else
+        joined and masked): the tensors go from the caller's arrays to the
+        socket in one gather write."""
         if not self.zero_mask or not self._can_sendmsg:
-            self._send_frame(OP_BINARY, b"".join(parts))
+            self._send_frame(OP_BINARY, b"".join(memoryview(p).cast("B") for p in parts))
             return
         if self._closed is not None:
             raise self._closed
-        views = [memoryview(p).cast("B") for p in parts]
-        head = frame_header(OP_BINARY, sum(v.nbytes for v in views)) + _ZERO_KEY
-        views.insert(0, memoryview(head))
+        n = 0
+        for p in parts:
+            n += len(p) if type(p) is bytes else p.nbytes
+        head = frame_header(OP_BINARY, n) + _ZERO_KEY
         try:
-            while views:
-                sent = self.sock.sendmsg(views[:_IOV_MAX])
-                # Drop what went; a short write leaves the rest of a part (no copy of it).
-                while views and sent >= views[0].nbytes:
-                    sent -= views.pop(0).nbytes
-                if views and sent:
-                    views[0] = views[0][sent:]
+            sent = self.sock.sendmsg([head, *parts] if len(parts) < _IOV_MAX else [head])
+            if sent < len(head) + n:
+                self._send_rest([memoryview(head), *(memoryview(p).cast("B") for p in parts)], sent)
         except OSError as e:
+            e = _timed_out(e)
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
+
+    def _send_rest(self, views: List[memoryview], sent: int) -> None:
+        """After a short write of `sent` bytes: the rest of the views (no copy of them)."""
+        while True:
+            while views and sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            if not views:
+                return
+            if sent:
+                views[0] = views[0][sent:]
+            sent = self.sock.sendmsg(views[:_IOV_MAX])
 
     def send_text(self, text: str) -> None:
         self._send_frame(OP_TEXT, text.encode("utf-8"))
@@ -228,6 +277,7 @@ class WebSocket:
             else:
                 self.sock.sendall(head + body)
         except OSError as e:
+            e = _timed_out(e)
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
 
@@ -236,6 +286,15 @@ class WebSocket:
     def recv(self) -> Union[bytes, str]:
         """The next data message: bytes (binary) or str (text). Answers pings
         on the way; raises ConnectionClosed on a close frame or end of stream."""
+        data = self.recv_view()
+        return data if isinstance(data, str) else bytes(data)
+
+    def recv_view(self) -> Union[memoryview, str]:
+        """As recv, a binary message as a memoryview of the connection's
+        receive buffer, without a copy: valid until the next call that
+        receives (recv, recv_view, close with wait); copy what must outlive
+        that. The buffer is written over in place by later reads, never
+        resized while viewed (a message too large for it gets a new one)."""
         if self._closed is not None:
             raise self._closed
         try:
@@ -248,17 +307,18 @@ class WebSocket:
             self._fail(ConnectionClosed(1002, str(e)))
             raise
         except OSError as e:
+            e = _timed_out(e)
             self._fail(ConnectionClosed(1006, str(e)))
             raise self._closed from e
 
-    def _recv_message(self) -> Union[bytes, str]:
+    def _recv_message(self) -> Union[memoryview, str]:
         opcode: Optional[int] = None
         fragments: List[bytes] = []
         size = 0
         while True:
             fin, op, payload = self._read_frame()
             if op >= 0x8:
-                self._control(op, payload)
+                self._control(op, bytes(payload))
                 continue
             if op == OP_CONTINUATION:
                 if opcode is None:
@@ -273,9 +333,10 @@ class WebSocket:
             if size > self.max_message:
                 raise WebSocketError(f"message over {self.max_message} bytes")
             if fin:
-                data = payload if not fragments else b"".join([*fragments, payload])
-                return data.decode("utf-8") if opcode == OP_TEXT else data
-            fragments.append(payload)
+                data = payload if not fragments else memoryview(b"".join([*fragments, payload]))
+                return str(data, "utf-8") if opcode == OP_TEXT else data
+            # The next frame's read may write over this one's bytes.
+            fragments.append(bytes(payload))
 
     def _control(self, op: int, payload: bytes) -> None:
         if op == OP_PING:
@@ -296,54 +357,83 @@ class WebSocket:
         else:
             raise WebSocketError(f"unknown control opcode {op:#x}")
 
-    def _read_frame(self) -> Tuple[bool, int, bytes]:
-        b0, b1 = self._read(2)
+    def _read_frame(self) -> Tuple[bool, int, memoryview]:
+        """The next frame, parsed where it lies in the receive buffer: its
+        payload a view of the buffer (or of a buffer of its own when larger
+        than the buffer may grow)."""
+        pos = self._pos
+        if self._end - pos < 14:  # the longest header: 2 + 8 + a 4-byte key
+            self._fill(2)
+            pos = self._pos
+        buf = self._rbuf
+        b0, b1 = buf[pos], buf[pos + 1]
         if b0 & 0x70:
             raise WebSocketError("reserved bits set (no extension was agreed)")
         fin, op = bool(b0 & 0x80), b0 & 0x0F
-        masked, length = bool(b1 & 0x80), b1 & 0x7F
+        masked, length = b1 & 0x80, b1 & 0x7F
+        head = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if masked else 0)
+        if self._end - pos < head:
+            self._fill(head)
+            pos, buf = self._pos, self._rbuf
         if length == 126:
-            length = struct.unpack("!H", self._read(2))[0]
+            length = (buf[pos + 2] << 8) | buf[pos + 3]
         elif length == 127:
-            length = struct.unpack("!Q", self._read(8))[0]
+            length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             if length >> 63:
                 raise WebSocketError("64-bit length with its top bit set")
         if op >= 0x8 and (length > 125 or not fin):
             raise WebSocketError("a control frame over 125 bytes or fragmented")
         if length > self.max_message:
             raise WebSocketError(f"frame over {self.max_message} bytes")
-        key = self._read(4) if masked else None  # servers do not mask; unmask anyway if one does
-        payload = self._read(length)
-        return fin, op, (bytes(mask(payload, key)) if key else payload)
+        key = bytes(buf[pos + head - 4 : pos + head]) if masked else None
+        self._pos = pos + head
+        payload = self._take(length)
+        # Servers do not mask; unmask anyway if one does.
+        return fin, op, (memoryview(bytes(mask(payload, key))) if key else payload)
 
-    def _read(self, n: int) -> bytes:
-        """Exactly n bytes: from what was read ahead, then the socket (reading
-        ahead up to 64 KiB, or straight into the result for a large rest)."""
-        buf = self._buf
-        if len(buf) >= n:
-            out = bytes(buf[:n])
-            del buf[:n]
-            return out
-        if n - len(buf) > 65536:
+    def _take(self, n: int) -> memoryview:
+        """The next n bytes as a view: of the receive buffer (grown to hold
+        them, up to _KEEP), else of a buffer of their own."""
+        have = self._end - self._pos
+        if have < n and n > _KEEP:
             out = bytearray(n)
             view = memoryview(out)
-            have = len(buf)
-            view[:have] = buf
-            buf.clear()
+            view[:have] = memoryview(self._rbuf)[self._pos : self._end]
+            self._pos = self._end = 0
             while have < n:
                 got = self.sock.recv_into(view[have:])
                 if not got:
                     raise ConnectionClosed(1006, "connection ended mid-frame")
                 have += got
-            return bytes(out) if n < 1 << 20 else out  # a large payload stays a bytearray (no copy)
-        while len(buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionClosed(1006, "connection ended" + (" mid-frame" if buf else ""))
-            buf += chunk
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
+            return view
+        if have < n:
+            self._fill(n)
+        at = self._pos
+        self._pos = at + n
+        return memoryview(self._rbuf)[at : at + n]
+
+    def _fill(self, n: int) -> None:
+        """Reads until n bytes past _pos are in the buffer: what is unparsed
+        moves to the front when the room behind it is short, into a new
+        buffer twice the size when the whole buffer is (the old one stays
+        valid for views of it)."""
+        buf, pos, end = self._rbuf, self._pos, self._end
+        if pos + n > len(buf):
+            if n > len(buf):
+                bigger = bytearray(max(n, 2 * len(buf)))
+                bigger[: end - pos] = buf[pos:end]
+                self._rbuf = buf = bigger
+            else:
+                buf[: end - pos] = buf[pos:end]  # same length: in place, no resize
+            self._pos, self._end = 0, end - pos
+            pos, end = 0, end - pos
+        view = memoryview(buf)
+        while end - pos < n:
+            got = self.sock.recv_into(view[end:])
+            if not got:
+                raise ConnectionClosed(1006, "connection ended" + (" mid-frame" if end > pos else ""))
+            end += got
+            self._end = end
 
     # closing ---------------------------------------------------------------
 

@@ -177,6 +177,10 @@ class WebSocketProtocol(unittest.TestCase):
         srv = Scripted(script)
         ws = WebSocket.connect(srv.url, timeout=10, zero_mask=True)
         ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        # Python's own timeout (the socket non-blocking underneath, as for
+        # TLS or off Linux) lets a write go short; the kernel's
+        # (kernel_timeouts) blocks until all is written.
+        ws.sock.settimeout(10)
         calls = []
         ws.sock = _CountingSocket(ws.sock, calls)
         ws.send_binary_parts(parts)
