@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import serve  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
 from kvrecall import websocket as wsmod  # noqa: E402
-from kvrecall.client import attend_body, attend_result, step_body, to_bf16_bits  # noqa: E402
+from kvrecall.client import attend_body, attend_result, batch_results, step_body, to_bf16_bits  # noqa: E402
 from kvrecall.stream import Stream  # noqa: E402
 from kvrecall.websocket import ConnectionClosed, WebSocket  # noqa: E402
 from kvrecall.wire import attend_fields, attend_parts, batch_parts  # noqa: E402
@@ -268,14 +268,20 @@ class StreamWire(unittest.TestCase):
         want = [self.kv.attend(a, 0, **st) for st in steps]
         batch_sids = [self.session(shape) for _ in range(32)]
         q = steps[0]["q"]
-        want_batch = self.kv.attend_batch(0, [{"session": sid, "q": q} for sid in batch_sids])
+        # Single HTTP attends (q only: nothing changes), decoded step by step: the batch's rows are checked against them.
+        want_batch = [self.kv.attend(sid, 0, q) for sid in batch_sids]
         with self.stream(recv_buffer=256) as s:
             self.assertEqual(len(s.ws._rbuf), 256)
             assert_same(self, [bits(s.attend(b, 0, **steps[0]))], [bits(want[0])])
             self.assertGreaterEqual(len(s.ws._rbuf), 4096)
             got = s.attend_batch(0, [{"session": sid, "q": q} for sid in batch_sids])
             self.assertGreaterEqual(len(s.ws._rbuf), 130_000)
-            assert_same(self, [bits(serve.ok(r)) for r in got], [bits(serve.ok(r)) for r in want_batch])
+            s.attend(b, 0, steps[1]["q"])  # a later read over the buffer (q only: changes nothing)
+            assert_same(self, [bits(serve.ok(r)) for r in got], [bits(r) for r in want_batch])
+            # Each result's arrays are its own rows, writable.
+            got[0].out[:] = 0
+            got[0].lse[:] = 0
+            assert_same(self, [bits(r) for r in got[1:]], [bits(r) for r in want_batch[1:]])
         keep = wsmod._KEEP
         wsmod._KEEP = 1000
         try:
@@ -358,6 +364,38 @@ class Packing(unittest.TestCase):
             batch_parts(packer, 1, 0, [{"session": "a", "q": np.zeros((2, 8), np.float32), "bogus": 1}])
         with self.assertRaises(ValueError):
             attend_fields(np.zeros((2, 8), np.float32), k=np.zeros((1, 8), np.float16))  # k without v
+
+
+class BatchRows(unittest.TestCase):
+    def test_rows_equal_each_step_decoded_alone(self):
+        """batch_results' one-array-per-field decode against attend_result
+        step by step: f32, f16 and bf16 outs, 1 and 33 steps; a batch with
+        an error, a selection or a different shape in it is decoded step by
+        step (and equal)."""
+        rng = np.random.default_rng(8)
+
+        def answer(wire, shape, extra=None, heads=None):
+            o = rng.standard_normal(shape)
+            data = {"f32": o.astype("<f4"), "f16": o.astype("<f2"), "bf16": to_bf16_bits(o)}[wire]
+            r = {"out": {"dtype": wire, "shape": list(shape), "data": data.tobytes()}, "lse": {"dtype": "f32", "shape": [heads or shape[0]], "data": rng.standard_normal(heads or shape[0]).astype("<f4").tobytes()}, "stats": {"ms": float(rng.random()), "tokens": 9}}
+            r.update(extra or {})
+            return r
+
+        cases = [[answer(w, (4, 8)) for _ in range(n)] for w in ("f32", "f16", "bf16") for n in (1, 33)]
+        mixed = [answer("f32", (4, 8)) for _ in range(5)]
+        cases += [mixed[:2] + [{"error": {"code": "not_found", "message": "x"}}] + mixed[2:], mixed[:3] + [answer("f32", (8, 4), heads=4)], mixed[:1] + [answer("f32", (4, 8), {"selection": [{"dtype": "i32", "shape": [2], "data": b"\0" * 8}]})]]
+        for results in cases:
+            wire = msgpack.unpackb(msgpack.packb({"results": results, "stats": {"ms": 1.5}}, use_bin_type=True), raw=False)
+            got = batch_results(wire["results"], wire["stats"])
+            self.assertEqual(got.ms, 1.5)
+            for g, r in zip(got, wire["results"]):
+                if "error" in r:
+                    self.assertEqual((g.status, g.code), (404, "not_found"))
+                    continue
+                w = attend_result(r)
+                self.assertEqual((g.out.dtype, g.out.shape, g.out.tobytes(), g.lse.tobytes(), g.stats), (w.out.dtype, w.out.shape, w.out.tobytes(), w.lse.tobytes(), w.stats))
+                self.assertTrue(g.out.flags.writeable)
+        self.assertEqual(list(batch_results([])), [])
 
 
 class ReceiveBuffer(unittest.TestCase):
