@@ -224,7 +224,7 @@ class WebSocket:
             raise self._closed
         n = 0
         for p in parts:
-            n += len(p) if type(p) is bytes else p.nbytes
+            n += len(p) if isinstance(p, (bytes, bytearray)) else p.nbytes  # an array's len is its rows
         head = frame_header(OP_BINARY, n) + _ZERO_KEY
         try:
             sent = self.sock.sendmsg([head, *parts] if len(parts) < _IOV_MAX else [head])

@@ -167,8 +167,8 @@ class WebSocketProtocol(unittest.TestCase):
         """send_binary_parts: one frame whose payload is the parts in order,
         with the zero key or a random one, through many short writes (a
         small send buffer and a server that reads slowly)."""
-        parts = [b"head", memoryview(np.arange(2_000_000, dtype=np.uint16)).cast("B"), b"", memoryview(os.urandom(1_500_000)), b"tail"]
-        whole = b"".join(bytes(p) for p in parts)
+        parts = [b"head", memoryview(np.arange(2_000_000, dtype=np.uint16)).cast("B"), b"", bytearray(b"mid"), memoryview(os.urandom(1_500_000)), np.arange(6, dtype=np.float32).reshape(2, 3), b"tail"]
+        whole = b"".join(p.tobytes() if isinstance(p, np.ndarray) else bytes(p) for p in parts)
 
         def script(sock):
             time.sleep(0.2)  # let the client's buffer fill
