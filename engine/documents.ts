@@ -31,6 +31,13 @@ export interface LoadedDocument {
   resident?: ResidentLayers;
   /** Of a partially resident document: its methods' stored artifacts, to load a layer's indexes when it is read again. */
   artifacts?: Map<string, Uint8Array[][]>;
+  /**
+   * Set when the document stops being served (deleted, or replaced through
+   * another server): why. Its memory no longer counts against the budget, so
+   * sessions that attached it must not read it on: their steps are refused
+   * with this (409), as a partially resident document's pins are.
+   */
+  gone?: string;
 }
 
 interface LoadingDocument {
@@ -303,7 +310,7 @@ export class Documents {
       const meta = this.loading.get(id)?.meta ?? (await this.store.get(id));
       const cached = this.ready.get(id);
       if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
-      if (cached) this.forget(cached, `document ${id} was deleted or replaced since this session attached it; create a new session`);
+      if (cached) this.forget(cached, `document ${id} was deleted or replaced since it was attached`);
       if (!meta) throw notFound(`document ${id} does not exist`);
       if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
       const doc = this.store.readLayer ? await this.attachResident(meta) : { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };
@@ -330,6 +337,7 @@ export class Documents {
 
   /** Returns a document's memory (a partially resident one's, once no step reads it) and stops serving it. */
   private forget(doc: LoadedDocument, why: string): void {
+    doc.gone ??= why;
     if (doc.resident) doc.resident.drop(why);
     else for (const s of doc.layers) s.release();
     this.ready.delete(doc.meta.id);

@@ -121,6 +121,8 @@ export class Sessions {
     }
     return this.queue.runNow(id, async () => {
       const t0 = performance.now();
+      // Before anything changes: a document deleted under the session is not read on (LoadedDocument.gone).
+      for (const d of session.documents) if (d.gone) throw conflict(`${d.gone}: session ${id} cannot attend it any more; create a new session`);
       const req = parseAttendRequest(body, session.model);
       const outDtype = req.outDtype ?? 'f32';
       // Documents read on use from a shared store: the step's layer is resident (read if need be) and stays so until it ends.
