@@ -14,6 +14,9 @@ import { malformed, tooLarge } from '../core/errors.js';
 import { unpackView } from '../core/msgpack-parts-decode.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
+/** 413 for a body over the server's limit, naming the option that sets it. */
+export const bodyTooLarge = (limit: number) => tooLarge(`body exceeds the limit of ${limit} bytes (the server's --body-limit)`);
+
 const MSGPACK = 'application/msgpack';
 const packr = new Packr({ useRecords: false });
 
@@ -31,7 +34,7 @@ const readWhole = new WeakSet<Context>();
 export function limitBody(maxSize: number): MiddlewareHandler {
   return async (c, next) => {
     const declared = c.req.header('content-length');
-    if (declared !== undefined && Number(declared) > maxSize) throw tooLarge(`body exceeds the limit of ${maxSize} bytes`);
+    if (declared !== undefined && Number(declared) > maxSize) throw bodyTooLarge(maxSize);
     limits.set(c, maxSize);
     await next();
   };
@@ -88,14 +91,14 @@ async function readRaw(c: Context, alloc: (n: number) => Buffer): Promise<Uint8A
   let raw: Uint8Array;
   if (!incoming) {
     raw = new Uint8Array(await c.req.arrayBuffer());
-    if (raw.byteLength > limit) throw tooLarge(`body exceeds the limit of ${limit} bytes`);
+    if (raw.byteLength > limit) throw bodyTooLarge(limit);
   } else {
     const declared = incoming.headers['content-length'];
     const chunked = incoming.headers['transfer-encoding'] !== undefined;
     if (!chunked && declared === undefined) raw = new Uint8Array(0);
     else if (!chunked) {
       const n = Number(declared);
-      if (n > limit) throw tooLarge(`body exceeds the limit of ${limit} bytes`);
+      if (n > limit) throw bodyTooLarge(limit);
       raw = n === 0 ? new Uint8Array(0) : await readInto(incoming, alloc(n));
     } else raw = await readChunks(incoming, limit);
   }
@@ -126,7 +129,7 @@ async function readChunks(incoming: IncomingMessage, limit: number): Promise<Uin
   let size = 0;
   await stream(incoming, (chunk) => {
     size += chunk.byteLength;
-    if (size > limit) throw tooLarge(`body exceeds the limit of ${limit} bytes`);
+    if (size > limit) throw bodyTooLarge(limit);
     chunks.push(chunk);
   });
   return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size);

@@ -11,14 +11,14 @@
 // tensors as views into it; the answer is joined into one buffer and
 // written with its head.
 import type { IncomingMessage, RequestListener, ServerResponse } from 'node:http';
-import { KvrecallError, tooLarge } from '../core/errors.js';
+import { KvrecallError } from '../core/errors.js';
 import { joinParts, packParts, type Parts } from '../core/msgpack-parts.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { packAttendAnswer, packBatchAnswer, PackedFrame } from './batch-pack.js';
 import { tokenAccepted } from './auth.js';
-import { decodeMsgpack, isMsgpack, readInto } from './codec.js';
+import { bodyTooLarge, decodeMsgpack, isMsgpack, readInto } from './codec.js';
 import { errorBody, errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
 
@@ -64,7 +64,7 @@ async function serve(req: IncomingMessage, res: ServerResponse, route: { name: s
       throw new KvrecallError('unauthorized', 'missing or wrong bearer token');
     }
     const n = Number(req.headers['content-length']);
-    if (n > opts.bodyLimit) throw tooLarge(`body exceeds the limit of ${opts.bodyLimit} bytes`);
+    if (n > opts.bodyLimit) throw bodyTooLarge(opts.bodyLimit);
     const raw = n === 0 ? new Uint8Array(0) : await readInto(req, Buffer.allocUnsafeSlow(n));
     bodyRead = true;
     const body = decodeMsgpack(raw);

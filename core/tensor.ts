@@ -25,11 +25,13 @@ function isWireDtype(x: unknown): x is WireDtype {
   return typeof x === 'string' && Object.hasOwn(ELEMENT_BYTES, x);
 }
 
-/** Decodes a wire tensor; `data` may be bytes (msgpack) or base64 (JSON). */
-export function parseTensor(x: unknown, name: string): Tensor {
+const FLOAT_DTYPES: readonly WireDtype[] = ['f16', 'bf16', 'f32'];
+
+/** Decodes a wire tensor of one of the `allowed` dtypes (named in the refusal); `data` may be bytes (msgpack) or base64 (JSON). */
+export function parseTensor(x: unknown, name: string, allowed: readonly WireDtype[] = Object.keys(ELEMENT_BYTES) as WireDtype[]): Tensor {
   if (typeof x !== 'object' || x === null || Array.isArray(x)) throw invalid(`${name} must be a tensor {dtype, shape, data}`);
   const o = x as Record<string, unknown>;
-  if (!isWireDtype(o.dtype)) throw invalid(`${name}.dtype must be one of f16, bf16, f32, i32, got ${JSON.stringify(o.dtype)}`);
+  if (!isWireDtype(o.dtype) || !allowed.includes(o.dtype)) throw invalid(`${name}.dtype must be one of ${allowed.join(', ')}, got ${JSON.stringify(o.dtype)}`);
   if (!Array.isArray(o.shape) || o.shape.length > 8) throw invalid(`${name}.shape must be an array of at most 8 sizes`);
   let count = 1;
   for (const s of o.shape) {
@@ -48,9 +50,7 @@ export function parseTensor(x: unknown, name: string): Tensor {
 }
 
 export function parseFloatTensor(x: unknown, name: string): FloatTensor {
-  const t = parseTensor(x, name);
-  if (t.dtype === 'i32') throw invalid(`${name}.dtype must be f16, bf16 or f32, got i32`);
-  return t as FloatTensor;
+  return parseTensor(x, name, FLOAT_DTYPES) as FloatTensor;
 }
 
 export function expectShape(t: Tensor, expected: number[], name: string): void {

@@ -312,6 +312,7 @@ export class Documents {
       if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
       if (cached) this.forget(cached, `document ${id} was deleted or replaced since it was attached`);
       if (!meta) throw notFound(`document ${id} does not exist`);
+      if (meta.status === 'incomplete') throw conflict(`document ${id} is incomplete (its preload was cut off), not ready: PUT it again to restart the preload`);
       if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
       const doc = this.store.readLayer ? await this.attachResident(meta) : { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };
       this.ready.set(id, doc);

@@ -74,7 +74,7 @@ describe('durability', () => {
     const victim = await b.client.getDocument('victim');
     expect(victim.status).toBe('incomplete');
     expect((await b.client.health()) as unknown).toMatchObject({ recovered: ['victim'] });
-    await expect(b.client.createSession({ model, documents: ['victim'] })).rejects.toMatchObject({ status: 409 });
+    await expect(b.client.createSession({ model, documents: ['victim'] })).rejects.toMatchObject({ status: 409, message: expect.stringMatching(/victim is incomplete .*PUT it again/) });
     expect((await b.client.getDocument('kept')).status).toBe('ready');
     expect((await b.client.getDocument('other')).status).toBe('ready');
     expect(await answer(b.client, 'kept', q)).toEqual(before);
