@@ -379,6 +379,9 @@ export class Documents {
    */
   indexes(doc: LoadedDocument, method: string): Promise<HeadIndex[][]> {
     return this.queue.run(doc.meta.id, async () => {
+      // A session attaching the document while a delete was queued ahead of this: building would store
+      // artifacts of the old keys under the id, where a document made again under it would load them.
+      if (doc.gone) throw conflict(`${doc.gone} while a session was attaching it`);
       const cached = doc.indexes.get(method);
       if (cached) return cached;
       const builder = findMethod(method)?.builder;

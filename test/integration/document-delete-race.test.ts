@@ -1,0 +1,63 @@
+// A session attaching a document while its delete (and a new document of the
+// same id) is queued behind the attach: the session's index build runs after
+// them, over the deleted document's keys. It must refuse (409), not store
+// those keys' artifacts under the id, where the new document would load them
+// as its own index (real server, real LMDB files).
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { RunningServer } from '../../api/server.js';
+import { KvrecallClient, KvrecallRequestError } from '../../clients/ts/client.js';
+import { KvrecallError } from '../../core/errors.js';
+import { randomKv } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { startInProcess, tempDataDir } from '../helpers/server.js';
+
+const seed = freshSeed();
+console.log(`document-delete-race: seed ${seed}`);
+const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
+const tmp = tempDataDir();
+const rng = new Rng(seed);
+let server: RunningServer;
+let client: KvrecallClient;
+
+beforeAll(async () => {
+  server = await startInProcess(tmp.dir);
+  client = new KvrecallClient({ url: server.url });
+});
+afterAll(async () => {
+  await server.close();
+  tmp.cleanup();
+});
+
+async function fill(id: string): Promise<void> {
+  const c = randomKv(rng, 'f16', model.kvHeads, 300, model.headDim);
+  await client.uploadDocumentKv(id, { layer: 0, start: 0, k: c.k, v: c.v });
+  await client.sealDocument(id);
+}
+
+describe('a session attaching a document deleted behind the attach', () => {
+  it('is refused with 409 and leaves no index of the old keys under the id', async () => {
+    const { documents, sessions, store } = server.engine;
+    await client.createDocument('doc', model);
+    await fill('doc');
+    // In the document's queue: the attach, the delete, the new document, then the session's index build.
+    const session = sessions.create({ model, documents: ['doc'], method: 'squeezed', budget: 64, estimate: false });
+    const removed = documents.remove('doc');
+    const made = documents.create('doc', { model });
+    const refused = await session.catch((e: unknown) => e);
+    await removed;
+    await made;
+    expect(refused).toBeInstanceOf(KvrecallError);
+    expect((refused as KvrecallError).kind).toBe('conflict');
+    expect((refused as Error).message).toMatch(/document doc was deleted while a session was attaching it/);
+    expect(documents.buildsAfterSeal).toBe(0);
+    expect(store.loadArtifacts('doc', 'squeezed', 1, model.kvHeads)).toBeUndefined();
+
+    // The new document is sealed without squeezed: a session asking for it builds it from the new keys.
+    await fill('doc');
+    expect(store.loadArtifacts('doc', 'squeezed', 1, model.kvHeads)).toBeUndefined();
+    const { id } = await client.createSession({ model, documents: ['doc'], method: 'squeezed', budget: 64, estimate: false });
+    expect(documents.buildsAfterSeal).toBe(1);
+    await client.deleteSession(id);
+    expect(await client.getSession(id).catch((e: unknown) => (e as KvrecallRequestError).status)).toBe(404);
+  });
+});
