@@ -7,6 +7,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { preload } from '../../clients/ts/preload.js';
 import type { Tensor } from '../../core/tensor.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -88,6 +89,29 @@ describe('preload', () => {
     const failed = run(process.execPath, [CLI, 'preload', file, '--id', 'nan', '--url', server.url, '--chunk', '200', '--q-heads', '4']);
     await expect(failed).rejects.toMatchObject({ code: 1, stderr: expect.stringMatching(/422 invalid: k holds a NaN/) });
     await expect(client.getDocument('nan')).rejects.toMatchObject({ status: 404 });
+  });
+
+  it('after a failure, leaves alone a document made again under the id while it ran', async () => {
+    const file = join(tmp.dir, 'race.safetensors');
+    const c = [0, 1].map(() => randomKv(rng, 'f16', 2, 300, 16));
+    writeSafetensors(file, { 'k.0': c[0].k, 'v.0': c[0].v, 'k.1': c[1].k, 'v.1': c[1].v });
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
+    const { documents } = server.engine;
+    let theirs: Promise<unknown> | undefined;
+    const failed = preload({
+      file, id: 'race', url: server.url, methods: [], chunk: 100, qHeads: 4,
+      progress: () => {
+        if (theirs) return;
+        // After our first upload is answered: ours deleted and the id made again by someone else, queued on the
+        // document ahead of our later uploads (at most the window's 2 are queued before). A later createdAt (ms).
+        for (const t = Date.now(); Date.now() - t < 3; );
+        theirs = Promise.all([documents.remove('race'), documents.create('race', { model })]);
+      },
+    });
+    await expect(failed).rejects.toMatchObject({ status: 409 });
+    const [, made] = (await theirs) as [unknown, { createdAt: string }];
+    expect(await client.getDocument('race')).toMatchObject({ status: 'loading', createdAt: made.createdAt });
+    await client.deleteDocument('race');
   });
 
   it("stores a BF16 file as bf16 without --dtype, its words unchanged", async () => {
