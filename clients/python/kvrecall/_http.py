@@ -118,7 +118,11 @@ class _RawHTTPConnection:
             if have == len(buf):
                 if have >= 1 << 20:
                     raise http.client.HTTPException("answer head longer than 1 MiB")
-                buf.extend(bytes(len(buf)))
+                # A new buffer, not buf.extend: a bytearray viewed (`view`) cannot be resized (BufferError).
+                bigger = bytearray(2 * len(buf))
+                bigger[:have] = view[:have]
+                view.release()
+                self._buf = buf = bigger
                 view = memoryview(buf)
         status_line, *header_lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
         parts = status_line.split(" ", 2)

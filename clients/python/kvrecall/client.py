@@ -209,6 +209,9 @@ def _stacked(results: List[Dict[str, Any]]) -> Optional[List[AttendResult]]:
     if not results or not isinstance(results[0], dict) or "out" not in results[0] or "lse" not in results[0]:
         return None
     first_out, first_lse = results[0]["out"], results[0]["lse"]
+    out_bytes, lse_bytes = _nbytes(first_out), _nbytes(first_lse)
+    if out_bytes is None or lse_bytes is None:
+        return None
     outs, lses = [], []
     for r in results:
         if not isinstance(r, dict) or len(r) != 3 or "stats" not in r:
@@ -220,11 +223,26 @@ def _stacked(results: List[Dict[str, Any]]) -> Optional[List[AttendResult]]:
             return None
         if not isinstance(o.get("data"), bytes) or not isinstance(l.get("data"), bytes):
             return None  # JSON's base64, or anything else: decode_tensor's checks
+        if len(o["data"]) != out_bytes or len(l["data"]) != lse_bytes:
+            return None  # decode_tensor refuses it (joined, a short step and a long one would shift the rows)
         outs.append(o["data"])
         lses.append(l["data"])
     out = _rows(outs, first_out)
     lse = _rows(lses, first_lse)
     return [AttendResult(out=out[i], lse=lse[i], stats=r["stats"]) for i, r in enumerate(results)]
+
+
+def _nbytes(t: Any) -> Optional[int]:
+    """The bytes a wire tensor's dtype and shape call for; None when they are not a known dtype and a list of sizes."""
+    if not isinstance(t, dict):
+        return None
+    dt, shape = _NUMPY_OF_WIRE.get(t.get("dtype")), t.get("shape")  # type: ignore[arg-type]
+    if dt is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return None
+    n = dt.itemsize
+    for d in shape:
+        n *= d
+    return n
 
 
 def _rows(datas: List[bytes], t: Dict[str, Any]) -> np.ndarray:
@@ -341,13 +359,14 @@ class Client:
 
         k[layer], v[layer]: [kvHeads, n, headDim]; q[layer] (optional prefill
         queries, for the attention-aware index builds): [qHeads, n, headDim].
-        `methods` are indexed at seal. On an error the document is deleted.
+        `methods` are indexed at seal. On an error the document is deleted
+        (unless the id names another by then: its createdAt differs).
         The uploads go over a stream (`GET /v1/stream`), `window` of them
         sent ahead of their answers (Stream.upload_document).
         """
         if len(k) != model["layers"] or len(v) != model["layers"] or (q is not None and len(q) != model["layers"]):
             raise ValueError(f"k, v (and q) need one array per layer ({model['layers']})")
-        self.create_document(doc, model, methods=methods, query_stride=query_stride, tokens=int(np.shape(k[0])[1]) if model["layers"] > 0 else None)
+        made = self.create_document(doc, model, methods=methods, query_stride=query_stride, tokens=int(np.shape(k[0])[1]) if model["layers"] > 0 else None)
 
         def chunks() -> Iterator[Tuple[int, int, Any, Any, Any]]:
             step = max(1, chunk)
@@ -364,7 +383,11 @@ class Client:
             return self.wait_document_ready(doc, timeout)
         except BaseException:
             try:
-                self.delete_document(doc)
+                # Only the document this call made: ours deleted and the id made again by another client
+                # meanwhile (whose uploads then failed ours) is not ours to delete. The look and the delete
+                # are two requests: the server has no delete conditional on createdAt.
+                if self.get_document(doc).get("createdAt") == made.get("createdAt"):
+                    self.delete_document(doc)
             except (KvrecallError, OSError):
                 pass
             raise

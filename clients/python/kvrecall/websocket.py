@@ -121,7 +121,8 @@ def kernel_timeouts(sock: socket.socket, timeout: Optional[float]) -> bool:
         return False
     if timeout is not None:
         sec = int(timeout)
-        tv = struct.pack("@ll", sec, int((timeout - sec) * 1e6))
+        # At least 1 us: a zero timeval is no timeout at all (a timeout under 1 us blocked forever).
+        tv = struct.pack("@ll", sec, max(int((timeout - sec) * 1e6), 0 if sec else 1))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     sock.settimeout(None)

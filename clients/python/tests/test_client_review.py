@@ -1,0 +1,169 @@
+"""Fixes from a review of the client's stream and batch paths: a failed
+push_document leaves alone a document made again under its id meanwhile
+(real server); an answer head past the raw HTTP connection's first buffer
+is read (a scripted peer); a stacked batch decode refuses steps whose bytes
+do not match their shape, as decode_tensor does; a kernel timeout under a
+microsecond still times out.
+
+The server: KVRECALL_URL, else this checkout's (tests/serve.py)."""
+
+import os
+import socket
+import sys
+import threading
+import time
+import unittest
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import serve  # noqa: E402
+from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
+from kvrecall._http import _RawHTTPConnection  # noqa: E402
+from kvrecall.client import batch_results  # noqa: E402
+from kvrecall.websocket import kernel_timeouts  # noqa: E402
+
+
+@serve.needs_server
+class PushDocumentOwnership(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = serve.Target()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_failed_push_leaves_a_document_made_again_under_the_id(self):
+        """After the first upload's answer, another client deletes the
+        document and makes it again: the later uploads fail (409) and
+        push_document must not delete that other document."""
+        token = self.server.token
+        kv = Client(self.server.url, token=token, timeout=30)
+        other = Client(self.server.url, token=token, timeout=30)
+        doc = "py-own-" + uuid.uuid4().hex[:6]
+        model = model_shape(2, 4, 2, 16, dtype="f16")
+        rng = np.random.default_rng(5)
+        k = [rng.standard_normal((2, 300, 16)).astype(np.float16) for _ in range(2)]
+        v = [rng.standard_normal((2, 300, 16)).astype(np.float16) for _ in range(2)]
+        theirs = []
+        real_open = kv.open_stream
+
+        def open_stream(timeout=None):
+            s = real_open(timeout)
+            upload = s.upload_document
+
+            def interfered(doc_, chunks, window=2, dtype=None, answered=None):
+                def first(answer):
+                    if not theirs:
+                        time.sleep(0.003)  # a later createdAt (ms)
+                        other.delete_document(doc_)
+                        theirs.append(other.create_document(doc_, model))
+
+                return upload(doc_, chunks, window=window, dtype=dtype, answered=first)
+
+            s.upload_document = interfered
+            return s
+
+        kv.open_stream = open_stream
+        try:
+            with self.assertRaises(KvrecallError) as cm:
+                kv.push_document(doc, model, k, v, chunk=100)
+            self.assertEqual(cm.exception.status, 409)
+            self.assertEqual(len(theirs), 1)
+            now = other.get_document(doc)
+            self.assertEqual(now["createdAt"], theirs[0]["createdAt"])
+            self.assertEqual(now["status"], "loading")
+        finally:
+            try:
+                other.delete_document(doc)
+            except KvrecallError:
+                pass
+            kv.close()
+            other.close()
+
+
+class RawHttpLongHead(unittest.TestCase):
+    def test_answer_head_longer_than_the_first_buffer(self):
+        """A 200 KB header (past the 64 KiB buffer, grown twice): the answer
+        is read, not a BufferError from resizing a viewed bytearray."""
+        big = "a" * 200_000
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def answer():
+            conn, _ = listener.accept()
+            with conn:
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += conn.recv(4096)
+                conn.sendall(f"HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\nok".encode())
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        c = _RawHTTPConnection("127.0.0.1", listener.getsockname()[1], 10)
+        try:
+            r = c.request("GET", "/", None, {})
+            self.assertEqual(r.status, 200)
+            self.assertEqual(r.getheader("x-big"), big)
+            self.assertEqual(bytes(r.data), b"ok")
+        finally:
+            c.close()
+            listener.close()
+            t.join(5)
+
+
+class StackedBatchLengths(unittest.TestCase):
+    def test_steps_whose_bytes_do_not_match_their_shape_are_refused(self):
+        """Two f32 [2, 4] outs of 36 and 28 bytes (64 in all, two rows' worth):
+        joined they would reshape into shifted rows; decoded step by step the
+        first is refused, as decode_tensor refuses it alone."""
+        data = np.arange(16, dtype="<f4").tobytes()
+        lse = {"dtype": "f32", "shape": [2], "data": bytes(8)}
+        results = [
+            {"out": {"dtype": "f32", "shape": [2, 4], "data": data[:36]}, "lse": lse, "stats": {}},
+            {"out": {"dtype": "f32", "shape": [2, 4], "data": data[36:]}, "lse": lse, "stats": {}},
+        ]
+        with self.assertRaises(ValueError):
+            batch_results(results)
+        # Well-formed, the same steps decode as rows (the stacked path still taken).
+        results[0]["out"]["data"], results[1]["out"]["data"] = data[:32], data[32:]
+        rs = batch_results(results)
+        np.testing.assert_array_equal(rs[1].out, np.arange(8, 16, dtype=np.float32).reshape(2, 4))
+        self.assertIs(rs[0].out.base, rs[1].out.base)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "kernel timeouts are used on Linux")
+class KernelTimeoutUnderAMicrosecond(unittest.TestCase):
+    def test_times_out(self):
+        """timeout=1e-7: SO_RCVTIMEO of 0 s 0 us would be no timeout at all."""
+        a, b = socket.socketpair()
+        got = []
+
+        def read():
+            try:
+                a.recv(1)
+                got.append("data")
+            except OSError as e:
+                got.append(e)
+
+        try:
+            self.assertTrue(kernel_timeouts(a, 1e-7))
+            t = threading.Thread(target=read, daemon=True)
+            t.start()
+            t.join(2)
+            alive = t.is_alive()
+            if alive:
+                a.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv
+                t.join(2)
+            self.assertFalse(alive, "recv blocked past the timeout")
+            self.assertIsInstance(got[0], BlockingIOError)
+        finally:
+            a.close()
+            b.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
