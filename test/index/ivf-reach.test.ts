@@ -60,7 +60,7 @@ describe('ivf reach', () => {
     const nlist = Math.round(4 * Math.sqrt(TOKENS));
     const holdingK = Math.max(Math.ceil(nlist / 32), Math.ceil(K / (TOKENS / nlist)));
     let found = 0, foundHoldingK = 0, scanned = 0;
-    const steps = 12;
+    const steps = 24;
     for (let s = 0; s < steps; s++) {
       // A query group near one key's direction, each row perturbed: what a decode step's GQA rows look like.
       const anchor = Math.floor(rng.next() * TOKENS);
@@ -75,9 +75,16 @@ describe('ivf reach', () => {
     }
     const recall = found / (steps * K), recallHoldingK = foundHoldingK / (steps * K);
     console.log(`ivf-reach: recall ${recall.toFixed(3)} (lists holding k: ${recallHoldingK.toFixed(3)}), scanned ${(scanned / steps / TOKENS).toFixed(3)} per row`);
-    // Over 8 seeds: 0.89-0.92 at the default, 0.63-0.69 probing the lists that hold k.
+    // The lists holding k miss several times the keys the default misses.
+    // Over 40 seeds x 24 steps: recall 0.886-0.939 (mean 0.913, sd 0.012);
+    // the lists holding k miss 2.96-4.48 times as many (mean 3.66, sd 0.39).
+    // That spread is the keys' (a seed's clusters), not the steps': at 36
+    // steps it is 0.38. The old bar, recall 0.15 above the lists holding k,
+    // had 0.136-0.306 over the same seeds at 12 steps (mean 0.227, sd 0.031)
+    // and failed on seed 23 (0.952 against 0.815): where both reach far the
+    // gain in recall is small, though the misses are still 3.8 times fewer.
     expect(recall).toBeGreaterThan(0.85);
-    expect(recall).toBeGreaterThan(recallHoldingK + 0.15);
+    expect(1 - recallHoldingK).toBeGreaterThan(2 * (1 - recall));
     // 8x the budget per row, lists of uneven size: between 4x and 16x k per row on average.
     expect(scanned / steps).toBeGreaterThan(4 * K);
     expect(scanned / steps).toBeLessThan(16 * K);
