@@ -44,6 +44,11 @@ export interface BatchAnswer {
 /** Steps one batch may carry (a server's running batch, with room). */
 export const MAX_BATCH = 4096;
 
+/** 409 for a session one of whose documents was deleted (LoadedDocument.gone). */
+function refuseGone(session: Session, id: string): void {
+  for (const d of session.documents) if (d.gone) throw conflict(`${d.gone}: session ${id} cannot attend it any more; create a new session`);
+}
+
 export class Sessions {
   private readonly open = new Map<string, Session>();
   readonly queue = new KeyedQueue();
@@ -94,6 +99,8 @@ export class Sessions {
   appendKv(id: string, body: Record<string, unknown>): Promise<{ layer: number; tokens: number }> {
     const session = this.get(id);
     return this.queue.run(id, () => {
+      // As a step: a session whose document was deleted cannot attend again, so its own tokens are not taken either.
+      refuseGone(session, id);
       const up = parseKvUpload(body, session.model);
       const seg = session.own[up.layer];
       if (up.start !== seg.tokens)
@@ -122,7 +129,7 @@ export class Sessions {
     return this.queue.runNow(id, async () => {
       const t0 = performance.now();
       // Before anything changes: a document deleted under the session is not read on (LoadedDocument.gone).
-      for (const d of session.documents) if (d.gone) throw conflict(`${d.gone}: session ${id} cannot attend it any more; create a new session`);
+      refuseGone(session, id);
       const req = parseAttendRequest(body, session.model);
       const outDtype = req.outDtype ?? 'f32';
       // Documents read on use from a shared store: the step's layer is resident (read if need be) and stays so until it ends.

@@ -2,7 +2,8 @@
 // same id) is queued behind the attach: the session's index build runs after
 // them, over the deleted document's keys. It must refuse (409), not store
 // those keys' artifacts under the id, where the new document would load them
-// as its own index (real server, real LMDB files).
+// as its own index (real server, real LMDB files). A session's own KV
+// uploads after the delete are refused as its steps are.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { KvrecallClient, KvrecallRequestError } from '../../clients/ts/client.js';
@@ -59,5 +60,23 @@ describe('a session attaching a document deleted behind the attach', () => {
     expect(documents.buildsAfterSeal).toBe(1);
     await client.deleteSession(id);
     expect(await client.getSession(id).catch((e: unknown) => (e as KvrecallRequestError).status)).toBe(404);
+  });
+});
+
+describe("a session's own KV after its document was deleted", () => {
+  it('is refused with 409 as its steps are, and nothing is appended', async () => {
+    await client.createDocument('gone', model);
+    await fill('gone');
+    const { id } = await client.createSession({ model, documents: ['gone'] });
+    const own = () => randomKv(rng, 'f16', model.kvHeads, 5, model.headDim);
+    const first = own();
+    expect(await client.uploadSessionKv(id, { layer: 0, start: 0, k: first.k, v: first.v })).toMatchObject({ tokens: 5 });
+    await client.deleteDocument('gone');
+    const later = own();
+    const e = await client.uploadSessionKv(id, { layer: 0, start: 5, k: later.k, v: later.v }).catch((err: unknown) => err);
+    expect((e as KvrecallRequestError).status).toBe(409);
+    expect((e as Error).message).toMatch(/document gone was deleted.*create a new session/);
+    expect(((await client.getSession(id)) as unknown as { ownTokens: number[] }).ownTokens).toEqual([5]);
+    await client.deleteSession(id);
   });
 });
