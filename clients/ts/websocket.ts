@@ -143,7 +143,8 @@ export class WsClient {
         const ws = new WsClient(socket, opts.maxMessage ?? MAX_MESSAGE);
         ws.events = events;
         onBytes = (c, reused) => ws.onData(c, reused);
-        socket.on('error', (e) => ws.end(e));
+        // After the server's close frame, a reset (it closed with our bytes unread) is not the reason: its close is.
+        socket.on('error', (e) => ws.end(ws.closedBy ?? e));
         socket.on('close', () => ws.end(ws.closedBy ?? new Error('stream closed')));
         resolve(ws);
         const rest = head.subarray(end + 4);
@@ -162,7 +163,7 @@ export class WsClient {
    * socket has taken it (room may be reused then).
    */
   send(length: number, fill: (payload: Uint8Array) => void, room?: Buffer, written?: (buf: Buffer) => void): void {
-    if (this.gone || this.closing) throw this.gone ?? new Error('stream closed');
+    if (this.gone || this.closing) throw this.gone ?? this.closedBy ?? new Error('stream closed');
     const h = header(OP_BINARY, length);
     const total = h.byteLength + length;
     const buf = room && room.byteLength >= total ? room : Buffer.allocUnsafeSlow(total);
@@ -182,7 +183,7 @@ export class WsClient {
    * new one.
    */
   sendPacked(pack: (target: Uint8Array, at: number) => number, max: number): boolean {
-    if (this.gone || this.closing) throw this.gone ?? new Error('stream closed');
+    if (this.gone || this.closing) throw this.gone ?? this.closedBy ?? new Error('stream closed');
     for (;;) {
       const buf = (this.spare ??= Buffer.allocUnsafeSlow(SPARE_MIN));
       const end = pack(buf, MAX_CLIENT_HEADER);
@@ -218,7 +219,7 @@ export class WsClient {
    * bytes must not change.
    */
   sendParts(parts: Uint8Array[], length: number, written: (e?: Error | null) => void): void {
-    if (this.gone || this.closing) throw this.gone ?? new Error('stream closed');
+    if (this.gone || this.closing) throw this.gone ?? this.closedBy ?? new Error('stream closed');
     const s = this.socket;
     s.cork();
     s.write(header(OP_BINARY, length));

@@ -7,7 +7,8 @@
 // masked with the zero key in the smallest length form, a close answered,
 // a masked server frame closed with 1002, a message over maxMessage closed
 // with 1009 from its header and an answer that is not a map failing the
-// pending calls (never a throw in the read callback); and against the real server, a
+// pending calls (never a throw in the read callback), the server's close
+// code and reason kept for later sends and over a reset after it; and against the real server, a
 // refused handshake surfaces as a KvrecallRequestError with its status.
 import { createHash } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -57,10 +58,11 @@ function readFrames(bytes: Buffer): { opcode: number; fin: boolean; key: Buffer;
 }
 
 /** A scripted server: answers the handshake (with `accept` wrong when asked), then hands the socket and what it received to the test. */
-async function scripted(opts: { badAccept?: boolean; status?: number } = {}): Promise<{ url: string; server: Server; conn: Promise<{ socket: Socket; received: () => Buffer }> }> {
+async function scripted(opts: { badAccept?: boolean; status?: number; halfOpen?: boolean } = {}): Promise<{ url: string; server: Server; conn: Promise<{ socket: Socket; received: () => Buffer }> }> {
   let give!: (v: { socket: Socket; received: () => Buffer }) => void;
   const conn = new Promise<{ socket: Socket; received: () => Buffer }>((r) => (give = r));
-  const server = createServer((socket) => {
+  // halfOpen: the client's end (after its close frame) does not end the server's side.
+  const server = createServer({ allowHalfOpen: opts.halfOpen ?? false }, (socket) => {
     let buf = Buffer.alloc(0), upgraded = false;
     socket.on('data', (c: Buffer) => {
       buf = Buffer.concat([buf, c]);
@@ -229,6 +231,24 @@ describe('the client WebSocket (own framing)', () => {
       await server.close();
       tmp.cleanup();
     }
+  });
+
+  it("keeps the server's close code and reason for sends after its close frame, and over a reset that follows it", async () => {
+    const s = await scripted({ halfOpen: true });
+    servers.push(s.server);
+    let closed: Error | undefined;
+    const ws = await WsClient.open(s.url, {}, { message: () => undefined, closed: (e) => (closed = e) });
+    const { socket, received } = await s.conn;
+    // The close frame, the socket left open: the client has answered it and waits (up to a second) for the end.
+    socket.write(frame(0x8, Buffer.concat([Buffer.from([0x03, 0xf1]), Buffer.from('too big')])));
+    await until(() => readFrames(received()).length >= 1);
+    await new Promise((r) => setTimeout(r, 50)); // the client's end has reached the server, which stays open
+    expect(closed).toBeUndefined();
+    expect(() => ws.sendBytes(Buffer.from('more'))).toThrow('stream closed by the server (1009: too big)');
+    // Then a reset (a server closing with bytes unread): the end reports the close, not ECONNRESET.
+    socket.resetAndDestroy();
+    await until(() => closed !== undefined);
+    expect(closed?.message).toBe('stream closed by the server (1009: too big)');
   });
 
   it('a stream the real server refuses (no token) fails with 401', async () => {
