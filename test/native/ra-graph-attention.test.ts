@@ -100,10 +100,11 @@ describe('ra-graph ranked by the group attention', () => {
     const scale = 1 / Math.sqrt(d);
     const keys = keysOf(rng, 'f16', n, d, 3);
     const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 2000, d), degree: 12, kBuild: 32 });
-    // 12 trials: one trial's error is mostly its partition miss (below), so the mean over 4 had the
-    // sample's tail (0.51 on one CI seed); over 12 its spread is a third of that.
-    const trials = 12;
-    const trialMean: number[] = [], trialWorst: number[] = [];
+    // 24 trials: one trial's error is mostly its partition miss (below), so the mean over 4 had the
+    // sample's tail (0.51 on one CI seed); over 12 its spread is a third of that, and over 24 the
+    // held attention's (below) is small enough too.
+    const trials = 24;
+    const trialMean: number[] = [], trialWorst: number[] = [], trialHeld: number[] = [];
     let sum = 0, scanned = 0, heldAttention = 0, heldMax = 0;
     for (let trial = 0; trial < trials; trial++) {
       const q = groupRows(rng, G, d);
@@ -120,21 +121,24 @@ describe('ra-graph ranked by the group attention', () => {
         const e = Math.abs(a.outScores[i] - Math.log(ref.meanProb[a.outIds[i]]));
         worst = Math.max(worst, e);
         mean += e / k;
-        heldAttention += ref.meanProb[a.outIds[i]];
       }
+      const held = a.outIds.reduce((acc, id) => acc + ref.meanProb[id], 0);
+      heldAttention += held;
       trialMean.push(mean);
       trialWorst.push(worst);
       sum += mean / trials;
       // The same walk's budget ranked by the max over rows (margin in q·k units).
       const m = { ...args(keys.bits, n, d, 'f16', q, G, k, 8 * k), margin: 1 / scale, aggregate: 'max' as const };
       graph.searchSync(m);
-      for (const id of m.outIds) heldMax += ref.meanProb[id];
+      const byMax = m.outIds.reduce((acc, id) => acc + ref.meanProb[id], 0);
+      heldMax += byMax;
+      trialHeld.push(held / byMax);
     }
     const median = (v: number[]) => [...v].sort((x, y) => x - y)[v.length >> 1];
     console.log(
       `attention ranking, bounded (margin 1): log-probability error mean ${sum.toFixed(3)}, per trial ${trialMean.map((e) => e.toFixed(2)).join(' ')}; ` +
         `worst per trial ${trialWorst.map((e) => e.toFixed(2)).join(' ')}; ${(100 * scanned).toFixed(1)}% scanned; ` +
-        `group attention held ${(heldAttention / trials).toFixed(3)} (max ranking ${(heldMax / trials).toFixed(3)})`,
+        `group attention held ${(heldAttention / trials).toFixed(3)} (max ranking ${(heldMax / trials).toFixed(3)}; median trial x${median(trialHeld).toFixed(3)})`,
     );
     // The unreached keys' mass comes from the sample's unreached part (n/512
     // keys, 78 here; 2048 at 1M keys). On the peaked row most of the mass
@@ -147,12 +151,19 @@ describe('ra-graph ranked by the group attention', () => {
     // sample's tail: over 25 more seeds 0.22-0.57, and 0.80 for seed
     // 1184125512 (a CI run failed on the old bound of 0.7). Per trial, over
     // 25 seeds x 12 trials: mean 0.23, range 0.005-0.59; the mean of 12
-    // trials 0.17-0.31. Bounds: the mean of 12 below 0.4, and the median
-    // trial's worst key below 0.7.
+    // trials 0.17-0.31. Over 28 more seeds x 24 trials: the mean of 24
+    // 0.16-0.28 (sd 0.028), the median trial's worst 0.17-0.32. Bounds: the
+    // mean below 0.4, and the median trial's worst key below 0.7.
     expect(sum).toBeLessThan(0.4);
     expect(median(trialWorst)).toBeLessThan(0.7);
-    // Held attention: 4 of 4 seeds above the max ranking, by 0.2-5%; the bar is "not below by 2%".
+    // Held attention, over those 28 seeds x 36 trials: the attention ranking
+    // holds more than the max ranking in 97% of trials (x0.92-2.57 per
+    // trial); in total over 12 trials x1.006-1.067 (sd 0.014: 3.5 sd above
+    // the bar of 0.98 it had then), over 24 x1.013-1.061 (sd 0.011). Bars:
+    // not below by 2% in total, and more in the median trial (a ranking
+    // that picked what the max does holds exactly as much: x1).
     expect(heldAttention).toBeGreaterThan(0.98 * heldMax);
+    expect(median(trialHeld)).toBeGreaterThan(1);
   });
 
   it('refuses a group over 64 rows, a scale that is not positive and an unknown ranking', async () => {
@@ -278,7 +289,10 @@ describe('ra-graph key-key edges', () => {
     // queries look at other channels than the decode queries do.
     const keys = keysOf(rng, 'f16', n, d, 6);
     const queries = Float32Array.from({ length: 3000 * d }, (_, i) => (i % d < d / 2 ? 2 * rng.normal() : 0));
-    const decode = Array.from({ length: 24 }, () => Float32Array.from({ length: G * d }, (_, i) => (i % d >= d / 2 ? 1.5 * rng.normal() : 0.2 * rng.normal())));
+    // 48 decode queries: over 30 seeds the smallest gain below (bar 0.03) was 0.037-0.058 with 24
+    // (sd 0.0054: 3.6 sd above the bar), 0.044-0.062 with 48 (sd 0.0038). The two builds take most
+    // of the test's time; the searches cost little.
+    const decode = Array.from({ length: 48 }, () => Float32Array.from({ length: G * d }, (_, i) => (i % d >= d / 2 ? 1.5 * rng.normal() : 0.2 * rng.normal())));
     const build = (keyNeighbors: number) => RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries, degree: 12, kBuild: 32, keyNeighbors });
     const [plain, linked] = [await build(0), await build(8)];
     const truth = decode.map((q) => {
