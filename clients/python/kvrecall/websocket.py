@@ -116,7 +116,9 @@ def kernel_timeouts(sock: socket.socket, timeout: Optional[float]) -> bool:
     Python polls a socket with a timeout before every send and receive: a
     syscall more each way, 5-7 us a send on the 2-core VM. A timed-out call
     then raises BlockingIOError (EAGAIN), which the callers here report as
-    TimeoutError."""
+    Python's timeout would be: TimeoutError from the HTTP connection; from a
+    WebSocket, ConnectionClosed(1006, "timed out") (caused by a
+    TimeoutError), the connection closed, since a frame may be cut."""
     if not sys.platform.startswith("linux") or isinstance(sock, ssl.SSLSocket) or (timeout is not None and timeout <= 0):
         return False
     if timeout is not None:
