@@ -266,6 +266,9 @@ class WebSocket:
     def _send_frame(self, opcode: int, payload: Union[bytes, bytearray, memoryview], fin: bool = True) -> None:
         if self._closed is not None:
             raise self._closed
+        if isinstance(payload, memoryview) and payload.nbytes != len(payload):
+            # A view of wider items (a float32 array's): its len counts items, the frame's length is bytes.
+            payload = payload.cast("B")
         if opcode >= 0x8 and len(payload) > 125:
             raise ValueError("a control frame's payload is at most 125 bytes")
         key = _ZERO_KEY if self.zero_mask else os.urandom(4)

@@ -3,7 +3,8 @@ push_document leaves alone a document made again under its id meanwhile
 (real server); an answer head past the raw HTTP connection's first buffer
 is read (a scripted peer); a stacked batch decode refuses steps whose bytes
 do not match their shape, as decode_tensor does; a kernel timeout under a
-microsecond still times out.
+microsecond still times out; a memoryview of wider items (a float32
+array's) is framed by its bytes, masked or not (a scripted peer).
 
 The server: KVRECALL_URL, else this checkout's (tests/serve.py)."""
 
@@ -24,7 +25,8 @@ import serve  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
 from kvrecall._http import _RawHTTPConnection  # noqa: E402
 from kvrecall.client import batch_results  # noqa: E402
-from kvrecall.websocket import kernel_timeouts  # noqa: E402
+from kvrecall.websocket import WebSocket, kernel_timeouts  # noqa: E402
+from test_websocket import Scripted, read_client_frame  # noqa: E402
 
 
 @serve.needs_server
@@ -133,6 +135,23 @@ class StackedBatchLengths(unittest.TestCase):
         rs = batch_results(results)
         np.testing.assert_array_equal(rs[1].out, np.arange(8, 16, dtype=np.float32).reshape(2, 4))
         self.assertIs(rs[0].out.base, rs[1].out.base)
+
+
+class WideMemoryview(unittest.TestCase):
+    def test_a_float32_view_is_sent_as_its_bytes(self):
+        """send_binary(memoryview(float32 array)): len counts 300 items, the
+        payload is 1200 bytes; the frame must say 1200 (masked: it raised
+        OverflowError; zero key: a 300-byte header before 1200 bytes)."""
+        a = np.arange(300, dtype=np.float32)
+        for zero in (False, True):
+            with self.subTest(zero_mask=zero):
+                srv = Scripted(lambda sock: [read_client_frame(sock) for _ in range(2)])
+                ws = WebSocket.connect(srv.url, timeout=5, zero_mask=zero)
+                ws.send_binary(memoryview(a))
+                ws.send_binary(b"next")
+                frames = srv.join()
+                ws.close()
+                self.assertEqual([(f[1], f[3]) for f in frames], [(0x2, a.tobytes()), (0x2, b"next")])
 
 
 @unittest.skipUnless(sys.platform.startswith("linux"), "kernel timeouts are used on Linux")
