@@ -19,8 +19,14 @@ async function head(rng: Rng) {
   return ClusterIndex.load(await buildClusters(input, { clusterSize: 8, segmentTokens: 2048, iterations: 4, seed: 3 }), input);
 }
 
-/** The k rows of highest max over the group of q·k, float64. */
-function exactTop(keys: Uint16Array, q: Float32Array): number[] {
+/**
+ * Expects `ids` to be the k rows of highest max over the group of q·k
+ * (float64), but for rows tied with the k-th within float32 rounding, which
+ * the index's float32 dots may order either way: over 3000 trials of these
+ * sizes the gap between the k-th score and the next was below 0.01 in 24%,
+ * so below 1e-5 about once in 4000 trials.
+ */
+function expectExactTop(keys: Uint16Array, q: Float32Array, ids: Int32Array): void {
   const score = Array.from({ length: N }, (_, t) => {
     let best = -Infinity;
     for (let g = 0; g < G; g++) {
@@ -30,7 +36,11 @@ function exactTop(keys: Uint16Array, q: Float32Array): number[] {
     }
     return best;
   });
-  return score.map((s, t) => [s, t]).sort((a, b) => b[0] - a[0]).slice(0, k).map(([, t]) => t).sort((a, b) => a - b);
+  const order = Array.from(score.keys()).sort((a, b) => score[b] - score[a] || a - b);
+  const kth = score[order[k - 1]], tol = 1e-4 * (1 + Math.abs(kth));
+  expect(new Set(ids).size).toBe(k);
+  for (const id of ids) expect(score[id]).toBeGreaterThan(kth - tol);
+  for (const id of order.slice(0, k)) if (score[id] > kth + tol) expect([...ids]).toContain(id);
 }
 
 describe("wave's candidate tokens (ef)", () => {
@@ -49,7 +59,7 @@ describe("wave's candidate tokens (ef)", () => {
     for (let trial = 0; trial < 3; trial++) {
       const q = Float32Array.from({ length: G * d }, () => rng.normal());
       const [all] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', N);
-      expect(Array.from(all.ids).sort((a, b) => a - b)).toEqual(exactTop(index.keys, q));
+      expectExactTop(index.keys, q, all.ids);
       const [narrow] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', 2 * k);
       const [wide] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread');
       const [estimating] = await ClusterIndex.searchHeads([index], q, G, [k], 'spread', 0, true);
