@@ -12,6 +12,12 @@ from typing import Any, Dict, Optional
 from .websocket import kernel_timeouts
 
 
+class AnswerCut(ConnectionResetError):
+    """The connection ended after part of the answer: the server had the
+    request and acted on it, so it must not be sent again (unlike a kept-alive
+    connection found closed before any answer)."""
+
+
 class _OneWrite:
     """http.client sends a request's head and its body in two writes: with
     TCP_NODELAY two packets, and the server woken twice (a decode step's
@@ -110,7 +116,7 @@ class _RawHTTPConnection:
             if n == 0:
                 if have == 0:
                     raise http.client.RemoteDisconnected("the server closed the connection without an answer")
-                raise ConnectionResetError("the server closed the connection mid-answer")
+                raise AnswerCut("the server closed the connection mid-answer")
             have += n
             end = buf.find(b"\r\n\r\n", 0, have)
             if end >= 0:
@@ -161,7 +167,7 @@ class _RawHTTPConnection:
         while at < length:
             n = self.sock.recv_into(view[at:])
             if n == 0:
-                raise ConnectionResetError("the server closed the connection mid-answer")
+                raise AnswerCut("the server closed the connection mid-answer")
             at += n
         return out  # type: ignore[return-value]  # a bytearray: msgpack and json read it as bytes
 
@@ -169,7 +175,7 @@ class _RawHTTPConnection:
         assert self.sock is not None
         chunk = self.sock.recv(1 << 16)
         if not chunk:
-            raise ConnectionResetError("the server closed the connection mid-answer")
+            raise AnswerCut("the server closed the connection mid-answer")
         into += chunk
 
     def _chunked(self, pending: bytearray) -> bytes:

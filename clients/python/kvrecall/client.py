@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 import msgpack
 import numpy as np
 
-from ._http import _HTTPSConnection, _RawHTTPConnection
+from ._http import AnswerCut, _HTTPSConnection, _RawHTTPConnection
 from .tensors import _NUMPY_OF_WIRE, decode_tensor, from_bf16_bits, tensor, to_bf16_bits  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -536,12 +536,14 @@ class Client:
                     conn.request(method, self._prefix + path, body=payload, headers=headers)
                     res = conn.getresponse()
                     data = res.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
                 conn.close()
                 self._local.conn = None
                 # A kept-alive connection the server closed while idle: send
-                # once more on a fresh one. A fresh connection failing is real.
-                if reused and attempt == 0:
+                # once more on a fresh one. A fresh connection failing is real,
+                # and so is an answer cut short (the request went through: an
+                # attend sent again would append its token twice).
+                if reused and attempt == 0 and not isinstance(e, AnswerCut):
                     continue
                 raise
             except BaseException:

@@ -4,7 +4,8 @@ push_document leaves alone a document made again under its id meanwhile
 is read (a scripted peer); a stacked batch decode refuses steps whose bytes
 do not match their shape, as decode_tensor does; a kernel timeout under a
 microsecond still times out; a memoryview of wider items (a float32
-array's) is framed by its bytes, masked or not (a scripted peer).
+array's) is framed by its bytes, masked or not (a scripted peer); an
+answer cut short on a kept-alive connection is not sent again.
 
 The server: KVRECALL_URL, else this checkout's (tests/serve.py)."""
 
@@ -19,6 +20,7 @@ import uuid
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
@@ -115,6 +117,65 @@ class RawHttpLongHead(unittest.TestCase):
             c.close()
             listener.close()
             t.join(5)
+
+
+class AnswerCutNotResent(unittest.TestCase):
+    def test_a_request_whose_answer_was_cut_is_not_sent_again(self):
+        """The second request on a kept-alive connection gets half its
+        answer, then the connection ends: the server had it (an attend would
+        have appended its token), so the client raises and does not resend
+        it on a fresh connection (it did: the server saw it twice)."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        seen = []
+        body = msgpack.packb({"ok": True})
+
+        stop = threading.Event()
+        listener.settimeout(0.1)  # accept wakes to see `stop`
+
+        def serve_all():
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                with conn:
+                    got = b""
+                    while True:
+                        while b"\r\n\r\n" not in got:
+                            chunk = conn.recv(65536)
+                            if not chunk:
+                                break
+                            got += chunk
+                        if b"\r\n\r\n" not in got:
+                            break
+                        head, _, got = got.partition(b"\r\n\r\n")
+                        n = int([line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")][0])
+                        while len(got) < n:
+                            got += conn.recv(65536)
+                        got = got[n:]
+                        seen.append(head.split(b" ")[1])
+                        answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/msgpack\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+                        if len(seen) == 2:
+                            conn.sendall(answer[:-3])  # cut: the head and part of the body
+                            break
+                        conn.sendall(answer)
+
+        t = threading.Thread(target=serve_all, daemon=True)
+        t.start()
+        kv = Client(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=10)
+        try:
+            self.assertEqual(kv._call("POST", "/first", {"x": 1}), {"ok": True})
+            with self.assertRaises(ConnectionResetError):
+                kv._call("POST", "/second", {"x": 2})
+            time.sleep(0.2)  # a resend would have reached the server by now
+            self.assertEqual(seen, [b"/first", b"/second"])
+        finally:
+            kv.close()
+            stop.set()
+            t.join(5)
+            listener.close()
 
 
 class StackedBatchLengths(unittest.TestCase):
