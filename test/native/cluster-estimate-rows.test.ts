@@ -77,9 +77,12 @@ describe('estimate with member lists', () => {
       for (let j = 0; j < d; j++) expect(Math.abs(r.out[qh * d + j] - num[j] / den)).toBeLessThan(1e-2 * (1 + Math.abs(num[j] / den)));
     }
     // The same step without the member lists reads no rows and answers differently (the rest's moments).
+    // The moments put the rest's mass below its rows' (Jensen), by little where the whole clusters
+    // hold nearly all of a row's mass: over 20000 seeds the first q row's lse differed by under 1e-4
+    // in 7 (by 0 in one), the larger of the two rows' differences was 5.8e-4 at the least.
     const moments = await call(q, qHeads, { ...args, exact: Int32Array.from(exact), offsets: undefined, members: undefined });
     expect(moments.scanned[0]).toBe(0);
-    expect(Math.abs(moments.lse[0] - r.lse[0])).toBeGreaterThan(1e-4);
+    expect(Math.max(...[0, 1].map((qh) => Math.abs(moments.lse[qh] - r.lse[qh])))).toBeGreaterThan(1e-4);
   });
 
   it('refuses member lists that disagree with the counts or point outside the keys, before reading memory', async () => {
