@@ -40,6 +40,7 @@ MAX_EXACT_SHARE, MIN_AGREEMENT, MAX_LAYER_ERR, MIN_TRIALS, MAX_KEY_GAP = 0.03, 0
 TALLIES: Dict[str, Tuple[int, List[Tuple[str, Optional[List[str]]]]]] = {
     "8k": (8192, [
         ("model-h200-8k-a.json", None),
+        ("model-vm-8k-66.json", None),
     ]),
     "16k": (16384, [
         ("model-gpu-16k-merged.json", ["wave", "hnsw", "ivf", "retrieval-attention"]),
