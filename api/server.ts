@@ -14,6 +14,8 @@ import { attachStream } from './stream.js';
 export interface RunningServer {
   url: string;
   engine: Engine;
+  /** The listening HTTP server (for embedding: its events, its sockets). */
+  http: Server;
   close(): Promise<void>;
 }
 
@@ -40,12 +42,17 @@ export async function startServer(cfg: Config): Promise<RunningServer> {
     const why = code === 'EADDRINUSE' ? 'the address is in use' : code === 'EADDRNOTAVAIL' ? 'no interface has that address' : (e as Error).message;
     throw new Error(`cannot listen on ${cfg.host}:${cfg.port}: ${why}; choose another with --port (or --host)`);
   }
+  // After listening, an 'error' is a failed accept (EMFILE: out of file
+  // descriptors, ENFILE, ENOMEM): unheard it would end the process and every
+  // session with it; the connections already open are served on.
+  server.on('error', (e: NodeJS.ErrnoException) => console.error(`kvrecall: accepting a connection failed (${e.code ?? e.message}); serving on`));
   lingerOnClose(server as Server);
   const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,
     engine,
+    http: server as Server,
     close: async () => {
       stream.close();
       await new Promise<void>((resolve) => server.close(() => resolve()));

@@ -384,7 +384,7 @@ export class WsConnection {
       this.msgStart = performance.now();
     } else return this.refuse(CLOSE_PROTOCOL, `unknown opcode ${op}`);
     if (op < 0x8 && this.msgLength + length > this.maxMessage)
-      return this.refuse(CLOSE_TOO_BIG, `message over the limit of ${this.maxMessage} bytes`);
+      return this.refuse(CLOSE_TOO_BIG, `message over the limit of ${this.maxMessage} bytes (the server's --body-limit)`);
     this.left = length;
     this.read = 0;
     return true;

@@ -225,7 +225,7 @@ describe('the client WebSocket (own framing)', () => {
       const zeros = new Uint16Array(2 * 1000 * 64);
       const stream = await client.openStream();
       const upload = stream.uploadDocumentKv('big', { layer: 0, start: 0, k: tensor('f16', [2, 1000, 64], zeros), v: tensor('f16', [2, 1000, 64], zeros) });
-      await expect(upload).rejects.toThrow(/stream closed by the server \(1009: message over the limit of 100000 bytes\)/);
+      await expect(upload).rejects.toThrow(/stream closed by the server \(1009: message over the limit of 100000 bytes \(the server's --body-limit\)\)/);
       expect((await client.getDocument('big')).tokens).toBe(0);
     } finally {
       await server.close();

@@ -1,6 +1,7 @@
 // A server asked for a port already taken says so and what to change,
 // instead of an unhandled 'error' event (a stack trace, and for the CLI no
 // hint that --port chooses another); the server that holds the port goes on.
+// A failed accept after listening (EMFILE) does not end the server either.
 import { describe, expect, it } from 'vitest';
 import { startInProcess, tempDataDir, useServer } from '../helpers/server.js';
 
@@ -20,6 +21,13 @@ describe('listen', () => {
     } finally {
       tmp.cleanup();
     }
+    expect((await live.client().health()).ok).toBe(true);
+  });
+
+  it('serves on after a failed accept', async () => {
+    const emfile = Object.assign(new Error('accept EMFILE'), { code: 'EMFILE', syscall: 'accept' });
+    // Unheard, emit() throws it (and in a server, ends the process).
+    expect(() => live.server().http.emit('error', emfile)).not.toThrow();
     expect((await live.client().health()).ok).toBe(true);
   });
 });
