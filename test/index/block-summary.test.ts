@@ -227,24 +227,36 @@ describe('calibrating the radius share', () => {
     // but no query reads those channels, so a query's logits there are its
     // topic's like any other block's. Any share lifts those blocks over the
     // topic's own.
+    // One document's calibration reads a few of its prefill rows
+    // (CALIBRATION_ROWS), so its captures are noisy: over 4000 seeds a
+    // document kept 0.5 in 3.9% (0.25 in 3.2%, 1 twice), and a share of 0.5
+    // or 1 captured as much as 0 in 1.5% (CI would have failed 1 run in 25).
+    // Hence 9 documents: the median share, and the mean capture per share
+    // (its margin, capture at 0 less the best at 0.5 or 1, 0.042-0.12 over
+    // 444 groups of 9, mean 0.074, sd 0.011).
     const rng = new Rng(seed + 11);
-    const keys = keyWords(tokens, d, dtype, (t, j) => {
-      const b = Math.floor(t / B), topic = Math.floor(b / 20) % 4;
-      if (j >= 16) return (b % 5 === 2 ? 8 : 0.3) * rng.normal();
-      return (j === topic ? 2 : 0) + 0.3 * rng.normal();
-    });
-    const rows = (await summaryOf(keys, tokens, d, dtype)).rows;
-    const { share, capture } = await calibrateShare({ keys, tokens, headDim: d, dtype, queries: queriesOf(rng, 4), queryCount: rowsCount }, rows, blocks, SUMMARY_REPS, B);
+    const documents = 9, shares: number[] = [], capture: number[] = RADIUS_SHARES.map(() => 0);
+    for (let i = 0; i < documents; i++) {
+      const keys = keyWords(tokens, d, dtype, (t, j) => {
+        const b = Math.floor(t / B), topic = Math.floor(b / 20) % 4;
+        if (j >= 16) return (b % 5 === 2 ? 8 : 0.3) * rng.normal();
+        return (j === topic ? 2 : 0) + 0.3 * rng.normal();
+      });
+      const s = await summaryOf(keys, tokens, d, dtype);
+      const got = await calibrateShare({ keys, tokens, headDim: d, dtype, queries: queriesOf(rng, 4), queryCount: rowsCount }, s.rows, blocks, SUMMARY_REPS, B);
+      shares.push(got.share);
+      got.capture.forEach((c, a) => (capture[a] += c / documents));
+      // The radius is large where the spread is: the test's premise.
+      const radius = (b: number) => Math.max(...Array.from({ length: s.reps }, (_, r) => s.row(b, r).radius));
+      expect(radius(2)).toBeGreaterThan(4 * radius(3));
+    }
+    console.log(`spread radii: shares ${shares.join(' ')}; mean capture ${capture.map((c) => c.toFixed(3)).join(' ')}`);
     // The mean alone captures the most; the rule keeps the largest share
-    // within 10% of the best, which here is 0 or, on some seeds, the
-    // smallest share above it — never a share that lifts the spread blocks
-    // far (1 in 14 seeds picked 0.25 when this asked for 0 exactly).
+    // within 10% of the best, which here is 0 or, in some documents, the
+    // smallest share above it; a share that lifts the spread blocks far
+    // only in a few.
     for (let a = 2; a < RADIUS_SHARES.length; a++) expect(capture[a]).toBeLessThan(capture[0]);
-    expect(share).toBeLessThanOrEqual(RADIUS_SHARES[1]);
-    // The radius is large where the spread is: the test's premise.
-    const s = await summaryOf(keys, tokens, d, dtype);
-    const radius = (b: number) => Math.max(...Array.from({ length: s.reps }, (_, r) => s.row(b, r).radius));
-    expect(radius(2)).toBeGreaterThan(4 * radius(3));
+    expect([...shares].sort((x, y) => x - y)[documents >> 1]).toBeLessThanOrEqual(RADIUS_SHARES[1]);
   });
 
   it('is 0 without prefill queries, and on a document too short to have candidates', async () => {
