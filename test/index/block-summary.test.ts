@@ -191,18 +191,23 @@ describe('calibrating the radius share', () => {
     // its keys' logits 4/√32). Every block holds three decoys, 30·e_(16+i)
     // in channels no query reads: the farthest keys from the block mean, so
     // they take the three sub-clusters of their own. A needle A·e_i in every
-    // 8th block (direction by block) is nearer the bulk than any decoy, so
-    // it stays in the bulk's sub-cluster: its logit 4·12/√32 = 8.5 outweighs
-    // a leaning block's 64 keys ~30 times over, but it moves the bulk's
-    // centroid score by only 4·12/61, so at share 0 its blocks rank below
-    // the leaning ones, while the bulk's radius (~12, against ~2.5) carries
-    // them first at a share.
+    // 8th block (direction by block, A = 20) is nearer the bulk than any
+    // decoy, so it stays in the bulk's sub-cluster: its logit 4·20/√32 = 14
+    // outweighs a leaning block's 64 keys ~10^4 times over, but it moves the
+    // bulk's centroid score by only 4·20/61, so at share 0 its blocks rank
+    // below the leaning ones, while the bulk's radius (~20, against ~2.5)
+    // carries them first at a share. Among the needle blocks, at share 1,
+    // the one along q leads by only 4·A/61 less the other centroids' noise
+    // (the centroid's shift toward the needle comes off the radius): with
+    // A = 12 another direction's came first in 3 of 3000 seeds (the lead
+    // 0.43 on average, sd 0.11, over 400), with A = 20 in none (lead
+    // 0.57-1.24, mean 0.96).
     const rng = new Rng(seed + 10);
     const needleAt = (b: number) => (b % 8 === 3 ? b * B + ((b * 7) % B) : -1);
     const keys = keyWords(tokens, d, dtype, (t, j) => {
       const b = Math.floor(t / B), i = t % B;
       if (i >= 40 && i < 43) return j === 16 + i - 40 ? 30 : 0;
-      if (t === needleAt(b)) return j === (b >> 3) % 4 ? 12 : 0;
+      if (t === needleAt(b)) return j === (b >> 3) % 4 ? 20 : 0;
       return (b % 4 === 1 && j === (b >> 2) % 4 ? 1 : 0) + 0.3 * rng.normal();
     });
     const queries = queriesOf(rng, 4);
