@@ -81,9 +81,10 @@ describe('quest', () => {
     // Ordinary keys; block 17 holds one key of length 24 along q among them. (The bound of an
     // ordinary block of 64 N(0, 1) keys is about 2.4·‖q‖₁ ≈ 11 here: a box is loose in many
     // dimensions, so a needle must stand out past it, as a pass key's logit does.)
-    // Its other keys lean the other way, so the block's mean scores about −0.5 (4 standard deviations below the others').
+    // Its other keys lean the other way, so the block's mean scores about −1 (8 standard deviations below the others').
+    // At −0.5 (4 sd) the means ranked it 21st of 30 or higher in 6 of 20000 seeds (9th once); at −1 it was last in all.
     const keys = keysOf(rng, tokens, d, 'f16', (t, j) =>
-      t === needle ? (24 * dir[j]) / norm : Math.floor(t / B) === 17 ? rng.normal() - ((24 + 0.5 * B) / (B - 1)) * (dir[j] / norm) : undefined,
+      t === needle ? (24 * dir[j]) / norm : Math.floor(t / B) === 17 ? rng.normal() - ((24 + B) / (B - 1)) * (dir[j] / norm) : undefined,
     );
     const s = loadQuestSummary(await buildQuestSummary(input(keys, tokens, d, 'f16')), headKeys(keys, tokens, d, 'f16'));
     const q = Float32Array.from(dir, (x) => x / norm);
