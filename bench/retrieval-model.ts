@@ -29,6 +29,7 @@ import { nativeThreads } from '../addon/kernels.js';
 import { hnswBuilder } from '../index/hnsw.js';
 import { DEFAULT_MARGIN } from '../index/retrieval-attention.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
+import { readCsr, type Csr } from './ra-graph-csr.js';
 
 const argv = process.argv.slice(2);
 const get = (name: string, dflt: string) => {
@@ -60,29 +61,6 @@ function readNpy(path: string): { shape: number[]; data: Uint16Array | Float32Ar
   if (descr === '<f2') return { shape, data: new Uint16Array(body) };
   if (descr === '<f4') return { shape, data: new Float32Array(body) };
   throw new Error(`${path}: dtype ${descr}; expected <f2 or <f4`);
-}
-
-interface Csr {
-  n: number;
-  off: Int32Array;
-  nbr: Int32Array;
-  entries: Int32Array;
-}
-
-/** The saved blob's CSR and entry points (version 4 layout, as bench/retrieval-reach.ts reads it). */
-function readCsr(blob: Uint8Array): Csr {
-  const dv = new DataView(blob.buffer, blob.byteOffset, blob.byteLength);
-  if (dv.getUint32(8, true) !== 4) throw new Error(`ra-graph blob version ${dv.getUint32(8, true)}: this reader knows version 4`);
-  const header = dv.getUint32(12, true);
-  const n = Number(dv.getBigInt64(16, true));
-  const entryCount = dv.getInt32(36, true);
-  const edges = Number(dv.getBigInt64(64, true));
-  const off = new Int32Array(n + 1);
-  for (let i = 0; i <= n; i++) off[i] = Number(dv.getBigInt64(header + 8 * i, true));
-  const at = header + 8 * (n + 1);
-  const nbr = new Int32Array(blob.slice(at, at + 4 * edges).buffer);
-  const entries = new Int32Array(blob.slice(at + 4 * edges, at + 4 * edges + 4 * entryCount).buffer);
-  return { n, off, nbr, entries };
 }
 
 interface Effort {

@@ -27,6 +27,7 @@ import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
 import { cpus, totalmem } from 'node:os';
 import { nativeThreads } from '../addon/kernels.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
+import { readCsr, type Csr } from './ra-graph-csr.js';
 
 function machine(): string {
   return `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
@@ -50,29 +51,6 @@ function parseArgs(argv: string[]): Options {
     probes: Number(get('probes') ?? 100),
     broad: argv.includes('--broad'),
   };
-}
-
-interface Csr {
-  n: number;
-  off: Int32Array;
-  nbr: Int32Array;
-  entries: Int32Array;
-}
-
-/** The saved blob's header, CSR and entry points (version 4 layout: header, int64 offsets, int32 neighbours, int32 entries, checksum). */
-function readCsr(blob: Uint8Array): Csr {
-  const dv = new DataView(blob.buffer, blob.byteOffset, blob.byteLength);
-  if (dv.getUint32(8, true) !== 4) throw new Error(`ra-graph blob version ${dv.getUint32(8, true)}: this reader knows version 4`);
-  const header = dv.getUint32(12, true);
-  const n = Number(dv.getBigInt64(16, true));
-  const entryCount = dv.getInt32(36, true);
-  const edges = Number(dv.getBigInt64(64, true));
-  const off = new Int32Array(n + 1);
-  for (let i = 0; i <= n; i++) off[i] = Number(dv.getBigInt64(header + 8 * i, true));
-  const at = header + 8 * (n + 1);
-  const nbr = new Int32Array(blob.slice(at, at + 4 * edges).buffer);
-  const entries = new Int32Array(blob.slice(at + 4 * edges, at + 4 * edges + 4 * entryCount).buffer);
-  return { n, off, nbr, entries };
 }
 
 const SLOTS = 26; // 16 projected + 2 positional + 8 key-key at the defaults

@@ -1,0 +1,27 @@
+// The RetrievalAttention graph's saved blob read back as CSR adjacency and
+// entry points, for the benches that walk the graph themselves
+// (retrieval-reach.ts, retrieval-model.ts): the native search does not
+// expose its neighbour lists.
+
+export interface Csr {
+  n: number;
+  off: Int32Array;
+  nbr: Int32Array;
+  entries: Int32Array;
+}
+
+/** The saved blob's header, CSR and entry points (version 4 layout: header, int64 offsets, int32 neighbours, int32 entries, checksum). */
+export function readCsr(blob: Uint8Array): Csr {
+  const dv = new DataView(blob.buffer, blob.byteOffset, blob.byteLength);
+  if (dv.getUint32(8, true) !== 4) throw new Error(`ra-graph blob version ${dv.getUint32(8, true)}: this reader knows version 4`);
+  const header = dv.getUint32(12, true);
+  const n = Number(dv.getBigInt64(16, true));
+  const entryCount = dv.getInt32(36, true);
+  const edges = Number(dv.getBigInt64(64, true));
+  const off = new Int32Array(n + 1);
+  for (let i = 0; i <= n; i++) off[i] = Number(dv.getBigInt64(header + 8 * i, true));
+  const at = header + 8 * (n + 1);
+  const nbr = new Int32Array(blob.slice(at, at + 4 * edges).buffer);
+  const entries = new Int32Array(blob.slice(at + 4 * edges, at + 4 * edges + 4 * entryCount).buffer);
+  return { n, off, nbr, entries };
+}
