@@ -25,3 +25,30 @@ export function readCsr(blob: Uint8Array): Csr {
   const entries = new Int32Array(blob.slice(at + 4 * edges, at + 4 * edges + 4 * entryCount).buffer);
   return { n, off, nbr, entries };
 }
+
+/**
+ * The oracle walk: a search that knew the answer. From the entry points it
+ * expands only keys ranked below `reach` (rank: a key's place in the exact
+ * order, 0 = best) and scores every neighbour of each. Returns the share of
+ * the top `k` it expands and the share of keys it scored.
+ */
+export function oracleWalk(g: Csr, rank: Int32Array, k: number, reach: number): { recall: number; scanned: number } {
+  const { n, off, nbr, entries } = g;
+  const seen = new Uint8Array(n), stack: number[] = [];
+  for (const e of entries) {
+    seen[e] = 1;
+    if (rank[e] < reach) stack.push(e);
+  }
+  let got = 0, scanned = entries.length;
+  for (let u = stack.pop(); u !== undefined; u = stack.pop()) {
+    if (rank[u] < k) got++;
+    for (let i = off[u]; i < off[u + 1]; i++) {
+      const v = nbr[i];
+      if (seen[v]) continue;
+      seen[v] = 1;
+      scanned++;
+      if (rank[v] < reach) stack.push(v);
+    }
+  }
+  return { recall: got / k, scanned: scanned / n };
+}

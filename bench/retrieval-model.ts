@@ -29,7 +29,7 @@ import { nativeThreads } from '../addon/kernels.js';
 import { hnswBuilder } from '../index/hnsw.js';
 import { DEFAULT_MARGIN } from '../index/retrieval-attention.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
-import { readCsr, type Csr } from './ra-graph-csr.js';
+import { oracleWalk, readCsr, type Csr } from './ra-graph-csr.js';
 
 const argv = process.argv.slice(2);
 const get = (name: string, dflt: string) => {
@@ -97,7 +97,7 @@ interface Reach {
 
 /** bench/retrieval-reach.ts's measureStep, reduced to the columns retrieval-reach-vm.md compares. */
 function reach(g: Csr, centred: Float32Array, d: number, mp: Float64Array, k: number): Reach {
-  const { n, off, nbr, entries } = g;
+  const { n, off, nbr } = g;
   const order = topKIndices(mp, Math.min(n, 3 * k));
   const rank = new Int32Array(n).fill(2 ** 30);
   order.forEach((t, i) => (rank[t] = i));
@@ -120,20 +120,8 @@ function reach(g: Csr, centred: Float32Array, d: number, mp: Float64Array, k: nu
     for (const v of topKIndices(cos, NN)) (hit += rank[v] < k ? 1 : 0), cnt++, (cosSum += cos[v]);
   }
   const walk = (B: number): [number, number] => {
-    const seen = new Uint8Array(n), stack: number[] = [];
-    for (const e of entries) if (((seen[e] = 1), rank[e] < B)) stack.push(e);
-    let got = 0, scanned = entries.length;
-    for (let u = stack.pop(); u !== undefined; u = stack.pop()) {
-      if (rank[u] < k) got++;
-      for (let i = off[u]; i < off[u + 1]; i++) {
-        const v = nbr[i];
-        if (seen[v]) continue;
-        seen[v] = 1;
-        scanned++;
-        if (rank[v] < B) stack.push(v);
-      }
-    }
-    return [got / k, scanned / n];
+    const w = oracleWalk(g, rank, k, B);
+    return [w.recall, w.scanned];
   };
   return { precision: inT / all, knnPrecision: hit / cnt, knnCos: cosSum / cnt, noInEdge: noIn / k, walk2k: walk(2 * k), walk3k: walk(3 * k) };
 }

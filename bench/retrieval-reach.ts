@@ -27,7 +27,7 @@ import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
 import { cpus, totalmem } from 'node:os';
 import { nativeThreads } from '../addon/kernels.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
-import { readCsr, type Csr } from './ra-graph-csr.js';
+import { oracleWalk, readCsr, type Csr } from './ra-graph-csr.js';
 
 function machine(): string {
   return `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
@@ -66,7 +66,7 @@ interface StepResult {
 }
 
 function measureStep(g: Csr, centred: Float32Array, d: number, mp: Float64Array, k: number, probes: number): StepResult {
-  const { n, off, nbr, entries } = g;
+  const { n, off, nbr } = g;
   const order = topKIndices(mp, Math.min(n, REACH[REACH.length - 1] * k));
   const rank = new Int32Array(n).fill(2 ** 30);
   order.forEach((t, i) => (rank[t] = i));
@@ -98,25 +98,7 @@ function measureStep(g: Csr, centred: Float32Array, d: number, mp: Float64Array,
     cos[u] = -Infinity;
     for (const v of topKIndices(cos, NN)) (knnHit += rank[v] < k ? 1 : 0), knnAll++;
   }
-  const reach = REACH.map((b) => {
-    const B = b * k, seen = new Uint8Array(n), stack: number[] = [];
-    for (const e of entries) {
-      seen[e] = 1;
-      if (rank[e] < B) stack.push(e);
-    }
-    let got = 0, scanned = entries.length;
-    for (let u = stack.pop(); u !== undefined; u = stack.pop()) {
-      if (rank[u] < k) got++;
-      for (let i = off[u]; i < off[u + 1]; i++) {
-        const v = nbr[i];
-        if (seen[v]) continue;
-        seen[v] = 1;
-        scanned++;
-        if (rank[v] < B) stack.push(v);
-      }
-    }
-    return { b, recall: got / k, scanned: scanned / n };
-  });
+  const reach = REACH.map((b) => ({ b, ...oracleWalk(g, rank, k, b * k) }));
   return {
     precision: inT / all,
     precisionBySlot: Array.from(hit, (h, i) => h / Math.max(1, tot[i])),
