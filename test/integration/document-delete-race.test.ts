@@ -4,41 +4,29 @@
 // those keys' artifacts under the id, where the new document would load them
 // as its own index (real server, real LMDB files). A session's own KV
 // uploads after the delete are refused as its steps are.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, KvrecallRequestError } from '../../clients/ts/client.js';
+import { describe, expect, it } from 'vitest';
+import { KvrecallRequestError } from '../../clients/ts/client.js';
 import { KvrecallError } from '../../core/errors.js';
 import { randomKv } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { useServer } from '../helpers/server.js';
 
 const seed = freshSeed();
 console.log(`document-delete-race: seed ${seed}`);
 const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
-const tmp = tempDataDir();
 const rng = new Rng(seed);
-let server: RunningServer;
-let client: KvrecallClient;
-
-beforeAll(async () => {
-  server = await startInProcess(tmp.dir);
-  client = new KvrecallClient({ url: server.url });
-});
-afterAll(async () => {
-  await server.close();
-  tmp.cleanup();
-});
+const srv = useServer();
 
 async function fill(id: string): Promise<void> {
   const c = randomKv(rng, 'f16', model.kvHeads, 300, model.headDim);
-  await client.uploadDocumentKv(id, { layer: 0, start: 0, k: c.k, v: c.v });
-  await client.sealDocument(id);
+  await srv.client().uploadDocumentKv(id, { layer: 0, start: 0, k: c.k, v: c.v });
+  await srv.client().sealDocument(id);
 }
 
 describe('a session attaching a document deleted behind the attach', () => {
   it('is refused with 409 and leaves no index of the old keys under the id', async () => {
-    const { documents, sessions, store } = server.engine;
-    await client.createDocument('doc', model);
+    const { documents, sessions, store } = srv.server().engine;
+    await srv.client().createDocument('doc', model);
     await fill('doc');
     // In the document's queue: the attach, the delete, the new document, then the session's index build.
     const session = sessions.create({ model, documents: ['doc'], method: 'squeezed', budget: 64, estimate: false });
@@ -56,27 +44,27 @@ describe('a session attaching a document deleted behind the attach', () => {
     // The new document is sealed without squeezed: a session asking for it builds it from the new keys.
     await fill('doc');
     expect(store.loadArtifacts('doc', 'squeezed', 1, model.kvHeads)).toBeUndefined();
-    const { id } = await client.createSession({ model, documents: ['doc'], method: 'squeezed', budget: 64, estimate: false });
+    const { id } = await srv.client().createSession({ model, documents: ['doc'], method: 'squeezed', budget: 64, estimate: false });
     expect(documents.buildsAfterSeal).toBe(1);
-    await client.deleteSession(id);
-    expect(await client.getSession(id).catch((e: unknown) => (e as KvrecallRequestError).status)).toBe(404);
+    await srv.client().deleteSession(id);
+    expect(await srv.client().getSession(id).catch((e: unknown) => (e as KvrecallRequestError).status)).toBe(404);
   });
 });
 
 describe("a session's own KV after its document was deleted", () => {
   it('is refused with 409 as its steps are, and nothing is appended', async () => {
-    await client.createDocument('gone', model);
+    await srv.client().createDocument('gone', model);
     await fill('gone');
-    const { id } = await client.createSession({ model, documents: ['gone'] });
+    const { id } = await srv.client().createSession({ model, documents: ['gone'] });
     const own = () => randomKv(rng, 'f16', model.kvHeads, 5, model.headDim);
     const first = own();
-    expect(await client.uploadSessionKv(id, { layer: 0, start: 0, k: first.k, v: first.v })).toMatchObject({ tokens: 5 });
-    await client.deleteDocument('gone');
+    expect(await srv.client().uploadSessionKv(id, { layer: 0, start: 0, k: first.k, v: first.v })).toMatchObject({ tokens: 5 });
+    await srv.client().deleteDocument('gone');
     const later = own();
-    const e = await client.uploadSessionKv(id, { layer: 0, start: 5, k: later.k, v: later.v }).catch((err: unknown) => err);
+    const e = await srv.client().uploadSessionKv(id, { layer: 0, start: 5, k: later.k, v: later.v }).catch((err: unknown) => err);
     expect((e as KvrecallRequestError).status).toBe(409);
     expect((e as Error).message).toMatch(/document gone was deleted.*create a new session/);
-    expect(((await client.getSession(id)) as unknown as { ownTokens: number[] }).ownTokens).toEqual([5]);
-    await client.deleteSession(id);
+    expect(((await srv.client().getSession(id)) as unknown as { ownTokens: number[] }).ownTokens).toEqual([5]);
+    await srv.client().deleteSession(id);
   });
 });
