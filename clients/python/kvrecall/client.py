@@ -43,6 +43,7 @@ import msgpack
 import numpy as np
 
 from ._http import AnswerCut, _HTTPSConnection, _RawHTTPConnection
+from .wire import check_kv, is_half, optional_fields, q_wire_dtype
 from .tensors import _NUMPY_OF_WIRE, decode_tensor, from_bf16_bits, tensor, to_bf16_bits  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -139,26 +140,12 @@ def attend_body(
     """An attend's wire fields (all but layer and session), tensors as
     msgpack bin of the arrays' bytes."""
     check_kv(k, v, position)
-    body: Dict[str, Any] = {"q": tensor(q, q_dtype if q_dtype is not None else None if _is_half(q) else "f32")}
+    body: Dict[str, Any] = {"q": tensor(q, q_wire_dtype(q, q_dtype))}
     if k is not None:
         body["k"] = tensor(k, dtype)
         body["v"] = tensor(v, dtype)
-    if scale is not None:
-        body["scale"] = float(scale)
-    if position is not None:
-        body["position"] = int(position)
-    if returns is not None:
-        body["return"] = list(returns)
-    if out_dtype is not None:
-        body["outDtype"] = str(out_dtype)
+    body.update(optional_fields(scale, position, returns, out_dtype))
     return body
-
-
-def check_kv(k: Any, v: Any, position: Optional[int]) -> None:
-    if (k is None) != (v is None):
-        raise ValueError("k and v come together or not at all")
-    if k is None and position is not None:
-        raise ValueError("position names the appended token: send k and v with it")
 
 
 def step_body(step: Dict[str, Any]) -> Dict[str, Any]:
@@ -578,15 +565,11 @@ def _quote(id_: str) -> str:
     return urllib.parse.quote(str(id_), safe="")
 
 
-def _is_half(x: Any) -> bool:
-    return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize == 2
-
-
 def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str], view: bool = False) -> Dict[str, Any]:
     """view: tensor data as views of the arrays (sent before they may change: Stream.upload_document)."""
     body: Dict[str, Any] = {"layer": int(layer), "start": int(start), "k": tensor(k, dtype, view), "v": tensor(v, dtype, view)}
     if q is not None:
-        body["q"] = tensor(q, None if _is_half(q) else "f32", view)
+        body["q"] = tensor(q, None if is_half(q) else "f32", view)
     return body
 
 

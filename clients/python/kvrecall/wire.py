@@ -19,16 +19,50 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import msgpack
 import numpy as np
 
-from .client import _is_half, check_kv
 from .tensors import tensor
 
 __all__ = ["attend_fields", "attend_parts", "batch_parts"]
 
 # --- requests --------------------------------------------------------------
+# The attend fields' rules, shared with the HTTP body (client.attend_body).
+
+
+def is_half(x: Any) -> bool:
+    """A 16-bit float array (sent in its own dtype)."""
+    return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize == 2
+
+
+def q_wire_dtype(q: Any, q_dtype: Optional[str]) -> Optional[str]:
+    """The dtype q is sent in: the one asked, else its own if 16-bit, else f32."""
+    return q_dtype if q_dtype is not None else None if is_half(q) else "f32"
+
+
+def optional_fields(scale: Optional[float], position: Optional[int], returns: Optional[Sequence[str]], out_dtype: Optional[str]) -> List[Tuple[str, Any]]:
+    """An attend's optional fields that were given, as (wire name, value), in the order they are sent."""
+    fields: List[Tuple[str, Any]] = []
+    if scale is not None:
+        fields.append(("scale", float(scale)))
+    if position is not None:
+        fields.append(("position", int(position)))
+    if returns is not None:
+        fields.append(("return", list(returns)))
+    if out_dtype is not None:
+        fields.append(("outDtype", str(out_dtype)))
+    return fields
+
+
+def check_kv(k: Any, v: Any, position: Optional[int]) -> None:
+    if (k is None) != (v is None):
+        raise ValueError("k and v come together or not at all")
+    if k is None and position is not None:
+        raise ValueError("position names the appended token: send k and v with it")
+
 
 # The wire dtype of an array sent as it is.
 _WIRE_OF = {np.dtype("<f2"): "f16", np.dtype("<f4"): "f32", np.dtype("<i4"): "i32"}
 _HEADS: Dict[Tuple[str, Tuple[int, ...]], bytes] = {}
+# The optional fields' keys, packed once (optional_fields names them).
+_KEYS = {name: msgpack.packb(name) for name in ("scale", "position", "return", "outDtype")}
 
 
 def _tensor_parts(x: Any, dtype: Optional[str], packer: msgpack.Packer) -> Tuple[bytes, Any]:
@@ -67,16 +101,8 @@ def attend_fields(
     (q, q's wire dtype, k, v, their dtype, the other fields as (packed key,
     value) pairs)."""
     check_kv(k, v, position)
-    extra: List[Tuple[bytes, Any]] = []
-    if scale is not None:
-        extra.append((b"\xa5scale", float(scale)))
-    if position is not None:
-        extra.append((b"\xa8position", int(position)))
-    if returns is not None:
-        extra.append((b"\xa6return", list(returns)))
-    if out_dtype is not None:
-        extra.append((b"\xa8outDtype", str(out_dtype)))
-    return q, q_dtype if q_dtype is not None else None if _is_half(q) else "f32", k, v, dtype, extra
+    extra = [(_KEYS[name], value) for name, value in optional_fields(scale, position, returns, out_dtype)]
+    return q, q_wire_dtype(q, q_dtype), k, v, dtype, extra
 
 
 def _step(packer: msgpack.Packer, head: bytes, entries: int, session: str, fields: Tuple[Any, ...]) -> List[Any]:
