@@ -8,6 +8,7 @@ import { nativeThreads } from '../addon/kernels.js';
 import { bearerAuth } from './auth.js';
 import { bodyLeftUnread, limitBody, readBody, reply, withBody } from './codec.js';
 import { onError, errorBody, errorOf } from './errors.js';
+import { invalid } from '../core/errors.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { Metrics } from './metrics.js';
 
@@ -60,8 +61,11 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
   });
   app.get('/v1/documents/:doc', async (c) => reply(c, await documents.get(c.req.param('doc'))));
   app.get('/v1/documents', async (c) => reply(c, { documents: await documents.list() }));
+  // ?createdAt=: only the document created then (412 for one made again under the id since).
   app.delete('/v1/documents/:doc', async (c) => {
-    await documents.remove(c.req.param('doc'));
+    const createdAt = c.req.query('createdAt');
+    if (createdAt === '') throw invalid('createdAt, when given, names the createdAt of the document to delete');
+    await documents.remove(c.req.param('doc'), { createdAt });
     return reply(c, { deleted: c.req.param('doc') });
   });
 

@@ -9,6 +9,7 @@ const STATUS: Record<ErrorKind, ContentfulStatusCode> = {
   unauthorized: 401,
   not_found: 404,
   conflict: 409,
+  precondition_failed: 412,
   too_large: 413,
   invalid: 422,
   over_budget: 503,

@@ -6,6 +6,7 @@ export type ErrorKind =
   | 'unauthorized'
   | 'not_found'
   | 'conflict' // valid request, wrong moment (kv after seal, out-of-order start)
+  | 'precondition_failed' // a conditional request whose condition does not hold (a DELETE naming another createdAt)
   | 'too_large'
   | 'invalid' // decoded, but wrong shape, dtype, range or value
   | 'over_budget' // host memory or GPU pool full: admission control
@@ -24,6 +25,7 @@ export class KvrecallError extends Error {
 export const invalid = (message: string) => new KvrecallError('invalid', message);
 export const notFound = (message: string) => new KvrecallError('not_found', message);
 export const conflict = (message: string) => new KvrecallError('conflict', message);
+export const preconditionFailed = (message: string) => new KvrecallError('precondition_failed', message);
 export const malformed = (message: string) => new KvrecallError('malformed', message);
 export const tooLarge = (message: string) => new KvrecallError('too_large', message);
 export const unavailable = (message: string) => new KvrecallError('unavailable', message);

@@ -9,7 +9,7 @@ import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
 import { LayerCache, ResidentLayers } from './resident-layers.js';
-import { conflict, invalid, notFound } from '../core/errors.js';
+import { conflict, invalid, notFound, preconditionFailed } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
 import { expectUploadFinite, parseKvUpload, type KvUpload } from './kv-input.js';
 import { parseModel } from '../core/model.js';
@@ -281,10 +281,19 @@ export class Documents {
     };
   }
 
-  remove(idRaw: string): Promise<void> {
+  /**
+   * Deletes a document; with `createdAt`, only the one created then: a
+   * document made again under the id since is left alone (412). The check
+   * and the delete are one step of the document's queue, so no request to
+   * this server comes between them.
+   */
+  remove(idRaw: string, expect: { createdAt?: string } = {}): Promise<void> {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
-      if (!(await this.store.get(id))) throw notFound(`document ${id} does not exist`);
+      const meta = await this.store.get(id);
+      if (!meta) throw notFound(`document ${id} does not exist`);
+      if (expect.createdAt !== undefined && meta.createdAt !== expect.createdAt)
+        throw preconditionFailed(`document ${id} was created at ${meta.createdAt}, not ${expect.createdAt}: not deleted`);
       // Blocks still being written would land after the drop.
       await this.loading.get(id)?.writing;
       await this.store.remove(id);

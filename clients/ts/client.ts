@@ -151,6 +151,9 @@ export interface DocumentInfo {
   bytes: number;
   model: ModelShape;
   methods: string[];
+  /** When this document was created: tells it from one made again under its id (deleteDocument's createdAt). */
+  createdAt: string;
+  sealedAt?: string;
 }
 
 /** One step of a batch: a session's attend body (the layer is the batch's). */
@@ -271,8 +274,10 @@ export class KvrecallClient {
     return (await this.call<{ documents: DocumentInfo[] }>('GET', '/v1/documents')).documents;
   }
 
-  deleteDocument(id: string): Promise<unknown> {
-    return this.call('DELETE', `/v1/documents/${encodeURIComponent(id)}`);
+  /** With `createdAt`, only the document created then: one made again under the id since is left, and 412 says so. */
+  deleteDocument(id: string, opts: { createdAt?: string } = {}): Promise<unknown> {
+    const only = opts.createdAt === undefined ? '' : `?createdAt=${encodeURIComponent(opts.createdAt)}`;
+    return this.call('DELETE', `/v1/documents/${encodeURIComponent(id)}${only}`);
   }
 
   createSession(spec: SessionSpec): Promise<{ id: string; method: string; documentTokens: number }> {

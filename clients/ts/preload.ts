@@ -10,7 +10,7 @@
 // Uploads go over the stream (GET /v1/stream), `window` of them in flight:
 // the server reads the next one's bytes straight from the socket while it
 // appends and stores this one (bench/results/preload-vm.md).
-import { KvrecallClient, type DocumentInfo, type KvUploadBody, type KvUploadStats, type Tensor } from './client.js';
+import { KvrecallClient, type KvUploadBody, type KvUploadStats, type Tensor } from './client.js';
 import type { KvrecallStream } from './stream.js';
 import { invalid } from '../../core/errors.js';
 import { SafetensorsFile } from './safetensors.js';
@@ -81,33 +81,20 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     const model = { layers, qHeads, kvHeads, headDim, dtype };
     const client = new KvrecallClient({ url: o.url, token: o.token });
     // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
-    const made = (await client.createDocument(o.id, model, { methods: o.methods, tokens })) as Made;
+    const made = await client.createDocument(o.id, model, { methods: o.methods, tokens });
     try {
       return await uploadAndSeal(o, f, client, { layers, tokens, qHeads, kvHeads, headDim });
     } catch (e) {
       // Left loading, the document kept its whole reservation of host memory (the tokens hint) until someone
       // DELETEd it, and a rerun got 409; as the Python client's push_document, a failed preload removes what it made.
-      await deleteIfMade(client, o.id, made).catch(() => undefined);
+      // Only what it made: a document made again under the id meanwhile (its uploads are what failed ours) is
+      // left alone, the server checking createdAt and deleting in one step (412 then).
+      await client.deleteDocument(o.id, { createdAt: made.createdAt }).catch(() => undefined);
       throw e;
     }
   } finally {
     f.close();
   }
-}
-
-/** A created document's view: createdAt tells this preload's document from one made again under the id since. */
-type Made = DocumentInfo & { createdAt?: string };
-
-/**
- * Deletes the document a failed preload created, unless the id now names
- * another (ours deleted and the id made again meanwhile: its uploads are
- * what failed ours, and it is not ours to delete). Between the look and the
- * delete another client could still replace it: the server has no delete
- * conditional on createdAt.
- */
-async function deleteIfMade(client: KvrecallClient, id: string, made: Made): Promise<void> {
-  const now = (await client.getDocument(id)) as Made;
-  if (made.createdAt === undefined || now.createdAt === made.createdAt) await client.deleteDocument(id);
 }
 
 async function uploadAndSeal(

@@ -83,4 +83,19 @@ describe('a document deleted under open sessions', () => {
     expect(maxRelError(r.out, referenceAttention(q2, kv2[0].kValues, kv2[0].vValues, model.qHeads, model.headDim).out, model.qHeads)).toBeLessThan(1e-5);
     for (const s of [id, live, fresh]) await srv.client().deleteSession(s);
   });
+
+  it('with createdAt deletes only the document created then: another is left whole with 412', async () => {
+    const made = await srv.client().createDocument('cond', model, { methods: ['exact'] });
+    for (const t of ['2000-01-01T00:00:00.000Z', `${made.createdAt} `]) {
+      const e = await srv.client().deleteDocument('cond', { createdAt: t }).catch((err: unknown) => err);
+      expect(e).toMatchObject({ status: 412, code: 'precondition_failed' });
+      expect((e as KvrecallRequestError).message).toContain(made.createdAt);
+    }
+    expect(await srv.client().getDocument('cond')).toMatchObject({ status: 'loading', createdAt: made.createdAt });
+    // An empty condition is a mistake, not "any": refused, nothing deleted.
+    await expect(srv.client().deleteDocument('cond', { createdAt: '' })).rejects.toMatchObject({ status: 422, code: 'invalid' });
+    expect(await srv.client().deleteDocument('cond', { createdAt: made.createdAt })).toEqual({ deleted: 'cond' });
+    await expect(srv.client().getDocument('cond')).rejects.toMatchObject({ status: 404 });
+    await expect(srv.client().deleteDocument('cond', { createdAt: made.createdAt })).rejects.toMatchObject({ status: 404 });
+  });
 });

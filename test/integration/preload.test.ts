@@ -114,6 +114,34 @@ describe('preload', () => {
     await client.deleteDocument('race');
   });
 
+  it('after a failure, leaves alone a document made again under the id just before its delete', async () => {
+    const file = join(tmp.dir, 'late.safetensors');
+    const bad = randomKv(rng, 'f16', 2, 300, 16);
+    new Uint16Array(bad.k.data.buffer, bad.k.data.byteOffset, bad.k.data.byteLength / 2)[10] = 0x7e00; // NaN: 422
+    writeSafetensors(file, { 'k.0': bad.k, 'v.0': bad.v });
+    const { documents } = server.engine;
+    const remove = documents.remove.bind(documents);
+    let theirs: { createdAt: string } | undefined;
+    // Another client deletes the preload's document and makes it again after the preload decided to delete it,
+    // before its DELETE is served: ahead of it in the document's queue. A later createdAt (ms).
+    documents.remove = async (id, expect) => {
+      if (id === 'late' && !theirs) {
+        for (const t = Date.now(); Date.now() - t < 3; );
+        await remove(id);
+        theirs = await documents.create(id, { model: { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16 } });
+      }
+      return remove(id, expect);
+    };
+    try {
+      await expect(preload({ file, id: 'late', url: server.url, methods: [], chunk: 100, qHeads: 4 })).rejects.toMatchObject({ status: 422 });
+    } finally {
+      documents.remove = remove;
+    }
+    expect(theirs).toBeDefined();
+    expect(await client.getDocument('late')).toMatchObject({ status: 'loading', createdAt: theirs!.createdAt });
+    await client.deleteDocument('late');
+  });
+
   it("stores a BF16 file as bf16 without --dtype, its words unchanged", async () => {
     const file = join(tmp.dir, 'bf16.safetensors');
     const c = randomKv(rng, 'bf16', 2, 70, 16);

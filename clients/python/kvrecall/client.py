@@ -67,7 +67,8 @@ class KvrecallError(Exception):
     """An error answer from the server: HTTP status, error code and message.
 
     Codes (DESIGN.md): malformed (400), unauthorized (401), not_found (404),
-    conflict (409), too_large (413), invalid (422), over_budget (503),
+    conflict (409), precondition_failed (412: a delete naming another
+    createdAt), too_large (413), invalid (422), over_budget (503),
     unavailable (503: the server's document store cannot be reached).
     """
 
@@ -304,8 +305,11 @@ class Client:
     def list_documents(self) -> List[Dict[str, Any]]:
         return self._call("GET", "/v1/documents")["documents"]
 
-    def delete_document(self, doc: str) -> Dict[str, Any]:
-        return self._call("DELETE", f"/v1/documents/{_quote(doc)}")
+    def delete_document(self, doc: str, created_at: Optional[str] = None) -> Dict[str, Any]:
+        """With `created_at`, only the document created then: one made again under the id since is left
+        alone, and the server answers 412 (KvrecallError "precondition_failed")."""
+        only = "" if created_at is None else f"?createdAt={_quote(created_at)}"
+        return self._call("DELETE", f"/v1/documents/{_quote(doc)}{only}")
 
     def wait_document_ready(self, doc: str, timeout: float = 600.0) -> Dict[str, Any]:
         """Polls `GET /v1/documents/:doc` until the document is ready; returns it.
@@ -371,10 +375,9 @@ class Client:
         except BaseException:
             try:
                 # Only the document this call made: ours deleted and the id made again by another client
-                # meanwhile (whose uploads then failed ours) is not ours to delete. The look and the delete
-                # are two requests: the server has no delete conditional on createdAt.
-                if self.get_document(doc).get("createdAt") == made.get("createdAt"):
-                    self.delete_document(doc)
+                # meanwhile (whose uploads then failed ours) is not ours to delete. The server checks
+                # createdAt and deletes in one step (412 for another's).
+                self.delete_document(doc, created_at=made["createdAt"])
             except (KvrecallError, OSError):
                 pass
             raise

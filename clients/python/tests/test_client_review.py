@@ -1,6 +1,6 @@
 """Fixes from a review of the client's stream and batch paths: a failed
-push_document leaves alone a document made again under its id meanwhile
-(real server); an answer head past the raw HTTP connection's first buffer
+push_document leaves alone a document made again under its id meanwhile,
+even just before its delete (real server; the delete names createdAt); an answer head past the raw HTTP connection's first buffer
 is read (a scripted peer); a stacked batch decode refuses steps whose bytes
 do not match their shape, as decode_tensor does; a kernel timeout under a
 microsecond still times out; a memoryview of wider items (a float32
@@ -88,6 +88,62 @@ class PushDocumentOwnership(unittest.TestCase):
                 pass
             kv.close()
             other.close()
+
+    def test_failed_push_leaves_a_document_made_again_just_before_its_delete(self):
+        """An upload fails (a NaN, 422) and push_document deletes its
+        document; another client deletes it and makes it again after that
+        decision, before the DELETE is served: the DELETE names our
+        createdAt, so theirs stays (412, swallowed)."""
+        token = self.server.token
+        kv = Client(self.server.url, token=token, timeout=30)
+        other = Client(self.server.url, token=token, timeout=30)
+        doc = "py-late-" + uuid.uuid4().hex[:6]
+        model = model_shape(1, 4, 2, 16, dtype="f16")
+        rng = np.random.default_rng(6)
+        k = [rng.standard_normal((2, 300, 16)).astype(np.float16)]
+        v = [rng.standard_normal((2, 300, 16)).astype(np.float16)]
+        k[0][1, 10, 3] = np.nan
+        theirs = []
+        real_call = kv._call
+
+        def call(method, path, *args, **kwargs):
+            if method == "DELETE" and path.startswith(f"/v1/documents/{doc}") and not theirs:
+                time.sleep(0.003)  # a later createdAt (ms)
+                other.delete_document(doc)
+                theirs.append(other.create_document(doc, model))
+            return real_call(method, path, *args, **kwargs)
+
+        kv._call = call
+        try:
+            with self.assertRaises(KvrecallError) as cm:
+                kv.push_document(doc, model, k, v, chunk=100)
+            self.assertEqual(cm.exception.status, 422)
+            self.assertEqual(len(theirs), 1)
+            now = other.get_document(doc)
+            self.assertEqual(now["createdAt"], theirs[0]["createdAt"])
+            self.assertEqual(now["status"], "loading")
+        finally:
+            try:
+                other.delete_document(doc)
+            except KvrecallError:
+                pass
+            kv.close()
+            other.close()
+
+    def test_delete_document_naming_another_created_at(self):
+        """delete_document(created_at=...) of a document created at another
+        time: KvrecallError 412 precondition_failed, the document kept."""
+        c = Client(self.server.url, token=self.server.token, timeout=30)
+        doc = "py-cond-" + uuid.uuid4().hex[:6]
+        try:
+            made = c.create_document(doc, model_shape(1, 4, 2, 16, dtype="f16"))
+            with self.assertRaises(KvrecallError) as cm:
+                c.delete_document(doc, created_at="2000-01-01T00:00:00.000Z")
+            self.assertEqual((cm.exception.status, cm.exception.code), (412, "precondition_failed"))
+            self.assertEqual(c.get_document(doc)["createdAt"], made["createdAt"])
+            self.assertEqual(c.delete_document(doc, created_at=made["createdAt"]), {"deleted": doc})
+        finally:
+            c.close()
 
 
 class RawHttpLongHead(unittest.TestCase):
