@@ -1,6 +1,6 @@
 // Wire tensors: { dtype, shape, data } with raw little-endian row-major bytes.
 // Everything is checked here, before any buffer is sized from a shape.
-import { convert, firstNonFinite, type FloatDtype } from '../addon/kernels.js';
+import { convert, firstNonFinite, type FloatDtype, type KvDtype } from '../addon/kernels.js';
 import { invalid } from './errors.js';
 
 export type WireDtype = FloatDtype | 'i32';
@@ -70,6 +70,29 @@ export function expectFinite(t: FloatTensor, name: string): void {
 /** The 422 for a tensor's first NaN or infinite value (found here or by a scan off the event loop). */
 export function nonFinite(name: string, at: number): Error {
   return invalid(`${name} holds a NaN or infinite value at flat index ${at}`);
+}
+
+/**
+ * A finite tensor in the storage dtype `dtype`: itself when already in it,
+ * else one conversion, refused (422) where a value does not fit. An f32 or
+ * bf16 value past f16's ±65504 (an f32 one past bf16's ~3.4e38) converts to
+ * ±Inf, which stored as a key turns every later step over it to NaN or an
+ * lse of -Inf; the check is on the converted words, so it matches the
+ * rounding exactly (65519 still rounds to 65504).
+ */
+export function toStorageDtype(t: FloatTensor, dtype: KvDtype, name: string): FloatTensor {
+  if (t.dtype === dtype) return t;
+  const n = elementCount(t);
+  const words = new Uint8Array(n * 2);
+  convert(t.data, t.dtype, words, dtype, n);
+  const at = firstNonFinite(words, dtype, n);
+  if (at >= 0) {
+    const value = new Float32Array(1), size = ELEMENT_BYTES[t.dtype];
+    convert(t.data.subarray(at * size, (at + 1) * size), t.dtype, new Uint8Array(value.buffer), 'f32', 1);
+    if (!Number.isFinite(value[0])) throw nonFinite(name, at);
+    throw invalid(`${name} holds ${value[0]} at flat index ${at}, beyond the range of ${dtype} (the model's dtype, in which K and V are stored)`);
+  }
+  return { dtype, shape: t.shape, data: words };
 }
 
 /** The tensor as f32: a view when already f32 and aligned, else one conversion. */

@@ -1,7 +1,7 @@
 // An attend request, checked against the session's model: the edge of the
 // decode path (everything after it trusts the shapes).
 import { invalid } from '../core/errors.js';
-import { expectFinite, expectShape, parseFloatTensor, toF32, type FloatTensor } from '../core/tensor.js';
+import { expectFinite, expectShape, parseFloatTensor, toF32, toStorageDtype, type FloatTensor } from '../core/tensor.js';
 import type { ModelShape } from '../core/model.js';
 import type { FloatDtype } from '../addon/kernels.js';
 
@@ -11,7 +11,7 @@ export interface AttendRequest {
   layer: number;
   /** Sent as f32 or 16-bit (a model holds q in its own dtype); widened exactly to f32 here. */
   q: Float32Array;
-  /** The current token's k and v, [kvHeads, headDim]; appended before attending. */
+  /** The current token's k and v, [kvHeads, headDim] in the model's dtype; appended before attending. */
   k?: FloatTensor;
   v?: FloatTensor;
   scale: number;
@@ -48,6 +48,9 @@ export function parseAttendRequest(body: Record<string, unknown>, m: ModelShape)
     expectShape(v, [m.kvHeads, m.headDim], 'v');
     expectFinite(k, 'k');
     expectFinite(v, 'v');
+    // Stored in the model's dtype: a value it cannot hold is refused here, before the append.
+    k = toStorageDtype(k, m.dtype, 'k');
+    v = toStorageDtype(v, m.dtype, 'v');
   }
   const scale = body.scale ?? 1 / Math.sqrt(m.headDim);
   if (typeof scale !== 'number' || !Number.isFinite(scale) || scale <= 0) throw invalid('scale must be a positive number');

@@ -15,7 +15,7 @@ import { expectUploadFinite, parseKvUpload, type KvUpload } from './kv-input.js'
 import { parseModel } from '../core/model.js';
 import { keptTokens } from '../core/query-stride.js';
 import { KeyedQueue } from '../core/serial.js';
-import { elementBytes, nonFinite, toF32 } from '../core/tensor.js';
+import { elementBytes, nonFinite, toF32, toStorageDtype } from '../core/tensor.js';
 
 export interface LoadedDocument {
   meta: DocumentMeta;
@@ -163,7 +163,8 @@ export class Documents {
         if (bad) throw nonFinite(bad.tensor === 'also' ? 'q' : bad.tensor, bad.at);
       } else {
         await expectUploadFinite(up);
-        seg.append(up.k.data, up.v.data, up.k.dtype, up.tokens, up.v.dtype);
+        const k = toStorageDtype(up.k, seg.dtype, 'k'), v = toStorageDtype(up.v, seg.dtype, 'v');
+        seg.append(k.data, v.data, seg.dtype, up.tokens);
       }
       if (up.q) keepQueries(doc.queries, up);
       const t3 = now();

@@ -3,7 +3,7 @@ import type { ModelShape } from '../core/model.js';
 import { invalid } from '../core/errors.js';
 import { keptTokens } from '../core/query-stride.js';
 import { copyChecked } from '../addon/copy-ranges.js';
-import { expectFinite, expectShape, nonFinite, parseFloatTensor, type FloatTensor } from '../core/tensor.js';
+import { expectFinite, expectShape, nonFinite, parseFloatTensor, toStorageDtype, type FloatTensor } from '../core/tensor.js';
 
 export interface KvUpload {
   layer: number;
@@ -18,6 +18,8 @@ export interface KvUpload {
 }
 
 /**
+ * With `finite` (the default), k and v come back in the model's dtype
+ * (toStorageDtype); without it, as sent.
  * `queryStride`: the stride of the route's prefill queries (a document's).
  * With it, a body may declare `queryStride` (it must be that one) and send
  * q for the kept tokens only (or no q where none is kept); without it,
@@ -31,8 +33,8 @@ export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, 
   const start = body.start;
   if (typeof start !== 'number' || !Number.isInteger(start) || start < 0)
     throw invalid(`start must be a non-negative integer, got ${JSON.stringify(start)}`);
-  const k = parseFloatTensor(body.k, 'k');
-  const v = parseFloatTensor(body.v, 'v');
+  let k = parseFloatTensor(body.k, 'k');
+  let v = parseFloatTensor(body.v, 'v');
   // n is read from k itself, so a k of the wrong rank would be told a shape made up from its own dims.
   if (k.shape.length !== 3)
     throw invalid(`k must have shape [kvHeads, tokens, headDim] = [${model.kvHeads}, tokens, ${model.headDim}], got [${k.shape.join(', ')}]`);
@@ -56,6 +58,9 @@ export function parseKvUpload(body: Record<string, unknown>, model: ModelShape, 
     expectFinite(k, 'k');
     expectFinite(v, 'v');
     if (q) expectFinite(q, 'q');
+    // A value the model's dtype cannot hold is refused before anything is stored.
+    k = toStorageDtype(k, model.dtype, 'k');
+    v = toStorageDtype(v, model.dtype, 'v');
   }
   return { layer, start, tokens: n, k, v, ...(q && { q }), ...(qStride !== undefined && { qStride }) };
 }
