@@ -4,10 +4,7 @@
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
-export interface CudaInfo {
-  ok: boolean;
-  /** Device name, or why there is none. */
-  device: string;
+interface CudaCommon {
   /** Total device memory in bytes (0 without a device). */
   memory: number;
   freeMemory?: number;
@@ -15,6 +12,15 @@ export interface CudaInfo {
   computeCapability?: string;
   /** Whether the addon was compiled with CUDA. */
   built: boolean;
+}
+
+/** A device and its name, or why there is none (never in `device`). */
+export type CudaInfo = CudaDevice | (CudaCommon & { ok: false; error: string });
+export type CudaDevice = CudaCommon & { ok: true; device: string };
+
+/** The device's name, or "none" and why (for logs and bench reports). */
+export function deviceName(info: CudaInfo): string {
+  return info.ok ? info.device : `none (${info.error})`;
 }
 
 export interface GpuPoolOptions {
@@ -82,12 +88,12 @@ interface Addon {
 
 const addon = nativeAddon<Addon>();
 
-/** Whether a CUDA device can be used: {ok: false, device: reason} otherwise. */
+/** Whether a CUDA device can be used: {ok: false, error: why not} otherwise. */
 export function cudaAvailable(): CudaInfo {
   try {
     return addon.cudaAvailable();
   } catch (e) {
-    return { ok: false, device: String(e), memory: 0, built: false };
+    return { ok: false, error: String(e), memory: 0, built: false };
   }
 }
 

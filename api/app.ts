@@ -47,8 +47,8 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
       sessions: sessions.size,
       recovered: engine.recovered,
       memory: { used: engine.budget.used, budget: engine.budget.limit },
-      // The device and its block pool when attends use it; otherwise what the CUDA path found (or why not).
-      gpu: engine.gpu ? engine.gpu.describe() : { available: gpu.ok, device: gpu.device, memory: gpu.memory, built: gpu.built },
+      // The device and its block pool when attends use it; otherwise what the CUDA path found, or why not (error).
+      gpu: engine.gpu ? engine.gpu.describe() : { available: gpu.ok, ...(gpu.ok ? { device: gpu.device } : { error: gpu.error }), memory: gpu.memory, built: gpu.built },
     }),
   );
 

@@ -51,7 +51,7 @@ function randomMeans(rng: Rng, blocks: number, d: number): Uint16Array {
 async function main(): Promise<void> {
   const info = cudaAvailable();
   if (!info.ok) {
-    console.log(`no CUDA device (${info.device}): nothing to run`);
+    console.log(`no CUDA device (${info.error}): nothing to run`);
     return;
   }
   const argv = process.argv;

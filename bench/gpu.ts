@@ -21,7 +21,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { cudaAvailable, GpuPool } from '../addon/cuda.js';
+import { cudaAvailable, deviceName, GpuPool } from '../addon/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
 import { runDecodeBench } from './gpu-decode.js';
 import { Rng } from '../workload/index.js';
@@ -338,7 +338,7 @@ async function runBench(quick: boolean): Promise<void> {
   }
   pool.close();
   const result = {
-    device: info.device, memory: info.memory, smCount: info.smCount, computeCapability: info.computeCapability,
+    device: deviceName(info), memory: info.memory, smCount: info.smCount, computeCapability: info.computeCapability,
     shape: { qHeads, kvHeads, headDim: d, dtype: dt, blockSize: bs },
     attend: rows,
     h2d: { uploadBytes, uploadSeconds: uploadS, uploadGBps: uploadBytes / uploadS / 1e9,
@@ -347,7 +347,7 @@ async function runBench(quick: boolean): Promise<void> {
     date: new Date().toISOString(),
   };
   const md = [
-    `# GPU decode attention (${info.device})`,
+    `# GPU decode attention (${deviceName(info)})`,
     '',
     `One layer-step: ${qHeads} q / ${kvHeads} kv heads, d=${d}, ${dt} KV in blocks of ${bs} tokens, all resident in the device pool. ` +
       'Kernel time = split-K kernel + log-sum-exp merge (CUDA events), median of 20; bandwidth = K+V bytes read / kernel time.',

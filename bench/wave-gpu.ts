@@ -28,7 +28,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { cudaAvailable } from '../addon/cuda.js';
+import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
 import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
@@ -462,7 +462,7 @@ async function runBench(cfg: BenchConfig, log: (s: string) => void) {
   const poolBytes = H * (budget + exact.length) * d * 2 * 2;
   const info = cudaAvailable();
   const result = {
-    device: info.device,
+    device: deviceName(info),
     config: { ...cfg, dtype: dt, budget, probe: PROBE, spread: SPREAD, clustersPerHead: N / cfg.clusterSize, candidatesPerHead: PROBE * budget },
     stepMs: { p50: p(ms, 0.5), p90: p(ms, 0.9), p99: p(ms, 0.99), min: Math.min(...ms) },
     selectionOnlyMs: { p50: p(msSel, 0.5), p90: p(msSel, 0.9) },
@@ -556,7 +556,7 @@ async function main() {
   const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--profile');
   const steps = args.includes('--steps') ? Number(args[args.indexOf('--steps') + 1]) : 50;
   const info = cudaAvailable();
-  console.log(`device: ${info.device}`);
+  console.log(`device: ${deviceName(info)}`);
   if (!info.ok) process.exit(2);
   let failed = 0;
   if (all || args.includes('--check')) {

@@ -156,6 +156,39 @@ export interface DocumentInfo {
   sealedAt?: string;
 }
 
+/** GET /v1/health. */
+export interface Health {
+  ok: boolean;
+  version: string;
+  backend: 'cpu' | 'cuda';
+  threads: number;
+  documents: number;
+  resident: { residentBytes: number; residentLayers: number; reads: number; evictions: number };
+  sessions: number;
+  /** Documents found mid-preload at start, marked incomplete. */
+  recovered: string[];
+  memory: { used: number; budget: number };
+  gpu: GpuInUse | GpuUnused;
+}
+
+/** The device attends use, and its block pool (and wave layers held whole, under a wave budget). */
+export interface GpuInUse {
+  backend: 'cuda';
+  device: string;
+  memory: number;
+  pool: { budgetBytes: number; blockSize: number; reservedBytes: number; failure?: string; [stat: string]: unknown };
+  wave?: { budgetBytes: number; usedBytes: number; stores: number; refused: number; evictions: number };
+}
+
+/** Attends run on the host: a device that answered (`device`, its name) or why none did (`error`). */
+export interface GpuUnused {
+  available: boolean;
+  device?: string;
+  error?: string;
+  memory: number;
+  built: boolean;
+}
+
 /** One step of a batch: a session's attend body (the layer is the batch's). */
 export type BatchStep = Omit<AttendBody, 'layer'> & { session: string; position?: number };
 export type BatchResult<Out extends OutArray = Float32Array> = AttendReply<Out> | { error: { code: string; message: string } };
@@ -246,7 +279,7 @@ export class KvrecallClient {
     else this.http1 = new Http1Pool(this.target.host, this.target.port, Object.entries({ host: u.host, ...this.headers }).map(([k, v]) => `${k}: ${v}\r\n`).join(''));
   }
 
-  health(): Promise<{ ok: boolean; version: string; backend: string; threads: number }> {
+  health(): Promise<Health> {
     return this.call('GET', '/v1/health');
   }
 

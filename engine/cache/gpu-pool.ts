@@ -10,7 +10,7 @@
 // every layer reads) at creation. A working set larger than the whole pool
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
-import { cudaAvailable, GpuPool, type CudaInfo, type GpuPoolStats } from '../../addon/cuda.js';
+import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolStats } from '../../addon/cuda.js';
 import { budgetTokens, type SearchParams } from '../../index/method.js';
 import type { BlockStats } from './block-stats.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
@@ -76,7 +76,7 @@ export class GpuBackend {
   private readonly wave?: DeviceWaveStores;
 
   private constructor(
-    readonly info: CudaInfo,
+    readonly info: CudaDevice,
     readonly options: GpuBackendOptions,
   ) {
     this.budget = options.budgetBytes;

@@ -1,8 +1,8 @@
 // CUDA decode path for JS (compiled by the host compiler; the kernels live in
 // native/cuda/*.cu, built by nvcc when binding.gyp finds it, with KVR_CUDA=1).
 //
-// cudaAvailable() -> {ok, device, memory, freeMemory, smCount, computeCapability}
-//   never throws; ok is false without a device, a driver, or a CUDA build.
+// cudaAvailable() -> {ok, device, memory, freeMemory, smCount, computeCapability}, or {ok: false, error, memory: 0, ...}
+//   never throws; ok is false (error: why) without a device, a driver, or a CUDA build.
 // new GpuPool({budgetBytes, blockSize, headDim, dtype, stagingBytes?})
 //   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?, priorities?: Uint8Array,
 //            indexed?, hold?}) -> Int32Array slots (hold: pin them too, for the step's attend)
@@ -44,7 +44,8 @@ Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
   }
   Napi::Object o = Napi::Object::New(env);
   o.Set("ok", Napi::Boolean::New(env, d.ok));
-  o.Set("device", Napi::String::New(env, d.device));
+  // QueryDevice's `device` is the name, or why there is none: the two go out under their own keys.
+  o.Set(d.ok ? "device" : "error", Napi::String::New(env, d.device));
   o.Set("memory", Napi::Number::New(env, double(d.memory)));
   o.Set("freeMemory", Napi::Number::New(env, double(d.freeMemory)));
   o.Set("smCount", Napi::Number::New(env, d.smCount));
@@ -243,7 +244,7 @@ Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
   o.Set("ok", Napi::Boolean::New(env, false));
-  o.Set("device", Napi::String::New(env, "kvrecall was built without CUDA (nvcc not found)"));
+  o.Set("error", Napi::String::New(env, "kvrecall was built without CUDA (nvcc not found)"));
   o.Set("memory", Napi::Number::New(env, 0));
   o.Set("built", Napi::Boolean::New(env, false));
   return o;

@@ -119,10 +119,16 @@ describe('bad input', () => {
   it('health needs no token; nothing was lost', async () => {
     const res = await fetch(`${server.url}/v1/health`);
     expect(res.status).toBe(200);
-    const health = (await res.json()) as { backend: string; gpu: { available: boolean; built: boolean } };
-    // No GPU on CI machines: the CPU backend answers, and says why there is no GPU.
-    expect(health.backend).toBe(cudaAvailable().ok ? 'cuda' : 'cpu');
-    expect(typeof health.gpu.available).toBe('boolean');
+    const health = (await res.json()) as { backend: string; gpu: { available?: boolean; built?: boolean; device?: string; error?: string } };
+    // No GPU on CI machines: the CPU backend answers, and says why there is no GPU (in error: device is only ever a name).
+    const info = cudaAvailable();
+    expect(health.backend).toBe(info.ok ? 'cuda' : 'cpu');
+    if (info.ok) expect(health.gpu).toMatchObject({ device: info.device });
+    else {
+      expect(health.gpu).toMatchObject({ available: false, error: info.error });
+      expect(health.gpu.error).not.toBe('');
+      expect(health.gpu).not.toHaveProperty('device');
+    }
     expect(await client.getDocument('doc')).toMatchObject({ status: 'ready', tokens: 50 });
     expect(await client.getDocument('open')).toMatchObject({ status: 'loading', tokens: 0 });
     // The open document still accepts the upload it expects.

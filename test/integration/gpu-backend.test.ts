@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import type { SelectionPart } from '../../index/method.js';
-import { cudaAvailable } from '../../addon/cuda.js';
+import { cudaAvailable, deviceName } from '../../addon/cuda.js';
 import { attend } from '../../addon/kernels.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { POOL_BLOCK, RANGE_PRIORITY } from '../../engine/cache/gpu-pool.js';
@@ -128,7 +128,7 @@ describe.skipIf(!gpu.ok)('GPU backend (server)', () => {
   it('health says cuda with the device and the pool; a CPU-only server says cpu', async () => {
     const h = (await new KvrecallClient({ url: onGpu.url }).health()) as Health;
     expect(h.backend).toBe('cuda');
-    expect(JSON.stringify(h.gpu)).toContain(gpu.device);
+    expect(JSON.stringify(h.gpu)).toContain(deviceName(gpu));
     expect((await new KvrecallClient({ url: onCpu.url }).health()).backend).toBe('cpu');
   });
 

@@ -265,6 +265,9 @@ class Client:
     # service
 
     def health(self) -> Dict[str, Any]:
+        """`{ok, version, backend, threads, documents, resident, sessions, recovered, memory: {used, budget}, gpu}`.
+        `gpu`: the device attends use, `{backend: "cuda", device, memory, pool, wave?}`; or, on the host,
+        `{available, device?, error?, memory, built}`: `device` is a device's name, `error` why none answered."""
         return self._call("GET", "/v1/health")
 
     def metrics(self) -> str:
