@@ -61,6 +61,13 @@ const MAX_IMPORTANCE_ROWS = 256;
 /** A bit of the flag scratch the row-to-block dedupe uses (block-select's bits are below it). */
 const SEEN = 0x80;
 
+/** One host scoring call's outputs: the top rows' ids and scores, and every row's score. */
+interface RowScratch {
+  order: Int32Array;
+  topScores: Float32Array;
+  rowScores: Float32Array;
+}
+
 export class BlockSummary implements HeadIndex {
   /** Words per row of `rows`: summaryStride(headDim). */
   readonly stride: number;
@@ -68,10 +75,8 @@ export class BlockSummary implements HeadIndex {
   readonly rows: Uint16Array;
   /** The rows as a block scorer reads them (one "block" per row, its headDim the stride; stable, so a device copy is made once). */
   readonly scored: BlockMeans;
-  /** Row scores of the last host scoring call, by row. */
-  private readonly rowScores: Float32Array;
-  private readonly order: Int32Array;
-  private readonly topScores: Float32Array;
+  /** Host scoring calls' output arrays, reused (see take). */
+  private readonly free: RowScratch[] = [];
 
   constructor(
     readonly blocks: number,
@@ -99,9 +104,17 @@ export class BlockSummary implements HeadIndex {
     else if (reps === 1 && rows.length === blocks * headDim) this.rows = padRows(rows, blocks, headDim);
     else throw new RangeError(`block summary: ${rows.length} words are neither [${blocks}, ${headDim}] means nor [${n}, ${this.stride}] rows`);
     this.scored = { blocks: n, headDim: this.stride, dtype, means: this.rows };
-    this.rowScores = new Float32Array(n);
-    this.order = new Int32Array(n);
-    this.topScores = new Float32Array(n);
+  }
+
+  /**
+   * Output arrays for one host scoring call, its own until given back: the
+   * summary is a document's, shared by every session over it, and two
+   * sessions' steps score it at once (each native call writes while the
+   * other's awaits). Shared arrays gave a step the other session's blocks.
+   */
+  private take(): RowScratch {
+    const n = this.blocks * this.reps;
+    return this.free.pop() ?? { order: new Int32Array(n), topScores: new Float32Array(n), rowScores: new Float32Array(n) };
   }
 
   /** Block b's representative `rep` as stored, widened: its centroid [headDim], radius and ln count. */
@@ -145,26 +158,34 @@ export class BlockSummary implements HeadIndex {
    * for the step): head h scores with the query rows h*group .. of q.
    */
   static async scoreHeads(heads: BlockSummary[], q: Float32Array, group: number, k: number): Promise<{ order: Int32Array; scores: Float32Array }[]> {
-    const rows = await BlockSummary.scoreRows(heads, BlockSummary.augment(heads, q, group), group, k);
-    return heads.map((s, h) => {
-      const scores = new Float32Array(s.blocks).fill(-Infinity);
-      for (let i = 0; i < s.blocks * s.reps; i++) scores[Math.floor(i / s.reps)] = Math.max(scores[Math.floor(i / s.reps)], s.rowScores[i]);
-      return { order: s.blocksOf(rows[h].ids, k), scores };
-    });
+    return BlockSummary.scoreRows(heads, BlockSummary.augment(heads, q, group), group, k, (rows) =>
+      heads.map((s, h) => {
+        const scores = new Float32Array(s.blocks).fill(-Infinity);
+        for (let i = 0; i < s.blocks * s.reps; i++) scores[Math.floor(i / s.reps)] = Math.max(scores[Math.floor(i / s.reps)], rows[h].rowScores[i]);
+        return { order: s.blocksOf(rows[h].ids, k), scores };
+      }),
+    );
   }
 
-  /** The host pass: every row scored (rowScores), the top k·reps rows per head. */
-  private static async scoreRows(heads: BlockSummary[], aug: Float32Array, group: number, k: number): Promise<{ ids: Int32Array; scores: Float32Array }[]> {
-    const s0 = heads[0];
-    const counts = await topkHeads({
-      q: aug,
-      group,
-      headDim: s0.stride,
-      dtype: s0.dtype,
-      k: k * s0.reps,
-      heads: heads.map((s) => ({ keys: s.rows, tokens: s.blocks * s.reps, outIds: s.order, outScores: s.topScores, allScores: s.rowScores })),
-    });
-    return heads.map((s, h) => ({ ids: s.order.subarray(0, counts[h]), scores: s.topScores.subarray(0, counts[h]) }));
+  /**
+   * The host pass: every row scored (rowScores, by row), the top k·reps rows
+   * per head (ids, best first), read by `use` before the arrays go back.
+   */
+  private static async scoreRows<T>(heads: BlockSummary[], aug: Float32Array, group: number, k: number, use: (rows: { ids: Int32Array; rowScores: Float32Array }[]) => T): Promise<T> {
+    const s0 = heads[0], scratch = heads.map((s) => s.take());
+    try {
+      const counts = await topkHeads({
+        q: aug,
+        group,
+        headDim: s0.stride,
+        dtype: s0.dtype,
+        k: k * s0.reps,
+        heads: heads.map((s, h) => ({ keys: s.rows, tokens: s.blocks * s.reps, outIds: scratch[h].order, outScores: scratch[h].topScores, allScores: scratch[h].rowScores })),
+      });
+      return use(scratch.map((x, h) => ({ ids: x.order.subarray(0, counts[h]), rowScores: x.rowScores })));
+    } finally {
+      heads.forEach((s, h) => s.free.push(scratch[h]));
+    }
   }
 
   /**
@@ -222,11 +243,9 @@ export class BlockSummary implements HeadIndex {
     });
     const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k * R, extraRows) : undefined;
     if (device) return device.map((r, h) => ({ order: heads[h].blocksOf(r.ids, k), extraScores: heads[h].extraOf(extra[h], (i) => r.extraScores[i]) }));
-    const scored = await BlockSummary.scoreRows(heads, aug, group, k);
-    return scored.map(({ ids }, h) => {
-      const s = heads[h];
-      return { order: s.blocksOf(ids, k), extraScores: s.extraOf(extra[h], (i) => s.rowScores[extraRows[h][i]]) };
-    });
+    return BlockSummary.scoreRows(heads, aug, group, k, (scored) =>
+      scored.map(({ ids, rowScores }, h) => ({ order: heads[h].blocksOf(ids, k), extraScores: heads[h].extraOf(extra[h], (i) => rowScores[extraRows[h][i]]) })),
+    );
   }
 
   /** Blocks by stable importance, most important first (computed once). */

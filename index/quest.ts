@@ -33,8 +33,13 @@ export class QuestSummary implements HeadIndex {
   /** [blocks, 2·headDim] words: per block each channel's max, then each channel's min. */
   readonly rows: Uint16Array;
   readonly scored: BlockMeans;
-  private readonly order: Int32Array;
-  private readonly topScores: Float32Array;
+  /**
+   * Host top-k output arrays, reused; each call takes its own: the summary
+   * is a document's, shared by every session over it, and two sessions'
+   * steps score it at once (one native call writing while the other's
+   * awaits), where shared arrays gave a step the other session's blocks.
+   */
+  private readonly free: { order: Int32Array; topScores: Float32Array }[] = [];
 
   constructor(
     readonly blocks: number,
@@ -46,8 +51,6 @@ export class QuestSummary implements HeadIndex {
   ) {
     this.rows = rows;
     this.scored = { blocks, headDim: 2 * headDim, dtype, means: rows };
-    this.order = new Int32Array(blocks);
-    this.topScores = new Float32Array(blocks);
   }
 
   /**
@@ -98,15 +101,20 @@ export class QuestSummary implements HeadIndex {
     const none = heads.map(() => new Int32Array(0));
     const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k, none) : undefined;
     if (device) return device.map((r) => r.ids);
-    const counts = await topkHeads({
-      q: aug,
-      group,
-      headDim: 2 * s0.headDim,
-      dtype: s0.dtype,
-      k,
-      heads: heads.map((s) => ({ keys: s.rows, tokens: s.blocks, outIds: s.order, outScores: s.topScores })),
-    });
-    return heads.map((s, h) => s.order.slice(0, counts[h]));
+    const scratch = heads.map((s) => s.free.pop() ?? { order: new Int32Array(s.blocks), topScores: new Float32Array(s.blocks) });
+    try {
+      const counts = await topkHeads({
+        q: aug,
+        group,
+        headDim: 2 * s0.headDim,
+        dtype: s0.dtype,
+        k,
+        heads: heads.map((s, h) => ({ keys: s.rows, tokens: s.blocks, outIds: scratch[h].order, outScores: scratch[h].topScores })),
+      });
+      return scratch.map((x, h) => x.order.slice(0, counts[h]));
+    } finally {
+      heads.forEach((s, h) => s.free.push(scratch[h]));
+    }
   }
 }
 
