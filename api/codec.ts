@@ -9,8 +9,8 @@
 // longer; other routes get a buffer of their own (`readBody`).
 import type { IncomingMessage } from 'node:http';
 import type { Context, MiddlewareHandler } from 'hono';
-import { Packr } from 'msgpackr';
 import { malformed, tooLarge } from '../core/errors.js';
+import { joinParts, packParts } from '../core/msgpack-parts.js';
 import { unpackView } from '../core/msgpack-parts-decode.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
@@ -18,7 +18,6 @@ import { BufferPool } from '../storage/buffer-pool.js';
 export const bodyTooLarge = (limit: number) => tooLarge(`body exceeds the limit of ${limit} bytes (the server's --body-limit)`);
 
 const MSGPACK = 'application/msgpack';
-const packr = new Packr({ useRecords: false });
 
 export type Body = Record<string, unknown>;
 
@@ -199,13 +198,23 @@ function asMap(value: unknown): Body {
 /** Body buffers of the upload routes, kept warm between requests. */
 const pool = new BufferPool();
 
+/**
+ * An answer's msgpack: the encoder of the attend fast path and the stream
+ * (core/msgpack-parts.ts), so every route writes the same forms. Integers
+ * from 2^32 up (byte counts: a 1M-token document, a device's memory) are
+ * uint64/int64, where msgpackr wrote float64 and Python clients read floats.
+ */
+export function encodeMsgpack(value: unknown): Uint8Array<ArrayBuffer> {
+  const parts = packParts(value);
+  const body = new Uint8Array(parts.byteLength);
+  joinParts(parts, body);
+  return body;
+}
+
 /** Answers in msgpack when the client sent or accepts msgpack, else JSON. */
 export function reply(c: Context, value: unknown, status: 200 | 201 = 200): Response {
   const wantsMsgpack = isMsgpack(c.req.header('accept')) || (isMsgpack(c.req.header('content-type')) && !/json/i.test(c.req.header('accept') ?? ''));
-  if (wantsMsgpack) {
-    const body = packr.pack(value);
-    return c.body(new Uint8Array(body.buffer as ArrayBuffer, body.byteOffset, body.byteLength), status, { 'content-type': MSGPACK });
-  }
+  if (wantsMsgpack) return c.body(encodeMsgpack(value), status, { 'content-type': MSGPACK });
   return c.body(JSON.stringify(value, jsonBytes), status, { 'content-type': 'application/json' });
 }
 

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import unittest
-from typing import Optional
+from typing import Optional, Sequence
 
 URL = os.environ.get("KVRECALL_URL")
 TOKEN = os.environ.get("KVRECALL_TOKEN") or None
@@ -56,9 +56,10 @@ def ok(r):
 
 
 class Server:
-    def __init__(self, token: Optional[str] = None, timeout: float = 20.0):
+    def __init__(self, token: Optional[str] = None, timeout: float = 20.0, extra: Sequence[str] = ()):
+        """`extra`: more `serve` flags (e.g. ["--memory-budget", "5368709121"])."""
         self.data = tempfile.mkdtemp(prefix="kvrecall-pytest-")
-        args = [node(), CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--data", self.data]
+        args = [node(), CLI, "serve", "--host", "127.0.0.1", "--port", "0", "--data", self.data, *extra]
         if token:
             args += ["--token", token]
         env = {k: v for k, v in os.environ.items() if k != "KVRECALL_TOKEN"}

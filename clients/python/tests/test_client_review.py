@@ -5,7 +5,8 @@ is read (a scripted peer); a stacked batch decode refuses steps whose bytes
 do not match their shape, as decode_tensor does; a kernel timeout under a
 microsecond still times out; a memoryview of wider items (a float32
 array's) is framed by its bytes, masked or not (a scripted peer); an
-answer cut short on a kept-alive connection is not sent again.
+answer cut short on a kept-alive connection is not sent again; health's
+byte counts past 2^32 arrive as ints (a server of this checkout).
 
 The server: KVRECALL_URL, else this checkout's (tests/serve.py)."""
 
@@ -145,6 +146,22 @@ class PushDocumentOwnership(unittest.TestCase):
         finally:
             c.close()
 
+
+@unittest.skipIf(serve.available(), f"no server of this checkout: {serve.available()}")
+class HealthByteCounts(unittest.TestCase):
+    def test_byte_counts_past_32_bits_are_ints(self):
+        """A memory budget of 5 GiB + 1 (past 2^32, odd): health's memory
+        arrives as the int it is, not a float (msgpackr wrote float64)."""
+        server = serve.Server(extra=["--memory-budget", str(5 * 2**30 + 1)])
+        c = Client(server.url, timeout=30)
+        try:
+            memory = c.health()["memory"]
+            self.assertIs(type(memory["budget"]), int)
+            self.assertEqual(memory["budget"], 5 * 2**30 + 1)
+            self.assertIs(type(memory["used"]), int)
+        finally:
+            c.close()
+            server.stop()
 
 class RawHttpLongHead(unittest.TestCase):
     def test_answer_head_longer_than_the_first_buffer(self):
