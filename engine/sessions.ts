@@ -67,6 +67,10 @@ export class Sessions {
     const params = parseSearchParams(body, { ...DEFAULT_PARAMS, ...METHOD_DEFAULTS[method.name] });
     const docIds = body.documents ?? [];
     if (!Array.isArray(docIds) || docIds.some((d) => typeof d !== 'string')) throw invalid('documents must be a list of ids');
+    // A document's layer is one segment, and a step tells its parts apart by segment: a second copy's
+    // selected positions came back as the first's, and its estimate left out the rows either copy attended.
+    const twice = (docIds as string[]).find((id, i) => docIds.indexOf(id) !== i);
+    if (twice !== undefined) throw invalid(`documents names ${JSON.stringify(twice)} twice; a session attaches each document once`);
     const docs = await Promise.all((docIds as string[]).map((id) => this.documents.acquire(id)));
     for (const d of docs)
       if (!sameModel(d.meta.model, model))

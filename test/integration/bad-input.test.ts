@@ -96,6 +96,7 @@ const CASES: Case[] = [
   { name: 'session over a document still loading', method: 'POST', path: () => '/v1/sessions', body: () => msg({ model, documents: ['open'] }), status: 409, code: 'conflict' },
   { name: 'session whose model differs from its document', method: 'POST', path: () => '/v1/sessions', body: () => msg({ model: { ...model, headDim: 32 }, documents: ['doc'] }), status: 409, code: 'conflict' },
   { name: 'unknown method', method: 'POST', path: () => '/v1/sessions', body: () => msg({ model, method: 'magic' }), status: 422, code: 'invalid' },
+  { name: 'session naming a document twice', method: 'POST', path: () => '/v1/sessions', body: () => msg({ model, documents: ['doc', 'doc'], method: 'wave' }), status: 422, code: 'invalid', message: /documents names "doc" twice/ },
   { name: 'GQA shape that does not divide', method: 'PUT', path: () => '/v1/documents/odd', body: () => msg({ model: { ...model, qHeads: 5 } }), status: 422, code: 'invalid' },
   { name: 'id escaping its namespace', method: 'PUT', path: () => '/v1/documents/..%2Fetc', body: () => msg({ model }), status: 422, code: 'invalid' },
   { name: 'document created twice', method: 'PUT', path: () => '/v1/documents/doc', body: () => msg({ model }), status: 409, code: 'conflict' },
