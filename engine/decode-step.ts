@@ -46,13 +46,26 @@ export interface AttendResult {
 
 export async function decodeStep(session: Session, req: AttendRequest): Promise<AttendResult> {
   const t0 = performance.now();
-  const m = session.model;
 
   // Append the current token: the query is the last position and sees itself.
   const own = session.own[req.layer];
   if (req.position !== undefined && req.position !== own.tokens)
     throw conflict(`layer ${req.layer} of session ${session.id} holds ${own.tokens} own tokens: the next append is position ${own.tokens}, not ${req.position}`);
+  const before = own.tokens;
   if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1, req.v.dtype);
+  try {
+    return await attendStep(session, req, t0);
+  } catch (e) {
+    // A step that fails after its append (a device or kernel error) takes the token back, so the step
+    // changed nothing: its retry appends it once, where it was refused with `position` or appended twice.
+    own.setTokens(before);
+    throw e;
+  }
+}
+
+/** The step after its append: select, attend, estimate, answer. */
+async function attendStep(session: Session, req: AttendRequest, t0: number): Promise<AttendResult> {
+  const m = session.model;
 
   // The method selects.
   const ctx = session.context(req.layer);
