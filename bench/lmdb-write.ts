@@ -7,7 +7,7 @@
 // batches before it committed (a preload waits for the previous upload's,
 // depth 1). GB/s of K/V and the process's CPU seconds (LMDB's write thread
 // and the native pool's staging copies included). --shards: the store's
-// block shards (storage/lmdb-shards.ts), each count once per round, in turn
+// block environments per document (storage/lmdb-doc-envs.ts), each count once per round, in turn
 // (so that other load hits each alike); more than 3 need a libuv pool to
 // match (UV_THREADPOOL_SIZE, read at the process's start). Results:
 // bench/results/lmdb-write-<tag>.{json,md} (tag: KVRECALL_BENCH_TAG, default vm).

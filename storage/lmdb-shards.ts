@@ -1,15 +1,17 @@
-// The LMDB store's block records spread over several environments (shards),
-// so that a preload's block writes commit on several threads at once: each
-// LMDB environment has one writer, and lmdb-js commits an environment's
-// writes on one libuv thread (1.4-1.7 GB/s of 32 KiB values on the 2-core VM
-// and on the 16-core GPU host alike: bench/results/lmdb-write-*.md).
+// Block shards of stores written before each document had environments of
+// its own (`lmdb-doc-envs.ts`): the main environment's `blocks` database
+// (shard 0, where a store written before shards keeps every block) and
+// `<store>/blocks-<i>/` environments beside it. New blocks go to the
+// document's own environments; these are opened where found, read, and
+// dropped from, so a store written by an older version serves its
+// documents as they are, with no migration.
 //
-// Shard 0 is the main environment's `blocks` database (the store folder
-// itself, where a store written before shards keeps every block); shard i > 0
-// is its own environment in `<store>/blocks-<i>/`. Every shard folder found
-// is opened, whatever the configured count: a block is looked for and dropped
-// in every shard, so a store reopened with another count (or an old store,
-// all in shard 0) reads as before; new blocks go to shards [0, count).
+// A block's shard (here and among a document's own environments) spreads
+// an upload's blocks (every head of a run of blocks of one layer) evenly
+// over the writers: each LMDB environment has one writer, and lmdb-js
+// commits an environment's writes on one libuv thread (1.4-1.7 GB/s of
+// 32 KiB values on the 2-core VM and on the 16-core GPU host alike:
+// bench/results/lmdb-write-*.md).
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
@@ -25,33 +27,44 @@ export function documentBlocks(id: string): { start: [string]; end: [string, num
 export const MAX_SHARDS = 64;
 const SHARD_DIR = /^blocks-([1-9][0-9]*)$/;
 
+/**
+ * The shard a block is written to, of `count`. Consecutive (block, head)
+ * pairs of a layer go to consecutive shards; the layer offsets the start,
+ * for layers uploaded side by side.
+ */
+export function blockShard(layer: number, head: number, block: number, kvHeads: number, count: number): number {
+  return (block * kvHeads + head + layer) % count;
+}
+
+/** Checks a shard count (the store's option, the flag or environment's value). */
+export function checkShardCount(count: number): number {
+  if (!Number.isInteger(count) || count < 1 || count > MAX_SHARDS) throw new RangeError(`LMDB block shards: ${count} is not an integer in [1, ${MAX_SHARDS}]`);
+  return count;
+}
+
 export class BlockShards {
   private constructor(
-    /** Every open shard's block database, by shard number (gaps: folders not there and not written to). */
+    /** Every open shard's block database, by shard number (gaps: folders not there). */
     private readonly dbs: (Database<Buffer, BlockKey> | undefined)[],
     /** Environments of shards 1.. (shard 0 is the main environment, synced by its owner). */
     private readonly envs: RootDatabase[],
-    /** Shards new blocks go to: [0, writeCount). */
-    readonly writeCount: number,
   ) {}
 
-  /** Opens shard 0 (given: the main environment's `blocks`), the shards [1, count) and every other shard folder found under `path`. */
-  static open(path: string, main: Database<Buffer, BlockKey>, count: number): BlockShards {
-    if (!Number.isInteger(count) || count < 1 || count > MAX_SHARDS) throw new RangeError(`LMDB block shards: ${count} is not an integer in [1, ${MAX_SHARDS}]`);
-    const numbers = new Set<number>();
-    for (let i = 1; i < count; i++) numbers.add(i);
+  /** Opens shard 0 (given: the main environment's `blocks`) and every shard folder found under `path`; creates none. */
+  static open(path: string, main: Database<Buffer, BlockKey>): BlockShards {
+    const numbers: number[] = [];
     for (const entry of readdirSync(path, { withFileTypes: true })) {
       const m = entry.isDirectory() ? SHARD_DIR.exec(entry.name) : null;
       if (!m) continue;
       const i = Number(m[1]);
       if (i >= MAX_SHARDS) throw new RangeError(`${join(path, entry.name)}: shard ${i} past the most a store has (${MAX_SHARDS - 1})`);
-      numbers.add(i);
+      numbers.push(i);
     }
     const dbs: (Database<Buffer, BlockKey> | undefined)[] = [main];
     const envs: RootDatabase[] = [];
     try {
-      for (const i of [...numbers].sort((a, b) => a - b)) {
-        // Each shard syncs only where its owner asks (seal, recovery, delete), as the main environment.
+      for (const i of numbers.sort((a, b) => a - b)) {
+        // Each shard syncs only where its owner asks (recovery, delete), as the main environment.
         const env = open({ path: join(path, `blocks-${i}`), maxDbs: 2, mapSize: 2 ** 40, noSubdir: false, noSync: true });
         envs.push(env);
         dbs[i] = env.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
@@ -60,29 +73,12 @@ export class BlockShards {
       for (const env of envs) void env.close();
       throw e;
     }
-    return new BlockShards(dbs, envs, count);
+    return new BlockShards(dbs, envs);
   }
 
-  /** How many shards hold or may hold blocks (the highest shard number + 1). */
+  /** How many shard folders (and the main environment) there are: the highest shard number + 1. */
   get count(): number {
     return this.dbs.length;
-  }
-
-  /**
-   * The shard a block is written to. Consecutive (block, head) pairs of a
-   * layer go to consecutive shards, so an upload's blocks (every head of a
-   * run of blocks of one layer) spread evenly; the layer offsets the start,
-   * for layers uploaded side by side.
-   */
-  shardOf(layer: number, head: number, block: number, kvHeads: number): number {
-    return (block * kvHeads + head + layer) % this.writeCount;
-  }
-
-  /** Shard i's block database (i < writeCount, or a shard found open). */
-  db(i: number): Database<Buffer, BlockKey> {
-    const db = this.dbs[i];
-    if (!db) throw new RangeError(`LMDB block shard ${i} is not open`);
-    return db;
   }
 
   /** Every open shard's block database, shard 0 first. */

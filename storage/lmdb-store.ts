@@ -6,13 +6,15 @@
 //   blocks [doc, layer, head, block]   -> K bytes then V bytes of up to
 //                                         blockSize tokens, storage dtype
 //   artifacts [doc, method, layer, head] -> a retrieval method's index bytes
-// Blocks are spread over shards (`lmdb-shards.ts`: the main environment and
-// `blocks-<i>/` environments beside it), each with its own writer; metadata
-// and artifacts stay in the main environment. A document is `ready` only
-// once every shard's blocks of it are committed and flushed, and then the
+// Metadata and artifacts are in the main environment. A document's blocks
+// are in environments of its own (`lmdb-doc-envs.ts`: `docs/<key>/<i>/`,
+// spread over several writers), removed whole with it; a store written
+// before that keeps its blocks in the main environment and `blocks-<i>/`
+// shards (`lmdb-shards.ts`), read and dropped there. A document is `ready`
+// only once every one of its blocks is committed and flushed, and then the
 // transaction that writes its ready metadata has been. A document still
 // `loading` when the store opens was cut off by a crash: its blocks are
-// dropped in every shard and it is reported `incomplete`.
+// dropped and it is reported `incomplete`.
 //
 // Every environment commits without syncing (noSync) and syncs once where a
 // change must be durable (open's recovery, seal, added artifacts, delete):
@@ -23,6 +25,7 @@
 // after the last sync, and LMDB's own documentation of MDB_NOSYNC allows
 // worse where the file system does not keep write order: the syncs bound
 // what a system crash can reach, not make every unsynced commit safe.
+import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { copyViews } from '../addon/copy-ranges.js';
@@ -31,12 +34,13 @@ import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
-import { BlockShards, documentBlocks, syncEnv, type BlockKey } from './lmdb-shards.js';
+import { DocumentEnvs, documentFolder, documentKey, documentKeys, removeDocumentFolder } from './lmdb-doc-envs.js';
+import { BlockShards, blockShard, checkShardCount, documentBlocks, syncEnv, type BlockKey } from './lmdb-shards.js';
 
 type ArtifactKey = [string, string, number, number];
 
 export interface LmdbStoreOptions {
-  /** Environments new blocks are spread over (1: all in the main one, as before shards). Default: defaultShards(). */
+  /** Environments a new document's blocks are spread over. Default: defaultShards(). */
   shards?: number;
   /** Threads of libuv's pool (UV_THREADPOOL_SIZE as the process started), for the default shard count. */
   threadPool?: number;
@@ -58,19 +62,29 @@ export class LmdbStore implements DocumentStore {
   private readonly meta: Database<DocumentMeta, string>;
   private readonly blocks: Database<Buffer, BlockKey>;
   private readonly artifacts: Database<Buffer, ArtifactKey>;
+  /** Blocks as a store written before per-document environments holds them. */
   private readonly shards: BlockShards;
+  /** Environments of the documents being loaded (opened at their first write, closed at seal or delete). */
+  private readonly writing = new Map<string, DocumentEnvs>();
+  /** Environments being closed, awaited before their folder may go or open again. */
+  private readonly closing = new Set<Promise<void>>();
   /** Block writes not yet committed, and the staging buffers their values sit in. */
   private readonly inflight = new Set<Promise<void>>();
   private readonly staging = new BufferPool(4);
 
-  private constructor(path: string, shards: number) {
+  private constructor(
+    private readonly path: string,
+    /** Environments a new document's blocks are spread over. */
+    readonly shardCount: number,
+  ) {
+    checkShardCount(shardCount);
     // noSubdir: false, or a folder name with a dot is taken for a file name.
     this.root = open({ path, maxDbs: 8, mapSize: 2 ** 40, noSubdir: false, noSync: true });
     this.meta = this.root.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' });
     this.blocks = this.root.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
     this.artifacts = this.root.openDB<Buffer, ArtifactKey>({ name: 'artifacts', encoding: 'binary' });
     try {
-      this.shards = BlockShards.open(path, this.blocks, shards);
+      this.shards = BlockShards.open(path, this.blocks);
     } catch (e) {
       void this.root.close();
       throw e;
@@ -79,8 +93,9 @@ export class LmdbStore implements DocumentStore {
 
   /**
    * Opens (or creates) the store and marks crash-interrupted documents
-   * incomplete. A store written before shards (every block in the main
-   * environment) opens as it is: blocks are read from every shard.
+   * incomplete; removes document folders no metadata names (a delete the
+   * file system lost). A store written before per-document environments
+   * opens as it is: its blocks are read where they are.
    */
   static async open(path: string, opts: LmdbStoreOptions = {}): Promise<{ store: LmdbStore; recovered: string[] }> {
     const store = new LmdbStore(path, opts.shards ?? defaultShards(undefined, opts.threadPool));
@@ -92,17 +107,14 @@ export class LmdbStore implements DocumentStore {
           await store.dropBlocks(value.id, { ...value, status: 'incomplete', tokens: 0 });
         } else if (value.status === 'incomplete' && store.hasBlocks(value.id)) await store.dropBlocks(value.id); // a delete cut off by a crash
       }
+      const named = new Set(Array.from(store.meta.getKeys(), (id) => documentKey(id)));
+      for (const key of documentKeys(path)) if (!named.has(key)) await removeDocumentFolder(path, key);
       await store.durable();
     } catch (e) {
       await store.close(); // every environment, so that a retry can open them again
       throw e;
     }
     return { store, recovered };
-  }
-
-  /** Shards new blocks are spread over. */
-  get shardCount(): number {
-    return this.shards.writeCount;
   }
 
   list(): DocumentMeta[] {
@@ -143,7 +155,10 @@ export class LmdbStore implements DocumentStore {
     // (copyViews checks its plan synchronously: a throw there must become this promise's rejection, the staging buffer given back.)
     const done: Promise<void> = Promise.resolve()
       .then(() => copyViews(src, new Uint8Array(staging.buffer), offsets))
-      .then(() => Promise.allSettled(writes.map((w, i) => this.shardDb(w, kvHeads).put([doc, w.layer, w.head, w.block], values[i]))))
+      .then(async () => {
+        const envs = await this.writingEnvs(doc);
+        return Promise.allSettled(writes.map((w, i) => this.blockDb(envs, w, kvHeads).put([doc, w.layer, w.head, w.block], values[i])));
+      })
       .then((results) => {
         const failed = results.find((r) => r.status === 'rejected');
         if (failed) throw failed.reason;
@@ -157,25 +172,24 @@ export class LmdbStore implements DocumentStore {
   }
 
   /**
-   * Writes the last blocks of the other shards and flushes every shard
-   * (their earlier blocks too); only then the main shard's last blocks, the
-   * index artifacts and the ready metadata in one transaction, and waits
-   * until it is durable. A crash at any point leaves the document `loading`
-   * on disk, or ready with every block.
+   * Writes the last blocks and flushes the document's environments (their
+   * earlier blocks too); only then the index artifacts and the ready
+   * metadata in one main transaction, and waits until it is durable. A
+   * crash at any point leaves the document `loading` on disk, or ready
+   * with every block. Its environments are closed after.
    */
   async seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void> {
-    const kvHeads = meta.model.kvHeads;
-    const others = tail.filter((w) => this.shardDb(w, kvHeads) !== this.blocks);
-    await Promise.all(others.map((w) => this.shardDb(w, kvHeads).put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v))));
-    await this.shards.syncOthers();
+    const envs = await this.writingEnvs(meta.id);
+    await Promise.all(tail.map((w) => this.blockDb(envs, w, meta.model.kvHeads).put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v))));
+    await envs.sync();
     crashPoint('seal:others-synced');
     await this.root.transaction(() => {
-      for (const w of tail) if (this.shardDb(w, kvHeads) === this.blocks) this.blocks.put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v));
       for (const a of artifacts) this.artifacts.put([meta.id, a.method, a.layer, a.head], Buffer.from(a.bytes));
       this.meta.put(meta.id, meta);
     });
     crashPoint('seal:committed');
     await this.durable();
+    await this.closeEnvs(meta.id);
   }
 
   /** Adds artifacts of a method built after seal (and its name to the metadata). */
@@ -206,7 +220,7 @@ export class LmdbStore implements DocumentStore {
   /**
    * The document is marked incomplete (durably) before its blocks go: a
    * crash midway leaves an incomplete document, whose leftover blocks the
-   * next open drops, never a ready one missing blocks in some shard.
+   * next open drops, never a ready one missing blocks.
    */
   async remove(id: string): Promise<void> {
     const meta = this.meta.get(id);
@@ -215,23 +229,29 @@ export class LmdbStore implements DocumentStore {
     await this.durable();
   }
 
-  /** Reads a ready document's KV into one segment per layer, from every shard; refuses one missing blocks. */
+  /** Reads a ready document's KV into one segment per layer, from its environments (or an older store's shards); refuses one missing blocks. */
   load(meta: DocumentMeta, budget: HostBudget): KvSegment[] {
     const { layers, kvHeads, headDim, dtype, blockSize } = meta.model;
     const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens), budget));
     const rowBytes = headDim * 2;
     let found = 0;
-    for (const db of this.shards.all())
-      for (const { key, value } of db.getRange({ start: [meta.id], end: [meta.id, layers] })) {
-        const [, layer, head, block] = key;
-        const n = value.byteLength / (2 * rowBytes);
-        segments[layer].writeHead(head, value.subarray(0, n * rowBytes), value.subarray(n * rowBytes), n, block * blockSize);
-        found++;
-      }
+    const own = DocumentEnvs.existing(this.path, meta.id);
+    try {
+      for (const db of [...(own?.all() ?? []), ...this.shards.all()])
+        for (const { key, value } of db.getRange({ start: [meta.id], end: [meta.id, layers] })) {
+          const [, layer, head, block] = key;
+          const n = value.byteLength / (2 * rowBytes);
+          segments[layer].writeHead(head, value.subarray(0, n * rowBytes), value.subarray(n * rowBytes), n, block * blockSize);
+          found++;
+        }
+    } finally {
+      if (own) this.track(own.close());
+    }
     const expected = layers * kvHeads * Math.ceil(meta.tokens / blockSize);
     if (found !== expected) {
       for (const s of segments) s.release();
-      throw new Error(`document ${meta.id}: ${found} of its ${expected} KV blocks are in the LMDB store (${this.shards.count} shard(s) open: is a blocks-<i> folder missing?)`);
+      const where = own ? `${own.all().length} environment(s) in ${own.folder}` : `no folder ${documentFolder(this.path, meta.id)}`;
+      throw new Error(`document ${meta.id}: ${found} of its ${expected} KV blocks are in the LMDB store (${where}: is an environment's folder missing?)`);
     }
     for (const s of segments) s.setTokens(meta.tokens);
     return segments;
@@ -239,16 +259,41 @@ export class LmdbStore implements DocumentStore {
 
   async close(): Promise<void> {
     await Promise.allSettled(this.inflight);
+    for (const id of [...this.writing.keys()]) await this.closeEnvs(id);
+    await Promise.allSettled(this.closing);
     await this.shards.close();
     await this.root.close();
   }
 
-  /** The database a block is written to. */
-  private shardDb(w: BlockWrite, kvHeads: number): Database<Buffer, BlockKey> {
-    return this.shards.db(this.shards.shardOf(w.layer, w.head, w.block, kvHeads));
+  /** The document's own environments for writing, opened at its first write. */
+  private async writingEnvs(id: string): Promise<DocumentEnvs> {
+    let envs = this.writing.get(id);
+    if (!envs) {
+      await Promise.allSettled(this.closing); // a reader's close of this folder may be under way
+      envs = this.writing.get(id) ?? DocumentEnvs.create(this.path, id, this.shardCount);
+      this.writing.set(id, envs);
+    }
+    return envs;
+  }
+
+  /** The database a block is written to: of its document's environments, by the spread of `blockShard`. */
+  private blockDb(envs: DocumentEnvs, w: BlockWrite, kvHeads: number): Database<Buffer, BlockKey> {
+    return envs.db(blockShard(w.layer, w.head, w.block, kvHeads, this.shardCount));
+  }
+
+  private async closeEnvs(id: string): Promise<void> {
+    const envs = this.writing.get(id);
+    this.writing.delete(id);
+    if (envs) await envs.close();
+  }
+
+  private track(closing: Promise<void>): void {
+    const p = closing.finally(() => this.closing.delete(p));
+    this.closing.add(p);
   }
 
   private hasBlocks(id: string): boolean {
+    if (existsSync(documentFolder(this.path, id))) return true;
     // getKeysCount ignores `limit`: the first key found is enough.
     return this.shards.all().some((db) => {
       for (const _ of db.getKeys({ ...documentBlocks(id), limit: 1 })) return true;
@@ -264,9 +309,9 @@ export class LmdbStore implements DocumentStore {
 
   /**
    * Drops a document's blocks and artifacts. With `marked`, that metadata
-   * is first put and flushed with the main shard's drop, before the other
-   * shards' blocks go and are flushed: no crash leaves the old metadata
-   * over blocks some shard has lost.
+   * is first put and flushed with the main environment's drop, before the
+   * document's folder and other shards' blocks go: no crash leaves the old
+   * metadata over blocks some environment has lost.
    */
   private async dropBlocks(id: string, marked?: DocumentMeta): Promise<void> {
     const blocks = Array.from(this.blocks.getKeys(documentBlocks(id)));
@@ -281,6 +326,9 @@ export class LmdbStore implements DocumentStore {
       await syncEnv(this.root);
       crashPoint('drop:marked');
     }
+    await this.closeEnvs(id);
+    await Promise.allSettled(this.closing);
+    await removeDocumentFolder(this.path, documentKey(id));
     await this.shards.dropOthers(id);
     if (marked) {
       crashPoint('drop:others-dropped');

@@ -3,18 +3,24 @@
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { open } from 'lmdb';
+import { documentFolder } from '../../storage/lmdb-doc-envs.js';
 import { documentBlocks } from '../../storage/lmdb-shards.js';
 
-/** Blocks of document `id` in the main environment (shard 0) and in blocks-1 … blocks-<shards-1>. */
+function count(path: string, id: string, maxDbs: number): number {
+  if (!existsSync(join(path, 'data.mdb'))) return 0;
+  const env = open({ path, maxDbs, noSubdir: false, readOnly: true });
+  try {
+    return env.openDB({ name: 'blocks', encoding: 'binary' }).getKeysCount(documentBlocks(id));
+  } finally {
+    void env.close();
+  }
+}
+
+/**
+ * Blocks of document `id` per shard i < shards: in its own environment
+ * `docs/<key>/<i>/`, plus, as a store written before those keeps them, in
+ * the main environment (i = 0) or `blocks-<i>/`.
+ */
 export function blocksPerShard(dir: string, id: string, shards: number): number[] {
-  return Array.from({ length: shards }, (_, i) => {
-    const path = i === 0 ? dir : join(dir, `blocks-${i}`);
-    if (!existsSync(path)) return 0;
-    const env = open({ path, maxDbs: 8, noSubdir: false, readOnly: true });
-    try {
-      return env.openDB({ name: 'blocks', encoding: 'binary' }).getKeysCount(documentBlocks(id));
-    } finally {
-      void env.close();
-    }
-  });
+  return Array.from({ length: shards }, (_, i) => count(join(documentFolder(dir, id), String(i)), id, 2) + count(i === 0 ? dir : join(dir, `blocks-${i}`), id, 8));
 }

@@ -1,16 +1,18 @@
-// The LMDB store with its blocks spread over shards, on real LMDB files in a
-// temp folder: blocks round-trip through several shards bit for bit; a
-// document cut off mid-preload loses its blocks in every shard on reopen; a
-// delete (and one cut off midway) removes them everywhere; a store written
-// before shards (every block in the main environment) opens and reads, and a
-// store reopened with another shard count reads what it holds.
-import { rmSync } from 'node:fs';
+// The LMDB store with each document's blocks spread over environments of its
+// own, on real LMDB files in a temp folder: blocks round-trip through several
+// shards bit for bit; a document cut off mid-preload loses its blocks in every
+// shard on reopen; a delete (and one cut off midway) removes them everywhere
+// and gives their disk space back; a store written before shards (every block
+// in the main environment) opens and reads, and a store reopened with another
+// shard count reads what it holds.
+import { mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { open } from 'lmdb';
 import { afterEach, describe, expect, it } from 'vitest';
 import { parseConfig } from '../../core/config.js';
 import type { BlockWrite, DocumentMeta } from '../../storage/document-store.js';
 import { HostBudget } from '../../storage/host-budget.js';
+import { documentFolder } from '../../storage/lmdb-doc-envs.js';
 import { defaultShards, LmdbStore } from '../../storage/lmdb-store.js';
 import { blocksPerShard } from '../helpers/lmdb-blocks.js';
 import { tempDataDir } from '../helpers/server.js';
@@ -179,10 +181,52 @@ describe('LMDB store over shards', () => {
     let { store } = await LmdbStore.open(dir, { shards: 3 });
     await preload(store, 'doc', src);
     await store.close();
-    rmSync(join(dir, 'blocks-2'), { recursive: true });
+    rmSync(join(documentFolder(dir, 'doc'), '2'), { recursive: true });
     ({ store } = await LmdbStore.open(dir, { shards: 2 }));
-    expect(() => store.load(store.get('doc')!, new HostBudget(1 << 30))).toThrow(/of its 378 KV blocks .*blocks-<i> folder missing/);
+    expect(() => store.load(store.get('doc')!, new HostBudget(1 << 30))).toThrow(/of its 378 KV blocks .*2 environment\(s\) in .*docs.*folder missing/);
+    rmSync(documentFolder(dir, 'doc'), { recursive: true });
+    expect(() => store.load(store.get('doc')!, new HostBudget(1 << 30))).toThrow(/0 of its 378 KV blocks .*no folder .*docs/);
     await store.close();
+  });
+
+  it('delete gives the disk space of its blocks back (no LMDB freelist for the next preload to allocate from); folders no document names go at open', async () => {
+    // Blocks of 64 tokens x d=128: 32 KiB values, on LMDB overflow pages as a real preload's (12 MiB in all).
+    const big = { layers: 3, qHeads: 2, kvHeads: 2, headDim: 128, dtype: 'f16' as const, blockSize: 64 };
+    const tokens = 64 * 64, row = big.headDim * 2;
+    const dir = folder(), bytes = new Uint8Array(64 * row).fill(7);
+    const writes = (from: number, to: number): BlockWrite[] =>
+      Array.from({ length: big.layers * (to - from) * big.kvHeads }, (_, i) => ({ layer: i % big.layers, head: Math.floor(i / big.layers) % big.kvHeads, block: from + Math.floor(i / (big.layers * big.kvHeads)), k: bytes, v: bytes }));
+    const onDisk = (): number => {
+      const walk = (p: string): number => (statSync(p).isDirectory() ? readdirSync(p).reduce((n, e) => n + walk(join(p, e)), 0) : statSync(p).size);
+      return walk(dir);
+    };
+    let { store } = await LmdbStore.open(dir, { shards: 2 });
+    const empty = onDisk();
+    const docMeta = (id: string, status: DocumentMeta['status'], n = 0): DocumentMeta => ({ ...meta(id, status, n), model: big });
+    for (const id of ['a', 'b']) {
+      await store.create(docMeta(id, 'loading'));
+      for (let b = 0; b < 64; b += 16) await store.writeBlocks(id, writes(b, b + 16));
+      await store.seal(docMeta(id, 'ready', tokens), [], []);
+    }
+    const kv = 2 * big.layers * tokens * big.kvHeads * row;
+    expect(onDisk() - empty).toBeGreaterThan(2 * kv);
+    await store.remove('a');
+    await store.remove('b');
+    // In one shared environment the file keeps every page it ever held (LMDB frees them onto its freelist).
+    expect(onDisk() - empty).toBeLessThan(kv / 16);
+
+    // A loading document whose metadata is gone (as after a delete whose folder removal the file system lost).
+    await store.create(docMeta('ghost', 'loading'));
+    await store.writeBlocks('ghost', writes(0, 4));
+    await store.close();
+    const env = open({ path: dir, maxDbs: 8, noSubdir: false });
+    await env.openDB<DocumentMeta, string>({ name: 'meta', encoding: 'msgpack' }).remove('ghost');
+    await env.close();
+    mkdirSync(join(dir, 'docs', 'not-a-key'));
+    expect(blocksPerShard(dir, 'ghost', 2).every((c) => c > 0)).toBe(true);
+    ({ store } = await LmdbStore.open(dir, { shards: 2 }));
+    await store.close();
+    expect(readdirSync(join(dir, 'docs'))).toEqual(['not-a-key']);
   });
 
   it('the shard count: default one per 4 cores (at most 8, 2 under the libuv pool), the flag and environment checked at the edge', async () => {

@@ -1,0 +1,133 @@
+// A document's KV blocks in LMDB environments of its own:
+// `<store>/docs/<key>/<i>/`, i = 0 … S−1 (S: the store's shard count when
+// the document was created; each environment has its own writer, as the
+// block shards had). Deleting a document removes its folder: its pages go
+// back to the file system, not onto an LMDB freelist. In one shared
+// environment a deleted document's pages were freed in place, and the next
+// preload's writer allocated its 32 KiB values (9 overflow pages each) out
+// of that freelist: the writes cost 2.1 CPU s per GiB against 0.65 in a
+// fresh file, growing with each delete (2-core VM, 1 GiB rounds; the
+// H200 host's second Python preload round wrote at a third of the first's
+// speed). bench/results/preload-vm-rounds.md.
+//
+// <key> is a hash of the document id: ids differing only in case stay apart
+// on a file system that ignores case. Environments are open while their
+// document is loading and closed once it is sealed; a ready document's are
+// opened to read it and closed again.
+import { createHash } from 'node:crypto';
+import { existsSync, readdirSync } from 'node:fs';
+import { open as openFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { open, type Database, type RootDatabase } from 'lmdb';
+import { syncEnv, type BlockKey } from './lmdb-shards.js';
+
+const DOCS = 'docs';
+const KEY = /^[0-9a-f]{32}$/;
+const ENV = /^(0|[1-9][0-9]*)$/;
+
+/** The folder name of a document's environments. */
+export function documentKey(id: string): string {
+  return createHash('sha256').update(id).digest('hex').slice(0, 32);
+}
+
+/** The folder holding a document's environments. */
+export function documentFolder(root: string, id: string): string {
+  return join(root, DOCS, documentKey(id));
+}
+
+/** Every document folder of a store, by key (names that are not keys are not ours and left alone). */
+export function documentKeys(root: string): string[] {
+  const dir = join(root, DOCS);
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { withFileTypes: true })
+    .filter((e) => e.isDirectory() && KEY.test(e.name))
+    .map((e) => e.name);
+}
+
+function openEnv(path: string): RootDatabase {
+  // The map starts small and grows as the file does (lmdb's own remap), so many loading documents fit the address space.
+  return open({ path, maxDbs: 2, mapSize: 2 ** 28, noSubdir: false, noSync: true });
+}
+
+/** Open environments of one document. */
+export class DocumentEnvs {
+  private constructor(
+    readonly folder: string,
+    private readonly envs: RootDatabase[],
+    private readonly dbs: Database<Buffer, BlockKey>[],
+  ) {}
+
+  /** Opens (creating) environments 0 … count−1 of a document, to write its blocks. */
+  static create(root: string, id: string, count: number): DocumentEnvs {
+    return DocumentEnvs.openAll(documentFolder(root, id), Array.from({ length: count }, (_, i) => i));
+  }
+
+  /** Opens every environment a document's folder holds, to read its blocks; undefined when it has none. */
+  static existing(root: string, id: string): DocumentEnvs | undefined {
+    const folder = documentFolder(root, id);
+    if (!existsSync(folder)) return undefined;
+    const numbers = readdirSync(folder, { withFileTypes: true })
+      .filter((e) => e.isDirectory() && ENV.test(e.name))
+      .map((e) => Number(e.name));
+    return DocumentEnvs.openAll(folder, numbers);
+  }
+
+  private static openAll(folder: string, numbers: number[]): DocumentEnvs {
+    const envs: RootDatabase[] = [], dbs: Database<Buffer, BlockKey>[] = [];
+    try {
+      for (const i of numbers.sort((a, b) => a - b)) {
+        const env = openEnv(join(folder, String(i)));
+        envs.push(env);
+        dbs[i] = env.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
+      }
+    } catch (e) {
+      for (const env of envs) void env.close();
+      throw e;
+    }
+    return new DocumentEnvs(folder, envs, dbs);
+  }
+
+  /** Environment i's block database. */
+  db(i: number): Database<Buffer, BlockKey> {
+    const db = this.dbs[i];
+    if (!db) throw new RangeError(`${this.folder}: block environment ${i} is not open`);
+    return db;
+  }
+
+  /** Every open environment's block database. */
+  all(): Database<Buffer, BlockKey>[] {
+    return this.dbs.filter((d): d is Database<Buffer, BlockKey> => d !== undefined);
+  }
+
+  /**
+   * Every commit on disk, and the folders that name the files: LMDB's sync
+   * flushes a file, not the directory entries of one just created.
+   */
+  async sync(): Promise<void> {
+    await Promise.all(this.envs.map((env) => syncEnv(env)));
+    const dirs = [...this.dbs.flatMap((d, i) => (d ? [join(this.folder, String(i))] : [])), this.folder, join(this.folder, '..'), join(this.folder, '..', '..')];
+    for (const dir of dirs) await syncDir(dir);
+  }
+
+  async close(): Promise<void> {
+    await Promise.allSettled(this.envs.map((env) => env.close()));
+  }
+}
+
+/**
+ * Removes a document's folder (its environments closed first by the
+ * caller). Not synced: a removal the file system loses leaves a folder no
+ * metadata names, which the next open removes (`documentKeys`).
+ */
+export async function removeDocumentFolder(root: string, key: string): Promise<void> {
+  await rm(join(root, DOCS, key), { recursive: true, force: true });
+}
+
+async function syncDir(path: string): Promise<void> {
+  const handle = await openFile(path, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
