@@ -102,6 +102,9 @@ export class Documents {
       const existing = await this.store.get(id);
       if (existing && existing.status !== 'incomplete')
         throw conflict(`document ${id} already exists (${existing.status}); DELETE it first`);
+      // One this server was loading that the store no longer holds loading (deleted through another
+      // server, or incomplete once its lease lapsed): its memory goes before the new one's is reserved.
+      await this.dropLoading(id);
       // Memory first: a document refused for its size leaves nothing behind.
       const layers: KvSegment[] = [];
       try {
@@ -292,17 +295,29 @@ export class Documents {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
       const meta = await this.store.get(id);
+      // Deleted through another server while this one was loading it (a shared store): the loading
+      // document this server still shows goes, with its memory.
+      const local = this.loading.get(id);
+      if (!meta && local && (expect.createdAt === undefined || expect.createdAt === local.meta.createdAt)) return this.dropLoading(id);
       if (!meta) throw notFound(`document ${id} does not exist`);
       if (expect.createdAt !== undefined && meta.createdAt !== expect.createdAt)
         throw preconditionFailed(`document ${id} was created at ${meta.createdAt}, not ${expect.createdAt}: not deleted`);
       // Blocks still being written would land after the drop.
       await this.loading.get(id)?.writing;
       await this.store.remove(id);
-      for (const s of this.loading.get(id)?.layers ?? []) s.release();
+      await this.dropLoading(id);
       const ready = this.ready.get(id);
       if (ready) this.forget(ready, `document ${id} was deleted`);
-      this.loading.delete(id);
     });
+  }
+
+  /** Forgets a document this server was loading: its block writes in flight settle, then its memory goes back. */
+  private async dropLoading(id: string): Promise<void> {
+    const doc = this.loading.get(id);
+    if (!doc) return;
+    await doc.writing;
+    for (const s of doc.layers) s.release();
+    this.loading.delete(id);
   }
 
   /**

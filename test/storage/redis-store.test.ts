@@ -136,6 +136,35 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     expect(cluster.topology().masters.map((m) => cluster.cli(m, '--scan', '--pattern', 'kvr:{a/doomed/*').trim()).join('')).toBe('');
   });
 
+  it('a document deleted through one server while another loads it: the loader lets its memory go on DELETE or a new PUT', async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    const used = () => servers[0].engine.budget.used;
+    const base = used();
+    const bytes = 2 * 20000 * 2 * 32 * 2 * 2; // layers × tokens × kvHeads × d × 2 bytes × (K, V)
+    const c = randomKv(new Rng(seed ^ 5), 'f16', 2, 300, 32);
+    for (const retire of ['DELETE', 'PUT'] as const) {
+      await a.createDocument('orphan', model, { tokens: 20000 });
+      await a.uploadDocumentKv('orphan', { layer: 0, start: 0, k: c.k, v: c.v });
+      expect(used() - base).toBe(bytes);
+      await b.deleteDocument('orphan');
+      // A still shows what it loads: its DELETE removes it (it said 404 and kept the memory), a new PUT replaces it (it added its own).
+      expect(await a.getDocument('orphan')).toMatchObject({ status: 'loading' });
+      if (retire === 'DELETE') {
+        await a.deleteDocument('orphan');
+        expect(used()).toBe(base);
+        expect(await statusOf(a, 'orphan')).toBe(404);
+      } else {
+        await a.createDocument('orphan', model, { tokens: 20000 });
+        expect(used() - base).toBe(bytes);
+        await a.uploadDocumentKv('orphan', { layer: 0, start: 0, k: c.k, v: c.v });
+        await a.uploadDocumentKv('orphan', { layer: 1, start: 0, k: c.k, v: c.v });
+        expect(await a.sealDocument('orphan')).toMatchObject({ status: 'ready', tokens: 300 });
+        await a.deleteDocument('orphan');
+        expect(used()).toBe(base);
+      }
+    }
+  });
+
   it('a preload killed midway (SIGKILL) is incomplete on both servers once its lease lapses; PUT starts it again', async () => {
     const model = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64, dtype: 'f16' as const };
     const child = await startChild(dirs[2].dir, ['--store', store]);
