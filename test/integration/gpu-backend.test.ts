@@ -126,7 +126,7 @@ describe.skipIf(!gpu.ok)('GPU backend (server)', () => {
   });
 
   it('health says cuda with the device and the pool; a CPU-only server says cpu', async () => {
-    const h = (await new KvrecallClient({ url: onGpu.url }).health()) as Health;
+    const h = (await new KvrecallClient({ url: onGpu.url }).health()) as unknown as Health;
     expect(h.backend).toBe('cuda');
     expect(JSON.stringify(h.gpu)).toContain(deviceName(gpu));
     expect((await new KvrecallClient({ url: onCpu.url }).health()).backend).toBe('cpu');
@@ -179,7 +179,7 @@ describe.skipIf(!gpu.ok)('GPU backend (server)', () => {
       expect(maxRelError(r.out, ref.out, qHeads)).toBeLessThan(1e-4);
       expect(maxRelErrorScalar(r.lse, ref.lse)).toBeLessThan(1e-4);
     }
-    const { pool } = ((await c.health()) as Health).gpu;
+    const { pool } = ((await c.health()) as unknown as Health).gpu;
     expect(pool.slots).toBe(48);
     expect(pool.evictions).toBeGreaterThan(0);
     await c.deleteSession(id);

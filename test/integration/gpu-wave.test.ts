@@ -80,7 +80,7 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
             expect(maxRelErrorScalar(g.lse, ref.lse)).toBeLessThan(1e-4);
           }
         }
-      const h = (await sessions[0].c.health()) as Health;
+      const h = (await sessions[0].c.health()) as unknown as Health;
       expect(h.gpu.wave?.stores).toBe(model.layers);
       expect(h.gpu.wave?.refused).toBe(0);
     }, 240_000);

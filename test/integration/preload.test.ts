@@ -133,7 +133,7 @@ describe('preload', () => {
       return remove(id, expect);
     };
     try {
-      await expect(preload({ file, id: 'late', url: server.url, methods: [], chunk: 100, qHeads: 4 })).rejects.toMatchObject({ status: 422 });
+      await expect(preload({ file, id: 'late', url: server.url, methods: [], chunk: 100, qHeads: 4, progress: () => undefined })).rejects.toMatchObject({ status: 422 });
     } finally {
       documents.remove = remove;
     }
