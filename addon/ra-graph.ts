@@ -107,6 +107,16 @@ export interface RaGraphSearchArgs {
    * as scanned).
    */
   seeds?: Int32Array;
+  /**
+   * Free start keys, each in [0, tokens): keys the caller attends in full
+   * anyway (a session's sinks and window, whose attention computes their
+   * scores). The walk starts from them too; they are not counted in
+   * `scanned` nor against `maxScanned`, and the result leaves them out: it
+   * is the top k of the other keys (exhaustively, exactly that). On
+   * kvrecall-code-13M a third to three quarters of a layer's top 1% lies in
+   * sinks + window (bench/results/retrieval-seeds-vm.md).
+   */
+  freeSeeds?: Int32Array;
 }
 
 export type RaAggregate = 'max' | 'attention';

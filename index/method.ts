@@ -180,6 +180,13 @@ export interface HeadIndexBuilder {
  */
 export interface SearchMemo {
   last?: Int32Array[];
+  /**
+   * The segment's ids the session attends in full at this step (sinks,
+   * window), ascending, set before each search; the k asked counts them. A
+   * graph search may start from them for free (the attention over them
+   * computes their scores) and return k minus their count of other ids.
+   */
+  steady?: Int32Array;
 }
 
 /** The budget in tokens for a context of `tokens`: a fraction below 1 is a share of it. */

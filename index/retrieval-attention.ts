@@ -66,14 +66,18 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
     return new GraphHead(RaGraph.load(bytes), keys);
   },
   // A step's kv heads searched in parallel (one native call), not one after
-  // another, each also from the ids its head found at the session's last step.
+  // another, each also from the ids its head found at the session's last step
+  // and from the steady zone (memo.steady: attended in full, so free start
+  // keys outside the k searched for).
   async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo): Promise<SearchResult[]> {
     const d = (heads[0] as GraphHead).keys.headDim;
+    const steady = memo?.steady && memo.steady.length > 0 ? memo.steady : undefined;
     const items = heads.map((head, h) => {
       const { graph, keys } = head as GraphHead;
-      const n = Math.min(k[h], keys.tokens);
+      const free = steady?.length ?? 0;
+      const n = Math.max(0, Math.min(k[h] - free, keys.tokens - free));
       const seeds = memo?.last?.[h];
-      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }) };
+      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }), ...(steady && { freeSeeds: steady }) };
     });
     const res = await RaGraph.searchBatch(items);
     const ids = res.map((r, h) => items[h].outIds.subarray(0, r.count));

@@ -169,6 +169,14 @@ export async function blockSelection<H extends BlockIndex>(
   return { parts, scanned };
 }
 
+/** The ids of merged ascending ranges covering `count` rows. */
+function idsOf(ranges: Range[], count: number): Int32Array {
+  const ids = new Int32Array(count);
+  let n = 0;
+  for (const [a, b] of ranges) for (let t = a; t < b; t++) ids[n++] = t;
+  return ids;
+}
+
 /** The search memo of document segment s in this session's layer. */
 function memoOf(ctx: LayerContext, s: number): SearchMemo {
   const key = `retrieved:${s}`;
@@ -198,6 +206,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         if (want <= 0) continue;
         const k = want + covered;
         const memo = memoOf(ctx, s);
+        memo.steady = idsOf(ranges, covered);
         const results = builder.searchHeads
           ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate)
           : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));

@@ -4,11 +4,12 @@
 //                   keyNeighbors?, keyEf?})
 //       -> Promise<RaGraph>                                   (off the event loop)
 //     static load(bytes: Uint8Array) -> RaGraph               (throws on corrupt bytes)
-//     static searchBatch([{graph, keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?}, ...])
+//     static searchBatch([{graph, keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?, freeSeeds?, ...}, ...])
 //       -> Promise<{count, scanned}[]>                        (the searches run in parallel on the native pool)
 //     save() -> Uint8Array
-//     search({keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?, margin?, aggregate?, scale?}) -> Promise<{count, scanned}>
-//       (seeds: Int32Array of extra start keys, e.g. the previous decode step's ids; margin: the
+//     search({keys, tokens, headDim, dtype, q, group, k, ef, outIds, outScores, seeds?, freeSeeds?, margin?, aggregate?, scale?}) -> Promise<{count, scanned}>
+//       (seeds: Int32Array of extra start keys, e.g. the previous decode step's ids; freeSeeds: start keys
+//        the caller attends in full anyway, not counted as scanned and left out of the result; margin: the
 //        quality-bound stop in score units, absent = none; aggregate: 0 max over the group's rows,
 //        1 the group's attention, with scale: the softmax scale, absent = 1/sqrt(headDim); maxScanned:
 //        a cap on the keys scored, 0 or absent = none; profile: true adds {sampleMs, walkMs, scoreMs,
@@ -59,6 +60,8 @@ struct SearchJob {
   float* outScores = nullptr;
   const int32_t* seeds = nullptr;
   size_t seedCount = 0;
+  const int32_t* freeSeeds = nullptr;
+  size_t freeSeedCount = 0;
   float margin = RaGraph::kNoMargin;
   RaAggregate aggregate = RaAggregate::kMax;
   float scale = 0.f;
@@ -71,6 +74,8 @@ struct SearchJob {
     RaSearchOptions opt;
     opt.seeds = seeds;
     opt.seedCount = seedCount;
+    opt.freeSeeds = freeSeeds;
+    opt.freeSeedCount = freeSeedCount;
     opt.margin = margin;
     opt.aggregate = aggregate;
     opt.scale = scale;
@@ -125,6 +130,12 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
     job.seeds = seeds->Data();
     job.seedCount = seeds->ElementLength();
     keep.push_back(*seeds);
+  }
+  if (auto free = OptTypedAt<int32_t>(o, "freeSeeds")) {
+    CheckIds(*free, tokens, "freeSeeds");
+    job.freeSeeds = free->Data();
+    job.freeSeedCount = free->ElementLength();
+    keep.push_back(*free);
   }
   job.graph = std::move(graph);
   keep.insert(keep.end(), {keys, q, res.ids, res.scores});

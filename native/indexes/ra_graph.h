@@ -105,6 +105,15 @@ struct RaSearchOptions {
   // Extra start keys besides the entry points; ids outside [0, n) ignored.
   const int32_t* seeds = nullptr;
   size_t seedCount = 0;
+  // Free start keys: keys whose scores the caller computes anyway (a
+  // session's steady zone, the sinks and the window it attends in full).
+  // The walk starts from them too, but they are not counted in `scanned` or
+  // against maxScanned, and the result leaves them out: it is the top k of
+  // the other keys (an exhaustive search returns exactly that). Ids outside
+  // [0, n) are ignored. For kAttention their logits still count, exactly,
+  // in the rows' refined log-partitions.
+  const int32_t* freeSeeds = nullptr;
+  size_t freeSeedCount = 0;
   // The quality bound (>= 0) in the ranking score's units: raw q·k for kMax,
   // logits (natural log of probability) for kAttention.
   float margin = 3.0e38f;

@@ -101,6 +101,26 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   // x_h = scale·q_h·k for the G rows, exactly the kernels' dot products.
   auto logits = [&](int32_t id, float* x) { ragraph::ScaledDots(q, G, keys + size_t(id) * d, dtype, d, scale, x, S.row.data()); };
 
+  // 0. The free start keys' logits are exact and known before the walk (the
+  //    caller attends them anyway): they enter the partitions' estimate as
+  //    they are, and the sample stands only for the other keys. A sink can
+  //    hold much of a row's mass that a strided sample misses; without it
+  //    the walk's ranking overweights that row's keys.
+  LogSum freeSum[kMaxGroup];
+  int64_t freeCount = 0;
+  ragraph::Visited* isFree = nullptr;
+  if (opt.freeSeedCount > 0) {
+    isFree = &ragraph::Visited::Local(n);  // cleared again by the walk, which marks them itself
+    float x[kMaxGroup];
+    for (size_t i = 0; i < opt.freeSeedCount; ++i) {
+      const int32_t id = opt.freeSeeds[i];
+      if (id < 0 || id >= n || isFree->TestAndSet(id)) continue;
+      logits(id, x);
+      ++freeCount;
+      for (int h = 0; h < G; ++h) freeSum[h].Add(x[h]);
+    }
+  }
+
   // 1. The strided sample: keys off + j·stride, j < m.
   const int64_t want = std::min<int64_t>(n, std::min(kSampleMax, std::max(kSampleMin, n / kSampleShare)));
   const int64_t stride = std::max<int64_t>(1, n / want), off = stride / 2;
@@ -108,15 +128,24 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   S.sampleX.resize(size_t(m) * G);
   S.sampleReached.assign(size_t(m), 0);
   LogSum sampleSum[kMaxGroup];
+  int64_t sampleOthers = 0;  // sample keys that are not free start keys
   for (int64_t j = 0; j < m; ++j) {
     if (j + 4 < m) ragraph::PrefetchRow(keys + size_t(off + (j + 4) * stride) * d, d);
     float* x = S.sampleX.data() + size_t(j) * G;
-    logits(int32_t(off + j * stride), x);
+    const int32_t id = int32_t(off + j * stride);
+    logits(id, x);
+    if (isFree && isFree->Test(id)) continue;
+    ++sampleOthers;
     for (int h = 0; h < G; ++h) sampleSum[h].Add(x[h]);
   }
-  // lse_h before the walk: the sample's mean exp-score times n.
+  // lse_h before the walk: the sample's mean exp-score times the keys it
+  // stands for, plus the free keys' exact sum.
   float c0[kMaxGroup];
-  for (int h = 0; h < G; ++h) c0[h] = float(sampleSum[h].Value() + std::log(double(n) / double(m)));
+  for (int h = 0; h < G; ++h) {
+    LogSum all = freeSum[h];
+    if (sampleOthers > 0) all.AddScaled(sampleSum[h].Value(), double(n - freeCount) / double(sampleOthers));
+    c0[h] = float(all.Value());
+  }
   auto rank = [&](const float* x) {
     float best = -std::numeric_limits<float>::infinity();
     for (int h = 0; h < G; ++h) best = std::max(best, x[h] - c0[h]);
@@ -177,8 +206,15 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
         }
         return r;
       },
-      S.top, size_t(keep), opt.margin, opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0);
-  res.scanned = m + walked - reusedSample;
+      S.top, size_t(keep), opt.margin, opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0,
+      opt.freeSeeds, opt.freeSeedCount);
+  // The free start keys were scored first: the walk's first `freeKeys`
+  // entries. Their logits stay in the partitions (step 3); the result and
+  // the scanned count leave them out.
+  const int64_t freeKeys = int64_t(S.walkIds.size()) - walked;
+  int64_t reusedFree = 0;
+  for (int64_t i = 0; i < freeKeys; ++i) reusedFree += sampleIndex(S.walkIds[size_t(i)]) >= 0 ? 1 : 0;
+  res.scanned = m + walked - (reusedSample - reusedFree);
   if (prof) prof->walkMs += CpuMs() - t0, t0 = CpuMs();
 
   // 3. lse_h refined: the walk's keys exactly, the sample's unreached keys
@@ -234,11 +270,11 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   };
   auto lower = [&](const float* x, float r) { return std::max(maxShifted(x), r + lo); };
   auto upper = [&](const float* x, float r) { return std::min(maxShifted(x) + logRows, r + hi); };
-  const int64_t scored = reached + unreachedSample;
+  const int64_t scored = reached - freeKeys + unreachedSample;
   float cut = -std::numeric_limits<float>::infinity();
   if (scored > keep && std::isfinite(lo) && std::isfinite(hi)) {
     S.ranks.clear();
-    for (int64_t i = 0; i < reached; ++i) S.ranks.push_back(lower(S.walkX.data() + size_t(i) * G, S.walkRank[size_t(i)]));
+    for (int64_t i = freeKeys; i < reached; ++i) S.ranks.push_back(lower(S.walkX.data() + size_t(i) * G, S.walkRank[size_t(i)]));
     for (int64_t j = 0; j < m; ++j)
       if (!S.sampleReached[size_t(j)]) {
         const float* x = S.sampleX.data() + size_t(j) * G;
@@ -250,7 +286,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     if (std::isfinite(kth)) cut = kth - kPruneSlack * (1.f + std::abs(kth) + logRows + std::abs(hi) + std::abs(lo));
   }
   S.all.clear();
-  for (int64_t i = 0; i < reached; ++i)
+  for (int64_t i = freeKeys; i < reached; ++i)
     if (upper(S.walkX.data() + size_t(i) * G, S.walkRank[size_t(i)]) >= cut) S.all.push_back(Hit{finalScore(S.walkX.data() + size_t(i) * G), S.walkIds[size_t(i)]});
   for (int64_t j = 0; j < m; ++j)
     if (!S.sampleReached[size_t(j)]) {

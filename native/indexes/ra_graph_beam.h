@@ -29,6 +29,7 @@ class Visited {
     v.Begin(n);
     return v;
   }
+  bool Test(int32_t i) const { return (bits_[size_t(i) >> 6] >> (i & 63)) & 1; }
   bool TestAndSet(int32_t i) {
     uint64_t& w = bits_[size_t(i) >> 6];
     const uint64_t bit = uint64_t(1) << (i & 63);
@@ -118,11 +119,16 @@ inline void ReplaceMin(std::vector<float>& heap, float x) {
 }
 
 // score(id) -> float. Starts from the entries and the seeds (ids outside
-// [0, n) skipped). Fills `top` with the best min(ef, reachable) hits (in no
-// particular order); returns how many keys were scored. Stops when the best
-// unexpanded candidate is worse than the worst of `top` with `top` full, so
-// with ef >= n (and no margin) it expands every key reachable from the
-// entries. The quality bound: with k >= 1 and a finite margin it also stops
+// [0, n) skipped), and from the free start keys `freeSeeds`: keys whose
+// scores the caller has anyway (the steady zone a session attends in full),
+// scored first, put on the candidate heap whatever they score, but neither
+// counted in the return value (nor against maxScan) nor entered in `top` or
+// the k-best bound: the walk expands from them, the result leaves them out.
+// Fills `top` with the best min(ef, reachable) hits (in no particular
+// order); returns how many keys were scored (free start keys not included).
+// Stops when the best unexpanded candidate is worse than the worst of `top`
+// with `top` full, so with ef >= n (and no margin) it expands every key
+// reachable from the entries. The quality bound: with k >= 1 and a finite margin it also stops
 // once the best unexpanded candidate scores below the k-th best so far
 // minus margin. With maxScan > 0 it stops expanding once that many keys
 // have been scored (the last expansion may pass it by one neighbour list).
@@ -135,7 +141,8 @@ inline void ReplaceMin(std::vector<float>& heap, float x) {
 template <typename Graph, typename Score>
 int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
                    size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top,
-                   size_t k = 0, float margin = 3.0e38f, int64_t maxScan = 0) {
+                   size_t k = 0, float margin = 3.0e38f, int64_t maxScan = 0, const int32_t* freeSeeds = nullptr,
+                   size_t freeCount = 0) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
   struct Scratch {
@@ -182,6 +189,12 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
     std::push_heap(cand.begin(), cand.end(), WorseFn());
     graph.PrefetchHead(id);
   };
+  for (size_t e = 0; e < freeCount; ++e) {
+    const int32_t id = freeSeeds[e];
+    if (id < 0 || id >= n || seen.TestAndSet(id)) continue;
+    cand.push_back(Hit{score(id), id});
+    std::push_heap(cand.begin(), cand.end(), WorseFn());
+  }
   for (size_t e = 0; e < entryCount; ++e)
     if (!seen.TestAndSet(entries[e])) consider(entries[e]);
   for (size_t e = 0; e < seedCount; ++e)

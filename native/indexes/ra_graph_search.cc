@@ -55,7 +55,7 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
         }
         return s;
       },
-      top, size_t(keep), opt.margin, std::max<int64_t>(0, opt.maxScanned));
+      top, size_t(keep), opt.margin, std::max<int64_t>(0, opt.maxScanned), opt.freeSeeds, opt.freeSeedCount);
   res.count = WriteBest(top, keep, outIds, outScores);
   return res;
 }

@@ -2,8 +2,9 @@
 // (index/retrieval-attention.ts, SearchMemo): the memo keeps each head's
 // ids, and for a next query close to the last one a narrow search seeded by
 // them finds more of its exact top-k than the same search from the entry
-// points alone. With one q head per kv head the ranking is q·k, so the
-// float64 reference is exact.
+// points alone; the session's steady zone (memo.steady) starts it for free
+// and is left out of its ids. With one q head per kv head the ranking is
+// q·k, so the float64 reference is exact.
 import { describe, expect, it } from 'vitest';
 import type { SearchMemo } from '../../index/method.js';
 import { retrievalAttentionBuilder } from '../../index/retrieval-attention.js';
@@ -53,5 +54,33 @@ describe('retrieval-attention search memo', () => {
     }
     console.log(`recall of the next steps: cold ${(before / (STEPS * heads)).toFixed(3)}, seeded ${(after / (STEPS * heads)).toFixed(3)}`);
     expect(after).toBeGreaterThan(before);
+  });
+
+  it('starts from the steady zone (memo.steady) for free: k counts it, the ids leave it out, exhaustively the exact top of the rest', async () => {
+    const rng = new Rng(seed + 1);
+    const n = 2001, W = 100;
+    const bits = Uint16Array.from({ length: n * d }, () => toBits(rng.normal()));
+    const values = Float64Array.from(bits, toValue);
+    const keys = { keys: bits, values: bits, tokens: n, headDim: d, dtype: 'f16' as const };
+    const queries = Float32Array.from({ length: 256 * d }, () => rng.normal());
+    const index = retrievalAttentionBuilder.load(await retrievalAttentionBuilder.build({ ...keys, queries, queryCount: 256 }), keys);
+    const steady = Int32Array.from({ length: 4 + W }, (_, i) => (i < 4 ? i : n - W + (i - 4)));
+    const isSteady = (t: number) => t < 4 || t >= n - W;
+    // A query leaning towards a window key, so that the plain top-k holds steady ids.
+    const q = Float32Array.from({ length: d }, (_, j) => 0.5 * values[(n - 7) * d + j] + 0.5 * rng.normal());
+    const memo: SearchMemo = { steady };
+    const [withSteady] = await retrievalAttentionBuilder.searchHeads!([index], q, 1, [k + steady.length], n, memo);
+    const [plain] = await retrievalAttentionBuilder.searchHeads!([index], q, 1, [k + steady.length], n);
+    const score = (t: number) => q.reduce((a, x, j) => a + x * values[t * d + j], 0);
+    const order = [...Array(n).keys()].sort((a, b) => score(b) - score(a) || a - b);
+    expect(order.slice(0, k + steady.length).some(isSteady)).toBe(true);
+    expect(withSteady.ids.length).toBe(k);
+    expect([...withSteady.ids].some(isSteady)).toBe(false);
+    expect(new Set(withSteady.ids)).toEqual(new Set(order.filter((t) => !isSteady(t)).slice(0, k)));
+    // Exhaustive: every key scored, the steady ones free but for those the strided sample (every 31st key here,
+    // counted once) holds: 4 of the window's 100.
+    expect(plain.scanned).toBe(n);
+    expect(withSteady.scanned).toBe(n - steady.length + 4);
+    expect([...plain.ids].some(isSteady)).toBe(true);
   });
 });
