@@ -73,6 +73,7 @@ interface NativePool {
   pin(a: { client: number; blocks: Int32Array; pinned: boolean }): void;
   prefer(a: { client: number; blocks: Int32Array; priority: number }): void;
   release(client: number): void;
+  releaseRange(first: number, last: number): number;
   attend(a: GpuAttendArgs): Promise<void>;
   stats(): GpuPoolStats;
   resetCounters(): void;
@@ -148,8 +149,14 @@ export class GpuPool {
     this.pool.prefer({ client, blocks, priority });
   }
 
+  /** Drops every block of a client, pinned ones too: call it once no attend reads them. */
   release(client: number): void {
     this.pool.release(client);
+  }
+
+  /** release() of every client in [first, last) in one call; returns the blocks freed. */
+  releaseRange(first: number, last: number): number {
+    return this.pool.releaseRange(first, last);
   }
 
   attend(args: GpuAttendArgs): Promise<void> {

@@ -63,6 +63,11 @@ export interface DocumentView extends DocumentMeta {
 
 export const DEFAULT_QUERY_STRIDE = 4;
 
+/** Copies of document layers beyond host memory (the GPU backend's): dropped when their document stops being served. */
+export interface DeviceCopies {
+  drop(segments: readonly KvSegment[]): void;
+}
+
 const MAX_TOKENS_HINT = 2 ** 31;
 const now = () => performance.now();
 
@@ -82,6 +87,7 @@ export class Documents {
     private readonly budget: HostBudget,
     /** Index builds may use the GPU (BuildInput.device). */
     private readonly deviceBuilds = false,
+    private readonly device?: DeviceCopies,
   ) {
     this.residency = new LayerCache(budget);
   }
@@ -364,6 +370,8 @@ export class Documents {
   /** Returns a document's memory (a partially resident one's, once no step reads it) and stops serving it. */
   private forget(doc: LoadedDocument, why: string): void {
     doc.gone ??= why;
+    // Its device copies too (block pool pages, wave layers), once no step reads them.
+    this.device?.drop(doc.layers.filter((s): s is KvSegment => s !== undefined));
     if (doc.resident) doc.resident.drop(why);
     else for (const s of doc.layers) s.release();
     this.ready.delete(doc.meta.id);

@@ -42,12 +42,13 @@ export class Engine {
     readonly gpu?: GpuBackend,
   ) {}
 
-  static async open(opts: EngineOptions): Promise<Engine> {
+  /** `gpu`: a backend made by the caller (one over a host model of the device, where none runs) instead of the device's. */
+  static async open(opts: EngineOptions, given?: { gpu?: GpuBackend }): Promise<Engine> {
     const { store, recovered } = await openStore(opts);
     const budget = new HostBudget(opts.memoryBudget);
     const device = cudaAvailable();
-    const gpu = device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget }) : undefined;
-    const documents = new Documents(store, methodNames, budget, gpu !== undefined && opts.gpuKmeans === true);
+    const gpu = given?.gpu ?? (device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget }) : undefined);
+    const documents = new Documents(store, methodNames, budget, gpu !== undefined && opts.gpuKmeans === true, gpu);
     return new Engine(store, documents, new Sessions(documents, budget, gpu), recovered, budget, gpu);
   }
 

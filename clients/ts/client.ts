@@ -137,7 +137,7 @@ export interface AttendReply<Out extends OutArray = Float32Array> {
   lse: Float32Array;
   selection?: Int32Array[];
   kv?: { k: Tensor[]; v: Tensor[] };
-  stats: { tokens: number; attended: number; estimated?: number; scanned: number; ms: number; selectMs: number; attendMs: number; blocks?: { selected: number; hits: number; bytesIn: number } };
+  stats: { tokens: number; attended: number; estimated?: number; scanned: number; ms: number; selectMs: number; attendMs: number; backend: 'cpu' | 'cuda'; blocks?: { selected: number; hits: number; bytesIn: number } };
 }
 
 export interface DocumentInfo {

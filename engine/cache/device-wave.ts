@@ -21,6 +21,9 @@ interface Entry {
   bytes: number;
   /** Steps reading the store now. */
   pins: number;
+  /** Dropped (its document deleted) while steps read it: closed when the last releases it. */
+  dropped?: boolean;
+  closed?: boolean;
 }
 
 export interface DeviceWaveStats {
@@ -50,6 +53,8 @@ export class DeviceWaveStores {
    * refuse): not tried again, or every step would copy gigabytes to fail.
    */
   private readonly failed = new Set<string>();
+  /** Dropped stores that steps still read: out of the LRU, their bytes still held. */
+  private readonly draining = new Set<Entry>();
 
   constructor(
     readonly budgetBytes: number,
@@ -99,7 +104,38 @@ export class DeviceWaveStores {
     }
     const entry = e;
     entry.pins++;
-    return { store: entry.store, release: () => void entry.pins-- };
+    return {
+      store: entry.store,
+      release: () => {
+        if (--entry.pins === 0 && entry.dropped) this.free(entry);
+      },
+    };
+  }
+
+  /**
+   * Closes the stores whose keys start with `prefix` (a deleted document's
+   * layers): now, or, for one a step is reading, when the last such step
+   * releases it. No step acquires them again.
+   */
+  drop(prefix: string): void {
+    for (const [key, e] of this.lru) {
+      if (!key.startsWith(prefix)) continue;
+      this.lru.delete(key);
+      if (e.pins === 0) this.free(e);
+      else {
+        e.dropped = true;
+        this.draining.add(e);
+      }
+    }
+    for (const key of this.failed) if (key.startsWith(prefix)) this.failed.delete(key);
+  }
+
+  private free(e: Entry): void {
+    if (e.closed) return; // the backend closed first
+    e.closed = true;
+    e.store.close();
+    this.used -= e.bytes;
+    this.draining.delete(e);
   }
 
   private makeRoom(bytes: number): boolean {
@@ -120,8 +156,12 @@ export class DeviceWaveStores {
   }
 
   close(): void {
-    for (const e of this.lru.values()) e.store.close();
+    for (const e of [...this.lru.values(), ...this.draining]) {
+      e.closed = true;
+      e.store.close();
+    }
     this.lru.clear();
+    this.draining.clear();
     this.used = 0;
   }
 }

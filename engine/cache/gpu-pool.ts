@@ -10,7 +10,7 @@
 // every layer reads) at creation. A working set larger than the whole pool
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
-import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolStats } from '../../addon/cuda.js';
+import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolOptions, type GpuPoolStats } from '../../addon/cuda.js';
 import { budgetTokens, type SearchParams } from '../../index/method.js';
 import type { BlockStats } from './block-stats.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
@@ -18,13 +18,28 @@ import { KvrecallError } from '../../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
 import { concatRows, type PoolPart } from './selection-parts.js';
 import { DeviceWaveStores, type DeviceWaveStats } from './device-wave.js';
-import type { WaveGpuStore } from '../../addon/wave-gpu.js';
+import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ClusterIndex } from '../../index/wave/cluster-index.js';
 
 /** Tokens per pool block: the summaries' block size, so a method's blocks are the pool's. */
 export const POOL_BLOCK = DEFAULT_BLOCK_SIZE;
 /** Eviction class of range parts (sinks, window, whole documents): every step reads them. */
 export const RANGE_PRIORITY = 3;
+/** Pool clients per segment: (layer, kv head) pairs, each below 1024 (model.ts). */
+const CLIENTS_PER_SEGMENT = 1024 * 1024;
+
+/**
+ * The pool calls the backend makes: the native pool's, or a host model of
+ * it where no device runs (simulated-pool.ts PoolModel, for tests of what
+ * the device holds).
+ */
+export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
+
+/** What the backend makes its device parts with (the native ones by default). */
+export interface DeviceFactories {
+  pool?: (o: GpuPoolOptions) => DevicePool;
+  waveStore?: (o: WaveGpuStoreOptions) => WaveGpuStore;
+}
 
 export interface GpuBackendOptions {
   /** Device bytes for the pool (K and V slots). */
@@ -63,7 +78,7 @@ export interface GpuStepResult extends BlockStats {
 }
 
 export class GpuBackend {
-  private pool?: GpuPool;
+  private pool?: DevicePool;
   private shape?: { headDim: number; dtype: string };
   private readonly uids = new WeakMap<KvSegment, number>();
   private nextUid = 1;
@@ -74,13 +89,25 @@ export class GpuBackend {
   private failure?: string;
   /** Document layers of `wave` held whole on the device, when a budget allows them. */
   private readonly wave?: DeviceWaveStores;
+  /** Segments whose blocks steps are reading now (attend's uploads to its kernel's end), and by how many steps. */
+  private readonly reading = new Map<KvSegment, number>();
+  /** Segments whose device copies are to go (a deleted document's): freed once no step reads them. */
+  private readonly dropped = new WeakSet<KvSegment>();
+  private readonly createPool: (o: GpuPoolOptions) => DevicePool;
 
   private constructor(
     readonly info: CudaDevice,
     readonly options: GpuBackendOptions,
+    make: DeviceFactories = {},
   ) {
     this.budget = options.budgetBytes;
-    if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!);
+    this.createPool = make.pool ?? ((o) => GpuPool.create(o));
+    if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore);
+  }
+
+  /** A backend whose device parts `make` makes (a host model where no device runs); `open` makes the native ones. */
+  static over(info: CudaDevice, options: GpuBackendOptions, make: DeviceFactories): GpuBackend {
+    return new GpuBackend(info, options, make);
   }
 
   /**
@@ -89,7 +116,8 @@ export class GpuBackend {
    * does not take, or when it cannot be held (the step then runs the host path).
    */
   waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): { store: WaveGpuStore; release: () => void } | undefined {
-    if (!this.wave || !this.accepts(m)) return undefined;
+    // A dropped segment's step (begun before its document was deleted) runs on the host rather than upload it again.
+    if (!this.wave || !this.accepts(m) || this.dropped.has(segment)) return undefined;
     return this.wave.acquire(`${this.uidOf(segment)}:${layer}`, heads, m);
   }
 
@@ -141,11 +169,11 @@ export class GpuBackend {
    * 1/16, and admission then counts what it got; with none, steps stay on the
    * host (never an error to the client).
    */
-  private poolFor(m: ModelShape): GpuPool | undefined {
+  private poolFor(m: ModelShape): DevicePool | undefined {
     if (this.pool || this.failure) return this.pool;
     for (let bytes = this.budget; bytes >= this.options.budgetBytes / 16; bytes = Math.floor(bytes / 2)) {
       try {
-        this.pool = GpuPool.create({ budgetBytes: bytes, blockSize: POOL_BLOCK, headDim: m.headDim as 64 | 128, dtype: m.dtype, stagingBytes: this.options.stagingBytes });
+        this.pool = this.createPool({ budgetBytes: bytes, blockSize: POOL_BLOCK, headDim: m.headDim as 64 | 128, dtype: m.dtype, stagingBytes: this.options.stagingBytes });
         this.budget = bytes;
         this.shape = { headDim: m.headDim, dtype: m.dtype };
         return this.pool;
@@ -159,7 +187,45 @@ export class GpuBackend {
 
   /** Pool client of one (segment, layer, kv head): layers and heads are below 1024 (model.ts). */
   private client(segment: KvSegment, layer: number, head: number): number {
-    return (this.uidOf(segment) * 1024 + layer) * 1024 + head;
+    return this.uidOf(segment) * CLIENTS_PER_SEGMENT + layer * 1024 + head;
+  }
+
+  /**
+   * Frees what the device holds of these segments (a deleted document's
+   * layers): their pool blocks once no step reads them (now, or when the
+   * last step that does ends), their wave stores likewise. They would
+   * otherwise hold their slots until evicted. A step that began before the
+   * delete and reaches the device afterwards frees what it made resident
+   * when it ends; its wave layer steps on the host.
+   */
+  drop(segments: readonly KvSegment[]): void {
+    for (const segment of segments) {
+      // Marked even when never on the device: a step begun before the delete may still upload it.
+      this.dropped.add(segment);
+      const uid = this.uids.get(segment);
+      if (uid === undefined) continue;
+      this.wave?.drop(`${uid}:`);
+      if (!this.reading.has(segment)) this.freeBlocks(uid);
+    }
+  }
+
+  private freeBlocks(uid: number): void {
+    this.pool?.releaseRange(uid * CLIENTS_PER_SEGMENT, (uid + 1) * CLIENTS_PER_SEGMENT);
+  }
+
+  /** Counts a step in as reading these segments' blocks; the returned function counts it out (and frees the dropped ones it was the last reader of). */
+  private read(segments: ReadonlySet<KvSegment>): () => void {
+    for (const s of segments) this.reading.set(s, (this.reading.get(s) ?? 0) + 1);
+    return () => {
+      for (const s of segments) {
+        const n = this.reading.get(s)! - 1;
+        if (n > 0) this.reading.set(s, n);
+        else {
+          this.reading.delete(s);
+          if (this.dropped.has(s)) this.freeBlocks(this.uids.get(s)!);
+        }
+      }
+    };
   }
 
   private uidOf(segment: KvSegment): number {
@@ -199,6 +265,7 @@ export class GpuBackend {
     let selected = 0;
     const t0 = performance.now();
     let t1 = t0;
+    const done = this.read(new Set(parts.map((p) => p.segment)));
     try {
       for (const part of parts) {
         for (let h = 0; h < m.kvHeads; h++) {
@@ -227,6 +294,7 @@ export class GpuBackend {
       });
     } finally {
       for (const [client, ids] of held) pool.pin(client, ids, false);
+      done();
     }
     const after = pool.stats();
     return { selected, hits: after.hits - before.hits, bytesIn: after.bytesCopied - before.bytesCopied, kernelMs: after.lastKernelMs, residentMs: t1 - t0 };

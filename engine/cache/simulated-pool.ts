@@ -5,10 +5,13 @@
 // takes a free slot or evicts, among the blocks this step does not use, the
 // least recently used block of the lowest eviction class.
 // test/cache/simulated-pool.test.ts checks it against the native pool's
-// documented order on the same sequence.
+// documented order on the same sequence. PoolModel below models the native
+// pool itself (slots, page tables, pins, release) behind GpuBackend's calls.
 import type { SelectionPart } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import type { BlockStats } from './block-stats.js';
+import type { GpuAttendArgs, GpuPoolOptions, GpuPoolStats } from '../../addon/cuda.js';
+import type { DevicePool } from './gpu-pool.js';
 
 /** Pool capacity per head, in multiples of the blocks its first step selected. */
 export const POOL_FACTOR = 1.5;
@@ -71,3 +74,140 @@ export function touch(pool: HeadPool, ids: Int32Array, priority: Uint8Array | un
 }
 
 export type { HeadPool };
+
+interface ModelSlot {
+  client: number;
+  block: number;
+  cls: number;
+  used: number;
+  pins: number;
+}
+
+/**
+ * The native pool (native/cuda/block_pool.cu) as a host model of its page
+ * tables, pins and eviction, behind the calls GpuBackend makes, so that
+ * where no device runs a backend over it shows what the device would hold:
+ * admission, holding, and release. Its attend reads no data and writes no
+ * answer (the kernel's answers are the GPU tests'); it records any slot a
+ * step reads that was freed or given to another block before the step
+ * ended, and any pinned slot released: what the native pool lets happen
+ * and its callers must not.
+ */
+export class PoolModel implements DevicePool {
+  private readonly slots: (ModelSlot | undefined)[];
+  private readonly free: number[];
+  private readonly tables = new Map<number, Map<number, number>>();
+  private clock = 0;
+  private counters = { hits: 0, misses: 0, evictions: 0, bytesCopied: 0, copies: 0 };
+  /** Reads of slots changed under an attend, and releases of pinned slots: both 0 when callers keep the rule. */
+  readonly faults = { changedUnderRead: 0, pinnedReleased: 0 };
+
+  constructor(
+    readonly options: GpuPoolOptions,
+    /** What an attend waits on (a test holds a step on the device with it). */
+    private readonly onAttend: (a: GpuAttendArgs) => Promise<void> = async () => undefined,
+  ) {
+    const n = Math.floor(options.budgetBytes / (options.blockSize * options.headDim * 2 * 2));
+    this.slots = new Array<ModelSlot | undefined>(n).fill(undefined);
+    this.free = Array.from({ length: n }, (_, i) => n - 1 - i);
+  }
+
+  uploadIndexed(client: number, blocks: Int32Array, _k: Uint16Array, _v: Uint16Array, o: { priority?: number; priorities?: Uint8Array; hold?: boolean } = {}): Int32Array {
+    if (blocks.length > this.slots.length) throw new Error(`GpuPool: ${blocks.length} blocks asked for, the pool holds ${this.slots.length}`);
+    const table = this.tables.get(client) ?? new Map<number, number>();
+    this.tables.set(client, table);
+    const out = new Int32Array(blocks.length).fill(-1);
+    // Hits first, held out of eviction for the whole call (as Ensure's first pass).
+    const inCall = new Set<number>();
+    blocks.forEach((b, i) => {
+      const s = table.get(b);
+      if (s === undefined) return;
+      this.counters.hits++;
+      inCall.add((out[i] = s));
+    });
+    blocks.forEach((b, i) => {
+      if (out[i] >= 0) return;
+      let s = table.get(b); // repeated in this call
+      if (s === undefined) {
+        s = this.allocate(inCall);
+        if (s === undefined) throw new Error('GpuPool: no evictable slot left (too many pinned blocks)');
+        table.set(b, s);
+        this.slots[s] = { client, block: b, cls: 0, used: 0, pins: 0 };
+        this.counters.misses++;
+        this.counters.bytesCopied += this.options.blockSize * this.options.headDim * 2 * 2;
+        this.counters.copies++;
+      }
+      inCall.add((out[i] = s));
+    });
+    blocks.forEach((_, i) => {
+      const slot = this.slots[out[i]]!;
+      slot.cls = o.priorities?.[i] ?? o.priority ?? 0;
+      if (o.hold) slot.pins++;
+    });
+    // Most recent now, in the native order: the call's unpinned hits, then its misses (pinned ones when unpinned).
+    for (const s of inCall) if (this.slots[s]!.pins === 0) this.slots[s]!.used = this.clock++;
+    return out;
+  }
+
+  /** A free slot, else the least recently used unpinned slot of the lowest class outside this call. */
+  private allocate(inCall: Set<number>): number | undefined {
+    const s = this.free.pop();
+    if (s !== undefined) return s;
+    let victim: number | undefined;
+    this.slots.forEach((e, i) => {
+      if (!e || e.pins > 0 || inCall.has(i)) return;
+      const v = victim === undefined ? undefined : this.slots[victim]!;
+      if (!v || e.cls < v.cls || (e.cls === v.cls && e.used < v.used)) victim = i;
+    });
+    if (victim === undefined) return undefined;
+    const e = this.slots[victim]!;
+    this.tables.get(e.client)!.delete(e.block);
+    this.counters.evictions++;
+    return victim;
+  }
+
+  pin(client: number, blocks: Int32Array, pinned = true): void {
+    const table = this.tables.get(client);
+    for (const b of blocks) {
+      const slot = table?.get(b) === undefined ? undefined : this.slots[table.get(b)!]!;
+      if (!slot) continue;
+      if (pinned) slot.pins++;
+      else if (slot.pins > 0 && --slot.pins === 0) slot.used = this.clock++;
+    }
+  }
+
+  releaseRange(first: number, last: number): number {
+    let n = 0;
+    for (const [client, table] of this.tables) {
+      if (client < first || client >= last) continue;
+      for (const s of table.values()) {
+        if (this.slots[s]!.pins > 0) this.faults.pinnedReleased++;
+        this.slots[s] = undefined;
+        this.free.push(s);
+        n++;
+      }
+      this.tables.delete(client);
+    }
+    return n;
+  }
+
+  async attend(a: GpuAttendArgs): Promise<void> {
+    const owners = a.tables.map((t) => Array.from(t, (s) => this.slots[s]));
+    await this.onAttend(a);
+    a.tables.forEach((t, h) => t.forEach((s, i) => void (this.slots[s] !== owners[h][i] && this.faults.changedUnderRead++)));
+  }
+
+  /** Blocks resident per client (a test's view of what the device would hold). */
+  resident(client: number): number {
+    return this.tables.get(client)?.size ?? 0;
+  }
+
+  stats(): GpuPoolStats {
+    const held = this.slots.filter((e) => e !== undefined);
+    return { slots: this.slots.length, used: held.length, pinned: held.filter((e) => e.pins > 0).length, ...this.counters, lastKernelMs: 0 };
+  }
+
+  close(): void {
+    this.tables.clear();
+  }
+}

@@ -9,6 +9,7 @@
 //     k/v: the blocks back to back, or (indexed) a whole head's rows with block b at b*blockSize*headDim
 //   .lookup({client, blocks}) -> Int32Array (slot or -1)
 //   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
+//   .releaseRange(first, last) -> blocks freed (every client in [first, last))
 //   .attend({q, qHeads, kvHeads, scale, tables: Int32Array[kvHeads], validTokens: number[kvHeads],
 //            out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
 //   .stats() / .resetCounters() / .sync() / .probeH2D(bytes, iters) -> bytes/s / .close()
@@ -60,7 +61,8 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     return DefineClass(env, "GpuPool",
                        {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("lookup", &GpuPool::Lookup),
                         InstanceMethod("pin", &GpuPool::Pin), InstanceMethod("prefer", &GpuPool::Prefer),
-                        InstanceMethod("release", &GpuPool::Release), InstanceMethod("attend", &GpuPool::Attend),
+                        InstanceMethod("release", &GpuPool::Release), InstanceMethod("releaseRange", &GpuPool::ReleaseRange),
+                        InstanceMethod("attend", &GpuPool::Attend),
                         InstanceMethod("stats", &GpuPool::Stats), InstanceMethod("resetCounters", &GpuPool::Reset),
                         InstanceMethod("sync", &GpuPool::Sync), InstanceMethod("probeH2D", &GpuPool::ProbeH2D),
                         InstanceMethod("close", &GpuPool::Close)});
@@ -153,6 +155,12 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     Napi::Env env = info.Env();
     Pool(env).Release(IntArg(info, 0, "client", 0, kMaxClient));
     return env.Undefined();
+  }
+
+  Napi::Value ReleaseRange(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int64_t first = IntArg(info, 0, "first", 0, kMaxClient), last = IntArg(info, 1, "last", 0, kMaxClient);
+    return Napi::Number::New(env, double(Pool(env).ReleaseRange(first, last)));
   }
 
   Napi::Value Attend(const Napi::CallbackInfo& info) {

@@ -166,6 +166,8 @@ struct BlockPool::Impl {
     l.tail = s;
     si.listed = true;
   }
+  // Frees every slot of a client's table (its entries stay: the caller erases the table).
+  int64_t FreeTable(const std::vector<int32_t>& table);
   int32_t* TableEntry(int64_t client, int32_t block, bool create) {
     auto t = tables.find(client);
     if (t == tables.end()) {
@@ -429,23 +431,46 @@ void BlockPool::Prefer(int64_t client, const int32_t* blocks, int64_t n, int pri
   }
 }
 
+int64_t BlockPool::Impl::FreeTable(const std::vector<int32_t>& table) {
+  int64_t n = 0;
+  for (int32_t s : table) {
+    if (s < 0) continue;
+    Unlist(s);
+    SlotInfo& si = info[s];
+    if (si.pins > 0) --st.pinned;
+    si.pins = 0;
+    si.client = -1;
+    si.block = -1;
+    --st.used;
+    freeSlots.push_back(s);
+    ++n;
+  }
+  return n;
+}
+
 void BlockPool::Release(int64_t client) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
   auto t = I.tables.find(client);
   if (t == I.tables.end()) return;
-  for (int32_t s : t->second) {
-    if (s < 0) continue;
-    I.Unlist(s);
-    Impl::SlotInfo& si = I.info[s];
-    if (si.pins > 0) --I.st.pinned;
-    si.pins = 0;
-    si.client = -1;
-    si.block = -1;
-    --I.st.used;
-    I.freeSlots.push_back(s);
-  }
+  I.FreeTable(t->second);
   I.tables.erase(t);
+}
+
+int64_t BlockPool::ReleaseRange(int64_t first, int64_t last) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  int64_t n = 0;
+  // One pass over the clients with tables (a few per layer and head of the open documents), not over the range.
+  for (auto t = I.tables.begin(); t != I.tables.end();) {
+    if (t->first >= first && t->first < last) {
+      n += I.FreeTable(t->second);
+      t = I.tables.erase(t);
+    } else {
+      ++t;
+    }
+  }
+  return n;
 }
 
 void BlockPool::Attend(const AttendArgs& a) {

@@ -96,8 +96,12 @@ class BlockPool {
   void Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned);
   // Moves resident blocks to another eviction class (lower goes first).
   void Prefer(int64_t client, const int32_t* blocks, int64_t n, int priority);
-  // Drops every block of a client (e.g. when a session ends).
+  // Drops every block of a client (e.g. when a session ends). Pinned blocks
+  // go too: the caller waits until no attend reads them.
   void Release(int64_t client);
+  // Release of every client in [first, last) (a deleted document's segment:
+  // all its layers and heads); returns the blocks freed.
+  int64_t ReleaseRange(int64_t first, int64_t last);
 
   // Decode attention over slot tables; blocks until out/lse are written.
   void Attend(const AttendArgs& a);

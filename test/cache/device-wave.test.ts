@@ -2,7 +2,8 @@
 // store is made once and shared, the least recently used one is evicted to
 // make room, never one a step is reading, a layer that cannot be held (too
 // big, every store pinned, the device refusing — that one for good) is
-// refused so the step runs on the host. The device itself cannot run here: the stores are stand-ins
+// refused so the step runs on the host; a deleted document's layers are
+// closed, but never under a step. The device itself cannot run here: the stores are stand-ins
 // that record their closing; the clusters are the real builder's. On a GPU,
 // test/integration/gpu-wave.test.ts runs the real stores through a server.
 import { describe, expect, it } from 'vitest';
@@ -10,6 +11,8 @@ import { bytesOf, convert } from '../../addon/kernels.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { DeviceWaveStores, waveStoreBytes } from '../../engine/cache/device-wave.js';
+import { GpuBackend } from '../../engine/cache/gpu-pool.js';
+import { KvSegment } from '../../storage/kv-segment.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
 import { decodeClusters } from '../../index/wave/cluster-codec.js';
 import { ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -19,15 +22,15 @@ const seed = freshSeed();
 const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' };
 const N = 600;
 
-async function layerHeads(rng: Rng): Promise<ClusterIndex[]> {
+async function layerHeads(rng: Rng, m: ModelShape = model): Promise<ClusterIndex[]> {
   const words = () => {
-    const f = Float32Array.from({ length: N * model.headDim }, () => rng.normal()), w = new Uint16Array(f.length);
+    const f = Float32Array.from({ length: N * m.headDim }, () => rng.normal()), w = new Uint16Array(f.length);
     convert(bytesOf(f), 'f32', bytesOf(w), 'f16', f.length);
     return w;
   };
-  return Promise.all(Array.from({ length: model.kvHeads }, async () => {
+  return Promise.all(Array.from({ length: m.kvHeads }, async () => {
     const keys = words(), values = words();
-    const bytes = await buildClusters({ keys, values, tokens: N, headDim: model.headDim, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 },
+    const bytes = await buildClusters({ keys, values, tokens: N, headDim: m.headDim, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 },
       { clusterSize: 8, segmentTokens: 8192, iterations: 2, seed: 1 });
     return new ClusterIndex(decodeClusters(bytes), keys, values);
   }));
@@ -91,5 +94,43 @@ describe('device wave stores', () => {
     stores.close();
     expect(s.made.every((m) => m.closed)).toBe(true);
     expect(stores.stats()).toMatchObject({ stores: 0, usedBytes: 0 });
+  });
+
+  it("drops a deleted document's layers: now if no step reads one, else when the last releases it", async () => {
+    const heads = await layerHeads(new Rng(seed));
+    const bytes = waveStoreBytes(heads, N, model.headDim);
+    const s = standIns();
+    const stores = new DeviceWaveStores(10 * bytes, s.create);
+    const read = stores.acquire('1:0', heads, model)!; // a step reads layer 0 of segment 1
+    stores.acquire('1:1', heads, model)!.release();
+    stores.acquire('11:0', heads, model)!.release(); // another segment, whose key starts with "1" too
+    stores.acquire('2:0', heads, model)!.release();
+    stores.drop('1:');
+    expect(s.made.map((m) => m.closed)).toEqual([false, true, false, false]);
+    // The read one is out of reach (a later acquire makes a new store) but its bytes are held until it is closed.
+    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 3 * bytes, evictions: 0 });
+    read.release();
+    expect(s.made.map((m) => m.closed)).toEqual([true, true, false, false]);
+    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 2 * bytes });
+    stores.close();
+    expect(s.made.every((m) => m.closed)).toBe(true);
+  });
+
+  it("the backend drops a segment's wave layers with it, and a step begun before steps it on the host", async () => {
+    const m: ModelShape = { ...model, headDim: 64 }; // a shape the device kernels take
+    const heads = await layerHeads(new Rng(seed + 1), m);
+    const s = standIns();
+    const gpu = GpuBackend.over({ ok: true, device: 'stand-in', memory: 1 << 30, built: false }, { budgetBytes: 1 << 20, waveBudgetBytes: 8 * waveStoreBytes(heads, N, m.headDim) }, { waveStore: s.create });
+    const doc = new KvSegment(m.kvHeads, m.headDim, m.dtype), other = new KvSegment(m.kvHeads, m.headDim, m.dtype);
+    const held = gpu.waveLayer(m, doc, 0, heads)!;
+    gpu.waveLayer(m, doc, 1, heads)!.release();
+    gpu.waveLayer(m, other, 0, heads)!.release();
+    gpu.drop([doc]);
+    expect(s.made.map((x) => x.closed)).toEqual([false, true, false]);
+    expect(gpu.waveLayer(m, doc, 1, heads)).toBeUndefined();
+    held.release();
+    expect(s.made.map((x) => x.closed)).toEqual([true, true, false]);
+    expect(gpu.describe().wave).toMatchObject({ stores: 1 });
+    gpu.close();
   });
 });

@@ -2,9 +2,11 @@
 // recently used, never a block the step itself uses. On a GPU the same
 // random sequence runs through the native pool and the two must agree hit
 // for hit (the policy is written once per language; this keeps them one).
+// So must the model of the whole pool (PoolModel: holding, release), which
+// the CPU tests of a deleted document's device copies run on.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable, GpuPool } from '../../addon/cuda.js';
-import { touch, type HeadPool } from '../../engine/cache/simulated-pool.js';
+import { PoolModel, touch, type HeadPool } from '../../engine/cache/simulated-pool.js';
 import { Rng } from '../helpers/random.js';
 
 const fresh = (capacity: number): HeadPool => ({ capacity, resident: new Map(), clock: 0 });
@@ -42,6 +44,62 @@ describe('simulated pool', () => {
         pool.pin(1, b, false);
         expect(pool.stats().hits - before, `step ${step}`).toBe(touch(sim, b, pr, 0).hits);
       }
+    } finally {
+      pool.close();
+    }
+  });
+
+  it('the pool model evicts as touch does, hit for hit, when each step holds its blocks until its kernel ends', () => {
+    const blockSize = 64, capacity = 24, blocks = 64;
+    const model = new PoolModel({ budgetBytes: capacity * blockSize * 64 * 2 * 2, blockSize, headDim: 64, dtype: 'f16' });
+    const sim = fresh(capacity);
+    const k = new Uint16Array(blocks * blockSize * 64), v = new Uint16Array(k.length);
+    const rng = new Rng(7);
+    for (let step = 0; step < 200; step++) {
+      const chosen = new Set<number>();
+      while (chosen.size < 8) chosen.add(Math.floor(rng.next() * blocks * (step % 3 === 0 ? 0.5 : 1)));
+      const b = Int32Array.from([...chosen].sort((x, y) => x - y));
+      const pr = Uint8Array.from(b, (x) => (x % 5 === 0 ? 1 : 0));
+      const before = model.stats().hits;
+      model.uploadIndexed(1, b, k, v, { priorities: pr, hold: true });
+      model.pin(1, b, false);
+      expect(model.stats().hits - before, `step ${step}`).toBe(touch(sim, b, pr, 0).hits);
+    }
+    expect(model.stats()).toMatchObject({ used: capacity, pinned: 0 });
+  });
+
+  it('the pool model holds, evicts and releases as the native pool does on a random sequence (GPU only)', async (ctx) => {
+    if (!cudaAvailable().ok) return ctx.skip();
+    const blockSize = 64, d = 64, blocks = 48;
+    const options = { budgetBytes: 40 * blockSize * d * 2 * 2, blockSize, headDim: 64 as const, dtype: 'f16' as const };
+    const pool = GpuPool.create(options), model = new PoolModel(options);
+    try {
+      const k = new Uint16Array(blocks * blockSize * d), v = new Uint16Array(k.length);
+      const rng = new Rng(11);
+      const held: [number, Int32Array][] = [];
+      for (let step = 0; step < 300; step++) {
+        // Clients as GpuBackend numbers them: segment s's (layer, head) pairs in [s * 2^20, (s + 1) * 2^20).
+        const segment = 1 + Math.floor(rng.next() * 4), client = segment * 2 ** 20 + Math.floor(rng.next() * 3);
+        if (step % 17 === 16) {
+          // A segment dropped while nothing holds it (GpuBackend waits for its readers).
+          for (const [c, b] of held.splice(0)) for (const p of [pool, model]) p.pin(c, b, false);
+          expect(pool.releaseRange(segment * 2 ** 20, (segment + 1) * 2 ** 20), `step ${step}`).toBe(model.releaseRange(segment * 2 ** 20, (segment + 1) * 2 ** 20));
+        } else {
+          const chosen = new Set<number>();
+          while (chosen.size < 6) chosen.add(Math.floor(rng.next() * blocks));
+          const b = Int32Array.from(chosen);
+          const pr = Uint8Array.from(b, (x) => (x % 7 === 0 ? 1 : 0));
+          const hold = step % 3 === 0;
+          pool.uploadIndexed(client, b, k, v, { priorities: pr, hold });
+          model.uploadIndexed(client, b, k, v, { priorities: pr, hold });
+          if (hold) held.push([client, b]);
+          if (held.length > 3) for (const p of [pool, model]) p.pin(...held[0], false);
+          if (held.length > 3) held.shift();
+        }
+        const { slots, used, pinned, hits, misses, evictions } = pool.stats();
+        expect(model.stats(), `step ${step}`).toMatchObject({ slots, used, pinned, hits, misses, evictions });
+      }
+      expect(model.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     } finally {
       pool.close();
     }

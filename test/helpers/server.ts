@@ -19,8 +19,8 @@ export function tempDataDir(): { dir: string; cleanup(): void } {
 // each takes a modest pool instead of 80% of the device.
 const TEST_GPU_BUDGET = 1 << 30;
 
-export function startInProcess(dataDir: string, overrides: Partial<Config> = {}): Promise<RunningServer> {
-  return startServer({ ...DEFAULTS, port: 0, dataDir, gpuBudget: TEST_GPU_BUDGET, ...overrides });
+export function startInProcess(dataDir: string, overrides: Partial<Config> = {}, given?: Parameters<typeof startServer>[1]): Promise<RunningServer> {
+  return startServer({ ...DEFAULTS, port: 0, dataDir, gpuBudget: TEST_GPU_BUDGET, ...overrides }, given);
 }
 
 export interface LiveServer {

@@ -39,3 +39,29 @@ describe.skipIf(!info.ok)('GPU decode attention', () => {
       expect(r.ok).toBe(true);
     }, 120_000);
 });
+
+describe.skipIf(!info.ok)('GPU pool release', () => {
+  it("releaseRange drops every block of the clients in [first, last) (a deleted document's segment), pinned ones too, and no other", () => {
+    const blockSize = 64, d = 64, seg = 2 ** 20; // GpuBackend: segment s's clients are [s * 2^20, (s + 1) * 2^20)
+    const pool = GpuPool.create({ budgetBytes: 16 * blockSize * d * 2 * 2, blockSize, headDim: d, dtype: 'f16' });
+    try {
+      const k = new Uint16Array(8 * blockSize * d), v = new Uint16Array(k.length);
+      const b = Int32Array.of(0, 1, 2);
+      pool.uploadIndexed(seg, b, k, v);
+      pool.uploadIndexed(seg + 1025, b, k, v, { hold: true }); // layer 1, head 1, held by a step
+      pool.uploadIndexed(2 * seg, b, k, v); // the next segment
+      pool.uploadIndexed(seg - 1, b, k, v); // the last client of the one before
+      expect(pool.stats()).toMatchObject({ used: 12, pinned: 3 });
+      expect(pool.releaseRange(seg, 2 * seg)).toBe(6);
+      expect(pool.stats()).toMatchObject({ used: 6, pinned: 0 });
+      for (const c of [seg, seg + 1025]) expect([...pool.lookup(c, b)]).toEqual([-1, -1, -1]);
+      for (const c of [2 * seg, seg - 1]) expect(pool.lookup(c, b).every((s) => s >= 0)).toBe(true);
+      // The freed slots are taken before anything is evicted; an empty range frees nothing.
+      pool.uploadIndexed(3 * seg, Int32Array.of(0, 1, 2, 3, 4, 5), k, v);
+      expect(pool.stats()).toMatchObject({ used: 12, evictions: 0 });
+      expect(pool.releaseRange(5 * seg, 6 * seg)).toBe(0);
+    } finally {
+      pool.close();
+    }
+  });
+});

@@ -1,0 +1,101 @@
+// A deleted document's copies on the device are freed at the delete, not
+// left to wait for eviction, and never while a step is reading them (real
+// server on 127.0.0.1, real LMDB files). No device runs here: the server's
+// GPU backend is made over PoolModel (engine/cache/simulated-pool.ts), the
+// host model of the native pool's page tables and pins, so what it holds is
+// what the device would hold. The native release is test/native/gpu.test.ts's
+// (GPU only); the wave stores' is test/cache/device-wave.test.ts's.
+import { describe, expect, it } from 'vitest';
+import type { GpuAttendArgs } from '../../addon/cuda.js';
+import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { GpuBackend } from '../../engine/cache/gpu-pool.js';
+import { PoolModel } from '../../engine/cache/simulated-pool.js';
+import { KvSegment } from '../../storage/kv-segment.js';
+import { randomKv, randomQ } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { startInProcess, tempDataDir } from '../helpers/server.js';
+
+const seed = freshSeed();
+const rng = new Rng(seed);
+const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 64, dtype: 'f16' as const };
+// 300 tokens: 4 whole 64-token blocks per (layer, kv head) go to the pool, the last 44 rows stay on the host.
+const TOKENS = 300;
+const BLOCKS_PER_DOCUMENT = 4 * model.layers * model.kvHeads;
+
+describe('a deleted document on the device', () => {
+  it("frees its pool blocks at the delete, and a step's blocks only once the step has read them", async () => {
+    let pool: PoolModel | undefined;
+    // What the device's attend waits on: nothing, or a step held on the device by the test.
+    let onAttend: (a: GpuAttendArgs) => Promise<void> = async () => undefined;
+    // Lets a held step go (also when an expectation failed: the server's close waits for it).
+    let letGo: () => void = () => {};
+    const gpu = GpuBackend.over(
+      { ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false },
+      { budgetBytes: 1 << 20 },
+      { pool: (o) => (pool = new PoolModel(o, (a) => onAttend(a))) },
+    );
+    const tmp = tempDataDir();
+    const server = await startInProcess(tmp.dir, {}, { gpu });
+    try {
+      const client = new KvrecallClient({ url: server.url });
+      const open = async (id: string) => {
+        await client.createDocument(id, model, { methods: ['exact'] });
+        for (let layer = 0; layer < model.layers; layer++) {
+          const c = randomKv(rng, 'f16', model.kvHeads, TOKENS, model.headDim);
+          await client.uploadDocumentKv(id, { layer, start: 0, k: c.k, v: c.v });
+        }
+        await client.sealDocument(id);
+        return (await client.createSession({ model, documents: [id] })).id;
+      };
+      const step = (sid: string, layer: number) => client.attend(sid, { layer, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) });
+      const a = await open('a'), b = await open('b');
+      for (const sid of [a, b]) for (let layer = 0; layer < model.layers; layer++) expect((await step(sid, layer)).stats.backend).toBe('cuda');
+      expect(pool!.stats()).toMatchObject({ used: 2 * BLOCKS_PER_DOCUMENT, pinned: 0 });
+
+      // Deleted with no step reading it: its blocks leave the pool at once, the other document's stay.
+      await client.deleteDocument('a');
+      expect(pool!.stats().used).toBe(BLOCKS_PER_DOCUMENT);
+      expect((await step(b, 0)).stats.blocks).toMatchObject({ selected: 4 * model.kvHeads, hits: 4 * model.kvHeads });
+
+      // Deleted while a step reads its layer 1 on the device: that layer's blocks stay (pinned) until the step
+      // ends, then go; its layer 0, which no step reads, goes at once.
+      let entered!: () => void;
+      const inKernel = new Promise<void>((r) => (entered = r));
+      onAttend = () => {
+        entered();
+        return new Promise<void>((r) => (letGo = r));
+      };
+      const reading = step(b, 1);
+      await inKernel;
+      await client.deleteDocument("b");
+      expect(pool!.stats()).toMatchObject({ used: 4 * model.kvHeads, pinned: 4 * model.kvHeads });
+      onAttend = async () => undefined;
+      letGo();
+      expect((await reading).stats.backend).toBe('cuda');
+      expect(pool!.stats()).toMatchObject({ used: 0, pinned: 0 });
+      // No slot was freed under a pin or changed under a read.
+      expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+    } finally {
+      letGo();
+      await server.close();
+      tmp.cleanup();
+    }
+  });
+
+  it('a step that reaches the device after its document was dropped frees what it made resident when it ends', async () => {
+    let pool: PoolModel | undefined;
+    const gpu = GpuBackend.over({ ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false }, { budgetBytes: 1 << 20 }, { pool: (o) => (pool = new PoolModel(o)) });
+    const m = { ...model, blockSize: 64 };
+    const doc = new KvSegment(m.kvHeads, m.headDim, m.dtype), other = new KvSegment(m.kvHeads, m.headDim, m.dtype);
+    const part = (segment: KvSegment) => ({ segment, blocks: [Int32Array.of(0, 1), Int32Array.of(0, 1)], priority: [Uint8Array.of(0, 0), Uint8Array.of(0, 0)] });
+    const q = new Float32Array(m.qHeads * m.headDim), out = new Float32Array(q.length), lse = new Float32Array(m.qHeads);
+    expect(gpu.fits(m, 8)).toBe(true);
+    await gpu.attend(m, 0, [part(other)], q, 1, out, lse);
+    // Dropped before any of its blocks reached the device (a step past its document check, not yet on the device).
+    gpu.drop([doc]);
+    await gpu.attend(m, 0, [part(doc), part(other)], q, 1, out, lse);
+    expect(pool!.stats()).toMatchObject({ used: 4, pinned: 0 }); // the other segment's 2 blocks x 2 heads
+    expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+    gpu.close();
+  });
+});
