@@ -373,7 +373,16 @@ export class Documents {
     // Its device copies too (block pool pages, wave layers), once no step reads them.
     this.device?.drop(doc.layers.filter((s): s is KvSegment => s !== undefined));
     if (doc.resident) doc.resident.drop(why);
-    else for (const s of doc.layers) s.release();
+    else {
+      for (const s of doc.layers) s.release();
+      // Sessions that attached it keep this object (their steps are refused from now on) and its
+      // indexes' per-layer arrays: emptied, so its KV and indexes are freed now, not when those
+      // sessions end (the budget already counts them free). A step never reads a gone document's
+      // layers: it is refused before it reads them, with no await in between (nothing to pin).
+      doc.layers.length = 0;
+      for (const perLayer of doc.indexes.values()) perLayer.length = 0;
+      doc.indexes.clear();
+    }
     this.ready.delete(doc.meta.id);
   }
 
