@@ -23,14 +23,14 @@
 // the first server of a sitting uploaded at a third of the rest's speed,
 // its LMDB writes 3-4x as long, whatever its shard count). Results:
 // bench/results/preload-<tag>.{json,md} (tag: KVRECALL_BENCH_TAG, default vm).
-import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvrecallClient, tensor, type KvUploadStats } from '../clients/ts/client.js';
 import { UploadWindow } from '../clients/ts/preload.js';
 import { machine } from './decode/machine.js';
+import { cpuSeconds, startServer } from './preload-server.js';
 
 const arg = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -46,32 +46,10 @@ const BYTES = LAYERS * TOKENS * model.kvHeads * model.headDim * 2 * 2;
 const progress = (msg: string) => process.stderr.write(`[bench:preload] ${msg}\n`);
 const PHASES = ['readMs', 'decodeMs', 'queueMs', 'checkMs', 'appendMs', 'writeMs'] as const;
 
-/** CPU seconds (user + system, every thread) a process has used, from /proc. */
-function cpuSeconds(pid: number, thread?: number): number {
-  const fields = readFileSync(thread === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${thread}/stat`, 'utf8').split(') ')[1].split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
-}
 const clientCpu = () => {
   const u = process.cpuUsage();
   return (u.user + u.system) / 1e6;
 };
-
-async function startServer(dir: string, shards: number): Promise<{ url: string; pid: number; stop(): Promise<void> }> {
-  // KVRECALL_SERVER_FLAGS: node flags for the server process (e.g. --cpu-prof --cpu-prof-dir=DIR to see where its time goes).
-  const flags = (process.env.KVRECALL_SERVER_FLAGS ?? '').split(' ').filter(Boolean);
-  const args = ['serve', '--port', '0', '--data', dir, '--gpu-budget', '0', ...(shards > 0 ? ['--lmdb-shards', String(shards)] : [])];
-  const env = POOL > 0 ? { ...process.env, UV_THREADPOOL_SIZE: String(POOL) } : process.env;
-  // kvrecall.cjs, as `kvrecall serve` runs: libuv's pool at 16 unless UV_THREADPOOL_SIZE (or --pool) says otherwise.
-  const proc = spawn(process.execPath, [...flags, join(import.meta.dirname, '..', 'cli', 'kvrecall.cjs'), ...args], { stdio: ['ignore', 'pipe', 'inherit'], env });
-  const url = await new Promise<string>((resolve, reject) => {
-    proc.stdout.on('data', (d: Buffer) => {
-      const m = /listening on (http:\/\/\S+)/.exec(d.toString());
-      if (m) resolve(m[1]);
-    });
-    proc.once('exit', (c) => reject(new Error(`server exited ${c}`)));
-  });
-  return { url, pid: proc.pid!, stop: () => new Promise((r) => (proc.once('exit', () => r()), proc.kill('SIGTERM'))) };
-}
 
 /** Random finite f16 words, [kvHeads, CHUNK, d]. */
 function randomChunk(): Uint16Array {
@@ -99,7 +77,7 @@ interface Round {
 
 async function round(sources: Uint16Array[], i: number, shards: number): Promise<Round> {
   const dir = mkdtempSync(join(tmpdir(), 'kvr-preload-'));
-  const server = await startServer(dir, shards);
+  const server = await startServer(dir, { shards, pool: POOL });
   try {
     const client = new KvrecallClient({ url: server.url });
     const load = loadavg()[0];

@@ -88,6 +88,28 @@ function shardLines() {
   return lines;
 }
 
+/**
+ * One server, preload after preload with deletes between (bench/preload-rounds.ts), before and after each document had
+ * LMDB environments of its own, alternated in one sitting (bench/results/preload-vm-rounds.json).
+ */
+function roundsLines() {
+  const f = 'bench/results/preload-vm-rounds.json';
+  if (!existsSync(join(ROOT, f))) return [];
+  const { runs } = json(f);
+  const later = (pred) => runs.filter(pred).flatMap((r) => r.preloads.slice(1).map((p) => ({ ...p, bytes: r.bytes })));
+  const cpu = (ps) => span(ps.map((p) => p.serverUploadCpuS), (v) => fix(v, 1));
+  const gbs = (ps, k) => span(ps.map((p) => p.bytes / p[k] / 1e9), (v) => fix(v, 2));
+  const s4 = (t) => (r) => r.shards === 4 && r.tag.includes(t);
+  const before = later(s4('before')), after = later(s4('after'));
+  const first = runs.filter(s4('before')).map((r) => r.preloads[0]);
+  return [
+    '',
+    `**Preload after delete** (\`bench/preload-rounds.ts\`: one server, the TypeScript client, the Python client and \`kvrecall preload\` in turn, each preload of ${fix(runs[0].bytes / 1e9, 2)} GB sealed and deleted; \`${f}\`, ${machine(runs[0].machine)}, load ${span(runs.flatMap((r) => r.preloads.map((p) => p.load)), (v) => fix(v, 1))}; 4 block environments):` +
+      ` with blocks in shared environments, a preload after a delete cost the server ${cpu(before)} CPU s (its first ${cpu(first)}), upload ${gbs(before, 'uploadS')} GB/s;` +
+      ` with each document's own, ${cpu(after)} CPU s, ${gbs(after, 'uploadS')} GB/s, seal (exact only) ${gbs(after, 'sealS')} GB/s.`,
+  ];
+}
+
 // ---------------------------------------------------------------- blocks
 
 /** bench:model at the server's default budgets: which methods lose a pass key dense finds. */
@@ -232,6 +254,7 @@ const BLOCKS = {
       `${machine(h.machine)} (\`${host}\`, ${day(h.date)}, over ${hostVia === 'stream' ? `the stream, ${h.window ?? 2} ahead` : 'HTTP, before the stream'}, ${fix(h.bytes / 1e9, 2)} GB):`,
       `upload ${span(hostGb, (v) => fix(v, 2))} GB/s, seal (exact only) ${span(hostSeal, (v) => fix(v, 2))} GB/s; targets 2 and 1 GB/s.`,
       ...shardLines(),
+      ...roundsLines(),
     ].join('\n');
   },
 

@@ -5,10 +5,11 @@
 // back to the file system, not onto an LMDB freelist. In one shared
 // environment a deleted document's pages were freed in place, and the next
 // preload's writer allocated its 32 KiB values (9 overflow pages each) out
-// of that freelist: the writes cost 2.1 CPU s per GiB against 0.65 in a
-// fresh file, growing with each delete (2-core VM, 1 GiB rounds; the
-// H200 host's second Python preload round wrote at a third of the first's
-// speed). bench/results/preload-vm-rounds.md.
+// of that freelist: a server over 4 environments spent 6.5-8.4 CPU s on a
+// 2.1 GB preload after a delete against 3.5-4.0 on its first (2-core VM;
+// the H200 host's second Python preload round ran at a third of the
+// first's speed), and 3.4-4.6 on every one with environments of their own
+// (bench/results/preload-vm-rounds.md).
 //
 // <key> is a hash of the document id: ids differing only in case stay apart
 // on a file system that ignores case. Environments are open while their

@@ -12,7 +12,10 @@ HTTP (Client.upload_document_kv, one at a time). The chunks' K/V are 8
 distinct random ones cycled (the source is not held whole). Reports the
 upload's wall time, the client's CPU time, with --serve the server
 process's CPU time (every thread), and the server's phases summed from the
-answers' stats (as bench/preload.ts on the TypeScript side).
+answers' stats (as bench/preload.ts on the TypeScript side). Each round's
+document is deleted after its seal, so a round after the first writes where
+a deleted document's blocks were (bench/preload-rounds.ts runs this bench
+beside the TypeScript client and the CLI against one server).
 """
 
 from __future__ import annotations
@@ -90,10 +93,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--via", choices=("stream", "http"), default="stream")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--server-pid", type=int, help="with --url: the local server's pid, for its CPU seconds")
     args = p.parse_args(argv)
     kv_bytes = args.layers * args.tokens * 8 * 128 * 2 * 2
     rounds = []
     with server(p, args) as (url, pid):
+        pid = pid or args.server_pid
         kv = Client(url, token=args.token, timeout=120)
         sources = _sources(8, args.chunk, 128)
         for i in range(args.rounds):
