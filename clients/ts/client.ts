@@ -287,7 +287,7 @@ export class KvrecallClient {
    * methods: retrieval methods whose indexes are built at seal; queryStride: keep prefill queries of 1 token in N;
    * tokens: the tokens per layer the document will hold (its host memory is reserved now, 503 if it does not fit).
    */
-  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: string[]; queryStride?: number; tokens?: number; clusterSize?: number } = {}): Promise<DocumentInfo> {
+  createDocument(id: string, model: SessionSpec['model'], opts: { methods?: readonly string[]; queryStride?: number; tokens?: number; clusterSize?: number } = {}): Promise<DocumentInfo> {
     return this.call('PUT', `/v1/documents/${encodeURIComponent(id)}`, { model, ...opts });
   }
 

@@ -19,7 +19,7 @@ import { ClusterIndex } from '../../index/wave/cluster-index.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
-const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' };
+const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16', blockSize: 64 };
 const N = 600;
 
 async function layerHeads(rng: Rng, m: ModelShape = model): Promise<ClusterIndex[]> {

@@ -18,7 +18,7 @@ import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
 console.log(`wave-on-device: seed ${seed}`);
-const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' };
+const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16', blockSize: 64 };
 const { qHeads, kvHeads, headDim: d } = model;
 const DOC = 300, OWN = 5;
 const params: SearchParams = { budget: 40, sinks: 4, window: 8, ef: 0, chunk: 0, span: 0 };
@@ -58,7 +58,7 @@ function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; 
       await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out, lse });
       opts.log.push('device done');
       // As the device answers: the ids only when asked for, their counts always.
-      return { ...(a.ids !== false && { ids }), kept: ids.map((x) => x.length), scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {} };
+      return { ...(a.ids !== false && { ids }), kept: ids.map((x) => x.length), scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {}, host: {}, graphCaptures: 0 };
     },
   } as unknown as WaveGpuStore;
 }

@@ -17,7 +17,7 @@ describe('KeyedQueue', () => {
     for (let trial = 0; trial < 20; trial++) {
       const log: string[] = [];
       const active = new Map<string, number>();
-      const results: Promise<unknown>[] = [];
+      const results: Promise<[string, unknown]>[] = [];
       const want: Record<string, number[]> = {};
       for (let i = 0; i < 60; i++) {
         const key = `k${rng.int(3)}`;
@@ -41,7 +41,7 @@ describe('KeyedQueue', () => {
         };
         const f = kind === 2 ? plain : op;
         const p = rng.int(2) ? q.run(key, f) : q.runNow(key, f);
-        results.push(p.then((v) => ['ok', v], (e: Error) => ['err', e.message]));
+        results.push(p.then((v): [string, unknown] => ['ok', v], (e: Error): [string, unknown] => ['err', e.message]));
         if (rng.int(4) === 0) await settle();
       }
       const settled = await Promise.all(results);

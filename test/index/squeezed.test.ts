@@ -19,7 +19,7 @@ console.log(`squeezed: seed ${seed}`);
 
 interface Data extends HeadKeys {
   /** Decoded keys (exact f16 values). */
-  values: Float32Array;
+  decoded: Float32Array;
   labels: Int32Array;
   centers: Float32Array;
   K: number;
@@ -34,10 +34,10 @@ function makeKeys(rng: Rng, n: number, d: number, K: number): Data {
     labels[i] = c;
     for (let j = 0; j < d; j++) raw[i * d + j] = (K ? 2 * centers[c * d + j] : 0) + rng.normal();
   }
-  const keys = new Uint16Array(n * d), values = new Float32Array(n * d);
+  const keys = new Uint16Array(n * d), decoded = new Float32Array(n * d);
   convert(bytesOf(raw), 'f32', bytesOf(keys), 'f16', n * d);
-  convert(bytesOf(keys), 'f16', bytesOf(values), 'f32', n * d);
-  return { keys, tokens: n, headDim: d, dtype: 'f16', values, labels, centers, K };
+  convert(bytesOf(keys), 'f16', bytesOf(decoded), 'f32', n * d);
+  return { keys, tokens: n, headDim: d, dtype: 'f16', decoded, labels, centers, K };
 }
 
 /** A query group [G, d] aligned with cluster c: 1.5·center + N(0, 0.7²) per head. */
@@ -56,7 +56,7 @@ function queryRows(rng: Rng, data: Data, count: number, G: number): Float32Array
 
 /** Attention recall: Σ p_i over ids, per query head, averaged over the group; float64 from the decoded keys. */
 function attentionRecall(data: Data, q: Float32Array, G: number, ids: Int32Array): number {
-  const { tokens: n, headDim: d, values } = data, scale = 1 / Math.sqrt(d), s = new Float64Array(n);
+  const { tokens: n, headDim: d, decoded: values } = data, scale = 1 / Math.sqrt(d), s = new Float64Array(n);
   let recall = 0;
   for (let g = 0; g < G; g++) {
     let m = -Infinity;
@@ -110,7 +110,7 @@ describe('squeezed', () => {
     const n = 3000, d = 64, data = makeKeys(rng, n, d, 0);
     const rows = Float32Array.from({ length: 64 * 4 * d }, () => rng.normal());
     const { head } = await build(levels, data, rows, 64 * 4);
-    const values = [Float64Array.from(data.values)];
+    const values = [Float64Array.from(data.decoded)];
     for (const G of [1, 3, 4, 7]) {
       const q = Float32Array.from({ length: G * d }, () => 2 * rng.normal());
       const r = head.search(q, G, n, n);

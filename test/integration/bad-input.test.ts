@@ -25,7 +25,7 @@ const q = randomQ(rng, model.qHeads, model.headDim);
 async function send(method: string, path: string, body?: Uint8Array | string, headers: Record<string, string> = {}) {
   const res = await fetch(server.url + path, {
     method,
-    body,
+    body: body as BodyInit | undefined,
     headers: { authorization: `Bearer ${TOKEN}`, 'content-type': typeof body === 'string' ? 'application/json' : 'application/msgpack', ...headers },
   });
   const text = await res.text();

@@ -28,7 +28,7 @@ describe('stale index artifacts', () => {
     await client.sealDocument('doc');
     // Rewrite the stored artifacts as an older version (squeezed's header: version at byte 4).
     const store = server.engine.store;
-    const stored = store.loadArtifacts('doc', 'squeezed', 1, 2)!;
+    const stored = (await store.loadArtifacts('doc', 'squeezed', 1, 2))!;
     const old = stored[0].map((bytes, head) => {
       const b = Uint8Array.from(bytes);
       new DataView(b.buffer).setUint16(4, 1, true);
@@ -43,7 +43,7 @@ describe('stale index artifacts', () => {
     expect(r.out.every(Number.isFinite)).toBe(true);
     expect(server.engine.documents.buildsAfterSeal).toBe(1);
     // Stored in the current format: the next attach loads it.
-    const again = server.engine.store.loadArtifacts('doc', 'squeezed', 1, 2)!;
+    const again = (await server.engine.store.loadArtifacts('doc', 'squeezed', 1, 2))!;
     expect(new DataView(again[0][0].buffer, again[0][0].byteOffset).getUint16(4, true)).not.toBe(1);
   });
 
@@ -57,7 +57,7 @@ describe('stale index artifacts', () => {
     await client.uploadDocumentKv('waved', { layer: 0, start: 0, k: c.k, v: c.v });
     await client.sealDocument('waved');
     const store = server.engine.store;
-    const stored = store.loadArtifacts('waved', 'wave', 1, 2)!;
+    const stored = (await store.loadArtifacts('waved', 'wave', 1, 2))!;
     // Version 1 at byte 4 (the wave header's second word).
     const old = stored[0].map((bytes, head) => {
       const b = Uint8Array.from(bytes);
@@ -74,7 +74,7 @@ describe('stale index artifacts', () => {
     expect(r.out.every(Number.isFinite)).toBe(true);
     expect(r.stats.estimated).toBeGreaterThan(0);
     expect(server.engine.documents.buildsAfterSeal).toBe(builds + 1);
-    const again = server.engine.store.loadArtifacts('waved', 'wave', 1, 2)!;
+    const again = (await server.engine.store.loadArtifacts('waved', 'wave', 1, 2))!;
     expect(new DataView(again[0][0].buffer, again[0][0].byteOffset).getUint32(4, true)).not.toBe(1);
   });
 });

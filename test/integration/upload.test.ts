@@ -107,7 +107,7 @@ describe('prefill queries at the document stride', () => {
     const artifacts: Record<string, string> = {};
     for (const id of variants) {
       expect(await client.sealDocument(id)).toMatchObject({ status: 'ready', tokens: 700, queryStride: STRIDE });
-      const a = server.engine.store.loadArtifacts(id, 'nosa', model.layers, model.kvHeads)!;
+      const a = (await server.engine.store.loadArtifacts(id, 'nosa', model.layers, model.kvHeads))!;
       artifacts[id] = a.flat().map((b) => Buffer.from(b).toString('hex')).join('|');
     }
     expect(artifacts.strided).toBe(artifacts.every);
@@ -379,8 +379,8 @@ describe('seal', () => {
       blockSummaryBuilder.build = build;
     }
     expect(calls.n).toBe(model.layers * model.kvHeads);
-    const nosa = server.engine.store.loadArtifacts('shared-builder', 'nosa', model.layers, model.kvHeads)!;
-    const topk = server.engine.store.loadArtifacts('shared-builder', 'topk-blocks', model.layers, model.kvHeads)!;
+    const nosa = (await server.engine.store.loadArtifacts('shared-builder', 'nosa', model.layers, model.kvHeads))!;
+    const topk = (await server.engine.store.loadArtifacts('shared-builder', 'topk-blocks', model.layers, model.kvHeads))!;
     expect(topk.flat().map((b) => Buffer.from(b).toString('hex'))).toEqual(nosa.flat().map((b) => Buffer.from(b).toString('hex')));
     // Both methods answer from their stored index.
     for (const method of ['nosa', 'topk-blocks']) {

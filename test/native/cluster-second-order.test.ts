@@ -186,7 +186,7 @@ describe('rankClusterHeads', () => {
       return { at, q: Float32Array.from(dir, (x) => 3 * x) };
     });
     const keys = words(keysF), values = words(Float32Array.from({ length: N * d }, () => rng.normal()));
-    const index = ClusterIndex.load(await buildClusters({ keys, values, tokens: N, headDim: d, dtype: 'f16' }), { keys, values, tokens: N, headDim: d });
+    const index = ClusterIndex.load(await buildClusters({ keys, values, tokens: N, headDim: d, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 }), { keys, values, tokens: N, headDim: d, dtype: 'f16' });
     const found = async (ranking: 'spread' | 'radius') => {
       let n = 0;
       for (const p of plants) if ((await ClusterIndex.searchHeads([index], p.q, 1, [8], ranking))[0].ids.includes(p.at)) n++;

@@ -42,7 +42,7 @@ describe('fuzz: stream frames', () => {
     server = await startChild(tmp.dir, ['--body-limit', String(4 << 20)]);
     const client = new KvrecallClient({ url: server.url });
     const rng = new Rng(seed);
-    const sessions = [];
+    const sessions: string[] = [];
     for (let i = 0; i < 3; i++) sessions.push((await client.createSession({ model: M })).id);
     await client.createDocument('fz-doc', M);
     const ws = new WebSocket(server.url.replace('http', 'ws') + '/v1/stream', { perMessageDeflate: false });
