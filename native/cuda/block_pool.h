@@ -18,21 +18,10 @@
 #include <vector>
 
 #include "common/half.h"
+#include "cuda/device_info.h"
 
 namespace kvr {
 namespace cuda {
-
-struct DeviceInfo {
-  bool ok = false;
-  std::string device;  // name, or the reason there is none
-  int64_t memory = 0;  // total bytes
-  int64_t freeMemory = 0;
-  int smCount = 0;
-  int major = 0, minor = 0;
-};
-
-// Never throws: ok = false with the reason when no driver/device answers.
-DeviceInfo QueryDevice();
 
 struct PoolConfig {
   int64_t budgetBytes = 0;  // device bytes for K+V slots
