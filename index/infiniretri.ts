@@ -25,7 +25,7 @@
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection, SelectionPart } from './method.js';
 import { decodeKept, encodeKept } from './infiniretri-artifact.js';
 import { readChunks, type Kept } from './infiniretri-read.js';
-import { inside, staticRanges } from './static-plus-retrieved.js';
+import { budgetShares, inside, staticRanges } from './static-plus-retrieved.js';
 
 /** The seal's read: kept share of the document, phrase half-width, and the smallest chunk. */
 export const SEAL_KEEP = 0.01;
@@ -128,10 +128,11 @@ async function retain(ctx: LayerContext, question: QuestionRows, p: SearchParams
   const d = ctx.headDim, scale = 1 / Math.sqrt(d);
   const docs = ctx.segments.length - 1;
   const docTokens = ctx.offsets[docs];
+  const shares = budgetShares(ctx, p.budget);
   const ids: Int32Array[][] = [];
   for (let s = 0; s < docs; s++) {
     const seg = ctx.segments[s];
-    const budget = Math.min(seg.tokens, Math.ceil((p.budget * seg.tokens) / Math.max(1, docTokens)));
+    const budget = Math.min(seg.tokens, shares[s]);
     const perHead: Int32Array[] = [];
     for (let h = 0; h < ctx.kvHeads; h++) {
       const { queries, queryCount } = question(h);

@@ -31,6 +31,30 @@ export function staticRanges(ctx: LayerContext, s: number, p: SearchParams): Ran
 export const inside = (ranges: Range[], id: number) => ranges.some(([a, b]) => id >= a && id < b);
 
 /**
+ * The budget split over the document segments (all but the last, the
+ * session's own tokens, whose share is 0) in proportion to their tokens, by
+ * largest remainder (ties to the earlier document), so the shares sum to
+ * the budget: a share rounded up per document attended up to one token more
+ * per document beyond the first (7 for a budget of 5 over three documents).
+ */
+export function budgetShares(ctx: LayerContext, budget: number): number[] {
+  const docs = ctx.segments.length - 1, total = ctx.offsets[docs];
+  const shares = new Array<number>(ctx.segments.length).fill(0);
+  if (docs <= 0 || total === 0) return shares;
+  const rest: [number, number][] = [];
+  let given = 0;
+  for (let s = 0; s < docs; s++) {
+    const exact = (budget * ctx.segments[s].tokens) / total;
+    shares[s] = Math.floor(exact);
+    given += shares[s];
+    rest.push([exact - shares[s], s]);
+  }
+  rest.sort((a, b) => b[0] - a[0] || a[1] - b[1]);
+  for (let i = 0; i < budget - given && i < docs; i++) shares[rest[i][1]]++;
+  return shares;
+}
+
+/**
  * The blocks of `size` tokens that the ranges touch, ascending. A block
  * method never picks them: the static part attends the sinks and the window
  * themselves (not widened to whole blocks, which spent a block's worth of
@@ -120,14 +144,14 @@ export async function blockSelection<H extends BlockIndex>(
   p: SearchParams,
   pick: (s: number, heads: H[], budget: number, exclude: Int32Array) => Promise<{ ids: Int32Array[]; priority?: Uint8Array[]; scanned: number }>,
 ): Promise<Selection> {
-  const docTokens = ctx.offsets[ctx.offsets.length - 1];
+  const shares = budgetShares(ctx, p.budget);
   const parts: SelectionPart[] = [];
   let scanned = 0;
   for (let s = 0; s < ctx.segments.length; s++) {
     const segment = ctx.segments[s];
     const heads = ctx.indexes[s] as H[] | undefined;
     const ranges = staticRanges(ctx, s, p);
-    const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
+    const share = shares[s];
     if (heads && segment.tokens > 0 && share >= segment.tokens - ranges.reduce((n, [a, b]) => n + b - a, 0)) {
       parts.push({ segment, begin: 0, end: segment.tokens }); // the budget covers the segment: all of it, exactly
       continue;
@@ -191,7 +215,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
     builder,
     async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
       const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
-      const docTokens = ctx.offsets[ctx.offsets.length - 1];
+      const shares = budgetShares(ctx, p.budget);
       const parts: SelectionPart[] = [];
       let scanned = 0;
       for (let s = 0; s < ctx.segments.length; s++) {
@@ -200,9 +224,8 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         for (const [begin, end] of ranges) parts.push({ segment, begin, end });
         const heads = ctx.indexes[s];
         if (!heads || segment.tokens === 0) continue;
-        const share = Math.ceil((p.budget * segment.tokens) / Math.max(1, docTokens));
         const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
-        const want = Math.min(share, segment.tokens - covered);
+        const want = Math.min(shares[s], segment.tokens - covered);
         if (want <= 0) continue;
         const k = want + covered;
         const memo = memoOf(ctx, s);

@@ -8,7 +8,7 @@
 // written from the rule, over random shapes.
 import { describe, expect, it } from 'vitest';
 import type { HeadIndex, LayerContext, SearchParams } from '../../index/method.js';
-import { blockSelection, RECENT_SHARE, touchedBlocks, type BlockIndex } from '../../index/static-plus-retrieved.js';
+import { blockSelection, budgetShares, RECENT_SHARE, touchedBlocks, type BlockIndex } from '../../index/static-plus-retrieved.js';
 import { rowsOf } from '../../engine/cache/selection-parts.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -52,7 +52,8 @@ describe('a block method spends its budget', () => {
       });
       for (let s = 0; s < docs.length; s++) {
         const tokens = docs[s], off = ctx.offsets[s];
-        const share = Math.ceil((p.budget * tokens) / docTokens);
+        // The document's share of the budget (in proportion to its tokens, summing to the budget: budget-shares.test.ts).
+        const share = budgetShares(ctx, p.budget)[s];
         // Sinks and window as the context asks, local to this document.
         const stat = new Set<number>();
         for (let t = 0; t < tokens; t++) if (off + t < p.sinks || off + t >= ctx.tokens - p.window) stat.add(t);
