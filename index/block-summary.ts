@@ -61,11 +61,30 @@ const MAX_IMPORTANCE_ROWS = 256;
 /** A bit of the flag scratch the row-to-block dedupe uses (block-select's bits are below it). */
 const SEEN = 0x80;
 
-/** One host scoring call's outputs: the top rows' ids and scores, and every row's score. */
+/** One host scoring call's outputs for one head: the top rows' ids and scores, and every row's score. */
 interface RowScratch {
   order: Int32Array;
   topScores: Float32Array;
   rowScores: Float32Array;
+}
+
+/**
+ * Host scoring outputs, shared by every summary: a call takes one per head
+ * (grown to its rows) and gives it back once read. The summaries are a
+ * document's, shared by every session over it, and two sessions' steps score
+ * them at once (one native call writing while the other's awaits), so a call
+ * never writes arrays another may be reading. One pool for all summaries
+ * holds what the calls in flight at once need (a batch of 32 steps over 8 kv
+ * heads of a 1M-token document: 256 of 768 KiB), where a set per summary
+ * held 768 KiB for every (layer, kv head) of every document, and a free list
+ * per summary would keep a batch's worth for every layer.
+ */
+const scratchPool: RowScratch[] = [];
+
+function takeScratch(rows: number): RowScratch {
+  const s = scratchPool.pop() ?? { order: new Int32Array(0), topScores: new Float32Array(0), rowScores: new Float32Array(0) };
+  if (s.order.length < rows) (s.order = new Int32Array(rows)), (s.topScores = new Float32Array(rows)), (s.rowScores = new Float32Array(rows));
+  return s;
 }
 
 export class BlockSummary implements HeadIndex {
@@ -75,8 +94,6 @@ export class BlockSummary implements HeadIndex {
   readonly rows: Uint16Array;
   /** The rows as a block scorer reads them (one "block" per row, its headDim the stride; stable, so a device copy is made once). */
   readonly scored: BlockMeans;
-  /** Host scoring calls' output arrays, reused (see take). */
-  private readonly free: RowScratch[] = [];
 
   constructor(
     readonly blocks: number,
@@ -104,17 +121,6 @@ export class BlockSummary implements HeadIndex {
     else if (reps === 1 && rows.length === blocks * headDim) this.rows = padRows(rows, blocks, headDim);
     else throw new RangeError(`block summary: ${rows.length} words are neither [${blocks}, ${headDim}] means nor [${n}, ${this.stride}] rows`);
     this.scored = { blocks: n, headDim: this.stride, dtype, means: this.rows };
-  }
-
-  /**
-   * Output arrays for one host scoring call, its own until given back: the
-   * summary is a document's, shared by every session over it, and two
-   * sessions' steps score it at once (each native call writes while the
-   * other's awaits). Shared arrays gave a step the other session's blocks.
-   */
-  private take(): RowScratch {
-    const n = this.blocks * this.reps;
-    return this.free.pop() ?? { order: new Int32Array(n), topScores: new Float32Array(n), rowScores: new Float32Array(n) };
   }
 
   /** Block b's representative `rep` as stored, widened: its centroid [headDim], radius and ln count. */
@@ -172,7 +178,7 @@ export class BlockSummary implements HeadIndex {
    * per head (ids, best first), read by `use` before the arrays go back.
    */
   private static async scoreRows<T>(heads: BlockSummary[], aug: Float32Array, group: number, k: number, use: (rows: { ids: Int32Array; rowScores: Float32Array }[]) => T): Promise<T> {
-    const s0 = heads[0], scratch = heads.map((s) => s.take());
+    const s0 = heads[0], scratch = heads.map((s) => takeScratch(s.blocks * s.reps));
     try {
       const counts = await topkHeads({
         q: aug,
@@ -184,7 +190,7 @@ export class BlockSummary implements HeadIndex {
       });
       return use(scratch.map((x, h) => ({ ids: x.order.subarray(0, counts[h]), rowScores: x.rowScores })));
     } finally {
-      heads.forEach((s, h) => s.free.push(scratch[h]));
+      scratchPool.push(...scratch);
     }
   }
 

@@ -29,17 +29,24 @@ const HEADER_BYTES = 24;
 /** Keys widened per pass at seal (a 1M-token head is not widened whole: 512 MB at d = 128). */
 const WIDEN_TOKENS = 8192;
 
+/**
+ * Host top-k outputs, shared by every summary: a call takes one per head
+ * (grown to its blocks) and gives it back once read, so concurrent steps of
+ * sessions over one document never write arrays another is reading (as
+ * block-summary.ts's pool).
+ */
+const scratchPool: { order: Int32Array; topScores: Float32Array }[] = [];
+
+function takeScratch(blocks: number): { order: Int32Array; topScores: Float32Array } {
+  const s = scratchPool.pop() ?? { order: new Int32Array(0), topScores: new Float32Array(0) };
+  if (s.order.length < blocks) (s.order = new Int32Array(blocks)), (s.topScores = new Float32Array(blocks));
+  return s;
+}
+
 export class QuestSummary implements HeadIndex {
   /** [blocks, 2·headDim] words: per block each channel's max, then each channel's min. */
   readonly rows: Uint16Array;
   readonly scored: BlockMeans;
-  /**
-   * Host top-k output arrays, reused; each call takes its own: the summary
-   * is a document's, shared by every session over it, and two sessions'
-   * steps score it at once (one native call writing while the other's
-   * awaits), where shared arrays gave a step the other session's blocks.
-   */
-  private readonly free: { order: Int32Array; topScores: Float32Array }[] = [];
 
   constructor(
     readonly blocks: number,
@@ -101,7 +108,7 @@ export class QuestSummary implements HeadIndex {
     const none = heads.map(() => new Int32Array(0));
     const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k, none) : undefined;
     if (device) return device.map((r) => r.ids);
-    const scratch = heads.map((s) => s.free.pop() ?? { order: new Int32Array(s.blocks), topScores: new Float32Array(s.blocks) });
+    const scratch = heads.map((s) => takeScratch(s.blocks));
     try {
       const counts = await topkHeads({
         q: aug,
@@ -113,7 +120,7 @@ export class QuestSummary implements HeadIndex {
       });
       return scratch.map((x, h) => x.order.slice(0, counts[h]));
     } finally {
-      heads.forEach((s, h) => s.free.push(scratch[h]));
+      scratchPool.push(...scratch);
     }
   }
 }
