@@ -113,13 +113,15 @@ export class RedisStore implements DocumentStore {
 
   async seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void> {
     await this.settled(meta.id);
-    this.writing.delete(meta.id);
     const extra = artifacts.reduce((n, a) => n + a.bytes.byteLength, 0);
     const rowBytes = meta.model.headDim * 2;
     const { staging, blocks, end } = stageBlocks(tail, rowBytes, extra);
     const staged = stageArtifacts(staging, end, artifacts);
-    this.rowBytes.delete(meta.id);
     await this.bridge.call('seal', { meta, staging: staging.buffer, blocks, rowBytes, artifacts: staged }, [staging.buffer as ArrayBuffer]);
+    // Only once sealed: a seal that fails leaves the document loading, and its next uploads write blocks as before
+    // (forgotten here first, an upload after a failed seal failed the document: 'not created by this server').
+    this.writing.delete(meta.id);
+    this.rowBytes.delete(meta.id);
   }
 
   addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void> {

@@ -165,6 +165,35 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     }
   });
 
+  it('a seal refused with 503 (a replica silent past wait) leaves the document loading: it takes more uploads and seals', async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    const server = await startInProcess(dirs[3].dir, { store: `${cluster.url}?lease=3000&failover=15000&wait=300` });
+    servers.push(server);
+    const c = new KvrecallClient({ url: server.url });
+    const rng = new Rng(seed ^ 6);
+    const chunks = [randomKv(rng, 'f16', 2, 200, 32), randomKv(rng, 'f16', 2, 100, 32)];
+    await c.createDocument('retried', model);
+    for (let layer = 0; layer < 2; layer++) await c.uploadDocumentKv('retried', { layer, start: 0, k: chunks[0].k, v: chunks[0].v });
+    const replicas = [...cluster.topology().replicasOf.values()].flat();
+    const paused = cluster.nodes.filter((n) => replicas.includes(n.port));
+    for (const n of paused) n.proc.kill('SIGSTOP');
+    try {
+      await expect(c.sealDocument('retried')).rejects.toMatchObject({ status: 503 });
+    } finally {
+      for (const n of paused) n.proc.kill('SIGCONT');
+    }
+    await cluster.waitHealthy(30000, 1);
+    expect(await c.getDocument('retried')).toMatchObject({ status: 'loading' });
+    for (let layer = 0; layer < 2; layer++) await c.uploadDocumentKv('retried', { layer, start: 200, k: chunks[1].k, v: chunks[1].v });
+    expect(await c.sealDocument('retried')).toMatchObject({ status: 'ready', tokens: 300 });
+    // Another server reads it whole: every token as uploaded.
+    const sid = (await b.createSession({ model, documents: ['retried'] })).id;
+    const q = randomQ(rng, 4, 32);
+    const want = referenceAttention(q, concatValues(chunks, 'kValues'), concatValues(chunks, 'vValues'), 4, 32);
+    const got = await b.attend(sid, { layer: 1, q: tensor('f32', [4, 32], q) });
+    expect(maxRelError(got.out, want.out, 4)).toBeLessThan(1e-5);
+  });
+
   it('a preload killed midway (SIGKILL) is incomplete on both servers once its lease lapses; PUT starts it again', async () => {
     const model = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64, dtype: 'f16' as const };
     const child = await startChild(dirs[2].dir, ['--store', store]);
