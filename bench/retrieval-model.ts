@@ -20,7 +20,16 @@
 //   T, the same for its exact 24 nearest keys by centred cosine, T keys with no
 //   in-edge from T, the oracle walk expanding the top 2k / 3k;
 // - with --hnsw, index/hnsw.ts (centred keys, M 16, efConstruction 200) at ef =
-//   k, 2k, 4k (bench/retrieval.ts sweeps the same).
+//   k, 2k, 4k (bench/retrieval.ts sweeps the same);
+// - with --seeds, each effort also with the steady zone as free start keys
+//   (freeSeeds = sinks + window: scored by the search, NOT counted as scanned,
+//   since the attention over them computes the same dot products; k asked =
+//   1%, the steady zone being outside it), and that plus the query-aware
+//   entry (RoarGraph's): the decode group's mean query is compared with
+//   n/256 of the prefill queries (every such dot product counted as one key
+//   scanned), and the stored exact top 8 keys of its 4 nearest (cosine) are
+//   extra seeds, scored and counted. Variants alternate per query group.
+//   --no-reach skips the neighbour statistics and the ideal walk.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -41,6 +50,8 @@ const lengths = get('lengths', '16384,32768').split(',').map(Number);
 const stepsPerHead = Number(get('steps', '8'));
 const probes = Number(get('probes', '40'));
 const withHnsw = argv.includes('--hnsw');
+const withSeeds = argv.includes('--seeds');
+const withReach = !argv.includes('--no-reach');
 const out = get('out', 'bench/results/retrieval-model-vm');
 const SINKS = 16, WINDOW = 256, BUDGET = 0.01, NN = 24;
 const machine = () => `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
@@ -78,6 +89,55 @@ function efforts(asked: number, n: number): Effort[] {
     { name: 'ef = k', ef: asked },
     { name: 'exhaustive', ef: n },
   ];
+}
+
+/** The search variants compared with --seeds (one table each). */
+const VARIANTS = ['plain', 'steady free', 'steady free + query entry'] as const;
+type Variant = (typeof VARIANTS)[number];
+/** Query-aware entry: prefill queries kept per key (n / ENTRY_SHARE), nearest taken, stored top keys each. */
+const ENTRY_SHARE = Number(get('entry-share', '256')), ENTRY_NEAREST = Number(get('entry-nearest', '4')), ENTRY_TOP = Number(get('entry-top', '8'));
+
+interface QueryEntry {
+  /** [m, d] the kept prefill queries, unit length. */
+  unit: Float32Array;
+  /** [m, ENTRY_TOP] each one's exact top keys by q·k. */
+  tops: Int32Array;
+  m: number;
+}
+
+/** n / ENTRY_SHARE prefill query rows, evenly strided, with their exact top ENTRY_TOP keys (what a build would store). */
+function queryEntry(queries: Float32Array, K: Float32Array, n: number, d: number): QueryEntry {
+  const rows = queries.length / d, m = Math.max(1, Math.min(rows, Math.round(n / ENTRY_SHARE)));
+  const unit = new Float32Array(m * d), tops = new Int32Array(m * ENTRY_TOP), sc = new Float64Array(n);
+  for (let i = 0; i < m; i++) {
+    const r = Math.floor(((i + 0.5) * rows) / m);
+    const q = queries.subarray(r * d, (r + 1) * d);
+    for (let t = 0; t < n; t++) {
+      let s = 0;
+      for (let j = 0; j < d; j++) s += q[j] * K[t * d + j];
+      sc[t] = s;
+    }
+    tops.set(topKIndices(sc, ENTRY_TOP), i * ENTRY_TOP);
+    let norm = 0;
+    for (let j = 0; j < d; j++) norm += q[j] * q[j];
+    for (let j = 0; j < d; j++) unit[i * d + j] = q[j] / Math.sqrt(norm || 1);
+  }
+  return { unit, tops, m };
+}
+
+/** Seeds for a decode group: the stored top keys of the kept prefill queries nearest its mean query; m dot products. */
+function entrySeeds(e: QueryEntry, q: Float32Array, G: number, d: number): Int32Array {
+  const mean = new Float32Array(d);
+  for (let g = 0; g < G; g++) for (let j = 0; j < d; j++) mean[j] += q[g * d + j];
+  const cos = new Float64Array(e.m);
+  for (let i = 0; i < e.m; i++) {
+    let s = 0;
+    for (let j = 0; j < d; j++) s += mean[j] * e.unit[i * d + j];
+    cos[i] = s;
+  }
+  const ids = new Set<number>();
+  for (const i of topKIndices(cos, ENTRY_NEAREST)) for (let j = 0; j < ENTRY_TOP; j++) ids.add(e.tops[i * ENTRY_TOP + j]);
+  return Int32Array.from(ids);
 }
 
 interface Point {
@@ -229,6 +289,8 @@ interface LayerResult {
   dims90: number[];
   staticShareOfT: number;
   ra: Record<string, Point>;
+  /** With --seeds: per variant, per effort. */
+  seeded: Partial<Record<Variant, Record<string, Point>>>;
   hnsw: Record<string, Point>;
   ideal: Record<string, Point>;
   reach: Reach;
@@ -259,8 +321,10 @@ async function runLength(length: number): Promise<LayerResult[]> {
   const results: LayerResult[] = [];
   for (let layer = 0; layer < meta.layers; layer++) {
     const ra: Record<string, Point[]> = {}, hn: Record<string, Point[]> = {}, ideal: Record<string, Point[]> = {};
+    const seeded: Partial<Record<Variant, Record<string, Point[]>>> = {};
+    const steady = Int32Array.from({ length: SINKS + WINDOW }, (_, i) => (i < SINKS ? i : n - WINDOW + (i - SINKS)));
     const reaches: Reach[] = [], staticShare: number[] = [], dims: number[] = [];
-    let buildSeconds = 0, unretrieved = 0;
+    let buildSeconds = 0, unretrieved = 0, groups = 0;
     for (let h = 0; h < meta.kv_heads; h++) {
       const stem = join(base, `L${layer}h${h}`);
       const keys = readNpy(`${stem}.keys.npy`).data as Uint16Array;
@@ -283,20 +347,32 @@ async function runLength(length: number): Promise<LayerResult[]> {
         const r = s > 0 ? 1 / Math.sqrt(s) : 0;
         for (let j = 0; j < d; j++) centred[t * d + j] *= r;
       }
+      const entry = withSeeds ? queryEntry(queries, K, n, d) : undefined;
       const hnswHead = withHnsw ? hnswBuilder.load(await hnswBuilder.build({ ...keyArgs, queries: new Float32Array(0), queryCount: 0 }), keyArgs) : undefined;
       for (const s of picks) {
         const q = decode.subarray(s * G * d, (s + 1) * G * d);
+        groups++;
         const mp = meanProbs(exactAttention(q, G, K, K, { headDim: d, outputs: false, scale: meta.scale }));
         const T = topKIndices(mp, want);
         staticShare.push(T.reduce((a, t) => a + (t < SINKS || t >= n - WINDOW ? 1 : 0), 0) / want);
-        reaches.push(reach(csr, centred, d, mp, want));
-        for (const cap of [0.02, 0.03, 0.05])
-          for (const free of [false, true]) (ideal[`${free ? 'static free, ' : ''}cap ${cap * 100}%`] ??= []).push(idealWalk(csr, mp, T, cap, free));
-        for (const e of efforts(asked, n)) {
-          const ids = new Int32Array(asked), scores = new Float32Array(asked);
-          const res = graph.searchSync({ ...keyArgs, q, group: G, k: asked, ef: e.ef, margin: e.margin, maxScanned: e.cap && Math.round(e.cap * n), aggregate: 'attention', scale: meta.scale, outIds: ids, outScores: scores });
-          (ra[e.name] ??= []).push(score(ids.subarray(0, res.count), T, n, want, res.scanned));
+        if (withReach) {
+          reaches.push(reach(csr, centred, d, mp, want));
+          for (const cap of [0.02, 0.03, 0.05])
+            for (const free of [false, true]) (ideal[`${free ? 'static free, ' : ''}cap ${cap * 100}%`] ??= []).push(idealWalk(csr, mp, T, cap, free));
         }
+        const qSeeds = entry && entrySeeds(entry, q, G, d);
+        for (const e of efforts(asked, n))
+          for (const variant of withSeeds ? VARIANTS : (['plain'] as const)) {
+            // The free variants ask for the 1% alone: the steady zone is outside the k searched for.
+            const free = variant !== 'plain', kk = free ? want : asked, extra = variant === 'steady free + query entry' ? entry!.m : 0;
+            const ids = new Int32Array(kk), scores = new Float32Array(kk);
+            const ef = e.ef >= n ? n : free ? e.ef - (asked - want) : e.ef;
+            const cap = e.cap && Math.max(1, Math.round(e.cap * n) - extra);
+            const res = graph.searchSync({ ...keyArgs, q, group: G, k: kk, ef, margin: e.margin, maxScanned: cap, aggregate: 'attention', scale: meta.scale, outIds: ids, outScores: scores, ...(free && { freeSeeds: steady }), ...(extra > 0 && { seeds: qSeeds }) });
+            const pt = score(ids.subarray(0, res.count), T, n, want, res.scanned + extra);
+            if (variant === 'plain') (ra[e.name] ??= []).push(pt);
+            if (withSeeds) ((seeded[variant] ??= {})[e.name] ??= []).push(pt);
+          }
         if (hnswHead)
           for (const f of [1, 2, 4]) {
             const r = hnswHead.search(q, G, asked, f * asked);
@@ -310,7 +386,7 @@ async function runLength(length: number): Promise<LayerResult[]> {
     const r: LayerResult = {
       length,
       layer,
-      groups: reaches.length,
+      groups,
       buildSeconds: buildSeconds / meta.kv_heads,
       unretrieved: unretrieved / meta.kv_heads / n,
       dims90: dims,
@@ -318,6 +394,7 @@ async function runLength(length: number): Promise<LayerResult[]> {
       ra: avg(ra),
       hnsw: avg(hn),
       ideal: avg(ideal),
+      seeded: Object.fromEntries(Object.entries(seeded).map(([v, pts]) => [v, avg(pts)])),
       reach: {
         precision: mean(reaches.map((x) => x.precision)),
         knnPrecision: mean(reaches.map((x) => x.knnPrecision)),
@@ -358,7 +435,7 @@ async function main(): Promise<void> {
     '',
     `AMD EPYC, 2-core VM (${machine()}), shared with other work (1-minute load ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)} during the run; ${f((performance.now() - t0) / 1000, 0)} s). ` +
       `Tensors: \`/usr/bin/python3 bench/model/dump_qk.py --lengths ${lengths.join(',')}\` (one held-out pass-key context per length, kvdecode.make_trial's draw, seed 0; numpy prefill of the whole context; keys f16 post-RoPE; prefill queries every 4th token as bench:model pushes them; decode queries = the teacher-forced last 48 positions). ` +
-      `Bench: \`node dist/bench/retrieval-model.js --lengths ${lengths.join(',')} --steps ${stepsPerHead} --probes ${probes}${withHnsw ? ' --hnsw' : ''}\` (bench/retrieval-model.ts). ` +
+      `Bench: \`node dist/bench/retrieval-model.js --lengths ${lengths.join(',')} --steps ${stepsPerHead} --probes ${probes}${withHnsw ? ' --hnsw' : ''}${withSeeds ? ` --seeds --entry-share ${ENTRY_SHARE} --entry-nearest ${ENTRY_NEAREST} --entry-top ${ENTRY_TOP}` : ''}${withReach ? '' : ' --no-reach'}\` (bench/retrieval-model.ts). ` +
       `Per layer: 2 kv heads × ${stepsPerHead} decode positions = ${all[0].groups} query groups (GQA 4, d=64). Graph per (layer, kv head) at its defaults from the group's prefill queries (index/retrieval-attention.ts's build); search ranked by the group's attention, k asked = 1% + ${SINKS} sinks + ${WINDOW} window (bench/retrieval.ts). ` +
       `T = the exact top 1% of the document's keys by the group's mean softmax probability (float64). Recall = the selection (sinks + window + retrieved) against T, as bench/retrieval.ts's "top-k recall (group)"; "dyn" = the share of T outside sinks + window that the retrieved ids hold (what the graph must find). ` +
       `Efforts: "cap x%" = ef 8k, margin 3, at most x% of keys scored; margins with ef 8k; the session's default is margin ${DEFAULT_MARGIN}. Scanned includes the 'attention' ranking's sample (n/512, at least 64 keys).`,
@@ -367,10 +444,12 @@ async function main(): Promise<void> {
   for (const length of lengths) {
     const rows = all.filter((r) => r.length === length);
     md.push(`#### ${length.toLocaleString('en-US')}-byte context (document ${(length - 48).toLocaleString('en-US')} keys, k = ${Math.round((length - 48) * BUDGET)})`, '');
-    md.push(`Graph: recall (dyn) @ scanned, mean over the layer's ${rows[0].groups} query groups.`, '');
-    md.push(`| layer | ${names.join(' | ')} | 0.9 reached at |`, `| ---: |${names.map(() => ' --- |').join('')} ---: |`);
-    for (const r of rows) md.push(`| ${r.layer} | ${names.map((nm) => `${f(r.ra[nm].recall)} (${f(r.ra[nm].retrievedRecall, 2)}) @ ${pct(r.ra[nm].scanned)}`).join(' | ')} | ${pct(shareAt(r.ra, 0.9, 'recall'))} |`);
-    md.push('');
+    if (!withSeeds) {
+      md.push(`Graph: recall (dyn) @ scanned, mean over the layer's ${rows[0].groups} query groups.`, '');
+      md.push(`| layer | ${names.join(' | ')} | 0.9 reached at |`, `| ---: |${names.map(() => ' --- |').join('')} ---: |`);
+      for (const r of rows) md.push(`| ${r.layer} | ${names.map((nm) => `${f(r.ra[nm].recall)} (${f(r.ra[nm].retrievedRecall, 2)}) @ ${pct(r.ra[nm].scanned)}`).join(' | ')} | ${pct(shareAt(r.ra, 0.9, 'recall'))} |`);
+      md.push('');
+    }
     if (withHnsw) {
       const hn = Object.keys(rows[0].hnsw);
       md.push(`hnsw (centred keys, M 16, efConstruction 200; max over the group's rows; scanned = candidates hnswlib examined, summed over the group's 4 rows as index/hnsw.ts counts them):`, '');
@@ -378,6 +457,19 @@ async function main(): Promise<void> {
       for (const r of rows) md.push(`| ${r.layer} | ${hn.map((nm) => `${f(r.hnsw[nm].recall)} (${f(r.hnsw[nm].retrievedRecall, 2)}) @ ${pct(r.hnsw[nm].scanned)}`).join(' | ')} |`);
       md.push('');
     }
+    if (withSeeds) {
+      md.push(`Seeds, variants alternated per query group in the same sitting (recall (dyn) @ scanned). "steady free": the ${SINKS + WINDOW} sinks + window keys are free start keys: scored, NOT counted as scanned (the attention over them computes those dot products anyway), k asked = 1% (they are outside it). "+ query entry": also the stored exact top ${ENTRY_TOP} keys of the ${ENTRY_NEAREST} kept prefill queries (n/${ENTRY_SHARE} of them) nearest the group's mean query by cosine, seeds scored and counted; the n/${ENTRY_SHARE} query dot products are counted as scanned too (a cap includes them).`, '');
+      for (const v of VARIANTS) {
+        const vn = Object.keys(rows[0].seeded[v] ?? {});
+        md.push(`${v}:`, '', `| layer | ${vn.join(' | ')} | 0.9 reached at |`, `| ---: |${vn.map(() => ' --- |').join('')} ---: |`);
+        for (const r of rows) {
+          const pts = r.seeded[v]!;
+          md.push(`| ${r.layer} | ${vn.map((nm) => `${f(pts[nm].recall)} (${f(pts[nm].retrievedRecall, 2)}) @ ${pct(pts[nm].scanned)}`).join(' | ')} | ${pct(shareAt(pts, 0.9, 'recall'))} |`);
+        }
+        md.push('');
+      }
+    }
+    if (!withReach) continue;
     const iw = Object.keys(rows[0].ideal);
     md.push(`Ideal walk on the same graph: best-first by the EXACT group probability (a perfect score), capped; "static free" = sinks + window are starting points and not counted as scanned (they are attended in full anyway):`, '');
     md.push(`| layer | ${iw.join(' | ')} |`, `| ---: |${iw.map(() => ' --- |').join('')}`);
@@ -390,7 +482,7 @@ async function main(): Promise<void> {
     md.push('');
   }
   const text = md.join('\n');
-  writeFileSync(`${out}.json`, JSON.stringify({ machine: `AMD EPYC, 2-core VM (${machine()})`, date: new Date().toISOString(), lengths, stepsPerHead, probes, hnsw: withHnsw, loads, layers: all }, null, 1));
+  writeFileSync(`${out}.json`, JSON.stringify({ machine: `AMD EPYC, 2-core VM (${machine()})`, date: new Date().toISOString(), lengths, stepsPerHead, probes, hnsw: withHnsw, seeds: withSeeds, loads, layers: all }, null, 1));
   writeFileSync(`${out}.md`, text + '\n');
   process.stdout.write(text + '\n');
 }

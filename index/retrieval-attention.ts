@@ -21,7 +21,14 @@
 // and from the ids it found there at its last step (SearchMemo: a decode
 // query changes little from one step to the next; on workload/ at 1M,
 // +0.08 of the group's top 1% for +0.5-0.9% scanned,
-// bench/results/retrieval-graph-v4-vm.md's seeded rows).
+// bench/results/retrieval-graph-v4-vm.md's seeded rows), and from the
+// session's steady zone (SearchMemo.steady: sinks and window). Those are
+// attended in full, so their scores cost nothing extra: they are free start
+// keys, not counted as scanned and outside the k searched for (the graph is
+// asked for the budget alone). On kvrecall-code-13M, where a third to
+// three quarters of layers 1-5's top 1% lies there, that lifts the top-1%
+// recall at 2-3% scanned by up to +0.1 (bench/results/retrieval-seeds-vm.md);
+// on workload/, whose top keys are not local, by ~+0.01.
 //
 // Search effort: the session's `ef` > 0 is a fixed beam width (raised to k);
 // `ef` 0 (the default) stops on the quality bound instead: once the best
