@@ -26,9 +26,10 @@
 //   since the attention over them computes the same dot products; k asked =
 //   1%, the steady zone being outside it), and that plus the query-aware
 //   entry (RoarGraph's): the decode group's mean query is compared with
-//   n/256 of the prefill queries (every such dot product counted as one key
-//   scanned), and the stored exact top 8 keys of its 4 nearest (cosine) are
-//   extra seeds, scored and counted. Variants alternate per query group.
+//   n/256 of the prefill queries (--entry-share; every such dot product
+//   counted as one key scanned), and the stored exact top 8 keys
+//   (--entry-top) of its 4 nearest (--entry-nearest) by cosine are extra
+//   seeds, scored and counted. Variants alternate per query group.
 //   --no-reach skips the neighbour statistics and the ideal walk.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, totalmem } from 'node:os';

@@ -193,8 +193,17 @@ export async function blockSelection<H extends BlockIndex>(
   return { parts, scanned };
 }
 
-/** The ids of merged ascending ranges covering `count` rows. */
-function idsOf(ranges: Range[], count: number): Int32Array {
+/** The ids of merged ascending ranges covering `count` rows; `last` when it holds exactly them (no allocation per step). */
+function idsOf(ranges: Range[], count: number, last?: Int32Array): Int32Array {
+  if (last && last.length === count) {
+    let at = 0, same = true;
+    for (const [a, b] of ranges) {
+      // Ascending distinct ids: equal at every range's ends and in total means equal throughout.
+      if (last[at] !== a || last[at + b - a - 1] !== b - 1) same = false;
+      at += b - a;
+    }
+    if (same) return last;
+  }
   const ids = new Int32Array(count);
   let n = 0;
   for (const [a, b] of ranges) for (let t = a; t < b; t++) ids[n++] = t;
@@ -229,7 +238,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         if (want <= 0) continue;
         const k = want + covered;
         const memo = memoOf(ctx, s);
-        memo.steady = idsOf(ranges, covered);
+        memo.steady = idsOf(ranges, covered, memo.steady);
         const results = builder.searchHeads
           ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate)
           : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));

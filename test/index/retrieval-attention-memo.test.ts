@@ -6,8 +6,9 @@
 // and is left out of its ids. With one q head per kv head the ranking is
 // q·k, so the float64 reference is exact.
 import { describe, expect, it } from 'vitest';
-import type { SearchMemo } from '../../index/method.js';
-import { retrievalAttentionBuilder } from '../../index/retrieval-attention.js';
+import type { LayerContext, SearchMemo, SearchParams } from '../../index/method.js';
+import { retrievalAttention, retrievalAttentionBuilder } from '../../index/retrieval-attention.js';
+import type { KvSegment } from '../../storage/kv-segment.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -82,5 +83,31 @@ describe('retrieval-attention search memo', () => {
     expect(plain.scanned).toBe(n);
     expect(withSteady.scanned).toBe(n - steady.length + 4);
     expect([...plain.ids].some(isSteady)).toBe(true);
+  });
+
+  it("is handed the session's sinks and window by the selection, which attends them and the budget's top outside them", async () => {
+    const rng = new Rng(seed + 2);
+    const n = 2001, sinks = 4, window = 100, budget = 30;
+    const bits = Uint16Array.from({ length: n * d }, () => toBits(rng.normal()));
+    const values = Float64Array.from(bits, toValue);
+    const keys = { keys: bits, values: bits, tokens: n, headDim: d, dtype: 'f16' as const };
+    const queries = Float32Array.from({ length: 256 * d }, () => rng.normal());
+    const index = retrievalAttentionBuilder.load(await retrievalAttentionBuilder.build({ ...keys, queries, queryCount: 256 }), keys);
+    // One document of n tokens, no own tokens yet; one kv head of one q head.
+    const segments = [{ tokens: n }, { tokens: 0 }] as KvSegment[];
+    const ctx = { layer: 0, segments, offsets: [0, n], indexes: [[index], undefined], memo: new Map(), tokens: n, qHeads: 1, kvHeads: 1, headDim: d, question: () => ({ queries: new Float32Array(0), queryCount: 0 }) } as LayerContext;
+    const params = { budget, sinks, window, ef: n, chunk: 0, span: 0 } as SearchParams;
+    const q = Float32Array.from({ length: d }, (_, j) => 0.5 * values[(n - 7) * d + j] + 0.5 * rng.normal());
+    const isSteady = (t: number) => t < sinks || t >= n - window;
+    const score = (t: number) => q.reduce((a, x, j) => a + x * values[t * d + j], 0);
+    const order = [...Array(n).keys()].filter((t) => !isSteady(t)).sort((a, b) => score(b) - score(a) || a - b);
+    for (let step = 0; step < 2; step++) {
+      const sel = await retrievalAttention.select(ctx, q, params);
+      const [ids] = sel.parts.find((part) => part.ids)!.ids!; // one list per kv head
+      expect(new Set(ids)).toEqual(new Set(order.slice(0, budget)));
+      // Exhaustive, the steady zone free: every key but its 104 (4 of which the strided sample holds, counted).
+      expect(sel.scanned).toBe(n - sinks - window + 4);
+      expect(Array.from((ctx.memo.get('retrieved:0') as SearchMemo).steady!)).toEqual([...Array(n).keys()].filter(isSteady));
+    }
   });
 });
