@@ -1,8 +1,10 @@
 // A document's KV blocks in LMDB environments of its own:
 // `<store>/docs/<key>/<i>/`, i = 0 … S−1 (S: the store's shard count when
 // the document was created; each environment has its own writer, as the
-// block shards had). Deleting a document removes its folder: its pages go
-// back to the file system, not onto an LMDB freelist. In one shared
+// block shards had), and its index artifacts in one more,
+// `<store>/docs/<key>/artifacts/` (made only for a document that has
+// some). Deleting a document removes its folder: its pages go back to the
+// file system, not onto an LMDB freelist. In one shared
 // environment a deleted document's pages were freed in place, and the next
 // preload's writer allocated its 32 KiB values (9 overflow pages each) out
 // of that freelist: a server over 4 environments spent 6.5-8.4 CPU s on a
@@ -11,10 +13,14 @@
 // first's speed), and 3.4-4.6 on every one with environments of their own
 // (bench/results/preload-vm-rounds.md).
 //
+// Artifacts left in the shared environment kept their pages in its file
+// after a delete (290 MB of wave artifacts per 1 GiB of K/V; reused by the
+// next seal, not given back: bench/results/artifact-rounds-vm.md).
+//
 // <key> is a hash of the document id: ids differing only in case stay apart
 // on a file system that ignores case. Environments are open while their
 // document is loading and closed once it is sealed; a ready document's are
-// opened to read it and closed again.
+// opened to read it (or to add artifacts) and closed again.
 import { createHash } from 'node:crypto';
 import { existsSync, readdirSync } from 'node:fs';
 import { open as openFile, rm } from 'node:fs/promises';
@@ -22,7 +28,11 @@ import { join } from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { syncEnv, type BlockKey } from './lmdb-shards.js';
 
+/** [doc, method, layer, kv head]: the key of an index artifact (in a document's environment or an older store's main one). */
+export type ArtifactKey = [string, string, number, number];
+
 const DOCS = 'docs';
+const ARTIFACTS = 'artifacts';
 const KEY = /^[0-9a-f]{32}$/;
 const ENV = /^(0|[1-9][0-9]*)$/;
 
@@ -106,12 +116,47 @@ export class DocumentEnvs {
    */
   async sync(): Promise<void> {
     await Promise.all(this.envs.map((env) => syncEnv(env)));
-    const dirs = [...this.dbs.flatMap((d, i) => (d ? [join(this.folder, String(i))] : [])), this.folder, join(this.folder, '..'), join(this.folder, '..', '..')];
-    for (const dir of dirs) await syncDir(dir);
+    await syncFolders(this.dbs.flatMap((d, i) => (d ? [join(this.folder, String(i))] : [])), this.folder);
   }
 
   async close(): Promise<void> {
     await Promise.allSettled(this.envs.map((env) => env.close()));
+  }
+}
+
+/** The environment of a document's index artifacts. */
+export class ArtifactEnv {
+  private constructor(
+    readonly folder: string,
+    private readonly env: RootDatabase,
+    readonly db: Database<Buffer, ArtifactKey>,
+  ) {}
+
+  /** Opens (creating, with the document's folder) the environment, to write artifacts. */
+  static create(root: string, id: string): ArtifactEnv {
+    const folder = documentFolder(root, id);
+    const env = openEnv(join(folder, ARTIFACTS));
+    try {
+      return new ArtifactEnv(folder, env, env.openDB<Buffer, ArtifactKey>({ name: ARTIFACTS, encoding: 'binary' }));
+    } catch (e) {
+      void env.close();
+      throw e;
+    }
+  }
+
+  /** Opens the environment to read; undefined when the document has none (no artifacts, or a store written before). */
+  static existing(root: string, id: string): ArtifactEnv | undefined {
+    return existsSync(join(documentFolder(root, id), ARTIFACTS)) ? ArtifactEnv.create(root, id) : undefined;
+  }
+
+  /** Every commit on disk, and the folders naming its file (as DocumentEnvs.sync). */
+  async sync(): Promise<void> {
+    await syncEnv(this.env);
+    await syncFolders([join(this.folder, ARTIFACTS)], this.folder);
+  }
+
+  async close(): Promise<void> {
+    await this.env.close();
   }
 }
 
@@ -122,6 +167,11 @@ export class DocumentEnvs {
  */
 export async function removeDocumentFolder(root: string, key: string): Promise<void> {
   await rm(join(root, DOCS, key), { recursive: true, force: true });
+}
+
+/** Environment folders, then the document's folder and the two above it: each names what was made in it. */
+async function syncFolders(envDirs: string[], folder: string): Promise<void> {
+  for (const dir of [...envDirs, folder, join(folder, '..'), join(folder, '..', '..')]) await syncDir(dir);
 }
 
 async function syncDir(path: string): Promise<void> {

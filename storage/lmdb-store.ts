@@ -6,12 +6,14 @@
 //   blocks [doc, layer, head, block]   -> K bytes then V bytes of up to
 //                                         blockSize tokens, storage dtype
 //   artifacts [doc, method, layer, head] -> a retrieval method's index bytes
-// Metadata and artifacts are in the main environment. A document's blocks
-// are in environments of its own (`lmdb-doc-envs.ts`: `docs/<key>/<i>/`,
-// spread over several writers), removed whole with it; a store written
-// before that keeps its blocks in the main environment and `blocks-<i>/`
-// shards (`lmdb-shards.ts`), read and dropped there. A document is `ready`
-// only once every one of its blocks is committed and flushed, and then the
+// Metadata is in the main environment. A document's blocks are in
+// environments of its own (`lmdb-doc-envs.ts`: `docs/<key>/<i>/`, spread
+// over several writers) and its artifacts in one more
+// (`docs/<key>/artifacts/`), removed whole with it; a store written before
+// that keeps blocks in the main environment and `blocks-<i>/` shards
+// (`lmdb-shards.ts`) and artifacts in the main environment, read and
+// dropped there, never written. A document is `ready` only once every one
+// of its blocks and artifacts is committed and flushed, and then the
 // transaction that writes its ready metadata has been. A document still
 // `loading` when the store opens was cut off by a crash: its blocks are
 // dropped and it is reported `incomplete`.
@@ -34,10 +36,8 @@ import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
-import { DocumentEnvs, documentFolder, documentKey, documentKeys, removeDocumentFolder } from './lmdb-doc-envs.js';
+import { ArtifactEnv, DocumentEnvs, documentFolder, documentKey, documentKeys, removeDocumentFolder, type ArtifactKey } from './lmdb-doc-envs.js';
 import { BlockShards, blockShard, checkShardCount, documentBlocks, syncEnv, type BlockKey } from './lmdb-shards.js';
-
-type ArtifactKey = [string, string, number, number];
 
 export interface LmdbStoreOptions {
   /** Environments a new document's blocks are spread over. Default: defaultShards(). */
@@ -61,12 +61,13 @@ export class LmdbStore implements DocumentStore {
   private readonly root: RootDatabase;
   private readonly meta: Database<DocumentMeta, string>;
   private readonly blocks: Database<Buffer, BlockKey>;
+  /** Artifacts as a store written before per-document environments holds them. */
   private readonly artifacts: Database<Buffer, ArtifactKey>;
   /** Blocks as a store written before per-document environments holds them. */
   private readonly shards: BlockShards;
   /** Environments of the documents being loaded (opened at their first write, closed at seal or delete). */
   private readonly writing = new Map<string, DocumentEnvs>();
-  /** Environments being closed, awaited before their folder may go or open again. */
+  /** Environments being closed (and artifact environments in use), awaited before their folder may go or open again. */
   private readonly closing = new Set<Promise<void>>();
   /** Block writes not yet committed, and the staging buffers their values sit in. */
   private readonly inflight = new Set<Promise<void>>();
@@ -172,49 +173,65 @@ export class LmdbStore implements DocumentStore {
   }
 
   /**
-   * Writes the last blocks and flushes the document's environments (their
-   * earlier blocks too); only then the index artifacts and the ready
-   * metadata in one main transaction, and waits until it is durable. A
+   * Writes the last blocks and the index artifacts, and flushes the
+   * document's environments (their earlier blocks too); only then the
+   * ready metadata in a main transaction, and waits until it is durable. A
    * crash at any point leaves the document `loading` on disk, or ready
-   * with every block. Its environments are closed after.
+   * with every block and artifact. Its environments are closed after.
    */
   async seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void> {
     const envs = await this.writingEnvs(meta.id);
-    await Promise.all(tail.map((w) => this.blockDb(envs, w, meta.model.kvHeads).put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v))));
-    await envs.sync();
+    const blocks = Promise.all(tail.map((w) => this.blockDb(envs, w, meta.model.kvHeads).put([meta.id, w.layer, w.head, w.block], concat(w.k, w.v)))).then(() => envs.sync());
+    // Both settle before a failure is answered: nothing of this seal still writes when a retry (or a delete) begins.
+    const written = await Promise.allSettled([blocks, this.writeArtifacts(meta.id, artifacts)]);
+    for (const r of written) if (r.status === 'rejected') throw r.reason;
     crashPoint('seal:others-synced');
-    await this.root.transaction(() => {
-      for (const a of artifacts) this.artifacts.put([meta.id, a.method, a.layer, a.head], Buffer.from(a.bytes));
-      this.meta.put(meta.id, meta);
-    });
+    await this.meta.put(meta.id, meta);
     crashPoint('seal:committed');
     await this.durable();
     await this.closeEnvs(meta.id);
   }
 
-  /** Adds artifacts of a method built after seal (and its name to the metadata). */
+  /**
+   * Adds artifacts of a method built after seal (and its name to the
+   * metadata), or rewrites a stale one's: flushed in the document's
+   * artifact environment before the metadata names the method. Of a
+   * document that is not ready (deleted meanwhile), nothing is written.
+   */
   async addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void> {
-    await this.root.transaction(() => {
-      for (const a of artifacts) this.artifacts.put([id, a.method, a.layer, a.head], Buffer.from(a.bytes));
-      const meta = this.meta.get(id);
-      if (meta && !meta.methods.includes(method)) this.meta.put(id, { ...meta, methods: [...meta.methods, method] });
-    });
-    await this.durable();
+    if (this.meta.get(id)?.status !== 'ready') return;
+    await this.writeArtifacts(id, artifacts);
+    const meta = this.meta.get(id);
+    if (meta && !meta.methods.includes(method)) {
+      await this.meta.put(id, { ...meta, methods: [...meta.methods, method] });
+      await this.durable();
+    }
   }
 
-  /** A method's artifacts for every (layer, head), or undefined if any is missing. */
+  /**
+   * A method's artifacts for every (layer, head), or undefined if any is
+   * missing: from the document's artifact environment, else (a store
+   * written before it) the main environment's.
+   */
   loadArtifacts(id: string, method: string, layers: number, heads: number): Uint8Array[][] | undefined {
-    const out: Uint8Array[][] = [];
-    for (let layer = 0; layer < layers; layer++) {
-      const row: Uint8Array[] = [];
-      for (let head = 0; head < heads; head++) {
-        const bytes = this.artifacts.getBinary([id, method, layer, head]);
-        if (!bytes) return undefined;
-        row.push(new Uint8Array(bytes));
+    const own = ArtifactEnv.existing(this.path, id);
+    try {
+      const out: Uint8Array[][] = [];
+      for (let layer = 0; layer < layers; layer++) {
+        const row: Uint8Array[] = [];
+        for (let head = 0; head < heads; head++) {
+          const key: ArtifactKey = [id, method, layer, head];
+          // Copied: getBinary's bytes are valid until the next read, and the environment closes.
+          const bytes = own?.db.getBinary(key) ?? this.artifacts.getBinary(key);
+          if (!bytes) return undefined;
+          row.push(new Uint8Array(bytes));
+        }
+        out.push(row);
       }
-      out.push(row);
+      return out;
+    } finally {
+      if (own) this.track(own.close());
     }
-    return out;
   }
 
   /**
@@ -285,6 +302,21 @@ export class LmdbStore implements DocumentStore {
     const envs = this.writing.get(id);
     this.writing.delete(id);
     if (envs) await envs.close();
+  }
+
+  /**
+   * Writes artifacts into the document's artifact environment (made at its
+   * first) and flushes it; tracked until it is closed, so that no delete
+   * removes the folder under it.
+   */
+  private async writeArtifacts(id: string, artifacts: ArtifactWrite[]): Promise<void> {
+    if (artifacts.length === 0) return;
+    const env = ArtifactEnv.create(this.path, id);
+    // Views, not copies: a build's bytes do not change once it returns.
+    const view = (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+    const done = Promise.all(artifacts.map((a) => env.db.put([id, a.method, a.layer, a.head], view(a.bytes)))).then(() => env.sync());
+    this.track(done.then(() => env.close(), () => env.close()));
+    await done;
   }
 
   private track(closing: Promise<void>): void {

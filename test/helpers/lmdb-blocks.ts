@@ -24,3 +24,15 @@ function count(path: string, id: string, maxDbs: number): number {
 export function blocksPerShard(dir: string, id: string, shards: number): number[] {
   return Array.from({ length: shards }, (_, i) => count(join(documentFolder(dir, id), String(i)), id, 2) + count(i === 0 ? dir : join(dir, `blocks-${i}`), id, 8));
 }
+
+/** Artifact records of document `id` in its own environment `docs/<key>/artifacts/` (0 when it has none). */
+export function artifactCount(dir: string, id: string): number {
+  const path = join(documentFolder(dir, id), 'artifacts');
+  if (!existsSync(join(path, 'data.mdb'))) return 0;
+  const env = open({ path, maxDbs: 2, noSubdir: false, readOnly: true });
+  try {
+    return env.openDB({ name: 'artifacts', encoding: 'binary' }).getKeysCount({ start: [id], end: [id, '\uffff'] });
+  } finally {
+    void env.close();
+  }
+}

@@ -7,7 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { KvrecallClient } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { answerBytes } from '../helpers/answer-bytes.js';
-import { blocksPerShard } from '../helpers/lmdb-blocks.js';
+import { artifactCount, blocksPerShard } from '../helpers/lmdb-blocks.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startChild, tempDataDir, type ChildServer } from '../helpers/server.js';
 
@@ -74,9 +74,11 @@ describe('a server over 3 LMDB shards', () => {
 });
 
 // The store's crash points (core/crash-point.ts): SIGKILL between a seal's
-// steps and a delete's, over 3 shards. After a restart the document is ready
-// and answers as the same K/V sealed by a server that did not crash, or it
-// is incomplete (or gone) with no block left in any shard.
+// steps and a delete's, over 3 shards, of a document with an index (its
+// artifacts in an environment of its own). After a restart the document is
+// ready, answers as the same K/V sealed by a server that did not crash and
+// has every artifact, or it is incomplete (or gone) with no block left in
+// any shard and no artifact.
 describe('a crash at each step of seal and delete, over 3 LMDB shards', () => {
   const cases: [string, 'seal' | 'delete', 'ready' | 'incomplete'][] = [
     ['seal:others-synced', 'seal', 'incomplete'],
@@ -90,12 +92,13 @@ describe('a crash at each step of seal and delete, over 3 LMDB shards', () => {
       try {
         const docSeed = seed ^ 0x5ea1;
         const a = await start(['--lmdb-shards', '3'], { KVRECALL_CRASH_AT: point }, dir.dir);
-        await a.createDocument('d', model);
+        await a.createDocument('d', model, { methods: ['squeezed'] });
         await upload(a, 'd', new Rng(docSeed), 600);
         if (op === 'seal') expect(await a.sealDocument('d').catch((e: Error) => e)).toBeInstanceOf(Error);
         else {
           await a.sealDocument('d');
           expect(blocksPerShard(dir.dir, 'd', 3).every((n) => n > 0)).toBe(true);
+          expect(artifactCount(dir.dir, 'd')).toBe(model.layers * model.kvHeads);
           expect(await a.deleteDocument('d').catch((e: Error) => e)).toBeInstanceOf(Error);
         }
         const b = await start(['--lmdb-shards', '3'], {}, dir.dir);
@@ -107,9 +110,11 @@ describe('a crash at each step of seal and delete, over 3 LMDB shards', () => {
           await b.sealDocument('ref');
           const q = randomQ(new Rng(docSeed + 1), model.qHeads, model.headDim);
           expect(await answer(b, q, 'd')).toEqual(await answer(b, q, 'ref'));
+          expect(artifactCount(dir.dir, 'd')).toBe(model.layers * model.kvHeads);
         } else {
           expect(['incomplete', 'gone']).toContain(status);
           expect(blocksPerShard(dir.dir, 'd', 3)).toEqual([0, 0, 0]);
+          expect(artifactCount(dir.dir, 'd')).toBe(0);
         }
       } finally {
         for (const c of children.splice(0)) await c.stop('SIGKILL');
