@@ -1,24 +1,27 @@
-// A batch's answer `{id?, results: [{out, lse, stats}, ...], stats: {ms}}`,
-// and one attend's `{id?, out, lse, stats}`, packed straight into their frame: the same bytes as packParts() of the
-// answer objects (core/msgpack-parts.ts: the same forms, keys in the same
-// order, tensor data at offsets that are multiples of 4), without building
-// those objects, walking them, or joining parts.
+// A batch's answer `{id?, results: [{out, lse, stats}, ...], stats: {ms}}`
+// (BatchFrame, written step by step as the steps finish) and one attend's
+// `{id?, out, lse, stats}` (packAttendAnswer), packed straight into their
+// frame: the same bytes as packParts() of the answer objects
+// (core/msgpack-parts.ts: the same forms, keys in the same order, tensor
+// data at offsets that are multiples of 4), without building those objects,
+// walking them, or joining parts.
 //
 // Why: on the 2-core VM, from a batch's end (32 steps over 4K tokens) to
 // its answer frame ready to write took 0.30 ms (f16 out) to 0.39 ms (f32)
-// p50 with the answer objects, packParts and the join: the batch had
-// streamed 32 × 16 MB of K/V through the caches, so every object and page
-// touched after it misses, and the generic packer touches each step's
-// answer, tensor, shape and stats objects and its parts. Here a first pass
-// sizes the frame (arithmetic over the steps) and a second writes it,
-// reading each step's out once: 0.27 and 0.30 ms
-// (bench/results/transport-vm-batch-trace.md).
+// p50 with the answer objects, packParts and the join
+// (bench/results/transport-vm-batch-trace.md): the batch had streamed 32 ×
+// 16 MB of K/V through the caches, so every object and page touched after
+// it misses. A step's stats are read straight from the object (for...in,
+// no entries or pairs: Object.entries of the engine's spread-built stats
+// cost ~3 µs a step even in a warm loop).
 //
 // Only the common answer is packed here: every step fulfilled, without
 // selection or kv, stats of numbers and short ASCII strings, an id that is
 // absent, a number or a short ASCII string. Anything else returns
 // undefined and goes through packParts().
-import type { AttendAnswer } from '../engine/sessions.js';
+import type { AttendAnswer, BatchAnswer, Sessions } from '../engine/sessions.js';
+import type { Metrics } from './metrics.js';
+import { BufferPool } from '../storage/buffer-pool.js';
 
 /** A frame packed on demand: its length known, its bytes written by fill() into the room given (at least byteLength bytes). */
 export class PackedFrame {
@@ -36,22 +39,16 @@ const shortAscii = (s: string) => {
 };
 
 /** The step's out as the answer sends it: f32 as computed, or its 16-bit words (rounded in the step). */
-function outBytes(r: AttendAnswer): Uint8Array | undefined {
-  const a = r.outDtype === 'f32' ? r.out : r.outWords;
-  return a && new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
-}
+const outArray = (r: AttendAnswer): Float32Array | Uint16Array | undefined => (r.outDtype === 'f32' ? r.out : r.outWords);
 
-/** A step's stats as [key, value] pairs, undefined values left out (as packParts leaves them); undefined when this file does not write this step's answer. */
-function plainStats(r: AttendAnswer): [string, number | string][] | undefined {
-  if (r.selection || r.kv || !outBytes(r) || !shortAscii(r.outDtype)) return undefined;
-  const pairs: [string, number | string][] = [];
-  for (const [k, v] of Object.entries(r.stats)) {
-    if (v === undefined) continue;
-    if (!shortAscii(k) || (typeof v !== 'number' && !(typeof v === 'string' && shortAscii(v)))) return undefined;
-    pairs.push([k, v]);
-  }
-  return pairs;
-}
+/** Whether this file writes the step's answer: no selection or kv, out in its wire dtype; its stats are checked as they are sized (Sink.stats). */
+const plainStep = (r: AttendAnswer) => !r.selection && !r.kv && outArray(r) !== undefined && shortAscii(r.outDtype);
+
+/** An object literal's prototype: for...in then walks only its own keys, in Object.keys' order (packParts' order). */
+const plainObject = (o: object) => {
+  const p: unknown = Object.getPrototypeOf(o);
+  return p === Object.prototype || p === null;
+};
 
 /** Scratch for a float64's big-endian bytes. */
 const f64 = new Float64Array(1);
@@ -142,7 +139,7 @@ class Sink {
   }
 
   /** A wire tensor {dtype, shape: [a] or [a, b], data} laid out as packParts lays it out: data at a multiple of 4. */
-  tensor(dtype: string, a: number, b: number | undefined, data: Uint8Array): void {
+  tensor(dtype: string, a: number, b: number | undefined, data: Float32Array | Uint16Array): void {
     this.u8(0x83);
     this.str('dtype');
     this.str(dtype);
@@ -159,29 +156,42 @@ class Sink {
     if (n < 0x100) this.tag(0xc4, 1, n);
     else if (n < 0x10000) this.tag(0xc5, 2, n);
     else this.tag(0xc6, 4, n);
-    if (this.buf) this.buf.set(data, this.at);
+    if (this.buf) this.buf.set(new Uint8Array(data.buffer, data.byteOffset, n), this.at);
     this.at += n;
   }
 
-  /** A map of numbers and short ASCII strings. */
-  flat(pairs: [string, number | string][]): void {
-    this.head(pairs.length, 0x80, 0xde, 0xdf);
-    for (const [k, v] of pairs) {
+  /**
+   * A step's stats: a map of numbers and short ASCII strings, undefined
+   * values left out (as packParts leaves them). Read straight from the
+   * object: no entries or pairs built (cold after a batch, they cost ~1 µs
+   * a step). False, nothing sure written, when it holds anything else.
+   */
+  stats(s: Record<string, unknown>): boolean {
+    if (!plainObject(s)) return false;
+    let n = 0;
+    for (const k in s) if (s[k] !== undefined) n++;
+    this.head(n, 0x80, 0xde, 0xdf);
+    for (const k in s) {
+      const v = s[k];
+      if (v === undefined) continue;
+      if (!shortAscii(k)) return false;
       this.str(k);
       if (typeof v === 'number') this.num(v);
-      else this.str(v);
+      else if (typeof v === 'string' && shortAscii(v)) this.str(v);
+      else return false;
     }
+    return true;
   }
 }
 
-/** One step's answer `{out, lse, stats}` (after its map header, which the caller writes with any keys before these). */
-function writeStep(sink: Sink, r: AttendAnswer, stats: [string, number | string][]): void {
+/** One step's answer `{out, lse, stats}` (after its map header, which the caller writes with any keys before these); false when its stats are not plain. */
+function writeStep(sink: Sink, r: AttendAnswer): boolean {
   sink.str('out');
-  sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outBytes(r)!);
+  sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outArray(r)!);
   sink.str('lse');
-  sink.tensor('f32', r.model.qHeads, undefined, new Uint8Array(r.lse.buffer, r.lse.byteOffset, r.lse.byteLength));
+  sink.tensor('f32', r.model.qHeads, undefined, r.lse);
   sink.str('stats');
-  sink.flat(stats);
+  return sink.stats(r.stats as unknown as Record<string, unknown>);
 }
 
 /** An id as packParts writes it (the caller has checked it is a number or a short ASCII string). */
@@ -189,21 +199,6 @@ function writeId(sink: Sink, id: unknown): void {
   sink.str('id');
   if (typeof id === 'number') sink.num(id);
   else sink.str(id as string);
-}
-
-function write(sink: Sink, id: unknown, results: AttendAnswer[], stats: [string, number | string][][], ms: number): void {
-  sink.u8(id === undefined ? 0x82 : 0x83);
-  if (id !== undefined) writeId(sink, id);
-  sink.str('results');
-  sink.head(results.length, 0x90, 0xdc, 0xdd);
-  for (let i = 0; i < results.length; i++) {
-    sink.u8(0x83);
-    writeStep(sink, results[i], stats[i]);
-  }
-  sink.str('stats');
-  sink.u8(0x81);
-  sink.str('ms');
-  sink.num(ms);
 }
 
 /** Whether packParts would write this id as this file writes it (absent, a number, or a short ASCII string). */
@@ -221,16 +216,15 @@ const plainId = (id: unknown) => id === undefined || typeof id === 'number' || (
  * tokens, against ~10 here (bench/results/transport-vm-stream-trace.md).
  */
 export function packAttendAnswer(id: unknown, r: AttendAnswer): PackedFrame | undefined {
-  if (!plainId(id)) return undefined;
-  const stats = plainStats(r);
-  if (!stats) return undefined;
+  if (!plainId(id) || !plainStep(r)) return undefined;
   const one = (sink: Sink) => {
     sink.u8(id === undefined ? 0x83 : 0x84);
     if (id !== undefined) writeId(sink, id);
-    writeStep(sink, r, stats);
+    return writeStep(sink, r);
   };
+  // The sizing pass checks what the writing pass writes: both run the same code.
   const size = new Sink();
-  one(size);
+  if (!one(size)) return undefined;
   return new PackedFrame(size.at, (target) => {
     const sink = new Sink(target);
     one(sink);
@@ -239,26 +233,183 @@ export function packAttendAnswer(id: unknown, r: AttendAnswer): PackedFrame | un
 }
 
 /**
- * The batch answer frame `{id, results, stats: {ms}}` (id left out when
- * undefined) packed as packParts would pack it, or undefined when a step
- * failed or any part of it is not the common answer.
+ * The most bytes a step's answer `{out, lse, stats}` takes besides its
+ * tensors' `data` bytes: its map head and keys (16), each tensor's map with
+ * a dtype of at most 31 chars, a shape of two 32-bit dims and the widest
+ * padded key and bin heads (69 each), the stats' map head (5) and each stat
+ * (a key and a string of at most 31 chars: 64).
  */
-export function packBatchAnswer(id: unknown, settled: PromiseSettledResult<AttendAnswer>[], ms: number): PackedFrame | undefined {
-  if (!plainId(id)) return undefined;
-  // Anything but a number goes the general way, which refuses what it cannot pack (the stream then closes with 1011).
-  if (typeof ms !== 'number') return undefined;
-  const results: AttendAnswer[] = [], stats: [string, number | string][][] = [];
-  for (const r of settled) {
-    const pairs = r.status === 'fulfilled' ? plainStats(r.value) : undefined;
-    if (!pairs) return undefined;
-    results.push((r as PromiseFulfilledResult<AttendAnswer>).value);
-    stats.push(pairs);
+const stepBound = (dataBytes: number, stats: number) => 16 + 2 * 69 + 5 + 64 * stats + dataBytes;
+
+/** Room kept before a ReadyFrame's payload for its WebSocket header (a server frame's is at most 10 bytes). */
+export const HEADER_ROOM = 10;
+/** Warm buffers for batch answers (0.27-0.54 MB at 32 steps): a fresh one costs its page faults. */
+const frames = new BufferPool(4);
+
+/** A frame's payload written: buf[HEADER_ROOM, HEADER_ROOM + byteLength); release() gives the buffer back once it is sent (or dropped). */
+export class ReadyFrame {
+  constructor(
+    readonly buf: Buffer,
+    readonly byteLength: number,
+    readonly release: () => void,
+  ) {}
+}
+
+/**
+ * A batch's answer frame `{id, results: [{out, lse, stats}, ...], stats:
+ * {ms}}` (id left out when undefined), the bytes packParts makes of the
+ * answer objects, written step by
+ * step as the steps finish, each while its out, lse and stats are fresh in
+ * cache, in order: a step that finishes before one ahead of it waits for
+ * it. At the batch's end only the frame's last bytes are left to write.
+ *
+ * Why: written after the batch, every step's objects and out had been
+ * pushed out of the caches by the later steps' K/V (32 × 16 MB over 4K
+ * tokens): on the 2-core VM the sizing pass, the fill and the metrics
+ * after a batch cost ~0.2-0.3 ms, nearly all of it cache misses. Here
+ * each step costs its own sizing and copy while hot, beside the steps
+ * still running.
+ *
+ * Any step that fails or is not the common answer (see the top of this file)
+ * leaves the frame unfinished: finish() then answers undefined and the
+ * answer goes the general way.
+ */
+export class BatchFrame {
+  private buf?: Buffer;
+  /** buf from HEADER_ROOM on: the payload, which positions (and the tensors' padding) count from. */
+  private payload?: Uint8Array;
+  private at = 0;
+  private next = 0;
+  private readonly waiting: (AttendAnswer | undefined)[] = [];
+  private broken: boolean;
+
+  constructor(private readonly id: unknown) {
+    this.broken = !plainId(id);
   }
-  const size = new Sink();
-  write(size, id, results, stats, ms);
-  return new PackedFrame(size.at, (target) => {
-    const sink = new Sink(target);
-    write(sink, id, results, stats, ms);
-    if (sink.at !== size.at) throw new Error(`batch answer: wrote ${sink.at} bytes of ${size.at}`);
-  });
+
+  /** Step `i` of `count` has finished with `r` (at most once per step; a step that failed is simply never given). */
+  step(i: number, count: number, r: AttendAnswer): void {
+    if (this.broken) return;
+    if (i !== this.next) {
+      this.waiting[i] = r;
+      return;
+    }
+    try {
+      if (i === 0) this.prefix(count, r);
+      let w: AttendAnswer | undefined = r;
+      while (w !== undefined && !this.broken) {
+        this.write(w);
+        this.waiting[this.next] = undefined;
+        w = this.waiting[++this.next];
+      }
+    } catch {
+      // Nothing here should throw (a buffer we cannot take, say): the answer goes the general way.
+      this.drop();
+    }
+  }
+
+  /** The frame with its last bytes written, or undefined (buffer given back) when it is not the common answer of every step. */
+  finish(settled: PromiseSettledResult<AttendAnswer>[], ms: number): ReadyFrame | undefined {
+    if (this.broken || this.next !== settled.length || settled.length === 0 || typeof ms !== 'number') return void this.drop();
+    const tail = (sink: Sink) => {
+      sink.str('stats');
+      sink.u8(0x81);
+      sink.str('ms');
+      sink.num(ms);
+    };
+    if (!this.put(tail)) return void this.drop();
+    const buf = this.buf!;
+    this.buf = this.payload = undefined;
+    this.broken = true;
+    return new ReadyFrame(buf, this.at, () => frames.give(buf));
+  }
+
+  /** Gives the buffer back; the frame is not finished. */
+  drop(): void {
+    this.broken = true;
+    if (this.buf) frames.give(this.buf);
+    this.buf = this.payload = undefined;
+    this.waiting.length = 0;
+  }
+
+  /** The map's head, the id and the results' head, in room taken for `count` steps like the first. */
+  private prefix(count: number, first: AttendAnswer): void {
+    const head = new Sink();
+    this.head(head, count);
+    const one = new Sink();
+    one.at = head.at;
+    if (!plainStep(first)) return this.drop();
+    one.u8(0x83);
+    if (!writeStep(one, first)) return this.drop();
+    // Steps like the first, a little more each for their stats, and the tail: most batches need no second buffer.
+    this.room(head.at + count * (one.at - head.at + 32) + 32);
+    this.put((sink) => this.head(sink, count));
+  }
+
+  private head(sink: Sink, count: number): void {
+    sink.u8(this.id === undefined ? 0x82 : 0x83);
+    if (this.id !== undefined) writeId(sink, this.id);
+    sink.str('results');
+    sink.head(count, 0x90, 0xdc, 0xdd);
+  }
+
+  /** One step's answer, in one pass (a sizing pass too cost ~2 µs a step): room for the most it can take, then written. */
+  private write(r: AttendAnswer): void {
+    if (!plainStep(r)) return this.drop();
+    let stats = 0;
+    for (const _ in r.stats) stats++;
+    this.room(this.at + stepBound(outArray(r)!.byteLength + r.lse.byteLength, stats));
+    const sink = new Sink(this.payload);
+    sink.at = this.at;
+    sink.u8(0x83);
+    if (!writeStep(sink, r)) return this.drop();
+    this.at = sink.at;
+  }
+
+  /** Sizes `part` from the current position, makes room for it, writes it; false when it does not write (not the common answer). */
+  private put(part: (sink: Sink) => boolean | void): boolean {
+    const size = new Sink();
+    size.at = this.at;
+    if (part(size) === false) return false;
+    this.room(size.at);
+    const sink = new Sink(this.payload);
+    sink.at = this.at;
+    part(sink);
+    if (sink.at !== size.at) throw new Error(`batch answer: wrote ${sink.at - this.at} bytes of ${size.at - this.at}`);
+    this.at = sink.at;
+    return true;
+  }
+
+  /** A payload of at least n bytes, what is written kept. */
+  private room(n: number): void {
+    if (this.buf && this.buf.byteLength >= HEADER_ROOM + n) return;
+    const next = frames.take(HEADER_ROOM + Math.max(n, 2 * (this.buf?.byteLength ?? 0)));
+    if (this.buf) {
+      next.set(this.buf.subarray(HEADER_ROOM, HEADER_ROOM + this.at), HEADER_ROOM);
+      frames.give(this.buf);
+    }
+    this.buf = next;
+    this.payload = next.subarray(HEADER_ROOM);
+  }
+}
+
+/**
+ * Runs a batch (Sessions.attendBatch) with its answer frame written as its
+ * steps finish, each step's time observed in `metrics` there too: the
+ * frame when it is the common answer (else undefined: the caller packs the
+ * results the general way), the results and the batch's ms.
+ */
+export async function attendBatchFramed(sessions: Sessions, body: Record<string, unknown>, id: unknown, metrics: Metrics): Promise<BatchAnswer & { frame?: ReadyFrame }> {
+  const frame = new BatchFrame(id);
+  let batch: BatchAnswer;
+  try {
+    batch = await sessions.attendBatch(body, (i, count, r) => {
+      metrics.observeAttend(r.stats.ms);
+      frame.step(i, count, r);
+    });
+  } catch (e) {
+    frame.drop();
+    throw e;
+  }
+  return { ...batch, frame: frame.finish(batch.results, batch.ms) };
 }

@@ -16,7 +16,7 @@ import { joinParts, packParts, type Parts } from '../core/msgpack-parts.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
-import { packAttendAnswer, packBatchAnswer, PackedFrame } from './batch-pack.js';
+import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame } from './batch-pack.js';
 import { tokenAccepted } from './auth.js';
 import { bodyTooLarge, decodeMsgpack, isMsgpack, readInto } from './codec.js';
 import { errorBody, errorOf } from './errors.js';
@@ -74,9 +74,9 @@ async function serve(req: IncomingMessage, res: ServerResponse, route: { name: s
       // The common answer written straight into the body (the bytes packParts writes: test/api/batch-pack.test.ts).
       send(res, packAttendAnswer(undefined, r) ?? packParts(attendAnswer(r)));
     } else {
-      const { results, ms } = await sessions.attendBatch(body);
-      for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
-      send(res, packBatchAnswer(undefined, results, ms) ?? packParts({ results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } }));
+      // Each step's answer written into the body as the step finishes (api/batch-pack.ts BatchFrame).
+      const { frame, results, ms } = await attendBatchFramed(sessions, body, undefined, metrics);
+      send(res, frame ?? packParts({ results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } }));
     }
   } catch (e) {
     status = fail(res, e, bodyRead);
@@ -90,7 +90,13 @@ async function serve(req: IncomingMessage, res: ServerResponse, route: { name: s
  * Written part by part through ServerResponse it cost ~140 µs per answer
  * on the 2-core VM, the join of 16 KB a few.
  */
-function send(res: ServerResponse, parts: Parts | PackedFrame): void {
+function send(res: ServerResponse, parts: Parts | PackedFrame | ReadyFrame): void {
+  if (parts instanceof ReadyFrame) {
+    if (res.destroyed) return parts.release();
+    res.writeHead(200, ['content-type', MSGPACK, 'content-length', String(parts.byteLength)]);
+    res.end(parts.buf.subarray(HEADER_ROOM, HEADER_ROOM + parts.byteLength), parts.release);
+    return;
+  }
   if (res.destroyed) return;
   const pooled = parts.byteLength >= POOLED;
   const buf = pooled ? answers.take(parts.byteLength) : Buffer.allocUnsafe(parts.byteLength);

@@ -24,7 +24,7 @@ import { MsgpackError, unpackView } from '../core/msgpack-parts-decode.js';
 import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
-import { packAttendAnswer, packBatchAnswer, PackedFrame } from './batch-pack.js';
+import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame } from './batch-pack.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
@@ -91,15 +91,18 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
   const flush = () => {
     while (owed.length > 0 && owed[0].ready) {
       const { frame, release } = owed.shift()!;
+      let sent = false;
       try {
         // A rejected handle() (nothing should reject there) or a send that threw: this connection closes, the process and the other streams go on.
         if (frame === undefined) conn().close(CLOSE_ERROR, 'the server failed to send an answer');
-        else send(conn(), frame);
+        else sent = send(conn(), frame);
       } catch {
         conn().close(CLOSE_ERROR, 'the server failed to send an answer');
       } finally {
         // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one).
         release();
+        // A batch's frame not sent (the connection is closing): its buffer goes back.
+        if (frame instanceof ReadyFrame && !sent) frame.release();
       }
     }
   };
@@ -124,21 +127,35 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
   };
 }
 
+type Answer = Record<string, unknown> | PackedFrame | ReadyFrame;
+
 interface Owed {
   ready: boolean;
-  frame?: Record<string, unknown> | PackedFrame;
+  frame?: Answer;
   release: () => void;
 }
 
-/** One answer frame: packed (a batch's) or its parts (tensors as the result's own arrays) copied once, straight after the frame header. */
-function send(conn: WsConnection, frame: Record<string, unknown> | PackedFrame): void {
-  if (!conn.open) return;
-  if (frame instanceof PackedFrame) return conn.sendBinary(frame.byteLength, frame.fill);
-  const parts = packParts(frame);
-  conn.sendBinary(parts.byteLength, (payload) => joinParts(parts, payload));
+/**
+ * One answer frame: written already (a batch's, its header put in front),
+ * packed on demand (an attend's), or its parts (tensors as the result's own
+ * arrays) copied once, straight after the frame header. True when a
+ * ReadyFrame was handed to the socket (which gives its buffer back).
+ */
+function send(conn: WsConnection, frame: Answer): boolean {
+  if (!conn.open) return false;
+  if (frame instanceof ReadyFrame) {
+    conn.sendFramed(frame.buf, HEADER_ROOM, frame.byteLength, frame.release);
+    return true;
+  }
+  if (frame instanceof PackedFrame) conn.sendBinary(frame.byteLength, frame.fill);
+  else {
+    const parts = packParts(frame);
+    conn.sendBinary(parts.byteLength, (payload) => joinParts(parts, payload));
+  }
+  return false;
 }
 
-async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number): Promise<Record<string, unknown> | PackedFrame> {
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number): Promise<Answer> {
   let id: unknown;
   try {
     if (!isBinary) throw malformed('frames are binary msgpack');
@@ -161,9 +178,9 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
       return { id, ...(await documents.appendKv(body.document, body, { bytes: data.byteLength, readMs, decodeMs: performance.now() - t0 })) };
     }
     if (body.steps !== undefined) {
-      const { results, ms } = await sessions.attendBatch(body);
-      for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
-      return packBatchAnswer(id, results, ms) ?? { id, results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } };
+      // Each step's answer is written into the frame (and observed) as the step finishes, while it is fresh in cache.
+      const { frame, results, ms } = await attendBatchFramed(sessions, body, id, metrics);
+      return frame ?? { id, results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } };
     }
     if (typeof body.session !== 'string') throw malformed('an attend frame names its session');
     const res = await sessions.attend(body.session, body);

@@ -220,6 +220,20 @@ export class WsConnection {
     this.peak = Math.max(this.peak, queued);
   }
 
+  /**
+   * Sends one binary message already written at buf[at, at + length), with
+   * room for its header before it (at ≥ MAX_HEADER): the header goes in
+   * front, one socket write of both. `written` once the socket is done with
+   * buf (sent, or failed).
+   */
+  sendFramed(buf: Buffer, at: number, length: number, written: () => void): void {
+    if (!this.open) return written();
+    const headerBytes = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
+    writeHeader(buf.subarray(at - headerBytes, at), OP_BINARY, length, headerBytes);
+    this.socket.write(buf.subarray(at - headerBytes, at + length), () => written());
+    this.peak = Math.max(this.peak, this.socket.writableLength);
+  }
+
   /** Starts the close handshake (or answers the peer's): a close frame, then the socket ends. */
   close(code = CLOSE_NORMAL, reason = ''): void {
     if (this.gone || this.closeSent) return;

@@ -155,18 +155,26 @@ export class Sessions {
    * A server's running batch: one layer of several sessions' steps, each
    * `{session, q, k?, v?, scale?, position?}`. Steps settle on their own: a
    * bad or failing step fails only its own result; the order is kept.
+   * `done(i, count, answer)`, when given, is called as each step succeeds
+   * (in the order they finish), while its answer is fresh in cache: the
+   * caller's per-step work (packing the answer) costs least there. It must
+   * not throw.
    */
-  async attendBatch(body: Record<string, unknown>): Promise<BatchAnswer> {
+  async attendBatch(body: Record<string, unknown>, done?: (i: number, count: number, answer: AttendAnswer) => void): Promise<BatchAnswer> {
     const t0 = performance.now();
     const { layer, steps } = body;
     if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0) throw invalid('layer must be a non-negative integer');
     if (!Array.isArray(steps) || steps.length === 0 || steps.length > MAX_BATCH) throw invalid(`steps must be a list of 1 to ${MAX_BATCH} steps`);
     const results = await Promise.allSettled(
-      steps.map(async (step: unknown) => {
+      steps.map(async (step: unknown, i: number) => {
         if (typeof step !== 'object' || step === null || Array.isArray(step) || typeof (step as Record<string, unknown>).session !== 'string')
           throw invalid('a step is a map with a session id');
         const { session, ...rest } = step as Record<string, unknown>;
-        return this.attend(session as string, { ...rest, layer });
+        const answer = this.attend(session as string, { ...rest, layer });
+        if (!done) return answer;
+        const a = await answer;
+        done(i, steps.length, a);
+        return a;
       }),
     );
     return { results, ms: performance.now() - t0 };

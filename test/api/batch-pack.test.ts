@@ -1,12 +1,13 @@
-// The batch answer packed straight into its frame (api/batch-pack.ts) is
-// byte for byte what the generic packer makes of the same answer objects
-// (packParts of {id, results: batchAnswer(...), stats: {ms}}; one attend's:
-// of {id, ...attendAnswer(r)}), at every
+// The batch answer written straight into its frame as its steps finish, in
+// any order (api/batch-pack.ts BatchFrame), is byte for byte what the
+// generic packer makes of the same answer objects (packParts of {id,
+// results: batchAnswer(...), stats: {ms}}; one attend's: of {id,
+// ...attendAnswer(r)}), at every
 // size boundary its forms cross (counts, shapes, numbers, data lengths and
 // the tensor padding); answers it does not cover are left to packParts.
 import { describe, expect, it } from 'vitest';
 import { attendAnswer, batchAnswer } from '../../api/attend-answer.js';
-import { packAttendAnswer, packBatchAnswer } from '../../api/batch-pack.js';
+import { BatchFrame, HEADER_ROOM, packAttendAnswer } from '../../api/batch-pack.js';
 import { errorOf } from '../../api/errors.js';
 import { joinParts, packParts } from '../../core/msgpack-parts.js';
 import type { AttendAnswer } from '../../engine/sessions.js';
@@ -41,16 +42,32 @@ function generic(id: unknown, results: PromiseSettledResult<AttendAnswer>[], ms:
   return Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)));
 }
 
-function packed(id: unknown, results: PromiseSettledResult<AttendAnswer>[], ms: number): Buffer | undefined {
-  const p = packBatchAnswer(id, results, ms);
-  if (!p) return undefined;
-  const buf = new Uint8Array(p.byteLength);
-  p.fill(buf);
-  return Buffer.from(buf);
+/** Indices 0..n-1 in a random order: the order the steps finish in. */
+function shuffled(n: number): number[] {
+  const xs = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    [xs[i], xs[j]] = [xs[j], xs[i]];
+  }
+  return xs;
 }
 
-describe('packBatchAnswer', () => {
-  it('writes the bytes packParts writes for the same answer', () => {
+/** The frame BatchFrame writes when the fulfilled steps finish in `order` (random unless given), or undefined when it leaves the answer to packParts. */
+function packed(id: unknown, results: PromiseSettledResult<AttendAnswer>[], ms: number, order = shuffled(results.length)): Buffer | undefined {
+  const frame = new BatchFrame(id);
+  for (const i of order) {
+    const r = results[i];
+    if (r.status === 'fulfilled') frame.step(i, results.length, r.value);
+  }
+  const ready = frame.finish(results, ms);
+  if (!ready) return undefined;
+  const bytes = Buffer.from(ready.buf.subarray(HEADER_ROOM, HEADER_ROOM + ready.byteLength));
+  ready.release();
+  return bytes;
+}
+
+describe('BatchFrame', () => {
+  it('writes the bytes packParts writes for the same answer, whatever order the steps finish in', () => {
     const shapes: [number, number][] = [[1, 1], [1, 3], [2, 5], [32, 128], [15, 16], [16, 17], [127, 2], [128, 3], [255, 1], [256, 1], [3, 300], [40, 1700], [2, 65536 / 2 + 1]];
     for (let trial = 0; trial < 80; trial++) {
       const [qHeads, headDim] = pick(shapes).map(Math.floor) as [number, number];
@@ -64,6 +81,17 @@ describe('packBatchAnswer', () => {
     }
   });
 
+  it('grows its buffer when later steps are larger than the first (sessions of other shapes)', () => {
+    for (let trial = 0; trial < 20; trial++) {
+      const small = fulfilled(answer(1, 3, 'f16'));
+      const results = [small, ...Array.from({ length: 1 + rng.int(16) }, () => fulfilled(answer(pick([32, 40]), pick([128, 1700]), pick(['f32', 'f16'] as const))))];
+      const id = pick([undefined, 9, 'abc']);
+      // The small step first: the frame's room, sized from it, is far too small for the rest.
+      const mine = packed(id, results, 2.5, [0, ...shuffled(results.length - 1).map((i) => i + 1)]);
+      expect(mine!.equals(generic(id, results, 2.5)), `trial ${trial}`).toBe(true);
+    }
+  });
+
   it('packs the HTTP answer (no id) as packParts packs it', () => {
     const results = [fulfilled(answer(32, 128, 'f16')), fulfilled(answer(32, 128, 'f32'))];
     const parts = packParts({ results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms: 1.5 } });
@@ -73,20 +101,28 @@ describe('packBatchAnswer', () => {
   it('leaves failed steps, selections, kv, nested stats and unusual ids to packParts', () => {
     const good = () => fulfilled(answer(4, 8, 'f32'));
     const rejected: PromiseSettledResult<AttendAnswer> = { status: 'rejected', reason: new Error('boom') };
-    expect(packBatchAnswer(1, [good(), rejected], 1)).toBeUndefined();
+    expect(packed(1, [good(), rejected], 1)).toBeUndefined();
+    expect(packed(1, [rejected, good(), good()], 1)).toBeUndefined();
     const withSelection = answer(4, 8, 'f32');
     withSelection.selection = [new Int32Array([1, 2])];
-    expect(packBatchAnswer(1, [good(), fulfilled(withSelection)], 1)).toBeUndefined();
+    expect(packed(1, [good(), fulfilled(withSelection)], 1)).toBeUndefined();
     const nested = answer(4, 8, 'f32');
     (nested.stats as unknown as Record<string, unknown>).gpu = { ms: 1 };
-    expect(packBatchAnswer(1, [fulfilled(nested)], 1)).toBeUndefined();
+    expect(packed(1, [fulfilled(nested)], 1)).toBeUndefined();
     const unrounded = answer(4, 8, 'f16');
     delete unrounded.outWords;
-    expect(packBatchAnswer(1, [fulfilled(unrounded)], 1)).toBeUndefined();
-    expect(packBatchAnswer('é', [good()], 1)).toBeUndefined();
-    expect(packBatchAnswer('x'.repeat(32), [good()], 1)).toBeUndefined();
-    expect(packBatchAnswer({ a: 1 }, [good()], 1)).toBeUndefined();
-    expect(packBatchAnswer(1, [good()], 1)).toBeDefined();
+    expect(packed(1, [fulfilled(unrounded)], 1)).toBeUndefined();
+    // Stats are read with for...in: a key inherited from a prototype (which packParts, by Object.keys, leaves out) must not be written.
+    const inherited = answer(4, 8, 'f32');
+    inherited.stats = Object.assign(Object.create({ inherited: 1 }) as object, inherited.stats) as AttendAnswer['stats'];
+    expect(packed(1, [good(), fulfilled(inherited)], 1)).toBeUndefined();
+    const longString = answer(4, 8, 'f32');
+    (longString.stats as unknown as Record<string, unknown>).backend = 'x'.repeat(32);
+    expect(packed(1, [fulfilled(longString)], 1)).toBeUndefined();
+    expect(packed('é', [good()], 1)).toBeUndefined();
+    expect(packed('x'.repeat(32), [good()], 1)).toBeUndefined();
+    expect(packed({ a: 1 }, [good()], 1)).toBeUndefined();
+    expect(packed(1, [good()], 1)).toBeDefined();
   });
 });
 
@@ -126,6 +162,9 @@ describe('packAttendAnswer', () => {
     const unrounded = answer(4, 8, 'f16');
     delete unrounded.outWords;
     expect(packAttendAnswer(1, unrounded)).toBeUndefined();
+    const inherited = answer(4, 8, 'f32');
+    inherited.stats = Object.assign(Object.create({ inherited: 1 }) as object, inherited.stats) as AttendAnswer['stats'];
+    expect(packAttendAnswer(1, inherited)).toBeUndefined();
     for (const id of ['é', 'x'.repeat(32), { a: 1 }, [1], null, true]) expect(packAttendAnswer(id, answer(4, 8, 'f32')), String(id)).toBeUndefined();
     expect(packAttendAnswer(1, answer(4, 8, 'f32'))).toBeDefined();
   });

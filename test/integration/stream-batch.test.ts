@@ -87,6 +87,24 @@ describe('decode transports', () => {
     expect((whole as KvrecallRequestError).status).toBe(422);
   });
 
+  it('each answered step of a batch is counted once in /metrics, over the stream and over HTTP', async () => {
+    const count = async () => Number(/kvrecall_attend_seconds_count (\d+)/.exec(await (await fetch(`${server.url}/metrics`)).text())?.[1]);
+    const [a, b, c] = [await session(), await session(), await session()];
+    const body = { q: qT(steps[0].q) };
+    const stream = await client.openStream();
+    try {
+      const before = await count();
+      const streamed = await stream.attendBatch(0, [{ session: a, ...body }, { session: 'no-such-session', ...body }, { session: b, ...body }, { session: c, ...body }]);
+      expect(streamed.map((r) => ('error' in r ? r.error.code : 'ok'))).toEqual(['ok', 'not_found', 'ok', 'ok']);
+      expect(await count()).toBe(before + 3);
+      await stream.attendBatch(1, [{ session: a, ...body }, { session: b, ...body }]);
+      await client.attendBatch(0, [{ session: c, ...body }, { session: a, ...body }]);
+      expect(await count()).toBe(before + 7);
+    } finally {
+      stream.close();
+    }
+  });
+
   it('appends out of order are refused with 409 and change nothing', async () => {
     const a = await session();
     const body = { layer: 0, q: qT(steps[0].q), ...steps[0].kv };
