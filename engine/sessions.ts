@@ -71,6 +71,11 @@ export class Sessions {
     // selected positions came back as the first's, and its estimate left out the rows either copy attended.
     const twice = (docIds as string[]).find((id, i) => docIds.indexOf(id) !== i);
     if (twice !== undefined) throw invalid(`documents names ${JSON.stringify(twice)} twice; a session attaches each document once`);
+    // The rest of the body is checked before any document is read into memory, so a bad body reads none
+    // (after a restart a document is read whole at its first attach): layers with a stand-in for the
+    // default estimate, which depends on the documents (parsed again below).
+    if (body.estimate !== undefined && typeof body.estimate !== 'boolean') throw invalid('estimate must be true or false');
+    parseLayers(body.layers, model.layers, params.budget, false);
     const docs = await Promise.all((docIds as string[]).map((id) => this.documents.acquire(id)));
     for (const d of docs)
       if (!sameModel(d.meta.model, model))
@@ -78,8 +83,7 @@ export class Sessions {
     // Estimating what a method leaves out costs one centroid score per cluster and cut every method's
     // error about tenfold on the real model (bench/results/model-vm.md): on wherever the clusters exist,
     // except for `exact`, which leaves nothing out.
-    const estimate = body.estimate ?? (method.name === WAVE || (method.name !== 'exact' && docs.length > 0 && docs.every((d) => d.meta.methods.includes(WAVE))));
-    if (typeof estimate !== 'boolean') throw invalid('estimate must be true or false');
+    const estimate = (body.estimate as boolean | undefined) ?? (method.name === WAVE || (method.name !== 'exact' && docs.length > 0 && docs.every((d) => d.meta.methods.includes(WAVE))));
     const layers = parseLayers(body.layers, model.layers, params.budget, estimate);
     const estimating = layers.some((l) => l.estimate);
     if (estimating && method.name !== WAVE)
