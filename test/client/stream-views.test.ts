@@ -75,6 +75,35 @@ describe('stream answers read from the warm read buffer', () => {
     }
   });
 
+  it('large batch answers (each copied into a buffer of its own, which its results view) keep their values through later batches', async () => {
+    const client = live.client();
+    // 128 q heads x 128: one step's out is 64 KiB, a batch of 6 about 0.4 MB: more than a read, and copied out of the warm read buffer.
+    const big = { layers: 1, qHeads: 128, kvHeads: 2, headDim: 128, dtype: 'f16' as const };
+    await client.createDocument('big', big);
+    const c = randomKv(rng, 'f16', big.kvHeads, 37, big.headDim);
+    await client.uploadDocumentKv('big', { layer: 0, start: 0, k: c.k, v: c.v });
+    await client.sealDocument('big');
+    const sids: string[] = [];
+    for (let i = 0; i < 6; i++) sids.push((await client.createSession({ model: big, documents: ['big'], method: 'exact' })).id);
+    const stream = await client.openStream();
+    try {
+      const kept: { got: Buffer[]; want: Buffer[] }[] = [];
+      for (let round = 0; round < 5; round++) {
+        // Sizes that change from round to round.
+        const steps = sids.slice(0, round === 2 ? 3 : 6).map((session) => ({ session, q: tensor('f32', [big.qHeads, big.headDim], randomQ(rng, big.qHeads, big.headDim)) }));
+        const got = (await stream.attendBatch(0, steps)) as AttendReply[];
+        // Between batches the client's event loop turns, as in a decode loop.
+        await new Promise((resolve) => setImmediate(resolve));
+        const want = (await client.attendBatch(0, steps)) as AttendReply[];
+        kept.push({ got: got.flatMap((r) => [bytesOf(r.out), bytesOf(r.lse)]), want: want.flatMap((r) => [bytesOf(r.out), bytesOf(r.lse)]) });
+        for (const [i, k] of kept.entries()) expect(Buffer.concat(k.got).equals(Buffer.concat(k.want)), `round ${round}, batch ${i}`).toBe(true);
+        kept[round].got = got.flatMap((r) => [r.out, r.lse].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength)));
+      }
+    } finally {
+      stream.close();
+    }
+  });
+
   it('sends each request as its own: attends with different q in flight at once get their own answers, appends in order', async () => {
     const client = live.client();
     const sid = (await client.createSession({ model })).id;
