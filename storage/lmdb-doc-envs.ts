@@ -13,16 +13,17 @@
 // first's speed), and 3.4-4.6 on every one with environments of their own
 // (bench/results/preload-vm-rounds.md).
 //
-// Artifacts left in the shared environment kept their pages in its file
-// after a delete (290 MB of wave artifacts per 1 GiB of K/V; reused by the
-// next seal, not given back: bench/results/artifact-rounds-vm.md).
+// Artifacts in the shared environment kept their pages in its file after a
+// delete (290 MB of wave artifacts per GiB of K/V), reused by the next seal
+// but never given back; their writes, a few large values, did not slow on
+// the freelist as the blocks' did (bench/results/artifact-rounds-vm*.md).
 //
 // <key> is a hash of the document id: ids differing only in case stay apart
 // on a file system that ignores case. Environments are open while their
 // document is loading and closed once it is sealed; a ready document's are
 // opened to read it (or to add artifacts) and closed again.
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { open as openFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
@@ -55,9 +56,9 @@ export function documentKeys(root: string): string[] {
     .map((e) => e.name);
 }
 
-function openEnv(path: string): RootDatabase {
+function openEnv(path: string, mapSize = 2 ** 28): RootDatabase {
   // The map starts small and grows as the file does (lmdb's own remap), so many loading documents fit the address space.
-  return open({ path, maxDbs: 2, mapSize: 2 ** 28, noSubdir: false, noSync: true });
+  return open({ path, maxDbs: 2, mapSize, noSubdir: false, noSync: true });
 }
 
 /** Open environments of one document. */
@@ -132,10 +133,19 @@ export class ArtifactEnv {
     readonly db: Database<Buffer, ArtifactKey>,
   ) {}
 
-  /** Opens (creating, with the document's folder) the environment, to write artifacts. */
-  static create(root: string, id: string): ArtifactEnv {
+  /**
+   * Opens (creating, with the document's folder) the environment, to write
+   * `bytes` of artifacts. Its map is sized for them beside what the file
+   * holds (a rewrite frees the old pages only at its commit): a transaction
+   * that outgrows the map is run again whole by lmdb-js once it has grown
+   * it, and a seal's artifacts are one transaction (288 MB written into a
+   * 256 MiB map cost 0.70 CPU s against 0.25 into one large enough, 2-core VM).
+   */
+  static create(root: string, id: string, bytes = 0): ArtifactEnv {
     const folder = documentFolder(root, id);
-    const env = openEnv(join(folder, ARTIFACTS));
+    const file = join(folder, ARTIFACTS, 'data.mdb');
+    const held = existsSync(file) ? statSync(file).size : 0;
+    const env = openEnv(join(folder, ARTIFACTS), Math.max(2 ** 28, Math.ceil((held + 1.25 * bytes + 2 ** 24) / 2 ** 20) * 2 ** 20));
     try {
       return new ArtifactEnv(folder, env, env.openDB<Buffer, ArtifactKey>({ name: ARTIFACTS, encoding: 'binary' }));
     } catch (e) {

@@ -311,7 +311,7 @@ export class LmdbStore implements DocumentStore {
    */
   private async writeArtifacts(id: string, artifacts: ArtifactWrite[]): Promise<void> {
     if (artifacts.length === 0) return;
-    const env = ArtifactEnv.create(this.path, id);
+    const env = ArtifactEnv.create(this.path, id, artifacts.reduce((n, a) => n + a.bytes.byteLength, 0));
     // Views, not copies: a build's bytes do not change once it returns.
     const view = (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
     const done = Promise.all(artifacts.map((a) => env.db.put([id, a.method, a.layer, a.head], view(a.bytes)))).then(() => env.sync());
