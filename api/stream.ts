@@ -28,7 +28,8 @@ import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFra
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
-import { acceptHandshake, CLOSE_ERROR, handshakeProblem, WsConnection, type WsLimits } from './websocket.js';
+import { CLOSE_ERROR, WsConnection, type WsLimits } from './websocket.js';
+import { acceptHandshake, handshakeProblem } from './ws-handshake.js';
 
 export interface StreamOptions {
   token?: string;

@@ -10,8 +10,8 @@
 // caller straight after its frame header in a pooled buffer, one socket
 // write.
 //
-// What it does: the handshake (version 13; no extensions or subprotocols
-// are agreed, so frames carry none); client frames must be masked (a zero
+// What it does (the handshake is ws-handshake.ts: version 13; no extensions
+// or subprotocols are agreed, so frames carry none): client frames must be masked (a zero
 // key is a key: the payload is then as sent); 7, 16 and 64-bit lengths;
 // fragmented messages put together, control frames allowed between the
 // fragments; ping answered by pong; a close answered by a close and the end
@@ -29,13 +29,10 @@
 // AHEAD bytes): parsed as the message is handed on, a next large message
 // starts its own direct read at once, not once the event loop comes round
 // to the socket behind the work this message set off.
-import { createHash } from 'node:crypto';
-import type { IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';
 import { canReadDirect, readSocketInto, type SocketRead } from '../addon/socket-read.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
-const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 const OP_CONT = 0x0, OP_TEXT = 0x1, OP_BINARY = 0x2, OP_CLOSE = 0x8, OP_PING = 0x9, OP_PONG = 0xa;
 export const CLOSE_NORMAL = 1000, CLOSE_PROTOCOL = 1002, CLOSE_POLICY = 1008, CLOSE_TOO_BIG = 1009, CLOSE_ERROR = 1011;
 /** The largest frame header: 2 bytes, a 64-bit length, no mask (server frames). */
@@ -85,24 +82,6 @@ export interface WsLimits {
 }
 
 const pool = new BufferPool(8);
-
-/** Why this upgrade request is not a WebSocket handshake we accept, or undefined when it is. */
-export function handshakeProblem(req: IncomingMessage): string | undefined {
-  if (req.method !== 'GET') return 'a WebSocket handshake is a GET';
-  if (!/(^|,)\s*websocket\s*(,|$)/i.test(req.headers.upgrade ?? '')) return 'Upgrade must be websocket';
-  if (req.headers['sec-websocket-version'] !== '13') return 'Sec-WebSocket-Version must be 13';
-  const key = req.headers['sec-websocket-key'];
-  if (typeof key !== 'string' || !/^[A-Za-z0-9+/]{22}==$/.test(key.trim())) return 'Sec-WebSocket-Key must be 16 bytes in base64';
-  return undefined;
-}
-
-/** Completes the handshake of an accepted upgrade request on its socket. */
-export function acceptHandshake(req: IncomingMessage, socket: Socket): void {
-  const accept = createHash('sha1')
-    .update((req.headers['sec-websocket-key'] as string).trim() + GUID)
-    .digest('base64');
-  socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
-}
 
 export interface WsHandlers {
   /**
