@@ -31,14 +31,25 @@
 //   (--entry-top) of its 4 nearest (--entry-nearest) by cosine are extra
 //   seeds, scored and counted. Variants alternate per query group.
 //   --no-reach skips the neighbour statistics and the ideal walk.
-import { readFileSync, writeFileSync } from 'node:fs';
+// - with --margins 0.5,0.75,1,1.5, instead of the efforts above: the
+//   session's default search before 5dcddba (k = 1% + sinks + window, beam
+//   8k, margin 0.5, no free start keys) and the session's search now at each
+//   margin (steady zone free, k = 1%, beam 8k; and with the wider beam of
+//   before, 8·(1% + sinks + window)), plus index/retrieval-attention.ts's
+//   searchHeads itself with the steady zone in its memo (the session's
+//   default: equals "margin s0.75, wide beam"; a margin "s<b>" is
+//   0.5 + b·ln(1 + (sinks + window) / k)). With values dumped (dump_qk.py --values) each
+//   selection's output error against exact attention and the exact top
+//   1%'s (the oracle's) beside it; pass-key digits = of the plant's 5 digit
+//   keys, those selected at the question's position (the dump's last).
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { RaGraph } from '../addon/ra-graph.js';
 import { nativeThreads } from '../addon/kernels.js';
 import { hnswBuilder } from '../index/hnsw.js';
-import { DEFAULT_MARGIN } from '../index/retrieval-attention.js';
-import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
+import { DEFAULT_MARGIN, retrievalAttentionBuilder } from '../index/retrieval-attention.js';
+import { compareWithOracle, exactAttention, meanProbs, topKIndices, widen, type ExactAttention } from './quality.js';
 import { oracleWalk, readCsr, type Csr } from './ra-graph-csr.js';
 
 const argv = process.argv.slice(2);
@@ -53,6 +64,10 @@ const probes = Number(get('probes', '40'));
 const withHnsw = argv.includes('--hnsw');
 const withSeeds = argv.includes('--seeds');
 const withReach = !argv.includes('--no-reach');
+// A margin "s<b>" is 0.5 + b·ln(1 + (sinks + window) / k): the old bound's reference rank k + sinks + window moved to
+// rank k, if a key's probability falls as 1/rank.
+const margins = argv.includes('--margins') ? get('margins', '').split(',') : undefined;
+const marginOf = (m: string, want: number) => (m.startsWith('s') ? 0.5 + Number(m.slice(1)) * Math.log(1 + (SINKS + WINDOW) / want) : Number(m));
 const out = get('out', 'bench/results/retrieval-model-vm');
 const SINKS = 16, WINDOW = 256, BUDGET = 0.01, NN = 24;
 const machine = () => `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
@@ -145,6 +160,54 @@ interface Point {
   recall: number; // selection (sinks + window + retrieved) against T
   retrievedRecall: number; // T outside sinks + window, by the retrieved ids
   scanned: number;
+  /** With --margins and values: ‖o_S − o‖/‖o‖ over the group's rows, and the oracle's (exact top tokens, same count). */
+  error?: number;
+  oracleError?: number;
+  /** With --margins: pass-key digit keys selected at the question's position (of 5), and the oracle's. */
+  digits?: number;
+  oracleDigits?: number;
+}
+
+/** --margins: the searches compared (k asked, beam, margin, steady zone free). */
+interface MarginRun {
+  name: string;
+  k: number;
+  ef: number;
+  margin: number;
+  free: boolean;
+}
+
+function marginRuns(ms: string[], want: number, asked: number): MarginRun[] {
+  return [
+    { name: 'before 5dcddba (default)', k: asked, ef: 8 * asked, margin: 0.5, free: false },
+    ...ms.map((m) => ({ name: `margin ${m}`, k: want, ef: 8 * want, margin: marginOf(m, want), free: true })),
+    ...ms.map((m) => ({ name: `margin ${m}, wide beam`, k: want, ef: 8 * asked, margin: marginOf(m, want), free: true })),
+  ];
+}
+
+/** Sinks + window + the first `want` retrieved ids outside them, as the session attends. */
+function selectionOf(ids: Int32Array, n: number, want: number): Int32Array {
+  const out: number[] = [];
+  for (let t = 0; t < SINKS; t++) out.push(t);
+  for (let t = n - WINDOW; t < n; t++) out.push(t);
+  let m = 0;
+  for (const id of ids) if (m < want && id >= SINKS && id < n - WINDOW) out.push(id), m++;
+  return Int32Array.from(out);
+}
+
+/** A --margins point: recall and scanned as score() counts them, output error with values, pass-key digits at the question. */
+function marginPoint(ex: ExactAttention, withValues: boolean, ids: Int32Array, T: Int32Array, n: number, want: number, scanned: number, digits?: number[]): Point {
+  const pt = score(ids, T, n, want, scanned);
+  const S = selectionOf(ids, n, want);
+  if (withValues) {
+    const cmp = compareWithOracle(ex, S, want);
+    (pt.error = cmp.method.outputError), (pt.oracleError = cmp.oracle.outputError);
+  }
+  if (digits) {
+    const inS = new Set(S), inO = new Set([...selectionOf(T, n, want), ...T]);
+    (pt.digits = digits.filter((t) => inS.has(t)).length), (pt.oracleDigits = digits.filter((t) => inO.has(t)).length);
+  }
+  return pt;
 }
 
 interface Reach {
@@ -292,12 +355,26 @@ interface LayerResult {
   ra: Record<string, Point>;
   /** With --seeds: per variant, per effort. */
   seeded: Partial<Record<Variant, Record<string, Point>>>;
+  /** With --margins: per search compared (marginRuns), means over the query groups; digits summed over kv heads. */
+  margins?: Record<string, Point>;
   hnsw: Record<string, Point>;
   ideal: Record<string, Point>;
   reach: Reach;
 }
 
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+
+/** --margins points averaged over query groups; errors where measured; digits summed (the question's groups only). */
+function averageMargin(ps: Point[]): Point {
+  const errs = ps.filter((p) => p.error !== undefined), dig = ps.filter((p) => p.digits !== undefined);
+  return {
+    recall: mean(ps.map((p) => p.recall)),
+    retrievedRecall: mean(ps.map((p) => p.retrievedRecall)),
+    scanned: mean(ps.map((p) => p.scanned)),
+    ...(errs.length > 0 && { error: mean(errs.map((p) => p.error!)), oracleError: mean(errs.map((p) => p.oracleError!)) }),
+    ...(dig.length > 0 && { digits: dig.reduce((a, p) => a + p.digits!, 0), oracleDigits: dig.reduce((a, p) => a + p.oracleDigits!, 0) }),
+  };
+}
 
 function score(ids: Int32Array, T: Int32Array, n: number, want: number, scanned: number): Point {
   const isStatic = (t: number) => t < SINKS || t >= n - WINDOW;
@@ -314,14 +391,16 @@ function score(ids: Int32Array, T: Int32Array, n: number, want: number, scanned:
 
 async function runLength(length: number): Promise<LayerResult[]> {
   const base = join(dir, `ctx${length}`);
-  const meta = JSON.parse(readFileSync(join(base, 'meta.json'), 'utf8')) as { n_doc: number; steps: number; layers: number; kv_heads: number; group: number; head_dim: number; scale: number };
+  const meta = JSON.parse(readFileSync(join(base, 'meta.json'), 'utf8')) as { n_doc: number; steps: number; layers: number; kv_heads: number; group: number; head_dim: number; scale: number; plant_at: number };
   const { n_doc: n, group: G, head_dim: d } = meta;
   const want = Math.round(n * BUDGET), asked = want + SINKS + WINDOW;
   // Decode positions evenly spread over the dumped tail (the last one asks for the pass key).
   const picks = Array.from({ length: stepsPerHead }, (_, i) => Math.round(((i + 1) * meta.steps) / stepsPerHead) - 1);
   const results: LayerResult[] = [];
   for (let layer = 0; layer < meta.layers; layer++) {
-    const ra: Record<string, Point[]> = {}, hn: Record<string, Point[]> = {}, ideal: Record<string, Point[]> = {};
+    const ra: Record<string, Point[]> = {}, hn: Record<string, Point[]> = {}, ideal: Record<string, Point[]> = {}, mr: Record<string, Point[]> = {};
+    // The pass key's five digits (after "\x1fpass key: "), asked for at the dump's last position.
+    const digits = Array.from({ length: 5 }, (_, i) => meta.plant_at + 11 + i);
     const seeded: Partial<Record<Variant, Record<string, Point[]>>> = {};
     const steady = Int32Array.from({ length: SINKS + WINDOW }, (_, i) => (i < SINKS ? i : n - WINDOW + (i - SINKS)));
     const reaches: Reach[] = [], staticShare: number[] = [], dims: number[] = [];
@@ -329,6 +408,8 @@ async function runLength(length: number): Promise<LayerResult[]> {
     for (let h = 0; h < meta.kv_heads; h++) {
       const stem = join(base, `L${layer}h${h}`);
       const keys = readNpy(`${stem}.keys.npy`).data as Uint16Array;
+      const withValues = margins !== undefined && existsSync(`${stem}.values.npy`);
+      const values = withValues ? (readNpy(`${stem}.values.npy`).data as Uint16Array) : keys;
       const queries = readNpy(`${stem}.prefill.npy`).data as Float32Array;
       const decode = readNpy(`${stem}.decode.npy`).data as Float32Array;
       const keyArgs = { keys, tokens: n, headDim: d, dtype: 'f16' as const };
@@ -349,11 +430,13 @@ async function runLength(length: number): Promise<LayerResult[]> {
         for (let j = 0; j < d; j++) centred[t * d + j] *= r;
       }
       const entry = withSeeds ? queryEntry(queries, K, n, d) : undefined;
+      const sessionHead = margins ? retrievalAttentionBuilder.load(graph.save(), keyArgs) : undefined;
       const hnswHead = withHnsw ? hnswBuilder.load(await hnswBuilder.build({ ...keyArgs, queries: new Float32Array(0), queryCount: 0 }), keyArgs) : undefined;
       for (const s of picks) {
         const q = decode.subarray(s * G * d, (s + 1) * G * d);
         groups++;
-        const mp = meanProbs(exactAttention(q, G, K, K, { headDim: d, outputs: false, scale: meta.scale }));
+        const ex = exactAttention(q, G, K, withValues ? widen(values, 'f16') : K, { headDim: d, outputs: withValues, scale: meta.scale });
+        const mp = meanProbs(ex);
         const T = topKIndices(mp, want);
         staticShare.push(T.reduce((a, t) => a + (t < SINKS || t >= n - WINDOW ? 1 : 0), 0) / want);
         if (withReach) {
@@ -362,6 +445,18 @@ async function runLength(length: number): Promise<LayerResult[]> {
             for (const free of [false, true]) (ideal[`${free ? 'static free, ' : ''}cap ${cap * 100}%`] ??= []).push(idealWalk(csr, mp, T, cap, free));
         }
         const qSeeds = entry && entrySeeds(entry, q, G, d);
+        if (margins) {
+          const atQuestion = s === meta.steps - 1 ? digits : undefined;
+          for (const run of marginRuns(margins, want, asked)) {
+            const ids = new Int32Array(run.k), scores = new Float32Array(run.k);
+            const res = graph.searchSync({ ...keyArgs, q, group: G, k: run.k, ef: run.ef, margin: run.margin, aggregate: 'attention', scale: meta.scale, outIds: ids, outScores: scores, ...(run.free && { freeSeeds: steady }) });
+            (mr[run.name] ??= []).push(marginPoint(ex, withValues, ids.subarray(0, res.count), T, n, want, res.scanned, atQuestion));
+          }
+          // The session's search itself (ef 0 = its default), the steady zone in its memo.
+          const [r] = await retrievalAttentionBuilder.searchHeads!([sessionHead!], q, G, [asked], 0, { steady });
+          (mr['session (searchHeads)'] ??= []).push(marginPoint(ex, withValues, r.ids, T, n, want, r.scanned, atQuestion));
+          continue;
+        }
         for (const e of efforts(asked, n))
           for (const variant of withSeeds ? VARIANTS : (['plain'] as const)) {
             // The free variants ask for the 1% alone: the steady zone is outside the k searched for.
@@ -393,6 +488,7 @@ async function runLength(length: number): Promise<LayerResult[]> {
       dims90: dims,
       staticShareOfT: mean(staticShare),
       ra: avg(ra),
+      margins: margins && Object.fromEntries(Object.entries(mr).map(([name, ps]) => [name, averageMargin(ps)])),
       hnsw: avg(hn),
       ideal: avg(ideal),
       seeded: Object.fromEntries(Object.entries(seeded).map(([v, pts]) => [v, avg(pts)])),
@@ -435,8 +531,8 @@ async function main(): Promise<void> {
     `### RetrievalAttention's graph on a real model's keys: kvrecall-code-13M (issue #15; 2-core VM)`,
     '',
     `AMD EPYC, 2-core VM (${machine()}), shared with other work (1-minute load ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)} during the run; ${f((performance.now() - t0) / 1000, 0)} s). ` +
-      `Tensors: \`/usr/bin/python3 bench/model/dump_qk.py --lengths ${lengths.join(',')}\` (one held-out pass-key context per length, kvdecode.make_trial's draw, seed 0; numpy prefill of the whole context; keys f16 post-RoPE; prefill queries every 4th token as bench:model pushes them; decode queries = the teacher-forced last 48 positions). ` +
-      `Bench: \`node dist/bench/retrieval-model.js --lengths ${lengths.join(',')} --steps ${stepsPerHead} --probes ${probes}${withHnsw ? ' --hnsw' : ''}${withSeeds ? ` --seeds --entry-share ${ENTRY_SHARE} --entry-nearest ${ENTRY_NEAREST} --entry-top ${ENTRY_TOP}` : ''}${withReach ? '' : ' --no-reach'}\` (bench/retrieval-model.ts). ` +
+      `Tensors: \`/usr/bin/python3 bench/model/dump_qk.py --lengths ${lengths.join(',')}${margins ? ' --values' : ''}\` (one held-out pass-key context per length, kvdecode.make_trial's draw, seed 0; numpy prefill of the whole context; keys f16 post-RoPE; prefill queries every 4th token as bench:model pushes them; decode queries = the teacher-forced last 48 positions). ` +
+      `Bench: \`node dist/bench/retrieval-model.js --lengths ${lengths.join(',')} --steps ${stepsPerHead} --probes ${probes}${withHnsw ? ' --hnsw' : ''}${withSeeds ? ` --seeds --entry-share ${ENTRY_SHARE} --entry-nearest ${ENTRY_NEAREST} --entry-top ${ENTRY_TOP}` : ''}${withReach ? '' : ' --no-reach'}${margins ? ` --margins ${margins.join(',')}` : ''}\` (bench/retrieval-model.ts). ` +
       `Per layer: 2 kv heads × ${stepsPerHead} decode positions = ${all[0].groups} query groups (GQA 4, d=64). Graph per (layer, kv head) at its defaults from the group's prefill queries (index/retrieval-attention.ts's build); search ranked by the group's attention, k asked = 1% + ${SINKS} sinks + ${WINDOW} window (bench/retrieval.ts). ` +
       `T = the exact top 1% of the document's keys by the group's mean softmax probability (float64). Recall = the selection (sinks + window + retrieved) against T, as bench/retrieval.ts's "top-k recall (group)"; "dyn" = the share of T outside sinks + window that the retrieved ids hold (what the graph must find). ` +
       `Efforts: "cap x%" = ef 8k, margin 3, at most x% of keys scored; margins with ef 8k; the session's default is margin ${DEFAULT_MARGIN}. Scanned includes the 'attention' ranking's sample (n/512, at least 64 keys).`,
@@ -445,7 +541,15 @@ async function main(): Promise<void> {
   for (const length of lengths) {
     const rows = all.filter((r) => r.length === length);
     md.push(`#### ${length.toLocaleString('en-US')}-byte context (document ${(length - 48).toLocaleString('en-US')} keys, k = ${Math.round((length - 48) * BUDGET)})`, '');
-    if (!withSeeds) {
+    if (margins) {
+      md.push(`Margin sweep (recall (dyn) @ scanned; output error against exact attention, the oracle's = the exact top tokens of the same count; pass-key digits selected at the question's position, of 5 per kv head, the oracle's = sinks + window + the exact top 1%):`, '');
+      md.push('| layer | search | recall | dyn | scanned | output error | oracle error | digits (oracle) |', '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |');
+      for (const r of rows)
+        for (const [nm, p] of Object.entries(r.margins ?? {}))
+          md.push(`| ${r.layer} | ${nm} | ${f(p.recall)} | ${f(p.retrievedRecall, 2)} | ${pct(p.scanned)} | ${p.error === undefined ? '—' : `${(100 * p.error).toFixed(2)}%`} | ${p.oracleError === undefined ? '—' : `${(100 * p.oracleError).toFixed(2)}%`} | ${p.digits ?? '—'} (${p.oracleDigits ?? '—'}) |`);
+      md.push('');
+    }
+    if (!withSeeds && !margins) {
       md.push(`Graph: recall (dyn) @ scanned, mean over the layer's ${rows[0].groups} query groups.`, '');
       md.push(`| layer | ${names.join(' | ')} | 0.9 reached at |`, `| ---: |${names.map(() => ' --- |').join('')} ---: |`);
       for (const r of rows) md.push(`| ${r.layer} | ${names.map((nm) => `${f(r.ra[nm].recall)} (${f(r.ra[nm].retrievedRecall, 2)}) @ ${pct(r.ra[nm].scanned)}`).join(' | ')} | ${pct(shareAt(r.ra, 0.9, 'recall'))} |`);
@@ -458,7 +562,7 @@ async function main(): Promise<void> {
       for (const r of rows) md.push(`| ${r.layer} | ${hn.map((nm) => `${f(r.hnsw[nm].recall)} (${f(r.hnsw[nm].retrievedRecall, 2)}) @ ${pct(r.hnsw[nm].scanned)}`).join(' | ')} |`);
       md.push('');
     }
-    if (withSeeds) {
+    if (withSeeds && !margins) {
       md.push(`Seeds, variants alternated per query group in the same sitting (recall (dyn) @ scanned). "steady free": the ${SINKS + WINDOW} sinks + window keys are free start keys: scored, NOT counted as scanned (the attention over them computes those dot products anyway), k asked = 1% (they are outside it). "+ query entry": also the stored exact top ${ENTRY_TOP} keys of the ${ENTRY_NEAREST} kept prefill queries (n/${ENTRY_SHARE} of them) nearest the group's mean query by cosine, seeds scored and counted; the n/${ENTRY_SHARE} query dot products are counted as scanned too (a cap includes them).`, '');
       for (const v of VARIANTS) {
         const vn = Object.keys(rows[0].seeded[v] ?? {});

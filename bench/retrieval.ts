@@ -8,6 +8,8 @@
 //                          [--ranking max (retrieval-attention's swept rows ranked by the max over the group's q·k,
 //                           as before the attention ranking; with --degree 32 --key-neighbors 0 the method as it was)]
 //                          [--prefill N (prefill query rows per kv head; default tokens/16)]
+//                          [--margins 0.5,0.75,1,1.5 (retrieval-attention's rows: only the session's default search
+//                           before 5dcddba, and the session's search now at each margin; bench/results/retrieval-margin-vm.md)]
 // npm run bench:documents (the same with --suite documents: squeezed, squeezed-2l, infiniretri,
 //                          retrieval-attention and exact at kept fractions 1%, 3%, 10%)
 //
@@ -82,6 +84,8 @@ interface Options {
   ranking: RaAggregate;
   /** Prefill query rows per kv head (the generator's default tokens/16 when absent). */
   prefill?: number;
+  /** With --margins: retrieval-attention swept over the session's quality-bound margin only (marginSweep). */
+  margins?: string[];
 }
 
 const SUITES = {
@@ -115,6 +119,7 @@ function parseArgs(argv: string[]): Options {
     keyEf: get('key-ef') === undefined ? undefined : Number(get('key-ef')),
     ranking: get('ranking') === 'max' ? 'max' : 'attention',
     prefill: get('prefill') === undefined ? undefined : Number(get('prefill')),
+    margins: get('margins')?.split(','),
   };
 }
 
@@ -208,6 +213,26 @@ function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate
     default:
       return [[0, null, null]];
   }
+}
+
+/**
+ * The session's own search (index/retrieval-attention.ts, ef 0) at each margin, against the session's default before
+ * 5dcddba: then k = budget + sinks + window, beam 8k, margin 0.5, no free start keys; now k = the budget alone with
+ * the steady zone free and beam 8·budget (effort(): 8 × the k asked). The searcher takes the steady zone's count off a
+ * steady row's ef, so ef = 8·want + free is the session's beam; "wide beam" keeps 8·(budget + sinks + window), the
+ * beam before, to show whether the beam or the margin stops the walk. Plain and seeded with the previous step's ids
+ * (the session seeds from SearchMemo.last), and the exhaustive steady row as the ceiling.
+ */
+function marginSweep(margins: string[], want: number, asked: number, tokens: number, ranking: RaAggregate): Effort[] {
+  const free = asked - want;
+  // "s<b>": 0.5 + b·ln(1 + free / want), the old bound's reference rank (want + free) moved to rank want if a key's
+  // probability falls as 1/rank.
+  const ms = margins.map((m) => (m.startsWith('s') ? 0.5 + Number(m.slice(1)) * Math.log(1 + free / want) : Number(m)));
+  return [false, true].flatMap((seeded): Effort[] => [
+    [8 * asked, 0.5, ranking, seeded],
+    ...ms.map((m): Effort => [8 * want + free, m, ranking, seeded, undefined, true]),
+    ...ms.map((m): Effort => [8 * asked + free, m, ranking, seeded, undefined, true]),
+  ]).concat([[tokens, null, 'attention', false, undefined, true]]);
 }
 
 /** Per kv head, something that answers "the tokens to attend for this step". */
@@ -328,7 +353,8 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
     }),
   );
   const steadyIds = Int32Array.from({ length: o.sinks + o.window }, (_, i) => (i < o.sinks ? i : tokens - o.window + (i - o.sinks)));
-  for (const [ef, margin, aggregate, seeded, cap, steady] of efSweep(name, asked, tokens, o.ranking)) {
+  const sweep = o.margins && name === 'retrieval-attention' ? marginSweep(o.margins, want, asked, tokens, o.ranking) : efSweep(name, asked, tokens, o.ranking);
+  for (const [ef, margin, aggregate, seeded, cap, steady] of sweep) {
     const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], gtopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)

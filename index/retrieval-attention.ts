@@ -32,18 +32,35 @@
 //
 // Search effort: the session's `ef` > 0 is a fixed beam width (raised to k);
 // `ef` 0 (the default) stops on the quality bound instead: once the best
-// unexpanded candidate scores DEFAULT_MARGIN logits below the k-th best
-// found (softmax scale 1/√headDim), with a beam of 8k capping the work.
+// unexpanded candidate scores `margin` logits below the k-th best found
+// (softmax scale 1/√headDim), with a beam of 8 × the k the session asked
+// (steady zone included) capping the work. Without a steady zone the margin
+// is DEFAULT_MARGIN; with s steady keys outside the k searched for it is
+// DEFAULT_MARGIN + STEADY_MARGIN · ln(1 + s/k): the bound used to compare
+// with the (k + s)-th best, and if a key's probability falls as 1/rank that
+// lies ln(1 + s/k) logits below the k-th. A constant margin restored the old
+// default at 32K-256K but not at 16K (k = 163 < s = 272) short of doubling the
+// generator's scanning; this one keeps recall and output error at least the
+// old default's on kvrecall-code-13M (16K, 32K) and the generator (64K, 256K)
+// for -2% to +8% scanned (bench/results/retrieval-margin-vm.md); at 1M
+// (k = 10486) it is 0.519.
 import { RaGraph } from '../addon/ra-graph.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchMemo, SearchResult } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 
 /** The quality-bound stop in logits when a session leaves `ef` at 0 (bench/results/retrieval-graph-v4-vm.md). */
 export const DEFAULT_MARGIN = 0.5;
+/** The margin's widening per ln(1 + steady/k) logits with a steady zone (bench/results/retrieval-margin-vm.md). */
+export const STEADY_MARGIN = 0.75;
 
-/** Beam and margin (logits) for a search of k ids at the session's ef, ranked by the group's attention. */
-function effort(ef: number, k: number): { ef: number; margin?: number; aggregate: 'attention' } {
-  return ef > 0 ? { ef: Math.max(ef, k), aggregate: 'attention' } : { ef: 8 * k, margin: DEFAULT_MARGIN, aggregate: 'attention' };
+/**
+ * Beam and margin (logits) for a search of k ids at the session's ef, ranked by the group's attention; `free` steady
+ * keys start the search outside the k (the beam counts them, as the k the session asked does).
+ */
+export function effort(ef: number, k: number, free = 0): { ef: number; margin?: number; aggregate: 'attention' } {
+  if (ef > 0) return { ef: Math.max(ef, k), aggregate: 'attention' };
+  const margin = DEFAULT_MARGIN + (free > 0 && k > 0 ? STEADY_MARGIN * Math.log1p(free / k) : 0);
+  return { ef: 8 * (k + free), margin, aggregate: 'attention' };
 }
 
 class GraphHead implements HeadIndex {
@@ -84,7 +101,7 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
       const free = steady?.length ?? 0;
       const n = Math.max(0, Math.min(k[h] - free, keys.tokens - free));
       const seeds = memo?.last?.[h];
-      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }), ...(steady && { freeSeeds: steady }) };
+      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n, free), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }), ...(steady && { freeSeeds: steady }) };
     });
     const res = await RaGraph.searchBatch(items);
     const ids = res.map((r, h) => items[h].outIds.subarray(0, r.count));

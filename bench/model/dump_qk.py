@@ -9,6 +9,8 @@ every tensor. Per layer L and kv head h, under --out/ctx<length>/:
 - `L<L>h<h>.prefill.npy` [4 * ceil(n_doc / stride), 64] float32: the group's prefill queries at t % stride == 0
   (bench:model's queryStride), q head by q head, as engine/document-indexes.ts hands them to a kv head's index;
 - `L<L>h<h>.decode.npy`  [steps, 4, 64] float32: the decode positions' queries of the group's 4 q heads;
+- with --values, `L<L>h<h>.values.npy` [n_doc, 64] float16: the document's values (bench/retrieval-model.ts then
+  reports the output error of each selection against exact attention);
 - `meta.json`: lengths, plant offset, stride, the model's softmax scale.
 
 Run with Debian's numpy: /usr/bin/python3 bench/model/dump_qk.py --lengths 32768,16384 --out /tmp/kvrecall-qk
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=4, help="prefill query stride (bench:model pushes every 4th)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/kvrecall-qk")
+    ap.add_argument("--values", action="store_true", help="also write each kv head's values")
     a = ap.parse_args()
     model = Model()
     c = model.cfg
@@ -59,13 +62,15 @@ def main() -> None:
         out = Path(a.out) / f"ctx{length}"
         out.mkdir(parents=True, exist_ok=True)
         for li in range(c.n_layers):
-            q, k = pre.q[li], pre.k[li]  # [qHeads, n, 64], [kvHeads, n, 64]
+            q, k, v = pre.q[li], pre.k[li], pre.v[li]  # [qHeads, n, 64], [kvHeads, n, 64] x 2
             for h in range(c.n_kv_heads):
                 qg = q[h * group:(h + 1) * group]
                 np.save(out / f"L{li}h{h}.keys.npy", np.ascontiguousarray(k[h, :n_doc].astype(np.float16)))
                 np.save(out / f"L{li}h{h}.prefill.npy",
                         np.ascontiguousarray(qg[:, :n_doc:a.stride].reshape(-1, c.head_dim), np.float32))
                 np.save(out / f"L{li}h{h}.decode.npy", np.ascontiguousarray(qg[:, n_doc:].transpose(1, 0, 2), np.float32))
+                if a.values:
+                    np.save(out / f"L{li}h{h}.values.npy", np.ascontiguousarray(v[h, :n_doc].astype(np.float16)))
         meta = dict(length=length, n_doc=n_doc, steps=a.steps, stride=a.stride, seed=a.seed, plant_at=at,
                     key=key.decode(), layers=c.n_layers, kv_heads=c.n_kv_heads, group=group, head_dim=c.head_dim,
                     scale=float(model.scale), prefill_s=round(prefill_s, 1),

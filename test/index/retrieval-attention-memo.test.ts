@@ -7,7 +7,8 @@
 // q·k, so the float64 reference is exact.
 import { describe, expect, it } from 'vitest';
 import type { LayerContext, SearchMemo, SearchParams } from '../../index/method.js';
-import { retrievalAttention, retrievalAttentionBuilder } from '../../index/retrieval-attention.js';
+import { RaGraph } from '../../addon/ra-graph.js';
+import { DEFAULT_MARGIN, retrievalAttention, retrievalAttentionBuilder, STEADY_MARGIN } from '../../index/retrieval-attention.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -83,6 +84,32 @@ describe('retrieval-attention search memo', () => {
     expect(plain.scanned).toBe(n);
     expect(withSteady.scanned).toBe(n - steady.length + 4);
     expect([...plain.ids].some(isSteady)).toBe(true);
+  });
+
+  it('searches by default (ef 0) with the beam of the k asked and the margin widened by ln(1 + steady/k)', async () => {
+    const rng = new Rng(seed + 3);
+    const n = 2001, W = 100;
+    const bits = Uint16Array.from({ length: n * d }, () => toBits(rng.normal()));
+    const keys = { keys: bits, values: bits, tokens: n, headDim: d, dtype: 'f16' as const };
+    const queries = Float32Array.from({ length: 256 * d }, () => rng.normal());
+    const bytes = await retrievalAttentionBuilder.build({ ...keys, queries, queryCount: 256 });
+    const index = retrievalAttentionBuilder.load(bytes, keys), graph = RaGraph.load(bytes);
+    const steady = Int32Array.from({ length: 4 + W }, (_, i) => (i < 4 ? i : n - W + (i - 4)));
+    const q = Float32Array.from({ length: d }, () => rng.normal());
+    const direct = (margin: number, ef: number, free?: Int32Array) => {
+      const outIds = new Int32Array(k), outScores = new Float32Array(k);
+      const r = graph.searchSync({ ...keys, q, group: 1, k, ef, margin, aggregate: 'attention', outIds, outScores, ...(free && { freeSeeds: free }) });
+      return { ids: Array.from(outIds.subarray(0, r.count)), scanned: r.scanned };
+    };
+    const [session] = await retrievalAttentionBuilder.searchHeads!([index], q, 1, [k + steady.length], 0, { steady });
+    const margin = DEFAULT_MARGIN + STEADY_MARGIN * Math.log(1 + steady.length / k);
+    expect({ ids: Array.from(session.ids), scanned: session.scanned }).toEqual(direct(margin, 8 * (k + steady.length), steady));
+    // Without a steady zone: margin DEFAULT_MARGIN, beam 8k, as before the steady zone was free.
+    const [plain] = await retrievalAttentionBuilder.searchHeads!([index], q, 1, [k], 0);
+    expect({ ids: Array.from(plain.ids), scanned: plain.scanned }).toEqual(direct(DEFAULT_MARGIN, 8 * k));
+    // The widened margin searches further than the bare one from the same start.
+    expect(session.scanned).toBeGreaterThan(direct(DEFAULT_MARGIN, 8 * k, steady).scanned);
+    graph.dispose();
   });
 
   it("is handed the session's sinks and window by the selection, which attends them and the budget's top outside them", async () => {
