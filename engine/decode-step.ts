@@ -12,7 +12,7 @@ import type { BlockStats } from './cache/block-stats.js';
 import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
 import type { AttendRequest } from './attend-request.js';
 import type { Session } from './session.js';
-import { conflict } from '../core/errors.js';
+import { conflict, invalid } from '../core/errors.js';
 import { estimateRest, mergeInto } from './estimate.js';
 
 export interface AttendResult {
@@ -107,6 +107,9 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
       scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
     }
   }
+  // Scores past float32 leave their heads' lse NaN, +Inf or (heads that attended rows) -Inf: refused,
+  // and the token taken back (decodeStep), rather than answered with NaN or a silently wrong out.
+  refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
   const t3 = performance.now();
   const { backend, blocks, gpu } = residency;
 
@@ -126,6 +129,20 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
   session.stats.scanned += scanned;
   session.stats.contextTokens = ctx.tokens;
   return result;
+}
+
+/**
+ * Throws 422 where a head's lse is not finite though the head attended
+ * rows (an empty selection's -Inf is an answer). One pass over qHeads
+ * floats; the selection is read only for a -Inf head.
+ */
+function refuseOverflow(lse: Float32Array, selection: Selection, group: number, scale: number): void {
+  for (let h = 0; h < lse.length; h++) {
+    const x = lse[h];
+    if (x > -Infinity && x < Infinity) continue;
+    if (x === -Infinity && !selection.parts.some((p) => rowsOf(p, Math.floor(h / group)).length > 0)) continue;
+    throw invalid(`the attention scores of query head ${h} overflow float32: scale·q·k (scale ${scale}) is past ±3.4e38 for this q and the context's keys; send a smaller scale or q`);
+  }
 }
 
 function gatherKv(sel: Selection, kvHeads: number, d: number): { k: Uint16Array[]; v: Uint16Array[] } {
