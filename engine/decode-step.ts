@@ -90,26 +90,32 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
     residency = { backend: 'cuda', gpu: { residentMs: 0, kernelMs: device.kernelMs } };
     estimated = device.estimated;
     scanned = selection.scanned;
+    refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
   } else {
     selection = await session.method.select(ctx, req.q, params);
     t2 = performance.now();
+    try {
+      // The cache makes the selection resident (GPU pool or host) and attends
+      // over every part; parts are combined by log-sum-exp.
+      residency = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
 
-    // The cache makes the selection resident (GPU pool or host) and attends
-    // over every part; parts are combined by log-sum-exp.
-    residency = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
-
-    // What the method left out of the documents, estimated from their clusters (when this layer estimates).
-    scanned = selection.scanned;
-    if (clusters && ctx.segments.length > 1) {
-      const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
-      mergeInto(out, lse, est.out, est.lse, m.headDim);
-      estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
-      scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
+      // What the method left out of the documents, estimated from their clusters (when this layer estimates).
+      scanned = selection.scanned;
+      if (clusters && ctx.segments.length > 1) {
+        const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
+        mergeInto(out, lse, est.out, est.lse, m.headDim);
+        estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
+        scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
+      }
+      // Scores past float32 leave their heads' lse NaN, +Inf or (heads that attended rows) -Inf: refused,
+      // and the token taken back (decodeStep), rather than answered with NaN or a silently wrong out.
+      refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
+    } catch (e) {
+      // What the method kept of this step goes back with the token, so the retry counts it once.
+      selection.undo?.();
+      throw e;
     }
   }
-  // Scores past float32 leave their heads' lse NaN, +Inf or (heads that attended rows) -Inf: refused,
-  // and the token taken back (decodeStep), rather than answered with NaN or a silently wrong out.
-  refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
   const t3 = performance.now();
   const { backend, blocks, gpu } = residency;
 

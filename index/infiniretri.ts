@@ -102,16 +102,34 @@ type QuestionRows = (head: number) => { queries: Float32Array; queryCount: numbe
 class StepRows {
   steps = 0;
   private readonly rows: Float32Array[];
+  /** Per kv head, the row the last add overwrote (past STEP_ROWS steps), for undo. */
+  private readonly overwritten: Float32Array[];
+  private undoable = false;
 
   constructor(private readonly kvHeads: number, private readonly width: number) {
     this.rows = Array.from({ length: kvHeads }, () => new Float32Array(STEP_ROWS * width));
+    this.overwritten = Array.from({ length: kvHeads }, () => new Float32Array(width));
   }
 
   add(q: Float32Array): void {
-    const at = (this.steps % STEP_ROWS) * this.width;
-    for (let h = 0; h < this.kvHeads; h++) this.rows[h].set(q.subarray(h * this.width, (h + 1) * this.width), at);
+    const at = (this.steps % STEP_ROWS) * this.width, full = this.steps >= STEP_ROWS;
+    for (let h = 0; h < this.kvHeads; h++) {
+      if (full) this.overwritten[h].set(this.rows[h].subarray(at, at + this.width));
+      this.rows[h].set(q.subarray(h * this.width, (h + 1) * this.width), at);
+    }
     this.steps++;
+    this.undoable = true;
   }
+
+  /** Takes the last add back (its step failed): the rows are as before it, so the retry's row counts once. */
+  readonly undo = (): void => {
+    if (!this.undoable) return;
+    this.undoable = false;
+    this.steps--;
+    if (this.steps < STEP_ROWS) return;
+    const at = (this.steps % STEP_ROWS) * this.width;
+    for (let h = 0; h < this.kvHeads; h++) this.rows[h].set(this.overwritten[h], at);
+  };
 
   /** Whether the steps so far call for a new read: they doubled, or STEP_ROWS more arrived. */
   due(): boolean {
@@ -154,9 +172,10 @@ export const infiniretri: RetrievalMethod = {
     const asked = ctx.question(0).queryCount;
     let question: QuestionRows = ctx.question;
     let due = !r || r.questionRows !== asked;
+    let steps: StepRows | undefined;
     if (asked === 0) {
       const G = ctx.qHeads / ctx.kvHeads;
-      let steps = ctx.memo.get('infiniretri-steps') as StepRows | undefined;
+      steps = ctx.memo.get('infiniretri-steps') as StepRows | undefined;
       if (!steps) ctx.memo.set('infiniretri-steps', (steps = new StepRows(ctx.kvHeads, G * ctx.headDim)));
       steps.add(q);
       question = steps.question(G);
@@ -164,7 +183,12 @@ export const infiniretri: RetrievalMethod = {
     }
     let scanned = 0;
     if (!r || due) {
-      r = await retain(ctx, question, p);
+      try {
+        r = await retain(ctx, question, p);
+      } catch (e) {
+        steps?.undo();
+        throw e;
+      }
       ctx.memo.set('infiniretri', r);
       scanned = r.scanned;
     }
@@ -174,6 +198,7 @@ export const infiniretri: RetrievalMethod = {
       for (const [begin, end] of ranges) parts.push({ segment, begin, end });
       if (s < r.ids.length) parts.push({ segment, ids: r.ids[s].map((ids) => ids.filter((id) => !inside(ranges, id))) });
     });
-    return { parts, scanned };
+    // A step that fails after this select takes its row back (decode-step.ts), as a failed retain does above.
+    return steps ? { parts, scanned, undo: steps.undo } : { parts, scanned };
   },
 };

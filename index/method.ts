@@ -114,6 +114,14 @@ export interface Selection {
   parts: SelectionPart[];
   /** Keys (or block/centroid representatives) whose score the method computed, averaged over kv heads. */
   scanned: number;
+  /**
+   * Puts the context's memo back as it was before this select, for a step
+   * that fails after it (the decode step calls it, once, before the next
+   * select). A method whose memo is a cache of the context needs none; one
+   * that counts the steps it has seen (infiniretri's step rows) does. A
+   * select that throws leaves its memo as it was itself.
+   */
+  undo?: () => void;
 }
 
 export interface RetrievalMethod {
