@@ -5,6 +5,8 @@ import type { KvSegment } from '../storage/kv-segment.js';
 import type { ArtifactWrite } from '../storage/store.js';
 import type { ModelShape } from '../core/model.js';
 
+const NO_ROWS = new Float32Array(0);
+
 /** Prefill query rows kept per (layer, kv head), for attention-aware indexes. */
 export class PrefillQueries {
   private readonly chunks: Float32Array[][][];
@@ -50,15 +52,25 @@ export class PrefillQueries {
     }
   }
 
+  /**
+   * One (layer, kv head)'s rows, [queryCount, headDim]. Chunks added since
+   * the last call are joined into one array, kept in their place: later
+   * calls (a method reads the count every step) copy nothing. The array is
+   * never written again, so it stays valid, with the rows of its time,
+   * after later adds.
+   */
   rows(layer: number, head: number): { queries: Float32Array; queryCount: number } {
-    const count = this.counts[layer][head];
-    const queries = new Float32Array(count * this.model.headDim);
-    let at = 0;
-    for (const c of this.chunks[layer][head]) {
-      queries.set(c, at);
-      at += c.length;
+    const chunks = this.chunks[layer][head], queryCount = this.counts[layer][head];
+    if (chunks.length > 1) {
+      const queries = new Float32Array(queryCount * this.model.headDim);
+      let at = 0;
+      for (const c of chunks) {
+        queries.set(c, at);
+        at += c.length;
+      }
+      chunks.splice(0, chunks.length, queries);
     }
-    return { queries, queryCount: count };
+    return { queries: chunks[0] ?? NO_ROWS, queryCount };
   }
 }
 

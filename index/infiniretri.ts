@@ -142,7 +142,7 @@ class StepRows {
   }
 }
 
-async function retain(ctx: LayerContext, question: QuestionRows, p: SearchParams): Promise<Retained> {
+async function retain(ctx: LayerContext, question: QuestionRows, questionRows: number, p: SearchParams): Promise<Retained> {
   const d = ctx.headDim, scale = 1 / Math.sqrt(d);
   const docs = ctx.segments.length - 1;
   const docTokens = ctx.offsets[docs];
@@ -161,7 +161,7 @@ async function retain(ctx: LayerContext, question: QuestionRows, p: SearchParams
     }
     ids.push(perHead);
   }
-  return { questionRows: ctx.question(0).queryCount, ids, scanned: docTokens };
+  return { questionRows, ids, scanned: docTokens };
 }
 
 export const infiniretri: RetrievalMethod = {
@@ -169,6 +169,7 @@ export const infiniretri: RetrievalMethod = {
   builder: infiniretriBuilder,
   async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
     let r = ctx.memo.get('infiniretri') as Retained | undefined;
+    // Read every step: the session's rows come joined once (PrefillQueries.rows), not copied per read.
     const asked = ctx.question(0).queryCount;
     let question: QuestionRows = ctx.question;
     let due = !r || r.questionRows !== asked;
@@ -184,7 +185,7 @@ export const infiniretri: RetrievalMethod = {
     let scanned = 0;
     if (!r || due) {
       try {
-        r = await retain(ctx, question, p);
+        r = await retain(ctx, question, asked, p);
       } catch (e) {
         steps?.undo();
         throw e;
