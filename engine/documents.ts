@@ -9,7 +9,7 @@ import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
 import { LayerCache, ResidentLayers } from './resident-layers.js';
-import { conflict, invalid, notFound, preconditionFailed } from '../core/errors.js';
+import { conflict, invalid, KvrecallError, notFound, preconditionFailed } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
 import { expectUploadFinite, parseKvUpload, type KvUpload } from './kv-input.js';
 import { parseModel } from '../core/model.js';
@@ -127,6 +127,7 @@ export class Documents {
         for (const s of layers) s.release();
         throw e;
       }
+      this.unconfirmedSeals.delete(id);
       this.loading.set(id, {
         meta,
         layers,
@@ -201,6 +202,8 @@ export class Documents {
   seal(idRaw: string): Promise<DocumentView> {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
+      const sealed = this.ready.get(id);
+      if (!this.loading.has(id) && sealed && this.unconfirmedSeals.has(id)) return this.confirmSeal(sealed);
       const doc = this.loading.get(id) ?? (await this.notLoading(id));
       if (doc.phase === 'building') throw conflict(`document ${id} is being sealed`);
       await doc.writing;
@@ -212,7 +215,7 @@ export class Documents {
       for (const s of doc.layers) s.shrinkToFit();
 
       doc.phase = 'building';
-      let meta: DocumentMeta;
+      let meta: DocumentMeta | undefined;
       try {
         const artifacts: ArtifactWrite[] = [];
         const total = doc.meta.methods.length * doc.meta.model.layers * doc.meta.model.kvHeads;
@@ -241,12 +244,47 @@ export class Documents {
         // loading (its blocks so far stay), so a later seal can try again.
         doc.phase = 'loading';
         doc.progress = 0;
+        // Unless the seal landed and only what followed failed (a shared store's replicas did not acknowledge
+        // the ready flip): every server sees it ready, so this one serves it too, and a seal asked again confirms.
+        if (meta && (await this.storeHoldsSealed(doc.meta))) {
+          this.loading.delete(id);
+          this.ready.set(id, { meta, layers: doc.layers, indexes: new Map() });
+          this.unconfirmedSeals.add(id);
+          throw e instanceof KvrecallError
+            ? new KvrecallError(e.kind, `${e.message}; document ${id} is sealed and served, but this was not confirmed durable: POST its seal again to confirm`)
+            : e;
+        }
         throw e;
       }
       this.loading.delete(id);
       this.ready.set(id, { meta, layers: doc.layers, indexes: new Map() });
       return view(meta);
     });
+  }
+
+  /** Documents sealed here whose seal landed in the store but failed after (503): a seal asked again confirms them. */
+  private readonly unconfirmedSeals = new Set<string>();
+
+  /** Whether the store holds this loading document ready (its seal landed); false if the store cannot say. */
+  private async storeHoldsSealed(loading: DocumentMeta): Promise<boolean> {
+    try {
+      const held = await this.store.get(loading.id);
+      return held?.status === 'ready' && held.createdAt === loading.createdAt;
+    } catch {
+      return false;
+    }
+  }
+
+  /** A seal asked again after its ready flip landed: the store confirms it durable (the replicas acknowledge); answered as the seal. */
+  private async confirmSeal(doc: LoadedDocument): Promise<DocumentView> {
+    try {
+      await this.store.seal(doc.meta, [], []);
+    } catch (e) {
+      if (e instanceof KvrecallError && e.kind === 'conflict') this.unconfirmedSeals.delete(doc.meta.id);
+      throw e;
+    }
+    this.unconfirmedSeals.delete(doc.meta.id);
+    return view(doc.meta);
   }
 
   /** A document as this server loads it, else as the store holds it (a remote store's answer is awaited, not blocked on). */
@@ -306,15 +344,32 @@ export class Documents {
       const local = this.loading.get(id);
       if (!meta && local && (expect.createdAt === undefined || expect.createdAt === local.meta.createdAt)) return this.dropLoading(id);
       if (!meta) throw notFound(`document ${id} does not exist`);
-      if (expect.createdAt !== undefined && meta.createdAt !== expect.createdAt)
+      if (expect.createdAt !== undefined && meta.createdAt !== expect.createdAt) {
+        await this.dropReplaced(id, expect.createdAt);
         throw preconditionFailed(`document ${id} was created at ${meta.createdAt}, not ${expect.createdAt}: not deleted`);
+      }
       // Blocks still being written would land after the drop.
       await this.loading.get(id)?.writing;
-      await this.store.remove(id);
+      try {
+        // The store checks createdAt again as it removes: through another server the document may have been made again since.
+        await this.store.remove(id, expect);
+      } catch (e) {
+        if (expect.createdAt !== undefined && e instanceof KvrecallError && (e.kind === 'precondition_failed' || e.kind === 'not_found'))
+          await this.dropReplaced(id, expect.createdAt);
+        throw e;
+      }
+      this.unconfirmedSeals.delete(id);
       await this.dropLoading(id);
       const ready = this.ready.get(id);
       if (ready) this.forget(ready, `document ${id} was deleted`);
     });
+  }
+
+  /** After a conditional delete found the store holding another document (or none): this server's copy of the one named goes. */
+  private async dropReplaced(id: string, createdAt: string): Promise<void> {
+    if (this.loading.get(id)?.meta.createdAt === createdAt) await this.dropLoading(id);
+    const ready = this.ready.get(id);
+    if (ready?.meta.createdAt === createdAt) this.forget(ready, `document ${id} was deleted or replaced through another server`);
   }
 
   /** Forgets a document this server was loading: its block writes in flight settle, then its memory goes back. */

@@ -79,8 +79,15 @@ export interface DocumentStore {
   addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void>;
   /** A method's artifacts for every (layer, head), or undefined if any is missing. */
   loadArtifacts(id: string, method: string, layers: number, heads: number): MaybePromise<Uint8Array[][] | undefined>;
-  /** Removes the document, its blocks and its artifacts (for every server sharing the store). */
-  remove(id: string): Promise<void>;
+  /**
+   * Removes the document, its blocks and its artifacts (for every server
+   * sharing the store). With `expect.createdAt`, only the document created
+   * then: a store shared by servers compares and removes in one atomic step
+   * (precondition_failed for another, not_found for none), where the
+   * engine's check before it, in the document's queue, covers only requests
+   * to this server; a local store may ignore it.
+   */
+  remove(id: string, expect?: { createdAt?: string }): Promise<void>;
   /** Reads a ready document's KV into one segment per layer, reserving its bytes in `budget`. */
   load(meta: DocumentMeta, budget: HostBudget): KvSegment[];
   /**

@@ -70,8 +70,18 @@ if m == '' then m = ARGV[2] else m = m .. ',' .. ARGV[2] end
 redis.call('HSET', KEYS[1], 'methods', m)
 return 1`;
 
-/** KEYS: hash, lease. → the removed hash as a flat list (empty if none). */
+/**
+ * KEYS: hash, lease. ARGV: createdAt, optional: removes the document only if
+ * it is the one created then (compared in the same step as the removal, so a
+ * document made again through another server is never removed by a stale
+ * conditional delete). → {'ok', the removed hash as a flat list (empty if
+ * none)} or {'other', the document's createdAt} (nothing removed).
+ */
 export const REMOVE = `
 local old = redis.call('HGETALL', KEYS[1])
+if ARGV[1] and #old > 0 then
+  local created = cjson.decode(redis.call('HGET', KEYS[1], 'meta')).createdAt
+  if created ~= ARGV[1] then return {'other', tostring(created)} end
+end
 redis.call('DEL', KEYS[1], KEYS[2])
-return old`;
+return {'ok', old}`;

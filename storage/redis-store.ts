@@ -134,12 +134,13 @@ export class RedisStore implements DocumentStore {
     return this.bridge.call<Uint8Array[][] | undefined>('loadArtifacts', { id, method, layers, heads });
   }
 
-  async remove(id: string): Promise<void> {
+  /** With `expect.createdAt`, the worker's one script compares and removes: another server's document made again under the id stays (412). */
+  async remove(id: string, expect: { createdAt?: string } = {}): Promise<void> {
     // Blocks still being written would land after the removal.
     await this.settled(id).catch(() => undefined);
+    await this.bridge.call('remove', { id, createdAt: expect.createdAt });
     this.writing.delete(id);
     this.rowBytes.delete(id);
-    await this.bridge.call('remove', { id });
   }
 
   /**

@@ -13,7 +13,7 @@
 import { randomBytes } from 'node:crypto';
 import { workerData, parentPort, type MessagePort } from 'node:worker_threads';
 import { Cluster, type Redis } from 'ioredis';
-import { KvrecallError, conflict, type ErrorKind } from '../core/errors.js';
+import { KvrecallError, conflict, notFound, preconditionFailed, type ErrorKind } from '../core/errors.js';
 import type { DocumentMeta } from './document-store.js';
 import type { WorkerAnswer, WorkerRequest } from './redis-bridge.js';
 import { RespConnection, type BulkSink } from './resp-connection.js';
@@ -239,6 +239,28 @@ function leaseOf(id: string): { gen: string } {
   return lease;
 }
 
+/**
+ * Documents whose ready flip landed but whose replicas did not acknowledge it
+ * (the seal's last WAIT failed: 503), by generation: a seal asked again
+ * waits for the replicas again instead of failing on the lease the flip
+ * released.
+ */
+const landed = new Map<string, string>();
+
+async function confirmSeal(id: string, gen: string): Promise<void> {
+  const doc = await read(id);
+  if (!doc || doc.gen !== gen) {
+    landed.delete(id);
+    throw conflict(`document ${id} was deleted or replaced after its seal landed`);
+  }
+  if (doc.meta.status !== 'ready') {
+    landed.delete(id);
+    throw conflict(`document ${id} lost its seal (a Redis master failed over before its replica had it) and is ${doc.meta.status}: PUT it again`);
+  }
+  await waitReplicas(`sealing ${id} (its ready metadata)`);
+  landed.delete(id);
+}
+
 // ------------------------------------------------------------ writes
 
 /** Writes staged blocks (headers filled here): extents first, so a removal finds every key; then one MSET per slot group. */
@@ -363,6 +385,7 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     )) as [string, string | string[]];
     if (r[0] === 'exists') throw conflict(`document ${meta.id} already exists (${r[1]}); DELETE it first`);
     leases.set(meta.id, { gen });
+    landed.delete(meta.id);
     await retrying(`listing ${meta.id}`, () => cluster.sadd(INDEX_KEY, meta.id));
     await dropKeys(meta.id, toHash(r[1] as string[]));
   },
@@ -381,6 +404,9 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
 
   async seal(a: { meta: DocumentMeta; staging: ArrayBuffer; blocks: StagedBlock[]; rowBytes: number; artifacts: StagedArtifact[] }) {
     const { id } = a.meta;
+    // Sealed already, all but the replicas' acknowledgement: the seal asked again only confirms (its lease is gone).
+    const sealed = landed.get(id);
+    if (sealed !== undefined) return confirmSeal(id, sealed);
     const { gen } = leaseOf(id);
     await writeBlocks(id, gen, a.staging, a.blocks, a.rowBytes);
     await writeArtifacts(id, gen, a.staging, a.artifacts);
@@ -394,7 +420,9 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     if (r === 'lease' || r === 'incomplete')
       throw conflict(`document ${id}: this server lost its loading lease before seal (silent past ${location.leaseMs} ms); it is incomplete: PUT it again`);
     if (r !== 'ok') throw conflict(`document ${id} is ${String(r)}, not loading`);
+    landed.set(id, gen);
     await waitReplicas(`sealing ${id} (its ready metadata)`);
+    landed.delete(id);
   },
 
   async addArtifacts({ id, method, staging, artifacts }: { id: string; method: string; staging: ArrayBuffer; artifacts: StagedArtifact[] }) {
@@ -425,9 +453,13 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     return missing ? undefined : out;
   },
 
-  async remove({ id }: { id: string }) {
-    const old = toHash((await retrying(`removing ${id}`, () => script('kvrRemove', [metaKey(id), leaseKey(id)]))) as string[]);
+  async remove({ id, createdAt }: { id: string; createdAt?: string }) {
+    const [outcome, found] = (await retrying(`removing ${id}`, () => script('kvrRemove', [metaKey(id), leaseKey(id)], createdAt === undefined ? [] : [createdAt]))) as [string, string[] | string];
+    if (outcome === 'other') throw preconditionFailed(`document ${id} was created at ${String(found)}, not ${createdAt}: not deleted`);
+    const old = toHash(found as string[]);
+    if (createdAt !== undefined && !old.gen) throw notFound(`document ${id} does not exist`);
     leases.delete(id);
+    landed.delete(id);
     await retrying(`removing ${id}`, () => cluster.srem(INDEX_KEY, id));
     await dropKeys(id, old);
   },

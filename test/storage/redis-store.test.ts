@@ -2,7 +2,10 @@
 // here on loopback ports) shared by several real kvrecall servers: one
 // preloads, another attends, equal to float64 exact attention; a preload
 // killed midway is incomplete on every server; a damaged block is refused,
-// not attended; DELETE removes a document cluster-wide; a master killed
+// not attended; DELETE removes a document cluster-wide, and a conditional
+// DELETE never one made again through another server; a seal whose last
+// replica acknowledgement fails leaves it ready on every server, and the
+// seal asked again confirms it; a master killed
 // during an attach is replaced by its replica and the attach either completes
 // with every block checked or fails with a clear 503 — never a wrong answer.
 //
@@ -12,10 +15,11 @@
 // skipped, with a message, except in CI (CI or KVRECALL_CI set), where they fail.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomFillSync } from 'node:crypto';
-import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
+import { KvrecallClient, KvrecallRequestError, tensor, type DocumentInfo } from '../../clients/ts/client.js';
 import type { RunningServer } from '../../api/server.js';
 import type { Tensor } from '../../core/tensor.js';
-import { BLOCK_HEADER, blockKey, metaKey } from '../../storage/redis-format.js';
+import { BLOCK_HEADER, blockKey, keySlot, metaKey } from '../../storage/redis-format.js';
+import { DEFAULT_BLOCK_SIZE } from '../../core/model.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
@@ -50,7 +54,7 @@ async function statusOf(c: KvrecallClient, id: string): Promise<number> {
 describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', () => {
   let cluster: RedisCluster;
   let store: string;
-  const dirs = [tempDataDir(), tempDataDir(), tempDataDir(), tempDataDir()];
+  const dirs = [tempDataDir(), tempDataDir(), tempDataDir(), tempDataDir(), tempDataDir()];
   const servers: RunningServer[] = [];
   const children: ChildServer[] = [];
   let a: KvrecallClient, b: KvrecallClient;
@@ -192,6 +196,97 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     const want = referenceAttention(q, concatValues(chunks, 'kValues'), concatValues(chunks, 'vValues'), 4, 32);
     const got = await b.attend(sid, { layer: 1, q: tensor('f32', [4, 32], q) });
     expect(maxRelError(got.out, want.out, 4)).toBeLessThan(1e-5);
+  });
+
+  it('a conditional DELETE leaves alone a document made again through another server between its check and its removal (412, theirs whole)', async () => {
+    const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    const c = randomKv(new Rng(seed ^ 7), 'f16', 2, 300, 32);
+    const used = () => servers[0].engine.budget.used;
+    const base = used();
+    const mine = await a.createDocument('cond', model, { tokens: 300 });
+    await a.uploadDocumentKv('cond', { layer: 0, start: 0, k: c.k, v: c.v });
+    // A's check has passed (the store held A's document); B deletes it and makes it again before A's removal reaches the store.
+    const { store } = servers[0].engine;
+    const remove = store.remove.bind(store);
+    let theirs: DocumentInfo | undefined;
+    store.remove = async (id, expect) => {
+      if (id === 'cond' && !theirs) {
+        await b.deleteDocument('cond');
+        await sleep(3); // a later createdAt (ms)
+        theirs = await b.createDocument('cond', model);
+      }
+      return remove(id, expect);
+    };
+    try {
+      const e = await a.deleteDocument('cond', { createdAt: mine.createdAt }).catch((err: unknown) => err);
+      expect(e).toMatchObject({ status: 412, code: 'precondition_failed' });
+      expect((e as Error).message).toContain(theirs!.createdAt);
+    } finally {
+      store.remove = remove;
+    }
+    expect(theirs!.createdAt).not.toBe(mine.createdAt);
+    // Theirs is whole on both servers (A no longer shows its own, and gave its memory back); B loads and seals it.
+    for (const s of [a, b]) expect(await s.getDocument('cond')).toMatchObject({ status: 'loading', createdAt: theirs!.createdAt });
+    expect(used()).toBe(base);
+    await b.uploadDocumentKv('cond', { layer: 0, start: 0, k: c.k, v: c.v });
+    expect(await b.sealDocument('cond')).toMatchObject({ status: 'ready', tokens: 300, createdAt: theirs!.createdAt });
+    // Named by its own createdAt, through A, it goes.
+    expect(await a.deleteDocument('cond', { createdAt: theirs!.createdAt })).toEqual({ deleted: 'cond' });
+    expect(await statusOf(b, 'cond')).toBe(404);
+    expect(blockKeysPerMaster('cond').reduce((x, y) => x + y)).toBe(0);
+  });
+
+  it("a seal whose ready flip lands but whose replicas do not acknowledge it (503): served here as everywhere, and the seal asked again answers as the seal once they do", async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    // A long lease: no renewal writes to the document's slot while its replica is paused, so the WAIT before the flip
+    // passes (every write so far acknowledged) and only the one after it, which must cover the flip, fails.
+    const server = await startInProcess(dirs[4].dir, { store: `${cluster.url}?lease=600000&failover=15000&wait=300` });
+    servers.push(server);
+    const c = new KvrecallClient({ url: server.url });
+    const rng = new Rng(seed ^ 8);
+    const tokens = 4 * DEFAULT_BLOCK_SIZE; // whole blocks: all written before the seal, which writes no block
+    const chunk = randomKv(rng, 'f16', 2, tokens, 32);
+    await c.createDocument('flipped', model);
+    for (let layer = 0; layer < 2; layer++) await c.uploadDocumentKv('flipped', { layer, start: 0, k: chunk.k, v: chunk.v });
+    // The uploads' blocks are written behind their answers: every one in, then acknowledged by the replica of the document's master.
+    for (let t = Date.now(); blockKeysPerMaster('flipped').reduce((x, y) => x + y) < 2 * 2 * 4; await sleep(20)) expect(Date.now() - t).toBeLessThan(10000);
+    const slot = String(keySlot(metaKey('flipped')));
+    const { masters, replicasOf } = cluster.topology();
+    const master = masters.find((m) => Number(cluster.cli(m, 'cluster', 'countkeysinslot', slot).trim()) > 0)!;
+    const replica = cluster.nodes.find((n) => n.port === replicasOf.get(master)![0])!;
+    const offsets = () => {
+      const info = cluster.cli(master, 'info', 'replication');
+      return [Number(/master_repl_offset:(\d+)/.exec(info)![1]), Number(/slave0:.*offset=(\d+)/.exec(info)![1])];
+    };
+    for (let t = Date.now(), [m, r] = offsets(); r < m; [m, r] = offsets()) {
+      expect(Date.now() - t).toBeLessThan(10000);
+      await sleep(50);
+    }
+    replica.proc.kill('SIGSTOP');
+    let sealedAt: string | undefined;
+    try {
+      const e = await c.sealDocument('flipped').catch((err: unknown) => err);
+      expect(e).toMatchObject({ status: 503 });
+      // Ready in the store: every server, this one included, says so and serves it.
+      const held = await b.getDocument('flipped');
+      expect(held).toMatchObject({ status: 'ready', tokens });
+      sealedAt = held.sealedAt;
+      expect(await c.getDocument('flipped')).toMatchObject({ status: 'ready', tokens, sealedAt });
+      expect((e as Error).message).toMatch(/sealing flipped \(its ready metadata\): 0 of 1 replicas.*sealed and served.*POST its seal again/);
+      const sid = (await c.createSession({ model, documents: ['flipped'] })).id;
+      const q = randomQ(rng, 4, 32);
+      const want = referenceAttention(q, chunk.kValues, chunk.vValues, 4, 32);
+      expect(maxRelError((await c.attend(sid, { layer: 1, q: tensor('f32', [4, 32], q) })).out, want.out, 4)).toBeLessThan(1e-5);
+      // Asked again while the replica is still silent: the same 503, still unconfirmed.
+      await expect(c.sealDocument('flipped')).rejects.toMatchObject({ status: 503 });
+    } finally {
+      replica.proc.kill('SIGCONT');
+    }
+    await cluster.waitHealthy(30000, 1);
+    expect(await c.sealDocument('flipped')).toMatchObject({ status: 'ready', tokens, sealedAt });
+    // Confirmed once: a seal after that is the usual 409 of a sealed document.
+    await expect(c.sealDocument('flipped')).rejects.toMatchObject({ status: 409 });
+    await c.deleteDocument('flipped');
   });
 
   it('a preload killed midway (SIGKILL) is incomplete on both servers once its lease lapses; PUT starts it again', async () => {
