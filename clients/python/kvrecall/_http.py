@@ -1,15 +1,15 @@
 """The client's connections: its own HTTP/1.1 on a plain socket for http:
 (_RawHTTPConnection), http.client for https: (TCP_NODELAY, and a request
-with a body written in one sendmsg)."""
+with a body written in one sendmsg). kvrecall.transport drives them."""
 
 from __future__ import annotations
 
 import http.client
 import socket
 import ssl
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
-from .websocket import kernel_timeouts
+from .websocket import _IOV_MAX, kernel_timeouts, send_rest
 
 
 class AnswerCut(ConnectionResetError):
@@ -53,11 +53,13 @@ class _HTTPSConnection(_OneWrite, http.client.HTTPSConnection):
 
 
 class Response:
-    """An answer read by _RawHTTPConnection: status, reason, headers (lower-case names), body."""
+    """An answer read by _RawHTTPConnection: status, reason, headers
+    (lower-case names), body (bytes-like: a bytes, a bytearray, or a view of
+    the connection's buffer, as `exchange` says)."""
 
     __slots__ = ("status", "reason", "headers", "data")
 
-    def __init__(self, status: int, reason: str, headers: Dict[str, str], data: bytes) -> None:
+    def __init__(self, status: int, reason: str, headers: Dict[str, str], data: Any) -> None:
         self.status, self.reason, self.headers, self.data = status, reason, headers, data
 
     def getheader(self, name: str, default: str = "") -> str:
@@ -66,11 +68,12 @@ class Response:
 
 class _RawHTTPConnection:
     """HTTP/1.1 on a plain socket for an http: server, for the client's
-    calls: the request's head and body leave in one sendmsg, the answer is
-    read with recv_into into a buffer of its content-length (or its chunks)
-    and its head parsed here. http.client's response object (its header
-    parsing alone is email.parser) cost a decode step ~0.3 ms on the 2-core
-    VM, about as much as the rest of the call."""
+    calls: the request's head and body leave in one sendmsg (the body as
+    parts: bytes and C-contiguous arrays, never joined), the answer is read
+    with recv_into into a warm buffer (or one of its content-length, or its
+    chunks) and its head parsed here. http.client's response object (its
+    header parsing alone is email.parser) cost a decode step ~0.3 ms on the
+    2-core VM, about as much as the rest of the call."""
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host, self.port, self.timeout = host, port, timeout
@@ -83,30 +86,37 @@ class _RawHTTPConnection:
             self.sock = None
 
     def request(self, method: str, path: str, body: Optional[bytes], headers: Dict[str, str]) -> Response:
+        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}"] + [f"{k}: {v}" for k, v in headers.items()]
+        if body is not None and "content-length" not in headers:
+            lines.append(f"content-length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return self.exchange(method, head, [body] if body else [], len(body) if body else 0)
+
+    def exchange(self, method: str, head: bytes, parts: Sequence[Any], nbytes: int, view: bool = False) -> Response:
+        """Sends a request (its head, then the parts' bytes: `nbytes` in
+        all, which the head's content-length says) and reads its answer.
+        view: the answer's body is a memoryview of the connection's warm
+        buffer where it fits there, valid until the next request (read it
+        before); else it is bytes of its own."""
         if self.sock is None:
             self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             kernel_timeouts(self.sock, self.timeout)  # no poll before each send and read
         try:
-            return self._exchange(method, path, body, headers)
+            sock = self.sock
+            if not parts:
+                sock.sendall(head)
+            elif len(parts) < _IOV_MAX:
+                sent = sock.sendmsg([head, *parts])
+                if sent < len(head) + nbytes:
+                    send_rest(sock, [memoryview(head), *(memoryview(p).cast("B") for p in parts)], sent)
+            else:
+                send_rest(sock, [memoryview(head), *(memoryview(p).cast("B") for p in parts)], 0)
+            return self._read(method, view)
         except BlockingIOError as e:  # the kernel's timeout: as Python's would be
             raise TimeoutError("timed out") from e
 
-    def _exchange(self, method: str, path: str, body: Optional[bytes], headers: Dict[str, str]) -> Response:
-        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}"] + [f"{k}: {v}" for k, v in headers.items()]
-        if body is not None and "content-length" not in headers:
-            lines.append(f"content-length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        sock = self.sock
-        if body:
-            sent = sock.sendmsg([head, body])
-            if sent < len(head) + len(body):
-                sock.sendall((head + bytes(body))[sent:])
-        else:
-            sock.sendall(head)
-        return self._read(method)
-
-    def _read(self, method: str) -> Response:
+    def _read(self, method: str, keep: bool) -> Response:
         sock, buf = self.sock, self._buf
         assert sock is not None
         view = memoryview(buf)
@@ -141,35 +151,43 @@ class _RawHTTPConnection:
             if not colon:
                 raise http.client.HTTPException(f"malformed header line {line!r}")
             headers[name.strip().lower()] = value.strip()
-        rest = view[end + 4 : have]
+        start = end + 4
+        data: Any
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             data = b""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
-            data = self._chunked(bytearray(rest))
+            data = self._chunked(bytearray(view[start:have]))
         elif "content-length" in headers:
-            data = self._exactly(int(headers["content-length"]), rest)
+            data = self._exactly(int(headers["content-length"]), view, start, have, keep)
         else:
-            data = self._to_eof(bytearray(rest))
+            data = self._to_eof(bytearray(view[start:have]))
             headers["connection"] = "close"
         if parts[0] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
             headers["connection"] = "close"
         return Response(status, reason, headers, data)
 
-    def _exactly(self, length: int, first: memoryview) -> bytes:
-        if len(first) > length:
+    def _exactly(self, length: int, view: memoryview, start: int, have: int, keep: bool) -> Any:
+        """The body of `length` bytes that starts at `start` in the buffer,
+        `have - start` of them read: with `keep`, a view of the buffer where
+        it fits there (the rest read into its place); else bytes of its own."""
+        got = have - start
+        if got > length:
             raise http.client.HTTPException("answer longer than its content-length")
-        if len(first) == length:
-            return bytes(first)
-        out = bytearray(length)
-        out[: len(first)] = first
-        view, at = memoryview(out), len(first)
+        if keep and start + length <= len(view):
+            into = view[start : start + length]
+        elif got == length:
+            return bytes(view[start:have])
+        else:
+            out = bytearray(length)  # a bytearray: msgpack and json read it as bytes
+            out[:got] = view[start:have]
+            into = memoryview(out)
         assert self.sock is not None
-        while at < length:
-            n = self.sock.recv_into(view[at:])
+        while got < length:
+            n = self.sock.recv_into(into[got:])
             if n == 0:
                 raise AnswerCut("the server closed the connection mid-answer")
-            at += n
-        return out  # type: ignore[return-value]  # a bytearray: msgpack and json read it as bytes
+            got += n
+        return into if keep else into.obj
 
     def _more(self, into: bytearray) -> None:
         assert self.sock is not None

@@ -19,7 +19,10 @@ Rows per side (overhead = client wall - the server's stats.ms; p50 in us):
   over a document of 256 tokens (so that the server's part stays short);
   its overhead is the wall time less the batch's server ms.
 --phases: instead, where a stream attend's time goes on each side
-(perf_counter_ns marks: pack, send, wait + read, msgpack decode, arrays).
+(perf_counter_ns marks: pack, send, wait + read, msgpack decode, arrays);
+--phases http: where an HTTP attend's and a Client.health()'s go (pack,
+exchange, msgpack decode, arrays; the before side's client must have
+Client._connection and _headers, as 520e0b0..this change's did).
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class Side:
         self.kv.close()
 
 
-def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, warmup: int, tokens: int, phases: bool) -> Dict[str, Any]:
+def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, warmup: int, tokens: int, phases: Optional[str]) -> Dict[str, Any]:
     shape = (32, 8, 128)
     rng = np.random.default_rng(1)
     n = warmup + calls
@@ -114,18 +117,17 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
                 raise r
         return rs.ms
 
-    names = ["pack", "send", "wait + read", "msgpack decode", "arrays"] if phases else ROWS
-    samples: Dict[str, Dict[str, List[float]]] = {side: {row: [] for row in names + ["overhead"]} for side in sides}
+    names = (PHASES_HTTP if phases == "http" else PHASES_STREAM) if phases else ROWS
+    samples: Dict[str, Dict[str, List[float]]] = {side: {row: [] for row in names} for side in sides}
     try:
         for i in range(n):
             for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
                 s = sides[side]
                 if phases:
-                    marks, ms = _phases(s, side, qs[i], ks[i], vs[i], i)
+                    cut = (_phases_http if phases == "http" else _phases)(s, side, qs[i], ks[i], vs[i], i)
                     if i >= warmup:
-                        for row, us in zip(names, np.diff(marks) / 1e3):
-                            samples[side][row].append(float(us))
-                        samples[side]["overhead"].append((marks[-1] - marks[0]) / 1e3 - ms * 1e3)
+                        for row, us in cut.items():
+                            samples[side][row].append(us)
                     continue
                 for row in names:
                     t0 = time.perf_counter_ns()
@@ -136,11 +138,67 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
     finally:
         for s in sides.values():
             s.close()
-    rows = {row: {side: _pcts(samples[side][row]) for side in sides} for row in names + (["overhead"] if phases else [])}
+    rows = {row: {side: _pcts(samples[side][row]) for side in sides} for row in names}
     return {"what": "p50/p90 in us; overhead = client wall - server stats.ms", "calls": calls, "warmup": warmup, "tokens": tokens, "shape": shape, "load": load, "phases": phases, "rows": rows}
 
 
-def _phases(s: Side, side: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, i: int) -> "tuple[List[int], float]":
+PHASES_STREAM = ["pack", "send", "wait + read", "msgpack decode", "arrays", "overhead"]
+PHASES_HTTP = ["attend: pack", "attend: exchange - server ms", "attend: msgpack decode", "attend: arrays", "attend: overhead", "health: exchange", "health: msgpack decode", "health: overhead"]
+
+
+def _phases_http(s: Side, side: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, i: int) -> Dict[str, float]:
+    """A Client.health() and an HTTP attend, each cut at its phases as each
+    version's client does them: pack (the body), exchange (the head, the
+    send, the wait and the answer read; for the attend less the server's
+    step), msgpack decode, arrays (attend_result). before: a dict packed by
+    msgpack, the answer read into bytes; after: kvrecall.wire's parts, the
+    answer decoded where it lies in the connection's buffer."""
+    pkg, kv, sid = s.pkg, s.kv, s.sid["http"]
+    client = sys.modules[pkg.__name__ + ".client"]
+    path = f"/v1/sessions/{sid}/attend"
+    t = [time.perf_counter_ns()]
+    if side == "before":
+        conn, _ = kv._connection()
+        res = conn.request("GET", "/v1/health", None, dict(kv._headers))
+    else:
+        conn, _ = kv._http.connection()
+        res = conn.exchange("GET", kv._http.head("GET", "/v1/health", None), (), 0, view=True)
+    t.append(time.perf_counter_ns())
+    msgpack.unpackb(res.data, raw=False, strict_map_key=False)
+    t.append(time.perf_counter_ns())
+    if side == "before":
+        body = client.attend_body(q, k, v, position=i)
+        body["layer"] = 0
+        payload = msgpack.packb(body, use_bin_type=True)
+        t.append(time.perf_counter_ns())
+        conn, _ = kv._connection()
+        res = conn.request("POST", path, payload, {**kv._headers, "content-length": str(len(payload))})
+    else:
+        wire = sys.modules[pkg.__name__ + ".wire"]
+        parts = wire.http_attend_parts(kv._http.packer(), 0, wire.attend_fields(q, k, v, position=i))
+        t.append(time.perf_counter_ns())
+        conn, _ = kv._http.connection()
+        nbytes = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        res = conn.exchange("POST", kv._http.head("POST", path, nbytes), parts, nbytes, view=True)
+    t.append(time.perf_counter_ns())
+    frame = msgpack.unpackb(res.data, raw=False, strict_map_key=False)
+    t.append(time.perf_counter_ns())
+    ms = client.attend_result(frame).stats["ms"]
+    t.append(time.perf_counter_ns())
+    us = np.diff(t) / 1e3
+    return {
+        "health: exchange": us[0],
+        "health: msgpack decode": us[1],
+        "health: overhead": us[0] + us[1],
+        "attend: pack": us[2],
+        "attend: exchange - server ms": us[3] - ms * 1e3,
+        "attend: msgpack decode": us[4],
+        "attend: arrays": us[5],
+        "attend: overhead": (t[-1] - t[2]) / 1e3 - ms * 1e3,
+    }
+
+
+def _phases(s: Side, side: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, i: int) -> Dict[str, float]:
     """One stream attend cut at its phases, as each version's Stream.attend does it."""
     st, pkg, sid = s.stream, s.pkg, s.sid["phases"]
     client = sys.modules[pkg.__name__ + ".client"]
@@ -167,7 +225,10 @@ def _phases(s: Side, side: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, i: 
     t.append(time.perf_counter_ns())
     r = client.attend_result(frame)
     t.append(time.perf_counter_ns())
-    return t, r.stats["ms"]
+    ms = r.stats["ms"]
+    cut = {row: float(us) for row, us in zip(PHASES_STREAM, np.diff(t) / 1e3)}
+    cut["overhead"] = (t[-1] - t[0]) / 1e3 - ms * 1e3
+    return cut
 
 
 def _pcts(xs: List[float]) -> Dict[str, float]:
@@ -190,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--phases", action="store_true")
+    p.add_argument("--phases", nargs="?", const="stream", choices=["stream", "http"], help="where a stream attend's time goes (stream, the default) or an HTTP attend's and a health's (http)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     before = load_copy(os.path.abspath(args.before), "kvrecall_before")

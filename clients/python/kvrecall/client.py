@@ -1,7 +1,8 @@
 """A client for kvrecall's v1 wire protocol (msgpack over HTTP).
 
-Only numpy and msgpack are needed; HTTP is http.client with one keep-alive
-connection per thread.
+Only numpy and msgpack are needed; HTTP is the client's own HTTP/1.1 on a
+plain socket (https: http.client), one keep-alive connection per thread
+(kvrecall.transport).
 
     from kvrecall import Client, model_shape
 
@@ -30,10 +31,6 @@ batch, no per-request HTTP).
 
 from __future__ import annotations
 
-import http.client
-import json
-import select
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -42,8 +39,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 import msgpack
 import numpy as np
 
-from ._http import AnswerCut, _HTTPSConnection, _RawHTTPConnection
-from .wire import check_kv, is_half, optional_fields, q_wire_dtype
+from .errors import STATUS_OF_CODE, KvrecallError  # noqa: F401 (re-exported)
+from .transport import HTTPTransport
+from .wire import attend_fields, batch_parts, check_kv, http_attend_parts, is_half, optional_fields, q_wire_dtype
 from .tensors import _NUMPY_OF_WIRE, decode_tensor, from_bf16_bits, tensor, to_bf16_bits  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -60,44 +58,6 @@ __all__ = [
     "to_bf16_bits",
     "from_bf16_bits",
 ]
-
-MSGPACK = "application/msgpack"
-
-class KvrecallError(Exception):
-    """An error answer from the server: HTTP status, error code and message.
-
-    Codes (DESIGN.md): malformed (400), unauthorized (401), not_found (404),
-    conflict (409), precondition_failed (412: a delete naming another
-    createdAt), too_large (413), invalid (422), over_budget (503),
-    unavailable (503: the server's document store cannot be reached).
-    """
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-    @classmethod
-    def from_wire(cls, error: Any) -> "KvrecallError":
-        """From an `{code, message}` error object (a batch step's, a stream
-        frame's): the status is the one the HTTP route answers with."""
-        e = error if isinstance(error, dict) else {}
-        code = str(e.get("code", "unknown"))
-        return cls(STATUS_OF_CODE.get(code, 500), code, str(e.get("message", "")))
-
-
-STATUS_OF_CODE = {
-    "malformed": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "conflict": 409,
-    "too_large": 413,
-    "invalid": 422,
-    "over_budget": 503,
-    "unavailable": 503,
-}
-
 
 def model_shape(
     layers: int,
@@ -138,8 +98,9 @@ def attend_body(
     q_dtype: Optional[str] = None,
     out_dtype: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """An attend's wire fields (all but layer and session), tensors as
-    msgpack bin of the arrays' bytes."""
+    """An attend's wire fields (all but layer and session) as a dict,
+    tensors as msgpack bin of the arrays' bytes: the plain form of what
+    kvrecall.wire packs in parts (its tests' reference)."""
     check_kv(k, v, position)
     body: Dict[str, Any] = {"q": tensor(q, q_wire_dtype(q, q_dtype))}
     if k is not None:
@@ -257,10 +218,8 @@ class Client:
         self._port = parsed.port or (443 if self._https else 80)
         self._prefix = parsed.path.rstrip("/")
         self._timeout = timeout
-        self._headers = {"content-type": MSGPACK, "accept": MSGPACK}
-        if token:
-            self._headers["authorization"] = f"Bearer {token}"
-        self._local = threading.local()
+        self._http = HTTPTransport(self._host, self._port, self._https, self._prefix, timeout, token)
+        self._attend_paths: Dict[str, str] = {}
 
     # service
 
@@ -445,9 +404,15 @@ class Client:
         or a skip is refused with 409 "conflict" and changes nothing, so a
         step whose answer was lost can be sent again safely.
         """
-        body = attend_body(q, k, v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
-        body["layer"] = int(layer)
-        return attend_result(self._call("POST", f"/v1/sessions/{_quote(sid)}/attend", body))
+        fields = attend_fields(q, k, v, scale, position, returns, dtype, q_dtype, out_dtype)
+        layer = int(layer)
+        path = self._attend_paths.get(sid)
+        if path is None:
+            if len(self._attend_paths) >= 1024:  # a server's sessions come and go
+                self._attend_paths.clear()
+            path = self._attend_paths[sid] = f"/v1/sessions/{_quote(sid)}/attend"
+        # The body from the arrays to the socket, the answer decoded in the receive buffer (kvrecall.transport).
+        return attend_result(self._http.call_parts("POST", path, lambda packer: http_attend_parts(packer, layer, fields)))
 
     def attend_batch(self, layer: int, steps: Sequence[Dict[str, Any]]) -> "BatchResults":
         """One layer of many sessions in one request (`POST /v1/attend`).
@@ -462,8 +427,8 @@ class Client:
         nothing. A request that fails whole (no steps, a bad layer, 401)
         raises KvrecallError.
         """
-        body = {"layer": int(layer), "steps": [step_body(s) for s in steps]}
-        answer = self._call("POST", "/v1/attend", body)
+        layer = int(layer)
+        answer = self._http.call_parts("POST", "/v1/attend", lambda packer: batch_parts(packer, None, layer, steps))
         return batch_results(answer["results"], answer.get("stats"))
 
     def open_stream(self, timeout: Optional[float] = None) -> "Stream":
@@ -476,7 +441,7 @@ class Client:
         from .stream import Stream
 
         url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
-        auth = self._headers.get("authorization")
+        auth = self._http.headers.get("authorization")
         return Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout)
 
     def get_session(self, sid: str) -> Dict[str, Any]:
@@ -488,10 +453,8 @@ class Client:
     # transport
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Closes this thread's connection (a later call opens another)."""
+        self._http.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -499,72 +462,8 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _connection(self) -> "tuple[Union[_RawHTTPConnection, http.client.HTTPConnection], bool]":
-        """This thread's connection, and whether it was used before."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and conn.sock is not None and _dropped(conn.sock):
-            conn.close()
-            conn = None
-        if conn is None:
-            if self._https:
-                conn = _HTTPSConnection(self._host, self._port, timeout=self._timeout)
-            else:
-                conn = _RawHTTPConnection(self._host, self._port, self._timeout)
-            self._local.conn = conn
-            return conn, False
-        return conn, conn.sock is not None
-
     def _call(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
-        payload = None if body is None else msgpack.packb(body, use_bin_type=True)
-        headers = dict(self._headers)
-        if payload is not None:
-            headers["content-length"] = str(len(payload))
-        for attempt in (0, 1):
-            conn, reused = self._connection()
-            try:
-                if isinstance(conn, _RawHTTPConnection):
-                    res = conn.request(method, self._prefix + path, payload, headers)
-                    data = res.data
-                else:
-                    conn.request(method, self._prefix + path, body=payload, headers=headers)
-                    res = conn.getresponse()
-                    data = res.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
-                conn.close()
-                self._local.conn = None
-                # A kept-alive connection the server closed while idle: send
-                # once more on a fresh one. A fresh connection failing is real,
-                # and so is an answer cut short (the request went through: an
-                # attend sent again would append its token twice).
-                if reused and attempt == 0 and not isinstance(e, AnswerCut):
-                    continue
-                raise
-            except BaseException:
-                conn.close()
-                self._local.conn = None
-                raise
-            if res.getheader("connection", "").lower() == "close":
-                conn.close()
-                self._local.conn = None
-            break
-        ctype = res.getheader("content-type", "") or ""
-        if res.status >= 400:
-            err = _decode(data, ctype)
-            e = err.get("error", {}) if isinstance(err, dict) else {}
-            raise KvrecallError(res.status, e.get("code", "unknown"), e.get("message", res.reason or ""))
-        if raw:
-            return data
-        return _decode(data, ctype)
-
-
-def _decode(data: bytes, ctype: str) -> Any:
-    if not data:
-        return {}
-    if "msgpack" in ctype:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if "json" in ctype:
-        return json.loads(data)
-    return {"error": {"code": "unknown", "message": data[:200].decode(errors="replace")}}
+        return self._http.call(method, path, body, raw)
 
 
 def _quote(id_: str) -> str:
@@ -577,12 +476,3 @@ def _kv_body(layer: int, start: int, k: Any, v: Any, q: Any, dtype: Optional[str
     if q is not None:
         body["q"] = tensor(q, None if is_half(q) else "f32", view)
     return body
-
-
-def _dropped(sock: Any) -> bool:
-    """True when the peer closed an idle kept-alive socket (readable at EOF)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)

@@ -131,6 +131,18 @@ def kernel_timeouts(sock: socket.socket, timeout: Optional[float]) -> bool:
     return True
 
 
+def send_rest(sock: socket.socket, views: List[memoryview], sent: int) -> None:
+    """After a gather write that sent `sent` bytes of the views: the rest (no copy of them)."""
+    while True:
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if not views:
+            return
+        if sent:
+            views[0] = views[0][sent:]
+        sent = sock.sendmsg(views[:_IOV_MAX])
+
+
 def _timed_out(e: OSError) -> OSError:
     """A kernel timeout (kernel_timeouts) as the TimeoutError Python's would be."""
     return TimeoutError("timed out") if isinstance(e, BlockingIOError) else e
@@ -232,22 +244,12 @@ class WebSocket:
         try:
             sent = self.sock.sendmsg([head, *parts] if len(parts) < _IOV_MAX else [head])
             if sent < len(head) + n:
-                self._send_rest([memoryview(head), *(memoryview(p).cast("B") for p in parts)], sent)
+                send_rest(self.sock, [memoryview(head), *(memoryview(p).cast("B") for p in parts)], sent)
         except OSError as e:
             e = _timed_out(e)
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
 
-    def _send_rest(self, views: List[memoryview], sent: int) -> None:
-        """After a short write of `sent` bytes: the rest of the views (no copy of them)."""
-        while True:
-            while views and sent >= views[0].nbytes:
-                sent -= views.pop(0).nbytes
-            if not views:
-                return
-            if sent:
-                views[0] = views[0][sent:]
-            sent = self.sock.sendmsg(views[:_IOV_MAX])
 
     def send_text(self, text: str) -> None:
         self._send_frame(OP_TEXT, text.encode("utf-8"))

@@ -1,11 +1,12 @@
-"""Stream attend and batch requests as msgpack parts written from the
-arrays' own bytes (`attend_parts`, `batch_parts`): no body dict, no packed
-copy of the tensors, a tensor's header bytes cached by dtype and shape.
+"""Attend and batch requests, the stream's and HTTP's, as msgpack parts
+written from the arrays' own bytes (`attend_parts`, `http_attend_parts`,
+`batch_parts`): no body dict, no packed copy of the tensors, a tensor's
+header bytes cached by dtype and shape.
 
-The answer side has no module of its own: msgpack.unpackb reads the frame
-where it lies in the WebSocket's receive buffer (a memoryview, no copy of
-the payload), and decode_tensor copies each tensor once into the array
-returned. A walk of the answer in Python that left the tensors as views of
+The answer side has no module of its own: msgpack.unpackb reads the answer
+where it lies in the receive buffer (the WebSocket's or the HTTP
+connection's: a memoryview, no copy of the payload), and decode_tensor
+copies each tensor once into the array returned. A walk of the answer in Python that left the tensors as views of
 the buffer cost more than it saved (2-core VM, hot loop: 15 us against
 unpackb's 3 us for a 32x128 f32 answer; through msgpack.Unpacker's
 read_map_header/skip/tell 5 us): a 16 KB copy is well under a microsecond,
@@ -21,10 +22,10 @@ import numpy as np
 
 from .tensors import tensor
 
-__all__ = ["attend_fields", "attend_parts", "batch_parts"]
+__all__ = ["attend_fields", "attend_parts", "batch_parts", "http_attend_parts"]
 
 # --- requests --------------------------------------------------------------
-# The attend fields' rules, shared with the HTTP body (client.attend_body).
+# The attend fields' rules, shared with the dict form (client.attend_body).
 
 
 def is_half(x: Any) -> bool:
@@ -105,13 +106,14 @@ def attend_fields(
     return q, q_wire_dtype(q, q_dtype), k, v, dtype, extra
 
 
-def _step(packer: msgpack.Packer, head: bytes, entries: int, session: str, fields: Tuple[Any, ...]) -> List[Any]:
-    """One attend's map: `entries` packed in `head`, then session, q, k?, v? and the rest."""
+def _step(packer: msgpack.Packer, head: bytes, entries: int, session: Optional[str], fields: Tuple[Any, ...]) -> List[Any]:
+    """One attend's map: `entries` packed in `head`, then session (unless None), q, k?, v? and the rest."""
     q, q_dtype, k, v, dtype, extra = fields
     pack = packer.pack
-    n = entries + 2 + (2 if k is not None else 0) + len(extra)
+    n = entries + (1 if session is None else 2) + (2 if k is not None else 0) + len(extra)
     qh, qd = _tensor_parts(q, q_dtype, packer)
-    parts: List[Any] = [(bytes((0x80 | n,)) if n < 16 else b"\xde" + n.to_bytes(2, "big")) + head + b"\xa7session" + pack(session) + b"\xa1q" + qh, qd]
+    named = b"" if session is None else b"\xa7session" + pack(session)
+    parts: List[Any] = [(bytes((0x80 | n,)) if n < 16 else b"\xde" + n.to_bytes(2, "big")) + head + named + b"\xa1q" + qh, qd]
     if k is not None:
         kh, kd = _tensor_parts(k, dtype, packer)
         vh, vd = _tensor_parts(v, dtype, packer)
@@ -130,13 +132,21 @@ def attend_parts(packer: msgpack.Packer, id_: int, session: str, layer: int, fie
     return _step(packer, b"\xa2id" + packer.pack(id_) + b"\xa5layer" + packer.pack(layer), 2, session, fields)
 
 
-def batch_parts(packer: msgpack.Packer, id_: int, layer: int, steps: Sequence[Dict[str, Any]]) -> List[Any]:
-    """A stream batch request {id, layer, steps: [...]} as parts, as
-    attend_parts; each step a dict of attend's arguments with its session
-    (as Client.attend_batch takes them)."""
+def http_attend_parts(packer: msgpack.Packer, layer: int, fields: Tuple[Any, ...]) -> List[Any]:
+    """The body of POST /v1/sessions/:sid/attend ({layer, q, k?, v?, ...};
+    the session is in the path) as parts, as attend_parts."""
+    return _step(packer, b"\xa5layer" + packer.pack(layer), 1, None, fields)
+
+
+def batch_parts(packer: msgpack.Packer, id_: Optional[int], layer: int, steps: Sequence[Dict[str, Any]]) -> List[Any]:
+    """A batch request {id, layer, steps: [...]} (a stream's; without id,
+    the body of POST /v1/attend) as parts, as attend_parts; each step a dict
+    of attend's arguments with its session (as Client.attend_batch takes
+    them)."""
     n = len(steps)
     count = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
-    parts: List[Any] = [b"\x83\xa2id" + packer.pack(id_) + b"\xa5layer" + packer.pack(layer) + b"\xa5steps" + count]
+    named = b"\x82" if id_ is None else b"\x83\xa2id" + packer.pack(id_)
+    parts: List[Any] = [named + b"\xa5layer" + packer.pack(layer) + b"\xa5steps" + count]
     for step in steps:
         if not isinstance(step, dict) or "session" not in step:
             raise TypeError("a batch step is a dict with a session id and q")

@@ -2,7 +2,7 @@
 
 `Target()` is KVRECALL_URL's server (with KVRECALL_TOKEN) when set, else one
 this checkout starts; `why_not()` says why there is none and `needs_server`
-skips a test class then; `ok(r)` fails a test on a step's error result. `start(token=None)` runs `node dist/cli/cli.js serve --port 0` on 127.0.0.1
+skips a test class then; `ok(r)` fails a test on a step's error result; `owned(a)` says an array is the caller's own. `start(token=None)` runs `node dist/cli/cli.js serve --port 0` on 127.0.0.1
 with a fresh data folder and returns a `Server` (its url; stop() ends it and
 removes the folder). `available()` says why not when it cannot: the server
 must be built (npx tsc -p tsconfig.json; build/Release/kvrecall.node) and
@@ -46,6 +46,13 @@ def needs_server(cls):
     """Skips the test class when there is no server to talk to."""
     why = why_not()
     return unittest.skipIf(why, f"no server: set KVRECALL_URL or build this checkout's ({why})")(cls)
+
+
+def owned(a) -> bool:
+    """An array the caller owns: writable, its memory its own or a bytearray
+    of exactly its bytes (decode_tensor's copy), never a view of a
+    connection's receive buffer."""
+    return bool(a.flags.writeable) and (bool(a.flags.owndata) or (type(a.base) is bytearray and len(a.base) == a.nbytes))
 
 
 def ok(r):

@@ -426,15 +426,18 @@ class AgainstServer(unittest.TestCase):
 
     def test_keep_alive_reuses_one_connection(self):
         self.kv.health()
-        conn = self.kv._local.conn
+        conn = self.kv._http._local.conn
         for _ in range(20):
             self.kv.health()
-        self.assertIs(self.kv._local.conn, conn)
-        # An error answer does not lose the connection either.
+        self.assertIs(self.kv._http._local.conn, conn)
+        # An error answer does not lose the connection either, nor does an
+        # attend's (its answer read where it lies in the connection's buffer).
         with self.assertRaises(KvrecallError):
             self.kv.get_document(f"{self.prefix}-missing")
+        self.assertError(404, "not_found", self.kv.attend, f"{self.prefix}-no-session", 0, np.zeros((self.Q, self.D), np.float32))
         self.kv.health()
-        self.assertIs(self.kv._local.conn, conn)
+        self.assertIs(self.kv._http._local.conn, conn)
+        self.assertIs(self.kv._http._local.conn.sock, conn.sock)
 
 
 if __name__ == "__main__":

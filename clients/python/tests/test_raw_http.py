@@ -17,6 +17,8 @@ import threading
 import time
 import unittest
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kvrecall._http import _RawHTTPConnection  # noqa: E402
@@ -91,6 +93,56 @@ class RawHTTP(unittest.TestCase):
                 body = os.urandom(n)
                 res = conn.request("POST", "/echo", body, {"x-piece": str(piece)})
                 self.assertEqual((res.status, res.reason, res.getheader("content-type")), (201, "Made", "text/x"))
+                self.assertEqual(bytes(res.data[:64]), hashlib.sha256(body).hexdigest().encode())
+                self.assertEqual(bytes(res.data[64:]), body)
+            self.assertEqual(server.connections, 1)
+        finally:
+            conn.close()
+            server.close()
+
+    def test_parts_sent_in_order_and_answers_read_in_place(self):
+        """exchange(): a body given as parts (bytes, a float32 array, a
+        memoryview; one 12 MiB array, past the socket buffers: a short
+        write finished part by part) arrives as their bytes one after
+        another, also when every write is short; with view=True the answer
+        is read into the connection's warm buffer where it fits (a
+        memoryview of it), in any split, else into a buffer of its own;
+        either way its bytes are the ones sent."""
+
+        def answer(method, path, headers, body):
+            digest = hashlib.sha256(body).hexdigest().encode()
+            whole = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(body) + 64) + digest + body
+            return split(whole, int(headers["x-piece"]))
+
+        class ShortWrites:
+            """The connection's socket, writing at most 1000 bytes a sendmsg (short writes, every time)."""
+
+            def __init__(self, sock):
+                self.sock, self.sent = sock, 0
+
+            def sendmsg(self, buffers):
+                self.sent += 1000
+                if self.sent > 1 << 20:  # the request is 39 KB: a writer that does not advance
+                    raise AssertionError("sent far more than the request")
+                return self.sock.send(b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[:1000])
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        server = Scripted(answer)
+        conn = _RawHTTPConnection("127.0.0.1", server.port, 10)
+        rng = np.random.default_rng(5)
+        try:
+            for piece, rows in ((1, 3), (5, 40), (4096, 100), (1 << 30, 30), (1 << 30, 300), (1 << 30, 100_000), (4096, 300)):
+                if rows == 300 and piece == 4096:
+                    conn.sock = ShortWrites(conn.sock)
+                array = rng.standard_normal((rows, 32)).astype(np.float32)
+                parts = [os.urandom(17), array, memoryview(os.urandom(301)), b""]
+                body = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+                head = b"POST /echo HTTP/1.1\r\nx-piece: %d\r\ncontent-length: %d\r\n\r\n" % (piece, len(body))
+                res = conn.exchange("POST", head, parts, len(body), view=True)
+                fits = 64 + len(body) + 100 < len(conn._buf)
+                self.assertEqual(isinstance(res.data, memoryview) and res.data.obj is conn._buf, fits, (piece, rows))
                 self.assertEqual(bytes(res.data[:64]), hashlib.sha256(body).hexdigest().encode())
                 self.assertEqual(bytes(res.data[64:]), body)
             self.assertEqual(server.connections, 1)

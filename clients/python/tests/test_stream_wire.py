@@ -31,7 +31,7 @@ from kvrecall import websocket as wsmod  # noqa: E402
 from kvrecall.client import attend_body, attend_result, batch_results, step_body, to_bf16_bits  # noqa: E402
 from kvrecall.stream import Stream  # noqa: E402
 from kvrecall.websocket import ConnectionClosed, WebSocket  # noqa: E402
-from kvrecall.wire import attend_fields, attend_parts, batch_parts  # noqa: E402
+from kvrecall.wire import attend_fields, attend_parts, batch_parts, http_attend_parts  # noqa: E402
 from test_websocket import Scripted, server_frame  # noqa: E402
 
 SHAPES = [(8, 2, 32), (4, 4, 16), (16, 2, 64)]  # q heads, kv heads, head dim
@@ -199,7 +199,7 @@ class StreamWire(unittest.TestCase):
                     want = [self.kv.attend(a, 0, **st) for st in steps]
                     assert_same(self, [bits(r) for r in got], [bits(r) for r in want])
                     self.assertEqual(got[0].out.dtype, np.float16 if form == "f16" else np.float32)
-                    self.assertTrue(all(r.out.flags.writeable and r.out.flags.owndata for r in got))
+                    self.assertTrue(all(serve.owned(r.out) and serve.owned(r.lse) for r in got + want))
                     self.assertEqual([r.stats["tokens"] for r in got], list(range(DOC + 1, DOC + 7)))
 
     def test_forty_in_flight(self):
@@ -299,10 +299,11 @@ def _join(parts):
 
 class Packing(unittest.TestCase):
     def test_parts_decode_as_the_packed_body(self):
-        """attend_parts and batch_parts against msgpack's packing of the
-        bodies Client.attend and attend_batch send: the same values for
-        random steps (f32, f16, float64, bf16 bits, big-endian and strided
-        arrays, scale, position, returns, out dtype; 1, 15, 16 and 40 steps)."""
+        """attend_parts, http_attend_parts and batch_parts (with an id, a
+        stream's; without, HTTP's) against msgpack's packing of the bodies
+        as dicts (attend_body, step_body): the same values for random steps
+        (f32, f16, float64, bf16 bits, big-endian and strided arrays, scale,
+        position, returns, out dtype; 1, 15, 16 and 40 steps)."""
         rng = np.random.default_rng(4)
         packer = msgpack.Packer(use_bin_type=True)
 
@@ -350,6 +351,8 @@ class Packing(unittest.TestCase):
             want = msgpack.unpackb(msgpack.packb({"id": 7 + n, "layer": n, "steps": [step_body(s) for s in steps]}, use_bin_type=True))
             got = msgpack.unpackb(_join(batch_parts(packer, 7 + n, n, steps)))
             self.assertEqual(got, want)
+            del want["id"]
+            self.assertEqual(msgpack.unpackb(_join(batch_parts(packer, None, n, steps))), want)
             for i, st in enumerate(steps[:8]):
                 fields = {k: v for k, v in st.items() if k != "session"}
                 if "return" in fields:
@@ -357,6 +360,9 @@ class Packing(unittest.TestCase):
                 body = attend_body(**fields)
                 body.update(id=1000 + i, session=st["session"], layer=3)
                 got = msgpack.unpackb(_join(attend_parts(packer, 1000 + i, st["session"], 3, attend_fields(**fields))))
+                self.assertEqual(got, msgpack.unpackb(msgpack.packb(body, use_bin_type=True)))
+                del body["id"], body["session"]
+                got = msgpack.unpackb(_join(http_attend_parts(packer, 3, attend_fields(**fields))))
                 self.assertEqual(got, msgpack.unpackb(msgpack.packb(body, use_bin_type=True)))
         with self.assertRaises(TypeError):
             batch_parts(packer, 1, 0, [{"q": np.zeros((2, 8), np.float32)}])  # no session
