@@ -59,37 +59,56 @@ function blockSelect(name: string, policy: Policy): RetrievalMethod {
   return {
     name,
     builder: blockSummaryBuilder,
-    select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
+    async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
       const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
-      return blockSelection<BlockSummary>(ctx, p, async (s, heads, budget, exclude) => {
-        const maxNew = maxNewCount(budget, policy);
-        // The blocks the sinks and window touch are never chosen: `exclude.length` more candidates make up for them.
-        const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew) + exclude.length;
-        const states = heads.map((_, h) => {
-          const key = `${name}:${s}:${h}`;
-          const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Int32Array(0) };
-          ctx.memo.set(key, state);
-          return state;
-        });
-        // The candidates (top `reach` and last step's blocks) and their scores:
-        // on the device for GPU sessions, else on the host.
-        const prev = states.map((st) => without(st.selected, exclude));
-        const scored = await BlockSummary.topHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach, prev, ctx.blockScorer);
-        // The choice for every head in one native call (native/kernels/block_choose.cc): the agnostic blocks,
-        // then the candidates in score order (`top`, then the previous blocks outside it by their scores), the
-        // previous step's kept and at most maxNew others; the query-agnostic blocks a pool class above the rest.
-        const agnostic = agnosticCount(budget, policy);
-        const { ids, priority } = chooseBlocks(heads.map((summary, h) => ({
-          top: without(scored[h].order, exclude), prev: prev[h], prevScores: scored[h].extraScores,
-          agnostic: without(summary.byImportance.subarray(0, agnostic + exclude.length), exclude).subarray(0, agnostic),
-          importanceRank: summary.importanceRank, flags: summary.flags,
-        })), { blocks: heads[0].blocks, budget, maxNew, agnosticClass: agnostic, protectAgnostic: policy.protectAgnostic });
-        ids.forEach((chosen, h) => (states[h].selected = chosen));
-        const scanned = heads.reduce((n, summary) => n + (summary.blocks * summary.reps) / ctx.kvHeads, 0);
-        return { ids, priority, scanned };
-      });
+      // Each head's last selection this step replaced, put back if the step fails (Selection.undo):
+      // a failed or refused step must not steer the next step's choice (its maxNew is counted against it).
+      const replaced: [HeadState, Int32Array][] = [];
+      const undo = () => {
+        for (const [state, selected] of replaced) state.selected = selected;
+        replaced.length = 0;
+      };
+      try {
+        return { ...(await choose(ctx, q, p, G, d, replaced)), undo };
+      } catch (e) {
+        undo();
+        throw e;
+      }
     },
   };
+
+  function choose(ctx: LayerContext, q: Float32Array, p: SearchParams, G: number, d: number, replaced: [HeadState, Int32Array][]): Promise<Selection> {
+    return blockSelection<BlockSummary>(ctx, p, async (s, heads, budget, exclude) => {
+      const maxNew = maxNewCount(budget, policy);
+      // The blocks the sinks and window touch are never chosen: `exclude.length` more candidates make up for them.
+      const reach = budget + agnosticCount(budget, policy) + (maxNew === Infinity ? 0 : maxNew) + exclude.length;
+      const states = heads.map((_, h) => {
+        const key = `${name}:${s}:${h}`;
+        const state = (ctx.memo.get(key) as HeadState | undefined) ?? { selected: new Int32Array(0) };
+        ctx.memo.set(key, state);
+        return state;
+      });
+      // The candidates (top `reach` and last step's blocks) and their scores:
+      // on the device for GPU sessions, else on the host.
+      const prev = states.map((st) => without(st.selected, exclude));
+      const scored = await BlockSummary.topHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, reach, prev, ctx.blockScorer);
+      // The choice for every head in one native call (native/kernels/block_choose.cc): the agnostic blocks,
+      // then the candidates in score order (`top`, then the previous blocks outside it by their scores), the
+      // previous step's kept and at most maxNew others; the query-agnostic blocks a pool class above the rest.
+      const agnostic = agnosticCount(budget, policy);
+      const { ids, priority } = chooseBlocks(heads.map((summary, h) => ({
+        top: without(scored[h].order, exclude), prev: prev[h], prevScores: scored[h].extraScores,
+        agnostic: without(summary.byImportance.subarray(0, agnostic + exclude.length), exclude).subarray(0, agnostic),
+        importanceRank: summary.importanceRank, flags: summary.flags,
+      })), { blocks: heads[0].blocks, budget, maxNew, agnosticClass: agnostic, protectAgnostic: policy.protectAgnostic });
+      ids.forEach((chosen, h) => {
+        replaced.push([states[h], states[h].selected]);
+        states[h].selected = chosen;
+      });
+      const scanned = heads.reduce((n, summary) => n + (summary.blocks * summary.reps) / ctx.kvHeads, 0);
+      return { ids, priority, scanned };
+    });
+  }
 }
 
 export const nosa = blockSelect('nosa', { agnosticShare: 0.25, maxNewShare: 0.125, protectAgnostic: true });

@@ -33,6 +33,10 @@ beforeAll(async () => {
     for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) [k[(h * n + t) * d + j], v[(h * n + t) * d + j]] = [t < 2048 ? 1 : 100, rng.normal()];
   await client.uploadDocumentKv('wide', { layer: 0, start: 0, k: f32Tensor([model.kvHeads, n, d], k), v: f32Tensor([model.kvHeads, n, d], v) });
   await client.sealDocument('wide');
+  await client.createDocument('blocks', model, { methods: ['nosa'] });
+  const b = randomKv(rng, 'f16', model.kvHeads, 3000, model.headDim);
+  await client.uploadDocumentKv('blocks', { layer: 0, start: 0, k: b.k, v: b.v });
+  await client.sealDocument('blocks');
 });
 const WIDE = 2100;
 afterAll(async () => {
@@ -46,7 +50,7 @@ const kv = asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim));
 const good = { layer: 0, q: qT(q), ...kv, position: 0 };
 // Finite and in range, but the scores are not: scale·q·k overflows float32 (scale 1e38, |q·k| ~ 4;
 // q 3e38 per value: the dot itself overflows; the negative: every score -Inf).
-const BAD: [string, Record<string, unknown>][] = [
+const BAD: [string, typeof good & { scale?: number }][] = [
   ['a huge scale', { ...good, scale: 1e38 }],
   ['huge finite q', { ...good, q: qT(q.map((x) => Math.sign(x) * 3e38)) }],
   ['huge negative scores', { ...good, q: qT(q.map((x) => x * 1e37)), scale: 1e38 }],
@@ -110,6 +114,24 @@ describe(`scores that overflow float32 (seed ${seed})`, () => {
     const fine = await client.attend(id, { ...body, scale: 1e30 });
     expect(fine.stats.tokens).toBe(WIDE);
     expect(fine.lse.every(Number.isFinite)).toBe(true);
+  });
+
+  it('a refused step does not steer the next choice of a method that remembers its last (nosa)', async () => {
+    // nosa brings in at most maxNew blocks its last step did not select: a refused step's choice (here for
+    // the opposite q, whose top blocks are the good q's last), kept, would steer the retry away from the twin's.
+    const open = async () => (await client.createSession({ model, documents: ['blocks'], method: 'nosa', budget: 512 })).id;
+    const [a, twin] = [await open(), await open()];
+    for (let position = 0; position < 6; position++) {
+      const good = randomQ(rng, model.qHeads, model.headDim);
+      const body = { layer: 0, q: qT(good), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)), position, return: ['out', 'selection'] as ('out' | 'selection')[] };
+      if (position > 0) {
+        const e = (await client.attend(a, { ...body, q: qT(good.map((x) => -x)), scale: 1e38 }).catch((x) => x)) as KvrecallRequestError;
+        expect([e.status, OVERFLOW.test(e.message)]).toEqual([422, true]);
+      }
+      const [x, y] = [await client.attend(a, body), await client.attend(twin, body)];
+      expect(x.selection!.map((ids) => [...ids])).toEqual(y.selection!.map((ids) => [...ids]));
+      expect(bits(x)).toEqual(bits(y));
+    }
   });
 
   it('a head that attends nothing answers lse -Inf and out 0, as before (nothing overflowed)', async () => {
