@@ -374,7 +374,8 @@ __global__ void __launch_bounds__(WarpsFor(D, GC) * 32, kCtasPerSm) SplitKernel(
   if (threadIdx.x < GC) {
     const int g = threadIdx.x;
     const float Lg = sTotL[g];
-    p.partLse[size_t(qh0 + g) * p.splits + split] = Lg > 0.f ? sTotM[g] * kLn2 + logf(Lg) : -INFINITY;
+    // NaN (a score of +Inf in this split) stays NaN: the combine must not answer from the other splits alone.
+    p.partLse[size_t(qh0 + g) * p.splits + split] = Lg > 0.f ? sTotM[g] * kLn2 + logf(Lg) : (Lg == Lg ? -INFINITY : NAN);
   }
 }
 
@@ -439,9 +440,10 @@ __global__ void __launch_bounds__(kThreads) MergeKernel(const float* __restrict_
     float a = 0.f;
     for (int i = 0; i < splits; ++i) a = fmaf(w[i], partOut[(size_t(qh) * splits + i) * D + j], a);
     if (extraOut && we > 0.f) a = fmaf(we, extraOut[size_t(qh) * D + j], a);
-    out[size_t(qh) * D + j] = L > 0.f ? a / L : 0.f;
+    out[size_t(qh) * D + j] = L > 0.f ? a / L : (L == L ? 0.f : NAN);
   }
-  if (tid == 0) lse[qh] = L > 0.f ? M + logf(L) : -INFINITY;
+  // A NaN split (or extra part) makes L NaN: the head is answered NaN, as the host kernel answers it.
+  if (tid == 0) lse[qh] = L > 0.f ? M + logf(L) : (L == L ? -INFINITY : NAN);
 }
 
 __global__ void ScatterKernel(const uint4* __restrict__ staged, const int32_t* __restrict__ slots, int64_t blockVecs,
@@ -547,6 +549,10 @@ int LaunchScatter(const uint16_t* staged, const int32_t* slots, int64_t n, int64
 void MergeLseHost(float* out, float* lse, const float* otherOut, const float* otherLse, int qHeads, int headDim) {
   for (int h = 0; h < qHeads; ++h) {
     const double a = lse[h], b = otherLse[h];
+    if (std::isnan(a) || std::isnan(b)) {  // an overflowed part: no finite answer (the caller refuses it)
+      lse[h] = NAN;
+      continue;
+    }
     const double M = std::max(a, b);
     if (M == -std::numeric_limits<double>::infinity()) continue;
     const double wa = a == -INFINITY ? 0.0 : std::exp(a - M), wb = b == -INFINITY ? 0.0 : std::exp(b - M);

@@ -163,6 +163,20 @@ describe.skipIf(!gpu.ok)('GPU backend (server)', () => {
         }
     }, 120_000);
 
+  it('scores past float32 in some of the pool kernel\'s splits are refused (422) as on the CPU, never answered from the rest', async () => {
+    // q of ones: q·k ~ N(0, 128) over random keys; at this scale the few keys past q·k = 20 overflow float32 and
+    // the rest do not. The split kernel dropped a split whose sum was NaN and answered from the others.
+    const q = tensor('f32', [qHeads, d], new Float32Array(qHeads * d).fill(1));
+    for (const s of [onGpu, onCpu]) {
+      const c = new KvrecallClient({ url: s.url });
+      const { id } = (await c.createSession({ model, documents: ['doc'], method: 'exact' })) as Created;
+      await expect(c.attend(id, { layer: 0, q, scale: 3.4e38 / 20 })).rejects.toMatchObject({ status: 422, message: expect.stringMatching(/overflow float32/) });
+      const fine = await c.attend(id, { layer: 0, q, scale: 1 });
+      expect(fine.lse.every(Number.isFinite)).toBe(true);
+      await c.deleteSession(id);
+    }
+  });
+
   it('a pool far smaller than the document evicts under pressure without a wrong answer', async () => {
     const c = new KvrecallClient({ url: tiny.url });
     // Working set 1 + 2 blocks per (layer, kv head): admitted to the 48 slots, which it fills.
