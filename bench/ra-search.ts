@@ -124,7 +124,7 @@ interface Config {
 }
 const configs: Config[] = [
   { name: 'ef = k', ef: asked },
-  { name: 'margin 0.5, ef 8k (session default)', ef: 8 * asked, margin: 0.5 },
+  { name: 'margin 0.5, ef 8k (the session default with no free seeds; with them: effort() in index/retrieval-attention.ts)', ef: 8 * asked, margin: 0.5 },
   { name: 'capped at 3% scanned', ef: 8 * asked, margin: 3, maxScanned: Math.round(0.03 * tokens) },
 ].filter((c) => !only || only.split(',').some((o) => c.name.startsWith(o)));
 
