@@ -252,8 +252,9 @@ export class LmdbStore implements DocumentStore {
     const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens), budget));
     const rowBytes = headDim * 2;
     let found = 0;
-    const own = DocumentEnvs.existing(this.path, meta.id);
+    let own: DocumentEnvs | undefined;
     try {
+      own = DocumentEnvs.existing(this.path, meta.id);
       for (const db of [...(own?.all() ?? []), ...this.shards.all()])
         for (const { key, value } of db.getRange({ start: [meta.id], end: [meta.id, layers] })) {
           const [, layer, head, block] = key;
@@ -261,6 +262,10 @@ export class LmdbStore implements DocumentStore {
           segments[layer].writeHead(head, value.subarray(0, n * rowBytes), value.subarray(n * rowBytes), n, block * blockSize);
           found++;
         }
+    } catch (e) {
+      // An environment that does not open (or a read that fails) gives the document's reservation back.
+      for (const s of segments) s.release();
+      throw e;
     } finally {
       if (own) this.track(own.close());
     }

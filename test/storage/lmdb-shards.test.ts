@@ -189,6 +189,20 @@ describe('LMDB store over shards', () => {
     await store.close();
   });
 
+  it("a ready document whose environment does not open is refused, the host memory reserved for it given back", async () => {
+    const dir = folder(), src = source(rng);
+    const { store } = await LmdbStore.open(dir, { shards: 3 });
+    await preload(store, 'doc', src);
+    // Environment 1's file replaced by a folder: lmdb's open throws after environment 0 opened.
+    const file = join(documentFolder(dir, 'doc'), '1', 'data.mdb');
+    rmSync(file);
+    mkdirSync(file);
+    const budget = new HostBudget(1 << 30);
+    expect(() => store.load(store.get('doc')!, budget)).toThrow(/directory/i);
+    expect(budget.used).toBe(0);
+    await store.close();
+  });
+
   it('delete gives the disk space of its blocks back (no LMDB freelist for the next preload to allocate from); folders no document names go at open', async () => {
     // Blocks of 64 tokens x d=128: 32 KiB values, on LMDB overflow pages as a real preload's (12 MiB in all).
     const big = { layers: 3, qHeads: 2, kvHeads: 2, headDim: 128, dtype: 'f16' as const, blockSize: 64 };
