@@ -67,8 +67,12 @@ export class LmdbStore implements DocumentStore {
   private readonly shards: BlockShards;
   /** Environments of the documents being loaded (opened at their first write, closed at seal or delete). */
   private readonly writing = new Map<string, DocumentEnvs>();
-  /** Environments being closed (and artifact environments in use), awaited before their folder may go or open again. */
-  private readonly closing = new Set<Promise<void>>();
+  /**
+   * By document: its environments being closed (and its artifact environment in use), awaited before its folder
+   * may go or open again. Per document, so a new document's first write does not wait for another's artifacts
+   * (a 256 MiB artifact write held a create + first write ~1 s on the 2-core VM).
+   */
+  private readonly closing = new Map<string, Set<Promise<void>>>();
   /** Block writes not yet committed, and the staging buffers their values sit in. */
   private readonly inflight = new Set<Promise<void>>();
   private readonly staging = new BufferPool(4);
@@ -230,7 +234,7 @@ export class LmdbStore implements DocumentStore {
       }
       return out;
     } finally {
-      if (own) this.track(own.close());
+      if (own) this.track(id, own.close());
     }
   }
 
@@ -267,7 +271,7 @@ export class LmdbStore implements DocumentStore {
       for (const s of segments) s.release();
       throw e;
     } finally {
-      if (own) this.track(own.close());
+      if (own) this.track(meta.id, own.close());
     }
     const expected = layers * kvHeads * Math.ceil(meta.tokens / blockSize);
     if (found !== expected) {
@@ -282,7 +286,7 @@ export class LmdbStore implements DocumentStore {
   async close(): Promise<void> {
     await Promise.allSettled(this.inflight);
     for (const id of [...this.writing.keys()]) await this.closeEnvs(id);
-    await Promise.allSettled(this.closing);
+    await Promise.allSettled([...this.closing.values()].flatMap((c) => [...c]));
     await this.shards.close();
     await this.root.close();
   }
@@ -291,7 +295,7 @@ export class LmdbStore implements DocumentStore {
   private async writingEnvs(id: string): Promise<DocumentEnvs> {
     let envs = this.writing.get(id);
     if (!envs) {
-      await Promise.allSettled(this.closing); // a reader's close of this folder may be under way
+      await this.closed(id); // a reader's close of this folder may be under way
       envs = this.writing.get(id) ?? DocumentEnvs.create(this.path, id, this.shardCount);
       this.writing.set(id, envs);
     }
@@ -320,13 +324,25 @@ export class LmdbStore implements DocumentStore {
     // Views, not copies: a build's bytes do not change once it returns.
     const view = (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
     const done = Promise.all(artifacts.map((a) => env.db.put([id, a.method, a.layer, a.head], view(a.bytes)))).then(() => env.sync());
-    this.track(done.then(() => env.close(), () => env.close()));
+    this.track(id, done.then(() => env.close(), () => env.close()));
     await done;
   }
 
-  private track(closing: Promise<void>): void {
-    const p = closing.finally(() => this.closing.delete(p));
-    this.closing.add(p);
+  private track(id: string, closing: Promise<void>): void {
+    let of = this.closing.get(id);
+    if (!of) this.closing.set(id, (of = new Set()));
+    const set = of;
+    const p = closing.finally(() => {
+      set.delete(p);
+      if (set.size === 0 && this.closing.get(id) === set) this.closing.delete(id);
+    });
+    set.add(p);
+  }
+
+  /** Until the document's environments in closing (or in use by an artifact write) are closed. */
+  private async closed(id: string): Promise<void> {
+    const of = this.closing.get(id);
+    if (of) await Promise.allSettled([...of]);
   }
 
   private hasBlocks(id: string): boolean {
@@ -364,7 +380,7 @@ export class LmdbStore implements DocumentStore {
       crashPoint('drop:marked');
     }
     await this.closeEnvs(id);
-    await Promise.allSettled(this.closing);
+    await this.closed(id);
     await removeDocumentFolder(this.path, documentKey(id));
     await this.shards.dropOthers(id);
     if (marked) {

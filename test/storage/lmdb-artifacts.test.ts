@@ -182,4 +182,24 @@ describe('index artifacts in the LMDB store', () => {
     expect(mainArtifacts(dir, 'old')).toBe(0);
     expect(existsSync(documentFolder(dir, 'old'))).toBe(false);
   });
+
+  it("a document's environments in use hold back its own first write, not another document's", async () => {
+    const dir = folder();
+    const { store } = await LmdbStore.open(dir, { shards: 2 });
+    const rng = new Rng(seed + 7);
+    // Stands for a's artifact write (or a reader's close) still under way; the store's own hook for it.
+    let finish!: () => void;
+    const held = new Promise<void>((resolve) => (finish = resolve));
+    await store.create(meta('a', 'loading'));
+    await store.create(meta('b', 'loading'));
+    (store as unknown as { track(id: string, p: Promise<void>): void }).track('a', held);
+    const order: string[] = [];
+    const aWrite = store.writeBlocks('a', blocks(rng).slice(0, 3)).then(() => order.push('a'));
+    await store.writeBlocks('b', blocks(rng).slice(0, 3)).then(() => order.push('b'));
+    expect(order).toEqual(['b']); // b's first write went on while a's environments were held
+    finish();
+    await aWrite;
+    expect(order).toEqual(['b', 'a']);
+    await store.close();
+  }, 20_000); // the old store's b waited for a, forever here
 });
