@@ -86,8 +86,14 @@ describe('fuzz: stream frames', () => {
     const bad: string[] = [];
     answers.forEach((a, i) => {
       // Answers come in order, each with the id its frame carried.
-      // A mutation may turn the id into a map or an array: compared by value (ids of any type are echoed as read).
-      const text = (x: unknown) => JSON.stringify(x, (_, v: unknown) => (typeof v === 'bigint' ? `${v}n` : v));
+      // A mutation may turn the id into a map, an array or bytes: compared by value (ids of any type are echoed as
+      // read). Bytes by their bytes: the answer's decode to a Buffer, the frame's to a Uint8Array (CI seed 437883606).
+      const text = (x: unknown) =>
+        JSON.stringify(x, function (this: Record<string, unknown>, k: string, v: unknown) {
+          const raw = this[k]; // before toJSON (a Buffer's is {type, data})
+          if (ArrayBuffer.isView(raw)) return Array.from(new Uint8Array(raw.buffer, raw.byteOffset, raw.byteLength));
+          return typeof v === 'bigint' ? `${v}n` : v;
+        });
       const same = (x: unknown, y: unknown) => x === y || (typeof x === 'object' && x !== null && text(x) === text(y));
       if (expectedId[i] !== undefined && !Number.isNaN(expectedId[i]) && !same(a.id, expectedId[i]))
         bad.push(`answer ${i} has id ${text(a.id)}, its frame ${text(expectedId[i])}`);
