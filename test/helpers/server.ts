@@ -5,7 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll } from 'vitest';
+import { afterAll, afterEach, beforeAll } from 'vitest';
 import { startServer, type RunningServer } from '../../api/server.js';
 import { KvrecallClient } from '../../clients/ts/client.js';
 import { DEFAULTS, type Config } from '../../core/config.js';
@@ -13,6 +13,17 @@ import { DEFAULTS, type Config } from '../../core/config.js';
 export function tempDataDir(): { dir: string; cleanup(): void } {
   const dir = mkdtempSync(join(tmpdir(), 'kvrecall.test-'));
   return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** A fresh temp folder per call, each removed after the test that made it (afterEach of the calling file). */
+export function tempFolders(): () => string {
+  const made: { cleanup(): void }[] = [];
+  afterEach(() => made.splice(0).forEach((t) => t.cleanup()));
+  return () => {
+    const t = tempDataDir();
+    made.push(t);
+    return t.dir;
+  };
 }
 
 // Test servers share a GPU (where there is one) across parallel test files:

@@ -9,12 +9,12 @@
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { open } from 'lmdb';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { ArtifactWrite, BlockWrite, DocumentMeta } from '../../storage/document-store.js';
 import { HostBudget } from '../../storage/host-budget.js';
 import { documentFolder } from '../../storage/lmdb-doc-envs.js';
 import { LmdbStore } from '../../storage/lmdb-store.js';
-import { tempDataDir } from '../helpers/server.js';
+import { tempFolders } from '../helpers/server.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
@@ -24,13 +24,7 @@ const model = { layers: 3, qHeads: 3, kvHeads: 3, headDim: 8, dtype: 'f16' as co
 const TOKENS = 100;
 const ROW = model.headDim * 2;
 
-const temps: { cleanup(): void }[] = [];
-afterEach(() => temps.splice(0).forEach((t) => t.cleanup()));
-function folder(): string {
-  const t = tempDataDir();
-  temps.push(t);
-  return t.dir;
-}
+const folder = tempFolders();
 
 const meta = (id: string, status: DocumentMeta['status'], methods: string[] = []): DocumentMeta => ({
   id,

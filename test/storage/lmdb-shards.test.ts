@@ -8,14 +8,14 @@
 import { mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { open } from 'lmdb';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { parseConfig } from '../../core/config.js';
 import type { BlockWrite, DocumentMeta } from '../../storage/document-store.js';
 import { HostBudget } from '../../storage/host-budget.js';
 import { documentFolder } from '../../storage/lmdb-doc-envs.js';
 import { defaultShards, LmdbStore } from '../../storage/lmdb-store.js';
 import { blocksPerShard } from '../helpers/lmdb-blocks.js';
-import { tempDataDir } from '../helpers/server.js';
+import { tempFolders } from '../helpers/server.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
@@ -25,13 +25,7 @@ const model = { layers: 3, qHeads: 4, kvHeads: 2, headDim: 8, dtype: 'f16' as co
 const TOKENS = 1001;
 const ROW = model.headDim * 2;
 
-const temps: { cleanup(): void }[] = [];
-afterEach(() => temps.splice(0).forEach((t) => t.cleanup()));
-function folder(): string {
-  const t = tempDataDir();
-  temps.push(t);
-  return t.dir;
-}
+const folder = tempFolders();
 
 /** Random K and V bytes per (layer, head): the reference the store's blocks are checked against. */
 function source(rng: Rng): { k: Uint8Array; v: Uint8Array }[][] {
