@@ -253,11 +253,13 @@ export class LmdbStore implements DocumentStore {
   /** Reads a ready document's KV into one segment per layer, from its environments (or an older store's shards); refuses one missing blocks. */
   load(meta: DocumentMeta, budget: HostBudget): KvSegment[] {
     const { layers, kvHeads, headDim, dtype, blockSize } = meta.model;
-    const segments = Array.from({ length: layers }, () => new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens), budget));
+    const segments: KvSegment[] = [];
     const rowBytes = headDim * 2;
     let found = 0;
     let own: DocumentEnvs | undefined;
     try {
+      // In the try: a layer refused for the budget (503) gives back the layers reserved before it.
+      for (let l = 0; l < layers; l++) segments.push(new KvSegment(kvHeads, headDim, dtype, Math.max(1, meta.tokens), budget));
       own = DocumentEnvs.existing(this.path, meta.id);
       for (const db of [...(own?.all() ?? []), ...this.shards.all()])
         for (const { key, value } of db.getRange({ start: [meta.id], end: [meta.id, layers] })) {
@@ -267,7 +269,7 @@ export class LmdbStore implements DocumentStore {
           found++;
         }
     } catch (e) {
-      // An environment that does not open (or a read that fails) gives the document's reservation back.
+      // A reservation refused, an environment that does not open (or a read that fails): the document's reservation goes back.
       for (const s of segments) s.release();
       throw e;
     } finally {

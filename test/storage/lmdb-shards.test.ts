@@ -197,6 +197,20 @@ describe('LMDB store over shards', () => {
     await store.close();
   });
 
+  it('a ready document larger than the host budget left is refused (503) with nothing reserved: the layers that fit are given back', async () => {
+    const dir = folder(), src = source(rng);
+    const { store } = await LmdbStore.open(dir, { shards: 2 });
+    await preload(store, 'doc', src);
+    // Room for two of its three layers (64064 B each): the third's reservation is refused.
+    const layerBytes = TOKENS * ROW * 2 * model.kvHeads;
+    const budget = new HostBudget(2.5 * layerBytes);
+    expect(() => store.load(store.get('doc')!, budget)).toThrow(/host memory/);
+    expect(budget.used).toBe(0);
+    // The refused load changed nothing of the document.
+    expectSame(store, 'doc', src);
+    await store.close();
+  });
+
   it('delete gives the disk space of its blocks back (no LMDB freelist for the next preload to allocate from); folders no document names go at open', async () => {
     // Blocks of 64 tokens x d=128: 32 KiB values, on LMDB overflow pages as a real preload's (12 MiB in all).
     const big = { layers: 3, qHeads: 2, kvHeads: 2, headDim: 128, dtype: 'f16' as const, blockSize: 64 };
