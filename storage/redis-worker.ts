@@ -342,6 +342,20 @@ async function dropKeys(id: string, hash: Hash): Promise<void> {
   await inParallel(batches, 32, async (keys) => void (await retrying(`removing ${id}`, () => cluster.unlink(...keys))));
 }
 
+/**
+ * Takes a removed document's id out of the listing. The set and the
+ * document's hash lie in different slots, so no one script can change both
+ * on a cluster (CROSSSLOT); a PUT that lands between the removal and the
+ * SREM would lose its id. So the SREM is checked after the fact: a hash
+ * found after it puts the id back. Since a create SADDs after its script,
+ * the last SREM is always followed by a SADD while a document lives — the
+ * check's, or, when the check saw no hash, the later create's own.
+ */
+async function unlist(id: string): Promise<void> {
+  await retrying(`removing ${id}`, () => cluster.srem(INDEX_KEY, id));
+  if ((await retrying(`removing ${id}`, () => cluster.exists(metaKey(id)))) === 1) await retrying(`removing ${id}`, () => cluster.sadd(INDEX_KEY, id));
+}
+
 /** After marking a document incomplete: its blocks are of no use to anyone. */
 async function dropLater(id: string): Promise<void> {
   try {
@@ -460,7 +474,7 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     if (createdAt !== undefined && !old.gen) throw notFound(`document ${id} does not exist`);
     leases.delete(id);
     landed.delete(id);
-    await retrying(`removing ${id}`, () => cluster.srem(INDEX_KEY, id));
+    await unlist(id);
     await dropKeys(id, old);
   },
 

@@ -3,7 +3,8 @@
 // preloads, another attends, equal to float64 exact attention; a preload
 // killed midway is incomplete on every server; a damaged block is refused,
 // not attended; DELETE removes a document cluster-wide, and a conditional
-// DELETE never one made again through another server; a seal whose last
+// DELETE never one made again through another server, and a DELETE racing a
+// PUT of the id never leaves the live document out of the listing; a seal whose last
 // replica acknowledgement fails leaves it ready on every server, and the
 // seal asked again confirms it; a master killed
 // during an attach is replaced by its replica and the attach either completes
@@ -20,6 +21,8 @@ import type { RunningServer } from '../../api/server.js';
 import type { Tensor } from '../../core/tensor.js';
 import { BLOCK_HEADER, blockKey, keySlot, metaKey } from '../../storage/redis-format.js';
 import { DEFAULT_BLOCK_SIZE } from '../../core/model.js';
+import type { DocumentMeta } from '../../storage/document-store.js';
+import { RedisStore } from '../../storage/redis-store.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
@@ -33,6 +36,8 @@ if (skip) console.warn('redis-store: SKIPPED: redis-server and redis-cli are not
 const seed = freshSeed();
 console.log(`redis-store: seed ${seed}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** Rounds of the delete/PUT race (KVRECALL_RACE_ROUNDS to measure how often the old store lost the id). */
+const RACE_ROUNDS = Number(process.env.KVRECALL_RACE_ROUNDS ?? 60);
 
 /** Random f16 K or V bits, [kvHeads, n, d], finite; for documents whose answers are compared between servers, not to a reference. */
 function randomBits(kvHeads: number, n: number, d: number): Tensor {
@@ -235,6 +240,35 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     expect(await statusOf(b, 'cond')).toBe(404);
     expect(blockKeysPerMaster('cond').reduce((x, y) => x + y)).toBe(0);
   });
+
+  it('a delete and a PUT of one id racing through two servers: the id is listed exactly while its document lives (plain and conditional deletes, many rounds)', async () => {
+    // Two stores, each its own worker and cluster connections, as two servers. The delete's script and the
+    // create's land in either order on the document's master; what the listing must never do is drop a live id.
+    const [x, y] = await Promise.all([RedisStore.open(store), RedisStore.open(store)]).then((o) => o.map((s) => s.store));
+    const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const, blockSize: DEFAULT_BLOCK_SIZE };
+    const meta = (): DocumentMeta => ({ id: 'race', model, status: 'loading', tokens: 0, methods: [], createdAt: new Date().toISOString() });
+    const wrong: string[] = [];
+    let recreated = 0;
+    try {
+      for (let round = 0; round < RACE_ROUNDS; round++) {
+        await x.remove('race');
+        const mine = meta();
+        await x.create(mine);
+        const condition = round % 2 ? { createdAt: mine.createdAt } : {};
+        await Promise.allSettled([x.remove('race', condition), y.create(meta())]);
+        const lives = (await x.get('race')) !== undefined;
+        const listed = (await x.list()).some((m) => m.id === 'race');
+        if (lives) recreated++;
+        if (listed !== lives) wrong.push(`round ${round} (${round % 2 ? 'conditional' : 'plain'} delete): ${lives ? 'lives' : 'gone'} but ${listed ? 'listed' : 'not listed'}`);
+      }
+    } finally {
+      await x.remove('race');
+      await Promise.all([x.close(), y.close()]);
+    }
+    console.log(`redis-store: delete/PUT race: the PUT landed after the delete in ${recreated} of ${RACE_ROUNDS} rounds`);
+    expect(wrong).toEqual([]);
+    expect(recreated).toBeGreaterThan(0);
+  }, 120_000);
 
   it("a seal whose ready flip lands but whose replicas do not acknowledge it (503): served here as everywhere, and the seal asked again answers as the seal once they do", async () => {
     const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
