@@ -393,7 +393,13 @@ export class Documents {
   acquire(idRaw: string): Promise<LoadedDocument> {
     const id = checkId(idRaw, 'document');
     return this.queue.run(id, async () => {
-      const meta = this.loading.get(id)?.meta ?? (await this.store.get(id));
+      const stored = await this.store.get(id);
+      // One this server was loading that the store no longer holds loading (deleted, and perhaps made
+      // again and sealed, through another server; or incomplete once its lease lapsed): its memory goes,
+      // and the store's document is what a session attaches, not a 409 for the stale one.
+      const local = this.loading.get(id);
+      if (local && !(stored?.status === 'loading' && stored.createdAt === local.meta.createdAt)) await this.dropLoading(id);
+      const meta = this.loading.get(id)?.meta ?? stored;
       const cached = this.ready.get(id);
       if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
       if (cached) this.forget(cached, `document ${id} was deleted or replaced since it was attached`);

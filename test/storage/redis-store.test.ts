@@ -174,6 +174,33 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     }
   });
 
+  it('a document one server was loading, deleted and sealed again through another: sessions on the first attach the sealed one (not 409 loading), its stale memory given back', async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    const used = () => servers[0].engine.budget.used;
+    const base = used();
+    const stale = 2 * 20000 * 2 * 32 * 2 * 2; // A's reservation for the document it was loading
+    const rng = new Rng(seed ^ 8);
+    const old = randomKv(rng, 'f16', 2, 300, 32), now = randomKv(rng, 'f16', 2, 200, 32);
+    await a.createDocument('remade', model, { tokens: 20000 });
+    await a.uploadDocumentKv('remade', { layer: 0, start: 0, k: old.k, v: old.v });
+    expect(used() - base).toBe(stale);
+    await b.deleteDocument('remade');
+    await b.createDocument('remade', model);
+    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('remade', { layer, start: 0, k: now.k, v: now.v });
+    await b.sealDocument('remade');
+    // A attaches what the store holds (it answered 409 "loading, not ready" for its own stale copy, kept reserved).
+    const sid = (await a.createSession({ model, documents: ['remade'], method: 'exact' })).id;
+    expect(used() - base).toBeLessThan(stale);
+    const q = randomQ(rng, 4, 32);
+    const want = referenceAttention(q, now.kValues, now.vValues, 4, 32);
+    const got = await a.attend(sid, { layer: 1, q: tensor('f32', [4, 32], q) });
+    expect(maxRelError(got.out, want.out, 4)).toBeLessThan(1e-5);
+    expect(await a.getDocument('remade')).toMatchObject({ status: 'ready', tokens: 200 });
+    await a.deleteSession(sid);
+    await a.deleteDocument('remade');
+    expect(used()).toBe(base);
+  });
+
   it('a seal refused with 503 (a replica silent past wait) leaves the document loading: it takes more uploads and seals', async () => {
     const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
     const server = await startInProcess(dirs[3].dir, { store: `${cluster.url}?lease=3000&failover=15000&wait=300` });
