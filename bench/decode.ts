@@ -1,11 +1,12 @@
 // End-to-end decode benchmark: preload one long document, then decode as an
-// LLM server would, one `attend` over HTTP/msgpack per layer per generated
-// token, for one session per retrieval method, and judge every method's
-// answers against dense attention on the same steps.
+// LLM server would, one `attend` per layer per generated token, for one
+// session per retrieval method, and judge every method's answers against
+// dense attention on the same steps.
 //
 //   npm run bench:decode [-- --quick | --full] [--url http://host:port] [--preset llama3-8b|llama3.2-1b|custom
 //        --layers L --q-heads Q --kv-heads K --head-dim D] [--tokens N] [--steps S] [--methods exact,hnsw,...]
-//        [--budget TOKENS|FRACTION] [--sweep 8K,16K|none] [--layer-data distinct|shared] [--concurrency N] [--help]
+//        [--budget TOKENS|FRACTION] [--sweep 8K,16K|none] [--layer-data distinct|shared] [--concurrency N]
+//        [--via stream|batch|http|LIST] [--tag NAME] [--help]
 //
 // What one context point does:
 //   1. Preload. The document's K/V and prefill queries come from the seeded
@@ -20,13 +21,21 @@
 //      that has an index builder; seal is timed per method by polling the
 //      document's build progress.
 //   2. Sessions. One per method over the document (budget 1% of the
-//      document's tokens unless --budget, 16 sinks, 256 window).
+//      document's tokens unless --budget, 16 sinks, 256 window), for each
+//      transport of --via (bench/decode/lanes.ts): stream (default; one
+//      WebSocket frame per attend, what an LLM server keeping one
+//      connection sends), batch (per step and layer one batch frame
+//      carrying every session's step) or http (one POST per attend).
 //   3. Decode. For each step and each layer, every session (taking turns
-//      at going first) gets the same request: the step's query heads
-//      q [qHeads, d] f32 and the new token's k, v [kvHeads, d] f16. The wall
-//      time of each call (client encode + HTTP + server + decode of the
-//      reply) is summed over layers per token. A warm-up pass first (step
-//      0's queries, nothing appended) is reported as the cold first token.
+//      at going first; the transports too) gets the same request: the
+//      step's query heads q [qHeads, d] f32 and the new token's k, v
+//      [kvHeads, d] f16. The wall time of each call (client encode +
+//      transport + server + decode of the reply; via batch, the step's own
+//      server ms plus the batch's wall − server ms) is summed over layers
+//      per token, with its RPC share. The transports' answers to the same
+//      step must be bit-identical: a difference is reported, and the run
+//      exits 1 after writing its files. A warm-up pass first (step 0's
+//      queries, nothing appended) is reported as the cold first token.
 //   4. Fidelity. Output error of every method's `out` against the exact
 //      session's `out` (all layers, all steps). On the sampled layer(s)
 //      (default layer 0; kv heads 0 and K-1) the methods also return their
@@ -56,13 +65,13 @@
 // (cpu, or cuda when attends run on the GPU pool) and, per context, health's
 // gpu (pool stats) after the decode.
 //
-// Results: bench/results/ (or --out) decode-<mode>-<preset>.{json,md},
-// decode-latency.svg, decode-recall.svg. Progress on stderr.
+// Results: bench/results/ (or --out) decode-<mode>-<preset>[-<tag>].{json,md},
+// decode-latency[-<tag>].svg, decode-recall[-<tag>].svg. Progress on stderr.
 //
 // This file is the entry (server, sweep, output files); the parts live in
 // bench/decode/: options.ts (flags), preload.ts and layer-data.ts (generate,
-// upload, seal), context.ts (one context point), loop.ts (the per-token
-// loop and fidelity), judge.ts, run.ts (measurements), results.ts (the JSON
+// upload, seal), context.ts (one context point), lanes.ts (the transports),
+// loop.ts (the per-token loop and fidelity), judge.ts, run.ts (measurements), results.ts (the JSON
 // schema), report.ts (markdown), charts.ts, machine.ts, util.ts.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -130,17 +139,23 @@ async function main(): Promise<void> {
     const { latency, recall } = charts(o, results);
     const dir = o.out ?? RESULTS_DIR;
     mkdirSync(dir, { recursive: true });
-    const base = join(dir, `decode-${o.mode}-${o.preset}`);
+    const tag = o.tag ? `-${o.tag}` : '';
+    const base = join(dir, `decode-${o.mode}-${o.preset}${tag}`);
     writeFileSync(`${base}.md`, md);
     writeFileSync(
       `${base}.json`,
-      JSON.stringify({ machine: m, date, wallSeconds: round(wallSeconds, 1), backend: String(health.backend ?? 'unknown'), server: { url: o.url ?? 'in-process', health }, options: o, results }, (_, v) =>
+      JSON.stringify({ machine: m, date, wallSeconds: round(wallSeconds, 1), vias: o.vias, backend: String(health.backend ?? 'unknown'), server: { url: o.url ?? 'in-process', health }, options: o, results }, (_, v) =>
         typeof v === 'number' && !Number.isInteger(v) ? round(v, 5) : v, 2) + '\n',
     );
-    writeFileSync(join(dir, 'decode-latency.svg'), latency);
-    writeFileSync(join(dir, 'decode-recall.svg'), recall);
+    writeFileSync(join(dir, `decode-latency${tag}.svg`), latency);
+    writeFileSync(join(dir, `decode-recall${tag}.svg`), recall);
     process.stdout.write(md);
-    log(`wrote ${base}.{md,json}, decode-latency.svg, decode-recall.svg in ${wallSeconds.toFixed(0)} s`);
+    log(`wrote ${base}.{md,json}, decode-latency${tag}.svg, decode-recall${tag}.svg in ${wallSeconds.toFixed(0)} s`);
+    const differ = results.flatMap((r) => r.transports.flatMap((t) => t.methods.filter((m) => m.mismatch).map((m) => `${r.tokens} ${m.method} via ${t.via}: ${m.mismatch}`)));
+    if (differ.length) {
+      log(`answers differ between transports:\n  ${differ.join('\n  ')}`);
+      process.exitCode = 1;
+    }
   } finally {
     await stop();
   }

@@ -444,9 +444,15 @@ const BLOCKS = {
     const sparse0 = first.methods.filter((m) => m.method !== 'exact');
     const rpcShare = sparse1.map((m) => m.latency.rpcMs / m.latency.p50Ms);
     const uploads = runs.map(({ j }) => j.results[0].preload.uploadGBps);
+    // bench:decode --via (files from before it: http); the table shows the first transport's.
+    const viaPhrase = {
+      http: 'one HTTP/msgpack `attend`',
+      stream: 'one `attend` frame on a WebSocket stream',
+      batch: "one batch frame carrying every session's step (RPC = batch wall − batch server ms)",
+    };
     return [
       `**Decode end to end on the H100 machine** (\`npm run bench:decode -- --full\`, ${j1.backend.toUpperCase()} backend, the server in`,
-      `process on the machine's host (${machine(j1.machine)}); per generated token = one HTTP/msgpack \`attend\` per layer, summed;`,
+      `process on the machine's host (${machine(j1.machine)}); per generated token = ${viaPhrase[j1.options.vias?.[0] ?? 'http']} per layer, summed;`,
       `budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window; ms per token, split into RPC, retrieval and attention):`,
       '',
       table(

@@ -1,15 +1,16 @@
 // One context point of the sweep: check the server has room, preload the
-// document, open one session per method, a warm-up pass, the timed decode,
-// clean up, and summarise each method.
+// document, open one session per method for each transport (--via), a
+// warm-up pass, the timed decode, clean up, and summarise each method.
 import type { RunningServer } from '../../api/server.js';
 import { tensor, type KvrecallClient } from '../../clients/ts/client.js';
 import { percentile } from '../stats.js';
 import type { LayerDecode } from './layer-data.js';
+import { Lane } from './lanes.js';
 import { decodeSteps } from './loop.js';
 import { gpuPool, serverMemory } from './machine.js';
-import type { Options } from './options.js';
+import type { Options, Via } from './options.js';
 import { Preloader } from './preload.js';
-import { baselines, type ContextResult, type Preload } from './results.js';
+import { baselines, type ContextResult, type Preload, type TransportResult } from './results.js';
 import { Run } from './run.js';
 import { fmtBytes, fmtTokens, log, now } from './util.js';
 
@@ -45,10 +46,9 @@ export class Bench {
       );
   }
 
-  /** One session per method (exact first); a failed create is recorded on its Run. */
-  private async openSessions(doc: string, budgetTokens: number, steps: number): Promise<{ runs: Run[]; attachMs: Record<string, number> }> {
+  /** One session per method (exact first) for transport `via`; a failed create is recorded on its Run. */
+  private async openSessions(doc: string, budgetTokens: number, steps: number, via: Via, attachMs: Record<string, number>): Promise<Run[]> {
     const o = this.o;
-    const attachMs: Record<string, number> = {};
     const runs: Run[] = [];
     for (const method of o.methods) {
       const spec = {
@@ -65,46 +65,23 @@ export class Bench {
       const t = now();
       try {
         const { id } = await this.client.createSession(spec);
-        attachMs[method] = now() - t;
-        runs.push(new Run(method, id, steps));
+        // The first transport's sessions attach first, loading the indexes: theirs is the attach time.
+        attachMs[method] ??= now() - t;
+        runs.push(new Run(method, id, steps, via));
       } catch (e) {
-        const run = new Run(method, '', steps);
+        const run = new Run(method, '', steps, via);
         run.error = `createSession: ${(e as Error).message}`;
         log(`${method}: ${run.error}`);
         runs.push(run);
       }
     }
-    return { runs, attachMs };
-  }
-
-  /**
-   * Warm-up (cold) pass: every session, every layer, step 0's queries without
-   * k/v (nothing is appended). It pays JIT and lazy per-session work (e.g.
-   * infiniretri's retention) outside the timed steps, and is reported as the
-   * cold first token.
-   */
-  private async warmUp(runs: Run[], decodeData: LayerDecode[]): Promise<void> {
-    const { layers: L, qHeads: Q, headDim: d } = this.o.shape;
-    for (const run of runs) {
-      if (run.error) continue;
-      const t = now();
-      try {
-        for (let l = 0; l < L; l++) {
-          const r = await this.client.attend(run.sid, { layer: l, q: tensor('f32', [Q, d], decodeData[l].q[0]) });
-          // One-time work (a retention pass) counts towards the scanned fraction, amortised over the decode.
-          if (r.stats.tokens > 0) run.scanned.push((r.stats.scanned ?? 0) / r.stats.tokens);
-        }
-        run.coldMs = now() - t;
-      } catch (e) {
-        run.error = `warm-up attend: ${(e as Error).message}`;
-        log(`${run.method}: ${run.error}`);
-      }
-    }
+    return runs;
   }
 
   /** Sessions, then the document. */
-  private async cleanUp(runs: Run[], doc: string): Promise<void> {
-    for (const run of runs)
+  private async cleanUp(lanes: Lane[], doc: string): Promise<void> {
+    for (const lane of lanes) lane.close();
+    for (const run of lanes.flatMap((x) => x.runs))
       if (run.sid)
         try {
           await this.client.deleteSession(run.sid);
@@ -134,7 +111,9 @@ export class Bench {
     await this.client.createDocument(doc, this.model, { methods: this.preloader.indexedMethods(), queryStride: o.queryStride, tokens });
     const { decodeData, samples, generateSeconds, tally } = await this.preloader.load(doc, tokens, steps);
     const sealed = await this.preloader.seal(doc);
-    const { runs, attachMs } = await this.openSessions(doc, budgetTokens, steps);
+    const attachMs: Record<string, number> = {};
+    const lanes: Lane[] = [];
+    for (const via of o.vias) lanes.push(await Lane.open(via, await this.openSessions(doc, budgetTokens, steps, via, attachMs), this.client, steps));
 
     const afterSeal = serverMemory(this.server !== undefined, o.serverPid, this.dataDir);
     const h1 = await this.fetchHealth();
@@ -161,20 +140,29 @@ export class Bench {
         (afterSeal.rssBytes ? `, RSS ${fmtBytes(afterSeal.rssBytes)}` : ''),
     );
 
-    await this.warmUp(runs, decodeData);
-    await decodeSteps(this.client, { shape: o.shape, tokens, steps, budgetTokens, decodeData, samples }, runs);
+    // Warm-up (cold) pass: step 0's queries without k/v (nothing appended). It pays JIT and lazy per-session
+    // work (e.g. infiniretri's retention) outside the timed steps, and is reported as the cold first token.
+    const { qHeads: Q } = o.shape;
+    const warm = decodeData.map((ld, l) => ({ layer: l, q: tensor('f32', [Q, d], ld.q[0]) }));
+    for (const lane of lanes) await lane.warmUp(warm);
+    await decodeSteps({ shape: o.shape, tokens, steps, budgetTokens, decodeData, samples }, lanes);
     const h2 = await this.fetchHealth();
     const server = { backend: String(h2.backend ?? 'unknown'), ...(h2.gpu !== undefined && { gpu: h2.gpu }) };
     if (server.backend === 'cuda') log(`GPU after decode: ${JSON.stringify(h2.gpu)}`);
-    await this.cleanUp(runs, doc);
+    await this.cleanUp(lanes, doc);
 
-    const exactP50 = percentile(runs[0].perToken(), 50);
-    const methods = runs.map((r) => r.result(exactP50, L));
-    for (const m of methods)
-      log(
-        `${fmtTokens(tokens)} ${m.method}: p50 ${m.latency.p50Ms.toFixed(2)} ms/token, recall ${m.fidelity.recallMean.toFixed(3)}, ` +
-          `out err ${(m.fidelity.outputErrorMean * 100).toFixed(2)}%, scanned ${(m.scannedFraction * 100).toFixed(2)}%${m.error ? ` (ERROR ${m.error})` : ''}`,
-      );
-    return { tokens, steps, budgetTokens, preload, methods, baselines: baselines(o.shape, tokens), server };
+    const transports: TransportResult[] = lanes.map((lane) => {
+      const exactP50 = percentile(lane.runs[0].perToken(), 50);
+      const methods = lane.runs.map((r) => r.result(exactP50, L));
+      for (const m of methods)
+        log(
+          `${fmtTokens(tokens)} ${m.method} via ${lane.via}: p50 ${m.latency.p50Ms.toFixed(2)} ms/token, RPC ${m.latency.rpcMs.toFixed(2)} (${(m.latency.rpcShare * 100).toFixed(1)}%), ` +
+            `recall ${m.fidelity.recallMean.toFixed(3)}, out err ${(m.fidelity.outputErrorMean * 100).toFixed(2)}%, scanned ${(m.scannedFraction * 100).toFixed(2)}%` +
+            `${m.mismatch ? ` (DIFFERS ${m.mismatches}×: ${m.mismatch})` : ''}${m.error ? ` (ERROR ${m.error})` : ''}`,
+        );
+      const batch = lane.summary();
+      return { via: lane.via, methods, ...(batch && { batch }) };
+    });
+    return { tokens, steps, budgetTokens, preload, methods: transports[0].methods, transports, baselines: baselines(o.shape, tokens), server };
   }
 }

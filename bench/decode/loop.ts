@@ -1,13 +1,17 @@
-// The per-token loop: for each step and layer, every session gets the same
-// attend (the step's q [qHeads, d] f32 and the new token's k, v
-// [kvHeads, d] f16), timed from the client; then, outside the timed calls,
-// each method's output is compared with the exact session's and, on the
-// sampled layers, its selection is judged against float64 exact attention.
-import { KvrecallRequestError, tensor, type AttendReply, type KvrecallClient } from '../../clients/ts/client.js';
+// The per-token loop: for each step and layer, every lane (transport, with
+// its sessions) sends every session the same attend (the step's q
+// [qHeads, d] f32 and the new token's k, v [kvHeads, d] f16), timed from
+// the client, the lanes taking turns at going first; then, outside the
+// timed calls, each lane's answers are checked bit for bit against the
+// first lane's, each method's output is compared with its lane's exact
+// session's and, on the sampled layers, its selection is judged against
+// float64 exact attention.
+import { tensor, type AttendReply } from '../../clients/ts/client.js';
 import type { Needle } from '../../workload/index.js';
 import { exactAttention, relativeErrors } from '../quality.js';
 import { mean } from '../stats.js';
 import { Judge } from './judge.js';
+import { sameAnswer, type Lane } from './lanes.js';
 import type { LayerDecode, Sample } from './layer-data.js';
 import type { Shape } from './options.js';
 import type { Run } from './run.js';
@@ -22,33 +26,6 @@ export interface DecodePlan {
   samples: Sample[];
 }
 
-/**
- * One attend per session for step s of layer l. Sessions take turns going
- * first, so whatever the call after the fidelity work pays (a GC pause, a
- * cold socket) is spread over the methods.
- */
-async function timedCalls(client: KvrecallClient, p: DecodePlan, runs: Run[], s: number, l: number, judged: boolean): Promise<Map<Run, AttendReply>> {
-  const { layers: L, qHeads: Q, kvHeads: K, headDim: d } = p.shape;
-  const ld = p.decodeData[l], exact = runs[0];
-  const body = { layer: l, q: tensor('f32', [Q, d], ld.q[s]), k: tensor('f16', [K, d], ld.k[s]), v: tensor('f16', [K, d], ld.v[s]) };
-  const replies = new Map<Run, AttendReply>();
-  const turn = (s * L + l) % runs.length;
-  for (const run of [...runs.slice(turn), ...runs.slice(0, turn)]) {
-    if (run.error) continue;
-    const ret: ('out' | 'selection')[] = judged && run !== exact ? ['out', 'selection'] : ['out'];
-    const t = now();
-    try {
-      const r = await client.attend(run.sid, { ...body, return: ret });
-      run.record(s, now() - t, r);
-      replies.set(run, r);
-    } catch (e) {
-      run.error = `attend (step ${s}, layer ${l}): ${e instanceof KvrecallRequestError ? e.message : (e as Error).stack}`;
-      log(`${run.method}: ${run.error}`);
-    }
-  }
-  return replies;
-}
-
 /** Every method's output error against the exact session's reply. */
 function outputErrors(replies: Map<Run, AttendReply>, exact: Run, qHeads: number): void {
   const ex = replies.get(exact);
@@ -61,11 +38,16 @@ function outputErrors(replies: Map<Run, AttendReply>, exact: Run, qHeads: number
   }
 }
 
-/** Judges each reply's selection of sample sm's kv head (and the exact kernel's output) against float64 attention. */
-function judgeSample(p: DecodePlan, sm: Sample, replies: Map<Run, AttendReply>, exact: Run, s: number, l: number): void {
+/** Float64 exact attention of sample sm's kv head at step s, what every lane's selections are judged against. */
+function judgeOf(p: DecodePlan, sm: Sample, s: number, l: number): Judge {
   const { qHeads: Q, kvHeads: K, headDim: d } = p.shape, G = Q / K;
   const q = p.decodeData[l].q[s].subarray(sm.head * G * d, (sm.head + 1) * G * d);
-  const judge = new Judge(exactAttention(q, G, sm.keys, sm.values, { headDim: d, dtype: 'f16', tokens: p.tokens + s + 1 }), p.budgetTokens);
+  return new Judge(exactAttention(q, G, sm.keys, sm.values, { headDim: d, dtype: 'f16', tokens: p.tokens + s + 1 }), p.budgetTokens);
+}
+
+/** Judges each reply's selection of sample sm's kv head (and the exact kernel's output) against float64 attention. */
+function judgeSample(p: DecodePlan, sm: Sample, judge: Judge, replies: Map<Run, AttendReply>, exact: Run, s: number, l: number): void {
+  const { qHeads: Q, kvHeads: K, headDim: d } = p.shape, G = Q / K;
   for (const [run, r] of replies) {
     if (run === exact) {
       const e = relativeErrors(r.out.subarray(sm.head * G * d, (sm.head + 1) * G * d), judge.ex.out, G);
@@ -99,22 +81,49 @@ function countNeedles(needles: Needle[], replies: Map<Run, AttendReply>, exact: 
   }
 }
 
-/** The timed decode of every step and layer; runs[0] is the exact session. */
-export async function decodeSteps(client: KvrecallClient, p: DecodePlan, runs: Run[]): Promise<void> {
-  const { layers: L, qHeads: Q } = p.shape, steps = p.steps;
-  const exact = runs[0];
+/**
+ * Each lane's answers against the first lane's, method by method: a
+ * difference is counted on the run and the first one described.
+ */
+function checkSame(lanes: Lane[], replies: Map<Run, AttendReply>[], s: number, l: number): void {
+  for (let i = 1; i < lanes.length; i++)
+    lanes[i].runs.forEach((run, m) => {
+      const a = replies[0].get(lanes[0].runs[m]), b = replies[i].get(run);
+      if (!a || !b) return;
+      const d = sameAnswer(a, b);
+      if (!d) return;
+      run.mismatches++;
+      if (run.mismatch) return;
+      run.mismatch = `step ${s}, layer ${l}: via ${run.via} ${d} from via ${lanes[0].via}`;
+      log(`${run.method}: ${run.mismatch}`);
+    });
+}
+
+/** The timed decode of every step and layer over every lane; each lane's runs[0] is its exact session. */
+export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
+  const { layers: L, qHeads: Q, kvHeads: K, headDim: d } = p.shape, steps = p.steps;
   const sampleLayers = new Set(p.samples.map((x) => x.layer));
   const dbar = new Progress(`decode ${fmtTokens(p.tokens)}`, steps * L);
   for (let s = 0; s < steps; s++) {
     for (let l = 0; l < L; l++) {
       const judged = sampleLayers.has(l);
-      const replies = await timedCalls(client, p, runs, s, l, judged);
+      const ld = p.decodeData[l], turn = s * L + l;
+      const body = { layer: l, q: tensor('f32', [Q, d], ld.q[s]), k: tensor('f16', [K, d], ld.k[s]), v: tensor('f16', [K, d], ld.v[s]) };
+      const replies = new Array<Map<Run, AttendReply>>(lanes.length);
+      for (let j = 0; j < lanes.length; j++) {
+        const i = (turn + j) % lanes.length, lane = lanes[i], exact = lane.runs[0];
+        replies[i] = await lane.step(s, body, turn, (run) => (judged && run !== exact ? ['out', 'selection'] : ['out']));
+      }
       // Fidelity, after the timed calls.
-      outputErrors(replies, exact, Q);
+      checkSame(lanes, replies, s, l);
+      lanes.forEach((lane, i) => outputErrors(replies[i], lane.runs[0], Q));
       if (judged) {
         const tj = now();
-        for (const sm of p.samples.filter((x) => x.layer === l)) judgeSample(p, sm, replies, exact, s, l);
-        countNeedles(p.decodeData[l].needles, replies, exact, s);
+        for (const sm of p.samples.filter((x) => x.layer === l)) {
+          const judge = judgeOf(p, sm, s, l);
+          lanes.forEach((lane, i) => judgeSample(p, sm, judge, replies[i], lane.runs[0], s, l));
+        }
+        lanes.forEach((lane, i) => countNeedles(ld.needles, replies[i], lane.runs[0], s));
         if (now() - tj > 500) await settle();
       }
       dbar.update(s * L + l + 1, `step ${s + 1}/${steps}`);

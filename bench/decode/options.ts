@@ -10,6 +10,15 @@ export interface Shape {
   headDim: number;
 }
 
+/**
+ * How every attend travels: `stream`, one frame per attend on one open
+ * WebSocket (what an LLM server keeping one connection does); `batch`, per
+ * (step, layer) one batch frame on a stream carrying every method's session
+ * (they stand for a server's running batch); `http`, one POST per attend.
+ */
+export const VIAS = ['stream', 'batch', 'http'] as const;
+export type Via = (typeof VIAS)[number];
+
 /** Full mode's default methods (besides exact): cheap seal builds at 1M tokens. */
 const FULL_METHODS = ['nosa', 'topk-blocks'];
 
@@ -50,6 +59,14 @@ export interface Options {
   concurrency: number;
   /** Results folder (default bench/results). */
   out?: string;
+  /** Appended to the output files' names (decode-<mode>-<preset>-<tag>.*), so a trial run leaves the committed ones. */
+  tag?: string;
+  /**
+   * Transports, each with sessions of its own over the document, taking
+   * turns per (step, layer); the first is the report's main one. Their
+   * answers for the same step must be bit-identical.
+   */
+  vias: Via[];
 }
 
 const USAGE = `npm run bench:decode -- [--quick | --full] [options]
@@ -74,7 +91,10 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --seed N               workload seed (default 7)
   --upload-mib N         upload chunk size (default 64)
   --concurrency N        layers uploaded side by side during preload (default 2)
-  --out DIR              results folder (default bench/results)`;
+  --via LIST             stream | batch | http, or several (e.g. stream,batch): each its own sessions, taking turns
+                         per (step, layer), answers checked bit for bit against the first's (default stream)
+  --out DIR              results folder (default bench/results)
+  --tag NAME             output files decode-<mode>-<preset>-NAME.{md,json} and charts decode-latency-NAME.svg, ...`;
 
 function parseCount(s: string, name: string): number {
   const m = /^(\d+(?:\.\d+)?)([kKmM]?)$/.exec(s.trim());
@@ -110,7 +130,7 @@ function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, stri
   const known = [
     'url', 'token', 'data', 'server-pid', 'preset', 'layers', 'q-heads', 'kv-heads', 'head-dim', 'tokens', 'steps', 'sweep',
     'sweep-steps', 'methods', 'budget', 'sinks', 'window', 'ef', 'chunk', 'span', 'query-stride', 'prefill-q', 'layer-data',
-    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out',
+    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via',
   ];
   for (const k of values.keys()) if (!known.includes(k)) throw new Error(`unknown option --${k}\n${USAGE}`);
   if (seen.has('quick') && seen.has('full')) throw new Error('--quick and --full exclude each other');
@@ -162,6 +182,13 @@ function parseMethods(raw: string | undefined, quick: boolean): string[] {
   return ['exact', ...asked.filter((m) => m !== 'exact')];
 }
 
+function parseVias(raw: string | undefined): Via[] {
+  const vias = (raw ?? 'stream').split(',').map((s) => s.trim()).filter(Boolean);
+  for (const v of vias) if (!(VIAS as readonly string[]).includes(v)) throw new Error(`--via: ${v} is not one of ${VIAS.join(', ')}`);
+  if (vias.length === 0 || new Set(vias).size !== vias.length) throw new Error('--via: a list of distinct transports');
+  return vias as Via[];
+}
+
 export function parseArgs(argv: string[]): Options {
   const { seen, values } = readArgv(argv);
   const quick = seen.has('quick');
@@ -187,6 +214,8 @@ export function parseArgs(argv: string[]): Options {
   for (const l of sampleLayers) if (l >= shape.layers) throw new Error(`--sample-layers: layer ${l} ≥ ${shape.layers}`);
   const budget = get('budget') === undefined ? 0.01 : Number(get('budget'));
   if (!(budget > 0)) throw new Error('--budget must be positive');
+  const tag = get('tag');
+  if (tag !== undefined && !/^[A-Za-z0-9._-]+$/.test(tag)) throw new Error('--tag: letters, digits, . _ - only');
   const opt = (k: string) => (get(k) === undefined ? undefined : parseCount(get(k)!, k));
   return {
     mode: quick ? 'quick' : 'full',
@@ -215,5 +244,7 @@ export function parseArgs(argv: string[]): Options {
     uploadBytes: Math.max(1, int('upload-mib', 64)) * 2 ** 20,
     concurrency: Math.max(1, int('concurrency', 2)),
     out: get('out'),
+    tag,
+    vias: parseVias(get('via')),
   };
 }

@@ -3,8 +3,8 @@
 // them stable.
 import { describePhases, PHASE_MEANING, SERVER_PHASES } from '../upload-tally.js';
 import type { Machine } from './machine.js';
-import type { Options } from './options.js';
-import { H100_PINNED_GBPS, type ContextResult } from './results.js';
+import type { Options, Via } from './options.js';
+import { H100_PINNED_GBPS, type ContextResult, type TransportResult } from './results.js';
 import { fmtBytes, fmtTokens } from './util.js';
 
 const pct = (x: number, digits = 2) => (Number.isFinite(x) ? `${(x * 100).toFixed(digits)}%` : '—');
@@ -27,7 +27,7 @@ function preloadSection(lines: string[], o: Options, info: RunInfo, results: Con
     '',
     `${m.cpu}, ${m.cores} cores, ${m.memoryGiB} GiB, Node ${m.node} (${m.platform}); server ${o.url ? o.url : 'in-process'}: kvrecall ${String(health.version)}, ${String(health.backend)} backend, ${String(health.threads)} native threads. ${date}, ${(wallSeconds / 60).toFixed(1)} min; load average ${m.loadAverage} at the start, ${loadEnd.toFixed(2)} at the end.`,
     '',
-    `Workload: workload/, seed ${o.seed}, ${o.layerData === 'distinct' ? 'every layer generated with its own seed' : 'one layer generated per context and its K/V reused for every layer'}; prefill queries ${o.prefillQ ? `uploaded for the tokens the server keeps (f16, 1 token in ${o.queryStride}, declared with queryStride)` : 'not uploaded'}. Sessions: budget ${o.budget >= 1 ? `${o.budget} tokens` : `${pct(o.budget, 0)} of the document (${main.budgetTokens} tokens)`} per kv head + ${o.sinks} sinks + ${o.window} window${o.ef !== undefined ? `, ef ${o.ef}` : ''}. Each step sends every layer one attend (q f32 [${s.qHeads},${s.headDim}], new k/v f16 [${s.kvHeads},${s.headDim}]) to every session in turn.`,
+    `Workload: workload/, seed ${o.seed}, ${o.layerData === 'distinct' ? 'every layer generated with its own seed' : 'one layer generated per context and its K/V reused for every layer'}; prefill queries ${o.prefillQ ? `uploaded for the tokens the server keeps (f16, 1 token in ${o.queryStride}, declared with queryStride)` : 'not uploaded'}. Sessions: budget ${o.budget >= 1 ? `${o.budget} tokens` : `${pct(o.budget, 0)} of the document (${main.budgetTokens} tokens)`} per kv head + ${o.sinks} sinks + ${o.window} window${o.ef !== undefined ? `, ef ${o.ef}` : ''}. Each step sends every layer one attend (q f32 [${s.qHeads},${s.headDim}], new k/v f16 [${s.kvHeads},${s.headDim}]) to every session in turn. Transport${o.vias.length > 1 ? 's' : ''}: ${o.vias.map((v) => `**${v}**`).join(', ')}${o.vias.length > 1 ? ` (each with sessions of its own, taking turns per (step, layer) in one sitting; answers checked bit for bit against ${o.vias[0]}'s)` : ''}.`,
     '',
     '### Preload',
     '',
@@ -50,24 +50,71 @@ function preloadSection(lines: string[], o: Options, info: RunInfo, results: Con
   );
 }
 
-/** The main context's per-method table, GPU references, fidelity notes and warnings. */
+/** What a per-token time and its RPC are, per transport. */
+function viaMeaning(via: Via, t: TransportResult): string {
+  if (via === 'stream') return 'one attend per layer as a frame on one open WebSocket stream (GET /v1/stream), each awaited before the next; client wall time (encode, frame, server, decode)';
+  if (via === 'http') return 'one attend per layer as POST /v1/sessions/:sid/attend on a kept-alive connection; client wall time (encode, HTTP, server, decode)';
+  return `per layer one batch frame on one WebSocket stream carrying the step of every session (${t.batch?.size ?? t.methods.length} sessions, standing for a server's running batch); the batch's wall time is shared, so a session's time per layer is its step's server stats.ms plus the batch's wall − the batch's server ms (every session waits for the whole exchange), and RPC per token = Σ over layers of (batch wall − batch server ms)`;
+}
+
+/** One transport's per-method table at the main context. */
+function transportTable(lines: string[], o: Options, main: ContextResult, t: TransportResult): void {
+  const layers = o.shape.layers;
+  lines.push(
+    '',
+    `#### Via ${t.via}`,
+    '',
+    `Per generated token = the sum over layers of ${viaMeaning(t.via, t)}. RPC share = RPC / mean per-token time; RPC/call = RPC per token / ${layers} layers.`,
+    '',
+    '| method | p50 ms/token | p99 | cold first | RPC | RPC share | RPC/call | retrieval | attention | other | transfers | tokens/s | × exact | scanned | attended/head | attn recall mean | worst | oracle @count | top-k recall | out err mean | worst | needles |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const r of t.methods) {
+    const L = r.latency, F = r.fidelity, isExact = r.method === 'exact';
+    lines.push(
+      `| ${r.method}${r.error || r.mismatch ? ' ⚠' : ''} | ${ms(L.p50Ms)} | ${ms(L.p99Ms)} | ${ms(L.coldMs)} | ${ms(L.rpcMs)} | ${pct(L.rpcShare, 1)} | ${ms(L.rpcMs / layers)} | ${ms(L.retrievalMs)} | ${ms(L.attentionMs)} | ${ms(L.otherServerMs)} | ${ms(L.transferMs)} | ${L.tokensPerSecond.toFixed(1)} | ${L.ratioToExact.toFixed(3)} | ${pct(r.scannedFraction)} | ${r.attended.toFixed(0)} | ${isExact ? '1 (dense)' : F.recallMean.toFixed(4)} | ${isExact ? '—' : F.recallWorst.toFixed(4)} | ${isExact ? '—' : F.oracleRecallMean.toFixed(4)} | ${isExact ? '—' : F.topKRecallMean.toFixed(3)} | ${isExact ? '0 (ref.)' : pct(F.outputErrorMean)} | ${isExact ? '—' : pct(F.outputErrorWorst)} | ${isExact ? '—' : `${F.needlesHit}/${F.needles}`} |`,
+    );
+  }
+  const b = t.batch;
+  if (b)
+    lines.push(
+      '',
+      `The batches themselves (${b.size} sessions each), summed over layers per token: wall p50 ${ms(b.p50Ms)} ms, mean ${ms(b.meanMs)}, server (the batch's stats.ms) ${ms(b.serverMs)}, RPC ${ms(b.rpcMs)} (${pct(b.rpcShare, 1)} of the batch's wall; ${ms(b.rpcMs / layers)} ms per batch).`,
+  );
+}
+
+/** With several transports: each method's time and RPC side by side, and whether the answers matched. */
+function comparison(lines: string[], o: Options, main: ContextResult): void {
+  const layers = o.shape.layers;
+  lines.push(
+    '',
+    `#### Transports compared at ${fmtTokens(main.tokens)} (one sitting; the transports take turns per (step, layer))`,
+    '',
+    `| method | ${main.transports.map((t) => `${t.via}: p50 / RPC ms per token (share, per call)`).join(' | ')} | answers vs ${o.vias[0]} |`,
+    `| --- | ${main.transports.map(() => '---:').join(' | ')} | --- |`,
+  );
+  main.methods.forEach((m0, i) => {
+    const cells = main.transports.map((t) => {
+      const L = t.methods[i]?.latency;
+      return L ? `${ms(L.p50Ms)} / ${ms(L.rpcMs)} (${pct(L.rpcShare, 1)}, ${ms(L.rpcMs / layers)})` : '—';
+    });
+    const differ = main.transports.slice(1).flatMap((t) => (t.methods[i]?.mismatch ? [`${t.via}: ${t.methods[i].mismatches} differ (${t.methods[i].mismatch})`] : []));
+    const compared = Math.min(...main.transports.map((t) => t.methods[i]?.steps ?? 0));
+    lines.push(`| ${m0.method} | ${cells.join(' | ')} | ${differ.length ? `⚠ ${differ.join('; ')}` : `bit-identical (${compared} steps × ${layers} layers)`} |`);
+  });
+}
+
+/** The main context's per-transport tables, GPU references, fidelity notes and warnings. */
 function decodeSection(lines: string[], o: Options, results: ContextResult[], main: ContextResult): void {
   const s = o.shape;
   lines.push(
     '',
     `### Decode at ${fmtTokens(main.tokens)} tokens (${main.steps} steps × ${s.layers} layers)`,
     '',
-    'Per generated token = the sum over layers of one attend each, client wall time (encode, HTTP, server, decode). Cold first = a warm-up pass before the timed steps (step 0\'s queries, no k/v appended): JIT, lazy per-session work such as infiniretri\'s retention. Scanned = mean over calls (warm-up included, so one-time passes are amortised over the steps) of stats.scanned / stats.tokens. RPC = wall − server stats.ms; retrieval = stats.selectMs; attention = stats.attendMs; other = the rest of stats.ms (parse, append, selection positions); transfers = stats.gpu.residentMs, making the selected blocks resident in the GPU pool (page tables, copies of misses issued; part of attention; 0 on the CPU backend). Split columns are means per token.',
-    '',
-    '| method | p50 ms/token | p99 | cold first | RPC | retrieval | attention | other | transfers | tokens/s | × exact | scanned | attended/head | attn recall mean | worst | oracle @count | top-k recall | out err mean | worst | needles |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    'Cold first = a warm-up pass before the timed steps (step 0\'s queries, no k/v appended; one session at a time over its transport, a batch lane\'s over its stream): JIT, lazy per-session work such as infiniretri\'s retention. Scanned = mean over calls (warm-up included, so one-time passes are amortised over the steps) of stats.scanned / stats.tokens. RPC = wall − server stats.ms; retrieval = stats.selectMs; attention = stats.attendMs; other = the rest of stats.ms (parse, append, selection positions); transfers = stats.gpu.residentMs, making the selected blocks resident in the GPU pool (page tables, copies of misses issued; part of attention; 0 on the CPU backend). Split columns are means per token.',
   );
-  for (const r of main.methods) {
-    const L = r.latency, F = r.fidelity, isExact = r.method === 'exact';
-    lines.push(
-      `| ${r.method}${r.error ? ' ⚠' : ''} | ${ms(L.p50Ms)} | ${ms(L.p99Ms)} | ${ms(L.coldMs)} | ${ms(L.rpcMs)} | ${ms(L.retrievalMs)} | ${ms(L.attentionMs)} | ${ms(L.otherServerMs)} | ${ms(L.transferMs)} | ${L.tokensPerSecond.toFixed(1)} | ${L.ratioToExact.toFixed(3)} | ${pct(r.scannedFraction)} | ${r.attended.toFixed(0)} | ${isExact ? '1 (dense)' : F.recallMean.toFixed(4)} | ${isExact ? '—' : F.recallWorst.toFixed(4)} | ${isExact ? '—' : F.oracleRecallMean.toFixed(4)} | ${isExact ? '—' : F.topKRecallMean.toFixed(3)} | ${isExact ? '0 (ref.)' : pct(F.outputErrorMean)} | ${isExact ? '—' : pct(F.outputErrorWorst)} | ${isExact ? '—' : `${F.needlesHit}/${F.needles}`} |`,
-    );
-  }
+  if (main.transports.length > 1) comparison(lines, o, main);
+  for (const t of main.transports) transportTable(lines, o, main, t);
   const b = main.baselines;
   lines.push(
     '',
@@ -79,12 +126,15 @@ function decodeSection(lines: string[], o: Options, results: ContextResult[], ma
   if (blocks.length)
     lines.push(
       '',
-      `${main.server.backend === 'cuda' ? 'GPU block pool, measured' : 'Simulated GPU block pool'} (stats.blocks): ${blocks.map((r) => `${r.method} ${r.blocks!.selectedPerCall.toFixed(0)} blocks/call, hit rate ${pct(r.blocks!.hitRate, 1)}, ${fmtBytes(r.blocks!.bytesInPerToken)} host→device per token`).join('; ')}.`,
+      `${main.server.backend === 'cuda' ? 'GPU block pool, measured' : 'Simulated GPU block pool'} (stats.blocks, via ${o.vias[0]}): ${blocks.map((r) => `${r.method} ${r.blocks!.selectedPerCall.toFixed(0)} blocks/call, hit rate ${pct(r.blocks!.hitRate, 1)}, ${fmtBytes(r.blocks!.bytesInPerToken)} host→device per token`).join('; ')}.`,
     );
-  for (const r of results) for (const m of r.methods) if (m.error) lines.push('', `⚠ ${fmtTokens(r.tokens)} ${m.method}: ${m.error}`);
   for (const r of results)
-    for (const m of r.methods)
-      if (m.fidelity.duplicateSelections > 0) lines.push('', `⚠ ${fmtTokens(r.tokens)} ${m.method}: ${m.fidelity.duplicateSelections} selections held a position twice.`);
+    for (const t of r.transports)
+      for (const m of t.methods) {
+        if (m.error) lines.push('', `⚠ ${fmtTokens(r.tokens)} ${m.method} via ${t.via}: ${m.error}`);
+        if (m.mismatch) lines.push('', `⚠ ${fmtTokens(r.tokens)} ${m.method} via ${t.via}: ${m.mismatches} layer-step answers differ from via ${o.vias[0]}'s; first: ${m.mismatch}`);
+        if (m.fidelity.duplicateSelections > 0) lines.push('', `⚠ ${fmtTokens(r.tokens)} ${m.method} via ${t.via}: ${m.fidelity.duplicateSelections} selections held a position twice.`);
+      }
 }
 
 /** Latency and recall per context, when the sweep has more than one point. */
@@ -125,6 +175,7 @@ export function markdown(o: Options, info: RunInfo, results: ContextResult[]): s
   preloadSection(lines, o, info, results, main);
   decodeSection(lines, o, results, main);
   if (results.length > 1) sweepSections(lines, o, results);
-  lines.push('', 'Charts: decode-latency.svg (latency vs context), decode-recall.svg (recall vs scanned fraction).', '');
+  const tag = o.tag ? `-${o.tag}` : '';
+  lines.push('', `Charts: decode-latency${tag}.svg (latency vs context), decode-recall${tag}.svg (recall vs scanned fraction), via ${o.vias[0]}.`, '');
   return lines.join('\n');
 }

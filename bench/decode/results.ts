@@ -2,7 +2,7 @@
 // method and the GPU reference points. These shapes are the JSON output's
 // schema (decode-<mode>-<preset>.json): add fields, do not rename them.
 import type { UploadPhases } from '../upload-tally.js';
-import type { Shape } from './options.js';
+import type { Shape, Via } from './options.js';
 
 /** Per-layer dense decode attention on the lent H100 (torch SDPA, f16, 32 q / 8 kv heads), ms, at 128K and 1M. */
 export const H100_DENSE: Record<number, [number, number]> = { 128: [0.227, 1.449], 64: [0.122, 0.746] };
@@ -59,7 +59,12 @@ export interface Preload {
 
 export interface MethodResult {
   method: string;
+  /** The transport its attends took (absent in files from before --via: http). */
+  via?: Via;
   error?: string;
+  /** Steps (layer-steps) whose answer differed from the same method's on the first transport. */
+  mismatches?: number;
+  mismatch?: string;
   steps: number;
   latency: {
     perTokenMs: number[];
@@ -68,8 +73,14 @@ export interface MethodResult {
     meanMs: number;
     /** The warm-up pass (step 0's queries, nothing appended): JIT and lazy per-session work. */
     coldMs: number;
-    /** Means per token of: client wall − server stats.ms; stats.selectMs; stats.attendMs; stats.ms − select − attend; transfers. */
+    /**
+     * Means per token of: client wall − server stats.ms; stats.selectMs; stats.attendMs; stats.ms − select − attend; transfers.
+     * Via batch, a step's wall is its own stats.ms plus its batch's wall − the batch's server ms (each session waits for the
+     * whole exchange), so rpcMs is the batches' wall − server ms summed over layers.
+     */
     rpcMs: number;
+    /** rpcMs / meanMs: the RPC share of the per-token time. */
+    rpcShare: number;
     serverMs: number;
     retrievalMs: number;
     attentionMs: number;
@@ -103,12 +114,34 @@ export interface MethodResult {
   };
 }
 
+/** Via batch: the batches themselves, summed over layers per token. */
+export interface BatchSummary {
+  /** Sessions per batch. */
+  size: number;
+  /** Per token: Σ over layers of the batch's client wall time; its p50; the server's batch ms (stats.ms); wall − server. */
+  perTokenMs: number[];
+  p50Ms: number;
+  meanMs: number;
+  serverMs: number;
+  rpcMs: number;
+  rpcShare: number;
+}
+
+export interface TransportResult {
+  via: Via;
+  methods: MethodResult[];
+  batch?: BatchSummary;
+}
+
 export interface ContextResult {
   tokens: number;
   steps: number;
   budgetTokens: number;
   preload: Preload;
+  /** The first transport's (options.vias[0]) results. */
   methods: MethodResult[];
+  /** Every transport's, in options.vias order (the first's methods are `methods`). */
+  transports: TransportResult[];
   baselines: Baselines;
   /** GET /v1/health after the decode: the backend the attends ran on and its GPU (pool stats with the cuda backend). */
   server: { backend: string; gpu?: unknown };

@@ -2,6 +2,7 @@
 // per token, and their summary as a MethodResult.
 import type { AttendReply } from '../../clients/ts/client.js';
 import { mean, percentile } from '../stats.js';
+import type { Via } from './options.js';
 import type { MethodResult } from './results.js';
 import { round } from './util.js';
 
@@ -29,11 +30,15 @@ export class Run {
   duplicates = 0;
   kernelErr?: number;
   coldMs = NaN;
+  /** Steps whose answer was not bit-identical to the same method's on the first transport; the first such, described. */
+  mismatches = 0;
+  mismatch?: string;
 
   constructor(
     readonly method: string,
     readonly sid: string,
     readonly steps: number,
+    readonly via: Via,
   ) {
     this.wall = new Array<number>(steps).fill(0);
     this.server = new Array<number>(steps).fill(0);
@@ -42,6 +47,7 @@ export class Run {
     this.transfer = new Array<number>(steps).fill(0);
   }
 
+  /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms). */
   record(step: number, wallMs: number, r: AttendReply): void {
     const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number } };
     this.wall[step] += wallMs;
@@ -73,7 +79,9 @@ export class Run {
     const isExact = this.method === 'exact';
     return {
       method: this.method,
+      via: this.via,
       ...(this.error && { error: this.error }),
+      ...(this.mismatch && { mismatches: this.mismatches, mismatch: this.mismatch }),
       steps: n,
       latency: {
         perTokenMs: wall.map((x) => round(x)),
@@ -82,6 +90,7 @@ export class Run {
         meanMs,
         coldMs: this.coldMs,
         rpcMs: meanMs - serverMs,
+        rpcShare: (meanMs - serverMs) / meanMs,
         serverMs,
         retrievalMs: mean(take(this.select)),
         attentionMs: mean(take(this.attendK)),

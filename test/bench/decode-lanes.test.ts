@@ -1,0 +1,101 @@
+// bench:decode's transports (bench/decode/lanes.ts) against a real server:
+// stream, batch and http lanes, each with sessions of its own, sent the
+// same steps (new k/v appended every step, selections asked on one layer)
+// answer bit for bit alike, method by method; and sameAnswer, the bench's
+// check, notices one bit changed in out, lse or a selection.
+import { describe, expect, it } from 'vitest';
+import { tensor, type AttendReply } from '../../clients/ts/client.js';
+import { Lane, sameAnswer } from '../../bench/decode/lanes.js';
+import type { Via } from '../../bench/decode/options.js';
+import { Run } from '../../bench/decode/run.js';
+import { asStep, randomKv, randomQ } from '../helpers/kv-data.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { useServer } from '../helpers/server.js';
+
+const seed = freshSeed();
+console.log(`decode-lanes: seed ${seed}`);
+const rng = new Rng(seed);
+const model = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
+const methods = ['exact', 'topk-blocks', 'wave'];
+const live = useServer();
+
+describe('bench:decode lanes', () => {
+  it('stream, batch and http lanes answer the same steps bit for bit, each session its own', async () => {
+    const client = live.client();
+    await client.createDocument('doc', model, { methods: methods.filter((m) => m !== 'exact') });
+    for (let layer = 0; layer < model.layers; layer++) {
+      const c = randomKv(rng, 'f16', model.kvHeads, 701, model.headDim);
+      await client.uploadDocumentKv('doc', { layer, start: 0, k: c.k, v: c.v });
+    }
+    await client.sealDocument('doc');
+    const steps = 5;
+    const vias: Via[] = ['stream', 'batch', 'http'];
+    const lanes: Lane[] = [];
+    for (const via of vias) {
+      const runs: Run[] = [];
+      for (const method of methods) {
+        const { id } = await client.createSession({ model, documents: ['doc'], method, budget: 48, sinks: 4, window: 16 });
+        runs.push(new Run(method, id, steps, via));
+      }
+      lanes.push(await Lane.open(via, runs, client, steps));
+    }
+    try {
+      let compared = 0;
+      for (let s = 0; s < steps; s++)
+        for (let layer = 0; layer < model.layers; layer++) {
+          const kv = asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim));
+          const body = { layer, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)), ...kv };
+          const replies: Map<Run, AttendReply>[] = [];
+          for (const lane of lanes) replies.push(await lane.step(s, body, s + layer, (run) => (layer === 0 && run.method !== 'exact' ? ['out', 'selection'] : ['out'])));
+          for (const [i, lane] of lanes.entries())
+            lane.runs.forEach((run, m) => {
+              expect(run.error, `${run.method} via ${run.via}`).toBeUndefined();
+              const a = replies[0].get(lanes[0].runs[m])!, b = replies[i].get(run)!;
+              expect(b.selection?.length ?? 0, `${run.method} via ${run.via} step ${s} layer ${layer}`).toBe(layer === 0 && m > 0 ? model.kvHeads : 0);
+              expect(sameAnswer(a, b), `${run.method} via ${run.via} step ${s} layer ${layer}`).toBeUndefined();
+              compared++;
+            });
+          // The methods differ from each other (a lane that mixed up its sessions' answers would not pass the check above).
+          expect(sameAnswer(replies[0].get(lanes[0].runs[0])!, replies[0].get(lanes[0].runs[1])!)).toBeDefined();
+        }
+      expect(compared).toBe(steps * model.layers * vias.length * methods.length);
+      for (const lane of lanes)
+        for (const run of lane.runs) {
+          expect(run.perToken().length, `${run.method} via ${run.via}`).toBe(steps);
+          // Each call's wall time holds its server time (via batch: its own plus the batch's RPC).
+          for (let s = 0; s < steps; s++) expect(run.wall[s]).toBeGreaterThanOrEqual(run.server[s]);
+        }
+      const batch = lanes[1].summary()!;
+      expect(batch.size).toBe(methods.length);
+      expect(batch.perTokenMs.length).toBe(steps);
+      expect(batch.rpcMs).toBeGreaterThan(0);
+      expect(lanes[0].summary()).toBeUndefined();
+    } finally {
+      for (const lane of lanes) lane.close();
+    }
+  });
+
+  it('sameAnswer notices one bit changed in out, lse or a selection', () => {
+    const reply = (): AttendReply => ({
+      out: Float32Array.from({ length: 64 }, (_, i) => Math.sin(i + 1)),
+      outDtype: 'f32',
+      lse: Float32Array.from({ length: 8 }, (_, i) => i + 0.5),
+      selection: [Int32Array.from([3, 9, 27]), Int32Array.from([1, 2])],
+      stats: { tokens: 30, attended: 3, scanned: 30, ms: 1, selectMs: 0, attendMs: 0, backend: 'cpu' },
+    });
+    const flip = (a: ArrayBufferView, at: number) => void (new Uint8Array(a.buffer, a.byteOffset, a.byteLength)[at] ^= 1);
+    expect(sameAnswer(reply(), reply())).toBeUndefined();
+    const out = reply();
+    flip(out.out, 255);
+    expect(sameAnswer(reply(), out)).toMatch(/^out differs/);
+    const lse = reply();
+    flip(lse.lse, 0);
+    expect(sameAnswer(reply(), lse)).toBe('lse differs');
+    const sel = reply();
+    flip(sel.selection![1], 4);
+    expect(sameAnswer(reply(), sel)).toBe('selection of kv head 1 differs');
+    const none = reply();
+    delete none.selection;
+    expect(sameAnswer(reply(), none)).toBe('selection returned by one only');
+  });
+});
