@@ -111,6 +111,10 @@ export class Documents {
       // One this server was loading that the store no longer holds loading (deleted through another
       // server, or incomplete once its lease lapsed): its memory goes before the new one's is reserved.
       await this.dropLoading(id);
+      // Likewise one this server attached, deleted through another server since: sessions that attached
+      // it are refused from now on and its memory goes (the seal's ready entry would replace it unforgotten).
+      const attached = this.ready.get(id);
+      if (attached) this.forget(attached, `document ${id} was deleted or replaced since it was attached`);
       // Memory first: a document refused for its size leaves nothing behind.
       const layers: KvSegment[] = [];
       try {

@@ -201,6 +201,30 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     expect(used()).toBe(base);
   });
 
+  it('a document deleted through another server and made again here: sessions here that attached the old one are refused (409), its memory given back', async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    const used = () => servers[0].engine.budget.used;
+    const base = used();
+    const rng = new Rng(seed ^ 9);
+    const old = randomKv(rng, 'f16', 2, 300, 32), now = randomKv(rng, 'f16', 2, 200, 32);
+    await b.createDocument('again', model);
+    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('again', { layer, start: 0, k: old.k, v: old.v });
+    await b.sealDocument('again');
+    const sid = (await a.createSession({ model, documents: ['again'], method: 'exact' })).id;
+    const q = randomQ(rng, 4, 32);
+    await a.attend(sid, { layer: 0, q: tensor('f32', [4, 32], q) });
+    await b.deleteDocument('again');
+    await a.createDocument('again', model);
+    for (let layer = 0; layer < 2; layer++) await a.uploadDocumentKv('again', { layer, start: 0, k: now.k, v: now.v });
+    await a.sealDocument('again');
+    // The old session's document is gone: refused, not answered from the old KV still resident here.
+    await expect(a.attend(sid, { layer: 0, q: tensor('f32', [4, 32], q) })).rejects.toMatchObject({ status: 409 });
+    await a.deleteSession(sid);
+    await a.deleteDocument('again');
+    // No layer of the old document left resident (they stayed in the cache, counted, once the new seal took its place).
+    expect(used()).toBe(base);
+  });
+
   it('a seal refused with 503 (a replica silent past wait) leaves the document loading: it takes more uploads and seals', async () => {
     const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
     const server = await startInProcess(dirs[3].dir, { store: `${cluster.url}?lease=3000&failover=15000&wait=300` });
