@@ -347,6 +347,10 @@ export class Documents {
       // document this server still shows goes, with its memory.
       const local = this.loading.get(id);
       if (!meta && local && (expect.createdAt === undefined || expect.createdAt === local.meta.createdAt)) return this.dropLoading(id);
+      // Likewise a ready one this server attached: its sessions here are refused from now on, its memory goes.
+      const attached = this.ready.get(id);
+      if (!meta && attached && (expect.createdAt === undefined || expect.createdAt === attached.meta.createdAt))
+        return this.forget(attached, `document ${id} was deleted`);
       if (!meta) throw notFound(`document ${id} does not exist`);
       if (expect.createdAt !== undefined && meta.createdAt !== expect.createdAt) {
         await this.dropReplaced(id, expect.createdAt);

@@ -225,6 +225,27 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     expect(used()).toBe(base);
   });
 
+  it('a document deleted through another server and then DELETEd here: sessions here that attached it are refused (409), its memory given back', async () => {
+    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+    const used = () => servers[0].engine.budget.used;
+    const base = used();
+    const rng = new Rng(seed ^ 10);
+    const c = randomKv(rng, 'f16', 2, 300, 32);
+    await b.createDocument('twice', model);
+    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('twice', { layer, start: 0, k: c.k, v: c.v });
+    await b.sealDocument('twice');
+    const sid = (await a.createSession({ model, documents: ['twice'], method: 'exact' })).id;
+    const q = tensor('f32', [4, 32], randomQ(rng, 4, 32));
+    await a.attend(sid, { layer: 0, q });
+    await b.deleteDocument('twice');
+    // DELETE here of what this server still holds: it goes here too (it answered 404 and kept serving it).
+    expect(await a.deleteDocument('twice')).toEqual({ deleted: 'twice' });
+    await expect(a.attend(sid, { layer: 0, q })).rejects.toMatchObject({ status: 409 });
+    await a.deleteSession(sid);
+    expect(used()).toBe(base);
+    expect(await statusOf(a, 'twice')).toBe(404);
+  });
+
   it('a seal refused with 503 (a replica silent past wait) leaves the document loading: it takes more uploads and seals', async () => {
     const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
     const server = await startInProcess(dirs[3].dir, { store: `${cluster.url}?lease=3000&failover=15000&wait=300` });
