@@ -118,7 +118,8 @@ export interface Selection {
    * Puts the context's memo back as it was before this select, for a step
    * that fails after it (the decode step calls it, once, before the next
    * select). A method whose memo is a cache of the context needs none; one
-   * that counts the steps it has seen (infiniretri's step rows) does. A
+   * whose memo steers its next choice (infiniretri's step rows, nosa's last
+   * blocks, a graph search's last results as its start) does. A
    * select that throws leaves its memo as it was itself.
    */
   undo?: () => void;

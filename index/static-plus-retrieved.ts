@@ -223,35 +223,52 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
     name,
     builder,
     async select(ctx: LayerContext, q: Float32Array, p: SearchParams): Promise<Selection> {
-      const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
-      const shares = budgetShares(ctx, p.budget);
-      const parts: SelectionPart[] = [];
-      let scanned = 0;
-      for (let s = 0; s < ctx.segments.length; s++) {
-        const segment = ctx.segments[s];
-        const ranges = staticRanges(ctx, s, p);
-        for (const [begin, end] of ranges) parts.push({ segment, begin, end });
-        const heads = ctx.indexes[s];
-        if (!heads || segment.tokens === 0) continue;
-        const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
-        const want = Math.min(shares[s], segment.tokens - covered);
-        if (want <= 0) continue;
-        const k = want + covered;
-        const memo = memoOf(ctx, s);
-        memo.steady = idsOf(ranges, covered, memo.steady);
-        const results = builder.searchHeads
-          ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate)
-          : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
-        const ids = results.map((res) => {
-          scanned += res.scanned / ctx.kvHeads;
-          const kept = new Int32Array(want);
-          let n = 0;
-          for (const id of res.ids) if (n < want && !inside(ranges, id)) kept[n++] = id;
-          return kept.subarray(0, n);
-        });
-        parts.push({ segment, ids });
+      // Each searched memo's last results as they were, put back if the step fails (Selection.undo): a graph
+      // search starts from them, so a failed step's, kept, would start the retry elsewhere and find other keys.
+      const searched: [SearchMemo, SearchMemo['last']][] = [];
+      const undo = () => {
+        for (const [memo, last] of searched) memo.last = last;
+        searched.length = 0;
+      };
+      try {
+        return { ...(await choose(ctx, q, p, searched)), undo };
+      } catch (e) {
+        undo();
+        throw e;
       }
-      return { parts, scanned };
     },
   };
+
+  async function choose(ctx: LayerContext, q: Float32Array, p: SearchParams, searched: [SearchMemo, SearchMemo['last']][]): Promise<Selection> {
+    const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
+    const shares = budgetShares(ctx, p.budget);
+    const parts: SelectionPart[] = [];
+    let scanned = 0;
+    for (let s = 0; s < ctx.segments.length; s++) {
+      const segment = ctx.segments[s];
+      const ranges = staticRanges(ctx, s, p);
+      for (const [begin, end] of ranges) parts.push({ segment, begin, end });
+      const heads = ctx.indexes[s];
+      if (!heads || segment.tokens === 0) continue;
+      const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
+      const want = Math.min(shares[s], segment.tokens - covered);
+      if (want <= 0) continue;
+      const k = want + covered;
+      const memo = memoOf(ctx, s);
+      memo.steady = idsOf(ranges, covered, memo.steady);
+      searched.push([memo, memo.last]);
+      const results = builder.searchHeads
+        ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate)
+        : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
+      const ids = results.map((res) => {
+        scanned += res.scanned / ctx.kvHeads;
+        const kept = new Int32Array(want);
+        let n = 0;
+        for (const id of res.ids) if (n < want && !inside(ranges, id)) kept[n++] = id;
+        return kept.subarray(0, n);
+      });
+      parts.push({ segment, ids });
+    }
+    return { parts, scanned };
+  }
 }

@@ -37,7 +37,12 @@ beforeAll(async () => {
   const b = randomKv(rng, 'f16', model.kvHeads, 3000, model.headDim);
   await client.uploadDocumentKv('blocks', { layer: 0, start: 0, k: b.k, v: b.v });
   await client.sealDocument('blocks');
+  await client.createDocument('graph', model, { methods: ['retrieval-attention'] });
+  const g = randomKv(rng, 'f16', model.kvHeads, GRAPH, model.headDim);
+  await client.uploadDocumentKv('graph', { layer: 0, start: 0, k: g.k, v: g.v });
+  await client.sealDocument('graph');
 });
+const GRAPH = 6000;
 const WIDE = 2100;
 afterAll(async () => {
   await server.close();
@@ -126,6 +131,24 @@ describe(`scores that overflow float32 (seed ${seed})`, () => {
     const open = async () => (await client.createSession({ model, documents: ['blocks'], method: 'nosa', budget: 512 })).id;
     const [a, twin] = [await open(), await open()];
     for (let position = 0; position < 6; position++) {
+      const good = randomQ(rng, model.qHeads, model.headDim);
+      const body = { layer: 0, q: qT(good), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)), position, return: ['out', 'selection'] as ('out' | 'selection')[] };
+      if (position > 0) {
+        const e = (await client.attend(a, { ...body, q: qT(good.map((x) => -x)), scale: 1e38 }).catch((x) => x)) as KvrecallRequestError;
+        expect([e.status, OVERFLOW.test(e.message)]).toEqual([422, true]);
+      }
+      const [x, y] = [await client.attend(a, body), await client.attend(twin, body)];
+      expect(x.selection!.map((ids) => [...ids])).toEqual(y.selection!.map((ids) => [...ids]));
+      expect(bits(x)).toEqual(bits(y));
+    }
+  });
+
+  it('a refused step does not steer the next search of a method that starts from its last results (retrieval-attention)', async () => {
+    // The graph search starts from the ids its last step found: a refused step's (for the opposite q), kept,
+    // would start the retry elsewhere than the twin's, and an approximate search then finds other keys.
+    const open = async () => (await client.createSession({ model, documents: ['graph'], method: 'retrieval-attention', budget: 64, sinks: 0, window: 0, ef: 8 })).id;
+    const [a, twin] = [await open(), await open()];
+    for (let position = 0; position < 8; position++) {
       const good = randomQ(rng, model.qHeads, model.headDim);
       const body = { layer: 0, q: qT(good), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)), position, return: ['out', 'selection'] as ('out' | 'selection')[] };
       if (position > 0) {
