@@ -11,11 +11,10 @@ import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.
 import { LayerCache, ResidentLayers } from './resident-layers.js';
 import { conflict, invalid, KvrecallError, notFound, preconditionFailed } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
-import { expectUploadFinite, parseKvUpload, type KvUpload } from './kv-input.js';
+import { expectUploadFinite, keepQueries, parseKvUpload } from './kv-input.js';
 import { parseModel } from '../core/model.js';
-import { keptTokens } from '../core/query-stride.js';
 import { KeyedQueue } from '../core/serial.js';
-import { elementBytes, nonFinite, toF32, toStorageDtype } from '../core/tensor.js';
+import { nonFinite, toStorageDtype } from '../core/tensor.js';
 
 export interface LoadedDocument {
   meta: DocumentMeta;
@@ -567,32 +566,6 @@ export class Documents {
 function view(meta: DocumentMeta): DocumentView {
   const m = meta.model;
   return { ...meta, bytes: meta.tokens * m.layers * m.kvHeads * m.headDim * 2 * 2, phase: meta.status };
-}
-
-/**
- * Keeps an upload's prefill queries of the tokens t with t % stride == 0,
- * converting only those rows to f32.
- */
-function keepQueries(queries: PrefillQueries, up: KvUpload): void {
-  const q = up.q!;
-  if (up.qStride !== undefined || queries.stride === 1) {
-    // q already holds only the kept rows (or every row is kept).
-    const rows = q.shape[1];
-    if (up.qStride !== undefined) queries.addKept(up.layer, toF32(q), rows);
-    else queries.add(up.layer, up.start, toF32(q), up.tokens);
-    return;
-  }
-  const [heads, n, d] = q.shape;
-  const { first, count } = keptTokens(up.start, n, queries.stride);
-  if (count === 0) return;
-  const row = d * elementBytes(q.dtype);
-  const picked = new Uint8Array(heads * count * row);
-  for (let h = 0; h < heads; h++)
-    for (let i = 0; i < count; i++) {
-      const src = (h * n + first + i * queries.stride) * row;
-      picked.set(q.data.subarray(src, src + row), (h * count + i) * row);
-    }
-  queries.addKept(up.layer, toF32({ dtype: q.dtype, shape: [heads, count, d], data: picked }), count);
 }
 
 function blockWrites(seg: KvSegment, layer: number, from: number, to: number, B: number): BlockWrite[] {

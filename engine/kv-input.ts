@@ -1,9 +1,10 @@
-// Checks a kv upload ({layer, start, k, v, q?, queryStride?}) against a model shape.
+// Checks a kv upload ({layer, start, k, v, q?, queryStride?}) against a model shape, and keeps a document upload's prefill queries.
 import type { ModelShape } from '../core/model.js';
 import { invalid } from '../core/errors.js';
 import { keptTokens } from '../core/query-stride.js';
 import { copyChecked } from '../addon/copy-ranges.js';
-import { expectFinite, expectShape, nonFinite, parseFloatTensor, toStorageDtype, type FloatTensor } from '../core/tensor.js';
+import { elementBytes, expectFinite, expectShape, nonFinite, parseFloatTensor, toF32, toStorageDtype, type FloatTensor } from '../core/tensor.js';
+import type { PrefillQueries } from './document-indexes.js';
 
 export interface KvUpload {
   layer: number;
@@ -75,4 +76,30 @@ export async function expectUploadFinite(up: KvUpload): Promise<void> {
   const first = await copyChecked(tensors.map(([, t]) => ({ src: t.data, dst: null, dtype: t.dtype })));
   const bad = first.findIndex((i) => i >= 0);
   if (bad >= 0) throw nonFinite(tensors[bad][0], first[bad]);
+}
+
+/**
+ * Keeps an upload's prefill queries of the tokens t with t % stride == 0,
+ * converting only those rows to f32.
+ */
+export function keepQueries(queries: PrefillQueries, up: KvUpload): void {
+  const q = up.q!;
+  if (up.qStride !== undefined || queries.stride === 1) {
+    // q already holds only the kept rows (or every row is kept).
+    const rows = q.shape[1];
+    if (up.qStride !== undefined) queries.addKept(up.layer, toF32(q), rows);
+    else queries.add(up.layer, up.start, toF32(q), up.tokens);
+    return;
+  }
+  const [heads, n, d] = q.shape;
+  const { first, count } = keptTokens(up.start, n, queries.stride);
+  if (count === 0) return;
+  const row = d * elementBytes(q.dtype);
+  const picked = new Uint8Array(heads * count * row);
+  for (let h = 0; h < heads; h++)
+    for (let i = 0; i < count; i++) {
+      const src = (h * n + first + i * queries.stride) * row;
+      picked.set(q.data.subarray(src, src + row), (h * count + i) * row);
+    }
+  queries.addKept(up.layer, toF32({ dtype: q.dtype, shape: [heads, count, d], data: picked }), count);
 }
