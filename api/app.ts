@@ -9,6 +9,7 @@ import { bearerAuth } from './auth.js';
 import { bodyLeftUnread, limitBody, readBody, reply, withBody } from './codec.js';
 import { onError, errorBody, errorOf } from './errors.js';
 import { invalid } from '../core/errors.js';
+import { unalignedF32Copies } from '../core/tensor.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { Metrics } from './metrics.js';
 
@@ -94,7 +95,12 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
   });
 
   app.get('/metrics', (c) =>
-    c.text(metrics.render({ documents: documents.count(), sessions: sessions.size, native_threads: nativeThreads })),
+    c.text(
+      metrics.render(
+        { documents: documents.count(), sessions: sessions.size, native_threads: nativeThreads },
+        { f32_unaligned_copies_total: unalignedF32Copies() },
+      ),
+    ),
   );
   return app;
 }

@@ -14,13 +14,15 @@ export class Metrics {
     this.attendSeconds += ms / 1000;
   }
 
-  render(gauges: Record<string, number>): string {
+  /** `counters`: totals kept outside this object (names without the kvrecall_ prefix). */
+  render(gauges: Record<string, number>, counters: Record<string, number> = {}): string {
     const lines = ['# TYPE kvrecall_requests_total counter'];
     for (const [labels, n] of this.requests) lines.push(`kvrecall_requests_total{${labels}} ${n}`);
     lines.push('# TYPE kvrecall_attend_seconds summary');
     lines.push(`kvrecall_attend_seconds_sum ${this.attendSeconds}`);
     lines.push(`kvrecall_attend_seconds_count ${this.attendCount}`);
     for (const [name, v] of Object.entries(gauges)) lines.push(`# TYPE kvrecall_${name} gauge`, `kvrecall_${name} ${v}`);
+    for (const [name, v] of Object.entries(counters)) lines.push(`# TYPE kvrecall_${name} counter`, `kvrecall_${name} ${v}`);
     return lines.join('\n') + '\n';
   }
 }

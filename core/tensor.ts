@@ -95,10 +95,24 @@ export function toStorageDtype(t: FloatTensor, dtype: KvDtype, name: string): Fl
   return { dtype, shape: t.shape, data: words };
 }
 
+let unalignedF32 = 0;
+
+/**
+ * f32 tensors toF32 copied only because their bytes did not start at a
+ * multiple of 4 (a client that packs a tensor's data at an unaligned offset
+ * of its body; the clients of this repository align them): in /metrics.
+ */
+export function unalignedF32Copies(): number {
+  return unalignedF32;
+}
+
 /** The tensor as f32: a view when already f32 and aligned, else one conversion. */
 export function toF32(t: FloatTensor): Float32Array {
   const n = elementCount(t);
-  if (t.dtype === 'f32' && t.data.byteOffset % 4 === 0) return new Float32Array(t.data.buffer, t.data.byteOffset, n);
+  if (t.dtype === 'f32') {
+    if (t.data.byteOffset % 4 === 0) return new Float32Array(t.data.buffer, t.data.byteOffset, n);
+    unalignedF32++;
+  }
   const out = new Float32Array(n);
   convert(t.data, t.dtype, new Uint8Array(out.buffer), 'f32', n);
   return out;

@@ -119,6 +119,7 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
 
     names = (PHASES_HTTP if phases == "http" else PHASES_STREAM) if phases else ROWS
     samples: Dict[str, Dict[str, List[float]]] = {side: {row: [] for row in names} for side in sides}
+    server_ms: Dict[str, Dict[str, List[float]]] = {side: {} for side in sides}
     try:
         for i in range(n):
             for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
@@ -134,12 +135,16 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
                     ms = call(s, row, i)
                     if i >= warmup:
                         samples[side][row].append((time.perf_counter_ns() - t0) / 1e3 - ms * 1e3)
+                        if ms:
+                            server_ms[side].setdefault(row, []).append(ms * 1e3)
         load.append(os.getloadavg())
     finally:
         for s in sides.values():
             s.close()
     rows = {row: {side: _pcts(samples[side][row]) for side in sides} for row in names}
-    return {"what": "p50/p90 in us; overhead = client wall - server stats.ms", "calls": calls, "warmup": warmup, "tokens": tokens, "shape": shape, "load": load, "phases": phases, "rows": rows}
+    # The server's own stats.ms per attend row (its request's parse included: where a copy of q would show).
+    server = {row: {side: _pcts(server_ms[side][row]) for side in sides} for row in server_ms["after"] if all(row in server_ms[side] for side in sides)}
+    return {"what": "p50/p90 in us; overhead = client wall - server stats.ms", "calls": calls, "warmup": warmup, "tokens": tokens, "shape": shape, "load": load, "phases": phases, "rows": rows, "server_us": server}
 
 
 PHASES_STREAM = ["pack", "send", "wait + read", "msgpack decode", "arrays", "overhead"]
@@ -241,6 +246,9 @@ def table(result: Dict[str, Any]) -> str:
     for row, r in result["rows"].items():
         b, a = r["before"]["p50"], r["after"]["p50"]
         lines.append(f"| {row} | {b:.1f} | {a:.1f} | {a / b:.3f} |")
+    for row, r in result.get("server_us", {}).items():
+        b, a = r["before"]["p50"], r["after"]["p50"]
+        lines.append(f"| {row}: server stats.ms | {b:.1f} | {a:.1f} | {a / b:.3f} |")
     return "\n".join(lines)
 
 
