@@ -151,7 +151,8 @@ export class Lane {
     if (this.via !== 'batch') return undefined;
     const n = Math.min(...this.runs.map((r) => r.perToken().length));
     const wall = this.batchWall.slice(0, n), meanMs = mean(wall), serverMs = mean(this.batchServer.slice(0, n));
-    return { size: this.runs.length, perTokenMs: wall, p50Ms: percentile(wall, 50), meanMs, serverMs, rpcMs: meanMs - serverMs, rpcShare: (meanMs - serverMs) / meanMs };
+    const rpcP50Ms = percentile(wall.map((w, i) => w - this.batchServer[i]), 50);
+    return { size: this.runs.length, perTokenMs: wall, p50Ms: percentile(wall, 50), meanMs, serverMs, rpcMs: meanMs - serverMs, rpcShare: (meanMs - serverMs) / meanMs, rpcP50Ms };
   }
 }
 

@@ -79,7 +79,7 @@ function transportTable(lines: string[], o: Options, main: ContextResult, t: Tra
   if (b)
     lines.push(
       '',
-      `The batches themselves (${b.size} sessions each), summed over layers per token: wall p50 ${ms(b.p50Ms)} ms, mean ${ms(b.meanMs)}, server (the batch's stats.ms) ${ms(b.serverMs)}, RPC ${ms(b.rpcMs)} (${pct(b.rpcShare, 1)} of the batch's wall; ${ms(b.rpcMs / layers)} ms per batch).`,
+      `The batches themselves (${b.size} sessions each), summed over layers per token: wall p50 ${ms(b.p50Ms)} ms, mean ${ms(b.meanMs)}, server (the batch's stats.ms) ${ms(b.serverMs)}, RPC ${ms(b.rpcMs)} (${pct(b.rpcShare, 1)} of the batch's wall; ${ms(b.rpcMs / layers)} ms per batch; p50 over tokens ${ms(b.rpcP50Ms)}).`,
   );
 }
 
@@ -90,13 +90,15 @@ function comparison(lines: string[], o: Options, main: ContextResult): void {
     '',
     `#### Transports compared at ${fmtTokens(main.tokens)} (one sitting; the transports take turns per (step, layer))`,
     '',
-    `| method | ${main.transports.map((t) => `${t.via}: p50 / RPC ms per token (share, per call)`).join(' | ')} | answers vs ${o.vias[0]} |`,
+    `p50 ms per token / RPC ms per token, mean (its share of the mean per-token time; per call) and p50 over tokens.`,
+    '',
+    `| method | ${main.transports.map((t) => `${t.via}: p50 / RPC mean (share, per call) / RPC p50`).join(' | ')} | answers vs ${o.vias[0]} |`,
     `| --- | ${main.transports.map(() => '---:').join(' | ')} | --- |`,
   );
   main.methods.forEach((m0, i) => {
     const cells = main.transports.map((t) => {
       const L = t.methods[i]?.latency;
-      return L ? `${ms(L.p50Ms)} / ${ms(L.rpcMs)} (${pct(L.rpcShare, 1)}, ${ms(L.rpcMs / layers)})` : '—';
+      return L ? `${ms(L.p50Ms)} / ${ms(L.rpcMs)} (${pct(L.rpcShare, 1)}, ${ms(L.rpcMs / layers)}) / ${ms(L.rpcP50Ms)}` : '—';
     });
     const differ = main.transports.slice(1).flatMap((t) => (t.methods[i]?.mismatch ? [`${t.via}: ${t.methods[i].mismatches} differ (${t.methods[i].mismatch})`] : []));
     const compared = Math.min(...main.transports.map((t) => t.methods[i]?.steps ?? 0));

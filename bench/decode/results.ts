@@ -81,6 +81,8 @@ export interface MethodResult {
     rpcMs: number;
     /** rpcMs / meanMs: the RPC share of the per-token time. */
     rpcShare: number;
+    /** p50 over tokens of (wall − server), Σ over layers: what a GC pause in one call moves less than the mean. */
+    rpcP50Ms: number;
     serverMs: number;
     retrievalMs: number;
     attentionMs: number;
@@ -125,6 +127,7 @@ export interface BatchSummary {
   serverMs: number;
   rpcMs: number;
   rpcShare: number;
+  rpcP50Ms: number;
 }
 
 export interface TransportResult {

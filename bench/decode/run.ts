@@ -91,6 +91,7 @@ export class Run {
         coldMs: this.coldMs,
         rpcMs: meanMs - serverMs,
         rpcShare: (meanMs - serverMs) / meanMs,
+        rpcP50Ms: percentile(wall.map((w, i) => w - this.server[i]), 50),
         serverMs,
         retrievalMs: mean(take(this.select)),
         attentionMs: mean(take(this.attendK)),
