@@ -4,7 +4,7 @@
 import type { UploadStats } from '../core/upload-stats.js';
 import { findMethod } from '../index/registry.js';
 import { isStaleArtifact, type HeadIndex, type HeadIndexBuilder } from '../index/method.js';
-import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from '../storage/document-store.js';
+import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore, MaybePromise } from '../storage/document-store.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
@@ -410,13 +410,24 @@ export class Documents {
       const cached = this.ready.get(id);
       if (cached && meta && meta.status === 'ready' && meta.createdAt === cached.meta.createdAt) return cached;
       if (cached) this.forget(cached, `document ${id} was deleted or replaced since it was attached`);
-      if (!meta) throw notFound(`document ${id} does not exist`);
-      if (meta.status === 'incomplete') throw conflict(`document ${id} is incomplete (its preload was cut off), not ready: PUT it again to restart the preload`);
-      if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
+      refuseUnready(id, meta);
       const doc = this.store.readLayer ? await this.attachResident(meta) : { meta, layers: this.store.load(meta, this.budget), indexes: new Map() };
       this.ready.set(id, doc);
       return doc;
     });
+  }
+
+  /**
+   * A ready document's metadata as the store holds it, refused as acquire
+   * refuses it (404, 409), reading nothing into memory. A local store's at
+   * once: an attach that follows is queued in the same turn, as without it.
+   */
+  readyMeta(idRaw: string): MaybePromise<DocumentMeta> {
+    const id = checkId(idRaw, 'document');
+    const meta = this.store.get(id);
+    if (meta instanceof Promise) return meta.then((m) => (refuseUnready(id, m), m));
+    refuseUnready(id, meta);
+    return meta;
   }
 
   private async attachResident(meta: DocumentMeta): Promise<LoadedDocument> {
@@ -561,6 +572,12 @@ export class Documents {
       throw invalid(`methods must be a list of: ${[...this.knownMethods].join(', ')}`);
     return [...new Set(x as string[])];
   }
+}
+
+function refuseUnready(id: string, meta: DocumentMeta | undefined): asserts meta is DocumentMeta {
+  if (!meta) throw notFound(`document ${id} does not exist`);
+  if (meta.status === 'incomplete') throw conflict(`document ${id} is incomplete (its preload was cut off), not ready: PUT it again to restart the preload`);
+  if (meta.status !== 'ready') throw conflict(`document ${id} is ${meta.status}, not ready`);
 }
 
 function view(meta: DocumentMeta): DocumentView {

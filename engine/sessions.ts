@@ -4,6 +4,7 @@ import { findMethod, methodNames } from '../index/registry.js';
 import { WAVE } from '../index/wave/wave.js';
 import type { SearchParams } from '../index/method.js';
 import type { Documents } from './documents.js';
+import type { DocumentMeta } from '../storage/document-store.js';
 import { conflict, invalid, notFound } from '../core/errors.js';
 import { parseKvUpload } from './kv-input.js';
 import { describeModel, parseModel, sameModel, type ModelShape } from '../core/model.js';
@@ -49,6 +50,11 @@ function refuseGone(session: Session, id: string): void {
   for (const d of session.documents) if (d.gone) throw conflict(`${d.gone}: session ${id} cannot attend it any more; create a new session`);
 }
 
+/** 409 for a document built for another model than the session's. */
+function refuseModel(meta: DocumentMeta, model: ModelShape): void {
+  if (!sameModel(meta.model, model)) throw conflict(`document ${meta.id} was built for ${describeModel(meta.model)}, the session for ${describeModel(model)}`);
+}
+
 export class Sessions {
   private readonly open = new Map<string, Session>();
   readonly queue = new KeyedQueue();
@@ -76,10 +82,11 @@ export class Sessions {
     // default estimate, which depends on the documents (parsed again below).
     if (body.estimate !== undefined && typeof body.estimate !== 'boolean') throw invalid('estimate must be true or false');
     parseLayers(body.layers, model.layers, params.budget, false);
+    // Every document checked likewise before any is read: one missing, not ready or of another model reads none.
+    const checked = (docIds as string[]).map((id) => this.documents.readyMeta(id));
+    for (const meta of checked.some((m) => m instanceof Promise) ? await Promise.all(checked) : (checked as DocumentMeta[])) refuseModel(meta, model);
     const docs = await Promise.all((docIds as string[]).map((id) => this.documents.acquire(id)));
-    for (const d of docs)
-      if (!sameModel(d.meta.model, model))
-        throw conflict(`document ${d.meta.id} was built for ${describeModel(d.meta.model)}, the session for ${describeModel(model)}`);
+    for (const d of docs) refuseModel(d.meta, model);
     // Estimating what a method leaves out costs one centroid score per cluster and cut every method's
     // error about tenfold on the real model (bench/results/model-vm.md): on wherever the clusters exist,
     // except for `exact`, which leaves nothing out.

@@ -1,5 +1,6 @@
 // A session body refused for its own fields (estimate not a boolean, a bad
-// per-layer policy) reads nothing: after a restart a document is read into
+// per-layer policy) or for one of its documents (another model, missing, not
+// ready) reads nothing: after a restart a document is read into
 // host memory at its first attach, whole, and a refused body must not do
 // that (nor hold the budget it takes). The same body made good attaches it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -33,6 +34,24 @@ afterAll(async () => {
 });
 
 describe(`a session body refused for its own fields (seed ${seed})`, () => {
+  it('refused for one of its documents (another model, one missing, one not ready), reads none into memory', async () => {
+    const used = () => server.engine.budget.used;
+    await client.createDocument('half', model);
+    const before = used();
+    const bad: [Record<string, unknown>, number][] = [
+      [{ model: { ...model, headDim: 64 }, documents: ['doc'] }, 409],
+      [{ model, documents: ['doc', 'missing'] }, 404],
+      [{ model, documents: ['doc', 'half'] }, 409],
+    ];
+    for (const [fields, status] of bad) {
+      const e = await client.createSession({ model, method: 'exact', ...fields } as Parameters<typeof client.createSession>[0]).then(() => undefined, (err: unknown) => err);
+      expect(e).toBeInstanceOf(KvrecallRequestError);
+      expect((e as KvrecallRequestError).status).toBe(status);
+      expect(used()).toBe(before);
+    }
+    await client.deleteDocument('half');
+  });
+
   it('reads no document into memory', async () => {
     const used = () => server.engine.budget.used;
     const before = used();
