@@ -222,7 +222,9 @@ export class GpuBackend {
         if (n > 0) this.reading.set(s, n);
         else {
           this.reading.delete(s);
-          if (this.dropped.has(s)) this.freeBlocks(this.uids.get(s)!);
+          // A segment no block of which was ever uploaded has no pool client, and nothing to free.
+          const uid = this.uids.get(s);
+          if (uid !== undefined && this.dropped.has(s)) this.freeBlocks(uid);
         }
       }
     };

@@ -177,6 +177,9 @@ export class PoolModel implements DevicePool {
   }
 
   releaseRange(first: number, last: number): number {
+    // Refused as the native binding refuses it (IntArg): clients are integers in [0, 2^53].
+    for (const [what, x] of [['first', first], ['last', last]] as const)
+      if (!Number.isInteger(x) || x < 0 || x > 2 ** 53) throw new RangeError(`${what} must be an integer in [0, ${2 ** 53}]`);
     let n = 0;
     for (const [client, table] of this.tables) {
       if (client < first || client >= last) continue;

@@ -98,4 +98,23 @@ describe('a deleted document on the device', () => {
     expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     gpu.close();
   });
+
+  it('a dropped segment the step pooled no block of (none ever uploaded) ends the step as the others do: answered, every segment counted out', async () => {
+    let pool: PoolModel | undefined;
+    const gpu = GpuBackend.over({ ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false }, { budgetBytes: 1 << 20 }, { pool: (o) => (pool = new PoolModel(o)) });
+    const m = { ...model, blockSize: 64 };
+    const doc = new KvSegment(m.kvHeads, m.headDim, m.dtype), other = new KvSegment(m.kvHeads, m.headDim, m.dtype);
+    // A block method's part whose only blocks are partial (attended on the host): nothing of it goes to the pool.
+    const none = { segment: doc, blocks: [new Int32Array(0), new Int32Array(0)], priority: [new Uint8Array(0), new Uint8Array(0)] };
+    const two = { segment: other, blocks: [Int32Array.of(0, 1), Int32Array.of(0, 1)], priority: [Uint8Array.of(0, 0), Uint8Array.of(0, 0)] };
+    const q = new Float32Array(m.qHeads * m.headDim), out = new Float32Array(q.length), lse = new Float32Array(m.qHeads);
+    expect(gpu.fits(m, 4)).toBe(true);
+    gpu.drop([doc]);
+    // The backend freed "its blocks" under no pool client (releaseRange(NaN, NaN): a RangeError from the native binding,
+    // and from the model now) and stopped there: the step failed after its kernel, the other segment counted as read for good.
+    await gpu.attend(m, 0, [none, two], q, 1, out, lse);
+    gpu.drop([other]);
+    expect(pool!.stats()).toMatchObject({ used: 0, pinned: 0 });
+    gpu.close();
+  });
 });
