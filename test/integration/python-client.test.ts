@@ -3,7 +3,7 @@
 // numpy and msgpack is found (Debian: apt-get install python3-numpy
 // python3-msgpack; a pyenv python3 may not see them, so /usr/bin/python3 is
 // tried too; KVRECALL_PYTHON picks one).
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -58,6 +58,9 @@ describe.skipIf(!python)('Python client', () => {
     // The server-backed tests ran (not skipped).
     expect(output).toMatch(/test_attend_matches_float64_reference .*\.\.\. ok/);
     expect(output).toMatch(/test_errors_map_to_status_and_code .*\.\.\. ok/);
+    expect(output).toMatch(/test_f32_q_is_read_in_place_over_http_and_the_stream .*\.\.\. ok/);
+    // https through the test's TLS proxy wherever openssl can make its certificate.
+    if (spawnSync('sh', ['-c', 'command -v openssl']).status === 0) expect(output).toMatch(/test_health_document_session_and_attends_match_http .*\.\.\. ok/);
     // The real model's short-context check ran wherever the model sits beside the repository (CI has ../shared).
     if (existsSync(join(ROOT, '..', 'shared', 'data', 'models', 'kvrecall-code-13M', 'config.json'))) {
       expect(output).toMatch(/test_exact_reproduces_dense .*\.\.\. ok/);

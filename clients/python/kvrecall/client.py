@@ -31,6 +31,7 @@ batch, no per-request HTTP).
 
 from __future__ import annotations
 
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -209,7 +210,12 @@ def _rows(datas: List[bytes], t: Dict[str, Any]) -> np.ndarray:
 class Client:
     """Speaks kvrecall's v1 protocol. One keep-alive connection per thread."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8700", token: Optional[str] = None, timeout: float = 120.0):
+    def __init__(self, url: str = "http://127.0.0.1:8700", token: Optional[str] = None, timeout: float = 120.0, ssl_context: Optional[ssl.SSLContext] = None):
+        """url: http:// or https:// (a path after the port is a prefix for every route).
+        ssl_context: for https, the TLS settings of every connection, the
+        stream's included (e.g. ssl.create_default_context(cafile=...) to
+        trust a private CA); default: the system's trusted CAs, the
+        certificate checked against the url's host."""
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https"):
             raise ValueError(f"url must be http:// or https://, got {url!r}")
@@ -218,7 +224,8 @@ class Client:
         self._port = parsed.port or (443 if self._https else 80)
         self._prefix = parsed.path.rstrip("/")
         self._timeout = timeout
-        self._http = HTTPTransport(self._host, self._port, self._https, self._prefix, timeout, token)
+        self._ssl_context = ssl_context
+        self._http = HTTPTransport(self._host, self._port, self._https, self._prefix, timeout, token, ssl_context)
         self._attend_paths: Dict[str, str] = {}
 
     # service
@@ -442,7 +449,7 @@ class Client:
 
         url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
         auth = self._http.headers.get("authorization")
-        return Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout)
+        return Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout, self._ssl_context)
 
     def get_session(self, sid: str) -> Dict[str, Any]:
         return self._call("GET", f"/v1/sessions/{_quote(sid)}")

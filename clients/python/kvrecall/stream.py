@@ -22,6 +22,7 @@ did go through answers 409 "conflict" and changes nothing).
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -46,12 +47,13 @@ class Stream:
         self._packer = msgpack.Packer(use_bin_type=True)
 
     @classmethod
-    def open(cls, url: str, headers: Dict[str, str], timeout: Optional[float]) -> "Stream":
-        """Connects and upgrades; a refusal raises KvrecallError with the
-        server's status (401 "unauthorized" without the right token)."""
+    def open(cls, url: str, headers: Dict[str, str], timeout: Optional[float], ssl_context: Optional[ssl.SSLContext] = None) -> "Stream":
+        """Connects and upgrades (https: TLS with `ssl_context`, default the
+        system's); a refusal raises KvrecallError with the server's status
+        (401 "unauthorized" without the right token)."""
         try:
             # Zero mask: no masked copy of every request frame (the payload is q, k and v as they are).
-            ws = WebSocket.connect(url, headers=headers, timeout=timeout, zero_mask=True)
+            ws = WebSocket.connect(url, headers=headers, timeout=timeout, ssl_context=ssl_context, zero_mask=True)
         except HandshakeError as e:
             code, message = _refusal(e)
             raise KvrecallError(e.status, code, message) from None

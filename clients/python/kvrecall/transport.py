@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import select
+import ssl
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -33,8 +34,9 @@ Connection = Union[_RawHTTPConnection, http.client.HTTPConnection]
 class HTTPTransport:
     """Requests to one server, one keep-alive connection and msgpack packer per thread."""
 
-    def __init__(self, host: str, port: int, https: bool, prefix: str, timeout: float, token: Optional[str]):
+    def __init__(self, host: str, port: int, https: bool, prefix: str, timeout: float, token: Optional[str], ssl_context: Optional[ssl.SSLContext] = None):
         self._host, self._port, self._https, self._prefix, self._timeout = host, port, https, prefix, timeout
+        self._ssl_context = ssl_context
         self.headers = {"content-type": MSGPACK, "accept": MSGPACK}
         if token:
             self.headers["authorization"] = f"Bearer {token}"
@@ -78,7 +80,7 @@ class HTTPTransport:
             conn = None
         if conn is None:
             if self._https:
-                conn = _HTTPSConnection(self._host, self._port, timeout=self._timeout)
+                conn = _HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._ssl_context)
             else:
                 conn = _RawHTTPConnection(self._host, self._port, self._timeout)
             self._local.conn = conn
