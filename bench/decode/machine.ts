@@ -1,8 +1,8 @@
 // The machine and the server's memory, recorded next to every result (a
 // shared machine or a swapping server slows every number).
-import { readFileSync, statSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { cpus, loadavg, totalmem } from 'node:os';
-import { join } from 'node:path';
+import { join, sep } from 'node:path';
 import { nativeThreads } from '../../addon/kernels.js';
 import { GiB, round } from './util.js';
 
@@ -59,7 +59,8 @@ export interface ServerMemory {
 
 /**
  * The server's RSS (in process: this process; else from /proc with
- * --server-pid) and its data.mdb size, when the data folder is known.
+ * --server-pid) and the size of every data.mdb under its data folder, when
+ * the folder is known.
  */
 export function serverMemory(inProcess: boolean, serverPid: number | undefined, dataDir: string | undefined): ServerMemory {
   let rssBytes: number | undefined, peakRssBytes: number | undefined, rssNote: string;
@@ -74,13 +75,17 @@ export function serverMemory(inProcess: boolean, serverPid: number | undefined, 
     rssNote = `server pid ${serverPid}`;
   } else rssNote = 'n/a (--url without --server-pid)';
   let dataMdbBytes: number | undefined, dataMdbAllocatedBytes: number | undefined;
+  // Every LMDB environment under the data folder: each document has its own (blocks shards, artifacts) beside the catalogue's.
   if (dataDir)
     try {
-      const st = statSync(join(dataDir, 'data.mdb'));
-      dataMdbBytes = st.size;
-      dataMdbAllocatedBytes = st.blocks * 512;
+      for (const f of readdirSync(dataDir, { recursive: true, encoding: 'utf8' })) {
+        if (f !== 'data.mdb' && !f.endsWith(`${sep}data.mdb`)) continue;
+        const st = statSync(join(dataDir, f));
+        dataMdbBytes = (dataMdbBytes ?? 0) + st.size;
+        dataMdbAllocatedBytes = (dataMdbAllocatedBytes ?? 0) + st.blocks * 512;
+      }
     } catch {
-      /* no data.mdb */
+      /* no data folder */
     }
   return { rssBytes, peakRssBytes, rssNote, dataMdbBytes, dataMdbAllocatedBytes };
 }

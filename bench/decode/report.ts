@@ -43,7 +43,7 @@ function preloadSection(lines: string[], o: Options, info: RunInfo, results: Con
   }
   lines.push(
     '',
-    `Host RSS: ${main.preload.rssNote}, after seal and session attach; peak ${main.preload.peakRssBytes ? fmtBytes(main.preload.peakRssBytes) : 'n/a'}. Session attach (index load) at ${fmtTokens(main.tokens)}: ${Object.entries(main.preload.attachMs).map(([k, v]) => `${k} ${ms(v)} ms`).join(', ')}.`,
+    `Host RSS: ${main.preload.rssNote}, after seal and session attach; data.mdb = every LMDB environment's under the data folder (the documents' own included); peak ${main.preload.peakRssBytes ? fmtBytes(main.preload.peakRssBytes) : 'n/a'}. Session attach (index load) at ${fmtTokens(main.tokens)}: ${Object.entries(main.preload.attachMs).map(([k, v]) => `${k} ${ms(v)} ms`).join(', ')}.`,
     '',
     `Upload at ${fmtTokens(main.tokens)}: ${describePhases(main.preload.upload, main.preload.concurrency)}. Phases: ${SERVER_PHASES.map((ph) => `${ph} = ${PHASE_MEANING[ph]}`).join('; ')}. Seal write = the seal's own LMDB transaction and flush.`,
     ...(main.server.backend === 'cuda' ? ['', `GPU after the decode (/v1/health): ${JSON.stringify(main.server.gpu)}.`] : []),
