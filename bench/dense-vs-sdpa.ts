@@ -18,7 +18,7 @@
 // "before" columns. A few block sizes the checks of bench/gpu.ts do not cover
 // (1, 4, 8, 128, 1024) are checked against the CPU and float64 as well.
 //
-// Writes gpu-dense-h200.{md,json} into $OUT when set, else bench/results/.
+// Writes gpu-dense-<card>.{md,json} (h100, h200: the device's name) into $OUT when set, else bench/results/.
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cudaAvailable, GpuPool } from '../addon/cuda.js';
@@ -228,8 +228,9 @@ async function main(): Promise<void> {
   ].join('\n');
   const dir = process.env.OUT ?? join('bench', 'results');
   mkdirSync(dir, { recursive: true });
-  writeFileSync(join(dir, 'gpu-dense-h200.json'), JSON.stringify(result, null, 2) + '\n');
-  writeFileSync(join(dir, 'gpu-dense-h200.md'), md);
+  const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu';
+  writeFileSync(join(dir, `gpu-dense-${card}.json`), JSON.stringify(result, null, 2) + '\n');
+  writeFileSync(join(dir, `gpu-dense-${card}.md`), md);
   console.log(md);
   if (!checks.every((c) => c.ok)) process.exitCode = 1;
 }

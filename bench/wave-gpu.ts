@@ -267,7 +267,9 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
       }
       // A second shape (one more kept row a head) taking turns with the first,
       // as sessions with other budgets do on a shared layer: each keeps its graph.
-      const other = { ...args, budget: c.budget.map((b) => b + 1) };
+      // (One less where one more would pass the tokens: the step clamps the budget to them, the shape would not change.)
+      const other = { ...args, ...(args.keep && { keep: args.keep.map((k, h) => (c.budget[h] < N ? k : Math.max(0, k - 1))) }),
+        budget: c.budget.map((b) => (b < N ? b + 1 : b - 1)) };
       for (const a2 of [other, args, other, args]) fresh &&= leanSame(await store.step(a2), await leanStep(a2));
       fresh &&= (await leanStep(args)).graphCaptures === captures + 1;
       return { ...r, ok: r.ok && lean && fresh, leanSame: lean && fresh, ms: gpu.ms };

