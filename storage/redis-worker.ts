@@ -129,6 +129,11 @@ function groupBy<T>(items: T[], key: (t: T) => string): T[][] {
 async function waitReplicas(what: string): Promise<void> {
   const wrote = [...written];
   written.clear();
+  // A failed wait (the seal answers 503) leaves those writes unconfirmed: the retried seal must wait on their connections again.
+  const requeue = (e: unknown) => {
+    for (const c of wrote) written.add(c);
+    throw e;
+  };
   await retrying(what, () =>
     Promise.all(
       cluster.nodes('master').map(async (node: Redis) => {
@@ -143,7 +148,7 @@ async function waitReplicas(what: string): Promise<void> {
           if (acked < replicas) throw unavailable(`${what}: ${acked} of ${replicas} replicas of ${name} acknowledged within ${location.waitMs} ms`);
       }),
     ).then(() => undefined),
-  );
+  ).catch(requeue);
 }
 
 // ------------------------------------------------------------ bulk connections
