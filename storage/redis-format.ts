@@ -6,6 +6,8 @@
 //   kvr:{d/ID}                        hash: status, meta (JSON), methods, gen,
 //                                     owner, x<layer> (blocks written)
 //   kvr:{d/ID}:lease                  the loading server's lease (TTL)
+//   kvr:{d/ID}:call/TOKEN             a create's, seal's or remove's answer,
+//                                     kept a while for its retries (TTL)
 //   kvr:{b/ID/GEN/L/G}H/B             block B of kv head H, layer L, in group
 //                                     G = ⌊B / GROUP_BLOCKS⌋: 24-byte header
 //                                     (magic, tokens, checksum64 of K and of
@@ -25,6 +27,7 @@ export const GROUP_BLOCKS = 16;
 export const INDEX_KEY = 'kvr:{index}';
 export const metaKey = (id: string) => `kvr:{d/${id}}`;
 export const leaseKey = (id: string) => `kvr:{d/${id}}:lease`;
+export const receiptKey = (id: string, token: string) => `kvr:{d/${id}}:call/${token}`;
 export const blockKey = (id: string, gen: string, layer: number, head: number, block: number) =>
   `kvr:{b/${id}/${gen}/${layer}/${Math.floor(block / GROUP_BLOCKS)}}${head}/${block}`;
 export const artifactKey = (id: string, gen: string, method: string, layer: number, head: number) => `kvr:{a/${id}/${gen}/${method}/${layer}}${head}`;

@@ -40,11 +40,16 @@ export class RedisStore implements DocumentStore {
     readonly location: RedisLocation,
   ) {}
 
-  /** Connects to the cluster and marks documents whose loader is gone incomplete. */
-  static async open(url: string): Promise<OpenedStore & { store: RedisStore }> {
+  /**
+   * Connects to the cluster and marks documents whose loader is gone
+   * incomplete. `loseReply` (tests) names scripts whose first reply the
+   * worker drops after the script ran, as a reset connection would, so that
+   * it runs them again.
+   */
+  static async open(url: string, faults: { loseReply?: ('kvrCreate' | 'kvrSeal' | 'kvrRemove')[] } = {}): Promise<OpenedStore & { store: RedisStore }> {
     const location = parseRedisLocation(url);
     const owner = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
-    const bridge = new WorkerBridge({ location, owner });
+    const bridge = new WorkerBridge({ location, owner, loseReply: faults.loseReply });
     const store = new RedisStore(bridge, location);
     try {
       await bridge.call('open', undefined);

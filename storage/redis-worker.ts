@@ -30,6 +30,7 @@ import {
   openArtifact,
   openBlock,
   blockHeader,
+  receiptKey,
   BLOCK_HEADER,
   type RedisLocation,
   type StagedArtifact,
@@ -37,13 +38,18 @@ import {
 } from './redis-format.js';
 import { ADD_METHOD, CREATE, EXTENT, READ, REMOVE, RENEW, SEAL } from './redis-scripts.js';
 
-const { location, owner, port, signal } = workerData as { location: RedisLocation; owner: string; port: MessagePort; signal: Int32Array };
+const { location, owner, port, signal, loseReply = [] } = workerData as { location: RedisLocation; owner: string; port: MessagePort; signal: Int32Array; loseReply?: string[] };
 
 /** Commands of one kind in flight at once (each one slot group of a few MiB). */
 const WIDTH = 12;
 /** Block bytes written between two WAITs while a document loads (seal always waits). */
 const WAIT_EVERY = 128 * 2 ** 20;
 let unwaited = 0;
+
+/** ioredis's limit on one command's reply (a WAIT may take waitMs). */
+const COMMAND_TIMEOUT = Math.max(location.failoverMs, location.waitMs + 5000);
+/** A receipt's TTL (redis-scripts.ts): past its call's last retry, begun within failoverMs, up to 3 sends of COMMAND_TIMEOUT; a minute spare. */
+const RECEIPT_MS = location.failoverMs + 3 * COMMAND_TIMEOUT + 60_000;
 
 const cluster = new Cluster(location.seeds, {
   scaleReads: 'master',
@@ -53,14 +59,20 @@ const cluster = new Cluster(location.seeds, {
   retryDelayOnClusterDown: 200,
   retryDelayOnTryAgain: 200,
   clusterRetryStrategy: (times) => (times > 20 ? null : 250),
-  redisOptions: { connectTimeout: 2000, commandTimeout: Math.max(location.failoverMs, location.waitMs + 5000), maxRetriesPerRequest: 2 },
+  redisOptions: { connectTimeout: 2000, commandTimeout: COMMAND_TIMEOUT, maxRetriesPerRequest: 2 },
 });
 cluster.on('error', () => undefined); // reported by the commands that fail
-const SCRIPTS = { kvrRead: [2, READ], kvrCreate: [2, CREATE], kvrRenew: [1, RENEW], kvrExtent: [1, EXTENT], kvrSeal: [2, SEAL], kvrAddMethod: [1, ADD_METHOD], kvrRemove: [2, REMOVE] } as const;
+const SCRIPTS = { kvrRead: [2, READ], kvrCreate: [3, CREATE], kvrRenew: [1, RENEW], kvrExtent: [1, EXTENT], kvrSeal: [3, SEAL], kvrAddMethod: [1, ADD_METHOD], kvrRemove: [3, REMOVE] } as const;
 for (const [name, [numberOfKeys, lua]] of Object.entries(SCRIPTS)) cluster.defineCommand(name, { numberOfKeys, lua });
-function script(name: keyof typeof SCRIPTS, keys: string[], args: (string | number)[] = []): Promise<unknown> {
-  return (cluster as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>)[name](...keys, ...args);
+/** Scripts whose first reply is dropped after they ran, as a reset connection would (tests: RedisStore.open's loseReply). */
+const toLose = new Set<string>(loseReply);
+async function script(name: keyof typeof SCRIPTS, keys: string[], args: (string | number)[] = []): Promise<unknown> {
+  const reply = await (cluster as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>)[name](...keys, ...args);
+  if (toLose.delete(name)) throw Object.assign(new Error(`read ECONNRESET (the reply to ${name} dropped after it ran)`), { code: 'ECONNRESET' });
+  return reply;
 }
+/** A call's token: its receipt's name (redis-scripts.ts), the same for each of its retries. */
+const callToken = () => randomBytes(8).toString('hex');
 
 const unavailable = (message: string) => new KvrecallError('unavailable', message);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -399,9 +411,9 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
   async create({ meta }: { meta: DocumentMeta }) {
     const gen = randomBytes(4).toString('hex');
     const { status: _s, methods, ...rest } = meta;
-    const r = (await retrying(`creating ${meta.id}`, () =>
-      script('kvrCreate', [metaKey(meta.id), leaseKey(meta.id)], [JSON.stringify(rest), methods.join(','), gen, owner, location.leaseMs]),
-    )) as [string, string | string[]];
+    const keys = [metaKey(meta.id), leaseKey(meta.id), receiptKey(meta.id, callToken())];
+    const args = [RECEIPT_MS, JSON.stringify(rest), methods.join(','), gen, owner, location.leaseMs];
+    const r = (await retrying(`creating ${meta.id}`, () => script('kvrCreate', keys, args))) as [string, string | string[]];
     if (r[0] === 'exists') throw conflict(`document ${meta.id} already exists (${r[1]}); DELETE it first`);
     leases.set(meta.id, { gen });
     landed.delete(meta.id);
@@ -433,7 +445,8 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
     await waitReplicas(`sealing ${id}`);
     leaseOf(id);
     const { status: _s, methods: _m, ...rest } = a.meta;
-    const r = await retrying(`sealing ${id}`, () => script('kvrSeal', [metaKey(id), leaseKey(id)], [gen, owner, JSON.stringify(rest)]));
+    const keys = [metaKey(id), leaseKey(id), receiptKey(id, callToken())];
+    const r = await retrying(`sealing ${id}`, () => script('kvrSeal', keys, [RECEIPT_MS, gen, owner, JSON.stringify(rest)]));
     leases.delete(id);
     if (r === 'gone') throw conflict(`document ${id} was deleted or replaced while it was being sealed`);
     if (r === 'lease' || r === 'incomplete')
@@ -473,7 +486,9 @@ const ops: Record<string, (args: never) => Promise<unknown>> = {
   },
 
   async remove({ id, createdAt }: { id: string; createdAt?: string }) {
-    const [outcome, found] = (await retrying(`removing ${id}`, () => script('kvrRemove', [metaKey(id), leaseKey(id)], createdAt === undefined ? [] : [createdAt]))) as [string, string[] | string];
+    const keys = [metaKey(id), leaseKey(id), receiptKey(id, callToken())];
+    const args = createdAt === undefined ? [RECEIPT_MS] : [RECEIPT_MS, createdAt];
+    const [outcome, found] = (await retrying(`removing ${id}`, () => script('kvrRemove', keys, args))) as [string, string[] | string];
     if (outcome === 'other') throw preconditionFailed(`document ${id} was created at ${String(found)}, not ${createdAt}: not deleted`);
     const old = toHash(found as string[]);
     if (createdAt !== undefined && !old.gen) throw notFound(`document ${id} does not exist`);
