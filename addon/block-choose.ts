@@ -1,45 +1,125 @@
 // Typed wrapper around the addon's choice of a step's blocks
 // (native/bindings/block_choose_binding.cc, native/kernels/block_choose.cc):
-// for every kv head at once, the query-agnostic blocks, then the candidates
-// in score order keeping the previous step's and bringing in at most
-// `maxNew` others, up to the budget; the chosen blocks ascending with their
-// pool classes. No per-block work in JS on the decode step's path.
+// for every kv head at once, from the scorer's top rows and the previous
+// step's blocks, the query-agnostic blocks, then the candidates in score
+// order keeping the previous step's and bringing in at most `maxNew` others,
+// up to the budget, none of the excluded blocks; the chosen blocks ascending
+// with their pool classes and their rows (the next step's extra rows). One
+// native call per step, its outputs in three flat arrays: no per-block work
+// in JS on the decode step's path.
 import { nativeAddon } from './addon.js';
 
-export interface BlockChoiceHead {
-  /** Candidates by score, best first (ties: lower id). */
-  top: Int32Array;
-  /** The previous step's blocks, ascending, and their scores this step. */
-  prev: Int32Array;
-  prevScores: Float32Array;
-  /** The query-agnostic blocks to take first, most important first. */
-  agnostic: Int32Array;
-  /** [blocks]: each block's position in the importance order. */
+export interface BlockChooserHead {
+  /** [blocks] blocks by stable importance, most important first. */
+  byImportance: Int32Array;
+  /** [blocks] each block's position in byImportance. */
   importanceRank: Int32Array;
-  /** [blocks] scratch, all zero before and after the call. */
-  flags: Uint8Array;
 }
 
-export interface BlockChoiceArgs {
-  blocks: number;
+export interface BlockStepArgs {
+  /** Distinct blocks of the top rows taken as candidates (excluded ones count). */
+  reach: number;
   budget: number;
   /** Blocks outside the previous selection brought in at most (Infinity: no limit; none either on a first step). */
   maxNew: number;
+  /** Query-agnostic blocks taken first (the most important ones not excluded). */
+  agnostic: number;
   /** Chosen blocks whose importance rank is below this are pool class 1 (when protectAgnostic), else 0. */
   agnosticClass: number;
   protectAgnostic: boolean;
+  /** Blocks never chosen. */
+  exclude: Int32Array;
+  /** Per head, the scorer's top rows, best first (ties: lower row). */
+  top: Int32Array[];
+  /** The previous step's choice (absent on a first step). */
+  prev?: BlockStepChoice;
+  /** Per head, the scores of prev's rows in order (a device scorer's extra scores) ... */
+  extraScores?: Float32Array[];
+  /** ... or every row's score (the host pass). */
+  rowScores?: Float32Array[];
+}
+
+/** A step's choice for every head, in flat arrays: head h's at [h·stride, h·stride + counts[h]). */
+export class BlockStepChoice {
+  constructor(
+    /** [heads · stride] chosen blocks, ascending per head. */
+    readonly out: Int32Array,
+    /** [heads · stride] their pool classes. */
+    readonly cls: Uint8Array,
+    /** [heads · stride · reps] their rows, b·reps + r. */
+    readonly rows: Int32Array,
+    readonly counts: Int32Array,
+    readonly stride: number,
+    readonly reps: number,
+  ) {}
+
+  /** Per head, the chosen blocks (views). */
+  ids(): Int32Array[] {
+    return Array.from(this.counts, (n, h) => this.out.subarray(h * this.stride, h * this.stride + n));
+  }
+
+  /** Per head, the chosen blocks' pool classes (views). */
+  classes(): Uint8Array[] {
+    return Array.from(this.counts, (n, h) => this.cls.subarray(h * this.stride, h * this.stride + n));
+  }
+
+  /** Per head, the chosen blocks' rows (views): the extra rows a scorer scores at the next step. */
+  rowLists(): Int32Array[] {
+    const w = this.stride * this.reps;
+    return Array.from(this.counts, (n, h) => this.rows.subarray(h * w, h * w + n * this.reps));
+  }
+}
+
+interface NativeChooser {
+  step(a: Omit<BlockStepArgs, 'prev' | 'maxNew'> & {
+    maxNew: number;
+    prev?: Int32Array;
+    prevStride?: number;
+    prevCounts?: Int32Array;
+    out: Int32Array;
+    cls: Uint8Array;
+    rows: Int32Array;
+    counts: Int32Array;
+  }): void;
 }
 
 interface Addon {
-  chooseBlocks(a: Omit<BlockChoiceArgs, 'maxNew'> & { maxNew: number; heads: (BlockChoiceHead & { out: Int32Array; cls: Uint8Array })[] }): number[];
+  BlockChooser: new (o: { blocks: number; reps: number; heads: BlockChooserHead[] }) => NativeChooser;
 }
 
 const addon = nativeAddon<Addon>();
 
-/** Per kv head: the chosen blocks (ascending) and their pool classes. */
-export function chooseBlocks(heads: BlockChoiceHead[], a: BlockChoiceArgs): { ids: Int32Array[]; priority: Uint8Array[] } {
-  const capacity = (h: BlockChoiceHead) => Math.min(Math.max(a.budget, h.agnostic.length), a.blocks);
-  const full = heads.map((h) => ({ ...h, out: new Int32Array(capacity(h)), cls: new Uint8Array(capacity(h)) }));
-  const counts = addon.chooseBlocks({ ...a, maxNew: a.maxNew === Infinity ? -1 : a.maxNew, heads: full });
-  return { ids: full.map((h, i) => h.out.subarray(0, counts[i])), priority: full.map((h, i) => h.cls.subarray(0, counts[i])) };
+/**
+ * One (document, layer)'s summaries, every kv head: their importance orders
+ * held natively (by reference) and a flags scratch, so a step passes only
+ * what changes. A step's call is synchronous: the scratch is never shared
+ * between two calls in flight.
+ */
+export class BlockChooser {
+  private readonly native: NativeChooser;
+
+  constructor(
+    readonly blocks: number,
+    readonly reps: number,
+    readonly heads: number,
+    summaries: BlockChooserHead[],
+  ) {
+    this.native = new addon.BlockChooser({ blocks, reps, heads: summaries });
+  }
+
+  step(a: BlockStepArgs): BlockStepChoice {
+    const H = this.heads, stride = Math.min(Math.max(a.budget, a.agnostic), this.blocks);
+    const choice = new BlockStepChoice(new Int32Array(H * stride), new Uint8Array(H * stride), new Int32Array(H * stride * this.reps), new Int32Array(H), stride, this.reps);
+    const { prev, ...rest } = a;
+    this.native.step({
+      ...rest,
+      maxNew: a.maxNew === Infinity ? -1 : a.maxNew,
+      ...(prev && { prev: prev.out, prevStride: prev.stride, prevCounts: prev.counts }),
+      out: choice.out,
+      cls: choice.cls,
+      rows: choice.rows,
+      counts: choice.counts,
+    });
+    return choice;
+  }
 }

@@ -226,12 +226,8 @@ export class BlockSummary implements HeadIndex {
   /**
    * A step's candidates for every kv head: the top `k` blocks, best first
    * (higher score, then lower id), and the scores of the blocks extra[h].
-   * With a device scorer (GPU sessions) that takes the summaries, one device
-   * call over the rows (`scored`) with the augmented query rows, which
-   * returns only the top k·reps rows and the extra blocks' rows (nothing of
-   * size blocks comes back to JS); otherwise the same rows and query rows on
-   * the host. Both give the same blocks in the same order and the same
-   * scores, bit for bit.
+   * The same as a decode step's candidateRows, deduped to blocks in JS: for
+   * tests and benches.
    */
   static async topHeads(
     heads: BlockSummary[],
@@ -241,17 +237,41 @@ export class BlockSummary implements HeadIndex {
     extra: Int32Array[],
     scorer?: BlockScorer,
   ): Promise<{ order: Int32Array; extraScores: Float32Array }[]> {
-    const aug = BlockSummary.augment(heads, q, group), R = heads[0].reps;
-    const extraRows = extra.map((ids) => {
-      const rows = new Int32Array(ids.length * R);
-      for (let i = 0; i < ids.length; i++) for (let r = 0; r < R; r++) rows[i * R + r] = ids[i] * R + r;
-      return rows;
-    });
-    const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k * R, extraRows) : undefined;
-    if (device) return device.map((r, h) => ({ order: heads[h].blocksOf(r.ids, k), extraScores: heads[h].extraOf(extra[h], (i) => r.extraScores[i]) }));
-    return BlockSummary.scoreRows(heads, aug, group, k, (scored) =>
-      scored.map(({ ids, rowScores }, h) => ({ order: heads[h].blocksOf(ids, k), extraScores: heads[h].extraOf(extra[h], (i) => rowScores[extraRows[h][i]]) })),
+    const R = heads[0].reps;
+    const extraRows = extra.map((ids) => Int32Array.from({ length: ids.length * R }, (_, i) => ids[Math.floor(i / R)] * R + (i % R)));
+    return BlockSummary.candidateRows(heads, q, group, k, extraRows, scorer, (c) =>
+      c.top.map((ids, h) => ({
+        order: heads[h].blocksOf(ids, k),
+        extraScores: heads[h].extraOf(extra[h], (i) => (c.extraScores ? c.extraScores[h][i] : c.rowScores![h][extraRows[h][i]])),
+      })),
     );
+  }
+
+  /**
+   * A decode step's raw candidates for every kv head, read by `use` before
+   * the host pass's arrays go back: the top k·reps rows, best first (higher
+   * score, then lower row: the top k blocks' best rows are among them), and
+   * the scores of the rows extraRows[h] in order (`extraScores`, from a
+   * device scorer that takes the summaries: one device call over the rows
+   * (`scored`) with the augmented query rows, nothing of size blocks back in
+   * JS) or every row's score (`rowScores`, the same rows and query rows
+   * scored on the host). Both give the same rows in the same order and the
+   * same scores, bit for bit; the blocks are made of them natively
+   * (addon/block-choose.ts).
+   */
+  static async candidateRows<T>(
+    heads: BlockSummary[],
+    q: Float32Array,
+    group: number,
+    k: number,
+    extraRows: Int32Array[],
+    scorer: BlockScorer | undefined,
+    use: (c: { top: Int32Array[]; extraScores?: Float32Array[]; rowScores?: Float32Array[] }) => T,
+  ): Promise<T> {
+    const aug = BlockSummary.augment(heads, q, group), R = heads[0].reps;
+    const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k * R, extraRows) : undefined;
+    if (device) return use({ top: device.map((r) => r.ids), extraScores: device.map((r) => r.extraScores) });
+    return BlockSummary.scoreRows(heads, aug, group, k, (rows) => use({ top: rows.map((r) => r.ids), rowScores: rows.map((r) => r.rowScores) }));
   }
 
   /** Blocks by stable importance, most important first (computed once). */

@@ -3,7 +3,7 @@
 // what the method's per-head index retrieves from each document. The two are
 // disjoint (retrieved ids inside the static ranges are dropped), so the
 // kernel's log-sum-exp merge of the parts is the attention over their union.
-import type { BlockList, HeadIndex, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchMemo, SearchParams, Selection, SelectionPart } from './method.js';
+import type { HeadIndex, HeadIndexBuilder, LayerContext, RetrievalMethod, SearchMemo, SearchParams, Selection, SelectionPart } from './method.js';
 
 export type Range = [number, number];
 
@@ -175,20 +175,7 @@ export async function blockSelection<H extends BlockIndex>(
     if (budget <= 0) continue;
     const picked = await pick(s, heads, budget, exclude);
     scanned += picked.scanned;
-    const ids: Int32Array[] = [], priority: Uint8Array[] = [];
-    for (const [h, chosen] of picked.ids.entries()) {
-      const kept = new Int32Array(chosen.length), cls = new Uint8Array(chosen.length);
-      let n = 0;
-      for (let i = 0; i < chosen.length; i++)
-        if (!binaryHas(exclude, chosen[i])) {
-          cls[n] = picked.priority?.[h][i] ?? 0;
-          kept[n++] = chosen[i];
-        }
-      ids.push(kept.subarray(0, n));
-      priority.push(cls.subarray(0, n));
-    }
-    const blocks: BlockList = picked.priority ? { size, ids, priority } : { size, ids };
-    parts.push({ segment, blocks });
+    parts.push({ segment, blocks: picked.priority ? { size, ids: picked.ids, priority: picked.priority } : { size, ids: picked.ids } });
   }
   return { parts, scanned };
 }

@@ -1,34 +1,52 @@
-// The block methods' choice of a step's blocks from their candidates
-// (index/block-select.ts): the query-agnostic blocks first, then the
-// candidates in score order, keeping what the previous step selected and
-// bringing in at most maxNew others, up to the budget. O(candidates): a
-// flags scratch of one byte per block marks them and is cleared again.
+// The block methods' choice of a step's blocks (index/block-select.ts), from
+// what the scorer returned, for one kv head: the candidates are the first
+// `reach` distinct blocks of the scorer's top rows (best first) and the
+// previous step's blocks (each scored as the best of its rows); blocks the
+// static part touches (`exclude`) are never chosen. The query-agnostic
+// blocks (the first `agnostic` of the importance order, excluded ones
+// skipped) come first, then the candidates in score order, keeping what the
+// previous step selected and bringing in at most maxNew others, up to the
+// budget. O(candidates): a flags scratch of one byte per block marks them
+// and is cleared again; the heads' importance orders are read, not copied.
 #pragma once
 
 #include <cstdint>
 
 namespace kvr {
 
-struct BlockChoice {
+// What every head of a step shares.
+struct BlockStep {
   int64_t blocks = 0;
-  const int32_t* top = nullptr;        // [topN] candidates by score, best first (ties: lower id)
-  int64_t topN = 0;
-  const int32_t* prev = nullptr;       // [prevN] the previous step's blocks, ascending
-  const float* prevScores = nullptr;   // [prevN] their scores this step
-  int64_t prevN = 0;
-  const int32_t* agnostic = nullptr;   // [agnosticN] the query-agnostic blocks, most important first
-  int64_t agnosticN = 0;
-  const int32_t* importanceRank = nullptr;  // [blocks]: position in the importance order
-  int64_t agnosticClass = 0;           // a chosen block with rank < this is class 1 (protectAgnostic), else 0
-  bool protectAgnostic = false;
+  int64_t reps = 1;                    // summary rows per block: block b's rows are b*reps .. b*reps + reps - 1
+  int64_t reach = 0;                   // distinct blocks of the top rows taken as candidates (excluded ones count)
   int64_t budget = 0;
-  int64_t maxNew = -1;                 // blocks outside prev brought in at most (< 0: no limit)
+  int64_t maxNew = -1;                 // blocks outside prev brought in at most (< 0: no limit; none either on a first step)
+  int64_t agnostic = 0;                // query-agnostic blocks taken first
+  int64_t agnosticClass = 0;           // a chosen block with importance rank < this is class 1 (protectAgnostic), else 0
+  bool protectAgnostic = false;
+  const int32_t* exclude = nullptr;    // [excludeN] blocks never chosen (distinct)
+  int64_t excludeN = 0;
   uint8_t* flags = nullptr;            // [blocks] scratch, zero before and after
-  int32_t* out = nullptr;              // capacity max(budget, agnosticN): the chosen blocks, ascending
-  uint8_t* cls = nullptr;              // same capacity: each chosen block's pool class
 };
 
-// Returns how many blocks were chosen (written to out, ascending, and cls).
-int64_t ChooseBlocks(const BlockChoice& c);
+// One head's inputs and outputs.
+struct BlockStepHead {
+  const int32_t* topRows = nullptr;    // [topRowsN] the scorer's top rows, best first (ties: lower row)
+  int64_t topRowsN = 0;
+  const int32_t* prev = nullptr;       // [prevN] the previous step's blocks, ascending (excluded ones are dropped)
+  int64_t prevN = 0;
+  // Scores of the previous blocks' rows: prevRowScores[i*reps + r] is row prev[i]*reps + r's, or, when
+  // prevRowScores is null, rowScores[row] (every row's score).
+  const float* prevRowScores = nullptr;
+  const float* rowScores = nullptr;
+  const int32_t* byImportance = nullptr;    // [blocks] blocks by importance, most important first
+  const int32_t* importanceRank = nullptr;  // [blocks] each block's position in byImportance
+  int32_t* out = nullptr;              // capacity min(max(budget, agnostic), blocks): the chosen blocks, ascending
+  uint8_t* cls = nullptr;              // same capacity: each chosen block's pool class
+  int32_t* outRows = nullptr;          // capacity · reps, or null: the chosen blocks' rows, b*reps + r (the next step's extra rows)
+};
+
+// Returns how many blocks were chosen (written to out ascending, cls and outRows).
+int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h);
 
 }  // namespace kvr

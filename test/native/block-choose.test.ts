@@ -1,23 +1,48 @@
 // The block methods' native choice of a step's blocks (native/kernels/block_choose.cc) against a plain
-// reference written from the rule (index/block-select.ts): the query-agnostic blocks first; then the candidates
-// in order — `top` as given, then the previous blocks outside it by score (higher first, then lower id) —
-// each taken if not yet chosen and either kept from the previous step or within the maxNew quota, until the
-// budget; the result ascending, class 1 for blocks whose importance rank is below agnosticClass.
+// reference written from the rule (index/block-select.ts): the candidates are the first `reach` distinct
+// blocks of the top rows (row r is block floor(r / reps)), those excluded dropped, and the previous blocks
+// not excluded, each scored as the best of its rows; the query-agnostic blocks (the first `agnostic` of the
+// importance order not excluded) first; then the candidates in order — `top`, then the previous blocks
+// outside it by score (higher first, then lower id) — each taken if not yet chosen and either kept from the
+// previous step or within the maxNew quota, until the budget; the result ascending, class 1 for blocks whose
+// importance rank is below agnosticClass, and the chosen blocks' rows. Steps are chained on one chooser (each
+// step's choice the next one's previous), so a flag left set would show in a later step.
 import { describe, expect, it } from 'vitest';
-import { chooseBlocks, type BlockChoiceArgs, type BlockChoiceHead } from '../../addon/block-choose.js';
+import { BlockChooser, type BlockStepArgs, type BlockStepChoice } from '../../addon/block-choose.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
 console.log(`block-choose: seed ${seed}`);
 
-function reference(h: BlockChoiceHead, a: BlockChoiceArgs): { ids: number[]; cls: number[] } {
-  const chosen: number[] = [...h.agnostic];
-  const taken = new Set(chosen), inPrev = new Set(h.prev), inTop = new Set(h.top);
-  const below = Array.from(h.prev.keys()).filter((i) => !inTop.has(h.prev[i]))
-    .sort((i, j) => h.prevScores[j] - h.prevScores[i] || h.prev[i] - h.prev[j]).map((i) => h.prev[i]);
-  const maxNew = h.prev.length === 0 ? Infinity : a.maxNew;
+interface Doc {
+  blocks: number;
+  reps: number;
+  byImportance: Int32Array[];
+  importanceRank: Int32Array[];
+}
+
+function reference(doc: Doc, a: BlockStepArgs, prev: number[][], h: number): { ids: number[]; cls: number[]; rows: number[] } {
+  const R = doc.reps, excluded = new Set(a.exclude);
+  const seen: number[] = [];
+  for (const row of a.top[h]) {
+    if (seen.length >= Math.min(a.reach, doc.blocks)) break;
+    const b = Math.floor(row / R);
+    if (!seen.includes(b)) seen.push(b);
+  }
+  const top = seen.filter((b) => !excluded.has(b));
+  const scoreOfRow = (i: number, row: number) => (a.extraScores ? a.extraScores[h][i] : a.rowScores![h][row]);
+  const kept: { b: number; score: number }[] = [];
+  prev[h].forEach((b, i) => {
+    let best = -Infinity;
+    for (let r = 0; r < R; r++) best = Math.max(best, scoreOfRow(i * R + r, b * R + r));
+    if (!excluded.has(b)) kept.push({ b, score: best });
+  });
+  const chosen = [...doc.byImportance[h]].filter((b) => !excluded.has(b)).slice(0, a.agnostic);
+  const taken = new Set(chosen), inPrev = new Set(kept.map((x) => x.b)), inTop = new Set(top);
+  const below = kept.filter((x) => !inTop.has(x.b)).sort((x, y) => y.score - x.score || x.b - y.b).map((x) => x.b);
+  const maxNew = kept.length === 0 ? Infinity : a.maxNew;
   let brought = 0;
-  for (const b of [...h.top, ...below]) {
+  for (const b of [...top, ...below]) {
     if (chosen.length >= a.budget) break;
     if (taken.has(b)) continue;
     if (inPrev.has(b) || brought < maxNew) {
@@ -27,56 +52,93 @@ function reference(h: BlockChoiceHead, a: BlockChoiceArgs): { ids: number[]; cls
     }
   }
   const ids = chosen.sort((x, y) => x - y);
-  return { ids, cls: ids.map((b) => (a.protectAgnostic && h.importanceRank[b] < a.agnosticClass ? 1 : 0)) };
-}
-
-function randomHead(rng: Rng, blocks: number, budget: number, agnostic: number): BlockChoiceHead {
-  const perm = (n: number) => {
-    const p = Array.from({ length: n }, (_, i) => i);
-    for (let i = n - 1; i > 0; i--) {
-      const j = rng.int(i + 1);
-      [p[i], p[j]] = [p[j], p[i]];
-    }
-    return p;
+  return {
+    ids,
+    cls: ids.map((b) => (a.protectAgnostic && doc.importanceRank[h][b] < a.agnosticClass ? 1 : 0)),
+    rows: ids.flatMap((b) => Array.from({ length: R }, (_, r) => b * R + r)),
   };
-  const byImportance = Int32Array.from(perm(blocks));
-  const importanceRank = new Int32Array(blocks);
-  byImportance.forEach((b, i) => (importanceRank[b] = i));
-  const top = Int32Array.from(perm(blocks).slice(0, Math.min(blocks, budget + rng.int(budget + 1))));
-  const prev = Int32Array.from(perm(blocks).slice(0, rng.int(Math.min(blocks, budget) + 1)).sort((x, y) => x - y));
-  // Scores in few levels, so ties between previous blocks happen and the lower id must win.
-  const prevScores = Float32Array.from(prev, () => rng.int(4));
-  return { top, prev, prevScores, agnostic: byImportance.subarray(0, agnostic), importanceRank, flags: new Uint8Array(blocks) };
 }
 
-describe('chooseBlocks (native)', () => {
-  it('chooses as the reference rule does, for every head of a call, and leaves the flags zero', () => {
+function shuffled(rng: Rng, n: number): number[] {
+  const p = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    [p[i], p[j]] = [p[j], p[i]];
+  }
+  return p;
+}
+
+function randomDoc(rng: Rng, heads: number): Doc {
+  const blocks = 1 + rng.int(300), reps = 1 + rng.int(4);
+  const byImportance = Array.from({ length: heads }, () => Int32Array.from(shuffled(rng, blocks)));
+  const importanceRank = byImportance.map((order) => {
+    const rank = new Int32Array(blocks);
+    order.forEach((b, i) => (rank[b] = i));
+    return rank;
+  });
+  return { blocks, reps, byImportance, importanceRank };
+}
+
+function randomStep(rng: Rng, doc: Doc, heads: number, prev: BlockStepChoice | undefined): BlockStepArgs {
+  const { blocks, reps } = doc, rows = blocks * reps;
+  const budget = rng.int(blocks + 5), agnostic = Math.min(blocks, Math.floor(budget * 0.25 * rng.int(2)));
+  const exclude = Int32Array.from(shuffled(rng, blocks).slice(0, rng.int(Math.min(8, blocks) + 1)).sort((x, y) => x - y));
+  // The top rows as a scorer returns them: distinct rows, up to reach · reps of them.
+  const reach = budget + agnostic + exclude.length + rng.int(4);
+  const top = Array.from({ length: heads }, () => Int32Array.from(shuffled(rng, rows).slice(0, Math.min(rows, reach * reps - rng.int(reps)))));
+  // Scores in few levels, so ties between previous blocks happen and the lower id must win.
+  const level = () => rng.int(4) - 1.5;
+  const a: BlockStepArgs = {
+    reach, budget, agnostic, agnosticClass: agnostic, exclude, top, prev,
+    protectAgnostic: rng.int(2) === 1,
+    maxNew: rng.int(3) === 0 ? Infinity : Math.max(1, Math.ceil(budget * 0.125)),
+  };
+  if (rng.int(2) === 0) a.rowScores = Array.from({ length: heads }, () => Float32Array.from({ length: rows }, level));
+  else a.extraScores = (prev?.rowLists() ?? Array.from({ length: heads }, () => new Int32Array(0))).map((r) => Float32Array.from(r, level));
+  return a;
+}
+
+const listsOf = (c: BlockStepChoice) => ({ ids: c.ids().map((x) => Array.from(x)), cls: c.classes().map((x) => Array.from(x)), rows: c.rowLists().map((x) => Array.from(x)) });
+
+describe('BlockChooser.step (native)', () => {
+  it('chooses as the reference rule does, for every head of a call, step after step', () => {
     const rng = new Rng(seed);
-    for (let trial = 0; trial < 200; trial++) {
-      const blocks = 1 + rng.int(300), budget = rng.int(blocks + 5), agnostic = Math.min(blocks, Math.floor(budget * 0.25 * rng.int(2)));
-      const a: BlockChoiceArgs = {
-        blocks, budget, agnosticClass: agnostic, protectAgnostic: rng.int(2) === 1,
-        maxNew: rng.int(3) === 0 ? Infinity : Math.max(1, Math.ceil(budget * 0.125)),
-      };
-      const heads = Array.from({ length: 1 + rng.int(4) }, () => randomHead(rng, blocks, budget, agnostic));
-      const got = chooseBlocks(heads, a);
-      heads.forEach((h, i) => {
-        const want = reference(h, a);
-        expect(Array.from(got.ids[i]), `trial ${trial} head ${i}`).toEqual(want.ids);
-        expect(Array.from(got.priority[i]), `trial ${trial} head ${i} classes`).toEqual(want.cls);
-        expect(h.flags.every((f) => f === 0)).toBe(true);
-      });
+    for (let trial = 0; trial < 150; trial++) {
+      const heads = 1 + rng.int(4), doc = randomDoc(rng, heads);
+      const chooser = new BlockChooser(doc.blocks, doc.reps, heads, doc.byImportance.map((byImportance, h) => ({ byImportance, importanceRank: doc.importanceRank[h] })));
+      let prev: BlockStepChoice | undefined;
+      for (let step = 0; step < 4; step++) {
+        const a = randomStep(rng, doc, heads, prev);
+        const prevIds = prev ? prev.ids().map((x) => Array.from(x)) : Array.from({ length: heads }, () => []);
+        const got = chooser.step(a), lists = listsOf(got);
+        for (let h = 0; h < heads; h++) {
+          const want = reference(doc, a, prevIds, h);
+          expect(lists.ids[h], `trial ${trial} step ${step} head ${h}`).toEqual(want.ids);
+          expect(lists.cls[h], `trial ${trial} step ${step} head ${h} classes`).toEqual(want.cls);
+          expect(lists.rows[h], `trial ${trial} step ${step} head ${h} rows`).toEqual(want.rows);
+        }
+        prev = got;
+      }
     }
   });
 
-  it('refuses an id outside the blocks, short scores or scratch, before touching the flags', () => {
+  it('refuses an id outside the blocks or rows, or short scores, and chooses as before afterwards', () => {
     const rng = new Rng(seed + 1);
-    const h = randomHead(rng, 50, 10, 2);
-    const a: BlockChoiceArgs = { blocks: 50, budget: 10, agnosticClass: 2, protectAgnostic: true, maxNew: 2 };
-    expect(() => chooseBlocks([{ ...h, top: Int32Array.of(3, 50) }], a)).toThrow(/top\[1\] = 50 is outside \[0, 50\)/);
-    expect(() => chooseBlocks([{ ...h, prev: Int32Array.of(-1) , prevScores: Float32Array.of(0) }], a)).toThrow(/prev\[0\]/);
-    expect(() => chooseBlocks([{ ...h, prev: Int32Array.of(1, 2), prevScores: Float32Array.of(0) }], a)).toThrow(/prevScores/);
-    expect(() => chooseBlocks([{ ...h, flags: new Uint8Array(49) }], a)).toThrow(/flags/);
-    expect(h.flags.every((f) => f === 0)).toBe(true);
+    const doc = randomDoc(rng, 2);
+    const make = () => new BlockChooser(doc.blocks, doc.reps, 2, doc.byImportance.map((byImportance, h) => ({ byImportance, importanceRank: doc.importanceRank[h] })));
+    const chooser = make(), twin = make();
+    const first = randomStep(rng, doc, 2, undefined);
+    const prev = chooser.step(first);
+    twin.step(first);
+    const a = randomStep(rng, doc, 2, prev);
+    const rows = doc.blocks * doc.reps;
+    expect(() => chooser.step({ ...a, top: [a.top[0], Int32Array.of(0, rows)] })).toThrow(new RegExp(`top\\[head 1\\]\\[1\\] = ${rows} is outside \\[0, ${rows}\\)`));
+    expect(() => chooser.step({ ...a, exclude: Int32Array.of(doc.blocks) })).toThrow(/exclude\[0\]/);
+    expect(() => chooser.step({ ...a, extraScores: undefined, rowScores: [new Float32Array(rows), new Float32Array(rows - 1)] })).toThrow(/rowScores entry/);
+    if (prev.counts[0] > 0) expect(() => chooser.step({ ...a, rowScores: undefined, extraScores: [new Float32Array(0), new Float32Array(0)] })).toThrow(/extraScores entry/);
+    const bad = new Int32Array(doc.blocks).fill(doc.blocks);
+    expect(() => new BlockChooser(doc.blocks, doc.reps, 1, [{ byImportance: bad, importanceRank: doc.importanceRank[0] }])).toThrow(/byImportance/);
+    // The refused calls touched nothing: the chooser answers as its twin.
+    expect(listsOf(chooser.step(a))).toEqual(listsOf(twin.step(a)));
   });
 });

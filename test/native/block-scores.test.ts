@@ -156,7 +156,7 @@ describe('block methods with a candidate scorer', () => {
             const importance = heads[h].byImportance.filter((b) => !excluded.has(b));
             const want = referenceChoose(importance, all, top, budget, prev[h], agnostic, maxNewShare);
             for (const b of want) expect(excluded.has(b)).toBe(false);
-            const got = [...(memoScored.get(`${method.name}:0:${h}`) as { selected: Int32Array }).selected].sort((a, b) => a - b);
+            const got = [...scored.parts.find((part) => part.blocks)!.blocks!.ids[h]];
             expect(got, `step ${step} head ${h}`).toEqual(want);
             prev[h] = new Set(want);
           }
