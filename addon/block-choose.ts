@@ -71,29 +71,37 @@ export class BlockStepChoice {
 }
 
 interface NativeChooser {
-  step(a: Omit<BlockStepArgs, 'prev' | 'maxNew'> & {
-    maxNew: number;
-    prev?: Int32Array;
-    prevStride?: number;
-    prevCounts?: Int32Array;
-    out: Int32Array;
-    cls: Uint8Array;
-    rows: Int32Array;
-    counts: Int32Array;
-  }): void;
+  /** Positional (one N-API call per typed array): see native/bindings/block_choose_binding.cc. */
+  step(
+    params: Float64Array,
+    exclude: Int32Array,
+    top: Int32Array[],
+    prev: Int32Array,
+    prevCounts: Int32Array,
+    scores: Float32Array[] | undefined,
+    out: Int32Array,
+    cls: Uint8Array,
+    rows: Int32Array,
+    counts: Int32Array,
+  ): void;
 }
 
 interface Addon {
   BlockChooser: new (o: { blocks: number; reps: number; heads: BlockChooserHead[] }) => NativeChooser;
+  augmentRows(q: Float32Array, group: number, headDim: number, shares: Float64Array, out: Float32Array): void;
 }
 
 const addon = nativeAddon<Addon>();
 
+/** A step's scalars, written before each (synchronous) call. */
+const PARAMS = new Float64Array(8);
+const NONE = new Int32Array(0);
+
 /**
  * One (document, layer)'s summaries, every kv head: their importance orders
- * held natively (by reference) and a flags scratch, so a step passes only
- * what changes. A step's call is synchronous: the scratch is never shared
- * between two calls in flight.
+ * held natively (by reference), so a step passes only what changes. A
+ * step's call is synchronous: the native flags scratch (one per thread) is
+ * never shared between two calls in flight.
  */
 export class BlockChooser {
   private readonly native: NativeChooser;
@@ -110,16 +118,23 @@ export class BlockChooser {
   step(a: BlockStepArgs): BlockStepChoice {
     const H = this.heads, stride = Math.min(Math.max(a.budget, a.agnostic), this.blocks);
     const choice = new BlockStepChoice(new Int32Array(H * stride), new Uint8Array(H * stride), new Int32Array(H * stride * this.reps), new Int32Array(H), stride, this.reps);
-    const { prev, ...rest } = a;
-    this.native.step({
-      ...rest,
-      maxNew: a.maxNew === Infinity ? -1 : a.maxNew,
-      ...(prev && { prev: prev.out, prevStride: prev.stride, prevCounts: prev.counts }),
-      out: choice.out,
-      cls: choice.cls,
-      rows: choice.rows,
-      counts: choice.counts,
-    });
+    const prev = a.prev, p = PARAMS;
+    p[0] = a.reach, p[1] = a.budget, p[2] = a.maxNew === Infinity ? -1 : a.maxNew, p[3] = a.agnostic, p[4] = a.agnosticClass;
+    p[5] = a.protectAgnostic ? 1 : 0, p[6] = prev ? prev.stride : 0, p[7] = a.extraScores ? 1 : a.rowScores ? 2 : 0;
+    this.native.step(p, a.exclude, a.top, prev ? prev.out : NONE, prev ? prev.counts : NONE, a.extraScores ?? a.rowScores, choice.out, choice.cls, choice.rows, choice.counts);
     return choice;
   }
+}
+
+/**
+ * The query rows a step scores block summary rows with: row i of q
+ * [rows, headDim] as [q_i, shares[i / group] · ‖q_i‖, √headDim, 0 ...] at
+ * stride headDim + 8 (a fresh array). The norm is summed in double, in
+ * order, and each product rounded to float32 once: what the same loop in JS
+ * gives, bit for bit, in one native call.
+ */
+export function augmentRows(q: Float32Array, group: number, headDim: number, shares: Float64Array): Float32Array {
+  const out = new Float32Array((q.length / headDim) * (headDim + 8));
+  addon.augmentRows(q, group, headDim, shares, out);
+  return out;
 }

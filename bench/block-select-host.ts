@@ -105,7 +105,11 @@ class ReplayScorer implements BlockScorer {
   }
 }
 
-/** Hands back what a ReplayScorer recorded, in order, checking that the same extra rows are asked. */
+/**
+ * Hands back what a ReplayScorer recorded, in order, checking that the same
+ * extra rows are asked; copied into fresh arrays, as the device wrapper
+ * copies its outputs out (so they are in cache when the choice reads them).
+ */
 class RecordedScorer implements BlockScorer {
   at = 0;
   ms = 0;
@@ -118,8 +122,9 @@ class RecordedScorer implements BlockScorer {
       for (let i = 0; same && i < a.length; i++) same = a[i] === b[i];
       if (!same) throw new Error(`step ${this.at - 1}: the warm pass asked other extra rows than the cold one`);
     }
+    const answer = r.answer.map((a) => ({ ids: a.ids.slice(), scores: a.scores.slice(), extraScores: a.extraScores.slice() }));
     this.ms += performance.now() - t;
-    return r.answer;
+    return answer;
   }
 }
 

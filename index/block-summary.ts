@@ -26,6 +26,7 @@
 //
 // α, the radius share, is the head's own, calibrated at seal from its
 // prefill queries (index/block-calibration.ts) and stored in the artifact.
+import { augmentRows } from '../addon/block-choose.js';
 import { blockReps } from '../addon/block-reps.js';
 import { convert, topkHeads, type KvDtype } from '../addon/kernels.js';
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
@@ -87,6 +88,17 @@ function takeScratch(rows: number): RowScratch {
   return s;
 }
 
+/** The radius shares of a (document, layer)'s heads, by its first head's summary (made once, a step reads them). */
+const shares = new WeakMap<BlockSummary, { heads: readonly BlockSummary[]; shares: Float64Array }>();
+
+function sharesOf(heads: readonly BlockSummary[]): Float64Array {
+  const known = shares.get(heads[0]);
+  if (known && known.heads.length === heads.length && known.heads.every((s, h) => s === heads[h])) return known.shares;
+  const made = Float64Array.from(heads, (s) => s.radiusShare);
+  shares.set(heads[0], { heads: [...heads], shares: made });
+  return made;
+}
+
 export class BlockSummary implements HeadIndex {
   /** Words per row of `rows`: summaryStride(headDim). */
   readonly stride: number;
@@ -135,18 +147,7 @@ export class BlockSummary implements HeadIndex {
    * summaryStride(headDim), α_h head h's radius share.
    */
   static augment(heads: readonly BlockSummary[], q: Float32Array, group: number): Float32Array {
-    const headDim = heads[0].headDim, stride = summaryStride(headDim), out = new Float32Array(heads.length * group * stride);
-    for (let r = 0; r < heads.length * group; r++) {
-      let ss = 0;
-      for (let j = 0; j < headDim; j++) {
-        const x = q[r * headDim + j];
-        out[r * stride + j] = x;
-        ss += x * x;
-      }
-      out[r * stride + headDim] = heads[Math.floor(r / group)].radiusShare * Math.sqrt(ss);
-      out[r * stride + headDim + REPS_COUNT_COLUMN] = Math.sqrt(headDim);
-    }
-    return out;
+    return augmentRows(q.subarray(0, heads.length * group * heads[0].headDim), group, heads[0].headDim, sharesOf(heads));
   }
 
   /**

@@ -20,6 +20,7 @@ inline std::string TypeName(napi_typedarray_type t) {
     case napi_uint16_array: return "Uint16Array";
     case napi_int32_array: return "Int32Array";
     case napi_float32_array: return "Float32Array";
+    case napi_float64_array: return "Float64Array";
     default: return "another typed array";
   }
 }
@@ -30,6 +31,7 @@ template <> inline napi_typedarray_type TypedArrayKind<uint8_t>() { return napi_
 template <> inline napi_typedarray_type TypedArrayKind<uint16_t>() { return napi_uint16_array; }
 template <> inline napi_typedarray_type TypedArrayKind<int32_t>() { return napi_int32_array; }
 template <> inline napi_typedarray_type TypedArrayKind<float>() { return napi_float32_array; }
+template <> inline napi_typedarray_type TypedArrayKind<double>() { return napi_float64_array; }
 
 // A typed array of element type T with at least minLength elements.
 template <typename T>

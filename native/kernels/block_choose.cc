@@ -8,33 +8,51 @@
 namespace kvr {
 
 namespace {
-constexpr uint8_t kPrev = 1, kTop = 2, kChosen = 4, kExcluded = 8, kSeen = 16;
+constexpr uint8_t kPrev = 1, kTop = 2, kChosen = 4, kExcluded = 8, kSeen = 16, kClass = 32;
 
-// JS's Math.max: NaN when either is, +0 over -0. The choice ranks previous blocks by these maxima as the
-// method did in JS, so a NaN score (a query past float32) orders the candidates the same way it did there.
-inline float JsMax(float a, float b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<float>::quiet_NaN();
-  if (a == b) return std::signbit(a) ? b : a;
-  return a > b ? a : b;
+// The best of a block's row scores as JS's Math.max took it: NaN when any is (a query past float32), so the
+// previous blocks are ordered as they were when the method chose in JS. (-0 against +0 is not told apart: the
+// scores are only compared.)
+inline float BestOf(const float* scores, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  bool nan = false;
+  for (int64_t r = 0; r < n; ++r) {
+    const float v = scores[r];
+    nan |= v != v;
+    best = v > best ? v : best;
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : best;
 }
 
-// Per-thread scratch, reused from step to step: a step allocates nothing once these have grown.
+// Per-thread scratch, reused from step to step: a step allocates nothing once these have grown. The flags,
+// one byte per block, are zero between calls; one array for every (document, layer) of the thread stays in
+// cache from one layer's step to the next, where an array per (document, layer) was read cold.
+struct Scored {
+  float score;
+  int32_t id;
+};
 struct Scratch {
-  std::vector<int32_t> seen, top, prev, below;
+  std::vector<int32_t> seen, top, prev;
+  std::vector<Scored> below;
   std::vector<float> prevScores;
+  std::vector<uint8_t> flags;
 };
 }  // namespace
 
 int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
   thread_local Scratch t;
-  uint8_t* f = s.flags;
+  if (t.flags.size() < size_t(s.blocks)) t.flags.resize(size_t(s.blocks), 0);
+  uint8_t* f = t.flags.data();
   const int64_t R = s.reps;
   for (int64_t i = 0; i < s.excludeN; ++i) f[s.exclude[i]] |= kExcluded;
   // The top rows' first `reach` distinct blocks, best first; the excluded ones among them are dropped.
   t.seen.clear(), t.top.clear();
   const size_t want = size_t(std::min(s.reach, s.blocks));
+  // Rows are non-negative: a shift where reps is a power of two (the seal's 4), else a 32-bit division.
+  const int shift = (R & (R - 1)) == 0 ? __builtin_ctzll(uint64_t(R)) : -1;
   for (int64_t i = 0; i < h.topRowsN && t.seen.size() < want; ++i) {
-    const int32_t b = int32_t(h.topRows[i] / R);
+    const uint32_t row = uint32_t(h.topRows[i]);
+    const int32_t b = int32_t(shift >= 0 ? row >> shift : row / uint32_t(R));
     if (f[b] & kSeen) continue;
     f[b] |= kSeen;
     t.seen.push_back(b);
@@ -45,17 +63,18 @@ int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
   for (int64_t i = 0; i < h.prevN; ++i) {
     const int32_t b = h.prev[i];
     if (f[b] & kExcluded) continue;
-    float best = -std::numeric_limits<float>::infinity();
-    for (int64_t r = 0; r < R; ++r) best = JsMax(best, h.prevRowScores ? h.prevRowScores[i * R + r] : h.rowScores[int64_t(b) * R + r]);
     t.prev.push_back(b);
-    t.prevScores.push_back(best);
+    t.prevScores.push_back(BestOf(h.prevRowScores ? h.prevRowScores + i * R : h.rowScores + int64_t(b) * R, R));
   }
-  // The query-agnostic blocks first: the most important ones not excluded.
+  // The query-agnostic blocks first: the most important ones not excluded. A chosen block of importance rank
+  // below agnosticClass ≤ agnostic is one of them (the walk takes every block not excluded up to its rank), so
+  // its class is marked here and no rank is read for the rest.
   int64_t n = 0;
+  const bool classByWalk = s.agnosticClass <= s.agnostic;
   for (int64_t i = 0; i < s.blocks && n < s.agnostic; ++i) {
     const int32_t b = h.byImportance[i];
     if (f[b] & kExcluded) continue;
-    f[b] |= kChosen;
+    f[b] |= i < s.agnosticClass ? kChosen | kClass : kChosen;
     h.out[n++] = b;
   }
   for (int32_t b : t.prev) f[b] |= kPrev;
@@ -64,15 +83,13 @@ int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
   // `top`, then the previous blocks outside it by their scores.
   t.below.clear();
   for (size_t i = 0; i < t.prev.size(); ++i)
-    if (!(f[t.prev[i]] & kTop)) t.below.push_back(int32_t(i));
-  const float* ps = t.prevScores.data();
-  const int32_t* pb = t.prev.data();
-  std::sort(t.below.begin(), t.below.end(), [&](int32_t a, int32_t b) { return ps[a] > ps[b] || (ps[a] == ps[b] && pb[a] < pb[b]); });
+    if (!(f[t.prev[i]] & kTop)) t.below.push_back({t.prevScores[i], t.prev[i]});
+  std::sort(t.below.begin(), t.below.end(), [](const Scored& a, const Scored& b) { return a.score > b.score || (a.score == b.score && a.id < b.id); });
   const int64_t maxNew = t.prev.empty() || s.maxNew < 0 ? INT64_MAX : s.maxNew;
   int64_t brought = 0;
   const int64_t topN = int64_t(t.top.size()), candidates = topN + int64_t(t.below.size());
   for (int64_t i = 0; i < candidates && n < s.budget; ++i) {
-    const int32_t b = i < topN ? t.top[size_t(i)] : pb[t.below[size_t(i - topN)]];
+    const int32_t b = i < topN ? t.top[size_t(i)] : t.below[size_t(i - topN)].id;
     if (f[b] & kChosen) continue;
     if ((f[b] & kPrev) || brought < maxNew) {
       if (!(f[b] & kPrev)) ++brought;
@@ -80,16 +97,36 @@ int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
       h.out[n++] = b;
     }
   }
+  std::sort(h.out, h.out + n);
+  for (int64_t i = 0; i < n; ++i)
+    h.cls[i] = s.protectAgnostic && (classByWalk ? (f[h.out[i]] & kClass) != 0 : h.importanceRank[h.out[i]] < s.agnosticClass) ? 1 : 0;
   for (int64_t i = 0; i < s.excludeN; ++i) f[s.exclude[i]] = 0;
   for (int32_t b : t.seen) f[b] = 0;
   for (int32_t b : t.prev) f[b] = 0;
   for (int64_t i = 0; i < n; ++i) f[h.out[i]] = 0;
-  std::sort(h.out, h.out + n);
-  for (int64_t i = 0; i < n; ++i) h.cls[i] = s.protectAgnostic && h.importanceRank[h.out[i]] < s.agnosticClass ? 1 : 0;
   if (h.outRows)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t r = 0; r < R; ++r) h.outRows[i * R + r] = int32_t(int64_t(h.out[i]) * R + r);
   return n;
+}
+
+// The sum of squares is JS's bit for bit: a float's square is exact in double, so each step rounds once
+// whether or not the compiler fuses it into a multiply-add; the order is the same.
+void AugmentQueryRows(const float* q, int64_t rows, int64_t group, int64_t headDim, const double* shares, float* out) {
+  const int64_t stride = headDim + 8;
+  const float root = float(std::sqrt(double(headDim)));
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = q + i * headDim;
+    float* o = out + i * stride;
+    double ss = 0;
+    for (int64_t j = 0; j < headDim; ++j) {
+      o[j] = x[j];
+      const double v = x[j];
+      ss += v * v;
+    }
+    o[headDim] = float(shares[i / group] * std::sqrt(ss));
+    o[headDim + 1] = root;  // REPS_COUNT_COLUMN (index/block-calibration.ts)
+  }
 }
 
 }  // namespace kvr

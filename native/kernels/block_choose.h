@@ -6,8 +6,9 @@
 // blocks (the first `agnostic` of the importance order, excluded ones
 // skipped) come first, then the candidates in score order, keeping what the
 // previous step selected and bringing in at most maxNew others, up to the
-// budget. O(candidates): a flags scratch of one byte per block marks them
-// and is cleared again; the heads' importance orders are read, not copied.
+// budget. O(candidates): a flags scratch of one byte per block (one per
+// thread) marks them and is cleared again; the heads' importance orders are
+// read, not copied.
 #pragma once
 
 #include <cstdint>
@@ -24,9 +25,8 @@ struct BlockStep {
   int64_t agnostic = 0;                // query-agnostic blocks taken first
   int64_t agnosticClass = 0;           // a chosen block with importance rank < this is class 1 (protectAgnostic), else 0
   bool protectAgnostic = false;
-  const int32_t* exclude = nullptr;    // [excludeN] blocks never chosen (distinct)
+  const int32_t* exclude = nullptr;    // [excludeN] blocks never chosen
   int64_t excludeN = 0;
-  uint8_t* flags = nullptr;            // [blocks] scratch, zero before and after
 };
 
 // One head's inputs and outputs.
@@ -48,5 +48,10 @@ struct BlockStepHead {
 
 // Returns how many blocks were chosen (written to out ascending, cls and outRows).
 int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h);
+
+// The query rows a step scores the summary rows with (index/block-summary.ts): row i of q [rows, headDim] as
+// [q_i, share_h · ‖q_i‖, √headDim, 0 ...] at stride headDim + 8, share_h = shares[i / group]; out zeroed by
+// the caller. ‖q_i‖ is summed in double in order, and the products rounded to float once, as JS computed them.
+void AugmentQueryRows(const float* q, int64_t rows, int64_t group, int64_t headDim, const double* shares, float* out);
 
 }  // namespace kvr

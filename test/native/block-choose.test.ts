@@ -6,9 +6,10 @@
 // outside it by score (higher first, then lower id) — each taken if not yet chosen and either kept from the
 // previous step or within the maxNew quota, until the budget; the result ascending, class 1 for blocks whose
 // importance rank is below agnosticClass, and the chosen blocks' rows. Steps are chained on one chooser (each
-// step's choice the next one's previous), so a flag left set would show in a later step.
+// step's choice the next one's previous), and the flags scratch is the thread's, shared by every chooser, so a
+// flag left set would show in a later step or trial.
 import { describe, expect, it } from 'vitest';
-import { BlockChooser, type BlockStepArgs, type BlockStepChoice } from '../../addon/block-choose.js';
+import { augmentRows, BlockChooser, type BlockStepArgs, type BlockStepChoice } from '../../addon/block-choose.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
@@ -89,7 +90,8 @@ function randomStep(rng: Rng, doc: Doc, heads: number, prev: BlockStepChoice | u
   // Scores in few levels, so ties between previous blocks happen and the lower id must win.
   const level = () => rng.int(4) - 1.5;
   const a: BlockStepArgs = {
-    reach, budget, agnostic, agnosticClass: agnostic, exclude, top, prev,
+    // The methods pass agnosticClass = agnostic (classes known from the importance walk); others read the ranks.
+    reach, budget, agnostic, agnosticClass: Math.max(0, agnostic + (rng.int(4) === 0 ? rng.int(5) - 2 : 0)), exclude, top, prev,
     protectAgnostic: rng.int(2) === 1,
     maxNew: rng.int(3) === 0 ? Infinity : Math.max(1, Math.ceil(budget * 0.125)),
   };
@@ -140,5 +142,37 @@ describe('BlockChooser.step (native)', () => {
     expect(() => new BlockChooser(doc.blocks, doc.reps, 1, [{ byImportance: bad, importanceRank: doc.importanceRank[0] }])).toThrow(/byImportance/);
     // The refused calls touched nothing: the chooser answers as its twin.
     expect(listsOf(chooser.step(a))).toEqual(listsOf(twin.step(a)));
+  });
+});
+
+describe('augmentRows (native)', () => {
+  // The loop index/block-summary.ts ran in JS before: the norm summed in double in order, each product rounded
+  // to float32 once. The native rows must be its bits, or a GPU and a CPU session (or two builds) could rank
+  // blocks apart at a tie.
+  function reference(q: Float32Array, group: number, d: number, shares: Float64Array): Float32Array {
+    const rows = q.length / d, stride = d + 8, out = new Float32Array(rows * stride);
+    for (let r = 0; r < rows; r++) {
+      let ss = 0;
+      for (let j = 0; j < d; j++) {
+        const x = q[r * d + j];
+        out[r * stride + j] = x;
+        ss += x * x;
+      }
+      out[r * stride + d] = shares[Math.floor(r / group)] * Math.sqrt(ss);
+      out[r * stride + d + 1] = Math.sqrt(d);
+    }
+    return out;
+  }
+
+  it('gives the JS loop\'s bits, for norms near float32\'s ends and shares that are not float32', () => {
+    const rng = new Rng(seed + 2);
+    for (let trial = 0; trial < 300; trial++) {
+      const d = [8, 32, 64, 72, 128][rng.int(5)], group = [1, 2, 4, 8][rng.int(4)], heads = 1 + rng.int(8);
+      const scale = [1, 1e-20, 1e19, 3e38, 1e-42][rng.int(5)];
+      const q = Float32Array.from({ length: heads * group * d }, () => (rng.int(9) === 0 ? 0 : rng.normal() * scale));
+      const shares = Float64Array.from({ length: heads }, () => [0, 0.25, 0.3, 1 / 3, Math.fround(0.7), 1][rng.int(6)]);
+      const got = augmentRows(q, group, d, shares), want = reference(q, group, d, shares);
+      expect(new Uint32Array(got.buffer)).toEqual(new Uint32Array(want.buffer));
+    }
   });
 });
