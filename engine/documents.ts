@@ -62,7 +62,7 @@ export interface DocumentView extends DocumentMeta {
 
 export const DEFAULT_QUERY_STRIDE = 4;
 
-/** Copies of document layers beyond host memory (the GPU backend's): dropped when their document stops being served. */
+/** Copies of document layers beyond host memory (the GPU backend's): dropped when their document stops being served, or their layer is evicted from host memory. */
 export interface DeviceCopies {
   drop(segments: readonly KvSegment[]): void;
 }
@@ -433,9 +433,12 @@ export class Documents {
   private async attachResident(meta: DocumentMeta): Promise<LoadedDocument> {
     const resident = new ResidentLayers(this.residency, meta, (layer, into) => this.store.readLayer!(meta, layer, into));
     const doc: LoadedDocument = { meta, layers: resident.layers as KvSegment[], indexes: new Map(), resident, artifacts: new Map() };
-    // A layer's indexes hold its keys: they go with it, and are loaded again with the layer.
-    resident.onEvict = (layer) => {
+    // A layer's indexes hold its keys: they go with it, and are loaded again with the layer. Its device
+    // copies (pool blocks, wave store) go as a deleted document's do: a layer read again is a new segment,
+    // a new pool client, so they would never hit again and only hold pool room until the pool's LRU took them.
+    resident.onEvict = (layer, segment) => {
       for (const perLayer of doc.indexes.values()) delete perLayer[layer];
+      this.device?.drop([segment]);
     };
     try {
       await resident.prefetch();

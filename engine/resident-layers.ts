@@ -60,11 +60,12 @@ export class LayerCache {
 
   /** Drops a resident entry's segment, returning its bytes to the budget. */
   evict(e: Entry): void {
-    if (!e.segment) return;
+    const segment = e.segment;
+    if (!segment) return;
     this.lru.delete(e);
-    e.segment.release();
+    segment.release();
     e.segment = undefined;
-    e.owner.evicted(e.layer);
+    e.owner.evicted(e.layer, segment);
     this.evictions++;
   }
 
@@ -95,8 +96,12 @@ export class ResidentLayers {
   readonly layers: (KvSegment | undefined)[];
   private readonly entries: Entry[];
   private dropped?: string;
-  /** Called when a layer is evicted (its indexes, loaded against the segment, go too). */
-  onEvict?: (layer: number) => void;
+  /**
+   * Called when a layer is evicted, with the segment it was: its indexes,
+   * loaded against the segment, go too, and so do its device copies (a
+   * layer read again is a new segment, so they could never be read again).
+   */
+  onEvict?: (layer: number, segment: KvSegment) => void;
 
   constructor(
     private readonly cache: LayerCache,
@@ -157,9 +162,9 @@ export class ResidentLayers {
   }
 
   /** Called by the cache when it evicts one of this document's layers. */
-  evicted(layer: number): void {
+  evicted(layer: number, segment: KvSegment): void {
     this.layers[layer] = undefined;
-    this.onEvict?.(layer);
+    this.onEvict?.(layer, segment);
   }
 
   private unpin(e: Entry): void {

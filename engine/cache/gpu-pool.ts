@@ -192,11 +192,12 @@ export class GpuBackend {
 
   /**
    * Frees what the device holds of these segments (a deleted document's
-   * layers): their pool blocks once no step reads them (now, or when the
-   * last step that does ends), their wave stores likewise. They would
-   * otherwise hold their slots until evicted. A step that began before the
-   * delete and reaches the device afterwards frees what it made resident
-   * when it ends; its wave layer steps on the host.
+   * layers, or a layer evicted from host memory): their pool blocks once no
+   * step reads them (now, or when the last step that does ends), their wave
+   * stores likewise. They would otherwise hold their slots until evicted.
+   * A step that began before the delete and reaches the device afterwards
+   * frees what it made resident when it ends; its wave layer steps on the
+   * host.
    */
   drop(segments: readonly KvSegment[]): void {
     for (const segment of segments) {

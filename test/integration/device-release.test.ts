@@ -1,6 +1,8 @@
 // A deleted document's copies on the device are freed at the delete, not
 // left to wait for eviction, and never while a step is reading them (real
-// server on 127.0.0.1, real LMDB files). No device runs here: the server's
+// server on 127.0.0.1, real LMDB files); so are those of a layer evicted from
+// host memory (a document read on use from a real Redis Cluster, skipped
+// without Redis as redis-store.test.ts). No device runs here: the server's
 // GPU backend is made over PoolModel (engine/cache/simulated-pool.ts), the
 // host model of the native pool's page tables and pins, so what it holds is
 // what the device would hold. The native release is test/native/gpu.test.ts's
@@ -8,11 +10,13 @@
 import { describe, expect, it } from 'vitest';
 import type { GpuAttendArgs } from '../../addon/cuda.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import type { RunningServer } from '../../api/server.js';
 import { GpuBackend } from '../../engine/cache/gpu-pool.js';
 import { PoolModel } from '../../engine/cache/simulated-pool.js';
 import { KvSegment } from '../../storage/kv-segment.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
+import { redisInstalled, redisRequired, startRedisCluster, type RedisCluster } from '../helpers/redis-cluster.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
 
 const seed = freshSeed();
@@ -117,4 +121,97 @@ describe('a deleted document on the device', () => {
     expect(pool!.stats()).toMatchObject({ used: 0, pinned: 0 });
     gpu.close();
   });
+});
+
+const redis = redisInstalled();
+if (!redis && !redisRequired()) console.warn('device-release: the eviction test is SKIPPED: redis-server and redis-cli are not installed');
+
+describe.skipIf(!redis && !redisRequired())('a layer evicted from host memory on the device', () => {
+  it("frees its pool blocks at the eviction (read again, it is a new segment that never hits the old ones); a step's layer is never evicted under it", async () => {
+    const m = { ...model, layers: 4 };
+    // 3000 tokens: 46 whole blocks per (layer, kv head) in the pool. The budget holds two layers and two
+    // sessions' own tokens (256 rows a layer reserved), not three layers: a third evicts one.
+    const tokens = 3000;
+    const layerBlocks = Math.floor(tokens / 64) * m.kvHeads;
+    const layerBytes = tokens * m.kvHeads * m.headDim * 2 * 2;
+    const sessionBytes = m.layers * 256 * m.kvHeads * m.headDim * 2 * 2;
+    const memoryBudget = 2 * layerBytes + 2 * sessionBytes + layerBytes / 4;
+    let pool: PoolModel | undefined;
+    let onAttend: (a: GpuAttendArgs) => Promise<void> = async () => undefined;
+    let letGo: () => void = () => {};
+    // 1024 slots: both sessions' working sets are admitted, and the pool never evicts on its own here.
+    const gpu = GpuBackend.over(
+      { ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false },
+      { budgetBytes: 16 << 20 },
+      { pool: (o) => (pool = new PoolModel(o, (a) => onAttend(a))) },
+    );
+    const dirs = [tempDataDir(), tempDataDir()];
+    let cluster: RedisCluster | undefined;
+    let writer: RunningServer | undefined, reader: RunningServer | undefined;
+    try {
+      cluster = await startRedisCluster();
+      writer = await startInProcess(dirs[0].dir, { store: cluster.url });
+      reader = await startInProcess(dirs[1].dir, { store: cluster.url, memoryBudget }, { gpu });
+      const w = new KvrecallClient({ url: writer.url }), r = new KvrecallClient({ url: reader.url });
+      await w.createDocument('big', m, { methods: ['exact'] });
+      for (let layer = 0; layer < m.layers; layer++) {
+        const c = randomKv(rng, 'f16', m.kvHeads, tokens, m.headDim);
+        await w.uploadDocumentKv('big', { layer, start: 0, k: c.k, v: c.v });
+      }
+      await w.sealDocument('big');
+      const [s1, s2] = [(await r.createSession({ model: m, documents: ['big'] })).id, (await r.createSession({ model: m, documents: ['big'] })).id];
+      const resident = async () => (await reader!.engine.documents.acquire('big')).layers.map((s, l) => (s ? l : -1)).filter((l) => l >= 0);
+      const step = async (sid: string, layer: number) => {
+        const got = await r.attend(sid, { layer, q: tensor('f32', [m.qHeads, m.headDim], randomQ(rng, m.qHeads, m.headDim)) });
+        expect(got.stats.backend).toBe('cuda');
+        return got.stats.blocks;
+      };
+      const evictions = () => reader!.engine.documents.residency.stats().evictions;
+      expect(await resident()).toEqual([0, 1]);
+
+      await step(s1, 0);
+      await step(s1, 1);
+      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      // Layer 2 read: layer 0, the least recently used, is evicted, and its blocks leave the pool with it.
+      await step(s1, 2);
+      expect(await resident()).toEqual([1, 2]);
+      expect(evictions()).toBe(1);
+      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+
+      // A step on layer 1 held on the device: its layer is pinned, so the reads of layers 0 and 3 by the other
+      // session evict layer 2 and then layer 3, never layer 1, whose blocks stay held until the step ends.
+      let entered!: () => void;
+      const inKernel = new Promise<void>((go) => (entered = go));
+      onAttend = () => {
+        onAttend = async () => undefined;
+        entered();
+        return new Promise<void>((go) => (letGo = go));
+      };
+      const held = step(s1, 1);
+      await inKernel;
+      await step(s2, 3);
+      expect(await resident()).toEqual([1, 3]);
+      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
+      // Layer 0 read again is a new segment: none of its blocks hits the old segment's (which are gone).
+      expect(await step(s2, 0)).toMatchObject({ selected: layerBlocks, hits: 0 });
+      expect(await resident()).toEqual([0, 1]);
+      expect(evictions()).toBe(3);
+      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
+      letGo();
+      await held;
+      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      // Once its step ended, layer 1 is the least recently used: evicted by the read of layer 2, its blocks go.
+      await step(s1, 2);
+      expect(await resident()).toEqual([0, 2]);
+      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      // A resident layer's blocks still hit.
+      expect(await step(s1, 0)).toMatchObject({ selected: layerBlocks, hits: layerBlocks });
+      expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+    } finally {
+      letGo();
+      for (const s of [writer, reader]) await s?.close();
+      await cluster?.stop();
+      for (const d of dirs) d.cleanup();
+    }
+  }, 120_000);
 });
