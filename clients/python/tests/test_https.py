@@ -21,7 +21,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import unittest
 import uuid
 
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
+from loopback import accept_each, host_port, pipe, shut_down  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
 
 
@@ -45,15 +45,7 @@ class TLSProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._open = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+        accept_each(self.sock, self._serve)
 
     def _serve(self, raw):
         try:
@@ -64,32 +56,12 @@ class TLSProxy:
         self.connections += 1
         plain = socket.create_connection(self.upstream)
         self._open += [tls, plain]
-        threading.Thread(target=self._pump, args=(plain, tls), daemon=True).start()
-        self._pump(tls, plain)
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        pipe(tls, plain)
 
     def drop(self):
         """Ends every relayed connection, as a server closes idle kept-alive ones."""
+        shut_down(*self._open)
         for s in self._open:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
         self._open = []
 
@@ -125,8 +97,7 @@ class OverHTTPS(unittest.TestCase):
         cls.server = serve.Target()
         cls.folder = tempfile.mkdtemp(prefix="kvrecall-tls-")
         cls.cert, key = _certificate(cls.folder)
-        host, port = cls.server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-        cls.proxy = TLSProxy((host, int(port)), cls.cert, key)
+        cls.proxy = TLSProxy(host_port(cls.server.url), cls.cert, key)
         cls.trust = ssl.create_default_context(cafile=cls.cert)
         cls.http = Client(cls.server.url, token=cls.server.token, timeout=60)
         cls.https = Client(f"https://127.0.0.1:{cls.proxy.port}", token=cls.server.token, timeout=60, ssl_context=cls.trust)

@@ -13,15 +13,16 @@ import http.client
 import os
 import socket
 import sys
-import threading
 import time
 import unittest
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kvrecall._http import _RawHTTPConnection  # noqa: E402
+from loopback import accept_each  # noqa: E402
 
 
 class Scripted:
@@ -34,18 +35,10 @@ class Scripted:
         self.connections = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        accept_each(self.sock, self._serve)
 
     def _serve(self, conn):
+        self.connections += 1
         pending = b""
         with conn:
             while True:

@@ -14,7 +14,6 @@ import os
 import random
 import socket
 import sys
-import threading
 import time
 import unittest
 import uuid
@@ -26,6 +25,7 @@ import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
+from loopback import accept_each, host_port, pipe  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
 from kvrecall import websocket as wsmod  # noqa: E402
 from kvrecall.client import attend_body, attend_result, batch_results, step_body, to_bf16_bits  # noqa: E402
@@ -82,48 +82,34 @@ class _Proxy:
     server's bytes come back 1-3 at a time, a pause after each write."""
 
     def __init__(self, url):
-        host, port = url.split("//", 1)[1].split("/")[0].rsplit(":", 1)
-        self.upstream = (host, int(port))
+        self.upstream = host_port(url)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_each(self.listener, self._serve)
 
-    def _accept(self):
-        try:
-            while True:
-                down, _ = self.listener.accept()
-                up = socket.create_connection(self.upstream)
-                for s in (down, up):
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
-                threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
-        except OSError:
-            pass
-
-    @staticmethod
-    def _pump(src, dst, trickle):
-        rng = random.Random(5)
-        try:
-            while data := src.recv(65536):
-                if not trickle:
-                    dst.sendall(data)
-                    continue
-                at = 0
-                while at < len(data):
-                    n = rng.randint(1, 3)
-                    dst.sendall(data[at : at + n])
-                    at += n
-                    time.sleep(0.0002)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _serve(self, down):
+        up = socket.create_connection(self.upstream)
+        for s in (down, up):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pipe(down, up, _trickle(down))
 
     def close(self):
         self.listener.close()
+
+
+def _trickle(dst):
+    """A send that writes 1-3 bytes at a time with a pause after each."""
+    rng = random.Random(5)
+
+    def send(data):
+        at = 0
+        while at < len(data):
+            n = rng.randint(1, 3)
+            dst.sendall(data[at : at + n])
+            at += n
+            time.sleep(0.0002)
+
+    return send
 
 
 @serve.needs_server
