@@ -8,7 +8,6 @@
 // what the device would hold. The native release is test/native/gpu.test.ts's
 // (GPU only); the wave stores' is test/cache/device-wave.test.ts's.
 import { describe, expect, it } from 'vitest';
-import type { GpuAttendArgs } from '../../addon/cuda.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import type { RunningServer } from '../../api/server.js';
 import { GpuBackend } from '../../engine/cache/gpu-pool.js';
@@ -26,18 +25,39 @@ const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 64, dtype: 'f16' as c
 const TOKENS = 300;
 const BLOCKS_PER_DOCUMENT = 4 * model.layers * model.kvHeads;
 
+/**
+ * A GPU backend over PoolModel (made at the backend's first step; `pool()`
+ * after it). `holdNext()` makes the next attend wait on the device until
+ * `letGo()`, and resolves once that attend is there; the others run through.
+ */
+function modelBackend(budgetBytes: number) {
+  let pool: PoolModel | undefined;
+  let hold: (() => Promise<void>) | undefined;
+  let release = () => {};
+  const gpu = GpuBackend.over(
+    { ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false },
+    { budgetBytes },
+    { pool: (o) => (pool = new PoolModel(o, () => (hold ? hold() : Promise.resolve()))) },
+  );
+  return {
+    gpu,
+    pool: () => pool!,
+    holdNext: () =>
+      new Promise<void>((entered) => {
+        hold = () => {
+          hold = undefined;
+          entered();
+          return new Promise<void>((go) => (release = go));
+        };
+      }),
+    // Also called when an expectation failed: the server's close waits for the held step.
+    letGo: () => release(),
+  };
+}
+
 describe('a deleted document on the device', () => {
   it("frees its pool blocks at the delete, and a step's blocks only once the step has read them", async () => {
-    let pool: PoolModel | undefined;
-    // What the device's attend waits on: nothing, or a step held on the device by the test.
-    let onAttend: (a: GpuAttendArgs) => Promise<void> = async () => undefined;
-    // Lets a held step go (also when an expectation failed: the server's close waits for it).
-    let letGo: () => void = () => {};
-    const gpu = GpuBackend.over(
-      { ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false },
-      { budgetBytes: 1 << 20 },
-      { pool: (o) => (pool = new PoolModel(o, (a) => onAttend(a))) },
-    );
+    const { gpu, pool, holdNext, letGo } = modelBackend(1 << 20);
     const tmp = tempDataDir();
     const server = await startInProcess(tmp.dir, {}, { gpu });
     try {
@@ -54,31 +74,25 @@ describe('a deleted document on the device', () => {
       const step = (sid: string, layer: number) => client.attend(sid, { layer, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) });
       const a = await open('a'), b = await open('b');
       for (const sid of [a, b]) for (let layer = 0; layer < model.layers; layer++) expect((await step(sid, layer)).stats.backend).toBe('cuda');
-      expect(pool!.stats()).toMatchObject({ used: 2 * BLOCKS_PER_DOCUMENT, pinned: 0 });
+      expect(pool().stats()).toMatchObject({ used: 2 * BLOCKS_PER_DOCUMENT, pinned: 0 });
 
       // Deleted with no step reading it: its blocks leave the pool at once, the other document's stay.
       await client.deleteDocument('a');
-      expect(pool!.stats().used).toBe(BLOCKS_PER_DOCUMENT);
+      expect(pool().stats().used).toBe(BLOCKS_PER_DOCUMENT);
       expect((await step(b, 0)).stats.blocks).toMatchObject({ selected: 4 * model.kvHeads, hits: 4 * model.kvHeads });
 
       // Deleted while a step reads its layer 1 on the device: that layer's blocks stay (pinned) until the step
       // ends, then go; its layer 0, which no step reads, goes at once.
-      let entered!: () => void;
-      const inKernel = new Promise<void>((r) => (entered = r));
-      onAttend = () => {
-        entered();
-        return new Promise<void>((r) => (letGo = r));
-      };
+      const inKernel = holdNext();
       const reading = step(b, 1);
       await inKernel;
       await client.deleteDocument("b");
-      expect(pool!.stats()).toMatchObject({ used: 4 * model.kvHeads, pinned: 4 * model.kvHeads });
-      onAttend = async () => undefined;
+      expect(pool().stats()).toMatchObject({ used: 4 * model.kvHeads, pinned: 4 * model.kvHeads });
       letGo();
       expect((await reading).stats.backend).toBe('cuda');
-      expect(pool!.stats()).toMatchObject({ used: 0, pinned: 0 });
+      expect(pool().stats()).toMatchObject({ used: 0, pinned: 0 });
       // No slot was freed under a pin or changed under a read.
-      expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+      expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     } finally {
       letGo();
       await server.close();
@@ -87,8 +101,7 @@ describe('a deleted document on the device', () => {
   });
 
   it('a step that reaches the device after its document was dropped frees what it made resident when it ends', async () => {
-    let pool: PoolModel | undefined;
-    const gpu = GpuBackend.over({ ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false }, { budgetBytes: 1 << 20 }, { pool: (o) => (pool = new PoolModel(o)) });
+    const { gpu, pool } = modelBackend(1 << 20);
     const m = { ...model, blockSize: 64 };
     const doc = new KvSegment(m.kvHeads, m.headDim, m.dtype), other = new KvSegment(m.kvHeads, m.headDim, m.dtype);
     const part = (segment: KvSegment) => ({ segment, blocks: [Int32Array.of(0, 1), Int32Array.of(0, 1)], priority: [Uint8Array.of(0, 0), Uint8Array.of(0, 0)] });
@@ -98,14 +111,13 @@ describe('a deleted document on the device', () => {
     // Dropped before any of its blocks reached the device (a step past its document check, not yet on the device).
     gpu.drop([doc]);
     await gpu.attend(m, 0, [part(doc), part(other)], q, 1, out, lse);
-    expect(pool!.stats()).toMatchObject({ used: 4, pinned: 0 }); // the other segment's 2 blocks x 2 heads
-    expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+    expect(pool().stats()).toMatchObject({ used: 4, pinned: 0 }); // the other segment's 2 blocks x 2 heads
+    expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     gpu.close();
   });
 
   it('a dropped segment the step pooled no block of (none ever uploaded) ends the step as the others do: answered, every segment counted out', async () => {
-    let pool: PoolModel | undefined;
-    const gpu = GpuBackend.over({ ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false }, { budgetBytes: 1 << 20 }, { pool: (o) => (pool = new PoolModel(o)) });
+    const { gpu, pool } = modelBackend(1 << 20);
     const m = { ...model, blockSize: 64 };
     const doc = new KvSegment(m.kvHeads, m.headDim, m.dtype), other = new KvSegment(m.kvHeads, m.headDim, m.dtype);
     // A block method's part whose only blocks are partial (attended on the host): nothing of it goes to the pool.
@@ -118,7 +130,7 @@ describe('a deleted document on the device', () => {
     // and from the model now) and stopped there: the step failed after its kernel, the other segment counted as read for good.
     await gpu.attend(m, 0, [none, two], q, 1, out, lse);
     gpu.drop([other]);
-    expect(pool!.stats()).toMatchObject({ used: 0, pinned: 0 });
+    expect(pool().stats()).toMatchObject({ used: 0, pinned: 0 });
     gpu.close();
   });
 });
@@ -136,15 +148,8 @@ describe.skipIf(!redis && !redisRequired())('a layer evicted from host memory on
     const layerBytes = tokens * m.kvHeads * m.headDim * 2 * 2;
     const sessionBytes = m.layers * 256 * m.kvHeads * m.headDim * 2 * 2;
     const memoryBudget = 2 * layerBytes + 2 * sessionBytes + layerBytes / 4;
-    let pool: PoolModel | undefined;
-    let onAttend: (a: GpuAttendArgs) => Promise<void> = async () => undefined;
-    let letGo: () => void = () => {};
     // 1024 slots: both sessions' working sets are admitted, and the pool never evicts on its own here.
-    const gpu = GpuBackend.over(
-      { ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false },
-      { budgetBytes: 16 << 20 },
-      { pool: (o) => (pool = new PoolModel(o, (a) => onAttend(a))) },
-    );
+    const { gpu, pool, holdNext, letGo } = modelBackend(16 << 20);
     const dirs = [tempDataDir(), tempDataDir()];
     let cluster: RedisCluster | undefined;
     let writer: RunningServer | undefined, reader: RunningServer | undefined;
@@ -171,42 +176,36 @@ describe.skipIf(!redis && !redisRequired())('a layer evicted from host memory on
 
       await step(s1, 0);
       await step(s1, 1);
-      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
       // Layer 2 read: layer 0, the least recently used, is evicted, and its blocks leave the pool with it.
       await step(s1, 2);
       expect(await resident()).toEqual([1, 2]);
       expect(evictions()).toBe(1);
-      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
 
       // A step on layer 1 held on the device: its layer is pinned, so the reads of layers 0 and 3 by the other
       // session evict layer 2 and then layer 3, never layer 1, whose blocks stay held until the step ends.
-      let entered!: () => void;
-      const inKernel = new Promise<void>((go) => (entered = go));
-      onAttend = () => {
-        onAttend = async () => undefined;
-        entered();
-        return new Promise<void>((go) => (letGo = go));
-      };
+      const inKernel = holdNext();
       const held = step(s1, 1);
       await inKernel;
       await step(s2, 3);
       expect(await resident()).toEqual([1, 3]);
-      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
+      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
       // Layer 0 read again is a new segment: none of its blocks hits the old segment's (which are gone).
       expect(await step(s2, 0)).toMatchObject({ selected: layerBlocks, hits: 0 });
       expect(await resident()).toEqual([0, 1]);
       expect(evictions()).toBe(3);
-      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
+      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
       letGo();
       await held;
-      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
       // Once its step ended, layer 1 is the least recently used: evicted by the read of layer 2, its blocks go.
       await step(s1, 2);
       expect(await resident()).toEqual([0, 2]);
-      expect(pool!.stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
       // A resident layer's blocks still hit.
       expect(await step(s1, 0)).toMatchObject({ selected: layerBlocks, hits: layerBlocks });
-      expect(pool!.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+      expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     } finally {
       letGo();
       for (const s of [writer, reader]) await s?.close();

@@ -6,7 +6,7 @@
 // saw the bad step.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, KvrecallRequestError, tensor, type AttendReply, type BatchResult } from '../../clients/ts/client.js';
+import { KvrecallClient, KvrecallRequestError, tensor, type AttendReply, type BatchResult, type SessionSpec } from '../../clients/ts/client.js';
 import { asStep, f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
@@ -69,6 +69,27 @@ const ok = (r: BatchResult): AttendReply => {
 };
 const OVERFLOW = /overflow/;
 
+/**
+ * Two sessions made alike step alike for `steps` positions, one of them first
+ * refused a step at each position after the first (overflow, for the opposite
+ * q): each step's selection and answer must be the twin's.
+ */
+async function twinsAfterRefusals(options: SessionSpec, steps: number): Promise<void> {
+  const open = async () => (await client.createSession(options)).id;
+  const [a, twin] = [await open(), await open()];
+  for (let position = 0; position < steps; position++) {
+    const good = randomQ(rng, model.qHeads, model.headDim);
+    const body = { layer: 0, q: qT(good), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)), position, return: ['out', 'selection'] as ('out' | 'selection')[] };
+    if (position > 0) {
+      const e = (await client.attend(a, { ...body, q: qT(good.map((x) => -x)), scale: 1e38 }).catch((x) => x)) as KvrecallRequestError;
+      expect([e.status, OVERFLOW.test(e.message)]).toEqual([422, true]);
+    }
+    const [x, y] = [await client.attend(a, body), await client.attend(twin, body)];
+    expect(x.selection!.map((ids) => [...ids])).toEqual(y.selection!.map((ids) => [...ids]));
+    expect(bits(x)).toEqual(bits(y));
+  }
+}
+
 describe(`scores that overflow float32 (seed ${seed})`, () => {
   it.each(BAD)('%s: refused 422 over HTTP, the token taken back', async (_name, bad) => {
     const [a, twin] = [await session(), await session()];
@@ -128,37 +149,13 @@ describe(`scores that overflow float32 (seed ${seed})`, () => {
   it('a refused step does not steer the next choice of a method that remembers its last (nosa)', async () => {
     // nosa brings in at most maxNew blocks its last step did not select: a refused step's choice (here for
     // the opposite q, whose top blocks are the good q's last), kept, would steer the retry away from the twin's.
-    const open = async () => (await client.createSession({ model, documents: ['blocks'], method: 'nosa', budget: 512 })).id;
-    const [a, twin] = [await open(), await open()];
-    for (let position = 0; position < 6; position++) {
-      const good = randomQ(rng, model.qHeads, model.headDim);
-      const body = { layer: 0, q: qT(good), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)), position, return: ['out', 'selection'] as ('out' | 'selection')[] };
-      if (position > 0) {
-        const e = (await client.attend(a, { ...body, q: qT(good.map((x) => -x)), scale: 1e38 }).catch((x) => x)) as KvrecallRequestError;
-        expect([e.status, OVERFLOW.test(e.message)]).toEqual([422, true]);
-      }
-      const [x, y] = [await client.attend(a, body), await client.attend(twin, body)];
-      expect(x.selection!.map((ids) => [...ids])).toEqual(y.selection!.map((ids) => [...ids]));
-      expect(bits(x)).toEqual(bits(y));
-    }
+    await twinsAfterRefusals({ model, documents: ['blocks'], method: 'nosa', budget: 512 }, 6);
   });
 
   it('a refused step does not steer the next search of a method that starts from its last results (retrieval-attention)', async () => {
     // The graph search starts from the ids its last step found: a refused step's (for the opposite q), kept,
     // would start the retry elsewhere than the twin's, and an approximate search then finds other keys.
-    const open = async () => (await client.createSession({ model, documents: ['graph'], method: 'retrieval-attention', budget: 64, sinks: 0, window: 0, ef: 8 })).id;
-    const [a, twin] = [await open(), await open()];
-    for (let position = 0; position < 8; position++) {
-      const good = randomQ(rng, model.qHeads, model.headDim);
-      const body = { layer: 0, q: qT(good), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)), position, return: ['out', 'selection'] as ('out' | 'selection')[] };
-      if (position > 0) {
-        const e = (await client.attend(a, { ...body, q: qT(good.map((x) => -x)), scale: 1e38 }).catch((x) => x)) as KvrecallRequestError;
-        expect([e.status, OVERFLOW.test(e.message)]).toEqual([422, true]);
-      }
-      const [x, y] = [await client.attend(a, body), await client.attend(twin, body)];
-      expect(x.selection!.map((ids) => [...ids])).toEqual(y.selection!.map((ids) => [...ids]));
-      expect(bits(x)).toEqual(bits(y));
-    }
+    await twinsAfterRefusals({ model, documents: ['graph'], method: 'retrieval-attention', budget: 64, sinks: 0, window: 0, ef: 8 }, 8);
   });
 
   it('a head that attends nothing answers lse -Inf and out 0, as before (nothing overflowed)', async () => {

@@ -145,52 +145,65 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     expect(cluster.topology().masters.map((m) => cluster.cli(m, '--scan', '--pattern', 'kvr:{a/doomed/*').trim()).join('')).toBe('');
   });
 
+  /** The shape of the delete-and-replace tests' documents. */
+  const SMALL = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
+  /** Host bytes server A counts in its budget now. */
+  const usedOnA = () => servers[0].engine.budget.used;
+  /** A document of SMALL's shape, every layer `kv`, made and sealed through `via`. */
+  const sealThrough = async (via: KvrecallClient, id: string, kv: KvChunk) => {
+    await via.createDocument(id, SMALL);
+    for (let layer = 0; layer < SMALL.layers; layer++) await via.uploadDocumentKv(id, { layer, start: 0, k: kv.k, v: kv.v });
+    await via.sealDocument(id);
+  };
+  /** A document sealed through B, attached on A by an exact session that has stepped once (A holds its layers). */
+  const attachedOnA = async (id: string, kv: KvChunk, rng: Rng) => {
+    await sealThrough(b, id, kv);
+    const sid = (await a.createSession({ model: SMALL, documents: [id], method: 'exact' })).id;
+    const q = tensor('f32', [SMALL.qHeads, SMALL.headDim], randomQ(rng, SMALL.qHeads, SMALL.headDim));
+    await a.attend(sid, { layer: 0, q });
+    return { sid, q };
+  };
+
   it('a document deleted through one server while another loads it: the loader lets its memory go on DELETE or a new PUT', async () => {
-    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
-    const used = () => servers[0].engine.budget.used;
-    const base = used();
+    const base = usedOnA();
     const bytes = 2 * 20000 * 2 * 32 * 2 * 2; // layers × tokens × kvHeads × d × 2 bytes × (K, V)
     const c = randomKv(new Rng(seed ^ 5), 'f16', 2, 300, 32);
     for (const retire of ['DELETE', 'PUT'] as const) {
-      await a.createDocument('orphan', model, { tokens: 20000 });
+      await a.createDocument('orphan', SMALL, { tokens: 20000 });
       await a.uploadDocumentKv('orphan', { layer: 0, start: 0, k: c.k, v: c.v });
-      expect(used() - base).toBe(bytes);
+      expect(usedOnA() - base).toBe(bytes);
       await b.deleteDocument('orphan');
       // A still shows what it loads: its DELETE removes it (it said 404 and kept the memory), a new PUT replaces it (it added its own).
       expect(await a.getDocument('orphan')).toMatchObject({ status: 'loading' });
       if (retire === 'DELETE') {
         await a.deleteDocument('orphan');
-        expect(used()).toBe(base);
+        expect(usedOnA()).toBe(base);
         expect(await statusOf(a, 'orphan')).toBe(404);
       } else {
-        await a.createDocument('orphan', model, { tokens: 20000 });
-        expect(used() - base).toBe(bytes);
+        await a.createDocument('orphan', SMALL, { tokens: 20000 });
+        expect(usedOnA() - base).toBe(bytes);
         await a.uploadDocumentKv('orphan', { layer: 0, start: 0, k: c.k, v: c.v });
         await a.uploadDocumentKv('orphan', { layer: 1, start: 0, k: c.k, v: c.v });
         expect(await a.sealDocument('orphan')).toMatchObject({ status: 'ready', tokens: 300 });
         await a.deleteDocument('orphan');
-        expect(used()).toBe(base);
+        expect(usedOnA()).toBe(base);
       }
     }
   });
 
   it('a document one server was loading, deleted and sealed again through another: sessions on the first attach the sealed one (not 409 loading), its stale memory given back', async () => {
-    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
-    const used = () => servers[0].engine.budget.used;
-    const base = used();
+    const base = usedOnA();
     const stale = 2 * 20000 * 2 * 32 * 2 * 2; // A's reservation for the document it was loading
     const rng = new Rng(seed ^ 8);
     const old = randomKv(rng, 'f16', 2, 300, 32), now = randomKv(rng, 'f16', 2, 200, 32);
-    await a.createDocument('remade', model, { tokens: 20000 });
+    await a.createDocument('remade', SMALL, { tokens: 20000 });
     await a.uploadDocumentKv('remade', { layer: 0, start: 0, k: old.k, v: old.v });
-    expect(used() - base).toBe(stale);
+    expect(usedOnA() - base).toBe(stale);
     await b.deleteDocument('remade');
-    await b.createDocument('remade', model);
-    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('remade', { layer, start: 0, k: now.k, v: now.v });
-    await b.sealDocument('remade');
+    await sealThrough(b, 'remade', now);
     // A attaches what the store holds (it answered 409 "loading, not ready" for its own stale copy, kept reserved).
-    const sid = (await a.createSession({ model, documents: ['remade'], method: 'exact' })).id;
-    expect(used() - base).toBeLessThan(stale);
+    const sid = (await a.createSession({ model: SMALL, documents: ['remade'], method: 'exact' })).id;
+    expect(usedOnA() - base).toBeLessThan(stale);
     const q = randomQ(rng, 4, 32);
     const want = referenceAttention(q, now.kValues, now.vValues, 4, 32);
     const got = await a.attend(sid, { layer: 1, q: tensor('f32', [4, 32], q) });
@@ -198,51 +211,35 @@ describe.skipIf(skip)('documents on a Redis Cluster shared by several servers', 
     expect(await a.getDocument('remade')).toMatchObject({ status: 'ready', tokens: 200 });
     await a.deleteSession(sid);
     await a.deleteDocument('remade');
-    expect(used()).toBe(base);
+    expect(usedOnA()).toBe(base);
   });
 
   it('a document deleted through another server and made again here: sessions here that attached the old one are refused (409), its memory given back', async () => {
-    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
-    const used = () => servers[0].engine.budget.used;
-    const base = used();
+    const base = usedOnA();
     const rng = new Rng(seed ^ 9);
     const old = randomKv(rng, 'f16', 2, 300, 32), now = randomKv(rng, 'f16', 2, 200, 32);
-    await b.createDocument('again', model);
-    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('again', { layer, start: 0, k: old.k, v: old.v });
-    await b.sealDocument('again');
-    const sid = (await a.createSession({ model, documents: ['again'], method: 'exact' })).id;
-    const q = randomQ(rng, 4, 32);
-    await a.attend(sid, { layer: 0, q: tensor('f32', [4, 32], q) });
+    const { sid, q } = await attachedOnA('again', old, rng);
     await b.deleteDocument('again');
-    await a.createDocument('again', model);
-    for (let layer = 0; layer < 2; layer++) await a.uploadDocumentKv('again', { layer, start: 0, k: now.k, v: now.v });
-    await a.sealDocument('again');
+    await sealThrough(a, 'again', now);
     // The old session's document is gone: refused, not answered from the old KV still resident here.
-    await expect(a.attend(sid, { layer: 0, q: tensor('f32', [4, 32], q) })).rejects.toMatchObject({ status: 409 });
+    await expect(a.attend(sid, { layer: 0, q })).rejects.toMatchObject({ status: 409 });
     await a.deleteSession(sid);
     await a.deleteDocument('again');
     // No layer of the old document left resident (they stayed in the cache, counted, once the new seal took its place).
-    expect(used()).toBe(base);
+    expect(usedOnA()).toBe(base);
   });
 
   it('a document deleted through another server and then DELETEd here: sessions here that attached it are refused (409), its memory given back', async () => {
-    const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
-    const used = () => servers[0].engine.budget.used;
-    const base = used();
+    const base = usedOnA();
     const rng = new Rng(seed ^ 10);
     const c = randomKv(rng, 'f16', 2, 300, 32);
-    await b.createDocument('twice', model);
-    for (let layer = 0; layer < 2; layer++) await b.uploadDocumentKv('twice', { layer, start: 0, k: c.k, v: c.v });
-    await b.sealDocument('twice');
-    const sid = (await a.createSession({ model, documents: ['twice'], method: 'exact' })).id;
-    const q = tensor('f32', [4, 32], randomQ(rng, 4, 32));
-    await a.attend(sid, { layer: 0, q });
+    const { sid, q } = await attachedOnA('twice', c, rng);
     await b.deleteDocument('twice');
     // DELETE here of what this server still holds: it goes here too (it answered 404 and kept serving it).
     expect(await a.deleteDocument('twice')).toEqual({ deleted: 'twice' });
     await expect(a.attend(sid, { layer: 0, q })).rejects.toMatchObject({ status: 409 });
     await a.deleteSession(sid);
-    expect(used()).toBe(base);
+    expect(usedOnA()).toBe(base);
     expect(await statusOf(a, 'twice')).toBe(404);
   });
 
