@@ -11,115 +11,50 @@
 namespace kvr {
 namespace {
 
-enum : uint8_t { kWhole = 0, kSkip = 1, kPartial = 2 };
-
-// A cluster some of whose rows were attended exactly: it is estimated from
-// the rows it has left, by their own logits when the member lists are
-// given, else by their moments.
-struct Partial {
+// What one (segment, kv head) leaves to estimate, as lists: no array of the
+// head's size is made or walked per step (131072 clusters a head at 1M).
+// `excluded` (ascending, unique): the clusters a whole-cluster task skips:
+// retrieved ones and every cluster with a row attended exactly. `rows`: the
+// (cluster << 32 | row) keys of the exact rows outside retrieved clusters,
+// ascending, unique (a row listed twice is attended once); a partly
+// attended cluster's rows are rows[begin, end).
+struct PartialRef {
   int32_t cluster;
-  double count = 0;            // rows left
-  std::vector<double> values;  // [d]: their value sum
-  std::vector<int32_t> rest;   // the rows left (with member lists)
-  std::vector<float> mean;     // [d]: their mean key (second order, no member lists)
-  std::vector<float> var;      // [d]: their per-channel key variance (second order, no member lists)
+  uint32_t begin, end;
 };
 
-// What one (segment, kv head) leaves to estimate: the clusters left out
-// whole, and the partially attended ones. Shared by the head's query rows.
 struct HeadPlan {
-  std::vector<uint8_t> mode;  // [clusters]: kWhole, kSkip (retrieved, or every row attended), kPartial
-  std::vector<Partial> partial;
-  double estimated = 0;
-  double scanned = 0;  // rows whose logits the partial clusters read
+  std::vector<int32_t> excluded;
+  std::vector<uint64_t> rows;
+  std::vector<PartialRef> partial;
 };
 
-void Widen(const uint16_t* w, Dtype dt, int d, std::vector<float>& out) {
-  out.resize(size_t(d));
-  WidenRow(w, dt, size_t(d), out.data());
-}
+constexpr int32_t RowOf(uint64_t key) { return int32_t(uint32_t(key)); }
 
-// The rest of cluster cl once `rows` (ascending) leave it: count and value
-// sum, and with keyVars its rows (member lists given) or else its mean key
-// and per-channel variance (float64 moments).
-Partial Rest(const ClusterHead& c, int32_t cl, const std::vector<int32_t>& rows, const EstimateProblem& e) {
-  const Dtype dt = e.dtype;
-  const int d = e.headDim;
-  Partial p;
-  p.cluster = cl;
-  const double n = c.counts[cl];
-  p.count = n - double(rows.size());
-  std::vector<float> row;
-  Widen(c.valueMeans + size_t(cl) * d, dt, d, row);
-  p.values.resize(size_t(d));
-  for (int i = 0; i < d; ++i) p.values[size_t(i)] = n * double(row[size_t(i)]);
-  for (int32_t r : rows) {
-    Widen(c.values + size_t(r) * d, dt, d, row);
-    for (int i = 0; i < d; ++i) p.values[size_t(i)] -= double(row[size_t(i)]);
-  }
-  if (!c.keyVars) return p;
-  if (c.members) {
-    for (int32_t i = c.offsets[cl]; i < c.offsets[cl + 1]; ++i)
-      if (!std::binary_search(rows.begin(), rows.end(), c.members[i])) p.rest.push_back(c.members[i]);
-    return p;
-  }
-  std::vector<float> mu, var;
-  Widen(c.centroids + size_t(cl) * e.centroidStride, dt, d, mu);
-  Widen(c.keyVars + size_t(cl) * d, dt, d, var);
-  std::vector<double> s1(static_cast<size_t>(d)), s2(static_cast<size_t>(d));
-  for (int i = 0; i < d; ++i) {
-    const double m = mu[size_t(i)];
-    s1[size_t(i)] = n * m;
-    s2[size_t(i)] = n * (double(var[size_t(i)]) + m * m);
-  }
-  for (int32_t r : rows) {
-    Widen(c.keys + size_t(r) * d, dt, d, row);
-    for (int i = 0; i < d; ++i) {
-      const double k = row[size_t(i)];
-      s1[size_t(i)] -= k;
-      s2[size_t(i)] -= k * k;
-    }
-  }
-  p.mean.resize(size_t(d));
-  p.var.resize(size_t(d));
-  for (int i = 0; i < d; ++i) {
-    const double m = s1[size_t(i)] / p.count;
-    p.mean[size_t(i)] = float(m);
-    p.var[size_t(i)] = float(std::max(0.0, s2[size_t(i)] / p.count - m * m));
-  }
-  return p;
-}
-
-HeadPlan Plan(const ClusterHead& c, const EstimateProblem& e) {
+HeadPlan Plan(const ClusterHead& c) {
   HeadPlan plan;
-  plan.mode.assign(size_t(c.clusters), kWhole);
-  for (int64_t i = 0; i < c.retrievedCount; ++i) plan.mode[size_t(c.retrieved[i])] = kSkip;
-  std::vector<std::pair<int32_t, int32_t>> byCluster;  // (cluster, row)
-  byCluster.reserve(size_t(c.exactCount));
+  std::vector<int32_t> retrieved(c.retrieved, c.retrieved + c.retrievedCount);
+  std::sort(retrieved.begin(), retrieved.end());
+  retrieved.erase(std::unique(retrieved.begin(), retrieved.end()), retrieved.end());
+  plan.rows.reserve(size_t(c.exactCount));
   for (int64_t i = 0; i < c.exactCount; ++i) {
-    int32_t row = c.exact[i], cl = c.tokenCluster[row];
-    if (plan.mode[size_t(cl)] != kSkip) byCluster.emplace_back(cl, row);
+    const int32_t row = c.exact[i], cl = c.tokenCluster[row];
+    if (!std::binary_search(retrieved.begin(), retrieved.end(), cl)) plan.rows.push_back(uint64_t(uint32_t(cl)) << 32 | uint32_t(row));
   }
-  std::sort(byCluster.begin(), byCluster.end());
-  // A row listed twice is attended once: count it once.
-  byCluster.erase(std::unique(byCluster.begin(), byCluster.end()), byCluster.end());
-  std::vector<int32_t> rows;
-  for (size_t i = 0; i < byCluster.size();) {
+  std::sort(plan.rows.begin(), plan.rows.end());
+  plan.rows.erase(std::unique(plan.rows.begin(), plan.rows.end()), plan.rows.end());
+  std::vector<int32_t> touched;
+  for (size_t i = 0; i < plan.rows.size();) {
     size_t j = i;
-    while (j < byCluster.size() && byCluster[j].first == byCluster[i].first) ++j;
-    int32_t cl = byCluster[i].first;
-    if (int64_t(j - i) >= c.counts[cl]) plan.mode[size_t(cl)] = kSkip;
-    else {
-      rows.clear();
-      for (size_t k = i; k < j; ++k) rows.push_back(byCluster[k].second);
-      plan.mode[size_t(cl)] = kPartial;
-      plan.partial.push_back(Rest(c, cl, rows, e));
-    }
+    const int32_t cl = int32_t(plan.rows[i] >> 32);
+    while (j < plan.rows.size() && int32_t(plan.rows[j] >> 32) == cl) ++j;
+    touched.push_back(cl);
+    // Every row attended: nothing left of the cluster to estimate.
+    if (int64_t(j - i) < c.counts[cl]) plan.partial.push_back({cl, uint32_t(i), uint32_t(j)});
     i = j;
   }
-  for (int64_t cl = 0; cl < c.clusters; ++cl)
-    if (plan.mode[size_t(cl)] == kWhole && c.counts[cl] > 0) plan.estimated += c.counts[cl];
-  for (const auto& p : plan.partial) plan.estimated += p.count, plan.scanned += double(p.rest.size());
+  plan.excluded.resize(retrieved.size() + touched.size());
+  std::merge(retrieved.begin(), retrieved.end(), touched.begin(), touched.end(), plan.excluded.begin());
   return plan;
 }
 
@@ -166,18 +101,34 @@ void Merge(Part& into, const Part& from) {
 
 // Whole clusters per task: a task reads each cluster's summaries once for
 // every query row of its kv head (the group), where a task per query row
-// read them group times.
+// read them group times. Partly attended clusters likewise, in chunks: one
+// task per head was the step's longest (each reads its rows' keys), and at
+// 1M tokens with 16 threads it alone took most of the step.
 constexpr int64_t kChunk = 4096;
+constexpr int64_t kPartialChunk = 256;
+
+// What a task adds to its head's counts: tokens estimated, rows read.
+struct TaskCounts {
+  double estimated = 0, scanned = 0;
+};
 
 // Clusters [b, e) left out whole, for the group's rows: into parts[g].
-void WholeClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector<QueryRow>& rows, int64_t b, int64_t e, const EstimateProblem& p, Part* parts) {
+void WholeClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector<QueryRow>& rows, int64_t b, int64_t e, const EstimateProblem& p, Part* parts, TaskCounts& counts) {
   const int d = p.headDim, G = int(rows.size());
   const bool second = c.keyVars != nullptr;
   std::vector<float> row(static_cast<size_t>(p.centroidStride)), var(static_cast<size_t>(d)), logits(static_cast<size_t>(G) * static_cast<size_t>(e - b));
   std::vector<float> hi(static_cast<size_t>(G), -std::numeric_limits<float>::infinity());
-  auto live = [&](int64_t cl) { return plan.mode[size_t(cl)] == kWhole && c.counts[cl] > 0; };
+  // live[cl - b]: left out whole (not excluded, not empty); the excluded list is walked alongside.
+  std::vector<uint8_t> live(static_cast<size_t>(e - b));
+  auto ex = std::lower_bound(plan.excluded.begin(), plan.excluded.end(), int32_t(b));
   for (int64_t cl = b; cl < e; ++cl) {
-    if (!live(cl)) continue;
+    const bool skip = ex != plan.excluded.end() && *ex == cl;
+    if (skip) ++ex;
+    live[size_t(cl - b)] = !skip && c.counts[cl] > 0;
+    if (live[size_t(cl - b)]) counts.estimated += c.counts[cl];
+  }
+  for (int64_t cl = b; cl < e; ++cl) {
+    if (!live[size_t(cl - b)]) continue;
     WidenRow(c.centroids + size_t(cl) * p.centroidStride, p.dtype, size_t(d) + 1, row.data());
     if (second) WidenRow(c.keyVars + size_t(cl) * d, p.dtype, size_t(d), var.data());
     for (int g = 0; g < G; ++g) {
@@ -191,7 +142,7 @@ void WholeClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector
   }
   for (int g = 0; g < G; ++g) parts[g] = Part{double(hi[size_t(g)]), 0.0, std::vector<double>(size_t(d), 0.0)};
   for (int64_t cl = b; cl < e; ++cl) {
-    if (!live(cl)) continue;
+    if (!live[size_t(cl - b)]) continue;
     WidenRow(c.valueMeans + size_t(cl) * d, p.dtype, size_t(d), row.data());
     const double n = c.counts[cl];
     for (int g = 0; g < G; ++g) {
@@ -203,51 +154,145 @@ void WholeClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector
   }
 }
 
-// The partly attended clusters, for the group's rows: into parts[g]. With
-// member lists each row left weighs by its own logit (value: the rest's
-// mean); else the rest's moments give one logit.
-void PartialClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector<QueryRow>& rows, const EstimateProblem& p, Part* parts) {
+// Per-task scratch of PartialClusters, sized once per task.
+struct PartialScratch {
+  std::vector<float> row, key, mu, var;
+  std::vector<double> s1, s2, mx, sum, values;
+  explicit PartialScratch(const EstimateProblem& p, int G)
+      : row(size_t(p.centroidStride)), key(size_t(p.headDim)), mu(size_t(p.headDim)), var(size_t(p.headDim)), s1(size_t(p.headDim)), s2(size_t(p.headDim)),
+        mx(size_t(G)), sum(size_t(G)), values(size_t(p.headDim)) {}
+};
+
+// log of cluster part.cluster's rest's mass for each row g, into lm[g]: with
+// member lists log Σ_r exp(w_r) over the rows it has left (their keys read),
+// else one logit from the rest's moments (float64, the exact rows' keys
+// taken out) plus log(count). Returns the rows read.
+double RestMass(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, const std::vector<QueryRow>& rows, const EstimateProblem& p, PartialScratch& s, double* lm) {
   const int d = p.headDim, G = int(rows.size());
-  const bool second = c.keyVars != nullptr;
-  std::vector<float> row(static_cast<size_t>(p.centroidStride)), key(static_cast<size_t>(d));
-  // Per partial cluster and row g: the log of its mass, before the shift.
-  std::vector<double> lmass(plan.partial.size() * static_cast<size_t>(G));
-  std::vector<double> hi(static_cast<size_t>(G), -std::numeric_limits<double>::infinity());
-    for (size_t j = 0; j < plan.partial.size(); ++j) {
-    const Partial& part = plan.partial[j];
-    double* lm = lmass.data() + j * size_t(G);
-    if (c.members) {
-      // log Σ_r exp(w_r), per row g, with its own max shift.
-      std::vector<double> mx(static_cast<size_t>(G), -std::numeric_limits<double>::infinity()), sum(static_cast<size_t>(G), 0.0);
-      for (int32_t r : part.rest) {
-        WidenRow(c.keys + size_t(r) * d, p.dtype, size_t(d), key.data());
-        for (int g = 0; g < G; ++g) {
-          const double x = double(p.scale * Dot(rows[size_t(g)].q, key.data(), size_t(d)));
-          if (x > mx[size_t(g)]) sum[size_t(g)] = sum[size_t(g)] * std::exp(mx[size_t(g)] - x) + 1.0, mx[size_t(g)] = x;
-          else sum[size_t(g)] += std::exp(x - mx[size_t(g)]);
-        }
-      }
-      for (int g = 0; g < G; ++g) lm[g] = mx[size_t(g)] + std::log(sum[size_t(g)]);
-    } else {
-      WidenRow(c.centroids + size_t(part.cluster) * p.centroidStride, p.dtype, size_t(d) + 1, row.data());
+  const int32_t cl = ref.cluster;
+  const double n = c.counts[cl], count = n - double(ref.end - ref.begin);
+  const uint64_t* ex = plan.rows.data() + ref.begin;
+  const size_t exN = ref.end - ref.begin;
+  if (c.members) {
+    // The cluster's rows in member order, less the exact ones (both ascending when members are: a merge walk; else a search).
+    std::fill(s.mx.begin(), s.mx.end(), -std::numeric_limits<double>::infinity());
+    std::fill(s.sum.begin(), s.sum.end(), 0.0);
+    double read = 0;
+    for (int32_t i = c.offsets[cl]; i < c.offsets[cl + 1]; ++i) {
+      const int32_t r = c.members[i];
+      const uint64_t* at = std::lower_bound(ex, ex + exN, uint64_t(uint32_t(cl)) << 32 | uint32_t(r));
+      if (at != ex + exN && RowOf(*at) == r) continue;
+      ++read;
+      WidenRow(c.keys + size_t(r) * d, p.dtype, size_t(d), s.key.data());
       for (int g = 0; g < G; ++g) {
-        const QueryRow& qr = rows[size_t(g)];
-        const float x = second ? Logit(qr, part.mean.data(), part.var.data(), c.varianceShare, Dot(qr.q, row.data(), size_t(d)), row[size_t(d)], p)
-                               : Logit(qr, row.data(), nullptr, 0.f, 0.f, 0.f, p);
-        lm[g] = double(x) + std::log(part.count);
+        const double x = double(p.scale * Dot(rows[size_t(g)].q, s.key.data(), size_t(d)));
+        double& mx = s.mx[size_t(g)];
+        double& sum = s.sum[size_t(g)];
+        if (x > mx) sum = sum * std::exp(mx - x) + 1.0, mx = x;
+        else sum += std::exp(x - mx);
       }
     }
+    for (int g = 0; g < G; ++g) lm[g] = s.mx[size_t(g)] + std::log(s.sum[size_t(g)]);
+    return read;
+  }
+  WidenRow(c.centroids + size_t(cl) * p.centroidStride, p.dtype, size_t(d) + 1, s.row.data());
+  const bool second = c.keyVars != nullptr;
+  if (second) {
+    WidenRow(c.keyVars + size_t(cl) * d, p.dtype, size_t(d), s.var.data());
+    for (int i = 0; i < d; ++i) {
+      const double m = s.row[size_t(i)];
+      s.s1[size_t(i)] = n * m;
+      s.s2[size_t(i)] = n * (double(s.var[size_t(i)]) + m * m);
+    }
+    for (size_t k = 0; k < exN; ++k) {
+      WidenRow(c.keys + size_t(RowOf(ex[k])) * d, p.dtype, size_t(d), s.key.data());
+      for (int i = 0; i < d; ++i) {
+        const double x = s.key[size_t(i)];
+        s.s1[size_t(i)] -= x;
+        s.s2[size_t(i)] -= x * x;
+      }
+    }
+    for (int i = 0; i < d; ++i) {
+      const double m = s.s1[size_t(i)] / count;
+      s.mu[size_t(i)] = float(m);
+      s.var[size_t(i)] = float(std::max(0.0, s.s2[size_t(i)] / count - m * m));
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const QueryRow& qr = rows[size_t(g)];
+    const float x = second ? Logit(qr, s.mu.data(), s.var.data(), c.varianceShare, Dot(qr.q, s.row.data(), size_t(d)), s.row[size_t(d)], p)
+                           : Logit(qr, s.row.data(), nullptr, 0.f, 0.f, 0.f, p);
+    lm[g] = double(x) + std::log(count);
+  }
+  return 0;
+}
+
+// The rest's value sum of a partly attended cluster: n × its value mean less the exact rows' values (float64).
+void RestValues(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, const EstimateProblem& p, PartialScratch& s) {
+  const int d = p.headDim;
+  const double n = c.counts[ref.cluster];
+  WidenRow(c.valueMeans + size_t(ref.cluster) * d, p.dtype, size_t(d), s.key.data());
+  for (int i = 0; i < d; ++i) s.values[size_t(i)] = n * double(s.key[size_t(i)]);
+  for (uint32_t k = ref.begin; k < ref.end; ++k) {
+    WidenRow(c.values + size_t(RowOf(plan.rows[k])) * d, p.dtype, size_t(d), s.key.data());
+    for (int i = 0; i < d; ++i) s.values[size_t(i)] -= double(s.key[size_t(i)]);
+  }
+}
+
+// The rows a partly attended cluster reads lie at random in its segment
+// (its members' keys, its exact rows' values): each a cache miss, which a
+// cluster's few dot products did not hide. Requested kAhead clusters early.
+constexpr int64_t kAhead = 2;
+
+void PrefetchRow(const uint16_t* row, int d) {
+  const char* at = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < 2 * d; off += 64) __builtin_prefetch(at + off);
+  __builtin_prefetch(at + 2 * d - 1);
+}
+
+void PrefetchRest(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, const EstimateProblem& p, bool keys) {
+  const int d = p.headDim;
+  if (!keys) {
+    PrefetchRow(c.valueMeans + size_t(ref.cluster) * d, d);
+    for (uint32_t k = ref.begin; k < ref.end; ++k) PrefetchRow(c.values + size_t(RowOf(plan.rows[k])) * d, d);
+    return;
+  }
+  PrefetchRow(c.centroids + size_t(ref.cluster) * p.centroidStride, d);
+  if (c.members)
+    for (int32_t i = c.offsets[ref.cluster]; i < c.offsets[ref.cluster + 1]; ++i) PrefetchRow(c.keys + size_t(c.members[i]) * d, d);
+  else if (c.keys)
+    for (uint32_t k = ref.begin; k < ref.end; ++k) PrefetchRow(c.keys + size_t(RowOf(plan.rows[k])) * d, d);
+}
+
+// Partly attended clusters plan.partial[b, e), for the group's rows: into
+// parts[g]. Each weighs its rest's mass (RestMass) and carries its rest's
+// mean value.
+void PartialClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector<QueryRow>& rows, int64_t b, int64_t e, const EstimateProblem& p, Part* parts, TaskCounts& counts) {
+  const int d = p.headDim, G = int(rows.size());
+  PartialScratch s(p, G);
+  // Per partial cluster and row g: the log of its mass, before the shift.
+  std::vector<double> lmass(size_t(e - b) * size_t(G));
+  std::vector<double> hi(static_cast<size_t>(G), -std::numeric_limits<double>::infinity());
+  for (int64_t j = b; j < e; ++j) {
+    if (j + kAhead < e) PrefetchRest(c, plan, plan.partial[size_t(j + kAhead)], p, true);
+    const PartialRef& ref = plan.partial[size_t(j)];
+    double* lm = lmass.data() + size_t(j - b) * size_t(G);
+    counts.scanned += RestMass(c, plan, ref, rows, p, s, lm);
+    counts.estimated += double(c.counts[ref.cluster]) - double(ref.end - ref.begin);
     for (int g = 0; g < G; ++g) hi[size_t(g)] = std::max(hi[size_t(g)], lm[g]);
   }
   for (int g = 0; g < G; ++g) parts[g] = Part{hi[size_t(g)], 0.0, std::vector<double>(size_t(d), 0.0)};
-  for (size_t j = 0; j < plan.partial.size(); ++j) {
-    const Partial& part = plan.partial[j];
+  for (int64_t j = b; j < e; ++j) {
+    if (j + kAhead < e) PrefetchRest(c, plan, plan.partial[size_t(j + kAhead)], p, false);
+    const PartialRef& ref = plan.partial[size_t(j)];
+    RestValues(c, plan, ref, p, s);
+    const double count = double(c.counts[ref.cluster]) - double(ref.end - ref.begin);
     for (int g = 0; g < G; ++g) {
       // The mass, and the rest's value sum times mass / count (its mean value).
-      const double mass = std::exp(lmass[j * size_t(G) + size_t(g)] - parts[g].m);
+      const double mass = std::exp(lmass[size_t(j - b) * size_t(G) + size_t(g)] - parts[g].m);
       parts[g].den += mass;
       double* num = parts[g].num.data();
-      for (int i = 0; i < d; ++i) num[i] += mass / part.count * part.values[size_t(i)];
+      for (int i = 0; i < d; ++i) num[i] += mass / count * s.values[size_t(i)];
     }
   }
 }
@@ -258,13 +303,7 @@ void EstimateClusters(const EstimateProblem& p) {
   const int G = p.qHeads / p.kvHeads, d = p.headDim;
   const size_t S = p.segments.size();
   std::vector<HeadPlan> plans(S * size_t(p.kvHeads));
-  ThreadPool::Get().ParallelFor(plans.size(), [&](size_t i) { plans[i] = Plan(p.segments[i / p.kvHeads][i % p.kvHeads], p); });
-  for (int h = 0; h < p.kvHeads; ++h) {
-    double n = 0, read = 0;
-    for (size_t s = 0; s < S; ++s) n += plans[s * p.kvHeads + h].estimated, read += plans[s * p.kvHeads + h].scanned;
-    p.estimated[h] = n;
-    if (p.scanned) p.scanned[h] = read;
-  }
+  ThreadPool::Get().ParallelFor(plans.size(), [&](size_t i) { plans[i] = Plan(p.segments[i / p.kvHeads][i % p.kvHeads]); });
   // The query rows as the logits read them, once.
   std::vector<QueryRow> rows;
   for (int qh = 0; qh < p.qHeads; ++qh) {
@@ -273,26 +312,37 @@ void EstimateClusters(const EstimateProblem& p) {
     qr.norm = std::sqrt(Dot(qr.q, qr.q, size_t(d)));
     rows.push_back(std::move(qr));
   }
-  // Tasks: per (segment, kv head), chunks of whole clusters, then its partly attended clusters (begin = -1).
+  // Tasks: per (segment, kv head), chunks of whole clusters, then chunks of its partly attended ones.
   struct Task {
     size_t plan;
+    bool partial;
     int64_t begin, end;
   };
   std::vector<Task> tasks;
   for (size_t i = 0; i < plans.size(); ++i) {
     const ClusterHead& c = p.segments[i / p.kvHeads][i % p.kvHeads];
-    for (int64_t b = 0; b < c.clusters; b += kChunk) tasks.push_back({i, b, std::min(c.clusters, b + kChunk)});
-    if (!plans[i].partial.empty()) tasks.push_back({i, -1, -1});
+    for (int64_t b = 0; b < c.clusters; b += kChunk) tasks.push_back({i, false, b, std::min(c.clusters, b + kChunk)});
+    const int64_t np = int64_t(plans[i].partial.size());
+    for (int64_t b = 0; b < np; b += kPartialChunk) tasks.push_back({i, true, b, std::min(np, b + kPartialChunk)});
   }
   std::vector<Part> parts(tasks.size() * size_t(G));
+  std::vector<TaskCounts> counts(tasks.size());
   ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
     const Task& task = tasks[t];
     const int h = int(task.plan % size_t(p.kvHeads));
     const ClusterHead& c = p.segments[task.plan / p.kvHeads][size_t(h)];
     const std::vector<QueryRow> group(rows.begin() + h * G, rows.begin() + (h + 1) * G);
-    if (task.begin < 0) PartialClusters(c, plans[task.plan], group, p, parts.data() + t * size_t(G));
-    else WholeClusters(c, plans[task.plan], group, task.begin, task.end, p, parts.data() + t * size_t(G));
+    if (task.partial) PartialClusters(c, plans[task.plan], group, task.begin, task.end, p, parts.data() + t * size_t(G), counts[t]);
+    else WholeClusters(c, plans[task.plan], group, task.begin, task.end, p, parts.data() + t * size_t(G), counts[t]);
   });
+  for (int h = 0; h < p.kvHeads; ++h) p.estimated[h] = 0;
+  if (p.scanned)
+    for (int h = 0; h < p.kvHeads; ++h) p.scanned[h] = 0;
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const int h = int(tasks[t].plan % size_t(p.kvHeads));
+    p.estimated[h] += counts[t].estimated;
+    if (p.scanned) p.scanned[h] += counts[t].scanned;
+  }
   // Per q head, its parts merged in task order (deterministic).
   ThreadPool::Get().ParallelFor(size_t(p.qHeads), [&](size_t qh) {
     const int h = int(qh) / G, g = int(qh) % G;
