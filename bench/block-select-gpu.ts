@@ -27,8 +27,8 @@ import { deviceBlockScorer } from '../engine/cache/device-block-scores.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
 import { nosa } from '../index/block-select.js';
 import { BlockSummary } from '../index/block-summary.js';
-import type { BlockScorer, HeadIndex, LayerContext, SearchParams } from '../index/method.js';
-import type { KvSegment } from '../storage/kv-segment.js';
+import type { BlockScorer, LayerContext, SearchParams } from '../index/method.js';
+import { blockLayerContext } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { deviceTag } from './gpu-decode.js';
 import { quantile } from './stats.js';
@@ -66,19 +66,8 @@ async function main(): Promise<void> {
   const params = { ...DEFAULT_PARAMS, budget: Math.floor(tokens * 0.01), sinks: 64, window: 256 } as SearchParams;
   const budget = Math.ceil(params.budget / blockSize), reach = budget + Math.floor(budget * 0.25) + Math.max(1, Math.ceil(budget * 0.125));
 
-  const ctx = (memo: Map<string, unknown>, blockScorer?: BlockScorer): LayerContext => ({
-    layer: 0,
-    segments: [{ tokens } as KvSegment, { tokens: 0 } as KvSegment],
-    offsets: [0, tokens],
-    indexes: [heads as HeadIndex[], undefined],
-    question: () => ({ queries: new Float32Array(0), queryCount: 0 }),
-    memo,
-    tokens,
-    qHeads,
-    kvHeads,
-    headDim: d,
-    ...(blockScorer && { blockScorer }),
-  });
+  const ctx = (memo: Map<string, unknown>, blockScorer?: BlockScorer): LayerContext =>
+    blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, memo, blockScorer);
 
   const t0 = performance.now();
   const device = DeviceBlockScores.create({ means, blocks, headDim: d, dtype: 'f16' });

@@ -30,9 +30,9 @@ import type { HeadTopBlocks } from '../addon/block-scores.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
 import { nosa, topkBlocks } from '../index/block-select.js';
 import { BlockSummary, summaryStride } from '../index/block-summary.js';
-import type { BlockMeans, BlockScorer, HeadIndex, LayerContext, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
+import type { BlockMeans, BlockScorer, LayerContext, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
 import { convert } from '../addon/kernels.js';
-import type { KvSegment } from '../storage/kv-segment.js';
+import { blockLayerContext } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { loadavg } from 'node:os';
@@ -152,19 +152,8 @@ const sameBlocks = (a: Selection, b: Selection) =>
 async function runMethod(method: RetrievalMethod, heads: BlockSummary[], seed: number) {
   const rng = new Rng(seed);
   const params = { ...DEFAULT_PARAMS, budget: Math.floor(tokens * 0.01), sinks: 64, window: 256 } as SearchParams;
-  const ctx = (memo: Map<string, unknown>, blockScorer?: BlockScorer): LayerContext => ({
-    layer: 0,
-    segments: [{ tokens } as KvSegment, { tokens: 0 } as KvSegment],
-    offsets: [0, tokens],
-    indexes: [heads as HeadIndex[], undefined],
-    question: () => ({ queries: new Float32Array(0), queryCount: 0 }),
-    memo,
-    tokens,
-    qHeads,
-    kvHeads,
-    headDim: d,
-    ...(blockScorer && { blockScorer }),
-  });
+  const ctx = (memo: Map<string, unknown>, blockScorer?: BlockScorer): LayerContext =>
+    blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, memo, blockScorer);
   const scorer = new ReplayScorer();
   const replayCtx = ctx(new Map(), scorer), hostCtx = ctx(new Map());
   const q = Float32Array.from({ length: qHeads * d }, () => rng.normal()), buffers = answerBuffers();
