@@ -158,42 +158,102 @@ void WholeClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector
 struct PartialScratch {
   std::vector<float> row, key, mu, var;
   std::vector<double> s1, s2, mx, sum, values;
+  // Member lists: the chunk's remaining rows, slot by slot in (cluster, member) order; cluster j's are
+  // slots [first[j], first[j + 1]); logits[slot * G + g] their logits; order the (row, slot) keys by row.
+  std::vector<uint32_t> first;
+  std::vector<uint64_t> order;
+  std::vector<double> logits;
   explicit PartialScratch(const EstimateProblem& p, int G)
       : row(size_t(p.centroidStride)), key(size_t(p.headDim)), mu(size_t(p.headDim)), var(size_t(p.headDim)), s1(size_t(p.headDim)), s2(size_t(p.headDim)),
         mx(size_t(G)), sum(size_t(G)), values(size_t(p.headDim)) {}
 };
 
-// log of cluster part.cluster's rest's mass for each row g, into lm[g]: with
-// member lists log Σ_r exp(w_r) over the rows it has left (their keys read),
+// The rows a partly attended cluster reads lie at random in its segment
+// (without member lists its exact rows' keys; its exact rows' values): each
+// a cache miss, which a cluster's few dot products did not hide. Requested
+// kAhead clusters early.
+constexpr int64_t kAhead = 2;
+
+void PrefetchRow(const uint16_t* row, int d) {
+  const char* at = reinterpret_cast<const char*>(row);
+  for (int off = 0; off < 2 * d; off += 64) __builtin_prefetch(at + off);
+  __builtin_prefetch(at + 2 * d - 1);
+}
+
+void PrefetchRest(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, const EstimateProblem& p, bool keys) {
+  const int d = p.headDim;
+  if (!keys) {
+    PrefetchRow(c.valueMeans + size_t(ref.cluster) * d, d);
+    for (uint32_t k = ref.begin; k < ref.end; ++k) PrefetchRow(c.values + size_t(RowOf(plan.rows[k])) * d, d);
+    return;
+  }
+  PrefetchRow(c.centroids + size_t(ref.cluster) * p.centroidStride, d);
+  if (c.keys)
+    for (uint32_t k = ref.begin; k < ref.end; ++k) PrefetchRow(c.keys + size_t(RowOf(plan.rows[k])) * d, d);
+}
+
+// With member lists: the logits of the rows partly attended clusters
+// plan.partial[b, e) have left, into s.logits by slot. Computed in row
+// order: the rows lie at random in their segments, and each read in
+// cluster order was a cache and TLB miss that prefetching did not hide
+// (2-core VM); by row, neighbours share pages and lines come in order.
+// The sums over them stay in member order (RestMass), so the answer is
+// the same to the bit.
+void RestLogits(const ClusterHead& c, const HeadPlan& plan, const std::vector<QueryRow>& rows, int64_t b, int64_t e, const EstimateProblem& p, PartialScratch& s) {
+  const int d = p.headDim, G = int(rows.size());
+  s.first.assign(size_t(e - b) + 1, 0);
+  s.order.clear();
+  uint32_t slot = 0;
+  for (int64_t j = b; j < e; ++j) {
+    const PartialRef& ref = plan.partial[size_t(j)];
+    const int32_t cl = ref.cluster;
+    const uint64_t* ex = plan.rows.data() + ref.begin;
+    const size_t exN = ref.end - ref.begin;
+    s.first[size_t(j - b)] = slot;
+    for (int32_t i = c.offsets[cl]; i < c.offsets[cl + 1]; ++i) {
+      const int32_t r = c.members[i];
+      const uint64_t* at = std::lower_bound(ex, ex + exN, uint64_t(uint32_t(cl)) << 32 | uint32_t(r));
+      if (at != ex + exN && RowOf(*at) == r) continue;
+      s.order.push_back(uint64_t(uint32_t(r)) << 32 | slot++);
+    }
+  }
+  s.first[size_t(e - b)] = slot;
+  std::sort(s.order.begin(), s.order.end());
+  s.logits.resize(size_t(slot) * size_t(G));
+  constexpr size_t kRowsAhead = 8;
+  for (size_t k = 0; k < s.order.size(); ++k) {
+    if (k + kRowsAhead < s.order.size()) PrefetchRow(c.keys + size_t(s.order[k + kRowsAhead] >> 32) * d, d);
+    const size_t r = size_t(s.order[k] >> 32), at = size_t(uint32_t(s.order[k])) * size_t(G);
+    WidenRow(c.keys + r * d, p.dtype, size_t(d), s.key.data());
+    for (int g = 0; g < G; ++g) s.logits[at + size_t(g)] = double(p.scale * Dot(rows[size_t(g)].q, s.key.data(), size_t(d)));
+  }
+}
+
+// log of cluster ref.cluster's rest's mass for each row g, into lm[g]: with
+// member lists log Σ_r exp(w_r) over the rows it has left (their logits
+// from RestLogits, slots of chunk cluster j),
 // else one logit from the rest's moments (float64, the exact rows' keys
 // taken out) plus log(count). Returns the rows read.
-double RestMass(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, const std::vector<QueryRow>& rows, const EstimateProblem& p, PartialScratch& s, double* lm) {
+double RestMass(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, int64_t j, const std::vector<QueryRow>& rows, const EstimateProblem& p, PartialScratch& s, double* lm) {
   const int d = p.headDim, G = int(rows.size());
   const int32_t cl = ref.cluster;
   const double n = c.counts[cl], count = n - double(ref.end - ref.begin);
   const uint64_t* ex = plan.rows.data() + ref.begin;
   const size_t exN = ref.end - ref.begin;
   if (c.members) {
-    // The cluster's rows in member order, less the exact ones (both ascending when members are: a merge walk; else a search).
+    // The rows it has left, in member order: their logits (RestLogits) summed as the rows come.
     std::fill(s.mx.begin(), s.mx.end(), -std::numeric_limits<double>::infinity());
     std::fill(s.sum.begin(), s.sum.end(), 0.0);
-    double read = 0;
-    for (int32_t i = c.offsets[cl]; i < c.offsets[cl + 1]; ++i) {
-      const int32_t r = c.members[i];
-      const uint64_t* at = std::lower_bound(ex, ex + exN, uint64_t(uint32_t(cl)) << 32 | uint32_t(r));
-      if (at != ex + exN && RowOf(*at) == r) continue;
-      ++read;
-      WidenRow(c.keys + size_t(r) * d, p.dtype, size_t(d), s.key.data());
+    for (uint32_t slot = s.first[size_t(j)]; slot < s.first[size_t(j) + 1]; ++slot)
       for (int g = 0; g < G; ++g) {
-        const double x = double(p.scale * Dot(rows[size_t(g)].q, s.key.data(), size_t(d)));
+        const double x = s.logits[size_t(slot) * size_t(G) + size_t(g)];
         double& mx = s.mx[size_t(g)];
         double& sum = s.sum[size_t(g)];
         if (x > mx) sum = sum * std::exp(mx - x) + 1.0, mx = x;
         else sum += std::exp(x - mx);
       }
-    }
     for (int g = 0; g < G; ++g) lm[g] = s.mx[size_t(g)] + std::log(s.sum[size_t(g)]);
-    return read;
+    return double(s.first[size_t(j) + 1] - s.first[size_t(j)]);
   }
   WidenRow(c.centroids + size_t(cl) * p.centroidStride, p.dtype, size_t(d) + 1, s.row.data());
   const bool second = c.keyVars != nullptr;
@@ -239,31 +299,6 @@ void RestValues(const ClusterHead& c, const HeadPlan& plan, const PartialRef& re
   }
 }
 
-// The rows a partly attended cluster reads lie at random in its segment
-// (its members' keys, its exact rows' values): each a cache miss, which a
-// cluster's few dot products did not hide. Requested kAhead clusters early.
-constexpr int64_t kAhead = 2;
-
-void PrefetchRow(const uint16_t* row, int d) {
-  const char* at = reinterpret_cast<const char*>(row);
-  for (int off = 0; off < 2 * d; off += 64) __builtin_prefetch(at + off);
-  __builtin_prefetch(at + 2 * d - 1);
-}
-
-void PrefetchRest(const ClusterHead& c, const HeadPlan& plan, const PartialRef& ref, const EstimateProblem& p, bool keys) {
-  const int d = p.headDim;
-  if (!keys) {
-    PrefetchRow(c.valueMeans + size_t(ref.cluster) * d, d);
-    for (uint32_t k = ref.begin; k < ref.end; ++k) PrefetchRow(c.values + size_t(RowOf(plan.rows[k])) * d, d);
-    return;
-  }
-  PrefetchRow(c.centroids + size_t(ref.cluster) * p.centroidStride, d);
-  if (c.members)
-    for (int32_t i = c.offsets[ref.cluster]; i < c.offsets[ref.cluster + 1]; ++i) PrefetchRow(c.keys + size_t(c.members[i]) * d, d);
-  else if (c.keys)
-    for (uint32_t k = ref.begin; k < ref.end; ++k) PrefetchRow(c.keys + size_t(RowOf(plan.rows[k])) * d, d);
-}
-
 // Partly attended clusters plan.partial[b, e), for the group's rows: into
 // parts[g]. Each weighs its rest's mass (RestMass) and carries its rest's
 // mean value.
@@ -273,11 +308,12 @@ void PartialClusters(const ClusterHead& c, const HeadPlan& plan, const std::vect
   // Per partial cluster and row g: the log of its mass, before the shift.
   std::vector<double> lmass(size_t(e - b) * size_t(G));
   std::vector<double> hi(static_cast<size_t>(G), -std::numeric_limits<double>::infinity());
+  if (c.members) RestLogits(c, plan, rows, b, e, p, s);
   for (int64_t j = b; j < e; ++j) {
-    if (j + kAhead < e) PrefetchRest(c, plan, plan.partial[size_t(j + kAhead)], p, true);
+    if (!c.members && j + kAhead < e) PrefetchRest(c, plan, plan.partial[size_t(j + kAhead)], p, true);
     const PartialRef& ref = plan.partial[size_t(j)];
     double* lm = lmass.data() + size_t(j - b) * size_t(G);
-    counts.scanned += RestMass(c, plan, ref, rows, p, s, lm);
+    counts.scanned += RestMass(c, plan, ref, j - b, rows, p, s, lm);
     counts.estimated += double(c.counts[ref.cluster]) - double(ref.end - ref.begin);
     for (int g = 0; g < G; ++g) hi[size_t(g)] = std::max(hi[size_t(g)], lm[g]);
   }
