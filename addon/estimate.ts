@@ -17,6 +17,8 @@ export interface ClusterHeadArgs {
   values: Uint16Array;
   clusters: number;
   tokens: number;
+  /** Clusters the step attends whole: not estimated (their members in `exact` are ignored). */
+  retrieved?: Int32Array;
   /** Rows attended exactly: they leave their cluster's estimate (a cluster attended whole is skipped). */
   exact?: Int32Array;
   /**
