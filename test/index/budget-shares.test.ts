@@ -4,19 +4,18 @@
 // tokens (a share rounded up per document attended up to one more token per
 // document: 7 for a budget of 5 over three documents), and the methods that
 // keep the top k exactly the budget where the documents hold that many.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { methodNames } from '../../index/registry.js';
 import { budgetShares } from '../../index/static-plus-retrieved.js';
 import type { LayerContext } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
-import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { tensor, type KvrecallClient } from '../../clients/ts/client.js';
 import { blockSummaryBuilder } from '../../index/block-select.js';
 import { findMethod } from '../../index/registry.js';
 import { questBuilder } from '../../index/quest.js';
 import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { useServer } from '../helpers/server.js';
 
 const seed = freshSeed();
 
@@ -49,12 +48,10 @@ describe(`every method over three documents (seed ${seed})`, () => {
   const model = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
   const sizes: Record<string, number> = { first: 700, second: 37, third: 130 };
   const total = Object.values(sizes).reduce((a, b) => a + b, 0);
-  const tmp = tempDataDir();
-  let server: RunningServer;
+  const live = useServer();
   let client: KvrecallClient;
   beforeAll(async () => {
-    server = await startInProcess(tmp.dir);
-    client = new KvrecallClient({ url: server.url });
+    client = live.client();
     const rng = new Rng(seed);
     for (const [id, n] of Object.entries(sizes)) {
       await client.createDocument(id, model, { methods: [...methodNames].filter((m) => m !== 'exact'), queryStride: 1 });
@@ -63,10 +60,6 @@ describe(`every method over three documents (seed ${seed})`, () => {
       await client.uploadDocumentKv(id, { layer: 0, start: 0, k: c.k, v: c.v, q: f32Tensor([model.qHeads, n, model.headDim], q) });
       await client.sealDocument(id);
     }
-  });
-  afterAll(async () => {
-    await server.close();
-    tmp.cleanup();
   });
 
   it.each([...methodNames].filter((m) => m !== 'exact'))('%s attends at most the budget beyond the static part', async (method) => {

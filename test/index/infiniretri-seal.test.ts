@@ -1,9 +1,8 @@
 // InfiniRetri's seal-time reading (index/infiniretri*.ts): the document's
 // prefill queries read it chunk by chunk and keep their evidence, stored as
 // an artifact that a session loads without reading the document again.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { tensor, type KvrecallClient } from '../../clients/ts/client.js';
 import type { Tensor } from '../../core/tensor.js';
 import { decodeKept, encodeKept, INFINIRETRI_VERSION } from '../../index/infiniretri-artifact.js';
 import { phraseScores, readChunks } from '../../index/infiniretri-read.js';
@@ -13,7 +12,7 @@ import { f16Bits } from '../helpers/half.js';
 import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, referenceAttention } from '../helpers/reference.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { useServer } from '../helpers/server.js';
 
 const seed = freshSeed();
 console.log(`infiniretri-seal: seed ${seed}`);
@@ -126,19 +125,13 @@ describe('infiniretri: the artifact', () => {
 });
 
 describe('infiniretri: through the server', () => {
-  const tmp = tempDataDir();
-  let server: RunningServer;
+  const live = useServer();
   let client: KvrecallClient;
   beforeAll(async () => {
-    server = await startInProcess(tmp.dir);
-    client = new KvrecallClient({ url: server.url });
+    client = live.client();
     await client.createDocument('book', model, { methods: ['infiniretri'], queryStride: STRIDE });
     await client.uploadDocumentKv('book', { layer: 0, start: 0, k: doc.k, v: doc.v, q: f32Tensor([model.qHeads, TOKENS, d], prefill) });
     await client.sealDocument('book');
-  });
-  afterAll(async () => {
-    await server.close();
-    tmp.cleanup();
   });
 
   it('a session attends the needle the seal kept, loaded without reading the document again', async () => {
@@ -149,7 +142,7 @@ describe('infiniretri: through the server', () => {
       expect(new Set(sel).has(NEEDLE)).toBe(true);
       expect(sel.length).toBeLessThanOrEqual(4 + 90 + 8);
     }
-    expect(server.engine.documents.buildsAfterSeal).toBe(0);
+    expect(live.server().engine.documents.buildsAfterSeal).toBe(0);
   });
 
   it('with a budget covering the document answers exact attention (float64 reference)', async () => {

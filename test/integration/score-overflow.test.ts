@@ -4,23 +4,20 @@
 // stream, and it changes nothing: its appended token is taken back, so the
 // retry at the same position is taken and answers as a session that never
 // saw the bad step.
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { RunningServer } from '../../api/server.js';
-import { KvrecallClient, KvrecallRequestError, tensor, type AttendReply, type BatchResult, type SessionSpec } from '../../clients/ts/client.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { KvrecallRequestError, tensor, type KvrecallClient, type AttendReply, type BatchResult, type SessionSpec } from '../../clients/ts/client.js';
 import { asStep, f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
-import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { useServer } from '../helpers/server.js';
 
 const seed = freshSeed();
 const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
-const tmp = tempDataDir();
+const live = useServer();
 const rng = new Rng(seed);
-let server: RunningServer;
 let client: KvrecallClient;
 
 beforeAll(async () => {
-  server = await startInProcess(tmp.dir);
-  client = new KvrecallClient({ url: server.url });
+  client = live.client();
   await client.createDocument('doc', model);
   const c = randomKv(rng, 'f16', model.kvHeads, 300, model.headDim);
   await client.uploadDocumentKv('doc', { layer: 0, start: 0, k: c.k, v: c.v });
@@ -44,10 +41,6 @@ beforeAll(async () => {
 });
 const GRAPH = 6000;
 const WIDE = 2100;
-afterAll(async () => {
-  await server.close();
-  tmp.cleanup();
-});
 
 const qT = (q: Float32Array) => tensor('f32', [model.qHeads, model.headDim], q);
 const q = randomQ(rng, model.qHeads, model.headDim);
