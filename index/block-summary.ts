@@ -154,7 +154,7 @@ export class BlockSummary implements HeadIndex {
    * Scores every block (max over the group and its rows): the `k` best
    * blocks, best first, and every block's score, by block (fresh arrays).
    * One native pass; the per-block maxima are taken in JS, so this is for
-   * tests, benches and search, not a decode step (topHeads).
+   * tests, benches and search, not a decode step (candidateRows).
    */
   async scoreBlocks(q: Float32Array, group: number, k = this.blocks): Promise<{ order: Int32Array; scores: Float32Array }> {
     return (await BlockSummary.scoreHeads([this], q, group, k))[0];
@@ -211,41 +211,6 @@ export class BlockSummary implements HeadIndex {
     }
     for (let i = 0; i < n; i++) f[out[i]] &= ~SEEN;
     return out.subarray(0, n);
-  }
-
-  /** Per extra block, the best of its rows' scores (rowScore(row) for rows b·reps ..). */
-  private extraOf(extra: Int32Array, rowScore: (i: number) => number): Float32Array {
-    const R = this.reps, out = new Float32Array(extra.length);
-    for (let i = 0; i < extra.length; i++) {
-      let best = -Infinity;
-      for (let r = 0; r < R; r++) best = Math.max(best, rowScore(i * R + r));
-      out[i] = best;
-    }
-    return out;
-  }
-
-  /**
-   * A step's candidates for every kv head: the top `k` blocks, best first
-   * (higher score, then lower id), and the scores of the blocks extra[h].
-   * The same as a decode step's candidateRows, deduped to blocks in JS: for
-   * tests and benches.
-   */
-  static async topHeads(
-    heads: BlockSummary[],
-    q: Float32Array,
-    group: number,
-    k: number,
-    extra: Int32Array[],
-    scorer?: BlockScorer,
-  ): Promise<{ order: Int32Array; extraScores: Float32Array }[]> {
-    const R = heads[0].reps;
-    const extraRows = extra.map((ids) => Int32Array.from({ length: ids.length * R }, (_, i) => ids[Math.floor(i / R)] * R + (i % R)));
-    return BlockSummary.candidateRows(heads, q, group, k, extraRows, scorer, (c) =>
-      c.top.map((ids, h) => ({
-        order: heads[h].blocksOf(ids, k),
-        extraScores: heads[h].extraOf(extra[h], (i) => (c.extraScores ? c.extraScores[h][i] : c.rowScores![h][extraRows[h][i]])),
-      })),
-    );
   }
 
   /**
@@ -313,7 +278,7 @@ export class BlockSummary implements HeadIndex {
   /**
    * The stateless HeadIndex view: tokens of the top blocks by the block
    * score, best block first (scored in JS on widened rows; the methods use
-   * topHeads).
+   * candidateRows).
    */
   search(q: Float32Array, group: number, k: number): SearchResult {
     const stride = this.stride, n = this.blocks * this.reps;

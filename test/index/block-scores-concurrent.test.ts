@@ -26,14 +26,19 @@ describe(`block scoring by concurrent steps (seed ${seed})`, () => {
     const blocks = 6000;
     const heads = Array.from({ length: kvHeads }, () => new BlockSummary(blocks, SUMMARY_BLOCK, blocks * SUMMARY_BLOCK, d, dtype, words(rng, blocks * d), new Float32Array(blocks).fill(1 / blocks)));
     const qs = queries(rng);
+    // A step's previous blocks, as the rows whose scores it asks for (one row per block here).
     const prev = qs.map(() => heads.map(() => Int32Array.from({ length: 16 }, () => Math.floor(rng.next() * blocks)).sort()));
+    // The decode step's call: its top rows and its previous rows' scores, copied before the host pass's arrays go back.
+    const step = (i: number) =>
+      BlockSummary.candidateRows(heads, qs[i], G, 40, prev[i], undefined, (c) =>
+        c.top.map((ids, h) => ({ top: [...ids], extraScores: Array.from(prev[i][h], (r) => c.rowScores![h][r]) })));
     const alone = [];
-    for (let i = 0; i < STEPS; i++) alone.push(await BlockSummary.topHeads(heads, qs[i], G, 40, prev[i]));
-    const together = await Promise.all(qs.map((q, i) => BlockSummary.topHeads(heads, q, G, 40, prev[i])));
+    for (let i = 0; i < STEPS; i++) alone.push(await step(i));
+    const together = await Promise.all(qs.map((_, i) => step(i)));
     for (let i = 0; i < STEPS; i++)
       for (let h = 0; h < kvHeads; h++) {
-        expect([...together[i][h].order]).toEqual([...alone[i][h].order]);
-        expect([...together[i][h].extraScores]).toEqual([...alone[i][h].extraScores]);
+        expect(together[i][h].top).toEqual(alone[i][h].top);
+        expect(together[i][h].extraScores).toEqual(alone[i][h].extraScores);
       }
     // And scoreHeads (every block's score) alike.
     const scoresAlone = [];
