@@ -73,6 +73,11 @@ def split(data: bytes, size: int):
 
 
 class RawHTTP(unittest.TestCase):
+    def assertEcho(self, data, body):
+        """The echo server's answer: the body's sha256 in hex, then the body."""
+        self.assertEqual(bytes(data[:64]), hashlib.sha256(body).hexdigest().encode())
+        self.assertEqual(bytes(data[64:]), body)
+
     def test_bodies_both_ways_in_any_split(self):
         def answer(method, path, headers, body):
             digest = hashlib.sha256(body).hexdigest().encode()
@@ -86,8 +91,7 @@ class RawHTTP(unittest.TestCase):
                 body = os.urandom(n)
                 res = conn.request("POST", "/echo", body, {"x-piece": str(piece)})
                 self.assertEqual((res.status, res.reason, res.getheader("content-type")), (201, "Made", "text/x"))
-                self.assertEqual(bytes(res.data[:64]), hashlib.sha256(body).hexdigest().encode())
-                self.assertEqual(bytes(res.data[64:]), body)
+                self.assertEcho(res.data, body)
             self.assertEqual(server.connections, 1)
         finally:
             conn.close()
@@ -136,8 +140,7 @@ class RawHTTP(unittest.TestCase):
                 res = conn.exchange("POST", head, parts, len(body), view=True)
                 fits = 64 + len(body) + 100 < len(conn._buf)
                 self.assertEqual(isinstance(res.data, memoryview) and res.data.obj is conn._buf, fits, (piece, rows))
-                self.assertEqual(bytes(res.data[:64]), hashlib.sha256(body).hexdigest().encode())
-                self.assertEqual(bytes(res.data[64:]), body)
+                self.assertEcho(res.data, body)
             self.assertEqual(server.connections, 1)
         finally:
             conn.close()
