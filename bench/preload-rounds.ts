@@ -1,4 +1,4 @@
-// node dist/bench/preload-rounds.js [--tokens 131072 --layers 2 --chunk 4096 --rounds 3 --shards 0 --server-cli PATH --tag vm-rounds]
+// node dist/bench/preload-rounds.js [--tokens 131072 --layers 2 --chunk 4096 --rounds 3 --shards 0 --paths ts,python,cli --server-cli PATH --tag vm-rounds]
 //
 // The three preload paths against one server, round after round: the
 // TypeScript client (KvrecallClient over the stream, as bench/preload.ts),
@@ -36,8 +36,10 @@ const KV_HEADS = 8, D = 128, SOURCES = 8;
 const BYTES = LAYERS * TOKENS * KV_HEADS * D * 2 * 2;
 const ROOT = join(import.meta.dirname, '..', '..');
 const PHASES = ['readMs', 'decodeMs', 'queueMs', 'checkMs', 'appendMs', 'writeMs'] as const;
-const PATHS = ['ts', 'python', 'cli'] as const;
-type Path = (typeof PATHS)[number];
+const ALL_PATHS = ['ts', 'python', 'cli'] as const;
+type Path = (typeof ALL_PATHS)[number];
+// --paths ts,cli: a host whose python3 lacks msgpack (the GPU host's) skips the Python client.
+const PATHS: readonly Path[] = opt('paths') ? ALL_PATHS.filter((p) => opt('paths')!.split(',').includes(p)) : ALL_PATHS;
 const progress = (msg: string) => process.stderr.write(`[bench:preload-rounds] ${msg}\n`);
 
 interface Preload {
