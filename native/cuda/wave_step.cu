@@ -54,53 +54,11 @@
 #include "cuda/wave_step_attend.cuh"
 #include "cuda/wave_select.cuh"
 #include "cuda/step_graph.cuh"
+#include "cuda/wave_buffers.cuh"
+#include "cuda/wave_rest.cuh"
 
 namespace kvr {
 namespace cuda {
-namespace {
-
-int64_t Cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// A device buffer that only grows (the stream is idle between steps).
-struct DevBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  void Need(size_t n, const char* what) {
-    if (n <= bytes) return;
-    if (p) cudaFree(p);
-    p = nullptr;
-    bytes = 0;
-    Check(cudaMalloc(&p, n), what);
-    bytes = n;
-  }
-  ~DevBuf() { if (p) cudaFree(p); }
-};
-struct HostBuf {
-  void* p = nullptr;
-  size_t bytes = 0;
-  void Need(size_t n, const char* what) {
-    if (n <= bytes) return;
-    if (p) cudaFreeHost(p);
-    p = nullptr;
-    bytes = 0;
-    Check(cudaHostAlloc(&p, n, cudaHostAllocDefault), what);
-    bytes = n;
-  }
-  ~HostBuf() { if (p) cudaFreeHost(p); }
-};
-
-// Carves one buffer into aligned arrays: first Add every array, then Bind.
-struct Layout {
-  size_t at = 0;
-  size_t Add(size_t bytes) {
-    const size_t o = at;
-    at += Align(bytes);
-    return o;
-  }
-  template <typename T> static T* At(void* base, size_t off) { return reinterpret_cast<T*>(static_cast<char*>(base) + off); }
-};
-
-}  // namespace
 
 struct WaveStore::Impl {
   WaveStoreConfig cfg;
@@ -120,6 +78,7 @@ struct WaveStore::Impl {
   CutState* cuts = nullptr;
   uint32_t* range = nullptr;  // [2, kvHeads, 2]: each cut's order range per head
   StepGraph graph;  // the lean step's launches (WaveStepArgs::graph)
+  RestState rest;   // Rest's buffers and graphs (wave_rest.cuh)
   std::mutex mu;
   ~Impl() {
     for (auto& e : ev)
@@ -262,8 +221,14 @@ WaveStoreBytes WaveStore::Bytes() const {
   b.summaries = int64_t(I.summaryBytes);
   b.moments = int64_t(I.momentBytes);
   b.kv = int64_t(I.kvBytes);
-  b.scratch = int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes);
+  b.scratch = int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.rest.work.bytes + I.rest.in.bytes + I.rest.out.bytes);
   return b;
+}
+
+WaveRestResult WaveStore::Rest(const WaveRestArgs& a) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  return RunRest(I.rest, I.p, I.cfg, I.cmax, I.stream, I.ev, a);
 }
 
 WaveStepResult WaveStore::Step(const WaveStepArgs& a) {

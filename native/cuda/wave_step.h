@@ -126,6 +126,47 @@ struct WaveStepResult {
   int64_t graphCaptures = 0;  // graphs this store has captured so far (a steady shape: one)
 };
 
+// The estimation zone of another method's selection (issue #13 items 3-4):
+// every cluster minus the rows the caller attends exactly, given per kv head,
+// as estimateClusters over estimateArgs(rows, order) computes it (index/wave/
+// cluster-index.ts; the engine's estimateRest), with no ranking or rescoring:
+// the store selects nothing and attends nothing.
+enum class WaveRestOrder { kRows, kMoments, kFirst };
+
+struct WaveRestArgs {
+  const float* q = nullptr;          // [qHeads, headDim]
+  const float* normTerms = nullptr;  // [qHeads]: ‖q‖ as the host's estimate computes it (sqrt of its Dot(q, q))
+  int qHeads = 0;
+  float scale = 1.f;
+  // Head h's rows attended exactly: its [lo, hi) ranges (pairs
+  // rangeStart[h] .. rangeStart[h + 1] of `ranges`, flat), then its ids
+  // (idStart[h] .. idStart[h + 1] of `ids`). A row listed twice is attended
+  // once. Ranges within [0, tokens), ids in [0, tokens) (the binding checks
+  // the ids).
+  std::vector<int32_t> ranges;
+  std::vector<int64_t> rangeStart;  // [kvHeads + 1]
+  std::vector<int32_t> ids;
+  std::vector<int64_t> idStart;     // [kvHeads + 1]
+  // kRows: second order, a partly attended cluster's remaining rows by their
+  // own logits (estimateArgs' 'rows', the engine's); kMoments: by their
+  // moments; kFirst: first order.
+  WaveRestOrder order = WaveRestOrder::kRows;
+  bool stageTimes = false;  // as WaveStepArgs
+  bool graph = true;        // as WaveStepArgs: without stage times, the launches replayed from a graph
+};
+
+struct WaveRestResult {
+  std::vector<float> out;         // [qHeads, headDim]: the estimate
+  std::vector<float> lse;         // [qHeads]; -inf where nothing is estimated
+  std::vector<double> estimated;  // [kvHeads]: tokens the estimate covers
+  std::vector<double> scanned;    // [kvHeads]: keys read for the rows partly attended clusters have left (kRows)
+  std::vector<int64_t> rows;      // [kvHeads]: exact rows given (a row listed twice counts twice)
+  float ms = 0;                   // inputs in to outputs out on the stream, CUDA events
+  std::vector<std::pair<std::string, float>> stages;  // with stageTimes
+  std::vector<std::pair<std::string, float>> host;    // prep, launch, wait, copy
+  int64_t graphCaptures = 0;      // graphs the store's rest calls have captured so far
+};
+
 struct WaveStoreBytes {
   int64_t summaries = 0;  // centroids, value means, key axes and variances, counts, member lists, token->cluster
   int64_t moments = 0;    // of which the key axes and variances (what kSpread adds)
@@ -150,6 +191,9 @@ class WaveStore {
   // One layer-step; blocks until the outputs are on the host. Calls from
   // several threads take turns.
   WaveStepResult Step(const WaveStepArgs& a);
+  // The estimate of what another method's selection leaves out (WaveRestArgs);
+  // takes turns with Step.
+  WaveRestResult Rest(const WaveRestArgs& a);
 
  private:
   struct Impl;
