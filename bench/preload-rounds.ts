@@ -1,4 +1,4 @@
-// node dist/bench/preload-rounds.js [--tokens 131072 --layers 2 --chunk 4096 --rounds 3 --shards 0 --paths ts,python,cli --server-cli PATH --tag vm-rounds]
+// node dist/bench/preload-rounds.js [--tokens 131072 --layers 2 --chunk 4096 --rounds 3 --shards 0 --paths ts,python,cli,cli-b --cli-b PATH --server-cli PATH --tag vm-rounds]
 //
 // The three preload paths against one server, round after round: the
 // TypeScript client (KvrecallClient over the stream, as bench/preload.ts),
@@ -36,10 +36,12 @@ const KV_HEADS = 8, D = 128, SOURCES = 8;
 const BYTES = LAYERS * TOKENS * KV_HEADS * D * 2 * 2;
 const ROOT = join(import.meta.dirname, '..', '..');
 const PHASES = ['readMs', 'decodeMs', 'queueMs', 'checkMs', 'appendMs', 'writeMs'] as const;
-const ALL_PATHS = ['ts', 'python', 'cli'] as const;
+const ALL_PATHS = ['ts', 'python', 'cli', 'cli-b'] as const;
 type Path = (typeof ALL_PATHS)[number];
-// --paths ts,cli: a host whose python3 lacks msgpack (the GPU host's) skips the Python client.
-const PATHS: readonly Path[] = opt('paths') ? ALL_PATHS.filter((p) => opt('paths')!.split(',').includes(p)) : ALL_PATHS;
+// --cli-b PATH: another build's kvrecall.cjs (or cli.js) preloads too, as path cli-b, for an A/B of the CLI in one sitting.
+const CLI_B = opt('cli-b');
+// --paths ts,cli: a host whose python3 lacks msgpack skips the Python client.
+const PATHS: readonly Path[] = ALL_PATHS.filter((p) => (opt('paths') ? opt('paths')!.split(',').includes(p) : p !== 'cli-b') && (p !== 'cli-b' || CLI_B));
 const progress = (msg: string) => process.stderr.write(`[bench:preload-rounds] ${msg}\n`);
 
 interface Preload {
@@ -145,11 +147,11 @@ async function viaPython(server: BenchServer, dir: string): Promise<Omit<Preload
   return { uploadS: r.uploadS, sealS: r.sealS, serverUploadCpuS: r.serverCpuS, serverSealCpuS: c1 - c0 - r.serverCpuS, phases };
 }
 
-async function viaCli(server: BenchServer, id: string, file: string): Promise<Omit<Preload, 'round' | 'path' | 'load'>> {
+async function viaCli(server: BenchServer, id: string, file: string, cli: string): Promise<Omit<Preload, 'round' | 'path' | 'load'>> {
   const c0 = cpuSeconds(server.pid), t0 = performance.now();
   let t1 = 0, c1 = 0;
   // The progress bar ends its line when every upload is answered.
-  await run(process.execPath, [join(import.meta.dirname, '..', 'cli', 'kvrecall.cjs'), 'preload', file, '--id', id, '--url', server.url, '--methods', 'exact', '--chunk', String(CHUNK)], ROOT, (s) => {
+  await run(process.execPath, [cli, 'preload', file, '--id', id, '--url', server.url, '--methods', 'exact', '--chunk', String(CHUNK)], ROOT, (s) => {
     if (!t1 && s.includes('\n')) (t1 = performance.now()), (c1 = cpuSeconds(server.pid));
   });
   const t2 = performance.now(), c2 = cpuSeconds(server.pid);
@@ -169,7 +171,7 @@ async function main(): Promise<void> {
     for (let round = 0; round < ROUNDS; round++)
       for (let j = 0; j < PATHS.length; j++) {
         const path = PATHS[(round + j) % PATHS.length], id = `doc-${round}-${path}`, load = loadavg()[0];
-        const r = path === 'ts' ? await viaTs(server, id, sources) : path === 'python' ? await viaPython(server, work) : await viaCli(server, id, file);
+        const r = path === 'ts' ? await viaTs(server, id, sources) : path === 'python' ? await viaPython(server, work) : await viaCli(server, id, file, path === 'cli-b' ? CLI_B! : join(import.meta.dirname, '..', 'cli', 'kvrecall.cjs'));
         preloads.push({ round, path, ...r, load });
         progress(`round ${round} ${path}: upload ${r.uploadS.toFixed(2)} s (${(BYTES / r.uploadS / 1e9).toFixed(2)} GB/s), server CPU ${r.serverUploadCpuS.toFixed(2)} s, seal ${r.sealS.toFixed(2)} s (${(BYTES / r.sealS / 1e9).toFixed(2)} GB/s); load ${load.toFixed(1)}`);
       }
@@ -177,7 +179,7 @@ async function main(): Promise<void> {
     await server.stop();
     rmSync(work, { recursive: true, force: true });
   }
-  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), serverCli: SERVER_CLI ?? 'this build', tokens: TOKENS, layers: LAYERS, chunk: CHUNK, shards: SHARDS || 'default', bytes: BYTES, preloads };
+  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), serverCli: SERVER_CLI ?? 'this build', ...(CLI_B && { cliB: CLI_B }), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, shards: SHARDS || 'default', bytes: BYTES, preloads };
   const base = join(ROOT, 'bench', 'results', `preload-${TAG}`);
   writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
   const gbs = (s: number) => (BYTES / s / 1e9).toFixed(2), f2 = (x: number) => x.toFixed(2);
@@ -185,7 +187,7 @@ async function main(): Promise<void> {
   const lines = [
     `# Preload rounds against one server: TypeScript client, Python client, CLI (${m.cpu}, ${m.cores} cores)`,
     '',
-    `One server process on 127.0.0.1 (${SERVER_CLI ?? 'this build'}), LMDB store, block environments per document: ${SHARDS || "the server's default"}; every preload ${LAYERS} layer(s) × ${TOKENS} tokens × ${KV_HEADS} kv heads × d=${D}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens over the stream (2 unanswered), methods: exact only, then seal, then delete; the paths' order turns each round. Seal = the seal call until durable. CLI: upload from its process start (node, reading the file) to its progress bar's 100%. Server phases summed over the uploads, seconds.`,
+    `One server process on 127.0.0.1 (${SERVER_CLI ?? 'this build'}), LMDB store, block environments per document: ${SHARDS || "the server's default"}; every preload ${LAYERS} layer(s) × ${TOKENS} tokens × ${KV_HEADS} kv heads × d=${D}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens over the stream (2 unanswered), methods: exact only, then seal, then delete; the paths' order turns each round. Seal = the seal call until durable. CLI: upload from its process start (node, reading the file) to its progress bar's 100%${CLI_B ? `; cli-b: the same with ${CLI_B}` : ''}. Server phases summed over the uploads, seconds.`,
     '',
     '| round | path | load | upload s | upload GB/s | server CPU s | GB per server CPU s | seal s | seal GB/s | seal server CPU s | read | decode | queue | check | append | write |',
     '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',

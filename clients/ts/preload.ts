@@ -107,31 +107,44 @@ async function uploadAndSeal(
   let done = 0;
   const stream = await client.openStream();
   const uploads = new UploadWindow(stream, o.window ?? 2);
-  // One buffer per tensor kind, reused for every chunk: an upload's tensors are in the socket once send resolves.
-  const scratch = new Map<string, Buffer>();
-  const slice = (name: string, from: number, to: number, heads: number): Tensor => {
+  // Two sets of buffers, one per tensor kind each, taken in turn: chunk i+1 is read (off the event loop) into one
+  // while chunk i's tensors, in the other, go into the socket. An upload's tensors are in the socket once send resolves.
+  const sets = [new Map<string, Buffer>(), new Map<string, Buffer>()];
+  const slice = async (set: Map<string, Buffer>, name: string, from: number, to: number, heads: number): Promise<Tensor> => {
     const kind = name.split('.')[0];
     const t = f.tensors.get(name)!;
     const bytes = heads * o.chunk * (t.end - t.begin) / (t.shape[0] * t.shape[1]);
-    if (!scratch.has(kind) || scratch.get(kind)!.byteLength < bytes) scratch.set(kind, Buffer.allocUnsafeSlow(bytes));
-    return { dtype: t.dtype, shape: [heads, to - from, headDim], data: f.readTokens(name, from, to, scratch.get(kind)) };
+    if (!set.has(kind) || set.get(kind)!.byteLength < bytes) set.set(kind, Buffer.allocUnsafeSlow(bytes));
+    return { dtype: t.dtype, shape: [heads, to - from, headDim], data: await f.readTokensAsync(name, from, to, set.get(kind)) };
   };
+  const chunks: { layer: number; start: number; end: number }[] = [];
+  for (let layer = 0; layer < layers; layer++)
+    for (let start = 0; start < tokens; start += o.chunk) chunks.push({ layer, start, end: Math.min(tokens, start + o.chunk) });
+  const read = async (i: number): Promise<KvUploadBody> => {
+    const { layer, start, end } = chunks[i], set = sets[i % 2];
+    const [k, v, q] = await Promise.all([
+      slice(set, `k.${layer}`, start, end, kvHeads),
+      slice(set, `v.${layer}`, start, end, kvHeads),
+      f.tensors.has(`q.${layer}`) ? slice(set, `q.${layer}`, start, end, qHeads) : undefined,
+    ]);
+    return { layer, start, k, v, ...(q && { q }) };
+  };
+  let next = chunks.length > 0 ? read(0) : undefined;
   try {
-    for (let layer = 0; layer < layers; layer++)
-      for (let start = 0; start < tokens; start += o.chunk) {
-        const end = Math.min(tokens, start + o.chunk);
-        const body = {
-          layer,
-          start,
-          k: slice(`k.${layer}`, start, end, kvHeads),
-          v: slice(`v.${layer}`, start, end, kvHeads),
-          ...(f.tensors.has(`q.${layer}`) && { q: slice(`q.${layer}`, start, end, qHeads) }),
-        };
-        await uploads.send(o.id, body, () => o.progress((done += end - start), total));
-      }
+    for (let i = 0; i < chunks.length; i++) {
+      const body = await next!;
+      // The next read may start now: its buffers are the ones the upload before this one was in, which the socket has taken.
+      next = i + 1 < chunks.length ? read(i + 1) : undefined;
+      // A read that fails while this upload is sent is thrown at the next await of it, not left unhandled.
+      next?.catch(() => undefined);
+      const { start, end } = chunks[i];
+      await uploads.send(o.id, body, () => o.progress((done += end - start), total));
+    }
     await uploads.drain();
   } finally {
     stream.close();
+    // A read still running when an upload failed settles before the caller closes the file under it.
+    await next?.catch(() => undefined);
   }
   const sealed = await client.sealDocument(o.id);
   return { tokens: sealed.tokens, layers };

@@ -1,7 +1,7 @@
 // A minimal safetensors reader: an 8-byte little-endian header length, a
 // JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes.
 // Tensors are read by row ranges with positioned reads, never whole.
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, read, readSync } from 'node:fs';
 import { invalid } from '../../core/errors.js';
 import type { WireDtype } from '../../core/tensor.js';
 
@@ -52,14 +52,35 @@ export class SafetensorsFile {
    * in page faults), else in a new buffer.
    */
   readTokens(name: string, from: number, to: number, into?: Buffer): Uint8Array {
+    const { out, reads } = this.plan(name, from, to, into);
+    for (const r of reads) readSync(this.fd, out, r.at, r.length, r.position);
+    return out;
+  }
+
+  /**
+   * readTokens off the event loop: the heads' reads run on libuv's pool at
+   * once, so a reader can fetch the next chunk while the socket still takes
+   * this one (the CLI's preload: its reads had stalled the uploads).
+   */
+  async readTokensAsync(name: string, from: number, to: number, into?: Buffer): Promise<Uint8Array> {
+    const { out, reads } = this.plan(name, from, to, into);
+    await Promise.all(reads.map((r) => new Promise<void>((resolve, reject) => {
+      read(this.fd, out, r.at, r.length, r.position, (e, n) => (e ? reject(e) : n !== r.length ? reject(invalid(`tensor ${name}: the file ended inside its rows`)) : resolve()));
+    })));
+    return out;
+  }
+
+  /** Where each head's rows [from, to) lie in the file and go in the output. */
+  private plan(name: string, from: number, to: number, into?: Buffer): { out: Buffer; reads: { at: number; length: number; position: number }[] } {
     const t = this.tensors.get(name);
     if (!t || t.shape.length !== 3) throw invalid(`tensor ${name} missing or not [heads, tokens, dim]`);
     const [heads, tokens, dim] = t.shape;
+    if (!(Number.isInteger(from) && Number.isInteger(to) && 0 <= from && from <= to && to <= tokens)) throw invalid(`tensor ${name}: rows [${from}, ${to}) outside its ${tokens}`);
     const row = dim * BYTES[t.dtype];
     const bytes = heads * (to - from) * row;
     const out = into && into.byteLength >= bytes ? into.subarray(0, bytes) : Buffer.allocUnsafe(bytes);
-    for (let h = 0; h < heads; h++) readSync(this.fd, out, h * (to - from) * row, (to - from) * row, t.begin + (h * tokens + from) * row);
-    return out;
+    const reads = Array.from({ length: heads }, (_, h) => ({ at: h * (to - from) * row, length: (to - from) * row, position: t.begin + (h * tokens + from) * row }));
+    return { out, reads };
   }
 
   close(): void {

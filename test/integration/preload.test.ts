@@ -64,8 +64,15 @@ describe('preload', () => {
     expect(stderr).toMatch(/100\.0% 2468\/2468/);
     expect(await client.getDocument('st')).toMatchObject({ status: 'ready', tokens: n, methods: ['hnsw'], model: { ...model, dtype: 'f16' } });
     const s = await client.createSession({ model, documents: ['st'] });
-    const r = await client.attend(s.id, { layer: 1, q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), return: ['kv'] });
-    expect(Buffer.from(r.kv!.k[1].data)).toEqual(Buffer.from(layers[1].k.data.subarray(n * 16 * 2)));
+    // Every layer's K and V, every head, as the file holds them: the reader fills two sets of buffers in turn
+    // (chunk i+1 read while chunk i is sent), and a buffer reused too early would show here.
+    for (const layer of [0, 1]) {
+      const r = await client.attend(s.id, { layer, q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), return: ['kv'] });
+      for (const h of [0, 1]) {
+        expect(Buffer.from(r.kv!.k[h].data)).toEqual(Buffer.from(layers[layer].k.data.subarray(h * n * 16 * 2, (h + 1) * n * 16 * 2)));
+        expect(Buffer.from(r.kv!.v[h].data)).toEqual(Buffer.from(layers[layer].v.data.subarray(h * n * 16 * 2, (h + 1) * n * 16 * 2)));
+      }
+    }
   });
 
   it('refuses a chunk that is not a positive integer before creating anything', async () => {
