@@ -286,7 +286,7 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
 
 // ---------------------------------------------------------------- benchmark
 
-interface BenchConfig {
+export interface BenchConfig {
   tokens: number;
   kvHeads: number;
   G: number;
@@ -373,7 +373,7 @@ function keyRows(heads: WaveGpuHead[], d: number, dt: KvDtype): (h: number, t: n
 const p = (xs: number[], q: number) => quantile(xs, q);
 
 /** The bench's layer on the device and its steps (shared by the bench and the profile). */
-async function benchSetup(cfg: BenchConfig, log: (s: string) => void) {
+export async function benchSetup(cfg: BenchConfig, log: (s: string) => void) {
   const { tokens: N, kvHeads: H, G, d } = cfg, dt: KvDtype = 'f16';
   const rng = new Rng(20260513);
   const t0 = performance.now();

@@ -40,6 +40,12 @@ constexpr int kFindThreads = 1024, kBinsPerThread = kBins / kFindThreads;
 // pass reads them all; 1024 threads took the two cuts' share of the step from
 // 0.203 to 0.161 ms on an H100 (bench/results/wave-gpu-h100-cs16-resolve*.md).
 constexpr int kResolveThreads = 1024;
+// Elements a thread at most in the cuts' streaming kernels (their grids,
+// wave_step.cu): OrderRange's warps each end in two atomics on the head's two
+// words, so fewer of them; Histogram's CTAs each clear and flush 32 KiB of
+// bins, so a few elements each; CollectBin and TakeWeights two (a load, a
+// compare, a store: more CTAs hide the chain).
+constexpr int kRangePer = 8, kHistPer = 4, kScanPer = 2;
 
 // Per kv head: the cut of one selection.
 struct CutState {

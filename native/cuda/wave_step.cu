@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -301,6 +302,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
+  // KVRECALL_WAVE_LEGACY=1: the step as it was before the cuts' grids were
+  // widened (the same answers: bench/wave-gpu-ab.ts alternates the two and
+  // compares them bit for bit). Read at each step; in the graph's key.
+  const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
+  const bool legacy = legacyEnv && legacyEnv[0] == '1';
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -397,16 +403,24 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     CutState* const cuts2 = I.cuts + H;
     uint32_t* const range1 = I.range;
     uint32_t* const range2 = I.range + 2 * H;
-    const unsigned spread1 = unsigned(std::clamp<int64_t>(Cdiv(I.cmax, 4096), 1, 32));
+    // The cuts' streaming kernels over n elements a head, `per` a thread:
+    // each is a short chain of loads per element, so a grid of a few CTAs a
+    // head (the old 16 a head at 65536 clusters: 16 elements a thread, one
+    // CTA an SM) waited on them in turn. No answer depends on the grid (min,
+    // integer sums, per-element writes; CollectBin's order is resolved by key).
+    const auto cutGrid = [&](int64_t n, int per) {
+      const int64_t old = std::clamp<int64_t>(Cdiv(n, 4096), 1, 32);
+      return dim3(unsigned(legacy ? old : std::clamp<int64_t>(Cdiv(n, int64_t(per) * kThreads), 1, 65535)), unsigned(H));
+    };
     Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 16, s), "memset");
     Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
-    OrderRange<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1);
-    Histogram<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, I.hist);
+    OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
+    Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist);
     FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
     mark(3, s);
-    CollectBin<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
+    CollectBin<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
     ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
-    TakeWeights<<<dim3(spread1, unsigned(H)), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
+    TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
     Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
     if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
     mark(4, s);
@@ -420,15 +434,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
     if (tmax > 0) {
       const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
-      const unsigned spread2 = unsigned(std::clamp<int64_t>(Cdiv(tmax, 4096), 1, 32));
       Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
-      OrderRange<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2);
-      Histogram<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, I.hist);
+      OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
+      Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, I.hist);
       FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, I.hist, cuts2);
       mark(6, s);
-      CollectBin<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
+      CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
       ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
-      TakeWeights<<<dim3(spread2, unsigned(H)), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
+      TakeWeights<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
       Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
       ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
     } else {
@@ -482,14 +495,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids;
+      bool estimate, attend, ids, legacy;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);

@@ -1,0 +1,106 @@
+// The wave step's kernels against their previous path in one sitting (needs
+// a CUDA device): KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu run
+// the cuts' streaming kernels on their old few-CTA grids; without it the
+// grids are wide. The variable is read at each step, so this alternates the
+// two step by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
+//
+//   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4]
+//
+// Reports p50/p90 of the engine's call (attend, ids left on the device, no
+// stage times, graphs) for each path, per-stage p50s of the full call (ids,
+// stage times) for each, and whether every answer is the same bit for bit:
+// ids and counts, out, lse, estimated. Exits 1 when any differs.
+import { cudaAvailable, deviceName } from '../addon/cuda.js';
+import type { WaveGpuStepResult } from '../addon/wave-gpu.js';
+import { PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
+import { quantile } from './stats.js';
+import { benchSetup } from './wave-gpu.js';
+
+const LEGACY = 'KVRECALL_WAVE_LEGACY';
+
+function setLegacy(on: boolean): void {
+  if (on) process.env[LEGACY] = '1';
+  else delete process.env[LEGACY];
+}
+
+const sameBits = (a: Float32Array, b: Float32Array) =>
+  a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+
+/** The first difference between two answers of the same step, or '' when they are the same bit for bit. */
+function differs(a: WaveGpuStepResult, b: WaveGpuStepResult): string {
+  if (a.kept.join() !== b.kept.join()) return `kept ${a.kept.join('/')} vs ${b.kept.join('/')}`;
+  if (a.scanned.join() !== b.scanned.join()) return `scanned ${a.scanned.join('/')} vs ${b.scanned.join('/')}`;
+  if (a.estimated.join() !== b.estimated.join()) return `estimated ${a.estimated.join('/')} vs ${b.estimated.join('/')}`;
+  if ((a.ids === undefined) !== (b.ids === undefined)) return 'ids on one side only';
+  for (let h = 0; a.ids && b.ids && h < a.ids.length; h++)
+    if (a.ids[h].length !== b.ids[h].length || a.ids[h].some((x, i) => x !== b.ids?.[h][i])) return `ids of kv head ${h}`;
+  if (!sameBits(a.lse, b.lse)) return 'lse';
+  if (!sameBits(a.out, b.out)) {
+    let worst = 0;
+    a.out.forEach((x, i) => (worst = Math.max(worst, Math.abs(x - b.out[i]) / Math.max(1e-30, Math.abs(b.out[i])))));
+    return `out (max rel ${worst.toExponential(2)})`;
+  }
+  return '';
+}
+
+async function main(): Promise<void> {
+  const args = process.argv.slice(2);
+  const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+  const steps = Number(opt('--steps') ?? 50), clusterSize = Number(opt('--cluster-size') ?? 16), probe = Number(opt('--probe') ?? PROBE_ESTIMATED);
+  const info = cudaAvailable();
+  console.log(`device: ${deviceName(info)}`);
+  if (!info.ok) process.exit(2);
+  const { store, qs, step } = await benchSetup(
+    { tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps, probes: [] }, console.log);
+  const engine = (q: Float32Array) => step(q, true, 'spread', true, true, probe, true);
+  const full = (q: Float32Array) => step(q, true, 'spread', true, false, probe, true);
+  const ms: Record<'old' | 'new', number[]> = { old: [], new: [] };
+  const stages: Record<'old' | 'new', Record<string, number[]>> = { old: {}, new: {} };
+  const diffs: string[] = [];
+  try {
+    for (const legacy of [true, false]) {  // warm both paths (their graphs captured)
+      setLegacy(legacy);
+      for (let i = 0; i < 3; i++) await engine(qs[i]);
+    }
+    for (let i = 0; i < steps; i++) {
+      const q = qs[5 + (i % (qs.length - 5))];
+      const order = i % 2 ? [false, true] : [true, false];
+      const lean: Partial<Record<'old' | 'new', WaveGpuStepResult>> = {}, whole: Partial<Record<'old' | 'new', WaveGpuStepResult>> = {};
+      for (const legacy of order) {
+        setLegacy(legacy);
+        const key = legacy ? 'old' : 'new';
+        const r = await engine(q);
+        ms[key].push(r.ms);
+        lean[key] = r;
+      }
+      for (const legacy of order) {
+        setLegacy(legacy);
+        const key = legacy ? 'old' : 'new';
+        const r = await full(q);
+        for (const [k, v] of Object.entries(r.stages)) (stages[key][k] ??= []).push(v);
+        whole[key] = r;
+      }
+      const d1 = differs(lean.old as WaveGpuStepResult, lean.new as WaveGpuStepResult);
+      const d2 = differs(whole.old as WaveGpuStepResult, whole.new as WaveGpuStepResult);
+      if (d1 || d2) diffs.push(`step ${i}: ${d1 ? `engine call: ${d1}` : ''}${d1 && d2 ? '; ' : ''}${d2 ? `full call: ${d2}` : ''}`);
+    }
+  } finally {
+    setLegacy(false);
+    store.close();
+  }
+  const f = (x: number) => x.toFixed(3);
+  const row = (key: 'old' | 'new') => `p50 ${f(quantile(ms[key], 0.5))} ms, p90 ${f(quantile(ms[key], 0.9))} ms`;
+  console.log(`clusters of ${clusterSize}, probe ${probe}, ${steps} steps alternated`);
+  console.log(`engine call, old path (${LEGACY}=1): ${row('old')}`);
+  console.log(`engine call, new path:                 ${row('new')}`);
+  console.log(`new / old p50: ${(quantile(ms.new, 0.5) / quantile(ms.old, 0.5)).toFixed(3)}`);
+  for (const key of ['old', 'new'] as const)
+    console.log(`stages p50 (${key}, full call): ` + Object.entries(stages[key]).map(([k, v]) => `${k} ${f(quantile(v, 0.5))}`).join(', '));
+  console.log(diffs.length ? `DIFFER in ${diffs.length} of ${steps} steps:\n${diffs.slice(0, 10).join('\n')}` : `answers bit-identical in all ${steps} steps (engine call and full call)`);
+  process.exit(diffs.length ? 1 : 0);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
