@@ -1,6 +1,8 @@
 // The wave step's kernels against their previous path in one sitting (needs
-// a CUDA device): KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu run
-// the cuts' streaming kernels on their old few-CTA grids; without it the
+// a CUDA device): KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu sum
+// every dot again from the keys and run the cuts' streaming kernels on their
+// old few-CTA grids; without it the rescored candidates' dots are kept for
+// the partly attended clusters' logits and the attended rows, and the cuts'
 // grids are wide. The variable is read at each step, so this alternates the
 // two step by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
 //

@@ -354,7 +354,8 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts) {
   for (int64_t k = 0; k < take; ++k) dst[k] = src[k];
 }
 
-// The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]).
+// The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),
+// with dotsOn their candidate positions into keptPos (where their dots are).
 __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   const int h = blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -364,6 +365,7 @@ __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   if (!p.take2[i]) return;
   const int64_t at = p.cum2[i] - 1 - (h == 0 ? 0 : p.cum2[size_t(h) * p.tmax - 1]);
   p.keptIds[size_t(h) * p.width + at] = p.cand[i];
+  if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);
 }
 
 }  // namespace

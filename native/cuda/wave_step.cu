@@ -302,11 +302,13 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
-  // KVRECALL_WAVE_LEGACY=1: the step as it was before the cuts' grids were
-  // widened (the same answers: bench/wave-gpu-ab.ts alternates the two and
-  // compares them bit for bit). Read at each step; in the graph's key.
+  // KVRECALL_WAVE_LEGACY=1: the step as it was before the rescored dots were
+  // kept and the cuts' grids widened (the same answers: bench/wave-gpu-ab.ts
+  // alternates the two and compares them bit for bit). Read at each step; in
+  // the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
+  p.dotsOn = !legacy;
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -320,6 +322,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
                oTouchedN = W.Add(size_t(H) * 4),
                oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, size_t(1)}));
+  const size_t oDots = W.Add(size_t(Q) * tmax * 4), oKeptPos = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4);
   I.work.Need(W.at, "cudaMalloc (wave step)");
   void* X = I.work.p;
   p.logits = Layout::At<float>(X, oLogits);
@@ -338,6 +341,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.touchedN = Layout::At<int32_t>(X, oTouchedN);
   p.keptIds = Layout::At<int32_t>(X, oKeptIds);
   p.keptN = Layout::At<int64_t>(X, oKeptN);
+  p.dots = Layout::At<float>(X, oDots);
+  p.keptPos = Layout::At<int32_t>(X, oKeptPos);
   p.rowsMax = rowsMax;
   void* temp = Layout::At<void>(X, oTemp);
   // Inputs: the query rows with their norm term in column d, the per-head numbers, the exact rows.
@@ -460,6 +465,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       // Enough warps to hide their loads' latency, each striding over the touched list.
       const dim3 grid(unsigned(std::min<int64_t>(Cdiv(rowsMax, kPartialWarps), 512)), unsigned(H));
       const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
+      // With dots, the clusters the cut took whole first, from their members'
+      // dots; then the others (the cut's own, those of sinks/window rows only).
+      if (p.dotsOn && p.restRows) PartialLogitsFromDots<<<grid, kPartialWarps * 32, 0, s>>>(p);
       if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
       else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
     }

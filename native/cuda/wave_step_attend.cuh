@@ -26,30 +26,48 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
   float* sRed = sE + kGC * kTile;                     // TileNumerators' scratch
   __shared__ float fScratch[32 * kGC];
   __shared__ int nScratch[32];
+  __shared__ int32_t sPos[kTile];  // with dotsOn: a kept row's candidate position (its dots), else -1
   const int h = blockIdx.y;
   const int64_t kept = Kept(p, h);
   int64_t src[2] = {-1, -1};
+  int32_t pos[2] = {-1, -1};
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int64_t at = int64_t(blockIdx.x) * kTile + 2 * threadIdx.x + k;
     if (at < kept + p.exactCount) {
       const int32_t t = ExactRow(p, h, at, kept);
-      if (p.owner[size_t(h) * p.N + t] == int32_t(at)) src[k] = (int64_t(h) * p.N + t) * p.d;
+      if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
+        src[k] = (int64_t(h) * p.N + t) * p.d;
+        if (p.dotsOn && at < kept) pos[k] = p.keptPos[size_t(h) * p.width + at];
+      }
     }
   }
   int at[2];
   const int live = CompactRows(src, sSrc, nScratch, at);
-  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+    if (src[k] >= 0) sPos[at[k]] = pos[k];
+  // Whether any row here has no dots kept (the sinks/window rows, or all without dotsOn).
+  const bool summed = __syncthreads_or((src[0] >= 0 && pos[0] < 0) || (src[1] >= 0 && pos[1] < 0));
   const int part = p.attendPart0 + blockIdx.x;
   const int half = threadIdx.x & 1, pair = threadIdx.x >> 1, nd = p.d / 8;
   const float* qg = p.qAug + size_t(h) * p.group * p.stride;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
     const size_t qh0 = size_t(h) * p.group + g0;
-    // Rows by pairs; the bound is uniform over the CTA, so every lane shuffles.
-    for (int i0 = 0; i0 < live; i0 += kRowsPerCta) {
+    // The kept rows' logits from the dots RescoreCandidates summed for them
+    // (the same dot this loop's pairs would sum: the same code and q rows).
+    for (int i = threadIdx.x; i < live; i += blockDim.x) {
+      const int32_t dp = sPos[i];
+      if (dp < 0) continue;
+#pragma unroll
+      for (int g = 0; g < kGC; ++g)
+        if (g < gc) sE[g * kTile + i] = __fmul_rn(p.scale, p.dots[(qh0 + g) * p.tmax + dp]);
+    }
+    // The others by pairs; the bound is uniform over the CTA, so every lane shuffles.
+    for (int i0 = 0; summed && i0 < live; i0 += kRowsPerCta) {
       const int i = i0 + pair;
-      const bool on = i < live;
+      const bool on = i < live && sPos[i] < 0;
       float acc[kGC][8];
       Zero(acc);
       Accumulate<kBf16>(p.keys + (on ? sSrc[i] : 0), qg, p.stride, g0, gc, 0, nd, half, on, acc);

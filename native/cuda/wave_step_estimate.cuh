@@ -32,6 +32,28 @@ __global__ void ExactRows(StepParams p) {
 template <bool kBf16>
 __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t cl, float* rest, int lane);
 
+// The running max and sum of exps of a cluster's members, 16 at a time (a
+// thread pair each, half 0 counting; w = -inf for a member not left), summed
+// over the warp. The roundings are explicit so that both kernels that call
+// it get the same bits (nvcc would contract sum·x + e on its own terms).
+__device__ __forceinline__ void Absorb(float w, bool live, int half, float& m, float& sum) {
+  float top = w;
+  for (int o = 16; o > 1; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+  const float next = fmaxf(m, top);
+  float e = half == 0 && live ? expf(w - next) : 0.f;
+  for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+  if (next != -INFINITY) sum = __fadd_rn(m == -INFINITY ? 0.f : __fmul_rn(sum, expf(m - next)), e);
+  m = next;
+}
+
+// A partly attended cluster whose members were all rescored (the whole
+// cluster taken by the cut: every probed one but the cut's own) has its
+// restRows logit from the dots RescoreCandidates kept (PartialLogitsFromDots);
+// PartialLogits does the others.
+__device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t n) {
+  return p.dotsOn && p.restRows && p.cnt[c] == n;
+}
+
 // A warp per touched cluster of kv head blockIdx.y, striding over the list:
 // a warp per exact row, most of them with nothing to do, spent longer
 // finding that out (a chain of dependent loads each) than the others worked.
@@ -40,8 +62,64 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
   extern __shared__ __align__(16) float rest[];  // [kPartialWarps, 2, d]: the rest's mean key, then its variance
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y;
   const int32_t listed = p.touchedN[h];
-  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps)
-    PartialLogit<kBf16>(p, h, p.touched[size_t(h) * p.rowsMax + k], rest + size_t(warp) * 2 * p.d, lane);
+  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps) {
+    const int32_t cl = p.touched[size_t(h) * p.rowsMax + k];
+    const int64_t c = p.base[h] + cl;
+    if (FromDots(p, c, p.counts[c])) continue;  // PartialLogitsFromDots's
+    PartialLogit<kBf16>(p, h, cl, rest + size_t(warp) * 2 * p.d, lane);
+  }
+}
+
+// PartialLogit's restRows logit (below) of the clusters FromDots names, with
+// each member's dot read from RescoreCandidates' instead of summed again from
+// its key row: the same lanes (a pair per member, 16 members at a time, the
+// dot in both), maxima and sums, so the same logit bit for bit. The members
+// of a cluster the cut took whole sit together among the candidates, at
+// GatherCandidates' place for it. Without the accumulators this kernel needs
+// few registers (the other: ~128, 4 CTAs an SM), and a member costs a 4-byte
+// read per q head instead of its 256-byte key after a chain of four loads.
+__global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(StepParams p) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y, half = lane & 1;
+  const int32_t listed = p.touchedN[h];
+  const int64_t b = p.base[h], before = b == 0 ? 0 : p.cum[b - 1];
+  const int32_t* own = p.owner + size_t(h) * p.N;
+  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps) {
+    const int32_t cl = p.touched[size_t(h) * p.rowsMax + k];
+    const int64_t c = b + cl;
+    const int32_t n = p.counts[c], removed = p.removed[c];
+    if (!(removed > 0 && removed < n) || !FromDots(p, c, n)) continue;  // uniform over the warp
+    const int64_t at = p.cum[c] - n - before;  // the cluster's first member among the head's candidates
+    const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
+    const double left = double(n - removed);
+    for (int g0 = 0; g0 < p.group; g0 += kGC) {
+      const int gc = min(kGC, p.group - g0);
+      const float* dg = p.dots + (size_t(h) * p.group + g0) * p.tmax + at;
+      float m[kGC], sum[kGC];
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) m[g] = -INFINITY, sum[g] = 0.f;
+      for (int32_t i0 = 0; i0 < n; i0 += 16) {
+        const int32_t i = i0 + (lane >> 1);
+        const int32_t u = i < n ? mem[i] : 0;
+        float dot[kGC];
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) dot[g] = g < gc && i < n ? dg[size_t(g) * p.tmax + i] : 0.f;
+        const bool live = i < n && own[u] == kNoOwner;
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) {
+          if (g >= gc) break;
+          const float w = live ? __fmul_rn(p.scale, dot[g]) : -INFINITY;
+          Absorb(w, live, half, m[g], sum[g]);
+        }
+      }
+      if (lane < gc) {
+        float mg = m[0], sg = sum[0];
+#pragma unroll
+        for (int g = 1; g < kGC; ++g)
+          if (g == lane) mg = m[g], sg = sum[g];
+        p.logits[(size_t(h) * p.group + g0 + lane) * p.cmax + cl] = mg + logf(sg) - logf(float(left));
+      }
+    }
+  }
 }
 
 // The second-order logit of a partly attended cluster (0 < removed < n),
@@ -96,13 +174,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
           if (g >= gc) break;
           const float dot = ReducePair(acc[g]);
           const float w = live ? __fmul_rn(p.scale, dot) : -INFINITY;
-          float top = w;
-          for (int o = 16; o > 1; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-          const float next = fmaxf(m[g], top);
-          float e = half == 0 && live ? expf(w - next) : 0.f;
-          for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
-          if (next != -INFINITY) sum[g] = (m[g] == -INFINITY ? 0.f : sum[g] * expf(m[g] - next)) + e;
-          m[g] = next;
+          Absorb(w, live, half, m[g], sum[g]);
         }
       }
       if (lane < gc) {
