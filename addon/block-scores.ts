@@ -20,9 +20,11 @@ interface NativeBlockScores {
     extraCounts?: Int32Array;
     extraScores?: Float32Array;
     sync?: boolean;
+    times?: boolean;
   }): number | Promise<number>;
   bytes(): number;
   lastTimes(): BlockTopKTimes;
+  graphCaptures(): number;
   close(): void;
 }
 
@@ -35,7 +37,7 @@ const addon = nativeAddon<Addon>();
 
 /** Where the last step's time went, milliseconds. */
 export interface BlockTopKTimes {
-  /** The scoring and the selection kernel (CUDA events). */
+  /** The scoring and the selection kernel (CUDA events; 0 unless the step asked for `times`). */
   scoreMs: number;
   selectMs: number;
   /** On the host: staging the inputs, issuing copies and launches, waiting for the stream, copying the outputs out. */
@@ -62,6 +64,12 @@ export interface BlockTopKArgs {
   k: number;
   /** Per kv head, blocks whose scores are wanted too (any blocks, each < blocks). */
   extra?: Int32Array[];
+  /**
+   * Per-kernel CUDA event times in lastTimes (a bench's question): the
+   * copies and kernels launched one by one. Otherwise (the engine) the step
+   * is replayed from a CUDA graph captured once per shape: one launch.
+   */
+  times?: boolean;
 }
 
 /** Whether this build and host can score blocks of this shape on the device (never throws). */
@@ -115,6 +123,11 @@ export class DeviceBlockScores {
     return this.native.bytes();
   }
 
+  /** CUDA graphs captured so far: one for a layer's steady shape (steps with `times` capture none). */
+  get graphCaptures(): number {
+    return this.native.graphCaptures();
+  }
+
   /** Where the last step's time went (kernels from CUDA events, host phases from a steady clock). */
   get lastTimes(): BlockTopKTimes {
     return this.native.lastTimes();
@@ -128,7 +141,7 @@ export class DeviceBlockScores {
   private args(a: BlockTopKArgs) {
     const kk = Math.max(0, Math.min(a.k, this.blocks));
     const outIds = new Int32Array(this.heads * kk), outScores = new Float32Array(this.heads * kk);
-    const native: Parameters<NativeBlockScores['topk']>[0] = { q: a.q, group: a.group, k: a.k, outIds, outScores };
+    const native: Parameters<NativeBlockScores['topk']>[0] = { q: a.q, group: a.group, k: a.k, outIds, outScores, ...(a.times && { times: true }) };
     let extraCounts: Int32Array | undefined, extraScores: Float32Array | undefined;
     if (a.extra) {
       if (a.extra.length !== this.heads) throw new RangeError(`extra must have ${this.heads} entries`);

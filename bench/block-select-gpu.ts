@@ -9,8 +9,10 @@
 //   device topk         one native call: score every block of every head,
 //                       exact top-k, copy back (sync: the caller waits; async:
 //                       on a worker thread; again at once: the same call
-//                       with the GPU still awake), and where the sync call's
-//                       time goes (two kernels from events, host phases);
+//                       with the GPU still awake; the engine's call replays
+//                       a CUDA graph), and where the time of the same call
+//                       launched one by one goes (two kernels from events,
+//                       host phases);
 //   nosa.select         the whole method (candidates, choose(), classes), on
 //                       the host path and with the device scorer: the
 //                       decode step's selectMs without the rest of the step.
@@ -74,7 +76,7 @@ async function main(): Promise<void> {
   const uploadMs = performance.now() - t0;
   const scorer = deviceBlockScorer();
   const rows = {
-    hostTopk: [] as number[], deviceSync: [] as number[], deviceBackToBack: [] as number[], deviceAsync: [] as number[], selectHost: [] as number[], selectDevice: [] as number[],
+    hostTopk: [] as number[], deviceSync: [] as number[], deviceTimed: [] as number[], graphIssue: [] as number[], graphWait: [] as number[], deviceBackToBack: [] as number[], deviceAsync: [] as number[], selectHost: [] as number[], selectDevice: [] as number[],
     scoreKernel: [] as number[], selectKernel: [] as number[], prep: [] as number[], issue: [] as number[], wait: [] as number[], copyOut: [] as number[],
   };
   const memoHost = new Map<string, unknown>(), memoDevice = new Map<string, unknown>();
@@ -90,6 +92,11 @@ async function main(): Promise<void> {
     t = performance.now();
     const r = device.topk({ q, group: G, k: reach, extra: prev });
     if (keep) rows.deviceSync.push(performance.now() - t);
+    if (keep) rows.graphIssue.push(device.lastTimes.issueMs), rows.graphWait.push(device.lastTimes.waitMs);
+    // The same step launched one by one with CUDA events, for where its time goes (the engine's call above is a graph).
+    t = performance.now();
+    device.topk({ q, group: G, k: reach, extra: prev, times: true });
+    if (keep) rows.deviceTimed.push(performance.now() - t);
     const times = device.lastTimes;
     if (keep) {
       rows.scoreKernel.push(times.scoreMs);
@@ -116,7 +123,7 @@ async function main(): Promise<void> {
     if (JSON.stringify(selHost.parts.map((x) => x.blocks?.ids.map((a) => Array.from(a)))) !== JSON.stringify(selDevice.parts.map((x) => x.blocks?.ids.map((a) => Array.from(a))))) mismatches++;
     if (s % 100 === 99) progress(`step ${s + 1}/${warmup + steps}`);
   }
-  const bytes = device.bytes;
+  const bytes = device.bytes, graphCaptures = device.graphCaptures;
   device.close();
   const stat = (xs: number[]) => ({ p50: p(xs, 0.5), p99: p(xs, 0.99) });
   const result = {
@@ -124,6 +131,7 @@ async function main(): Promise<void> {
     shape: { tokens, blocks, kvHeads, qHeads, headDim: d, dtype: 'f16', blockSize },
     budgetTokensPerHead: params.budget,
     reach,
+    graphCaptures,
     steps,
     uploadMs,
     deviceBytes: bytes,
@@ -132,6 +140,9 @@ async function main(): Promise<void> {
     ms: {
       hostTopk: stat(rows.hostTopk),
       deviceSync: stat(rows.deviceSync),
+      deviceTimed: stat(rows.deviceTimed),
+      graphIssue: stat(rows.graphIssue),
+      graphWait: stat(rows.graphWait),
       deviceBackToBack: stat(rows.deviceBackToBack),
       deviceAsync: stat(rows.deviceAsync),
       scoreKernel: stat(rows.scoreKernel),
@@ -153,20 +164,23 @@ async function main(): Promise<void> {
     `${kvHeads} kv heads × ${blocks} block means (d=${d}, f16), ${qHeads} q heads (G=${G}); NOSA budget 1% of the tokens per kv head ` +
       `(${budget} blocks, reach ${reach} candidates per head). ${steps} steps of drifting queries after ${warmup} warm-up steps. ` +
       `Device copy of the means: ${(bytes / 2 ** 20).toFixed(1)} MiB, uploaded in ${uploadMs.toFixed(1)} ms. ` +
-      `Selections that differ between host and device: ${mismatches}.`,
+      `Selections that differ between host and device: ${mismatches}. CUDA graphs captured by the engine's call: ${graphCaptures}.`,
     '',
     '| what | path | p50 ms | p99 ms |',
     '| --- | --- | ---: | ---: |',
     line('top-k of every head', 'host topkHeads (one native pass)', result.ms.hostTopk),
-    line('top-k of every head', 'device, one call (sync)', result.ms.deviceSync),
+    line('top-k of every head', 'device, one call (sync, replayed from a CUDA graph: the engine\'s call)', result.ms.deviceSync),
+    line('of the engine\'s call', 'host: issue the copies and kernels (one graph launch)', result.ms.graphIssue),
+    line('of the engine\'s call', 'host: wait for the stream', result.ms.graphWait),
+    line('top-k of every head', 'device, one call launched one by one with CUDA events (the rows below)', result.ms.deviceTimed),
     line('top-k of every head', 'device, the same call again at once', result.ms.deviceBackToBack),
     line('top-k of every head', 'device, one call (async, worker thread)', result.ms.deviceAsync),
-    line('of the sync call', 'score kernel (events)', result.ms.scoreKernel),
-    line('of the sync call', 'select kernel (events)', result.ms.selectKernel),
-    line('of the sync call', 'host: stage inputs', result.ms.hostPrep),
-    line('of the sync call', 'host: issue copies + launches', result.ms.hostIssue),
-    line('of the sync call', 'host: wait for the stream', result.ms.hostWait),
-    line('of the sync call', 'host: copy outputs out', result.ms.hostCopyOut),
+    line('of the call launched one by one', 'score kernel (events)', result.ms.scoreKernel),
+    line('of the call launched one by one', 'select kernel (events)', result.ms.selectKernel),
+    line('of the call launched one by one', 'host: stage inputs', result.ms.hostPrep),
+    line('of the call launched one by one', 'host: issue copies + launches', result.ms.hostIssue),
+    line('of the call launched one by one', 'host: wait for the stream', result.ms.hostWait),
+    line('of the call launched one by one', 'host: copy outputs out', result.ms.hostCopyOut),
     line('nosa.select', 'host path', result.ms.nosaSelectHost),
     line('nosa.select', 'device scorer', result.ms.nosaSelectDevice),
     '',

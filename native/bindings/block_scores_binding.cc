@@ -44,7 +44,8 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "BlockScores",
                        {InstanceMethod("topk", &BlockScoresJs::TopK), InstanceMethod("bytes", &BlockScoresJs::Bytes),
-                        InstanceMethod("lastTimes", &BlockScoresJs::LastTimes), InstanceMethod("close", &BlockScoresJs::Close)});
+                        InstanceMethod("lastTimes", &BlockScoresJs::LastTimes), InstanceMethod("graphCaptures", &BlockScoresJs::GraphCaptures),
+                        InstanceMethod("close", &BlockScoresJs::Close)});
   }
 
   explicit BlockScoresJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<BlockScoresJs>(info) {
@@ -104,6 +105,7 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
       a.extraScores = out.Data();
       hold.insert(hold.end(), {*ids, counts, out});
     }
+    a.times = Flag(o, "times", false);
     if (Flag(o, "sync", false)) return Napi::Number::New(env, double(Guard(env, [&] { return s->TopK(a); })));
     auto count = std::make_shared<int64_t>(0);
     return RunAsync(
@@ -113,6 +115,10 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
 
   Napi::Value Bytes(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), scores_ ? double(scores_->DeviceBytes()) : 0.0);
+  }
+
+  Napi::Value GraphCaptures(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), scores_ ? double(scores_->GraphCaptures()) : 0.0);
   }
 
   Napi::Value LastTimes(const Napi::CallbackInfo& info) {

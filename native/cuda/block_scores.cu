@@ -1,9 +1,13 @@
 // Device block scoring and exact top-k per kv head (see block_scores.h).
 //
-// Per step, on one stream: the step's inputs in one copy (q, extra ids and
-// their per-head offsets), ScoreBlocks (every block of every head, the whole
-// device), SelectTop (one CTA per head: radix select of the k-th best key,
-// compaction, bitonic sort, extra scores), the outputs in one copy back.
+// Per step, on one stream: the step's inputs in one copy (q, the extra ids'
+// per-head offsets, the extra ids), ScoreBlocks (every block of every head,
+// the whole device), SelectTop (one CTA per head: radix select of the k-th
+// best key, compaction, bitonic sort, extra scores), the outputs in one copy
+// back. The engine's steps replay these from a CUDA graph: the extra ids'
+// count changes every step, so the copies move a count rounded up to
+// kExtraBucket ids (the kernel reads the true count from the offsets), and a
+// layer's steps keep one graph.
 //
 // Keys. A block's rank key is (order(score) << 32) | (0xffffffff - id): a
 // larger key is a higher score, or the same score and a lower id, which is
@@ -24,6 +28,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/block_scores.h"
+#include "cuda/step_graph.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -36,6 +41,7 @@ constexpr int kGroupChunk = 8;                  // query rows scored per pass ov
 constexpr int kMaxQueryFloats = 8192;           // group * headDim, held in shared memory
 constexpr int kSelectThreads = 1024;
 constexpr int64_t kSharedSortKeys = 8192;  // 64 KiB of keys: larger sorts run in global memory
+constexpr int64_t kExtraBucket = 2048;     // extra ids a graph's copies move, rounded up to (8 KiB)
 
 
 // scores[h, b] = max over g of q[h*group + g] · means[h, b], summed in the
@@ -288,7 +294,7 @@ struct BlockScores::Impl {
   cudaEvent_t kStart = nullptr, kMid = nullptr, kStop = nullptr;
   uint16_t* means = nullptr;  // [heads, blocks, d]
   float* scores = nullptr;    // [heads, blocks]
-  uint8_t* devIn = nullptr;   // q | extraIds | extraOffsets
+  uint8_t* devIn = nullptr;   // q | extra offsets | extra ids
   uint8_t* devOut = nullptr;  // ids | scores | extraScores
   uint8_t* hostIn = nullptr;  // pinned mirrors
   uint8_t* hostOut = nullptr;
@@ -296,6 +302,7 @@ struct BlockScores::Impl {
   uint64_t* sortKeys = nullptr;  // [heads, p2] for sorts beyond shared memory
   size_t sortCap = 0;
   BlockTopKTimes last;
+  StepGraph graph;
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
@@ -366,6 +373,8 @@ int64_t BlockScores::DeviceBytes() const { return impl_->Bytes(); }
 
 BlockTopKTimes BlockScores::LastTimes() const { return impl_->last; }
 
+int64_t BlockScores::GraphCaptures() const { return impl_->graph.Captures(); }
+
 int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   Impl& I = *impl_;
   const BlockScoresConfig& c = I.cfg;
@@ -377,13 +386,18 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   const auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<float, std::milli>(b - a).count(); };
   const Clock::time_point t0 = Clock::now();
 
+  // Inputs: q | offsets [heads + 1] | extra ids; outputs: ids | scores | extra scores. Offsets and every output
+  // lie where only the shape puts them, and the copies move the extra ids rounded up to kExtraBucket, so a graph
+  // captured for one step serves the next (the true count is in the offsets).
+  const bool haveExtra = extra > 0;
+  const int64_t extraCopied = haveExtra ? (extra + kExtraBucket - 1) / kExtraBucket * kExtraBucket : 0;
   const size_t qBytes = size_t(c.heads) * a.group * c.headDim * 4;
-  const size_t idsAt = Align(qBytes), offAt = Align(idsAt + size_t(extra) * 4);
-  const size_t inBytes = offAt + size_t(c.heads + 1) * 4;
+  const size_t offAt = Align(qBytes), idsAt = Align(offAt + size_t(c.heads + 1) * 4);
+  const size_t inBytes = haveExtra ? idsAt + size_t(extraCopied) * 4 : qBytes;
   const size_t outScoresAt = Align(size_t(c.heads) * kk * 4), extraAt = Align(outScoresAt + size_t(c.heads) * kk * 4);
-  const size_t outBytes = extraAt + size_t(extra) * 4 + 4;
+  const size_t outBytes = (kk > 0 || haveExtra) ? extraAt + size_t(extraCopied) * 4 : 0;
   Impl::Grow(I.devIn, I.hostIn, I.inCap, inBytes);
-  Impl::Grow(I.devOut, I.hostOut, I.outCap, outBytes);
+  Impl::Grow(I.devOut, I.hostOut, I.outCap, outBytes + 4);
   const int64_t p2 = NextPow2(std::max<int64_t>(kk, 1));
   if (p2 > kSharedSortKeys && size_t(c.heads) * p2 * 8 > I.sortCap) {
     if (I.sortKeys) cudaFree(I.sortKeys);
@@ -394,47 +408,60 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   }
 
   std::memcpy(I.hostIn, a.q, qBytes);
-  if (extra > 0) {
-    std::memcpy(I.hostIn + idsAt, a.extraIds, size_t(extra) * 4);
+  if (haveExtra) {
     int32_t* off = reinterpret_cast<int32_t*>(I.hostIn + offAt);
     off[0] = 0;
     for (int h = 0; h < c.heads; ++h) off[h + 1] = off[h] + a.extraCounts[h];
+    std::memcpy(I.hostIn + idsAt, a.extraIds, size_t(extra) * 4);
   }
-  const bool haveExtra = extra > 0;
   const Clock::time_point t1 = Clock::now();
-  Check(cudaMemcpyAsync(I.devIn, I.hostIn, haveExtra ? inBytes : qBytes, cudaMemcpyHostToDevice, I.stream), "H2D (step inputs)");
-  Check(cudaEventRecord(I.kStart, I.stream), "event");
   const dim3 scoreGrid(unsigned((c.blocks + kRowsPerCta - 1) / kRowsPerCta), unsigned(c.heads));
   const size_t qShared = size_t(a.group) * c.headDim * 4;
-  const float* dq = reinterpret_cast<const float*>(I.devIn);
-  if (c.dtype == Dtype::kBf16)
-    LaunchScore<true>(scoreGrid, qShared, I.stream, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
-  else
-    LaunchScore<false>(scoreGrid, qShared, I.stream, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
-  Check(cudaGetLastError(), "ScoreBlocks launch");
-  Check(cudaEventRecord(I.kMid, I.stream), "event");
-  if (kk > 0 || haveExtra) {
-    const size_t sortShared = p2 <= kSharedSortKeys ? size_t(p2) * 8 : 0;
-    int32_t* outIds = reinterpret_cast<int32_t*>(I.devOut);
-    float* outScores = reinterpret_cast<float*>(I.devOut + outScoresAt);
-    float* extraScores = reinterpret_cast<float*>(I.devOut + extraAt);
-    const int32_t* ids = haveExtra ? reinterpret_cast<const int32_t*>(I.devIn + idsAt) : nullptr;
-    const int32_t* offsets = reinterpret_cast<const int32_t*>(I.devIn + offAt);
-    if (c.blocks <= int64_t(kHeldKeys) * kSelectThreads)
-      SelectTop<kHeldKeys><<<unsigned(c.heads), kSelectThreads, sortShared, I.stream>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
-                                                                                       extraScores, outIds, outScores);
+  const size_t sortShared = p2 <= kSharedSortKeys ? size_t(p2) * 8 : 0;
+  // Everything a launch bakes in, for the graph's key (cuda/step_graph.cuh).
+  struct Key {
+    const void* ptrs[6];
+    int64_t kk, p2, group;
+    size_t inBytes, outBytes;
+    int64_t haveExtra;
+  } key{{I.devIn, I.devOut, I.hostIn, I.hostOut, I.sortKeys, I.scores}, kk, p2, a.group, inBytes, outBytes, haveExtra ? 1 : 0};
+  const auto enqueue = [&](cudaStream_t s, bool events) {
+    Check(cudaMemcpyAsync(I.devIn, I.hostIn, inBytes, cudaMemcpyHostToDevice, s), "H2D (step inputs)");
+    if (events) Check(cudaEventRecord(I.kStart, s), "event");
+    const float* dq = reinterpret_cast<const float*>(I.devIn);
+    if (c.dtype == Dtype::kBf16)
+      LaunchScore<true>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
     else
-      SelectTop<0><<<unsigned(c.heads), kSelectThreads, sortShared, I.stream>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
-                                                                               extraScores, outIds, outScores);
-    Check(cudaGetLastError(), "SelectTop launch");
-  }
-  Check(cudaEventRecord(I.kStop, I.stream), "event");
-  if (kk > 0 || haveExtra) Check(cudaMemcpyAsync(I.hostOut, I.devOut, extraAt + size_t(extra) * 4, cudaMemcpyDeviceToHost, I.stream), "D2H (top blocks)");
+      LaunchScore<false>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
+    Check(cudaGetLastError(), "ScoreBlocks launch");
+    if (events) Check(cudaEventRecord(I.kMid, s), "event");
+    if (kk > 0 || haveExtra) {
+      int32_t* outIds = reinterpret_cast<int32_t*>(I.devOut);
+      float* outScores = reinterpret_cast<float*>(I.devOut + outScoresAt);
+      float* extraScores = reinterpret_cast<float*>(I.devOut + extraAt);
+      const int32_t* ids = haveExtra ? reinterpret_cast<const int32_t*>(I.devIn + idsAt) : nullptr;
+      const int32_t* offsets = reinterpret_cast<const int32_t*>(I.devIn + offAt);
+      if (c.blocks <= int64_t(kHeldKeys) * kSelectThreads)
+        SelectTop<kHeldKeys><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
+                                                                                  extraScores, outIds, outScores);
+      else
+        SelectTop<0><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
+                                                                          extraScores, outIds, outScores);
+      Check(cudaGetLastError(), "SelectTop launch");
+    }
+    if (events) Check(cudaEventRecord(I.kStop, s), "event");
+    if (outBytes > 0) Check(cudaMemcpyAsync(I.hostOut, I.devOut, outBytes, cudaMemcpyDeviceToHost, s), "D2H (top blocks)");
+  };
+  if (a.times)
+    enqueue(I.stream, true);
+  else
+    I.graph.Run(I.stream, &key, sizeof key, [&](cudaStream_t s) { enqueue(s, false); });
   const Clock::time_point t2 = Clock::now();
   Check(cudaStreamSynchronize(I.stream), "block top-k");
   const Clock::time_point t3 = Clock::now();
   BlockTopKTimes& t = I.last;
-  if (cudaEventElapsedTime(&t.scoreMs, I.kStart, I.kMid) != cudaSuccess || cudaEventElapsedTime(&t.selectMs, I.kMid, I.kStop) != cudaSuccess)
+  t.scoreMs = t.selectMs = 0;
+  if (a.times && (cudaEventElapsedTime(&t.scoreMs, I.kStart, I.kMid) != cudaSuccess || cudaEventElapsedTime(&t.selectMs, I.kMid, I.kStop) != cudaSuccess))
     cudaGetLastError();
   const size_t n = size_t(c.heads) * kk;
   if (n > 0) {

@@ -45,10 +45,16 @@ struct BlockTopKArgs {
   int32_t* outIds = nullptr;     // [heads, min(k, blocks)], best first
   float* outScores = nullptr;    // [heads, min(k, blocks)]
   float* extraScores = nullptr;  // [extraTotal]
+  // Per-kernel CUDA event times in LastTimes (a bench's question): the
+  // step's copies and kernels launched one by one. Otherwise (the engine)
+  // they are replayed from a CUDA graph captured once per shape
+  // (cuda/step_graph.cuh), one launch instead of five, and the kernel
+  // times read 0.
+  bool times = false;
 };
 
 // Where the last TopK's time went, milliseconds: its two kernels (CUDA
-// events) and, on the host, staging the inputs, issuing the copies and
+// events; 0 unless args.times) and, on the host, staging the inputs, issuing the copies and
 // launches, waiting for the stream, and copying the outputs out.
 struct BlockTopKTimes {
   float scoreMs = 0, selectMs = 0;
@@ -75,6 +81,8 @@ class BlockScores {
   // the outputs are written. Calls from several threads take turns.
   int64_t TopK(const BlockTopKArgs& a);
   BlockTopKTimes LastTimes() const;
+  // Graphs captured so far (a steady shape: one; args.times steps none).
+  int64_t GraphCaptures() const;
 
  private:
   struct Impl;

@@ -184,7 +184,8 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
           const q = Float32Array.from({ length: heads * c.G * c.d }, () => rng.normal() * 2);
           const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: h * 5 }, () => rng.int(c.blocks)));
           const want = await hostTopk(means, c.blocks, c.d, c.dtype, q, c.G, k);
-          for (const got of [dev.topk({ q, group: c.G, k, extra }), await dev.topkAsync({ q, group: c.G, k, extra })])
+          // The engine's call (a CUDA graph), on a worker thread, and launched one by one with events.
+          for (const got of [dev.topk({ q, group: c.G, k, extra }), await dev.topkAsync({ q, group: c.G, k, extra }), dev.topk({ q, group: c.G, k, extra, times: true })])
             for (let h = 0; h < heads; h++) {
               expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(Array.from(want[h].ids));
               expect(Array.from(got[h].scores)).toEqual(Array.from(want[h].scores));
@@ -195,6 +196,38 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
         dev.close();
       }
     });
+
+  it('a layer\'s steps replay one CUDA graph while their extra ids change, and answer as the host every step', async () => {
+    const rng = new Rng(seed + 11);
+    const heads = 4, blocks = 5003, d = 128, G = 4, k = 40;
+    const means = randomMeans(rng, heads, blocks, d, 'f16');
+    const dev = DeviceBlockScores.create({ means, blocks, headDim: d, dtype: 'f16' });
+    try {
+      // Extra counts that change every step within one bucket of the copies (2048 ids), then past it, then back.
+      const totals = [300, 40, 1200, 7, 2047, 5000, 90, 0];
+      const captures: number[] = [];
+      for (const total of totals) {
+        const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+        const split = [0, 0, 0, 0].map(() => rng.next());
+        const sum = split.reduce((a, b) => a + b, 0);
+        const counts = split.map((x) => Math.floor((x / sum) * total));
+        const extra = counts.map((n) => Int32Array.from({ length: n }, () => rng.int(blocks)));
+        const want = await hostTopk(means, blocks, d, 'f16', q, G, k);
+        const got = dev.topk({ q, group: G, k, extra });
+        for (let h = 0; h < heads; h++) {
+          expect(Array.from(got[h].ids), `total ${total} head ${h}`).toEqual(Array.from(want[h].ids));
+          expect(Array.from(got[h].scores)).toEqual(Array.from(want[h].scores));
+          expect(Array.from(got[h].extraScores), `total ${total} head ${h} extra`).toEqual(Array.from(extra[h], (b) => want[h].all[b]));
+        }
+        captures.push(dev.graphCaptures);
+      }
+      // One graph while the ids fit the first bucket; 5000 ids grow the staging buffers (a new graph), after which
+      // 90 ids are a shape of the new buffers (another), and no extra ids one more.
+      expect(captures).toEqual([1, 1, 1, 1, 1, 2, 3, 4]);
+    } finally {
+      dev.close();
+    }
+  });
 
   it('a top-k larger than shared memory sorts in global memory, the same', async () => {
     const rng = new Rng(seed + 5);
