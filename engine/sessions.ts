@@ -99,6 +99,9 @@ export class Sessions {
           throw conflict(`estimate needs the cluster index of document ${d.meta.id}: PUT it with methods including "${WAVE}" (and optionally clusterSize) to estimate what a method leaves out`);
     const indexes = method.builder ? await Promise.all(docs.map((d) => this.documents.indexes(d, method.name))) : [];
     const clusters = estimating ? await Promise.all(docs.map((d) => this.documents.indexes(d, WAVE))) : undefined;
+    // Each attach waited in its own document's queue: one deleted meanwhile would leave a session whose every step is 409.
+    const gone = docs.find((d) => d.gone);
+    if (gone) throw conflict(`${gone.gone} while a session was attaching it`);
     const docTokens = docs.reduce((n, d) => n + d.meta.tokens, 0);
     // The pool holds the working set of the layer that reads the most.
     const reserved = this.gpu?.admit(model, method.name, { ...params, budget: largestBudget(layers, docTokens) }, docTokens) ?? 0;

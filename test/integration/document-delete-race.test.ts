@@ -51,6 +51,30 @@ describe('a session attaching a document deleted behind the attach', () => {
   });
 });
 
+describe('a session attaching two documents, one deleted while the other attaches', () => {
+  it('is refused with 409 rather than made with every step refused', async () => {
+    const { documents, sessions } = srv.server().engine;
+    for (const id of ['first', 'second']) {
+      await srv.client().createDocument(id, model);
+      await fill(id);
+      await documents.acquire(id); // attached and cached: the session's attaches are queued in its first turn
+    }
+    // The second document's queue held by a gate (the test reaches the engine's private queue for it): its
+    // attach waits there while the first document's attach, then its delete, run.
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    void (documents as unknown as { queue: { run(key: string, op: () => Promise<void>): Promise<void> } }).queue.run('second', () => gate);
+    const session = sessions.create({ model, documents: ['first', 'second'], method: 'exact' });
+    await documents.remove('first');
+    open();
+    const refused = await session.catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(KvrecallError);
+    expect((refused as KvrecallError).kind).toBe('conflict');
+    expect((refused as Error).message).toMatch(/document first was deleted while a session was attaching it/);
+    expect(sessions.size).toBe(0);
+  });
+});
+
 describe("a session's own KV after its document was deleted", () => {
   it('is refused with 409 as its steps are, and nothing is appended', async () => {
     await srv.client().createDocument('gone', model);
