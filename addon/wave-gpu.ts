@@ -130,6 +130,51 @@ export interface WaveGpuStepResult {
   graphCaptures: number;
 }
 
+/**
+ * The estimate of what another method's selection leaves out of the
+ * store's segment (WaveGpuStore.rest): every cluster minus the rows given
+ * per kv head, as estimateClusters over ClusterIndex.estimateArgs(rows,
+ * order) computes it; nothing is ranked, rescored or attended.
+ */
+export interface WaveGpuRestArgs {
+  /** [qHeads, headDim]. */
+  q: Float32Array;
+  qHeads: number;
+  scale: number;
+  /** Per kv head: [lo, hi) pairs of segment rows attended exactly, flat (one array may serve every head). */
+  ranges: Int32Array[];
+  /** Per kv head: blocks attended exactly, rows [b·size, (b+1)·size) clamped to the segment. */
+  blocks?: { size: number; ids: Int32Array[] };
+  /** Per kv head: more rows attended exactly. A row listed twice (here or above) is attended once. */
+  ids?: Int32Array[];
+  /** estimateArgs' order; default 'rows' (the engine's). */
+  order?: 'rows' | 'moments' | 'first';
+  /** Default false: per-stage event times. */
+  stages?: boolean;
+  /** Default true: without stages, the launches replayed from a CUDA graph. */
+  graph?: boolean;
+}
+
+export interface WaveGpuRestResult {
+  /** [qHeads, headDim] and [qHeads]: the estimate, -Infinity where it covers nothing. */
+  out: Float32Array;
+  lse: Float32Array;
+  /** Per kv head: tokens the estimate covers. */
+  estimated: number[];
+  /** Per kv head: keys read for the rows partly attended clusters have left (order 'rows'; else 0), as estimateClusters counts them. */
+  scanned: number[];
+  /** Per kv head: the rows given (a row listed twice counts twice). */
+  rows: number[];
+  /** On the device's stream, CUDA events. */
+  ms: number;
+  /** ms per stage (with `stages`): in, score, rows, partial, tiles, merge, out. */
+  stages: Record<string, number>;
+  /** Host ms around the stream, as WaveGpuStepResult's. */
+  host: Record<string, number>;
+  /** Graphs the store's rest calls have captured so far. */
+  graphCaptures: number;
+}
+
 export interface WaveGpuBytes {
   /** Centroids, value means, key axes and variances, counts, member lists, token->cluster. */
   summaries: number;
@@ -165,6 +210,18 @@ interface NativeStore {
     width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
     ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number;
   }>;
+  rest(a: {
+    q: Float32Array;
+    qHeads: number;
+    scale: number;
+    ranges: Int32Array[];
+    blocks?: Int32Array[];
+    blockSize?: number;
+    ids?: Int32Array[];
+    order?: 'rows' | 'moments' | 'first';
+    stages?: boolean;
+    graph?: boolean;
+  }): Promise<WaveGpuRestResult>;
   bytes(): WaveGpuBytes;
   close(): void;
 }
@@ -238,6 +295,15 @@ export class WaveGpuStore {
       host: r.host,
       graphCaptures: r.graphCaptures,
     };
+  }
+
+  /** The estimate of what a selection leaves out (WaveGpuRestArgs). Bad arguments reject (the binding throws before its work starts). */
+  async rest(a: WaveGpuRestArgs): Promise<WaveGpuRestResult> {
+    return this.store.rest({
+      q: a.q, qHeads: a.qHeads, scale: a.scale, ranges: a.ranges,
+      ...(a.blocks && { blocks: a.blocks.ids, blockSize: a.blocks.size }),
+      ids: a.ids, order: a.order, stages: a.stages, graph: a.graph,
+    });
   }
 
   bytes(): WaveGpuBytes {

@@ -89,9 +89,17 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     // A tight pool (1.5% of the KV, just above one step's working set): where eviction choices matter.
     { name: 'nosa, tight pool', method: 'nosa', poolBytes: Math.floor(layerBytes * 0.015), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
     { name: 'topk-blocks + LRU, tight pool', method: 'topk-blocks', poolBytes: Math.floor(layerBytes * 0.015), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 } },
+    // The block methods estimating the rest from wave's clusters of the same layer (as a session over a
+    // document with wave's index does by default): on the host (no wave budget: engine/estimate.ts) and on
+    // the device (the layer's wave store held: engine/rest-on-device.ts), one after the other. Asked for by
+    // key (--configs nosa-estimate,topk-blocks-estimate).
+    ...(['nosa', 'topk-blocks'] as const).flatMap((method) => [
+      { name: `${method} + estimate (host)`, key: `${method}-estimate`, method, estimate: 'host' as const, poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 }, optIn: true },
+      { name: `${method} + estimate (device)`, key: `${method}-estimate`, method, estimate: 'device' as const, poolBytes: Math.floor(layerBytes * poolShare), waveBytes: 16 * 2 ** 30, params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 }, optIn: true },
+    ]),
   ];
   // --configs picks by method (dense always runs first: the others' error is against it); wave only when asked.
-  const configs = all.filter((c) => (opts.configs ? c.method === 'exact' || opts.configs.includes(c.method) : !('optIn' in c)));
+  const configs = all.filter((c) => (opts.configs ? c.method === 'exact' || opts.configs.includes('key' in c ? c.key : c.method) : !('optIn' in c)));
   let waveHeads: HeadIndex[] | undefined;
   let waveBuildS: number | undefined;
   const clustersOf = async () => {
@@ -117,10 +125,11 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     const method = findMethod(cfg.method)!;
     const heads = cfg.method === 'wave' ? await clustersOf() : summaries;
     const indexes = method.builder ? [[heads]] : [];
+    const estimating = 'estimate' in cfg;
     const reserved = gpu.admit(model, cfg.method, cfg.params as SearchParams, tokens);
     const session = new Session({
       id: cfg.method, model, documents: [doc], method, params: cfg.params as SearchParams, documentIndexes: indexes,
-      ...(cfg.method === 'wave' && { clusterIndexes: [[heads]] }), budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved,
+      ...(cfg.method === 'wave' && { clusterIndexes: [[heads]] }), ...(estimating && { clusterIndexes: [[await clustersOf()]] }), budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved,
     });
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
@@ -136,6 +145,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
     }
     if (cfg.method === 'wave' && !gpu.describe().wave?.stores) throw new Error('wave (device): the layer was not held on the device (the host path ran)');
+    if (estimating && cfg.estimate === 'device' && gpu.describe().wave?.rests !== steps) throw new Error(`${cfg.name}: ${gpu.describe().wave?.rests ?? 0} of ${steps} estimates ran on the device`);
     session.release();
     gpu.close();
     // Step 0 fills the pool (every block is a miss): steady state is steps 1..

@@ -32,23 +32,17 @@ import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
 import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
-import { buildClusters } from '../index/wave/cluster-build.js';
-import { centroidStride, decodeClusters, type ClusterArrays } from '../index/wave/cluster-codec.js';
+import { centroidStride, type ClusterArrays } from '../index/wave/cluster-codec.js';
 import { ClusterIndex, PROBE, PROBE_ESTIMATED, RADIUS_SHARE, SPREAD, type ClusterRanking } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
+import { caseHeads, words } from './wave-gpu-heads.js';
 
 export const TOL = { out: 1e-4, lse: 1e-4 };
 
 /** The GPU step's ranking for the host's: index/wave's constants. */
 export const gpuRanking = (r: ClusterRanking): WaveGpuRanking =>
   r === 'spread' ? { kind: 'spread', spread: SPREAD } : { kind: 'radius', radiusShare: RADIUS_SHARE };
-
-function words(f: Float32Array, dt: KvDtype): Uint16Array {
-  const w = new Uint16Array(f.length);
-  convert(bytesOf(f), 'f32', bytesOf(w), dt, f.length);
-  return w;
-}
 
 /** Sinks and window rows of a context of n tokens. */
 export function staticRows(n: number, sinks: number, window: number): Int32Array {
@@ -59,7 +53,7 @@ export function staticRows(n: number, sinks: number, window: number): Int32Array
 }
 
 /** q rows near a random key of their kv head (spiky attention, as decoding sees). */
-function queries(rng: Rng, keyRow: (h: number, t: number) => Float32Array, H: number, tokens: number, d: number, G: number): Float32Array {
+export function queries(rng: Rng, keyRow: (h: number, t: number) => Float32Array, H: number, tokens: number, d: number, G: number): Float32Array {
   const q = new Float32Array(H * G * d);
   for (let h = 0; h < H; h++)
     for (let g = 0; g < G; g++) {
@@ -203,7 +197,6 @@ export function waveCases(): WaveCase[] {
 
 export const caseName = (c: WaveCase) => `${c.dt} d=${c.d} kv=${c.kvHeads} G=${c.G} N=${c.tokens} cluster=${c.clusterSize} budget=${c.budget.join('/')}`;
 
-/** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
 /**
  * The engine's call (ids left on the device, no stage times) against the full one: `kept` the ids' lengths, no ids,
  * no stages, the same out and lse within 1e-6 relative (the touched clusters are listed in atomic order, so sums may
@@ -216,30 +209,11 @@ function leanSame(full: WaveGpuStepResult, lean: WaveGpuStepResult): boolean {
     full.ids !== undefined && full.ids.every((ids, h) => ids.length === lean.kept[h]) && same(full.out, lean.out) && same(full.lse, lean.lse);
 }
 
+/** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
 export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean }>> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
-  const keysF: Float32Array[] = [], heads: ClusterIndex[] = [], gpuHeads: WaveGpuHead[] = [];
-  for (let h = 0; h < H; h++) {
-    const kf = Float32Array.from({ length: N * d }, () => rng.normal());
-    // Ties: every row a copy of one of the first few.
-    if (c.distinctKeys)
-      for (let t = c.distinctKeys; t < N; t++) {
-        const src = rng.int(c.distinctKeys) * d;
-        kf.copyWithin(t * d, src, src + d);
-      }
-    const keys = words(kf, dt), values = words(Float32Array.from({ length: N * d }, () => rng.normal()), dt);
-    const bytes = await buildClusters({ keys, values, tokens: N, headDim: d, dtype: dt, queries: new Float32Array(0), queryCount: 0 },
-      { clusterSize: c.clusterSize, segmentTokens: 8192, iterations: 4, seed: seed + h });
-    const arrays: ClusterArrays = decodeClusters(bytes);
-    keysF.push(kf);
-    const index = new ClusterIndex(arrays, keys, values);
-    heads.push(index);
-    // The head's share of the second-order term, where its artifact has one (else the whole term).
-    const { varianceShare } = index.estimateArgs() as { varianceShare?: number };
-    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, varianceShare,
-      counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
-  }
+  const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
   const store = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads });
   try {
     const q = queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G), exact = staticRows(N, c.sinks, c.window);
@@ -310,7 +284,7 @@ export interface BenchConfig {
  * cheaper at 1M tokens, and the check compares GPU and host on the same
  * arrays either way).
  */
-function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype, shared: { noise: Float32Array; values: Uint16Array; scratch: Float32Array }): { head: WaveGpuHead; arrays: ClusterArrays } {
+export function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype, shared: { noise: Float32Array; values: Uint16Array; scratch: Float32Array }): { head: WaveGpuHead; arrays: ClusterArrays } {
   const C = N / size, stride = centroidStride(d), seg = 8192;
   const tokenCluster = new Int32Array(N);
   const perm = Int32Array.from({ length: seg }, (_, i) => i);
@@ -362,7 +336,7 @@ function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: KvDtype
 }
 
 /** Row t of a head's keys, widened. */
-function keyRows(heads: WaveGpuHead[], d: number, dt: KvDtype): (h: number, t: number) => Float32Array {
+export function keyRows(heads: WaveGpuHead[], d: number, dt: KvDtype): (h: number, t: number) => Float32Array {
   return (h, t) => {
     const out = new Float32Array(d);
     convert(bytesOf(heads[h].keys.subarray(t * d, (t + 1) * d)), dt, bytesOf(out), 'f32', d);

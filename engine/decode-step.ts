@@ -3,7 +3,8 @@
 //   the selection is made resident (GPU pool) → attend over it (parts
 //   combined by log-sum-exp) → estimate what it left out (when the session
 //   estimates) and merge that in → answer. A wave session whose document
-//   layer the GPU holds does the middle three in one device call.
+//   layer the GPU holds does the middle three in one device call; another
+//   method's GPU session estimates there (engine/rest-on-device.ts).
 // Nothing else here depends on which retrieval method the session uses.
 import { budgetTokens, type Selection } from '../index/method.js';
 import type { Residency } from './cache/residency.js';
@@ -14,6 +15,7 @@ import type { AttendRequest } from './attend-request.js';
 import type { Session } from './session.js';
 import { conflict, invalid } from '../core/errors.js';
 import { estimateRest, mergeInto } from './estimate.js';
+import { restOnDevice } from './rest-on-device.js';
 
 export interface AttendResult {
   out: Float32Array; // [qHeads, headDim]
@@ -95,14 +97,22 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
     selection = await session.method.select(ctx, req.q, params);
     t2 = performance.now();
     try {
-      // The cache makes the selection resident (GPU pool or host) and attends
-      // over every part; parts are combined by log-sum-exp.
-      residency = await session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse });
-
-      // What the method left out of the documents, estimated from their clusters (when this layer estimates).
+      // What the method left out of the documents is estimated from their clusters (when this layer
+      // estimates): on the device where it holds the document layer's clusters (engine/rest-on-device.ts),
+      // while the cache makes the selection resident (GPU pool or host) and attends over every part
+      // (parts combined by log-sum-exp); else on the host, after. Both settle before either error is
+      // thrown: the device call holds its store until it ends.
+      const estimating = clusters !== undefined && ctx.segments.length > 1;
+      const [attended, onDevice] = await Promise.allSettled([
+        session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }),
+        estimating ? restOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined,
+      ]);
+      if (attended.status === 'rejected') throw attended.reason;
+      if (onDevice.status === 'rejected') throw onDevice.reason;
+      residency = attended.value;
       scanned = selection.scanned;
-      if (clusters && ctx.segments.length > 1) {
-        const est = await estimateRest(ctx, selection, clusters, req.q, req.scale);
+      if (estimating) {
+        const est = onDevice.value ?? (await estimateRest(ctx, selection, clusters, req.q, req.scale));
         mergeInto(out, lse, est.out, est.lse, m.headDim);
         estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
         scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;

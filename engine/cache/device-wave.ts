@@ -33,6 +33,8 @@ export interface DeviceWaveStats {
   /** Steps that ran on the host because their layer's store could not be held. */
   refused: number;
   evictions: number;
+  /** Layer-steps of other methods (nosa, topk-blocks, ...) whose estimate ran on a store here (engine/rest-on-device.ts) instead of on the host. */
+  rests: number;
 }
 
 /** Device bytes a layer's store takes: summaries, member lists, K and V (native/cuda/wave_step.cu's layout, before alignment). */
@@ -42,12 +44,20 @@ export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: n
   return b;
 }
 
+/** A store pinned for a step: `release` unpins it; `countRest` counts a rest call (WaveGpuStore.rest) in the stats. */
+export interface HeldWaveStore {
+  store: WaveGpuStore;
+  release: () => void;
+  countRest: () => void;
+}
+
 export class DeviceWaveStores {
   /** Entries by (segment, layer) key, least recently used first (Map keeps insertion order). */
   private readonly lru = new Map<string, Entry>();
   private used = 0;
   private refused = 0;
   private evictions = 0;
+  private rests = 0;
   /**
    * Layers the device refused to hold (out of memory, a shape the kernels
    * refuse): not tried again, or every step would copy gigabytes to fail.
@@ -67,7 +77,7 @@ export class DeviceWaveStores {
    * `release`; undefined when it cannot be held beside the stores steps are
    * reading (the caller steps on the host).
    */
-  acquire(key: string, heads: ClusterIndex[], model: ModelShape): { store: WaveGpuStore; release: () => void } | undefined {
+  acquire(key: string, heads: ClusterIndex[], model: ModelShape): HeldWaveStore | undefined {
     let e = this.lru.get(key);
     if (!e && this.failed.has(key)) {
       this.refused++;
@@ -108,6 +118,9 @@ export class DeviceWaveStores {
       store: entry.store,
       release: () => {
         if (--entry.pins === 0 && entry.dropped) this.free(entry);
+      },
+      countRest: () => {
+        this.rests++;
       },
     };
   }
@@ -152,7 +165,7 @@ export class DeviceWaveStores {
   }
 
   stats(): DeviceWaveStats {
-    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions };
+    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions, rests: this.rests };
   }
 
   close(): void {

@@ -17,7 +17,7 @@ import type { KvSegment } from '../../storage/kv-segment.js';
 import { KvrecallError } from '../../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
 import { concatRows, type PoolPart } from './selection-parts.js';
-import { DeviceWaveStores, type DeviceWaveStats } from './device-wave.js';
+import { DeviceWaveStores, type DeviceWaveStats, type HeldWaveStore } from './device-wave.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ClusterIndex } from '../../index/wave/cluster-index.js';
 
@@ -115,7 +115,7 @@ export class GpuBackend {
    * until `release`; undefined without a wave budget, for a shape the pool
    * does not take, or when it cannot be held (the step then runs the host path).
    */
-  waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): { store: WaveGpuStore; release: () => void } | undefined {
+  waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): HeldWaveStore | undefined {
     // A dropped segment's step (begun before its document was deleted) runs on the host rather than upload it again.
     if (!this.wave || !this.accepts(m) || this.dropped.has(segment)) return undefined;
     return this.wave.acquire(`${this.uidOf(segment)}:${layer}`, heads, m);

@@ -16,6 +16,12 @@
 //     -> Promise<{width, ids?: Int32Array[kvHeads*width] (absent with ids: false), idCounts: number[], candidates: number[],
 //                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}, graphCaptures,
 //                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream)}>
+//   .rest({q, qHeads, scale, ranges: Int32Array[] (kvHeads; flat [lo, hi) pairs of rows attended exactly),
+//          blocks?: Int32Array[] (kvHeads; block ids, rows [b·blockSize, (b+1)·blockSize) within the tokens),
+//          blockSize? (with blocks), ids?: Int32Array[] (kvHeads; more rows attended exactly),
+//          order?: 'rows' | 'moments' | 'first', stages?, graph?})
+//     -> Promise<{out, lse, estimated: number[], scanned: number[], rows: number[], ms, stages, host, graphCaptures}>
+//     the estimate of what another method's selection leaves out (wave_step.h's WaveRestArgs)
 //   .bytes() -> {summaries, moments, kv, scratch}
 //   .close()
 // ranking 'spread' (the default) is the host's default path: clusters ranked
@@ -25,6 +31,7 @@
 // flags), for the second-order logit's cap.
 #include <napi.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -60,7 +67,8 @@ Napi::Array NumberArray(Napi::Env env, const std::vector<int64_t>& v) {
 class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "WaveGpuStore", {InstanceMethod("step", &WaveGpuStore::Step), InstanceMethod("bytes", &WaveGpuStore::Bytes),
+    return DefineClass(env, "WaveGpuStore", {InstanceMethod("step", &WaveGpuStore::Step), InstanceMethod("rest", &WaveGpuStore::Rest),
+                                             InstanceMethod("bytes", &WaveGpuStore::Bytes),
                                              InstanceMethod("close", &WaveGpuStore::Close)});
   }
 
@@ -216,6 +224,117 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           Napi::Array est = Napi::Array::New(e, size_t(H));
           for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
           out.Set("estimated", est);
+          out.Set("ms", Napi::Number::New(e, double(r.ms)));
+          out.Set("graphCaptures", Napi::Number::New(e, double(r.graphCaptures)));
+          Napi::Object stages = Napi::Object::New(e);
+          for (const auto& st : r.stages) stages.Set(st.first, Napi::Number::New(e, double(st.second)));
+          out.Set("stages", stages);
+          const auto ms = [](Clock::time_point x, Clock::time_point y) { return double(std::chrono::duration<float, std::milli>(y - x).count()); };
+          Napi::Object host = Napi::Object::New(e);
+          host.Set("queue", Napi::Number::New(e, ms((*times)[0], (*times)[1])));
+          for (const auto& st : r.host) host.Set(st.first, Napi::Number::New(e, double(st.second)));
+          host.Set("back", Napi::Number::New(e, ms((*times)[2], c0)));
+          host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
+          out.Set("host", host);
+          return out;
+        });
+  }
+
+  Napi::Value Rest(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    std::shared_ptr<cuda::WaveStore> store = Store(env);
+    const cuda::WaveStoreConfig& c = store->Config();
+    const int H = c.kvHeads;
+    const size_t d = size_t(c.headDim);
+    auto a = std::make_shared<cuda::WaveRestArgs>();
+    a->qHeads = int(Int(o, "qHeads", 1, 1024));
+    if (a->qHeads % H != 0) throw Napi::RangeError::New(env, "qHeads must be a multiple of kvHeads");
+    if (int64_t(a->qHeads / H) * (c.headDim + 8) > 12288) throw Napi::RangeError::New(env, "group * (headDim + 8) must be at most 12288");
+    a->scale = Float(o, "scale");
+    auto q = TypedAt<float>(o, "q", size_t(a->qHeads) * d);
+    if (!Absent(o.Get("order"))) {
+      const Napi::Value v = o.Get("order");
+      const std::string order = v.IsString() ? v.As<Napi::String>().Utf8Value() : "";
+      if (order == "rows") a->order = cuda::WaveRestOrder::kRows;
+      else if (order == "moments") a->order = cuda::WaveRestOrder::kMoments;
+      else if (order == "first") a->order = cuda::WaveRestOrder::kFirst;
+      else throw Napi::RangeError::New(env, "order must be 'rows', 'moments' or 'first'");
+    }
+    a->stageTimes = Flag(o, "stages", false);
+    a->graph = Flag(o, "graph", true);
+    // Per head, copied (the call runs off the event loop): ranges within [0, tokens], ids in [0, tokens).
+    Napi::Array ranges = ArrayOf(o, "ranges", size_t(H));
+    const bool hasBlocks = !Absent(o.Get("blocks"));
+    Napi::Array blocks = hasBlocks ? ArrayOf(o, "blocks", size_t(H)) : Napi::Array::New(env);
+    const int64_t blockSize = hasBlocks ? Int(o, "blockSize", 1, int64_t(1) << 20) : 1;
+    const bool hasIds = !Absent(o.Get("ids"));
+    Napi::Array ids = hasIds ? ArrayOf(o, "ids", size_t(H)) : Napi::Array::New(env);
+    a->rangeStart.push_back(0);
+    a->idStart.push_back(0);
+    for (int h = 0; h < H; ++h) {
+      const std::string at = "[" + std::to_string(h) + "]";
+      auto r = Typed<int32_t>(ranges.Get(uint32_t(h)), ("ranges" + at).c_str());
+      if (r.ElementLength() % 2 != 0) throw Napi::RangeError::New(env, "ranges" + at + " must hold [lo, hi) pairs");
+      for (size_t i = 0; i < r.ElementLength(); i += 2)
+        if (r[i] < 0 || r[i] > r[i + 1] || int64_t(r[i + 1]) > c.tokens)
+          throw Napi::RangeError::New(env, "ranges" + at + ": [" + std::to_string(r[i]) + ", " + std::to_string(r[i + 1]) + ") is not a range of [0, " + std::to_string(c.tokens) + ")");
+      a->ranges.insert(a->ranges.end(), r.Data(), r.Data() + r.ElementLength());
+      if (hasBlocks) {
+        // Blocks as ranges, a run of consecutive ones as one.
+        auto b = Typed<int32_t>(blocks.Get(uint32_t(h)), ("blocks" + at).c_str());
+        int64_t runLo = 0, runHi = 0;
+        for (size_t i = 0; i < b.ElementLength(); ++i) {
+          if (b[i] < 0) throw Napi::RangeError::New(env, "blocks" + at + "[" + std::to_string(i) + "] is negative");
+          const int64_t lo = std::min(int64_t(b[i]) * blockSize, c.tokens), hi = std::min(lo + blockSize, c.tokens);
+          if (lo == hi) continue;
+          if (lo != runHi || runHi == runLo) {
+            if (runHi > runLo) a->ranges.insert(a->ranges.end(), {int32_t(runLo), int32_t(runHi)});
+            runLo = lo;
+          }
+          runHi = hi;
+        }
+        if (runHi > runLo) a->ranges.insert(a->ranges.end(), {int32_t(runLo), int32_t(runHi)});
+      }
+      a->rangeStart.push_back(int64_t(a->ranges.size() / 2));
+      if (hasIds) {
+        auto x = Typed<int32_t>(ids.Get(uint32_t(h)), ("ids" + at).c_str());
+        CheckIds(x, c.tokens, "ids" + at);
+        a->ids.insert(a->ids.end(), x.Data(), x.Data() + x.ElementLength());
+      }
+      a->idStart.push_back(int64_t(a->ids.size()));
+    }
+    auto qCopy = std::make_shared<std::vector<float>>(q.Data(), q.Data() + size_t(a->qHeads) * d);
+    // ‖q‖ as the host's estimate computes it (its Dot, compiled with the same flags), for the second-order cap.
+    auto norms = std::make_shared<std::vector<float>>(size_t(a->qHeads));
+    for (int r = 0; r < a->qHeads; ++r) (*norms)[size_t(r)] = std::sqrt(Dot(q.Data() + size_t(r) * d, q.Data() + size_t(r) * d, d));
+    auto result = std::make_shared<cuda::WaveRestResult>();
+    using Clock = std::chrono::steady_clock;
+    auto times = std::make_shared<std::array<Clock::time_point, 3>>();
+    (*times)[0] = Clock::now();
+    return RunAsync(
+        env, {},
+        [store, a, qCopy, norms, result, times]() {
+          (*times)[1] = Clock::now();
+          a->q = qCopy->data();
+          a->normTerms = norms->data();
+          *result = store->Rest(*a);
+          (*times)[2] = Clock::now();
+        },
+        [result, H, times](Napi::Env e) -> Napi::Value {
+          const Clock::time_point c0 = Clock::now();
+          cuda::WaveRestResult& r = *result;
+          Napi::Object out = Napi::Object::New(e);
+          out.Set("out", Adopt(e, std::move(r.out)));
+          out.Set("lse", Adopt(e, std::move(r.lse)));
+          Napi::Array est = Napi::Array::New(e, size_t(H)), scanned = Napi::Array::New(e, size_t(H));
+          for (int h = 0; h < H; ++h) {
+            est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
+            scanned.Set(uint32_t(h), Napi::Number::New(e, r.scanned[size_t(h)]));
+          }
+          out.Set("estimated", est);
+          out.Set("scanned", scanned);
+          out.Set("rows", NumberArray(e, r.rows));
           out.Set("ms", Napi::Number::New(e, double(r.ms)));
           out.Set("graphCaptures", Napi::Number::New(e, double(r.graphCaptures)));
           Napi::Object stages = Napi::Object::New(e);

@@ -168,6 +168,9 @@ WaveRestResult RunRest(RestState& R, const StepParams& base, const WaveStoreConf
   p.attendPart0 = parts;
   p.estimateOn = true;
   p.attendOn = false;
+  // No rescored dots here: PartialLogits must not take a cluster's logit from
+  // them (it would read the last Step's cut, cnt, as this call's).
+  p.dotsOn = false;
   p.rowsMax = rowsMax;
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * cmax * 4), oPm = W.Add(size_t(Q) * parts * 4), oPden = W.Add(size_t(Q) * parts * 4),

@@ -1,0 +1,80 @@
+// The estimation zone of a GPU session whose method is not wave (nosa,
+// topk-blocks, ...) on the device: where the device holds the document
+// layer's wave store (engine/cache/device-wave.ts, as a wave session's step
+// uses it), the tokens the method's selection leaves out are estimated there
+// (WaveGpuStore.rest) instead of by estimateRest on the host, from the same
+// clusters and with the same semantics; the selection itself is attended as
+// before (the block pool, the host kernel). At 1M tokens the host's estimate
+// was ~30 ms a layer on the H100 host's 16 threads against a ~1.3 ms device
+// step (bench/results/estimate-host-vm.md).
+import type { BlockList, LayerContext, Selection } from '../index/method.js';
+import { WAVE } from '../index/wave/wave.js';
+import type { ClusterIndex } from '../index/wave/cluster-index.js';
+import type { KvSegment } from '../storage/kv-segment.js';
+import type { Estimate } from './estimate.js';
+import { concatRows } from './cache/selection-parts.js';
+import type { Session } from './session.js';
+
+/** A selection's rows of one segment as the device call takes them: per kv head, ranges, blocks, ids. */
+export interface RestRows {
+  ranges: Int32Array[];
+  blocks?: { size: number; ids: Int32Array[] };
+  ids?: Int32Array[];
+}
+
+/**
+ * The rows `selection` attends of `segment`, per kv head, without listing
+ * the rows of ranges or blocks (a step's host-to-device bytes stay a few KiB
+ * for the block methods). Undefined where the segment is attended whole
+ * (nothing to estimate: estimateRest skips it too) or the parts take a shape
+ * the call does not (block lists of two sizes).
+ */
+export function restRows(selection: Selection, segment: KvSegment, kvHeads: number): RestRows | undefined {
+  const n = segment.tokens;
+  const flat: number[] = [];
+  const blockLists: BlockList[] = [];
+  const idLists: Int32Array[][] = [];
+  for (const p of selection.parts) {
+    if (p.segment !== segment) continue;
+    if (p.blocks) blockLists.push(p.blocks);
+    else if (p.ids) idLists.push(p.ids);
+    else {
+      const begin = Math.max(0, p.begin ?? 0), end = Math.min(n, p.end ?? n);
+      if (begin === 0 && end >= n) return undefined;
+      if (end > begin) flat.push(begin, end);
+    }
+  }
+  if (blockLists.some((b) => b.size !== blockLists[0].size)) return undefined;
+  const shared = Int32Array.from(flat);
+  const rows: RestRows = { ranges: Array.from({ length: kvHeads }, () => shared) };
+  if (blockLists.length > 0)
+    rows.blocks = { size: blockLists[0].size, ids: Array.from({ length: kvHeads }, (_, h) => concatRows(blockLists.map((b) => b.ids[h]))) };
+  if (idLists.length > 0) rows.ids = Array.from({ length: kvHeads }, (_, h) => concatRows(idLists.map((ids) => ids[h])));
+  return rows;
+}
+
+/**
+ * The estimate of what `selection` leaves out of the session's one
+ * document, computed on the device; undefined, having done nothing, where
+ * the device cannot (no GPU, a wave session, not one document, the layer's
+ * store not held, the document attended whole): the host estimates.
+ */
+export async function restOnDevice(session: Session, ctx: LayerContext, selection: Selection, clusters: ClusterIndex[][], q: Float32Array,
+                                   scale: number): Promise<Estimate | undefined> {
+  const gpu = session.gpu;
+  // A wave session here is one whose step the device declined (engine/wave-on-device.ts): so would this.
+  if (!gpu || session.method.name === WAVE || ctx.segments.length !== 2 || clusters.length !== 1) return undefined;
+  const doc = ctx.segments[0];
+  if (doc.tokens === 0) return undefined;
+  const rows = restRows(selection, doc, ctx.kvHeads);
+  if (!rows) return undefined;
+  const held = gpu.waveLayer(session.model, doc, ctx.layer, clusters[0]);
+  if (!held) return undefined;
+  try {
+    const r = await held.store.rest({ q, qHeads: ctx.qHeads, scale, ...rows, order: 'rows', stages: false });
+    held.countRest();
+    return { out: r.out, lse: r.lse, estimated: Float32Array.from(r.estimated), scanned: Float32Array.from(r.scanned) };
+  } finally {
+    held.release();
+  }
+}

@@ -1,0 +1,130 @@
+// engine/rest-on-device.ts's plumbing, with a stand-in for the device's store
+// (no GPU runs here; test/native/wave-gpu-rest.test.ts checks the real call
+// against the host's estimate, and test/integration/gpu-rest.test.ts a GPU
+// server's nosa and topk-blocks sessions against a CPU server's): the rows a
+// selection hands the device (ranges, blocks, ids per kv head, never listed
+// row by row) are the rows the host's estimate takes, so a store that
+// estimates exactly those rows on the host answers as estimateRest does, to
+// the bit; the store is released after the call (also a failed one) and the
+// call counted; the host path stays where the device cannot take the step.
+import { describe, expect, it } from 'vitest';
+import { estimateClusters } from '../../addon/estimate.js';
+import type { WaveGpuRestArgs, WaveGpuRestResult, WaveGpuStore } from '../../addon/wave-gpu.js';
+import { expandRows } from '../../bench/wave-gpu-rest.js';
+import { estimateRest } from '../../engine/estimate.js';
+import { restOnDevice, restRows } from '../../engine/rest-on-device.js';
+import type { Session } from '../../engine/session.js';
+import { concatRows, rowsOf } from '../../engine/cache/selection-parts.js';
+import type { LayerContext, Selection, SelectionPart } from '../../index/method.js';
+import { buildClusters } from '../../index/wave/cluster-build.js';
+import { centroidStride, decodeClusters } from '../../index/wave/cluster-codec.js';
+import { ClusterIndex } from '../../index/wave/cluster-index.js';
+import type { KvSegment } from '../../storage/kv-segment.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { bytesOf, convert } from '../../addon/kernels.js';
+
+const seed = freshSeed();
+console.log(`rest-on-device: seed ${seed}`);
+const qHeads = 6, kvHeads = 3, d = 16, G = qHeads / kvHeads, DOC = 2000, B = 32;
+
+const f16 = (f: Float32Array) => {
+  const w = new Uint16Array(f.length);
+  convert(bytesOf(f), 'f32', bytesOf(w), 'f16', f.length);
+  return w;
+};
+
+async function documentOf(rng: Rng) {
+  const k: Uint16Array[] = [], v: Uint16Array[] = [], heads: ClusterIndex[] = [];
+  for (let h = 0; h < kvHeads; h++) {
+    const keys = f16(Float32Array.from({ length: DOC * d }, () => rng.normal())), values = f16(Float32Array.from({ length: DOC * d }, () => rng.normal()));
+    const bytes = await buildClusters({ keys, values, tokens: DOC, headDim: d, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 }, { clusterSize: 8, segmentTokens: 8192, iterations: 3, seed: seed + h });
+    heads.push(new ClusterIndex(decodeClusters(bytes), keys, values));
+    k.push(keys);
+    v.push(values);
+  }
+  const doc = { tokens: DOC, k, v } as unknown as KvSegment;
+  const own = { tokens: 3, k: [], v: [] } as unknown as KvSegment;
+  const ctx = { layer: 0, segments: [doc, own], offsets: [0, DOC], indexes: [undefined, undefined], tokens: DOC + 3, qHeads, kvHeads, headDim: d, memo: new Map() } as unknown as LayerContext;
+  return { doc, own, heads, ctx };
+}
+
+/** A store that estimates the rows it is given on the host (estimateClusters over them), as the device must. */
+function standInStore(heads: ClusterIndex[], log: string[], fail = false): WaveGpuStore {
+  return {
+    async rest(a: WaveGpuRestArgs): Promise<WaveGpuRestResult> {
+      log.push('rest');
+      if (fail) throw new Error('device rest failed');
+      const rows = heads.map((_, h) => expandRows(a, h, DOC));
+      const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(kvHeads), scanned = new Float32Array(kvHeads);
+      await estimateClusters({ q: a.q, qHeads, kvHeads, headDim: d, centroidStride: centroidStride(d), dtype: 'f16', scale: a.scale,
+        segments: [heads.map((x, h) => x.estimateArgs(rows[h], a.order))], out, lse, estimated, scanned });
+      return { out, lse, estimated: [...estimated], scanned: [...scanned], rows: rows.map((r) => r.length), ms: 0, stages: {}, host: {}, graphCaptures: 0 };
+    },
+  } as unknown as WaveGpuStore;
+}
+
+function sessionWith(store: WaveGpuStore | undefined, log: string[], method = 'nosa'): Session {
+  return {
+    model: { layers: 1, qHeads, kvHeads, headDim: d, dtype: 'f16', blockSize: B },
+    method: { name: method },
+    gpu: { waveLayer: () => store && { store, release: () => log.push('released'), countRest: () => log.push('counted') } },
+  } as unknown as Session;
+}
+
+/** A block method's selection: sinks and window ranges, blocks per head (some past the end, a partial last one, one head none), ids, the own tokens. */
+function selectionOf(rng: Rng, doc: KvSegment, own: KvSegment): Selection {
+  const nb = Math.ceil(DOC / B);
+  const blocks = Array.from({ length: kvHeads }, (_, h) => (h === 2 ? new Int32Array(0) : Int32Array.from(new Set([...Array.from({ length: 6 }, () => rng.int(nb)), nb - 1, nb + 2])).sort()));
+  const ids = Array.from({ length: kvHeads }, () => Int32Array.from({ length: 5 }, () => rng.int(DOC)));
+  const parts: SelectionPart[] = [
+    { segment: doc, begin: 0, end: 8 },
+    { segment: doc, blocks: { size: B, ids: blocks } },
+    { segment: doc, ids },
+    { segment: doc, begin: DOC - 40, end: DOC },
+    { segment: own, begin: 0, end: 3 },
+  ];
+  return { parts, scanned: 0 };
+}
+
+describe('the estimate of a selection on the device: plumbing', () => {
+  it('hands the device the rows the host estimates, per head, and answers as estimateRest', async () => {
+    const rng = new Rng(seed);
+    const { doc, own, heads, ctx } = await documentOf(rng);
+    for (let trial = 0; trial < 3; trial++) {
+      const selection = selectionOf(rng, doc, own);
+      const rows = restRows(selection, doc, kvHeads)!;
+      for (let h = 0; h < kvHeads; h++) {
+        const host = Array.from(concatRows(selection.parts.filter((p) => p.segment === doc).map((p) => rowsOf(p, h)))).sort((a, b) => a - b);
+        expect(Array.from(expandRows(rows, h, DOC)).sort((a, b) => a - b)).toEqual(host);
+      }
+      const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+      const log: string[] = [];
+      const got = await restOnDevice(sessionWith(standInStore(heads, log), log), ctx, selection, [heads], q, 0.25);
+      expect(log).toEqual(['rest', 'counted', 'released']);
+      const want = await estimateRest(ctx, selection, [heads], q, 0.25);
+      expect(got!.out).toEqual(want.out);
+      expect(got!.lse).toEqual(want.lse);
+      expect(got!.estimated).toEqual(want.estimated);
+      expect(got!.scanned).toEqual(want.scanned);
+    }
+  });
+
+  it('stays on the host where the device cannot take the step, and releases the store after a failed call', async () => {
+    const rng = new Rng(seed + 1);
+    const { doc, own, heads, ctx } = await documentOf(rng);
+    const selection = selectionOf(rng, doc, own), q = new Float32Array(qHeads * d);
+    const log: string[] = [];
+    expect(await restOnDevice(sessionWith(standInStore(heads, log), log, 'wave'), ctx, selection, [heads], q, 1)).toBeUndefined();
+    expect(await restOnDevice(sessionWith(undefined, log), ctx, selection, [heads], q, 1)).toBeUndefined();
+    expect(await restOnDevice({ ...sessionWith(standInStore(heads, log), log), gpu: undefined } as unknown as Session, ctx, selection, [heads], q, 1)).toBeUndefined();
+    // The document attended whole: nothing to estimate, the host path's early answer.
+    const whole = { parts: [{ segment: doc, begin: 0, end: DOC }], scanned: 0 };
+    expect(await restOnDevice(sessionWith(standInStore(heads, log), log), ctx, whole, [heads], q, 1)).toBeUndefined();
+    // Two documents: estimateRest estimates both, one device store holds one.
+    const two = { ...ctx, segments: [doc, doc, own] } as LayerContext;
+    expect(await restOnDevice(sessionWith(standInStore(heads, log), log), two, selection, [heads, heads], q, 1)).toBeUndefined();
+    expect(log).toEqual([]);
+    await expect(restOnDevice(sessionWith(standInStore(heads, log, true), log), ctx, selection, [heads], q, 1)).rejects.toThrow(/device rest failed/);
+    expect(log).toEqual(['rest', 'released']);
+  });
+});
