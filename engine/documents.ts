@@ -9,7 +9,7 @@ import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
 import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
 import { LayerCache, ResidentLayers } from './resident-layers.js';
-import { conflict, invalid, KvrecallError, notFound, preconditionFailed } from '../core/errors.js';
+import { conflict, invalid, KvrecallError, notFound, preconditionFailed, unavailable } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
 import { expectUploadFinite, keepQueries, parseKvUpload } from './kv-input.js';
 import { parseModel } from '../core/model.js';
@@ -253,9 +253,9 @@ export class Documents {
           this.loading.delete(id);
           this.ready.set(id, { meta, layers: doc.layers, indexes: new Map() });
           this.unconfirmedSeals.add(id);
-          throw e instanceof KvrecallError
-            ? new KvrecallError(e.kind, `${e.message}; document ${id} is sealed and served, but this was not confirmed durable: POST its seal again to confirm`)
-            : e;
+          // Any error, typed or not (a client library's own): the caller must learn the seal landed, or it retries a whole preload.
+          const hint = `document ${id} is sealed and served, but this was not confirmed durable: POST its seal again to confirm`;
+          throw e instanceof KvrecallError ? new KvrecallError(e.kind, `${e.message}; ${hint}`) : unavailable(`sealing ${id} failed after its ready flip landed (${e instanceof Error ? e.message : String(e)}); ${hint}`);
         }
         throw e;
       }

@@ -13,6 +13,7 @@ import { blockSummaryBuilder } from '../../index/block-select.js';
 import { methodNames } from '../../index/registry.js';
 import { KvrecallClient, keptTokens, stridedQueries, tensor } from '../../clients/ts/client.js';
 import { Documents } from '../../engine/documents.js';
+import { KvrecallError } from '../../core/errors.js';
 import type { Tensor } from '../../core/tensor.js';
 import { HostBudget } from '../../storage/host-budget.js';
 import { DocumentStore } from '../../storage/store.js';
@@ -461,6 +462,37 @@ describe('a seal that fails', () => {
       expect(store.get('retry')?.status).toBe('loading');
       expect(await docs.seal('retry')).toMatchObject({ status: 'ready', tokens: 100 });
       expect(store.get('retry')?.status).toBe('ready');
+    } finally {
+      await store.close();
+      dir.cleanup();
+    }
+  });
+});
+
+describe('a seal whose ready flip lands and then fails with an untyped error', () => {
+  it('is served ready and answers 503 with the hint to seal again, which confirms it', async () => {
+    const dir = tempDataDir();
+    const { store } = await DocumentStore.open(dir.dir);
+    try {
+      const docs = new Documents(store, methodNames, new HostBudget(2 ** 30));
+      const rng = new Rng(seed ^ 0x5e);
+      await docs.create('landed', { model: { ...model, layers: 1 } });
+      const c = randomKv(rng, 'f16', model.kvHeads, 100, model.headDim);
+      await docs.appendKv('landed', { layer: 0, start: 0, k: c.k, v: c.v });
+      const seal = store.seal.bind(store);
+      let seals = 0;
+      // The store's seal writes the ready flip, then a library error that is not a KvrecallError.
+      store.seal = async (meta, tail, artifacts) => {
+        await seal(meta, tail, artifacts);
+        if (++seals === 1) throw new TypeError('socket closed');
+      };
+      const e = await docs.seal('landed').catch((err: unknown) => err);
+      expect(e).toBeInstanceOf(KvrecallError);
+      expect((e as KvrecallError).kind).toBe('unavailable');
+      expect((e as Error).message).toMatch(/socket closed.*sealed and served.*POST its seal again/);
+      expect(await docs.get('landed')).toMatchObject({ status: 'ready', tokens: 100 });
+      expect(await docs.seal('landed')).toMatchObject({ status: 'ready', tokens: 100 });
+      expect(seals).toBe(2);
     } finally {
       await store.close();
       dir.cleanup();
