@@ -1,9 +1,11 @@
 // The wave step's kernels against their previous path in one sitting (needs
 // a CUDA device): KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu sum
-// every dot again from the keys and run the cuts' streaming kernels on their
-// old few-CTA grids; without it the rescored candidates' dots are kept for
-// the partly attended clusters' logits and the attended rows, and the cuts'
-// grids are wide. The variable is read at each step, so this alternates the
+// every dot again from the keys, run the cuts' streaming kernels on their
+// old few-CTA grids and ResolveCut read every digit pass from global memory;
+// without it the rescored candidates' dots are kept for the partly attended
+// clusters' logits and the attended rows, the cuts' grids are wide, and
+// ResolveCut holds the bin's keys in shared memory. (GatherCandidates' batched
+// copy is in both.) The variable is read at each step, so this alternates the
 // two step by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4]

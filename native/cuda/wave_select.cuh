@@ -40,6 +40,16 @@ constexpr int kFindThreads = 1024, kBinsPerThread = kBins / kFindThreads;
 // pass reads them all; 1024 threads took the two cuts' share of the step from
 // 0.203 to 0.161 ms on an H100 (bench/results/wave-gpu-h100-cs16-resolve*.md).
 constexpr int kResolveThreads = 1024;
+// The bin's first keys (and weights) ResolveCut holds in shared memory, so
+// that its digit passes after the first, and the last match, read them there
+// rather than from L2 one round trip a key a thread after another: the
+// candidates' bin held ~8000 keys at 1M (ncu: ResolveCut<CandidateCut> 50 us
+// on 256 threads). 96 KiB: 12288 keys, or 6144 keys and their weights for
+// the clusters' cut; keys past them are read from buf as before.
+template <typename S>
+__host__ __device__ constexpr int64_t ResolveHeld() { return S::kUnit ? 12288 : 6144; }
+template <typename S>
+constexpr size_t ResolveSmem() { return size_t(ResolveHeld<S>()) * (S::kUnit ? 8 : 16); }
 // Elements a thread at most in the cuts' streaming kernels (their grids,
 // wave_step.cu): OrderRange's warps each end in two atomics on the head's two
 // words, so fewer of them; Histogram's CTAs each clear and flush 32 KiB of
@@ -75,6 +85,7 @@ __device__ __forceinline__ OrderSpan SpanOf(const uint32_t* range, int h) {
 // Elements of head h: the clusters (index = cluster, weight = its tokens,
 // target and cap from the step's parameters) ...
 struct ClusterCut {
+  static constexpr bool kUnit = false;  // weights vary (ResolveCut keeps them)
   const uint32_t* ord;
   const int64_t* base;
   const int32_t* counts;
@@ -89,6 +100,7 @@ struct ClusterCut {
 };
 // ... or the candidates (index = token id, weight 1, the best `keep`).
 struct CandidateCut {
+  static constexpr bool kUnit = true;  // every weight 1: the count is the weight
   const uint32_t* ord;
   const int32_t* cand;
   const int64_t* sel;
@@ -231,7 +243,8 @@ __global__ void CollectBin(S s, const uint32_t* range, CutState* cuts, uint64_t*
 // early, when a digit holds a single key).
 template <typename S>
 __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_t* range, CutState* cuts, const uint64_t* buf,
-                                                              const int64_t* bufW) {
+                                                              const int64_t* bufW, bool stage /* false: none held (ResolveSmem not given) */) {
+  extern __shared__ __align__(16) unsigned long long held[];  // [ResolveHeld] keys, then (weighted) [ResolveHeld] weights
   __shared__ unsigned long long histW[256];
   __shared__ unsigned int histN[256];
   __shared__ uint64_t prefix;
@@ -243,6 +256,18 @@ __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_
   const int64_t b = s.Begin(h), n = c.n, target = s.Target(h), cap = s.Cap(h);
   const int top0 = 32 + SpanOf(range, h).shift;  // bits below the bin's
   const int indexBits = s.IndexBits(h);
+  constexpr int64_t kHeld = ResolveHeld<S>();
+  const int64_t nHeld = stage ? min(n, kHeld) : 0;
+  for (int64_t j = threadIdx.x; j < nHeld; j += blockDim.x) {
+    held[j] = buf[b + j];
+    if (!S::kUnit) held[kHeld + j] = (unsigned long long)bufW[b + j];
+  }
+  const auto keyAt = [&](int64_t j) -> uint64_t { return j < nHeld ? uint64_t(held[j]) : buf[b + j]; };
+  const auto weightAt = [&](int64_t j) -> int64_t {
+    return S::kUnit ? 1 : j < nHeld ? int64_t(held[kHeld + j]) : bufW[b + j];
+  };
+  // A digit's weight (unit weights: its count; histW is then not kept).
+  const auto binW = [&](int k) -> int64_t { return S::kUnit ? int64_t(histN[k]) : int64_t(histW[k]); };
   if (threadIdx.x == 0) {
     prefix = uint64_t(uint32_t(c.bin)) << top0;
     wBefore = c.wBefore;
@@ -258,17 +283,17 @@ __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_
     __syncthreads();
     const uint64_t known = prefix, high = ~0ull << top;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const uint64_t key = buf[b + j];
+      const uint64_t key = keyAt(j);
       if ((key & high) != known) continue;
       const int digit = int((key >> shift) & uint64_t(digits - 1));
-      atomicAdd(&histW[digit], (unsigned long long)bufW[b + j]);
+      if (!S::kUnit) atomicAdd(&histW[digit], (unsigned long long)weightAt(j));
       atomicAdd(&histN[digit], 1u);
     }
     __syncthreads();
     if (threadIdx.x < 32) {  // the first digit where the target or the cap is reached: a warp, 8 digits a lane
       const int lane = threadIdx.x, d0 = lane * 8;
       int64_t lw = 0, ln = 0;
-      for (int k = d0; k < d0 + 8; ++k) lw += int64_t(histW[k]), ln += histN[k];
+      for (int k = d0; k < d0 + 8; ++k) lw += binW(k), ln += histN[k];
       int64_t ew = lw, en = ln;  // inclusive scans over the lanes, then exclusive
       for (int o = 1; o < 32; o <<= 1) {
         const int64_t yw = __shfl_up_sync(0xffffffffu, ew, o), yn = __shfl_up_sync(0xffffffffu, en, o);
@@ -277,11 +302,11 @@ __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_
       int64_t w = wBefore + ew - lw, m = cBefore + en - ln;
       int at = 256;
       for (int k = d0; k < d0 + 8; ++k) {
-        if (histN[k] > 0 && (w + int64_t(histW[k]) >= target || m + int64_t(histN[k]) >= cap)) {
+        if (histN[k] > 0 && (w + binW(k) >= target || m + int64_t(histN[k]) >= cap)) {
           at = k;
           break;
         }
-        w += int64_t(histW[k]);
+        w += binW(k);
         m += histN[k];
       }
       const unsigned hit = __ballot_sync(0xffffffffu, at < 256);
@@ -304,9 +329,9 @@ __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_
   if (threadIdx.x == 0) cutKey = want;
   __syncthreads();
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-    if ((buf[b + j] & mask) == want) {  // one key matches
-      cutKey = buf[b + j];
-      wCut = bufW[b + j];
+    if ((keyAt(j) & mask) == want) {  // one key matches
+      cutKey = keyAt(j);
+      wCut = weightAt(j);
     }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -351,7 +376,17 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts) {
   const int64_t at = p.cum[i] - take - (b == 0 ? 0 : p.cum[b - 1]);
   const int32_t* src = p.members + size_t(h) * p.N + p.memberStart[i];
   int32_t* dst = p.cand + size_t(h) * p.tmax + at;
-  for (int64_t k = 0; k < take; ++k) dst[k] = src[k];
+  // kCopyBatch loads in flight before their stores: one at a time, each a
+  // round trip (the compiler cannot move a load of src past a store to dst).
+  constexpr int kCopyBatch = 8;
+  for (int64_t k0 = 0; k0 < take; k0 += kCopyBatch) {
+    int32_t v[kCopyBatch];
+#pragma unroll
+    for (int u = 0; u < kCopyBatch; ++u) v[u] = k0 + u < take ? __ldg(src + k0 + u) : 0;
+#pragma unroll
+    for (int u = 0; u < kCopyBatch; ++u)
+      if (k0 + u < take) dst[k0 + u] = v[u];
+  }
 }
 
 // The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),

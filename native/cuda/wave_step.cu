@@ -206,6 +206,10 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
+  Check(cudaFuncSetAttribute(ResolveCut<ClusterCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ClusterCut>())),
+        "cudaFuncSetAttribute");
+  Check(cudaFuncSetAttribute(ResolveCut<CandidateCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<CandidateCut>())),
+        "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
   Check(cudaDeviceSynchronize(), "wave store upload");
@@ -303,9 +307,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
   // KVRECALL_WAVE_LEGACY=1: the step as it was before the rescored dots were
-  // kept and the cuts' grids widened (the same answers: bench/wave-gpu-ab.ts
-  // alternates the two and compares them bit for bit). Read at each step; in
-  // the graph's key.
+  // kept, the cuts' grids widened and ResolveCut held its keys in shared
+  // memory (the same answers: bench/wave-gpu-ab.ts alternates the two and
+  // compares them bit for bit). Read at each step; in the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
   p.dotsOn = !legacy;
@@ -424,7 +428,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
     mark(3, s);
     CollectBin<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
-    ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
+    ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), s>>>(cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
     TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
     Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
     if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
@@ -445,7 +449,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, I.hist, cuts2);
       mark(6, s);
       CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
-      ResolveCut<<<unsigned(H), kResolveThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
+      ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), s>>>(kc, range2, cuts2, buf2, bufW2, !legacy);
       TakeWeights<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
       Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
       ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
