@@ -15,6 +15,15 @@ import type { Estimate } from './estimate.js';
 import { concatRows } from './cache/selection-parts.js';
 import type { Session } from './session.js';
 
+/**
+ * Rows a head's selection may list for the device (2M): the call keeps a
+ * few numbers per 512 of them in shared memory (native/cuda/wave_rest.cuh).
+ * A larger selection is estimated on the host.
+ */
+export const REST_MAX_ROWS = 1 << 21;
+/** Clusters a head may have for the device call, for the same reason (1M). */
+export const REST_MAX_CLUSTERS = 1 << 20;
+
 /** A selection's rows of one segment as the device call takes them: per kv head, ranges, blocks, ids. */
 export interface RestRows {
   ranges: Int32Array[];
@@ -27,7 +36,8 @@ export interface RestRows {
  * the rows of ranges or blocks (a step's host-to-device bytes stay a few KiB
  * for the block methods). Undefined where the segment is attended whole
  * (nothing to estimate: estimateRest skips it too) or the parts take a shape
- * the call does not (block lists of two sizes).
+ * the call does not (block lists of two sizes, more than REST_MAX_ROWS rows
+ * a head).
  */
 export function restRows(selection: Selection, segment: KvSegment, kvHeads: number): RestRows | undefined {
   const n = segment.tokens;
@@ -45,6 +55,15 @@ export function restRows(selection: Selection, segment: KvSegment, kvHeads: numb
     }
   }
   if (blockLists.some((b) => b.size !== blockLists[0].size)) return undefined;
+  // Rows listed per head at most (their count, not the rows): past REST_MAX_ROWS the call refuses.
+  let ranged = 0;
+  for (let i = 0; i < flat.length; i += 2) ranged += flat[i + 1] - flat[i];
+  for (let h = 0; h < kvHeads; h++) {
+    let n = ranged;
+    for (const b of blockLists) n += b.ids[h].length * b.size;
+    for (const ids of idLists) n += ids[h].length;
+    if (n > REST_MAX_ROWS) return undefined;
+  }
   const shared = Int32Array.from(flat);
   const rows: RestRows = { ranges: Array.from({ length: kvHeads }, () => shared) };
   if (blockLists.length > 0)
@@ -65,7 +84,7 @@ export async function restOnDevice(session: Session, ctx: LayerContext, selectio
   // A wave session here is one whose step the device declined (engine/wave-on-device.ts): so would this.
   if (!gpu || session.method.name === WAVE || ctx.segments.length !== 2 || clusters.length !== 1) return undefined;
   const doc = ctx.segments[0];
-  if (doc.tokens === 0) return undefined;
+  if (doc.tokens === 0 || clusters[0].some((c) => c.clusters > REST_MAX_CLUSTERS)) return undefined;
   const rows = restRows(selection, doc, ctx.kvHeads);
   if (!rows) return undefined;
   const held = gpu.waveLayer(session.model, doc, ctx.layer, clusters[0]);

@@ -153,6 +153,8 @@ WaveRestResult RunRest(RestState& R, const StepParams& base, const WaveStoreConf
   const int64_t rangeCap = PowerOfTwoAtLeast(int64_t(lo.size()), 64), idCap = PowerOfTwoAtLeast(int64_t(a.ids.size()), 1024);
   const int64_t rowsMax = width;
   const int nMain = int(Cdiv(cmax, kTile)), nSub = int(Cdiv(rowsMax, kTile)), parts = nMain + nSub;
+  // MergeEstimate holds a double per part in shared memory (48 KiB without opting in).
+  if (size_t(parts) * 8 > 48 * 1024) throw std::runtime_error("wave rest: too many clusters and rows for one call");
   StepParams p;
   std::memcpy(&p, &base, sizeof p);
   p.group = G;
