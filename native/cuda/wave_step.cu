@@ -210,7 +210,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
         "cudaFuncSetAttribute");
   Check(cudaFuncSetAttribute(ResolveCut<CandidateCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<CandidateCut>())),
         "cudaFuncSetAttribute");
-  for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>})
+  for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>, ScoreClusters<false, true, kScoreRows>, ScoreClusters<true, true, kScoreRows>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
   Check(cudaDeviceSynchronize(), "wave store upload");
 }
@@ -307,9 +307,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
   // KVRECALL_WAVE_LEGACY=1: the step as it was before the rescored dots were
-  // kept, the cuts' grids widened and ResolveCut held its keys in shared
-  // memory (the same answers: bench/wave-gpu-ab.ts alternates the two and
-  // compares them bit for bit). Read at each step; in the graph's key.
+  // kept, the cuts' grids widened, ResolveCut held its keys in shared memory
+  // and ScoreClusters ran CTAs of 64 clusters (the same answers:
+  // bench/wave-gpu-ab.ts alternates the two and compares them bit for bit).
+  // Read at each step; in the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
   p.dotsOn = !legacy;
@@ -397,7 +398,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     const dim3 scoreGrid(unsigned(Cdiv(I.cmax, kRowsPerCta)), unsigned(H));
     const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
     const size_t stagedSmem = 2 * qSmem + ScoreTileBytes(d, stride);
-    if (p.spreadMode && stagedSmem <= kStagedSmem) {
+    // Four CTAs of kScoreRows an SM where their tiles fit (d=128 with up to 4 q
+    // heads a kv head: 53 KiB each), else two of 128 (wave_step_kernels.cuh).
+    const size_t quarterSmem = 2 * qSmem + ScoreTileBytes(d, stride, kScoreRows);
+    if (!legacy && p.spreadMode && quarterSmem <= kStagedSmem / 2) {
+      const dim3 grid(unsigned(Cdiv(I.cmax, kScoreRows)), unsigned(H));
+      if (bf16) ScoreClusters<true, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+      else ScoreClusters<false, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    } else if (p.spreadMode && stagedSmem <= kStagedSmem) {
       if (bf16) ScoreClusters<true, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
       else ScoreClusters<false, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
     } else {

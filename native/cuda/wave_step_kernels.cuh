@@ -210,20 +210,28 @@ __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t 
 // them there: the three passes over a cluster otherwise wait on memory one
 // after the other, with few warps per SM (the accumulators take registers)
 // to hide it. Staged when the tile and q fit kStagedSmem (two CTAs per SM).
-__host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride) { return size_t(kRowsPerCta) * (stride + 2 * d) * 2; }
+//
+// kRows clusters a CTA (2·kRows threads). The step launches kScoreRows where
+// it fits: four CTAs of 64 an SM (53 KiB of shared memory each at d=128 and
+// 4 q heads a kv head, 116 registers) rather than two of 128 (104 KiB, 124):
+// the same 16 warps, but a CTA computes only once its whole tile is in, and
+// with four on an SM, copies and dots of different CTAs can overlap where
+// two tended to wait together (ncu, H200: 53% of DRAM peak at 128).
+constexpr int kScoreRows = 64;
+__host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows = kRowsPerCta) { return size_t(rows) * (stride + 2 * d) * 2; }
 constexpr size_t kStagedSmem = 113 * 1024;
-template <bool kBf16, bool kStaged>
-__global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
+template <bool kBf16, bool kStaged, int kRows = kRowsPerCta>
+__global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreClusters(StepParams p) {
   // [group, stride]: q, then column d: the norm term; kSpread: then the
   // same again squared (each rounded to f32, as the host's q2), squared once
   // here rather than per cluster; kStaged: then the tile.
   extern __shared__ __align__(16) float qs[];
   const int h = blockIdx.y, qn = p.group * p.stride;
   float* q2 = qs + qn;
-  const int64_t b = p.base[h], C = p.base[h + 1] - b, r0 = int64_t(blockIdx.x) * kRowsPerCta;
+  const int64_t b = p.base[h], C = p.base[h + 1] - b, r0 = int64_t(blockIdx.x) * kRows;
   if (r0 >= C) return;  // the grid covers the head with the most clusters
   uint16_t* tile = reinterpret_cast<uint16_t*>(q2 + qn);  // [rows, stride] centroids, [rows, d] axes, [rows, d] variances
-  const int tileRows = int(min(int64_t(kRowsPerCta), C - r0));
+  const int tileRows = int(min(int64_t(kRows), C - r0));
   const bool staged = kStaged && p.spreadMode;  // the launch stages only kSpread
   if (staged) {
     const int nc = tileRows * p.stride / 8, na = tileRows * p.d / 8;  // 16-byte pieces
@@ -231,8 +239,8 @@ __global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
     const uint4* srcA = reinterpret_cast<const uint4*>(p.axes + size_t(b + r0) * p.d);
     const uint4* srcV = reinterpret_cast<const uint4*>(p.vars + size_t(b + r0) * p.d);
     uint4* dst = reinterpret_cast<uint4*>(tile);
-    uint4* dstA = dst + size_t(kRowsPerCta) * p.stride / 8;
-    uint4* dstV = dstA + size_t(kRowsPerCta) * p.d / 8;
+    uint4* dstA = dst + size_t(kRows) * p.stride / 8;
+    uint4* dstV = dstA + size_t(kRows) * p.d / 8;
     for (int i = threadIdx.x; i < nc; i += blockDim.x) __pipeline_memcpy_async(dst + i, srcC + i, 16);
     for (int i = threadIdx.x; i < na; i += blockDim.x) {
       __pipeline_memcpy_async(dstA + i, srcA + i, 16);
@@ -257,8 +265,8 @@ __global__ void __launch_bounds__(kThreads) ScoreClusters(StepParams p) {
   float best = -INFINITY;
   float acc[kGC][8];
   if (p.spreadMode) {
-    const uint16_t* axis = kStaged ? tile + size_t(kRowsPerCta) * p.stride + size_t(tr) * p.d : p.axes + c * p.d;
-    const uint16_t* var = kStaged ? tile + size_t(kRowsPerCta) * (p.stride + p.d) + size_t(tr) * p.d : p.vars + c * p.d;
+    const uint16_t* axis = kStaged ? tile + size_t(kRows) * p.stride + size_t(tr) * p.d : p.axes + c * p.d;
+    const uint16_t* var = kStaged ? tile + size_t(kRows) * (p.stride + p.d) + size_t(tr) * p.d : p.vars + c * p.d;
     const float radius = WidenWord<kBf16>(row[p.d]), share = p.shares[h];
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
