@@ -16,11 +16,11 @@ import { concatRows } from './cache/selection-parts.js';
 import type { Session } from './session.js';
 
 /**
- * Rows a head's selection may list for the device (2M): the call keeps a
- * few numbers per 512 of them in shared memory (native/cuda/wave_rest.cuh).
- * A larger selection is estimated on the host.
+ * Rows a head's selection may list for the device (1M): the call keeps a
+ * number per 512 of them and of the clusters in shared memory
+ * (native/cuda/wave_rest.cuh). A larger selection is estimated on the host.
  */
-export const REST_MAX_ROWS = 1 << 21;
+export const REST_MAX_ROWS = 1 << 20;
 /** Clusters a head may have for the device call, for the same reason (1M). */
 export const REST_MAX_CLUSTERS = 1 << 20;
 

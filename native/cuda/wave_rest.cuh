@@ -153,8 +153,11 @@ WaveRestResult RunRest(RestState& R, const StepParams& base, const WaveStoreConf
   const int64_t rangeCap = PowerOfTwoAtLeast(int64_t(lo.size()), 64), idCap = PowerOfTwoAtLeast(int64_t(a.ids.size()), 1024);
   const int64_t rowsMax = width;
   const int nMain = int(Cdiv(cmax, kTile)), nSub = int(Cdiv(rowsMax, kTile)), parts = nMain + nSub;
-  // MergeEstimate holds a double per part in shared memory (48 KiB without opting in).
-  if (size_t(parts) * 8 > 48 * 1024) throw std::runtime_error("wave rest: too many clusters and rows for one call");
+  // MergeEstimate holds a double per part in shared memory, beside ~9 KiB of
+  // its own, within the 48 KiB a launch has without opting in: 4096 parts
+  // (2M clusters and rows a head; engine/rest-on-device.ts asks for at most
+  // 1M of each).
+  if (parts > 4096) throw std::runtime_error("wave rest: too many clusters and rows for one call");
   StepParams p;
   std::memcpy(&p, &base, sizeof p);
   p.group = G;

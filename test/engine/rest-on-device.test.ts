@@ -124,9 +124,9 @@ describe('the estimate of a selection on the device: plumbing', () => {
     const two = { ...ctx, segments: [doc, doc, own] } as LayerContext;
     expect(await restOnDevice(sessionWith(standInStore(heads, log), log), two, selection, [heads, heads], q, 1)).toBeUndefined();
     // Past REST_MAX_ROWS rows a head (counted, not listed) the host estimates.
-    const big = { parts: [{ segment: doc, blocks: { size: 1 << 20, ids: [Int32Array.of(0), Int32Array.of(0, 1, 2), Int32Array.of(0)] } }], scanned: 0 };
+    const big = { parts: [{ segment: doc, blocks: { size: 1 << 19, ids: [Int32Array.of(0), Int32Array.of(0, 1, 2), Int32Array.of(0)] } }], scanned: 0 };
     expect(restRows(big, doc, kvHeads)).toBeUndefined();
-    expect(restRows({ parts: [{ segment: doc, blocks: { size: 1 << 20, ids: [Int32Array.of(0), Int32Array.of(0), Int32Array.of(0)] } }], scanned: 0 }, doc, kvHeads)).toBeDefined();
+    expect(restRows({ parts: [{ segment: doc, blocks: { size: 1 << 19, ids: [Int32Array.of(0, 1), Int32Array.of(0, 1), Int32Array.of(0)] } }], scanned: 0 }, doc, kvHeads)).toBeDefined();
     expect(log).toEqual([]);
     await expect(restOnDevice(sessionWith(standInStore(heads, log, true), log), ctx, selection, [heads], q, 1)).rejects.toThrow(/device rest failed/);
     expect(log).toEqual(['rest', 'released']);
