@@ -59,10 +59,10 @@ export function restRows(selection: Selection, segment: KvSegment, kvHeads: numb
   let ranged = 0;
   for (let i = 0; i < flat.length; i += 2) ranged += flat[i + 1] - flat[i];
   for (let h = 0; h < kvHeads; h++) {
-    let n = ranged;
-    for (const b of blockLists) n += b.ids[h].length * b.size;
-    for (const ids of idLists) n += ids[h].length;
-    if (n > REST_MAX_ROWS) return undefined;
+    let count = ranged;
+    for (const b of blockLists) count += b.ids[h].length * b.size;
+    for (const ids of idLists) count += ids[h].length;
+    if (count > REST_MAX_ROWS) return undefined;
   }
   const shared = Int32Array.from(flat);
   const rows: RestRows = { ranges: Array.from({ length: kvHeads }, () => shared) };
