@@ -120,16 +120,18 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   const results: Record<string, unknown>[] = [];
   for (const cfg of configs) {
     const waveBytes = 'waveBytes' in cfg ? cfg.waveBytes : undefined;
+    // The estimating configs' clusters, built (k-means on the device) before this config's pool is opened.
+    const estimating = 'estimate' in cfg;
+    const estimateHeads = estimating ? await clustersOf() : undefined;
     const gpu = GpuBackend.open({ budgetBytes: cfg.poolBytes, stagingBytes: 256 << 20, waveBudgetBytes: waveBytes });
     if (!gpu) throw new Error('no CUDA device');
     const method = findMethod(cfg.method)!;
     const heads = cfg.method === 'wave' ? await clustersOf() : summaries;
     const indexes = method.builder ? [[heads]] : [];
-    const estimating = 'estimate' in cfg;
     const reserved = gpu.admit(model, cfg.method, cfg.params as SearchParams, tokens);
     const session = new Session({
       id: cfg.method, model, documents: [doc], method, params: cfg.params as SearchParams, documentIndexes: indexes,
-      ...(cfg.method === 'wave' && { clusterIndexes: [[heads]] }), ...(estimating && { clusterIndexes: [[await clustersOf()]] }), budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved,
+      ...(cfg.method === 'wave' && { clusterIndexes: [[heads]] }), ...(estimateHeads && { clusterIndexes: [[estimateHeads]] }), budget: UNLIMITED, gpu: reserved > 0 ? gpu : undefined, gpuReserved: reserved,
     });
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
