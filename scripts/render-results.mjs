@@ -107,6 +107,20 @@ function roundsLines() {
     `**Preload after delete** (\`bench/preload-rounds.ts\`: one server, the TypeScript client, the Python client and \`kvrecall preload\` in turn, each preload of ${fix(runs[0].bytes / 1e9, 2)} GB sealed and deleted; \`${f}\`, ${machine(runs[0].machine)}, load ${span(runs.flatMap((r) => r.preloads.map((p) => p.load)), (v) => fix(v, 1))}; 4 block environments):` +
       ` with blocks in shared environments, a preload after a delete cost the server ${cpu(before)} CPU s (its first ${cpu(first)}), upload ${gbs(before, 'uploadS')} GB/s;` +
       ` with each document's own, ${cpu(after)} CPU s, ${gbs(after, 'uploadS')} GB/s, seal (exact only) ${gbs(after, 'sealS')} GB/s.`,
+    ...hostRoundsLines(),
+  ];
+}
+
+/** The same rounds on the GPU host, by path (issue #14's 2 GB/s for each of the three). */
+function hostRoundsLines() {
+  const f = 'bench/results/preload-h100-rounds.json';
+  if (!existsSync(join(ROOT, f))) return [];
+  const j = json(f);
+  const by = (path, k) => span(j.preloads.filter((p) => p.path === path).map((p) => j.bytes / p[k] / 1e9), (v) => fix(v, 2));
+  const paths = [...new Set(j.preloads.map((p) => p.path))];
+  return [
+    '',
+    `The same rounds on the GPU host (\`${f}\`, ${machine(j.machine)}, ${j.date.slice(0, 10)}, ${fix(j.bytes / 1e9, 2)} GB each): upload ${paths.map((p) => `${p} ${by(p, 'uploadS')}`).join(', ')} GB/s; seal (exact only) ${span(j.preloads.map((p) => j.bytes / p.sealS / 1e9), (v) => fix(v, 2))} GB/s.`,
   ];
 }
 
