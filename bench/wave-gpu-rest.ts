@@ -14,7 +14,8 @@
 // host float64), estimated and scanned token counts exactly, the rows given
 // counted as the host expands them; the graph-replayed call equal to the one
 // launched one by one; a wave step between calls on the same store changes
-// nothing.
+// nothing; a steady block selection (other blocks, the same counts) replays
+// one graph.
 //
 // --bench: one layer at 1M tokens, 8 kv heads x 4 q heads, d=128, f16,
 // clusters of 16 (synthetic, as bench/wave-gpu.ts), a topk-blocks-like
@@ -177,6 +178,18 @@ export async function checkRestCase(c: RestCase, seed: number): Promise<(RestCom
         const graphSame = sameAnswer(replayed, staged) && again.graphCaptures === captures && sameAnswer(again, after) && Object.keys(after.stages).length > 0;
         results.push({ ...r, graphSame, ok: r.ok && graphSame });
       }
+    // A steady block selection, as decoding makes it: other blocks every step, the same number a head (never the
+    // partial last one, never two adjacent: the same rows and ranges), so the second step replays the first's graph.
+    const even = Math.floor((Math.ceil(N / c.blockSize) - 1) / 2), k = Math.max(1, Math.round(even * 0.05));
+    const steady = (): Rows => ({
+      ranges: Array.from({ length: H }, () => Int32Array.of(0, Math.min(16, N), Math.max(0, N - 64), N)),
+      blocks: { size: c.blockSize, ids: Array.from({ length: H }, () => sortedSample(rng, even, k).map((x) => 2 * x)) },
+    });
+    const q = fresh(), first = await store.rest({ q, qHeads: H * G, scale: c.scale, ...steady() }), rows = steady();
+    const second = await store.rest({ q, qHeads: H * G, scale: c.scale, ...rows });
+    const r = await compareRest(heads, second, rows, q, G, d, dt, c.scale, 'rows', 'steady blocks');
+    const graphSame = second.graphCaptures === first.graphCaptures;
+    results.push({ ...r, graphSame, ok: r.ok && graphSame });
   } finally {
     store.close();
   }
