@@ -4,9 +4,10 @@
 // old few-CTA grids and ResolveCut read every digit pass from global memory;
 // without it the rescored candidates' dots are kept for the partly attended
 // clusters' logits and the attended rows, the cuts' grids are wide,
-// ResolveCut holds the bin's keys in shared memory, and ScoreClusters runs
-// four CTAs of 64 clusters an SM instead of two of 128. (GatherCandidates'
-// batched copy is in both.) The variable is read at each step, so this alternates the
+// ResolveCut holds the bin's keys in shared memory, ScoreClusters runs four
+// CTAs of 64 clusters an SM instead of two of 128, and the exact rows'
+// estimate tiles run in the attention tiles' kernel (AttendAndRows).
+// (GatherCandidates' batched copy is in both.) The variable is read at each step, so this alternates the
 // two step by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4]

@@ -202,7 +202,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.stride = I.stride;
   for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
-  for (auto fn : {AttendPart<false>, AttendPart<true>})
+  for (auto fn : {AttendPart<false>, AttendPart<true>, AttendAndRows<false>, AttendAndRows<true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
@@ -307,8 +307,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
   // KVRECALL_WAVE_LEGACY=1: the step as it was before the rescored dots were
-  // kept, the cuts' grids widened, ResolveCut held its keys in shared memory
-  // and ScoreClusters ran CTAs of 64 clusters (the same answers:
+  // kept, the cuts' grids widened, ResolveCut held its keys in shared memory,
+  // ScoreClusters ran CTAs of 64 clusters and the exact rows' estimate tiles
+  // ran with their attention tiles (the same answers:
   // bench/wave-gpu-ab.ts alternates the two and compares them bit for bit).
   // Read at each step; in the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
@@ -484,17 +485,24 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
     }
     mark(9, s);
+    // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.
+    const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
     if (a.estimate) {
       if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
       else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      if (nSub > 0) {
+      if (nSub > 0 && !fuseRows) {
         if (bf16) EstimatePart<true, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
         else EstimatePart<false, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
       }
     }
     if (a.attend && nAtt > 0) {
-      if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      if (fuseRows) {
+        if (bf16) AttendAndRows<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+        else AttendAndRows<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      } else {
+        if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+        else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      }
     }
     mark(10, s);
     if (merge) {

@@ -19,7 +19,7 @@ namespace {
 // step's other dots' layout); the logits wait in sE until the tile's max is
 // known.
 template <bool kBf16>
-__global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
+__device__ __forceinline__ void AttendTile(const StepParams& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);    // [kTile] the row's first word in keys and values, compacted
   float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] logits, then their exps
@@ -104,6 +104,24 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
     }
     TileNumerators<kBf16>(p, p.values, sSrc, sE, sRed, live, gc, qh0, part, 1.f);
   }
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
+  AttendTile<kBf16>(p);
+}
+
+// With the estimate and the attention both on, their exact-row tiles are the
+// same positions: tile blockIdx.x attended, then the estimate's -e·v over the
+// same rows' values (those of partly attended clusters), read again while
+// the L2 still holds them (128 KiB a tile) instead of from memory by a
+// separate EstimatePart<kRows> launch (its 42 x 8 CTAs read 69 MB at 1M, up
+// to 43 MB of them these value rows: ncu, H200, 32 us). Each part's sums as
+// in the separate kernels: the same bits.
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads) AttendAndRows(StepParams p) {
+  AttendTile<kBf16>(p);  // ends on a barrier: its shared memory is free
+  EstimateTile<kBf16, true>(p);
 }
 
 }  // namespace

@@ -314,8 +314,10 @@ __device__ void TileNumerators(const StepParams& p, const uint16_t* rows, const 
 // normaliser through n - r). Thread t looks at tile rows 2t and 2t+1; the
 // rows left are compacted in order, so the sums do not depend on timing.
 static_assert(kTile == 2 * kThreads, "two tile rows per thread");
+// The body of EstimatePart, for tile blockIdx.x (AttendAndRows runs a kRows
+// tile after the attention tile of the same positions).
 template <bool kBf16, bool kRows>
-__global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
+__device__ __forceinline__ void EstimateTile(const StepParams& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
   float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] its numerator weight n·e (or e)
@@ -384,6 +386,10 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
     }
     TileNumerators<kBf16>(p, kRows ? p.values : p.means, sSrc, sE, sRed, live, gc, qh0, part, kRows ? -1.f : 1.f);
   }
+}
+template <bool kBf16, bool kRows>
+__global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
+  EstimateTile<kBf16, kRows>(p);
 }
 
 // One CTA per q head and 32 output columns (blockIdx.y): the tiles merged by
