@@ -177,7 +177,8 @@ export interface GpuInUse {
   device: string;
   memory: number;
   pool: { budgetBytes: number; blockSize: number; reservedBytes: number; failure?: string; [stat: string]: unknown };
-  wave?: { budgetBytes: number; usedBytes: number; stores: number; refused: number; evictions: number };
+  /** rests: layer-steps of other methods whose estimate ran on a wave layer held here. */
+  wave?: { budgetBytes: number; usedBytes: number; stores: number; refused: number; evictions: number; rests: number };
 }
 
 /** Attends run on the host: a device that answered (`device`, its name) or why none did (`error`). */
