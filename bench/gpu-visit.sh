@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes rest blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab rest blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -48,6 +48,11 @@ for s in $stages; do
     wave-graph)  # the check (the lean call replayed from its graph on fresh queries), then the bench: graph against one by one
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 180 wave-bench-graph node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag graph ;;
+    wave-ab)  # the wave kernels against their old path (KVRECALL_WAVE_LEGACY=1): the host check, both paths alternated step by step with every answer compared bit for bit, then the bench at clusters of 16
+      step 120 wave-check node dist/bench/wave-gpu.js --check
+      step 120 wave-check-legacy env KVRECALL_WAVE_LEGACY=1 node dist/bench/wave-gpu.js --check
+      step 240 wave-ab node dist/bench/wave-gpu-ab.js --steps 50 --cluster-size 16
+      step 180 wave-bench-ab node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag ab ;;
     rest)  # non-wave methods' estimate on the device (engine/rest-on-device.ts): its checks, the call against the host's estimate at 1M, the decode loop's nosa/topk-blocks estimating on the host and on the device
       step 150 rest-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts
       step 150 rest-bench node dist/bench/wave-gpu-rest.js --bench --steps 30
