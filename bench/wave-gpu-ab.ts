@@ -2,8 +2,9 @@
 // a CUDA device): KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu sum
 // every dot again from the keys, run the cuts' streaming kernels on their
 // old few-CTA grids and ResolveCut read every digit pass from global memory;
-// without it the rescored candidates' dots are kept for the partly attended
-// clusters' logits and the attended rows, the cuts' grids are wide,
+// without it the rescored candidates' dots (and the sinks/window rows',
+// ExactDots) are kept for the partly attended clusters' logits and the
+// attended rows, the cuts' grids are wide,
 // ResolveCut holds the bin's keys in shared memory, ScoreClusters runs four
 // CTAs of 64 clusters an SM instead of two of 128, and the exact rows'
 // estimate tiles run in the attention tiles' kernel (AttendAndRows).

@@ -202,7 +202,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.stride = I.stride;
   for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
-  for (auto fn : {AttendPart<false>, AttendPart<true>, AttendAndRows<false>, AttendAndRows<true>})
+  for (auto fn : {AttendPart<false, false>, AttendPart<true, false>, AttendPart<false, true>, AttendPart<true, true>, AttendAndRows<false>,
+                  AttendAndRows<true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
@@ -328,7 +329,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
                oTouchedN = W.Add(size_t(H) * 4),
                oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, size_t(1)}));
-  const size_t oDots = W.Add(size_t(Q) * tmax * 4), oKeptPos = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4);
+  // The rescored candidates' dots, then (attend) the exact rows'.
+  const int64_t dotStride = tmax + (a.attend ? E : 0);
+  const size_t oDots = W.Add(size_t(Q) * dotStride * 4), oKeptPos = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4);
   I.work.Need(W.at, "cudaMalloc (wave step)");
   void* X = I.work.p;
   p.logits = Layout::At<float>(X, oLogits);
@@ -348,6 +351,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.keptIds = Layout::At<int32_t>(X, oKeptIds);
   p.keptN = Layout::At<int64_t>(X, oKeptN);
   p.dots = Layout::At<float>(X, oDots);
+  p.dotStride = dotStride;
   p.keptPos = Layout::At<int32_t>(X, oKeptPos);
   p.rowsMax = rowsMax;
   void* temp = Layout::At<void>(X, oTemp);
@@ -447,6 +451,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
       else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
     }
+    if (p.dotsOn && a.attend && E > 0) {  // the sinks/window rows' dots, for AttendTile<kDots>
+      const dim3 grid(unsigned(Cdiv(E, kRowsPerCta)), unsigned(H));
+      if (bf16) ExactDots<true><<<grid, kThreads, qSmem, s>>>(p);
+      else ExactDots<false><<<grid, kThreads, qSmem, s>>>(p);
+    }
     mark(5, s);
     // The candidates kept: the best `keep` outside the skip ranges.
     Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
@@ -500,8 +509,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
         if (bf16) AttendAndRows<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
         else AttendAndRows<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
       } else {
-        if (bf16) AttendPart<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-        else AttendPart<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+        const dim3 grid = dim3(unsigned(nAtt), unsigned(H));
+        if (p.dotsOn) {
+          if (bf16) AttendPart<true, true><<<grid, kThreads, kEstimateSmem, s>>>(p);
+          else AttendPart<false, true><<<grid, kThreads, kEstimateSmem, s>>>(p);
+        } else {
+          if (bf16) AttendPart<true, false><<<grid, kThreads, kEstimateSmem, s>>>(p);
+          else AttendPart<false, false><<<grid, kThreads, kEstimateSmem, s>>>(p);
+        }
       }
     }
     mark(10, s);

@@ -12,13 +12,46 @@ namespace kvr {
 namespace cuda {
 namespace {
 
+// The dots of the exact rows after the kept ones (positions kept ..
+// kept + exactCount: the sinks/window rows), per q head, into dots after the
+// rescored candidates' (column tmax + e), so that AttendTile<kDots> finds
+// every attended row's dot there: a thread pair per row, the same
+// Accumulate/ReducePair on the same q as AttendTile's pairs, bit for bit.
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
+  extern __shared__ __align__(16) float qs[];  // [group, stride]
+  const int h = blockIdx.y;
+  for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];
+  __syncthreads();
+  const int half = threadIdx.x & 1;
+  const int64_t e = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
+  const bool live = e < p.exactCount;
+  const int32_t t = live ? p.exact[e] : 0;
+  const uint16_t* row = p.keys + (size_t(h) * p.N + t) * p.d;
+  for (int g0 = 0; g0 < p.group; g0 += kGC) {
+    const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles see every lane
+    float acc[kGC][8];
+    Zero(acc);
+    Accumulate<kBf16>(row, qs, p.stride, g0, gc, 0, p.d / 8, half, live, acc);
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      if (g >= gc) break;
+      const float dot = ReducePair(acc[g]);
+      if (half == 0 && live) p.dots[(size_t(h) * p.group + g0 + g) * p.dotStride + p.tmax + e] = dot;
+    }
+  }
+}
+
 // One tile of exact-row positions of kv head blockIdx.y (the selection, then
 // the sinks/window rows; a row listed twice is attended once, at the first
 // position owner[] names): per q head the row's logit s·q·k, the tile's max,
-// its normaliser and numerator. The dots run a thread pair per row (the
-// step's other dots' layout); the logits wait in sE until the tile's max is
-// known.
-template <bool kBf16>
+// its normaliser and numerator; the logits wait in sE until the tile's max is
+// known. kDots: every row's dot read from dots (the kept rows' from
+// RescoreCandidates at their candidate position, keptPos; the others' from
+// ExactDots), without this kernel's own accumulators (registers: see the
+// launch); else the dots run here, a thread pair per row (the step's other
+// dots' layout), the same sums.
+template <bool kBf16, bool kDots>
 __device__ __forceinline__ void AttendTile(const StepParams& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);    // [kTile] the row's first word in keys and values, compacted
@@ -26,11 +59,10 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
   float* sRed = sE + kGC * kTile;                     // TileNumerators' scratch
   __shared__ float fScratch[32 * kGC];
   __shared__ int nScratch[32];
-  __shared__ int32_t sPos[kTile];  // with dotsOn: a kept row's candidate position (its dots), else -1
+  __shared__ int64_t sPos[kDots ? kTile : 1];  // kDots: the row's column in dots
   const int h = blockIdx.y;
   const int64_t kept = Kept(p, h);
-  int64_t src[2] = {-1, -1};
-  int32_t pos[2] = {-1, -1};
+  int64_t src[2] = {-1, -1}, pos[2] = {0, 0};
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int64_t at = int64_t(blockIdx.x) * kTile + 2 * threadIdx.x + k;
@@ -38,44 +70,45 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
         src[k] = (int64_t(h) * p.N + t) * p.d;
-        if (p.dotsOn && at < kept) pos[k] = p.keptPos[size_t(h) * p.width + at];
+        if (kDots) pos[k] = at < kept ? int64_t(p.keptPos[size_t(h) * p.width + at]) : p.tmax + (at - kept);
       }
     }
   }
   int at[2];
   const int live = CompactRows(src, sSrc, nScratch, at);
+  if (kDots) {
 #pragma unroll
-  for (int k = 0; k < 2; ++k)
-    if (src[k] >= 0) sPos[at[k]] = pos[k];
-  // Whether any row here has no dots kept (the sinks/window rows, or all without dotsOn).
-  const bool summed = __syncthreads_or((src[0] >= 0 && pos[0] < 0) || (src[1] >= 0 && pos[1] < 0));
+    for (int k = 0; k < 2; ++k)
+      if (src[k] >= 0) sPos[at[k]] = pos[k];
+  }
+  __syncthreads();
   const int part = p.attendPart0 + blockIdx.x;
   const int half = threadIdx.x & 1, pair = threadIdx.x >> 1, nd = p.d / 8;
   const float* qg = p.qAug + size_t(h) * p.group * p.stride;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
     const size_t qh0 = size_t(h) * p.group + g0;
-    // The kept rows' logits from the dots RescoreCandidates summed for them
-    // (the same dot this loop's pairs would sum: the same code and q rows).
-    for (int i = threadIdx.x; i < live; i += blockDim.x) {
-      const int32_t dp = sPos[i];
-      if (dp < 0) continue;
+    if (kDots) {
+      for (int i = threadIdx.x; i < live; i += blockDim.x) {
+        const int64_t dp = sPos[i];
 #pragma unroll
-      for (int g = 0; g < kGC; ++g)
-        if (g < gc) sE[g * kTile + i] = __fmul_rn(p.scale, p.dots[(qh0 + g) * p.tmax + dp]);
-    }
-    // The others by pairs; the bound is uniform over the CTA, so every lane shuffles.
-    for (int i0 = 0; summed && i0 < live; i0 += kRowsPerCta) {
-      const int i = i0 + pair;
-      const bool on = i < live && sPos[i] < 0;
-      float acc[kGC][8];
-      Zero(acc);
-      Accumulate<kBf16>(p.keys + (on ? sSrc[i] : 0), qg, p.stride, g0, gc, 0, nd, half, on, acc);
+        for (int g = 0; g < kGC; ++g)
+          if (g < gc) sE[g * kTile + i] = __fmul_rn(p.scale, p.dots[(qh0 + g) * p.dotStride + dp]);
+      }
+    } else {
+      // Rows by pairs; the bound is uniform over the CTA, so every lane shuffles.
+      for (int i0 = 0; i0 < live; i0 += kRowsPerCta) {
+        const int i = i0 + pair;
+        const bool on = i < live;
+        float acc[kGC][8];
+        Zero(acc);
+        Accumulate<kBf16>(p.keys + (on ? sSrc[i] : 0), qg, p.stride, g0, gc, 0, nd, half, on, acc);
 #pragma unroll
-      for (int g = 0; g < kGC; ++g) {
-        if (g >= gc) break;
-        const float dot = ReducePair(acc[g]);
-        if (on && half == 0) sE[g * kTile + i] = __fmul_rn(p.scale, dot);
+        for (int g = 0; g < kGC; ++g) {
+          if (g >= gc) break;
+          const float dot = ReducePair(acc[g]);
+          if (on && half == 0) sE[g * kTile + i] = __fmul_rn(p.scale, dot);
+        }
       }
     }
     __syncthreads();
@@ -106,9 +139,9 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
   }
 }
 
-template <bool kBf16>
+template <bool kBf16, bool kDots>
 __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
-  AttendTile<kBf16>(p);
+  AttendTile<kBf16, kDots>(p);
 }
 
 // With the estimate and the attention both on, their exact-row tiles are the
@@ -119,8 +152,8 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 // to 43 MB of them these value rows: ncu, H200, 32 us). Each part's sums as
 // in the separate kernels: the same bits.
 template <bool kBf16>
-__global__ void __launch_bounds__(kThreads) AttendAndRows(StepParams p) {
-  AttendTile<kBf16>(p);  // ends on a barrier: its shared memory is free
+__global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
+  AttendTile<kBf16, true>(p);  // ends on a barrier: its shared memory is free
   EstimateTile<kBf16, true>(p);
 }
 

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(Step
     const double left = double(n - removed);
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);
-      const float* dg = p.dots + (size_t(h) * p.group + g0) * p.tmax + at;
+      const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + at;
       float m[kGC], sum[kGC];
 #pragma unroll
       for (int g = 0; g < kGC; ++g) m[g] = -INFINITY, sum[g] = 0.f;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(Step
         const int32_t u = i < n ? mem[i] : 0;
         float dot[kGC];
 #pragma unroll
-        for (int g = 0; g < kGC; ++g) dot[g] = g < gc && i < n ? dg[size_t(g) * p.tmax + i] : 0.f;
+        for (int g = 0; g < kGC; ++g) dot[g] = g < gc && i < n ? dg[size_t(g) * p.dotStride + i] : 0.f;
         const bool live = i < n && own[u] == kNoOwner;
 #pragma unroll
         for (int g = 0; g < kGC; ++g) {

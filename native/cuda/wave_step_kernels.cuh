@@ -170,14 +170,16 @@ struct StepParams {
   int64_t *cnt, *cum, *sel;  // [ctot]: tokens a cluster gives, their scan; sel [kvHeads, 2]: -, candidates
   int32_t* keptIds;          // [kvHeads, width]: the ranked ids outside the skip ranges, at most keep
   int64_t* keptN;            // [kvHeads]
-  // The rescored candidates' dots q·k per q head, [qHeads, tmax] (head h's
-  // group, then the candidate), and each kept id's candidate position,
-  // [kvHeads, width]: with dotsOn, PartialLogitsFromDots and AttendPart read
-  // the dots there instead of reading the rows' keys again (the same dot,
-  // summed by the same code: bit for bit). Off (the Rest call, or the
-  // comparison's old path): every dot recomputed from the keys.
+  // The rescored candidates' dots q·k per q head, [qHeads, dotStride] (head
+  // h's group, then the candidate; with attend, the exact rows' from
+  // ExactDots after them, at tmax + e), and each kept id's candidate
+  // position, [kvHeads, width]: with dotsOn, PartialLogitsFromDots and
+  // AttendTile read the dots there instead of reading the rows' keys again
+  // (the same dot, summed by the same code: bit for bit). Off (the Rest
+  // call, or the comparison's old path): every dot recomputed from the keys.
   float* dots;
   int32_t* keptPos;
+  int64_t dotStride;
   bool dotsOn;
   float *pm, *pden, *pnum;
   int64_t* pest;
@@ -343,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
     for (int g = 0; g < gc; ++g) {
       const float s = ReducePair(acc[g]);
       best = best < s ? s : best;
-      if (p.dotsOn && half == 0 && live) p.dots[(size_t(h) * p.group + g0 + g) * p.tmax + j] = s;
+      if (p.dotsOn && half == 0 && live) p.dots[(size_t(h) * p.group + g0 + g) * p.dotStride + j] = s;
     }
   }
   // Rows inside the skip ranges are not candidates: the kept ids are then
