@@ -77,47 +77,82 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
 // of a cluster the cut took whole sit together among the candidates, at
 // GatherCandidates' place for it. Without the accumulators this kernel needs
 // few registers (the other: ~128, 4 CTAs an SM), and a member costs a 4-byte
-// read per q head instead of its 256-byte key after a chain of four loads.
+// read per q head instead of its 256-byte key. What is left is a chain of
+// dependent loads per cluster (list entry; its count, removed, cut share,
+// place and member list; members and dots; owners): a warp takes kSlots
+// listed clusters at once and issues each step's loads for all of them
+// before waiting, each slot summed as one cluster alone would be.
+constexpr int kSlots = 2;
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(StepParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y, half = lane & 1;
-  const int32_t listed = p.touchedN[h];
+  const int32_t listed = p.touchedN[h], stride = int32_t(gridDim.x) * kPartialWarps;
   const int64_t b = p.base[h], before = b == 0 ? 0 : p.cum[b - 1];
   const int32_t* own = p.owner + size_t(h) * p.N;
-  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps) {
-    const int32_t cl = p.touched[size_t(h) * p.rowsMax + k];
-    const int64_t c = b + cl;
-    const int32_t n = p.counts[c], removed = p.removed[c];
-    if (!(removed > 0 && removed < n) || !FromDots(p, c, n)) continue;  // uniform over the warp
-    const int64_t at = p.cum[c] - n - before;  // the cluster's first member among the head's candidates
-    const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
-    const double left = double(n - removed);
+  for (int32_t k0 = int32_t(blockIdx.x) * kPartialWarps + warp; k0 < listed; k0 += kSlots * stride) {
+    int32_t cl[kSlots], n[kSlots], removed[kSlots], first[kSlots];
+    int64_t c[kSlots], cnt[kSlots], cum[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) cl[s] = k0 + s * stride < listed ? p.touched[size_t(h) * p.rowsMax + k0 + s * stride] : -1;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {  // all in bounds (a slot past the list reads cluster 0): no load waits on another
+      c[s] = b + max(cl[s], 0);
+      n[s] = p.counts[c[s]];
+      removed[s] = p.removed[c[s]];
+      cnt[s] = p.cnt[c[s]];
+      cum[s] = p.cum[c[s]];
+      first[s] = p.memberStart[c[s]];
+    }
+    bool on[kSlots];
+    int32_t nMax = 0;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      on[s] = cl[s] >= 0 && removed[s] > 0 && removed[s] < n[s] && p.dotsOn && p.restRows && cnt[s] == n[s];  // FromDots
+      if (on[s]) nMax = max(nMax, n[s]);
+    }
+    if (nMax == 0) continue;  // uniform over the warp
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);
-      const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + at;
-      float m[kGC], sum[kGC];
+      float m[kSlots][kGC], sum[kSlots][kGC];
 #pragma unroll
-      for (int g = 0; g < kGC; ++g) m[g] = -INFINITY, sum[g] = 0.f;
-      for (int32_t i0 = 0; i0 < n; i0 += 16) {
+      for (int s = 0; s < kSlots; ++s)
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) m[s][g] = -INFINITY, sum[s][g] = 0.f;
+      for (int32_t i0 = 0; i0 < nMax; i0 += 16) {
         const int32_t i = i0 + (lane >> 1);
-        const int32_t u = i < n ? mem[i] : 0;
-        float dot[kGC];
+        int32_t u[kSlots];
+        float dot[kSlots][kGC];
 #pragma unroll
-        for (int g = 0; g < kGC; ++g) dot[g] = g < gc && i < n ? dg[size_t(g) * p.dotStride + i] : 0.f;
-        const bool live = i < n && own[u] == kNoOwner;
+        for (int s = 0; s < kSlots; ++s) {
+          const bool in = on[s] && i < n[s];
+          u[s] = in ? p.members[size_t(h) * p.N + first[s] + i] : 0;
+          // The cluster's first member among the head's candidates: cum - n - before.
+          const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + (cum[s] - n[s] - before) + i;
 #pragma unroll
-        for (int g = 0; g < kGC; ++g) {
-          if (g >= gc) break;
-          const float w = live ? __fmul_rn(p.scale, dot[g]) : -INFINITY;
-          Absorb(w, live, half, m[g], sum[g]);
+          for (int g = 0; g < kGC; ++g) dot[s][g] = in && g < gc ? dg[size_t(g) * p.dotStride] : 0.f;
+        }
+        bool live[kSlots];
+#pragma unroll
+        for (int s = 0; s < kSlots; ++s) live[s] = on[s] && i < n[s] && own[u[s]] == kNoOwner;
+#pragma unroll
+        for (int s = 0; s < kSlots; ++s) {
+          if (!(on[s] && i0 < n[s])) continue;  // uniform: this slot's own passes only
+#pragma unroll
+          for (int g = 0; g < kGC; ++g) {
+            if (g >= gc) break;
+            const float w = live[s] ? __fmul_rn(p.scale, dot[s][g]) : -INFINITY;
+            Absorb(w, live[s], half, m[s][g], sum[s][g]);
+          }
         }
       }
-      if (lane < gc) {
-        float mg = m[0], sg = sum[0];
 #pragma unroll
-        for (int g = 1; g < kGC; ++g)
-          if (g == lane) mg = m[g], sg = sum[g];
-        p.logits[(size_t(h) * p.group + g0 + lane) * p.cmax + cl] = mg + logf(sg) - logf(float(left));
-      }
+      for (int s = 0; s < kSlots; ++s)
+        if (on[s] && lane < gc) {
+          float mg = m[s][0], sg = sum[s][0];
+#pragma unroll
+          for (int g = 1; g < kGC; ++g)
+            if (g == lane) mg = m[s][g], sg = sum[s][g];
+          p.logits[(size_t(h) * p.group + g0 + lane) * p.cmax + cl[s]] = mg + logf(sg) - logf(float(double(n[s] - removed[s])));
+        }
     }
   }
 }
