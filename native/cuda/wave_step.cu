@@ -315,7 +315,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   // Read at each step; in the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
-  p.dotsOn = !legacy;
+  p.dotsOn = p.prefetchRows = !legacy;
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");

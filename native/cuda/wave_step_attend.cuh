@@ -70,6 +70,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
         src[k] = (int64_t(h) * p.N + t) * p.d;
+        if (kDots) PrefetchRow(p.values + src[k], p.d * 2);  // read by TileNumerators, after the logits' phase
         if (kDots) pos[k] = at < kept ? int64_t(p.keptPos[size_t(h) * p.width + at]) : p.tmax + (at - kept);
       }
     }

@@ -30,6 +30,13 @@ constexpr size_t kEstimateSmem = size_t(kTile) * 8 + size_t(kGC) * kTile * 4 + s
 constexpr int kParams = 4;                 // per kv head: budget, target, cluster cap, ids kept after the skip
 constexpr int kPartialWarps = 4;           // PartialLogits: warps per CTA, each with [2, d] floats of shared memory
 
+// Asks L2 for the 128-byte lines of [row, row + bytes): the load that needs
+// them comes after a tile's setup (list, logits, block reductions), which
+// otherwise leaves the memory idle; a hint only (no value changes).
+__device__ __forceinline__ void PrefetchRow(const void* row, int bytes) {
+  for (int o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(row) + o));
+}
+
 // One 16-bit word as a float (exact).
 template <bool kBf16>
 __device__ __forceinline__ float WidenWord(uint16_t w) {
@@ -181,6 +188,7 @@ struct StepParams {
   int32_t* keptPos;
   int64_t dotStride;
   bool dotsOn;
+  bool prefetchRows;  // EstimatePart's cluster tiles ask L2 for their value means first (PrefetchRow)
   float *pm, *pden, *pnum;
   int64_t* pest;
   int nMain, parts;
