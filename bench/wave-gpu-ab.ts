@@ -1,15 +1,17 @@
 // The wave step's kernels against their previous path in one sitting (needs
-// a CUDA device): KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu sum
-// every dot again from the keys, run the cuts' streaming kernels on their
-// old few-CTA grids and ResolveCut read every digit pass from global memory;
-// without it the rescored candidates' dots (and the sinks/window rows',
-// ExactDots) are kept for the partly attended clusters' logits and the
-// attended rows, the cuts' grids are wide,
-// ResolveCut holds the bin's keys in shared memory, ScoreClusters runs four
-// CTAs of 64 clusters an SM instead of two of 128, and the exact rows'
-// estimate tiles run in the attention tiles' kernel (AttendAndRows).
-// (GatherCandidates' batched copy is in both.) The variable is read at each step, so this alternates the
-// two step by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
+// a CUDA device). KVRECALL_WAVE_LEGACY=1 makes native/cuda/wave_step.cu run
+// the step as before issue #13's kernel work: every dot summed again from
+// the keys, the cuts' streaming kernels on few-CTA grids, ResolveCut's digit
+// passes from global memory, ScoreClusters in CTAs of 128 clusters, the
+// exact rows' estimate tiles in their own launch, no L2 prefetch. Without
+// it: the rescored candidates' dots (and the sinks/window rows', ExactDots)
+// serve the partly attended clusters' logits (PartialLogitsFromDots) and the
+// attention tiles, the cuts' grids are wide, ResolveCut holds its bin in
+// shared memory, ScoreClusters runs four CTAs of 64 an SM, the exact rows'
+// estimate tiles run in the attention's kernel (AttendAndRows), and the
+// tiles prefetch their value rows. (GatherCandidates' batched copy is in
+// both.) The variable is read at each step, so this alternates the two step
+// by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4]
 //

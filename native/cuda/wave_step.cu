@@ -307,10 +307,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
-  // KVRECALL_WAVE_LEGACY=1: the step as it was before the rescored dots were
-  // kept, the cuts' grids widened, ResolveCut held its keys in shared memory,
-  // ScoreClusters ran CTAs of 64 clusters and the exact rows' estimate tiles
-  // ran with their attention tiles (the same answers:
+  // KVRECALL_WAVE_LEGACY=1: the step before the rescored dots were kept, the
+  // cuts' grids widened, ResolveCut held its keys in shared memory,
+  // ScoreClusters ran CTAs of 64, the exact rows' estimate tiles joined the
+  // attention's and the tiles prefetched their rows (the same answers:
   // bench/wave-gpu-ab.ts alternates the two and compares them bit for bit).
   // Read at each step; in the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
