@@ -48,10 +48,9 @@ for s in $stages; do
     wave-graph)  # the check (the lean call replayed from its graph on fresh queries), then the bench: graph against one by one
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 180 wave-bench-graph node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag graph ;;
-    wave-ab)  # the wave kernels against their old path (KVRECALL_WAVE_LEGACY=1): the host check, both paths alternated step by step with every answer compared bit for bit, then the bench at clusters of 16
+    wave-ab)  # the wave kernels against their old path (KVRECALL_WAVE_LEGACY=1): the host check, both paths alternated step by step with every answer compared bit for bit, then the bench at clusters of 16 (limits 500 s in all: one device command)
       step 120 wave-check node dist/bench/wave-gpu.js --check
-      step 120 wave-check-legacy env KVRECALL_WAVE_LEGACY=1 node dist/bench/wave-gpu.js --check
-      step 240 wave-ab node dist/bench/wave-gpu-ab.js --steps 50 --cluster-size 16
+      step 200 wave-ab node dist/bench/wave-gpu-ab.js --steps 50 --cluster-size 16
       step 180 wave-bench-ab node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag ab ;;
     rest)  # non-wave methods' estimate on the device (engine/rest-on-device.ts): its checks, the call against the host's estimate at 1M, the decode loop's nosa/topk-blocks estimating on the host and on the device
       step 150 rest-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts
