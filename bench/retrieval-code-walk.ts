@@ -1,13 +1,13 @@
-// npm run bench:retrieval-code-walk [-- --tokens 262144,1048576 --steps 3 [--broad]]
+// npm run bench:retrieval-code-walk [-- --tokens 262144,1048576 --steps 3 [--broad] [--bits 4]]
 //
 // A simulation (JS, over the retrieval-attention graph's CSR) of a walk that
-// reads 4-bit codes of the keys and scores exactly only the keys whose code
+// reads 4-bit (--bits) codes of the keys and scores exactly only the keys whose code
 // looks good: the path issue #15's "≤ 3% scanned" would need, since a walk
 // that scores every neighbour exactly finds ~1 key of the top 1% per 11
 // scored (bench/results/retrieval-misses-vm.md). Not the native search.
 //
-// Codes: each channel quantized to 16 levels uniformly over its mean ± 3σ
-// (64 bytes a key at d = 128: 1/4 of f16). Approximate score: the walk's score (below)
+// Codes: each channel quantized to 2^bits levels uniformly over its mean ± 3σ
+// (64 bytes a key at d = 128 and 4 bits: 1/4 of f16). Approximate score: the walk's score (below)
 // of the dequantized key. The cutoff τ is the
 // q-quantile of the approximate scores of the strided sample (n/512 keys,
 // scored exactly and counted). The walk starts as the session's does (entry
@@ -17,7 +17,7 @@
 // keys outside the top); the result is the best k of the exactly scored.
 // It stops when `exact` keys are scored or `codes` codes read. Reported:
 // recall of T (the exact top 1%), the shares of keys scored exactly and of
-// codes read, and the bytes read in f16-key equivalents (exact + codes / 4).
+// codes read, and the bytes read in f16-key equivalents (exact + codes × bits / 16).
 // The walk ranks by each head's partition estimated from the steady keys
 // and the sample, as the native walk does; the best k of the keys scored
 // exactly are taken by the exact partitions (the native search refines its
@@ -35,7 +35,7 @@ function machine(): string {
   return `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
 }
 
-const SINKS = 16, WINDOW = 256, BITS = 4;
+const SINKS = 16, WINDOW = 256;
 // The native search's recall of T on the same graphs (bench/results/retrieval-misses-*-vm.md), quoted in the table's text.
 const DEFAULT_NATIVE = "0.25–0.27 (256K) / 0.24–0.27 (1M) at 3% scanned, 0.60–0.62 at 11% (256K) and 0.45–0.50 at 7% (1M) at the session's margin";
 const BROAD_NATIVE = "0.52–0.54 (256K) / 0.34–0.36 (1M) at 3% scanned, 0.90–0.91 at 10.5% (256K) and 0.64–0.66 at 8.5% (1M) at the session's margin";
@@ -121,7 +121,7 @@ async function main(): Promise<void> {
     const i = argv.indexOf(`--${name}`);
     return i >= 0 ? argv[i + 1] : undefined;
   };
-  const broad = argv.includes('--broad'), steps = Number(get('steps') ?? 3), G = 4, d = 128;
+  const broad = argv.includes('--broad'), steps = Number(get('steps') ?? 3), G = 4, d = 128, BITS = Number(get('bits') ?? 4);
   for (const tokens of (get('tokens') ?? '262144').split(',').map(Number)) {
     const wl = generateWorkload({ seed: 7, tokens, kvHeads: 1, qHeads: G, headDim: d, steps, needles: steps, knobs: (broad ? broadKnobs : defaultKnobs)(tokens, {}) });
     const graph = await RaGraph.build({ keys: wl.keys[0], tokens, headDim: d, dtype: 'f16', queries: wl.prefillQ[0] });
@@ -192,18 +192,18 @@ async function main(): Promise<void> {
         const got = new Set(ids.slice(0, want));
         for (const id of steady) got.add(id);
         const recall = T.filter((t) => got.has(t)).length / want;
-        rows.push({ step: s, q: qf, delta, exactCap, codeCap, recall, exact: w.exact, codes: w.codes, bytes: w.exact + w.codes / 4 });
+        rows.push({ step: s, q: qf, delta, exactCap, codeCap, recall, exact: w.exact, codes: w.codes, bytes: w.exact + (w.codes * BITS) / 16 });
       }
       process.stderr.write(`[bench:retrieval-code-walk] ${tokens} step ${s} done\n`);
     }
     const f = (x: number) => x.toFixed(3);
     const pct = (x: number) => `${(100 * x).toFixed(2)}%`;
     const range = (xs: number[], fmt: (x: number) => string) => `${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))}`;
-    const name = `retrieval-code-walk${broad ? '-broad' : ''}-${tokens}-vm`;
+    const name = `retrieval-code-walk${broad ? '-broad' : ''}-${tokens}${BITS !== 4 ? `-${BITS}bit` : ''}-vm`;
     const md = [
-      `### A walk over 4-bit key codes with exact scores for the keys that pass (simulation): ${tokens.toLocaleString('en-US')} tokens${broad ? ' (broad configuration)' : ''}`,
+      `### A walk over ${BITS}-bit key codes with exact scores for the keys that pass (simulation): ${tokens.toLocaleString('en-US')} tokens${broad ? ' (broad configuration)' : ''}`,
       '',
-      `${machine()}; \`npm run bench:retrieval-code-walk -- --tokens ${tokens} --steps ${steps}${broad ? ' --broad' : ''}\` (bench/retrieval-code-walk.ts: what it simulates and simplifies); seed 7, 1 kv head, GQA group 4, d=128, f16; the graph at its defaults; T = the exact top ${want.toLocaleString('en-US')} (1%) of the group's attention; ${steps} steps. The walk's score of a key's 4-bit code correlates ${range(corr, f)} with that of the key (over all keys). τ = the sample's (q × 1%)-quantile of the approximate score; a key met is scored exactly if its code scores ≥ τ − δ. Bytes = exact + codes / 4, in f16 keys. For comparison, the native search on the same graph: ${broad ? BROAD_NATIVE : DEFAULT_NATIVE} (bench/results/retrieval-misses-vm.md).`,
+      `${machine()}; \`npm run bench:retrieval-code-walk -- --tokens ${tokens} --steps ${steps}${broad ? ' --broad' : ''}${BITS !== 4 ? ` --bits ${BITS}` : ''}\` (bench/retrieval-code-walk.ts: what it simulates and simplifies); seed 7, 1 kv head, GQA group 4, d=128, f16; the graph at its defaults; T = the exact top ${want.toLocaleString('en-US')} (1%) of the group's attention; ${steps} steps. The walk's score of a key's ${BITS}-bit code correlates ${range(corr, f)} with that of the key (over all keys). τ = the sample's (q × 1%)-quantile of the approximate score; a key met is scored exactly if its code scores ≥ τ − δ. Bytes = exact + codes × ${BITS}/16, in f16 keys. For comparison, the native search on the same graph: ${broad ? BROAD_NATIVE : DEFAULT_NATIVE} (bench/results/retrieval-misses-vm.md).`,
       '',
       '| q | δ | exact cap | code cap | recall of T | scored exactly | codes read | bytes (f16 keys) |',
       '| ---: | ---: | ---: | ---: | --- | --- | --- | --- |',
@@ -214,7 +214,7 @@ async function main(): Promise<void> {
       '',
     ].join('\n');
     writeFileSync(`bench/results/${name}.md`, md);
-    writeFileSync(`bench/results/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, broad, steps, corr, rows }, null, 2));
+    writeFileSync(`bench/results/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, broad, bits: BITS, steps, corr, rows }, null, 2));
     process.stdout.write(md);
   }
 }
