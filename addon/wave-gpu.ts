@@ -16,6 +16,16 @@
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
+/**
+ * Whether a call's GQA group fits the device: step and rest hold the
+ * group's query rows, group · (headDim + 8) floats, in shared memory (the
+ * binding refuses more than 12288, native/cuda/wave_step_kernels.cuh's
+ * kMaxQueryFloats).
+ */
+export function waveGroupFits(qHeads: number, kvHeads: number, headDim: number): boolean {
+  return (qHeads / kvHeads) * (headDim + 8) <= 12288;
+}
+
 /** One kv head's wave clusters (index/wave/cluster-codec.ts's arrays) and its rows. */
 export interface WaveGpuHead {
   /** [clusters, headDim + 8]: centroid, radius, padding. */

@@ -9,6 +9,7 @@
 // step (bench/results/estimate-host-vm.md).
 import type { BlockList, LayerContext, Selection } from '../index/method.js';
 import { WAVE } from '../index/wave/wave.js';
+import { waveGroupFits } from '../addon/wave-gpu.js';
 import type { ClusterIndex } from '../index/wave/cluster-index.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 import type { Estimate } from './estimate.js';
@@ -84,7 +85,8 @@ export async function restOnDevice(session: Session, ctx: LayerContext, selectio
   // A wave session here is one whose step the device declined (engine/wave-on-device.ts): so would this.
   if (!gpu || session.method.name === WAVE || ctx.segments.length !== 2 || clusters.length !== 1) return undefined;
   const doc = ctx.segments[0];
-  if (doc.tokens === 0 || clusters[0].some((c) => c.clusters > REST_MAX_CLUSTERS)) return undefined;
+  // A group the call cannot hold would be refused every step (after the layer's upload): the host estimates it.
+  if (doc.tokens === 0 || !waveGroupFits(ctx.qHeads, ctx.kvHeads, ctx.headDim) || clusters[0].some((c) => c.clusters > REST_MAX_CLUSTERS)) return undefined;
   const rows = restRows(selection, doc, ctx.kvHeads);
   if (!rows) return undefined;
   const held = gpu.waveLayer(session.model, doc, ctx.layer, clusters[0]);

@@ -131,4 +131,32 @@ describe('the estimate of a selection on the device: plumbing', () => {
     await expect(restOnDevice(sessionWith(standInStore(heads, log, true), log), ctx, selection, [heads], q, 1)).rejects.toThrow(/device rest failed/);
     expect(log).toEqual(['rest', 'released']);
   });
+
+  it('leaves a GQA group too large for the device call to the host, holding no store', async () => {
+    const rng = new Rng(seed + 2);
+    const { doc, own, heads, ctx } = await documentOf(rng);
+    const selection = selectionOf(rng, doc, own);
+    const log: string[] = [];
+    // A store that answers any group (nothing estimated): what is checked is whether the call is made.
+    const store = {
+      async rest(a: WaveGpuRestArgs): Promise<WaveGpuRestResult> {
+        log.push('rest');
+        const none = new Array<number>(kvHeads).fill(0);
+        return { out: new Float32Array(a.qHeads * d), lse: new Float32Array(a.qHeads).fill(-Infinity), estimated: none, scanned: none, rows: none, ms: 0, stages: {}, host: {}, graphCaptures: 0 };
+      },
+    } as unknown as WaveGpuStore;
+    const session = sessionWith(store, log);
+    const gpu = session.gpu as unknown as { waveLayer: (...a: unknown[]) => unknown };
+    const waveLayer = gpu.waveLayer;
+    gpu.waveLayer = (...a: unknown[]) => (log.push('held'), waveLayer(...a));
+    // group · (headDim + 8) past the 12288 floats the device call holds in shared memory (its binding refuses it):
+    // a step that handed it over would fail, every step, where the host estimates it.
+    const group = Math.floor(12288 / (d + 8)) + 1, wide = { ...ctx, qHeads: kvHeads * group } as LayerContext;
+    expect(await restOnDevice(session, wide, selection, [heads], new Float32Array(kvHeads * group * d), 1)).toBeUndefined();
+    expect(log).toEqual([]);
+    // The largest group that fits is handed over.
+    const fits = { ...ctx, qHeads: kvHeads * (group - 1) } as LayerContext;
+    expect(await restOnDevice(session, fits, selection, [heads], new Float32Array(kvHeads * (group - 1) * d), 1)).toBeDefined();
+    expect(log).toEqual(['held', 'rest', 'counted', 'released']);
+  });
 });
