@@ -7,6 +7,7 @@
 import type { LayerContext, SearchParams, Selection, SelectionPart } from '../index/method.js';
 import { staticRanges } from '../index/static-plus-retrieved.js';
 import { WAVE } from '../index/wave/wave.js';
+import { waveGroupFits } from '../addon/wave-gpu.js';
 import type { ClusterIndex } from '../index/wave/cluster-index.js';
 import { stepDocument } from './cache/device-wave.js';
 import { mergeInto } from './estimate.js';
@@ -35,7 +36,8 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
   const gpu = session.gpu, heads = ctx.indexes[0] as ClusterIndex[] | undefined;
   if (!gpu || session.method.name !== WAVE || ctx.segments.length !== 2 || !heads) return undefined;
   const doc = ctx.segments[0], own = ctx.segments[1];
-  if (doc.tokens === 0) return undefined;
+  // A group the step cannot hold would be refused every step (after the layer's upload): the host path runs.
+  if (doc.tokens === 0 || !waveGroupFits(ctx.qHeads, ctx.kvHeads, ctx.headDim)) return undefined;
   const held = gpu.waveLayer(session.model, doc, ctx.layer, heads);
   if (!held) return undefined;
   try {

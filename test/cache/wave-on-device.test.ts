@@ -117,6 +117,21 @@ describe('wave on the device: the host half beside it', () => {
     expect(r!.attended).toBe(sel.reduce((n, rows) => n + rows.length, 0) / kvHeads);
   });
 
+  it('leaves a GQA group too large for the device call to the host path, holding no store', async () => {
+    const rng = new Rng(seed + 3);
+    const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
+    const log: string[] = [];
+    const session = sessionWith(standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 0, log }), own.seg, log);
+    const gpu = session.gpu as unknown as { waveLayer: (...a: unknown[]) => unknown };
+    const waveLayer = gpu.waveLayer;
+    gpu.waveLayer = (...a: unknown[]) => (log.push('held'), waveLayer(...a));
+    // group · (headDim + 8) past the 12288 floats the device step holds in shared memory (its binding refuses it).
+    const group = Math.floor(12288 / (d + 8)) + 1, wide = { ...contextOf(doc.seg, own.seg), qHeads: kvHeads * group } as LayerContext;
+    const n = kvHeads * group;
+    expect(await waveOnDevice(session, wide, params, new Float32Array(n * d), 0.25, new Float32Array(n * d), new Float32Array(n), false)).toBeUndefined();
+    expect(log).toEqual([]);
+  });
+
   for (const failing of ['device', 'host'] as const)
     it(`releases the store only after both halves settle when the ${failing} half fails`, async () => {
       const rng = new Rng(seed + (failing === 'device' ? 1 : 2));
