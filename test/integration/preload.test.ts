@@ -1,7 +1,7 @@
 // `kvrecall preload` reads a safetensors file and uploads it through the API
 // with progress; GET /v1/documents/:doc reports the build phase and fraction.
 import { execFile } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -147,6 +147,26 @@ describe('preload', () => {
     expect(theirs).toBeDefined();
     expect(await client.getDocument('late')).toMatchObject({ status: 'loading', createdAt: theirs!.createdAt });
     await client.deleteDocument('late');
+  });
+
+  it('fails with the read error when the file is cut short mid-way, and deletes what it made', async () => {
+    const file = join(tmp.dir, 'cut.safetensors');
+    const c = [0, 1].map(() => randomKv(rng, 'f16', 2, 400, 16));
+    writeSafetensors(file, { 'k.0': c[0].k, 'v.0': c[0].v, 'k.1': c[1].k, 'v.1': c[1].v });
+    // Layer 1's rows gone once the first upload is answered: a read ahead (off the event loop) fails while an
+    // upload is in flight; the preload rejects with it (no unhandled rejection) and deletes its document.
+    const keep = statSync(file).size - c[1].k.data.byteLength - c[1].v.data.byteLength;
+    let cut = false;
+    const failed = preload({
+      file, id: 'cut', url: server.url, methods: [], chunk: 50, qHeads: 4,
+      progress: () => {
+        if (!cut) truncateSync(file, keep);
+        cut = true;
+      },
+    });
+    await expect(failed).rejects.toThrow(/tensor [kv]\.1: the file ended inside its rows/);
+    expect(cut).toBe(true);
+    await expect(client.getDocument('cut')).rejects.toMatchObject({ status: 404 });
   });
 
   it("stores a BF16 file as bf16 without --dtype, its words unchanged", async () => {
