@@ -7,13 +7,16 @@
 // it: the rescored candidates' dots (and the sinks/window rows', ExactDots)
 // serve the partly attended clusters' logits (PartialLogitsFromDots) and the
 // attention tiles, the cuts' grids are wide, ResolveCut holds its bin in
-// shared memory, ScoreClusters runs four CTAs of 64 an SM, the exact rows'
-// estimate tiles run in the attention's kernel (AttendAndRows), and the
-// tiles prefetch their value rows. (GatherCandidates' batched copy is in
+// shared memory, ScoreClusters runs four CTAs of 64 an SM on a swizzled
+// tile, the exact rows' estimate tiles run in the attention's kernel
+// (AttendAndRows), and the tiles prefetch their value rows. (GatherCandidates' batched copy is in
 // both.) The variable is read at each step, so this alternates the two step
 // by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
+// --old NAME=VALUE names another switch for the old path instead, to time
+// one change: KVRECALL_WAVE_SWIZZLE=0 (ScoreClusters' tile unswizzled, the
+// rest of the new path kept).
 //
-//   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4]
+//   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1]
 //
 // Reports p50/p90 of the engine's call (attend, ids left on the device, no
 // stage times, graphs) for each path, per-stage p50s of the full call (ids,
@@ -25,10 +28,10 @@ import { PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
 import { quantile } from './stats.js';
 import { benchSetup } from './wave-gpu.js';
 
-const LEGACY = 'KVRECALL_WAVE_LEGACY';
+let LEGACY = 'KVRECALL_WAVE_LEGACY', OLD_VALUE = '1';
 
 function setLegacy(on: boolean): void {
-  if (on) process.env[LEGACY] = '1';
+  if (on) process.env[LEGACY] = OLD_VALUE;
   else delete process.env[LEGACY];
 }
 
@@ -56,6 +59,12 @@ async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
   const steps = Number(opt('--steps') ?? 50), clusterSize = Number(opt('--cluster-size') ?? 16), probe = Number(opt('--probe') ?? PROBE_ESTIMATED);
+  const old = opt('--old');
+  if (old !== undefined) {
+    const m = /^(KVRECALL_WAVE_[A-Z_]+)=(\w+)$/.exec(old);
+    if (!m) throw new Error(`--old wants NAME=VALUE with a KVRECALL_WAVE_ switch, got ${old}`);
+    [LEGACY, OLD_VALUE] = [m[1], m[2]];
+  }
   const info = cudaAvailable();
   console.log(`device: ${deviceName(info)}`);
   if (!info.ok) process.exit(2);
@@ -100,7 +109,7 @@ async function main(): Promise<void> {
   const f = (x: number) => x.toFixed(3);
   const row = (key: 'old' | 'new') => `p50 ${f(quantile(ms[key], 0.5))} ms, p90 ${f(quantile(ms[key], 0.9))} ms`;
   console.log(`clusters of ${clusterSize}, probe ${probe}, ${steps} steps alternated`);
-  console.log(`engine call, old path (${LEGACY}=1): ${row('old')}`);
+  console.log(`engine call, old path (${LEGACY}=${OLD_VALUE}): ${row('old')}`);
   console.log(`engine call, new path:                 ${row('new')}`);
   console.log(`new / old p50: ${(quantile(ms.new, 0.5) / quantile(ms.old, 0.5)).toFixed(3)}`);
   for (const key of ['old', 'new'] as const)

@@ -211,7 +211,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
         "cudaFuncSetAttribute");
   Check(cudaFuncSetAttribute(ResolveCut<CandidateCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<CandidateCut>())),
         "cudaFuncSetAttribute");
-  for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>, ScoreClusters<false, true, kScoreRows>, ScoreClusters<true, true, kScoreRows>})
+  for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>, ScoreClusters<false, true, kScoreRows>, ScoreClusters<true, true, kScoreRows>,
+                  ScoreClusters<false, true, kScoreRows, true>, ScoreClusters<true, true, kScoreRows, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
   Check(cudaDeviceSynchronize(), "wave store upload");
 }
@@ -309,13 +310,16 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.attendOn = a.attend;
   // KVRECALL_WAVE_LEGACY=1: the step before the rescored dots were kept, the
   // cuts' grids widened, ResolveCut held its keys in shared memory,
-  // ScoreClusters ran CTAs of 64, the exact rows' estimate tiles joined the
+  // ScoreClusters ran CTAs of 64 (swizzled), the exact rows' estimate tiles joined the
   // attention's and the tiles prefetched their rows (the same answers:
   // bench/wave-gpu-ab.ts alternates the two and compares them bit for bit).
   // Read at each step; in the graph's key.
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
   p.dotsOn = p.prefetchRows = !legacy;
+  // KVRECALL_WAVE_SWIZZLE=0: ScoreClusters' tile unswizzled, the rest kept (to time that alone).
+  const char* swizzleEnv = std::getenv("KVRECALL_WAVE_SWIZZLE");
+  const bool swizzle = !legacy && !(swizzleEnv && swizzleEnv[0] == '0');
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -400,23 +404,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const auto enqueue = [&](cudaStream_t s) {
     Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
     mark(1, s);
-    const dim3 scoreGrid(unsigned(Cdiv(I.cmax, kRowsPerCta)), unsigned(H));
-    const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
-    const size_t stagedSmem = 2 * qSmem + ScoreTileBytes(d, stride);
-    // Four CTAs of kScoreRows an SM where their tiles fit (d=128 with up to 4 q
-    // heads a kv head: 53 KiB each), else two of 128 (wave_step_kernels.cuh).
-    const size_t quarterSmem = 2 * qSmem + ScoreTileBytes(d, stride, kScoreRows);
-    if (!legacy && p.spreadMode && quarterSmem <= kStagedSmem / 2) {
-      const dim3 grid(unsigned(Cdiv(I.cmax, kScoreRows)), unsigned(H));
-      if (bf16) ScoreClusters<true, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
-      else ScoreClusters<false, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
-    } else if (p.spreadMode && stagedSmem <= kStagedSmem) {
-      if (bf16) ScoreClusters<true, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
-      else ScoreClusters<false, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
-    } else {
-      if (bf16) ScoreClusters<true, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
-      else ScoreClusters<false, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
-    }
+    LaunchScoreClusters(p, bf16, legacy, swizzle, qSmem, I.cmax, H, s);
     mark(2, s);
     // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
     Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
@@ -538,14 +526,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids, legacy;
+      bool estimate, attend, ids, legacy, swizzle;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);

@@ -58,14 +58,16 @@ __device__ __forceinline__ uint32_t RankOrder(float s) {
 // is then one round trip to memory, not two; the dots are latency-bound.
 constexpr int kLoads = 8;
 // kShared: row is in shared memory (a plain load; __ldg is global only).
-template <bool kBf16, bool kShared = false>
+// kSwz (a swizzled shared tile, ScoreClusters): chunk c of the row is stored
+// at chunk c ^ sw; only the address moves, the q chunk and the order do not.
+template <bool kBf16, bool kShared = false, bool kSwz = false>
 __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs, int qStride, int g0, int gc, int c0,
-                                           int c1, int half, bool live, float (&acc)[kGC][8]) {
+                                           int c1, int half, bool live, float (&acc)[kGC][8], int sw = 0) {
   for (int c = c0 + ((c0 ^ half) & 1); c < c1; c += 2 * kLoads) {
     uint4 w[kLoads];
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
-      const uint4* at = reinterpret_cast<const uint4*>(row + (c + 2 * u) * 8);
+      const uint4* at = reinterpret_cast<const uint4*>(row + (kSwz ? (c + 2 * u) ^ sw : c + 2 * u) * 8);
       w[u] = live && c + 2 * u < c1 ? (kShared ? *at : __ldg(at)) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
@@ -227,10 +229,21 @@ __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t 
 // the same 16 warps, but a CTA computes only once its whole tile is in, and
 // with four on an SM, copies and dots of different CTAs can overlap where
 // two tended to wait together (ncu, H200: 53% of DRAM peak at 128).
+//
+// kSwz (kStaged, d % 64 == 0 and d / 8 dividing the CTA): the tile's rows
+// are 256-byte multiples (the centroids' first d words apart from their
+// radius chunk), and row r's 16-byte chunk c sits at c ^ 2(r % 4). A
+// 16-byte shared load is served eight lanes at a time: four thread pairs,
+// rows 4k..4k+3, each pair the 32 bytes of chunks 2u, 2u+1. Unswizzled,
+// those four rows' chunks fall in the same 8 banks (rows 256 bytes apart:
+// a 4-way conflict on the axes and variances; 272 apart for the
+// centroids: 2-way); swizzled, at chunks 2(u ^ k), 2(u ^ k) + 1: all 32
+// banks once. The same words reach the same accumulators in the same
+// order: the same scores.
 constexpr int kScoreRows = 64;
 __host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows = kRowsPerCta) { return size_t(rows) * (stride + 2 * d) * 2; }
 constexpr size_t kStagedSmem = 113 * 1024;
-template <bool kBf16, bool kStaged, int kRows = kRowsPerCta>
+template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false>
 __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreClusters(StepParams p) {
   // [group, stride]: q, then column d: the norm term; kSpread: then the
   // same again squared (each rounded to f32, as the host's q2), squared once
@@ -243,7 +256,30 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
   uint16_t* tile = reinterpret_cast<uint16_t*>(q2 + qn);  // [rows, stride] centroids, [rows, d] axes, [rows, d] variances
   const int tileRows = int(min(int64_t(kRows), C - r0));
   const bool staged = kStaged && p.spreadMode;  // the launch stages only kSpread
-  if (staged) {
+  // kSwz: [rows, d] centroids, [rows, stride - d] their radius chunks, [rows, d] axes, [rows, d] variances
+  const int nd = p.d / 8, ns = p.stride / 8, nt = ns - nd;
+  uint16_t* const tileR = tile + size_t(kRows) * p.d;
+  uint16_t* const tileA = tileR + size_t(kRows) * (p.stride - p.d);
+  uint16_t* const tileV = tileA + size_t(kRows) * p.d;
+  if (kSwz && staged) {
+    const uint4* srcC = reinterpret_cast<const uint4*>(p.cent + size_t(b + r0) * p.stride);
+    const uint4* srcA = reinterpret_cast<const uint4*>(p.axes + size_t(b + r0) * p.d);
+    const uint4* srcV = reinterpret_cast<const uint4*>(p.vars + size_t(b + r0) * p.d);
+    uint4* dstC = reinterpret_cast<uint4*>(tile);
+    uint4* dstR = reinterpret_cast<uint4*>(tileR);
+    uint4* dstA = reinterpret_cast<uint4*>(tileA);
+    uint4* dstV = reinterpret_cast<uint4*>(tileV);
+    const int cc = int(threadIdx.x) % nd, step = int(blockDim.x) / nd;  // nd divides blockDim (the launch checks)
+    for (int rr = int(threadIdx.x) / nd; rr < tileRows; rr += step) {
+      const int at = rr * nd + (cc ^ ((rr & 3) << 1));
+      __pipeline_memcpy_async(dstC + at, srcC + size_t(rr) * ns + cc, 16);
+      __pipeline_memcpy_async(dstA + at, srcA + size_t(rr) * nd + cc, 16);
+      __pipeline_memcpy_async(dstV + at, srcV + size_t(rr) * nd + cc, 16);
+    }
+    for (int i = threadIdx.x; i < tileRows * nt; i += blockDim.x)
+      __pipeline_memcpy_async(dstR + i, srcC + size_t(i / nt) * ns + nd + i % nt, 16);
+    __pipeline_commit();
+  } else if (staged) {
     const int nc = tileRows * p.stride / 8, na = tileRows * p.d / 8;  // 16-byte pieces
     const uint4* srcC = reinterpret_cast<const uint4*>(p.cent + size_t(b + r0) * p.stride);
     const uint4* srcA = reinterpret_cast<const uint4*>(p.axes + size_t(b + r0) * p.d);
@@ -270,29 +306,29 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
   const bool live = r < C;
   const size_t c = size_t(b + (live ? r : 0));  // a dead pair reads the head's cluster 0 (C >= 1) and writes nothing
   const int tr = live ? int(r - r0) : 0;
-  const uint16_t* row = staged ? tile + size_t(tr) * p.stride : p.cent + c * p.stride;
-  const int nd = p.d / 8, ns = p.stride / 8;
+  const uint16_t* row = kSwz && staged ? tile + size_t(tr) * p.d : staged ? tile + size_t(tr) * p.stride : p.cent + c * p.stride;
+  const int sw = (tr & 3) << 1;  // kSwz: the row's chunk swizzle
   float best = -INFINITY;
   float acc[kGC][8];
   if (p.spreadMode) {
-    const uint16_t* axis = kStaged ? tile + size_t(kRows) * p.stride + size_t(tr) * p.d : p.axes + c * p.d;
-    const uint16_t* var = kStaged ? tile + size_t(kRows) * (p.stride + p.d) + size_t(tr) * p.d : p.vars + c * p.d;
-    const float radius = WidenWord<kBf16>(row[p.d]), share = p.shares[h];
+    const uint16_t* axis = kSwz ? tileA + size_t(tr) * p.d : kStaged ? tile + size_t(kRows) * p.stride + size_t(tr) * p.d : p.axes + c * p.d;
+    const uint16_t* var = kSwz ? tileV + size_t(tr) * p.d : kStaged ? tile + size_t(kRows) * (p.stride + p.d) + size_t(tr) * p.d : p.vars + c * p.d;
+    const float radius = WidenWord<kBf16>(kSwz ? tileR[size_t(tr) * (p.stride - p.d)] : row[p.d]), share = p.shares[h];
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
       float dot[kGC], along[kGC];
       Zero(acc);
-      Accumulate<kBf16, kStaged>(row, qs, p.stride, g0, gc, 0, nd, half, live, acc);
+      Accumulate<kBf16, kStaged, kSwz>(row, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
 #pragma unroll
       for (int g = 0; g < kGC; ++g)
         if (g < gc) dot[g] = ReducePair(acc[g]);
       Zero(acc);
-      Accumulate<kBf16, kStaged>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc);
+      Accumulate<kBf16, kStaged, kSwz>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
 #pragma unroll
       for (int g = 0; g < kGC; ++g)
         if (g < gc) along[g] = ReducePair(acc[g]);
       Zero(acc);
-      Accumulate<kBf16, kStaged>(var, q2, p.stride, g0, gc, 0, nd, half, live, acc);
+      Accumulate<kBf16, kStaged, kSwz>(var, q2, p.stride, g0, gc, 0, nd, half, live, acc, sw);
 #pragma unroll
       for (int g = 0; g < kGC; ++g) {
         if (g >= gc) break;
@@ -328,6 +364,33 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
     }
   }
   if (half == 0 && live) p.ord1[b + r] = RankOrder(best);
+}
+
+// The step's ScoreClusters launch (Rest keeps its own): four CTAs of
+// kScoreRows an SM where their tiles fit (d=128 with up to 4 q heads a kv
+// head: 53 KiB each), swizzled where rows are 256-byte multiples and a row's
+// chunks divide the CTA; else two staged CTAs of 128, else unstaged.
+// qSmem: one [group, stride] copy of q in floats.
+void LaunchScoreClusters(const StepParams& p, bool bf16, bool legacy, bool swizzle, size_t qSmem, int64_t cmax, int H, cudaStream_t s) {
+  const int d = p.d;
+  const dim3 scoreGrid(unsigned((cmax + kRowsPerCta - 1) / kRowsPerCta), unsigned(H));
+  const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
+  const size_t stagedSmem = 2 * qSmem + ScoreTileBytes(d, p.stride);
+  const size_t quarterSmem = 2 * qSmem + ScoreTileBytes(d, p.stride, kScoreRows);
+  const bool swizzled = swizzle && d % 64 == 0 && (2 * kScoreRows) % (d / 8) == 0;
+  if (!legacy && p.spreadMode && quarterSmem <= kStagedSmem / 2) {
+    const dim3 grid(unsigned((cmax + kScoreRows - 1) / kScoreRows), unsigned(H));
+    if (swizzled && bf16) ScoreClusters<true, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else if (swizzled) ScoreClusters<false, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else if (bf16) ScoreClusters<true, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else ScoreClusters<false, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+  } else if (p.spreadMode && stagedSmem <= kStagedSmem) {
+    if (bf16) ScoreClusters<true, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
+    else ScoreClusters<false, true><<<scoreGrid, kThreads, stagedSmem, s>>>(p);
+  } else {
+    if (bf16) ScoreClusters<true, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
+    else ScoreClusters<false, false><<<scoreGrid, kThreads, scoreSmem, s>>>(p);
+  }
 }
 
 template <bool kBf16>
