@@ -9,9 +9,13 @@
 // A layer's store is made on the first GPU step over it and shared by every
 // session of the document. Stores live within their own device budget
 // (GpuBackendOptions.waveBudgetBytes, beside the block pool's), the least
-// recently used evicted first, never one a step is reading; a layer whose
-// store cannot be held steps on the host path, as without a GPU. The upload
-// at first use is synchronous (about a second per 1M-token layer).
+// recently used evicted first, never one a step is reading nor one a step
+// read in the last WARM_MS; a layer whose store cannot be held steps on the
+// host path, as without a GPU. The upload at first use is synchronous (about
+// a second per 1M-token layer): where the layers a token steps through do
+// not all fit, evicting a warm store to upload the next one made every
+// layer-step copy gigabytes, far slower than the host; instead the layers
+// that fit stay, the others step on the host until a store goes idle.
 import { WaveGpuStore, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -24,7 +28,12 @@ interface Entry {
   /** Dropped (its document deleted) while steps read it: closed when the last releases it. */
   dropped?: boolean;
   closed?: boolean;
+  /** When a step last acquired it (the stores' clock, ms). */
+  usedAt: number;
 }
+
+/** A store a step used this recently is not evicted to make room (a layer's steps recur every token). */
+export const WARM_MS = 10_000;
 
 export interface DeviceWaveStats {
   budgetBytes: number;
@@ -70,6 +79,8 @@ export class DeviceWaveStores {
     readonly budgetBytes: number,
     /** The device's store (a stand-in where no device runs: the budget and eviction logic's tests). */
     private readonly create: (o: WaveGpuStoreOptions) => WaveGpuStore = (o) => WaveGpuStore.create(o),
+    /** The clock WARM_MS is measured on (a test's own). */
+    private readonly now: () => number = () => performance.now(),
   ) {}
 
   /**
@@ -86,6 +97,7 @@ export class DeviceWaveStores {
     if (e) {
       this.lru.delete(key);
       this.lru.set(key, e);
+      e.usedAt = this.now();
     } else {
       const tokens = heads[0].arrays.tokens;
       const bytes = waveStoreBytes(heads, tokens, model.headDim);
@@ -101,7 +113,7 @@ export class DeviceWaveStores {
             varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
           })),
         });
-        e = { store, bytes, pins: 0 };
+        e = { store, bytes, pins: 0, usedAt: this.now() };
       } catch (err) {
         // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
         this.refused++;
@@ -153,9 +165,14 @@ export class DeviceWaveStores {
 
   private makeRoom(bytes: number): boolean {
     if (bytes > this.budgetBytes) return false;
+    const now = this.now();
+    // Only idle stores go, and only if enough of them go: evicting some and still refusing would lose them for nothing.
+    let free = this.budgetBytes - this.used;
+    for (const e of this.lru.values()) if (free < bytes && e.pins === 0 && now - e.usedAt >= WARM_MS) free += e.bytes;
+    if (free < bytes) return false;
     for (const [key, e] of this.lru) {
       if (this.used + bytes <= this.budgetBytes) break;
-      if (e.pins > 0) continue;
+      if (e.pins > 0 || now - e.usedAt < WARM_MS) continue;
       e.store.close();
       this.lru.delete(key);
       this.used -= e.bytes;

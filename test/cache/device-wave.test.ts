@@ -1,6 +1,7 @@
 // The device wave stores' budget (engine/cache/device-wave.ts): a layer's
 // store is made once and shared, the least recently used one is evicted to
-// make room, never one a step is reading, a layer that cannot be held (too
+// make room, never one a step is reading or read within WARM_MS (layers that
+// do not all fit do not evict each other every step), a layer that cannot be held (too
 // big, every store pinned, the device refusing — that one for good) is
 // refused so the step runs on the host; a deleted document's layers are
 // closed, but never under a step. The device itself cannot run here: the stores are stand-ins
@@ -10,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { bytesOf, convert } from '../../addon/kernels.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
-import { DeviceWaveStores, waveStoreBytes } from '../../engine/cache/device-wave.js';
+import { DeviceWaveStores, WARM_MS, waveStoreBytes } from '../../engine/cache/device-wave.js';
 import { GpuBackend } from '../../engine/cache/gpu-pool.js';
 import { KvSegment } from '../../storage/kv-segment.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
@@ -56,7 +57,8 @@ describe('device wave stores', () => {
     // K and V of every head are the bulk: 2 heads × 600 rows × 16 × 2 bytes × 2.
     expect(bytes).toBeGreaterThan(2 * N * model.headDim * 4);
     const s = standIns();
-    const stores = new DeviceWaveStores(Math.floor(2.5 * bytes), s.create);
+    let t = 0;
+    const stores = new DeviceWaveStores(Math.floor(2.5 * bytes), s.create, () => t);
 
     const a = stores.acquire('a', heads, model)!;
     expect(s.made).toHaveLength(1);
@@ -69,10 +71,14 @@ describe('device wave stores', () => {
     expect(s.made).toHaveLength(2);
     again.release();
 
-    // Room for c: a (least recently used and unpinned) goes, b (pinned) stays.
+    // Room for c while a was stepped on just now: none (a warm store is not evicted).
+    expect(stores.acquire('c', heads, model)).toBeUndefined();
+    expect(stores.stats()).toMatchObject({ stores: 2, evictions: 0, refused: 1 });
+    // Once a has been idle WARM_MS: a (least recently used and unpinned) goes, b (pinned) stays.
+    t += WARM_MS;
     const c = stores.acquire('c', heads, model)!;
     expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
-    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 2 * bytes, evictions: 1, refused: 0 });
+    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 2 * bytes, evictions: 1, refused: 1 });
 
     // Both held stores pinned: d cannot be held, nothing is closed.
     expect(stores.acquire('d', heads, model)).toBeUndefined();
@@ -80,20 +86,50 @@ describe('device wave stores', () => {
     // Larger than the whole budget, and the device refusing: the host path too.
     expect(new DeviceWaveStores(bytes - 1, s.create).acquire('e', heads, model)).toBeUndefined();
     c.release();
+    t += WARM_MS;
     s.failNext(true);
     expect(stores.acquire('f', heads, model)).toBeUndefined();
-    expect(stores.stats()).toMatchObject({ stores: 1, refused: 2, evictions: 2 }); // c was evicted to try f
+    expect(stores.stats()).toMatchObject({ stores: 1, refused: 3, evictions: 2 }); // c (idle) was evicted to try f
     // A layer the device refused is not tried again (each try would copy the layer).
     s.failNext(false);
     const tries = s.made.length;
     expect(stores.acquire('f', heads, model)).toBeUndefined();
     expect(s.made).toHaveLength(tries);
-    expect(stores.stats()).toMatchObject({ refused: 3 });
+    expect(stores.stats()).toMatchObject({ refused: 4 });
 
     b.release();
     stores.close();
     expect(s.made.every((m) => m.closed)).toBe(true);
     expect(stores.stats()).toMatchObject({ stores: 0, usedBytes: 0 });
+  });
+
+  it('layers that do not all fit: those held stay, the others step on the host, nothing uploaded again, until one goes idle', async () => {
+    const heads = await layerHeads(new Rng(seed ^ 3));
+    const bytes = waveStoreBytes(heads, N, model.headDim);
+    const s = standIns();
+    let t = 0;
+    const stores = new DeviceWaveStores(Math.floor(2.5 * bytes), s.create, () => t);
+    // Tokens stepping through three layers, of which two fit: LRU alone evicted the next layer's store every step.
+    const held: string[] = [];
+    for (let token = 0; token < 5; token++)
+      for (const layer of ['x', 'y', 'z']) {
+        const h = stores.acquire(layer, heads, model);
+        if (h) held.push(layer);
+        h?.release();
+        t += 5;
+      }
+    expect(s.made).toHaveLength(2);
+    expect(held.filter((l) => l === 'z')).toHaveLength(0);
+    expect(stores.stats()).toMatchObject({ stores: 2, evictions: 0, refused: 5 });
+    // x stops being stepped on (its sessions ended): once idle WARM_MS, z takes its room.
+    t += WARM_MS;
+    stores.acquire('y', heads, model)!.release();
+    const z = stores.acquire('z', heads, model)!;
+    expect(z).toBeDefined();
+    expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
+    expect(stores.stats()).toMatchObject({ stores: 2, evictions: 1 });
+    z.release();
+    stores.close();
   });
 
   it("drops a deleted document's layers: now if no step reads one, else when the last releases it", async () => {
