@@ -122,12 +122,16 @@ async function uploadAndSeal(
     for (let start = 0; start < tokens; start += o.chunk) chunks.push({ layer, start, end: Math.min(tokens, start + o.chunk) });
   const read = async (i: number): Promise<KvUploadBody> => {
     const { layer, start, end } = chunks[i], set = sets[i % 2];
-    const [k, v, q] = await Promise.all([
+    // All three settle before a failure is thrown (the file is closed after the last read, not under one).
+    const settled = await Promise.allSettled([
       slice(set, `k.${layer}`, start, end, kvHeads),
       slice(set, `v.${layer}`, start, end, kvHeads),
-      f.tensors.has(`q.${layer}`) ? slice(set, `q.${layer}`, start, end, qHeads) : undefined,
+      f.tensors.has(`q.${layer}`) ? slice(set, `q.${layer}`, start, end, qHeads) : Promise.resolve(undefined),
     ]);
-    return { layer, start, k, v, ...(q && { q }) };
+    const failed = settled.find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    const [k, v, q] = settled.map((r) => (r as PromiseFulfilledResult<Tensor | undefined>).value);
+    return { layer, start, k: k!, v: v!, ...(q && { q }) };
   };
   let next = chunks.length > 0 ? read(0) : undefined;
   try {

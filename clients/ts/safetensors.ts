@@ -64,9 +64,12 @@ export class SafetensorsFile {
    */
   async readTokensAsync(name: string, from: number, to: number, into?: Buffer): Promise<Uint8Array> {
     const { out, reads } = this.plan(name, from, to, into);
-    await Promise.all(reads.map((r) => new Promise<void>((resolve, reject) => {
+    // Every read settles before the first failure is thrown: none still runs when the caller closes the file.
+    const settled = await Promise.allSettled(reads.map((r) => new Promise<void>((resolve, reject) => {
       read(this.fd, out, r.at, r.length, r.position, (e, n) => (e ? reject(e) : n !== r.length ? reject(invalid(`tensor ${name}: the file ended inside its rows`)) : resolve()));
     })));
+    const failed = settled.find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
     return out;
   }
 
