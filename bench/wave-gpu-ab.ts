@@ -8,13 +8,15 @@
 // serve the partly attended clusters' logits (PartialLogitsFromDots) and the
 // attention tiles, the cuts' grids are wide, ResolveCut holds its bin in
 // shared memory, ScoreClusters runs four CTAs of 64 an SM on a swizzled
-// tile, the exact rows' estimate tiles run in the attention's kernel
-// (AttendAndRows), and the tiles prefetch their value rows. (GatherCandidates' batched copy is in
-// both.) The variable is read at each step, so this alternates the two step
+// tile (its centroid and axis passes sharing their q loads), the exact
+// rows' estimate tiles run in the attention's kernel (AttendAndRows), and
+// the tiles prefetch their value rows. (GatherCandidates' batched copy is
+// in both.) The variable is read at each step, so this alternates the two step
 // by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
 // --old NAME=VALUE names another switch for the old path instead, to time
-// one change: KVRECALL_WAVE_SWIZZLE=0 (ScoreClusters' tile unswizzled, the
-// rest of the new path kept).
+// one change: KVRECALL_WAVE_SWIZZLE=0 (ScoreClusters' tile unswizzled, its
+// passes unfused, the rest of the new path kept), KVRECALL_WAVE_SCORE_FUSE=0
+// (its centroid and axis passes apart).
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1]
 //

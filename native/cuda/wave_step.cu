@@ -212,7 +212,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   Check(cudaFuncSetAttribute(ResolveCut<CandidateCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<CandidateCut>())),
         "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>, ScoreClusters<false, true, kScoreRows>, ScoreClusters<true, true, kScoreRows>,
-                  ScoreClusters<false, true, kScoreRows, true>, ScoreClusters<true, true, kScoreRows, true>})
+                  ScoreClusters<false, true, kScoreRows, true>, ScoreClusters<true, true, kScoreRows, true>,
+                  ScoreClusters<false, true, kScoreRows, true, true>, ScoreClusters<true, true, kScoreRows, true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
   Check(cudaDeviceSynchronize(), "wave store upload");
 }
@@ -317,9 +318,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
   p.dotsOn = p.prefetchRows = !legacy;
-  // KVRECALL_WAVE_SWIZZLE=0: ScoreClusters' tile unswizzled, the rest kept (to time that alone).
-  const char* swizzleEnv = std::getenv("KVRECALL_WAVE_SWIZZLE");
-  const bool swizzle = !legacy && !(swizzleEnv && swizzleEnv[0] == '0');
+  // KVRECALL_WAVE_SWIZZLE=0: ScoreClusters' tile unswizzled (and its passes
+  // unfused), KVRECALL_WAVE_SCORE_FUSE=0: unfused; the rest kept (to time one change).
+  const char *swizzleEnv = std::getenv("KVRECALL_WAVE_SWIZZLE"), *fuseEnv = std::getenv("KVRECALL_WAVE_SCORE_FUSE");
+  const bool swizzle = !legacy && !(swizzleEnv && swizzleEnv[0] == '0'), fuse = swizzle && !(fuseEnv && fuseEnv[0] == '0');
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -404,7 +406,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const auto enqueue = [&](cudaStream_t s) {
     Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
     mark(1, s);
-    LaunchScoreClusters(p, bf16, legacy, swizzle, qSmem, I.cmax, H, s);
+    LaunchScoreClusters(p, bf16, legacy, swizzle, fuse, qSmem, I.cmax, H, s);
     mark(2, s);
     // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
     Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
@@ -526,14 +528,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids, legacy, swizzle;
+      bool estimate, attend, ids, legacy, swizzle, fuse;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);

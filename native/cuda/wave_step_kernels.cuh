@@ -90,6 +90,47 @@ __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs,
   }
 }
 
+// Accumulate(ra, .., accA, sw) and Accumulate(rb, .., accB, sw) over the
+// chunks [0, c1) of two rows in the swizzled shared tile (ScoreClusters'
+// centroid and axis, both against q): each q chunk is read from shared
+// memory once for both rows instead of once a row. Every accumulator takes
+// the same words in the same order as in the two calls: the same sums.
+template <bool kBf16>
+__device__ __forceinline__ void AccumulateTwo(const uint16_t* ra, const uint16_t* rb, const float* qs, int qStride, int g0, int gc,
+                                              int c1, int half, bool live, float (&accA)[kGC][8], float (&accB)[kGC][8], int sw) {
+  constexpr int kL = 2;  // shared loads: a short wait, and two rows' chunks take twice the registers
+  for (int c = half; c < c1; c += 2 * kL) {
+    uint4 wa[kL], wb[kL];
+#pragma unroll
+    for (int u = 0; u < kL; ++u) {
+      const int at = ((c + 2 * u) ^ sw) * 8;
+      const bool in = live && c + 2 * u < c1;
+      wa[u] = in ? *reinterpret_cast<const uint4*>(ra + at) : make_uint4(0, 0, 0, 0);
+      wb[u] = in ? *reinterpret_cast<const uint4*>(rb + at) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kL; ++u) {
+      if (c + 2 * u >= c1) break;
+      float ka[8], kb[8];
+      Widen8Words<kBf16>(wa[u], ka);
+      Widen8Words<kBf16>(wb[u], kb);
+      const float* qr = qs + (c + 2 * u) * 8;
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) {
+        if (g >= gc) break;
+        const float4 a = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride);
+        const float4 z = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride + 4);
+        const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          accA[g][j] = fmaf(qv[j], ka[j], accA[g][j]);
+          accB[g][j] = fmaf(qv[j], kb[j], accB[g][j]);
+        }
+      }
+    }
+  }
+}
+
 // The host's horizontal sum of acc0 + acc1 (the pair's two threads); every
 // thread of the warp must call it.
 __device__ __forceinline__ float ReducePair(const float (&a)[8]) {
@@ -243,8 +284,9 @@ __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t 
 constexpr int kScoreRows = 64;
 __host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows = kRowsPerCta) { return size_t(rows) * (stride + 2 * d) * 2; }
 constexpr size_t kStagedSmem = 113 * 1024;
-template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false>
+template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false, bool kFuse = false>
 __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreClusters(StepParams p) {
+  static_assert(!kFuse || kSwz, "AccumulateTwo reads the swizzled tile");
   // [group, stride]: q, then column d: the norm term; kSpread: then the
   // same again squared (each rounded to f32, as the host's q2), squared once
   // here rather than per cluster; kStaged: then the tile.
@@ -317,16 +359,29 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
       float dot[kGC], along[kGC];
-      Zero(acc);
-      Accumulate<kBf16, kStaged, kSwz>(row, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
+      if (kFuse) {  // kSwz only: the centroid and axis passes in one (AccumulateTwo)
+        float acc2[kGC][8];
+        Zero(acc);
+        Zero(acc2);
+        AccumulateTwo<kBf16>(row, axis, qs, p.stride, g0, gc, nd, half, live, acc, acc2, sw);
 #pragma unroll
-      for (int g = 0; g < kGC; ++g)
-        if (g < gc) dot[g] = ReducePair(acc[g]);
-      Zero(acc);
-      Accumulate<kBf16, kStaged, kSwz>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
+        for (int g = 0; g < kGC; ++g)
+          if (g < gc) {
+            dot[g] = ReducePair(acc[g]);
+            along[g] = ReducePair(acc2[g]);
+          }
+      } else {
+        Zero(acc);
+        Accumulate<kBf16, kStaged, kSwz>(row, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
 #pragma unroll
-      for (int g = 0; g < kGC; ++g)
-        if (g < gc) along[g] = ReducePair(acc[g]);
+        for (int g = 0; g < kGC; ++g)
+          if (g < gc) dot[g] = ReducePair(acc[g]);
+        Zero(acc);
+        Accumulate<kBf16, kStaged, kSwz>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
+#pragma unroll
+        for (int g = 0; g < kGC; ++g)
+          if (g < gc) along[g] = ReducePair(acc[g]);
+      }
       Zero(acc);
       Accumulate<kBf16, kStaged, kSwz>(var, q2, p.stride, g0, gc, 0, nd, half, live, acc, sw);
 #pragma unroll
@@ -371,7 +426,9 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
 // head: 53 KiB each), swizzled where rows are 256-byte multiples and a row's
 // chunks divide the CTA; else two staged CTAs of 128, else unstaged.
 // qSmem: one [group, stride] copy of q in floats.
-void LaunchScoreClusters(const StepParams& p, bool bf16, bool legacy, bool swizzle, size_t qSmem, int64_t cmax, int H, cudaStream_t s) {
+// fuse (with the swizzle): the centroid and axis passes share their q loads.
+void LaunchScoreClusters(const StepParams& p, bool bf16, bool legacy, bool swizzle, bool fuse, size_t qSmem, int64_t cmax, int H,
+                         cudaStream_t s) {
   const int d = p.d;
   const dim3 scoreGrid(unsigned((cmax + kRowsPerCta - 1) / kRowsPerCta), unsigned(H));
   const size_t scoreSmem = qSmem * (p.spreadMode ? 2 : 1);  // kSpread: q and its square
@@ -380,7 +437,9 @@ void LaunchScoreClusters(const StepParams& p, bool bf16, bool legacy, bool swizz
   const bool swizzled = swizzle && d % 64 == 0 && (2 * kScoreRows) % (d / 8) == 0;
   if (!legacy && p.spreadMode && quarterSmem <= kStagedSmem / 2) {
     const dim3 grid(unsigned((cmax + kScoreRows - 1) / kScoreRows), unsigned(H));
-    if (swizzled && bf16) ScoreClusters<true, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    if (swizzled && fuse && bf16) ScoreClusters<true, true, kScoreRows, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else if (swizzled && fuse) ScoreClusters<false, true, kScoreRows, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else if (swizzled && bf16) ScoreClusters<true, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
     else if (swizzled) ScoreClusters<false, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
     else if (bf16) ScoreClusters<true, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
     else ScoreClusters<false, true, kScoreRows><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
