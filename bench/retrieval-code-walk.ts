@@ -27,7 +27,7 @@ import { writeFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
 import { RaGraph } from '../addon/ra-graph.js';
 import { nativeThreads } from '../addon/kernels.js';
-import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
+import { compareWithOracle, exactAttention, meanProbs, topKIndices, widen } from './quality.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
 import { readCsr, type Csr } from './ra-graph-csr.js';
 
@@ -126,8 +126,7 @@ async function main(): Promise<void> {
     const wl = generateWorkload({ seed: 7, tokens, kvHeads: 1, qHeads: G, headDim: d, steps, needles: steps, knobs: (broad ? broadKnobs : defaultKnobs)(tokens, {}) });
     const graph = await RaGraph.build({ keys: wl.keys[0], tokens, headDim: d, dtype: 'f16', queries: wl.prefillQ[0] });
     const csr = readCsr(graph.save());
-    graph.dispose();
-    const n = tokens, K = widen(wl.keys[0], 'f16');
+    const n = tokens, K = widen(wl.keys[0], 'f16'), V = widen(wl.values[0], 'f16');
     const mu = new Float64Array(d), sd = new Float64Array(d);
     for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) mu[j] += K[t * d + j] / n;
     for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) sd[j] += (K[t * d + j] - mu[j]) ** 2 / n;
@@ -146,11 +145,14 @@ async function main(): Promise<void> {
     for (let id = stride >> 1; id < n; id += stride) sample.push(id);
     const inSample = new Uint8Array(n);
     for (const id of sample) inSample[id] = 1;
-    const rows: { step: number; q: number; delta: number; exactCap: number; codeCap: number; recall: number; exact: number; codes: number; bytes: number }[] = [];
+    const rows: { step: number; q: number; delta: number; exactCap: number; codeCap: number; recall: number; exact: number; codes: number; bytes: number; error: number; oracleError: number }[] = [];
+    const isSteady = new Uint8Array(n);
+    for (const id of steady) isSteady[id] = 1;
     const corr: number[] = [];
+    const native: { label: string; recall: number; scanned: number; error: number; oracleError: number }[] = [];
     for (let s = 0; s < steps; s++) {
       const q = wl.decodeQ[s].subarray(0, G * d);
-      const ex = exactAttention(q, G, K, K, { headDim: d, outputs: false });
+      const ex = exactAttention(q, G, K, V, { headDim: d });
       const mp = meanProbs(ex);
       const exq = exactAttention(q, G, Kq, Kq, { headDim: d, outputs: false });
       // The walk ranks as the native one does: each head's partition estimated before the walk from the steady
@@ -187,12 +189,23 @@ async function main(): Promise<void> {
         const w = codeWalk(csr, exact, approx, tau, delta, exactCap, codeCap, steady, inSample, sample.length);
         for (const id of sample) w.scored[id] = 1;
         const ids: number[] = [];
-        for (let t = 0; t < n; t++) if (w.scored[t]) ids.push(t);
+        for (let t = 0; t < n; t++) if (w.scored[t] && !isSteady[t]) ids.push(t);
         ids.sort((a, b) => mp[b] - mp[a] || a - b);
-        const got = new Set(ids.slice(0, want));
-        for (const id of steady) got.add(id);
+        // What a session attends: the steady zone and the best `want` of the rest (bench/retrieval.ts's selection).
+        const S = Int32Array.from([...steady, ...ids.slice(0, want)]);
+        const got = new Set(S);
         const recall = T.filter((t) => got.has(t)).length / want;
-        rows.push({ step: s, q: qf, delta, exactCap, codeCap, recall, exact: w.exact, codes: w.codes, bytes: w.exact + (w.codes * BITS) / 16 });
+        const cmp = compareWithOracle(ex, S, want);
+        rows.push({ step: s, q: qf, delta, exactCap, codeCap, recall, exact: w.exact, codes: w.codes, bytes: w.exact + (w.codes * BITS) / 16, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
+      }
+      // The native search on the same graph and step, as the session searches (margin 0.5) and capped at 3%.
+      for (const [label, margin, cap] of [['native, margin 0.5', 0.5, 0], ['native, ≤ 3% scanned', 3, 0.03]] as const) {
+        const outIds = new Int32Array(want), outScores = new Float32Array(want);
+        const r = graph.searchSync({ keys: wl.keys[0], tokens, headDim: d, dtype: 'f16', q, group: G, k: want, ef: 8 * want, outIds, outScores, margin, aggregate: 'attention', maxScanned: cap ? Math.round(cap * n) : undefined, freeSeeds: steady });
+        const S = Int32Array.from([...steady, ...outIds.subarray(0, r.count)]);
+        const got = new Set(S);
+        const cmp = compareWithOracle(ex, S, want);
+        native.push({ label, recall: T.filter((t) => got.has(t)).length / want, scanned: r.scanned / n, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
       }
       process.stderr.write(`[bench:retrieval-code-walk] ${tokens} step ${s} done\n`);
     }
@@ -205,16 +218,21 @@ async function main(): Promise<void> {
       '',
       `${machine()}; \`npm run bench:retrieval-code-walk -- --tokens ${tokens} --steps ${steps}${broad ? ' --broad' : ''}${BITS !== 4 ? ` --bits ${BITS}` : ''}\` (bench/retrieval-code-walk.ts: what it simulates and simplifies); seed 7, 1 kv head, GQA group 4, d=128, f16; the graph at its defaults; T = the exact top ${want.toLocaleString('en-US')} (1%) of the group's attention; ${steps} steps. The walk's score of a key's ${BITS}-bit code correlates ${range(corr, f)} with that of the key (over all keys). τ = the sample's (q × 1%)-quantile of the approximate score; a key met is scored exactly if its code scores ≥ τ − δ. Bytes = exact + codes × ${BITS}/16, in f16 keys. For comparison, the native search on the same graph: ${broad ? BROAD_NATIVE : DEFAULT_NATIVE} (bench/results/retrieval-misses-vm.md).`,
       '',
-      '| q | δ | exact cap | code cap | recall of T | scored exactly | codes read | bytes (f16 keys) |',
-      '| ---: | ---: | ---: | ---: | --- | --- | --- | --- |',
+      '| q | δ | exact cap | code cap | recall of T | scored exactly | codes read | bytes (f16 keys) | output error (mean) | oracle error |',
+      '| ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: |',
       ...SETTINGS.map(([qf, delta, exactCap, codeCap]) => {
         const rs = rows.filter((r) => r.q === qf && r.delta === delta && r.exactCap === exactCap && r.codeCap === codeCap);
-        return `| ${qf} | ${delta} | ${pct(exactCap)} | ${pct(codeCap)} | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.exact), pct)} | ${range(rs.map((r) => r.codes), pct)} | ${range(rs.map((r) => r.bytes), pct)} |`;
+        return `| ${qf} | ${delta} | ${pct(exactCap)} | ${pct(codeCap)} | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.exact), pct)} | ${range(rs.map((r) => r.codes), pct)} | ${range(rs.map((r) => r.bytes), pct)} | ${pct(rs.reduce((a, r) => a + r.error, 0) / rs.length)} | ${pct(rs.reduce((a, r) => a + r.oracleError, 0) / rs.length)} |`;
+      }),
+      ...['native, margin 0.5', 'native, ≤ 3% scanned'].map((label) => {
+        const rs = native.filter((r) => r.label === label);
+        return `| ${label} | | | | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.scanned), pct)} | — | ${range(rs.map((r) => r.scanned), pct)} | ${pct(rs.reduce((a, r) => a + r.error, 0) / rs.length)} | ${pct(rs.reduce((a, r) => a + r.oracleError, 0) / rs.length)} |`;
       }),
       '',
     ].join('\n');
     writeFileSync(`bench/results/${name}.md`, md);
-    writeFileSync(`bench/results/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, broad, bits: BITS, steps, corr, rows }, null, 2));
+    writeFileSync(`bench/results/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, broad, bits: BITS, steps, corr, rows, native }, null, 2));
+    graph.dispose();
     process.stdout.write(md);
   }
 }
