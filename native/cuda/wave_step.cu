@@ -319,9 +319,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool legacy = legacyEnv && legacyEnv[0] == '1';
   p.dotsOn = p.prefetchRows = !legacy;
   // KVRECALL_WAVE_SWIZZLE=0: ScoreClusters' tile unswizzled (and its passes
-  // unfused), KVRECALL_WAVE_SCORE_FUSE=0: unfused; the rest kept (to time one change).
-  const char *swizzleEnv = std::getenv("KVRECALL_WAVE_SWIZZLE"), *fuseEnv = std::getenv("KVRECALL_WAVE_SCORE_FUSE");
-  const bool swizzle = !legacy && !(swizzleEnv && swizzleEnv[0] == '0'), fuse = swizzle && !(fuseEnv && fuseEnv[0] == '0');
+  // unfused), KVRECALL_WAVE_SCORE_FUSE=0: unfused, KVRECALL_WAVE_SCORE_SPLIT=0:
+  // its tile awaited whole; the rest kept (to time one change; p is in the graph key).
+  const auto off = [](const char* name) { const char* v = std::getenv(name); return v && v[0] == '0'; };
+  const bool swizzle = !legacy && !off("KVRECALL_WAVE_SWIZZLE"), fuse = swizzle && !off("KVRECALL_WAVE_SCORE_FUSE");
+  p.scoreSplit = fuse && !off("KVRECALL_WAVE_SCORE_SPLIT");
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");

@@ -232,6 +232,7 @@ struct StepParams {
   int64_t dotStride;
   bool dotsOn;
   bool prefetchRows;  // EstimatePart's cluster tiles ask L2 for their value means first (PrefetchRow)
+  bool scoreSplit;    // ScoreClusters<kFuse> waits for its variances only before their pass
   float *pm, *pden, *pnum;
   int64_t* pest;
   int nMain, parts;
@@ -316,10 +317,12 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
       const int at = rr * nd + (cc ^ ((rr & 3) << 1));
       __pipeline_memcpy_async(dstC + at, srcC + size_t(rr) * ns + cc, 16);
       __pipeline_memcpy_async(dstA + at, srcA + size_t(rr) * nd + cc, 16);
-      __pipeline_memcpy_async(dstV + at, srcV + size_t(rr) * nd + cc, 16);
     }
     for (int i = threadIdx.x; i < tileRows * nt; i += blockDim.x)
       __pipeline_memcpy_async(dstR + i, srcC + size_t(i / nt) * ns + nd + i % nt, 16);
+    if (kFuse && p.scoreSplit) __pipeline_commit();  // the fused pass's part: centroids, radii, axes
+    for (int rr = int(threadIdx.x) / nd; rr < tileRows; rr += step)
+      __pipeline_memcpy_async(dstV + rr * nd + (cc ^ ((rr & 3) << 1)), srcV + size_t(rr) * nd + cc, 16);
     __pipeline_commit();
   } else if (staged) {
     const int nc = tileRows * p.stride / 8, na = tileRows * p.d / 8;  // 16-byte pieces
@@ -341,7 +344,8 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
     qs[i] = x;
     if (p.spreadMode) q2[i] = __fmul_rn(x, x);
   }
-  if (staged) __pipeline_wait_prior(0);
+  if (kFuse && staged && p.scoreSplit) __pipeline_wait_prior(1);  // the variances may still be on their way
+  else if (staged) __pipeline_wait_prior(0);
   __syncthreads();
   const int half = threadIdx.x & 1;
   const int64_t r = r0 + (threadIdx.x >> 1);
@@ -381,6 +385,10 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
 #pragma unroll
         for (int g = 0; g < kGC; ++g)
           if (g < gc) along[g] = ReducePair(acc[g]);
+      }
+      if (kFuse && p.scoreSplit && g0 == 0) {  // uniform over the block
+        __pipeline_wait_prior(0);
+        __syncthreads();
       }
       Zero(acc);
       Accumulate<kBf16, kStaged, kSwz>(var, q2, p.stride, g0, gc, 0, nd, half, live, acc, sw);
