@@ -391,6 +391,22 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts) {
 
 // The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),
 // with dotsOn their candidate positions into keptPos (where their dots are).
+// The step's clears in one launch (the old path's six memsets, each a graph
+// node): both cuts' histograms (the candidates' cut has its own, the second
+// half of hist, so it needs no clear between the cuts), their order ranges
+// (all ones: OrderRange takes minima), sel, keptN and touchedN. Each is
+// written or read in the step only after where its memset was.
+__global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < int64_t(H) * kBins) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0, 0, 0, 0);  // 2 x [H, kBins, 2] words
+  if (i < 4 * H) range[i] = 0xffffffffu;
+  if (i < 2 * H) p.sel[i] = 0;
+  if (i < H) {
+    p.keptN[i] = 0;
+    p.touchedN[i] = 0;
+  }
+}
+
 __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   const int h = blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

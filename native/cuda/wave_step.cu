@@ -179,7 +179,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   // their scan, the cut's bin gathered, the histogram), owner and removed.
   Layout F;
   const size_t oOrd1 = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
-               oBuf1 = F.Add(size_t(I.ctot) * 8), oBufW1 = F.Add(size_t(I.ctot) * 8), oHist = F.Add(size_t(H) * kBins * 8),
+               oBuf1 = F.Add(size_t(I.ctot) * 8), oBufW1 = F.Add(size_t(I.ctot) * 8), oHist = F.Add(size_t(H) * kBins * 16),
                oCuts = F.Add(size_t(H) * 2 * sizeof(CutState)), oRange = F.Add(size_t(H) * 4 * 4), oOwner = F.Add(size_t(H) * N * 4),
                oRemoved = F.Add(size_t(I.ctot) * 4);
   I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
@@ -324,6 +324,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const auto off = [](const char* name) { const char* v = std::getenv(name); return v && v[0] == '0'; };
   const bool swizzle = !legacy && !off("KVRECALL_WAVE_SWIZZLE"), fuse = swizzle && !off("KVRECALL_WAVE_SCORE_FUSE");
   p.scoreSplit = fuse && !off("KVRECALL_WAVE_SCORE_SPLIT");
+  const bool oneClear = !legacy && !off("KVRECALL_WAVE_CLEAR");  // StepClear for the memsets
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -406,12 +407,16 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (a.stageTimes) Check(cudaEventRecord(I.ev[i], s), "event");
   };
   const auto enqueue = [&](cudaStream_t s) {
+    const auto clear = [&](void* at, int v, size_t bytes) {
+      if (!oneClear) Check(cudaMemsetAsync(at, v, bytes, s), "memset");
+    };
+    if (oneClear) StepClear<<<unsigned(Cdiv(int64_t(H) * kBins, kThreads)), kThreads, 0, s>>>(p, I.range, I.hist, H);
     Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
     mark(1, s);
     LaunchScoreClusters(p, bf16, legacy, swizzle, fuse, qSmem, I.cmax, H, s);
     mark(2, s);
     // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
-    Check(cudaMemsetAsync(p.sel, 0, size_t(H) * 16, s), "memset");
+    clear(p.sel, 0, size_t(H) * 16);
     const ClusterCut cc{p.ord1, p.base, p.counts, p.params};
     CutState* const cuts1 = I.cuts;
     CutState* const cuts2 = I.cuts + H;
@@ -426,8 +431,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const int64_t old = std::clamp<int64_t>(Cdiv(n, 4096), 1, 32);
       return dim3(unsigned(legacy ? old : std::clamp<int64_t>(Cdiv(n, int64_t(per) * kThreads), 1, 65535)), unsigned(H));
     };
-    Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 16, s), "memset");
-    Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
+    clear(I.range, 0xff, size_t(H) * 16);
+    clear(I.hist, 0, size_t(H) * kBins * 8);
     OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
     Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist);
     FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
@@ -450,13 +455,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     }
     mark(5, s);
     // The candidates kept: the best `keep` outside the skip ranges.
-    Check(cudaMemsetAsync(p.keptN, 0, size_t(H) * 8, s), "memset");
+    clear(p.keptN, 0, size_t(H) * 8);
     if (tmax > 0) {
       const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
-      Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 8, s), "memset");
+      uint32_t* const hist2 = oneClear ? I.hist + size_t(H) * kBins * 2 : I.hist;
+      clear(hist2, 0, size_t(H) * kBins * 8);
       OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
-      Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, I.hist);
-      FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, I.hist, cuts2);
+      Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2);
+      FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, hist2, cuts2);
       mark(6, s);
       CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
       ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), s>>>(kc, range2, cuts2, buf2, bufW2, !legacy);
@@ -470,7 +476,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(7, s);
     const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
     if (merge && rowsMax > 0) {
-      Check(cudaMemsetAsync(p.touchedN, 0, size_t(H) * 4, s), "memset");
+      clear(p.touchedN, 0, size_t(H) * 4);
       ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
       if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
     }
@@ -530,14 +536,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids, legacy, swizzle, fuse;
+      bool estimate, attend, ids, legacy, swizzle, fuse, oneClear;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse, k.oneClear = oneClear;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);
