@@ -18,7 +18,8 @@
 // passes unfused, the rest of the new path kept), KVRECALL_WAVE_SCORE_FUSE=0
 // (its centroid and axis passes apart), KVRECALL_WAVE_SCORE_SPLIT=0 (the
 // fused kernel's tile awaited whole), KVRECALL_WAVE_CLEAR=0 (the step's six
-// memsets instead of StepClear).
+// memsets instead of StepClear), KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates
+// instead of RescoreHeld).
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1]
 //

@@ -325,6 +325,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool swizzle = !legacy && !off("KVRECALL_WAVE_SWIZZLE"), fuse = swizzle && !off("KVRECALL_WAVE_SCORE_FUSE");
   p.scoreSplit = fuse && !off("KVRECALL_WAVE_SCORE_SPLIT");
   const bool oneClear = !legacy && !off("KVRECALL_WAVE_CLEAR");  // StepClear for the memsets
+  const bool held = !legacy && !off("KVRECALL_WAVE_RESCORE_HELD") && d <= 16 * kLoads;  // RescoreHeld
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -445,7 +446,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(4, s);
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
-      if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
+      if (held && bf16) RescoreHeld<true><<<grid, kThreads, qSmem, s>>>(p);
+      else if (held) RescoreHeld<false><<<grid, kThreads, qSmem, s>>>(p);
+      else if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
       else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
     }
     if (p.dotsOn && a.attend && E > 0) {  // the sinks/window rows' dots, for AttendTile<kDots>
@@ -536,14 +539,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids, legacy, swizzle, fuse, oneClear;
+      bool estimate, attend, ids, legacy, swizzle, fuse, oneClear, held;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse, k.oneClear = oneClear;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse, k.oneClear = oneClear, k.held = held;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);

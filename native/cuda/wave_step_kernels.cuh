@@ -493,6 +493,62 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
   if (half == 0 && j < p.tmax) p.ord2[size_t(h) * p.tmax + j] = live && !skipped ? RankOrder(best) : 0xffffffffu;
 }
 
+// RescoreCandidates with the thread's half of the row held in registers
+// (d <= 128: at most kLoads chunks, all loaded at once as there) and the q
+// heads taken one after another: 8 accumulators live instead of kGC x 8, so
+// 80 registers fit (launch bounds: three CTAs an SM, 24 warps, instead of
+// two at 105), and each SM has half as many rows' loads again in flight
+// through the kernel's two dependent loads (the candidate's id, then its
+// key row). Each head's dot takes the same words in the same order
+// (chunks half, half + 2, ... ascending from 0, then ReducePair), and best
+// takes the heads in the same order: the same dots and rank keys.
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
+  extern __shared__ __align__(16) float qs[];  // [group, stride]: the plain q is the first d of each row
+  const int h = blockIdx.y;
+  for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];
+  __syncthreads();
+  const int half = threadIdx.x & 1, nd = p.d / 8;
+  const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
+  const bool live = j < p.sel[h * 2 + 1];
+  const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
+  const uint16_t* row = p.keys + (size_t(h) * p.N + t) * p.d;
+  uint4 w[kLoads];
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int c = half + 2 * u;
+    w[u] = live && c < nd ? __ldg(reinterpret_cast<const uint4*>(row + c * 8)) : make_uint4(0, 0, 0, 0);
+  }
+  float best = -INFINITY;
+  for (int g = 0; g < p.group; ++g) {  // uniform over the block: ReducePair's shuffles see every lane
+    // An empty asm that "changes" the words: nvcc would otherwise widen them
+    // once, outside the loop, into 64 live floats (and spill).
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) asm volatile("" : "+r"(w[u].x), "+r"(w[u].y), "+r"(w[u].z), "+r"(w[u].w));
+    float acc[8];
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) acc[jj] = 0.f;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = half + 2 * u;
+      if (c >= nd) break;
+      float kf[8];
+      Widen8Words<kBf16>(w[u], kf);
+      const float* qr = qs + size_t(g) * p.stride + c * 8;
+      const float4 a = *reinterpret_cast<const float4*>(qr);
+      const float4 z = *reinterpret_cast<const float4*>(qr + 4);
+      const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = fmaf(qv[jj], kf[jj], acc[jj]);
+    }
+    const float s = ReducePair(acc);
+    best = best < s ? s : best;
+    if (p.dotsOn && half == 0 && live) p.dots[(size_t(h) * p.group + g) * p.dotStride + j] = s;
+  }
+  const bool skipped = (t >= p.skip[0] && t < p.skip[1]) || (t >= p.skip[2] && t < p.skip[3]);  // as RescoreCandidates
+  if (half == 0 && j < p.tmax) p.ord2[size_t(h) * p.tmax + j] = live && !skipped ? RankOrder(best) : 0xffffffffu;
+}
+
 // Exclusive prefix of x over the block, in thread order; total: the sum.
 __device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
