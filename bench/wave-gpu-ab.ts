@@ -19,7 +19,8 @@
 // (its centroid and axis passes apart), KVRECALL_WAVE_SCORE_SPLIT=0 (the
 // fused kernel's tile awaited whole), KVRECALL_WAVE_CLEAR=0 (the step's six
 // memsets instead of StepClear), KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates
-// instead of RescoreHeld).
+// instead of RescoreHeld), KVRECALL_WAVE_FIND=0 (Histogram and FindBin
+// instead of HistogramFind).
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1]
 //

@@ -213,6 +213,92 @@ __global__ void __launch_bounds__(kFindThreads) FindBin(S s, const uint32_t* his
   }
 }
 
+// FindBin's work done by the last of Histogram's CTAs to finish a head
+// (HistogramFind): kT threads, kBins / kT bins each, the bins read from L2.
+// The bin found and the sums before it are integer sums in bin order,
+// whatever the thread count: FindBin's cut state.
+template <typename S, int kT>
+__device__ __forceinline__ void FindIn(S s, const uint32_t* hh, CutState& c, int h) {
+  using Scan = cub::BlockScan<longlong2, kT, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ typename Scan::TempStorage scanTemp;
+  __shared__ int found;
+  constexpr int kPer = kBins / kT;
+  const int64_t target = s.Target(h), cap = s.Cap(h);
+  if (target <= 0 || cap <= 0) {  // as FindBin
+    if (threadIdx.x == 0) c = CutState{0, 0, 0, 0, 0, kAll, 0};
+    return;
+  }
+  if (threadIdx.x == 0) found = kBins;
+  const int first = threadIdx.x * kPer;
+  longlong2 mine = make_longlong2(0, 0);
+  for (int k = 0; k < kPer; ++k) {
+    mine.x += __ldcg(hh + (first + k) * 2);
+    mine.y += __ldcg(hh + (first + k) * 2 + 1);
+  }
+  longlong2 before;
+  Scan(scanTemp).ExclusiveScan(mine, before, make_longlong2(0, 0),
+                               [](const longlong2& a, const longlong2& b) { return make_longlong2(a.x + b.x, a.y + b.y); });
+  __syncthreads();
+  int64_t w = before.x, n = before.y;
+  int at = kBins;
+  for (int k = 0; k < kPer; ++k) {
+    const int64_t bw = __ldcg(hh + (first + k) * 2), bn = __ldcg(hh + (first + k) * 2 + 1);
+    if (bn > 0 && (w + bw >= target || n + bn >= cap)) {
+      at = first + k;
+      break;
+    }
+    w += bw;
+    n += bn;
+  }
+  if (at < kBins) atomicMin(&found, at);
+  __syncthreads();
+  if (found == kBins) {  // never reached: every element is taken; the last thread's sums are the totals
+    if (threadIdx.x == kT - 1) c = CutState{w, n, ~0ull, 0, w, kAll, 0};
+  } else if (at == found) {
+    c = CutState{w, n, 0, 0, 0, at, 0};
+  }
+}
+
+// Histogram, then FindBin in the head's last CTA to finish (one launch
+// instead of two; done[h], cleared by StepClear, counts the CTAs through).
+// Each CTA's bin atomics are fenced before it counts itself, so the last
+// sees every CTA's bins. A head with an empty range counts no elements but
+// its CTAs still count themselves: its last finds the bin in zero bins, as
+// FindBin did.
+template <typename S>
+__global__ void __launch_bounds__(kThreads, 6) HistogramFind(S s, const uint32_t* range, uint32_t* hist, uint32_t* done, CutState* cuts) {
+  __shared__ uint32_t local[kBins * 2];
+  __shared__ bool last;
+  const int h = blockIdx.y;
+  const OrderSpan sp = SpanOf(range, h);
+  uint32_t* hh = hist + size_t(h) * kBins * 2;
+  if (!sp.empty) {  // Histogram's body
+    for (int k = threadIdx.x; k < kBins * 2; k += blockDim.x) local[k] = 0;
+    __syncthreads();
+    const int64_t b = s.Begin(h), n = s.Len(h);
+    for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) {
+      const uint32_t o = s.ord[b + j];
+      if (o == kExcluded) continue;
+      const uint32_t bin = (o - sp.low) >> sp.shift;
+      atomicAdd(local + bin * 2, uint32_t(s.Weight(b + j)));
+      atomicAdd(local + bin * 2 + 1, 1u);
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < kBins; k += blockDim.x)
+      if (local[k * 2 + 1]) {
+        atomicAdd(hh + k * 2, local[k * 2]);
+        atomicAdd(hh + k * 2 + 1, local[k * 2 + 1]);
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done + h, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  FindIn<S, kThreads>(s, hh, cuts[h], h);
+}
+
 // Gathers the keys of the elements in the cut's bin into buf (head h at
 // Begin(h)), with their weights.
 template <typename S>
@@ -400,6 +486,7 @@ __global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) 
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < int64_t(H) * kBins) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0, 0, 0, 0);  // 2 x [H, kBins, 2] words
   if (i < 4 * H) range[i] = 0xffffffffu;
+  if (i < 2 * H) range[4 * H + i] = 0;  // HistogramFind's counters, [2, H] after the ranges
   if (i < 2 * H) p.sel[i] = 0;
   if (i < H) {
     p.keptN[i] = 0;

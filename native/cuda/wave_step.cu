@@ -180,7 +180,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   Layout F;
   const size_t oOrd1 = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
                oBuf1 = F.Add(size_t(I.ctot) * 8), oBufW1 = F.Add(size_t(I.ctot) * 8), oHist = F.Add(size_t(H) * kBins * 16),
-               oCuts = F.Add(size_t(H) * 2 * sizeof(CutState)), oRange = F.Add(size_t(H) * 4 * 4), oOwner = F.Add(size_t(H) * N * 4),
+               oCuts = F.Add(size_t(H) * 2 * sizeof(CutState)), oRange = F.Add(size_t(H) * 6 * 4), oOwner = F.Add(size_t(H) * N * 4),
                oRemoved = F.Add(size_t(I.ctot) * 4);
   I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
   void* X = I.fixed.p;
@@ -325,6 +325,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool swizzle = !legacy && !off("KVRECALL_WAVE_SWIZZLE"), fuse = swizzle && !off("KVRECALL_WAVE_SCORE_FUSE");
   p.scoreSplit = fuse && !off("KVRECALL_WAVE_SCORE_SPLIT");
   const bool oneClear = !legacy && !off("KVRECALL_WAVE_CLEAR");  // StepClear for the memsets
+  const bool oneFind = oneClear && !off("KVRECALL_WAVE_FIND");    // HistogramFind (StepClear clears its counters)
   const bool held = !legacy && !off("KVRECALL_WAVE_RESCORE_HELD") && d <= 16 * kLoads;  // RescoreHeld
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
@@ -435,8 +436,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     clear(I.range, 0xff, size_t(H) * 16);
     clear(I.hist, 0, size_t(H) * kBins * 8);
     OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
-    Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist);
-    FindBin<<<unsigned(H), kFindThreads, 0, s>>>(cc, I.hist, cuts1);
+    if (oneFind) HistogramFind<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist, I.range + 4 * H, cuts1);
+    else Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist), FindBin<<<H, kFindThreads, 0, s>>>(cc, I.hist, cuts1);
     mark(3, s);
     CollectBin<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
     ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), s>>>(cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
@@ -464,8 +465,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       uint32_t* const hist2 = oneClear ? I.hist + size_t(H) * kBins * 2 : I.hist;
       clear(hist2, 0, size_t(H) * kBins * 8);
       OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
-      Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2);
-      FindBin<<<unsigned(H), kFindThreads, 0, s>>>(kc, hist2, cuts2);
+      if (oneFind) HistogramFind<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2, I.range + 5 * H, cuts2);
+      else Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2), FindBin<<<H, kFindThreads, 0, s>>>(kc, hist2, cuts2);
       mark(6, s);
       CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
       ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), s>>>(kc, range2, cuts2, buf2, bufW2, !legacy);
@@ -539,14 +540,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids, legacy, swizzle, fuse, oneClear, held;
+      bool estimate, attend, ids, legacy, swizzle, fuse, oneClear, held, oneFind;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse, k.oneClear = oneClear, k.held = held;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse, k.oneClear = oneClear, k.held = held, k.oneFind = oneFind;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);
