@@ -57,6 +57,7 @@
 #include "cuda/step_graph.cuh"
 #include "cuda/wave_buffers.cuh"
 #include "cuda/wave_rest.cuh"
+#include "cuda/wave_paths.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -309,24 +310,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   p.estimateOn = a.estimate;
   p.attendOn = a.attend;
-  // KVRECALL_WAVE_LEGACY=1: the step before the rescored dots were kept, the
-  // cuts' grids widened, ResolveCut held its keys in shared memory,
-  // ScoreClusters ran CTAs of 64 (swizzled), the exact rows' estimate tiles joined the
-  // attention's and the tiles prefetched their rows (the same answers:
-  // bench/wave-gpu-ab.ts alternates the two and compares them bit for bit).
-  // Read at each step; in the graph's key.
-  const char* legacyEnv = std::getenv("KVRECALL_WAVE_LEGACY");
-  const bool legacy = legacyEnv && legacyEnv[0] == '1';
+  // The kernel paths (wave_paths.cuh: KVRECALL_WAVE_LEGACY=1 and the switches of single changes).
+  const StepPaths P = ReadStepPaths(d);
+  const bool legacy = P.legacy;
   p.dotsOn = p.prefetchRows = !legacy;
-  // KVRECALL_WAVE_SWIZZLE=0: ScoreClusters' tile unswizzled (and its passes
-  // unfused), KVRECALL_WAVE_SCORE_FUSE=0: unfused, KVRECALL_WAVE_SCORE_SPLIT=0:
-  // its tile awaited whole; the rest kept (to time one change; p is in the graph key).
-  const auto off = [](const char* name) { const char* v = std::getenv(name); return v && v[0] == '0'; };
-  const bool swizzle = !legacy && !off("KVRECALL_WAVE_SWIZZLE"), fuse = swizzle && !off("KVRECALL_WAVE_SCORE_FUSE");
-  p.scoreSplit = fuse && !off("KVRECALL_WAVE_SCORE_SPLIT");
-  const bool oneClear = !legacy && !off("KVRECALL_WAVE_CLEAR");  // StepClear for the memsets
-  const bool oneFind = oneClear && !off("KVRECALL_WAVE_FIND");    // HistogramFind (StepClear clears its counters)
-  const bool held = !legacy && !off("KVRECALL_WAVE_RESCORE_HELD") && d <= 16 * kLoads;  // RescoreHeld
+  p.scoreSplit = P.split;
   // CUB's scratch, for the larger of its two scans.
   size_t t1 = 0, t2 = 0;
   Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
@@ -410,12 +398,12 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   };
   const auto enqueue = [&](cudaStream_t s) {
     const auto clear = [&](void* at, int v, size_t bytes) {
-      if (!oneClear) Check(cudaMemsetAsync(at, v, bytes, s), "memset");
+      if (!P.clear) Check(cudaMemsetAsync(at, v, bytes, s), "memset");
     };
-    if (oneClear) StepClear<<<unsigned(Cdiv(int64_t(H) * kBins, kThreads)), kThreads, 0, s>>>(p, I.range, I.hist, H);
+    if (P.clear) StepClear<<<unsigned(Cdiv(int64_t(H) * kBins, kThreads)), kThreads, 0, s>>>(p, I.range, I.hist, H);
     Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
     mark(1, s);
-    LaunchScoreClusters(p, bf16, legacy, swizzle, fuse, qSmem, I.cmax, H, s);
+    LaunchScoreClusters(p, bf16, legacy, P.swizzle, P.fuse, qSmem, I.cmax, H, s);
     mark(2, s);
     // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
     clear(p.sel, 0, size_t(H) * 16);
@@ -436,7 +424,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     clear(I.range, 0xff, size_t(H) * 16);
     clear(I.hist, 0, size_t(H) * kBins * 8);
     OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
-    if (oneFind) HistogramFind<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist, I.range + 4 * H, cuts1);
+    if (P.find) HistogramFind<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist, I.range + 4 * H, cuts1);
     else Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist), FindBin<<<H, kFindThreads, 0, s>>>(cc, I.hist, cuts1);
     mark(3, s);
     CollectBin<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
@@ -447,8 +435,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(4, s);
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
-      if (held && bf16) RescoreHeld<true><<<grid, kThreads, qSmem, s>>>(p);
-      else if (held) RescoreHeld<false><<<grid, kThreads, qSmem, s>>>(p);
+      if (P.held && bf16) RescoreHeld<true><<<grid, kThreads, qSmem, s>>>(p);
+      else if (P.held) RescoreHeld<false><<<grid, kThreads, qSmem, s>>>(p);
       else if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
       else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
     }
@@ -462,10 +450,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     clear(p.keptN, 0, size_t(H) * 8);
     if (tmax > 0) {
       const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
-      uint32_t* const hist2 = oneClear ? I.hist + size_t(H) * kBins * 2 : I.hist;
+      uint32_t* const hist2 = P.clear ? I.hist + size_t(H) * kBins * 2 : I.hist;
       clear(hist2, 0, size_t(H) * kBins * 8);
       OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
-      if (oneFind) HistogramFind<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2, I.range + 5 * H, cuts2);
+      if (P.find) HistogramFind<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2, I.range + 5 * H, cuts2);
       else Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2), FindBin<<<H, kFindThreads, 0, s>>>(kc, hist2, cuts2);
       mark(6, s);
       CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
@@ -540,14 +528,15 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const void *in, *hin, *out, *hout, *temp;
       size_t inBytes, outBytes, t1, t2;
       int nSub, nAtt;
-      bool estimate, attend, ids, legacy, swizzle, fuse, oneClear, held, oneFind;
+      StepPaths paths;
+      bool estimate, attend, ids;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
     k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
     k.nSub = nSub, k.nAtt = nAtt;
-    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.legacy = legacy, k.swizzle = swizzle, k.fuse = fuse, k.oneClear = oneClear, k.held = held, k.oneFind = oneFind;
+    k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.paths = P;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
   } else {
     enqueue(I.stream);

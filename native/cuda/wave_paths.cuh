@@ -1,0 +1,48 @@
+// Which of the wave step's kernel paths a step runs (wave_step.cu's Step),
+// read from the environment at each step and part of its graph's key, so
+// that bench/wave-gpu-ab.ts can alternate two paths step by step on one
+// store and compare their answers bit for bit (they are equal by
+// construction: each change moves work, never a sum's order).
+#pragma once
+
+#include <cstdlib>
+
+namespace kvr {
+namespace cuda {
+namespace {
+
+struct StepPaths {
+  // KVRECALL_WAVE_LEGACY=1: the step before the rescored dots were kept, the
+  // cuts' grids widened, ResolveCut held its keys in shared memory,
+  // ScoreClusters ran CTAs of 64, the exact rows' estimate tiles joined the
+  // attention's and the tiles prefetched their rows; and none of the below.
+  bool legacy;
+  // Each =0 turns off one change, the rest of the new path kept:
+  bool swizzle;  // KVRECALL_WAVE_SWIZZLE: ScoreClusters' swizzled tile (and what needs it: fuse, split)
+  bool fuse;     // KVRECALL_WAVE_SCORE_FUSE: its centroid and axis passes in one
+  bool split;    // KVRECALL_WAVE_SCORE_SPLIT: the fused kernel awaits its variances last
+  bool clear;    // KVRECALL_WAVE_CLEAR: StepClear for the step's memsets (and what needs it: find)
+  bool find;     // KVRECALL_WAVE_FIND: HistogramFind for Histogram + FindBin
+  bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates
+};
+
+inline StepPaths ReadStepPaths(int d) {
+  const auto is = [](const char* name, char c) {
+    const char* v = std::getenv(name);
+    return v && v[0] == c;
+  };
+  StepPaths s{};
+  s.legacy = is("KVRECALL_WAVE_LEGACY", '1');
+  const auto on = [&](const char* name) { return !s.legacy && !is(name, '0'); };
+  s.swizzle = on("KVRECALL_WAVE_SWIZZLE");
+  s.fuse = s.swizzle && on("KVRECALL_WAVE_SCORE_FUSE");
+  s.split = s.fuse && on("KVRECALL_WAVE_SCORE_SPLIT");
+  s.clear = on("KVRECALL_WAVE_CLEAR");
+  s.find = s.clear && on("KVRECALL_WAVE_FIND");
+  s.held = on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
+  return s;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kvr
