@@ -20,7 +20,8 @@
 // fused kernel's tile awaited whole), KVRECALL_WAVE_CLEAR=0 (the step's six
 // memsets instead of StepClear), KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates
 // instead of RescoreHeld), KVRECALL_WAVE_FIND=0 (Histogram and FindBin
-// instead of HistogramFind).
+// instead of HistogramFind), KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds
+// instead of ScatterPack); all listed in native/cuda/wave_paths.cuh.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1]
 //

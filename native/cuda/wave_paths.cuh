@@ -24,6 +24,7 @@ struct StepPaths {
   bool clear;    // KVRECALL_WAVE_CLEAR: StepClear for the step's memsets (and what needs it: find)
   bool find;     // KVRECALL_WAVE_FIND: HistogramFind for Histogram + FindBin
   bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates
+  bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds
 };
 
 inline StepPaths ReadStepPaths(int d) {
@@ -40,6 +41,7 @@ inline StepPaths ReadStepPaths(int d) {
   s.clear = on("KVRECALL_WAVE_CLEAR");
   s.find = s.clear && on("KVRECALL_WAVE_FIND");
   s.held = on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
+  s.pack = on("KVRECALL_WAVE_PACK");
   return s;
 }
 

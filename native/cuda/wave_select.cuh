@@ -506,6 +506,29 @@ __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);
 }
 
+// ScatterKept and PackIds in one launch (a grid over the larger of tmax and
+// width): each kept id also goes to outIds at its place, the places from the
+// kept count to width get -1, and the counts are written, as PackIds wrote
+// them from keptIds and keptN afterwards. The scan places the kept ids at
+// 0 .. total - 1 (PackIds read exactly those), so the same outIds.
+__global__ void ScatterPack(StepParams p, const CutState* cuts) {
+  const int h = blockIdx.y;
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = cuts[h].total;
+  if (j == 0) {
+    p.keptN[h] = kept;
+    p.outCounts[h * 2] = kept;
+    p.outCounts[h * 2 + 1] = p.sel[h * 2 + 1];
+  }
+  if (j >= kept && j < p.width) p.outIds[size_t(h) * p.width + j] = -1;
+  if (j >= p.tmax) return;
+  const size_t i = size_t(h) * p.tmax + j;
+  if (!p.take2[i]) return;
+  const int64_t at = p.cum2[i] - 1 - (h == 0 ? 0 : p.cum2[size_t(h) * p.tmax - 1]);
+  p.keptIds[size_t(h) * p.width + at] = p.cand[i];
+  p.outIds[size_t(h) * p.width + at] = p.cand[i];
+  if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace kvr

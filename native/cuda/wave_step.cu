@@ -460,11 +460,12 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), s>>>(kc, range2, cuts2, buf2, bufW2, !legacy);
       TakeWeights<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
       Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
-      ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
+      if (P.pack) ScatterPack<<<dim3(unsigned(Cdiv(std::max(tmax, width), kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
+      else ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
     } else {
       mark(6, s);
     }
-    PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
+    if (!P.pack || tmax == 0) PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
     mark(7, s);
     const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
     if (merge && rowsMax > 0) {
