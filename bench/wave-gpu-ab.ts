@@ -13,17 +13,19 @@
 // the tiles prefetch their value rows. (GatherCandidates' batched copy is
 // in both.) The variable is read at each step, so this alternates the two step
 // by step (A B B A ...) on one store at bench/wave-gpu.ts's shape.
-// --old NAME=VALUE names another switch for the old path instead, to time
-// one change: KVRECALL_WAVE_SWIZZLE=0 (ScoreClusters' tile unswizzled, its
-// passes unfused, the rest of the new path kept), KVRECALL_WAVE_SCORE_FUSE=0
-// (its centroid and axis passes apart), KVRECALL_WAVE_SCORE_SPLIT=0 (the
-// fused kernel's tile awaited whole), KVRECALL_WAVE_CLEAR=0 (the step's six
-// memsets instead of StepClear), KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates
-// instead of RescoreHeld), KVRECALL_WAVE_FIND=0 (Histogram and FindBin
-// instead of HistogramFind), KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds
-// instead of ScatterPack); all listed in native/cuda/wave_paths.cuh.
+// --old NAME=VALUE (repeatable) names another switch for the old path, to
+// time one change against the rest of the new path; --each compares the
+// legacy path and then each of these in turn on the same store:
+// KVRECALL_WAVE_SWIZZLE=0 (ScoreClusters' tile unswizzled, its passes
+// unfused), KVRECALL_WAVE_SCORE_FUSE=0 (its centroid and axis passes apart),
+// KVRECALL_WAVE_SCORE_SPLIT=0 (the fused kernel's tile awaited whole),
+// KVRECALL_WAVE_CLEAR=0 (the step's six memsets instead of StepClear),
+// KVRECALL_WAVE_FIND=0 (Histogram and FindBin instead of HistogramFind),
+// KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates instead of RescoreHeld),
+// KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds instead of ScatterPack); all
+// in native/cuda/wave_paths.cuh.
 //
-//   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1]
+//   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1 ...] [--each]
 //
 // Reports p50/p90 of the engine's call (attend, ids left on the device, no
 // stage times, graphs) for each path, per-stage p50s of the full call (ids,
@@ -35,11 +37,13 @@ import { PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
 import { quantile } from './stats.js';
 import { benchSetup } from './wave-gpu.js';
 
-let LEGACY = 'KVRECALL_WAVE_LEGACY', OLD_VALUE = '1';
+/** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
+const SINGLE = ['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'FIND', 'RESCORE_HELD', 'PACK'].map((n) => `KVRECALL_WAVE_${n}=0`);
 
-function setLegacy(on: boolean): void {
-  if (on) process.env[LEGACY] = OLD_VALUE;
-  else delete process.env[LEGACY];
+/** Sets the old path's switch (name=value) or removes it (the new path). */
+function setOld(sw: { name: string; value: string }, on: boolean): void {
+  if (on) process.env[sw.name] = sw.value;
+  else delete process.env[sw.name];
 }
 
 const sameBits = (a: Float32Array, b: Float32Array) =>
@@ -66,12 +70,15 @@ async function main(): Promise<void> {
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
   const steps = Number(opt('--steps') ?? 50), clusterSize = Number(opt('--cluster-size') ?? 16), probe = Number(opt('--probe') ?? PROBE_ESTIMATED);
-  const old = opt('--old');
-  if (old !== undefined) {
-    const m = /^(KVRECALL_WAVE_[A-Z_]+)=(\w+)$/.exec(old);
-    if (!m) throw new Error(`--old wants NAME=VALUE with a KVRECALL_WAVE_ switch, got ${old}`);
-    [LEGACY, OLD_VALUE] = [m[1], m[2]];
-  }
+  // --old NAME=VALUE (repeatable), --each: the legacy path and every single switch, one after another on one store
+  const olds = args.flatMap((a, i) => (a === '--old' ? [args[i + 1]] : []));
+  if (args.includes('--each')) olds.push('KVRECALL_WAVE_LEGACY=1', ...SINGLE);
+  if (!olds.length) olds.push('KVRECALL_WAVE_LEGACY=1');
+  const switches = olds.map((o) => {
+    const m = /^(KVRECALL_WAVE_[A-Z_]+)=(\w+)$/.exec(o ?? '');
+    if (!m) throw new Error(`--old wants NAME=VALUE with a KVRECALL_WAVE_ switch, got ${o}`);
+    return { name: m[1], value: m[2] };
+  });
   const info = cudaAvailable();
   console.log(`device: ${deviceName(info)}`);
   if (!info.ok) process.exit(2);
@@ -79,50 +86,53 @@ async function main(): Promise<void> {
     { tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps, probes: [] }, console.log);
   const engine = (q: Float32Array) => step(q, true, 'spread', true, true, probe, true);
   const full = (q: Float32Array) => step(q, true, 'spread', true, false, probe, true);
-  const ms: Record<'old' | 'new', number[]> = { old: [], new: [] };
-  const stages: Record<'old' | 'new', Record<string, number[]>> = { old: {}, new: {} };
-  const diffs: string[] = [];
+  let differing = 0;
   try {
-    for (const legacy of [true, false]) {  // warm both paths (their graphs captured)
-      setLegacy(legacy);
-      for (let i = 0; i < 3; i++) await engine(qs[i]);
-    }
-    for (let i = 0; i < steps; i++) {
-      const q = qs[5 + (i % (qs.length - 5))];
-      const order = i % 2 ? [false, true] : [true, false];
-      const lean: Partial<Record<'old' | 'new', WaveGpuStepResult>> = {}, whole: Partial<Record<'old' | 'new', WaveGpuStepResult>> = {};
-      for (const legacy of order) {
-        setLegacy(legacy);
-        const key = legacy ? 'old' : 'new';
-        const r = await engine(q);
-        ms[key].push(r.ms);
-        lean[key] = r;
+    for (const sw of switches) {
+      const ms: Record<'old' | 'new', number[]> = { old: [], new: [] };
+      const stages: Record<'old' | 'new', Record<string, number[]>> = { old: {}, new: {} };
+      const diffs: string[] = [];
+      for (const old of [true, false]) {  // warm both paths (their graphs captured)
+        setOld(sw, old);
+        for (let i = 0; i < 3; i++) await engine(qs[i]);
       }
-      for (const legacy of order) {
-        setLegacy(legacy);
-        const key = legacy ? 'old' : 'new';
-        const r = await full(q);
-        for (const [k, v] of Object.entries(r.stages)) (stages[key][k] ??= []).push(v);
-        whole[key] = r;
+      for (let i = 0; i < steps; i++) {
+        const q = qs[5 + (i % (qs.length - 5))];
+        const order = i % 2 ? [false, true] : [true, false];
+        const lean: Partial<Record<'old' | 'new', WaveGpuStepResult>> = {}, whole: Partial<Record<'old' | 'new', WaveGpuStepResult>> = {};
+        for (const old of order) {
+          setOld(sw, old);
+          const r = await engine(q);
+          ms[old ? 'old' : 'new'].push(r.ms);
+          lean[old ? 'old' : 'new'] = r;
+        }
+        for (const old of order) {
+          setOld(sw, old);
+          const r = await full(q);
+          for (const [k, v] of Object.entries(r.stages)) (stages[old ? 'old' : 'new'][k] ??= []).push(v);
+          whole[old ? 'old' : 'new'] = r;
+        }
+        setOld(sw, false);
+        const d1 = differs(lean.old as WaveGpuStepResult, lean.new as WaveGpuStepResult);
+        const d2 = differs(whole.old as WaveGpuStepResult, whole.new as WaveGpuStepResult);
+        if (d1 || d2) diffs.push(`step ${i}: ${d1 ? `engine call: ${d1}` : ''}${d1 && d2 ? '; ' : ''}${d2 ? `full call: ${d2}` : ''}`);
       }
-      const d1 = differs(lean.old as WaveGpuStepResult, lean.new as WaveGpuStepResult);
-      const d2 = differs(whole.old as WaveGpuStepResult, whole.new as WaveGpuStepResult);
-      if (d1 || d2) diffs.push(`step ${i}: ${d1 ? `engine call: ${d1}` : ''}${d1 && d2 ? '; ' : ''}${d2 ? `full call: ${d2}` : ''}`);
+      const f = (x: number) => x.toFixed(3);
+      const row = (key: 'old' | 'new') => `p50 ${f(quantile(ms[key], 0.5))} ms, p90 ${f(quantile(ms[key], 0.9))} ms`;
+      console.log(`== old path ${sw.name}=${sw.value}: clusters of ${clusterSize}, probe ${probe}, ${steps} steps alternated`);
+      console.log(`engine call, old path: ${row('old')}`);
+      console.log(`engine call, new path: ${row('new')}`);
+      console.log(`new / old p50: ${(quantile(ms.new, 0.5) / quantile(ms.old, 0.5)).toFixed(3)}`);
+      for (const key of ['old', 'new'] as const)
+        console.log(`stages p50 (${key}, full call): ` + Object.entries(stages[key]).map(([k, v]) => `${k} ${f(quantile(v, 0.5))}`).join(', '));
+      console.log(diffs.length ? `DIFFER in ${diffs.length} of ${steps} steps:\n${diffs.slice(0, 10).join('\n')}` : `answers bit-identical in all ${steps} steps (engine call and full call)`);
+      if (diffs.length) differing++;
     }
   } finally {
-    setLegacy(false);
+    for (const sw of switches) setOld(sw, false);
     store.close();
   }
-  const f = (x: number) => x.toFixed(3);
-  const row = (key: 'old' | 'new') => `p50 ${f(quantile(ms[key], 0.5))} ms, p90 ${f(quantile(ms[key], 0.9))} ms`;
-  console.log(`clusters of ${clusterSize}, probe ${probe}, ${steps} steps alternated`);
-  console.log(`engine call, old path (${LEGACY}=${OLD_VALUE}): ${row('old')}`);
-  console.log(`engine call, new path:                 ${row('new')}`);
-  console.log(`new / old p50: ${(quantile(ms.new, 0.5) / quantile(ms.old, 0.5)).toFixed(3)}`);
-  for (const key of ['old', 'new'] as const)
-    console.log(`stages p50 (${key}, full call): ` + Object.entries(stages[key]).map(([k, v]) => `${k} ${f(quantile(v, 0.5))}`).join(', '));
-  console.log(diffs.length ? `DIFFER in ${diffs.length} of ${steps} steps:\n${diffs.slice(0, 10).join('\n')}` : `answers bit-identical in all ${steps} steps (engine call and full call)`);
-  process.exit(diffs.length ? 1 : 0);
+  process.exit(differing ? 1 : 0);
 }
 
 main().catch((e) => {
