@@ -475,8 +475,6 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts) {
   }
 }
 
-// The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),
-// with dotsOn their candidate positions into keptPos (where their dots are).
 // The step's clears in one launch (the old path's six memsets, each a graph
 // node): both cuts' histograms (the candidates' cut has its own, the second
 // half of hist, so it needs no clear between the cuts), their order ranges
@@ -494,6 +492,8 @@ __global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) 
   }
 }
 
+// The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),
+// with dotsOn their candidate positions into keptPos (where their dots are).
 __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   const int h = blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
