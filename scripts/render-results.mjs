@@ -117,11 +117,8 @@ function hostRoundsLines() {
   if (!existsSync(join(ROOT, f))) return [];
   const j = json(f);
   const by = (path, k) => span(j.preloads.filter((p) => p.path === path).map((p) => j.bytes / p[k] / 1e9), (v) => fix(v, 2));
-  const paths = [...new Set(j.preloads.map((p) => p.path))];
-  return [
-    '',
-    `The same rounds on the GPU host (\`${f}\`, ${machine(j.machine)}, ${j.date.slice(0, 10)}, ${fix(j.bytes / 1e9, 2)} GB each): upload ${paths.map((p) => `${p} ${by(p, 'uploadS')}`).join(', ')} GB/s; seal (exact only) ${span(j.preloads.map((p) => j.bytes / p.sealS / 1e9), (v) => fix(v, 2))} GB/s.`,
-  ];
+  const paths = [...new Set(j.preloads.map((p) => p.path))], seal = span(j.preloads.map((p) => j.bytes / p.sealS / 1e9), (v) => fix(v, 2));
+  return ['', `The same rounds on the GPU host (\`${f}\`, ${machine(j.machine)}, ${j.date.slice(0, 10)}, ${fix(j.bytes / 1e9, 2)} GB each): upload ${paths.map((p) => `${p} ${by(p, 'uploadS')}`).join(', ')} GB/s; seal (exact only) ${seal} GB/s.`];
 }
 
 // ---------------------------------------------------------------- blocks
