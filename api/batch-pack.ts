@@ -16,9 +16,11 @@
 // cost ~3 µs a step even in a warm loop).
 //
 // Only the common answer is packed here: every step fulfilled, without
-// selection or kv, stats of numbers and short ASCII strings, an id that is
-// absent, a number or a short ASCII string. Anything else returns
-// undefined and goes through packParts().
+// selection or kv (one attend's may carry its selection), stats of numbers,
+// booleans, short ASCII strings and maps of those (the GPU backend's
+// stats.gpu, a block pool's stats.blocks), an id that is absent, a number
+// or a short ASCII string. Anything else returns undefined and goes
+// through packParts().
 import type { AttendAnswer, BatchAnswer, Sessions } from '../engine/sessions.js';
 import type { Metrics } from './metrics.js';
 import { BufferPool } from '../storage/buffer-pool.js';
@@ -139,7 +141,7 @@ class Sink {
   }
 
   /** A wire tensor {dtype, shape: [a] or [a, b], data} laid out as packParts lays it out: data at a multiple of 4. */
-  tensor(dtype: string, a: number, b: number | undefined, data: Float32Array | Uint16Array): void {
+  tensor(dtype: string, a: number, b: number | undefined, data: Float32Array | Uint16Array | Int32Array): void {
     this.u8(0x83);
     this.str('dtype');
     this.str(dtype);
@@ -161,12 +163,18 @@ class Sink {
   }
 
   /**
-   * A step's stats: a map of numbers and short ASCII strings, undefined
-   * values left out (as packParts leaves them). Read straight from the
-   * object: no entries or pairs built (cold after a batch, they cost ~1 µs
-   * a step). False, nothing sure written, when it holds anything else.
+   * A step's stats: a map of numbers, booleans, short ASCII strings and
+   * maps of those (stats.gpu, stats.blocks: without them every answer on
+   * the GPU backend, or of a session with a block pool, went through
+   * packParts, ~50-60 µs more a call on the 2-core VM after a step over
+   * 64K tokens), undefined values left out (as packParts leaves them). Read
+   * straight from the object: no entries or pairs built (cold after a
+   * batch, they cost ~1 µs a step). False, nothing sure written, when it
+   * holds anything else (a nested map packParts would take for a tensor
+   * included). Maps nested `nest` deep at most: 0 in a batch's frame, whose
+   * room per step is bounded by its count of stats (stepBound).
    */
-  stats(s: Record<string, unknown>): boolean {
+  stats(s: Record<string, unknown>, nest: number): boolean {
     if (!plainObject(s)) return false;
     let n = 0;
     for (const k in s) if (s[k] !== undefined) n++;
@@ -178,20 +186,32 @@ class Sink {
       this.str(k);
       if (typeof v === 'number') this.num(v);
       else if (typeof v === 'string' && shortAscii(v)) this.str(v);
+      else if (typeof v === 'boolean') this.u8(v ? 0xc3 : 0xc2);
+      else if (nest > 0 && typeof v === 'object' && v !== null && !('data' in v) && this.stats(v as Record<string, unknown>, nest - 1)) continue;
       else return false;
     }
     return true;
   }
 }
 
-/** One step's answer `{out, lse, stats}` (after its map header, which the caller writes with any keys before these); false when its stats are not plain. */
-function writeStep(sink: Sink, r: AttendAnswer): boolean {
+/**
+ * One step's answer `{out, lse, selection?, stats}` (after its map header,
+ * which the caller writes with any keys before these); false when its
+ * stats are not plain (maps in them `nest` deep at most). A selection only
+ * from packAttendAnswer (a batch's steps have none: plainStep).
+ */
+function writeStep(sink: Sink, r: AttendAnswer, nest = 0): boolean {
   sink.str('out');
   sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outArray(r)!);
   sink.str('lse');
   sink.tensor('f32', r.model.qHeads, undefined, r.lse);
+  if (r.selection) {
+    sink.str('selection');
+    sink.head(r.selection.length, 0x90, 0xdc, 0xdd);
+    for (const ids of r.selection) sink.tensor('i32', ids.length, undefined, ids);
+  }
   sink.str('stats');
-  return sink.stats(r.stats as unknown as Record<string, unknown>);
+  return sink.stats(r.stats as unknown as Record<string, unknown>, nest);
 }
 
 /** An id as packParts writes it (the caller has checked it is a number or a short ASCII string). */
@@ -205,10 +225,12 @@ function writeId(sink: Sink, id: unknown): void {
 const plainId = (id: unknown) => id === undefined || typeof id === 'number' || (typeof id === 'string' && shortAscii(id));
 
 /**
- * One attend's answer frame `{id, out, lse, stats}` (id left out when
- * undefined), the bytes packParts makes of `{id, ...attendAnswer(r)}`, or
- * undefined when the answer is not the common one (selection, kv, stats
- * beyond numbers and short strings, an id of another kind).
+ * One attend's answer frame `{id, out, lse, selection?, stats}` (id left
+ * out when undefined), the bytes packParts makes of `{id,
+ * ...attendAnswer(r)}`, or undefined when the answer is not the common one
+ * (kv, stats beyond numbers, booleans, short strings and maps of those, an
+ * id of another kind). A selection (8 kv heads × 10K positions, 0.34 MB, at
+ * 1M tokens with a 1% budget) is copied once, straight into the frame.
  *
  * Why: a single decode step's answer went through the answer object, the
  * spread with its id, packParts (a zeroed 4 KB scratch, the parts) and the
@@ -216,11 +238,11 @@ const plainId = (id: unknown) => id === undefined || typeof id === 'number' || (
  * tokens, against ~10 here (bench/results/transport-vm-stream-trace.md).
  */
 export function packAttendAnswer(id: unknown, r: AttendAnswer): PackedFrame | undefined {
-  if (!plainId(id) || !plainStep(r)) return undefined;
+  if (!plainId(id) || r.kv || outArray(r) === undefined || !shortAscii(r.outDtype)) return undefined;
   const one = (sink: Sink) => {
-    sink.u8(id === undefined ? 0x83 : 0x84);
+    sink.u8(0x83 + (id === undefined ? 0 : 1) + (r.selection ? 1 : 0));
     if (id !== undefined) writeId(sink, id);
-    return writeStep(sink, r);
+    return writeStep(sink, r, 3);
   };
   // The sizing pass checks what the writing pass writes: both run the same code.
   const size = new Sink();

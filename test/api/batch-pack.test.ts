@@ -143,22 +143,31 @@ describe('packAttendAnswer', () => {
       const [qHeads, headDim] = pick(shapes);
       const r = answer(qHeads, headDim, pick(['f32', 'f16', 'bf16'] as const));
       const id = pick([undefined, 1, 7, 127, 128, 70000, 2 ** 40, -5, 0.25, Number.NaN, 'abc', '', 'x'.repeat(31)]);
+      // A quality-sampled call's selection (heads and lengths across the array and bin size forms), and the GPU
+      // backend's or a block pool's nested stats.
+      if (rng.next() < 0.5) r.selection = Array.from({ length: pick([1, 2, 8, 15, 16, 17]) }, () => Int32Array.from({ length: pick([0, 1, 63, 64, 16383, 16384, 20000]) }, () => rng.int(2 ** 31) - 2 ** 30));
+      const st = r.stats as unknown as Record<string, unknown>;
+      if (rng.next() < 0.5) st.gpu = { residentMs: rng.next(), copies: pick(NUMBERS), device: 'x'.repeat(rng.int(32)), gone: undefined };
+      if (rng.next() < 0.5) st.blocks = { selected: pick(NUMBERS), hits: pick(NUMBERS), bytesIn: pick(NUMBERS), deep: { deeper: { n: pick(NUMBERS) } } };
+      if (rng.next() < 0.3) st.flag = rng.next() < 0.5;
       const mine = packAttendAnswer(id, r);
       expect(mine, `trial ${trial}`).toBeDefined();
-      expect(bytes(mine!).equals(generic1(id, r)), `trial ${trial}: ${qHeads}x${headDim}, id ${String(id)}`).toBe(true);
+      expect(bytes(mine!).equals(generic1(id, r)), `trial ${trial}: ${qHeads}x${headDim}, id ${String(id)}, ${r.selection?.length ?? 0} selection heads`).toBe(true);
     }
   });
 
-  it('leaves selections, kv, nested stats, unrounded 16-bit outs and unusual ids to packParts', () => {
-    const withSelection = answer(4, 8, 'f32');
-    withSelection.selection = [new Int32Array([1, 2])];
-    expect(packAttendAnswer(1, withSelection)).toBeUndefined();
+  it('leaves kv, stats nested too deep or holding other things, unrounded 16-bit outs and unusual ids to packParts', () => {
     const withKv = answer(4, 8, 'f32');
     withKv.kv = { k: [new Uint16Array(8)], v: [new Uint16Array(8)] };
     expect(packAttendAnswer(1, withKv)).toBeUndefined();
-    const nested = answer(4, 8, 'f32');
-    (nested.stats as unknown as Record<string, unknown>).blocks = { selected: 1, hits: 0, bytesIn: 0 };
-    expect(packAttendAnswer(1, nested)).toBeUndefined();
+    const tooDeep = answer(4, 8, 'f32');
+    (tooDeep.stats as unknown as Record<string, unknown>).a = { b: { c: { d: { e: 1 } } } };
+    expect(packAttendAnswer(1, tooDeep)).toBeUndefined();
+    for (const odd of [[1, 2], { data: 1 }, { dtype: 'f32', shape: [1], data: new Uint8Array(4) }, { s: 'é' }, null, new Float32Array(2)]) {
+      const r = answer(4, 8, 'f32');
+      (r.stats as unknown as Record<string, unknown>).odd = odd;
+      expect(packAttendAnswer(1, r), JSON.stringify(odd)).toBeUndefined();
+    }
     const unrounded = answer(4, 8, 'f16');
     delete unrounded.outWords;
     expect(packAttendAnswer(1, unrounded)).toBeUndefined();
