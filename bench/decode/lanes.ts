@@ -83,7 +83,7 @@ export class Lane {
       const t = now();
       try {
         const r = await this.attend(run, { ...body, return: ret(run) });
-        run.record(s, now() - t, r);
+        run.record(s, now() - t, r, ret(run).includes('selection'));
         replies.set(run, r);
       } catch (e) {
         run.error = `attend via ${this.via} (step ${s}, layer ${body.layer}): ${why(e)}`;
@@ -116,7 +116,7 @@ export class Lane {
         log(`${run.method}: ${run.error}`);
         return;
       }
-      run.record(s, r.stats.ms + (wall - server), r);
+      run.record(s, r.stats.ms + (wall - server), r, ret(run).includes('selection'));
       replies.set(run, r);
     });
     return replies;

@@ -4,7 +4,7 @@
 import { describePhases, PHASE_MEANING, SERVER_PHASES } from '../upload-tally.js';
 import type { Machine } from './machine.js';
 import type { Options, Via } from './options.js';
-import { H100_PINNED_GBPS, type ContextResult, type TransportResult } from './results.js';
+import { H100_PINNED_GBPS, type ContextResult, type MethodResult, type TransportResult } from './results.js';
 import { fmtBytes, fmtTokens } from './util.js';
 
 const pct = (x: number, digits = 2) => (Number.isFinite(x) ? `${(x * 100).toFixed(digits)}%` : '—');
@@ -57,6 +57,9 @@ function viaMeaning(via: Via, t: TransportResult): string {
   return `per layer one batch frame on one WebSocket stream carrying the step of every session (${t.batch?.size ?? t.methods.length} sessions, standing for a server's running batch); the batch's wall time is shared, so a session's time per layer is its step's server stats.ms plus the batch's wall − the batch's server ms (every session waits for the whole exchange), and RPC per token = Σ over layers of (batch wall − batch server ms)`;
 }
 
+/** Per call RPC p50, plain / sampled (older results have neither). */
+const rpcCalls = (c: MethodResult['latency']['rpcCall'] | undefined) => (c ? `${c.plainP50Ms.toFixed(3)} / ${c.sampledCalls ? c.sampledP50Ms.toFixed(3) : '—'}` : '—');
+
 /** One transport's per-method table at the main context. */
 function transportTable(lines: string[], o: Options, main: ContextResult, t: TransportResult): void {
   const layers = o.shape.layers;
@@ -64,15 +67,15 @@ function transportTable(lines: string[], o: Options, main: ContextResult, t: Tra
     '',
     `#### Via ${t.via}`,
     '',
-    `Per generated token = the sum over layers of ${viaMeaning(t.via, t)}. RPC share = RPC / mean per-token time; RPC/call = RPC per token / ${layers} layers.`,
+    `Per generated token = the sum over layers of ${viaMeaning(t.via, t)}. RPC share = RPC / mean per-token time; RPC/call = RPC per token / ${layers} layers. Per call, p50 of wall − stats.ms apart: plain = the calls that ask only \`out\` (an LLM server's), sampled = the calls on the quality-sampled layer(s), which ask the selection too; plain share = ${layers} × plain p50 / p50 per token, the RPC share a server asking only \`out\` would see.`,
     '',
-    '| method | p50 ms/token | p99 | cold first | RPC | RPC share | RPC/call | retrieval | attention | other | transfers | tokens/s | × exact | scanned | attended/head | attn recall mean | worst | oracle @count | top-k recall | out err mean | worst | needles |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| method | p50 ms/token | p99 | cold first | RPC | RPC share | RPC/call | RPC/call p50 plain / sampled | plain share | retrieval | attention | other | transfers | tokens/s | × exact | scanned | attended/head | attn recall mean | worst | oracle @count | top-k recall | out err mean | worst | needles |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   );
   for (const r of t.methods) {
     const L = r.latency, F = r.fidelity, isExact = r.method === 'exact';
     lines.push(
-      `| ${r.method}${r.error || r.mismatch ? ' ⚠' : ''} | ${ms(L.p50Ms)} | ${ms(L.p99Ms)} | ${ms(L.coldMs)} | ${ms(L.rpcMs)} | ${pct(L.rpcShare, 1)} | ${ms(L.rpcMs / layers)} | ${ms(L.retrievalMs)} | ${ms(L.attentionMs)} | ${ms(L.otherServerMs)} | ${ms(L.transferMs)} | ${L.tokensPerSecond.toFixed(1)} | ${L.ratioToExact.toFixed(3)} | ${pct(r.scannedFraction)} | ${r.attended.toFixed(0)} | ${isExact ? '1 (dense)' : F.recallMean.toFixed(4)} | ${isExact ? '—' : F.recallWorst.toFixed(4)} | ${isExact ? '—' : F.oracleRecallMean.toFixed(4)} | ${isExact ? '—' : F.topKRecallMean.toFixed(3)} | ${isExact ? '0 (ref.)' : pct(F.outputErrorMean)} | ${isExact ? '—' : pct(F.outputErrorWorst)} | ${isExact ? '—' : `${F.needlesHit}/${F.needles}`} |`,
+      `| ${r.method}${r.error || r.mismatch ? ' ⚠' : ''} | ${ms(L.p50Ms)} | ${ms(L.p99Ms)} | ${ms(L.coldMs)} | ${ms(L.rpcMs)} | ${pct(L.rpcShare, 1)} | ${ms(L.rpcMs / layers)} | ${rpcCalls(L.rpcCall)} | ${L.rpcCall ? pct((layers * L.rpcCall.plainP50Ms) / L.p50Ms, 1) : '—'} | ${ms(L.retrievalMs)} | ${ms(L.attentionMs)} | ${ms(L.otherServerMs)} | ${ms(L.transferMs)} | ${L.tokensPerSecond.toFixed(1)} | ${L.ratioToExact.toFixed(3)} | ${pct(r.scannedFraction)} | ${r.attended.toFixed(0)} | ${isExact ? '1 (dense)' : F.recallMean.toFixed(4)} | ${isExact ? '—' : F.recallWorst.toFixed(4)} | ${isExact ? '—' : F.oracleRecallMean.toFixed(4)} | ${isExact ? '—' : F.topKRecallMean.toFixed(3)} | ${isExact ? '0 (ref.)' : pct(F.outputErrorMean)} | ${isExact ? '—' : pct(F.outputErrorWorst)} | ${isExact ? '—' : `${F.needlesHit}/${F.needles}`} |`,
     );
   }
   const b = t.batch;

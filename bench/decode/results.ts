@@ -83,6 +83,13 @@ export interface MethodResult {
     rpcShare: number;
     /** p50 over tokens of (wall − server), Σ over layers: what a GC pause in one call moves less than the mean. */
     rpcP50Ms: number;
+    /**
+     * Per call, p50 of wall − stats.ms, apart for the calls that asked only
+     * `out` (what an LLM server's calls are) and those on the quality-sampled
+     * layers, which ask the selection too (its bytes packed, sent, decoded
+     * and copied out). NaN where there were none; absent in older results.
+     */
+    rpcCall?: { plainP50Ms: number; plainCalls: number; sampledP50Ms: number; sampledCalls: number };
     serverMs: number;
     retrievalMs: number;
     attentionMs: number;

@@ -14,6 +14,9 @@ export class Run {
   readonly select: number[];
   readonly attendK: number[];
   readonly transfer: number[];
+  /** Per call, wall − stats.ms: calls that asked only `out`, and those that asked the selection too (the quality-sampled layers). */
+  readonly rpcPlain: number[] = [];
+  readonly rpcSampled: number[] = [];
   scanned: number[] = [];
   attended: number[] = [];
   blocksSelected = 0;
@@ -47,9 +50,10 @@ export class Run {
     this.transfer = new Array<number>(steps).fill(0);
   }
 
-  /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms). */
-  record(step: number, wallMs: number, r: AttendReply): void {
+  /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms); sampled: it asked the selection too. */
+  record(step: number, wallMs: number, r: AttendReply, sampled: boolean): void {
     const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number } };
+    (sampled ? this.rpcSampled : this.rpcPlain).push(wallMs - (st.ms ?? 0));
     this.wall[step] += wallMs;
     this.server[step] += st.ms ?? 0;
     this.select[step] += st.selectMs ?? 0;
@@ -92,6 +96,12 @@ export class Run {
         rpcMs: meanMs - serverMs,
         rpcShare: (meanMs - serverMs) / meanMs,
         rpcP50Ms: percentile(wall.map((w, i) => w - this.server[i]), 50),
+        rpcCall: {
+          plainP50Ms: this.rpcPlain.length ? percentile(this.rpcPlain, 50) : NaN,
+          plainCalls: this.rpcPlain.length,
+          sampledP50Ms: this.rpcSampled.length ? percentile(this.rpcSampled, 50) : NaN,
+          sampledCalls: this.rpcSampled.length,
+        },
         serverMs,
         retrievalMs: mean(take(this.select)),
         attentionMs: mean(take(this.attendK)),
