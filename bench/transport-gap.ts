@@ -1,4 +1,4 @@
-// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --gap 25]
+// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --gaps 25 (ms, a list: 2,5,25)]
 //
 // Why bench:decode's RPC per call is several times bench:transport's (issue
 // #14): bench:transport sends its attends back to back over a 4K-token
@@ -7,8 +7,8 @@
 // server's. This times one stream attend (exact, 32 q / 8 kv heads, d=64,
 // the llama3.2-1b shape; server in its own process on 127.0.0.1) in rows
 // that differ only in how long the two processes waited before it:
-//   back to back (bench:transport's case), the client idle (a timer) or
-//   spinning `gap` ms before each call, and a long document whose own server
+//   back to back (bench:transport's case), the client idle (a timer) each
+//   of `gaps` ms before each call, or spinning the longest of them, and a long document whose own server
 //   time is that long (bench:decode's case).
 // Overhead = client wall − server stats.ms. Rows take turns in blocks of
 // calls/rounds, in one sitting. Results: bench/results/transport-gap-<tag>.{md,json}
@@ -26,7 +26,11 @@ const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? Number(process.argv[i + 1]) : def;
 };
-const CALLS = get('calls', 200), ROUNDS = get('rounds', 8), TOKENS = get('tokens', 4096), LONG = get('long-tokens', 65536), GAP = get('gap', 25);
+const CALLS = get('calls', 200), ROUNDS = get('rounds', 8), TOKENS = get('tokens', 4096), LONG = get('long-tokens', 65536);
+const gapsAt = process.argv.indexOf('--gaps');
+const GAPS = (gapsAt >= 0 ? process.argv[gapsAt + 1] : '25').split(',').map(Number);
+if (GAPS.some((g) => !(g >= 0))) throw new Error('--gaps: a list of ms, e.g. 2,5,25');
+const GAP = Math.max(...GAPS);
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport-gap] ${msg}\n`);
 
@@ -39,7 +43,7 @@ async function session(client: KvrecallClient, name: string, n: number): Promise
   return (await client.createSession({ model, documents: [name], method: 'exact' })).id;
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const spin = (ms: number) => {
   const t = performance.now();
   while (performance.now() - t < ms);
@@ -66,7 +70,7 @@ async function main(): Promise<void> {
     stream = await client.openStream();
     const rows: Row[] = [
       { name: `${TOKENS} tokens, back to back (bench:transport's case)`, sid: short, before: () => undefined, overhead: [], server: [] },
-      { name: `${TOKENS} tokens, the client idle ${GAP} ms (a timer) before each call`, sid: short, before: () => sleep(GAP), overhead: [], server: [] },
+      ...GAPS.map((g): Row => ({ name: `${TOKENS} tokens, the client idle ${g} ms (a timer) before each call`, sid: short, before: () => sleep(g), overhead: [], server: [] })),
       { name: `${TOKENS} tokens, the client spinning ${GAP} ms before each call`, sid: short, before: () => spin(GAP), overhead: [], server: [] },
       { name: `${LONG} tokens, back to back (the server's own time long)`, sid: long, before: () => undefined, overhead: [], server: [] },
     ];
@@ -95,7 +99,7 @@ async function main(): Promise<void> {
       serverMsP50: q50(r.server),
     }));
     const m = machine();
-    const result = { machine: m, loadAtStart, host: hostname(), date: new Date().toISOString(), backend, model, tokens: TOKENS, longTokens: LONG, gapMs: GAP, rounds: ROUNDS, rows: table };
+    const result = { machine: m, loadAtStart, host: hostname(), date: new Date().toISOString(), backend, model, tokens: TOKENS, longTokens: LONG, gapsMs: GAPS, rounds: ROUNDS, rows: table };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-gap-${tag}`);
