@@ -35,10 +35,14 @@ const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16' as 
 const progress = (msg: string) => process.stderr.write(`[bench:transport-gap] ${msg}\n`);
 
 async function session(client: KvrecallClient, name: string, n: number): Promise<string> {
-  const d = model.headDim;
-  const words = new Uint16Array(model.kvHeads * n * d).map(() => 0x3c00 ^ ((Math.random() * 0x3ff) | 0));
+  const d = model.headDim, chunk = Math.min(n, 32768);
+  // One chunk's random words, sent for every chunk (a body stays under the server's limit).
+  const words = new Uint16Array(model.kvHeads * chunk * d).map(() => 0x3c00 ^ ((Math.random() * 0x3ff) | 0));
   await client.createDocument(name, model);
-  await client.uploadDocumentKv(name, { layer: 0, start: 0, k: tensor('f16', [model.kvHeads, n, d], words), v: tensor('f16', [model.kvHeads, n, d], words) });
+  for (let start = 0; start < n; start += chunk) {
+    const c = Math.min(chunk, n - start), w = c === chunk ? words : words.subarray(0, model.kvHeads * c * d);
+    await client.uploadDocumentKv(name, { layer: 0, start, k: tensor('f16', [model.kvHeads, c, d], w), v: tensor('f16', [model.kvHeads, c, d], w) });
+  }
   await client.sealDocument(name);
   return (await client.createSession({ model, documents: [name], method: 'exact' })).id;
 }
@@ -65,7 +69,9 @@ async function main(): Promise<void> {
   try {
     const client = new KvrecallClient({ url: server.url });
     const short = await session(client, 'short', TOKENS), long = await session(client, 'long', LONG);
-    const backend = String(((await client.health()) as unknown as Record<string, unknown>).backend ?? 'unknown');
+    const health = (await client.health()) as unknown as { backend?: string; gpu?: { device?: string } };
+    // The backend, and its device where it has one (the GPU host's card named in the results).
+    const backend = `${health.backend ?? 'unknown'} backend${health.gpu?.device ? `, the host's GPU ${health.gpu.device}` : ''}`;
     const q = tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim).map(() => Math.random() - 0.5));
     stream = await client.openStream();
     const rows: Row[] = [
@@ -108,7 +114,7 @@ async function main(): Promise<void> {
     writeFileSync(
       `${base}.md`,
       [
-        `# A stream attend's overhead after the processes waited (${m.cpu}, ${m.cores} cores, ${backend} backend)`,
+        `# A stream attend's overhead after the processes waited (${m.cpu}, ${m.cores} cores, ${backend})`,
         '',
         `TypeScript client, one stream (GET /v1/stream), server in its own process on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms. Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
         '',
