@@ -67,6 +67,8 @@ function differs(a: WaveGpuStepResult, b: WaveGpuStepResult): string {
 }
 
 async function main(): Promise<void> {
+  // The round-2 paths (native/cuda/wave_paths.cuh) run only when asked for, until a device has checked them: this is that check.
+  process.env.KVRECALL_WAVE_ROUND2 ??= '1';
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
   const steps = Number(opt('--steps') ?? 50), clusterSize = Number(opt('--cluster-size') ?? 16), probe = Number(opt('--probe') ?? PROBE_ESTIMATED);

@@ -17,14 +17,17 @@ struct StepPaths {
   // ScoreClusters ran CTAs of 64, the exact rows' estimate tiles joined the
   // attention's and the tiles prefetched their rows; and none of the below.
   bool legacy;
-  // Each =0 turns off one change, the rest of the new path kept:
+  // Each =0 turns off one change, the rest of the new path kept. Those
+  // marked (round 2) run only with KVRECALL_WAVE_ROUND2=1 until a device has
+  // checked them (written and reasoned bit-identical on a machine without a
+  // GPU; bench/wave-gpu-ab.ts sets it to compare them):
   bool swizzle;  // KVRECALL_WAVE_SWIZZLE: ScoreClusters' swizzled tile (and what needs it: fuse, split)
-  bool fuse;     // KVRECALL_WAVE_SCORE_FUSE: its centroid and axis passes in one
-  bool split;    // KVRECALL_WAVE_SCORE_SPLIT: the fused kernel awaits its variances last
-  bool clear;    // KVRECALL_WAVE_CLEAR: StepClear for the step's memsets (and what needs it: find)
-  bool find;     // KVRECALL_WAVE_FIND: HistogramFind for Histogram + FindBin
-  bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates
-  bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds
+  bool fuse;     // KVRECALL_WAVE_SCORE_FUSE: its centroid and axis passes in one (round 2)
+  bool split;    // KVRECALL_WAVE_SCORE_SPLIT: the fused kernel awaits its variances last (round 2)
+  bool clear;    // KVRECALL_WAVE_CLEAR: StepClear for the step's memsets (and what needs it: find) (round 2)
+  bool find;     // KVRECALL_WAVE_FIND: HistogramFind for Histogram + FindBin (round 2)
+  bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates (round 2)
+  bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
 };
 
 inline StepPaths ReadStepPaths(int d) {
@@ -35,13 +38,14 @@ inline StepPaths ReadStepPaths(int d) {
   StepPaths s{};
   s.legacy = is("KVRECALL_WAVE_LEGACY", '1');
   const auto on = [&](const char* name) { return !s.legacy && !is(name, '0'); };
+  const bool round2 = is("KVRECALL_WAVE_ROUND2", '1');
   s.swizzle = on("KVRECALL_WAVE_SWIZZLE");
-  s.fuse = s.swizzle && on("KVRECALL_WAVE_SCORE_FUSE");
+  s.fuse = round2 && s.swizzle && on("KVRECALL_WAVE_SCORE_FUSE");
   s.split = s.fuse && on("KVRECALL_WAVE_SCORE_SPLIT");
-  s.clear = on("KVRECALL_WAVE_CLEAR");
+  s.clear = round2 && on("KVRECALL_WAVE_CLEAR");
   s.find = s.clear && on("KVRECALL_WAVE_FIND");
-  s.held = on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
-  s.pack = on("KVRECALL_WAVE_PACK");
+  s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
+  s.pack = round2 && on("KVRECALL_WAVE_PACK");
   return s;
 }
 
