@@ -35,7 +35,7 @@ import { centroidStride } from '../index/wave/cluster-codec.js';
 import { ClusterIndex, PROBE, type EstimateOrder } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
-import { gpuRanking, keyRows, queries, staticRows, syntheticHead, TOL, type WaveCase } from './wave-gpu.js';
+import { answerDiff, gpuRanking, keyRows, queries, staticRows, syntheticHead, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
 
 export interface RestCase extends WaveCase {
@@ -128,17 +128,7 @@ export async function compareRest(heads: ClusterIndex[], gpu: WaveGpuRestResult,
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(H), scanned = new Float32Array(H);
   const segment = heads.map((x, h) => x.estimateArgs(expanded[h], order));
   await estimateClusters({ q, qHeads, kvHeads: H, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated, scanned });
-  let outRel = 0, lseRel = 0;
-  for (let r = 0; r < qHeads; r++) {
-    if (lse[r] === -Infinity || gpu.lse[r] === -Infinity) {
-      if (lse[r] !== gpu.lse[r]) lseRel = Infinity;
-      continue;
-    }
-    lseRel = Math.max(lseRel, Math.abs(gpu.lse[r] - lse[r]) / Math.max(1, Math.abs(lse[r])));
-    let diff = 0, norm = 0;
-    for (let j = 0; j < d; j++) (diff += (gpu.out[r * d + j] - out[r * d + j]) ** 2), (norm += out[r * d + j] ** 2);
-    outRel = Math.max(outRel, Math.sqrt(diff) / Math.max(Math.sqrt(norm), 1e-30));
-  }
+  const { outRel, lseRel } = answerDiff(gpu, out, lse, qHeads, d);
   const estimatedEqual = heads.every((_, h) => gpu.estimated[h] === estimated[h]);
   const scannedEqual = heads.every((_, h) => gpu.scanned[h] === scanned[h]);
   const rowsEqual = heads.every((_, h) => gpu.rows[h] === expanded[h].length);

@@ -40,6 +40,22 @@ import { caseHeads, words } from './wave-gpu-heads.js';
 
 export const TOL = { out: 1e-4, lse: 1e-4 };
 
+/** The device's answer against the host's: per q head, out's relative L2 error and lse's relative error (max over heads); Infinity where one lse is -Infinity and the other is not. */
+export function answerDiff(gpu: { out: Float32Array; lse: Float32Array }, out: Float32Array, lse: Float32Array, qHeads: number, d: number): { outRel: number; lseRel: number } {
+  let outRel = 0, lseRel = 0;
+  for (let r = 0; r < qHeads; r++) {
+    if (lse[r] === -Infinity || gpu.lse[r] === -Infinity) {
+      if (lse[r] !== gpu.lse[r]) lseRel = Infinity;
+      continue;
+    }
+    lseRel = Math.max(lseRel, Math.abs(gpu.lse[r] - lse[r]) / Math.max(1, Math.abs(lse[r])));
+    let diff = 0, norm = 0;
+    for (let j = 0; j < d; j++) (diff += (gpu.out[r * d + j] - out[r * d + j]) ** 2), (norm += out[r * d + j] ** 2);
+    outRel = Math.max(outRel, Math.sqrt(diff) / Math.max(Math.sqrt(norm), 1e-30));
+  }
+  return { outRel, lseRel };
+}
+
 /** The GPU step's ranking for the host's: index/wave's constants. */
 export const gpuRanking = (r: ClusterRanking): WaveGpuRanking =>
   r === 'spread' ? { kind: 'spread', spread: SPREAD } : { kind: 'radius', radiusShare: RADIUS_SHARE };
@@ -102,17 +118,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius' ? 'first' : rest));
   await estimateClusters({ q, qHeads, kvHeads: heads.length, headDim: d, centroidStride: centroidStride(d), dtype: dt, scale, segments: [segment], out, lse, estimated });
   if (attended) mergeAttended(out, lse, q, G, d, dt, scale, heads.map((_, h) => Int32Array.from(new Set([...cpu[h].ids, ...exact]))), attended);
-  let outRel = 0, lseRel = 0;
-  for (let r = 0; r < qHeads; r++) {
-    if (lse[r] === -Infinity || gpu.lse[r] === -Infinity) {
-      if (lse[r] !== gpu.lse[r]) lseRel = Infinity;
-      continue;
-    }
-    lseRel = Math.max(lseRel, Math.abs(gpu.lse[r] - lse[r]) / Math.max(1, Math.abs(lse[r])));
-    let diff = 0, norm = 0;
-    for (let j = 0; j < d; j++) (diff += (gpu.out[r * d + j] - out[r * d + j]) ** 2), (norm += out[r * d + j] ** 2);
-    outRel = Math.max(outRel, Math.sqrt(diff) / Math.max(Math.sqrt(norm), 1e-30));
-  }
+  const { outRel, lseRel } = answerDiff(gpu, out, lse, qHeads, d);
   const estimatedEqual = heads.every((_, h) => gpu.estimated[h] === estimated[h]);
   const ok = idsDiffer === 0 && scannedEqual && outRel <= TOL.out && lseRel <= TOL.lse && estimatedEqual;
   return { idsDiffer, firstDiff, scannedEqual, outRel, lseRel, estimatedEqual, ok };
