@@ -60,6 +60,12 @@ describe('layout', () => {
     expect(big).toEqual([]);
   });
 
+  it("every CUDA header is an input of binding.gyp's nvcc rule, so a change to it alone rebuilds the kernels", () => {
+    const gyp = readFileSync(join(ROOT, 'binding.gyp'), 'utf8');
+    const inputs = new Set([...gyp.matchAll(/"(native\/cuda\/[^"]+)"/g)].map((m) => m[1]));
+    expect(files('native/cuda', /\.(cuh|h)$/).filter((f) => !inputs.has(f))).toEqual([]);
+  });
+
   it("the README's result blocks are rendered from bench/results", () => {
     execFileSync(process.execPath, [join(ROOT, 'scripts', 'render-results.mjs'), '--check'], { cwd: ROOT, stdio: 'pipe' });
   });
