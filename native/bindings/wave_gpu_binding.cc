@@ -58,6 +58,28 @@ std::vector<int64_t> Ints(const Napi::Object& o, const char* key, size_t n, int6
   return v;
 }
 
+using Clock = std::chrono::steady_clock;
+
+// A call's times on its answer, the step's and the rest's alike: the stream
+// (ms, per stage) and the host around it: queue (the call to the work's start
+// on a worker thread), the store's own phases, back (the work's end to the
+// answer's conversion) and convert (this conversion).
+void SetTimes(Napi::Env e, Napi::Object out, float streamMs, int64_t graphCaptures, const std::vector<std::pair<std::string, float>>& stages,
+              const std::vector<std::pair<std::string, float>>& hostPhases, const std::array<Clock::time_point, 3>& times, Clock::time_point c0) {
+  out.Set("ms", Napi::Number::New(e, double(streamMs)));
+  out.Set("graphCaptures", Napi::Number::New(e, double(graphCaptures)));
+  Napi::Object st = Napi::Object::New(e);
+  for (const auto& x : stages) st.Set(x.first, Napi::Number::New(e, double(x.second)));
+  out.Set("stages", st);
+  const auto ms = [](Clock::time_point x, Clock::time_point y) { return double(std::chrono::duration<float, std::milli>(y - x).count()); };
+  Napi::Object host = Napi::Object::New(e);
+  host.Set("queue", Napi::Number::New(e, ms(times[0], times[1])));
+  for (const auto& x : hostPhases) host.Set(x.first, Napi::Number::New(e, double(x.second)));
+  host.Set("back", Napi::Number::New(e, ms(times[2], c0)));
+  host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
+  out.Set("host", host);
+}
+
 Napi::Array NumberArray(Napi::Env env, const std::vector<int64_t>& v) {
   Napi::Array a = Napi::Array::New(env, v.size());
   for (size_t i = 0; i < v.size(); ++i) a.Set(uint32_t(i), Napi::Number::New(env, double(v[i])));
@@ -224,18 +246,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           Napi::Array est = Napi::Array::New(e, size_t(H));
           for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
           out.Set("estimated", est);
-          out.Set("ms", Napi::Number::New(e, double(r.ms)));
-          out.Set("graphCaptures", Napi::Number::New(e, double(r.graphCaptures)));
-          Napi::Object stages = Napi::Object::New(e);
-          for (const auto& st : r.stages) stages.Set(st.first, Napi::Number::New(e, double(st.second)));
-          out.Set("stages", stages);
-          const auto ms = [](Clock::time_point x, Clock::time_point y) { return double(std::chrono::duration<float, std::milli>(y - x).count()); };
-          Napi::Object host = Napi::Object::New(e);
-          host.Set("queue", Napi::Number::New(e, ms((*times)[0], (*times)[1])));
-          for (const auto& st : r.host) host.Set(st.first, Napi::Number::New(e, double(st.second)));
-          host.Set("back", Napi::Number::New(e, ms((*times)[2], c0)));
-          host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
-          out.Set("host", host);
+          SetTimes(e, out, r.ms, r.graphCaptures, r.stages, r.host, *times, c0);
           return out;
         });
   }
@@ -335,18 +346,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           out.Set("estimated", est);
           out.Set("scanned", scanned);
           out.Set("rows", NumberArray(e, r.rows));
-          out.Set("ms", Napi::Number::New(e, double(r.ms)));
-          out.Set("graphCaptures", Napi::Number::New(e, double(r.graphCaptures)));
-          Napi::Object stages = Napi::Object::New(e);
-          for (const auto& st : r.stages) stages.Set(st.first, Napi::Number::New(e, double(st.second)));
-          out.Set("stages", stages);
-          const auto ms = [](Clock::time_point x, Clock::time_point y) { return double(std::chrono::duration<float, std::milli>(y - x).count()); };
-          Napi::Object host = Napi::Object::New(e);
-          host.Set("queue", Napi::Number::New(e, ms((*times)[0], (*times)[1])));
-          for (const auto& st : r.host) host.Set(st.first, Napi::Number::New(e, double(st.second)));
-          host.Set("back", Napi::Number::New(e, ms((*times)[2], c0)));
-          host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
-          out.Set("host", host);
+          SetTimes(e, out, r.ms, r.graphCaptures, r.stages, r.host, *times, c0);
           return out;
         });
   }
