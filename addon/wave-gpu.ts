@@ -55,6 +55,25 @@ export interface WaveGpuStoreOptions {
   dtype: KvDtype;
   tokens: number;
   heads: WaveGpuHead[];
+  /**
+   * 0 or unset: the dense store, every head's K and V on the device. > 0: the
+   * paged store (native/cuda/wave_cache.cuh): K and V in pinned, mapped host
+   * memory and this many (head, row) slots cached on the device, shared by
+   * the heads; a step copies the rows it lacks. A step whose rows exceed the
+   * cache rejects (waveCacheRowsBound sizes it); `rest` rejects on a paged store.
+   */
+  cacheRows?: number;
+}
+
+/**
+ * Slots a paged store needs so that no step overflows: per kv head, the
+ * clusters the cut takes hold fewer than target + the largest cluster's
+ * count rows, and each exact row brings its cluster (native/cuda/
+ * wave_cache.cuh's CacheRowsBound), summed over the heads (they share the
+ * cache).
+ */
+export function waveCacheRowsBound(a: { kvHeads: number; tokens: number; target: number; largestCluster: number; exactRows: number }): number {
+  return a.kvHeads * Math.min(a.tokens, a.target + a.largestCluster + a.exactRows * a.largestCluster);
 }
 
 /**
@@ -138,6 +157,9 @@ export interface WaveGpuStepResult {
   host: Record<string, number>;
   /** Graphs the store has captured so far: one per shape while the shape holds. */
   graphCaptures: number;
+  /** A paged store's rows copied from the host into its cache this step, and their bytes (K and V); 0 for a dense store. */
+  misses: number;
+  bytesIn: number;
 }
 
 /**
@@ -190,10 +212,14 @@ export interface WaveGpuBytes {
   summaries: number;
   /** Of `summaries`: the key axes and variances. */
   moments: number;
-  /** The K and V rows held on the device. */
+  /** The K and V rows held on the device (0 for a paged store). */
   kv: number;
   /** Per-step buffers. */
   scratch: number;
+  /** A paged store's row cache: its slots' K and V, the row-to-slot map, the slots' owners and stamps, the miss list (0 for a dense store). */
+  cache: number;
+  /** Its slots. */
+  cacheRows: number;
 }
 
 interface NativeStore {
@@ -218,7 +244,7 @@ interface NativeStore {
     graph?: boolean;
   }): Promise<{
     width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
-    ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number;
+    ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number; misses: number; bytesIn: number;
   }>;
   rest(a: {
     q: Float32Array;
@@ -253,8 +279,14 @@ export class WaveGpuStore {
   /** Copies every head's arrays to the device (synchronously). */
   static create(o: WaveGpuStoreOptions): WaveGpuStore {
     const heads = o.heads.map((h) => ({ ...h, clusters: h.counts.length }));
-    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads });
-    return new WaveGpuStore(store, { kvHeads: o.kvHeads, headDim: o.headDim, dtype: o.dtype, tokens: o.tokens }, heads.map((h) => h.clusters));
+    const cacheRows = o.cacheRows ?? 0;
+    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads, cacheRows });
+    return new WaveGpuStore(store, { kvHeads: o.kvHeads, headDim: o.headDim, dtype: o.dtype, tokens: o.tokens, cacheRows }, heads.map((h) => h.clusters));
+  }
+
+  /** Whether K and V stay on the host with a row cache on the device (cacheRows > 0). */
+  get paged(): boolean {
+    return (this.options.cacheRows ?? 0) > 0;
   }
 
   /** One layer-step for every kv head. */
@@ -304,6 +336,8 @@ export class WaveGpuStore {
       stages: r.stages,
       host: r.host,
       graphCaptures: r.graphCaptures,
+      misses: r.misses,
+      bytesIn: r.bytesIn,
     };
   }
 

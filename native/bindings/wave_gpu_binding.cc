@@ -22,7 +22,9 @@
 //          order?: 'rows' | 'moments' | 'first', stages?, graph?})
 //     -> Promise<{out, lse, estimated: number[], scanned: number[], rows: number[], ms, stages, host, graphCaptures}>
 //     the estimate of what another method's selection leaves out (wave_step.h's WaveRestArgs)
-//   .bytes() -> {summaries, moments, kv, scratch}
+//   .bytes() -> {summaries, moments, kv (0 when paged), scratch, cache, cacheRows}
+// cacheRows (constructor, optional, > 0): the paged store (wave_cache.cuh);
+// a step's answer then has misses and bytesIn (host to device, K and V).
 //   .close()
 // ranking 'spread' (the default) is the host's default path: clusters ranked
 // by spread standard deviations, second-order estimate; 'radius' the older
@@ -103,6 +105,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     if (!cuda::WaveStore::Supports(c.headDim)) throw Napi::RangeError::New(env, "headDim must be a multiple of 8 in [8, 1024]");
     c.dtype = KeyDtype(o);
     c.tokens = Int(o, "tokens", 1, (int64_t(1) << 31) - 1);
+    // > 0: the paged store (K/V in mapped host memory, this many rows cached on the device).
+    if (!Absent(o.Get("cacheRows"))) c.cacheRows = Int(o, "cacheRows", 0, int64_t(c.kvHeads) * c.tokens);
     const size_t N = size_t(c.tokens), d = size_t(c.headDim), stride = d + 8;
     Napi::Array heads = ArrayOf(o, "heads", size_t(c.kvHeads));
     std::vector<cuda::WaveHeadHost> host(size_t(c.kvHeads));
@@ -246,6 +250,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           Napi::Array est = Napi::Array::New(e, size_t(H));
           for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
           out.Set("estimated", est);
+          out.Set("misses", Napi::Number::New(e, double(r.misses)));
+          out.Set("bytesIn", Napi::Number::New(e, double(r.bytesIn)));
           SetTimes(e, out, r.ms, r.graphCaptures, r.stages, r.host, *times, c0);
           return out;
         });
@@ -256,6 +262,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     Napi::Object o = ArgObject(info);
     std::shared_ptr<cuda::WaveStore> store = Store(env);
     const cuda::WaveStoreConfig& c = store->Config();
+    if (c.cacheRows > 0) throw Napi::Error::New(env, "rest is not run on a paged store (cacheRows > 0): the rows it reads may exceed the cache");
     const int H = c.kvHeads;
     const size_t d = size_t(c.headDim);
     auto a = std::make_shared<cuda::WaveRestArgs>();
@@ -359,6 +366,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     o.Set("moments", Napi::Number::New(env, double(b.moments)));
     o.Set("kv", Napi::Number::New(env, double(b.kv)));
     o.Set("scratch", Napi::Number::New(env, double(b.scratch)));
+    o.Set("cache", Napi::Number::New(env, double(b.cache)));
+    o.Set("cacheRows", Napi::Number::New(env, double(b.cacheRows)));
     return o;
   }
 

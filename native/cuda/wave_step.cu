@@ -58,6 +58,8 @@
 #include "cuda/wave_buffers.cuh"
 #include "cuda/wave_rest.cuh"
 #include "cuda/wave_paths.cuh"
+#include "cuda/wave_cache.cuh"
+#include "cuda/wave_setup.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -81,6 +83,7 @@ struct WaveStore::Impl {
   uint32_t* range = nullptr;  // [2, kvHeads, 2]: each cut's order range per head
   StepGraph graph;  // the lean step's launches (WaveStepArgs::graph)
   RestState rest;   // Rest's buffers and graphs (wave_rest.cuh)
+  RowCache cache;   // the paged store's (cfg.cacheRows > 0; wave_cache.cuh)
   std::mutex mu;
   ~Impl() {
     for (auto& e : ev)
@@ -97,6 +100,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   if (!Supports(cfg.headDim)) throw std::runtime_error("wave store: headDim must be a multiple of 8 in [8, 1024]");
   if (cfg.kvHeads < 1 || cfg.tokens < 1) throw std::runtime_error("wave store: no heads or no tokens");
   if (!IsWordDtype(cfg.dtype)) throw std::runtime_error("wave store: dtype must be f16 or bf16");
+  if (cfg.cacheRows < 0) throw std::runtime_error("wave store: cacheRows must be >= 0");
+  const bool paged = cfg.cacheRows > 0;
   for (int h = 0; h < cfg.kvHeads; ++h)
     if (!heads[h].keyAxes || !heads[h].keyVars) throw std::runtime_error("wave store: every head needs keyAxes and keyVars");
   const int H = cfg.kvHeads, d = cfg.headDim;
@@ -139,7 +144,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
                oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8), oShares = L.Add(size_t(H) * 4);
   I.summaryBytes = L.at;
   I.momentBytes = oCounts - oAxes;
-  const size_t oKeys = L.Add(size_t(H) * N * d * 2), oValues = L.Add(size_t(H) * N * d * 2);
+  const size_t oKeys = L.Add(paged ? 0 : size_t(H) * N * d * 2), oValues = L.Add(paged ? 0 : size_t(H) * N * d * 2);
   I.kvBytes = L.at - I.summaryBytes;
   I.store.Need(L.at, "cudaMalloc (wave store)");
   void* S = I.store.p;
@@ -167,9 +172,12 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
     put(p.vars + b * d, heads[h].keyVars, C * d * 2);
     put(p.counts + b, heads[h].counts, C * 4);
     put(p.tokCl + size_t(h) * N, heads[h].tokenCluster, size_t(N) * 4);
-    put(p.keys + size_t(h) * N * d, heads[h].keys, size_t(N) * d * 2);
-    put(p.values + size_t(h) * N * d, heads[h].values, size_t(N) * d * 2);
+    if (!paged) put(p.keys + size_t(h) * N * d, heads[h].keys, size_t(N) * d * 2);
+    if (!paged) put(p.values + size_t(h) * N * d, heads[h].values, size_t(N) * d * 2);
   }
+  p.rowSlot = nullptr;
+  p.dumpSlot = 0;
+  if (paged) I.cache.Setup(cfg, heads, p);  // keys, values and rowSlot: the cache's
   put(p.memberStart, memberStart.data(), memberStart.size() * 4);
   put(p.members, members.data(), members.size() * 4);
   put(p.base, I.base.data(), I.base.size() * 8);
@@ -201,21 +209,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.cmax = I.cmax;
   p.d = d;
   p.stride = I.stride;
-  for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>})
-    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
-  for (auto fn : {AttendPart<false, false>, AttendPart<true, false>, AttendPart<false, true>, AttendPart<true, true>, AttendAndRows<false>,
-                  AttendAndRows<true>})
-    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
-  for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
-    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
-  Check(cudaFuncSetAttribute(ResolveCut<ClusterCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ClusterCut>())),
-        "cudaFuncSetAttribute");
-  Check(cudaFuncSetAttribute(ResolveCut<CandidateCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<CandidateCut>())),
-        "cudaFuncSetAttribute");
-  for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>, ScoreClusters<false, true, kScoreRows>, ScoreClusters<true, true, kScoreRows>,
-                  ScoreClusters<false, true, kScoreRows, true>, ScoreClusters<true, true, kScoreRows, true>,
-                  ScoreClusters<false, true, kScoreRows, true, true>, ScoreClusters<true, true, kScoreRows, true, true>})
-    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
+  SetWaveKernelAttributes();
   Check(cudaDeviceSynchronize(), "wave store upload");
 }
 
@@ -230,6 +224,8 @@ WaveStoreBytes WaveStore::Bytes() const {
   b.summaries = int64_t(I.summaryBytes);
   b.moments = int64_t(I.momentBytes);
   b.kv = int64_t(I.kvBytes);
+  b.cache = int64_t(I.cache.dev.bytes);
+  b.cacheRows = I.cache.rows;
   b.scratch = int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.rest.work.bytes + I.rest.in.bytes + I.rest.out.bytes);
   return b;
 }
@@ -237,6 +233,7 @@ WaveStoreBytes WaveStore::Bytes() const {
 WaveRestResult WaveStore::Rest(const WaveRestArgs& a) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
+  if (I.cache.rows > 0) throw std::runtime_error("wave rest: not on a paged store (cacheRows > 0): the rows it reads may exceed the cache");
   return RunRest(I.rest, I.p, I.cfg, I.cmax, I.stream, I.ev, a);
 }
 
@@ -377,7 +374,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Layout Out;
   // The ids last: without args.ids the copy back stops before them.
   const size_t oCounts = Out.Add(size_t(H) * 16), oOut = Out.Add(size_t(Q) * d * 4), oLse = Out.Add(size_t(Q) * 4),
-               oEst = Out.Add(size_t(H) * 8), oIds = Out.Add(size_t(H) * width * 4);
+               oEst = Out.Add(size_t(H) * 8), oCache = Out.Add(I.cache.rows > 0 ? kCacheCounters * 8 : 0),
+               oIds = Out.Add(size_t(H) * width * 4);
   I.out.Need(Out.at, "cudaMalloc (wave outputs)");
   I.hout.Need(Out.at, "cudaHostAlloc (wave outputs)");
   p.outIds = Layout::At<int32_t>(I.out.p, oIds);
@@ -432,6 +430,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
     Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
     if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
+    if (I.cache.rows > 0) I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s);  // the rows read from here on
     mark(4, s);
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
@@ -548,6 +547,15 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const Clock::time_point h3 = Clock::now();
 
   WaveStepResult r;
+  if (I.cache.rows > 0) {
+    const unsigned long long* cc = Layout::At<unsigned long long>(I.hout.p, oCache);
+    if (cc[1]) {
+      I.cache.Reset(I.stream);
+      throw std::runtime_error("wave step: the rows this step reads (" + std::to_string(cc[0]) + " missing) exceed the paged store's cache of " +
+                               std::to_string(I.cache.rows) + " rows; the cache was emptied (size it by CacheRowsBound)");
+    }
+    r.misses = int64_t(cc[3]), r.bytesIn = int64_t(cc[2]);
+  }
   r.width = width;
   if (a.ids) {
     const int32_t* ids = Layout::At<int32_t>(I.hout.p, oIds);

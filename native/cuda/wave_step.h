@@ -48,6 +48,12 @@ struct WaveStoreConfig {
   int headDim = 0;  // a multiple of 8, at most 1024 (Supports)
   Dtype dtype = Dtype::kF16;
   int64_t tokens = 0;  // the segment's rows per kv head
+  // 0: the dense store, every head's K and V on the device. > 0: the paged
+  // store: K and V in pinned, mapped host memory and a device cache of this
+  // many (head, row) slots shared by the heads (native/cuda/wave_cache.cuh).
+  // A step whose rows exceed it fails (CacheRowsBound sizes it; Rest is
+  // refused on a paged store).
+  int64_t cacheRows = 0;
 };
 
 // One kv head's clusters as the wave artifact holds them, and its rows.
@@ -124,6 +130,9 @@ struct WaveStepResult {
   // stream synchronised), copy (the outputs read back into this result).
   std::vector<std::pair<std::string, float>> host;
   int64_t graphCaptures = 0;  // graphs this store has captured so far (a steady shape: one)
+  // The paged store: rows this step copied from the host into the cache, and their bytes (K and V); 0 for the dense store.
+  int64_t misses = 0;
+  int64_t bytesIn = 0;
 };
 
 // The estimation zone of another method's selection (issue #13 items 3-4):
@@ -170,7 +179,9 @@ struct WaveRestResult {
 struct WaveStoreBytes {
   int64_t summaries = 0;  // centroids, value means, key axes and variances, counts, member lists, token->cluster
   int64_t moments = 0;    // of which the key axes and variances (what kSpread adds)
-  int64_t kv = 0;         // the K and V rows held for rescoring and exact rows
+  int64_t kv = 0;         // the K and V rows held for rescoring and exact rows (0 for a paged store)
+  int64_t cache = 0;      // the paged store's row cache: its slots' K and V, the row->slot map, the slots' owners and stamps, the miss list
+  int64_t cacheRows = 0;  // its slots
   int64_t scratch = 0;    // per-step buffers
 };
 
@@ -192,7 +203,7 @@ class WaveStore {
   // several threads take turns.
   WaveStepResult Step(const WaveStepArgs& a);
   // The estimate of what another method's selection leaves out (WaveRestArgs);
-  // takes turns with Step.
+  // takes turns with Step. Throws on a paged store (its rows may exceed the cache).
   WaveRestResult Rest(const WaveRestArgs& a);
 
  private:

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
   const int64_t e = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = e < p.exactCount;
   const int32_t t = live ? p.exact[e] : 0;
-  const uint16_t* row = p.keys + (size_t(h) * p.N + t) * p.d;
+  const uint16_t* row = p.keys + KvRow(p, h, t);
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles see every lane
     float acc[kGC][8];
@@ -69,7 +69,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
     if (at < kept + p.exactCount) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
-        src[k] = (int64_t(h) * p.N + t) * p.d;
+        src[k] = KvRow(p, h, t);
         if (kDots) PrefetchRow(p.values + src[k], p.d * 2);  // read by TileNumerators, after the logits' phase
         if (kDots) pos[k] = at < kept ? int64_t(p.keptPos[size_t(h) * p.width + at]) : p.tmax + (at - kept);
       }

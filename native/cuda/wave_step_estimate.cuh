@@ -177,7 +177,6 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
   float* mean = rest;
   float* var = mean + p.d;
   const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
-  const uint16_t* keys = p.keys + size_t(h) * p.N * p.d;
   const uint16_t* cent = p.cent + size_t(c) * p.stride;
   const uint16_t* kv = p.vars + size_t(c) * p.d;
   const double whole = double(n), left = double(n - removed);
@@ -203,7 +202,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
         const bool live = i < n && own[u] == kNoOwner;
         float acc[kGC][8];
         Zero(acc);
-        Accumulate<kBf16>(keys + size_t(u) * p.d, qg, p.stride, g0, gc, 0, nd, half, live, acc);
+        Accumulate<kBf16>(p.keys + KvRow(p, h, u), qg, p.stride, g0, gc, 0, nd, half, live, acc);
 #pragma unroll
         for (int g = 0; g < kGC; ++g) {
           if (g >= gc) break;
@@ -230,7 +229,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
     for (int32_t i = 0; i < n; ++i) {
       const int32_t u = mem[i];
       if (own[u] == kNoOwner) continue;
-      const double k = double(WidenWord<kBf16>(keys[size_t(u) * p.d + ch]));
+      const double k = double(WidenWord<kBf16>(p.keys[KvRow(p, h, u) + ch]));
       s1 = __dsub_rn(s1, k);
       s2 = fma(-k, k, s2);
     }
@@ -379,7 +378,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
         const int32_t c = p.tokCl[size_t(h) * p.N + t], n = p.counts[b + c], r = p.removed[b + c];
-        if (n > 0 && r < n) src[k] = (int64_t(h) * p.N + t) * p.d, lc[k] = c, wn[k] = 1.f;
+        if (n > 0 && r < n) src[k] = KvRow(p, h, t), lc[k] = c, wn[k] = 1.f;
       }
     }
   }

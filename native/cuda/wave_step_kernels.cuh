@@ -243,7 +243,21 @@ struct StepParams {
   int64_t* outCounts;  // [kvHeads, 2]: ids kept, candidates
   float *out, *lse;
   int64_t* est;
+  // The paged store (wave_cache.cuh): keys and values are the row cache's
+  // slots, row t of head h at slot rowSlot[h·N + t] (negative: the dump
+  // slot, read only by a step that fails); null: the dense store.
+  const int32_t* rowSlot;
+  int64_t dumpSlot;
 };
+
+// Where row t of kv head h starts in keys and in values: every kernel's K/V
+// read goes through here, so the paged store runs the dense store's kernels.
+__device__ __forceinline__ int64_t KvRow(const StepParams& p, int h, int64_t t) {
+  const int64_t i = int64_t(h) * p.N + t;
+  if (!p.rowSlot) return i * p.d;
+  const int32_t s = p.rowSlot[i];
+  return (s >= 0 ? int64_t(s) : p.dumpSlot) * p.d;
+}
 
 // The ids kept (ScatterKept).
 __device__ __forceinline__ int64_t Kept(const StepParams& p, int h) { return p.keptN[h]; }
@@ -470,7 +484,7 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
   const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = j < p.sel[h * 2 + 1];
   const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
-  const uint16_t* row = p.keys + (size_t(h) * p.N + t) * p.d;
+  const uint16_t* row = p.keys + KvRow(p, h, t);
   float best = -INFINITY;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
@@ -512,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = j < p.sel[h * 2 + 1];
   const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
-  const uint16_t* row = p.keys + (size_t(h) * p.N + t) * p.d;
+  const uint16_t* row = p.keys + KvRow(p, h, t);
   uint4 w[kLoads];
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) {
