@@ -20,10 +20,11 @@
 // unfused), KVRECALL_WAVE_SCORE_FUSE=0 (its centroid and axis passes apart),
 // KVRECALL_WAVE_SCORE_SPLIT=0 (the fused kernel's tile awaited whole),
 // KVRECALL_WAVE_CLEAR=0 (the step's six memsets instead of StepClear),
-// KVRECALL_WAVE_FIND=0 (Histogram and FindBin instead of HistogramFind),
+// KVRECALL_WAVE_FIND=1 (HistogramFind instead of Histogram and FindBin),
 // KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates instead of RescoreHeld),
-// KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds instead of ScatterPack); all
-// in native/cuda/wave_paths.cuh.
+// KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds instead of ScatterPack),
+// KVRECALL_WAVE_ROUND2=0 (none of the round-2 changes); all in
+// native/cuda/wave_paths.cuh.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1 ...] [--each]
 //
@@ -38,7 +39,8 @@ import { quantile } from './stats.js';
 import { benchSetup } from './wave-gpu.js';
 
 /** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
-const SINGLE = ['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'FIND', 'RESCORE_HELD', 'PACK'].map((n) => `KVRECALL_WAVE_${n}=0`);
+// FIND=1 times HistogramFind (off by default) against the default; ROUND2=0 the paths timed before round 2.
+const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1', 'KVRECALL_WAVE_ROUND2=0'];
 
 /** Sets the old path's switch (name=value) or removes it (the new path). */
 function setOld(sw: { name: string; value: string }, on: boolean): void {
@@ -67,8 +69,6 @@ function differs(a: WaveGpuStepResult, b: WaveGpuStepResult): string {
 }
 
 async function main(): Promise<void> {
-  // The round-2 paths (native/cuda/wave_paths.cuh) run only when asked for, until a device has checked them: this is that check.
-  process.env.KVRECALL_WAVE_ROUND2 ??= '1';
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
   const steps = Number(opt('--steps') ?? 50), clusterSize = Number(opt('--cluster-size') ?? 16), probe = Number(opt('--probe') ?? PROBE_ESTIMATED);

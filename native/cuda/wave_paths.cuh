@@ -18,14 +18,16 @@ struct StepPaths {
   // attention's and the tiles prefetched their rows; and none of the below.
   bool legacy;
   // Each =0 turns off one change, the rest of the new path kept. Those
-  // marked (round 2) run only with KVRECALL_WAVE_ROUND2=1 until a device has
-  // checked them (written and reasoned bit-identical on a machine without a
-  // GPU; bench/wave-gpu-ab.ts sets it to compare them):
+  // marked (round 2) were checked bit-identical on an H100 (session 16,
+  // bench/results/wave-gpu-ab-round2-h100.md); KVRECALL_WAVE_ROUND2=0 turns
+  // them all off (the paths timed in session 15). HistogramFind measured
+  // slower than the Histogram + FindBin pair (0.737 against 0.689 ms a
+  // step), so it runs only with KVRECALL_WAVE_FIND=1:
   bool swizzle;  // KVRECALL_WAVE_SWIZZLE: ScoreClusters' swizzled tile (and what needs it: fuse, split)
   bool fuse;     // KVRECALL_WAVE_SCORE_FUSE: its centroid and axis passes in one (round 2)
   bool split;    // KVRECALL_WAVE_SCORE_SPLIT: the fused kernel awaits its variances last (round 2)
   bool clear;    // KVRECALL_WAVE_CLEAR: StepClear for the step's memsets (and what needs it: find) (round 2)
-  bool find;     // KVRECALL_WAVE_FIND: HistogramFind for Histogram + FindBin (round 2)
+  bool find;     // KVRECALL_WAVE_FIND=1: HistogramFind for Histogram + FindBin (round 2, off by default)
   bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates (round 2)
   bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
 };
@@ -38,12 +40,12 @@ inline StepPaths ReadStepPaths(int d) {
   StepPaths s{};
   s.legacy = is("KVRECALL_WAVE_LEGACY", '1');
   const auto on = [&](const char* name) { return !s.legacy && !is(name, '0'); };
-  const bool round2 = is("KVRECALL_WAVE_ROUND2", '1');
+  const bool round2 = !is("KVRECALL_WAVE_ROUND2", '0');
   s.swizzle = on("KVRECALL_WAVE_SWIZZLE");
   s.fuse = round2 && s.swizzle && on("KVRECALL_WAVE_SCORE_FUSE");
   s.split = s.fuse && on("KVRECALL_WAVE_SCORE_SPLIT");
   s.clear = round2 && on("KVRECALL_WAVE_CLEAR");
-  s.find = s.clear && on("KVRECALL_WAVE_FIND");
+  s.find = s.clear && is("KVRECALL_WAVE_FIND", '1');
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
   return s;
