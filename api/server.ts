@@ -21,7 +21,7 @@ export interface RunningServer {
 
 /** `given`: parts made by the caller instead of from the config (Engine.open's). */
 export async function startServer(cfg: Config, given?: Parameters<typeof Engine.open>[1]): Promise<RunningServer> {
-  const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuKmeans: cfg.gpuKmeans === 1 }, given);
+  const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuWaveCache: cfg.gpuWaveCache, gpuKmeans: cfg.gpuKmeans === 1 }, given);
   const metrics = new Metrics();
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);
   let server: ServerType;

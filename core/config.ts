@@ -31,6 +31,14 @@ export interface Config {
    */
   gpuWaveBudget?: number;
   /**
+   * A share of a layer's rows (0 < x <= 1): the device-wave stores are paged,
+   * K and V in pinned host memory and this share of the rows cached on the
+   * device (native/cuda/wave_cache.cuh), so that the wave budget holds
+   * summaries + cache and many more layers fit. Unset or 0: each store holds
+   * its layer's K and V whole.
+   */
+  gpuWaveCache?: number;
+  /**
    * 1: the seal's k-means for `wave` runs on the GPU when the server has one
    * (native/cuda/kmeans_device.h); its clusters are not faiss's, so a
    * document then answers a little differently than on a CPU server.
@@ -75,6 +83,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--memory-budget': 'memoryBudget',
   '--gpu-budget': 'gpuBudget',
   '--gpu-wave-budget': 'gpuWaveBudget',
+  '--gpu-wave-cache': 'gpuWaveCache',
   '--gpu-kmeans': 'gpuKmeans',
   '--lmdb-shards': 'lmdbShards',
   '--max-streams': 'maxStreams',
@@ -92,6 +101,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
+  if (env.KVRECALL_GPU_WAVE_CACHE) cfg.gpuWaveCache = share(env.KVRECALL_GPU_WAVE_CACHE, 'KVRECALL_GPU_WAVE_CACHE');
   if (env.KVRECALL_GPU_KMEANS) cfg.gpuKmeans = nonNegative(env.KVRECALL_GPU_KMEANS, 'KVRECALL_GPU_KMEANS');
   // libuv's own reading: atoi, anything below 1 is 1 thread, at most 1024.
   if (env.UV_THREADPOOL_SIZE !== undefined) cfg.threadPool = Math.min(1024, Math.max(1, Number.parseInt(env.UV_THREADPOOL_SIZE, 10) || 1));
@@ -104,6 +114,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
     if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
     i++;
     if (isInteger(key)) cfg[key] = nonNegative(value, argv[i - 1]);
+    else if (key === 'gpuWaveCache') cfg[key] = share(value, argv[i - 1]);
     else cfg[key] = value;
   }
   // 0 lets the system choose (the tests do); past 65535 node's listen threw its own words, not naming the flag.
@@ -118,6 +129,13 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))
     throw invalid(`--store (KVRECALL_STORE) takes a Redis Cluster seed list, redis://HOST:PORT[,HOST:PORT...], not ${cfg.store}`);
   return cfg;
+}
+
+/** A share of a layer's rows in [0, 1] (0: off). */
+function share(value: string, what: string): number {
+  const n = value.trim() === '' ? NaN : Number(value);
+  if (!Number.isFinite(n) || n < 0 || n > 1) throw invalid(`${what} takes a share of a layer's rows in [0, 1] (0: off)`);
+  return n;
 }
 
 function nonNegative(value: string, what: string): number {

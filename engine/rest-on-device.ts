@@ -84,6 +84,9 @@ export async function restOnDevice(session: Session, ctx: LayerContext, selectio
   const gpu = session.gpu;
   // A wave session here is one whose step the device declined (engine/wave-on-device.ts): so would this.
   if (!gpu || session.method.name === WAVE || ctx.segments.length !== 2 || clusters.length !== 1) return undefined;
+  // Paged stores (--gpu-wave-cache) refuse rest: the rows it reads (every given row's cluster) can exceed
+  // any cache sized for the wave step. The host estimates, without making the layer's store for nothing.
+  if ((gpu.options?.waveCacheShare ?? 0) > 0) return undefined;
   const doc = ctx.segments[0];
   // A group the call cannot hold would be refused every step (after the layer's upload): the host estimates it.
   if (doc.tokens === 0 || !waveGroupFits(ctx.qHeads, ctx.kvHeads, ctx.headDim) || clusters[0].some((c) => c.clusters > REST_MAX_CLUSTERS)) return undefined;
@@ -92,6 +95,7 @@ export async function restOnDevice(session: Session, ctx: LayerContext, selectio
   const held = gpu.waveLayer(session.model, doc, ctx.layer, clusters[0]);
   if (!held) return undefined;
   try {
+    if (held.cacheRows > 0) return undefined;
     const r = await held.store.rest({ q, qHeads: ctx.qHeads, scale, ...rows, order: 'rows', stages: false });
     held.countRest();
     return { out: r.out, lse: r.lse, estimated: Float32Array.from(r.estimated), scanned: Float32Array.from(r.scanned) };

@@ -9,7 +9,7 @@ import { staticRanges } from '../index/static-plus-retrieved.js';
 import { WAVE } from '../index/wave/wave.js';
 import { waveGroupFits } from '../addon/wave-gpu.js';
 import type { ClusterIndex } from '../index/wave/cluster-index.js';
-import { stepDocument } from './cache/device-wave.js';
+import { pagedStepFits, stepDocument } from './cache/device-wave.js';
 import { mergeInto } from './estimate.js';
 import type { Session } from './session.js';
 
@@ -48,6 +48,12 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
     // The decode step's own answer (params.estimate), so the device rescores as the host path would.
     const estimate = p.estimate ?? session.clustersFor(ctx.layer) !== undefined;
+    const args = { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ef: p.ef, ids: wantIds };
+    // A paged store whose cache could not hold this step's rows would fail it: the host path answers.
+    if (!pagedStepFits(held, args, heads, doc.tokens)) {
+      held.countOverCache();
+      return undefined;
+    }
     // The own tokens, on the host as on every path (never pooled), while the
     // device works on the document: neither reads what the other writes, and
     // the step waits for the longer of the two instead of their sum. Both
@@ -56,7 +62,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
     const [device, host] = await Promise.allSettled([
-      stepDocument(held.store, { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ef: p.ef, ids: wantIds }),
+      stepDocument(held.store, args),
       ownPart && session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse }),
     ]);
     const deviceMs = performance.now() - t0;

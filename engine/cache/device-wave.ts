@@ -16,13 +16,23 @@
 // not all fit, evicting a warm store to upload the next one made every
 // layer-step copy gigabytes, far slower than the host; instead the layers
 // that fit stay, the others step on the host until a store goes idle.
-import { WaveGpuStore, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
+//
+// Paged stores (GpuBackendOptions.waveCacheShare, --gpu-wave-cache): K and V
+// stay in pinned host memory and the device caches that share of the layer's
+// rows (native/cuda/wave_cache.cuh), so a layer takes its summaries + the
+// cache of the budget instead of summaries + K/V, and many more layers fit.
+// A step whose rows the cache could overflow (waveCacheRowsBound) runs on
+// the host path; rest (engine/rest-on-device.ts) does not run on a paged store.
+import { WaveGpuStore, waveCacheRowsBound, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
 
 interface Entry {
   store: WaveGpuStore;
   bytes: number;
+  /** The paged store's cached rows (0: dense) and the layer's largest cluster (its steps' cache bound). */
+  cacheRows: number;
+  largestCluster: number;
   /** Steps reading the store now. */
   pins: number;
   /** Dropped (its document deleted) while steps read it: closed when the last releases it. */
@@ -44,20 +54,44 @@ export interface DeviceWaveStats {
   evictions: number;
   /** Layer-steps of other methods (nosa, topk-blocks, ...) whose estimate ran on a store here (engine/rest-on-device.ts) instead of on the host. */
   rests: number;
+  /** The share of a layer's rows a paged store caches (0: stores hold K and V whole). */
+  cacheShare: number;
+  /** Steps that ran on the host because their rows could exceed their paged store's cache (pagedStepFits). */
+  overCache: number;
 }
 
-/** Device bytes a layer's store takes: summaries, member lists, K and V (native/cuda/wave_step.cu's layout, before alignment). */
-export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: number): number {
+/**
+ * Device bytes a layer's store takes (native/cuda/wave_step.cu's and
+ * wave_cache.cuh's layouts, before alignment): summaries and member lists,
+ * then K and V whole, or with `cacheRows` > 0 (paged) the row cache: its
+ * slots' K and V (one more: the dump slot), owners, stamps and miss list,
+ * and the row-to-slot map.
+ */
+export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: number, cacheRows = 0): number {
   let b = 0;
-  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + 3 * headDim * 2 + 8) + tokens * (8 + 4 * headDim);
-  return b;
+  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + 3 * headDim * 2 + 8) + tokens * (cacheRows > 0 ? 12 : 8 + 4 * headDim);
+  return cacheRows > 0 ? b + (cacheRows + 1) * 4 * headDim + cacheRows * 12 : b;
 }
 
-/** A store pinned for a step: `release` unpins it; `countRest` counts a rest call (WaveGpuStore.rest) in the stats. */
+/** A paged store's slots for a share of the layer's rows (every kv head's). */
+export function waveCacheRows(share: number, kvHeads: number, tokens: number): number {
+  return share > 0 ? Math.min(kvHeads * tokens, Math.ceil(share * kvHeads * tokens)) : 0;
+}
+
+/**
+ * A store pinned for a step: `release` unpins it; `countRest` counts a rest
+ * call (WaveGpuStore.rest) in the stats, `countOverCache` a step that a paged
+ * store's cache could not hold.
+ */
 export interface HeldWaveStore {
   store: WaveGpuStore;
   release: () => void;
   countRest: () => void;
+  countOverCache: () => void;
+  /** The paged store's cached rows (0: dense). */
+  cacheRows: number;
+  /** The layer's largest cluster, over its kv heads (the cache bound's term). */
+  largestCluster: number;
 }
 
 export class DeviceWaveStores {
@@ -67,6 +101,7 @@ export class DeviceWaveStores {
   private refused = 0;
   private evictions = 0;
   private rests = 0;
+  private overCache = 0;
   /**
    * Layers the device refused to hold (out of memory, a shape the kernels
    * refuse): not tried again, or every step would copy gigabytes to fail.
@@ -81,6 +116,8 @@ export class DeviceWaveStores {
     private readonly create: (o: WaveGpuStoreOptions) => WaveGpuStore = (o) => WaveGpuStore.create(o),
     /** The clock WARM_MS is measured on (a test's own). */
     private readonly now: () => number = () => performance.now(),
+    /** A share of a layer's rows (0 < x <= 1): stores are paged, that share of the rows cached on the device; 0: dense. */
+    readonly cacheShare = 0,
   ) {}
 
   /**
@@ -100,7 +137,8 @@ export class DeviceWaveStores {
       e.usedAt = this.now();
     } else {
       const tokens = heads[0].arrays.tokens;
-      const bytes = waveStoreBytes(heads, tokens, model.headDim);
+      const cacheRows = waveCacheRows(this.cacheShare, model.kvHeads, tokens);
+      const bytes = waveStoreBytes(heads, tokens, model.headDim, cacheRows);
       if (!this.makeRoom(bytes)) {
         this.refused++;
         return undefined;
@@ -112,8 +150,11 @@ export class DeviceWaveStores {
             centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
             varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
           })),
+          ...(cacheRows > 0 && { cacheRows }),
         });
-        e = { store, bytes, pins: 0, usedAt: this.now() };
+        let largestCluster = 0;
+        for (const h of heads) for (const n of h.arrays.counts) if (n > largestCluster) largestCluster = n;
+        e = { store, bytes, cacheRows, largestCluster, pins: 0, usedAt: this.now() };
       } catch (err) {
         // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
         this.refused++;
@@ -134,6 +175,11 @@ export class DeviceWaveStores {
       countRest: () => {
         this.rests++;
       },
+      countOverCache: () => {
+        this.overCache++;
+      },
+      cacheRows: entry.cacheRows,
+      largestCluster: entry.largestCluster,
     };
   }
 
@@ -182,7 +228,8 @@ export class DeviceWaveStores {
   }
 
   stats(): DeviceWaveStats {
-    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions, rests: this.rests };
+    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions, rests: this.rests,
+      cacheShare: this.cacheShare, overCache: this.overCache };
   }
 
   close(): void {
@@ -211,6 +258,37 @@ export interface DocumentStepArgs {
   ef: number;
   /** Read the kept ids back (a caller asked for the selection); otherwise only their counts. */
   ids: boolean;
+}
+
+/**
+ * Whether a step's rows fit its store: always for a dense one; for a paged
+ * one, when the cache holds every row the step can read (the device would
+ * fail the step otherwise; the caller then runs the host path): per kv head,
+ * the clusters the cut takes (fewer than target + the largest cluster's
+ * rows) and the exact rows' clusters. waveCacheRowsBound counts a cluster
+ * per exact row; where that is more than the cache, the exact rows' clusters
+ * are counted once each (a window's rows share few clusters).
+ */
+export function pagedStepFits(held: Pick<HeldWaveStore, 'cacheRows' | 'largestCluster'>, a: Pick<DocumentStepArgs, 'searchK' | 'ef' | 'estimate' | 'ranges'>,
+                              heads: ClusterIndex[], tokens: number): boolean {
+  if (!(held.cacheRows > 0)) return true;
+  const exactRows = a.ranges.reduce((n, [lo, hi]) => n + Math.max(0, Math.min(hi, tokens) - Math.max(lo, 0)), 0);
+  const target = candidateTokens(a.searchK, a.ef, a.estimate);
+  const largestCluster = held.largestCluster;
+  if (waveCacheRowsBound({ kvHeads: heads.length, tokens, target, largestCluster, exactRows }) <= held.cacheRows) return true;
+  let need = 0;
+  for (const h of heads) {
+    const seen = new Set<number>();
+    let rows = 0;
+    for (const [lo, hi] of a.ranges) {
+      for (let t = Math.max(lo, 0); t < Math.min(hi, tokens); t++) {
+        const c = h.arrays.tokenCluster[t];
+        if (!seen.has(c)) seen.add(c), (rows += h.arrays.counts[c]);
+      }
+    }
+    need += Math.min(tokens, target + largestCluster + rows);
+  }
+  return need <= held.cacheRows;
 }
 
 /**

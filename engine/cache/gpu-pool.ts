@@ -51,6 +51,8 @@ export interface GpuBackendOptions {
    * run on the host path, their exact parts through the pool.
    */
   waveBudgetBytes?: number;
+  /** A share of a layer's rows (0 < x <= 1): the wave stores are paged, K and V on the host, that share cached on the device (device-wave.ts). */
+  waveCacheShare?: number;
 }
 
 export interface GpuDescription {
@@ -102,7 +104,7 @@ export class GpuBackend {
   ) {
     this.budget = options.budgetBytes;
     this.createPool = make.pool ?? ((o) => GpuPool.create(o));
-    if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore);
+    if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare);
   }
 
   /** A backend whose device parts `make` makes (a host model where no device runs); `open` makes the native ones. */

@@ -132,6 +132,28 @@ describe('wave on the device: the host half beside it', () => {
     expect(log).toEqual([]);
   });
 
+  it('leaves a step a paged store\'s cache could not hold to the host path, counted, the store released', async () => {
+    const rng = new Rng(seed + 4);
+    const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
+    const log: string[] = [];
+    const session = sessionWith(standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 0, log }), own.seg, log);
+    const gpu = session.gpu as unknown as { waveLayer: (...a: unknown[]) => unknown };
+    // One cluster of every document row: any step reads them all, past a cache of DOC rows for two heads.
+    const head = { arrays: { tokenCluster: new Int32Array(DOC), counts: Int32Array.of(DOC) } };
+    const ctx = { ...contextOf(doc.seg, own.seg), indexes: [[head, head] as never, undefined] } as LayerContext;
+    const run = async (cacheRows: number) => {
+      gpu.waveLayer = () => ({ store: standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 0, log }), release: () => log.push('released'),
+        countOverCache: () => log.push('over cache'), cacheRows, largestCluster: DOC });
+      return waveOnDevice(session, ctx, params, Float32Array.from({ length: qHeads * d }, () => rng.normal()), 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), false);
+    };
+    expect(await run(2 * DOC - 1)).toBeUndefined();
+    expect(log).toEqual(['over cache', 'released']);
+    log.length = 0;
+    expect(await run(2 * DOC)).toBeDefined();
+    expect(log).toContain('device done');
+    expect(log).not.toContain('over cache');
+  });
+
   for (const failing of ['device', 'host'] as const)
     it(`releases the store only after both halves settle when the ${failing} half fails`, async () => {
       const rng = new Rng(seed + (failing === 'device' ? 1 : 2));

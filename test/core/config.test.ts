@@ -16,6 +16,17 @@ describe('parseConfig', () => {
     expect(parseConfig(['--gpu-wave-budget', '7'], { KVRECALL_GPU_WAVE_BUDGET: '9' }).gpuWaveBudget).toBe(7);
   });
 
+  it('takes the paged wave stores\' cache as a share of a layer\'s rows in [0, 1], off unless asked', () => {
+    expect(parseConfig([], {}).gpuWaveCache).toBeUndefined();
+    expect(parseConfig(['--gpu-wave-cache', '0.1'], {}).gpuWaveCache).toBe(0.1);
+    expect(parseConfig([], { KVRECALL_GPU_WAVE_CACHE: '0.25' }).gpuWaveCache).toBe(0.25);
+    expect(parseConfig(['--gpu-wave-cache', '0'], { KVRECALL_GPU_WAVE_CACHE: '0.5' }).gpuWaveCache).toBe(0);
+    expect(() => parseConfig(['--gpu-wave-cache', '1.5'], {})).toThrow(/--gpu-wave-cache/);
+    expect(() => parseConfig(['--gpu-wave-cache', '-0.1'], {})).toThrow(/--gpu-wave-cache/);
+    expect(() => parseConfig(['--gpu-wave-cache', ''], {})).toThrow(/--gpu-wave-cache/);
+    expect(() => parseConfig([], { KVRECALL_GPU_WAVE_CACHE: 'tenth' })).toThrow(/KVRECALL_GPU_WAVE_CACHE/);
+  });
+
   it('takes k-means on the device as 0 or 1, off unless asked', () => {
     expect(parseConfig([], {}).gpuKmeans).toBeUndefined();
     expect(parseConfig(['--gpu-kmeans', '1'], {}).gpuKmeans).toBe(1);

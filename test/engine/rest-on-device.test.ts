@@ -127,6 +127,10 @@ describe('the estimate of a selection on the device: plumbing', () => {
     const big = { parts: [{ segment: doc, blocks: { size: 1 << 19, ids: [Int32Array.of(0), Int32Array.of(0, 1, 2), Int32Array.of(0)] } }], scanned: 0 };
     expect(restRows(big, doc, kvHeads)).toBeUndefined();
     expect(restRows({ parts: [{ segment: doc, blocks: { size: 1 << 19, ids: [Int32Array.of(0, 1), Int32Array.of(0, 1), Int32Array.of(0)] } }], scanned: 0 }, doc, kvHeads)).toBeDefined();
+    // Paged stores (--gpu-wave-cache) refuse rest: the host estimates, holding no store.
+    const paged = sessionWith(standInStore(heads, log), log);
+    (paged.gpu as unknown as { options: { waveCacheShare: number } }).options = { waveCacheShare: 0.1 };
+    expect(await restOnDevice(paged, ctx, selection, [heads], q, 1)).toBeUndefined();
     expect(log).toEqual([]);
     await expect(restOnDevice(sessionWith(standInStore(heads, log, true), log), ctx, selection, [heads], q, 1)).rejects.toThrow(/device rest failed/);
     expect(log).toEqual(['rest', 'released']);

@@ -1,0 +1,109 @@
+// Paged device-wave stores' host side (engine/cache/device-wave.ts with a
+// cache share, addon/wave-gpu.ts's waveCacheRowsBound): the slots a share
+// gives, the device bytes a paged layer is counted at (summaries, the row
+// map and the cache instead of K and V), the stores made paged and more of
+// them held in the same budget, and pagedStepFits against a brute-force
+// count of the rows a step can read. The stores are stand-ins (no device
+// here); test/native/wave-gpu-paged.test.ts runs the real ones on a GPU.
+import { describe, expect, it } from 'vitest';
+import { bytesOf, convert } from '../../addon/kernels.js';
+import { waveCacheRowsBound, type WaveGpuStore, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
+import type { ModelShape } from '../../core/model.js';
+import { DeviceWaveStores, pagedStepFits, waveCacheRows, waveStoreBytes } from '../../engine/cache/device-wave.js';
+import { buildClusters } from '../../index/wave/cluster-build.js';
+import { decodeClusters } from '../../index/wave/cluster-codec.js';
+import { candidateTokens, ClusterIndex } from '../../index/wave/cluster-index.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+const model: ModelShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16', blockSize: 64 };
+const N = 2000;
+
+async function layerHeads(rng: Rng): Promise<ClusterIndex[]> {
+  const words = () => {
+    const f = Float32Array.from({ length: N * model.headDim }, () => rng.normal()), w = new Uint16Array(f.length);
+    convert(bytesOf(f), 'f32', bytesOf(w), 'f16', f.length);
+    return w;
+  };
+  return Promise.all(Array.from({ length: model.kvHeads }, async (_, h) => {
+    const keys = words(), values = words();
+    const bytes = await buildClusters({ keys, values, tokens: N, headDim: model.headDim, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 },
+      { clusterSize: 8, segmentTokens: 512, iterations: 2, seed: seed + h });
+    return new ClusterIndex(decodeClusters(bytes), keys, values);
+  }));
+}
+
+describe('paged device wave stores', () => {
+  it('gives a share of the layer\'s rows as slots and counts the cache, not K and V', async () => {
+    const heads = await layerHeads(new Rng(seed));
+    const d = model.headDim, H = model.kvHeads;
+    expect(waveCacheRows(0, H, N)).toBe(0);
+    expect(waveCacheRows(0.1, H, N)).toBe(400);
+    expect(waveCacheRows(0.10001, H, N)).toBe(401);
+    expect(waveCacheRows(1, H, N)).toBe(H * N);
+    const dense = waveStoreBytes(heads, N, d), R = 400;
+    // Written out: each head's summaries (centroid + radius row, value mean, axis, variances: 2 bytes a word; count and
+    // member start) and token->cluster and member lists; dense adds K and V (4d bytes a row), paged the row->slot map
+    // (4 bytes a row) and R + 1 slots of K and V with R owners, stamps and miss entries.
+    const summaries = heads.reduce((b, h) => b + h.clusters * ((d + 8) * 2 + 3 * d * 2 + 8) + N * 8, 0);
+    expect(dense).toBe(summaries + H * N * 4 * d);
+    expect(waveStoreBytes(heads, N, d, R)).toBe(summaries + H * N * 4 + (R + 1) * 4 * d + R * 12);
+    expect(waveStoreBytes(heads, N, d, R)).toBeLessThan(dense / 2);
+  });
+
+  it('makes the stores paged, with the slots the share gives, and holds more layers in the same budget', async () => {
+    const heads = await layerHeads(new Rng(seed + 1));
+    const made: WaveGpuStoreOptions[] = [];
+    const create = (o: WaveGpuStoreOptions) => (made.push(o), { close: () => undefined } as unknown as WaveGpuStore);
+    const dense = waveStoreBytes(heads, N, model.headDim), paged = waveStoreBytes(heads, N, model.headDim, waveCacheRows(0.1, model.kvHeads, N));
+    const budget = dense;  // one dense layer
+    const denseStores = new DeviceWaveStores(budget, create);
+    expect(denseStores.acquire('a:0', heads, model)).toBeDefined();
+    expect(denseStores.acquire('a:1', heads, model)).toBeUndefined();
+    expect(made[0].cacheRows).toBeUndefined();
+    const pagedStores = new DeviceWaveStores(budget, create, () => 0, 0.1);
+    const fit = Math.floor(budget / paged);
+    expect(fit).toBeGreaterThan(1);
+    for (let l = 0; l < fit; l++) {
+      const held = pagedStores.acquire(`a:${l}`, heads, model)!;
+      expect(held.cacheRows).toBe(400);
+      expect(held.largestCluster).toBe(Math.max(...heads.flatMap((h) => Array.from(h.arrays.counts))));
+    }
+    expect(pagedStores.acquire(`a:${fit}`, heads, model)).toBeUndefined();
+    expect(made.slice(1).every((o) => o.cacheRows === 400)).toBe(true);
+    expect(pagedStores.stats()).toMatchObject({ cacheShare: 0.1, stores: fit, usedBytes: fit * paged });
+  });
+
+  it('runs a step on a paged store only where the cache holds every row it can read', async () => {
+    const rng = new Rng(seed + 2);
+    const heads = await layerHeads(rng);
+    const largestCluster = Math.max(...heads.flatMap((h) => Array.from(h.arrays.counts)));
+    for (let trial = 0; trial < 20; trial++) {
+      const searchK = 1 + rng.int(200), ef = rng.next() < 0.3 ? searchK + rng.int(300) : 0, estimate = rng.next() < 0.5;
+      const w = rng.int(300), sinks = rng.int(20);
+      const ranges: [number, number][] = [[0, sinks], [N - w, N]];
+      const a = { searchK, ef, estimate, ranges };
+      // Brute force: per head the cut's clusters (under target + the largest cluster's rows) and every row of the
+      // clusters the exact rows fall in, counted once.
+      const target = candidateTokens(searchK, ef, estimate);
+      let need = 0;
+      for (const h of heads) {
+        const rows = new Set<number>();
+        for (let t = 0; t < N; t++) {
+          const c = h.arrays.tokenCluster[t];
+          let hit = false;
+          for (const [lo, hi] of ranges) for (let e = lo; e < hi && !hit; e++) hit = h.arrays.tokenCluster[e] === c;
+          if (hit) rows.add(t);
+        }
+        need += Math.min(N, target + largestCluster + rows.size);
+      }
+      expect(pagedStepFits({ cacheRows: 0, largestCluster }, a, heads, N)).toBe(true);
+      expect(pagedStepFits({ cacheRows: need, largestCluster }, a, heads, N)).toBe(true);
+      expect(pagedStepFits({ cacheRows: need - 1, largestCluster }, a, heads, N)).toBe(false);
+      // The quick bound counts a cluster per exact row: never below the count.
+      const loose = waveCacheRowsBound({ kvHeads: heads.length, tokens: N, target, largestCluster, exactRows: sinks + w });
+      expect(loose).toBeGreaterThanOrEqual(need);
+      expect(pagedStepFits({ cacheRows: loose, largestCluster }, a, heads, N)).toBe(true);
+    }
+  });
+});
