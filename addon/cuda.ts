@@ -46,7 +46,23 @@ export interface GpuPoolStats {
   copies: number;
   /** Split + merge kernel time of the last attend, from CUDA events. */
   lastKernelMs: number;
+  /** Blocks of the range tables held now (holdRange; a block under two held ranges counts twice). */
+  rangeHeld: number;
+  /** holdRange calls answered from a table still true: no per-block work. */
+  rangeReuses: number;
+  /** Range table entries made block by block (first builds, and blocks that lost their slot). */
+  rangePatched: number;
 }
+
+/** A held range of a client's blocks (holdRange's answer): its slot table stays on the device. */
+export interface GpuRangeHold {
+  readonly hold: number;
+  /** Blocks in the range (its part of a head's table). */
+  readonly blocks: number;
+}
+
+/** A piece of a kv head's slot table: slot ids from the host, or a held range's device table. */
+export type GpuTablePiece = Int32Array | GpuRangeHold;
 
 export interface GpuAttendArgs {
   /** [qHeads, headDim] f32. */
@@ -54,8 +70,12 @@ export interface GpuAttendArgs {
   qHeads: number;
   kvHeads: number;
   scale: number;
-  /** Per kv head: slot ids in token order (from upload/lookup). */
-  tables: Int32Array[];
+  /**
+   * Per kv head: slot ids in token order (from upload/lookup), or its table
+   * as pieces back to back (slot ids, or held ranges: those are copied on
+   * the device, none of their ids from the host).
+   */
+  tables: (Int32Array | GpuTablePiece[])[];
   /** Per kv head: tokens attended, at most tables[h].length * blockSize (the last block may be partial). */
   validTokens: number[];
   out: Float32Array;
@@ -74,6 +94,8 @@ interface NativePool {
   prefer(a: { client: number; blocks: Int32Array; priority: number }): void;
   release(client: number): void;
   releaseRange(first: number, last: number): number;
+  holdRange(a: { client: number; first: number; count: number; k: Uint16Array; v: Uint16Array; priority?: number }): number;
+  unhold(hold: number): void;
   attend(a: GpuAttendArgs): Promise<void>;
   stats(): GpuPoolStats;
   resetCounters(): void;
@@ -157,6 +179,25 @@ export class GpuPool {
   /** release() of every client in [first, last) in one call; returns the blocks freed. */
   releaseRange(first: number, last: number): number {
     return this.pool.releaseRange(first, last);
+  }
+
+  /**
+   * Blocks [first, first + count) of a client (k and v a whole head's rows,
+   * as uploadIndexed's), made resident in class `priority` and held for an
+   * attend until unholdRange. The range's slot table stays on the device:
+   * while none of its blocks lost its slot since the last hold, this does no
+   * work per block (no page-table lookup, touch or pin, no slot id copied);
+   * otherwise only the blocks that lost theirs are made resident again. Its
+   * slots are never evicted while held. Pass the answer as a piece of
+   * attend's tables.
+   */
+  holdRange(client: number, first: number, count: number, k: Uint16Array, v: Uint16Array, priority = 0): GpuRangeHold {
+    return { hold: this.pool.holdRange({ client, first, count, k, v, priority }), blocks: count };
+  }
+
+  /** Ends a holdRange's hold, once the attend that reads it has returned. */
+  unholdRange(h: GpuRangeHold): void {
+    this.pool.unhold(h.hold);
   }
 
   attend(args: GpuAttendArgs): Promise<void> {

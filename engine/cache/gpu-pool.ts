@@ -10,13 +10,13 @@
 // every layer reads) at creation. A working set larger than the whole pool
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
-import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolOptions, type GpuPoolStats } from '../../addon/cuda.js';
+import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolOptions, type GpuPoolStats, type GpuRangeHold, type GpuTablePiece } from '../../addon/cuda.js';
 import { budgetTokens, type SearchParams } from '../../index/method.js';
 import type { BlockStats } from './block-stats.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { KvrecallError } from '../../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
-import { concatRows, type PoolPart } from './selection-parts.js';
+import { concatRows, rangeBlocks, type PoolPart } from './selection-parts.js';
 import { DeviceWaveStores, type DeviceWaveStats, type HeldWaveStore } from './device-wave.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -33,7 +33,7 @@ const CLIENTS_PER_SEGMENT = 1024 * 1024;
  * it where no device runs (simulated-pool.ts PoolModel, for tests of what
  * the device holds).
  */
-export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
+export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'holdRange' | 'unholdRange' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
 
 /** What the backend makes its device parts with (the native ones by default). */
 export interface DeviceFactories {
@@ -53,6 +53,12 @@ export interface GpuBackendOptions {
   waveBudgetBytes?: number;
   /** A share of a layer's rows (0 < x <= 1): the wave stores are paged, K and V on the host, that share cached on the device (device-wave.ts). */
   waveCacheShare?: number;
+  /**
+   * Range parts (sinks, window, whole documents) through the pool's range
+   * tables (holdRange: no per-block host work while resident) rather than
+   * block by block. Default: on, unless KVRECALL_POOL_RANGES=0.
+   */
+  rangeTables?: boolean;
 }
 
 export interface GpuDescription {
@@ -96,6 +102,8 @@ export class GpuBackend {
   /** Segments whose device copies are to go (a deleted document's): freed once no step reads them. */
   private readonly dropped = new WeakSet<KvSegment>();
   private readonly createPool: (o: GpuPoolOptions) => DevicePool;
+  /** Whether range parts go through range tables (settable: bench/gpu-decode.ts alternates the two paths in one run). */
+  rangeTables: boolean;
 
   private constructor(
     readonly info: CudaDevice,
@@ -103,6 +111,7 @@ export class GpuBackend {
     make: DeviceFactories = {},
   ) {
     this.budget = options.budgetBytes;
+    this.rangeTables = options.rangeTables ?? process.env.KVRECALL_POOL_RANGES !== '0';
     this.createPool = make.pool ?? ((o) => GpuPool.create(o));
     if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare);
   }
@@ -244,7 +253,7 @@ export class GpuBackend {
     const pool = this.poolFor(m);
     if (!pool) return false;
     const st = pool.stats();
-    return blocks <= st.slots - st.pinned;
+    return blocks <= st.slots - st.pinned - st.rangeHeld;
   }
 
   /**
@@ -264,27 +273,40 @@ export class GpuBackend {
   ): Promise<GpuStepResult> {
     const pool = this.poolFor(m);
     if (!pool) throw new Error('GpuBackend.attend without a pool (fits() said no)');
+    const ranges = this.rangeTables;
+    // The per-block path lists a range's blocks (outside the clock, as splitForPool did before range tables).
+    const listed = ranges ? [] : parts.map((p) => p.range && { ids: rangeBlocks(p.range.first, p.range.count), priority: new Uint8Array(p.range.count).fill(p.range.priority) });
     const before = pool.stats();
     const held: [number, Int32Array][] = [];
-    const slots: Int32Array[][] = Array.from({ length: m.kvHeads }, () => []);
+    const holds: GpuRangeHold[] = [];
+    const pieces: GpuTablePiece[][] = Array.from({ length: m.kvHeads }, () => []);
     let selected = 0;
     const t0 = performance.now();
     let t1 = t0;
     const done = this.read(new Set(parts.map((p) => p.segment)));
     try {
-      for (const part of parts) {
+      parts.forEach((part, i) => {
         for (let h = 0; h < m.kvHeads; h++) {
-          const blocks = part.blocks[h];
-          if (blocks.length === 0) continue;
           const client = this.client(part.segment, layer, h);
+          if (part.range && ranges) {
+            // One call per (part, head), held by one count until the kernel has read it.
+            const hold = pool.holdRange(client, part.range.first, part.range.count, part.segment.k[h], part.segment.v[h], part.range.priority);
+            holds.push(hold);
+            pieces[h].push(hold);
+            selected += hold.blocks;
+            continue;
+          }
+          const list = part.range ? listed[i]! : { ids: part.blocks[h], priority: part.priority[h] };
+          if (list.ids.length === 0) continue;
           // Held (pinned) until the kernel has read them: a later upload (this
           // step's next head, or another session's step) must not evict them.
-          slots[h].push(pool.uploadIndexed(client, blocks, part.segment.k[h], part.segment.v[h], { priorities: part.priority[h], hold: true }));
-          held.push([client, blocks]);
-          selected += blocks.length;
+          pieces[h].push(pool.uploadIndexed(client, list.ids, part.segment.k[h], part.segment.v[h], { priorities: list.priority, hold: true }));
+          held.push([client, list.ids]);
+          selected += list.ids.length;
         }
-      }
-      const tables = slots.map(concatRows);
+      });
+      // A head with a held range keeps its pieces (the pool gathers them on the device); one without, one table.
+      const tables = pieces.map((p) => (p.every((x) => x instanceof Int32Array) ? concatRows(p as Int32Array[]) : p));
       t1 = performance.now();
       await pool.attend({
         q,
@@ -292,13 +314,14 @@ export class GpuBackend {
         kvHeads: m.kvHeads,
         scale,
         tables,
-        validTokens: tables.map((t) => t.length * POOL_BLOCK),
+        validTokens: pieces.map((p) => p.reduce((n, x) => n + (x instanceof Int32Array ? x.length : x.blocks), 0) * POOL_BLOCK),
         out,
         lse,
         ...(extra && { extraOut: extra.out, extraLse: extra.lse }),
       });
     } finally {
       for (const [client, ids] of held) pool.pin(client, ids, false);
+      for (const hold of holds) pool.unholdRange(hold);
       done();
     }
     const after = pool.stats();

@@ -74,11 +74,33 @@ export function concatRows(parts: Int32Array[]): Int32Array {
   return all;
 }
 
-/** Whole blocks of one segment for the pool, per kv head, with their eviction classes. */
-export interface PoolPart {
-  segment: KvSegment;
-  blocks: Int32Array[];
-  priority: Uint8Array[];
+/**
+ * Whole blocks of one segment for the pool: a block list per kv head with
+ * their eviction classes (a method's blocks), or blocks [first, first +
+ * count) of every kv head in one class (a range part: sinks, window, a whole
+ * document), which the pool keeps as a device table: no per-block work on
+ * the host while it stays resident.
+ */
+export type PoolPart =
+  | { segment: KvSegment; blocks: Int32Array[]; priority: Uint8Array[]; range?: undefined }
+  | { segment: KvSegment; range: PoolRange; blocks?: undefined; priority?: undefined };
+
+export interface PoolRange {
+  first: number;
+  count: number;
+  priority: number;
+}
+
+/** Block ids first, first + 1, ... (count of them): a range listed block by block. */
+export function rangeBlocks(first: number, count: number): Int32Array {
+  const ids = new Int32Array(count);
+  for (let i = 0; i < count; i++) ids[i] = first + i;
+  return ids;
+}
+
+/** A part's blocks for one kv head, a range's listed (the per-block path's and tests' view). */
+export function poolPartBlocks(p: PoolPart, head: number): Int32Array {
+  return p.range ? rangeBlocks(p.range.first, p.range.count) : p.blocks[head];
 }
 
 export interface PoolSplit {
@@ -131,9 +153,9 @@ export function splitForPool(parts: SelectionPart[], pooled: (s: KvSegment) => b
       host.push(p);
       continue;
     }
-    const ids = range(first, last), pr = new Uint8Array(last - first).fill(rangePriority);
-    pool.push({ segment, blocks: Array.from({ length: kvHeads }, () => ids), priority: Array.from({ length: kvHeads }, () => pr) });
-    poolBlocks += ids.length * kvHeads;
+    // No block listed here: a 1M-token document is one range, not 16K ids a step (the pool keeps its table).
+    pool.push({ segment, range: { first, count: last - first, priority: rangePriority } });
+    poolBlocks += (last - first) * kvHeads;
     if (begin < first * size) host.push({ segment, begin, end: first * size });
     if (last * size < end) host.push({ segment, begin: last * size, end });
   }

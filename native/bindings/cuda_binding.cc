@@ -10,8 +10,11 @@
 //   .lookup({client, blocks}) -> Int32Array (slot or -1)
 //   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
 //   .releaseRange(first, last) -> blocks freed (every client in [first, last))
-//   .attend({q, qHeads, kvHeads, scale, tables: Int32Array[kvHeads], validTokens: number[kvHeads],
-//            out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
+//   .holdRange({client, first, count, k, v, priority?}) -> hold id (k/v: a whole head's rows, as indexed)
+//   .unhold(hold)
+//   .attend({q, qHeads, kvHeads, scale, tables: (Int32Array | (Int32Array | {hold, blocks})[])[kvHeads],
+//            validTokens: number[kvHeads], out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
+//     a head's table: slot ids, or pieces back to back (slot ids, or a held range's device table)
 //   .stats() / .resetCounters() / .sync() / .probeH2D(bytes, iters) -> bytes/s / .close()
 // Without CUDA the same names exist: cudaAvailable() says ok: false and the
 // GpuPool constructor throws.
@@ -62,6 +65,7 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
                        {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("lookup", &GpuPool::Lookup),
                         InstanceMethod("pin", &GpuPool::Pin), InstanceMethod("prefer", &GpuPool::Prefer),
                         InstanceMethod("release", &GpuPool::Release), InstanceMethod("releaseRange", &GpuPool::ReleaseRange),
+                        InstanceMethod("holdRange", &GpuPool::HoldRange), InstanceMethod("unhold", &GpuPool::Unhold),
                         InstanceMethod("attend", &GpuPool::Attend),
                         InstanceMethod("stats", &GpuPool::Stats), InstanceMethod("resetCounters", &GpuPool::Reset),
                         InstanceMethod("sync", &GpuPool::Sync), InstanceMethod("probeH2D", &GpuPool::ProbeH2D),
@@ -163,6 +167,50 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     return Napi::Number::New(env, double(Pool(env).ReleaseRange(first, last)));
   }
 
+  Napi::Value HoldRange(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    const int64_t client = Client(o);
+    const int64_t first = Int(o, "first", 0, std::numeric_limits<int32_t>::max());
+    const int64_t count = Int(o, "count", 1, std::numeric_limits<int32_t>::max() - first);
+    // Every block read must lie inside the arrays.
+    const size_t words = size_t(first + count) * BlockWords(env);
+    auto k = TypedAt<uint16_t>(o, "k", words);
+    auto v = TypedAt<uint16_t>(o, "v", words);
+    const int priority = int(OptInt(o, "priority", -1000000, 1000000, 0));
+    const int64_t id = Guard(env, [&] { return Pool(env).HoldRange(client, int32_t(first), int32_t(count), k.Data(), v.Data(), priority); });
+    return Napi::Number::New(env, double(id));
+  }
+
+  Napi::Value Unhold(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const int64_t hold = IntArg(info, 0, "hold", 1, kMaxClient);
+    Guard(env, [&] { Pool(env).Unhold(hold); });
+    return env.Undefined();
+  }
+
+  // A head's table given as pieces: slot ids (checked here) or {hold, blocks} (checked by the pool, under its lock).
+  static std::vector<cuda::TablePiece> Pieces(Napi::Env env, const Napi::Array& list, int head, int64_t slots, int64_t* blocks) {
+    std::vector<cuda::TablePiece> out(list.Length());
+    *blocks = 0;
+    for (uint32_t i = 0; i < list.Length(); ++i) {
+      Napi::Value x = list.Get(i);
+      const std::string what = "tables[" + std::to_string(head) + "][" + std::to_string(i) + "]";
+      if (x.IsTypedArray()) {
+        auto t = Typed<int32_t>(x, what.c_str());
+        for (size_t j = 0; j < t.ElementLength(); ++j)
+          if (t[j] < 0 || t[j] >= slots) throw Napi::RangeError::New(env, what + " holds " + std::to_string(t[j]) + ", not a slot of the pool");
+        out[i].slots.assign(t.Data(), t.Data() + t.ElementLength());
+      } else {
+        Napi::Object p = ObjectOf(x, what);
+        out[i].hold = Int(p, "hold", 1, kMaxClient);
+        out[i].blocks = Int(p, "blocks", 0, std::numeric_limits<int32_t>::max());
+      }
+      *blocks += out[i].hold > 0 ? out[i].blocks : int64_t(out[i].slots.size());
+    }
+    return out;
+  }
+
   Napi::Value Attend(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object o = ArgObject(info);
@@ -189,7 +237,28 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     Napi::Array tables = ArrayOf(o, "tables", size_t(a.kvHeads));
     Napi::Array valid = ArrayOf(o, "validTokens", size_t(a.kvHeads));
     const int64_t bs = pool->Config().blockSize, slots = pool->Slots();
-    for (int h = 0; h < a.kvHeads; ++h) {
+    // Pieces for every head once one head has them (a held range); plain tables otherwise, as before.
+    bool pieces = false;
+    for (int h = 0; h < a.kvHeads; ++h) pieces |= tables.Get(h).IsArray();
+    for (int h = 0; pieces && h < a.kvHeads; ++h) {
+      Napi::Value th = tables.Get(h);
+      int64_t blocks = 0;
+      if (th.IsArray()) {
+        a.pieces.push_back(Pieces(env, th.As<Napi::Array>(), h, slots, &blocks));
+      } else {
+        auto t = Typed<int32_t>(th, "tables entry");
+        Napi::Array one = Napi::Array::New(env, 1);
+        one.Set(uint32_t(0), t);
+        a.pieces.push_back(Pieces(env, one, h, slots, &blocks));
+      }
+      Napi::Value vv = valid.Get(h);
+      if (!vv.IsNumber()) throw Napi::TypeError::New(env, "Expected numbers in validTokens");
+      const double vt = vv.As<Napi::Number>().DoubleValue();
+      if (vt < 0 || vt != double(int64_t(vt)) || int64_t(vt) > blocks * bs)
+        throw Napi::RangeError::New(env, "validTokens[" + std::to_string(h) + "] must be an integer in [0, blocks * blockSize]");
+      a.validTokens.push_back(int64_t(vt));
+    }
+    for (int h = 0; !pieces && h < a.kvHeads; ++h) {
       auto t = Typed<int32_t>(tables.Get(h), "tables entry");
       Napi::Value vv = valid.Get(h);
       if (!vv.IsNumber()) throw Napi::TypeError::New(env, "Expected numbers in validTokens");
@@ -219,6 +288,9 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     o.Set("evictions", Napi::Number::New(env, double(s.evictions)));
     o.Set("bytesCopied", Napi::Number::New(env, double(s.bytesCopied)));
     o.Set("copies", Napi::Number::New(env, double(s.copies)));
+    o.Set("rangeHeld", Napi::Number::New(env, double(s.rangeHeld)));
+    o.Set("rangeReuses", Napi::Number::New(env, double(s.rangeReuses)));
+    o.Set("rangePatched", Napi::Number::New(env, double(s.rangePatched)));
     o.Set("lastKernelMs", Napi::Number::New(env, double(pool_->LastKernelMs())));
     return o;
   }

@@ -1,221 +1,10 @@
-// Device block pool: slots, page tables, pinned staging, eviction (see block_pool.h).
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <map>
-#include <mutex>
-#include <stdexcept>
-#include <string>
-#include <unordered_map>
-
-#include "common/thread_pool.h"
-#include "cuda/block_pool.h"
-#include "cuda/decode_kernel.h"
+// Device block pool: slots, page tables, pinned staging, eviction (see
+// block_pool.h); its state is block_pool_impl.cuh's, range tables are
+// block_pool_ranges.cu's.
+#include "cuda/block_pool_impl.cuh"
 
 namespace kvr {
 namespace cuda {
-namespace {
-
-void Check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(e));
-  }
-}
-void CheckRc(int rc, const char* what) { Check(cudaError_t(rc), what); }
-
-size_t Align(size_t x, size_t a = 256) { return (x + a - 1) / a * a; }
-
-// A device buffer that only grows.
-struct DevBuf {
-  void* p = nullptr;
-  size_t cap = 0;
-  void Reserve(size_t bytes) {
-    if (bytes <= cap) return;
-    if (p) cudaFree(p);
-    p = nullptr;
-    cap = 0;
-    Check(cudaMalloc(&p, bytes), "cudaMalloc (scratch)");
-    cap = bytes;
-  }
-  ~DevBuf() {
-    if (p) cudaFree(p);
-  }
-};
-struct HostBuf {
-  void* p = nullptr;
-  size_t cap = 0;
-  void Reserve(size_t bytes) {
-    if (bytes <= cap) return;
-    if (p) cudaFreeHost(p);
-    p = nullptr;
-    cap = 0;
-    Check(cudaHostAlloc(&p, bytes, cudaHostAllocDefault), "cudaHostAlloc (scratch)");
-    cap = bytes;
-  }
-  ~HostBuf() {
-    if (p) cudaFreeHost(p);
-  }
-};
-
-constexpr int kChunks = 4;
-
-}  // namespace
-
-struct BlockPool::Impl {
-  PoolConfig cfg;
-  int blockShift = 0;
-  int64_t slots = 0;
-  size_t blockWords = 0;  // per K (and per V) block
-  int smCount = 132;
-  uint16_t* kPool = nullptr;
-  uint16_t* vPool = nullptr;
-  cudaStream_t copyStream = nullptr, computeStream = nullptr;
-
-  // Staging: chunk c = [int32 slots x perChunk | perChunk x (K block, V block)].
-  size_t chunkBytes = 0, headerBytes = 0;
-  int64_t perChunk = 0;
-  uint8_t* hostStage[kChunks] = {};
-  uint8_t* devStage[kChunks] = {};
-  cudaEvent_t stageDone[kChunks] = {};
-  bool stageBusy[kChunks] = {};
-  int cur = 0;        // chunk being filled
-  int64_t curN = 0;   // blocks staged in it
-  bool curNeedsComputeWait = false;
-  std::vector<std::pair<const uint16_t*, const uint16_t*>> curSrc;  // host K,V sources of the staged blocks
-
-  cudaEvent_t lastCopy = nullptr, lastCompute = nullptr, kStart = nullptr, kStop = nullptr;
-  bool copyPending = false, computePending = false;
-  float lastMs = 0.f;
-
-  struct SlotInfo {
-    int64_t client = -1;
-    int32_t block = -1;
-    int prio = 0;
-    int pins = 0;  // holders that keep the slot out of eviction (a count: steps overlap)
-    bool listed = false;
-    bool everUsed = false;
-    int32_t prev = -1, next = -1;  // neighbours in its class's LRU chain
-  };
-  // Least recent first. Intrusive (indices in SlotInfo), so touching a block
-  // allocates nothing: a dense step touches every block of the context.
-  struct Chain {
-    int32_t head = -1, tail = -1;
-  };
-  std::vector<SlotInfo> info;
-  std::vector<int32_t> freeSlots;
-  std::map<int, Chain> lru;  // priority -> slots, least recent first; no empty chains
-  std::unordered_map<int64_t, std::vector<int32_t>> tables;
-  PoolStats st;
-
-  DevBuf dIn, dPart, dOutBuf;
-  HostBuf hIn, hOut;
-  std::mutex mu;
-
-  void Unlist(int32_t s) {
-    SlotInfo& si = info[s];
-    if (!si.listed) return;
-    auto c = lru.find(si.prio);
-    Chain& l = c->second;
-    if (si.prev >= 0) info[si.prev].next = si.next;
-    else l.head = si.next;
-    if (si.next >= 0) info[si.next].prev = si.prev;
-    else l.tail = si.prev;
-    si.prev = si.next = -1;
-    if (l.head < 0) lru.erase(c);
-    si.listed = false;
-  }
-  void List(int32_t s) {  // at the most recent end of its class
-    SlotInfo& si = info[s];
-    if (si.listed || si.pins > 0 || si.client < 0) return;
-    Chain& l = lru[si.prio];
-    si.prev = l.tail;
-    si.next = -1;
-    if (l.tail >= 0) info[l.tail].next = s;
-    else l.head = s;
-    l.tail = s;
-    si.listed = true;
-  }
-  // Frees every slot of a client's table (its entries stay: the caller erases the table).
-  int64_t FreeTable(const std::vector<int32_t>& table);
-  int32_t* TableEntry(int64_t client, int32_t block, bool create) {
-    auto t = tables.find(client);
-    if (t == tables.end()) {
-      if (!create) return nullptr;
-      t = tables.emplace(client, std::vector<int32_t>()).first;
-    }
-    if (size_t(block) >= t->second.size()) {
-      if (!create) return nullptr;
-      t->second.resize(size_t(block) + 1, -1);
-    }
-    return &t->second[size_t(block)];
-  }
-  // A free slot, or the least recent one of the lowest class (-1 if none).
-  int32_t Allocate(bool* evicted) {
-    *evicted = false;
-    if (!freeSlots.empty()) {
-      int32_t s = freeSlots.back();
-      freeSlots.pop_back();
-      *evicted = info[s].everUsed;
-      return s;
-    }
-    if (lru.empty()) return -1;
-    int32_t s = lru.begin()->second.head;
-    Unlist(s);
-    SlotInfo& si = info[s];
-    if (int32_t* e = TableEntry(si.client, si.block, false)) *e = -1;
-    si.client = -1;
-    si.block = -1;
-    ++st.evictions;
-    --st.used;
-    *evicted = true;
-    return s;
-  }
-
-  void OpenChunk() {
-    if (stageBusy[cur]) {
-      Check(cudaEventSynchronize(stageDone[cur]), "staging wait");
-      stageBusy[cur] = false;
-    }
-  }
-  void Stage(int32_t slot, const uint16_t* k, const uint16_t* v, bool evicted) {
-    if (curN == 0) OpenChunk();
-    reinterpret_cast<int32_t*>(hostStage[cur])[curN] = slot;
-    curSrc.emplace_back(k, v);
-    curNeedsComputeWait |= evicted;
-    ++curN;
-    if (curN == perChunk) Flush();
-  }
-  void Flush() {
-    if (curN == 0) return;
-    const size_t bb = blockWords * sizeof(uint16_t);
-    uint8_t* data = hostStage[cur] + headerBytes;
-    ThreadPool::Get().ParallelFor(size_t(curN), [&](size_t i) {
-      std::memcpy(data + i * 2 * bb, curSrc[i].first, bb);
-      std::memcpy(data + i * 2 * bb + bb, curSrc[i].second, bb);
-    });
-    // A slot that held another block may still be read by an attend in flight.
-    if (curNeedsComputeWait && computePending) Check(cudaStreamWaitEvent(copyStream, lastCompute, 0), "wait compute");
-    const size_t bytes = headerBytes + size_t(curN) * 2 * bb;
-    Check(cudaMemcpyAsync(devStage[cur], hostStage[cur], bytes, cudaMemcpyHostToDevice, copyStream), "H2D");
-    CheckRc(LaunchScatter(reinterpret_cast<const uint16_t*>(devStage[cur] + headerBytes),
-                          reinterpret_cast<const int32_t*>(devStage[cur]), curN, int64_t(blockWords), kPool, vPool,
-                          copyStream),
-            "scatter");
-    Check(cudaEventRecord(stageDone[cur], copyStream), "event");
-    Check(cudaEventRecord(lastCopy, copyStream), "event");
-    stageBusy[cur] = true;
-    copyPending = true;
-    st.bytesCopied += int64_t(bytes);
-    ++st.copies;
-    cur = (cur + 1) % kChunks;
-    curN = 0;
-    curNeedsComputeWait = false;
-    curSrc.clear();
-  }
-};
 
 BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
   Impl& I = *impl_;
@@ -242,11 +31,11 @@ BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
   }
   Check(cudaStreamCreateWithFlags(&I.copyStream, cudaStreamNonBlocking), "stream");
   Check(cudaStreamCreateWithFlags(&I.computeStream, cudaStreamNonBlocking), "stream");
-  const int64_t perChunkBytes = std::max<int64_t>(cfg.stagingBytes / kChunks, int64_t(slotBytes) + 4096);
+  const int64_t perChunkBytes = std::max<int64_t>(cfg.stagingBytes / pool_detail::kChunks, int64_t(slotBytes) + 4096);
   I.perChunk = std::max<int64_t>(1, (perChunkBytes - 256) / int64_t(slotBytes + 4));
   I.headerBytes = Align(size_t(I.perChunk) * 4);
   I.chunkBytes = I.headerBytes + size_t(I.perChunk) * slotBytes;
-  for (int c = 0; c < kChunks; ++c) {
+  for (int c = 0; c < pool_detail::kChunks; ++c) {
     Check(cudaHostAlloc(reinterpret_cast<void**>(&I.hostStage[c]), I.chunkBytes, cudaHostAllocDefault), "cudaHostAlloc");
     Check(cudaMalloc(reinterpret_cast<void**>(&I.devStage[c]), I.chunkBytes), "cudaMalloc (staging)");
     Check(cudaEventCreateWithFlags(&I.stageDone[c], cudaEventDisableTiming), "event");
@@ -265,7 +54,10 @@ BlockPool::~BlockPool() {
   Impl& I = *impl_;
   if (I.copyStream) cudaStreamSynchronize(I.copyStream);
   if (I.computeStream) cudaStreamSynchronize(I.computeStream);
-  for (int c = 0; c < kChunks; ++c) {
+  // Range tables go while their stream still exists (their destructor waits on it).
+  I.holds.clear();
+  I.clients.clear();
+  for (int c = 0; c < pool_detail::kChunks; ++c) {
     if (I.hostStage[c]) cudaFreeHost(I.hostStage[c]);
     if (I.devStage[c]) cudaFree(I.devStage[c]);
     if (I.stageDone[c]) cudaEventDestroy(I.stageDone[c]);
@@ -284,9 +76,14 @@ int64_t BlockPool::Slots() const { return impl_->slots; }
 
 void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v,
                        int32_t* slotsOut, const EnsureOptions& o) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->EnsureLocked(client, blocks, n, k, v, slotsOut, o);
+}
+
+void BlockPool::Impl::EnsureLocked(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k,
+                                   const uint16_t* v, int32_t* slotsOut, const EnsureOptions& o) {
   const Source source = o.source;
-  Impl& I = *impl_;
-  std::lock_guard<std::mutex> lock(I.mu);
+  Impl& I = *this;
   if (n > I.slots) throw std::runtime_error("GpuPool: " + std::to_string(n) + " blocks asked for, the pool holds " +
                                             std::to_string(I.slots));
   for (int64_t i = 0; i < n; ++i)
@@ -295,8 +92,8 @@ void BlockPool::Ensure(int64_t client, const int32_t* blocks, int64_t n, const u
   std::vector<int32_t> held;
   held.reserve(size_t(n));
   // One table lookup per call, not per block (a dense step passes every block).
-  auto found = I.tables.find(client);
-  const std::vector<int32_t>* table = found == I.tables.end() ? nullptr : &found->second;
+  auto found = I.clients.find(client);
+  const std::vector<int32_t>* table = found == I.clients.end() ? nullptr : &found->second.table;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* e = table && size_t(blocks[i]) < table->size() ? &(*table)[size_t(blocks[i])] : nullptr;
     if (e && *e >= 0) {
@@ -371,9 +168,9 @@ void BlockPool::Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t
 void BlockPool::Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
-  auto found = I.tables.find(client);
-  if (found == I.tables.end()) return;
-  const std::vector<int32_t>& table = found->second;
+  auto found = I.clients.find(client);
+  if (found == I.clients.end()) return;
+  const std::vector<int32_t>& table = found->second.table;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* e = blocks[i] >= 0 && size_t(blocks[i]) < table.size() ? &table[size_t(blocks[i])] : nullptr;
     if (!e || *e < 0) continue;
@@ -403,30 +200,38 @@ void BlockPool::Prefer(int64_t client, const int32_t* blocks, int64_t n, int pri
   }
 }
 
-int64_t BlockPool::Impl::FreeTable(const std::vector<int32_t>& table) {
+int64_t BlockPool::Impl::FreeClient(Client& c) {
   int64_t n = 0;
-  for (int32_t s : table) {
+  for (int32_t s : c.table) {
     if (s < 0) continue;
     Unlist(s);
     SlotInfo& si = info[s];
     if (si.pins > 0) --st.pinned;
     si.pins = 0;
+    si.parkedBy = nullptr;
     si.client = -1;
     si.block = -1;
     --st.used;
     freeSlots.push_back(s);
     ++n;
   }
+  // A hold still open on one of its ranges (the caller's to avoid) keeps the range's memory, holding nothing.
+  for (auto& r : c.ranges) {
+    if (r->holds > 0) st.rangeHeld -= r->count;
+    r->holds = 0;
+    r->parked.clear();
+  }
+  c.ranges.clear();
   return n;
 }
 
 void BlockPool::Release(int64_t client) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
-  auto t = I.tables.find(client);
-  if (t == I.tables.end()) return;
-  I.FreeTable(t->second);
-  I.tables.erase(t);
+  auto t = I.clients.find(client);
+  if (t == I.clients.end()) return;
+  I.FreeClient(t->second);
+  I.clients.erase(t);
 }
 
 int64_t BlockPool::ReleaseRange(int64_t first, int64_t last) {
@@ -434,10 +239,10 @@ int64_t BlockPool::ReleaseRange(int64_t first, int64_t last) {
   std::lock_guard<std::mutex> lock(I.mu);
   int64_t n = 0;
   // One pass over the clients with tables (a few per layer and head of the open documents), not over the range.
-  for (auto t = I.tables.begin(); t != I.tables.end();) {
+  for (auto t = I.clients.begin(); t != I.clients.end();) {
     if (t->first >= first && t->first < last) {
-      n += I.FreeTable(t->second);
-      t = I.tables.erase(t);
+      n += I.FreeClient(t->second);
+      t = I.clients.erase(t);
     } else {
       ++t;
     }
@@ -447,6 +252,7 @@ int64_t BlockPool::ReleaseRange(int64_t first, int64_t last) {
 
 void BlockPool::Attend(const AttendArgs& a) {
   Impl& I = *impl_;
+  if (!a.pieces.empty()) return I.AttendPieces(a);
   const int d = I.cfg.headDim;
   if (a.qHeads <= 0 || a.kvHeads <= 0 || a.qHeads % a.kvHeads) throw std::runtime_error("GpuPool: bad head counts");
   if (int(a.tables.size()) != a.kvHeads || int(a.validTokens.size()) != a.kvHeads)
@@ -487,50 +293,56 @@ void BlockPool::Attend(const AttendArgs& a) {
     std::memcpy(tab + pos, a.tables[k].data(), a.tables[k].size() * 4);
     pos += int64_t(a.tables[k].size());
   }
-  const size_t partOutBytes = Align(size_t(a.qHeads) * splits * d * 4);
-  I.dPart.Reserve(partOutBytes + Align(size_t(a.qHeads) * splits * 4));
-  const size_t outBytes = Align(qBytes) + Align(size_t(a.qHeads) * 4);
-  I.dOutBuf.Reserve(outBytes);
-  I.hOut.Reserve(outBytes);
-
   cudaStream_t s = I.computeStream;
   uint8_t* dIn = static_cast<uint8_t*>(I.dIn.p);
   Check(cudaMemcpyAsync(dIn, h, inBytes, cudaMemcpyHostToDevice, s), "H2D (attend inputs)");
   if (I.copyPending) Check(cudaStreamWaitEvent(s, I.lastCopy, 0), "wait copies");
   DecodeParams p;
-  p.kPool = I.kPool;
-  p.vPool = I.vPool;
-  p.blockShift = I.blockShift;
-  p.headDim = d;
-  p.dtype = I.cfg.dtype;
   p.q = reinterpret_cast<const float*>(dIn + oQ);
-  p.qHeads = a.qHeads;
-  p.kvHeads = a.kvHeads;
-  p.scale = a.scale;
   p.tables = reinterpret_cast<const int32_t*>(dIn + oTab);
   p.tableOffset = reinterpret_cast<const int64_t*>(dIn + oOff);
   p.validTokens = reinterpret_cast<const int64_t*>(dIn + oVal);
   p.maxTokens = maxTokens;
-  p.splits = splits;
-  p.partOut = static_cast<float*>(I.dPart.p);
-  p.partLse = reinterpret_cast<float*>(static_cast<uint8_t*>(I.dPart.p) + partOutBytes);
   if (a.extraOut) {
     p.extraOut = reinterpret_cast<const float*>(dIn + oEo);
     p.extraLse = reinterpret_cast<const float*>(dIn + oEl);
   }
-  uint8_t* dOut = static_cast<uint8_t*>(I.dOutBuf.p);
+  I.Decode(p, a, splits);
+}
+
+void BlockPool::Impl::Decode(DecodeParams& p, const AttendArgs& a, int splits) {
+  const int d = cfg.headDim;
+  const size_t qBytes = size_t(a.qHeads) * d * 4;
+  const size_t partOutBytes = Align(size_t(a.qHeads) * splits * d * 4);
+  dPart.Reserve(partOutBytes + Align(size_t(a.qHeads) * splits * 4));
+  const size_t outBytes = Align(qBytes) + Align(size_t(a.qHeads) * 4);
+  dOutBuf.Reserve(outBytes);
+  hOut.Reserve(outBytes);
+  cudaStream_t s = computeStream;
+  p.kPool = kPool;
+  p.vPool = vPool;
+  p.blockShift = blockShift;
+  p.headDim = d;
+  p.dtype = cfg.dtype;
+  p.qHeads = a.qHeads;
+  p.kvHeads = a.kvHeads;
+  p.scale = a.scale;
+  p.splits = splits;
+  p.partOut = static_cast<float*>(dPart.p);
+  p.partLse = reinterpret_cast<float*>(static_cast<uint8_t*>(dPart.p) + partOutBytes);
+  uint8_t* dOut = static_cast<uint8_t*>(dOutBuf.p);
   p.out = reinterpret_cast<float*>(dOut);
   p.lse = reinterpret_cast<float*>(dOut + Align(qBytes));
-  Check(cudaEventRecord(I.kStart, s), "event");
-  CheckRc(LaunchDecode(p, s), "decode kernel launch");
-  Check(cudaEventRecord(I.kStop, s), "event");
-  Check(cudaMemcpyAsync(I.hOut.p, dOut, outBytes, cudaMemcpyDeviceToHost, s), "D2H");
-  Check(cudaEventRecord(I.lastCompute, s), "event");
-  I.computePending = true;
+  Check(cudaEventRecord(kStart, s), "event");
+  pool_detail::CheckRc(LaunchDecode(p, s), "decode kernel launch");
+  Check(cudaEventRecord(kStop, s), "event");
+  Check(cudaMemcpyAsync(hOut.p, dOut, outBytes, cudaMemcpyDeviceToHost, s), "D2H");
+  Check(cudaEventRecord(lastCompute, s), "event");
+  computePending = true;
   Check(cudaStreamSynchronize(s), "decode kernel");
-  cudaEventElapsedTime(&I.lastMs, I.kStart, I.kStop);
-  std::memcpy(a.out, I.hOut.p, qBytes);
-  std::memcpy(a.lse, static_cast<uint8_t*>(I.hOut.p) + Align(qBytes), size_t(a.qHeads) * 4);
+  cudaEventElapsedTime(&lastMs, kStart, kStop);
+  std::memcpy(a.out, hOut.p, qBytes);
+  std::memcpy(a.lse, static_cast<uint8_t*>(hOut.p) + Align(qBytes), size_t(a.qHeads) * 4);
 }
 
 void BlockPool::Sync() {
@@ -548,7 +360,7 @@ PoolStats BlockPool::Stats() const {
 void BlockPool::ResetCounters() {
   std::lock_guard<std::mutex> lock(impl_->mu);
   PoolStats& s = impl_->st;
-  s.hits = s.misses = s.evictions = s.bytesCopied = s.copies = 0;
+  s.hits = s.misses = s.evictions = s.bytesCopied = s.copies = s.rangeReuses = s.rangePatched = 0;
 }
 
 float BlockPool::LastKernelMs() const { return impl_->lastMs; }
@@ -557,8 +369,8 @@ double BlockPool::ProbeH2D(int64_t bytes, int iters) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
   Check(cudaStreamSynchronize(I.copyStream), "sync");
-  HostBuf hb;
-  DevBuf db;
+  pool_detail::HostBuf hb;
+  pool_detail::DevBuf db;
   hb.Reserve(size_t(bytes));
   db.Reserve(size_t(bytes));
   std::memset(hb.p, 1, size_t(bytes));

@@ -35,6 +35,18 @@ struct PoolStats {
   int64_t slots = 0, used = 0, pinned = 0;
   int64_t hits = 0, misses = 0, evictions = 0;
   int64_t bytesCopied = 0, copies = 0;
+  // Range tables (HoldRange): blocks of the ranges held now (a block held by
+  // two ranges counts twice), holds answered without per-block work, and
+  // entries re-made block by block (first builds included).
+  int64_t rangeHeld = 0, rangeReuses = 0, rangePatched = 0;
+};
+
+// One piece of a kv head's slot table: a held range's device table
+// (HoldRange's id and its block count), or slot ids from the host.
+struct TablePiece {
+  int64_t hold = 0;             // > 0: a HoldRange id
+  int64_t blocks = 0;           // the hold's block count (checked against it)
+  std::vector<int32_t> slots;   // hold == 0: slot ids
 };
 
 struct AttendArgs {
@@ -42,6 +54,9 @@ struct AttendArgs {
   int qHeads = 0, kvHeads = 0;
   float scale = 1.f;
   std::vector<std::vector<int32_t>> tables;  // per kv head: slot ids, block order
+  // Or, when set, per kv head its table as pieces back to back (held ranges
+  // are copied device to device: no slot id of theirs crosses the bus).
+  std::vector<std::vector<TablePiece>> pieces;
   std::vector<int64_t> validTokens;          // per kv head: tokens attended (<= blocks * blockSize)
   // Optional part computed elsewhere (e.g. on the CPU) over other tokens,
   // merged by log-sum-exp: [qHeads, headDim] and [qHeads].
@@ -91,6 +106,20 @@ class BlockPool {
   // Release of every client in [first, last) (a deleted document's segment:
   // all its layers and heads); returns the blocks freed.
   int64_t ReleaseRange(int64_t first, int64_t last);
+
+  // Blocks [first, first + count) of `client`, read from whole-head k and v
+  // as Ensure's kIndexed, made resident and held for an attend (unhold with
+  // Unhold once it has returned): returns the hold's id for AttendArgs'
+  // pieces. The range's slot table lives on the device; while no block of
+  // it lost its slot since the last hold (a still-valid table, or one
+  // containing this range), this is O(1): no page-table lookup, touch or
+  // pin per block. Otherwise only the blocks that lost their slots are
+  // made resident again (all of them the first time), each as Ensure does.
+  // A held range's slots are never evicted. Throws as Ensure does (nothing
+  // is held then).
+  int64_t HoldRange(int64_t client, int32_t first, int32_t count, const uint16_t* k, const uint16_t* v, int priority);
+  // Ends a HoldRange's hold (an unknown id is an error).
+  void Unhold(int64_t hold);
 
   // Decode attention over slot tables; blocks until out/lse are written.
   void Attend(const AttendArgs& a);

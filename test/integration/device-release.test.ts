@@ -30,13 +30,13 @@ const BLOCKS_PER_DOCUMENT = 4 * model.layers * model.kvHeads;
  * after it). `holdNext()` makes the next attend wait on the device until
  * `letGo()`, and resolves once that attend is there; the others run through.
  */
-function modelBackend(budgetBytes: number) {
+function modelBackend(budgetBytes: number, rangeTables = true) {
   let pool: PoolModel | undefined;
   let hold: (() => Promise<void>) | undefined;
   let release = () => {};
   const gpu = GpuBackend.over(
     { ok: true, device: 'PoolModel (host)', memory: 1 << 30, built: false },
-    { budgetBytes },
+    { budgetBytes, rangeTables },
     { pool: (o) => (pool = new PoolModel(o, () => (hold ? hold() : Promise.resolve()))) },
   );
   return {
@@ -55,50 +55,57 @@ function modelBackend(budgetBytes: number) {
   };
 }
 
+/** Blocks resident, and blocks a step holds: pinned one by one, or in held range tables (the path GpuBackend.rangeTables picks). */
+function holding(pool: PoolModel): { used: number; held: number } {
+  const s = pool.stats();
+  return { used: s.used, held: s.pinned + s.rangeHeld };
+}
+
 describe('a deleted document on the device', () => {
-  it("frees its pool blocks at the delete, and a step's blocks only once the step has read them", async () => {
-    const { gpu, pool, holdNext, letGo } = modelBackend(1 << 20);
-    const tmp = tempDataDir();
-    const server = await startInProcess(tmp.dir, {}, { gpu });
-    try {
-      const client = new KvrecallClient({ url: server.url });
-      const open = async (id: string) => {
-        await client.createDocument(id, model, { methods: ['exact'] });
-        for (let layer = 0; layer < model.layers; layer++) {
-          const c = randomKv(rng, 'f16', model.kvHeads, TOKENS, model.headDim);
-          await client.uploadDocumentKv(id, { layer, start: 0, k: c.k, v: c.v });
-        }
-        await client.sealDocument(id);
-        return (await client.createSession({ model, documents: [id] })).id;
-      };
-      const step = (sid: string, layer: number) => client.attend(sid, { layer, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) });
-      const a = await open('a'), b = await open('b');
-      for (const sid of [a, b]) for (let layer = 0; layer < model.layers; layer++) expect((await step(sid, layer)).stats.backend).toBe('cuda');
-      expect(pool().stats()).toMatchObject({ used: 2 * BLOCKS_PER_DOCUMENT, pinned: 0 });
+  for (const rangeTables of [true, false])
+    it(`frees its pool blocks at the delete, and a step's blocks only once the step has read them (${rangeTables ? 'range tables' : 'block by block'})`, async () => {
+      const { gpu, pool, holdNext, letGo } = modelBackend(1 << 20, rangeTables);
+      const tmp = tempDataDir();
+      const server = await startInProcess(tmp.dir, {}, { gpu });
+      try {
+        const client = new KvrecallClient({ url: server.url });
+        const open = async (id: string) => {
+          await client.createDocument(id, model, { methods: ['exact'] });
+          for (let layer = 0; layer < model.layers; layer++) {
+            const c = randomKv(rng, 'f16', model.kvHeads, TOKENS, model.headDim);
+            await client.uploadDocumentKv(id, { layer, start: 0, k: c.k, v: c.v });
+          }
+          await client.sealDocument(id);
+          return (await client.createSession({ model, documents: [id] })).id;
+        };
+        const step = (sid: string, layer: number) => client.attend(sid, { layer, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)) });
+        const a = await open('a'), b = await open('b');
+        for (const sid of [a, b]) for (let layer = 0; layer < model.layers; layer++) expect((await step(sid, layer)).stats.backend).toBe('cuda');
+        expect(holding(pool())).toEqual({ used: 2 * BLOCKS_PER_DOCUMENT, held: 0 });
 
-      // Deleted with no step reading it: its blocks leave the pool at once, the other document's stay.
-      await client.deleteDocument('a');
-      expect(pool().stats().used).toBe(BLOCKS_PER_DOCUMENT);
-      expect((await step(b, 0)).stats.blocks).toMatchObject({ selected: 4 * model.kvHeads, hits: 4 * model.kvHeads });
+        // Deleted with no step reading it: its blocks leave the pool at once, the other document's stay.
+        await client.deleteDocument('a');
+        expect(pool().stats().used).toBe(BLOCKS_PER_DOCUMENT);
+        expect((await step(b, 0)).stats.blocks).toMatchObject({ selected: 4 * model.kvHeads, hits: 4 * model.kvHeads });
 
-      // Deleted while a step reads its layer 1 on the device: that layer's blocks stay (pinned) until the step
-      // ends, then go; its layer 0, which no step reads, goes at once.
-      const inKernel = holdNext();
-      const reading = step(b, 1);
-      await inKernel;
-      await client.deleteDocument("b");
-      expect(pool().stats()).toMatchObject({ used: 4 * model.kvHeads, pinned: 4 * model.kvHeads });
-      letGo();
-      expect((await reading).stats.backend).toBe('cuda');
-      expect(pool().stats()).toMatchObject({ used: 0, pinned: 0 });
-      // No slot was freed under a pin or changed under a read.
-      expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
-    } finally {
-      letGo();
-      await server.close();
-      tmp.cleanup();
-    }
-  });
+        // Deleted while a step reads its layer 1 on the device: that layer's blocks stay (pinned) until the step
+        // ends, then go; its layer 0, which no step reads, goes at once.
+        const inKernel = holdNext();
+        const reading = step(b, 1);
+        await inKernel;
+        await client.deleteDocument("b");
+        expect(holding(pool())).toEqual({ used: 4 * model.kvHeads, held: 4 * model.kvHeads });
+        letGo();
+        expect((await reading).stats.backend).toBe('cuda');
+        expect(holding(pool())).toEqual({ used: 0, held: 0 });
+        // No slot was freed under a pin or changed under a read.
+        expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+      } finally {
+        letGo();
+        await server.close();
+        tmp.cleanup();
+      }
+    });
 
   it('a step that reaches the device after its document was dropped frees what it made resident when it ends', async () => {
     const { gpu, pool } = modelBackend(1 << 20);
@@ -111,7 +118,7 @@ describe('a deleted document on the device', () => {
     // Dropped before any of its blocks reached the device (a step past its document check, not yet on the device).
     gpu.drop([doc]);
     await gpu.attend(m, 0, [part(doc), part(other)], q, 1, out, lse);
-    expect(pool().stats()).toMatchObject({ used: 4, pinned: 0 }); // the other segment's 2 blocks x 2 heads
+    expect(holding(pool())).toEqual({ used: 4, held: 0 }); // the other segment's 2 blocks x 2 heads
     expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     gpu.close();
   });
@@ -130,7 +137,7 @@ describe('a deleted document on the device', () => {
     // and from the model now) and stopped there: the step failed after its kernel, the other segment counted as read for good.
     await gpu.attend(m, 0, [none, two], q, 1, out, lse);
     gpu.drop([other]);
-    expect(pool().stats()).toMatchObject({ used: 0, pinned: 0 });
+    expect(holding(pool())).toEqual({ used: 0, held: 0 });
     gpu.close();
   });
 });
@@ -176,12 +183,12 @@ describe.skipIf(!redis && !redisRequired())('a layer evicted from host memory on
 
       await step(s1, 0);
       await step(s1, 1);
-      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(holding(pool())).toEqual({ used: 2 * layerBlocks, held: 0 });
       // Layer 2 read: layer 0, the least recently used, is evicted, and its blocks leave the pool with it.
       await step(s1, 2);
       expect(await resident()).toEqual([1, 2]);
       expect(evictions()).toBe(1);
-      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(holding(pool())).toEqual({ used: 2 * layerBlocks, held: 0 });
 
       // A step on layer 1 held on the device: its layer is pinned, so the reads of layers 0 and 3 by the other
       // session evict layer 2 and then layer 3, never layer 1, whose blocks stay held until the step ends.
@@ -190,19 +197,19 @@ describe.skipIf(!redis && !redisRequired())('a layer evicted from host memory on
       await inKernel;
       await step(s2, 3);
       expect(await resident()).toEqual([1, 3]);
-      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
+      expect(holding(pool())).toEqual({ used: 2 * layerBlocks, held: layerBlocks });
       // Layer 0 read again is a new segment: none of its blocks hits the old segment's (which are gone).
       expect(await step(s2, 0)).toMatchObject({ selected: layerBlocks, hits: 0 });
       expect(await resident()).toEqual([0, 1]);
       expect(evictions()).toBe(3);
-      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: layerBlocks });
+      expect(holding(pool())).toEqual({ used: 2 * layerBlocks, held: layerBlocks });
       letGo();
       await held;
-      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(holding(pool())).toEqual({ used: 2 * layerBlocks, held: 0 });
       // Once its step ended, layer 1 is the least recently used: evicted by the read of layer 2, its blocks go.
       await step(s1, 2);
       expect(await resident()).toEqual([0, 2]);
-      expect(pool().stats()).toMatchObject({ used: 2 * layerBlocks, pinned: 0 });
+      expect(holding(pool())).toEqual({ used: 2 * layerBlocks, held: 0 });
       // A resident layer's blocks still hit.
       expect(await step(s1, 0)).toMatchObject({ selected: layerBlocks, hits: layerBlocks });
       expect(pool().faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });

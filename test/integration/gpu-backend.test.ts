@@ -13,7 +13,7 @@ import { cudaAvailable, deviceName } from '../../addon/cuda.js';
 import { attend } from '../../addon/kernels.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { POOL_BLOCK, RANGE_PRIORITY } from '../../engine/cache/gpu-pool.js';
-import { rowsOf, splitForPool, toAttendSegment } from '../../engine/cache/selection-parts.js';
+import { poolPartBlocks, rowsOf, splitForPool, toAttendSegment } from '../../engine/cache/selection-parts.js';
 import { KvSegment } from '../../storage/kv-segment.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -61,19 +61,20 @@ describe('splitForPool', () => {
     ];
     const split = splitForPool(parts, (s) => s !== own, POOL_BLOCK, kvHeads, RANGE_PRIORITY);
 
-    // Whole blocks of the document only, each with its class.
+    // Whole blocks of the document only, each with its class: the range part as one range (no block listed), the block list's per head.
     expect(split.pool.every((p) => p.segment === doc)).toBe(true);
     for (const p of split.pool)
       for (let h = 0; h < kvHeads; h++) {
-        expect(p.priority[h].length).toBe(p.blocks[h].length);
-        for (const b of p.blocks[h]) expect((b + 1) * POOL_BLOCK).toBeLessThanOrEqual(docTokens);
+        if (!p.range) expect(p.priority[h].length).toBe(p.blocks[h].length);
+        for (const b of poolPartBlocks(p, h)) expect((b + 1) * POOL_BLOCK).toBeLessThanOrEqual(docTokens);
       }
-    expect(split.pool.map((p) => Array.from(p.blocks[0]))).toEqual([[1], [3, 5]]);
-    expect(split.pool.map((p) => Array.from(p.priority[0]))).toEqual([[RANGE_PRIORITY], [0, 2]]);
+    expect(split.pool[0]).toEqual({ segment: doc, range: { first: 1, count: 1, priority: RANGE_PRIORITY } });
+    expect(split.pool.map((p) => Array.from(poolPartBlocks(p, 0)))).toEqual([[1], [3, 5]]);
+    expect(Array.from(split.pool[1].priority![0])).toEqual([0, 2]);
     expect(split.poolBlocks).toBe(2 + 2 + 1);
 
     // The rows of both halves are the rows of the selection, none twice.
-    const poolParts: SelectionPart[] = split.pool.map((p) => ({ segment: p.segment, blocks: { size: POOL_BLOCK, ids: p.blocks } }));
+    const poolParts: SelectionPart[] = split.pool.map((p) => ({ segment: p.segment, blocks: { size: POOL_BLOCK, ids: Array.from({ length: kvHeads }, (_, h) => poolPartBlocks(p, h)) } }));
     const key = (p: SelectionPart, h: number) => Array.from(rowsOf(p, h), (r) => `${p.segment === own ? 'own' : 'doc'}:${r}`);
     for (let h = 0; h < kvHeads; h++) {
       const whole = parts.flatMap((p) => key(p, h)).sort();
@@ -95,6 +96,45 @@ describe('splitForPool', () => {
     const ref = referenceAttention(q, k, v, qHeads, d, 1 / Math.sqrt(d), rows);
     expect(maxRelError(merged.out, ref.out, qHeads)).toBeLessThan(1e-5);
     expect(maxRelErrorScalar(merged.lse, ref.lse)).toBeLessThan(1e-5);
+  });
+});
+
+describe('splitForPool: range parts', () => {
+  it("a range part's whole blocks are one range, no block listed, the same blocks as listing them; the partial ends stay on the host", () => {
+    const rng = new Rng(seed + 7);
+    const kvHeads = 8, d = 64;
+    for (let trial = 0; trial < 200; trial++) {
+      const tokens = 1 + rng.int(64 * 40);
+      const seg = new KvSegment(kvHeads, d, 'f16', 1);
+      seg.setTokens(tokens);
+      const begin = rng.int(tokens), end = begin + rng.int(tokens - begin + 1);
+      const split = splitForPool([{ segment: seg, begin, end }], () => true, POOL_BLOCK, kvHeads, RANGE_PRIORITY);
+      // The blocks a per-block split listed: every whole block inside [begin, end).
+      const whole: number[] = [];
+      for (let b = 0; (b + 1) * POOL_BLOCK <= tokens; b++) if (b * POOL_BLOCK >= begin && (b + 1) * POOL_BLOCK <= end) whole.push(b);
+      if (whole.length === 0) expect(split.pool).toEqual([]);
+      else {
+        expect(split.pool).toEqual([{ segment: seg, range: { first: whole[0], count: whole.length, priority: RANGE_PRIORITY } }]);
+        for (let h = 0; h < kvHeads; h++) expect(Array.from(poolPartBlocks(split.pool[0], h))).toEqual(whole);
+      }
+      expect(split.poolBlocks).toBe(whole.length * kvHeads);
+      // Host rows + pool rows = [begin, end), none twice.
+      const rows = new Set<number>();
+      for (const b of whole) for (let t = b * POOL_BLOCK; t < (b + 1) * POOL_BLOCK; t++) rows.add(t);
+      for (const p of split.host) for (const r of rowsOf(p, 0)) {
+        expect(rows.has(r)).toBe(false);
+        rows.add(r);
+      }
+      expect(rows.size).toBe(end - begin);
+      if (end > begin) expect(Math.min(...rows)).toBe(begin);
+    }
+  });
+
+  it('a whole 1M-token document is one range part of 16384 blocks for every head', () => {
+    const seg = new KvSegment(8, 128, 'f16', 1);
+    seg.setTokens(2 ** 20);
+    const split = splitForPool([{ segment: seg }], () => true, POOL_BLOCK, 8, RANGE_PRIORITY);
+    expect(split).toEqual({ pool: [{ segment: seg, range: { first: 0, count: 16384, priority: RANGE_PRIORITY } }], host: [], poolBlocks: 16384 * 8 });
   });
 });
 
