@@ -47,7 +47,7 @@ namespace cuda {
 namespace {
 
 constexpr int32_t kPending = -2;         // a miss claimed this step, not yet given a slot
-constexpr int kAllocThreads = 1024;
+constexpr int kAllocThreads = 1024, kAllocPer = 8;
 constexpr int kGatherCtas = 264, kGatherThreads = 256;  // a warp per row; fixed, for the graph
 // Counters the step reads back (in its output buffer): misses, overflow, bytes in, misses given a slot.
 constexpr int kCacheCounters = 4;
@@ -93,33 +93,44 @@ __global__ void CacheNeed(CacheParams c) {
   for (int32_t k = 0; k < n; ++k) NeedRow(c, int64_t(h) * c.N + mem[k], step);
 }
 
-// One CTA: slots from the clock hand, those not read this step, one per miss.
+// One CTA: slots from the clock hand, those not read this step, one per
+// miss, in slot order (each thread looks at kAllocPer consecutive slots a
+// round: with a cache barely above a step's rows few slots are free, and the
+// scan may pass most of them before it finds enough).
 __global__ void __launch_bounds__(kAllocThreads) CacheAllocate(CacheParams c) {
   using Scan = cub::BlockScan<int, kAllocThreads>;
   __shared__ typename Scan::TempStorage tmp;
-  __shared__ int sLast;
+  __shared__ int64_t sLast;
   const int32_t step = c.state[0], hand = c.state[1];
   const unsigned long long misses = c.counters[0];
   const int64_t M = misses < (unsigned long long)c.rows ? int64_t(misses) : c.rows;
   if (threadIdx.x == 0) sLast = -1;
   __syncthreads();
   int64_t assigned = 0;
-  for (int64_t at = 0; assigned < M && at < c.rows; at += kAllocThreads) {
-    const int64_t i = at + threadIdx.x;
-    const int64_t s = (hand + i) % c.rows;
-    const int ok = i < c.rows && c.stamp[s] != step ? 1 : 0;
+  for (int64_t at = 0; assigned < M && at < c.rows; at += int64_t(kAllocThreads) * kAllocPer) {
+    const int64_t i0 = at + int64_t(threadIdx.x) * kAllocPer;
+    int mask = 0, n = 0;
+#pragma unroll
+    for (int k = 0; k < kAllocPer; ++k) {
+      const int64_t i = i0 + k;
+      if (i < c.rows && c.stamp[(hand + i) % c.rows] != step) mask |= 1 << k, ++n;
+    }
     int rank = 0, total = 0;
-    Scan(tmp).ExclusiveSum(ok, rank, total);
-    if (ok && assigned + rank < M) {
-      const int32_t key = c.miss[assigned + rank], old = c.owner[s];
+    Scan(tmp).ExclusiveSum(n, rank, total);
+#pragma unroll
+    for (int k = 0; k < kAllocPer; ++k) {
+      if (!(mask >> k & 1)) continue;
+      const int64_t j = assigned + rank++, i = i0 + k, s = (hand + i) % c.rows;
+      if (j >= M) break;
+      const int32_t key = c.miss[j], old = c.owner[s];
       if (old >= 0) c.rowSlot[old] = -1;
       c.owner[s] = key;
       c.stamp[s] = step;
       c.rowSlot[key] = int32_t(s);
-      if (assigned + rank == M - 1) sLast = int(i);
+      if (j == M - 1) sLast = i;
     }
     assigned += total;
-    __syncthreads();  // tmp reused; stamps read above are this CTA's only
+    __syncthreads();  // tmp reused; each slot is looked at by one thread, once
   }
   if (threadIdx.x == 0) {
     const int64_t given = assigned < M ? assigned : M;
