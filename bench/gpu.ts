@@ -6,8 +6,8 @@
 // the split-K kernel over block tables against the CPU `attend` and a float64
 // reference on fresh random data (d = 64 and 128, GQA groups 1, 4 and 8, tables
 // of 1 to 10^4 blocks with a partial last block, f16 and bf16), the merge of a
-// CPU-computed part, and a pool that evicts under pressure. It exits non-zero
-// on a mismatch.
+// CPU-computed part, a pool that evicts under pressure, and the pool's range
+// tables (bench/gpu-range.ts). It exits non-zero on a mismatch.
 //
 // The benchmark times one layer-step (32 q / 8 kv heads, d=128, f16) with
 // 128K, 256K and 1M tokens resident, turns it into achieved bandwidth (K+V
@@ -24,13 +24,14 @@ import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName, GpuPool } from '../addon/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
 import { runDecodeBench } from './gpu-decode.js';
+import { checkRangeTables } from './gpu-range.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 
 // ---------------------------------------------------------------- data
 
 /** n random 16-bit words of dtype dt and their exact values. */
-function randomWords(rng: Rng, dt: KvDtype, n: number, sigma = 1): { bits: Uint16Array; values: Float32Array } {
+export function randomWords(rng: Rng, dt: KvDtype, n: number, sigma = 1): { bits: Uint16Array; values: Float32Array } {
   const f = new Float32Array(n);
   for (let i = 0; i < n; i++) f[i] = rng.normal() * sigma;
   const bits = new Uint16Array(n);
@@ -41,7 +42,7 @@ function randomWords(rng: Rng, dt: KvDtype, n: number, sigma = 1): { bits: Uint1
 }
 
 /** Float64 attention of every q head over the listed rows of its kv head. */
-function reference(q: Float32Array, k: Float32Array[], v: Float32Array[], qHeads: number, d: number, scale: number,
+export function reference(q: Float32Array, k: Float32Array[], v: Float32Array[], qHeads: number, d: number, scale: number,
                    rows: Int32Array[]): { out: Float64Array; lse: Float64Array } {
   const kvHeads = k.length, G = qHeads / kvHeads;
   const out = new Float64Array(qHeads * d), lse = new Float64Array(qHeads);
@@ -70,7 +71,7 @@ function reference(q: Float32Array, k: Float32Array[], v: Float32Array[], qHeads
   return { out, lse };
 }
 
-function maxAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
+export function maxAbs(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let e = 0;
   for (let i = 0; i < a.length; i++) e = Math.max(e, Math.abs(a[i] - b[i]));
   return e;
@@ -272,6 +273,13 @@ async function runChecks(quick: boolean): Promise<boolean> {
     console.log(line);
     lines.push(line);
   }
+  for (const dt of ['f16', 'bf16'] as const)
+    for (const r of await checkRangeTables(dt, seed + i++)) {
+      allOk &&= r.ok;
+      const line = `${r.ok ? 'ok  ' : 'FAIL'} range tables, ${r.name}: range vs per-block ${r.fastVsSlow.toExponential(1)}, range-ref ${f(r.fastVsRef)}, pool ${r.pool ? 'ok' : 'WRONG'}`;
+      console.log(line);
+      lines.push(line);
+    }
   console.log(allOk ? 'gpu checks: all ok (max abs error out/lse)' : 'gpu checks: MISMATCH');
   if (process.env.OUT) writeFileSync(join(process.env.OUT, 'gpu-check.txt'), `seed ${seed}\n${lines.join('\n')}\n`);
   return allOk;

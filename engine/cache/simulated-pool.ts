@@ -358,8 +358,8 @@ export class PoolModel implements DevicePool {
     return n;
   }
 
-  /** Per kv head, the slots an attend reads (a held range's from its table). */
-  private slotsRead(a: GpuAttendArgs): number[][] {
+  /** Per kv head, the slots an attend over these tables reads (a held range's from its table). */
+  slotsRead(a: Pick<GpuAttendArgs, 'tables'>): number[][] {
     return a.tables.map((t) => {
       if (t instanceof Int32Array) return Array.from(t);
       return t.flatMap((p) => {

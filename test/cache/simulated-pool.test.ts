@@ -2,10 +2,11 @@
 // recently used, never a block the step itself uses. On a GPU the same
 // random sequence runs through the native pool and the two must agree hit
 // for hit (the policy is written once per language; this keeps them one).
-// So must the model of the whole pool (PoolModel: holding, release), which
-// the CPU tests of a deleted document's device copies run on.
+// So must the model of the whole pool (PoolModel: holding, range tables,
+// release), which the CPU tests of a deleted document's device copies and
+// of the range tables (pool-ranges.test.ts) run on.
 import { describe, expect, it } from 'vitest';
-import { cudaAvailable, GpuPool } from '../../addon/cuda.js';
+import { cudaAvailable, GpuPool, type GpuRangeHold } from '../../addon/cuda.js';
 import { PoolModel, touch, type HeadPool } from '../../engine/cache/simulated-pool.js';
 import { Rng } from '../helpers/random.js';
 
@@ -98,6 +99,63 @@ describe('simulated pool', () => {
         }
         const { slots, used, pinned, hits, misses, evictions } = pool.stats();
         expect(model.stats(), `step ${step}`).toMatchObject({ slots, used, pinned, hits, misses, evictions });
+      }
+      expect(model.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
+    } finally {
+      pool.close();
+    }
+  });
+  it('the pool model holds ranges, parks, evicts and releases as the native pool does on a random sequence (GPU only)', async (ctx) => {
+    if (!cudaAvailable().ok) return ctx.skip();
+    const blockSize = 64, d = 64, blocks = 48;
+    const options = { budgetBytes: 40 * blockSize * d * 2 * 2, blockSize, headDim: 64 as const, dtype: 'f16' as const };
+    const pool = GpuPool.create(options), model = new PoolModel(options);
+    try {
+      const k = new Uint16Array(blocks * blockSize * d), v = new Uint16Array(k.length);
+      const rng = new Rng(13);
+      // Open holds, each as both pools answered it.
+      const open: [GpuRangeHold, GpuRangeHold][] = [];
+      const pinned: [number, Int32Array][] = [];
+      for (let step = 0; step < 400; step++) {
+        const segment = 1 + Math.floor(rng.next() * 3), client = segment * 2 ** 20 + Math.floor(rng.next() * 2);
+        const x = rng.next();
+        const both = (f: (p: GpuPool | PoolModel) => void) => {
+          const threw = [pool, model].map((p) => {
+            try {
+              f(p);
+              return false;
+            } catch {
+              return true;
+            }
+          });
+          expect(threw[0], `step ${step}: the native pool threw, the model ${threw[1] ? 'too' : 'not'}`).toBe(threw[1]);
+          return threw[0];
+        };
+        if (step % 23 === 22) {
+          // A segment dropped while nothing holds it (GpuBackend waits for its readers).
+          for (const [a, b] of open.splice(0)) pool.unholdRange(a), model.unholdRange(b);
+          for (const [c, b] of pinned.splice(0)) for (const p of [pool, model]) p.pin(c, b, false);
+          expect(pool.releaseRange(segment * 2 ** 20, (segment + 1) * 2 ** 20), `step ${step}`).toBe(model.releaseRange(segment * 2 ** 20, (segment + 1) * 2 ** 20));
+        } else if (x < 0.35) {
+          const first = Math.floor(rng.next() * 24), count = 1 + Math.floor(rng.next() * 16), priority = Math.floor(rng.next() * 3);
+          const got: GpuRangeHold[] = [];
+          if (!both((p) => got.push(p.holdRange(client, first, count, k, v, priority)))) open.push([got[0], got[1]]);
+        } else if (x < 0.6 && open.length > 0) {
+          const [a, b] = open.splice(Math.floor(rng.next() * open.length), 1)[0];
+          pool.unholdRange(a);
+          model.unholdRange(b);
+        } else {
+          const chosen = new Set<number>();
+          while (chosen.size < 5) chosen.add(Math.floor(rng.next() * blocks));
+          const b = Int32Array.from(chosen);
+          const pr = Uint8Array.from(b, (y) => (y % 7 === 0 ? 1 : 0));
+          const hold = step % 3 === 0;
+          if (!both((p) => p.uploadIndexed(client, b, k, v, { priorities: pr, hold })) && hold) pinned.push([client, b]);
+          if (pinned.length > 2) for (const p of [pool, model]) p.pin(...pinned[0], false);
+          if (pinned.length > 2) pinned.shift();
+        }
+        const { slots, used, pinned: pins, hits, misses, evictions, rangeHeld, rangeReuses, rangePatched } = pool.stats();
+        expect(model.stats(), `step ${step}`).toMatchObject({ slots, used, pinned: pins, hits, misses, evictions, rangeHeld, rangeReuses, rangePatched });
       }
       expect(model.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     } finally {
