@@ -4,7 +4,7 @@
 // memory for the layer ≤ 20% of its K/V; ≤ 2 MiB host→device per step after
 // the first 16 steps"). Needs a CUDA device.
 //
-//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2] [--tag T]
+//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2] [--stays 0.9,1] [--tag T]
 //
 // --check: on the small cases of bench/wave-gpu.ts (random keys clustered by
 // the real builder), a dense and a paged store of the same heads, the paged
@@ -20,7 +20,8 @@
 // clusters of 16 (bench/wave-gpu.ts's synthetic layer), budget 2%, sinks 16,
 // window 64, the engine's call (attend, ids left on the device, graph) at
 // probe 4, with drifting decode queries (the generator's knobs: the target
-// row stays with topicStay, the noise is AR(1) with its drift). Dense and
+// row stays with topicStay, the noise is AR(1) with its drift; --stays runs
+// each regime apart: the generator's 0.9, and 1, drift alone). Dense and
 // paged stores (cache = bound x each --caches factor) alternate step by step
 // in one sitting: device ms and host wall p50, answers against the dense
 // store's, device bytes (summaries, cache) as a share of the layer's K/V, and
@@ -45,8 +46,8 @@ import { caseName, compare, gpuRanking, keyRows, staticRows, syntheticHead, wave
  * target's key plus AR(1) noise (drift ρ, unit variance).
  */
 export function driftingQueries(rng: Rng, keyRow: (h: number, t: number) => Float32Array, H: number, N: number, d: number, G: number, steps: number,
-                                jumps: number[] = []): Float32Array[] {
-  const k = defaultKnobs(N), rho = k.drift, innov = Math.sqrt(1 - rho * rho);
+                                jumps: number[] = [], topicStay?: number): Float32Array[] {
+  const k = defaultKnobs(N, topicStay === undefined ? {} : { topicStay }), rho = k.drift, innov = Math.sqrt(1 - rho * rho);
   const target = Int32Array.from({ length: H }, () => rng.int(N));
   const noise = Array.from({ length: H * G }, () => Float32Array.from({ length: d }, () => rng.normal()));
   const out: Float32Array[] = [];
@@ -178,7 +179,12 @@ export const pagedCheckOk = (r: PagedCheck) =>
 
 // ---------------------------------------------------------------- benchmark
 
-interface PagedBenchConfig { tokens: number; kvHeads: number; G: number; d: number; clusterSize: number; budgetShare: number; sinks: number; window: number; steps: number; probe: number; caches: number[] }
+interface PagedBenchConfig {
+  tokens: number; kvHeads: number; G: number; d: number; clusterSize: number; budgetShare: number; sinks: number; window: number; steps: number; probe: number;
+  caches: number[];
+  /** Query regimes, each its own run of `steps` over the same stores: the probability a head's target stays a step (the generator's 0.9; 1: drift only). */
+  stays: number[];
+}
 
 const p = (xs: number[], q: number) => quantile(xs, q);
 const MiB = 1 << 20;
@@ -208,45 +214,52 @@ async function runBench(cfg: PagedBenchConfig, log: (s: string) => void) {
     stores.push({ name: `paged x${f}`, store: WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads, cacheRows }), cacheRows });
   }
   log(`stores: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  const qs = driftingQueries(rng, keyRows(heads, d, dt), H, N, d, G, cfg.steps);
-  const ms = stores.map(() => [] as number[]), wall = stores.map(() => [] as number[]), bytesIn = stores.map(() => [] as number[]);
-  const misses = stores.map(() => [] as number[]);
-  const same = stores.map(() => 0), bitwise = stores.map(() => 0);
-  for (let s = 0; s < cfg.steps; s++) {
-    // Alternated: each step runs every store, in an order that rotates.
-    const answers: WaveGpuStepResult[] = new Array(stores.length);
-    for (let k = 0; k < stores.length; k++) {
-      const i = (k + s) % stores.length;
-      const w0 = performance.now();
-      const r = await stores[i].store.step(args(qs[s]));
-      wall[i].push(performance.now() - w0);
-      ms[i].push(r.ms);
-      bytesIn[i].push(r.bytesIn);
-      misses[i].push(r.misses);
-      answers[i] = r;
-    }
-    for (let i = 1; i < stores.length; i++) {
-      const v = sameAnswer(answers[i], answers[0]);
-      same[i] += v.same ? 1 : 0;
-      bitwise[i] += v.bitwise ? 1 : 0;
-    }
-  }
   const kvBytes = 2 * H * N * d * 2;
+  const regimes = [];
+  for (const stay of cfg.stays) {
+    const qs = driftingQueries(rng, keyRows(heads, d, dt), H, N, d, G, cfg.steps, [], stay);
+    const ms = stores.map(() => [] as number[]), wall = stores.map(() => [] as number[]), bytesIn = stores.map(() => [] as number[]);
+    const misses = stores.map(() => [] as number[]);
+    const same = stores.map(() => 0), bitwise = stores.map(() => 0);
+    for (let s = 0; s < cfg.steps; s++) {
+      // Alternated: each step runs every store, in an order that rotates.
+      const answers: WaveGpuStepResult[] = new Array(stores.length);
+      for (let k = 0; k < stores.length; k++) {
+        const i = (k + s) % stores.length;
+        const w0 = performance.now();
+        const r = await stores[i].store.step(args(qs[s]));
+        wall[i].push(performance.now() - w0);
+        ms[i].push(r.ms);
+        bytesIn[i].push(r.bytesIn);
+        misses[i].push(r.misses);
+        answers[i] = r;
+      }
+      for (let i = 1; i < stores.length; i++) {
+        const v = sameAnswer(answers[i], answers[0]);
+        same[i] += v.same ? 1 : 0;
+        bitwise[i] += v.bitwise ? 1 : 0;
+      }
+    }
+    regimes.push({
+      topicStay: stay,
+      stores: stores.map((x, i) => {
+        const b = x.store.bytes(), late = bytesIn[i].slice(16).map((v) => v / MiB);
+        return {
+          name: x.name, cacheRows: x.cacheRows, cacheShareOfRows: x.cacheRows / (H * N),
+          deviceMs: { p50: p(ms[i], 0.5), p90: p(ms[i], 0.9) }, hostWallMs: { p50: p(wall[i], 0.5), p90: p(wall[i], 0.9) },
+          bytes: b, summariesShare: b.summaries / kvBytes, cacheShare: b.cache / kvBytes, deviceShare: (b.summaries + b.kv + b.cache) / kvBytes,
+          h2dMiBFirst16: bytesIn[i].slice(0, 16).reduce((a, v) => a + v, 0) / MiB,
+          h2dMiBPerStepAfter16: late.length ? { mean: late.reduce((a, v) => a + v, 0) / late.length, p50: p(late, 0.5), p99: p(late, 0.99), max: Math.max(...late) } : undefined,
+          missesPerStepAfter16: misses[i].length > 16 ? p(misses[i].slice(16), 0.5) : undefined,
+          sameAsDense: i === 0 ? undefined : { steps: cfg.steps, same: same[i], bitwise: bitwise[i] },
+        };
+      }),
+    });
+  }
   const result = {
     device: deviceName(cudaAvailable()),
     config: { ...cfg, dtype: dt, budget, searchK, target, boundRows: bound, boundShare: bound / (H * N) },
-    stores: stores.map((x, i) => {
-      const b = x.store.bytes(), late = bytesIn[i].slice(16).map((v) => v / MiB);
-      return {
-        name: x.name, cacheRows: x.cacheRows, cacheShareOfRows: x.cacheRows / (H * N),
-        deviceMs: { p50: p(ms[i], 0.5), p90: p(ms[i], 0.9) }, hostWallMs: { p50: p(wall[i], 0.5), p90: p(wall[i], 0.9) },
-        bytes: b, summariesShare: b.summaries / kvBytes, cacheShare: b.cache / kvBytes, deviceShare: (b.summaries + b.kv + b.cache) / kvBytes,
-        h2dMiBFirst16: bytesIn[i].slice(0, 16).reduce((a, v) => a + v, 0) / MiB,
-        h2dMiBPerStepAfter16: late.length ? { mean: late.reduce((a, v) => a + v, 0) / late.length, p99: p(late, 0.99), max: Math.max(...late) } : undefined,
-        missesPerStepAfter16: misses[i].length > 16 ? p(misses[i].slice(16), 0.5) : undefined,
-        sameAsDense: i === 0 ? undefined : { steps: cfg.steps, same: same[i], bitwise: bitwise[i] },
-      };
-    }),
+    regimes,
     layerKvBytes: kvBytes,
     targets: { deviceShare: 0.2, h2dMiBPerStepAfter16: 2 },
   };
@@ -264,12 +277,12 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `probe ${c.probe} (target ${c.target} rows a head), the engine's call, ${c.steps} drifting steps, stores alternated step by step.`,
     `Cache bound (waveCacheRowsBound): ${c.boundRows} rows, ${(100 * c.boundShare).toFixed(2)}% of the layer's rows. Shares are of the layer's K/V (${(r.layerKvBytes / MiB).toFixed(0)} MiB).`,
     '',
-    '| store | device ms p50 | host wall p50 | summaries | cache | device total | H2D MiB, steps 0-15 | H2D MiB/step 16+: mean / p99 / max | same as dense (bitwise) |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
-    ...r.stores.map((s) =>
-      `| ${s.name} | ${f(s.deviceMs.p50)} | ${f(s.hostWallMs.p50)} | ${f(100 * s.summariesShare, 1)}% | ${f(100 * s.cacheShare, 1)}% | ${f(100 * s.deviceShare, 1)}% | ` +
-      `${f(s.h2dMiBFirst16, 1)} | ${s.h2dMiBPerStepAfter16 ? `${f(s.h2dMiBPerStepAfter16.mean, 2)} / ${f(s.h2dMiBPerStepAfter16.p99, 2)} / ${f(s.h2dMiBPerStepAfter16.max, 2)}` : '-'} | ` +
-      `${s.sameAsDense ? `${s.sameAsDense.same}/${s.sameAsDense.steps} (${s.sameAsDense.bitwise})` : '-'} |`),
+    '| topicStay | store | device ms p50 | host wall p50 | summaries | cache | device total | H2D MiB, steps 0-15 | H2D MiB/step 16+: mean / p50 / p99 / max | same as dense (bitwise) |',
+    '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ...r.regimes.flatMap((g) => g.stores.map((s) =>
+      `| ${g.topicStay} | ${s.name} | ${f(s.deviceMs.p50)} | ${f(s.hostWallMs.p50)} | ${f(100 * s.summariesShare, 1)}% | ${f(100 * s.cacheShare, 1)}% | ${f(100 * s.deviceShare, 1)}% | ` +
+      `${f(s.h2dMiBFirst16, 1)} | ${s.h2dMiBPerStepAfter16 ? `${f(s.h2dMiBPerStepAfter16.mean, 2)} / ${f(s.h2dMiBPerStepAfter16.p50, 2)} / ${f(s.h2dMiBPerStepAfter16.p99, 2)} / ${f(s.h2dMiBPerStepAfter16.max, 2)}` : '-'} | ` +
+      `${s.sameAsDense ? `${s.sameAsDense.same}/${s.sameAsDense.steps} (${s.sameAsDense.bitwise})` : '-'} |`)),
     '',
     `Targets (issue #13): device total <= ${100 * r.targets.deviceShare}% of the layer's K/V; <= ${r.targets.h2dMiBPerStepAfter16} MiB host to device per step after 16 steps.`,
   ];
@@ -298,6 +311,7 @@ async function main() {
     const cfg: PagedBenchConfig = {
       tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: Number(opt('--cluster-size') ?? 16), budgetShare: 0.02, sinks: 16, window: 64,
       steps: Number(opt('--steps') ?? 64), probe: Number(opt('--probe') ?? PROBE_ESTIMATED), caches: (opt('--caches') ?? '1,2').split(',').map(Number),
+      stays: (opt('--stays') ?? `${defaultKnobs(1).topicStay},1`).split(',').map(Number),
     };
     const r = await runBench(cfg, console.log);
     const md = markdown(r);

@@ -165,7 +165,6 @@ struct RowCache {
   uint16_t* host = nullptr;  // pinned, mapped: K [H·N, d] then V [H·N, d]
   DevBuf dev;                // cacheK, cacheV, rowSlot, owner, stamp, miss, state
   CacheParams c{};
-  size_t rowSlotBytes = 0, slotBytes = 0;
   ~RowCache() { if (host) cudaFreeHost(host); }
 
   // Copies K and V to the host memory and lays the cache out; sets p's keys,
@@ -186,8 +185,6 @@ struct RowCache {
     const size_t oK = L.Add(size_t(rows + 1) * d * 2), oV = L.Add(size_t(rows + 1) * d * 2), oSlot = L.Add(all * 4),
                  oOwner = L.Add(size_t(rows) * 4), oStamp = L.Add(size_t(rows) * 4), oMiss = L.Add(size_t(rows) * 4), oState = L.Add(8);
     dev.Need(L.at, "cudaMalloc (wave row cache)");
-    slotBytes = oSlot;
-    rowSlotBytes = L.at - oSlot;
     c.cacheK = Layout::At<uint16_t>(dev.p, oK);
     c.cacheV = Layout::At<uint16_t>(dev.p, oV);
     c.rowSlot = Layout::At<int32_t>(dev.p, oSlot);
