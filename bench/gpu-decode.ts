@@ -12,6 +12,11 @@
 // the dense answer of the same step. Part of `npm run bench:gpu` (or
 // `node dist/bench/gpu.js --decode [--tokens N --steps S]`); results in
 // bench/results/gpu-decode-<device>.{json,md} (h100, h200; with --configs, gpu-decode-<configs>-<device>).
+// --pool-path ab runs range parts (sinks, window, exact's whole document) both
+// ways in one sitting, alternating step by step on the same pool: block by
+// block, and through the pool's range tables (GpuBackend.rangeTables); its
+// files are gpu-decode-[<configs>-]pool-ab-<device>. old / new run one way
+// (default: new, unless KVRECALL_POOL_RANGES=0).
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
@@ -42,6 +47,8 @@ interface StepRow {
   hits: number;
   bytesIn: number;
   outError: number;
+  /** The step's pool path: range tables (holdRange) or block by block. */
+  rangeTables: boolean;
 }
 
 const pct = (xs: number[], p: number) => quantile(xs, p, 'low');
@@ -52,7 +59,14 @@ const relError = (a: Float32Array, b: Float32Array, heads: number) => mean([...r
 /** A result file's device tag: the chip's model (h100, h200), or 'gpu'. */
 export const deviceTag = (device: string) => /\b([hab]\d{2,3})\b/i.exec(device)?.[1].toLowerCase() ?? 'gpu';
 
-export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[] }): Promise<void> {
+/**
+ * The pool path of range parts (sinks, window, whole documents): 'new' range
+ * tables, 'old' block by block, 'ab' both in one run, alternating step by
+ * step on the same pool (even steps block by block, odd steps range tables).
+ */
+export type PoolPath = 'old' | 'new' | 'ab';
+
+export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath }): Promise<void> {
   const { tokens, steps } = opts;
   const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16', blockSize: 64 };
   const { kvHeads, headDim: d } = model;
@@ -135,6 +149,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     });
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
+      if (opts.poolPath) gpu.rangeTables = opts.poolPath === 'ab' ? s % 2 === 1 : opts.poolPath === 'new';
       const q = w.decodeQ[s];
       const r = await decodeStep(session, { layer: 0, q, scale: w.scale, want: new Set(['out']) });
       if (cfg.method === 'exact') denseOut.push(r.out);
@@ -142,6 +157,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
         ms: r.stats.ms, selectMs: r.stats.selectMs, attendMs: r.stats.attendMs, residentMs: r.stats.gpu?.residentMs ?? NaN, kernelMs: r.stats.gpu?.kernelMs ?? NaN,
         selected: r.stats.blocks?.selected ?? 0, hits: r.stats.blocks?.hits ?? 0, bytesIn: r.stats.blocks?.bytesIn ?? 0,
         outError: cfg.method === 'exact' ? 0 : relError(r.out, denseOut[s], model.qHeads),
+        rangeTables: gpu.rangeTables,
       });
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
       if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
@@ -150,36 +166,42 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     if (estimating && cfg.estimate === 'device' && gpu.describe().wave?.rests !== steps) throw new Error(`${cfg.name}: ${gpu.describe().wave?.rests ?? 0} of ${steps} estimates ran on the device`);
     session.release();
     gpu.close();
-    // Step 0 fills the pool (every block is a miss): steady state is steps 1..
-    const warm = rows.slice(1);
-    const sel = warm.reduce((a, r) => a + r.selected, 0), hit = warm.reduce((a, r) => a + r.hits, 0);
-    const summary = {
-      config: cfg.name,
-      method: cfg.method,
-      poolBytes: cfg.poolBytes,
-      poolShareOfKv: cfg.poolBytes / layerBytes,
-      budgetTokensPerHead: cfg.method === 'exact' ? tokens : sparseBudget,
-      stepMsP50: pct(warm.map((r) => r.ms), 0.5),
-      stepMsP99: pct(warm.map((r) => r.ms), 0.99),
-      selectMsP50: pct(warm.map((r) => r.selectMs), 0.5),
-      attendMsP50: pct(warm.map((r) => r.attendMs), 0.5),
-      residentMsP50: pct(warm.map((r) => r.residentMs), 0.5),
-      kernelMsP50: pct(warm.map((r) => r.kernelMs), 0.5),
-      blocksSelectedPerStep: sel / warm.length,
-      hitRate: sel ? hit / sel : NaN,
-      bytesInPerStepMean: mean(warm.map((r) => r.bytesIn)),
-      bytesInPerStepP99: pct(warm.map((r) => r.bytesIn), 0.99),
-      firstStepBytesIn: rows[0].bytesIn,
-      outErrorMean: mean(warm.map((r) => r.outError)),
-      outErrorMax: Math.max(...warm.map((r) => r.outError)),
-    };
-    console.log(JSON.stringify(summary));
-    results.push({ ...summary, steps: rows });
+    // Step 0 fills the pool (every block is a miss): steady state is steps 1..; with both paths, each path's
+    // steps from its second (step 1, the first range-table step, builds the tables).
+    const groups = opts.poolPath === 'ab' ? [false, true].map((rt) => rows.filter((r) => r.rangeTables === rt)) : [rows];
+    for (const group of groups) {
+      const warm = group.slice(1);
+      const sel = warm.reduce((a, r) => a + r.selected, 0), hit = warm.reduce((a, r) => a + r.hits, 0);
+      const summary = {
+        config: opts.poolPath === 'ab' ? `${cfg.name}, ${group[0].rangeTables ? 'range tables' : 'block by block'}` : cfg.name,
+        method: cfg.method,
+        rangeTables: group[0].rangeTables,
+        poolBytes: cfg.poolBytes,
+        poolShareOfKv: cfg.poolBytes / layerBytes,
+        budgetTokensPerHead: cfg.method === 'exact' ? tokens : sparseBudget,
+        stepMsP50: pct(warm.map((r) => r.ms), 0.5),
+        stepMsP99: pct(warm.map((r) => r.ms), 0.99),
+        selectMsP50: pct(warm.map((r) => r.selectMs), 0.5),
+        attendMsP50: pct(warm.map((r) => r.attendMs), 0.5),
+        residentMsP50: pct(warm.map((r) => r.residentMs), 0.5),
+        kernelMsP50: pct(warm.map((r) => r.kernelMs), 0.5),
+        blocksSelectedPerStep: sel / warm.length,
+        hitRate: sel ? hit / sel : NaN,
+        bytesInPerStepMean: mean(warm.map((r) => r.bytesIn)),
+        bytesInPerStepP99: pct(warm.map((r) => r.bytesIn), 0.99),
+        firstStepBytesIn: group[0].bytesIn,
+        outErrorMean: mean(warm.map((r) => r.outError)),
+        outErrorMax: Math.max(...warm.map((r) => r.outError)),
+      };
+      console.log(JSON.stringify(summary));
+      results.push({ ...summary, steps: group });
+    }
   }
   const result = {
     device: opts.device,
     shape: { tokens, kvHeads, qHeads: model.qHeads, headDim: d, dtype: 'f16', poolBlock: 64, layerKvBytes: layerBytes },
     workload: { seed: 11, steps, generator: 'workload/' },
+    poolPath: opts.poolPath ?? (process.env.KVRECALL_POOL_RANGES === '0' ? 'old' : 'new'),
     note: 'one layer, in process (decodeStep, no HTTP); no own session tokens; step 0 (pool fill) excluded from the steady-state columns',
     configs: results,
     ...(waveBuildS !== undefined && { waveClustersBuildS: waveBuildS }),
@@ -193,7 +215,10 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       "engine/decode-step.ts in process. Sparse methods: budget 1% of tokens per kv head + 64 sinks + 256 window, pool 5% of the layer's KV (tight: 1.5%). " +
       'Steady state (steps 1..), step 0 fills the pool. `wave (device)`: wave\'s defaults (2% exact + 16 sinks + 64 window, the rest estimated; clusters of 16), ' +
       'the layer\'s clusters and K/V held on the device (engine/cache/device-wave.ts), one native call per step (selection, estimate and the exact rows); kernel ms is that call on the stream.' +
-      (waveBuildS !== undefined ? ` Its clusters (${kvHeads} heads side by side, k-means on the device as a GPU server's seal runs it) were built in ${waveBuildS.toFixed(1)} s.` : ''),
+      (waveBuildS !== undefined ? ` Its clusters (${kvHeads} heads side by side, k-means on the device as a GPU server's seal runs it) were built in ${waveBuildS.toFixed(1)} s.` : '') +
+      (opts.poolPath === 'ab'
+        ? ' Range parts (sinks, window, the whole document of `exact`) both ways on the same pool, alternating step by step: block by block (even steps: a page-table lookup, touch and pin per block, the slot ids copied to the device) and range tables (odd steps: one hold per range and head, the table already on the device); each path\'s first step excluded.'
+        : ` Range parts: ${result.poolPath === 'old' ? 'block by block' : 'range tables'}.`),
     '',
     '| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | of which resident | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
@@ -206,7 +231,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   mkdirSync(dir, { recursive: true });
   for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
     // A run of some configurations (--configs) has its own file: the README renders the full one.
-    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${deviceTag(opts.device)}`;
+    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${deviceTag(opts.device)}`;
     writeFileSync(join(d, `${name}.json`), JSON.stringify(result, null, 2) + '\n');
     writeFileSync(join(d, `${name}.md`), md);
   }

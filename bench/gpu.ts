@@ -1,6 +1,7 @@
 // GPU decode path: correctness checks and a benchmark (needs a CUDA device).
 //
-//   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode [--configs wave,nosa,...]] [--quick])
+//   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode [--configs wave,nosa,...]
+//                                      [--pool-path old|new|ab]] [--quick])
 //
 // --check runs the same comparisons as test/native/gpu.test.ts without vitest:
 // the split-K kernel over block tables against the CPU `attend` and a float64
@@ -23,7 +24,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName, GpuPool } from '../addon/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
-import { runDecodeBench } from './gpu-decode.js';
+import { runDecodeBench, type PoolPath } from './gpu-decode.js';
 import { checkRangeTables } from './gpu-range.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
@@ -406,7 +407,9 @@ async function main(): Promise<void> {
   const bench = argv.includes('--bench'), decode = argv.includes('--decode');
   if (bench || !decode) await runBench(quick);
   const configs = argv.indexOf('--configs') >= 0 ? argv[argv.indexOf('--configs') + 1].split(',') : undefined;
-  if (decode || !bench) await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device, configs });
+  const poolPath = argv.indexOf('--pool-path') >= 0 ? argv[argv.indexOf('--pool-path') + 1] : undefined;
+  if (poolPath !== undefined && !['old', 'new', 'ab'].includes(poolPath)) throw new Error(`--pool-path: old, new or ab, not ${poolPath}`);
+  if (decode || !bench) await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device, configs, poolPath: poolPath as PoolPath | undefined });
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
