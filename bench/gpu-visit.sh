@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab rest blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 stages=${*:-tests wave blocks dense decode}
 for s in $stages; do
   case $s in
-    tests) step 240 tests node node_modules/vitest/vitest.mjs run test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-wave.test.ts test/native/kmeans-device.test.ts test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts ;;
+    tests) step 240 tests node node_modules/vitest/vitest.mjs run test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-wave.test.ts test/native/kmeans-device.test.ts test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts test/native/wave-gpu-paged.test.ts ;;
     wave)
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench node dist/bench/wave-gpu.js --bench
@@ -52,6 +52,10 @@ for s in $stages; do
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 200 wave-ab node dist/bench/wave-gpu-ab.js --steps 50 --cluster-size 16
       step 180 wave-bench-ab node dist/bench/wave-gpu.js --bench --cluster-size 16 --probes 4,2 --tag ab ;;
+    wave-paged)  # the paged wave store (K/V on the host, a device row cache; native/cuda/wave_cache.cuh) against the dense one: its GPU tests and the server's, the check, the 1M bench (dense vs paged, 2 query regimes; limits 540 s: one device command)
+      step 180 wave-paged-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-paged.test.ts test/integration/gpu-wave.test.ts
+      step 120 wave-paged-check node dist/bench/wave-gpu-paged.js --check
+      step 240 wave-paged-bench node dist/bench/wave-gpu-paged.js --bench ;;
     rest)  # non-wave methods' estimate on the device (engine/rest-on-device.ts): its checks, the call against the host's estimate at 1M, the decode loop's nosa/topk-blocks estimating on the host and on the device
       step 150 rest-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts
       step 150 rest-bench node dist/bench/wave-gpu-rest.js --bench --steps 30
