@@ -88,6 +88,7 @@ interface Addon {
   firstNonFinite(a: { src: Uint8Array; dtype: number; count: number }): number;
   prefault(a: ArrayBufferView[]): Promise<boolean>;
   attend(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Promise<void>;
+  attendSync(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Error | undefined;
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
   topkHeads(a: Omit<TopkHeadsArgs, 'dtype'> & { dtype: number }): Promise<number[]>;
   attentionMass(a: Omit<AttentionMassArgs, 'dtype'> & { dtype: number }): Promise<void>;
@@ -130,9 +131,76 @@ export function prefault(views: ArrayBufferView[]): Promise<boolean> {
   return addon.prefault(views);
 }
 
-/** Exact attention over the segments, combined by log-sum-exp; fills out and lse. */
+/**
+ * An attend's work: rows attended over every kv head × q heads per kv head ×
+ * headDim (multiply-adds of its scores, and as many of its sum).
+ */
+export function attendWork(args: Pick<AttendArgs, 'qHeads' | 'kvHeads' | 'headDim' | 'segments'>): number {
+  let rows = 0;
+  for (const s of args.segments)
+    if (s.ids) for (const ids of s.ids) rows += ids.length;
+    else rows += ((s.end ?? s.tokens) - (s.begin ?? 0)) * args.kvHeads;
+  return (rows * args.qHeads * args.headDim) / args.kvHeads;
+}
+
+/**
+ * Work (attendWork) an event-loop turn may run on its own thread. An attend
+ * on libuv's pool costs two cross-thread wake-ups (the pool thread's, then
+ * the loop's), 17 µs a round trip back to back and ~100 µs after the
+ * process idled 5-25 ms on the 2-core VM (a decode step comes after the
+ * LLM's own work); a short step runs on the loop's thread instead. The cap
+ * bounds how long one turn keeps other requests waiting, a batch's steps
+ * together: past it they go to the pool, and so does a step while another
+ * attend runs there (steps of different sessions overlap).
+ */
+export const ATTEND_SYNC_WORK = 2 ** 23;
+let syncWork = ATTEND_SYNC_WORK;
+/** Work run on the loop's thread this turn, and whether its reset is due (set at the turn's first). */
+let syncSpent = 0;
+let resetDue = false;
+/** Attends on libuv's pool now. */
+let inPool = 0;
+/** Attends run so far on the loop's thread and on libuv's pool (attendRuns). */
+const runs = { loop: 0, pool: 0 };
+const RESOLVED = Promise.resolve();
+const resetSpent = () => {
+  syncSpent = 0;
+  resetDue = false;
+};
+
+/** How many attends ran on the event loop's thread and how many on libuv's pool, so far in this process. */
+export function attendRuns(): { loop: number; pool: number } {
+  return { ...runs };
+}
+
+/** Sets attend's per-turn cap on work run on the loop's thread (0: every attend on libuv's pool; default ATTEND_SYNC_WORK). */
+export function setAttendSyncWork(work: number): void {
+  syncWork = work;
+}
+
+/** Exact attention over the segments, combined by log-sum-exp; fills out and lse. Arguments it refuses throw (on either thread). */
 export function attend(args: AttendArgs): Promise<void> {
-  return addon.attend({ ...args, dtype: DTYPE_CODE[args.dtype] });
+  const a = { ...args, dtype: DTYPE_CODE[args.dtype] };
+  if (syncWork > 0 && inPool === 0) {
+    const work = attendWork(args);
+    if (syncSpent + work <= syncWork) {
+      if (!resetDue) {
+        resetDue = true;
+        setImmediate(resetSpent);
+      }
+      syncSpent += work;
+      // Arguments refused throw here, as on the pool's way; the kernel's own failure rejects, as there.
+      const failed = addon.attendSync(a);
+      runs.loop++;
+      return failed ? Promise.reject(failed) : RESOLVED;
+    }
+  }
+  const p = addon.attend(a);
+  inPool++;
+  runs.pool++;
+  const done = () => void inPool--;
+  p.then(done, done);
+  return p;
 }
 
 /** Top-k keys by max over the group of q·k; returns how many were written. */

@@ -60,6 +60,14 @@ export interface Config {
   maxStreams: number;
   /** A stream message begun must progress within this many ms, else the connection is closed (1008). */
   streamIdleMs: number;
+  /**
+   * Attention work (rows × q heads × headDim) an event-loop turn runs on
+   * its own thread instead of libuv's pool (addon/kernels.ts attend: a
+   * short step skips two cross-thread wake-ups). 0: every attend on the
+   * pool. Unset: the kernel's default, 2^23 (exact over 4K tokens of the
+   * llama3.2-1b shape, ~0.9 ms on the 2-core VM).
+   */
+  attendSyncWork?: number;
 }
 
 export const DEFAULTS: Config = {
@@ -88,10 +96,11 @@ const FLAGS: Record<string, keyof Config> = {
   '--lmdb-shards': 'lmdbShards',
   '--max-streams': 'maxStreams',
   '--stream-idle-ms': 'streamIdleMs',
+  '--attend-sync-work': 'attendSyncWork',
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -108,6 +117,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_LMDB_SHARDS) cfg.lmdbShards = nonNegative(env.KVRECALL_LMDB_SHARDS, 'KVRECALL_LMDB_SHARDS');
   if (env.KVRECALL_MAX_STREAMS) cfg.maxStreams = nonNegative(env.KVRECALL_MAX_STREAMS, 'KVRECALL_MAX_STREAMS');
   if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');
+  if (env.KVRECALL_ATTEND_SYNC_WORK) cfg.attendSyncWork = nonNegative(env.KVRECALL_ATTEND_SYNC_WORK, 'KVRECALL_ATTEND_SYNC_WORK');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];

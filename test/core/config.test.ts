@@ -64,4 +64,13 @@ describe('parseConfig', () => {
     expect(() => parseConfig(['--port', '99999'], {})).toThrow(/--port takes a TCP port in \[0, 65535\]/);
     expect(() => parseConfig(['--port', 'http'], {})).toThrow(/--port/);
   });
+
+  it('takes the attend thread cap from --attend-sync-work or KVRECALL_ATTEND_SYNC_WORK, unset by default', () => {
+    expect(parseConfig([], {}).attendSyncWork).toBeUndefined();
+    expect(parseConfig(['--attend-sync-work', '0'], {}).attendSyncWork).toBe(0);
+    expect(parseConfig([], { KVRECALL_ATTEND_SYNC_WORK: '4096' }).attendSyncWork).toBe(4096);
+    expect(parseConfig(['--attend-sync-work', '7'], { KVRECALL_ATTEND_SYNC_WORK: '4096' }).attendSyncWork).toBe(7);
+    expect(() => parseConfig(['--attend-sync-work', '-1'], {})).toThrow(/--attend-sync-work/);
+    expect(() => parseConfig([], { KVRECALL_ATTEND_SYNC_WORK: 'lots' })).toThrow(/KVRECALL_ATTEND_SYNC_WORK/);
+  });
 });
