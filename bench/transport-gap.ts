@@ -1,4 +1,4 @@
-// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --gaps 25 (ms, a list: 2,5,25)]
+// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --gaps 25 (ms, a list: 1,5,25) --ab]
 //
 // Why bench:decode's RPC per call is several times bench:transport's (issue
 // #14): bench:transport sends its attends back to back over a 4K-token
@@ -10,9 +10,18 @@
 //   back to back (bench:transport's case), the client idle (a timer) each
 //   of `gaps` ms before each call, or spinning the longest of them, and a long document whose own server
 //   time is that long (bench:decode's case).
-// Overhead = client wall − server stats.ms. Rows take turns in blocks of
-// calls/rounds, in one sitting. Results: bench/results/transport-gap-<tag>.{md,json}
-// (tag: KVRECALL_BENCH_TAG, default vm).
+// Overhead = client wall − server stats.ms. Beside each gap, the bare round
+// trips after the same wait: a WebSocket ping on the same stream (no request
+// handled) and GET /v1/health on one keep-alive HTTP connection (issue #14's
+// yardstick), so each overhead is read against what any call costs then.
+// Rows take turns in blocks of calls/rounds, in one sitting.
+//
+// --ab: two servers side by side, one with every attend on libuv's pool
+// (KVRECALL_ATTEND_SYNC_WORK=0, the old way) and one with the default (a
+// short attend on the event loop's thread, addon/kernels.ts): the attend rows
+// of both take turns. Without it, one server with this process's
+// environment (set KVRECALL_ATTEND_SYNC_WORK to choose).
+// Results: bench/results/transport-gap-<tag>.{md,json} (tag: KVRECALL_BENCH_TAG, default vm).
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,7 +29,7 @@ import { KvrecallClient, tensor } from '../clients/ts/client.js';
 import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
-import { startServer } from './transport-rows.js';
+import { bareHealth, startServer } from './transport-rows.js';
 
 const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -29,8 +38,9 @@ const get = (name: string, def: number) => {
 const CALLS = get('calls', 200), ROUNDS = get('rounds', 8), TOKENS = get('tokens', 4096), LONG = get('long-tokens', 65536);
 const gapsAt = process.argv.indexOf('--gaps');
 const GAPS = (gapsAt >= 0 ? process.argv[gapsAt + 1] : '25').split(',').map(Number);
-if (GAPS.some((g) => !(g >= 0))) throw new Error('--gaps: a list of ms, e.g. 2,5,25');
+if (GAPS.some((g) => !(g > 0))) throw new Error('--gaps: a list of ms > 0, e.g. 1,5,25');
 const GAP = Math.max(...GAPS);
+const AB = process.argv.includes('--ab');
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport-gap] ${msg}\n`);
 
@@ -53,82 +63,138 @@ const spin = (ms: number) => {
   while (performance.now() - t < ms);
 };
 
+/** One server (a variant) with its stream and sessions. */
+interface Lane {
+  name: string;
+  env: Record<string, string>;
+  server: Awaited<ReturnType<typeof startServer>>;
+  client: KvrecallClient;
+  stream: KvrecallStream;
+  short: string;
+  long: string;
+}
+
 interface Row {
   name: string;
-  sid: string;
+  lane: string;
+  /** The wait before each call (ms; 0 back to back) and how it is spent. */
+  gap: number;
   before: () => Promise<void> | void;
+  /** One call: its overhead (ms) and the server's stats.ms (0 for the bare round trips). */
+  call: () => Promise<[number, number]>;
+  kind: 'attend' | 'ping' | 'health';
   overhead: number[];
   server: number[];
 }
 
 async function main(): Promise<void> {
   const loadAtStart = machine().loadAverage;
-  const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
-  const server = await startServer(join(import.meta.dirname, '..', 'cli', 'cli.js'), dir, process.env.KVRECALL_GPU_BUDGET ?? '0');
-  let stream: KvrecallStream | undefined;
+  const dirs: string[] = [];
+  const lanes: Lane[] = [];
+  const health: ReturnType<typeof bareHealth>[] = [];
   try {
-    const client = new KvrecallClient({ url: server.url });
-    const short = await session(client, 'short', TOKENS), long = await session(client, 'long', LONG);
-    const health = (await client.health()) as unknown as { backend?: string; gpu?: { device?: string } };
+    const variants: { name: string; env: Record<string, string> }[] = AB ? [{ name: 'pool', env: { KVRECALL_ATTEND_SYNC_WORK: '0' } }, { name: 'loop', env: {} }] : [{ name: '', env: {} }];
+    for (const v of variants) {
+      const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
+      dirs.push(dir);
+      const server = await startServer(join(import.meta.dirname, '..', 'cli', 'cli.js'), dir, process.env.KVRECALL_GPU_BUDGET ?? '0', v.env);
+      const client = new KvrecallClient({ url: server.url });
+      const short = await session(client, 'short', TOKENS), long = await session(client, 'long', LONG);
+      lanes.push({ ...v, server, client, short, long, stream: await client.openStream() });
+    }
+    const hc = (await lanes[0].client.health()) as unknown as { backend?: string; gpu?: { device?: string } };
     // The backend, and its device where it has one (the GPU host's card named in the results).
-    const backend = `${health.backend ?? 'unknown'} backend${health.gpu?.device ? `, the host's GPU ${health.gpu.device}` : ''}`;
+    const backend = `${hc.backend ?? 'unknown'} backend${hc.gpu?.device ? `, the host's GPU ${hc.gpu.device}` : ''}`;
     const q = tensor('f32', [model.qHeads, model.headDim], new Float32Array(model.qHeads * model.headDim).map(() => Math.random() - 0.5));
-    stream = await client.openStream();
-    const rows: Row[] = [
-      { name: `${TOKENS} tokens, back to back (bench:transport's case)`, sid: short, before: () => undefined, overhead: [], server: [] },
-      ...GAPS.map((g): Row => ({ name: `${TOKENS} tokens, the client idle ${g} ms (a timer) before each call`, sid: short, before: () => sleep(g), overhead: [], server: [] })),
-      { name: `${TOKENS} tokens, the client spinning ${GAP} ms before each call`, sid: short, before: () => spin(GAP), overhead: [], server: [] },
-      { name: `${LONG} tokens, back to back (the server's own time long)`, sid: long, before: () => undefined, overhead: [], server: [] },
-    ];
-    const attend = (sid: string) => stream!.attend(sid, { layer: 0, q });
-    for (let w = 0; w < 20; w++) for (const r of rows) await attend(r.sid);
+    const timed = async (f: () => Promise<number>): Promise<[number, number]> => {
+      const t = performance.now();
+      const server = await f();
+      return [performance.now() - t - server, server];
+    };
+    const attend = (lane: Lane, sid: string) => () => timed(async () => (await lane.stream.attend(sid, { layer: 0, q })).stats.ms);
+    const rows: Row[] = [];
+    const row = (r: Omit<Row, 'overhead' | 'server'>) => rows.push({ ...r, overhead: [], server: [] });
+    const waits = [0, ...GAPS];
+    for (const lane of lanes) {
+      const tag = lane.name ? ` [${lane.name}]` : '';
+      for (const g of waits)
+        row({ name: `${TOKENS} tokens, ${g ? `the client idle ${g} ms (a timer) before each call` : "back to back (bench:transport's case)"}${tag}`, lane: lane.name, gap: g, before: g ? () => sleep(g) : () => undefined, call: attend(lane, lane.short), kind: 'attend' });
+      row({ name: `${TOKENS} tokens, the client spinning ${GAP} ms before each call${tag}`, lane: lane.name, gap: -GAP, before: () => spin(GAP), call: attend(lane, lane.short), kind: 'attend' });
+      row({ name: `${LONG} tokens, back to back (the server's own time long)${tag}`, lane: lane.name, gap: -1, before: () => undefined, call: attend(lane, lane.long), kind: 'attend' });
+    }
+    // The bare round trips, on the first lane's server (no attend in them: the variants do not differ there).
+    const hb = bareHealth(lanes[0].server.url);
+    health.push(hb);
+    for (const g of waits) {
+      const before = g ? () => sleep(g) : () => undefined;
+      row({ name: `bare ping on the stream${g ? `, the client idle ${g} ms before each` : ', back to back'}`, lane: '', gap: g, before, call: () => timed(async () => (await lanes[0].stream.ping(), 0)), kind: 'ping' });
+      row({ name: `bare GET /v1/health, one keep-alive connection${g ? `, the client idle ${g} ms before each` : ', back to back'}`, lane: '', gap: g, before, call: () => timed(async () => (await hb.call(), 0)), kind: 'health' });
+    }
+    for (let w = 0; w < 20; w++) for (const r of rows) await r.call();
     const block = Math.max(1, Math.round(CALLS / ROUNDS));
     for (let round = 0; round < ROUNDS; round++) {
       for (const r of rows)
         for (let i = 0; i < block; i++) {
           await r.before();
-          const t = performance.now();
-          const a = await attend(r.sid);
-          r.overhead.push(performance.now() - t - a.stats.ms);
-          r.server.push(a.stats.ms);
+          const [overhead, server] = await r.call();
+          r.overhead.push(overhead);
+          r.server.push(server);
         }
       progress(`round ${round + 1}/${ROUNDS}`);
     }
     const q50 = (xs: number[]) => quantile(xs, 0.5, 'nearest');
-    const table = rows.map((r) => ({
-      row: r.name,
-      calls: r.overhead.length,
-      overheadMsP50: q50(r.overhead),
-      overheadMsP10: quantile(r.overhead, 0.1, 'nearest'),
-      overheadMsP90: quantile(r.overhead, 0.9, 'nearest'),
-      overheadMsMean: r.overhead.reduce((a, b) => a + b, 0) / r.overhead.length,
-      serverMsP50: q50(r.server),
-    }));
+    const bare = (kind: Row['kind'], gap: number) => rows.find((r) => r.kind === kind && r.gap === gap);
+    const table = rows.map((r) => {
+      const ping = bare('ping', r.gap), hl = bare('health', r.gap);
+      const o = q50(r.overhead);
+      return {
+        row: r.name,
+        kind: r.kind,
+        lane: r.lane,
+        gapMs: r.gap,
+        calls: r.overhead.length,
+        overheadMsP50: o,
+        overheadMsP10: quantile(r.overhead, 0.1, 'nearest'),
+        overheadMsP90: quantile(r.overhead, 0.9, 'nearest'),
+        overheadMsMean: r.overhead.reduce((a, b) => a + b, 0) / r.overhead.length,
+        serverMsP50: q50(r.server),
+        wallMsP50: q50(r.overhead.map((x, i) => x + r.server[i])),
+        ...(r.kind === 'attend' && ping && { perPingSameWait: o / q50(ping.overhead) }),
+        ...(r.kind === 'attend' && hl && { perHealthSameWait: o / q50(hl.overhead) }),
+      };
+    });
     const m = machine();
-    const result = { machine: m, loadAtStart, host: hostname(), date: new Date().toISOString(), backend, model, tokens: TOKENS, longTokens: LONG, gapsMs: GAPS, rounds: ROUNDS, rows: table };
+    const result = { machine: m, loadAtStart, host: hostname(), date: new Date().toISOString(), backend, model, tokens: TOKENS, longTokens: LONG, gapsMs: GAPS, rounds: ROUNDS, ab: AB, rows: table };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-gap-${tag}`);
     writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
-    const base0 = table[0].overheadMsP50;
+    const base0 = (lane: string) => table.find((t) => t.kind === 'attend' && t.lane === lane && t.gapMs === 0)!.overheadMsP50;
+    const x = (v: number | undefined) => (v === undefined ? '—' : v.toFixed(2));
     writeFileSync(
       `${base}.md`,
       [
         `# A stream attend's overhead after the processes waited (${m.cpu}, ${m.cores} cores, ${backend})`,
         '',
-        `TypeScript client, one stream (GET /v1/stream), server in its own process on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms. Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
+        `TypeScript client, one stream (GET /v1/stream), server in its own process on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms; for the bare rows (a WebSocket ping on the same stream; GET /v1/health on one keep-alive HTTP connection) it is their wall. × ping / × health: the attend's overhead p50 over that bare round trip's p50 after the same wait. Wall = overhead + stats.ms, what the caller waits.${AB ? ' [pool]: every attend on libuv\'s pool (KVRECALL_ATTEND_SYNC_WORK=0); [loop]: the default, a short attend on the event loop\'s thread (addon/kernels.ts).' : ''} Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
         '',
-        '| row | overhead p50 ms | × back to back | p10 | p90 | mean | server stats.ms p50 |',
-        '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
-        ...table.map((t) => `| ${t.row} | ${t.overheadMsP50.toFixed(3)} | ${(t.overheadMsP50 / base0).toFixed(2)} | ${t.overheadMsP10.toFixed(3)} | ${t.overheadMsP90.toFixed(3)} | ${t.overheadMsMean.toFixed(3)} | ${t.serverMsP50.toFixed(2)} |`),
+        '| row | overhead p50 ms | × back to back | × ping, same wait | × health, same wait | p10 | p90 | mean | server stats.ms p50 | wall p50 ms |',
+        '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+        ...table.map(
+          (t) =>
+            `| ${t.row} | ${t.overheadMsP50.toFixed(3)} | ${t.kind === 'attend' ? (t.overheadMsP50 / base0(t.lane)).toFixed(2) : '—'} | ${x(t.perPingSameWait)} | ${x(t.perHealthSameWait)} | ${t.overheadMsP10.toFixed(3)} | ${t.overheadMsP90.toFixed(3)} | ${t.overheadMsMean.toFixed(3)} | ${t.kind === 'attend' ? t.serverMsP50.toFixed(2) : '—'} | ${t.wallMsP50.toFixed(3)} |`,
+        ),
         '',
       ].join('\n'),
     );
     progress(`wrote ${base}.{md,json}`);
   } finally {
-    stream?.close();
-    server.stop();
-    rmSync(dir, { recursive: true, force: true });
+    for (const h of health) h.close();
+    for (const l of lanes) {
+      l.stream.close();
+      l.server.stop();
+    }
+    for (const d of dirs) rmSync(d, { recursive: true, force: true });
   }
 }
 

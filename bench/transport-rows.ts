@@ -16,9 +16,9 @@ export interface BenchModel {
   dtype: 'f16';
 }
 
-/** `cli serve` on port 0 over `dir`; resolves once it listens. stop() kills it at once (SIGKILL). */
-export async function startServer(cli: string, dir: string, gpuBudget: string): Promise<{ url: string; pid: number; stop(): void }> {
-  const proc = spawn(process.execPath, [cli, 'serve', '--port', '0', '--data', dir, '--gpu-budget', gpuBudget], { stdio: ['ignore', 'pipe', 'inherit'] });
+/** `cli serve` on port 0 over `dir` (`env`: added to this process's); resolves once it listens. stop() kills it at once (SIGKILL). */
+export async function startServer(cli: string, dir: string, gpuBudget: string, env: Record<string, string> = {}): Promise<{ url: string; pid: number; stop(): void }> {
+  const proc = spawn(process.execPath, [cli, 'serve', '--port', '0', '--data', dir, '--gpu-budget', gpuBudget], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env } });
   const url = await new Promise<string>((resolve, reject) => {
     proc.stdout.on('data', (d: Buffer) => {
       const m = /listening on (http:\/\/\S+)/.exec(d.toString());

@@ -114,6 +114,11 @@ export class KvrecallStream {
     this.ws.sendBytes(bytes);
   }
 
+  /** A WebSocket ping on this stream, resolved on its pong: the bare round trip, no request handled. */
+  ping(): Promise<void> {
+    return this.ws.ping();
+  }
+
   close(): void {
     this.ws.close();
     this.fail(new Error('stream closed'));

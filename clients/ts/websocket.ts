@@ -61,10 +61,10 @@ export interface WsEvents {
   closed(e: Error): void;
 }
 
-/** A frame header for `length` payload bytes, masked with the zero key. */
-function header(opcode: number, length: number, fin = true): Buffer {
+/** A frame header for `length` payload bytes, masked with the zero key (`room`: payload bytes allocated after it). */
+function header(opcode: number, length: number, fin = true, room = 0): Buffer {
   const n = length < 126 ? 2 : length < 0x10000 ? 4 : 10;
-  const h = Buffer.alloc(n + 4); // the key's 4 bytes are 0
+  const h = Buffer.alloc(n + 4 + room); // the key's 4 bytes are 0
   h[0] = (fin ? 0x80 : 0) | opcode;
   if (n === 2) h[1] = 0x80 | length;
   else if (n === 4) {
@@ -97,6 +97,9 @@ export class WsClient {
   private control: Buffer[] = [];
   /** The warm buffer sendPacked packs requests into (absent while the socket holds it). */
   private spare?: Buffer;
+  /** Pings awaiting their pong, oldest first, by the number each carries; the last number sent. */
+  private pings: { n: number; settle: (e?: Error) => void }[] = [];
+  private pingCount = 0;
 
   private constructor(
     private readonly socket: Socket,
@@ -236,6 +239,23 @@ export class WsClient {
     this.send(bytes.byteLength, (p) => p.set(bytes));
   }
 
+  /**
+   * A ping frame; resolves on its pong: the bare round trip on this
+   * connection (bench/transport-gap compares a decode step's overhead with
+   * it). A pong settles every ping up to the number it carries (RFC 6455
+   * lets a peer answer only the latest of several).
+   */
+  ping(): Promise<void> {
+    if (this.gone || this.closing) return Promise.reject(this.gone ?? this.closedBy ?? new Error('stream closed'));
+    const n = (this.pingCount = (this.pingCount + 1) >>> 0);
+    const frame = header(OP_PING, 4, true, 4);
+    frame.writeUInt32BE(n, frame.byteLength - 4);
+    return new Promise((resolve, reject) => {
+      this.pings.push({ n, settle: (e) => (e ? reject(e) : resolve()) });
+      this.socket.write(frame);
+    });
+  }
+
   /** The close handshake: a close frame, then the socket ends (dropped after a second if the server does not). */
   close(code = 1000): void {
     if (this.gone || this.closing) return;
@@ -249,6 +269,7 @@ export class WsClient {
     if (this.gone) return;
     this.gone = e;
     this.socket.destroy();
+    for (const p of this.pings.splice(0)) p.settle(e);
     this.events?.closed(e);
   }
 
@@ -360,7 +381,10 @@ export class WsClient {
       if (!this.closing) this.closedBy ??= new Error(`stream closed by the server (${code}${reason ? `: ${reason}` : ''})`);
       this.close(code);
     } else if (op === OP_PONG) {
-      // unasked pongs are allowed and ignored
+      // Unasked pongs (or ones not carrying our numbers) are allowed and ignored.
+      const n = data && data.byteLength === 4 ? ((data[0] << 24) | (data[1] << 16) | (data[2] << 8) | data[3]) >>> 0 : -1;
+      const upTo = this.pings.findIndex((p) => p.n === n);
+      if (upTo >= 0) for (const p of this.pings.splice(0, upTo + 1)) p.settle();
     } else if (op > OP_BINARY) this.protocolError(`unknown opcode ${op}`);
     else if (this.fin && data) {
       this.msgLength = 0;

@@ -8,8 +8,9 @@
 // a masked server frame closed with 1002, a message over maxMessage closed
 // with 1009 from its header and an answer that is not a map failing the
 // pending calls (never a throw in the read callback), the server's close
-// code and reason kept for later sends and over a reset after it; and against the real server, a
-// refused handshake surfaces as a KvrecallRequestError with its status.
+// code and reason kept for later sends and over a reset after it, pings settled by their pongs; and
+// against the real server, a refused handshake surfaces as a KvrecallRequestError with its status, and
+// pings are answered.
 import { createHash } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -249,6 +250,44 @@ describe('the client WebSocket (own framing)', () => {
     socket.resetAndDestroy();
     await until(() => closed !== undefined);
     expect(closed?.message).toBe('stream closed by the server (1009: too big)');
+  });
+
+  it('ping: a pong settles the pings up to the number it carries; others are ignored; the end fails the rest; the real server answers', async () => {
+    const s = await scripted();
+    servers.push(s.server);
+    let closed: Error | undefined;
+    const ws = await WsClient.open(s.url, {}, { message: () => undefined, closed: (e) => (closed = e) });
+    const { socket, received } = await s.conn;
+    const settled: string[] = [];
+    const pings = [0, 1, 2].map((i) => ws.ping().then(() => void settled.push(`ok ${i}`), (e: Error) => void settled.push(`failed ${i}: ${e.message}`)));
+    await until(() => readFrames(received()).length >= 3);
+    const sent = readFrames(received());
+    expect(sent.map((f) => [f.opcode, f.payload.length])).toEqual([[0x9, 4], [0x9, 4], [0x9, 4]]);
+    const numbers = sent.map((f) => f.payload.readUInt32BE(0));
+    expect(new Set(numbers).size).toBe(3);
+    socket.write(frame(0xa, Buffer.from([9, 9]))); // unasked: ignored
+    socket.write(frame(0xa, sent[1].payload)); // answers the second, and so the first
+    await until(() => settled.length >= 2);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(settled).toEqual(['ok 0', 'ok 1']);
+    socket.destroy();
+    await Promise.all(pings);
+    expect(settled[2]).toMatch(/^failed 2: /);
+    expect(closed).toBeDefined();
+    await expect(ws.ping()).rejects.toThrow();
+
+    const tmp = tempDataDir();
+    const server = await startInProcess(tmp.dir);
+    try {
+      const stream = await new KvrecallClient({ url: server.url }).openStream();
+      await Promise.all([stream.ping(), stream.ping()]);
+      await stream.ping();
+      stream.close();
+      await expect(stream.ping()).rejects.toThrow();
+    } finally {
+      await server.close();
+      tmp.cleanup();
+    }
   });
 
   it('a stream the real server refuses (no token) fails with 401', async () => {
