@@ -4,7 +4,7 @@
 // memory for the layer ≤ 20% of its K/V; ≤ 2 MiB host→device per step after
 // the first 16 steps"). Needs a CUDA device.
 //
-//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2] [--stays 0.9,1] [--tag T]
+//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2,4] [--stays 0.9,1] [--tag T]
 //
 // --check: on the small cases of bench/wave-gpu.ts (random keys clustered by
 // the real builder), a dense and a paged store of the same heads, the paged
@@ -310,7 +310,7 @@ async function main() {
   if (all || args.includes('--bench')) {
     const cfg: PagedBenchConfig = {
       tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: Number(opt('--cluster-size') ?? 16), budgetShare: 0.02, sinks: 16, window: 64,
-      steps: Number(opt('--steps') ?? 64), probe: Number(opt('--probe') ?? PROBE_ESTIMATED), caches: (opt('--caches') ?? '1,2').split(',').map(Number),
+      steps: Number(opt('--steps') ?? 64), probe: Number(opt('--probe') ?? PROBE_ESTIMATED), caches: (opt('--caches') ?? '1,2,4').split(',').map(Number),
       stays: (opt('--stays') ?? `${defaultKnobs(1).topicStay},1`).split(',').map(Number),
     };
     const r = await runBench(cfg, console.log);
