@@ -337,7 +337,8 @@ export class PoolModel implements DevicePool {
     let n = 0;
     for (const [client, table] of this.tables) {
       if (client < first || client >= last) continue;
-      for (const s of table.values()) {
+      // In block order, as the native pool frees a client's table (so the slots taken next are the same).
+      for (const [, s] of [...table].sort((a, b) => a[0] - b[0])) {
         const slot = this.slots[s]!;
         if (slot.pins > 0 || (this.ranges.get(client) ?? []).some((r) => r.holds > 0 && contains(r, slot.block))) this.faults.pinnedReleased++;
         this.slots[s] = undefined;
