@@ -5,15 +5,16 @@
 // server whose attends run on the pool answers like the float64 reference
 // and like a CPU-only server for exact, nosa and topk-blocks, also when its
 // pool is far smaller than the KV it serves; admission refuses a session
-// whose working set does not fit beside the open ones.
+// whose working set does not fit beside the open ones; range parts through
+// the pool's range tables answer bit for bit as block by block.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import type { SelectionPart } from '../../index/method.js';
 import { cudaAvailable, deviceName } from '../../addon/cuda.js';
 import { attend } from '../../addon/kernels.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
-import { POOL_BLOCK, RANGE_PRIORITY } from '../../engine/cache/gpu-pool.js';
-import { poolPartBlocks, rowsOf, splitForPool, toAttendSegment } from '../../engine/cache/selection-parts.js';
+import { GpuBackend, POOL_BLOCK, RANGE_PRIORITY } from '../../engine/cache/gpu-pool.js';
+import { poolPartBlocks, rowsOf, splitForPool, toAttendSegment, type PoolPart } from '../../engine/cache/selection-parts.js';
 import { KvSegment } from '../../storage/kv-segment.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -135,6 +136,48 @@ describe('splitForPool: range parts', () => {
     seg.setTokens(2 ** 20);
     const split = splitForPool([{ segment: seg }], () => true, POOL_BLOCK, 8, RANGE_PRIORITY);
     expect(split).toEqual({ pool: [{ segment: seg, range: { first: 0, count: 16384, priority: RANGE_PRIORITY } }], host: [], poolBlocks: 16384 * 8 });
+  });
+});
+
+describe.skipIf(!gpu.ok)('GPU backend: range tables', () => {
+  it('range parts through range tables answer bit for bit as block by block on the same pool, and as float64, step after step', async () => {
+    const rng = new Rng(seed + 9);
+    const m = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 128, dtype: 'f16' as const, blockSize: POOL_BLOCK };
+    const d = m.headDim, tokens = 64 * 50, scale = 1 / Math.sqrt(d);
+    const chunk = randomKv(rng, 'f16', m.kvHeads, tokens, d);
+    const doc = segmentOf(chunk, tokens, m.kvHeads, d);
+    // Sinks, a block list, a window: the parts of a block method's step.
+    const parts: PoolPart[] = [
+      { segment: doc, range: { first: 0, count: 2, priority: RANGE_PRIORITY } },
+      { segment: doc, blocks: [Int32Array.of(10, 20), Int32Array.of(11)], priority: [Uint8Array.of(0, 1), Uint8Array.of(0)] },
+      { segment: doc, range: { first: 45, count: 5, priority: RANGE_PRIORITY } },
+    ];
+    const rows = Array.from({ length: m.kvHeads }, (_, h) =>
+      parts.flatMap((p) => Array.from(poolPartBlocks(p, h)).flatMap((b) => Array.from({ length: POOL_BLOCK }, (_, i) => b * POOL_BLOCK + i))));
+    const backend = GpuBackend.open({ budgetBytes: 64 << 20 })!;
+    try {
+      for (let step = 0; step < 4; step++) {
+        const q = randomQ(rng, m.qHeads, d);
+        const run = async (rangeTables: boolean) => {
+          backend.rangeTables = rangeTables;
+          const out = new Float32Array(m.qHeads * d), lse = new Float32Array(m.qHeads);
+          expect(backend.fits(m, 2 + 2 + 5)).toBe(true);
+          await backend.attend(m, 0, parts, q, scale, out, lse);
+          return { out, lse };
+        };
+        const slow = await run(false), fast = await run(true);
+        expect(fast.out).toEqual(slow.out);
+        expect(fast.lse).toEqual(slow.lse);
+        const ref = referenceAttention(q, concatValues([chunk], 'kValues'), concatValues([chunk], 'vValues'), m.qHeads, d, scale, rows);
+        expect(maxRelError(fast.out, ref.out, m.qHeads)).toBeLessThan(1e-4);
+        expect(maxRelErrorScalar(fast.lse, ref.lse)).toBeLessThan(1e-4);
+      }
+      // The ranges were held from their tables (4 reuses of 2 ranges x 2 heads after the first build), nothing left held.
+      expect(backend.describe().pool).toMatchObject({ rangeHeld: 0, pinned: 0 });
+      expect(backend.describe().pool.rangeReuses).toBeGreaterThanOrEqual(3 * 2 * m.kvHeads);
+    } finally {
+      backend.close();
+    }
   });
 });
 
