@@ -14,6 +14,10 @@ Rows (interleaved call by call, so drift hits all alike):
   client waits that long idle, and on a VM an idle process is slow to wake
   (bench/results/transport-python-wait-vm.md), so this is the bare request
   an attend's overhead compares with;
+- stream ping, stream ping after a wait: a WebSocket ping on the stream's
+  connection, returned from on its pong (`Stream.ping`): the bare round
+  trip on the same connection as the stream's attends, no request handled;
+  "after a wait" as for health;
 - http attend: `Client.attend` (`POST /v1/sessions/:sid/attend`);
 - http batch(1): `Client.attend_batch` with one step (`POST /v1/attend`);
 - stream attend: `Stream.attend` (one WebSocket frame each way);
@@ -109,8 +113,9 @@ def run(
     ks = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
     vs = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
 
-    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "health, after a wait", "stream batch(32) f16"]
-    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith("health")}
+    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "health, after a wait", "stream ping", "stream ping, after a wait", "stream batch(32) f16"]
+    bare = ("health", "stream ping")
+    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith(bare)}
     batch32 = [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)]
     q16s = qs.astype(np.float16)
     health = _Health(url, token)
@@ -126,6 +131,9 @@ def run(
         """The call's server ms (0 for health)."""
         if name.startswith("health"):
             health()
+            return 0.0
+        if name.startswith("stream ping"):
+            stream.ping()
             return 0.0
         sid = sessions[name]
         if name == "http attend f16":
@@ -159,7 +167,7 @@ def run(
         last_ms = 0.0
         for i in range(n):
             for name in names:
-                if name == "health, after a wait":
+                if name.endswith("after a wait"):
                     # As long as the last HTTP attend's server step (untimed): the client idle as it is during an attend.
                     time.sleep(last_ms / 1e3)
                 t0 = time.perf_counter_ns()
@@ -184,7 +192,7 @@ def run(
         over = [w - s for w, s in zip(wall[name], server[name])]
         rows.append({"transport": name, "calls": len(over), "overhead_us": percentiles(over), "wall_us": percentiles(wall[name]), "server_us": percentiles(server[name])})
     return {
-        "what": "per-call overhead = client wall time - server stats.ms (health: no server step, overhead = wall)",
+        "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall)",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {"tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "server": {k: info.get(k) for k in ("version", "backend", "threads")}},

@@ -23,6 +23,7 @@ did go through answers 409 "conflict" and changes nothing).
 from __future__ import annotations
 
 import ssl
+import struct
 import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -43,6 +44,7 @@ class Stream:
     def __init__(self, ws: WebSocket):
         self.ws = ws
         self._next_id = 1
+        self._pings = 0
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True)
 
@@ -143,6 +145,15 @@ class Stream:
         if failed is not None:
             raise failed
         return answers
+
+    def ping(self) -> None:
+        """A WebSocket ping, returned from on its pong: the bare round trip
+        on this stream, no request handled (what a step's overhead compares
+        with: kvrecall.bench_transport)."""
+        with self._lock:
+            self._pings = (self._pings + 1) & 0xFFFFFFFF
+            payload = struct.pack("!I", self._pings)
+            self._io(lambda: self.ws.ping_round_trip(payload))
 
     @property
     def closed(self) -> bool:

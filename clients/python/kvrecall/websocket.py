@@ -36,7 +36,9 @@ import ssl
 import struct
 import sys
 import urllib.parse
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+
+T = TypeVar("T")
 
 try:  # only to mask large frames faster; everything works without it
     import numpy as _np
@@ -265,6 +267,24 @@ class WebSocket:
     def ping(self, payload: bytes = b"") -> None:
         self._send_frame(OP_PING, payload)
 
+    def ping_round_trip(self, payload: bytes = b"") -> None:
+        """A ping, then frames read until its pong (the one carrying this
+        payload; others are ignored, the peer's pings answered): the bare
+        round trip on this connection. Only with no request in flight: a data
+        message meanwhile is a protocol error."""
+        self._send_frame(OP_PING, payload)
+
+        def until_pong() -> None:
+            while True:
+                _, op, data = self._read_frame()
+                if op == OP_PONG and bytes(data) == payload:
+                    return
+                if op < 0x8:
+                    raise WebSocketError("a data message while awaiting a pong")
+                self._control(op, bytes(data))
+
+        self._receiving(until_pong)
+
     def _send_frame(self, opcode: int, payload: Union[bytes, bytearray, memoryview], fin: bool = True) -> None:
         if self._closed is not None:
             raise self._closed
@@ -303,10 +323,15 @@ class WebSocket:
         receives (recv, recv_view, close with wait); copy what must outlive
         that. The buffer is written over in place by later reads, never
         resized while viewed (a message too large for it gets a new one)."""
+        return self._receiving(self._recv_message)
+
+    def _receiving(self, read: Callable[[], T]) -> T:
+        """Runs a read of frames: a close or a lost connection ends the
+        connection (ConnectionClosed), a broken protocol closes it with 1002."""
         if self._closed is not None:
             raise self._closed
         try:
-            return self._recv_message()
+            return read()
         except ConnectionClosed as e:
             self._fail(e)
             raise

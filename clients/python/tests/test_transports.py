@@ -207,6 +207,18 @@ class Transports(unittest.TestCase):
             self.assertEqual(r.stats["tokens"], DOC + 1)
             self.assertEqual(bits(r), bits(self.kv.attend(self.session(), 0, **self.step(0))))
 
+    def test_stream_ping_between_attends(self):
+        a = self.session()
+        with self.kv.open_stream() as stream:
+            stream.ping()
+            r = stream.attend(a, 0, **self.step(0))
+            stream.ping()
+            stream.ping()
+            self.assertEqual(stream.attend(a, 0, **self.step(1)).stats["tokens"], r.stats["tokens"] + 1)
+            stream.close()
+            with self.assertRaises(ConnectionError):
+                stream.ping()
+
     def test_close_mid_request_leaves_the_session_usable(self):
         a = self.session()
         stream = self.kv.open_stream()

@@ -1,8 +1,8 @@
 """kvrecall.websocket against a scripted RFC 6455 server in a thread on
 127.0.0.1 (no kvrecall server needed): the handshake and its checks, masked
 client frames, 7/16/64-bit lengths, fragmented messages with a ping between
-the fragments (answered with a pong), close frames both ways, and protocol
-errors."""
+the fragments (answered with a pong), a ping's round trip ended by its own
+pong, close frames both ways, and protocol errors."""
 
 import base64
 import hashlib
@@ -204,6 +204,32 @@ class WebSocketProtocol(unittest.TestCase):
         self.assertEqual(ws.recv(), "héllo!")  # a text message comes back as str
         self.assertEqual(srv.join(), (True, 0xA, True, b"are you there"))
         ws.close()
+
+    def test_ping_round_trip_waits_for_its_own_pong(self):
+        def script(sock):
+            ping = read_client_frame(sock)
+            # An unasked pong and one for another payload are ignored; the server's own ping is answered.
+            sock.sendall(server_frame(0xA, b"unasked") + server_frame(0xA, b"other") + server_frame(0x9, b"yours?"))
+            answered = read_client_frame(sock)
+            time.sleep(0.05)
+            sock.sendall(server_frame(0xA, ping[3]))
+            second = read_client_frame(sock)
+            sock.sendall(server_frame(0x2, b"not a pong"))
+            return ping, answered, second
+
+        srv = Scripted(script)
+        ws = WebSocket.connect(srv.url, timeout=10)
+        t0 = time.perf_counter()
+        ws.ping_round_trip(b"\0\0\0\1")
+        self.assertGreaterEqual(time.perf_counter() - t0, 0.05)  # returned on its own pong, not the others
+        with self.assertRaises(WebSocketError):
+            ws.ping_round_trip(b"\0\0\0\2")  # a data message instead: a protocol error, the connection closed
+        self.assertTrue(ws.closed)
+        ping, answered, second = srv.join()
+        self.assertEqual(ping[:3], (True, 0x9, True))
+        self.assertEqual(ping[3], b"\0\0\0\1")
+        self.assertEqual(answered[1:], (0xA, True, b"yours?"))
+        self.assertEqual(second[1], 0x9)
 
     def test_server_close_is_answered_and_ends_the_connection(self):
         def script(sock):
