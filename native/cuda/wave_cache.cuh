@@ -4,10 +4,12 @@
 //
 // The layer's K and V stay in pinned, mapped host memory (filled once at
 // construction); the device holds `rows` slots of one (head, row)'s K and V
-// each, shared by the heads, plus one zeroed slot (`rows`, the dump) that a
-// row without a slot reads: after an overflow only, whose step fails. Every
-// kernel reads a row through KvRow (wave_step_kernels.cuh): slot
-// rowSlot[h·N + t]. Per step, on the step's stream and inside its graph
+// each, shared by the heads: slot s is row s + 1 of the cache's K and V, whose
+// row 0, zeroed, is what a row without a slot reads (after an overflow only,
+// whose step fails). Every kernel reads a row through KvRow
+// (wave_step_kernels.cuh): cache row max(rowSlot[h·N + t], 0), so that the
+// accessor holds no more than the map's pointer. Per step, on the step's
+// stream and inside its graph
 // (fixed launch shapes; the counts live on the device):
 //  1. CacheNeed, right after the clusters' cut: every member of every
 //     cluster the cut took (all of them: the cut cluster's rest too, which
@@ -53,13 +55,13 @@ constexpr int kGatherCtas = 264, kGatherThreads = 256;  // a warp per row; fixed
 constexpr int kCacheCounters = 4;
 
 struct CacheParams {
-  int32_t* rowSlot;  // [H·N]: the row's slot, -1 (not cached) or kPending
+  int32_t* rowSlot;  // [H·N]: the row's slot + 1 (its row in cacheK/V), -1 (not cached) or kPending
   int32_t* owner;    // [rows]: the slot's row h·N + t, -1 free
   int32_t* stamp;    // [rows]: the last step that read the slot
   int32_t* miss;     // [rows]: the step's misses (rows h·N + t)
   int32_t* state;    // [2]: the step's number, the clock hand
   unsigned long long* counters;  // [kCacheCounters]
-  uint16_t *cacheK, *cacheV;     // [rows + 1, d] (device)
+  uint16_t *cacheK, *cacheV;     // [rows + 1, d] (device): row 0 zeroed, slot s at row s + 1
   const uint16_t *hostK, *hostV; // [H·N, d] (mapped host memory)
   const int32_t *counts, *memberStart, *members, *tokCl, *exact;
   const int64_t *base, *cnt;
@@ -68,10 +70,10 @@ struct CacheParams {
 };
 
 __device__ __forceinline__ void NeedRow(const CacheParams& c, int64_t key, int32_t step) {
-  const int32_t s = c.rowSlot[key];
-  if (s >= 0) {
-    c.stamp[s] = step;  // no slot changes owner before CacheAllocate
-  } else if (s == -1 && atomicCAS(&c.rowSlot[key], -1, kPending) == -1) {
+  const int32_t r = c.rowSlot[key];
+  if (r > 0) {
+    c.stamp[r - 1] = step;  // no slot changes owner before CacheAllocate
+  } else if (r == -1 && atomicCAS(&c.rowSlot[key], -1, kPending) == -1) {
     const unsigned long long i = atomicAdd(&c.counters[0], 1ull);
     if (i < (unsigned long long)c.rows) c.miss[i] = int32_t(key);
   }
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kAllocThreads) CacheAllocate(CacheParams c) {
       if (old >= 0) c.rowSlot[old] = -1;
       c.owner[s] = key;
       c.stamp[s] = step;
-      c.rowSlot[key] = int32_t(s);
+      c.rowSlot[key] = int32_t(s + 1);
       if (j == M - 1) sLast = i;
     }
     assigned += total;
@@ -149,8 +151,8 @@ __global__ void __launch_bounds__(kGatherThreads) CacheGather(CacheParams c) {
   const int lane = threadIdx.x & 31, nd = c.d / 8;
   const int64_t warps = int64_t(gridDim.x) * (kGatherThreads / 32);
   for (int64_t i = int64_t(blockIdx.x) * (kGatherThreads / 32) + (threadIdx.x >> 5); i < M; i += warps) {
-    const int32_t key = c.miss[i], s = c.rowSlot[key];
-    if (s < 0) continue;  // left without a slot (overflow)
+    const int32_t key = c.miss[i], s = c.rowSlot[key];  // its row in cacheK/V
+    if (s <= 0) continue;  // left without a slot (overflow)
     const uint4* k = reinterpret_cast<const uint4*>(c.hostK + size_t(key) * c.d);
     const uint4* v = reinterpret_cast<const uint4*>(c.hostV + size_t(key) * c.d);
     uint4* dk = reinterpret_cast<uint4*>(c.cacheK + size_t(s) * c.d);
@@ -197,12 +199,11 @@ struct RowCache {
     c.rows = rows;
     c.N = cfg.tokens;
     c.d = d;
-    Check(cudaMemset(dev.p, 0, oSlot), "cudaMemset");  // the dump slot reads zeros
+    Check(cudaMemset(dev.p, 0, oSlot), "cudaMemset");  // row 0, what a row without a slot reads: zeros
     Reset(nullptr);
     p.keys = c.cacheK;
     p.values = c.cacheV;
     p.rowSlot = c.rowSlot;
-    p.dumpSlot = rows;
   }
 
   // Every slot free, every row uncached (construction, and after an overflow).

@@ -176,7 +176,6 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
     if (!paged) put(p.values + size_t(h) * N * d, heads[h].values, size_t(N) * d * 2);
   }
   p.rowSlot = nullptr;
-  p.dumpSlot = 0;
   if (paged) I.cache.Setup(cfg, heads, p);  // keys, values and rowSlot: the cache's
   put(p.memberStart, memberStart.data(), memberStart.size() * 4);
   put(p.members, members.data(), members.size() * 4);

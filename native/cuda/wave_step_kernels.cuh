@@ -244,19 +244,16 @@ struct StepParams {
   float *out, *lse;
   int64_t* est;
   // The paged store (wave_cache.cuh): keys and values are the row cache's
-  // slots, row t of head h at slot rowSlot[h·N + t] (negative: the dump
-  // slot, read only by a step that fails); null: the dense store.
+  // rows, row t of head h at rowSlot[h·N + t] (from 1; not positive: row 0,
+  // the zeroed dump, read only by a step that fails); null: the dense store.
   const int32_t* rowSlot;
-  int64_t dumpSlot;
 };
 
 // Where row t of kv head h starts in keys and in values: every kernel's K/V
 // read goes through here, so the paged store runs the dense store's kernels.
 __device__ __forceinline__ int64_t KvRow(const StepParams& p, int h, int64_t t) {
   const int64_t i = int64_t(h) * p.N + t;
-  if (!p.rowSlot) return i * p.d;
-  const int32_t s = p.rowSlot[i];
-  return (s >= 0 ? int64_t(s) : p.dumpSlot) * p.d;
+  return (p.rowSlot ? int64_t(max(p.rowSlot[i], 0)) : i) * p.d;
 }
 
 // The ids kept (ScatterKept).
