@@ -95,7 +95,8 @@ interface NativePool {
   release(client: number): void;
   releaseRange(first: number, last: number): number;
   holdRange(a: { client: number; first: number; count: number; k: Uint16Array; v: Uint16Array; priority?: number }): number;
-  unhold(hold: number): void;
+  holdRanges(a: { clients: number[]; first: number; count: number; k: Uint16Array[]; v: Uint16Array[]; priority?: number }): Float64Array;
+  unhold(hold: number | Float64Array): void;
   attend(a: GpuAttendArgs): Promise<void>;
   stats(): GpuPoolStats;
   resetCounters(): void;
@@ -195,9 +196,23 @@ export class GpuPool {
     return { hold: this.pool.holdRange({ client, first, count, k, v, priority }), blocks: count };
   }
 
+  /**
+   * holdRange of the same blocks of several clients (a part's kv heads:
+   * k[i], v[i] are client i's rows) in one native call: all held, or none
+   * (it throws).
+   */
+  holdRanges(clients: number[], first: number, count: number, k: Uint16Array[], v: Uint16Array[], priority = 0): GpuRangeHold[] {
+    return Array.from(this.pool.holdRanges({ clients, first, count, k, v, priority }), (hold) => ({ hold, blocks: count }));
+  }
+
   /** Ends a holdRange's hold, once the attend that reads it has returned. */
   unholdRange(h: GpuRangeHold): void {
     this.pool.unhold(h.hold);
+  }
+
+  /** Ends several holds in one native call (an unknown one throws, and then none ends). */
+  unholdRanges(holds: GpuRangeHold[]): void {
+    if (holds.length > 0) this.pool.unhold(Float64Array.from(holds, (h) => h.hold));
   }
 
   attend(args: GpuAttendArgs): Promise<void> {

@@ -33,7 +33,7 @@ const CLIENTS_PER_SEGMENT = 1024 * 1024;
  * it where no device runs (simulated-pool.ts PoolModel, for tests of what
  * the device holds).
  */
-export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'holdRange' | 'unholdRange' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
+export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'holdRanges' | 'unholdRanges' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
 
 /** What the backend makes its device parts with (the native ones by default). */
 export interface DeviceFactories {
@@ -286,16 +286,18 @@ export class GpuBackend {
     const done = this.read(new Set(parts.map((p) => p.segment)));
     try {
       parts.forEach((part, i) => {
+        if (part.range && ranges) {
+          // One native call for the part's kv heads, each range held by one count until the kernel has read it.
+          const { first, count, priority } = part.range;
+          const clients = Array.from({ length: m.kvHeads }, (_, h) => this.client(part.segment, layer, h));
+          const got = pool.holdRanges(clients, first, count, part.segment.k.slice(0, m.kvHeads), part.segment.v.slice(0, m.kvHeads), priority);
+          holds.push(...got);
+          got.forEach((hold, h) => pieces[h].push(hold));
+          selected += count * m.kvHeads;
+          return;
+        }
         for (let h = 0; h < m.kvHeads; h++) {
           const client = this.client(part.segment, layer, h);
-          if (part.range && ranges) {
-            // One call per (part, head), held by one count until the kernel has read it.
-            const hold = pool.holdRange(client, part.range.first, part.range.count, part.segment.k[h], part.segment.v[h], part.range.priority);
-            holds.push(hold);
-            pieces[h].push(hold);
-            selected += hold.blocks;
-            continue;
-          }
           const list = part.range ? listed[i]! : { ids: part.blocks[h], priority: part.priority[h] };
           if (list.ids.length === 0) continue;
           // Held (pinned) until the kernel has read them: a later upload (this
@@ -321,7 +323,7 @@ export class GpuBackend {
       });
     } finally {
       for (const [client, ids] of held) pool.pin(client, ids, false);
-      for (const hold of holds) pool.unholdRange(hold);
+      pool.unholdRanges(holds);
       done();
     }
     const after = pool.stats();

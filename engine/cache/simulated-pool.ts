@@ -269,11 +269,35 @@ export class PoolModel implements DevicePool {
     return { hold, blocks: count };
   }
 
+  /** Native HoldRanges: holdRange for each client in order; when one throws, those before it are unheld. */
+  holdRanges(clients: number[], first: number, count: number, k: Uint16Array[], v: Uint16Array[], priority = 0): GpuRangeHold[] {
+    // Checked before any is held, as the native binding checks them.
+    const words = (first + count) * this.options.blockSize * this.options.headDim;
+    if (k.length !== clients.length || v.length !== clients.length || k.some((x, i) => x.length < words || v[i].length < words))
+      throw new RangeError(`k and v: one array of ${words} elements per client`);
+    const got: GpuRangeHold[] = [];
+    try {
+      clients.forEach((c, i) => got.push(this.holdRange(c, first, count, k[i], v[i], priority)));
+    } catch (e) {
+      this.unholdRanges(got);
+      throw e;
+    }
+    return got;
+  }
+
   unholdRange(h: GpuRangeHold): void {
-    const held = this.holds.get(h.hold);
-    if (!held) throw new Error(`GpuPool: no hold ${h.hold}`);
-    this.unhold(held.range);
-    this.holds.delete(h.hold);
+    this.unholdRanges([h]);
+  }
+
+  /** Native Unhold: every id known, or none ends. */
+  unholdRanges(holds: GpuRangeHold[]): void {
+    for (const h of holds) if (!this.holds.has(h.hold)) throw new Error(`GpuPool: no hold ${h.hold}`);
+    for (const h of holds) {
+      const held = this.holds.get(h.hold);
+      if (!held) continue; // the same hold twice
+      this.unhold(held.range);
+      this.holds.delete(h.hold);
+    }
   }
 
   /** Native RangeFor: a clean range containing the asked one, the one equal to it, or a new one. */

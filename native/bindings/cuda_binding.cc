@@ -11,7 +11,9 @@
 //   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
 //   .releaseRange(first, last) -> blocks freed (every client in [first, last))
 //   .holdRange({client, first, count, k, v, priority?}) -> hold id (k/v: a whole head's rows, as indexed)
-//   .unhold(hold)
+//   .holdRanges({clients: number[], first, count, k: Uint16Array[], v: Uint16Array[], priority?}) -> Float64Array ids
+//     (the same blocks of several clients, a part's kv heads, in one call: all held or none)
+//   .unhold(hold | Float64Array of holds)
 //   .attend({q, qHeads, kvHeads, scale, tables: (Int32Array | (Int32Array | {hold, blocks})[])[kvHeads],
 //            validTokens: number[kvHeads], out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
 //     a head's table: slot ids, or pieces back to back (slot ids, or a held range's device table)
@@ -65,7 +67,8 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
                        {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("lookup", &GpuPool::Lookup),
                         InstanceMethod("pin", &GpuPool::Pin), InstanceMethod("prefer", &GpuPool::Prefer),
                         InstanceMethod("release", &GpuPool::Release), InstanceMethod("releaseRange", &GpuPool::ReleaseRange),
-                        InstanceMethod("holdRange", &GpuPool::HoldRange), InstanceMethod("unhold", &GpuPool::Unhold),
+                        InstanceMethod("holdRange", &GpuPool::HoldRange), InstanceMethod("holdRanges", &GpuPool::HoldRanges),
+                        InstanceMethod("unhold", &GpuPool::Unhold),
                         InstanceMethod("attend", &GpuPool::Attend),
                         InstanceMethod("stats", &GpuPool::Stats), InstanceMethod("resetCounters", &GpuPool::Reset),
                         InstanceMethod("sync", &GpuPool::Sync), InstanceMethod("probeH2D", &GpuPool::ProbeH2D),
@@ -182,10 +185,48 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     return Napi::Number::New(env, double(id));
   }
 
+  Napi::Value HoldRanges(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    Napi::Array cl = ArrayAt(o, "clients");
+    const size_t n = cl.Length();
+    if (n < 1 || n > 1024) throw Napi::RangeError::New(env, "clients: 1 to 1024 of them");
+    const int64_t first = Int(o, "first", 0, std::numeric_limits<int32_t>::max());
+    const int64_t count = Int(o, "count", 1, std::numeric_limits<int32_t>::max() - first);
+    const size_t words = size_t(first + count) * BlockWords(env);
+    Napi::Array ks = ArrayOf(o, "k", n), vs = ArrayOf(o, "v", n);
+    std::vector<int64_t> clients(n), ids(n);
+    std::vector<const uint16_t*> k(n), v(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      clients[i] = IntValue(cl.Get(i), "clients[" + std::to_string(i) + "]", 0, kMaxClient);
+      // Every block read must lie inside the arrays.
+      k[i] = Typed<uint16_t>(ks.Get(i), "k entry", words).Data();
+      v[i] = Typed<uint16_t>(vs.Get(i), "v entry", words).Data();
+    }
+    const int priority = int(OptInt(o, "priority", -1000000, 1000000, 0));
+    Guard(env, [&] {
+      Pool(env).HoldRanges(clients.data(), int(n), int32_t(first), int32_t(count), k.data(), v.data(), priority, ids.data());
+    });
+    auto out = Napi::Float64Array::New(env, n);
+    for (size_t i = 0; i < n; ++i) out[i] = double(ids[i]);
+    return out;
+  }
+
   Napi::Value Unhold(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const int64_t hold = IntArg(info, 0, "hold", 1, kMaxClient);
-    Guard(env, [&] { Pool(env).Unhold(hold); });
+    std::vector<int64_t> ids;
+    if (info.Length() > 0 && info[0].IsTypedArray()) {
+      auto list = Typed<double>(info[0], "holds");
+      for (size_t i = 0; i < list.ElementLength(); ++i) {
+        const double x = list[i];
+        if (!(x >= 1 && x <= double(kMaxClient) && x == double(int64_t(x))))
+          throw Napi::RangeError::New(env, "holds[" + std::to_string(i) + "] is not a hold id");
+        ids.push_back(int64_t(x));
+      }
+    } else {
+      ids.push_back(IntArg(info, 0, "hold", 1, kMaxClient));
+    }
+    Guard(env, [&] { Pool(env).Unhold(ids.data(), int(ids.size())); });
     return env.Undefined();
   }
 

@@ -118,8 +118,14 @@ class BlockPool {
   // A held range's slots are never evicted. Throws as Ensure does (nothing
   // is held then).
   int64_t HoldRange(int64_t client, int32_t first, int32_t count, const uint16_t* k, const uint16_t* v, int priority);
-  // Ends a HoldRange's hold (an unknown id is an error).
-  void Unhold(int64_t hold);
+  // HoldRange of the same blocks of n clients (a part's kv heads: k[i], v[i]
+  // client i's rows) in one call; ids[i] receives client i's hold. All or
+  // none: when one throws, the holds made before it are ended.
+  void HoldRanges(const int64_t* clients, int n, int32_t first, int32_t count, const uint16_t* const* k,
+                  const uint16_t* const* v, int priority, int64_t* ids);
+  // Ends holds (an unknown id is an error, and then none ends).
+  void Unhold(const int64_t* ids, int n);
+  void Unhold(int64_t hold) { Unhold(&hold, 1); }
 
   // Decode attention over slot tables; blocks until out/lse are written.
   void Attend(const AttendArgs& a);

@@ -308,6 +308,7 @@ struct BlockPool::Impl {
   // client (made when none does), its dirty entries made resident again, and
   // the attend over AttendArgs' pieces.
   std::shared_ptr<Range> RangeFor(Client& c, int64_t client, int32_t first, int32_t count, int priority);
+  int64_t HoldLocked(int64_t client, int32_t first, int32_t count, const uint16_t* k, const uint16_t* v, int priority);
   int64_t Patch(Range& r, const uint16_t* k, const uint16_t* v);
   void AttendPieces(const AttendArgs& a);
 

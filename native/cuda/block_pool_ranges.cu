@@ -98,39 +98,64 @@ int64_t BlockPool::Impl::Patch(Range& r, const uint16_t* k, const uint16_t* v) {
   return n;
 }
 
-int64_t BlockPool::HoldRange(int64_t client, int32_t first, int32_t count, const uint16_t* k, const uint16_t* v,
-                             int priority) {
-  Impl& I = *impl_;
-  std::lock_guard<std::mutex> lock(I.mu);
+int64_t BlockPool::Impl::HoldLocked(int64_t client, int32_t first, int32_t count, const uint16_t* k,
+                                    const uint16_t* v, int priority) {
   if (first < 0 || count < 1) throw std::runtime_error("GpuPool: a range needs first >= 0 and count >= 1");
-  if (count > I.slots)
+  if (count > slots)
     throw std::runtime_error("GpuPool: " + std::to_string(count) + " blocks asked for, the pool holds " +
-                             std::to_string(I.slots));
-  std::shared_ptr<pool_detail::Range> r = I.RangeFor(I.clients[client], client, first, count, priority);
+                             std::to_string(slots));
+  std::shared_ptr<Range> r = RangeFor(clients[client], client, first, count, priority);
   // Held before the patch: its own misses must not take the range's other slots.
-  if (r->holds++ == 0) I.st.rangeHeld += r->count;
+  if (r->holds++ == 0) st.rangeHeld += r->count;
   int64_t patched = 0;
   try {
-    patched = I.Patch(*r, k, v);
+    patched = Patch(*r, k, v);
   } catch (...) {
-    I.Unhold(*r);
+    Unhold(*r);
     throw;
   }
-  if (patched == 0) ++I.st.rangeReuses;
-  I.st.hits += count - patched;  // a patched range is the one asked for: Ensure counted its patched blocks
-  r->lastUse = ++I.clock;        // its slots' touch, applied when eviction reaches them
-  const int64_t id = I.nextHold++;
-  I.holds.emplace(id, Impl::Hold{r, first - r->first, count});
+  if (patched == 0) ++st.rangeReuses;
+  st.hits += count - patched;  // a patched range is the one asked for: Ensure counted its patched blocks
+  r->lastUse = ++clock;        // its slots' touch, applied when eviction reaches them
+  const int64_t id = nextHold++;
+  holds.emplace(id, Hold{r, first - r->first, count});
   return id;
 }
 
-void BlockPool::Unhold(int64_t hold) {
+int64_t BlockPool::HoldRange(int64_t client, int32_t first, int32_t count, const uint16_t* k, const uint16_t* v,
+                             int priority) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->HoldLocked(client, first, count, k, v, priority);
+}
+
+void BlockPool::HoldRanges(const int64_t* clients, int n, int32_t first, int32_t count, const uint16_t* const* k,
+                           const uint16_t* const* v, int priority, int64_t* ids) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
-  auto h = I.holds.find(hold);
-  if (h == I.holds.end()) throw std::runtime_error("GpuPool: no hold " + std::to_string(hold));
-  I.Unhold(*h->second.range);
-  I.holds.erase(h);
+  int i = 0;
+  try {
+    for (; i < n; ++i) ids[i] = I.HoldLocked(clients[i], first, count, k[i], v[i], priority);
+  } catch (...) {
+    for (int j = 0; j < i; ++j) {  // all or none held
+      auto h = I.holds.find(ids[j]);
+      I.Unhold(*h->second.range);
+      I.holds.erase(h);
+    }
+    throw;
+  }
+}
+
+void BlockPool::Unhold(const int64_t* ids, int n) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lock(I.mu);
+  for (int i = 0; i < n; ++i)
+    if (!I.holds.count(ids[i])) throw std::runtime_error("GpuPool: no hold " + std::to_string(ids[i]));
+  for (int i = 0; i < n; ++i) {
+    auto h = I.holds.find(ids[i]);
+    if (h == I.holds.end()) continue;  // the same id twice in the list
+    I.Unhold(*h->second.range);
+    I.holds.erase(h);
+  }
 }
 
 void BlockPool::Impl::AttendPieces(const AttendArgs& a) {

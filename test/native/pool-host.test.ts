@@ -54,9 +54,15 @@ function modelRun(rng: Rng, slots: number, steps: number): { ops: string[]; line
       const first = rng.int(24), count = 1 + rng.int(16), cls = rng.int(3);
       let hold = 0;
       if (emit(`H ${c} ${first} ${count} ${cls}`, () => ` hold ${(hold = model.holdRange(c, first, count, kv, kv, cls).hold)}`)) open.push([hold, count]);
+    } else if (r < 0.42) {
+      // A part's kv heads in one call (GpuBackend's way): clients c and c + 1, all held or none.
+      const first = rng.int(24), count = 1 + rng.int(16), cls = rng.int(3), cl = [c, c + 1];
+      let got: { hold: number }[] = [];
+      const op = `S ${first} ${count} ${cls} ${cl.join(' ')}`;
+      if (emit(op, () => ` holds ${(got = model.holdRanges(cl, first, count, [kv, kv], [kv, kv], cls)).map((h) => h.hold).join(' ')}`)) for (const h of got) open.push([h.hold, count]);
     } else if (r < 0.55 && open.length > 0) {
-      const [h] = open.splice(rng.int(open.length), 1)[0];
-      emit(`X ${h}`, () => model.unholdRange({ hold: h, blocks: 0 }));
+      const picked = open.splice(rng.int(open.length), 1 + rng.int(2));
+      emit(`X ${picked.map(([h]) => h).join(' ')}`, () => model.unholdRanges(picked.map(([hold]) => ({ hold, blocks: 0 }))));
     } else if (r < 0.65 && open.length > 0) {
       const pieces = [open[rng.int(open.length)], open[rng.int(open.length)]].slice(0, 1 + rng.int(2));
       emit(`A ${pieces.map(([h, n]) => `${h} ${n}`).join(' ')}`, () => ` read ${model.slotsRead({ tables: [pieces.map(([hold, blocks]) => ({ hold, blocks }))] })[0].join(' ')}`);
@@ -109,6 +115,8 @@ describe.skipIf(!nvcc || !cudaInclude)('the native pool on a host stand-in for C
         expect(first, first < 0 ? '' : `seed ${seed + 97 * slots + k}, op ${first} (${seq[first]}): native "${native[first]}", model "${lines[first]}"`).toBe(-1);
         // The sequences did what they are for: reads, reuses, evictions.
         expect(lines.filter((l) => l.includes(' read ')).length).toBeGreaterThan(50);
+        expect(lines.filter((l) => l.startsWith('S') && l.includes(' holds ')).length).toBeGreaterThan(20);
+        if (slots === 40) expect(lines.filter((l) => l.startsWith('S') && l.endsWith(' THROW')).length).toBeGreaterThan(0);
       }
     }, 120_000);
 

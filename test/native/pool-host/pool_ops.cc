@@ -7,7 +7,8 @@
 //   U client hold n b.. p..   Ensure (indexed, classes p, hold)
 //   P client pinned n b..     Pin
 //   H client first count cls  HoldRange -> " hold ID" (or " THROW")
-//   X id                      Unhold
+//   S first count cls c..     HoldRanges over clients c.. -> " holds ID.." (all or none)
+//   X id..                    Unhold (all or none)
 //   R first last              ReleaseRange -> " freed N"
 //   A id n [id n ...]         Attend over held ranges (one kv head) -> " read SLOTS"
 //   O client n b..            Ensure (hold), Attend over the host table (two heads), unpin -> " old-path ok"
@@ -78,10 +79,22 @@ int main(int argc, char** argv) {
         int first, count, cls;
         in >> client >> first >> count >> cls;
         out = " hold " + std::to_string(pool.HoldRange(client, first, count, kv.data(), kv.data(), cls));
+      } else if (op == "S") {
+        int first, count, cls;
+        in >> first >> count >> cls;
+        std::vector<int64_t> clients, ids;
+        int64_t cl;
+        while (in >> cl) clients.push_back(cl);
+        ids.resize(clients.size());
+        const std::vector<const uint16_t*> rows(clients.size(), kv.data());
+        pool.HoldRanges(clients.data(), int(clients.size()), first, count, rows.data(), rows.data(), cls, ids.data());
+        out = " holds";
+        for (int64_t id : ids) out += " " + std::to_string(id);
       } else if (op == "X") {
+        std::vector<int64_t> ids;
         int64_t h;
-        in >> h;
-        pool.Unhold(h);
+        while (in >> h) ids.push_back(h);
+        pool.Unhold(ids.data(), int(ids.size()));
       } else if (op == "R") {
         int64_t a, b;
         in >> a >> b;
