@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks dense decode decode-wave ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks dense decode decode-wave pool-ranges ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -66,6 +66,9 @@ for s in $stages; do
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
     decode) step 300 decode node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 ;;
     decode-wave) step 240 decode-wave node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave ;;
+    pool-ranges)  # the pool's range tables (native/cuda/block_pool_ranges.cu): the GPU tests (range path vs block by block bit for bit and vs float64, through eviction and while held; PoolModel vs the native pool), then the decode loop at 1M with range parts both ways on one pool, alternating step by step (dense, nosa, topk-blocks; limits 540 s: one device command)
+      step 180 pool-ranges-tests node node_modules/vitest/vitest.mjs run test/native/gpu-range.test.ts test/cache/simulated-pool.test.ts test/integration/gpu-backend.test.ts test/native/gpu.test.ts
+      step 360 decode-pool-ab node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs nosa,topk-blocks --pool-path ab ;;
     preload-shards)
       g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-host}
       nproc | tee -a "$L"; uptime | tee -a "$L"
