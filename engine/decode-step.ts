@@ -103,10 +103,10 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
       // (parts combined by log-sum-exp); else on the host, after. Both settle before either error is
       // thrown: the device call holds its store until it ends.
       const estimating = clusters !== undefined && ctx.segments.length > 1;
-      const [attended, onDevice] = await Promise.allSettled([
-        session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }),
-        estimating ? restOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined,
-      ]);
+      // The device's call is started first: a short host attend runs on the event loop's thread
+      // (addon/kernels.ts), so started before it, it would hold the device call back until it ended.
+      const rest = estimating ? restOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined;
+      const [attended, onDevice] = await Promise.allSettled([session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }), rest]);
       if (attended.status === 'rejected') throw attended.reason;
       if (onDevice.status === 'rejected') throw onDevice.reason;
       residency = attended.value;
