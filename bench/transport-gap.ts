@@ -1,4 +1,4 @@
-// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --gaps 25 (ms, a list: 1,5,25) --ab]
+// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --batch 32 (0: no batch row) --gaps 25 (ms, a list: 1,5,25) --ab [pool,loop|loop,pool|inproc]]
 //
 // Why bench:decode's RPC per call is several times bench:transport's (issue
 // #14): bench:transport sends its attends back to back over a 4K-token
@@ -9,7 +9,8 @@
 // that differ only in how long the two processes waited before it:
 //   back to back (bench:transport's case), the client idle (a timer) each
 //   of `gaps` ms before each call, or spinning the longest of them, and a long document whose own server
-//   time is that long (bench:decode's case).
+//   time is that long (bench:decode's case), and a stream batch of `batch`
+//   sessions' steps over the short document (a server's running batch).
 // Overhead = client wall − server stats.ms. Beside each gap, the bare round
 // trips after the same wait: a WebSocket ping on the same stream (no request
 // handled) and GET /v1/health on one keep-alive HTTP connection (issue #14's
@@ -20,7 +21,12 @@
 // (KVRECALL_ATTEND_SYNC_WORK=0, the old way) and one with the default (a
 // short attend on the event loop's thread, addon/kernels.ts): the attend rows
 // of both take turns. Without it, one server with this process's
-// environment (set KVRECALL_ATTEND_SYNC_WORK to choose).
+// environment (set KVRECALL_ATTEND_SYNC_WORK to choose). `--ab loop,pool`
+// starts them the other way round (a lane's own bias, e.g. the second
+// server's, shows as the rows that run the same code in both differing);
+// `--ab inproc` runs one server in this process and sets the way before each
+// row's calls (addon/kernels.ts setAttendSyncWork), so neither has a server
+// of its own (the client then shares the server's process and event loop).
 // Results: bench/results/transport-gap-<tag>.{md,json} (tag: KVRECALL_BENCH_TAG, default vm).
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
@@ -29,18 +35,26 @@ import { KvrecallClient, tensor } from '../clients/ts/client.js';
 import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
+import { ATTEND_SYNC_WORK, setAttendSyncWork } from '../addon/kernels.js';
+import { startServer as startInProcess } from '../api/server.js';
+import { parseConfig } from '../core/config.js';
 import { bareHealth, startServer } from './transport-rows.js';
 
 const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 ? Number(process.argv[i + 1]) : def;
 };
-const CALLS = get('calls', 200), ROUNDS = get('rounds', 8), TOKENS = get('tokens', 4096), LONG = get('long-tokens', 65536);
+const CALLS = get('calls', 200), ROUNDS = get('rounds', 8), TOKENS = get('tokens', 4096), LONG = get('long-tokens', 65536), BATCH = get('batch', 32);
 const gapsAt = process.argv.indexOf('--gaps');
 const GAPS = (gapsAt >= 0 ? process.argv[gapsAt + 1] : '25').split(',').map(Number);
 if (GAPS.some((g) => !(g > 0))) throw new Error('--gaps: a list of ms > 0, e.g. 1,5,25');
 const GAP = Math.max(...GAPS);
-const AB = process.argv.includes('--ab');
+const abAt = process.argv.indexOf('--ab');
+const AB = abAt >= 0;
+/** The lanes' order (their servers start in it; rows alternate in it): `--ab loop,pool` swaps it, to tell a lane's own bias from the variants'. */
+const AB_ORDER = AB && /^(pool,loop|loop,pool)$/.test(process.argv[abAt + 1] ?? '') ? process.argv[abAt + 1].split(',') : ['pool', 'loop'];
+/** `--ab inproc`: one server in this process, the two ways taking turns on it (setAttendSyncWork before each row's calls): no lane of its own to bias either. */
+const IN_PROCESS = AB && process.argv[abAt + 1] === 'inproc';
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:transport-gap] ${msg}\n`);
 
@@ -67,10 +81,14 @@ const spin = (ms: number) => {
 interface Lane {
   name: string;
   env: Record<string, string>;
-  server: Awaited<ReturnType<typeof startServer>>;
+  server: { url: string; stop(): void | Promise<void> };
+  /** Sets this lane's way before each of its calls (the in-process A/B). */
+  set?: () => void;
   client: KvrecallClient;
   stream: KvrecallStream;
   short: string;
+  /** Sessions over the short document for the batch row. */
+  batch: string[];
   long: string;
 }
 
@@ -93,14 +111,28 @@ async function main(): Promise<void> {
   const lanes: Lane[] = [];
   const health: ReturnType<typeof bareHealth>[] = [];
   try {
-    const variants: { name: string; env: Record<string, string> }[] = AB ? [{ name: 'pool', env: { KVRECALL_ATTEND_SYNC_WORK: '0' } }, { name: 'loop', env: {} }] : [{ name: '', env: {} }];
-    for (const v of variants) {
+    const ENV: Record<string, Record<string, string>> = { pool: { KVRECALL_ATTEND_SYNC_WORK: '0' }, loop: {} };
+    const variants: { name: string; env: Record<string, string> }[] = AB ? AB_ORDER.map((name) => ({ name, env: ENV[name] })) : [{ name: '', env: {} }];
+    if (IN_PROCESS) {
+      const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
+      dirs.push(dir);
+      const running = await startInProcess({ ...parseConfig([], process.env), host: '127.0.0.1', port: 0, dataDir: dir });
+      const server = { url: running.url, stop: () => running.close() };
+      const client = new KvrecallClient({ url: server.url });
+      const short = await session(client, 'short', TOKENS), long = await session(client, 'long', LONG);
+      const batch = await Promise.all(Array.from({ length: BATCH }, async () => (await client.createSession({ model, documents: ['short'], method: 'exact' })).id));
+      const stream = await client.openStream();
+      for (const name of ['pool', 'loop'])
+        lanes.push({ name, env: {}, server, client, short, long, batch, stream, set: () => setAttendSyncWork(name === 'pool' ? 0 : ATTEND_SYNC_WORK) });
+    }
+    for (const v of IN_PROCESS ? [] : variants) {
       const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
       dirs.push(dir);
       const server = await startServer(join(import.meta.dirname, '..', 'cli', 'cli.js'), dir, process.env.KVRECALL_GPU_BUDGET ?? '0', v.env);
       const client = new KvrecallClient({ url: server.url });
       const short = await session(client, 'short', TOKENS), long = await session(client, 'long', LONG);
-      lanes.push({ ...v, server, client, short, long, stream: await client.openStream() });
+      const batch = await Promise.all(Array.from({ length: BATCH }, async () => (await client.createSession({ model, documents: ['short'], method: 'exact' })).id));
+      lanes.push({ ...v, server, client, short, long, batch, stream: await client.openStream() });
     }
     const hc = (await lanes[0].client.health()) as unknown as { backend?: string; gpu?: { device?: string } };
     // The backend, and its device where it has one (the GPU host's card named in the results).
@@ -113,7 +145,10 @@ async function main(): Promise<void> {
     };
     const attend = (lane: Lane, sid: string) => () => timed(async () => (await lane.stream.attend(sid, { layer: 0, q })).stats.ms);
     const rows: Row[] = [];
-    const row = (r: Omit<Row, 'overhead' | 'server'>) => rows.push({ ...r, overhead: [], server: [] });
+    const row = (r: Omit<Row, 'overhead' | 'server'>) => {
+      const set = lanes.find((l) => l.name === r.lane)?.set;
+      rows.push({ ...r, ...(set && { before: () => (set(), r.before()) }), overhead: [], server: [] });
+    };
     const waits = [0, ...GAPS];
     for (const lane of lanes) {
       const tag = lane.name ? ` [${lane.name}]` : '';
@@ -121,6 +156,15 @@ async function main(): Promise<void> {
         row({ name: `${TOKENS} tokens, ${g ? `the client idle ${g} ms (a timer) before each call` : "back to back (bench:transport's case)"}${tag}`, lane: lane.name, gap: g, before: g ? () => sleep(g) : () => undefined, call: attend(lane, lane.short), kind: 'attend' });
       row({ name: `${TOKENS} tokens, the client spinning ${GAP} ms before each call${tag}`, lane: lane.name, gap: -GAP, before: () => spin(GAP), call: attend(lane, lane.short), kind: 'attend' });
       row({ name: `${LONG} tokens, back to back (the server's own time long)${tag}`, lane: lane.name, gap: -1, before: () => undefined, call: attend(lane, lane.long), kind: 'attend' });
+      if (BATCH > 0)
+        row({
+          name: `a batch of ${BATCH} sessions' steps over ${TOKENS} tokens, back to back (overhead = wall − the batch's ms)${tag}`,
+          lane: lane.name,
+          gap: -2,
+          before: () => undefined,
+          call: () => timed(async () => (await lane.stream.attendBatch(0, lane.batch.map((session) => ({ session, q })))).ms ?? NaN),
+          kind: 'attend',
+        });
     }
     // The bare round trips, on the first lane's server (no attend in them: the variants do not differ there).
     const hb = bareHealth(lanes[0].server.url);
@@ -176,7 +220,7 @@ async function main(): Promise<void> {
       [
         `# A stream attend's overhead after the processes waited (${m.cpu}, ${m.cores} cores, ${backend})`,
         '',
-        `TypeScript client, one stream (GET /v1/stream), server in its own process on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms; for the bare rows (a WebSocket ping on the same stream; GET /v1/health on one keep-alive HTTP connection) it is their wall. × ping / × health: the attend's overhead p50 over that bare round trip's p50 after the same wait. Wall = overhead + stats.ms, what the caller waits.${AB ? ' [pool]: every attend on libuv\'s pool (KVRECALL_ATTEND_SYNC_WORK=0); [loop]: the default, a short attend on the event loop\'s thread (addon/kernels.ts).' : ''} Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
+        `TypeScript client, one stream (GET /v1/stream), server ${IN_PROCESS ? 'in the client\'s process' : 'in its own process'} on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms; for the bare rows (a WebSocket ping on the same stream; GET /v1/health on one keep-alive HTTP connection) it is their wall. × ping / × health: the attend's overhead p50 over that bare round trip's p50 after the same wait. Wall = overhead + stats.ms, what the caller waits.${AB ? ` [pool]: every attend on libuv's pool (KVRECALL_ATTEND_SYNC_WORK=0); [loop]: the default, a short attend on the event loop's thread (addon/kernels.ts); ${IN_PROCESS ? 'one server in this process, the way set before each row\'s calls' : `servers started, and rows run, in the order ${AB_ORDER.join(', ')}`}.` : ''} Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
         '',
         '| row | overhead p50 ms | × back to back | × ping, same wait | × health, same wait | p10 | p90 | mean | server stats.ms p50 | wall p50 ms |',
         '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
@@ -190,10 +234,8 @@ async function main(): Promise<void> {
     progress(`wrote ${base}.{md,json}`);
   } finally {
     for (const h of health) h.close();
-    for (const l of lanes) {
-      l.stream.close();
-      l.server.stop();
-    }
+    for (const l of new Set(lanes.map((x) => x.stream))) l.close();
+    for (const stop of new Set(lanes.map((x) => x.server))) await stop.stop();
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
   }
 }
