@@ -116,7 +116,7 @@ async function main(): Promise<void> {
     if (IN_PROCESS) {
       const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
       dirs.push(dir);
-      const running = await startInProcess({ ...parseConfig([], process.env), host: '127.0.0.1', port: 0, dataDir: dir });
+      const running = await startInProcess({ ...parseConfig([], process.env), host: '127.0.0.1', port: 0, dataDir: dir, gpuBudget: Number(process.env.KVRECALL_GPU_BUDGET ?? '0') });
       const server = { url: running.url, stop: () => running.close() };
       const client = new KvrecallClient({ url: server.url });
       const short = await session(client, 'short', TOKENS), long = await session(client, 'long', LONG);
