@@ -77,7 +77,7 @@ async function main(): Promise<void> {
   if (args.includes('--each')) olds.push('KVRECALL_WAVE_LEGACY=1', ...SINGLE);
   if (!olds.length) olds.push('KVRECALL_WAVE_LEGACY=1');
   const switches = olds.map((o) => {
-    const m = /^(KVRECALL_WAVE_[A-Z_]+)=(\w+)$/.exec(o ?? '');
+    const m = /^(KVRECALL_WAVE_[A-Z0-9_]+)=(\w+)$/.exec(o ?? '');
     if (!m) throw new Error(`--old wants NAME=VALUE with a KVRECALL_WAVE_ switch, got ${o}`);
     return { name: m[1], value: m[2] };
   });
