@@ -24,11 +24,7 @@ BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
   I.smCount = dev.smCount;
   Check(cudaSetDevice(0), "cudaSetDevice");
   Check(cudaMalloc(reinterpret_cast<void**>(&I.kPool), size_t(I.slots) * I.blockWords * 2), "cudaMalloc (K pool)");
-  if (cudaMalloc(reinterpret_cast<void**>(&I.vPool), size_t(I.slots) * I.blockWords * 2) != cudaSuccess) {
-    cudaFree(I.kPool);
-    cudaGetLastError();
-    throw std::runtime_error("GpuPool: cudaMalloc (V pool) failed for " + std::to_string(cfg.budgetBytes) + " bytes");
-  }
+  Check(cudaMalloc(reinterpret_cast<void**>(&I.vPool), size_t(I.slots) * I.blockWords * 2), "cudaMalloc (V pool)");
   Check(cudaStreamCreateWithFlags(&I.copyStream, cudaStreamNonBlocking), "stream");
   Check(cudaStreamCreateWithFlags(&I.computeStream, cudaStreamNonBlocking), "stream");
   const int64_t perChunkBytes = std::max<int64_t>(cfg.stagingBytes / pool_detail::kChunks, int64_t(slotBytes) + 4096);
@@ -50,24 +46,28 @@ BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
   I.st.slots = I.slots;
 }
 
-BlockPool::~BlockPool() {
-  Impl& I = *impl_;
-  if (I.copyStream) cudaStreamSynchronize(I.copyStream);
-  if (I.computeStream) cudaStreamSynchronize(I.computeStream);
+// What the constructor made is freed by Impl's destructor, which also runs
+// when the constructor throws part way (GpuBackend then tries half the
+// budget: a leaked K/V pool would keep the device's memory it gave up).
+BlockPool::~BlockPool() = default;
+
+BlockPool::Impl::~Impl() {
+  if (copyStream) cudaStreamSynchronize(copyStream);
+  if (computeStream) cudaStreamSynchronize(computeStream);
   // Range tables go while their stream still exists (their destructor waits on it).
-  I.holds.clear();
-  I.clients.clear();
-  for (int c = 0; c < pool_detail::kChunks; ++c) {
-    if (I.hostStage[c]) cudaFreeHost(I.hostStage[c]);
-    if (I.devStage[c]) cudaFree(I.devStage[c]);
-    if (I.stageDone[c]) cudaEventDestroy(I.stageDone[c]);
+  holds.clear();
+  clients.clear();
+  for (int c = 0; c < kChunks; ++c) {
+    if (hostStage[c]) cudaFreeHost(hostStage[c]);
+    if (devStage[c]) cudaFree(devStage[c]);
+    if (stageDone[c]) cudaEventDestroy(stageDone[c]);
   }
-  for (cudaEvent_t e : {I.lastCopy, I.lastCompute, I.kStart, I.kStop})
+  for (cudaEvent_t e : {lastCopy, lastCompute, kStart, kStop})
     if (e) cudaEventDestroy(e);
-  if (I.kPool) cudaFree(I.kPool);
-  if (I.vPool) cudaFree(I.vPool);
-  if (I.copyStream) cudaStreamDestroy(I.copyStream);
-  if (I.computeStream) cudaStreamDestroy(I.computeStream);
+  if (kPool) cudaFree(kPool);
+  if (vPool) cudaFree(vPool);
+  if (copyStream) cudaStreamDestroy(copyStream);
+  if (computeStream) cudaStreamDestroy(computeStream);
   cudaGetLastError();
 }
 

@@ -176,6 +176,7 @@ struct BlockPool::Impl {
   DevBuf dIn, dPart, dOutBuf, dTab;
   HostBuf hIn, hOut;
   std::mutex mu;
+  ~Impl();  // block_pool.cu: frees what the constructor made, all or part of it
 
   void Unlist(int32_t s) {
     SlotInfo& si = info[s];

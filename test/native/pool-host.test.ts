@@ -120,6 +120,14 @@ describe.skipIf(!nvcc || !cudaInclude)('the native pool on a host stand-in for C
       }
     }, 120_000);
 
+  it('a pool whose construction fails at any allocation frees what it had allocated (and a made one frees all at its end)', () => {
+    // The pool makes 10 allocations (K, V, 4 staging chunks host and device); past them, construction succeeds.
+    for (let k = 1; k <= 12; k++) {
+      const out = spawnSync(bin, ['40', String(k)], { encoding: 'utf8' }).stdout.trim();
+      expect(out, `allocation ${k} failing`).toBe(`ctor ${k <= 10 ? 'THROW' : 'ok'} live 0 0`);
+    }
+  });
+
   it('the attend reads a host table as given (the per-block path) and pieces back to back (a held range between host slots)', () => {
     const out = ops(80, ['O 1 4 3 9 1 7', 'H 1 2 5 3', 'M 1 5 30 31 32', 'H 1 3 2 0', 'M 2 3 1 2 3', 'M 2 2 7 8 9'].join('\n') + '\n').trimEnd().split('\n');
     expect(out[0]).toMatch(/ old-path ok$/);

@@ -1,7 +1,8 @@
 // A host stand-in for the CUDA runtime, for pool_ops.cc only: device memory is
-// host memory, copies are memmove, streams and events do nothing, and the one
-// <<<>>> launch of the pool (block_pool_ranges.cu GatherTables) runs on the
-// host; the decode kernel records the slots it would read (gRead).
+// host memory (counted, and made to fail on demand), copies are memmove,
+// streams and events do nothing, and the one <<<>>> launch of the pool
+// (block_pool_ranges.cu GatherTables) runs on the host; the decode kernel
+// records the slots it would read (gRead).
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
@@ -10,11 +11,35 @@
 #include "cuda/decode_kernel.h"
 #include "cuda/device_info.h"
 
+// Device and pinned allocations: live now, made and freed so far (gAllocs in
+// pool_ops.cc's "L" op); allocation number gFailAt (from 1) fails, as a
+// device out of memory would.
+long gLiveDev = 0, gLiveHost = 0, gAllocs = 0, gFrees = 0, gFailAt = 0;
+static bool Fail() { return ++gAllocs == gFailAt; }
+
 extern "C" {
-cudaError_t cudaMalloc(void** p, size_t n) { *p = calloc(1, n ? n : 1); return cudaSuccess; }
-cudaError_t cudaFree(void* p) { free(p); return cudaSuccess; }
-cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) { *p = calloc(1, n ? n : 1); return cudaSuccess; }
-cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
+cudaError_t cudaMalloc(void** p, size_t n) {
+  if (Fail()) return *p = nullptr, cudaErrorMemoryAllocation;
+  *p = calloc(1, n ? n : 1);
+  ++gLiveDev;
+  return cudaSuccess;
+}
+cudaError_t cudaFree(void* p) {
+  if (p) --gLiveDev, ++gFrees;
+  free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaHostAlloc(void** p, size_t n, unsigned int) {
+  if (Fail()) return *p = nullptr, cudaErrorMemoryAllocation;
+  *p = calloc(1, n ? n : 1);
+  ++gLiveHost;
+  return cudaSuccess;
+}
+cudaError_t cudaFreeHost(void* p) {
+  if (p) --gLiveHost, ++gFrees;
+  free(p);
+  return cudaSuccess;
+}
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) { memmove(d, s, n); return cudaSuccess; }
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int) { *s = (cudaStream_t)malloc(8); return cudaSuccess; }

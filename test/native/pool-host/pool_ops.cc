@@ -13,6 +13,9 @@
 //   A id n [id n ...]         Attend over held ranges (one kv head) -> " read SLOTS"
 //   O client n b..            Ensure (hold), Attend over the host table (two heads), unpin -> " old-path ok"
 //   M id n s1 s2 s3           Attend over pieces [s1, hold, s2] and [s3] -> " read | ... | ..."
+//   L                         -> " live D H allocs A frees F": the stand-in's device and pinned allocations
+// With a second argument k, the pool is made with the stand-in's allocation
+// k failing, then destroyed: prints "ctor ok|THROW live D H" (no ops).
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -23,6 +26,7 @@
 #include "cuda/block_pool.h"
 
 extern std::vector<std::vector<int32_t>> gRead;
+extern long gLiveDev, gLiveHost, gAllocs, gFrees, gFailAt;
 using namespace kvr::cuda;
 
 int main(int argc, char** argv) {
@@ -32,6 +36,17 @@ int main(int argc, char** argv) {
   c.blockSize = 64;
   c.headDim = 64;
   c.stagingBytes = 1 << 20;
+  if (argc > 2) {
+    gFailAt = atol(argv[2]);
+    const char* what = "ok";
+    try {
+      BlockPool pool(c);
+    } catch (const std::exception&) {
+      what = "THROW";
+    }
+    printf("ctor %s live %ld %ld\n", what, gLiveDev, gLiveHost);
+    return 0;
+  }
   BlockPool pool(c);
   std::vector<uint16_t> kv(64 * 64 * 64);  // 64 blocks of a head's rows: the data is not read back
   std::string line;
@@ -131,6 +146,9 @@ int main(int argc, char** argv) {
         attend(a, 2);
         pool.Pin(client, b.data(), n, false);
         out = gRead[0] == sl && gRead[1] == rev ? " old-path ok" : " old-path WRONG";
+      } else if (op == "L") {
+        out = " live " + std::to_string(gLiveDev) + " " + std::to_string(gLiveHost) + " allocs " + std::to_string(gAllocs) +
+              " frees " + std::to_string(gFrees);
       } else if (op == "M") {
         int64_t h, nb;
         int32_t s1, s2, s3;
