@@ -26,6 +26,7 @@ BlockPool::BlockPool(const PoolConfig& cfg) : impl_(new Impl) {
   Check(cudaMalloc(reinterpret_cast<void**>(&I.kPool), size_t(I.slots) * I.blockWords * 2), "cudaMalloc (K pool)");
   Check(cudaMalloc(reinterpret_cast<void**>(&I.vPool), size_t(I.slots) * I.blockWords * 2), "cudaMalloc (V pool)");
   Check(cudaStreamCreateWithFlags(&I.copyStream, cudaStreamNonBlocking), "stream");
+  I.spares.stream = I.copyStream;
   Check(cudaStreamCreateWithFlags(&I.computeStream, cudaStreamNonBlocking), "stream");
   const int64_t perChunkBytes = std::max<int64_t>(cfg.stagingBytes / pool_detail::kChunks, int64_t(slotBytes) + 4096);
   I.perChunk = std::max<int64_t>(1, (perChunkBytes - 256) / int64_t(slotBytes + 4));
@@ -54,9 +55,10 @@ BlockPool::~BlockPool() = default;
 BlockPool::Impl::~Impl() {
   if (copyStream) cudaStreamSynchronize(copyStream);
   if (computeStream) cudaStreamSynchronize(computeStream);
-  // Range tables go while their stream still exists (their destructor waits on it).
+  // Range tables go back to the spares, which go while their stream still exists (their free waits on it).
   holds.clear();
   clients.clear();
+  spares.Clear();
   for (int c = 0; c < kChunks; ++c) {
     if (hostStage[c]) cudaFreeHost(hostStage[c]);
     if (devStage[c]) cudaFree(devStage[c]);

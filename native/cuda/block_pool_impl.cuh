@@ -62,6 +62,67 @@ struct HostBuf {
 
 constexpr int kChunks = 4;
 
+// A range table's memory: its device table and pinned mirror, cap entries each.
+struct TableBuf {
+  int32_t* dev = nullptr;
+  int32_t* host = nullptr;
+  size_t cap = 0;
+};
+
+// Range tables' memory no range uses now, kept for the next range that fits.
+// Ranges are made and dropped on the step path (a window that grows, a ninth
+// range of a client, a document released): there a cudaFree or cudaFreeHost
+// would wait for the whole device (every stream's kernels) under the lock
+// the pool's steps wait on, and a cudaHostAlloc costs more than the step. A
+// reused table needs no wait: the attend that read it has returned (attends
+// are synchronous, under the lock), and its next copy is ordered on the copy
+// stream after any still running. Past kSpareEntries, tables are freed.
+struct TableSpares {
+  static constexpr size_t kSpareEntries = size_t(4) << 20;  // 16 MiB of device tables, as much pinned
+  std::vector<TableBuf> bufs;
+  size_t entries = 0;
+  cudaStream_t stream = nullptr;  // the copy stream (a copy into a table may still run when it is freed)
+  TableBuf Take(size_t count) {
+    auto best = bufs.end();
+    for (auto b = bufs.begin(); b != bufs.end(); ++b)
+      if (b->cap >= count && (best == bufs.end() || b->cap < best->cap)) best = b;
+    if (best != bufs.end()) {
+      const TableBuf t = *best;
+      *best = bufs.back();
+      bufs.pop_back();
+      entries -= t.cap;
+      return t;
+    }
+    TableBuf t;
+    t.cap = 64;  // powers of two, so that the tables of ranges of nearby sizes are interchangeable
+    while (t.cap < count) t.cap *= 2;
+    Check(cudaMalloc(reinterpret_cast<void**>(&t.dev), t.cap * 4), "cudaMalloc (range table)");
+    const cudaError_t rc = cudaHostAlloc(reinterpret_cast<void**>(&t.host), t.cap * 4, cudaHostAllocDefault);
+    if (rc != cudaSuccess) {
+      cudaFree(t.dev);
+      Check(rc, "cudaHostAlloc (range table)");
+    }
+    return t;
+  }
+  void Give(const TableBuf& t) {
+    if (!t.dev) return;
+    if (entries + t.cap > kSpareEntries) return Free(t);
+    bufs.push_back(t);
+    entries += t.cap;
+  }
+  void Free(const TableBuf& t) {
+    if (stream) cudaStreamSynchronize(stream);
+    cudaFree(t.dev);
+    cudaFreeHost(t.host);
+    cudaGetLastError();
+  }
+  void Clear() {
+    for (const TableBuf& t : bufs) Free(t);
+    bufs.clear();
+    entries = 0;
+  }
+};
+
 // A client's whole blocks [first, first + count) as one device slot table
 // (HoldRange). Its entries stay true while no block of the range loses its
 // slot: an eviction marks the entry dirty (a release drops the range), and
@@ -69,19 +130,27 @@ constexpr int kChunks = 4;
 // slots are never evicted: eviction parks them off the LRU chains instead,
 // and the last unhold lists them again. Its recency is lastUse, applied to
 // its slots lazily: eviction moves a slot used since it was listed to the
-// most recent end instead of taking it.
+// most recent end instead of taking it. Its memory comes from, and goes back
+// to, the pool's spares.
 struct Range {
   int64_t client = -1;
   int32_t first = 0, count = 0;
   int prio = 0;
   int32_t* dev = nullptr;   // [count] slot ids on the device: what the attend reads
   int32_t* host = nullptr;  // [count] pinned mirror: the source of its copies
-  cudaStream_t stream = nullptr;  // the copy stream its copies run on
+  TableBuf buf;
+  TableSpares* spares = nullptr;
   int holds = 0;
   bool build = true;            // every entry to make (new, or too many dirty)
   std::vector<int32_t> dirty;   // entries whose slot was taken since written
   std::vector<int32_t> parked;  // its slots off the chains while held
   uint64_t lastUse = 0;
+  Range(TableSpares& s, size_t count) : buf(s.Take(count)), spares(&s) {
+    dev = buf.dev;
+    host = buf.host;
+  }
+  Range(const Range&) = delete;
+  Range& operator=(const Range&) = delete;
   bool Contains(int32_t block) const { return block >= first && int64_t(block) - first < count; }
   bool Clean() const { return !build && dirty.empty(); }
   void Taken(int32_t entry) {
@@ -93,12 +162,7 @@ struct Range {
       dirty.push_back(entry);
     }
   }
-  ~Range() {
-    if (stream) cudaStreamSynchronize(stream);  // a copy into or out of its tables may still run
-    if (dev) cudaFree(dev);
-    if (host) cudaFreeHost(host);
-    cudaGetLastError();
-  }
+  ~Range() { spares->Give(buf); }
 };
 
 // Ranges a client keeps beside its page table (sinks, window, a whole
@@ -175,6 +239,7 @@ struct BlockPool::Impl {
 
   DevBuf dIn, dPart, dOutBuf, dTab;
   HostBuf hIn, hOut;
+  pool_detail::TableSpares spares;  // freed after every range (Impl's destructor)
   std::mutex mu;
   ~Impl();  // block_pool.cu: frees what the constructor made, all or part of it
 

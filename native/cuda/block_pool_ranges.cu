@@ -54,15 +54,11 @@ std::shared_ptr<pool_detail::Range> BlockPool::Impl::RangeFor(Client& c, int64_t
     if (oldest == c.ranges.end()) break;
     c.ranges.erase(oldest);
   }
-  auto r = std::make_shared<Range>();
+  auto r = std::make_shared<Range>(spares, size_t(count));
   r->client = client;
   r->first = first;
   r->count = count;
   r->prio = priority;
-  r->stream = copyStream;
-  Check(cudaMalloc(reinterpret_cast<void**>(&r->dev), size_t(count) * 4), "cudaMalloc (range table)");
-  Check(cudaHostAlloc(reinterpret_cast<void**>(&r->host), size_t(count) * 4, cudaHostAllocDefault),
-        "cudaHostAlloc (range table)");
   c.ranges.push_back(r);
   return r;
 }

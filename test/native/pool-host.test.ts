@@ -128,6 +128,21 @@ describe.skipIf(!nvcc || !cudaInclude)('the native pool on a host stand-in for C
     }
   });
 
+  it('ranges made and dropped every step (ten for one client: past eight, each new one drops the least recent) allocate and free no device or pinned memory once warm', () => {
+    const seq: string[] = [];
+    let id = 1;
+    for (let round = 0; round < 3; round++) {
+      for (let f = 0; f < 10; f++) seq.push(`H 1 ${f} 4 0`, `X ${id++}`);
+      seq.push('L');
+    }
+    const out = ops(80, seq.join('\n') + '\n').trimEnd().split('\n');
+    const marks = out.filter((l) => l.startsWith('L'));
+    const patched = marks.map((l) => Number(/ patched (\d+)/.exec(l)![1]));
+    // Each hold of rounds 2 and 3 made its range again (built whole: 4 entries), dropping another.
+    expect(patched[2] - patched[1]).toBe(40);
+    expect(marks[2].slice(marks[2].indexOf(' live '))).toBe(marks[1].slice(marks[1].indexOf(' live ')));
+  });
+
   it('the attend reads a host table as given (the per-block path) and pieces back to back (a held range between host slots)', () => {
     const out = ops(80, ['O 1 4 3 9 1 7', 'H 1 2 5 3', 'M 1 5 30 31 32', 'H 1 3 2 0', 'M 2 3 1 2 3', 'M 2 2 7 8 9'].join('\n') + '\n').trimEnd().split('\n');
     expect(out[0]).toMatch(/ old-path ok$/);
