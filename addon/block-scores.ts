@@ -19,6 +19,7 @@ interface NativeBlockScores {
     extraIds?: Int32Array;
     extraCounts?: Int32Array;
     extraScores?: Float32Array;
+    reps?: number;
     sync?: boolean;
     times?: boolean;
   }): number | Promise<number>;
@@ -65,6 +66,14 @@ export interface BlockTopKArgs {
   /** Per kv head, blocks whose scores are wanted too (any blocks, each < blocks). */
   extra?: Int32Array[];
   /**
+   * Rank groups of `reps` consecutive blocks (rows) instead (deviceRanksGroups
+   * must hold): the top k groups, each ranked where its best row ranks among
+   * the rows (score, then the lower row), so in the order of their first
+   * rows in the rows' ranking; answered as the group's first row
+   * (group · reps) with its best row's score. `extra` stays rows. Default 1.
+   */
+  reps?: number;
+  /**
    * Per-kernel CUDA event times in lastTimes (a bench's question): the
    * copies and kernels launched one by one. Otherwise (the engine) the step
    * is replayed from a CUDA graph captured once per shape: one launch.
@@ -79,6 +88,11 @@ export function deviceBlockScoresSupported(headDim: number, group: number): bool
   } catch {
     return false;
   }
+}
+
+/** Whether a step may rank groups of `reps` rows of a head of `rows` rows (BlockTopKArgs.reps): a power of two ≤ 16 dividing rows. */
+export function deviceRanksGroups(rows: number, reps: number): boolean {
+  return Number.isInteger(reps) && reps >= 1 && reps <= 16 && (reps & (reps - 1)) === 0 && rows % reps === 0;
 }
 
 /**
@@ -139,9 +153,10 @@ export class DeviceBlockScores {
   }
 
   private args(a: BlockTopKArgs) {
-    const kk = Math.max(0, Math.min(a.k, this.blocks));
+    const reps = a.reps ?? 1;
+    const kk = Math.max(0, Math.min(a.k, Math.floor(this.blocks / reps)));
     const outIds = new Int32Array(this.heads * kk), outScores = new Float32Array(this.heads * kk);
-    const native: Parameters<NativeBlockScores['topk']>[0] = { q: a.q, group: a.group, k: a.k, outIds, outScores, ...(a.times && { times: true }) };
+    const native: Parameters<NativeBlockScores['topk']>[0] = { q: a.q, group: a.group, k: a.k, outIds, outScores, ...(reps !== 1 && { reps }), ...(a.times && { times: true }) };
     let extraCounts: Int32Array | undefined, extraScores: Float32Array | undefined;
     if (a.extra) {
       if (a.extra.length !== this.heads) throw new RangeError(`extra must have ${this.heads} entries`);

@@ -23,16 +23,18 @@
 // second context and must give the same blocks; the warm pass must give the
 // cold pass's; the selections of every step are hashed (`fingerprint`), so
 // two builds can be checked to answer alike.
-//   node dist/bench/block-select-host.js [--tokens N] [--steps S] [--reps R] [--json]
+//   node dist/bench/block-select-host.js [--tokens N] [--steps S] [--reps R] [--rows] [--json]
 // --json prints one line of JSON (for an A/B driver) instead of the table.
+// The replayed scorer answers as the device does: each block's rows ranked as
+// one group, the first `reach` blocks; --rows: the reach·reps best rows
+// instead (the device's answer before it grouped them), for an A/B.
 import { topkHeads } from '../addon/kernels.js';
 import type { HeadTopBlocks } from '../addon/block-scores.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
 import { nosa, topkBlocks } from '../index/block-select.js';
 import { BlockSummary, summaryStride } from '../index/block-summary.js';
 import type { BlockMeans, BlockScorer, LayerContext, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
-import { convert } from '../addon/kernels.js';
-import { blockLayerContext } from './block-layer-context.js';
+import { blockLayerContext, randomSummaryRows } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { loadavg } from 'node:os';
@@ -41,27 +43,12 @@ const argv = process.argv;
 const get = (name: string) => (argv.indexOf(name) >= 0 ? Number(argv[argv.indexOf(name) + 1]) : undefined);
 const tokens = get('--tokens') ?? 1 << 20, steps = get('--steps') ?? 200, reps = get('--reps') ?? 4, warmup = 20;
 const json = argv.includes('--json');
+/** --rows: the scorer answers the k·reps best rows (the device before it ranked a block's rows as one group). */
+const answerRows = argv.includes('--rows');
 const kvHeads = 8, qHeads = 32, d = 128, G = qHeads / kvHeads, blockSize = 64, blocks = Math.ceil(tokens / blockSize);
 const stride = summaryStride(d);
 /** Rows of the precomputed top: more than any step asks (reach · reps). */
 const TOP_ROWS = 2048;
-
-function randomRows(rng: Rng): Uint16Array {
-  // Sub-centroids of unit-variance keys (about N(0, 1/16) per coordinate) with a per-block drift, radius and ln count.
-  const f = new Float32Array(blocks * reps * stride);
-  for (let b = 0; b < blocks; b++) {
-    const shift = rng.normal() * 0.05;
-    for (let r = 0; r < reps; r++) {
-      const at = (b * reps + r) * stride;
-      for (let j = 0; j < d; j++) f[at + j] = rng.normal() * 0.25 + shift;
-      f[at + d] = 4 + rng.next();
-      f[at + d + 1] = Math.log(1 + rng.int(blockSize / reps));
-    }
-  }
-  const words = new Uint16Array(f.length);
-  convert(new Uint8Array(f.buffer), 'f32', new Uint8Array(words.buffer), 'f16', f.length);
-  return words;
-}
 
 /** The scorer's answer for one step, computed before it (the host pass over every row). */
 interface Precomputed {
@@ -91,13 +78,25 @@ class ReplayScorer implements BlockScorer {
   answer?: Precomputed;
   ms = 0;
   readonly recorded: { extra: Int32Array[]; answer: HeadTopBlocks[] }[] = [];
-  async topBlocks(_heads: readonly BlockMeans[], _q: Float32Array, _group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined> {
+  async topBlocks(_heads: readonly BlockMeans[], _q: Float32Array, _group: number, k: number, extra: Int32Array[], reps = 1): Promise<HeadTopBlocks[] | undefined> {
     const t = performance.now(), a = this.answer!;
-    if (k > TOP_ROWS) throw new Error(`the replay holds ${TOP_ROWS} rows, ${k} asked`);
+    const rows = answerRows || reps === 1 ? k * reps : 0;
+    if (rows > TOP_ROWS || k * 4 > TOP_ROWS) throw new Error(`the replay holds ${TOP_ROWS} rows, ${k} × ${reps} asked`);
     const out = a.top.map((top, h) => {
       const e = extra[h], scores = new Float32Array(e.length), all = a.all[h];
       for (let i = 0; i < e.length; i++) scores[i] = all[e[i]];
-      return { ids: top.ids.subarray(0, k), scores: top.scores.subarray(0, k), extraScores: scores };
+      if (rows > 0) return { ids: top.ids.subarray(0, rows), scores: top.scores.subarray(0, rows), extraScores: scores };
+      // The device's grouped answer: the first k distinct blocks of the rows, each as its first row.
+      const ids = new Int32Array(k), best = new Float32Array(k), seen = new Set<number>();
+      let n = 0;
+      for (let i = 0; i < top.ids.length && n < k; i++) {
+        const b = Math.floor(top.ids[i] / reps);
+        if (seen.has(b)) continue;
+        seen.add(b);
+        ids[n] = b * reps;
+        best[n++] = top.scores[i];
+      }
+      return { ids: ids.subarray(0, n), scores: best.subarray(0, n), extraScores: scores };
     });
     this.ms += performance.now() - t;
     this.recorded.push({ extra: extra.map((e) => e.slice()), answer: out.map((r) => ({ ids: r.ids.slice(), scores: r.scores.slice(), extraScores: r.extraScores })) });
@@ -187,11 +186,11 @@ async function runMethod(method: RetrievalMethod, heads: BlockSummary[], seed: n
 
 async function main(): Promise<void> {
   const rng = new Rng(13);
-  const heads = Array.from({ length: kvHeads }, () => new BlockSummary(blocks, blockSize, tokens, d, 'f16', randomRows(rng), Float32Array.from({ length: blocks }, () => rng.next()), 0.3, reps));
+  const heads = Array.from({ length: kvHeads }, () => new BlockSummary(blocks, blockSize, tokens, d, 'f16', randomSummaryRows(rng, blocks, reps, d, blockSize), Float32Array.from({ length: blocks }, () => rng.next()), 0.3, reps));
   const load = loadavg()[0];
   const rows = [];
   for (const [i, m] of [nosa, topkBlocks].entries()) rows.push(await runMethod(m, heads, 100 + i));
-  const result = { shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d }, steps, load: [load, loadavg()[0]], rows };
+  const result = { shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d }, answer: answerRows ? 'rows' : 'groups', steps, load: [load, loadavg()[0]], rows };
   if (json) {
     console.log(JSON.stringify(result));
   } else {

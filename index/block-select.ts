@@ -16,10 +16,11 @@
 //
 // Scoring: a GPU session's layer context offers a device scorer
 // (engine/cache/device-block-scores.ts: the summary rows [c, r, ln n]
-// resident on the GPU, every kv head scored and its top rows found in one
-// call); otherwise one native host pass over the same rows. Either way
-// the candidates are the top `reach` blocks' rows and the last step's
-// blocks' rows, with scores bit for bit the same, and the choice among them
+// resident on the GPU, every kv head scored and its top blocks found in one
+// call, a block ranked by its best row); otherwise one native host pass over
+// the same rows, its top reach·reps rows. Either way the candidates are the
+// top `reach` blocks in the same order and the last step's blocks' rows,
+// with scores bit for bit the same, and the choice among them
 // is one native call for every head (addon/block-choose.ts): the rows
 // deduped to blocks, the static part's blocks left out, the choice, and the
 // chosen blocks' rows for the next step's scorer, in flat arrays. So a step

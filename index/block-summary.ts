@@ -216,7 +216,10 @@ export class BlockSummary implements HeadIndex {
   /**
    * A decode step's raw candidates for every kv head, read by `use` before
    * the host pass's arrays go back: the top k·reps rows, best first (higher
-   * score, then lower row: the top k blocks' best rows are among them), and
+   * score, then lower row: the top k blocks' best rows are among them; a
+   * device scorer answers the k blocks themselves, each as its first row, in
+   * the order of their first rows in that list, which is what the choice
+   * reads of it), and
    * the scores of the rows extraRows[h] in order (`extraScores`, from a
    * device scorer that takes the summaries: one device call over the rows
    * (`scored`) with the augmented query rows, nothing of size blocks back in
@@ -235,7 +238,7 @@ export class BlockSummary implements HeadIndex {
     use: (c: { top: Int32Array[]; extraScores?: Float32Array[]; rowScores?: Float32Array[] }) => T,
   ): Promise<T> {
     const aug = BlockSummary.augment(heads, q, group), R = heads[0].reps;
-    const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k * R, extraRows) : undefined;
+    const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k, extraRows, R) : undefined;
     if (device) return use({ top: device.map((r) => r.ids), extraScores: device.map((r) => r.extraScores) });
     return BlockSummary.scoreRows(heads, aug, group, k, (rows) => use({ top: rows.map((r) => r.ids), rowScores: rows.map((r) => r.rowScores) }));
   }

@@ -54,10 +54,15 @@ export interface BlockScorer {
    * Per kv head h (query rows h*group ..): the top `k` blocks by max over
    * the group of q·mean, best first, ties towards the lower id, with their
    * scores, and the scores of the blocks extra[h]; exactly what the host's
-   * topkHeads computes. Undefined when it cannot take these summaries (the
-   * caller scores them on the host).
+   * topkHeads computes. With `reps` > 1 the blocks come in groups of reps
+   * (a summary's rows of one block): `k` counts groups, each ranked where
+   * its best row ranks, answered as its first row's id (so the first k
+   * distinct groups of the k·reps best rows, in that order), extra[h]
+   * still rows; a scorer that cannot group them answers the k·reps best
+   * rows instead (the same groups first). Undefined when it cannot take
+   * these summaries (the caller scores them on the host).
    */
-  topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined>;
+  topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps?: number): Promise<HeadTopBlocks[] | undefined>;
 }
 
 export interface SearchParams {

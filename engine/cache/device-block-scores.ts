@@ -17,7 +17,7 @@
 // deleted or dropped). When the device cannot take a copy (its memory is the
 // pool's), that (document, layer) is scored on the host from then on; an
 // error in a step falls back to the host for that step.
-import { DeviceBlockScores, deviceBlockScoresSupported, type HeadTopBlocks } from '../../addon/block-scores.js';
+import { DeviceBlockScores, deviceBlockScoresSupported, deviceRanksGroups, type HeadTopBlocks } from '../../addon/block-scores.js';
 import type { BlockMeans, BlockScorer } from '../../index/method.js';
 
 interface Uploaded {
@@ -40,8 +40,10 @@ export class DeviceBlockScorer implements BlockScorer {
   /** By the first head's summary: a (document, layer)'s means on the device. */
   private readonly uploaded = new WeakMap<BlockMeans, Uploaded>();
   readonly stats: DeviceBlockScorerStats = { steps: 0, uploads: 0, bytes: 0, failures: 0 };
+  /** Whether a block's rows are ranked as one group on the device (false: the k·reps best rows; for A/B benches). */
+  groupRows = true;
 
-  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined> {
+  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps = 1): Promise<HeadTopBlocks[] | undefined> {
     const first = heads[0];
     if (!first || !deviceBlockScoresSupported(first.headDim, group)) return undefined;
     if (heads.some((s) => s.blocks !== first.blocks || s.headDim !== first.headDim || s.dtype !== first.dtype)) return undefined;
@@ -52,7 +54,11 @@ export class DeviceBlockScorer implements BlockScorer {
     }
     if (!up.device) return undefined;
     try {
-      const r = up.device.topk({ q, group, k, extra });
+      // A block's rows ranked as one group on the device: its select runs over blocks (16K keys a head at 1M,
+      // held in registers) instead of rows (64K at 4 rows a block, re-read from memory by 8 CTAs), and the
+      // chooser reads k ids a head, not k·reps. Otherwise the k·reps best rows (the same blocks first).
+      const grouped = this.groupRows && reps > 1 && deviceRanksGroups(first.blocks, reps);
+      const r = up.device.topk({ q, group, k: grouped ? k : k * reps, extra, ...(grouped && { reps }) });
       this.stats.steps++;
       return r;
     } catch (e) {

@@ -11,8 +11,10 @@
 //   .topk({q: Float32Array [heads*group*headDim], group, k,
 //          outIds: Int32Array [heads*kk], outScores: Float32Array [heads*kk],
 //          extraIds?: Int32Array, extraCounts?: Int32Array [heads], extraScores?: Float32Array,
-//          sync?: boolean}) -> Promise<kk> (sync: kk), kk = min(k, blocks)
-//     head h's best kk blocks at outIds[h*kk ..], best first (ties: lower id);
+//          reps?: number, sync?: boolean}) -> Promise<kk> (sync: kk), kk = min(k, blocks / reps)
+//     head h's best kk blocks at outIds[h*kk ..], best first (ties: lower id); with reps (a power of two
+//     in [1, 16] dividing blocks) its best kk groups of reps rows, each ranked by its best row, as the
+//     group's first row (group * reps) with that row's score (extra ids stay rows);
 //     extraScores[i]: the score of extraIds[i], head by head (extraCounts).
 //   .bytes() -> device bytes held / .close()
 //   .lastTimes() -> {scoreMs, selectMs (kernels, events), prepMs, issueMs, waitMs, copyOutMs (host)} of the last topk
@@ -82,7 +84,9 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
     a.group = int(Int(o, "group", 1, 1024));
     if (!cuda::BlockScores::Supports(c.headDim, a.group)) throw Napi::RangeError::New(env, "group * headDim is beyond the device scorer");
     a.k = Int(o, "k", 0, int64_t(1) << 30);
-    const size_t kk = size_t(std::min<int64_t>(a.k, c.blocks));
+    a.reps = int(OptInt(o, "reps", 1, 16, 1));
+    if (!cuda::BlockScores::SupportsReps(c.blocks, a.reps)) throw Napi::RangeError::New(env, "reps must be a power of two dividing blocks");
+    const size_t kk = size_t(std::min<int64_t>(a.k, c.blocks / a.reps));
     auto q = TypedAt<float>(o, "q", size_t(c.heads) * a.group * c.headDim);
     TopkOutputs res = TopkOutputsAt(o, size_t(c.heads) * kk);
     a.q = q.Data();

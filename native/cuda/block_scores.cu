@@ -54,9 +54,16 @@ constexpr int64_t kExtraBucket = 2048;     // extra ids a graph's copies move, r
 // thread. The max keeps the first of equal scores, as std::max does.
 constexpr int kUnroll = 4;
 
+__device__ __forceinline__ uint64_t KeyOf(float score, int64_t id) {
+  uint32_t u = __float_as_uint(score == 0.f ? 0.f : score);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(id));
+}
+
 template <bool kBf16, int kGC>
 __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __restrict__ means, const float* __restrict__ q,
-                                                             float* __restrict__ scores, int64_t blocks, int d, int group) {
+                                                             float* __restrict__ scores, int64_t blocks, int d, int group,
+                                                             float* __restrict__ groupScores, int reps) {
   extern __shared__ float qs[];  // [group, d]
   const int h = blockIdx.y;
   const float* qh = q + size_t(h) * group * d;
@@ -117,23 +124,31 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
     }
   }
   if (live && half == 0) scores[size_t(h) * blocks + size_t(row)] = best;
+  // Groups of `reps` rows (a power of two <= 16, dividing blocks: a group's 2·reps threads lie in one warp and
+  // one CTA): each group's best row by its rank key (score, then the lower row), its score written at the
+  // group's index, so the group ranks where its best row ranks among the rows. Both threads of a pair hold
+  // the row's score (the xor shuffle above sums alike), and every thread of the warp is here.
+  if (groupScores) {
+    uint64_t key = live ? KeyOf(best, row) : uint64_t(0);
+    float score = best;
+    for (int o = 2; o < 2 * reps; o <<= 1) {
+      const uint64_t k2 = __shfl_xor_sync(0xffffffffu, key, o);
+      const float s2 = __shfl_xor_sync(0xffffffffu, score, o);
+      if (k2 > key) key = k2, score = s2;
+    }
+    if (live && (threadIdx.x & (2 * reps - 1)) == 0) groupScores[size_t(h) * (blocks / reps) + size_t(row / reps)] = score;
+  }
 }
 
 template <bool kBf16>
 void LaunchScore(dim3 grid, size_t shared, cudaStream_t stream, const uint16_t* means, const float* q, float* scores, int64_t blocks, int d,
-                 int group) {
+                 int group, float* groupScores, int reps) {
   switch (group) {
-    case 1: ScoreBlocks<kBf16, 1><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
-    case 2: ScoreBlocks<kBf16, 2><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
-    case 4: ScoreBlocks<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
-    default: ScoreBlocks<kBf16, kGroupChunk><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group); break;
+    case 1: ScoreBlocks<kBf16, 1><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    case 2: ScoreBlocks<kBf16, 2><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    case 4: ScoreBlocks<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    default: ScoreBlocks<kBf16, kGroupChunk><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
   }
-}
-
-__device__ __forceinline__ uint64_t KeyOf(float score, int64_t id) {
-  uint32_t u = __float_as_uint(score == 0.f ? 0.f : score);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(id));
 }
 
 __device__ __forceinline__ int32_t IdOf(uint64_t key) { return int32_t(0xffffffffu - uint32_t(key)); }
@@ -161,7 +176,8 @@ __device__ __forceinline__ void EachKey(const uint64_t* held, const float* sc, i
 // first, and its extra scores. The sort runs over p2 keys of shared memory
 // when p2 <= kSharedSortKeys, else over the head's p2 keys of global scratch.
 template <int kItems>
-__global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restrict__ scores, int64_t blocks, int64_t kk, int64_t p2,
+__global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restrict__ scores, const float* __restrict__ extraFrom,
+                                                            int64_t blocks, int idScale, int64_t kk, int64_t p2,
                                                             uint64_t* __restrict__ globalKeys, const int32_t* __restrict__ extraIds,
                                                             const int32_t* __restrict__ extraOffsets, float* __restrict__ extraScores,
                                                             int32_t* __restrict__ outIds, float* __restrict__ outScores) {
@@ -173,8 +189,11 @@ __global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restr
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, bd = blockDim.x;
   const float* sc = scores + size_t(h) * blocks;
 
-  if (extraIds)
-    for (int64_t e = extraOffsets[h] + tid; e < extraOffsets[h + 1]; e += bd) extraScores[e] = sc[extraIds[e]];
+  // Extra ids are rows of extraFrom (the row scores; `scores` itself unless groups of rows are ranked).
+  if (extraIds) {
+    const float* ex = extraFrom + size_t(h) * blocks * idScale;
+    for (int64_t e = extraOffsets[h] + tid; e < extraOffsets[h + 1]; e += bd) extraScores[e] = ex[extraIds[e]];
+  }
   if (kk == 0) return;
   uint64_t held[kItems > 0 ? kItems : 1];
   if constexpr (kItems > 0) {
@@ -274,7 +293,7 @@ __global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restr
 
   for (int64_t j = tid; j < kk; j += bd) {
     const int32_t id = IdOf(keys[j]);
-    outIds[size_t(h) * kk + j] = id;
+    outIds[size_t(h) * kk + j] = id * idScale;
     outScores[size_t(h) * kk + j] = sc[id];
   }
 }
@@ -294,6 +313,8 @@ struct BlockScores::Impl {
   cudaEvent_t kStart = nullptr, kMid = nullptr, kStop = nullptr;
   uint16_t* means = nullptr;  // [heads, blocks, d]
   float* scores = nullptr;    // [heads, blocks]
+  float* groupScores = nullptr;  // [heads, blocks / reps] for steps that rank groups of rows (made at the first)
+  int64_t groupCap = 0;          // floats
   uint8_t* devIn = nullptr;   // q | extra offsets | extra ids
   uint8_t* devOut = nullptr;  // ids | scores | extraScores
   uint8_t* hostIn = nullptr;  // pinned mirrors
@@ -307,7 +328,7 @@ struct BlockScores::Impl {
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
     for (void* p : {static_cast<void*>(means), static_cast<void*>(scores), static_cast<void*>(devIn), static_cast<void*>(devOut),
-                    static_cast<void*>(sortKeys)})
+                    static_cast<void*>(sortKeys), static_cast<void*>(groupScores)})
       if (p) cudaFree(p);
     if (hostIn) cudaFreeHost(hostIn);
     if (hostOut) cudaFreeHost(hostOut);
@@ -318,7 +339,7 @@ struct BlockScores::Impl {
   }
 
   int64_t Bytes() const {
-    return int64_t(size_t(cfg.heads) * cfg.blocks * cfg.headDim * 2 + size_t(cfg.heads) * cfg.blocks * 4 + inCap + outCap + sortCap);
+    return int64_t(size_t(cfg.heads) * cfg.blocks * cfg.headDim * 2 + size_t(cfg.heads) * cfg.blocks * 4 + inCap + outCap + sortCap + size_t(groupCap) * 4);
   }
 
   // Grows a device buffer and its pinned host mirror to `bytes`.
@@ -334,6 +355,10 @@ struct BlockScores::Impl {
     cap = bytes;
   }
 };
+
+bool BlockScores::SupportsReps(int64_t blocks, int reps) {
+  return reps >= 1 && reps <= 16 && (reps & (reps - 1)) == 0 && blocks % reps == 0;
+}
 
 bool BlockScores::Supports(int headDim, int group) {
   return headDim >= 8 && headDim <= 1024 && headDim % 8 == 0 && group >= 1 && int64_t(group) * headDim <= kMaxQueryFloats;
@@ -379,9 +404,21 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   Impl& I = *impl_;
   const BlockScoresConfig& c = I.cfg;
   if (!Supports(c.headDim, a.group)) throw std::runtime_error("BlockScores: group * headDim is beyond the device scorer");
-  const int64_t kk = std::max<int64_t>(0, std::min<int64_t>(a.k, c.blocks));
+  if (!SupportsReps(c.blocks, a.reps)) throw std::runtime_error("BlockScores: reps must be a power of two in [1, 16] dividing blocks");
+  // The ranked keys: the rows, or their groups of reps (a group ranks by its best row).
+  const int64_t ranked = c.blocks / a.reps;
+  const int64_t kk = std::max<int64_t>(0, std::min<int64_t>(a.k, ranked));
   const int64_t extra = a.extraIds ? a.extraTotal : 0;
   std::lock_guard<std::mutex> lock(I.mu);
+  if (a.reps > 1 && I.groupCap < int64_t(c.heads) * ranked) {
+    if (I.groupScores) cudaFree(I.groupScores);
+    I.groupScores = nullptr;
+    I.groupCap = 0;
+    Check(cudaMalloc(reinterpret_cast<void**>(&I.groupScores), size_t(c.heads) * ranked * 4), "cudaMalloc (group scores)");
+    I.groupCap = int64_t(c.heads) * ranked;
+  }
+  float* groupScores = a.reps > 1 ? I.groupScores : nullptr;
+  const float* rankedScores = a.reps > 1 ? groupScores : I.scores;
   using Clock = std::chrono::steady_clock;
   const auto ms = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<float, std::milli>(b - a).count(); };
   const Clock::time_point t0 = Clock::now();
@@ -424,15 +461,17 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
     int64_t kk, p2, group;
     size_t inBytes, outBytes;
     int64_t haveExtra;
-  } key{{I.devIn, I.devOut, I.hostIn, I.hostOut, I.sortKeys, I.scores}, kk, p2, a.group, inBytes, outBytes, haveExtra ? 1 : 0};
+    const void* groupScores;
+    int64_t reps;
+  } key{{I.devIn, I.devOut, I.hostIn, I.hostOut, I.sortKeys, I.scores}, kk, p2, a.group, inBytes, outBytes, haveExtra ? 1 : 0, groupScores, a.reps};
   const auto enqueue = [&](cudaStream_t s, bool events) {
     Check(cudaMemcpyAsync(I.devIn, I.hostIn, inBytes, cudaMemcpyHostToDevice, s), "H2D (step inputs)");
     if (events) Check(cudaEventRecord(I.kStart, s), "event");
     const float* dq = reinterpret_cast<const float*>(I.devIn);
     if (c.dtype == Dtype::kBf16)
-      LaunchScore<true>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
+      LaunchScore<true>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group, groupScores, a.reps);
     else
-      LaunchScore<false>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group);
+      LaunchScore<false>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group, groupScores, a.reps);
     Check(cudaGetLastError(), "ScoreBlocks launch");
     if (events) Check(cudaEventRecord(I.kMid, s), "event");
     if (kk > 0 || haveExtra) {
@@ -441,12 +480,12 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
       float* extraScores = reinterpret_cast<float*>(I.devOut + extraAt);
       const int32_t* ids = haveExtra ? reinterpret_cast<const int32_t*>(I.devIn + idsAt) : nullptr;
       const int32_t* offsets = reinterpret_cast<const int32_t*>(I.devIn + offAt);
-      if (c.blocks <= int64_t(kHeldKeys) * kSelectThreads)
-        SelectTop<kHeldKeys><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
-                                                                                  extraScores, outIds, outScores);
+      if (ranked <= int64_t(kHeldKeys) * kSelectThreads)
+        SelectTop<kHeldKeys><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(rankedScores, I.scores, ranked, a.reps, kk, p2, I.sortKeys,
+                                                                                  ids, offsets, extraScores, outIds, outScores);
       else
-        SelectTop<0><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(I.scores, c.blocks, kk, p2, I.sortKeys, ids, offsets,
-                                                                          extraScores, outIds, outScores);
+        SelectTop<0><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(rankedScores, I.scores, ranked, a.reps, kk, p2, I.sortKeys, ids,
+                                                                          offsets, extraScores, outIds, outScores);
       Check(cudaGetLastError(), "SelectTop launch");
     }
     if (events) Check(cudaEventRecord(I.kStop, s), "event");

@@ -36,7 +36,12 @@ struct BlockScoresConfig {
 struct BlockTopKArgs {
   const float* q = nullptr;  // [heads * group, headDim]: head h scores with rows h*group ..
   int group = 1;
-  int64_t k = 0;  // blocks wanted per head; min(k, blocks) are written
+  int64_t k = 0;  // blocks (or groups, with reps) wanted per head; min(k, blocks / reps) are written
+  // Rows per ranked group (a power of two in [1, 16] dividing blocks): the top k are groups of reps
+  // consecutive rows, a group ranked where its best row ranks among the rows (score, then the lower row), so
+  // the groups come in the order of their first rows in the rows' ranking; answered as the group's first row
+  // (group · reps) with its best row's score. Extra ids stay rows. 1: the rows themselves.
+  int reps = 1;
   // Optional: per head h, extraCounts[h] block ids (back to back in extraIds,
   // each < blocks) whose scores are written to extraScores in the same order.
   const int32_t* extraIds = nullptr;
@@ -72,6 +77,8 @@ class BlockScores {
 
   // Whether a head dim and group size can be scored on the device.
   static bool Supports(int headDim, int group);
+  // Whether a step may rank groups of `reps` rows of a head of `blocks` rows (BlockTopKArgs::reps).
+  static bool SupportsReps(int64_t blocks, int reps);
 
   const BlockScoresConfig& Config() const;
   // Device bytes held (means and scratch).

@@ -334,7 +334,8 @@ describe('a block scorer', () => {
     const seen: { headDim: number; qLength: number; rows: boolean; blocks: number }[] = [];
     let radiusColumnChecked = 0;
     const scorer: BlockScorer = {
-      async topBlocks(views: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]) {
+      async topBlocks(views: readonly BlockMeans[], q: Float32Array, group: number, rowGroups: number, extra: Int32Array[], reps = 1) {
+        const k = rowGroups * reps; // rows: this scorer does not group them
         const { blocks, headDim, dtype } = views[0];
         seen.push({ headDim, qLength: q.length, rows: views.every((v, h) => v.means === heads[h].rows && v === heads[h].scored), blocks });
         for (let r = 0; r < views.length * group; r++) {

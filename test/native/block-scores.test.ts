@@ -59,12 +59,12 @@ async function hostTopk(means: Uint16Array[], blocks: number, d: number, dtype: 
   return heads.map((h, i) => ({ ids: h.outIds.subarray(0, counts[i]), scores: h.outScores.subarray(0, counts[i]), all: h.allScores }));
 }
 
-/** A BlockScorer on the host that, like the device one, answers only the candidates. */
+/** A BlockScorer on the host that, like the device one, answers only the candidates (rows: it does not group them). */
 const hostCandidateScorer = (calls: { n: number }): BlockScorer => ({
-  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[]): Promise<HeadTopBlocks[]> {
+  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps = 1): Promise<HeadTopBlocks[]> {
     calls.n++;
     const { blocks, headDim, dtype } = heads[0];
-    const host = await hostTopk(heads.map((s) => s.means), blocks, headDim, dtype, q, group, k);
+    const host = await hostTopk(heads.map((s) => s.means), blocks, headDim, dtype, q, group, k * reps);
     return host.map((r, h) => ({ ids: r.ids.slice(), scores: r.scores.slice(), extraScores: Float32Array.from(extra[h], (b) => r.all[b]) }));
   },
 });
@@ -192,6 +192,47 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
               expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (b) => want[h].all[b]));
             }
         }
+      } finally {
+        dev.close();
+      }
+    });
+
+  // reps > 1 (a summary's rows of one block ranked as one group): the first k distinct groups of the host's row
+  // ranking, each as its first row with its best row's score; extra ids stay rows. Copied rows tie across groups
+  // (the lower row, so the lower group, first) and within one (its lower row's score). 65,536 rows: a 1M-token
+  // head's 16,384 blocks of 4 rows, the groups held in registers where the rows are not.
+  for (const [reps, groups, dtype] of [[4, 16384, 'f16'], [2, 1001, 'bf16'], [8, 517, 'f16'], [16, 64, 'f16']] as [number, number, KvDtype][])
+    it(`${dtype} reps=${reps} groups=${groups}: the first k distinct groups of the host's rows, in their order`, async () => {
+      const rng = new Rng(seed + 30 + reps);
+      const heads = 3, d = 136, G = 4, rows = groups * reps;
+      const means = randomMeans(rng, heads, rows, d, dtype);
+      for (const m of means)
+        for (let t = 0; t < 40; t++) {
+          const from = rng.int(rows), to = rng.int(rows);
+          m.copyWithin(to * d, from * d, from * d + d);
+        }
+      const dev = DeviceBlockScores.create({ means, blocks: rows, headDim: d, dtype });
+      try {
+        for (const k of [0, 1, 7, 185, groups - 1, groups, groups + 3]) {
+          const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+          const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 3 + h * 40 }, () => rng.int(rows)));
+          const host = await hostTopk(means, rows, d, dtype, q, G, rows);
+          for (const got of [dev.topk({ q, group: G, k, extra, reps }), dev.topk({ q, group: G, k, extra, reps, times: true })])
+            for (let h = 0; h < heads; h++) {
+              const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
+              for (const r of host[h].ids) {
+                const g = Math.floor(r / reps);
+                if (seen.has(g) || ids.length >= k) continue;
+                seen.add(g);
+                ids.push(g * reps);
+                scores.push(host[h].all[r]);
+              }
+              expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
+              expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
+              expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
+            }
+        }
+        expect(() => dev.topk({ q: new Float32Array(heads * G * d), group: G, k: 4, reps: 3 })).toThrow(/reps/);
       } finally {
         dev.close();
       }
