@@ -391,6 +391,7 @@ export class PoolModel implements DevicePool {
         if (p instanceof Int32Array) return Array.from(p);
         const held = this.holds.get(p.hold);
         if (!held) throw new Error(`GpuPool: no hold ${p.hold}`);
+        if (held.range.holds === 0) throw new Error(`GpuPool: hold ${p.hold}'s client was released under it`);
         if (held.count !== p.blocks) throw new Error(`GpuPool: hold ${p.hold} has ${held.count} blocks, not ${p.blocks}`);
         return Array.from(held.range.table.subarray(held.offset, held.offset + held.count));
       });

@@ -211,6 +211,9 @@ void BlockPool::Impl::AttendPieces(const AttendArgs& a) {
         // Resolved under the lock: an unhold (the caller's after this attend) cannot race it.
         auto held = holds.find(p.hold);
         if (held == holds.end()) throw std::runtime_error("GpuPool: no hold " + std::to_string(p.hold));
+        // Its client released (a misuse: GpuBackend frees no segment a step reads): its slots may be another's now.
+        if (held->second.range->holds == 0)
+          throw std::runtime_error("GpuPool: hold " + std::to_string(p.hold) + "'s client was released under it");
         if (held->second.count != p.blocks)
           throw std::runtime_error("GpuPool: hold " + std::to_string(p.hold) + " has " +
                                    std::to_string(held->second.count) + " blocks, not " + std::to_string(p.blocks));

@@ -50,6 +50,16 @@ describe('range tables (PoolModel)', () => {
     expect(pool.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
   });
 
+  it("an attend over a hold whose client was released refuses, as the native pool does (the slots are another client's)", () => {
+    const pool = poolOf(8);
+    const h = pool.holdRange(1, 0, 4, k, v, 0);
+    pool.releaseRange(1, 2);
+    pool.uploadIndexed(2, ids(0, 4), k, v);
+    expect(() => pool.slotsRead({ tables: [[h]] })).toThrow(/released/);
+    pool.unholdRange(h);
+    expect(pool.stats().rangeHeld).toBe(0);
+  });
+
   it("a range partly evicted by another client's uploads re-makes only the blocks that went, and reads the right slots", async () => {
     const pool = poolOf(16);
     pool.unholdRange(pool.holdRange(1, 0, 12, k, v, 0));

@@ -143,6 +143,13 @@ describe.skipIf(!nvcc || !cudaInclude)('the native pool on a host stand-in for C
     expect(marks[2].slice(marks[2].indexOf(' live '))).toBe(marks[1].slice(marks[1].indexOf(' live ')));
   });
 
+  it("an attend over a hold whose client was released refuses (its slots may be another client's by then)", () => {
+    const out = ops(40, ['H 1 0 4 0', 'R 1 2', 'U 2 0 4 0 1 2 3 0 0 0 0', 'A 1 4', 'X 1'].join('\n') + '\n').trimEnd().split('\n');
+    expect(out[1]).toMatch(/ freed 4$/);
+    expect(out[3]).toMatch(/ THROW$/);
+    expect(out[4]).toMatch(/ rangeHeld 0 /);
+  });
+
   it('the attend reads a host table as given (the per-block path) and pieces back to back (a held range between host slots)', () => {
     const out = ops(80, ['O 1 4 3 9 1 7', 'H 1 2 5 3', 'M 1 5 30 31 32', 'H 1 3 2 0', 'M 2 3 1 2 3', 'M 2 2 7 8 9'].join('\n') + '\n').trimEnd().split('\n');
     expect(out[0]).toMatch(/ old-path ok$/);
