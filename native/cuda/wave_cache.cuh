@@ -214,6 +214,24 @@ struct RowCache {
     Check(cudaStreamSynchronize(s), "wave row cache reset");
   }
 
+  // A paged step's watch over the cache: unless it reaches its end (done), the
+  // cache is emptied as after an overflow. A step that stops between its need
+  // and its allocation (a launch or a copy that fails) leaves rows claimed
+  // (kPending) without a slot, which CacheNeed never claims again: every later
+  // step would read them as the zeroed row, and no overflow would say so.
+  struct StepGuard {
+    RowCache& cache;
+    cudaStream_t s;
+    bool done = false;
+    ~StepGuard() {
+      if (done || cache.rows == 0) return;
+      try {
+        cache.Reset(s);
+      } catch (...) {  // a device that failed the step may fail this too; the step's own error is the one thrown
+      }
+    }
+  };
+
   // The step's need, allocate and gather, after the clusters' cut (p.cnt set).
   void Enqueue(const StepParams& p, int H, unsigned long long* counters, cudaStream_t s) {
     CacheParams k = c;

@@ -517,6 +517,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(11, s);
     Check(cudaMemcpyAsync(I.hout.p, I.out.p, a.ids ? Out.at : oIds, cudaMemcpyDeviceToHost, s), "copy out");
   };
+  RowCache::StepGuard cacheGuard{I.cache, I.stream};
   Check(cudaEventRecord(I.ev[0], I.stream), "event");
   if (a.graph && !a.stageTimes) {
     // Everything the launches bake in beyond p (whose pointers cover the
@@ -546,6 +547,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const Clock::time_point h3 = Clock::now();
 
   WaveStepResult r;
+  cacheGuard.done = true;  // an overflow empties the cache below
   if (I.cache.rows > 0) {
     const unsigned long long* cc = Layout::At<unsigned long long>(I.hout.p, oCache);
     if (cc[1]) {
