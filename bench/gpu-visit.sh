@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks dense decode decode-wave pool-ranges ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave pool-ranges ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -61,6 +61,10 @@ for s in $stages; do
       step 150 rest-bench node dist/bench/wave-gpu-rest.js --bench --steps 30
       step 420 decode-rest node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs nosa-estimate,topk-blocks-estimate ;;
     blocks) step 90 blocks node dist/bench/block-select-gpu.js --steps 200 ;;
+    block-groups)  # the device block top-k ranking a block's rows as one group (fd229e2): its GPU tests (grouped answers vs the host's rows; GPU sessions' block selections vs CPU sessions'), rows vs groups on the device at 1M, then the decode loop's selectMs at 1M (limits 540 s: one device command)
+      step 150 block-groups-tests node node_modules/vitest/vitest.mjs run test/native/block-scores.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-rest.test.ts
+      step 90 block-groups node dist/bench/block-select-groups-gpu.js --steps 200
+      step 300 decode-block-groups node dist/bench/gpu.js --decode --tokens 1048576 --steps 32 --configs nosa,topk-blocks --pool-path ab ;;
     dense)
       step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;
