@@ -2,6 +2,7 @@
 // cudaAvailable() never throws; GpuPool.create throws when there is no device
 // or the addon was built without nvcc.
 import { nativeAddon } from './addon.js';
+import { deviceCall, DeviceTimer } from './device-calls.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
 interface CudaCommon {
@@ -97,7 +98,8 @@ interface NativePool {
   holdRange(a: { client: number; first: number; count: number; k: Uint16Array; v: Uint16Array; priority?: number }): number;
   holdRanges(a: { clients: number[]; first: number; count: number; k: Uint16Array[]; v: Uint16Array[]; priority?: number }): Float64Array;
   unhold(hold: number | Float64Array): void;
-  attend(a: GpuAttendArgs): Promise<void>;
+  /** Resolves with the work's own ms; sync: run on the calling thread (settled the same way). */
+  attend(a: GpuAttendArgs & { sync?: boolean }): Promise<number>;
   stats(): GpuPoolStats;
   resetCounters(): void;
   sync(): void;
@@ -127,6 +129,9 @@ export function cudaAvailable(): CudaInfo {
  * priority classes (lowest first); pinned blocks stay.
  */
 export class GpuPool {
+  /** The last attend's work per row attended: where the next one waits (addon/device-calls.ts). */
+  private readonly attendTimer = new DeviceTimer();
+
   private constructor(
     private readonly pool: NativePool,
     readonly options: GpuPoolOptions,
@@ -215,8 +220,15 @@ export class GpuPool {
     if (holds.length > 0) this.pool.unhold(Float64Array.from(holds, (h) => h.hold));
   }
 
+  /**
+   * Attention over the tables' slots. On the event loop's thread when it is
+   * expected to be short (addon/device-calls.ts), else on libuv's pool; the
+   * same answer and errors either way (refused arguments throw).
+   */
   attend(args: GpuAttendArgs): Promise<void> {
-    return this.pool.attend(args);
+    let rows = 0;
+    for (const n of args.validTokens) rows += n;
+    return deviceCall(this.attendTimer.expect(rows), (sync) => this.pool.attend({ ...args, sync })).then((ms) => this.attendTimer.record(ms, rows));
   }
 
   stats(): GpuPoolStats {

@@ -14,6 +14,7 @@
 // estimate (estimateArgs(ids, 'first')). The estimate is f32 with tiles merged
 // in float64. WaveGpuStore.create throws without a device or a CUDA build.
 import { nativeAddon } from './addon.js';
+import { deviceCall, DeviceTimer } from './device-calls.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 
 /**
@@ -160,6 +161,8 @@ export interface WaveGpuStepResult {
   /** A paged store's rows copied from the host into its cache this step, and their bytes (K and V); 0 for a dense store. */
   misses: number;
   bytesIn: number;
+  /** The work's own host ms (queue and back excluded), on whichever thread ran it (addon/device-calls.ts). */
+  workMs: number;
 }
 
 /**
@@ -205,6 +208,8 @@ export interface WaveGpuRestResult {
   host: Record<string, number>;
   /** Graphs the store's rest calls have captured so far. */
   graphCaptures: number;
+  /** As WaveGpuStepResult's. */
+  workMs: number;
 }
 
 export interface WaveGpuBytes {
@@ -242,9 +247,10 @@ interface NativeStore {
     ids?: boolean;
     stages?: boolean;
     graph?: boolean;
+    sync?: boolean;
   }): Promise<{
     width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
-    ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number; misses: number; bytesIn: number;
+    ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number; misses: number; bytesIn: number; workMs: number;
   }>;
   rest(a: {
     q: Float32Array;
@@ -257,6 +263,7 @@ interface NativeStore {
     order?: 'rows' | 'moments' | 'first';
     stages?: boolean;
     graph?: boolean;
+    sync?: boolean;
   }): Promise<WaveGpuRestResult>;
   bytes(): WaveGpuBytes;
   close(): void;
@@ -269,6 +276,10 @@ interface Addon {
 const addon = nativeAddon<Addon>();
 
 export class WaveGpuStore {
+  /** The last step's and rest's work: where the next one waits (addon/device-calls.ts). */
+  private readonly stepTimer = new DeviceTimer();
+  private readonly restTimer = new DeviceTimer();
+
   private constructor(
     private readonly store: NativeStore,
     readonly options: Omit<WaveGpuStoreOptions, 'heads'>,
@@ -304,7 +315,7 @@ export class WaveGpuStore {
     // the average cluster size, twice over), the same for every head.
     const target = a.target ?? a.budget.map((k) => a.probe * k);
     const want = Math.max(...target.map((t, h) => Math.min(this.clusters[h], Math.ceil((2 * t * this.clusters[h]) / Math.max(1, tokens)) + 8)));
-    const r = await this.store.step({
+    const r = await deviceCall(this.stepTimer.expect(), (sync) => this.store.step({
       q: a.q,
       qHeads: a.qHeads,
       scale: a.scale,
@@ -323,7 +334,9 @@ export class WaveGpuStore {
       ids: a.ids,
       stages: a.stages,
       graph: a.graph,
-    });
+      sync,
+    }));
+    this.stepTimer.record(r.workMs);
     const ids = r.ids;
     return {
       ...(ids && { ids: r.idCounts.map((n, h) => ids.subarray(h * r.width, h * r.width + n)) }),
@@ -338,16 +351,19 @@ export class WaveGpuStore {
       graphCaptures: r.graphCaptures,
       misses: r.misses,
       bytesIn: r.bytesIn,
+      workMs: r.workMs,
     };
   }
 
   /** The estimate of what a selection leaves out (WaveGpuRestArgs). Bad arguments reject (the binding throws before its work starts). */
   async rest(a: WaveGpuRestArgs): Promise<WaveGpuRestResult> {
-    return this.store.rest({
+    const r = await deviceCall(this.restTimer.expect(), (sync) => this.store.rest({
       q: a.q, qHeads: a.qHeads, scale: a.scale, ranges: a.ranges,
       ...(a.blocks && { blocks: a.blocks.ids, blockSize: a.blocks.size }),
-      ids: a.ids, order: a.order, stages: a.stages, graph: a.graph,
-    });
+      ids: a.ids, order: a.order, stages: a.stages, graph: a.graph, sync,
+    }));
+    this.restTimer.record(r.workMs);
+    return r;
   }
 
   bytes(): WaveGpuBytes {

@@ -3,6 +3,7 @@
 import { serve, type ServerType } from '@hono/node-server';
 import type { AddressInfo } from 'node:net';
 import { setAttendSyncWork } from '../addon/kernels.js';
+import { setGpuSyncUs } from '../addon/device-calls.js';
 import type { Config } from '../core/config.js';
 import { Engine } from '../engine/engine.js';
 import { createServer, type RequestListener, type Server, type ServerOptions } from 'node:http';
@@ -24,6 +25,7 @@ export interface RunningServer {
 export async function startServer(cfg: Config, given?: Parameters<typeof Engine.open>[1]): Promise<RunningServer> {
   // Process-wide (the kernels' own setting): the last server started in a process sets it.
   if (cfg.attendSyncWork !== undefined) setAttendSyncWork(cfg.attendSyncWork);
+  if (cfg.gpuSyncUs !== undefined) setGpuSyncUs(cfg.gpuSyncUs);
   const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuWaveCache: cfg.gpuWaveCache, gpuKmeans: cfg.gpuKmeans === 1 }, given);
   const metrics = new Metrics();
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);

@@ -17,6 +17,12 @@
 // block, and through the pool's range tables (GpuBackend.rangeTables); its
 // files are gpu-decode-[<configs>-]pool-ab-<device>. old / new run one way
 // (default: new, unless KVRECALL_POOL_RANGES=0).
+// --device-sync ab runs the GPU calls both ways in one sitting, alternating
+// step by step (addon/device-calls.ts): on libuv's pool (cap 0, the old way;
+// even steps) and on the event loop's thread within the cap (KVRECALL_GPU_SYNC_US,
+// default GPU_SYNC_US; odd steps); files gpu-decode-[<configs>-]sync-ab-<device>.
+// --gap MS sleeps that long before each step (an LLM's own work between a
+// layer's calls: the pool's wake-ups cost most after an idle).
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
@@ -34,6 +40,7 @@ import { KvSegment } from '../storage/kv-segment.js';
 import { relativeErrors } from './quality.js';
 import { generateWorkload } from '../workload/index.js';
 import { mean, quantile } from './stats.js';
+import { deviceCallRuns, GPU_SYNC_US, setGpuSyncUs } from '../addon/device-calls.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:gpu decode] ${msg}\n`);
 
@@ -49,6 +56,10 @@ interface StepRow {
   outError: number;
   /** The step's pool path: range tables (holdRange) or block by block. */
   rangeTables: boolean;
+  /** The step's GPU calls: sent to the loop's thread within the cap (true) or all to libuv's pool (false), and where they ran. */
+  deviceSync: boolean;
+  callsOnLoop: number;
+  callsOnPool: number;
 }
 
 const pct = (xs: number[], p: number) => quantile(xs, p, 'low');
@@ -66,8 +77,14 @@ export const deviceTag = (device: string) => /\b([hab]\d{2,3})\b/i.exec(device)?
  */
 export type PoolPath = 'old' | 'new' | 'ab';
 
-export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath }): Promise<void> {
+/** Where the GPU calls wait: 'loop' within the cap, 'pool' all on libuv's pool, 'ab' both, alternating step by step. */
+export type DeviceSync = 'loop' | 'pool' | 'ab';
+
+export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath; deviceSync?: DeviceSync; gapMs?: number }): Promise<void> {
   const { tokens, steps } = opts;
+  if (opts.poolPath === 'ab' && opts.deviceSync === 'ab') throw new Error('--pool-path ab and --device-sync ab: one A/B at a time');
+  const syncCap = Number(process.env.KVRECALL_GPU_SYNC_US ?? GPU_SYNC_US);
+  const gapMs = opts.gapMs ?? 0;
   const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16', blockSize: 64 };
   const { kvHeads, headDim: d } = model;
   progress(`generating ${tokens} tokens × ${kvHeads} kv heads, ${steps} decode steps`);
@@ -150,14 +167,20 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
       if (opts.poolPath) gpu.rangeTables = opts.poolPath === 'ab' ? s % 2 === 1 : opts.poolPath === 'new';
+      const deviceSync = opts.deviceSync === 'ab' ? s % 2 === 1 : opts.deviceSync !== 'pool';
+      setGpuSyncUs(deviceSync ? syncCap : 0);
+      if (gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
       const q = w.decodeQ[s];
+      const calls = deviceCallRuns();
       const r = await decodeStep(session, { layer: 0, q, scale: w.scale, want: new Set(['out']) });
+      const callsAfter = deviceCallRuns();
       if (cfg.method === 'exact') denseOut.push(r.out);
       rows.push({
         ms: r.stats.ms, selectMs: r.stats.selectMs, attendMs: r.stats.attendMs, residentMs: r.stats.gpu?.residentMs ?? NaN, kernelMs: r.stats.gpu?.kernelMs ?? NaN,
         selected: r.stats.blocks?.selected ?? 0, hits: r.stats.blocks?.hits ?? 0, bytesIn: r.stats.blocks?.bytesIn ?? 0,
         outError: cfg.method === 'exact' ? 0 : relError(r.out, denseOut[s], model.qHeads),
         rangeTables: gpu.rangeTables,
+        deviceSync, callsOnLoop: callsAfter.loop - calls.loop, callsOnPool: callsAfter.pool - calls.pool,
       });
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
       if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
@@ -168,14 +191,20 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     gpu.close();
     // Step 0 fills the pool (every block is a miss): steady state is steps 1..; with both paths, each path's
     // steps from its second (step 1, the first range-table step, builds the tables).
-    const groups = opts.poolPath === 'ab' ? [false, true].map((rt) => rows.filter((r) => r.rangeTables === rt)) : [rows];
+    // --device-sync ab: each way's steps from its second (the first call of a store goes to the pool: its time is not known yet).
+    const groups = opts.poolPath === 'ab' ? [false, true].map((rt) => rows.filter((r) => r.rangeTables === rt))
+      : opts.deviceSync === 'ab' ? [false, true].map((ds) => rows.filter((r) => r.deviceSync === ds)) : [rows];
     for (const group of groups) {
       const warm = group.slice(1);
+      const way = opts.deviceSync === 'ab' ? `, GPU calls ${group[0].deviceSync ? `on the loop within ${syncCap} us` : 'on the pool'}` : '';
       const sel = warm.reduce((a, r) => a + r.selected, 0), hit = warm.reduce((a, r) => a + r.hits, 0);
       const summary = {
-        config: opts.poolPath === 'ab' ? `${cfg.name}, ${group[0].rangeTables ? 'range tables' : 'block by block'}` : cfg.name,
+        config: (opts.poolPath === 'ab' ? `${cfg.name}, ${group[0].rangeTables ? 'range tables' : 'block by block'}` : cfg.name) + way,
         method: cfg.method,
         rangeTables: group[0].rangeTables,
+        deviceSync: group[0].deviceSync,
+        callsOnLoopPerStep: mean(warm.map((r) => r.callsOnLoop)),
+        callsOnPoolPerStep: mean(warm.map((r) => r.callsOnPool)),
         poolBytes: cfg.poolBytes,
         poolShareOfKv: cfg.poolBytes / layerBytes,
         budgetTokensPerHead: cfg.method === 'exact' ? tokens : sparseBudget,
@@ -202,6 +231,9 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     shape: { tokens, kvHeads, qHeads: model.qHeads, headDim: d, dtype: 'f16', poolBlock: 64, layerKvBytes: layerBytes },
     workload: { seed: 11, steps, generator: 'workload/' },
     poolPath: opts.poolPath ?? (process.env.KVRECALL_POOL_RANGES === '0' ? 'old' : 'new'),
+    deviceSync: opts.deviceSync ?? 'loop',
+    gpuSyncUs: syncCap,
+    gapMs,
     note: 'one layer, in process (decodeStep, no HTTP); no own session tokens; step 0 (pool fill) excluded from the steady-state columns',
     configs: results,
     ...(waveBuildS !== undefined && { waveClustersBuildS: waveBuildS }),
@@ -218,20 +250,25 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       (waveBuildS !== undefined ? ` Its clusters (${kvHeads} heads side by side, k-means on the device as a GPU server's seal runs it) were built in ${waveBuildS.toFixed(1)} s.` : '') +
       (opts.poolPath === 'ab'
         ? ' Range parts (sinks, window, the whole document of `exact`) both ways on the same pool, alternating step by step: block by block (even steps: a page-table lookup, touch and pin per block, the slot ids copied to the device) and range tables (odd steps: one hold per range and head, the table already on the device); each path\'s first step excluded.'
-        : ` Range parts: ${result.poolPath === 'old' ? 'block by block' : 'range tables'}.`),
+        : ` Range parts: ${result.poolPath === 'old' ? 'block by block' : 'range tables'}.`) +
+      (opts.deviceSync === 'ab'
+        ? ` GPU calls (the wave step and rest, the pool's attend) both ways, alternating step by step: all on libuv's pool (even steps, the old way) and on the event loop's thread within ${syncCap} us a turn (odd steps, addon/device-calls.ts); each way's first step excluded; calls/step: where they ran (loop / pool).`
+        : ` GPU calls ${result.deviceSync === 'pool' ? "all on libuv's pool" : `on the event loop's thread within ${syncCap} us a turn`}.`) +
+      (gapMs > 0 ? ` ${gapMs} ms asleep before each step.` : ''),
     '',
-    '| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | of which resident | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    `| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | of which resident | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |${opts.deviceSync === 'ab' ? ' calls/step loop / pool |' : ''}`,
+    `| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |${opts.deviceSync === 'ab' ? ' ---: |' : ''}`,
     ...results.map((r) =>
       `| ${r.config} | ${f(Number(r.poolShareOfKv) * 100, 0)}% | ${f(r.stepMsP50)} / ${f(r.stepMsP99)} | ${f(r.selectMsP50)} | ${f(r.attendMsP50)} | ${f(r.residentMsP50)} | ${f(r.kernelMsP50, 3)} | ` +
-      `${f(r.blocksSelectedPerStep, 0)} | ${f(r.hitRate, 3)} | ${f(Number(r.bytesInPerStepMean) / 2 ** 20)} / ${f(Number(r.bytesInPerStepP99) / 2 ** 20)} | ${f(r.outErrorMean, 3)} / ${f(r.outErrorMax, 3)} |`),
+      `${f(r.blocksSelectedPerStep, 0)} | ${f(r.hitRate, 3)} | ${f(Number(r.bytesInPerStepMean) / 2 ** 20)} / ${f(Number(r.bytesInPerStepP99) / 2 ** 20)} | ${f(r.outErrorMean, 3)} / ${f(r.outErrorMax, 3)} |` +
+      (opts.deviceSync === 'ab' ? ` ${f(r.callsOnLoopPerStep, 1)} / ${f(r.callsOnPoolPerStep, 1)} |` : '')),
     '',
   ].join('\n');
   const dir = join('bench', 'results');
   mkdirSync(dir, { recursive: true });
   for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
     // A run of some configurations (--configs) has its own file: the README renders the full one.
-    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${deviceTag(opts.device)}`;
+    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${opts.deviceSync === 'ab' ? `sync-ab-${gapMs > 0 ? `gap${gapMs}-` : ''}` : ''}${deviceTag(opts.device)}`;
     writeFileSync(join(d, `${name}.json`), JSON.stringify(result, null, 2) + '\n');
     writeFileSync(join(d, `${name}.md`), md);
   }

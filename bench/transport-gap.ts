@@ -18,14 +18,15 @@
 // Rows take turns in blocks of calls/rounds, in one sitting.
 //
 // --ab: two servers side by side, one with every attend on libuv's pool
-// (KVRECALL_ATTEND_SYNC_WORK=0, the old way) and one with the default (a
-// short attend on the event loop's thread, addon/kernels.ts): the attend rows
+// (KVRECALL_ATTEND_SYNC_WORK=0 and KVRECALL_GPU_SYNC_US=0, the old way) and one
+// with the defaults (a short attend, or a short GPU call on the CUDA backend,
+// on the event loop's thread: addon/kernels.ts, addon/device-calls.ts): the attend rows
 // of both take turns. Without it, one server with this process's
 // environment (set KVRECALL_ATTEND_SYNC_WORK to choose). `--ab loop,pool`
 // starts them the other way round (a lane's own bias, e.g. the second
 // server's, shows as the rows that run the same code in both differing);
 // `--ab inproc` runs one server in this process and sets the way before each
-// row's calls (addon/kernels.ts setAttendSyncWork), so neither has a server
+// row's calls (setAttendSyncWork, setGpuSyncUs), so neither has a server
 // of its own (the client then shares the server's process and event loop).
 // Results: bench/results/transport-gap-<tag>.{md,json} (tag: KVRECALL_BENCH_TAG, default vm).
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -36,6 +37,7 @@ import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
 import { ATTEND_SYNC_WORK, setAttendSyncWork } from '../addon/kernels.js';
+import { GPU_SYNC_US, setGpuSyncUs } from '../addon/device-calls.js';
 import { startServer as startInProcess } from '../api/server.js';
 import { parseConfig } from '../core/config.js';
 import { bareHealth, startServer } from './transport-rows.js';
@@ -111,7 +113,7 @@ async function main(): Promise<void> {
   const lanes: Lane[] = [];
   const health: ReturnType<typeof bareHealth>[] = [];
   try {
-    const ENV: Record<string, Record<string, string>> = { pool: { KVRECALL_ATTEND_SYNC_WORK: '0' }, loop: {} };
+    const ENV: Record<string, Record<string, string>> = { pool: { KVRECALL_ATTEND_SYNC_WORK: '0', KVRECALL_GPU_SYNC_US: '0' }, loop: {} };
     const variants: { name: string; env: Record<string, string> }[] = AB ? AB_ORDER.map((name) => ({ name, env: ENV[name] })) : [{ name: '', env: {} }];
     if (IN_PROCESS) {
       const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
@@ -123,7 +125,7 @@ async function main(): Promise<void> {
       const batch = await Promise.all(Array.from({ length: BATCH }, async () => (await client.createSession({ model, documents: ['short'], method: 'exact' })).id));
       const stream = await client.openStream();
       for (const name of ['pool', 'loop'])
-        lanes.push({ name, env: {}, server, client, short, long, batch, stream, set: () => setAttendSyncWork(name === 'pool' ? 0 : ATTEND_SYNC_WORK) });
+        lanes.push({ name, env: {}, server, client, short, long, batch, stream, set: () => (setAttendSyncWork(name === 'pool' ? 0 : ATTEND_SYNC_WORK), setGpuSyncUs(name === 'pool' ? 0 : GPU_SYNC_US)) });
     }
     for (const v of IN_PROCESS ? [] : variants) {
       const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-gap-'));
@@ -220,7 +222,7 @@ async function main(): Promise<void> {
       [
         `# A stream attend's overhead after the processes waited (${m.cpu}, ${m.cores} cores, ${backend})`,
         '',
-        `TypeScript client, one stream (GET /v1/stream), server ${IN_PROCESS ? 'in the client\'s process' : 'in its own process'} on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms; for the bare rows (a WebSocket ping on the same stream; GET /v1/health on one keep-alive HTTP connection) it is their wall. × ping / × health: the attend's overhead p50 over that bare round trip's p50 after the same wait. Wall = overhead + stats.ms, what the caller waits.${AB ? ` [pool]: every attend on libuv's pool (KVRECALL_ATTEND_SYNC_WORK=0); [loop]: the default, a short attend on the event loop's thread (addon/kernels.ts); ${IN_PROCESS ? 'one server in this process, the way set before each row\'s calls' : `servers started, and rows run, in the order ${AB_ORDER.join(', ')}`}.` : ''} Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
+        `TypeScript client, one stream (GET /v1/stream), server ${IN_PROCESS ? 'in the client\'s process' : 'in its own process'} on 127.0.0.1; one layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, method exact, q f32. ${table[0].calls} calls per row after 20 warm-up, the rows taking turns in ${ROUNDS} blocks (one sitting: the ratios are from it). Overhead = client wall − server stats.ms; for the bare rows (a WebSocket ping on the same stream; GET /v1/health on one keep-alive HTTP connection) it is their wall. × ping / × health: the attend's overhead p50 over that bare round trip's p50 after the same wait. Wall = overhead + stats.ms, what the caller waits.${AB ? ` [pool]: every attend on libuv's pool (KVRECALL_ATTEND_SYNC_WORK=0, KVRECALL_GPU_SYNC_US=0); [loop]: the defaults, a short attend or GPU call on the event loop's thread (addon/kernels.ts, addon/device-calls.ts); ${IN_PROCESS ? 'one server in this process, the way set before each row\'s calls' : `servers started, and rows run, in the order ${AB_ORDER.join(', ')}`}.` : ''} Load average at the start ${loadAtStart}, at the end ${m.loadAverage}. ${result.date}.`,
         '',
         '| row | overhead p50 ms | × back to back | × ping, same wait | × health, same wait | p10 | p90 | mean | server stats.ms p50 | wall p50 ms |',
         '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',

@@ -68,6 +68,14 @@ export interface Config {
    * llama3.2-1b shape, ~0.9 ms on the 2-core VM).
    */
   attendSyncWork?: number;
+  /**
+   * Microseconds of expected device time an event-loop turn spends on GPU
+   * calls (the wave step and rest, the pool's attend) run on its own
+   * thread instead of libuv's pool (addon/device-calls.ts: a short call
+   * skips two cross-thread wake-ups). 0: every GPU call on the pool.
+   * Unset: the default, 1000.
+   */
+  gpuSyncUs?: number;
 }
 
 export const DEFAULTS: Config = {
@@ -97,10 +105,11 @@ const FLAGS: Record<string, keyof Config> = {
   '--max-streams': 'maxStreams',
   '--stream-idle-ms': 'streamIdleMs',
   '--attend-sync-work': 'attendSyncWork',
+  '--gpu-sync-us': 'gpuSyncUs',
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -118,6 +127,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_MAX_STREAMS) cfg.maxStreams = nonNegative(env.KVRECALL_MAX_STREAMS, 'KVRECALL_MAX_STREAMS');
   if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');
   if (env.KVRECALL_ATTEND_SYNC_WORK) cfg.attendSyncWork = nonNegative(env.KVRECALL_ATTEND_SYNC_WORK, 'KVRECALL_ATTEND_SYNC_WORK');
+  if (env.KVRECALL_GPU_SYNC_US) cfg.gpuSyncUs = nonNegative(env.KVRECALL_GPU_SYNC_US, 'KVRECALL_GPU_SYNC_US');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];

@@ -15,7 +15,8 @@
 //     (the same blocks of several clients, a part's kv heads, in one call: all held or none)
 //   .unhold(hold | Float64Array of holds)
 //   .attend({q, qHeads, kvHeads, scale, tables: (Int32Array | (Int32Array | {hold, blocks})[])[kvHeads],
-//            validTokens: number[kvHeads], out, lse, extraOut?, extraLse?, splits?}) -> Promise<void>
+//            validTokens: number[kvHeads], out, lse, extraOut?, extraLse?, splits?, sync?}) -> Promise<work ms>
+//     (sync: run on the calling thread, the promise settled already, the same way)
 //     a head's table: slot ids, or pieces back to back (slot ids, or a held range's device table)
 //   .stats() / .resetCounters() / .sync() / .probeH2D(bytes, iters) -> bytes/s / .close()
 // Without CUDA the same names exist: cudaAvailable() says ok: false and the
@@ -23,6 +24,7 @@
 #include <napi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <memory>
 #include <string>
@@ -314,7 +316,18 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
       a.tables.emplace_back(t.Data(), t.Data() + need);
       a.validTokens.push_back(int64_t(vt));
     }
-    return RunAsync(env, std::move(keep), [pool, a]() { pool->Attend(a); }, [](Napi::Env e) { return e.Undefined(); });
+    // sync: run now on this thread (addon/device-calls.ts: a short attend skips libuv's two wake-ups). Either
+    // way the promise resolves with the work's own ms (the next call's expectation).
+    const bool now = Flag(o, "sync", false);
+    auto workMs = std::make_shared<double>(0);
+    return RunNowOrAsync(
+        env, now, std::move(keep),
+        [pool, a, workMs]() {
+          const auto t0 = std::chrono::steady_clock::now();
+          pool->Attend(a);
+          *workMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        },
+        [workMs](Napi::Env e) { return Napi::Number::New(e, *workMs); });
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {

@@ -15,12 +15,15 @@
 //          own logits, the default, or by their moments)})
 //     -> Promise<{width, ids?: Int32Array[kvHeads*width] (absent with ids: false), idCounts: number[], candidates: number[],
 //                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}, graphCaptures,
-//                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream)}>
+//                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream),
+//                 workMs (the work's own host time, queue and back excluded)}>
 //   .rest({q, qHeads, scale, ranges: Int32Array[] (kvHeads; flat [lo, hi) pairs of rows attended exactly),
 //          blocks?: Int32Array[] (kvHeads; block ids, rows [b·blockSize, (b+1)·blockSize) within the tokens),
 //          blockSize? (with blocks), ids?: Int32Array[] (kvHeads; more rows attended exactly),
 //          order?: 'rows' | 'moments' | 'first', stages?, graph?})
-//     -> Promise<{out, lse, estimated: number[], scanned: number[], rows: number[], ms, stages, host, graphCaptures}>
+//     -> Promise<{out, lse, estimated: number[], scanned: number[], rows: number[], ms, stages, host, graphCaptures, workMs}>
+//   step and rest take sync?: boolean (default false): the work runs on the calling thread and the
+//   promise comes back settled, the same answer or the same rejection (common/binding_args.h's RunNowOrAsync)
 //     the estimate of what another method's selection leaves out (wave_step.h's WaveRestArgs)
 //   .bytes() -> {summaries, moments, kv (0 when paged), scratch, cache, cacheRows}
 // cacheRows (constructor, optional, > 0): the paged store (wave_cache.cuh);
@@ -78,6 +81,8 @@ void SetTimes(Napi::Env e, Napi::Object out, float streamMs, int64_t graphCaptur
   host.Set("queue", Napi::Number::New(e, ms(times[0], times[1])));
   for (const auto& x : hostPhases) host.Set(x.first, Napi::Number::New(e, double(x.second)));
   host.Set("back", Napi::Number::New(e, ms(times[2], c0)));
+  // The work's own time (what a call run on the event loop's thread holds it for): the next call's expectation.
+  out.Set("workMs", Napi::Number::New(e, ms(times[1], times[2])));
   host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
   out.Set("host", host);
 }
@@ -218,6 +223,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       CheckIds(*e, c.tokens, "exact");
       exact->assign(e->Data(), e->Data() + e->ElementLength());
     }
+    // sync: the work runs now on this thread (addon/device-calls.ts: a short step skips libuv's two wake-ups).
+    const bool now = Flag(o, "sync", false);
     auto result = std::make_shared<cuda::WaveStepResult>();
     const int H = c.kvHeads;
     // The hop onto the worker thread and back (queue: this call to the
@@ -226,8 +233,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     using Clock = std::chrono::steady_clock;
     auto times = std::make_shared<std::array<Clock::time_point, 3>>();
     (*times)[0] = Clock::now();
-    return RunAsync(
-        env, {},
+    return RunNowOrAsync(
+        env, now, {},
         [store, a, qCopy, normCopy, exact, result, times]() {
           (*times)[1] = Clock::now();
           a->q = qCopy->data();
@@ -326,12 +333,13 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     // ‖q‖ as the host's estimate computes it (its Dot, compiled with the same flags), for the second-order cap.
     auto norms = std::make_shared<std::vector<float>>(size_t(a->qHeads));
     for (int r = 0; r < a->qHeads; ++r) (*norms)[size_t(r)] = std::sqrt(Dot(q.Data() + size_t(r) * d, q.Data() + size_t(r) * d, d));
+    const bool now = Flag(o, "sync", false);
     auto result = std::make_shared<cuda::WaveRestResult>();
     using Clock = std::chrono::steady_clock;
     auto times = std::make_shared<std::array<Clock::time_point, 3>>();
     (*times)[0] = Clock::now();
-    return RunAsync(
-        env, {},
+    return RunNowOrAsync(
+        env, now, {},
         [store, a, qCopy, norms, result, times]() {
           (*times)[1] = Clock::now();
           a->q = qCopy->data();

@@ -245,4 +245,26 @@ Napi::Promise RunAsync(Napi::Env env, std::vector<Napi::Value> keep, Work work, 
   return p;
 }
 
+// RunAsync's work run now, on the calling thread (the event loop's), when
+// `now`: the same work and result, and a promise settled the same way
+// (resolved with result(env), or rejected with an Error of the exception's
+// message, as PromiseWorker's OnError), only already settled. A short
+// device call waits on its stream here instead of paying libuv's two
+// cross-thread wake-ups (addon/device-calls.ts chooses).
+template <typename Work, typename Result>
+Napi::Promise RunNowOrAsync(Napi::Env env, bool now, std::vector<Napi::Value> keep, Work work, Result result) {
+  if (!now) return RunAsync(env, std::move(keep), std::move(work), std::move(result));
+  Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
+  std::string error;
+  try {
+    work();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  // An empty message counts as success there too (AsyncWorker tells an error by its message).
+  if (!error.empty()) deferred.Reject(Napi::Error::New(env, error).Value());
+  else deferred.Resolve(result(env));
+  return deferred.Promise();
+}
+
 }  // namespace kvr

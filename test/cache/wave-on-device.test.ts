@@ -58,7 +58,7 @@ function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; 
       await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out, lse });
       opts.log.push('device done');
       // As the device answers: the ids only when asked for, their counts always.
-      return { ...(a.ids !== false && { ids }), kept: ids.map((x) => x.length), scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {}, host: {}, graphCaptures: 0, misses: 0, bytesIn: 0 };
+      return { ...(a.ids !== false && { ids }), kept: ids.map((x) => x.length), scanned: [0, 0], out, lse, estimated: [0, 0], ms: 0, stages: {}, host: {}, graphCaptures: 0, misses: 0, bytesIn: 0, workMs: 0 };
     },
   } as unknown as WaveGpuStore;
 }

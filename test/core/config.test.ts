@@ -73,4 +73,13 @@ describe('parseConfig', () => {
     expect(() => parseConfig(['--attend-sync-work', '-1'], {})).toThrow(/--attend-sync-work/);
     expect(() => parseConfig([], { KVRECALL_ATTEND_SYNC_WORK: 'lots' })).toThrow(/KVRECALL_ATTEND_SYNC_WORK/);
   });
+
+  it('takes the GPU calls\' thread cap from --gpu-sync-us or KVRECALL_GPU_SYNC_US, unset by default', () => {
+    expect(parseConfig([], {}).gpuSyncUs).toBeUndefined();
+    expect(parseConfig(['--gpu-sync-us', '0'], {}).gpuSyncUs).toBe(0);
+    expect(parseConfig([], { KVRECALL_GPU_SYNC_US: '2500' }).gpuSyncUs).toBe(2500);
+    expect(parseConfig(['--gpu-sync-us', '7'], { KVRECALL_GPU_SYNC_US: '2500' }).gpuSyncUs).toBe(7);
+    expect(() => parseConfig(['--gpu-sync-us', '-1'], {})).toThrow(/--gpu-sync-us/);
+    expect(() => parseConfig([], { KVRECALL_GPU_SYNC_US: 'lots' })).toThrow(/KVRECALL_GPU_SYNC_US/);
+  });
 });

@@ -58,7 +58,7 @@ function standInStore(heads: ClusterIndex[], log: string[], fail = false): WaveG
       const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(kvHeads), scanned = new Float32Array(kvHeads);
       await estimateClusters({ q: a.q, qHeads, kvHeads, headDim: d, centroidStride: centroidStride(d), dtype: 'f16', scale: a.scale,
         segments: [heads.map((x, h) => x.estimateArgs(rows[h], a.order))], out, lse, estimated, scanned });
-      return { out, lse, estimated: [...estimated], scanned: [...scanned], rows: rows.map((r) => r.length), ms: 0, stages: {}, host: {}, graphCaptures: 0 };
+      return { out, lse, estimated: [...estimated], scanned: [...scanned], rows: rows.map((r) => r.length), ms: 0, stages: {}, host: {}, graphCaptures: 0, workMs: 0 };
     },
   } as unknown as WaveGpuStore;
 }
@@ -146,7 +146,7 @@ describe('the estimate of a selection on the device: plumbing', () => {
       async rest(a: WaveGpuRestArgs): Promise<WaveGpuRestResult> {
         log.push('rest');
         const none = new Array<number>(kvHeads).fill(0);
-        return { out: new Float32Array(a.qHeads * d), lse: new Float32Array(a.qHeads).fill(-Infinity), estimated: none, scanned: none, rows: none, ms: 0, stages: {}, host: {}, graphCaptures: 0 };
+        return { out: new Float32Array(a.qHeads * d), lse: new Float32Array(a.qHeads).fill(-Infinity), estimated: none, scanned: none, rows: none, ms: 0, stages: {}, host: {}, graphCaptures: 0, workMs: 0 };
       },
     } as unknown as WaveGpuStore;
     const session = sessionWith(store, log);

@@ -1,0 +1,88 @@
+// Where a GPU call waits for its stream: on libuv's pool (the old way) or on
+// the event loop's own thread. Both wait the same way (the call ends in a
+// cudaStreamSynchronize on whichever thread runs it), but the pool adds two
+// cross-thread wake-ups, the pool thread's and then the loop's: 17 µs back to
+// back and 50-95 µs after 1-25 ms idle on the 2-core VM, and on the H100 host
+// a step's server time grew 0.33 -> 0.77 ms after a 25 ms idle (57ebcc1). A
+// call run on the loop's thread holds the loop for about its device time,
+// the trade addon/kernels.ts's attend makes for short host work: here each
+// loop turn may spend up to --gpu-sync-us of expected device calls so, and a
+// call goes to the pool as before when its time is not known yet (a store's
+// first call), past the turn's cap, or while another GPU call is on the
+// pool (steps of several sessions overlap there). The native call is the same
+// either way (common/binding_args.h's RunNowOrAsync): the same answers, bit for
+// bit, and the same errors (refused arguments throw, a failure in the work
+// rejects).
+
+/** Microseconds of expected GPU calls a loop turn runs on its own thread by default (0: every call on libuv's pool). */
+export const GPU_SYNC_US = 1000;
+let capMs = GPU_SYNC_US / 1000;
+/** Expected ms run on the loop's thread this turn, and whether its reset is due (set at the turn's first). */
+let spentMs = 0;
+let resetDue = false;
+/** GPU calls on libuv's pool now. */
+let inPool = 0;
+const runs = { loop: 0, pool: 0 };
+const resetSpent = () => {
+  spentMs = 0;
+  resetDue = false;
+};
+
+/** Sets the per-turn cap, microseconds of expected device time (0: every GPU call on libuv's pool; default GPU_SYNC_US). */
+export function setGpuSyncUs(us: number): void {
+  capMs = us / 1000;
+}
+
+/** The per-turn cap now, microseconds. */
+export function gpuSyncUs(): number {
+  return capMs * 1000;
+}
+
+/** GPU calls run so far on the event loop's thread and on libuv's pool, in this process. */
+export function deviceCallRuns(): { loop: number; pool: number } {
+  return { ...runs };
+}
+
+/**
+ * Runs a GPU call `call(sync)` on the loop's thread (sync true) when its
+ * expected work (ms; undefined: not known yet) fits what is left of this
+ * turn's cap and no other GPU call is on the pool; otherwise on the pool.
+ * `call` must settle the same either way (a native call through
+ * RunNowOrAsync does); what it throws is thrown, uncounted.
+ */
+export function deviceCall<T>(expectedMs: number | undefined, call: (sync: boolean) => Promise<T>): Promise<T> {
+  if (capMs > 0 && inPool === 0 && expectedMs !== undefined && spentMs + expectedMs <= capMs) {
+    const p = call(true);
+    if (!resetDue) {
+      resetDue = true;
+      setImmediate(resetSpent);
+    }
+    spentMs += expectedMs;
+    runs.loop++;
+    return p;
+  }
+  const p = call(false);
+  inPool++;
+  runs.pool++;
+  const done = () => void inPool--;
+  p.then(done, done);
+  return p;
+}
+
+/**
+ * A kind of GPU call's last work time (one store's steps, one pool's
+ * attends), per unit of its size (rows attended, or 1 for a call whose shape
+ * does not change from step to step): the next call's expectation.
+ */
+export class DeviceTimer {
+  private msPerUnit?: number;
+
+  /** The expected ms of a call of `size` units (undefined before the first was measured). */
+  expect(size = 1): number | undefined {
+    return this.msPerUnit === undefined ? undefined : this.msPerUnit * Math.max(1, size);
+  }
+
+  record(ms: number, size = 1): void {
+    if (Number.isFinite(ms) && ms >= 0) this.msPerUnit = ms / Math.max(1, size);
+  }
+}
