@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdlib>
+#include <type_traits>
 
 namespace kvr {
 namespace cuda {
@@ -49,6 +50,17 @@ inline StepPaths ReadStepPaths(int d) {
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
   return s;
+}
+
+// f(B, G) with B (bf16) and G (the paged store: KvRow's row map) as
+// std::bool_constant values, to name a kernel's instantiation:
+// K<B(), G()><<<...>>>(p).
+template <class F>
+void WithKinds(bool bf16, bool paged, F&& f) {
+  if (bf16 && paged) f(std::true_type(), std::true_type());
+  else if (bf16) f(std::true_type(), std::false_type());
+  else if (paged) f(std::false_type(), std::true_type());
+  else f(std::false_type(), std::false_type());
 }
 
 }  // namespace

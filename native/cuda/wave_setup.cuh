@@ -15,10 +15,13 @@ namespace cuda {
 namespace {
 
 inline void SetWaveKernelAttributes() {
-  for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>})
+  // The kernels that read K/V rows, for the dense store and the paged one (KvRow's kPaged).
+  for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>,
+                  EstimatePart<false, true, true>, EstimatePart<true, true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {AttendPart<false, false>, AttendPart<true, false>, AttendPart<false, true>, AttendPart<true, true>, AttendAndRows<false>,
-                  AttendAndRows<true>})
+                  AttendAndRows<true>, AttendPart<false, false, true>, AttendPart<true, false, true>, AttendPart<false, true, true>,
+                  AttendPart<true, true, true>, AttendAndRows<false, true>, AttendAndRows<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");

@@ -388,6 +388,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const size_t qSmem = size_t(G) * stride * 4;
   const int ctot = int(I.ctot);
   const bool merge = a.estimate || a.attend;
+  const auto kinds = [&](auto f) { WithKinds(bf16, I.cache.rows > 0, f); };
   const Clock::time_point h1 = Clock::now();
   // A stage's end, with stage times only (a graph replays none).
   const auto mark = [&](int i, cudaStream_t s) {
@@ -433,15 +434,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(4, s);
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
-      if (P.held && bf16) RescoreHeld<true><<<grid, kThreads, qSmem, s>>>(p);
-      else if (P.held) RescoreHeld<false><<<grid, kThreads, qSmem, s>>>(p);
-      else if (bf16) RescoreCandidates<true><<<grid, kThreads, qSmem, s>>>(p);
-      else RescoreCandidates<false><<<grid, kThreads, qSmem, s>>>(p);
+      kinds([&](auto B, auto G) {
+        if (P.held) RescoreHeld<B(), G()><<<grid, kThreads, qSmem, s>>>(p);
+        else RescoreCandidates<B(), G()><<<grid, kThreads, qSmem, s>>>(p);
+      });
     }
     if (p.dotsOn && a.attend && E > 0) {  // the sinks/window rows' dots, for AttendTile<kDots>
       const dim3 grid(unsigned(Cdiv(E, kRowsPerCta)), unsigned(H));
-      if (bf16) ExactDots<true><<<grid, kThreads, qSmem, s>>>(p);
-      else ExactDots<false><<<grid, kThreads, qSmem, s>>>(p);
+      kinds([&](auto B, auto G) { ExactDots<B(), G()><<<grid, kThreads, qSmem, s>>>(p); });
     }
     mark(5, s);
     // The candidates kept: the best `keep` outside the skip ranges.
@@ -479,34 +479,25 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       // With dots, the clusters the cut took whole first, from their members'
       // dots; then the others (the cut's own, those of sinks/window rows only).
       if (p.dotsOn && p.restRows) PartialLogitsFromDots<<<grid, kPartialWarps * 32, 0, s>>>(p);
-      if (bf16) PartialLogits<true><<<grid, kPartialWarps * 32, smem, s>>>(p);
-      else PartialLogits<false><<<grid, kPartialWarps * 32, smem, s>>>(p);
+      kinds([&](auto B, auto G) { PartialLogits<B(), G()><<<grid, kPartialWarps * 32, smem, s>>>(p); });
     }
     mark(9, s);
     // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.
     const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
     if (a.estimate) {
+      // The cluster tiles read no K/V row: one instantiation for both stores.
       if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
       else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      if (nSub > 0 && !fuseRows) {
-        if (bf16) EstimatePart<true, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-        else EstimatePart<false, true><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      }
+      if (nSub > 0 && !fuseRows)
+        kinds([&](auto B, auto G) { EstimatePart<B(), true, G()><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p); });
     }
     if (a.attend && nAtt > 0) {
-      if (fuseRows) {
-        if (bf16) AttendAndRows<true><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-        else AttendAndRows<false><<<dim3(unsigned(nAtt), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      } else {
-        const dim3 grid = dim3(unsigned(nAtt), unsigned(H));
-        if (p.dotsOn) {
-          if (bf16) AttendPart<true, true><<<grid, kThreads, kEstimateSmem, s>>>(p);
-          else AttendPart<false, true><<<grid, kThreads, kEstimateSmem, s>>>(p);
-        } else {
-          if (bf16) AttendPart<true, false><<<grid, kThreads, kEstimateSmem, s>>>(p);
-          else AttendPart<false, false><<<grid, kThreads, kEstimateSmem, s>>>(p);
-        }
-      }
+      const dim3 grid = dim3(unsigned(nAtt), unsigned(H));
+      kinds([&](auto B, auto G) {
+        if (fuseRows) AttendAndRows<B(), G()><<<grid, kThreads, kEstimateSmem, s>>>(p);
+        else if (p.dotsOn) AttendPart<B(), true, G()><<<grid, kThreads, kEstimateSmem, s>>>(p);
+        else AttendPart<B(), false, G()><<<grid, kThreads, kEstimateSmem, s>>>(p);
+      });
     }
     mark(10, s);
     if (merge) {

@@ -17,7 +17,7 @@ namespace {
 // rescored candidates' (column tmax + e), so that AttendTile<kDots> finds
 // every attended row's dot there: a thread pair per row, the same
 // Accumulate/ReducePair on the same q as AttendTile's pairs, bit for bit.
-template <bool kBf16>
+template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
   extern __shared__ __align__(16) float qs[];  // [group, stride]
   const int h = blockIdx.y;
@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
   const int64_t e = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = e < p.exactCount;
   const int32_t t = live ? p.exact[e] : 0;
-  const uint16_t* row = p.keys + KvRow(p, h, t);
+  const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles see every lane
     float acc[kGC][8];
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
 // ExactDots), without this kernel's own accumulators (registers: see the
 // launch); else the dots run here, a thread pair per row (the step's other
 // dots' layout), the same sums.
-template <bool kBf16, bool kDots>
+template <bool kBf16, bool kDots, bool kPaged>
 __device__ __forceinline__ void AttendTile(const StepParams& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);    // [kTile] the row's first word in keys and values, compacted
@@ -69,7 +69,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
     if (at < kept + p.exactCount) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
-        src[k] = KvRow(p, h, t);
+        src[k] = KvRow<kPaged>(p, h, t);
         if (kDots) PrefetchRow(p.values + src[k], p.d * 2);  // read by TileNumerators, after the logits' phase
         if (kDots) pos[k] = at < kept ? int64_t(p.keptPos[size_t(h) * p.width + at]) : p.tmax + (at - kept);
       }
@@ -140,9 +140,9 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
   }
 }
 
-template <bool kBf16, bool kDots>
+template <bool kBf16, bool kDots, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
-  AttendTile<kBf16, kDots>(p);
+  AttendTile<kBf16, kDots, kPaged>(p);
 }
 
 // With the estimate and the attention both on, their exact-row tiles are the
@@ -152,10 +152,10 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 // separate EstimatePart<kRows> launch (its 42 x 8 CTAs read 69 MB at 1M, up
 // to 43 MB of them these value rows: ncu, H200, 32 us). Each part's sums as
 // in the separate kernels: the same bits.
-template <bool kBf16>
+template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
-  AttendTile<kBf16, true>(p);  // ends on a barrier: its shared memory is free
-  EstimateTile<kBf16, true>(p);
+  AttendTile<kBf16, true, kPaged>(p);  // ends on a barrier: its shared memory is free
+  EstimateTile<kBf16, true, kPaged>(p);
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ __global__ void ExactRows(StepParams p) {
     p.removed[c] = 0;
   }
 }
-template <bool kBf16>
+template <bool kBf16, bool kPaged>
 __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t cl, float* rest, int lane);
 
 // The running max and sum of exps of a cluster's members, 16 at a time (a
@@ -57,7 +57,7 @@ __device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t
 // A warp per touched cluster of kv head blockIdx.y, striding over the list:
 // a warp per exact row, most of them with nothing to do, spent longer
 // finding that out (a chain of dependent loads each) than the others worked.
-template <bool kBf16>
+template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p) {
   extern __shared__ __align__(16) float rest[];  // [kPartialWarps, 2, d]: the rest's mean key, then its variance
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y;
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
     const int32_t cl = p.touched[size_t(h) * p.rowsMax + k];
     const int64_t c = p.base[h] + cl;
     if (FromDots(p, c, p.counts[c])) continue;  // PartialLogitsFromDots's
-    PartialLogit<kBf16>(p, h, cl, rest + size_t(warp) * 2 * p.d, lane);
+    PartialLogit<kBf16, kPaged>(p, h, cl, rest + size_t(warp) * 2 * p.d, lane);
   }
 }
 
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(Step
 // channels lane, lane + 32, ... for the moments; for the moments' dots, lane
 // = 16·(q head of the pair) + 8·(the host's accumulator) + (its lane), as
 // ReduceSixteen sums them; for the rows' own logits, a thread pair per member.
-template <bool kBf16>
+template <bool kBf16, bool kPaged>
 __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t cl, float* rest, int lane) {
   const int64_t c = p.base[h] + cl;
   const int32_t n = p.counts[c], removed = p.removed[c];
@@ -202,7 +202,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
         const bool live = i < n && own[u] == kNoOwner;
         float acc[kGC][8];
         Zero(acc);
-        Accumulate<kBf16>(p.keys + KvRow(p, h, u), qg, p.stride, g0, gc, 0, nd, half, live, acc);
+        Accumulate<kBf16>(p.keys + KvRow<kPaged>(p, h, u), qg, p.stride, g0, gc, 0, nd, half, live, acc);
 #pragma unroll
         for (int g = 0; g < kGC; ++g) {
           if (g >= gc) break;
@@ -229,7 +229,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
     for (int32_t i = 0; i < n; ++i) {
       const int32_t u = mem[i];
       if (own[u] == kNoOwner) continue;
-      const double k = double(WidenWord<kBf16>(p.keys[KvRow(p, h, u) + ch]));
+      const double k = double(WidenWord<kBf16>(p.keys[KvRow<kPaged>(p, h, u) + ch]));
       s1 = __dsub_rn(s1, k);
       s2 = fma(-k, k, s2);
     }
@@ -350,7 +350,7 @@ __device__ void TileNumerators(const StepParams& p, const uint16_t* rows, const 
 static_assert(kTile == 2 * kThreads, "two tile rows per thread");
 // The body of EstimatePart, for tile blockIdx.x (AttendAndRows runs a kRows
 // tile after the attention tile of the same positions).
-template <bool kBf16, bool kRows>
+template <bool kBf16, bool kRows, bool kPaged>
 __device__ __forceinline__ void EstimateTile(const StepParams& p) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
@@ -378,7 +378,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
         const int32_t c = p.tokCl[size_t(h) * p.N + t], n = p.counts[b + c], r = p.removed[b + c];
-        if (n > 0 && r < n) src[k] = KvRow(p, h, t), lc[k] = c, wn[k] = 1.f;
+        if (n > 0 && r < n) src[k] = KvRow<kPaged>(p, h, t), lc[k] = c, wn[k] = 1.f;
       }
     }
   }
@@ -422,9 +422,9 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
     TileNumerators<kBf16>(p, kRows ? p.values : p.means, sSrc, sE, sRed, live, gc, qh0, part, kRows ? -1.f : 1.f);
   }
 }
-template <bool kBf16, bool kRows>
+template <bool kBf16, bool kRows, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
-  EstimateTile<kBf16, kRows>(p);
+  EstimateTile<kBf16, kRows, kPaged>(p);
 }
 
 // One CTA per q head and 32 output columns (blockIdx.y): the tiles merged by

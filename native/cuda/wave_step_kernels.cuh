@@ -251,9 +251,13 @@ struct StepParams {
 
 // Where row t of kv head h starts in keys and in values: every kernel's K/V
 // read goes through here, so the paged store runs the dense store's kernels.
+// kPaged (the kernels' last template argument, false by default): the dense
+// store's kernels carry neither the map nor its branch (as a runtime test it
+// cost ExactDots 8 registers, PartialLogits 12 bytes of spill).
+template <bool kPaged>
 __device__ __forceinline__ int64_t KvRow(const StepParams& p, int h, int64_t t) {
   const int64_t i = int64_t(h) * p.N + t;
-  return (p.rowSlot ? int64_t(max(p.rowSlot[i], 0)) : i) * p.d;
+  return (kPaged ? int64_t(max(p.rowSlot[i], 0)) : i) * p.d;
 }
 
 // The ids kept (ScatterKept).
@@ -471,7 +475,7 @@ void LaunchScoreClusters(const StepParams& p, bool bf16, bool legacy, bool swizz
   }
 }
 
-template <bool kBf16>
+template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
   extern __shared__ __align__(16) float qs[];  // [group, stride]: the plain q is the first d of each row
   const int h = blockIdx.y;
@@ -481,7 +485,7 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
   const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = j < p.sel[h * 2 + 1];
   const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
-  const uint16_t* row = p.keys + KvRow(p, h, t);
+  const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   float best = -INFINITY;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
@@ -513,7 +517,7 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
 // key row). Each head's dot takes the same words in the same order
 // (chunks half, half + 2, ... ascending from 0, then ReducePair), and best
 // takes the heads in the same order: the same dots and rank keys.
-template <bool kBf16>
+template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   extern __shared__ __align__(16) float qs[];  // [group, stride]: the plain q is the first d of each row
   const int h = blockIdx.y;
@@ -523,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = j < p.sel[h * 2 + 1];
   const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
-  const uint16_t* row = p.keys + KvRow(p, h, t);
+  const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   uint4 w[kLoads];
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) {
