@@ -34,12 +34,14 @@ export interface DeviceBlockScorerStats {
   bytes: number;
   /** Copies or steps the device refused (scored on the host instead). */
   failures: number;
+  /** Wall ms of the steps' device calls, summed (a bench splits a select's time with it). */
+  ms: number;
 }
 
 export class DeviceBlockScorer implements BlockScorer {
   /** By the first head's summary: a (document, layer)'s means on the device. */
   private readonly uploaded = new WeakMap<BlockMeans, Uploaded>();
-  readonly stats: DeviceBlockScorerStats = { steps: 0, uploads: 0, bytes: 0, failures: 0 };
+  readonly stats: DeviceBlockScorerStats = { steps: 0, uploads: 0, bytes: 0, failures: 0, ms: 0 };
   /** Whether a block's rows are ranked as one group on the device (false: the k·reps best rows; for A/B benches). */
   groupRows = true;
 
@@ -58,7 +60,9 @@ export class DeviceBlockScorer implements BlockScorer {
       // held in registers) instead of rows (64K at 4 rows a block, re-read from memory by 8 CTAs), and the
       // chooser reads k ids a head, not k·reps. Otherwise the k·reps best rows (the same blocks first).
       const grouped = this.groupRows && reps > 1 && deviceRanksGroups(first.blocks, reps);
+      const t0 = performance.now();
       const r = up.device.topk({ q, group, k: grouped ? k : k * reps, extra, ...(grouped && { reps }) });
+      this.stats.ms += performance.now() - t0;
       this.stats.steps++;
       return r;
     } catch (e) {

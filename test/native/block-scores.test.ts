@@ -59,13 +59,27 @@ async function hostTopk(means: Uint16Array[], blocks: number, d: number, dtype: 
   return heads.map((h, i) => ({ ids: h.outIds.subarray(0, counts[i]), scores: h.outScores.subarray(0, counts[i]), all: h.allScores }));
 }
 
-/** A BlockScorer on the host that, like the device one, answers only the candidates (rows: it does not group them). */
-const hostCandidateScorer = (calls: { n: number }): BlockScorer => ({
+/**
+ * A BlockScorer on the host that, like the device one, answers only the
+ * candidates: the k·reps best rows, or (`grouped`, as the device answers) the
+ * first k distinct groups of reps rows among them, each as its first row
+ * with the score of its best.
+ */
+const hostCandidateScorer = (calls: { n: number }, grouped = false): BlockScorer => ({
   async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps = 1): Promise<HeadTopBlocks[]> {
     calls.n++;
     const { blocks, headDim, dtype } = heads[0];
     const host = await hostTopk(heads.map((s) => s.means), blocks, headDim, dtype, q, group, k * reps);
-    return host.map((r, h) => ({ ids: r.ids.slice(), scores: r.scores.slice(), extraScores: Float32Array.from(extra[h], (b) => r.all[b]) }));
+    return host.map((r, h) => {
+      const extraScores = Float32Array.from(extra[h], (b) => r.all[b]);
+      if (!grouped) return { ids: r.ids.slice(), scores: r.scores.slice(), extraScores };
+      const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
+      r.ids.forEach((row, i) => {
+        const g = Math.floor(row / reps);
+        if (ids.length < k && !seen.has(g)) seen.add(g), ids.push(g * reps), scores.push(r.scores[i]);
+      });
+      return { ids: Int32Array.from(ids), scores: Float32Array.from(scores), extraScores };
+    });
   },
 });
 
@@ -123,9 +137,10 @@ describe('block methods with a candidate scorer', () => {
   // the block scored as its best row (the candidates are the top reach·3
   // rows, deduplicated to blocks). The reference takes every block's score
   // as the max of its rows' host scores and sorts every block.
+  // grouped: the scorer answers the first reach distinct blocks themselves (the device's answer), not reach·reps rows.
   for (const method of [nosa, topkBlocks] as RetrievalMethod[])
-    for (const reps of [1, 3])
-      it(`${method.name}, ${reps} row(s) per block: selects what the host's full scores select, step after step`, async () => {
+    for (const [reps, grouped] of [[1, false], [3, false], [3, true], [4, true]] as [number, boolean][])
+      it(`${method.name}, ${reps} row(s) per block${grouped ? ', blocks answered as groups' : ''}: selects what the host's full scores select, step after step`, async () => {
         const rng = new Rng(seed + 1 + reps);
         const kvHeads = 2, qHeads = 8, d = 64, blocks = 777, tokens = blocks * 64 - 5, G = qHeads / kvHeads, stride = d + 8;
         const means = randomMeans(rng, kvHeads, blocks * reps, stride, 'f16');
@@ -147,7 +162,7 @@ describe('block methods with a candidate scorer', () => {
           // Drifting queries: consecutive steps share most of their top blocks.
           q = q.map((x) => 0.8 * x + 0.2 * rng.normal());
           const onHost = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoHost), q, params);
-          const scored = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoScored, hostCandidateScorer(calls)), q, params);
+          const scored = await method.select(layerContext(heads, tokens, kvHeads, qHeads, d, memoScored, hostCandidateScorer(calls, grouped)), q, params);
           expect(withoutUndo(scored)).toEqual(withoutUndo(onHost));
           const rows = await hostTopk(means, blocks * reps, stride, 'f16', BlockSummary.augment(heads, q, G), G, 0);
           for (let h = 0; h < kvHeads; h++) {
