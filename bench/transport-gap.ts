@@ -37,7 +37,7 @@ import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
 import { ATTEND_SYNC_WORK, setAttendSyncWork } from '../addon/kernels.js';
-import { GPU_SYNC_US, setGpuSyncUs } from '../addon/device-calls.js';
+import { deviceCallRuns, GPU_SYNC_US, setGpuSyncUs } from '../addon/device-calls.js';
 import { startServer as startInProcess } from '../api/server.js';
 import { parseConfig } from '../core/config.js';
 import { bareHealth, startServer } from './transport-rows.js';
@@ -105,6 +105,8 @@ interface Row {
   kind: 'attend' | 'ping' | 'health';
   overhead: number[];
   server: number[];
+  /** GPU calls its timed calls made on the loop's thread and on libuv's pool (in this process: --ab inproc's server). */
+  gpuCalls: { loop: number; pool: number };
 }
 
 async function main(): Promise<void> {
@@ -147,9 +149,9 @@ async function main(): Promise<void> {
     };
     const attend = (lane: Lane, sid: string) => () => timed(async () => (await lane.stream.attend(sid, { layer: 0, q })).stats.ms);
     const rows: Row[] = [];
-    const row = (r: Omit<Row, 'overhead' | 'server'>) => {
+    const row = (r: Omit<Row, 'overhead' | 'server' | 'gpuCalls'>) => {
       const set = lanes.find((l) => l.name === r.lane)?.set;
-      rows.push({ ...r, ...(set && { before: () => (set(), r.before()) }), overhead: [], server: [] });
+      rows.push({ ...r, ...(set && { before: () => (set(), r.before()) }), overhead: [], server: [], gpuCalls: { loop: 0, pool: 0 } });
     };
     const waits = [0, ...GAPS];
     for (const lane of lanes) {
@@ -182,7 +184,11 @@ async function main(): Promise<void> {
       for (const r of rows)
         for (let i = 0; i < block; i++) {
           await r.before();
+          const calls = deviceCallRuns();
           const [overhead, server] = await r.call();
+          const after = deviceCallRuns();
+          r.gpuCalls.loop += after.loop - calls.loop;
+          r.gpuCalls.pool += after.pool - calls.pool;
           r.overhead.push(overhead);
           r.server.push(server);
         }
@@ -205,6 +211,7 @@ async function main(): Promise<void> {
         overheadMsMean: r.overhead.reduce((a, b) => a + b, 0) / r.overhead.length,
         serverMsP50: q50(r.server),
         wallMsP50: q50(r.overhead.map((x, i) => x + r.server[i])),
+        ...(IN_PROCESS && r.kind === 'attend' && { gpuCallsLoop: r.gpuCalls.loop, gpuCallsPool: r.gpuCalls.pool }),
         ...(r.kind === 'attend' && ping && { perPingSameWait: o / q50(ping.overhead) }),
         ...(r.kind === 'attend' && hl && { perHealthSameWait: o / q50(hl.overhead) }),
       };
@@ -231,6 +238,10 @@ async function main(): Promise<void> {
             `| ${t.row} | ${t.overheadMsP50.toFixed(3)} | ${t.kind === 'attend' ? (t.overheadMsP50 / base0(t.lane)).toFixed(2) : '—'} | ${x(t.perPingSameWait)} | ${x(t.perHealthSameWait)} | ${t.overheadMsP10.toFixed(3)} | ${t.overheadMsP90.toFixed(3)} | ${t.overheadMsMean.toFixed(3)} | ${t.kind === 'attend' ? t.serverMsP50.toFixed(2) : '—'} | ${t.wallMsP50.toFixed(3)} |`,
         ),
         '',
+        // Where the server's GPU calls waited (the CUDA backend, --ab inproc: its server is this process).
+        ...(rows.some((r) => r.gpuCalls.loop + r.gpuCalls.pool > 0)
+          ? [`GPU calls of the timed attends, on the event loop's thread / on libuv's pool: ${rows.filter((r) => r.kind === 'attend').map((r) => `${r.name}: ${r.gpuCalls.loop} / ${r.gpuCalls.pool}`).join('; ')}.`, '']
+          : []),
       ].join('\n'),
     );
     progress(`wrote ${base}.{md,json}`);
