@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave pool-ranges ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave pool-ranges device-sync device-sync-gap ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -88,6 +88,13 @@ for s in $stages; do
         done
       fi
       uptime | tee -a "$L" ;;
+    device-sync)  # GPU calls on the event loop's thread when short (addon/device-calls.ts): sync vs pool answers (GPU test) and the GPU tests that run through both, then the decode loop at 1M with the two ways alternated step by step, back to back (limits 540 s: one device command)
+      step 180 device-sync-tests node node_modules/vitest/vitest.mjs run test/native/gpu-sync.test.ts test/native/gpu.test.ts test/native/wave-gpu.test.ts test/native/wave-gpu-rest.test.ts test/native/wave-gpu-paged.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-wave.test.ts test/integration/gpu-rest.test.ts
+      step 350 decode-sync-ab node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave,nosa-estimate --device-sync ab ;;
+    device-sync-gap)  # the same decode A/B after 25 ms asleep before each step, then a stream attend's overhead end to end on the CUDA backend, the two ways alternated on one in-process server (limits 540 s)
+      g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
+      step 330 decode-sync-ab-gap node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave,nosa-estimate --device-sync ab --gap 25
+      step 200 transport-gap-gpu env KVRECALL_GPU_BUDGET=4294967296 KVRECALL_BENCH_TAG=$g-gpu-sync-inproc node dist/bench/transport-gap.js --ab inproc --gaps 1,25 --calls 120 --rounds 6 ;;
     ra-search) step 420 ra-search node dist/bench/ra-search.js --reps 3 --out bench/results/ra-search-1048576-host.md ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
