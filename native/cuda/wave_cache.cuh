@@ -140,7 +140,9 @@ __global__ void __launch_bounds__(kAllocThreads) CacheAllocate(CacheParams c) {
     c.counters[2] = (unsigned long long)given * 4ull * (unsigned long long)c.d;  // K and V, 2 bytes a word
     c.counters[3] = (unsigned long long)given;
     if (sLast >= 0) c.state[1] = int32_t((int64_t(hand) + sLast + 1) % c.rows);
-    c.state[0] = step + 1;
+    // In [0, 2^31) without a signed overflow, never a reset stamp's -1 (a
+    // stamp 2^31 steps old that matches only keeps its slot one step).
+    c.state[0] = int32_t((uint32_t(step) + 1u) & 0x7fffffffu);
   }
 }
 
