@@ -23,6 +23,11 @@
 // cache of the budget instead of summaries + K/V, and many more layers fit.
 // A step whose rows the cache could overflow (waveCacheRowsBound) runs on
 // the host path; rest (engine/rest-on-device.ts) does not run on a paged store.
+// A paged store's K and V are a pinned host copy of the layer (4 GiB at 1M
+// tokens, 8 kv heads, d=128), which the device budget does not see: at ~23%
+// of a dense layer's device bytes, a budget holds ~4x its size of them. They
+// live within a host budget of their own (hostBudgetBytes; GpuBackend: half
+// the host's memory unless told), evicted as the device bytes are.
 import { WaveGpuStore, waveCacheRowsBound, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -30,6 +35,8 @@ import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/w
 interface Entry {
   store: WaveGpuStore;
   bytes: number;
+  /** Pinned host bytes (a paged store's K and V; 0 dense). */
+  hostBytes: number;
   /** The paged store's cached rows (0: dense) and the layer's largest cluster (its steps' cache bound). */
   cacheRows: number;
   largestCluster: number;
@@ -58,6 +65,9 @@ export interface DeviceWaveStats {
   cacheShare: number;
   /** Steps that ran on the host because their rows could exceed their paged store's cache (pagedStepFits). */
   overCache: number;
+  /** Pinned host bytes paged stores may take (their K and V), and take now. */
+  hostBudgetBytes: number;
+  hostUsedBytes: number;
 }
 
 /**
@@ -71,6 +81,11 @@ export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: n
   let b = 0;
   for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + 3 * headDim * 2 + 8) + tokens * (cacheRows > 0 ? 12 : 8 + 4 * headDim);
   return cacheRows > 0 ? b + (cacheRows + 1) * 4 * headDim + cacheRows * 12 : b;
+}
+
+/** Pinned host bytes a paged store takes: K and V of every row (wave_cache.cuh's copy); 0 for a dense one. */
+export function wavePinnedBytes(kvHeads: number, tokens: number, headDim: number, cacheRows: number): number {
+  return cacheRows > 0 ? kvHeads * tokens * headDim * 4 : 0;
 }
 
 /** A paged store's slots for a share of the layer's rows (every kv head's). */
@@ -98,6 +113,7 @@ export class DeviceWaveStores {
   /** Entries by (segment, layer) key, least recently used first (Map keeps insertion order). */
   private readonly lru = new Map<string, Entry>();
   private used = 0;
+  private hostUsed = 0;
   private refused = 0;
   private evictions = 0;
   private rests = 0;
@@ -118,6 +134,8 @@ export class DeviceWaveStores {
     private readonly now: () => number = () => performance.now(),
     /** A share of a layer's rows (0 < x <= 1): stores are paged, that share of the rows cached on the device; 0: dense. */
     readonly cacheShare = 0,
+    /** Pinned host bytes for paged stores' K and V (see the top). */
+    readonly hostBudgetBytes = Infinity,
   ) {}
 
   /**
@@ -139,7 +157,8 @@ export class DeviceWaveStores {
       const tokens = heads[0].arrays.tokens;
       const cacheRows = waveCacheRows(this.cacheShare, model.kvHeads, tokens);
       const bytes = waveStoreBytes(heads, tokens, model.headDim, cacheRows);
-      if (!this.makeRoom(bytes)) {
+      const hostBytes = wavePinnedBytes(model.kvHeads, tokens, model.headDim, cacheRows);
+      if (!this.makeRoom(bytes, hostBytes)) {
         this.refused++;
         return undefined;
       }
@@ -154,7 +173,7 @@ export class DeviceWaveStores {
         });
         let largestCluster = 0;
         for (const h of heads) for (const n of h.arrays.counts) if (n > largestCluster) largestCluster = n;
-        e = { store, bytes, cacheRows, largestCluster, pins: 0, usedAt: this.now() };
+        e = { store, bytes, hostBytes, cacheRows, largestCluster, pins: 0, usedAt: this.now() };
       } catch (err) {
         // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
         this.refused++;
@@ -164,6 +183,7 @@ export class DeviceWaveStores {
       }
       this.lru.set(key, e);
       this.used += bytes;
+      this.hostUsed += hostBytes;
     }
     const entry = e;
     entry.pins++;
@@ -206,30 +226,35 @@ export class DeviceWaveStores {
     e.closed = true;
     e.store.close();
     this.used -= e.bytes;
+    this.hostUsed -= e.hostBytes;
     this.draining.delete(e);
   }
 
-  private makeRoom(bytes: number): boolean {
-    if (bytes > this.budgetBytes) return false;
+  /** Room for a store of `bytes` device and `host` pinned host bytes, idle stores evicted (least recent first) for it. */
+  private makeRoom(bytes: number, host: number): boolean {
+    if (bytes > this.budgetBytes || host > this.hostBudgetBytes) return false;
     const now = this.now();
+    // An idle store goes where it frees what is short (a dense one frees no host bytes).
+    const helps = (e: Entry, free: number, hostFree: number) =>
+      e.pins === 0 && now - e.usedAt >= WARM_MS && ((free < bytes && e.bytes > 0) || (hostFree < host && e.hostBytes > 0));
     // Only idle stores go, and only if enough of them go: evicting some and still refusing would lose them for nothing.
-    let free = this.budgetBytes - this.used;
-    for (const e of this.lru.values()) if (free < bytes && e.pins === 0 && now - e.usedAt >= WARM_MS) free += e.bytes;
-    if (free < bytes) return false;
+    let free = this.budgetBytes - this.used, hostFree = this.hostBudgetBytes - this.hostUsed;
+    for (const e of this.lru.values()) if (helps(e, free, hostFree)) (free += e.bytes), (hostFree += e.hostBytes);
+    if (free < bytes || hostFree < host) return false;
     for (const [key, e] of this.lru) {
-      if (this.used + bytes <= this.budgetBytes) break;
-      if (e.pins > 0 || now - e.usedAt < WARM_MS) continue;
+      if (!helps(e, this.budgetBytes - this.used, this.hostBudgetBytes - this.hostUsed)) continue;
       e.store.close();
       this.lru.delete(key);
       this.used -= e.bytes;
+      this.hostUsed -= e.hostBytes;
       this.evictions++;
     }
-    return this.used + bytes <= this.budgetBytes;
+    return this.used + bytes <= this.budgetBytes && this.hostUsed + host <= this.hostBudgetBytes;
   }
 
   stats(): DeviceWaveStats {
     return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions, rests: this.rests,
-      cacheShare: this.cacheShare, overCache: this.overCache };
+      cacheShare: this.cacheShare, overCache: this.overCache, hostBudgetBytes: this.hostBudgetBytes, hostUsedBytes: this.hostUsed };
   }
 
   close(): void {
@@ -240,6 +265,7 @@ export class DeviceWaveStores {
     this.lru.clear();
     this.draining.clear();
     this.used = 0;
+    this.hostUsed = 0;
   }
 }
 

@@ -10,6 +10,7 @@
 // every layer reads) at creation. A working set larger than the whole pool
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
+import { totalmem } from 'node:os';
 import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolOptions, type GpuPoolStats, type GpuRangeHold, type GpuTablePiece } from '../../addon/cuda.js';
 import { budgetTokens, type SearchParams } from '../../index/method.js';
 import type { BlockStats } from './block-stats.js';
@@ -53,6 +54,8 @@ export interface GpuBackendOptions {
   waveBudgetBytes?: number;
   /** A share of a layer's rows (0 < x <= 1): the wave stores are paged, K and V on the host, that share cached on the device (device-wave.ts). */
   waveCacheShare?: number;
+  /** Pinned host bytes the paged stores' K and V may take (a copy of each layer they hold); default half the host's memory. */
+  waveHostBytes?: number;
   /**
    * Range parts (sinks, window, whole documents) through the pool's range
    * tables (holdRange: no per-block host work while resident) rather than
@@ -113,7 +116,8 @@ export class GpuBackend {
     this.budget = options.budgetBytes;
     this.rangeTables = options.rangeTables ?? process.env.KVRECALL_POOL_RANGES !== '0';
     this.createPool = make.pool ?? ((o) => GpuPool.create(o));
-    if ((options.waveBudgetBytes ?? 0) > 0) this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare);
+    if ((options.waveBudgetBytes ?? 0) > 0)
+      this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare, options.waveHostBytes ?? Math.floor(totalmem() / 2));
   }
 
   /** A backend whose device parts `make` makes (a host model where no device runs); `open` makes the native ones. */

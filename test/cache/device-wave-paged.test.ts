@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { bytesOf, convert } from '../../addon/kernels.js';
 import { waveCacheRowsBound, type WaveGpuStore, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
-import { DeviceWaveStores, pagedStepFits, waveCacheRows, waveStoreBytes } from '../../engine/cache/device-wave.js';
+import { DeviceWaveStores, pagedStepFits, WARM_MS, waveCacheRows, wavePinnedBytes, waveStoreBytes } from '../../engine/cache/device-wave.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
 import { decodeClusters } from '../../index/wave/cluster-codec.js';
 import { candidateTokens, ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -72,6 +72,32 @@ describe('paged device wave stores', () => {
     expect(pagedStores.acquire(`a:${fit}`, heads, model)).toBeUndefined();
     expect(made.slice(1).every((o) => o.cacheRows === 400)).toBe(true);
     expect(pagedStores.stats()).toMatchObject({ cacheShare: 0.1, stores: fit, usedBytes: fit * paged });
+  });
+
+  it("holds paged stores' pinned host copies of K and V within a host budget: a store past it waits for an idle one to go", async () => {
+    const heads = await layerHeads(new Rng(seed + 3));
+    const create = () => ({ close: () => undefined }) as unknown as WaveGpuStore;
+    const rows = waveCacheRows(0.1, model.kvHeads, N), pinned = wavePinnedBytes(model.kvHeads, N, model.headDim, rows);
+    // K and V of every row, 2 bytes a word; a dense store pins nothing.
+    expect(pinned).toBe(model.kvHeads * N * model.headDim * 2 * 2);
+    expect(wavePinnedBytes(model.kvHeads, N, model.headDim, 0)).toBe(0);
+    let t = 0;
+    // Device room for many paged layers, host room for two.
+    const stores = new DeviceWaveStores(100 * waveStoreBytes(heads, N, model.headDim), create, () => t, 0.1, Math.floor(2.5 * pinned));
+    stores.acquire('a:0', heads, model)!.release();
+    stores.acquire('a:1', heads, model)!.release();
+    expect(stores.acquire('a:2', heads, model)).toBeUndefined();
+    expect(stores.stats()).toMatchObject({ stores: 2, hostUsedBytes: 2 * pinned, refused: 1, evictions: 0 });
+    t += WARM_MS;
+    stores.acquire('a:1', heads, model)!.release();  // warm again: a:0 is the one to go
+    expect(stores.acquire('a:2', heads, model)).toBeDefined();
+    expect(stores.stats()).toMatchObject({ stores: 2, hostUsedBytes: 2 * pinned, evictions: 1 });
+    expect(stores.acquire('a:1', heads, model)).toBeDefined();
+    stores.drop('a:');
+    expect(stores.stats()).toMatchObject({ stores: 0, hostUsedBytes: 2 * pinned });  // both read by a step: freed at their release
+    // Without a host budget (the default), the device budget alone decides, as before.
+    const unbounded = new DeviceWaveStores(100 * waveStoreBytes(heads, N, model.headDim), create, () => 0, 0.1);
+    for (let l = 0; l < 5; l++) expect(unbounded.acquire(`b:${l}`, heads, model)).toBeDefined();
   });
 
   it('runs a step on a paged store only where the cache holds every row it can read', async () => {
