@@ -49,8 +49,19 @@ export function deviceCallRuns(): { loop: number; pool: number } {
  * turn's cap and no other GPU call is on the pool; otherwise on the pool.
  * `call` must settle the same either way (a native call through
  * RunNowOrAsync does); what it throws is thrown, uncounted.
+ *
+ * `beside`: the caller runs this call beside its next GPU call (a block
+ * method's device estimate beside the pool's attend, engine/decode-step.ts),
+ * so it goes to the pool, where the two overlap on their own streams, and
+ * does not keep that next call off the loop. On the loop the two ran one
+ * after the other: nosa + estimate 1.48 -> 1.94 ms a step at 1M on an H100
+ * (bench/results/gpu-decode-wave-nosa-estimate-nosa-sync-ab-h100.md).
  */
-export function deviceCall<T>(expectedMs: number | undefined, call: (sync: boolean) => Promise<T>): Promise<T> {
+export function deviceCall<T>(expectedMs: number | undefined, call: (sync: boolean) => Promise<T>, beside = false): Promise<T> {
+  if (beside) {
+    runs.pool++;
+    return call(false);
+  }
   if (capMs > 0 && inPool === 0 && expectedMs !== undefined && spentMs + expectedMs <= capMs) {
     const p = call(true);
     if (!resetDue) {

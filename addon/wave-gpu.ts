@@ -188,6 +188,8 @@ export interface WaveGpuRestArgs {
   stages?: boolean;
   /** Default true: without stages, the launches replayed from a CUDA graph. */
   graph?: boolean;
+  /** The caller overlaps this call with its next GPU call: on libuv's pool, never the loop (device-calls.ts deviceCall). */
+  beside?: boolean;
 }
 
 export interface WaveGpuRestResult {
@@ -361,7 +363,7 @@ export class WaveGpuStore {
       q: a.q, qHeads: a.qHeads, scale: a.scale, ranges: a.ranges,
       ...(a.blocks && { blocks: a.blocks.ids, blockSize: a.blocks.size }),
       ids: a.ids, order: a.order, stages: a.stages, graph: a.graph, sync,
-    }));
+    }), a.beside);
     this.restTimer.record(r.workMs);
     return r;
   }

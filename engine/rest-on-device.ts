@@ -96,7 +96,7 @@ export async function restOnDevice(session: Session, ctx: LayerContext, selectio
   if (!held) return undefined;
   try {
     if (held.cacheRows > 0) return undefined;
-    const r = await held.store.rest({ q, qHeads: ctx.qHeads, scale, ...rows, order: 'rows', stages: false });
+    const r = await held.store.rest({ q, qHeads: ctx.qHeads, scale, ...rows, order: 'rows', stages: false, beside: true });
     held.countRest();
     return { out: r.out, lse: r.lse, estimated: Float32Array.from(r.estimated), scanned: Float32Array.from(r.scanned) };
   } finally {

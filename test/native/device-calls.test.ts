@@ -83,6 +83,16 @@ describe('deviceCall: the loop thread or the pool', () => {
     expect(log.at(-1)).toBe('loop');
   });
 
+  it('sends a call made beside the next one to the pool without keeping that next one off the loop', async () => {
+    const log: string[] = [];
+    const slow = pending(log);
+    const first = deviceCall(0.1, slow.call, true);
+    await deviceCall(0.1, settled(log));
+    expect(log).toEqual(['pool', 'loop']);
+    slow.finish();
+    await first;
+  });
+
   it('sends everything to the pool with a cap of 0', async () => {
     setGpuSyncUs(0);
     expect(gpuSyncUs()).toBe(0);
