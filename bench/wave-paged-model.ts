@@ -24,13 +24,12 @@ import { driftingQueries } from './wave-gpu-paged.js';
 import { keyRows, staticRows, syntheticHead } from './wave-gpu.js';
 import { words } from './wave-gpu-heads.js';
 
-/** CacheAllocate's policy over `rows` slots: a row read this step keeps its slot; a missing one takes the next slot from the hand not read this step. */
-class ClockCache {
-  private readonly owner: Int32Array;
-  private readonly stamp: Int32Array;
+/** A row cache over `rows` slots: which (head, row) each holds and the last step that read it; the policies below differ only in which free slots a step's misses take. */
+abstract class RowCacheModel {
+  protected readonly owner: Int32Array;
+  protected readonly stamp: Int32Array;
   private readonly slotOf = new Map<number, number>();
-  private hand = 0;
-  private step = 0;
+  protected step = 0;
   constructor(readonly rows: number) {
     this.owner = new Int32Array(rows).fill(-1);
     this.stamp = new Int32Array(rows).fill(-1);
@@ -43,53 +42,49 @@ class ClockCache {
       if (s === undefined) misses.push(key);
       else this.stamp[s] = this.step;
     }
+    const given = this.allocate(misses);
+    this.step++;
+    return given < misses.length ? -1 : misses.length;
+  }
+  /** Gives the misses slots not read this step (`give`), in the policy's order; returns how many got one. */
+  protected abstract allocate(misses: number[]): number;
+  protected give(s: number, key: number): void {
+    if (this.owner[s] >= 0) this.slotOf.delete(this.owner[s]);
+    this.owner[s] = key;
+    this.slotOf.set(key, s);
+    this.stamp[s] = this.step;
+  }
+}
+
+/** CacheAllocate's policy: a row read this step keeps its slot; a missing one takes the next slot from the hand not read this step. */
+class ClockCache extends RowCacheModel {
+  private hand = 0;
+  protected allocate(misses: number[]): number {
     let given = 0, last = -1;
     for (let i = 0; i < this.rows && given < misses.length; i++) {
       const s = (this.hand + i) % this.rows;
       if (this.stamp[s] === this.step) continue;
-      if (this.owner[s] >= 0) this.slotOf.delete(this.owner[s]);
-      this.owner[s] = misses[given++];
-      this.slotOf.set(this.owner[s], s);
-      this.stamp[s] = this.step;
+      this.give(s, misses[given++]);
       last = i;
     }
     if (last >= 0) this.hand = (this.hand + last + 1) % this.rows;
-    this.step++;
-    return given < misses.length ? -1 : misses.length;
+    return given;
   }
 }
 
 /** The least recently read slots first (by the last step that read them): what a policy with ages could reach beside the clock's. */
-class LruCache {
-  private readonly owner: Int32Array;
-  private readonly stamp: Int32Array;
-  private readonly slotOf = new Map<number, number>();
-  private step = 0;
-  constructor(readonly rows: number) {
-    this.owner = new Int32Array(rows).fill(-1);
-    this.stamp = new Int32Array(rows).fill(-1);
-  }
-  run(need: Iterable<number>): number {
-    const misses: number[] = [];
-    for (const key of need) {
-      const s = this.slotOf.get(key);
-      if (s === undefined) misses.push(key);
-      else this.stamp[s] = this.step;
-    }
+class LruCache extends RowCacheModel {
+  protected allocate(misses: number[]): number {
     // Slots by their last step (-1: never), oldest first: a counting sort over the steps so far.
     const byAge: number[][] = Array.from({ length: this.step + 1 }, () => []);
     for (let s = 0; s < this.rows && misses.length > 0; s++) if (this.stamp[s] !== this.step) byAge[this.stamp[s] + 1].push(s);
     let given = 0;
     for (const slots of byAge)
       for (const s of slots) {
-        if (given === misses.length) break;
-        if (this.owner[s] >= 0) this.slotOf.delete(this.owner[s]);
-        this.owner[s] = misses[given++];
-        this.slotOf.set(this.owner[s], s);
-        this.stamp[s] = this.step;
+        if (given === misses.length) return given;
+        this.give(s, misses[given++]);
       }
-    this.step++;
-    return given < misses.length ? -1 : misses.length;
+    return given;
   }
 }
 
