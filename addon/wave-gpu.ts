@@ -269,10 +269,14 @@ interface NativeStore {
   }): Promise<WaveGpuRestResult>;
   bytes(): WaveGpuBytes;
   close(): void;
+  /** With defer: true, makes the device store on libuv's pool. */
+  open(): Promise<void>;
+  /** Frees the store on libuv's pool (or where the last step reading it lets it go). */
+  closeAsync(): Promise<void>;
 }
 
 interface Addon {
-  WaveGpuStore: new (o: Omit<WaveGpuStoreOptions, 'dtype' | 'heads'> & { dtype: number; heads: (WaveGpuHead & { clusters: number })[] }) => NativeStore;
+  WaveGpuStore: new (o: Omit<WaveGpuStoreOptions, 'dtype' | 'heads'> & { dtype: number; heads: (WaveGpuHead & { clusters: number })[]; defer?: boolean }) => NativeStore;
 }
 
 const addon = nativeAddon<Addon>();
@@ -289,11 +293,27 @@ export class WaveGpuStore {
     readonly clusters: number[],
   ) {}
 
-  /** Copies every head's arrays to the device (synchronously). */
+  /** Copies every head's arrays to the device, on the calling thread (a second or more for a 1M-token layer: `open` off a server's loop). */
   static create(o: WaveGpuStoreOptions): WaveGpuStore {
+    return WaveGpuStore.made(o, false);
+  }
+
+  /**
+   * The same store, made on libuv's pool: the arguments are checked on the
+   * calling thread (a bad one rejects before anything is copied), the copies
+   * run while the event loop serves other requests; rejects where the device
+   * refuses (out of memory). The arrays must not change until it settles.
+   */
+  static async open(o: WaveGpuStoreOptions): Promise<WaveGpuStore> {
+    const s = WaveGpuStore.made(o, true);
+    await s.store.open();
+    return s;
+  }
+
+  private static made(o: WaveGpuStoreOptions, defer: boolean): WaveGpuStore {
     const heads = o.heads.map((h) => ({ ...h, clusters: h.counts.length }));
     const cacheRows = o.cacheRows ?? 0;
-    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads, cacheRows });
+    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads, cacheRows, ...(defer && { defer }) });
     return new WaveGpuStore(store, { kvHeads: o.kvHeads, headDim: o.headDim, dtype: o.dtype, tokens: o.tokens, cacheRows }, heads.map((h) => h.clusters));
   }
 
@@ -372,7 +392,13 @@ export class WaveGpuStore {
     return this.store.bytes();
   }
 
+  /** Frees the device memory now, on the calling thread (it synchronises the device): `closeAsync` on a server. */
   close(): void {
     this.store.close();
+  }
+
+  /** Frees it on libuv's pool; a step still reading it keeps it until that step ends. */
+  closeAsync(): Promise<void> {
+    return this.store.closeAsync();
   }
 }

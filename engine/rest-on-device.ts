@@ -92,7 +92,7 @@ export async function restOnDevice(session: Session, ctx: LayerContext, selectio
   if (doc.tokens === 0 || !waveGroupFits(ctx.qHeads, ctx.kvHeads, ctx.headDim) || clusters[0].some((c) => c.clusters > REST_MAX_CLUSTERS)) return undefined;
   const rows = restRows(selection, doc, ctx.kvHeads);
   if (!rows) return undefined;
-  const held = gpu.waveLayer(session.model, doc, ctx.layer, clusters[0]);
+  const held = await gpu.waveLayer(session.model, doc, ctx.layer, clusters[0]);
   if (!held) return undefined;
   try {
     if (held.cacheRows > 0) return undefined;

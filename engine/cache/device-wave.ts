@@ -11,11 +11,20 @@
 // (GpuBackendOptions.waveBudgetBytes, beside the block pool's), the least
 // recently used evicted first, never one a step is reading nor one a step
 // read in the last WARM_MS; a layer whose store cannot be held steps on the
-// host path, as without a GPU. The upload at first use is synchronous (about
-// a second per 1M-token layer): where the layers a token steps through do
-// not all fit, evicting a warm store to upload the next one made every
-// layer-step copy gigabytes, far slower than the host; instead the layers
-// that fit stay, the others step on the host until a store goes idle.
+// host path, as without a GPU. The upload at first use takes about a second
+// per 1M-token layer: where the layers a token steps through do not all
+// fit, evicting a warm store to upload the next one made every layer-step
+// copy gigabytes, far slower than the host; instead the layers that fit
+// stay, the others step on the host until a store goes idle.
+//
+// Stores are made and freed on libuv's pool (WaveGpuStore.open/closeAsync),
+// so the server answers other requests meanwhile. A step whose layer's
+// store is being made waits for that one creation (not the host path: the
+// wait is what the layer's first step paid before, and a token keeps one
+// layer's copy in flight instead of one per layer on libuv's few threads).
+// A store's bytes count from its creation's start to its free's end; a
+// creation admitted in the room an eviction makes waits until that free has
+// ended (pump), so the device never holds more than the budget.
 //
 // Paged stores (GpuBackendOptions.waveCacheShare, --gpu-wave-cache): K and V
 // stay in pinned host memory and the device caches that share of the layer's
@@ -32,8 +41,18 @@ import { WaveGpuStore, waveCacheRowsBound, type WaveGpuStepResult, type WaveGpuS
 import type { ModelShape } from '../../core/model.js';
 import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
 
+type State = 'waiting' | 'creating' | 'live' | 'freeing' | 'freed';
+
 interface Entry {
-  store: WaveGpuStore;
+  key: string;
+  /** Set once made ('live'). */
+  store?: WaveGpuStore;
+  state: State;
+  /** The creation's arguments (until it starts). */
+  options?: WaveGpuStoreOptions;
+  /** Settles when the creation has ended, made or failed (the steps that wait on it). */
+  ready?: Promise<void>;
+  settle?: () => void;
   bytes: number;
   /** Pinned host bytes (a paged store's K and V; 0 dense). */
   hostBytes: number;
@@ -42,9 +61,8 @@ interface Entry {
   largestCluster: number;
   /** Steps reading the store now. */
   pins: number;
-  /** Dropped (its document deleted) while steps read it: closed when the last releases it. */
+  /** Dropped (its document deleted, or the stores closed): freed when made, or when the last step reading it releases it. */
   dropped?: boolean;
-  closed?: boolean;
   /** When a step last acquired it (the stores' clock, ms). */
   usedAt: number;
 }
@@ -58,6 +76,9 @@ export interface DeviceWaveStats {
   stores: number;
   /** Steps that ran on the host because their layer's store could not be held. */
   refused: number;
+  /** Stores being made (waiting for room or copying), and being freed (their bytes counted until the free ends). */
+  creating: number;
+  freeing: number;
   evictions: number;
   /** Layer-steps of other methods (nosa, topk-blocks, ...) whose estimate ran on a store here (engine/rest-on-device.ts) instead of on the host. */
   rests: number;
@@ -110,26 +131,40 @@ export interface HeldWaveStore {
 }
 
 export class DeviceWaveStores {
-  /** Entries by (segment, layer) key, least recently used first (Map keeps insertion order). */
+  /** Entries by (segment, layer) key, least recently used first (Map keeps insertion order): waiting, being made, or live. */
   private readonly lru = new Map<string, Entry>();
+  /**
+   * Device and pinned host bytes allocated, being allocated or being freed
+   * (a store's bytes count from its creation's start until its free has
+   * ended): never above the budgets.
+   */
   private used = 0;
   private hostUsed = 0;
+  /** Of those, the stores being freed. */
+  private freeingBytes = 0;
+  private freeingHost = 0;
+  private freeingStores = 0;
+  /** Admitted creations waiting for frees to end before they allocate, and their bytes. */
+  private readonly queue: Entry[] = [];
+  private reserved = 0;
+  private hostReserved = 0;
   private refused = 0;
   private evictions = 0;
   private rests = 0;
   private overCache = 0;
+  private closed = false;
   /**
    * Layers the device refused to hold (out of memory, a shape the kernels
    * refuse): not tried again, or every step would copy gigabytes to fail.
    */
   private readonly failed = new Set<string>();
-  /** Dropped stores that steps still read: out of the LRU, their bytes still held. */
+  /** Dropped stores that steps still read or that are still being made: out of the LRU, their bytes still held. */
   private readonly draining = new Set<Entry>();
 
   constructor(
     readonly budgetBytes: number,
-    /** The device's store (a stand-in where no device runs: the budget and eviction logic's tests). */
-    private readonly create: (o: WaveGpuStoreOptions) => WaveGpuStore = (o) => WaveGpuStore.create(o),
+    /** Makes a store off the event loop (a stand-in where no device runs: the budget and eviction logic's tests). */
+    private readonly create: (o: WaveGpuStoreOptions) => Promise<WaveGpuStore> = (o) => WaveGpuStore.open(o),
     /** The clock WARM_MS is measured on (a test's own). */
     private readonly now: () => number = () => performance.now(),
     /** A share of a layer's rows (0 < x <= 1): stores are paged, that share of the rows cached on the device; 0: dense. */
@@ -141,9 +176,12 @@ export class DeviceWaveStores {
   /**
    * The store of a document layer (`key`), made on first use, pinned until
    * `release`; undefined when it cannot be held beside the stores steps are
-   * reading (the caller steps on the host).
+   * reading, or its creation failed (the caller steps on the host). A live
+   * store is pinned before this returns; a step that finds the layer's store
+   * being made waits for that one creation.
    */
-  acquire(key: string, heads: ClusterIndex[], model: ModelShape): HeldWaveStore | undefined {
+  async acquire(key: string, heads: ClusterIndex[], model: ModelShape): Promise<HeldWaveStore | undefined> {
+    if (this.closed) return undefined;
     let e = this.lru.get(key);
     if (!e && this.failed.has(key)) {
       this.refused++;
@@ -162,35 +200,38 @@ export class DeviceWaveStores {
         this.refused++;
         return undefined;
       }
-      try {
-        const store = this.create({
-          kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, tokens,
-          heads: heads.map((h) => ({
-            centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
-            varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
-          })),
-          ...(cacheRows > 0 && { cacheRows }),
-        });
-        let largestCluster = 0;
-        for (const h of heads) for (const n of h.arrays.counts) if (n > largestCluster) largestCluster = n;
-        e = { store, bytes, hostBytes, cacheRows, largestCluster, pins: 0, usedAt: this.now() };
-      } catch (err) {
-        // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
-        this.refused++;
-        this.failed.add(key);
-        console.error(`kvrecall: wave layer ${key} stays on the host: ${String(err)}`);
-        return undefined;
-      }
+      let largestCluster = 0;
+      for (const h of heads) for (const n of h.arrays.counts) if (n > largestCluster) largestCluster = n;
+      const options: WaveGpuStoreOptions = {
+        kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, tokens,
+        heads: heads.map((h) => ({
+          centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
+          varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
+        })),
+        ...(cacheRows > 0 && { cacheRows }),
+      };
+      const entry: Entry = { key, state: 'waiting', options, bytes, hostBytes, cacheRows, largestCluster, pins: 0, usedAt: this.now() };
+      entry.ready = new Promise<void>((r) => (entry.settle = r));
+      e = entry;
       this.lru.set(key, e);
-      this.used += bytes;
-      this.hostUsed += hostBytes;
+      this.reserved += bytes;
+      this.hostReserved += hostBytes;
+      this.queue.push(e);
+      this.pump();
     }
-    const entry = e;
-    entry.pins++;
+    if (e.state === 'live') return this.hold(e);
+    await e.ready;
+    if ((e.state as State) === 'live' && !e.dropped) return this.hold(e);
+    this.refused++;
+    return undefined;
+  }
+
+  private hold(e: Entry): HeldWaveStore {
+    e.pins++;
     return {
-      store: entry.store,
+      store: e.store!,
       release: () => {
-        if (--entry.pins === 0 && entry.dropped) this.free(entry);
+        if (--e.pins === 0 && e.dropped && e.state === 'live') this.free(e);
       },
       countRest: () => {
         this.rests++;
@@ -198,74 +239,168 @@ export class DeviceWaveStores {
       countOverCache: () => {
         this.overCache++;
       },
-      cacheRows: entry.cacheRows,
-      largestCluster: entry.largestCluster,
+      cacheRows: e.cacheRows,
+      largestCluster: e.largestCluster,
     };
+  }
+
+  /** Starts the waiting creations that fit beside what is allocated now (a free's bytes count until it has ended). */
+  private pump(): void {
+    for (let i = 0; i < this.queue.length; ) {
+      const e = this.queue[i];
+      if (this.used + e.bytes > this.budgetBytes || this.hostUsed + e.hostBytes > this.hostBudgetBytes) {
+        i++;
+        continue;
+      }
+      this.queue.splice(i, 1);
+      this.reserved -= e.bytes;
+      this.hostReserved -= e.hostBytes;
+      this.used += e.bytes;
+      this.hostUsed += e.hostBytes;
+      e.state = 'creating';
+      const options = e.options!;
+      e.options = undefined;
+      let made: Promise<WaveGpuStore>;
+      try {
+        made = this.create(options);
+      } catch (err) {
+        made = Promise.reject(err);
+      }
+      made.then(
+        (store) => {
+          e.store = store;
+          e.state = 'live';
+          e.usedAt = this.now();
+          // Dropped (or the stores closed) while it was made: no step holds it.
+          if (e.dropped) this.free(e);
+          e.settle!();
+        },
+        (err: unknown) => {
+          // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
+          e.state = 'freed';
+          this.used -= e.bytes;
+          this.hostUsed -= e.hostBytes;
+          this.draining.delete(e);
+          if (!e.dropped) {
+            if (this.lru.get(e.key) === e) this.lru.delete(e.key);
+            this.failed.add(e.key);
+            console.error(`kvrecall: wave layer ${e.key} stays on the host: ${String(err)}`);
+          }
+          e.settle!();
+          this.pump();
+        },
+      );
+    }
   }
 
   /**
    * Closes the stores whose keys start with `prefix` (a deleted document's
-   * layers): now, or, for one a step is reading, when the last such step
-   * releases it. No step acquires them again.
+   * layers): now, or, for one a step is reading or that is being made, when
+   * the last such step releases it or it is made. No step acquires them again.
    */
   drop(prefix: string): void {
     for (const [key, e] of this.lru) {
       if (!key.startsWith(prefix)) continue;
       this.lru.delete(key);
-      if (e.pins === 0) this.free(e);
-      else {
-        e.dropped = true;
-        this.draining.add(e);
-      }
+      this.retire(e);
     }
     for (const key of this.failed) if (key.startsWith(prefix)) this.failed.delete(key);
   }
 
-  private free(e: Entry): void {
-    if (e.closed) return; // the backend closed first
-    e.closed = true;
-    e.store.close();
-    this.used -= e.bytes;
-    this.hostUsed -= e.hostBytes;
-    this.draining.delete(e);
+  /** Out of the LRU: freed now if nothing reads or makes it, else once that ends. */
+  private retire(e: Entry): void {
+    e.dropped = true;
+    if (e.state === 'waiting') {
+      this.queue.splice(this.queue.indexOf(e), 1);
+      this.reserved -= e.bytes;
+      this.hostReserved -= e.hostBytes;
+      e.state = 'freed';
+      e.settle!();
+    } else if (e.state === 'live' && e.pins === 0) this.free(e);
+    else this.draining.add(e);
   }
 
-  /** Room for a store of `bytes` device and `host` pinned host bytes, idle stores evicted (least recent first) for it. */
+  /**
+   * Frees a live store no step reads, off the event loop; its bytes stay
+   * counted until the free has ended, so a store made in its place allocates
+   * only after (the budget is never exceeded on the device).
+   */
+  private free(e: Entry): void {
+    const store = e.store!;
+    e.store = undefined;
+    e.state = 'freeing';
+    this.freeingBytes += e.bytes;
+    this.freeingHost += e.hostBytes;
+    this.freeingStores++;
+    this.draining.add(e);
+    const done = () => {
+      e.state = 'freed';
+      this.used -= e.bytes;
+      this.hostUsed -= e.hostBytes;
+      this.freeingBytes -= e.bytes;
+      this.freeingHost -= e.hostBytes;
+      this.freeingStores--;
+      this.draining.delete(e);
+      this.pump();
+    };
+    store.closeAsync().then(done, (err: unknown) => {
+      console.error(`kvrecall: freeing wave layer ${e.key}: ${String(err)}`);
+      done();
+    });
+  }
+
+  /**
+   * Room for a store of `bytes` device and `host` pinned host bytes once the
+   * frees under way have ended, beside the creations admitted before it;
+   * idle stores evicted (least recent first) for it.
+   */
   private makeRoom(bytes: number, host: number): boolean {
     if (bytes > this.budgetBytes || host > this.hostBudgetBytes) return false;
     const now = this.now();
     // An idle store goes where it frees what is short (a dense one frees no host bytes).
     const helps = (e: Entry, free: number, hostFree: number) =>
-      e.pins === 0 && now - e.usedAt >= WARM_MS && ((free < bytes && e.bytes > 0) || (hostFree < host && e.hostBytes > 0));
+      e.state === 'live' && e.pins === 0 && now - e.usedAt >= WARM_MS && ((free < bytes && e.bytes > 0) || (hostFree < host && e.hostBytes > 0));
+    const room = () => this.budgetBytes - (this.used - this.freeingBytes + this.reserved);
+    const hostRoom = () => this.hostBudgetBytes - (this.hostUsed - this.freeingHost + this.hostReserved);
     // Only idle stores go, and only if enough of them go: evicting some and still refusing would lose them for nothing.
-    let free = this.budgetBytes - this.used, hostFree = this.hostBudgetBytes - this.hostUsed;
+    let free = room(), hostFree = hostRoom();
     for (const e of this.lru.values()) if (helps(e, free, hostFree)) (free += e.bytes), (hostFree += e.hostBytes);
     if (free < bytes || hostFree < host) return false;
     for (const [key, e] of this.lru) {
-      if (!helps(e, this.budgetBytes - this.used, this.hostBudgetBytes - this.hostUsed)) continue;
-      e.store.close();
+      if (!helps(e, room(), hostRoom())) continue;
       this.lru.delete(key);
-      this.used -= e.bytes;
-      this.hostUsed -= e.hostBytes;
+      this.free(e);
       this.evictions++;
     }
-    return this.used + bytes <= this.budgetBytes && this.hostUsed + host <= this.hostBudgetBytes;
+    return room() >= bytes && hostRoom() >= host;
   }
 
   stats(): DeviceWaveStats {
-    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores: this.lru.size, refused: this.refused, evictions: this.evictions, rests: this.rests,
-      cacheShare: this.cacheShare, overCache: this.overCache, hostBudgetBytes: this.hostBudgetBytes, hostUsedBytes: this.hostUsed };
+    let stores = 0, creating = 0;
+    for (const e of this.lru.values()) if (e.state === 'live') stores++;
+    else creating++;
+    return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores, refused: this.refused, evictions: this.evictions, rests: this.rests,
+      creating, freeing: this.freeingStores, cacheShare: this.cacheShare, overCache: this.overCache, hostBudgetBytes: this.hostBudgetBytes, hostUsedBytes: this.hostUsed };
   }
 
+  /**
+   * The backend's end: live stores no step reads are freed now, on this
+   * thread (the process is stopping, nothing else to serve); those being
+   * made or read, as they are made or released.
+   */
   close(): void {
+    this.closed = true;
     for (const e of [...this.lru.values(), ...this.draining]) {
-      e.closed = true;
-      e.store.close();
+      if (e.state === 'live' && e.pins === 0) {
+        e.store!.close();
+        e.store = undefined;
+        e.state = 'freed';
+        this.used -= e.bytes;
+        this.hostUsed -= e.hostBytes;
+        this.draining.delete(e);
+      } else if (e.state !== 'freeing' && e.state !== 'freed' && !e.dropped) this.retire(e);
     }
     this.lru.clear();
-    this.draining.clear();
-    this.used = 0;
-    this.hostUsed = 0;
   }
 }
 

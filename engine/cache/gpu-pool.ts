@@ -39,7 +39,8 @@ export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'holdRanges' | 
 /** What the backend makes its device parts with (the native ones by default). */
 export interface DeviceFactories {
   pool?: (o: GpuPoolOptions) => DevicePool;
-  waveStore?: (o: WaveGpuStoreOptions) => WaveGpuStore;
+  /** Makes a wave layer's store off the event loop (WaveGpuStore.open). */
+  waveStore?: (o: WaveGpuStoreOptions) => Promise<WaveGpuStore>;
 }
 
 export interface GpuBackendOptions {
@@ -126,11 +127,12 @@ export class GpuBackend {
   }
 
   /**
-   * The device store of a document's wave layer (made on first use), pinned
-   * until `release`; undefined without a wave budget, for a shape the pool
-   * does not take, or when it cannot be held (the step then runs the host path).
+   * The device store of a document's wave layer (made on first use, off the
+   * event loop: a step waits for its layer's), pinned until `release`;
+   * undefined without a wave budget, for a shape the pool does not take, or
+   * when it cannot be held (the step then runs the host path).
    */
-  waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): HeldWaveStore | undefined {
+  async waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): Promise<HeldWaveStore | undefined> {
     // A dropped segment's step (begun before its document was deleted) runs on the host rather than upload it again.
     if (!this.wave || !this.accepts(m) || this.dropped.has(segment)) return undefined;
     return this.wave.acquire(`${this.uidOf(segment)}:${layer}`, heads, m);

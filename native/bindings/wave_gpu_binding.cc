@@ -29,6 +29,13 @@
 // cacheRows (constructor, optional, > 0): the paged store (wave_cache.cuh);
 // a step's answer then has misses and bytesIn (host to device, K and V).
 //   .close()
+// defer: true (constructor): the arguments are checked and nothing is
+// copied; .open() -> Promise<void> then makes the device store on libuv's
+// pool (the copies: ~4.6 GiB for a 1M-token layer of 8 kv heads, d=128, or
+// a 4 GiB pinned host copy when paged, seconds the event loop would wait),
+// the arrays kept alive until it ends. .closeAsync() -> Promise<void> frees
+// it there too (cudaFree/cudaFreeHost synchronise the device), or where the
+// last step still reading it lets it go.
 // ranking 'spread' (the default) is the host's default path: clusters ranked
 // by spread standard deviations, second-order estimate; 'radius' the older
 // one (wave_step.h). With 'spread' the binding computes ‖q‖ itself, as the
@@ -98,7 +105,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "WaveGpuStore", {InstanceMethod("step", &WaveGpuStore::Step), InstanceMethod("rest", &WaveGpuStore::Rest),
                                              InstanceMethod("bytes", &WaveGpuStore::Bytes),
-                                             InstanceMethod("close", &WaveGpuStore::Close)});
+                                             InstanceMethod("close", &WaveGpuStore::Close), InstanceMethod("open", &WaveGpuStore::Open),
+                                             InstanceMethod("closeAsync", &WaveGpuStore::CloseAsync)});
   }
 
   explicit WaveGpuStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<WaveGpuStore>(info) {
@@ -115,8 +123,13 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     const size_t N = size_t(c.tokens), d = size_t(c.headDim), stride = d + 8;
     Napi::Array heads = ArrayOf(o, "heads", size_t(c.kvHeads));
     std::vector<cuda::WaveHeadHost> host(size_t(c.kvHeads));
+    const bool defer = Flag(o, "defer", false);
+    std::vector<Napi::Value> arrays;
     for (int h = 0; h < c.kvHeads; ++h) {
       Napi::Object x = ObjectOf(heads.Get(h), "heads[" + std::to_string(h) + "]");
+      // open() reads these on a worker thread: they stay referenced until it ends.
+      if (defer)
+        for (const char* k : {"centroids", "valueMeans", "keyAxes", "keyVars", "counts", "tokenCluster", "keys", "values"}) arrays.push_back(x.Get(k));
       cuda::WaveHeadHost& w = host[size_t(h)];
       w.clusters = Int(x, "clusters", 1, (int64_t(1) << 31) - 1);
       const size_t C = size_t(w.clusters);
@@ -147,12 +160,53 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       w.counts = counts.Data();
       w.tokenCluster = tokenCluster.Data();
     }
+    if (defer) {
+      pending_ = std::make_shared<Pending>();
+      pending_->config = c;
+      pending_->host = std::move(host);
+      for (auto& v : arrays) pending_->arrays.push_back(Napi::Persistent(v));
+      return;
+    }
     // The arrays are copied to the device here, synchronously.
     store_ = Guard(env, [&] { return std::make_shared<cuda::WaveStore>(c, host.data()); });
   }
 
  private:
+  struct Pending {
+    cuda::WaveStoreConfig config;
+    std::vector<cuda::WaveHeadHost> host;
+    std::vector<Napi::Reference<Napi::Value>> arrays;
+  };
   std::shared_ptr<cuda::WaveStore> store_;
+  /** A deferred store's arguments, until open() takes them. */
+  std::shared_ptr<Pending> pending_;
+  bool closed_ = false;
+
+  Napi::Value Open(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!pending_) throw Napi::Error::New(env, "open() is for a store made with defer: true, once");
+    std::shared_ptr<Pending> p = std::move(pending_);
+    std::vector<Napi::Value> keep;
+    for (auto& r : p->arrays) keep.push_back(r.Value());
+    p->arrays.clear();
+    keep.push_back(info.This());  // `this` outlives the work (the result sets store_)
+    auto made = std::make_shared<std::shared_ptr<cuda::WaveStore>>();
+    return RunAsync(
+        env, std::move(keep), [p, made]() { *made = std::make_shared<cuda::WaveStore>(p->config, p->host.data()); },
+        [this, made](Napi::Env e) -> Napi::Value {
+          // Closed while it was made (the backend shut down): it is freed as the worker lets it go.
+          if (!closed_) store_ = std::move(*made);
+          return e.Undefined();
+        });
+  }
+
+  Napi::Value CloseAsync(const Napi::CallbackInfo& info) {
+    closed_ = true;
+    pending_.reset();
+    // The last reference goes on the worker (unless a step still holds one: then where that step lets it go).
+    auto last = std::make_shared<std::shared_ptr<cuda::WaveStore>>(std::move(store_));
+    return RunAsync(info.Env(), {}, [last]() { last->reset(); }, [](Napi::Env e) -> Napi::Value { return e.Undefined(); });
+  }
 
   std::shared_ptr<cuda::WaveStore> Store(Napi::Env env) {
     if (!store_) throw Napi::Error::New(env, "WaveGpuStore is closed");
@@ -380,6 +434,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
+    closed_ = true;
+    pending_.reset();
     store_.reset();  // a step in flight keeps its own reference
     return info.Env().Undefined();
   }

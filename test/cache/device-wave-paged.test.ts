@@ -54,29 +54,29 @@ describe('paged device wave stores', () => {
   it('makes the stores paged, with the slots the share gives, and holds more layers in the same budget', async () => {
     const heads = await layerHeads(new Rng(seed + 1));
     const made: WaveGpuStoreOptions[] = [];
-    const create = (o: WaveGpuStoreOptions) => (made.push(o), { close: () => undefined } as unknown as WaveGpuStore);
+    const create = async (o: WaveGpuStoreOptions) => (made.push(o), { close: () => undefined, closeAsync: async () => undefined } as unknown as WaveGpuStore);
     const dense = waveStoreBytes(heads, N, model.headDim), paged = waveStoreBytes(heads, N, model.headDim, waveCacheRows(0.1, model.kvHeads, N));
     const budget = dense;  // one dense layer
     const denseStores = new DeviceWaveStores(budget, create);
-    expect(denseStores.acquire('a:0', heads, model)).toBeDefined();
-    expect(denseStores.acquire('a:1', heads, model)).toBeUndefined();
+    expect((await denseStores.acquire('a:0', heads, model))).toBeDefined();
+    expect((await denseStores.acquire('a:1', heads, model))).toBeUndefined();
     expect(made[0].cacheRows).toBeUndefined();
     const pagedStores = new DeviceWaveStores(budget, create, () => 0, 0.1);
     const fit = Math.floor(budget / paged);
     expect(fit).toBeGreaterThan(1);
     for (let l = 0; l < fit; l++) {
-      const held = pagedStores.acquire(`a:${l}`, heads, model)!;
+      const held = (await pagedStores.acquire(`a:${l}`, heads, model))!;
       expect(held.cacheRows).toBe(400);
       expect(held.largestCluster).toBe(Math.max(...heads.flatMap((h) => Array.from(h.arrays.counts))));
     }
-    expect(pagedStores.acquire(`a:${fit}`, heads, model)).toBeUndefined();
+    expect((await pagedStores.acquire(`a:${fit}`, heads, model))).toBeUndefined();
     expect(made.slice(1).every((o) => o.cacheRows === 400)).toBe(true);
     expect(pagedStores.stats()).toMatchObject({ cacheShare: 0.1, stores: fit, usedBytes: fit * paged });
   });
 
   it("holds paged stores' pinned host copies of K and V within a host budget: a store past it waits for an idle one to go", async () => {
     const heads = await layerHeads(new Rng(seed + 3));
-    const create = () => ({ close: () => undefined }) as unknown as WaveGpuStore;
+    const create = async () => ({ close: () => undefined, closeAsync: async () => undefined }) as unknown as WaveGpuStore;
     const rows = waveCacheRows(0.1, model.kvHeads, N), pinned = wavePinnedBytes(model.kvHeads, N, model.headDim, rows);
     // K and V of every row, 2 bytes a word; a dense store pins nothing.
     expect(pinned).toBe(model.kvHeads * N * model.headDim * 2 * 2);
@@ -84,15 +84,15 @@ describe('paged device wave stores', () => {
     let t = 0;
     // Device room for many paged layers, host room for two.
     const stores = new DeviceWaveStores(100 * waveStoreBytes(heads, N, model.headDim), create, () => t, 0.1, Math.floor(2.5 * pinned));
-    stores.acquire('a:0', heads, model)!.release();
-    stores.acquire('a:1', heads, model)!.release();
-    expect(stores.acquire('a:2', heads, model)).toBeUndefined();
+    (await stores.acquire('a:0', heads, model))!.release();
+    (await stores.acquire('a:1', heads, model))!.release();
+    expect((await stores.acquire('a:2', heads, model))).toBeUndefined();
     expect(stores.stats()).toMatchObject({ stores: 2, hostUsedBytes: 2 * pinned, refused: 1, evictions: 0 });
     t += WARM_MS;
-    stores.acquire('a:1', heads, model)!.release();  // warm again: a:0 is the one to go
-    expect(stores.acquire('a:2', heads, model)).toBeDefined();
+    (await stores.acquire('a:1', heads, model))!.release();  // warm again: a:0 is the one to go
+    expect((await stores.acquire('a:2', heads, model))).toBeDefined();
     expect(stores.stats()).toMatchObject({ stores: 2, hostUsedBytes: 2 * pinned, evictions: 1 });
-    expect(stores.acquire('a:1', heads, model)).toBeDefined();
+    expect((await stores.acquire('a:1', heads, model))).toBeDefined();
     stores.drop('a:');
     expect(stores.stats()).toMatchObject({ stores: 0, hostUsedBytes: 2 * pinned });  // both read by a step: freed at their release
     // Without a host budget (the default), the device budget alone decides, as before.

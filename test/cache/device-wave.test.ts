@@ -37,15 +37,18 @@ async function layerHeads(rng: Rng, m: ModelShape = model): Promise<ClusterIndex
   }));
 }
 
+/** Lets the stand-ins' promises (creations, frees) settle. */
+const tick = () => new Promise<void>((r) => setImmediate(r));
+
 /** Stand-in stores: which were made (with what) and which closed. */
 function standIns() {
   const made: { options: WaveGpuStoreOptions; closed: boolean }[] = [];
   let fail = false;
-  const create = (options: WaveGpuStoreOptions) => {
+  const create = async (options: WaveGpuStoreOptions) => {
     if (fail) throw new Error('out of device memory');
     const rec = { options, closed: false };
     made.push(rec);
-    return { close: () => void (rec.closed = true) } as unknown as WaveGpuStore;
+    return { close: () => void (rec.closed = true), closeAsync: async () => void (rec.closed = true) } as unknown as WaveGpuStore;
   };
   return { made, create, failNext: (f: boolean) => void (fail = f) };
 }
@@ -60,40 +63,40 @@ describe('device wave stores', () => {
     let t = 0;
     const stores = new DeviceWaveStores(Math.floor(2.5 * bytes), s.create, () => t);
 
-    const a = stores.acquire('a', heads, model)!;
+    const a = (await stores.acquire('a', heads, model))!;
     expect(s.made).toHaveLength(1);
     expect(s.made[0].options).toMatchObject({ kvHeads: 2, headDim: 16, dtype: 'f16', tokens: N });
     expect(s.made[0].options.heads[1].keys).toBe(heads[1].keys);
     a.release();
-    const b = stores.acquire('b', heads, model)!; // pinned until the end
-    const again = stores.acquire('a', heads, model)!;
+    const b = (await stores.acquire('b', heads, model))!; // pinned until the end
+    const again = (await stores.acquire('a', heads, model))!;
     expect(again.store).toBe(a.store); // shared, not made twice
     expect(s.made).toHaveLength(2);
     again.release();
 
     // Room for c while a was stepped on just now: none (a warm store is not evicted).
-    expect(stores.acquire('c', heads, model)).toBeUndefined();
+    expect((await stores.acquire('c', heads, model))).toBeUndefined();
     expect(stores.stats()).toMatchObject({ stores: 2, evictions: 0, refused: 1 });
     // Once a has been idle WARM_MS: a (least recently used and unpinned) goes, b (pinned) stays.
     t += WARM_MS;
-    const c = stores.acquire('c', heads, model)!;
+    const c = (await stores.acquire('c', heads, model))!;
     expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
     expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 2 * bytes, evictions: 1, refused: 1 });
 
     // Both held stores pinned: d cannot be held, nothing is closed.
-    expect(stores.acquire('d', heads, model)).toBeUndefined();
+    expect((await stores.acquire('d', heads, model))).toBeUndefined();
     expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
     // Larger than the whole budget, and the device refusing: the host path too.
-    expect(new DeviceWaveStores(bytes - 1, s.create).acquire('e', heads, model)).toBeUndefined();
+    expect((await new DeviceWaveStores(bytes - 1, s.create).acquire('e', heads, model))).toBeUndefined();
     c.release();
     t += WARM_MS;
     s.failNext(true);
-    expect(stores.acquire('f', heads, model)).toBeUndefined();
+    expect((await stores.acquire('f', heads, model))).toBeUndefined();
     expect(stores.stats()).toMatchObject({ stores: 1, refused: 3, evictions: 2 }); // c (idle) was evicted to try f
     // A layer the device refused is not tried again (each try would copy the layer).
     s.failNext(false);
     const tries = s.made.length;
-    expect(stores.acquire('f', heads, model)).toBeUndefined();
+    expect((await stores.acquire('f', heads, model))).toBeUndefined();
     expect(s.made).toHaveLength(tries);
     expect(stores.stats()).toMatchObject({ refused: 4 });
 
@@ -113,7 +116,7 @@ describe('device wave stores', () => {
     const held: string[] = [];
     for (let token = 0; token < 5; token++)
       for (const layer of ['x', 'y', 'z']) {
-        const h = stores.acquire(layer, heads, model);
+        const h = (await stores.acquire(layer, heads, model));
         if (h) held.push(layer);
         h?.release();
         t += 5;
@@ -123,8 +126,8 @@ describe('device wave stores', () => {
     expect(stores.stats()).toMatchObject({ stores: 2, evictions: 0, refused: 5 });
     // x stops being stepped on (its sessions ended): once idle WARM_MS, z takes its room.
     t += WARM_MS;
-    stores.acquire('y', heads, model)!.release();
-    const z = stores.acquire('z', heads, model)!;
+    (await stores.acquire('y', heads, model))!.release();
+    const z = (await stores.acquire('z', heads, model))!;
     expect(z).toBeDefined();
     expect(s.made.map((m) => m.closed)).toEqual([true, false, false]);
     expect(stores.stats()).toMatchObject({ stores: 2, evictions: 1 });
@@ -137,16 +140,20 @@ describe('device wave stores', () => {
     const bytes = waveStoreBytes(heads, N, model.headDim);
     const s = standIns();
     const stores = new DeviceWaveStores(10 * bytes, s.create);
-    const read = stores.acquire('1:0', heads, model)!; // a step reads layer 0 of segment 1
-    stores.acquire('1:1', heads, model)!.release();
-    stores.acquire('11:0', heads, model)!.release(); // another segment, whose key starts with "1" too
-    stores.acquire('2:0', heads, model)!.release();
+    const read = (await stores.acquire('1:0', heads, model))!; // a step reads layer 0 of segment 1
+    (await stores.acquire('1:1', heads, model))!.release();
+    (await stores.acquire('11:0', heads, model))!.release(); // another segment, whose key starts with "1" too
+    (await stores.acquire('2:0', heads, model))!.release();
     stores.drop('1:');
     expect(s.made.map((m) => m.closed)).toEqual([false, true, false, false]);
+    // A free's bytes count until it has ended (off the event loop: the stand-in's, a promise).
+    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 4 * bytes, freeing: 1 });
+    await tick();
     // The read one is out of reach (a later acquire makes a new store) but its bytes are held until it is closed.
-    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 3 * bytes, evictions: 0 });
+    expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 3 * bytes, evictions: 0, freeing: 0 });
     read.release();
     expect(s.made.map((m) => m.closed)).toEqual([true, true, false, false]);
+    await tick();
     expect(stores.stats()).toMatchObject({ stores: 2, usedBytes: 2 * bytes });
     stores.close();
     expect(s.made.every((m) => m.closed)).toBe(true);
@@ -158,12 +165,12 @@ describe('device wave stores', () => {
     const s = standIns();
     const gpu = GpuBackend.over({ ok: true, device: 'stand-in', memory: 1 << 30, built: false }, { budgetBytes: 1 << 20, waveBudgetBytes: 8 * waveStoreBytes(heads, N, m.headDim) }, { waveStore: s.create });
     const doc = new KvSegment(m.kvHeads, m.headDim, m.dtype), other = new KvSegment(m.kvHeads, m.headDim, m.dtype);
-    const held = gpu.waveLayer(m, doc, 0, heads)!;
-    gpu.waveLayer(m, doc, 1, heads)!.release();
-    gpu.waveLayer(m, other, 0, heads)!.release();
+    const held = (await gpu.waveLayer(m, doc, 0, heads))!;
+    (await gpu.waveLayer(m, doc, 1, heads))!.release();
+    (await gpu.waveLayer(m, other, 0, heads))!.release();
     gpu.drop([doc]);
     expect(s.made.map((x) => x.closed)).toEqual([false, true, false]);
-    expect(gpu.waveLayer(m, doc, 1, heads)).toBeUndefined();
+    expect((await gpu.waveLayer(m, doc, 1, heads))).toBeUndefined();
     held.release();
     expect(s.made.map((x) => x.closed)).toEqual([true, true, false]);
     expect(gpu.describe().wave).toMatchObject({ stores: 1 });

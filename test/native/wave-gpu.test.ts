@@ -16,7 +16,13 @@ import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
 import { caseName, checkWaveCase, TOL, waveCases } from '../../bench/wave-gpu.js';
-import { freshSeed } from '../helpers/random.js';
+import { bytesOf, convert } from '../../addon/kernels.js';
+import { stepDocument } from '../../engine/cache/device-wave.js';
+import { buildClusters } from '../../index/wave/cluster-build.js';
+import { decodeClusters } from '../../index/wave/cluster-codec.js';
+import type { ClusterIndex as Clusters } from '../../index/wave/cluster-index.js';
+import { ClusterIndex } from '../../index/wave/cluster-index.js';
+import { freshSeed, Rng } from '../helpers/random.js';
 
 const info = cudaAvailable();
 const seed = freshSeed();
@@ -32,6 +38,62 @@ describe('WaveGpuStore', () => {
       }),
     ).toThrow();
   });
+
+  it('made off the event loop: rejects without a device, and for bad arguments before any copy', async () => {
+    const w = new Uint16Array(16);
+    const head = { centroids: w, valueMeans: w, keyAxes: w, keyVars: w, counts: Int32Array.of(1), tokenCluster: Int32Array.of(0), keys: w, values: w };
+    await expect(WaveGpuStore.open({ kvHeads: 1, headDim: 8, dtype: 'f16', tokens: 1, heads: [{ ...head, tokenCluster: Int32Array.of(1) }] })).rejects.toThrow(/tokenCluster/);
+    if (!info.ok) await expect(WaveGpuStore.open({ kvHeads: 1, headDim: 8, dtype: 'f16', tokens: 1, heads: [head] })).rejects.toThrow();
+  });
+});
+
+/** A layer of random f16 rows and its clusters (the real builder's), as options for a store. */
+async function layer(rng: Rng, kvHeads: number, tokens: number, d: number) {
+  const words = () => {
+    const f = Float32Array.from({ length: tokens * d }, () => rng.normal()), out = new Uint16Array(f.length);
+    convert(bytesOf(f), 'f32', bytesOf(out), 'f16', f.length);
+    return out;
+  };
+  const heads: Clusters[] = await Promise.all(Array.from({ length: kvHeads }, async () => {
+    const keys = words(), values = words();
+    const bytes = await buildClusters({ keys, values, tokens, headDim: d, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 },
+      { clusterSize: 16, segmentTokens: 8192, iterations: 2, seed: 1 });
+    return new ClusterIndex(decodeClusters(bytes), keys, values);
+  }));
+  return {
+    kvHeads, headDim: d, dtype: 'f16' as const, tokens,
+    heads: heads.map((h) => ({ centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
+      varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values })),
+  };
+}
+
+describe.skipIf(!info.ok)('a wave store made and freed off the event loop', () => {
+  it('answers as the one made on the calling thread (dense and paged), and is closed once freed', async () => {
+    const rng = new Rng(seed ^ 0x5a);
+    const kvHeads = 2, qHeads = 8, d = 64, N = 4096;
+    const o = await layer(rng, kvHeads, N, d);
+    const args = { q: Float32Array.from({ length: qHeads * d }, () => rng.normal()), qHeads, scale: 1 / Math.sqrt(d),
+      searchK: 256 + 160, keep: 256, ranges: [[0, 32], [N - 128, N]] as [number, number][], estimate: true, ef: 0, ids: true };
+    for (const cacheRows of [0, Math.ceil(0.5 * kvHeads * N)]) {
+      const opts = { ...o, ...(cacheRows > 0 && { cacheRows }) };
+      const now = WaveGpuStore.create(opts);
+      const later = await WaveGpuStore.open(opts);
+      expect(later.bytes()).toEqual(now.bytes());
+      const [a, b] = [await stepDocument(now, args), await stepDocument(later, args)];
+      // The same arrays copied the same way, the same kernels: bit for bit.
+      expect(b.ids!.map((x) => Array.from(x))).toEqual(a.ids!.map((x) => Array.from(x)));
+      expect(b.kept).toEqual(a.kept);
+      expect(b.estimated).toEqual(a.estimated);
+      expect(Array.from(b.out)).toEqual(Array.from(a.out));
+      expect(Array.from(b.lse)).toEqual(Array.from(a.lse));
+      // A step in flight keeps the store: the free waits for it.
+      const inFlight = stepDocument(later, args);
+      await later.closeAsync();
+      expect(Array.from((await inFlight).out)).toEqual(Array.from(a.out));
+      await expect(stepDocument(later, args)).rejects.toThrow(/closed/);
+      now.close();
+    }
+  }, 120_000);
 });
 
 describe.skipIf(!info.ok)('wave step on the GPU', () => {
