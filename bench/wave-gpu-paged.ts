@@ -4,7 +4,7 @@
 // memory for the layer ≤ 20% of its K/V; ≤ 2 MiB host→device per step after
 // the first 16 steps"). Needs a CUDA device.
 //
-//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2,4] [--stays 0.9,1] [--tag T]
+//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--ab] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2,4] [--stays 0.9,1] [--tag T]
 //
 // --check: on the small cases of bench/wave-gpu.ts (random keys clustered by
 // the real builder), a dense and a paged store of the same heads, the paged
@@ -15,6 +15,9 @@
 // in atomic order) and the host's (compare(), float64, on the first and last
 // step); a step repeated unchanged copies nothing (bytesIn 0); a step whose
 // rows exceed the cache rejects and the store answers the next one right.
+// The paged store's cache kernels alternate between the default and the
+// legacy ones (KVRECALL_WAVE_CACHE_LEGACY=1) two steps each (so each runs
+// graphed and launched one by one); the overflow runs under both.
 //
 // --bench: one layer at 1M tokens, 8 kv heads x 4 q heads, d=128, f16,
 // clusters of 16 (bench/wave-gpu.ts's synthetic layer), budget 2%, sinks 16,
@@ -27,6 +30,12 @@
 // store's, device bytes (summaries, cache) as a share of the layer's K/V, and
 // host-to-device MiB per step over steps 16+ (mean, p99, max).
 // Results: bench/results/wave-gpu-paged-<card>.{json,md} (also $OUT when set).
+//
+// --ab: the same layer and call; per cache factor one paged store whose cache
+// kernels alternate legacy / new step by step (every other pair of steps
+// launched one by one with the cache kernels' CUDA events: need, allocate,
+// copy), every answer against the dense store's bit for bit; engine call p50
+// and each kernel's p50 per path: bench/results/wave-gpu-paged-ab-<card>-*.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -115,8 +124,19 @@ export interface PagedCheck {
   afterOverflowSame: boolean;
 }
 
-/** One case: dense and paged stores over the same heads, `steps` drifting steps, the repeat, the overflow. */
-export async function checkPagedCase(c: WaveCase, seed: number, steps = 24): Promise<PagedCheck> {
+/** The cache kernels a paged step runs (native/cuda/wave_cache.cuh): the legacy ones with KVRECALL_WAVE_CACHE_LEGACY=1, read per step. */
+export type CachePath = 'new' | 'legacy';
+export function setCachePath(path: CachePath): void {
+  if (path === 'legacy') process.env.KVRECALL_WAVE_CACHE_LEGACY = '1';
+  else delete process.env.KVRECALL_WAVE_CACHE_LEGACY;
+}
+
+/**
+ * One case: dense and paged stores over the same heads, `steps` drifting steps, the repeat, the overflow. With
+ * paths 'both' the paged store's cache kernels alternate two steps each (so each path runs graphed and launched one
+ * by one) and the overflow is checked under each; the default path is left set after.
+ */
+export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, paths: CachePath | 'both' = 'both'): Promise<PagedCheck> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
@@ -144,9 +164,11 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24): Pro
       ...(lean && { stages: false }),
     });
     const r: PagedCheck = { steps, same: 0, bitwise: 0, hostOk: true, cacheRows, rows: H * N, mustEvict: cacheRows < H * N && !c.distinctKeys, misses: 0, repeatBytesIn: [0, 0], overflowRejected: false, afterOverflowSame: false };
+    const pathAt = (s: number): CachePath => (paths === 'both' ? ((s >> 1) % 2 === 1 ? 'legacy' : 'new') : paths);
     for (let s = 0; s < steps; s++) {
       // Half the steps as the engine calls (graph replayed), half launched one by one with stage times.
       const a = argsOf(qs[s], s % 2 === 1);
+      setCachePath(pathAt(s));
       const pr = await paged.step(a), dr = await dense.step(a);
       r.misses += pr.misses;
       const v = sameAnswer(pr, dr);
@@ -160,20 +182,28 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24): Pro
       }
     }
     const last = argsOf(qs[steps - 1], true);
+    setCachePath(paths === 'legacy' ? 'legacy' : 'new');
     r.repeatBytesIn = [(await paged.step(last)).bytesIn, (await paged.step(last)).bytesIn];
     // A budget past the cache: every row of every head (where the cache holds fewer).
     if (cacheRows < H * N) {
-      try {
-        await paged.step({ ...last, budget: new Array<number>(H).fill(N), keep: undefined, skip: undefined, target: new Array<number>(H).fill(N) });
-      } catch (e) {
-        r.overflowRejected = /exceed the paged store's cache/.test(String(e));
+      r.overflowRejected = r.afterOverflowSame = true;
+      for (const path of paths === 'both' ? (['new', 'legacy'] as const) : [paths]) {
+        setCachePath(path);
+        let rejected = false;
+        try {
+          await paged.step({ ...last, budget: new Array<number>(H).fill(N), keep: undefined, skip: undefined, target: new Array<number>(H).fill(N) });
+        } catch (e) {
+          rejected = /exceed the paged store's cache/.test(String(e));
+        }
+        r.overflowRejected &&= rejected;
+        r.afterOverflowSame &&= sameAnswer(await paged.step(last), await dense.step(last)).same;
       }
-      r.afterOverflowSame = sameAnswer(await paged.step(last), await dense.step(last)).same;
     } else {
       r.overflowRejected = r.afterOverflowSame = true;  // the cache holds every row: nothing can overflow
     }
     return r;
   } finally {
+    setCachePath('new');
     dense.close();
     paged.close();
   }
@@ -194,7 +224,8 @@ interface PagedBenchConfig {
 const p = (xs: number[], q: number) => quantile(xs, q);
 const MiB = 1 << 20;
 
-async function runBench(cfg: PagedBenchConfig, log: (s: string) => void) {
+/** bench/wave-gpu.ts's synthetic layer, the engine's call on it and the cache bound. */
+function buildLayer(cfg: PagedBenchConfig) {
   const { tokens: N, kvHeads: H, G, d } = cfg, dt: KvDtype = 'f16';
   const rng = new Rng(20260513);
   const noise = new Float32Array(N * d);
@@ -211,6 +242,12 @@ async function runBench(cfg: PagedBenchConfig, log: (s: string) => void) {
     keep: new Array<number>(H).fill(budget), skip, ids: false, stages: false,
   });
   const bound = waveCacheRowsBound({ kvHeads: H, tokens: N, target, largestCluster: cfg.clusterSize, exactRows: exact.length });
+  return { rng, heads, dt, budget, searchK, target, args, bound };
+}
+
+async function runBench(cfg: PagedBenchConfig, log: (s: string) => void) {
+  const { tokens: N, kvHeads: H, G, d } = cfg;
+  const { rng, heads, dt, budget, searchK, target, args, bound } = buildLayer(cfg);
   const t0 = performance.now();
   const dense = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads });
   const stores = [{ name: 'dense', store: dense, cacheRows: 0 }];
@@ -294,10 +331,112 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
   return lines.join('\n') + '\n';
 }
 
+// ---------------------------------------------------------------- the cache kernels, legacy against new
+
+const CACHE_STAGES = ['cache.need', 'cache.allocate', 'cache.copy'] as const;
+
+interface AbRow {
+  topicStay: number; store: string; cacheRows: number; path: CachePath;
+  engineMs: { p50: number; n: number }; hostWallMs: number; stageMs: Record<string, number>; timedSteps: number;
+  copyGBps: number; h2dMiBPerStep: number;
+  sameAsDense: { steps: number; same: number; bitwise: number; firstDiff?: string };
+}
+
+/**
+ * One paged store a cache factor, the dense one beside it: each step's query runs on the dense store (the reference)
+ * and once on each paged store with one path of its cache kernels, the path alternating step by step and, every other
+ * pair, the call launched one by one with stage times (the cache kernels' CUDA events) instead of the engine's call
+ * (graph, no stages). Steps before `warm` (the cache's first fill, the graphs' captures) are left out of the times.
+ * Every paged answer against the dense one's, bit for bit.
+ */
+async function runAb(cfg: PagedBenchConfig, log: (s: string) => void, warm = 8) {
+  const { tokens: N, kvHeads: H, G, d } = cfg;
+  const { rng, heads, dt, args, bound } = buildLayer(cfg);
+  const t0 = performance.now();
+  const dense = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads });
+  const stores = cfg.caches.map((f) => {
+    const cacheRows = Math.min(H * N, Math.ceil(f * bound));
+    return { name: `paged x${f}`, cacheRows, store: WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads, cacheRows }) };
+  });
+  log(`stores: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  const paths: CachePath[] = ['legacy', 'new'];
+  const rows: AbRow[] = [];
+  try {
+    for (const stay of cfg.stays) {
+      const qs = driftingQueries(rng, keyRows(heads, d, dt), H, N, d, G, cfg.steps, [], stay);
+      type Acc = { ms: number[]; wall: number[]; mib: number[]; stages: Record<string, number[]>; gbps: number[]; steps: number; bitwise: number; same: number; firstDiff?: string };
+      const acc = stores.map(() => paths.map((): Acc => ({ ms: [], wall: [], mib: [], stages: {}, gbps: [], steps: 0, bitwise: 0, same: 0 })));
+      for (let s = 0; s < cfg.steps; s++) {
+        const dr = await dense.step(args(qs[s]));
+        const pi = s % 2, timed = (s >> 1) % 2 === 1;
+        setCachePath(paths[pi]);
+        for (let k = 0; k < stores.length; k++) {
+          const a = acc[k][pi];
+          const w0 = performance.now();
+          const r = await stores[k].store.step(timed ? { ...args(qs[s]), stages: true } : args(qs[s]));
+          const wall = performance.now() - w0;
+          const v = sameAnswer(r, dr);
+          a.steps++;
+          a.same += v.same ? 1 : 0;
+          a.bitwise += v.bitwise ? 1 : 0;
+          if (!v.bitwise) a.firstDiff ??= `step ${s}: ${v.why ?? 'out/lse within 1e-6, not bitwise'}`;
+          if (s < warm) continue;
+          a.mib.push(r.bytesIn / MiB);
+          if (!timed) {
+            a.ms.push(r.ms);
+            a.wall.push(wall);
+          } else {
+            for (const n of CACHE_STAGES) (a.stages[n] ??= []).push(r.stages[n] ?? NaN);
+            const copy = r.stages['cache.copy'];
+            if (copy > 0 && r.bytesIn > 0) a.gbps.push(r.bytesIn / 1e6 / copy);
+          }
+        }
+      }
+      setCachePath('new');
+      for (let k = 0; k < stores.length; k++) {
+        paths.forEach((path, pi) => {
+          const a = acc[k][pi];
+          rows.push({
+            topicStay: stay, store: stores[k].name, cacheRows: stores[k].cacheRows, path,
+            engineMs: { p50: p(a.ms, 0.5), n: a.ms.length }, hostWallMs: p(a.wall, 0.5),
+            stageMs: Object.fromEntries(CACHE_STAGES.map((n) => [n, p(a.stages[n] ?? [], 0.5)])), timedSteps: (a.stages['cache.copy'] ?? []).length,
+            copyGBps: p(a.gbps, 0.5), h2dMiBPerStep: p(a.mib, 0.5),
+            sameAsDense: { steps: a.steps, same: a.same, bitwise: a.bitwise, firstDiff: a.firstDiff },
+          });
+        });
+      }
+    }
+  } finally {
+    setCachePath('new');
+    dense.close();
+    for (const x of stores) x.store.close();
+  }
+  return { device: deviceName(cudaAvailable()), config: { ...cfg, dtype: dt, warm, boundRows: bound }, rows };
+}
+
+function abMarkdown(r: Awaited<ReturnType<typeof runAb>>): string {
+  const f = (x: number | undefined, n = 3) => (x === undefined || Number.isNaN(x) ? '-' : x.toFixed(n));
+  const c = r.config;
+  return [
+    `# Paged wave store's cache kernels, legacy against new, ${r.device}`,
+    '',
+    `One layer at ${c.tokens} tokens, ${c.kvHeads} kv x ${c.G} q heads, d=${c.d}, ${c.dtype}, clusters of ${c.clusterSize}, probe ${c.probe}, ${c.steps} drifting steps;`,
+    `the paths alternate step by step on one paged store a cache (bound ${c.boundRows} rows); every other pair of steps launched one by one with the cache kernels' events.`,
+    `Times from step ${c.warm} on; answers of every step against the dense store's, bit for bit.`,
+    '',
+    '| topicStay | store | path | engine ms p50 (n) | host wall p50 | need ms | allocate ms | copy ms | copy GB/s | H2D MiB/step p50 | bitwise as dense |',
+    '| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    ...r.rows.map((x) =>
+      `| ${x.topicStay} | ${x.store} | ${x.path} | ${f(x.engineMs.p50)} (${x.engineMs.n}) | ${f(x.hostWallMs)} | ${f(x.stageMs['cache.need'])} | ${f(x.stageMs['cache.allocate'])} | ` +
+      `${f(x.stageMs['cache.copy'])} | ${f(x.copyGBps, 1)} | ${f(x.h2dMiBPerStep, 2)} | ${x.sameAsDense.bitwise}/${x.sameAsDense.steps}${x.sameAsDense.firstDiff ? ` (${x.sameAsDense.firstDiff})` : ''} |`),
+    '',
+  ].join('\n');
+}
+
 async function main() {
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
-  const all = !args.includes('--check') && !args.includes('--bench');
+  const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--ab');
   const info = cudaAvailable();
   console.log(`device: ${deviceName(info)}`);
   if (!info.ok) process.exit(2);
@@ -312,23 +451,34 @@ async function main() {
         `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
     }
   }
+  const benchCfg = (): PagedBenchConfig => ({
+    tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: Number(opt('--cluster-size') ?? 16), budgetShare: 0.02, sinks: 16, window: 64,
+    steps: Number(opt('--steps') ?? 64), probe: Number(opt('--probe') ?? PROBE_ESTIMATED), caches: (opt('--caches') ?? '1,2,4').split(',').map(Number),
+    stays: (opt('--stays') ?? `${defaultKnobs(1).topicStay},1`).split(',').map(Number),
+  });
+  const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu', tag = opt('--tag');
+  const save = (name: string, json: unknown, md: string) => {
+    for (const dir of ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])]) {
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(join(dir, `${name}${tag ? `-${tag}` : ''}.json`), JSON.stringify(json, null, 2) + '\n');
+      writeFileSync(join(dir, `${name}${tag ? `-${tag}` : ''}.md`), md);
+    }
+  };
+  if (args.includes('--ab')) {
+    const cfg = benchCfg();
+    const r = await runAb(cfg, console.log);
+    const md = abMarkdown(r);
+    console.log(md);
+    save(`wave-gpu-paged-ab-${card}-cs${cfg.clusterSize}-p${cfg.probe}`, r, md);
+    if (r.rows.some((x) => x.sameAsDense.bitwise !== x.sameAsDense.steps)) failed++;
+  }
   if (all || args.includes('--bench')) {
-    const cfg: PagedBenchConfig = {
-      tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: Number(opt('--cluster-size') ?? 16), budgetShare: 0.02, sinks: 16, window: 64,
-      steps: Number(opt('--steps') ?? 64), probe: Number(opt('--probe') ?? PROBE_ESTIMATED), caches: (opt('--caches') ?? '1,2,4').split(',').map(Number),
-      stays: (opt('--stays') ?? `${defaultKnobs(1).topicStay},1`).split(',').map(Number),
-    };
+    const cfg = benchCfg();
     const r = await runBench(cfg, console.log);
     const md = markdown(r);
     console.log(JSON.stringify(r, null, 2));
     console.log(md);
-    for (const dir of ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])]) {
-      mkdirSync(dir, { recursive: true });
-      const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu', tag = opt('--tag');
-      const name = `wave-gpu-paged-${card}-cs${cfg.clusterSize}-p${cfg.probe}${tag ? `-${tag}` : ''}`;
-      writeFileSync(join(dir, `${name}.json`), JSON.stringify(r, null, 2) + '\n');
-      writeFileSync(join(dir, `${name}.md`), md);
-    }
+    save(`wave-gpu-paged-${card}-cs${cfg.clusterSize}-p${cfg.probe}`, r, md);
   }
   process.exit(failed ? 1 : 0);
 }

@@ -31,6 +31,10 @@ struct StepPaths {
   bool find;     // KVRECALL_WAVE_FIND=1: HistogramFind for Histogram + FindBin (round 2, off by default)
   bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates (round 2)
   bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
+  // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
+  // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
+  // apart from KVRECALL_WAVE_LEGACY.
+  bool cacheLegacy;
 };
 
 inline StepPaths ReadStepPaths(int d) {
@@ -49,6 +53,7 @@ inline StepPaths ReadStepPaths(int d) {
   s.find = s.clear && is("KVRECALL_WAVE_FIND", '1');
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
+  s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }
 

@@ -430,7 +430,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
     Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
     if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
-    if (I.cache.rows > 0) I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s);  // the rows read from here on
+    if (I.cache.rows > 0)  // the rows read from here on
+      I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, P.cacheLegacy, a.stageTimes);
     mark(4, s);
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
@@ -580,6 +581,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     Check(cudaEventElapsedTime(&ms, I.ev[i], I.ev[i + 1]), "event time");
     r.stages.emplace_back(kStages[i], ms);
   }
+  if (a.stageTimes && I.cache.rows > 0) I.cache.Times(r.stages);
   const auto msBetween = [](Clock::time_point x, Clock::time_point y) { return std::chrono::duration<float, std::milli>(y - x).count(); };
   r.graphCaptures = I.graph.Captures();
   r.host = {{"prep", msBetween(h0, h1)}, {"launch", msBetween(h1, h2)}, {"wait", msBetween(h2, h3)}, {"copy", msBetween(h3, Clock::now())}};

@@ -8,8 +8,11 @@
 // (float64, bench/wave-gpu.ts's compare) on the first and last; a step
 // repeated unchanged copies nothing; a step whose rows exceed the cache
 // rejects with the overflow error and the next step answers as the dense
-// store. The comparisons live in bench/wave-gpu-paged.ts (`--check` runs
-// them without vitest). Skips where no CUDA device answers.
+// store. The cache kernels alternate between the default and the legacy
+// ones (KVRECALL_WAVE_CACHE_LEGACY=1) two steps each on the one paged store,
+// and the overflow is checked under each. The comparisons live in
+// bench/wave-gpu-paged.ts (`--check` runs them without vitest). Skips where
+// no CUDA device answers.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
