@@ -45,7 +45,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <sys/mman.h>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -333,11 +335,21 @@ __global__ void __launch_bounds__(kCopyThreads) CacheCopy(CacheParams c) {
 struct RowCache {
   int64_t rows = 0;
   uint16_t* host = nullptr;  // pinned, mapped: K [H·N, d] then V [H·N, d]
+  // KVRECALL_WAVE_HOST_THP=1 at the store's construction (an experiment):
+  // the host copy mmapped 2 MiB-aligned with MADV_HUGEPAGE and registered,
+  // for fewer translations per random row read than cudaHostAlloc's pages.
+  void* mapped = nullptr;
+  size_t mappedBytes = 0;
   DevBuf dev;                // cacheK, cacheV, rowSlot, owner, stamp, miss, spanFree, state
   CacheParams c{};
   cudaEvent_t ev[4] = {};    // around the need, the allocation and the copy (a step with stage times)
   ~RowCache() {
-    if (host) cudaFreeHost(host);
+    if (mapped) {
+      cudaHostUnregister(host);
+      munmap(mapped, mappedBytes);
+    } else if (host) {
+      cudaFreeHost(host);
+    }
     for (cudaEvent_t e : ev)
       if (e) cudaEventDestroy(e);
   }
@@ -349,7 +361,21 @@ struct RowCache {
     const size_t N = size_t(cfg.tokens), all = size_t(H) * N;
     rows = std::min<int64_t>(cfg.cacheRows, int64_t(all));
     const size_t plane = all * d;
-    Check(cudaHostAlloc(reinterpret_cast<void**>(&host), plane * 4, cudaHostAllocMapped), "cudaHostAlloc (wave K/V, mapped)");
+    const char* thp = std::getenv("KVRECALL_WAVE_HOST_THP");
+    if (thp && thp[0] == '1') {
+      constexpr size_t kHuge = size_t(2) << 20;
+      const size_t bytes = (plane * 4 + kHuge - 1) / kHuge * kHuge;
+      mappedBytes = bytes + kHuge;
+      void* m = mmap(nullptr, mappedBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m == MAP_FAILED) throw std::runtime_error("mmap (wave K/V, huge pages)");
+      mapped = m;
+      char* at = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(m) + kHuge - 1) / kHuge * kHuge);
+      madvise(at, bytes, MADV_HUGEPAGE);  // advice: without THP the pages stay small
+      host = reinterpret_cast<uint16_t*>(at);
+      Check(cudaHostRegister(host, bytes, cudaHostRegisterMapped), "cudaHostRegister (wave K/V, mapped)");
+    } else {
+      Check(cudaHostAlloc(reinterpret_cast<void**>(&host), plane * 4, cudaHostAllocMapped), "cudaHostAlloc (wave K/V, mapped)");
+    }
     for (int h = 0; h < H; ++h) {
       std::memcpy(host + size_t(h) * N * d, heads[h].keys, N * d * 2);
       std::memcpy(host + plane + size_t(h) * N * d, heads[h].values, N * d * 2);
