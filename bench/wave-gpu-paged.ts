@@ -124,6 +124,11 @@ export interface PagedCheck {
   /** The step past the cache rejected with the overflow error, and the next one answered as the dense store. */
   overflowRejected: boolean;
   afterOverflowSame: boolean;
+  /**
+   * With both paths: the first legacy step replayed from a graph captured a graph of its own (the switch, part of the
+   * graph's key, was read), where the step before it of the same shape on the new path had been captured.
+   */
+  pathsSeen: boolean;
 }
 
 /** The cache kernels a paged step runs (native/cuda/wave_cache.cuh): the legacy ones with KVRECALL_WAVE_CACHE_LEGACY=1, read per step. */
@@ -165,13 +170,15 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
       q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking('spread'), exact, attend: true, rest: 'rows', ...filter,
       ...(lean && { stages: false }),
     });
-    const r: PagedCheck = { steps, same: 0, bitwise: 0, hostOk: true, cacheRows, rows: H * N, mustEvict: cacheRows < H * N && !c.distinctKeys, misses: 0, repeatBytesIn: [0, 0], overflowRejected: false, afterOverflowSame: false };
+    const r: PagedCheck = { steps, same: 0, bitwise: 0, hostOk: true, cacheRows, rows: H * N, mustEvict: cacheRows < H * N && !c.distinctKeys, misses: 0, repeatBytesIn: [0, 0], overflowRejected: false, afterOverflowSame: false, pathsSeen: false };
     const pathAt = (s: number): CachePath => (paths === 'both' ? ((s >> 1) % 2 === 1 ? 'legacy' : 'new') : paths);
+    const captures: number[] = [];
     for (let s = 0; s < steps; s++) {
       // Half the steps as the engine calls (graph replayed), half launched one by one with stage times.
       const a = argsOf(qs[s], s % 2 === 1);
       setCachePath(pathAt(s));
       const pr = await paged.step(a), dr = await dense.step(a);
+      captures.push(pr.graphCaptures);
       r.misses += pr.misses;
       const v = sameAnswer(pr, dr);
       if (v.same) r.same++;
@@ -183,6 +190,8 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
         if (!host.ok) r.firstDiff ??= `step ${s} against the host: ${host.firstDiff ?? ''} out ${host.outRel} lse ${host.lseRel}`;
       }
     }
+    // Steps 1 (new) and 3 (legacy) are the first graphed steps of each path.
+    r.pathsSeen = paths !== 'both' || (steps > 3 && captures[3] > captures[1]);
     const last = argsOf(qs[steps - 1], true);
     setCachePath(paths === 'legacy' ? 'legacy' : 'new');
     r.repeatBytesIn = [(await paged.step(last)).bytesIn, (await paged.step(last)).bytesIn];
@@ -212,7 +221,7 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
 }
 
 export const pagedCheckOk = (r: PagedCheck) =>
-  r.same === r.steps && r.hostOk && r.repeatBytesIn[1] === 0 && r.overflowRejected && r.afterOverflowSame && (!r.mustEvict || r.misses > r.cacheRows);
+  r.same === r.steps && r.hostOk && r.pathsSeen && r.repeatBytesIn[1] === 0 && r.overflowRejected && r.afterOverflowSame && (!r.mustEvict || r.misses > r.cacheRows);
 
 // ---------------------------------------------------------------- benchmark
 
@@ -458,7 +467,7 @@ async function main() {
       const ok = pagedCheckOk(r);
       if (!ok) failed++;
       console.log(`${ok ? 'ok  ' : 'FAIL'} paged ${caseName(c)}: same ${r.same}/${r.steps} (bitwise ${r.bitwise}) host ${r.hostOk} cache ${r.cacheRows} misses ${r.misses} ` +
-        `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+        `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} paths ${r.pathsSeen} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
     }
   }
   const benchCfg = (): PagedBenchConfig => ({

@@ -31,6 +31,7 @@ describe.skipIf(!info.ok)('paged wave store on the GPU', () => {
       expect(r.firstDiff ?? '').toBe('');
       expect(r.same, 'steps answered as the dense store').toBe(r.steps);
       expect(r.hostOk, 'the host\'s answer, first and last step').toBe(true);
+      expect(r.pathsSeen, 'the legacy cache kernels\' steps ran apart (a graph of their own)').toBe(true);
       if (r.mustEvict) expect(r.misses, 'rows copied in: more than the cache holds (it evicted)').toBeGreaterThan(r.cacheRows);
       expect(r.repeatBytesIn[0], 'the step before the repeat').toBeGreaterThanOrEqual(0);
       expect(r.repeatBytesIn[1], 'a step repeated unchanged copies nothing').toBe(0);
