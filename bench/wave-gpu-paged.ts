@@ -366,12 +366,17 @@ async function runAb(cfg: PagedBenchConfig, log: (s: string) => void, thp = fals
   const t0 = performance.now();
   const dense = WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads });
   // With thp, each cache a second store whose host copy asked for huge pages (KVRECALL_WAVE_HOST_THP=1 when made).
+  // (One that fails to be made is left out, with a line: the experiment must not cost the run.)
   const stores = cfg.caches.flatMap((f) => {
     const cacheRows = Math.min(H * N, Math.ceil(f * bound));
-    return (thp ? [false, true] : [false]).map((huge) => {
+    return (thp ? [false, true] : [false]).flatMap((huge) => {
       if (huge) process.env.KVRECALL_WAVE_HOST_THP = '1';
       try {
-        return { name: `paged x${f}${huge ? ' thp' : ''}`, cacheRows, store: WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads, cacheRows }) };
+        return [{ name: `paged x${f}${huge ? ' thp' : ''}`, cacheRows, store: WaveGpuStore.create({ kvHeads: H, headDim: d, dtype: dt, tokens: N, heads, cacheRows }) }];
+      } catch (e) {
+        if (!huge) throw e;
+        log(`paged x${f} thp: not made (${String(e)})`);
+        return [];
       } finally {
         delete process.env.KVRECALL_WAVE_HOST_THP;
       }
