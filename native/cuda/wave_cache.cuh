@@ -11,7 +11,7 @@
 // accessor holds no more than the map's pointer. Per step, on the step's
 // stream and inside its graph
 // (fixed launch shapes; the counts live on the device):
-//  1. CacheNeed (CacheNeedWide: 8 lanes a cluster), right after the clusters' cut: every member of every
+//  1. CacheNeed (8 lanes a cluster; the legacy path 1), right after the clusters' cut: every member of every
 //     cluster the cut took (all of them: the cut cluster's rest too, which
 //     PartialLogits reads when one of its rows is kept) and of every `exact`
 //     row's cluster (PartialLogits reads those clusters' members, the
@@ -69,7 +69,7 @@ constexpr int kGatherCtas = 264, kGatherThreads = 256;  // a warp per row; fixed
 constexpr int kCacheCounters = 4;
 // The parallel allocation: a CTA per span of at least kSlotSpan slots (at most kMaxAllocCtas spans).
 constexpr int kSlotThreads = 256, kSlotPer = 16, kSlotSpan = kSlotThreads * kSlotPer, kMaxAllocCtas = 1024;
-constexpr int kNeedLanes = 8;                       // CacheNeedWide: lanes a cluster
+constexpr int kNeedLanes = 8;                       // CacheNeed: lanes a cluster
 constexpr int kCopyThreads = 256, kCopyUnroll = 4;  // CacheCopy: 16-byte loads a thread in flight
 
 struct CacheParams {
@@ -100,10 +100,15 @@ __device__ __forceinline__ void NeedRow(const CacheParams& c, int64_t key, int32
   }
 }
 
-// blockIdx.y: the kv head; x: its clusters (those the cut took), then the exact rows (their clusters).
+// blockIdx.y: the kv head; x: kLanes lanes for each of its clusters (those
+// the cut took), then for each exact row (its cluster); a cluster's lanes
+// stride its members, so that its rows are looked up side by side (the
+// legacy path: one lane a cluster, its members one after another).
+template <int kLanes>
 __global__ void CacheNeed(CacheParams c) {
   const int h = blockIdx.y;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, b = c.base[h];
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, i = t / kLanes, b = c.base[h];
+  const int sub = int(t % kLanes);
   int64_t cl = -1;
   if (i < c.cmax) {
     if (i < c.base[h + 1] - b && c.cnt[b + i] > 0) cl = b + i;
@@ -113,7 +118,7 @@ __global__ void CacheNeed(CacheParams c) {
   if (cl < 0) return;
   const int32_t step = c.state[0], n = c.counts[cl];
   const int32_t* mem = c.members + size_t(h) * c.N + c.memberStart[cl];
-  for (int32_t k = 0; k < n; ++k) NeedRow(c, int64_t(h) * c.N + mem[k], step);
+  for (int32_t k = sub; k < n; k += kLanes) NeedRow(c, int64_t(h) * c.N + mem[k], step);
 }
 
 // One CTA: slots from the clock hand, those not read this step, one per
@@ -187,23 +192,6 @@ __global__ void __launch_bounds__(kGatherThreads) CacheGather(CacheParams c) {
 // ---- The default path: the need 8 lanes a cluster, the allocation across
 // CTAs, the copy with many loads in flight.
 
-// As CacheNeed, kNeedLanes lanes a cluster striding its members, so that a
-// cluster's rows are looked up side by side rather than one after another.
-__global__ void CacheNeedWide(CacheParams c) {
-  const int h = blockIdx.y;
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, i = t / kNeedLanes, b = c.base[h];
-  const int sub = int(t % kNeedLanes);
-  int64_t cl = -1;
-  if (i < c.cmax) {
-    if (i < c.base[h + 1] - b && c.cnt[b + i] > 0) cl = b + i;
-  } else if (i < c.cmax + c.exactCount) {
-    cl = b + c.tokCl[size_t(h) * c.N + c.exact[i - c.cmax]];
-  }
-  if (cl < 0) return;
-  const int32_t step = c.state[0], n = c.counts[cl];
-  const int32_t* mem = c.members + size_t(h) * c.N + c.memberStart[cl];
-  for (int32_t k = sub; k < n; k += kNeedLanes) NeedRow(c, int64_t(h) * c.N + mem[k], step);
-}
 
 // Slot i places from the hand (hand < rows, i < rows).
 __device__ __forceinline__ int64_t FromHand(const CacheParams& c, int32_t hand, int64_t i) {
@@ -454,13 +442,13 @@ struct RowCache {
     };
     mark(0);
     if (legacy) {
-      CacheNeed<<<dim3(unsigned(Cdiv(p.cmax + p.exactCount, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
+      CacheNeed<1><<<dim3(unsigned(Cdiv(p.cmax + p.exactCount, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
       mark(1);
       CacheAllocate<<<1, kAllocThreads, 0, s>>>(k);
       mark(2);
       CacheGather<<<kGatherCtas, kGatherThreads, 0, s>>>(k);
     } else {
-      CacheNeedWide<<<dim3(unsigned(Cdiv((p.cmax + p.exactCount) * kNeedLanes, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
+      CacheNeed<kNeedLanes><<<dim3(unsigned(Cdiv((p.cmax + p.exactCount) * kNeedLanes, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
       mark(1);
       CacheCountFree<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
       CacheAssign<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
