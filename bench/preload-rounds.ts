@@ -36,10 +36,13 @@ const KV_HEADS = 8, D = 128, SOURCES = 8;
 const BYTES = LAYERS * TOKENS * KV_HEADS * D * 2 * 2;
 const ROOT = join(import.meta.dirname, '..', '..');
 const PHASES = ['readMs', 'decodeMs', 'queueMs', 'checkMs', 'appendMs', 'writeMs'] as const;
+const CLI_TIMES = ['main', 'clientLoaded', 'created', 'ready', 'firstSent', 'uploaded', 'readWait', 'reads', 'send', 'drain'] as const;
 const ALL_PATHS = ['ts', 'python', 'cli', 'cli-b'] as const;
 type Path = (typeof ALL_PATHS)[number];
 // --cli-b PATH: another build's kvrecall.cjs (or cli.js) preloads too, as path cli-b, for an A/B of the CLI in one sitting.
 const CLI_B = opt('cli-b');
+// --cli-args "--window 3": more flags for both CLIs (a build that does not know one ignores it).
+const CLI_ARGS = opt('cli-args')?.split(' ').filter(Boolean) ?? [];
 // --paths ts,cli: a host whose python3 lacks msgpack skips the Python client.
 const PATHS: readonly Path[] = ALL_PATHS.filter((p) => (opt('paths') ? opt('paths')!.split(',').includes(p) : p !== 'cli-b') && (p !== 'cli-b' || CLI_B));
 const progress = (msg: string) => process.stderr.write(`[bench:preload-rounds] ${msg}\n`);
@@ -53,6 +56,11 @@ interface Preload {
   serverSealCpuS: number;
   /** Server phases summed over the uploads, seconds (the CLI reports none). */
   phases?: Record<(typeof PHASES)[number], number>;
+  /** The CLI's own split (`--timings 1`), ms from its process start; a build without the flag reports none. */
+  cli?: Record<(typeof CLI_TIMES)[number], number>;
+  /** The TypeScript client's: ms from its upload's start to the document created and the stream open (the CLI's ready − clientLoaded). */
+  tsCreatedMs?: number;
+  tsReadyMs?: number;
   load: number;
 }
 
@@ -114,7 +122,9 @@ async function viaTs(server: BenchServer, id: string, sources: Uint16Array[]): P
   const tally = (r: { stats?: KvUploadStats }) => PHASES.forEach((p) => (phases[p] += (r.stats?.[p] ?? 0) / 1000));
   const c0 = cpuSeconds(server.pid), t0 = performance.now();
   await client.createDocument(id, model, { tokens: TOKENS, methods: ['exact'] });
+  const tc = performance.now();
   const stream = await client.openStream();
+  const tr = performance.now();
   const uploads = new UploadWindow(stream, 2);
   let c = 0;
   try {
@@ -132,7 +142,7 @@ async function viaTs(server: BenchServer, id: string, sources: Uint16Array[]): P
   await client.sealDocument(id);
   const t2 = performance.now(), c2 = cpuSeconds(server.pid);
   await client.deleteDocument(id);
-  return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverSealCpuS: c2 - c1, phases };
+  return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverSealCpuS: c2 - c1, phases, tsCreatedMs: tc - t0, tsReadyMs: tr - t0 };
 }
 
 async function viaPython(server: BenchServer, dir: string): Promise<Omit<Preload, 'round' | 'path' | 'load'>> {
@@ -149,14 +159,18 @@ async function viaPython(server: BenchServer, dir: string): Promise<Omit<Preload
 
 async function viaCli(server: BenchServer, id: string, file: string, cli: string): Promise<Omit<Preload, 'round' | 'path' | 'load'>> {
   const c0 = cpuSeconds(server.pid), t0 = performance.now();
-  let t1 = 0, c1 = 0;
+  let t1 = 0, c1 = 0, err = '';
   // The progress bar ends its line when every upload is answered.
-  await run(process.execPath, [cli, 'preload', file, '--id', id, '--url', server.url, '--methods', 'exact', '--chunk', String(CHUNK)], ROOT, (s) => {
+  await run(process.execPath, [cli, 'preload', file, '--id', id, '--url', server.url, '--methods', 'exact', '--chunk', String(CHUNK), '--timings', '1', ...CLI_ARGS], ROOT, (s) => {
     if (!t1 && s.includes('\n')) (t1 = performance.now()), (c1 = cpuSeconds(server.pid));
+    err += s;
   });
   const t2 = performance.now(), c2 = cpuSeconds(server.pid);
   await new KvrecallClient({ url: server.url }).deleteDocument(id);
-  return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverSealCpuS: c2 - c1 };
+  const line = /kvrecall timings (\{.*\})/.exec(err)?.[1];
+  const times = line ? (JSON.parse(line) as Record<string, number>) : undefined;
+  const cliTimes = times && (Object.fromEntries(CLI_TIMES.map((k) => [k, times[k] ?? NaN])) as Record<(typeof CLI_TIMES)[number], number>);
+  return { uploadS: (t1 - t0) / 1000, sealS: (t2 - t1) / 1000, serverUploadCpuS: c1 - c0, serverSealCpuS: c2 - c1, ...(cliTimes && { cli: cliTimes }) };
 }
 
 async function main(): Promise<void> {
@@ -194,6 +208,18 @@ async function main(): Promise<void> {
     ...preloads.map((r) => `| ${r.round} | ${r.path} | ${f2(r.load)} | ${f2(r.uploadS)} | ${gbs(r.uploadS)} | ${f2(r.serverUploadCpuS)} | ${gbs(r.serverUploadCpuS)} | ${f2(r.sealS)} | ${gbs(r.sealS)} | ${f2(r.serverSealCpuS)} | ${PHASES.map((p) => (r.phases ? f2(r.phases[p]) : '—')).join(' | ')} |`),
     '',
   ];
+  const split = preloads.filter((r) => r.cli);
+  if (split.length)
+    lines.push(
+      `The CLI's own split (\`--timings 1\`${CLI_ARGS.length ? `; flags ${CLI_ARGS.join(' ')}` : ''}), ms from its process start: its module running (main), the client loaded, the document created (its memory reserved), the stream open (ready), the first upload in the socket, the last answered; then, summed over the uploads, waiting on reads, the reads' own time (overlapped or not), waiting in send (socket and window), and the last answers.`,
+      '',
+      '| round | path | main | client loaded | created | ready | first sent | uploaded | read wait | reads | send | drain |',
+      '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+      ...split.map((r) => `| ${r.round} | ${r.path} | ${CLI_TIMES.map((k) => r.cli![k].toFixed(0)).join(' | ')} |`),
+      '',
+      ...preloads.filter((r) => r.tsReadyMs !== undefined).map((r) => `The TypeScript client, round ${r.round}: created ${r.tsCreatedMs!.toFixed(0)} ms, ready ${r.tsReadyMs!.toFixed(0)} ms after its start.`),
+      '',
+    );
   writeFileSync(`${base}.md`, lines.join('\n'));
   console.log(lines.join('\n'));
 }

@@ -4,16 +4,17 @@
 //                  [--memory-budget BYTES] [--gpu-budget BYTES (0: CPU only)] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-kmeans 0|1]
 //                  [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N]
 // kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
-//                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]
-import { startServer } from '../api/server.js';
-import { parseConfig } from '../core/config.js';
-import { preload, progressBar } from '../clients/ts/preload.js';
+//                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--timings 0|1]
+// Each command imports what it runs when it runs: `preload` loaded the whole server side first (the API, the
+// engine, the storage layers and the native addon), ~90 ms of its start on a 2-core VM for nothing it uses.
+import type { PreloadTimings } from '../clients/ts/preload.js';
 
 const USAGE = `usage:
   kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data [--lmdb-shards N] | --store redis://HOST:PORT[,HOST:PORT...]] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-kmeans 0|1] [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N]
-  kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16]`;
+  kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--timings 0|1]`;
 
 async function serve(args: string[]): Promise<void> {
+  const [{ startServer }, { parseConfig }] = await Promise.all([import('../api/server.js'), import('../core/config.js')]);
   const cfg = parseConfig(args, process.env);
   const server = await startServer(cfg);
   for (const id of server.engine.recovered) console.log(`kvrecall: document ${id} was interrupted mid-preload; marked incomplete`);
@@ -53,6 +54,12 @@ async function preloadCommand(args: string[]): Promise<void> {
   const file = positional[0], id = opts.get('id');
   if (!file || !id) throw new Error(USAGE);
   const dtype = opts.get('dtype');
+  const timed = opts.get('timings');
+  if (timed !== undefined && timed !== '0' && timed !== '1') throw new Error('--timings is 0 or 1');
+  const loaded = performance.now();
+  const { preload, progressBar } = await import('../clients/ts/preload.js');
+  const started = performance.now();
+  const timings: PreloadTimings | undefined = timed === '1' ? { created: 0, ready: 0, firstSent: 0, uploaded: 0, sealed: 0, readWait: 0, send: 0, drain: 0, reads: 0 } : undefined;
   if (dtype !== undefined && dtype !== 'f16' && dtype !== 'bf16') throw new Error('--dtype is f16 or bf16');
   const res = await preload({
     file,
@@ -64,7 +71,10 @@ async function preloadCommand(args: string[]): Promise<void> {
     qHeads: positive(opts, 'q-heads'),
     dtype,
     progress: progressBar(`preload ${id}`),
+    timings,
   });
+  // ms from the process start (performance.now()'s origin); `main`: this module loaded and running.
+  if (timings) console.error(`kvrecall timings ${JSON.stringify({ main: loaded, clientLoaded: started, ...timings })}`);
   console.log(`kvrecall: document ${id} ready: ${res.tokens} tokens × ${res.layers} layers`);
 }
 

@@ -10,7 +10,7 @@
 // Uploads go over the stream (GET /v1/stream), `window` of them in flight:
 // the server reads the next one's bytes straight from the socket while it
 // appends and stores this one (bench/results/preload-vm.md).
-import { KvrecallClient, type KvUploadBody, type KvUploadStats, type Tensor } from './client.js';
+import { KvrecallClient, type DocumentInfo, type KvUploadBody, type KvUploadStats, type Tensor } from './client.js';
 import type { KvrecallStream } from './stream.js';
 import { invalid } from '../../core/errors.js';
 import { SafetensorsFile } from './safetensors.js';
@@ -28,6 +28,28 @@ export interface PreloadOptions {
   progress: (done: number, total: number) => void;
   /** Uploads in flight on the stream (default 2). */
   window?: number;
+  /** Filled with where the time went, ms (`kvrecall preload --timings`). */
+  timings?: PreloadTimings;
+}
+
+/** Where a preload's time went, ms since `performance.now()`'s origin (the process start): the CLI's split. */
+export interface PreloadTimings {
+  /** The document created (its memory reserved). */
+  created: number;
+  /** The stream open too: the first upload may start. */
+  ready: number;
+  /** The first upload handed to the socket. */
+  firstSent: number;
+  /** The last upload answered (the progress bar's 100%). */
+  uploaded: number;
+  /** Sealed. */
+  sealed: number;
+  /** Summed over the uploads: waiting for a chunk's reads (the first included), waiting in `send` (the socket, the window), waiting for the last answers. */
+  readWait: number;
+  send: number;
+  drain: number;
+  /** Summed over the chunks: each chunk's reads from start to end, whether or not an upload waited on them. */
+  reads: number;
 }
 
 /** Uploads in order on one stream, up to `window` answers outstanding; the first failure is thrown (by `send` or `drain`). */
@@ -68,6 +90,8 @@ export class UploadWindow {
 export async function preload(o: PreloadOptions): Promise<{ tokens: number; layers: number }> {
   if (!Number.isInteger(o.chunk) || o.chunk < 1) throw invalid(`chunk takes a positive integer of tokens, not ${o.chunk}`);
   const f = new SafetensorsFile(o.file);
+  // Settled before the file closes: no read still runs under it.
+  let first: Promise<unknown> | undefined;
   try {
     const layers = [...f.tensors.keys()].filter((n) => /^k\.\d+$/.test(n)).length;
     const k0 = f.tensors.get('k.0');
@@ -80,10 +104,24 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
     const dtype = o.dtype ?? (k0.dtype === 'bf16' ? 'bf16' : 'f16');
     const model = { layers, qHeads, kvHeads, headDim, dtype };
     const client = new KvrecallClient({ url: o.url, token: o.token });
-    // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
-    const made = await client.createDocument(o.id, model, { methods: o.methods, tokens });
+    const reader = chunkReader(o, f, { layers, tokens, qHeads, kvHeads, headDim });
+    // The stream's handshake and the first chunk's reads need no document: they run while the server creates it
+    // (its memory reserved whole: the CLI's slowest step before its first upload, bench/results/preload-vm-cli-ab.md).
+    const opening = client.openStream();
+    opening.catch(() => undefined);
+    first = reader.chunks.length > 0 ? reader.read(0) : undefined;
+    first?.catch(() => undefined);
+    let made: DocumentInfo;
     try {
-      return await uploadAndSeal(o, f, client, { layers, tokens, qHeads, kvHeads, headDim });
+      // The tokens hint: the memory reserved whole now (503 at once if it does not fit), never regrown while uploading.
+      made = await client.createDocument(o.id, model, { methods: o.methods, tokens });
+    } catch (e) {
+      await opening.then((s) => s.close(), () => undefined);
+      throw e;
+    }
+    if (o.timings) o.timings.created = performance.now();
+    try {
+      return await uploadAndSeal(o, client, opening, reader, first as Promise<KvUploadBody> | undefined, layers);
     } catch (e) {
       // Left loading, the document kept its whole reservation of host memory (the tokens hint) until someone
       // DELETEd it, and a rerun got 409; as the Python client's push_document, a failed preload removes what it made.
@@ -93,20 +131,23 @@ export async function preload(o: PreloadOptions): Promise<{ tokens: number; laye
       throw e;
     }
   } finally {
+    await first?.catch(() => undefined);
     f.close();
   }
 }
 
-async function uploadAndSeal(
+interface ChunkReader {
+  chunks: { layer: number; start: number; end: number }[];
+  /** Chunk i's tensors, read off the event loop into the buffer set i % 2. */
+  read(i: number): Promise<KvUploadBody>;
+}
+
+function chunkReader(
   o: PreloadOptions,
   f: SafetensorsFile,
-  client: KvrecallClient,
   { layers, tokens, qHeads, kvHeads, headDim }: { layers: number; tokens: number; qHeads: number; kvHeads: number; headDim: number },
-): Promise<{ tokens: number; layers: number }> {
-  const total = layers * tokens;
-  let done = 0;
-  const stream = await client.openStream();
-  const uploads = new UploadWindow(stream, o.window ?? 2);
+): ChunkReader {
+  const tm = o.timings;
   // Two sets of buffers, one per tensor kind each, taken in turn: chunk i+1 is read (off the event loop) into one
   // while chunk i's tensors, in the other, go into the socket. An upload's tensors are in the socket once send resolves.
   const sets = [new Map<string, Buffer>(), new Map<string, Buffer>()];
@@ -122,6 +163,7 @@ async function uploadAndSeal(
     for (let start = 0; start < tokens; start += o.chunk) chunks.push({ layer, start, end: Math.min(tokens, start + o.chunk) });
   const read = async (i: number): Promise<KvUploadBody> => {
     const { layer, start, end } = chunks[i], set = sets[i % 2];
+    const began = tm ? performance.now() : 0;
     // All three settle before a failure is thrown (the file is closed after the last read, not under one).
     const settled = await Promise.allSettled([
       slice(set, `k.${layer}`, start, end, kvHeads),
@@ -131,26 +173,55 @@ async function uploadAndSeal(
     const failed = settled.find((r) => r.status === 'rejected');
     if (failed) throw failed.reason;
     const [k, v, q] = settled.map((r) => (r as PromiseFulfilledResult<Tensor | undefined>).value);
+    if (tm) tm.reads += performance.now() - began;
     return { layer, start, k: k!, v: v!, ...(q && { q }) };
   };
-  let next = chunks.length > 0 ? read(0) : undefined;
+  return { chunks, read };
+}
+
+async function uploadAndSeal(
+  o: PreloadOptions,
+  client: KvrecallClient,
+  opening: Promise<KvrecallStream>,
+  { chunks, read }: ChunkReader,
+  first: Promise<KvUploadBody> | undefined,
+  layers: number,
+): Promise<{ tokens: number; layers: number }> {
+  const total = chunks.reduce((n, c) => n + c.end - c.start, 0);
+  let done = 0;
+  const stream = await opening;
+  const uploads = new UploadWindow(stream, o.window ?? 2);
+  const tm = o.timings;
+  if (tm) tm.ready = performance.now();
+  let next = first;
   try {
     for (let i = 0; i < chunks.length; i++) {
+      const t0 = tm ? performance.now() : 0;
       const body = await next!;
+      const t1 = tm ? performance.now() : 0;
       // The next read may start now: its buffers are the ones the upload before this one was in, which the socket has taken.
       next = i + 1 < chunks.length ? read(i + 1) : undefined;
       // A read that fails while this upload is sent is thrown at the next await of it, not left unhandled.
       next?.catch(() => undefined);
       const { start, end } = chunks[i];
       await uploads.send(o.id, body, () => o.progress((done += end - start), total));
+      if (tm) {
+        const t2 = performance.now();
+        tm.readWait += t1 - t0;
+        tm.send += t2 - t1;
+        if (i === 0) tm.firstSent = t2;
+      }
     }
+    const t3 = tm ? performance.now() : 0;
     await uploads.drain();
+    if (tm) (tm.uploaded = performance.now()), (tm.drain = tm.uploaded - t3);
   } finally {
     stream.close();
     // A read still running when an upload failed settles before the caller closes the file under it.
     await next?.catch(() => undefined);
   }
   const sealed = await client.sealDocument(o.id);
+  if (tm) tm.sealed = performance.now();
   return { tokens: sealed.tokens, layers };
 }
 

@@ -169,6 +169,35 @@ describe('preload', () => {
     await expect(client.getDocument('cut')).rejects.toMatchObject({ status: 404 });
   });
 
+  it('refused at create (the id taken), fails with 409 and leaves the other document alone (its stream and first read start beside the create)', async () => {
+    const file = join(tmp.dir, 'taken.safetensors');
+    const c = randomKv(rng, 'f16', 2, 300, 16);
+    writeSafetensors(file, { 'k.0': c.k, 'v.0': c.v });
+    const model = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
+    const theirs = await client.createDocument('taken', model);
+    await expect(preload({ file, id: 'taken', url: server.url, methods: [], chunk: 100, qHeads: 4, progress: () => undefined })).rejects.toMatchObject({ status: 409 });
+    expect(await client.getDocument('taken')).toMatchObject({ status: 'loading', createdAt: theirs.createdAt });
+    await client.deleteDocument('taken');
+  });
+
+  it('--timings 1 prints where the time went, in order, beside the same upload', async () => {
+    const file = join(tmp.dir, 'timed.safetensors');
+    const c = [0, 1].map(() => randomKv(rng, 'f16', 2, 600, 16));
+    writeSafetensors(file, { 'k.0': c[0].k, 'v.0': c[0].v, 'k.1': c[1].k, 'v.1': c[1].v });
+    const { stderr } = await run(process.execPath, [CLI, 'preload', file, '--id', 'timed', '--url', server.url, '--chunk', '200', '--q-heads', '4', '--timings', '1']);
+    expect(stderr).toMatch(/100\.0% 1200\/1200/);
+    const t = JSON.parse(/kvrecall timings (\{.*\})/.exec(stderr)![1]) as Record<string, number>;
+    const order = ['main', 'clientLoaded', 'created', 'firstSent', 'uploaded', 'sealed'].map((k) => t[k]);
+    expect(order.every((x, i) => x > 0 && (i === 0 || x >= order[i - 1]))).toBe(true);
+    expect(t.ready).toBeGreaterThanOrEqual(t.clientLoaded);
+    expect(t.ready).toBeLessThanOrEqual(t.firstSent);
+    for (const k of ['readWait', 'reads', 'send', 'drain']) expect(t[k]).toBeGreaterThanOrEqual(0);
+    expect(t.reads).toBeGreaterThan(0);
+    await expect(run(process.execPath, [CLI, 'preload', file, '--id', 'timed2', '--url', server.url, '--timings', 'yes'])).rejects.toMatchObject({ stderr: expect.stringContaining('--timings is 0 or 1') });
+    await expect(client.getDocument('timed2')).rejects.toMatchObject({ status: 404 });
+    await client.deleteDocument('timed');
+  });
+
   it("stores a BF16 file as bf16 without --dtype, its words unchanged", async () => {
     const file = join(tmp.dir, 'bf16.safetensors');
     const c = randomKv(rng, 'bf16', 2, 70, 16);
