@@ -4,14 +4,14 @@
 //                  [--memory-budget BYTES] [--gpu-budget BYTES (0: CPU only)] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-kmeans 0|1]
 //                  [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N]
 // kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
-//                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--timings 0|1]
+//                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--window 2] [--timings 0|1]
 // Each command imports what it runs when it runs: `preload` loaded the whole server side first (the API, the
 // engine, the storage layers and the native addon), ~90 ms of its start on a 2-core VM for nothing it uses.
 import type { PreloadTimings } from '../clients/ts/preload.js';
 
 const USAGE = `usage:
   kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data [--lmdb-shards N] | --store redis://HOST:PORT[,HOST:PORT...]] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-kmeans 0|1] [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N]
-  kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--timings 0|1]`;
+  kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--window 2] [--timings 0|1]`;
 
 async function serve(args: string[]): Promise<void> {
   const [{ startServer }, { parseConfig }] = await Promise.all([import('../api/server.js'), import('../core/config.js')]);
@@ -69,6 +69,7 @@ async function preloadCommand(args: string[]): Promise<void> {
     methods: opts.get('methods')?.split(',').filter(Boolean) ?? [],
     chunk: positive(opts, 'chunk') ?? 4096,
     qHeads: positive(opts, 'q-heads'),
+    window: positive(opts, 'window'),
     dtype,
     progress: progressBar(`preload ${id}`),
     timings,

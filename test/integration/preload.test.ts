@@ -85,6 +85,9 @@ describe('preload', () => {
       await expect(failed).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining(`--chunk takes a positive integer, not ${chunk}`) });
       await expect(client.getDocument(id)).rejects.toMatchObject({ status: 404 });
     }
+    const failed = run(process.execPath, [CLI, 'preload', file, '--id', 'window0', '--url', server.url, '--window', '0']);
+    await expect(failed).rejects.toMatchObject({ code: 1, stderr: expect.stringContaining('--window takes a positive integer, not 0') });
+    await expect(client.getDocument('window0')).rejects.toMatchObject({ status: 404 });
   });
 
   it('deletes the document it created when an upload fails, so a rerun starts clean', async () => {
@@ -180,11 +183,11 @@ describe('preload', () => {
     await client.deleteDocument('taken');
   });
 
-  it('--timings 1 prints where the time went, in order, beside the same upload', async () => {
+  it('--timings 1 prints where the time went, in order; --window 3 uploads the same bytes', async () => {
     const file = join(tmp.dir, 'timed.safetensors');
     const c = [0, 1].map(() => randomKv(rng, 'f16', 2, 600, 16));
     writeSafetensors(file, { 'k.0': c[0].k, 'v.0': c[0].v, 'k.1': c[1].k, 'v.1': c[1].v });
-    const { stderr } = await run(process.execPath, [CLI, 'preload', file, '--id', 'timed', '--url', server.url, '--chunk', '200', '--q-heads', '4', '--timings', '1']);
+    const { stderr } = await run(process.execPath, [CLI, 'preload', file, '--id', 'timed', '--url', server.url, '--chunk', '200', '--q-heads', '4', '--window', '3', '--timings', '1']);
     expect(stderr).toMatch(/100\.0% 1200\/1200/);
     const t = JSON.parse(/kvrecall timings (\{.*\})/.exec(stderr)![1]) as Record<string, number>;
     const order = ['main', 'clientLoaded', 'created', 'firstSent', 'uploaded', 'sealed'].map((k) => t[k]);
@@ -195,6 +198,16 @@ describe('preload', () => {
     expect(t.reads).toBeGreaterThan(0);
     await expect(run(process.execPath, [CLI, 'preload', file, '--id', 'timed2', '--url', server.url, '--timings', 'yes'])).rejects.toMatchObject({ stderr: expect.stringContaining('--timings is 0 or 1') });
     await expect(client.getDocument('timed2')).rejects.toMatchObject({ status: 404 });
+    // Three uploads unanswered, the two buffer sets still taken in turn: every row as the file holds it.
+    const sess = await client.createSession({ model: { layers: 2, qHeads: 4, kvHeads: 2, headDim: 16 }, documents: ['timed'] });
+    for (const layer of [0, 1]) {
+      const r = await client.attend(sess.id, { layer, q: tensor('f32', [4, 16], randomQ(rng, 4, 16)), return: ['kv'] });
+      for (const h of [0, 1]) {
+        expect(Buffer.from(r.kv!.k[h].data)).toEqual(Buffer.from(c[layer].k.data.subarray(h * 600 * 16 * 2, (h + 1) * 600 * 16 * 2)));
+        expect(Buffer.from(r.kv!.v[h].data)).toEqual(Buffer.from(c[layer].v.data.subarray(h * 600 * 16 * 2, (h + 1) * 600 * 16 * 2)));
+      }
+    }
+    await client.deleteSession(sess.id);
     await client.deleteDocument('timed');
   });
 
