@@ -20,6 +20,7 @@ import { join } from 'node:path';
 import { checksum64, prefault } from '../addon/kernels.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
+import { runInterleaved } from './interleaved.js';
 
 const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -131,16 +132,12 @@ async function main(): Promise<void> {
     rows.push({ name: `native no-op on the calling thread, ${g ? `the process asleep ${g} ms before each` : 'back to back'}`, kind: 'hop', series: 'thread', gap: g, before: () => (g ? sleep(g) : undefined), call: onThread, ms: [] });
   }
   try {
-    for (let w = 0; w < 20; w++) for (const r of rows) await r.call();
-    const block = Math.max(1, Math.round(CALLS / ROUNDS));
-    for (let round = 0; round < ROUNDS; round++) {
-      for (const r of rows)
-        for (let i = 0; i < block; i++) {
-          await r.before();
-          r.ms.push(await r.call());
-        }
-      process.stderr.write(`[bench:transport-floor] round ${round + 1}/${ROUNDS}\n`);
-    }
+    await runInterleaved(rows, {
+      calls: CALLS,
+      rounds: ROUNDS,
+      timed: async (r) => void r.ms.push(await r.call()),
+      progress: (msg) => process.stderr.write(`[bench:transport-floor] ${msg}\n`),
+    });
   } finally {
     plain.stop();
     hot.stop();

@@ -41,6 +41,7 @@ import { deviceCallRuns, GPU_SYNC_US, setGpuSyncUs } from '../addon/device-calls
 import { startServer as startInProcess } from '../api/server.js';
 import { parseConfig } from '../core/config.js';
 import { bareHealth, startServer } from './transport-rows.js';
+import { runInterleaved } from './interleaved.js';
 
 const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -178,22 +179,20 @@ async function main(): Promise<void> {
       row({ name: `bare ping on the stream${g ? `, the client idle ${g} ms before each` : ', back to back'}`, lane: '', gap: g, before, call: () => timed(async () => (await lanes[0].stream.ping(), 0)), kind: 'ping' });
       row({ name: `bare GET /v1/health, one keep-alive connection${g ? `, the client idle ${g} ms before each` : ', back to back'}`, lane: '', gap: g, before, call: () => timed(async () => (await hb.call(), 0)), kind: 'health' });
     }
-    for (let w = 0; w < 20; w++) for (const r of rows) await r.call();
-    const block = Math.max(1, Math.round(CALLS / ROUNDS));
-    for (let round = 0; round < ROUNDS; round++) {
-      for (const r of rows)
-        for (let i = 0; i < block; i++) {
-          await r.before();
-          const calls = deviceCallRuns();
-          const [overhead, server] = await r.call();
-          const after = deviceCallRuns();
-          r.gpuCalls.loop += after.loop - calls.loop;
-          r.gpuCalls.pool += after.pool - calls.pool;
-          r.overhead.push(overhead);
-          r.server.push(server);
-        }
-      progress(`round ${round + 1}/${ROUNDS}`);
-    }
+    await runInterleaved(rows, {
+      calls: CALLS,
+      rounds: ROUNDS,
+      timed: async (r) => {
+        const calls = deviceCallRuns();
+        const [overhead, server] = await r.call();
+        const after = deviceCallRuns();
+        r.gpuCalls.loop += after.loop - calls.loop;
+        r.gpuCalls.pool += after.pool - calls.pool;
+        r.overhead.push(overhead);
+        r.server.push(server);
+      },
+      progress,
+    });
     const q50 = (xs: number[]) => quantile(xs, 0.5, 'nearest');
     const bare = (kind: Row['kind'], gap: number) => rows.find((r) => r.kind === kind && r.gap === gap);
     const table = rows.map((r) => {
