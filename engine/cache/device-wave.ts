@@ -69,6 +69,16 @@ interface Entry {
 
 /** A store a step used this recently is not evicted to make room (a layer's steps recur every token). */
 export const WARM_MS = 10_000;
+/**
+ * A layer whose store's creation failed for want of room (device or pinned
+ * host memory the budget did not see: another process, the pool's growth) is
+ * tried again after this, doubling with each failure up to RETRY_MAX_MS:
+ * memory comes back, and a layer kept on the host for good was ~30x slower
+ * for the server's life. Arguments the binding refuses (TypeError,
+ * RangeError) fail the same way every time: never tried again.
+ */
+export const RETRY_MS = 30_000;
+export const RETRY_MAX_MS = 15 * 60_000;
 
 export interface DeviceWaveStats {
   budgetBytes: number;
@@ -154,10 +164,11 @@ export class DeviceWaveStores {
   private overCache = 0;
   private closed = false;
   /**
-   * Layers the device refused to hold (out of memory, a shape the kernels
-   * refuse): not tried again, or every step would copy gigabytes to fail.
+   * Layers whose creation failed: when they may be tried again (Infinity for
+   * arguments the binding refuses) and how often they failed. Not tried
+   * before then, or every step would copy gigabytes to fail (RETRY_MS).
    */
-  private readonly failed = new Set<string>();
+  private readonly failed = new Map<string, { retryAt: number; failures: number }>();
   /** Dropped stores that steps still read or that are still being made: out of the LRU, their bytes still held. */
   private readonly draining = new Set<Entry>();
 
@@ -183,7 +194,8 @@ export class DeviceWaveStores {
   async acquire(key: string, heads: ClusterIndex[], model: ModelShape): Promise<HeldWaveStore | undefined> {
     if (this.closed) return undefined;
     let e = this.lru.get(key);
-    if (!e && this.failed.has(key)) {
+    const failure = e ? undefined : this.failed.get(key);
+    if (failure && this.now() < failure.retryAt) {
       this.refused++;
       return undefined;
     }
@@ -271,20 +283,24 @@ export class DeviceWaveStores {
           e.store = store;
           e.state = 'live';
           e.usedAt = this.now();
+          this.failed.delete(e.key);
           // Dropped (or the stores closed) while it was made: no step holds it.
           if (e.dropped) this.free(e);
           e.settle!();
         },
         (err: unknown) => {
-          // Out of device memory or a shape the kernels refuse: the host path answers, from now on.
+          // Out of device memory, or arguments the binding refuses: the host path answers, for a while or for good.
           e.state = 'freed';
           this.used -= e.bytes;
           this.hostUsed -= e.hostBytes;
           this.draining.delete(e);
           if (!e.dropped) {
             if (this.lru.get(e.key) === e) this.lru.delete(e.key);
-            this.failed.add(e.key);
-            console.error(`kvrecall: wave layer ${e.key} stays on the host: ${String(err)}`);
+            const failures = (this.failed.get(e.key)?.failures ?? 0) + 1;
+            const permanent = err instanceof TypeError || err instanceof RangeError;
+            const waitMs = permanent ? Infinity : Math.min(RETRY_MAX_MS, RETRY_MS * 2 ** (failures - 1));
+            this.failed.set(e.key, { retryAt: this.now() + waitMs, failures });
+            console.error(`kvrecall: wave layer ${e.key} stays on the host ${permanent ? 'for good' : `for ${Math.round(waitMs / 1000)} s`}: ${String(err)}`);
           }
           e.settle!();
           this.pump();
@@ -304,7 +320,7 @@ export class DeviceWaveStores {
       this.lru.delete(key);
       this.retire(e);
     }
-    for (const key of this.failed) if (key.startsWith(prefix)) this.failed.delete(key);
+    for (const key of this.failed.keys()) if (key.startsWith(prefix)) this.failed.delete(key);
   }
 
   /** Out of the LRU: freed now if nothing reads or makes it, else once that ends. */

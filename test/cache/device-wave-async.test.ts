@@ -6,13 +6,14 @@
 // do not wait on it); the device bytes, counted from a creation's start to
 // its free's end, never exceed the budget, so a store evicted for another is
 // freed before the other allocates; a failed creation leaves the layer on
-// the host; a store is freed only once no step reads it. The real stores
+// the host until RETRY_MS (doubling) has passed, or for good when the
+// binding refused its arguments; a store is freed only once no step reads it. The real stores
 // made this way: test/native/wave-gpu.test.ts (GPU).
 import { describe, expect, it } from 'vitest';
 import { bytesOf, convert } from '../../addon/kernels.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
-import { DeviceWaveStores, WARM_MS, waveStoreBytes, type HeldWaveStore } from '../../engine/cache/device-wave.js';
+import { DeviceWaveStores, RETRY_MAX_MS, RETRY_MS, WARM_MS, waveStoreBytes, type HeldWaveStore } from '../../engine/cache/device-wave.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
 import { decodeClusters } from '../../index/wave/cluster-codec.js';
 import { ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -141,11 +142,12 @@ describe('device wave stores made off the event loop', () => {
     expect(f.onDevice()).toBe(0);
   });
 
-  it('a failed creation: the steps waiting on it and later ones take the host path, its bytes return, it is not tried again', async () => {
+  it('a failed creation: the steps waiting on it and later ones take the host path, its bytes return; tried again after RETRY_MS, doubling', async () => {
     const heads = await layerHeads(new Rng(seed + 2));
     const bytes = waveStoreBytes(heads, N, model.headDim);
     const f = slowStores(Math.floor(1.5 * bytes), bytes);
-    const stores = new DeviceWaveStores(Math.floor(1.5 * bytes), f.create);
+    let clock = 0;
+    const stores = new DeviceWaveStores(Math.floor(1.5 * bytes), f.create, () => clock);
     const waiting = [stores.acquire('a', heads, model), stores.acquire('a', heads, model)];
     await tick();
     // Beside a's creation there is no room for b.
@@ -153,6 +155,7 @@ describe('device wave stores made off the event loop', () => {
     f.makes[0].fail(new Error('out of device memory'));
     expect(await Promise.all(waiting)).toEqual([undefined, undefined]);
     expect(stores.stats()).toMatchObject({ stores: 0, creating: 0, usedBytes: 0, refused: 3 });
+    clock = RETRY_MS - 1;
     expect(await stores.acquire('a', heads, model)).toBeUndefined();
     expect(f.makes).toHaveLength(1);
     // Its room is free again: b is made.
@@ -160,7 +163,47 @@ describe('device wave stores made off the event loop', () => {
     await tick();
     f.makes[1].finish();
     expect((await b)!.store).toBe(f.makes[1].store);
+    (await b)!.release();
     expect(f.over).toEqual([]);
+
+    // Past RETRY_MS a is tried again (b, idle and cold, evicted for it); a second failure waits twice as long.
+    clock = RETRY_MS + WARM_MS;
+    const again = stores.acquire('a', heads, model);
+    await tick();
+    f.frees[0]?.finish();
+    await tick();
+    expect(f.makes).toHaveLength(3);
+    f.makes[2].fail(new Error('out of device memory'));
+    expect(await again).toBeUndefined();
+    const failedAt = clock;
+    clock = failedAt + 2 * RETRY_MS - 1;
+    expect(await stores.acquire('a', heads, model)).toBeUndefined();
+    expect(f.makes).toHaveLength(3);
+    clock = failedAt + 2 * RETRY_MS;
+    const third = stores.acquire('a', heads, model);
+    await tick();
+    expect(f.makes).toHaveLength(4);
+    f.makes[3].finish();
+    const held = (await third)!;
+    expect(held.store).toBe(f.makes[3].store);
+    held.release();
+    expect(f.over).toEqual([]);
+  });
+
+  it('a creation refused for its arguments (TypeError, RangeError) is never tried again', async () => {
+    const heads = await layerHeads(new Rng(seed + 5));
+    const bytes = waveStoreBytes(heads, N, model.headDim);
+    const f = slowStores(10 * bytes, bytes);
+    let clock = 0;
+    const stores = new DeviceWaveStores(10 * bytes, f.create, () => clock);
+    const p = stores.acquire('a', heads, model);
+    await tick();
+    f.makes[0].fail(new TypeError('keys: expected a Uint16Array'));
+    expect(await p).toBeUndefined();
+    clock = 100 * RETRY_MAX_MS;
+    expect(await stores.acquire('a', heads, model)).toBeUndefined();
+    expect(f.makes).toHaveLength(1);
+    expect(stores.stats()).toMatchObject({ usedBytes: 0, refused: 2 });
   });
 
   it('a dropped store is freed after its last reader; one dropped while being made, once made, its waiting steps on the host', async () => {
