@@ -111,14 +111,19 @@ function roundsLines() {
   ];
 }
 
-/** The same rounds on the GPU host, by path (issue #14's 2 GB/s for each of the three). */
+/** The same rounds on the GPU host, by path (issue #14's 2 GB/s for each of the three), one line per run that exists. */
 function hostRoundsLines() {
-  const f = 'bench/results/preload-h100-rounds.json';
-  if (!existsSync(join(ROOT, f))) return [];
-  const j = json(f);
-  const by = (path, k) => span(j.preloads.filter((p) => p.path === path).map((p) => j.bytes / p[k] / 1e9), (v) => fix(v, 2));
-  const paths = [...new Set(j.preloads.map((p) => p.path))], seal = span(j.preloads.map((p) => j.bytes / p.sealS / 1e9), (v) => fix(v, 2));
-  return ['', `The same rounds on the GPU host (\`${f}\`, ${machine(j.machine)}, ${j.date.slice(0, 10)}, ${fix(j.bytes / 1e9, 2)} GB each): upload ${paths.map((p) => `${p} ${by(p, 'uploadS')}`).join(', ')} GB/s; seal (exact only) ${seal} GB/s.`];
+  const runs = [
+    ['bench/results/preload-h100-rounds.json', ''],
+    ['bench/results/preload-h100-cli-split.json', ', the CLI loading only the client (e5444a2)'],
+    ['bench/results/preload-h100-rounds-1m.json', ', at 1M tokens'],
+  ];
+  return runs.filter(([f]) => existsSync(join(ROOT, f))).map(([f, what]) => {
+    const j = json(f);
+    const by = (path, k) => span(j.preloads.filter((p) => p.path === path).map((p) => j.bytes / p[k] / 1e9), (v) => fix(v, 2));
+    const paths = [...new Set(j.preloads.map((p) => p.path))], seal = span(j.preloads.map((p) => j.bytes / p.sealS / 1e9), (v) => fix(v, 2));
+    return `\nThe same rounds on the GPU host${what} (\`${f}\`, ${machine(j.machine)}, ${j.date.slice(0, 10)}, ${fix(j.bytes / 1e9, 2)} GB each): upload ${paths.map((p) => `${p} ${by(p, 'uploadS')}`).join(', ')} GB/s; seal (exact only) ${seal} GB/s.`;
+  });
 }
 
 // ---------------------------------------------------------------- blocks
