@@ -15,7 +15,7 @@ import type { AttendRequest } from './attend-request.js';
 import type { Session } from './session.js';
 import { conflict, invalid } from '../core/errors.js';
 import { estimateRest, mergeInto } from './estimate.js';
-import { restOnDevice } from './rest-on-device.js';
+import { startRestOnDevice } from './rest-on-device.js';
 
 export interface AttendResult {
   out: Float32Array; // [qHeads, headDim]
@@ -103,10 +103,11 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
       // (parts combined by log-sum-exp); else on the host, after. Both settle before either error is
       // thrown: the device call holds its store until it ends.
       const estimating = clusters !== undefined && ctx.segments.length > 1;
-      // The device's call is started first: a short host attend runs on the event loop's thread
-      // (addon/kernels.ts), so started before it, it would hold the device call back until it ended.
-      const rest = estimating ? restOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined;
-      const [attended, onDevice] = await Promise.allSettled([session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }), rest]);
+      // The device's call is queued (awaited here: the layer's store) before the attend starts: the
+      // attend's residency work and a short attend (the pool's or the host kernel's) run on the event
+      // loop's thread to their end, so a call queued after them did not overlap them (rest-on-device.ts).
+      const started = estimating ? await startRestOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined;
+      const [attended, onDevice] = await Promise.allSettled([session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }), started?.estimate]);
       if (attended.status === 'rejected') throw attended.reason;
       if (onDevice.status === 'rejected') throw onDevice.reason;
       residency = attended.value;

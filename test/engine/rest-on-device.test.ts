@@ -12,7 +12,7 @@ import { estimateClusters } from '../../addon/estimate.js';
 import type { WaveGpuRestArgs, WaveGpuRestResult, WaveGpuStore } from '../../addon/wave-gpu.js';
 import { expandRows } from '../../bench/wave-gpu-rest.js';
 import { estimateRest } from '../../engine/estimate.js';
-import { restOnDevice, restRows } from '../../engine/rest-on-device.js';
+import { restRows, startRestOnDevice } from '../../engine/rest-on-device.js';
 import type { Session } from '../../engine/session.js';
 import { concatRows, rowsOf } from '../../engine/cache/selection-parts.js';
 import type { LayerContext, Selection, SelectionPart } from '../../index/method.js';
@@ -22,6 +22,12 @@ import { ClusterIndex } from '../../index/wave/cluster-index.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { bytesOf, convert } from '../../addon/kernels.js';
+
+/** The estimate, started and awaited (undefined where the host estimates). */
+async function restOnDevice(...a: Parameters<typeof startRestOnDevice>) {
+  const started = await startRestOnDevice(...a);
+  return started && (await started.estimate);
+}
 
 const seed = freshSeed();
 console.log(`rest-on-device: seed ${seed}`);
@@ -134,6 +140,33 @@ describe('the estimate of a selection on the device: plumbing', () => {
     expect(log).toEqual([]);
     await expect(restOnDevice(sessionWith(standInStore(heads, log, true), log), ctx, selection, [heads], q, 1)).rejects.toThrow(/device rest failed/);
     expect(log).toEqual(['rest', 'released']);
+  });
+
+  it('has made the call, and still holds the store, when it resolves; releases the store once the call ends', async () => {
+    const rng = new Rng(seed + 3);
+    const { doc, own, heads, ctx } = await documentOf(rng);
+    const selection = selectionOf(rng, doc, own), q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+    const log: string[] = [];
+    // A store whose call ends when told: a caller that starts its next GPU work once this resolves has the two in flight together.
+    let end!: () => void;
+    const ended = new Promise<void>((r) => (end = r));
+    const inner = standInStore(heads, log);
+    const store = { rest: async (a: WaveGpuRestArgs) => {
+      const r = inner.rest(a);
+      await ended;
+      return r;
+    } } as unknown as WaveGpuStore;
+    const started = await startRestOnDevice(sessionWith(store, log), ctx, selection, [heads], q, 0.25);
+    expect(started).toBeDefined();
+    expect(log).toEqual(['rest']);
+    await new Promise<void>((r) => setImmediate(r));
+    expect(log).toEqual(['rest']);
+    end();
+    const got = await started!.estimate;
+    expect(log).toEqual(['rest', 'counted', 'released']);
+    const want = await estimateRest(ctx, selection, [heads], q, 0.25);
+    expect(got.out).toEqual(want.out);
+    expect(got.lse).toEqual(want.lse);
   });
 
   it('leaves a GQA group too large for the device call to the host, holding no store', async () => {
