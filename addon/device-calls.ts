@@ -55,7 +55,11 @@ export function deviceCallRuns(): { loop: number; pool: number } {
  * so it goes to the pool, where the two overlap on their own streams, and
  * does not keep that next call off the loop. On the loop the two ran one
  * after the other: nosa + estimate 1.48 -> 1.94 ms a step at 1M on an H100
- * (bench/results/gpu-decode-wave-nosa-estimate-nosa-sync-ab-h100.md).
+ * (bench/results/gpu-decode-wave-nosa-estimate-nosa-sync-ab-h100.md). Only
+ * a call made before the next one starts overlaps it: a call on the loop, and
+ * the host work before it, hold the thread to their end, so one made after
+ * them (an await in between) still ran after them (1.98 ms, visit R;
+ * engine/rest-on-device.ts startRestOnDevice).
  */
 export function deviceCall<T>(expectedMs: number | undefined, call: (sync: boolean) => Promise<T>, beside = false): Promise<T> {
   if (beside) {
