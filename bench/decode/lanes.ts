@@ -19,7 +19,7 @@ import type { KvrecallStream } from '../../clients/ts/stream.js';
 import { mean, percentile } from '../stats.js';
 import type { Via } from './options.js';
 import type { BatchSummary } from './results.js';
-import type { Run } from './run.js';
+import type { CallKind, Run } from './run.js';
 import { log, now } from './util.js';
 
 /** What every session gets at one (step, layer): q, and the new token's k and v (absent in the warm-up). */
@@ -65,25 +65,24 @@ export class Lane {
   }
 
   /**
-   * Step s of layer `body.layer` for every session; `judged(run)` says which
+   * Step s of layer `body.layer` for every session; `ret(run)` says which
    * return the selection too. Sessions take turns going first (`turn`), so
    * whatever the call after the fidelity work pays (a GC pause, a cold
-   * socket) is spread over the methods.
+   * socket) is spread over the methods; `afterWork`: this lane's first
+   * exchange is that call (recorded apart: CallKind).
    */
-  async step(s: number, body: StepBody, turn: number, ret: (run: Run) => Ret): Promise<Map<Run, AttendReply>> {
-    const live = this.runs.filter((r) => !r.error);
-    const k = live.length ? turn % live.length : 0;
-    const order = [...live.slice(k), ...live.slice(0, k)];
-    return this.via === 'batch' ? this.batchStep(s, body, order, ret) : this.singleSteps(s, body, order, ret);
+  async step(s: number, body: StepBody, turn: number, ret: (run: Run) => Ret, afterWork = false): Promise<Map<Run, AttendReply>> {
+    const order = turnOrder(this.runs.filter((r) => !r.error), turn);
+    return this.via === 'batch' ? this.batchStep(s, body, order, ret, afterWork) : this.singleSteps(s, body, order, ret, afterWork);
   }
 
-  private async singleSteps(s: number, body: StepBody, order: Run[], ret: (run: Run) => Ret): Promise<Map<Run, AttendReply>> {
+  private async singleSteps(s: number, body: StepBody, order: Run[], ret: (run: Run) => Ret, afterWork: boolean): Promise<Map<Run, AttendReply>> {
     const replies = new Map<Run, AttendReply>();
-    for (const run of order) {
+    for (const [i, run] of order.entries()) {
       const t = now();
       try {
         const r = await this.attend(run, { ...body, return: ret(run) });
-        run.record(s, now() - t, r, ret(run).includes('selection'));
+        run.record(s, now() - t, r, callKind(ret(run), afterWork && i === 0));
         replies.set(run, r);
       } catch (e) {
         run.error = `attend via ${this.via} (step ${s}, layer ${body.layer}): ${why(e)}`;
@@ -93,7 +92,7 @@ export class Lane {
     return replies;
   }
 
-  private async batchStep(s: number, body: StepBody, order: Run[], ret: (run: Run) => Ret): Promise<Map<Run, AttendReply>> {
+  private async batchStep(s: number, body: StepBody, order: Run[], ret: (run: Run) => Ret, afterWork: boolean): Promise<Map<Run, AttendReply>> {
     const replies = new Map<Run, AttendReply>();
     if (order.length === 0) return replies;
     const { layer, ...step } = body;
@@ -116,7 +115,7 @@ export class Lane {
         log(`${run.method}: ${run.error}`);
         return;
       }
-      run.record(s, r.stats.ms + (wall - server), r, ret(run).includes('selection'));
+      run.record(s, r.stats.ms + (wall - server), r, callKind(ret(run), afterWork));
       replies.set(run, r);
     });
     return replies;
@@ -155,6 +154,15 @@ export class Lane {
     return { size: this.runs.length, perTokenMs: wall, p50Ms: percentile(wall, 50), meanMs, serverMs, rpcMs: meanMs - serverMs, rpcShare: (meanMs - serverMs) / meanMs, rpcP50Ms };
   }
 }
+
+/** The order `turn` gives: `items` rotated by turn places (turn 0: as given). */
+export function turnOrder<T>(items: T[], turn: number): T[] {
+  const k = items.length ? turn % items.length : 0;
+  return [...items.slice(k), ...items.slice(0, k)];
+}
+
+/** A call's kind: the first after the fidelity work, else by what it asks. */
+const callKind = (ret: Ret, afterWork: boolean): CallKind => (afterWork ? 'afterWork' : ret.includes('selection') ? 'sampled' : 'plain');
 
 const bytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 

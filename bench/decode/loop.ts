@@ -11,7 +11,7 @@ import type { Needle } from '../../workload/index.js';
 import { exactAttention, relativeErrors } from '../quality.js';
 import { mean } from '../stats.js';
 import { Judge } from './judge.js';
-import { sameAnswer, type Lane } from './lanes.js';
+import { sameAnswer, turnOrder, type Lane } from './lanes.js';
 import type { LayerDecode, Sample } from './layer-data.js';
 import type { Shape } from './options.js';
 import type { Run } from './run.js';
@@ -99,21 +99,35 @@ function checkSame(lanes: Lane[], replies: Map<Run, AttendReply>[], s: number, l
     });
 }
 
+/**
+ * Who goes first at step s, layer l (lanes, and sessions in each: turnOrder):
+ * one place on each layer and each step. With s × layers + l, the call after
+ * a sampled layer's fidelity work fell to the same session every step
+ * wherever the layers and the sessions (or lanes) share a factor: with 2
+ * layers, exact and wave, wave's layer-1 call always, so on the H100 host
+ * all its plain calls came cold (RPC 1.07 ms against exact's 0.59).
+ */
+export const turnOf = (s: number, l: number) => s + l;
+
 /** The timed decode of every step and layer over every lane; each lane's runs[0] is its exact session. */
 export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
   const { layers: L, qHeads: Q, kvHeads: K, headDim: d } = p.shape, steps = p.steps;
   const sampleLayers = new Set(p.samples.map((x) => x.layer));
   const dbar = new Progress(`decode ${fmtTokens(p.tokens)}`, steps * L);
+  // The next exchange is the first after the fidelity work (recorded apart: bench/decode/run.ts CallKind).
+  let afterWork = false;
+  const workMs: number[] = [];
   for (let s = 0; s < steps; s++) {
     for (let l = 0; l < L; l++) {
       const judged = sampleLayers.has(l);
-      const ld = p.decodeData[l], turn = s * L + l;
+      const ld = p.decodeData[l], turn = turnOf(s, l);
       const body = { layer: l, q: tensor('f32', [Q, d], ld.q[s]), k: tensor('f16', [K, d], ld.k[s]), v: tensor('f16', [K, d], ld.v[s]) };
       const replies = new Array<Map<Run, AttendReply>>(lanes.length);
       for (let j = 0; j < lanes.length; j++) {
-        const i = (turn + j) % lanes.length, lane = lanes[i], exact = lane.runs[0];
-        replies[i] = await lane.step(s, body, turn, (run) => (judged && run !== exact ? ['out', 'selection'] : ['out']));
+        const i = turnOrder([...lanes.keys()], turn)[j], lane = lanes[i], exact = lane.runs[0];
+        replies[i] = await lane.step(s, body, turn, (run) => (judged && run !== exact ? ['out', 'selection'] : ['out']), afterWork && j === 0);
       }
+      afterWork = false;
       // Fidelity, after the timed calls.
       checkSame(lanes, replies, s, l);
       lanes.forEach((lane, i) => outputErrors(replies[i], lane.runs[0], Q));
@@ -124,10 +138,13 @@ export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
           lanes.forEach((lane, i) => judgeSample(p, sm, judge, replies[i], lane.runs[0], s, l));
         }
         lanes.forEach((lane, i) => countNeedles(ld.needles, replies[i], lane.runs[0], s));
+        workMs.push(now() - tj);
         if (now() - tj > 500) await settle();
+        afterWork = true;
       }
       dbar.update(s * L + l + 1, `step ${s + 1}/${steps}`);
     }
   }
   dbar.finish();
+  if (workMs.length) log(`fidelity work between timed calls: ${workMs.length} passes, mean ${mean(workMs).toFixed(0)} ms`);
 }

@@ -87,7 +87,8 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --query-stride N       document keeps prefill queries of 1 token in N (quick 4, full 16)
   --prefill-q on|off     upload prefill queries (default on when an indexed method is requested)
   --layer-data distinct|shared   generate every layer (quick) or reuse one generated layer (full)
-  --sample-layers LIST   layers whose selections are judged against float64 attention (default 0)
+  --sample-layers LIST|none   layers whose selections are judged against float64 attention (default 0); none: no
+                         selection asked or judged, every call back to back (an LLM server's; no recall figures)
   --seed N               workload seed (default 7)
   --upload-mib N         upload chunk size (default 64)
   --concurrency N        layers uploaded side by side during preload (default 2)
@@ -210,7 +211,8 @@ export function parseArgs(argv: string[]): Options {
   if (layerData !== 'distinct' && layerData !== 'shared') throw new Error('--layer-data is distinct or shared');
   const pq = get('prefill-q') ?? (indexed ? 'on' : 'off');
   if (pq !== 'on' && pq !== 'off') throw new Error('--prefill-q is on or off');
-  const sampleLayers = (get('sample-layers') ?? '0').split(',').map((s) => parseCount(s, 'sample-layers'));
+  const sampleArg = get('sample-layers') ?? '0';
+  const sampleLayers = sampleArg === 'none' ? [] : sampleArg.split(',').map((s) => parseCount(s, 'sample-layers'));
   for (const l of sampleLayers) if (l >= shape.layers) throw new Error(`--sample-layers: layer ${l} ≥ ${shape.layers}`);
   const budget = get('budget') === undefined ? 0.01 : Number(get('budget'));
   if (!(budget > 0)) throw new Error('--budget must be positive');

@@ -6,6 +6,7 @@ import type { Machine } from './machine.js';
 import type { Options, Via } from './options.js';
 import { H100_PINNED_GBPS, type ContextResult, type MethodResult, type TransportResult } from './results.js';
 import { fmtBytes, fmtTokens } from './util.js';
+import { CALL_KINDS, type CallKind } from './run.js';
 
 const pct = (x: number, digits = 2) => (Number.isFinite(x) ? `${(x * 100).toFixed(digits)}%` : '—');
 const ms = (x: number | undefined) => (x === undefined || !Number.isFinite(x) ? '—' : x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
@@ -58,7 +59,7 @@ function viaMeaning(via: Via, t: TransportResult): string {
 }
 
 /** Per call RPC p50, plain / sampled (older results have neither). */
-const rpcCalls = (c: MethodResult['latency']['rpcCall'] | undefined) => (c ? `${c.plainP50Ms.toFixed(3)} / ${c.sampledCalls ? c.sampledP50Ms.toFixed(3) : '—'}` : '—');
+const rpcCalls = (c: MethodResult['latency']['rpcCall'] | undefined) => (c ? `${c.plainCalls ? c.plainP50Ms.toFixed(3) : '—'} / ${c.sampledCalls ? c.sampledP50Ms.toFixed(3) : '—'}` : '—');
 
 /** One transport's per-method table at the main context. */
 function transportTable(lines: string[], o: Options, main: ContextResult, t: TransportResult): void {
@@ -67,7 +68,7 @@ function transportTable(lines: string[], o: Options, main: ContextResult, t: Tra
     '',
     `#### Via ${t.via}`,
     '',
-    `Per generated token = the sum over layers of ${viaMeaning(t.via, t)}. RPC share = RPC / mean per-token time; RPC/call = RPC per token / ${layers} layers. Per call, p50 of wall − stats.ms apart: plain = the calls that ask only \`out\` (an LLM server's), sampled = the calls on the quality-sampled layer(s), which ask the selection too; plain share = ${layers} × plain p50 / p50 per token, the RPC share a server asking only \`out\` would see.`,
+    `Per generated token = the sum over layers of ${viaMeaning(t.via, t)}. RPC share = RPC / mean per-token time; RPC/call = RPC per token / ${layers} layers. Per call, p50 of wall − stats.ms apart: plain = the calls that ask only \`out\` (an LLM server's), sampled = the calls on the quality-sampled layer(s), which ask the selection too, both back to back after the call before (the first call after the fidelity work is apart, in the per-call table below); plain share = ${layers} × plain p50 / p50 per token, the RPC share a server asking only \`out\` would see.`,
     '',
     '| method | p50 ms/token | p99 | cold first | RPC | RPC share | RPC/call | RPC/call p50 plain / sampled | plain share | retrieval | attention | other | transfers | tokens/s | × exact | scanned | attended/head | attn recall mean | worst | oracle @count | top-k recall | out err mean | worst | needles |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
@@ -78,12 +79,33 @@ function transportTable(lines: string[], o: Options, main: ContextResult, t: Tra
       `| ${r.method}${r.error || r.mismatch ? ' ⚠' : ''} | ${ms(L.p50Ms)} | ${ms(L.p99Ms)} | ${ms(L.coldMs)} | ${ms(L.rpcMs)} | ${pct(L.rpcShare, 1)} | ${ms(L.rpcMs / layers)} | ${rpcCalls(L.rpcCall)} | ${L.rpcCall ? pct((layers * L.rpcCall.plainP50Ms) / L.p50Ms, 1) : '—'} | ${ms(L.retrievalMs)} | ${ms(L.attentionMs)} | ${ms(L.otherServerMs)} | ${ms(L.transferMs)} | ${L.tokensPerSecond.toFixed(1)} | ${L.ratioToExact.toFixed(3)} | ${pct(r.scannedFraction)} | ${r.attended.toFixed(0)} | ${isExact ? '1 (dense)' : F.recallMean.toFixed(4)} | ${isExact ? '—' : F.recallWorst.toFixed(4)} | ${isExact ? '—' : F.oracleRecallMean.toFixed(4)} | ${isExact ? '—' : F.topKRecallMean.toFixed(3)} | ${isExact ? '0 (ref.)' : pct(F.outputErrorMean)} | ${isExact ? '—' : pct(F.outputErrorWorst)} | ${isExact ? '—' : `${F.needlesHit}/${F.needles}`} |`,
     );
   }
+  callTable(lines, t);
   const b = t.batch;
   if (b)
     lines.push(
       '',
       `The batches themselves (${b.size} sessions each), summed over layers per token: wall p50 ${ms(b.p50Ms)} ms, mean ${ms(b.meanMs)}, server (the batch's stats.ms) ${ms(b.serverMs)}, RPC ${ms(b.rpcMs)} (${pct(b.rpcShare, 1)} of the batch's wall; ${ms(b.rpcMs / layers)} ms per batch; p50 over tokens ${ms(b.rpcP50Ms)}).`,
   );
+}
+
+const KIND_NAMES: Record<CallKind, string> = { plain: 'plain', sampled: 'sampled', afterWork: 'after the fidelity work' };
+
+/** Each method's calls split by where they stood (CallKind): p50s of the wall and its parts. */
+function callTable(lines: string[], t: TransportResult): void {
+  if (!t.methods.some((r) => r.latency.calls)) return;
+  lines.push(
+    '',
+    `Per call, by where it stood: plain and sampled as above; after the fidelity work = the first exchange after this process computed float64 attention over the whole context for the sampled layer (and slept 20 ms where that took over 0.5 s), whatever it asks: both processes come to it cold. p50s over the calls, each its own (they do not add up exactly): wall = the client's; server = stats.ms, of it select = selectMs (on a GPU wave step, the device call with the own tokens attended beside it), attend = attendMs, other = the rest; RPC = wall − stats.ms call by call.`,
+    '',
+    '| method | calls | n | wall | server | select | attend | other | RPC |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const r of t.methods)
+    for (const k of CALL_KINDS) {
+      const c = r.latency.calls?.[k];
+      if (!c || c.calls === 0) continue;
+      lines.push(`| ${r.method} | ${KIND_NAMES[k]} | ${c.calls} | ${ms(c.wallP50Ms)} | ${ms(c.serverP50Ms)} | ${ms(c.selectP50Ms)} | ${ms(c.attendP50Ms)} | ${ms(c.otherP50Ms)} | ${c.rpcP50Ms.toFixed(3)} |`);
+    }
 }
 
 /** With several transports: each method's time and RPC side by side, and whether the answers matched. */
@@ -125,7 +147,7 @@ function decodeSection(lines: string[], o: Options, results: ContextResult[], ma
     '',
     `GPU reference per token at ${fmtTokens(main.tokens)} (DESIGN.md, H100): dense SDPA with the KV in HBM ${b.gpuDenseMs !== undefined ? `${ms(b.gpuDenseMs)} ms${b.extrapolated ? ' (straight-line extrapolation of the 128K/1M figures)' : ''}` : 'n/a for this shape'}; KV streamed from pinned host memory at ${H100_PINNED_GBPS} GB/s ${ms(b.gpuStreamMs)} ms.`,
     '',
-    `Fidelity: output error = ‖o − o_exact‖/‖o_exact‖ per q head against the exact session's reply (all layers, all steps; worst = worst head). Attention recall, oracle recall at the same count, top-k recall (k = budget) and needles: layer(s) ${o.sampleLayers.join(', ')}, kv heads 0 and ${s.kvHeads - 1}, every step, the method's returned selection against float64 exact attention (bench/quality.ts); needles are the workload's planted needles on the sampled layer(s), hit when the needle's step selects its position in its kv head. Exact session vs float64: worst head error ${pct(main.methods[0].fidelity.kernelErrorVsFloat64 ?? NaN, 4)}.`,
+    `Fidelity: output error = ‖o − o_exact‖/‖o_exact‖ per q head against the exact session's reply (all layers, all steps; worst = worst head). Attention recall, oracle recall at the same count, top-k recall (k = budget) and needles: layer(s) ${o.sampleLayers.join(', ') || 'none (--sample-layers none: nothing judged)'}, kv heads 0 and ${s.kvHeads - 1}, every step, the method's returned selection against float64 exact attention (bench/quality.ts); needles are the workload's planted needles on the sampled layer(s), hit when the needle's step selects its position in its kv head. Exact session vs float64: worst head error ${pct(main.methods[0].fidelity.kernelErrorVsFloat64 ?? NaN, 4)}.`,
   );
   const blocks = main.methods.filter((r) => r.blocks);
   if (blocks.length)

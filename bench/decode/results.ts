@@ -3,6 +3,7 @@
 // schema (decode-<mode>-<preset>.json): add fields, do not rename them.
 import type { UploadPhases } from '../upload-tally.js';
 import type { Shape, Via } from './options.js';
+import type { CallKind } from './run.js';
 
 /** Per-layer dense decode attention on the lent H100 (torch SDPA, f16, 32 q / 8 kv heads), ms, at 128K and 1M. */
 export const H100_DENSE: Record<number, [number, number]> = { 128: [0.227, 1.449], 64: [0.122, 0.746] };
@@ -57,6 +58,20 @@ export interface Preload {
   gpuPool: string;
 }
 
+/** p50s over one kind of call (bench/decode/run.ts CallKind), ms: each its own p50, so they do not add up exactly. */
+export interface CallSplit {
+  calls: number;
+  /** Client wall: encode, send, the server, read, decode. */
+  wallP50Ms: number;
+  /** The server's stats.ms, and its selectMs, attendMs and the rest (other). */
+  serverP50Ms: number;
+  selectP50Ms: number;
+  attendP50Ms: number;
+  otherP50Ms: number;
+  /** wall − stats.ms, call by call. */
+  rpcP50Ms: number;
+}
+
 export interface MethodResult {
   method: string;
   /** The transport its attends took (absent in files from before --via: http). */
@@ -87,9 +102,15 @@ export interface MethodResult {
      * Per call, p50 of wall − stats.ms, apart for the calls that asked only
      * `out` (what an LLM server's calls are) and those on the quality-sampled
      * layers, which ask the selection too (its bytes packed, sent, decoded
-     * and copied out). NaN where there were none; absent in older results.
+     * and copied out), both back to back after the call before; and the
+     * first call after the loop's fidelity work (afterWork, either kind:
+     * bench/decode/run.ts CallKind). NaN where there were none; absent in
+     * older results (afterWork: in those, such calls were in plain or
+     * sampled).
      */
-    rpcCall?: { plainP50Ms: number; plainCalls: number; sampledP50Ms: number; sampledCalls: number };
+    rpcCall?: { plainP50Ms: number; plainCalls: number; sampledP50Ms: number; sampledCalls: number; afterWorkP50Ms?: number; afterWorkCalls?: number };
+    /** Per call kind, the p50s of a call's parts (absent in older results). */
+    calls?: Record<CallKind, CallSplit>;
     serverMs: number;
     retrievalMs: number;
     attentionMs: number;

@@ -3,8 +3,29 @@
 import type { AttendReply } from '../../clients/ts/client.js';
 import { mean, percentile } from '../stats.js';
 import type { Via } from './options.js';
-import type { MethodResult } from './results.js';
+import type { CallSplit, MethodResult } from './results.js';
 import { round } from './util.js';
+
+/**
+ * Where a call stood in the loop: `plain`, back to back after the call
+ * before, asking only `out` (an LLM server's call); `sampled`, back to back
+ * on a quality-sampled layer, asking the selection too; `afterWork`, the
+ * first call after the loop's fidelity work on a sampled layer (float64
+ * attention over the whole context in this process: ~1 s at 1M tokens, and
+ * a 20 ms sleep after it), whatever it asks: both processes come to it
+ * cold, which is the loop's, not the call's.
+ */
+export type CallKind = 'plain' | 'sampled' | 'afterWork';
+export const CALL_KINDS: readonly CallKind[] = ['plain', 'sampled', 'afterWork'];
+
+/** One call's client wall and the parts of its server stats (ms). */
+interface CallRecord {
+  kind: CallKind;
+  wall: number;
+  server: number;
+  select: number;
+  attend: number;
+}
 
 /** One session's measurements. */
 export class Run {
@@ -14,9 +35,8 @@ export class Run {
   readonly select: number[];
   readonly attendK: number[];
   readonly transfer: number[];
-  /** Per call, wall − stats.ms: calls that asked only `out`, and those that asked the selection too (the quality-sampled layers). */
-  readonly rpcPlain: number[] = [];
-  readonly rpcSampled: number[] = [];
+  /** Every timed call, in order (the per-call splits by CallKind). */
+  readonly calls: CallRecord[] = [];
   scanned: number[] = [];
   attended: number[] = [];
   blocksSelected = 0;
@@ -50,10 +70,10 @@ export class Run {
     this.transfer = new Array<number>(steps).fill(0);
   }
 
-  /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms); sampled: it asked the selection too. */
-  record(step: number, wallMs: number, r: AttendReply, sampled: boolean): void {
+  /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms); kind: where it stood (CallKind). */
+  record(step: number, wallMs: number, r: AttendReply, kind: CallKind): void {
     const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number } };
-    (sampled ? this.rpcSampled : this.rpcPlain).push(wallMs - (st.ms ?? 0));
+    this.calls.push({ kind, wall: wallMs, server: st.ms ?? 0, select: st.selectMs ?? 0, attend: st.attendMs ?? 0 });
     this.wall[step] += wallMs;
     this.server[step] += st.ms ?? 0;
     this.select[step] += st.selectMs ?? 0;
@@ -69,6 +89,21 @@ export class Run {
     }
   }
 
+  /** p50s over the calls of one kind (NaN where there were none): wall, server stats.ms and its parts, wall − stats.ms. */
+  private split(kind: CallKind): CallSplit {
+    const c = this.calls.filter((x) => x.kind === kind);
+    const p50 = (f: (x: CallRecord) => number) => (c.length ? percentile(c.map(f), 50) : NaN);
+    return {
+      calls: c.length,
+      wallP50Ms: p50((x) => x.wall),
+      serverP50Ms: p50((x) => x.server),
+      selectP50Ms: p50((x) => x.select),
+      attendP50Ms: p50((x) => x.attend),
+      otherP50Ms: p50((x) => x.server - x.select - x.attend),
+      rpcP50Ms: p50((x) => x.wall - x.server),
+    };
+  }
+
   /** Steps completed by every layer (a failed run keeps what it finished). */
   perToken(): number[] {
     return this.wall.filter((w) => w > 0);
@@ -81,6 +116,7 @@ export class Run {
     const meanMs = mean(wall);
     const serverMs = mean(take(this.server));
     const isExact = this.method === 'exact';
+    const calls = Object.fromEntries(CALL_KINDS.map((k) => [k, this.split(k)])) as Record<CallKind, CallSplit>;
     return {
       method: this.method,
       via: this.via,
@@ -97,11 +133,14 @@ export class Run {
         rpcShare: (meanMs - serverMs) / meanMs,
         rpcP50Ms: percentile(wall.map((w, i) => w - this.server[i]), 50),
         rpcCall: {
-          plainP50Ms: this.rpcPlain.length ? percentile(this.rpcPlain, 50) : NaN,
-          plainCalls: this.rpcPlain.length,
-          sampledP50Ms: this.rpcSampled.length ? percentile(this.rpcSampled, 50) : NaN,
-          sampledCalls: this.rpcSampled.length,
+          plainP50Ms: calls.plain.rpcP50Ms,
+          plainCalls: calls.plain.calls,
+          sampledP50Ms: calls.sampled.rpcP50Ms,
+          sampledCalls: calls.sampled.calls,
+          afterWorkP50Ms: calls.afterWork.rpcP50Ms,
+          afterWorkCalls: calls.afterWork.calls,
         },
+        calls,
         serverMs,
         retrievalMs: mean(take(this.select)),
         attentionMs: mean(take(this.attendK)),

@@ -2,10 +2,13 @@
 // stream, batch and http lanes, each with sessions of its own, sent the
 // same steps (new k/v appended every step, selections asked on one layer)
 // answer bit for bit alike, method by method; and sameAnswer, the bench's
-// check, notices one bit changed in out, lse or a selection.
+// check, notices one bit changed in out, lse or a selection; each call is
+// recorded by where it stood (back to back, or first after the loop's
+// fidelity work), and that first call falls to every session in turn.
 import { describe, expect, it } from 'vitest';
 import { tensor, type AttendReply } from '../../clients/ts/client.js';
-import { Lane, sameAnswer } from '../../bench/decode/lanes.js';
+import { Lane, sameAnswer, turnOrder } from '../../bench/decode/lanes.js';
+import { turnOf } from '../../bench/decode/loop.js';
 import type { Via } from '../../bench/decode/options.js';
 import { Run } from '../../bench/decode/run.js';
 import { asStep, randomKv, randomQ } from '../helpers/kv-data.js';
@@ -46,7 +49,8 @@ describe('bench:decode lanes', () => {
           const kv = asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim));
           const body = { layer, q: tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)), ...kv };
           const replies: Map<Run, AttendReply>[] = [];
-          for (const lane of lanes) replies.push(await lane.step(s, body, s + layer, (run) => (layer === 0 && run.method !== 'exact' ? ['out', 'selection'] : ['out'])));
+          // Layer 1's first exchange stands for the one after layer 0's fidelity work.
+          for (const lane of lanes) replies.push(await lane.step(s, body, turnOf(s, layer), (run) => (layer === 0 && run.method !== 'exact' ? ['out', 'selection'] : ['out']), layer === 1));
           for (const [i, lane] of lanes.entries())
             lane.runs.forEach((run, m) => {
               expect(run.error, `${run.method} via ${run.via}`).toBeUndefined();
@@ -65,6 +69,21 @@ describe('bench:decode lanes', () => {
           // Each call's wall time holds its server time (via batch: its own plus the batch's RPC).
           for (let s = 0; s < steps; s++) expect(run.wall[s]).toBeGreaterThanOrEqual(run.server[s]);
         }
+      // Each call is recorded by where it stood: on layer 1 the first session in the turn's order came after
+      // the work (every session of a batch lane: one exchange), the rest back to back; layer 0 asked the selection.
+      for (const lane of lanes)
+        lane.runs.forEach((run) => {
+          const kinds = run.calls.map((c) => c.kind);
+          const want = [...Array(steps).keys()].flatMap((s) => {
+            const first = turnOrder(lane.runs, turnOf(s, 1))[0] === run;
+            return [run.method === 'exact' ? 'plain' : 'sampled', first || lane.via === 'batch' ? 'afterWork' : 'plain'];
+          });
+          expect(kinds, `${run.method} via ${run.via}`).toEqual(want);
+          const calls = run.result(1, model.layers).latency.calls!;
+          expect(calls.afterWork.calls + calls.plain.calls + calls.sampled.calls).toBe(steps * model.layers);
+          for (const k of ['plain', 'sampled', 'afterWork'] as const)
+            if (calls[k].calls > 0) expect(calls[k].rpcP50Ms, `${run.method} via ${run.via} ${k}`).toBeGreaterThanOrEqual(0);
+        });
       const batch = lanes[1].summary()!;
       expect(batch.size).toBe(methods.length);
       expect(batch.perTokenMs.length).toBe(steps);
@@ -73,6 +92,27 @@ describe('bench:decode lanes', () => {
     } finally {
       for (const lane of lanes) lane.close();
     }
+  });
+
+  it('gives the call after a sampled layer\'s fidelity work to every session in turn, whatever the layers and sessions', () => {
+    // With s × layers + l, 2 layers and 2 sessions gave it to the second session every step (the H100 run of
+    // session 16: every plain wave call came cold). Counted over the loop's sequence of (step, layer).
+    for (let layers = 1; layers <= 6; layers++)
+      for (let sessions = 1; sessions <= 5; sessions++)
+        for (const sampled of new Set([0, layers - 1])) {
+          const ids = [...Array(sessions).keys()], count = new Array<number>(sessions).fill(0);
+          let afterWork = false;
+          for (let s = 0; s < 4 * sessions + 1; s++)
+            for (let l = 0; l < layers; l++) {
+              if (afterWork) count[turnOrder(ids, turnOf(s, l))[0]]++;
+              afterWork = l === sampled;
+            }
+          const what = `${layers} layers, ${sessions} sessions, layer ${sampled} sampled: ${count.join(' ')}`;
+          expect(Math.min(...count), what).toBeGreaterThanOrEqual(4);
+          expect(Math.max(...count) - Math.min(...count), what).toBeLessThanOrEqual(1);
+        }
+    expect(turnOrder(['a', 'b', 'c'], 0)).toEqual(['a', 'b', 'c']);
+    expect(turnOrder(['a', 'b', 'c'], 4)).toEqual(['b', 'c', 'a']);
   });
 
   it('sameAnswer notices one bit changed in out, lse or a selection', () => {
