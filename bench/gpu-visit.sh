@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave pool-ranges device-sync device-sync-gap ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -95,6 +95,24 @@ for s in $stages; do
       g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
       step 330 decode-sync-ab-gap node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs wave,nosa-estimate --device-sync ab --gap 25
       step 200 transport-gap-gpu env KVRECALL_GPU_BUDGET=4294967296 KVRECALL_BENCH_TAG=$g-gpu-sync-inproc node dist/bench/transport-gap.js --ab inproc --gaps 1,25 --calls 120 --rounds 6 ;;
+    decode-rpc|decode-rpc-trace)  # issue #14: bench:decode out of process as visit N (2 layers at 1M, exact + wave, stream, 16 steps) with its per-call table (plain / sampled back to back, the call after the fidelity work apart), then with --sample-layers none (every call back to back, an LLM server's); decode-rpc-trace: one sampled run with bench/decode-rpc-trace.patch applied here (rebuilt) and the stage table of its marks (the patch stays applied for later stages: run it last; limits 500 s: one device command)
+      g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-host}
+      runs="rpc:0 rpc-none:none"; tr=""
+      if [ "$s" = decode-rpc-trace ]; then
+        { git apply bench/decode-rpc-trace.patch || patch -p1 < bench/decode-rpc-trace.patch; } && node node_modules/typescript/bin/tsc -p tsconfig.json || { echo "trace patch failed" | tee -a "$L"; continue; }
+        runs="rpc-trace:0"; tr=$OUT/tr; mkdir -p "$tr"
+      fi
+      uptime | tee -a "$L"
+      for r in $runs; do
+        tag=${r%%:*} samples=${r#*:}; data=/tmp/kvd-$tag; rm -rf "$data"
+        env ${tr:+KVR_TR=$tr/tr-server} KVRECALL_GPU_BUDGET=36500000000 KVRECALL_GPU_WAVE_BUDGET=24000000000 KVRECALL_GPU_KMEANS=1 node dist/cli/cli.js serve --port 8711 --data "$data" > "$OUT/serve-$tag.log" 2>&1 &
+        pid=$!
+        for i in $(seq 100); do node -e "fetch('http://127.0.0.1:8711/v1/health').then(()=>process.exit(0),()=>process.exit(1))" && break; sleep 0.2; done
+        step 240 decode-$tag env ${tr:+KVR_TR=$tr/tr-bench} node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --layers 2 --tokens ${RPC_TOKENS:-1M} --steps 16 --sweep none --methods wave --via stream --sample-layers $samples --tag $g-2layers-outproc-$tag
+        kill -INT $pid; wait $pid
+      done
+      [ -n "$tr" ] && (cd "$tr" && python3 "$OLDPWD/bench/decode-rpc-trace.py" 'tr-*.json' | tee -a "$L")
+      uptime | tee -a "$L" ;;
     ra-search) step 420 ra-search node dist/bench/ra-search.js --reps 3 --out bench/results/ra-search-1048576-host.md ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
