@@ -88,8 +88,19 @@ export interface GpuAttendArgs {
   splits?: number;
 }
 
+/** One client's blocks in uploadIndexedMany: k and v its whole rows (as uploadIndexed's), priorities one class per block. */
+export interface GpuUpload {
+  client: number;
+  blocks: Int32Array;
+  k: Uint16Array;
+  v: Uint16Array;
+  priorities?: Uint8Array;
+}
+
 interface NativePool {
   upload(a: { client: number; blocks: Int32Array; k: Uint16Array; v: Uint16Array; priority?: number; priorities?: Uint8Array; indexed?: boolean; hold?: boolean }): Int32Array;
+  uploadMany(a: { clients: number[]; blocks: Int32Array[]; k: Uint16Array[]; v: Uint16Array[]; priorities?: Uint8Array[]; hold?: boolean }): Int32Array;
+  pinMany(a: { clients: number[]; blocks: Int32Array[]; pinned: boolean }): void;
   lookup(a: { client: number; blocks: Int32Array }): Int32Array;
   pin(a: { client: number; blocks: Int32Array; pinned: boolean }): void;
   prefer(a: { client: number; blocks: Int32Array; priority: number }): void;
@@ -160,6 +171,35 @@ export class GpuPool {
    */
   uploadIndexed(client: number, blocks: Int32Array, k: Uint16Array, v: Uint16Array, o: { priority?: number; priorities?: Uint8Array; hold?: boolean } = {}): Int32Array {
     return this.pool.upload({ client, blocks, k, v, ...o, indexed: true });
+  }
+
+  /**
+   * uploadIndexed of several clients (a step's kv heads) in one native call,
+   * each in turn as that many calls would. With `hold`, their misses go to
+   * the device in one flush (one host->device copy and one scatter launch,
+   * not one per client) and all are held or none (it throws, having undone
+   * its holds; blocks made resident stay so). Returns each upload's slots.
+   * An upload without `priorities` is in class 0 (a list with priorities
+   * needs them for every upload).
+   */
+  uploadIndexedMany(uploads: GpuUpload[], o: { hold?: boolean } = {}): Int32Array[] {
+    if (uploads.length === 0) return [];
+    const some = uploads.some((u) => u.priorities);
+    const all = this.pool.uploadMany({
+      clients: uploads.map((u) => u.client),
+      blocks: uploads.map((u) => u.blocks),
+      k: uploads.map((u) => u.k),
+      v: uploads.map((u) => u.v),
+      ...(some && { priorities: uploads.map((u) => u.priorities ?? new Uint8Array(u.blocks.length)) }),
+      hold: o.hold ?? false,
+    });
+    let at = 0;
+    return uploads.map((u) => all.subarray(at, (at += u.blocks.length)));
+  }
+
+  /** pin of several clients' blocks in one native call. */
+  pinMany(lists: { client: number; blocks: Int32Array }[], pinned = true): void {
+    if (lists.length > 0) this.pool.pinMany({ clients: lists.map((l) => l.client), blocks: lists.map((l) => l.blocks), pinned });
   }
 
   /** Slot of each block, -1 where not resident. */

@@ -4,7 +4,9 @@
 // same kernel) and as a float64 reference; so do pieces (ranges and a block
 // list back to back); a range partly evicted by another client's uploads is
 // made resident again and answers right; a held range loses no slot to
-// other clients' uploads, even when they run out of slots. Run by
+// other clients' uploads, even when they run out of slots; a step's kv
+// heads uploaded in one call (uploadIndexedMany, one flush) answer as the
+// per-head uploads, across staging chunks and evictions. Run by
 // test/native/gpu-range.test.ts and by `node dist/bench/gpu.js --check`.
 import { GpuPool, type GpuRangeHold, type GpuTablePiece } from '../addon/cuda.js';
 import type { KvDtype } from '../addon/kernels.js';
@@ -140,6 +142,34 @@ export async function checkRangeTables(dt: KvDtype, seed: number): Promise<Range
     const kept = JSON.stringify(lookupAll()) === JSON.stringify(before);
     const s4 = await slow(whole);
     record('whole range held while other clients upload past the pool', f4, s4, whole, refused && kept);
+
+    // A step's kv heads in one call (uploadIndexedMany: one flush), on a pool whose staging chunks hold 7 blocks
+    // (the batch wraps its ring of 4 several times) and whose 64 slots take two such steps only by evicting.
+    const small = GpuPool.create({ budgetBytes: 64 * 2 * bs * d * 2, blockSize: bs, headDim: d, dtype: dt, stagingBytes: 1 << 20 });
+    try {
+      // The second step: 20..39 and 0..9, so 30..39 are new (20 misses over both heads: 4 free slots, 16 evictions).
+      for (const [name, list] of [['30 blocks a head', ids(0, 30)], ['30 a head, 10 of them new (evicting)', Int32Array.from([...ids(20, 20), ...ids(0, 10)])]] as const) {
+        const lists = [list];
+        const s5 = await slow(lists);
+        const before5 = small.stats();
+        const heads = Array.from({ length: kvHeads }, (_, h) => ({ client: client(h), blocks: list, k: k[h], v: v[h] }));
+        const tables = small.uploadIndexedMany(heads, { hold: true });
+        const after5 = small.stats();
+        const copies = after5.copies - before5.copies, misses = after5.misses - before5.misses;
+        const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
+        try {
+          await small.attend({ q, qHeads, kvHeads, scale, tables, validTokens: new Array(kvHeads).fill(lists[0].length * bs), out, lse });
+        } finally {
+          small.pinMany(heads, false);
+        }
+        // One flush a chunk filled (7 blocks each), not one a head; the second step evicts the first's blocks.
+        const second = list[0] !== 0;
+        const poolOk = small.stats().pinned === 0 && misses === (second ? 20 : 60) && copies === Math.ceil(misses / 7) && (!second || after5.evictions - before5.evictions === 16);
+        record(`uploadIndexedMany, ${name}`, { out, lse }, s5, lists, poolOk);
+      }
+    } finally {
+      small.close();
+    }
     return results;
   } finally {
     pool.close();

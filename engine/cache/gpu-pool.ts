@@ -11,7 +11,7 @@
 // runs on the host; one that fits but not beside the open sessions' is
 // refused with 503 until they end.
 import { totalmem } from 'node:os';
-import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolOptions, type GpuPoolStats, type GpuRangeHold, type GpuTablePiece } from '../../addon/cuda.js';
+import { cudaAvailable, GpuPool, type CudaDevice, type GpuPoolOptions, type GpuPoolStats, type GpuRangeHold, type GpuTablePiece, type GpuUpload } from '../../addon/cuda.js';
 import { budgetTokens, type SearchParams } from '../../index/method.js';
 import type { BlockStats } from './block-stats.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
@@ -34,7 +34,7 @@ const CLIENTS_PER_SEGMENT = 1024 * 1024;
  * it where no device runs (simulated-pool.ts PoolModel, for tests of what
  * the device holds).
  */
-export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'pin' | 'holdRanges' | 'unholdRanges' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
+export type DevicePool = Pick<GpuPool, 'uploadIndexed' | 'uploadIndexedMany' | 'pin' | 'pinMany' | 'holdRanges' | 'unholdRanges' | 'releaseRange' | 'attend' | 'stats' | 'close'>;
 
 /** What the backend makes its device parts with (the native ones by default). */
 export interface DeviceFactories {
@@ -283,7 +283,23 @@ export class GpuBackend {
     // The per-block path lists a range's blocks (outside the clock, as splitForPool did before range tables).
     const listed = ranges ? [] : parts.map((p) => p.range && { ids: rangeBlocks(p.range.first, p.range.count), priority: new Uint8Array(p.range.count).fill(p.range.priority) });
     const before = pool.stats();
-    const held: [number, Int32Array][] = [];
+    const held: GpuUpload[] = [];
+    // Block lists wait for the next range part or the end of the parts: one
+    // native call for all of them, their misses copied in one flush (a call
+    // per kv head made 8 flushes a step, each a thread-pool wake, a copy and
+    // a launch: residency 0.41 ms of a 1.00 ms nosa step at 1M, H100).
+    let waiting: { upload: GpuUpload; head: number }[] = [];
+    const upload = () => {
+      if (waiting.length === 0) return;
+      // Held (pinned) until the kernel has read them: a later upload (another
+      // session's step) must not evict them. All held or none (it throws).
+      const got = pool.uploadIndexedMany(waiting.map((w) => w.upload), { hold: true });
+      waiting.forEach((w, i) => {
+        pieces[w.head].push(got[i]);
+        held.push(w.upload);
+      });
+      waiting = [];
+    };
     const holds: GpuRangeHold[] = [];
     const pieces: GpuTablePiece[][] = Array.from({ length: m.kvHeads }, () => []);
     let selected = 0;
@@ -293,6 +309,8 @@ export class GpuBackend {
     try {
       parts.forEach((part, i) => {
         if (part.range && ranges) {
+          // The waiting lists first: the pool sees the parts in their order (a hold's misses may evict).
+          upload();
           // One native call for the part's kv heads, each range held by one count until the kernel has read it.
           const { first, count, priority } = part.range;
           const clients = Array.from({ length: m.kvHeads }, (_, h) => this.client(part.segment, layer, h));
@@ -306,13 +324,11 @@ export class GpuBackend {
           const client = this.client(part.segment, layer, h);
           const list = part.range ? listed[i]! : { ids: part.blocks[h], priority: part.priority[h] };
           if (list.ids.length === 0) continue;
-          // Held (pinned) until the kernel has read them: a later upload (this
-          // step's next head, or another session's step) must not evict them.
-          pieces[h].push(pool.uploadIndexed(client, list.ids, part.segment.k[h], part.segment.v[h], { priorities: list.priority, hold: true }));
-          held.push([client, list.ids]);
+          waiting.push({ upload: { client, blocks: list.ids, k: part.segment.k[h], v: part.segment.v[h], priorities: list.priority }, head: h });
           selected += list.ids.length;
         }
       });
+      upload();
       // A head with a held range keeps its pieces (the pool gathers them on the device); one without, one table.
       const tables = pieces.map((p) => (p.every((x) => x instanceof Int32Array) ? concatRows(p as Int32Array[]) : p));
       t1 = performance.now();
@@ -328,7 +344,7 @@ export class GpuBackend {
         ...(extra && { extraOut: extra.out, extraLse: extra.lse }),
       });
     } finally {
-      for (const [client, ids] of held) pool.pin(client, ids, false);
+      pool.pinMany(held, false);
       pool.unholdRanges(holds);
       done();
     }

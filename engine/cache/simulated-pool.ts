@@ -11,7 +11,7 @@
 import type { SelectionPart } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import type { BlockStats } from './block-stats.js';
-import type { GpuAttendArgs, GpuPoolOptions, GpuPoolStats, GpuRangeHold } from '../../addon/cuda.js';
+import type { GpuAttendArgs, GpuPoolOptions, GpuPoolStats, GpuRangeHold, GpuUpload } from '../../addon/cuda.js';
 import type { DevicePool } from './gpu-pool.js';
 
 /** Pool capacity per head, in multiples of the blocks its first step selected. */
@@ -147,6 +147,22 @@ export class PoolModel implements DevicePool {
 
   uploadIndexed(client: number, blocks: Int32Array, _k: Uint16Array, _v: Uint16Array, o: { priority?: number; priorities?: Uint8Array; hold?: boolean } = {}): Int32Array {
     return this.ensure(client, blocks, o);
+  }
+
+  /** Native EnsureMany: each upload in turn; with hold, all held or none (the holds made are undone when one throws). */
+  uploadIndexedMany(uploads: GpuUpload[], o: { hold?: boolean } = {}): Int32Array[] {
+    const got: Int32Array[] = [];
+    try {
+      for (const u of uploads) got.push(this.ensure(u.client, u.blocks, { priorities: u.priorities, hold: o.hold }));
+    } catch (e) {
+      if (o.hold) got.forEach((_, i) => this.pin(uploads[i].client, uploads[i].blocks, false));
+      throw e;
+    }
+    return got;
+  }
+
+  pinMany(lists: { client: number; blocks: Int32Array }[], pinned = true): void {
+    for (const l of lists) this.pin(l.client, l.blocks, pinned);
   }
 
   /** Native Ensure (EnsureLocked). */

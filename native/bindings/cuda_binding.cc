@@ -7,8 +7,12 @@
 //   .upload({client, blocks: Int32Array, k: Uint16Array, v: Uint16Array, priority?, priorities?: Uint8Array,
 //            indexed?, hold?}) -> Int32Array slots (hold: pin them too, for the step's attend)
 //     k/v: the blocks back to back, or (indexed) a whole head's rows with block b at b*blockSize*headDim
+//   .uploadMany({clients: number[], blocks: Int32Array[], k: Uint16Array[], v: Uint16Array[], priorities?: Uint8Array[],
+//                priority?, hold?}) -> Int32Array (every client's slots back to back)
+//     upload (indexed) of each client in one call: with hold, their misses copied by one flush, all held or none
 //   .lookup({client, blocks}) -> Int32Array (slot or -1)
 //   .pin({client, blocks, pinned}) / .prefer({client, blocks, priority}) / .release(client)
+//   .pinMany({clients: number[], blocks: Int32Array[], pinned})
 //   .releaseRange(first, last) -> blocks freed (every client in [first, last))
 //   .holdRange({client, first, count, k, v, priority?}) -> hold id (k/v: a whole head's rows, as indexed)
 //   .holdRanges({clients: number[], first, count, k: Uint16Array[], v: Uint16Array[], priority?}) -> Float64Array ids
@@ -66,8 +70,9 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "GpuPool",
-                       {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("lookup", &GpuPool::Lookup),
-                        InstanceMethod("pin", &GpuPool::Pin), InstanceMethod("prefer", &GpuPool::Prefer),
+                       {InstanceMethod("upload", &GpuPool::Upload), InstanceMethod("uploadMany", &GpuPool::UploadMany),
+                        InstanceMethod("lookup", &GpuPool::Lookup), InstanceMethod("pin", &GpuPool::Pin),
+                        InstanceMethod("pinMany", &GpuPool::PinMany), InstanceMethod("prefer", &GpuPool::Prefer),
                         InstanceMethod("release", &GpuPool::Release), InstanceMethod("releaseRange", &GpuPool::ReleaseRange),
                         InstanceMethod("holdRange", &GpuPool::HoldRange), InstanceMethod("holdRanges", &GpuPool::HoldRanges),
                         InstanceMethod("unhold", &GpuPool::Unhold),
@@ -130,6 +135,63 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     auto slots = Napi::Int32Array::New(env, n);
     Guard(env, [&] { Pool(env).Ensure(client, blocks.Data(), int64_t(n), k.Data(), v.Data(), slots.Data(), opt); });
     return slots;
+  }
+
+  // clients[i] and blocks[i] of the "clients" and "blocks" arrays (1 to 1024 clients).
+  static std::vector<cuda::BlockPool::ClientBlocks> Items(Napi::Env env, const Napi::Object& o) {
+    Napi::Array cl = ArrayAt(o, "clients");
+    const size_t n = cl.Length();
+    if (n < 1 || n > 1024) throw Napi::RangeError::New(env, "clients: 1 to 1024 of them");
+    Napi::Array bl = ArrayOf(o, "blocks", n);
+    std::vector<cuda::BlockPool::ClientBlocks> items(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      items[i].client = IntValue(cl.Get(i), "clients[" + std::to_string(i) + "]", 0, kMaxClient);
+      auto b = Typed<int32_t>(bl.Get(i), "blocks entry");
+      items[i].blocks = b.Data();
+      items[i].n = int64_t(b.ElementLength());
+    }
+    return items;
+  }
+
+  Napi::Value UploadMany(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    std::vector<cuda::BlockPool::ClientBlocks> items = Items(env, o);
+    const size_t n = items.size();
+    Napi::Array ks = ArrayOf(o, "k", n), vs = ArrayOf(o, "v", n);
+    Napi::Value prs = o.Get("priorities");
+    const bool perBlock = !Absent(prs);
+    Napi::Array pr = perBlock ? ArrayOf(o, "priorities", n) : Napi::Array();
+    size_t total = 0;
+    for (uint32_t i = 0; i < n; ++i) {
+      cuda::BlockPool::ClientBlocks& it = items[i];
+      // Every block read must lie inside the arrays: the largest id bounds them.
+      int64_t top = -1;
+      for (int64_t j = 0; j < it.n; ++j) {
+        if (it.blocks[j] < 0) throw Napi::RangeError::New(env, "blocks[" + std::to_string(i) + "]: negative block id");
+        top = std::max<int64_t>(top, it.blocks[j]);
+      }
+      const size_t words = size_t(top + 1) * BlockWords(env);
+      it.k = Typed<uint16_t>(ks.Get(i), "k entry", words).Data();
+      it.v = Typed<uint16_t>(vs.Get(i), "v entry", words).Data();
+      if (perBlock) it.priorities = Typed<uint8_t>(pr.Get(i), "priorities entry", size_t(it.n)).Data();
+      total += size_t(it.n);
+    }
+    cuda::BlockPool::EnsureOptions opt;
+    opt.priority = int(OptInt(o, "priority", -1000000, 1000000, opt.priority));
+    opt.hold = Flag(o, "hold", false);
+    auto slots = Napi::Int32Array::New(env, total);
+    Guard(env, [&] { Pool(env).EnsureMany(items.data(), int(n), opt, slots.Data()); });
+    return slots;
+  }
+
+  Napi::Value PinMany(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    std::vector<cuda::BlockPool::ClientBlocks> items = Items(env, o);
+    const bool pinned = Flag(o, "pinned", true);
+    Pool(env).PinMany(items.data(), int(items.size()), pinned);
+    return env.Undefined();
   }
 
   Napi::Value Lookup(const Napi::CallbackInfo& info) {

@@ -136,7 +136,7 @@ void BlockPool::Impl::EnsureLocked(int64_t client, const int32_t* blocks, int64_
     const size_t at = size_t(source == Source::kIndexed ? int64_t(blocks[i]) : i) * I.blockWords;
     I.Stage(s, k + at, v + at, evicted);
   }
-  I.Flush();
+  if (!I.batching) I.Flush();
   // Every block of the call is off the chains here (held, pinned, or new).
   for (int64_t i = 0; i < n; ++i) {
     if (slotsOut[i] < 0) continue;  // not reached after an error
@@ -167,24 +167,54 @@ void BlockPool::Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t
   }
 }
 
-void BlockPool::Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned) {
+void BlockPool::EnsureMany(const ClientBlocks* items, int n, const EnsureOptions& options, int32_t* slotsOut) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lock(I.mu);
-  auto found = I.clients.find(client);
-  if (found == I.clients.end()) return;
+  EnsureOptions o = options;
+  o.source = Source::kIndexed;
+  int i = 0;
+  int64_t at = 0;
+  auto each = [&] {
+    for (; i < n; at += items[i].n, ++i) {
+      o.priorities = items[i].priorities;
+      I.EnsureLocked(items[i].client, items[i].blocks, items[i].n, items[i].k, items[i].v, slotsOut + at, o);
+    }
+  };
+  if (!o.hold) return each();
+  try {
+    I.Batched(each);
+  } catch (...) {
+    for (int j = 0; j < i; ++j) I.PinLocked(items[j].client, items[j].blocks, items[j].n, false);  // all or none held
+    throw;
+  }
+}
+
+void BlockPool::Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->PinLocked(client, blocks, n, pinned);
+}
+
+void BlockPool::PinMany(const ClientBlocks* items, int n, bool pinned) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  for (int i = 0; i < n; ++i) impl_->PinLocked(items[i].client, items[i].blocks, items[i].n, pinned);
+}
+
+void BlockPool::Impl::PinLocked(int64_t client, const int32_t* blocks, int64_t n, bool pinned) {
+  auto found = clients.find(client);
+  if (found == clients.end()) return;
   const std::vector<int32_t>& table = found->second.table;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* e = blocks[i] >= 0 && size_t(blocks[i]) < table.size() ? &table[size_t(blocks[i])] : nullptr;
     if (!e || *e < 0) continue;
-    Impl::SlotInfo& si = I.info[*e];
+    SlotInfo& si = info[*e];
     if (pinned) {
       if (si.pins++ == 0) {
-        I.Unlist(*e);
-        ++I.st.pinned;
+        Unlist(*e);
+        ++st.pinned;
       }
     } else if (si.pins > 0 && --si.pins == 0) {
-      --I.st.pinned;
-      I.List(*e);
+      --st.pinned;
+      List(*e);
     }
   }
 }

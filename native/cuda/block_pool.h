@@ -93,11 +93,31 @@ class BlockPool {
   // once (nothing is held then).
   void Ensure(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v, int32_t* slotsOut,
               const EnsureOptions& options);
+  // One client's blocks in a call over several clients (EnsureMany, PinMany).
+  struct ClientBlocks {
+    int64_t client = 0;
+    const int32_t* blocks = nullptr;
+    int64_t n = 0;
+    const uint16_t* k = nullptr;  // EnsureMany: the client's whole rows (kIndexed)
+    const uint16_t* v = nullptr;
+    const uint8_t* priorities = nullptr;  // EnsureMany: one class per block, or none (options.priority)
+  };
+  // Ensure (kIndexed) of each item in turn, as that many calls would, in
+  // one: with options.hold, every item's misses are copied by one flush (one
+  // host->device copy and one scatter launch per staging chunk filled) and
+  // all are held or none (it throws, its holds undone; the blocks made
+  // resident stay so). Without hold each item flushes its own: a staged
+  // slot no hold keeps could be taken by the next item before its copy.
+  // options.source and priorities are ignored. slotsOut: every item's slots
+  // back to back.
+  void EnsureMany(const ClientBlocks* items, int n, const EnsureOptions& options, int32_t* slotsOut);
   // Slot of each block, or -1; touches residents; counts hits and misses.
   void Lookup(int64_t client, const int32_t* blocks, int64_t n, int32_t* slotsOut);
   // Pinned blocks are never evicted; pins count (a block pinned twice needs
   // two unpins), so overlapping steps can each hold what their attend reads.
   void Pin(int64_t client, const int32_t* blocks, int64_t n, bool pinned);
+  // Pin of each item's blocks (k, v and priorities unused), in one call.
+  void PinMany(const ClientBlocks* items, int n, bool pinned);
   // Moves resident blocks to another eviction class (lower goes first).
   void Prefer(int64_t client, const int32_t* blocks, int64_t n, int priority);
   // Drops every block of a client (e.g. when a session ends). Pinned blocks
@@ -120,7 +140,9 @@ class BlockPool {
   int64_t HoldRange(int64_t client, int32_t first, int32_t count, const uint16_t* k, const uint16_t* v, int priority);
   // HoldRange of the same blocks of n clients (a part's kv heads: k[i], v[i]
   // client i's rows) in one call; ids[i] receives client i's hold. All or
-  // none: when one throws, the holds made before it are ended.
+  // none: when one throws, the holds made before it are ended. The clients'
+  // patched misses are copied by one flush (a held range's slots are never
+  // taken, so none staged can be before its copy).
   void HoldRanges(const int64_t* clients, int n, int32_t first, int32_t count, const uint16_t* const* k,
                   const uint16_t* const* v, int priority, int64_t* ids);
   // Ends holds (an unknown id is an error, and then none ends).

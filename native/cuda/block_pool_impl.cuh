@@ -62,6 +62,14 @@ struct HostBuf {
 
 constexpr int kChunks = 4;
 
+// A flush of at most this many bytes of blocks is copied into staging on the
+// calling thread: 8 slots of 32 KiB, 24-36 us at the 7.3-10.9 GB/s one core
+// copies from random places of a 1 GiB source (bench/results/flush-copy-vm.md,
+// 2-core VM, where ParallelFor was never faster: 1.0-1.7x slower). ParallelFor
+// wakes every worker of the pool (15 on a 16-core host) for the batch, and
+// they take its one mutex in turn: a fixed cost of the order of such a copy.
+constexpr size_t kInlineCopyBytes = size_t(256) << 10;
+
 // A range table's memory: its device table and pinned mirror, cap entries each.
 struct TableBuf {
   int32_t* dev = nullptr;
@@ -197,6 +205,9 @@ struct BlockPool::Impl {
   int64_t curN = 0;   // blocks staged in it
   bool curNeedsComputeWait = false;
   std::vector<std::pair<const uint16_t*, const uint16_t*>> curSrc;  // host K,V sources of the staged blocks
+  // Set by the calls over several clients (EnsureMany with hold, HoldRanges):
+  // EnsureLocked leaves its staged misses to the call's one flush at its end.
+  bool batching = false;
 
   cudaEvent_t lastCopy = nullptr, lastCompute = nullptr, kStart = nullptr, kStop = nullptr;
   bool copyPending = false, computePending = false;
@@ -364,6 +375,21 @@ struct BlockPool::Impl {
     st.rangeHeld -= r.count;
     Unpark(r);
   }
+  void PinLocked(int64_t client, const int32_t* blocks, int64_t n, bool pinned);
+  // Runs f with batching set, then flushes (also when f throws).
+  template <typename F>
+  void Batched(F&& f) {
+    batching = true;
+    try {
+      f();
+    } catch (...) {
+      batching = false;
+      Flush();
+      throw;
+    }
+    batching = false;
+    Flush();
+  }
   // Ensure without the lock (HoldRange patches its dirty entries through it).
   void EnsureLocked(int64_t client, const int32_t* blocks, int64_t n, const uint16_t* k, const uint16_t* v,
                     int32_t* slotsOut, const EnsureOptions& o);
@@ -396,10 +422,14 @@ struct BlockPool::Impl {
     if (curN == 0) return;
     const size_t bb = blockWords * sizeof(uint16_t);
     uint8_t* data = hostStage[cur] + headerBytes;
-    ThreadPool::Get().ParallelFor(size_t(curN), [&](size_t i) {
+    auto copy = [&](size_t i) {
       std::memcpy(data + i * 2 * bb, curSrc[i].first, bb);
       std::memcpy(data + i * 2 * bb + bb, curSrc[i].second, bb);
-    });
+    };
+    if (size_t(curN) * 2 * bb <= pool_detail::kInlineCopyBytes)
+      for (size_t i = 0; i < size_t(curN); ++i) copy(i);
+    else
+      ThreadPool::Get().ParallelFor(size_t(curN), copy);
     // A slot that held another block may still be read by an attend in flight.
     if (curNeedsComputeWait && computePending) Check(cudaStreamWaitEvent(copyStream, lastCompute, 0), "wait compute");
     const size_t bytes = headerBytes + size_t(curN) * 2 * bb;

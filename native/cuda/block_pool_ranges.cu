@@ -130,7 +130,10 @@ void BlockPool::HoldRanges(const int64_t* clients, int n, int32_t first, int32_t
   std::lock_guard<std::mutex> lock(I.mu);
   int i = 0;
   try {
-    for (; i < n; ++i) ids[i] = I.HoldLocked(clients[i], first, count, k[i], v[i], priority);
+    // One flush for every client's patched misses: their slots are in ranges held from here on, never taken.
+    I.Batched([&] {
+      for (; i < n; ++i) ids[i] = I.HoldLocked(clients[i], first, count, k[i], v[i], priority);
+    });
   } catch (...) {
     for (int j = 0; j < i; ++j) {  // all or none held
       auto h = I.holds.find(ids[j]);

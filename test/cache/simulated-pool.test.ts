@@ -144,6 +144,18 @@ describe('simulated pool', () => {
           const [a, b] = open.splice(Math.floor(rng.next() * open.length), 1)[0];
           pool.unholdRange(a);
           model.unholdRange(b);
+        } else if (x > 0.85) {
+          // A step's kv heads in one call (GpuBackend's way): both heads of the segment, held, all or none.
+          const heads = [0, 1].map((h) => {
+            const chosen = new Set<number>();
+            while (chosen.size < 4) chosen.add(Math.floor(rng.next() * blocks));
+            const b = Int32Array.from(chosen);
+            return { client: segment * 2 ** 20 + h, blocks: b, k, v, priorities: Uint8Array.from(b, (y) => (y % 7 === 0 ? 1 : 0)) };
+          });
+          if (!both((p) => p.uploadIndexedMany(heads, { hold: true }))) for (const u of heads) pinned.push([u.client, u.blocks]);
+          // The oldest held lists unpinned in one call.
+          const done = pinned.splice(0, Math.max(0, pinned.length - 2)).map(([c, b]) => ({ client: c, blocks: b }));
+          for (const p of [pool, model]) p.pinMany(done, false);
         } else {
           const chosen = new Set<number>();
           while (chosen.size < 5) chosen.add(Math.floor(rng.next() * blocks));

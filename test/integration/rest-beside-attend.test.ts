@@ -14,7 +14,7 @@ import type { WaveGpuRestArgs, WaveGpuRestResult, WaveGpuStore } from '../../add
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { GpuBackend } from '../../engine/cache/gpu-pool.js';
 import { PoolModel } from '../../engine/cache/simulated-pool.js';
-import type { GpuAttendArgs, GpuPoolOptions, GpuRangeHold } from '../../addon/cuda.js';
+import type { GpuAttendArgs, GpuPoolOptions, GpuRangeHold, GpuUpload } from '../../addon/cuda.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
@@ -35,6 +35,11 @@ class LoggedPool extends PoolModel {
   override uploadIndexed(client: number, blocks: Int32Array, k: Uint16Array, v: Uint16Array, o: { priority?: number; priorities?: Uint8Array; hold?: boolean } = {}): Int32Array {
     if (blocks.length > 0) this.log.push('resident');
     return super.uploadIndexed(client, blocks, k, v, o);
+  }
+
+  override uploadIndexedMany(uploads: GpuUpload[], o: { hold?: boolean } = {}): Int32Array[] {
+    if (uploads.some((u) => u.blocks.length > 0)) this.log.push('resident');
+    return super.uploadIndexedMany(uploads, o);
   }
 
   override holdRanges(clients: number[], first: number, count: number, k: Uint16Array[], v: Uint16Array[], priority = 0): GpuRangeHold[] {

@@ -1,11 +1,16 @@
 // A host stand-in for the CUDA runtime, for pool_ops.cc only: device memory is
-// host memory (counted, and made to fail on demand), copies are memmove,
-// streams and events do nothing, and the one <<<>>> launch of the pool
-// (block_pool_ranges.cu GatherTables) runs on the host; the decode kernel
-// records the slots it would read (gRead).
+// host memory (counted, and made to fail on demand), copies are memmove
+// (host to device ones counted, gH2D), streams and events do nothing, and the
+// one <<<>>> launch of the pool (block_pool_ranges.cu GatherTables) runs on
+// the host; the scatter kernel writes the staged blocks into the K and V
+// pools as the device's does (counted, gScatter; KVR_STUB_SCATTER_SKIP=1
+// makes it leave out each launch's last block: a wrong copy that the checks
+// must catch; a launch that names a slot twice is counted, gScatterRaces),
+// and the decode kernel records the slots it would read (gRead).
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 #include "cuda/decode_kernel.h"
@@ -40,7 +45,13 @@ cudaError_t cudaFreeHost(void* p) {
   free(p);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) { memmove(d, s, n); return cudaSuccess; }
+// Host-to-device copies and scatter launches so far: calls, bytes, blocks scattered, launches with a slot twice.
+long gH2D = 0, gH2DBytes = 0, gScatter = 0, gScattered = 0, gScatterRaces = 0;
+cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  if (kind == cudaMemcpyHostToDevice) ++gH2D, gH2DBytes += long(n);
+  memmove(d, s, n);
+  return cudaSuccess;
+}
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int) { *s = (cudaStream_t)malloc(8); return cudaSuccess; }
 cudaError_t cudaStreamDestroy(cudaStream_t s) { free(s); return cudaSuccess; }
@@ -73,6 +84,8 @@ cudaError_t __cudaLaunchKernel(cudaKernel_t, dim3 grid, dim3, void** args, size_
 }
 
 std::vector<std::vector<int32_t>> gRead;  // what the last decode read, per kv head
+const uint16_t* gKPool = nullptr;  // the pools the scatter wrote to (pool_ops reads slots back from them)
+const uint16_t* gVPool = nullptr;
 namespace kvr { namespace cuda {
 int ChooseSplits(int, int, int, int64_t) { return 1; }
 int LaunchDecode(const DecodeParams& p, void*) {
@@ -83,7 +96,25 @@ int LaunchDecode(const DecodeParams& p, void*) {
   }
   return 0;
 }
-int LaunchScatter(const uint16_t*, const int32_t*, int64_t, int64_t, uint16_t*, uint16_t*, void*) { return 0; }
+// decode_kernel.cu ScatterKernel: staged block b (K then V, blockWords each) to slot slots[b] of each pool.
+int LaunchScatter(const uint16_t* staged, const int32_t* slots, int64_t n, int64_t blockWords, uint16_t* kPool,
+                  uint16_t* vPool, void*) {
+  static const bool skip = getenv("KVR_STUB_SCATTER_SKIP") && atoi(getenv("KVR_STUB_SCATTER_SKIP"));
+  if (n <= 0) return 0;
+  gKPool = kPool;
+  gVPool = vPool;
+  ++gScatter;
+  // The device runs a launch's blocks in no order: a slot twice in one launch is a race (which copy lands is unknown).
+  std::vector<int32_t> seen(slots, slots + n);
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) ++gScatterRaces;
+  for (int64_t b = 0; b < n - (skip ? 1 : 0); ++b) {
+    memcpy(kPool + size_t(slots[b]) * blockWords, staged + size_t(b) * 2 * blockWords, size_t(blockWords) * 2);
+    memcpy(vPool + size_t(slots[b]) * blockWords, staged + size_t(b) * 2 * blockWords + blockWords, size_t(blockWords) * 2);
+    ++gScattered;
+  }
+  return 0;
+}
 void MergeLseHost(float*, float*, const float*, const float*, int, int) {}
 DeviceInfo QueryDevice() { DeviceInfo d; d.ok = true; d.device = "stub"; d.smCount = 132; return d; }
 }}
