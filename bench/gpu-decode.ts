@@ -21,6 +21,11 @@
 // step by step (addon/device-calls.ts): on libuv's pool (cap 0, the old way;
 // even steps) and on the event loop's thread within the cap (KVRECALL_GPU_SYNC_US,
 // default GPU_SYNC_US; odd steps); files gpu-decode-[<configs>-]sync-ab-<device>.
+// --upload-path ab runs a step's block lists both ways in one sitting,
+// alternating step by step on the same pool (GpuBackend.batchUploads): a
+// call a kv head (even steps, the old way: a flush each) and one call for
+// every head (odd steps: one flush); files gpu-decode-[<configs>-]upload-ab-<device>.
+// heads / batch run one way (default batch).
 // --gap MS sleeps that long before each step (an LLM's own work between a
 // layer's calls: the pool's wake-ups cost most after an idle).
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -56,6 +61,8 @@ interface StepRow {
   outError: number;
   /** The step's pool path: range tables (holdRange) or block by block. */
   rangeTables: boolean;
+  /** The step's block lists: one upload call for every kv head (true) or a call a head. */
+  batchUploads: boolean;
   /** The step's GPU calls: sent to the loop's thread within the cap (true) or all to libuv's pool (false), and where they ran. */
   deviceSync: boolean;
   callsOnLoop: number;
@@ -80,9 +87,12 @@ export type PoolPath = 'old' | 'new' | 'ab';
 /** Where the GPU calls wait: 'loop' within the cap, 'pool' all on libuv's pool, 'ab' both, alternating step by step. */
 export type DeviceSync = 'loop' | 'pool' | 'ab';
 
-export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath; deviceSync?: DeviceSync; gapMs?: number }): Promise<void> {
+/** A step's block lists: 'heads' a pool call a kv head, 'batch' one for all, 'ab' both, alternating step by step. */
+export type UploadPath = 'heads' | 'batch' | 'ab';
+
+export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath; deviceSync?: DeviceSync; uploadPath?: UploadPath; gapMs?: number }): Promise<void> {
   const { tokens, steps } = opts;
-  if (opts.poolPath === 'ab' && opts.deviceSync === 'ab') throw new Error('--pool-path ab and --device-sync ab: one A/B at a time');
+  if ([opts.poolPath, opts.deviceSync, opts.uploadPath].filter((x) => x === 'ab').length > 1) throw new Error('--pool-path, --device-sync, --upload-path: one A/B at a time');
   const syncCap = Number(process.env.KVRECALL_GPU_SYNC_US ?? GPU_SYNC_US);
   const gapMs = opts.gapMs ?? 0;
   const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16', blockSize: 64 };
@@ -167,6 +177,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     const rows: StepRow[] = [];
     for (let s = 0; s < steps; s++) {
       if (opts.poolPath) gpu.rangeTables = opts.poolPath === 'ab' ? s % 2 === 1 : opts.poolPath === 'new';
+      gpu.batchUploads = opts.uploadPath === 'ab' ? s % 2 === 1 : opts.uploadPath !== 'heads';
       const deviceSync = opts.deviceSync === 'ab' ? s % 2 === 1 : opts.deviceSync !== 'pool';
       setGpuSyncUs(deviceSync ? syncCap : 0);
       if (gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
@@ -180,6 +191,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
         selected: r.stats.blocks?.selected ?? 0, hits: r.stats.blocks?.hits ?? 0, bytesIn: r.stats.blocks?.bytesIn ?? 0,
         outError: cfg.method === 'exact' ? 0 : relError(r.out, denseOut[s], model.qHeads),
         rangeTables: gpu.rangeTables,
+        batchUploads: gpu.batchUploads,
         deviceSync, callsOnLoop: callsAfter.loop - calls.loop, callsOnPool: callsAfter.pool - calls.pool,
       });
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
@@ -193,15 +205,18 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     // steps from its second (step 1, the first range-table step, builds the tables).
     // --device-sync ab: each way's steps from its second (the first call of a store goes to the pool: its time is not known yet).
     const groups = opts.poolPath === 'ab' ? [false, true].map((rt) => rows.filter((r) => r.rangeTables === rt))
-      : opts.deviceSync === 'ab' ? [false, true].map((ds) => rows.filter((r) => r.deviceSync === ds)) : [rows];
+      : opts.deviceSync === 'ab' ? [false, true].map((ds) => rows.filter((r) => r.deviceSync === ds))
+      : opts.uploadPath === 'ab' ? [false, true].map((b) => rows.filter((r) => r.batchUploads === b)) : [rows];
     for (const group of groups) {
       const warm = group.slice(1);
-      const way = opts.deviceSync === 'ab' ? `, GPU calls ${group[0].deviceSync ? `on the loop within ${syncCap} us` : 'on the pool'}` : '';
+      const way = opts.deviceSync === 'ab' ? `, GPU calls ${group[0].deviceSync ? `on the loop within ${syncCap} us` : 'on the pool'}`
+        : opts.uploadPath === 'ab' ? `, block lists ${group[0].batchUploads ? 'in one call' : 'a call a kv head'}` : '';
       const sel = warm.reduce((a, r) => a + r.selected, 0), hit = warm.reduce((a, r) => a + r.hits, 0);
       const summary = {
         config: (opts.poolPath === 'ab' ? `${cfg.name}, ${group[0].rangeTables ? 'range tables' : 'block by block'}` : cfg.name) + way,
         method: cfg.method,
         rangeTables: group[0].rangeTables,
+        batchUploads: group[0].batchUploads,
         deviceSync: group[0].deviceSync,
         callsOnLoopPerStep: mean(warm.map((r) => r.callsOnLoop)),
         callsOnPoolPerStep: mean(warm.map((r) => r.callsOnPool)),
@@ -232,6 +247,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     workload: { seed: 11, steps, generator: 'workload/' },
     poolPath: opts.poolPath ?? (process.env.KVRECALL_POOL_RANGES === '0' ? 'old' : 'new'),
     deviceSync: opts.deviceSync ?? 'loop',
+    uploadPath: opts.uploadPath ?? 'batch',
     gpuSyncUs: syncCap,
     gapMs,
     note: 'one layer, in process (decodeStep, no HTTP); no own session tokens; step 0 (pool fill) excluded from the steady-state columns',
@@ -254,6 +270,9 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       (opts.deviceSync === 'ab'
         ? ` GPU calls (the wave step and rest, the pool's attend) both ways, alternating step by step: all on libuv's pool (even steps, the old way) and on the event loop's thread within ${syncCap} us a turn (odd steps, addon/device-calls.ts); each way's first step excluded; calls/step: where they ran (loop / pool).`
         : ` GPU calls ${result.deviceSync === 'pool' ? "all on libuv's pool" : `on the event loop's thread within ${syncCap} us a turn`}.`) +
+      (opts.uploadPath === 'ab'
+        ? " Block lists both ways on the same pool, alternating step by step: a pool call a kv head (even steps, a flush each: the old way, its copies inline up to 256 KiB) and one call for every head (odd steps, one flush); each way's first step excluded."
+        : ` Block lists: ${result.uploadPath === 'heads' ? 'a pool call a kv head' : 'one pool call for every kv head'}.`) +
       (gapMs > 0 ? ` ${gapMs} ms asleep before each step.` : ''),
     '',
     `| config | pool (of KV) | step p50 / p99 ms | select ms | resident+attend ms | of which resident | kernel ms | blocks/step | hit rate | H2D MiB/step (mean / p99) | out error vs dense (mean / max) |${opts.deviceSync === 'ab' ? ' calls/step loop / pool |' : ''}`,
@@ -268,7 +287,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
   mkdirSync(dir, { recursive: true });
   for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
     // A run of some configurations (--configs) has its own file: the README renders the full one.
-    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${opts.deviceSync === 'ab' ? `sync-ab-${gapMs > 0 ? `gap${gapMs}-` : ''}` : ''}${deviceTag(opts.device)}`;
+    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${opts.deviceSync === 'ab' ? `sync-ab-${gapMs > 0 ? `gap${gapMs}-` : ''}` : ''}${opts.uploadPath === 'ab' ? 'upload-ab-' : ''}${deviceTag(opts.device)}`;
     writeFileSync(join(d, `${name}.json`), JSON.stringify(result, null, 2) + '\n');
     writeFileSync(join(d, `${name}.md`), md);
   }

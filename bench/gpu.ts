@@ -1,7 +1,8 @@
 // GPU decode path: correctness checks and a benchmark (needs a CUDA device).
 //
 //   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode [--configs wave,nosa,...]
-//                                      [--pool-path old|new|ab] [--device-sync loop|pool|ab] [--gap MS]] [--quick])
+//                                      [--pool-path old|new|ab] [--device-sync loop|pool|ab] [--upload-path heads|batch|ab]
+//                                      [--gap MS]] [--quick])
 //
 // --check runs the same comparisons as test/native/gpu.test.ts without vitest:
 // the split-K kernel over block tables against the CPU `attend` and a float64
@@ -24,7 +25,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName, GpuPool } from '../addon/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
-import { runDecodeBench, type DeviceSync, type PoolPath } from './gpu-decode.js';
+import { runDecodeBench, type DeviceSync, type PoolPath, type UploadPath } from './gpu-decode.js';
 import { checkRangeTables } from './gpu-range.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
@@ -411,9 +412,11 @@ async function main(): Promise<void> {
   if (poolPath !== undefined && !['old', 'new', 'ab'].includes(poolPath)) throw new Error(`--pool-path: old, new or ab, not ${poolPath}`);
   const deviceSync = argv.indexOf('--device-sync') >= 0 ? argv[argv.indexOf('--device-sync') + 1] : undefined;
   if (deviceSync !== undefined && !['loop', 'pool', 'ab'].includes(deviceSync)) throw new Error(`--device-sync: loop, pool or ab, not ${deviceSync}`);
+  const uploadPath = argv.indexOf('--upload-path') >= 0 ? argv[argv.indexOf('--upload-path') + 1] : undefined;
+  if (uploadPath !== undefined && !['heads', 'batch', 'ab'].includes(uploadPath)) throw new Error(`--upload-path: heads, batch or ab, not ${uploadPath}`);
   if (decode || !bench)
     await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device, configs, poolPath: poolPath as PoolPath | undefined,
-      deviceSync: deviceSync as DeviceSync | undefined, gapMs: get('--gap') });
+      deviceSync: deviceSync as DeviceSync | undefined, uploadPath: uploadPath as UploadPath | undefined, gapMs: get('--gap') });
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

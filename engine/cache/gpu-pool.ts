@@ -108,6 +108,12 @@ export class GpuBackend {
   private readonly createPool: (o: GpuPoolOptions) => DevicePool;
   /** Whether range parts go through range tables (settable: bench/gpu-decode.ts alternates the two paths in one run). */
   rangeTables: boolean;
+  /**
+   * Whether a step's block lists go to the pool in one call (one flush for
+   * every kv head's misses) or a call a kv head, as before (settable:
+   * bench/gpu-decode.ts --upload-path ab alternates the two in one run).
+   */
+  batchUploads = true;
 
   private constructor(
     readonly info: CudaDevice,
@@ -289,14 +295,16 @@ export class GpuBackend {
     // per kv head made 8 flushes a step, each a thread-pool wake, a copy and
     // a launch: residency 0.41 ms of a 1.00 ms nosa step at 1M, H100).
     let waiting: { upload: GpuUpload; head: number }[] = [];
+    const batch = this.batchUploads;
     const upload = () => {
-      if (waiting.length === 0) return;
       // Held (pinned) until the kernel has read them: a later upload (another
       // session's step) must not evict them. All held or none (it throws).
-      const got = pool.uploadIndexedMany(waiting.map((w) => w.upload), { hold: true });
+      const got = batch && waiting.length > 0 ? pool.uploadIndexedMany(waiting.map((w) => w.upload), { hold: true }) : [];
       waiting.forEach((w, i) => {
-        pieces[w.head].push(got[i]);
-        held.push(w.upload);
+        const u = w.upload;
+        // A call a head: each held as it returns (a later head's refusal leaves it to the unpins below).
+        pieces[w.head].push(batch ? got[i] : pool.uploadIndexed(u.client, u.blocks, u.k, u.v, { priorities: u.priorities, hold: true }));
+        held.push(u);
       });
       waiting = [];
     };
@@ -344,7 +352,8 @@ export class GpuBackend {
         ...(extra && { extraOut: extra.out, extraLse: extra.lse }),
       });
     } finally {
-      pool.pinMany(held, false);
+      if (batch) pool.pinMany(held, false);
+      else for (const u of held) pool.pin(u.client, u.blocks, false);
       pool.unholdRanges(holds);
       done();
     }

@@ -19,6 +19,8 @@ class LoggedPool extends PoolModel {
   readonly log: string[] = [];
   readonly uploads: { upload: GpuUpload; slots: Int32Array }[] = [];
   attended?: GpuAttendArgs;
+  /** The slots the last attend read, per kv head. */
+  read: number[][] = [];
   private depth = 0;
 
   constructor(o: GpuPoolOptions) {
@@ -62,6 +64,7 @@ class LoggedPool extends PoolModel {
   override attend(a: GpuAttendArgs): Promise<void> {
     this.log.push('attend');
     this.attended = a;
+    this.read = this.slotsRead(a);
     return super.attend(a);
   }
 }
@@ -116,6 +119,27 @@ describe("a GPU step's pool calls", () => {
     expect({ pinned: s.pinned, rangeHeld: s.rangeHeld, misses: s.misses }).toEqual({ pinned: 0, rangeHeld: 0, misses: (3 + 2 + 2 + 2) * m.kvHeads });
     expect(p.faults).toEqual({ changedUnderRead: 0, pinnedReleased: 0 });
     gpu.close();
+  });
+
+  it('a call a kv head (batchUploads off, for bench A/B) makes the same pool state and reads the same slots, step after step', async () => {
+    const runs = [true, false].map((batchUploads) => {
+      const b = backend(40 * 64 * 64 * 2 * 2, true);
+      b.gpu.batchUploads = batchUploads;
+      return { ...b, reads: [] as number[][][], stats: [] as unknown[] };
+    });
+    const a = segment(4096);
+    // Steps whose lists move and overlap in a 40-slot pool: hits, misses and evictions.
+    for (let step = 0; step < 12; step++)
+      for (const r of runs) {
+        await r.gpu.attend(m, 0, [{ segment: a, range: { first: 0, count: 1, priority: 3 } }, blocks(a, [2 * step, 2 * step + 3, 40 - step])], q, 1, out, lse);
+        r.reads.push(r.pool().read);
+        r.stats.push(r.pool().stats());
+      }
+    expect(runs[1].pool().log.filter((x) => x === 'uploadIndexed')).toHaveLength(12 * m.kvHeads);
+    expect(runs[0].pool().log.filter((x) => x === 'uploadIndexed')).toEqual([]);
+    expect(runs[1].reads).toEqual(runs[0].reads);
+    expect(runs[1].stats).toEqual(runs[0].stats);
+    expect(runs[0].pool().stats().evictions).toBeGreaterThan(0);
   });
 
   it('block by block (no range tables), every part is one upload call', async () => {
