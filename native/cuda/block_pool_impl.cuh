@@ -64,11 +64,13 @@ constexpr int kChunks = 4;
 
 // A flush of at most this many bytes of blocks is copied into staging on the
 // calling thread: 8 slots of 32 KiB, 24-36 us at the 7.3-10.9 GB/s one core
-// copies from random places of a 1 GiB source (bench/results/flush-copy-vm.md,
-// 2-core VM, where ParallelFor was never faster: 1.0-1.7x slower). ParallelFor
-// wakes every worker of the pool (15 on a 16-core host) for the batch, and
-// they take its one mutex in turn: a fixed cost of the order of such a copy.
+// copies from random places of a 1 GiB source (bench/results/flush-copy-vm.md).
+// ParallelFor wakes every worker of the pool (15 on a 16-core host) for the
+// batch, and they take its one mutex in turn: a fixed cost of the order of
+// such a copy. With one worker (a 2-core machine) every flush is copied
+// inline: there ParallelFor was never faster, 1.0-1.7x slower at every size.
 constexpr size_t kInlineCopyBytes = size_t(256) << 10;
+inline bool CopyInline(size_t bytes) { return bytes <= kInlineCopyBytes || ThreadPool::Get().Threads() <= 2; }
 
 // A range table's memory: its device table and pinned mirror, cap entries each.
 struct TableBuf {
@@ -202,6 +204,7 @@ struct BlockPool::Impl {
   cudaEvent_t stageDone[kChunks] = {};
   bool stageBusy[kChunks] = {};
   int cur = 0;        // chunk being filled
+  uint64_t flushes = 0, flushedAt[kChunks] = {};  // flushes so far; the flush that made each chunk busy
   int64_t curN = 0;   // blocks staged in it
   bool curNeedsComputeWait = false;
   std::vector<std::pair<const uint16_t*, const uint16_t*>> curSrc;  // host K,V sources of the staged blocks
@@ -404,11 +407,29 @@ struct BlockPool::Impl {
   int64_t Patch(Range& r, const uint16_t* k, const uint16_t* v);
   void AttendPieces(const AttendArgs& a);
 
+  // The chunk to fill next: the lowest one whose copy is done, so that a
+  // step's staging stays in the same cache-warm memory (filling the 4 in
+  // turn cost a step of 31 misses 3-25% more host time: bench/native/pool_step.cc);
+  // when all are in flight, the one flushed first, waited for.
   void OpenChunk() {
-    if (stageBusy[cur]) {
-      Check(cudaEventSynchronize(stageDone[cur]), "staging wait");
-      stageBusy[cur] = false;
+    int oldest = -1;
+    for (int c = 0; c < kChunks; ++c) {
+      if (stageBusy[c]) {
+        const cudaError_t rc = cudaEventQuery(stageDone[c]);
+        if (rc == cudaErrorNotReady) {
+          cudaGetLastError();  // not an error: the scatter's launch check must not read it
+          if (oldest < 0 || flushedAt[c] < flushedAt[oldest]) oldest = c;
+          continue;
+        }
+        Check(rc, "staging query");
+        stageBusy[c] = false;
+      }
+      cur = c;
+      return;
     }
+    Check(cudaEventSynchronize(stageDone[oldest]), "staging wait");
+    stageBusy[oldest] = false;
+    cur = oldest;
   }
   void Stage(int32_t slot, const uint16_t* k, const uint16_t* v, bool evicted) {
     if (curN == 0) OpenChunk();
@@ -426,7 +447,7 @@ struct BlockPool::Impl {
       std::memcpy(data + i * 2 * bb, curSrc[i].first, bb);
       std::memcpy(data + i * 2 * bb + bb, curSrc[i].second, bb);
     };
-    if (size_t(curN) * 2 * bb <= pool_detail::kInlineCopyBytes)
+    if (pool_detail::CopyInline(size_t(curN) * 2 * bb))
       for (size_t i = 0; i < size_t(curN); ++i) copy(i);
     else
       ThreadPool::Get().ParallelFor(size_t(curN), copy);
@@ -441,10 +462,10 @@ struct BlockPool::Impl {
     Check(cudaEventRecord(stageDone[cur], copyStream), "event");
     Check(cudaEventRecord(lastCopy, copyStream), "event");
     stageBusy[cur] = true;
+    flushedAt[cur] = ++flushes;
     copyPending = true;
     st.bytesCopied += int64_t(bytes);
     ++st.copies;
-    cur = (cur + 1) % kChunks;
     curN = 0;
     curNeedsComputeWait = false;
     curSrc.clear();

@@ -47,9 +47,15 @@ cudaError_t cudaFreeHost(void* p) {
 }
 // Host-to-device copies and scatter launches so far: calls, bytes, blocks scattered, launches with a slot twice.
 long gH2D = 0, gH2DBytes = 0, gScatter = 0, gScattered = 0, gScatterRaces = 0;
+// KVR_STUB_NO_DEVICE_COPY=1 (bench/native/pool_step.cc, which reads nothing back): host-to-device copies and the
+// scatter move no bytes, as they take no host time on a device (their calls' own cost is not modelled either).
+static bool NoDeviceCopy() {
+  static const bool no = getenv("KVR_STUB_NO_DEVICE_COPY") && atoi(getenv("KVR_STUB_NO_DEVICE_COPY"));
+  return no;
+}
 cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
   if (kind == cudaMemcpyHostToDevice) ++gH2D, gH2DBytes += long(n);
-  memmove(d, s, n);
+  if (!(NoDeviceCopy() && kind == cudaMemcpyHostToDevice)) memmove(d, s, n);
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
@@ -62,6 +68,12 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned int) { *e = (cudaE
 cudaError_t cudaEventDestroy(cudaEvent_t e) { free(e); return cudaSuccess; }
 cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+// KVR_STUB_EVENTS_BUSY=1: every other query finds its event's work not done (the pool then waits, or looks further).
+long gEventQueries = 0;
+cudaError_t cudaEventQuery(cudaEvent_t) {
+  static const bool busy = getenv("KVR_STUB_EVENTS_BUSY") && atoi(getenv("KVR_STUB_EVENTS_BUSY"));
+  return busy && ++gEventQueries % 2 ? cudaErrorNotReady : cudaSuccess;
+}
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return cudaSuccess; }
 const char* cudaGetErrorString(cudaError_t) { return "stub"; }
 cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -108,7 +120,7 @@ int LaunchScatter(const uint16_t* staged, const int32_t* slots, int64_t n, int64
   std::vector<int32_t> seen(slots, slots + n);
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) ++gScatterRaces;
-  for (int64_t b = 0; b < n - (skip ? 1 : 0); ++b) {
+  for (int64_t b = 0; b < n - (NoDeviceCopy() ? n : skip ? 1 : 0); ++b) {
     memcpy(kPool + size_t(slots[b]) * blockWords, staged + size_t(b) * 2 * blockWords, size_t(blockWords) * 2);
     memcpy(vPool + size_t(slots[b]) * blockWords, staged + size_t(b) * 2 * blockWords + blockWords, size_t(blockWords) * 2);
     ++gScattered;
