@@ -137,11 +137,12 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     return slots;
   }
 
-  // clients[i] and blocks[i] of the "clients" and "blocks" arrays (1 to 1024 clients).
+  // clients[i] and blocks[i] of the "clients" and "blocks" arrays: a step's lists, kv heads x block parts (a
+  // session's documents), so not bounded by the heads.
   static std::vector<cuda::BlockPool::ClientBlocks> Items(Napi::Env env, const Napi::Object& o) {
     Napi::Array cl = ArrayAt(o, "clients");
     const size_t n = cl.Length();
-    if (n < 1 || n > 1024) throw Napi::RangeError::New(env, "clients: 1 to 1024 of them");
+    if (n < 1 || n > (size_t(1) << 24)) throw Napi::RangeError::New(env, "clients: 1 to 2^24 of them");
     Napi::Array bl = ArrayOf(o, "blocks", n);
     std::vector<cuda::BlockPool::ClientBlocks> items(n);
     for (uint32_t i = 0; i < n; ++i) {
