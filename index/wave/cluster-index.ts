@@ -50,7 +50,11 @@ export const PROBE = 8;
  * at 4 as at 8 within 0.001, agreement 1.000 (model-vm-8k-wave-ef*.md); at
  * 16K probe 2 left layer 4 at 0.058 against 0.055 (commit 0ebd2d9, with
  * wave-probe-fidelity-131072-cs16-probe*.md). Without the estimate
- * probe 4 errs 6–9% more than 8: PROBE stays there.
+ * probe 4 errs 6–9% more than 8: PROBE stays there. At 1M the probe is not
+ * free (bench/results/wave-probe-estimated-1m-vm.md, default configuration,
+ * clusters of 16): probe 8/4/2/1 err 0.019/0.030/0.039/0.046, and at 16K
+ * bytes the model's mean error rises 12% from 4 to 2: 4 stays, though 2
+ * would be cheaper on the device.
  */
 export const PROBE_ESTIMATED = 4;
 
