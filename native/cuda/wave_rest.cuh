@@ -77,10 +77,10 @@ __global__ void ExpandRows(StepParams p, RestRows r) {
 __global__ void RestScanned(StepParams p, unsigned long long* scanned) {
   __shared__ long long scratch[32];
   const int h = blockIdx.y;
-  const int32_t listed = p.touchedN[h];
+  const int32_t front = p.touchedN[h], listed = front + p.touchedN[gridDim.y + h];  // both ends of the list
   long long n = 0;
   for (int32_t k = int32_t(blockIdx.x * blockDim.x + threadIdx.x); k < listed; k += int32_t(gridDim.x * blockDim.x)) {
-    const int64_t c = p.base[h] + p.touched[size_t(h) * p.rowsMax + k];
+    const int64_t c = p.base[h] + p.touched[size_t(h) * p.rowsMax + (k < front ? k : p.rowsMax - 1 - (k - front))];
     const int32_t count = p.counts[c], removed = p.removed[c];
     if (removed > 0 && removed < count) n += count - removed;
   }
@@ -180,7 +180,7 @@ WaveRestResult RunRest(RestState& R, const StepParams& base, const WaveStoreConf
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * cmax * 4), oPm = W.Add(size_t(Q) * parts * 4), oPden = W.Add(size_t(Q) * parts * 4),
                oPnum = W.Add(size_t(Q) * parts * d * 4), oPest = W.Add(size_t(H) * nMain * 8), oTouched = W.Add(size_t(H) * rowsMax * 4),
-               oTouchedN = W.Add(size_t(H) * 4), oKeptIds = W.Add(size_t(H) * width * 4), oKeptN = W.Add(size_t(H) * 8);
+               oTouchedN = W.Add(size_t(H) * 8), oKeptIds = W.Add(size_t(H) * width * 4), oKeptN = W.Add(size_t(H) * 8);
   R.work.Need(W.at, "cudaMalloc (wave rest)");
   void* X = R.work.p;
   p.logits = Layout::At<float>(X, oLogits);
@@ -247,7 +247,7 @@ WaveRestResult RunRest(RestState& R, const StepParams& base, const WaveStoreConf
     mark(2, s);
     const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
     ExpandRows<<<rowsGrid, kThreads, 0, s>>>(p, rr);
-    Check(cudaMemsetAsync(p.touchedN, 0, size_t(H) * 4, s), "memset");
+    Check(cudaMemsetAsync(p.touchedN, 0, size_t(H) * 8, s), "memset");
     Check(cudaMemsetAsync(scanned, 0, size_t(H) * 8, s), "memset");
     ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
     ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);

@@ -485,11 +485,8 @@ __global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) 
   if (i < int64_t(H) * kBins) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0, 0, 0, 0);  // 2 x [H, kBins, 2] words
   if (i < 4 * H) range[i] = 0xffffffffu;
   if (i < 2 * H) range[4 * H + i] = 0;  // HistogramFind's counters, [2, H] after the ranges
-  if (i < 2 * H) p.sel[i] = 0;
-  if (i < H) {
-    p.keptN[i] = 0;
-    p.touchedN[i] = 0;
-  }
+  if (i < 2 * H) p.sel[i] = 0, p.touchedN[i] = 0;
+  if (i < H) p.keptN[i] = 0;
 }
 
 // The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),

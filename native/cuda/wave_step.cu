@@ -322,7 +322,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
                oCand = W.Add(n2 * 4), oPm = W.Add(size_t(Q) * parts * 4),
                oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
-               oTouchedN = W.Add(size_t(H) * 4),
+               oTouchedN = W.Add(size_t(H) * 8),
                oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, size_t(1)}));
   // The rescored candidates' dots, then (attend) the exact rows'.
   const int64_t dotStride = tmax + (a.attend ? E : 0);
@@ -468,19 +468,22 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(7, s);
     const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
     if (merge && rowsMax > 0) {
-      clear(p.touchedN, 0, size_t(H) * 4);
+      clear(p.touchedN, 0, size_t(H) * 8);
       ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
       if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
     }
     mark(8, s);
     if (a.estimate && rowsMax > 0 && p.spreadMode) {
-      // Enough warps to hide their loads' latency, each striding over the touched list.
+      // Enough warps to hide their loads' latency, each striding over its part of the touched list.
       const dim3 grid(unsigned(std::min<int64_t>(Cdiv(rowsMax, kPartialWarps), 512)), unsigned(H));
       const size_t smem = size_t(kPartialWarps) * 2 * d * 4;  // at most 32 KiB (d <= 1024)
       // With dots, the clusters the cut took whole first, from their members'
-      // dots; then the others (the cut's own, those of sinks/window rows only).
-      if (p.dotsOn && p.restRows) PartialLogitsFromDots<<<grid, kPartialWarps * 32, 0, s>>>(p);
-      kinds([&](auto B, auto G) { PartialLogits<B(), G()><<<grid, kPartialWarps * 32, smem, s>>>(p); });
+      // dots; then the others: the cut's own and those of sinks/window rows
+      // only, at most E + 1 a head (the grid is only speed: warps stride).
+      const bool fromDots = p.dotsOn && p.restRows;
+      const dim3 partGrid(fromDots ? unsigned(std::min<int64_t>(Cdiv(E + 1, kPartialWarps), 512)) : grid.x, unsigned(H));
+      if (fromDots) PartialLogitsFromDots<<<grid, kPartialWarps * 32, 0, s>>>(p);
+      kinds([&](auto B, auto G) { PartialLogits<B(), G()><<<partGrid, kPartialWarps * 32, smem, s>>>(p); });
     }
     mark(9, s);
     // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.

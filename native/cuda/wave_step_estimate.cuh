@@ -8,10 +8,23 @@ namespace kvr {
 namespace cuda {
 namespace {
 
+// A partly attended cluster whose members were all rescored (the whole
+// cluster taken by the cut: every probed one but the cut's own) has its
+// restRows logit from the dots RescoreCandidates kept (PartialLogitsFromDots);
+// PartialLogits does the others.
+__device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t n) {
+  return p.dotsOn && p.restRows && p.cnt[c] == n;
+}
+
 // kMode 0: owner[t] = the first position listing t; 1: that position counts
 // its row against its cluster, and the first to count a cluster lists it in
 // touched (the clusters PartialLogits looks at, in no particular order: each
-// is worked on its own); 2: all undone for the next step.
+// is worked on its own): PartialLogitsFromDots's at the front, the others at
+// the back, so that PartialLogits walks only its few (the cut's own cluster,
+// those of sinks/window rows) with a grid sized for them instead of a warp
+// per listed cluster finding out, through a chain of loads, that it is not
+// its; the two parts never meet (at most one entry per row); 2: all undone
+// for the next step.
 template <int kMode>
 __global__ void ExactRows(StepParams p) {
   const int h = blockIdx.y;
@@ -22,8 +35,11 @@ __global__ void ExactRows(StepParams p) {
   const int32_t cl = p.tokCl[size_t(h) * p.N + t];
   const int64_t c = p.base[h] + cl;
   if (kMode == 0) atomicMin(owner, int32_t(j));
-  if (kMode == 1 && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0)
-    p.touched[size_t(h) * p.rowsMax + atomicAdd(p.touchedN + h, 1)] = cl;
+  if (kMode == 1 && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0) {
+    int32_t* const list = p.touched + size_t(h) * p.rowsMax;
+    if (FromDots(p, c, p.counts[c])) list[atomicAdd(p.touchedN + h, 1)] = cl;
+    else list[p.rowsMax - 1 - atomicAdd(p.touchedN + gridDim.y + h, 1)] = cl;
+  }
   if (kMode == 2) {
     *owner = kNoOwner;
     p.removed[c] = 0;
@@ -46,28 +62,18 @@ __device__ __forceinline__ void Absorb(float w, bool live, int half, float& m, f
   m = next;
 }
 
-// A partly attended cluster whose members were all rescored (the whole
-// cluster taken by the cut: every probed one but the cut's own) has its
-// restRows logit from the dots RescoreCandidates kept (PartialLogitsFromDots);
-// PartialLogits does the others.
-__device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t n) {
-  return p.dotsOn && p.restRows && p.cnt[c] == n;
-}
-
-// A warp per touched cluster of kv head blockIdx.y, striding over the list:
-// a warp per exact row, most of them with nothing to do, spent longer
-// finding that out (a chain of dependent loads each) than the others worked.
+// A warp per touched cluster of kv head blockIdx.y at the back of the list
+// (ExactRows<1>: none FromDots), striding over them: a warp per exact row,
+// most of them with nothing to do, spent longer finding that out (a chain of
+// dependent loads each) than the others worked.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p) {
   extern __shared__ __align__(16) float rest[];  // [kPartialWarps, 2, d]: the rest's mean key, then its variance
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y;
-  const int32_t listed = p.touchedN[h];
-  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps) {
-    const int32_t cl = p.touched[size_t(h) * p.rowsMax + k];
-    const int64_t c = p.base[h] + cl;
-    if (FromDots(p, c, p.counts[c])) continue;  // PartialLogitsFromDots's
-    PartialLogit<kBf16, kPaged>(p, h, cl, rest + size_t(warp) * 2 * p.d, lane);
-  }
+  const int32_t listed = p.touchedN[gridDim.y + h];
+  const int32_t* const back = p.touched + size_t(h) * p.rowsMax + p.rowsMax - 1;
+  for (int32_t k = int32_t(blockIdx.x) * kPartialWarps + warp; k < listed; k += int32_t(gridDim.x) * kPartialWarps)
+    PartialLogit<kBf16, kPaged>(p, h, back[-k], rest + size_t(warp) * 2 * p.d, lane);
 }
 
 // PartialLogit's restRows logit (below) of the clusters FromDots names, with
