@@ -437,6 +437,10 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
 // log-sum-exp in float64. Warp w sums the tiles i ≡ w (mod warps) of its
 // lane's column, the warps' sums added in warp order (deterministic); a CTA
 // per q head whose threads each walked every tile left most of the GPU idle.
+// A warp's parts (every warps-th) are summed in order, their numerators read
+// kMergeBatch at a time, the first batch before the block's reductions: one
+// load at a time, a warp's ~parts/8 L2 reads were the kernel's chain.
+constexpr int kMergeBatch = 16;
 __global__ void MergeEstimate(StepParams p) {
   extern __shared__ double sf[];  // [parts]
   __shared__ float fScratch[32];
@@ -444,6 +448,18 @@ __global__ void MergeEstimate(StepParams p) {
   __shared__ long long iScratch[32];
   __shared__ double colSum[32][33];  // [warp][lane]
   const int qh = blockIdx.x, h = qh / p.group;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const int col = int(blockIdx.y) * 32 + lane;
+  const float* const num0 = p.pnum + size_t(qh) * p.parts * p.d + col;  // part i's at [i * d]
+  float v[kMergeBatch];
+  const auto load = [&](int i0) {
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) {
+      const int i = i0 + u * warps;
+      v[u] = col < p.d && i < p.parts ? num0[size_t(i) * p.d] : 0.f;
+    }
+  };
+  load(warp);
   const float* pm = p.pm + size_t(qh) * p.parts;
   float mx = -INFINITY;
   for (int i = threadIdx.x; i < p.parts; i += blockDim.x) mx = fmaxf(mx, pm[i]);
@@ -460,11 +476,15 @@ __global__ void MergeEstimate(StepParams p) {
   est = BlockReduce(est, Add(), iScratch);
   // The estimate alone is empty when it covers no token (every cluster attended).
   const bool ok = mx != -INFINITY && den > 0 && (p.attendOn || est > 0);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const int col = int(blockIdx.y) * 32 + lane;
   double num = 0;
-  if (col < p.d)
-    for (int i = warp; i < p.parts; i += warps) num += double(p.pnum[(size_t(qh) * p.parts + i) * p.d + col]) * sf[i];
+  for (int i0 = warp; i0 < p.parts; i0 += kMergeBatch * warps) {
+#pragma unroll
+    for (int u = 0; u < kMergeBatch; ++u) {
+      const int i = i0 + u * warps;
+      if (col < p.d && i < p.parts) num += double(v[u]) * sf[i];
+    }
+    load(i0 + kMergeBatch * warps);
+  }
   colSum[warp][lane] = num;
   __syncthreads();
   if (warp == 0 && col < p.d) {
