@@ -15,6 +15,12 @@ namespace {
 // number of threads.
 constexpr int64_t kTaskTokens = 2048;
 constexpr int64_t kSub = 64;  // tokens scored before one softmax update
+// Work (rows x group x headDim) run on the calling thread, not the pool: a
+// session's own tokens (16-64 rows beside a GPU wave step) cost 9-18 us so
+// against 15-24 us through ParallelFor's wake-ups on the 2-core VM, where
+// 256 rows (2^19) still gained nothing from a second thread. The same tasks
+// run in the same order either way: the same answer, bit for bit.
+constexpr int64_t kInlineWork = int64_t(1) << 18;
 
 struct Task {
   int head, segment;
@@ -165,7 +171,12 @@ void Attend(const AttnProblem& p) {
     float* base = state.data() + i * stride;
     return Partial{base, base + G, base + 2 * G};
   };
-  ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t i) { RunTask(p, tasks[i], partial(i)); });
+  int64_t rows = 0;
+  for (const Task& t : tasks) rows += t.to - t.from;
+  if (rows * G * d <= kInlineWork)
+    for (size_t i = 0; i < tasks.size(); ++i) RunTask(p, tasks[i], partial(i));
+  else
+    ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t i) { RunTask(p, tasks[i], partial(i)); });
 
   // Merge per kv head in task order (deterministic), in double.
   std::vector<double> acc(d);

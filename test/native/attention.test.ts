@@ -32,6 +32,9 @@ describe('native attend', () => {
   for (const dt of ['f16', 'bf16'] as const)
     for (const [qHeads, kvHeads, d, n] of [
       [4, 4, 8, 1],
+      // Run on the calling thread (work ≤ 2^18): a session's own tokens beside a GPU wave step, and several tasks a head.
+      [32, 8, 64, 41],
+      [2, 2, 8, 4099],
       [8, 2, 24, 4099],
       [12, 3, 67, 777],
       [32, 8, 128, 2053],
