@@ -19,7 +19,11 @@
 // its whole weight before the cut, the cut element the remainder up to the
 // target, nothing after (TakeWeights); a scan of those places the taken
 // elements, in index order, so the result does not depend on the order
-// atomics ran in.
+// atomics ran in. The scan is per head, in the kernels that already run:
+// TakeWeights sums each tile of kThreads elements, and the kernel placing
+// the tile's elements adds the tiles before it to a block scan of its own
+// (PlaceInHead; CUB's device scan was two more launches a cut, ~19 us of the
+// step on an H100 for integer sums any order gives alike).
 #pragma once
 
 #include "cuda/wave_step_kernels.cuh"
@@ -438,28 +442,58 @@ __device__ __forceinline__ int64_t Taken(const S& s, uint32_t low, const CutStat
   return key < c.cut ? s.Weight(i) : key == c.cut ? c.take : 0;
 }
 
+// Tiles of kThreads elements in n (a head's row of tile sums).
+__host__ __device__ constexpr int64_t Tiles(int64_t n) { return (n + kThreads - 1) / kThreads; }
+
 // take[Begin(h) + j]: element j's share; blockIdx.y: the kv head.
 // span: the positions written from Begin(h), zeros past Len(h) (the
-// candidates: tmax); 0: Len(h) (the clusters, whose heads abut).
+// candidates: tmax); 0: Len(h) (the clusters, whose heads abut). Each tile
+// of kThreads shares (a CTA's, one after another) summed into
+// tiles[h * Tiles(cap) + tile], cap: the longest a head's span is.
 template <typename S, typename T>
-__global__ void TakeWeights(S s, const uint32_t* range, const CutState* cuts, T* take, int64_t span) {
+__global__ void TakeWeights(S s, const uint32_t* range, const CutState* cuts, T* take, int64_t span, T* tiles, int64_t cap) {
+  __shared__ T scratch[32];
   const int h = blockIdx.y;
   const uint32_t low = SpanOf(range, h).low;
   const int64_t b = s.Begin(h), n = s.Len(h), end = span > 0 ? span : n;
-  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < end; j += int64_t(gridDim.x) * blockDim.x)
-    take[b + j] = j < n ? T(Taken(s, low, cuts[h], h, b + j)) : T(0);
+  for (int64_t t = blockIdx.x; t * blockDim.x < end; t += gridDim.x) {  // uniform over the CTA: its reduction
+    const int64_t j = t * blockDim.x + threadIdx.x;
+    T w = 0;
+    if (j < end) take[b + j] = w = j < n ? T(Taken(s, low, cuts[h], h, b + j)) : T(0);
+    w = BlockReduce(w, Add(), scratch);
+    if (threadIdx.x == 0) tiles[size_t(h) * size_t(Tiles(cap)) + t] = w;
+  }
+}
+
+// Element v's place among its head's (tile blockIdx.x, of kThreads, whose
+// head's tile sums start at tiles): the tiles before it summed, plus the
+// exclusive scan of v over the block. Every thread of the block calls it.
+template <typename T>
+__device__ __forceinline__ T PlaceInHead(T v, const T* tiles) {
+  using Scan = cub::BlockScan<T, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ T scratch[32];
+  T before = 0;
+  for (unsigned u = threadIdx.x; u < blockIdx.x; u += blockDim.x) before += tiles[u];
+  before = BlockReduce(before, Add(), scratch);
+  T at;
+  Scan(scan).ExclusiveSum(v, at);
+  return before + at;
 }
 
 // Members of the clusters taken (cnt: how many of each, the cut's first
-// ones), in cluster order, into cand[h, 0 .. m); m into sel.
-__global__ void GatherCandidates(StepParams p, const CutState* cuts) {
+// ones), in cluster order, into cand[h, 0 .. m); m into sel; cum: each
+// cluster's inclusive scan of cnt within its head (PartialLogitsFromDots
+// finds a cluster's candidates at cum - cnt). tiles: TakeWeights' sums.
+__global__ void GatherCandidates(StepParams p, const CutState* cuts, const int64_t* tiles) {
   const int h = blockIdx.y;
-  const int64_t b = p.base[h], r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t b = p.base[h], len = p.base[h + 1] - b, r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r == 0) p.sel[h * 2 + 1] = cuts[h].total;
-  if (r >= p.base[h + 1] - b) return;
-  const int64_t i = b + r, take = p.cnt[i];
+  if (int64_t(blockIdx.x) * blockDim.x >= len) return;  // uniform: the whole tile past the head's clusters
+  const int64_t i = b + r, take = r < len ? p.cnt[i] : 0;
+  const int64_t at = PlaceInHead<int64_t>(take, tiles + size_t(h) * size_t(Tiles(p.cmax)));
+  if (r < len) p.cum[i] = at + take;
   if (take == 0) return;
-  const int64_t at = p.cum[i] - take - (b == 0 ? 0 : p.cum[b - 1]);
   const int32_t* src = p.members + size_t(h) * p.N + p.memberStart[i];
   int32_t* dst = p.cand + size_t(h) * p.tmax + at;
   // kCopyBatch loads in flight before their stores: one at a time, each a
@@ -495,10 +529,11 @@ __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   const int h = blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j == 0) p.keptN[h] = cuts[h].total;
-  if (j >= p.tmax) return;
+  if (int64_t(blockIdx.x) * blockDim.x >= p.tmax) return;  // uniform: the whole tile past tmax
   const size_t i = size_t(h) * p.tmax + j;
-  if (!p.take2[i]) return;
-  const int64_t at = p.cum2[i] - 1 - (h == 0 ? 0 : p.cum2[size_t(h) * p.tmax - 1]);
+  const int32_t take = j < p.tmax ? p.take2[i] : 0;
+  const int64_t at = PlaceInHead<int32_t>(take, p.cum2 + size_t(h) * size_t(Tiles(p.tmax)));
+  if (!take) return;
   p.keptIds[size_t(h) * p.width + at] = p.cand[i];
   if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);
 }
@@ -517,10 +552,11 @@ __global__ void ScatterPack(StepParams p, const CutState* cuts) {
     p.outCounts[h * 2 + 1] = p.sel[h * 2 + 1];
   }
   if (j >= kept && j < p.width) p.outIds[size_t(h) * p.width + j] = -1;
-  if (j >= p.tmax) return;
+  if (int64_t(blockIdx.x) * blockDim.x >= p.tmax) return;  // uniform: the whole tile past tmax
   const size_t i = size_t(h) * p.tmax + j;
-  if (!p.take2[i]) return;
-  const int64_t at = p.cum2[i] - 1 - (h == 0 ? 0 : p.cum2[size_t(h) * p.tmax - 1]);
+  const int32_t take = j < p.tmax ? p.take2[i] : 0;
+  const int64_t at = PlaceInHead<int32_t>(take, p.cum2 + size_t(h) * size_t(Tiles(p.tmax)));
+  if (!take) return;
   p.keptIds[size_t(h) * p.width + at] = p.cand[i];
   p.outIds[size_t(h) * p.width + at] = p.cand[i];
   if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);

@@ -34,7 +34,6 @@
 // host compiler that contracts differently would move a score by an ulp and,
 // rarely, a cluster across the cut; making the host's FMAs explicit
 // (std::fma) would pin it.
-#include <cub/device/device_scan.cuh>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -311,10 +310,6 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool legacy = P.legacy;
   p.dotsOn = p.prefetchRows = !legacy;
   p.scoreSplit = P.split;
-  // CUB's scratch, for the larger of its two scans.
-  size_t t1 = 0, t2 = 0;
-  Check(cub::DeviceScan::InclusiveSum(nullptr, t1, p.cnt, p.cum, int(I.ctot), I.stream), "cub sizing");
-  if (tmax > 0) Check(cub::DeviceScan::InclusiveSum(nullptr, t2, p.take2, p.cum2, int(H * tmax), I.stream), "cub sizing");
   const size_t n2 = size_t(H) * tmax;
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oOrd2 = W.Add(n2 * 4),
@@ -323,7 +318,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
                oPden = W.Add(size_t(Q) * parts * 4), oPnum = W.Add(size_t(Q) * parts * d * 4),
                oPest = W.Add(size_t(H) * std::max(nMain, 1) * 8), oTouched = W.Add(size_t(H) * std::max<int64_t>(rowsMax, 1) * 4),
                oTouchedN = W.Add(size_t(H) * 8),
-               oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTemp = W.Add(std::max({t1, t2, size_t(1)}));
+               oKeptIds = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4), oKeptN = W.Add(size_t(H) * 8), oTiles1 = W.Add(size_t(H) * Tiles(I.cmax) * 8);
   // The rescored candidates' dots, then (attend) the exact rows'.
   const int64_t dotStride = tmax + (a.attend ? E : 0);
   const size_t oDots = W.Add(size_t(Q) * dotStride * 4), oKeptPos = W.Add(size_t(H) * std::max<int64_t>(width, 1) * 4);
@@ -349,7 +344,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.dotStride = dotStride;
   p.keptPos = Layout::At<int32_t>(X, oKeptPos);
   p.rowsMax = rowsMax;
-  void* temp = Layout::At<void>(X, oTemp);
+  int64_t* const tiles1 = Layout::At<int64_t>(X, oTiles1);  // the cluster cut's tile sums (cum2 holds the candidates')
   // Inputs: the query rows with their norm term in column d, the per-head numbers, the exact rows.
   Layout In;
   const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * kParams * 8), oSkip = In.Add(4 * 8),
@@ -386,7 +381,6 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cudaSetDevice(0), "cudaSetDevice");
   const bool bf16 = I.cfg.dtype == Dtype::kBf16;
   const size_t qSmem = size_t(G) * stride * 4;
-  const int ctot = int(I.ctot);
   const bool merge = a.estimate || a.attend;
   const auto kinds = [&](auto f) { WithKinds(bf16, I.cache.rows > 0, f); };
   const Clock::time_point h1 = Clock::now();
@@ -427,9 +421,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(3, s);
     CollectBin<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
     ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), s>>>(cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
-    TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0));
-    Check(cub::DeviceScan::InclusiveSum(temp, t1, p.cnt, p.cum, ctot, s), "cluster scan");
-    if (tmax > 0) GatherCandidates<<<dim3(unsigned(Cdiv(I.cmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts1);
+    TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0), tiles1, I.cmax);
+    if (tmax > 0) GatherCandidates<<<dim3(unsigned(Tiles(I.cmax)), unsigned(H)), kThreads, 0, s>>>(p, cuts1, tiles1);
     if (I.cache.rows > 0)  // the rows read from here on
       I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, P.cacheLegacy, a.stageTimes);
     mark(4, s);
@@ -457,8 +450,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       mark(6, s);
       CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
       ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), s>>>(kc, range2, cuts2, buf2, bufW2, !legacy);
-      TakeWeights<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax);
-      Check(cub::DeviceScan::InclusiveSum(temp, t2, p.take2, p.cum2, int(n2), s), "candidate scan");
+      TakeWeights<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax, p.cum2, tmax);
       if (P.pack) ScatterPack<<<dim3(unsigned(Cdiv(std::max(tmax, width), kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
       else ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
     } else {
@@ -516,20 +508,20 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   Check(cudaEventRecord(I.ev[0], I.stream), "event");
   if (a.graph && !a.stageTimes) {
     // Everything the launches bake in beyond p (whose pointers cover the
-    // work buffer): the copies' buffers and sizes, CUB's scratch, the
-    // launches chosen.
+    // work buffer): the copies' buffers and sizes, the cluster cut's tile
+    // sums, the launches chosen.
     struct Key {
       StepParams p;
-      const void *in, *hin, *out, *hout, *temp;
-      size_t inBytes, outBytes, t1, t2;
+      const void *in, *hin, *out, *hout, *tiles1;
+      size_t inBytes, outBytes;
       int nSub, nAtt;
       StepPaths paths;
       bool estimate, attend, ids;
     } k;
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
-    k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.temp = temp;
-    k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds, k.t1 = t1, k.t2 = t2;
+    k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.tiles1 = tiles1;
+    k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds;
     k.nSub = nSub, k.nAtt = nAtt;
     k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.paths = P;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);

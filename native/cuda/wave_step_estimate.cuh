@@ -92,7 +92,7 @@ constexpr int kSlots = 2;
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(StepParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y, half = lane & 1;
   const int32_t listed = p.touchedN[h], stride = int32_t(gridDim.x) * kPartialWarps;
-  const int64_t b = p.base[h], before = b == 0 ? 0 : p.cum[b - 1];
+  const int64_t b = p.base[h];
   const int32_t* own = p.owner + size_t(h) * p.N;
   for (int32_t k0 = int32_t(blockIdx.x) * kPartialWarps + warp; k0 < listed; k0 += kSlots * stride) {
     int32_t cl[kSlots], n[kSlots], removed[kSlots], first[kSlots];
@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(Step
         for (int s = 0; s < kSlots; ++s) {
           const bool in = on[s] && i < n[s];
           u[s] = in ? p.members[size_t(h) * p.N + first[s] + i] : 0;
-          // The cluster's first member among the head's candidates: cum - n - before.
-          const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + (cum[s] - n[s] - before) + i;
+          // The cluster's first member among the head's candidates: cum - n.
+          const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + (cum[s] - n[s]) + i;
 #pragma unroll
           for (int g = 0; g < kGC; ++g) dot[s][g] = in && g < gc ? dg[size_t(g) * p.dotStride] : 0.f;
         }

@@ -213,11 +213,11 @@ struct StepParams {
   float* logits;           // [qHeads, cmax]
   uint32_t *ord1, *ord2;  // rank orders (ascending = better): [ctot] clusters, [kvHeads, tmax] candidates
   int32_t *cand, *owner, *removed;
-  int32_t *take2, *cum2;  // [kvHeads, tmax]: a candidate kept (0/1), and the inclusive scan of that
+  int32_t *take2, *cum2;  // [kvHeads, tmax]: a candidate kept (0/1); [kvHeads, tmax / kThreads up]: its tiles' sums
   int32_t* touched;   // [kvHeads, rowsMax]: clusters with an exact row, each listed once: FromDots's from the front, the others from the back
   int32_t* touchedN;  // [2, kvHeads]: how many at the front, at the back (kernels over gridDim.y = kvHeads)
   int64_t rowsMax;    // exact rows per head at most: width + exactCount
-  int64_t *cnt, *cum, *sel;  // [ctot]: tokens a cluster gives, their scan; sel [kvHeads, 2]: -, candidates
+  int64_t *cnt, *cum, *sel;  // [ctot]: tokens a cluster gives, their scan within the head; sel [kvHeads, 2]: -, candidates
   int32_t* keptIds;          // [kvHeads, width]: the ranked ids outside the skip ranges, at most keep
   int64_t* keptN;            // [kvHeads]
   // The rescored candidates' dots q·k per q head, [qHeads, dotStride] (head
