@@ -1,0 +1,193 @@
+// The host's share of a GPU wave layer-step (issue #13: no host work per
+// block; #14: server time per layer-step), in the server's shape: the decode
+// step (engine/decode-step.ts → engine/wave-on-device.ts →
+// engine/cache/device-wave.ts → addon/wave-gpu.ts) of a session appending
+// one own token per step, as bench:decode's sessions do.
+//
+// Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
+// in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
+//
+//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device] [--json FILE]
+//
+// Without --device (any machine): the native store is a stand-in that
+// answers at once, with the binding's answer objects: what is left is the
+// JS around the call and the own tokens' host attend. It also counts the
+// steps whose CUDA graph the device would capture anew: native/cuda/
+// wave_step.cu keys its graph on the step's sizes (the exact rows' count,
+// the widest budget, the most candidates), and a stand-in LRU of
+// StepGraph's 8 graphs over those sizes tells which steps miss.
+// With --device (a CUDA build and a GPU): the real store over synthetic
+// clusters (bench/wave-gpu.ts's), and per step the device's own numbers:
+// the call on the stream (kernel), graphs captured, the host stages.
+//
+// Reported p50s per step, split by whether the step's graph was captured
+// anew or replayed: decodeStep's stats.ms and selectMs, the store call until
+// it returns its promise (the native work included where it ran on the
+// loop's thread), its kernel ms, and the own tokens' host attend alone.
+import { writeFileSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
+import { deviceCallRuns } from '../addon/device-calls.js';
+import { nativeThreads } from '../addon/kernels.js';
+import { WaveGpuStore, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
+import type { ModelShape } from '../core/model.js';
+import { attendOnHost } from '../engine/cache/residency.js';
+import type { HeldWaveStore } from '../engine/cache/device-wave.js';
+import type { GpuBackend } from '../engine/cache/gpu-pool.js';
+import { decodeStep } from '../engine/decode-step.js';
+import type { LoadedDocument } from '../engine/documents.js';
+import { Session } from '../engine/session.js';
+import { DEFAULT_PARAMS } from '../engine/sessions.js';
+import type { SearchParams } from '../index/method.js';
+import { findMethod } from '../index/registry.js';
+import type { ClusterIndex } from '../index/wave/cluster-index.js';
+import type { KvSegment } from '../storage/kv-segment.js';
+import { UNLIMITED } from '../storage/host-budget.js';
+import { Rng } from '../workload/index.js';
+import { quantile } from './stats.js';
+import { keyRows, queries, syntheticHead } from './wave-gpu.js';
+import { words } from './wave-gpu-heads.js';
+
+const argv = process.argv;
+const arg = (name: string, def: number) => (argv.includes(name) ? Number(argv[argv.indexOf(name) + 1]) : def);
+const steps = arg('--steps', 2000), ownFrom = arg('--own-from', 0), ownTo = arg('--own-to', 512), onDevice = argv.includes('--device');
+const jsonAt = argv.indexOf('--json');
+
+const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
+const { qHeads, kvHeads, headDim: d } = model;
+const TOKENS = 1 << 20, CLUSTER = 8, GRAPHS = 8;
+const params: SearchParams = { ...DEFAULT_PARAMS, budget: 0.01, sinks: 16, window: 256 };
+const rng = new Rng(7);
+
+/**
+ * A stand-in for the native store: answers at once with the binding's
+ * objects, and counts a graph capture where StepGraph (8 graphs, least
+ * recently used evicted) would miss on the sizes wave_step.cu keys on.
+ */
+function standInStore(): WaveGpuStore {
+  const lru: string[] = [];
+  let captures = 0;
+  const native = {
+    step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean }) {
+      const key = `${a.exact?.length ?? 0}|${Math.max(...a.budget)}|${Math.max(...a.target)}|${a.ids}|${a.estimate}`;
+      const at = lru.indexOf(key);
+      if (at >= 0) lru.splice(at, 1);
+      else {
+        captures++;
+        if (lru.length === GRAPHS) lru.shift();
+      }
+      lru.push(key);
+      const n = (x: number) => Array.from({ length: kvHeads }, () => x);
+      return Promise.resolve({
+        width: a.budget[0], idCounts: n(a.budget[0]), candidates: n(a.target[0]), out: new Float32Array(qHeads * d).fill(0.01), lse: new Float32Array(qHeads).fill(3),
+        estimated: n(TOKENS - a.budget[0]), misses: 0, bytesIn: 0, ms: 0, graphCaptures: captures, stages: {}, host: {}, workMs: 0.7,
+      });
+    },
+  };
+  const Store = WaveGpuStore as unknown as new (n: unknown, o: unknown, c: number[]) => WaveGpuStore;
+  return new Store(native, { kvHeads, headDim: d, dtype: 'f16', tokens: TOKENS, cacheRows: 0 }, new Array<number>(kvHeads).fill(TOKENS / CLUSTER));
+}
+
+/** The real store over synthetic clusters (bench/wave-gpu.ts's), and a query source drawn near its keys. */
+function deviceStore(): { store: WaveGpuStore; nextQ: () => Float32Array } {
+  const noise = new Float32Array(TOKENS * d);
+  for (let i = 0; i < noise.length; i++) noise[i] = 0.5 * rng.normal();
+  const shared = { noise, values: words(noise, 'f16'), scratch: new Float32Array(TOKENS * d) };
+  const built = Array.from({ length: kvHeads }, () => syntheticHead(rng, TOKENS, d, CLUSTER, 'f16', shared));
+  const store = WaveGpuStore.create({ kvHeads, headDim: d, dtype: 'f16', tokens: TOKENS, heads: built.map((b) => b.head) });
+  const keyRow = keyRows(built.map((b) => b.head), d, 'f16');
+  return { store, nextQ: () => queries(rng, keyRow, kvHeads, TOKENS, d, qHeads / kvHeads) };
+}
+
+const f16Row = (n: number) => {
+  const f = Float32Array.from({ length: n }, () => 0.5 * rng.normal());
+  return new Uint8Array(words(f, 'f16').buffer);
+};
+
+interface Row {
+  own: number;
+  ms: number;
+  selectMs: number;
+  callMs: number;
+  kernelMs: number;
+  captured: boolean;
+  ownMs: number;
+  onLoop: boolean;
+  host: Record<string, number>;
+}
+
+async function main() {
+  const { store, nextQ } = onDevice ? deviceStore() : { store: standInStore(), nextQ: () => Float32Array.from({ length: qHeads * d }, () => rng.normal()) };
+  // The store call as the engine makes it, timed until it returns its promise: on the loop's thread
+  // (addon/device-calls.ts) the native work is done by then, before the own tokens' attend starts.
+  let last: { r: WaveGpuStepResult; wall: number } | undefined;
+  const step = store.step.bind(store);
+  store.step = (a: WaveGpuStepArgs) => {
+    const t = performance.now();
+    const p = step(a);
+    const wall = performance.now() - t;
+    return p.then((r) => ((last = { r, wall }), r));
+  };
+  const held: HeldWaveStore = { store, release: () => {}, countRest: () => {}, countOverCache: () => {}, cacheRows: 0, largestCluster: 2 * CLUSTER };
+  const gpu = { waveLayer: async () => held, release: () => {} } as unknown as GpuBackend;
+  const docSeg = { tokens: TOKENS, k: [], v: [] } as unknown as KvSegment; // the step reads only its length (ids are not asked for)
+  const doc = { meta: { id: 'doc', tokens: TOKENS }, layers: [docSeg], indexes: new Map() } as unknown as LoadedDocument;
+  const heads = Array.from({ length: kvHeads }, () => ({ arrays: { tokens: TOKENS } })) as unknown as ClusterIndex[];
+  const newSession = () => new Session({ id: 's', model, documents: [doc], method: findMethod('wave')!, params, documentIndexes: [[heads]], clusterIndexes: [[heads]], budget: UNLIMITED, gpu });
+
+  let session = newSession();
+  const rows: Row[] = [];
+  const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
+  let captures = 0;
+  for (let s = 0; s < steps; s++) {
+    if (session.own[0].tokens >= ownTo) {
+      session.release();
+      session = newSession();
+    }
+    // The own tokens up to ownFrom, appended outside the timed steps.
+    while (session.own[0].tokens < ownFrom) session.own[0].append(f16Row(kvHeads * d), f16Row(kvHeads * d), 'f16', 1);
+    // Each step in its own event-loop turn, as a server's frames come (the loop's per-turn cap resets).
+    await new Promise((r) => setImmediate(r));
+    const q = nextQ(), scale = 1 / Math.sqrt(d);
+    const k = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
+    const v = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
+    const runs = deviceCallRuns();
+    const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });
+    if (r.stats.backend !== 'cuda' || !last) throw new Error('the step did not take the device path');
+    const onLoop = deviceCallRuns().loop > runs.loop;
+    const own = session.own[0];
+    const t = performance.now();
+    await attendOnHost(model, [{ segment: own, begin: 0, end: own.tokens }], { layer: 0, q, scale, out, lse });
+    const ownMs = performance.now() - t;
+    rows.push({ own: own.tokens, ms: r.stats.ms, selectMs: r.stats.selectMs, callMs: last.wall, kernelMs: last.r.ms, captured: last.r.graphCaptures > captures, ownMs, onLoop, host: last.r.host });
+    captures = last.r.graphCaptures;
+  }
+  const warm = rows.slice(Math.min(8, rows.length - 1));
+  const p50 = (xs: Row[], f: (r: Row) => number) => (xs.length ? quantile(xs.map(f), 0.5) : NaN);
+  const f = (x: number) => (Number.isNaN(x) ? '—' : x.toFixed(3));
+  const line = (name: string, xs: Row[]) =>
+    `| ${name} | ${xs.length} | ${f(p50(xs, (r) => r.ms))} | ${f(p50(xs, (r) => r.selectMs))} | ${f(p50(xs, (r) => r.callMs))} | ${onDevice ? f(p50(xs, (r) => r.kernelMs)) : '—'} | ${f(p50(xs, (r) => r.ownMs))} | ${xs.filter((r) => r.onLoop).length} |`;
+  const hostKeys = onDevice ? Object.keys(warm[0]?.host ?? {}) : [];
+  const stages = (xs: Row[]) => hostKeys.map((k) => `${k} ${f(p50(xs, (r) => r.host[k] ?? NaN))}`).join(', ');
+  const captured = warm.filter((r) => r.captured), replayed = warm.filter((r) => !r.captured);
+  const text = [
+    `# Wave layer-step, the host's share (${onDevice ? 'device store' : 'stand-in store, no device'})`,
+    '',
+    `${steps} steps of one session appending one own token a step (own tokens ${ownFrom}..${ownTo}, then a fresh session); llama3.2-1b shape (32 q / 8 kv heads, d=64, f16), 1M-token document in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on. ` +
+      `${cpus()[0].model}, ${cpus().length} cores, ${nativeThreads} native threads, load average ${loadavg()[0].toFixed(2)} at the end. First 8 steps left out.`,
+    '',
+    '| steps | n | decodeStep ms | select ms | store call ms (to its promise) | kernel ms | own attend alone ms | calls on the loop |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    line('all', warm),
+    line(`graph captured anew${onDevice ? '' : ' (as the native key would)'}`, captured),
+    line('graph replayed', replayed),
+    line('own tokens < window (256)', warm.filter((r) => r.own < params.window)),
+    line('own tokens >= window', warm.filter((r) => r.own >= params.window)),
+    '',
+    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}.`] : []),
+  ].join('\n');
+  console.log(text);
+  if (jsonAt >= 0) writeFileSync(argv[jsonAt + 1], JSON.stringify({ steps, ownFrom, ownTo, onDevice, load: loadavg()[0], rows }));
+  if (onDevice) store.close();
+}
+
+await main();
