@@ -497,8 +497,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     }
     mark(10, s);
     if (merge) {
-      MergeEstimate<<<dim3(unsigned(Q), unsigned(Cdiv(d, 32))), 256, size_t(std::max(parts, 1)) * 8, s>>>(p);
-      if (rowsMax > 0) ExactRows<2><<<rowsGrid, kThreads, 0, s>>>(p);
+      const int colBlocks = int(Cdiv(d, 32)), mergeCtas = Q * colBlocks, rowCtas = int(rowsGrid.x);  // ExactRows<2>'s grid
+      static_assert(kThreads == 256, "MergeAndClear: MergeEstimate's and ExactRows' CTAs alike");
+      MergeAndClear<<<unsigned(mergeCtas + (rowsMax > 0 ? rowCtas * H : 0)), 256, size_t(std::max(parts, 1)) * 8, s>>>(p, colBlocks, mergeCtas, rowCtas);
     }
     Check(cudaGetLastError(), "wave step launch");
     mark(11, s);

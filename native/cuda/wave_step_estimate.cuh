@@ -24,11 +24,10 @@ __device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t
 // those of sinks/window rows) with a grid sized for them instead of a warp
 // per listed cluster finding out, through a chain of loads, that it is not
 // its; the two parts never meet (at most one entry per row); 2: all undone
-// for the next step.
+// for the next step. Row position j of kv head h (of heads).
 template <int kMode>
-__global__ void ExactRows(StepParams p) {
-  const int h = blockIdx.y;
-  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h);
+__device__ __forceinline__ void ExactRowAt(const StepParams& p, int h, int64_t j, int heads) {
+  const int64_t kept = Kept(p, h);
   if (j >= kept + p.exactCount) return;
   const int32_t t = ExactRow(p, h, j, kept);
   int32_t* owner = p.owner + size_t(h) * p.N + t;
@@ -38,12 +37,16 @@ __global__ void ExactRows(StepParams p) {
   if (kMode == 1 && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0) {
     int32_t* const list = p.touched + size_t(h) * p.rowsMax;
     if (FromDots(p, c, p.counts[c])) list[atomicAdd(p.touchedN + h, 1)] = cl;
-    else list[p.rowsMax - 1 - atomicAdd(p.touchedN + gridDim.y + h, 1)] = cl;
+    else list[p.rowsMax - 1 - atomicAdd(p.touchedN + heads + h, 1)] = cl;
   }
   if (kMode == 2) {
     *owner = kNoOwner;
     p.removed[c] = 0;
   }
+}
+template <int kMode>
+__global__ void ExactRows(StepParams p) {
+  ExactRowAt<kMode>(p, blockIdx.y, int64_t(blockIdx.x) * blockDim.x + threadIdx.x, gridDim.y);
 }
 template <bool kBf16, bool kPaged>
 __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t cl, float* rest, int lane);
@@ -441,15 +444,15 @@ __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
 // kMergeBatch at a time, the first batch before the block's reductions: one
 // load at a time, a warp's ~parts/8 L2 reads were the kernel's chain.
 constexpr int kMergeBatch = 16;
-__global__ void MergeEstimate(StepParams p) {
+__device__ __forceinline__ void MergeAt(const StepParams& p, int qh, int colBlock) {
   extern __shared__ double sf[];  // [parts]
   __shared__ float fScratch[32];
   __shared__ double dScratch[32];
   __shared__ long long iScratch[32];
   __shared__ double colSum[32][33];  // [warp][lane]
-  const int qh = blockIdx.x, h = qh / p.group;
+  const int h = qh / p.group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const int col = int(blockIdx.y) * 32 + lane;
+  const int col = colBlock * 32 + lane;
   const float* const num0 = p.pnum + size_t(qh) * p.parts * p.d + col;  // part i's at [i * d]
   float v[kMergeBatch];
   const auto load = [&](int i0) {
@@ -492,9 +495,24 @@ __global__ void MergeEstimate(StepParams p) {
     for (int w = 0; w < warps; ++w) total += colSum[w][lane];
     p.out[size_t(qh) * p.d + col] = ok ? float(total / den) : 0.f;
   }
-  if (threadIdx.x == 0 && blockIdx.y == 0) {
+  if (threadIdx.x == 0 && colBlock == 0) {
     p.lse[qh] = ok ? float(double(mx) + log(den)) : -INFINITY;
     if (qh % p.group == 0) p.est[h] = est;
+  }
+}
+__global__ void MergeEstimate(StepParams p) { MergeAt(p, blockIdx.x, blockIdx.y); }
+
+// MergeEstimate's CTAs (the first mergeCtas, colBlocks a q head) and then
+// ExactRows<2>'s (rowCtas a kv head) in one launch: the clear touches only
+// owner and removed, which the merge does not read, and the merge, a chain
+// of waits on ~128 CTAs, leaves most of the GPU idle while it runs.
+__global__ void MergeAndClear(StepParams p, int colBlocks, int mergeCtas, int rowCtas) {
+  const int b = blockIdx.x;
+  if (b < mergeCtas) {
+    MergeAt(p, b / colBlocks, b % colBlocks);
+  } else {
+    const int r = b - mergeCtas;
+    ExactRowAt<2>(p, r / rowCtas, int64_t(r % rowCtas) * blockDim.x + threadIdx.x, 0);
   }
 }
 
