@@ -538,6 +538,17 @@ __global__ void ScatterKept(StepParams p, const CutState* cuts) {
   if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);
 }
 
+// The kept ids into outIds, -1 after them, and the counts.
+__global__ void PackIds(StepParams p) {
+  const int h = blockIdx.y;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h);
+  if (i < p.width) p.outIds[size_t(h) * p.width + i] = i < kept ? p.keptIds[size_t(h) * p.width + i] : -1;
+  if (i == 0) {
+    p.outCounts[h * 2] = kept;
+    p.outCounts[h * 2 + 1] = p.sel[h * 2 + 1];
+  }
+}
+
 // ScatterKept and PackIds in one launch (a grid over the larger of tmax and
 // width): each kept id also goes to outIds at its place, the places from the
 // kept count to width get -1, and the counts are written, as PackIds wrote

@@ -426,15 +426,18 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (I.cache.rows > 0)  // the rows read from here on
       I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, P.cacheLegacy, a.stageTimes);
     mark(4, s);
+    // The sinks/window rows' dots, for AttendTile<kDots>: in RescoreHeld's launch where it runs.
+    const int64_t exactCtas = p.dotsOn && a.attend && E > 0 ? Cdiv(E, kRowsPerCta) : 0;
+    const bool heldDots = tmax > 0 && P.held;
     if (tmax > 0) {
-      const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta)), unsigned(H));
+      const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta) + (heldDots ? exactCtas : 0)), unsigned(H));
       kinds([&](auto B, auto G) {
         if (P.held) RescoreHeld<B(), G()><<<grid, kThreads, qSmem, s>>>(p);
         else RescoreCandidates<B(), G()><<<grid, kThreads, qSmem, s>>>(p);
       });
     }
-    if (p.dotsOn && a.attend && E > 0) {  // the sinks/window rows' dots, for AttendTile<kDots>
-      const dim3 grid(unsigned(Cdiv(E, kRowsPerCta)), unsigned(H));
+    if (exactCtas > 0 && !heldDots) {
+      const dim3 grid(static_cast<unsigned>(exactCtas), static_cast<unsigned>(H));
       kinds([&](auto B, auto G) { ExactDots<B(), G()><<<grid, kThreads, qSmem, s>>>(p); });
     }
     mark(5, s);

@@ -516,7 +516,9 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
 // through the kernel's two dependent loads (the candidate's id, then its
 // key row). Each head's dot takes the same words in the same order
 // (chunks half, half + 2, ... ascending from 0, then ReducePair), and best
-// takes the heads in the same order: the same dots and rank keys.
+// takes the heads in the same order: the same dots and rank keys. CTAs past
+// the candidates' (the launch adds them with dots and attention) do
+// ExactDots' rows, the same dots into its columns (tmax + e): one launch less.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   extern __shared__ __align__(16) float qs[];  // [group, stride]: the plain q is the first d of each row
@@ -524,9 +526,11 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];
   __syncthreads();
   const int half = threadIdx.x & 1, nd = p.d / 8;
-  const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
-  const bool live = j < p.sel[h * 2 + 1];
-  const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
+  const int64_t candCtas = (p.tmax + kRowsPerCta - 1) / kRowsPerCta;
+  const bool exact = blockIdx.x >= candCtas;  // uniform over the block
+  const int64_t j = (blockIdx.x - (exact ? candCtas : 0)) * kRowsPerCta + (threadIdx.x >> 1), col = exact ? p.tmax + j : j;
+  const bool live = exact ? j < p.exactCount : j < p.sel[h * 2 + 1];
+  const int32_t t = !live ? 0 : exact ? p.exact[j] : p.cand[size_t(h) * p.tmax + j];
   const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   uint4 w[kLoads];
 #pragma unroll
@@ -558,10 +562,10 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
     }
     const float s = ReducePair(acc);
     best = best < s ? s : best;
-    if (p.dotsOn && half == 0 && live) p.dots[(size_t(h) * p.group + g) * p.dotStride + j] = s;
+    if (p.dotsOn && half == 0 && live) p.dots[(size_t(h) * p.group + g) * p.dotStride + col] = s;
   }
   const bool skipped = (t >= p.skip[0] && t < p.skip[1]) || (t >= p.skip[2] && t < p.skip[3]);  // as RescoreCandidates
-  if (half == 0 && j < p.tmax) p.ord2[size_t(h) * p.tmax + j] = live && !skipped ? RankOrder(best) : 0xffffffffu;
+  if (!exact && half == 0 && j < p.tmax) p.ord2[size_t(h) * p.tmax + j] = live && !skipped ? RankOrder(best) : 0xffffffffu;
 }
 
 // Exclusive prefix of x over the block, in thread order; total: the sum.
@@ -583,16 +587,6 @@ __device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
   }
   __syncthreads();
   return before + inc - x;
-}
-
-__global__ void PackIds(StepParams p) {
-  const int h = blockIdx.y;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h);
-  if (i < p.width) p.outIds[size_t(h) * p.width + i] = i < kept ? p.keptIds[size_t(h) * p.width + i] : -1;
-  if (i == 0) {
-    p.outCounts[h * 2] = kept;
-    p.outCounts[h * 2 + 1] = p.sel[h * 2 + 1];
-  }
 }
 
 }  // namespace
