@@ -7,11 +7,13 @@
 // Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
 // in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
 //
-//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device] [--json FILE]
+//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device | --hold-ms MS] [--json FILE]
 //
 // Without --device (any machine): the native store is a stand-in that
 // answers at once, with the binding's answer objects: what is left is the
-// JS around the call and the own tokens' host attend. It also counts the
+// JS around the call and the own tokens' host attend (--hold-ms: the call
+// holds its thread that long, as the device's does on the loop's thread,
+// to show what overlaps it). It also counts the
 // steps whose CUDA graph the device would capture anew: native/cuda/
 // wave_step.cu keys its graph on the step's sizes (the exact rows' count,
 // the widest budget, the most candidates), and a stand-in LRU of
@@ -50,6 +52,8 @@ import { words } from './wave-gpu-heads.js';
 const argv = process.argv;
 const arg = (name: string, def: number) => (argv.includes(name) ? Number(argv[argv.indexOf(name) + 1]) : def);
 const steps = arg('--steps', 2000), ownFrom = arg('--own-from', 0), ownTo = arg('--own-to', 512), onDevice = argv.includes('--device');
+/** The stand-in's call holds its thread this long (ms), as the device's does where it runs on the loop's thread (0: answers at once). */
+const holdMs = arg('--hold-ms', 0);
 const jsonAt = argv.indexOf('--json');
 
 const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
@@ -68,6 +72,8 @@ function standInStore(): WaveGpuStore {
   let captures = 0;
   const native = {
     step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean }) {
+      // Asleep, not spinning: on this 2-core VM a spinning hold took the core the pool's thread needs (a GPU host has cores to spare).
+      if (holdMs > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, holdMs);
       const key = `${a.exact?.length ?? 0}|${Math.max(...a.budget)}|${Math.max(...a.target)}|${a.ids}|${a.estimate}`;
       const at = lru.indexOf(key);
       if (at >= 0) lru.splice(at, 1);
@@ -170,7 +176,7 @@ async function main() {
   const stages = (xs: Row[]) => hostKeys.map((k) => `${k} ${f(p50(xs, (r) => r.host[k] ?? NaN))}`).join(', ');
   const captured = warm.filter((r) => r.captured), replayed = warm.filter((r) => !r.captured);
   const text = [
-    `# Wave layer-step, the host's share (${onDevice ? 'device store' : 'stand-in store, no device'})`,
+    `# Wave layer-step, the host's share (${onDevice ? 'device store' : `stand-in store, no device${holdMs > 0 ? `, its call holding the thread ${holdMs} ms` : ''}`})`,
     '',
     `${steps} steps of one session appending one own token a step (own tokens ${ownFrom}..${ownTo}, then a fresh session); llama3.2-1b shape (32 q / 8 kv heads, d=64, f16), 1M-token document in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on. ` +
       `${cpus()[0].model}, ${cpus().length} cores, ${nativeThreads} native threads, load average ${loadavg()[0].toFixed(2)} at the end. First 8 steps left out.`,
