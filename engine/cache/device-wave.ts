@@ -475,13 +475,15 @@ export function pagedStepFits(held: Pick<HeldWaveStore, 'cacheRows' | 'largestCl
  * one call.
  */
 export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<WaveGpuStepResult> {
-  const exact: number[] = [];
-  for (const [lo, hi] of a.ranges) for (let t = lo; t < hi; t++) exact.push(t);
+  // The ranges' rows, written straight into the id array the binding copies (no JS number array between).
+  const exact = new Int32Array(a.ranges.reduce((n, [lo, hi]) => n + Math.max(0, hi - lo), 0));
+  let at = 0;
+  for (const [lo, hi] of a.ranges) for (let t = lo; t < hi; t++) exact[at++] = t;
   const kvHeads = store.options.kvHeads;
   return store.step({
     q: a.q, qHeads: a.qHeads, scale: a.scale,
     budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef, a.estimate)), ranking: { kind: 'spread', spread: SPREAD },
-    exact: Int32Array.from(exact), skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
+    exact, skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
     estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false,
   });
 }

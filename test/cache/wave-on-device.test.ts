@@ -43,11 +43,12 @@ function segmentOf(rng: Rng, n: number): { seg: KvSegment; k: Float64Array[]; v:
  * document's sinks, window and a few ids per head (native attend), no
  * estimate. `fail`: rejects after `delay` ms instead.
  */
-function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; fail?: boolean; log: string[] }): WaveGpuStore {
+function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; fail?: boolean; log: string[]; exact?: Int32Array[] }): WaveGpuStore {
   return {
     options: { kvHeads },
-    async step(a: { q: Float32Array; scale: number; skip: [number, number][]; ids?: boolean }): Promise<WaveGpuStepResult> {
+    async step(a: { q: Float32Array; scale: number; skip: [number, number][]; exact: Int32Array; ids?: boolean }): Promise<WaveGpuStepResult> {
       opts.log.push('device start');
+      opts.exact?.push(a.exact);
       await sleep(opts.delay);
       if (opts.fail) {
         opts.log.push('device failed');
@@ -95,8 +96,8 @@ describe('wave on the device: the host half beside it', () => {
     const rng = new Rng(seed);
     const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
     const ids = [Int32Array.of(30, 77, 150), Int32Array.of(12, 200)];
-    const log: string[] = [];
-    const store = standInStore(doc.seg, ids, { delay: 30, log });
+    const log: string[] = [], exact: Int32Array[] = [];
+    const store = standInStore(doc.seg, ids, { delay: 30, log, exact });
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
     const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
     const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse, wantIds);
@@ -107,6 +108,8 @@ describe('wave on the device: the host half beside it', () => {
     // Float64 over the rows the selection names: the document's sinks, window and ids, then the own tokens.
     // (sinks [0, 4) and the window's last 3 document rows; the own tokens are the window's rest.)
     const docRows = (h: number) => [...[0, 1, 2, 3], ...Array.from({ length: 3 }, (_, i) => DOC - 3 + i), ...Array.from(ids[h])];
+    // The device attends those sinks and window rows as its exact rows, listed once each, ascending.
+    expect(exact).toEqual([Int32Array.of(0, 1, 2, 3, DOC - 3, DOC - 2, DOC - 1)]);
     const kAll = (h: number) => Float64Array.from([...doc.k[h], ...own.k[h]]), vAll = (h: number) => Float64Array.from([...doc.v[h], ...own.v[h]]);
     const sel = Array.from({ length: kvHeads }, (_, h) => [...docRows(h), ...Array.from({ length: OWN }, (_, i) => DOC + i)]);
     const ref = referenceAttention(q, Array.from({ length: kvHeads }, (_, h) => kAll(h)), Array.from({ length: kvHeads }, (_, h) => vAll(h)), qHeads, d, 1 / Math.sqrt(d), sel);
