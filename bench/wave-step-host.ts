@@ -7,7 +7,7 @@
 // Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
 // in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
 //
-//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device | --hold-ms MS] [--json FILE]
+//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab] | --hold-ms MS] [--json FILE]
 //
 // Without --device (any machine): the native store is a stand-in that
 // answers at once, with the binding's answer objects: what is left is the
@@ -54,6 +54,8 @@ const arg = (name: string, def: number) => (argv.includes(name) ? Number(argv[ar
 const steps = arg('--steps', 2000), ownFrom = arg('--own-from', 0), ownTo = arg('--own-to', 512), onDevice = argv.includes('--device');
 /** The stand-in's call holds its thread this long (ms), as the device's does where it runs on the loop's thread (0: answers at once). */
 const holdMs = arg('--hold-ms', 0);
+/** Odd steps launch the device's work one by one (graph: false) instead of from a CUDA graph: what a capture costs against no graph. */
+const graphAb = argv.includes('--graph-ab');
 const jsonAt = argv.indexOf('--json');
 
 const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
@@ -71,17 +73,17 @@ function standInStore(): WaveGpuStore {
   const lru: string[] = [];
   let captures = 0;
   const native = {
-    step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean }) {
+    step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean; graph?: boolean }) {
       // Asleep, not spinning: on this 2-core VM a spinning hold took the core the pool's thread needs (a GPU host has cores to spare).
       if (holdMs > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, holdMs);
       const key = `${a.exact?.length ?? 0}|${Math.max(...a.budget)}|${Math.max(...a.target)}|${a.ids}|${a.estimate}`;
-      const at = lru.indexOf(key);
+      const at = a.graph === false ? -2 : lru.indexOf(key);
       if (at >= 0) lru.splice(at, 1);
-      else {
+      else if (at === -1) {
         captures++;
         if (lru.length === GRAPHS) lru.shift();
       }
-      lru.push(key);
+      if (at !== -2) lru.push(key);
       const n = (x: number) => Array.from({ length: kvHeads }, () => x);
       return Promise.resolve({
         width: a.budget[0], idCounts: n(a.budget[0]), candidates: n(a.target[0]), out: new Float32Array(qHeads * d).fill(0.01), lse: new Float32Array(qHeads).fill(3),
@@ -116,6 +118,8 @@ interface Row {
   callMs: number;
   kernelMs: number;
   captured: boolean;
+  /** Launched one by one (--graph-ab's odd steps). */
+  ungraphed: boolean;
   ownMs: number;
   onLoop: boolean;
   host: Record<string, number>;
@@ -127,9 +131,10 @@ async function main() {
   // (addon/device-calls.ts) the native work is done by then, before the own tokens' attend starts.
   let last: { r: WaveGpuStepResult; wall: number } | undefined;
   const step = store.step.bind(store);
+  let ungraphed = false;
   store.step = (a: WaveGpuStepArgs) => {
     const t = performance.now();
-    const p = step(a);
+    const p = step(ungraphed ? { ...a, graph: false } : a);
     const wall = performance.now() - t;
     return p.then((r) => ((last = { r, wall }), r));
   };
@@ -156,6 +161,7 @@ async function main() {
     const q = nextQ(), scale = 1 / Math.sqrt(d);
     const k = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     const v = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
+    ungraphed = graphAb && s % 2 === 1;
     const runs = deviceCallRuns();
     const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });
     if (r.stats.backend !== 'cuda' || !last) throw new Error('the step did not take the device path');
@@ -164,7 +170,7 @@ async function main() {
     const t = performance.now();
     await attendOnHost(model, [{ segment: own, begin: 0, end: own.tokens }], { layer: 0, q, scale, out, lse });
     const ownMs = performance.now() - t;
-    rows.push({ own: own.tokens, ms: r.stats.ms, selectMs: r.stats.selectMs, callMs: last.wall, kernelMs: last.r.ms, captured: last.r.graphCaptures > captures, ownMs, onLoop, host: last.r.host });
+    rows.push({ own: own.tokens, ms: r.stats.ms, selectMs: r.stats.selectMs, callMs: last.wall, kernelMs: last.r.ms, captured: last.r.graphCaptures > captures, ungraphed, ownMs, onLoop, host: last.r.host });
     captures = last.r.graphCaptures;
   }
   const warm = rows.slice(Math.min(8, rows.length - 1));
@@ -174,7 +180,8 @@ async function main() {
     `| ${name} | ${xs.length} | ${f(p50(xs, (r) => r.ms))} | ${f(p50(xs, (r) => r.selectMs))} | ${f(p50(xs, (r) => r.callMs))} | ${onDevice ? f(p50(xs, (r) => r.kernelMs)) : '—'} | ${f(p50(xs, (r) => r.ownMs))} | ${xs.filter((r) => r.onLoop).length} |`;
   const hostKeys = onDevice ? Object.keys(warm[0]?.host ?? {}) : [];
   const stages = (xs: Row[]) => hostKeys.map((k) => `${k} ${f(p50(xs, (r) => r.host[k] ?? NaN))}`).join(', ');
-  const captured = warm.filter((r) => r.captured), replayed = warm.filter((r) => !r.captured);
+  const graphed = warm.filter((r) => !r.ungraphed), ungraphedRows = warm.filter((r) => r.ungraphed);
+  const captured = graphed.filter((r) => r.captured), replayed = graphed.filter((r) => !r.captured);
   const text = [
     `# Wave layer-step, the host's share (${onDevice ? 'device store' : `stand-in store, no device${holdMs > 0 ? `, its call holding the thread ${holdMs} ms` : ''}`})`,
     '',
@@ -184,12 +191,13 @@ async function main() {
     '| steps | n | decodeStep ms | select ms | store call ms (to its promise) | kernel ms | own attend alone ms | calls on the loop |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     line('all', warm),
+    ...(graphAb ? [line('launched one by one (graph: false, odd steps)', ungraphedRows), line('launched one by one, own tokens < window', ungraphedRows.filter((r) => r.own < params.window))] : []),
     line(`graph captured anew${onDevice ? '' : ' (as the native key would)'}`, captured),
     line('graph replayed', replayed),
-    line('own tokens < window (256)', warm.filter((r) => r.own < params.window)),
-    line('own tokens >= window', warm.filter((r) => r.own >= params.window)),
+    line('own tokens < window (256)', graphed.filter((r) => r.own < params.window)),
+    line('own tokens >= window', graphed.filter((r) => r.own >= params.window)),
     '',
-    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}.`] : []),
+    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}${graphAb ? `; launched one by one: ${stages(ungraphedRows)}` : ''}.`] : []),
   ].join('\n');
   console.log(text);
   if (jsonAt >= 0) writeFileSync(argv[jsonAt + 1], JSON.stringify({ steps, ownFrom, ownTo, onDevice, load: loadavg()[0], rows }));
