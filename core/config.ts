@@ -52,6 +52,12 @@ export interface Config {
    */
   lmdbShards?: number;
   /**
+   * Bytes of a loading document's blocks committed between write-backs of
+   * its LMDB files (written and dropped from the page cache; storage/lmdb-store.ts
+   * WRITE_BACK_BYTES). Unset: 256 MiB; 0: none (every block cached until seal).
+   */
+  lmdbWriteBack?: number;
+  /**
    * Threads in libuv's pool, as UV_THREADPOOL_SIZE said when the process
    * started (libuv reads it once; `kvrecall` sets 16 when unset).
    */
@@ -102,6 +108,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--gpu-wave-cache': 'gpuWaveCache',
   '--gpu-kmeans': 'gpuKmeans',
   '--lmdb-shards': 'lmdbShards',
+  '--lmdb-write-back': 'lmdbWriteBack',
   '--max-streams': 'maxStreams',
   '--stream-idle-ms': 'streamIdleMs',
   '--attend-sync-work': 'attendSyncWork',
@@ -109,7 +116,7 @@ const FLAGS: Record<string, keyof Config> = {
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -124,6 +131,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   // libuv's own reading: atoi, anything below 1 is 1 thread, at most 1024.
   if (env.UV_THREADPOOL_SIZE !== undefined) cfg.threadPool = Math.min(1024, Math.max(1, Number.parseInt(env.UV_THREADPOOL_SIZE, 10) || 1));
   if (env.KVRECALL_LMDB_SHARDS) cfg.lmdbShards = nonNegative(env.KVRECALL_LMDB_SHARDS, 'KVRECALL_LMDB_SHARDS');
+  if (env.KVRECALL_LMDB_WRITE_BACK) cfg.lmdbWriteBack = nonNegative(env.KVRECALL_LMDB_WRITE_BACK, 'KVRECALL_LMDB_WRITE_BACK');
   if (env.KVRECALL_MAX_STREAMS) cfg.maxStreams = nonNegative(env.KVRECALL_MAX_STREAMS, 'KVRECALL_MAX_STREAMS');
   if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');
   if (env.KVRECALL_ATTEND_SYNC_WORK) cfg.attendSyncWork = nonNegative(env.KVRECALL_ATTEND_SYNC_WORK, 'KVRECALL_ATTEND_SYNC_WORK');

@@ -18,6 +18,8 @@ export interface EngineOptions {
   store?: string;
   /** LMDB environments a document's blocks are spread over (unset: the store's default). */
   lmdbShards?: number;
+  /** Bytes of a loading document committed between write-backs of its LMDB files (unset: the store's default; 0: none). */
+  lmdbWriteBack?: number;
   /** Threads in libuv's pool (for the default shard count). */
   threadPool?: number;
   /** Host bytes the KV of documents and sessions may hold. */
@@ -63,5 +65,5 @@ export class Engine {
 function openStore(opts: EngineOptions): Promise<OpenedStore> {
   if (opts.store) return RedisStore.open(opts.store);
   mkdirSync(opts.dataDir, { recursive: true });
-  return LmdbStore.open(opts.dataDir, { shards: opts.lmdbShards, threadPool: opts.threadPool });
+  return LmdbStore.open(opts.dataDir, { shards: opts.lmdbShards, threadPool: opts.threadPool, writeBack: opts.lmdbWriteBack });
 }

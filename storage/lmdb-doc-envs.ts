@@ -111,6 +111,11 @@ export class DocumentEnvs {
     return this.dbs.filter((d): d is Database<Buffer, BlockKey> => d !== undefined);
   }
 
+  /** The data file of every open environment. */
+  files(): string[] {
+    return this.dbs.flatMap((d, i) => (d ? [join(this.folder, String(i), 'data.mdb')] : []));
+  }
+
   /**
    * Every commit on disk, and the folders that name the files: LMDB's sync
    * flushes a file, not the directory entries of one just created.

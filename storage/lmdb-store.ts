@@ -31,6 +31,7 @@ import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { copyViews } from '../addon/copy-ranges.js';
+import { writeBackDrop } from '../addon/file-pages.js';
 import { crashPoint } from '../core/crash-point.js';
 import { BufferPool } from './buffer-pool.js';
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
@@ -44,7 +45,26 @@ export interface LmdbStoreOptions {
   shards?: number;
   /** Threads of libuv's pool (UV_THREADPOOL_SIZE as the process started), for the default shard count. */
   threadPool?: number;
+  /**
+   * Bytes of a loading document's blocks committed between write-backs of
+   * its files (written, waited for and dropped from the page cache; one at
+   * a time a document); 0: none, every block stays in the page cache until
+   * seal. Default: WRITE_BACK_BYTES.
+   */
+  writeBack?: number;
 }
+
+/**
+ * A loading document's files are written back and dropped from the page
+ * cache each time this much more of its blocks is committed. Without it a
+ * preload's blocks sat in the page cache until the seal's sync, a fresh
+ * page cache as large as the document (8.6 GB at 1M tokens x 2 layers),
+ * and past the first few GB each page's first write cost 2-3 s of system
+ * CPU a GB on the 2-core VM (memory its balloon had reported free to the
+ * host: bench/results/preload-writeback-vm.md), in the LMDB commit the next
+ * upload waits for. The seal's sync then has little left to flush.
+ */
+export const WRITE_BACK_BYTES = 2 ** 28;
 
 /**
  * One writer per 4 cores, at most 8, and 2 fewer than libuv's pool has
@@ -76,11 +96,17 @@ export class LmdbStore implements DocumentStore {
   /** Block writes not yet committed, and the staging buffers their values sit in. */
   private readonly inflight = new Set<Promise<void>>();
   private readonly staging = new BufferPool(4);
+  /** By loading document: bytes committed since its files' last write-back, and whether one runs. */
+  private readonly unwritten = new Map<string, { bytes: number; running: boolean }>();
+  /** Write-backs done (every file written and dropped), for tests and benches. */
+  private writeBacksDone = 0;
 
   private constructor(
     private readonly path: string,
     /** Environments a new document's blocks are spread over. */
     readonly shardCount: number,
+    /** Bytes between a loading document's write-backs (0: none). */
+    private readonly writeBack = WRITE_BACK_BYTES,
   ) {
     checkShardCount(shardCount);
     // noSubdir: false, or a folder name with a dot is taken for a file name.
@@ -103,7 +129,7 @@ export class LmdbStore implements DocumentStore {
    * opens as it is: its blocks are read where they are.
    */
   static async open(path: string, opts: LmdbStoreOptions = {}): Promise<{ store: LmdbStore; recovered: string[] }> {
-    const store = new LmdbStore(path, opts.shards ?? defaultShards(undefined, opts.threadPool));
+    const store = new LmdbStore(path, opts.shards ?? defaultShards(undefined, opts.threadPool), opts.writeBack);
     const recovered: string[] = [];
     try {
       for (const { value } of store.meta.getRange()) {
@@ -120,6 +146,11 @@ export class LmdbStore implements DocumentStore {
       throw e;
     }
     return { store, recovered };
+  }
+
+  /** Write-backs of loading documents' files done so far (every file written and dropped). */
+  get writeBacks(): number {
+    return this.writeBacksDone;
   }
 
   list(): DocumentMeta[] {
@@ -167,6 +198,7 @@ export class LmdbStore implements DocumentStore {
       .then((results) => {
         const failed = results.find((r) => r.status === 'rejected');
         if (failed) throw failed.reason;
+        this.wrote(doc, at);
       })
       .finally(() => {
         this.inflight.delete(done);
@@ -304,6 +336,36 @@ export class LmdbStore implements DocumentStore {
     return envs;
   }
 
+  /**
+   * Counts a document's committed bytes and, past `writeBack` since the
+   * last, writes its files back and drops their pages (one at a time a
+   * document, not awaited by its uploads). Tracked as its environments'
+   * closing is, so no delete removes the folder under it; advisory, so a
+   * failure only leaves the pages cached.
+   */
+  private wrote(id: string, bytes: number): void {
+    if (this.writeBack <= 0) return;
+    const envs = this.writing.get(id);
+    if (!envs) return;
+    let u = this.unwritten.get(id);
+    if (!u) this.unwritten.set(id, (u = { bytes: 0, running: false }));
+    u.bytes += bytes;
+    if (u.running || u.bytes < this.writeBack) return;
+    const state = u;
+    state.bytes = 0;
+    state.running = true;
+    this.track(
+      id,
+      writeBackDrop(envs.files()).then(
+        (all) => {
+          state.running = false;
+          if (all) this.writeBacksDone++;
+        },
+        () => void (state.running = false),
+      ),
+    );
+  }
+
   /** The database a block is written to: of its document's environments, by the spread of `blockShard`. */
   private blockDb(envs: DocumentEnvs, w: BlockWrite, kvHeads: number): Database<Buffer, BlockKey> {
     return envs.db(blockShard(w.layer, w.head, w.block, kvHeads, this.shardCount));
@@ -312,6 +374,7 @@ export class LmdbStore implements DocumentStore {
   private async closeEnvs(id: string): Promise<void> {
     const envs = this.writing.get(id);
     this.writing.delete(id);
+    this.unwritten.delete(id);
     if (envs) await envs.close();
   }
 
