@@ -19,7 +19,7 @@
 // cli.js) to serve, for an A/B. Results: bench/results/preload-<tag>.{json,md}.
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { hostname, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvrecallClient, tensor, type KvUploadStats } from '../clients/ts/client.js';
@@ -29,6 +29,8 @@ import { cpuSeconds, startServer, type BenchServer } from './preload-server.js';
 
 const opt = (name: string) => (process.argv.includes(`--${name}`) ? process.argv[process.argv.indexOf(`--${name}`) + 1] : undefined);
 const num = (name: string, def: number) => Number(opt(name) ?? def);
+// The server's KVRECALL_LMDB_WRITE_BACK (it inherits this process's environment).
+const WRITE_BACK = process.env.KVRECALL_LMDB_WRITE_BACK ?? 'default (256 MiB)';
 const TOKENS = num('tokens', 1 << 17), LAYERS = num('layers', 2), CHUNK = num('chunk', 4096), ROUNDS = num('rounds', 3), SHARDS = num('shards', 0);
 const TAG = (opt('tag') ?? 'vm-rounds').replace(/[^a-z0-9-]/gi, '');
 const SERVER_CLI = opt('server-cli');
@@ -98,6 +100,9 @@ function writeSafetensors(path: string, sources: Uint16Array[]): void {
         const src = sources[c++ % SOURCES], n = Math.min(CHUNK, TOKENS - start);
         writeSync(fd, src.subarray((t % KV_HEADS) * row, (t % KV_HEADS) * row + n * D));
       }
+    // Flushed before the first path runs: at 1M tokens its 8.6 GB of dirty pages were written back by the
+    // kernel while the first path uploaded (visit T's ts path: its commits waited 4.69 s, the next path's 1.77).
+    fsyncSync(fd);
   } finally {
     closeSync(fd);
   }
@@ -193,7 +198,7 @@ async function main(): Promise<void> {
     await server.stop();
     rmSync(work, { recursive: true, force: true });
   }
-  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), serverCli: SERVER_CLI ?? 'this build', ...(CLI_B && { cliB: CLI_B }), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, shards: SHARDS || 'default', bytes: BYTES, preloads };
+  const result = { machine: machine(), host: hostname(), date: new Date().toISOString(), serverCli: SERVER_CLI ?? 'this build', ...(CLI_B && { cliB: CLI_B }), tokens: TOKENS, layers: LAYERS, chunk: CHUNK, shards: SHARDS || 'default', writeBack: WRITE_BACK, bytes: BYTES, preloads };
   const base = join(ROOT, 'bench', 'results', `preload-${TAG}`);
   writeFileSync(`${base}.json`, JSON.stringify(result, null, 1) + '\n');
   const gbs = (s: number) => (BYTES / s / 1e9).toFixed(2), f2 = (x: number) => x.toFixed(2);
@@ -201,7 +206,7 @@ async function main(): Promise<void> {
   const lines = [
     `# Preload rounds against one server: TypeScript client, Python client, CLI (${m.cpu}, ${m.cores} cores)`,
     '',
-    `One server process on 127.0.0.1 (${SERVER_CLI ?? 'this build'}), LMDB store, block environments per document: ${SHARDS || "the server's default"}; every preload ${LAYERS} layer(s) × ${TOKENS} tokens × ${KV_HEADS} kv heads × d=${D}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens over the stream (2 unanswered), methods: exact only, then seal, then delete; the paths' order turns each round. Seal = the seal call until durable. CLI: upload from its process start (node, reading the file) to its progress bar's 100%${CLI_B ? `; cli-b: the same with ${CLI_B}` : ''}. Server phases summed over the uploads, seconds.`,
+    `One server process on 127.0.0.1 (${SERVER_CLI ?? 'this build'}), LMDB store, block environments per document: ${SHARDS || "the server's default"}, LMDB write-back every ${WRITE_BACK} (KVRECALL_LMDB_WRITE_BACK); every preload ${LAYERS} layer(s) × ${TOKENS} tokens × ${KV_HEADS} kv heads × d=${D}, f16 = ${(BYTES / 1e9).toFixed(2)} GB of K/V, uploads of ${CHUNK} tokens over the stream (2 unanswered), methods: exact only, then seal, then delete; the paths' order turns each round. Seal = the seal call until durable. CLI: upload from its process start (node, reading the file) to its progress bar's 100%${CLI_B ? `; cli-b: the same with ${CLI_B}` : ''}. Server phases summed over the uploads, seconds.`,
     '',
     '| round | path | load | upload s | upload GB/s | server CPU s | GB per server CPU s | seal s | seal GB/s | seal server CPU s | read | decode | queue | check | append | write |',
     '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
