@@ -23,34 +23,21 @@ __device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t
 // the back, so that PartialLogits walks only its few (the cut's own cluster,
 // those of sinks/window rows) with a grid sized for them instead of a warp
 // per listed cluster finding out, through a chain of loads, that it is not
-// its; the two parts never meet (at most one entry per row); the slots are
-// taken a warp at a time (a head's few thousand clusters were as many
-// atomics on one address; kMode 1 is called by every lane of full warps of
-// one head); 2: all undone for the next step. Row position j of kv head h
-// (of heads).
+// its; the two parts never meet (at most one entry per row); 2: all undone
+// for the next step. Row position j of kv head h (of heads).
 template <int kMode>
 __device__ __forceinline__ void ExactRowAt(const StepParams& p, int h, int64_t j, int heads) {
   const int64_t kept = Kept(p, h);
-  const bool in = j < kept + p.exactCount;
-  if (kMode != 1 && !in) return;  // kMode 1: every lane to the ballots
-  const int32_t t = in ? ExactRow(p, h, j, kept) : 0;
+  if (j >= kept + p.exactCount) return;
+  const int32_t t = ExactRow(p, h, j, kept);
   int32_t* owner = p.owner + size_t(h) * p.N + t;
-  const int32_t cl = in ? p.tokCl[size_t(h) * p.N + t] : 0;
+  const int32_t cl = p.tokCl[size_t(h) * p.N + t];
   const int64_t c = p.base[h] + cl;
   if (kMode == 0) atomicMin(owner, int32_t(j));
-  if (kMode == 1) {
-    const bool first = in && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0;
-    const bool front = first && FromDots(p, c, p.counts[c]);
-    const unsigned fm = __ballot_sync(0xffffffffu, front), bm = __ballot_sync(0xffffffffu, first && !front);
-    const int lane = threadIdx.x & 31;
-    int32_t f0 = 0, b0 = 0;
-    if (lane == 0 && fm) f0 = atomicAdd(p.touchedN + h, __popc(fm));
-    if (lane == 0 && bm) b0 = atomicAdd(p.touchedN + heads + h, __popc(bm));
-    f0 = __shfl_sync(0xffffffffu, f0, 0) + __popc(fm & ((1u << lane) - 1));
-    b0 = __shfl_sync(0xffffffffu, b0, 0) + __popc(bm & ((1u << lane) - 1));
+  if (kMode == 1 && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0) {
     int32_t* const list = p.touched + size_t(h) * p.rowsMax;
-    if (front) list[f0] = cl;
-    else if (first) list[p.rowsMax - 1 - b0] = cl;
+    if (FromDots(p, c, p.counts[c])) list[atomicAdd(p.touchedN + h, 1)] = cl;
+    else list[p.rowsMax - 1 - atomicAdd(p.touchedN + heads + h, 1)] = cl;
   }
   if (kMode == 2) {
     *owner = kNoOwner;
