@@ -54,7 +54,9 @@ export interface Config {
   /**
    * Bytes of a loading document's blocks committed between write-backs of
    * its LMDB files (written and dropped from the page cache; storage/lmdb-store.ts
-   * WRITE_BACK_BYTES). Unset: 256 MiB; 0: none (every block cached until seal).
+   * WRITE_BACK_BYTES, 256 MiB, the value measured). Unset or 0: none (every
+   * block cached until seal; faster on the GPU host, slower where first-touched
+   * memory is dear, as on a VM whose balloon reports free pages).
    */
   lmdbWriteBack?: number;
   /**

@@ -116,7 +116,8 @@ function hostRoundsLines() {
   const runs = [
     ['bench/results/preload-h100-rounds.json', ''],
     ['bench/results/preload-h100-cli-split.json', ', the CLI loading only the client (e5444a2)'],
-    ['bench/results/preload-h100-rounds-1m.json', ', at 1M tokens'],
+    ['bench/results/preload-h100-rounds-1m-wb0.json', ', at 1M tokens (the LMDB write-back off, the default)'],
+    ['bench/results/preload-h100-rounds-1m-wb.json', ', at 1M tokens with `--lmdb-write-back 268435456`'],
   ];
   return runs.filter(([f]) => existsSync(join(ROOT, f))).map(([f, what]) => {
     const j = json(f);

@@ -48,15 +48,21 @@ export interface LmdbStoreOptions {
   /**
    * Bytes of a loading document's blocks committed between write-backs of
    * its files (written, waited for and dropped from the page cache; one at
-   * a time a document); 0: none, every block stays in the page cache until
-   * seal. Default: WRITE_BACK_BYTES.
+   * a time a document); 0 (the default): none, every block stays in the
+   * page cache until seal. WRITE_BACK_BYTES is the value measured.
    */
   writeBack?: number;
 }
 
 /**
- * A loading document's files are written back and dropped from the page
- * cache each time this much more of its blocks is committed. Without it a
+ * With `writeBack` set (this is the value measured), a loading document's
+ * files are written back and dropped from the page cache each time this
+ * much more of its blocks is committed. It is off by default: on the
+ * 16-core GPU host it slowed the upload (1M tokens x 2 layers: 1.96-2.68
+ * GB/s against 2.49-3.01 without; 262K: 1.85-2.33 against 2.41-3.18;
+ * bench/results/preload-h100-rounds-*wb*.md), where its disk writes
+ * compete with the upload's; it pays on a host whose freshly touched
+ * memory is dear, as the 2-core VM's is. Without it a
  * preload's blocks sat in the page cache until the seal's sync, a fresh
  * page cache as large as the document (8.6 GB at 1M tokens x 2 layers),
  * and past the first few GB each page's first write cost 2-3 s of system
@@ -106,7 +112,7 @@ export class LmdbStore implements DocumentStore {
     /** Environments a new document's blocks are spread over. */
     readonly shardCount: number,
     /** Bytes between a loading document's write-backs (0: none). */
-    private readonly writeBack = WRITE_BACK_BYTES,
+    private readonly writeBack = 0,
   ) {
     checkShardCount(shardCount);
     // noSubdir: false, or a folder name with a dot is taken for a file name.
