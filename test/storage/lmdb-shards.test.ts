@@ -16,6 +16,7 @@ import { documentFolder } from '../../storage/lmdb-doc-envs.js';
 import { defaultShards, LmdbStore } from '../../storage/lmdb-store.js';
 import { blocksPerShard } from '../helpers/lmdb-blocks.js';
 import { tempFolders } from '../helpers/server.js';
+import { lmdbPreload } from '../helpers/lmdb-preload.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
 const seed = freshSeed();
@@ -24,47 +25,9 @@ console.log(`lmdb-shards: seed ${seed}`);
 const model = { layers: 3, qHeads: 4, kvHeads: 2, headDim: 8, dtype: 'f16' as const, blockSize: 16 };
 const TOKENS = 1001;
 const ROW = model.headDim * 2;
+const { meta, source, blocksOf, preload, expectSame } = lmdbPreload(model, TOKENS, 10);
 
 const folder = tempFolders();
-
-/** Random K and V bytes per (layer, head): the reference the store's blocks are checked against. */
-function source(rng: Rng): { k: Uint8Array; v: Uint8Array }[][] {
-  const bytes = () => Uint8Array.from({ length: TOKENS * ROW }, () => rng.int(256));
-  return Array.from({ length: model.layers }, () => Array.from({ length: model.kvHeads }, () => ({ k: bytes(), v: bytes() })));
-}
-
-function blocksOf(src: { k: Uint8Array; v: Uint8Array }[][], from: number, to: number): BlockWrite[] {
-  const out: BlockWrite[] = [];
-  const B = model.blockSize;
-  for (let layer = 0; layer < model.layers; layer++)
-    for (let block = from; block < to; block++)
-      for (let head = 0; head < model.kvHeads; head++) {
-        const a = block * B * ROW, b = Math.min(TOKENS, (block + 1) * B) * ROW;
-        out.push({ layer, head, block, k: src[layer][head].k.subarray(a, b), v: src[layer][head].v.subarray(a, b) });
-      }
-  return out;
-}
-
-const meta = (id: string, status: DocumentMeta['status'], tokens = 0): DocumentMeta => ({ id, model, status, tokens, methods: [], queryStride: 4, createdAt: '2026-12-05T00:00:00Z' });
-
-/** Uploads every full block in batches as a preload does; with `seal`, the tail block and the ready metadata too. */
-async function preload(store: LmdbStore, id: string, src: { k: Uint8Array; v: Uint8Array }[][], seal = true): Promise<void> {
-  await store.create(meta(id, 'loading'));
-  const full = Math.floor(TOKENS / model.blockSize);
-  for (let b = 0; b < full; b += 10) await store.writeBlocks(id, blocksOf(src, b, Math.min(full, b + 10)));
-  if (seal) await store.seal({ ...meta(id, 'ready', TOKENS), sealedAt: '2026-12-05T00:00:01Z' }, blocksOf(src, full, full + 1), []);
-}
-
-/** A document's block records per shard folder (0: the main environment), read with lmdb directly once the store is closed. */
-function expectSame(store: LmdbStore, id: string, src: { k: Uint8Array; v: Uint8Array }[][]): void {
-  const segments = store.load(store.get(id)!, new HostBudget(1 << 30));
-  for (let layer = 0; layer < model.layers; layer++)
-    for (let head = 0; head < model.kvHeads; head++) {
-      const { k, v } = segments[layer].rows(head, 0, TOKENS);
-      expect(Buffer.from(k).equals(Buffer.from(src[layer][head].k)), `layer ${layer} head ${head} K`).toBe(true);
-      expect(Buffer.from(v).equals(Buffer.from(src[layer][head].v)), `layer ${layer} head ${head} V`).toBe(true);
-    }
-}
 
 const BLOCKS = model.layers * model.kvHeads * Math.ceil(TOKENS / model.blockSize);
 

@@ -10,11 +10,10 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { writeBackDrop } from '../../addon/file-pages.js';
 import { parseConfig } from '../../core/config.js';
-import type { BlockWrite, DocumentMeta } from '../../storage/document-store.js';
-import { HostBudget } from '../../storage/host-budget.js';
 import { documentFolder } from '../../storage/lmdb-doc-envs.js';
 import { LmdbStore } from '../../storage/lmdb-store.js';
 import { blocksPerShard } from '../helpers/lmdb-blocks.js';
+import { lmdbPreload } from '../helpers/lmdb-preload.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { tempFolders } from '../helpers/server.js';
 
@@ -22,46 +21,10 @@ const seed = freshSeed();
 console.log(`lmdb-write-back: seed ${seed}`);
 // 1001 tokens = 62 full blocks of 16 and a tail of 9.
 const model = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 8, dtype: 'f16' as const, blockSize: 16 };
-const TOKENS = 1001, ROW = model.headDim * 2, BATCH = 5;
-type Source = { k: Uint8Array; v: Uint8Array }[][];
+const TOKENS = 1001, BATCH = 5;
+const { meta, source, blocksOf, preload, expectSame } = lmdbPreload(model, TOKENS, BATCH);
 
 const folder = tempFolders();
-const meta = (id: string, status: DocumentMeta['status'], tokens = 0): DocumentMeta => ({ id, model, status, tokens, methods: [], queryStride: 4, createdAt: '2026-12-06T00:00:00Z' });
-
-function source(rng: Rng): Source {
-  const bytes = () => Uint8Array.from({ length: TOKENS * ROW }, () => rng.int(256));
-  return Array.from({ length: model.layers }, () => Array.from({ length: model.kvHeads }, () => ({ k: bytes(), v: bytes() })));
-}
-
-function blocksOf(src: Source, from: number, to: number): BlockWrite[] {
-  const out: BlockWrite[] = [];
-  const B = model.blockSize;
-  for (let layer = 0; layer < model.layers; layer++)
-    for (let block = from; block < to; block++)
-      for (let head = 0; head < model.kvHeads; head++) {
-        const a = block * B * ROW, b = Math.min(TOKENS, (block + 1) * B) * ROW;
-        out.push({ layer, head, block, k: src[layer][head].k.subarray(a, b), v: src[layer][head].v.subarray(a, b) });
-      }
-  return out;
-}
-
-/** Every full block in batches, each issued once the one before committed (as the server's uploads); with `seal`, the tail and the ready metadata. */
-async function preload(store: LmdbStore, id: string, src: Source, seal = true): Promise<void> {
-  await store.create(meta(id, 'loading'));
-  const full = Math.floor(TOKENS / model.blockSize);
-  for (let b = 0; b < full; b += BATCH) await store.writeBlocks(id, blocksOf(src, b, Math.min(full, b + BATCH)));
-  if (seal) await store.seal({ ...meta(id, 'ready', TOKENS), sealedAt: '2026-12-06T00:00:01Z' }, blocksOf(src, full, full + 1), []);
-}
-
-function expectSame(store: LmdbStore, id: string, src: Source): void {
-  const segments = store.load(store.get(id)!, new HostBudget(1 << 30));
-  for (let layer = 0; layer < model.layers; layer++)
-    for (let head = 0; head < model.kvHeads; head++) {
-      const { k, v } = segments[layer].rows(head, 0, TOKENS);
-      expect(Buffer.from(k).equals(Buffer.from(src[layer][head].k)), `layer ${layer} head ${head} K`).toBe(true);
-      expect(Buffer.from(v).equals(Buffer.from(src[layer][head].v)), `layer ${layer} head ${head} V`).toBe(true);
-    }
-}
 
 describe('LMDB store: a loading document written back as it commits', () => {
   const rng = new Rng(seed);
