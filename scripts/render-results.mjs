@@ -114,11 +114,9 @@ function roundsLines() {
 /** The same rounds on the GPU host, by path (issue #14's 2 GB/s for each of the three), one line per run that exists. */
 function hostRoundsLines() {
   const runs = [['preload-h100-rounds', ''], ['preload-h100-cli-split', ', the CLI loading only the client (e5444a2)'],
-    ['preload-h100-rounds-1m-wb0', ', at 1M tokens (the LMDB write-back off, the default)'], ['preload-h100-rounds-1m-wb', ', at 1M tokens with `--lmdb-write-back 268435456`']]
-    .map(([f, what]) => [`bench/results/${f}.json`, what]);
-  return runs.filter(([f]) => existsSync(join(ROOT, f))).map(([f, what]) => {
-    const j = json(f);
-    const by = (path, k) => span(j.preloads.filter((p) => p.path === path).map((p) => j.bytes / p[k] / 1e9), (v) => fix(v, 2));
+    ['preload-h100-rounds-1m-wb0', ', at 1M tokens (the LMDB write-back off, the default)'], ['preload-h100-rounds-1m-wb', ', at 1M tokens with `--lmdb-write-back 268435456`']];
+  return runs.map(([f, what]) => [`bench/results/${f}.json`, what]).filter(([f]) => existsSync(join(ROOT, f))).map(([f, what]) => {
+    const j = json(f), by = (path, k) => span(j.preloads.filter((p) => p.path === path).map((p) => j.bytes / p[k] / 1e9), (v) => fix(v, 2));
     const paths = [...new Set(j.preloads.map((p) => p.path))], seal = span(j.preloads.map((p) => j.bytes / p.sealS / 1e9), (v) => fix(v, 2));
     return `\nThe same rounds on the GPU host${what} (\`${f}\`, ${machine(j.machine)}, ${j.date.slice(0, 10)}, ${fix(j.bytes / 1e9, 2)} GB each): upload ${paths.map((p) => `${p} ${by(p, 'uploadS')}`).join(', ')} GB/s; seal (exact only) ${seal} GB/s.`;
   });
