@@ -54,11 +54,14 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
       held.countOverCache();
       return undefined;
     }
-    // The own tokens, on the host as on every path (never pooled), while the
-    // device works on the document: neither reads what the other writes, and
-    // the step waits for the longer of the two instead of their sum. Both
-    // settle before the store is released (a failure of one must not free
-    // the store while the other still reads it).
+    // The own tokens, on the host as on every path (never pooled), beside the
+    // device's work on the document: neither reads what the other writes.
+    // Where the device call runs on libuv's pool the step waits for the
+    // longer of the two; where it runs on the event loop's thread (a short
+    // call, addon/device-calls.ts) the two run one after the other, which a
+    // session's few own tokens barely feel (0.03-0.12 ms,
+    // bench/results/wave-step-host-vm.md). Both settle before the store is
+    // released (a failure of one must not free it while the other reads it).
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
     const [device, host] = await Promise.allSettled([
