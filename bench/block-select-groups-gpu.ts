@@ -29,6 +29,7 @@ import { blockLayerContext, randomSummaryRows } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { deviceTag } from './gpu-decode.js';
 import { quantile } from './stats.js';
+import { numFlag } from './args.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:block-select-groups-gpu] ${msg}\n`);
 
@@ -39,7 +40,7 @@ async function main(): Promise<void> {
     return;
   }
   const argv = process.argv;
-  const get = (name: string) => (argv.indexOf(name) >= 0 ? Number(argv[argv.indexOf(name) + 1]) : undefined);
+  const get = (name: string) => numFlag(name, argv);
   const tokens = get('--tokens') ?? 1 << 20, steps = get('--steps') ?? 300, warmup = 20;
   const kvHeads = 8, qHeads = 32, d = 128, G = qHeads / kvHeads, blockSize = 64, reps = SUMMARY_REPS;
   const blocks = Math.ceil(tokens / blockSize), stride = summaryStride(d);

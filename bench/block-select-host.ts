@@ -38,9 +38,10 @@ import { blockLayerContext, randomSummaryRows } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { loadavg } from 'node:os';
+import { numFlag } from './args.js';
 
 const argv = process.argv;
-const get = (name: string) => (argv.indexOf(name) >= 0 ? Number(argv[argv.indexOf(name) + 1]) : undefined);
+const get = (name: string) => numFlag(name, argv);
 const tokens = get('--tokens') ?? 1 << 20, steps = get('--steps') ?? 200, reps = get('--reps') ?? 4, warmup = 20;
 const json = argv.includes('--json');
 /** --rows: the scorer answers the k·reps best rows (the device before it ranked a block's rows as one group). */

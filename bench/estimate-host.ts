@@ -24,9 +24,10 @@ import { clusterSummary } from '../addon/cluster-summary.js';
 import { convert, nativeThreads } from '../addon/kernels.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
+import { numFlag } from './args.js';
 
 const argv = process.argv;
-const get = (name: string) => (argv.indexOf(name) >= 0 ? Number(argv[argv.indexOf(name) + 1]) : undefined);
+const get = (name: string) => numFlag(name, argv);
 const dumpAt = argv.indexOf('--dump') >= 0 ? argv[argv.indexOf('--dump') + 1] : undefined;
 const tokens = get('--tokens') ?? 1 << 20, steps = get('--steps') ?? 20, warmup = 3;
 const json = argv.includes('--json');

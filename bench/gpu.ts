@@ -29,6 +29,7 @@ import { runDecodeBench, type DeviceSync, type PoolPath, type UploadPath } from 
 import { checkRangeTables } from './gpu-range.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
+import { numFlag } from './args.js';
 
 // ---------------------------------------------------------------- data
 
@@ -399,7 +400,7 @@ async function main(): Promise<void> {
     return;
   }
   const argv = process.argv, quick = argv.includes('--quick');
-  const get = (name: string) => (argv.indexOf(name) >= 0 ? Number(argv[argv.indexOf(name) + 1]) : undefined);
+  const get = (name: string) => numFlag(name, argv);
   if (argv.includes('--check')) {
     const ok = await runChecks(quick);
     if (!ok) process.exitCode = 1;
