@@ -121,6 +121,16 @@ __global__ void CacheNeed(CacheParams c) {
   for (int32_t k = sub; k < n; k += kLanes) NeedRow(c, int64_t(h) * c.N + mem[k], step);
 }
 
+// Miss `key` takes slot s: the slot's old row unmapped, the slot stamped
+// with the step (CacheAllocate's one CTA and CacheAssign's spans alike).
+__device__ __forceinline__ void TakeSlot(const CacheParams& c, int32_t key, int64_t s, int32_t step) {
+  const int32_t old = c.owner[s];
+  if (old >= 0) c.rowSlot[old] = -1;
+  c.owner[s] = key;
+  c.stamp[s] = step;
+  c.rowSlot[key] = int32_t(s + 1);
+}
+
 // One CTA: slots from the clock hand, those not read this step, one per
 // miss, in slot order (each thread looks at kAllocPer consecutive slots a
 // round: with a cache barely above a step's rows few slots are free, and the
@@ -150,11 +160,7 @@ __global__ void __launch_bounds__(kAllocThreads) CacheAllocate(CacheParams c) {
       if (!(mask >> k & 1)) continue;
       const int64_t j = assigned + rank++, i = i0 + k, s = (hand + i) % c.rows;
       if (j >= M) break;
-      const int32_t key = c.miss[j], old = c.owner[s];
-      if (old >= 0) c.rowSlot[old] = -1;
-      c.owner[s] = key;
-      c.stamp[s] = step;
-      c.rowSlot[key] = int32_t(s + 1);
+      TakeSlot(c, c.miss[j], s, step);
       if (j == M - 1) sLast = i;
     }
     assigned += total;
@@ -265,11 +271,7 @@ __global__ void __launch_bounds__(kSlotThreads) CacheAssign(CacheParams c) {
       if (!(mask >> k & 1)) continue;
       const int64_t j = j0 + rank++, i = i0 + k, s = FromHand(c, hand, i);
       if (j >= M) break;
-      const int32_t key = c.miss[j], old = c.owner[s];
-      if (old >= 0) c.rowSlot[old] = -1;
-      c.owner[s] = key;
-      c.stamp[s] = step;
-      c.rowSlot[key] = int32_t(s + 1);
+      TakeSlot(c, c.miss[j], s, step);
       if (j == M - 1) c.state[2] = int32_t(FromHand(c, hand, i + 1 < c.rows ? i + 1 : 0));
     }
     j0 += total;
