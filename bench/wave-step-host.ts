@@ -7,7 +7,10 @@
 // Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
 // in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
 //
-//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab] | --hold-ms MS] [--json FILE]
+//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS] | --hold-ms MS] [--json FILE]
+//
+// --gap-ms: odd steps come after the loop slept MS (a timer), as a server's
+// calls come after the client's round trip; even steps back to back.
 //
 // Without --device (any machine): the native store is a stand-in that
 // answers at once, with the binding's answer objects: what is left is the
@@ -57,6 +60,9 @@ const holdMs = arg('--hold-ms', 0);
 /** Odd steps launch the device's work one by one (graph: false) instead of from a CUDA graph: what a capture costs against no graph. */
 const graphAb = argv.includes('--graph-ab');
 const jsonAt = argv.indexOf('--json');
+/** Odd steps come after an idle of this many ms (the loop asleep on a timer), even steps back to back (0: none). */
+const gapMs = arg('--gap-ms', 0);
+if (gapMs > 0 && graphAb) throw new Error('--gap-ms and --graph-ab both split the steps by parity: give one');
 
 const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
 const { qHeads, kvHeads, headDim: d } = model;
@@ -120,6 +126,8 @@ interface Row {
   captured: boolean;
   /** Launched one by one (--graph-ab's odd steps). */
   ungraphed: boolean;
+  /** Came after a --gap-ms idle (odd steps). */
+  gapped: boolean;
   ownMs: number;
   onLoop: boolean;
   host: Record<string, number>;
@@ -162,6 +170,8 @@ async function main() {
     const k = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     const v = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     ungraphed = graphAb && s % 2 === 1;
+    const gapped = gapMs > 0 && s % 2 === 1;
+    if (gapped) await new Promise((r) => setTimeout(r, gapMs));
     const runs = deviceCallRuns();
     const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });
     if (r.stats.backend !== 'cuda' || !last) throw new Error('the step did not take the device path');
@@ -170,7 +180,7 @@ async function main() {
     const t = performance.now();
     await attendOnHost(model, [{ segment: own, begin: 0, end: own.tokens }], { layer: 0, q, scale, out, lse });
     const ownMs = performance.now() - t;
-    rows.push({ own: own.tokens, ms: r.stats.ms, selectMs: r.stats.selectMs, callMs: last.wall, kernelMs: last.r.ms, captured: last.r.graphCaptures > captures, ungraphed, ownMs, onLoop, host: last.r.host });
+    rows.push({ own: own.tokens, ms: r.stats.ms, selectMs: r.stats.selectMs, callMs: last.wall, kernelMs: last.r.ms, captured: last.r.graphCaptures > captures, ungraphed, gapped, ownMs, onLoop, host: last.r.host });
     captures = last.r.graphCaptures;
   }
   const warm = rows.slice(Math.min(8, rows.length - 1));
@@ -191,13 +201,14 @@ async function main() {
     '| steps | n | decodeStep ms | select ms | store call ms (to its promise) | kernel ms | own attend alone ms | calls on the loop |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     line('all', warm),
+    ...(gapMs > 0 ? [line('back to back (even steps)', warm.filter((r) => !r.gapped)), line(`after ${gapMs} ms idle (odd steps)`, warm.filter((r) => r.gapped))] : []),
     ...(graphAb ? [line('launched one by one (graph: false, odd steps)', ungraphedRows), line('launched one by one, own tokens < window', ungraphedRows.filter((r) => r.own < params.window))] : []),
     line(`graph captured anew${onDevice ? '' : ' (as the native key would)'}`, captured),
     line('graph replayed', replayed),
     line('own tokens < window (256)', graphed.filter((r) => r.own < params.window)),
     line('own tokens >= window', graphed.filter((r) => r.own >= params.window)),
     '',
-    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}${graphAb ? `; launched one by one: ${stages(ungraphedRows)}` : ''}.`] : []),
+    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}${graphAb ? `; launched one by one: ${stages(ungraphedRows)}` : ''}${gapMs > 0 ? `; back to back: ${stages(warm.filter((r) => !r.gapped))}; after the idle: ${stages(warm.filter((r) => r.gapped))}` : ''}.`] : []),
   ].join('\n');
   console.log(text);
   if (jsonAt >= 0) writeFileSync(argv[jsonAt + 1], JSON.stringify({ steps, ownFrom, ownTo, onDevice, load: loadavg()[0], rows }));

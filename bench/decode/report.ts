@@ -95,16 +95,16 @@ function callTable(lines: string[], t: TransportResult): void {
   if (!t.methods.some((r) => r.latency.calls)) return;
   lines.push(
     '',
-    `Per call, by where it stood: plain and sampled as above; after the fidelity work = the first exchange after this process computed float64 attention over the whole context for the sampled layer (and slept 20 ms where that took over 0.5 s), whatever it asks: both processes come to it cold. p50s over the calls, each its own (they do not add up exactly): wall = the client's; server = stats.ms, of it select = selectMs (on a GPU wave step, the device call with the own tokens attended beside it), attend = attendMs, other = the rest; RPC = wall − stats.ms call by call.`,
+    `Per call, by where it stood: plain and sampled as above; after the fidelity work = the first exchange after this process computed float64 attention over the whole context for the sampled layer (and slept 20 ms where that took over 0.5 s), whatever it asks: both processes come to it cold. p50s over the calls, each its own (they do not add up exactly): wall = the client's; server = stats.ms, of it select = selectMs (on a GPU wave step, the device call with the own tokens attended beside it), attend = attendMs, other = the rest; kernel = stats.gpu.kernelMs, the device's time for the call (a GPU wave step: its one native call; — where none is reported); RPC = wall − stats.ms call by call.`,
     '',
-    '| method | calls | n | wall | server | select | attend | other | RPC |',
-    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| method | calls | n | wall | server | select | attend | other | kernel | RPC |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   );
   for (const r of t.methods)
     for (const k of CALL_KINDS) {
       const c = r.latency.calls?.[k];
       if (!c || c.calls === 0) continue;
-      lines.push(`| ${r.method} | ${KIND_NAMES[k]} | ${c.calls} | ${ms(c.wallP50Ms)} | ${ms(c.serverP50Ms)} | ${ms(c.selectP50Ms)} | ${ms(c.attendP50Ms)} | ${ms(c.otherP50Ms)} | ${c.rpcP50Ms.toFixed(3)} |`);
+      lines.push(`| ${r.method} | ${KIND_NAMES[k]} | ${c.calls} | ${ms(c.wallP50Ms)} | ${ms(c.serverP50Ms)} | ${ms(c.selectP50Ms)} | ${ms(c.attendP50Ms)} | ${ms(c.otherP50Ms)} | ${Number.isFinite(c.kernelP50Ms) ? c.kernelP50Ms.toFixed(3) : '—'} | ${c.rpcP50Ms.toFixed(3)} |`);
     }
 }
 

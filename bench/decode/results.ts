@@ -68,6 +68,8 @@ export interface CallSplit {
   selectP50Ms: number;
   attendP50Ms: number;
   otherP50Ms: number;
+  /** stats.gpu.kernelMs (the device's time for the call, CUDA events; NaN off the GPU or where the call reports none). */
+  kernelP50Ms: number;
   /** wall − stats.ms, call by call. */
   rpcP50Ms: number;
 }

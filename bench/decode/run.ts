@@ -25,6 +25,7 @@ interface CallRecord {
   server: number;
   select: number;
   attend: number;
+  kernel: number;
 }
 
 /** One session's measurements. */
@@ -72,8 +73,8 @@ export class Run {
 
   /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms); kind: where it stood (CallKind). */
   record(step: number, wallMs: number, r: AttendReply, kind: CallKind): void {
-    const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number } };
-    this.calls.push({ kind, wall: wallMs, server: st.ms ?? 0, select: st.selectMs ?? 0, attend: st.attendMs ?? 0 });
+    const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number; kernelMs?: number } };
+    this.calls.push({ kind, wall: wallMs, server: st.ms ?? 0, select: st.selectMs ?? 0, attend: st.attendMs ?? 0, kernel: st.gpu?.kernelMs ?? NaN });
     this.wall[step] += wallMs;
     this.server[step] += st.ms ?? 0;
     this.select[step] += st.selectMs ?? 0;
@@ -100,6 +101,7 @@ export class Run {
       selectP50Ms: p50((x) => x.select),
       attendP50Ms: p50((x) => x.attend),
       otherP50Ms: p50((x) => x.server - x.select - x.attend),
+      kernelP50Ms: c.some((x) => Number.isFinite(x.kernel)) ? percentile(c.filter((x) => Number.isFinite(x.kernel)).map((x) => x.kernel), 50) : NaN,
       rpcP50Ms: p50((x) => x.wall - x.server),
     };
   }
