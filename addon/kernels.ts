@@ -178,10 +178,15 @@ export function setAttendSyncWork(work: number): void {
   syncWork = work;
 }
 
-/** Exact attention over the segments, combined by log-sum-exp; fills out and lse. Arguments it refuses throw (on either thread). */
-export function attend(args: AttendArgs): Promise<void> {
+/**
+ * Exact attention over the segments, combined by log-sum-exp; fills out and lse. Arguments it refuses throw (on either thread).
+ *
+ * `beside`: the caller runs this attend beside a call that will hold the loop's thread (a GPU wave step waiting for its stream
+ * there, engine/wave-on-device.ts), so it goes to libuv's pool, where it runs while that call waits, rather than inline after it.
+ */
+export function attend(args: AttendArgs, beside = false): Promise<void> {
   const a = { ...args, dtype: DTYPE_CODE[args.dtype] };
-  if (syncWork > 0 && inPool === 0) {
+  if (!beside && syncWork > 0 && inPool === 0) {
     const work = attendWork(args);
     if (syncSpent + work <= syncWork) {
       if (!resetDue) {

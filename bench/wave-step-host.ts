@@ -7,10 +7,13 @@
 // Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
 // in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
 //
-//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS] | --hold-ms MS] [--json FILE]
+//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS | --own-ab] | --hold-ms MS] [--json FILE]
 //
 // --gap-ms: odd steps come after the loop slept MS (a timer), as a server's
 // calls come after the client's round trip; even steps back to back.
+// --own-ab: odd steps attend the own tokens after the device call, on the
+// loop's thread (the old order), even steps beside it on libuv's pool,
+// whatever their count (engine/wave-on-device.ts OWN_BESIDE_WORK).
 //
 // Without --device (any machine): the native store is a stand-in that
 // answers at once, with the binding's answer objects: what is left is the
@@ -39,6 +42,7 @@ import { attendOnHost } from '../engine/cache/residency.js';
 import type { HeldWaveStore } from '../engine/cache/device-wave.js';
 import type { GpuBackend } from '../engine/cache/gpu-pool.js';
 import { decodeStep } from '../engine/decode-step.js';
+import { OWN_BESIDE_WORK, setOwnBesideWork } from '../engine/wave-on-device.js';
 import type { LoadedDocument } from '../engine/documents.js';
 import { Session } from '../engine/session.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
@@ -62,7 +66,9 @@ const graphAb = argv.includes('--graph-ab');
 const jsonAt = argv.indexOf('--json');
 /** Odd steps come after an idle of this many ms (the loop asleep on a timer), even steps back to back (0: none). */
 const gapMs = arg('--gap-ms', 0);
-if (gapMs > 0 && graphAb) throw new Error('--gap-ms and --graph-ab both split the steps by parity: give one');
+/** Odd steps attend the own tokens after the device call, even steps beside it (setOwnBesideWork). */
+const ownAb = argv.includes('--own-ab');
+if ([gapMs > 0, graphAb, ownAb].filter(Boolean).length > 1) throw new Error('--gap-ms, --graph-ab and --own-ab each split the steps by parity: give one');
 
 const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
 const { qHeads, kvHeads, headDim: d } = model;
@@ -170,8 +176,9 @@ async function main() {
     const k = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     const v = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     ungraphed = graphAb && s % 2 === 1;
-    const gapped = gapMs > 0 && s % 2 === 1;
-    if (gapped) await new Promise((r) => setTimeout(r, gapMs));
+    const gapped = (gapMs > 0 || ownAb) && s % 2 === 1;
+    setOwnBesideWork(ownAb ? (gapped ? Infinity : 0) : OWN_BESIDE_WORK);
+    if (gapped && gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
     const runs = deviceCallRuns();
     const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });
     if (r.stats.backend !== 'cuda' || !last) throw new Error('the step did not take the device path');
@@ -202,13 +209,14 @@ async function main() {
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     line('all', warm),
     ...(gapMs > 0 ? [line('back to back (even steps)', warm.filter((r) => !r.gapped)), line(`after ${gapMs} ms idle (odd steps)`, warm.filter((r) => r.gapped))] : []),
+    ...(ownAb ? [line('own tokens beside the device call, on the pool (even steps)', warm.filter((r) => !r.gapped)), line('own tokens after the device call (odd steps, the old order)', warm.filter((r) => r.gapped))] : []),
     ...(graphAb ? [line('launched one by one (graph: false, odd steps)', ungraphedRows), line('launched one by one, own tokens < window', ungraphedRows.filter((r) => r.own < params.window))] : []),
     line(`graph captured anew${onDevice ? '' : ' (as the native key would)'}`, captured),
     line('graph replayed', replayed),
     line('own tokens < window (256)', graphed.filter((r) => r.own < params.window)),
     line('own tokens >= window', graphed.filter((r) => r.own >= params.window)),
     '',
-    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}${graphAb ? `; launched one by one: ${stages(ungraphedRows)}` : ''}${gapMs > 0 ? `; back to back: ${stages(warm.filter((r) => !r.gapped))}; after the idle: ${stages(warm.filter((r) => r.gapped))}` : ''}.`] : []),
+    ...(onDevice ? [`Host stages (p50 ms) of the captured steps: ${stages(captured)}; of the replayed: ${stages(replayed)}${graphAb ? `; launched one by one: ${stages(ungraphedRows)}` : ''}${gapMs > 0 || ownAb ? `; even steps: ${stages(warm.filter((r) => !r.gapped))}; odd steps: ${stages(warm.filter((r) => r.gapped))}` : ''}.`] : []),
   ].join('\n');
   console.log(text);
   if (jsonAt >= 0) writeFileSync(argv[jsonAt + 1], JSON.stringify({ steps, ownFrom, ownTo, onDevice, load: loadavg()[0], rows }));

@@ -27,6 +27,19 @@ export interface DeviceStep {
 }
 
 /**
+ * Own-token work (tokens × q heads × headDim) from which the own attend runs on libuv's pool beside the
+ * device call: below it the pool's two wake-ups cost about what the overlap saves (the 2-core VM, the call
+ * holding the loop 0.64 ms: 0-64 own tokens of the llama3.2-1b shape +0.016 ms a step beside, 0-512
+ * -0.02 ms, 1000-2000 -0.22 ms; bench/wave-step-host.ts --own-ab --hold-ms 0.5).
+ */
+export const OWN_BESIDE_WORK = 2 ** 19;
+let besideFrom = OWN_BESIDE_WORK;
+/** Sets the own-token work from which the own attend runs beside the device call (0: always; Infinity: never, the old order; default OWN_BESIDE_WORK). */
+export function setOwnBesideWork(work: number): void {
+  besideFrom = work;
+}
+
+/**
  * Runs the step on the device when it can: a `wave` session on the GPU,
  * one document, whose layer the device holds (or can be made to). Returns
  * undefined otherwise, having done nothing: the host path runs.
@@ -56,17 +69,22 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     }
     // The own tokens, on the host as on every path (never pooled), beside the
     // device's work on the document: neither reads what the other writes.
-    // Where the device call runs on libuv's pool the step waits for the
-    // longer of the two; where it runs on the event loop's thread (a short
-    // call, addon/device-calls.ts) the two run one after the other, which a
-    // session's few own tokens barely feel (0.03-0.12 ms,
-    // bench/results/wave-step-host-vm.md). Both settle before the store is
-    // released (a failure of one must not free it while the other reads it).
+    // From OWN_BESIDE_WORK on, the own attend is started first, on libuv's pool,
+    // so it runs while the device call waits for its stream, on the pool or
+    // on the event loop's thread (a short call, addon/device-calls.ts).
+    // Inline after a call on the loop, it added its whole time to the step,
+    // which grows with the session's own tokens. Both settle before the
+    // store is released (a failure of one must not free it while the other
+    // reads it).
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
+    const beside = own.tokens * ctx.qHeads * ctx.headDim >= besideFrom;
+    const ownIn = { layer: ctx.layer, q, scale, out, lse };
+    const ownAttend = ownPart && beside ? session.cache.attend([ownPart], ownIn, true) : undefined;
     const [device, host] = await Promise.allSettled([
-      stepDocument(held.store, args),
-      ownPart && session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out, lse }),
+      // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
+      (async () => stepDocument(held.store, args))(),
+      ownAttend ?? (ownPart && session.cache.attend([ownPart], ownIn)),
     ]);
     const deviceMs = performance.now() - t0;
     if (device.status === 'rejected') throw device.reason;

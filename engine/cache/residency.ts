@@ -42,7 +42,8 @@ export class SessionCache {
     this.simulated = gpu ? [] : Array.from({ length: model.layers }, () => new SimulatedPool(model.kvHeads));
   }
 
-  async attend(parts: SelectionPart[], a: AttendInput): Promise<Residency> {
+  /** `beside`: parts attended on the host run on libuv's pool, beside a call that holds the loop's thread (addon/kernels.ts attend). */
+  async attend(parts: SelectionPart[], a: AttendInput, beside = false): Promise<Residency> {
     const m = this.model, gpu = this.gpu;
     if (gpu) {
       const own = this.own[a.layer];
@@ -53,17 +54,17 @@ export class SessionCache {
         const { kernelMs, residentMs, ...blocks } = await gpu.attend(m, a.layer, split.pool, a.q, a.scale, a.out, a.lse, host);
         return { backend: 'cuda', blocks, gpu: { residentMs, kernelMs } };
       }
-      await attendOnHost(m, parts, a);
+      await attendOnHost(m, parts, a, beside);
       return { backend: 'cpu' };
     }
-    await attendOnHost(m, parts, a);
+    await attendOnHost(m, parts, a, beside);
     const blocks = this.simulated[a.layer].step(parts, m.headDim);
     return { backend: 'cpu', ...(blocks && { blocks }) };
   }
 }
 
-/** The host kernel over every part, combined by log-sum-exp. */
-export function attendOnHost(m: { qHeads: number; kvHeads: number; headDim: number; dtype: KvDtype }, parts: SelectionPart[], a: AttendInput): Promise<void> {
+/** The host kernel over every part, combined by log-sum-exp (`beside`: on libuv's pool, addon/kernels.ts attend). */
+export function attendOnHost(m: { qHeads: number; kvHeads: number; headDim: number; dtype: KvDtype }, parts: SelectionPart[], a: AttendInput, beside = false): Promise<void> {
   return attend({
     q: a.q,
     qHeads: m.qHeads,
@@ -74,5 +75,5 @@ export function attendOnHost(m: { qHeads: number; kvHeads: number; headDim: numb
     segments: parts.map(toAttendSegment),
     out: a.out,
     lse: a.lse,
-  });
+  }, beside);
 }

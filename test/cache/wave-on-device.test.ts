@@ -10,7 +10,7 @@ import { attend, bytesOf, convert } from '../../addon/kernels.js';
 import type { WaveGpuStepResult, WaveGpuStore } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import type { Session } from '../../engine/session.js';
-import { waveOnDevice } from '../../engine/wave-on-device.js';
+import { OWN_BESIDE_WORK, setOwnBesideWork, waveOnDevice } from '../../engine/wave-on-device.js';
 import type { LayerContext, SearchParams } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { maxRelError, referenceAttention } from '../helpers/reference.js';
@@ -71,8 +71,8 @@ function sessionWith(store: WaveGpuStore, own: KvSegment, log: string[], hostFai
     clustersFor: () => undefined,
     gpu: { waveLayer: () => ({ store, release: () => log.push('released') }) },
     cache: {
-      async attend(parts: { segment: KvSegment; begin: number; end: number }[], a: { q: Float32Array; scale: number; out: Float32Array; lse: Float32Array }) {
-        log.push('host start');
+      async attend(parts: { segment: KvSegment; begin: number; end: number }[], a: { q: Float32Array; scale: number; out: Float32Array; lse: Float32Array }, beside = false) {
+        log.push(beside ? 'host start beside' : 'host start');
         if (hostFails) {
           log.push('host failed');
           throw new Error('host attend failed');
@@ -118,6 +118,31 @@ describe('wave on the device: the host half beside it', () => {
     expect(r!.selection.parts.length).toBe(wantIds ? 4 : 3);
     expect(r!.selection.parts.some((p) => p.ids)).toBe(wantIds);
     expect(r!.attended).toBe(sel.reduce((n, rows) => n + rows.length, 0) / kvHeads);
+  });
+
+  it('starts the own tokens\' attend first, beside the device call, from OWN_BESIDE_WORK on; after it below; the same answer', async () => {
+    const rng = new Rng(seed + 5);
+    const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
+    const ids = [Int32Array.of(30, 77), Int32Array.of(12)];
+    const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+    const run = async (from: number) => {
+      setOwnBesideWork(from);
+      const log: string[] = [], out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
+      try {
+        await waveOnDevice(sessionWith(standInStore(doc.seg, ids, { delay: 5, log }), own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, out, lse, false);
+      } finally {
+        setOwnBesideWork(OWN_BESIDE_WORK);
+      }
+      return { log, out, lse };
+    };
+    const work = OWN * qHeads * d;
+    expect(work).toBeLessThan(OWN_BESIDE_WORK); // a few own tokens: after the device call by default
+    const [below, at, byDefault] = [await run(work + 1), await run(work), await run(OWN_BESIDE_WORK)];
+    expect(at.log.slice(0, 2)).toEqual(['host start beside', 'device start']);
+    expect(below.log.slice(0, 2)).toEqual(['device start', 'host start']);
+    expect(byDefault.log.slice(0, 2)).toEqual(['device start', 'host start']);
+    expect(Buffer.from(at.out.buffer).equals(Buffer.from(below.out.buffer))).toBe(true);
+    expect(Buffer.from(at.lse.buffer).equals(Buffer.from(below.lse.buffer))).toBe(true);
   });
 
   it('leaves a GQA group too large for the device call to the host path, holding no store', async () => {

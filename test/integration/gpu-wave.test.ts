@@ -4,12 +4,14 @@
 // server selects and answers as it does (the estimate on and off), and with
 // the estimate off as float64 attention over those ids. A second GPU server
 // with paged stores (--gpu-wave-cache: K and V on the host, a share of the
-// rows cached on the device) answers the same. Skipped without a
+// rows cached on the device) answers the same, the session's own tokens
+// attended beside the device call or after it. Skipped without a
 // CUDA device (here and in CI): bench/gpu-visit.sh runs it on the GPU host.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { OWN_BESIDE_WORK, setOwnBesideWork } from '../../engine/wave-on-device.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
@@ -45,6 +47,7 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
     }
   }, 240_000);
   afterAll(async () => {
+    setOwnBesideWork(OWN_BESIDE_WORK);
     for (const s of [onGpu, onCpu, onPaged]) await s?.close();
     for (const t of dirs) t.cleanup();
   });
@@ -60,6 +63,8 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
       const own: KvChunk[][] = Array.from({ length: model.layers }, () => []);
       for (let step = 0; step < 4; step++)
         for (let layer = 0; layer < model.layers; layer++) {
+          // The own tokens attended beside the device call (on libuv's pool) on even steps, after it on odd ones.
+          setOwnBesideWork(step % 2 === 0 ? 0 : Infinity);
           const tok = randomKv(rng, 'f16', kvHeads, 1, d);
           own[layer].push(tok);
           // Queries near document keys: attention with a few heavy rows, as decoding sees.

@@ -106,6 +106,23 @@ describe('attend: the loop thread or the pool', () => {
     expect(where([() => done.push(attend(p.args()))])).toEqual(['loop']); // none left on the pool
   });
 
+  it('runs a beside attend on the pool however short, with the same bits, and counts it there', async () => {
+    const p = problem(new Rng(seed + 10), 32, 8, 64, 40, false);
+    setAttendSyncWork(2 ** 40);
+    await nextTurn();
+    const inline = p.args(), beside = p.args();
+    let done: Promise<void> = Promise.resolve();
+    expect(where([() => (done = attend(inline))])).toEqual(['loop']);
+    await done;
+    expect(where([() => (done = attend(beside, true))])).toEqual(['pool']);
+    await done;
+    expect(Buffer.from(beside.out.buffer).equals(Buffer.from(inline.out.buffer))).toBe(true);
+    expect(Buffer.from(beside.lse.buffer).equals(Buffer.from(inline.lse.buffer))).toBe(true);
+    await nextTurn();
+    expect(where([() => (done = attend(p.args()))])).toEqual(['loop']); // none left on the pool
+    await done;
+  });
+
   it('refuses bad arguments on either way before touching memory', async () => {
     const p = problem(new Rng(seed + 9), 8, 2, 16, 64, true);
     for (const cap of [0, 2 ** 40]) {
