@@ -62,7 +62,7 @@
           "rules": [{
             "rule_name": "nvcc",
             "extension": "cu",
-            "inputs": ["<(RULE_INPUT_PATH)", "native/cuda/block_pool.h", "native/cuda/block_pool_impl.cuh", "native/cuda/device_info.h", "native/cuda/decode_kernel.h", "native/cuda/block_scores.h", "native/cuda/wave_step.h", "native/cuda/wave_step_kernels.cuh", "native/cuda/wave_step_estimate.cuh", "native/cuda/wave_step_attend.cuh", "native/cuda/wave_select.cuh", "native/cuda/step_graph.cuh", "native/cuda/kmeans_device.h", "native/cuda/cuda_common.cuh", "native/common/half.h", "native/common/thread_pool.h", "native/cuda/wave_buffers.cuh", "native/cuda/wave_paths.cuh", "native/cuda/wave_rest.cuh", "native/cuda/wave_cache.cuh", "native/cuda/wave_setup.cuh"],
+            "inputs": ["<(RULE_INPUT_PATH)", "native/cuda/block_pool.h", "native/cuda/block_pool_impl.cuh", "native/cuda/device_info.h", "native/cuda/decode_kernel.h", "native/cuda/block_scores.h", "native/cuda/wave_step.h", "native/cuda/wave_step_kernels.cuh", "native/cuda/wave_rescore.cuh", "native/cuda/wave_step_estimate.cuh", "native/cuda/wave_step_attend.cuh", "native/cuda/wave_select.cuh", "native/cuda/step_graph.cuh", "native/cuda/kmeans_device.h", "native/cuda/cuda_common.cuh", "native/common/half.h", "native/common/thread_pool.h", "native/cuda/wave_buffers.cuh", "native/cuda/wave_paths.cuh", "native/cuda/wave_rest.cuh", "native/cuda/wave_cache.cuh", "native/cuda/wave_setup.cuh"],
             "outputs": ["<(INTERMEDIATE_DIR)/<(RULE_INPUT_ROOT).cu.o"],
             "action": ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-Inative", "-c", "<(RULE_INPUT_PATH)", "-o", "<@(_outputs)"],
             "message": "nvcc <(RULE_INPUT_PATH)",

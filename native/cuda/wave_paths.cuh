@@ -31,6 +31,8 @@ struct StepPaths {
   bool find;     // KVRECALL_WAVE_FIND=1: HistogramFind for Histogram + FindBin (round 2, off by default)
   bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates (round 2)
   bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
+  // Round 4 (KVRECALL_WAVE_ROUND4=0 turns them all off):
+  bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
   // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
   // apart from KVRECALL_WAVE_LEGACY.
@@ -53,6 +55,8 @@ inline StepPaths ReadStepPaths(int d) {
   s.find = s.clear && is("KVRECALL_WAVE_FIND", '1');
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
+  const bool round4 = !is("KVRECALL_WAVE_ROUND4", '0');
+  s.range = round4 && s.clear && on("KVRECALL_WAVE_RANGE");
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }

@@ -50,6 +50,7 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/wave_step.h"
 #include "cuda/wave_step_kernels.cuh"
+#include "cuda/wave_rescore.cuh"
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_step_attend.cuh"
 #include "cuda/wave_select.cuh"
@@ -310,6 +311,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   const bool legacy = P.legacy;
   p.dotsOn = p.prefetchRows = !legacy;
   p.scoreSplit = P.split;
+  p.range = P.range ? I.range : nullptr;  // StepClear sets the ranges before ScoreClusters (P.range needs P.clear)
   const size_t n2 = size_t(H) * tmax;
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oOrd2 = W.Add(n2 * 4),
@@ -415,7 +417,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     };
     clear(I.range, 0xff, size_t(H) * 16);
     clear(I.hist, 0, size_t(H) * kBins * 8);
-    OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
+    if (!p.range) OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
     if (P.find) HistogramFind<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist, I.range + 4 * H, cuts1);
     else Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist), FindBin<<<H, kFindThreads, 0, s>>>(cc, I.hist, cuts1);
     mark(3, s);
@@ -447,7 +449,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
       uint32_t* const hist2 = P.clear ? I.hist + size_t(H) * kBins * 2 : I.hist;
       clear(hist2, 0, size_t(H) * kBins * 8);
-      OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
+      if (!(p.range && P.held)) OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
       if (P.find) HistogramFind<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2, I.range + 5 * H, cuts2);
       else Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2), FindBin<<<H, kFindThreads, 0, s>>>(kc, hist2, cuts2);
       mark(6, s);
