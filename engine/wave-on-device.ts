@@ -28,11 +28,13 @@ export interface DeviceStep {
 
 /**
  * Own-token work (tokens × q heads × headDim) from which the own attend runs on libuv's pool beside the
- * device call: below it the pool's two wake-ups cost about what the overlap saves (the 2-core VM, the call
- * holding the loop 0.64 ms: 0-64 own tokens of the llama3.2-1b shape +0.016 ms a step beside, 0-512
- * -0.02 ms, 1000-2000 -0.22 ms; bench/wave-step-host.ts --own-ab --hold-ms 0.5).
+ * device call; 0: always. Only a GPU host runs this path, and there the pool's wake-ups cost less than the
+ * overlap saves from the first own token on (H100 host, 16 cores, llama3.2-1b shape at 1M, the call on the
+ * loop's thread, bench/results/wave-step-host-own-ab-h100.md: a step 0.908 -> 0.879 ms with 0-256 own
+ * tokens, 0.871 -> 0.787 with 512-1024, 0.961 -> 0.820 with 1024-2048); on the 2-core VM, with a stand-in
+ * call, it cost 0.016 ms a step below 64 own tokens.
  */
-export const OWN_BESIDE_WORK = 2 ** 19;
+export const OWN_BESIDE_WORK = 0;
 let besideFrom = OWN_BESIDE_WORK;
 /** Sets the own-token work from which the own attend runs beside the device call (0: always; Infinity: never, the old order; default OWN_BESIDE_WORK). */
 export function setOwnBesideWork(work: number): void {
@@ -69,9 +71,9 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     }
     // The own tokens, on the host as on every path (never pooled), beside the
     // device's work on the document: neither reads what the other writes.
-    // From OWN_BESIDE_WORK on, the own attend is started first, on libuv's pool,
-    // so it runs while the device call waits for its stream, on the pool or
-    // on the event loop's thread (a short call, addon/device-calls.ts).
+    // The own attend is started first, on libuv's pool (from OWN_BESIDE_WORK
+    // on), so it runs while the device call waits for its stream, on the pool
+    // or on the event loop's thread (a short call, addon/device-calls.ts).
     // Inline after a call on the loop, it added its whole time to the step,
     // which grows with the session's own tokens. Both settle before the
     // store is released (a failure of one must not free it while the other
