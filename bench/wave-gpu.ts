@@ -215,8 +215,26 @@ function leanSame(full: WaveGpuStepResult, lean: WaveGpuStepResult): boolean {
     full.ids !== undefined && full.ids.every((ids, h) => ids.length === lean.kept[h]) && same(full.out, lean.out) && same(full.lse, lean.lse);
 }
 
+/**
+ * The step with stage times off (from a graph, kernels launched early where wave_paths.cuh's pdl is on), launched one
+ * by one, and both without the round-4 paths (KVRECALL_WAVE_ROUND4=0): the same ids, out and lse as leanSame has them.
+ */
+async function roundFourSame(store: WaveGpuStore, args: Parameters<WaveGpuStore['step']>[0]): Promise<boolean> {
+  const was = process.env.KVRECALL_WAVE_ROUND4, runs: WaveGpuStepResult[] = [];
+  const close = (x: number, y: number) => x === y || Math.abs(x - y) <= 1e-6 * Math.max(1, Math.abs(y));
+  const key = (r: WaveGpuStepResult) => (r.ids ?? []).map((a) => a.join()).join('|') + `|${r.kept.join()}`;
+  const set = (v: string | undefined) => (v === undefined ? delete process.env.KVRECALL_WAVE_ROUND4 : (process.env.KVRECALL_WAVE_ROUND4 = v));
+  try {
+    for (const env of [was, '0']) for (const graph of [true, false]) set(env), runs.push(await store.step({ ...args, stages: false, graph }));
+  } finally {
+    set(was);
+  }
+  const [a] = runs;
+  return runs.every((r) => key(r) === key(a) && r.out.every((x, i) => close(x, a.out[i])) && r.lse.every((x, i) => close(x, a.lse[i])));
+}
+
 /** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
-export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean }>> {
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean; pathsSame?: boolean }>> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
@@ -252,7 +270,8 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
         budget: c.budget.map((b) => (b < N ? b + 1 : b - 1)) };
       for (const a2 of [other, args, other, args]) fresh &&= leanSame(await store.step(a2), await leanStep(a2));
       fresh &&= (await leanStep(args)).graphCaptures === captures + 1;
-      return { ...r, ok: r.ok && lean && fresh, leanSame: lean && fresh, ms: gpu.ms };
+      const paths = await roundFourSame(store, args);
+      return { ...r, ok: r.ok && lean && fresh && paths, leanSame: lean && fresh, pathsSame: paths, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the
     // one before left its per-cluster scratch (owner, removed) reset.

@@ -5,8 +5,13 @@
 // construction: each change moves work, never a sum's order).
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdlib>
 #include <type_traits>
+#include <utility>
+
+#include "cuda/cuda_common.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -33,6 +38,7 @@ struct StepPaths {
   bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
   // Round 4 (KVRECALL_WAVE_ROUND4=0 turns them all off):
   bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
+  bool pdl;      // KVRECALL_WAVE_PDL: a kernel launched while the one before it ends (StepLauncher), not after
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
   // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
   // apart from KVRECALL_WAVE_LEGACY.
@@ -57,9 +63,49 @@ inline StepPaths ReadStepPaths(int d) {
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
   const bool round4 = !is("KVRECALL_WAVE_ROUND4", '0');
   s.range = round4 && s.clear && on("KVRECALL_WAVE_RANGE");
+  s.pdl = round4 && on("KVRECALL_WAVE_PDL");
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }
+
+// The step's kernel launches on one stream. With pdl, a kernel right after
+// another of the step's kernels is launched with programmatic stream
+// serialization: the device may start its CTAs while the kernel before it
+// ends (its last CTAs running, its writes being flushed) instead of after,
+// which a chain of ~20 short dependent kernels pays at every link. It is
+// still ordered: each step kernel's first statement, AfterPrior()
+// (wave_step_kernels.cuh), waits for the kernel before it and its writes.
+// A kernel after a copy, a memset or anything else (Other) launches as usual.
+class StepLauncher {
+ public:
+  StepLauncher(cudaStream_t s, bool pdl) : s_(s), pdl_(pdl) {}
+  template <typename... Exp, typename... Act>
+  void operator()(void (*kernel)(Exp...), dim3 grid, dim3 block, size_t smem, Act&&... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s_;
+    cudaLaunchAttribute early[1] = {};
+    if (pdl_ && afterKernel_) {
+      early[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      early[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = early;
+      cfg.numAttrs = 1;
+    }
+    Check(cudaLaunchKernelEx(&cfg, kernel, std::forward<Act>(args)...), "wave step launch");
+    afterKernel_ = true;
+  }
+  // A kernel launched on the stream otherwise (<<<>>>): the next may follow it early.
+  void Kernel() { afterKernel_ = true; }
+  // A copy, memset or other stream work since the last kernel.
+  void Other() { afterKernel_ = false; }
+
+ private:
+  cudaStream_t s_;
+  bool pdl_;
+  bool afterKernel_ = false;
+};
 
 // f(B, G) with B (bf16) and G (the paged store: KvRow's row map) as
 // std::bool_constant values, to name a kernel's instantiation:

@@ -12,6 +12,7 @@ namespace {
 
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
+  AfterPrior();
   extern __shared__ __align__(16) float qs[];  // [group, stride]: the plain q is the first d of each row
   const int h = blockIdx.y;
   for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];
@@ -56,6 +57,7 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
 // ExactDots' rows, the same dots into its columns (tmax + e): one launch less.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
+  AfterPrior();
   extern __shared__ __align__(16) float qs[];  // [group, stride]: the plain q is the first d of each row
   const int h = blockIdx.y;
   for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];

@@ -127,6 +127,7 @@ __device__ __forceinline__ uint64_t KeyOf(const S& s, uint32_t low, int h, int64
 
 template <typename S>
 __global__ void OrderRange(S s, uint32_t* range) {
+  AfterPrior();
   const int h = blockIdx.y;
   const int64_t b = s.Begin(h), n = s.Len(h);
   uint32_t lo = kExcluded, notHi = kExcluded;
@@ -148,6 +149,7 @@ __global__ void OrderRange(S s, uint32_t* range) {
 // memory and added to the global bins they touched.
 template <typename S>
 __global__ void Histogram(S s, const uint32_t* range, uint32_t* hist) {
+  AfterPrior();
   __shared__ uint32_t local[kBins * 2];
   const int h = blockIdx.y;
   const OrderSpan sp = SpanOf(range, h);
@@ -175,6 +177,7 @@ __global__ void Histogram(S s, const uint32_t* range, uint32_t* hist) {
 // the count the cap, and what the bins before it hold.
 template <typename S>
 __global__ void __launch_bounds__(kFindThreads) FindBin(S s, const uint32_t* hist, CutState* cuts) {
+  AfterPrior();
   using Scan = cub::BlockScan<longlong2, kFindThreads, cub::BLOCK_SCAN_WARP_SCANS>;  // raking spilled ~1 KB a thread
   __shared__ typename Scan::TempStorage scanTemp;
   __shared__ int found;
@@ -271,6 +274,7 @@ __device__ __forceinline__ void FindIn(S s, const uint32_t* hh, CutState& c, int
 // FindBin did.
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 6) HistogramFind(S s, const uint32_t* range, uint32_t* hist, uint32_t* done, CutState* cuts) {
+  AfterPrior();
   __shared__ uint32_t local[kBins * 2];
   __shared__ bool last;
   const int h = blockIdx.y;
@@ -307,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, 6) HistogramFind(S s, const uint32_t
 // Begin(h)), with their weights.
 template <typename S>
 __global__ void CollectBin(S s, const uint32_t* range, CutState* cuts, uint64_t* buf, int64_t* bufW) {
+  AfterPrior();
   const int h = blockIdx.y;
   const int32_t bin = cuts[h].bin;
   if (bin == kAll || s.Target(h) <= 0 || s.Cap(h) <= 0) return;
@@ -334,6 +339,7 @@ __global__ void CollectBin(S s, const uint32_t* range, CutState* cuts, uint64_t*
 template <typename S>
 __global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_t* range, CutState* cuts, const uint64_t* buf,
                                                               const int64_t* bufW, bool stage /* false: none held (ResolveSmem not given) */) {
+  AfterPrior();
   extern __shared__ __align__(16) unsigned long long held[];  // [ResolveHeld] keys, then (weighted) [ResolveHeld] weights
   __shared__ unsigned long long histW[256];
   __shared__ unsigned int histN[256];
@@ -452,6 +458,7 @@ __host__ __device__ constexpr int64_t Tiles(int64_t n) { return (n + kThreads - 
 // tiles[h * Tiles(cap) + tile], cap: the longest a head's span is.
 template <typename S, typename T>
 __global__ void TakeWeights(S s, const uint32_t* range, const CutState* cuts, T* take, int64_t span, T* tiles, int64_t cap) {
+  AfterPrior();
   __shared__ T scratch[32];
   const int h = blockIdx.y;
   const uint32_t low = SpanOf(range, h).low;
@@ -486,6 +493,7 @@ __device__ __forceinline__ T PlaceInHead(T v, const T* tiles) {
 // cluster's inclusive scan of cnt within its head (PartialLogitsFromDots
 // finds a cluster's candidates at cum - cnt). tiles: TakeWeights' sums.
 __global__ void GatherCandidates(StepParams p, const CutState* cuts, const int64_t* tiles) {
+  AfterPrior();
   const int h = blockIdx.y;
   const int64_t b = p.base[h], len = p.base[h + 1] - b, r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r == 0) p.sel[h * 2 + 1] = cuts[h].total;
@@ -515,6 +523,7 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts, const int64
 // (all ones: OrderRange takes minima), sel, keptN and touchedN. Each is
 // written or read in the step only after where its memset was.
 __global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) {
+  AfterPrior();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < int64_t(H) * kBins) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0, 0, 0, 0);  // 2 x [H, kBins, 2] words
   if (i < 4 * H) range[i] = 0xffffffffu;
@@ -526,6 +535,7 @@ __global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) 
 // The kept candidates' ids, in candidate order, into keptIds[h, 0 .. keptN[h]),
 // with dotsOn their candidate positions into keptPos (where their dots are).
 __global__ void ScatterKept(StepParams p, const CutState* cuts) {
+  AfterPrior();
   const int h = blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j == 0) p.keptN[h] = cuts[h].total;
@@ -540,6 +550,7 @@ __global__ void ScatterKept(StepParams p, const CutState* cuts) {
 
 // The kept ids into outIds, -1 after them, and the counts.
 __global__ void PackIds(StepParams p) {
+  AfterPrior();
   const int h = blockIdx.y;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = Kept(p, h);
   if (i < p.width) p.outIds[size_t(h) * p.width + i] = i < kept ? p.keptIds[size_t(h) * p.width + i] : -1;
@@ -555,6 +566,7 @@ __global__ void PackIds(StepParams p) {
 // them from keptIds and keptN afterwards. The scan places the kept ids at
 // 0 .. total - 1 (PackIds read exactly those), so the same outIds.
 __global__ void ScatterPack(StepParams p, const CutState* cuts) {
+  AfterPrior();
   const int h = blockIdx.y;
   const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, kept = cuts[h].total;
   if (j == 0) {

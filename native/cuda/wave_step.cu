@@ -391,13 +391,17 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (a.stageTimes) Check(cudaEventRecord(I.ev[i], s), "event");
   };
   const auto enqueue = [&](cudaStream_t s) {
+    // Kernels launched early only without stage times (mark's events would time the overlap).
+    StepLauncher L(s, P.pdl && !a.stageTimes);
     const auto clear = [&](void* at, int v, size_t bytes) {
-      if (!P.clear) Check(cudaMemsetAsync(at, v, bytes, s), "memset");
+      if (!P.clear) Check(cudaMemsetAsync(at, v, bytes, s), "memset"), L.Other();
     };
-    if (P.clear) StepClear<<<unsigned(Cdiv(int64_t(H) * kBins, kThreads)), kThreads, 0, s>>>(p, I.range, I.hist, H);
+    if (P.clear) L(StepClear, unsigned(Cdiv(int64_t(H) * kBins, kThreads)), kThreads, 0, p, I.range, I.hist, H);
     Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
+    L.Other();
     mark(1, s);
     LaunchScoreClusters(p, bf16, legacy, P.swizzle, P.fuse, qSmem, I.cmax, H, s);
+    L.Kernel();
     mark(2, s);
     // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
     clear(p.sel, 0, size_t(H) * 16);
@@ -417,16 +421,18 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     };
     clear(I.range, 0xff, size_t(H) * 16);
     clear(I.hist, 0, size_t(H) * kBins * 8);
-    if (!p.range) OrderRange<<<cutGrid(I.cmax, kRangePer), kThreads, 0, s>>>(cc, range1);
-    if (P.find) HistogramFind<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist, I.range + 4 * H, cuts1);
-    else Histogram<<<cutGrid(I.cmax, kHistPer), kThreads, 0, s>>>(cc, range1, I.hist), FindBin<<<H, kFindThreads, 0, s>>>(cc, I.hist, cuts1);
+    if (!p.range) L(OrderRange<ClusterCut>, cutGrid(I.cmax, kRangePer), kThreads, 0, cc, range1);
+    if (P.find) L(HistogramFind<ClusterCut>, cutGrid(I.cmax, kHistPer), kThreads, 0, cc, range1, I.hist, I.range + 4 * H, cuts1);
+    else L(Histogram<ClusterCut>, cutGrid(I.cmax, kHistPer), kThreads, 0, cc, range1, I.hist), L(FindBin<ClusterCut>, H, kFindThreads, 0, cc, I.hist, cuts1);
     mark(3, s);
-    CollectBin<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, I.buf1, I.bufW1);
-    ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), s>>>(cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
-    TakeWeights<<<cutGrid(I.cmax, kScanPer), kThreads, 0, s>>>(cc, range1, cuts1, p.cnt, int64_t(0), tiles1, I.cmax);
-    if (tmax > 0) GatherCandidates<<<dim3(unsigned(Tiles(I.cmax)), unsigned(H)), kThreads, 0, s>>>(p, cuts1, tiles1);
-    if (I.cache.rows > 0)  // the rows read from here on
+    L(CollectBin<ClusterCut>, cutGrid(I.cmax, kScanPer), kThreads, 0, cc, range1, cuts1, I.buf1, I.bufW1);
+    L(ResolveCut<ClusterCut>, unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
+    L(TakeWeights<ClusterCut, int64_t>, cutGrid(I.cmax, kScanPer), kThreads, 0, cc, range1, cuts1, p.cnt, int64_t(0), tiles1, I.cmax);
+    if (tmax > 0) L(GatherCandidates, dim3(unsigned(Tiles(I.cmax)), unsigned(H)), kThreads, 0, p, cuts1, tiles1);
+    if (I.cache.rows > 0) {  // the rows read from here on
       I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, P.cacheLegacy, a.stageTimes);
+      L.Other();
+    }
     mark(4, s);
     // The sinks/window rows' dots, for AttendTile<kDots>: in RescoreHeld's launch where it runs.
     const int64_t exactCtas = p.dotsOn && a.attend && E > 0 ? Cdiv(E, kRowsPerCta) : 0;
@@ -434,13 +440,13 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta) + (heldDots ? exactCtas : 0)), unsigned(H));
       kinds([&](auto B, auto G) {
-        if (P.held) RescoreHeld<B(), G()><<<grid, kThreads, qSmem, s>>>(p);
-        else RescoreCandidates<B(), G()><<<grid, kThreads, qSmem, s>>>(p);
+        if (P.held) L(RescoreHeld<B(), G()>, grid, kThreads, qSmem, p);
+        else L(RescoreCandidates<B(), G()>, grid, kThreads, qSmem, p);
       });
     }
     if (exactCtas > 0 && !heldDots) {
       const dim3 grid(static_cast<unsigned>(exactCtas), static_cast<unsigned>(H));
-      kinds([&](auto B, auto G) { ExactDots<B(), G()><<<grid, kThreads, qSmem, s>>>(p); });
+      kinds([&](auto B, auto G) { L(ExactDots<B(), G()>, grid, kThreads, qSmem, p); });
     }
     mark(5, s);
     // The candidates kept: the best `keep` outside the skip ranges.
@@ -449,25 +455,25 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       const CandidateCut kc{p.ord2, p.cand, p.sel, p.params, tmax, N};
       uint32_t* const hist2 = P.clear ? I.hist + size_t(H) * kBins * 2 : I.hist;
       clear(hist2, 0, size_t(H) * kBins * 8);
-      if (!(p.range && P.held)) OrderRange<<<cutGrid(tmax, kRangePer), kThreads, 0, s>>>(kc, range2);
-      if (P.find) HistogramFind<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2, I.range + 5 * H, cuts2);
-      else Histogram<<<cutGrid(tmax, kHistPer), kThreads, 0, s>>>(kc, range2, hist2), FindBin<<<H, kFindThreads, 0, s>>>(kc, hist2, cuts2);
+      if (!(p.range && P.held)) L(OrderRange<CandidateCut>, cutGrid(tmax, kRangePer), kThreads, 0, kc, range2);
+      if (P.find) L(HistogramFind<CandidateCut>, cutGrid(tmax, kHistPer), kThreads, 0, kc, range2, hist2, I.range + 5 * H, cuts2);
+      else L(Histogram<CandidateCut>, cutGrid(tmax, kHistPer), kThreads, 0, kc, range2, hist2), L(FindBin<CandidateCut>, H, kFindThreads, 0, kc, hist2, cuts2);
       mark(6, s);
-      CollectBin<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, buf2, bufW2);
-      ResolveCut<<<unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), s>>>(kc, range2, cuts2, buf2, bufW2, !legacy);
-      TakeWeights<<<cutGrid(tmax, kScanPer), kThreads, 0, s>>>(kc, range2, cuts2, p.take2, tmax, p.cum2, tmax);
-      if (P.pack) ScatterPack<<<dim3(unsigned(Cdiv(std::max(tmax, width), kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
-      else ScatterKept<<<dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, s>>>(p, cuts2);
+      L(CollectBin<CandidateCut>, cutGrid(tmax, kScanPer), kThreads, 0, kc, range2, cuts2, buf2, bufW2);
+      L(ResolveCut<CandidateCut>, unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), kc, range2, cuts2, buf2, bufW2, !legacy);
+      L(TakeWeights<CandidateCut, int32_t>, cutGrid(tmax, kScanPer), kThreads, 0, kc, range2, cuts2, p.take2, tmax, p.cum2, tmax);
+      if (P.pack) L(ScatterPack, dim3(unsigned(Cdiv(std::max(tmax, width), kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
+      else L(ScatterKept, dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
     } else {
       mark(6, s);
     }
-    if (!P.pack || tmax == 0) PackIds<<<dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, s>>>(p);
+    if (!P.pack || tmax == 0) L(PackIds, dim3(unsigned(std::max<int64_t>(1, Cdiv(width, kThreads))), unsigned(H)), kThreads, 0, p);
     mark(7, s);
     const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
     if (merge && rowsMax > 0) {
       clear(p.touchedN, 0, size_t(H) * 8);
-      ExactRows<0><<<rowsGrid, kThreads, 0, s>>>(p);
-      if (a.estimate) ExactRows<1><<<rowsGrid, kThreads, 0, s>>>(p);
+      L(ExactRows<0>, rowsGrid, kThreads, 0, p);
+      if (a.estimate) L(ExactRows<1>, rowsGrid, kThreads, 0, p);
     }
     mark(8, s);
     if (a.estimate && rowsMax > 0 && p.spreadMode) {
@@ -479,32 +485,31 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       // only, at most E + 1 a head (the grid is only speed: warps stride).
       const bool fromDots = p.dotsOn && p.restRows;
       const dim3 partGrid(fromDots ? unsigned(std::min<int64_t>(Cdiv(E + 1, kPartialWarps), 512)) : grid.x, unsigned(H));
-      if (fromDots) PartialLogitsFromDots<<<grid, kPartialWarps * 32, 0, s>>>(p);
-      kinds([&](auto B, auto G) { PartialLogits<B(), G()><<<partGrid, kPartialWarps * 32, smem, s>>>(p); });
+      if (fromDots) L(PartialLogitsFromDots, grid, kPartialWarps * 32, 0, p);
+      kinds([&](auto B, auto G) { L(PartialLogits<B(), G()>, partGrid, kPartialWarps * 32, smem, p); });
     }
     mark(9, s);
     // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.
     const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
     if (a.estimate) {
       // The cluster tiles read no K/V row: one instantiation for both stores.
-      if (bf16) EstimatePart<true, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
-      else EstimatePart<false, false><<<dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, s>>>(p);
+      L(bf16 ? EstimatePart<true, false> : EstimatePart<false, false>, dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, p);
       if (nSub > 0 && !fuseRows)
-        kinds([&](auto B, auto G) { EstimatePart<B(), true, G()><<<dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, s>>>(p); });
+        kinds([&](auto B, auto G) { L(EstimatePart<B(), true, G()>, dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, p); });
     }
     if (a.attend && nAtt > 0) {
       const dim3 grid = dim3(unsigned(nAtt), unsigned(H));
       kinds([&](auto B, auto G) {
-        if (fuseRows) AttendAndRows<B(), G()><<<grid, kThreads, kEstimateSmem, s>>>(p);
-        else if (p.dotsOn) AttendPart<B(), true, G()><<<grid, kThreads, kEstimateSmem, s>>>(p);
-        else AttendPart<B(), false, G()><<<grid, kThreads, kEstimateSmem, s>>>(p);
+        if (fuseRows) L(AttendAndRows<B(), G()>, grid, kThreads, kEstimateSmem, p);
+        else if (p.dotsOn) L(AttendPart<B(), true, G()>, grid, kThreads, kEstimateSmem, p);
+        else L(AttendPart<B(), false, G()>, grid, kThreads, kEstimateSmem, p);
       });
     }
     mark(10, s);
     if (merge) {
       const int colBlocks = int(Cdiv(d, 32)), mergeCtas = Q * colBlocks, rowCtas = int(rowsGrid.x);  // ExactRows<2>'s grid
       static_assert(kThreads == 256, "MergeAndClear: MergeEstimate's and ExactRows' CTAs alike");
-      MergeAndClear<<<unsigned(mergeCtas + (rowsMax > 0 ? rowCtas * H : 0)), 256, size_t(std::max(parts, 1)) * 8, s>>>(p, colBlocks, mergeCtas, rowCtas);
+      L(MergeAndClear, unsigned(mergeCtas + (rowsMax > 0 ? rowCtas * H : 0)), 256, size_t(std::max(parts, 1)) * 8, p, colBlocks, mergeCtas, rowCtas);
     }
     Check(cudaGetLastError(), "wave step launch");
     mark(11, s);

@@ -19,6 +19,7 @@ namespace {
 // Accumulate/ReducePair on the same q as AttendTile's pairs, bit for bit.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
+  AfterPrior();
   extern __shared__ __align__(16) float qs[];  // [group, stride]
   const int h = blockIdx.y;
   for (int i = threadIdx.x; i < p.group * p.stride; i += blockDim.x) qs[i] = p.qAug[size_t(h) * p.group * p.stride + i];
@@ -142,6 +143,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
 
 template <bool kBf16, bool kDots, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
+  AfterPrior();
   AttendTile<kBf16, kDots, kPaged>(p);
 }
 
@@ -154,6 +156,7 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 // in the separate kernels: the same bits.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
+  AfterPrior();
   AttendTile<kBf16, true, kPaged>(p);  // ends on a barrier: its shared memory is free
   EstimateTile<kBf16, true, kPaged>(p);
 }

@@ -46,6 +46,7 @@ __device__ __forceinline__ void ExactRowAt(const StepParams& p, int h, int64_t j
 }
 template <int kMode>
 __global__ void ExactRows(StepParams p) {
+  AfterPrior();
   ExactRowAt<kMode>(p, blockIdx.y, int64_t(blockIdx.x) * blockDim.x + threadIdx.x, gridDim.y);
 }
 template <bool kBf16, bool kPaged>
@@ -71,6 +72,7 @@ __device__ __forceinline__ void Absorb(float w, bool live, int half, float& m, f
 // dependent loads each) than the others worked.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p) {
+  AfterPrior();
   extern __shared__ __align__(16) float rest[];  // [kPartialWarps, 2, d]: the rest's mean key, then its variance
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y;
   const int32_t listed = p.touchedN[gridDim.y + h];
@@ -93,6 +95,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogits(StepParams p
 // before waiting, each slot summed as one cluster alone would be.
 constexpr int kSlots = 2;
 __global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(StepParams p) {
+  AfterPrior();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y, half = lane & 1;
   const int32_t listed = p.touchedN[h], stride = int32_t(gridDim.x) * kPartialWarps;
   const int64_t b = p.base[h];
@@ -433,6 +436,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
 }
 template <bool kBf16, bool kRows, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
+  AfterPrior();
   EstimateTile<kBf16, kRows, kPaged>(p);
 }
 
@@ -500,13 +504,14 @@ __device__ __forceinline__ void MergeAt(const StepParams& p, int qh, int colBloc
     if (qh % p.group == 0) p.est[h] = est;
   }
 }
-__global__ void MergeEstimate(StepParams p) { MergeAt(p, blockIdx.x, blockIdx.y); }
+__global__ void MergeEstimate(StepParams p) { AfterPrior(); MergeAt(p, blockIdx.x, blockIdx.y); }
 
 // MergeEstimate's CTAs (the first mergeCtas, colBlocks a q head) and then
 // ExactRows<2>'s (rowCtas a kv head) in one launch: the clear touches only
 // owner and removed, which the merge does not read, and the merge, a chain
 // of waits on ~128 CTAs, leaves most of the GPU idle while it runs.
 __global__ void MergeAndClear(StepParams p, int colBlocks, int mergeCtas, int rowCtas) {
+  AfterPrior();
   const int b = blockIdx.x;
   if (b < mergeCtas) {
     MergeAt(p, b / colBlocks, b % colBlocks);

@@ -37,6 +37,17 @@ __device__ __forceinline__ void PrefetchRow(const void* row, int bytes) {
   for (int o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(static_cast<const char*>(row) + o));
 }
 
+// Each step kernel's first statement. The step may launch a kernel while
+// the one before it on the stream is still ending (programmatic dependent
+// launch: wave_paths.cuh's StepLauncher); this waits for that kernel's end
+// and its writes (at once where the kernel was launched as usual), so every
+// kernel sees what all before it wrote, as in plain stream order, and only
+// then lets the kernel after it be launched early in turn.
+__device__ __forceinline__ void AfterPrior() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // One 16-bit word as a float (exact).
 template <bool kBf16>
 __device__ __forceinline__ float WidenWord(uint16_t w) {
@@ -321,6 +332,7 @@ __host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows 
 constexpr size_t kStagedSmem = 113 * 1024;
 template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false, bool kFuse = false>
 __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreClusters(StepParams p) {
+  AfterPrior();
   static_assert(!kFuse || kSwz, "AccumulateTwo reads the swizzled tile");
   // [group, stride]: q, then column d: the norm term; kSpread: then the
   // same again squared (each rounded to f32, as the host's q2), squared once
