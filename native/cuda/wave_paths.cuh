@@ -39,6 +39,7 @@ struct StepPaths {
   // Round 4 (KVRECALL_WAVE_ROUND4=0 turns them all off):
   bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
   bool pdl;      // KVRECALL_WAVE_PDL: a kernel launched while the one before it ends (StepLauncher), not after
+  bool half;     // KVRECALL_WAVE_HALF: PartialLogitsFromDotsHalf (a half-warp a cluster) for PartialLogitsFromDots
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
   // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
   // apart from KVRECALL_WAVE_LEGACY.
@@ -64,6 +65,7 @@ inline StepPaths ReadStepPaths(int d) {
   const bool round4 = !is("KVRECALL_WAVE_ROUND4", '0');
   s.range = round4 && s.clear && on("KVRECALL_WAVE_RANGE");
   s.pdl = round4 && on("KVRECALL_WAVE_PDL");
+  s.half = round4 && on("KVRECALL_WAVE_HALF");
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }

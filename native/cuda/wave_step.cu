@@ -52,6 +52,7 @@
 #include "cuda/wave_step_kernels.cuh"
 #include "cuda/wave_rescore.cuh"
 #include "cuda/wave_step_estimate.cuh"
+#include "cuda/wave_partial.cuh"
 #include "cuda/wave_step_attend.cuh"
 #include "cuda/wave_select.cuh"
 #include "cuda/step_graph.cuh"
@@ -485,7 +486,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       // only, at most E + 1 a head (the grid is only speed: warps stride).
       const bool fromDots = p.dotsOn && p.restRows;
       const dim3 partGrid(fromDots ? unsigned(std::min<int64_t>(Cdiv(E + 1, kPartialWarps), 512)) : grid.x, unsigned(H));
-      if (fromDots) L(PartialLogitsFromDots, grid, kPartialWarps * 32, 0, p);
+      if (fromDots) L(P.half ? PartialLogitsFromDotsHalf : PartialLogitsFromDots, grid, kPartialWarps * 32, 0, p);
       kinds([&](auto B, auto G) { L(PartialLogits<B(), G()>, partGrid, kPartialWarps * 32, smem, p); });
     }
     mark(9, s);
