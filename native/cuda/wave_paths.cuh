@@ -40,6 +40,7 @@ struct StepPaths {
   bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
   bool pdl;      // KVRECALL_WAVE_PDL: a kernel launched while the one before it ends (StepLauncher), not after
   bool half;     // KVRECALL_WAVE_HALF: PartialLogitsFromDotsHalf (a half-warp a cluster) for PartialLogitsFromDots
+  bool owners;   // KVRECALL_WAVE_PACK_OWNERS: ExactRows<0>'s owners taken in ScatterPack (needs pack)
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
   // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
   // apart from KVRECALL_WAVE_LEGACY.
@@ -66,6 +67,7 @@ inline StepPaths ReadStepPaths(int d) {
   s.range = round4 && s.clear && on("KVRECALL_WAVE_RANGE");
   s.pdl = round4 && on("KVRECALL_WAVE_PDL");
   s.half = round4 && on("KVRECALL_WAVE_HALF");
+  s.owners = round4 && s.pack && on("KVRECALL_WAVE_PACK_OWNERS");
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }

@@ -560,11 +560,14 @@ __global__ void PackIds(StepParams p) {
   }
 }
 
-// ScatterKept and PackIds in one launch (a grid over the larger of tmax and
-// width): each kept id also goes to outIds at its place, the places from the
-// kept count to width get -1, and the counts are written, as PackIds wrote
-// them from keptIds and keptN afterwards. The scan places the kept ids at
-// 0 .. total - 1 (PackIds read exactly those), so the same outIds.
+// ScatterKept and PackIds in one launch (a grid over the largest of tmax,
+// width and, with packOwners, exactCount): each kept id also goes to outIds
+// at its place, the places from the kept count to width get -1, and the
+// counts are written, as PackIds wrote them from keptIds and keptN
+// afterwards. The scan places the kept ids at 0 .. total - 1 (PackIds read
+// exactly those), so the same outIds. With packOwners, each exact row
+// position (kept ids, then the sinks/window rows) is offered to its row's
+// owner here, as ExactRows<0> offers it: the same minima.
 __global__ void ScatterPack(StepParams p, const CutState* cuts) {
   AfterPrior();
   const int h = blockIdx.y;
@@ -575,6 +578,9 @@ __global__ void ScatterPack(StepParams p, const CutState* cuts) {
     p.outCounts[h * 2 + 1] = p.sel[h * 2 + 1];
   }
   if (j >= kept && j < p.width) p.outIds[size_t(h) * p.width + j] = -1;
+  int32_t* const owner = p.owner + size_t(h) * p.N;
+  // packOwners: the sinks/window row at position kept + j (ExactRow's), as ExactRows<0> takes it.
+  if (p.packOwners && j < p.exactCount) atomicMin(owner + p.exact[j], int32_t(kept + j));
   if (int64_t(blockIdx.x) * blockDim.x >= p.tmax) return;  // uniform: the whole tile past tmax
   const size_t i = size_t(h) * p.tmax + j;
   const int32_t take = j < p.tmax ? p.take2[i] : 0;
@@ -583,6 +589,7 @@ __global__ void ScatterPack(StepParams p, const CutState* cuts) {
   p.keptIds[size_t(h) * p.width + at] = p.cand[i];
   p.outIds[size_t(h) * p.width + at] = p.cand[i];
   if (p.dotsOn) p.keptPos[size_t(h) * p.width + at] = int32_t(j);
+  if (p.packOwners) atomicMin(owner + p.cand[i], int32_t(at));  // the kept row at position at
 }
 
 }  // namespace

@@ -305,14 +305,14 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     skipRanges[2 * i] = i < a.skip.size() ? a.skip[i].first : 0;
     skipRanges[2 * i + 1] = i < a.skip.size() ? a.skip[i].second : 0;
   }
-  p.estimateOn = a.estimate;
-  p.attendOn = a.attend;
+  p.estimateOn = a.estimate, p.attendOn = a.attend;
   // The kernel paths (wave_paths.cuh: KVRECALL_WAVE_LEGACY=1 and the switches of single changes).
   const StepPaths P = ReadStepPaths(d);
   const bool legacy = P.legacy;
   p.dotsOn = p.prefetchRows = !legacy;
   p.scoreSplit = P.split;
   p.range = P.range ? I.range : nullptr;  // StepClear sets the ranges before ScoreClusters (P.range needs P.clear)
+  p.packOwners = P.owners && tmax > 0 && (a.estimate || a.attend) && rowsMax > 0;  // ScatterPack runs, ExactRows<0> would
   const size_t n2 = size_t(H) * tmax;
   Layout W;
   const size_t oLogits = W.Add(size_t(Q) * I.cmax * 4), oSel = W.Add(size_t(H) * 16), oOrd2 = W.Add(n2 * 4),
@@ -463,7 +463,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       L(CollectBin<CandidateCut>, cutGrid(tmax, kScanPer), kThreads, 0, kc, range2, cuts2, buf2, bufW2);
       L(ResolveCut<CandidateCut>, unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), kc, range2, cuts2, buf2, bufW2, !legacy);
       L(TakeWeights<CandidateCut, int32_t>, cutGrid(tmax, kScanPer), kThreads, 0, kc, range2, cuts2, p.take2, tmax, p.cum2, tmax);
-      if (P.pack) L(ScatterPack, dim3(unsigned(Cdiv(std::max(tmax, width), kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
+      if (P.pack) L(ScatterPack, dim3(unsigned(Cdiv(std::max({tmax, width, p.packOwners ? E : 0}), kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
       else L(ScatterKept, dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
     } else {
       mark(6, s);
@@ -473,7 +473,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     const dim3 rowsGrid(unsigned(Cdiv(rowsMax, kThreads)), unsigned(H));
     if (merge && rowsMax > 0) {
       clear(p.touchedN, 0, size_t(H) * 8);
-      L(ExactRows<0>, rowsGrid, kThreads, 0, p);
+      if (!p.packOwners) L(ExactRows<0>, rowsGrid, kThreads, 0, p);
       if (a.estimate) L(ExactRows<1>, rowsGrid, kThreads, 0, p);
     }
     mark(8, s);

@@ -264,6 +264,9 @@ struct StepParams {
   // set to all ones: OrderRange's launch and its pass over the orders saved.
   // Null: OrderRange runs (the Rest call, the old paths).
   uint32_t* range;
+  // ScatterPack also takes each exact row position's owner (ExactRows<0>'s
+  // atomicMin, one launch less): set where it runs and the owners are used.
+  bool packOwners;
 };
 
 // OrderRange's minima (lowest order, ~highest) of one warp's orders o, with
