@@ -190,8 +190,9 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
         if (!host.ok) r.firstDiff ??= `step ${s} against the host: ${host.firstDiff ?? ''} out ${host.outRel} lse ${host.lseRel}`;
       }
     }
-    // Steps 1 (new) and 3 (legacy) are the first graphed steps of each path.
-    r.pathsSeen = paths !== 'both' || (steps > 3 && captures[3] > captures[1]);
+    // Steps 1 (new) and 3 (legacy) are the first graphed steps of each path, run one by one (a key's first
+    // sighting, native/cuda/step_graph.cuh); steps 5 and 7 capture each path's own graph.
+    r.pathsSeen = paths !== 'both' || (steps > 7 && captures[5] > captures[3] && captures[7] > captures[5]);
     const last = argsOf(qs[steps - 1], true);
     setCachePath(paths === 'legacy' ? 'legacy' : 'new');
     r.repeatBytesIn = [(await paged.step(last)).bytesIn, (await paged.step(last)).bytesIn];

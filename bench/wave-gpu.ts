@@ -225,7 +225,9 @@ async function roundFourSame(store: WaveGpuStore, args: Parameters<WaveGpuStore[
   const key = (r: WaveGpuStepResult) => (r.ids ?? []).map((a) => a.join()).join('|') + `|${r.kept.join()}`;
   const set = (v: string | undefined) => (v === undefined ? delete process.env.KVRECALL_WAVE_ROUND4 : (process.env.KVRECALL_WAVE_ROUND4 = v));
   try {
-    for (const env of [was, '0']) for (const graph of [true, false]) set(env), runs.push(await store.step({ ...args, stages: false, graph }));
+    // graph: true twice, the second replaying its graph (a key's first step runs one by one, native/cuda/step_graph.cuh).
+    for (const env of [was, '0'])
+      for (const graph of [true, true, false]) set(env), runs.push(await store.step({ ...args, stages: false, graph }));
   } finally {
     set(was);
   }

@@ -212,7 +212,7 @@ async function main() {
     ...(ownAb ? [line('own tokens beside the device call, on the pool (even steps)', warm.filter((r) => !r.gapped)), line('own tokens after the device call (odd steps, the old order)', warm.filter((r) => r.gapped))] : []),
     ...(graphAb ? [line('launched one by one (graph: false, odd steps)', ungraphedRows), line('launched one by one, own tokens < window', ungraphedRows.filter((r) => r.own < params.window))] : []),
     line(`graph captured anew${onDevice ? '' : ' (as the native key would)'}`, captured),
-    line('graph replayed', replayed),
+    line('graph replayed, or run one by one (a key seen for the first time, native/cuda/step_graph.cuh)', replayed),
     line('own tokens < window (256)', graphed.filter((r) => r.own < params.window)),
     line('own tokens >= window', graphed.filter((r) => r.own >= params.window)),
     '',

@@ -323,7 +323,7 @@ struct BlockScores::Impl {
   uint64_t* sortKeys = nullptr;  // [heads, p2] for sorts beyond shared memory
   size_t sortCap = 0;
   BlockTopKTimes last;
-  StepGraph graph;
+  StepGraph graph{StepGraph::Capture::kAtOnce};  // one key while the ids fit their buffers
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);

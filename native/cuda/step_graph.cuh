@@ -6,11 +6,25 @@
 // sizes) must be in the key: a key unlike every cached one captures anew.
 // A few graphs are kept: a layer's store is shared by the document's
 // sessions, and sessions with other budgets (other shapes) take turns on it.
+//
+// A wave step's key changes every step while a session's own tokens are
+// fewer than its window (the document's share of the window shrinks by a
+// row a step), and a graph captured and instantiated (or updated) for one
+// step only cost more than launching that step one by one: on the H100 at
+// 1M a captured-anew step's kernels took 0.64-0.74 ms against 0.56 replayed
+// (bench/results/wave-step-host-own-ab-h100.md, decode-full-llama3.2-1b-
+// h100-16layers-outproc.md). So by default a key is captured only when it
+// comes back: its first step runs one by one and leaves a hash of the key
+// behind. Stores whose keys do not churn so (the block scorer, the rest
+// estimate) capture at once; KVRECALL_STEP_GRAPH_EAGER=1 makes every
+// StepGraph capture at once (the A/B of bench/wave-step-host.ts).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -23,8 +37,11 @@ namespace cuda {
 class StepGraph {
  public:
   static constexpr size_t kMaxGraphs = 8;
+  // Keys seen once and not captured, remembered by hash (a collision only captures early).
+  static constexpr size_t kSeen = 16;
+  enum class Capture { kOnRepeat, kAtOnce };
 
-  StepGraph() = default;
+  explicit StepGraph(Capture when = Capture::kOnRepeat) : atOnce_(when == Capture::kAtOnce || EagerFromEnv()) {}
   StepGraph(const StepGraph&) = delete;
   StepGraph& operator=(const StepGraph&) = delete;
   ~StepGraph() {
@@ -42,11 +59,24 @@ class StepGraph {
     Entry* hit = nullptr;
     for (Entry& e : entries_)
       if (e.key.size() == keyBytes && std::memcmp(e.key.data(), k, keyBytes) == 0) hit = &e;
+    if (!hit && !atOnce_) {
+      const uint64_t h = Hash(k, keyBytes);
+      bool seen = false;
+      for (uint64_t x : seen_) seen |= x == h;
+      if (!seen) {
+        seen_[seenAt_++ % kSeen] = h;
+        ++direct_;
+        enqueue(s);
+        return;
+      }
+    }
     if (!hit) hit = &Capture(s, k, keyBytes, std::forward<Enqueue>(enqueue));
     hit->used = ++clock_;
     Check(cudaGraphLaunch(hit->exec, s), "cudaGraphLaunch");
   }
   int64_t Captures() const { return captures_; }
+  // Steps run one by one because their key was new (Capture::kOnRepeat).
+  int64_t Direct() const { return direct_; }
 
  private:
   struct Entry {
@@ -101,9 +131,24 @@ class StepGraph {
     return *slot;
   }
 
+  static bool EagerFromEnv() {
+    const char* v = std::getenv("KVRECALL_STEP_GRAPH_EAGER");
+    return v && v[0] == '1';
+  }
+  // FNV-1a over the key's bytes.
+  static uint64_t Hash(const unsigned char* k, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; ++i) h = (h ^ k[i]) * 1099511628211ull;
+    return h;
+  }
+
   std::vector<Entry> entries_;
   uint64_t clock_ = 0;
   int64_t captures_ = 0;
+  const bool atOnce_;
+  std::array<uint64_t, kSeen> seen_{};
+  size_t seenAt_ = 0;
+  int64_t direct_ = 0;
 };
 
 }  // namespace cuda

@@ -92,7 +92,7 @@ __global__ void RestScanned(StepParams p, unsigned long long* scanned) {
 struct RestState {
   DevBuf work, in, out;
   HostBuf hin, hout;
-  StepGraph graph;
+  StepGraph graph{StepGraph::Capture::kAtOnce};  // a block method's steady steps share one key
 };
 
 int64_t PowerOfTwoAtLeast(int64_t x, int64_t floor) {
