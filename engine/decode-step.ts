@@ -14,7 +14,8 @@ import { attendedCount, rowsOf, selectedPositions } from './cache/selection-part
 import type { AttendRequest } from './attend-request.js';
 import type { Session } from './session.js';
 import { conflict, invalid } from '../core/errors.js';
-import { estimateRest, mergeInto } from './estimate.js';
+import { estimateRest } from './estimate.js';
+import { mergeInto } from './cache/merge.js';
 import { startRestOnDevice } from './rest-on-device.js';
 
 export interface AttendResult {

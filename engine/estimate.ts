@@ -45,14 +45,3 @@ export async function estimateRest(ctx: LayerContext, selection: Selection, clus
   return est;
 }
 
-/** out, lse ← the log-sum-exp merge of (out, lse) and (partOut, partLse), per query head. */
-export function mergeInto(out: Float32Array, lse: Float32Array, partOut: Float32Array, partLse: Float32Array, headDim: number): void {
-  for (let h = 0; h < lse.length; h++) {
-    const a = lse[h], b = partLse[h];
-    if (b === -Infinity) continue;
-    const m = Math.max(a, b), wa = Math.exp(a - m), wb = Math.exp(b - m), l = m + Math.log(wa + wb);
-    const ca = wa / (wa + wb), cb = wb / (wa + wb);
-    for (let i = h * headDim; i < (h + 1) * headDim; i++) out[i] = ca * out[i] + cb * partOut[i];
-    lse[h] = l;
-  }
-}

@@ -10,7 +10,7 @@ import { WAVE } from '../index/wave/wave.js';
 import { waveGroupFits } from '../addon/wave-gpu.js';
 import type { ClusterIndex } from '../index/wave/cluster-index.js';
 import { pagedStepFits, stepDocument } from './cache/device-wave.js';
-import { mergeInto } from './estimate.js';
+import { mergeInto } from './cache/merge.js';
 import type { Session } from './session.js';
 
 export interface DeviceStep {

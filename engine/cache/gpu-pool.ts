@@ -270,8 +270,9 @@ export class GpuBackend {
 
   /**
    * Makes the parts' blocks resident (copying misses from the host
-   * segments), holds them for the kernel, and attends; `extra` is the host
-   * part, merged by log-sum-exp. Returns what the pool did for this step.
+   * segments), holds them for the kernel, and attends (the host's parts are
+   * merged by the caller, engine/cache/residency.ts). Returns what the pool
+   * did for this step.
    */
   async attend(
     m: ModelShape,
@@ -281,7 +282,6 @@ export class GpuBackend {
     scale: number,
     out: Float32Array,
     lse: Float32Array,
-    extra?: { out: Float32Array; lse: Float32Array },
   ): Promise<GpuStepResult> {
     const pool = this.poolFor(m);
     if (!pool) throw new Error('GpuBackend.attend without a pool (fits() said no)');
@@ -349,7 +349,6 @@ export class GpuBackend {
         validTokens: pieces.map((p) => p.reduce((n, x) => n + (x instanceof Int32Array ? x.length : x.blocks), 0) * POOL_BLOCK),
         out,
         lse,
-        ...(extra && { extraOut: extra.out, extraLse: extra.lse }),
       });
     } finally {
       if (batch) pool.pinMany(held, false);

@@ -9,6 +9,7 @@ import type { SelectionPart } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { POOL_BLOCK, RANGE_PRIORITY, type GpuBackend } from './gpu-pool.js';
 import type { BlockStats } from './block-stats.js';
+import { mergeInto } from './merge.js';
 import { splitForPool, toAttendSegment } from './selection-parts.js';
 import { SimulatedPool } from './simulated-pool.js';
 import type { ModelShape } from '../../core/model.js';
@@ -49,9 +50,17 @@ export class SessionCache {
       const own = this.own[a.layer];
       const split = splitForPool(parts, (seg) => seg !== own, POOL_BLOCK, m.kvHeads, RANGE_PRIORITY);
       if (split.poolBlocks > 0 && gpu.fits(m, split.poolBlocks)) {
+        // The host's parts (own tokens, partial blocks) on libuv's pool, started first: they run while the
+        // pool makes the blocks resident and its kernel runs (on the loop's thread where the call is short,
+        // addon/device-calls.ts), and are merged after. Before, they ran first, on the loop, and the pool's
+        // kernel merged them: the step waited for both one after the other.
         const host = split.host.length > 0 ? { out: new Float32Array(a.out.length), lse: new Float32Array(a.lse.length) } : undefined;
-        if (host) await attendOnHost(m, split.host, { ...a, out: host.out, lse: host.lse });
-        const { kernelMs, residentMs, ...blocks } = await gpu.attend(m, a.layer, split.pool, a.q, a.scale, a.out, a.lse, host);
+        const onHost = host && attendOnHost(m, split.host, { ...a, out: host.out, lse: host.lse }, true);
+        const [pool, side] = await Promise.allSettled([(async () => gpu.attend(m, a.layer, split.pool, a.q, a.scale, a.out, a.lse))(), onHost]);
+        if (pool.status === 'rejected') throw pool.reason;
+        if (side.status === 'rejected') throw side.reason;
+        if (host) mergeInto(a.out, a.lse, host.out, host.lse, m.headDim);
+        const { kernelMs, residentMs, ...blocks } = pool.value;
         return { backend: 'cuda', blocks, gpu: { residentMs, kernelMs } };
       }
       await attendOnHost(m, parts, a, beside);
