@@ -216,8 +216,9 @@ function leanSame(full: WaveGpuStepResult, lean: WaveGpuStepResult): boolean {
 }
 
 /**
- * The step with stage times off (from a graph, kernels launched early where wave_paths.cuh's pdl is on), launched one
- * by one, and both without the round-4 paths (KVRECALL_WAVE_ROUND4=0): the same ids, out and lse as leanSame has them.
+ * The step with stage times off (from a graph, kernels launched early where wave_paths.cuh's pdl is on; twice, the
+ * second replaying the graph: a key's first step runs one by one, native/cuda/step_graph.cuh), launched one by one,
+ * and all without the round-4 paths (KVRECALL_WAVE_ROUND4=0): the same ids, out and lse as leanSame has them.
  */
 async function roundFourSame(store: WaveGpuStore, args: Parameters<WaveGpuStore['step']>[0]): Promise<boolean> {
   const was = process.env.KVRECALL_WAVE_ROUND4, runs: WaveGpuStepResult[] = [];
@@ -225,9 +226,7 @@ async function roundFourSame(store: WaveGpuStore, args: Parameters<WaveGpuStore[
   const key = (r: WaveGpuStepResult) => (r.ids ?? []).map((a) => a.join()).join('|') + `|${r.kept.join()}`;
   const set = (v: string | undefined) => (v === undefined ? delete process.env.KVRECALL_WAVE_ROUND4 : (process.env.KVRECALL_WAVE_ROUND4 = v));
   try {
-    // graph: true twice, the second replaying its graph (a key's first step runs one by one, native/cuda/step_graph.cuh).
-    for (const env of [was, '0'])
-      for (const graph of [true, true, false]) set(env), runs.push(await store.step({ ...args, stages: false, graph }));
+    for (const env of [was, '0']) for (const graph of [true, true, false]) set(env), runs.push(await store.step({ ...args, stages: false, graph }));
   } finally {
     set(was);
   }
