@@ -29,8 +29,10 @@
 // launched while the one before it ends), KVRECALL_WAVE_HALF=0 (the partly
 // kept clusters' logits a warp per two clusters, not a half-warp a cluster),
 // KVRECALL_WAVE_PACK_OWNERS=0 (ExactRows<0>'s launch, not its owners taken
-// in ScatterPack), KVRECALL_WAVE_ROUND4=0 (none of the round-4 changes); all
-// in native/cuda/wave_paths.cuh.
+// in ScatterPack), KVRECALL_WAVE_TILES=0 (the estimate's cluster tiles and
+// the attention's tiles in two launches, not AttendAndClusters),
+// KVRECALL_WAVE_ROUND4=0 (none of the round-4 changes); all in
+// native/cuda/wave_paths.cuh.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1 ...] [--each]
 //
@@ -46,7 +48,7 @@ import { benchSetup } from './wave-gpu.js';
 
 /** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
 // FIND=1 times HistogramFind (off by default) against the default; ROUND2=0 the paths timed before round 2.
-const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'RANGE', 'PDL', 'HALF', 'PACK_OWNERS'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
+const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'RANGE', 'PDL', 'HALF', 'PACK_OWNERS', 'TILES'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
   'KVRECALL_WAVE_ROUND2=0', 'KVRECALL_WAVE_ROUND4=0'];
 
 /** Sets the old path's switch (name=value) or removes it (the new path). */

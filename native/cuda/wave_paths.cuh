@@ -41,6 +41,7 @@ struct StepPaths {
   bool pdl;      // KVRECALL_WAVE_PDL: a kernel launched while the one before it ends (StepLauncher), not after
   bool half;     // KVRECALL_WAVE_HALF: PartialLogitsFromDotsHalf (a half-warp a cluster) for PartialLogitsFromDots
   bool owners;   // KVRECALL_WAVE_PACK_OWNERS: ExactRows<0>'s owners taken in ScatterPack (needs pack)
+  bool tiles;    // KVRECALL_WAVE_TILES: AttendAndClusters for EstimatePart's cluster tiles, then AttendAndRows
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
   // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
   // apart from KVRECALL_WAVE_LEGACY.
@@ -68,6 +69,7 @@ inline StepPaths ReadStepPaths(int d) {
   s.pdl = round4 && on("KVRECALL_WAVE_PDL");
   s.half = round4 && on("KVRECALL_WAVE_HALF");
   s.owners = round4 && s.pack && on("KVRECALL_WAVE_PACK_OWNERS");
+  s.tiles = round4 && on("KVRECALL_WAVE_TILES");
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }

@@ -23,6 +23,8 @@ inline void SetWaveKernelAttributes() {
                   AttendAndRows<true>, AttendPart<false, false, true>, AttendPart<true, false, true>, AttendPart<false, true, true>,
                   AttendPart<true, true, true>, AttendAndRows<false, true>, AttendAndRows<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
+  for (auto fn : {AttendAndClusters<false>, AttendAndClusters<true>, AttendAndClusters<false, true>, AttendAndClusters<true, true>})
+    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
   Check(cudaFuncSetAttribute(ResolveCut<ClusterCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ClusterCut>())),

@@ -392,8 +392,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     if (a.stageTimes) Check(cudaEventRecord(I.ev[i], s), "event");
   };
   const auto enqueue = [&](cudaStream_t s) {
-    // Kernels launched early only without stage times (mark's events would time the overlap).
-    StepLauncher L(s, P.pdl && !a.stageTimes);
+    StepLauncher L(s, P.pdl && !a.stageTimes);  // no early launches with stage times: mark's events would time the overlap
     const auto clear = [&](void* at, int v, size_t bytes) {
       if (!P.clear) Check(cudaMemsetAsync(at, v, bytes, s), "memset"), L.Other();
     };
@@ -445,10 +444,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
         else L(RescoreCandidates<B(), G()>, grid, kThreads, qSmem, p);
       });
     }
-    if (exactCtas > 0 && !heldDots) {
-      const dim3 grid(static_cast<unsigned>(exactCtas), static_cast<unsigned>(H));
-      kinds([&](auto B, auto G) { L(ExactDots<B(), G()>, grid, kThreads, qSmem, p); });
-    }
+    if (exactCtas > 0 && !heldDots)
+      kinds([&](auto B, auto G) { L(ExactDots<B(), G()>, dim3(unsigned(exactCtas), unsigned(H)), kThreads, qSmem, p); });
     mark(5, s);
     // The candidates kept: the best `keep` outside the skip ranges.
     clear(p.keptN, 0, size_t(H) * 8);
@@ -491,14 +488,16 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     }
     mark(9, s);
     // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.
-    const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
-    if (a.estimate) {
+    const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt, together = fuseRows && P.tiles;
+    if (together)  // with the cluster tiles, on a grid of one row: the attention's tiles first (wave_step_attend.cuh)
+      kinds([&](auto B, auto G) { L(AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads, kEstimateSmem, p, nAtt, nMain, H); });
+    if (a.estimate && !together) {
       // The cluster tiles read no K/V row: one instantiation for both stores.
       L(bf16 ? EstimatePart<true, false> : EstimatePart<false, false>, dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, p);
       if (nSub > 0 && !fuseRows)
         kinds([&](auto B, auto G) { L(EstimatePart<B(), true, G()>, dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, p); });
     }
-    if (a.attend && nAtt > 0) {
+    if (a.attend && nAtt > 0 && !together) {
       const dim3 grid = dim3(unsigned(nAtt), unsigned(H));
       kinds([&](auto B, auto G) {
         if (fuseRows) L(AttendAndRows<B(), G()>, grid, kThreads, kEstimateSmem, p);

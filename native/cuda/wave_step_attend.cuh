@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
   }
 }
 
-// One tile of exact-row positions of kv head blockIdx.y (the selection, then
+// Tile `tile` of exact-row positions of kv head h (the selection, then
 // the sinks/window rows; a row listed twice is attended once, at the first
 // position owner[] names): per q head the row's logit s·q·k, the tile's max,
 // its normaliser and numerator; the logits wait in sE until the tile's max is
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
 // launch); else the dots run here, a thread pair per row (the step's other
 // dots' layout), the same sums.
 template <bool kBf16, bool kDots, bool kPaged>
-__device__ __forceinline__ void AttendTile(const StepParams& p) {
+__device__ __forceinline__ void AttendTile(const StepParams& p, int tile, int h) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);    // [kTile] the row's first word in keys and values, compacted
   float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] logits, then their exps
@@ -61,12 +61,11 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
   __shared__ float fScratch[32 * kGC];
   __shared__ int nScratch[32];
   __shared__ int64_t sPos[kDots ? kTile : 1];  // kDots: the row's column in dots
-  const int h = blockIdx.y;
   const int64_t kept = Kept(p, h);
   int64_t src[2] = {-1, -1}, pos[2] = {0, 0};
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int64_t at = int64_t(blockIdx.x) * kTile + 2 * threadIdx.x + k;
+    const int64_t at = int64_t(tile) * kTile + 2 * threadIdx.x + k;
     if (at < kept + p.exactCount) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
@@ -84,7 +83,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
       if (src[k] >= 0) sPos[at[k]] = pos[k];
   }
   __syncthreads();
-  const int part = p.attendPart0 + blockIdx.x;
+  const int part = p.attendPart0 + tile;
   const int half = threadIdx.x & 1, pair = threadIdx.x >> 1, nd = p.d / 8;
   const float* qg = p.qAug + size_t(h) * p.group * p.stride;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
@@ -144,7 +143,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p) {
 template <bool kBf16, bool kDots, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
   AfterPrior();
-  AttendTile<kBf16, kDots, kPaged>(p);
+  AttendTile<kBf16, kDots, kPaged>(p, blockIdx.x, blockIdx.y);
 }
 
 // With the estimate and the attention both on, their exact-row tiles are the
@@ -157,8 +156,29 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
   AfterPrior();
-  AttendTile<kBf16, true, kPaged>(p);  // ends on a barrier: its shared memory is free
-  EstimateTile<kBf16, true, kPaged>(p);
+  AttendTile<kBf16, true, kPaged>(p, blockIdx.x, blockIdx.y);  // ends on a barrier: its shared memory is free
+  EstimateTile<kBf16, true, kPaged>(p, blockIdx.x, blockIdx.y);
+}
+
+// AttendAndRows' tiles and EstimatePart's cluster tiles in one launch
+// (KVRECALL_WAVE_TILES), on a grid of one row so that blocks start in index
+// order: blocks [0, nAtt·H) are AttendAndRows' (kv head b / nAtt, tile
+// b % nAtt), the rest EstimatePart's cluster tiles (nMain a head). Apart,
+// the cluster tiles' last wave (2.6 waves at 1M) and the attention's one
+// wave of 336 CTAs (0.85 of one) each left part of the GPU idle (ncu, H100:
+// 84 + 71 us, each at 65% of DRAM); together the long attention tiles start
+// first and the cluster tiles fill in around them. Every tile is the same
+// code on the same rows with the same part: the same bits.
+template <bool kBf16, bool kPaged = false>
+__global__ void __launch_bounds__(kThreads, 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
+  AfterPrior();
+  const int b = blockIdx.x;
+  if (b < nAtt * H) {  // uniform over the block, as every branch below
+    AttendTile<kBf16, true, kPaged>(p, b % nAtt, b / nAtt);  // ends on a barrier: its shared memory is free
+    EstimateTile<kBf16, true, kPaged>(p, b % nAtt, b / nAtt);
+  } else {
+    EstimateTile<kBf16, false, kPaged>(p, (b - nAtt * H) % nMain, (b - nAtt * H) / nMain);  // reads no K/V row
+  }
 }
 
 }  // namespace

@@ -266,16 +266,17 @@ __device__ void TileNumerators(const StepParams& p, const uint16_t* rows, const 
   __syncthreads();
 }
 
-// One tile's partial estimate for every q head of kv head blockIdx.y: the
+// One tile's partial estimate for every q head of kv head h: the
 // tile's max logit m, the normaliser and numerator shifted by it. kRows: the
 // exact rows of partly kept clusters, each -e·v (their count already left the
 // normaliser through n - r). Thread t looks at tile rows 2t and 2t+1; the
 // rows left are compacted in order, so the sums do not depend on timing.
 static_assert(kTile == 2 * kThreads, "two tile rows per thread");
-// The body of EstimatePart, for tile blockIdx.x (AttendAndRows runs a kRows
-// tile after the attention tile of the same positions).
+// The body of EstimatePart, for tile `tile` (EstimatePart's blockIdx.x;
+// AttendAndRows runs a kRows tile after the attention tile of the same
+// positions) of kv head h (its blockIdx.y).
 template <bool kBf16, bool kRows, bool kPaged>
-__device__ __forceinline__ void EstimateTile(const StepParams& p) {
+__device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int h) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
   float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] its numerator weight n·e (or e)
@@ -283,7 +284,6 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
   __shared__ float fScratch[32 * kGC];
   __shared__ long long iScratch[32];
   __shared__ int nScratch[32];
-  const int h = blockIdx.y;
   const int64_t b = p.base[h], C = p.base[h + 1] - b, kept = kRows ? Kept(p, h) : 0;
   int64_t src[2] = {-1, -1};
   int32_t lc[2] = {0, 0};
@@ -291,7 +291,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
   long long est = 0;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int64_t at = int64_t(blockIdx.x) * kTile + 2 * threadIdx.x + k;
+    const int64_t at = int64_t(tile) * kTile + 2 * threadIdx.x + k;
     if (!kRows) {
       if (at < C) {
         if (p.prefetchRows) PrefetchRow(p.means + (b + at) * p.d, p.d * 2);  // the tile's 128 KiB, while its setup runs
@@ -308,11 +308,11 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
   }
   if (!kRows) {
     est = BlockReduce(est, Add(), iScratch);
-    if (threadIdx.x == 0) p.pest[size_t(h) * p.nMain + blockIdx.x] = est;
+    if (threadIdx.x == 0) p.pest[size_t(h) * p.nMain + tile] = est;
   }
   int at[2];
   const int live = CompactRows(src, sSrc, nScratch, at);
-  const int part = (kRows ? p.nMain : 0) + blockIdx.x;
+  const int part = (kRows ? p.nMain : 0) + tile;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
     const int gc = min(kGC, p.group - g0);
     const size_t qh0 = size_t(h) * p.group + g0;
@@ -349,7 +349,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p) {
 template <bool kBf16, bool kRows, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) EstimatePart(StepParams p) {
   AfterPrior();
-  EstimateTile<kBf16, kRows, kPaged>(p);
+  EstimateTile<kBf16, kRows, kPaged>(p, blockIdx.x, blockIdx.y);
 }
 
 // One CTA per q head and 32 output columns (blockIdx.y): the tiles merged by
