@@ -78,7 +78,8 @@ function sessionWith(store: WaveGpuStore, own: KvSegment, log: string[], hostFai
           throw new Error('host attend failed');
         }
         const segments = parts.map((p) => ({ k: p.segment.k, v: p.segment.v, tokens: p.segment.tokens, begin: p.begin, end: p.end }));
-        await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out: a.out, lse: a.lse });
+        // As SessionCache.attend passes it on: a beside attend runs on libuv's pool (addon/kernels.ts).
+        await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out: a.out, lse: a.lse }, beside);
         log.push('host done');
         return { backend: 'cpu' };
       },
@@ -179,6 +180,26 @@ describe('wave on the device: the host half beside it', () => {
     expect(await run(2 * DOC)).toBeDefined();
     expect(log).toContain('device done');
     expect(log).not.toContain('over cache');
+  });
+
+  it('waits for the own tokens\' attend started beside before releasing the store when the device call throws at once', async () => {
+    const rng = new Rng(seed + 6);
+    const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
+    const log: string[] = [];
+    // A refusal the binding throws on the calling thread (refused arguments), not a rejection.
+    const step = (): never => {
+      log.push('device refused');
+      throw new Error('device refused at once');
+    };
+    const store = { options: { kvHeads }, step } as unknown as WaveGpuStore;
+    const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+    setOwnBesideWork(0);
+    try {
+      await expect(waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), false)).rejects.toThrow(/device refused at once/);
+    } finally {
+      setOwnBesideWork(OWN_BESIDE_WORK);
+    }
+    expect(log).toEqual(['host start beside', 'device refused', 'host done', 'released']);
   });
 
   for (const failing of ['device', 'host'] as const)
