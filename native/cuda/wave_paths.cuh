@@ -26,7 +26,8 @@ struct StepPaths {
   // Each =0 turns off one change, the rest of the new path kept. Those
   // marked (round 2) were checked bit-identical on an H100 (session 16,
   // bench/results/wave-gpu-ab-round2-h100.md); KVRECALL_WAVE_ROUND2=0 turns
-  // them all off (the paths timed in session 15). HistogramFind measured
+  // them all off (with KVRECALL_WAVE_ROUND4=0: the paths timed in session
+  // 15). HistogramFind measured
   // slower than the Histogram + FindBin pair (0.737 against 0.689 ms a
   // step), so it runs only with KVRECALL_WAVE_FIND=1:
   bool swizzle;  // KVRECALL_WAVE_SWIZZLE: ScoreClusters' swizzled tile (and what needs it: fuse, split)
@@ -36,7 +37,7 @@ struct StepPaths {
   bool find;     // KVRECALL_WAVE_FIND=1: HistogramFind for Histogram + FindBin (round 2, off by default)
   bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates (round 2)
   bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
-  // Round 4 (KVRECALL_WAVE_ROUND4=0 turns them all off):
+  // Round 4 (session 18; KVRECALL_WAVE_ROUND4=0 turns them all off; not yet timed):
   bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
   bool pdl;      // KVRECALL_WAVE_PDL: a kernel launched while the one before it ends (StepLauncher), not after
   bool half;     // KVRECALL_WAVE_HALF: PartialLogitsFromDotsHalf (a half-warp a cluster) for PartialLogitsFromDots
