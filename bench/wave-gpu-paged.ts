@@ -125,8 +125,8 @@ export interface PagedCheck {
   overflowRejected: boolean;
   afterOverflowSame: boolean;
   /**
-   * With both paths: the first legacy step replayed from a graph captured a graph of its own (the switch, part of the
-   * graph's key, was read), where the step before it of the same shape on the new path had been captured.
+   * With both paths: the legacy steps captured a graph of their own (the switch, part of the graph's key, was read),
+   * apart from the new path's steps of the same shape.
    */
   pathsSeen: boolean;
 }
@@ -190,9 +190,11 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
         if (!host.ok) r.firstDiff ??= `step ${s} against the host: ${host.firstDiff ?? ''} out ${host.outRel} lse ${host.lseRel}`;
       }
     }
-    // Steps 1 (new) and 3 (legacy) are the first graphed steps of each path, run one by one (a key's first
-    // sighting, native/cuda/step_graph.cuh); steps 5 and 7 capture each path's own graph.
-    r.pathsSeen = paths !== 'both' || (steps > 7 && captures[5] > captures[3] && captures[7] > captures[5]);
+    // Steps 1, 5 (new) and 3, 7 (legacy) are each path's first graphed steps: by step 7 each path has captured a
+    // graph of its own, two in all. Where it captures (native/cuda/step_graph.cuh): at a key's second sighting, steps
+    // 5 and 7 (1 and 3 run one by one); with KVRECALL_STEP_GRAPH_EAGER=1 at its first, steps 1 and 3. Were the
+    // switch not in the key, the two paths would share one graph: one capture.
+    r.pathsSeen = paths !== 'both' || (steps > 7 && captures[7] - captures[0] >= 2);
     const last = argsOf(qs[steps - 1], true);
     setCachePath(paths === 'legacy' ? 'legacy' : 'new');
     r.repeatBytesIn = [(await paged.step(last)).bytesIn, (await paged.step(last)).bytesIn];
