@@ -489,7 +489,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(9, s);
     // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.
     const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt, together = fuseRows && P.tiles;
-    if (together)  // with the cluster tiles, on a grid of one row: the attention's tiles first (wave_step_attend.cuh)
+    if (together)  // and the cluster tiles, on a grid of one row: the attention's tiles last (wave_step_attend.cuh)
       kinds([&](auto B, auto G) { L(AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads, kEstimateSmem, p, nAtt, nMain, H); });
     if (a.estimate && !together) {
       // The cluster tiles read no K/V row: one instantiation for both stores.

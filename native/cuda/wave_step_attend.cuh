@@ -160,24 +160,28 @@ __global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
   EstimateTile<kBf16, true, kPaged>(p, blockIdx.x, blockIdx.y);
 }
 
-// AttendAndRows' tiles and EstimatePart's cluster tiles in one launch
+// EstimatePart's cluster tiles and AttendAndRows' tiles in one launch
 // (KVRECALL_WAVE_TILES), on a grid of one row so that blocks start in index
-// order: blocks [0, nAtt·H) are AttendAndRows' (kv head b / nAtt, tile
-// b % nAtt), the rest EstimatePart's cluster tiles (nMain a head). Apart,
-// the cluster tiles' last wave (2.6 waves at 1M) and the attention's one
-// wave of 336 CTAs (0.85 of one) each left part of the GPU idle (ncu, H100:
-// 84 + 71 us, each at 65% of DRAM); together the long attention tiles start
-// first and the cluster tiles fill in around them. Every tile is the same
-// code on the same rows with the same part: the same bits.
+// order: blocks [0, nMain·H) are the cluster tiles (kv head b / nMain, tile
+// b % nMain), the rest AttendAndRows' (nAtt a head). Apart, the cluster
+// tiles' last wave (2.6 waves at 1M) and the attention's one wave of 336
+// CTAs (0.85 of one) each left part of the GPU idle (ncu, H100: 84 + 71 us,
+// each at 65% of DRAM); together the attention tiles start in the cluster
+// tiles' last wave. They start last, not first: an attention tile reads its
+// value rows twice (the attention, then its -e·v) and the second time from
+// L2, which the cluster tiles' stream of value means (134 MB at 1M) would
+// flush if it ran beside them. Every tile is the same code on the same rows
+// with the same part: the same bits.
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
   AfterPrior();
   const int b = blockIdx.x;
-  if (b < nAtt * H) {  // uniform over the block, as every branch below
-    AttendTile<kBf16, true, kPaged>(p, b % nAtt, b / nAtt);  // ends on a barrier: its shared memory is free
-    EstimateTile<kBf16, true, kPaged>(p, b % nAtt, b / nAtt);
+  if (b < nMain * H) {  // uniform over the block, as every branch below
+    EstimateTile<kBf16, false, kPaged>(p, b % nMain, b / nMain);  // reads no K/V row
   } else {
-    EstimateTile<kBf16, false, kPaged>(p, (b - nAtt * H) % nMain, (b - nAtt * H) / nMain);  // reads no K/V row
+    const int a = b - nMain * H;
+    AttendTile<kBf16, true, kPaged>(p, a % nAtt, a / nAtt);  // ends on a barrier: its shared memory is free
+    EstimateTile<kBf16, true, kPaged>(p, a % nAtt, a / nAtt);
   }
 }
 
