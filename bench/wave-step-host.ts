@@ -23,7 +23,8 @@
 // steps whose CUDA graph the device would capture anew: native/cuda/
 // wave_step.cu keys its graph on the step's sizes (the exact rows' count,
 // the widest budget, the most candidates), and a stand-in LRU of
-// StepGraph's 8 graphs over those sizes tells which steps miss.
+// StepGraph's 8 graphs over those sizes tells which steps miss (a key's
+// first sighting runs one by one, native/cuda/step_graph.cuh).
 // With --device (a CUDA build and a GPU): the real store over synthetic
 // clusters (bench/wave-gpu.ts's), and per step the device's own numbers:
 // the call on the stream (kernel), graphs captured, the host stages.
@@ -79,17 +80,25 @@ const rng = new Rng(7);
 /**
  * A stand-in for the native store: answers at once with the binding's
  * objects, and counts a graph capture where StepGraph (8 graphs, least
- * recently used evicted) would miss on the sizes wave_step.cu keys on.
+ * recently used evicted) would miss on the sizes wave_step.cu keys on and
+ * has seen the key before (the last 16 keys it ran one by one; at once with
+ * KVRECALL_STEP_GRAPH_EAGER=1).
  */
 function standInStore(): WaveGpuStore {
-  const lru: string[] = [];
+  const lru: string[] = [], seen: string[] = [], eager = process.env.KVRECALL_STEP_GRAPH_EAGER?.startsWith('1') ?? false;
   let captures = 0;
   const native = {
     step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean; graph?: boolean }) {
       // Asleep, not spinning: on this 2-core VM a spinning hold took the core the pool's thread needs (a GPU host has cores to spare).
       if (holdMs > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, holdMs);
       const key = `${a.exact?.length ?? 0}|${Math.max(...a.budget)}|${Math.max(...a.target)}|${a.ids}|${a.estimate}`;
-      const at = a.graph === false ? -2 : lru.indexOf(key);
+      let at = a.graph === false ? -2 : lru.indexOf(key);
+      if (at === -1 && !eager && !seen.includes(key)) {
+        // A key's first sighting runs one by one (native/cuda/step_graph.cuh's Capture::kOnRepeat).
+        seen.push(key);
+        if (seen.length > 16) seen.shift();
+        at = -2;
+      }
       if (at >= 0) lru.splice(at, 1);
       else if (at === -1) {
         captures++;
