@@ -499,10 +499,11 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts, const int64
   if (r == 0) p.sel[h * 2 + 1] = cuts[h].total;
   if (int64_t(blockIdx.x) * blockDim.x >= len) return;  // uniform: the whole tile past the head's clusters
   const int64_t i = b + r, take = r < len ? p.cnt[i] : 0;
+  const int32_t start = r < len ? p.memberStart[i] : 0;  // loaded beside cnt, not after the block scan's barriers
   const int64_t at = PlaceInHead<int64_t>(take, tiles + size_t(h) * size_t(Tiles(p.cmax)));
   if (r < len) p.cum[i] = at + take;
   if (take == 0) return;
-  const int32_t* src = p.members + size_t(h) * p.N + p.memberStart[i];
+  const int32_t* src = p.members + size_t(h) * p.N + start;
   int32_t* dst = p.cand + size_t(h) * p.tmax + at;
   // kCopyBatch loads in flight before their stores: one at a time, each a
   // round trip (the compiler cannot move a load of src past a store to dst).
