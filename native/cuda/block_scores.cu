@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -140,15 +141,111 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
   }
 }
 
+// ScoreBlocks with every load of a thread in flight at once (d <= 16 * kHeldLoads: 9 loads, 144 bytes, at the
+// summaries' d = 136), issued before the CTA stages its query rows, so a CTA waits for memory once where
+// ScoreBlocks waits three times (two passes of kUnroll loads, then the tail) after the staging's own round
+// trip; the query rows are read from shared memory 4 floats at a time (ScoreBlocks: mostly one, ~110 shared
+// loads to 160 FMAs at G=4). Issue #13: at 1M tokens ScoreBlocks took 0.087 ms on the H100 for 142 MB, about
+// twice the bandwidth's time. 124 registers at G=4 (2 CTAs, 16 warps an SM, ~70 KB of loads in flight) where
+// ScoreBlocks has 79 (3 CTAs, 48 KB at most, in three waits). The same sums in the same order:
+// load u is the 16-word stride u (words 16u + 8·half ..) for u < d / 16, then the tail's 8 words (half 0),
+// each summed into the accumulators after the ones before it, as ScoreBlocks sums them.
+// KVRECALL_BLOCK_SCORES_LEGACY=1: ScoreBlocks for every d (an A/B switch).
+constexpr int kHeldLoads = 9;
+
+template <bool kBf16, int kGC>
+__global__ void __launch_bounds__(kScoreThreads) ScoreBlocksHeld(const uint16_t* __restrict__ means, const float* __restrict__ q,
+                                                                 float* __restrict__ scores, int64_t blocks, int d, int group,
+                                                                 float* __restrict__ groupScores, int reps) {
+  extern __shared__ float4 qs4[];  // [group, d / 4]
+  const int h = blockIdx.y;
+  const int half = threadIdx.x & 1;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
+  const bool live = row < blocks;
+  const uint16_t* m = means + (size_t(h) * blocks + size_t(live ? row : 0)) * d + half * 8;
+  const int strides = d / 16;
+  const int loads = strides + ((d % 16) == 8 && half == 0 ? 1 : 0);
+  uint4 w[kHeldLoads];
+#pragma unroll
+  for (int u = 0; u < kHeldLoads; ++u)
+    w[u] = live && u < loads ? __ldg(reinterpret_cast<const uint4*>(m + u * 16)) : make_uint4(0, 0, 0, 0);
+  const float4* qh = reinterpret_cast<const float4*>(q + size_t(h) * group * d);
+  for (int i = threadIdx.x; i < group * d / 4; i += blockDim.x) qs4[i] = qh[i];
+  __syncthreads();
+  const int d4 = d / 4;
+  float best = -INFINITY;
+  for (int g0 = 0; g0 < group; g0 += kGC) {
+    float acc[kGC][8];
+#pragma unroll
+    for (int g = 0; g < kGC; ++g)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+#pragma unroll
+    for (int u = 0; u < kHeldLoads; ++u) {
+      if (u >= loads) break;
+      float kf[8];
+      Widen8Words<kBf16>(w[u], kf);
+      const float4* qr = qs4 + u * 4 + half * 2;
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) {
+        if (g0 + g >= group) break;
+        const float4 a = qr[(g0 + g) * d4], b = qr[(g0 + g) * d4 + 1];
+        acc[g][0] = fmaf(a.x, kf[0], acc[g][0]);
+        acc[g][1] = fmaf(a.y, kf[1], acc[g][1]);
+        acc[g][2] = fmaf(a.z, kf[2], acc[g][2]);
+        acc[g][3] = fmaf(a.w, kf[3], acc[g][3]);
+        acc[g][4] = fmaf(b.x, kf[4], acc[g][4]);
+        acc[g][5] = fmaf(b.y, kf[5], acc[g][5]);
+        acc[g][6] = fmaf(b.z, kf[6], acc[g][6]);
+        acc[g][7] = fmaf(b.w, kf[7], acc[g][7]);
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) {
+      if (g0 + g >= group) break;
+      float a[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = __fadd_rn(acc[g][j], __shfl_xor_sync(0xffffffffu, acc[g][j], 1));
+      const float h0 = __fadd_rn(a[0], a[4]), h1 = __fadd_rn(a[1], a[5]), h2 = __fadd_rn(a[2], a[6]), h3 = __fadd_rn(a[3], a[7]);
+      const float s = __fadd_rn(__fadd_rn(h0, h2), __fadd_rn(h1, h3));
+      if (best < s) best = s;
+    }
+  }
+  if (live && half == 0) scores[size_t(h) * blocks + size_t(row)] = best;
+  // Groups of reps rows: as ScoreBlocks.
+  if (groupScores) {
+    uint64_t key = live ? KeyOf(best, row) : uint64_t(0);
+    float score = best;
+    for (int o = 2; o < 2 * reps; o <<= 1) {
+      const uint64_t k2 = __shfl_xor_sync(0xffffffffu, key, o);
+      const float s2 = __shfl_xor_sync(0xffffffffu, score, o);
+      if (k2 > key) key = k2, score = s2;
+    }
+    if (live && (threadIdx.x & (2 * reps - 1)) == 0) groupScores[size_t(h) * (blocks / reps) + size_t(row / reps)] = score;
+  }
+}
+
+bool HeldFits(int d) {
+  static const bool legacy = [] {
+    const char* v = std::getenv("KVRECALL_BLOCK_SCORES_LEGACY");
+    return v && v[0] == '1';
+  }();
+  return !legacy && d <= 16 * kHeldLoads;
+}
+
 template <bool kBf16>
 void LaunchScore(dim3 grid, size_t shared, cudaStream_t stream, const uint16_t* means, const float* q, float* scores, int64_t blocks, int d,
                  int group, float* groupScores, int reps) {
+#define KVR_SCORE(GC)                                                                                                   \
+  (HeldFits(d) ? ScoreBlocksHeld<kBf16, GC><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps) \
+               : ScoreBlocks<kBf16, GC><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps))
   switch (group) {
-    case 1: ScoreBlocks<kBf16, 1><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
-    case 2: ScoreBlocks<kBf16, 2><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
-    case 4: ScoreBlocks<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
-    default: ScoreBlocks<kBf16, kGroupChunk><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    case 1: KVR_SCORE(1); break;
+    case 2: KVR_SCORE(2); break;
+    case 4: KVR_SCORE(4); break;
+    default: KVR_SCORE(kGroupChunk); break;
   }
+#undef KVR_SCORE
 }
 
 __device__ __forceinline__ int32_t IdOf(uint64_t key) { return int32_t(0xffffffffu - uint32_t(key)); }
