@@ -269,16 +269,27 @@ struct StepParams {
   bool packOwners;
 };
 
-// OrderRange's minima (lowest order, ~highest) of one warp's orders o, with
+// OrderRange's minima (lowest order, ~highest) of one CTA's orders o, with
 // 0xffffffff (wave_select.cuh's kExcluded) for none, into range[h]: the
-// same two minima over the same orders, whichever warp takes them first.
-// Every lane of the warp calls it.
+// same two minima over the same orders, whichever CTA takes them first.
+// The warps' minima meet in shared memory and one lane takes them into
+// global memory: a warp each contended on a head's two words (RescoreHeld:
+// ~5,300 warps a head), which cost its launch 31 us on the H100 (visit AC).
+// Every thread of the CTA calls it (it syncs the CTA).
 __device__ __forceinline__ void TakeRange(uint32_t* range, int h, uint32_t o) {
+  __shared__ uint32_t m[2];
+  if (threadIdx.x == 0) m[0] = m[1] = 0xffffffffu;
+  __syncthreads();
   const uint32_t lo = __reduce_min_sync(0xffffffffu, o);
   const uint32_t notHi = __reduce_min_sync(0xffffffffu, o == 0xffffffffu ? 0xffffffffu : ~o);
   if ((threadIdx.x & 31) == 0 && lo != 0xffffffffu) {
-    atomicMin(range + h * 2, lo);
-    atomicMin(range + h * 2 + 1, notHi);
+    atomicMin(&m[0], lo);
+    atomicMin(&m[1], notHi);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && m[0] != 0xffffffffu) {
+    atomicMin(range + h * 2, m[0]);
+    atomicMin(range + h * 2 + 1, m[1]);
   }
 }
 
