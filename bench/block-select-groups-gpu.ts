@@ -13,6 +13,14 @@
 // times), and nosa.select with the device scorer both ways (two contexts,
 // the scorer's groupRows switched). Checked every step: the groups are the
 // first distinct blocks of the rows, and both selections are the same.
+// Then (issue #13: the host work around the device call was 0.2 ms here
+// against ~0.07 warm on the 2-core VM) the groups way's select again in a
+// third context that has made the same choices, its scorer handing back
+// the device's answer just recorded (copied out, as the device wrapper
+// copies it; that copy's time taken out): the same host work with no device
+// call or wait before it, so the two rows tell the host's own cost from what
+// the device call leaves behind (a spun-on wait, cold caches or code).
+// Its selections must be the groups way's.
 //   node dist/bench/block-select-groups-gpu.js [--tokens N] [--steps S]
 // Results: bench/results/block-select-groups-gpu-<device>.{json,md}.
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -24,7 +32,8 @@ import { deviceBlockScorer } from '../engine/cache/device-block-scores.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
 import { nosa } from '../index/block-select.js';
 import { BlockSummary, SUMMARY_REPS, summaryStride } from '../index/block-summary.js';
-import type { SearchParams, Selection } from '../index/method.js';
+import type { BlockMeans, BlockScorer, SearchParams, Selection } from '../index/method.js';
+import type { HeadTopBlocks } from '../addon/block-scores.js';
 import { blockLayerContext, randomSummaryRows } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { deviceTag } from './gpu-decode.js';
@@ -32,6 +41,36 @@ import { quantile } from './stats.js';
 import { numFlag } from './args.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:block-select-groups-gpu] ${msg}\n`);
+
+/** The device scorer, its last answer and the extra rows asked kept (references: both are fresh arrays each step). */
+class RecordingScorer implements BlockScorer {
+  last?: { extra: Int32Array[]; answer: HeadTopBlocks[] | undefined };
+  constructor(private readonly inner: BlockScorer) {}
+  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps?: number): Promise<HeadTopBlocks[] | undefined> {
+    const answer = await this.inner.topBlocks(heads, q, group, k, extra, reps);
+    this.last = { extra, answer };
+    return answer;
+  }
+}
+
+/** Hands back a recorded answer, copied into fresh arrays, if the same extra rows are asked; its own time in `ms`. */
+class ReplayScorer implements BlockScorer {
+  answer?: RecordingScorer['last'];
+  ms = 0;
+  async topBlocks(_heads: readonly BlockMeans[], _q: Float32Array, _group: number, _k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined> {
+    const t = performance.now(), r = this.answer;
+    if (!r?.answer) throw new Error('no recorded device answer to replay');
+    for (let h = 0; h < extra.length; h++) {
+      const a = extra[h], b = r.extra[h];
+      let same = a.length === b.length;
+      for (let i = 0; same && i < a.length; i++) same = a[i] === b[i];
+      if (!same) throw new Error('the replayed select asked other extra rows than the device call');
+    }
+    const out = r.answer.map((x) => ({ ids: x.ids.slice(), scores: x.scores.slice(), extraScores: x.extraScores.slice() }));
+    this.ms += performance.now() - t;
+    return out;
+  }
+}
 
 async function main(): Promise<void> {
   const info = cudaAvailable();
@@ -52,12 +91,12 @@ async function main(): Promise<void> {
   // nosa's reach at this shape (bench/block-select-host.md): 41 picked + 10 agnostic + 6 new + 128 excluded blocks.
   const reach = 185, prevBlocks = 41;
   const device = DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: blocks * reps, headDim: stride, dtype: 'f16' });
-  const scorer = deviceBlockScorer();
-  const ctx = (memo: Map<string, unknown>) => blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, memo, scorer);
-  const memos = { rows: new Map<string, unknown>(), groups: new Map<string, unknown>() };
+  const scorer = deviceBlockScorer(), recording = new RecordingScorer(scorer), replay = new ReplayScorer();
+  const ctx = (memo: Map<string, unknown>, by: BlockScorer = recording) => blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, memo, by);
+  const memos = { rows: new Map<string, unknown>(), groups: new Map<string, unknown>(), replay: new Map<string, unknown>() };
   const t = { rows: [] as number[], groups: [] as number[], rowsWait: [] as number[], groupsWait: [] as number[], rowsScore: [] as number[], groupsScore: [] as number[],
     rowsSelect: [] as number[], groupsSelect: [] as number[], nosaRows: [] as number[], nosaGroups: [] as number[],
-    nosaRowsHost: [] as number[], nosaGroupsHost: [] as number[] };
+    nosaRowsHost: [] as number[], nosaGroupsHost: [] as number[], nosaReplayHost: [] as number[] };
   let mismatches = 0;
   const load = loadavg()[0];
   let q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
@@ -95,16 +134,25 @@ async function main(): Promise<void> {
       if (byGroups![h].extraScores.some((x, i) => !Object.is(x, byRows![h].extraScores[i]))) mismatches++;
     }
     const sel: Partial<Record<'rows' | 'groups', Selection>> = {};
+    let groupsAnswer: RecordingScorer['last'];
     for (const way of order) {
       scorer.groupRows = way === 'groups';
       const t0 = performance.now(), scorerMs = scorer.stats.ms;
       sel[way] = await nosa.select(ctx(memos[way]), q, params);
       const ms = performance.now() - t0;
+      if (way === 'groups') groupsAnswer = recording.last;
       // Of the select, what is not the scorer's device call: the host work around it.
       if (keep) t[way === 'rows' ? 'nosaRows' : 'nosaGroups'].push(ms), t[way === 'rows' ? 'nosaRowsHost' : 'nosaGroupsHost'].push(ms - (scorer.stats.ms - scorerMs));
     }
+    // The groups way's select again with its device answer replayed: the host work alone, no device call before it.
+    replay.answer = groupsAnswer;
+    replay.ms = 0;
+    const t0 = performance.now();
+    const again = await nosa.select(ctx(memos.replay, replay), q, params);
+    if (keep) t.nosaReplayHost.push(performance.now() - t0 - replay.ms);
     const ids = (x: Selection) => JSON.stringify(x.parts.map((p) => p.blocks?.ids.map((a) => Array.from(a))));
     if (ids(sel.rows!) !== ids(sel.groups!)) mismatches++;
+    if (ids(again) !== ids(sel.groups!)) mismatches++;
     if (s % 100 === 99) progress(`step ${s + 1}/${warmup + steps}`);
   }
   scorer.groupRows = true;
@@ -120,7 +168,9 @@ async function main(): Promise<void> {
     `${kvHeads} kv heads × ${blocks} blocks × ${reps} rows (stride ${stride}, f16), ${qHeads} q heads (G=${G}); reach ${reach} blocks a head, ` +
       `${prevBlocks} previous blocks' rows as extra ids. rows: the ${reach * reps} best rows a head (the call before); groups: the ${reach} best blocks, ` +
       `each ranked by its best row. ${steps} steps after ${warmup} warm-up steps, the two alternated within each step. Mismatches ` +
-      `(groups against the rows' first distinct blocks, extra scores, nosa's selections): ${mismatches}. Load ${load.toFixed(2)}.`,
+      `(groups against the rows' first distinct blocks, extra scores, nosa's selections): ${mismatches}. Load ${load.toFixed(2)}. ` +
+      `The last row: the groups way's select once more, last in the step, in a context that made the same choices, its scorer handing ` +
+      `back that select's device answer (copied out; the copy's time taken out): the host work with no device call before it.`,
     '',
     '| what | rows p50 / p99 ms | groups p50 / p99 ms | groups / rows (p50) |',
     '| --- | ---: | ---: | ---: |',
@@ -130,6 +180,7 @@ async function main(): Promise<void> {
     row('select kernel (events, launched one by one)', ms.rowsSelect, ms.groupsSelect),
     row('nosa.select with the device scorer', ms.nosaRows, ms.nosaGroups),
     row('of it, the host work around the device call', ms.nosaRowsHost, ms.nosaGroupsHost),
+    `| the host work with the device's answer replayed (no device call) | | ${f(ms.nosaReplayHost.p50)} / ${f(ms.nosaReplayHost.p99)} | |`,
     '',
   ].join('\n');
   const dir = join('bench', 'results');
