@@ -150,7 +150,8 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
 // ScoreBlocks has 79 (3 CTAs, 48 KB at most, in three waits). The same sums in the same order:
 // load u is the 16-word stride u (words 16u + 8·half ..) for u < d / 16, then the tail's 8 words (half 0),
 // each summed into the accumulators after the ones before it, as ScoreBlocks sums them.
-// KVRECALL_BLOCK_SCORES_LEGACY=1: ScoreBlocks for every d (an A/B switch).
+// Groups of 4 query rows only (LaunchScore says why). KVRECALL_BLOCK_SCORES_LEGACY=1: ScoreBlocks for every
+// shape (an A/B switch).
 constexpr int kHeldLoads = 9;
 
 template <bool kBf16, int kGC>
@@ -236,16 +237,19 @@ bool HeldFits(int d) {
 template <bool kBf16>
 void LaunchScore(dim3 grid, size_t shared, cudaStream_t stream, const uint16_t* means, const float* q, float* scores, int64_t blocks, int d,
                  int group, float* groupScores, int reps) {
-#define KVR_SCORE(GC)                                                                                                   \
-  (HeldFits(d) ? ScoreBlocksHeld<kBf16, GC><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps) \
-               : ScoreBlocks<kBf16, GC><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps))
-  switch (group) {
-    case 1: KVR_SCORE(1); break;
-    case 2: KVR_SCORE(2); break;
-    case 4: KVR_SCORE(4); break;
-    default: KVR_SCORE(kGroupChunk); break;
+  // The held kernel for groups of 4 query rows (the shape of issue #13: 32 q / 8 kv heads) only: it holds a
+  // thread's loads in 36 registers whatever the group, 99 / 114 / 124 in all at groups of 1 / 2 / 4 (2 CTAs an
+  // SM) where ScoreBlocks takes 38 / 59 / 79 (6 / 4 / 3), and at kGroupChunk (8) 168 (1) against 116 (2).
+  if (group == 4 && HeldFits(d)) {
+    ScoreBlocksHeld<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps);
+    return;
   }
-#undef KVR_SCORE
+  switch (group) {
+    case 1: ScoreBlocks<kBf16, 1><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    case 2: ScoreBlocks<kBf16, 2><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    case 4: ScoreBlocks<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+    default: ScoreBlocks<kBf16, kGroupChunk><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps); break;
+  }
 }
 
 __device__ __forceinline__ int32_t IdOf(uint64_t key) { return int32_t(0xffffffffu - uint32_t(key)); }
