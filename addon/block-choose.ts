@@ -116,8 +116,11 @@ export class BlockChooser {
   }
 
   step(a: BlockStepArgs): BlockStepChoice {
-    const H = this.heads, stride = Math.min(Math.max(a.budget, a.agnostic), this.blocks);
-    const choice = new BlockStepChoice(new Int32Array(H * stride), new Uint8Array(H * stride), new Int32Array(H * stride * this.reps), new Int32Array(H), stride, this.reps);
+    const H = this.heads, R = this.reps, stride = Math.min(Math.max(a.budget, a.agnostic), this.blocks);
+    // The four outputs are views of one buffer: one allocation a step instead of four (each a backing store off
+    // V8's heap: ~4.6 against ~2.3 us on the 2-core VM at nosa's 1M shape).
+    const n = H * stride, buf = new ArrayBuffer(4 * (n + n * R + H) + n);
+    const choice = new BlockStepChoice(new Int32Array(buf, 0, n), new Uint8Array(buf, 4 * (n + n * R + H), n), new Int32Array(buf, 4 * n, n * R), new Int32Array(buf, 4 * (n + n * R), H), stride, R);
     const prev = a.prev, p = PARAMS;
     p[0] = a.reach, p[1] = a.budget, p[2] = a.maxNew === Infinity ? -1 : a.maxNew, p[3] = a.agnostic, p[4] = a.agnosticClass;
     p[5] = a.protectAgnostic ? 1 : 0, p[6] = prev ? prev.stride : 0, p[7] = a.extraScores ? 1 : a.rowScores ? 2 : 0;
