@@ -161,7 +161,7 @@ export class DeviceBlockScores {
     if (a.extra) for (let h = 0; h < H; h++) total += a.extra[h].length;
     // Every array of the call is a view of one buffer (one backing store off V8's heap, not five), and the
     // argument object has one shape whatever is asked (absent members undefined, which the binding reads as
-    // absent): ~12 -> ~6 us of JS a call on the 2-core VM (bench: a stand-in native, nosa's 1M shape).
+    // absent): 14-17 -> 3-8 us of JS a call on the 2-core VM (a stand-in native, nosa's 1M shape).
     const buf = new ArrayBuffer(4 * (2 * H * kk + (a.extra ? H + 2 * total : 0)));
     const outIds = new Int32Array(buf, 0, H * kk), outScores = new Float32Array(buf, 4 * H * kk, H * kk);
     let extraCounts: Int32Array | undefined, extraIds: Int32Array | undefined, extraScores: Float32Array | undefined;

@@ -61,7 +61,7 @@ export class DeviceBlockScorer implements BlockScorer {
       // chooser reads k ids a head, not k·reps. Otherwise the k·reps best rows (the same blocks first).
       const grouped = this.groupRows && reps > 1 && deviceRanksGroups(first.blocks, reps);
       const t0 = performance.now();
-      const r = up.device.topk({ q, group, k: grouped ? k : k * reps, extra, ...(grouped && { reps }) });
+      const r = up.device.topk({ q, group, k: grouped ? k : k * reps, extra, reps: grouped ? reps : undefined });
       this.stats.ms += performance.now() - t0;
       this.stats.steps++;
       return r;
