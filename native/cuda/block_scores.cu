@@ -141,38 +141,52 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
   }
 }
 
-// ScoreBlocks with every load of a thread in flight at once (d <= 16 * kHeldLoads: 9 loads, 144 bytes, at the
-// summaries' d = 136), issued before the CTA stages its query rows, so a CTA waits for memory once where
-// ScoreBlocks waits three times (two passes of kUnroll loads, then the tail) after the staging's own round
-// trip; the query rows are read from shared memory 4 floats at a time (ScoreBlocks: mostly one, ~110 shared
-// loads to 160 FMAs at G=4). Issue #13: at 1M tokens ScoreBlocks took 0.087 ms on the H100 for 142 MB, about
-// twice the bandwidth's time. 124 registers at G=4 (2 CTAs, 16 warps an SM, ~70 KB of loads in flight) where
-// ScoreBlocks has 79 (3 CTAs, 48 KB at most, in three waits). The same sums in the same order:
-// load u is the 16-word stride u (words 16u + 8·half ..) for u < d / 16, then the tail's 8 words (half 0),
-// each summed into the accumulators after the ones before it, as ScoreBlocks sums them.
-// Groups of 4 query rows only (LaunchScore says why). KVRECALL_BLOCK_SCORES_LEGACY=1: ScoreBlocks for every
-// shape (an A/B switch).
-constexpr int kHeldLoads = 9;
+// ScoreBlocks with coalesced loads. ScoreBlocks' thread pair reads its row's 32 bytes a load, so one warp load
+// touches 16 rows 272 bytes apart: 16 to 24 sectors of 16 cache lines for 512 bytes. It took 0.080 ms on the
+// H100 for 142 MB at 1M (issue #13), ~1.8 TB/s, and no less with all 9 loads of a thread in flight at once
+// (visit AD: 0.080 against 0.079 ms), so not the loads' latency but their count of lines in flight is the
+// suspect. Here a warp reads its 16 rows (16 · d words, contiguous) as 16-byte chunks lane by lane, 512
+// contiguous bytes (4 lines) a load, all in flight, into shared memory, and each thread pair then reads its
+// row from there: the same words into the same sums in the same order as ScoreBlocks (stride u's words
+// 16u + 8·half .., then the tail's 8 words for half 0), so the same bits. Groups of 4 query rows (the issue's
+// 32 q / 8 kv heads) and d <= 144 (9 chunks a lane) only. KVRECALL_BLOCK_SCORES_LEGACY=1: ScoreBlocks for
+// every shape (an A/B switch).
+constexpr int kStagedChunks = 9;                 // 16-byte chunks a lane loads: 16 rows · d ≤ 144 words
+constexpr int kStagedMaxD = kStagedChunks * 32 * 8 / 16;  // 144
 
 template <bool kBf16, int kGC>
-__global__ void __launch_bounds__(kScoreThreads) ScoreBlocksHeld(const uint16_t* __restrict__ means, const float* __restrict__ q,
-                                                                 float* __restrict__ scores, int64_t blocks, int d, int group,
-                                                                 float* __restrict__ groupScores, int reps) {
-  extern __shared__ float4 qs4[];  // [group, d / 4]
-  const int h = blockIdx.y;
+__global__ void __launch_bounds__(kScoreThreads) ScoreBlocksStaged(const uint16_t* __restrict__ means, const float* __restrict__ q,
+                                                                   float* __restrict__ scores, int64_t blocks, int d, int group,
+                                                                   float* __restrict__ groupScores, int reps) {
+  extern __shared__ uint4 smem4[];  // [group · d / 4] float4 query rows, then per warp [16 · d / 8] chunks of rows
+  const int h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int half = threadIdx.x & 1;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
   const bool live = row < blocks;
-  const uint16_t* m = means + (size_t(h) * blocks + size_t(live ? row : 0)) * d + half * 8;
-  const int strides = d / 16;
-  const int loads = strides + ((d % 16) == 8 && half == 0 ? 1 : 0);
-  uint4 w[kHeldLoads];
+  // The warp's rows: 16 from warpRow, `liveRows` of them in the head.
+  const int64_t warpRow = int64_t(blockIdx.x) * kRowsPerCta + warp * 16;
+  const int64_t left = blocks - warpRow, liveRows = left < 0 ? 0 : left < 16 ? left : 16;
+  const int chunks = 16 * d / 8, liveChunks = int(liveRows) * d / 8;
+  const uint4* src = reinterpret_cast<const uint4*>(means + (size_t(h) * blocks + size_t(liveRows > 0 ? warpRow : 0)) * d);
+  uint4 w[kStagedChunks];
 #pragma unroll
-  for (int u = 0; u < kHeldLoads; ++u)
-    w[u] = live && u < loads ? __ldg(reinterpret_cast<const uint4*>(m + u * 16)) : make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < kStagedChunks; ++i) {
+    const int c = lane + 32 * i;
+    w[i] = c < liveChunks ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
+  }
+  float4* qs4 = reinterpret_cast<float4*>(smem4);
+  uint4* stage = smem4 + group * d / 4 + warp * chunks;
   const float4* qh = reinterpret_cast<const float4*>(q + size_t(h) * group * d);
   for (int i = threadIdx.x; i < group * d / 4; i += blockDim.x) qs4[i] = qh[i];
+#pragma unroll
+  for (int i = 0; i < kStagedChunks; ++i) {
+    const int c = lane + 32 * i;
+    if (c < chunks) stage[c] = w[i];
+  }
   __syncthreads();
+  const int strides = d / 16;
+  const int loads = strides + ((d % 16) == 8 && half == 0 ? 1 : 0);
+  const uint4* mine = stage + (lane >> 1) * (d / 8) + half;  // load u: chunk 2u of the row, + half
   const int d4 = d / 4;
   float best = -INFINITY;
   for (int g0 = 0; g0 < group; g0 += kGC) {
@@ -181,11 +195,9 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocksHeld(const uint16_t*
     for (int g = 0; g < kGC; ++g)
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
-#pragma unroll
-    for (int u = 0; u < kHeldLoads; ++u) {
-      if (u >= loads) break;
+    for (int u = 0; u < loads; ++u) {
       float kf[8];
-      Widen8Words<kBf16>(w[u], kf);
+      Widen8Words<kBf16>(mine[2 * u], kf);
       const float4* qr = qs4 + u * 4 + half * 2;
 #pragma unroll
       for (int g = 0; g < kGC; ++g) {
@@ -226,22 +238,21 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocksHeld(const uint16_t*
   }
 }
 
-bool HeldFits(int d) {
+// Whether ScoreBlocksStaged takes the shape, and its dynamic shared memory (query rows, then each warp's rows).
+bool StagedFits(int d, int group) {
   static const bool legacy = [] {
     const char* v = std::getenv("KVRECALL_BLOCK_SCORES_LEGACY");
     return v && v[0] == '1';
   }();
-  return !legacy && d <= 16 * kHeldLoads;
+  return !legacy && group == 4 && d <= kStagedMaxD;
 }
+size_t StagedShared(int d, int group) { return size_t(group) * d * 4 + size_t(kScoreThreads / 32) * 16 * d * 2; }
 
 template <bool kBf16>
 void LaunchScore(dim3 grid, size_t shared, cudaStream_t stream, const uint16_t* means, const float* q, float* scores, int64_t blocks, int d,
                  int group, float* groupScores, int reps) {
-  // The held kernel for groups of 4 query rows (the shape of issue #13: 32 q / 8 kv heads) only: it holds a
-  // thread's loads in 36 registers whatever the group, 99 / 114 / 124 in all at groups of 1 / 2 / 4 (2 CTAs an
-  // SM) where ScoreBlocks takes 38 / 59 / 79 (6 / 4 / 3), and at kGroupChunk (8) 168 (1) against 116 (2).
-  if (group == 4 && HeldFits(d)) {
-    ScoreBlocksHeld<kBf16, 4><<<grid, kScoreThreads, shared, stream>>>(means, q, scores, blocks, d, group, groupScores, reps);
+  if (StagedFits(d, group)) {
+    ScoreBlocksStaged<kBf16, 4><<<grid, kScoreThreads, StagedShared(d, group), stream>>>(means, q, scores, blocks, d, group, groupScores, reps);
     return;
   }
   switch (group) {

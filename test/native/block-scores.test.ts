@@ -184,8 +184,9 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
   const cases: { dtype: KvDtype; d: number; G: number; blocks: number }[] = [];
   const sizes = [1, 31, 1000, 4099, 16387];
   let i = 0;
-  // d = 136 (a summary row: d 128 + 8) sums a tail of 8 words after the 16-word strides; 264 is past the kernel
-  // that holds a thread's loads in registers (d <= 144) and runs the one that loads them in passes.
+  // d = 136 (a summary row: d 128 + 8) sums a tail of 8 words after the 16-word strides; at G=4 d <= 144 runs the
+  // score kernel that stages a warp's rows in shared memory (ScoreBlocksStaged), 264 and the other groups the
+  // one that reads them from memory row by row (ScoreBlocks).
   for (const dtype of ['f16', 'bf16'] as KvDtype[])
     for (const d of [64, 128, 136, 264])
       for (const G of [1, 4, 8]) cases.push({ dtype, d, G, blocks: sizes[i++ % sizes.length] });
