@@ -11,7 +11,7 @@
 // within the same tolerance. Skips where no CUDA device answers (here and in
 // CI). The comparisons live in bench/wave-gpu.ts so that
 // `node dist/bench/wave-gpu.js --check` runs them on a device machine without
-// vitest.
+// vitest. A store's CUDA graphs: a key captured when it comes back.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
@@ -93,6 +93,33 @@ describe.skipIf(!info.ok)('a wave store made and freed off the event loop', () =
       expect(Array.from((await inFlight).out)).toEqual(Array.from(a.out));
       await expect(stepDocument(later, args)).rejects.toThrow(/closed/);
       now.close();
+    }
+  }, 120_000);
+});
+
+describe.skipIf(!info.ok)('the wave step\'s CUDA graphs (native/cuda/step_graph.cuh)', () => {
+  // KVRECALL_STEP_GRAPH_EAGER=1 (the A/B switch) captures every key at once: nothing to check here then.
+  it.skipIf(process.env.KVRECALL_STEP_GRAPH_EAGER === '1')('capture a key when it comes back, not at its first step, then replay it, the same bits either way', async () => {
+    const rng = new Rng(seed ^ 0x3c);
+    const kvHeads = 2, qHeads = 8, d = 64, N = 4096;
+    const store = WaveGpuStore.create(await layer(rng, kvHeads, N, d));
+    try {
+      const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+      // The engine's call (graph on, no stage times); searchK moves the budget, and so the graph's key.
+      const step = (searchK: number) => stepDocument(store, { q, qHeads, scale: 1 / Math.sqrt(d), searchK, keep: 256,
+        ranges: [[0, 32], [N - 128, N]], estimate: true, ef: 0, ids: false });
+      const first = await step(416);
+      expect(first.graphCaptures, 'a key\'s first step runs one by one').toBe(0);
+      expect((await step(416)).graphCaptures, 'captured when it comes back').toBe(1);
+      const replayed = await step(416);
+      expect(replayed.graphCaptures, 'then replayed').toBe(1);
+      expect(Array.from(replayed.out)).toEqual(Array.from(first.out));
+      expect(Array.from(replayed.lse)).toEqual(Array.from(first.lse));
+      expect((await step(417)).graphCaptures, 'another key: one by one').toBe(1);
+      expect((await step(416)).graphCaptures, 'the first key still held').toBe(1);
+      expect((await step(417)).graphCaptures, 'the other key back: captured').toBe(2);
+    } finally {
+      store.close();
     }
   }, 120_000);
 });
