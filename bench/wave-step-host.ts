@@ -12,8 +12,8 @@
 // --gap-ms: odd steps come after the loop slept MS (a timer), as a server's
 // calls come after the client's round trip; even steps back to back.
 // --own-ab: odd steps attend the own tokens after the device call, on the
-// loop's thread (the old order), even steps beside it on libuv's pool,
-// whatever their count (engine/wave-on-device.ts OWN_BESIDE_WORK).
+// loop's thread (the old order), even steps beside it on libuv's pool
+// (engine/wave-on-device.ts setOwnAttendBeside).
 //
 // Without --device (any machine): the native store is a stand-in that
 // answers at once, with the binding's answer objects: what is left is the
@@ -43,7 +43,7 @@ import { attendOnHost } from '../engine/cache/residency.js';
 import type { HeldWaveStore } from '../engine/cache/device-wave.js';
 import type { GpuBackend } from '../engine/cache/gpu-pool.js';
 import { decodeStep } from '../engine/decode-step.js';
-import { OWN_BESIDE_WORK, setOwnBesideWork } from '../engine/wave-on-device.js';
+import { setOwnAttendBeside } from '../engine/wave-on-device.js';
 import type { LoadedDocument } from '../engine/documents.js';
 import { Session } from '../engine/session.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
@@ -67,7 +67,7 @@ const graphAb = argv.includes('--graph-ab');
 const jsonAt = argv.indexOf('--json');
 /** Odd steps come after an idle of this many ms (the loop asleep on a timer), even steps back to back (0: none). */
 const gapMs = arg('--gap-ms', 0);
-/** Odd steps attend the own tokens after the device call, even steps beside it (setOwnBesideWork). */
+/** Odd steps attend the own tokens after the device call, even steps beside it (setOwnAttendBeside). */
 const ownAb = argv.includes('--own-ab');
 if ([gapMs > 0, graphAb, ownAb].filter(Boolean).length > 1) throw new Error('--gap-ms, --graph-ab and --own-ab each split the steps by parity: give one');
 
@@ -186,7 +186,7 @@ async function main() {
     const v = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     ungraphed = graphAb && s % 2 === 1;
     const gapped = (gapMs > 0 || ownAb) && s % 2 === 1;
-    setOwnBesideWork(ownAb ? (gapped ? Infinity : 0) : OWN_BESIDE_WORK);
+    setOwnAttendBeside(!(ownAb && gapped));
     if (gapped && gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
     const runs = deviceCallRuns();
     const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });

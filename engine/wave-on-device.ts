@@ -27,18 +27,16 @@ export interface DeviceStep {
 }
 
 /**
- * Own-token work (tokens × q heads × headDim) from which the own attend runs on libuv's pool beside the
- * device call; 0: always. Only a GPU host runs this path, and there the pool's wake-ups cost less than the
- * overlap saves from the first own token on (H100 host, 16 cores, llama3.2-1b shape at 1M, the call on the
- * loop's thread, bench/results/wave-step-host-own-ab-h100.md: a step 0.908 -> 0.879 ms with 0-256 own
- * tokens, 0.871 -> 0.787 with 512-1024, 0.961 -> 0.820 with 1024-2048); on the 2-core VM, with a stand-in
- * call, it cost 0.016 ms a step below 64 own tokens.
+ * Whether the own tokens' attend starts on libuv's pool before the device call (the default) or runs
+ * after it (false: the old order, bench/wave-step-host.ts --own-ab's A/B). Only a GPU host runs this path,
+ * and there the pool's wake-ups cost less than the overlap saves from the first own token on (H100 host, 16
+ * cores, llama3.2-1b shape at 1M, the call on the loop's thread, bench/results/wave-step-host-own-ab-h100.md:
+ * a step 0.908 -> 0.879 ms with 0-256 own tokens, 0.871 -> 0.787 with 512-1024, 0.961 -> 0.820 with
+ * 1024-2048).
  */
-export const OWN_BESIDE_WORK = 0;
-let besideFrom = OWN_BESIDE_WORK;
-/** Sets the own-token work from which the own attend runs beside the device call (0: always; Infinity: never, the old order; default OWN_BESIDE_WORK). */
-export function setOwnBesideWork(work: number): void {
-  besideFrom = work;
+let ownBeside = true;
+export function setOwnAttendBeside(on: boolean): void {
+  ownBeside = on;
 }
 
 /**
@@ -71,18 +69,17 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     }
     // The own tokens, on the host as on every path (never pooled), beside the
     // device's work on the document: neither reads what the other writes.
-    // The own attend is started first, on libuv's pool (from OWN_BESIDE_WORK
-    // on), so it runs while the device call waits for its stream, on the pool
-    // or on the event loop's thread (a short call, addon/device-calls.ts).
+    // The own attend is started first, on libuv's pool, so it runs while the
+    // device call waits for its stream, on the pool or on the event loop's
+    // thread (a short call, addon/device-calls.ts).
     // Inline after a call on the loop, it added its whole time to the step,
     // which grows with the session's own tokens. Both settle before the
     // store is released (a failure of one must not free it while the other
     // reads it).
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
-    const beside = own.tokens * ctx.qHeads * ctx.headDim >= besideFrom;
     const ownIn = { layer: ctx.layer, q, scale, out, lse };
-    const ownAttend = ownPart && beside ? session.cache.attend([ownPart], ownIn, true) : undefined;
+    const ownAttend = ownPart && ownBeside ? session.cache.attend([ownPart], ownIn, true) : undefined;
     const [device, host] = await Promise.allSettled([
       // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
       (async () => stepDocument(held.store, args))(),

@@ -10,7 +10,7 @@ import { attend, bytesOf, convert } from '../../addon/kernels.js';
 import type { WaveGpuStepResult, WaveGpuStore } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import type { Session } from '../../engine/session.js';
-import { OWN_BESIDE_WORK, setOwnBesideWork, waveOnDevice } from '../../engine/wave-on-device.js';
+import { setOwnAttendBeside, waveOnDevice } from '../../engine/wave-on-device.js';
 import type { LayerContext, SearchParams } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { maxRelError, referenceAttention } from '../helpers/reference.js';
@@ -121,28 +121,27 @@ describe('wave on the device: the host half beside it', () => {
     expect(r!.attended).toBe(sel.reduce((n, rows) => n + rows.length, 0) / kvHeads);
   });
 
-  it('starts the own tokens\' attend first, beside the device call, from OWN_BESIDE_WORK on; after it below; the same answer', async () => {
+  it('starts the own tokens\' attend first, beside the device call, by default; after it when switched off; the same answer', async () => {
     const rng = new Rng(seed + 5);
     const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
     const ids = [Int32Array.of(30, 77), Int32Array.of(12)];
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-    const run = async (from: number) => {
-      setOwnBesideWork(from);
+    const run = async (beside?: boolean) => {
+      if (beside !== undefined) setOwnAttendBeside(beside);
       const log: string[] = [], out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
       try {
         await waveOnDevice(sessionWith(standInStore(doc.seg, ids, { delay: 5, log }), own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, out, lse, false);
       } finally {
-        setOwnBesideWork(OWN_BESIDE_WORK);
+        setOwnAttendBeside(true);
       }
       return { log, out, lse };
     };
-    const work = OWN * qHeads * d;
-    const [below, at, byDefault] = [await run(work + 1), await run(work), await run(OWN_BESIDE_WORK)];
+    const [after, at, byDefault] = [await run(false), await run(true), await run()];
     expect(at.log.slice(0, 2)).toEqual(['host start beside', 'device start']);
-    expect(below.log.slice(0, 2)).toEqual(['device start', 'host start']);
-    expect(byDefault.log.slice(0, 2)).toEqual(work >= OWN_BESIDE_WORK ? ['host start beside', 'device start'] : ['device start', 'host start']);
-    expect(Buffer.from(at.out.buffer).equals(Buffer.from(below.out.buffer))).toBe(true);
-    expect(Buffer.from(at.lse.buffer).equals(Buffer.from(below.lse.buffer))).toBe(true);
+    expect(after.log.slice(0, 2)).toEqual(['device start', 'host start']);
+    expect(byDefault.log.slice(0, 2)).toEqual(['host start beside', 'device start']);
+    expect(Buffer.from(at.out.buffer).equals(Buffer.from(after.out.buffer))).toBe(true);
+    expect(Buffer.from(at.lse.buffer).equals(Buffer.from(after.lse.buffer))).toBe(true);
   });
 
   it('leaves a GQA group too large for the device call to the host path, holding no store', async () => {
@@ -193,11 +192,11 @@ describe('wave on the device: the host half beside it', () => {
     };
     const store = { options: { kvHeads }, step } as unknown as WaveGpuStore;
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-    setOwnBesideWork(0);
+    setOwnAttendBeside(true);
     try {
       await expect(waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), false)).rejects.toThrow(/device refused at once/);
     } finally {
-      setOwnBesideWork(OWN_BESIDE_WORK);
+      setOwnAttendBeside(true);
     }
     expect(log).toEqual(['host start beside', 'device refused', 'host done', 'released']);
   });

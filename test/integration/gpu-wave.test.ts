@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
-import { OWN_BESIDE_WORK, setOwnBesideWork } from '../../engine/wave-on-device.js';
+import { setOwnAttendBeside } from '../../engine/wave-on-device.js';
 import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
@@ -47,7 +47,7 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
     }
   }, 240_000);
   afterAll(async () => {
-    setOwnBesideWork(OWN_BESIDE_WORK);
+    setOwnAttendBeside(true);
     for (const s of [onGpu, onCpu, onPaged]) await s?.close();
     for (const t of dirs) t.cleanup();
   });
@@ -64,7 +64,7 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
       for (let step = 0; step < 4; step++)
         for (let layer = 0; layer < model.layers; layer++) {
           // The own tokens attended beside the device call (on libuv's pool) on even steps, after it on odd ones.
-          setOwnBesideWork(step % 2 === 0 ? 0 : Infinity);
+          setOwnAttendBeside(step % 2 === 0);
           const tok = randomKv(rng, 'f16', kvHeads, 1, d);
           own[layer].push(tok);
           // Queries near document keys: attention with a few heavy rows, as decoding sees.
