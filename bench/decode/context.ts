@@ -108,7 +108,7 @@ export class Bench {
       /* not there */
     }
     // The tokens hint reserves the document's host memory up front (no regrowth while uploading).
-    await this.client.createDocument(doc, this.model, { methods: this.preloader.indexedMethods(), queryStride: o.queryStride, tokens });
+    await this.client.createDocument(doc, this.model, { methods: this.preloader.indexedMethods(), queryStride: o.queryStride, tokens, ...(o.clusterSize !== undefined && { clusterSize: o.clusterSize }) });
     const { decodeData, samples, generateSeconds, tally } = await this.preloader.load(doc, tokens, steps);
     const sealed = await this.preloader.seal(doc);
     const attachMs: Record<string, number> = {};

@@ -47,6 +47,8 @@ export interface Options {
   sinks: number;
   window: number;
   ef?: number;
+  /** The document's `clusterSize` at PUT (wave's clusters; the server's default when absent). */
+  clusterSize?: number;
   chunk?: number;
   span?: number;
   queryStride: number;
@@ -84,6 +86,7 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
                          block summaries; exact, the dense baseline, is always added)
   --budget B             session budget: tokens (≥ 1) or fraction of document tokens (default 0.01)
   --sinks N --window N --ef N --chunk N --span N   session parameters
+  --cluster-size N       the document's clusterSize at PUT (wave's tokens per cluster; server default 8)
   --query-stride N       document keeps prefill queries of 1 token in N (quick 4, full 16)
   --prefill-q on|off     upload prefill queries (default on when an indexed method is requested)
   --layer-data distinct|shared   generate every layer (quick) or reuse one generated layer (full)
@@ -131,7 +134,7 @@ function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, stri
   const known = [
     'url', 'token', 'data', 'server-pid', 'preset', 'layers', 'q-heads', 'kv-heads', 'head-dim', 'tokens', 'steps', 'sweep',
     'sweep-steps', 'methods', 'budget', 'sinks', 'window', 'ef', 'chunk', 'span', 'query-stride', 'prefill-q', 'layer-data',
-    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via',
+    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via', 'cluster-size',
   ];
   for (const k of values.keys()) if (!known.includes(k)) throw new Error(`unknown option --${k}\n${USAGE}`);
   if (seen.has('quick') && seen.has('full')) throw new Error('--quick and --full exclude each other');
@@ -236,6 +239,7 @@ export function parseArgs(argv: string[]): Options {
     sinks: int('sinks', 16),
     window: int('window', 256),
     ef: opt('ef'),
+    clusterSize: opt('cluster-size'),
     chunk: opt('chunk'),
     span: opt('span'),
     queryStride: Math.max(1, int('query-stride', quick ? 4 : 16)),
