@@ -26,9 +26,7 @@
 // KVRECALL_WAVE_ROUND2=0 (none of the round-2 changes),
 // KVRECALL_WAVE_RANGE=0 (OrderRange's launches instead of the order ranges
 // taken by ScoreClusters and RescoreHeld), KVRECALL_WAVE_PDL=0 (no kernel
-// launched while the one before it ends), KVRECALL_WAVE_HALF=0 (the partly
-// kept clusters' logits a warp per two clusters, not a half-warp a cluster),
-// KVRECALL_WAVE_PACK_OWNERS=0 (ExactRows<0>'s launch, not its owners taken
+// launched while the one before it ends), KVRECALL_WAVE_PACK_OWNERS=0 (ExactRows<0>'s launch, not its owners taken
 // in ScatterPack), KVRECALL_WAVE_TILES=0 (the estimate's cluster tiles and
 // the attention's tiles in two launches, not AttendAndClusters),
 // KVRECALL_WAVE_ROUND4=0 (none of the round-4 changes); all in
@@ -48,7 +46,7 @@ import { benchSetup } from './wave-gpu.js';
 
 /** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
 // FIND=1 times HistogramFind (off by default) against the default; ROUND2=0 the paths timed before round 2.
-const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'RANGE', 'PDL', 'HALF', 'PACK_OWNERS', 'TILES'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
+const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'RANGE', 'PDL', 'PACK_OWNERS', 'TILES'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
   'KVRECALL_WAVE_ROUND2=0', 'KVRECALL_WAVE_ROUND4=0'];
 
 /** Sets the old path's switch (name=value) or removes it (the new path). */

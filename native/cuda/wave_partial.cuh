@@ -9,93 +9,8 @@ namespace kvr {
 namespace cuda {
 namespace {
 
-// PartialLogit's restRows logit (below) of the clusters FromDots names, with
-// each member's dot read from RescoreCandidates' instead of summed again from
-// its key row: the same lanes (a pair per member, 16 members at a time, the
-// dot in both), maxima and sums, so the same logit bit for bit. The members
-// of a cluster the cut took whole sit together among the candidates, at
-// GatherCandidates' place for it. Without the accumulators this kernel needs
-// few registers (the other: ~128, 4 CTAs an SM), and a member costs a 4-byte
-// read per q head instead of its 256-byte key. What is left is a chain of
-// dependent loads per cluster (list entry; its count, removed, cut share,
-// place and member list; members and dots; owners): a warp takes kSlots
-// listed clusters at once and issues each step's loads for all of them
-// before waiting, each slot summed as one cluster alone would be.
+// Listed clusters a half-warp carries at once (PartialLogitsFromDots).
 constexpr int kSlots = 2;
-__global__ void __launch_bounds__(kPartialWarps * 32) PartialLogitsFromDots(StepParams p) {
-  AfterPrior();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y, half = lane & 1;
-  const int32_t listed = p.touchedN[h], stride = int32_t(gridDim.x) * kPartialWarps;
-  const int64_t b = p.base[h];
-  const int32_t* own = p.owner + size_t(h) * p.N;
-  for (int32_t k0 = int32_t(blockIdx.x) * kPartialWarps + warp; k0 < listed; k0 += kSlots * stride) {
-    int32_t cl[kSlots], n[kSlots], removed[kSlots], first[kSlots];
-    int64_t c[kSlots], cnt[kSlots], cum[kSlots];
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) cl[s] = k0 + s * stride < listed ? p.touched[size_t(h) * p.rowsMax + k0 + s * stride] : -1;
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {  // all in bounds (a slot past the list reads cluster 0): no load waits on another
-      c[s] = b + max(cl[s], 0);
-      n[s] = p.counts[c[s]];
-      removed[s] = p.removed[c[s]];
-      cnt[s] = p.cnt[c[s]];
-      cum[s] = p.cum[c[s]];
-      first[s] = p.memberStart[c[s]];
-    }
-    bool on[kSlots];
-    int32_t nMax = 0;
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      on[s] = cl[s] >= 0 && removed[s] > 0 && removed[s] < n[s] && p.dotsOn && p.restRows && cnt[s] == n[s];  // FromDots
-      if (on[s]) nMax = max(nMax, n[s]);
-    }
-    if (nMax == 0) continue;  // uniform over the warp
-    for (int g0 = 0; g0 < p.group; g0 += kGC) {
-      const int gc = min(kGC, p.group - g0);
-      float m[kSlots][kGC], sum[kSlots][kGC];
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s)
-#pragma unroll
-        for (int g = 0; g < kGC; ++g) m[s][g] = -INFINITY, sum[s][g] = 0.f;
-      for (int32_t i0 = 0; i0 < nMax; i0 += 16) {
-        const int32_t i = i0 + (lane >> 1);
-        int32_t u[kSlots];
-        float dot[kSlots][kGC];
-#pragma unroll
-        for (int s = 0; s < kSlots; ++s) {
-          const bool in = on[s] && i < n[s];
-          u[s] = in ? p.members[size_t(h) * p.N + first[s] + i] : 0;
-          // The cluster's first member among the head's candidates: cum - n.
-          const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + (cum[s] - n[s]) + i;
-#pragma unroll
-          for (int g = 0; g < kGC; ++g) dot[s][g] = in && g < gc ? dg[size_t(g) * p.dotStride] : 0.f;
-        }
-        bool live[kSlots];
-#pragma unroll
-        for (int s = 0; s < kSlots; ++s) live[s] = on[s] && i < n[s] && own[u[s]] == kNoOwner;
-#pragma unroll
-        for (int s = 0; s < kSlots; ++s) {
-          if (!(on[s] && i0 < n[s])) continue;  // uniform: this slot's own passes only
-#pragma unroll
-          for (int g = 0; g < kGC; ++g) {
-            if (g >= gc) break;
-            const float w = live[s] ? __fmul_rn(p.scale, dot[s][g]) : -INFINITY;
-            Absorb(w, live[s], half, m[s][g], sum[s][g]);
-          }
-        }
-      }
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s)
-        if (on[s] && lane < gc) {
-          float mg = m[s][0], sg = sum[s][0];
-#pragma unroll
-          for (int g = 1; g < kGC; ++g)
-            if (g == lane) mg = m[s][g], sg = sum[s][g];
-          p.logits[(size_t(h) * p.group + g0 + lane) * p.cmax + cl[s]] = mg + logf(sg) - logf(float(double(n[s] - removed[s])));
-        }
-    }
-  }
-}
 
 // Absorb with a half-warp per cluster: lane j of the half holds member i0 + j
 // where Absorb's pair j (lanes 2j, 2j + 1) holds it. The same maximum, and
@@ -115,18 +30,26 @@ __device__ __forceinline__ void AbsorbHalf(float w, bool live, bool on, float& m
   m = next;
 }
 
-// PartialLogitsFromDots with a half-warp per cluster (KVRECALL_WAVE_HALF),
-// kSlots clusters a half at once: four a warp instead of two, and each
-// member's loads made by one lane instead of both lanes of a pair (the dots
-// need no pair: there are no accumulators to split). Its time was a chain of
-// dependent loads a cluster (list entry; count, removed, cut share, place,
-// member list; members and dots; owners), ~5 waves of it at 24 warps an SM
-// (ncu, H100: 51 us at 32% of DRAM: 80 registers, six CTAs an SM, two
-// clusters a warp); this one, at 62 registers (eight CTAs an SM, bounded
-// here: at 72 unbounded it spilled), keeps ~2.7 times as many clusters'
-// chains in flight an SM. Each cluster's logit is the same sum of the same
-// exps in the same order (AbsorbHalf): the same bits.
-__global__ void __launch_bounds__(kPartialWarps * 32, 8) PartialLogitsFromDotsHalf(StepParams p) {
+// PartialLogit's restRows logit of the clusters FromDots names, with each
+// member's dot read from RescoreCandidates' instead of summed again from its
+// key row: a 4-byte read per q head instead of its 256-byte key. The members
+// of a cluster the cut took whole sit together among the candidates, at
+// GatherCandidates' place for it. What is left is a chain of dependent loads
+// per cluster (list entry; its count, removed, cut share, place and member
+// list; members and dots; owners): a half-warp takes kSlots listed clusters
+// at once (four a warp) and issues each step's loads for all of them before
+// waiting, each slot summed as one cluster alone would be, each member's
+// loads made by one lane (the dots need no lane pair: there are no
+// accumulators to split). At 62 registers (eight CTAs an SM, bounded here: at
+// 72 unbounded it spilled) it keeps ~2.7 times as many clusters' chains in
+// flight an SM as the kernel it replaced (a warp per two clusters, a lane
+// pair a member as PartialLogit's: ncu, H100, 51 us at 32% of DRAM, 80
+// registers, six CTAs an SM). Each cluster's logit is PartialLogit's sum of
+// the same exps in the same order (AbsorbHalf): the same bits. The two were
+// compared bit for bit on an H100 (session 18 visits AC and AD, this one as
+// PartialLogitsFromDotsHalf against KVRECALL_WAVE_ROUND4=0) before the older
+// one was removed.
+__global__ void __launch_bounds__(kPartialWarps * 32, 8) PartialLogitsFromDots(StepParams p) {
   AfterPrior();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, h = blockIdx.y, sub = lane >> 4, j = lane & 15;
   // Half-warps in the grid; the warp's first cluster, its two halves' at kw and kw + 1 (slot 0).

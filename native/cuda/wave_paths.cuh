@@ -40,7 +40,6 @@ struct StepPaths {
   // Round 4 (session 18; KVRECALL_WAVE_ROUND4=0 turns them all off; not yet timed):
   bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
-  bool half;     // KVRECALL_WAVE_HALF: PartialLogitsFromDotsHalf (a half-warp a cluster) for PartialLogitsFromDots
   bool owners;   // KVRECALL_WAVE_PACK_OWNERS: ExactRows<0>'s owners taken in ScatterPack (needs pack)
   bool tiles;    // KVRECALL_WAVE_TILES: AttendAndClusters for EstimatePart's cluster tiles, then AttendAndRows
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
@@ -69,7 +68,6 @@ inline StepPaths ReadStepPaths(int d) {
   s.range = round4 && s.clear && on("KVRECALL_WAVE_RANGE");
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
   s.pdl = round4 && !s.legacy && is("KVRECALL_WAVE_PDL", '1');
-  s.half = round4 && on("KVRECALL_WAVE_HALF");
   s.owners = round4 && s.pack && on("KVRECALL_WAVE_PACK_OWNERS");
   s.tiles = round4 && on("KVRECALL_WAVE_TILES");
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');

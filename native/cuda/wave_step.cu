@@ -483,7 +483,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       // only, at most E + 1 a head (the grid is only speed: warps stride).
       const bool fromDots = p.dotsOn && p.restRows;
       const dim3 partGrid(fromDots ? unsigned(std::min<int64_t>(Cdiv(E + 1, kPartialWarps), 512)) : grid.x, unsigned(H));
-      if (fromDots) L(P.half ? PartialLogitsFromDotsHalf : PartialLogitsFromDots, grid, kPartialWarps * 32, 0, p);
+      if (fromDots) L(PartialLogitsFromDots, grid, kPartialWarps * 32, 0, p);
       kinds([&](auto B, auto G) { L(PartialLogits<B(), G()>, partGrid, kPartialWarps * 32, smem, p); });
     }
     mark(9, s);
