@@ -108,14 +108,14 @@ class StepGraph {
       slot = &entries_.front();
       for (Entry& e : entries_)
         if (e.used < slot->used) slot = &e;
-      // The evicted graph's topology is often the new one's (a pointer or a
-      // size moved): updated in place, which costs far less than instantiating.
-      cudaGraphExecUpdateResultInfo info{};
-      if (cudaGraphExecUpdate(slot->exec, g, &info) != cudaSuccess) {
-        cudaGetLastError();
-        cudaGraphExecDestroy(slot->exec);
-        slot->exec = nullptr;
-      }
+      // Destroyed and instantiated anew, never updated in place: the least
+      // recently used graph is typically one whose buffers have since grown
+      // and been freed (the key holds their old pointers, so it cannot come
+      // back), and updating such an exec made the next cudaGraphLaunch crash
+      // inside the driver (SIGSEGV; H100, CUDA 13, bench/wave-gpu.ts --check
+      // with a third budget past the first two's sizes, session 19 visit AH).
+      cudaGraphExecDestroy(slot->exec);
+      slot->exec = nullptr;
     }
     slot->key.clear();  // unusable until instantiated
     cudaError_t e = cudaSuccess;
