@@ -81,9 +81,6 @@ export interface GpuAttendArgs {
   validTokens: number[];
   out: Float32Array;
   lse: Float32Array;
-  /** A part computed elsewhere over other tokens (e.g. the CPU attend), merged by log-sum-exp. */
-  extraOut?: Float32Array;
-  extraLse?: Float32Array;
   /** Split count; default fills the device. */
   splits?: number;
 }

@@ -25,6 +25,7 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName, GpuPool } from '../addon/cuda.js';
 import { attend, bytesOf, convert, type AttendSegment, type KvDtype } from '../addon/kernels.js';
+import { mergeInto } from '../engine/cache/merge.js';
 import { runDecodeBench, type DeviceSync, type PoolPath, type UploadPath } from './gpu-decode.js';
 import { checkRangeTables } from './gpu-range.js';
 import { Rng } from '../workload/index.js';
@@ -151,15 +152,15 @@ export async function checkCase(c: CheckCase, seed: number): Promise<CheckResult
     const gpuBlocks = Math.ceil(gpuTokens / bs);
     const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
     const cpuOut = new Float32Array(qHeads * d), cpuLse = new Float32Array(qHeads);
-    let extra: { extraOut: Float32Array; extraLse: Float32Array } | undefined;
+    await pool.attend({ q, qHeads, kvHeads, scale, out, lse,
+      tables: tables.map((t) => t.subarray(0, gpuBlocks)), validTokens: new Array(kvHeads).fill(gpuTokens) });
     if (c.splitCpu) {
+      // The rest on the host, merged by log-sum-exp as the engine merges a step's host parts (engine/cache/merge.ts).
       const po = new Float32Array(qHeads * d), pl = new Float32Array(qHeads);
       await attend({ q, qHeads, kvHeads, headDim: d, dtype: dt, scale, out: po, lse: pl,
         segments: [{ k, v, tokens: n, begin: gpuTokens, end: valid }] });
-      extra = { extraOut: po, extraLse: pl };
+      mergeInto(out, lse, po, pl, d);
     }
-    await pool.attend({ q, qHeads, kvHeads, scale, out, lse, ...extra,
-      tables: tables.map((t) => t.subarray(0, gpuBlocks)), validTokens: new Array(kvHeads).fill(gpuTokens) });
     const seg: AttendSegment = { k, v, tokens: n, begin: 0, end: valid };
     await attend({ q, qHeads, kvHeads, headDim: d, dtype: dt, scale, segments: [seg], out: cpuOut, lse: cpuLse });
     const rows = Array.from({ length: kvHeads }, () => Int32Array.from({ length: valid }, (_, i) => i));

@@ -19,7 +19,7 @@
 //     (the same blocks of several clients, a part's kv heads, in one call: all held or none)
 //   .unhold(hold | Float64Array of holds)
 //   .attend({q, qHeads, kvHeads, scale, tables: (Int32Array | (Int32Array | {hold, blocks})[])[kvHeads],
-//            validTokens: number[kvHeads], out, lse, extraOut?, extraLse?, splits?, sync?}) -> Promise<work ms>
+//            validTokens: number[kvHeads], out, lse, splits?, sync?}) -> Promise<work ms>
 //     (sync: run on the calling thread, the promise settled already, the same way)
 //     a head's table: slot ids, or pieces back to back (slot ids, or a held range's device table)
 //   .stats() / .resetCounters() / .sync() / .probeH2D(bytes, iters) -> bytes/s / .close()
@@ -334,12 +334,6 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
     a.out = io.out.Data();
     a.lse = io.lse.Data();
     std::vector<Napi::Value> keep{io.q, io.out, io.lse};
-    if (auto extraOut = OptTypedAt<float>(o, "extraOut", size_t(a.qHeads) * d)) {
-      auto extraLse = TypedAt<float>(o, "extraLse", size_t(a.qHeads));
-      a.extraOut = extraOut->Data();
-      a.extraLse = extraLse.Data();
-      keep.insert(keep.end(), {*extraOut, extraLse});
-    }
     Napi::Array tables = ArrayOf(o, "tables", size_t(a.kvHeads));
     Napi::Array valid = ArrayOf(o, "validTokens", size_t(a.kvHeads));
     const int64_t bs = pool->Config().blockSize, slots = pool->Slots();

@@ -303,18 +303,14 @@ void BlockPool::Attend(const AttendArgs& a) {
   std::lock_guard<std::mutex> lock(I.mu);
   const int splits = a.splits > 0 ? a.splits : ChooseSplits(I.smCount, a.qHeads, a.kvHeads, maxTokens);
   const size_t qBytes = size_t(a.qHeads) * d * 4;
-  // Packed inputs: q | extraOut | extraLse | tableOffset | validTokens | tables.
-  const size_t oQ = 0, oEo = Align(oQ + qBytes), oEl = Align(oEo + qBytes), oOff = Align(oEl + size_t(a.qHeads) * 4),
+  // Packed inputs: q | tableOffset | validTokens | tables.
+  const size_t oQ = 0, oOff = Align(oQ + qBytes),
                oVal = Align(oOff + size_t(a.kvHeads) * 8), oTab = Align(oVal + size_t(a.kvHeads) * 8),
                inBytes = Align(oTab + size_t(std::max<int64_t>(total, 1)) * 4);
   I.hIn.Reserve(inBytes);
   I.dIn.Reserve(inBytes);
   uint8_t* h = static_cast<uint8_t*>(I.hIn.p);
   std::memcpy(h + oQ, a.q, qBytes);
-  if (a.extraOut) {
-    std::memcpy(h + oEo, a.extraOut, qBytes);
-    std::memcpy(h + oEl, a.extraLse, size_t(a.qHeads) * 4);
-  }
   int64_t* off = reinterpret_cast<int64_t*>(h + oOff);
   int64_t* val = reinterpret_cast<int64_t*>(h + oVal);
   int32_t* tab = reinterpret_cast<int32_t*>(h + oTab);
@@ -335,10 +331,6 @@ void BlockPool::Attend(const AttendArgs& a) {
   p.tableOffset = reinterpret_cast<const int64_t*>(dIn + oOff);
   p.validTokens = reinterpret_cast<const int64_t*>(dIn + oVal);
   p.maxTokens = maxTokens;
-  if (a.extraOut) {
-    p.extraOut = reinterpret_cast<const float*>(dIn + oEo);
-    p.extraLse = reinterpret_cast<const float*>(dIn + oEl);
-  }
   I.Decode(p, a, splits);
 }
 

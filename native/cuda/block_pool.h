@@ -58,10 +58,6 @@ struct AttendArgs {
   // are copied device to device: no slot id of theirs crosses the bus).
   std::vector<std::vector<TablePiece>> pieces;
   std::vector<int64_t> validTokens;          // per kv head: tokens attended (<= blocks * blockSize)
-  // Optional part computed elsewhere (e.g. on the CPU) over other tokens,
-  // merged by log-sum-exp: [qHeads, headDim] and [qHeads].
-  const float* extraOut = nullptr;
-  const float* extraLse = nullptr;
   float* out = nullptr;  // [qHeads, headDim]
   float* lse = nullptr;  // [qHeads], natural log; -inf where nothing was attended
   int splits = 0;        // 0: chosen from the device's multiprocessor count

@@ -185,8 +185,8 @@ void BlockPool::Impl::AttendPieces(const AttendArgs& a) {
   const int d = cfg.headDim;
   const int splits = a.splits > 0 ? a.splits : ChooseSplits(smCount, a.qHeads, a.kvHeads, maxTokens);
   const size_t qBytes = size_t(a.qHeads) * d * 4;
-  // Packed inputs: q | extraOut | extraLse | tableOffset | validTokens | host slots | gather pieces.
-  const size_t oQ = 0, oEo = Align(oQ + qBytes), oEl = Align(oEo + qBytes), oOff = Align(oEl + size_t(a.qHeads) * 4),
+  // Packed inputs: q | tableOffset | validTokens | host slots | gather pieces.
+  const size_t oQ = 0, oOff = Align(oQ + qBytes),
                oVal = Align(oOff + size_t(a.kvHeads) * 8), oHost = Align(oVal + size_t(a.kvHeads) * 8),
                oPieces = Align(oHost + size_t(hostSlots) * 4),
                inBytes = Align(oPieces + size_t(std::max<int64_t>(nPieces, 1)) * sizeof(GatherPiece));
@@ -196,10 +196,6 @@ void BlockPool::Impl::AttendPieces(const AttendArgs& a) {
   uint8_t* h = static_cast<uint8_t*>(hIn.p);
   uint8_t* dev = static_cast<uint8_t*>(dIn.p);
   std::memcpy(h + oQ, a.q, qBytes);
-  if (a.extraOut) {
-    std::memcpy(h + oEo, a.extraOut, qBytes);
-    std::memcpy(h + oEl, a.extraLse, size_t(a.qHeads) * 4);
-  }
   int64_t* off = reinterpret_cast<int64_t*>(h + oOff);
   int64_t* val = reinterpret_cast<int64_t*>(h + oVal);
   int32_t* host = reinterpret_cast<int32_t*>(h + oHost);
@@ -248,10 +244,6 @@ void BlockPool::Impl::AttendPieces(const AttendArgs& a) {
   p.tableOffset = reinterpret_cast<const int64_t*>(dev + oOff);
   p.validTokens = reinterpret_cast<const int64_t*>(dev + oVal);
   p.maxTokens = maxTokens;
-  if (a.extraOut) {
-    p.extraOut = reinterpret_cast<const float*>(dev + oEo);
-    p.extraLse = reinterpret_cast<const float*>(dev + oEl);
-  }
   Decode(p, a, splits);
 }
 

@@ -28,7 +28,6 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "cuda/decode_kernel.h"
@@ -393,17 +392,14 @@ __device__ __forceinline__ float WarpSum(float v) {
 // One CTA of kThreads per query head; dynamic shared memory: splits floats.
 __global__ void __launch_bounds__(kThreads) MergeKernel(const float* __restrict__ partOut,
                                                         const float* __restrict__ partLse, int splits, int D,
-                                                        const float* __restrict__ extraOut,
-                                                        const float* __restrict__ extraLse, float* __restrict__ out,
-                                                        float* __restrict__ lse) {
+                                                        float* __restrict__ out, float* __restrict__ lse) {
   extern __shared__ float w[];
   __shared__ float red[kThreads / 32];
-  __shared__ float sMax, sSum, sExtraW;
+  __shared__ float sMax, sSum;
   const int qh = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* pl = partLse + size_t(qh) * splits;
   float mx = -INFINITY;
   for (int i = tid; i < splits; i += kThreads) mx = fmaxf(mx, pl[i]);
-  if (extraLse && tid == 0) mx = fmaxf(mx, extraLse[qh]);
   mx = WarpMax(mx);
   if (lane == 0) red[warp] = mx;
   __syncthreads();
@@ -420,11 +416,6 @@ __global__ void __launch_bounds__(kThreads) MergeKernel(const float* __restrict_
     w[i] = wi;
     sum += wi;
   }
-  if (tid == 0) {
-    const float we = (extraLse && extraLse[qh] != -INFINITY) ? expf(extraLse[qh] - M) : 0.f;
-    sExtraW = we;
-    sum += we;
-  }
   sum = WarpSum(sum);
   __syncthreads();  // red[] reuse
   if (lane == 0) red[warp] = sum;
@@ -435,14 +426,13 @@ __global__ void __launch_bounds__(kThreads) MergeKernel(const float* __restrict_
     sSum = v;
   }
   __syncthreads();
-  const float L = sSum, we = sExtraW;
+  const float L = sSum;
   for (int j = tid; j < D; j += kThreads) {
     float a = 0.f;
     for (int i = 0; i < splits; ++i) a = fmaf(w[i], partOut[(size_t(qh) * splits + i) * D + j], a);
-    if (extraOut && we > 0.f) a = fmaf(we, extraOut[size_t(qh) * D + j], a);
     out[size_t(qh) * D + j] = L > 0.f ? a / L : (L == L ? 0.f : NAN);
   }
-  // A NaN split (or extra part) makes L NaN: the head is answered NaN, as the host kernel answers it.
+  // A NaN split makes L NaN: the head is answered NaN, as the host kernel answers it.
   if (tid == 0) lse[qh] = L > 0.f ? M + logf(L) : (L == L ? -INFINITY : NAN);
 }
 
@@ -532,8 +522,8 @@ int LaunchDecode(const DecodeParams& p, void* stream) {
   else
     return int(cudaErrorInvalidValue);
   if (rc) return rc;
-  MergeKernel<<<p.qHeads, kThreads, size_t(p.splits) * sizeof(float), s>>>(p.partOut, p.partLse, p.splits, p.headDim,
-                                                                           p.extraOut, p.extraLse, p.out, p.lse);
+  MergeKernel<<<p.qHeads, kThreads, size_t(p.splits) * sizeof(float), s>>>(p.partOut, p.partLse, p.splits, p.headDim, p.out,
+                                                                           p.lse);
   return int(cudaGetLastError());
 }
 
@@ -544,25 +534,6 @@ int LaunchScatter(const uint16_t* staged, const int32_t* slots, int64_t n, int64
       reinterpret_cast<const uint4*>(staged), slots, blockWords / 8, reinterpret_cast<uint4*>(kPool),
       reinterpret_cast<uint4*>(vPool));
   return int(cudaGetLastError());
-}
-
-void MergeLseHost(float* out, float* lse, const float* otherOut, const float* otherLse, int qHeads, int headDim) {
-  for (int h = 0; h < qHeads; ++h) {
-    const double a = lse[h], b = otherLse[h];
-    if (std::isnan(a) || std::isnan(b)) {  // an overflowed part: no finite answer (the caller refuses it)
-      lse[h] = NAN;
-      continue;
-    }
-    const double M = std::max(a, b);
-    if (M == -std::numeric_limits<double>::infinity()) continue;
-    const double wa = a == -INFINITY ? 0.0 : std::exp(a - M), wb = b == -INFINITY ? 0.0 : std::exp(b - M);
-    const double L = wa + wb;
-    for (int j = 0; j < headDim; ++j) {
-      float& o = out[size_t(h) * headDim + j];
-      o = float((wa * o + wb * otherOut[size_t(h) * headDim + j]) / L);
-    }
-    lse[h] = float(M + std::log(L));
-  }
 }
 
 }  // namespace cuda

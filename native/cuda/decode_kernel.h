@@ -29,8 +29,12 @@ struct DecodeParams {
   int splits = 1;
   float* partOut = nullptr;  // [qHeads, splits, headDim], device scratch
   float* partLse = nullptr;  // [qHeads, splits]
-  const float* extraOut = nullptr;  // optional [qHeads, headDim], device
-  const float* extraLse = nullptr;  // optional [qHeads]
+  // Unused: where the pool's extra part was (a part attended elsewhere, merged
+  // by MergeKernel; the engine merges it in JS since 09c5eab). Kept so that
+  // SplitKernel's parameter block stays 144 bytes: at 128 nvcc loads its
+  // members up front and SplitKernel took more registers (ptxas, sm_90: 102
+  // -> 122 at d=128 G=1, 64 -> 84 at d=64 G=1), not timed on a device.
+  const void* unused[2] = {nullptr, nullptr};
   float* out = nullptr;             // [qHeads, headDim], device
   float* lse = nullptr;             // [qHeads], device
 };
@@ -48,9 +52,6 @@ int LaunchDecode(const DecodeParams& p, void* stream);
 // words, back to back in `staged`) into their slots `slots` (device).
 int LaunchScatter(const uint16_t* staged, const int32_t* slots, int64_t n, int64_t blockWords, uint16_t* kPool,
                   uint16_t* vPool, void* stream);
-
-// Host-side log-sum-exp merge of two parts in place into (out, lse).
-void MergeLseHost(float* out, float* lse, const float* otherOut, const float* otherLse, int qHeads, int headDim);
 
 }  // namespace cuda
 }  // namespace kvr
