@@ -23,14 +23,12 @@
 // KVRECALL_WAVE_FIND=1 (HistogramFind instead of Histogram and FindBin),
 // KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates instead of RescoreHeld),
 // KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds instead of ScatterPack),
-// KVRECALL_WAVE_ROUND2=0 (none of the round-2 changes),
-// KVRECALL_WAVE_RANGE=0 (OrderRange's launches instead of the order ranges
-// taken by ScoreClusters and RescoreHeld), KVRECALL_WAVE_PDL=0 (no kernel
-// launched while the one before it ends), KVRECALL_WAVE_PACK_OWNERS=0 (ExactRows<0>'s launch, not its owners taken
-// in ScatterPack), KVRECALL_WAVE_TILES=0 (the estimate's cluster tiles and
-// the attention's tiles in two launches, not AttendAndClusters),
-// KVRECALL_WAVE_ROUND4=0 (none of the round-4 changes); all in
-// native/cuda/wave_paths.cuh.
+// KVRECALL_WAVE_ROUND2=0 (none of the round-2 changes, nor round 4's order
+// ranges and owners, which follow CLEAR and PACK), KVRECALL_WAVE_PDL=1 (a
+// kernel launched while the one before it ends; off by default); all in
+// native/cuda/wave_paths.cuh. Round 4's own switches (ROUND4, RANGE, HALF,
+// PACK_OWNERS, TILES) were removed after their A/B on an H100
+// (bench/results/wave-round4-*.md), and a switch not listed here is refused.
 //
 //   node dist/bench/wave-gpu-ab.js [--steps 50] [--cluster-size 16] [--probe 4] [--old KVRECALL_WAVE_LEGACY=1 ...] [--each]
 //
@@ -45,9 +43,11 @@ import { quantile } from './stats.js';
 import { benchSetup } from './wave-gpu.js';
 
 /** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
-// FIND=1 times HistogramFind (off by default) against the default; ROUND2=0 the paths timed before round 2.
-const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'RANGE', 'PDL', 'PACK_OWNERS', 'TILES'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
-  'KVRECALL_WAVE_ROUND2=0', 'KVRECALL_WAVE_ROUND4=0'];
+// FIND=1 and PDL=1 time HistogramFind and early launches (off by default) against the default; ROUND2=0 the paths before round 2.
+const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
+  'KVRECALL_WAVE_PDL=1', 'KVRECALL_WAVE_ROUND2=0'];
+/** Every switch wave_paths.cuh reads: a name not here would change nothing, and the two paths would be the same by default. */
+const KNOWN = new Set(['KVRECALL_WAVE_LEGACY', 'KVRECALL_WAVE_CACHE_LEGACY', ...SINGLE.map((s) => s.split('=')[0])]);
 
 /** Sets the old path's switch (name=value) or removes it (the new path). */
 function setOld(sw: { name: string; value: string }, on: boolean): void {
@@ -86,6 +86,7 @@ async function main(): Promise<void> {
   const switches = olds.map((o) => {
     const m = /^(KVRECALL_WAVE_[A-Z0-9_]+)=(\w+)$/.exec(o ?? '');
     if (!m) throw new Error(`--old wants NAME=VALUE with a KVRECALL_WAVE_ switch, got ${o}`);
+    if (!KNOWN.has(m[1])) throw new Error(`--old: native/cuda/wave_paths.cuh reads no ${m[1]} (it reads ${[...KNOWN].join(', ')})`);
     return { name: m[1], value: m[2] };
   });
   const info = cudaAvailable();

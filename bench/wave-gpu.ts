@@ -216,20 +216,16 @@ function leanSame(full: WaveGpuStepResult, lean: WaveGpuStepResult): boolean {
 }
 
 /**
- * The step with stage times off (from a graph, kernels launched early where wave_paths.cuh's pdl is on; twice, the
- * second replaying the graph: a key's first step runs one by one, native/cuda/step_graph.cuh), launched one by one,
- * and all without the round-4 paths (KVRECALL_WAVE_ROUND4=0): the same ids, out and lse as leanSame has them.
+ * The step with stage times off from a graph (kernels launched early where wave_paths.cuh's pdl is on; twice, the
+ * second replaying the graph: a key's first step runs one by one, native/cuda/step_graph.cuh) and launched one by
+ * one: the same ids, out and lse as leanSame has them. (Until the round-4 switches were removed it also ran each
+ * under KVRECALL_WAVE_ROUND4=0.)
  */
-async function roundFourSame(store: WaveGpuStore, args: Parameters<WaveGpuStore['step']>[0]): Promise<boolean> {
-  const was = process.env.KVRECALL_WAVE_ROUND4, runs: WaveGpuStepResult[] = [];
+async function launchesSame(store: WaveGpuStore, args: Parameters<WaveGpuStore['step']>[0]): Promise<boolean> {
+  const runs: WaveGpuStepResult[] = [];
   const close = (x: number, y: number) => x === y || Math.abs(x - y) <= 1e-6 * Math.max(1, Math.abs(y));
   const key = (r: WaveGpuStepResult) => (r.ids ?? []).map((a) => a.join()).join('|') + `|${r.kept.join()}`;
-  const set = (v: string | undefined) => (v === undefined ? delete process.env.KVRECALL_WAVE_ROUND4 : (process.env.KVRECALL_WAVE_ROUND4 = v));
-  try {
-    for (const env of [was, '0']) for (const graph of [true, true, false]) set(env), runs.push(await store.step({ ...args, stages: false, graph }));
-  } finally {
-    set(was);
-  }
+  for (const graph of [true, true, false]) runs.push(await store.step({ ...args, stages: false, graph }));
   const [a] = runs;
   return runs.every((r) => key(r) === key(a) && r.out.every((x, i) => close(x, a.out[i])) && r.lse.every((x, i) => close(x, a.lse[i])));
 }
@@ -271,7 +267,7 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
         budget: c.budget.map((b) => (b < N ? b + 1 : b - 1)) };
       for (const a2 of [other, args, other, args]) fresh &&= leanSame(await store.step(a2), await leanStep(a2));
       fresh &&= (await leanStep(args)).graphCaptures === captures + 1;
-      const paths = await roundFourSame(store, args);
+      const paths = await launchesSame(store, args);
       return { ...r, ok: r.ok && lean && fresh && paths, leanSame: lean && fresh, pathsSame: paths, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the

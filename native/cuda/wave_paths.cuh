@@ -26,8 +26,7 @@ struct StepPaths {
   // Each =0 turns off one change, the rest of the new path kept. Those
   // marked (round 2) were checked bit-identical on an H100 (session 16,
   // bench/results/wave-gpu-ab-round2-h100.md); KVRECALL_WAVE_ROUND2=0 turns
-  // them all off (with KVRECALL_WAVE_ROUND4=0: the paths timed in session
-  // 15). HistogramFind measured
+  // them all off. HistogramFind measured
   // slower than the Histogram + FindBin pair (0.737 against 0.689 ms a
   // step), so it runs only with KVRECALL_WAVE_FIND=1:
   bool swizzle;  // KVRECALL_WAVE_SWIZZLE: ScoreClusters' swizzled tile (and what needs it: fuse, split)
@@ -37,11 +36,16 @@ struct StepPaths {
   bool find;     // KVRECALL_WAVE_FIND=1: HistogramFind for Histogram + FindBin (round 2, off by default)
   bool held;     // KVRECALL_WAVE_RESCORE_HELD: RescoreHeld (d <= 128) for RescoreCandidates (round 2)
   bool pack;     // KVRECALL_WAVE_PACK: ScatterPack for ScatterKept + PackIds (round 2)
-  // Round 4 (session 18; KVRECALL_WAVE_ROUND4=0 turns them all off; not yet timed):
-  bool range;    // KVRECALL_WAVE_RANGE: the cuts' order ranges taken by ScoreClusters and RescoreHeld, not OrderRange (needs clear)
+  // Round 4 (session 18), checked bit-identical and timed against its
+  // switches on an H100 (visits AC and AD, bench/results/wave-round4-*.md);
+  // those switches (KVRECALL_WAVE_ROUND4, _RANGE, _HALF, _PACK_OWNERS,
+  // _TILES) were removed after it, and the kernels only they ran with them.
+  // Its changes follow round 2's: the cuts' order ranges taken by
+  // ScoreClusters and RescoreHeld where clear runs (else OrderRange's
+  // launches), the exact rows' owners taken in ScatterPack where pack runs.
+  bool range;
+  bool owners;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
-  bool owners;   // KVRECALL_WAVE_PACK_OWNERS: ExactRows<0>'s owners taken in ScatterPack (needs pack)
-  bool tiles;    // KVRECALL_WAVE_TILES: AttendAndClusters for EstimatePart's cluster tiles, then AttendAndRows
   // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
   // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
   // apart from KVRECALL_WAVE_LEGACY.
@@ -64,12 +68,10 @@ inline StepPaths ReadStepPaths(int d) {
   s.find = s.clear && is("KVRECALL_WAVE_FIND", '1');
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
-  const bool round4 = !is("KVRECALL_WAVE_ROUND4", '0');
-  s.range = round4 && s.clear && on("KVRECALL_WAVE_RANGE");
+  s.range = s.clear;
+  s.owners = s.pack;
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
-  s.pdl = round4 && !s.legacy && is("KVRECALL_WAVE_PDL", '1');
-  s.owners = round4 && s.pack && on("KVRECALL_WAVE_PACK_OWNERS");
-  s.tiles = round4 && on("KVRECALL_WAVE_TILES");
+  s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
   s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }

@@ -19,9 +19,8 @@ inline void SetWaveKernelAttributes() {
   for (auto fn : {EstimatePart<false, false>, EstimatePart<false, true>, EstimatePart<true, false>, EstimatePart<true, true>,
                   EstimatePart<false, true, true>, EstimatePart<true, true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
-  for (auto fn : {AttendPart<false, false>, AttendPart<true, false>, AttendPart<false, true>, AttendPart<true, true>, AttendAndRows<false>,
-                  AttendAndRows<true>, AttendPart<false, false, true>, AttendPart<true, false, true>, AttendPart<false, true, true>,
-                  AttendPart<true, true, true>, AttendAndRows<false, true>, AttendAndRows<true, true>})
+  for (auto fn : {AttendPart<false, false>, AttendPart<true, false>, AttendPart<false, true>, AttendPart<true, true>,
+                  AttendPart<false, false, true>, AttendPart<true, false, true>, AttendPart<false, true, true>, AttendPart<true, true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {AttendAndClusters<false>, AttendAndClusters<true>, AttendAndClusters<false, true>, AttendAndClusters<true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");

@@ -487,21 +487,22 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       kinds([&](auto B, auto G) { L(PartialLogits<B(), G()>, partGrid, kPartialWarps * 32, smem, p); });
     }
     mark(9, s);
-    // The exact rows' estimate tiles with their attention tiles (the same positions) where both run.
-    const bool fuseRows = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt, together = fuseRows && P.tiles;
-    if (together)  // and the cluster tiles, on a grid of one row: the attention's tiles last (wave_step_attend.cuh)
+    // The exact rows' estimate tiles with their attention tiles (the same
+    // positions) where both run, and the cluster tiles, on a grid of one row:
+    // the attention's tiles last (wave_step_attend.cuh).
+    const bool together = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
+    if (together)
       kinds([&](auto B, auto G) { L(AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads, kEstimateSmem, p, nAtt, nMain, H); });
     if (a.estimate && !together) {
       // The cluster tiles read no K/V row: one instantiation for both stores.
       L(bf16 ? EstimatePart<true, false> : EstimatePart<false, false>, dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, p);
-      if (nSub > 0 && !fuseRows)
+      if (nSub > 0)
         kinds([&](auto B, auto G) { L(EstimatePart<B(), true, G()>, dim3(unsigned(nSub), unsigned(H)), kThreads, kEstimateSmem, p); });
     }
     if (a.attend && nAtt > 0 && !together) {
       const dim3 grid = dim3(unsigned(nAtt), unsigned(H));
       kinds([&](auto B, auto G) {
-        if (fuseRows) L(AttendAndRows<B(), G()>, grid, kThreads, kEstimateSmem, p);
-        else if (p.dotsOn) L(AttendPart<B(), true, G()>, grid, kThreads, kEstimateSmem, p);
+        if (p.dotsOn) L(AttendPart<B(), true, G()>, grid, kThreads, kEstimateSmem, p);
         else L(AttendPart<B(), false, G()>, grid, kThreads, kEstimateSmem, p);
       });
     }

@@ -147,23 +147,15 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 }
 
 // With the estimate and the attention both on, their exact-row tiles are the
-// same positions: tile blockIdx.x attended, then the estimate's -e·v over the
-// same rows' values (those of partly attended clusters), read again while
-// the L2 still holds them (128 KiB a tile) instead of from memory by a
-// separate EstimatePart<kRows> launch (its 42 x 8 CTAs read 69 MB at 1M, up
-// to 43 MB of them these value rows: ncu, H200, 32 us). Each part's sums as
-// in the separate kernels: the same bits.
-template <bool kBf16, bool kPaged = false>
-__global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
-  AfterPrior();
-  AttendTile<kBf16, true, kPaged>(p, blockIdx.x, blockIdx.y);  // ends on a barrier: its shared memory is free
-  EstimateTile<kBf16, true, kPaged>(p, blockIdx.x, blockIdx.y);
-}
-
-// EstimatePart's cluster tiles and AttendAndRows' tiles in one launch
-// (KVRECALL_WAVE_TILES), on a grid of one row so that blocks start in index
+// same positions: an attention tile, then the estimate's -e·v over the same
+// rows' values (those of partly attended clusters), read again while the L2
+// still holds them (128 KiB a tile) instead of from memory by a separate
+// EstimatePart<kRows> launch (its 42 x 8 CTAs read 69 MB at 1M, up to 43 MB
+// of them these value rows: ncu, H200, 32 us). Each part's sums as in the
+// separate kernels: the same bits. And EstimatePart's cluster tiles in the
+// same launch, on a grid of one row so that blocks start in index
 // order: blocks [0, nMain·H) are the cluster tiles (kv head b / nMain, tile
-// b % nMain), the rest AttendAndRows' (nAtt a head). Apart, the cluster
+// b % nMain), the rest the attention's (nAtt a head). Apart, the cluster
 // tiles' last wave (2.6 waves at 1M) and the attention's one wave of 336
 // CTAs (0.85 of one) each left part of the GPU idle (ncu, H100: 84 + 71 us,
 // each at 65% of DRAM); together the attention tiles start in the cluster
@@ -171,7 +163,10 @@ __global__ void __launch_bounds__(kThreads, 3) AttendAndRows(StepParams p) {
 // value rows twice (the attention, then its -e·v) and the second time from
 // L2, which the cluster tiles' stream of value means (134 MB at 1M) would
 // flush if it ran beside them. Every tile is the same code on the same rows
-// with the same part: the same bits.
+// with the same part: the same bits. (Checked bit for bit and timed on an
+// H100 against the two launches, EstimatePart's and AttendAndRows', under
+// KVRECALL_WAVE_TILES=0, session 18 visit AC; that switch and AttendAndRows
+// were removed after it.)
 template <bool kBf16, bool kPaged = false>
 __global__ void __launch_bounds__(kThreads, 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
   AfterPrior();

@@ -273,7 +273,7 @@ __device__ void TileNumerators(const StepParams& p, const uint16_t* rows, const 
 // rows left are compacted in order, so the sums do not depend on timing.
 static_assert(kTile == 2 * kThreads, "two tile rows per thread");
 // The body of EstimatePart, for tile `tile` (EstimatePart's blockIdx.x;
-// AttendAndRows runs a kRows tile after the attention tile of the same
+// AttendAndClusters runs a kRows tile after the attention tile of the same
 // positions) of kv head h (its blockIdx.y).
 template <bool kBf16, bool kRows, bool kPaged>
 __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int h) {
