@@ -83,14 +83,14 @@ def model_spec(model: Model) -> Dict[str, object]:
 
 
 def push_document(client, doc: str, model: Model, trial: Trial, methods: Sequence[str], query_stride: int = 4,
-                  chunk: int = 4096) -> Dict[str, object]:
+                  chunk: int = 4096, cluster_size: Optional[int] = None) -> Dict[str, object]:
     """The trial's document into kvrecall (K/V f16, prefill queries f32), sealed and ready. Only the query rows the
     document keeps (tokens t with t % query_stride == 0) travel, with `queryStride` on each upload: a quarter of
     the bytes at stride 4 (32K bytes: 96 MB of f32 queries instead of 384 MB)."""
     from kvrecall.client import tensor
 
     spec = model_spec(model)
-    client.create_document(doc, spec, methods=list(methods), query_stride=query_stride)
+    client.create_document(doc, spec, methods=list(methods), query_stride=query_stride, cluster_size=cluster_size)
     try:
         for layer in range(spec["layers"]):
             n = trial.k16[layer].shape[1]

@@ -42,7 +42,8 @@ def markdown(res: Dict[str, object]) -> str:
            ("- sessions: the server's defaults (budget, sinks, window per method: engine/sessions.ts)" if p.get("session_defaults") else
             f"- sessions: budget {p['budget']} (of the context), sinks {p['sinks']}, window {p['window']}") +
            f"{', ef ' + str(p['ef']) if p['ef'] else ''}; document prefill queries kept at stride {p['query_stride']}; "
-           f"document sealed with {', '.join(p['document_methods'])}",
+           f"document sealed with {', '.join(p['document_methods'])}"
+           f"{', wave clusters of ' + str(p['cluster_size']) + ' tokens' if p.get('cluster_size') else ''}",
            f"- held-out text: {p['heldout']} (seed {p['seed']}); model {p['model']}; float64 reference "
            f"{p.get('reference') or 'numpy'}",
            f"- {p.get('workers', 1)} worker(s) running trials in parallel"

@@ -117,7 +117,7 @@ def load_states(works: List[Path]) -> List[Dict[str, object]]:
 
 
 # What makes two runs' trials the same experiment: merged runs must agree on these.
-SAME_IN_MERGED_RUNS = ("budget", "sinks", "window", "ef", "steps", "query_stride", "seed", "session_defaults")
+SAME_IN_MERGED_RUNS = ("budget", "sinks", "window", "ef", "steps", "query_stride", "seed", "session_defaults", "cluster_size")
 
 
 def merge_states(states: List[Dict[str, object]]) -> Dict[str, object]:
@@ -272,6 +272,7 @@ def report(a, configs, doc_methods: List[str], states: List[Dict[str, object]], 
     res = dict(bench="model", machine=mach, **({"machines": machines} if machines and len(machines) > 1 else {}),
                params=dict(budget=a.budget, sinks=a.sinks, window=a.window, ef=a.ef, steps=a.steps,
                            session_defaults=a.session_defaults, query_stride=a.query_stride,
+                           **({"cluster_size": a.cluster_size} if getattr(a, "cluster_size", None) else {}),
                            document_methods=doc_methods, seed=a.seed, workers=a.workers,
                            heldout=heldout_text or os.environ.get("KVRECALL_HELDOUT_PACK") and f"packed {heldout.DEFAULT_DIR} corpus"
                            or os.environ.get("KVRECALL_HELDOUT_DIR", heldout.DEFAULT_DIR),
@@ -316,6 +317,8 @@ def main() -> None:
                          "(repeatable; layers not named use exact; one session per method, per-layer budget and "
                          "estimate through the session's `layers`)")
     ap.add_argument("--query-stride", type=int, default=4)
+    ap.add_argument("--cluster-size", type=int, default=None,
+                    help="the document's clusterSize at PUT: wave's tokens per cluster (default: the server's)")
     ap.add_argument("--chunk", type=int, default=4096, help="upload chunk (tokens)")
     ap.add_argument("--minutes", type=float, default=0,
                     help="start no new trial after this many minutes of the run (0: run every trial); at least one per length")

@@ -108,7 +108,8 @@ def run_trial(a, client, model, text: bytes, length: int, trial_i: int, configs:
     trial = make_trial(model, text, length, a.steps, trial_rng(a.seed, length, trial_i))
     doc = f"model-{length}-{trial_i}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
-    push_document(client, doc, model, trial, doc_methods, query_stride=a.query_stride, chunk=a.chunk)
+    push_document(client, doc, model, trial, doc_methods, query_stride=a.query_stride, chunk=a.chunk,
+                  cluster_size=getattr(a, "cluster_size", None))
     push_s = time.perf_counter() - t0
     meters = {c.label: Meter(L) for c in configs}
     local = Meter(L)

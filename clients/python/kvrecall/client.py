@@ -248,10 +248,13 @@ class Client:
         methods: Optional[Sequence[str]] = None,
         query_stride: Optional[int] = None,
         tokens: Optional[int] = None,
+        cluster_size: Optional[int] = None,
     ) -> Dict[str, Any]:
         """tokens: the tokens per layer the document will hold: its host
         memory is reserved now, whole (503 "over_budget" if it does not fit),
-        and never regrown while it is uploaded."""
+        and never regrown while it is uploaded. cluster_size: tokens per
+        cluster of the wave index (`clusterSize`; the server's default when
+        absent)."""
         body: Dict[str, Any] = {"model": model}
         if methods is not None:
             body["methods"] = list(methods)
@@ -259,6 +262,8 @@ class Client:
             body["queryStride"] = query_stride
         if tokens is not None:
             body["tokens"] = int(tokens)
+        if cluster_size is not None:
+            body["clusterSize"] = int(cluster_size)
         return self._call("PUT", f"/v1/documents/{_quote(doc)}", body)
 
     def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:

@@ -358,6 +358,18 @@ class AgainstServer(unittest.TestCase):
         self.kv.delete_document(doc)
         self.assertError(404, "not_found", self.kv.get_document, doc)
 
+    def test_create_document_cluster_size(self):
+        """cluster_size travels as the document's clusterSize; one out of range is a 422 that creates nothing."""
+        m = self.model("f16")
+        doc = f"{self.prefix}-clusters"
+        self.created.append(doc)
+        self.assertEqual(self.kv.create_document(doc, m, methods=["wave"], cluster_size=16).get("clusterSize"), 16)
+        self.assertEqual(self.kv.get_document(doc).get("clusterSize"), 16)
+        bad = f"{self.prefix}-clusters-bad"
+        self.assertError(422, "invalid", self.kv.create_document, bad, m, methods=["wave"], cluster_size=0)
+        self.assertError(404, "not_found", self.kv.get_document, bad)
+        self.kv.delete_document(doc)
+
     def test_push_document_head_dim_8_every_method(self):
         """push_document (create, chunked kv with prefill q, seal, wait) at
         stories260K's shape (head_dim 8, GQA 2): exact attend over it equals
