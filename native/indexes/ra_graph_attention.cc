@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -71,14 +72,76 @@ double CpuMs() {
 using Clock = std::chrono::steady_clock;
 constexpr double kPreemptedMs = 0.05;
 
+// The walk rank of `count` keys (at most kRankBatch) whose G logits are
+// x + i·G: best + ln Σ_h e^(x_h − c0_h − best) for best = max_h (x_h − c0_h),
+// the logs four keys at a time.
+constexpr size_t kRankBatch = 8;
+void Ranks(const float* x, size_t count, int G, const float* c0, float* out) {
+  double sums[kRankBatch], logs[kRankBatch];
+  float bests[kRankBatch];
+#ifdef KVR_X86_SIMD
+  if (G == 4) {
+    // The loop below for four rows, in registers: the same operations in the same order.
+    const __m128 c = _mm_loadu_ps(c0);
+    for (size_t i = 0; i < count; ++i, x += 4) {
+      const __m128 v = _mm_sub_ps(_mm_loadu_ps(x), c);
+      // max over the lanes, as std::max from -inf folds them (no NaN here: then it would differ).
+      __m128 mx = _mm_max_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+      mx = _mm_max_ps(mx, _mm_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
+      const float best = _mm_cvtss_f32(mx);
+      alignas(32) double e[4];
+      _mm256_store_pd(e, ragraph::Exp4d(_mm256_cvtps_pd(_mm_sub_ps(v, _mm_set1_ps(best)))));
+      sums[i] = ((e[0] + e[1]) + e[2]) + e[3];
+      bests[i] = best;
+    }
+    ragraph::LogN(sums, int(count), logs);
+    for (size_t i = 0; i < count; ++i) out[i] = bests[i] + float(logs[i]);
+    return;
+  }
+#endif
+  for (size_t i = 0; i < count; ++i, x += G) {
+    float best = -std::numeric_limits<float>::infinity();
+    for (int h = 0; h < G; ++h) best = std::max(best, x[h] - c0[h]);
+    double a[kMaxGroup], e[kMaxGroup];
+    for (int h = 0; h < G; ++h) a[h] = double(x[h] - c0[h] - best);
+    ragraph::ExpN(a, G, e);
+    double sum = 0;
+    for (int h = 0; h < G; ++h) sum += e[h];
+    sums[i] = sum;
+    bests[i] = best;
+  }
+  ragraph::LogN(sums, int(count), logs);
+  for (size_t i = 0; i < count; ++i) out[i] = bests[i] + float(logs[i]);
+}
+
+// A hit as a 64-bit key that sorts ascending in Better's order: the score's
+// bits made monotone and inverted (higher first; -0 counted as +0, as
+// Better's compare does), then the id. Scores are never NaN here.
+inline uint64_t BestFirstKey(const Hit& h) {
+  uint32_t u;
+  const float f = h.score + 0.f;  // -0 -> +0
+  std::memcpy(&u, &f, sizeof u);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(~u) << 32) | uint32_t(h.id);
+}
+inline float ScoreOfKey(uint64_t key) {
+  uint32_t u = ~uint32_t(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 // A search's working memory, kept per thread across searches (at 1M keys a
 // search fills ~72K entries of each walk array) and looked up once: every
 // thread_local access in this shared library is a call (__tls_get_addr).
 struct AttentionScratch {
-  std::vector<float> row, sampleX, walkX, walkRank, ranks;
+  std::vector<float> row, sampleX, sampleRank, walkX, walkRank, ranks;
+  std::vector<const float*> finalX;
   std::vector<uint8_t> sampleReached;
   std::vector<int32_t> walkIds, seeds;
   std::vector<Hit> top, all, best;
+  std::vector<uint64_t> order;
 };
 
 }  // namespace
@@ -146,19 +209,19 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     if (sampleOthers > 0) all.AddScaled(sampleSum[h].Value(), double(n - freeCount) / double(sampleOthers));
     c0[h] = float(all.Value());
   }
-  auto rank = [&](const float* x) {
-    float best = -std::numeric_limits<float>::infinity();
-    for (int h = 0; h < G; ++h) best = std::max(best, x[h] - c0[h]);
-    double a[kMaxGroup], e[kMaxGroup];
-    for (int h = 0; h < G; ++h) a[h] = double(x[h] - c0[h] - best);
-    ragraph::ExpN(a, G, e);
-    double s = 0;
-    for (int h = 0; h < G; ++h) s += e[h];
-    return best + float(std::log(s));
-  };
+  // The sample's walk ranks: its best keys seed the walk, its unreached keys
+  // are bounded in step 4.
+  S.sampleRank.resize(size_t(m));
+  for (int64_t j = 0; j < m; j += int64_t(kRankBatch))
+    Ranks(S.sampleX.data() + size_t(j) * G, size_t(std::min<int64_t>(int64_t(kRankBatch), m - j)), G, c0,
+          S.sampleRank.data() + j);
+  // ids < 2^31: 32-bit division, a few times cheaper than 64-bit.
+  const uint32_t stride32 = uint32_t(stride);
   auto sampleIndex = [&](int32_t id) -> int64_t {
     const int64_t r = int64_t(id) - off;
-    return r >= 0 && r % stride == 0 && r / stride < m ? r / stride : -1;
+    if (r < 0) return -1;
+    const uint32_t j = uint32_t(r) / stride32;
+    return uint32_t(r) == j * stride32 && int64_t(j) < m ? int64_t(j) : -1;
   };
 
   // 2. The walk, ranked by the estimated log of the group's summed
@@ -175,39 +238,54 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     S.best.clear();
     const size_t take = size_t(std::min(kSampleSeeds, m / kSampleSeedShare));
     for (int64_t j = 0; j < m && take > 0; ++j)
-      ragraph::OfferHit(S.best, take, Hit{rank(S.sampleX.data() + size_t(j) * G), int32_t(off + j * stride)});
+      ragraph::OfferHit(S.best, take, Hit{S.sampleRank[size_t(j)], int32_t(off + j * stride)});
     for (const Hit& h : S.best) S.seeds.push_back(h.id);
   }
   const size_t beam = size_t(std::min<int64_t>(std::max<int64_t>(ef, keep), n));
   if (prof) prof->sampleMs += CpuMs() - t0, t0 = CpuMs();
-  const int64_t walked = ragraph::BeamSearch(
-      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), S.seeds.data(),
-      S.seeds.size(), beam, keys, d,
-      [&](int32_t id) {
-        const Clock::time_point ts = prof ? Clock::now() : Clock::time_point();
-        const size_t at = S.walkX.size();
-        S.walkX.resize(at + size_t(G));
-        float* x = S.walkX.data() + at;
-        const int64_t j = sampleIndex(id);
+  // A batch's logits first (their rows load side by side), then in the
+  // walk's order the partition sums, then the ranks.
+  struct WalkScorer {
+    AttentionScratch& S;
+    const decltype(logits)& logitsOf;
+    const decltype(sampleIndex)& sampleOf;
+    const float* c0;
+    ragraph::LogSums& reachedSum;
+    int64_t& reusedSample;
+    int G;
+    RaSearchProfile* prof;
+    void Batch(const int32_t* ids, size_t count, float* out) {
+      const Clock::time_point ts = prof ? Clock::now() : Clock::time_point();
+      const size_t at = S.walkIds.size();
+      S.walkX.resize((at + count) * size_t(G));
+      float* x0 = S.walkX.data() + at * size_t(G);
+      for (size_t i = 0; i < count; ++i) {
+        float* x = x0 + i * size_t(G);
+        const int64_t j = sampleOf(ids[i]);
         if (j >= 0) {
           std::copy_n(S.sampleX.data() + size_t(j) * G, G, x);
           S.sampleReached[size_t(j)] = 1;
           ++reusedSample;
         } else {
-          logits(id, x);
+          logitsOf(ids[i], x);
         }
-        reachedSum.Add(x, G);
-        S.walkIds.push_back(id);
-        const float r = rank(x);
-        S.walkRank.push_back(r);
-        if (prof) {
-          const double ms = std::chrono::duration<double, std::milli>(Clock::now() - ts).count();
-          if (ms < kPreemptedMs) prof->scoreMs += ms;
-        }
-        return r;
-      },
-      S.top, size_t(keep), opt.margin, opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0,
-      opt.freeSeeds, opt.freeSeedCount);
+      }
+      for (size_t i = 0; i < count; ++i) {
+        reachedSum.Add(x0 + i * size_t(G), G);
+        S.walkIds.push_back(ids[i]);
+      }
+      Ranks(x0, count, G, c0, out);
+      S.walkRank.insert(S.walkRank.end(), out, out + count);
+      if (prof) {
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - ts).count();
+        if (ms < kPreemptedMs * double(count)) prof->scoreMs += ms;
+      }
+    }
+  } scorer{S, logits, sampleIndex, c0, reachedSum, reusedSample, G, prof};
+  const int64_t walked = ragraph::BeamSearchBatched(
+      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), S.seeds.data(),
+      S.seeds.size(), beam, keys, d, scorer, S.top, size_t(keep), opt.margin,
+      opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0, opt.freeSeeds, opt.freeSeedCount);
   // The free start keys were scored first: the walk's first `freeKeys`
   // entries. Their logits stay in the partitions (step 3); the result and
   // the scanned count leave them out.
@@ -252,13 +330,19 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   //    the best keep, and the set and order written are those of scoring
   //    every key. At 1M keys this leaves ~1/3 of the keys scored.
   const float logG = std::log(float(group));
-  auto finalScore = [&](const float* x) {
-    double a[kMaxGroup], e[kMaxGroup];
-    for (int h = 0; h < G; ++h) a[h] = double(x[h]) - double(c[h]);
-    ragraph::ExpN(a, G, e);
-    double s = 0;
-    for (int h = 0; h < G; ++h) s += e[h];
-    return s > 0 ? float(std::log(s)) - logG : -std::numeric_limits<float>::infinity();
+  // out[i] = ln((1/G) Σ_h e^(x_h − c_h)) for the count keys xs[i], the logs four at a time.
+  auto finalScores = [&](const float* const* xs, size_t count, float* out) {
+    double sums[kRankBatch], logs[kRankBatch];
+    for (size_t i = 0; i < count; ++i) {
+      double a[kMaxGroup], e[kMaxGroup];
+      for (int h = 0; h < G; ++h) a[h] = double(xs[i][h]) - double(c[h]);
+      ragraph::ExpN(a, G, e);
+      double sum = 0;
+      for (int h = 0; h < G; ++h) sum += e[h];
+      sums[i] = sum;
+    }
+    ragraph::LogN(sums, int(count), logs);
+    for (size_t i = 0; i < count; ++i) out[i] = sums[i] > 0 ? float(logs[i]) - logG : -std::numeric_limits<float>::infinity();
   };
   const float logRows = std::log(float(G));
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
@@ -278,7 +362,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     for (int64_t j = 0; j < m; ++j)
       if (!S.sampleReached[size_t(j)]) {
         const float* x = S.sampleX.data() + size_t(j) * G;
-        S.ranks.push_back(lower(x, rank(x)));
+        S.ranks.push_back(lower(x, S.sampleRank[size_t(j)]));
       }
     std::nth_element(S.ranks.begin(), S.ranks.begin() + (keep - 1), S.ranks.end(), std::greater<float>());
     const float kth = S.ranks[size_t(keep - 1)];
@@ -286,22 +370,36 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     if (std::isfinite(kth)) cut = kth - kPruneSlack * (1.f + std::abs(kth) + logRows + std::abs(hi) + std::abs(lo));
   }
   S.all.clear();
-  for (int64_t i = freeKeys; i < reached; ++i)
-    if (upper(S.walkX.data() + size_t(i) * G, S.walkRank[size_t(i)]) >= cut) S.all.push_back(Hit{finalScore(S.walkX.data() + size_t(i) * G), S.walkIds[size_t(i)]});
+  S.finalX.clear();
+  for (int64_t i = freeKeys; i < reached; ++i) {
+    const float* x = S.walkX.data() + size_t(i) * G;
+    if (upper(x, S.walkRank[size_t(i)]) >= cut) S.all.push_back(Hit{0.f, S.walkIds[size_t(i)]}), S.finalX.push_back(x);
+  }
   for (int64_t j = 0; j < m; ++j)
     if (!S.sampleReached[size_t(j)]) {
       const float* x = S.sampleX.data() + size_t(j) * G;
-      if (upper(x, rank(x)) >= cut) S.all.push_back(Hit{finalScore(x), int32_t(off + j * stride)});
+      if (upper(x, S.sampleRank[size_t(j)]) >= cut) S.all.push_back(Hit{0.f, int32_t(off + j * stride)}), S.finalX.push_back(x);
     }
+  for (size_t i = 0; i < S.all.size(); i += kRankBatch) {
+    float sc[kRankBatch];
+    const size_t cnt = std::min(kRankBatch, S.all.size() - i);
+    finalScores(S.finalX.data() + i, cnt, sc);
+    for (size_t t = 0; t < cnt; ++t) S.all[i + t].score = sc[t];
+  }
   const int64_t count = std::min<int64_t>(keep, int64_t(S.all.size()));
-  // Selection then a sort of the kept (the order is total: ids are unique),
-  // cheaper than partial_sort's heap over ~20K hits.
-  if (count > 0 && count < int64_t(S.all.size()))
-    std::nth_element(S.all.begin(), S.all.begin() + (count - 1), S.all.end(), ragraph::BetterFn());
-  std::sort(S.all.begin(), S.all.begin() + count, ragraph::BetterFn());
+  // Selection then a sort of the kept (cheaper than partial_sort's heap over
+  // ~20K hits), on 64-bit keys that order as Better does (score descending,
+  // then id ascending; the order is total: ids are unique), so each compare
+  // is one integer compare rather than Better's two branches.
+  S.order.resize(S.all.size());
+  for (size_t i = 0; i < S.all.size(); ++i) S.order[i] = BestFirstKey(S.all[i]);
+  if (count > 0 && count < int64_t(S.order.size()))
+    std::nth_element(S.order.begin(), S.order.begin() + (count - 1), S.order.end());
+  std::sort(S.order.begin(), S.order.begin() + count);
   for (int64_t i = 0; i < count; ++i) {
-    outIds[i] = S.all[size_t(i)].id;
-    outScores[i] = S.all[size_t(i)].score;
+    const uint64_t key = S.order[size_t(i)];
+    outIds[i] = int32_t(uint32_t(key));
+    outScores[i] = ScoreOfKey(key);
   }
   res.count = count;
   if (prof) prof->finalMs += CpuMs() - t0, prof->finalScored += int64_t(S.all.size());

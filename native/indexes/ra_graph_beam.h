@@ -118,31 +118,39 @@ inline void ReplaceMin(std::vector<float>& heap, float x) {
   a[i] = x;
 }
 
-// score(id) -> float. Starts from the entries and the seeds (ids outside
-// [0, n) skipped), and from the free start keys `freeSeeds`: keys whose
-// scores the caller has anyway (the steady zone a session attends in full),
-// scored first, put on the candidate heap whatever they score, but neither
-// counted in the return value (nor against maxScan) nor entered in `top` or
-// the k-best bound: the walk expands from them, the result leaves them out.
-// Fills `top` with the best min(ef, reachable) hits (in no particular
-// order); returns how many keys were scored (free start keys not included).
-// Stops when the best unexpanded candidate is worse than the worst of `top`
-// with `top` full, so with ef >= n (and no margin) it expands every key
-// reachable from the entries. The quality bound: with k >= 1 and a finite margin it also stops
+// The walk scores keys through `scorer.Batch(ids, count, out)`: out[i] = the
+// score of ids[i], for up to kPrefetchAhead keys at a time, always in the
+// order the walk meets them (a scorer may keep per-key state in that order,
+// as the attention search's partition sums do). A batch is one expanded
+// node's new neighbours: their rows are loaded and scored side by side, and
+// the walk's bookkeeping, whose branches hang on the scores, comes after.
+//
+// Starts from the entries and the seeds (ids outside [0, n) skipped), and
+// from the free start keys `freeSeeds`: keys whose scores the caller has
+// anyway (the steady zone a session attends in full), scored first, put on
+// the candidate heap whatever they score, but neither counted in the return
+// value (nor against maxScan) nor entered in `top` or the k-best bound: the
+// walk expands from them, the result leaves them out. Fills `top` with the
+// best min(ef, reachable) hits (in no particular order); returns how many
+// keys were scored (free start keys not included). Stops when the best
+// unexpanded candidate is worse than the worst of `top` with `top` full, so
+// with ef >= n (and no margin) it expands every key reachable from the
+// entries. The quality bound: with k >= 1 and a finite margin it also stops
 // once the best unexpanded candidate scores below the k-th best so far
-// minus margin. With maxScan > 0 it stops expanding once that many keys
-// have been scored (the last expansion may pass it by one neighbour list).
+// minus margin. With maxScan > 0 it stops expanding once that many keys have
+// been scored (the last expansion may pass it by one neighbour list).
 //
 // Cost at 1M keys (bench/ra-search.ts): most of it is reading the scored keys'
 // rows from memory; the bookkeeping is kept off that path: `top` becomes a
 // heap only once it holds ef hits (until then every hit enters it, and a
 // search stopped by the margin often never fills it), the k-best heap
-// replaces its top in one sift, and the thread's scratch is looked up once.
-template <typename Graph, typename Score>
-int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
-                   size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top,
-                   size_t k = 0, float margin = 3.0e38f, int64_t maxScan = 0, const int32_t* freeSeeds = nullptr,
-                   size_t freeCount = 0) {
+// replaces its top in one sift, a key already below the margin's bound never
+// enters the candidate heap, and the thread's scratch is looked up once.
+template <typename Graph, typename Scorer>
+int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount,
+                          const int32_t* seeds, size_t seedCount, size_t ef, const uint16_t* keys, int d,
+                          Scorer& scorer, std::vector<Hit>& top, size_t k = 0, float margin = 3.0e38f,
+                          int64_t maxScan = 0, const int32_t* freeSeeds = nullptr, size_t freeCount = 0) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
   struct Scratch {
@@ -160,8 +168,7 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
   Visited& seen = Visited::Local(n);
   int64_t scanned = 0;
   bool full = false;  // top holds ef hits and is a heap (worst on top)
-  auto consider = [&](int32_t id) {
-    const float s = score(id);
+  auto consider = [&](int32_t id, float s) {
     ++scanned;
     if (bounded) {
       if (kbest.size() < k) {
@@ -185,20 +192,28 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
     } else {
       return;
     }
+    // Below the bound now, below it whenever the walk would pop it (the
+    // k-th best only rises): that pop would end the walk, and so does the
+    // pop of whatever worse candidate stands in its place. Same walk, a
+    // smaller heap.
+    if (bounded && kbest.size() >= k && s < kbest.front() - margin) return;
     cand.push_back(h);
     std::push_heap(cand.begin(), cand.end(), WorseFn());
     graph.PrefetchHead(id);
   };
+  float one;
   for (size_t e = 0; e < freeCount; ++e) {
     const int32_t id = freeSeeds[e];
     if (id < 0 || id >= n || seen.TestAndSet(id)) continue;
-    cand.push_back(Hit{score(id), id});
+    scorer.Batch(&id, 1, &one);
+    cand.push_back(Hit{one, id});
     std::push_heap(cand.begin(), cand.end(), WorseFn());
   }
   for (size_t e = 0; e < entryCount; ++e)
-    if (!seen.TestAndSet(entries[e])) consider(entries[e]);
+    if (!seen.TestAndSet(entries[e])) scorer.Batch(entries + e, 1, &one), consider(entries[e], one);
   for (size_t e = 0; e < seedCount; ++e)
-    if (seeds[e] >= 0 && seeds[e] < n && !seen.TestAndSet(seeds[e])) consider(seeds[e]);
+    if (seeds[e] >= 0 && seeds[e] < n && !seen.TestAndSet(seeds[e])) scorer.Batch(seeds + e, 1, &one), consider(seeds[e], one);
+  float batch[kPrefetchAhead];
   while (!cand.empty()) {
     std::pop_heap(cand.begin(), cand.end(), WorseFn());
     const Hit c = cand.back();
@@ -216,14 +231,37 @@ int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t
         fresh.push_back(v);
       }
     }
-    // Rows are prefetched a few ahead of the one being scored (prefetching
+    // Rows are prefetched a batch ahead of the one being scored (prefetching
     // them all at once stalls on the core's outstanding-miss limit).
-    for (size_t i = 0; i < fresh.size(); ++i) {
-      if (i + kPrefetchAhead < fresh.size()) PrefetchRow(keys + size_t(fresh[i + kPrefetchAhead]) * d, d);
-      consider(fresh[i]);
+    for (size_t i0 = 0; i0 < fresh.size(); i0 += kPrefetchAhead) {
+      const size_t count = std::min(kPrefetchAhead, fresh.size() - i0);
+      for (size_t i = i0 + kPrefetchAhead; i < std::min(fresh.size(), i0 + 2 * kPrefetchAhead); ++i)
+        PrefetchRow(keys + size_t(fresh[i]) * d, d);
+      scorer.Batch(fresh.data() + i0, count, batch);
+      for (size_t i = 0; i < count; ++i) consider(fresh[i0 + i], batch[i]);
     }
   }
   return scanned;
+}
+
+// A scorer of one key at a time, score(id) -> float, as a batch scorer.
+template <typename Score>
+struct PerKey {
+  Score& score;
+  void Batch(const int32_t* ids, size_t count, float* out) {
+    for (size_t i = 0; i < count; ++i) out[i] = score(ids[i]);
+  }
+};
+
+// BeamSearchBatched with a scorer of one key at a time, score(id) -> float.
+template <typename Graph, typename Score>
+int64_t BeamSearch(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount, const int32_t* seeds,
+                   size_t seedCount, size_t ef, const uint16_t* keys, int d, Score score, std::vector<Hit>& top,
+                   size_t k = 0, float margin = 3.0e38f, int64_t maxScan = 0, const int32_t* freeSeeds = nullptr,
+                   size_t freeCount = 0) {
+  PerKey<Score> scorer{score};
+  return BeamSearchBatched(graph, n, entries, entryCount, seeds, seedCount, ef, keys, d, scorer, top, k, margin,
+                           maxScan, freeSeeds, freeCount);
 }
 
 // Appends to adj[u] up to params.keyNeighbors of u's nearest keys by cosine

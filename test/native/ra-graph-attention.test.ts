@@ -6,8 +6,8 @@
 // search's estimated log-probabilities are close to the exact ones; the final
 // scores are spent only where the bound allows a key into the result; the
 // scan cap stops the walk; the key-key edges raise recall per key scanned when
-// the build queries say nothing about the decode queries; bad arguments are
-// refused.
+// the build queries say nothing about the decode queries; keys of equal score
+// come in ascending id order; bad arguments are refused.
 import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
@@ -229,6 +229,35 @@ describe('ra-graph final scores', () => {
     await RaGraph.searchBatch([{ ...b3, graph }, { ...b4, graph }]);
     expect([...b3.outIds]).toEqual([...b1.outIds]);
     expect([...b4.outIds]).toEqual([...full.outIds]);
+  });
+});
+
+describe('ra-graph result order', () => {
+  it('puts keys of equal score in ascending id order, for G = 4 and G = 3', async () => {
+    // Each key is stored four times (ids t, t + m, t + 2m, t + 3m): equal rows, equal scores, so the
+    // order among them is the ids' alone (the float64 test above allows any order within 1e-5).
+    const rng = new Rng(seed + 211);
+    const [m, d] = [1500, 16];
+    const n = 4 * m;
+    const base = keysOf(rng, 'f16', m, d, 1);
+    const bits = new Uint16Array(n * d);
+    for (let c = 0; c < 4; c++) bits.set(base.bits, c * m * d);
+    const graph = await RaGraph.build({ keys: bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 200, d), degree: 8, kBuild: 16 });
+    for (const G of [4, 3]) {
+      const a = args(bits, n, d, 'f16', groupRows(rng, G, d), G, 400, n);
+      expect(graph.searchSync(a).count).toBe(400);
+      let ties = 0;
+      for (let i = 1; i < 400; i++) {
+        expect(a.outScores[i]).toBeLessThanOrEqual(a.outScores[i - 1]);
+        if (a.outScores[i] === a.outScores[i - 1]) {
+          ties++;
+          expect(a.outIds[i]).toBeGreaterThan(a.outIds[i - 1]);
+        }
+      }
+      // 100 distinct keys' four copies: 300 ties, each copy right after the one before.
+      expect(ties).toBe(300);
+      for (let i = 0; i < 400; i += 4) expect([1, 2, 3].map((c) => a.outIds[i + c] - a.outIds[i])).toEqual([m, 2 * m, 3 * m]);
+    }
   });
 });
 
