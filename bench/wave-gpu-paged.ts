@@ -4,7 +4,7 @@
 // memory for the layer ≤ 20% of its K/V; ≤ 2 MiB host→device per step after
 // the first 16 steps"). Needs a CUDA device.
 //
-//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--ab [--thp]] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2,4] [--stays 0.9,1] [--tag T]
+//   node dist/bench/wave-gpu-paged.js [--check] [--bench] [--kernels [--thp]] [--steps N] [--cluster-size 16] [--probe 4] [--caches 1,2,4] [--stays 0.9,1] [--tag T]
 //
 // --check: on the small cases of bench/wave-gpu.ts (random keys clustered by
 // the real builder), a dense and a paged store of the same heads, the paged
@@ -15,9 +15,7 @@
 // in atomic order) and the host's (compare(), float64, on the first and last
 // step); a step repeated unchanged copies nothing (bytesIn 0); a step whose
 // rows exceed the cache rejects and the store answers the next one right.
-// The paged store's cache kernels alternate between the default and the
-// legacy ones (KVRECALL_WAVE_CACHE_LEGACY=1) two steps each (so each runs
-// graphed and launched one by one); the overflow runs under both.
+// Half the steps run graphed, half launched one by one.
 //
 // --bench: one layer at 1M tokens, 8 kv heads x 4 q heads, d=128, f16,
 // clusters of 16 (bench/wave-gpu.ts's synthetic layer), budget 2%, sinks 16,
@@ -31,11 +29,13 @@
 // host-to-device MiB per step over steps 16+ (mean, p99, max).
 // Results: bench/results/wave-gpu-paged-<card>.{json,md} (also $OUT when set).
 //
-// --ab: the same layer and call; per cache factor one paged store whose cache
-// kernels alternate legacy / new step by step (every other pair of steps
-// launched one by one with the cache kernels' CUDA events: need, allocate,
-// copy), every answer against the dense store's bit for bit; engine call p50
-// and each kernel's p50 per path: bench/results/wave-gpu-paged-ab-<card>-*.
+// --kernels: the same layer and call; per cache factor one paged store
+// (every other pair of steps launched one by one with the cache kernels' CUDA
+// events: need, allocate, copy), every answer against the dense store's bit
+// for bit; engine call p50 and each kernel's p50 a store:
+// bench/results/wave-gpu-paged-kernels-<card>-*. (Until the legacy cache
+// kernels were removed this was --ab, which alternated them with these:
+// bench/results/wave-gpu-paged-ab-*.)
 // --thp: each cache also a store whose pinned host copy asked for huge pages
 // (KVRECALL_WAVE_HOST_THP=1: fewer translations for the random row reads).
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -124,26 +124,10 @@ export interface PagedCheck {
   /** The step past the cache rejected with the overflow error, and the next one answered as the dense store. */
   overflowRejected: boolean;
   afterOverflowSame: boolean;
-  /**
-   * With both paths: the legacy steps captured a graph of their own (the switch, part of the graph's key, was read),
-   * apart from the new path's steps of the same shape.
-   */
-  pathsSeen: boolean;
 }
 
-/** The cache kernels a paged step runs (native/cuda/wave_cache.cuh): the legacy ones with KVRECALL_WAVE_CACHE_LEGACY=1, read per step. */
-export type CachePath = 'new' | 'legacy';
-export function setCachePath(path: CachePath): void {
-  if (path === 'legacy') process.env.KVRECALL_WAVE_CACHE_LEGACY = '1';
-  else delete process.env.KVRECALL_WAVE_CACHE_LEGACY;
-}
-
-/**
- * One case: dense and paged stores over the same heads, `steps` drifting steps, the repeat, the overflow. With
- * paths 'both' the paged store's cache kernels alternate two steps each (so each path runs graphed and launched one
- * by one) and the overflow is checked under each; the default path is left set after.
- */
-export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, paths: CachePath | 'both' = 'both'): Promise<PagedCheck> {
+/** One case: dense and paged stores over the same heads, `steps` drifting steps, the repeat, the overflow. */
+export async function checkPagedCase(c: WaveCase, seed: number, steps = 24): Promise<PagedCheck> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
@@ -170,15 +154,11 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
       q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking('spread'), exact, attend: true, rest: 'rows', ...filter,
       ...(lean && { stages: false }),
     });
-    const r: PagedCheck = { steps, same: 0, bitwise: 0, hostOk: true, cacheRows, rows: H * N, mustEvict: cacheRows < H * N && !c.distinctKeys, misses: 0, repeatBytesIn: [0, 0], overflowRejected: false, afterOverflowSame: false, pathsSeen: false };
-    const pathAt = (s: number): CachePath => (paths === 'both' ? ((s >> 1) % 2 === 1 ? 'legacy' : 'new') : paths);
-    const captures: number[] = [];
+    const r: PagedCheck = { steps, same: 0, bitwise: 0, hostOk: true, cacheRows, rows: H * N, mustEvict: cacheRows < H * N && !c.distinctKeys, misses: 0, repeatBytesIn: [0, 0], overflowRejected: false, afterOverflowSame: false };
     for (let s = 0; s < steps; s++) {
       // Half the steps as the engine calls (graph replayed), half launched one by one with stage times.
       const a = argsOf(qs[s], s % 2 === 1);
-      setCachePath(pathAt(s));
       const pr = await paged.step(a), dr = await dense.step(a);
-      captures.push(pr.graphCaptures);
       r.misses += pr.misses;
       const v = sameAnswer(pr, dr);
       if (v.same) r.same++;
@@ -190,41 +170,30 @@ export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path
         if (!host.ok) r.firstDiff ??= `step ${s} against the host: ${host.firstDiff ?? ''} out ${host.outRel} lse ${host.lseRel}`;
       }
     }
-    // Steps 1, 5 (new) and 3, 7 (legacy) are each path's first graphed steps: by step 7 each path has captured a
-    // graph of its own, two in all. Where it captures (native/cuda/step_graph.cuh): at a key's second sighting, steps
-    // 5 and 7 (1 and 3 run one by one); with KVRECALL_STEP_GRAPH_EAGER=1 at its first, steps 1 and 3. Were the
-    // switch not in the key, the two paths would share one graph: one capture.
-    r.pathsSeen = paths !== 'both' || (steps > 7 && captures[7] - captures[0] >= 2);
     const last = argsOf(qs[steps - 1], true);
-    setCachePath(paths === 'legacy' ? 'legacy' : 'new');
     r.repeatBytesIn = [(await paged.step(last)).bytesIn, (await paged.step(last)).bytesIn];
     // A budget past the cache: every row of every head (where the cache holds fewer).
     if (cacheRows < H * N) {
-      r.overflowRejected = r.afterOverflowSame = true;
-      for (const path of paths === 'both' ? (['new', 'legacy'] as const) : [paths]) {
-        setCachePath(path);
-        let rejected = false;
-        try {
-          await paged.step({ ...last, budget: new Array<number>(H).fill(N), keep: undefined, skip: undefined, target: new Array<number>(H).fill(N) });
-        } catch (e) {
-          rejected = /exceed the paged store's cache/.test(String(e));
-        }
-        r.overflowRejected &&= rejected;
-        r.afterOverflowSame &&= sameAnswer(await paged.step(last), await dense.step(last)).same;
+      let rejected = false;
+      try {
+        await paged.step({ ...last, budget: new Array<number>(H).fill(N), keep: undefined, skip: undefined, target: new Array<number>(H).fill(N) });
+      } catch (e) {
+        rejected = /exceed the paged store's cache/.test(String(e));
       }
+      r.overflowRejected = rejected;
+      r.afterOverflowSame = sameAnswer(await paged.step(last), await dense.step(last)).same;
     } else {
       r.overflowRejected = r.afterOverflowSame = true;  // the cache holds every row: nothing can overflow
     }
     return r;
   } finally {
-    setCachePath('new');
     dense.close();
     paged.close();
   }
 }
 
 export const pagedCheckOk = (r: PagedCheck) =>
-  r.same === r.steps && r.hostOk && r.pathsSeen && r.repeatBytesIn[1] === 0 && r.overflowRejected && r.afterOverflowSame && (!r.mustEvict || r.misses > r.cacheRows);
+  r.same === r.steps && r.hostOk && r.repeatBytesIn[1] === 0 && r.overflowRejected && r.afterOverflowSame && (!r.mustEvict || r.misses > r.cacheRows);
 
 // ---------------------------------------------------------------- benchmark
 
@@ -345,12 +314,12 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
   return lines.join('\n') + '\n';
 }
 
-// ---------------------------------------------------------------- the cache kernels, legacy against new
+// ---------------------------------------------------------------- the cache kernels' times
 
 const CACHE_STAGES = ['cache.need', 'cache.allocate', 'cache.copy'] as const;
 
-interface AbRow {
-  topicStay: number; store: string; cacheRows: number; path: CachePath;
+interface KernelsRow {
+  topicStay: number; store: string; cacheRows: number;
   engineMs: { p50: number; n: number }; hostWallMs: number; stageMs: Record<string, number>; timedSteps: number;
   copyGBps: number; h2dMiBPerStep: number;
   sameAsDense: { steps: number; same: number; bitwise: number; firstDiff?: string };
@@ -358,12 +327,11 @@ interface AbRow {
 
 /**
  * One paged store a cache factor, the dense one beside it: each step's query runs on the dense store (the reference)
- * and once on each paged store with one path of its cache kernels, the path alternating step by step and, every other
- * pair, the call launched one by one with stage times (the cache kernels' CUDA events) instead of the engine's call
- * (graph, no stages). Steps before `warm` (the cache's first fill, the graphs' captures) are left out of the times.
- * Every paged answer against the dense one's, bit for bit.
+ * and once on each paged store, every other pair of steps launched one by one with stage times (the cache kernels'
+ * CUDA events) instead of the engine's call (graph, no stages). Steps before `warm` (the cache's first fill, the
+ * graphs' captures) are left out of the times. Every paged answer against the dense one's, bit for bit.
  */
-async function runAb(cfg: PagedBenchConfig, log: (s: string) => void, thp = false, warm = 8) {
+async function runKernels(cfg: PagedBenchConfig, log: (s: string) => void, thp = false, warm = 8) {
   const { tokens: N, kvHeads: H, G, d } = cfg;
   const { rng, heads, dt, args, bound } = buildLayer(cfg);
   const t0 = performance.now();
@@ -386,19 +354,17 @@ async function runAb(cfg: PagedBenchConfig, log: (s: string) => void, thp = fals
     });
   });
   log(`stores: ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  const paths: CachePath[] = ['legacy', 'new'];
-  const rows: AbRow[] = [];
+  const rows: KernelsRow[] = [];
   try {
     for (const stay of cfg.stays) {
       const qs = driftingQueries(rng, keyRows(heads, d, dt), H, N, d, G, cfg.steps, [], stay);
       type Acc = { ms: number[]; wall: number[]; mib: number[]; stages: Record<string, number[]>; gbps: number[]; steps: number; bitwise: number; same: number; firstDiff?: string };
-      const acc = stores.map(() => paths.map((): Acc => ({ ms: [], wall: [], mib: [], stages: {}, gbps: [], steps: 0, bitwise: 0, same: 0 })));
+      const acc = stores.map((): Acc => ({ ms: [], wall: [], mib: [], stages: {}, gbps: [], steps: 0, bitwise: 0, same: 0 }));
       for (let s = 0; s < cfg.steps; s++) {
         const dr = await dense.step(args(qs[s]));
-        const pi = s % 2, timed = (s >> 1) % 2 === 1;
-        setCachePath(paths[pi]);
+        const timed = (s >> 1) % 2 === 1;
         for (let k = 0; k < stores.length; k++) {
-          const a = acc[k][pi];
+          const a = acc[k];
           const w0 = performance.now();
           const r = await stores[k].store.step(timed ? { ...args(qs[s]), stages: true } : args(qs[s]));
           const wall = performance.now() - w0;
@@ -419,42 +385,38 @@ async function runAb(cfg: PagedBenchConfig, log: (s: string) => void, thp = fals
           }
         }
       }
-      setCachePath('new');
       for (let k = 0; k < stores.length; k++) {
-        paths.forEach((path, pi) => {
-          const a = acc[k][pi];
-          rows.push({
-            topicStay: stay, store: stores[k].name, cacheRows: stores[k].cacheRows, path,
-            engineMs: { p50: p(a.ms, 0.5), n: a.ms.length }, hostWallMs: p(a.wall, 0.5),
-            stageMs: Object.fromEntries(CACHE_STAGES.map((n) => [n, p(a.stages[n] ?? [], 0.5)])), timedSteps: (a.stages['cache.copy'] ?? []).length,
-            copyGBps: p(a.gbps, 0.5), h2dMiBPerStep: p(a.mib, 0.5),
-            sameAsDense: { steps: a.steps, same: a.same, bitwise: a.bitwise, firstDiff: a.firstDiff },
-          });
+        const a = acc[k];
+        rows.push({
+          topicStay: stay, store: stores[k].name, cacheRows: stores[k].cacheRows,
+          engineMs: { p50: p(a.ms, 0.5), n: a.ms.length }, hostWallMs: p(a.wall, 0.5),
+          stageMs: Object.fromEntries(CACHE_STAGES.map((n) => [n, p(a.stages[n] ?? [], 0.5)])), timedSteps: (a.stages['cache.copy'] ?? []).length,
+          copyGBps: p(a.gbps, 0.5), h2dMiBPerStep: p(a.mib, 0.5),
+          sameAsDense: { steps: a.steps, same: a.same, bitwise: a.bitwise, firstDiff: a.firstDiff },
         });
       }
     }
   } finally {
-    setCachePath('new');
     dense.close();
     for (const x of stores) x.store.close();
   }
   return { device: deviceName(cudaAvailable()), config: { ...cfg, dtype: dt, warm, boundRows: bound }, rows };
 }
 
-function abMarkdown(r: Awaited<ReturnType<typeof runAb>>): string {
+function kernelsMarkdown(r: Awaited<ReturnType<typeof runKernels>>): string {
   const f = (x: number | undefined, n = 3) => (x === undefined || Number.isNaN(x) ? '-' : x.toFixed(n));
   const c = r.config;
   return [
-    `# Paged wave store's cache kernels, legacy against new, ${r.device}`,
+    `# Paged wave store's cache kernels, ${r.device}`,
     '',
     `One layer at ${c.tokens} tokens, ${c.kvHeads} kv x ${c.G} q heads, d=${c.d}, ${c.dtype}, clusters of ${c.clusterSize}, probe ${c.probe}, ${c.steps} drifting steps;`,
-    `the paths alternate step by step on one paged store a cache (bound ${c.boundRows} rows); every other pair of steps launched one by one with the cache kernels' events.`,
+    `one paged store a cache (bound ${c.boundRows} rows); every other pair of steps launched one by one with the cache kernels' events.`,
     `Times from step ${c.warm} on; answers of every step against the dense store's, bit for bit.`,
     '',
-    '| topicStay | store | path | engine ms p50 (n) | host wall p50 | need ms | allocate ms | copy ms | copy GB/s | H2D MiB/step p50 | bitwise as dense |',
-    '| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| topicStay | store | engine ms p50 (n) | host wall p50 | need ms | allocate ms | copy ms | copy GB/s | H2D MiB/step p50 | bitwise as dense |',
+    '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...r.rows.map((x) =>
-      `| ${x.topicStay} | ${x.store} | ${x.path} | ${f(x.engineMs.p50)} (${x.engineMs.n}) | ${f(x.hostWallMs)} | ${f(x.stageMs['cache.need'])} | ${f(x.stageMs['cache.allocate'])} | ` +
+      `| ${x.topicStay} | ${x.store} | ${f(x.engineMs.p50)} (${x.engineMs.n}) | ${f(x.hostWallMs)} | ${f(x.stageMs['cache.need'])} | ${f(x.stageMs['cache.allocate'])} | ` +
       `${f(x.stageMs['cache.copy'])} | ${f(x.copyGBps, 1)} | ${f(x.h2dMiBPerStep, 2)} | ${x.sameAsDense.bitwise}/${x.sameAsDense.steps}${x.sameAsDense.firstDiff ? ` (${x.sameAsDense.firstDiff})` : ''} |`),
     '',
   ].join('\n');
@@ -463,7 +425,7 @@ function abMarkdown(r: Awaited<ReturnType<typeof runAb>>): string {
 async function main() {
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
-  const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--ab');
+  const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--kernels');
   const info = cudaAvailable();
   console.log(`device: ${deviceName(info)}`);
   if (!info.ok) process.exit(2);
@@ -475,7 +437,7 @@ async function main() {
       const ok = pagedCheckOk(r);
       if (!ok) failed++;
       console.log(`${ok ? 'ok  ' : 'FAIL'} paged ${caseName(c)}: same ${r.same}/${r.steps} (bitwise ${r.bitwise}) host ${r.hostOk} cache ${r.cacheRows} misses ${r.misses} ` +
-        `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} paths ${r.pathsSeen} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+        `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
     }
   }
   const benchCfg = (): PagedBenchConfig => ({
@@ -491,12 +453,12 @@ async function main() {
       writeFileSync(join(dir, `${name}${tag ? `-${tag}` : ''}.md`), md);
     }
   };
-  if (args.includes('--ab')) {
+  if (args.includes('--kernels')) {
     const cfg = benchCfg();
-    const r = await runAb(cfg, console.log, args.includes('--thp'));
-    const md = abMarkdown(r);
+    const r = await runKernels(cfg, console.log, args.includes('--thp'));
+    const md = kernelsMarkdown(r);
     console.log(md);
-    save(`wave-gpu-paged-ab-${card}-cs${cfg.clusterSize}-p${cfg.probe}`, r, md);
+    save(`wave-gpu-paged-kernels-${card}-cs${cfg.clusterSize}-p${cfg.probe}`, r, md);
     if (r.rows.some((x) => x.sameAsDense.same !== x.sameAsDense.steps)) failed++;
   }
   if (all || args.includes('--bench')) {

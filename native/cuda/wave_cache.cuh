@@ -11,7 +11,7 @@
 // accessor holds no more than the map's pointer. Per step, on the step's
 // stream and inside its graph
 // (fixed launch shapes; the counts live on the device):
-//  1. CacheNeed (8 lanes a cluster; the legacy path 1), right after the clusters' cut: every member of every
+//  1. CacheNeed (8 lanes a cluster), right after the clusters' cut: every member of every
 //     cluster the cut took (all of them: the cut cluster's rest too, which
 //     PartialLogits reads when one of its rows is kept) and of every `exact`
 //     row's cluster (PartialLogits reads those clusters' members, the
@@ -24,7 +24,7 @@
 //     (not read by this step), the second gives its span's free slots, in
 //     order, to the misses after those of the spans before it, and unmaps
 //     each slot's previous owner: miss j gets the j-th free slot from the
-//     hand, as the legacy one-CTA scan (CacheAllocate) gives it. Slots are enough
+//     hand. Slots are enough
 //     when `rows` ≥ the step's needed rows (CacheRowsBound); otherwise the
 //     overflow flag is set, the rows left without a slot read the dump slot,
 //     and the host fails the step and empties the cache.
@@ -32,9 +32,13 @@
 //     16-byte words, kCopyUnroll loads a thread in flight over a grid that
 //     fills the GPU (the zero-copy reads' latency needs ~MiBs in flight to
 //     fill PCIe); it also advances the step and the clock hand (the
-//     allocation's CTAs read them). Legacy: CacheGather, a warp per miss.
-// KVRECALL_WAVE_CACHE_LEGACY=1 (read per step, wave_paths.cuh) runs the
-// legacy kernels; both keep the same state, so one store alternates them.
+//     allocation's CTAs read them).
+// These replaced a one-CTA allocation (CacheAllocate), a warp a miss's copy
+// (CacheGather) and a lane a cluster's need, with the same state and
+// answers: a layer-step at 1M went 4.43-4.45 -> 3.17 ms on an H100 (visit N,
+// the two alternated on one store by KVRECALL_WAVE_CACHE_LEGACY=1,
+// bench/results/wave-gpu-paged-ab-h100-cs16-p4.md); that switch and the
+// kernels only it ran were removed after it.
 // The later kernels read the same words as the dense store's (only their
 // addresses differ), so the answers are bit for bit the dense store's.
 #pragma once
@@ -63,8 +67,6 @@ namespace cuda {
 namespace {
 
 constexpr int32_t kPending = -2;         // a miss claimed this step, not yet given a slot
-constexpr int kAllocThreads = 1024, kAllocPer = 8;
-constexpr int kGatherCtas = 264, kGatherThreads = 256;  // a warp per row; fixed, for the graph
 // Counters the step reads back (in its output buffer): misses, overflow, bytes in, misses given a slot.
 constexpr int kCacheCounters = 4;
 // The parallel allocation: a CTA per span of at least kSlotSpan slots (at most kMaxAllocCtas spans).
@@ -93,7 +95,7 @@ struct CacheParams {
 __device__ __forceinline__ void NeedRow(const CacheParams& c, int64_t key, int32_t step) {
   const int32_t r = c.rowSlot[key];
   if (r > 0) {
-    c.stamp[r - 1] = step;  // no slot changes owner before CacheAllocate
+    c.stamp[r - 1] = step;  // no slot changes owner before CacheAssign
   } else if (r == -1 && atomicCAS(&c.rowSlot[key], -1, kPending) == -1) {
     const unsigned long long i = atomicAdd(&c.counters[0], 1ull);
     if (i < (unsigned long long)c.rows) c.miss[i] = int32_t(key);
@@ -102,8 +104,7 @@ __device__ __forceinline__ void NeedRow(const CacheParams& c, int64_t key, int32
 
 // blockIdx.y: the kv head; x: kLanes lanes for each of its clusters (those
 // the cut took), then for each exact row (its cluster); a cluster's lanes
-// stride its members, so that its rows are looked up side by side (the
-// legacy path: one lane a cluster, its members one after another).
+// stride its members, so that its rows are looked up side by side.
 template <int kLanes>
 __global__ void CacheNeed(CacheParams c) {
   const int h = blockIdx.y;
@@ -122,7 +123,7 @@ __global__ void CacheNeed(CacheParams c) {
 }
 
 // Miss `key` takes slot s: the slot's old row unmapped, the slot stamped
-// with the step (CacheAllocate's one CTA and CacheAssign's spans alike).
+// with the step.
 __device__ __forceinline__ void TakeSlot(const CacheParams& c, int32_t key, int64_t s, int32_t step) {
   const int32_t old = c.owner[s];
   if (old >= 0) c.rowSlot[old] = -1;
@@ -130,74 +131,6 @@ __device__ __forceinline__ void TakeSlot(const CacheParams& c, int32_t key, int6
   c.stamp[s] = step;
   c.rowSlot[key] = int32_t(s + 1);
 }
-
-// One CTA: slots from the clock hand, those not read this step, one per
-// miss, in slot order (each thread looks at kAllocPer consecutive slots a
-// round: with a cache barely above a step's rows few slots are free, and the
-// scan may pass most of them before it finds enough).
-__global__ void __launch_bounds__(kAllocThreads) CacheAllocate(CacheParams c) {
-  using Scan = cub::BlockScan<int, kAllocThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  __shared__ int64_t sLast;
-  const int32_t step = c.state[0], hand = c.state[1];
-  const unsigned long long misses = c.counters[0];
-  const int64_t M = misses < (unsigned long long)c.rows ? int64_t(misses) : c.rows;
-  if (threadIdx.x == 0) sLast = -1;
-  __syncthreads();
-  int64_t assigned = 0;
-  for (int64_t at = 0; assigned < M && at < c.rows; at += int64_t(kAllocThreads) * kAllocPer) {
-    const int64_t i0 = at + int64_t(threadIdx.x) * kAllocPer;
-    int mask = 0, n = 0;
-#pragma unroll
-    for (int k = 0; k < kAllocPer; ++k) {
-      const int64_t i = i0 + k;
-      if (i < c.rows && c.stamp[(hand + i) % c.rows] != step) mask |= 1 << k, ++n;
-    }
-    int rank = 0, total = 0;
-    Scan(tmp).ExclusiveSum(n, rank, total);
-#pragma unroll
-    for (int k = 0; k < kAllocPer; ++k) {
-      if (!(mask >> k & 1)) continue;
-      const int64_t j = assigned + rank++, i = i0 + k, s = (hand + i) % c.rows;
-      if (j >= M) break;
-      TakeSlot(c, c.miss[j], s, step);
-      if (j == M - 1) sLast = i;
-    }
-    assigned += total;
-    __syncthreads();  // tmp reused; each slot is looked at by one thread, once
-  }
-  if (threadIdx.x == 0) {
-    const int64_t given = assigned < M ? assigned : M;
-    c.counters[1] = misses > (unsigned long long)given ? 1ull : 0ull;
-    c.counters[2] = (unsigned long long)given * 4ull * (unsigned long long)c.d;  // K and V, 2 bytes a word
-    c.counters[3] = (unsigned long long)given;
-    if (sLast >= 0) c.state[1] = int32_t((int64_t(hand) + sLast + 1) % c.rows);
-    // In [0, 2^31) without a signed overflow, never a reset stamp's -1 (a
-    // stamp 2^31 steps old that matches only keeps its slot one step).
-    c.state[0] = int32_t((uint32_t(step) + 1u) & 0x7fffffffu);
-  }
-}
-
-// A warp per miss: its K and V rows, 16 bytes a lane, from the host into its slot.
-__global__ void __launch_bounds__(kGatherThreads) CacheGather(CacheParams c) {
-  const unsigned long long misses = c.counters[0];
-  const int64_t M = misses < (unsigned long long)c.rows ? int64_t(misses) : c.rows;
-  const int lane = threadIdx.x & 31, nd = c.d / 8;
-  const int64_t warps = int64_t(gridDim.x) * (kGatherThreads / 32);
-  for (int64_t i = int64_t(blockIdx.x) * (kGatherThreads / 32) + (threadIdx.x >> 5); i < M; i += warps) {
-    const int32_t key = c.miss[i], s = c.rowSlot[key];  // its row in cacheK/V
-    if (s <= 0) continue;  // left without a slot (overflow)
-    const uint4* k = reinterpret_cast<const uint4*>(c.hostK + size_t(key) * c.d);
-    const uint4* v = reinterpret_cast<const uint4*>(c.hostV + size_t(key) * c.d);
-    uint4* dk = reinterpret_cast<uint4*>(c.cacheK + size_t(s) * c.d);
-    uint4* dv = reinterpret_cast<uint4*>(c.cacheV + size_t(s) * c.d);
-    for (int w = lane; w < nd; w += 32) dk[w] = k[w], dv[w] = v[w];
-  }
-}
-
-// ---- The default path: the need 8 lanes a cluster, the allocation across
-// CTAs, the copy with many loads in flight.
-
 
 // Slot i places from the hand (hand < rows, i < rows).
 __device__ __forceinline__ int64_t FromHand(const CacheParams& c, int32_t hand, int64_t i) {
@@ -224,7 +157,7 @@ __global__ void __launch_bounds__(kSlotThreads) CacheCountFree(CacheParams c) {
 
 // A span's free slots, in order, to the misses after the spans' before it
 // (each thread kSlotPer consecutive slots a round, a block scan for their
-// ranks: the legacy CacheAllocate's order within the span). Spans are
+// ranks, in slot order within the span). Spans are
 // disjoint, so every slot, its owner's rowSlot and the miss's are written by
 // one thread; a slot stamped this step is never given (the rule that keeps a
 // row this step reads where it is).
@@ -287,7 +220,8 @@ __global__ void __launch_bounds__(kSlotThreads) CacheAssign(CacheParams c) {
 __global__ void __launch_bounds__(kCopyThreads) CacheCopy(CacheParams c) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     c.state[1] = c.state[2];
-    // In [0, 2^31) without a signed overflow, as CacheAllocate's.
+    // In [0, 2^31) without a signed overflow, never a reset stamp's -1 (a
+    // stamp 2^31 steps old that matches only keeps its slot one step).
     c.state[0] = int32_t((uint32_t(c.state[0]) + 1u) & 0x7fffffffu);
   }
   const int64_t given = int64_t(c.counters[3]);
@@ -430,10 +364,10 @@ struct RowCache {
     }
   };
 
-  // The step's need, allocate and gather, after the clusters' cut (p.cnt set):
-  // the legacy kernels or the default ones; with events around each (timed:
-  // a step launched one by one), Times() reads them after the step.
-  void Enqueue(const StepParams& p, int H, unsigned long long* counters, cudaStream_t s, bool legacy, bool timed) {
+  // The step's need, allocate and copy, after the clusters' cut (p.cnt set);
+  // with events around each (timed: a step launched one by one), Times()
+  // reads them after the step.
+  void Enqueue(const StepParams& p, int H, unsigned long long* counters, cudaStream_t s, bool timed) {
     CacheParams k = c;
     k.counters = counters;
     k.counts = p.counts, k.memberStart = p.memberStart, k.members = p.members, k.tokCl = p.tokCl, k.exact = p.exact;
@@ -443,20 +377,12 @@ struct RowCache {
       if (timed) Check(cudaEventRecord(ev[i], s), "event");
     };
     mark(0);
-    if (legacy) {
-      CacheNeed<1><<<dim3(unsigned(Cdiv(p.cmax + p.exactCount, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
-      mark(1);
-      CacheAllocate<<<1, kAllocThreads, 0, s>>>(k);
-      mark(2);
-      CacheGather<<<kGatherCtas, kGatherThreads, 0, s>>>(k);
-    } else {
-      CacheNeed<kNeedLanes><<<dim3(unsigned(Cdiv((p.cmax + p.exactCount) * kNeedLanes, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
-      mark(1);
-      CacheCountFree<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
-      CacheAssign<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
-      mark(2);
-      CacheCopy<<<unsigned(c.copyCtas), kCopyThreads, 0, s>>>(k);
-    }
+    CacheNeed<kNeedLanes><<<dim3(unsigned(Cdiv((p.cmax + p.exactCount) * kNeedLanes, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
+    mark(1);
+    CacheCountFree<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
+    CacheAssign<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
+    mark(2);
+    CacheCopy<<<unsigned(c.copyCtas), kCopyThreads, 0, s>>>(k);
     mark(3);
   }
 

@@ -46,10 +46,6 @@ struct StepPaths {
   bool range;
   bool owners;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
-  // KVRECALL_WAVE_CACHE_LEGACY=1: the paged store's one-CTA allocation, a
-  // warp a missing row's copy and a thread a cluster's need (wave_cache.cuh);
-  // apart from KVRECALL_WAVE_LEGACY.
-  bool cacheLegacy;
 };
 
 inline StepPaths ReadStepPaths(int d) {
@@ -72,7 +68,6 @@ inline StepPaths ReadStepPaths(int d) {
   s.owners = s.pack;
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
   s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
-  s.cacheLegacy = is("KVRECALL_WAVE_CACHE_LEGACY", '1');
   return s;
 }
 

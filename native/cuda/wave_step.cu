@@ -430,7 +430,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     L(TakeWeights<ClusterCut, int64_t>, cutGrid(I.cmax, kScanPer), kThreads, 0, cc, range1, cuts1, p.cnt, int64_t(0), tiles1, I.cmax);
     if (tmax > 0) L(GatherCandidates, dim3(unsigned(Tiles(I.cmax)), unsigned(H)), kThreads, 0, p, cuts1, tiles1);
     if (I.cache.rows > 0) {  // the rows read from here on
-      I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, P.cacheLegacy, a.stageTimes);
+      I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, a.stageTimes);
       L.Other();
     }
     mark(4, s);

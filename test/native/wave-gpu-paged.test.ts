@@ -8,11 +8,9 @@
 // (float64, bench/wave-gpu.ts's compare) on the first and last; a step
 // repeated unchanged copies nothing; a step whose rows exceed the cache
 // rejects with the overflow error and the next step answers as the dense
-// store. The cache kernels alternate between the default and the legacy
-// ones (KVRECALL_WAVE_CACHE_LEGACY=1) two steps each on the one paged store,
-// and the overflow is checked under each. The comparisons live in
-// bench/wave-gpu-paged.ts (`--check` runs them without vitest). Skips where
-// no CUDA device answers.
+// store. Half the steps run graphed, half launched one by one. The
+// comparisons live in bench/wave-gpu-paged.ts (`--check` runs them without
+// vitest). Skips where no CUDA device answers.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
@@ -31,7 +29,6 @@ describe.skipIf(!info.ok)('paged wave store on the GPU', () => {
       expect(r.firstDiff ?? '').toBe('');
       expect(r.same, 'steps answered as the dense store').toBe(r.steps);
       expect(r.hostOk, 'the host\'s answer, first and last step').toBe(true);
-      expect(r.pathsSeen, 'the legacy cache kernels\' steps ran apart (a graph of their own)').toBe(true);
       if (r.mustEvict) expect(r.misses, 'rows copied in: more than the cache holds (it evicted)').toBeGreaterThan(r.cacheRows);
       expect(r.repeatBytesIn[0], 'the step before the repeat').toBeGreaterThanOrEqual(0);
       expect(r.repeatBytesIn[1], 'a step repeated unchanged copies nothing').toBe(0);
