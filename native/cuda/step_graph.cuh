@@ -7,11 +7,13 @@
 // A few graphs are kept: a layer's store is shared by the document's
 // sessions, and sessions with other budgets (other shapes) take turns on it.
 //
-// A wave step's key changes every step while a session's own tokens are
+// A wave step's key changed every step while a session's own tokens were
 // fewer than its window (the document's share of the window shrinks by a
-// row a step), and a graph captured and instantiated (or updated) for one
-// step only cost more than launching that step one by one: on the H100 at
-// 1M a captured-anew step's kernels took 0.64-0.74 ms against 0.56 replayed
+// row a step; its sizes are now bucketed, native/cuda/wave_sizes.cuh, so
+// the key holds for up to 256 such steps), and a graph captured and
+// instantiated (or updated) for one step only cost more than launching that
+// step one by one: on the H100 at 1M a captured-anew step's kernels took
+// 0.64-0.74 ms against 0.56 replayed
 // (bench/results/wave-step-host-own-ab-h100.md, decode-full-llama3.2-1b-
 // h100-16layers-outproc.md). So by default a key is captured only when it
 // comes back: its first step runs one by one and leaves a hash of the key

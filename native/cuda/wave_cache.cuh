@@ -88,7 +88,8 @@ struct CacheParams {
   const uint16_t *hostK, *hostV; // [H·N, d] (mapped host memory)
   const int32_t *counts, *memberStart, *members, *tokCl, *exact;
   const int64_t *base, *cnt;
-  int64_t rows, N, cmax, exactCount;
+  int64_t rows, N, cmax, exactCount;  // exactCount: the step's bucket (the grid); its own count at exactN (null: exactCount)
+  const int64_t* exactN;
   int d;
 };
 
@@ -113,7 +114,7 @@ __global__ void CacheNeed(CacheParams c) {
   int64_t cl = -1;
   if (i < c.cmax) {
     if (i < c.base[h + 1] - b && c.cnt[b + i] > 0) cl = b + i;
-  } else if (i < c.cmax + c.exactCount) {
+  } else if (i < c.cmax + (c.exactN ? *c.exactN : c.exactCount)) {
     cl = b + c.tokCl[size_t(h) * c.N + c.exact[i - c.cmax]];
   }
   if (cl < 0) return;
@@ -371,7 +372,7 @@ struct RowCache {
     CacheParams k = c;
     k.counters = counters;
     k.counts = p.counts, k.memberStart = p.memberStart, k.members = p.members, k.tokCl = p.tokCl, k.exact = p.exact;
-    k.base = p.base, k.cnt = p.cnt, k.cmax = p.cmax, k.exactCount = p.exactCount;
+    k.base = p.base, k.cnt = p.cnt, k.cmax = p.cmax, k.exactCount = p.exactCount, k.exactN = p.exactN;
     Check(cudaMemsetAsync(counters, 0, kCacheCounters * 8, s), "memset");
     const auto mark = [&](int i) {
       if (timed) Check(cudaEventRecord(ev[i], s), "event");

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   const int64_t candCtas = (p.tmax + kRowsPerCta - 1) / kRowsPerCta;
   const bool exact = blockIdx.x >= candCtas;  // uniform over the block
   const int64_t j = (blockIdx.x - (exact ? candCtas : 0)) * kRowsPerCta + (threadIdx.x >> 1), col = exact ? p.tmax + j : j;
-  const bool live = exact ? j < p.exactCount : j < p.sel[h * 2 + 1];
+  const bool live = exact ? j < ExactCount(p) : j < p.sel[h * 2 + 1];
   const int32_t t = !live ? 0 : exact ? p.exact[j] : p.cand[size_t(h) * p.tmax + j];
   const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   uint4 w[kLoads];

@@ -581,7 +581,7 @@ __global__ void ScatterPack(StepParams p, const CutState* cuts) {
   if (j >= kept && j < p.width) p.outIds[size_t(h) * p.width + j] = -1;
   int32_t* const owner = p.owner + size_t(h) * p.N;
   // packOwners: the sinks/window row at position kept + j (ExactRow's), as ExactRows<0> takes it.
-  if (p.packOwners && j < p.exactCount) atomicMin(owner + p.exact[j], int32_t(kept + j));
+  if (p.packOwners && j < ExactCount(p)) atomicMin(owner + p.exact[j], int32_t(kept + j));
   if (int64_t(blockIdx.x) * blockDim.x >= p.tmax) return;  // uniform: the whole tile past tmax
   const size_t i = size_t(h) * p.tmax + j;
   const int32_t take = j < p.tmax ? p.take2[i] : 0;

@@ -61,6 +61,7 @@
 #include "cuda/wave_paths.cuh"
 #include "cuda/wave_cache.cuh"
 #include "cuda/wave_setup.cuh"
+#include "cuda/wave_sizes.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -253,34 +254,26 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   if (!a.keep.empty() && a.keep.size() != size_t(H)) throw std::runtime_error("wave step: keep needs one entry per kv head");
   if (a.skip.size() > 2) throw std::runtime_error("wave step: at most two skip ranges");
   std::vector<int64_t> params(size_t(H) * kParams);
-  // Rows the skip ranges hold (their union within [0, N)).
-  int64_t skipped = 0;
-  {
-    std::vector<std::pair<int64_t, int64_t>> r;
-    for (const auto& [lo, hi] : a.skip)
-      if (std::min(hi, N) > std::max<int64_t>(lo, 0)) r.emplace_back(std::max<int64_t>(lo, 0), std::min(hi, N));
-    std::sort(r.begin(), r.end());
-    int64_t end = 0;
-    for (const auto& [lo, hi] : r) {
-      skipped += std::max<int64_t>(0, hi - std::max(lo, end));
-      end = std::max(end, hi);
-    }
-  }
-  int64_t width = 0, tmax = 0;
+  const int64_t skipped = SkippedRows(a.skip, N);
+  int64_t widthOwn = 0, tmaxOwn = 0;
   for (int h = 0; h < H; ++h) {
     int64_t* ph = params.data() + size_t(h) * kParams;
     ph[0] = std::clamp<int64_t>(a.budget[h], 0, N);
     ph[1] = std::clamp<int64_t>(a.target[h], 0, N);
     ph[2] = std::clamp<int64_t>(a.maxClusters[h], 0, I.clusters[h]);
     ph[3] = a.keep.empty() ? ph[0] : std::clamp<int64_t>(a.keep[h], 0, ph[0]);
-    width = std::max(width, ph[0]);
-    tmax = std::max(tmax, ph[1]);
+    widthOwn = std::max(widthOwn, ph[0]);
+    tmaxOwn = std::max(tmaxOwn, ph[1]);
     // The kept ids are the best `keep` outside the skip ranges, which is what
     // dropping those rows from the best `budget` leaves only with this room.
     if (skipped > 0 && ph[3] + skipped > ph[0] && ph[3] > 0)
       throw std::runtime_error("wave step: keep + the rows in the skip ranges must not exceed the budget");
   }
-  const int64_t E = a.exactCount, rowsMax = width + E;
+  // Strides, grids and layouts from buckets of the sizes (StepBucket), the
+  // counts themselves device data (params, exactN): the graph's key holds
+  // while a session's own tokens are fewer than its window (E and the budget
+  // move by a row a step). ids come back at the bucket's stride.
+  const int64_t E = StepBucket(a.exactCount), width = StepBucket(widthOwn), tmax = StepBucket(tmaxOwn), rowsMax = width + E;
   if (int64_t(H) * tmax >= (int64_t(1) << 31)) throw std::runtime_error("wave step: too many candidates");
   // Parts MergeEstimate combines: the estimate's cluster tiles and its exact-row
   // tiles (with a.estimate), then the exact rows attended (with a.attend).
@@ -351,7 +344,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   // Inputs: the query rows with their norm term in column d, the per-head numbers, the exact rows.
   Layout In;
   const size_t oQ = In.Add(size_t(Q) * stride * 4), oParams = In.Add(size_t(H) * kParams * 8), oSkip = In.Add(4 * 8),
-               oExact = In.Add(size_t(E) * 4);
+               oExactN = In.Add(8), oExact = In.Add(size_t(E) * 4);
   I.in.Need(In.at, "cudaMalloc (wave inputs)");
   I.hin.Need(In.at, "cudaHostAlloc (wave inputs)");
   float* qAug = Layout::At<float>(I.hin.p, oQ);
@@ -363,11 +356,13 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   std::memcpy(Layout::At<int64_t>(I.hin.p, oParams), params.data(), params.size() * 8);
   std::memcpy(Layout::At<int64_t>(I.hin.p, oSkip), skipRanges, sizeof skipRanges);
-  if (E > 0) std::memcpy(Layout::At<int32_t>(I.hin.p, oExact), a.exact, size_t(E) * 4);
+  *Layout::At<int64_t>(I.hin.p, oExactN) = a.exactCount;
+  if (a.exactCount > 0) std::memcpy(Layout::At<int32_t>(I.hin.p, oExact), a.exact, size_t(a.exactCount) * 4);
   p.qAug = Layout::At<float>(I.in.p, oQ);
   p.params = Layout::At<int64_t>(I.in.p, oParams);
   p.skip = Layout::At<int64_t>(I.in.p, oSkip);
   p.exact = Layout::At<int32_t>(I.in.p, oExact);
+  p.exactN = Layout::At<int64_t>(I.in.p, oExactN);
   Layout Out;
   // The ids last: without args.ids the copy back stops before them.
   const size_t oCounts = Out.Add(size_t(H) * 16), oOut = Out.Add(size_t(Q) * d * 4), oLse = Out.Add(size_t(Q) * 4),
@@ -556,10 +551,11 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     }
     r.misses = int64_t(cc[3]), r.bytesIn = int64_t(cc[2]);
   }
-  r.width = width;
+  r.width = widthOwn;
   if (a.ids) {
     const int32_t* ids = Layout::At<int32_t>(I.hout.p, oIds);
-    r.ids.assign(ids, ids + size_t(H) * width);
+    r.ids.resize(size_t(H) * widthOwn);
+    for (int h = 0; h < H; ++h) std::memcpy(r.ids.data() + size_t(h) * widthOwn, ids + size_t(h) * width, size_t(widthOwn) * 4);
   }
   const int64_t* counts = Layout::At<int64_t>(I.hout.p, oCounts);
   for (int h = 0; h < H; ++h) {

@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
   __syncthreads();
   const int half = threadIdx.x & 1;
   const int64_t e = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
-  const bool live = e < p.exactCount;
+  const bool live = e < ExactCount(p);
   const int32_t t = live ? p.exact[e] : 0;
   const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
@@ -66,7 +66,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p, int tile, int h)
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int64_t at = int64_t(tile) * kTile + 2 * threadIdx.x + k;
-    if (at < kept + p.exactCount) {
+    if (at < kept + ExactCount(p)) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
         src[k] = KvRow<kPaged>(p, h, t);

@@ -28,7 +28,7 @@ __device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t
 template <int kMode>
 __device__ __forceinline__ void ExactRowAt(const StepParams& p, int h, int64_t j, int heads) {
   const int64_t kept = Kept(p, h);
-  if (j >= kept + p.exactCount) return;
+  if (j >= kept + ExactCount(p)) return;
   const int32_t t = ExactRow(p, h, j, kept);
   int32_t* owner = p.owner + size_t(h) * p.N + t;
   const int32_t cl = p.tokCl[size_t(h) * p.N + t];
@@ -298,7 +298,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int 
         const int32_t n = p.counts[b + at], r = p.removed[b + at];
         if (n > 0 && r < n) src[k] = (b + at) * p.d, lc[k] = int32_t(at), wd[k] = float(n - r), wn[k] = float(n), est += n - r;
       }
-    } else if (at < kept + p.exactCount) {
+    } else if (at < kept + ExactCount(p)) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
         const int32_t c = p.tokCl[size_t(h) * p.N + t], n = p.counts[b + c], r = p.removed[b + c];

@@ -219,7 +219,13 @@ struct StepParams {
   const int64_t* params;   // [kvHeads, kParams]: budget, target, cluster cap, keep
   const int64_t* skip;     // [4], device (an input: it moves with the window, the launches stay): two [lo, hi) ranges of rows dropped from the kept ids (empty: lo == hi)
   const int32_t* exact;
+  // The step's sizes as launches bake them in: buckets (StepBucket) of the
+  // exact rows' count, the candidates and the kept ids, for strides and grids
+  // only, so that the graph's key holds while they move by a row a step. The
+  // exact rows' own count is device data (exactN, an input; null: exactCount,
+  // the Rest call's 0): every bound on work reads ExactCount.
   int64_t exactCount, tmax, width;
+  const int64_t* exactN;
   // scratch
   float* logits;           // [qHeads, cmax]
   uint32_t *ord1, *ord2;  // rank orders (ascending = better): [ctot] clusters, [kvHeads, tmax] candidates
@@ -304,6 +310,8 @@ __device__ __forceinline__ int64_t KvRow(const StepParams& p, int h, int64_t t) 
   return (kPaged ? int64_t(max(p.rowSlot[i], 0)) : i) * p.d;
 }
 
+// The exact rows (sinks/window) the step attends: its own count, not the bucket.
+__device__ __forceinline__ int64_t ExactCount(const StepParams& p) { return p.exactN ? *p.exactN : p.exactCount; }
 // The ids kept (ScatterKept).
 __device__ __forceinline__ int64_t Kept(const StepParams& p, int h) { return p.keptN[h]; }
 // Exact row j of head h: the selection, then the sinks/window rows.
