@@ -22,7 +22,8 @@
 // to show what overlaps it). It also counts the
 // steps whose CUDA graph the device would capture anew: native/cuda/
 // wave_step.cu keys its graph on the step's sizes (the exact rows' count,
-// the widest budget, the most candidates), and a stand-in LRU of
+// the widest budget, the most candidates, each as its bucket: stepBucket),
+// and a stand-in LRU of
 // StepGraph's 8 graphs over those sizes tells which steps miss (a key's
 // first sighting runs one by one, native/cuda/step_graph.cuh).
 // With --device (a CUDA build and a GPU): the real store over synthetic
@@ -77,6 +78,15 @@ const TOKENS = 1 << 20, CLUSTER = 8, GRAPHS = 8;
 const params: SearchParams = { ...DEFAULT_PARAMS, budget: 0.01, sinks: 16, window: 256 };
 const rng = new Rng(7);
 
+/** native/cuda/wave_sizes.cuh's StepBucket: x rounded up to a multiple of max(256, x's highest power of two / 8), 0 kept. */
+function stepBucket(x: number): number {
+  if (x <= 0) return 0;
+  let top = 1;
+  while (top <= Math.floor(x / 2)) top *= 2;
+  const q = Math.max(256, top / 8);
+  return Math.ceil(x / q) * q;
+}
+
 /**
  * A stand-in for the native store: answers at once with the binding's
  * objects, and counts a graph capture where StepGraph (8 graphs, least
@@ -91,7 +101,8 @@ function standInStore(): WaveGpuStore {
     step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean; graph?: boolean }) {
       // Asleep, not spinning: on this 2-core VM a spinning hold took the core the pool's thread needs (a GPU host has cores to spare).
       if (holdMs > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, holdMs);
-      const key = `${a.exact?.length ?? 0}|${Math.max(...a.budget)}|${Math.max(...a.target)}|${a.ids}|${a.estimate}`;
+      const most = (xs: number[]) => stepBucket(Math.min(TOKENS, Math.max(0, ...xs)));
+      const key = `${stepBucket(a.exact?.length ?? 0)}|${most(a.budget)}|${most(a.target)}|${a.ids}|${a.estimate}`;
       let at = a.graph === false ? -2 : lru.indexOf(key);
       if (at === -1 && !eager && !seen.includes(key)) {
         // A key's first sighting runs one by one (native/cuda/step_graph.cuh's Capture::kOnRepeat).
