@@ -78,6 +78,21 @@ export function waveCacheRowsBound(a: { kvHeads: number; tokens: number; target:
 }
 
 /**
+ * native/cuda/wave_sizes.cuh's StepBucket: x rounded up to a multiple of
+ * max(256, x's highest power of two / 8), 0 kept. The step's launches (and
+ * its CUDA graph's key) take the exact rows' count, the widest budget and the
+ * most candidates, each clamped to the tokens, as these buckets: steps whose
+ * sizes share the buckets replay one graph.
+ */
+export function waveStepBucket(x: number): number {
+  if (x <= 0) return 0;
+  let top = 1;
+  while (top <= Math.floor(x / 2)) top *= 2;
+  const q = Math.max(256, top / 8);
+  return Math.ceil(x / q) * q;
+}
+
+/**
  * How clusters are ranked, and with it the estimate's order:
  * 'spread': max over the group of q·mu + spread·sqrt((q·a)² + Σ q_j² var_j)
  * (index/wave's SPREAD), second-order estimate; 'radius': q·mu +

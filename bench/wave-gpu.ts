@@ -31,7 +31,7 @@ import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
 import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
-import { WaveGpuStore, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
+import { WaveGpuStore, waveStepBucket, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { centroidStride, type ClusterArrays } from '../index/wave/cluster-codec.js';
 import { ClusterIndex, PROBE, PROBE_ESTIMATED, RADIUS_SHARE, SPREAD, type ClusterRanking } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
@@ -231,7 +231,7 @@ async function launchesSame(store: WaveGpuStore, args: Parameters<WaveGpuStore['
 }
 
 /** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
-export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean; pathsSame?: boolean }>> {
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean; leanFailed?: string; pathsSame?: boolean }>> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
@@ -251,24 +251,43 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
       // The engine's call, replayed from a CUDA graph: the same answer for
       // this query and for fresh ones (the graph must take each step's
       // inputs, not the captured step's), one capture while the shape holds.
+      // failed: the checks that did not hold (each runs whatever failed before), for the test's message.
+      const failed: string[] = [];
+      const check = (ok: boolean, what: string) => (ok || failed.push(what), ok);
       const leanStep = (a: typeof args) => store.step({ ...a, ids: false, stages: false });
-      const lean = leanSame(gpu, await leanStep(args));
+      check(leanSame(gpu, await leanStep(args)), 'lean after full');
       const captures = (await leanStep(args)).graphCaptures;
-      let fresh = true;
       for (let i = 0; i < 3; i++) {
         const a2 = { ...args, q: queries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G) };
         const full = await store.step(a2), replayed = await leanStep(a2);
-        fresh &&= leanSame(full, replayed) && replayed.graphCaptures === captures;
+        check(leanSame(full, replayed), `fresh query ${i}: replayed vs full`);
+        check(replayed.graphCaptures === captures, `fresh query ${i}: captured again`);
       }
-      // A second shape (one more kept row a head) taking turns with the first,
-      // as sessions with other budgets do on a shared layer: each keeps its graph.
-      // (One less where one more would pass the tokens: the step clamps the budget to them, the shape would not change.)
-      const other = { ...args, ...(args.keep && { keep: args.keep.map((k, h) => (c.budget[h] < N ? k : Math.max(0, k - 1))) }),
-        budget: c.budget.map((b) => (b < N ? b + 1 : b - 1)) };
-      for (const a2 of [other, args, other, args]) fresh &&= leanSame(await store.step(a2), await leanStep(a2));
-      fresh &&= (await leanStep(args)).graphCaptures === captures + 1;
+      // Other shapes taking turns with the first, as sessions with other
+      // budgets do on a shared layer. near: the budget one more a head (one
+      // less where one more would pass the tokens: the step clamps the budget
+      // to them); its sizes' buckets are the first shape's (native/cuda/
+      // wave_sizes.cuh), so it replays the first shape's graph with its own
+      // budget and keep. far: the widest budget moved past its bucket's edge
+      // (up where the tokens allow, else down): its own graph, captured at
+      // its second sighting, the first kept.
+      const shape = (budget: number[], keep: number[] | undefined) => ({ ...args, budget, ...(keep && { keep }) });
+      const near = shape(c.budget.map((b) => (b < N ? b + 1 : b - 1)), args.keep?.map((k, h) => (c.budget[h] < N ? k : Math.max(0, k - 1))));
+      const widest = Math.min(N, Math.max(...c.budget));
+      let to = waveStepBucket(widest) + 1;
+      if (to > N) for (to = widest - 1; to > 0 && waveStepBucket(to) === waveStepBucket(widest); to--);
+      const farBudget = c.budget.map((b) => Math.min(N, Math.max(0, Math.min(N, b) + to - widest)));
+      const far = shape(farBudget, args.keep && farBudget.map((b) => Math.max(0, b - exact.length)));
+      // What wave_step.cu's graph key takes from these shapes (the exact rows are the same).
+      const key = (a: { budget: number[]; probe: number }) =>
+        `${waveStepBucket(Math.min(N, Math.max(...a.budget)))}|${waveStepBucket(Math.min(N, Math.max(...a.budget.map((b) => a.probe * b))))}`;
+      const newKeys = new Set([key(near), key(far)].filter((k) => k !== key(args))).size;
+      for (const [name, a2] of [['near', near], ['far', far], ['first', args], ['far', far], ['near', near], ['first', args]] as const)
+        check(leanSame(await store.step(a2), await leanStep(a2)), `${name} shape: lean vs full`);
+      const after = (await leanStep(args)).graphCaptures;
+      check(after === captures + newKeys, `captures ${after - captures} over the other shapes, expected ${newKeys}`);
       const paths = await launchesSame(store, args);
-      return { ...r, ok: r.ok && lean && fresh && paths, leanSame: lean && fresh, pathsSame: paths, ms: gpu.ms };
+      return { ...r, ok: r.ok && failed.length === 0 && paths, leanSame: failed.length === 0, leanFailed: failed.join('; '), pathsSame: paths, ms: gpu.ms };
     };
     // All on one store, radius first: each later step also checks that the
     // one before left its per-cluster scratch (owner, removed) reset.
@@ -563,7 +582,7 @@ async function main() {
       const both = await checkWaveCase(c, seed++);
       for (const [ranking, r] of Object.entries(both)) {
         if (!r.ok) failed++;
-        console.log(`${r.ok ? 'ok  ' : 'FAIL'} ${ranking} ${caseName(c)}: idsDiffer ${r.idsDiffer} scanned ${r.scannedEqual} out ${r.outRel.toExponential(2)} lse ${r.lseRel.toExponential(2)} estimated ${r.estimatedEqual} ${r.ms.toFixed(3)} ms${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+        console.log(`${r.ok ? 'ok  ' : 'FAIL'} ${ranking} ${caseName(c)}: idsDiffer ${r.idsDiffer} scanned ${r.scannedEqual} out ${r.outRel.toExponential(2)} lse ${r.lseRel.toExponential(2)} estimated ${r.estimatedEqual} ${r.ms.toFixed(3)} ms${r.firstDiff ? ` (${r.firstDiff})` : ''}${r.leanFailed ? `; lean: ${r.leanFailed}` : ''}${r.pathsSame === false ? '; the round-4-off paths answer otherwise' : ''}`);
       }
     }
   }

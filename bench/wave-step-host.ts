@@ -38,7 +38,7 @@ import { writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { deviceCallRuns } from '../addon/device-calls.js';
 import { nativeThreads } from '../addon/kernels.js';
-import { WaveGpuStore, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
+import { WaveGpuStore, waveStepBucket as stepBucket, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import type { ModelShape } from '../core/model.js';
 import { attendOnHost } from '../engine/cache/residency.js';
 import type { HeldWaveStore } from '../engine/cache/device-wave.js';
@@ -77,15 +77,6 @@ const { qHeads, kvHeads, headDim: d } = model;
 const TOKENS = 1 << 20, CLUSTER = 8, GRAPHS = 8;
 const params: SearchParams = { ...DEFAULT_PARAMS, budget: 0.01, sinks: 16, window: 256 };
 const rng = new Rng(7);
-
-/** native/cuda/wave_sizes.cuh's StepBucket: x rounded up to a multiple of max(256, x's highest power of two / 8), 0 kept. */
-function stepBucket(x: number): number {
-  if (x <= 0) return 0;
-  let top = 1;
-  while (top <= Math.floor(x / 2)) top *= 2;
-  const q = Math.max(256, top / 8);
-  return Math.ceil(x / q) * q;
-}
 
 /**
  * A stand-in for the native store: answers at once with the binding's
