@@ -245,6 +245,15 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
     const filter: KeptFilter = { skip, keep: c.budget.map((k) => Math.max(0, k - exact.length)) };
     const run = async (ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows', attend = false) => {
       const args = { q, qHeads: H * G, scale: c.scale, budget: c.budget, probe: PROBE, ranking: gpuRanking(ranking), exact, rest, attend, ...(attend && filter) };
+      const shape = (budget: number[], keep: number[] | undefined) => ({ ...args, budget, ...(keep && { keep }) });
+      // The widest budget moved past its bucket's edge (up where the tokens allow, else down).
+      const farShape = () => {
+        const widest = Math.min(N, Math.max(...c.budget));
+        let to = waveStepBucket(widest) + 1;
+        if (to > N) for (to = widest - 1; to > 0 && waveStepBucket(to) === waveStepBucket(widest); to--);
+        const farBudget = c.budget.map((b) => Math.min(N, Math.max(0, Math.min(N, b) + to - widest)));
+        return shape(farBudget, args.keep && farBudget.map((b) => Math.max(0, b - exact.length)));
+      };
       const gpu = await store.step(args);
       const r = await compare(heads, gpu, q, G, d, dt, c.scale, c.budget, exact, ranking, rest, attend ? kv : undefined, attend ? filter : undefined);
       if (!attend) return { ...r, ms: gpu.ms };
@@ -255,6 +264,11 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
       const failed: string[] = [];
       const check = (ok: boolean, what: string) => (ok || failed.push(what), ok);
       const leanStep = (a: typeof args) => store.step({ ...a, ids: false, stages: false });
+      // The far shape (below) once first, launched one by one: the step's
+      // buffers grow to its sizes now, so none is reallocated while graphs
+      // are counted (a graph's key holds the buffers' pointers: a buffer that
+      // moved would make the first shape a new key).
+      await store.step({ ...farShape(), graph: false });
       check(leanSame(gpu, await leanStep(args)), 'lean after full');
       const captures = (await leanStep(args)).graphCaptures;
       for (let i = 0; i < 3; i++) {
@@ -271,13 +285,8 @@ export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<s
       // budget and keep. far: the widest budget moved past its bucket's edge
       // (up where the tokens allow, else down): its own graph, captured at
       // its second sighting, the first kept.
-      const shape = (budget: number[], keep: number[] | undefined) => ({ ...args, budget, ...(keep && { keep }) });
       const near = shape(c.budget.map((b) => (b < N ? b + 1 : b - 1)), args.keep?.map((k, h) => (c.budget[h] < N ? k : Math.max(0, k - 1))));
-      const widest = Math.min(N, Math.max(...c.budget));
-      let to = waveStepBucket(widest) + 1;
-      if (to > N) for (to = widest - 1; to > 0 && waveStepBucket(to) === waveStepBucket(widest); to--);
-      const farBudget = c.budget.map((b) => Math.min(N, Math.max(0, Math.min(N, b) + to - widest)));
-      const far = shape(farBudget, args.keep && farBudget.map((b) => Math.max(0, b - exact.length)));
+      const far = farShape();
       // What wave_step.cu's graph key takes from these shapes (the exact rows are the same).
       const key = (a: { budget: number[]; probe: number }) =>
         `${waveStepBucket(Math.min(N, Math.max(...a.budget)))}|${waveStepBucket(Math.min(N, Math.max(...a.budget.map((b) => a.probe * b))))}`;
