@@ -15,7 +15,8 @@
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
-import { caseName, checkWaveCase, TOL, waveCases } from '../../bench/wave-gpu.js';
+import { caseName, TOL, waveCases } from '../../bench/wave-gpu.js';
+import { checkWaveCase } from '../../bench/wave-gpu-check.js';
 import { bytesOf, convert } from '../../addon/kernels.js';
 import { stepDocument } from '../../engine/cache/device-wave.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
