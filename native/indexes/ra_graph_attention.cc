@@ -76,6 +76,15 @@ constexpr double kPreemptedMs = 0.05;
 // x + i·G: best + ln Σ_h e^(x_h − c0_h − best) for best = max_h (x_h − c0_h),
 // the logs four keys at a time.
 constexpr size_t kRankBatch = 8;
+#ifdef KVR_X86_SIMD
+// max over the four lanes, as std::max folded from -inf gives it (no NaN
+// here: with one it could differ).
+inline float MaxLane4(__m128 v) {
+  __m128 mx = _mm_max_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  mx = _mm_max_ps(mx, _mm_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(mx);
+}
+#endif
 void Ranks(const float* x, size_t count, int G, const float* c0, float* out) {
   double sums[kRankBatch], logs[kRankBatch];
   float bests[kRankBatch];
@@ -85,10 +94,7 @@ void Ranks(const float* x, size_t count, int G, const float* c0, float* out) {
     const __m128 c = _mm_loadu_ps(c0);
     for (size_t i = 0; i < count; ++i, x += 4) {
       const __m128 v = _mm_sub_ps(_mm_loadu_ps(x), c);
-      // max over the lanes, as std::max from -inf folds them (no NaN here: then it would differ).
-      __m128 mx = _mm_max_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
-      mx = _mm_max_ps(mx, _mm_shuffle_ps(mx, mx, _MM_SHUFFLE(1, 0, 3, 2)));
-      const float best = _mm_cvtss_f32(mx);
+      const float best = MaxLane4(v);
       alignas(32) double e[4];
       _mm256_store_pd(e, ragraph::Exp4d(_mm256_cvtps_pd(_mm_sub_ps(v, _mm_set1_ps(best)))));
       sums[i] = ((e[0] + e[1]) + e[2]) + e[3];
@@ -333,7 +339,19 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   // out[i] = ln((1/G) Σ_h e^(x_h − c_h)) for the count keys xs[i], the logs four at a time.
   auto finalScores = [&](const float* const* xs, size_t count, float* out) {
     double sums[kRankBatch], logs[kRankBatch];
-    for (size_t i = 0; i < count; ++i) {
+    size_t i = 0;
+#ifdef KVR_X86_SIMD
+    if (G == 4) {
+      // The loop below for four rows, in registers: the same operations in the same order.
+      const __m256d cd = _mm256_cvtps_pd(_mm_loadu_ps(c));
+      for (; i < count; ++i) {
+        alignas(32) double e[4];
+        _mm256_store_pd(e, ragraph::Exp4d(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xs[i])), cd)));
+        sums[i] = ((e[0] + e[1]) + e[2]) + e[3];
+      }
+    }
+#endif
+    for (; i < count; ++i) {
       double a[kMaxGroup], e[kMaxGroup];
       for (int h = 0; h < G; ++h) a[h] = double(xs[i][h]) - double(c[h]);
       ragraph::ExpN(a, G, e);
@@ -342,12 +360,18 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
       sums[i] = sum;
     }
     ragraph::LogN(sums, int(count), logs);
-    for (size_t i = 0; i < count; ++i) out[i] = sums[i] > 0 ? float(logs[i]) - logG : -std::numeric_limits<float>::infinity();
+    for (size_t t = 0; t < count; ++t) out[t] = sums[t] > 0 ? float(logs[t]) - logG : -std::numeric_limits<float>::infinity();
   };
   const float logRows = std::log(float(G));
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
   for (int h = 0; h < G; ++h) lo = std::min(lo, c0[h] - c[h]), hi = std::max(hi, c0[h] - c[h]);
+#ifdef KVR_X86_SIMD
+  const __m128 c4 = _mm_loadu_ps(c);  // c has kMaxGroup entries
+#endif
   auto maxShifted = [&](const float* x) {
+#ifdef KVR_X86_SIMD
+    if (G == 4) return MaxLane4(_mm_sub_ps(_mm_loadu_ps(x), c4));
+#endif
     float m = -std::numeric_limits<float>::infinity();
     for (int h = 0; h < G; ++h) m = std::max(m, x[h] - c[h]);
     return m;
