@@ -90,8 +90,9 @@ enum class RaAggregate {
 };
 
 // Where a search's time went (RaSearchOptions::profile; kAttention only), in
-// the thread's CPU milliseconds; scoreMs by the wall clock per key. Timing
-// every key costs ~10% more, so it is measured only when asked.
+// the thread's CPU milliseconds; scoreMs by the wall clock per batch of keys
+// (an expanded node's new neighbours). The timing has a cost, so it is
+// measured only when asked.
 struct RaSearchProfile {
   double sampleMs = 0;  // scoring the strided sample, lse estimate, sample seeds
   double walkMs = 0;    // the beam search, scoring included

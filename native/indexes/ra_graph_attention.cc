@@ -61,9 +61,9 @@ struct LogSum {
 constexpr float kPruneSlack = 1e-4f;
 
 // The profile's phases are in the thread's CPU time (a loaded machine's
-// waits for a core would otherwise swamp them); a key's scoring is timed by
-// the wall clock, too short to be preempted but for rare outliers, which
-// are dropped.
+// waits for a core would otherwise swamp them); a batch of keys' scoring is
+// timed by the wall clock, too short to be preempted but for rare outliers
+// (over kPreemptedMs a key), which are dropped.
 double CpuMs() {
   timespec t;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
