@@ -31,11 +31,15 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 import msgpack
 
 from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_result, batch_results
+from .lean import Layout, Plan, plan_key
 from .tensors import pack_parts
 from .wire import attend_fields, attend_parts, batch_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
 
 __all__ = ["Stream"]
+
+# Request forms (session, layer, shapes, ...) whose frames a stream keeps (kvrecall.lean).
+_PLANS = 4096
 
 
 class Stream:
@@ -47,6 +51,9 @@ class Stream:
         self._pings = 0
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True)
+        # The common decode step's frames made once per form (kvrecall.lean): over a plain socket, zero-masked.
+        self._lean = ws.zero_mask and ws._can_sendmsg
+        self._plans: Dict[Tuple[Any, ...], Plan] = {}
 
     @classmethod
     def open(cls, url: str, headers: Dict[str, str], timeout: Optional[float], ssl_context: Optional[ssl.SSLContext] = None) -> "Stream":
@@ -79,6 +86,10 @@ class Stream:
         stream stays open). The request goes from the arrays to the socket
         (no joined copy); out and lse are the caller's own arrays, copied
         once out of the receive buffer."""
+        if self._lean and returns is None and dtype is None and q_dtype is None:
+            key = plan_key(session, layer, q, k, v, scale, position, out_dtype)
+            if key is not None:
+                return self._attend_lean(key, session, layer, q, k, v, scale, position, out_dtype)
         fields = attend_fields(q, k, v, scale, position, returns, dtype, q_dtype, out_dtype)
         frame = self._call(lambda id_: attend_parts(self._packer, id_, str(session), int(layer), fields))
         if "error" in frame:
@@ -188,6 +199,49 @@ class Stream:
             self.ws.close(1001)
             raise
 
+    def _attend_lean(self, key: Tuple[Any, ...], session: str, layer: int, q: Any, k: Any, v: Any, scale: Any, position: Any, out_dtype: Any) -> AttendResult:
+        """Stream.attend's common case (kvrecall.lean): the same request but
+        for the widths of id and position, the same answer."""
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                if len(self._plans) >= _PLANS:  # a caller cycling through many sessions: start over
+                    self._plans.clear()
+                plan = self._plans[key] = Plan(self._packer, session, layer, q, k, v, scale, position, out_dtype)
+            id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
+            self._next_id = id_ + 1
+            ws = self.ws
+            try:
+                ws.send_framed(plan.parts(id_, q, k, v, scale, position), plan.nbytes)
+                data = ws.recv_view()
+                if isinstance(data, str):
+                    raise WebSocketError("a text frame on the stream")
+                # The answer's id: {"id": id, ...} with id packed in the fewest bytes (as msgpack does).
+                t = data[4] if len(data) > 9 and data[:4] == b"\x84\xa2id" else 0xFF
+                id_end = 5 if t < 0x80 else 6 if t == 0xCC else 7 if t == 0xCD else 9 if t == 0xCE else 0
+                if id_end and (t if id_end == 5 else int.from_bytes(data[5:id_end], "big")) == id_:
+                    # The layout by the id's width (the server pads the keys to align out's data after it).
+                    lay = plan.answers[id_end]
+                    r = lay.read(data, id_end) if lay else None
+                    if r is not None:
+                        return r
+                    frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                    if lay is None:  # learned once (False: not of a form this reads)
+                        plan.answers[id_end] = Layout.learn(data, id_end, frame) or False
+                else:
+                    frame = self._await(id_, data)
+            except ConnectionClosed as e:
+                raise ConnectionError(f"kvrecall stream: {e}") from e
+            except (WebSocketError, ValueError, msgpack.UnpackException) as e:
+                self.ws.close(1002)
+                raise ConnectionError(f"kvrecall stream: {e}") from e
+            except BaseException:
+                self.ws.close(1001)
+                raise
+        if "error" in frame:
+            raise KvrecallError.from_wire(frame["error"])
+        return attend_result(frame)
+
     def _send(self, body: Dict[str, Any]) -> int:
         """Sends one request frame, its large binary fields written as they are; its id."""
         id_ = self._next_id
@@ -210,14 +264,17 @@ class Stream:
         self.ws.send_binary_parts(parts)
         return self._await(id_)
 
-    def _await(self, id_: int) -> Dict[str, Any]:
-        """Reads frames until the answer with this id (decoded where it lies
-        in the receive buffer; msgpack copies out what it returns)."""
+    def _await(self, id_: int, data: Any = None) -> Dict[str, Any]:
+        """Reads frames (from `data`, a frame read already) until the answer
+        with this id (decoded where it lies in the receive buffer; msgpack
+        copies out what it returns)."""
         while True:
-            data = self.ws.recv_view()
+            if data is None:
+                data = self.ws.recv_view()
             if isinstance(data, str):
                 raise WebSocketError("a text frame on the stream")
             frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            data = None
             if isinstance(frame, dict) and frame.get("id") == id_:
                 return frame
             # An error without an id answers a frame the server could not

@@ -253,6 +253,20 @@ class WebSocket:
             raise self._closed from e
 
 
+    def send_framed(self, parts: List[Any], nbytes: int) -> None:
+        """Sends parts that are a whole frame, its header (with the zero key)
+        first: `nbytes` in all (kvrecall.lean's plans)."""
+        if self._closed is not None:
+            raise self._closed
+        try:
+            sent = self.sock.sendmsg(parts)
+            if sent < nbytes:
+                send_rest(self.sock, [memoryview(p).cast("B") for p in parts], sent)
+        except OSError as e:
+            e = _timed_out(e)
+            self._fail(ConnectionClosed(1006, f"send failed: {e}"))
+            raise self._closed from e
+
     def send_text(self, text: str) -> None:
         self._send_frame(OP_TEXT, text.encode("utf-8"))
 
@@ -345,6 +359,20 @@ class WebSocket:
             raise self._closed from e
 
     def _recv_message(self) -> Union[memoryview, str]:
+        if self._pos == self._end:
+            # Nothing buffered: one read at the buffer's start. The common
+            # answer (one whole final binary frame, up to 64 KiB) is returned
+            # from here; anything else is parsed below from what was read.
+            buf = self._rbuf
+            got = self.sock.recv_into(buf)
+            if not got:
+                raise ConnectionClosed(1006, "connection ended")
+            self._pos, self._end = 0, got
+            if got > 3 and buf[0] == 0x82 and buf[1] <= 126:  # FIN, binary, unmasked, a 7- or 16-bit length
+                n, head = (buf[1], 2) if buf[1] < 126 else ((buf[2] << 8) | buf[3], 4)
+                if head + n <= got and n <= self.max_message:
+                    self._pos = head + n
+                    return memoryview(buf)[head : head + n]
         opcode: Optional[int] = None
         fragments: List[bytes] = []
         size = 0
@@ -395,6 +423,8 @@ class WebSocket:
         payload a view of the buffer (or of a buffer of its own when larger
         than the buffer may grow)."""
         pos = self._pos
+        if pos == self._end:  # all parsed (the views given out are spent): read from the buffer's start, in one read
+            self._pos = self._end = pos = 0
         if self._end - pos < 14:  # the longest header: 2 + 8 + a 4-byte key
             self._fill(2)
             pos = self._pos

@@ -112,6 +112,35 @@ class _CountingSocket:
         return getattr(self._sock, name)
 
 
+class _Reads:
+    """A connected socket whose reads each return at most the next of
+    `chunks` (what is left of it when the buffer is short), counted."""
+
+    def __init__(self, chunks):
+        self.chunks, self.reads = list(chunks), 0
+
+    def recv_into(self, view, nbytes=0):
+        self.reads += 1
+        if not self.chunks:
+            return 0
+        chunk = self.chunks[0]
+        n = min(len(chunk), len(view) if not nbytes else nbytes)
+        view[:n] = chunk[:n]
+        self.chunks[0] = chunk[n:]
+        if not self.chunks[0]:
+            self.chunks.pop(0)
+        return n
+
+    def sendmsg(self, buffers):
+        return sum(memoryview(b).nbytes for b in buffers)
+
+    def shutdown(self, how):
+        pass
+
+    def close(self):
+        pass
+
+
 class WebSocketProtocol(unittest.TestCase):
     def test_handshake_and_masked_frames_of_every_length_form(self):
         sizes = [0, 5, 125, 126, 1000, 65535, 65536, 200_000]
@@ -308,6 +337,24 @@ class WebSocketProtocol(unittest.TestCase):
         self.assertEqual(ws.recv(), b"early")
         srv.join()
         ws.close()
+
+    def test_one_read_per_answer_when_each_comes_alone(self):
+        """Answers of 20 KB that come one per read (as a decode step's do):
+        each is read in one recv_into, at the drained buffer's start (read
+        where the last one ended, every third would take two reads of a
+        64 KiB buffer); then frames that come together, split, or with a
+        64-bit length, parsed as before."""
+        rng = np.random.default_rng(4)
+        payloads = [rng.bytes(20_000 + i) for i in range(12)]
+        alone = _Reads([server_frame(0x2, p) for p in payloads])
+        ws = WebSocket(alone, zero_mask=True, recv_buffer=1 << 16)
+        got = [bytes(ws.recv_view()) for _ in payloads]
+        self.assertEqual(got, payloads)
+        self.assertEqual(alone.reads, len(payloads))
+        big, small = rng.bytes(70_000), rng.bytes(10)
+        mixed = [server_frame(0x2, small) + server_frame(0x2, small), server_frame(0x2, big)[:3], server_frame(0x2, big)[3:], server_frame(0x1, b"text"), server_frame(0x2, small)[:2], server_frame(0x2, small)[2:]]
+        ws = WebSocket(_Reads(mixed), zero_mask=True, recv_buffer=1 << 16)
+        self.assertEqual([ws.recv() for _ in range(5)], [small, small, big, "text", small])
 
     def test_mask_is_an_involution_at_every_size(self):
         key = os.urandom(4)
