@@ -29,6 +29,10 @@ Rows (interleaved call by call, so drift hits all alike):
   (q and out in f16), the overhead of the whole call (wall - the batch's
   server ms).
 
+Client CPU: the calling thread's CPU time over the call (time.thread_time:
+the client's own Python and its syscalls, not the wait), what of the
+overhead is the client's own work.
+
 Each attend is a decode step as the transformers adapter sends it: q
 [qHeads, d] f32 and the new token's k, v [kvHeads, d] f16 with its
 position, on its own session over one document of --tokens tokens (model:
@@ -122,6 +126,7 @@ def run(
     stream = kv.open_stream()
     wall: Dict[str, List[float]] = {name: [] for name in names}
     server: Dict[str, List[float]] = {name: [] for name in names}
+    cpu: Dict[str, List[float]] = {name: [] for name in names}
     alone: List[float] = []
 
     def step(i: int) -> Dict[str, Any]:
@@ -170,14 +175,17 @@ def run(
                 if name.endswith("after a wait"):
                     # As long as the last HTTP attend's server step (untimed): the client idle as it is during an attend.
                     time.sleep(last_ms / 1e3)
+                c0 = time.thread_time_ns()
                 t0 = time.perf_counter_ns()
                 ms = one(name, i)
+                t1 = time.perf_counter_ns()
+                c1 = time.thread_time_ns()
                 if name == "http attend":
                     last_ms = ms
-                t1 = time.perf_counter_ns()
                 if i >= warmup:
                     wall[name].append((t1 - t0) / 1e3)
                     server[name].append(ms * 1e3)
+                    cpu[name].append((c1 - c0) / 1e3)
         info = kv.health()
     finally:
         stream.close()
@@ -190,9 +198,9 @@ def run(
     rows = [{"transport": "health, alone", "calls": len(alone), "overhead_us": percentiles(alone), "wall_us": percentiles(alone), "server_us": percentiles([0.0] * len(alone))}]
     for name in names:
         over = [w - s for w, s in zip(wall[name], server[name])]
-        rows.append({"transport": name, "calls": len(over), "overhead_us": percentiles(over), "wall_us": percentiles(wall[name]), "server_us": percentiles(server[name])})
+        rows.append({"transport": name, "calls": len(over), "overhead_us": percentiles(over), "wall_us": percentiles(wall[name]), "server_us": percentiles(server[name]), "client_cpu_us": percentiles(cpu[name])})
     return {
-        "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall)",
+        "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall); client_cpu_us: the calling thread's CPU time over the call",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {"tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "server": {k: info.get(k) for k in ("version", "backend", "threads")}},
@@ -202,12 +210,13 @@ def run(
 
 def table(result: Dict[str, Any]) -> str:
     lines = [
-        "| transport | overhead p50 (us) | p90 | p99 | wall p50 (us) | server ms p50 (us) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| transport | overhead p50 (us) | p90 | p99 | wall p50 (us) | server ms p50 (us) | client CPU p50 (us) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
-        o = r["overhead_us"]
-        lines.append(f"| {r['transport']} | {o['p50']:.0f} | {o['p90']:.0f} | {o['p99']:.0f} | {r['wall_us']['p50']:.0f} | {r['server_us']['p50']:.0f} |")
+        o, c = r["overhead_us"], r.get("client_cpu_us")
+        cpu = f"{c['p50']:.0f}" if c else "-"
+        lines.append(f"| {r['transport']} | {o['p50']:.0f} | {o['p90']:.0f} | {o['p99']:.0f} | {r['wall_us']['p50']:.0f} | {r['server_us']['p50']:.0f} | {cpu} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ Rows per side (overhead = client wall - the server's stats.ms; p50 in us):
   (q and out f16; the transformers adapter's decode call), each session
   over a document of 256 tokens (so that the server's part stays short);
   its overhead is the wall time less the batch's server ms.
+Client CPU rows: the calling thread's CPU time over the call (time.thread_time).
 --phases: instead, where a stream attend's time goes on each side
 (perf_counter_ns marks: pack, send, wait + read, msgpack decode, arrays);
 --phases http: where an HTTP attend's and a Client.health()'s go (pack,
@@ -120,6 +121,8 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
     names = (PHASES_HTTP if phases == "http" else PHASES_STREAM) if phases else ROWS
     samples: Dict[str, Dict[str, List[float]]] = {side: {row: [] for row in names} for side in sides}
     server_ms: Dict[str, Dict[str, List[float]]] = {side: {} for side in sides}
+    cpu: Dict[str, Dict[str, List[float]]] = {side: {} for side in sides}
+    wall: Dict[str, Dict[str, List[float]]] = {side: {} for side in sides}
     try:
         for i in range(n):
             for side in (("before", "after") if i % 2 == 0 else ("after", "before")):
@@ -131,10 +134,15 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
                             samples[side][row].append(us)
                     continue
                 for row in names:
+                    c0 = time.thread_time_ns()
                     t0 = time.perf_counter_ns()
                     ms = call(s, row, i)
+                    t1 = time.perf_counter_ns()
+                    c1 = time.thread_time_ns()
                     if i >= warmup:
-                        samples[side][row].append((time.perf_counter_ns() - t0) / 1e3 - ms * 1e3)
+                        samples[side][row].append((t1 - t0) / 1e3 - ms * 1e3)
+                        cpu[side].setdefault(row, []).append((c1 - c0) / 1e3)
+                        wall[side].setdefault(row, []).append((t1 - t0) / 1e3)
                         if ms:
                             server_ms[side].setdefault(row, []).append(ms * 1e3)
         load.append(os.getloadavg())
@@ -144,7 +152,10 @@ def run(url: str, token: Optional[str], before: Any, after: Any, calls: int, war
     rows = {row: {side: _pcts(samples[side][row]) for side in sides} for row in names}
     # The server's own stats.ms per attend row (its request's parse included: where a copy of q would show).
     server = {row: {side: _pcts(server_ms[side][row]) for side in sides} for row in server_ms["after"] if all(row in server_ms[side] for side in sides)}
-    return {"what": "p50/p90 in us; overhead = client wall - server stats.ms", "calls": calls, "warmup": warmup, "tokens": tokens, "shape": shape, "load": load, "phases": phases, "rows": rows, "server_us": server}
+    # The calling thread's CPU time over each call (the client's own work and its syscalls, not the wait).
+    client_cpu = {row: {side: _pcts(cpu[side][row]) for side in sides} for row in cpu["after"]}
+    wall_us = {row: {side: _pcts(wall[side][row]) for side in sides} for row in wall["after"]}
+    return {"what": "p50/p90 in us; overhead = client wall - server stats.ms; client_cpu_us: the calling thread's CPU time over the call", "calls": calls, "warmup": warmup, "tokens": tokens, "shape": shape, "load": load, "phases": phases, "rows": rows, "server_us": server, "client_cpu_us": client_cpu, "wall_us": wall_us}
 
 
 PHASES_STREAM = ["pack", "send", "wait + read", "msgpack decode", "arrays", "overhead"]
@@ -246,6 +257,12 @@ def table(result: Dict[str, Any]) -> str:
     for row, r in result["rows"].items():
         b, a = r["before"]["p50"], r["after"]["p50"]
         lines.append(f"| {row} | {b:.1f} | {a:.1f} | {a / b:.3f} |")
+    for row, r in result.get("wall_us", {}).items():
+        b, a = r["before"]["p50"], r["after"]["p50"]
+        lines.append(f"| {row}: wall | {b:.1f} | {a:.1f} | {a / b:.3f} |")
+    for row, r in result.get("client_cpu_us", {}).items():
+        b, a = r["before"]["p50"], r["after"]["p50"]
+        lines.append(f"| {row}: client CPU | {b:.1f} | {a:.1f} | {a / b:.3f} |")
     for row, r in result.get("server_us", {}).items():
         b, a = r["before"]["p50"], r["after"]["p50"]
         lines.append(f"| {row}: server stats.ms | {b:.1f} | {a:.1f} | {a / b:.3f} |")
