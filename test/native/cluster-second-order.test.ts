@@ -11,7 +11,7 @@
 import { describe, expect, it } from 'vitest';
 import { estimateClusters } from '../../addon/estimate.js';
 import { rankClusterHeads } from '../../addon/cluster-rank.js';
-import { buildClusters } from '../../index/wave/cluster-build.js';
+import { buildClusters, DEFAULT_CLUSTER_OPTIONS } from '../../index/wave/cluster-build.js';
 import { ClusterIndex } from '../../index/wave/cluster-index.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -186,7 +186,8 @@ describe('rankClusterHeads', () => {
       return { at, q: Float32Array.from(dir, (x) => 3 * x) };
     });
     const keys = words(keysF), values = words(Float32Array.from({ length: N * d }, () => rng.normal()));
-    const index = ClusterIndex.load(await buildClusters({ keys, values, tokens: N, headDim: d, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 }), { keys, values, tokens: N, headDim: d, dtype: 'f16' });
+    // Clusters of 8, as the search's budget (8 tokens): at 16 a plant shares half a budget with 15 others.
+    const index = ClusterIndex.load(await buildClusters({ keys, values, tokens: N, headDim: d, dtype: 'f16', queries: new Float32Array(0), queryCount: 0 }, { ...DEFAULT_CLUSTER_OPTIONS, clusterSize: 8 }), { keys, values, tokens: N, headDim: d, dtype: 'f16' });
     const found = async (ranking: 'spread' | 'radius') => {
       let n = 0;
       for (const p of plants) if ((await ClusterIndex.searchHeads([index], p.q, 1, [8], ranking))[0].ids.includes(p.at)) n++;
