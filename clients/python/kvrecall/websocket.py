@@ -252,10 +252,8 @@ class WebSocket:
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
 
-
     def send_framed(self, parts: List[Any], nbytes: int) -> None:
-        """Sends parts that are a whole frame, its header (with the zero key)
-        first: `nbytes` in all (kvrecall.lean's plans)."""
+        """Sends parts that are a whole frame, header (zero key) first, `nbytes` in all (kvrecall.lean's plans)."""
         if self._closed is not None:
             raise self._closed
         try:
@@ -360,9 +358,8 @@ class WebSocket:
 
     def _recv_message(self) -> Union[memoryview, str]:
         if self._pos == self._end:
-            # Nothing buffered: one read at the buffer's start. The common
-            # answer (one whole final binary frame, up to 64 KiB) is returned
-            # from here; anything else is parsed below from what was read.
+            # Nothing buffered: one read at the buffer's start. The common answer (one whole final
+            # binary frame, up to 64 KiB) is returned from here; anything else is parsed below.
             buf = self._rbuf
             got = self.sock.recv_into(buf)
             if not got:
