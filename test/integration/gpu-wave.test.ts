@@ -35,13 +35,15 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
     onGpu = await startInProcess(dirs[0].dir, { gpuWaveBudget: 4 * 2 ** 30 });
     onCpu = await startInProcess(dirs[1].dir, { gpuBudget: 0 });
     // 75% of a layer's rows: above what a step of the sessions below reads (per head: under the 2080-row target at
-    // probe 8 + the largest cluster + the sinks/window rows' clusters), so every step runs on the device.
+    // probe 8 + the largest cluster + the sinks/window rows' clusters, at clusters of 8: the document's clusterSize
+    // below; at 16 those clusters hold twice the rows and the estimate-off steps ran on the host), so every step runs
+    // on the device.
     onPaged = await startInProcess(dirs[2].dir, { gpuWaveBudget: 4 * 2 ** 30, gpuWaveCache: 0.75 });
     const rng = new Rng(seed);
     for (let l = 0; l < model.layers; l++) chunks.push(randomKv(rng, 'f16', kvHeads, DOC, d));
     for (const s of [onGpu, onCpu, onPaged]) {
       const c = new KvrecallClient({ url: s.url });
-      await c.createDocument('doc', model, { methods: ['wave'] });
+      await c.createDocument('doc', model, { methods: ['wave'], clusterSize: 8 });
       for (let l = 0; l < model.layers; l++) await c.uploadDocumentKv('doc', { layer: l, start: 0, k: chunks[l].k, v: chunks[l].v });
       await c.sealDocument('doc');
     }
