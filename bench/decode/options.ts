@@ -86,7 +86,7 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
                          block summaries; exact, the dense baseline, is always added)
   --budget B             session budget: tokens (≥ 1) or fraction of document tokens (default 0.01)
   --sinks N --window N --ef N --chunk N --span N   session parameters
-  --cluster-size N       the document's clusterSize at PUT (wave's tokens per cluster; server default 8)
+  --cluster-size N       the document's clusterSize at PUT (wave's tokens per cluster; the server's default, 16, when absent)
   --query-stride N       document keeps prefill queries of 1 token in N (quick 4, full 16)
   --prefill-q on|off     upload prefill queries (default on when an indexed method is requested)
   --layer-data distinct|shared   generate every layer (quick) or reuse one generated layer (full)
