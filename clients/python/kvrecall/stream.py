@@ -211,7 +211,8 @@ class Stream:
             id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
             self._next_id = id_ + 1
             ws = self.ws
-            try:
+
+            def exchange() -> Any:
                 ws.send_framed(plan.parts(id_, q, k, v, scale, position), plan.nbytes)
                 data = ws.recv_view()
                 if isinstance(data, str):
@@ -219,25 +220,22 @@ class Stream:
                 # The answer's id: {"id": id, ...} with id packed in the fewest bytes (as msgpack does).
                 t = data[4] if len(data) > 9 and data[:4] == b"\x84\xa2id" else 0xFF
                 id_end = 5 if t < 0x80 else 6 if t == 0xCC else 7 if t == 0xCD else 9 if t == 0xCE else 0
-                if id_end and (t if id_end == 5 else int.from_bytes(data[5:id_end], "big")) == id_:
-                    # The layout by the id's width (the server pads the keys to align out's data after it).
-                    lay = plan.answers[id_end]
-                    r = lay.read(data, id_end) if lay else None
-                    if r is not None:
-                        return r
-                    frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
-                    if lay is None:  # learned once (False: not of a form this reads)
-                        plan.answers[id_end] = Layout.learn(data, id_end, frame) or False
-                else:
-                    frame = self._await(id_, data)
-            except ConnectionClosed as e:
-                raise ConnectionError(f"kvrecall stream: {e}") from e
-            except (WebSocketError, ValueError, msgpack.UnpackException) as e:
-                self.ws.close(1002)
-                raise ConnectionError(f"kvrecall stream: {e}") from e
-            except BaseException:
-                self.ws.close(1001)
-                raise
+                if not id_end or (t if id_end == 5 else int.from_bytes(data[5:id_end], "big")) != id_:
+                    return self._await(id_, data)
+                # The layout by the id's width (the server pads the keys to align out's data after it).
+                lay = plan.answers[id_end]
+                r = lay.read(data, id_end) if lay else None
+                if r is not None:
+                    return r
+                frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                if lay is None:  # learned once (False: not of a form this reads)
+                    plan.answers[id_end] = Layout.learn(data, id_end, frame) or False
+                return frame
+
+            got = self._io(exchange)
+        if isinstance(got, AttendResult):
+            return got
+        frame = got
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
         return attend_result(frame)
