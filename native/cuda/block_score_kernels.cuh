@@ -35,6 +35,28 @@ __device__ __forceinline__ uint64_t KeyOf(float score, int64_t id) {
   return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(id));
 }
 
+// The row's score written by the pair's first thread; with groupScores, groups
+// of `reps` rows (a power of two <= 16, dividing blocks: a group's 2·reps
+// threads lie in one warp and one CTA): each group's best row by its rank key
+// (score, then the lower row), its score written at the group's index, so the
+// group ranks where its best row ranks among the rows. Both threads of a pair
+// hold the row's score (their xor shuffle sums alike), and every thread
+// of the warp must call this.
+__device__ __forceinline__ void WriteScores(float best, int64_t row, bool live, int half, int h, int64_t blocks,
+                                            float* __restrict__ scores, float* __restrict__ groupScores, int reps) {
+  if (live && half == 0) scores[size_t(h) * blocks + size_t(row)] = best;
+  if (groupScores) {
+    uint64_t key = live ? KeyOf(best, row) : uint64_t(0);
+    float score = best;
+    for (int o = 2; o < 2 * reps; o <<= 1) {
+      const uint64_t k2 = __shfl_xor_sync(0xffffffffu, key, o);
+      const float s2 = __shfl_xor_sync(0xffffffffu, score, o);
+      if (k2 > key) key = k2, score = s2;
+    }
+    if (live && (threadIdx.x & (2 * reps - 1)) == 0) groupScores[size_t(h) * (blocks / reps) + size_t(row / reps)] = score;
+  }
+}
+
 template <bool kBf16, int kGC>
 __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __restrict__ means, const float* __restrict__ q,
                                                              float* __restrict__ scores, int64_t blocks, int d, int group,
@@ -98,21 +120,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
       if (best < s) best = s;
     }
   }
-  if (live && half == 0) scores[size_t(h) * blocks + size_t(row)] = best;
-  // Groups of `reps` rows (a power of two <= 16, dividing blocks: a group's 2·reps threads lie in one warp and
-  // one CTA): each group's best row by its rank key (score, then the lower row), its score written at the
-  // group's index, so the group ranks where its best row ranks among the rows. Both threads of a pair hold
-  // the row's score (the xor shuffle above sums alike), and every thread of the warp is here.
-  if (groupScores) {
-    uint64_t key = live ? KeyOf(best, row) : uint64_t(0);
-    float score = best;
-    for (int o = 2; o < 2 * reps; o <<= 1) {
-      const uint64_t k2 = __shfl_xor_sync(0xffffffffu, key, o);
-      const float s2 = __shfl_xor_sync(0xffffffffu, score, o);
-      if (k2 > key) key = k2, score = s2;
-    }
-    if (live && (threadIdx.x & (2 * reps - 1)) == 0) groupScores[size_t(h) * (blocks / reps) + size_t(row / reps)] = score;
-  }
+  WriteScores(best, row, live, half, h, blocks, scores, groupScores, reps);
 }
 
 // ScoreBlocks with coalesced loads. ScoreBlocks' thread pair reads its row's 32 bytes a load, so one warp load
@@ -199,18 +207,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocksStaged(const uint16_
       if (best < s) best = s;
     }
   }
-  if (live && half == 0) scores[size_t(h) * blocks + size_t(row)] = best;
-  // Groups of reps rows: as ScoreBlocks.
-  if (groupScores) {
-    uint64_t key = live ? KeyOf(best, row) : uint64_t(0);
-    float score = best;
-    for (int o = 2; o < 2 * reps; o <<= 1) {
-      const uint64_t k2 = __shfl_xor_sync(0xffffffffu, key, o);
-      const float s2 = __shfl_xor_sync(0xffffffffu, score, o);
-      if (k2 > key) key = k2, score = s2;
-    }
-    if (live && (threadIdx.x & (2 * reps - 1)) == 0) groupScores[size_t(h) * (blocks / reps) + size_t(row / reps)] = score;
-  }
+  WriteScores(best, row, live, half, h, blocks, scores, groupScores, reps);
 }
 
 // Whether ScoreBlocksStaged takes the shape, and its dynamic shared memory (query rows, then each warp's rows).
