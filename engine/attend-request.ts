@@ -5,7 +5,13 @@ import { expectFinite, expectShape, parseFloatTensor, toF32, toStorageDtype, typ
 import type { ModelShape } from '../core/model.js';
 import type { FloatDtype } from '../addon/kernels.js';
 
-export type ReturnPart = 'out' | 'kv' | 'selection';
+/**
+ * What an answer carries besides stats: `out` (and lse), the selection, the
+ * selected K/V; `timing` adds a device step's host stages to `stats.gpu.host`
+ * (ms: queue, prep, launch, wait, copy, back, convert; a bench's question).
+ */
+export type ReturnPart = 'out' | 'kv' | 'selection' | 'timing';
+const RETURN_PARTS: readonly string[] = ['out', 'kv', 'selection', 'timing'];
 
 export interface AttendRequest {
   layer: number;
@@ -55,8 +61,8 @@ export function parseAttendRequest(body: Record<string, unknown>, m: ModelShape)
   const scale = body.scale ?? 1 / Math.sqrt(m.headDim);
   if (typeof scale !== 'number' || !Number.isFinite(scale) || scale <= 0) throw invalid('scale must be a positive number');
   const ret = body.return ?? ['out'];
-  if (!Array.isArray(ret) || ret.some((r) => r !== 'out' && r !== 'kv' && r !== 'selection'))
-    throw invalid('return must be a list of "out", "kv", "selection"');
+  if (!Array.isArray(ret) || ret.some((r) => typeof r !== 'string' || !RETURN_PARTS.includes(r)))
+    throw invalid(`return must be a list of ${RETURN_PARTS.map((r) => `"${r}"`).join(', ')}`);
   const position = body.position;
   if (position !== undefined) {
     if (typeof position !== 'number' || !Number.isInteger(position) || position < 0) throw invalid('position must be a non-negative integer');

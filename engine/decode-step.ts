@@ -43,7 +43,8 @@ export interface AttendResult {
     attendMs: number;
     backend: 'cpu' | 'cuda';
     blocks?: BlockStats;
-    gpu?: { residentMs: number; kernelMs: number };
+    /** host: with `return: ['timing']`, a device step's host stages (engine/wave-on-device.ts DeviceStep.host). */
+    gpu?: { residentMs: number; kernelMs: number; host?: Record<string, number> };
   };
 }
 
@@ -90,7 +91,7 @@ async function attendStep(session: Session, req: AttendRequest, t0: number): Pro
   if (device) {
     selection = device.selection;
     t2 = t1 + device.deviceMs;
-    residency = { backend: 'cuda', gpu: { residentMs: 0, kernelMs: device.kernelMs } };
+    residency = { backend: 'cuda', gpu: { residentMs: 0, kernelMs: device.kernelMs, ...(req.want.has('timing') && { host: device.host }) } };
     estimated = device.estimated;
     scanned = selection.scanned;
     refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);

@@ -24,6 +24,8 @@ export interface DeviceStep {
   deviceMs: number;
   /** The call on the device's stream, CUDA events. */
   kernelMs: number;
+  /** The native call's host stages (addon/wave-gpu.ts WaveGpuStepResult.host) and the own tokens' attend, ms. */
+  host: Record<string, number>;
 }
 
 /**
@@ -79,11 +81,13 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const t0 = performance.now();
     const ownIn = { layer: ctx.layer, q, scale, out, lse };
-    const ownAttend = ownPart && ownBeside ? session.cache.attend([ownPart], ownIn, true) : undefined;
+    let ownMs = 0, returned = 0;
+    const timedOwn = (p: Promise<unknown> | undefined) => p?.then((x) => ((ownMs = performance.now() - t0), x));
+    const ownAttend = ownPart && ownBeside ? timedOwn(session.cache.attend([ownPart], ownIn, true)) : undefined;
     const [device, host] = await Promise.allSettled([
       // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
-      (async () => stepDocument(held.store, args))(),
-      ownAttend ?? (ownPart && session.cache.attend([ownPart], ownIn)),
+      (async () => stepDocument(held.store, args))().then((x) => ((returned = performance.now() - t0), x)),
+      ownAttend ?? timedOwn(ownPart && session.cache.attend([ownPart], ownIn)),
     ]);
     const deviceMs = performance.now() - t0;
     if (device.status === 'rejected') throw device.reason;
@@ -105,6 +109,8 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
       ...(estimate && { estimated: mean(r.estimated) }),
       deviceMs,
       kernelMs: r.ms,
+      // own: the own tokens' attend settled, device: the store's promise settled, both from the step's start.
+      host: { ...r.host, own: ownMs, device: returned },
     };
   } finally {
     held.release();

@@ -145,7 +145,7 @@ export class Bench {
     const { qHeads: Q } = o.shape;
     const warm = decodeData.map((ld, l) => ({ layer: l, q: tensor('f32', [Q, d], ld.q[0]) }));
     for (const lane of lanes) await lane.warmUp(warm);
-    await decodeSteps({ shape: o.shape, tokens, steps, budgetTokens, decodeData, samples }, lanes);
+    await decodeSteps({ shape: o.shape, tokens, steps, budgetTokens, decodeData, samples, timing: o.timing }, lanes);
     const h2 = await this.fetchHealth();
     const server = { backend: String(h2.backend ?? 'unknown'), ...(h2.gpu !== undefined && { gpu: h2.gpu }) };
     if (server.backend === 'cuda') log(`GPU after decode: ${JSON.stringify(h2.gpu)}`);

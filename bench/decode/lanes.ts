@@ -30,7 +30,7 @@ export interface StepBody {
   v?: Tensor;
 }
 
-type Ret = ('out' | 'selection')[];
+type Ret = ('out' | 'selection' | 'timing')[];
 
 const why = (e: unknown) => (e instanceof KvrecallRequestError ? e.message : (e as Error).stack ?? String(e));
 

@@ -24,6 +24,8 @@ export interface DecodePlan {
   budgetTokens: number;
   decodeData: LayerDecode[];
   samples: Sample[];
+  /** Ask every call for its host stages (`return: ['timing']`). */
+  timing?: boolean;
 }
 
 /** Every method's output error against the exact session's reply. */
@@ -125,7 +127,7 @@ export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
       const replies = new Array<Map<Run, AttendReply>>(lanes.length);
       for (let j = 0; j < lanes.length; j++) {
         const i = turnOrder([...lanes.keys()], turn)[j], lane = lanes[i], exact = lane.runs[0];
-        replies[i] = await lane.step(s, body, turn, (run) => (judged && run !== exact ? ['out', 'selection'] : ['out']), afterWork && j === 0);
+        replies[i] = await lane.step(s, body, turn, (run) => [...(judged && run !== exact ? (['out', 'selection'] as const) : (['out'] as const)), ...(p.timing ? (['timing'] as const) : [])], afterWork && j === 0);
       }
       afterWork = false;
       // Fidelity, after the timed calls.

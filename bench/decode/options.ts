@@ -69,6 +69,8 @@ export interface Options {
    * answers for the same step must be bit-identical.
    */
   vias: Via[];
+  /** --timing: every call asks for a device step's host stages (stats.gpu.host). */
+  timing: boolean;
 }
 
 const USAGE = `npm run bench:decode -- [--quick | --full] [options]
@@ -97,6 +99,8 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --concurrency N        layers uploaded side by side during preload (default 2)
   --via LIST             stream | batch | http, or several (e.g. stream,batch): each its own sessions, taking turns
                          per (step, layer), answers checked bit for bit against the first's (default stream)
+  --timing               every call asks return: ['timing']: a device wave step's host stages (stats.gpu.host),
+                         reported as p50s per call kind
   --out DIR              results folder (default bench/results)
   --tag NAME             output files decode-<mode>-<preset>-NAME.{md,json} and charts decode-latency-NAME.svg, ...`;
 
@@ -111,7 +115,7 @@ function parseCount(s: string, name: string): number {
 
 /** Splits argv into the boolean flags seen and the --name value pairs; --help prints USAGE and exits. */
 function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, string> } {
-  const flags = new Set(['quick', 'full', 'help']);
+  const flags = new Set(['quick', 'full', 'help', 'timing']);
   const values = new Map<string, string>();
   const seen = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
@@ -252,5 +256,6 @@ export function parseArgs(argv: string[]): Options {
     out: get('out'),
     tag,
     vias: parseVias(get('via')),
+    timing: seen.has('timing'),
   };
 }

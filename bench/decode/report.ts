@@ -106,6 +106,12 @@ function callTable(lines: string[], t: TransportResult): void {
       if (!c || c.calls === 0) continue;
       lines.push(`| ${r.method} | ${KIND_NAMES[k]} | ${c.calls} | ${ms(c.wallP50Ms)} | ${ms(c.serverP50Ms)} | ${ms(c.selectP50Ms)} | ${ms(c.attendP50Ms)} | ${ms(c.otherP50Ms)} | ${Number.isFinite(c.kernelP50Ms) ? c.kernelP50Ms.toFixed(3) : '—'} | ${c.rpcP50Ms.toFixed(3)} |`);
     }
+  // --timing: where a device step's select time goes on the server's host.
+  const staged = t.methods.flatMap((r) => CALL_KINDS.map((k) => [r, k, r.latency.calls?.[k]?.hostP50Ms] as const)).filter(([, , h]) => h);
+  if (staged.length) {
+    lines.push('', 'Host stages of a device step (--timing, stats.gpu.host, p50 ms): queue (the call to its work\'s start on a worker thread), prep, launch, wait (the stream), copy (outputs read back), back (the work\'s end to the event loop), convert (the answer objects); own and device = the own tokens\' attend and the store\'s promise settled, from the step\'s start.', '');
+    for (const [r, k, h] of staged) lines.push(`- ${r.method}, ${KIND_NAMES[k]}: ${Object.entries(h!).map(([n, v]) => `${n} ${v.toFixed(3)}`).join(', ')}`);
+  }
 }
 
 /** With several transports: each method's time and RPC side by side, and whether the answers matched. */

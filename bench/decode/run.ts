@@ -26,6 +26,8 @@ interface CallRecord {
   select: number;
   attend: number;
   kernel: number;
+  /** stats.gpu.host (--timing): a device step's host stages. */
+  host?: Record<string, number>;
 }
 
 /** One session's measurements. */
@@ -73,8 +75,8 @@ export class Run {
 
   /** wallMs: the call's (for a batch step: its own stats.ms plus the batch's wall − server ms); kind: where it stood (CallKind). */
   record(step: number, wallMs: number, r: AttendReply, kind: CallKind): void {
-    const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number; kernelMs?: number } };
-    this.calls.push({ kind, wall: wallMs, server: st.ms ?? 0, select: st.selectMs ?? 0, attend: st.attendMs ?? 0, kernel: st.gpu?.kernelMs ?? NaN });
+    const st = r.stats as AttendReply['stats'] & { gpu?: { residentMs: number; kernelMs?: number; host?: Record<string, number> } };
+    this.calls.push({ kind, wall: wallMs, server: st.ms ?? 0, select: st.selectMs ?? 0, attend: st.attendMs ?? 0, kernel: st.gpu?.kernelMs ?? NaN, ...(st.gpu?.host && { host: st.gpu.host }) });
     this.wall[step] += wallMs;
     this.server[step] += st.ms ?? 0;
     this.select[step] += st.selectMs ?? 0;
@@ -103,6 +105,7 @@ export class Run {
       otherP50Ms: p50((x) => x.server - x.select - x.attend),
       kernelP50Ms: c.some((x) => Number.isFinite(x.kernel)) ? percentile(c.filter((x) => Number.isFinite(x.kernel)).map((x) => x.kernel), 50) : NaN,
       rpcP50Ms: p50((x) => x.wall - x.server),
+      ...(c.some((x) => x.host) && { hostP50Ms: hostStages(c) }),
     };
   }
 
@@ -175,4 +178,11 @@ export class Run {
       },
     };
   }
+}
+
+/** p50 per host stage over the calls that reported them (--timing). */
+function hostStages(c: CallRecord[]): Record<string, number> {
+  const withHost = c.filter((x) => x.host);
+  const keys = [...new Set(withHost.flatMap((x) => Object.keys(x.host!)))];
+  return Object.fromEntries(keys.map((k) => [k, percentile(withHost.map((x) => x.host![k] ?? NaN).filter(Number.isFinite), 50)]));
 }

@@ -112,7 +112,7 @@ export interface AttendBody {
   k?: Tensor;
   v?: Tensor;
   scale?: number;
-  return?: ('out' | 'kv' | 'selection')[];
+  return?: ('out' | 'kv' | 'selection' | 'timing')[];
   /** Position of the appended token among the session's own tokens: a repeat or a skip is refused (409). */
   position?: number;
   /**

@@ -18,8 +18,8 @@ export interface Residency {
   backend: 'cpu' | 'cuda';
   /** The pool's work: measured with a GPU, simulated without. */
   blocks?: BlockStats;
-  /** Of the step's attend time: making blocks resident, and the kernel. */
-  gpu?: { residentMs: number; kernelMs: number };
+  /** Of the step's attend time: making blocks resident, and the kernel (host: a device wave step's host stages, asked for with `return: ['timing']`). */
+  gpu?: { residentMs: number; kernelMs: number; host?: Record<string, number> };
 }
 
 export interface AttendInput {

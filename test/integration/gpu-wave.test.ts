@@ -72,7 +72,8 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
           // Queries near document keys: attention with a few heavy rows, as decoding sees.
           const q = randomQ(rng, qHeads, d, 2);
           // Odd steps without the selection: the device keeps the ids (only their counts come back), the answer is the same.
-          const ret: ('out' | 'selection')[] = step % 2 === 0 ? ['out', 'selection'] : ['out'];
+          // Odd steps ask for the host stages too (return 'timing': stats.gpu.host).
+          const ret: ('out' | 'selection' | 'timing')[] = step % 2 === 0 ? ['out', 'selection'] : ['out', 'timing'];
           const body = { layer, q: tensor('f32', [qHeads, d], q), k: { ...tok.k, shape: [kvHeads, d] }, v: { ...tok.v, shape: [kvHeads, d] }, return: ret };
           const [g, c, p] = await Promise.all(sessions.map((s) => s.c.attend(s.id, body)));
           // The paged store runs the dense store's kernels on the same rows: the same ids and counts, the same answer
@@ -85,6 +86,14 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
           expect(maxRelErrorScalar(p.lse, g.lse)).toBeLessThan(1e-6);
           expect(g.stats.backend).toBe('cuda');
           expect(c.stats.backend).toBe('cpu');
+          const host = (g.stats as { gpu?: { host?: Record<string, number> } }).gpu?.host;
+          if (step % 2 === 0) expect(host).toBeUndefined();
+          else {
+            // The native call's stages lie within the store's promise, which settles within the select time.
+            for (const k of ['prep', 'launch', 'wait', 'copy', 'convert', 'own', 'device']) expect(host?.[k]).toBeGreaterThanOrEqual(0);
+            expect(host!.device).toBeGreaterThanOrEqual(host!.prep + host!.launch + host!.wait + host!.copy - 1e-3);
+            expect(host!.device).toBeLessThanOrEqual(g.stats.selectMs + 1e-3);
+          }
           expect(g.selection === undefined).toBe(step % 2 === 1);
           if (g.selection) for (let h = 0; h < kvHeads; h++) expect(Array.from(g.selection[h]).sort((a, b) => a - b)).toEqual(Array.from(c.selection![h]).sort((a, b) => a - b));
           expect(g.stats.attended).toBe(c.stats.attended);

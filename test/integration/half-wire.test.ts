@@ -132,6 +132,8 @@ describe.each(['f16', 'bf16'] as const)('16-bit q and out, %s model', (dt) => {
       { ...good, q: { dtype: 'f64', shape: qShape, data: new Uint8Array(q.words.length * 8) } },
       { ...good, q: tensor(dt, [shape.qHeads - 1, shape.headDim], q.words.subarray(shape.headDim)) },
       { ...good, q: tensor(dt, qShape, q.words.subarray(1)) },
+      { ...good, return: ['out', 'timings'] },
+      { ...good, return: ['out', 7] },
     ];
     const stream = await client.openStream();
     try {
@@ -141,11 +143,13 @@ describe.each(['f16', 'bf16'] as const)('16-bit q and out, %s model', (dt) => {
         await expect(stream.attend(a, { layer: 0, ...body } as never)).rejects.toMatchObject({ status: 422 });
       }
       // In a batch each bad step fails alone; the good one is answered (and appends: position 0).
-      const results = await client.attendBatch(0, [...bad.map((b) => ({ session: a, ...b }) as never), { session: a, ...good, outDtype: dt }]);
+      const results = await client.attendBatch(0, [...bad.map((b) => ({ session: a, ...b }) as never), { session: a, ...good, outDtype: dt, return: ['out', 'timing'] }]);
       expect(results.slice(0, bad.length).map((r) => ('error' in r ? r.error.code : 'ok'))).toEqual(bad.map(() => 'invalid'));
       const last = ok(results[bad.length]);
       expect(last.stats.tokens).toBe(DOC_TOKENS + 1);
       expect(last.outDtype).toBe(dt);
+      // 'timing' is accepted; only a device wave step has host stages to give (test/integration/gpu-wave).
+      expect((last.stats as { gpu?: unknown }).gpu).toBeUndefined();
     } finally {
       stream.close();
     }
