@@ -21,6 +21,7 @@
         "native/bindings/copy_binding.cc",
         "native/bindings/outlier_scores_binding.cc",
         "native/bindings/socket_read_binding.cc",
+        "native/bindings/shm_binding.cc",
         "native/bindings/cuda_binding.cc",
         "native/bindings/faiss_binding.cc",
         "native/bindings/ra_graph_binding.cc",

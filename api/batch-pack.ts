@@ -23,6 +23,7 @@
 // through packParts().
 import type { AttendAnswer, BatchAnswer, Sessions } from '../engine/sessions.js';
 import type { Metrics } from './metrics.js';
+import type { AnswerRefs, SharedFrame, SharedRef } from './shm.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
 /** A frame packed on demand: its length known, its bytes written by fill() into the room given (at least byteLength bytes). */
@@ -162,6 +163,18 @@ class Sink {
     this.at += n;
   }
 
+  /** A tensor in shared memory {dtype, shape, at} (api/shm.ts), as packParts packs that map. */
+  ref(t: SharedRef): void {
+    this.u8(0x83);
+    this.str('dtype');
+    this.str(t.dtype);
+    this.str('shape');
+    this.head(t.shape.length, 0x90, 0xdc, 0xdd);
+    for (const s of t.shape) this.num(s);
+    this.str('at');
+    this.num(t.at);
+  }
+
   /**
    * A step's stats: a map of numbers, booleans, short ASCII strings and
    * maps of those (stats.gpu, stats.blocks: without them every answer on
@@ -198,13 +211,16 @@ class Sink {
  * One step's answer `{out, lse, selection?, stats}` (after its map header,
  * which the caller writes with any keys before these); false when its
  * stats are not plain (maps in them `nest` deep at most). A selection only
- * from packAttendAnswer (a batch's steps have none: plainStep).
+ * from packAttendAnswer (a batch's steps have none: plainStep). With
+ * `refs`, out and lse were written to shared memory and are named there.
  */
-function writeStep(sink: Sink, r: AttendAnswer, nest = 0): boolean {
+function writeStep(sink: Sink, r: AttendAnswer, nest = 0, refs?: AnswerRefs): boolean {
   sink.str('out');
-  sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outArray(r)!);
+  if (refs) sink.ref(refs.out);
+  else sink.tensor(r.outDtype, r.model.qHeads, r.model.headDim, outArray(r)!);
   sink.str('lse');
-  sink.tensor('f32', r.model.qHeads, undefined, r.lse);
+  if (refs) sink.ref(refs.lse);
+  else sink.tensor('f32', r.model.qHeads, undefined, r.lse);
   if (r.selection) {
     sink.str('selection');
     sink.head(r.selection.length, 0x90, 0xdc, 0xdd);
@@ -237,12 +253,12 @@ const plainId = (id: unknown) => id === undefined || typeof id === 'number' || (
  * join into the frame: 35-50 µs p50 on the 2-core VM after a step over 4K
  * tokens, against ~10 here (bench/results/transport-vm-stream-trace.md).
  */
-export function packAttendAnswer(id: unknown, r: AttendAnswer): PackedFrame | undefined {
+export function packAttendAnswer(id: unknown, r: AttendAnswer, refs?: AnswerRefs): PackedFrame | undefined {
   if (!plainId(id) || r.kv || outArray(r) === undefined || !shortAscii(r.outDtype)) return undefined;
   const one = (sink: Sink) => {
     sink.u8(0x83 + (id === undefined ? 0 : 1) + (r.selection ? 1 : 0));
     if (id !== undefined) writeId(sink, id);
-    return writeStep(sink, r, 3);
+    return writeStep(sink, r, 3, refs);
   };
   // The sizing pass checks what the writing pass writes: both run the same code.
   const size = new Sink();
@@ -303,25 +319,27 @@ export class BatchFrame {
   private at = 0;
   private next = 0;
   private readonly waiting: (AttendAnswer | undefined)[] = [];
+  private readonly waitingRefs: (AnswerRefs | undefined)[] = [];
   private broken: boolean;
 
   constructor(private readonly id: unknown) {
     this.broken = !plainId(id);
   }
 
-  /** Step `i` of `count` has finished with `r` (at most once per step; a step that failed is simply never given). */
-  step(i: number, count: number, r: AttendAnswer): void {
+  /** Step `i` of `count` has finished with `r` (at most once per step; a step that failed is simply never given); `refs`: its out and lse went to shared memory. */
+  step(i: number, count: number, r: AttendAnswer, refs?: AnswerRefs): void {
     if (this.broken) return;
     if (i !== this.next) {
       this.waiting[i] = r;
+      this.waitingRefs[i] = refs;
       return;
     }
     try {
-      if (i === 0) this.prefix(count, r);
+      if (i === 0) this.prefix(count, r, refs);
       let w: AttendAnswer | undefined = r;
       while (w !== undefined && !this.broken) {
-        this.write(w);
-        this.waiting[this.next] = undefined;
+        this.write(w, this.next === i ? refs : this.waitingRefs[this.next]);
+        this.waiting[this.next] = this.waitingRefs[this.next] = undefined;
         w = this.waiting[++this.next];
       }
     } catch {
@@ -351,18 +369,18 @@ export class BatchFrame {
     this.broken = true;
     if (this.buf) frames.give(this.buf);
     this.buf = this.payload = undefined;
-    this.waiting.length = 0;
+    this.waiting.length = this.waitingRefs.length = 0;
   }
 
   /** The map's head, the id and the results' head, in room taken for `count` steps like the first. */
-  private prefix(count: number, first: AttendAnswer): void {
+  private prefix(count: number, first: AttendAnswer, refs?: AnswerRefs): void {
     const head = new Sink();
     this.head(head, count);
     const one = new Sink();
     one.at = head.at;
     if (!plainStep(first)) return this.drop();
     one.u8(0x83);
-    if (!writeStep(one, first)) return this.drop();
+    if (!writeStep(one, first, 0, refs)) return this.drop();
     // Steps like the first, a little more each for their stats, and the tail: most batches need no second buffer.
     this.room(head.at + count * (one.at - head.at + 32) + 32);
     this.put((sink) => this.head(sink, count));
@@ -376,15 +394,16 @@ export class BatchFrame {
   }
 
   /** One step's answer, in one pass (a sizing pass too cost ~2 µs a step): room for the most it can take, then written. */
-  private write(r: AttendAnswer): void {
+  private write(r: AttendAnswer, refs: AnswerRefs | undefined): void {
     if (!plainStep(r)) return this.drop();
     let stats = 0;
     for (const _ in r.stats) stats++;
-    this.room(this.at + stepBound(outArray(r)!.byteLength + r.lse.byteLength, stats));
+    // A shared tensor's map ({dtype, shape, at}) is within a tensor's bound of 69 bytes, without data.
+    this.room(this.at + stepBound(refs ? 0 : outArray(r)!.byteLength + r.lse.byteLength, stats));
     const sink = new Sink(this.payload);
     sink.at = this.at;
     sink.u8(0x83);
-    if (!writeStep(sink, r)) return this.drop();
+    if (!writeStep(sink, r, 0, refs)) return this.drop();
     this.at = sink.at;
   }
 
@@ -419,19 +438,44 @@ export class BatchFrame {
  * Runs a batch (Sessions.attendBatch) with its answer frame written as its
  * steps finish, each step's time observed in `metrics` there too: the
  * frame when it is the common answer (else undefined: the caller packs the
- * results the general way), the results and the batch's ms.
+ * results the general way), the results and the batch's ms. With `shared`
+ * (a stream's), each step's tensors given by `at` are read from shared
+ * memory and a step with `into` has its out and lse written there as it
+ * finishes (`refs`: where, per step).
  */
-export async function attendBatchFramed(sessions: Sessions, body: Record<string, unknown>, id: unknown, metrics: Metrics): Promise<BatchAnswer & { frame?: ReadyFrame }> {
+export async function attendBatchFramed(
+  sessions: Sessions,
+  body: Record<string, unknown>,
+  id: unknown,
+  metrics: Metrics,
+  shared?: SharedFrame,
+): Promise<BatchAnswer & { frame?: ReadyFrame; refs: (AnswerRefs | undefined)[] }> {
   const frame = new BatchFrame(id);
+  const into: (number | undefined)[] = [], refs: (AnswerRefs | undefined)[] = [];
+  const prepare = shared
+    ? (step: Record<string, unknown>, i: number) => {
+        shared.resolve(step, STEP_TENSORS);
+        if (step.into !== undefined) into[i] = shared.into(step, sessions.get(step.session as string).model);
+      }
+    : undefined;
   let batch: BatchAnswer;
   try {
-    batch = await sessions.attendBatch(body, (i, count, r) => {
-      metrics.observeAttend(r.stats.ms);
-      frame.step(i, count, r);
-    });
+    batch = await sessions.attendBatch(
+      body,
+      (i, count, r) => {
+        metrics.observeAttend(r.stats.ms);
+        const at = into[i];
+        if (at !== undefined) refs[i] = shared!.write(at, r);
+        frame.step(i, count, r, refs[i]);
+      },
+      prepare,
+    );
   } catch (e) {
     frame.drop();
     throw e;
   }
-  return { ...batch, frame: frame.finish(batch.results, batch.ms) };
+  return { ...batch, frame: frame.finish(batch.results, batch.ms), refs };
 }
+
+/** An attend's (a step's) tensors that may be in shared memory. */
+export const STEP_TENSORS = ['q', 'k', 'v'] as const;

@@ -53,7 +53,7 @@ export async function startServer(cfg: Config, given?: Parameters<typeof Engine.
   // session with it; the connections already open are served on.
   server.on('error', (e: NodeJS.ErrnoException) => console.error(`kvrecall: accepting a connection failed (${e.code ?? e.message}); serving on`));
   lingerOnClose(server as Server);
-  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents });
+  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,

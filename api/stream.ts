@@ -6,7 +6,10 @@
 // tokens, stats}`; a preload sends its uploads one behind another here, and
 // a large one is read straight from the socket: api/websocket.ts);
 // each gets one answer frame with the same id, in the order the frames came
-// (work on different sessions runs side by side; only the answers queue). A
+// (work on different sessions runs side by side; only the answers queue).
+// `{id, shm: {name, bytes}}` attaches a shared-memory segment to the stream
+// (answered `{id, shm: {bytes}}`): the frames' tensors may then be in it
+// and answers written into it (api/shm.ts; DESIGN.md "Wire protocol"). A
 // bad frame gets an error frame with its id when it has one; the connection
 // and the sessions survive it, and a client that goes away leaves its
 // sessions as they are.
@@ -24,7 +27,8 @@ import { MsgpackError, unpackView } from '../core/msgpack-parts-decode.js';
 import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
-import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame } from './batch-pack.js';
+import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame, STEP_TENSORS } from './batch-pack.js';
+import { SharedFrame, ShmSegment } from './shm.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
@@ -44,6 +48,14 @@ export interface StreamOptions {
   highWater?: number;
   /** Where document upload frames go (without it they are answered not_found). */
   documents?: Pick<Documents, 'appendKv'>;
+  /** Where clients make their shared-memory segments (--shm-dir); undefined: attaching one is refused. */
+  shmDir?: string;
+}
+
+/** A connection's shared memory: the server's directory, and the segment attached last. */
+interface ShmState {
+  readonly dir?: string;
+  segment?: ShmSegment;
 }
 
 export interface StreamHandle {
@@ -73,7 +85,16 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
     if (problem?.startsWith('Sec-WebSocket-Version')) return refuse(socket, 426, 'Upgrade Required', problem, 'sec-websocket-version: 13\r\n');
     if (problem) return refuse(socket, 400, 'Bad Request', problem);
     acceptHandshake(req, socket as Socket);
-    const conn: WsConnection = new WsConnection(socket as Socket, limits, serve(() => conn, sessions, opts.documents, metrics, () => open.delete(conn)));
+    const shm: ShmState = { dir: opts.shmDir };
+    const conn: WsConnection = new WsConnection(
+      socket as Socket,
+      limits,
+      serve(() => conn, sessions, opts.documents, metrics, shm, () => {
+        // The segment is unmapped once the frames still running let go of their views of it (addon/shm.ts).
+        shm.segment = undefined;
+        open.delete(conn);
+      }),
+    );
     open.add(conn);
     conn.feed(head);
   });
@@ -84,7 +105,7 @@ function refuse(socket: Duplex, status: number, reason: string, why = '', header
   socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\n${headers}content-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
-function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
+function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, shm: ShmState, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
   // Answers owed, in the order their frames came: each goes out once it and
   // every one before it are ready. (A promise chain per answer cost a few
   // microtask turns and promises on every decode step.)
@@ -111,7 +132,7 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
     message: (data, binary, release, readMs) => {
       const slot: Owed = { ready: false, release };
       owed.push(slot);
-      handle(data, binary, sessions, documents, metrics, readMs).then(
+      handle(data, binary, sessions, documents, metrics, readMs, shm).then(
         (frame) => {
           slot.frame = frame;
           slot.ready = true;
@@ -129,6 +150,9 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
 }
 
 type Answer = Record<string, unknown> | PackedFrame | ReadyFrame;
+
+/** An upload's tensors that may be in shared memory. */
+const UPLOAD_TENSORS = ['k', 'v', 'q'] as const;
 
 interface Owed {
   ready: boolean;
@@ -156,7 +180,10 @@ function send(conn: WsConnection, frame: Answer): boolean {
   return false;
 }
 
-async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number): Promise<Answer> {
+/** A frame's shared memory when the stream has no segment: every reference to one is refused. */
+const NO_SHARED = new SharedFrame(undefined);
+
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number, shm: ShmState): Promise<Answer> {
   let id: unknown;
   try {
     if (!isBinary) throw malformed('frames are binary msgpack');
@@ -172,21 +199,32 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
     if (typeof frame !== 'object' || frame === null || Array.isArray(frame) || frame instanceof Uint8Array) throw malformed('a frame is a map');
     const body = frame as Record<string, unknown>;
     id = body.id;
+    if (body.shm !== undefined) {
+      // Replaces any segment before: frames already running keep theirs.
+      shm.segment = ShmSegment.attach(shm.dir, body.shm);
+      return { id, shm: { bytes: shm.segment.byteLength } };
+    }
+    // The segment as this frame came (its references resolve synchronously, before anything else can attach another).
+    const shared = shm.segment ? new SharedFrame(shm.segment) : NO_SHARED;
     if (body.document !== undefined) {
       if (typeof body.document !== 'string') throw malformed('an upload frame names its document');
       if (!documents) throw notFound('document uploads are not served on this stream');
+      shared.resolve(body, UPLOAD_TENSORS);
       // The frame's tensors are views of its message, released only once this answer is sent.
       return { id, ...(await documents.appendKv(body.document, body, { bytes: data.byteLength, readMs, decodeMs: performance.now() - t0 })) };
     }
     if (body.steps !== undefined) {
       // Each step's answer is written into the frame (and observed) as the step finishes, while it is fresh in cache.
-      const { frame, results, ms } = await attendBatchFramed(sessions, body, id, metrics);
-      return frame ?? { id, results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } };
+      const { frame, results, ms, refs } = await attendBatchFramed(sessions, body, id, metrics, shared);
+      return frame ?? { id, results: results.map((r, i) => ({ ...batchAnswer(r, errorOf), ...(r.status === 'fulfilled' && refs[i]) })), stats: { ms } };
     }
     if (typeof body.session !== 'string') throw malformed('an attend frame names its session');
+    shared.resolve(body, STEP_TENSORS);
+    const into = body.into === undefined ? undefined : shared.into(body, sessions.get(body.session).model);
     const res = await sessions.attend(body.session, body);
     metrics.observeAttend(res.stats.ms);
-    return packAttendAnswer(id, res) ?? { id, ...attendAnswer(res) };
+    const refs = into === undefined ? undefined : shared.write(into, res);
+    return packAttendAnswer(id, res, refs) ?? { id, ...attendAnswer(res), ...refs };
   } catch (e) {
     const { code, message } = errorOf(e);
     return { id, error: { code, message } };

@@ -69,6 +69,12 @@ export interface Config {
   /** A stream message begun must progress within this many ms, else the connection is closed (1008). */
   streamIdleMs: number;
   /**
+   * The directory in which stream clients make their shared-memory
+   * segments (api/shm.ts): /dev/shm unless set; `off` (undefined here)
+   * refuses every attach.
+   */
+  shmDir?: string;
+  /**
    * Attention work (rows × q heads × headDim) an event-loop turn runs on
    * its own thread instead of libuv's pool (addon/kernels.ts attend: a
    * short step skips two cross-thread wake-ups). 0: every attend on the
@@ -95,6 +101,7 @@ export const DEFAULTS: Config = {
   threadPool: 4,
   maxStreams: 1024,
   streamIdleMs: 30_000,
+  shmDir: '/dev/shm',
 };
 
 const FLAGS: Record<string, keyof Config> = {
@@ -115,6 +122,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--stream-idle-ms': 'streamIdleMs',
   '--attend-sync-work': 'attendSyncWork',
   '--gpu-sync-us': 'gpuSyncUs',
+  '--shm-dir': 'shmDir',
 };
 
 /** The settings that take a non-negative integer. */
@@ -138,6 +146,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STREAM_IDLE_MS) cfg.streamIdleMs = nonNegative(env.KVRECALL_STREAM_IDLE_MS, 'KVRECALL_STREAM_IDLE_MS');
   if (env.KVRECALL_ATTEND_SYNC_WORK) cfg.attendSyncWork = nonNegative(env.KVRECALL_ATTEND_SYNC_WORK, 'KVRECALL_ATTEND_SYNC_WORK');
   if (env.KVRECALL_GPU_SYNC_US) cfg.gpuSyncUs = nonNegative(env.KVRECALL_GPU_SYNC_US, 'KVRECALL_GPU_SYNC_US');
+  if (env.KVRECALL_SHM_DIR) cfg.shmDir = env.KVRECALL_SHM_DIR;
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];
@@ -147,6 +156,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
     else if (key === 'gpuWaveCache') cfg[key] = share(value, argv[i - 1]);
     else cfg[key] = value;
   }
+  if (cfg.shmDir === 'off') cfg.shmDir = undefined;
+  else if (cfg.shmDir !== undefined && !cfg.shmDir.startsWith('/')) throw invalid(`--shm-dir (KVRECALL_SHM_DIR) takes an absolute directory or off, not ${cfg.shmDir}`);
   // 0 lets the system choose (the tests do); past 65535 node's listen threw its own words, not naming the flag.
   if (cfg.port > 65535) throw invalid('--port takes a TCP port in [0, 65535] (0: any free port)');
   // At most 2^30 ms (12 days): timers and the native socket reader take no more.

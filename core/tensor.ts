@@ -25,10 +25,15 @@ function isWireDtype(x: unknown): x is WireDtype {
   return typeof x === 'string' && Object.hasOwn(ELEMENT_BYTES, x);
 }
 
-const FLOAT_DTYPES: readonly WireDtype[] = ['f16', 'bf16', 'f32'];
+export const FLOAT_DTYPES: readonly WireDtype[] = ['f16', 'bf16', 'f32'];
 
-/** Decodes a wire tensor of one of the `allowed` dtypes (named in the refusal); `data` may be bytes (msgpack) or base64 (JSON). */
-export function parseTensor(x: unknown, name: string, allowed: readonly WireDtype[] = Object.keys(ELEMENT_BYTES) as WireDtype[]): Tensor {
+/**
+ * A wire tensor's dtype (one of `allowed`) and shape checked, and the bytes
+ * its data must hold: what parseTensor checks before the data, shared with
+ * a stream's tensors in shared memory (api/shm.ts), sized before any
+ * segment's byte is read.
+ */
+export function tensorSize(x: unknown, name: string, allowed: readonly WireDtype[] = Object.keys(ELEMENT_BYTES) as WireDtype[]): { dtype: WireDtype; shape: number[]; bytes: number } {
   if (typeof x !== 'object' || x === null || Array.isArray(x)) throw invalid(`${name} must be a tensor {dtype, shape, data}`);
   const o = x as Record<string, unknown>;
   if (!isWireDtype(o.dtype) || !allowed.includes(o.dtype)) throw invalid(`${name}.dtype must be one of ${allowed.join(', ')}, got ${JSON.stringify(o.dtype)}`);
@@ -39,14 +44,22 @@ export function parseTensor(x: unknown, name: string, allowed: readonly WireDtyp
     count *= s;
     if (count > Number.MAX_SAFE_INTEGER) throw invalid(`${name}.shape declares too many elements`);
   }
+  return { dtype: o.dtype, shape: o.shape as number[], bytes: count * ELEMENT_BYTES[o.dtype] };
+}
+
+/** Decodes a wire tensor of one of the `allowed` dtypes (named in the refusal); `data` may be bytes (msgpack) or base64 (JSON). */
+export function parseTensor(x: unknown, name: string, allowed: readonly WireDtype[] = Object.keys(ELEMENT_BYTES) as WireDtype[]): Tensor {
+  const { dtype, shape, bytes: expected } = tensorSize(x, name, allowed);
+  const o = x as Record<string, unknown>;
   let data: Uint8Array;
   if (o.data instanceof Uint8Array) data = o.data;
   else if (typeof o.data === 'string') data = Buffer.from(o.data, 'base64');
+  // A stream resolves `at` into data (api/shm.ts) before a request gets here: one that still has it came another way.
+  else if (o.data === undefined && o.at !== undefined) throw invalid(`${name}.at names bytes in shared memory, which only a stream with a segment attached carries (GET /v1/stream); send data here`);
   else throw invalid(`${name}.data must be binary (or base64 in JSON)`);
-  const expected = count * ELEMENT_BYTES[o.dtype];
   if (data.byteLength !== expected)
-    throw invalid(`${name}.data holds ${data.byteLength} bytes, shape [${o.shape.join(', ')}] of ${o.dtype} needs ${expected}`);
-  return { dtype: o.dtype, shape: o.shape as number[], data };
+    throw invalid(`${name}.data holds ${data.byteLength} bytes, shape [${shape.join(', ')}] of ${dtype} needs ${expected}`);
+  return { dtype, shape, data };
 }
 
 export function parseFloatTensor(x: unknown, name: string): FloatTensor {

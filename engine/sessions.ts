@@ -172,9 +172,16 @@ export class Sessions {
    * `done(i, count, answer)`, when given, is called as each step succeeds
    * (in the order they finish), while its answer is fresh in cache: the
    * caller's per-step work (packing the answer) costs least there. It must
-   * not throw.
+   * not throw. `prepare(step, i)`, when given, sees each step (a map with
+   * its session) before it runs and may rewrite its fields in place (a
+   * stream resolves its shared-memory tensors there); a throw fails that
+   * step alone, before anything of it runs.
    */
-  async attendBatch(body: Record<string, unknown>, done?: (i: number, count: number, answer: AttendAnswer) => void): Promise<BatchAnswer> {
+  async attendBatch(
+    body: Record<string, unknown>,
+    done?: (i: number, count: number, answer: AttendAnswer) => void,
+    prepare?: (step: Record<string, unknown>, i: number) => void,
+  ): Promise<BatchAnswer> {
     const t0 = performance.now();
     const { layer, steps } = body;
     if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0) throw invalid('layer must be a non-negative integer');
@@ -183,6 +190,7 @@ export class Sessions {
       steps.map(async (step: unknown, i: number) => {
         if (typeof step !== 'object' || step === null || Array.isArray(step) || typeof (step as Record<string, unknown>).session !== 'string')
           throw invalid('a step is a map with a session id');
+        prepare?.(step as Record<string, unknown>, i);
         const { session, ...rest } = step as Record<string, unknown>;
         const answer = this.attend(session as string, { ...rest, layer });
         if (!done) return answer;

@@ -22,6 +22,7 @@ void InitBlockChoose(Napi::Env env, Napi::Object exports);
 void InitWaveGpu(Napi::Env env, Napi::Object exports);
 void InitSocketRead(Napi::Env env, Napi::Object exports);
 void InitCopy(Napi::Env env, Napi::Object exports);
+void InitShm(Napi::Env env, Napi::Object exports);
 }  // namespace kvr
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -43,6 +44,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitWaveGpu(env, exports);
   kvr::InitSocketRead(env, exports);
   kvr::InitCopy(env, exports);
+  kvr::InitShm(env, exports);
   exports.Set("threads", Napi::Number::New(env, double(kvr::ThreadPool::Get().Threads())));
   return exports;
 }

@@ -10,6 +10,7 @@ import { attendAnswer, batchAnswer } from '../../api/attend-answer.js';
 import { BatchFrame, HEADER_ROOM, packAttendAnswer } from '../../api/batch-pack.js';
 import { errorOf } from '../../api/errors.js';
 import { joinParts, packParts } from '../../core/msgpack-parts.js';
+import type { AnswerRefs } from '../../api/shm.js';
 import type { AttendAnswer } from '../../engine/sessions.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -42,6 +43,12 @@ function generic(id: unknown, results: PromiseSettledResult<AttendAnswer>[], ms:
   return Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)));
 }
 
+/** Where a step's out and lse went in shared memory (api/shm.ts), at offsets across the number forms. */
+function refsOf(r: AttendAnswer): AnswerRefs {
+  const at = pick([0, 4, 124, 128, 256, 65532, 65536, 2 ** 32 - 4, 2 ** 32, 16 * 2 ** 30 - 4]);
+  return { out: { dtype: r.outDtype, shape: [r.model.qHeads, r.model.headDim], at }, lse: { dtype: 'f32', shape: [r.model.qHeads], at: at + 4 * r.out.length } };
+}
+
 /** Indices 0..n-1 in a random order: the order the steps finish in. */
 function shuffled(n: number): number[] {
   const xs = Array.from({ length: n }, (_, i) => i);
@@ -53,11 +60,11 @@ function shuffled(n: number): number[] {
 }
 
 /** The frame BatchFrame writes when the fulfilled steps finish in `order` (random unless given), or undefined when it leaves the answer to packParts. */
-function packed(id: unknown, results: PromiseSettledResult<AttendAnswer>[], ms: number, order = shuffled(results.length)): Buffer | undefined {
+function packed(id: unknown, results: PromiseSettledResult<AttendAnswer>[], ms: number, order = shuffled(results.length), refs: (AnswerRefs | undefined)[] = []): Buffer | undefined {
   const frame = new BatchFrame(id);
   for (const i of order) {
     const r = results[i];
-    if (r.status === 'fulfilled') frame.step(i, results.length, r.value);
+    if (r.status === 'fulfilled') frame.step(i, results.length, r.value, refs[i]);
   }
   const ready = frame.finish(results, ms);
   if (!ready) return undefined;
@@ -78,6 +85,19 @@ describe('BatchFrame', () => {
       const mine = packed(id, results, ms);
       expect(mine, `trial ${trial}`).toBeDefined();
       expect(mine!.equals(generic(id, results, ms)), `trial ${trial}: ${qHeads}x${headDim}, ${count} steps, id ${String(id)}`).toBe(true);
+    }
+  });
+
+  it('writes steps answered into shared memory ({dtype, shape, at} for out and lse) as packParts writes them, beside steps answered with bytes', () => {
+    for (let trial = 0; trial < 60; trial++) {
+      const [qHeads, headDim] = pick([[1, 1], [8, 32], [32, 128], [16, 17], [128, 3], [40, 1700]] as [number, number][]);
+      const count = pick([1, 2, 16, 17, 32]);
+      const results = Array.from({ length: count }, () => fulfilled(answer(qHeads, headDim, pick(['f32', 'f16', 'bf16'] as const))));
+      const refs = results.map((r) => (rng.next() < 0.7 ? refsOf((r as PromiseFulfilledResult<AttendAnswer>).value) : undefined));
+      const id = pick([undefined, 1, 70000, 'abc']);
+      const mine = packed(id, results, 1.25, shuffled(count), refs);
+      const parts = packParts({ id, results: results.map((r, i) => ({ ...batchAnswer(r, errorOf), ...refs[i] })), stats: { ms: 1.25 } });
+      expect(mine!.equals(Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)))), `trial ${trial}`).toBe(true);
     }
   });
 
@@ -153,6 +173,10 @@ describe('packAttendAnswer', () => {
       const mine = packAttendAnswer(id, r);
       expect(mine, `trial ${trial}`).toBeDefined();
       expect(bytes(mine!).equals(generic1(id, r)), `trial ${trial}: ${qHeads}x${headDim}, id ${String(id)}, ${r.selection?.length ?? 0} selection heads`).toBe(true);
+      // Answered into shared memory: out and lse as {dtype, shape, at}, the rest as before.
+      const refs = refsOf(r);
+      const parts = packParts({ id, ...attendAnswer(r), ...refs });
+      expect(bytes(packAttendAnswer(id, r, refs)!).equals(Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)))), `trial ${trial} refs`).toBe(true);
     }
   });
 

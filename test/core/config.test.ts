@@ -27,6 +27,16 @@ describe('parseConfig', () => {
     expect(() => parseConfig([], { KVRECALL_GPU_WAVE_CACHE: 'tenth' })).toThrow(/KVRECALL_GPU_WAVE_CACHE/);
   });
 
+  it('takes the shared-memory directory from --shm-dir or KVRECALL_SHM_DIR, /dev/shm unless set, off as off', () => {
+    expect(parseConfig([], {}).shmDir).toBe('/dev/shm');
+    expect(parseConfig(['--shm-dir', '/run/kv'], {}).shmDir).toBe('/run/kv');
+    expect(parseConfig([], { KVRECALL_SHM_DIR: '/tmp/x' }).shmDir).toBe('/tmp/x');
+    expect(parseConfig(['--shm-dir', '/a'], { KVRECALL_SHM_DIR: '/b' }).shmDir).toBe('/a');
+    expect(parseConfig(['--shm-dir', 'off'], {}).shmDir).toBeUndefined();
+    expect(parseConfig([], { KVRECALL_SHM_DIR: 'off' }).shmDir).toBeUndefined();
+    expect(() => parseConfig(['--shm-dir', 'shm'], {})).toThrow(/--shm-dir/);
+  });
+
   it('takes k-means on the device as 0 or 1, off unless asked', () => {
     expect(parseConfig([], {}).gpuKmeans).toBeUndefined();
     expect(parseConfig(['--gpu-kmeans', '1'], {}).gpuKmeans).toBe(1);

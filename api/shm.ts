@@ -1,0 +1,148 @@
+// Shared-memory tensors on the decode stream (GET /v1/stream): the client
+// makes a file `kvrecall-<name>` in the server's --shm-dir, attaches it
+// with `{id, shm: {name, bytes}}`, and then any tensor of a frame may be
+// `{dtype, shape, at}`, its bytes the segment's [at, at + size), and an
+// attend (or a batch step) with `into: offset` has its out and lse written
+// there, answered as `{dtype, shape, at}` too. kvrecall runs beside the LLM
+// server on its host: a batch of 32 steps' q, k, v and answers (0.5-1 MB)
+// then crosses no socket, where a bare TCP round trip of those bytes alone
+// was 5.9x one call's overhead on the H100 host (issue #14). DESIGN.md's
+// "Wire protocol" has the rules and the lifetimes.
+//
+// Everything a frame names is checked here before the frame runs: a bad
+// reference fails its frame (a batch's step: that step) and changes nothing.
+import { join } from 'node:path';
+import { convert } from '../addon/kernels.js';
+import { mapShared, SHM_MAX_BYTES, type ShmProblem } from '../addon/shm.js';
+import { invalid } from '../core/errors.js';
+import { tensorSize } from '../core/tensor.js';
+import type { AttendAnswer } from '../engine/sessions.js';
+
+/** A segment's name: no slash, so it names a file in --shm-dir and nothing else. */
+const SHM_NAME = /^[A-Za-z0-9_.-]{1,100}$/;
+/** The segment file's name is this and the client's name. */
+export const SHM_PREFIX = 'kvrecall-';
+
+const NO_SEGMENT = 'no shared-memory segment is attached to this stream: send {shm: {name, bytes}} first, or send tensors as data';
+
+const WHY: Record<ShmProblem, string> = {
+  not_found: 'does not exist',
+  symlink: 'is a symbolic link',
+  not_regular: 'is not a regular file',
+  too_small: 'is shorter than the bytes asked',
+  not_owner: "is not owned by the server's user",
+  no_access: 'cannot be opened for reading and writing by the server',
+  map_failed: 'could not be mapped',
+  open_failed: 'could not be opened',
+};
+
+/** A tensor in the segment, as an answer names it. */
+export interface SharedRef {
+  dtype: string;
+  shape: number[];
+  at: number;
+}
+
+/** Where a step's answer went: its out and lse. */
+export interface AnswerRefs {
+  out: SharedRef;
+  lse: SharedRef;
+}
+
+/** The next multiple of 4 (exact past 2^31, where `& ~3` is not). */
+const align4 = (n: number) => Math.ceil(n / 4) * 4;
+
+/** A stream's mapped segment: its bytes stay mapped while this (or any view of them) lives. */
+export class ShmSegment {
+  readonly bytes: Uint8Array;
+
+  constructor(buf: ArrayBuffer) {
+    this.bytes = new Uint8Array(buf);
+  }
+
+  /**
+   * Maps `kvrecall-<name>` in `dir` (undefined: the feature is off) as
+   * `req` = {name, bytes} asks; a refusal is a 422 that names why.
+   */
+  static attach(dir: string | undefined, req: unknown): ShmSegment {
+    if (dir === undefined) throw invalid('shared memory is off on this server (--shm-dir off): send tensors as data');
+    if (typeof req !== 'object' || req === null || Array.isArray(req) || req instanceof Uint8Array) throw invalid('shm must be a map {name, bytes}');
+    const { name, bytes } = req as Record<string, unknown>;
+    if (typeof name !== 'string' || !SHM_NAME.test(name)) throw invalid('shm.name must be 1 to 100 characters of A-Z a-z 0-9 _ . -');
+    if (typeof bytes !== 'number' || !Number.isInteger(bytes) || bytes <= 0 || bytes % 4 !== 0 || bytes > SHM_MAX_BYTES)
+      throw invalid(`shm.bytes must be a positive multiple of 4, at most ${SHM_MAX_BYTES}, got ${JSON.stringify(bytes)}`);
+    const file = SHM_PREFIX + name;
+    const mapped = mapShared(join(dir, file), bytes);
+    if (typeof mapped === 'string') throw invalid(`shared-memory file ${file} in ${dir} ${WHY[mapped]}`);
+    return new ShmSegment(mapped);
+  }
+
+  get byteLength(): number {
+    return this.bytes.byteLength;
+  }
+}
+
+/**
+ * One frame's view of the stream's segment (the one attached when the
+ * frame came: a later attach does not move it): resolves its tensors given
+ * by `at` and checks and writes its answers' `into`.
+ */
+export class SharedFrame {
+  constructor(private readonly seg: ShmSegment | undefined) {}
+
+  /**
+   * Each of `body`'s tensors `names` given as {dtype, shape, at} becomes
+   * {dtype, shape, data} with data a view of the segment's bytes; one
+   * whose `at` is not a multiple of 4 in range is refused.
+   */
+  resolve(body: Record<string, unknown>, names: readonly string[]): void {
+    for (const name of names) {
+      const t = body[name];
+      if (typeof t !== 'object' || t === null || !('at' in t) || (t as Record<string, unknown>).data !== undefined) continue;
+      const seg = this.segment();
+      const { dtype, shape, bytes } = tensorSize(t, name);
+      const at = (t as Record<string, unknown>).at;
+      if (typeof at !== 'number' || !Number.isInteger(at) || at < 0 || at % 4 !== 0 || at + bytes > seg.byteLength)
+        throw invalid(`${name}.at must be a multiple of 4 with its ${bytes} bytes inside the segment's ${seg.byteLength}, got ${JSON.stringify(at)}`);
+      body[name] = { dtype, shape, data: seg.bytes.subarray(at, at + bytes) };
+    }
+  }
+
+  /**
+   * The attend's `into` (undefined when it has none), checked: its out
+   * (qHeads × headDim of the outDtype asked) and then its lse (qHeads f32,
+   * at the next multiple of 4) must fit in the segment.
+   */
+  into(body: Record<string, unknown>, model: { qHeads: number; headDim: number }): number | undefined {
+    const into = body.into;
+    if (into === undefined) return undefined;
+    const seg = this.segment();
+    const half = body.outDtype === 'f16' || body.outDtype === 'bf16';
+    const end = align4(Number(into) + model.qHeads * model.headDim * (half ? 2 : 4)) + 4 * model.qHeads;
+    if (typeof into !== 'number' || !Number.isInteger(into) || into < 0 || into % 4 !== 0 || end > seg.byteLength)
+      throw invalid(`into must be a multiple of 4 with the answer's ${end - Number(into)} bytes (out, then lse at a multiple of 4) inside the segment's ${seg.byteLength}, got ${JSON.stringify(into)}`);
+    return into;
+  }
+
+  /** Writes the step's out (its wire dtype) at `into` and its lse after it; where they went. */
+  write(into: number, r: AttendAnswer): AnswerRefs {
+    const seg = this.segment();
+    const { qHeads, headDim } = r.model;
+    let out: Float32Array | Uint16Array | undefined = r.outDtype === 'f32' ? r.out : r.outWords;
+    if (!out) {
+      // Rounded in the step (engine/sessions.ts); here only for a result made without it.
+      const words = new Uint16Array(r.out.length);
+      convert(new Uint8Array(r.out.buffer, r.out.byteOffset, r.out.byteLength), 'f32', new Uint8Array(words.buffer), r.outDtype, r.out.length);
+      out = words;
+    }
+    seg.bytes.set(new Uint8Array(out.buffer, out.byteOffset, out.byteLength), into);
+    const lseAt = align4(into + out.byteLength);
+    seg.bytes.set(new Uint8Array(r.lse.buffer, r.lse.byteOffset, r.lse.byteLength), lseAt);
+    return { out: { dtype: r.outDtype, shape: [qHeads, headDim], at: into }, lse: { dtype: 'f32', shape: [qHeads], at: lseAt } };
+  }
+
+  private segment(): ShmSegment {
+    if (!this.seg) throw invalid(NO_SEGMENT);
+    return this.seg;
+  }
+}
