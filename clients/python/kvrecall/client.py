@@ -443,18 +443,25 @@ class Client:
         answer = self._http.call_parts("POST", "/v1/attend", lambda packer: batch_parts(packer, None, layer, steps))
         return batch_results(answer["results"], answer.get("stats"))
 
-    def open_stream(self, timeout: Optional[float] = None) -> "Stream":
+    def open_stream(self, timeout: Optional[float] = None, shm: int = 0, shm_dir: str = "/dev/shm") -> "Stream":
         """A WebSocket stream for decode steps (`GET /v1/stream`, the bearer
         token on the upgrade): `attend` and `attend_batch` as here, answered
         bit-identically, over one connection with no per-request HTTP. Use it
         as a context manager or close() it. timeout: seconds per socket
         operation (default: the client's). A refused upgrade raises
-        KvrecallError (401 without the right token)."""
+        KvrecallError (401 without the right token). shm: bytes of a
+        shared-memory segment to attach (made in shm_dir, the server's
+        --shm-dir: on the server's own host), through which tensors then go
+        (kvrecall.shm); where it is refused the stream sends bytes and
+        `stream.shm_refused` says why."""
         from .stream import Stream
 
         url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
         auth = self._http.headers.get("authorization")
-        return Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout, self._ssl_context)
+        stream = Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout, self._ssl_context)
+        if shm:
+            stream.attach_shm(shm, shm_dir)
+        return stream
 
     def get_session(self, sid: str) -> Dict[str, Any]:
         return self._call("GET", f"/v1/sessions/{_quote(sid)}")

@@ -8,6 +8,9 @@ id, in order. Made by `Client.open_stream()`:
         s.upload_document_kv(doc, layer, start, k, v)           # as Client.upload_document_kv
         s.upload_document(doc, chunks, window=2)                # several uploads in flight (a preload)
 
+    with kv.open_stream(shm=64 << 20) as s:    # on the server's host: tensors through shared memory
+        s.shm is not None                       # attached (else s.shm_refused says why; bytes as above)
+
 The answers are the HTTP routes' (bit-identical out and lse). Tensors go
 out as the arrays' bytes (msgpack bin, written from the arrays to the
 socket where they are contiguous and of the wire dtype) and come back
@@ -18,6 +21,13 @@ garbage frame sent through `ws`, are skipped). A stream is for one thread
 at a time; a timeout or a lost connection closes it (open another; with
 `position`, a step whose answer was lost can be resent safely: a step that
 did go through answers 409 "conflict" and changes nothing).
+
+With a shared-memory segment attached (`Client.open_stream(shm=...)`,
+kvrecall.shm), attends, batches and uploads put their tensors in it and
+attends and batches have their answers written into it: a frame carries
+no tensor bytes. The results are the same arrays, copied out of the
+segment. Where the server refuses the segment (another host, --shm-dir
+off) or a request does not fit it, the tensors go as bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import msgpack
 
 from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_result, batch_results
 from .lean import Layout, Plan, plan_key
+from . import shm as _shm
 from .tensors import pack_parts
 from .wire import attend_fields, attend_parts, batch_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
@@ -54,6 +65,9 @@ class Stream:
         # The common decode step's frames made once per form (kvrecall.lean): over a plain socket, zero-masked.
         self._lean = ws.zero_mask and ws._can_sendmsg
         self._plans: Dict[Tuple[Any, ...], Plan] = {}
+        # The shared-memory segment attached (attach_shm), and why one was refused.
+        self.shm: Optional[_shm.Segment] = None
+        self.shm_refused: Optional[str] = None
 
     @classmethod
     def open(cls, url: str, headers: Dict[str, str], timeout: Optional[float], ssl_context: Optional[ssl.SSLContext] = None) -> "Stream":
@@ -85,7 +99,24 @@ class Stream:
         """As Client.attend; an error answer raises KvrecallError (the
         stream stays open). The request goes from the arrays to the socket
         (no joined copy); out and lse are the caller's own arrays, copied
-        once out of the receive buffer."""
+        once out of the receive buffer (with a segment: of the segment)."""
+        if self.shm is not None:
+            seg = self.shm
+            kwargs = dict(q=q, k=k, v=v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
+            shared = [False]
+
+            def make(id_: int) -> List[Any]:
+                # Written into the segment under the stream's lock: the request before has been answered.
+                body = _shm.attend_body(seg, session, layer, kwargs)
+                if body is None:  # does not fit: as bytes
+                    return attend_parts(self._packer, id_, str(session), int(layer), attend_fields(**kwargs))
+                shared[0] = True
+                return [self._packer.pack({"id": id_, **body})]
+
+            frame = self._call(make)
+            if "error" in frame:
+                raise KvrecallError.from_wire(frame["error"])
+            return _shm.attend_result(seg, frame) if shared[0] else attend_result(frame)
         if self._lean and returns is None and dtype is None and q_dtype is None:
             key = plan_key(session, layer, q, k, v, scale, position, out_dtype)
             if key is not None:
@@ -100,10 +131,47 @@ class Stream:
         """As Client.attend_batch: per step an AttendResult or a KvrecallError
         instance (returned; the list's `ms` is the server's time for the
         batch); a batch that fails whole raises KvrecallError."""
-        frame = self._call(lambda id_: batch_parts(self._packer, id_, int(layer), steps))
+        seg, shared = self.shm, [False]
+
+        def make(id_: int) -> List[Any]:
+            body = _shm.batch_body(seg, layer, steps) if seg is not None else None
+            if body is None:
+                return batch_parts(self._packer, id_, int(layer), steps)
+            shared[0] = True
+            return [self._packer.pack({"id": id_, **body})]
+
+        frame = self._call(make)
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
+        if shared[0]:
+            return _shm.batch_results(seg, frame)  # type: ignore[arg-type]
         return batch_results(frame["results"], frame.get("stats"))
+
+    def attach_shm(self, nbytes: int, directory: str = _shm.SHM_DIR) -> bool:
+        """Makes a segment of `nbytes` in `directory` (the server's
+        --shm-dir), attaches it, and unlinks its file once the server has
+        mapped it: True. False when the file cannot be made here or the
+        server refuses it (`shm_refused` says why); the stream then goes on
+        with bytes. A second attach replaces the first."""
+        try:
+            seg = _shm.Segment(nbytes, directory)
+        except OSError as e:
+            self.shm_refused = f"cannot make a shared-memory file in {directory}: {e}"
+            return False
+        try:
+            frame = self._call(lambda id_: [self._packer.pack({"id": id_, "shm": {"name": seg.name, "bytes": seg.nbytes}})])
+        except BaseException:
+            seg.close()
+            raise
+        seg.unlink()  # mapped by both: the file's name is no longer needed
+        if "error" in frame:
+            seg.close()
+            self.shm_refused = str(frame["error"].get("message", "refused")) if isinstance(frame["error"], dict) else "refused"
+            return False
+        old, self.shm, self.shm_refused = self.shm, seg, None
+        if old is not None:
+            old.close()
+        return True
 
     def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
         """As Client.upload_document_kv, over the stream: {layer, tokens, stats}."""
@@ -141,12 +209,15 @@ class Stream:
                 answered(answer)
 
         with self._lock:
-            for layer, start, k, v, q in chunks:
+            for i, (layer, start, k, v, q) in enumerate(chunks):
                 if failed is not None:
                     break
                 # A chunk that cannot be packed is the caller's error: the stream goes on (its answers are skipped).
                 body = _kv_body(layer, start, k, v, q, dtype, view=True)
                 body["document"] = str(doc)
+                # Slot i % window is free: the chunk `window` back has been answered.
+                if self.shm is not None:
+                    _shm.upload_body(self.shm, i % max(1, window), max(1, window), body)
                 # The tensors go from the arrays to the socket (no joined copy), before this returns.
                 self._io(lambda: pending.append(self._send(body)))
                 if len(pending) >= max(1, window):
@@ -176,6 +247,8 @@ class Stream:
         server finishes steps already received and drops their answers; the
         sessions stay."""
         self.ws.close()
+        if self.shm is not None:
+            self.shm.close()
 
     def __enter__(self) -> "Stream":
         return self

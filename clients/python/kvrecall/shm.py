@@ -1,0 +1,241 @@
+"""Shared-memory tensors on the decode stream (DESIGN.md "Wire protocol").
+
+kvrecall runs on the LLM server's own host: a stream opened with
+`Client.open_stream(shm=64 << 20)` makes a file `kvrecall-<name>` in
+/dev/shm (the server's --shm-dir), maps it, attaches it to the stream
+(`{id, shm: {name, bytes}}`) and unlinks it once the server has mapped it
+too. Then an attend's or a batch's q, k, v and a document upload's k, v, q
+are copied into the segment and sent as `{dtype, shape, at}`, and an
+attend (each batch step) asks for its out and lse `into` the segment: a
+frame carries no tensor bytes either way. Where the tensors come from and
+go is one memcpy each; a batch of 32 steps crosses no socket with its
+0.5-1 MB.
+
+Layout (one request at a time on a stream, so every attend and batch starts
+at offset 0): the request's tensors one after another, each at a multiple
+of 4, then per step its answer span (out, then lse at the next multiple of
+4). A document upload in flight takes slot `i % window` of the segment cut
+into `window` slots. What does not fit goes as bytes, as without a segment.
+
+The results are the caller's arrays, copied out of the segment (16 KB for a
+32 x 128 f32 out: well under a microsecond); the segment is rewritten by
+the next request.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .client import AttendResult, BatchResults
+from .errors import KvrecallError
+from .tensors import decode_tensor, tensor
+from .wire import check_kv, optional_fields, q_wire_dtype
+
+__all__ = ["Segment", "SHM_DIR"]
+
+SHM_DIR = "/dev/shm"
+
+_NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "i32": np.dtype("<i4")}
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+class _NoRoom(Exception):
+    """A request's tensors do not fit the segment (it goes as bytes)."""
+
+
+class Segment:
+    """The client's side of a stream's segment: a file in `directory`
+    (the server's --shm-dir), mapped shared; unlink() once the server has
+    mapped it."""
+
+    def __init__(self, nbytes: int, directory: str = SHM_DIR):
+        if nbytes <= 0 or nbytes % 4:
+            raise ValueError(f"a segment's size is a positive multiple of 4, not {nbytes}")
+        self.nbytes = int(nbytes)
+        self.name = f"py{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        self.path = os.path.join(directory, "kvrecall-" + self.name)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.ftruncate(fd, self.nbytes)
+            self.mm = mmap.mmap(fd, self.nbytes)  # MAP_SHARED, read and write
+        except BaseException:
+            os.close(fd)
+            self.unlink()
+            raise
+        os.close(fd)  # the mapping holds the file
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.unlink()
+        try:
+            self.mm.close()
+        except BufferError:  # a caller's view still lives: the mapping goes with it
+            pass
+
+    def put(self, t: Dict[str, Any], at: int) -> Tuple[Dict[str, Any], int]:
+        """A wire tensor's bytes copied in at `at` (a multiple of 4): the
+        tensor as a reference there, and the next free offset."""
+        data = t["data"]
+        n = data.nbytes if isinstance(data, (memoryview, np.ndarray)) else len(data)
+        self.mm[at : at + n] = data
+        return {"dtype": t["dtype"], "shape": t["shape"], "at": at}, _align(at + n)
+
+    def array(self, ref: Dict[str, Any]) -> np.ndarray:
+        """A copy of the tensor the answer names (bf16 as uint16 bit patterns)."""
+        dt = _NUMPY[ref["dtype"]]
+        shape = tuple(ref["shape"])
+        return np.frombuffer(self.mm, dtype=dt, count=int(np.prod(shape, dtype=np.int64)), offset=int(ref["at"])).reshape(shape).copy()
+
+
+def _answer_bytes(q_shape: Sequence[int], out_dtype: Optional[str]) -> int:
+    """An answer span's bytes: out (q's shape, in the dtype asked), then lse (f32 per q head) at a multiple of 4."""
+    heads = int(q_shape[0])
+    out = int(np.prod(q_shape, dtype=np.int64)) * (2 if out_dtype in ("f16", "bf16") else 4)
+    return _align(out) + 4 * heads
+
+
+def step_fields(
+    seg: Segment,
+    at: int,
+    q: Any,
+    k: Any = None,
+    v: Any = None,
+    scale: Optional[float] = None,
+    position: Optional[int] = None,
+    returns: Optional[Sequence[str]] = None,
+    dtype: Optional[str] = None,
+    q_dtype: Optional[str] = None,
+    out_dtype: Optional[str] = None,
+) -> Tuple[Dict[str, Any], int, int]:
+    """An attend's fields with q, k, v written into the segment from `at`
+    (_NoRoom when they do not fit); the offset after them, and the answer
+    span's bytes."""
+    check_kv(k, v, position)
+    body: Dict[str, Any] = {}
+    names = [("q", q, q_wire_dtype(q, q_dtype))] + ([("k", k, dtype), ("v", v, dtype)] if k is not None else [])
+    for name, x, dt in names:
+        t = tensor(x, dt, view=True)
+        if at + t["data"].nbytes > seg.nbytes:
+            raise _NoRoom()
+        body[name], at = seg.put(t, at)
+    body.update(optional_fields(scale, position, returns, out_dtype))
+    return body, at, _answer_bytes(body["q"]["shape"], out_dtype)
+
+
+def attend_body(seg: Segment, session: str, layer: int, kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A stream attend {session, layer, q, k?, v?, ..., into} by the segment,
+    or None where it does not fit (sent as bytes then)."""
+    try:
+        fields, at, span = step_fields(seg, 0, **kwargs)
+    except _NoRoom:
+        return None
+    if at + span > seg.nbytes:
+        return None
+    return {"session": str(session), "layer": int(layer), **fields, "into": at}
+
+
+def attend_result(seg: Segment, frame: Dict[str, Any]) -> AttendResult:
+    """The answer of an attend by the segment: out and lse copied out of it."""
+    from .client import attend_result as by_bytes
+
+    out, lse = frame.get("out"), frame.get("lse")
+    if not (isinstance(out, dict) and "at" in out and isinstance(lse, dict) and "at" in lse):
+        return by_bytes(frame)
+    r = AttendResult(out=seg.array(out), lse=seg.array(lse), stats=frame.get("stats", {}))
+    if frame.get("selection") is not None:
+        r.selection = [decode_tensor(t) for t in frame["selection"]]
+    if frame.get("kv") is not None:
+        r.kv = {"k": [decode_tensor(t) for t in frame["kv"]["k"]], "v": [decode_tensor(t) for t in frame["kv"]["v"]]}
+    return r
+
+
+def batch_body(seg: Segment, layer: int, steps: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A batch {layer, steps} by the segment: the steps' tensors side by side
+    from 0, then their answer spans one after another; None where it does
+    not fit."""
+    at, bodies, spans = 0, [], []
+    try:
+        for step in steps:
+            if not isinstance(step, dict) or "session" not in step:
+                raise TypeError("a batch step is a dict with a session id and q")
+            fields = dict(step)
+            session = str(fields.pop("session"))
+            if "return" in fields:
+                fields["returns"] = fields.pop("return")
+            body, at, span = step_fields(seg, at, **fields)
+            bodies.append({"session": session, **body})
+            spans.append(span)
+    except _NoRoom:
+        return None
+    if at + sum(spans) > seg.nbytes:
+        return None
+    for body, span in zip(bodies, spans):
+        body["into"] = at
+        at += span
+    return {"layer": int(layer), "steps": bodies}
+
+
+def batch_results(seg: Segment, frame: Dict[str, Any]) -> BatchResults:
+    """A batch's answer by the segment: per step an AttendResult (out and lse
+    copied out) or a KvrecallError; `ms` the batch's server time. When
+    every step answered out, lse and stats alone, in one dtype and shape,
+    at one stride, the arrays are rows of one array per field, each copied
+    out in one numpy call."""
+    results = frame["results"]
+    out = BatchResults(_stacked(seg, results) or (KvrecallError.from_wire(r["error"]) if isinstance(r, dict) and "error" in r else attend_result(seg, r) for r in results))
+    stats = frame.get("stats")
+    if isinstance(stats, dict) and isinstance(stats.get("ms"), (int, float)):
+        out.ms = float(stats["ms"])
+    return out
+
+
+def upload_body(seg: Segment, slot: int, slots: int, body: Dict[str, Any]) -> bool:
+    """Moves an upload body's tensors (views: Client._kv_body) into slot
+    `slot` of `slots`: True when they fit (the body then carries
+    references), else False and the body is left as it was."""
+    size = (seg.nbytes // slots) & ~3
+    names = [n for n in ("k", "v", "q") if n in body]
+    if sum(_align(body[n]["data"].nbytes) for n in names) > size:
+        return False
+    at = slot * size
+    for n in names:
+        body[n], at = seg.put(body[n], at)
+    return True
+
+
+def _stacked(seg: Segment, results: List[Any]) -> Optional[List[AttendResult]]:
+    if not results or not all(isinstance(r, dict) and len(r) == 3 and isinstance(r.get("out"), dict) and "at" in r["out"] for r in results):
+        return None
+    o0, l0 = results[0]["out"], results[0]["lse"]
+    if not isinstance(l0, dict) or o0.get("dtype") not in _NUMPY or l0.get("dtype") != "f32":
+        return None
+    stride = (results[1]["out"]["at"] - o0["at"]) if len(results) > 1 else 4
+    gap = l0.get("at", -1) - o0["at"]
+    for i, r in enumerate(results):
+        o, l = r["out"], r.get("lse")
+        if not isinstance(l, dict) or o["dtype"] != o0["dtype"] or o["shape"] != o0["shape"] or l.get("shape") != l0["shape"]:
+            return None
+        if o["at"] != o0["at"] + i * stride or l.get("at") != o["at"] + gap:
+            return None
+    if stride <= 0 or stride % 4:
+        return None
+    n = len(results)
+    dt = _NUMPY[o0["dtype"]]
+    o_shape, l_shape = tuple(o0["shape"]), tuple(l0["shape"])
+    o_count, l_count = int(np.prod(o_shape, dtype=np.int64)), int(np.prod(l_shape, dtype=np.int64))
+    outs = np.ndarray((n, o_count), dtype=dt, buffer=seg.mm, offset=o0["at"], strides=(stride, dt.itemsize)).reshape((n,) + o_shape).copy()
+    lses = np.ndarray((n, l_count), dtype=np.float32, buffer=seg.mm, offset=l0["at"], strides=(stride, 4)).reshape((n,) + l_shape).copy()
+    return [AttendResult(out=outs[i], lse=lses[i], stats=r["stats"]) for i, r in enumerate(results)]
