@@ -19,7 +19,7 @@ import type { UploadStats } from '../../core/upload-stats.js';
 import type { ModelShape } from '../../core/model.js';
 import { Http1Pool, type Http1Answer } from './http1.js';
 import { packParts, unpackView } from './msgpack-parts.js';
-import { KvrecallStream } from './stream.js';
+import { KvrecallStream, type StreamOptions } from './stream.js';
 import { keptTokens } from '../../core/query-stride.js';
 import type { Tensor, WireDtype } from '../../core/tensor.js';
 
@@ -338,9 +338,9 @@ export class KvrecallClient {
     return Object.assign(batchResults<OutOf<S>>(r.results), { ms: r.stats?.ms });
   }
 
-  /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. */
-  openStream(): Promise<KvrecallStream> {
-    return KvrecallStream.open(this.url, this.headers.authorization);
+  /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. `opts`: see StreamOptions (spin: poll while an answer is owed). */
+  openStream(opts: StreamOptions = {}): Promise<KvrecallStream> {
+    return KvrecallStream.open(this.url, this.headers.authorization, opts);
   }
 
   getSession(sid: string): Promise<Record<string, unknown>> {
