@@ -27,7 +27,17 @@ Rows (interleaved call by call, so drift hits all alike):
   a 16-bit model: half the tensor bytes;
 - stream batch(32) f16: one `Stream.attend_batch` of 32 sessions' steps
   (q and out in f16), the overhead of the whole call (wall - the batch's
-  server ms).
+  server ms); stream batch(32): the same in f32 (q and out);
+- (shm) rows: the same calls on a second stream with a shared-memory
+  segment attached (`open_stream(shm=--shm)`, kvrecall.shm): q, k, v and
+  the answers go through the segment, the frames carry no tensor bytes.
+  Left out when the server refuses the segment (not on this host, or
+  --shm-dir off) or --shm 0.
+
+Ratios (in the JSON and after the table): each batch row's overhead p50
+over one call's, the stream attend of the same dtype in the same form
+(issue #14's batch target: <= 2), and for the shm rows over the byte
+stream's attend too.
 
 Client CPU: the calling thread's CPU time over the call (time.thread_time:
 the client's own Python and its syscalls, not the wait), what of the
@@ -103,6 +113,7 @@ def run(
     method: str = "exact",
     seed: int = 1,
     log: Callable[[str], None] = print,
+    shm: int = 64 << 20,
 ) -> Dict[str, Any]:
     kv = Client(url, token=token, timeout=120)
     model = model_shape(1, q_heads, kv_heads, head_dim, dtype="f16")
@@ -117,10 +128,15 @@ def run(
     ks = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
     vs = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
 
-    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "health, after a wait", "stream ping", "stream ping, after a wait", "stream batch(32) f16"]
+    names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "health, after a wait", "stream ping", "stream ping, after a wait", "stream batch(32) f16", "stream batch(32)"]
+    shared = kv.open_stream(shm=shm) if shm else None
+    if shared is not None and shared.shm is None:
+        log(f"no shm rows: {shared.shm_refused}")
+    if shared is not None and shared.shm is not None:
+        names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)"]
     bare = ("health", "stream ping")
-    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith(bare)}
-    batch32 = [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)]
+    sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith(bare) and "(32)" not in name}
+    batches = {name: [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)] for name in names if "(32)" in name}
     q16s = qs.astype(np.float16)
     health = _Health(url, token)
     stream = kv.open_stream()
@@ -140,17 +156,23 @@ def run(
         if name.startswith("stream ping"):
             stream.ping()
             return 0.0
-        sid = sessions[name]
-        if name == "http attend f16":
-            return kv.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
-        if name == "stream attend f16":
-            return stream.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
-        if name == "stream batch(32) f16":
-            rs = stream.attend_batch(0, [{"session": b, "q": q16s[i], "k": ks[i], "v": vs[i], "position": i, "out_dtype": "f16"} for b in batch32])
+        if "(32)" in name:
+            half = "f16" in name
+            q = q16s[i] if half else qs[i]
+            rs = (shared if name.endswith("(shm)") else stream).attend_batch(0, [{"session": b, "q": q, "k": ks[i], "v": vs[i], "position": i, "out_dtype": "f16" if half else None} for b in batches[name]])
             for r in rs:
                 if not hasattr(r, "stats"):
                     raise r
             return rs.ms
+        sid = sessions[name]
+        if name == "stream attend (shm)":
+            return shared.attend(sid, 0, **step(i)).stats["ms"]
+        if name == "stream attend f16 (shm)":
+            return shared.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
+        if name == "http attend f16":
+            return kv.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
+        if name == "stream attend f16":
+            return stream.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
         if name == "http attend":
             return kv.attend(sid, 0, **step(i)).stats["ms"]
         if name == "stream attend":
@@ -189,8 +211,10 @@ def run(
         info = kv.health()
     finally:
         stream.close()
+        if shared is not None:
+            shared.close()
         health.conn.close()
-        for sid in [*sessions.values(), *batch32]:
+        for sid in [*sessions.values(), *(b for bs in batches.values() for b in bs)]:
             kv.delete_session(sid)
         kv.delete_document(doc)
         kv.close()
@@ -199,10 +223,19 @@ def run(
     for name in names:
         over = [w - s for w, s in zip(wall[name], server[name])]
         rows.append({"transport": name, "calls": len(over), "overhead_us": percentiles(over), "wall_us": percentiles(wall[name]), "server_us": percentiles(server[name]), "client_cpu_us": percentiles(cpu[name])})
+    p50 = {r["transport"]: r["overhead_us"]["p50"] for r in rows}
+    ratios = {}
+    for name in p50:
+        if "(32)" in name:
+            one = "stream attend" + (" f16" if "f16" in name else "")
+            ratios[f"{name} / {one}{' (shm)' if name.endswith('(shm)') else ''}"] = p50[name] / p50[one + (" (shm)" if name.endswith("(shm)") else "")]
+            if name.endswith("(shm)"):
+                ratios[f"{name} / {one}"] = p50[name] / p50[one]
     return {
-        "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall); client_cpu_us: the calling thread's CPU time over the call",
+        "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall); client_cpu_us: the calling thread's CPU time over the call; ratios: overhead p50 over overhead p50",
+        "ratios": ratios,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {"tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
+        "config": {"shm": shm, "tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "server": {k: info.get(k) for k in ("version", "backend", "threads")}},
         "rows": rows,
     }
@@ -217,6 +250,8 @@ def table(result: Dict[str, Any]) -> str:
         o, c = r["overhead_us"], r.get("client_cpu_us")
         cpu = f"{c['p50']:.0f}" if c else "-"
         lines.append(f"| {r['transport']} | {o['p50']:.0f} | {o['p90']:.0f} | {o['p99']:.0f} | {r['wall_us']['p50']:.0f} | {r['server_us']['p50']:.0f} | {cpu} |")
+    if result.get("ratios"):
+        lines += ["", "| overhead p50 ratio | |", "| --- | ---: |"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -230,10 +265,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--method", default="exact")
+    p.add_argument("--shm", type=int, default=64 << 20, help="bytes of the shm rows' segment (0: no shm rows)")
     p.add_argument("--out", help="write the JSON here")
     args = p.parse_args(argv)
     with server(p, args) as (url, _):
-        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr))
+        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr), shm=args.shm)
     print(table(result))
     write_json(args.out, result)
 

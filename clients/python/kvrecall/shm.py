@@ -24,6 +24,7 @@ the next request.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import uuid
@@ -71,6 +72,7 @@ class Segment:
             self.unlink()
             raise
         os.close(fd)  # the mapping holds the file
+        self.u8 = np.frombuffer(self.mm, np.uint8)
 
     def unlink(self) -> None:
         try:
@@ -80,6 +82,7 @@ class Segment:
 
     def close(self) -> None:
         self.unlink()
+        self.u8 = np.empty(0, np.uint8)  # its export of the mapping goes first
         try:
             self.mm.close()
         except BufferError:  # a caller's view still lives: the mapping goes with it
@@ -97,14 +100,28 @@ class Segment:
         """A copy of the tensor the answer names (bf16 as uint16 bit patterns)."""
         dt = _NUMPY[ref["dtype"]]
         shape = tuple(ref["shape"])
-        return np.frombuffer(self.mm, dtype=dt, count=int(np.prod(shape, dtype=np.int64)), offset=int(ref["at"])).reshape(shape).copy()
+        at = int(ref["at"])
+        return self.u8[at : at + math.prod(shape) * dt.itemsize].view(dt).reshape(shape).copy()
 
 
 def _answer_bytes(q_shape: Sequence[int], out_dtype: Optional[str]) -> int:
     """An answer span's bytes: out (q's shape, in the dtype asked), then lse (f32 per q head) at a multiple of 4."""
-    heads = int(q_shape[0])
-    out = int(np.prod(q_shape, dtype=np.int64)) * (2 if out_dtype in ("f16", "bf16") else 4)
-    return _align(out) + 4 * heads
+    out = math.prod(q_shape) * (2 if out_dtype in ("f16", "bf16") else 4)
+    return _align(out) + 4 * int(q_shape[0])
+
+
+# Arrays sent as they are: their wire dtype when no other is asked (or the same is).
+_AS_IS = {np.dtype("<f4"): "f32", np.dtype("<f2"): "f16"}
+
+
+def _wire(x: Any, dt: Optional[str]) -> Dict[str, Any]:
+    """A tensor as kvrecall.tensors.tensor(view=True) makes it, without its
+    checks where the array is already contiguous and of the wire dtype."""
+    if type(x) is np.ndarray and x.flags.c_contiguous:
+        wire = _AS_IS.get(x.dtype)
+        if wire is not None and (dt is None or dt == wire):
+            return {"dtype": wire, "shape": list(x.shape), "data": x}
+    return tensor(x, dt, view=True)
 
 
 def step_fields(
@@ -127,7 +144,7 @@ def step_fields(
     body: Dict[str, Any] = {}
     names = [("q", q, q_wire_dtype(q, q_dtype))] + ([("k", k, dtype), ("v", v, dtype)] if k is not None else [])
     for name, x, dt in names:
-        t = tensor(x, dt, view=True)
+        t = _wire(x, dt)
         if at + t["data"].nbytes > seg.nbytes:
             raise _NoRoom()
         body[name], at = seg.put(t, at)
@@ -166,6 +183,9 @@ def batch_body(seg: Segment, layer: int, steps: Sequence[Dict[str, Any]]) -> Opt
     """A batch {layer, steps} by the segment: the steps' tensors side by side
     from 0, then their answer spans one after another; None where it does
     not fit."""
+    fast = _uniform(steps)
+    if fast is not None:
+        return _batch_stacked(seg, layer, steps, *fast)
     at, bodies, spans = 0, [], []
     try:
         for step in steps:
@@ -239,3 +259,78 @@ def _stacked(seg: Segment, results: List[Any]) -> Optional[List[AttendResult]]:
     outs = np.ndarray((n, o_count), dtype=dt, buffer=seg.mm, offset=o0["at"], strides=(stride, dt.itemsize)).reshape((n,) + o_shape).copy()
     lses = np.ndarray((n, l_count), dtype=np.float32, buffer=seg.mm, offset=l0["at"], strides=(stride, 4)).reshape((n,) + l_shape).copy()
     return [AttendResult(out=outs[i], lse=lses[i], stats=r["stats"]) for i, r in enumerate(results)]
+
+
+_STEP_KEYS = frozenset(("session", "q", "k", "v", "position", "scale", "out_dtype"))
+
+
+def _uniform(steps: Sequence[Any]) -> Optional[Tuple[np.dtype, Tuple[int, ...], Optional[np.dtype], Tuple[int, ...], Optional[str]]]:
+    """The common batch: every step {session, q, k?, v?, position?, scale?,
+    out_dtype?} with q (and k, v) contiguous arrays of one wire dtype and
+    shape, k and v in all steps or none, one out_dtype: (q's dtype, shape,
+    k's dtype, shape, out_dtype); else None."""
+    if not steps or not isinstance(steps[0], dict):
+        return None
+    s0 = steps[0]
+    q0, k0 = s0.get("q"), s0.get("k")
+    if type(q0) is not np.ndarray or q0.dtype not in _AS_IS or q0.ndim != 2:
+        return None
+    with_kv = k0 is not None
+    if with_kv and (type(k0) is not np.ndarray or k0.dtype not in _AS_IS):
+        return None
+    out_dtype = s0.get("out_dtype")
+    qd, qs = q0.dtype, q0.shape
+    kd, ks = (k0.dtype, k0.shape) if with_kv else (None, ())
+    for s in steps:
+        if type(s) is not dict or not _STEP_KEYS.issuperset(s) or "session" not in s or s.get("out_dtype") != out_dtype:
+            return None
+        q, k, v = s.get("q"), s.get("k"), s.get("v")
+        if type(q) is not np.ndarray or q.dtype != qd or q.shape != qs or not q.flags.c_contiguous:
+            return None
+        if with_kv:
+            if type(k) is not np.ndarray or type(v) is not np.ndarray or k.dtype != kd or v.dtype != kd or k.shape != ks or v.shape != ks:
+                return None
+            if not (k.flags.c_contiguous and v.flags.c_contiguous):
+                return None
+        elif k is not None or v is not None or s.get("position") is not None:
+            return None
+    return qd, qs, kd, ks, out_dtype
+
+
+def _batch_stacked(seg: Segment, layer: int, steps: Sequence[Dict[str, Any]], qd: np.dtype, qs: Tuple[int, ...], kd: Optional[np.dtype], ks: Tuple[int, ...], out_dtype: Optional[str]) -> Optional[Dict[str, Any]]:
+    """batch_body's common case: the steps' q side by side, then their k,
+    then their v, each written in one numpy call; then the answer spans."""
+    n = len(steps)
+    qb = _align(math.prod(qs) * qd.itemsize)
+    kb = _align(math.prod(ks) * kd.itemsize) if kd is not None else 0
+    span = _answer_bytes(qs, out_dtype)
+    k0 = n * qb
+    v0 = k0 + n * kb
+    into0 = v0 + n * kb
+    if into0 + n * span > seg.nbytes or qb != math.prod(qs) * qd.itemsize or kb != math.prod(ks) * (kd.itemsize if kd else 0):
+        return None  # no room, or rows not at multiples of 4 (the general path pads each)
+
+    def stack(name: str, at: int, dt: np.dtype, shape: Tuple[int, ...]) -> None:
+        out = seg.u8[at : at + n * math.prod(shape) * dt.itemsize].view(dt).reshape((n * shape[0],) + tuple(shape[1:]))
+        np.concatenate([s[name] for s in steps], axis=0, out=out)
+
+    stack("q", 0, qd, qs)
+    if kd is not None:
+        stack("k", k0, kd, ks)
+        stack("v", v0, kd, ks)
+    qw, kw, ql, kl = _AS_IS[qd], _AS_IS[kd] if kd is not None else "", list(qs), list(ks)
+    bodies = []
+    for i, s in enumerate(steps):
+        body: Dict[str, Any] = {"session": str(s["session"]), "q": {"dtype": qw, "shape": ql, "at": i * qb}}
+        if kd is not None:
+            body["k"] = {"dtype": kw, "shape": kl, "at": k0 + i * kb}
+            body["v"] = {"dtype": kw, "shape": kl, "at": v0 + i * kb}
+        if s.get("scale") is not None:
+            body["scale"] = float(s["scale"])
+        if s.get("position") is not None:
+            body["position"] = int(s["position"])
+        if out_dtype is not None:
+            body["outDtype"] = str(out_dtype)
+        body["into"] = into0 + i * span
+        bodies.append(body)
+    return {"layer": int(layer), "steps": bodies}

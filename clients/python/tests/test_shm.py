@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
+from kvrecall import shm as shm_module  # noqa: E402
 
 Q, KV, D, LAYERS, DOC = 8, 2, 32, 2, 300
 MODEL = model_shape(LAYERS, Q, KV, D, dtype="f16")
@@ -111,8 +112,16 @@ class SharedMemory(unittest.TestCase):
             else:
                 self.assertEqual(bits(serve.ok(got[i])), bits(serve.ok(want[i])), i)
         self.assertEqual(self.kv.get_session(shm_s[3])["ownTokens"], [0, 0])
-        # One shape and dtype throughout: rows of one array per field.
-        with self.kv.open_stream(shm=1 << 20) as shared:
+        # One shape and dtype throughout (the steps' q, k, v written side by side, a field at a time): the same
+        # answers, as rows of one array per field.
+        with self.kv.open_stream() as plain, self.kv.open_stream(shm=1 << 20) as shared:
+            for half in (False, True):
+                for layer in range(LAYERS):
+                    pos = self.kv.get_session(plain_s[0])["ownTokens"][layer]
+                    batch = lambda sessions: [{"session": s, "q": q.astype(np.float16) if half else q, "k": k, "v": v, "position": pos, "out_dtype": "f16" if half else None} for s, (q, k, v) in zip(sessions, steps) if s not in (plain_s[3], shm_s[3])]
+                    self.assertIsNotNone(shm_module._uniform(batch(shm_s)))  # the stacked path
+                    want, got = plain.attend_batch(layer, batch(plain_s)), shared.attend_batch(layer, batch(shm_s))
+                    self.assertEqual([bits(serve.ok(r)) for r in got], [bits(serve.ok(r)) for r in want])
             rs = shared.attend_batch(0, [{"session": s, "q": q} for s, (q, _, _) in zip(shm_s, steps)])
             self.assertIs(rs[0].out.base, rs[1].out.base)
             self.assertTrue(rs[0].out.flags.writeable and rs[0].out.base.flags.owndata)  # a copy, not a view of the segment
