@@ -29,8 +29,10 @@ Rows (interleaved call by call, so drift hits all alike):
   (q and out in f16), the overhead of the whole call (wall - the batch's
   server ms); stream batch(32): the same in f32 (q and out);
 - (shm) rows: the same calls on a second stream with a shared-memory
-  segment attached (`open_stream(shm=--shm)`, kvrecall.shm): q, k, v and
-  the answers go through the segment, the frames carry no tensor bytes.
+  segment attached (`open_stream(shm=--shm)`, kvrecall.shm; single attends
+  with shm_attend): q, k, v and the answers go through the segment, the
+  frames carry no tensor bytes; (shm views): out and lse left in the
+  segment as views (shm_views), not copied out.
   Left out when the server refuses the segment (not on this host, or
   --shm-dir off) or --shm 0.
 
@@ -133,7 +135,8 @@ def run(
     if shared is not None and shared.shm is None:
         log(f"no shm rows: {shared.shm_refused}")
     if shared is not None and shared.shm is not None:
-        names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)"]
+        shared.shm_attend = True
+        names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)", "stream batch(32) (shm views)"]
     bare = ("health", "stream ping")
     sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith(bare) and "(32)" not in name}
     batches = {name: [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)] for name in names if "(32)" in name}
@@ -159,7 +162,9 @@ def run(
         if "(32)" in name:
             half = "f16" in name
             q = q16s[i] if half else qs[i]
-            rs = (shared if name.endswith("(shm)") else stream).attend_batch(0, [{"session": b, "q": q, "k": ks[i], "v": vs[i], "position": i, "out_dtype": "f16" if half else None} for b in batches[name]])
+            on = shared if "(shm" in name else stream
+            on.shm_views = name.endswith("views)")
+            rs = on.attend_batch(0, [{"session": b, "q": q, "k": ks[i], "v": vs[i], "position": i, "out_dtype": "f16" if half else None} for b in batches[name]])
             for r in rs:
                 if not hasattr(r, "stats"):
                     raise r
@@ -228,9 +233,9 @@ def run(
     for name in p50:
         if "(32)" in name:
             one = "stream attend" + (" f16" if "f16" in name else "")
-            ratios[f"{name} / {one}{' (shm)' if name.endswith('(shm)') else ''}"] = p50[name] / p50[one + (" (shm)" if name.endswith("(shm)") else "")]
-            if name.endswith("(shm)"):
-                ratios[f"{name} / {one}"] = p50[name] / p50[one]
+            if "(shm" in name:
+                ratios[f"{name} / {one} (shm)"] = p50[name] / p50[one + " (shm)"]
+            ratios[f"{name} / {one}"] = p50[name] / p50[one]
     return {
         "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall); client_cpu_us: the calling thread's CPU time over the call; ratios: overhead p50 over overhead p50",
         "ratios": ratios,

@@ -443,7 +443,7 @@ class Client:
         answer = self._http.call_parts("POST", "/v1/attend", lambda packer: batch_parts(packer, None, layer, steps))
         return batch_results(answer["results"], answer.get("stats"))
 
-    def open_stream(self, timeout: Optional[float] = None, shm: int = 0, shm_dir: str = "/dev/shm") -> "Stream":
+    def open_stream(self, timeout: Optional[float] = None, shm: int = 0, shm_dir: str = "/dev/shm", shm_views: bool = False) -> "Stream":
         """A WebSocket stream for decode steps (`GET /v1/stream`, the bearer
         token on the upgrade): `attend` and `attend_batch` as here, answered
         bit-identically, over one connection with no per-request HTTP. Use it
@@ -453,7 +453,9 @@ class Client:
         shared-memory segment to attach (made in shm_dir, the server's
         --shm-dir: on the server's own host), through which tensors then go
         (kvrecall.shm); where it is refused the stream sends bytes and
-        `stream.shm_refused` says why."""
+        `stream.shm_refused` says why. shm_views: a batch's out and lse are
+        views of the segment, valid until the stream's next request (else
+        the caller's own copies)."""
         from .stream import Stream
 
         url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
@@ -461,6 +463,7 @@ class Client:
         stream = Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout, self._ssl_context)
         if shm:
             stream.attach_shm(shm, shm_dir)
+            stream.shm_views = shm_views
         return stream
 
     def get_session(self, sid: str) -> Dict[str, Any]:

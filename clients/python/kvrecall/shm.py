@@ -4,12 +4,14 @@ kvrecall runs on the LLM server's own host: a stream opened with
 `Client.open_stream(shm=64 << 20)` makes a file `kvrecall-<name>` in
 /dev/shm (the server's --shm-dir), maps it, attaches it to the stream
 (`{id, shm: {name, bytes}}`) and unlinks it once the server has mapped it
-too. Then an attend's or a batch's q, k, v and a document upload's k, v, q
-are copied into the segment and sent as `{dtype, shape, at}`, and an
-attend (each batch step) asks for its out and lse `into` the segment: a
-frame carries no tensor bytes either way. Where the tensors come from and
-go is one memcpy each; a batch of 32 steps crosses no socket with its
-0.5-1 MB.
+too. Then a batch's q, k, v and a document upload's k, v, q are copied
+into the segment and sent as `{dtype, shape, at}`, and each batch step
+asks for its out and lse `into` the segment: a frame carries no tensor
+bytes either way, and a batch of 32 steps crosses no socket with its
+0.5-1 MB. A single attend goes the same way with `stream.shm_attend =
+True`; by default it stays on the lean byte form (kvrecall.lean), which
+cost less client time on the 2-core VM (bench/results/transport-vm-python-shm.md).
+kvrecall.shm_plan packs a batch of the common form once.
 
 Layout (one request at a time on a stream, so every attend and batch starts
 at offset 0): the request's tensors one after another, each at a multiple
@@ -17,9 +19,10 @@ of 4, then per step its answer span (out, then lse at the next multiple of
 4). A document upload in flight takes slot `i % window` of the segment cut
 into `window` slots. What does not fit goes as bytes, as without a segment.
 
-The results are the caller's arrays, copied out of the segment (16 KB for a
-32 x 128 f32 out: well under a microsecond); the segment is rewritten by
-the next request.
+The results are the caller's arrays, copied out of the segment; with
+`stream.shm_views = True` a planned batch's out and lse are views of the
+segment instead, valid until the stream's next request (which writes over
+them).
 """
 
 from __future__ import annotations

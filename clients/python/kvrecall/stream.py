@@ -23,10 +23,10 @@ at a time; a timeout or a lost connection closes it (open another; with
 did go through answers 409 "conflict" and changes nothing).
 
 With a shared-memory segment attached (`Client.open_stream(shm=...)`,
-kvrecall.shm), attends, batches and uploads put their tensors in it and
-attends and batches have their answers written into it: a frame carries
-no tensor bytes. The results are the same arrays, copied out of the
-segment. Where the server refuses the segment (another host, --shm-dir
+kvrecall.shm), batches and uploads put their tensors in it and batches
+have their answers written into it (single attends too with
+`shm_attend = True`): a frame carries no tensor bytes. The results are the
+same arrays, copied out of the segment (views of it with `shm_views`). Where the server refuses the segment (another host, --shm-dir
 off) or a request does not fit it, the tensors go as bytes.
 """
 
@@ -43,6 +43,7 @@ import msgpack
 from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_result, batch_results
 from .lean import Layout, Plan, plan_key
 from . import shm as _shm
+from . import shm_plan as _shm_plan
 from .tensors import pack_parts
 from .wire import attend_fields, attend_parts, batch_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
@@ -68,6 +69,11 @@ class Stream:
         # The shared-memory segment attached (attach_shm), and why one was refused.
         self.shm: Optional[_shm.Segment] = None
         self.shm_refused: Optional[str] = None
+        self._shm_plans: Dict[Tuple[Any, ...], _shm_plan.BatchPlan] = {}
+        # A single attend through the segment too (else the lean byte form, which costs less on the 2-core VM);
+        # a planned batch's out and lse as views of the segment, valid until the stream's next request.
+        self.shm_attend = False
+        self.shm_views = False
 
     @classmethod
     def open(cls, url: str, headers: Dict[str, str], timeout: Optional[float], ssl_context: Optional[ssl.SSLContext] = None) -> "Stream":
@@ -100,7 +106,7 @@ class Stream:
         stream stays open). The request goes from the arrays to the socket
         (no joined copy); out and lse are the caller's own arrays, copied
         once out of the receive buffer (with a segment: of the segment)."""
-        if self.shm is not None:
+        if self.shm is not None and self.shm_attend:
             seg = self.shm
             kwargs = dict(q=q, k=k, v=v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
             shared = [False]
@@ -132,6 +138,10 @@ class Stream:
         instance (returned; the list's `ms` is the server's time for the
         batch); a batch that fails whole raises KvrecallError."""
         seg, shared = self.shm, [False]
+        if seg is not None:
+            planned = self._batch_planned(seg, layer, steps)
+            if planned is not None:
+                return planned
 
         def make(id_: int) -> List[Any]:
             body = _shm.batch_body(seg, layer, steps) if seg is not None else None
@@ -146,6 +156,28 @@ class Stream:
         if shared[0]:
             return _shm.batch_results(seg, frame)  # type: ignore[arg-type]
         return batch_results(frame["results"], frame.get("stats"))
+
+    def _batch_planned(self, seg: "_shm.Segment", layer: int, steps: Sequence[Dict[str, Any]]) -> Optional[BatchResults]:
+        """attend_batch's common form through the segment (kvrecall.shm_plan), or None."""
+        got = _shm_plan.batch_key(layer, steps)
+        if got is None:
+            return None
+        key, positions = got
+        with self._lock:
+            plan = self._shm_plans.get(key)
+            if plan is None:
+                if len(self._shm_plans) >= _PLANS:
+                    self._shm_plans.clear()
+                plan = self._shm_plans[key] = _shm_plan.BatchPlan(seg, *key)
+            if not plan.fits or not plan.write(seg, steps, positions):
+                return None
+            id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
+            self._next_id = id_ + 1
+            _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+            frame = self._io(lambda: self._exchange(id_, [plan.frame]))
+        if "error" in frame:
+            raise KvrecallError.from_wire(frame["error"])
+        return plan.results(seg, frame, self.shm_views) or _shm.batch_results(seg, frame)
 
     def attach_shm(self, nbytes: int, directory: str = _shm.SHM_DIR) -> bool:
         """Makes a segment of `nbytes` in `directory` (the server's
@@ -169,6 +201,7 @@ class Stream:
             self.shm_refused = str(frame["error"].get("message", "refused")) if isinstance(frame["error"], dict) else "refused"
             return False
         old, self.shm, self.shm_refused = self.shm, seg, None
+        self._shm_plans.clear()  # laid out for the old segment's size
         if old is not None:
             old.close()
         return True

@@ -81,11 +81,15 @@ class SharedMemory(unittest.TestCase):
                     for kw in ({}, {"out_dtype": "f16"}, {"q_dtype": "f16", "out_dtype": "f16"}):
                         append = {"k": k, "v": v, "position": pos} if not kw else {}
                         want = plain.attend(a, layer, q, **append, **kw)
+                        shared.shm_attend = True  # through the segment (by default a single attend goes as lean bytes)
                         got = shared.attend(b, layer, q, **append, **kw)
                         self.assertEqual(bits(got), bits(want), (pos, layer, kw))
+                        shared.shm_attend = False
+                        self.assertEqual(bits(shared.attend(b, layer, q, **kw)), bits(plain.attend(a, layer, q, **kw)))
                         self.assertEqual(got.stats["tokens"], want.stats["tokens"])
             # The results are the caller's: the next call does not change them.
             kept = bits(got)
+            shared.shm_attend = True
             shared.attend(b, 0, self.step()[0])
             self.assertEqual(bits(got), kept)
         self.assertEqual(self.kv.get_session(a)["ownTokens"], self.kv.get_session(b)["ownTokens"])
@@ -124,6 +128,11 @@ class SharedMemory(unittest.TestCase):
                     self.assertEqual([bits(serve.ok(r)) for r in got], [bits(serve.ok(r)) for r in want])
             rs = shared.attend_batch(0, [{"session": s, "q": q} for s, (q, _, _) in zip(shm_s, steps)])
             self.assertIs(rs[0].out.base, rs[1].out.base)
+            # Views of the segment when asked: the same values, valid until the next request.
+            shared.shm_views = True
+            viewed = shared.attend_batch(0, [{"session": s, "q": q} for s, (q, _, _) in zip(shm_s, steps)])
+            self.assertEqual([bits(r) for r in viewed], [bits(r) for r in rs])
+            self.assertFalse(viewed[0].out.flags.owndata or viewed[0].out.base.flags.owndata)
             self.assertTrue(rs[0].out.flags.writeable and rs[0].out.base.flags.owndata)  # a copy, not a view of the segment
 
     def test_upload_matches_the_byte_form(self):
