@@ -113,7 +113,7 @@ export class Bench {
     const sealed = await this.preloader.seal(doc);
     const attachMs: Record<string, number> = {};
     const lanes: Lane[] = [];
-    for (const via of o.vias) lanes.push(await Lane.open(via, await this.openSessions(doc, budgetTokens, steps, via, attachMs), this.client, steps));
+    for (const via of o.vias) lanes.push(await Lane.open(via, await this.openSessions(doc, budgetTokens, steps, via, attachMs), this.client, steps, o.spin));
 
     const afterSeal = serverMemory(this.server !== undefined, o.serverPid, this.dataDir);
     const h1 = await this.fetchHealth();
@@ -145,7 +145,7 @@ export class Bench {
     const { qHeads: Q } = o.shape;
     const warm = decodeData.map((ld, l) => ({ layer: l, q: tensor('f32', [Q, d], ld.q[0]) }));
     for (const lane of lanes) await lane.warmUp(warm);
-    await decodeSteps({ shape: o.shape, tokens, steps, budgetTokens, decodeData, samples, timing: o.timing }, lanes);
+    await decodeSteps({ shape: o.shape, tokens, steps, budgetTokens, decodeData, samples, timing: o.timing, exactApart: o.exact === 'apart' }, lanes);
     const h2 = await this.fetchHealth();
     const server = { backend: String(h2.backend ?? 'unknown'), ...(h2.gpu !== undefined && { gpu: h2.gpu }) };
     if (server.backend === 'cuda') log(`GPU after decode: ${JSON.stringify(h2.gpu)}`);

@@ -51,8 +51,9 @@ export class Lane {
     this.batchServer = new Array<number>(steps).fill(0);
   }
 
-  static async open(via: Via, runs: Run[], client: KvrecallClient, steps: number): Promise<Lane> {
-    return new Lane(via, runs, client, via === 'http' ? undefined : await client.openStream(), steps);
+  /** `spin`: the lane's stream polls while an answer is owed (openStream's StreamOptions.spin). */
+  static async open(via: Via, runs: Run[], client: KvrecallClient, steps: number, spin = false): Promise<Lane> {
+    return new Lane(via, runs, client, via === 'http' ? undefined : await client.openStream({ spin }), steps);
   }
 
   close(): void {
@@ -69,10 +70,11 @@ export class Lane {
    * return the selection too. Sessions take turns going first (`turn`), so
    * whatever the call after the fidelity work pays (a GC pause, a cold
    * socket) is spread over the methods; `afterWork`: this lane's first
-   * exchange is that call (recorded apart: CallKind).
+   * exchange is that call (recorded apart: CallKind); `only`: the sessions
+   * that step (default every one).
    */
-  async step(s: number, body: StepBody, turn: number, ret: (run: Run) => Ret, afterWork = false): Promise<Map<Run, AttendReply>> {
-    const order = turnOrder(this.runs.filter((r) => !r.error), turn);
+  async step(s: number, body: StepBody, turn: number, ret: (run: Run) => Ret, afterWork = false, only?: (run: Run) => boolean): Promise<Map<Run, AttendReply>> {
+    const order = turnOrder(this.runs.filter((r) => !r.error && (!only || only(r))), turn);
     return this.via === 'batch' ? this.batchStep(s, body, order, ret, afterWork) : this.singleSteps(s, body, order, ret, afterWork);
   }
 

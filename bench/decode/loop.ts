@@ -1,7 +1,9 @@
 // The per-token loop: for each step and layer, every lane (transport, with
 // its sessions) sends every session the same attend (the step's q
 // [qHeads, d] f32 and the new token's k, v [kvHeads, d] f16), timed from
-// the client, the lanes taking turns at going first; then, outside the
+// the client, the lanes taking turns at going first (with exactApart, the
+// exact sessions' whole decode runs first, alone, and their replies are
+// kept for the comparisons below); then, outside the
 // timed calls, each lane's answers are checked bit for bit against the
 // first lane's, each method's output is compared with its lane's exact
 // session's and, on the sampled layers, its selection is judged against
@@ -26,6 +28,15 @@ export interface DecodePlan {
   samples: Sample[];
   /** Ask every call for its host stages (`return: ['timing']`). */
   timing?: boolean;
+  /**
+   * The exact sessions' whole decode first, then the other sessions' (their
+   * fidelity against exact's kept replies): no method's call comes right
+   * after a dense attend over the whole context, as an LLM server's would
+   * not. Interleaved at 1M on the H100 host, half of wave's calls followed
+   * one of exact's (29 ms), and came cold. Single-call lanes only: a batch
+   * lane's batches keep exact's step.
+   */
+  exactApart?: boolean;
 }
 
 /** Every method's output error against the exact session's reply. */
@@ -119,6 +130,8 @@ export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
   // The next exchange is the first after the fidelity work (recorded apart: bench/decode/run.ts CallKind).
   let afterWork = false;
   const workMs: number[] = [];
+  // Per lane, exact's replies by s × L + l (exactApart).
+  const exactReplies = p.exactApart ? await exactPass(p, lanes) : undefined;
   for (let s = 0; s < steps; s++) {
     for (let l = 0; l < L; l++) {
       const judged = sampleLayers.has(l);
@@ -127,7 +140,10 @@ export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
       const replies = new Array<Map<Run, AttendReply>>(lanes.length);
       for (let j = 0; j < lanes.length; j++) {
         const i = turnOrder([...lanes.keys()], turn)[j], lane = lanes[i], exact = lane.runs[0];
-        replies[i] = await lane.step(s, body, turn, (run) => [...(judged && run !== exact ? (['out', 'selection'] as const) : (['out'] as const)), ...(p.timing ? (['timing'] as const) : [])], afterWork && j === 0);
+        const apart = exactReplies && lane.via !== 'batch';
+        replies[i] = await lane.step(s, body, turn, retOf(p, judged, exact), afterWork && j === 0, apart ? (run) => run !== exact : undefined);
+        const kept = exactReplies?.[i][s * L + l];
+        if (kept) replies[i].set(exact, kept);
       }
       afterWork = false;
       // Fidelity, after the timed calls.
@@ -149,4 +165,33 @@ export async function decodeSteps(p: DecodePlan, lanes: Lane[]): Promise<void> {
   }
   dbar.finish();
   if (workMs.length) log(`fidelity work between timed calls: ${workMs.length} passes, mean ${mean(workMs).toFixed(0)} ms`);
+}
+
+/** What a call returns: the selection on judged layers (not exact's), the host stages with --timing. */
+const retOf = (p: DecodePlan, judged: boolean, exact: Run) => (run: Run) =>
+  [...(judged && run !== exact ? (['out', 'selection'] as const) : (['out'] as const)), ...(p.timing ? (['timing'] as const) : [])];
+
+/**
+ * exactApart's first pass: every lane's exact session alone through every
+ * step and layer; its replies, [lane][s × layers + l]. A batch lane's exact
+ * session stays in its batches (they stand for a server's running batch).
+ */
+async function exactPass(p: DecodePlan, lanes: Lane[]): Promise<AttendReply[][]> {
+  const { layers: L, qHeads: Q, kvHeads: K, headDim: d } = p.shape;
+  const bar = new Progress(`exact pass ${fmtTokens(p.tokens)}`, p.steps * L);
+  const kept = lanes.map(() => new Array<AttendReply>(p.steps * L));
+  for (let s = 0; s < p.steps; s++)
+    for (let l = 0; l < L; l++) {
+      const ld = p.decodeData[l];
+      const body = { layer: l, q: tensor('f32', [Q, d], ld.q[s]), k: tensor('f16', [K, d], ld.k[s]), v: tensor('f16', [K, d], ld.v[s]) };
+      for (const [i, lane] of turnOrder(lanes, turnOf(s, l)).map((x) => [lanes.indexOf(x), x] as const)) {
+        if (lane.via === 'batch') continue;
+        const exact = lane.runs[0];
+        const r = (await lane.step(s, body, 0, retOf(p, false, exact), false, (run) => run === exact)).get(exact);
+        if (r) kept[i][s * L + l] = r;
+      }
+      bar.update(s * L + l + 1, `step ${s + 1}/${p.steps}`);
+    }
+  bar.finish();
+  return kept;
 }

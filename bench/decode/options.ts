@@ -71,6 +71,15 @@ export interface Options {
   vias: Via[];
   /** --timing: every call asks for a device step's host stages (stats.gpu.host). */
   timing: boolean;
+  /**
+   * --exact: `apart`, the exact sessions' whole decode first, then the other
+   * methods' (an LLM server's calls follow its own, not a dense attend
+   * over the whole context); `interleaved`, every session in turn per
+   * (step, layer), as before.
+   */
+  exact: 'apart' | 'interleaved';
+  /** --spin: the lanes' streams poll while an answer is owed (the TS client's StreamOptions.spin). */
+  spin: boolean;
 }
 
 const USAGE = `npm run bench:decode -- [--quick | --full] [options]
@@ -101,6 +110,12 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
                          per (step, layer), answers checked bit for bit against the first's (default stream)
   --timing               every call asks return: ['timing']: a device wave step's host stages (stats.gpu.host),
                          reported as p50s per call kind
+  --exact apart|interleaved   apart (default): the exact sessions' whole decode first (their replies kept for the
+                         fidelity), then the other methods', so no method's call follows a dense attend over the
+                         whole context (29 ms a call at 1M on the H100 host, after which a wave call came cold);
+                         interleaved: every session in turn per (step, layer), the order before
+  --spin                 the streams poll while an answer is owed (openStream({ spin: true }): one core busy
+                         for the wait, the answer read as it lands instead of after the client's thread wakes)
   --out DIR              results folder (default bench/results)
   --tag NAME             output files decode-<mode>-<preset>-NAME.{md,json} and charts decode-latency-NAME.svg, ...`;
 
@@ -115,7 +130,7 @@ function parseCount(s: string, name: string): number {
 
 /** Splits argv into the boolean flags seen and the --name value pairs; --help prints USAGE and exits. */
 function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, string> } {
-  const flags = new Set(['quick', 'full', 'help', 'timing']);
+  const flags = new Set(['quick', 'full', 'help', 'timing', 'spin']);
   const values = new Map<string, string>();
   const seen = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
@@ -138,7 +153,7 @@ function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, stri
   const known = [
     'url', 'token', 'data', 'server-pid', 'preset', 'layers', 'q-heads', 'kv-heads', 'head-dim', 'tokens', 'steps', 'sweep',
     'sweep-steps', 'methods', 'budget', 'sinks', 'window', 'ef', 'chunk', 'span', 'query-stride', 'prefill-q', 'layer-data',
-    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via', 'cluster-size',
+    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via', 'cluster-size', 'exact',
   ];
   for (const k of values.keys()) if (!known.includes(k)) throw new Error(`unknown option --${k}\n${USAGE}`);
   if (seen.has('quick') && seen.has('full')) throw new Error('--quick and --full exclude each other');
@@ -188,6 +203,12 @@ function parseMethods(raw: string | undefined, quick: boolean): string[] {
   const asked = raw ? raw.split(',').map((s) => s.trim()).filter(Boolean) : quick ? all : FULL_METHODS.filter((m) => all.includes(m));
   for (const m of asked) if (!findMethod(m)) throw new Error(`unknown method ${m} (registered: ${all.join(', ')})`);
   return ['exact', ...asked.filter((m) => m !== 'exact')];
+}
+
+function parseExact(raw: string | undefined): Options['exact'] {
+  const v = raw ?? 'apart';
+  if (v !== 'apart' && v !== 'interleaved') throw new Error('--exact is apart or interleaved');
+  return v;
 }
 
 function parseVias(raw: string | undefined): Via[] {
@@ -257,5 +278,7 @@ export function parseArgs(argv: string[]): Options {
     tag,
     vias: parseVias(get('via')),
     timing: seen.has('timing'),
+    exact: parseExact(get('exact')),
+    spin: seen.has('spin'),
   };
 }
