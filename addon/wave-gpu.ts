@@ -146,6 +146,14 @@ export interface WaveGpuStepArgs {
    * False: launched one by one (a bench's comparison).
    */
   graph?: boolean;
+  /**
+   * A session's own tokens, rows [0, tokens) of each kv head's arrays (the
+   * store's dtype): attended on the step's thread while the device runs it
+   * and merged into out/lse by log-sum-exp (host.overlap times it), so the
+   * layer-step's whole attention is one native call. The arrays are read,
+   * not copied, until the step settles.
+   */
+  own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number };
 }
 
 export interface WaveGpuStepResult {
@@ -264,6 +272,7 @@ interface NativeStore {
     ids?: boolean;
     stages?: boolean;
     graph?: boolean;
+    own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number };
     sync?: boolean;
   }): Promise<{
     width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
@@ -371,6 +380,7 @@ export class WaveGpuStore {
       ids: a.ids,
       stages: a.stages,
       graph: a.graph,
+      own: a.own,
       sync,
     }));
     this.stepTimer.record(r.workMs);

@@ -7,13 +7,16 @@
 // Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
 // in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
 //
-//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS | --own-ab] | --hold-ms MS] [--json FILE]
+//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS | --own-ab [A,B]] | --hold-ms MS] [--json FILE]
 //
 // --gap-ms: odd steps come after the loop slept MS (a timer), as a server's
 // calls come after the client's round trip; even steps back to back.
-// --own-ab: odd steps attend the own tokens after the device call, on the
+// --own-ab A,B (default native,beside): even steps attend the own tokens
+// the A way, odd steps the B way (engine/wave-on-device.ts OwnAttend:
+// native, inside the device call; beside, on libuv's pool during it; after,
+// on the loop's thread after it). Formerly: odd steps after the device call, on the
 // loop's thread (the old order), even steps beside it on libuv's pool
-// (engine/wave-on-device.ts setOwnAttendBeside).
+// (setOwnAttend).
 //
 // Without --device (any machine): the native store is a stand-in that
 // answers at once, with the binding's answer objects: what is left is the
@@ -44,7 +47,7 @@ import { attendOnHost } from '../engine/cache/residency.js';
 import type { HeldWaveStore } from '../engine/cache/device-wave.js';
 import type { GpuBackend } from '../engine/cache/gpu-pool.js';
 import { decodeStep } from '../engine/decode-step.js';
-import { setOwnAttendBeside } from '../engine/wave-on-device.js';
+import { setOwnAttend, type OwnAttend } from '../engine/wave-on-device.js';
 import type { LoadedDocument } from '../engine/documents.js';
 import { Session } from '../engine/session.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
@@ -68,8 +71,14 @@ const graphAb = argv.includes('--graph-ab');
 const jsonAt = argv.indexOf('--json');
 /** Odd steps come after an idle of this many ms (the loop asleep on a timer), even steps back to back (0: none). */
 const gapMs = arg('--gap-ms', 0);
-/** Odd steps attend the own tokens after the device call, even steps beside it (setOwnAttendBeside). */
+/** Even steps attend the own tokens the first way, odd steps the second (setOwnAttend). */
 const ownAb = argv.includes('--own-ab');
+const ownModes = ((): [OwnAttend, OwnAttend] => {
+  const v = argv[argv.indexOf('--own-ab') + 1];
+  const modes = ownAb && v && !v.startsWith('--') ? v.split(',') : ['native', 'beside'];
+  if (modes.length !== 2 || modes.some((m) => !['native', 'beside', 'after'].includes(m))) throw new Error('--own-ab takes two of native, beside, after (e.g. native,beside)');
+  return modes as [OwnAttend, OwnAttend];
+})();
 if ([gapMs > 0, graphAb, ownAb].filter(Boolean).length > 1) throw new Error('--gap-ms, --graph-ab and --own-ab each split the steps by parity: give one');
 
 const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
@@ -89,7 +98,7 @@ function standInStore(): WaveGpuStore {
   const lru: string[] = [], seen: string[] = [], eager = process.env.KVRECALL_STEP_GRAPH_EAGER?.startsWith('1') ?? false;
   let captures = 0;
   const native = {
-    step(a: { exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean; graph?: boolean }) {
+    step(a: { q: Float32Array; scale: number; exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean; graph?: boolean; own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number } }) {
       // Asleep, not spinning: on this 2-core VM a spinning hold took the core the pool's thread needs (a GPU host has cores to spare).
       if (holdMs > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, holdMs);
       const most = (xs: number[]) => stepBucket(Math.min(TOKENS, Math.max(0, ...xs)));
@@ -108,10 +117,15 @@ function standInStore(): WaveGpuStore {
       }
       if (at !== -2) lru.push(key);
       const n = (x: number) => Array.from({ length: kvHeads }, () => x);
-      return Promise.resolve({
+      const answer = {
         width: a.budget[0], idCounts: n(a.budget[0]), candidates: n(a.target[0]), out: new Float32Array(qHeads * d).fill(0.01), lse: new Float32Array(qHeads).fill(3),
         estimated: n(TOKENS - a.budget[0]), misses: 0, bytesIn: 0, ms: 0, graphCaptures: captures, stages: {}, host: {}, workMs: 0.7,
-      });
+      };
+      // The own tokens, as the binding attends them within the call (their merge left out).
+      if (!a.own) return Promise.resolve(answer);
+      const segment = { k: a.own.k, v: a.own.v, tokens: a.own.tokens } as unknown as KvSegment;
+      const part = { out: new Float32Array(qHeads * d), lse: new Float32Array(qHeads) };
+      return attendOnHost(model, [{ segment, begin: 0, end: a.own.tokens }], { layer: 0, q: a.q, scale: a.scale, ...part }).then(() => answer);
     },
   };
   const Store = WaveGpuStore as unknown as new (n: unknown, o: unknown, c: number[]) => WaveGpuStore;
@@ -188,7 +202,7 @@ async function main() {
     const v = { data: f16Row(kvHeads * d), dtype: 'f16' as const, shape: [kvHeads, d] };
     ungraphed = graphAb && s % 2 === 1;
     const gapped = (gapMs > 0 || ownAb) && s % 2 === 1;
-    setOwnAttendBeside(!(ownAb && gapped));
+    setOwnAttend(ownAb ? ownModes[gapped ? 1 : 0] : 'native');
     if (gapped && gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
     const runs = deviceCallRuns();
     const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });
@@ -220,7 +234,7 @@ async function main() {
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     line('all', warm),
     ...(gapMs > 0 ? [line('back to back (even steps)', warm.filter((r) => !r.gapped)), line(`after ${gapMs} ms idle (odd steps)`, warm.filter((r) => r.gapped))] : []),
-    ...(ownAb ? [line('own tokens beside the device call, on the pool (even steps)', warm.filter((r) => !r.gapped)), line('own tokens after the device call (odd steps, the old order)', warm.filter((r) => r.gapped))] : []),
+    ...(ownAb ? [line(`own tokens ${ownModes[0]} (even steps)`, warm.filter((r) => !r.gapped)), line(`own tokens ${ownModes[1]} (odd steps)`, warm.filter((r) => r.gapped))] : []),
     ...(graphAb ? [line('launched one by one (graph: false, odd steps)', ungraphedRows), line('launched one by one, own tokens < window', ungraphedRows.filter((r) => r.own < params.window))] : []),
     line(`graph captured anew${onDevice ? '' : ' (as the native key would)'}`, captured),
     line('graph replayed, or run one by one (a key seen for the first time, native/cuda/step_graph.cuh)', replayed),

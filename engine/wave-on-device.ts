@@ -29,16 +29,22 @@ export interface DeviceStep {
 }
 
 /**
- * Whether the own tokens' attend starts on libuv's pool before the device call (the default) or runs
- * after it (false: the old order, bench/wave-step-host.ts --own-ab's A/B). Only a GPU host runs this path,
- * and there the pool's wake-ups cost less than the overlap saves from the first own token on (H100 host, 16
- * cores, llama3.2-1b shape at 1M, the call on the loop's thread, bench/results/wave-step-host-own-ab-h100.md:
- * a step 0.908 -> 0.879 ms with 0-256 own tokens, 0.871 -> 0.787 with 512-1024, 0.961 -> 0.820 with
- * 1024-2048).
+ * Where the own tokens are attended: 'native' (the default), inside the
+ * device call, on its thread while the device runs the step, merged there
+ * (WaveGpuStepArgs.own): one native call, nothing on another thread;
+ * 'beside', started on libuv's pool before the device call and merged here
+ * (before 'native': in bench:decode on the H100 the pool's attend settled
+ * 0.018 ms after the device call, which held the loop, and its dispatch and
+ * merge were JS on the step's path, bench/results/decode-full-llama3.2-1b-h100-4layers-cs16-timing-ao.md);
+ * 'after', after the device call on the loop's thread (the older order:
+ * beside was faster from the first own token on, H100 host, llama3.2-1b
+ * shape at 1M, bench/results/wave-step-host-own-ab-h100.md: a step 0.908 ->
+ * 0.879 ms with 0-256 own tokens). bench/wave-step-host.ts --own-ab compares two.
  */
-let ownBeside = true;
-export function setOwnAttendBeside(on: boolean): void {
-  ownBeside = on;
+export type OwnAttend = 'native' | 'beside' | 'after';
+let ownMode: OwnAttend = 'native';
+export function setOwnAttend(mode: OwnAttend): void {
+  ownMode = mode;
 }
 
 /**
@@ -63,7 +69,9 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
     // The decode step's own answer (params.estimate), so the device rescores as the host path would.
     const estimate = p.estimate ?? session.clustersFor(ctx.layer) !== undefined;
-    const args = { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ef: p.ef, ids: wantIds };
+    const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
+    const native = ownPart !== undefined && ownMode === 'native';
+    const args = { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ef: p.ef, ids: wantIds, ...(native && { own: { k: own.k, v: own.v, tokens: own.tokens } }) };
     // A paged store whose cache could not hold this step's rows would fail it: the host path answers.
     if (!pagedStepFits(held, args, heads, doc.tokens)) {
       held.countOverCache();
@@ -71,23 +79,20 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     }
     // The own tokens, on the host as on every path (never pooled), beside the
     // device's work on the document: neither reads what the other writes.
-    // The own attend is started first, on libuv's pool, so it runs while the
-    // device call waits for its stream, on the pool or on the event loop's
-    // thread (a short call, addon/device-calls.ts).
-    // Inline after a call on the loop, it added its whole time to the step,
-    // which grows with the session's own tokens. Both settle before the
-    // store is released (a failure of one must not free it while the other
-    // reads it).
-    const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
+    // 'native': inside the device call (OwnAttend). 'beside': the own attend
+    // is started first, on libuv's pool, so it runs while the device call
+    // waits for its stream, on the pool or on the event loop's thread (a
+    // short call, addon/device-calls.ts). Both settle before the store is
+    // released (a failure of one must not free it while the other reads it).
     const t0 = performance.now();
     const ownIn = { layer: ctx.layer, q, scale, out, lse };
     let ownMs = 0, returned = 0;
     const timedOwn = (p: Promise<unknown> | undefined) => p?.then((x) => ((ownMs = performance.now() - t0), x));
-    const ownAttend = ownPart && ownBeside ? timedOwn(session.cache.attend([ownPart], ownIn, true)) : undefined;
+    const ownAttend = ownPart && ownMode === 'beside' ? timedOwn(session.cache.attend([ownPart], ownIn, true)) : undefined;
     const [device, host] = await Promise.allSettled([
       // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
       (async () => stepDocument(held.store, args))().then((x) => ((returned = performance.now() - t0), x)),
-      ownAttend ?? timedOwn(ownPart && session.cache.attend([ownPart], ownIn)),
+      native ? undefined : (ownAttend ?? timedOwn(ownPart && session.cache.attend([ownPart], ownIn))),
     ]);
     const deviceMs = performance.now() - t0;
     if (device.status === 'rejected') throw device.reason;
@@ -95,10 +100,9 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const r = device.value;
     const parts: SelectionPart[] = ranges.map(([begin, end]) => ({ segment: doc, begin, end }));
     if (r.ids) parts.push({ segment: doc, ids: r.ids });
-    if (ownPart) {
-      parts.push(ownPart);
-      mergeInto(out, lse, r.out, r.lse, ctx.headDim);
-    } else {
+    if (ownPart) parts.push(ownPart);
+    if (ownPart && !native) mergeInto(out, lse, r.out, r.lse, ctx.headDim);
+    else {
       out.set(r.out);
       lse.set(r.lse);
     }
@@ -110,7 +114,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
       deviceMs,
       kernelMs: r.ms,
       // own: the own tokens' attend settled, device: the store's promise settled, both from the step's start.
-      host: { ...r.host, own: ownMs, device: returned },
+      host: { ...r.host, own: native ? r.host.overlap : ownMs, device: returned },
     };
   } finally {
     held.release();

@@ -435,6 +435,8 @@ export interface DocumentStepArgs {
   ef: number;
   /** Read the kept ids back (a caller asked for the selection); otherwise only their counts. */
   ids: boolean;
+  /** The session's own tokens, attended in the same native call and merged (WaveGpuStepArgs.own). */
+  own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number };
 }
 
 /**
@@ -484,6 +486,6 @@ export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<
     q: a.q, qHeads: a.qHeads, scale: a.scale,
     budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef, a.estimate)), ranking: { kind: 'spread', spread: SPREAD },
     exact, skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
-    estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false,
+    estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false, ...(a.own && { own: a.own }),
   });
 }

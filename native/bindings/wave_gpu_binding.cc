@@ -12,7 +12,10 @@
 //          come back), stages? (default true; false: no per-stage event times), graph? (default true; with
 //          stages: false the launches are replayed from a captured CUDA graph; false: launched one by one),
 //          rest?: 'rows' | 'moments' (with 'spread': partly attended clusters' remaining rows by their
-//          own logits, the default, or by their moments)})
+//          own logits, the default, or by their moments),
+//          own?: {k: Uint16Array[kvHeads], v: Uint16Array[kvHeads], tokens} (rows [0, tokens) of each, the
+//          store's dtype: a session's own tokens, attended on the step's thread while the device works and
+//          merged into out/lse by log-sum-exp, as engine/cache/merge.ts's mergeInto(ownOut, ownLse, out, lse))})
 //     -> Promise<{width, ids?: Int32Array[kvHeads*width] (absent with ids: false), idCounts: number[], candidates: number[],
 //                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}, graphCaptures,
 //                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream),
@@ -53,6 +56,7 @@
 
 #include "common/binding_args.h"
 #include "common/simd_math.h"
+#include "kernels/attention.h"
 
 #ifdef KVR_CUDA
 #include "cuda/wave_step.h"
@@ -92,6 +96,25 @@ void SetTimes(Napi::Env e, Napi::Object out, float streamMs, int64_t graphCaptur
   out.Set("workMs", Napi::Number::New(e, ms(times[1], times[2])));
   host.Set("convert", Napi::Number::New(e, ms(c0, Clock::now())));
   out.Set("host", host);
+}
+
+// The device's answer (r.out, r.lse) merged into the own tokens' (out, lse)
+// and left in r, with mergeInto's arithmetic (engine/cache/merge.ts:
+// doubles, the own part first), so answers stay those of the JS merge.
+void MergeOwn(cuda::WaveStepResult& r, const std::vector<float>& out, const std::vector<float>& lse, size_t d) {
+  for (size_t h = 0; h < lse.size(); ++h) {
+    const double a = lse[h], b = r.lse[h];
+    float* o = r.out.data() + h * d;
+    if (b == -INFINITY) {
+      std::copy(out.begin() + long(h * d), out.begin() + long((h + 1) * d), o);
+      r.lse[h] = lse[h];
+      continue;
+    }
+    const double m = std::max(a, b), wa = std::exp(a - m), wb = std::exp(b - m), l = m + std::log(wa + wb);
+    const double ca = wa / (wa + wb), cb = wb / (wa + wb);
+    for (size_t i = 0; i < d; ++i) o[i] = float(ca * out[h * d + i] + cb * o[i]);
+    r.lse[h] = float(l);
+  }
 }
 
 Napi::Array NumberArray(Napi::Env env, const std::vector<int64_t>& v) {
@@ -277,10 +300,30 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       CheckIds(*e, c.tokens, "exact");
       exact->assign(e->Data(), e->Data() + e->ElementLength());
     }
+    const int H = c.kvHeads;
+    // The own tokens: their arrays kept alive (not copied) until the step ends.
+    std::vector<Napi::Value> keep;
+    auto own = std::make_shared<AttnProblem>();
+    if (!Absent(o.Get("own"))) {
+      Napi::Object w = ObjectOf(o.Get("own"), "own");
+      AttnSegment seg;
+      seg.tokens = Int(w, "tokens", 1, int64_t(1) << 31);
+      seg.end = seg.tokens;
+      Napi::Array k = ArrayOf(w, "k", size_t(H)), v = ArrayOf(w, "v", size_t(H));
+      for (int h = 0; h < H; ++h) {
+        auto kh = Typed<uint16_t>(k.Get(uint32_t(h)), "own.k", size_t(seg.tokens) * d);
+        auto vh = Typed<uint16_t>(v.Get(uint32_t(h)), "own.v", size_t(seg.tokens) * d);
+        seg.k.push_back(kh.Data());
+        seg.v.push_back(vh.Data());
+        keep.push_back(kh);
+        keep.push_back(vh);
+      }
+      own->qHeads = a->qHeads, own->kvHeads = H, own->headDim = c.headDim, own->dtype = c.dtype, own->scale = a->scale;
+      own->segments.push_back(std::move(seg));
+    }
     // sync: the work runs now on this thread (addon/device-calls.ts: a short step skips libuv's two wake-ups).
     const bool now = Flag(o, "sync", false);
     auto result = std::make_shared<cuda::WaveStepResult>();
-    const int H = c.kvHeads;
     // The hop onto the worker thread and back (queue: this call to the
     // work's start; convert: the answer's objects) beside the step's own
     // host stages, so a bench sees where the wall time outside the stream goes.
@@ -288,14 +331,22 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     auto times = std::make_shared<std::array<Clock::time_point, 3>>();
     (*times)[0] = Clock::now();
     return RunNowOrAsync(
-        env, now, {},
-        [store, a, qCopy, normCopy, exact, result, times]() {
+        env, now, std::move(keep),
+        [store, a, qCopy, normCopy, exact, result, times, own]() {
           (*times)[1] = Clock::now();
           a->q = qCopy->data();
           a->normTerms = normCopy->data();
           a->exact = exact->data();
           a->exactCount = int64_t(exact->size());
+          std::vector<float> ownOut, ownLse;
+          if (!own->segments.empty()) {
+            ownOut.resize(qCopy->size());
+            ownLse.resize(size_t(own->qHeads));
+            own->q = qCopy->data(), own->out = ownOut.data(), own->lse = ownLse.data();
+            a->overlap = [own]() { Attend(*own); };
+          }
           *result = store->Step(*a);
+          if (!own->segments.empty()) MergeOwn(*result, ownOut, ownLse, size_t(own->headDim));
           (*times)[2] = Clock::now();
         },
         [result, H, times, wantIds = a->ids](Napi::Env e) -> Napi::Value {

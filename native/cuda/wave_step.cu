@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -119,23 +120,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   I.ctot = I.base[H];
   if (I.ctot >= (int64_t(1) << 31) || int64_t(H) * N >= (int64_t(1) << 31))
     throw std::runtime_error("wave store: more than 2^31 clusters or rows");
-  // Members grouped per cluster, ascending (a counting sort of tokenCluster).
   std::vector<int32_t> memberStart(size_t(I.ctot)), members(size_t(H) * N);
-  for (int h = 0; h < H; ++h) {
-    const int64_t C = heads[h].clusters;
-    std::vector<int64_t> at(size_t(C) + 1, 0);
-    for (int64_t t = 0; t < N; ++t) {
-      const int32_t c = heads[h].tokenCluster[t];
-      if (c < 0 || c >= C) throw std::runtime_error("wave store: tokenCluster outside [0, clusters)");
-      ++at[size_t(c) + 1];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      if (at[size_t(c) + 1] != heads[h].counts[c]) throw std::runtime_error("wave store: counts are not tokenCluster's histogram");
-      at[size_t(c) + 1] += at[size_t(c)];
-      memberStart[size_t(I.base[h] + c)] = int32_t(at[size_t(c)]);
-    }
-    for (int64_t t = 0; t < N; ++t) members[size_t(h) * N + size_t(at[size_t(heads[h].tokenCluster[t])]++)] = int32_t(t);
-  }
+  GroupMembers(heads, H, N, I.base, memberStart, members);
   Check(cudaSetDevice(0), "cudaSetDevice");
   Check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "stream");
   for (auto& e : I.ev) Check(cudaEventCreate(&e), "event");
@@ -537,8 +523,20 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   }
   Check(cudaEventRecord(I.ev[12], I.stream), "event");
   const Clock::time_point h2 = Clock::now();
+  // The caller's host work beside the device's; the stream is waited for
+  // before anything it threw goes up (a step's buffers stay in use until then).
+  std::exception_ptr overlapError;
+  if (a.overlap) {
+    try {
+      a.overlap();
+    } catch (...) {
+      overlapError = std::current_exception();
+    }
+  }
+  const Clock::time_point h2o = Clock::now();
   Check(cudaStreamSynchronize(I.stream), "wave step");
   const Clock::time_point h3 = Clock::now();
+  if (overlapError) std::rethrow_exception(overlapError);
 
   WaveStepResult r;
   cacheGuard.done = true;  // an overflow empties the cache below
@@ -587,7 +585,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   if (a.stageTimes && I.cache.rows > 0) I.cache.Times(r.stages);
   const auto msBetween = [](Clock::time_point x, Clock::time_point y) { return std::chrono::duration<float, std::milli>(y - x).count(); };
   r.graphCaptures = I.graph.Captures();
-  r.host = {{"prep", msBetween(h0, h1)}, {"launch", msBetween(h1, h2)}, {"wait", msBetween(h2, h3)}, {"copy", msBetween(h3, Clock::now())}};
+  r.host = {{"prep", msBetween(h0, h1)}, {"launch", msBetween(h1, h2)}, {"overlap", msBetween(h2, h2o)}, {"wait", msBetween(h2o, h3)}, {"copy", msBetween(h3, Clock::now())}};
   return r;
 }
 

@@ -33,6 +33,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -113,6 +114,12 @@ struct WaveStepArgs {
   // captured once per shape (native/cuda/step_graph.cuh): one launch instead
   // of ~40 (false: launched one by one, a bench's comparison).
   bool graph = true;
+  // Host work run on the calling thread while the device runs the step
+  // (after its launches, before the wait): the binding attends a session's
+  // own tokens there, so a layer-step is one native call with nothing on
+  // another thread (engine/wave-on-device.ts). What it throws is thrown
+  // after the stream has been waited for.
+  std::function<void()> overlap;
 };
 
 struct WaveStepResult {
@@ -126,8 +133,9 @@ struct WaveStepResult {
   float ms = 0;                   // the whole step on the stream (inputs in to outputs out), CUDA events
   std::vector<std::pair<std::string, float>> stages;  // ms per stage, in order (with args.stageTimes)
   // Host ms around the stream, in order (steady clock): prep (inputs laid
-  // out, up to the first launch), launch (every launch issued), wait (the
-  // stream synchronised), copy (the outputs read back into this result).
+  // out, up to the first launch), launch (every launch issued), overlap
+  // (args.overlap's work, when given), wait (the stream synchronised after
+  // it), copy (the outputs read back into this result).
   std::vector<std::pair<std::string, float>> host;
   int64_t graphCaptures = 0;  // graphs this store has captured so far (a steady shape: one)
   // The paged store: rows this step copied from the host into the cache, and their bytes (K and V); 0 for the dense store.

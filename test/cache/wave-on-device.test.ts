@@ -1,8 +1,9 @@
 // engine/wave-on-device.ts's plumbing, with a stand-in for the device's
 // store (no GPU runs here; test/integration/gpu-wave.test.ts runs the real
 // one through a server on a GPU): the device's answer for the document and
-// the host's for the session's own tokens, computed side by side, merge to
-// attention over both (float64 reference); and when either fails, the
+// the session's own tokens, attended inside the device call (the default,
+// as the binding does) or by the host side by side and merged here, is
+// attention over both (float64 reference); and when either half fails, the
 // layer's store is released only after both have settled, so a failed host
 // half never frees a store the device is still reading.
 import { describe, expect, it } from 'vitest';
@@ -10,7 +11,7 @@ import { attend, bytesOf, convert } from '../../addon/kernels.js';
 import type { WaveGpuStepResult, WaveGpuStore } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import type { Session } from '../../engine/session.js';
-import { setOwnAttendBeside, waveOnDevice } from '../../engine/wave-on-device.js';
+import { setOwnAttend, waveOnDevice, type OwnAttend } from '../../engine/wave-on-device.js';
 import type { LayerContext, SearchParams } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { maxRelError, referenceAttention } from '../helpers/reference.js';
@@ -41,13 +42,15 @@ function segmentOf(rng: Rng, n: number): { seg: KvSegment; k: Float64Array[]; v:
 /**
  * The device's half as a stand-in computes it: attention over the
  * document's sinks, window and a few ids per head (native attend), no
- * estimate. `fail`: rejects after `delay` ms instead.
+ * estimate, and the own tokens when the call is given them (`own`: the
+ * binding attends them within the call and merges them). `fail`: rejects
+ * after `delay` ms instead.
  */
 function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; fail?: boolean; log: string[]; exact?: Int32Array[] }): WaveGpuStore {
   return {
     options: { kvHeads },
-    async step(a: { q: Float32Array; scale: number; skip: [number, number][]; exact: Int32Array; ids?: boolean }): Promise<WaveGpuStepResult> {
-      opts.log.push('device start');
+    async step(a: { q: Float32Array; scale: number; skip: [number, number][]; exact: Int32Array; ids?: boolean; own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number } }): Promise<WaveGpuStepResult> {
+      opts.log.push(a.own ? 'device start with own' : 'device start');
       opts.exact?.push(a.exact);
       await sleep(opts.delay);
       if (opts.fail) {
@@ -55,7 +58,8 @@ function standInStore(doc: KvSegment, ids: Int32Array[], opts: { delay: number; 
         throw new Error('device step failed');
       }
       const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
-      const segments = [...a.skip.map(([begin, end]) => ({ k: doc.k, v: doc.v, tokens: doc.tokens, begin, end })), { k: doc.k, v: doc.v, tokens: doc.tokens, ids }];
+      const segments = [...a.skip.map(([begin, end]) => ({ k: doc.k, v: doc.v, tokens: doc.tokens, begin, end })), { k: doc.k, v: doc.v, tokens: doc.tokens, ids },
+        ...(a.own ? [{ k: a.own.k, v: a.own.v, tokens: a.own.tokens, begin: 0, end: a.own.tokens }] : [])];
       await attend({ q: a.q, qHeads, kvHeads, headDim: d, dtype: 'f16', scale: a.scale, segments, out, lse });
       opts.log.push('device done');
       // As the device answers: the ids only when asked for, their counts always.
@@ -93,7 +97,8 @@ function contextOf(doc: KvSegment, own: KvSegment): LayerContext {
 
 describe('wave on the device: the host half beside it', () => {
   for (const wantIds of [true, false])
-  it(`merges the document (device) and the own tokens (host) into attention over both (ids ${wantIds ? 'read back' : 'left on the device'})`, async () => {
+  for (const mode of ['native', 'beside'] as const)
+  it(`merges the document (device) and the own tokens (${mode}) into attention over both (ids ${wantIds ? 'read back' : 'left on the device'})`, async () => {
     const rng = new Rng(seed);
     const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
     const ids = [Int32Array.of(30, 77, 150), Int32Array.of(12, 200)];
@@ -101,10 +106,12 @@ describe('wave on the device: the host half beside it', () => {
     const store = standInStore(doc.seg, ids, { delay: 30, log, exact });
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
     const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
-    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse, wantIds);
+    setOwnAttend(mode);
+    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse, wantIds).finally(() => setOwnAttend('native'));
     expect(r).toBeDefined();
-    // Side by side: the host half started before the device's finished, and the store was released last.
-    expect(log.indexOf('host start')).toBeLessThan(log.indexOf('device done'));
+    // Native: the own tokens went into the device call; beside: the host half started before the device's finished. The store was released last.
+    if (mode === 'native') expect(log.slice(0, 2)).toEqual(['device start with own', 'device done']);
+    else expect(log.indexOf('host start beside')).toBeLessThan(log.indexOf('device done'));
     expect(log[log.length - 1]).toBe('released');
     // Float64 over the rows the selection names: the document's sinks, window and ids, then the own tokens.
     // (sinks [0, 4) and the window's last 3 document rows; the own tokens are the window's rest.)
@@ -121,27 +128,30 @@ describe('wave on the device: the host half beside it', () => {
     expect(r!.attended).toBe(sel.reduce((n, rows) => n + rows.length, 0) / kvHeads);
   });
 
-  it('starts the own tokens\' attend first, beside the device call, by default; after it when switched off; the same answer', async () => {
+  it('attends the own tokens inside the device call by default, beside it or after it when switched; the same answer', async () => {
     const rng = new Rng(seed + 5);
     const doc = segmentOf(rng, DOC), own = segmentOf(rng, OWN);
     const ids = [Int32Array.of(30, 77), Int32Array.of(12)];
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-    const run = async (beside?: boolean) => {
-      if (beside !== undefined) setOwnAttendBeside(beside);
+    const run = async (mode?: OwnAttend) => {
+      if (mode !== undefined) setOwnAttend(mode);
       const log: string[] = [], out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
       try {
         await waveOnDevice(sessionWith(standInStore(doc.seg, ids, { delay: 5, log }), own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, out, lse, false);
       } finally {
-        setOwnAttendBeside(true);
+        setOwnAttend('native');
       }
       return { log, out, lse };
     };
-    const [after, at, byDefault] = [await run(false), await run(true), await run()];
+    const [after, at, byDefault] = [await run('after'), await run('beside'), await run()];
     expect(at.log.slice(0, 2)).toEqual(['host start beside', 'device start']);
     expect(after.log.slice(0, 2)).toEqual(['device start', 'host start']);
-    expect(byDefault.log.slice(0, 2)).toEqual(['host start beside', 'device start']);
+    expect(byDefault.log).toEqual(['device start with own', 'device done', 'released']);
     expect(Buffer.from(at.out.buffer).equals(Buffer.from(after.out.buffer))).toBe(true);
     expect(Buffer.from(at.lse.buffer).equals(Buffer.from(after.lse.buffer))).toBe(true);
+    // Within the call the parts are combined in another order: the same attention to f32 rounding.
+    expect(maxRelError(byDefault.out, at.out, qHeads)).toBeLessThan(1e-6);
+    for (let h = 0; h < qHeads; h++) expect(Math.abs(byDefault.lse[h] - at.lse[h])).toBeLessThan(1e-5);
   });
 
   it('leaves a GQA group too large for the device call to the host path, holding no store', async () => {
@@ -192,11 +202,11 @@ describe('wave on the device: the host half beside it', () => {
     };
     const store = { options: { kvHeads }, step } as unknown as WaveGpuStore;
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-    setOwnAttendBeside(true);
+    setOwnAttend('beside');
     try {
       await expect(waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), false)).rejects.toThrow(/device refused at once/);
     } finally {
-      setOwnAttendBeside(true);
+      setOwnAttend('native');
     }
     expect(log).toEqual(['host start beside', 'device refused', 'host done', 'released']);
   });
@@ -209,7 +219,9 @@ describe('wave on the device: the host half beside it', () => {
       // The host half fails at once while the device still works (or the device fails after the host is done).
       const store = standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 40, fail: failing === 'device', log });
       const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), true)).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
+      // The own tokens on the host (beside): the path with two halves.
+      setOwnAttend('beside');
+      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), true).finally(() => setOwnAttend('native'))).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
       expect(log[log.length - 1]).toBe('released');
       expect(log).toContain(failing === 'device' ? 'device failed' : 'device done');
     });
