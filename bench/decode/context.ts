@@ -113,7 +113,7 @@ export class Bench {
     const sealed = await this.preloader.seal(doc);
     const attachMs: Record<string, number> = {};
     const lanes: Lane[] = [];
-    for (const via of o.vias) lanes.push(await Lane.open(via, await this.openSessions(doc, budgetTokens, steps, via, attachMs), this.client, steps, o.spin));
+    for (const via of o.vias) lanes.push(await Lane.open(via, await this.openSessions(doc, budgetTokens, steps, via, attachMs), this.client, steps));
 
     const afterSeal = serverMemory(this.server !== undefined, o.serverPid, this.dataDir);
     const h1 = await this.fetchHealth();

@@ -6,6 +6,8 @@
 //
 //   stream: one frame per attend on one open WebSocket, each awaited before
 //           the next (one connection of an LLM server).
+//   stream-spin: as stream, the client's event loop polling while an answer
+//           is owed (openStream({ spin: true })).
 //   batch:  per (step, layer) one batch frame on the lane's stream carrying
 //           every session's step (the sessions stand for a server's running
 //           batch). Each session waits for the whole exchange, so a step is
@@ -51,9 +53,8 @@ export class Lane {
     this.batchServer = new Array<number>(steps).fill(0);
   }
 
-  /** `spin`: the lane's stream polls while an answer is owed (openStream's StreamOptions.spin). */
-  static async open(via: Via, runs: Run[], client: KvrecallClient, steps: number, spin = false): Promise<Lane> {
-    return new Lane(via, runs, client, via === 'http' ? undefined : await client.openStream({ spin }), steps);
+  static async open(via: Via, runs: Run[], client: KvrecallClient, steps: number): Promise<Lane> {
+    return new Lane(via, runs, client, via === 'http' ? undefined : await client.openStream({ spin: via === 'stream-spin' }), steps);
   }
 
   close(): void {

@@ -14,9 +14,12 @@ export interface Shape {
  * How every attend travels: `stream`, one frame per attend on one open
  * WebSocket (what an LLM server keeping one connection does); `batch`, per
  * (step, layer) one batch frame on a stream carrying every method's session
- * (they stand for a server's running batch); `http`, one POST per attend.
+ * (they stand for a server's running batch); `http`, one POST per attend;
+ * `stream-spin`, as stream with the client's event loop polling while an
+ * answer is owed (openStream({ spin: true })): beside `stream`, the two
+ * take turns call by call in one sitting.
  */
-export const VIAS = ['stream', 'batch', 'http'] as const;
+export const VIAS = ['stream', 'stream-spin', 'batch', 'http'] as const;
 export type Via = (typeof VIAS)[number];
 
 /** Full mode's default methods (besides exact): cheap seal builds at 1M tokens. */
@@ -78,8 +81,6 @@ export interface Options {
    * (step, layer), as before.
    */
   exact: 'apart' | 'interleaved';
-  /** --spin: the lanes' streams poll while an answer is owed (the TS client's StreamOptions.spin). */
-  spin: boolean;
 }
 
 const USAGE = `npm run bench:decode -- [--quick | --full] [options]
@@ -106,16 +107,16 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --seed N               workload seed (default 7)
   --upload-mib N         upload chunk size (default 64)
   --concurrency N        layers uploaded side by side during preload (default 2)
-  --via LIST             stream | batch | http, or several (e.g. stream,batch): each its own sessions, taking turns
-                         per (step, layer), answers checked bit for bit against the first's (default stream)
+  --via LIST             stream | stream-spin | batch | http, or several (e.g. stream,batch): each its own sessions,
+                         taking turns per (step, layer), answers checked bit for bit against the first's (default
+                         stream); stream-spin: a stream whose client polls while an answer is owed (one core busy
+                         for the wait; openStream({ spin: true }))
   --timing               every call asks return: ['timing']: a device wave step's host stages (stats.gpu.host),
                          reported as p50s per call kind
   --exact apart|interleaved   apart (default): the exact sessions' whole decode first (their replies kept for the
                          fidelity), then the other methods', so no method's call follows a dense attend over the
                          whole context (29 ms a call at 1M on the H100 host, after which a wave call came cold);
                          interleaved: every session in turn per (step, layer), the order before
-  --spin                 the streams poll while an answer is owed (openStream({ spin: true }): one core busy
-                         for the wait, the answer read as it lands instead of after the client's thread wakes)
   --out DIR              results folder (default bench/results)
   --tag NAME             output files decode-<mode>-<preset>-NAME.{md,json} and charts decode-latency-NAME.svg, ...`;
 
@@ -130,7 +131,7 @@ function parseCount(s: string, name: string): number {
 
 /** Splits argv into the boolean flags seen and the --name value pairs; --help prints USAGE and exits. */
 function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, string> } {
-  const flags = new Set(['quick', 'full', 'help', 'timing', 'spin']);
+  const flags = new Set(['quick', 'full', 'help', 'timing']);
   const values = new Map<string, string>();
   const seen = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
@@ -279,6 +280,5 @@ export function parseArgs(argv: string[]): Options {
     vias: parseVias(get('via')),
     timing: seen.has('timing'),
     exact: parseExact(get('exact')),
-    spin: seen.has('spin'),
   };
 }

@@ -1,5 +1,5 @@
 // bench:decode's transports (bench/decode/lanes.ts) against a real server:
-// stream, batch and http lanes, each with sessions of its own, sent the
+// stream, batch, http and stream-spin lanes, each with sessions of its own, sent the
 // same steps (new k/v appended every step, selections asked on one layer)
 // answer bit for bit alike, method by method; and sameAnswer, the bench's
 // check, notices one bit changed in out, lse or a selection; each call is
@@ -23,7 +23,7 @@ const methods = ['exact', 'topk-blocks', 'wave'];
 const live = useServer();
 
 describe('bench:decode lanes', () => {
-  it('stream, batch and http lanes answer the same steps bit for bit, each session its own', async () => {
+  it('stream, batch, http and stream-spin lanes answer the same steps bit for bit, each session its own', async () => {
     const client = live.client();
     await client.createDocument('doc', model, { methods: methods.filter((m) => m !== 'exact') });
     for (let layer = 0; layer < model.layers; layer++) {
@@ -32,7 +32,7 @@ describe('bench:decode lanes', () => {
     }
     await client.sealDocument('doc');
     const steps = 5;
-    const vias: Via[] = ['stream', 'batch', 'http'];
+    const vias: Via[] = ['stream', 'batch', 'http', 'stream-spin'];
     const lanes: Lane[] = [];
     for (const via of vias) {
       const runs: Run[] = [];
