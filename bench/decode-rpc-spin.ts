@@ -1,9 +1,9 @@
-// npx tsc -p tsconfig.json && node dist/bench/decode-rpc-spin.js [--calls 600 --rounds 12 --tokens 4096 --url URL --tag vm]
+// npx tsc -p tsconfig.json && node dist/bench/decode-rpc-spin.js [--calls 600 --rounds 12 --tokens 4096 --spin-ms 2 --url URL --tag vm]
 //
 // bench:decode's stream call with the TypeScript client sleeping while it
-// awaits the answer (the default) against polling (openStream({ spin:
-// true }): the event loop turns with a zero timeout until the answer is
-// read). Issue #14: a decode call waits the server's step (~0.8 ms for a
+// awaits the answer (the default) against polling (openStream({ spinMs }):
+// the event loop turns with a zero timeout until the answer is read, for
+// up to spinMs, default 2). Issue #14: a decode call waits the server's step (~0.8 ms for a
 // wave step at 1M on the H100) and the client's thread goes idle; waking it
 // when the answer lands is part of wall − stats.ms, and more so the longer
 // it slept (bench/results/transport-gap-*.md). The calls are bench:decode's
@@ -35,6 +35,7 @@ const ROUNDS = Number(arg('rounds') ?? 12);
 const TOKENS = Number(arg('tokens') ?? 4096);
 const URL_ARG = arg('url');
 const TAG = arg('tag') ?? 'vm';
+const SPIN_MS = Number(arg('spin-ms') ?? 2);
 if (!/^[A-Za-z0-9._-]+$/.test(TAG)) throw new Error('--tag: letters, digits, . _ - only');
 const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16' as const };
 const progress = (msg: string) => process.stderr.write(`[bench:decode-rpc-spin] ${msg}\n`);
@@ -71,10 +72,10 @@ async function main(): Promise<void> {
   const kv = tensor('f16', [model.kvHeads, d], words(model.kvHeads * d));
   const rows: Row[] = [];
   for (const spin of [false, true]) {
-    const stream = await client.openStream({ spin });
+    const stream = await client.openStream({ spinMs: spin ? SPIN_MS : 0 });
     const sid = (await client.createSession({ model, documents: [doc], method: 'exact' })).id;
     const row: Row = {
-      name: spin ? 'spin: the loop polls while the answer is owed' : 'sleep: the default (the loop waits in epoll)',
+      name: spin ? `spin: the loop polls up to ${SPIN_MS} ms for the answer` : 'sleep: the default (the loop waits in epoll)',
       spin, stream, sid, overhead: [], server: [], cpuUs: 0, timedCalls: 0,
       before: () => undefined,
       call: async () => {
@@ -125,7 +126,7 @@ async function main(): Promise<void> {
   ];
   const file = join(import.meta.dirname, '..', '..', 'bench', 'results', `decode-rpc-spin-${TAG}`);
   writeFileSync(`${file}.md`, lines.join('\n'));
-  writeFileSync(`${file}.json`, JSON.stringify({ machine: m, tokens: TOKENS, calls: CALLS, rounds: ROUNDS, url: URL_ARG ?? null, loadStart: load0, loadEnd: load1, rows: out }, null, 1) + '\n');
+  writeFileSync(`${file}.json`, JSON.stringify({ machine: m, spinMs: SPIN_MS, tokens: TOKENS, calls: CALLS, rounds: ROUNDS, url: URL_ARG ?? null, loadStart: load0, loadEnd: load1, rows: out }, null, 1) + '\n');
   process.stdout.write(lines.join('\n') + '\n');
   progress(`wrote ${file}.{md,json}`);
 }

@@ -15,9 +15,9 @@ export interface Shape {
  * WebSocket (what an LLM server keeping one connection does); `batch`, per
  * (step, layer) one batch frame on a stream carrying every method's session
  * (they stand for a server's running batch); `http`, one POST per attend;
- * `stream-spin`, as stream with the client's event loop polling while an
- * answer is owed (openStream({ spin: true })): beside `stream`, the two
- * take turns call by call in one sitting.
+ * `stream-spin`, as stream with the client's event loop polling for up to
+ * 2 ms for each answer before it sleeps (openStream({ spinMs })): beside
+ * `stream`, the two take turns call by call in one sitting.
  */
 export const VIAS = ['stream', 'stream-spin', 'batch', 'http'] as const;
 export type Via = (typeof VIAS)[number];
@@ -109,8 +109,8 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
   --concurrency N        layers uploaded side by side during preload (default 2)
   --via LIST             stream | stream-spin | batch | http, or several (e.g. stream,batch): each its own sessions,
                          taking turns per (step, layer), answers checked bit for bit against the first's (default
-                         stream); stream-spin: a stream whose client polls while an answer is owed (one core busy
-                         for the wait; openStream({ spin: true }))
+                         stream); stream-spin: a stream whose client polls up to 2 ms for each answer before it
+                         sleeps (one core busy for the wait; openStream({ spinMs: 2 }))
   --timing               every call asks return: ['timing']: a device wave step's host stages (stats.gpu.host),
                          reported as p50s per call kind
   --exact apart|interleaved   apart (default): the exact sessions' whole decode first (their replies kept for the

@@ -6,6 +6,7 @@ import type { Machine } from './machine.js';
 import type { Options, Via } from './options.js';
 import { H100_PINNED_GBPS, type ContextResult, type MethodResult, type TransportResult } from './results.js';
 import { fmtBytes, fmtTokens } from './util.js';
+import { SPIN_MS } from './lanes.js';
 import { CALL_KINDS, type CallKind } from './run.js';
 
 const pct = (x: number, digits = 2) => (Number.isFinite(x) ? `${(x * 100).toFixed(digits)}%` : '—');
@@ -54,7 +55,7 @@ function preloadSection(lines: string[], o: Options, info: RunInfo, results: Con
 /** What a per-token time and its RPC are, per transport. */
 function viaMeaning(via: Via, t: TransportResult): string {
   if (via === 'stream') return 'one attend per layer as a frame on one open WebSocket stream (GET /v1/stream), each awaited before the next; client wall time (encode, frame, server, decode)';
-  if (via === 'stream-spin') return "one attend per layer as a frame on one open WebSocket stream, each awaited before the next, the client's event loop polling while the answer is owed (openStream({ spin: true }): one core busy for the wait); client wall time";
+  if (via === 'stream-spin') return `one attend per layer as a frame on one open WebSocket stream, each awaited before the next, the client's event loop polling up to ${SPIN_MS} ms for the answer before it sleeps (openStream({ spinMs: ${SPIN_MS} }): one core busy for the wait); client wall time`;
   if (via === 'http') return 'one attend per layer as POST /v1/sessions/:sid/attend on a kept-alive connection; client wall time (encode, HTTP, server, decode)';
   return `per layer one batch frame on one WebSocket stream carrying the step of every session (${t.batch?.size ?? t.methods.length} sessions, standing for a server's running batch); the batch's wall time is shared, so a session's time per layer is its step's server stats.ms plus the batch's wall − the batch's server ms (every session waits for the whole exchange), and RPC per token = Σ over layers of (batch wall − batch server ms)`;
 }

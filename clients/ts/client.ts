@@ -338,7 +338,7 @@ export class KvrecallClient {
     return Object.assign(batchResults<OutOf<S>>(r.results), { ms: r.stats?.ms });
   }
 
-  /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. `opts`: see StreamOptions (spin: poll while an answer is owed). */
+  /** A WebSocket stream for decode steps (GET /v1/stream): the same answers, one connection, no per-call HTTP. `opts`: see StreamOptions (spinMs: poll a while for each answer instead of sleeping). */
   openStream(opts: StreamOptions = {}): Promise<KvrecallStream> {
     return KvrecallStream.open(this.url, this.headers.authorization, opts);
   }

@@ -22,14 +22,16 @@ type Pending = { resolve: (frame: Record<string, unknown>) => void; reject: (e: 
 
 export interface StreamOptions extends WsOptions {
   /**
-   * While an answer is awaited, keep this process's event loop polling
-   * instead of sleeping (a setImmediate per turn, so libuv polls the socket
-   * with a zero timeout): the answer is read the moment it lands, not after
-   * the thread is woken from idle, at the cost of one core busy for the
-   * wait. For a decode loop whose calls wait ~1 ms each on a host with a
-   * core to spare; off by default.
+   * After each request, keep this process's event loop polling for up to
+   * this many ms while an answer is owed (a setImmediate per turn, so libuv
+   * polls the socket with a zero timeout) before letting it sleep: an
+   * answer that lands within it is read at once, not after the thread is
+   * woken from idle. Costs one core busy for the wait; for a decode loop
+   * whose calls take about a millisecond, on a host with a core to spare.
+   * 0 (the default): sleep at once. A wait longer than this sleeps as
+   * before, so a long call does not keep a core spinning.
    */
-  spin?: boolean;
+  spinMs?: number;
 }
 
 export class KvrecallStream {
@@ -40,14 +42,15 @@ export class KvrecallStream {
   private closed?: Error;
   private spares: Buffer[] = [];
   private ws!: WsClient;
-  /** Whether a setImmediate chain polls now (opts.spin). */
+  /** Whether a setImmediate chain polls now (opts.spinMs), and until when (performance.now()). */
   private spinning = false;
+  private spinUntil = 0;
 
-  private constructor(private readonly spin: boolean) {}
+  private constructor(private readonly spinMs: number) {}
 
-  /** `opts.maxMessage`: the largest answer taken (256 MiB unless given); a larger one fails every pending request. `opts.spin`: see StreamOptions. */
+  /** `opts.maxMessage`: the largest answer taken (256 MiB unless given); a larger one fails every pending request. `opts.spinMs`: see StreamOptions. */
   static async open(url: string, authorization?: string, opts: StreamOptions = {}): Promise<KvrecallStream> {
-    const s = new KvrecallStream(opts.spin === true);
+    const s = new KvrecallStream(Math.max(0, opts.spinMs ?? 0));
     try {
       s.ws = await WsClient.open(url + '/v1/stream', authorization ? { authorization } : {}, {
         message: (data) => void s.onMessage(data, false),
@@ -188,7 +191,7 @@ export class KvrecallStream {
     body.id = id;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, view });
-      if (this.spin && !this.spinning) this.poll();
+      if (this.spinMs > 0) this.poll();
       // No scratch, no parts, no join: the request packed after room for its frame header (its size is not known before).
       if (small)
         try {
@@ -224,11 +227,13 @@ export class KvrecallStream {
     });
   }
 
-  /** opts.spin: one setImmediate per loop turn while any answer is owed, so the loop polls (zero timeout) rather than sleeps; it stops by itself. */
+  /** opts.spinMs: one setImmediate per loop turn while an answer is owed, for up to spinMs after the latest request, so the loop polls (zero timeout) rather than sleeps. */
   private poll(): void {
+    this.spinUntil = performance.now() + this.spinMs;
+    if (this.spinning) return;
     this.spinning = true;
     const turn = () => {
-      if (this.pending.size > 0) setImmediate(turn);
+      if (this.pending.size > 0 && performance.now() < this.spinUntil) setImmediate(turn);
       else this.spinning = false;
     };
     setImmediate(turn);

@@ -1,14 +1,18 @@
-// openStream({ spin: true }): while an answer is owed, the client's event
-// loop keeps turning (setImmediate) instead of sleeping, and stops once
-// nothing is owed. It changes when an answer is read, never what is read:
-// decode steps (each appending the new token's k/v) over a polling stream
-// and over a plain one, each on a session of its own over the same
-// document, answer bit for bit alike (out in f32 and f16, selections), one
-// at a time and many in flight; errors are mapped as on the plain stream;
-// and the polling ends with the last answer or with the stream's close.
-// Against a real server on 127.0.0.1.
+// openStream({ spinMs }): while an answer is owed, the client's event loop
+// keeps turning (setImmediate) instead of sleeping, for up to spinMs after
+// the latest request, and stops once nothing is owed. It changes when an
+// answer is read, never what is read: decode steps (each appending the new
+// token's k/v) over a polling stream and over a plain one, each on a
+// session of its own over the same document, answer bit for bit alike (out
+// in f32 and f16, selections), one at a time and many in flight; errors
+// are mapped as on the plain stream; the polling ends with the last answer,
+// with the stream's close, and after spinMs when no answer comes (a peer
+// that never answers). Against a real server on 127.0.0.1.
+import { createHash } from 'node:crypto';
+import { createServer, type AddressInfo, type Socket } from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { KvrecallRequestError, tensor, type AttendReply, type OutArray } from '../../clients/ts/client.js';
+import { KvrecallStream } from '../../clients/ts/stream.js';
 import { asStep, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { useServer } from '../helpers/server.js';
@@ -45,7 +49,7 @@ describe('a polling stream (spin)', () => {
     const session = async () => (await client.createSession({ model, documents: ['doc'], method: 'topk-blocks', budget: 64 })).id;
     const [a, b] = [await session(), await session()];
     const plain = await client.openStream();
-    const spin = await client.openStream({ spin: true });
+    const spin = await client.openStream({ spinMs: 1000 });
     try {
       for (let step = 0; step < 12; step++)
         for (let layer = 0; layer < model.layers; layer++) {
@@ -76,7 +80,7 @@ describe('a polling stream (spin)', () => {
     const sid = (await client.createSession({ model, documents: ['doc2'], method: 'exact' })).id;
     const q = tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim));
     for (const spin of [false, true]) {
-      const stream = await client.openStream({ spin });
+      const stream = await client.openStream({ spinMs: spin ? 1000 : 0 });
       try {
         await turns();
         const before = immediates();
@@ -97,7 +101,7 @@ describe('a polling stream (spin)', () => {
     await document('doc3');
     const sid = (await client.createSession({ model, documents: ['doc3'], method: 'exact' })).id;
     const q = tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim));
-    const stream = await client.openStream({ spin: true });
+    const stream = await client.openStream({ spinMs: 1000 });
     await turns();
     const before = immediates();
     const missing = await stream.attend('no-such-session', { layer: 0, q }).catch((e: unknown) => e);
@@ -115,5 +119,45 @@ describe('a polling stream (spin)', () => {
     await new Promise((r) => setTimeout(r, 50));
     await turns();
     expect(immediates()).toBe(before);
+  });
+
+  it('sleeps once spinMs has passed with the answer still owed', async () => {
+    // A peer that accepts the WebSocket and never answers a frame.
+    const sockets: Socket[] = [];
+    const peer = createServer((socket) => {
+      sockets.push(socket);
+      socket.once('data', (head) => {
+        const key = /sec-websocket-key: *(\S+)/i.exec(head.toString())![1];
+        const accept = createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+        socket.write(`HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ${accept}\r\n\r\n`);
+        socket.on('data', () => undefined);
+      });
+    });
+    await new Promise<void>((r) => peer.listen(0, '127.0.0.1', r));
+    const stream = await KvrecallStream.open(`http://127.0.0.1:${(peer.address() as AddressInfo).port}`, undefined, { spinMs: 20 });
+    try {
+      await turns();
+      const before = immediates();
+      const q = tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim));
+      const owed = stream.attend('s', { layer: 0, q });
+      owed.catch(() => undefined);
+      expect(immediates() - before, 'owed, polling').toBe(1);
+      await new Promise((r) => setTimeout(r, 5));
+      expect(immediates() - before, 'owed, within spinMs').toBe(1);
+      await new Promise((r) => setTimeout(r, 40));
+      await turns();
+      // Still owed, but past spinMs: the loop sleeps.
+      expect(immediates(), 'owed, past spinMs').toBe(before);
+      // A new request polls again.
+      const again = stream.attend('s', { layer: 0, q });
+      again.catch(() => undefined);
+      expect(immediates() - before, 'a second request').toBe(1);
+      stream.close();
+      await expect(owed).rejects.toThrow('stream closed');
+    } finally {
+      stream.close();
+      sockets.forEach((x) => x.destroy());
+      await new Promise((r) => peer.close(r));
+    }
   });
 });
