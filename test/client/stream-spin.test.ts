@@ -134,7 +134,7 @@ describe('a polling stream (spin)', () => {
       });
     });
     await new Promise<void>((r) => peer.listen(0, '127.0.0.1', r));
-    const stream = await KvrecallStream.open(`http://127.0.0.1:${(peer.address() as AddressInfo).port}`, undefined, { spinMs: 20 });
+    const stream = await KvrecallStream.open(`http://127.0.0.1:${(peer.address() as AddressInfo).port}`, undefined, { spinMs: 200 });
     try {
       await turns();
       const before = immediates();
@@ -144,7 +144,7 @@ describe('a polling stream (spin)', () => {
       expect(immediates() - before, 'owed, polling').toBe(1);
       await new Promise((r) => setTimeout(r, 5));
       expect(immediates() - before, 'owed, within spinMs').toBe(1);
-      await new Promise((r) => setTimeout(r, 40));
+      await new Promise((r) => setTimeout(r, 300));
       await turns();
       // Still owed, but past spinMs: the loop sleeps.
       expect(immediates(), 'owed, past spinMs').toBe(before);
