@@ -58,9 +58,16 @@ class _Form:
         self.buf += b"\xce\x00\x00\x00\x00"
         return len(self.buf) - 4
 
-    def step(self, session: str, q: Tuple[str, Tuple[int, ...], int], kv: Optional[Tuple[str, Tuple[int, ...], int, int]], position: bool, out_dtype: Optional[str], into: int, head: bytes = b"", fields: int = 0) -> None:
-        n = fields + 3 + (2 if kv else 0) + (1 if position else 0) + (1 if out_dtype else 0)
-        self.add(_map(n) + head + _P("session") + _P(session) + _P("q") + _ref(*q))
+    @staticmethod
+    def entries(kv: Any, position: bool, out_dtype: Optional[str]) -> int:
+        """A step map's entries: session, q, into, and k, v, position, outDtype where given."""
+        return 3 + (2 if kv else 0) + (1 if position else 0) + (1 if out_dtype else 0)
+
+    def step(self, session: str, q: Tuple[str, Tuple[int, ...], int], kv: Optional[Tuple[str, Tuple[int, ...], int, int]], position: bool, out_dtype: Optional[str], into: int, header: bool = True) -> None:
+        """A step's map (without its header when the caller wrote one, with more entries of its own)."""
+        if header:
+            self.add(_map(self.entries(kv, position, out_dtype)))
+        self.add(_P("session") + _P(session) + _P("q") + _ref(*q))
         if kv:
             self.add(_P("k") + _ref(kv[0], kv[1], kv[2]) + _P("v") + _ref(kv[0], kv[1], kv[3]))
         if position:
@@ -142,6 +149,72 @@ class BatchPlan:
         if isinstance(stats, dict) and isinstance(stats.get("ms"), (int, float)):
             out.ms = float(stats["ms"])
         return out
+
+
+class AttendPlan:
+    """A single attend of one form: its session and layer, q (and k, v) of
+    one dtype and shape, with or without a position, one out_dtype, no
+    scale: q at 0, k and v after it, out and lse after them."""
+
+    def __init__(self, seg: Any, session: str, layer: int, qd: np.dtype, qs: Tuple[int, ...], kd: Optional[np.dtype], ks: Tuple[int, ...], position: bool, out_dtype: Optional[str]):
+        self.qb = math.prod(qs) * qd.itemsize
+        self.kb = math.prod(ks) * kd.itemsize if kd is not None else 0
+        self.k0 = _align(self.qb)
+        self.v0 = self.k0 + _align(self.kb)
+        self.into = self.v0 + _align(self.kb)
+        out_bytes = math.prod(qs) * (2 if out_dtype in ("f16", "bf16") else 4)
+        self.lse_at = self.into + _align(out_bytes)
+        self.fits = self.lse_at + 4 * qs[0] <= seg.nbytes
+        self.out_dt = np.dtype("<f4") if out_dtype in (None, "f32") else np.dtype("<f2") if out_dtype == "f16" else np.dtype("<u2")
+        self.qs, self.heads = qs, qs[0]
+        kv = (_AS_IS[kd], ks, self.k0, self.v0) if kd is not None else None
+        # {id, layer, session, q, ...}: the id and layer in front of the step's entries.
+        f = _Form()
+        f.add(_map(2 + _Form.entries(kv, position, out_dtype)) + _P("id"))
+        self.id_at = f.u32()
+        f.add(_P("layer") + _P(int(layer)))
+        f.step(str(session), (_AS_IS[qd], qs, 0), kv, position, out_dtype, self.into, header=False)
+        self.frame = f.buf
+        self.pos_at = f.pos[0] if f.pos else None
+
+    def write(self, seg: Any, q: np.ndarray, k: Any, v: Any, position: Optional[int]) -> None:
+        seg.mm[0 : self.qb] = q
+        if self.kb:
+            seg.mm[self.k0 : self.k0 + self.kb] = k
+            seg.mm[self.v0 : self.v0 + self.kb] = v
+        if self.pos_at is not None:
+            U32.pack_into(self.frame, self.pos_at, position)
+
+    def result(self, seg: Any, frame: Dict[str, Any], views: bool = False) -> Optional[AttendResult]:
+        """The answer's out and lse (copies, or views with `views`) where the plan asked them; else None."""
+        out, lse = frame.get("out"), frame.get("lse")
+        if not isinstance(out, dict) or out.get("at") != self.into or not isinstance(lse, dict) or lse.get("at") != self.lse_at or len(frame) != 4:
+            return None
+        o = seg.u8[self.into : self.into + math.prod(self.qs) * self.out_dt.itemsize].view(self.out_dt).reshape(self.qs)
+        l = seg.u8[self.lse_at : self.lse_at + 4 * self.heads].view(np.float32)
+        return AttendResult(out=o if views else o.copy(), lse=l if views else l.copy(), stats=frame["stats"])
+
+
+def attend_key(session: Any, layer: int, q: Any, k: Any, v: Any, position: Any, out_dtype: Any) -> Optional[Tuple[Any, ...]]:
+    """The plan's key for an attend of the planned form (q, k, v contiguous
+    arrays of a wire dtype, as they are sent), or None."""
+    if type(q) is not np.ndarray or q.dtype not in _AS_IS or q.ndim != 2 or not q.flags.c_contiguous:
+        return None
+    if k is None:
+        if v is not None or position is not None:
+            return None
+        kd, ks = None, ()
+    else:
+        if type(k) is not np.ndarray or type(v) is not np.ndarray or k.dtype not in _AS_IS or v.dtype != k.dtype or k.ndim != 2 or v.shape != k.shape:
+            return None
+        if not (k.flags.c_contiguous and v.flags.c_contiguous):
+            return None
+        kd, ks = k.dtype, k.shape
+    if position is not None and (type(position) is not int or not 0 <= position <= 0xFFFFFFFF):
+        return None
+    if out_dtype is not None and type(out_dtype) is not str:
+        return None
+    return (str(session), int(layer), q.dtype, q.shape, kd, ks, position is not None, out_dtype)
 
 
 _KEYS = frozenset(("session", "q", "k", "v", "position", "out_dtype"))

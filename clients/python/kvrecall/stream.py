@@ -70,6 +70,7 @@ class Stream:
         self.shm: Optional[_shm.Segment] = None
         self.shm_refused: Optional[str] = None
         self._shm_plans: Dict[Tuple[Any, ...], _shm_plan.BatchPlan] = {}
+        self._shm_attend_plans: Dict[Tuple[Any, ...], _shm_plan.AttendPlan] = {}
         # A single attend through the segment too (else the lean byte form, which costs less on the 2-core VM);
         # a planned batch's out and lse as views of the segment, valid until the stream's next request.
         self.shm_attend = False
@@ -107,6 +108,10 @@ class Stream:
         (no joined copy); out and lse are the caller's own arrays, copied
         once out of the receive buffer (with a segment: of the segment)."""
         if self.shm is not None and self.shm_attend:
+            if returns is None and dtype is None and q_dtype is None and scale is None:
+                planned = self._attend_planned(self.shm, session, layer, q, k, v, position, out_dtype)
+                if planned is not None:
+                    return planned
             seg = self.shm
             kwargs = dict(q=q, k=k, v=v, scale=scale, position=position, returns=returns, dtype=dtype, q_dtype=q_dtype, out_dtype=out_dtype)
             shared = [False]
@@ -157,6 +162,28 @@ class Stream:
             return _shm.batch_results(seg, frame)  # type: ignore[arg-type]
         return batch_results(frame["results"], frame.get("stats"))
 
+    def _attend_planned(self, seg: "_shm.Segment", session: str, layer: int, q: Any, k: Any, v: Any, position: Any, out_dtype: Any) -> Optional[AttendResult]:
+        """attend's common form through the segment (kvrecall.shm_plan), or None."""
+        key = _shm_plan.attend_key(session, layer, q, k, v, position, out_dtype)
+        if key is None:
+            return None
+        with self._lock:
+            plan = self._shm_attend_plans.get(key)
+            if plan is None:
+                if len(self._shm_attend_plans) >= _PLANS:
+                    self._shm_attend_plans.clear()
+                plan = self._shm_attend_plans[key] = _shm_plan.AttendPlan(seg, *key)
+            if not plan.fits:
+                return None
+            plan.write(seg, q, k, v, position)
+            id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
+            self._next_id = id_ + 1
+            _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+            frame = self._io(lambda: self._exchange(id_, [plan.frame]))
+        if "error" in frame:
+            raise KvrecallError.from_wire(frame["error"])
+        return plan.result(seg, frame, self.shm_views) or _shm.attend_result(seg, frame)
+
     def _batch_planned(self, seg: "_shm.Segment", layer: int, steps: Sequence[Dict[str, Any]]) -> Optional[BatchResults]:
         """attend_batch's common form through the segment (kvrecall.shm_plan), or None."""
         got = _shm_plan.batch_key(layer, steps)
@@ -202,6 +229,7 @@ class Stream:
             return False
         old, self.shm, self.shm_refused = self.shm, seg, None
         self._shm_plans.clear()  # laid out for the old segment's size
+        self._shm_attend_plans.clear()
         if old is not None:
             old.close()
         return True

@@ -87,6 +87,7 @@ class SharedMemory(unittest.TestCase):
                         shared.shm_attend = False
                         self.assertEqual(bits(shared.attend(b, layer, q, **kw)), bits(plain.attend(a, layer, q, **kw)))
                         self.assertEqual(got.stats["tokens"], want.stats["tokens"])
+            self.assertTrue(shared._shm_attend_plans)  # the common form went by a plan (kvrecall.shm_plan)
             # The results are the caller's: the next call does not change them.
             kept = bits(got)
             shared.shm_attend = True
