@@ -11,13 +11,15 @@ import { createApp } from './app.js';
 import { withFastAttend } from './fast-attend.js';
 import { lingerOnClose } from './linger.js';
 import { Metrics } from './metrics.js';
-import { attachStream } from './stream.js';
+import { attachStream, type StreamHandle } from './stream.js';
 
 export interface RunningServer {
   url: string;
   engine: Engine;
   /** The listening HTTP server (for embedding: its events, its sockets). */
   http: Server;
+  /** The decode stream's handle (its connections, the loop's poller). */
+  stream: StreamHandle;
   close(): Promise<void>;
 }
 
@@ -53,12 +55,13 @@ export async function startServer(cfg: Config, given?: Parameters<typeof Engine.
   // session with it; the connections already open are served on.
   server.on('error', (e: NodeJS.ErrnoException) => console.error(`kvrecall: accepting a connection failed (${e.code ?? e.message}); serving on`));
   lingerOnClose(server as Server);
-  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir });
+  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir, pollUs: cfg.pollUs });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,
     engine,
     http: server as Server,
+    stream,
     close: async () => {
       stream.close();
       await new Promise<void>((resolve) => server.close(() => resolve()));

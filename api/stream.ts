@@ -32,6 +32,7 @@ import { SharedFrame, ShmSegment } from './shm.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
+import { LoopPoller } from './loop-poll.js';
 import { CLOSE_ERROR, WsConnection, type WsLimits } from './websocket.js';
 import { acceptHandshake, handshakeProblem } from './ws-handshake.js';
 
@@ -50,6 +51,8 @@ export interface StreamOptions {
   documents?: Pick<Documents, 'appendKv'>;
   /** Where clients make their shared-memory segments (--shm-dir); undefined: attaching one is refused. */
   shmDir?: string;
+  /** Microseconds the event loop keeps polling after an answer goes out (--poll-us; api/loop-poll.ts); 0 or absent: it sleeps. */
+  pollUs?: number;
 }
 
 /** A connection's shared memory: the server's directory, and the segment attached last. */
@@ -60,6 +63,8 @@ interface ShmState {
 
 export interface StreamHandle {
   close(): void;
+  /** What keeps the loop polling after answers (--poll-us). */
+  readonly poller: LoopPoller;
   /** The open connections (for tests). */
   connections(): ReadonlySet<WsConnection>;
 }
@@ -67,6 +72,7 @@ export interface StreamHandle {
 /** Serves the stream on `server`; close() ends every open stream (their sessions stay). */
 export function attachStream(server: Server, sessions: Sessions, metrics: Metrics, opts: StreamOptions): StreamHandle {
   const open = new Set<WsConnection>();
+  const poller = new LoopPoller((opts.pollUs ?? 0) / 1000);
   const limits: WsLimits = {
     maxMessage: opts.maxFrame,
     progressMs: opts.progressMs ?? 30_000,
@@ -89,7 +95,7 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
     const conn: WsConnection = new WsConnection(
       socket as Socket,
       limits,
-      serve(() => conn, sessions, opts.documents, metrics, shm, () => {
+      serve(() => conn, sessions, opts.documents, metrics, shm, poller, () => {
         // The segment is unmapped once the frames still running let go of their views of it (addon/shm.ts).
         shm.segment = undefined;
         open.delete(conn);
@@ -98,19 +104,21 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
     open.add(conn);
     conn.feed(head);
   });
-  return { close: () => open.forEach((c) => c.terminate()), connections: () => open };
+  return { close: () => open.forEach((c) => c.terminate()), connections: () => open, poller };
 }
 
 function refuse(socket: Duplex, status: number, reason: string, why = '', headers = ''): void {
   socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\n${headers}content-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
-function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, shm: ShmState, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
+function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, shm: ShmState, poller: LoopPoller, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
   // Answers owed, in the order their frames came: each goes out once it and
   // every one before it are ready. (A promise chain per answer cost a few
   // microtask turns and promises on every decode step.)
   const owed: Owed[] = [];
   const flush = () => {
+    // The client's next call comes soon after an answer: poll for it rather than sleep (--poll-us).
+    if (owed.length > 0 && owed[0].ready) poller.extend();
     while (owed.length > 0 && owed[0].ready) {
       const { frame, release } = owed.shift()!;
       let sent = false;

@@ -90,6 +90,13 @@ export interface Config {
    * Unset: the default, 1000.
    */
   gpuSyncUs?: number;
+  /**
+   * Microseconds the event loop keeps polling its sockets after a stream
+   * answer goes out, instead of sleeping (api/loop-poll.ts): the next
+   * decode call is read as it lands, at the cost of a core busy for up to
+   * this long after each answer. 0 (the default): it sleeps.
+   */
+  pollUs: number;
 }
 
 export const DEFAULTS: Config = {
@@ -102,6 +109,7 @@ export const DEFAULTS: Config = {
   maxStreams: 1024,
   streamIdleMs: 30_000,
   shmDir: '/dev/shm',
+  pollUs: 0,
 };
 
 const FLAGS: Record<string, keyof Config> = {
@@ -123,10 +131,11 @@ const FLAGS: Record<string, keyof Config> = {
   '--attend-sync-work': 'attendSyncWork',
   '--gpu-sync-us': 'gpuSyncUs',
   '--shm-dir': 'shmDir',
+  '--poll-us': 'pollUs',
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -147,6 +156,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_ATTEND_SYNC_WORK) cfg.attendSyncWork = nonNegative(env.KVRECALL_ATTEND_SYNC_WORK, 'KVRECALL_ATTEND_SYNC_WORK');
   if (env.KVRECALL_GPU_SYNC_US) cfg.gpuSyncUs = nonNegative(env.KVRECALL_GPU_SYNC_US, 'KVRECALL_GPU_SYNC_US');
   if (env.KVRECALL_SHM_DIR) cfg.shmDir = env.KVRECALL_SHM_DIR;
+  if (env.KVRECALL_POLL_US) cfg.pollUs = nonNegative(env.KVRECALL_POLL_US, 'KVRECALL_POLL_US');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];
@@ -163,6 +173,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   // At most 2^30 ms (12 days): timers and the native socket reader take no more.
   if (cfg.streamIdleMs < 1 || cfg.streamIdleMs > 2 ** 30)
     throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a number of milliseconds in [1, 2^30]');
+  if (cfg.pollUs > 1_000_000) throw invalid('--poll-us (KVRECALL_POLL_US) takes microseconds in [0, 1000000]');
   // storage/lmdb-shards.ts MAX_SHARDS (core sits below storage).
   if (cfg.gpuKmeans !== undefined && cfg.gpuKmeans > 1) throw invalid('--gpu-kmeans (KVRECALL_GPU_KMEANS) takes 0 or 1');
   if (cfg.lmdbShards !== undefined && (cfg.lmdbShards < 1 || cfg.lmdbShards > 64))

@@ -37,6 +37,16 @@ describe('parseConfig', () => {
     expect(() => parseConfig(['--shm-dir', 'shm'], {})).toThrow(/--shm-dir/);
   });
 
+  it('takes the loop\'s polling after answers from --poll-us or KVRECALL_POLL_US, 0 (off) unless set, at most a second', () => {
+    expect(parseConfig([], {}).pollUs).toBe(0);
+    expect(parseConfig(['--poll-us', '500'], {}).pollUs).toBe(500);
+    expect(parseConfig([], { KVRECALL_POLL_US: '200' }).pollUs).toBe(200);
+    expect(parseConfig(['--poll-us', '0'], { KVRECALL_POLL_US: '200' }).pollUs).toBe(0);
+    expect(() => parseConfig(['--poll-us', '1000001'], {})).toThrow(/--poll-us/);
+    expect(() => parseConfig(['--poll-us', '-1'], {})).toThrow(/--poll-us/);
+    expect(() => parseConfig([], { KVRECALL_POLL_US: 'soon' })).toThrow(/KVRECALL_POLL_US/);
+  });
+
   it('takes k-means on the device as 0 or 1, off unless asked', () => {
     expect(parseConfig([], {}).gpuKmeans).toBeUndefined();
     expect(parseConfig(['--gpu-kmeans', '1'], {}).gpuKmeans).toBe(1);
