@@ -8,10 +8,14 @@ import { DTYPE_CODE, type KvDtype } from './kernels.js';
 export interface ClusterRankHead {
   /** [clusters, centroidStride] storage words; the first headDim of a row are the centroid. */
   centroids: Uint16Array;
-  /** [clusters, headDim]: principal axes scaled by the standard deviation along them. */
-  axes: Uint16Array;
-  /** [clusters, headDim]: per-channel key variances. */
-  vars: Uint16Array;
+  /** [clusters, headDim]: principal axes scaled by the standard deviation along them, int8 codes (index/wave/moment-code.ts). */
+  axes: Int8Array;
+  /** [clusters]: the axes' scales. */
+  axisScales: Float32Array;
+  /** [clusters, headDim]: per-channel key variances, uint8 codes. */
+  vars: Uint8Array;
+  /** [clusters]: the variances' scales. */
+  varScales: Float32Array;
   clusters: number;
   /** [k]: the best clusters, best first (ties: lower id). */
   outIds: Int32Array;

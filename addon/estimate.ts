@@ -22,10 +22,12 @@ export interface ClusterHeadArgs {
   /** Rows attended exactly: they leave their cluster's estimate (a cluster attended whole is skipped). */
   exact?: Int32Array;
   /**
-   * [clusters, headDim]: per-channel key variances; with `keys` the estimate
+   * [clusters, headDim]: per-channel key variances, uint8 codes; with `keys` the estimate
    * is second order (native/kernels/cluster_estimate.h), without them first order.
    */
-  keyVars?: Uint16Array;
+  keyVars?: Uint8Array;
+  /** [clusters]: keyVars' scales (with keyVars; index/wave/moment-code.ts). */
+  varScales?: Float32Array;
   /** [tokens, headDim]: the segment's key rows (what exact rows take out of their cluster's moments). */
   keys?: Uint16Array;
   /** The share of the second-order term (default 1; the head's calibrated share: index/wave/variance-share.ts). */

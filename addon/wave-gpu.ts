@@ -33,10 +33,14 @@ export interface WaveGpuHead {
   centroids: Uint16Array;
   /** [clusters, headDim]. */
   valueMeans: Uint16Array;
-  /** [clusters, headDim]: principal axes scaled by the standard deviation along them (ranking 'spread'). */
-  keyAxes: Uint16Array;
-  /** [clusters, headDim]: per-channel key variances (ranking 'spread' and its second-order estimate). */
-  keyVars: Uint16Array;
+  /** [clusters, headDim]: principal axes scaled by the standard deviation along them (ranking 'spread'), int8 codes (index/wave/moment-code.ts). */
+  keyAxes: Int8Array;
+  /** [clusters]: the axes' scales. */
+  axisScales: Float32Array;
+  /** [clusters, headDim]: per-channel key variances (ranking 'spread' and its second-order estimate), uint8 codes. */
+  keyVars: Uint8Array;
+  /** [clusters]: the variances' scales. */
+  varScales: Float32Array;
   /** The share of the second-order term this head takes (its artifact's calibrated share; default 1, all of it). */
   varianceShare?: number;
   /** [clusters]: must be tokenCluster's histogram. */

@@ -22,6 +22,7 @@ import { loadavg } from 'node:os';
 import { estimateClusters, type ClusterHeadArgs } from '../addon/estimate.js';
 import { clusterSummary } from '../addon/cluster-summary.js';
 import { convert, nativeThreads } from '../addon/kernels.js';
+import { encodeMoments } from '../index/wave/moment-code.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { numFlag } from './args.js';
@@ -69,15 +70,16 @@ async function makeHead(rng: Rng): Promise<Omit<ClusterHeadArgs, 'exact'>> {
   for (let c = 0; c < clusters; c++) offsets[c + 1] = offsets[c] + counts[c];
   const members = new Int32Array(tokens), at = offsets.slice(0, clusters);
   tokenCluster.forEach((c, t) => (members[at[c]++] = t));
+  const moments = encodeMoments(keyAxes, keyVars, clusters, d);
   return {
     centroids: f16(centroids), valueMeans: f16(valueMeans), counts, tokenCluster, values, clusters, tokens,
-    keyVars: f16(keyVars), keys, varianceShare: 0.5, offsets, members,
+    keyVars: moments.keyVars, varScales: moments.varScales, keys, varianceShare: 0.5, offsets, members,
   };
 }
 
 const copyHead = (h: Omit<ClusterHeadArgs, 'exact'>): Omit<ClusterHeadArgs, 'exact'> => ({
   ...h, centroids: h.centroids.slice(), valueMeans: h.valueMeans.slice(), counts: h.counts.slice(), tokenCluster: h.tokenCluster.slice(), values: h.values.slice(),
-  keyVars: h.keyVars!.slice(), keys: h.keys!.slice(), offsets: h.offsets!.slice(), members: h.members!.slice(),
+  keyVars: h.keyVars!.slice(), varScales: h.varScales!.slice(), keys: h.keys!.slice(), offsets: h.offsets!.slice(), members: h.members!.slice(),
 });
 
 /** A nosa-like exact set: sinks, window, whole random blocks (in the chooser's order, not sorted) up to the budget. */

@@ -45,7 +45,8 @@ export async function caseHeads(c: HeadsCase, rng: Rng, seed: number): Promise<{
     heads.push(index);
     // The head's share of the second-order term, where its artifact has one (else the whole term).
     const { varianceShare } = index.estimateArgs() as { varianceShare?: number };
-    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, varianceShare,
+    gpuHeads.push({ centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, axisScales: arrays.axisScales,
+      keyVars: arrays.keyVars, varScales: arrays.varScales, varianceShare,
       counts: arrays.counts, tokenCluster: arrays.tokenCluster, keys, values });
   }
   return { keysF, heads, gpuHeads };

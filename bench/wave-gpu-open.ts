@@ -26,12 +26,13 @@ interface Row { variant: 'sync' | 'async'; makeMs: number; makeGapMs: number; fr
 function layerOptions(tokens: number, kvHeads: number, d: number, size: number, cacheShare: number): WaveGpuStoreOptions {
   const C = Math.ceil(tokens / size);
   const half = (n: number) => new Uint16Array(n).fill(0x3c00); // 1.0
-  const centroids = half(C * centroidStride(d)), means = half(C * d), axes = half(C * d), vars = half(C * d);
+  const centroids = half(C * centroidStride(d)), means = half(C * d);
+  const axes = new Int8Array(C * d).fill(1), vars = new Uint8Array(C * d).fill(1), scales = new Float32Array(C).fill(1);
   const counts = new Int32Array(C);
   const tokenCluster = new Int32Array(tokens);
   for (let t = 0; t < tokens; t++) counts[(tokenCluster[t] = (t / size) | 0)]++;
   const keys = half(tokens * d), values = half(tokens * d);
-  const head = { centroids, valueMeans: means, keyAxes: axes, keyVars: vars, counts, tokenCluster, keys, values };
+  const head = { centroids, valueMeans: means, keyAxes: axes, axisScales: scales, keyVars: vars, varScales: scales, counts, tokenCluster, keys, values };
   return { kvHeads, headDim: d, dtype: 'f16', tokens, heads: Array.from({ length: kvHeads }, () => head),
     ...(cacheShare > 0 && { cacheRows: Math.ceil(cacheShare * kvHeads * tokens) }) };
 }

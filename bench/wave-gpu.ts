@@ -33,6 +33,7 @@ import { estimateClusters } from '../addon/estimate.js';
 import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, type WaveGpuHead, type WaveGpuRanking, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { centroidStride, type ClusterArrays } from '../index/wave/cluster-codec.js';
+import { encodeMoments } from '../index/wave/moment-code.js';
 import { ClusterIndex, PROBE, PROBE_ESTIMATED, RADIUS_SHARE, SPREAD, type ClusterRanking } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
@@ -272,10 +273,11 @@ export function syntheticHead(rng: Rng, N: number, d: number, size: number, dt: 
   // its own). Asserted rather than annotated: the field is new in the codec.
   const arrays = {
     tokens: N, headDim: d, clusterSize: size, dtype: dt,
-    centroids: words(centres, dt), valueMeans: words(means, dt), keyVars: words(vars, dt), keyAxes: words(axes, dt), varianceShare: 1,
+    centroids: words(centres, dt), valueMeans: words(means, dt), ...encodeMoments(axes, vars, C, d), varianceShare: 1,
     counts: new Int32Array(C).fill(size), tokenCluster,
   } as ClusterArrays;
-  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, keyVars: arrays.keyVars, varianceShare: 1,
+  const head = { centroids: arrays.centroids, valueMeans: arrays.valueMeans, keyAxes: arrays.keyAxes, axisScales: arrays.axisScales,
+    keyVars: arrays.keyVars, varScales: arrays.varScales, varianceShare: 1,
     counts: arrays.counts, tokenCluster, keys: words(keysF, dt), values: shared.values };
   return { head, arrays };
 }

@@ -129,7 +129,8 @@ async function main() {
     for (let s = 0; s < steps; s++) {
       await rankClusterHeads({
         q: qs[s], group: G, headDim: d, centroidStride: heads[0].stride, dtype: dt, k: want, spread: SPREAD,
-        heads: heads.map((h, i) => ({ centroids: h.arrays.centroids, axes: h.arrays.keyAxes, vars: h.arrays.keyVars, clusters: h.clusters, outIds: outIds[i], outScores: outScores[i] })),
+        heads: heads.map((h, i) => ({ centroids: h.arrays.centroids, axes: h.arrays.keyAxes, axisScales: h.arrays.axisScales, vars: h.arrays.keyVars,
+          varScales: h.arrays.varScales, clusters: h.clusters, outIds: outIds[i], outScores: outScores[i] })),
       });
       const need: number[] = [];
       heads.forEach((h, i) => {

@@ -19,6 +19,7 @@
 import { bytesOf, convert, type KvDtype } from '../addon/kernels.js';
 import { buildClusters } from '../index/wave/cluster-build.js';
 import { decodeClusters } from '../index/wave/cluster-codec.js';
+import { decodeMoments } from '../index/wave/moment-code.js';
 import { broadKnobs, defaultKnobs, generateWorkload, Rng } from '../workload/index.js';
 import { numFlag } from './args.js';
 import { words } from './wave-gpu-heads.js';
@@ -80,7 +81,7 @@ async function main(): Promise<void> {
     for (let i = 0; i < noise.length; i++) noise[i] = 0.5 * rng.normal();
     const shared = { noise, values: words(noise, dt), scratch: new Float32Array(N * d) };
     const built = Array.from({ length: H }, () => syntheticHead(rng, N, d, size, dt, shared));
-    for (const b of built) heads.push({ cent: widen(b.arrays.centroids, dt), axes: widen(b.arrays.keyAxes, dt), vars: widen(b.arrays.keyVars, dt), counts: b.arrays.counts });
+    for (const b of built) heads.push({ cent: widen(b.arrays.centroids, dt), ...decodeMoments(b.arrays, d), counts: b.arrays.counts });
     const keyRow = keyRows(built.map((b) => b.head), d, dt);
     for (let s = 0; s < steps; s++) {
       const q = queries(rng, keyRow, H, N, d, G);
@@ -93,7 +94,7 @@ async function main(): Promise<void> {
       const bytes = await buildClusters({ keys: w.keys[h], values: w.values[h], tokens: N, headDim: d, dtype: w.dtype, queries: w.prefillQ[h],
         queryCount: w.prefillQ[h].length / d }, { clusterSize: size, segmentTokens: 8192, iterations: 4, seed: 1 + h });
       const a = decodeClusters(bytes);
-      heads.push({ cent: widen(a.centroids, w.dtype), axes: widen(a.keyAxes, w.dtype), vars: widen(a.keyVars, w.dtype), counts: a.counts });
+      heads.push({ cent: widen(a.centroids, w.dtype), ...decodeMoments(a, d), counts: a.counts });
     }
     for (let s = 0; s < steps; s++) qs.push(Array.from({ length: H }, (_, h) => w.decodeQ[s].subarray(h * G * d, (h + 1) * G * d)));
   }

@@ -110,7 +110,8 @@ export interface DeviceWaveStats {
  */
 export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: number, cacheRows = 0): number {
   let b = 0;
-  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + 3 * headDim * 2 + 8) + tokens * (cacheRows > 0 ? 12 : 8 + 4 * headDim);
+  // Per cluster: centroid row and value mean (16-bit words), key axis and variances (8-bit codes and two f32 scales), count and member start.
+  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + headDim * 2 + 2 * headDim + 8 + 8) + tokens * (cacheRows > 0 ? 12 : 8 + 4 * headDim);
   return cacheRows > 0 ? b + (cacheRows + 1) * 4 * headDim + cacheRows * 12 : b;
 }
 
@@ -217,7 +218,8 @@ export class DeviceWaveStores {
       const options: WaveGpuStoreOptions = {
         kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, tokens,
         heads: heads.map((h) => ({
-          centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
+          centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, axisScales: h.arrays.axisScales,
+          keyVars: h.arrays.keyVars, varScales: h.arrays.varScales,
           varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
         })),
         ...(cacheRows > 0 && { cacheRows }),

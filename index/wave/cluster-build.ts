@@ -21,6 +21,7 @@ import { kmeansMany, kmeansManyDevice, type KmeansArgs, type KmeansResult } from
 import { clusterSummary } from '../../addon/cluster-summary.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
+import { decodeMoments, encodeMoments } from './moment-code.js';
 import { calibrateVarianceShare } from './variance-share.js';
 
 export interface ClusterOptions {
@@ -151,7 +152,10 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     });
     segments.push([t0, t1, first, C]);
   }
-  const varianceShare = calibrateVarianceShare(input, { headDim: d, stride, centroids, keyVars, valueMeans, counts, tokenCluster, segments });
+  // The moments in 8 bits; the share is calibrated on the variances they decode to (what the estimate reads).
+  const moments = encodeMoments(keyAxes, keyVars, C, d);
+  const decodedVars = decodeMoments(moments, d).vars;
+  const varianceShare = calibrateVarianceShare(input, { headDim: d, stride, centroids, keyVars: decodedVars, valueMeans, counts, tokenCluster, segments });
   const arrays: ClusterArrays = {
     tokens: N,
     headDim: d,
@@ -159,8 +163,7 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     dtype: input.dtype,
     centroids: narrow(centroids.subarray(0, C * stride), input.dtype),
     valueMeans: narrow(valueMeans.subarray(0, C * d), input.dtype),
-    keyVars: narrow(keyVars.subarray(0, C * d), input.dtype),
-    keyAxes: narrow(keyAxes.subarray(0, C * d), input.dtype),
+    ...moments,
     varianceShare,
     counts: counts.slice(0, C),
     tokenCluster,

@@ -1,14 +1,19 @@
 // The wave index's artifact: the bytes stored with a document per (layer, kv
 // head). Arrays are stored raw, aligned to 4 bytes, so a load is a few views
 // of the stored buffer (plus the member lists, derived once).
-import { checksum64, type KvDtype } from '../../addon/kernels.js';
+import { checksum64, widenWords, type KvDtype } from '../../addon/kernels.js';
+import { encodeMoments } from './moment-code.js';
 
 const MAGIC = 0x4b565756; // "KVWV"
 /**
  * 1: no key variances or axes, 2: no variance share, 3: outlier keys inside
- * k-means clusters (all stale: rebuilt at attach); 4: outliers alone.
+ * k-means clusters (all stale: rebuilt at attach); 4: outliers alone, key
+ * axes and variances as f16/bf16 words (read: coded at load, as 5 codes
+ * them); 5: the axes and variances in 8 bits with a scale per cluster
+ * (moment-code.ts).
  */
-const VERSION = 4;
+const VERSION = 5;
+const WORD_MOMENTS = 4;
 const HEADER_WORDS = 9;
 
 export interface ClusterArrays {
@@ -20,10 +25,18 @@ export interface ClusterArrays {
   centroids: Uint16Array;
   /** [clusters, headDim]. */
   valueMeans: Uint16Array;
-  /** [clusters, headDim]: each channel's key variance over the members (the estimate's second-order term). */
-  keyVars: Uint16Array;
-  /** [clusters, headDim]: the principal axis of the members' keys, scaled by their standard deviation along it (ranking). */
-  keyAxes: Uint16Array;
+  /**
+   * [clusters, headDim]: each channel's key variance over the members (the
+   * estimate's second-order term), uint8 codes of its square root with a
+   * scale per cluster (moment-code.ts).
+   */
+  keyVars: Uint8Array;
+  /** [clusters]. */
+  varScales: Float32Array;
+  /** [clusters, headDim]: the principal axis of the members' keys, scaled by their standard deviation along it (ranking), int8 codes. */
+  keyAxes: Int8Array;
+  /** [clusters]. */
+  axisScales: Float32Array;
   counts: Int32Array;
   /** The share of the estimate's second-order term this head takes (calibrated at build: index/wave/variance-share.ts). */
   varianceShare: number;
@@ -41,11 +54,13 @@ const checksumOf = (b: Uint8Array) => Number(checksum64(b) & 0xffffffffn);
 const pad4 = (n: number) => (n + 3) & ~3;
 
 export function encodeClusters(a: ClusterArrays): Uint8Array {
-  const C = a.counts.length;
-  const parts: ArrayBufferView[] = [a.centroids, a.valueMeans, a.keyVars, a.keyAxes, a.counts, a.tokenCluster];
+  return pack(a, VERSION, [a.centroids, a.valueMeans, a.keyVars, a.keyAxes, a.varScales, a.axisScales, a.counts, a.tokenCluster]);
+}
+
+function pack(a: ClusterArrays, version: number, parts: ArrayBufferView[]): Uint8Array {
   const size = HEADER_WORDS * 4 + parts.reduce((n, p) => n + pad4(p.byteLength), 0);
   const out = new Uint8Array(size);
-  const header = new Uint32Array([MAGIC, VERSION, a.tokens, a.headDim, C, a.clusterSize, a.dtype === 'f16' ? 0 : 1, 0, 0]);
+  const header = new Uint32Array([MAGIC, version, a.tokens, a.headDim, a.counts.length, a.clusterSize, a.dtype === 'f16' ? 0 : 1, 0, 0]);
   new Float32Array(header.buffer, 8 * 4, 1)[0] = a.varianceShare;
   out.set(new Uint8Array(header.buffer), 0);
   let at = HEADER_WORDS * 4;
@@ -57,13 +72,19 @@ export function encodeClusters(a: ClusterArrays): Uint8Array {
   return out;
 }
 
-/** Views of a stored artifact; throws on a foreign or truncated one. */
+/**
+ * Views of a stored artifact; throws on a foreign or truncated one. A
+ * version 4 artifact (f16/bf16 moments) is read too: its axes and variances
+ * are coded as a build codes them now, from their stored words (the rest
+ * is the same).
+ */
 export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   // Typed views need aligned offsets: copy once when the store's buffer is not.
   const b = bytes.byteOffset % 4 === 0 ? bytes : bytes.slice();
   const header = new Uint32Array(b.buffer, b.byteOffset, HEADER_WORDS);
   if (header[0] !== MAGIC) throw new Error('not a wave cluster artifact');
-  if (header[1] !== VERSION) throw new Error(`wave cluster artifact version ${header[1]} is stale (this build reads ${VERSION})`);
+  const version = header[1];
+  if (version !== VERSION && version !== WORD_MOMENTS) throw new Error(`wave cluster artifact version ${version} is stale (this build reads ${WORD_MOMENTS} and ${VERSION})`);
   const sum = header[7];
   const zeroed = b.slice();
   new DataView(zeroed.buffer).setUint32(CHECKSUM_AT, 0, true);
@@ -80,17 +101,33 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   };
   const u16 = (buf: ArrayBuffer, off: number, n: number) => new Uint16Array(buf, off, n);
   const i32 = (buf: ArrayBuffer, off: number, n: number) => new Int32Array(buf, off, n);
+  const f32 = (buf: ArrayBuffer, off: number, n: number) => new Float32Array(buf, off, n);
+  const dtype: KvDtype = dt === 0 ? 'f16' : 'bf16';
+  const centroids = take(u16, C * stride, 2), valueMeans = take(u16, C * headDim, 2);
+  let moments: Pick<ClusterArrays, 'keyVars' | 'varScales' | 'keyAxes' | 'axisScales'>;
+  if (version === WORD_MOMENTS) {
+    const vars = take(u16, C * headDim, 2), axes = take(u16, C * headDim, 2);
+    moments = encodeMoments(widenWords(axes, dtype), widenWords(vars, dtype), C, headDim);
+  } else {
+    const keyVars = take((buf, off, n) => new Uint8Array(buf, off, n), C * headDim, 1);
+    const keyAxes = take((buf, off, n) => new Int8Array(buf, off, n), C * headDim, 1);
+    moments = { keyVars, keyAxes, varScales: take(f32, C, 4), axisScales: take(f32, C, 4) };
+  }
   return {
     tokens,
     headDim,
     clusterSize,
-    dtype: dt === 0 ? 'f16' : 'bf16',
-    centroids: take(u16, C * stride, 2),
-    valueMeans: take(u16, C * headDim, 2),
-    keyVars: take(u16, C * headDim, 2),
-    keyAxes: take(u16, C * headDim, 2),
+    dtype,
+    centroids,
+    valueMeans,
+    ...moments,
     counts: take(i32, C, 4),
     varianceShare,
     tokenCluster: take(i32, tokens, 4),
   };
+}
+
+/** A version 4 artifact (f16/bf16 moments) of the same clusters: what documents sealed before version 5 hold (tests). */
+export function encodeWordMoments(a: ClusterArrays, keyVars: Uint16Array, keyAxes: Uint16Array): Uint8Array {
+  return pack(a, WORD_MOMENTS, [a.centroids, a.valueMeans, keyVars, keyAxes, a.counts, a.tokenCluster]);
 }

@@ -121,7 +121,7 @@ export class ClusterIndex implements HeadIndex {
     const a = this.arrays;
     const base = { centroids: a.centroids, valueMeans: a.valueMeans, counts: a.counts, tokenCluster: a.tokenCluster, values: this.values, clusters: this.clusters, tokens: a.tokens, exact };
     if (order === 'first') return base;
-    const second = { ...base, keyVars: a.keyVars, keys: this.keys, varianceShare: a.varianceShare };
+    const second = { ...base, keyVars: a.keyVars, varScales: a.varScales, keys: this.keys, varianceShare: a.varianceShare };
     return order === 'rows' ? { ...second, offsets: this.offsets, members: this.members } : second;
   }
 
@@ -166,7 +166,7 @@ export class ClusterIndex implements HeadIndex {
         const counts = await rankClusterHeads({
           q, group, headDim: d, centroidStride: stride, dtype: h0.arrays.dtype, k: want, spread: SPREAD,
           heads: heads.map((h, i) => ({
-            centroids: h.arrays.centroids, axes: h.arrays.keyAxes, vars: h.arrays.keyVars, clusters: h.clusters,
+            centroids: h.arrays.centroids, axes: h.arrays.keyAxes, axisScales: h.arrays.axisScales, vars: h.arrays.keyVars, varScales: h.arrays.varScales, clusters: h.clusters,
             outIds: scratch[i].ids.subarray(0, want), outScores: scratch[i].scores.subarray(0, want),
             offsets: h.offsets, members: h.members, outRows: scratch[i].rows.subarray(0, target[i]),
           })),

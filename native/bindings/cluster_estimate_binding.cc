@@ -1,8 +1,10 @@
 // estimateClusters({q, qHeads, kvHeads, headDim, centroidStride, dtype, scale,
 //   segments: [{heads: [{centroids, valueMeans, counts, tokenCluster, values,
-//                        clusters, tokens, retrieved?, exact?, keyVars?, keys?, varianceShare?,
+//                        clusters, tokens, retrieved?, exact?, keyVars?, varScales?, keys?, varianceShare?,
 //                        offsets?, members?}] (kvHeads)}],
 //   out, lse, estimated, scanned?}) -> Promise<void>
+// keyVars: Uint8Array [clusters, headDim] codes with varScales: Float32Array
+// [clusters] (common/moment_code.h).
 // offsets/members (the clusters' member lists, with keys): a partly attended
 // cluster's remaining rows are weighed by their own logits.
 #include <napi.h>
@@ -37,13 +39,17 @@ ClusterHead ReadHead(const Napi::Object& o, const EstimateProblem& p, std::vecto
   c.values = values.Data();
   keep.insert(keep.end(), {centroids, means, counts, tokenCluster, values});
   // The second-order estimate needs both: the variances and the keys the exact rows take out.
-  auto keyVars = OptTypedAt<uint16_t>(o, "keyVars");
+  auto keyVars = OptTypedAt<uint8_t>(o, "keyVars");
   auto keys = OptTypedAt<uint16_t>(o, "keys");
   if (bool(keyVars) != bool(keys)) throw Napi::TypeError::New(o.Env(), "keyVars and keys come together");
   if (keyVars) {
-    if (keyVars->ElementLength() != C * d) throw Napi::RangeError::New(o.Env(), "keyVars must hold clusters x headDim words");
+    if (keyVars->ElementLength() != C * d) throw Napi::RangeError::New(o.Env(), "keyVars must hold clusters x headDim codes");
     if (keys->ElementLength() != N * d) throw Napi::RangeError::New(o.Env(), "keys must hold tokens x headDim words");
+    auto varScales = TypedAt<float>(o, "varScales");
+    if (varScales.ElementLength() != C) throw Napi::RangeError::New(o.Env(), "varScales must hold clusters entries");
     c.keyVars = keyVars->Data();
+    c.varScales = varScales.Data();
+    keep.push_back(varScales);
     if (o.Has("varianceShare")) {
       c.varianceShare = Float(o, "varianceShare");
       if (!(c.varianceShare >= 0.f && c.varianceShare <= 4.f)) throw Napi::RangeError::New(o.Env(), "varianceShare must be in [0, 4]");

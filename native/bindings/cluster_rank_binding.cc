@@ -1,8 +1,10 @@
 // rankClusterHeads({q: [heads*group, headDim], group, headDim, centroidStride, dtype, k, spread,
-//                   heads: [{centroids, axes, vars, clusters, outIds, outScores,
+//                   heads: [{centroids, axes, axisScales, vars, varScales, clusters, outIds, outScores,
 //                            offsets?, members?, outRows?}]}) -> Promise<{ids: number[], rows: number[]}>
 // With offsets (Int32Array [clusters + 1]), members and outRows, the best
 // clusters' members are copied into outRows, best cluster first, until it is full.
+// axes: Int8Array, vars: Uint8Array [clusters, headDim] codes with their
+// scales, Float32Array [clusters] (common/moment_code.h).
 // One ranking per kv head (head h scores with query rows h*group ..), all in
 // one worker: a decode step ranks every kv head's clusters with one call.
 #include <napi.h>
@@ -42,16 +44,19 @@ Napi::Value RankClusterHeadsJs(const Napi::CallbackInfo& info) {
     p.clusters = Int(ho, "clusters", 0, int64_t(1) << 31);
     const size_t C = size_t(p.clusters), keep = size_t(std::min<int64_t>(p.k, p.clusters));
     auto centroids = TypedAt<uint16_t>(ho, "centroids", C * size_t(stride));
-    auto axes = TypedAt<uint16_t>(ho, "axes", C * size_t(headDim));
-    auto vars = TypedAt<uint16_t>(ho, "vars", C * size_t(headDim));
+    auto axes = TypedAt<int8_t>(ho, "axes", C * size_t(headDim));
+    auto vars = TypedAt<uint8_t>(ho, "vars", C * size_t(headDim));
+    auto axisScales = TypedAt<float>(ho, "axisScales", C), varScales = TypedAt<float>(ho, "varScales", C);
     TopkOutputs res = TopkOutputsAt(ho, keep);
     p.q = q.Data() + size_t(h) * group * headDim;
     p.centroids = centroids.Data();
     p.axes = axes.Data();
     p.vars = vars.Data();
+    p.axisScales = axisScales.Data();
+    p.varScales = varScales.Data();
     p.outIds = res.ids.Data();
     p.outScores = res.scores.Data();
-    hold.insert(hold.end(), {centroids, axes, vars, res.ids, res.scores});
+    hold.insert(hold.end(), {centroids, axes, vars, axisScales, varScales, res.ids, res.scores});
     if (auto rows = OptTypedAt<int32_t>(ho, "outRows")) {
       auto offsets = TypedAt<int32_t>(ho, "offsets", C + 1);
       auto members = OptTypedAt<int32_t>(ho, "members");

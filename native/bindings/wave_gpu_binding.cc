@@ -3,7 +3,7 @@
 // constructor throws.
 //
 // new WaveGpuStore({kvHeads, headDim, dtype, tokens,
-//                   heads: [{centroids, valueMeans, keyAxes, keyVars, varianceShare?, counts, tokenCluster,
+//                   heads: [{centroids, valueMeans, keyAxes, axisScales, keyVars, varScales, varianceShare?, counts, tokenCluster,
 //                            keys, values, clusters}] (kvHeads)})
 //   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
 //          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
@@ -152,14 +152,17 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       Napi::Object x = ObjectOf(heads.Get(h), "heads[" + std::to_string(h) + "]");
       // open() reads these on a worker thread: they stay referenced until it ends.
       if (defer)
-        for (const char* k : {"centroids", "valueMeans", "keyAxes", "keyVars", "counts", "tokenCluster", "keys", "values"}) arrays.push_back(x.Get(k));
+        for (const char* k : {"centroids", "valueMeans", "keyAxes", "axisScales", "keyVars", "varScales", "counts", "tokenCluster", "keys", "values"})
+          arrays.push_back(x.Get(k));
       cuda::WaveHeadHost& w = host[size_t(h)];
       w.clusters = Int(x, "clusters", 1, (int64_t(1) << 31) - 1);
       const size_t C = size_t(w.clusters);
       w.centroids = TypedAt<uint16_t>(x, "centroids", C * stride).Data();
       w.valueMeans = TypedAt<uint16_t>(x, "valueMeans", C * d).Data();
-      w.keyAxes = TypedAt<uint16_t>(x, "keyAxes", C * d).Data();
-      w.keyVars = TypedAt<uint16_t>(x, "keyVars", C * d).Data();
+      w.keyAxes = TypedAt<int8_t>(x, "keyAxes", C * d).Data();
+      w.axisScales = TypedAt<float>(x, "axisScales", C).Data();
+      w.keyVars = TypedAt<uint8_t>(x, "keyVars", C * d).Data();
+      w.varScales = TypedAt<float>(x, "varScales", C).Data();
       if (!Absent(x.Get("varianceShare"))) {
         w.varianceShare = Float(x, "varianceShare");
         if (!(w.varianceShare >= 0.f && w.varianceShare <= 4.f))

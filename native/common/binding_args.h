@@ -16,6 +16,7 @@ namespace kvr {
 
 inline std::string TypeName(napi_typedarray_type t) {
   switch (t) {
+    case napi_int8_array: return "Int8Array";
     case napi_uint8_array: return "Uint8Array";
     case napi_uint16_array: return "Uint16Array";
     case napi_int32_array: return "Int32Array";
@@ -27,6 +28,7 @@ inline std::string TypeName(napi_typedarray_type t) {
 
 template <typename T>
 napi_typedarray_type TypedArrayKind();
+template <> inline napi_typedarray_type TypedArrayKind<int8_t>() { return napi_int8_array; }
 template <> inline napi_typedarray_type TypedArrayKind<uint8_t>() { return napi_uint8_array; }
 template <> inline napi_typedarray_type TypedArrayKind<uint16_t>() { return napi_uint16_array; }
 template <> inline napi_typedarray_type TypedArrayKind<int32_t>() { return napi_int32_array; }

@@ -106,7 +106,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   if (cfg.cacheRows < 0) throw std::runtime_error("wave store: cacheRows must be >= 0");
   const bool paged = cfg.cacheRows > 0;
   for (int h = 0; h < cfg.kvHeads; ++h)
-    if (!heads[h].keyAxes || !heads[h].keyVars) throw std::runtime_error("wave store: every head needs keyAxes and keyVars");
+    if (!heads[h].keyAxes || !heads[h].keyVars || !heads[h].axisScales || !heads[h].varScales)
+      throw std::runtime_error("wave store: every head needs keyAxes, keyVars and their scales");
   const int H = cfg.kvHeads, d = cfg.headDim;
   const int64_t N = cfg.tokens;
   I.stride = d + 8;
@@ -127,7 +128,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   for (auto& e : I.ev) Check(cudaEventCreate(&e), "event");
   Layout L;
   const size_t oCent = L.Add(size_t(I.ctot) * I.stride * 2), oMeans = L.Add(size_t(I.ctot) * d * 2),
-               oAxes = L.Add(size_t(I.ctot) * d * 2), oVars = L.Add(size_t(I.ctot) * d * 2),
+               oAxes = L.Add(size_t(I.ctot) * d), oVars = L.Add(size_t(I.ctot) * d), oScales = L.Add(size_t(I.ctot) * 8),
                oCounts = L.Add(size_t(I.ctot) * 4), oStart = L.Add(size_t(I.ctot) * 4), oMembers = L.Add(size_t(H) * N * 4),
                oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8), oShares = L.Add(size_t(H) * 4);
   I.summaryBytes = L.at;
@@ -139,8 +140,9 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   StepParams& p = I.p;
   p.cent = Layout::At<uint16_t>(S, oCent);
   p.means = Layout::At<uint16_t>(S, oMeans);
-  p.axes = Layout::At<uint16_t>(S, oAxes);
-  p.vars = Layout::At<uint16_t>(S, oVars);
+  p.axes = Layout::At<int8_t>(S, oAxes);
+  p.vars = Layout::At<uint8_t>(S, oVars);
+  p.axisScales = Layout::At<float>(S, oScales), p.varScales = p.axisScales + I.ctot;
   p.counts = Layout::At<int32_t>(S, oCounts);
   p.memberStart = Layout::At<int32_t>(S, oStart);
   p.members = Layout::At<int32_t>(S, oMembers);
@@ -156,8 +158,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
     const size_t b = size_t(I.base[h]), C = size_t(heads[h].clusters);
     put(p.cent + b * I.stride, heads[h].centroids, C * I.stride * 2);
     put(p.means + b * d, heads[h].valueMeans, C * d * 2);
-    put(p.axes + b * d, heads[h].keyAxes, C * d * 2);
-    put(p.vars + b * d, heads[h].keyVars, C * d * 2);
+    put(p.axes + b * d, heads[h].keyAxes, C * d), put(p.axisScales + b, heads[h].axisScales, C * 4);
+    put(p.vars + b * d, heads[h].keyVars, C * d), put(p.varScales + b, heads[h].varScales, C * 4);
     put(p.counts + b, heads[h].counts, C * 4);
     put(p.tokCl + size_t(h) * N, heads[h].tokenCluster, size_t(N) * 4);
     if (!paged) put(p.keys + size_t(h) * N * d, heads[h].keys, size_t(N) * d * 2);

@@ -27,7 +27,8 @@
 // estimateArgs(ids, 'moments'); kRadius is searchHeads(..., 'radius')
 // followed by estimateArgs(ids, 'first'). Scores
 // are summed in the order of the host's AVX2 Dot (native/common/simd_math.h)
-// and combined with the host's roundings, so they are bit for bit the host's
+// over the same decoded moments (common/moment_code.h: one f32 product per
+// code, host and device alike) and combined with the host's roundings, so they are bit for bit the host's
 // and the selection is the host's; the estimate is f32 with a max shift per
 // tile of clusters, tiles merged in float64.
 #pragma once
@@ -61,8 +62,11 @@ struct WaveStoreConfig {
 struct WaveHeadHost {
   const uint16_t* centroids = nullptr;   // [clusters, headDim + 8]: centroid, radius, padding
   const uint16_t* valueMeans = nullptr;  // [clusters, headDim]
-  const uint16_t* keyAxes = nullptr;     // [clusters, headDim]: principal axis scaled by its std (kSpread ranking)
-  const uint16_t* keyVars = nullptr;     // [clusters, headDim]: per-channel key variance (kSpread ranking and estimate)
+  // The key moments in 8 bits, a scale per cluster (common/moment_code.h):
+  const int8_t* keyAxes = nullptr;       // [clusters, headDim]: principal axis scaled by its std (kSpread ranking)
+  const float* axisScales = nullptr;     // [clusters]
+  const uint8_t* keyVars = nullptr;      // [clusters, headDim]: per-channel key variance (kSpread ranking and estimate)
+  const float* varScales = nullptr;      // [clusters]
   float varianceShare = 1.f;             // the share of the second-order term this head takes (its artifact's; 1: all of it)
   const int32_t* counts = nullptr;       // [clusters]; must be tokenCluster's histogram
   const int32_t* tokenCluster = nullptr; // [tokens], each in [0, clusters)

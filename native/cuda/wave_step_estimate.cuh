@@ -102,7 +102,8 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
   float* var = mean + p.d;
   const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
   const uint16_t* cent = p.cent + size_t(c) * p.stride;
-  const uint16_t* kv = p.vars + size_t(c) * p.d;
+  const uint8_t* kv = p.vars + size_t(c) * p.d;
+  const float varScale = p.varScales[c];
   const double whole = double(n), left = double(n - removed);
   const int nd = p.d / 8;
   if (p.restRows) {
@@ -149,7 +150,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
   for (int ch = lane; ch < p.d; ch += 32) {
     const double m = double(WidenWord<kBf16>(cent[ch]));
     double s1 = __dmul_rn(whole, m);
-    double s2 = __dmul_rn(whole, fma(m, m, double(WidenWord<kBf16>(kv[ch]))));
+    double s2 = __dmul_rn(whole, fma(m, m, double(DecodeVar(kv[ch], varScale))));
     for (int32_t i = 0; i < n; ++i) {
       const int32_t u = mem[i];
       if (own[u] == kNoOwner) continue;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/wave_moments.cuh"
 
 #include <cuda_fp16.h>
 #include <cuda_pipeline_primitives.h>
@@ -101,47 +102,6 @@ __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs,
   }
 }
 
-// Accumulate(ra, .., accA, sw) and Accumulate(rb, .., accB, sw) over the
-// chunks [0, c1) of two rows in the swizzled shared tile (ScoreClusters'
-// centroid and axis, both against q): each q chunk is read from shared
-// memory once for both rows instead of once a row. Every accumulator takes
-// the same words in the same order as in the two calls: the same sums.
-template <bool kBf16>
-__device__ __forceinline__ void AccumulateTwo(const uint16_t* ra, const uint16_t* rb, const float* qs, int qStride, int g0, int gc,
-                                              int c1, int half, bool live, float (&accA)[kGC][8], float (&accB)[kGC][8], int sw) {
-  constexpr int kL = 2;  // shared loads: a short wait, and two rows' chunks take twice the registers
-  for (int c = half; c < c1; c += 2 * kL) {
-    uint4 wa[kL], wb[kL];
-#pragma unroll
-    for (int u = 0; u < kL; ++u) {
-      const int at = ((c + 2 * u) ^ sw) * 8;
-      const bool in = live && c + 2 * u < c1;
-      wa[u] = in ? *reinterpret_cast<const uint4*>(ra + at) : make_uint4(0, 0, 0, 0);
-      wb[u] = in ? *reinterpret_cast<const uint4*>(rb + at) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kL; ++u) {
-      if (c + 2 * u >= c1) break;
-      float ka[8], kb[8];
-      Widen8Words<kBf16>(wa[u], ka);
-      Widen8Words<kBf16>(wb[u], kb);
-      const float* qr = qs + (c + 2 * u) * 8;
-#pragma unroll
-      for (int g = 0; g < kGC; ++g) {
-        if (g >= gc) break;
-        const float4 a = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride);
-        const float4 z = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride + 4);
-        const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          accA[g][j] = fmaf(qv[j], ka[j], accA[g][j]);
-          accB[g][j] = fmaf(qv[j], kb[j], accB[g][j]);
-        }
-      }
-    }
-  }
-}
-
 // The host's horizontal sum of acc0 + acc1 (the pair's two threads); every
 // thread of the warp must call it.
 __device__ __forceinline__ float ReducePair(const float (&a)[8]) {
@@ -201,7 +161,9 @@ struct Max { __device__ float operator()(float a, float b) const { return fmaxf(
 struct StepParams {
   // store
   const uint16_t *cent, *means, *keys, *values;
-  const uint16_t *axes, *vars;  // [ctot, d]: scaled principal axes, per-channel key variances
+  const int8_t* axes;   // [ctot, d]: scaled principal axes, 8-bit codes (common/moment_code.h)
+  const uint8_t* vars;  // [ctot, d]: per-channel key variances, 8-bit codes
+  const float *axisScales, *varScales;  // [ctot]: their scales
   const int32_t *counts, *memberStart, *members, *tokCl;
   const int64_t* base;  // [kvHeads + 1]: head h's clusters are base[h] .. base[h+1]
   const float* shares;  // [kvHeads]: the second-order term's share per head
@@ -350,12 +312,13 @@ __device__ __forceinline__ int32_t ExactRow(const StepParams& p, int h, int64_t 
 // banks once. The same words reach the same accumulators in the same
 // order: the same scores.
 constexpr int kScoreRows = 64;
-__host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows = kRowsPerCta) { return size_t(rows) * (stride + 2 * d) * 2; }
+// The tile: centroid rows (16-bit words), then axis and variance code rows (bytes).
+__host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows = kRowsPerCta) { return size_t(rows) * (stride * 2 + 2 * d); }
 constexpr size_t kStagedSmem = 113 * 1024;
 template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false, bool kFuse = false>
 __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreClusters(StepParams p) {
   AfterPrior();
-  static_assert(!kFuse || kSwz, "AccumulateTwo reads the swizzled tile");
+  static_assert(!kFuse || kSwz, "AccumulateCentroidAxis reads the swizzled tile");
   // [group, stride]: q, then column d: the norm term; kSpread: then the
   // same again squared (each rounded to f32, as the host's q2), squared once
   // here rather than per cluster; kStaged: then the tile.
@@ -364,47 +327,36 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
   float* q2 = qs + qn;
   const int64_t b = p.base[h], C = p.base[h + 1] - b, r0 = int64_t(blockIdx.x) * kRows;
   if (r0 >= C) return;  // the grid covers the head with the most clusters
-  uint16_t* tile = reinterpret_cast<uint16_t*>(q2 + qn);  // [rows, stride] centroids, [rows, d] axes, [rows, d] variances
+  uint16_t* tile = reinterpret_cast<uint16_t*>(q2 + qn);  // [rows, stride] centroids, then [rows, d] axis codes, [rows, d] variance codes
   const int tileRows = int(min(int64_t(kRows), C - r0));
   const bool staged = kStaged && p.spreadMode;  // the launch stages only kSpread
-  // kSwz: [rows, d] centroids, [rows, stride - d] their radius chunks, [rows, d] axes, [rows, d] variances
+  // kSwz: [rows, d] centroids, [rows, stride - d] their radius chunks; then (every staged tile) [rows, d] axis codes, [rows, d] variance codes
   const int nd = p.d / 8, ns = p.stride / 8, nt = ns - nd;
   uint16_t* const tileR = tile + size_t(kRows) * p.d;
-  uint16_t* const tileA = tileR + size_t(kRows) * (p.stride - p.d);
-  uint16_t* const tileV = tileA + size_t(kRows) * p.d;
+  uint8_t* const tileA = reinterpret_cast<uint8_t*>(tile + size_t(kRows) * p.stride);
+  uint8_t* const tileV = tileA + size_t(kRows) * p.d;
+  const uint8_t* const srcA = reinterpret_cast<const uint8_t*>(p.axes + size_t(b + r0) * p.d);
+  const uint8_t* const srcV = p.vars + size_t(b + r0) * p.d;
   if (kSwz && staged) {
     const uint4* srcC = reinterpret_cast<const uint4*>(p.cent + size_t(b + r0) * p.stride);
-    const uint4* srcA = reinterpret_cast<const uint4*>(p.axes + size_t(b + r0) * p.d);
-    const uint4* srcV = reinterpret_cast<const uint4*>(p.vars + size_t(b + r0) * p.d);
     uint4* dstC = reinterpret_cast<uint4*>(tile);
     uint4* dstR = reinterpret_cast<uint4*>(tileR);
-    uint4* dstA = reinterpret_cast<uint4*>(tileA);
-    uint4* dstV = reinterpret_cast<uint4*>(tileV);
     const int cc = int(threadIdx.x) % nd, step = int(blockDim.x) / nd;  // nd divides blockDim (the launch checks)
-    for (int rr = int(threadIdx.x) / nd; rr < tileRows; rr += step) {
-      const int at = rr * nd + (cc ^ ((rr & 3) << 1));
-      __pipeline_memcpy_async(dstC + at, srcC + size_t(rr) * ns + cc, 16);
-      __pipeline_memcpy_async(dstA + at, srcA + size_t(rr) * nd + cc, 16);
-    }
+    for (int rr = int(threadIdx.x) / nd; rr < tileRows; rr += step)
+      __pipeline_memcpy_async(dstC + rr * nd + (cc ^ ((rr & 3) << 1)), srcC + size_t(rr) * ns + cc, 16);
+    StageCodes<true>(tileA, srcA, tileRows, nd);
     for (int i = threadIdx.x; i < tileRows * nt; i += blockDim.x)
       __pipeline_memcpy_async(dstR + i, srcC + size_t(i / nt) * ns + nd + i % nt, 16);
     if (kFuse && p.scoreSplit) __pipeline_commit();  // the fused pass's part: centroids, radii, axes
-    for (int rr = int(threadIdx.x) / nd; rr < tileRows; rr += step)
-      __pipeline_memcpy_async(dstV + rr * nd + (cc ^ ((rr & 3) << 1)), srcV + size_t(rr) * nd + cc, 16);
+    StageCodes<true>(tileV, srcV, tileRows, nd);
     __pipeline_commit();
   } else if (staged) {
-    const int nc = tileRows * p.stride / 8, na = tileRows * p.d / 8;  // 16-byte pieces
+    const int nc = tileRows * p.stride / 8;  // 16-byte pieces
     const uint4* srcC = reinterpret_cast<const uint4*>(p.cent + size_t(b + r0) * p.stride);
-    const uint4* srcA = reinterpret_cast<const uint4*>(p.axes + size_t(b + r0) * p.d);
-    const uint4* srcV = reinterpret_cast<const uint4*>(p.vars + size_t(b + r0) * p.d);
     uint4* dst = reinterpret_cast<uint4*>(tile);
-    uint4* dstA = dst + size_t(kRows) * p.stride / 8;
-    uint4* dstV = dstA + size_t(kRows) * p.d / 8;
     for (int i = threadIdx.x; i < nc; i += blockDim.x) __pipeline_memcpy_async(dst + i, srcC + i, 16);
-    for (int i = threadIdx.x; i < na; i += blockDim.x) {
-      __pipeline_memcpy_async(dstA + i, srcA + i, 16);
-      __pipeline_memcpy_async(dstV + i, srcV + i, 16);
-    }
+    StageCodes<false>(tileA, srcA, tileRows, nd);
+    StageCodes<false>(tileV, srcV, tileRows, nd);
     __pipeline_commit();
   }
   for (int i = threadIdx.x; i < qn; i += blockDim.x) {
@@ -421,21 +373,22 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
   const size_t c = size_t(b + (live ? r : 0));  // a dead pair reads the head's cluster 0 (C >= 1) and writes nothing
   const int tr = live ? int(r - r0) : 0;
   const uint16_t* row = kSwz && staged ? tile + size_t(tr) * p.d : staged ? tile + size_t(tr) * p.stride : p.cent + c * p.stride;
-  const int sw = (tr & 3) << 1;  // kSwz: the row's chunk swizzle
+  const int sw = (tr & 3) << 1, sx = tr & CodeSwizzleMask(nd);  // kSwz: the row's chunk swizzle, its code rows' piece swizzle
   float best = -INFINITY;
   float acc[kGC][8];
   if (p.spreadMode) {
-    const uint16_t* axis = kSwz ? tileA + size_t(tr) * p.d : kStaged ? tile + size_t(kRows) * p.stride + size_t(tr) * p.d : p.axes + c * p.d;
-    const uint16_t* var = kSwz ? tileV + size_t(tr) * p.d : kStaged ? tile + size_t(kRows) * (p.stride + p.d) + size_t(tr) * p.d : p.vars + c * p.d;
+    const uint8_t* axis = kStaged ? tileA + size_t(tr) * p.d : reinterpret_cast<const uint8_t*>(p.axes) + c * p.d;
+    const uint8_t* var = kStaged ? tileV + size_t(tr) * p.d : p.vars + c * p.d;
+    const float axisScale = p.axisScales[c], varScale = p.varScales[c];
     const float radius = WidenWord<kBf16>(kSwz ? tileR[size_t(tr) * (p.stride - p.d)] : row[p.d]), share = p.shares[h];
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
       const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
       float dot[kGC], along[kGC];
-      if (kFuse) {  // kSwz only: the centroid and axis passes in one (AccumulateTwo)
+      if (kFuse) {  // kSwz only: the centroid and axis passes in one (AccumulateCentroidAxis)
         float acc2[kGC][8];
         Zero(acc);
         Zero(acc2);
-        AccumulateTwo<kBf16>(row, axis, qs, p.stride, g0, gc, nd, half, live, acc, acc2, sw);
+        AccumulateCentroidAxis<kBf16>(row, axis, axisScale, qs, p.stride, g0, gc, nd, half, live, acc, acc2, sw, sx);
 #pragma unroll
         for (int g = 0; g < kGC; ++g)
           if (g < gc) {
@@ -449,7 +402,7 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
         for (int g = 0; g < kGC; ++g)
           if (g < gc) dot[g] = ReducePair(acc[g]);
         Zero(acc);
-        Accumulate<kBf16, kStaged, kSwz>(axis, qs, p.stride, g0, gc, 0, nd, half, live, acc, sw);
+        AccumulateCodes<MomentCode::kAxis, kStaged, kSwz>(axis, axisScale, qs, p.stride, g0, gc, nd, half, live, acc, sx);
 #pragma unroll
         for (int g = 0; g < kGC; ++g)
           if (g < gc) along[g] = ReducePair(acc[g]);
@@ -459,7 +412,7 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
         __syncthreads();
       }
       Zero(acc);
-      Accumulate<kBf16, kStaged, kSwz>(var, q2, p.stride, g0, gc, 0, nd, half, live, acc, sw);
+      AccumulateCodes<MomentCode::kVar, kStaged, kSwz>(var, varScale, q2, p.stride, g0, gc, nd, half, live, acc, sx);
 #pragma unroll
       for (int g = 0; g < kGC; ++g) {
         if (g >= gc) break;

@@ -5,6 +5,7 @@
 #include <limits>
 #include <utility>
 
+#include "common/moment_code.h"
 #include "common/simd_math.h"
 #include "common/thread_pool.h"
 
@@ -130,7 +131,7 @@ void WholeClusters(const ClusterHead& c, const HeadPlan& plan, const std::vector
   for (int64_t cl = b; cl < e; ++cl) {
     if (!live[size_t(cl - b)]) continue;
     WidenRow(c.centroids + size_t(cl) * p.centroidStride, p.dtype, size_t(d) + 1, row.data());
-    if (second) WidenRow(c.keyVars + size_t(cl) * d, p.dtype, size_t(d), var.data());
+    if (second) DecodeVarRow(c.keyVars + size_t(cl) * d, c.varScales[cl], size_t(d), var.data());
     for (int g = 0; g < G; ++g) {
       const QueryRow& qr = rows[size_t(g)];
       // The centroid is the mean here: one dot serves the logit and its cap.
@@ -258,7 +259,7 @@ double RestMass(const ClusterHead& c, const HeadPlan& plan, const PartialRef& re
   WidenRow(c.centroids + size_t(cl) * p.centroidStride, p.dtype, size_t(d) + 1, s.row.data());
   const bool second = c.keyVars != nullptr;
   if (second) {
-    WidenRow(c.keyVars + size_t(cl) * d, p.dtype, size_t(d), s.var.data());
+    DecodeVarRow(c.keyVars + size_t(cl) * d, c.varScales[cl], size_t(d), s.var.data());
     for (int i = 0; i < d; ++i) {
       const double m = s.row[size_t(i)];
       s.s1[size_t(i)] = n * m;

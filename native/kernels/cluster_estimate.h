@@ -48,7 +48,8 @@ struct ClusterHead {
   const int32_t* counts = nullptr;      // [clusters]
   const int32_t* tokenCluster = nullptr;// [tokens]: the cluster of each row
   const uint16_t* values = nullptr;     // [tokens, headDim]: the segment's V rows
-  const uint16_t* keyVars = nullptr;    // [clusters, headDim]: per-channel key variance (optional: second order)
+  const uint8_t* keyVars = nullptr;     // [clusters, headDim]: per-channel key variance, 8-bit codes (common/moment_code.h; optional: second order)
+  const float* varScales = nullptr;     // [clusters]: their scales (with keyVars)
   const uint16_t* keys = nullptr;       // [tokens, headDim]: the segment's K rows (with keyVars)
   const int32_t* offsets = nullptr;     // [clusters + 1]: cluster c's members are members[offsets[c] .. offsets[c + 1]) (optional, with keys)
   const int32_t* members = nullptr;     // rows, grouped by cluster

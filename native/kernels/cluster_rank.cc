@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/moment_code.h"
 #include "common/ranked_hits.h"
 #include "common/simd_math.h"
 #include "common/thread_pool.h"
@@ -22,8 +23,8 @@ void ScanClusters(const ClusterRankProblem& p, int64_t begin, int64_t end, int64
   heap.reserve(size_t(std::max<int64_t>(keep, 0)) + 1);
   for (int64_t c = begin; c < end; ++c) {
     WidenRow(p.centroids + size_t(c) * p.centroidStride, p.dtype, d, mu.data());
-    WidenRow(p.axes + size_t(c) * d, p.dtype, d, axis.data());
-    WidenRow(p.vars + size_t(c) * d, p.dtype, d, var.data());
+    DecodeAxisRow(p.axes + size_t(c) * d, p.axisScales[c], d, axis.data());
+    DecodeVarRow(p.vars + size_t(c) * d, p.varScales[c], d, var.data());
     float s = -std::numeric_limits<float>::infinity();
     for (int g = 0; g < p.group; ++g) {
       const float* q = p.q + size_t(g) * d;

@@ -26,8 +26,11 @@ struct ClusterRankProblem {
   const float* q = nullptr;  // [group, headDim]
   int group = 1, headDim = 0, centroidStride = 0;
   const uint16_t* centroids = nullptr;  // [clusters, centroidStride]: the first headDim are the centroid
-  const uint16_t* axes = nullptr;       // [clusters, headDim]
-  const uint16_t* vars = nullptr;       // [clusters, headDim]
+  // The moments in 8 bits (common/moment_code.h), a scale per cluster.
+  const int8_t* axes = nullptr;         // [clusters, headDim]
+  const float* axisScales = nullptr;    // [clusters]
+  const uint8_t* vars = nullptr;        // [clusters, headDim]
+  const float* varScales = nullptr;     // [clusters]
   int64_t clusters = 0;
   Dtype dtype = Dtype::kF16;
   float spread = 2.f;

@@ -42,10 +42,10 @@ describe('paged device wave stores', () => {
     expect(waveCacheRows(0.10001, H, N)).toBe(401);
     expect(waveCacheRows(1, H, N)).toBe(H * N);
     const dense = waveStoreBytes(heads, N, d), R = 400;
-    // Written out: each head's summaries (centroid + radius row, value mean, axis, variances: 2 bytes a word; count and
-    // member start) and token->cluster and member lists; dense adds K and V (4d bytes a row), paged the row->slot map
-    // (4 bytes a row) and R + 1 slots of K and V with R owners, stamps and miss entries.
-    const summaries = heads.reduce((b, h) => b + h.clusters * ((d + 8) * 2 + 3 * d * 2 + 8) + N * 8, 0);
+    // Written out: each head's summaries (centroid + radius row and value mean: 2 bytes a word; axis and variances: a
+    // byte a channel and an f32 scale each; count and member start) and token->cluster and member lists; dense adds K
+    // and V (4d bytes a row), paged the row->slot map (4 bytes a row) and R + 1 slots of K and V with R owners, stamps and miss entries.
+    const summaries = heads.reduce((b, h) => b + h.clusters * ((d + 8) * 2 + d * 2 + 2 * (d + 4) + 8) + N * 8, 0);
     expect(dense).toBe(summaries + H * N * 4 * d);
     expect(waveStoreBytes(heads, N, d, R)).toBe(summaries + H * N * 4 + (R + 1) * 4 * d + R * 12);
     expect(waveStoreBytes(heads, N, d, R)).toBeLessThan(dense / 2);

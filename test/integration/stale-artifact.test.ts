@@ -3,6 +3,9 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
+import { decodeClusters, encodeClusters, encodeWordMoments } from '../../index/wave/cluster-codec.js';
+import { decodeMoments } from '../../index/wave/moment-code.js';
+import { bitsOf } from '../helpers/half.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
@@ -76,5 +79,58 @@ describe('stale index artifacts', () => {
     expect(server.engine.documents.buildsAfterSeal).toBe(builds + 1);
     const again = (await server.engine.store.loadArtifacts('waved', 'wave', 1, 2))!;
     expect(new DataView(again[0][0].buffer, again[0][0].byteOffset).getUint32(4, true)).not.toBe(1);
+  });
+
+  it('a wave index of version 4 (key axes and variances as f16 words) attaches without a rebuild, its moments coded at load within a step of version 5', async () => {
+    const rng = new Rng(seed + 2);
+    await server.close();
+    server = await startInProcess(tmp.dir);
+    let client = new KvrecallClient({ url: server.url });
+    await client.createDocument('v4', model, { methods: ['wave'] });
+    const c = randomKv(rng, 'f16', model.kvHeads, 2000, model.headDim);
+    await client.uploadDocumentKv('v4', { layer: 0, start: 0, k: c.k, v: c.v });
+    await client.sealDocument('v4');
+    const qs = Array.from({ length: 8 }, () => tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)));
+    const answers = async () => {
+      const { id } = await client.createSession({ model, documents: ['v4'], method: 'wave', budget: 64 });
+      const out: number[][] = [];
+      for (const q of qs) out.push(Array.from((await client.attend(id, { layer: 0, q })).out));
+      return out;
+    };
+    const restart = async (bytes: (stored: Uint8Array, head: number) => Uint8Array) => {
+      const stored = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))!;
+      await server.engine.store.addArtifacts('v4', 'wave', stored[0].map((b, head) => ({ method: 'wave', layer: 0, head, bytes: bytes(b, head) })));
+      await server.close();
+      server = await startInProcess(tmp.dir);
+      client = new KvrecallClient({ url: server.url });
+    };
+    // The same clusters as a version 4 build stored them: the moments as f16 words (of the values version 5 decodes to).
+    const f16 = bitsOf('f16'), d = model.headDim;
+    const fresh = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0].map((b) => decodeClusters(b));
+    await restart((b) => {
+      const a = decodeClusters(b), { axes, vars } = decodeMoments(a, d);
+      return encodeWordMoments(a, Uint16Array.from(vars, f16), Uint16Array.from(axes, f16));
+    });
+    const builds = server.engine.documents.buildsAfterSeal;
+    const old = await answers();
+    expect(server.engine.documents.buildsAfterSeal).toBe(builds);
+    const stored = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0];
+    expect(new DataView(stored[0].buffer, stored[0].byteOffset).getUint32(4, true)).toBe(4);
+    // Coded from f16 words, each moment decodes within one code step of the fresh build's.
+    stored.forEach((b, head) => {
+      const got = decodeClusters(b), was = fresh[head], g = decodeMoments(got, d), w = decodeMoments(was, d);
+      for (let i = 0; i < g.axes.length; i++) {
+        const c = Math.floor(i / d), step = Math.max(got.axisScales[c], was.axisScales[c]);
+        expect(Math.abs(g.axes[i] - w.axes[i])).toBeLessThanOrEqual(step * 1.01);
+        // A variance code k steps by (2k + 1)·scale.
+        const k = Math.max(got.keyVars[i], was.keyVars[i]), vstep = (2 * k + 1) * Math.max(got.varScales[c], was.varScales[c]);
+        expect(Math.abs(g.vars[i] - w.vars[i])).toBeLessThanOrEqual(vstep * 1.01);
+      }
+    });
+    // And it answers as a version 5 artifact of the codes it loaded to, bit for bit.
+    await restart((b) => encodeClusters(decodeClusters(b)));
+    const coded = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0][0];
+    expect(new DataView(coded.buffer, coded.byteOffset).getUint32(4, true)).toBe(5);
+    expect(await answers()).toEqual(old);
   });
 });

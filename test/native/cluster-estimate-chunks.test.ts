@@ -58,7 +58,7 @@ function head(rng: Rng) {
   retrieved.push(retrieved[0]);
   const args: ClusterHeadArgs = {
     centroids, valueMeans, counts, tokenCluster, values, clusters: C, tokens: N, exact: Int32Array.from(exact), retrieved: Int32Array.from(retrieved),
-    keys, keyVars: new Uint16Array(C * d), offsets, members,
+    keys, keyVars: new Uint8Array(C * d), varScales: new Float32Array(C), offsets, members,
   };
   return { args, N };
 }

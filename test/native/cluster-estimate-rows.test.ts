@@ -36,7 +36,7 @@ function head(rng: Rng) {
   const args: ClusterHeadArgs = {
     centroids, valueMeans, counts, tokenCluster, values: Uint16Array.from(v, toBits), keys: Uint16Array.from(k, toBits),
     // No spread: a whole cluster's logit is s q·mu, so the reference needs no cap.
-    keyVars: new Uint16Array(C * d), clusters: C, tokens: N, offsets, members,
+    keyVars: new Uint8Array(C * d), varScales: new Float32Array(C), clusters: C, tokens: N, offsets, members,
   };
   return { args, k, v, centroids, counts, rowsOf };
 }

@@ -13,6 +13,7 @@ import { estimateClusters } from '../../addon/estimate.js';
 import { rankClusterHeads } from '../../addon/cluster-rank.js';
 import { buildClusters, DEFAULT_CLUSTER_OPTIONS } from '../../index/wave/cluster-build.js';
 import { ClusterIndex } from '../../index/wave/cluster-index.js';
+import { decodeAxis, decodeVar, encodeMoments } from '../../index/wave/moment-code.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -43,17 +44,19 @@ describe('second-order estimate', () => {
       return { mu, v, vs, r };
     };
     const full = Array.from({ length: C }, (_, c) => moments(members(c)));
-    const centroids = new Uint16Array(C * stride), keyVars = new Uint16Array(C * d), valueMeans = new Uint16Array(C * d);
+    const centroids = new Uint16Array(C * stride), valueMeans = new Uint16Array(C * d);
     full.forEach((m, c) => {
-      for (let j = 0; j < d; j++) (centroids[c * stride + j] = toBits(m.mu[j])), (keyVars[c * d + j] = toBits(m.v[j])), (valueMeans[c * d + j] = toBits(m.vs[j] / counts[c]));
+      for (let j = 0; j < d; j++) (centroids[c * stride + j] = toBits(m.mu[j])), (valueMeans[c * d + j] = toBits(m.vs[j] / counts[c]));
       centroids[c * stride + d] = toBits(m.r * 1.001);
     });
+    // The variances as the artifact stores them: 8-bit codes (moment-code.ts).
+    const { keyVars, varScales } = encodeMoments(new Float32Array(C * d), Float32Array.from(full.flatMap((m) => [...m.v])), C, d);
     // Rows 0 and 5 (cluster 0) attended exactly; query 1 points along cluster 4's far key.
     const exact = Int32Array.from([0, 5]);
     const q = new Float32Array(qHeads * d);
     for (let j = 0; j < d; j++) (q[j] = 0.3 * rng.normal()), (q[d + j] = j < 4 ? 3 : 0);
     const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(1);
-    const head = { centroids, valueMeans, counts, tokenCluster, values: words(values), keys: words(keys), keyVars, clusters: C, tokens: N, exact };
+    const head = { centroids, valueMeans, counts, tokenCluster, values: words(values), keys: words(keys), keyVars, varScales, clusters: C, tokens: N, exact };
     await estimateClusters({ q, qHeads, kvHeads: 1, headDim: d, centroidStride: stride, dtype: 'f16', scale, segments: [[head]], out, lse, estimated });
     expect(estimated[0]).toBe(N - 2);
     let capped = 0;
@@ -62,8 +65,8 @@ describe('second-order estimate', () => {
       let den = 0;
       const num = new Float64Array(d);
       for (let c = 0; c < C; c++) {
-        // Whole clusters: the stored (f16) moments are the inputs; cluster 0's rest from its rows, in float64.
-        const stored = { mu: Float64Array.from({ length: d }, (_, j) => toValue(centroids[c * stride + j])), v: Float64Array.from({ length: d }, (_, j) => toValue(keyVars[c * d + j])), vs: Float64Array.from({ length: d }, (_, j) => counts[c] * toValue(valueMeans[c * d + j])) };
+        // Whole clusters: the stored (f16, 8-bit variances) moments are the inputs; cluster 0's rest from its rows, in float64.
+        const stored = { mu: Float64Array.from({ length: d }, (_, j) => toValue(centroids[c * stride + j])), v: Float64Array.from({ length: d }, (_, j) => decodeVar(keyVars[c * d + j], varScales[c])), vs: Float64Array.from({ length: d }, (_, j) => counts[c] * toValue(valueMeans[c * d + j])) };
         const rest = c === 0 ? moments(members(0, [0, 5])) : stored;
         const n = c === 0 ? counts[0] - 2 : counts[c];
         let w = 0, w2 = 0, wc = 0;
@@ -89,7 +92,7 @@ describe('second-order estimate', () => {
     for (let t = 0; t < N; t++) for (let j = 0; j < d; j++) centroids[t * stride + j] = toBits(k[t * d + j]);
     const q = Float32Array.from({ length: d }, () => rng.normal());
     const out = new Float32Array(d), lse = new Float32Array(1), estimated = new Float32Array(1);
-    const head = { centroids, valueMeans: words(v), counts: new Int32Array(N).fill(1), tokenCluster: Int32Array.from({ length: N }, (_, t) => t), values: words(v), keys: words(k), keyVars: new Uint16Array(N * d), clusters: N, tokens: N };
+    const head = { centroids, valueMeans: words(v), counts: new Int32Array(N).fill(1), tokenCluster: Int32Array.from({ length: N }, (_, t) => t), values: words(v), keys: words(k), keyVars: new Uint8Array(N * d), varScales: new Float32Array(N), clusters: N, tokens: N };
     await estimateClusters({ q, qHeads: 1, kvHeads: 1, headDim: d, centroidStride: stride, dtype: 'f16', scale, segments: [[head]], out, lse, estimated });
     const logits = Array.from({ length: N }, (_, t) => scale * q.reduce((a, x, j) => a + x * k[t * d + j], 0));
     const m = Math.max(...logits), z = logits.reduce((a, l) => a + Math.exp(l - m), 0);
@@ -97,12 +100,14 @@ describe('second-order estimate', () => {
     for (let j = 0; j < d; j++) expect(out[j]).toBeCloseTo(logits.reduce((a, l, t) => a + (Math.exp(l - m) / z) * v[t * d + j], 0), 4);
   });
 
-  it('refuses keyVars without keys, and keyVars of the wrong size, before reading memory', async () => {
+  it('refuses keyVars without keys, keyVars or varScales of the wrong size or type, before reading memory', async () => {
     const d = 8, stride = 8;
     const base = { centroids: new Uint16Array(2 * stride), valueMeans: new Uint16Array(2 * d), counts: Int32Array.from([1, 1]), tokenCluster: Int32Array.from([0, 1]), values: new Uint16Array(2 * d), clusters: 2, tokens: 2 };
     const call = (head: object) => estimateClusters({ q: new Float32Array(d), qHeads: 1, kvHeads: 1, headDim: d, centroidStride: stride, dtype: 'f16', scale: 1, segments: [[head as typeof base]], out: new Float32Array(d), lse: new Float32Array(1), estimated: new Float32Array(1) });
-    await expect(async () => call({ ...base, keyVars: new Uint16Array(2 * d) })).rejects.toThrow(/together/);
-    await expect(async () => call({ ...base, keyVars: new Uint16Array(d), keys: new Uint16Array(2 * d) })).rejects.toThrow(/keyVars/);
+    await expect(async () => call({ ...base, keyVars: new Uint8Array(2 * d) })).rejects.toThrow(/together/);
+    await expect(async () => call({ ...base, keyVars: new Uint8Array(d), varScales: new Float32Array(2), keys: new Uint16Array(2 * d) })).rejects.toThrow(/keyVars/);
+    await expect(async () => call({ ...base, keyVars: new Uint8Array(2 * d), varScales: new Float32Array(1), keys: new Uint16Array(2 * d) })).rejects.toThrow(/varScales/);
+    await expect(async () => call({ ...base, keyVars: new Uint16Array(2 * d), varScales: new Float32Array(2), keys: new Uint16Array(2 * d) })).rejects.toThrow(/Uint8Array/);
   });
 });
 
@@ -112,8 +117,11 @@ describe('rankClusterHeads', () => {
     const d = 16, stride = 24, C = 300, G = 3, H = 2, k = 20, spread = 2;
     const heads = Array.from({ length: H }, () => ({
       centroids: Uint16Array.from({ length: C * stride }, () => toBits(rng.normal())),
-      axes: Uint16Array.from({ length: C * d }, () => toBits(0.5 * rng.normal())),
-      vars: Uint16Array.from({ length: C * d }, () => toBits(rng.next())),
+      // 8-bit codes with a scale per cluster (moment-code.ts), decoded by the reference below.
+      axes: Int8Array.from({ length: C * d }, () => rng.int(255) - 127),
+      axisScales: Float32Array.from({ length: C }, () => 0.01 * rng.next()),
+      vars: Uint8Array.from({ length: C * d }, () => rng.int(256)),
+      varScales: Float32Array.from({ length: C }, () => 2e-5 * rng.next()),
       clusters: C, outIds: new Int32Array(k), outScores: new Float32Array(k),
     }));
     // Clusters 7 and 3 of head 0 identical: equal scores, 3 first.
@@ -121,6 +129,8 @@ describe('rankClusterHeads', () => {
       heads[0].centroids.copyWithin(to * stride, from * stride, (from + 1) * stride);
       heads[0].axes.copyWithin(to * d, from * d, (from + 1) * d);
       heads[0].vars.copyWithin(to * d, from * d, (from + 1) * d);
+      heads[0].axisScales[to] = heads[0].axisScales[from];
+      heads[0].varScales[to] = heads[0].varScales[from];
     }
     const q = Float32Array.from({ length: H * G * d }, () => rng.normal());
     const counts = await rankClusterHeads({ q, group: G, headDim: d, centroidStride: stride, dtype: 'f16', k, spread, heads });
@@ -132,7 +142,7 @@ describe('rankClusterHeads', () => {
         for (let g = 0; g < G; g++) {
           const qv = q.subarray((hi * G + g) * d, (hi * G + g + 1) * d);
           let m = 0, a = 0, v = 0;
-          for (let j = 0; j < d; j++) (m += qv[j] * toValue(h.centroids[c * stride + j])), (a += qv[j] * toValue(h.axes[c * d + j])), (v += qv[j] ** 2 * toValue(h.vars[c * d + j]));
+          for (let j = 0; j < d; j++) (m += qv[j] * toValue(h.centroids[c * stride + j])), (a += qv[j] * decodeAxis(h.axes[c * d + j], h.axisScales[c])), (v += qv[j] ** 2 * decodeVar(h.vars[c * d + j], h.varScales[c]));
           best = Math.max(best, m + spread * Math.sqrt(a * a + v));
         }
         return best;
@@ -156,7 +166,7 @@ describe('rankClusterHeads', () => {
     const members = Int32Array.from({ length: offsets[C] }, (_, i) => 1000 + i);
     const head = {
       centroids: Uint16Array.from({ length: C * stride }, () => toBits(rng.normal())),
-      axes: new Uint16Array(C * d), vars: new Uint16Array(C * d), clusters: C,
+      axes: new Int8Array(C * d), axisScales: new Float32Array(C), vars: new Uint8Array(C * d), varScales: new Float32Array(C), clusters: C,
       outIds: new Int32Array(C), outScores: new Float32Array(C), offsets, members, outRows: new Int32Array(11),
     };
     const q = Float32Array.from({ length: d }, () => rng.normal());

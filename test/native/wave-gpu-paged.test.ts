@@ -39,7 +39,7 @@ describe.skipIf(!info.ok)('paged wave store on the GPU', () => {
 
   it('reports the cache on its own line, no K/V, and refuses rest', async () => {
     const d = 8, N = 4, w = new Uint16Array(N * (d + 8));
-    const head = { centroids: w, valueMeans: w, keyAxes: w, keyVars: w, counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 0, 1, 1), keys: w, values: w };
+    const head = { centroids: w, valueMeans: w, keyAxes: new Int8Array(64), axisScales: new Float32Array(8), keyVars: new Uint8Array(64), varScales: new Float32Array(8), counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 0, 1, 1), keys: w, values: w };
     const dense = WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: N, heads: [head] });
     const paged = WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: N, heads: [head], cacheRows: 3 });
     try {

@@ -39,7 +39,7 @@ describe.skipIf(!info.ok)('wave rest on the GPU', () => {
 
   it('refuses rows outside the segment and ranges with lo > hi', async () => {
     const d = 8, N = 4, w = new Uint16Array(N * (d + 8) * 2);
-    const head = { centroids: w, valueMeans: w, keyAxes: w, keyVars: w, counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 0, 1, 1), keys: w, values: w };
+    const head = { centroids: w, valueMeans: w, keyAxes: new Int8Array(64), axisScales: new Float32Array(8), keyVars: new Uint8Array(64), varScales: new Float32Array(8), counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 0, 1, 1), keys: w, values: w };
     const store = WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: N, heads: [head] });
     try {
       const q = new Float32Array(d);

@@ -35,14 +35,14 @@ describe('WaveGpuStore', () => {
     expect(() =>
       WaveGpuStore.create({
         kvHeads: 1, headDim: 8, dtype: 'f16', tokens: 1,
-        heads: [{ centroids: w, valueMeans: w, keyAxes: w, keyVars: w, counts: Int32Array.of(1), tokenCluster: Int32Array.of(0), keys: w, values: w }],
+        heads: [{ centroids: w, valueMeans: w, keyAxes: new Int8Array(64), axisScales: new Float32Array(8), keyVars: new Uint8Array(64), varScales: new Float32Array(8), counts: Int32Array.of(1), tokenCluster: Int32Array.of(0), keys: w, values: w }],
       }),
     ).toThrow();
   });
 
   it('made off the event loop: rejects without a device, and for bad arguments before any copy', async () => {
     const w = new Uint16Array(16);
-    const head = { centroids: w, valueMeans: w, keyAxes: w, keyVars: w, counts: Int32Array.of(1), tokenCluster: Int32Array.of(0), keys: w, values: w };
+    const head = { centroids: w, valueMeans: w, keyAxes: new Int8Array(64), axisScales: new Float32Array(8), keyVars: new Uint8Array(64), varScales: new Float32Array(8), counts: Int32Array.of(1), tokenCluster: Int32Array.of(0), keys: w, values: w };
     await expect(WaveGpuStore.open({ kvHeads: 1, headDim: 8, dtype: 'f16', tokens: 1, heads: [{ ...head, tokenCluster: Int32Array.of(1) }] })).rejects.toThrow(/tokenCluster/);
     if (!info.ok) await expect(WaveGpuStore.open({ kvHeads: 1, headDim: 8, dtype: 'f16', tokens: 1, heads: [head] })).rejects.toThrow();
   });
@@ -63,8 +63,8 @@ async function layer(rng: Rng, kvHeads: number, tokens: number, d: number) {
   }));
   return {
     kvHeads, headDim: d, dtype: 'f16' as const, tokens,
-    heads: heads.map((h) => ({ centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, keyVars: h.arrays.keyVars,
-      varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values })),
+    heads: heads.map((h) => ({ centroids: h.arrays.centroids, valueMeans: h.arrays.valueMeans, keyAxes: h.arrays.keyAxes, axisScales: h.arrays.axisScales,
+      keyVars: h.arrays.keyVars, varScales: h.arrays.varScales, varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values })),
   };
 }
 
@@ -198,10 +198,12 @@ describe.skipIf(!info.ok)('wave step on the GPU', () => {
 
   it('refuses a token cluster out of range, counts that are not the histogram, and short key moments', () => {
     const d = 8, w = new Uint16Array(4 * (d + 8) * 2);
-    const head = { centroids: w, valueMeans: w, keyAxes: w, keyVars: w, counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 1, 1, 2), keys: w, values: w };
+    const head = { centroids: w, valueMeans: w, keyAxes: new Int8Array(64), axisScales: new Float32Array(8), keyVars: new Uint8Array(64), varScales: new Float32Array(8), counts: Int32Array.of(2, 2), tokenCluster: Int32Array.of(0, 1, 1, 2), keys: w, values: w };
     expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [head] })).toThrow(/tokenCluster/);
     expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [{ ...head, tokenCluster: Int32Array.of(0, 1, 1, 1) }] })).toThrow(/counts/);
     const ok = { ...head, tokenCluster: Int32Array.of(0, 0, 1, 1) };
-    expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [{ ...ok, keyVars: new Uint16Array(2 * d - 1) }] })).toThrow(/keyVars/);
+    expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [{ ...ok, keyVars: new Uint8Array(2 * d - 1) }] })).toThrow(/keyVars/);
+    expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [{ ...ok, axisScales: new Float32Array(1) }] })).toThrow(/axisScales/);
+    expect(() => WaveGpuStore.create({ kvHeads: 1, headDim: d, dtype: 'f16', tokens: 4, heads: [{ ...ok, keyAxes: new Uint16Array(2 * d) as unknown as Int8Array }] })).toThrow(/Int8Array/);
   });
 });
