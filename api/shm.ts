@@ -141,6 +141,11 @@ export class SharedFrame {
     return { out: { dtype: r.outDtype, shape: [qHeads, headDim], at: into }, lse: { dtype: 'f32', shape: [qHeads], at: lseAt } };
   }
 
+  /** The segment's bytes (refused without a segment). */
+  bytes(): Uint8Array {
+    return this.segment().bytes;
+  }
+
   private segment(): ShmSegment {
     if (!this.seg) throw invalid(NO_SEGMENT);
     return this.seg;

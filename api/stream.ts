@@ -1,6 +1,8 @@
 // GET /v1/stream: a WebSocket per client connection for decode steps. Each
 // binary frame is msgpack: one attend `{id, session, layer, q, k?, v?,
-// scale?, position?, return?}`, one batch `{id, layer, steps: [...]}`, or
+// scale?, position?, return?}`, one batch `{id, layer, steps: [...]}` (or
+// stacked, its tensors whole arrays in the segment: `{id, layer, sessions,
+// q, k?, v?, positions?, into}`, api/stacked.ts), or
 // one document upload `{id, document, layer, start, k, v, q?, queryStride?}`
 // (the body of POST /v1/documents/:doc/kv, answered as it is: `{id, layer,
 // tokens, stats}`; a preload sends its uploads one behind another here, and
@@ -29,6 +31,7 @@ import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame, STEP_TENSORS } from './batch-pack.js';
 import { SharedFrame, ShmSegment } from './shm.js';
+import { attendStacked } from './stacked.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
@@ -221,6 +224,8 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
       // The frame's tensors are views of its message, released only once this answer is sent.
       return { id, ...(await documents.appendKv(body.document, body, { bytes: data.byteLength, readMs, decodeMs: performance.now() - t0 })) };
     }
+    // A stacked batch (its tensors whole arrays in the segment): api/stacked.ts.
+    if (body.sessions !== undefined) return await attendStacked(sessions, body, id, metrics, shared);
     if (body.steps !== undefined) {
       // Each step's answer is written into the frame (and observed) as the step finishes, while it is fresh in cache.
       const { frame, results, ms, refs } = await attendBatchFramed(sessions, body, id, metrics, shared);

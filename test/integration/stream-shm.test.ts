@@ -182,6 +182,65 @@ describe('shared-memory tensors on the stream', () => {
     }
   });
 
+  it('a stacked batch (api/stacked.ts) answers as the batch form bit for bit; a bad step is named, the others answered; bad arrays fail the frame and change nothing', async () => {
+    const N = 4, BAD = 1;
+    const seg = new Segment(1 << 17);
+    const s = await RawStream.open(port());
+    try {
+      await s.call({ shm: { name: seg.name, bytes: seg.bytes } });
+      const viaSteps = await Promise.all(Array.from({ length: N }, () => session()));
+      const viaStacked = await Promise.all(Array.from({ length: N }, () => session()));
+      const { qHeads: H, kvHeads: KVH, headDim: D } = model;
+      const steps = Array.from({ length: N }, () => ({ q: qT(randomQ(rng, H, D)), ...asStep(randomKv(rng, 'f16', KVH, 1, D)) }));
+      const join = (name: 'q' | 'k' | 'v') => Buffer.concat(steps.map((st) => Buffer.from(st[name].data)));
+      const qAt = 0, kAt = N * H * D * 4, vAt = kAt + N * KVH * D * 2, posAt = vAt + N * KVH * D * 2, into = 32_768;
+      const q = seg.put(tensor('f32', [N, H, D], join('q')), qAt);
+      const k = seg.put(tensor('f16', [N, KVH, D], join('k')), kAt);
+      const v = seg.put(tensor('f16', [N, KVH, D], join('v')), vAt);
+      // The bad step skips a position (409): it alone fails.
+      const positions = seg.put(tensor('i32', [N], new Uint8Array(Int32Array.from({ length: N }, (_, i) => (i === BAD ? 1 : 0)).buffer)), posAt);
+      const plain = await s.call({ layer: 1, steps: steps.map((st, i) => ({ session: viaSteps[i], ...st, position: i === BAD ? 1 : 0 })) });
+      const stacked = await s.call({ layer: 1, sessions: viaStacked, q, k, v, positions, into });
+      const pr = plain.results as Record<string, unknown>[];
+      expect(err(pr[BAD]).code).toBe('conflict');
+      expect(stacked.errors).toEqual([[BAD, 'conflict', err(pr[BAD]).message.replace(viaSteps[BAD], viaStacked[BAD])]]);
+      const lseAt = into + N * H * D * 4;
+      expect(stacked.out).toEqual({ dtype: 'f32', shape: [N, H, D], at: into });
+      expect(stacked.lse).toEqual({ dtype: 'f32', shape: [N, H], at: lseAt });
+      expect(typeof (stacked.stats as { ms: number }).ms).toBe('number');
+      for (let i = 0; i < N; i++) {
+        if (i === BAD) {
+          // Its rows were not written.
+          expect(seg.read(into + i * H * D * 4, H * D * 4).every((x) => x === 0)).toBe(true);
+          continue;
+        }
+        expect(seg.read(into + i * H * D * 4, H * D * 4).equals(dataOf(pr[i].out))).toBe(true);
+        expect(seg.read(lseAt + i * H * 4, H * 4).equals(dataOf(pr[i].lse))).toBe(true);
+      }
+      expect(await ownTokens(viaStacked[0])).toEqual([0, 1]);
+      expect(await ownTokens(viaStacked[BAD])).toEqual([0, 0]);
+      // Arrays that cannot be the batch fail the frame whole and append nothing.
+      const bad: Record<string, unknown>[] = [
+        { q: { ...q, shape: [N - 1, H, D] } },
+        { q: { ...q, shape: [N * H, D] } },
+        { q, k },
+        { q, positions },
+        { q, k, v, positions: { ...positions, dtype: 'f32' } },
+        { q, k, v, positions, into: seg.bytes - 64 },
+        { q, k, v, positions, outDtype: 'f64' },
+        { q, k, v, positions, steps: [] },
+      ];
+      for (const b of bad) {
+        const a = await s.call({ layer: 1, sessions: viaStacked, into, ...b });
+        expect(err(a).code, JSON.stringify(Object.keys(b))).toBe('invalid');
+      }
+      expect(err(await s.call({ layer: 1, sessions: [], q, into })).code).toBe('invalid');
+      expect(await ownTokens(viaStacked[0])).toEqual([0, 1]);
+    } finally {
+      s.close();
+    }
+  });
+
   it('a document uploaded by `at` holds what the byte form stores', async () => {
     const n = 97;
     const seg = new Segment(1 << 18);
@@ -343,21 +402,56 @@ describe('shared-memory tensors on the stream', () => {
         ...(rng.next() < 0.5 && { into: pick([0, 4, 2, 60_000, 65_536, -4, 'x', 1e300]) }),
         ...(rng.next() < 0.3 && { outDtype: pick(['f16', 'f32', 'bf16', 7]) }),
       });
+      // A stacked batch (api/stacked.ts): a well-formed frame of n rows, often with one field replaced by a random one.
+      const stacked = () => {
+        const n = 1 + rng.int(3);
+        const rows = (dtype: string, heads: number, at: number) => ({ dtype, shape: [n, heads, model.headDim], at });
+        const good: Record<string, unknown> = {
+          layer: rng.int(2),
+          sessions: Array.from({ length: n }, () => pick(sessions)),
+          q: rows('f32', model.qHeads, 0),
+          ...(rng.next() < 0.4 && { k: rows('f16', model.kvHeads, 4096), v: rows('f16', model.kvHeads, 6144), positions: { dtype: 'i32', shape: [n], at: 8192 } }),
+          into: 32_768,
+          ...(rng.next() < 0.3 && { outDtype: pick(['f16', 'f32', 'bf16']) }),
+        };
+        if (rng.next() < 0.6) {
+          const bad: Record<string, () => unknown> = {
+            layer: () => pick([5, -1, 'x', 0.5]),
+            sessions: () => pick([[...(good.sessions as string[]), 'nope'], ['nope'], [], 'x', [1], (good.sessions as string[]).slice(1)]),
+            q: ref,
+            k: ref,
+            v: ref,
+            positions: () => ({ dtype: pick(['i32', 'f32', 'x']), shape: pick([[n], [n + 1], [n, 1]]), at: pick([0, 8192, 60_000, -4, 2]) }),
+            into: () => pick([0, 4, 2, 60_000, 65_536, -4, 'x', 1e300]),
+            outDtype: () => pick(['f64', 7, null]),
+          };
+          const key = pick(Object.keys(bad));
+          good[key] = bad[key]();
+        }
+        return good;
+      };
       const codes = new Set<string>();
+      let stackedAnswered = 0;
       for (let i = 0; i < 300; i++) {
         const r = rng.next();
         const body =
-          r < 0.45
+          r < 0.4
             ? { layer: rng.int(3), ...step() }
-            : r < 0.8
+            : r < 0.65
               ? { layer: rng.int(3), steps: Array.from({ length: 1 + rng.int(4) }, step) }
-              : r < 0.9
-                ? { document: 'doc', layer: 0, start: rng.int(400), k: ref(), v: ref() }
-                : { shm: pick([{ name: seg.name, bytes: pick([64, 6, 1 << 16, 1 << 20]) }, { name: '..', bytes: 64 }, 7, null]) };
+              : r < 0.85
+                ? stacked()
+                : r < 0.93
+                  ? { document: 'doc', layer: 0, start: rng.int(400), k: ref(), v: ref() }
+                  : { shm: pick([{ name: seg.name, bytes: pick([64, 6, 1 << 16, 1 << 20]) }, { name: '..', bytes: 64 }, 7, null]) };
         const a = await s.call(body);
         const results = (a.results as Record<string, unknown>[] | undefined) ?? [a];
         for (const x of results) codes.add(err(x).code);
+        for (const [, code] of (a.errors as [number, string, string][] | undefined) ?? []) codes.add(code);
+        if (a.out !== undefined && (body as { sessions?: unknown }).sessions !== undefined) stackedAnswered++;
       }
+      // Stacked frames got past their checks too (else the fuzz only met refusals).
+      expect(stackedAnswered).toBeGreaterThan(0);
       for (const c of codes) expect(c === 'ok' || DOCUMENTED.has(c), c).toBe(true);
     } finally {
       s.close();

@@ -16,6 +16,7 @@ from .client import (
     tensor,
     to_bf16_bits,
 )
+from .stacked import Stacked
 from .stream import Stream
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "decode_tensor",
     "from_bf16_bits",
     "model_shape",
+    "Stacked",
     "Stream",
     "tensor",
     "to_bf16_bits",

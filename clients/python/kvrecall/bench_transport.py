@@ -33,6 +33,11 @@ Rows (interleaved call by call, so drift hits all alike):
   with shm_attend): q, k, v and the answers go through the segment, the
   frames carry no tensor bytes; (shm views): out and lse left in the
   segment as views (shm_views), not copied out.
+  (shm stacked): the same batch as one `Stream.attend_stacked` of whole
+  arrays (kvrecall.stacked: q [32, qHeads, d], k, v [32, kvHeads, d],
+  32 positions; out and lse views of the segment); (shm stacked, into):
+  copied into the caller's out and lse arrays. Its inputs are filled
+  before the call (untimed), as an LLM server has its batch's q stacked.
   Left out when the server refuses the segment (not on this host, or
   --shm-dir off) or --shm 0.
 
@@ -137,6 +142,7 @@ def run(
     if shared is not None and shared.shm is not None:
         shared.shm_attend = True
         names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)", "stream batch(32) (shm views)"]
+        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked, into)"]
     bare = ("health", "stream ping")
     sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith(bare) and "(32)" not in name}
     batches = {name: [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)] for name in names if "(32)" in name}
@@ -151,8 +157,26 @@ def run(
     def step(i: int) -> Dict[str, Any]:
         return {"q": qs[i], "k": ks[i], "v": vs[i], "position": i}
 
+    # A stacked row's inputs (32 rows), filled before its call; the caller's arrays for "into".
+    st_q = {np.float32: np.empty((32, q_heads, head_dim), np.float32), np.float16: np.empty((32, q_heads, head_dim), np.float16)}
+    st_k, st_v = np.empty((32, kv_heads, head_dim), np.float16), np.empty((32, kv_heads, head_dim), np.float16)
+    st_pos = np.empty(32, np.int32)
+    st_out, st_lse = np.empty((32, q_heads, head_dim), np.float32), np.empty((32, q_heads), np.float32)
+
+    def prep(name: str, i: int) -> None:
+        if "stacked" in name:
+            st_q[np.float16 if "f16" in name else np.float32][:] = q16s[i] if "f16" in name else qs[i]
+            st_k[:], st_v[:], st_pos[:] = ks[i], vs[i], i
+
     def one(name: str, i: int) -> float:
         """The call's server ms (0 for health)."""
+        if "stacked" in name:
+            half = "f16" in name
+            into = name.endswith("into)")
+            r = shared.attend_stacked(0, batches[name], st_q[np.float16 if half else np.float32], st_k, st_v, st_pos, "f16" if half else None, st_out if into else None, st_lse if into else None)
+            if r.errors:
+                raise RuntimeError(f"{name}: {r.errors}")
+            return r.ms
         if name.startswith("health"):
             health()
             return 0.0
@@ -202,6 +226,7 @@ def run(
                 if name.endswith("after a wait"):
                     # As long as the last HTTP attend's server step (untimed): the client idle as it is during an attend.
                     time.sleep(last_ms / 1e3)
+                prep(name, i)
                 c0 = time.thread_time_ns()
                 t0 = time.perf_counter_ns()
                 ms = one(name, i)

@@ -5,6 +5,7 @@ id, in order. Made by `Client.open_stream()`:
     with kv.open_stream() as s:
         r = s.attend(sid, layer, q, k=k_new, v=v_new, position=n)   # AttendResult
         rs = s.attend_batch(layer, [{"session": a, "q": qa}, {"session": b, "q": qb}])
+        out, lse = s.attend_stacked(layer, [a, b], q, k, v, positions)   # q [2, qHeads, d]: kvrecall.stacked
         s.upload_document_kv(doc, layer, start, k, v)           # as Client.upload_document_kv
         s.upload_document(doc, chunks, window=2)                # several uploads in flight (a preload)
 
@@ -44,6 +45,7 @@ from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_
 from .lean import Layout, Plan, plan_key
 from . import shm as _shm
 from . import shm_plan as _shm_plan
+from . import stacked as _stacked
 from .tensors import pack_parts
 from .wire import attend_fields, attend_parts, batch_parts
 from .websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError
@@ -71,6 +73,7 @@ class Stream:
         self.shm_refused: Optional[str] = None
         self._shm_plans: Dict[Tuple[Any, ...], _shm_plan.BatchPlan] = {}
         self._shm_attend_plans: Dict[Tuple[Any, ...], _shm_plan.AttendPlan] = {}
+        self._stacked_plans: Dict[Tuple[Any, ...], _stacked.StackedPlan] = {}
         # A single attend through the segment too (else the lean byte form, which costs less on the 2-core VM);
         # a planned batch's out and lse as views of the segment, valid until the stream's next request.
         self.shm_attend = False
@@ -162,6 +165,60 @@ class Stream:
             return _shm.batch_results(seg, frame)  # type: ignore[arg-type]
         return batch_results(frame["results"], frame.get("stats"))
 
+    def attend_stacked(
+        self,
+        layer: int,
+        sessions: Sequence[str],
+        q: Any,
+        k: Any = None,
+        v: Any = None,
+        positions: Any = None,
+        out_dtype: Optional[str] = None,
+        out: Any = None,
+        lse: Any = None,
+    ) -> "_stacked.Stacked":
+        """One layer's step of a running batch as whole arrays (kvrecall.stacked):
+        q [n, qHeads, d], k and v [n, kvHeads, d] (or None), positions n
+        integers (or None), one session per row. Returns a Stacked: out [n,
+        qHeads, d] and lse [n, qHeads] (views of the segment, valid until the
+        stream's next request, unless `out` and `lse` are given: copied into
+        those), `errors` the failed steps' (index, code, message) (their
+        rows NaN), `ms` the server's. Bad arrays raise ValueError/TypeError
+        before anything is sent; a batch that fails whole, KvrecallError."""
+        key, pos = _stacked.stacked_key(layer, sessions, q, k, v, positions, out_dtype, out, lse)
+        seg = self.shm
+        if seg is None:
+            return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse)
+        with self._lock:
+            plan = self._stacked_plans.get(key)
+            if plan is None:
+                if len(self._stacked_plans) >= _PLANS:
+                    self._stacked_plans.clear()
+                plan = self._stacked_plans[key] = _stacked.StackedPlan(seg, *key)
+            if not plan.fits:
+                plan = None
+            else:
+                plan.write(q, k, v, pos)
+                id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
+                self._next_id = id_ + 1
+                _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+                ws = self.ws
+
+                def exchange() -> Any:
+                    ws.send_binary_parts([plan.frame])
+                    while True:
+                        data = ws.recv_view()
+                        if isinstance(data, str):
+                            raise WebSocketError("a text frame on the stream")
+                        got = plan.read(data, id_)
+                        if got is not None:
+                            return got
+
+                got = self._io(exchange)
+        if plan is None:  # does not fit the segment: as steps, in bytes
+            return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse)
+        return _stacked.answer(plan, got, out, lse)
+
     def _attend_planned(self, seg: "_shm.Segment", session: str, layer: int, q: Any, k: Any, v: Any, position: Any, out_dtype: Any) -> Optional[AttendResult]:
         """attend's common form through the segment (kvrecall.shm_plan), or None."""
         key = _shm_plan.attend_key(session, layer, q, k, v, position, out_dtype)
@@ -230,6 +287,7 @@ class Stream:
         old, self.shm, self.shm_refused = self.shm, seg, None
         self._shm_plans.clear()  # laid out for the old segment's size
         self._shm_attend_plans.clear()
+        self._stacked_plans.clear()
         if old is not None:
             old.close()
         return True

@@ -122,3 +122,51 @@ class Target:
     def stop(self) -> None:
         if self.server:
             self.server.stop()
+
+
+class ServedCase(unittest.TestCase):
+    """A test class against Target's server: `served()` (from setUpClass)
+    makes `server`, a Client `kv` and a seeded `rng` (KVRECALL_TEST_SEED,
+    else `seed`); `document()` pushes a random one; `session()` opens one
+    over `doc`. Sessions and documents made so go in tearDownClass."""
+
+    @classmethod
+    def served(cls, seed: int) -> None:
+        import numpy as np
+        from kvrecall import Client
+
+        cls.server = Target()
+        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
+        cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", str(seed))))
+        cls.sessions, cls.docs = [], []
+
+    @classmethod
+    def document(cls, prefix: str, model, kv_heads: int, tokens: int, head_dim: int, layers: int, **push) -> str:
+        """A document of random f16 K/V (kv_heads x tokens x head_dim a layer), pushed with `push` (e.g. methods)."""
+        import uuid
+
+        import numpy as np
+
+        doc = prefix + uuid.uuid4().hex[:8]
+        k = [cls.rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16) for _ in range(layers)]
+        v = [cls.rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16) for _ in range(layers)]
+        cls.kv.push_document(doc, model, k, v, **push)
+        cls.docs.append(doc)
+        return doc
+
+    @classmethod
+    def tearDownClass(cls):
+        from kvrecall import KvrecallError
+
+        for sid in cls.sessions:
+            try:
+                cls.kv.delete_session(sid)
+            except (KvrecallError, OSError):
+                pass
+        for doc in cls.docs:
+            try:
+                cls.kv.delete_document(doc)
+            except (KvrecallError, OSError):
+                pass
+        cls.kv.close()
+        cls.server.stop()

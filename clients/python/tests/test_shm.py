@@ -34,32 +34,11 @@ def bits(r):
 
 @unittest.skipUnless(os.path.isdir("/dev/shm"), "no /dev/shm")
 @serve.needs_server
-class SharedMemory(unittest.TestCase):
+class SharedMemory(serve.ServedCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = serve.Target()
-        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
-        cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", "11")))
-        cls.doc = "py-shm-" + uuid.uuid4().hex[:8]
-        k = [cls.rng.standard_normal((KV, DOC, D)).astype(np.float16) for _ in range(LAYERS)]
-        v = [cls.rng.standard_normal((KV, DOC, D)).astype(np.float16) for _ in range(LAYERS)]
-        cls.kv.push_document(cls.doc, MODEL, k, v)
-        cls.sessions, cls.docs = [], []
-
-    @classmethod
-    def tearDownClass(cls):
-        for sid in cls.sessions:
-            try:
-                cls.kv.delete_session(sid)
-            except (KvrecallError, OSError):
-                pass
-        for doc in [cls.doc, *cls.docs]:
-            try:
-                cls.kv.delete_document(doc)
-            except (KvrecallError, OSError):
-                pass
-        cls.kv.close()
-        cls.server.stop()
+        cls.served(11)
+        cls.doc = cls.document("py-shm-", MODEL, KV, DOC, D, LAYERS)
 
     def session(self):
         sid = self.kv.create_session(MODEL, documents=[self.doc])["id"]
@@ -138,7 +117,7 @@ class SharedMemory(unittest.TestCase):
 
     def test_upload_matches_the_byte_form(self):
         docs = ["py-shm-up-" + uuid.uuid4().hex[:8] for _ in range(2)]
-        self.docs += docs
+        self.docs.extend(docs)
         chunks = [(layer, start, self.rng.standard_normal((KV, 50, D)).astype(np.float16), self.rng.standard_normal((KV, 50, D)).astype(np.float16), None) for layer in range(LAYERS) for start in (0, 50, 100)]
         for doc in docs:
             self.kv.create_document(doc, MODEL)

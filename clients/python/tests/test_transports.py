@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import unittest
-import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,16 +39,11 @@ def bits(r):
 
 
 @serve.needs_server
-class Transports(unittest.TestCase):
+class Transports(serve.ServedCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = serve.Target()
-        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
-        cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", "7")))
-        cls.doc = "py-transports-" + uuid.uuid4().hex[:8]
-        k = [cls.rng.standard_normal((KV, DOC, D)).astype(np.float16) for _ in range(LAYERS)]
-        v = [cls.rng.standard_normal((KV, DOC, D)).astype(np.float16) for _ in range(LAYERS)]
-        cls.kv.push_document(cls.doc, MODEL, k, v, methods=["topk-blocks"])
+        cls.served(7)
+        cls.doc = cls.document("py-transports-", MODEL, KV, DOC, D, LAYERS, methods=["topk-blocks"])
         cls.steps = [
             (
                 (cls.rng.standard_normal((Q, D)) * 1.5).astype(np.float32),
@@ -58,21 +52,6 @@ class Transports(unittest.TestCase):
             )
             for _ in range(4)
         ]
-        cls.sessions = []
-
-    @classmethod
-    def tearDownClass(cls):
-        for sid in cls.sessions:
-            try:
-                cls.kv.delete_session(sid)
-            except (KvrecallError, OSError):
-                pass
-        try:
-            cls.kv.delete_document(cls.doc)
-        except (KvrecallError, OSError):
-            pass
-        cls.kv.close()
-        cls.server.stop()
 
     def session(self, method="exact"):
         opts = {"budget": 128} if method != "exact" else {}
