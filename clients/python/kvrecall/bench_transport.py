@@ -35,7 +35,7 @@ Rows (interleaved call by call, so drift hits all alike):
   segment as views (shm_views), not copied out.
   (shm stacked): the same batch as one `Stream.attend_stacked` of whole
   arrays (kvrecall.stacked: q [32, qHeads, d], k, v [32, kvHeads, d],
-  32 positions; out and lse views of the segment); (shm stacked, into):
+  32 positions; out and lse views of the segment); (shm stacked into):
   copied into the caller's out and lse arrays. Its inputs are filled
   before the call (untimed), as an LLM server has its batch's q stacked.
   Left out when the server refuses the segment (not on this host, or
@@ -121,6 +121,7 @@ def run(
     seed: int = 1,
     log: Callable[[str], None] = print,
     shm: int = 64 << 20,
+    only: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
     kv = Client(url, token=token, timeout=120)
     model = model_shape(1, q_heads, kv_heads, head_dim, dtype="f16")
@@ -142,7 +143,12 @@ def run(
     if shared is not None and shared.shm is not None:
         shared.shm_attend = True
         names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)", "stream batch(32) (shm views)"]
-        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked, into)"]
+        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked into)"]
+    if only:
+        missing = set(only) - set(names)
+        if missing:
+            raise SystemExit(f"--rows: no such row {sorted(missing)} (rows: {names})")
+        names = [name for name in names if name in only]
     bare = ("health", "stream ping")
     sessions = {name: kv.create_session(model, documents=[doc], method=method)["id"] for name in names if not name.startswith(bare) and "(32)" not in name}
     batches = {name: [kv.create_session(model, documents=[doc], method=method)["id"] for _ in range(32)] for name in names if "(32)" in name}
@@ -258,14 +264,15 @@ def run(
     for name in p50:
         if "(32)" in name:
             one = "stream attend" + (" f16" if "f16" in name else "")
-            if "(shm" in name:
+            if "(shm" in name and one + " (shm)" in p50:
                 ratios[f"{name} / {one} (shm)"] = p50[name] / p50[one + " (shm)"]
-            ratios[f"{name} / {one}"] = p50[name] / p50[one]
+            if one in p50:
+                ratios[f"{name} / {one}"] = p50[name] / p50[one]
     return {
         "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall); client_cpu_us: the calling thread's CPU time over the call; ratios: overhead p50 over overhead p50",
         "ratios": ratios,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {"shm": shm, "tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
+        "config": {"rows": only or "all", "shm": shm, "tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "server": {k: info.get(k) for k in ("version", "backend", "threads")}},
         "rows": rows,
     }
@@ -296,10 +303,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--method", default="exact")
     p.add_argument("--shm", type=int, default=64 << 20, help="bytes of the shm rows' segment (0: no shm rows)")
+    p.add_argument("--rows", help="only these rows, comma-separated (e.g. 'stream attend,stream batch(32) (shm),stream batch(32) (shm stacked)'); default all")
     p.add_argument("--out", help="write the JSON here")
     args = p.parse_args(argv)
     with server(p, args) as (url, _):
-        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr), shm=args.shm)
+        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr), shm=args.shm, only=args.rows.split(",") if args.rows else None)
     print(table(result))
     write_json(args.out, result)
 

@@ -38,7 +38,7 @@ import numpy as np
 from .client import AttendResult, BatchResults
 from .errors import KvrecallError
 from .tensors import decode_tensor, tensor
-from .wire import check_kv, optional_fields, q_wire_dtype
+from .wire import attend_fields, batch_step
 
 __all__ = ["Segment", "SHM_DIR"]
 
@@ -127,39 +127,26 @@ def _wire(x: Any, dt: Optional[str]) -> Dict[str, Any]:
     return tensor(x, dt, view=True)
 
 
-def step_fields(
-    seg: Segment,
-    at: int,
-    q: Any,
-    k: Any = None,
-    v: Any = None,
-    scale: Optional[float] = None,
-    position: Optional[int] = None,
-    returns: Optional[Sequence[str]] = None,
-    dtype: Optional[str] = None,
-    q_dtype: Optional[str] = None,
-    out_dtype: Optional[str] = None,
-) -> Tuple[Dict[str, Any], int, int]:
-    """An attend's fields with q, k, v written into the segment from `at`
-    (_NoRoom when they do not fit); the offset after them, and the answer
-    span's bytes."""
-    check_kv(k, v, position)
+def step_fields(seg: Segment, at: int, fields: Tuple[Any, ...]) -> Tuple[Dict[str, Any], int, int]:
+    """An attend's fields (kvrecall.wire.attend_fields': checked) with q, k,
+    v written into the segment from `at` (_NoRoom when they do not fit); the
+    offset after them, and the answer span's bytes."""
+    q, q_dtype, k, v, dtype, extra = fields
     body: Dict[str, Any] = {}
-    names = [("q", q, q_wire_dtype(q, q_dtype))] + ([("k", k, dtype), ("v", v, dtype)] if k is not None else [])
-    for name, x, dt in names:
+    for name, x, dt in [("q", q, q_dtype)] + ([("k", k, dtype), ("v", v, dtype)] if k is not None else []):
         t = _wire(x, dt)
         if at + t["data"].nbytes > seg.nbytes:
             raise _NoRoom()
         body[name], at = seg.put(t, at)
-    body.update(optional_fields(scale, position, returns, out_dtype))
-    return body, at, _answer_bytes(body["q"]["shape"], out_dtype)
+    body.update(extra)
+    return body, at, _answer_bytes(body["q"]["shape"], body.get("outDtype"))
 
 
 def attend_body(seg: Segment, session: str, layer: int, kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """A stream attend {session, layer, q, k?, v?, ..., into} by the segment,
     or None where it does not fit (sent as bytes then)."""
     try:
-        fields, at, span = step_fields(seg, 0, **kwargs)
+        fields, at, span = step_fields(seg, 0, attend_fields(**kwargs))
     except _NoRoom:
         return None
     if at + span > seg.nbytes:
@@ -192,13 +179,8 @@ def batch_body(seg: Segment, layer: int, steps: Sequence[Dict[str, Any]]) -> Opt
     at, bodies, spans = 0, [], []
     try:
         for step in steps:
-            if not isinstance(step, dict) or "session" not in step:
-                raise TypeError("a batch step is a dict with a session id and q")
-            fields = dict(step)
-            session = str(fields.pop("session"))
-            if "return" in fields:
-                fields["returns"] = fields.pop("return")
-            body, at, span = step_fields(seg, at, **fields)
+            session, fields = batch_step(step)
+            body, at, span = step_fields(seg, at, fields)
             bodies.append({"session": session, **body})
             spans.append(span)
     except _NoRoom:

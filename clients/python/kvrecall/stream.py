@@ -190,18 +190,12 @@ class Stream:
         if seg is None:
             return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse)
         with self._lock:
-            plan = self._stacked_plans.get(key)
-            if plan is None:
-                if len(self._stacked_plans) >= _PLANS:
-                    self._stacked_plans.clear()
-                plan = self._stacked_plans[key] = _stacked.StackedPlan(seg, *key)
+            plan = _planned(self._stacked_plans, key, lambda: _stacked.StackedPlan(seg, *key))
             if not plan.fits:
                 plan = None
             else:
                 plan.write(q, k, v, pos)
-                id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
-                self._next_id = id_ + 1
-                _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+                id_ = self._plan_id(plan)
                 ws = self.ws
 
                 def exchange() -> Any:
@@ -225,17 +219,11 @@ class Stream:
         if key is None:
             return None
         with self._lock:
-            plan = self._shm_attend_plans.get(key)
-            if plan is None:
-                if len(self._shm_attend_plans) >= _PLANS:
-                    self._shm_attend_plans.clear()
-                plan = self._shm_attend_plans[key] = _shm_plan.AttendPlan(seg, *key)
+            plan = _planned(self._shm_attend_plans, key, lambda: _shm_plan.AttendPlan(seg, *key))
             if not plan.fits:
                 return None
             plan.write(seg, q, k, v, position)
-            id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
-            self._next_id = id_ + 1
-            _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+            id_ = self._plan_id(plan)
             frame = self._io(lambda: self._exchange(id_, [plan.frame]))
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
@@ -248,20 +236,21 @@ class Stream:
             return None
         key, positions = got
         with self._lock:
-            plan = self._shm_plans.get(key)
-            if plan is None:
-                if len(self._shm_plans) >= _PLANS:
-                    self._shm_plans.clear()
-                plan = self._shm_plans[key] = _shm_plan.BatchPlan(seg, *key)
+            plan = _planned(self._shm_plans, key, lambda: _shm_plan.BatchPlan(seg, *key))
             if not plan.fits or not plan.write(seg, steps, positions):
                 return None
-            id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
-            self._next_id = id_ + 1
-            _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+            id_ = self._plan_id(plan)
             frame = self._io(lambda: self._exchange(id_, [plan.frame]))
         if "error" in frame:
             raise KvrecallError.from_wire(frame["error"])
         return plan.results(seg, frame, self.shm_views) or _shm.batch_results(seg, frame)
+
+    def _plan_id(self, plan: Any) -> int:
+        """The next id, written into a segment plan's frame (a uint32 there)."""
+        id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1
+        self._next_id = id_ + 1
+        _shm_plan.U32.pack_into(plan.frame, plan.id_at, id_)
+        return id_
 
     def attach_shm(self, nbytes: int, directory: str = _shm.SHM_DIR) -> bool:
         """Makes a segment of `nbytes` in `directory` (the server's
@@ -395,11 +384,7 @@ class Stream:
         """Stream.attend's common case (kvrecall.lean): the same request but
         for the widths of id and position, the same answer."""
         with self._lock:
-            plan = self._plans.get(key)
-            if plan is None:
-                if len(self._plans) >= _PLANS:  # a caller cycling through many sessions: start over
-                    self._plans.clear()
-                plan = self._plans[key] = Plan(self._packer, session, layer, q, k, v, scale, position, out_dtype)
+            plan = _planned(self._plans, key, lambda: Plan(self._packer, session, layer, q, k, v, scale, position, out_dtype))
             id_ = self._next_id if self._next_id <= 0xFFFFFFFF else 1  # the plan's uint32
             self._next_id = id_ + 1
             ws = self.ws
@@ -473,6 +458,16 @@ class Stream:
             if isinstance(frame, dict) and "id" not in frame and "error" in frame:
                 return frame
             # Another request's answer: not ours.
+
+
+def _planned(plans: Dict[Tuple[Any, ...], Any], key: Tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """The plan of `key` in `plans`, made now if new (a caller cycling through many forms: start over)."""
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _PLANS:
+            plans.clear()
+        plan = plans[key] = make()
+    return plan
 
 
 def _refusal(e: HandshakeError) -> "tuple[str, str]":

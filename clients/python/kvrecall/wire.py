@@ -124,11 +124,10 @@ def attend_fields(
     out_dtype: Optional[str] = None,
 ) -> Tuple[Any, Optional[str], Any, Any, Optional[str], List[Tuple[bytes, Any]]]:
     """An attend's arguments (Client.attend's, a batch step's) checked, as
-    (q, q's wire dtype, k, v, their dtype, the other fields as (packed key,
-    value) pairs)."""
+    (q, q's wire dtype, k, v, their dtype, the other fields as (wire name,
+    value) pairs: optional_fields')."""
     check_kv(k, v, position)
-    extra = [(_KEYS[name], value) for name, value in optional_fields(scale, position, returns, out_dtype)]
-    return q, q_wire_dtype(q, q_dtype), k, v, dtype, extra
+    return q, q_wire_dtype(q, q_dtype), k, v, dtype, optional_fields(scale, position, returns, out_dtype)
 
 
 def _step(packer: msgpack.Packer, head: bytes, entries: int, session: Optional[str], fields: Tuple[Any, ...], at: int) -> Tuple[List[Any], int]:
@@ -151,7 +150,7 @@ def _step(packer: msgpack.Packer, head: bytes, entries: int, session: Optional[s
         at += span
         parts += [kh, kd, vh, vd]
     if extra:
-        rest = b"".join(key + pack(value) for key, value in extra)
+        rest = b"".join(_KEYS[key] + pack(value) for key, value in extra)
         parts.append(rest)
         at += len(rest)
     return parts, at
@@ -184,12 +183,19 @@ def batch_parts(packer: msgpack.Packer, id_: Optional[int], layer: int, steps: S
     parts: List[Any] = [named + b"\xa5layer" + packer.pack(layer) + b"\xa5steps" + count]
     at = len(parts[0])
     for step in steps:
-        if not isinstance(step, dict) or "session" not in step:
-            raise TypeError("a batch step is a dict with a session id and q")
-        fields = dict(step)
-        session = str(fields.pop("session"))
-        if "return" in fields:
-            fields["returns"] = fields.pop("return")
-        step_parts, at = _step(packer, b"", 0, session, attend_fields(**fields), at)
+        session, fields = batch_step(step)
+        step_parts, at = _step(packer, b"", 0, session, fields, at)
         parts += step_parts
     return parts
+
+
+def batch_step(step: Any) -> Tuple[str, Tuple[Any, ...]]:
+    """A batch step (a dict of attend's arguments with its session; `return`
+    or `returns`): its session and attend_fields'."""
+    if not isinstance(step, dict) or "session" not in step:
+        raise TypeError("a batch step is a dict with a session id and q")
+    fields = dict(step)
+    session = str(fields.pop("session"))
+    if "return" in fields:
+        fields["returns"] = fields.pop("return")
+    return session, attend_fields(**fields)

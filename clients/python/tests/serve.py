@@ -141,15 +141,17 @@ class ServedCase(unittest.TestCase):
         cls.sessions, cls.docs = [], []
 
     @classmethod
-    def document(cls, prefix: str, model, kv_heads: int, tokens: int, head_dim: int, layers: int, **push) -> str:
-        """A document of random f16 K/V (kv_heads x tokens x head_dim a layer), pushed with `push` (e.g. methods)."""
+    def document(cls, prefix: str, model, kv_heads: int, tokens: int, head_dim: int, layers: int, array_dtype=None, **push) -> str:
+        """A document of random K/V (kv_heads x tokens x head_dim a layer; arrays
+        in `array_dtype`, default float16), pushed with `push` (e.g. methods, dtype)."""
         import uuid
 
         import numpy as np
 
         doc = prefix + uuid.uuid4().hex[:8]
-        k = [cls.rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16) for _ in range(layers)]
-        v = [cls.rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16) for _ in range(layers)]
+        dt = array_dtype or np.float16
+        k = [cls.rng.standard_normal((kv_heads, tokens, head_dim)).astype(dt) for _ in range(layers)]
+        v = [cls.rng.standard_normal((kv_heads, tokens, head_dim)).astype(dt) for _ in range(layers)]
         cls.kv.push_document(doc, model, k, v, **push)
         cls.docs.append(doc)
         return doc

@@ -12,7 +12,6 @@ checkout's (tests/serve.py), else skipped.
 import os
 import sys
 import unittest
-import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -20,45 +19,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
-from kvrecall import Client, KvrecallError, from_bf16_bits, model_shape, to_bf16_bits  # noqa: E402
+from kvrecall import KvrecallError, from_bf16_bits, model_shape, to_bf16_bits  # noqa: E402
 
 
 Q, KV, D, LAYERS, DOC = 8, 2, 32, 2, 300
 
 
 @serve.needs_server
-class HalfWire(unittest.TestCase):
+class HalfWire(serve.ServedCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = serve.Target()
-        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
-        cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", "11")))
-        cls.docs = {}
-        for dt in ("f16", "bf16"):
-            doc = f"py-half-{dt}-" + uuid.uuid4().hex[:8]
-            k = [cls.rng.standard_normal((KV, DOC, D)).astype(np.float32) for _ in range(LAYERS)]
-            v = [cls.rng.standard_normal((KV, DOC, D)).astype(np.float32) for _ in range(LAYERS)]
-            cls.kv.push_document(doc, model_shape(LAYERS, Q, KV, D, dtype=dt), k, v, dtype=dt)
-            cls.docs[dt] = doc
-        cls.sessions = []
-
-    @classmethod
-    def tearDownClass(cls):
-        for sid in cls.sessions:
-            try:
-                cls.kv.delete_session(sid)
-            except (KvrecallError, OSError):
-                pass
-        for doc in cls.docs.values():
-            try:
-                cls.kv.delete_document(doc)
-            except (KvrecallError, OSError):
-                pass
-        cls.kv.close()
-        cls.server.stop()
+        cls.served(11)
+        cls.half_docs = {dt: cls.document(f"py-half-{dt}-", model_shape(LAYERS, Q, KV, D, dtype=dt), KV, DOC, D, LAYERS, array_dtype=np.float32, dtype=dt) for dt in ("f16", "bf16")}
 
     def session(self, dt):
-        sid = self.kv.create_session(model_shape(LAYERS, Q, KV, D, dtype=dt), documents=[self.docs[dt]], method="exact")["id"]
+        sid = self.kv.create_session(model_shape(LAYERS, Q, KV, D, dtype=dt), documents=[self.half_docs[dt]], method="exact")["id"]
         self.sessions.append(sid)
         return sid
 

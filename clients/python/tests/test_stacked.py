@@ -99,6 +99,18 @@ class Stacked_(serve.ServedCase):
             got = s.attend_stacked(LAYERS + 5, good, q)
         self.assertEqual([(i, c) for i, c, _ in got.errors], [(i, "invalid") for i in range(N)])
 
+    def test_a_batch_refused_whole_raises_and_the_stream_goes_on(self):
+        (sid,) = self.open(1)
+        n = 4097  # one more step than a batch may carry (engine/sessions.ts MAX_BATCH): the server refuses the frame
+        q = np.zeros((n, Q, D), np.float32)
+        with self.kv.open_stream(shm=16 << 20) as s:
+            with self.assertRaises(KvrecallError) as cm:
+                s.attend_stacked(0, [sid] * n, q)
+            self.assertEqual(cm.exception.code, "invalid")
+            self.assertRegex(cm.exception.message, "sessions must be a list of 1 to 4096")
+            got = s.attend_stacked(0, [sid], q[:1])
+            self.assertEqual(got.out.tobytes(), self.kv.attend(sid, 0, q[0]).out.tobytes())
+
     def test_bad_arrays_are_refused_before_anything_is_sent(self):
         names = self.open(3)
         q, k, v = self.arrays(3)

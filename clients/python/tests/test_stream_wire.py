@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 import unittest
-import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
 from loopback import accept_each, host_port, pipe  # noqa: E402
-from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
+from kvrecall import Client, model_shape  # noqa: E402
 from kvrecall import websocket as wsmod  # noqa: E402
 from kvrecall.client import attend_body, attend_result, batch_results, step_body, to_bf16_bits  # noqa: E402
 from kvrecall.stream import Stream  # noqa: E402
@@ -113,39 +112,18 @@ def _trickle(dst):
 
 
 @serve.needs_server
-class StreamWire(unittest.TestCase):
+class StreamWire(serve.ServedCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = serve.Target()
-        cls.kv = Client(cls.server.url, token=cls.server.token, timeout=60)
-        cls.rng = np.random.default_rng(int(os.environ.get("KVRECALL_TEST_SEED", "11")))
-        cls.docs, cls.sessions = {}, []
+        cls.served(11)
+        cls.shape_docs = {}
         for shape in SHAPES:
             q, kv, d = shape
             model = model_shape(1, q, kv, d, dtype="f16")
-            doc = f"py-wire-{q}-{kv}-{d}-" + uuid.uuid4().hex[:6]
-            k = cls.rng.standard_normal((kv, DOC, d)).astype(np.float16)
-            v = cls.rng.standard_normal((kv, DOC, d)).astype(np.float16)
-            cls.kv.push_document(doc, model, [k], [v])
-            cls.docs[shape] = (doc, model)
-
-    @classmethod
-    def tearDownClass(cls):
-        for sid in cls.sessions:
-            try:
-                cls.kv.delete_session(sid)
-            except (KvrecallError, OSError):
-                pass
-        for doc, _ in cls.docs.values():
-            try:
-                cls.kv.delete_document(doc)
-            except (KvrecallError, OSError):
-                pass
-        cls.kv.close()
-        cls.server.stop()
+            cls.shape_docs[shape] = (cls.document(f"py-wire-{q}-{kv}-{d}-", model, kv, DOC, d, 1), model)
 
     def session(self, shape):
-        doc, model = self.docs[shape]
+        doc, model = self.shape_docs[shape]
         sid = self.kv.create_session(model, documents=[doc])["id"]
         self.sessions.append(sid)
         return sid
