@@ -27,6 +27,7 @@ import type { AttendAnswer, Sessions } from '../engine/sessions.js';
 import { MAX_BATCH } from '../engine/sessions.js';
 import { convert } from '../addon/kernels.js';
 import { errorOf } from './errors.js';
+import { packStackedAnswer, type PackedFrame } from './batch-pack.js';
 import type { Metrics } from './metrics.js';
 import type { SharedFrame } from './shm.js';
 
@@ -60,7 +61,7 @@ function stacked(body: Record<string, unknown>, name: string, n: number, dims: n
 }
 
 /** The answer of a stacked batch frame (`body`, its id `id`) run on `sessions`, its tensors in the frame's segment. */
-export async function attendStacked(sessions: Sessions, body: Record<string, unknown>, id: unknown, metrics: Metrics, shared: SharedFrame): Promise<Record<string, unknown>> {
+export async function attendStacked(sessions: Sessions, body: Record<string, unknown>, id: unknown, metrics: Metrics, shared: SharedFrame): Promise<Record<string, unknown> | PackedFrame> {
   const names = body.sessions;
   if (!Array.isArray(names) || names.length === 0 || names.length > MAX_BATCH || !names.every((s) => typeof s === 'string'))
     throw invalid(`sessions must be a list of 1 to ${MAX_BATCH} session ids`);
@@ -118,11 +119,14 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
       errors.push([i, code, message]);
     }
   });
-  return {
-    ...(id !== undefined && { id }),
-    out: { dtype: outDtype, shape: [n, qHeads, d], at: into },
-    lse: { dtype: 'f32', shape: [n, qHeads], at: lseAt },
-    ...(errors.length > 0 && { errors }),
-    stats: { ms },
-  };
+  const outRef = { dtype: outDtype, shape: [n, qHeads, d], at: into }, lseRef = { dtype: 'f32', shape: [n, qHeads], at: lseAt };
+  return (
+    (errors.length === 0 && packStackedAnswer(id, outRef, lseRef, ms)) || {
+      ...(id !== undefined && { id }),
+      out: outRef,
+      lse: lseRef,
+      ...(errors.length > 0 && { errors }),
+      stats: { ms },
+    }
+  );
 }

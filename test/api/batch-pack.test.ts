@@ -7,7 +7,7 @@
 // the tensor padding); answers it does not cover are left to packParts.
 import { describe, expect, it } from 'vitest';
 import { attendAnswer, batchAnswer } from '../../api/attend-answer.js';
-import { BatchFrame, HEADER_ROOM, packAttendAnswer } from '../../api/batch-pack.js';
+import { BatchFrame, HEADER_ROOM, packAttendAnswer, packStackedAnswer } from '../../api/batch-pack.js';
 import { errorOf } from '../../api/errors.js';
 import { joinParts, packParts } from '../../core/msgpack-parts.js';
 import type { AnswerRefs } from '../../api/shm.js';
@@ -200,5 +200,25 @@ describe('packAttendAnswer', () => {
     expect(packAttendAnswer(1, inherited)).toBeUndefined();
     for (const id of ['é', 'x'.repeat(32), { a: 1 }, [1], null, true]) expect(packAttendAnswer(id, answer(4, 8, 'f32')), String(id)).toBeUndefined();
     expect(packAttendAnswer(1, answer(4, 8, 'f32'))).toBeDefined();
+  });
+});
+
+describe('packStackedAnswer', () => {
+  it('writes the bytes packParts writes for a stacked batch answer (api/stacked.ts)', () => {
+    for (let trial = 0; trial < 300; trial++) {
+      const id = pick([undefined, ...NUMBERS.filter(Number.isSafeInteger), 'a', 'x'.repeat(31)]);
+      const n = pick([1, 15, 16, 127, 128, 4096]), heads = pick([1, 8, 32, 128]), d = pick([64, 128, 256]);
+      const at = pick([0, 4, 124, 128, 65532, 65536, 2 ** 32 - 4, 2 ** 32]);
+      const out = { dtype: pick(['f32', 'f16', 'bf16']), shape: [n, heads, d], at };
+      const lse = { dtype: 'f32', shape: [n, heads], at: at + pick([4, 1 << 20, 2 ** 33]) };
+      const ms = pick([...NUMBERS, rng.next() * 90]);
+      const frame = packStackedAnswer(id, out, lse, ms)!;
+      const parts = packParts({ id, out, lse, stats: { ms } });
+      const want = Buffer.from(joinParts(parts, new Uint8Array(parts.byteLength)));
+      const got = new Uint8Array(frame.byteLength);
+      frame.fill(got);
+      expect(Buffer.from(got).equals(want), JSON.stringify({ id, out, lse, ms })).toBe(true);
+    }
+    for (const id of ['é', 'x'.repeat(32), { a: 1 }, null]) expect(packStackedAnswer(id, { dtype: 'f32', shape: [1, 1, 1], at: 0 }, { dtype: 'f32', shape: [1, 1], at: 4 }, 1)).toBeUndefined();
   });
 });
