@@ -36,8 +36,11 @@ Rows (interleaved call by call, so drift hits all alike):
   (shm stacked): the same batch as one `Stream.attend_stacked` of whole
   arrays (kvrecall.stacked: q [32, qHeads, d], k, v [32, kvHeads, d],
   32 positions; out and lse views of the segment); (shm stacked into):
-  copied into the caller's out and lse arrays. Its inputs are filled
-  before the call (untimed), as an LLM server has its batch's q stacked.
+  copied into the caller's out and lse arrays; (shm stacked in place): q, k,
+  v and positions written straight into the segment's arrays
+  (`Stream.stacked_inputs`), so the call copies none of them. Their inputs
+  are filled before the call (untimed), as an LLM server has its batch's q
+  stacked (or, in place, writes it into the segment).
   Left out when the server refuses the segment (not on this host, or
   --shm-dir off) or --shm 0.
 
@@ -143,7 +146,7 @@ def run(
     if shared is not None and shared.shm is not None:
         shared.shm_attend = True
         names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)", "stream batch(32) (shm views)"]
-        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked into)"]
+        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked into)", "stream batch(32) (shm stacked in place)"]
     if only:
         missing = set(only) - set(names)
         if missing:
@@ -169,13 +172,24 @@ def run(
     st_pos = np.empty(32, np.int32)
     st_out, st_lse = np.empty((32, q_heads, head_dim), np.float32), np.empty((32, q_heads), np.float32)
 
+    inplace: Dict[str, Any] = {}
+
     def prep(name: str, i: int) -> None:
-        if "stacked" in name:
+        if name.endswith("in place)"):
+            qi, ki, vi, pi = shared.stacked_inputs(0, batches[name], (q_heads, head_dim), np.float32, (kv_heads, head_dim), np.float16, positions=True)
+            qi[:], ki[:], vi[:], pi[:] = qs[i], ks[i], vs[i], i
+            inplace.update(q=qi, k=ki, v=vi, pos=pi)
+        elif "stacked" in name:
             st_q[np.float16 if "f16" in name else np.float32][:] = q16s[i] if "f16" in name else qs[i]
             st_k[:], st_v[:], st_pos[:] = ks[i], vs[i], i
 
     def one(name: str, i: int) -> float:
         """The call's server ms (0 for health)."""
+        if name.endswith("in place)"):
+            r = shared.attend_stacked(0, batches[name], inplace["q"], inplace["k"], inplace["v"], inplace["pos"])
+            if r.errors:
+                raise RuntimeError(f"{name}: {r.errors}")
+            return r.ms
         if "stacked" in name:
             half = "f16" in name
             into = name.endswith("into)")

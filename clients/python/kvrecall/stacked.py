@@ -24,6 +24,11 @@ are NaN (bf16: its NaN's bits), the other steps are answered. A batch that
 fails whole raises KvrecallError. Arrays of the wrong shape or dtype raise
 ValueError or TypeError before anything is sent (nothing is appended).
 
+`Stream.stacked_inputs` gives the segment's own q, k, v and positions
+arrays of a form: passed back as they are, none is copied in (a caller that
+writes its batch there saves the copies; like every input they are written
+over by the stream's next request).
+
 Without a segment, or where the batch does not fit it, the same call goes
 as `attend_batch`'s steps (bytes) and its results are stacked into fresh
 arrays (or the caller's): the same answers, bit for bit.
@@ -171,11 +176,15 @@ class StackedPlan:
         self.answers: List[Any] = [None] * 10
 
     def write(self, q: np.ndarray, k: Any, v: Any, pos: Optional[np.ndarray]) -> None:
-        np.copyto(self.q, q, casting="no")
+        """The call's arrays into the segment, but those that are the segment's already (Stream.stacked_inputs)."""
+        if q is not self.q:
+            np.copyto(self.q, q, casting="no")
         if k is not None:
-            np.copyto(self.k, k, casting="no")
-            np.copyto(self.v, v, casting="no")
-        if pos is not None:
+            if k is not self.k:
+                np.copyto(self.k, k, casting="no")
+            if v is not self.v:
+                np.copyto(self.v, v, casting="no")
+        if pos is not None and pos is not self.pos:
             np.copyto(self.pos, pos, casting="unsafe")  # checked in [0, 2^31)
 
     def read(self, data: Any, id_: int) -> Any:

@@ -40,6 +40,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import msgpack
+import numpy as np
 
 from .client import AttendResult, BatchResult, BatchResults, KvrecallError, _kv_body, attend_result, batch_results
 from .lean import Layout, Plan, plan_key
@@ -212,6 +213,30 @@ class Stream:
         if plan is None:  # does not fit the segment: as steps, in bytes
             return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse)
         return _stacked.answer(plan, got, out, lse)
+
+    def stacked_inputs(self, layer: int, sessions: Sequence[str], q_shape: Sequence[int], q_dtype: Any = np.float32, kv_shape: Optional[Sequence[int]] = None, kv_dtype: Any = np.float16, positions: bool = False, out_dtype: Optional[str] = None) -> Tuple[Any, Any, Any, Any]:
+        """The segment's own arrays for attend_stacked's q [n, *q_shape], k and
+        v [n, *kv_shape] (None without kv_shape) and positions (int32 [n], or
+        None), for a caller that writes its batch there: passed back as they
+        are, attend_stacked copies none of them. Valid until the stream's
+        next request (every request writes its tensors from the segment's
+        start). Without a segment, or where the batch does not fit it,
+        fresh arrays (sent as bytes)."""
+        n = len(sessions)
+        q = np.empty((n,) + tuple(q_shape), q_dtype)
+        k = v = np.empty((n,) + tuple(kv_shape), kv_dtype) if kv_shape is not None else None
+        if k is not None:
+            v = np.empty_like(k)
+        pos = np.zeros(n, np.int32) if positions else None
+        key, _ = _stacked.stacked_key(layer, sessions, q, k, v, pos, out_dtype, None, None)
+        seg = self.shm
+        if seg is None:
+            return q, k, v, pos
+        with self._lock:
+            plan = _planned(self._stacked_plans, key, lambda: _stacked.StackedPlan(seg, *key))
+        if not plan.fits:
+            return q, k, v, pos
+        return plan.q, plan.k if k is not None else None, plan.v if k is not None else None, plan.pos if positions else None
 
     def _attend_planned(self, seg: "_shm.Segment", session: str, layer: int, q: Any, k: Any, v: Any, position: Any, out_dtype: Any) -> Optional[AttendResult]:
         """attend's common form through the segment (kvrecall.shm_plan), or None."""

@@ -15,6 +15,7 @@ same answers.
 import os
 import sys
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +24,7 @@ import numpy as np  # noqa: E402
 
 import serve  # noqa: E402
 from kvrecall import KvrecallError, Stacked, model_shape  # noqa: E402
+from kvrecall import stacked as stacked_module  # noqa: E402
 
 Q, KV, D, LAYERS, DOC, N = 8, 2, 32, 2, 200, 5
 MODEL = model_shape(LAYERS, Q, KV, D, dtype="f16")
@@ -161,6 +163,33 @@ class Stacked_(serve.ServedCase):
             self.assertEqual(out.tobytes(), first.tobytes())  # the caller's, kept
             got_out, got_lse = c  # unpacks as (out, lse)
             self.assertIs(got_out, out)
+
+    def test_inputs_written_in_the_segment_go_without_a_copy(self):
+        names, twins = self.open(3), self.open(3)
+        q, k, v = self.arrays(3)
+        with self.kv.open_stream(shm=1 << 20) as s:
+            qi, ki, vi, pi = s.stacked_inputs(0, names, (Q, D), np.float32, (KV, D), np.float16, positions=True)
+            for a in (qi, ki, vi, pi):
+                self.assertTrue(np.shares_memory(a, s.shm.u8))
+            self.assertEqual((qi.shape, ki.shape, pi.dtype), ((3, Q, D), (3, KV, D), np.int32))
+            qi[:], ki[:], vi[:], pi[:] = q, k, v, 0
+            with mock.patch.object(stacked_module.np, "copyto", wraps=np.copyto) as copies:
+                got = s.attend_stacked(0, names, qi, ki, vi, pi)
+                self.assertEqual(copies.call_count, 0)
+                got = (got.out.copy(), got.lse.copy())
+                want = s.attend_stacked(0, twins, q, k, v, [0, 0, 0])  # from the caller's arrays: copied in
+                self.assertEqual(copies.call_count, 4)
+            self.assertEqual((got[0].tobytes(), got[1].tobytes()), (want.out.tobytes(), want.lse.tobytes()))
+            # A later request writes over them (its q from the segment's start).
+            s.attend_stacked(0, twins, q + 1)
+            self.assertTrue(np.array_equal(qi, q + 1))
+        for sid in names:
+            self.assertEqual(self.kv.get_session(sid)["ownTokens"], [1, 0])
+        with self.kv.open_stream() as s:  # no segment: fresh arrays, sent as bytes
+            qi, ki, vi, pi = s.stacked_inputs(0, names, (Q, D), np.float32)
+            self.assertTrue(qi.flags.owndata)
+            self.assertIsNone(ki)
+            self.assertIsNone(pi)
 
     def test_without_a_segment_or_room_the_same_answers_go_as_bytes(self):
         names = self.open(3)
