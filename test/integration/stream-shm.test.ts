@@ -86,6 +86,10 @@ const qT = (q: Float32Array) => tensor('f32', [model.qHeads, model.headDim], q);
 const port = () => Number(new URL(server.url).port);
 const session = async (method = 'exact') => (await client.createSession({ model, documents: ['doc'], method })).id;
 const ownTokens = async (sid: string) => (await client.getSession(sid)).ownTokens as number[];
+/** `n` fresh sessions over the document. */
+const sessionsOf = (n: number) => Promise.all(Array.from({ length: n }, () => session()));
+/** `n` random decode steps: q f32 and the new token's k, v f16. */
+const stepsOf = (n: number) => Array.from({ length: n }, () => ({ q: qT(randomQ(rng, model.qHeads, model.headDim)), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)) }));
 
 beforeAll(async () => {
   server = await startInProcess(tmp.dir);
@@ -150,10 +154,8 @@ describe('shared-memory tensors on the stream', () => {
     const s = await RawStream.open(port());
     try {
       await s.call({ shm: { name: seg.name, bytes: seg.bytes } });
-      const viaBytes = await Promise.all(Array.from({ length: N }, () => session()));
-      const viaShm = await Promise.all(Array.from({ length: N }, () => session()));
+      const [viaBytes, viaShm, steps] = [await sessionsOf(N), await sessionsOf(N), stepsOf(N)];
       const stepBytes = (model.qHeads + 2 * model.kvHeads) * model.headDim * 4;
-      const steps = Array.from({ length: N }, () => ({ q: qT(randomQ(rng, model.qHeads, model.headDim)), ...asStep(randomKv(rng, 'f16', model.kvHeads, 1, model.headDim)) }));
       const plain = await s.call({ layer: 1, steps: steps.map((st, i) => ({ session: viaBytes[i], ...st, position: 0 })) });
       const shared = await s.call({
         layer: 1,
@@ -188,10 +190,8 @@ describe('shared-memory tensors on the stream', () => {
     const s = await RawStream.open(port());
     try {
       await s.call({ shm: { name: seg.name, bytes: seg.bytes } });
-      const viaSteps = await Promise.all(Array.from({ length: N }, () => session()));
-      const viaStacked = await Promise.all(Array.from({ length: N }, () => session()));
+      const [viaSteps, viaStacked, steps] = [await sessionsOf(N), await sessionsOf(N), stepsOf(N)];
       const { qHeads: H, kvHeads: KVH, headDim: D } = model;
-      const steps = Array.from({ length: N }, () => ({ q: qT(randomQ(rng, H, D)), ...asStep(randomKv(rng, 'f16', KVH, 1, D)) }));
       const join = (name: 'q' | 'k' | 'v') => Buffer.concat(steps.map((st) => Buffer.from(st[name].data)));
       const qAt = 0, kAt = N * H * D * 4, vAt = kAt + N * KVH * D * 2, posAt = vAt + N * KVH * D * 2, into = 32_768;
       const q = seg.put(tensor('f32', [N, H, D], join('q')), qAt);
