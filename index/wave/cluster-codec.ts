@@ -107,7 +107,12 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   let moments: Pick<ClusterArrays, 'keyVars' | 'varScales' | 'keyAxes' | 'axisScales'>;
   if (version === WORD_MOMENTS) {
     const vars = take(u16, C * headDim, 2), axes = take(u16, C * headDim, 2);
-    moments = encodeMoments(widenWords(axes, dtype), widenWords(vars, dtype), C, headDim);
+    try {
+      moments = encodeMoments(widenWords(axes, dtype), widenWords(vars, dtype), C, headDim);
+    } catch (e) {
+      // A version 4 f16 variance past 65504 was stored as infinity: rebuilt from the keys (in float32) instead.
+      throw new Error(`wave cluster artifact version ${version} is stale: its moments cannot be coded (${e instanceof Error ? e.message : String(e)})`);
+    }
   } else {
     const keyVars = take((buf, off, n) => new Uint8Array(buf, off, n), C * headDim, 1);
     const keyAxes = take((buf, off, n) => new Int8Array(buf, off, n), C * headDim, 1);

@@ -8,6 +8,7 @@
 // of memory and of the device's scoring reads, with the decode error
 // bounded by half a step: |axis - decoded| <= scale / 2, and a variance
 // within (code ± 1/2)² · scale of its decode (test/index/moment-code.test.ts).
+import { invalid } from '../../core/errors.js';
 
 export interface MomentCodes {
   /** [clusters, headDim]. */
@@ -41,7 +42,9 @@ export function encodeMoments(axes: Float32Array, vars: Float32Array, clusters: 
     let ma = 0, mv = 0;
     for (let j = 0; j < d; j++) {
       const a = Math.abs(axes[o + j]), v = vars[o + j];
-      if (!Number.isFinite(a) || !Number.isFinite(v)) throw new Error('wave moments: a non-finite axis or variance');
+      // Finite keys can still overflow float32 here (bf16 keys past ~1e19): no scale codes them, so the seal is refused (422), not a 500.
+      if (!Number.isFinite(a) || !Number.isFinite(v))
+        throw invalid('the wave index cannot code these keys: a cluster\'s key variance or axis is not finite in float32 (keys past ~1e19 in magnitude)');
       if (a > ma) ma = a;
       if (v > mv) mv = v;
     }

@@ -67,7 +67,11 @@ describe('8-bit key moments', () => {
     expect([...m.keyAxes, ...m.keyVars, m.axisScales[0], m.varScales[0]].every((x) => x === 0)).toBe(true);
     expect(decodeAxis(0, 0)).toBe(0);
     expect(decodeVar(0, 0)).toBe(0);
-    expect(() => encodeMoments(Float32Array.of(NaN, 0, 0, 0, 0, 0, 0, 0), new Float32Array(d), 1, d)).toThrow(/non-finite/);
+    // A typed refusal (422 at the seal), not an internal error.
+    for (const [axis, v] of [[NaN, 0], [0, Infinity]])
+      expect(() => encodeMoments(Float32Array.of(axis, 0, 0, 0, 0, 0, 0, 0), Float32Array.of(v, 0, 0, 0, 0, 0, 0, 0), 1, d)).toThrow(
+        expect.objectContaining({ kind: 'invalid', message: expect.stringMatching(/not finite in float32/) }),
+      );
   });
 
   it('travel in the artifact (version 5); a version 4 artifact (f16 moments) is read with its moments coded at load', () => {
@@ -94,6 +98,10 @@ describe('8-bit key moments', () => {
     for (const k of ['keyAxes', 'axisScales', 'keyVars', 'varScales'] as const) expect(Array.from(old[k]), k).toEqual(Array.from(want[k]));
     for (const k of ['centroids', 'valueMeans', 'counts', 'tokenCluster'] as const) expect(Array.from(old[k]), k).toEqual(Array.from(a[k]));
     expect(old.varianceShare).toBe(0.25);
+    // A version 4 f16 variance past 65504 was stored as infinity: that artifact is stale (rebuilt from the keys), not a failed attach.
+    const inf = Uint16Array.from(varWords);
+    inf[3] = 0x7c00;
+    expect(() => decodeClusters(encodeWordMoments(a, inf, axisWords))).toThrow(/version 4 is stale/);
     // Another version is still refused.
     const stale = encodeClusters(a);
     new DataView(stale.buffer).setUint32(4, 3, true);
