@@ -241,6 +241,27 @@ describe('shared-memory tensors on the stream', () => {
     }
   });
 
+  it("a stacked batch's positions given as data sit at any byte offset of the frame: each is taken, none refused for its alignment", async () => {
+    const seg = new Segment(1 << 16);
+    const s = await RawStream.open(port());
+    try {
+      await s.call({ shm: { name: seg.name, bytes: seg.bytes } });
+      const [st] = stepsOf(1);
+      for (let pad = 0; pad < 4; pad++) {
+        const [sid] = await sessionsOf(1);
+        // `pad` first in the map: it moves the bytes of positions' data by one byte a turn.
+        const positions = { dtype: 'i32', shape: [1], data: new Uint8Array(Int32Array.of(0).buffer) };
+        const one = (t: Tensor, heads: number) => ({ ...t, shape: [1, heads, model.headDim] });
+        const a = await s.call({ pad: 'x'.repeat(pad), layer: 1, sessions: [sid], q: one(st.q, model.qHeads), k: one(st.k, model.kvHeads), v: one(st.v, model.kvHeads), positions, into: 32_768 });
+        expect(err(a).code, `pad ${pad}: ${err(a).message}`).toBe('ok');
+        expect(a.errors).toBeUndefined();
+        expect(await ownTokens(sid)).toEqual([0, 1]);
+      }
+    } finally {
+      s.close();
+    }
+  });
+
   it('a document uploaded by `at` holds what the byte form stores', async () => {
     const n = 97;
     const seg = new Segment(1 << 18);
