@@ -25,16 +25,18 @@ export function attendAnswer(res: AttendAnswer): Record<string, unknown> {
   };
 }
 
-function outTensor(res: AttendAnswer): ReturnType<typeof tensorOf> {
-  const shape = [res.model.qHeads, res.model.headDim];
-  if (res.outDtype === 'f32') return tensorOf('f32', shape, res.out);
+/** The answer's out in its wire dtype (`outDtype`): f32, or its 16-bit words. */
+export function wireOut(res: AttendAnswer): Float32Array | Uint16Array {
+  if (res.outDtype === 'f32') return res.out;
+  if (res.outWords) return res.outWords;
   // Rounded in the step (engine/sessions.ts); here only for a result made without it.
-  let words = res.outWords;
-  if (!words) {
-    words = new Uint16Array(res.out.length);
-    convert(new Uint8Array(res.out.buffer, res.out.byteOffset, res.out.byteLength), 'f32', new Uint8Array(words.buffer), res.outDtype, res.out.length);
-  }
-  return tensorOf(res.outDtype, shape, words);
+  const words = new Uint16Array(res.out.length);
+  convert(new Uint8Array(res.out.buffer, res.out.byteOffset, res.out.byteLength), 'f32', new Uint8Array(words.buffer), res.outDtype, res.out.length);
+  return words;
+}
+
+function outTensor(res: AttendAnswer): ReturnType<typeof tensorOf> {
+  return tensorOf(res.outDtype, [res.model.qHeads, res.model.headDim], wireOut(res));
 }
 
 /** One batch step's answer: the attend's, or its error. */

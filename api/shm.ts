@@ -12,11 +12,11 @@
 // Everything a frame names is checked here before the frame runs: a bad
 // reference fails its frame (a batch's step: that step) and changes nothing.
 import { join } from 'node:path';
-import { convert } from '../addon/kernels.js';
 import { mapShared, SHM_MAX_BYTES, type ShmProblem } from '../addon/shm.js';
 import { invalid } from '../core/errors.js';
 import { tensorSize } from '../core/tensor.js';
 import type { AttendAnswer } from '../engine/sessions.js';
+import { wireOut } from './attend-answer.js';
 
 /** A segment's name: no slash, so it names a file in --shm-dir and nothing else. */
 const SHM_NAME = /^[A-Za-z0-9_.-]{1,100}$/;
@@ -128,13 +128,7 @@ export class SharedFrame {
   write(into: number, r: AttendAnswer): AnswerRefs {
     const seg = this.segment();
     const { qHeads, headDim } = r.model;
-    let out: Float32Array | Uint16Array | undefined = r.outDtype === 'f32' ? r.out : r.outWords;
-    if (!out) {
-      // Rounded in the step (engine/sessions.ts); here only for a result made without it.
-      const words = new Uint16Array(r.out.length);
-      convert(new Uint8Array(r.out.buffer, r.out.byteOffset, r.out.byteLength), 'f32', new Uint8Array(words.buffer), r.outDtype, r.out.length);
-      out = words;
-    }
+    const out = wireOut(r);
     seg.bytes.set(new Uint8Array(out.buffer, out.byteOffset, out.byteLength), into);
     const lseAt = align4(into + out.byteLength);
     seg.bytes.set(new Uint8Array(r.lse.buffer, r.lse.byteOffset, r.lse.byteLength), lseAt);

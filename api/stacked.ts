@@ -25,7 +25,7 @@ import { invalid } from '../core/errors.js';
 import { tensorSize } from '../core/tensor.js';
 import type { AttendAnswer, Sessions } from '../engine/sessions.js';
 import { MAX_BATCH } from '../engine/sessions.js';
-import { convert } from '../addon/kernels.js';
+import { wireOut } from './attend-answer.js';
 import { errorOf } from './errors.js';
 import { packStackedAnswer, type PackedFrame } from './batch-pack.js';
 import type { Metrics } from './metrics.js';
@@ -104,12 +104,7 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
   const { results, ms } = await sessions.attendBatch({ layer: body.layer, steps }, (i: number, _count: number, r: AttendAnswer) => {
     metrics.observeAttend(r.stats.ms);
     // Written as the step finishes, while its out is fresh in cache.
-    let out: Float32Array | Uint16Array | undefined = r.outDtype === 'f32' ? r.out : r.outWords;
-    if (!out) {
-      const words = new Uint16Array(r.out.length);
-      convert(new Uint8Array(r.out.buffer, r.out.byteOffset, r.out.byteLength), 'f32', new Uint8Array(words.buffer), r.outDtype, r.out.length);
-      out = words;
-    }
+    const out = wireOut(r);
     seg.set(new Uint8Array(out.buffer, out.byteOffset, out.byteLength), into + i * outRow);
     seg.set(new Uint8Array(r.lse.buffer, r.lse.byteOffset, r.lse.byteLength), lseAt + i * 4 * qHeads);
   });
