@@ -50,7 +50,7 @@ export interface AnswerRefs {
 }
 
 /** The next multiple of 4 (exact past 2^31, where `& ~3` is not). */
-const align4 = (n: number) => Math.ceil(n / 4) * 4;
+export const align4 = (n: number) => Math.ceil(n / 4) * 4;
 
 /** A stream's mapped segment: its bytes stay mapped while this (or any view of them) lives. */
 export class ShmSegment {

@@ -29,9 +29,7 @@ import { wireOut } from './attend-answer.js';
 import { errorOf } from './errors.js';
 import { packStackedAnswer, type PackedFrame } from './batch-pack.js';
 import type { Metrics } from './metrics.js';
-import type { SharedFrame } from './shm.js';
-
-const align4 = (n: number) => Math.ceil(n / 4) * 4;
+import { align4, type SharedFrame } from './shm.js';
 
 /** A resolved tensor (SharedFrame.resolve): its bytes a view of the segment. */
 interface Resolved {
