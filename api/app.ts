@@ -12,6 +12,7 @@ import { invalid } from '../core/errors.js';
 import { unalignedF32Copies } from '../core/tensor.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { Metrics } from './metrics.js';
+import { refuseInto } from './shm.js';
 
 export const VERSION = '0.1.0';
 
@@ -78,13 +79,14 @@ export function createApp(engine: Engine, opts: AppOptions, metrics = new Metric
   app.post('/v1/sessions/:sid/attend', async (c) => {
     // The body first: answering before it is read would drop the connection.
     const body = await readBody(c);
+    refuseInto(body);
     const res = await sessions.attend(c.req.param('sid'), body);
     metrics.observeAttend(res.stats.ms);
     return reply(c, attendAnswer(res));
   });
   // A server's running batch: one layer of many sessions, answered in order; a bad step fails only itself.
   app.post('/v1/attend', async (c) => {
-    const { results, ms } = await sessions.attendBatch(await readBody(c));
+    const { results, ms } = await sessions.attendBatch(await readBody(c), undefined, refuseInto);
     for (const r of results) if (r.status === 'fulfilled') metrics.observeAttend(r.value.stats.ms);
     return reply(c, { results: results.map((r) => batchAnswer(r, errorOf)), stats: { ms } });
   });

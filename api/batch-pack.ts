@@ -23,7 +23,7 @@
 // through packParts().
 import type { AttendAnswer, BatchAnswer, Sessions } from '../engine/sessions.js';
 import type { Metrics } from './metrics.js';
-import type { AnswerRefs, SharedFrame, SharedRef } from './shm.js';
+import { refuseInto, type AnswerRefs, type SharedFrame, type SharedRef } from './shm.js';
 import { BufferPool } from '../storage/buffer-pool.js';
 
 /** A frame packed on demand: its length known, its bytes written by fill() into the room given (at least byteLength bytes). */
@@ -485,7 +485,7 @@ export async function attendBatchFramed(
         shared.resolve(step, STEP_TENSORS);
         if (step.into !== undefined) into[i] = shared.into(step, sessions.get(step.session as string).model);
       }
-    : undefined;
+    : refuseInto;
   let batch: BatchAnswer;
   try {
     batch = await sessions.attendBatch(

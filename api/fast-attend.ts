@@ -21,6 +21,7 @@ import { tokenAccepted } from './auth.js';
 import { bodyTooLarge, decodeMsgpack, isMsgpack, readInto } from './codec.js';
 import { errorBody, errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
+import { refuseInto } from './shm.js';
 
 const SINGLE = /^\/v1\/sessions\/([^/?]+)\/attend(?:\?.*)?$/;
 const BATCH = /^\/v1\/attend(?:\?.*)?$/;
@@ -69,6 +70,7 @@ async function serve(req: IncomingMessage, res: ServerResponse, route: { name: s
     bodyRead = true;
     const body = decodeMsgpack(raw);
     if (route.sid !== undefined) {
+      refuseInto(body);
       const r = await sessions.attend(route.sid, body);
       metrics.observeAttend(r.stats.ms);
       // The common answer written straight into the body (the bytes packParts writes: test/api/batch-pack.test.ts).

@@ -145,3 +145,12 @@ export class SharedFrame {
     return this.seg;
   }
 }
+
+/**
+ * Refuses an attend (or a batch step) that asks its answer `into` shared
+ * memory where no segment can be (the HTTP routes): ignored, the caller
+ * would wait on a segment nothing writes.
+ */
+export function refuseInto(step: Record<string, unknown>): void {
+  if (step.into !== undefined) throw invalid('into names shared memory, which only a stream with a segment attached carries (GET /v1/stream); leave it out here');
+}
