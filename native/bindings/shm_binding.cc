@@ -66,6 +66,11 @@ Napi::Value ShmMap(const Napi::CallbackInfo& info) {
     throw Napi::RangeError::New(env, "bytes must be a positive multiple of 4, at most 16 GiB");
   const size_t bytes = static_cast<size_t>(want);
 
+  // Anything but a regular file is refused before it is opened: opening a
+  // device node or a FIFO read-write can have effects of its own
+  // (--shm-dir may name any directory). fstat below checks the file opened.
+  struct stat pre;
+  if (lstat(path.c_str(), &pre) == 0 && !S_ISREG(pre.st_mode)) return Napi::Number::New(env, S_ISLNK(pre.st_mode) ? kSymlink : kNotRegular);
   int fd = open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   if (fd < 0) {
     int e = errno;

@@ -1,6 +1,7 @@
 // addon/shm.ts over real files in /dev/shm: a mapping shares its bytes with
 // the file both ways; bad arguments throw before any file is opened; a
 // file that cannot be mapped is answered with why.
+import { execFileSync } from 'node:child_process';
 import { closeSync, ftruncateSync, mkdirSync, openSync, readSync, rmdirSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -56,8 +57,13 @@ describe('shmMap', () => {
     const dir = `${base}-dir`;
     mkdirSync(dir);
     made.push(dir);
-    expect(mapShared(dir, 64)).not.toBeInstanceOf(ArrayBuffer);
+    // Refused by its type before it is opened (a directory cannot even be opened read-write).
+    expect(mapShared(dir, 64)).toBe('not_regular');
     expect(mapShared('/dev/null', 64)).toBe('not_regular');
+    const fifo = `${base}-fifo`;
+    execFileSync('mkfifo', [fifo]);
+    made.push(fifo);
+    expect(mapShared(fifo, 64)).toBe('not_regular');
   });
 
   it('throws on bad arguments before touching any file', () => {
