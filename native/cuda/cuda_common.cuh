@@ -40,5 +40,23 @@ __device__ __forceinline__ void Widen8Words(uint4 w, float* f) {
   }
 }
 
+// acc[g] += q row (g0 + g)'s chunk at qr (8 floats, rows qStride apart) ·
+// kf, for the gc rows of the group: the per-chunk step of the wave step's
+// row dots (wave_step_kernels.cuh Accumulate, wave_moments.cuh AccumulateCodes),
+// so every such dot sums in one order.
+template <int kG>
+__device__ __forceinline__ void FmaChunk(const float* qr, int qStride, int g0, int gc, const float (&kf)[8], float (&acc)[kG][8]) {
+#pragma unroll
+  for (int g = 0; g < kG; ++g) {
+    if (g >= gc) break;
+    // Two 16-byte broadcast reads of the q row (rows are 32-byte aligned: stride % 8 == 0).
+    const float4 a = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride);
+    const float4 z = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride + 4);
+    const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(qv[j], kf[j], acc[g][j]);
+  }
+}
+
 }  // namespace cuda
 }  // namespace kvr

@@ -64,16 +64,7 @@ __device__ __forceinline__ void AccumulateCodes(const uint8_t* row, float scale,
       if (c + 2 * u >= nd) break;
       float kf[8];
       Decode8Codes<kCode>(w[u], scale, kf);
-      const float* qr = qs + (c + 2 * u) * 8;
-#pragma unroll
-      for (int g = 0; g < kG; ++g) {
-        if (g >= gc) break;
-        const float4 a = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride);
-        const float4 z = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride + 4);
-        const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(qv[j], kf[j], acc[g][j]);
-      }
+      FmaChunk(qs + (c + 2 * u) * 8, qStride, g0, gc, kf, acc);
     }
   }
 }

@@ -87,17 +87,7 @@ __device__ __forceinline__ void Accumulate(const uint16_t* row, const float* qs,
       if (c + 2 * u >= c1) break;
       float kf[8];
       Widen8Words<kBf16>(w[u], kf);
-      const float* qr = qs + (c + 2 * u) * 8;
-#pragma unroll
-      for (int g = 0; g < kGC; ++g) {
-        if (g >= gc) break;
-        // Two 16-byte broadcast reads of the q row (rows are 32-byte aligned: stride % 8 == 0).
-        const float4 a = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride);
-        const float4 z = *reinterpret_cast<const float4*>(qr + (g0 + g) * qStride + 4);
-        const float qv[8] = {a.x, a.y, a.z, a.w, z.x, z.y, z.z, z.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(qv[j], kf[j], acc[g][j]);
-      }
+      FmaChunk(qs + (c + 2 * u) * 8, qStride, g0, gc, kf, acc);
     }
   }
 }
