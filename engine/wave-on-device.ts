@@ -85,14 +85,15 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     // short call, addon/device-calls.ts). Both settle before the store is
     // released (a failure of one must not free it while the other reads it).
     const t0 = performance.now();
-    const ownIn = { layer: ctx.layer, q, scale, out, lse };
-    let ownMs = 0, returned = 0;
-    const timedOwn = (p: Promise<unknown> | undefined) => p?.then((x) => ((ownMs = performance.now() - t0), x));
-    const ownAttend = ownPart && ownMode === 'beside' ? timedOwn(session.cache.attend([ownPart], ownIn, true)) : undefined;
+    // Off the default path ('native'): the own attend on the host, timed to when it settled.
+    let ownMs = 0;
+    const hostOwn = (beside: boolean) =>
+      session.cache.attend([ownPart!], { layer: ctx.layer, q, scale, out, lse }, beside).then((x) => ((ownMs = performance.now() - t0), x));
+    const ownAttend = ownPart && ownMode === 'beside' ? hostOwn(true) : undefined;
     const [device, host] = await Promise.allSettled([
       // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
-      (async () => stepDocument(held.store, args))().then((x) => ((returned = performance.now() - t0), x)),
-      native ? undefined : (ownAttend ?? timedOwn(ownPart && session.cache.attend([ownPart], ownIn))),
+      (async () => stepDocument(held.store, args))(),
+      native || !ownPart ? undefined : (ownAttend ?? hostOwn(false)),
     ]);
     const deviceMs = performance.now() - t0;
     if (device.status === 'rejected') throw device.reason;
@@ -113,8 +114,8 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
       ...(estimate && { estimated: mean(r.estimated) }),
       deviceMs,
       kernelMs: r.ms,
-      // own: the own tokens' attend settled, device: the store's promise settled, both from the step's start.
-      host: { ...r.host, own: native ? r.host.overlap : ownMs, device: returned },
+      // own: the own tokens' attend (native: its time inside the call; else when it settled), device: the call and it settled, from the step's start.
+      host: { ...r.host, own: native ? r.host.overlap : ownMs, device: deviceMs },
     };
   } finally {
     held.release();

@@ -111,7 +111,7 @@ function callTable(lines: string[], t: TransportResult): void {
   // --timing: where a device step's select time goes on the server's host.
   const staged = t.methods.flatMap((r) => CALL_KINDS.map((k) => [r, k, r.latency.calls?.[k]?.hostP50Ms] as const)).filter(([, , h]) => h);
   if (staged.length) {
-    lines.push('', 'Host stages of a device step (--timing, stats.gpu.host, p50 ms): queue (the call to its work\'s start on a worker thread), prep, launch, wait (the stream), copy (outputs read back), back (the work\'s end to the event loop), convert (the answer objects); own and device = the own tokens\' attend and the store\'s promise settled, from the step\'s start.', '');
+    lines.push('', 'Host stages of a device step (--timing, stats.gpu.host, p50 ms): queue (the call to its work\'s start on a worker thread), prep, launch, overlap, wait (the stream), copy (outputs read back), back (the work\'s end to the event loop), convert (the answer objects); overlap = the own tokens attended inside the call; own = their attend (inside the call, or settled from the step\'s start where they run on the host); device = the call and the own tokens settled, from the step\'s start (before visit AQ: the store\'s promise alone).', '');
     for (const [r, k, h] of staged) lines.push(`- ${r.method}, ${KIND_NAMES[k]}: ${Object.entries(h!).map(([n, v]) => `${n} ${v.toFixed(3)}`).join(', ')}`);
   }
 }

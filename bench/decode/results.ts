@@ -70,7 +70,7 @@ export interface CallSplit {
   otherP50Ms: number;
   /** stats.gpu.kernelMs (the device's time for the call, CUDA events; NaN off the GPU or where the call reports none). */
   kernelP50Ms: number;
-  /** --timing: p50 per host stage of a device step (stats.gpu.host: queue, prep, launch, wait, copy, back, convert; own and device from the step's start). */
+  /** --timing: p50 per host stage of a device step (stats.gpu.host: queue, prep, launch, wait, copy, back, convert; own: the own tokens' attend, device: the call and it settled, from the step's start). */
   hostP50Ms?: Record<string, number>;
   /** wall − stats.ms, call by call. */
   rpcP50Ms: number;
