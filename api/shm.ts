@@ -121,7 +121,23 @@ export class SharedFrame {
     const end = align4(Number(into) + model.qHeads * model.headDim * (half ? 2 : 4)) + 4 * model.qHeads;
     if (typeof into !== 'number' || !Number.isInteger(into) || into < 0 || into % 4 !== 0 || end > seg.byteLength)
       throw invalid(`into must be a multiple of 4 with the answer's ${end - Number(into)} bytes (out, then lse at a multiple of 4) inside the segment's ${seg.byteLength}, got ${JSON.stringify(into)}`);
+    this.refuseOverlap(body, into, end);
     return into;
+  }
+
+  /**
+   * Refuses an answer's bytes [from, end) that meet any tensor of `body`
+   * read from the segment (resolve() made each a view of it): the answer,
+   * written as steps finish, would overwrite inputs that steps still read.
+   */
+  refuseOverlap(body: Record<string, unknown>, from: number, end: number): void {
+    const buf = this.segment().bytes.buffer;
+    for (const [name, t] of Object.entries(body)) {
+      const data = typeof t === 'object' && t !== null ? (t as { data?: unknown }).data : undefined;
+      if (!(data instanceof Uint8Array) || data.buffer !== buf) continue;
+      const [at, to] = [data.byteOffset, data.byteOffset + data.byteLength];
+      if (at < end && from < to) throw invalid(`into's answer bytes [${from}, ${end}) overlap ${name}'s [${at}, ${to}) in the segment: the answer would overwrite the frame's own input; write it elsewhere`);
+    }
   }
 
   /** Writes the step's out (its wire dtype) at `into` and its lse after it; where they went. */

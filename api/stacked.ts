@@ -83,6 +83,7 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
   const lseAt = align4(Number(into) + n * outRow);
   if (typeof into !== 'number' || !Number.isInteger(into) || into < 0 || into % 4 !== 0 || lseAt + 4 * n * qHeads > seg.byteLength)
     throw invalid(`into must be a multiple of 4 with the answers' ${lseAt + 4 * n * qHeads - Number(into)} bytes (out's rows, then lse's at a multiple of 4) inside the segment's ${seg.byteLength}, got ${JSON.stringify(into)}`);
+  shared.refuseOverlap(body, into, lseAt + 4 * n * qHeads);
   // In the segment `at` is a multiple of 4; positions sent as data sit wherever the frame put them, read through a copy.
   const positions = pos && (pos.data.byteOffset % 4 === 0 ? new Int32Array(pos.data.buffer, pos.data.byteOffset, n) : new Int32Array(pos.data.slice().buffer));
   // The steps, built field by field (spreads of optional parts cost a few objects a step).

@@ -229,11 +229,18 @@ describe('shared-memory tensors on the stream', () => {
         { q, k, v, positions, into: seg.bytes - 64 },
         { q, k, v, positions, outDtype: 'f64' },
         { q, k, v, positions, steps: [] },
+        // The answers over the frame's own inputs: out over k (and v and positions), lse's end over q.
+        { q, k, v, positions, into: kAt },
+        { q: seg.put(tensor('f32', [N, H, D], join('q')), 40_960), k, v, positions, into: 40_960 - N * H * D * 4 - 4 },
       ];
+      const before = seg.read(0, seg.bytes);
       for (const b of bad) {
         const a = await s.call({ layer: 1, sessions: viaStacked, into, ...b });
         expect(err(a).code, JSON.stringify(Object.keys(b))).toBe('invalid');
       }
+      expect(err(await s.call({ layer: 1, sessions: viaStacked, q, k, v, positions, into: vAt })).message).toMatch(/into's answer bytes \[4608, 8832\) overlap v's \[4608, 5120\)/);
+      // No step ran: nothing appended, nothing written (the second q was put before the snapshot).
+      expect(seg.read(0, seg.bytes).equals(before)).toBe(true);
       expect(err(await s.call({ layer: 1, sessions: [], q, into })).code).toBe('invalid');
       expect(await ownTokens(viaStacked[0])).toEqual([0, 1]);
     } finally {
@@ -356,6 +363,10 @@ describe('shared-memory tensors on the stream', () => {
         [{ into: 8192 - 1024 }, /into must be/],
         [{ into: -4 }, /into must be/],
         [{ into: 'x' }, /into must be/],
+        // The answer over the frame's own inputs: out over q, lse alone over k, out over v.
+        [{ into: 0 }, /overlap q's \[0, 1024\)/],
+        [{ into: 3072 }, /answer bytes \[3072, 4128\) overlap k's \[4096, 4224\)/],
+        [{ into: 4096 + 512 + 64 }, /overlap v's \[4608, 4736\)/],
       ];
       for (const [change, why] of bad) {
         const a = await s.call({ session: sid, layer: 0, q, k, v, position: 0, into: 6144, ...change });
