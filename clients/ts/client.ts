@@ -24,6 +24,7 @@ import { keptTokens } from '../../core/query-stride.js';
 import type { Tensor, WireDtype } from '../../core/tensor.js';
 
 export type { Tensor, WireDtype, ModelShape };
+export type { StackedError, StackedOptions, StackedReply } from './stacked.js';
 export { keptTokens };
 
 const packr = new Packr({ useRecords: false });

@@ -3,15 +3,21 @@
 // A request's parts (the caller's tensors as they are) are copied once,
 // straight after the frame header, into a warm buffer; an answer's arrays
 // are views of its frame (read once from the socket into a buffer of its
-// own), not copies.
+// own), not copies. With a shared-memory segment attached (attachShm,
+// clients/ts/shm.ts) attendStacked sends a running batch's step as one
+// stacked frame whose tensors are in the segment (clients/ts/stacked.ts).
 import { joinParts, packInto, packParts, unpackView } from './msgpack-parts.js';
-import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type KvUploadBody, type KvUploadStats, type OutOf, type WireAnswer, type WireResult } from './client.js';
+import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type KvUploadBody, type KvUploadStats, type OutOf, type Tensor, type WireAnswer, type WireResult } from './client.js';
 import { HandshakeRefused, WsClient, type WsOptions } from './websocket.js';
+import { SHM_DIR, ShmFile } from './shm.js';
+import { checkStacked, stackedSteps, StackedPlan, stackResults, type StackedOptions, type StackedOut, type StackedReply } from './stacked.js';
 
 /** Request frames from this size up go through `spares`, buffers kept warm (fresh ones cost their page faults each time). */
 const POOLED_FRAME = 1 << 16;
 /** Warm frame buffers kept: one per upload a preload keeps in flight. */
 const SPARES = 4;
+/** Stacked frames kept, one per form (layer, sessions, dtypes, shapes); a caller cycling through more starts over. */
+const PLANS = 4096;
 
 /**
  * `view`: the request copies out all it keeps of its answer as soon as it is
@@ -45,6 +51,10 @@ export class KvrecallStream {
   /** Whether a setImmediate chain polls now (opts.spinMs), and until when (performance.now()). */
   private spinning = false;
   private spinUntil = 0;
+  /** The shared-memory segment attached (attachShm), its stacked frames by form, and the last request that uses it. */
+  private seg?: ShmFile;
+  private plans = new Map<string, StackedPlan>();
+  private segTail: Promise<unknown> = Promise.resolve();
 
   private constructor(private readonly spinMs: number) {}
 
@@ -77,6 +87,82 @@ export class KvrecallStream {
     const frame = await this.request({ layer, steps });
     if (frame.error) throw requestError(frame.error as { code: string; message: string });
     return Object.assign(batchResults<OutOf<S>>(frame.results as WireResult[]), { ms: (frame.stats as { ms: number } | undefined)?.ms });
+  }
+
+  /**
+   * Makes a shared-memory segment of `bytes` (a positive multiple of 4) as
+   * a file in `dir` (the server's --shm-dir, default /dev/shm; O_EXCL, mode
+   * 0600, a random name), attaches it to this stream, and unlinks the file
+   * once the server has answered (its mapping and this stream's descriptor
+   * keep the pages; the descriptor closes with the stream). A refusal (the
+   * server's --shm-dir off or another directory, another host, another
+   * owner) rejects with KvrecallRequestError (422 `invalid`, the server's
+   * why) and removes the file; the stream goes on, with the segment it had
+   * if any. Where the file cannot be made, the fs error. A second attach
+   * replaces the first once the requests using it are answered.
+   */
+  attachShm(opts: { bytes: number; dir?: string }): Promise<void> {
+    return this.onSegment(async () => {
+      if (this.closed) throw this.closed;
+      const file = ShmFile.create(opts.bytes, opts.dir ?? SHM_DIR);
+      let frame: Record<string, unknown>;
+      try {
+        frame = await this.request({ shm: { name: file.name, bytes: file.bytes } }, { view: true, small: true });
+      } catch (e) {
+        file.close();
+        throw e;
+      }
+      // Mapped by both, or refused: the name is no longer needed.
+      file.unlink();
+      if (frame.error || this.closed) {
+        file.close();
+        throw frame.error ? requestError(frame.error as { code: string; message: string }) : this.closed;
+      }
+      this.seg?.close();
+      this.seg = file;
+      this.plans.clear();
+    });
+  }
+
+  /** The segment attached (its name and size), if any. */
+  get shm(): { name: string; bytes: number } | undefined {
+    return this.seg && { name: this.seg.name, bytes: this.seg.bytes };
+  }
+
+  /**
+   * One layer's step of a running batch as whole arrays (clients/ts/stacked.ts):
+   * q [n, qHeads, d], k and v [n, kvHeads, d] (or neither), positions n
+   * integers (or none), one session per row. Through the segment: q, k, v
+   * and the positions written into it, one stacked frame, out [n, qHeads,
+   * d] and lse [n, qHeads] read back into `opts.out` and `opts.lse` when
+   * given (else new arrays). `errors` lists the failed steps as [index,
+   * code, message], their rows NaN; the others are answered. Without a
+   * segment, or where the batch does not fit it, the same steps go as
+   * attendBatch's, in bytes: the same answers. Arrays that cannot be the
+   * batch reject with a TypeError (or RangeError) before anything is sent;
+   * a batch the server refuses whole, with KvrecallRequestError. Requests
+   * through the segment run one at a time (each writes its tensors from the
+   * segment's start), so calls made at once are sent in turn.
+   */
+  async attendStacked<O extends StackedOptions = Record<never, never>>(layer: number, sessions: readonly string[], q: Tensor, k?: Tensor, v?: Tensor, positions?: Int32Array | readonly number[], opts?: O): Promise<StackedReply<StackedOut<O>>> {
+    const c = checkStacked(layer, sessions, q, k, v, positions, opts ?? {});
+    const byBytes = async () => stackResults<StackedOut<O>>(await this.attendBatch(layer, stackedSteps(c)), c, opts?.out, opts?.lse);
+    if (!this.seg) return byBytes();
+    return this.onSegment(async () => {
+      const seg = this.seg;
+      if (!seg) return byBytes();
+      let plan = this.plans.get(c.key);
+      if (!plan || !plan.serves(sessions)) {
+        if (this.plans.size >= PLANS) this.plans.clear();
+        plan = new StackedPlan(c, seg.bytes);
+        this.plans.set(c.key, plan);
+      }
+      if (!plan.fits) return byBytes();
+      plan.write(seg, c);
+      const frame = await this.request(plan.body, { view: true, small: true });
+      if (frame.error) throw requestError(frame.error as { code: string; message: string });
+      return plan.read<StackedOut<O>>(seg, frame, c, opts?.out, opts?.lse);
+    });
   }
 
   /**
@@ -136,9 +222,12 @@ export class KvrecallStream {
     return this.ws.ping();
   }
 
+  /** Closes the connection; the segment's descriptor (and its file, if still named) with it. */
   close(): void {
     this.ws.close();
     this.fail(new Error('stream closed'));
+    this.seg?.close();
+    this.seg = undefined;
   }
 
   /** `view`: data is a view of the warm read buffer (see WsEvents.messageView); false when it must be copied and given again. */
@@ -225,6 +314,16 @@ export class KvrecallStream {
         reject(e as Error);
       }
     });
+  }
+
+  /** Runs `f` once the requests before it that use the segment are answered and read (each writes from the segment's start). */
+  private onSegment<T>(f: () => Promise<T>): Promise<T> {
+    const run = this.segTail.then(f);
+    this.segTail = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
   }
 
   /** opts.spinMs: one setImmediate per loop turn while an answer is owed, for up to spinMs after the latest request, so the loop polls (zero timeout) rather than sleeps. */
