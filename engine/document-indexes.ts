@@ -2,6 +2,7 @@
 // retrieval methods that search one.
 import type { HeadIndex, HeadIndexBuilder, HeadKeys } from '../index/method.js';
 import type { KvSegment } from '../storage/kv-segment.js';
+import type { ArtifactReplace } from '../storage/document-store.js';
 import type { ArtifactWrite } from '../storage/store.js';
 import type { ModelShape } from '../core/model.js';
 
@@ -108,4 +109,22 @@ export async function buildArtifacts(
 
 export function loadIndexes(builder: HeadIndexBuilder, layers: KvSegment[], artifacts: Uint8Array[][]): HeadIndex[][] {
   return layers.map((seg, layer) => artifacts[layer].map((bytes, head) => builder.load(bytes, headKeys(seg, head))));
+}
+
+/**
+ * Replaces in `artifacts` each that `builder` reads in an older format by
+ * its current form (HeadIndexBuilder.upgrade), and returns those rewrites
+ * for the store: converted once here, not at every load. Throws as a load
+ * of a stale artifact does.
+ */
+export function upgradeArtifacts(method: string, builder: HeadIndexBuilder, artifacts: Uint8Array[][]): ArtifactReplace[] {
+  const out: ArtifactReplace[] = [];
+  if (!builder.upgrade) return out;
+  artifacts.forEach((row, layer) =>
+    row.forEach((was, head) => {
+      const bytes = builder.upgrade!(was);
+      if (bytes) out.push({ method, layer, head, bytes, was }), (row[head] = bytes);
+    }),
+  );
+  return out;
 }

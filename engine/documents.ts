@@ -7,7 +7,7 @@ import { isStaleArtifact, type HeadIndex, type HeadIndexBuilder } from '../index
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore, MaybePromise } from '../storage/document-store.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
-import { buildArtifacts, loadIndexes, PrefillQueries } from './document-indexes.js';
+import { buildArtifacts, loadIndexes, PrefillQueries, upgradeArtifacts } from './document-indexes.js';
 import { LayerCache, ResidentLayers } from './resident-layers.js';
 import { conflict, invalid, KvrecallError, notFound, preconditionFailed, unavailable } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
@@ -497,8 +497,10 @@ export class Documents {
 
   /**
    * A method's indexes of a ready document: from memory, else loaded from
-   * the store, else (the document was sealed without that method) built now
-   * and stored, once. Of a partially resident document, the resident
+   * the store (an older format the builder reads converted and stored
+   * back, once: in this queue, two attaches never both convert), else (the
+   * document was sealed without that method) built now and stored, once.
+   * Of a partially resident document, the resident
    * layers' now and each other layer's when a step reads it.
    */
   indexes(doc: LoadedDocument, method: string): Promise<HeadIndex[][]> {
@@ -547,7 +549,10 @@ export class Documents {
       };
       let loaded: HeadIndex[][];
       try {
-        loaded = await load((await this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads)) ?? (await rebuild()));
+        const stored = await this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads);
+        const upgraded = stored ? upgradeArtifacts(method, builder, stored) : [];
+        loaded = await load(stored ?? (await rebuild()));
+        if (upgraded.length > 0) this.artifactsUpgraded += (await this.store.replaceArtifacts?.(doc.meta.id, method, upgraded)) ?? 0;
       } catch (e) {
         // An artifact of an older format (this build reads only its own): rebuilt from the keys and stored once.
         if (!isStaleArtifact(e)) throw e;
@@ -558,8 +563,9 @@ export class Documents {
     });
   }
 
-  /** Index builds that happened at attach rather than at seal (for tests and metrics). */
+  /** Index builds that happened at attach rather than at seal, and artifacts rewritten from an older format (for tests and metrics). */
   buildsAfterSeal = 0;
+  artifactsUpgraded = 0;
 
   /** Why a document that is not loading here cannot take uploads or a seal. */
   private async notLoading(id: string): Promise<never> {

@@ -177,6 +177,13 @@ export interface HeadIndexBuilder {
   build(input: BuildInput): Promise<Uint8Array>;
   load(bytes: Uint8Array, keys: HeadKeys): HeadIndex;
   /**
+   * Optional: an artifact of an older format that load reads (converting it
+   * at every load) in this build's format, else undefined; the engine loads
+   * and stores that in its place, so the conversion runs once. A throw is
+   * as load's (a stale artifact is rebuilt).
+   */
+  upgrade?(bytes: Uint8Array): Uint8Array | undefined;
+  /**
    * Optional: HeadIndex.search for every kv head of a step at once (head h
    * with query rows h*group ..), off the main thread and in parallel; the
    * loaded indexes are this builder's.

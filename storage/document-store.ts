@@ -47,6 +47,11 @@ export interface ArtifactWrite {
   bytes: Uint8Array;
 }
 
+/** An artifact rewritten in place of the bytes it was read as (`was`). */
+export interface ArtifactReplace extends ArtifactWrite {
+  was: Uint8Array;
+}
+
 export interface DocumentStore {
   /** What the store is, for messages: "LMDB", "the Redis Cluster". */
   readonly name: string;
@@ -77,6 +82,14 @@ export interface DocumentStore {
   seal(meta: DocumentMeta, tail: BlockWrite[], artifacts: ArtifactWrite[]): Promise<void>;
   /** Adds artifacts of a method built after seal (and its name to the metadata). */
   addArtifacts(id: string, method: string, artifacts: ArtifactWrite[]): Promise<void>;
+  /**
+   * Optional: rewrites artifacts of a ready document (an older format
+   * converted: HeadIndexBuilder.upgrade) atomically, each only where the
+   * store still holds the bytes it was read as; durable when it resolves,
+   * to how many it wrote. A store without it keeps the older format (each
+   * load converts it again).
+   */
+  replaceArtifacts?(id: string, method: string, artifacts: ArtifactReplace[]): Promise<number>;
   /** A method's artifacts for every (layer, head), or undefined if any is missing. */
   loadArtifacts(id: string, method: string, layers: number, heads: number): MaybePromise<Uint8Array[][] | undefined>;
   /**

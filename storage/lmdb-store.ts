@@ -34,7 +34,7 @@ import { copyViews } from '../addon/copy-ranges.js';
 import { writeBackDrop } from '../addon/file-pages.js';
 import { crashPoint } from '../core/crash-point.js';
 import { BufferPool } from './buffer-pool.js';
-import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
+import type { ArtifactReplace, ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore } from './document-store.js';
 import type { HostBudget } from './host-budget.js';
 import { KvSegment } from './kv-segment.js';
 import { ArtifactEnv, DocumentEnvs, documentFolder, documentKey, documentKeys, removeDocumentFolder, type ArtifactKey } from './lmdb-doc-envs.js';
@@ -248,6 +248,38 @@ export class LmdbStore implements DocumentStore {
       await this.meta.put(id, { ...meta, methods: [...meta.methods, method] });
       await this.durable();
     }
+  }
+
+  /**
+   * Rewrites artifacts in one transaction of the document's artifact
+   * environment (a crash leaves every one old or every one new, each
+   * loadable), each only where the store still holds `was`: of two rewrites
+   * of the same bytes the second writes nothing. Flushed before it resolves.
+   */
+  async replaceArtifacts(id: string, method: string, artifacts: ArtifactReplace[]): Promise<number> {
+    if (this.meta.get(id)?.status !== 'ready' || artifacts.length === 0) return 0;
+    const env = ArtifactEnv.create(this.path, id, artifacts.reduce((n, a) => n + a.bytes.byteLength, 0));
+    const done = env.db
+      .transaction(() => {
+        let written = 0;
+        for (const a of artifacts) {
+          const key: ArtifactKey = [id, method, a.layer, a.head];
+          // A store written before per-document environments holds it in the main one: the rewrite goes to the document's, read first.
+          const now = env.db.getBinary(key) ?? this.artifacts.getBinary(key);
+          if (!now || !Buffer.from(a.was.buffer, a.was.byteOffset, a.was.byteLength).equals(now)) continue;
+          crashPoint('artifacts:replacing');
+          void env.db.put(key, Buffer.from(a.bytes.buffer, a.bytes.byteOffset, a.bytes.byteLength));
+          written++;
+        }
+        return written;
+      })
+      .then(async (written) => {
+        crashPoint('artifacts:replaced');
+        if (written > 0) await env.sync();
+        return written;
+      });
+    this.track(id, done.then(() => env.close(), () => env.close()));
+    return done;
   }
 
   /**

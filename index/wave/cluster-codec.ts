@@ -132,6 +132,17 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   };
 }
 
+/**
+ * The version 5 form of a version 4 artifact (its moments coded as
+ * decodeClusters codes them at load: the same arrays, so the same answers),
+ * for the store to keep in its place so that the next load codes nothing;
+ * undefined for an artifact of this version. Throws as decodeClusters does.
+ */
+export function upgradeClusters(bytes: Uint8Array): Uint8Array | undefined {
+  if (bytes.byteLength < 8 || new DataView(bytes.buffer, bytes.byteOffset, 8).getUint32(4, true) !== WORD_MOMENTS) return undefined;
+  return encodeClusters(decodeClusters(bytes));
+}
+
 /** A version 4 artifact (f16/bf16 moments) of the same clusters: what documents sealed before version 5 hold (tests). */
 export function encodeWordMoments(a: ClusterArrays, keyVars: Uint16Array, keyAxes: Uint16Array): Uint8Array {
   return pack(a, WORD_MOMENTS, [a.centroids, a.valueMeans, keyVars, keyAxes, a.counts, a.tokenCluster]);

@@ -6,7 +6,7 @@
 // artifact (f16 moments), codes them at load as a build codes them.
 import { describe, expect, it } from 'vitest';
 import { widenWords } from '../../addon/kernels.js';
-import { decodeClusters, encodeClusters, encodeWordMoments, type ClusterArrays } from '../../index/wave/cluster-codec.js';
+import { decodeClusters, encodeClusters, encodeWordMoments, upgradeClusters, type ClusterArrays } from '../../index/wave/cluster-codec.js';
 import { decodeAxis, decodeMoments, decodeVar, encodeMoments } from '../../index/wave/moment-code.js';
 import { bitsOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -98,6 +98,12 @@ describe('8-bit key moments', () => {
     for (const k of ['keyAxes', 'axisScales', 'keyVars', 'varScales'] as const) expect(Array.from(old[k]), k).toEqual(Array.from(want[k]));
     for (const k of ['centroids', 'valueMeans', 'counts', 'tokenCluster'] as const) expect(Array.from(old[k]), k).toEqual(Array.from(a[k]));
     expect(old.varianceShare).toBe(0.25);
+    // Its upgrade (what the store keeps in its place) is version 5 of those arrays; a version 5 artifact needs none.
+    const up = upgradeClusters(encodeWordMoments(a, varWords, axisWords))!;
+    expect(new DataView(up.buffer).getUint32(4, true)).toBe(5);
+    const upArrays = decodeClusters(up);
+    for (const k of ['centroids', 'valueMeans', 'keyAxes', 'axisScales', 'keyVars', 'varScales', 'counts', 'tokenCluster'] as const) expect(Array.from(upArrays[k]), k).toEqual(Array.from(old[k]));
+    expect(upgradeClusters(encodeClusters(a))).toBeUndefined();
     // A version 4 f16 variance past 65504 was stored as infinity: that artifact is stale (rebuilt from the keys), not a failed attach.
     const inf = Uint16Array.from(varWords);
     inf[3] = 0x7c00;

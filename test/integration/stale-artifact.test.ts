@@ -81,7 +81,7 @@ describe('stale index artifacts', () => {
     expect(new DataView(again[0][0].buffer, again[0][0].byteOffset).getUint32(4, true)).not.toBe(1);
   });
 
-  it('a wave index of version 4 (key axes and variances as f16 words) attaches without a rebuild, its moments coded at load within a step of version 5', async () => {
+  it('a wave index of version 4 (key axes and variances as f16 words) attaches without a rebuild, its moments coded once and stored as version 5, which the next attach loads as it is', async () => {
     const rng = new Rng(seed + 2);
     await server.close();
     server = await startInProcess(tmp.dir);
@@ -97,27 +97,37 @@ describe('stale index artifacts', () => {
       for (const q of qs) out.push(Array.from((await client.attend(id, { layer: 0, q })).out));
       return out;
     };
-    const restart = async (bytes: (stored: Uint8Array, head: number) => Uint8Array) => {
-      const stored = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))!;
-      await server.engine.store.addArtifacts('v4', 'wave', stored[0].map((b, head) => ({ method: 'wave', layer: 0, head, bytes: bytes(b, head) })));
+    const stored = async () => (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0];
+    const versionOf = (b: Uint8Array) => new DataView(b.buffer, b.byteOffset).getUint32(4, true);
+    const restart = async () => {
       await server.close();
       server = await startInProcess(tmp.dir);
       client = new KvrecallClient({ url: server.url });
     };
     // The same clusters as a version 4 build stored them: the moments as f16 words (of the values version 5 decodes to).
     const f16 = bitsOf('f16'), d = model.headDim;
-    const fresh = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0].map((b) => decodeClusters(b));
-    await restart((b) => {
-      const a = decodeClusters(b), { axes, vars } = decodeMoments(a, d);
+    const fresh = (await stored()).map((b) => decodeClusters(b));
+    const v4 = fresh.map((a) => {
+      const { axes, vars } = decodeMoments(a, d);
       return encodeWordMoments(a, Uint16Array.from(vars, f16), Uint16Array.from(axes, f16));
     });
+    const storeV4 = async () => {
+      await server.engine.store.addArtifacts('v4', 'wave', v4.map((bytes, head) => ({ method: 'wave', layer: 0, head, bytes })));
+      await restart();
+    };
+    await storeV4();
     const builds = server.engine.documents.buildsAfterSeal;
     const old = await answers();
     expect(server.engine.documents.buildsAfterSeal).toBe(builds);
-    const stored = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0];
-    expect(new DataView(stored[0].buffer, stored[0].byteOffset).getUint32(4, true)).toBe(4);
+    // Rewritten as version 5: the codes the load made of the version 4 words, byte for byte.
+    expect(server.engine.documents.artifactsUpgraded).toBe(model.kvHeads);
+    const upgraded = await stored();
+    upgraded.forEach((b, head) => {
+      expect(versionOf(b)).toBe(5);
+      expect(Buffer.from(b).equals(Buffer.from(encodeClusters(decodeClusters(v4[head]))))).toBe(true);
+    });
     // Coded from f16 words, each moment decodes within one code step of the fresh build's.
-    stored.forEach((b, head) => {
+    upgraded.forEach((b, head) => {
       const got = decodeClusters(b), was = fresh[head], g = decodeMoments(got, d), w = decodeMoments(was, d);
       for (let i = 0; i < g.axes.length; i++) {
         const c = Math.floor(i / d), step = Math.max(got.axisScales[c], was.axisScales[c]);
@@ -127,10 +137,22 @@ describe('stale index artifacts', () => {
         expect(Math.abs(g.vars[i] - w.vars[i])).toBeLessThanOrEqual(vstep * 1.01);
       }
     });
-    // And it answers as a version 5 artifact of the codes it loaded to, bit for bit.
-    await restart((b) => encodeClusters(decodeClusters(b)));
-    const coded = (await server.engine.store.loadArtifacts('v4', 'wave', 1, 2))![0][0];
-    expect(new DataView(coded.buffer, coded.byteOffset).getUint32(4, true)).toBe(5);
+    // The next attach loads version 5 as stored (nothing coded, nothing written) and answers as the first, bit for bit.
+    await restart();
     expect(await answers()).toEqual(old);
+    expect(server.engine.documents.artifactsUpgraded).toBe(0);
+    expect(server.engine.documents.buildsAfterSeal).toBe(0);
+    (await stored()).forEach((b, i) => expect(Buffer.from(b).equals(Buffer.from(upgraded[i]))).toBe(true));
+
+    // Attaches at once: the document's queue converts once; each session answers as before.
+    await storeV4();
+    const at = await Promise.all(Array.from({ length: 4 }, () => answers()));
+    for (const a of at) expect(a).toEqual(old);
+    expect(server.engine.documents.artifactsUpgraded).toBe(model.kvHeads);
+    (await stored()).forEach((b, i) => expect(Buffer.from(b).equals(Buffer.from(upgraded[i]))).toBe(true));
+    // And a rewrite of bytes the store no longer holds (a second converter, late) writes nothing.
+    const late = upgraded.map((bytes, head) => ({ method: 'wave', layer: 0, head, bytes: v4[head], was: v4[head] }));
+    expect(await server.engine.store.replaceArtifacts!('v4', 'wave', late)).toBe(0);
+    (await stored()).forEach((b) => expect(versionOf(b)).toBe(5));
   });
 });
