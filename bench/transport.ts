@@ -1,4 +1,4 @@
-// npm run bench:transport [-- --calls 500 --tokens 4096 --rounds 5]
+// npm run bench:transport [-- --calls 500 --tokens 4096 --rounds 5] (-- --stacked: bench/transport-stacked.ts)
 //
 // What a decode call costs beyond the server's own work, per transport: the
 // client's wall time minus the server's stats.ms, p50 over `calls` attends
@@ -270,4 +270,6 @@ async function main(): Promise<void> {
   }
 }
 
-await main();
+// --stacked: the stacked batch through the shared-memory segment against one stream attend (bench/transport-stacked.ts).
+if (process.argv.includes('--stacked')) await (await import('./transport-stacked.js')).stackedMain();
+else await main();
