@@ -40,6 +40,8 @@ type Row = (typeof ROWS)[number];
 interface Sitting {
   date: string;
   commit: string;
+  /** Tracked files changed in the working tree the run was built from (others' work in progress on a shared tree). */
+  dirty: string[];
   machine: Machine;
   loadAtStart: number;
   loadAtEnd: number;
@@ -124,6 +126,7 @@ async function main(): Promise<void> {
     const sitting: Sitting = {
       date: new Date().toISOString(),
       commit: execSync('git rev-parse --short HEAD', { cwd: join(import.meta.dirname, '..', '..') }).toString().trim(),
+      dirty: execSync('git diff --name-only HEAD', { cwd: join(import.meta.dirname, '..', '..') }).toString().split('\n').filter(Boolean),
       machine: machine(),
       loadAtStart,
       loadAtEnd: machine().loadAverage,
@@ -163,11 +166,11 @@ function report(sittings: Sitting[]): string {
     '- `stacked(32)`: `stream.attendStacked(0, sessions, q [32, 32, 128], k, v [32, 8, 128], positions)`: q, k, v and positions written into the segment (one pwritev), one stacked frame, out and lse read back (one preadv) into new arrays; `into`: into the caller\'s arrays; `f16`: q f16 and `outDtype: \'f16\'`;',
     '- `stream batch(32)`: `stream.attendBatch` of the same 32 steps in bytes (the byte form, for comparison).',
     '',
-    'Sittings (load average at start–end; the commit run):',
+    'Sittings (load average at start–end; the commit run, and the tracked files others had changed in the shared working tree it was built from):',
     '',
-    '| sitting | UTC | load | commit | calls per row |',
-    '| --- | --- | --- | --- | ---: |',
-    ...sittings.map((s, i) => `| ${i + 1} | ${s.date.slice(0, 16).replace('T', ' ')} | ${s.loadAtStart}–${s.loadAtEnd} | ${s.commit} | ${s.calls} |`),
+    '| sitting | UTC | load | commit | changed in the tree | calls per row |',
+    '| --- | --- | --- | --- | --- | ---: |',
+    ...sittings.map((s, i) => `| ${i + 1} | ${s.date.slice(0, 16).replace('T', ' ')} | ${s.loadAtStart}–${s.loadAtEnd} | ${s.commit} | ${(s.dirty ?? []).join(', ') || '—'} | ${s.calls} |`),
     '',
     'Overhead p50 (µs):',
     '',
