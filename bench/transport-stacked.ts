@@ -7,7 +7,8 @@
 // attend, f32 and f16 (q and out). Each call is one decode step: q, the new
 // token's k and v (f16) and its position, on sessions of the row's own over
 // one `exact` document of `tokens` tokens (one layer, 32 q / 8 kv heads,
-// d=128). The rows are alternated call by call (A B A B ...) in one process
+// d=128). The rows are alternated call by call (every row once a round, in a
+// fresh random order each round) in one process
 // against one server (its own process on 127.0.0.1, --shm-dir /dev/shm),
 // over one stream with a segment attached. Overhead = client wall − the
 // server's stats.ms (a batch: its whole ms), p50; client CPU = this
@@ -109,8 +110,15 @@ async function main(): Promise<void> {
     const serverMs = Object.fromEntries(ROWS.map((r) => [r, [] as number[]])) as Record<Row, number[]>;
     const cpu = Object.fromEntries(ROWS.map((r) => [r, [] as number[]])) as Record<Row, number[]>;
     progress(`server ${server.url}; ${CALLS} calls per row after ${WARMUP} warm-up, rows alternated call by call`);
+    const order = ROWS.slice();
     for (let i = 0; i < WARMUP + CALLS; i++) {
-      for (const row of ROWS) {
+      // Every row once a round, in a fresh order: no row always follows the same one (a call after a batch's
+      // ~70 ms wait finds this VM's processes slow to wake, which a fixed order would charge to one row).
+      for (let j = order.length - 1; j > 0; j--) {
+        const r = Math.floor(Math.random() * (j + 1));
+        [order[j], order[r]] = [order[r], order[j]];
+      }
+      for (const row of order) {
         const c0 = process.cpuUsage(), t0 = performance.now();
         const ms = (await calls[row]()) ?? NaN;
         const wall = performance.now() - t0, c = process.cpuUsage(c0);
@@ -159,7 +167,7 @@ function report(sittings: Sitting[]): string {
   return [
     `# TypeScript client: the stacked batch through the shared-memory segment (issue #14's batch target), ${m.cpu}, ${m.cores} cores`,
     '',
-    `\`npm run bench:transport -- --stacked --calls N\` (bench/transport-stacked.ts). TypeScript client, Node ${m.node}, server (cpu backend, ${m.nativeThreads} native threads) in its own process on 127.0.0.1 with --shm-dir /dev/shm; one stream with a 16 MiB segment attached. One layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, \`exact\` over a ${sittings[0].tokens}-token document; each call is one decode step per session: q f32 (f16 rows: q and out f16), the new token's k and v f16 and its position, each row on sessions of its own. Rows alternated call by call (A B A B ...), ${WARMUP} warm-up calls each. Overhead = client wall − the server's stats.ms (a batch: its whole ms), p50 in µs; client CPU = this process's user + system time over the call, p50 in µs.`,
+    `\`npm run bench:transport -- --stacked --calls N\` (bench/transport-stacked.ts). TypeScript client, Node ${m.node}, server (cpu backend, ${m.nativeThreads} native threads) in its own process on 127.0.0.1 with --shm-dir /dev/shm; one stream with a 16 MiB segment attached. One layer, ${model.qHeads} q / ${model.kvHeads} kv heads, d=${model.headDim}, \`exact\` over a ${sittings[0].tokens}-token document; each call is one decode step per session: q f32 (f16 rows: q and out f16), the new token's k and v f16 and its position, each row on sessions of its own. Rows alternated call by call: every row once a round, in a fresh random order each round (so no row always follows a batch's long wait), ${WARMUP} warm-up rounds. Overhead = client wall − the server's stats.ms (a batch: its whole ms), p50 in µs; client CPU = this process's user + system time over the call, p50 in µs.`,
     '',
     'Rows:',
     '- `stream attend`, `stream attend f16`: one stream attend (bytes), the ratios\' unit;',
