@@ -1,9 +1,19 @@
 // A decode stream's shared-memory segment, mapped (native/bindings/shm_binding.cc
-// says how it is opened and when it is unmapped: when the garbage collector
-// drops the last view of it).
+// says how it is opened and when it is unmapped: by unmapShared, or when the
+// garbage collector drops the last view of it).
 import { nativeAddon } from './addon.js';
 
-const addon = nativeAddon<{ shmMap(args: { path: string; bytes: number }): ArrayBuffer | number }>();
+const addon = nativeAddon<{
+  shmMap(args: { path: string; bytes: number }): ArrayBuffer | number;
+  shmUnmap(buf: ArrayBuffer): boolean;
+  shmMapped(): SharedMapped;
+}>();
+
+/** The process's live shared-memory mappings. */
+export interface SharedMapped {
+  mappings: number;
+  bytes: number;
+}
 
 /** Why a file could not be mapped (the native status, named). */
 export type ShmProblem = 'not_found' | 'symlink' | 'not_regular' | 'too_small' | 'not_owner' | 'no_access' | 'map_failed' | 'open_failed';
@@ -30,4 +40,18 @@ export const SHM_MAX_BYTES = 16 * 2 ** 30;
 export function mapShared(path: string, bytes: number): ArrayBuffer | ShmProblem {
   const r = addon.shmMap({ path, bytes });
   return typeof r === 'number' ? (PROBLEMS[r] ?? 'open_failed') : r;
+}
+
+/**
+ * Detaches `buf` (a mapShared buffer: every view of it reads as empty from
+ * now on) and unmaps it now, not when the collector drops it; false when it
+ * is not mapped (any more). No native work may be reading it.
+ */
+export function unmapShared(buf: ArrayBuffer): boolean {
+  return addon.shmUnmap(buf);
+}
+
+/** What mapShared has mapped and is not unmapped yet, in this process. */
+export function sharedMapped(): SharedMapped {
+  return addon.shmMapped();
 }

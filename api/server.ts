@@ -55,7 +55,7 @@ export async function startServer(cfg: Config, given?: Parameters<typeof Engine.
   // session with it; the connections already open are served on.
   server.on('error', (e: NodeJS.ErrnoException) => console.error(`kvrecall: accepting a connection failed (${e.code ?? e.message}); serving on`));
   lingerOnClose(server as Server);
-  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir, pollUs: cfg.pollUs });
+  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir, shmStreamBytes: cfg.shmStreamBytes, shmTotalBytes: cfg.shmTotalBytes, pollUs: cfg.pollUs });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,

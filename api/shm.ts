@@ -12,7 +12,7 @@
 // Everything a frame names is checked here before the frame runs: a bad
 // reference fails its frame (a batch's step: that step) and changes nothing.
 import { join } from 'node:path';
-import { mapShared, SHM_MAX_BYTES, type ShmProblem } from '../addon/shm.js';
+import { mapShared, SHM_MAX_BYTES, unmapShared, type ShmProblem } from '../addon/shm.js';
 import { invalid } from '../core/errors.js';
 import { tensorSize } from '../core/tensor.js';
 import type { AttendAnswer } from '../engine/sessions.js';
@@ -52,33 +52,127 @@ export interface AnswerRefs {
 /** The next multiple of 4 (exact past 2^31, where `& ~3` is not). */
 export const align4 = (n: number) => Math.ceil(n / 4) * 4;
 
-/** A stream's mapped segment: its bytes stay mapped while this (or any view of them) lives. */
-export class ShmSegment {
-  readonly bytes: Uint8Array;
+/**
+ * The server's shared memory: its directory (undefined: off), its caps on
+ * the bytes mapped for one stream and for all of them (--shm-stream-bytes,
+ * --shm-total-bytes), and the bytes its streams hold mapped now.
+ */
+export class ShmPool {
+  mapped = 0;
 
-  constructor(buf: ArrayBuffer) {
-    this.bytes = new Uint8Array(buf);
+  constructor(
+    readonly dir: string | undefined,
+    readonly streamBytes: number,
+    readonly totalBytes: number,
+  ) {}
+}
+
+/**
+ * One stream's segments: the one attached last, which frames resolve their
+ * references in, and those it replaced that frames still use. A segment is
+ * unmapped (unmapShared, not left to the collector) as soon as it is
+ * replaced or the stream closes and no frame uses it: a client attaching
+ * again and again holds one mapping, not one per attach until a collection.
+ */
+export class ShmStream {
+  private current?: ShmSegment;
+  /** Bytes of this stream's segments still mapped (the current and those replaced that frames use). */
+  mapped = 0;
+
+  constructor(private readonly pool: ShmPool) {}
+
+  get segment(): ShmSegment | undefined {
+    return this.current;
   }
 
   /**
-   * Maps `kvrecall-<name>` in `dir` (undefined: the feature is off) as
-   * `req` = {name, bytes} asks; a refusal is a 422 that names why.
+   * Maps `kvrecall-<name>` in the pool's directory as `req` = {name, bytes}
+   * asks and makes it the stream's segment; a refusal (a 422 that names
+   * why: a bad name or size, over a cap, a file that cannot be mapped)
+   * maps nothing and leaves the segment before in place.
    */
-  static attach(dir: string | undefined, req: unknown): ShmSegment {
+  attach(req: unknown): ShmSegment {
+    const { dir, streamBytes, totalBytes } = this.pool;
     if (dir === undefined) throw invalid('shared memory is off on this server (--shm-dir off): send tensors as data');
     if (typeof req !== 'object' || req === null || Array.isArray(req) || req instanceof Uint8Array) throw invalid('shm must be a map {name, bytes}');
     const { name, bytes } = req as Record<string, unknown>;
     if (typeof name !== 'string' || !SHM_NAME.test(name)) throw invalid('shm.name must be 1 to 100 characters of A-Z a-z 0-9 _ . -');
     if (typeof bytes !== 'number' || !Number.isInteger(bytes) || bytes <= 0 || bytes % 4 !== 0 || bytes > SHM_MAX_BYTES)
       throw invalid(`shm.bytes must be a positive multiple of 4, at most ${SHM_MAX_BYTES}, got ${JSON.stringify(bytes)}`);
+    // The segment replaced is unmapped at once when no frame uses it: its bytes do not count against the new one.
+    const freed = this.current?.idle ? this.current.size : 0;
+    if (this.mapped - freed + bytes > streamBytes)
+      throw invalid(`shm.bytes ${bytes} would take this stream's mapped segments to ${this.mapped - freed + bytes} bytes, over the server's cap of ${streamBytes} a stream (--shm-stream-bytes; a segment replaced stays mapped while frames use it)`);
+    if (this.pool.mapped - freed + bytes > totalBytes)
+      throw invalid(`shm.bytes ${bytes} would take the streams' mapped segments to ${this.pool.mapped - freed + bytes} bytes, over the server's cap of ${totalBytes} (--shm-total-bytes): send tensors as data, or attach later`);
     const file = SHM_PREFIX + name;
     const mapped = mapShared(join(dir, file), bytes);
     if (typeof mapped === 'string') throw invalid(`shared-memory file ${file} in ${dir} ${WHY[mapped]}`);
-    return new ShmSegment(mapped);
+    this.mapped += bytes;
+    this.pool.mapped += bytes;
+    const seg = new ShmSegment(mapped, () => {
+      this.mapped -= bytes;
+      this.pool.mapped -= bytes;
+    });
+    this.current?.retire();
+    this.current = seg;
+    return seg;
+  }
+
+  /** The stream is closed: its segment goes once the frames still running let go of it. */
+  close(): void {
+    this.current?.retire();
+    this.current = undefined;
+  }
+}
+
+/** A stream's mapped segment: mapped until it is retired and no frame uses it (or, failing that, until the collector drops it). */
+export class ShmSegment {
+  readonly bytes: Uint8Array;
+  readonly size: number;
+  private users = 0;
+  private retired = false;
+  private unmapped = false;
+
+  constructor(
+    private readonly buf: ArrayBuffer,
+    private readonly gone: () => void = () => {},
+  ) {
+    this.bytes = new Uint8Array(buf);
+    this.size = buf.byteLength;
   }
 
   get byteLength(): number {
-    return this.bytes.byteLength;
+    return this.size;
+  }
+
+  /** No frame uses it. */
+  get idle(): boolean {
+    return this.users === 0;
+  }
+
+  /** A frame uses the segment (its views of it read or written) until it calls what this returns (once; more calls do nothing). */
+  use(): () => void {
+    this.users++;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      if (--this.users === 0 && this.retired) this.unmap();
+    };
+  }
+
+  /** No new frame will use it: unmapped now, or when the last frame using it is done. */
+  retire(): void {
+    this.retired = true;
+    if (this.users === 0) this.unmap();
+  }
+
+  private unmap(): void {
+    if (this.unmapped) return;
+    this.unmapped = true;
+    unmapShared(this.buf);
+    this.gone();
   }
 }
 

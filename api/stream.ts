@@ -23,6 +23,7 @@
 import type { IncomingMessage, Server } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
+import { DEFAULTS } from '../core/config.js';
 import { malformed, notFound } from '../core/errors.js';
 import { joinParts, packParts } from '../core/msgpack-parts.js';
 import { MsgpackError, unpackView } from '../core/msgpack-parts-decode.js';
@@ -30,7 +31,7 @@ import type { Documents } from '../engine/documents.js';
 import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame, STEP_TENSORS } from './batch-pack.js';
-import { SharedFrame, ShmSegment } from './shm.js';
+import { SharedFrame, ShmPool, ShmStream } from './shm.js';
 import { attendStacked } from './stacked.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
@@ -54,14 +55,11 @@ export interface StreamOptions {
   documents?: Pick<Documents, 'appendKv'>;
   /** Where clients make their shared-memory segments (--shm-dir); undefined: attaching one is refused. */
   shmDir?: string;
+  /** Bytes of segments mapped at most for one stream and for all (--shm-stream-bytes, --shm-total-bytes; default: core/config.ts's). */
+  shmStreamBytes?: number;
+  shmTotalBytes?: number;
   /** Microseconds the event loop keeps polling after an answer goes out (--poll-us; api/loop-poll.ts); 0 or absent: it sleeps. */
   pollUs?: number;
-}
-
-/** A connection's shared memory: the server's directory, and the segment attached last. */
-interface ShmState {
-  readonly dir?: string;
-  segment?: ShmSegment;
 }
 
 export interface StreamHandle {
@@ -76,6 +74,7 @@ export interface StreamHandle {
 export function attachStream(server: Server, sessions: Sessions, metrics: Metrics, opts: StreamOptions): StreamHandle {
   const open = new Set<WsConnection>();
   const poller = new LoopPoller((opts.pollUs ?? 0) / 1000);
+  const shmPool = new ShmPool(opts.shmDir, opts.shmStreamBytes ?? DEFAULTS.shmStreamBytes, opts.shmTotalBytes ?? DEFAULTS.shmTotalBytes);
   const limits: WsLimits = {
     maxMessage: opts.maxFrame,
     progressMs: opts.progressMs ?? 30_000,
@@ -94,13 +93,13 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
     if (problem?.startsWith('Sec-WebSocket-Version')) return refuse(socket, 426, 'Upgrade Required', problem, 'sec-websocket-version: 13\r\n');
     if (problem) return refuse(socket, 400, 'Bad Request', problem);
     acceptHandshake(req, socket as Socket);
-    const shm: ShmState = { dir: opts.shmDir };
+    const shm = new ShmStream(shmPool);
     const conn: WsConnection = new WsConnection(
       socket as Socket,
       limits,
       serve(() => conn, sessions, opts.documents, metrics, shm, poller, () => {
-        // The segment is unmapped once the frames still running let go of their views of it (addon/shm.ts).
-        shm.segment = undefined;
+        // The segment is unmapped once the frames still running are done with it (api/shm.ts).
+        shm.close();
         open.delete(conn);
       }),
     );
@@ -114,7 +113,7 @@ function refuse(socket: Duplex, status: number, reason: string, why = '', header
   socket.end(`HTTP/1.1 ${status} ${reason}\r\nconnection: close\r\n${headers}content-type: text/plain\r\ncontent-length: ${Buffer.byteLength(why)}\r\n\r\n${why}`);
 }
 
-function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, shm: ShmState, poller: LoopPoller, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
+function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, shm: ShmStream, poller: LoopPoller, closed: () => void): ConstructorParameters<typeof WsConnection>[2] {
   // Answers owed, in the order their frames came: each goes out once it and
   // every one before it are ready. (A promise chain per answer cost a few
   // microtask turns and promises on every decode step.)
@@ -123,7 +122,7 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
     // The client's next call comes soon after an answer: poll for it rather than sleep (--poll-us).
     if (owed.length > 0 && owed[0].ready) poller.extend();
     while (owed.length > 0 && owed[0].ready) {
-      const { frame, release } = owed.shift()!;
+      const { frame, release, unuse } = owed.shift()!;
       let sent = false;
       try {
         // A rejected handle() (nothing should reject there) or a send that threw: this connection closes, the process and the other streams go on.
@@ -132,8 +131,9 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
       } catch {
         conn().close(CLOSE_ERROR, 'the server failed to send an answer');
       } finally {
-        // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one).
+        // The frame is packed: nothing holds a view of the request's bytes now (an id may have been one), nor of the segment.
         release();
+        unuse?.();
         // A batch's frame not sent (the connection is closing): its buffer goes back.
         if (frame instanceof ReadyFrame && !sent) frame.release();
       }
@@ -143,7 +143,7 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
     message: (data, binary, release, readMs) => {
       const slot: Owed = { ready: false, release };
       owed.push(slot);
-      handle(data, binary, sessions, documents, metrics, readMs, shm).then(
+      handle(data, binary, sessions, documents, metrics, readMs, shm, slot).then(
         (frame) => {
           slot.frame = frame;
           slot.ready = true;
@@ -169,6 +169,8 @@ interface Owed {
   ready: boolean;
   frame?: Answer;
   release: () => void;
+  /** The frame is done with the stream's segment (ShmSegment.use). */
+  unuse?: () => void;
 }
 
 /**
@@ -194,7 +196,7 @@ function send(conn: WsConnection, frame: Answer): boolean {
 /** A frame's shared memory when the stream has no segment: every reference to one is refused. */
 const NO_SHARED = new SharedFrame(undefined);
 
-async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number, shm: ShmState): Promise<Answer> {
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number, shm: ShmStream, slot: Owed): Promise<Answer> {
   let id: unknown;
   try {
     if (!isBinary) throw malformed('frames are binary msgpack');
@@ -211,12 +213,13 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
     const body = frame as Record<string, unknown>;
     id = body.id;
     if (body.shm !== undefined) {
-      // Replaces any segment before: frames already running keep theirs.
-      shm.segment = ShmSegment.attach(shm.dir, body.shm);
-      return { id, shm: { bytes: shm.segment.byteLength } };
+      // Replaces any segment before: frames already running keep theirs (it is unmapped once they are done).
+      return { id, shm: { bytes: shm.attach(body.shm).byteLength } };
     }
-    // The segment as this frame came (its references resolve synchronously, before anything else can attach another).
-    const shared = shm.segment ? new SharedFrame(shm.segment) : NO_SHARED;
+    // The segment as this frame came (its references resolve synchronously, before anything else can attach another), in use until the answer is sent.
+    const seg = shm.segment;
+    if (seg) slot.unuse = seg.use();
+    const shared = seg ? new SharedFrame(seg) : NO_SHARED;
     if (body.document !== undefined) {
       if (typeof body.document !== 'string') throw malformed('an upload frame names its document');
       if (!documents) throw notFound('document uploads are not served on this stream');

@@ -75,6 +75,13 @@ export interface Config {
    */
   shmDir?: string;
   /**
+   * Bytes of shared-memory segments mapped at most for one stream (the
+   * one attached and those it replaced that frames still use) and for all
+   * streams together: an attach past either is refused (api/shm.ts).
+   */
+  shmStreamBytes: number;
+  shmTotalBytes: number;
+  /**
    * Attention work (rows × q heads × headDim) an event-loop turn runs on
    * its own thread instead of libuv's pool (addon/kernels.ts attend: a
    * short step skips two cross-thread wake-ups). 0: every attend on the
@@ -109,6 +116,8 @@ export const DEFAULTS: Config = {
   maxStreams: 1024,
   streamIdleMs: 30_000,
   shmDir: '/dev/shm',
+  shmStreamBytes: 2 ** 30,
+  shmTotalBytes: 8 * 2 ** 30,
   pollUs: 0,
 };
 
@@ -131,11 +140,13 @@ const FLAGS: Record<string, keyof Config> = {
   '--attend-sync-work': 'attendSyncWork',
   '--gpu-sync-us': 'gpuSyncUs',
   '--shm-dir': 'shmDir',
+  '--shm-stream-bytes': 'shmStreamBytes',
+  '--shm-total-bytes': 'shmTotalBytes',
   '--poll-us': 'pollUs',
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs', 'shmStreamBytes', 'shmTotalBytes'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -156,6 +167,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_ATTEND_SYNC_WORK) cfg.attendSyncWork = nonNegative(env.KVRECALL_ATTEND_SYNC_WORK, 'KVRECALL_ATTEND_SYNC_WORK');
   if (env.KVRECALL_GPU_SYNC_US) cfg.gpuSyncUs = nonNegative(env.KVRECALL_GPU_SYNC_US, 'KVRECALL_GPU_SYNC_US');
   if (env.KVRECALL_SHM_DIR) cfg.shmDir = env.KVRECALL_SHM_DIR;
+  if (env.KVRECALL_SHM_STREAM_BYTES) cfg.shmStreamBytes = nonNegative(env.KVRECALL_SHM_STREAM_BYTES, 'KVRECALL_SHM_STREAM_BYTES');
+  if (env.KVRECALL_SHM_TOTAL_BYTES) cfg.shmTotalBytes = nonNegative(env.KVRECALL_SHM_TOTAL_BYTES, 'KVRECALL_SHM_TOTAL_BYTES');
   if (env.KVRECALL_POLL_US) cfg.pollUs = nonNegative(env.KVRECALL_POLL_US, 'KVRECALL_POLL_US');
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];

@@ -1,12 +1,20 @@
 // shmMap({path, bytes}) -> ArrayBuffer | number
+// shmUnmap(buffer) -> boolean
+// shmMapped() -> {mappings, bytes}
 //
 // A decode stream's shared-memory segment (api/shm.ts): a file the client
 // made in the server's --shm-dir, mapped MAP_SHARED, read and write, as an
-// external ArrayBuffer whose finalizer unmaps it. The unmap waits for the
-// garbage collector: every view of the segment (a request's q held by a
-// step still running, say) keeps the buffer, and so the mapping, alive,
-// so nothing reads unmapped memory. The mapping's bytes are reported to V8
-// as external memory, which makes it collect sooner as segments pile up.
+// external ArrayBuffer. Two ways it is unmapped, whichever comes first:
+// shmUnmap, called by the stream once no frame uses the segment (a stream
+// that attaches again and again would otherwise hold every mapping until
+// the collector ran), which detaches the buffer (every view of it reads
+// as empty from then on, never as unmapped memory) and unmaps it at once;
+// or the buffer's finalizer, when the garbage collector drops its last
+// view. shmUnmap must not be called while native work reads the segment:
+// the caller knows when none does (api/shm.ts counts its frames). The
+// mapping's bytes are reported to V8 as external memory, which makes it
+// collect sooner as segments pile up; shmMapped reports what is mapped
+// now (the process's live mappings, tests and the stream's caps).
 //
 // On failure a status (ShmStatus below; addon/shm.ts words them), never a
 // throw for a file's state: the arguments alone are checked by throwing,
@@ -24,7 +32,9 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 namespace kvr {
 namespace {
@@ -44,11 +54,43 @@ enum ShmStatus : int32_t {
 // The largest segment mapped: far above a batch's 1-2 MB, short of address-space games.
 constexpr double kMaxBytes = 16.0 * (1ull << 30);
 
-void Unmap(Napi::Env env, void* data, size_t* bytes) {
-  munmap(data, *bytes);
+// One mapping. The finalizer deletes it; shmUnmap only marks it unmapped
+// (the finalizer may run later, or within the detach itself).
+struct Mapping {
+  void* data;
+  size_t bytes;
+  bool unmapped;
+};
+
+// The live mappings by address (one process, any thread's environment).
+std::mutex live_mutex;
+std::unordered_map<void*, Mapping*> live;
+size_t live_bytes = 0;
+
+// Takes `m` out of the live set (the caller holds live_mutex).
+void Forget(Mapping* m) {
+  m->unmapped = true;
+  live.erase(m->data);
+  live_bytes -= m->bytes;
+}
+
+void Release(Napi::Env env, void* data, size_t bytes) {
+  munmap(data, bytes);
   int64_t change = 0;
-  napi_adjust_external_memory(env, -static_cast<int64_t>(*bytes), &change);
-  delete bytes;
+  napi_adjust_external_memory(env, -static_cast<int64_t>(bytes), &change);
+}
+
+void Finalize(Napi::Env env, void* data, Mapping* m) {
+  bool unmap = false;
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    if (!m->unmapped) {
+      Forget(m);
+      unmap = true;
+    }
+  }
+  if (unmap) Release(env, data, m->bytes);
+  delete m;
 }
 
 Napi::Value ShmMap(const Napi::CallbackInfo& info) {
@@ -91,13 +133,62 @@ Napi::Value ShmMap(const Napi::CallbackInfo& info) {
   if (status != 0) return Napi::Number::New(env, status);
   int64_t change = 0;
   napi_adjust_external_memory(env, static_cast<int64_t>(bytes), &change);
-  return Napi::ArrayBuffer::New(env, data, bytes, Unmap, new size_t(bytes));
+  auto* m = new Mapping{data, bytes, false};
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    live[data] = m;
+    live_bytes += bytes;
+  }
+  return Napi::ArrayBuffer::New(env, data, bytes, Finalize, m);
+}
+
+// Detaches and unmaps a buffer shmMap made: true; false when it is not one
+// still mapped (unmapped already, or another buffer).
+Napi::Value ShmUnmap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArrayBuffer()) throw Napi::TypeError::New(env, "Expected an ArrayBuffer");
+  auto buf = info[0].As<Napi::ArrayBuffer>();
+  if (buf.IsDetached()) return Napi::Boolean::New(env, false);
+  void* data = buf.Data();
+  Mapping* m = nullptr;
+  size_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    auto it = live.find(data);
+    if (it == live.end() || it->second->bytes != buf.ByteLength()) return Napi::Boolean::New(env, false);
+    m = it->second;
+    bytes = m->bytes;
+    Forget(m);
+  }
+  // Detached first: no view reads the memory once it is unmapped. `m` is not
+  // touched after the detach (the finalizer may have deleted it within).
+  napi_status status = napi_detach_arraybuffer(env, buf);
+  if (status != napi_ok) {
+    std::lock_guard<std::mutex> lock(live_mutex);
+    m->unmapped = false;
+    live[data] = m;
+    live_bytes += bytes;
+    throw Napi::Error::New(env, "the segment's buffer could not be detached");
+  }
+  Release(env, data, bytes);
+  return Napi::Boolean::New(env, true);
+}
+
+Napi::Value ShmMapped(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto out = Napi::Object::New(env);
+  std::lock_guard<std::mutex> lock(live_mutex);
+  out.Set("mappings", Napi::Number::New(env, static_cast<double>(live.size())));
+  out.Set("bytes", Napi::Number::New(env, static_cast<double>(live_bytes)));
+  return out;
 }
 
 }  // namespace
 
 void InitShm(Napi::Env env, Napi::Object exports) {
   exports.Set("shmMap", Napi::Function::New(env, ShmMap, "shmMap"));
+  exports.Set("shmUnmap", Napi::Function::New(env, ShmUnmap, "shmUnmap"));
+  exports.Set("shmMapped", Napi::Function::New(env, ShmMapped, "shmMapped"));
 }
 
 }  // namespace kvr

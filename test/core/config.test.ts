@@ -37,6 +37,15 @@ describe('parseConfig', () => {
     expect(() => parseConfig(['--shm-dir', 'shm'], {})).toThrow(/--shm-dir/);
   });
 
+  it('takes the caps on mapped segment bytes from --shm-stream-bytes / --shm-total-bytes or their variables, 1 GiB and 8 GiB unless set', () => {
+    expect(parseConfig([], {})).toMatchObject({ shmStreamBytes: 2 ** 30, shmTotalBytes: 8 * 2 ** 30 });
+    expect(parseConfig(['--shm-stream-bytes', '65536', '--shm-total-bytes', '131072'], {})).toMatchObject({ shmStreamBytes: 65536, shmTotalBytes: 131072 });
+    expect(parseConfig([], { KVRECALL_SHM_STREAM_BYTES: '4096', KVRECALL_SHM_TOTAL_BYTES: '8192' })).toMatchObject({ shmStreamBytes: 4096, shmTotalBytes: 8192 });
+    expect(parseConfig(['--shm-total-bytes', '100'], { KVRECALL_SHM_TOTAL_BYTES: '8192' }).shmTotalBytes).toBe(100);
+    expect(() => parseConfig(['--shm-stream-bytes', '-1'], {})).toThrow(/--shm-stream-bytes/);
+    expect(() => parseConfig([], { KVRECALL_SHM_TOTAL_BYTES: 'lots' })).toThrow(/KVRECALL_SHM_TOTAL_BYTES/);
+  });
+
   it('takes the loop\'s polling after answers from --poll-us or KVRECALL_POLL_US, 0 (off) unless set, at most a second', () => {
     expect(parseConfig([], {}).pollUs).toBe(0);
     expect(parseConfig(['--poll-us', '500'], {}).pollUs).toBe(500);

@@ -5,82 +5,27 @@
 // and bad references get error frames, change nothing, and the stream
 // answers the next frame; random frames with references get documented
 // codes only.
-import { closeSync, ftruncateSync, openSync, readSync, symlinkSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, symlinkSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Packr, Unpackr } from 'msgpackr';
 import type { RunningServer } from '../../api/server.js';
 import { KvrecallClient, KvrecallRequestError, tensor } from '../../clients/ts/client.js';
 import type { Tensor } from '../../core/tensor.js';
 import { asStep, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
-import { clientFrame, openRawWs, type RawWsClient } from '../helpers/ws-raw.js';
+import { errorOf as err, keepShmFile, RawStream, removeShmFiles, Segment, SHM } from '../helpers/shm-stream.js';
 
 const seed = freshSeed();
 console.log(`stream-shm: seed ${seed}`);
 const model = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
-const SHM = '/dev/shm';
-const packr = new Packr({ useRecords: false });
-const unpackr = new Unpackr({ mapsAsObjects: true, useRecords: false });
 const DOCUMENTED = new Set(['malformed', 'not_found', 'conflict', 'invalid']);
 const tmp = tempDataDir();
 const rng = new Rng(seed);
 let server: RunningServer;
 let client: KvrecallClient;
-const made: string[] = [];
-
-/** A segment file kvrecall-<name> in /dev/shm, of `bytes`, written and read through the file (the server maps it). */
-class Segment {
-  readonly name = `t${process.pid}-${made.length}-${rng.int(1e9)}`;
-  readonly path = join(SHM, `kvrecall-${this.name}`);
-  readonly fd: number;
-
-  constructor(readonly bytes: number) {
-    this.fd = openSync(this.path, 'wx+', 0o600);
-    ftruncateSync(this.fd, bytes);
-    made.push(this.path);
-  }
-
-  /** Writes the tensor's bytes at `at`; the tensor as a reference there. */
-  put(t: Tensor, at: number): { dtype: string; shape: number[]; at: number } {
-    writeSync(this.fd, t.data, 0, t.data.byteLength, at);
-    return { dtype: t.dtype, shape: t.shape, at };
-  }
-
-  read(at: number, n: number): Buffer {
-    const b = Buffer.alloc(n);
-    readSync(this.fd, b, 0, n, at);
-    return b;
-  }
-}
-
-/** A raw stream: frames out (masked), answers in, in order. */
-class RawStream {
-  private seen = 0;
-  private id = 0;
-  constructor(readonly raw: RawWsClient) {}
-
-  static async open(port: number): Promise<RawStream> {
-    return new RawStream(await openRawWs(port));
-  }
-
-  async call(body: Record<string, unknown>): Promise<Record<string, unknown>> {
-    const id = ++this.id;
-    this.raw.socket.write(clientFrame(2, Buffer.from(packr.pack({ id, ...body })), [0x11, 0x22, 0x33, 0x44]));
-    await this.raw.until(() => this.raw.frames.length > this.seen, 20_000);
-    const answer = unpackr.unpack(this.raw.frames[this.seen++].payload) as Record<string, unknown>;
-    expect(answer.id).toBe(id);
-    return answer;
-  }
-
-  close(): void {
-    this.raw.socket.destroy();
-  }
-}
 
 type Ref = { dtype: string; shape: number[]; at: number };
-const err = (a: Record<string, unknown>) => (a.error as { code: string; message: string } | undefined) ?? { code: 'ok', message: '' };
 const dataOf = (t: unknown) => Buffer.from((t as { data: Uint8Array }).data);
 const qT = (q: Float32Array) => tensor('f32', [model.qHeads, model.headDim], q);
 const port = () => Number(new URL(server.url).port);
@@ -102,12 +47,7 @@ beforeAll(async () => {
   await client.sealDocument('doc');
 });
 afterAll(async () => {
-  for (const p of made)
-    try {
-      unlinkSync(p);
-    } catch {
-      // unlinked by the test already
-    }
+  removeShmFiles();
   await server.close();
   tmp.cleanup();
 });
@@ -304,7 +244,7 @@ describe('shared-memory tensors on the stream', () => {
     const good = new Segment(4096), small = new Segment(64);
     const link = join(SHM, `kvrecall-${good.name}-link`);
     symlinkSync(good.path, link);
-    made.push(link);
+    keepShmFile(link);
     const s = await RawStream.open(port());
     try {
       const q = qT(randomQ(rng, model.qHeads, model.headDim));
