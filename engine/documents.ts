@@ -496,12 +496,10 @@ export class Documents {
   }
 
   /**
-   * A method's indexes of a ready document: from memory, else loaded from
-   * the store (an older format the builder reads converted and stored
-   * back, once: in this queue, two attaches never both convert), else (the
-   * document was sealed without that method) built now and stored, once.
-   * Of a partially resident document, the resident
-   * layers' now and each other layer's when a step reads it.
+   * A method's indexes of a ready document: from memory, else loaded from the store (an older format
+   * the builder reads converted and stored back, once: in this queue, two attaches never both convert),
+   * else (the document was sealed without that method) built now and stored, once. Of a partially
+   * resident document, the resident layers' now and each other layer's when a step reads it.
    */
   indexes(doc: LoadedDocument, method: string): Promise<HeadIndex[][]> {
     return this.queue.run(doc.meta.id, async () => {
@@ -518,11 +516,7 @@ export class Documents {
         const out: T[] = [];
         for (let layer = 0; layer < layers; layer++) {
           const release = await doc.resident?.pin(layer);
-          try {
-            out.push(await fn(doc.layers[layer], layer));
-          } finally {
-            release?.();
-          }
+          out.push(await fn(doc.layers[layer], layer).finally(() => release?.()));
         }
         return out;
       };
