@@ -38,7 +38,8 @@ Rows (interleaved call by call, so drift hits all alike):
   32 positions; out and lse views of the segment); (shm stacked into):
   copied into the caller's out and lse arrays; (shm stacked in place): q, k,
   v and positions written straight into the segment's arrays
-  (`Stream.stacked_inputs`), so the call copies none of them. Their inputs
+  (`Stream.stacked_inputs`), so the call copies none of them (f16: q and
+  out in f16, as the other f16 rows). Their inputs
   are filled before the call (untimed), as an LLM server has its batch's q
   stacked (or, in place, writes it into the segment).
   Left out when the server refuses the segment (not on this host, or
@@ -146,7 +147,7 @@ def run(
     if shared is not None and shared.shm is not None:
         shared.shm_attend = True
         names += ["stream attend (shm)", "stream attend f16 (shm)", "stream batch(32) (shm)", "stream batch(32) f16 (shm)", "stream batch(32) (shm views)"]
-        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked into)", "stream batch(32) (shm stacked in place)"]
+        names += ["stream batch(32) (shm stacked)", "stream batch(32) f16 (shm stacked)", "stream batch(32) (shm stacked into)", "stream batch(32) (shm stacked in place)", "stream batch(32) f16 (shm stacked in place)"]
     if only:
         missing = set(only) - set(names)
         if missing:
@@ -176,8 +177,9 @@ def run(
 
     def prep(name: str, i: int) -> None:
         if name.endswith("in place)"):
-            qi, ki, vi, pi = shared.stacked_inputs(0, batches[name], (q_heads, head_dim), np.float32, (kv_heads, head_dim), np.float16, positions=True)
-            qi[:], ki[:], vi[:], pi[:] = qs[i], ks[i], vs[i], i
+            half = "f16" in name
+            qi, ki, vi, pi = shared.stacked_inputs(0, batches[name], (q_heads, head_dim), np.float16 if half else np.float32, (kv_heads, head_dim), np.float16, positions=True, out_dtype="f16" if half else None)
+            qi[:], ki[:], vi[:], pi[:] = q16s[i] if half else qs[i], ks[i], vs[i], i
             inplace.update(q=qi, k=ki, v=vi, pos=pi)
         elif "stacked" in name:
             st_q[np.float16 if "f16" in name else np.float32][:] = q16s[i] if "f16" in name else qs[i]
@@ -186,7 +188,7 @@ def run(
     def one(name: str, i: int) -> float:
         """The call's server ms (0 for health)."""
         if name.endswith("in place)"):
-            r = shared.attend_stacked(0, batches[name], inplace["q"], inplace["k"], inplace["v"], inplace["pos"])
+            r = shared.attend_stacked(0, batches[name], inplace["q"], inplace["k"], inplace["v"], inplace["pos"], "f16" if "f16" in name else None)
             if r.errors:
                 raise RuntimeError(f"{name}: {r.errors}")
             return r.ms
