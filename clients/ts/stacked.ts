@@ -49,8 +49,9 @@ export interface StackedReply<Out extends OutArray = Float32Array> {
   ms?: number;
 }
 
-/** The array the options' outDtype brings back. */
-export type StackedOut<O> = O extends { outDtype: 'f16' | 'bf16' } ? Uint16Array : O extends { outDtype?: 'f32' | undefined } ? Float32Array : OutArray;
+/** The array the options' outDtype brings back (by keyof: options without outDtype share no property with {outDtype?}, which a conditional type would take as not matching). */
+export type StackedOut<O> = 'outDtype' extends keyof O ? OutFor<O['outDtype' & keyof O]> : Float32Array;
+type OutFor<D> = [D] extends ['f16' | 'bf16'] ? Uint16Array : [D] extends ['f32' | undefined] ? Float32Array : OutArray;
 
 /** A call's arguments, checked: its form and sizes. */
 export interface StackedCall {

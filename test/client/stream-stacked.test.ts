@@ -14,7 +14,7 @@
 import { mkdtempSync, readdirSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, describe, expect, expectTypeOf, it, vi } from 'vitest';
 import { KvrecallRequestError, tensor, type AttendReply, type BatchResult, type OutArray, type Tensor } from '../../clients/ts/client.js';
 import { ShmFile } from '../../clients/ts/shm.js';
 import type { KvrecallStream } from '../../clients/ts/stream.js';
@@ -274,6 +274,7 @@ describe('attendStacked through the shared-memory segment', () => {
         const out = new Float32Array(3 * H * D), lse = new Float32Array(3 * H);
         const got = await p.attendStacked(0, names, q, undefined, undefined, undefined, { out, lse });
         expect(got.out === out && got.lse === lse).toBe(true);
+        expectTypeOf(got.out).toEqualTypeOf<Float32Array>();
         expect(Buffer.concat([bytesOf(got.out), bytesOf(got.lse)]).equals(want), `segment of ${bytes}`).toBe(true);
         expect(typeof got.ms).toBe('number');
         expect(sent.mock.calls.map(([b]) => Array.isArray(b.steps))).toEqual([true]);
@@ -363,6 +364,11 @@ describe('shared memory off (--shm-dir off)', () => {
       const got = await s.attendStacked(0, [sid], q);
       expect(got.errors).toEqual([]);
       expect(bytesOf(got.out).equals(bytesOf((await s.attend(sid, { layer: 0, q: row(q, 0) })).out))).toBe(true);
+      // The out array follows outDtype, in type too (tsc -p tsconfig.test.json).
+      const half = await s.attendStacked(0, [sid], q, undefined, undefined, undefined, { outDtype: 'f16' });
+      expectTypeOf(half.out).toEqualTypeOf<Uint16Array>();
+      expectTypeOf(got.out).toEqualTypeOf<Float32Array>();
+      expect(bytesOf(half.out).equals(bytesOf((await s.attend(sid, { layer: 0, q: row(q, 0), outDtype: 'f16' })).out))).toBe(true);
     } finally {
       s.close();
     }
