@@ -443,7 +443,7 @@ class Client:
         answer = self._http.call_parts("POST", "/v1/attend", lambda packer: batch_parts(packer, None, layer, steps))
         return batch_results(answer["results"], answer.get("stats"))
 
-    def open_stream(self, timeout: Optional[float] = None, shm: int = 0, shm_dir: str = "/dev/shm", shm_views: bool = False) -> "Stream":
+    def open_stream(self, timeout: Optional[float] = None, shm: int = 0, shm_dir: str = "/dev/shm", shm_views: bool = False, spin_us: int = 0) -> "Stream":
         """A WebSocket stream for decode steps (`GET /v1/stream`, the bearer
         token on the upgrade): `attend` and `attend_batch` as here, answered
         bit-identically, over one connection with no per-request HTTP. Use it
@@ -455,12 +455,17 @@ class Client:
         (kvrecall.shm); where it is refused the stream sends bytes and
         `stream.shm_refused` says why. shm_views: a batch's out and lse are
         views of the segment, valid until the stream's next request (else
-        the caller's own copies)."""
+        the caller's own copies). spin_us: each wait for an answer polls the
+        socket for up to this many microseconds before it sleeps (one core
+        busy meanwhile; kvrecall.spin): for a decode loop on a host with a
+        core to spare, where waking a sleeping thread is a large share of a
+        call's overhead. 0 (the default): sleep at once."""
         from .stream import Stream
 
         url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
         auth = self._http.headers.get("authorization")
         stream = Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout, self._ssl_context)
+        stream.ws.spin = max(0, spin_us) / 1e6
         if shm:
             stream.attach_shm(shm, shm_dir)
             stream.shm_views = shm_views

@@ -7,22 +7,19 @@ faster): what kvrecall's `GET /v1/stream` needs.
     data = ws.recv()                # the next whole message (bytes; str for a text message)
     ws.close()
 
-- Handshake: HTTP/1.1 GET with `Upgrade: websocket`, a random
-  `Sec-WebSocket-Key`, and the answer's `Sec-WebSocket-Accept` checked. A
-  refusal (any status but 101) raises `HandshakeError` with the status,
-  headers and body. No extensions and no subprotocols are asked for; an
-  answer that names one is refused.
+- Handshake: HTTP/1.1 GET with `Upgrade: websocket`, a random `Sec-WebSocket-Key`, and the answer's
+  `Sec-WebSocket-Accept` checked. A refusal (any status but 101) raises `HandshakeError` with the status,
+  headers and body. No extensions and no subprotocols are asked for; an answer that names one is refused.
 - Frames: client frames are masked with a fresh random key each; payload
   lengths of 7, 16 and 64 bits both ways; fragmented messages (continuation
   frames) are put together, with control frames allowed between fragments;
   a ping is answered with a pong carrying its payload; a close frame is
   answered with a close frame and ends the connection (`ConnectionClosed`).
-- TCP_NODELAY is on: a request is one write and goes out at once. The
-  timeout is the kernel's (kernel_timeouts), on Linux without TLS.
+- TCP_NODELAY is on: a request is one write and goes out at once. The timeout is the kernel's (kernel_timeouts), on Linux
+  without TLS. A read may poll before it blocks (`spin`, kvrecall.spin).
 - Receiving: frames are read (recv_into) into one warm buffer and parsed
   where they lie; `recv_view()` gives a binary message without a copy.
-- Not thread-safe: one thread sends and receives at a time. `close()` from
-  another thread while one waits in `recv()` makes that `recv()` raise.
+- Not thread-safe: one thread sends and receives at a time (`close()` from another makes a waiting `recv()` raise).
 - `http://` and `ws://` are plain TCP; `https://` and `wss://` use TLS.
 """
 
@@ -37,6 +34,8 @@ import struct
 import sys
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+
+from .spin import spin_recv_into
 
 T = TypeVar("T")
 
@@ -179,6 +178,7 @@ class WebSocket:
         self._closed: Optional[ConnectionClosed] = None
         self._close_sent = False
         self._can_sendmsg = hasattr(sock, "sendmsg") and not isinstance(sock, ssl.SSLSocket)
+        self.spin = 0.0  # seconds a read with nothing buffered polls before it blocks (kvrecall.spin)
 
     # connecting -----------------------------------------------------------
 
@@ -361,7 +361,7 @@ class WebSocket:
             # Nothing buffered: one read at the buffer's start. The common answer (one whole final
             # binary frame, up to 64 KiB) is returned from here; anything else is parsed below.
             buf = self._rbuf
-            got = self.sock.recv_into(buf)
+            got = spin_recv_into(self.sock, buf, self.spin) if self.spin else self.sock.recv_into(buf)
             if not got:
                 raise ConnectionClosed(1006, "connection ended")
             self._pos, self._end = 0, got
