@@ -22,6 +22,9 @@ Rows (interleaved call by call, so drift hits all alike):
 - http batch(1): `Client.attend_batch` with one step (`POST /v1/attend`);
 - stream attend: `Stream.attend` (one WebSocket frame each way);
 - stream batch(1): `Stream.attend_batch` with one step;
+- stream attend (spin), stream attend f16 (spin): as stream attend on a
+  third stream opened with spin_us=--spin-us (kvrecall.spin: each wait
+  polls the socket that long before it sleeps);
 - http attend f16, stream attend f16: as above with q sent as float16 and
   out asked for in f16 (`out_dtype`), as the transformers adapter does for
   a 16-bit model: half the tensor bytes;
@@ -126,6 +129,7 @@ def run(
     log: Callable[[str], None] = print,
     shm: int = 64 << 20,
     only: Optional[List[str]] = None,
+    spin_us: int = 0,
 ) -> Dict[str, Any]:
     kv = Client(url, token=token, timeout=120)
     model = model_shape(1, q_heads, kv_heads, head_dim, dtype="f16")
@@ -141,6 +145,8 @@ def run(
     vs = rng.standard_normal((n, kv_heads, head_dim)).astype(np.float16)
 
     names = ["health", "http attend", "http batch(1)", "stream attend", "stream batch(1)", "http attend f16", "stream attend f16", "health, after a wait", "stream ping", "stream ping, after a wait", "stream batch(32) f16", "stream batch(32)"]
+    if spin_us:
+        names += ["stream attend (spin)", "stream attend f16 (spin)"]
     shared = kv.open_stream(shm=shm) if shm else None
     if shared is not None and shared.shm is None:
         log(f"no shm rows: {shared.shm_refused}")
@@ -159,6 +165,7 @@ def run(
     q16s = qs.astype(np.float16)
     health = _Health(url, token)
     stream = kv.open_stream()
+    spun = kv.open_stream(spin_us=spin_us) if spin_us else None
     wall: Dict[str, List[float]] = {name: [] for name in names}
     server: Dict[str, List[float]] = {name: [] for name in names}
     cpu: Dict[str, List[float]] = {name: [] for name in names}
@@ -228,6 +235,10 @@ def run(
             return kv.attend(sid, 0, **step(i)).stats["ms"]
         if name == "stream attend":
             return stream.attend(sid, 0, **step(i)).stats["ms"]
+        if name == "stream attend (spin)":
+            return spun.attend(sid, 0, **step(i)).stats["ms"]
+        if name == "stream attend f16 (spin)":
+            return spun.attend(sid, 0, q16s[i], k=ks[i], v=vs[i], position=i, out_dtype="f16").stats["ms"]
         fn = kv.attend_batch if name == "http batch(1)" else stream.attend_batch
         (r,) = fn(0, [{"session": sid, **step(i)}])
         if not hasattr(r, "stats"):
@@ -263,6 +274,8 @@ def run(
         info = kv.health()
     finally:
         stream.close()
+        if spun is not None:
+            spun.close()
         if shared is not None:
             shared.close()
         health.conn.close()
@@ -288,7 +301,7 @@ def run(
         "what": "per-call overhead = client wall time - server stats.ms (health, stream ping: no server step, overhead = wall); client_cpu_us: the calling thread's CPU time over the call; ratios: overhead p50 over overhead p50",
         "ratios": ratios,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {"rows": only or "all", "shm": shm, "tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
+        "config": {"rows": only or "all", "shm": shm, "spinUs": spin_us, "tokens": tokens, "layers": 1, "qHeads": q_heads, "kvHeads": kv_heads, "headDim": head_dim, "dtype": "f16", "method": method, "calls": calls, "warmup": warmup, "step": "q f32 + k, v f16 + position"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "server": {k: info.get(k) for k in ("version", "backend", "threads")}},
         "rows": rows,
     }
@@ -319,11 +332,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--method", default="exact")
     p.add_argument("--shm", type=int, default=64 << 20, help="bytes of the shm rows' segment (0: no shm rows)")
+    p.add_argument("--spin-us", type=int, default=2000, help="the (spin) rows' stream: spin_us (0: no spin rows)")
     p.add_argument("--rows", help="only these rows, comma-separated (e.g. 'stream attend,stream batch(32) (shm),stream batch(32) (shm stacked)'); default all")
     p.add_argument("--out", help="write the JSON here")
     args = p.parse_args(argv)
     with server(p, args) as (url, _):
-        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr), shm=args.shm, only=args.rows.split(",") if args.rows else None)
+        result = run(url, args.token, args.calls, args.warmup, args.tokens, args.q_heads, args.kv_heads, args.head_dim, args.method, log=lambda m: print(m, file=sys.stderr), shm=args.shm, only=args.rows.split(",") if args.rows else None, spin_us=args.spin_us)
     print(table(result))
     write_json(args.out, result)
 
