@@ -142,7 +142,9 @@ export class KvrecallStream {
    * batch reject with a TypeError (or RangeError) before anything is sent;
    * a batch the server refuses whole, with KvrecallRequestError. Requests
    * through the segment run one at a time (each writes its tensors from the
-   * segment's start), so calls made at once are sent in turn.
+   * segment's start), so calls made at once are sent in turn: a call's
+   * arrays are read when its turn comes and its out and lse written when
+   * it is answered, so leave them unchanged until it settles.
    */
   async attendStacked<O extends StackedOptions = Record<never, never>>(layer: number, sessions: readonly string[], q: Tensor, k?: Tensor, v?: Tensor, positions?: Int32Array | readonly number[], opts?: O): Promise<StackedReply<StackedOut<O>>> {
     const c = checkStacked(layer, sessions, q, k, v, positions, opts ?? {});
