@@ -12,7 +12,9 @@
 // against one server (its own process on 127.0.0.1, --shm-dir /dev/shm),
 // over one stream with a segment attached. Overhead = client wall − the
 // server's stats.ms (a batch: its whole ms), p50; client CPU = this
-// process's CPU time over the call, p50. Each run is one sitting, appended
+// process's CPU time over the call, p50; and the stacked rows' two copies
+// through the segment's file (StackedPlan's write and read, timed where
+// they run in the call), p50. Each run is one sitting, appended
 // to bench/results/transport-<tag>-ts-stacked.json (KVRECALL_BENCH_TAG,
 // default vm) and the .md rewritten from every sitting there.
 import { execSync } from 'node:child_process';
@@ -20,6 +22,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvrecallClient, tensor, type Tensor } from '../clients/ts/client.js';
+import { StackedPlan } from '../clients/ts/stacked.js';
 import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine, type Machine } from './decode/machine.js';
 import { quantile } from './stats.js';
@@ -51,6 +54,8 @@ interface Sitting {
   overheadUsP50: Record<Row, number>;
   serverMsP50: Record<Row, number>;
   clientCpuUsP50: Record<Row, number>;
+  /** The stacked rows' copies through the segment's file within the call (µs, p50): inputs written, answer read. */
+  copiesUsP50?: Partial<Record<Row, { write: number; read: number }>>;
 }
 
 /** `n` copies of one step's bytes, one after another: a stacked array [n, ...shape]. */
@@ -96,7 +101,23 @@ async function rowCalls(client: KvrecallClient, stream: KvrecallStream, q: Tenso
   };
 }
 
+/** The last stacked call's copies through the file (µs): StackedPlan's write and read, timed where they run. */
+const copies = { write: NaN, read: NaN };
+function timeCopies(): void {
+  const proto = StackedPlan.prototype as unknown as Record<'write' | 'read', (...a: unknown[]) => unknown>;
+  for (const name of ['write', 'read'] as const) {
+    const f = proto[name];
+    proto[name] = function (this: unknown, ...a: unknown[]) {
+      const t0 = performance.now();
+      const r = f.apply(this, a);
+      copies[name] = (performance.now() - t0) * 1000;
+      return r;
+    };
+  }
+}
+
 async function main(): Promise<void> {
+  timeCopies();
   const loadAtStart = machine().loadAverage;
   const dir = mkdtempSync(join(tmpdir(), 'kvr-transport-stacked-'));
   const server = await startServer(join(import.meta.dirname, '..', 'cli', 'cli.js'), dir, process.env.KVRECALL_GPU_BUDGET ?? '0');
@@ -109,6 +130,7 @@ async function main(): Promise<void> {
     const overhead = Object.fromEntries(ROWS.map((r) => [r, [] as number[]])) as Record<Row, number[]>;
     const serverMs = Object.fromEntries(ROWS.map((r) => [r, [] as number[]])) as Record<Row, number[]>;
     const cpu = Object.fromEntries(ROWS.map((r) => [r, [] as number[]])) as Record<Row, number[]>;
+    const copied = Object.fromEntries(ROWS.map((r) => [r, { write: [] as number[], read: [] as number[] }])) as Record<Row, { write: number[]; read: number[] }>;
     progress(`server ${server.url}; ${CALLS} calls per row after ${WARMUP} warm-up, rows alternated call by call`);
     const order = ROWS.slice();
     for (let i = 0; i < WARMUP + CALLS; i++) {
@@ -126,6 +148,10 @@ async function main(): Promise<void> {
         overhead[row].push((wall - ms) * 1000);
         serverMs[row].push(ms);
         cpu[row].push(c.user + c.system);
+        if (row.startsWith('stacked')) {
+          copied[row].write.push(copies.write);
+          copied[row].read.push(copies.read);
+        }
       }
       if ((i + 1) % 100 === 0) progress(`${i + 1}/${WARMUP + CALLS}`);
     }
@@ -143,6 +169,7 @@ async function main(): Promise<void> {
       overheadUsP50: each(overhead),
       serverMsP50: each(serverMs),
       clientCpuUsP50: each(cpu),
+      copiesUsP50: Object.fromEntries(ROWS.filter((r) => r.startsWith('stacked')).map((r) => [r, { write: p50(copied[r].write), read: p50(copied[r].read) }])),
     };
     console.log(JSON.stringify(sitting, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
@@ -189,6 +216,11 @@ function report(sittings: Sitting[]): string {
     '',
     ...head('row'),
     ...table((s, r) => s.clientCpuUsP50[r].toFixed(0)),
+    '',
+    'The stacked rows\' two copies through the segment\'s file within the call, p50 µs (the inputs\' pwritev / the answer\'s preadv, timed around StackedPlan.write and read; after the batch\'s wait the caches are cold, so these take more than bench/results/shm-io-vm.md\'s back-to-back copies):',
+    '',
+    ...head('row'),
+    ...ROWS.filter((r) => r.startsWith('stacked')).map((r) => `| ${r} | ${sittings.map((s) => (s.copiesUsP50?.[r] ? `${s.copiesUsP50[r]!.write.toFixed(0)} / ${s.copiesUsP50[r]!.read.toFixed(0)}` : '—')).join(' | ')} |`),
     '',
     'Server ms p50:',
     '',
