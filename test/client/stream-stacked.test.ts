@@ -126,6 +126,36 @@ describe('attendStacked through the shared-memory segment', () => {
     }
   });
 
+  it('at odd sizes (16-bit tensors and out of an odd byte count: padded to multiples of 4 in the segment) answers as the byte-form batch', async () => {
+    const odd = { layers: 1, qHeads: 3, kvHeads: 1, headDim: 5, dtype: 'f16' as const }, n = 3;
+    const client = live.client();
+    await client.createDocument('odd', odd, {});
+    const c = randomKv(rng, 'f16', 1, 37, 5);
+    await client.uploadDocumentKv('odd', { layer: 0, start: 0, k: c.k, v: c.v });
+    await client.sealDocument('odd');
+    const open = () => Promise.all(Array.from({ length: n }, async () => (await client.createSession({ model: odd, documents: ['odd'], method: 'exact' })).id));
+    const [stacked, batched] = [await open(), await open()];
+    const s = await client.openStream();
+    try {
+      await s.attachShm({ bytes: 4096 });
+      for (let pos = 0; pos < 3; pos++) {
+        const q = tensor('f16', [n, 3, 5], Uint16Array.from({ length: n * 15 }, () => f16Bits(rng.normal())));
+        const kv = randomKv(rng, 'f16', 1, n, 5);
+        const [k, v] = [{ ...kv.k, shape: [n, 1, 5] }, { ...kv.v, shape: [n, 1, 5] }];
+        const got = await s.attendStacked(0, stacked, q, k, v, [pos, pos, pos], { outDtype: 'f16' });
+        expect(got.errors).toEqual([]);
+        const want = await s.attendBatch(0, batched.map((session, i) => ({ session, q: row(q, i), k: row(k, i), v: row(v, i), position: pos, outDtype: 'f16' as const })));
+        for (let i = 0; i < n; i++) {
+          expect(rowOf(got.out, i, n).equals(bytesOf(ok(want[i]).out)), `pos ${pos} step ${i}`).toBe(true);
+          expect(rowOf(got.lse, i, n).equals(bytesOf(ok(want[i]).lse)), `pos ${pos} step ${i}`).toBe(true);
+        }
+      }
+    } finally {
+      s.close();
+    }
+    for (let i = 0; i < n; i++) expect(await ownTokens(stacked[i])).toEqual([3]);
+  });
+
   it('names a bad step with its rows NaN and answers the others; the bad step changes nothing', async () => {
     await document();
     const [good, ref] = [await sessionsOf(N), await sessionsOf(N)];
