@@ -55,6 +55,8 @@ export class KvrecallStream {
   private seg?: ShmFile;
   private plans = new Map<string, StackedPlan>();
   private segTail: Promise<unknown> = Promise.resolve();
+  /** Attaches not yet settled: a stacked call made meanwhile waits its turn for the segment rather than going in bytes. */
+  private attaching = 0;
 
   private constructor(private readonly spinMs: number) {}
 
@@ -102,6 +104,7 @@ export class KvrecallStream {
    * replaces the first once the requests using it are answered.
    */
   attachShm(opts: { bytes: number; dir?: string }): Promise<void> {
+    this.attaching++;
     return this.onSegment(async () => {
       if (this.closed) throw this.closed;
       const file = ShmFile.create(opts.bytes, opts.dir ?? SHM_DIR);
@@ -121,7 +124,7 @@ export class KvrecallStream {
       this.seg?.close();
       this.seg = file;
       this.plans.clear();
-    });
+    }).finally(() => this.attaching--);
   }
 
   /** The segment attached (its name and size), if any. */
@@ -149,7 +152,7 @@ export class KvrecallStream {
   async attendStacked<O extends StackedOptions = Record<never, never>>(layer: number, sessions: readonly string[], q: Tensor, k?: Tensor, v?: Tensor, positions?: Int32Array | readonly number[], opts?: O): Promise<StackedReply<StackedOut<O>>> {
     const c = checkStacked(layer, sessions, q, k, v, positions, opts ?? {});
     const byBytes = async () => stackResults<StackedOut<O>>(await this.attendBatch(layer, stackedSteps(c)), c, opts?.out, opts?.lse);
-    if (!this.seg) return byBytes();
+    if (!this.seg && this.attaching === 0) return byBytes();
     return this.onSegment(async () => {
       const seg = this.seg;
       if (!seg) return byBytes();

@@ -261,13 +261,16 @@ describe('attendStacked through the shared-memory segment', () => {
     for (const sid of names) expect(await ownTokens(sid)).toEqual([1, 0]);
   });
 
-  it('calls made at once go through the segment in turn, each answered as when made alone', async () => {
+  it('calls made at once go through the segment in turn, each answered as when made alone; one made during an attach waits for it', async () => {
     await document();
     const names = await sessionsOf(N);
     const qs = Array.from({ length: 6 }, (_, i) => arrays(N, i % 2 === 1).q);
     const s = await live.client().openStream();
     try {
-      await s.attachShm({ bytes: 1 << 20 });
+      // A call made while the attach is under way waits for it, and goes through the segment.
+      const sent = watch(s);
+      const [, early] = await Promise.all([s.attachShm({ bytes: 1 << 20 }), s.attendStacked(0, names, qs[0])]);
+      expect(sent.mock.calls.map(([b]) => Object.keys(b).find((key) => key === 'shm' || key === 'sessions' || key === 'steps'))).toEqual(['shm', 'sessions']);
       const alone: Buffer[] = [];
       for (const q of qs) {
         const r = await s.attendStacked(0, names, q);
@@ -275,6 +278,8 @@ describe('attendStacked through the shared-memory segment', () => {
       }
       const together = await Promise.all(qs.map((q) => s.attendStacked(0, names, q)));
       together.forEach((r, i) => expect(Buffer.concat([bytesOf(r.out), bytesOf(r.lse)]).equals(alone[i]), `call ${i}`).toBe(true));
+
+      expect(Buffer.concat([bytesOf(early.out), bytesOf(early.lse)]).equals(alone[0])).toBe(true);
       // The answers differ from call to call (or a call that read another's would pass).
       expect(alone[0].equals(alone[2])).toBe(false);
     } finally {
