@@ -4,7 +4,7 @@
 # as for bench/gpu-visit.sh, whose header says how; no npm). From the
 # repository root there:
 #
-#   bash bench/transport-visit.sh [stage ...]   stages: transport cuda preload python (default: all)
+#   bash bench/transport-visit.sh [stage ...]   stages: transport cuda preload python (default: all), ts-stacked
 #
 # transport: bench:transport on the CPU backend (comparable with the 2-core
 #   VM's bench/results/transport-vm.md), 300 calls per row in 3 rounds;
@@ -16,7 +16,10 @@
 #   server's main-thread CPU beside its process's; and LMDB's block writes
 #   alone (bench/lmdb-write.js: the store's ceiling for a preload);
 # python: the Python client's per-call overhead, when python3 has numpy and
-#   msgpack (skipped otherwise).
+#   msgpack (skipped otherwise);
+# ts-stacked (only when named): the TypeScript client's stacked batch of 32
+#   through the shared-memory segment against one stream attend, CUDA
+#   backend (bench/transport-stacked.ts; TAG names the host, default h100).
 # Each stage has its own time limit; the log and every results file written
 # land in $OUT (results/), to commit from the development machine.
 OUT=${OUT:-/tmp/transport-visit}
@@ -45,6 +48,7 @@ for s in ${*:-transport cuda preload python}; do
       else
         echo "python: skipped (python3 lacks numpy or msgpack)" | tee -a "$L"
       fi ;;
+    ts-stacked) step 150 ts-stacked env KVRECALL_BENCH_TAG="${TAG:-h100}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --stacked --calls 300 ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
 done
