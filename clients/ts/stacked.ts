@@ -158,7 +158,8 @@ export class StackedPlan {
     this.outBytes = n * qHeads * d * BYTES[c.outDtype];
     this.lseAt = align4(this.into + this.outBytes);
     this.fits = this.lseAt + 4 * n * qHeads <= segmentBytes;
-    const body: Record<string, unknown> = { layer: c.layer, sessions: this.sessions, q: { dtype: c.q.dtype, shape: [n, qHeads, d], at: 0 } };
+    // The id first (set per call): a server that keeps the forms of stacked frames (api/stacked.ts) knows one by its bytes after the id.
+    const body: Record<string, unknown> = { id: 0, layer: c.layer, sessions: this.sessions, q: { dtype: c.q.dtype, shape: [n, qHeads, d], at: 0 } };
     if (c.kv) {
       const shape = [n, c.kv.k.shape[1], d];
       body.k = { dtype: c.kv.k.dtype, shape, at: this.kAt };

@@ -116,6 +116,8 @@ describe('attendStacked through the shared-memory segment', () => {
       // Every stacked call went as one stacked frame (its tensors in the segment), none as steps.
       const frames = sent.mock.calls.map(([body]) => body);
       expect(frames.filter((b) => Array.isArray(b.sessions)).length).toBe(12);
+      // Each with its id first (how a server that keeps stacked forms, api/stacked.ts, finds one by the bytes after it).
+      expect(frames.filter((b) => Array.isArray(b.sessions)).every((b) => Object.keys(b)[0] === 'id')).toBe(true);
       expect(frames.filter((b) => Array.isArray(b.steps)).length).toBe(12);
     } finally {
       s.close();
