@@ -21,6 +21,10 @@
 // on the 2-core VM was that work on the client (bench/results/transport-vm-
 // python-stacked.md). Here a frame's size does not grow with its steps but
 // by their session ids, and the answer not at all.
+//
+// A stream keeps the forms it ran (StackedForms): a frame sent again, the
+// same bytes but the id, is run on its form, neither decoded nor checked
+// again (the server's side of the client's StackedPlan).
 import { invalid } from '../core/errors.js';
 import { tensorSize } from '../core/tensor.js';
 import type { AttendAnswer, Sessions } from '../engine/sessions.js';
@@ -58,8 +62,34 @@ function stacked(body: Record<string, unknown>, name: string, n: number, dims: n
   return t;
 }
 
-/** The answer of a stacked batch frame (`body`, its id `id`) run on `sessions`, its tensors in the frame's segment. */
-export async function attendStacked(sessions: Sessions, body: Record<string, unknown>, id: unknown, metrics: Metrics, shared: SharedFrame): Promise<Record<string, unknown> | PackedFrame> {
+/**
+ * A stacked frame checked: its steps' parts (views of the segment, or of the
+ * frame for tensors sent as data) and where its answers go. `cached` when
+ * every tensor is in the segment: the same frame bytes (but the id) on the
+ * same segment then make the same form, which StackedForms keeps.
+ */
+export interface StackedForm {
+  layer: unknown;
+  names: string[];
+  qs: Resolved[];
+  ks?: Resolved[];
+  vs?: Resolved[];
+  positions?: Int32Array;
+  /** outDtype and scale as the frame gave them (each step carries them when given). */
+  outDtype?: unknown;
+  scale?: unknown;
+  wireDtype: 'f32' | 'f16' | 'bf16';
+  seg: Uint8Array;
+  into: number;
+  lseAt: number;
+  outRow: number;
+  qHeads: number;
+  d: number;
+  cached: boolean;
+}
+
+/** The form of a stacked batch frame (`body`), its tensors resolved in the frame's segment; a bad frame throws 422. */
+function stackedForm(body: Record<string, unknown>, shared: SharedFrame): StackedForm {
   const names = body.sessions;
   if (!Array.isArray(names) || names.length === 0 || names.length > MAX_BATCH || !names.every((s) => typeof s === 'string'))
     throw invalid(`sessions must be a list of 1 to ${MAX_BATCH} session ids`);
@@ -86,8 +116,23 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
   shared.refuseOverlap(body, into, lseAt + 4 * n * qHeads);
   // In the segment `at` is a multiple of 4; positions sent as data sit wherever the frame put them, read through a copy.
   const positions = pos && (pos.data.byteOffset % 4 === 0 ? new Int32Array(pos.data.buffer, pos.data.byteOffset, n) : new Int32Array(pos.data.slice().buffer));
+  // Tensors sent as data are views of this message, whose buffer is reused once it is answered: such a form is not kept.
+  const cached = [q, k, v, pos].every((t) => !t || t.data.buffer === seg.buffer);
+  return { layer: body.layer, names: names as string[], qs: rows(q, n)!, ks: rows(k, n), vs: rows(v, n), positions, outDtype: body.outDtype, scale: body.scale, wireDtype: outDtype, seg, into, lseAt, outRow, qHeads, d, cached };
+}
+
+/** The answer of a stacked batch frame (`body`, its id `id`) run on `sessions`, its tensors in the frame's segment; `keep` is given its form. */
+export function attendStacked(sessions: Sessions, body: Record<string, unknown>, id: unknown, metrics: Metrics, shared: SharedFrame, keep?: (form: StackedForm) => void): Promise<Record<string, unknown> | PackedFrame> {
+  const form = stackedForm(body, shared);
+  keep?.(form);
+  return runStacked(sessions, form, id, metrics);
+}
+
+/** Runs a stacked form's steps (each the batch's step; positions read from the segment now) and makes the answer. */
+export async function runStacked(sessions: Sessions, form: StackedForm, id: unknown, metrics: Metrics): Promise<Record<string, unknown> | PackedFrame> {
+  const { names, qs, ks, vs, positions, seg, into, lseAt, outRow, qHeads, d } = form;
+  const n = names.length;
   // The steps, built field by field (spreads of optional parts cost a few objects a step).
-  const [qs, ks, vs] = [rows(q, n)!, rows(k, n), rows(v, n)];
   const steps: Record<string, unknown>[] = new Array<Record<string, unknown>>(n);
   for (let i = 0; i < n; i++) {
     const step: Record<string, unknown> = { session: names[i], q: qs[i] };
@@ -96,11 +141,11 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
       step.v = vs[i];
     }
     if (positions) step.position = positions[i];
-    if (body.outDtype !== undefined) step.outDtype = outDtype;
-    if (body.scale !== undefined) step.scale = body.scale;
+    if (form.outDtype !== undefined) step.outDtype = form.outDtype;
+    if (form.scale !== undefined) step.scale = form.scale;
     steps[i] = step;
   }
-  const { results, ms } = await sessions.attendBatch({ layer: body.layer, steps }, (i: number, _count: number, r: AttendAnswer) => {
+  const { results, ms } = await sessions.attendBatch({ layer: form.layer, steps }, (i: number, _count: number, r: AttendAnswer) => {
     metrics.observeAttend(r.stats.ms);
     // Written as the step finishes, while its out is fresh in cache.
     const out = wireOut(r);
@@ -114,7 +159,7 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
       errors.push([i, code, message]);
     }
   });
-  const outRef = { dtype: outDtype, shape: [n, qHeads, d], at: into }, lseRef = { dtype: 'f32', shape: [n, qHeads], at: lseAt };
+  const outRef = { dtype: form.wireDtype, shape: [n, qHeads, d], at: into }, lseRef = { dtype: 'f32', shape: [n, qHeads], at: lseAt };
   return (
     (errors.length === 0 && packStackedAnswer(id, outRef, lseRef, ms)) || {
       ...(id !== undefined && { id }),
@@ -124,4 +169,71 @@ export async function attendStacked(sessions: Sessions, body: Record<string, unk
       stats: { ms },
     }
   );
+}
+
+/** Frame bytes a stream keeps forms of at most (a model's layers for a few batch compositions); past it they are dropped and learned again. */
+const MAX_FORM_BYTES = 4 << 20;
+
+/**
+ * A stream's stacked forms by their frame's bytes but the id: an LLM
+ * server sends its running batch's frame again for every layer and step,
+ * the same bytes but the id (and the layer, per layer), its tensors where
+ * they were. Such a frame is run on the form kept for those bytes: not
+ * decoded again (its 32 session ids), nor its tensors resolved, checked
+ * and split into rows again (the same views of the segment), as the
+ * client's StackedPlan packs it once. Only frames `{id: <uint>, ...}` (as
+ * both clients pack them) whose tensors are all in the segment are kept,
+ * for the segment they were checked against: attaching another drops them.
+ */
+export class StackedForms {
+  /** By the length of the bytes after the id: the bytes before and after it (own copies) and the form. */
+  private readonly byLength = new Map<number, { head: Uint8Array; tail: Uint8Array; form: StackedForm }[]>();
+  private bytes = 0;
+  private segment?: object;
+
+  /** The form kept for `data` on `segment`, and the frame's id; undefined when there is none. */
+  match(data: Uint8Array, segment: object): { id: number; form: StackedForm } | undefined {
+    if (segment !== this.segment) return undefined;
+    const at = idAt(data);
+    const kept = at && this.byLength.get(data.byteLength - at.end);
+    if (!at || !kept) return undefined;
+    const head = data.subarray(0, at.start), tail = data.subarray(at.end);
+    for (const k of kept) if (Buffer.compare(k.head, head) === 0 && Buffer.compare(k.tail, tail) === 0) return { id: at.id, form: k.form };
+    return undefined;
+  }
+
+  /** Keeps the form of `data`, a frame just checked on `segment`, where it can be kept. */
+  keep(data: Uint8Array, segment: object, form: StackedForm): void {
+    const at = form.cached ? idAt(data) : undefined;
+    if (!at) return;
+    if (segment !== this.segment || this.bytes + data.byteLength > MAX_FORM_BYTES) {
+      this.byLength.clear();
+      this.bytes = 0;
+      this.segment = segment;
+    }
+    const length = data.byteLength - at.end;
+    const kept = this.byLength.get(length) ?? [];
+    // Copies: the message's buffer is reused once it is answered.
+    kept.push({ head: new Uint8Array(data.subarray(0, at.start)), tail: new Uint8Array(data.subarray(at.end)), form });
+    this.byLength.set(length, kept);
+    this.bytes += data.byteLength;
+  }
+}
+
+/**
+ * Where the id of a frame `{id: <uint>, ...}` (a map of up to 65535
+ * entries, id its first key) lies, from its type byte to its end, and the
+ * id; undefined for another frame. Frames differing only there (the id,
+ * in any width) are of one form.
+ */
+function idAt(data: Uint8Array): { start: number; end: number; id: number } | undefined {
+  const h = data[0];
+  const at = (h & 0xf0) === 0x80 ? 1 : h === 0xde ? 3 : 0;
+  if (at === 0 || data.byteLength < at + 4 || data[at] !== 0xa2 || data[at + 1] !== 0x69 || data[at + 2] !== 0x64) return undefined;
+  const start = at + 3, t = data[start], v = start + 1;
+  if (t < 0x80) return { start, end: v, id: t };
+  if (t === 0xcc && data.byteLength >= v + 1) return { start, end: v + 1, id: data[v] };
+  if (t === 0xcd && data.byteLength >= v + 2) return { start, end: v + 2, id: (data[v] << 8) | data[v + 1] };
+  if (t === 0xce && data.byteLength >= v + 4) return { start, end: v + 4, id: ((data[v] << 24) | (data[v + 1] << 16) | (data[v + 2] << 8) | data[v + 3]) >>> 0 };
+  return undefined;
 }

@@ -32,7 +32,7 @@ import type { Sessions } from '../engine/sessions.js';
 import { attendAnswer, batchAnswer } from './attend-answer.js';
 import { attendBatchFramed, HEADER_ROOM, packAttendAnswer, PackedFrame, ReadyFrame, STEP_TENSORS } from './batch-pack.js';
 import { SharedFrame, ShmPool, ShmStream } from './shm.js';
-import { attendStacked } from './stacked.js';
+import { attendStacked, runStacked, StackedForms } from './stacked.js';
 import { tokenAccepted } from './auth.js';
 import { errorOf } from './errors.js';
 import type { Metrics } from './metrics.js';
@@ -118,6 +118,8 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
   // every one before it are ready. (A promise chain per answer cost a few
   // microtask turns and promises on every decode step.)
   const owed: Owed[] = [];
+  // The stacked frames' forms this stream ran (api/stacked.ts).
+  const forms = new StackedForms();
   const flush = () => {
     // The client's next call comes soon after an answer: poll for it rather than sleep (--poll-us).
     if (owed.length > 0 && owed[0].ready) poller.extend();
@@ -143,7 +145,7 @@ function serve(conn: () => WsConnection, sessions: Sessions, documents: StreamOp
     message: (data, binary, release, readMs) => {
       const slot: Owed = { ready: false, release };
       owed.push(slot);
-      handle(data, binary, sessions, documents, metrics, readMs, shm, slot).then(
+      handle(data, binary, sessions, documents, metrics, readMs, shm, forms, slot).then(
         (frame) => {
           slot.frame = frame;
           slot.ready = true;
@@ -196,11 +198,19 @@ function send(conn: WsConnection, frame: Answer): boolean {
 /** A frame's shared memory when the stream has no segment: every reference to one is refused. */
 const NO_SHARED = new SharedFrame(undefined);
 
-async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number, shm: ShmStream, slot: Owed): Promise<Answer> {
+async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, documents: StreamOptions['documents'], metrics: Metrics, readMs: number, shm: ShmStream, forms: StackedForms, slot: Owed): Promise<Answer> {
   let id: unknown;
   try {
     if (!isBinary) throw malformed('frames are binary msgpack');
     const t0 = performance.now();
+    // A stacked frame of a form this stream ran before on its segment (the same bytes but the id): run on the form kept.
+    const current = shm.segment;
+    const known = current && forms.match(data, current);
+    if (known) {
+      id = known.id;
+      slot.unuse = current.use();
+      return await runStacked(sessions, known.form, id, metrics);
+    }
     let frame: unknown;
     try {
       frame = unpackView(data);
@@ -228,7 +238,7 @@ async function handle(data: Uint8Array, isBinary: boolean, sessions: Sessions, d
       return { id, ...(await documents.appendKv(body.document, body, { bytes: data.byteLength, readMs, decodeMs: performance.now() - t0 })) };
     }
     // A stacked batch (its tensors whole arrays in the segment): api/stacked.ts.
-    if (body.sessions !== undefined) return await attendStacked(sessions, body, id, metrics, shared);
+    if (body.sessions !== undefined) return await attendStacked(sessions, body, id, metrics, shared, seg && ((form) => forms.keep(data, seg, form)));
     if (body.steps !== undefined) {
       // Each step's answer is written into the frame (and observed) as the step finishes, while it is fresh in cache.
       const { frame, results, ms, refs } = await attendBatchFramed(sessions, body, id, metrics, shared);
