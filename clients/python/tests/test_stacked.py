@@ -125,6 +125,7 @@ class Stacked_(serve.ServedCase):
             dict(q=q, k=k[:, :1], v=v),
             dict(q=q, k=k, v=v, positions=[0, 0]),
             dict(q=q, k=k, v=v, positions=[0, -1, 0]),
+            dict(q=q, k=k, v=v, positions=np.array([0, 2**31, 0], np.int64)),
             dict(q=q, k=k, v=v, positions=[0.0, 0.0, 0.0]),
             dict(q=q, positions=[0, 0, 0]),  # positions without k, v
             dict(q=q, k=k, v=v, positions=[0, 0, 0], out_dtype="f64"),
