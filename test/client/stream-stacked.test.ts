@@ -341,13 +341,13 @@ describe('attaching a segment', () => {
     await s.attachShm({ bytes: 1 << 16 });
     const name = s.shm!.name;
     expect(s.shm!.bytes).toBe(1 << 16);
-    // Mapped by the server (in this process: its mapping is no descriptor) and held by the stream's descriptor; the name is gone.
+    // Mapped by the server (in this process) and held by the stream's descriptor (and any the server keeps); the name is gone.
     expect(readdirSync(SHM)).not.toContain(`kvrecall-${name}`);
     const fds = descriptorsOf(name);
-    expect(fds.length).toBe(1);
-    expect(readlinkSync(`/proc/self/fd/${fds[0]}`)).toMatch(/\(deleted\)$/);
+    expect(fds.length).toBeGreaterThanOrEqual(1);
+    for (const fd of fds) expect(readlinkSync(`/proc/self/fd/${fd}`)).toMatch(/\(deleted\)$/);
     s.close();
-    expect(descriptorsOf(name)).toEqual([]);
+    expect(descriptorsOf(name).length).toBe(fds.length - 1);
     expect(s.shm).toBeUndefined();
     await expect(s.attendStacked(0, ['x'], tensor('f32', [1, H, D], new Float32Array(H * D)))).rejects.toThrow(/closed/);
   });
@@ -367,7 +367,8 @@ describe('attaching a segment', () => {
       expect(readdirSync(scratch)).toEqual([]);
       await expect(s.attachShm({ bytes: 6 })).rejects.toThrow(TypeError);
       expect(s.shm!.name).toBe(had);
-      expect(descriptorsOf(had).length).toBe(1);
+      const held = descriptorsOf(had).length;
+      expect(held).toBeGreaterThanOrEqual(1);
       // The segment it had still serves: a stacked frame, answered as single attends.
       const sent = watch(s);
       const got = await s.attendStacked(0, names, q);
@@ -376,7 +377,7 @@ describe('attaching a segment', () => {
       // A second attach replaces the first: its descriptor closes.
       await s.attachShm({ bytes: 1 << 16 });
       expect(s.shm!.name).not.toBe(had);
-      expect(descriptorsOf(had)).toEqual([]);
+      expect(descriptorsOf(had).length).toBe(held - 1);
     } finally {
       s.close();
     }
