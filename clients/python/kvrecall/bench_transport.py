@@ -4,7 +4,8 @@ minus the server's own step time (`stats.ms`), p50/p90/p99 over N calls.
     python3 -m kvrecall.bench_transport --serve --out transport.json     # from clients/python
     python3 -m kvrecall.bench_transport --url http://127.0.0.1:8700 --out transport.json
 
-Rows (interleaved call by call, so drift hits all alike):
+Rows (interleaved call by call, every row once a round in a fresh random order, so drift and the call before hit
+all alike):
 - health: a bare `GET /v1/health` on one kept-alive http.client connection
   (TCP_NODELAY), the floor of an HTTP round trip; no server step, so its
   overhead is its whole wall time. "health, alone" is the same, N calls
@@ -254,8 +255,12 @@ def run(
             if i >= warmup:
                 alone.append((time.perf_counter_ns() - t0) / 1e3)
         last_ms = 0.0
+        order = list(names)
         for i in range(n):
-            for name in names:
+            # Every row once a round, in a fresh order: in a fixed one a row always came right after the same
+            # row (a 5 ms batch left the next call cold on the H100 host: its p90 ten times its p50).
+            rng.shuffle(order)
+            for name in order:
                 if name.endswith("after a wait"):
                     # As long as the last HTTP attend's server step (untimed): the client idle as it is during an attend.
                     time.sleep(last_ms / 1e3)
