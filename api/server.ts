@@ -11,6 +11,7 @@ import { createApp } from './app.js';
 import { withFastAttend } from './fast-attend.js';
 import { lingerOnClose } from './linger.js';
 import { Metrics } from './metrics.js';
+import { defaultPollUs } from './loop-poll.js';
 import { attachStream, type StreamHandle } from './stream.js';
 
 export interface RunningServer {
@@ -55,7 +56,7 @@ export async function startServer(cfg: Config, given?: Parameters<typeof Engine.
   // session with it; the connections already open are served on.
   server.on('error', (e: NodeJS.ErrnoException) => console.error(`kvrecall: accepting a connection failed (${e.code ?? e.message}); serving on`));
   lingerOnClose(server as Server);
-  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir, shmStreamBytes: cfg.shmStreamBytes, shmTotalBytes: cfg.shmTotalBytes, pollUs: cfg.pollUs });
+  const stream = attachStream(server as Server, engine.sessions, metrics, { token: cfg.token, maxFrame: cfg.bodyLimit, maxConnections: cfg.maxStreams, progressMs: cfg.streamIdleMs, documents: engine.documents, shmDir: cfg.shmDir, shmStreamBytes: cfg.shmStreamBytes, shmTotalBytes: cfg.shmTotalBytes, pollUs: cfg.pollUs ?? defaultPollUs(engine.gpu !== undefined) });
   const { port } = server.address() as AddressInfo;
   return {
     url: `http://${cfg.host}:${port}`,

@@ -101,9 +101,10 @@ export interface Config {
    * Microseconds the event loop keeps polling its sockets after a stream
    * answer goes out, instead of sleeping (api/loop-poll.ts): the next
    * decode call is read as it lands, at the cost of a core busy for up to
-   * this long after each answer. 0 (the default): it sleeps.
+   * this long after each answer. 0: it sleeps. Unset: 1000 on the CUDA
+   * backend with 8 cores or more, else 0 (api/loop-poll.ts defaultPollUs).
    */
-  pollUs: number;
+  pollUs?: number;
 }
 
 export const DEFAULTS: Config = {
@@ -118,7 +119,6 @@ export const DEFAULTS: Config = {
   shmDir: '/dev/shm',
   shmStreamBytes: 2 ** 30,
   shmTotalBytes: 8 * 2 ** 30,
-  pollUs: 0,
 };
 
 const FLAGS: Record<string, keyof Config> = {
@@ -186,7 +186,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   // At most 2^30 ms (12 days): timers and the native socket reader take no more.
   if (cfg.streamIdleMs < 1 || cfg.streamIdleMs > 2 ** 30)
     throw invalid('--stream-idle-ms (KVRECALL_STREAM_IDLE_MS) takes a number of milliseconds in [1, 2^30]');
-  if (cfg.pollUs > 1_000_000) throw invalid('--poll-us (KVRECALL_POLL_US) takes microseconds in [0, 1000000]');
+  if (cfg.pollUs !== undefined && cfg.pollUs > 1_000_000) throw invalid('--poll-us (KVRECALL_POLL_US) takes microseconds in [0, 1000000]');
   // storage/lmdb-shards.ts MAX_SHARDS (core sits below storage).
   if (cfg.gpuKmeans !== undefined && cfg.gpuKmeans > 1) throw invalid('--gpu-kmeans (KVRECALL_GPU_KMEANS) takes 0 or 1');
   if (cfg.lmdbShards !== undefined && (cfg.lmdbShards < 1 || cfg.lmdbShards > 64))

@@ -4,7 +4,7 @@
 // answers its stream as one without it, bit for bit, the poller running
 // after an answer and stopped once its window is over.
 import { afterAll, describe, expect, it } from 'vitest';
-import { LoopPoller } from '../../api/loop-poll.js';
+import { defaultPollUs, LoopPoller } from '../../api/loop-poll.js';
 import { KvrecallClient, tensor } from '../../clients/ts/client.js';
 import { randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
@@ -43,6 +43,15 @@ describe('LoopPoller', () => {
   });
 });
 
+describe('defaultPollUs (--poll-us unset)', () => {
+  it('polls 1 ms on the CUDA backend of a host with 8 cores or more, never elsewhere', () => {
+    expect(defaultPollUs(true, 16)).toBe(1000);
+    expect(defaultPollUs(true, 8)).toBe(1000);
+    expect(defaultPollUs(true, 7)).toBe(0);
+    expect(defaultPollUs(false, 64)).toBe(0);
+  });
+});
+
 describe('a server with --poll-us', () => {
   const dirs = [tempDataDir(), tempDataDir()];
   const servers: Awaited<ReturnType<typeof startInProcess>>[] = [];
@@ -71,7 +80,11 @@ describe('a server with --poll-us', () => {
           expect(s.stream.poller.active).toBe(true);
           await sleep(600);
           expect(s.stream.poller.active).toBe(false);
-        } else expect(s.stream.poller.turns).toBe(0);
+        } else {
+          // --poll-us unset on the CPU backend (this suite's): the default is not to poll.
+          expect(s.stream.poller.windowMs).toBe(0);
+          expect(s.stream.poller.turns).toBe(0);
+        }
       } finally {
         stream.close();
       }

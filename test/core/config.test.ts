@@ -47,7 +47,7 @@ describe('parseConfig', () => {
   });
 
   it('takes the loop\'s polling after answers from --poll-us or KVRECALL_POLL_US, 0 (off) unless set, at most a second', () => {
-    expect(parseConfig([], {}).pollUs).toBe(0);
+    expect(parseConfig([], {}).pollUs).toBeUndefined(); // the server's default: api/loop-poll.ts defaultPollUs
     expect(parseConfig(['--poll-us', '500'], {}).pollUs).toBe(500);
     expect(parseConfig([], { KVRECALL_POLL_US: '200' }).pollUs).toBe(200);
     expect(parseConfig(['--poll-us', '0'], { KVRECALL_POLL_US: '200' }).pollUs).toBe(0);
