@@ -24,16 +24,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="a running server (else --serve)")
     p.add_argument("--serve", action="store_true", help="start this checkout's server for the run")
     p.add_argument("--token", default=os.environ.get("KVRECALL_TOKEN"))
-    p.add_argument("--poll-us", type=int, default=0, help="with --serve: the server's --poll-us (its loop polls this long after each stream answer)")
+    p.add_argument("--poll-us", type=int, default=None, help="with --serve: the server's --poll-us (its loop polls this long after each stream answer; unset: the server's default, 1000 on a GPU host of 8 cores or more, else 0)")
 
 
-def _start(token: Optional[str], poll_us: int = 0) -> Tuple[subprocess.Popen, str, str]:
+def _start(token: Optional[str], poll_us: Optional[int] = None) -> Tuple[subprocess.Popen, str, str]:
     node = os.environ.get("KVRECALL_NODE") or shutil.which("node")
     cli = os.path.join(ROOT, "dist", "cli", "cli.js")
     if not node or not os.path.exists(cli):
         sys.exit(f"--serve needs node and {cli} (npx tsc -p tsconfig.json)")
     data = tempfile.mkdtemp(prefix="kvrecall-bench-")
-    cmd = [node, cli, "serve", "--host", "127.0.0.1", "--port", "0", "--data", data] + (["--token", token] if token else []) + (["--poll-us", str(poll_us)] if poll_us else [])
+    cmd = [node, cli, "serve", "--host", "127.0.0.1", "--port", "0", "--data", data] + (["--token", token] if token else []) + ([] if poll_us is None else ["--poll-us", str(poll_us)])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     for line in proc.stdout:
@@ -55,7 +55,7 @@ def server(p: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[Tup
     if not args.serve:
         yield args.url, None
         return
-    proc, url, data = _start(args.token, getattr(args, "poll_us", 0))
+    proc, url, data = _start(args.token, getattr(args, "poll_us", None))
     try:
         yield url, proc.pid
     finally:
