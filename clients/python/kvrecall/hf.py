@@ -26,6 +26,12 @@ attention_mask, scaling=..., dropout=..., **kwargs)`:
   row's whole context, which is returned instead of local attention. Each
   step names its token's `position`, so a step is never appended twice:
   when the stream's connection is lost, it reconnects once and resends.
+  On the stream the batch goes stacked by default (kvrecall.hf_steps): q,
+  k and v copied from the model's device straight into a shared-memory
+  segment attached to the stream, out read from it -- where the server is
+  on this host; else (the segment refused, `shm_refused` says why) as the
+  byte batch, the same answers bit for bit. `stats["stacked"]` and
+  `stats["batched"]` count the layer steps that went each way.
 
 A new sequence starts (fresh sessions) when layer 0 sees a key with no past
 (a DynamicCache after reset); with a StaticCache, call `reset()` before each
@@ -69,6 +75,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .client import Client, KvrecallError, model_shape
+from .hf_steps import DecodeSteps
+from .shm import SHM_DIR
 from .stream import Stream
 
 __all__ = ["KvrecallAttention", "register", "use_attention", "local_attention"]
@@ -133,15 +141,23 @@ class KvrecallAttention:
 
     transport: how decode steps travel, one batch of every row per layer and
     step: "stream" (default; one WebSocket, opened at the first decode step
-    and kept until close()) or "http" (`POST /v1/attend`). half_wire (default
+    and kept until close()) or "http" (`POST /v1/attend`). stacked (default
+    True; the stream only): the batch as whole arrays through a
+    shared-memory segment the stream attaches in shm_dir (the server's
+    --shm-dir), where the server takes one (on this host); False: always
+    the byte batch (`attend_batch`), for comparison. half_wire (default
     True): when the model's dtype is the one kvrecall stores (f16 or bf16), q
-    goes out and out comes back in it (`q_dtype`, `out_dtype`), half the bytes
-    of float32 each way with the same answer; False sends float32.
+    goes out and out comes back in it (`q_dtype`, `out_dtype`; stacked, a
+    bf16 q goes as float32, exact), half the bytes of float32 each way with
+    the same answer; False sends float32.
 
     stats: sequences, uploads (kv posts), attends, local (local attention
-    calls), documents (created), and over all attends the sums of the
-    server's stats `tokens` (context), `attended` and `scanned`, so that
-    stats["attended"] / stats["context"] is the kept fraction.
+    calls), documents (created), stacked and batched (layer steps sent each
+    way), and over all attends the sums of the server's stats `tokens`
+    (context), `attended` and `scanned`, so that stats["attended"] /
+    stats["context"] is the kept fraction. A stacked answer carries no
+    per-step stats: its steps' attended and scanned are the sessions'
+    sums, read by sync_stats() (kept_fraction and reset() call it).
     """
 
     def __init__(
@@ -160,6 +176,8 @@ class KvrecallAttention:
         ready_timeout: float = 600.0,
         transport: str = "stream",
         half_wire: bool = True,
+        stacked: bool = True,
+        shm_dir: str = SHM_DIR,
     ):
         if kv_dtype not in (None, "f16", "bf16"):
             raise ValueError('kv_dtype must be "f16", "bf16" or None')
@@ -167,7 +185,8 @@ class KvrecallAttention:
             raise ValueError('transport must be "stream" or "http"')
         self.transport = transport
         self.half_wire = half_wire
-        self._stream: Optional[Stream] = None
+        self.stacked = stacked
+        self._steps = DecodeSteps(client, transport, stacked, shm_dir) if client is not None else None
         self.client = client
         self.method = method
         self.kv_dtype = kv_dtype
@@ -189,6 +208,9 @@ class KvrecallAttention:
         self._cache_len: Dict[int, int] = {}  # per layer: positions consumed in the local cache
         self._tokens: Dict[int, List[int]] = {}  # per layer, per row: tokens the row's session holds as its own
         self._doc_tokens: Dict[int, List[int]] = {}  # per layer, per row: tokens of the row's document
+        # Per session, the [attended, scanned] stats holds of it (sync_stats adds the rest of the server's sums).
+        self._seen: Dict[str, List[float]] = {}
+        self._unsynced = False  # stacked steps ran since the last sync_stats
 
     # the attention function ------------------------------------------------
 
@@ -230,70 +252,101 @@ class KvrecallAttention:
         # A model in the dtype kvrecall stores sends q as it holds it and takes out in that dtype: half the
         # bytes each way, the same answer (the server rounds the f32 out to nearest even, as .to(dtype) would).
         half = self.half_wire and query.dtype == _storage_torch_dtype(kv_dtype)
+        out = self._step_stacked(layer, query, key, value, at, scaling, kv_dtype, half)
+        if out is None:
+            out = self._step_batch(layer, query, key, value, at, scaling, kv_dtype, half)
+        self.stats["attends"] += batch
+        self._cache_len[layer] = at + 1
+        return out.unsqueeze(1), None  # [batch, 1, qHeads, d], as sdpa_attention_forward returns
+
+    def _step_stacked(self, layer, query, key, value, at, scaling, kv_dtype, half):
+        """The step as one stacked batch (kvrecall.hf_steps): out [batch, qHeads, d]
+        on the model's device, or None where the stacked form cannot go."""
+        torch = _torch()
+        store = _storage_torch_dtype(kv_dtype)
+        _, q_heads, _, d = query.shape
+        # bf16 goes as float32 (exact both ways; the server stores k and v as bf16 again).
+        q_np = np.float16 if half and kv_dtype == "f16" else np.float32
+        kv_np = np.float16 if kv_dtype == "f16" else np.float32
+
+        def fill(q, k, v):  # from the device straight into the segment
+            torch.from_numpy(q).copy_(query[:, :, 0, :].detach())
+            torch.from_numpy(k).copy_(key[:, :, at, :].detach().to(store))
+            torch.from_numpy(v).copy_(value[:, :, at, :].detach().to(store))
+
+        tokens = self._tokens[layer]
+        outs = self._steps.attend_stacked(layer, self.sessions, tokens, fill, (q_heads, d), q_np, (key.shape[1], d), kv_np, kv_dtype if half else None, float(scaling))
+        if outs is None:
+            return None
+        for b in range(len(tokens)):
+            tokens[b] += 1
+        # The server's `tokens` of each step: the row's own tokens, its token appended, and its document's.
+        self.stats["context"] += sum(tokens) + sum(self._doc_tokens[layer])
+        self.stats["stacked"] += 1
+        self._unsynced = True
+        return _torch_out(outs, query, copy=True)  # a copy: outs is the segment's, written over by the next request
+
+    def _step_batch(self, layer, query, key, value, at, scaling, kv_dtype, half):
+        """The step as the byte batch, one step map per row: out [batch, qHeads, d] on the model's device."""
         q_all = _wire_bits(query[:, :, 0, :], kv_dtype) if half else query[:, :, 0, :].detach().float().cpu().numpy()  # [batch, qHeads, d]
         k_all = _wire_bits(key[:, :, at, :], kv_dtype)  # [batch, kvHeads, d]
         v_all = _wire_bits(value[:, :, at, :], kv_dtype)
         wire = {"q_dtype": kv_dtype, "out_dtype": kv_dtype} if half else {}
         steps = [
             {"session": self.sessions[b], "q": q_all[b], "k": k_all[b], "v": v_all[b], "scale": float(scaling), "position": self._tokens[layer][b], "dtype": kv_dtype, **wire}
-            for b in range(batch)
+            for b in range(query.shape[0])
         ]
         results = self._attend(layer, steps)
         for b, r in enumerate(results):
             self._tokens[layer][b] += 1
+            seen = self._seen.setdefault(self.sessions[b], [0.0, 0.0])
+            seen[0] += r.stats.get("attended", 0)
+            seen[1] += r.stats.get("scanned", 0)
             self.stats["context"] += r.stats.get("tokens", 0)
             self.stats["attended"] += r.stats.get("attended", 0)
             self.stats["scanned"] += r.stats.get("scanned", 0)
-        self.stats["attends"] += batch
-        self._cache_len[layer] = at + 1
-        outs = np.stack([r.out for r in results])  # [batch, qHeads, d]: float32, float16, or bf16 as uint16 bits
-        out = torch.from_numpy(outs.view(np.int16)).view(torch.bfloat16) if outs.dtype == np.uint16 else torch.from_numpy(outs)
-        out = out.to(device=query.device, dtype=query.dtype)
-        return out.unsqueeze(1), None  # [batch, 1, qHeads, d], as sdpa_attention_forward returns
+        self.stats["batched"] += 1
+        return _torch_out(np.stack([r.out for r in results]), query, copy=False)  # float32, float16, or bf16 as uint16 bits
 
     def _attend(self, layer: int, steps: List[Dict[str, Any]]) -> list:
-        """One layer's decode steps of every row, answered in order; raises
-        the first step's error."""
-        if self.transport == "http":
-            results = self.client.attend_batch(layer, steps)
-        else:
-            try:
-                results = self._open_stream().attend_batch(layer, steps)
-            except ConnectionError:
-                # The connection was lost: once more on a new one. Positions
-                # make the resend safe: a step that went through the first
-                # time answers 409, and its token is there; ask it again
-                # without the token.
-                self._close_stream()
-                results = self._open_stream().attend_batch(layer, steps)
-                for i, r in enumerate(results):
-                    if isinstance(r, KvrecallError) and r.code == "conflict" and self._appended(steps[i], layer):
-                        step = {key: steps[i][key] for key in ("session", "q", "scale", "q_dtype", "out_dtype") if key in steps[i]}
-                        results[i] = self._stream.attend_batch(layer, [step])[0]
-        for r in results:
-            if isinstance(r, KvrecallError):
-                raise r
-        return results
+        """One layer's decode steps of every row as step maps, answered in
+        order (resent once on a lost stream); raises the first step's error."""
+        return self._steps.attend_batch(layer, steps)
 
-    def _appended(self, step: Dict[str, Any], layer: int) -> bool:
-        """Whether the session holds the step's token already (its position is the last)."""
-        return self.client.get_session(step["session"])["ownTokens"][layer] == step["position"] + 1
+    @property
+    def _stream(self) -> Optional[Stream]:
+        return self._steps.stream if self._steps is not None else None
 
-    def _open_stream(self) -> Stream:
-        if self._stream is None or self._stream.closed:
-            self._stream = self.client.open_stream()
-        return self._stream
+    @property
+    def shm_refused(self) -> Optional[str]:
+        """Why the stream has no shared-memory segment (None while it has one, or before the first step)."""
+        return self._steps.shm_refused if self._steps is not None else None
 
-    def _close_stream(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+    def sync_stats(self) -> None:
+        """Adds to stats["attended"] and stats["scanned"] what the server
+        counted for the sessions beyond what stats holds (the stacked steps',
+        whose answers carry no per-step stats)."""
+        if not self._unsynced or self.client is None:
+            return
+        for sid in self.sessions:
+            st = self.client.get_session(sid).get("stats") or {}
+            seen = self._seen.setdefault(sid, [0.0, 0.0])
+            self.stats["attended"] += st.get("selected", 0) - seen[0]
+            self.stats["scanned"] += st.get("scanned", 0) - seen[1]
+            seen[:] = [st.get("selected", 0), st.get("scanned", 0)]
+        self._unsynced = False
 
     # sessions --------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the current sequence (and delete its sessions and documents)."""
+        try:
+            self.sync_stats()
+        except (KvrecallError, OSError):
+            pass  # a session gone already: its steps stay uncounted
         self._drop_sessions()
+        self._seen = {}
+        self._unsynced = False
         self._batch = None
         self._model = None
         self._attached = True
@@ -304,7 +357,8 @@ class KvrecallAttention:
     def close(self) -> None:
         """Deletes the sessions (and documents) and closes the stream."""
         self.reset()
-        self._close_stream()
+        if self._steps is not None:
+            self._steps.close()
 
     def __enter__(self) -> "KvrecallAttention":
         return self
@@ -315,6 +369,7 @@ class KvrecallAttention:
     @property
     def kept_fraction(self) -> Optional[float]:
         """Tokens attended / context tokens, over every attend so far (None before any)."""
+        self.sync_stats()
         return self.stats["attended"] / self.stats["context"] if self.stats["context"] else None
 
     def _start(self, batch, module, q_heads, kv_heads, head_dim, kv_dtype) -> None:
@@ -428,7 +483,14 @@ class KvrecallAttention:
         return key.dtype not in (_torch().float16, _torch().bfloat16)
 
 
-_NEW_STATS = {"sequences": 0, "uploads": 0, "attends": 0, "local": 0, "documents": 0, "context": 0, "attended": 0.0, "scanned": 0.0}
+_NEW_STATS = {"sequences": 0, "uploads": 0, "attends": 0, "local": 0, "documents": 0, "stacked": 0, "batched": 0, "context": 0, "attended": 0.0, "scanned": 0.0}
+
+
+def _torch_out(outs: np.ndarray, query, copy: bool):
+    """out [batch, qHeads, d] (float32, float16, or bf16 as uint16 bits) as a tensor of query's dtype and device."""
+    torch = _torch()
+    out = torch.from_numpy(outs.view(np.int16)).view(torch.bfloat16) if outs.dtype == np.uint16 else torch.from_numpy(outs)
+    return out.to(device=query.device, dtype=query.dtype, copy=copy)
 
 
 def local_attention(kv_dtype: str = "f16", round_local: Optional[bool] = None) -> KvrecallAttention:

@@ -156,6 +156,8 @@ for kind, name in re.findall(r"^(FAIL|ERROR): (test_\w+) ", log, re.M):
             tests[k] = kind  # a failed subtest
 # The adapter's tests must have run here, not been skipped.
 required = ["test_hf_adapter.HfAdapter.test_float32_greedy_tokens_identical",
+            "test_hf_adapter.HfAdapter.test_stacked_by_default_bit_identical_to_byte_batch",
+            "test_hf_adapter.HfAdapter.test_stacked_lost_connection_resends_without_appending_twice",
             "test_hf_sparse.SparseAgreement.test_sparse_budget_agreement",
             "test_hf_sparse.SparseAgreement.test_full_budget_every_method_identical_to_dense",
             "test_hf_sparse.CommittedFloors.test_thresholds_can_fail"]

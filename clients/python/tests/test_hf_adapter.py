@@ -14,6 +14,14 @@ summation order, and the tokens must be identical. For a bfloat16/float16
 model the K/V are exact in storage and the baseline is plain SDPA; the two
 runs differ by the rounding of attention outputs to the model dtype, so that
 case is checked teacher-forced with a tolerance on the logits.
+
+Decode steps go stacked through the stream's shared-memory segment by
+default (kvrecall.hf_steps); `stacked=False` sends the byte batch. The two
+give bit-identical logits and the same tokens (float32, bfloat16 and, on
+CUDA, float16); where the segment is refused (a directory that is not
+there; a server started here with --shm-dir off) the adapter sends the byte
+batch, and a connection lost mid-decode is reopened and the step resent
+without appending a token twice.
 """
 
 import os
@@ -21,6 +29,9 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import serve  # noqa: E402
 
 try:
     import torch
@@ -48,8 +59,10 @@ class HfAdapter(unittest.TestCase):
         cls.tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 must mean float32
         cls.remote = KvrecallAttention(cls.client, method="exact")
+        cls.bytes = KvrecallAttention(cls.client, method="exact", stacked=False)
         cls.local = local_attention()
         register("kvrecall_test", cls.remote)
+        register("kvrecall_test_bytes", cls.bytes)
         register("kvrecall_test_local", cls.local)
         register("sdpa_test", _plain_sdpa)
 
@@ -57,15 +70,17 @@ class HfAdapter(unittest.TestCase):
     def tearDownClass(cls):
         torch.backends.cuda.matmul.allow_tf32 = cls.tf32
         cls.remote.close()
+        cls.bytes.close()
         cls.client.close()
 
     def setUp(self):
-        for adapter in (self.remote, self.local):
+        for adapter in (self.remote, self.bytes, self.local):
             adapter.reset()
             adapter.stats = dict.fromkeys(adapter.stats, 0)
 
     def tearDown(self):
         self.remote.reset()
+        self.bytes.reset()
         self.local.reset()
 
     def build(self, dtype):
@@ -183,33 +198,140 @@ class HfAdapter(unittest.TestCase):
     def test_half_wire_gives_the_f32_wire_answers(self):
         """A 16-bit model's decode steps travel as 16-bit q and out (half the
         bytes) and the logits are bit-identical to the float32 wire's: the
-        server's rounding of out is the one .to(dtype) does."""
+        server's rounding of out is the one .to(dtype) does. The byte batch's
+        steps carry q_dtype and out_dtype; the stacked batch's likewise
+        (its bf16 q as float32, exact)."""
         from kvrecall.hf import KvrecallAttention, register
 
         dtypes = [torch.bfloat16] + ([torch.float16] if self.device.startswith("cuda") else [])
-        wide = KvrecallAttention(self.client, method="exact", half_wire=False)
-        register("kvrecall_test_f32_wire", wide)
+        wide = {stacked: KvrecallAttention(self.client, method="exact", half_wire=False, stacked=stacked) for stacked in (False, True)}
+        for stacked, adapter in wide.items():
+            register(f"kvrecall_test_f32_wire_{stacked}", adapter)
         sent = []
-        attend = self.remote._attend
-        self.remote._attend = lambda layer, steps: (sent.extend(steps), attend(layer, steps))[1]
+        attend = self.bytes._attend
+        self.bytes._attend = lambda layer, steps: (sent.extend(steps), attend(layer, steps))[1]
         try:
             for dtype in dtypes:
-                with self.subTest(dtype=str(dtype)):
-                    model = self.build(dtype)
-                    ids = self.prompt(PROMPT, seed=4)
-                    want = self.generate(model, "sdpa_test", ids)
-                    self.remote.reset()
-                    wide.reset()
-                    sent.clear()
-                    a = self.forced_logits(model, "kvrecall_test_f32_wire", ids, want)
-                    b = self.forced_logits(model, "kvrecall_test", ids, want)
-                    kv_dtype = "bf16" if dtype == torch.bfloat16 else "f16"
-                    self.assertGreater(len(sent), 0)
-                    self.assertTrue(all(s.get("out_dtype") == kv_dtype and s.get("q_dtype") == kv_dtype for s in sent))
-                    self.assertTrue(torch.equal(a, b), f"{dtype}: logits differ by {(a - b).abs().max().item()}")
+                for stacked, half in ((False, self.bytes), (True, self.remote)):
+                    with self.subTest(dtype=str(dtype), stacked=stacked):
+                        model = self.build(dtype)
+                        ids = self.prompt(PROMPT, seed=4)
+                        want = self.generate(model, "sdpa_test", ids)
+                        half.reset()
+                        wide[stacked].reset()
+                        sent.clear()
+                        a = self.forced_logits(model, f"kvrecall_test_f32_wire_{stacked}", ids, want)
+                        b = self.forced_logits(model, "kvrecall_test_bytes" if half is self.bytes else "kvrecall_test", ids, want)
+                        if not stacked:
+                            kv_dtype = "bf16" if dtype == torch.bfloat16 else "f16"
+                            self.assertGreater(len(sent), 0)
+                            self.assertTrue(all(s.get("out_dtype") == kv_dtype and s.get("q_dtype") == kv_dtype for s in sent))
+                        for adapter in (half, wide[stacked]):
+                            self.assertEqual((adapter.stats["stacked"] > 0, adapter.stats["batched"] > 0), (stacked, not stacked))
+                        self.assertTrue(torch.equal(a, b), f"{dtype}: logits differ by {(a - b).abs().max().item()}")
         finally:
-            self.remote._attend = attend
-            wide.close()
+            self.bytes._attend = attend
+            for adapter in wide.values():
+                adapter.close()
+
+    def test_stacked_by_default_bit_identical_to_byte_batch(self):
+        """By default every decode step goes stacked through the stream's
+        segment; the byte batch (stacked=False) gives the same tokens and
+        bit-identical logits, and the same stats (context, attended: the
+        stacked steps' read from the sessions)."""
+        dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if self.device.startswith("cuda") else [])
+        for dtype in dtypes:
+            with self.subTest(dtype=str(dtype)):
+                model = self.build(dtype)
+                layers = model.config.num_hidden_layers
+                ids = self.prompt(PROMPT, batch=3, seed=5)
+                counts = []
+                tokens = []
+                for adapter, impl in ((self.remote, "kvrecall_test"), (self.bytes, "kvrecall_test_bytes")):
+                    adapter.reset()
+                    adapter.stats = dict.fromkeys(adapter.stats, 0)
+                    tokens.append(self.generate(model, impl, ids))
+                    counts.append((adapter.stats["stacked"], adapter.stats["batched"]))
+                self.assertEqual(counts, [((NEW - 1) * layers, 0), (0, (NEW - 1) * layers)])
+                self.assertIsNone(self.remote.shm_refused)
+                self.assertIsNotNone(self.remote._stream.shm)
+                self.assertEqual(tokens[0].tolist(), tokens[1].tolist())
+                self.assertGreater(len(set(tokens[0].flatten().tolist())), 1)
+                a = self.forced_logits(model, "kvrecall_test", ids, tokens[0])
+                b = self.forced_logits(model, "kvrecall_test_bytes", ids, tokens[0])
+                self.assertTrue(torch.equal(a, b), f"{dtype}: logits differ by {(a - b).abs().max().item()}")
+                self.assertEqual(self.remote.kept_fraction, self.bytes.kept_fraction)
+                for key in ("attends", "context", "attended", "scanned"):
+                    self.assertEqual(self.remote.stats[key], self.bytes.stats[key], key)
+                self.assertEqual(self.remote.kept_fraction, 1.0)  # exact: the whole context
+
+    def test_stacked_falls_back_to_the_byte_batch_where_the_segment_is_refused(self):
+        from kvrecall import Client
+        from kvrecall.hf import KvrecallAttention, register
+
+        model = self.build(torch.float32)
+        ids = self.prompt(PROMPT, batch=2, seed=6)
+        want = self.generate(model, "kvrecall_test_bytes", ids)
+        cases = [("no such directory", self.client, {"shm_dir": "/nonexistent-kvrecall-dir"}, "cannot make a shared-memory file")]
+        server = None if serve.available() else serve.Server(extra=["--shm-dir", "off"])
+        if server:
+            cases.append(("--shm-dir off", Client(server.url), {}, "shared memory is off"))
+        try:
+            for why, client, opts, refused in cases:
+                with self.subTest(why):
+                    adapter = KvrecallAttention(client, method="exact", **opts)
+                    register("kvrecall_test_refused", adapter)
+                    try:
+                        got = self.generate(model, "kvrecall_test_refused", ids)
+                        self.assertEqual(got.tolist(), want.tolist())
+                        self.assertEqual((adapter.stats["stacked"], adapter.stats["batched"]), (0, (NEW - 1) * model.config.num_hidden_layers))
+                        self.assertRegex(adapter.shm_refused, refused)
+                    finally:
+                        adapter.close()
+        finally:
+            if server:
+                cases[-1][1].close()
+                server.stop()
+        if not server:
+            self.skipTest(f"--shm-dir off not tried: {serve.available()}")
+
+    def test_stacked_lost_connection_resends_without_appending_twice(self):
+        """The stream's connection lost mid-decode, after a stacked step went
+        through (its answer lost) and before one was sent: the step is resent
+        on a new connection, rows already appended asked again without their
+        token; the logits are bit-identical to a run without the losses."""
+        model = self.build(torch.float32)
+        layers = model.config.num_hidden_layers
+        ids = self.prompt(PROMPT, batch=2, seed=7)
+        tokens = self.generate(model, "kvrecall_test", ids)
+        want = self.forced_logits(model, "kvrecall_test", ids, tokens)
+        steps = self.remote._steps
+        send = steps._send_stacked
+        calls, streams = [0], []
+
+        def lossy(stream, *args):
+            calls[0] += 1
+            streams.append(stream)
+            if calls[0] == 7:  # lost before it is sent
+                stream.ws.sock.shutdown(2)
+            got = send(stream, *args)
+            if calls[0] == 12:  # went through; its answer lost
+                stream.ws.sock.shutdown(2)
+                raise ConnectionError("answer lost")
+            return got
+
+        steps._send_stacked = lossy
+        try:
+            got = self.forced_logits(model, "kvrecall_test", ids, tokens)
+        finally:
+            del steps._send_stacked
+        # Each loss resent its step once, on a new stream.
+        self.assertEqual(calls[0], (NEW - 1) * layers + 2)
+        self.assertEqual(len({id(s) for s in streams}), 3)
+        self.assertTrue(torch.equal(got, want), f"logits differ by {(got - want).abs().max().item()}")
+        for sid in self.remote.sessions:
+            self.assertEqual(self.client.get_session(sid)["ownTokens"], [PROMPT + NEW - 1] * layers)
+        self.assertEqual(self.remote.stats["batched"], 0)
 
 
 def _plain_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
