@@ -155,9 +155,17 @@ class HfSteps(serve.ServedCase):
         steps = DecodeSteps(self.kv)
         try:
             # 2 rows: a segment for 8 (64 KiB); 200 rows (~90 KB) need a larger one.
-            small, large = self.open(n=2), self.open(n=200)
-            q, k, v = self.batch(2)
-            self.assertIsNotNone(self.stacked(steps, 0, small, [0, 0], q, k, v, "f16", False))
+            small, large, refs = self.open(n=2), self.open(n=200), self.open(n=2)
+
+            def small_step(pos):
+                q, k, v = self.batch(2)
+                got = self.stacked(steps, 0, small, [pos, pos], q, k, v, "f16", False)
+                self.assertTrue(np.shares_memory(self.written[0][0], steps.stream.shm.u8))
+                for i in range(2):
+                    want = self.kv.attend(refs[i], 0, q[i], k=k[i].astype(np.float16), v=v[i].astype(np.float16), scale=SCALE, position=pos)
+                    self.assertEqual(got[i].tobytes(), want.out.tobytes(), (pos, i))
+
+            small_step(0)
             stream, before = steps.stream, steps.stream.shm.nbytes
             self.assertEqual(before, segment_bytes(2, (Q, D), np.float32, (KV, D), np.float16, None))
             self.assertGreater(stacked_bytes(200, (Q, D), np.float32, (KV, D), np.float16, None), before)
@@ -170,6 +178,9 @@ class HfSteps(serve.ServedCase):
             ref = self.open(n=1)[0]
             want = self.kv.attend(ref, 0, q[199], k=k[199].astype(np.float16), v=v[199].astype(np.float16), scale=SCALE, position=0)
             self.assertEqual(got[199].tobytes(), want.out.tobytes())
+            # The small batch again: written in the new segment, not the old one (which the server no longer reads).
+            small_step(1)
+            small_step(2)
         finally:
             steps.close()
 
