@@ -211,6 +211,7 @@ class KvrecallAttention:
         # Per session, the [attended, scanned] stats holds of it (sync_stats adds the rest of the server's sums).
         self._seen: Dict[str, List[float]] = {}
         self._unsynced = False  # stacked steps ran since the last sync_stats
+        self._stage: Dict[Any, Any] = {}  # device buffers gathering q, k, v for one copy to the segment (_staged)
 
     # the attention function ------------------------------------------------
 
@@ -269,10 +270,16 @@ class KvrecallAttention:
         q_np = np.float16 if half and kv_dtype == "f16" else np.float32
         kv_np = np.float16 if kv_dtype == "f16" else np.float32
 
-        def fill(q, k, v):  # from the device straight into the segment
-            torch.from_numpy(q).copy_(query[:, :, 0, :].detach())
-            torch.from_numpy(k).copy_(key[:, :, at, :].detach().to(store))
-            torch.from_numpy(v).copy_(value[:, :, at, :].detach().to(store))
+        def fill(q, k, v, kv, qkv):  # from the device straight into the segment
+            qs, ks, vs = query[:, :, 0, :].detach(), key[:, :, at, :].detach().to(store), value[:, :, at, :].detach().to(store)
+            if query.device.type == "cpu" or kv is None:
+                for dst, src in ((q, qs), (k, ks), (v, vs)):
+                    torch.from_numpy(dst).copy_(src)
+            elif qkv is None:
+                torch.from_numpy(q).copy_(qs)
+                self._staged(kv, (ks, vs))
+            else:
+                self._staged(qkv, (qs, ks, vs))
 
         tokens = self._tokens[layer]
         outs = self._steps.attend_stacked(layer, self.sessions, tokens, fill, (q_heads, d), q_np, (key.shape[1], d), kv_np, kv_dtype if half else None, float(scaling))
@@ -285,6 +292,23 @@ class KvrecallAttention:
         self.stats["stacked"] += 1
         self._unsynced = True
         return _torch_out(outs, query, copy=True)  # a copy: outs is the segment's, written over by the next request
+
+    def _staged(self, dst: np.ndarray, parts) -> None:
+        """parts (device tensors) into dst (a flat segment array lying over them end to end) with one
+        device-to-host copy (a wait for the device each): gathered first in a device buffer, kept per size."""
+        torch = _torch()
+        out = torch.from_numpy(dst)
+        key = (parts[0].device, out.dtype, out.numel())
+        buf = self._stage.get(key)
+        if buf is None:
+            if len(self._stage) >= 16:
+                self._stage.clear()
+            buf = self._stage[key] = torch.empty(out.numel(), dtype=out.dtype, device=parts[0].device)
+        at = 0
+        for p in parts:
+            buf[at : at + p.numel()].view(p.shape).copy_(p)
+            at += p.numel()
+        out.copy_(buf)
 
     def _step_batch(self, layer, query, key, value, at, scaling, kv_dtype, half):
         """The step as the byte batch, one step map per row: out [batch, qHeads, d] on the model's device."""

@@ -6,9 +6,9 @@ one layer's step of every batch row, sent to kvrecall one of two ways.
   kvrecall.stacked). The segment is attached when the stream opens, sized
   by `segment_bytes` for the batch (and attached anew, larger, when a
   bigger batch comes). The caller writes q, k and v straight into the
-  segment's arrays (`fill(q, k, v)`: from torch, one device-to-host copy
-  each), and takes out as a view of the segment, valid until the stream's
-  next request.
+  segment's arrays (`fill`: from torch, one device-to-host copy for the
+  three where they lie end to end in one dtype), and takes out as a view
+  of the segment, valid until the stream's next request.
 - The byte batch (`Stream.attend_batch`, or `Client.attend_batch` over
   HTTP): one step map per row. Used where the stacked form cannot go: the
   server refused the segment (another host, --shm-dir off, its caps; the
@@ -70,6 +70,20 @@ def segment_bytes(n: int, q_shape: Sequence[int], q_dtype: Any, kv_shape: Sequen
     return -(-need // _SEGMENT_UNIT) * _SEGMENT_UNIT
 
 
+def _joined(seg: Any, *arrays: np.ndarray) -> Optional[np.ndarray]:
+    """One flat array over `arrays` where they lie end to end in the segment
+    in one dtype (a caller fills them with one copy), else None."""
+    if seg is None or any(a.dtype != arrays[0].dtype for a in arrays):
+        return None
+    base = seg.u8.ctypes.data
+    at = end = arrays[0].ctypes.data - base
+    for a in arrays:
+        if a.ctypes.data - base != end:
+            return None
+        end += a.nbytes
+    return seg.u8[at:end].view(arrays[0].dtype)
+
+
 class DecodeSteps:
     """A running batch's decode steps, one layer at a time (see the module
     docstring). transport "stream" (one WebSocket kept until close()) or
@@ -100,7 +114,7 @@ class DecodeSteps:
         layer: int,
         sessions: Sequence[str],
         positions: Sequence[int],
-        fill: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+        fill: Callable[..., None],
         q_shape: Tuple[int, int],
         q_dtype: Any,
         kv_shape: Tuple[int, int],
@@ -110,10 +124,13 @@ class DecodeSteps:
     ) -> Optional[np.ndarray]:
         """The rows' step (each row's new token appended at its position):
         out [n, *q_shape] in out_dtype (bf16 as uint16 bits), a view of the
-        segment valid until the stream's next request. `fill(q, k, v)`
-        writes the rows' q [n, *q_shape] (q_dtype: float32 or float16) and
-        the new token's k and v [n, *kv_shape] (kv_dtype: float16 or
-        float32) into the arrays it is given (called again for a resend).
+        segment valid until the stream's next request. `fill(q, k, v, kv,
+        qkv)` writes the rows' q [n, *q_shape] (q_dtype: float32 or
+        float16) and the new token's k and v [n, *kv_shape] (kv_dtype:
+        float16 or float32) into the arrays it is given (called again for a
+        resend); kv, where not None, is one flat array over k then v, and
+        qkv one over q, k, v (they lie end to end in one dtype): one copy
+        can fill them.
         None where the stacked form cannot carry the step (then nothing was
         sent: send the byte batch)."""
         if self.transport != "stream" or not self.stacked:
@@ -155,9 +172,10 @@ class DecodeSteps:
             if len(self._inputs) >= _FORMS:
                 self._inputs.clear()
             q_shape, q_dtype, kv_shape, kv_dtype, out_dtype = shapes
-            arrays = self._inputs[key] = stream.stacked_inputs(layer, sessions, q_shape, q_dtype, kv_shape, kv_dtype, positions=True, out_dtype=out_dtype)
-        q, k, v, pos = arrays
-        fill(q, k, v)
+            q, k, v, pos = stream.stacked_inputs(layer, sessions, q_shape, q_dtype, kv_shape, kv_dtype, positions=True, out_dtype=out_dtype)
+            arrays = self._inputs[key] = (q, k, v, pos, _joined(stream.shm, k, v), _joined(stream.shm, q, k, v))
+        q, k, v, pos, kv, qkv = arrays
+        fill(q, k, v, kv, qkv)
         pos[:] = positions
         return stream.attend_stacked(layer, sessions, q, k, v, pos, out_dtype=shapes[4]), q
 

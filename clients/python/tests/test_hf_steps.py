@@ -100,9 +100,17 @@ class HfSteps(serve.ServedCase):
         kv_dt = np.float16 if kv == "f16" else np.float32
         written = []
 
-        def fill(qa, ka, va):
-            qa[:], ka[:], va[:] = q, k, v
+        def fill(qa, ka, va, kv_, qkv):
+            # Through the joined arrays where given (as the adapter's one device-to-host copy does).
+            if qkv is not None:
+                qkv[:] = np.concatenate([q.astype(qkv.dtype).ravel(), k.astype(qkv.dtype).ravel(), v.astype(qkv.dtype).ravel()])
+            elif kv_ is not None:
+                qa[:] = q
+                kv_[:] = np.concatenate([k.astype(kv_.dtype).ravel(), v.astype(kv_.dtype).ravel()])
+            else:
+                qa[:], ka[:], va[:] = q, k, v
             written.append((qa, ka, va))
+            self.joined = (kv_ is not None, qkv is not None)
 
         out = steps.attend_stacked(layer, sids, positions, fill, (Q, D), q_dt, (KV, D), kv_dt, kv if half else None, scale)
         self.written = written
@@ -120,36 +128,41 @@ class HfSteps(serve.ServedCase):
         return np.stack([r.out for r in rs])
 
     def test_stacked_answers_as_the_byte_batch(self):
-        for kv in ("f16", "bf16"):
-            for half in (False, True):
-                with self.subTest(kv=kv, half=half):
-                    a, b = self.open(kv), self.open(kv)
-                    stacked, plain = DecodeSteps(self.kv), DecodeSteps(self.kv, stacked=False)
-                    try:
-                        for pos in range(3):
-                            for layer in range(LAYERS):
-                                q, k, v = self.batch(kv=kv)
-                                if half:  # q as the model holds it, in its 16-bit dtype
-                                    q = as_stored(q, kv)
-                                got = self.stacked(stacked, layer, a, [pos] * N, q, k, v, kv, half)
-                                self.assertIsNotNone(got, stacked.shm_refused)
-                                # Written in the segment in place: the stacked call copied none of them in.
-                                for arr in self.written[0]:
-                                    self.assertTrue(np.shares_memory(arr, stacked.stream.shm.u8))
-                                self.assertIsNone(self.stacked(plain, layer, b, [pos] * N, q, k, v, kv, half))
-                                want = self.batched(plain, layer, b, [pos] * N, q, k, v, kv, half)
-                                self.assertEqual(got.dtype, want.dtype)
-                                self.assertEqual(got.tobytes(), want.tobytes(), (pos, layer))
-                        self.assertIsNone(plain.stream.shm)
-                        for x, y in zip(a, b):
-                            self.assertEqual(self.kv.get_session(x)["ownTokens"], [3, 3])
-                            self.assertEqual(self.kv.get_session(y)["ownTokens"], [3, 3])
-                            # What the server counted for the session is the same either way (hf.py's sync_stats reads it).
-                            sx, sy = self.kv.get_session(x)["stats"], self.kv.get_session(y)["stats"]
-                            self.assertEqual((sx["steps"], sx["selected"], sx["scanned"]), (sy["steps"], sy["selected"], sy["scanned"]))
-                    finally:
-                        stacked.close()
-                        plain.close()
+        # Whether k and v, and q, k and v lie end to end (one copy fills them): 3 rows of f16 k are 126 bytes
+        # (padded to 128), 4 rows 168; q in float32 is of another dtype than f16 k and v.
+        joined = {(3, "f16", False): (False, False), (3, "f16", True): (False, False), (4, "f16", False): (True, False), (4, "f16", True): (True, True)}
+        for n in (N, N + 1):
+            for kv in ("f16", "bf16"):
+                for half in (False, True):
+                    with self.subTest(n=n, kv=kv, half=half):
+                        a, b = self.open(kv, n), self.open(kv, n)
+                        stacked, plain = DecodeSteps(self.kv), DecodeSteps(self.kv, stacked=False)
+                        try:
+                            for pos in range(3):
+                                for layer in range(LAYERS):
+                                    q, k, v = self.batch(n, kv)
+                                    if half:  # q as the model holds it, in its 16-bit dtype
+                                        q = as_stored(q, kv)
+                                    got = self.stacked(stacked, layer, a, [pos] * n, q, k, v, kv, half)
+                                    self.assertIsNotNone(got, stacked.shm_refused)
+                                    self.assertEqual(self.joined, joined.get((n, kv, half), (True, True)))
+                                    # Written in the segment in place: the stacked call copied none of them in.
+                                    for arr in self.written[0]:
+                                        self.assertTrue(np.shares_memory(arr, stacked.stream.shm.u8))
+                                    self.assertIsNone(self.stacked(plain, layer, b, [pos] * n, q, k, v, kv, half))
+                                    want = self.batched(plain, layer, b, [pos] * n, q, k, v, kv, half)
+                                    self.assertEqual(got.dtype, want.dtype)
+                                    self.assertEqual(got.tobytes(), want.tobytes(), (pos, layer))
+                            self.assertIsNone(plain.stream.shm)
+                            for x, y in zip(a, b):
+                                self.assertEqual(self.kv.get_session(x)["ownTokens"], [3, 3])
+                                self.assertEqual(self.kv.get_session(y)["ownTokens"], [3, 3])
+                                # What the server counted for the session is the same either way (hf.py's sync_stats reads it).
+                                sx, sy = self.kv.get_session(x)["stats"], self.kv.get_session(y)["stats"]
+                                self.assertEqual((sx["steps"], sx["selected"], sx["scanned"]), (sy["steps"], sy["selected"], sy["scanned"]))
+                        finally:
+                            stacked.close()
+                            plain.close()
 
     def test_the_segment_grows_with_the_batch(self):
         steps = DecodeSteps(self.kv)
