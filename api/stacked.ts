@@ -171,8 +171,13 @@ export async function runStacked(sessions: Sessions, form: StackedForm, id: unkn
   );
 }
 
-/** Frame bytes a stream keeps forms of at most (a model's layers for a few batch compositions); past it they are dropped and learned again. */
-const MAX_FORM_BYTES = 4 << 20;
+/**
+ * What a stream keeps at most: frame bytes, and rows (each three views and a
+ * session id, ~0.5 KB of heap): a 32-layer model's forms for a running batch
+ * of 128. Past either they are all dropped and learned again.
+ */
+const MAX_FORM_BYTES = 1 << 20;
+const MAX_FORM_ROWS = 4096;
 
 /**
  * A stream's stacked forms by their frame's bytes but the id: an LLM
@@ -189,6 +194,7 @@ export class StackedForms {
   /** By the length of the bytes after the id: the bytes before and after it (own copies) and the form. */
   private readonly byLength = new Map<number, { head: Uint8Array; tail: Uint8Array; form: StackedForm }[]>();
   private bytes = 0;
+  private rows = 0;
   private segment?: object;
 
   /** The form kept for `data` on `segment`, and the frame's id; undefined when there is none. */
@@ -206,9 +212,10 @@ export class StackedForms {
   keep(data: Uint8Array, segment: object, form: StackedForm): void {
     const at = form.cached ? idAt(data) : undefined;
     if (!at) return;
-    if (segment !== this.segment || this.bytes + data.byteLength > MAX_FORM_BYTES) {
+    const rows = form.names.length;
+    if (segment !== this.segment || this.bytes + data.byteLength > MAX_FORM_BYTES || this.rows + rows > MAX_FORM_ROWS) {
       this.byLength.clear();
-      this.bytes = 0;
+      this.bytes = this.rows = 0;
       this.segment = segment;
     }
     const length = data.byteLength - at.end;
@@ -217,6 +224,7 @@ export class StackedForms {
     kept.push({ head: new Uint8Array(data.subarray(0, at.start)), tail: new Uint8Array(data.subarray(at.end)), form });
     this.byLength.set(length, kept);
     this.bytes += data.byteLength;
+    this.rows += rows;
   }
 }
 

@@ -9,7 +9,8 @@
 // first is left as it was. StackedForms alone: a frame matches the form
 // kept for its bytes but the id, in any width, on the segment kept for,
 // and no other; a form with tensors sent as data (views of its message,
-// whose buffer may be reused) is not kept.
+// whose buffer may be reused) is not kept; past 4096 rows kept, all are
+// dropped and learned again.
 import { Packr } from 'msgpackr';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { tensor } from '../../clients/ts/client.js';
@@ -101,7 +102,7 @@ describe("a stream's stacked forms", () => {
     const body = (id: number, layer = 0) => ({ id, ...frameOf(layer, ['s0', 's1', 's2']) });
     const [segA, segB] = [{}, {}];
     // As runStacked reads it: only `cached` matters to the keeping.
-    const form = { cached: true } as StackedForm;
+    const form = { cached: true, names: ['s0', 's1', 's2'] } as StackedForm;
     forms.keep(pack(body(1)), segA, form);
     for (const id of [0, 5, 200, 60_000, 4_000_000_000]) expect(forms.match(pack(body(id)), segA)).toEqual({ id, form });
     expect(forms.match(pack(body(1, 1)), segA)).toBeUndefined();
@@ -120,5 +121,12 @@ describe("a stream's stacked forms", () => {
     forms.keep(pack(body(1, 1)), segB, form);
     expect(forms.match(pack(body(2)), segA)).toBeUndefined();
     expect(forms.match(pack(body(2, 1)), segB)).toEqual({ id: 2, form });
+    // Past 4096 rows kept, all are dropped and learned again: 1365 forms of 3 rows, then one more.
+    const capped = new StackedForms();
+    for (let layer = 0; layer < 1365; layer++) capped.keep(pack(body(1, layer)), segA, form);
+    expect(capped.match(pack(body(2, 0)), segA)).toEqual({ id: 2, form });
+    capped.keep(pack(body(1, 1365)), segA, form);
+    expect(capped.match(pack(body(2, 0)), segA)).toBeUndefined();
+    expect(capped.match(pack(body(2, 1365)), segA)).toEqual({ id: 2, form });
   });
 });
