@@ -12,8 +12,7 @@ one layer's step of every batch row, sent to kvrecall one of two ways.
 - The byte batch (`Stream.attend_batch`, or `Client.attend_batch` over
   HTTP): one step map per row. Used where the stacked form cannot go: the
   server refused the segment (another host, --shm-dir off, its caps; the
-  reason in `shm_refused`), a scale the stacked frame does not carry, or
-  `stacked=False`.
+  reason in `shm_refused`) or `stacked=False`.
 
 Both send each row's `position`, so a step is never appended twice: when
 the stream's connection is lost, a new one is opened and the step resent
@@ -135,9 +134,6 @@ class DecodeSteps:
         sent: send the byte batch)."""
         if self.transport != "stream" or not self.stacked:
             return None
-        # The stacked frame carries no scale: the server's default, 1/sqrt(d), which it uses as a float32.
-        if scale is not None and np.float32(scale) != np.float32(1 / math.sqrt(q_shape[-1])):
-            return None
         n = len(sessions)
         shapes = (tuple(q_shape), q_dtype, tuple(kv_shape), kv_dtype, out_dtype)
         sizes = self._sizes.get((n, shapes))
@@ -149,44 +145,44 @@ class DecodeSteps:
         if stream.shm is None or stream.shm.nbytes < sizes[0]:
             return None
         try:
-            got, _ = self._send_stacked(stream, layer, sessions, positions, fill, shapes)
+            got, _ = self._send_stacked(stream, layer, sessions, positions, fill, shapes, scale)
         except ConnectionError:
             # The connection was lost: once more on a new one (in bytes if it has no segment: the same answers).
             self.close()
             stream = self._with_segment(*sizes)
-            got, q = self._send_stacked(stream, layer, sessions, positions, fill, shapes)
-            got = self._asked_again(stream, layer, sessions, positions, got, q, out_dtype)
+            got, q = self._send_stacked(stream, layer, sessions, positions, fill, shapes, scale)
+            got = self._asked_again(stream, layer, sessions, positions, got, q, out_dtype, scale)
         if got.errors:
             _, code, message = got.errors[0]
             raise KvrecallError(STATUS_OF_CODE.get(code, 500), code, message)
         return got.out
 
-    def _send_stacked(self, stream: Stream, layer: int, sessions: Sequence[str], positions: Sequence[int], fill: Callable[..., None], shapes: Tuple[Any, ...]) -> Tuple[Stacked, np.ndarray]:
+    def _send_stacked(self, stream: Stream, layer: int, sessions: Sequence[str], positions: Sequence[int], fill: Callable[..., None], shapes: Tuple[Any, ...], scale: Optional[float]) -> Tuple[Stacked, np.ndarray]:
         """The batch sent stacked (its arrays the segment's where it fits): its answer and q."""
         if stream.shm is not self._inputs_of:  # another segment (or none): its arrays are made anew
             self._inputs.clear()
             self._inputs_of = stream.shm
-        key = (layer, tuple(sessions), shapes)
+        key = (layer, tuple(sessions), shapes, scale)
         arrays = self._inputs.get(key)
         if arrays is None:
             if len(self._inputs) >= _FORMS:
                 self._inputs.clear()
             q_shape, q_dtype, kv_shape, kv_dtype, out_dtype = shapes
-            q, k, v, pos = stream.stacked_inputs(layer, sessions, q_shape, q_dtype, kv_shape, kv_dtype, positions=True, out_dtype=out_dtype)
+            q, k, v, pos = stream.stacked_inputs(layer, sessions, q_shape, q_dtype, kv_shape, kv_dtype, positions=True, out_dtype=out_dtype, scale=scale)
             arrays = self._inputs[key] = (q, k, v, pos, _joined(stream.shm, k, v), _joined(stream.shm, q, k, v))
         q, k, v, pos, kv, qkv = arrays
         fill(q, k, v, kv, qkv)
         pos[:] = positions
-        return stream.attend_stacked(layer, sessions, q, k, v, pos, out_dtype=shapes[4]), q
+        return stream.attend_stacked(layer, sessions, q, k, v, pos, out_dtype=shapes[4], scale=scale), q
 
-    def _asked_again(self, stream: Stream, layer: int, sessions: Sequence[str], positions: Sequence[int], got: Stacked, q: np.ndarray, out_dtype: Optional[str]) -> Stacked:
+    def _asked_again(self, stream: Stream, layer: int, sessions: Sequence[str], positions: Sequence[int], got: Stacked, q: np.ndarray, out_dtype: Optional[str], scale: Optional[float]) -> Stacked:
         """A resent batch's answer, its rows that went through the first time
         (409, the session holding their token) asked again without the token."""
         again = [i for i, code, _ in got.errors if code == "conflict" and self._appended(sessions[i], layer, positions[i])]
         if not again:
             return got
         out, lse = got.out.copy(), got.lse.copy()  # the next request writes over the segment
-        redo = stream.attend_stacked(layer, [sessions[i] for i in again], q[again], out_dtype=out_dtype)  # q[again]: a copy
+        redo = stream.attend_stacked(layer, [sessions[i] for i in again], q[again], out_dtype=out_dtype, scale=scale)  # q[again]: a copy
         out[again], lse[again] = redo.out, redo.lse
         errors = [e for e in got.errors if e[0] not in again] + [(again[j], code, message) for j, code, message in redo.errors]
         return Stacked(out, lse, sorted(errors), None)

@@ -71,7 +71,7 @@ class Stacked:
         return f"Stacked(out={self.out.shape} {self.out.dtype}, lse={self.lse.shape}, errors={self.errors!r}, ms={self.ms})"
 
 
-def stacked_key(layer: Any, sessions: Any, q: Any, k: Any, v: Any, positions: Any, out_dtype: Any, out: Any, lse: Any) -> Tuple[Tuple[Any, ...], Optional[np.ndarray]]:
+def stacked_key(layer: Any, sessions: Any, q: Any, k: Any, v: Any, positions: Any, out_dtype: Any, out: Any, lse: Any, scale: Any = None) -> Tuple[Tuple[Any, ...], Optional[np.ndarray]]:
     """The call's form (the plan's key) and its positions as an integer
     array; ValueError or TypeError for arrays that cannot be this batch."""
     if type(layer) is not int or layer < 0:
@@ -107,6 +107,10 @@ def stacked_key(layer: Any, sessions: Any, q: Any, k: Any, v: Any, positions: An
             raise ValueError("positions must be in [0, 2^31)")
     if out_dtype not in _OUT:
         raise ValueError(f"out_dtype must be f32, f16 or bf16, got {out_dtype!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        scale = float(scale)
     if (out is None) != (lse is None):
         raise ValueError("out and lse come together (or neither: views of the segment)")
     if out is not None:
@@ -115,7 +119,7 @@ def stacked_key(layer: Any, sessions: Any, q: Any, k: Any, v: Any, positions: An
             raise ValueError(f"out must be a writable {_OUT[out_dtype]} array {list(want)}, got {_desc(out)}")
         if not isinstance(lse, np.ndarray) or lse.dtype != np.float32 or lse.shape != want[:2] or not lse.flags.writeable:
             raise ValueError(f"lse must be a writable float32 array {list(want[:2])}, got {_desc(lse)}")
-    return (layer, names, q.dtype, q.shape[1:], kd, ks, pos is not None, out_dtype), pos
+    return (layer, names, q.dtype, q.shape[1:], kd, ks, pos is not None, out_dtype, scale), pos
 
 
 def _desc(x: Any) -> str:
@@ -127,7 +131,7 @@ class StackedPlan:
     q, k, v, positions from 0 (each at a multiple of 4), then out's rows
     from `into`, then lse's at the next multiple of 4."""
 
-    def __init__(self, seg: Any, layer: int, sessions: Tuple[str, ...], qd: np.dtype, qs: Tuple[int, ...], kd: Optional[np.dtype], ks: Tuple[int, ...], position: bool, out_dtype: Optional[str]):
+    def __init__(self, seg: Any, layer: int, sessions: Tuple[str, ...], qd: np.dtype, qs: Tuple[int, ...], kd: Optional[np.dtype], ks: Tuple[int, ...], position: bool, out_dtype: Optional[str], scale: Optional[float] = None):
         n = self.n = len(sessions)
         self.qs, self.q_at = (n,) + tuple(qs), 0
         self.qd, self.kd = qd, kd
@@ -147,7 +151,7 @@ class StackedPlan:
         self.lse_at = _align(at + math.prod(self.qs) * self.out_dt.itemsize)
         self.fits = self.lse_at + 4 * n * qs[0] <= seg.nbytes
         f = _Form()
-        entries = 5 + (2 if kd is not None else 0) + (1 if position else 0) + (1 if out_dtype is not None else 0)
+        entries = 5 + (2 if kd is not None else 0) + (1 if position else 0) + (1 if out_dtype is not None else 0) + (1 if scale is not None else 0)
         f.add(_map(entries) + _P("id"))
         self.id_at = f.u32()
         f.add(_P("layer") + _P(int(layer)) + _P("sessions") + _P(list(sessions)))
@@ -159,6 +163,8 @@ class StackedPlan:
             f.add(_P("positions") + _P({"dtype": "i32", "shape": [n], "at": self.pos_at}))
         if out_dtype is not None:
             f.add(_P("outDtype") + _P(out_dtype))
+        if scale is not None:
+            f.add(_P("scale") + _P(scale))
         f.add(_P("into") + _P(self.into))
         self.frame = f.buf
         # The segment's arrays, made once: the call's inputs are copied into them, its answers read from them.
@@ -258,7 +264,7 @@ def answer(plan: StackedPlan, got: Any, out: Optional[np.ndarray], lse: Optional
     return Stacked(out, lse, errors, ms)
 
 
-def by_steps(stream: Any, layer: int, names: Sequence[str], q: np.ndarray, k: Any, v: Any, pos: Optional[np.ndarray], out_dtype: Optional[str], out: Optional[np.ndarray], lse: Optional[np.ndarray]) -> Stacked:
+def by_steps(stream: Any, layer: int, names: Sequence[str], q: np.ndarray, k: Any, v: Any, pos: Optional[np.ndarray], out_dtype: Optional[str], out: Optional[np.ndarray], lse: Optional[np.ndarray], scale: Optional[float] = None) -> Stacked:
     """attend_stacked without a segment (or one too small): attend_batch's
     steps, the results stacked into fresh arrays or the caller's."""
     steps: List[Dict[str, Any]] = []
@@ -270,6 +276,8 @@ def by_steps(stream: Any, layer: int, names: Sequence[str], q: np.ndarray, k: An
             step["position"] = int(pos[i])
         if out_dtype is not None:
             step["out_dtype"] = out_dtype
+        if scale is not None:
+            step["scale"] = scale
         steps.append(step)
     rs = stream.attend_batch(layer, steps)
     n, heads = len(names), q.shape[1]

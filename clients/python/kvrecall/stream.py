@@ -177,6 +177,7 @@ class Stream:
         out_dtype: Optional[str] = None,
         out: Any = None,
         lse: Any = None,
+        scale: Optional[float] = None,
     ) -> "_stacked.Stacked":
         """One layer's step of a running batch as whole arrays (kvrecall.stacked):
         q [n, qHeads, d], k and v [n, kvHeads, d] (or None), positions n
@@ -184,12 +185,13 @@ class Stream:
         qHeads, d] and lse [n, qHeads] (views of the segment, valid until the
         stream's next request, unless `out` and `lse` are given: copied into
         those), `errors` the failed steps' (index, code, message) (their
-        rows NaN), `ms` the server's. Bad arrays raise ValueError/TypeError
+        rows NaN), `ms` the server's; `scale` every row's (the server's
+        default, 1/sqrt(d), when None). Bad arrays raise ValueError/TypeError
         before anything is sent; a batch that fails whole, KvrecallError."""
-        key, pos = _stacked.stacked_key(layer, sessions, q, k, v, positions, out_dtype, out, lse)
+        key, pos = _stacked.stacked_key(layer, sessions, q, k, v, positions, out_dtype, out, lse, scale)
         seg = self.shm
         if seg is None:
-            return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse)
+            return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse, key[-1])
         with self._lock:
             plan = _planned(self._stacked_plans, key, lambda: _stacked.StackedPlan(seg, *key))
             if not plan.fits:
@@ -211,10 +213,10 @@ class Stream:
 
                 got = self._io(exchange)
         if plan is None:  # does not fit the segment: as steps, in bytes
-            return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse)
+            return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse, key[-1])
         return _stacked.answer(plan, got, out, lse)
 
-    def stacked_inputs(self, layer: int, sessions: Sequence[str], q_shape: Sequence[int], q_dtype: Any = np.float32, kv_shape: Optional[Sequence[int]] = None, kv_dtype: Any = np.float16, positions: bool = False, out_dtype: Optional[str] = None) -> Tuple[Any, Any, Any, Any]:
+    def stacked_inputs(self, layer: int, sessions: Sequence[str], q_shape: Sequence[int], q_dtype: Any = np.float32, kv_shape: Optional[Sequence[int]] = None, kv_dtype: Any = np.float16, positions: bool = False, out_dtype: Optional[str] = None, scale: Optional[float] = None) -> Tuple[Any, Any, Any, Any]:
         """The segment's own arrays for attend_stacked's q [n, *q_shape], k and
         v [n, *kv_shape] (None without kv_shape) and positions (int32 [n], or
         None), for a caller that writes its batch there: passed back as they
@@ -228,7 +230,7 @@ class Stream:
         if k is not None:
             v = np.empty_like(k)
         pos = np.zeros(n, np.int32) if positions else None
-        key, _ = _stacked.stacked_key(layer, sessions, q, k, v, pos, out_dtype, None, None)
+        key, _ = _stacked.stacked_key(layer, sessions, q, k, v, pos, out_dtype, None, None, scale)
         seg = self.shm
         if seg is None:
             return q, k, v, pos

@@ -6,8 +6,8 @@ with stacked=False), f32, f16 and bf16 alike, q, k and v written in the
 segment in place; the segment is sized by segment_bytes (the stacked
 plan's exact layout) and attached anew when the batch grows; where the
 segment is refused (the server's --shm-dir off, a directory that is not
-there) or the scale is not the server's default, nothing is sent and the
-caller sends the byte batch; a lost connection resends the step once and
+there), nothing is sent and the caller sends the byte batch; a scale
+other than the server's default goes in the stacked frame too; a lost connection resends the step once and
 rows that went through the first time are asked again without their
 token, never appended twice; a row's error raises.
 
@@ -116,13 +116,13 @@ class HfSteps(serve.ServedCase):
         self.written = written
         return None if out is None else out.copy()
 
-    def batched(self, steps, layer, sids, positions, q, k, v, kv, half):
+    def batched(self, steps, layer, sids, positions, q, k, v, kv, half, scale=SCALE):
         """The same step as the adapter's byte batch (hf.py _step_batch): out [n, Q, D]."""
         bits = (lambda x: to_bf16_bits(x)) if kv == "bf16" else (lambda x: x.astype(np.float16))
         wire = {"q_dtype": kv, "out_dtype": kv} if half else {}
         qw = bits(q) if half else q
         rs = steps.attend_batch(layer, [
-            {"session": s, "q": qw[i], "k": bits(k)[i], "v": bits(v)[i], "scale": SCALE, "position": positions[i], "dtype": kv, **wire}
+            {"session": s, "q": qw[i], "k": bits(k)[i], "v": bits(v)[i], "scale": scale, "position": positions[i], "dtype": kv, **wire}
             for i, s in enumerate(sids)
         ])
         return np.stack([r.out for r in rs])
@@ -197,13 +197,33 @@ class HfSteps(serve.ServedCase):
         finally:
             steps.close()
 
-    def test_no_segment_or_another_scale_sends_nothing(self):
+    def test_another_scale_goes_stacked(self):
+        # Not the server's default 1/sqrt(d): the stacked frame carries it (before, such a step went as bytes).
+        sids = [self.kv.create_session(self.models["f16"])["id"] for _ in range(3 * N)]
+        stacked, batched, default = sids[:N], sids[N : 2 * N], sids[2 * N :]
+        steps = DecodeSteps(self.kv)
+        try:
+            for pos in range(2):  # at the second step each row attends two tokens: the scale tells
+                q, k, v = self.batch(N)
+                got = self.stacked(steps, 0, stacked, [pos] * N, q, k, v, "f16", False, 0.25)
+                self.assertIsNotNone(got)
+                self.assertIsNotNone(steps.stream.shm)
+                want = self.batched(steps, 0, batched, [pos] * N, q, k, v, "f16", False, 0.25)
+                self.assertEqual(got.tobytes(), want.tobytes())
+                other = self.batched(steps, 0, default, [pos] * N, q, k, v, "f16", False)
+            self.assertNotEqual(other.tobytes(), want.tobytes())  # the scale sent is the one used
+        finally:
+            steps.close()
+            for sid in sids:
+                self.kv.delete_session(sid)
+
+    def test_no_segment_sends_nothing(self):
         cases = [("a directory that is not there", dict(shm_dir="/nonexistent-kvrecall-dir"), SCALE, "cannot make a shared-memory file")]
         server = None
         if not serve.available():
             server = serve.Server(extra=["--shm-dir", "off"])
         try:
-            for why, opts, scale, refused in cases + [("another scale", {}, 0.25, None)] + ([("--shm-dir off", {"server": server}, SCALE, "shared memory is off")] if server else []):
+            for why, opts, scale, refused in cases + ([("--shm-dir off", {"server": server}, SCALE, "shared memory is off")] if server else []):
                 with self.subTest(why):
                     from kvrecall import Client
 
