@@ -52,6 +52,20 @@ describe('defaultPollUs (--poll-us unset)', () => {
   });
 });
 
+describe('a server with --poll-us unset', () => {
+  const dir = tempDataDir();
+  afterAll(() => dir.cleanup());
+
+  it("polls as defaultPollUs says for its backend and this host's cores", async () => {
+    const s = await startInProcess(dir.dir);
+    try {
+      expect(s.stream.poller.windowMs).toBe(defaultPollUs(s.engine.gpu !== undefined) / 1000);
+    } finally {
+      await s.close();
+    }
+  });
+});
+
 describe('a server with --poll-us', () => {
   const dirs = [tempDataDir(), tempDataDir()];
   const servers: Awaited<ReturnType<typeof startInProcess>>[] = [];
@@ -63,7 +77,7 @@ describe('a server with --poll-us', () => {
   it('answers its stream as a server without it, and its poller stops after the window', async () => {
     const seed = freshSeed();
     const shape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16, dtype: 'f16' as const };
-    servers.push(await startInProcess(dirs[0].dir), await startInProcess(dirs[1].dir, { pollUs: 300_000 }));
+    servers.push(await startInProcess(dirs[0].dir, { pollUs: 0 }), await startInProcess(dirs[1].dir, { pollUs: 300_000 }));
     const replies = [];
     for (const s of servers) {
       const rng = new Rng(seed), c = new KvrecallClient({ url: s.url });
@@ -80,11 +94,7 @@ describe('a server with --poll-us', () => {
           expect(s.stream.poller.active).toBe(true);
           await sleep(600);
           expect(s.stream.poller.active).toBe(false);
-        } else {
-          // --poll-us unset on the CPU backend (this suite's): the default is not to poll.
-          expect(s.stream.poller.windowMs).toBe(0);
-          expect(s.stream.poller.turns).toBe(0);
-        }
+        } else expect(s.stream.poller.turns).toBe(0);
       } finally {
         stream.close();
       }
