@@ -26,6 +26,17 @@ import { StackedPlan } from '../clients/ts/stacked.js';
 import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine, type Machine } from './decode/machine.js';
 import { quantile } from './stats.js';
+
+/** The tree a sitting ran: git's commit and changed files; where there is no git (a snapshot on the device host), KVRECALL_BENCH_REV or 'unknown'. */
+function treeState(): { commit: string; dirty: string[] } {
+  const cwd = join(import.meta.dirname, '..', '..');
+  try {
+    const opts = { cwd, stdio: ['ignore', 'pipe', 'ignore'] as ['ignore', 'pipe', 'ignore'] };
+    return { commit: execSync('git rev-parse --short HEAD', opts).toString().trim(), dirty: execSync('git diff --name-only HEAD', opts).toString().split('\n').filter(Boolean) };
+  } catch {
+    return { commit: process.env.KVRECALL_BENCH_REV ?? 'unknown (no git)', dirty: [] };
+  }
+}
 import { decodeFixture, startServer } from './transport-rows.js';
 
 const get = (name: string, def: number) => {
@@ -159,8 +170,7 @@ async function main(): Promise<void> {
     const each = (xs: Record<Row, number[]>) => Object.fromEntries(ROWS.map((r) => [r, p50(xs[r])])) as Record<Row, number>;
     const sitting: Sitting = {
       date: new Date().toISOString(),
-      commit: execSync('git rev-parse --short HEAD', { cwd: join(import.meta.dirname, '..', '..') }).toString().trim(),
-      dirty: execSync('git diff --name-only HEAD', { cwd: join(import.meta.dirname, '..', '..') }).toString().split('\n').filter(Boolean),
+      ...treeState(),
       machine: machine(),
       loadAtStart,
       loadAtEnd: machine().loadAverage,
