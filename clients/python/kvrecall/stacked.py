@@ -37,6 +37,7 @@ arrays (or the caller's): the same answers, bit for bit.
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -108,7 +109,7 @@ def stacked_key(layer: Any, sessions: Any, q: Any, k: Any, v: Any, positions: An
     if out_dtype not in _OUT:
         raise ValueError(f"out_dtype must be f32, f16 or bf16, got {out_dtype!r}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         scale = float(scale)
     if (out is None) != (lse is None):

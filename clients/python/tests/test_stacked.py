@@ -131,6 +131,11 @@ class Stacked_(serve.ServedCase):
             dict(q=q, k=k, v=v, positions=[0, 0, 0], out_dtype="f64"),
             dict(q=q, out=np.empty((3, Q, D), np.float16), lse=np.empty((3, Q), np.float32)),  # out not in the out dtype
             dict(q=q, out=np.empty((3, Q, D), np.float32)),  # out without lse
+            dict(q=q, scale=float("nan")),
+            dict(q=q, scale=-0.5),
+            dict(q=q, scale=0),
+            dict(q=q, scale="0.25"),
+            dict(q=q, scale=True),
         ]
         with self.kv.open_stream(shm=1 << 20) as s:
             sent = s._next_id
