@@ -2,7 +2,7 @@
 // retrieval methods that search one.
 import type { HeadIndex, HeadIndexBuilder, HeadKeys } from '../index/method.js';
 import type { KvSegment } from '../storage/kv-segment.js';
-import type { ArtifactReplace } from '../storage/document-store.js';
+import type { ArtifactReplace, DocumentStore } from '../storage/document-store.js';
 import type { ArtifactWrite } from '../storage/store.js';
 import type { ModelShape } from '../core/model.js';
 
@@ -127,4 +127,20 @@ export function upgradeArtifacts(method: string, builder: HeadIndexBuilder, arti
     }),
   );
   return out;
+}
+
+/**
+ * Stores `upgraded` (upgradeArtifacts') in place of the bytes they were read
+ * as, where the store can: how many it wrote. A failed rewrite is logged and
+ * writes none: the indexes are loaded already, and the older bytes stay
+ * readable (the next load converts them again), so it fails no attach.
+ */
+export async function storeUpgraded(store: Pick<DocumentStore, 'name' | 'replaceArtifacts'>, id: string, method: string, upgraded: ArtifactReplace[]): Promise<number> {
+  if (upgraded.length === 0 || !store.replaceArtifacts) return 0;
+  try {
+    return await store.replaceArtifacts(id, method, upgraded);
+  } catch (e) {
+    console.error(`kvrecall: document ${id}: storing its ${method} artifacts converted from an older format in ${store.name} failed (${(e as Error).message}); they stay as they were`);
+    return 0;
+  }
 }

@@ -7,7 +7,7 @@ import { isStaleArtifact, type HeadIndex, type HeadIndexBuilder } from '../index
 import type { ArtifactWrite, BlockWrite, DocumentMeta, DocumentStore, MaybePromise } from '../storage/document-store.js';
 import type { HostBudget } from '../storage/host-budget.js';
 import { KvSegment } from '../storage/kv-segment.js';
-import { buildArtifacts, loadIndexes, PrefillQueries, upgradeArtifacts } from './document-indexes.js';
+import { buildArtifacts, loadIndexes, PrefillQueries, storeUpgraded, upgradeArtifacts } from './document-indexes.js';
 import { LayerCache, ResidentLayers } from './resident-layers.js';
 import { conflict, invalid, KvrecallError, notFound, preconditionFailed, unavailable } from '../core/errors.js';
 import { checkId } from '../core/ids.js';
@@ -546,7 +546,7 @@ export class Documents {
         const stored = await this.store.loadArtifacts(doc.meta.id, method, layers, kvHeads);
         const upgraded = stored ? upgradeArtifacts(method, builder, stored) : [];
         loaded = await load(stored ?? (await rebuild()));
-        if (upgraded.length > 0) this.artifactsUpgraded += (await this.store.replaceArtifacts?.(doc.meta.id, method, upgraded)) ?? 0;
+        this.artifactsUpgraded += await storeUpgraded(this.store, doc.meta.id, method, upgraded);
       } catch (e) {
         // An artifact of an older format (this build reads only its own): rebuilt from the keys and stored once.
         if (!isStaleArtifact(e)) throw e;

@@ -155,4 +155,42 @@ describe('stale index artifacts', () => {
     expect(await server.engine.store.replaceArtifacts!('v4', 'wave', late)).toBe(0);
     (await stored()).forEach((b) => expect(versionOf(b)).toBe(5));
   });
+
+  it('a version 4 rewrite the store fails to write fails no attach: the session answers, the artifacts stay version 4, the next server converts them', async () => {
+    const rng = new Rng(seed + 3);
+    await server.close();
+    server = await startInProcess(tmp.dir);
+    let client = new KvrecallClient({ url: server.url });
+    await client.createDocument('v4w', model, { methods: ['wave'] });
+    const c = randomKv(rng, 'f16', model.kvHeads, 600, model.headDim);
+    await client.uploadDocumentKv('v4w', { layer: 0, start: 0, k: c.k, v: c.v });
+    await client.sealDocument('v4w');
+    const f16 = bitsOf('f16');
+    const v4 = (await server.engine.store.loadArtifacts('v4w', 'wave', 1, 2))![0].map((b) => {
+      const a = decodeClusters(b), { axes, vars } = decodeMoments(a, model.headDim);
+      return encodeWordMoments(a, Uint16Array.from(vars, f16), Uint16Array.from(axes, f16));
+    });
+    await server.engine.store.addArtifacts('v4w', 'wave', v4.map((bytes, head) => ({ method: 'wave', layer: 0, head, bytes })));
+    const versions = async () => (await server.engine.store.loadArtifacts('v4w', 'wave', 1, 2))![0].map((b) => new DataView(b.buffer, b.byteOffset).getUint32(4, true));
+    const answer = async () => {
+      const { id } = await client.createSession({ model, documents: ['v4w'], method: 'wave', budget: 64 });
+      return Array.from((await client.attend(id, { layer: 0, q: tensor('f32', [model.qHeads, model.headDim], randomQ(new Rng(seed + 4), model.qHeads, model.headDim)) })).out);
+    };
+    await server.close();
+    server = await startInProcess(tmp.dir);
+    client = new KvrecallClient({ url: server.url });
+    // A write the disk refuses (full, read-only): injected, as a real one cannot be made here (the tests run as root).
+    const store = server.engine.store;
+    store.replaceArtifacts = () => Promise.reject(new Error('ENOSPC: no space left on device'));
+    const first = await answer();
+    expect(first.every(Number.isFinite)).toBe(true);
+    expect(server.engine.documents.artifactsUpgraded).toBe(0);
+    expect(await versions()).toEqual([4, 4]);
+    await server.close();
+    server = await startInProcess(tmp.dir);
+    client = new KvrecallClient({ url: server.url });
+    expect(await answer()).toEqual(first);
+    expect(server.engine.documents.artifactsUpgraded).toBe(model.kvHeads);
+    expect(await versions()).toEqual([5, 5]);
+  });
 });
