@@ -32,6 +32,8 @@ export interface StackedOptions {
   out?: OutArray;
   /** [n, qHeads]: the answer's lse is read into it. With out. */
   lse?: Float32Array;
+  /** Every row's softmax scale (the server's default, 1/sqrt(d), when absent): a positive finite number. */
+  scale?: number;
 }
 
 /** A failed step: its index among the sessions, the error's code and message (as a batch step's error). */
@@ -67,6 +69,7 @@ export interface StackedCall {
   outDtype: FloatDtype;
   /** Whether the frame names an outDtype (the server's default, f32, otherwise). */
   asked: boolean;
+  scale?: number;
 }
 
 const FLOATS: readonly string[] = ['f32', 'f16', 'bf16'];
@@ -126,8 +129,10 @@ export function checkStacked(layer: number, sessions: readonly string[], q: Tens
     if (!(opts.out instanceof Type) || opts.out.length !== n * qHeads * d) throw new TypeError(`out must be a ${Type.name} of ${n * qHeads * d} (${n} x ${qHeads} x ${d}) for outDtype ${outDtype}`);
     if (!(opts.lse instanceof Float32Array) || opts.lse.length !== n * qHeads) throw new TypeError(`lse must be a Float32Array of ${n * qHeads} (${n} x ${qHeads})`);
   }
-  const form = [layer, q.dtype, qHeads, d, kv ? `${kv.k.dtype}:${kv.k.shape[1]}` : '', pos ? 1 : 0, opts.outDtype ?? '', n].join('|');
-  return { key: form + '\0' + sessions.join('\0'), sessions, layer, n, qHeads, d, q, kv, positions: pos, outDtype, asked: opts.outDtype !== undefined };
+  const scale = opts.scale;
+  if (scale !== undefined && (typeof scale !== 'number' || !Number.isFinite(scale) || scale <= 0)) throw new TypeError(`scale must be a positive finite number, got ${String(scale)}`);
+  const form = [layer, q.dtype, qHeads, d, kv ? `${kv.k.dtype}:${kv.k.shape[1]}` : '', pos ? 1 : 0, opts.outDtype ?? '', n, scale ?? ''].join('|');
+  return { key: form + '\0' + sessions.join('\0'), sessions, layer, n, qHeads, d, q, kv, positions: pos, outDtype, asked: opts.outDtype !== undefined, ...(scale !== undefined && { scale }) };
 }
 
 /**
@@ -167,6 +172,7 @@ export class StackedPlan {
     }
     if (c.positions) body.positions = { dtype: 'i32', shape: [n], at: this.posAt };
     if (c.asked) body.outDtype = c.outDtype;
+    if (c.scale !== undefined) body.scale = c.scale;
     body.into = this.into;
     this.body = body;
   }
@@ -250,6 +256,7 @@ export function stackedSteps(c: StackedCall): BatchStep[] {
     }
     if (c.positions) step.position = c.positions[i];
     if (c.asked) step.outDtype = c.outDtype;
+    if (c.scale !== undefined) step.scale = c.scale;
     return step;
   });
 }

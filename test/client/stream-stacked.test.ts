@@ -128,6 +128,31 @@ describe('attendStacked through the shared-memory segment', () => {
     }
   });
 
+  it("carries a scale other than the server's default: the byte batch's answers at that scale, bit for bit", async () => {
+    await document();
+    const [stacked, batched, byDefault] = [await sessionsOf(N), await sessionsOf(N), await sessionsOf(N)];
+    const s = await live.client().openStream();
+    try {
+      await s.attachShm({ bytes: 1 << 20 });
+      const sent = watch(s);
+      const { q } = arrays(N);
+      const got = await s.attendStacked(1, stacked, q, undefined, undefined, undefined, { scale: 0.25 });
+      expect(got.errors).toEqual([]);
+      const frame = sent.mock.calls.map(([b]) => b).find((b) => Array.isArray(b.sessions));
+      expect(frame?.scale).toBe(0.25);
+      const want = await s.attendBatch(1, batched.map((session, i) => ({ session, q: row(q, i), scale: 0.25 })));
+      const plain = await s.attendBatch(1, byDefault.map((session, i) => ({ session, q: row(q, i) })));
+      for (let i = 0; i < N; i++) {
+        expect(rowOf(got.out, i, N).equals(bytesOf(ok(want[i]).out)), `step ${i}`).toBe(true);
+        expect(rowOf(got.lse, i, N).equals(bytesOf(ok(want[i]).lse)), `step ${i}`).toBe(true);
+        // The scale is the one used: at the default the answer differs.
+        expect(rowOf(got.lse, i, N).equals(bytesOf(ok(plain[i]).lse)), `step ${i}`).toBe(false);
+      }
+    } finally {
+      s.close();
+    }
+  });
+
   it('at odd sizes (16-bit tensors and out of an odd byte count: padded to multiples of 4 in the segment) answers as the byte-form batch', async () => {
     const odd = { layers: 1, qHeads: 3, kvHeads: 1, headDim: 5, dtype: 'f16' as const }, n = 3;
     const client = live.client();
@@ -245,6 +270,9 @@ describe('attendStacked through the shared-memory segment', () => {
         [[0, names, q, undefined, undefined, undefined, { outDtype: 'f16', out: new Float32Array(3 * H * D), lse: new Float32Array(3 * H) }], /out must be a Uint16Array/],
         [[0, names, q, undefined, undefined, undefined, { out: new Float32Array(3 * H * D) }], /out and lse come together/],
         [[0, names, q, undefined, undefined, undefined, { out: new Float32Array(3 * H * D), lse: new Float32Array(3) }], /lse must be/],
+        [[0, names, q, undefined, undefined, undefined, { scale: Number.NaN }], /scale must be/],
+        [[0, names, q, undefined, undefined, undefined, { scale: -0.5 }], /scale must be/],
+        [[0, names, q, undefined, undefined, undefined, { scale: '0.25' }], /scale must be/],
         [[0, [names[0], 7, names[2]], q], /session id is a string/],
         [[0, [], q], /non-empty/],
         [[-1, names, q], /layer must be/],

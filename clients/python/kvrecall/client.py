@@ -465,7 +465,7 @@ class Client:
         url = f"{'https' if self._https else 'http'}://{self._host}:{self._port}{self._prefix}/v1/stream"
         auth = self._http.headers.get("authorization")
         stream = Stream.open(url, {"authorization": auth} if auth else {}, self._timeout if timeout is None else timeout, self._ssl_context)
-        stream.ws.spin = max(0, spin_us) / 1e6
+        stream.ws.spin = max(0, spin_us or 0) / 1e6
         if shm:
             stream.attach_shm(shm, shm_dir)
             stream.shm_views = shm_views
