@@ -483,7 +483,8 @@ export async function attendBatchFramed(
   const prepare = shared
     ? (step: Record<string, unknown>, i: number) => {
         shared.resolve(step, STEP_TENSORS);
-        if (step.into !== undefined) into[i] = shared.into(step, sessions.get(step.session as string).model);
+        const at = shared.claim(step, i, () => sessions.get(step.session as string).model);
+        if (at !== undefined) into[i] = at;
       }
     : refuseInto;
   let batch: BatchAnswer;

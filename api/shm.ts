@@ -182,6 +182,10 @@ export class ShmSegment {
  * by `at` and checks and writes its answers' `into`.
  */
 export class SharedFrame {
+  /** A batch's steps so far (claim): the spans their inputs are read from and their answers written to. */
+  private readonly reads: { at: number; to: number; what: string }[] = [];
+  private readonly writes: { at: number; to: number; step: number }[] = [];
+
   constructor(private readonly seg: ShmSegment | undefined) {}
 
   /**
@@ -208,6 +212,11 @@ export class SharedFrame {
    * at the next multiple of 4) must fit in the segment.
    */
   into(body: Record<string, unknown>, model: { qHeads: number; headDim: number }): number | undefined {
+    return this.intoSpan(body, model)?.[0];
+  }
+
+  /** into()'s check, giving the answer's whole span [into, end). */
+  private intoSpan(body: Record<string, unknown>, model: { qHeads: number; headDim: number }): [number, number] | undefined {
     const into = body.into;
     if (into === undefined) return undefined;
     const seg = this.segment();
@@ -216,7 +225,45 @@ export class SharedFrame {
     if (typeof into !== 'number' || !Number.isInteger(into) || into < 0 || into % 4 !== 0 || end > seg.byteLength)
       throw invalid(`into must be a multiple of 4 with the answer's ${end - Number(into)} bytes (out, then lse at a multiple of 4) inside the segment's ${seg.byteLength}, got ${JSON.stringify(into)}`);
     this.refuseOverlap(body, into, end);
-    return into;
+    return [into, end];
+  }
+
+  /**
+   * A batch's step i (its tensors resolved): into() as for an attend alone,
+   * and against the batch's steps before it, whose answers are written as
+   * each finishes while others may still read their inputs: its answer over
+   * an earlier step's input or answer, or its input under an earlier step's
+   * answer, is refused (the step fails alone, nothing of it written). Then its spans
+   * join the batch's. Returns its into.
+   */
+  claim(step: Record<string, unknown>, i: number, model: () => { qHeads: number; headDim: number }): number | undefined {
+    if (!this.seg) return step.into === undefined ? undefined : this.into(step, model()); // no segment: an into is refused as before
+    const span = step.into === undefined ? undefined : this.intoSpan(step, model());
+    const inputs = this.inputsOf(step, i);
+    if (span) {
+      const [at, to] = span;
+      const hit = this.reads.find((r) => r.at < to && at < r.to);
+      if (hit) throw invalid(`into's answer bytes [${at}, ${to}) overlap ${hit.what}'s [${hit.at}, ${hit.to}) in the segment: it would overwrite another step's input; write it elsewhere`);
+      const other = this.writes.find((w) => w.at < to && at < w.to);
+      if (other) throw invalid(`into's answer bytes [${at}, ${to}) overlap step ${other.step}'s answer [${other.at}, ${other.to}) in the segment: one would overwrite the other; write it elsewhere`);
+    }
+    for (const r of inputs) {
+      const hit = this.writes.find((w) => w.at < r.to && r.at < w.to);
+      if (hit) throw invalid(`${r.what}'s [${r.at}, ${r.to}) lies under step ${hit.step}'s answer [${hit.at}, ${hit.to}) in the segment: that answer would overwrite it; put it elsewhere`);
+    }
+    this.reads.push(...inputs);
+    if (span) this.writes.push({ at: span[0], to: span[1], step: i });
+    return span?.[0];
+  }
+
+  /** The spans of `body`'s tensors read from the segment, named for step i. */
+  private inputsOf(body: Record<string, unknown>, i: number): { at: number; to: number; what: string }[] {
+    const buf = this.segment().bytes.buffer, out: { at: number; to: number; what: string }[] = [];
+    for (const [name, t] of Object.entries(body)) {
+      const data = typeof t === 'object' && t !== null ? (t as { data?: unknown }).data : undefined;
+      if (data instanceof Uint8Array && data.buffer === buf) out.push({ at: data.byteOffset, to: data.byteOffset + data.byteLength, what: `step ${i}'s ${name}` });
+    }
+    return out;
   }
 
   /**

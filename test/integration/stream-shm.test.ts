@@ -124,6 +124,44 @@ describe('shared-memory tensors on the stream', () => {
     }
   });
 
+  it("a batch step whose answer would meet another step's input or answer in the segment fails alone, nothing of it run or written", async () => {
+    const N = 3;
+    const seg = new Segment(1 << 17);
+    const s = await RawStream.open(port());
+    try {
+      await s.call({ shm: { name: seg.name, bytes: seg.bytes } });
+      const answerBytes = model.qHeads * model.headDim * 4 + 4 * model.qHeads;
+      const cases: [string, (at: (i: number) => number) => number[], number, RegExp][] = [
+        // Step 1's answer over step 0's q; step 1's answer over where step 2's q is (step 2 fails); step 2's answer over step 0's.
+        ["an answer over an earlier step's q", (at) => [65_536, at(0), 65_536 + 4096], 1, /into's answer bytes \[\d+, \d+\) overlap step 0's q/],
+        ["a q under an earlier step's answer", (at) => [65_536, at(2), 65_536 + 4096], 2, /step 2's q's \[\d+, \d+\) lies under step 1's answer/],
+        ["an answer over an earlier step's answer", () => [65_536, 65_536 + 4096, 65_536 + 64], 2, /overlap step 0's answer/],
+      ];
+      for (const [what, intos, bad, why] of cases) {
+        const [viaBytes, viaShm, steps] = [await sessionsOf(N), await sessionsOf(N), stepsOf(N)];
+        const plain = await s.call({ layer: 1, steps: steps.map((st, i) => ({ session: viaBytes[i], ...st, position: 0 })) });
+        const at = (i: number) => i * 8192;
+        const into = intos(at);
+        const shared = await s.call({
+          layer: 1,
+          steps: steps.map((st, i) => ({ session: viaShm[i], q: seg.put(st.q, at(i)), k: seg.put(st.k, at(i) + 4096), v: seg.put(st.v, at(i) + 6144), position: 0, into: into[i] })),
+        });
+        const sr = shared.results as Record<string, unknown>[];
+        expect(sr.map((r) => err(r).code), what).toEqual([0, 1, 2].map((i) => (i === bad ? 'invalid' : 'ok')));
+        expect(err(sr[bad]).message, what).toMatch(why);
+        // The bad step ran nothing (its token not appended); the others answer as the byte form, where they said.
+        expect(await ownTokens(viaShm[bad])).toEqual([0, 0]);
+        for (let i = 0; i < N; i++) {
+          if (i === bad) continue;
+          expect(seg.read(into[i], model.qHeads * model.headDim * 4).equals(dataOf((plain.results as Record<string, unknown>[])[i].out)), `${what}: step ${i}`).toBe(true);
+        }
+        expect(answerBytes).toBeLessThan(4096);
+      }
+    } finally {
+      s.close();
+    }
+  });
+
   it('a stacked batch (api/stacked.ts) answers as the batch form bit for bit; a bad step is named, the others answered; bad arrays fail the frame and change nothing', async () => {
     const N = 4, BAD = 1;
     const seg = new Segment(1 << 17);
