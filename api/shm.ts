@@ -176,6 +176,19 @@ export class ShmSegment {
   }
 }
 
+/** A tensor of a frame read from the segment: its name and bytes [at, to). */
+interface Span {
+  name: string;
+  at: number;
+  to: number;
+}
+
+/** Refuses an answer's bytes [from, end) over any of the frame's own input spans. */
+function refuseOver(spans: readonly Span[], from: number, end: number): void {
+  for (const { name, at, to } of spans)
+    if (at < end && from < to) throw invalid(`into's answer bytes [${from}, ${end}) overlap ${name}'s [${at}, ${to}) in the segment: the answer would overwrite the frame's own input; write it elsewhere`);
+}
+
 /**
  * One frame's view of the stream's segment (the one attached when the
  * frame came: a later attach does not move it): resolves its tensors given
@@ -215,8 +228,8 @@ export class SharedFrame {
     return this.intoSpan(body, model)?.[0];
   }
 
-  /** into()'s check, giving the answer's whole span [into, end). */
-  private intoSpan(body: Record<string, unknown>, model: { qHeads: number; headDim: number }): [number, number] | undefined {
+  /** into()'s check, giving the answer's whole span [into, end); `spans`: the body's segment spans, when the caller has them. */
+  private intoSpan(body: Record<string, unknown>, model: { qHeads: number; headDim: number }, spans = this.spansOf(body)): [number, number] | undefined {
     const into = body.into;
     if (into === undefined) return undefined;
     const seg = this.segment();
@@ -224,7 +237,7 @@ export class SharedFrame {
     const end = align4(Number(into) + model.qHeads * model.headDim * (half ? 2 : 4)) + 4 * model.qHeads;
     if (typeof into !== 'number' || !Number.isInteger(into) || into < 0 || into % 4 !== 0 || end > seg.byteLength)
       throw invalid(`into must be a multiple of 4 with the answer's ${end - Number(into)} bytes (out, then lse at a multiple of 4) inside the segment's ${seg.byteLength}, got ${JSON.stringify(into)}`);
-    this.refuseOverlap(body, into, end);
+    refuseOver(spans, into, end);
     return [into, end];
   }
 
@@ -233,13 +246,12 @@ export class SharedFrame {
    * and against the batch's steps before it, whose answers are written as
    * each finishes while others may still read their inputs: its answer over
    * an earlier step's input or answer, or its input under an earlier step's
-   * answer, is refused (the step fails alone, nothing of it written). Then its spans
-   * join the batch's. Returns its into.
+   * answer, is refused (the step fails alone, nothing of it written). Then
+   * its spans join the batch's. Returns its into.
    */
   claim(step: Record<string, unknown>, i: number, model: () => { qHeads: number; headDim: number }): number | undefined {
-    if (!this.seg) return step.into === undefined ? undefined : this.into(step, model()); // no segment: an into is refused as before
-    const span = step.into === undefined ? undefined : this.intoSpan(step, model());
-    const inputs = this.inputsOf(step, i);
+    const spans = this.spansOf(step);
+    const span = step.into === undefined ? undefined : this.intoSpan(step, model(), spans);
     if (span) {
       const [at, to] = span;
       const hit = this.reads.find((r) => r.at < to && at < r.to);
@@ -247,23 +259,13 @@ export class SharedFrame {
       const other = this.writes.find((w) => w.at < to && at < w.to);
       if (other) throw invalid(`into's answer bytes [${at}, ${to}) overlap step ${other.step}'s answer [${other.at}, ${other.to}) in the segment: one would overwrite the other; write it elsewhere`);
     }
-    for (const r of inputs) {
+    for (const r of spans) {
       const hit = this.writes.find((w) => w.at < r.to && r.at < w.to);
-      if (hit) throw invalid(`${r.what}'s [${r.at}, ${r.to}) lies under step ${hit.step}'s answer [${hit.at}, ${hit.to}) in the segment: that answer would overwrite it; put it elsewhere`);
+      if (hit) throw invalid(`step ${i}'s ${r.name}'s [${r.at}, ${r.to}) lies under step ${hit.step}'s answer [${hit.at}, ${hit.to}) in the segment: that answer would overwrite it; put it elsewhere`);
     }
-    this.reads.push(...inputs);
+    for (const r of spans) this.reads.push({ at: r.at, to: r.to, what: `step ${i}'s ${r.name}` });
     if (span) this.writes.push({ at: span[0], to: span[1], step: i });
     return span?.[0];
-  }
-
-  /** The spans of `body`'s tensors read from the segment, named for step i. */
-  private inputsOf(body: Record<string, unknown>, i: number): { at: number; to: number; what: string }[] {
-    const buf = this.segment().bytes.buffer, out: { at: number; to: number; what: string }[] = [];
-    for (const [name, t] of Object.entries(body)) {
-      const data = typeof t === 'object' && t !== null ? (t as { data?: unknown }).data : undefined;
-      if (data instanceof Uint8Array && data.buffer === buf) out.push({ at: data.byteOffset, to: data.byteOffset + data.byteLength, what: `step ${i}'s ${name}` });
-    }
-    return out;
   }
 
   /**
@@ -272,13 +274,18 @@ export class SharedFrame {
    * written as steps finish, would overwrite inputs that steps still read.
    */
   refuseOverlap(body: Record<string, unknown>, from: number, end: number): void {
-    const buf = this.segment().bytes.buffer;
+    refuseOver(this.spansOf(body), from, end);
+  }
+
+  /** The spans of `body`'s tensors read from the segment (none without one). */
+  private spansOf(body: Record<string, unknown>): Span[] {
+    if (!this.seg) return [];
+    const buf = this.seg.bytes.buffer, out: Span[] = [];
     for (const [name, t] of Object.entries(body)) {
       const data = typeof t === 'object' && t !== null ? (t as { data?: unknown }).data : undefined;
-      if (!(data instanceof Uint8Array) || data.buffer !== buf) continue;
-      const [at, to] = [data.byteOffset, data.byteOffset + data.byteLength];
-      if (at < end && from < to) throw invalid(`into's answer bytes [${from}, ${end}) overlap ${name}'s [${at}, ${to}) in the segment: the answer would overwrite the frame's own input; write it elsewhere`);
+      if (data instanceof Uint8Array && data.buffer === buf) out.push({ name, at: data.byteOffset, to: data.byteOffset + data.byteLength });
     }
+    return out;
   }
 
   /** Writes the step's out (its wire dtype) at `into` and its lse after it; where they went. */
