@@ -495,12 +495,15 @@ async function main() {
     }
   }
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+  // The layer's shape: the (d=128, 2% budget, window 64) unless --head-dim, --budget-share or
+  // --window say otherwise (llama3.2-1b's decode: --head-dim 64 --budget-share 0.01 --window 256).
+  const shape = { d: Number(opt('--head-dim') ?? 128), budgetShare: Number(opt('--budget-share') ?? 0.02), window: Number(opt('--window') ?? 64) };
   if (args.includes('--profile'))
-    await profileSteps({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: Number(opt('--cluster-size') ?? 16), budgetShare: 0.02, sinks: 16, window: 64, steps, probes: [] }, console.log);
+    await profileSteps({ tokens: 1 << 20, kvHeads: 8, G: 4, clusterSize: Number(opt('--cluster-size') ?? 16), sinks: 16, steps, probes: [], ...shape }, console.log);
   if (all || args.includes('--bench')) {
     const clusterSize = Number(opt('--cluster-size') ?? 8);
     const probes = (opt('--probes') ?? '').split(',').filter(Boolean).map(Number);
-    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps, probes }, console.log);
+    const r = await runBench({ tokens: 1 << 20, kvHeads: 8, G: 4, clusterSize, sinks: 16, steps, probes, ...shape }, console.log);
     const md = markdown(r);
     console.log(JSON.stringify(r, null, 2));
     console.log(md);
