@@ -78,6 +78,7 @@ export interface Config {
    * Bytes of shared-memory segments mapped at most for one stream (the
    * one attached and those it replaced that frames still use) and for all
    * streams together: an attach past either is refused (api/shm.ts).
+   * Each positive, a stream's at most the total (shmCaps below).
    */
   shmStreamBytes: number;
   shmTotalBytes: number;
@@ -170,15 +171,18 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_SHM_STREAM_BYTES) cfg.shmStreamBytes = nonNegative(env.KVRECALL_SHM_STREAM_BYTES, 'KVRECALL_SHM_STREAM_BYTES');
   if (env.KVRECALL_SHM_TOTAL_BYTES) cfg.shmTotalBytes = nonNegative(env.KVRECALL_SHM_TOTAL_BYTES, 'KVRECALL_SHM_TOTAL_BYTES');
   if (env.KVRECALL_POLL_US) cfg.pollUs = nonNegative(env.KVRECALL_POLL_US, 'KVRECALL_POLL_US');
+  let streamCapGiven = Boolean(env.KVRECALL_SHM_STREAM_BYTES);
   for (let i = 0; i < argv.length; i++) {
     const key = FLAGS[argv[i]];
     const value = argv[i + 1];
     if (!key || value === undefined) throw invalid(`unknown or incomplete option ${argv[i]}`);
     i++;
+    if (key === 'shmStreamBytes') streamCapGiven = true;
     if (isInteger(key)) cfg[key] = nonNegative(value, argv[i - 1]);
     else if (key === 'gpuWaveCache') cfg[key] = share(value, argv[i - 1]);
     else cfg[key] = value;
   }
+  shmCaps(cfg, streamCapGiven);
   if (cfg.shmDir === 'off') cfg.shmDir = undefined;
   else if (cfg.shmDir !== undefined && !cfg.shmDir.startsWith('/')) throw invalid(`--shm-dir (KVRECALL_SHM_DIR) takes an absolute directory or off, not ${cfg.shmDir}`);
   // 0 lets the system choose (the tests do); past 65535 node's listen threw its own words, not naming the flag.
@@ -194,6 +198,29 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (cfg.store !== undefined && !/^redis:\/\/[^,\s]+(,[^,\s]+)*$/.test(cfg.store))
     throw invalid(`--store (KVRECALL_STORE) takes a Redis Cluster seed list, redis://HOST:PORT[,HOST:PORT...], not ${cfg.store}`);
   return cfg;
+}
+
+/**
+ * The caps on mapped segment bytes (api/shm.ts ShmPool), each a positive
+ * integer, a stream's at most all streams'. 0 is refused rather than taken
+ * as "off": it would refuse every attach with a message about a cap, and
+ * --shm-dir off says that plainly. A stream cap set (flag or variable)
+ * above the total is refused, naming both: no stream could ever map what
+ * it allows, so the two contradict each other and the likelier story is a
+ * slip (swapped values, a unit off) that serving with either number would
+ * hide. The stream cap's default, where only the total is set below it,
+ * follows the total instead: the operator asked for nothing contradictory,
+ * and every stream may then map up to all of it, as before.
+ */
+function shmCaps(cfg: Config, streamGiven: boolean): void {
+  if (cfg.shmStreamBytes < 1) throw invalid('--shm-stream-bytes (KVRECALL_SHM_STREAM_BYTES) takes a positive number of bytes (to refuse every attach: --shm-dir off)');
+  if (cfg.shmTotalBytes < 1) throw invalid('--shm-total-bytes (KVRECALL_SHM_TOTAL_BYTES) takes a positive number of bytes (to refuse every attach: --shm-dir off)');
+  if (cfg.shmStreamBytes <= cfg.shmTotalBytes) return;
+  if (streamGiven)
+    throw invalid(
+      `--shm-stream-bytes ${cfg.shmStreamBytes} (KVRECALL_SHM_STREAM_BYTES) is over --shm-total-bytes ${cfg.shmTotalBytes} (KVRECALL_SHM_TOTAL_BYTES): one stream cannot map more than all streams together; lower the first or raise the second`,
+    );
+  cfg.shmStreamBytes = cfg.shmTotalBytes;
 }
 
 /** A share of a layer's rows in [0, 1] (0: off). */

@@ -46,6 +46,29 @@ describe('parseConfig', () => {
     expect(() => parseConfig([], { KVRECALL_SHM_TOTAL_BYTES: 'lots' })).toThrow(/KVRECALL_SHM_TOTAL_BYTES/);
   });
 
+  it('takes each cap as a positive integer, refuses 0 (pointing at --shm-dir off) and a stream cap over the total, naming both', () => {
+    for (const [argv, env, flag] of [
+      [['--shm-stream-bytes', '0'], {}, '--shm-stream-bytes'],
+      [['--shm-total-bytes', '0'], {}, '--shm-total-bytes'],
+      [[], { KVRECALL_SHM_STREAM_BYTES: '0' }, 'KVRECALL_SHM_STREAM_BYTES'],
+      [[], { KVRECALL_SHM_TOTAL_BYTES: '0' }, 'KVRECALL_SHM_TOTAL_BYTES'],
+    ] as const)
+      expect(() => parseConfig([...argv], env), `${argv.join(' ')} ${JSON.stringify(env)}`).toThrow(new RegExp(`${flag}.*positive number of bytes.*--shm-dir off`));
+    const over = /--shm-stream-bytes 8192 \(KVRECALL_SHM_STREAM_BYTES\) is over --shm-total-bytes 4096 \(KVRECALL_SHM_TOTAL_BYTES\)/;
+    expect(() => parseConfig(['--shm-stream-bytes', '8192', '--shm-total-bytes', '4096'], {})).toThrow(over);
+    expect(() => parseConfig(['--shm-total-bytes', '4096'], { KVRECALL_SHM_STREAM_BYTES: '8192' })).toThrow(over);
+    expect(() => parseConfig([], { KVRECALL_SHM_STREAM_BYTES: '8192', KVRECALL_SHM_TOTAL_BYTES: '4096' })).toThrow(over);
+    // Over the default total (8 GiB): set, so refused too.
+    expect(() => parseConfig(['--shm-stream-bytes', String(16 * 2 ** 30)], {})).toThrow(/--shm-stream-bytes 17179869184 .* is over --shm-total-bytes 8589934592/);
+    // Equal is a stream that may map all of it.
+    expect(parseConfig(['--shm-stream-bytes', '4096', '--shm-total-bytes', '4096'], {})).toMatchObject({ shmStreamBytes: 4096, shmTotalBytes: 4096 });
+    // Only the total set, under the stream cap's default: the default follows it (nothing contradictory was asked).
+    expect(parseConfig(['--shm-total-bytes', '65536'], {})).toMatchObject({ shmStreamBytes: 65536, shmTotalBytes: 65536 });
+    expect(parseConfig([], { KVRECALL_SHM_TOTAL_BYTES: '100' })).toMatchObject({ shmStreamBytes: 100, shmTotalBytes: 100 });
+    // A total over the default stream cap leaves it as it is.
+    expect(parseConfig(['--shm-total-bytes', String(2 ** 31)], {})).toMatchObject({ shmStreamBytes: 2 ** 30, shmTotalBytes: 2 ** 31 });
+  });
+
   it('takes the loop\'s polling after answers from --poll-us or KVRECALL_POLL_US, 0 (off) unless set, at most a second', () => {
     expect(parseConfig([], {}).pollUs).toBeUndefined(); // the server's default: api/loop-poll.ts defaultPollUs
     expect(parseConfig(['--poll-us', '500'], {}).pollUs).toBe(500);
