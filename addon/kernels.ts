@@ -117,6 +117,13 @@ export function widenWords(words: Uint16Array, dtype: KvDtype, count = words.len
   return out;
 }
 
+/** float32 values as 16-bit words of `dtype` (round to nearest even): widenWords' inverse. */
+export function narrowWords(values: Float32Array, dtype: KvDtype): Uint16Array {
+  const out = new Uint16Array(values.length);
+  convert(bytesOf(values), 'f32', new Uint8Array(out.buffer), dtype, values.length);
+  return out;
+}
+
 /** Index of the first NaN/Inf among `count` values, or -1. */
 export function firstNonFinite(src: Uint8Array, dtype: FloatDtype, count: number): number {
   return addon.firstNonFinite({ src, dtype: DTYPE_CODE[dtype], count });

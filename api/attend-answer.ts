@@ -3,7 +3,7 @@
 // request asked) and lse (f32) tensors, optional selection and kv, the
 // step's stats. Tensors are views of the result's arrays (no copy) but a
 // 16-bit out, which is one rounding of the f32 result.
-import { convert } from '../addon/kernels.js';
+import { narrowWords } from '../addon/kernels.js';
 import { tensorOf } from '../core/tensor.js';
 import type { AttendAnswer } from '../engine/sessions.js';
 
@@ -30,9 +30,7 @@ export function wireOut(res: AttendAnswer): Float32Array | Uint16Array {
   if (res.outDtype === 'f32') return res.out;
   if (res.outWords) return res.outWords;
   // Rounded in the step (engine/sessions.ts); here only for a result made without it.
-  const words = new Uint16Array(res.out.length);
-  convert(new Uint8Array(res.out.buffer, res.out.byteOffset, res.out.byteLength), 'f32', new Uint8Array(words.buffer), res.outDtype, res.out.length);
-  return words;
+  return narrowWords(res.out, res.outDtype);
 }
 
 function outTensor(res: AttendAnswer): ReturnType<typeof tensorOf> {

@@ -6,7 +6,7 @@
 // (bench/results/model-block-rank-optimistic-vm.md), so each (document,
 // layer, kv head) calibrates its own from its prefill queries and stores it
 // in the artifact.
-import { convert, topkHeads } from '../addon/kernels.js';
+import { topkHeads, widenWords } from '../addon/kernels.js';
 import type { BuildInput } from './method.js';
 
 /**
@@ -169,11 +169,5 @@ function topKeys(s: Float32Array, n: number): number[] {
     while (at > 0 && s[out[at - 1]] < s[t]) at--;
     out.splice(at, 0, t);
   }
-  return out;
-}
-
-function widenWords(words: Uint16Array, dtype: BuildInput['dtype']): Float32Array {
-  const out = new Float32Array(words.length);
-  convert(new Uint8Array(words.buffer, words.byteOffset, words.byteLength), dtype, new Uint8Array(out.buffer), 'f32', words.length);
   return out;
 }

@@ -28,7 +28,7 @@
 // prefill queries (index/block-calibration.ts) and stored in the artifact.
 import { augmentRows } from '../addon/block-choose.js';
 import { blockReps } from '../addon/block-reps.js';
-import { convert, topkHeads, type KvDtype } from '../addon/kernels.js';
+import { convert, narrowWords, topkHeads, widenWords, type KvDtype } from '../addon/kernels.js';
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
 import { calibrateShare, REPS_COUNT_COLUMN, summaryStride } from './block-calibration.js';
 import type { BlockMeans, BlockScorer, BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
@@ -310,18 +310,6 @@ export class BlockSummary implements HeadIndex {
   private widened?: Float32Array;
 }
 
-function widenWords(words: Uint16Array, dtype: KvDtype): Float32Array {
-  const out = new Float32Array(words.length);
-  convert(new Uint8Array(words.buffer, words.byteOffset, words.byteLength), dtype, new Uint8Array(out.buffer), 'f32', words.length);
-  return out;
-}
-
-function toWords(values: Float32Array, dtype: KvDtype): Uint16Array {
-  const out = new Uint16Array(values.length);
-  convert(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 'f32', new Uint8Array(out.buffer), dtype, values.length);
-  return out;
-}
-
 /** Bare means [blocks, d] as rows [blocks, d + 8] with radius and ln count 0. */
 function padRows(means: Uint16Array, blocks: number, d: number): Uint16Array {
   const stride = summaryStride(d), rows = new Uint16Array(blocks * stride);
@@ -338,7 +326,7 @@ const MAX_FINITE: Record<KvDtype, number> = { f16: 0x7bff, bf16: 0x7f7f };
  * still bounds every member's distance), at most the largest finite value.
  */
 function radiusWords(r: Float32Array, dtype: KvDtype): Uint16Array {
-  const w = toWords(r, dtype), back = widenWords(w, dtype);
+  const w = narrowWords(r, dtype), back = widenWords(w, dtype);
   for (let i = 0; i < r.length; i++) w[i] = Math.min(back[i] >= r[i] ? w[i] : w[i] + 1, MAX_FINITE[dtype]);
   return w;
 }
@@ -348,7 +336,7 @@ export async function buildBlockSummary(input: BuildInput): Promise<Uint8Array> 
   const blocks = Math.ceil(input.tokens / B), n = blocks * R;
   const reps = await blockReps(input.keys, input.dtype, input.tokens, d, B, R, REPS_ITERATIONS);
   const radii = radiusWords(reps.radii, input.dtype);
-  const logs = toWords(Float32Array.from(reps.counts, (c) => Math.log(Math.max(1, c))), input.dtype);
+  const logs = narrowWords(Float32Array.from(reps.counts, (c) => Math.log(Math.max(1, c))), input.dtype);
   const rows = new Uint16Array(n * stride);
   for (let i = 0; i < n; i++) {
     rows.set(reps.centroids.subarray(i * d, (i + 1) * d), i * stride);

@@ -32,7 +32,7 @@
 // Seal runs clustering.ts (k-means of kmeans.ts), then calibration.ts on the
 // index exactly as it will load (head.ts), and stores artifact.ts's bytes.
 import { kmeans as faissKmeans } from '../../addon/faiss.js';
-import { bytesOf, convert } from '../../addon/kernels.js';
+import { narrowWords } from '../../addon/kernels.js';
 import type { BuildInput, HeadIndexBuilder, HeadKeys } from '../method.js';
 import { staticPlusRetrieved } from '../static-plus-retrieved.js';
 import { corrupt, decode, encode, type Parts, SRC } from './artifact.js';
@@ -61,9 +61,7 @@ const F16_MAX = 65504;
 /** Centroids are stored f16 (half the bytes); f32 only when one is out of f16 range. */
 function toCentroidWords(c: Float32Array): { words: Uint16Array | Float32Array; dtype: 0 | 2 } {
   for (let i = 0; i < c.length; i++) if (Math.abs(c[i]) > F16_MAX) return { words: c, dtype: 2 };
-  const words = new Uint16Array(c.length);
-  if (c.length) convert(bytesOf(c), 'f32', bytesOf(words), 'f16', c.length);
-  return { words, dtype: 0 };
+  return { words: narrowWords(c, 'f16'), dtype: 0 };
 }
 
 export interface SqueezedBuilder extends HeadIndexBuilder {

@@ -2,7 +2,7 @@
 // time: k-means and calibration touch only some rows, so the head is never
 // widened whole, and the per-dtype table keeps native calls out of the
 // inner loops.
-import { bytesOf, convert, type KvDtype } from '../../addon/kernels.js';
+import { widenWords, type KvDtype } from '../../addon/kernels.js';
 
 const luts: Partial<Record<KvDtype, Float32Array>> = {};
 /** f32 value of every 16-bit code of a dtype. */
@@ -11,8 +11,7 @@ export function lut(dtype: KvDtype): Float32Array {
   if (!t) {
     const codes = new Uint16Array(65536);
     for (let i = 0; i < 65536; i++) codes[i] = i;
-    t = new Float32Array(65536);
-    convert(bytesOf(codes), dtype, bytesOf(t), 'f32', 65536);
+    t = widenWords(codes, dtype);
     luts[dtype] = t;
   }
   return t;
@@ -20,10 +19,7 @@ export function lut(dtype: KvDtype): Float32Array {
 
 /** Rows `ids` of [*, d] 16-bit keys, as f32 [ids.length, d]. */
 export function gatherF32(keys: Uint16Array, d: number, dtype: KvDtype, ids: Int32Array): Float32Array {
-  const words = gather16(keys, d, ids);
-  const out = new Float32Array(words.length);
-  if (words.length) convert(bytesOf(words), dtype, bytesOf(out), 'f32', words.length);
-  return out;
+  return widenWords(gather16(keys, d, ids), dtype);
 }
 
 export function gather16(keys: Uint16Array, d: number, ids: Int32Array): Uint16Array {

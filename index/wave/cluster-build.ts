@@ -16,7 +16,7 @@
 // its logit is invisible to any summary (its offset from the centroid is no
 // longer than the others'; only the query knows the direction that matters).
 // Alone, its cluster's score is its exact logit.
-import { convert, outlierScores, widenWords, type KvDtype } from '../../addon/kernels.js';
+import { narrowWords, outlierScores, widenWords, type KvDtype } from '../../addon/kernels.js';
 import { kmeansMany, kmeansManyDevice, type KmeansArgs, type KmeansResult } from '../../addon/faiss.js';
 import { clusterSummary } from '../../addon/cluster-summary.js';
 import type { BuildInput } from '../method.js';
@@ -50,12 +50,6 @@ export const DEFAULT_CLUSTER_OPTIONS: ClusterOptions = { clusterSize: 16, segmen
  * keeps; the ranking then scores them exactly for 0.4% more clusters.
  */
 export const OUTLIER_SHARE = 256;
-
-function narrow(values: Float32Array, dtype: KvDtype): Uint16Array {
-  const out = new Uint16Array(values.length);
-  convert(new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 'f32', new Uint8Array(out.buffer), dtype, values.length);
-  return out;
-}
 
 /**
  * The segments' k-means on the GPU where the server has one, else on the
@@ -161,8 +155,8 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
     headDim: d,
     clusterSize: o.clusterSize,
     dtype: input.dtype,
-    centroids: narrow(centroids.subarray(0, C * stride), input.dtype),
-    valueMeans: narrow(valueMeans.subarray(0, C * d), input.dtype),
+    centroids: narrowWords(centroids.subarray(0, C * stride), input.dtype),
+    valueMeans: narrowWords(valueMeans.subarray(0, C * d), input.dtype),
     ...moments,
     varianceShare,
     counts: counts.slice(0, C),
