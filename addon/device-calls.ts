@@ -12,35 +12,28 @@
 // pool (steps of several sessions overlap there). The native call is the same
 // either way (common/binding_args.h's RunNowOrAsync): the same answers, bit for
 // bit, and the same errors (refused arguments throw, a failure in the work
-// rejects).
+// rejects). The per-turn cap's bookkeeping is addon/turn-budget.ts's, as
+// for attend.
+import { TurnBudget } from './turn-budget.js';
 
 /** Microseconds of expected GPU calls a loop turn runs on its own thread by default (0: every call on libuv's pool). */
 export const GPU_SYNC_US = 1000;
-let capMs = GPU_SYNC_US / 1000;
-/** Expected ms run on the loop's thread this turn, and whether its reset is due (set at the turn's first). */
-let spentMs = 0;
-let resetDue = false;
-/** GPU calls on libuv's pool now. */
-let inPool = 0;
-const runs = { loop: 0, pool: 0 };
-const resetSpent = () => {
-  spentMs = 0;
-  resetDue = false;
-};
+/** Expected ms of GPU calls run on the loop's thread a turn. */
+const budget = new TurnBudget(GPU_SYNC_US / 1000);
 
 /** Sets the per-turn cap, microseconds of expected device time (0: every GPU call on libuv's pool; default GPU_SYNC_US). */
 export function setGpuSyncUs(us: number): void {
-  capMs = us / 1000;
+  budget.cap = us / 1000;
 }
 
 /** The per-turn cap now, microseconds. */
 export function gpuSyncUs(): number {
-  return capMs * 1000;
+  return budget.cap * 1000;
 }
 
 /** GPU calls run so far on the event loop's thread and on libuv's pool, in this process. */
 export function deviceCallRuns(): { loop: number; pool: number } {
-  return { ...runs };
+  return budget.runs();
 }
 
 /**
@@ -62,26 +55,14 @@ export function deviceCallRuns(): { loop: number; pool: number } {
  * engine/rest-on-device.ts startRestOnDevice).
  */
 export function deviceCall<T>(expectedMs: number | undefined, call: (sync: boolean) => Promise<T>, beside = false): Promise<T> {
-  if (beside) {
-    runs.pool++;
-    return call(false);
-  }
-  if (capMs > 0 && inPool === 0 && expectedMs !== undefined && spentMs + expectedMs <= capMs) {
+  if (beside) return budget.pooled(call(false), false);
+  if (expectedMs !== undefined && budget.fits(expectedMs)) {
     const p = call(true);
-    if (!resetDue) {
-      resetDue = true;
-      setImmediate(resetSpent);
-    }
-    spentMs += expectedMs;
-    runs.loop++;
+    budget.charge(expectedMs);
+    budget.ranOnLoop();
     return p;
   }
-  const p = call(false);
-  inPool++;
-  runs.pool++;
-  const done = () => void inPool--;
-  p.then(done, done);
-  return p;
+  return budget.pooled(call(false));
 }
 
 /**

@@ -2,6 +2,7 @@
 // Tensors cross this boundary as typed arrays, never as JS number arrays,
 // and are read in place.
 import { nativeAddon } from './addon.js';
+import { TurnBudget } from './turn-budget.js';
 
 /** Storage and wire element types, numbered as native/common/half.h's Dtype (the one table on the TS side). */
 export const DTYPE_CODE = { f16: 0, bf16: 1, f32: 2 } as const;
@@ -161,28 +162,17 @@ export function attendWork(args: Pick<AttendArgs, 'qHeads' | 'kvHeads' | 'headDi
  * attend runs there (steps of different sessions overlap).
  */
 export const ATTEND_SYNC_WORK = 2 ** 23;
-let syncWork = ATTEND_SYNC_WORK;
-/** Work run on the loop's thread this turn, and whether its reset is due (set at the turn's first). */
-let syncSpent = 0;
-let resetDue = false;
-/** Attends on libuv's pool now. */
-let inPool = 0;
-/** Attends run so far on the loop's thread and on libuv's pool (attendRuns). */
-const runs = { loop: 0, pool: 0 };
+/** attendWork run on the loop's thread a turn (addon/turn-budget.ts: the rule GPU calls share). */
+const budget = new TurnBudget(ATTEND_SYNC_WORK);
 const RESOLVED = Promise.resolve();
-const resetSpent = () => {
-  syncSpent = 0;
-  resetDue = false;
-};
-
 /** How many attends ran on the event loop's thread and how many on libuv's pool, so far in this process. */
 export function attendRuns(): { loop: number; pool: number } {
-  return { ...runs };
+  return budget.runs();
 }
 
 /** Sets attend's per-turn cap on work run on the loop's thread (0: every attend on libuv's pool; default ATTEND_SYNC_WORK). */
 export function setAttendSyncWork(work: number): void {
-  syncWork = work;
+  budget.cap = work;
 }
 
 /**
@@ -193,26 +183,17 @@ export function setAttendSyncWork(work: number): void {
  */
 export function attend(args: AttendArgs, beside = false): Promise<void> {
   const a = { ...args, dtype: DTYPE_CODE[args.dtype] };
-  if (!beside && syncWork > 0 && inPool === 0) {
+  if (!beside && budget.open()) {
     const work = attendWork(args);
-    if (syncSpent + work <= syncWork) {
-      if (!resetDue) {
-        resetDue = true;
-        setImmediate(resetSpent);
-      }
-      syncSpent += work;
+    if (budget.fits(work)) {
+      budget.charge(work);
       // Arguments refused throw here, as on the pool's way; the kernel's own failure rejects, as there.
       const failed = addon.attendSync(a);
-      runs.loop++;
+      budget.ranOnLoop();
       return failed ? Promise.reject(failed) : RESOLVED;
     }
   }
-  const p = addon.attend(a);
-  inPool++;
-  runs.pool++;
-  const done = () => void inPool--;
-  p.then(done, done);
-  return p;
+  return budget.pooled(addon.attend(a));
 }
 
 /** Top-k keys by max over the group of q·k; returns how many were written. */
