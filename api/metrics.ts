@@ -3,6 +3,8 @@ export class Metrics {
   private readonly requests = new Map<string, number>();
   attendCount = 0;
   attendSeconds = 0;
+  /** Gauges read when /metrics is asked, kept by the parts that own them (names without the kvrecall_ prefix). */
+  readonly gauges = new Map<string, () => number>();
 
   countRequest(route: string, status: number): void {
     const key = `route="${route}",status="${status}"`;
@@ -22,6 +24,7 @@ export class Metrics {
     lines.push(`kvrecall_attend_seconds_sum ${this.attendSeconds}`);
     lines.push(`kvrecall_attend_seconds_count ${this.attendCount}`);
     for (const [name, v] of Object.entries(gauges)) lines.push(`# TYPE kvrecall_${name} gauge`, `kvrecall_${name} ${v}`);
+    for (const [name, read] of this.gauges) lines.push(`# TYPE kvrecall_${name} gauge`, `kvrecall_${name} ${read()}`);
     for (const [name, v] of Object.entries(counters)) lines.push(`# TYPE kvrecall_${name} counter`, `kvrecall_${name} ${v}`);
     return lines.join('\n') + '\n';
   }

@@ -75,6 +75,8 @@ export function attachStream(server: Server, sessions: Sessions, metrics: Metric
   const open = new Set<WsConnection>();
   const poller = new LoopPoller((opts.pollUs ?? 0) / 1000);
   const shmPool = new ShmPool(opts.shmDir, opts.shmStreamBytes ?? DEFAULTS.shmStreamBytes, opts.shmTotalBytes ?? DEFAULTS.shmTotalBytes);
+  // What --shm-total-bytes is measured against: an operator sees how near the cap the streams are (and a client's refused attach why).
+  metrics.gauges.set('shm_mapped_bytes', () => shmPool.mapped);
   const limits: WsLimits = {
     maxMessage: opts.maxFrame,
     progressMs: opts.progressMs ?? 30_000,

@@ -31,7 +31,7 @@ const sessions = {
   },
   attendBatch: async () => ({ results: [], ms: () => 0 }),
 } as unknown as Sessions;
-const metrics = { observeAttend: () => undefined } as unknown as Metrics;
+const metrics = { observeAttend: () => undefined, gauges: new Map() } as unknown as Metrics;
 
 let server: Server;
 let stream: StreamHandle;
