@@ -108,3 +108,48 @@ function total(parts: NodeJS.ArrayBufferView[]): number {
   for (const p of parts) n += p.byteLength;
   return n;
 }
+
+/** The requests after a refused attach before it is tried again: at first, and at most (the wait doubles at each refusal). */
+export const ATTACH_RETRY_FIRST = 8;
+export const ATTACH_RETRY_LAST = 1024;
+
+/**
+ * When a stream tries again the attach it was refused: a refusal need not
+ * last (over --shm-total-bytes while other streams held it, a full tmpfs),
+ * and a stream refused once stayed on bytes for the rest of its life. Not
+ * at every call: an attempt costs making the file and a round trip
+ * answered by an error frame. Counted in the stream's requests (no clock:
+ * an idle stream tries nothing), ATTACH_RETRY_FIRST after the refusal,
+ * the wait doubling at each refusal up to ATTACH_RETRY_LAST: at ~1 ms a
+ * decode request, a cap that frees is noticed within about a second, and
+ * where the refusal lasts (another host, --shm-dir off) one wasted round
+ * trip per 1024 requests is all it costs. An attach of at least the size
+ * refused ends it.
+ */
+export class AttachRetry {
+  /** The attach refused last, if it is still wanted. */
+  private want?: { bytes: number; dir: string };
+  /** The request number from which it is tried again. */
+  private at = 0;
+  private wait = 0;
+
+  refused(bytes: number, dir: string, now: number): void {
+    this.wait = Math.min(ATTACH_RETRY_LAST, Math.max(ATTACH_RETRY_FIRST, 2 * this.wait));
+    this.want = { bytes, dir };
+    this.at = now + this.wait;
+  }
+
+  attached(bytes: number): void {
+    if (this.want && bytes < this.want.bytes) return;
+    this.want = undefined;
+    this.wait = 0;
+  }
+
+  /** The attach to try now (taken: no other until refused() or attached() settles it), or undefined; `have`: the bytes of the segment attached (0: none). */
+  due(now: number, have: number): { bytes: number; dir: string } | undefined {
+    const w = this.want;
+    if (!w || now < this.at || have >= w.bytes) return undefined;
+    this.at = Infinity;
+    return w;
+  }
+}

@@ -9,7 +9,7 @@
 import { joinParts, packInto, packParts, unpackView } from './msgpack-parts.js';
 import { attendReply, batchResults, KvrecallRequestError, type AttendBody, type AttendReply, type BatchResult, type BatchStep, type KvUploadBody, type KvUploadStats, type OutOf, type Tensor, type WireAnswer, type WireResult } from './client.js';
 import { HandshakeRefused, WsClient, type WsOptions } from './websocket.js';
-import { SHM_DIR, ShmFile } from './shm.js';
+import { AttachRetry, SHM_DIR, ShmFile } from './shm.js';
 import { checkStacked, stackedSteps, StackedPlan, stackResults, type StackedOptions, type StackedOut, type StackedReply } from './stacked.js';
 
 /** Request frames from this size up go through `spares`, buffers kept warm (fresh ones cost their page faults each time). */
@@ -57,6 +57,8 @@ export class KvrecallStream {
   private segTail: Promise<unknown> = Promise.resolve();
   /** Attaches not yet settled: a stacked call made meanwhile waits its turn for the segment rather than going in bytes. */
   private attaching = 0;
+  /** A refused attach, tried again by a later attendStacked (clients/ts/shm.ts). */
+  private readonly retry = new AttachRetry();
 
   private constructor(private readonly spinMs: number) {}
 
@@ -98,16 +100,28 @@ export class KvrecallStream {
    * once the server has answered (its mapping and this stream's descriptor
    * keep the pages; the descriptor closes with the stream). A refusal (the
    * server's --shm-dir off or another directory, another host, another
-   * owner) rejects with KvrecallRequestError (422 `invalid`, the server's
-   * why) and removes the file; the stream goes on, with the segment it had
-   * if any. Where the file cannot be made, the fs error. A second attach
-   * replaces the first once the requests using it are answered.
+   * owner, over its caps) rejects with KvrecallRequestError (422
+   * `invalid`, the server's why) and removes the file; the stream goes on,
+   * with the segment it had if any. Where the file cannot be made, the fs
+   * error. Either way attendStacked tries the same attach again later, now
+   * and then (AttachRetry: 8 requests on, the wait doubling up to 1024),
+   * until one of at least that size is attached: a refusal need not last.
+   * A second attach replaces the first once the requests using it are
+   * answered.
    */
   attachShm(opts: { bytes: number; dir?: string }): Promise<void> {
     this.attaching++;
     return this.onSegment(async () => {
       if (this.closed) throw this.closed;
-      const file = ShmFile.create(opts.bytes, opts.dir ?? SHM_DIR);
+      const dir = opts.dir ?? SHM_DIR;
+      let file: ShmFile;
+      try {
+        file = ShmFile.create(opts.bytes, dir);
+      } catch (e) {
+        // A bad size is the caller's to fix; a file that cannot be made now (a full tmpfs) may be made later.
+        if (!(e instanceof TypeError)) this.retry.refused(opts.bytes, dir, this.nextId);
+        throw e;
+      }
       let frame: Record<string, unknown>;
       try {
         frame = await this.request({ shm: { name: file.name, bytes: file.bytes } }, { view: true, small: true });
@@ -119,11 +133,14 @@ export class KvrecallStream {
       file.unlink();
       if (frame.error || this.closed) {
         file.close();
-        throw frame.error ? requestError(frame.error as { code: string; message: string }) : this.closed;
+        if (!frame.error) throw this.closed;
+        this.retry.refused(opts.bytes, dir, this.nextId);
+        throw requestError(frame.error as { code: string; message: string });
       }
       this.seg?.close();
       this.seg = file;
       this.plans.clear();
+      this.retry.attached(file.bytes);
     }).finally(() => this.attaching--);
   }
 
@@ -141,7 +158,8 @@ export class KvrecallStream {
    * given (else new arrays). `errors` lists the failed steps as [index,
    * code, message], their rows NaN; the others are answered. Without a
    * segment, or where the batch does not fit it, the same steps go as
-   * attendBatch's, in bytes: the same answers. Arrays that cannot be the
+   * attendBatch's, in bytes: the same answers. Where the stream's attach
+   * was refused, a call now and then tries it again first (attachShm). Arrays that cannot be the
    * batch reject with a TypeError (or RangeError) before anything is sent;
    * a batch the server refuses whole, with KvrecallRequestError. Requests
    * through the segment run one at a time (each writes its tensors from the
@@ -151,6 +169,9 @@ export class KvrecallStream {
    */
   async attendStacked<O extends StackedOptions = Record<never, never>>(layer: number, sessions: readonly string[], q: Tensor, k?: Tensor, v?: Tensor, positions?: Int32Array | readonly number[], opts?: O): Promise<StackedReply<StackedOut<O>>> {
     const c = checkStacked(layer, sessions, q, k, v, positions, opts ?? {});
+    const again = this.closed ? undefined : this.retry.due(this.nextId, this.seg?.bytes ?? 0);
+    // Queued on the segment before this call, which then waits its turn behind it (attaching > 0); a refusal is counted by the retry, and this call goes on as it would have.
+    if (again) this.attachShm(again).catch(() => undefined);
     const byBytes = async () => stackResults<StackedOut<O>>(await this.attendBatch(layer, stackedSteps(c)), c, opts?.out, opts?.lse);
     if (!this.seg && this.attaching === 0) return byBytes();
     return this.onSegment(async () => {
