@@ -12,7 +12,10 @@ one layer's step of every batch row, sent to kvrecall one of two ways.
 - The byte batch (`Stream.attend_batch`, or `Client.attend_batch` over
   HTTP): one step map per row. Used where the stacked form cannot go: the
   server refused the segment (another host, --shm-dir off, its caps; the
-  reason in `shm_refused`) or `stacked=False`.
+  reason in `shm_refused`) or `stacked=False`. A refused segment is asked
+  for again at once when the batch grows past the size refused, else now
+  and then (the stream's kvrecall.shm.AttachRetry): a refusal need not
+  last, and a cap that frees brings the stacked form back.
 
 Both send each row's `position`, so a step is never appended twice: when
 the stream's connection is lost, a new one is opened and the step resent
@@ -99,7 +102,6 @@ class DecodeSteps:
         self.shm_dir = shm_dir
         self.stream: Optional[Stream] = None
         self.shm_refused: Optional[str] = None
-        self._no_segment: Optional[Stream] = None  # the stream whose segment (or a larger one) was refused
         # Made once per form (stacked_inputs and the sizes cost ~25 us a call on the 2-core VM): the segment's
         # q, k, v and positions arrays by (layer, sessions, shapes), for the segment `_inputs_of`.
         self._sizes: Dict[Tuple[Any, ...], Tuple[int, int]] = {}
@@ -219,19 +221,17 @@ class DecodeSteps:
         """The stream, opened now (with a segment of `shm` bytes when not 0) if there is none."""
         if self.stream is None or self.stream.closed:
             self.stream = self.client.open_stream(shm=shm, shm_dir=self.shm_dir)
-            if shm and self.stream.shm is None:
-                self.shm_refused, self._no_segment = self.stream.shm_refused, self.stream
         return self.stream
 
     def _with_segment(self, need: int, size: int) -> Stream:
         """The stream, with a segment of at least `need` bytes attached (of
-        `size`) unless the server refused one on this stream."""
+        `size`) where the server takes one: a refused size is not asked for
+        at every step (Stream.want_shm)."""
         stream = self._open(size)
-        if (stream.shm is None or stream.shm.nbytes < need) and self._no_segment is not stream:
-            if not stream.attach_shm(size, self.shm_dir):
-                self.shm_refused, self._no_segment = stream.shm_refused, stream
-        if stream.shm is not None and stream.shm.nbytes >= need:
-            self.shm_refused = None
+        if stream.shm is None or stream.shm.nbytes < need:
+            stream.want_shm(size, self.shm_dir)
+        has = stream.shm is not None and stream.shm.nbytes >= need
+        self.shm_refused = None if has else stream.shm_refused
         return stream
 
     def close(self) -> None:

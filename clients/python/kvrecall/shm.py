@@ -40,7 +40,7 @@ from .errors import KvrecallError
 from .tensors import decode_tensor, tensor
 from .wire import attend_fields, batch_step
 
-__all__ = ["Segment", "SHM_DIR"]
+__all__ = ["AttachRetry", "Segment", "SHM_DIR"]
 
 SHM_DIR = "/dev/shm"
 
@@ -49,6 +49,42 @@ _NUMPY = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "bf16": np.dtype("<u2"
 
 def _align(n: int) -> int:
     return (n + 3) & ~3
+
+
+class AttachRetry:
+    """When a stream tries again the attach it was refused. A refusal need
+    not last (over the server's --shm-total-bytes while other streams held
+    it, a full tmpfs), and a stream refused once stayed on bytes for the
+    rest of its life. Not at every call: a try costs making the file and a
+    round trip answered by an error frame. Counted in the stream's requests
+    (no clock: an idle stream tries nothing): FIRST after the refusal, the
+    wait doubling at each refusal up to LAST. At ~1 ms a decode request a
+    cap that frees is noticed within about a second, and where the refusal
+    lasts (another host, --shm-dir off) one wasted round trip per 1024
+    requests is all it costs. An attach of at least the size refused ends
+    it. The TypeScript client's (clients/ts/shm.ts) is the same."""
+
+    FIRST = 8
+    LAST = 1024
+
+    def __init__(self) -> None:
+        self.nbytes = 0  # the attach refused last (0: none wanted), in `directory`
+        self.directory = SHM_DIR
+        self.at = 0  # the request id from which it is tried again
+        self._wait = 0
+
+    def refused(self, nbytes: int, directory: str, now: int) -> None:
+        self._wait = min(self.LAST, max(self.FIRST, 2 * self._wait))
+        self.nbytes, self.directory, self.at = int(nbytes), directory, now + self._wait
+
+    def attached(self, nbytes: int) -> None:
+        if nbytes >= self.nbytes:
+            self.nbytes, self._wait = 0, 0
+
+    def due(self, now: int, have: int) -> bool:
+        """Whether to try it now; `have`: the bytes of the segment attached (0: none)."""
+        # More than LAST short of it: the ids wrapped (a plan's uint32 id goes back to 1).
+        return self.nbytes > have and (now >= self.at or self.at - now > self.LAST)
 
 
 class _NoRoom(Exception):

@@ -28,7 +28,10 @@ kvrecall.shm), batches and uploads put their tensors in it and batches
 have their answers written into it (single attends too with
 `shm_attend = True`): a frame carries no tensor bytes. The results are the
 same arrays, copied out of the segment (views of it with `shm_views`). Where the server refuses the segment (another host, --shm-dir
-off) or a request does not fit it, the tensors go as bytes.
+off, its caps) or a request does not fit it, the tensors go as bytes; a
+refused attach is tried again now and then by later batches and stacked
+calls (kvrecall.shm.AttachRetry), so a refusal that passes (the server's
+total cap freed as other streams close) does not keep the stream on bytes.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ class Stream:
         # The common decode step's frames made once per form (kvrecall.lean): over a plain socket, zero-masked.
         self._lean = ws.zero_mask and ws._can_sendmsg
         self._plans: Dict[Tuple[Any, ...], Plan] = {}
-        # The shared-memory segment attached (attach_shm), and why one was refused.
+        # The shared-memory segment attached (attach_shm), why one was refused, and when that attach is tried again.
         self.shm: Optional[_shm.Segment] = None
         self.shm_refused: Optional[str] = None
+        self._shm_again = _shm.AttachRetry()
         self._shm_plans: Dict[Tuple[Any, ...], _shm_plan.BatchPlan] = {}
         self._shm_attend_plans: Dict[Tuple[Any, ...], _shm_plan.AttendPlan] = {}
         self._stacked_plans: Dict[Tuple[Any, ...], _stacked.StackedPlan] = {}
@@ -146,6 +150,8 @@ class Stream:
         """As Client.attend_batch: per step an AttendResult or a KvrecallError
         instance (returned; the list's `ms` is the server's time for the
         batch); a batch that fails whole raises KvrecallError."""
+        if self._shm_again.nbytes:
+            self._shm_retry()
         seg, shared = self.shm, [False]
         if seg is not None:
             planned = self._batch_planned(seg, layer, steps)
@@ -189,6 +195,8 @@ class Stream:
         default, 1/sqrt(d), when None). Bad arrays raise ValueError/TypeError
         before anything is sent; a batch that fails whole, KvrecallError."""
         key, pos = _stacked.stacked_key(layer, sessions, q, k, v, positions, out_dtype, out, lse, scale)
+        if self._shm_again.nbytes:
+            self._shm_retry()
         seg = self.shm
         if seg is None:
             return _stacked.by_steps(self, layer, key[1], q, k, v, pos, out_dtype, out, lse, key[-1])
@@ -231,6 +239,8 @@ class Stream:
             v = np.empty_like(k)
         pos = np.zeros(n, np.int32) if positions else None
         key, _ = _stacked.stacked_key(layer, sessions, q, k, v, pos, out_dtype, None, None, scale)
+        if self._shm_again.nbytes:
+            self._shm_retry()
         seg = self.shm
         if seg is None:
             return q, k, v, pos
@@ -284,11 +294,16 @@ class Stream:
         --shm-dir), attaches it, and unlinks its file once the server has
         mapped it: True. False when the file cannot be made here or the
         server refuses it (`shm_refused` says why); the stream then goes on
-        with bytes. A second attach replaces the first."""
+        with bytes (and the segment it had, if any), and a later batch or
+        stacked call tries the same attach again, now and then
+        (kvrecall.shm.AttachRetry), until one of at least that size is
+        attached: a refusal need not last. A second attach replaces the
+        first."""
         try:
             seg = _shm.Segment(nbytes, directory)
         except OSError as e:
             self.shm_refused = f"cannot make a shared-memory file in {directory}: {e}"
+            self._shm_again.refused(nbytes, directory, self._next_id)
             return False
         try:
             frame = self._call(lambda id_: [self._packer.pack({"id": id_, "shm": {"name": seg.name, "bytes": seg.nbytes}})])
@@ -299,7 +314,9 @@ class Stream:
         if "error" in frame:
             seg.close()
             self.shm_refused = str(frame["error"].get("message", "refused")) if isinstance(frame["error"], dict) else "refused"
+            self._shm_again.refused(nbytes, directory, self._next_id)
             return False
+        self._shm_again.attached(seg.nbytes)
         old, self.shm, self.shm_refused = self.shm, seg, None
         self._shm_plans.clear()  # laid out for the old segment's size
         self._shm_attend_plans.clear()
@@ -307,6 +324,27 @@ class Stream:
         if old is not None:
             old.close()
         return True
+
+    def want_shm(self, nbytes: int, directory: str = _shm.SHM_DIR) -> bool:
+        """A segment of at least `nbytes`: True when one is attached. Else
+        one of `nbytes` is attached now (replacing a smaller one), unless an
+        attach at least as large was refused on this stream and its wait
+        (AttachRetry) is not over: then False, and nothing is sent. So a
+        caller whose batch grows past the size refused tries at once (it
+        wants a larger segment anyway), and one asking again for the same
+        size does not try at every call."""
+        if self.shm is not None and self.shm.nbytes >= nbytes:
+            return True
+        again = self._shm_again
+        if again.nbytes >= nbytes and not again.due(self._next_id, self.shm.nbytes if self.shm is not None else 0):
+            return False
+        return self.attach_shm(nbytes, directory)
+
+    def _shm_retry(self) -> None:
+        """The refused attach tried again where its wait is over (kvrecall.shm.AttachRetry)."""
+        again = self._shm_again
+        if not self.ws.closed and again.due(self._next_id, self.shm.nbytes if self.shm is not None else 0):
+            self.attach_shm(again.nbytes, again.directory)
 
     def upload_document_kv(self, doc: str, layer: int, start: int, k: Any, v: Any, q: Any = None, dtype: Optional[str] = None) -> Dict[str, Any]:
         """As Client.upload_document_kv, over the stream: {layer, tokens, stats}."""
