@@ -53,13 +53,10 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
 
   // Only build() and load() construct: they pass the native index inside an
   // External, which script cannot forge.
-  explicit IvfIndexJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<IvfIndexJs>(info), env_(info.Env()) {
-    if (info.Length() != 1 || !info[0].IsExternal())
-      throw Napi::TypeError::New(info.Env(), "IvfIndex is made by IvfIndex.build() or IvfIndex.load()");
-    index_ = std::move(*info[0].As<Napi::External<std::unique_ptr<IvfIndex>>>().Data());
+  explicit IvfIndexJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<IvfIndexJs>(info) {
+    index_ = std::move(*FactoryArg<std::unique_ptr<IvfIndex>>(info, "IvfIndex is made by IvfIndex.build() or IvfIndex.load()"));
     if (!index_) throw Napi::TypeError::New(info.Env(), "IvfIndex: no index");
-    accounted_ = int64_t(index_->MemoryBytes());
-    Napi::MemoryManagement::AdjustExternalMemory(info.Env(), accounted_);
+    memory_.Hold(info.Env(), int64_t(index_->MemoryBytes()));
   }
 
   ~IvfIndexJs() override { Release(); }
@@ -72,8 +69,7 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
   void Release() {
     if (!index_) return;
     index_.reset();
-    Napi::MemoryManagement::AdjustExternalMemory(env_, -accounted_);
-    accounted_ = 0;
+    memory_.Drop();
   }
 
   const IvfIndex& Live(Napi::Env env) const {
@@ -99,8 +95,7 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
 
   static Napi::Value Load(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (info.Length() < 1) throw Napi::TypeError::New(env, "Expected a Uint8Array for bytes");
-    auto bytes = Typed<uint8_t>(info[0], "bytes");
+    auto bytes = BytesArg(info);
     std::unique_ptr<IvfIndex> index =
         Guard(env, [&] { return IvfIndex::Load(bytes.Data(), bytes.ElementLength()); });
     return Wrap(env, std::move(index));
@@ -109,13 +104,8 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
   Napi::Value Save(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const IvfIndex& index = Live(env);
-    // The bytes move into an external ArrayBuffer: no second copy of a
-    // possibly large index.
-    auto* bytes = new std::vector<uint8_t>(Guard(env, [&] { return index.Save(); }));
-    const size_t size = bytes->size();
-    Napi::ArrayBuffer buffer = Napi::ArrayBuffer::New(
-        env, bytes->data(), size, [](Napi::Env, void*, std::vector<uint8_t>* v) { delete v; }, bytes);
-    return Napi::Uint8Array::New(env, size, buffer, 0);
+    // Adopted: no second copy of a possibly large index.
+    return Adopt(env, Guard(env, [&] { return index.Save(); }));
   }
 
   Napi::Value Search(const Napi::CallbackInfo& info) {
@@ -175,9 +165,8 @@ class IvfIndexJs : public Napi::ObjectWrap<IvfIndexJs> {
 
   static ClassRegistry registry_;
 
-  napi_env env_;
   std::unique_ptr<IvfIndex> index_;
-  int64_t accounted_ = 0;
+  ExternalMemory memory_;
 };
 
 ClassRegistry IvfIndexJs::registry_;

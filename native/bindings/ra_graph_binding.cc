@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -185,15 +184,12 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
 
   // Only build() and load() construct: they pass the native graph inside an
   // External, which script cannot forge.
-  explicit RaGraphJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<RaGraphJs>(info), env_(info.Env()) {
-    if (info.Length() != 1 || !info[0].IsExternal())
-      throw Napi::TypeError::New(info.Env(), "RaGraph is made by RaGraph.build() or RaGraph.load()");
-    Made* made = info[0].As<Napi::External<Made>>().Data();
+  explicit RaGraphJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<RaGraphJs>(info) {
+    Made* made = FactoryArg<Made>(info, "RaGraph is made by RaGraph.build() or RaGraph.load()");
     if (made == nullptr || !made->graph) throw Napi::TypeError::New(info.Env(), "RaGraph: no graph");
     graph_ = std::move(made->graph);
     stats_ = made->stats;
-    accounted_ = int64_t(GraphBytes(*graph_));
-    Napi::MemoryManagement::AdjustExternalMemory(info.Env(), accounted_);
+    memory_.Hold(info.Env(), int64_t(GraphBytes(*graph_)));
   }
 
   ~RaGraphJs() override { Release(); }
@@ -211,8 +207,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   void Release() {
     if (!graph_) return;
     graph_.reset();  // searches in flight hold their own reference
-    Napi::MemoryManagement::AdjustExternalMemory(env_, -accounted_);
-    accounted_ = 0;
+    memory_.Drop();
   }
 
   const std::shared_ptr<const RaGraph>& Live(Napi::Env env) const {
@@ -257,8 +252,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
 
   static Napi::Value Load(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (info.Length() < 1) throw Napi::TypeError::New(env, "Expected a Uint8Array for bytes");
-    auto bytes = Typed<uint8_t>(info[0], "bytes");
+    auto bytes = BytesArg(info);
     Made made;
     made.graph = Guard(env, [&] {
       return std::make_shared<const RaGraph>(RaGraph::Deserialize(bytes.Data(), bytes.ElementLength()));
@@ -297,10 +291,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   Napi::Value Save(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const RaGraph& g = *Live(env);
-    std::vector<uint8_t> bytes = Guard(env, [&] { return g.Serialize(); });
-    auto out = Napi::Uint8Array::New(env, bytes.size());
-    if (!bytes.empty()) std::memcpy(out.Data(), bytes.data(), bytes.size());
-    return out;
+    return Adopt(env, Guard(env, [&] { return g.Serialize(); }));
   }
 
   Napi::Value Search(const Napi::CallbackInfo& info) {
@@ -379,10 +370,9 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
 
   static ClassRegistry registry_;
 
-  napi_env env_;
   std::shared_ptr<const RaGraph> graph_;
   std::optional<RaBuildStats> stats_;
-  int64_t accounted_ = 0;
+  ExternalMemory memory_;
 };
 
 ClassRegistry RaGraphJs::registry_;

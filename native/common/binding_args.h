@@ -210,6 +210,12 @@ Napi::TypedArrayOf<T> Adopt(Napi::Env env, std::vector<T>&& v) {
   return Napi::TypedArrayOf<T>::New(env, n, Napi::ArrayBuffer(env, buffer), 0);
 }
 
+// info[0]: the bytes a class's load() parses.
+inline Napi::Uint8Array BytesArg(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1) throw Napi::TypeError::New(info.Env(), "Expected a Uint8Array for bytes");
+  return Typed<uint8_t>(info[0], "bytes");
+}
+
 // Runs work() on a libuv thread and settles a promise with result(env).
 // `keep` holds the JS objects whose memory work() reads or writes, so the
 // garbage collector cannot free them while it runs: gathered in one JS

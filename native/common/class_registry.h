@@ -1,6 +1,9 @@
 // The constructor of an ObjectWrap class, one per N-API environment (the
 // main thread and each worker thread load the addon separately), released
-// when its environment shuts down.
+// when its environment shuts down; and the two other pieces every class
+// wrapping a built native object has (IvfIndex, RaGraph): the object handed
+// to its constructor by its static factories, and its bytes counted as
+// external memory while held.
 #pragma once
 
 #include <napi.h>
@@ -40,6 +43,33 @@ class ClassRegistry {
  private:
   std::mutex mu_;
   std::unordered_map<napi_env, Napi::FunctionReference*> ctors_;
+};
+
+// The object a class's build() or load() passes its constructor inside an
+// External, which script cannot forge: anything else is refused with `refusal`.
+template <typename T>
+T* FactoryArg(const Napi::CallbackInfo& info, const char* refusal) {
+  if (info.Length() != 1 || !info[0].IsExternal()) throw Napi::TypeError::New(info.Env(), refusal);
+  return info[0].As<Napi::External<T>>().Data();
+}
+
+// A native object's bytes as the JS heap's external memory, so the collector
+// weighs a small wrapper by what it keeps alive; given back on Drop.
+class ExternalMemory {
+ public:
+  void Hold(Napi::Env env, int64_t bytes) {
+    env_ = env;
+    bytes_ = bytes;
+    Napi::MemoryManagement::AdjustExternalMemory(env, bytes);
+  }
+  void Drop() {
+    Napi::MemoryManagement::AdjustExternalMemory(env_, -bytes_);
+    bytes_ = 0;
+  }
+
+ private:
+  napi_env env_ = nullptr;
+  int64_t bytes_ = 0;
 };
 
 }  // namespace kvr
