@@ -26,8 +26,8 @@ import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { open as openFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { open, type Database, type RootDatabase } from 'lmdb';
-import { syncEnv, type BlockKey } from './lmdb-shards.js';
+import type { Database, RootDatabase } from 'lmdb';
+import { openBlockEnv, openBlockEnvs, syncEnv, type BlockKey } from './lmdb-shards.js';
 
 /** [doc, method, layer, kv head]: the key of an index artifact (in a document's environment or an older store's main one). */
 export type ArtifactKey = [string, string, number, number];
@@ -56,10 +56,8 @@ export function documentKeys(root: string): string[] {
     .map((e) => e.name);
 }
 
-function openEnv(path: string, mapSize = 2 ** 28): RootDatabase {
-  // The map starts small and grows as the file does (lmdb's own remap), so many loading documents fit the address space.
-  return open({ path, maxDbs: 2, mapSize, noSubdir: false, noSync: true });
-}
+/** A document environment's first map: it grows as the file does (lmdb's own remap), so many loading documents fit the address space. */
+const MAP_SIZE = 2 ** 28;
 
 /** Open environments of one document. */
 export class DocumentEnvs {
@@ -85,17 +83,8 @@ export class DocumentEnvs {
   }
 
   private static openAll(folder: string, numbers: number[]): DocumentEnvs {
-    const envs: RootDatabase[] = [], dbs: Database<Buffer, BlockKey>[] = [];
-    try {
-      for (const i of numbers.sort((a, b) => a - b)) {
-        const env = openEnv(join(folder, String(i)));
-        envs.push(env);
-        dbs[i] = env.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
-      }
-    } catch (e) {
-      for (const env of envs) void env.close();
-      throw e;
-    }
+    const dbs: Database<Buffer, BlockKey>[] = [];
+    const envs = openBlockEnvs(numbers, (i) => join(folder, String(i)), MAP_SIZE, dbs);
     return new DocumentEnvs(folder, envs, dbs);
   }
 
@@ -150,7 +139,7 @@ export class ArtifactEnv {
     const folder = documentFolder(root, id);
     const file = join(folder, ARTIFACTS, 'data.mdb');
     const held = existsSync(file) ? statSync(file).size : 0;
-    const env = openEnv(join(folder, ARTIFACTS), Math.max(2 ** 28, Math.ceil((held + 1.25 * bytes + 2 ** 24) / 2 ** 20) * 2 ** 20));
+    const env = openBlockEnv(join(folder, ARTIFACTS), Math.max(MAP_SIZE, Math.ceil((held + 1.25 * bytes + 2 ** 24) / 2 ** 20) * 2 ** 20));
     try {
       return new ArtifactEnv(folder, env, env.openDB<Buffer, ArtifactKey>({ name: ARTIFACTS, encoding: 'binary' }));
     } catch (e) {

@@ -61,18 +61,7 @@ export class BlockShards {
       numbers.push(i);
     }
     const dbs: (Database<Buffer, BlockKey> | undefined)[] = [main];
-    const envs: RootDatabase[] = [];
-    try {
-      for (const i of numbers.sort((a, b) => a - b)) {
-        // Each shard syncs only where its owner asks (recovery, delete), as the main environment.
-        const env = open({ path: join(path, `blocks-${i}`), maxDbs: 2, mapSize: 2 ** 40, noSubdir: false, noSync: true });
-        envs.push(env);
-        dbs[i] = env.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
-      }
-    } catch (e) {
-      for (const env of envs) void env.close();
-      throw e;
-    }
+    const envs = openBlockEnvs(numbers, (i) => join(path, `blocks-${i}`), 2 ** 40, dbs);
     return new BlockShards(dbs, envs);
   }
 
@@ -105,6 +94,39 @@ export class BlockShards {
   async close(): Promise<void> {
     await Promise.allSettled(this.envs.map((env) => env.close()));
   }
+}
+
+/**
+ * An environment of blocks (and a document's artifacts): not synced per
+ * commit, its owner syncs where it must (recovery, seal, delete: syncEnv).
+ */
+export function openBlockEnv(path: string, mapSize: number): RootDatabase {
+  return open({ path, maxDbs: 2, mapSize, noSubdir: false, noSync: true });
+}
+
+/**
+ * Opens the block environments numbered `numbers` (at `pathOf(i)`), in
+ * number order, their `blocks` databases into dbs[i]; when one fails, those
+ * opened are closed and the error thrown.
+ */
+export function openBlockEnvs(
+  numbers: number[],
+  pathOf: (i: number) => string,
+  mapSize: number,
+  dbs: (Database<Buffer, BlockKey> | undefined)[],
+): RootDatabase[] {
+  const envs: RootDatabase[] = [];
+  try {
+    for (const i of numbers.sort((a, b) => a - b)) {
+      const env = openBlockEnv(pathOf(i), mapSize);
+      envs.push(env);
+      dbs[i] = env.openDB<Buffer, BlockKey>({ name: 'blocks', encoding: 'binary' });
+    }
+  } catch (e) {
+    for (const env of envs) void env.close();
+    throw e;
+  }
+  return envs;
 }
 
 /** An environment's commits so far, flushed (it does not sync per commit). */
