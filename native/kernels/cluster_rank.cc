@@ -8,7 +8,6 @@
 #include "common/moment_code.h"
 #include "common/ranked_hits.h"
 #include "common/simd_math.h"
-#include "common/thread_pool.h"
 
 namespace kvr {
 namespace {
@@ -37,40 +36,30 @@ void ScanClusters(const ClusterRankProblem& p, int64_t begin, int64_t end, int64
   }
 }
 
+// A problem's best `keep` clusters into its outputs, and with outRows their
+// members, best cluster first, up to maxRows.
+void WriteRanked(const ClusterRankProblem& pr, std::vector<Hit>& all, int64_t keep, ClusterRankCounts& counts) {
+  counts.ids = WriteBest(all, keep, pr.outIds, pr.outScores);
+  counts.rows = 0;
+  if (!pr.outRows) return;
+  int64_t r = 0;
+  for (int64_t i = 0; i < counts.ids && r < pr.maxRows; ++i) {
+    const int32_t c = pr.outIds[i];
+    const int64_t take = std::min<int64_t>(pr.offsets[c + 1] - pr.offsets[c], pr.maxRows - r);
+    std::copy(pr.members + pr.offsets[c], pr.members + pr.offsets[c] + take, pr.outRows + r);
+    r += take;
+  }
+  counts.rows = r;
+}
+
 }  // namespace
 
 void RankClustersMany(const ClusterRankProblem* problems, size_t n, ClusterRankCounts* counts) {
-  struct Task {
-    size_t problem;
-    int64_t begin, end;
-  };
   auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, problems[p].clusters); };
-  std::vector<Task> tasks;
-  for (size_t p = 0; p < n; ++p)
-    for (int64_t b = 0; keepOf(p) > 0 && b < problems[p].clusters; b += kTaskClusters)
-      tasks.push_back({p, b, std::min(problems[p].clusters, b + kTaskClusters)});
-  std::vector<std::vector<Hit>> local(tasks.size());
-  ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
-    const Task& task = tasks[t];
-    ScanClusters(problems[task.problem], task.begin, task.end, keepOf(task.problem), local[t]);
-  });
-  size_t t = 0;
-  for (size_t p = 0; p < n; ++p) {
-    std::vector<Hit> all;
-    for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
-    const ClusterRankProblem& pr = problems[p];
-    counts[p].ids = WriteBest(all, keepOf(p), pr.outIds, pr.outScores);
-    counts[p].rows = 0;
-    if (!pr.outRows) continue;
-    int64_t r = 0;
-    for (int64_t i = 0; i < counts[p].ids && r < pr.maxRows; ++i) {
-      const int32_t c = pr.outIds[i];
-      const int64_t take = std::min<int64_t>(pr.offsets[c + 1] - pr.offsets[c], pr.maxRows - r);
-      std::copy(pr.members + pr.offsets[c], pr.members + pr.offsets[c] + take, pr.outRows + r);
-      r += take;
-    }
-    counts[p].rows = r;
-  }
+  RankInChunks(
+      n, kTaskClusters, [&](size_t p) { return keepOf(p) > 0 ? problems[p].clusters : 0; },
+      [&](size_t p, int64_t begin, int64_t end, std::vector<Hit>& local) { ScanClusters(problems[p], begin, end, keepOf(p), local); },
+      [&](size_t p, std::vector<Hit>& all) { WriteRanked(problems[p], all, keepOf(p), counts[p]); });
 }
 
 }  // namespace kvr

@@ -6,7 +6,6 @@
 
 #include "common/ranked_hits.h"
 #include "common/simd_math.h"
-#include "common/thread_pool.h"
 
 namespace kvr {
 namespace {
@@ -41,29 +40,12 @@ void ScanRows(const TopkProblem& p, int64_t begin, int64_t end, int64_t keep, st
 }
 
 void TopKMany(const TopkProblem* problems, size_t n, int64_t* counts) {
-  struct Task {
-    size_t problem;
-    int64_t begin, end;
-  };
-  // Every (problem, chunk of rows) is one task, so a step's kv heads share
-  // the cores instead of taking turns.
   auto keepOf = [&](size_t p) { return std::min<int64_t>(problems[p].k, ScanCount(problems[p])); };
-  std::vector<Task> tasks;
-  for (size_t p = 0; p < n; ++p)
-    for (int64_t b = 0; (keepOf(p) > 0 || problems[p].allScores) && b < ScanCount(problems[p]); b += kTaskTokens)
-      tasks.push_back({p, b, std::min(ScanCount(problems[p]), b + kTaskTokens)});
-  std::vector<std::vector<Hit>> local(tasks.size());
-  ThreadPool::Get().ParallelFor(tasks.size(), [&](size_t t) {
-    const Task& task = tasks[t];
-    ScanRows(problems[task.problem], task.begin, task.end, keepOf(task.problem), local[t]);
-  });
-  size_t t = 0;
-  for (size_t p = 0; p < n; ++p) {
-    const int64_t keep = keepOf(p);
-    std::vector<Hit> all;
-    for (; t < tasks.size() && tasks[t].problem == p; ++t) all.insert(all.end(), local[t].begin(), local[t].end());
-    counts[p] = WriteBest(all, keep, problems[p].outIds, problems[p].outScores);
-  }
+  RankInChunks(
+      n, kTaskTokens,
+      [&](size_t p) { return keepOf(p) > 0 || problems[p].allScores ? ScanCount(problems[p]) : 0; },
+      [&](size_t p, int64_t begin, int64_t end, std::vector<Hit>& local) { ScanRows(problems[p], begin, end, keepOf(p), local); },
+      [&](size_t p, std::vector<Hit>& all) { counts[p] = WriteBest(all, keepOf(p), problems[p].outIds, problems[p].outScores); });
 }
 
 int64_t TopK(const TopkProblem& p) {
