@@ -256,45 +256,24 @@ export interface WaveGpuBytes {
   cacheRows: number;
 }
 
+/** The binding's arguments: the step's and rest's own where they pass as they are, flattened where they do not. */
+type NativeStepArgs = Omit<WaveGpuStepArgs, 'probe' | 'target' | 'ranking' | 'skip'> & {
+  ranking: WaveGpuRanking['kind'];
+  spread?: number;
+  normTerms?: Float32Array;
+  target: number[];
+  maxClusters: number[];
+  skip?: number[];
+  sync?: boolean;
+};
+type NativeRestArgs = Omit<WaveGpuRestArgs, 'blocks' | 'beside'> & { blocks?: Int32Array[]; blockSize?: number; sync?: boolean };
+
 interface NativeStore {
-  step(a: {
-    q: Float32Array;
-    qHeads: number;
-    scale: number;
-    ranking: 'spread' | 'radius';
-    spread?: number;
-    normTerms?: Float32Array;
-    budget: number[];
-    target: number[];
-    maxClusters: number[];
-    exact?: Int32Array;
-    keep?: number[];
-    skip?: number[];
-    estimate?: boolean;
-    attend?: boolean;
-    rest?: 'rows' | 'moments';
-    ids?: boolean;
-    stages?: boolean;
-    graph?: boolean;
-    own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number };
-    sync?: boolean;
-  }): Promise<{
+  step(a: NativeStepArgs): Promise<{
     width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
     ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number; misses: number; bytesIn: number; workMs: number;
   }>;
-  rest(a: {
-    q: Float32Array;
-    qHeads: number;
-    scale: number;
-    ranges: Int32Array[];
-    blocks?: Int32Array[];
-    blockSize?: number;
-    ids?: Int32Array[];
-    order?: 'rows' | 'moments' | 'first';
-    stages?: boolean;
-    graph?: boolean;
-    sync?: boolean;
-  }): Promise<WaveGpuRestResult>;
+  rest(a: NativeRestArgs): Promise<WaveGpuRestResult>;
   bytes(): WaveGpuBytes;
   close(): void;
   /** With defer: true, makes the device store on libuv's pool. */
