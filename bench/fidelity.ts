@@ -33,6 +33,7 @@ const describeMachine = () => {
 };
 import { compareWithOracle, exactAttention, oracleSelection, relativeErrors, type ExactAttention } from './quality.js';
 import { mean, median } from './stats.js';
+import { strFlag } from './args.js';
 
 interface Options {
   tokens: number;
@@ -51,10 +52,7 @@ interface Options {
 const progress = (msg: string) => process.stderr.write(`[bench:fidelity] ${msg}\n`);
 
 function parseArgs(argv: string[]): Options {
-  const get = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
+  const get = (name: string) => strFlag(`--${name}`, argv);
   const quick = argv.includes('--quick');
   return {
     tokens: Number(get('tokens') ?? (quick ? 32768 : 131072)),

@@ -19,11 +19,11 @@
 // alone can be checked (before/after fingerprints equal). With
 // `--profile` the native search's phase times are summed and shown too.
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RA_GRAPH_DEFAULTS, RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
-import { nativeThreads } from '../addon/kernels.js';
+import { machine } from './host.js';
 import { median } from './stats.js';
 import { defaultKnobs, generateWorkload } from '../workload/index.js';
 
@@ -41,7 +41,6 @@ const profile = argv.includes('--profile');
 const G = 4, d = 128, sinks = 16, window = 256, budget = 0.01;
 const want = Math.round(tokens * budget), asked = want + sinks + window;
 // bench/retrieval.ts's machine line (importing it would run that bench).
-const machine = () => `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
 const progress = (msg: string) => process.stderr.write(`[bench:ra-search] ${msg}\n`);
 
 // The keys and decode queries are cached with the graph (generating 1M keys takes ~1 min here).

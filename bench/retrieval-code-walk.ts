@@ -24,16 +24,12 @@
 // estimate after the walk to about that). One heap holds both kinds of
 // score.
 import { writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
 import { RaGraph } from '../addon/ra-graph.js';
-import { nativeThreads } from '../addon/kernels.js';
+import { machine } from './host.js';
+import { strFlag } from './args.js';
 import { compareWithOracle, exactAttention, meanProbs, topKIndices, widen } from './quality.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
 import { readCsr, type Csr } from './ra-graph-csr.js';
-
-function machine(): string {
-  return `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
-}
 
 const SINKS = 16, WINDOW = 256;
 // The native search's recall of T on the same graphs (bench/results/retrieval-misses-*-vm.md), quoted in the table's text.
@@ -117,10 +113,7 @@ function codeWalk(g: Csr, exact: Float64Array, approx: Float64Array, tau: number
 
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
-  const get = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
+  const get = (name: string) => strFlag(`--${name}`, argv);
   const broad = argv.includes('--broad'), steps = Number(get('steps') ?? 3), G = 4, d = 128, BITS = Number(get('bits') ?? 4);
   for (const tokens of (get('tokens') ?? '262144').split(',').map(Number)) {
     const wl = generateWorkload({ seed: 7, tokens, kvHeads: 1, qHeads: G, headDim: d, steps, needles: steps, knobs: (broad ? broadKnobs : defaultKnobs)(tokens, {}) });

@@ -27,17 +27,13 @@
 //   the step's position): what a ranking that knew the query's stable part
 //   would find.
 import { writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
 import { RA_GRAPH_DEFAULTS, RaGraph } from '../addon/ra-graph.js';
-import { nativeThreads } from '../addon/kernels.js';
+import { machine } from './host.js';
+import { strFlag } from './args.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
 import { makePlan } from '../workload/plan.js';
 import { readCsr, type Csr } from './ra-graph-csr.js';
-
-function machine(): string {
-  return `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
-}
 
 interface Options {
   tokens: number[];
@@ -48,10 +44,7 @@ interface Options {
 }
 
 function parseArgs(argv: string[]): Options {
-  const get = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
+  const get = (name: string) => strFlag(`--${name}`, argv);
   return {
     tokens: (get('tokens') ?? '262144').split(',').map(Number),
     steps: Number(get('steps') ?? 3),

@@ -43,10 +43,10 @@
 //   1%'s (the oracle's) beside it; pass-key digits = of the plant's 5 digit
 //   keys, those selected at the question's position (the dump's last).
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { cpus, loadavg, totalmem } from 'node:os';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { RaGraph } from '../addon/ra-graph.js';
-import { nativeThreads } from '../addon/kernels.js';
+import { machine } from './host.js';
 import { hnswBuilder } from '../index/hnsw.js';
 import { DEFAULT_MARGIN, retrievalAttentionBuilder } from '../index/retrieval-attention.js';
 import { compareWithOracle, exactAttention, meanProbs, topKIndices, widen, type ExactAttention } from './quality.js';
@@ -70,7 +70,6 @@ const margins = argv.includes('--margins') ? get('margins', '').split(',') : und
 const marginOf = (m: string, want: number) => (m.startsWith('s') ? 0.5 + Number(m.slice(1)) * Math.log(1 + (SINKS + WINDOW) / want) : Number(m));
 const out = get('out', 'bench/results/retrieval-model-vm');
 const SINKS = 16, WINDOW = 256, BUDGET = 0.01, NN = 24;
-const machine = () => `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
 const progress = (msg: string) => process.stderr.write(`[retrieval-model] ${msg}\n`);
 
 /** A .npy file's shape and little-endian data (f2 as 16-bit words, f4). */

@@ -24,14 +24,10 @@
 import { writeFileSync } from 'node:fs';
 import { RaGraph } from '../addon/ra-graph.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
-import { cpus, totalmem } from 'node:os';
-import { nativeThreads } from '../addon/kernels.js';
+import { machine } from './host.js';
+import { strFlag } from './args.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
 import { oracleWalk, readCsr, type Csr } from './ra-graph-csr.js';
-
-function machine(): string {
-  return `${cpus()[0]?.model.trim() ?? 'unknown CPU'}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
-}
 
 interface Options {
   tokens: number[];
@@ -41,10 +37,7 @@ interface Options {
 }
 
 function parseArgs(argv: string[]): Options {
-  const get = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
+  const get = (name: string) => strFlag(`--${name}`, argv);
   return {
     tokens: (get('tokens') ?? '65536').split(',').map(Number),
     steps: Number(get('steps') ?? 4),

@@ -47,14 +47,14 @@
 // attention top-k (budget only), which a set shared by the group cannot
 // fully cover (the oracle's own top-k recall is shown beside it).
 import { writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
 import { RA_GRAPH_DEFAULTS, RaGraph, type RaAggregate } from '../addon/ra-graph.js';
 import { infiniretriBuilder, KeptHead, mergeKept } from '../index/infiniretri.js';
 import { encodeKept } from '../index/infiniretri-artifact.js';
 import { readChunks } from '../index/infiniretri-read.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchResult } from '../index/method.js';
-import { nativeThreads } from '../addon/kernels.js';
+import { machine } from './host.js';
+import { strFlag } from './args.js';
 import { compareWithOracle, exactAttention, meanProbs, oracleSelection, topKIndices, type ExactAttention } from './quality.js';
 import { broadKnobs, defaultKnobs, generateWorkload, HARD_KNOBS, type Workload } from '../workload/index.js';
 import { mean, median } from './stats.js';
@@ -94,10 +94,7 @@ const SUITES = {
 };
 
 function parseArgs(argv: string[]): Options {
-  const get = (name: string) => {
-    const i = argv.indexOf(`--${name}`);
-    return i >= 0 ? argv[i + 1] : undefined;
-  };
+  const get = (name: string) => strFlag(`--${name}`, argv);
   const quick = argv.includes('--quick');
   const suite = get('suite') === 'documents' ? 'documents' : 'retrieval';
   return {
@@ -121,11 +118,6 @@ function parseArgs(argv: string[]): Options {
     prefill: get('prefill') === undefined ? undefined : Number(get('prefill')),
     margins: get('margins')?.split(','),
   };
-}
-
-export function machine(): string {
-  const cpu = cpus()[0]?.model.trim() ?? 'unknown CPU';
-  return `${cpu}, ${cpus().length} cores (native pool ${nativeThreads} threads), ${(totalmem() / 2 ** 30).toFixed(1)} GiB`;
 }
 
 const progress = (msg: string) => process.stderr.write(`[bench:${process.argv.includes('documents') ? 'documents' : 'retrieval'}] ${msg}\n`);
