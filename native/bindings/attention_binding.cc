@@ -48,17 +48,7 @@ AttnSegment ReadSegment(const Napi::Object& s, const AttnProblem& p, std::vector
 AttnProblem ReadProblem(const Napi::CallbackInfo& info, std::vector<Napi::Value>& keep) {
   Napi::Object o = ArgObject(info);
   AttnProblem p;
-  const HeadShape shape = HeadShapeAt(o);
-  p.qHeads = shape.qHeads;
-  p.kvHeads = shape.kvHeads;
-  p.headDim = shape.headDim;
-  p.dtype = KeyDtype(o);
-  p.scale = Float(o, "scale");
-  AttendArrays io = AttendArraysAt(o, size_t(p.qHeads), size_t(p.headDim));
-  p.q = io.q.Data();
-  p.out = io.out.Data();
-  p.lse = io.lse.Data();
-  keep.insert(keep.end(), {io.q, io.out, io.lse});
+  AttendCallAt(o, p, keep);
   Napi::Array segs = ArrayAt(o, "segments");
   for (uint32_t i = 0; i < segs.Length(); ++i)
     p.segments.push_back(ReadSegment(ObjectOf(segs.Get(i), "segments[" + std::to_string(i) + "]"), p, keep));

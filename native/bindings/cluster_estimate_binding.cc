@@ -147,19 +147,11 @@ Napi::Value EstimateJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = ArgObject(info);
   EstimateProblem p;
-  const HeadShape shape = HeadShapeAt(o);
-  p.qHeads = shape.qHeads;
-  p.kvHeads = shape.kvHeads;
-  p.headDim = shape.headDim;
+  std::vector<Napi::Value> keep;
+  AttendCallAt(o, p, keep);
   p.centroidStride = int(Int(o, "centroidStride", p.headDim, 4096));
-  p.dtype = KeyDtype(o);
-  p.scale = Float(o, "scale");
-  AttendArrays io = AttendArraysAt(o, size_t(p.qHeads), size_t(p.headDim));
   auto estimated = TypedAt<float>(o, "estimated", size_t(p.kvHeads));
-  p.q = io.q.Data();
-  p.out = io.out.Data();
-  p.lse = io.lse.Data();
-  std::vector<Napi::Value> keep{io.q, io.out, io.lse, estimated};
+  keep.push_back(estimated);
   Napi::Array segs = ArrayAt(o, "segments");
   for (uint32_t s = 0; s < segs.Length(); ++s) {
     Napi::Array heads = ArrayOf(ObjectOf(segs.Get(s), "segments[" + std::to_string(s) + "]"), "heads", size_t(p.kvHeads));

@@ -152,6 +152,23 @@ inline AttendArrays AttendArraysAt(const Napi::Object& o, size_t heads, size_t h
           TypedAt<float>(o, "lse", heads)};
 }
 
+// An attention call's common part into p (AttnProblem, EstimateProblem):
+// its head shape, dtype and scale, and q, out and lse, held in `keep`.
+template <typename Problem>
+void AttendCallAt(const Napi::Object& o, Problem& p, std::vector<Napi::Value>& keep) {
+  const HeadShape shape = HeadShapeAt(o);
+  p.qHeads = shape.qHeads;
+  p.kvHeads = shape.kvHeads;
+  p.headDim = shape.headDim;
+  p.dtype = KeyDtype(o);
+  p.scale = Float(o, "scale");
+  AttendArrays io = AttendArraysAt(o, size_t(p.qHeads), size_t(p.headDim));
+  p.q = io.q.Data();
+  p.out = io.out.Data();
+  p.lse = io.lse.Data();
+  keep.insert(keep.end(), {io.q, io.out, io.lse});
+}
+
 // The outputs of a top-k call: outIds and outScores, `keep` entries each.
 struct TopkOutputs {
   Napi::Int32Array ids;
