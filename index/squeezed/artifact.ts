@@ -14,7 +14,8 @@
 // [C, d], (two levels) coarse offsets i32[P+1] into clusters and coarse
 // centroids [P, d]. Load checks lengths, checksum, offsets, that members are
 // a permutation of the tokens, and finite centroids; it throws on anything else.
-import { bytesOf, checksum64, firstNonFinite } from '../../addon/kernels.js';
+import { bytesOf, firstNonFinite } from '../../addon/kernels.js';
+import { checksum32, packSections, pad4, SectionReader } from '../artifact-sections.js';
 import type { HeadKeys } from '../method.js';
 
 const MAGIC = 0x5153564b; // "KVSQ"
@@ -46,26 +47,14 @@ export interface Parts {
   coarseCentroids: Uint16Array | Float32Array;
 }
 
-const pad4 = (n: number) => (n + 3) & ~3;
-
-/** The project's one checksum (native/common/checksum.h), its low 32 bits: what the header has room for. */
-function checksum(words: Uint32Array): number {
-  return Number(checksum64(new Uint8Array(words.buffer, words.byteOffset, words.byteLength)) & 0xffffffffn);
-}
 
 function sections(p: Parts): ArrayBufferView[] {
   return [p.fractions, p.groups, p.fineThr, p.coarseThr, p.offsets, p.members, p.centroids, p.coarseOffsets, p.coarseCentroids];
 }
 
 export function encode(p: Parts): Uint8Array {
-  const parts = sections(p);
-  const total = HEADER + parts.reduce((n, a) => n + pad4(a.byteLength), 0);
-  const out = new Uint8Array(total);
-  let at = HEADER;
-  for (const a of parts) {
-    out.set(bytesOf(a), at);
-    at += pad4(a.byteLength);
-  }
+  const out = packSections(HEADER, sections(p));
+  const total = out.byteLength;
   const v = new DataView(out.buffer);
   v.setUint32(0, MAGIC, true);
   v.setUint16(4, VERSION, true);
@@ -81,7 +70,7 @@ export function encode(p: Parts): Uint8Array {
   v.setUint32(36, p.calibrationRows, true);
   v.setUint32(44, total, true);
   v.setUint32(48, p.minExpanded, true);
-  v.setUint32(40, checksum(new Uint32Array(out.buffer, 0, total / 4)), true); // over everything, this word as 0
+  v.setUint32(40, checksum32(out), true); // over everything, this word as 0
   return out;
 }
 
@@ -112,13 +101,9 @@ export function decode(bytes: Uint8Array, keys: HeadKeys): Parts {
   if (v.getUint32(44, true) !== total || bytes.byteLength !== total) corrupt(`${bytes.byteLength} bytes, the header implies ${total}`);
   const sum = v.getUint32(40, true);
   v.setUint32(40, 0, true);
-  if (checksum(new Uint32Array(bytes.buffer, bytes.byteOffset, total / 4)) !== sum) corrupt('checksum mismatch');
-  let at = bytes.byteOffset + HEADER;
-  const take = <A>(len: number, make: (buf: ArrayBuffer, off: number, count: number) => A, width: number): A => {
-    const a = make(bytes.buffer as ArrayBuffer, at, len / width);
-    at += pad4(len);
-    return a;
-  };
+  if (checksum32(bytes) !== sum) corrupt('checksum mismatch');
+  const sections = new SectionReader(bytes.buffer as ArrayBuffer, bytes.byteOffset + HEADER, bytes.byteOffset + total, () => corrupt('truncated'));
+  const take = <A>(len: number, make: (buf: ArrayBuffer, off: number, count: number) => A, width: number): A => sections.take(make, len / width, width);
   const f32 = (b: ArrayBuffer, o: number, c: number) => new Float32Array(b, o, c);
   const i32 = (b: ArrayBuffer, o: number, c: number) => new Int32Array(b, o, c);
   const cen = (b: ArrayBuffer, o: number, c: number) => (cw === 2 ? new Uint16Array(b, o, c) : new Float32Array(b, o, c));

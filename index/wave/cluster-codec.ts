@@ -1,7 +1,8 @@
 // The wave index's artifact: the bytes stored with a document per (layer, kv
 // head). Arrays are stored raw, aligned to 4 bytes, so a load is a few views
 // of the stored buffer (plus the member lists, derived once).
-import { checksum64, widenWords, type KvDtype } from '../../addon/kernels.js';
+import { widenWords, type KvDtype } from '../../addon/kernels.js';
+import { checksum32, packSections, SectionReader } from '../artifact-sections.js';
 import { encodeMoments } from './moment-code.js';
 
 const MAGIC = 0x4b565756; // "KVWV"
@@ -49,26 +50,17 @@ export const centroidStride = (headDim: number) => headDim + 8;
 
 /** Header byte of the checksum: checksum64's low word over the artifact with this word 0. */
 const CHECKSUM_AT = 28;
-const checksumOf = (b: Uint8Array) => Number(checksum64(b) & 0xffffffffn);
-
-const pad4 = (n: number) => (n + 3) & ~3;
 
 export function encodeClusters(a: ClusterArrays): Uint8Array {
   return pack(a, VERSION, [a.centroids, a.valueMeans, a.keyVars, a.keyAxes, a.varScales, a.axisScales, a.counts, a.tokenCluster]);
 }
 
 function pack(a: ClusterArrays, version: number, parts: ArrayBufferView[]): Uint8Array {
-  const size = HEADER_WORDS * 4 + parts.reduce((n, p) => n + pad4(p.byteLength), 0);
-  const out = new Uint8Array(size);
+  const out = packSections(HEADER_WORDS * 4, parts);
   const header = new Uint32Array([MAGIC, version, a.tokens, a.headDim, a.counts.length, a.clusterSize, a.dtype === 'f16' ? 0 : 1, 0, 0]);
   new Float32Array(header.buffer, 8 * 4, 1)[0] = a.varianceShare;
   out.set(new Uint8Array(header.buffer), 0);
-  let at = HEADER_WORDS * 4;
-  for (const p of parts) {
-    out.set(new Uint8Array(p.buffer, p.byteOffset, p.byteLength), at);
-    at += pad4(p.byteLength);
-  }
-  new DataView(out.buffer).setUint32(CHECKSUM_AT, checksumOf(out), true);
+  new DataView(out.buffer).setUint32(CHECKSUM_AT, checksum32(out), true);
   return out;
 }
 
@@ -88,17 +80,12 @@ export function decodeClusters(bytes: Uint8Array): ClusterArrays {
   const sum = header[7];
   const zeroed = b.slice();
   new DataView(zeroed.buffer).setUint32(CHECKSUM_AT, 0, true);
-  if (checksumOf(zeroed) !== sum) throw new Error('wave cluster artifact: checksum mismatch');
+  if (checksum32(zeroed) !== sum) throw new Error('wave cluster artifact: checksum mismatch');
   const [, , tokens, headDim, C, clusterSize, dt] = header;
   const varianceShare = new Float32Array(header.buffer, header.byteOffset + 8 * 4, 1)[0];
   const stride = centroidStride(headDim);
-  let at = b.byteOffset + HEADER_WORDS * 4;
-  const take = <T>(make: (buf: ArrayBuffer, off: number, n: number) => T, n: number, width: number): T => {
-    if (at + n * width > b.byteOffset + b.byteLength) throw new Error('wave cluster artifact is truncated');
-    const v = make(b.buffer as ArrayBuffer, at, n);
-    at += pad4(n * width);
-    return v;
-  };
+  const sections = new SectionReader(b.buffer as ArrayBuffer, b.byteOffset + HEADER_WORDS * 4, b.byteOffset + b.byteLength, () => new Error('wave cluster artifact is truncated'));
+  const take = sections.take.bind(sections);
   const u16 = (buf: ArrayBuffer, off: number, n: number) => new Uint16Array(buf, off, n);
   const i32 = (buf: ArrayBuffer, off: number, n: number) => new Int32Array(buf, off, n);
   const f32 = (buf: ArrayBuffer, off: number, n: number) => new Float32Array(buf, off, n);
