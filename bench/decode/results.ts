@@ -2,6 +2,7 @@
 // method and the GPU reference points. These shapes are the JSON output's
 // schema (decode-<mode>-<preset>.json): add fields, do not rename them.
 import type { UploadPhases } from '../upload-tally.js';
+import type { ServerMemory } from './machine.js';
 import type { Shape, Via } from './options.js';
 import type { CallKind } from './run.js';
 
@@ -28,7 +29,8 @@ export function baselines(shape: Shape, tokens: number): Baselines {
   return { gpuDenseMs: shape.layers * perLayer, gpuStreamMs, extrapolated: tokens < 131072 || tokens > 1048576 };
 }
 
-export interface Preload {
+/** With the server's memory after seal and session attach (ServerMemory's fields, decode/context.ts). */
+export interface Preload extends ServerMemory {
   tokens: number;
   layers: number;
   kvBytes: number;
@@ -49,11 +51,6 @@ export interface Preload {
   sealWriteSeconds: number;
   /** Session create (index load at attach) per method. */
   attachMs: Record<string, number>;
-  rssBytes?: number;
-  peakRssBytes?: number;
-  rssNote: string;
-  dataMdbBytes?: number;
-  dataMdbAllocatedBytes?: number;
   kvAccountedBytes?: number;
   gpuPool: string;
 }
