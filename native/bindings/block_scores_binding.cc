@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/binding_args.h"
+#include "common/class_registry.h"
 
 #ifdef KVR_CUDA
 #include "cuda/block_scores.h"
@@ -148,14 +149,12 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
 
 Napi::Value Supported(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), false); }
 
-class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
- public:
-  static Napi::Function Define(Napi::Env env) { return DefineClass(env, "BlockScores", {}); }
-  explicit BlockScoresJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<BlockScoresJs>(info) {
+struct BlockScoresJs {
+  static Napi::Function Define(Napi::Env env) {
 #ifdef KVR_CUDA
-    throw Napi::Error::New(info.Env(), "device block scores reproduce the host's AVX2 sums: not on this host");
+    return Unavailable::Define(env, "BlockScores", "device block scores reproduce the host's AVX2 sums: not on this host");
 #else
-    throw Napi::Error::New(info.Env(), "kvrecall was built without CUDA");
+    return Unavailable::Define(env, "BlockScores", "kvrecall was built without CUDA");
 #endif
   }
 };

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common/binding_args.h"
+#include "common/class_registry.h"
 
 #ifdef KVR_CUDA
 #include "cuda/block_pool.h"
@@ -441,12 +442,8 @@ Napi::Value CudaAvailable(const Napi::CallbackInfo& info) {
   return o;
 }
 
-class GpuPool : public Napi::ObjectWrap<GpuPool> {
- public:
-  static Napi::Function Define(Napi::Env env) { return DefineClass(env, "GpuPool", {}); }
-  explicit GpuPool(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GpuPool>(info) {
-    throw Napi::Error::New(info.Env(), "kvrecall was built without CUDA");
-  }
+struct GpuPool {
+  static Napi::Function Define(Napi::Env env) { return Unavailable::Define(env, "GpuPool", "kvrecall was built without CUDA"); }
 };
 
 #endif

@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "common/binding_args.h"
+#include "common/class_registry.h"
 #include "common/simd_math.h"
 #include "kernels/attention.h"
 
@@ -497,12 +498,8 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
 
 #else  // no CUDA build
 
-class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
- public:
-  static Napi::Function Define(Napi::Env env) { return DefineClass(env, "WaveGpuStore", {}); }
-  explicit WaveGpuStore(const Napi::CallbackInfo& info) : Napi::ObjectWrap<WaveGpuStore>(info) {
-    throw Napi::Error::New(info.Env(), "kvrecall was built without CUDA");
-  }
+struct WaveGpuStore {
+  static Napi::Function Define(Napi::Env env) { return Unavailable::Define(env, "WaveGpuStore", "kvrecall was built without CUDA"); }
 };
 
 #endif

@@ -45,6 +45,18 @@ class ClassRegistry {
   std::unordered_map<napi_env, Napi::FunctionReference*> ctors_;
 };
 
+// A class this build cannot make (no CUDA, say): exported under its name so
+// callers find it, its constructor throws `why`.
+class Unavailable : public Napi::ObjectWrap<Unavailable> {
+ public:
+  static Napi::Function Define(Napi::Env env, const char* name, const char* why) {
+    return DefineClass(env, name, {}, const_cast<char*>(why));
+  }
+  explicit Unavailable(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Unavailable>(info) {
+    throw Napi::Error::New(info.Env(), static_cast<const char*>(info.Data()));
+  }
+};
+
 // The object a class's build() or load() passes its constructor inside an
 // External, which script cannot forge: anything else is refused with `refusal`.
 template <typename T>
