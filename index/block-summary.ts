@@ -30,6 +30,7 @@ import { augmentRows } from '../addon/block-choose.js';
 import { blockReps } from '../addon/block-reps.js';
 import { convert, narrowWords, topkHeads, widenWords, type KvDtype } from '../addon/kernels.js';
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
+import { ScratchPool } from './scratch-pool.js';
 import { calibrateShare, REPS_COUNT_COLUMN, summaryStride } from './block-calibration.js';
 import type { BlockMeans, BlockScorer, BuildInput, HeadIndex, HeadKeys, SearchResult } from './method.js';
 
@@ -69,24 +70,11 @@ interface RowScratch {
   rowScores: Float32Array;
 }
 
-/**
- * Host scoring outputs, shared by every summary: a call takes one per head
- * (grown to its rows) and gives it back once read. The summaries are a
- * document's, shared by every session over it, and two sessions' steps score
- * them at once (one native call writing while the other's awaits), so a call
- * never writes arrays another may be reading. One pool for all summaries
- * holds what the calls in flight at once need (a batch of 32 steps over 8 kv
- * heads of a 1M-token document: 256 of 768 KiB), where a set per summary
- * held 768 KiB for every (layer, kv head) of every document, and a free list
- * per summary would keep a batch's worth for every layer.
- */
-const scratchPool: RowScratch[] = [];
-
-function takeScratch(rows: number): RowScratch {
-  const s = scratchPool.pop() ?? { order: new Int32Array(0), topScores: new Float32Array(0), rowScores: new Float32Array(0) };
-  if (s.order.length < rows) (s.order = new Int32Array(rows)), (s.topScores = new Float32Array(rows)), (s.rowScores = new Float32Array(rows));
-  return s;
-}
+/** Host scoring outputs, shared by every summary (index/scratch-pool.ts: why one pool): a call takes one per head and gives it back once read. */
+const scratch = new ScratchPool<RowScratch>(
+  (rows) => ({ order: new Int32Array(rows), topScores: new Float32Array(rows), rowScores: new Float32Array(rows) }),
+  (s) => s.order.length,
+);
 
 /** The radius shares of a (document, layer)'s heads, by its first head's summary (made once, a step reads them). */
 const shares = new WeakMap<BlockSummary, { heads: readonly BlockSummary[]; shares: Float64Array }>();
@@ -179,7 +167,7 @@ export class BlockSummary implements HeadIndex {
    * per head (ids, best first), read by `use` before the arrays go back.
    */
   private static async scoreRows<T>(heads: BlockSummary[], aug: Float32Array, group: number, k: number, use: (rows: { ids: Int32Array; rowScores: Float32Array }[]) => T): Promise<T> {
-    const s0 = heads[0], scratch = heads.map((s) => takeScratch(s.blocks * s.reps));
+    const s0 = heads[0], sets = heads.map((s) => scratch.take(s.blocks * s.reps));
     try {
       const counts = await topkHeads({
         q: aug,
@@ -187,11 +175,11 @@ export class BlockSummary implements HeadIndex {
         headDim: s0.stride,
         dtype: s0.dtype,
         k: k * s0.reps,
-        heads: heads.map((s, h) => ({ keys: s.rows, tokens: s.blocks * s.reps, outIds: scratch[h].order, outScores: scratch[h].topScores, allScores: scratch[h].rowScores })),
+        heads: heads.map((s, h) => ({ keys: s.rows, tokens: s.blocks * s.reps, outIds: sets[h].order, outScores: sets[h].topScores, allScores: sets[h].rowScores })),
       });
-      return use(scratch.map((x, h) => ({ ids: x.order.subarray(0, counts[h]), rowScores: x.rowScores })));
+      return use(sets.map((x, h) => ({ ids: x.order.subarray(0, counts[h]), rowScores: x.rowScores })));
     } finally {
-      scratchPool.push(...scratch);
+      scratch.give(sets);
     }
   }
 

@@ -20,6 +20,7 @@ import { convert, topkHeads, widenWords, type KvDtype } from '../addon/kernels.j
 import { DEFAULT_BLOCK_SIZE } from '../core/model.js';
 import type { BlockMeans, BlockScorer, BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, LayerContext, RetrievalMethod, SearchParams, SearchResult, Selection } from './method.js';
 import { blockSelection, without } from './static-plus-retrieved.js';
+import { ScratchPool } from './scratch-pool.js';
 
 /** Tokens per block: the GPU pool's block, so selected blocks are pool blocks. */
 export const QUEST_BLOCK = DEFAULT_BLOCK_SIZE;
@@ -29,19 +30,11 @@ const HEADER_BYTES = 24;
 /** Keys widened per pass at seal (a 1M-token head is not widened whole: 512 MB at d = 128). */
 const WIDEN_TOKENS = 8192;
 
-/**
- * Host top-k outputs, shared by every summary: a call takes one per head
- * (grown to its blocks) and gives it back once read, so concurrent steps of
- * sessions over one document never write arrays another is reading (as
- * block-summary.ts's pool).
- */
-const scratchPool: { order: Int32Array; topScores: Float32Array }[] = [];
-
-function takeScratch(blocks: number): { order: Int32Array; topScores: Float32Array } {
-  const s = scratchPool.pop() ?? { order: new Int32Array(0), topScores: new Float32Array(0) };
-  if (s.order.length < blocks) (s.order = new Int32Array(blocks)), (s.topScores = new Float32Array(blocks));
-  return s;
-}
+/** Host top-k outputs, shared by every summary (index/scratch-pool.ts: why one pool): a call takes one per head and gives it back once read. */
+const scratch = new ScratchPool<{ order: Int32Array; topScores: Float32Array }>(
+  (blocks) => ({ order: new Int32Array(blocks), topScores: new Float32Array(blocks) }),
+  (s) => s.order.length,
+);
 
 export class QuestSummary implements HeadIndex {
   /** [blocks, 2·headDim] words: per block each channel's max, then each channel's min. */
@@ -108,7 +101,7 @@ export class QuestSummary implements HeadIndex {
     const none = heads.map(() => new Int32Array(0));
     const device = scorer ? await scorer.topBlocks(heads.map((s) => s.scored), aug, group, k, none) : undefined;
     if (device) return device.map((r) => r.ids);
-    const scratch = heads.map((s) => takeScratch(s.blocks));
+    const sets = heads.map((s) => scratch.take(s.blocks));
     try {
       const counts = await topkHeads({
         q: aug,
@@ -116,11 +109,11 @@ export class QuestSummary implements HeadIndex {
         headDim: 2 * s0.headDim,
         dtype: s0.dtype,
         k,
-        heads: heads.map((s, h) => ({ keys: s.rows, tokens: s.blocks, outIds: scratch[h].order, outScores: scratch[h].topScores })),
+        heads: heads.map((s, h) => ({ keys: s.rows, tokens: s.blocks, outIds: sets[h].order, outScores: sets[h].topScores })),
       });
-      return scratch.map((x, h) => x.order.slice(0, counts[h]));
+      return sets.map((x, h) => x.order.slice(0, counts[h]));
     } finally {
-      scratchPool.push(...scratch);
+      scratch.give(sets);
     }
   }
 }
