@@ -425,67 +425,44 @@ const BLOCKS = {
   },
 
   'decode-full': () => {
-    const files = ['bench/results/decode-full-llama3.2-1b.json', 'bench/results/decode-full-llama3-8b.json'];
-    const fs = 'bench/results/decode-sweep-llama3.2-1b-4layers.json';
+    // The current full runs: every wave layer held on the device, the server in its own process, one stream.
+    // Older runs (block methods before wave, HTTP) stay in bench/results/ and are named below the table.
+    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll-at.json', 'bench/results/decode-full-llama3-8b-h100-8layers-cs16-b3.json']
+      .filter((f) => existsSync(f));
     const runs = files.map((f) => ({ f, j: json(f) }));
-    const sweep = json(fs);
     const rows = [];
     for (const { f, j } of runs) {
-      const r = j.results[0], sh = j.options.shape;
-      r.methods.forEach((m, i) => {
-        const l = m.latency, q = m.fidelity;
+      const r = j.results[0], sh = j.options.shape, via = j.options.vias?.[0] ?? 'http';
+      r.methods.filter((m) => (m.via ?? via) === via).forEach((m, i) => {
+        const l = m.latency, q = m.fidelity, L = sh.layers;
         rows.push([
-          i === 0 ? `${j.options.preset}, ${sh.layers} layers, ${tok(r.tokens)} (\`${f.split('/').pop()}\`)` : '',
+          i === 0 ? `${j.options.preset}, ${L} layers × ${sh.kvHeads} kv × d=${sh.headDim}, ${tok(r.tokens)} (\`${f.split('/').pop()}\`)` : '',
           m.method === 'exact' ? 'exact (dense on GPU)' : m.method,
           ms(l.p50Ms),
-          ms(l.rpcMs),
-          ms(l.retrievalMs),
-          ms(l.attentionMs),
-          m.method === 'exact' ? '1' : `${fix(q.recallMean, 2)} (${fix(q.oracleRecallMean, 2)})`,
-          m.method === 'exact' ? '0' : pct(q.outputErrorMean),
-          m.method === 'exact' ? '—' : `${q.needlesHit}/${q.needles}`,
+          ms(l.p50Ms / L),
+          `${ms(l.rpcMs)} (${pct(l.rpcShare, 3)})`,
+          ms(l.retrievalMs + l.attentionMs),
+          m.method === 'exact' ? '100%' : pct(m.scannedFraction, 3),
+          m.method === 'exact' ? '0 (ref.)' : `${pct(q.outputErrorMean, 3)} (${pct(q.outputErrorWorst, 3)})`,
         ]);
       });
     }
-    const j1 = runs[0].j, r1 = j1.results[0], p = r1.preload, up = p.upload;
-    const sparse1 = r1.methods.filter((m) => m.method !== 'exact');
-    const layers1 = j1.options.shape.layers;
-    const sw = sweep.results;
-    const series = (name) => sw.map((r) => fix(r.methods.find((m) => m.method === name).latency.p50Ms, 1)).join(' / ');
-    const first = sw[0], exact0 = first.methods.find((m) => m.method === 'exact');
-    const sparse0 = first.methods.filter((m) => m.method !== 'exact');
-    const rpcShare = sparse1.map((m) => m.latency.rpcMs / m.latency.p50Ms);
-    const uploads = runs.map(({ j }) => j.results[0].preload.uploadGBps);
-    // bench:decode --via (files from before it: http); the table shows the first transport's.
-    const viaPhrase = {
-      http: 'one HTTP/msgpack `attend`',
-      stream: 'one `attend` frame on a WebSocket stream',
-      batch: "one batch frame carrying every session's step (RPC = batch wall − batch server ms)",
-    };
+    const j1 = runs[0].j;
     return [
       `**Decode end to end on the H100 machine** (\`npm run bench:decode -- --full\`, ${j1.backend.toUpperCase()} backend, the server in`,
-      `process on the machine's host (${machine(j1.machine)}); per generated token = ${viaPhrase[j1.options.vias?.[0] ?? 'http']} per layer, summed;`,
-      `budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window; ms per token, split into RPC, retrieval and attention):`,
+      `its own process on the machine's host (${machine(j1.machine)}), \`wave\` layers held on the device; per generated token = one \`attend\``,
+      `frame per layer on one WebSocket stream, summed; budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window, clusters of ${j1.options.clusterSize};`,
+      `ms per token; RPC = client wall − server ms (its share of the token); server = retrieval + attention; output error`,
+      `against the exact session's answers, mean (worst head), every layer and step):`,
       '',
       table(
-        ['shape, context', 'method', 'p50 ms/token', 'RPC', 'retrieval', 'attention', 'attention recall (oracle)', 'output error', 'needles'],
-        ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
+        ['shape, context', 'method', 'p50 ms/token', 'ms/layer-step', 'RPC', 'server', 'scanned', 'output error'],
+        ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r'],
         rows,
       ),
       '',
-      `Preload of the ${j1.options.preset} document (${fix(gib(p.kvBytes), 0)} GiB of K/V, ${p.layers} layers): upload ${fix(p.uploadGBps, 2)} GB/s`,
-      `(${fix(p.uploadSeconds, 0)} s; the server reads bodies at ${fix(up.kvBytes / up.serverSeconds.read / 1e9, 2)} GB/s and copies into fresh memory at`,
-      `${fix(up.kvBytes / up.serverSeconds.append / 1e9, 2)} GB/s), seal ${fix(p.sealSeconds, 0)} s, host RSS ${fix(gib(p.rssBytes), 0)} GiB, data.mdb ${fix(gib(p.dataMdbBytes), 0)} GiB`,
-      `(uploads of the two full runs: ${span(uploads, (v) => fix(v, 2))} GB/s). Latency against context (\`${fs}\`,`,
-      `${sweep.options.shape.layers} layers of the ${sweep.options.preset} shape; chart \`bench/results/decode-latency.svg\`): exact ${series('exact')} ms`,
-      `per token at ${sw.map((r) => tok(r.tokens)).join(' / ')}, topk-blocks ${series('topk-blocks')}, nosa ${series('nosa')}.`,
-      `Targets missed: 20 ms per token at 1M for the ${j1.options.preset} shape (measured ${span(sparse1.map((m) => m.latency.p50Ms), ms)} ms:`,
-      `block selection on the host ${span(sparse1.map((m) => m.latency.retrievalMs / layers1), (v) => fix(v, 1))} ms per layer; RPC ${span(sparse1.map((m) => m.latency.rpcMs / layers1), (v) => fix(v, 1))} ms per call,`,
-      `${pctSpan(rpcShare, 3)} of the step against a 25% target), recall within 0.02 of the oracle (${span(sparse1.map((m) => m.fidelity.recallMean), (v) => fix(v, 2))} vs`,
-      `${span(sparse1.map((m) => m.fidelity.oracleRecallMean), (v) => fix(v, 2))}: ${r1.server.gpu.pool.blockSize}-token blocks chosen by their mean key miss the workload's scattered`,
-      `high-attention tokens), output error ≤ 5% (${pctSpan(sparse1.map((m) => m.fidelity.outputErrorMean))}) and needles`,
-      `(${span(sparse1.map((m) => m.fidelity.needlesHit), String)}/${sparse1[0].fidelity.needles}); at ${tok(first.tokens)} the sparse step is not 2× faster than dense on the GPU`,
-      `(${span(sparse0.map((m) => m.latency.p50Ms), (v) => fix(v, 1))} vs ${fix(exact0.latency.p50Ms, 1)} ms: per-call overheads dominate what the GPU saves).`,
+      `Before \`wave\`, the block methods' full runs over HTTP (\`bench/results/decode-full-llama3.2-1b.json\`, \`decode-full-llama3-8b.json\`):`,
+      `nosa and topk-blocks 105–120 ms a token at 16 layers, output error 75–79%.`,
     ].join('\n');
   },
 
