@@ -9,7 +9,10 @@ import socket
 import ssl
 from typing import Any, Dict, Optional, Sequence
 
+from .http_head import BadStatusLine, HeadError, HeadTooLong, answer_head
 from .websocket import _IOV_MAX, kernel_timeouts, send_rest
+
+_MAX_HEAD = 1 << 20  # an answer's status line and headers
 
 
 class AnswerCut(ConnectionResetError):
@@ -64,6 +67,15 @@ class Response:
 
     def getheader(self, name: str, default: str = "") -> str:
         return self.headers.get(name.lower(), default)
+
+
+def _head_error(e: HeadError) -> http.client.HTTPException:
+    """A head kvrecall.http_head refused, as http.client would say it."""
+    if isinstance(e, HeadTooLong):
+        return http.client.HTTPException("answer head longer than 1 MiB")
+    if isinstance(e, BadStatusLine):
+        return http.client.BadStatusLine(e.line)
+    return http.client.HTTPException(f"malformed header line {e.line!r}")
 
 
 class _RawHTTPConnection:
@@ -128,30 +140,20 @@ class _RawHTTPConnection:
                     raise http.client.RemoteDisconnected("the server closed the connection without an answer")
                 raise AnswerCut("the server closed the connection mid-answer")
             have += n
-            end = buf.find(b"\r\n\r\n", 0, have)
-            if end >= 0:
+            try:
+                head = answer_head(buf, have, _MAX_HEAD)
+            except HeadError as e:
+                raise _head_error(e) from None
+            if head is not None:
                 break
             if have == len(buf):
-                if have >= 1 << 20:
-                    raise http.client.HTTPException("answer head longer than 1 MiB")
                 # A new buffer, not buf.extend: a bytearray viewed (`view`) cannot be resized (BufferError).
                 bigger = bytearray(2 * len(buf))
                 bigger[:have] = view[:have]
                 view.release()
                 self._buf = buf = bigger
                 view = memoryview(buf)
-        status_line, *header_lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise http.client.BadStatusLine(status_line)
-        status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-        headers: Dict[str, str] = {}
-        for line in header_lines:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise http.client.HTTPException(f"malformed header line {line!r}")
-            headers[name.strip().lower()] = value.strip()
-        start = end + 4
+        status, headers, start = head.status, head.headers, head.body_at
         data: Any
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             data = b""
@@ -162,9 +164,9 @@ class _RawHTTPConnection:
         else:
             data = self._to_eof(bytearray(view[start:have]))
             headers["connection"] = "close"
-        if parts[0] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+        if head.version == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
             headers["connection"] = "close"
-        return Response(status, reason, headers, data)
+        return Response(status, head.reason, headers, data)
 
     def _exactly(self, length: int, view: memoryview, start: int, have: int, keep: bool) -> Any:
         """The body of `length` bytes that starts at `start` in the buffer,

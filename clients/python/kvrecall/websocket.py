@@ -35,6 +35,7 @@ import sys
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
+from .http_head import BadStatusLine, Head, HeadError, HeadTooLong, answer_head
 from .spin import spin_recv_into
 
 T = TypeVar("T")
@@ -541,6 +542,18 @@ class WebSocket:
         self.close()
 
 
+def _answer_head(data: bytearray) -> Optional[Head]:
+    """The upgrade answer's head (kvrecall.http_head), its faults as WebSocketError."""
+    try:
+        return answer_head(data, len(data), _MAX_HEADER)
+    except HeadTooLong:
+        raise WebSocketError("handshake answer headers too long") from None
+    except BadStatusLine as e:
+        raise WebSocketError(f"not an HTTP answer: {e.line[:80]!r}") from None
+    except HeadError as e:
+        raise WebSocketError(f"handshake answer: malformed header line {e.line!r}") from None
+
+
 def _handshake(sock: socket.socket, host: str, port: int, path: str, headers: Dict[str, str]) -> bytes:
     """Sends the upgrade request and checks the answer; returns the bytes read past it."""
     key = base64.b64encode(os.urandom(16)).decode()
@@ -557,25 +570,12 @@ def _handshake(sock: socket.socket, host: str, port: int, path: str, headers: Di
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
     data = bytearray()
-    while b"\r\n\r\n" not in data:
-        if len(data) > _MAX_HEADER:
-            raise WebSocketError("handshake answer headers too long")
+    while (answer := _answer_head(data)) is None:
         chunk = sock.recv(4096)
         if not chunk:
             raise ConnectionClosed(1006, "connection ended during the handshake")
         data += chunk
-    end = data.index(b"\r\n\r\n")
-    head, rest = bytes(data[:end]).decode("latin-1"), bytes(data[end + 4 :])
-    status_line, *header_lines = head.split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise WebSocketError(f"not an HTTP answer: {status_line[:80]!r}")
-    status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-    got: Dict[str, str] = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        got[name.strip().lower()] = value.strip()
-
+    status, got, rest = answer.status, answer.headers, bytes(data[answer.body_at :])
     if status != 101:
         body = rest
         want = got.get("content-length")
@@ -586,7 +586,7 @@ def _handshake(sock: socket.socket, host: str, port: int, path: str, headers: Di
                     break
                 body += chunk
             body = body[: int(want)]
-        raise HandshakeError(status, reason, got, body)
+        raise HandshakeError(status, answer.reason, got, body)
     if got.get("upgrade", "").lower() != "websocket":
         raise WebSocketError("handshake answer lacks Upgrade: websocket")
     if "upgrade" not in [t.strip().lower() for t in got.get("connection", "").split(",")]:
