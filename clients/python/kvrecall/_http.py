@@ -10,7 +10,7 @@ import ssl
 from typing import Any, Dict, Optional, Sequence
 
 from .http_head import BadStatusLine, HeadError, HeadTooLong, answer_head
-from .websocket import _IOV_MAX, kernel_timeouts, send_rest
+from .socket_io import IOV_MAX, kernel_timeouts, send_rest
 
 _MAX_HEAD = 1 << 20  # an answer's status line and headers
 
@@ -118,7 +118,7 @@ class _RawHTTPConnection:
             sock = self.sock
             if not parts:
                 sock.sendall(head)
-            elif len(parts) < _IOV_MAX:
+            elif len(parts) < IOV_MAX:
                 sent = sock.sendmsg([head, *parts])
                 if sent < len(head) + nbytes:
                     send_rest(sock, [memoryview(head), *(memoryview(p).cast("B") for p in parts)], sent)

@@ -18,7 +18,7 @@ import time
 
 def spin_recv_into(sock: socket.socket, buf: bytearray, spin_s: float) -> int:
     """sock.recv_into(buf), first polled for up to spin_s seconds. Only for
-    a plain socket in blocking mode (the kernel's timeouts, kernel_timeouts):
+    a plain socket in blocking mode (the kernel's timeouts, socket_io.kernel_timeouts):
     with Python's own timeout, a recv polls (select) before it reads, flags
     or not; over TLS, recv_into takes no flags. Anything else reads at once."""
     if spin_s > 0 and sock.gettimeout() is None and not hasattr(sock, "cipher"):

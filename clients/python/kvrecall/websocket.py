@@ -31,11 +31,11 @@ import os
 import socket
 import ssl
 import struct
-import sys
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from .http_head import BadStatusLine, Head, HeadError, HeadTooLong, answer_head
+from .socket_io import IOV_MAX, kernel_timeouts, send_rest, timed_out
 from .spin import spin_recv_into
 
 T = TypeVar("T")
@@ -104,50 +104,10 @@ def mask(payload: Union[bytes, bytearray, memoryview], key: bytes) -> Union[byte
     return (int.from_bytes(payload, "little") ^ int.from_bytes(pattern, "little")).to_bytes(n, "little")
 
 
-_IOV_MAX = 512
 # A frame up to this size is read into the warm receive buffer (grown to
 # hold it); a larger one into a buffer of its own.
 _KEEP = 16 << 20
 _ZERO_KEY = b"\0\0\0\0"
-
-
-def kernel_timeouts(sock: socket.socket, timeout: Optional[float]) -> bool:
-    """Leaves a plain TCP socket's timeout to the kernel (SO_RCVTIMEO and
-    SO_SNDTIMEO, per call) and puts it in blocking mode; False (nothing
-    changed) where that is not done (not Linux, TLS, a timeout <= 0).
-    Python polls a socket with a timeout before every send and receive: a
-    syscall more each way, 5-7 us a send on the 2-core VM. A timed-out call
-    then raises BlockingIOError (EAGAIN), which the callers here report as
-    Python's timeout would be: TimeoutError from the HTTP connection; from a
-    WebSocket, ConnectionClosed(1006, "timed out") (caused by a
-    TimeoutError), the connection closed, since a frame may be cut."""
-    if not sys.platform.startswith("linux") or isinstance(sock, ssl.SSLSocket) or (timeout is not None and timeout <= 0):
-        return False
-    if timeout is not None:
-        sec = int(timeout)
-        # At least 1 us: a zero timeval is no timeout at all (a timeout under 1 us blocked forever).
-        tv = struct.pack("@ll", sec, max(int((timeout - sec) * 1e6), 0 if sec else 1))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-    sock.settimeout(None)
-    return True
-
-
-def send_rest(sock: socket.socket, views: List[memoryview], sent: int) -> None:
-    """After a gather write that sent `sent` bytes of the views: the rest (no copy of them)."""
-    while True:
-        while views and sent >= views[0].nbytes:
-            sent -= views.pop(0).nbytes
-        if not views:
-            return
-        if sent:
-            views[0] = views[0][sent:]
-        sent = sock.sendmsg(views[:_IOV_MAX])
-
-
-def _timed_out(e: OSError) -> OSError:
-    """A kernel timeout (kernel_timeouts) as the TimeoutError Python's would be."""
-    return TimeoutError("timed out") if isinstance(e, BlockingIOError) else e
 
 
 def frame_header(opcode: int, length: int, fin: bool = True, masked: bool = True) -> bytes:
@@ -245,11 +205,11 @@ class WebSocket:
             n += len(p) if isinstance(p, (bytes, bytearray)) else p.nbytes  # an array's len is its rows
         head = frame_header(OP_BINARY, n) + _ZERO_KEY
         try:
-            sent = self.sock.sendmsg([head, *parts] if len(parts) < _IOV_MAX else [head])
+            sent = self.sock.sendmsg([head, *parts] if len(parts) < IOV_MAX else [head])
             if sent < len(head) + n:
                 send_rest(self.sock, [memoryview(head), *(memoryview(p).cast("B") for p in parts)], sent)
         except OSError as e:
-            e = _timed_out(e)
+            e = timed_out(e)
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
 
@@ -262,7 +222,7 @@ class WebSocket:
             if sent < nbytes:
                 send_rest(self.sock, [memoryview(p).cast("B") for p in parts], sent)
         except OSError as e:
-            e = _timed_out(e)
+            e = timed_out(e)
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
 
@@ -318,7 +278,7 @@ class WebSocket:
             else:
                 self.sock.sendall(head + body)
         except OSError as e:
-            e = _timed_out(e)
+            e = timed_out(e)
             self._fail(ConnectionClosed(1006, f"send failed: {e}"))
             raise self._closed from e
 
@@ -353,7 +313,7 @@ class WebSocket:
             self._fail(ConnectionClosed(1002, str(e)))
             raise
         except OSError as e:
-            e = _timed_out(e)
+            e = timed_out(e)
             self._fail(ConnectionClosed(1006, str(e)))
             raise self._closed from e
 

@@ -28,7 +28,8 @@ import serve  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
 from kvrecall._http import _RawHTTPConnection  # noqa: E402
 from kvrecall.client import batch_results  # noqa: E402
-from kvrecall.websocket import WebSocket, kernel_timeouts  # noqa: E402
+from kvrecall.socket_io import kernel_timeouts  # noqa: E402
+from kvrecall.websocket import WebSocket  # noqa: E402
 from test_websocket import Scripted, read_client_frame  # noqa: E402
 
 
