@@ -31,7 +31,7 @@ import numpy as np
 
 from .client import AttendResult
 from .wire import attend_fields, attend_parts
-from .websocket import OP_BINARY, frame_header
+from .ws_frame import OP_BINARY, frame_header
 
 __all__ = ["Plan", "plan_key"]
 

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from kvrecall.websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError, mask  # noqa: E402
+from kvrecall.websocket import ConnectionClosed, HandshakeError, WebSocket, WebSocketError  # noqa: E402
+from kvrecall.ws_frame import mask  # noqa: E402
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
