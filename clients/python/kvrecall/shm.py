@@ -153,6 +153,18 @@ def _answer_bytes(q_shape: Sequence[int], out_dtype: Optional[str]) -> int:
 _AS_IS = {np.dtype("<f4"): "f32", np.dtype("<f2"): "f16"}
 
 
+def first_as_is_step(steps: Sequence[Any]) -> Optional[Dict[str, Any]]:
+    """A batch's first step when it can open a batch written side by side
+    (_uniform here, kvrecall.shm_plan.batch_key): a dict whose q is a 2-D
+    array of a dtype sent as it is; else None. Each checks k and the later
+    steps its own way (the plan also wants k 2-D, and leaves the later
+    steps' dtypes to its copy's casting="no")."""
+    if not steps or type(steps[0]) is not dict:
+        return None
+    q0 = steps[0].get("q")
+    return steps[0] if type(q0) is np.ndarray and q0.dtype in _AS_IS and q0.ndim == 2 else None
+
+
 def _wire(x: Any, dt: Optional[str]) -> Dict[str, Any]:
     """A tensor as kvrecall.tensors.tensor(view=True) makes it, without its
     checks where the array is already contiguous and of the wire dtype."""
@@ -290,12 +302,10 @@ def _uniform(steps: Sequence[Any]) -> Optional[Tuple[np.dtype, Tuple[int, ...], 
     out_dtype?} with q (and k, v) contiguous arrays of one wire dtype and
     shape, k and v in all steps or none, one out_dtype: (q's dtype, shape,
     k's dtype, shape, out_dtype); else None."""
-    if not steps or not isinstance(steps[0], dict):
+    s0 = first_as_is_step(steps)
+    if s0 is None:
         return None
-    s0 = steps[0]
-    q0, k0 = s0.get("q"), s0.get("k")
-    if type(q0) is not np.ndarray or q0.dtype not in _AS_IS or q0.ndim != 2:
-        return None
+    q0, k0 = s0["q"], s0.get("k")
     with_kv = k0 is not None
     if with_kv and (type(k0) is not np.ndarray or k0.dtype not in _AS_IS):
         return None

@@ -26,8 +26,8 @@ import numpy as np
 
 from .client import AttendResult, BatchResults
 from .errors import KvrecallError
+from .shm import _AS_IS, first_as_is_step
 
-_AS_IS = {np.dtype("<f4"): "f32", np.dtype("<f2"): "f16"}
 _P = msgpack.Packer(use_bin_type=True).pack
 U32 = struct.Struct(">I")
 
@@ -223,12 +223,10 @@ _KEYS = frozenset(("session", "q", "k", "v", "position", "out_dtype"))
 def batch_key(layer: int, steps: Sequence[Any]) -> Optional[Tuple[Tuple[Any, ...], Optional[List[int]]]]:
     """The plan's key for a batch of the planned form (one loop over the
     steps), with its positions; None for any other."""
-    if not steps or type(steps[0]) is not dict:
+    s0 = first_as_is_step(steps)
+    if s0 is None:
         return None
-    s0 = steps[0]
-    q0, k0 = s0.get("q"), s0.get("k")
-    if type(q0) is not np.ndarray or q0.dtype not in _AS_IS or q0.ndim != 2:
-        return None
+    q0, k0 = s0["q"], s0.get("k")
     if k0 is not None and (type(k0) is not np.ndarray or k0.dtype not in _AS_IS or k0.ndim != 2):
         return None
     keys, od, qs = s0.keys(), s0.get("out_dtype"), q0.shape

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import serve  # noqa: E402
 from kvrecall import Client, KvrecallError, model_shape  # noqa: E402
 from kvrecall import shm as shm_module  # noqa: E402
+from kvrecall import shm_plan  # noqa: E402
 
 Q, KV, D, LAYERS, DOC = 8, 2, 32, 2, 300
 MODEL = model_shape(LAYERS, Q, KV, D, dtype="f16")
@@ -173,6 +174,33 @@ class SharedMemoryOff(unittest.TestCase):
             kv.close()
         finally:
             server.stop()
+
+
+
+class FirstAsIsStep(unittest.TestCase):
+    """The screen that the side-by-side batch (shm._uniform) and the planned batch (shm_plan.batch_key)
+    share: the first step a dict whose q is a 2-D array of a dtype sent as it is (no server needed)."""
+
+    def test_both_batch_forms_refuse_the_same_first_steps(self):
+        q, kv = np.zeros((Q, D), np.float32), np.zeros((KV, D), np.float16)
+        good = {"session": "s", "q": q, "k": kv, "v": kv}
+        self.assertIsNotNone(shm_module._uniform([good, good]))
+        self.assertIsNotNone(shm_plan.batch_key(0, [good, good]))
+        bad = {
+            "no steps": [],
+            "a dict subclass": [type("Step", (dict,), {})(good)],
+            "a tuple": [("s", q, kv, kv)],
+            "no q": [{"session": "s"}],
+            "q a list": [{**good, "q": q.tolist()}],
+            "q f64": [{**good, "q": q.astype(np.float64)}],
+            "q 3-D": [{**good, "q": q[None]}],
+            "q 1-D": [{**good, "q": q[0]}],
+        }
+        for why, steps in bad.items():
+            with self.subTest(why):
+                self.assertIsNone(shm_module.first_as_is_step(steps))
+                self.assertIsNone(shm_module._uniform(steps))
+                self.assertIsNone(shm_plan.batch_key(0, steps))
 
 
 if __name__ == "__main__":
