@@ -6,10 +6,10 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <utility>
 #include <vector>
 
@@ -79,14 +79,10 @@ struct AdjView {
 
 constexpr size_t kPrefetchAhead = 8;
 
-// Better and Worse as function objects: std::push_heap given the functions
-// themselves calls them through a pointer, which at ~3 heap operations per
-// key scored was ~10% of a 1M-key search.
+// Better as a function object: std::push_heap given the function itself
+// calls it through a pointer.
 struct BetterFn {
   bool operator()(const Hit& a, const Hit& b) const { return Better(a, b); }
-};
-struct WorseFn {
-  bool operator()(const Hit& a, const Hit& b) const { return Better(b, a); }
 };
 
 // Offer (common/ranked_hits.h) with the comparator inlined.
@@ -101,22 +97,103 @@ inline void OfferHit(std::vector<Hit>& heap, size_t cap, const Hit& h) {
   }
 }
 
-// A min-heap of floats: the smallest on top. Replacing the top is one sift
-// down where pop_heap + push_heap was two passes.
-inline void ReplaceMin(std::vector<float>& heap, float x) {
-  float* a = heap.data();
-  const size_t n = heap.size();
-  size_t i = 0;
-  for (;;) {
-    size_t c = 2 * i + 1;
-    if (c >= n) break;
-    if (c + 1 < n && a[c + 1] < a[c]) ++c;
-    if (!(a[c] < x)) break;
-    a[i] = a[c];
-    i = c;
+// A hit as a 64-bit key that orders as Better does, smaller = better: the
+// score's bits made monotone and inverted (higher first; -0 as +0, as
+// Better's compare has it), then the id. Scores are never NaN here.
+inline uint64_t BetterKey(float score, int32_t id) {
+  uint32_t u;
+  const float f = score + 0.f;  // -0 -> +0
+  std::memcpy(&u, &f, sizeof u);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(~u) << 32) | uint32_t(id);
+}
+inline float ScoreOfKey(uint64_t key) {
+  uint32_t u = ~uint32_t(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Binary heaps whose top is the entry to leave first (before(a[0], any)),
+// kept as plain arrays of n entries followed by a sentinel that no entry
+// comes after, which stands in for a missing right child. A level of a sift
+// down is then a select, not a branch: std::pop_heap over Hits branched on
+// Better's two compares at every level, half of them mispredicted (the beam
+// heap's alone was ~14% of a search at 64K keys, session default). The walk
+// keeps hits as BetterKey keys, so a compare is one integer compare; the
+// order, ties included, is Better's, so the walk pops what it popped
+// before.
+//
+// The top replaced by x: the hole goes down to a leaf along the children
+// that come first, then x rises from there (Floyd's order: fewer compares
+// when x belongs low, as a replacing entry mostly does).
+template <typename T, typename Before>
+inline void PushUp(T* a, size_t i, T x, Before before) {  // x into the hole a[i], rising
+  while (i > 0) {
+    const size_t p = (i - 1) / 2;
+    if (!before(x, a[p])) break;
+    a[i] = a[p];
+    i = p;
   }
   a[i] = x;
 }
+template <typename T, typename Before>
+inline void ReplaceTop(T* a, size_t n, T x, Before before) {
+  size_t i = 0;
+  for (size_t c = 1; c < n; c = 2 * i + 1) {
+    c += before(a[c + 1], a[c]) ? 1 : 0;
+    a[i] = a[c];
+    i = c;
+  }
+  PushUp(a, i, x, before);
+}
+struct KeyLess {
+  bool operator()(uint64_t a, uint64_t b) const { return a < b; }
+};
+struct KeyGreater {
+  bool operator()(uint64_t a, uint64_t b) const { return a > b; }
+};
+struct FloatLess {
+  bool operator()(float a, float b) const { return a < b; }
+};
+
+// A heap over a vector with its sentinel kept at the end.
+template <typename T, typename Before>
+class SentinelHeap {
+ public:
+  explicit SentinelHeap(T sentinel) : sentinel_(sentinel), a_(1, sentinel) {}
+  void Clear() { a_.assign(1, sentinel_); }
+  size_t Size() const { return a_.size() - 1; }
+  bool Empty() const { return a_.size() == 1; }
+  const T& Top() const { return a_[0]; }
+  void Push(T x) {
+    const size_t i = a_.size() - 1;
+    a_.push_back(sentinel_);
+    PushUp(a_.data(), i, x, Before());
+  }
+  void ReplaceTop(T x) { ragraph::ReplaceTop(a_.data(), Size(), x, Before()); }
+  T Pop() {
+    const T first = a_[0];
+    const size_t n = Size() - 1;  // entries left
+    const T last = a_[n];
+    a_[n] = sentinel_;
+    a_.pop_back();
+    if (n > 0) ragraph::ReplaceTop(a_.data(), n, last, Before());
+    return first;
+  }
+  // Entries appended in any order, then made a heap at once (Heapify).
+  void Append(T x) { a_.back() = x, a_.push_back(sentinel_); }
+  void Heapify() {
+    std::make_heap(a_.begin(), a_.end() - 1, [](const T& x, const T& y) { return Before()(y, x); });
+  }
+  const T* begin() const { return a_.data(); }
+  const T* end() const { return a_.data() + Size(); }
+
+ private:
+  T sentinel_;
+  std::vector<T> a_;
+};
 
 // The walk scores keys through `scorer.Batch(ids, count, out)`: out[i] = the
 // score of ids[i], for up to kPrefetchAhead keys at a time, always in the
@@ -143,8 +220,8 @@ inline void ReplaceMin(std::vector<float>& heap, float x) {
 // Cost at 1M keys (bench/ra-search.ts): most of it is reading the scored keys'
 // rows from memory; the bookkeeping is kept off that path: `top` becomes a
 // heap only once it holds ef hits (until then every hit enters it, and a
-// search stopped by the margin often never fills it), the k-best heap
-// replaces its top in one sift, a key already below the margin's bound never
+// search stopped by the margin often never fills it), the heaps sift without
+// branching (SentinelHeap), a key already below the margin's bound never
 // enters the candidate heap, and the thread's scratch is looked up once.
 template <typename Graph, typename Scorer>
 int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount,
@@ -154,41 +231,41 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
   top.clear();
   if (n == 0 || ef == 0) return 0;
   struct Scratch {
-    std::vector<Hit> cand;
+    SentinelHeap<uint64_t, KeyLess> cand{~uint64_t(0)};    // BetterKey keys, the best on top
+    SentinelHeap<uint64_t, KeyGreater> beam{0};            // the best ef so far as keys, the worst on top once full
+    SentinelHeap<float, FloatLess> kbest{HUGE_VALF};        // the k best scores so far, the least on top
     std::vector<int32_t> fresh;
-    std::vector<float> kbest;  // min-heap of the k best scores so far
   };
   thread_local Scratch scratch;
-  std::vector<Hit>& cand = scratch.cand;
+  auto& cand = scratch.cand;
+  auto& beam = scratch.beam;
+  auto& kbest = scratch.kbest;
   std::vector<int32_t>& fresh = scratch.fresh;
-  std::vector<float>& kbest = scratch.kbest;
-  cand.clear();
-  kbest.clear();
+  cand.Clear();
+  beam.Clear();
+  kbest.Clear();
   const bool bounded = k > 0 && margin < 3.0e38f;
   Visited& seen = Visited::Local(n);
   int64_t scanned = 0;
-  bool full = false;  // top holds ef hits and is a heap (worst on top)
+  bool full = false;  // beam holds ef hits and is a heap (worst on top)
   auto consider = [&](int32_t id, float s) {
     ++scanned;
     if (bounded) {
-      if (kbest.size() < k) {
-        kbest.push_back(s);
-        std::push_heap(kbest.begin(), kbest.end(), std::greater<float>());
-      } else if (s > kbest.front()) {
-        ReplaceMin(kbest, s);
+      if (kbest.Size() < k) {
+        kbest.Push(s);
+      } else if (s > kbest.Top()) {
+        kbest.ReplaceTop(s);
       }
     }
-    const Hit h{s, id};
+    const uint64_t key = BetterKey(s, id);
     if (!full) {
-      top.push_back(h);
-      if (top.size() == ef) {
-        std::make_heap(top.begin(), top.end(), BetterFn());
+      beam.Append(key);
+      if (beam.Size() == ef) {
+        beam.Heapify();
         full = true;
       }
-    } else if (Better(h, top.front())) {
-      std::pop_heap(top.begin(), top.end(), BetterFn());
-      top.back() = h;
-      std::push_heap(top.begin(), top.end(), BetterFn());
+    } else if (key < beam.Top()) {
+      beam.ReplaceTop(key);
     } else {
       return;
     }
@@ -196,9 +273,8 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
     // k-th best only rises): that pop would end the walk, and so does the
     // pop of whatever worse candidate stands in its place. Same walk, a
     // smaller heap.
-    if (bounded && kbest.size() >= k && s < kbest.front() - margin) return;
-    cand.push_back(h);
-    std::push_heap(cand.begin(), cand.end(), WorseFn());
+    if (bounded && kbest.Size() >= k && s < kbest.Top() - margin) return;
+    cand.Push(key);
     graph.PrefetchHead(id);
   };
   float one;
@@ -206,22 +282,20 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
     const int32_t id = freeSeeds[e];
     if (id < 0 || id >= n || seen.TestAndSet(id)) continue;
     scorer.Batch(&id, 1, &one);
-    cand.push_back(Hit{one, id});
-    std::push_heap(cand.begin(), cand.end(), WorseFn());
+    cand.Push(BetterKey(one, id));
   }
   for (size_t e = 0; e < entryCount; ++e)
     if (!seen.TestAndSet(entries[e])) scorer.Batch(entries + e, 1, &one), consider(entries[e], one);
   for (size_t e = 0; e < seedCount; ++e)
     if (seeds[e] >= 0 && seeds[e] < n && !seen.TestAndSet(seeds[e])) scorer.Batch(seeds + e, 1, &one), consider(seeds[e], one);
   float batch[kPrefetchAhead];
-  while (!cand.empty()) {
-    std::pop_heap(cand.begin(), cand.end(), WorseFn());
-    const Hit c = cand.back();
-    cand.pop_back();
-    if (full && Better(top.front(), c)) break;
-    if (bounded && kbest.size() >= k && c.score < kbest.front() - margin) break;
+  while (!cand.Empty()) {
+    const uint64_t ckey = cand.Pop();
+    const Hit c{ScoreOfKey(ckey), int32_t(uint32_t(ckey))};
+    if (full && beam.Top() < ckey) break;
+    if (bounded && kbest.Size() >= k && c.score < kbest.Top() - margin) break;
     if (maxScan > 0 && scanned >= maxScan) break;
-    if (!cand.empty()) graph.PrefetchList(cand.front().id);  // likely the next one expanded
+    if (!cand.Empty()) graph.PrefetchList(int32_t(uint32_t(cand.Top())));  // likely the next one expanded
     const auto nb = graph.List(c.id);
     fresh.clear();
     for (size_t i = 0; i < nb.second; ++i) {
@@ -241,6 +315,8 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
       for (size_t i = 0; i < count; ++i) consider(fresh[i0 + i], batch[i]);
     }
   }
+  top.reserve(beam.Size());
+  for (const uint64_t key : beam) top.push_back(Hit{ScoreOfKey(key), int32_t(uint32_t(key))});
   return scanned;
 }
 
