@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-8b decode-prof ncu-wave ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 stages=${*:-tests wave blocks dense decode}
 for s in $stages; do
   case $s in
-    tests) step 240 tests node node_modules/vitest/vitest.mjs run test/native/gpu.test.ts test/native/block-scores.test.ts test/native/wave-gpu.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-wave.test.ts test/native/kmeans-device.test.ts test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts ;;
+    tests) step 240 tests node node_modules/vitest/vitest.mjs run test/cache/simulated-pool.test.ts test/cache/wave-on-device.test.ts test/integration/device-release.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-rest.test.ts test/integration/gpu-wave.test.ts test/integration/rest-beside-attend.test.ts test/native/block-scores.test.ts test/native/gpu-range.test.ts test/native/gpu-sync.test.ts test/native/gpu.test.ts test/native/kmeans-device.test.ts test/native/wave-gpu-paged.test.ts test/native/wave-gpu-rest.test.ts test/native/wave-gpu.test.ts test/native/device-calls.test.ts test/native/upload-check.test.ts ;;  # every test file that needs the device (~30 s on an H100)
     wave)
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench node dist/bench/wave-gpu.js --bench
@@ -113,6 +113,23 @@ for s in $stages; do
       done
       [ -n "$tr" ] && (cd "$tr" && python3 "$OLDPWD/bench/decode-rpc-trace.py" 'tr-*.json' | tee -a "$L")
       uptime | tee -a "$L" ;;
+    decode-8b|decode-prof)  # issue #13's llama3-8b target (<= 0.6 ms a layer-step including RPC, >= 8 layers): bench:decode --full, 8 layers at 1M, exact + wave, the server in its own process (its loop polling by default on this host); decode-prof: 2 layers of the llama3.2-1b shape, wave alone, 256 steps, the server under V8's sampling profiler (100 us) to find the JS time around a device step (server stats.ms minus the device's, ~0.09 ms a call in visit AT). Limits 540 s: one device command each
+      g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
+      data=/tmp/kvd-$s; rm -rf "$data"; prof=""
+      [ "$s" = decode-prof ] && prof="--cpu-prof --cpu-prof-dir $OUT/prof --cpu-prof-interval 100"
+      KVRECALL_GPU_BUDGET=20000000000 KVRECALL_GPU_WAVE_BUDGET=40000000000 KVRECALL_GPU_KMEANS=1 node $prof dist/cli/cli.js serve --port 8711 --data "$data" > "$OUT/serve-$s.log" 2>&1 &
+      pid=$!
+      for i in $(seq 100); do node -e "fetch('http://127.0.0.1:8711/v1/health').then(()=>process.exit(0),()=>process.exit(1))" && break; sleep 0.2; done
+      if [ "$s" = decode-8b ]; then
+        step 500 decode-8b node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --preset llama3-8b --layers 8 --tokens 1M --steps 64 --sweep none --methods exact,wave --via stream --sample-layers none --tag $g-8layers-cs16
+      else
+        step 400 decode-prof node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --layers 2 --tokens 1M --steps 256 --sweep none --methods wave --via stream --sample-layers none --timing --tag $g-2layers-prof
+      fi
+      kill -INT $pid; wait $pid
+      [ -d "$OUT/prof" ] && xz -T4 "$OUT"/prof/*.cpuprofile
+      uptime | tee -a "$L" ;;
+    ncu-wave)  # the wave step's kernels one by one under Nsight Compute at the llama3.2-1b shape (bench/results/wave-step-ncu-d64-h100-b2.md: how to read it)
+      step 300 ncu-wave /usr/local/cuda/bin/ncu --target-processes all --kernel-name-base function --kernel-name 'regex:Score|Histogram|FindBin|CollectBin|Resolve|TakeWeights|Gather|Rescore|Partial|Attend|Estimate|Merge|Scatter|Pack|Exact|StepClear|OrderRange' --launch-skip 30 --launch-count 40 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --log-file "$OUT/ncu-wave.csv" node dist/bench/wave-gpu.js --profile --steps 2 --cluster-size 16 --head-dim 64 --budget-share 0.01 --window 256 ;;
     ra-search) step 420 ra-search node dist/bench/ra-search.js --reps 3 --out bench/results/ra-search-1048576-host.md ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
