@@ -8,6 +8,7 @@
 // same means returns.
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
+import { concatInto } from './typed-concat.js';
 
 interface NativeBlockScores {
   topk(a: {
@@ -169,13 +170,8 @@ export class DeviceBlockScores {
       extraCounts = new Int32Array(buf, 8 * H * kk, H);
       extraIds = new Int32Array(buf, 4 * (2 * H * kk + H), total);
       extraScores = new Float32Array(buf, 4 * (2 * H * kk + H + total), total);
-      let at = 0;
-      for (let h = 0; h < H; h++) {
-        const e = a.extra[h];
-        extraCounts[h] = e.length;
-        extraIds.set(e, at);
-        at += e.length;
-      }
+      for (let h = 0; h < H; h++) extraCounts[h] = a.extra[h].length;
+      concatInto(extraIds, a.extra);
     }
     const native: Parameters<NativeBlockScores['topk']>[0] = {
       q: a.q, group: a.group, k: a.k, outIds, outScores, extraIds, extraCounts, extraScores, reps: reps !== 1 ? reps : undefined, sync: undefined, times: a.times ? true : undefined,

@@ -5,6 +5,7 @@ import type { KvSegment } from '../storage/kv-segment.js';
 import type { ArtifactReplace, DocumentStore } from '../storage/document-store.js';
 import type { ArtifactWrite } from '../storage/store.js';
 import type { ModelShape } from '../core/model.js';
+import { concat } from '../addon/typed-concat.js';
 
 const NO_ROWS = new Float32Array(0);
 
@@ -62,15 +63,7 @@ export class PrefillQueries {
    */
   rows(layer: number, head: number): { queries: Float32Array; queryCount: number } {
     const chunks = this.chunks[layer][head], queryCount = this.counts[layer][head];
-    if (chunks.length > 1) {
-      const queries = new Float32Array(queryCount * this.model.headDim);
-      let at = 0;
-      for (const c of chunks) {
-        queries.set(c, at);
-        at += c.length;
-      }
-      chunks.splice(0, chunks.length, queries);
-    }
+    if (chunks.length > 1) chunks.splice(0, chunks.length, concat(Float32Array, chunks));
     return { queries: chunks[0] ?? NO_ROWS, queryCount };
   }
 }

@@ -4,6 +4,7 @@
 // division is tested without a GPU: both halves attended on the host and
 // merged equal the whole.
 import type { AttendSegment } from '../../addon/kernels.js';
+import { concat } from '../../addon/typed-concat.js';
 import type { BlockList, LayerContext, Selection, SelectionPart } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 
@@ -64,14 +65,7 @@ export function selectedPositions(sel: Selection, ctx: LayerContext): Int32Array
 
 /** Int32 arrays back to back (the one array itself when there is one). */
 export function concatRows(parts: Int32Array[]): Int32Array {
-  if (parts.length === 1) return parts[0];
-  const all = new Int32Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    all.set(p, at);
-    at += p.length;
-  }
-  return all;
+  return concat(Int32Array, parts);
 }
 
 /**
