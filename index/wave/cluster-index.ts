@@ -16,6 +16,7 @@ import { rankClusterHeads } from '../../addon/cluster-rank.js';
 import type { ClusterHeadArgs } from '../../addon/estimate.js';
 import type { HeadIndex, HeadKeys, SearchResult } from '../method.js';
 import { centroidStride, decodeClusters, type ClusterArrays } from './cluster-codec.js';
+import { ScratchPool } from '../scratch-pool.js';
 
 export const RADIUS_SHARE = 0.1;
 /**
@@ -67,11 +68,19 @@ export function candidateTokens(k: number, ef = 0, estimate = false): number {
   return ef > 0 ? Math.max(k, Math.round(ef)) : (estimate ? PROBE_ESTIMATED : PROBE) * k;
 }
 
+/** A head's step scratch: its ranked clusters (ids, scores) and candidate rows. */
 interface Scratch {
-  ids: Int32Array;
-  scores: Float32Array;
+  ranked: { ids: Int32Array; scores: Float32Array };
   rows: Int32Array;
 }
+
+// Step scratch, shared by every cluster index (index/scratch-pool.ts: why one
+// pool): a step takes one per head and gives it back once read, so steady
+// decoding allocates none and concurrent sessions over a shared document
+// never share one. Two pools, as the ranked clusters are sized by clusters
+// and the rows by candidates, each reused or replaced on its own.
+const rankedScratch = new ScratchPool<Scratch['ranked']>((n) => ({ ids: new Int32Array(n), scores: new Float32Array(n) }), (s) => s.ids.length);
+const rowScratch = new ScratchPool<Int32Array>((n) => new Int32Array(n), (s) => s.length);
 
 export class ClusterIndex implements HeadIndex {
   readonly clusters: number;
@@ -79,12 +88,6 @@ export class ClusterIndex implements HeadIndex {
   /** Members of cluster c: rows members[offsets[c] .. offsets[c + 1]), ascending. */
   readonly offsets: Int32Array;
   readonly members: Int32Array;
-  /**
-   * Free step scratch (ranked cluster ids and scores, candidate rows): a
-   * step takes one per head and gives it back, so steady decoding allocates
-   * none and concurrent sessions over a shared document never share one.
-   */
-  private readonly free: Scratch[] = [];
 
   constructor(
     readonly arrays: ClusterArrays,
@@ -125,18 +128,11 @@ export class ClusterIndex implements HeadIndex {
     return order === 'rows' ? { ...second, offsets: this.offsets, members: this.members } : second;
   }
 
-  private take(clusters: number, rows: number): Scratch {
-    const s = this.free.pop() ?? { ids: new Int32Array(0), scores: new Float32Array(0), rows: new Int32Array(0) };
-    if (s.ids.length < clusters) (s.ids = new Int32Array(clusters)), (s.scores = new Float32Array(clusters));
-    if (s.rows.length < rows) s.rows = new Int32Array(rows);
-    return s;
-  }
-
-  /** Rows of the best clusters in s.ids[0 .. count), best cluster first, until k rows (the last cluster may be cut); the radius ranking's path. */
+  /** Rows of the best clusters in s.ranked.ids[0 .. count), best cluster first, until k rows (the last cluster may be cut); the radius ranking's path. */
   private expand(s: Scratch, count: number, k: number): Int32Array {
     let n = 0;
     for (let i = 0; i < count && n < k; i++) {
-      const c = s.ids[i];
+      const c = s.ranked.ids[i];
       for (let j = this.offsets[c]; j < this.offsets[c + 1] && n < k; j++) s.rows[n++] = this.members[j];
     }
     return s.rows.subarray(0, n);
@@ -158,7 +154,7 @@ export class ClusterIndex implements HeadIndex {
     // 2^30): the scratch holds them, and the device step clamps alike.
     const target = k.map((n, i) => Math.min(candidateTokens(n, ef, estimate), heads[i].arrays.tokens));
     const want = Math.max(...heads.map((h, i) => Math.min(h.clusters, Math.ceil((2 * target[i] * h.clusters) / Math.max(1, h.arrays.tokens)) + 8)));
-    const scratch = heads.map((h, i) => h.take(want, target[i]));
+    const scratch: Scratch[] = target.map((rows) => ({ ranked: rankedScratch.take(want), rows: rowScratch.take(rows) }));
     try {
       let candidates: Int32Array[];
       if (ranking === 'spread') {
@@ -167,7 +163,7 @@ export class ClusterIndex implements HeadIndex {
           q, group, headDim: d, centroidStride: stride, dtype: h0.arrays.dtype, k: want, spread: SPREAD,
           heads: heads.map((h, i) => ({
             centroids: h.arrays.centroids, axes: h.arrays.keyAxes, axisScales: h.arrays.axisScales, vars: h.arrays.keyVars, varScales: h.arrays.varScales, clusters: h.clusters,
-            outIds: scratch[i].ids.subarray(0, want), outScores: scratch[i].scores.subarray(0, want),
+            outIds: scratch[i].ranked.ids.subarray(0, want), outScores: scratch[i].ranked.scores.subarray(0, want),
             offsets: h.offsets, members: h.members, outRows: scratch[i].rows.subarray(0, target[i]),
           })),
         });
@@ -189,7 +185,8 @@ export class ClusterIndex implements HeadIndex {
       });
       return heads.map((h, i) => ({ ids: ids[i].subarray(0, Math.min(kept[i], k[i])), scanned: h.clusters + candidates[i].length }));
     } finally {
-      heads.forEach((h, i) => h.free.push(scratch[i]));
+      rankedScratch.give(scratch.map((s) => s.ranked));
+      rowScratch.give(scratch.map((s) => s.rows));
     }
   }
 
@@ -208,7 +205,7 @@ export class ClusterIndex implements HeadIndex {
       headDim: stride,
       dtype: h0.arrays.dtype,
       k: want,
-      heads: heads.map((h, i) => ({ keys: h.arrays.centroids, tokens: h.clusters, outIds: scratch[i].ids.subarray(0, want), outScores: scratch[i].scores.subarray(0, want) })),
+      heads: heads.map((h, i) => ({ keys: h.arrays.centroids, tokens: h.clusters, outIds: scratch[i].ranked.ids.subarray(0, want), outScores: scratch[i].ranked.scores.subarray(0, want) })),
     });
   }
 }

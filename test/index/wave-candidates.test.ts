@@ -4,6 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { buildClusters } from '../../index/wave/cluster-build.js';
 import { candidateTokens, ClusterIndex, PROBE, PROBE_ESTIMATED } from '../../index/wave/cluster-index.js';
+import type { SearchResult } from '../../index/method.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -81,5 +82,23 @@ describe("wave's candidate tokens (ef)", () => {
     expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(64 * 2 ** 20);
     expect(Array.from(huge.ids)).toEqual(Array.from(all.ids));
     expect(huge.scanned).toBe(all.scanned);
+  });
+
+  it('steps in flight at once over two heads (one scratch pool for every index) answer as each alone', async () => {
+    const rng = new Rng(seed + 2);
+    const a = await head(rng), b = await head(rng);
+    const q = Float32Array.from({ length: G * d }, () => rng.normal()), q2 = Float32Array.from({ length: 2 * G * d }, () => rng.normal());
+    // Different rankings and ef, so the steps ask scratch of different sizes.
+    const steps = [
+      () => ClusterIndex.searchHeads([a], q, G, [k], 'spread', N),
+      () => ClusterIndex.searchHeads([b], q, G, [k], 'radius', 2 * k),
+      () => ClusterIndex.searchHeads([a, b], q2, G, [k, k / 2], 'radius'),
+      () => ClusterIndex.searchHeads([b, a], q2, G, [k, k], 'spread', 3 * k),
+    ];
+    const alone: SearchResult[][] = [];
+    for (const step of steps) alone.push(await step());
+    const together = await Promise.all([...steps, ...steps].map((step) => step()));
+    const ids = (r: SearchResult[]) => r.map((h) => [Array.from(h.ids), h.scanned]);
+    together.forEach((r, i) => expect(ids(r)).toEqual(ids(alone[i % steps.length])));
   });
 });
