@@ -1,6 +1,6 @@
 // Host scoring outputs borrowed per call and given back, one pool per kind
 // of output for every index of that kind (block-summary.ts's rows, quest.ts's
-// blocks). A document's indexes are shared by every session over it, and two
+// blocks, wave/cluster-index.ts's ranked clusters and candidate rows). A document's indexes are shared by every session over it, and two
 // sessions' steps score them at once (one native call writing while the
 // other's awaits), so a call never writes arrays another may be reading. One
 // pool for all indexes holds what the calls in flight at once need (a batch
