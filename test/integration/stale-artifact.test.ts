@@ -20,6 +20,18 @@ afterAll(async () => {
   tmp.cleanup();
 });
 
+/** A fresh server over the same data, and a sealed `wave` document of `tokens` random keys (drawn from rng) on it. */
+async function restartWithWaveDoc(rng: Rng, id: string, tokens: number): Promise<KvrecallClient> {
+  await server.close();
+  server = await startInProcess(tmp.dir);
+  const client = new KvrecallClient({ url: server.url });
+  await client.createDocument(id, model, { methods: ['wave'] });
+  const c = randomKv(rng, 'f16', model.kvHeads, tokens, model.headDim);
+  await client.uploadDocumentKv(id, { layer: 0, start: 0, k: c.k, v: c.v });
+  await client.sealDocument(id);
+  return client;
+}
+
 describe('stale index artifacts', () => {
   it('are rebuilt at attach and stored, and the session answers', async () => {
     const rng = new Rng(seed);
@@ -52,13 +64,7 @@ describe('stale index artifacts', () => {
 
   it('a wave index of the previous version (no key variances or axes) is rebuilt at attach and estimates', async () => {
     const rng = new Rng(seed + 1);
-    await server.close();
-    server = await startInProcess(tmp.dir);
-    let client = new KvrecallClient({ url: server.url });
-    await client.createDocument('waved', model, { methods: ['wave'] });
-    const c = randomKv(rng, 'f16', model.kvHeads, 300, model.headDim);
-    await client.uploadDocumentKv('waved', { layer: 0, start: 0, k: c.k, v: c.v });
-    await client.sealDocument('waved');
+    let client = await restartWithWaveDoc(rng, 'waved', 300);
     const store = server.engine.store;
     const stored = (await store.loadArtifacts('waved', 'wave', 1, 2))!;
     // Version 1 at byte 4 (the wave header's second word).
@@ -83,13 +89,7 @@ describe('stale index artifacts', () => {
 
   it('a wave index of version 4 (key axes and variances as f16 words) attaches without a rebuild, its moments coded once and stored as version 5, which the next attach loads as it is', async () => {
     const rng = new Rng(seed + 2);
-    await server.close();
-    server = await startInProcess(tmp.dir);
-    let client = new KvrecallClient({ url: server.url });
-    await client.createDocument('v4', model, { methods: ['wave'] });
-    const c = randomKv(rng, 'f16', model.kvHeads, 2000, model.headDim);
-    await client.uploadDocumentKv('v4', { layer: 0, start: 0, k: c.k, v: c.v });
-    await client.sealDocument('v4');
+    let client = await restartWithWaveDoc(rng, 'v4', 2000);
     const qs = Array.from({ length: 8 }, () => tensor('f32', [model.qHeads, model.headDim], randomQ(rng, model.qHeads, model.headDim)));
     const answers = async () => {
       const { id } = await client.createSession({ model, documents: ['v4'], method: 'wave', budget: 64 });
@@ -158,13 +158,7 @@ describe('stale index artifacts', () => {
 
   it('a version 4 rewrite the store fails to write fails no attach: the session answers, the artifacts stay version 4, the next server converts them', async () => {
     const rng = new Rng(seed + 3);
-    await server.close();
-    server = await startInProcess(tmp.dir);
-    let client = new KvrecallClient({ url: server.url });
-    await client.createDocument('v4w', model, { methods: ['wave'] });
-    const c = randomKv(rng, 'f16', model.kvHeads, 600, model.headDim);
-    await client.uploadDocumentKv('v4w', { layer: 0, start: 0, k: c.k, v: c.v });
-    await client.sealDocument('v4w');
+    let client = await restartWithWaveDoc(rng, 'v4w', 600);
     const f16 = bitsOf('f16');
     const v4 = (await server.engine.store.loadArtifacts('v4w', 'wave', 1, 2))![0].map((b) => {
       const a = decodeClusters(b), { axes, vars } = decodeMoments(a, model.headDim);
