@@ -28,13 +28,26 @@ namespace {
 
 enum class MomentCode { kAxis, kVar };
 
-// The 8 codes of a chunk as floats.
+// The 8 codes of a chunk as floats: DecodeAxis / DecodeVar's values, bit
+// for bit, without their int-to-float conversions (I2F, issued to a pipe
+// narrower than FP32's, in a kernel bound by its issue: ncu, visit B2).
+// A byte u under the exponent of 2^23 is the float 2^23 + u, so
+// (2^23 + u) - 2^23 is float(u) exactly (both operands and the difference
+// are integers below 2^24); one PRMT places the byte. An int8 code c is
+// u ^ 0x80 = c + 128 so placed, less 2^23 + 128; a variance code's c² is
+// float(c)·float(c), exact below 2^24 (c² <= 65025). The product with the
+// scale is DecodeAxis / DecodeVar's own single rounding. Checked over
+// every byte and many scales on the host: bench/wave-score-lean-check.cc.
 template <MomentCode kCode>
 __device__ __forceinline__ void Decode8Codes(uint2 w, float scale, float* f) {
+  const uint32_t flip = kCode == MomentCode::kAxis ? 0x80808080u : 0u;  // int8: c + 128
+  const uint32_t words[2] = {w.x ^ flip, w.y ^ flip};
+  constexpr float kBias = kCode == MomentCode::kAxis ? 8388736.0f : 8388608.0f;  // 2^23 + 128, 2^23
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const uint32_t b = ((i < 4 ? w.x : w.y) >> (8 * (i & 3))) & 0xffu;
-    f[i] = kCode == MomentCode::kAxis ? DecodeAxis(int8_t(b), scale) : DecodeVar(uint8_t(b), scale);
+    // selector nibbles i & 3, 4, 4, 7: the code's byte, then 0x4b000000's bytes 0, 0, 3
+    const float c = __fsub_rn(__uint_as_float(__byte_perm(words[i >> 2], 0x4b000000u, 0x7440u | (i & 3))), kBias);
+    f[i] = kCode == MomentCode::kAxis ? __fmul_rn(c, scale) : __fmul_rn(__fmul_rn(c, c), scale);
   }
 }
 
@@ -118,9 +131,11 @@ __device__ __forceinline__ void AccumulateCentroidAxis(const uint16_t* ra, const
 template <bool kSwz>
 __device__ __forceinline__ void StageCodes(uint8_t* dst, const uint8_t* src, int rows, int nd) {
   if (kSwz) {
-    const int np = nd / 2, mask = CodeSwizzleMask(nd);
+    // np is a power of two (d % 64 == 0 and d / 8 divides the CTA): a
+    // shift and a mask where i / np, i % np cost a division's sequence.
+    const int np = nd / 2, mask = CodeSwizzleMask(nd), shift = __ffs(np) - 1;
     for (int i = threadIdx.x; i < rows * np; i += blockDim.x) {
-      const int r = i / np, pc = i % np;
+      const int r = i >> shift, pc = i & (np - 1);
       __pipeline_memcpy_async(dst + (size_t(r) * np + (pc ^ (r & mask))) * 16, src + size_t(i) * 16, 16);
     }
   } else {

@@ -305,10 +305,15 @@ constexpr int kScoreRows = 64;
 // The tile: centroid rows (16-bit words), then axis and variance code rows (bytes).
 __host__ __device__ constexpr size_t ScoreTileBytes(int d, int stride, int rows = kRowsPerCta) { return size_t(rows) * (stride * 2 + 2 * d); }
 constexpr size_t kStagedSmem = 113 * 1024;
-template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false, bool kFuse = false>
+// kFullG (kFuse; the launch checks): the group is a multiple of kGC (4 or 8
+// q heads a kv head, the usual models), so every pass takes kGC q heads and
+// the tests of g < gc per chunk and q head fold away (120 of the kernel's
+// 3,470 SASS instructions at d = 64); the same operations in the same order.
+template <bool kBf16, bool kStaged, int kRows = kRowsPerCta, bool kSwz = false, bool kFuse = false, bool kFullG = false>
 __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreClusters(StepParams p) {
   AfterPrior();
   static_assert(!kFuse || kSwz, "AccumulateCentroidAxis reads the swizzled tile");
+  static_assert(!kFullG || kFuse, "only the fused launch has the full-group copy");
   // [group, stride]: q, then column d: the norm term; kSpread: then the
   // same again squared (each rounded to f32, as the host's q2), squared once
   // here rather than per cluster; kStaged: then the tile.
@@ -331,12 +336,16 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
     const uint4* srcC = reinterpret_cast<const uint4*>(p.cent + size_t(b + r0) * p.stride);
     uint4* dstC = reinterpret_cast<uint4*>(tile);
     uint4* dstR = reinterpret_cast<uint4*>(tileR);
-    const int cc = int(threadIdx.x) % nd, step = int(blockDim.x) / nd;  // nd divides blockDim (the launch checks)
-    for (int rr = int(threadIdx.x) / nd; rr < tileRows; rr += step)
+    // nd: a power of two dividing blockDim (the launch checks d % 64 == 0 and
+    // d / 8 | 2·kScoreRows): shifts and masks, not divisions' sequences.
+    const int lnd = __ffs(nd) - 1, cc = int(threadIdx.x) & (nd - 1), step = int(blockDim.x) >> lnd;
+    for (int rr = int(threadIdx.x) >> lnd; rr < tileRows; rr += step)
       __pipeline_memcpy_async(dstC + rr * nd + (cc ^ ((rr & 3) << 1)), srcC + size_t(rr) * ns + cc, 16);
     StageCodes<true>(tileA, srcA, tileRows, nd);
-    for (int i = threadIdx.x; i < tileRows * nt; i += blockDim.x)
-      __pipeline_memcpy_async(dstR + i, srcC + size_t(i / nt) * ns + nd + i % nt, 16);
+    for (int i = threadIdx.x; i < tileRows * nt; i += blockDim.x) {
+      const int rr = nt == 1 ? i : i / nt;  // the step's stride is d + 8: one radius chunk, no division
+      __pipeline_memcpy_async(dstR + i, srcC + size_t(rr) * ns + nd + (i - rr * nt), 16);
+    }
     if (kFuse && p.scoreSplit) __pipeline_commit();  // the fused pass's part: centroids, radii, axes
     StageCodes<true>(tileV, srcV, tileRows, nd);
     __pipeline_commit();
@@ -372,7 +381,8 @@ __global__ void __launch_bounds__(2 * kRows, kRows == kScoreRows ? 4 : 1) ScoreC
     const float axisScale = p.axisScales[c], varScale = p.varScales[c];
     const float radius = WidenWord<kBf16>(kSwz ? tileR[size_t(tr) * (p.stride - p.d)] : row[p.d]), share = p.shares[h];
     for (int g0 = 0; g0 < p.group; g0 += kGC) {
-      const int gc = min(kGC, p.group - g0);  // uniform over the block: the shuffles below see every lane
+      // uniform over the block: the shuffles below see every lane; kFullG: a constant, no test of g < gc per chunk and q head
+      const int gc = kFullG ? kGC : min(kGC, p.group - g0);
       float dot[kGC], along[kGC];
       if (kFuse) {  // kSwz only: the centroid and axis passes in one (AccumulateCentroidAxis)
         float acc2[kGC][8];
@@ -458,7 +468,10 @@ void LaunchScoreClusters(const StepParams& p, bool bf16, bool legacy, bool swizz
   const bool swizzled = swizzle && d % 64 == 0 && (2 * kScoreRows) % (d / 8) == 0;
   if (!legacy && p.spreadMode && quarterSmem <= kStagedSmem / 2) {
     const dim3 grid(unsigned((cmax + kScoreRows - 1) / kScoreRows), unsigned(H));
-    if (swizzled && fuse && bf16) ScoreClusters<true, true, kScoreRows, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    const bool full = p.group % kGC == 0;  // kFullG
+    if (swizzled && fuse && bf16 && full) ScoreClusters<true, true, kScoreRows, true, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else if (swizzled && fuse && full) ScoreClusters<false, true, kScoreRows, true, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
+    else if (swizzled && fuse && bf16) ScoreClusters<true, true, kScoreRows, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
     else if (swizzled && fuse) ScoreClusters<false, true, kScoreRows, true, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
     else if (swizzled && bf16) ScoreClusters<true, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
     else if (swizzled) ScoreClusters<false, true, kScoreRows, true><<<grid, 2 * kScoreRows, quarterSmem, s>>>(p);
