@@ -1,11 +1,11 @@
-// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --batch 32 (0: no batch row) --gaps 25 (ms, a list: 1,5,25) --ab [pool,loop|loop,pool|inproc]]
+// npx tsc -p tsconfig.json && node dist/bench/transport-gap.js [--calls 200 --rounds 8 --tokens 4096 --long-tokens 65536 --batch 32 (0: no batch row) --gaps 25 (ms, a list: 1,5,25) --head-dim 64 --ab [pool,loop|loop,pool|inproc]]
 //
 // Why bench:decode's RPC per call is several times bench:transport's (issue
 // #14): bench:transport sends its attends back to back over a 4K-token
 // document, so neither process ever waits long; a decode call comes after
 // the bench's (or an LLM server's) own work and waits milliseconds for the
 // server's. This times one stream attend (exact, 32 q / 8 kv heads, d=64,
-// the llama3.2-1b shape; server in its own process on 127.0.0.1) in rows
+// the llama3.2-1b shape, or --head-dim's; server in its own process on 127.0.0.1) in rows
 // that differ only in how long the two processes waited before it:
 //   back to back (bench:transport's case), the client idle (a timer) each
 //   of `gaps` ms before each call, or spinning the longest of them, and a long document whose own server
@@ -58,7 +58,8 @@ const AB = abAt >= 0;
 const AB_ORDER = AB && /^(pool,loop|loop,pool)$/.test(process.argv[abAt + 1] ?? '') ? process.argv[abAt + 1].split(',') : ['pool', 'loop'];
 /** `--ab inproc`: one server in this process, the two ways taking turns on it (setAttendSyncWork before each row's calls): no lane of its own to bias either. */
 const IN_PROCESS = AB && process.argv[abAt + 1] === 'inproc';
-const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16' as const };
+const model = { layers: 1, qHeads: 32, kvHeads: 8, headDim: get('head-dim', 64), dtype: 'f16' as const };
+if (!(model.headDim > 0 && model.headDim % 8 === 0)) throw new Error('--head-dim: a multiple of 8');
 const progress = (msg: string) => process.stderr.write(`[bench:transport-gap] ${msg}\n`);
 
 async function session(client: KvrecallClient, name: string, n: number): Promise<string> {
