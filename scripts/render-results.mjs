@@ -427,31 +427,38 @@ const BLOCKS = {
   'decode-full': () => {
     // The current full runs: every wave layer held on the device, the server in its own process, one stream.
     // Older runs (block methods before wave, HTTP) stay in bench/results/ and are named below the table.
-    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll-at.json', 'bench/results/decode-full-llama3-8b-h100-8layers-cs16-b3.json']
-      .filter((f) => existsSync(f));
+    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll-at.json', 'bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.json',
+      'bench/results/decode-full-llama3-8b-h200-8layers-cs16-poll.json'].filter((f) => existsSync(f));
     const runs = files.map((f) => ({ f, j: json(f) }));
     const rows = [];
     for (const { f, j } of runs) {
-      const r = j.results[0], sh = j.options.shape, via = j.options.vias?.[0] ?? 'http';
-      r.methods.filter((m) => (m.via ?? via) === via).forEach((m, i) => {
-        const l = m.latency, q = m.fidelity, L = sh.layers;
-        rows.push([
-          i === 0 ? `${j.options.preset}, ${L} layers × ${sh.kvHeads} kv × d=${sh.headDim}, ${tok(r.tokens)} (\`${f.split('/').pop()}\`)` : '',
-          m.method === 'exact' ? 'exact (dense on GPU)' : m.method,
-          ms(l.p50Ms),
-          ms(l.p50Ms / L),
-          `${ms(l.rpcMs)} (${pct(l.rpcShare, 3)})`,
-          ms(l.retrievalMs + l.attentionMs),
-          m.method === 'exact' ? '100%' : pct(m.scannedFraction, 3),
-          m.method === 'exact' ? '0 (ref.)' : `${pct(q.outputErrorMean, 3)} (${pct(q.outputErrorWorst, 3)})`,
-        ]);
-      });
+      const r = j.results[0], sh = j.options.shape;
+      // Each transport of the run (a lane: the plain stream, the client's loop polling), or the methods of its one transport.
+      const lanes = r.transports ?? [{ via: j.options.vias?.[0] ?? 'http', methods: r.methods }];
+      const card = (j.server?.health?.gpu?.device ?? '').replace(/^NVIDIA /, '').replace(/ 80GB HBM3$/, '');
+      let first = true;
+      for (const lane of lanes) {
+        for (const m of lane.methods) {
+          const l = m.latency, q = m.fidelity, L = sh.layers;
+          rows.push([
+            first ? `${j.options.preset}, ${L} layers × ${sh.kvHeads} kv × d=${sh.headDim}, ${tok(r.tokens)}, ${card} (\`${f.split('/').pop()}\`)` : '',
+            `${m.method === 'exact' ? 'exact (dense on GPU)' : m.method}${lanes.length > 1 ? `, ${lane.via}` : ''}`,
+            ms(l.p50Ms),
+            ms(l.p50Ms / L),
+            `${ms(l.rpcMs)} (${pct(l.rpcShare, 3)})`,
+            ms(l.retrievalMs + l.attentionMs),
+            m.method === 'exact' ? '100%' : pct(m.scannedFraction, 3),
+            m.method === 'exact' ? '0 (ref.)' : `${pct(q.outputErrorMean, 3)} (${pct(q.outputErrorWorst, 3)})`,
+          ]);
+          first = false;
+        }
+      }
     }
     const j1 = runs[0].j;
     return [
-      `**Decode end to end on the H100 machine** (\`npm run bench:decode -- --full\`, ${j1.backend.toUpperCase()} backend, the server in`,
+      `**Decode end to end on the GPU machines** (\`npm run bench:decode -- --full\`, ${j1.backend.toUpperCase()} backend, the card named per run, the server in`,
       `its own process on the machine's host (${machine(j1.machine)}), \`wave\` layers held on the device; per generated token = one \`attend\``,
-      `frame per layer on one WebSocket stream, summed; budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window, clusters of ${j1.options.clusterSize};`,
+      `frame per layer on one WebSocket stream (stream-spin: the client's loop polling for each answer), summed; the server started with \`--poll-us 1000\`; budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window, clusters of ${j1.options.clusterSize};`,
       `ms per token; RPC = client wall − server ms (its share of the token); server = retrieval + attention; output error`,
       `against the exact session's answers, mean (worst head), every layer and step):`,
       '',
