@@ -20,12 +20,13 @@
 # ts-stacked (only when named): the TypeScript client's stacked batch of 32
 #   through the shared-memory segment against one stream attend, CUDA
 #   backend (bench/transport-stacked.ts; TAG names the host, default h100);
-# dim (only when named, ~1 min): one stream attend's RPC by head dim (64,
+# dim (only when named, ~2 min): one stream attend's RPC by head dim (64,
 #   128) and by the server's step time, asleep and polling, with the same
 #   bytes over plain node:net beside it, held 0.1-1.5 ms
 #   (bench/transport-dim.ts; CPU backend, the step's time set by the
-#   document's length; TAG names the host, default h200): issue #13's
-#   8b-shape RPC, bytes or wait.
+#   document's length), then the same attends on the CUDA backend (the
+#   GPU pool's exact; no floor); TAG names the host, default h200: issue
+#   #13's 8b-shape RPC, bytes or wait.
 # Each stage has its own time limit; the log and every results file written
 # land in $OUT (results/), to commit from the development machine.
 OUT=${OUT:-/tmp/transport-visit}
@@ -54,7 +55,9 @@ for s in ${*:-transport cuda preload python}; do
       else
         echo "python: skipped (python3 lacks numpy or msgpack)" | tee -a "$L"
       fi ;;
-    dim) step 170 transport-dim env KVRECALL_BENCH_TAG="${TAG:-h200}" node dist/bench/transport-dim.js --tokens 16,2048,8192,16384,32768,65536 --holds 0.1,0.3,0.45,0.5,0.65,0.7,1,1.5 --calls 150 --rounds 5 ;;
+    dim)
+      step 100 transport-dim env KVRECALL_BENCH_TAG="${TAG:-h200}" node dist/bench/transport-dim.js --tokens 16,2048,8192,16384,32768,65536 --holds 0.1,0.3,0.45,0.5,0.65,0.7,1,1.5 --calls 150 --rounds 5
+      step 70 transport-dim-cuda env KVRECALL_BENCH_TAG="${TAG:-h200}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport-dim.js --tokens 16,32768,65536,131072,196608,262144 --floor 0 --calls 120 --rounds 4 ;;
     ts-stacked) step 150 ts-stacked env KVRECALL_BENCH_TAG="${TAG:-h100}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --stacked --calls 300 ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
