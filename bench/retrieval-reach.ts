@@ -21,6 +21,10 @@
 //   that knew the answer would reach on this graph, for B = 1k .. 5k.
 //
 // The graph's CSR is read from its saved blob (native/indexes/ra_graph_codec.cc's layout).
+//
+// With `--clusters 16,64` it also measures the wave index's clusters of those
+// sizes as the search's path or its seeds (bench/ra-cluster-seeds.ts), into
+// retrieval-reach-clusters-*.md; `--no-reach` leaves the measurements above out.
 import { writeFileSync } from 'node:fs';
 import { RaGraph } from '../addon/ra-graph.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
@@ -28,12 +32,15 @@ import { machine } from './host.js';
 import { strFlag } from './args.js';
 import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
 import { oracleWalk, readCsr, type Csr } from './ra-graph-csr.js';
+import { buildForClusters, clusterTable, measureClusterStep, SINKS, WINDOW, type ClusterStep } from './ra-cluster-seeds.js';
 
 interface Options {
   tokens: number[];
   steps: number;
   probes: number;
   broad: boolean;
+  clusters: number[];
+  reach: boolean;
 }
 
 function parseArgs(argv: string[]): Options {
@@ -43,6 +50,8 @@ function parseArgs(argv: string[]): Options {
     steps: Number(get('steps') ?? 4),
     probes: Number(get('probes') ?? 100),
     broad: argv.includes('--broad'),
+    clusters: (get('clusters') ?? '').split(',').filter(Boolean).map(Number),
+    reach: !argv.includes('--no-reach'),
   };
 }
 
@@ -112,7 +121,9 @@ async function main(): Promise<void> {
     const buildSeconds = (performance.now() - t0) / 1000;
     const csr = readCsr(graph.save());
     const edgesPerKey = graph.edges / tokens;
+    if (o.clusters.length > 0) await clusterSection(o, tokens, wl, graph, buildSeconds);
     graph.dispose();
+    if (!o.reach) continue;
     const K = widen(wl.keys[0], 'f16');
     const mu = new Float64Array(d);
     for (let t = 0; t < tokens; t++) for (let j = 0; j < d; j++) mu[j] += K[t * d + j] / tokens;
@@ -150,6 +161,35 @@ async function main(): Promise<void> {
     writeFileSync(`bench/results/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, tokens, k, buildSeconds, edgesPerKey, entryPoints: csr.entries.length, steps }, null, 2));
     process.stdout.write(md);
   }
+}
+
+type Workload = ReturnType<typeof generateWorkload>;
+
+async function clusterSection(o: Options, tokens: number, wl: Workload, graph: RaGraph, graphSeconds: number): Promise<void> {
+  const G = 4, d = 128, k = Math.round(tokens * 0.01);
+  const built = await buildForClusters({ keys: wl.keys[0], values: wl.values[0], tokens, headDim: d, graph, sizes: o.clusters });
+  const steps: ClusterStep[] = [];
+  for (let s = 0; s < o.steps; s++) {
+    const q = wl.decodeQ[s].subarray(0, G * d);
+    const mp = meanProbs(exactAttention(q, G, wl.keys[0], wl.values[0], { headDim: d, outputs: false }));
+    steps.push(await measureClusterStep(built, q, G, mp, topKIndices(mp, k)));
+    process.stderr.write(`[bench:retrieval-reach] clusters ${tokens} step ${s}: ${JSON.stringify(steps[s])}\n`);
+  }
+  const name = `retrieval-reach-clusters${o.broad ? '-broad' : ''}-${tokens}-vm`;
+  const md = [
+    `### Cluster ranking as the search or its seeds: ${tokens.toLocaleString('en-US')} tokens${o.broad ? ' (broad configuration)' : ''}`,
+    '',
+    `${machine()}; \`npm run bench:retrieval-reach -- --tokens ${tokens} --steps ${o.steps} --clusters ${o.clusters.join(',')}${o.reach ? '' : ' --no-reach'}${o.broad ? ' --broad' : ''}\`` +
+      ` (bench/retrieval-reach.ts, bench/ra-cluster-seeds.ts); seed 7, 1 kv head, GQA group 4, d=128, f16; graph at its defaults (build ${graphSeconds.toFixed(1)} s);` +
+      ` T = the exact top ${k.toLocaleString('en-US')} (1%) of the group's mean probability per step (${o.steps} steps); sinks ${SINKS} + window ${WINDOW} free and counted in the selection.` +
+      ' Scanned = keys scored (graph: its sample included) + centroids scored (one each) + cluster members scored, over the tokens. Ranking alone rescored by the exact group probability (an upper bound on a path with estimated partitions).',
+    '',
+    ...clusterTable(built, steps),
+    '',
+  ].join('\n');
+  writeFileSync(`bench/results/${name}.md`, md);
+  writeFileSync(`bench/results/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, tokens, k, graphSeconds, clusterBuildSeconds: built.heads.map((h) => [h.clusterSize, h.buildSeconds]), steps }, null, 2));
+  process.stdout.write(md);
 }
 
 await main();
