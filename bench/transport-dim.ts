@@ -1,4 +1,4 @@
-// npx tsc -p tsconfig.json && node dist/bench/transport-dim.js [--head-dims 64,128 --tokens 16,256,512,1024,2048,4096 --holds 0.1,0.3,0.5,0.7,1 --poll-us 1000 --spin-ms 2 --calls 150 --rounds 5 --floor 1]
+// npx tsc -p tsconfig.json && node dist/bench/transport-dim.js [--head-dims 64,128 --tokens 16,256,512,1024,2048,4096 --holds 0.1,0.3,0.5,0.7,1 --poll-us 1000 --spin-ms 2 --ahead-ms 0.2 --calls 150 --rounds 5 --floor 1]
 //
 // Why one stream attend's RPC (client wall − server stats.ms) was 0.086 ms
 // at the llama3.2-1b shape (d=64: q and out 8 KiB each way) and 0.278 ms at
@@ -11,7 +11,9 @@
 //   f16 [K,d] appended, method exact, server in its own process with
 //   --poll-us) over documents of `tokens` (given for the first head dim;
 //   the others get the same K/V bytes, so about the same CPU step), the
-//   client asleep while it waits (openStream()) or polling (spinMs);
+//   client asleep while it waits (openStream()), polling (spinMs), or
+//   asleep but woken `ahead-ms` before the answer is due and polling from
+//   then (what polling costs a core for, bought with a fraction of it);
 //   floor rows: no kvrecall, two node:net processes moving frames of the
 //   same sizes per head dim, the peer spinning each of `holds` ms before it
 //   answers (a step on the loop's thread) and polling after (as --poll-us).
@@ -19,13 +21,14 @@
 // matters where it moves with the step time at one d. Beside each row, the
 // voluntary context switches per call of both processes' main threads (a
 // sleep in epoll_wait is one): a message taken in two wake-ups shows as
-// more than one per call.
+// more than one per call; and the client's CPU per call (what polling costs).
 // Results: bench/results/transport-dim-<tag>.{md,json} (tag: KVRECALL_BENCH_TAG, default vm).
 import { fork } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import { KvrecallClient, tensor } from '../clients/ts/client.js';
 import { packParts } from '../clients/ts/msgpack-parts.js';
 import type { KvrecallStream } from '../clients/ts/stream.js';
@@ -40,7 +43,7 @@ const arg = (name: string) => {
 const num = (name: string, def: number) => Number(arg(name) ?? def);
 const list = (name: string, def: string) => (arg(name) ?? def).split(',').map(Number);
 const DIMS = list('head-dims', '64,128'), TOKENS = list('tokens', '16,256,512,1024,2048,4096'), HOLDS = list('holds', '0.1,0.3,0.5,0.7,1');
-const Q = num('q-heads', 32), K = num('kv-heads', 8), POLL_US = num('poll-us', 1000), SPIN_MS = num('spin-ms', 2);
+const Q = num('q-heads', 32), K = num('kv-heads', 8), POLL_US = num('poll-us', 1000), SPIN_MS = num('spin-ms', 2), AHEAD_MS = num('ahead-ms', 0.2);
 const CALLS = num('calls', 150), ROUNDS = num('rounds', 5), FLOOR = num('floor', 1) !== 0;
 if (DIMS.some((d) => !(d > 0 && d % 8 === 0)) || TOKENS.some((t) => !(t >= 16)) || HOLDS.some((t) => !(t >= 0))) throw new Error('--head-dims: multiples of 8; --tokens: 16 or more; --holds: ms ≥ 0');
 const progress = (msg: string) => process.stderr.write(`[bench:transport-dim] ${msg}\n`);
@@ -57,6 +60,74 @@ function sleeps(pid: number): number {
   } catch {
     return -1;
   }
+}
+
+/**
+ * Wakes this process's loop `ms` from now: a worker's timed Atomics.wait,
+ * then a message to the main thread (node's timers are whole milliseconds).
+ * One wake outstanding: a later after() supersedes an earlier one (its
+ * callback is dropped; the worker may still be sleeping out the old wait,
+ * which delays the new one).
+ */
+class Waker {
+  private readonly worker = new Worker(
+    `const { parentPort, workerData } = require('node:worker_threads');
+     const i32 = new Int32Array(workerData);
+     parentPort.on('message', ([seq, ms]) => { if (ms > 0) Atomics.wait(i32, 0, 0, ms); parentPort.postMessage(seq); });`,
+    { eval: true, workerData: new SharedArrayBuffer(4) },
+  );
+  private seq = 0;
+  private due?: { seq: number; fn: () => void };
+
+  constructor() {
+    this.worker.unref();
+    this.worker.on('message', (seq: number) => {
+      const d = this.due;
+      if (d?.seq !== seq) return;
+      this.due = undefined;
+      d.fn();
+    });
+  }
+
+  after(ms: number, fn: () => void): void {
+    this.due = { seq: ++this.seq, fn };
+    this.worker.postMessage([this.seq, ms]);
+  }
+
+  close(): void {
+    void this.worker.terminate();
+  }
+}
+
+/** Keeps the loop polling (a setImmediate a turn: libuv polls with a zero timeout) while `pending()`, for at most `capMs`. */
+function pollWhile(pending: () => boolean, capMs: number): void {
+  const until = performance.now() + capMs;
+  const turn = () => {
+    if (pending() && performance.now() < until) setImmediate(turn);
+  };
+  setImmediate(turn);
+}
+
+/**
+ * The 'ahead' client: asleep while it waits, but woken `AHEAD_MS` before the
+ * answer is due (the shortest of the row's last 3 wall times) and polling
+ * from then until it comes: the wake-up's cost paid while the server still
+ * works, the polling a fraction of the wait. No wake before a row's first call.
+ */
+function wokenAhead(waker: Waker, call: () => Promise<[number, number]>): () => Promise<[number, number]> {
+  const walls: number[] = [];
+  return async () => {
+    let pending = true;
+    if (walls.length > 0) waker.after(Math.max(0, Math.min(...walls) - AHEAD_MS), () => pollWhile(() => pending, AHEAD_MS + Math.max(SPIN_MS, 1)));
+    try {
+      const [rpc, ms] = await call();
+      walls.push(rpc + ms);
+      if (walls.length > 3) walls.shift();
+      return [rpc, ms];
+    } finally {
+      pending = false;
+    }
+  };
 }
 
 /**
@@ -142,7 +213,7 @@ interface Row {
   step: number;
   tokens?: number;
   holdMs?: number;
-  client: 'asleep' | 'polling';
+  client: 'asleep' | 'polling' | 'ahead';
   /** One call: its RPC (wall − the server's or the hold's ms) and that ms. */
   call(): Promise<[number, number]>;
   /** The other process's pid (its main thread's sleeps are counted). */
@@ -153,6 +224,8 @@ interface Row {
   server: number[];
   clientSleeps: number;
   serverSleeps: number;
+  /** This process's CPU ms (every thread) over the timed calls. */
+  clientCpu: number;
 }
 
 /** Document `name` of `n` random f16 tokens, sealed (uploads of at most 32K tokens: a body stays under the server's limit). */
@@ -176,8 +249,10 @@ async function main(): Promise<void> {
   const streams: KvrecallStream[] = [];
   const closers: (() => void)[] = [];
   let peerProc: ReturnType<typeof fork> | undefined;
+  let waker: Waker | undefined;
   try {
     const asleep = await client.openStream(), polling = SPIN_MS > 0 ? await client.openStream({ spinMs: SPIN_MS }) : undefined;
+    waker = AHEAD_MS > 0 ? new Waker() : undefined;
     streams.push(asleep, ...(polling ? [polling] : []));
     const hc = (await client.health()) as unknown as { backend?: string; gpu?: { device?: string } };
     const backend = `${hc.backend ?? 'unknown'} backend${hc.gpu?.device ? `, the host's GPU ${hc.gpu.device}` : ''}`;
@@ -205,7 +280,7 @@ async function main(): Promise<void> {
       for (const [i, base] of TOKENS.entries()) {
         const n = Math.max(16, Math.round((base * DIMS[0]) / d / 16) * 16);
         await doc(d, n);
-        for (const [mode, s] of [['asleep', asleep], ['polling', polling]] as const) {
+        for (const [mode, s] of [['asleep', asleep], ['polling', polling], ['ahead', waker && asleep]] as const) {
           if (!s) continue;
           let sid = '';
           const name = `t-${d}-${n}`;
@@ -214,7 +289,8 @@ async function main(): Promise<void> {
             if (sid) await client.deleteSession(sid);
             sid = (await client.createSession({ model, documents: [name], method: 'exact' })).id;
           };
-          rows.push({ part: 'kvrecall', d, step: i, tokens: n, client: mode, call: attend(s, () => sid), pid: server.pid, fresh, rpc: [], server: [], clientSleeps: 0, serverSleeps: 0 });
+          const call = attend(s, () => sid);
+          rows.push({ part: 'kvrecall', d, step: i, tokens: n, client: mode, call: mode === 'ahead' ? wokenAhead(waker!, call) : call, pid: server.pid, fresh, rpc: [], server: [], clientSleeps: 0, serverSleeps: 0, clientCpu: 0 });
         }
       }
       // The frames' sizes for the floor: a request as packed (frame header, map, q, k, v); an answer as the CPU backend's exact
@@ -226,8 +302,8 @@ async function main(): Promise<void> {
       const port = await new Promise<number>((r) => peerProc!.once('message', (m) => r(m as number)));
       for (const d of DIMS)
         for (const [step, hold] of HOLDS.entries())
-          for (const mode of ['asleep', 'polling'] as const) {
-            if (mode === 'polling' && SPIN_MS <= 0) continue;
+          for (const mode of ['asleep', 'polling', 'ahead'] as const) {
+            if ((mode === 'polling' && SPIN_MS <= 0) || (mode === 'ahead' && !waker)) continue;
             const { req, res } = shapes.get(d)!;
             const link = await floorLink(port, req, res, hold, mode === 'polling' ? SPIN_MS : 0);
             closers.push(link.close);
@@ -238,15 +314,16 @@ async function main(): Promise<void> {
               holdMs: hold,
               client: mode,
               pid: peerProc.pid!,
-              call: async () => {
+              call: ((call: () => Promise<[number, number]>) => (mode === 'ahead' ? wokenAhead(waker!, call) : call))(async () => {
                 const t = performance.now();
                 await link.call();
                 return [performance.now() - t - hold, hold];
-              },
+              }),
               rpc: [],
               server: [],
               clientSleeps: 0,
               serverSleeps: 0,
+              clientCpu: 0,
             });
           }
     }
@@ -256,13 +333,14 @@ async function main(): Promise<void> {
       for (const r of rows) {
         await r.fresh?.();
         for (let i = 0; i < 5; i++) await r.call();
-        const c0 = sleeps(process.pid), s0 = sleeps(r.pid);
+        const c0 = sleeps(process.pid), s0 = sleeps(r.pid), u0 = process.cpuUsage();
         for (let i = 0; i < block; i++) {
           const [rpc, ms] = await r.call();
           r.rpc.push(rpc);
           r.server.push(ms);
         }
-        const c1 = sleeps(process.pid), s1 = sleeps(r.pid);
+        const c1 = sleeps(process.pid), s1 = sleeps(r.pid), u1 = process.cpuUsage(u0);
+        r.clientCpu += (u1.user + u1.system) / 1000;
         // Where /proc does not say (gVisor may not), the row's count stays unknown (NaN).
         r.clientSleeps += c0 < 0 || c1 < 0 ? NaN : c1 - c0;
         r.serverSleeps += s0 < 0 || s1 < 0 ? NaN : s1 - s0;
@@ -283,10 +361,11 @@ async function main(): Promise<void> {
       rpcMsP10: q(r.rpc, 0.1),
       rpcMsP90: q(r.rpc, 0.9),
       clientSleepsPerCall: r.clientSleeps / r.rpc.length,
+      clientCpuMsPerCall: r.clientCpu / r.rpc.length,
       serverSleepsPerCall: r.serverSleeps / r.rpc.length,
     }));
     const m = machine();
-    const result = { machine: m, loadAtStart, host: hostname(), date: new Date().toISOString(), backend, qHeads: Q, kvHeads: K, headDims: DIMS, tokens: TOKENS, holdsMs: HOLDS, pollUs: POLL_US, spinMs: SPIN_MS, rounds: ROUNDS, frames: Object.fromEntries(shapes), rows: table };
+    const result = { machine: m, loadAtStart, host: hostname(), date: new Date().toISOString(), backend, qHeads: Q, kvHeads: K, headDims: DIMS, tokens: TOKENS, holdsMs: HOLDS, pollUs: POLL_US, spinMs: SPIN_MS, aheadMs: AHEAD_MS, rounds: ROUNDS, frames: Object.fromEntries(shapes), rows: table };
     console.log(JSON.stringify(result, null, 1));
     const tag = (process.env.KVRECALL_BENCH_TAG ?? 'vm').replace(/[^a-z0-9-]/gi, '');
     const base = join(import.meta.dirname, '..', '..', 'bench', 'results', `transport-dim-${tag}`);
@@ -302,13 +381,13 @@ async function main(): Promise<void> {
       [
         `# A stream attend's RPC by head dim and by step time (${m.cpu}, ${m.cores} cores, ${backend})`,
         '',
-        `One stream attend as a decode step sends it (q f32 [${Q}, d], k and v f16 [${K}, d] appended; method exact over a document of that many tokens, the same K/V bytes at each head dim: ${TOKENS.join(', ')} tokens at d=${DIMS[0]}), TypeScript client, server in its own process on 127.0.0.1 with --poll-us ${POLL_US}. Client asleep = openStream() (its loop sleeps while it waits)${SPIN_MS > 0 ? `; polling = openStream({ spinMs: ${SPIN_MS} })` : ' (no polling rows: --spin-ms 0)'}. Floor rows: no kvrecall, two node:net processes moving frames of the same sizes (request ${sizes('req')}, answer ${sizes('res')} for d = ${DIMS.join(' / ')}), the peer spinning the hold (a step on the loop's thread) before it answers and ${POLL_US > 0 ? 'polling 1 ms after, as --poll-us does' : 'sleeping after'}. RPC = client wall − stats.ms (floor: − the hold). Sleeps/call = voluntary context switches of each process's main thread per call (a wait in epoll_wait is one; a message read in two wake-ups would show as two; —: /proc does not say). ${table[0]?.calls ?? 0} calls per row in ${ROUNDS} blocks taking turns (one sitting), each kvrecall block on a fresh session after 5 untimed calls. × d=${DIMS[0]}: the row's RPC p50 over the row's at d=${DIMS[0]} in the same place (same K/V bytes, or same hold); × shortest: over the same head dim's at the shortest step (the first tokens, or hold). Load average ${loadAtStart} at the start, ${m.loadAverage} at the end. ${result.date}.`,
+        `One stream attend as a decode step sends it (q f32 [${Q}, d], k and v f16 [${K}, d] appended; method exact over a document of that many tokens, the same K/V bytes at each head dim: ${TOKENS.join(', ')} tokens at d=${DIMS[0]}), TypeScript client, server in its own process on 127.0.0.1 with --poll-us ${POLL_US}. Client asleep = openStream() (its loop sleeps while it waits)${SPIN_MS > 0 ? `; polling = openStream({ spinMs: ${SPIN_MS} })` : ' (no polling rows: --spin-ms 0)'}${AHEAD_MS > 0 ? `; ahead = asleep, but woken ${AHEAD_MS} ms before the answer is due (the row's last wall time; a worker's timed Atomics.wait, then a message to the loop) and polling from then until it comes` : ''}. Floor rows: no kvrecall, two node:net processes moving frames of the same sizes (request ${sizes('req')}, answer ${sizes('res')} for d = ${DIMS.join(' / ')}), the peer spinning the hold (a step on the loop's thread) before it answers and ${POLL_US > 0 ? 'polling 1 ms after, as --poll-us does' : 'sleeping after'}. RPC = client wall − stats.ms (floor: − the hold). Sleeps/call = voluntary context switches of each process's main thread per call (a wait in epoll_wait is one; a message read in two wake-ups would show as two; —: /proc does not say); client CPU/call = this process's CPU time (every thread) per call. ${table[0]?.calls ?? 0} calls per row in ${ROUNDS} blocks taking turns (one sitting), each kvrecall block on a fresh session after 5 untimed calls. × d=${DIMS[0]}: the row's RPC p50 over the row's at d=${DIMS[0]} in the same place (same K/V bytes, or same hold); × shortest: over the same head dim's at the shortest step (the first tokens, or hold). Load average ${loadAtStart} at the start, ${m.loadAverage} at the end. ${result.date}.`,
         '',
-        `| part | d | tokens / hold ms | client | step ms p50 | RPC p50 ms | × d=${DIMS[0]} | × shortest | p10 | p90 | client sleeps/call | server sleeps/call |`,
-        '| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+        `| part | d | tokens / hold ms | client | step ms p50 | RPC p50 ms | × d=${DIMS[0]} | × shortest | p10 | p90 | client sleeps/call | server sleeps/call | client CPU ms/call |`,
+        '| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
         ...table.map(
           (t) =>
-            `| ${t.part} | ${t.headDim} | ${t.tokens ?? t.holdMs} | ${t.client} | ${t.serverMsP50.toFixed(3)} | ${t.rpcMsP50.toFixed(3)} | ${(t.rpcMsP50 / atFirstDim(t).rpcMsP50).toFixed(2)} | ${(t.rpcMsP50 / atShortest(t).rpcMsP50).toFixed(2)} | ${t.rpcMsP10.toFixed(3)} | ${t.rpcMsP90.toFixed(3)} | ${f(t.clientSleepsPerCall)} | ${f(t.serverSleepsPerCall)} |`,
+            `| ${t.part} | ${t.headDim} | ${t.tokens ?? t.holdMs} | ${t.client} | ${t.serverMsP50.toFixed(3)} | ${t.rpcMsP50.toFixed(3)} | ${(t.rpcMsP50 / atFirstDim(t).rpcMsP50).toFixed(2)} | ${(t.rpcMsP50 / atShortest(t).rpcMsP50).toFixed(2)} | ${t.rpcMsP10.toFixed(3)} | ${t.rpcMsP90.toFixed(3)} | ${f(t.clientSleepsPerCall)} | ${f(t.serverSleepsPerCall)} | ${f(t.clientCpuMsPerCall, 3)} |`,
         ),
         '',
       ].join('\n'),
@@ -317,6 +396,7 @@ async function main(): Promise<void> {
   } finally {
     for (const c of closers) c();
     for (const s of streams) s.close();
+    waker?.close();
     peerProc?.kill('SIGKILL');
     server.stop();
     rmSync(dir, { recursive: true, force: true });

@@ -21,8 +21,9 @@
 #   through the shared-memory segment against one stream attend, CUDA
 #   backend (bench/transport-stacked.ts; TAG names the host, default h100);
 # dim (only when named, ~2 min): one stream attend's RPC by head dim (64,
-#   128) and by the server's step time, asleep and polling, with the same
-#   bytes over plain node:net beside it, held 0.1-1.5 ms
+#   128) and by the server's step time, the client asleep, polling, or woken
+#   0.2 ms ahead of the answer, with the same bytes over plain node:net
+#   beside it, held 0.1-3 ms
 #   (bench/transport-dim.ts; CPU backend, the step's time set by the
 #   document's length), then the same attends on the CUDA backend (the
 #   GPU pool's exact; no floor); TAG names the host, default h200: issue
@@ -56,7 +57,7 @@ for s in ${*:-transport cuda preload python}; do
         echo "python: skipped (python3 lacks numpy or msgpack)" | tee -a "$L"
       fi ;;
     dim)
-      step 100 transport-dim env KVRECALL_BENCH_TAG="${TAG:-h200}" node dist/bench/transport-dim.js --tokens 16,2048,8192,16384,32768,65536 --holds 0.1,0.3,0.45,0.5,0.65,0.7,1,1.5 --calls 150 --rounds 5
+      step 100 transport-dim env KVRECALL_BENCH_TAG="${TAG:-h200}" node dist/bench/transport-dim.js --tokens 16,2048,8192,16384,32768,65536 --holds 0.1,0.3,0.45,0.5,0.65,0.7,1,1.5,3 --calls 150 --rounds 5
       step 70 transport-dim-cuda env KVRECALL_BENCH_TAG="${TAG:-h200}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport-dim.js --tokens 16,32768,65536,131072,196608,262144 --floor 0 --calls 120 --rounds 4 ;;
     ts-stacked) step 150 ts-stacked env KVRECALL_BENCH_TAG="${TAG:-h100}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --stacked --calls 300 ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
