@@ -26,6 +26,7 @@
         "native/bindings/faiss_binding.cc",
         "native/bindings/ra_graph_binding.cc",
         "native/bindings/topk_binding.cc",
+        "native/bindings/wave_build_binding.cc",
         "native/bindings/wave_gpu_binding.cc",
         "native/common/thread_pool.cc",
         "native/indexes/ivf_attention.cc",
@@ -45,7 +46,8 @@
         "native/kernels/cluster_summary.cc",
         "native/kernels/convert.cc",
         "native/kernels/outlier_scores.cc",
-        "native/kernels/topk.cc"
+        "native/kernels/topk.cc",
+        "native/kernels/wave_build.cc"
       ],
       "include_dirs": ["native", "<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],

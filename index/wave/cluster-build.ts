@@ -21,7 +21,8 @@ import { kmeansMany, kmeansManyDevice, type KmeansArgs, type KmeansResult } from
 import { clusterSummary } from '../../addon/cluster-summary.js';
 import type { BuildInput } from '../method.js';
 import { centroidStride, encodeClusters, type ClusterArrays } from './cluster-codec.js';
-import { decodeMoments, encodeMoments } from './moment-code.js';
+import { encodeMoments } from './moment-code.js';
+import { kthLargest } from './select-kth.js';
 import { calibrateVarianceShare } from './variance-share.js';
 
 export interface ClusterOptions {
@@ -101,7 +102,14 @@ export async function outlierKeys(input: BuildInput): Promise<Uint8Array> {
   if (want === 0) return flag;
   const z = new Float32Array(N);
   await outlierScores(input.keys, input.dtype, N, input.headDim, z);
-  const cut = z.slice().sort()[N - want];
+  // The value at N - want of z sorted ascending (NaN last), found without
+  // sorting: the k-th largest of the values that are not NaN, or NaN where
+  // the NaNs reach down to it (then nothing is flagged).
+  const scratch = new Float32Array(N);
+  let numbers = 0;
+  for (let t = 0; t < N; t++) if (z[t] === z[t]) scratch[numbers++] = z[t];
+  const k = want - (N - numbers);
+  const cut = k >= 1 ? kthLargest(scratch, numbers, k) : NaN;
   let left = want;
   for (let t = 0; t < N && left > 0; t++) if (z[t] > cut) (flag[t] = 1), left--;
   for (let t = 0; t < N && left > 0; t++) if (z[t] === cut) (flag[t] = 1), left--;
@@ -148,8 +156,7 @@ export async function buildClusters(input: BuildInput, o: ClusterOptions = DEFAU
   }
   // The moments in 8 bits; the share is calibrated on the variances they decode to (what the estimate reads).
   const moments = encodeMoments(keyAxes, keyVars, C, d);
-  const decodedVars = decodeMoments(moments, d).vars;
-  const varianceShare = calibrateVarianceShare(input, { headDim: d, stride, centroids, keyVars: decodedVars, valueMeans, counts, tokenCluster, segments });
+  const varianceShare = calibrateVarianceShare(input, { headDim: d, stride, centroids, moments, valueMeans, counts, tokenCluster, segments });
   const arrays: ClusterArrays = {
     tokens: N,
     headDim: d,

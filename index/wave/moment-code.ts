@@ -8,6 +8,7 @@
 // of memory and of the device's scoring reads, with the decode error
 // bounded by half a step: |axis - decoded| <= scale / 2, and a variance
 // within (code ± 1/2)² · scale of its decode (test/index/moment-code.test.ts).
+import { encodeMomentRows } from '../../addon/wave-build.js';
 import { invalid } from '../../core/errors.js';
 
 export interface MomentCodes {
@@ -21,14 +22,17 @@ export interface MomentCodes {
   varScales: Float32Array;
 }
 
-const AXIS_MAX = 127;
-const VAR_MAX = 255;
-
 /** The float32 value a code decodes to (the native decode: one f32 product of exact operands). */
 export const decodeAxis = (code: number, scale: number) => Math.fround(code * scale);
 export const decodeVar = (code: number, scale: number) => Math.fround(code * code * scale);
 
-/** Codes of `clusters` rows of `headDim` axes and variances (float32, as the summary computes them). */
+/**
+ * Codes of `clusters` rows of `headDim` axes and variances (float32, as the
+ * summary computes them), by the addon (native/kernels/wave_build.h: per row
+ *   scale = f32(max_j |axis_j| / 127), code_j = clamp(round(axis_j / scale), ±127)   (halves up, as Math.round)
+ *   scale = f32(max_j var_j / 255²), code_j = the nearer of floor(sqrt(var_j / scale)) and the next, by the variance each decodes to (the lower on a tie)
+ * in float64 where not said): the loop took a quarter of a 1M-token seal's main thread in TypeScript.
+ */
 export function encodeMoments(axes: Float32Array, vars: Float32Array, clusters: number, headDim: number): MomentCodes {
   const d = headDim;
   const out: MomentCodes = {
@@ -37,30 +41,9 @@ export function encodeMoments(axes: Float32Array, vars: Float32Array, clusters: 
     keyVars: new Uint8Array(clusters * d),
     varScales: new Float32Array(clusters),
   };
-  for (let c = 0; c < clusters; c++) {
-    const o = c * d;
-    let ma = 0, mv = 0;
-    for (let j = 0; j < d; j++) {
-      const a = Math.abs(axes[o + j]), v = vars[o + j];
-      // Finite keys can still overflow float32 here (bf16 keys past ~1e19): no scale codes them, so the seal is refused (422), not a 500.
-      if (!Number.isFinite(a) || !Number.isFinite(v))
-        throw invalid('the wave index cannot code these keys: a cluster\'s key variance or axis is not finite in float32 (keys past ~1e19 in magnitude)');
-      if (a > ma) ma = a;
-      if (v > mv) mv = v;
-    }
-    const sa = Math.fround(ma / AXIS_MAX), sv = Math.fround(mv / (VAR_MAX * VAR_MAX));
-    out.axisScales[c] = sa;
-    out.varScales[c] = sv;
-    if (sa > 0)
-      for (let j = 0; j < d; j++) out.keyAxes[o + j] = Math.max(-AXIS_MAX, Math.min(AXIS_MAX, Math.round(axes[o + j] / sa)));
-    if (sv > 0)
-      for (let j = 0; j < d; j++) {
-        // The nearer of the two codes around the std, by the variance it decodes to.
-        const v = Math.max(0, vars[o + j]), r = Math.sqrt(v / sv);
-        const lo = Math.min(VAR_MAX, Math.floor(r)), hi = Math.min(VAR_MAX, lo + 1);
-        out.keyVars[o + j] = Math.abs(decodeVar(hi, sv) - v) < Math.abs(decodeVar(lo, sv) - v) ? hi : lo;
-      }
-  }
+  // Finite keys can still overflow float32 here (bf16 keys past ~1e19): no scale codes them, so the seal is refused (422), not a 500.
+  if (encodeMomentRows(axes, vars, clusters, d, out) >= 0)
+    throw invalid('the wave index cannot code these keys: a cluster\'s key variance or axis is not finite in float32 (keys past ~1e19 in magnitude)');
   return out;
 }
 
@@ -74,4 +57,14 @@ export function decodeMoments(m: MomentCodes, headDim: number): { axes: Float32A
       vars[c * d + j] = decodeVar(m.keyVars[c * d + j], m.varScales[c]);
     }
   return { axes, vars };
+}
+
+/** The decoded variances of clusters [c0, c1) alone (the build's calibration reads a few segments' rows). */
+export function decodeVarRows(m: MomentCodes, headDim: number, c0: number, c1: number): Float32Array {
+  const d = headDim, vars = new Float32Array((c1 - c0) * d);
+  for (let c = c0; c < c1; c++) {
+    const scale = m.varScales[c];
+    for (let j = 0, o = c * d; j < d; j++) vars[o - c0 * d + j] = decodeVar(m.keyVars[o + j], scale);
+  }
+  return vars;
 }

@@ -13,6 +13,7 @@ void InitAttentionMass(Napi::Env env, Napi::Object exports);
 void InitClusterEstimate(Napi::Env env, Napi::Object exports);
 void InitClusterRank(Napi::Env env, Napi::Object exports);
 void InitClusterSummary(Napi::Env env, Napi::Object exports);
+void InitWaveBuild(Napi::Env env, Napi::Object exports);
 void InitRaGraph(Napi::Env env, Napi::Object exports);
 void InitFaiss(Napi::Env env, Napi::Object exports);
 void InitCuda(Napi::Env env, Napi::Object exports);
@@ -35,6 +36,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitClusterEstimate(env, exports);
   kvr::InitClusterRank(env, exports);
   kvr::InitClusterSummary(env, exports);
+  kvr::InitWaveBuild(env, exports);
   kvr::InitRaGraph(env, exports);
   kvr::InitFaiss(env, exports);
   kvr::InitCuda(env, exports);
