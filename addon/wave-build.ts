@@ -1,8 +1,8 @@
 // Typed wrapper of the wave build's native loops (native/kernels/wave_build.h):
 // the moments' 8-bit codes and the variance-share calibration's float64 sums,
 // each bit for bit what the TypeScript loops they replace gave
-// (index/wave/moment-code.ts, variance-share.ts). Synchronous: a few
-// milliseconds each on a seal's main thread.
+// (index/wave/moment-code.ts, variance-share.ts). Synchronous, the main
+// thread working with the native pool: a few milliseconds each.
 import { nativeAddon } from './addon.js';
 
 export interface MomentCodeArrays {
@@ -20,7 +20,7 @@ interface Addon {
 
 const addon = nativeAddon<Addon>();
 
-/** Codes `clusters` rows of headDim axes and variances into `out`; returns the first cluster with a non-finite value (nothing after it coded), or -1. */
+/** Codes `clusters` rows of headDim axes and variances into `out`; returns a cluster with a non-finite value (the codes then incomplete), or -1. */
 export function encodeMomentRows(axes: Float32Array, vars: Float32Array, clusters: number, headDim: number, out: MomentCodeArrays): number {
   return addon.encodeMoments({ axes, vars, clusters, headDim, ...out });
 }

@@ -1,8 +1,9 @@
-// The wave build's loops (native/kernels/wave_build.h), synchronous: each is
-// a few milliseconds of a seal's main thread.
+// The wave build's loops (native/kernels/wave_build.h), synchronous (the
+// caller's thread works with the pool's): each is a few milliseconds of a
+// seal's main thread.
 //   encodeMoments({axes, vars: Float32Array [clusters·headDim], clusters, headDim,
 //                  keyAxes: Int8Array, axisScales: Float32Array [clusters], keyVars: Uint8Array, varScales: Float32Array})
-//     -> the first cluster with a non-finite axis or variance, or -1
+//     -> a cluster with a non-finite axis or variance (the codes then incomplete), or -1
 //   rowDots({q: Float64Array [rows·headDim], rows, headDim, x: Float32Array [n rows of stride], n, stride, scale, out: Float64Array [rows·n]})
 //   weightedRowSums({w: Float64Array [rows·n], mask?: Uint8Array [rows·n], rows, n, x: Float32Array [n rows of stride], stride, headDim,
 //                    out: Float64Array [rows·headDim] (added to)})

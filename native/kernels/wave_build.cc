@@ -8,6 +8,8 @@
 #include <cmath>
 #include <vector>
 
+#include "common/thread_pool.h"
+
 namespace kvr {
 
 namespace {
@@ -24,13 +26,16 @@ inline double DecodeVarF64(double code, float scale) { return double(float(code 
 
 }  // namespace
 
-int64_t EncodeMoments(const float* axes, const float* vars, int64_t clusters, int d, int8_t* keyAxes, float* axisScales, uint8_t* keyVars,
-                      float* varScales) {
+namespace {
+
+// Clusters [c0, c1) of EncodeMoments; returns the first with a non-finite value there, or -1.
+int64_t EncodeRange(const float* axes, const float* vars, int64_t c0, int64_t c1, int d, int8_t* keyAxes, float* axisScales, uint8_t* keyVars,
+                    float* varScales) {
   constexpr double kAxisMax = 127, kVarMax = 255;
   // Each loop branch-free over j (selects, no early exit), so that the compiler can run it 4 lanes wide: the
   // divisions, square roots and floors are IEEE operations, the same in a lane as alone.
   std::vector<double> code(static_cast<size_t>(d));
-  for (int64_t c = 0; c < clusters; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const float* a = axes + c * d;
     const float* v = vars + c * d;
     double ma = 0, mv = 0;
@@ -68,37 +73,59 @@ int64_t EncodeMoments(const float* axes, const float* vars, int64_t clusters, in
   return -1;
 }
 
+}  // namespace
+
+int64_t EncodeMoments(const float* axes, const float* vars, int64_t clusters, int d, int8_t* keyAxes, float* axisScales, uint8_t* keyVars,
+                      float* varScales) {
+  // Clusters apart on the pool (each row's codes its own): a 1M-token head has ~70K of them.
+  constexpr int64_t kChunk = 2048;
+  const size_t chunks = size_t((clusters + kChunk - 1) / kChunk);
+  std::vector<int64_t> bad(chunks, -1);
+  ThreadPool::Get().ParallelFor(chunks, [&](size_t k) {
+    const int64_t c0 = int64_t(k) * kChunk;
+    bad[k] = EncodeRange(axes, vars, c0, std::min(clusters, c0 + kChunk), d, keyAxes, axisScales, keyVars, varScales);
+  });
+  for (int64_t b : bad)
+    if (b >= 0) return b;
+  return -1;
+}
+
 void RowDots(const double* q, int rows, int d, const float* x, int64_t n, int64_t stride, double s, double* out) {
   // q transposed, so that the rows' sums sit side by side (one vector op adds a term to several), each still in j order.
   std::vector<double> qt(size_t(rows) * size_t(d));
-  std::vector<double> acc(static_cast<size_t>(rows));
   for (int r = 0; r < rows; ++r)
     for (int j = 0; j < d; ++j) qt[size_t(j) * rows + r] = q[size_t(r) * d + j];
-  for (int64_t t = 0; t < n; ++t) {
-    const float* xt = x + t * stride;
-    std::fill(acc.begin(), acc.end(), 0.0);
+  constexpr int64_t kChunk = 1024;
+  ThreadPool::Get().ParallelFor(size_t((n + kChunk - 1) / kChunk), [&](size_t k) {
+    std::vector<double> acc(static_cast<size_t>(rows));
     double* __restrict a = acc.data();
-    for (int j = 0; j < d; ++j) {
-      const double xj = xt[j];
-      const double* __restrict qj = qt.data() + size_t(j) * rows;
-      for (int r = 0; r < rows; ++r) a[r] += qj[r] * xj;
+    const int64_t t1 = std::min(n, int64_t(k + 1) * kChunk);
+    for (int64_t t = int64_t(k) * kChunk; t < t1; ++t) {
+      const float* xt = x + t * stride;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int j = 0; j < d; ++j) {
+        const double xj = xt[j];
+        const double* __restrict qj = qt.data() + size_t(j) * rows;
+        for (int r = 0; r < rows; ++r) a[r] += qj[r] * xj;
+      }
+      for (int r = 0; r < rows; ++r) out[size_t(r) * n + t] = s * a[r];
     }
-    for (int r = 0; r < rows; ++r) out[size_t(r) * n + t] = s * a[r];
-  }
+  });
 }
 
 void WeightedRowSums(const double* w, const uint8_t* mask, int rows, int64_t n, const float* x, int64_t stride, int d, double* out) {
-  for (int r = 0; r < rows; ++r) {
-    double* __restrict o = out + size_t(r) * d;
-    const double* wr = w + size_t(r) * n;
-    const uint8_t* mr = mask ? mask + size_t(r) * n : nullptr;
+  // Rows apart on the pool: each row's sums are its own, over t in order.
+  ThreadPool::Get().ParallelFor(size_t(rows), [&](size_t r) {
+    double* __restrict o = out + r * size_t(d);
+    const double* wr = w + r * size_t(n);
+    const uint8_t* mr = mask ? mask + r * size_t(n) : nullptr;
     for (int64_t t = 0; t < n; ++t) {
       if (mr && !mr[t]) continue;
       const double wt = wr[t];
       const float* __restrict xt = x + t * stride;
       for (int j = 0; j < d; ++j) o[j] += wt * double(xt[j]);
     }
-  }
+  });
 }
 
 }  // namespace kvr

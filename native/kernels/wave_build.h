@@ -16,8 +16,9 @@ namespace kvr {
 // decodes them): scale = f32(max|axis| / 127), code = clamp(round-half-up
 // (axis / scale), ±127); vscale = f32(max var / 255²), code = the nearer of
 // floor(sqrt(var / vscale)) and the next (by the f32 variance each decodes
-// to, the lower on a tie), at most 255. Returns the first cluster with a
-// non-finite axis or variance (its codes and those after it unwritten), or -1.
+// to, the lower on a tie), at most 255. Returns a cluster with a non-finite
+// axis or variance (the codes are then incomplete), or -1. On the pool, as
+// the sums below: each result is written by one thread, in its own order.
 int64_t EncodeMoments(const float* axes, const float* vars, int64_t clusters, int d, int8_t* keyAxes, float* axisScales, uint8_t* keyVars,
                       float* varScales);
 

@@ -42,8 +42,8 @@ function edgyMoments(rng: Rng, C: number, d: number) {
 describe('wave build: native loops', () => {
   it('codes moments as the TypeScript loop did, bit for bit, edges included', () => {
     const rng = new Rng(seed);
-    for (const d of [64, 128, 7]) {
-      const C = 2000;
+    // 5000 rows: more than one of the pool's chunks (2048 clusters).
+    for (const [d, C] of [[64, 5000], [128, 700], [7, 300]]) {
       const { axes, vars } = edgyMoments(rng, C, d);
       const a = encodeMoments(axes, vars, C, d), b = encodeMomentsBefore(axes, vars, C, d);
       sameBits(a.keyAxes, b.keyAxes);
@@ -65,11 +65,15 @@ describe('wave build: native loops', () => {
     const out = { keyAxes: new Int8Array(24), axisScales: new Float32Array(3), keyVars: new Uint8Array(24), varScales: new Float32Array(3) };
     vars[9] = Infinity;
     expect(encodeMomentRows(axes, vars, 3, 8, out)).toBe(1);
+    // In a later chunk of the pool's (2048 clusters a chunk) too.
+    const many = new Float32Array(5000 * 8).fill(1);
+    many[4500 * 8 + 2] = NaN;
+    expect(() => encodeMoments(many, new Float32Array(5000 * 8), 5000, 8)).toThrow(/not finite/);
   });
 
   it('row dots: each sum over the channels in order, scaled after', () => {
     const rng = new Rng(seed + 1);
-    for (const [rows, d, n, stride] of [[16, 64, 300, 64], [5, 64, 77, 72], [1, 3, 10, 3], [16, 128, 50, 136], [0, 8, 4, 8], [3, 8, 0, 8]]) {
+    for (const [rows, d, n, stride] of [[16, 64, 3000, 64], [5, 64, 77, 72], [1, 3, 10, 3], [16, 128, 50, 136], [0, 8, 4, 8], [3, 8, 0, 8]]) {
       const q = Float64Array.from({ length: rows * d }, () => Math.fround(rng.normal() * 3));
       const x = Float32Array.from({ length: Math.max(0, n * stride) }, () => rng.normal() * 10 ** (2 * rng.next()));
       const s = 1 / Math.sqrt(d), got = new Float64Array(rows * n), want = new Float64Array(rows * n);
