@@ -75,7 +75,7 @@ class BlockChooserJs : public Napi::ObjectWrap<BlockChooserJs> {
     size_t n = 0;
     const double* p = Data<double>(env, info[0], "params", 8, &n);
     auto integer = [&](int i, const char* what, int64_t lo, int64_t hi) {
-      if (p[i] != double(int64_t(p[i])) || p[i] < double(lo) || p[i] > double(hi))
+      if (!(p[i] >= double(lo) && p[i] <= double(hi)) || p[i] != double(int64_t(p[i])))  // the range before the cast (NaN fails it)
         throw Napi::RangeError::New(env, std::string(what) + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
       return int64_t(p[i]);
     };

@@ -355,7 +355,7 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
       Napi::Value vv = valid.Get(h);
       if (!vv.IsNumber()) throw Napi::TypeError::New(env, "Expected numbers in validTokens");
       const double vt = vv.As<Napi::Number>().DoubleValue();
-      if (vt < 0 || vt != double(int64_t(vt)) || int64_t(vt) > blocks * bs)
+      if (!(vt >= 0 && vt <= double(blocks * bs)) || vt != double(int64_t(vt)))  // the range before the cast (NaN fails it)
         throw Napi::RangeError::New(env, "validTokens[" + std::to_string(h) + "] must be an integer in [0, blocks * blockSize]");
       a.validTokens.push_back(int64_t(vt));
     }
@@ -364,7 +364,7 @@ class GpuPool : public Napi::ObjectWrap<GpuPool> {
       Napi::Value vv = valid.Get(h);
       if (!vv.IsNumber()) throw Napi::TypeError::New(env, "Expected numbers in validTokens");
       const double vt = vv.As<Napi::Number>().DoubleValue();
-      if (vt < 0 || vt != double(int64_t(vt)) || int64_t(vt) > int64_t(t.ElementLength()) * bs)
+      if (!(vt >= 0 && vt <= double(int64_t(t.ElementLength()) * bs)) || vt != double(int64_t(vt)))  // the range before the cast
         throw Napi::RangeError::New(env, "validTokens[" + std::to_string(h) + "] must be an integer in [0, blocks * blockSize]");
       const int64_t need = (int64_t(vt) + bs - 1) / bs;
       for (int64_t i = 0; i < need; ++i)

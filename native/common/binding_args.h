@@ -83,7 +83,8 @@ std::optional<Napi::TypedArrayOf<T>> OptTypedAt(const Napi::Object& o, const cha
 inline int64_t IntValue(const Napi::Value& v, const std::string& what, int64_t lo, int64_t hi) {
   if (!v.IsNumber()) throw Napi::TypeError::New(v.Env(), "Expected a number for " + what);
   double d = v.As<Napi::Number>().DoubleValue();
-  if (d != double(int64_t(d)) || d < double(lo) || d > double(hi))
+  // The range first: casting NaN, an infinity or a value past int64 is undefined behaviour.
+  if (!(d >= double(lo) && d <= double(hi)) || d != double(int64_t(d)))
     throw Napi::RangeError::New(v.Env(), what + " must be an integer in [" + std::to_string(lo) + ", " +
                                              std::to_string(hi) + "]");
   return int64_t(d);
