@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-8b decode-prof ncu-wave ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof ncu-wave ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -112,6 +112,15 @@ for s in $stages; do
         kill -INT $pid; wait $pid
       done
       [ -n "$tr" ] && (cd "$tr" && python3 "$OLDPWD/bench/decode-rpc-trace.py" 'tr-*.json' | tee -a "$L")
+      uptime | tee -a "$L" ;;
+    decode-16)  # issue #13's end-to-end target (<= 8 ms a token including RPC, H200): bench:decode --full, 16 layers of the llama3.2-1b shape at 1M, exact + wave, the server in its own process with --poll-us 1000, two lanes (the plain stream; the client's loop polling too); ~5 min (bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.md)
+      g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
+      data=/tmp/kvd-$s; rm -rf /tmp/kvd-*
+      KVRECALL_GPU_BUDGET=20000000000 KVRECALL_GPU_WAVE_BUDGET=40000000000 KVRECALL_GPU_KMEANS=1 node dist/cli/cli.js serve --port 8711 --data "$data" --poll-us 1000 > "$OUT/serve-$s.log" 2>&1 &
+      pid=$!
+      for i in $(seq 100); do node -e "fetch('http://127.0.0.1:8711/v1/health').then(()=>process.exit(0),()=>process.exit(1))" && break; sleep 0.2; done
+      step 500 decode-16 node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --layers 16 --tokens 1M --steps 64 --sweep none --methods exact,wave --via stream,stream-spin --sample-layers none --tag $g-16layers-cs16-poll${TAGX:-}
+      kill -INT $pid; wait $pid; rm -rf "$data"
       uptime | tee -a "$L" ;;
     decode-8b|decode-prof)  # issue #13's llama3-8b target (<= 0.6 ms a layer-step including RPC, >= 8 layers): bench:decode --full, 8 layers at 1M, exact + wave, the server in its own process (its loop polling by default on this host); decode-prof: 2 layers of the llama3.2-1b shape, wave alone, 256 steps, the server under V8's sampling profiler (100 us) to find the JS time around a device step (server stats.ms minus the device's, ~0.09 ms a call in visit AT). Limits 540 s: one device command each
       g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
