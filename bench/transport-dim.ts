@@ -25,7 +25,7 @@
 // Results: bench/results/transport-dim-<tag>.{md,json} (tag: KVRECALL_BENCH_TAG, default vm).
 import { fork } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer, type Socket } from 'node:net';
+import { createServer } from 'node:net';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
@@ -35,6 +35,7 @@ import type { KvrecallStream } from '../clients/ts/stream.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
 import { startServer } from './transport-rows.js';
+import { tcpLink } from './tcp-link.js';
 
 const arg = (name: string) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -170,40 +171,13 @@ function peer(hot: boolean): void {
 }
 
 /** A connection to the peer for one (request, answer, hold): call() resolves when the whole answer is in; spinMs as the stream's. */
-async function floorLink(port: number, req: number, res: number, holdMs: number, spinMs: number): Promise<{ call(): Promise<void>; close(): void }> {
-  const s: Socket = connect(port, '127.0.0.1');
-  s.setNoDelay(true);
-  await new Promise((r) => s.once('connect', r));
-  const pre = Buffer.alloc(12);
-  pre.writeUInt32LE(req, 0);
-  pre.writeUInt32LE(res, 4);
-  pre.writeUInt32LE(Math.round(holdMs * 1000), 8);
-  s.write(pre);
-  let got = 0, waiting: (() => void) | undefined;
-  s.on('data', (d: Buffer) => {
-    got += d.byteLength;
-    if (got < res) return;
-    got -= res;
-    const w = waiting;
-    waiting = undefined;
-    w?.();
-  });
-  const body = Buffer.alloc(req, 2);
-  return {
-    call: () =>
-      new Promise<void>((r) => {
-        waiting = r;
-        s.write(body);
-        if (spinMs > 0) {
-          const until = performance.now() + spinMs;
-          const turn = () => {
-            if (waiting && performance.now() < until) setImmediate(turn);
-          };
-          setImmediate(turn);
-        }
-      }),
-    close: () => s.destroy(),
-  };
+function floorLink(port: number, req: number, res: number, holdMs: number, spinMs: number): Promise<{ call(): Promise<void>; close(): void }> {
+  // The peer learns the sizes and its hold from the first 12 bytes.
+  const preamble = Buffer.alloc(12);
+  preamble.writeUInt32LE(req, 0);
+  preamble.writeUInt32LE(res, 4);
+  preamble.writeUInt32LE(Math.round(holdMs * 1000), 8);
+  return tcpLink(port, req, res, { preamble, spinMs });
 }
 
 interface Row {

@@ -14,13 +14,14 @@
 // Results: bench/results/transport-floor-<tag>.{md,json} (KVRECALL_BENCH_TAG, default vm).
 import { fork } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { connect, createServer, type Socket } from 'node:net';
+import { createServer } from 'node:net';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { checksum64, prefault } from '../addon/kernels.js';
 import { machine } from './decode/machine.js';
 import { quantile } from './stats.js';
 import { runInterleaved } from './interleaved.js';
+import { tcpLink } from './tcp-link.js';
 
 const get = (name: string, def: number) => {
   const i = process.argv.indexOf(`--${name}`);
@@ -67,27 +68,11 @@ function peer(hot: boolean): void {
 async function startPeer(hot: boolean): Promise<{ call(): Promise<void>; stop(): void }> {
   const child = fork(process.argv[1], ['--peer', hot ? 'hot' : 'plain', '--req', String(REQ), '--res', String(RES), '--hold', String(HOLD)]);
   const port = await new Promise<number>((r) => child.once('message', (m) => r(m as number)));
-  const s: Socket = connect(port, '127.0.0.1');
-  s.setNoDelay(true);
-  await new Promise((r) => s.once('connect', r));
-  let got = 0, waiting: (() => void) | undefined;
-  s.on('data', (d: Buffer) => {
-    got += d.byteLength;
-    if (got < RES) return;
-    got -= RES;
-    const w = waiting;
-    waiting = undefined;
-    w?.();
-  });
-  const req = Buffer.alloc(REQ, 2);
+  const link = await tcpLink(port, REQ, RES);
   return {
-    call: () =>
-      new Promise<void>((r) => {
-        waiting = r;
-        s.write(req);
-      }),
+    call: link.call,
     stop: () => {
-      s.destroy();
+      link.close();
       child.kill('SIGKILL');
     },
   };
