@@ -107,34 +107,27 @@ for s in $stages; do
         tag=${r%%:*} samples=${r#*:}; data=/tmp/kvd-$tag; rm -rf "$data"
         env ${tr:+KVR_TR=$tr/tr-server} KVRECALL_GPU_BUDGET=36500000000 KVRECALL_GPU_WAVE_BUDGET=24000000000 KVRECALL_GPU_KMEANS=1 node dist/cli/cli.js serve --port 8711 --data "$data" > "$OUT/serve-$tag.log" 2>&1 &
         pid=$!
-        for i in $(seq 100); do node -e "fetch('http://127.0.0.1:8711/v1/health').then(()=>process.exit(0),()=>process.exit(1))" && break; sleep 0.2; done
+        await_health 8711
         step 240 decode-$tag env ${tr:+KVR_TR=$tr/tr-bench} node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --layers 2 --tokens ${RPC_TOKENS:-1M} --steps 16 --sweep none --methods wave --via stream --sample-layers $samples --tag $g-2layers-outproc-$tag
         kill -INT $pid; wait $pid
       done
       [ -n "$tr" ] && (cd "$tr" && python3 "$OLDPWD/bench/decode-rpc-trace.py" 'tr-*.json' | tee -a "$L")
       uptime | tee -a "$L" ;;
-    decode-16)  # issue #13's end-to-end target (<= 8 ms a token including RPC, H200): bench:decode --full, 16 layers of the llama3.2-1b shape at 1M, exact + wave, the server in its own process with --poll-us 1000, two lanes (the plain stream; the client's loop polling too); ~5 min (bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.md)
+    decode-16|decode-8b|decode-prof)  # issue #13's decode targets, bench:decode --full at 1M, the server in its own process (its loop polling by default on a GPU host of 8 cores or more). decode-16: the end to end (<= 8 ms a token including RPC, H200), 16 layers of the llama3.2-1b shape, exact + wave, --poll-us 1000 given, two lanes (the plain stream; the client's loop polling too); ~5 min (bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.md). decode-8b: llama3-8b (<= 0.6 ms a layer-step including RPC, >= 8 layers), 8 layers, exact + wave. decode-prof: 2 layers of the llama3.2-1b shape, wave alone, 256 steps, the server under V8's sampling profiler (100 us) to find the JS time around a device step (bench/results/decode-prof-h200.md; read with bench/cpuprofile-summary.py). Limits 540 s: one device command each
       g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
-      data=/tmp/kvd-$s; rm -rf /tmp/kvd-*
-      KVRECALL_GPU_BUDGET=20000000000 KVRECALL_GPU_WAVE_BUDGET=40000000000 KVRECALL_GPU_KMEANS=1 node dist/cli/cli.js serve --port 8711 --data "$data" --poll-us 1000 > "$OUT/serve-$s.log" 2>&1 &
-      pid=$!
-      for i in $(seq 100); do node -e "fetch('http://127.0.0.1:8711/v1/health').then(()=>process.exit(0),()=>process.exit(1))" && break; sleep 0.2; done
-      step 500 decode-16 node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --layers 16 --tokens 1M --steps 64 --sweep none --methods exact,wave --via stream,stream-spin --sample-layers none --tag $g-16layers-cs16-poll${TAGX:-}
-      kill -INT $pid; wait $pid; rm -rf "$data"
-      uptime | tee -a "$L" ;;
-    decode-8b|decode-prof)  # issue #13's llama3-8b target (<= 0.6 ms a layer-step including RPC, >= 8 layers): bench:decode --full, 8 layers at 1M, exact + wave, the server in its own process (its loop polling by default on this host); decode-prof: 2 layers of the llama3.2-1b shape, wave alone, 256 steps, the server under V8's sampling profiler (100 us) to find the JS time around a device step (server stats.ms minus the device's, ~0.09 ms a call in visit AT). Limits 540 s: one device command each
-      g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
-      data=/tmp/kvd-$s; rm -rf "$data"; prof=""
+      data=/tmp/kvd-$s; rm -rf /tmp/kvd-*; prof="" poll=""
       [ "$s" = decode-prof ] && prof="--cpu-prof --cpu-prof-dir $OUT/prof --cpu-prof-interval 100"
-      KVRECALL_GPU_BUDGET=20000000000 KVRECALL_GPU_WAVE_BUDGET=40000000000 KVRECALL_GPU_KMEANS=1 node $prof dist/cli/cli.js serve --port 8711 --data "$data" > "$OUT/serve-$s.log" 2>&1 &
+      [ "$s" = decode-16 ] && poll="--poll-us 1000"
+      KVRECALL_GPU_BUDGET=20000000000 KVRECALL_GPU_WAVE_BUDGET=40000000000 KVRECALL_GPU_KMEANS=1 node $prof dist/cli/cli.js serve --port 8711 --data "$data" $poll > "$OUT/serve-$s.log" 2>&1 &
       pid=$!
-      for i in $(seq 100); do node -e "fetch('http://127.0.0.1:8711/v1/health').then(()=>process.exit(0),()=>process.exit(1))" && break; sleep 0.2; done
-      if [ "$s" = decode-8b ]; then
-        step 500 decode-8b node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --preset llama3-8b --layers 8 --tokens 1M --steps 64 --sweep none --methods exact,wave --via stream --sample-layers none --tag $g-8layers-cs16
-      else
-        step 400 decode-prof node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data "$data" --server-pid $pid --layers 2 --tokens 1M --steps 256 --sweep none --methods wave --via stream --sample-layers none --timing --tag $g-2layers-prof
-      fi
-      kill -INT $pid; wait $pid
+      await_health 8711
+      run="node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data $data --server-pid $pid --tokens 1M --sweep none --sample-layers none"
+      case $s in
+        decode-16) step 500 decode-16 $run --layers 16 --steps 64 --methods exact,wave --via stream,stream-spin --tag $g-16layers-cs16-poll${TAGX:-} ;;
+        decode-8b) step 500 decode-8b $run --preset llama3-8b --layers 8 --steps 64 --methods exact,wave --via stream --tag $g-8layers-cs16 ;;
+        *) step 400 decode-prof $run --layers 2 --steps 256 --methods wave --via stream --timing --tag $g-2layers-prof ;;
+      esac
+      kill -INT $pid; wait $pid; rm -rf "$data"
       [ -d "$OUT/prof" ] && xz -T4 "$OUT"/prof/*.cpuprofile
       uptime | tee -a "$L" ;;
     ncu-wave)  # the wave step's kernels one by one under Nsight Compute at the llama3.2-1b shape (bench/results/wave-step-ncu-d64-h100-b2.md: how to read it)
