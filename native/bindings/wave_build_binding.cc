@@ -17,14 +17,22 @@ namespace {
 
 constexpr int64_t kMaxRows = int64_t(1) << 31;
 
-double Double(const Napi::Object& o, const char* key) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string("Expected a number for ") + key);
-  return v.As<Napi::Number>().DoubleValue();
-}
+// rowDots' and weightedRowSums' shape: `rows` query rows of headDim, over `n` rows of `stride` in x.
+struct RowsShape {
+  int rows, d;
+  int64_t n, stride;
+  // Elements x must hold (its last row needs only d).
+  size_t Span() const { return n == 0 ? 0 : size_t(n - 1) * size_t(stride) + size_t(d); }
+};
 
-// Elements a [n rows of stride] array must hold (its last row needs only d).
-size_t RowsSpan(int64_t n, int64_t stride, int d) { return n == 0 ? 0 : size_t(n - 1) * size_t(stride) + size_t(d); }
+RowsShape RowsShapeAt(const Napi::Object& o) {
+  RowsShape s;
+  s.rows = int(Int(o, "rows", 0, 4096));
+  s.d = int(Int(o, "headDim", 1, 4096));
+  s.n = Int(o, "n", 0, kMaxRows);
+  s.stride = Int(o, "stride", s.d, 1 << 16);
+  return s;
+}
 
 Napi::Value EncodeMomentsJs(const Napi::CallbackInfo& info) {
   Napi::Object o = ArgObject(info);
@@ -41,28 +49,22 @@ Napi::Value EncodeMomentsJs(const Napi::CallbackInfo& info) {
 
 Napi::Value RowDotsJs(const Napi::CallbackInfo& info) {
   Napi::Object o = ArgObject(info);
-  const int rows = int(Int(o, "rows", 0, 4096));
-  const int d = int(Int(o, "headDim", 1, 4096));
-  const int64_t n = Int(o, "n", 0, kMaxRows);
-  const int64_t stride = Int(o, "stride", d, 1 << 16);
-  auto q = TypedAt<double>(o, "q", size_t(rows) * size_t(d));
-  auto x = TypedAt<float>(o, "x", RowsSpan(n, stride, d));
-  auto out = TypedAt<double>(o, "out", size_t(rows) * size_t(n));
-  RowDots(q.Data(), rows, d, x.Data(), n, stride, Double(o, "scale"), out.Data());
+  const RowsShape s = RowsShapeAt(o);
+  auto q = TypedAt<double>(o, "q", size_t(s.rows) * size_t(s.d));
+  auto x = TypedAt<float>(o, "x", s.Span());
+  auto out = TypedAt<double>(o, "out", size_t(s.rows) * size_t(s.n));
+  RowDots(q.Data(), s.rows, s.d, x.Data(), s.n, s.stride, Double(o, "scale"), out.Data());
   return info.Env().Undefined();
 }
 
 Napi::Value WeightedRowSumsJs(const Napi::CallbackInfo& info) {
   Napi::Object o = ArgObject(info);
-  const int rows = int(Int(o, "rows", 0, 4096));
-  const int d = int(Int(o, "headDim", 1, 4096));
-  const int64_t n = Int(o, "n", 0, kMaxRows);
-  const int64_t stride = Int(o, "stride", d, 1 << 16);
-  auto w = TypedAt<double>(o, "w", size_t(rows) * size_t(n));
-  auto mask = OptTypedAt<uint8_t>(o, "mask", size_t(rows) * size_t(n));
-  auto x = TypedAt<float>(o, "x", RowsSpan(n, stride, d));
-  auto out = TypedAt<double>(o, "out", size_t(rows) * size_t(d));
-  WeightedRowSums(w.Data(), mask ? mask->Data() : nullptr, rows, n, x.Data(), stride, d, out.Data());
+  const RowsShape s = RowsShapeAt(o);
+  auto w = TypedAt<double>(o, "w", size_t(s.rows) * size_t(s.n));
+  auto mask = OptTypedAt<uint8_t>(o, "mask", size_t(s.rows) * size_t(s.n));
+  auto x = TypedAt<float>(o, "x", s.Span());
+  auto out = TypedAt<double>(o, "out", size_t(s.rows) * size_t(s.d));
+  WeightedRowSums(w.Data(), mask ? mask->Data() : nullptr, s.rows, s.n, x.Data(), s.stride, s.d, out.Data());
   return info.Env().Undefined();
 }
 

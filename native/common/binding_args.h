@@ -103,11 +103,13 @@ inline int64_t OptInt(const Napi::Object& o, const char* key, int64_t lo, int64_
   return Absent(o.Get(key)) ? def : Int(o, key, lo, hi);
 }
 
-inline float Float(const Napi::Object& o, const char* key) {
+inline double Double(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string("Expected a number for ") + key);
-  return v.As<Napi::Number>().FloatValue();
+  return v.As<Napi::Number>().DoubleValue();
 }
+
+inline float Float(const Napi::Object& o, const char* key) { return float(Double(o, key)); }
 
 // o[key] by JS truthiness; def when undefined.
 inline bool Flag(const Napi::Object& o, const char* key, bool def) {
