@@ -43,14 +43,17 @@ describe('variance share calibration', () => {
       const along = q.reduce((a, x, j) => a + x * u[j], 0);
       return q.map((x, j) => x - along * u[j]);
     };
-    const varyingAlong = (dir: Float32Array, query: () => Float32Array) =>
+    const varyingAlong = (dir: Float32Array, sd: number, query: () => Float32Array) =>
       document(rng, (k) => {
-        const z = 3 * rng.normal();
+        const z = sd * rng.normal();
         for (let j = 0; j < d; j++) k[j] += z * dir[j];
       }, query);
-    const orthogonalQueries = varyingAlong(u, orthogonal);
+    const orthogonalQueries = varyingAlong(u, 3, orthogonal);
     const e0 = Float32Array.from({ length: d }, (_, j) => (j === 0 ? 1 : 0));
-    const alongQueries = varyingAlong(e0, () => Float32Array.from({ length: d }, (_, j) => (j === 0 ? 8 : 0.1 * rng.normal())));
+    // A spread of 2 along the channel, not 3: at 3 the calibration's few rows chose 0.5 for 3 of 24 seeds
+    // (seed 717808161 failed a clean-clone CI run; the build before session 23's rewrite chose the same, so
+    // the premise, not the build, was at fault); at 2, 64 of 64 seeds chose 0.75 or 1.
+    const alongQueries = varyingAlong(e0, 2, () => Float32Array.from({ length: d }, (_, j) => (j === 0 ? 8 : 0.1 * rng.normal())));
     const shareOf = async (input: ReturnType<typeof varyingAlong>) => decodeClusters(await buildClusters(input)).varianceShare;
     expect(await shareOf(orthogonalQueries)).toBe(0);
     expect(await shareOf(alongQueries)).toBeGreaterThanOrEqual(0.75);
