@@ -6,9 +6,9 @@
 //   layer the GPU holds does the middle three in one device call; another
 //   method's GPU session estimates there (engine/rest-on-device.ts).
 // Nothing else here depends on which retrieval method the session uses.
-import { budgetTokens, type Selection } from '../index/method.js';
+import { budgetTokens, type LayerContext, type SearchParams, type Selection } from '../index/method.js';
 import type { Residency } from './cache/residency.js';
-import { waveOnDevice } from './wave-on-device.js';
+import { waveOnDevice, type DeviceStep } from './wave-on-device.js';
 import type { BlockStats } from './cache/block-stats.js';
 import { attendedCount, rowsOf, selectedPositions } from './cache/selection-parts.js';
 import type { AttendRequest } from './attend-request.js';
@@ -57,8 +57,27 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
     throw conflict(`layer ${req.layer} of session ${session.id} holds ${own.tokens} own tokens: the next append is position ${own.tokens}, not ${req.position}`);
   const before = own.tokens;
   if (req.k && req.v) own.append(req.k.data, req.v.data, req.k.dtype, 1, req.v.dtype);
+  // The step after its append (select, attend, estimate, answer) is this
+  // function's rest, not an async function of its own: a device layer-step
+  // awaits only the device call (bench/results/wave-step-host-js-vm.md).
   try {
-    return await attendStep(session, req, t0);
+    const ctx = session.context(req.layer);
+    const t1 = performance.now();
+    // The layer's own parameters (a session's per-layer policy may give each layer its budget), and
+    // whether it estimates (session.clustersFor is defined), its clusters looked up on the host path only.
+    // Copied, then set: V8 copies a spread followed by more keys (`{ ...p, budget, estimate }`) on a slow
+    // path, ~0.7 µs against ~0.08 (the 2-core VM); the keys come out in the same order either way.
+    const params: SearchParams = Object.assign({}, session.params);
+    params.budget = budgetTokens(session.budgetFor(req.layer), ctx.tokens);
+    params.estimate = session.estimates(req.layer);
+
+    // A wave session whose document layer the device holds: one native call
+    // selects, attends the document and estimates its rest; the own tokens
+    // are merged in (engine/wave-on-device.ts). Otherwise hostStep.
+    const wantIds = req.want.has('selection') || req.want.has('kv');
+    const device = await waveOnDevice(session, ctx, params, req.q, req.scale, undefined, undefined, wantIds);
+    if (device) return deviceAnswer(session, req, ctx, device, t0, t1, wantIds);
+    return await hostStep(session, req, ctx, params, t0, t1, wantIds);
   } catch (e) {
     // A step that fails after its append (a device or kernel error) takes the token back, so the step
     // changed nothing: its retry appends it once, where it was refused with `position` or appended twice.
@@ -67,85 +86,85 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
   }
 }
 
-/** The step after its append: select, attend, estimate, answer. */
-async function attendStep(session: Session, req: AttendRequest, t0: number): Promise<AttendResult> {
+/** The answer of a step the device ran (waveOnDevice): the host path's stats, keys in its order. */
+function deviceAnswer(session: Session, req: AttendRequest, ctx: LayerContext, device: DeviceStep, t0: number, t1: number, wantIds: boolean): AttendResult {
   const m = session.model;
+  const { selection, out, lse } = device;
+  refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
+  const t2 = t1 + device.deviceMs;
+  const t3 = performance.now();
+  const gpu: NonNullable<AttendResult['stats']['gpu']> = { residentMs: 0, kernelMs: device.kernelMs };
+  if (req.want.has('timing')) gpu.host = device.host();
+  const { attended, estimated } = device, scanned = selection.scanned, tokens = ctx.tokens, selectMs = t2 - t1, attendMs = t3 - t2;
+  // Two literals rather than a spread of { estimated } (an object a step): the keys in the host path's order either way.
+  const stats: AttendResult['stats'] = estimated === undefined
+    ? { tokens, attended, scanned, ms: 0, selectMs, attendMs, backend: 'cuda', gpu }
+    : { tokens, attended, scanned, estimated, ms: 0, selectMs, attendMs, backend: 'cuda', gpu };
+  return answer(session, req, ctx, { out, lse, stats }, selection, wantIds, t0);
+}
 
-  // The method selects.
-  const ctx = session.context(req.layer);
-  const t1 = performance.now();
-  // The layer's own parameters: a session's per-layer policy may give each layer its budget.
-  const layerParams = session.paramsFor(req.layer);
+/** The step on the host path: the method selects, the cache attends, the rest is estimated. */
+async function hostStep(session: Session, req: AttendRequest, ctx: LayerContext, params: SearchParams, t0: number, t1: number, wantIds: boolean): Promise<AttendResult> {
+  const m = session.model;
   // The clusters this layer estimates from (undefined: it does not), looked up once for the step.
   const clusters = session.clustersFor(req.layer);
-  const params = { ...layerParams, budget: budgetTokens(layerParams.budget, ctx.tokens), estimate: clusters !== undefined };
   const out = new Float32Array(m.qHeads * m.headDim);
   const lse = new Float32Array(m.qHeads);
-
-  // A wave session whose document layer the device holds: one native call
-  // selects, attends the document and estimates its rest; the own tokens
-  // are merged in (engine/wave-on-device.ts). Otherwise the steps below.
-  const wantIds = req.want.has('selection') || req.want.has('kv');
-  const device = await waveOnDevice(session, ctx, params, req.q, req.scale, out, lse, wantIds);
-  let selection: Selection, t2: number, residency: Residency, estimated: number | undefined, scanned: number;
-  if (device) {
-    selection = device.selection;
-    t2 = t1 + device.deviceMs;
-    residency = { backend: 'cuda', gpu: { residentMs: 0, kernelMs: device.kernelMs, ...(req.want.has('timing') && { host: device.host }) } };
-    estimated = device.estimated;
+  const selection = await session.method.select(ctx, req.q, params);
+  const t2 = performance.now();
+  let residency: Residency, estimated: number | undefined, scanned: number;
+  try {
+    // What the method left out of the documents is estimated from their clusters (when this layer
+    // estimates): on the device where it holds the document layer's clusters (engine/rest-on-device.ts),
+    // while the cache makes the selection resident (GPU pool or host) and attends over every part
+    // (parts combined by log-sum-exp); else on the host, after. Both settle before either error is
+    // thrown: the device call holds its store until it ends.
+    const estimating = clusters !== undefined && ctx.segments.length > 1;
+    // The device's call is queued (awaited here: the layer's store) before the attend starts: the
+    // attend's residency work and a short attend (the pool's or the host kernel's) run on the event
+    // loop's thread to their end, so a call queued after them did not overlap them (rest-on-device.ts).
+    const started = estimating ? await startRestOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined;
+    const [attended, onDevice] = await Promise.allSettled([session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }), started?.estimate]);
+    if (attended.status === 'rejected') throw attended.reason;
+    if (onDevice.status === 'rejected') throw onDevice.reason;
+    residency = attended.value;
     scanned = selection.scanned;
-    refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
-  } else {
-    selection = await session.method.select(ctx, req.q, params);
-    t2 = performance.now();
-    try {
-      // What the method left out of the documents is estimated from their clusters (when this layer
-      // estimates): on the device where it holds the document layer's clusters (engine/rest-on-device.ts),
-      // while the cache makes the selection resident (GPU pool or host) and attends over every part
-      // (parts combined by log-sum-exp); else on the host, after. Both settle before either error is
-      // thrown: the device call holds its store until it ends.
-      const estimating = clusters !== undefined && ctx.segments.length > 1;
-      // The device's call is queued (awaited here: the layer's store) before the attend starts: the
-      // attend's residency work and a short attend (the pool's or the host kernel's) run on the event
-      // loop's thread to their end, so a call queued after them did not overlap them (rest-on-device.ts).
-      const started = estimating ? await startRestOnDevice(session, ctx, selection, clusters, req.q, req.scale) : undefined;
-      const [attended, onDevice] = await Promise.allSettled([session.cache.attend(selection.parts, { layer: req.layer, q: req.q, scale: req.scale, out, lse }), started?.estimate]);
-      if (attended.status === 'rejected') throw attended.reason;
-      if (onDevice.status === 'rejected') throw onDevice.reason;
-      residency = attended.value;
-      scanned = selection.scanned;
-      if (estimating) {
-        const est = onDevice.value ?? (await estimateRest(ctx, selection, clusters, req.q, req.scale));
-        mergeInto(out, lse, est.out, est.lse, m.headDim);
-        estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
-        scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
-      }
-      // Scores past float32 leave their heads' lse NaN, +Inf or (heads that attended rows) -Inf: refused,
-      // and the token taken back (decodeStep), rather than answered with NaN or a silently wrong out.
-      refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
-    } catch (e) {
-      // What the method kept of this step goes back with the token, so the retry counts it once.
-      selection.undo?.();
-      throw e;
+    if (estimating) {
+      const est = onDevice.value ?? (await estimateRest(ctx, selection, clusters, req.q, req.scale));
+      mergeInto(out, lse, est.out, est.lse, m.headDim);
+      estimated = est.estimated.reduce((a, b) => a + b, 0) / m.kvHeads;
+      scanned += est.scanned.reduce((a, b) => a + b, 0) / m.kvHeads;
     }
+    // Scores past float32 leave their heads' lse NaN, +Inf or (heads that attended rows) -Inf: refused,
+    // and the token taken back (decodeStep), rather than answered with NaN or a silently wrong out.
+    refuseOverflow(lse, selection, m.qHeads / m.kvHeads, req.scale);
+  } catch (e) {
+    // What the method kept of this step goes back with the token, so the retry counts it once.
+    selection.undo?.();
+    throw e;
   }
   const t3 = performance.now();
   const { backend, blocks, gpu } = residency;
 
-  // Answer.
-  const attended = device ? device.attended : attendedCount(selection, m.kvHeads);
+  const attended = attendedCount(selection, m.kvHeads);
   const stats = { tokens: ctx.tokens, attended, scanned, ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
-  const result: AttendResult = { out, lse, stats };
+  return answer(session, req, ctx, { out, lse, stats }, selection, wantIds, t0);
+}
+
+/** Either path's end: the ids and rows asked for, the step's ms, the session's counts. */
+function answer(session: Session, req: AttendRequest, ctx: LayerContext, result: AttendResult, selection: Selection, wantIds: boolean, t0: number): AttendResult {
+  const m = session.model;
   if (wantIds) {
     const positions = selectedPositions(selection, ctx);
     if (req.want.has('selection')) result.selection = positions;
     if (req.want.has('kv')) result.kv = gatherKv(selection, m.kvHeads, m.headDim);
   }
-  result.stats.ms = performance.now() - t0;
+  const stats = result.stats;
+  stats.ms = performance.now() - t0;
   session.stats.steps++;
-  session.stats.attendMs += result.stats.ms;
-  session.stats.selected += attended;
-  session.stats.scanned += scanned;
+  session.stats.attendMs += stats.ms;
+  session.stats.selected += stats.attended;
+  session.stats.scanned += stats.scanned;
   session.stats.contextTokens = ctx.tokens;
   return result;
 }

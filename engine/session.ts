@@ -103,9 +103,14 @@ export class Session {
     this.gpu?.release(this.gpuReserved);
   }
 
-  /** The search parameters of one layer's steps: the session's, with that layer's budget. */
-  paramsFor(layer: number): SearchParams {
-    return { ...this.params, budget: this.layers[layer].budget };
+  /** One layer's budget (a per-layer policy may give each layer its own): a step's parameters are the session's with it. */
+  budgetFor(layer: number): number {
+    return this.layers[layer].budget;
+  }
+
+  /** Whether a layer estimates what the method leaves out: clustersFor is defined (without building its array). */
+  estimates(layer: number): boolean {
+    return this.layers[layer].estimate && this.clusterIndexes !== undefined;
   }
 
   /** The documents' clusters of one layer, when that layer estimates what the method leaves out. */
@@ -118,20 +123,24 @@ export class Session {
     return this.documents.reduce((n, d) => n + d.meta.tokens, 0);
   }
 
+  /** Made every layer-step: plain loops, no spread arrays or objects (bench/results/wave-step-host-js-vm.md). */
   context(layer: number): LayerContext {
-    const segments = [...this.documents.map((d) => residentLayer(d, layer)), this.own[layer]];
-    const offsets: number[] = [];
+    const docs = this.documents.length;
+    const segments: KvSegment[] = [], offsets: number[] = [], indexes: (HeadIndex[] | undefined)[] = [];
     let tokens = 0;
-    for (const s of segments) {
+    for (let i = 0; i <= docs; i++) {
+      const s = i < docs ? residentLayer(this.documents[i], layer) : this.own[layer];
+      segments.push(s);
       offsets.push(tokens);
       tokens += s.tokens;
+      indexes.push(i < docs ? this.documentIndexes[i]?.[layer] : undefined);
     }
-    const indexes = [...this.documents.map((_, i) => this.documentIndexes[i]?.[layer]), undefined];
     const { qHeads, kvHeads, headDim } = this.model;
     const question = (head: number) => this.ownQueries.rows(layer, head);
+    const ctx: LayerContext = { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim };
     // GPU sessions score block summaries on the device (the same blocks as on the host).
-    const blockScorer = this.gpu ? deviceBlockScorer() : undefined;
-    return { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim, ...(blockScorer && { blockScorer }) };
+    if (this.gpu) ctx.blockScorer = deviceBlockScorer();
+    return ctx;
   }
 
   describe() {

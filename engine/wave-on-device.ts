@@ -5,11 +5,11 @@
 // attended as any step's and merged by log-sum-exp. The answer, the ids and
 // the estimate are the host path's (test/integration/gpu-wave.test.ts).
 import type { LayerContext, SearchParams, Selection, SelectionPart } from '../index/method.js';
-import { staticRanges } from '../index/static-plus-retrieved.js';
+import { staticRanges, type Range } from '../index/static-plus-retrieved.js';
 import { WAVE } from '../index/wave/wave.js';
-import { waveGroupFits } from '../addon/wave-gpu.js';
+import { waveGroupFits, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import type { ClusterIndex } from '../index/wave/cluster-index.js';
-import { pagedStepFits, stepDocument } from './cache/device-wave.js';
+import { pagedStepFits, rangeRows, stepDocument, type DocumentStepArgs } from './cache/device-wave.js';
 import { mergeInto } from './cache/merge.js';
 import type { Session } from './session.js';
 
@@ -24,8 +24,11 @@ export interface DeviceStep {
   deviceMs: number;
   /** The call on the device's stream, CUDA events. */
   kernelMs: number;
-  /** The native call's host stages (addon/wave-gpu.ts WaveGpuStepResult.host) and the own tokens' attend, ms. */
-  host: Record<string, number>;
+  /** The native call's host stages (addon/wave-gpu.ts WaveGpuStepResult.host) and the own tokens' attend, ms: built when asked (`return: ['timing']`). */
+  host: () => Record<string, number>;
+  /** The step's answer: the `out` and `lse` given, written; without them, the device call's own arrays. */
+  out: Float32Array;
+  lse: Float32Array;
 }
 
 /**
@@ -48,12 +51,49 @@ export function setOwnAttend(mode: OwnAttend): void {
 }
 
 /**
+ * The document's sinks and window of the last layer-step (staticRanges'
+ * ranges, their rows, the rows as the device call takes them): every layer
+ * of a token asks for the same (they depend on the context's and the
+ * document's tokens, sinks and window only), so the layers after the first
+ * reuse them instead of recomputing (bench/results/wave-step-host-js-vm.md).
+ * Read, never written, by the steps that share them.
+ */
+interface DocumentRanges {
+  tokens: number;
+  docTokens: number;
+  offset: number;
+  sinks: number;
+  window: number;
+  ranges: Range[];
+  covered: number;
+  exact: Int32Array;
+}
+let lastRanges: DocumentRanges | undefined;
+
+function documentRanges(ctx: LayerContext, p: SearchParams): DocumentRanges {
+  const last = lastRanges, docTokens = ctx.segments[0].tokens, offset = ctx.offsets[0];
+  if (last && last.tokens === ctx.tokens && last.docTokens === docTokens && last.offset === offset && last.sinks === p.sinks && last.window === p.window) return last;
+  const ranges = staticRanges(ctx, 0, p);
+  const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
+  return (lastRanges = { tokens: ctx.tokens, docTokens, offset, sinks: p.sinks, window: p.window, ranges, covered, exact: rangeRows(ranges) });
+}
+
+const mean = (xs: number[]) => {
+  let sum = 0;
+  for (const x of xs) sum += x;
+  return sum / xs.length;
+};
+
+/**
  * Runs the step on the device when it can: a `wave` session on the GPU,
  * one document, whose layer the device holds (or can be made to). Returns
- * undefined otherwise, having done nothing: the host path runs.
+ * undefined otherwise, having done nothing: the host path runs. The answer
+ * goes into `out` and `lse` where given; without them the step returns the
+ * device call's own arrays (no copy; the own tokens' 'beside' and 'after'
+ * attends make their own).
  */
 export async function waveOnDevice(session: Session, ctx: LayerContext, p: SearchParams, q: Float32Array, scale: number,
-                                   out: Float32Array, lse: Float32Array, wantIds: boolean): Promise<DeviceStep | undefined> {
+                                   out: Float32Array | undefined, lse: Float32Array | undefined, wantIds: boolean): Promise<DeviceStep | undefined> {
   const gpu = session.gpu, heads = ctx.indexes[0] as ClusterIndex[] | undefined;
   if (!gpu || session.method.name !== WAVE || ctx.segments.length !== 2 || !heads) return undefined;
   const doc = ctx.segments[0], own = ctx.segments[1];
@@ -64,59 +104,66 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
   try {
     // What staticPlusRetrieved asks of the index: the budget beyond the
     // static ranges, searched for with room for ids those ranges hold.
-    const ranges = staticRanges(ctx, 0, p);
-    const covered = ranges.reduce((n, [a, b]) => n + b - a, 0);
+    const { ranges, covered, exact } = documentRanges(ctx, p);
     const keep = Math.max(0, Math.min(p.budget, doc.tokens - covered));
     // The decode step's own answer (params.estimate), so the device rescores as the host path would.
     const estimate = p.estimate ?? session.clustersFor(ctx.layer) !== undefined;
     const ownPart: SelectionPart | undefined = own.tokens > 0 ? { segment: own, begin: 0, end: own.tokens } : undefined;
     const native = ownPart !== undefined && ownMode === 'native';
-    const args = { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, estimate, ef: p.ef, ids: wantIds, ...(native && { own: { k: own.k, v: own.v, tokens: own.tokens } }) };
+    const args: DocumentStepArgs = { q, qHeads: ctx.qHeads, scale, searchK: keep + covered, keep, ranges, exact, estimate, ef: p.ef, ids: wantIds, own: native ? { k: own.k, v: own.v, tokens: own.tokens } : undefined };
     // A paged store whose cache could not hold this step's rows would fail it: the host path answers.
     if (!pagedStepFits(held, args, heads, doc.tokens)) {
       held.countOverCache();
       return undefined;
     }
-    // The own tokens, on the host as on every path (never pooled), beside the
-    // device's work on the document: neither reads what the other writes.
-    // 'native': inside the device call (OwnAttend). 'beside': the own attend
-    // is started first, on libuv's pool, so it runs while the device call
-    // waits for its stream, on the pool or on the event loop's thread (a
-    // short call, addon/device-calls.ts). Both settle before the store is
-    // released (a failure of one must not free it while the other reads it).
     const t0 = performance.now();
-    // Off the default path ('native'): the own attend on the host, timed to when it settled.
-    let ownMs = 0;
-    const hostOwn = (beside: boolean) =>
-      session.cache.attend([ownPart!], { layer: ctx.layer, q, scale, out, lse }, beside).then((x) => ((ownMs = performance.now() - t0), x));
-    const ownAttend = ownPart && ownMode === 'beside' ? hostOwn(true) : undefined;
-    const [device, host] = await Promise.allSettled([
-      // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
-      (async () => stepDocument(held.store, args))(),
-      native || !ownPart ? undefined : (ownAttend ?? hostOwn(false)),
-    ]);
-    const deviceMs = performance.now() - t0;
-    if (device.status === 'rejected') throw device.reason;
-    if (host.status === 'rejected') throw host.reason;
-    const r = device.value;
+    let r: WaveGpuStepResult, ownMs = 0, deviceMs: number;
+    if (native || !ownPart) {
+      // One native call and nothing beside it (the default): awaited as it is.
+      r = await stepDocument(held.store, args);
+      deviceMs = performance.now() - t0;
+      if (out) out.set(r.out);
+      else out = r.out;
+      if (lse) lse.set(r.lse);
+      else lse = r.lse;
+    } else {
+      // The own tokens, on the host as on every path (never pooled), beside the
+      // device's work on the document: neither reads what the other writes.
+      // 'beside': the own attend is started first, on libuv's pool, so it runs
+      // while the device call waits for its stream, on the pool or on the event
+      // loop's thread (a short call, addon/device-calls.ts); 'after': after the
+      // device call. Both settle before the store is released (a failure of one
+      // must not free it while the other reads it).
+      const o = (out ??= new Float32Array(ctx.qHeads * ctx.headDim)), l = (lse ??= new Float32Array(ctx.qHeads));
+      const hostOwn = (beside: boolean) =>
+        session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out: o, lse: l }, beside).then((x) => ((ownMs = performance.now() - t0), x));
+      const ownAttend = ownMode === 'beside' ? hostOwn(true) : undefined;
+      const [device, host] = await Promise.allSettled([
+        // A refusal thrown at once is a rejection here, so the own attend already started is waited for all the same.
+        (async () => stepDocument(held.store, args))(),
+        ownAttend ?? hostOwn(false),
+      ]);
+      deviceMs = performance.now() - t0;
+      if (device.status === 'rejected') throw device.reason;
+      if (host.status === 'rejected') throw host.reason;
+      r = device.value;
+      mergeInto(o, l, r.out, r.lse, ctx.headDim);
+    }
     const parts: SelectionPart[] = ranges.map(([begin, end]) => ({ segment: doc, begin, end }));
     if (r.ids) parts.push({ segment: doc, ids: r.ids });
     if (ownPart) parts.push(ownPart);
-    if (ownPart && !native) mergeInto(out, lse, r.out, r.lse, ctx.headDim);
-    else {
-      out.set(r.out);
-      lse.set(r.lse);
-    }
-    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-    return {
+    const step: DeviceStep = {
       selection: { parts, scanned: mean(r.scanned) },
       attended: covered + mean(r.kept) + own.tokens,
-      ...(estimate && { estimated: mean(r.estimated) }),
       deviceMs,
       kernelMs: r.ms,
       // own: the own tokens' attend (native: its time inside the call; else when it settled), device: the call and it settled, from the step's start.
-      host: { ...r.host, own: native ? r.host.overlap : ownMs, device: deviceMs },
+      host: () => ({ ...r.host, own: native ? r.host.overlap : ownMs, device: deviceMs }),
+      out,
+      lse,
     };
+    if (estimate) step.estimated = mean(r.estimated);
+    return step;
   } finally {
     held.release();
   }

@@ -37,7 +37,7 @@
 // of a dense layer's device bytes, a budget holds ~4x its size of them. They
 // live within a host budget of their own (hostBudgetBytes; GpuBackend: half
 // the host's memory unless told), evicted as the device bytes are.
-import { WaveGpuStore, waveCacheRowsBound, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
+import { WaveGpuStore, waveCacheRowsBound, type WaveGpuRanking, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
 
@@ -432,6 +432,8 @@ export interface DocumentStepArgs {
   keep: number;
   /** Sinks and window in the document's rows (attended exactly, never retrieved). */
   ranges: [number, number][];
+  /** Their rows (rangeRows(ranges)), where the caller has them already; made here otherwise. */
+  exact?: Int32Array;
   estimate: boolean;
   /** The session's ef: candidate tokens rescored per kv head (0: the default). */
   ef: number;
@@ -479,15 +481,22 @@ export function pagedStepFits(held: Pick<HeldWaveStore, 'cacheRows' | 'largestCl
  * one call.
  */
 export function stepDocument(store: WaveGpuStore, a: DocumentStepArgs): Promise<WaveGpuStepResult> {
-  // The ranges' rows, written straight into the id array the binding copies (no JS number array between).
-  const exact = new Int32Array(a.ranges.reduce((n, [lo, hi]) => n + Math.max(0, hi - lo), 0));
-  let at = 0;
-  for (const [lo, hi] of a.ranges) for (let t = lo; t < hi; t++) exact[at++] = t;
   const kvHeads = store.options.kvHeads;
   return store.step({
     q: a.q, qHeads: a.qHeads, scale: a.scale,
-    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef, a.estimate)), ranking: { kind: 'spread', spread: SPREAD },
-    exact, skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
-    estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false, ...(a.own && { own: a.own }),
+    budget: new Array<number>(kvHeads).fill(a.searchK), probe: PROBE, target: new Array<number>(kvHeads).fill(candidateTokens(a.searchK, a.ef, a.estimate)), ranking: SPREAD_RANKING,
+    exact: a.exact ?? rangeRows(a.ranges), skip: a.ranges, keep: new Array<number>(kvHeads).fill(a.keep),
+    estimate: a.estimate, attend: true, rest: 'rows', ids: a.ids, stages: false, own: a.own,
   });
+}
+
+/** index/wave's ranking, one object for every step (the binding reads its two fields). */
+const SPREAD_RANKING: WaveGpuRanking = { kind: 'spread', spread: SPREAD };
+
+/** The rows of [lo, hi) ranges, written straight into the id array the binding copies (no JS number array between). */
+export function rangeRows(ranges: [number, number][]): Int32Array {
+  const exact = new Int32Array(ranges.reduce((n, [lo, hi]) => n + Math.max(0, hi - lo), 0));
+  let at = 0;
+  for (const [lo, hi] of ranges) for (let t = lo; t < hi; t++) exact[at++] = t;
+  return exact;
 }
