@@ -12,15 +12,20 @@
 //   git archive BASE | tar -x -C /tmp/base && ln -s $PWD/node_modules /tmp/base/ &&
 //     (cd /tmp/base && npx tsc -p tsconfig.json) && mkdir -p /tmp/base/build/Release &&
 //     cp build/Release/kvrecall.node /tmp/base/build/Release/
-//   node bench/wave-step-host-ab.mjs --rounds 8 --steps 600 base=/tmp/base new=. [--out bench/results/NAME]
+//   node bench/wave-step-host-ab.mjs --rounds 8 --steps 600 base=/tmp/base new=. [--out bench/results/NAME] [-- BENCH ARGS]
 //
-// --out writes NAME.md and NAME.json (the per-run p50s); otherwise the table is printed only.
+// --out writes NAME.md and NAME.json (the per-run p50s); otherwise the table
+// is printed only. What follows `--` goes to the bench (e.g. --layers 16).
+// The bench is each ROOT's own dist/bench/wave-step-host.js: where the
+// harness changed between the builds, copy the newer one into the other's
+// dist/bench (it imports that build's engine relatively).
 import { execFileSync } from 'node:child_process';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
-const argv = process.argv.slice(2);
+const all = process.argv.slice(2), dash = all.indexOf('--');
+const argv = dash >= 0 ? all.slice(0, dash) : all, benchArgs = dash >= 0 ? all.slice(dash + 1) : [];
 const opt = (name, def) => (argv.includes(name) ? argv[argv.indexOf(name) + 1] : def);
 const rounds = Number(opt('--rounds', 8)), steps = Number(opt('--steps', 600)), out = opt('--out', undefined);
 const builds = argv.filter((a, i) => a.includes('=') && !argv[i - 1]?.startsWith('--')).map((a) => {
@@ -41,7 +46,7 @@ for (let r = 0; r < rounds; r++) {
   const order = r % 2 === 0 ? builds : [...builds].reverse();
   for (const b of order) {
     const file = join(tmpdir(), `wave-step-host-ab-${process.pid}-${b.label}.json`);
-    execFileSync(process.execPath, [join(b.root, 'dist/bench/wave-step-host.js'), '--steps', String(steps), '--json', file], { stdio: ['ignore', 'ignore', 'inherit'] });
+    execFileSync(process.execPath, [join(b.root, 'dist/bench/wave-step-host.js'), '--steps', String(steps), '--json', file, ...benchArgs], { stdio: ['ignore', 'ignore', 'inherit'] });
     const rows = JSON.parse(readFileSync(file, 'utf8')).rows.slice(WARM);
     rmSync(file);
     runs.push({
@@ -61,10 +66,10 @@ const text = [
   '| --- | ---: | ---: | ---: |',
   ...keys.map(([k, name]) => `| ${name} | ${f(median(of(a, k)))} | ${f(median(of(b, k)))} | ${ratio(k).toFixed(3)} |`),
   '',
-  `${rounds} rounds of one run each (${a} ${b}, then ${b} ${a}), ${steps} steps a run (the first ${WARM} left out); ${cpus()[0].model}, ${cpus().length} cores, load average ${loadavg()[0].toFixed(2)} at the end.`,
+  `${rounds} rounds of one run each (${a} ${b}, then ${b} ${a}), ${steps} steps a run (the first ${WARM} left out)${benchArgs.length ? `, bench arguments ${benchArgs.join(' ')}` : ''}; ${cpus()[0].model}, ${cpus().length} cores, load average ${loadavg()[0].toFixed(2)} at the end.`,
 ].join('\n');
 console.log(text);
 if (out) {
-  writeFileSync(`${out}.json`, JSON.stringify({ builds, rounds, steps, load: loadavg()[0], runs }, null, 1) + '\n');
+  writeFileSync(`${out}.json`, JSON.stringify({ builds, rounds, steps, benchArgs, load: loadavg()[0], runs }, null, 1) + '\n');
   writeFileSync(`${out}.md`, text + '\n');
 }

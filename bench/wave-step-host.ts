@@ -7,8 +7,11 @@
 // Shape: llama3.2-1b's (32 q / 8 kv heads, d=64, f16), a 1M-token document
 // in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on.
 //
-//   node dist/bench/wave-step-host.js [--steps N] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS | --own-ab [A,B]] | --hold-ms MS] [--json FILE]
+//   node dist/bench/wave-step-host.js [--steps N] [--layers L] [--own-from 0] [--own-to 512] [--device [--graph-ab | --gap-ms MS | --own-ab [A,B]] | --hold-ms MS] [--json FILE]
 //
+// --layers L (default 1): a token steps through L layers, a step each, as a
+// server's frames come (16 for issue #13's llama3.2-1b target); the layers'
+// stores are held through the engine's GpuBackend either way.
 // --gap-ms: odd steps come after the loop slept MS (a timer), as a server's
 // calls come after the client's round trip; even steps back to back.
 // --own-ab A,B (default native,beside): even steps attend the own tokens
@@ -45,7 +48,8 @@ import { WaveGpuStore, waveStepBucket as stepBucket, type WaveGpuStepArgs, type 
 import type { ModelShape } from '../core/model.js';
 import { attendOnHost } from '../engine/cache/residency.js';
 import type { HeldWaveStore } from '../engine/cache/device-wave.js';
-import type { GpuBackend } from '../engine/cache/gpu-pool.js';
+import { GpuBackend } from '../engine/cache/gpu-pool.js';
+import type { CudaDevice } from '../addon/cuda.js';
 import { decodeStep } from '../engine/decode-step.js';
 import { setOwnAttend, type OwnAttend } from '../engine/wave-on-device.js';
 import type { LoadedDocument } from '../engine/documents.js';
@@ -81,7 +85,9 @@ const ownModes = ((): [OwnAttend, OwnAttend] => {
 })();
 if ([gapMs > 0, graphAb, ownAb].filter(Boolean).length > 1) throw new Error('--gap-ms, --graph-ab and --own-ab each split the steps by parity: give one');
 
-const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
+/** Layers a token steps through (each step one layer, in turn, as a server's frames come): a token's layers share its sinks and window (engine/wave-on-device.ts). */
+const layers = arg('--layers', 1);
+const model: ModelShape = { layers, qHeads: 32, kvHeads: 8, headDim: 64, dtype: 'f16', blockSize: 64 };
 const { qHeads, kvHeads, headDim: d } = model;
 const TOKENS = 1 << 20, CLUSTER = 8, GRAPHS = 8;
 const params: SearchParams = { ...DEFAULT_PARAMS, budget: 0.01, sinks: 16, window: 256 };
@@ -177,24 +183,28 @@ async function main() {
     const wall = performance.now() - t;
     return p.then((r) => ((last = { r, wall }), r));
   };
-  const held: HeldWaveStore = { store, release: () => {}, countRest: () => {}, countOverCache: () => {}, cacheRows: 0, largestCluster: 2 * CLUSTER };
-  const gpu = { waveLayer: async () => held, release: () => {} } as unknown as GpuBackend;
+  // The engine's backend over the store (its layers' stores held as a server holds them: GpuBackend.waveLayer, engine/cache/device-wave.ts).
+  const gpu = GpuBackend.over({ ok: true, device: onDevice ? 'device store' : 'stand-in', memory: 1 << 30, built: false } as CudaDevice, { budgetBytes: 1 << 30, waveBudgetBytes: Number.MAX_SAFE_INTEGER },
+    { waveStore: async () => store });
   const docSeg = { tokens: TOKENS, k: [], v: [] } as unknown as KvSegment; // the step reads only its length (ids are not asked for)
-  const doc = { meta: { id: 'doc', tokens: TOKENS }, layers: [docSeg], indexes: new Map() } as unknown as LoadedDocument;
-  const heads = Array.from({ length: kvHeads }, () => ({ arrays: { tokens: TOKENS } })) as unknown as ClusterIndex[];
-  const newSession = () => new Session({ id: 's', model, documents: [doc], method: findMethod('wave')!, params, documentIndexes: [[heads]], clusterIndexes: [[heads]], budget: UNLIMITED, gpu });
+  const doc = { meta: { id: 'doc', tokens: TOKENS }, layers: Array.from({ length: layers }, () => docSeg), indexes: new Map() } as unknown as LoadedDocument;
+  // What the stores read of a layer's clusters to size its store (the stand-in's store is made already).
+  const heads = Array.from({ length: kvHeads }, () => ({ clusters: TOKENS / CLUSTER, arrays: { tokens: TOKENS, counts: new Int32Array(0) } })) as unknown as ClusterIndex[];
+  const perLayer = Array.from({ length: layers }, () => heads);
+  const newSession = () => new Session({ id: 's', model, documents: [doc], method: findMethod('wave')!, params, documentIndexes: [perLayer], clusterIndexes: [perLayer], budget: UNLIMITED, gpu });
 
   let session = newSession();
   const rows: Row[] = [];
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
   let captures = 0;
   for (let s = 0; s < steps; s++) {
-    if (session.own[0].tokens >= ownTo) {
+    const layer = s % layers;
+    if (layer === 0 && session.own[0].tokens >= ownTo) {
       session.release();
       session = newSession();
     }
     // The own tokens up to ownFrom, appended outside the timed steps.
-    while (session.own[0].tokens < ownFrom) session.own[0].append(f16Row(kvHeads * d), f16Row(kvHeads * d), 'f16', 1);
+    while (session.own[layer].tokens < ownFrom) session.own[layer].append(f16Row(kvHeads * d), f16Row(kvHeads * d), 'f16', 1);
     // Each step in its own event-loop turn, as a server's frames come (the loop's per-turn cap resets).
     await new Promise((r) => setImmediate(r));
     const q = nextQ(), scale = 1 / Math.sqrt(d);
@@ -205,10 +215,10 @@ async function main() {
     setOwnAttend(ownAb ? ownModes[gapped ? 1 : 0] : 'native');
     if (gapped && gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
     const runs = deviceCallRuns();
-    const r = await decodeStep(session, { layer: 0, q, scale, k, v, want: new Set(['out']) });
+    const r = await decodeStep(session, { layer, q, scale, k, v, want: new Set(['out']) });
     if (r.stats.backend !== 'cuda' || !last) throw new Error('the step did not take the device path');
     const onLoop = deviceCallRuns().loop > runs.loop;
-    const own = session.own[0];
+    const own = session.own[layer];
     const t = performance.now();
     await attendOnHost(model, [{ segment: own, begin: 0, end: own.tokens }], { layer: 0, q, scale, out, lse });
     const ownMs = performance.now() - t;
@@ -227,7 +237,7 @@ async function main() {
   const text = [
     `# Wave layer-step, the host's share (${onDevice ? 'device store' : `stand-in store, no device${holdMs > 0 ? `, its call holding the thread ${holdMs} ms` : ''}`})`,
     '',
-    `${steps} steps of one session appending one own token a step (own tokens ${ownFrom}..${ownTo}, then a fresh session); llama3.2-1b shape (32 q / 8 kv heads, d=64, f16), 1M-token document in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on. ` +
+    `${steps} steps of one session appending one own token a step (${layers > 1 ? `${layers} layers in turn, a step each; ` : ''}own tokens ${ownFrom}..${ownTo}, then a fresh session); llama3.2-1b shape (32 q / 8 kv heads, d=64, f16), 1M-token document in clusters of 8, budget 1% + 16 sinks + 256 window, estimate on. ` +
       `${cpus()[0].model}, ${cpus().length} cores, ${nativeThreads} native threads, load average ${loadavg()[0].toFixed(2)} at the end. First 8 steps left out.`,
     '',
     '| steps | n | decodeStep ms | select ms | store call ms (to its promise) | kernel ms | own attend alone ms | calls on the loop |',

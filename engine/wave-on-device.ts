@@ -99,7 +99,9 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
   const doc = ctx.segments[0], own = ctx.segments[1];
   // A group the step cannot hold would be refused every step (after the layer's upload): the host path runs.
   if (doc.tokens === 0 || !waveGroupFits(ctx.qHeads, ctx.kvHeads, ctx.headDim)) return undefined;
-  const held = await gpu.waveLayer(session.model, doc, ctx.layer, heads);
+  // Held at once where the layer's store is live (GpuBackend.waveLayer): no turn of the loop's microtasks before the call.
+  const got = gpu.waveLayer(session.model, doc, ctx.layer, heads);
+  const held = got instanceof Promise ? await got : got;
   if (!held) return undefined;
   try {
     // What staticPlusRetrieved asks of the index: the budget beyond the

@@ -65,6 +65,8 @@ interface Entry {
   dropped?: boolean;
   /** When a step last acquired it (the stores' clock, ms). */
   usedAt: number;
+  /** The handle steps hold it by, made at its first hold (hold). */
+  held?: HeldWaveStore;
 }
 
 /** A store a step used this recently is not evicted to make room (a layer's steps recur every token). */
@@ -240,9 +242,26 @@ export class DeviceWaveStores {
     return undefined;
   }
 
+  /**
+   * The store of `key` pinned, as acquire gives it, where it is live now;
+   * undefined where acquire has more to do (not made yet, being made, or the
+   * stores closed). A layer's steps after its first take this path, with
+   * no async function's promise and turns.
+   */
+  holdLive(key: string): HeldWaveStore | undefined {
+    if (this.closed) return undefined;
+    const e = this.lru.get(key);
+    if (e?.state !== 'live') return undefined;
+    this.lru.delete(key);
+    this.lru.set(key, e);
+    e.usedAt = this.now();
+    return this.hold(e);
+  }
+
+  /** Pins a live store; the handle is made once per store (its functions read the entry), not once a step. */
   private hold(e: Entry): HeldWaveStore {
     e.pins++;
-    return {
+    return (e.held ??= {
       store: e.store!,
       release: () => {
         if (--e.pins === 0 && e.dropped && e.state === 'live') this.free(e);
@@ -255,7 +274,7 @@ export class DeviceWaveStores {
       },
       cacheRows: e.cacheRows,
       largestCluster: e.largestCluster,
-    };
+    });
   }
 
   /** Starts the waiting creations that fit beside what is allocated now (a free's bytes count until it has ended). */

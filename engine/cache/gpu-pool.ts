@@ -93,6 +93,8 @@ export class GpuBackend {
   private pool?: DevicePool;
   private shape?: { headDim: number; dtype: string };
   private readonly uids = new WeakMap<KvSegment, number>();
+  /** Per segment, its layers' wave store keys (waveKey). */
+  private readonly waveKeys = new WeakMap<KvSegment, string[]>();
   private nextUid = 1;
   private reserved = 0;
   /** Pool bytes: the configured budget, or what the device could give. */
@@ -136,12 +138,24 @@ export class GpuBackend {
    * The device store of a document's wave layer (made on first use, off the
    * event loop: a step waits for its layer's), pinned until `release`;
    * undefined without a wave budget, for a shape the pool does not take, or
-   * when it cannot be held (the step then runs the host path).
+   * when it cannot be held (the step then runs the host path). A live
+   * store comes back as it is, not in a promise (a step's common case: no
+   * async function's promise and microtask turns before its device call);
+   * one still to be made, in a promise.
    */
-  async waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): Promise<HeldWaveStore | undefined> {
+  waveLayer(m: ModelShape, segment: KvSegment, layer: number, heads: ClusterIndex[]): HeldWaveStore | undefined | Promise<HeldWaveStore | undefined> {
     // A dropped segment's step (begun before its document was deleted) runs on the host rather than upload it again.
     if (!this.wave || !this.accepts(m) || this.dropped.has(segment)) return undefined;
-    return this.wave.acquire(`${this.uidOf(segment)}:${layer}`, heads, m);
+    const key = this.waveKey(segment, layer);
+    // A live store (every step but a layer's first) is held at once, not through acquire's promise.
+    return this.wave.holdLive(key) ?? this.wave.acquire(key, heads, m);
+  }
+
+  /** A document layer's key among the wave stores, `uid:layer` (drop's prefix is `uid:`), made once per (segment, layer). */
+  private waveKey(segment: KvSegment, layer: number): string {
+    let keys = this.waveKeys.get(segment);
+    if (!keys) this.waveKeys.set(segment, (keys = []));
+    return (keys[layer] ??= `${this.uidOf(segment)}:${layer}`);
   }
 
   /** The backend when a CUDA device answers and the budget is positive; undefined otherwise. */
