@@ -11,7 +11,7 @@
 # SNAP is a folder under .device; SNAP:LABEL runs that snapshot's dist with its
 # kvrecall-LABEL.node (a --variant). --first 'CMD' runs once in the first
 # snapshot before the rounds (the GPU tests, a --check). In 'CMD', {tag} is
-# replaced by the run's tag (LABEL or SNAP, then the round: base-1, new-1,
+# replaced by the run's tag (SNAP or SNAP-LABEL, then the round: base-1, new-1,
 # base-2, ...). Each run has a limit of 150 s (STEP_S); the log, and every
 # .md/.json the runs wrote into bench/results, land in $OUT. Example (the
 # wave step's engine call at the llama3.2-1b shape, two builds, twice):
@@ -37,7 +37,10 @@ source "$ROOT/bench/visit-lib.sh"
 nvidia-smi -L | tee -a "$L"; nproc | tee -a "$L"; uptime | tee -a "$L"
 dirs=()
 for s in "$@"; do
-  snap=${s%%:*} label=${s#*:}; [ "$label" = "$s" ] && label=$snap
+  # A variant's label is SNAP-LABEL: two snapshots' variants of one name
+  # (s23bind:lb2, s23base:lb2) get their own folders and tags.
+  snap=${s%%:*} variant=${s#*:}; [ "$variant" = "$s" ] && variant=""
+  label=$snap${variant:+-$variant}
   d=/tmp/ab-$label
   if [ "$(cat "$d/.rev" 2>/dev/null)" != "$(cat "$ROOT/.device/$snap/rev")" ]; then
     rm -rf "$d"; mkdir -p "$d/build/Release"
@@ -45,7 +48,7 @@ for s in "$@"; do
     cp "$ROOT/.device/$snap/rev" "$d/.rev"
   fi
   node=$ROOT/.device/$snap/kvrecall.node.xz
-  [ "$label" != "$snap" ] && node=$ROOT/.device/$snap/kvrecall-$label.node.xz
+  [ -n "$variant" ] && node=$ROOT/.device/$snap/kvrecall-$variant.node.xz
   xz -dc "$node" > "$d/build/Release/kvrecall.node"
   echo "$label: $(cat "$d/.rev") $(basename "$node")" | tee -a "$L"
   dirs+=("$label=$d")
