@@ -121,7 +121,9 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
     const t0 = performance.now();
     let r: WaveGpuStepResult, ownMs = 0, deviceMs: number;
     if (native || !ownPart) {
-      // One native call and nothing beside it (the default): awaited as it is.
+      // One native call and nothing beside it (the default; the own tokens, with 'native', inside it): awaited as it
+      // is, not through Promise.allSettled and an async wrapper (~1 µs a step); a refusal thrown at once leaves
+      // through the finally below as its rejection did, and nothing else is running to wait for.
       r = await stepDocument(held.store, args);
       deviceMs = performance.now() - t0;
       if (out) out.set(r.out);
