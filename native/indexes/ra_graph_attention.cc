@@ -11,6 +11,8 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "common/ranked_hits.h"
@@ -198,6 +200,21 @@ struct AttentionScratch {
 
 }  // namespace
 
+std::shared_ptr<const std::vector<uint16_t>> RaGraph::FixedRowsFor(const uint16_t* keys, int64_t m, int64_t off,
+                                                                   int64_t stride) const {
+  std::lock_guard<std::mutex> hold(fixed_->lock);
+  if (fixed_->keys != keys || !fixed_->rows) {
+    const size_t d = size_t(d_);
+    auto rows = std::make_shared<std::vector<uint16_t>>((size_t(m) + entries_.size()) * d);
+    for (int64_t j = 0; j < m; ++j) std::copy_n(keys + size_t(off + j * stride) * d, d, rows->data() + size_t(j) * d);
+    for (size_t e = 0; e < entries_.size(); ++e)
+      std::copy_n(keys + size_t(entries_[e]) * d, d, rows->data() + (size_t(m) + e) * d);
+    fixed_->rows = std::move(rows);
+    fixed_->keys = keys;
+  }
+  return fixed_->rows;
+}
+
 RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const float* q, int group, int k,
                                         int64_t ef, int32_t* outIds, float* outScores,
                                         const RaSearchOptions& opt) const {
@@ -214,7 +231,8 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   AttentionScratch& S = scratch;
   S.row.resize(size_t(d));
   // x_h = scale·q_h·k for the G rows, exactly the kernels' dot products.
-  auto logits = [&](int32_t id, float* x) { ragraph::ScaledDots(q, G, keys + size_t(id) * d, dtype, d, scale, x, S.row.data()); };
+  auto logitsAt = [&](const uint16_t* row, float* x) { ragraph::ScaledDots(q, G, row, dtype, d, scale, x, S.row.data()); };
+  auto logits = [&](int32_t id, float* x) { logitsAt(keys + size_t(id) * d, x); };
 
   // 0. The free start keys' logits are exact and known before the walk (the
   //    caller attends them anyway): they enter the partitions' estimate as
@@ -244,11 +262,14 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   S.sampleReached.assign(size_t(m), 0);
   LogSum sampleSum[kMaxGroup];
   int64_t sampleOthers = 0;  // sample keys that are not free start keys
+  // The sample's rows and the entry points', the same in every search,
+  // copied side by side (FixedRows): read in order, they no longer wait one
+  // page each (~1 ms of a ~7 ms search at 1M keys capped at 3%, 2-core VM).
+  const std::shared_ptr<const std::vector<uint16_t>> fixed = FixedRowsFor(keys, m, off, stride);
   for (int64_t j = 0; j < m; ++j) {
-    if (j + 4 < m) ragraph::PrefetchRow(keys + size_t(off + (j + 4) * stride) * d, d);
     float* x = S.sampleX.data() + size_t(j) * G;
     const int32_t id = int32_t(off + j * stride);
-    logits(id, x);
+    logitsAt(fixed->data() + size_t(j) * d, x);
     if (isFree && isFree->Test(id)) continue;
     ++sampleOthers;
     for (int h = 0; h < G; ++h) sampleSum[h].Add(x[h]);
@@ -300,13 +321,14 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   struct WalkScorer {
     AttentionScratch& S;
     const decltype(logits)& logitsOf;
+    const decltype(logitsAt)& logitsOfRow;
     const decltype(sampleIndex)& sampleOf;
     const float* c0;
     ragraph::LogSums& reachedSum;
     int64_t& reusedSample;
     int G;
     RaSearchProfile* prof;
-    void Batch(const int32_t* ids, size_t count, float* out) {
+    void Batch(const int32_t* ids, size_t count, float* out, const uint16_t* const* rows) {
       const Clock::time_point ts = prof ? Clock::now() : Clock::time_point();
       const size_t at = S.walkIds.size();
       S.walkX.resize((at + count) * size_t(G));
@@ -318,6 +340,8 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
           std::copy_n(S.sampleX.data() + size_t(j) * G, G, x);
           S.sampleReached[size_t(j)] = 1;
           ++reusedSample;
+        } else if (rows) {
+          logitsOfRow(rows[i], x);
         } else {
           logitsOf(ids[i], x);
         }
@@ -333,11 +357,12 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
         if (ms < kPreemptedMs * double(count)) prof->scoreMs += ms;
       }
     }
-  } scorer{S, logits, sampleIndex, c0, reachedSum, reusedSample, G, prof};
+  } scorer{S, logits, logitsAt, sampleIndex, c0, reachedSum, reusedSample, G, prof};
   const int64_t walked = ragraph::BeamSearchBatched(
       ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), S.seeds.data(),
       S.seeds.size(), beam, keys, d, scorer, S.top, size_t(keep), opt.margin,
-      opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0, opt.freeSeeds, opt.freeSeedCount);
+      opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0, opt.freeSeeds, opt.freeSeedCount,
+      fixed->data() + size_t(m) * d);
   // The free start keys were scored first: the walk's first `freeKeys`
   // entries. Their logits stay in the partitions (step 3); the result and
   // the scanned count leave them out.

@@ -274,14 +274,17 @@ class KthScore {
   bool exact_ = false;
 };
 
-// The walk scores keys through `scorer.Batch(ids, count, out)`: out[i] = the
-// score of ids[i], for up to kPrefetchAhead keys at a time, always in the
+// The walk scores keys through `scorer.Batch(ids, count, out, rows)`: out[i]
+// = the score of ids[i] (its row at rows[i] where rows is not null, else the
+// keys' own), for up to kPrefetchAhead keys at a time, always in the
 // order the walk meets them (a scorer may keep per-key state in that order,
 // as the attention search's partition sums do). A batch is one expanded
 // node's new neighbours: their rows are loaded and scored side by side, and
 // the walk's bookkeeping, whose branches hang on the scores, comes after.
 //
-// Starts from the entries and the seeds (ids outside [0, n) skipped), and
+// Starts from the entries (their rows copied side by side at entryRows,
+// entry e's at entryRows + e·d, where not null) and the seeds (ids outside
+// [0, n) skipped), and
 // from the free start keys `freeSeeds`: keys whose scores the caller has
 // anyway (the steady zone a session attends in full), scored first, put on
 // the candidate heap whatever they score, but neither counted in the return
@@ -307,7 +310,8 @@ template <typename Graph, typename Scorer>
 int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount,
                           const int32_t* seeds, size_t seedCount, size_t ef, const uint16_t* keys, int d,
                           Scorer& scorer, std::vector<Hit>& top, size_t k = 0, float margin = 3.0e38f,
-                          int64_t maxScan = 0, const int32_t* freeSeeds = nullptr, size_t freeCount = 0) {
+                          int64_t maxScan = 0, const int32_t* freeSeeds = nullptr, size_t freeCount = 0,
+                          const uint16_t* entryRows = nullptr) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
   struct Scratch {
@@ -315,12 +319,14 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
     SentinelHeap<uint64_t, KeyGreater> beam{0};            // the best ef so far as keys, the worst on top once full
     KthScore kbest;                                         // the k-th best score so far
     std::vector<int32_t> fresh;
+    std::vector<const uint16_t*> rows;  // the fresh entry points' rows, given entryRows
   };
   thread_local Scratch scratch;
   auto& cand = scratch.cand;
   auto& beam = scratch.beam;
   auto& kbest = scratch.kbest;
   std::vector<int32_t>& fresh = scratch.fresh;
+  std::vector<const uint16_t*>& rows = scratch.rows;
   cand.Clear();
   beam.Clear();
   kbest.Begin(k);
@@ -357,13 +363,14 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
   // Scores fresh[0..) in the order given, kPrefetchAhead keys a batch, each
   // batch's rows prefetched while the one before it is scored (prefetching
   // them all at once stalls on the core's outstanding-miss limit); the first
-  // batch's rows are prefetched by the caller.
-  auto scoreFresh = [&](auto each) {
+  // batch's rows are prefetched by the caller. With `at` the rows are
+  // at[i], not the keys' rows.
+  auto scoreFresh = [&](auto each, const uint16_t* const* at) {
     for (size_t i0 = 0; i0 < fresh.size(); i0 += kPrefetchAhead) {
       const size_t count = std::min(kPrefetchAhead, fresh.size() - i0);
       for (size_t i = i0 + kPrefetchAhead; i < std::min(fresh.size(), i0 + 2 * kPrefetchAhead); ++i)
-        PrefetchRow(keys + size_t(fresh[i]) * d, d);
-      scorer.Batch(fresh.data() + i0, count, batch);
+        PrefetchRow(at ? at[i] : keys + size_t(fresh[i]) * d, d);
+      scorer.Batch(fresh.data() + i0, count, batch, at ? at + i0 : nullptr);
       for (size_t i = 0; i < count; ++i) each(fresh[i0 + i], batch[i]);
     }
   };
@@ -381,11 +388,22 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
   };
   fresh.clear();
   startKeys(freeSeeds, freeCount, false);
-  scoreFresh([&](int32_t id, float s) { cand.Push(BetterKey(s, id)); });
+  scoreFresh([&](int32_t id, float s) { cand.Push(BetterKey(s, id)); }, nullptr);
   fresh.clear();
-  startKeys(entries, entryCount, true);
+  if (entryRows) {
+    // The entry points' rows side by side (the caller's copy): read in
+    // order, not one page each.
+    rows.clear();
+    for (size_t e = 0; e < entryCount; ++e)
+      if (!seen.TestAndSet(entries[e])) fresh.push_back(entries[e]), rows.push_back(entryRows + e * size_t(d));
+    for (size_t i = 0; i < std::min(rows.size(), kPrefetchAhead); ++i) PrefetchRow(rows[i], d);
+    scoreFresh(consider, rows.data());
+    fresh.clear();
+  } else {
+    startKeys(entries, entryCount, true);
+  }
   startKeys(seeds, seedCount, false);
-  scoreFresh(consider);
+  scoreFresh(consider, nullptr);
   while (!cand.Empty()) {
     const uint64_t ckey = cand.Pop();
     const Hit c{ScoreOfKey(ckey), int32_t(uint32_t(ckey))};
@@ -405,7 +423,7 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
         fresh.push_back(v);
       }
     }
-    scoreFresh(consider);
+    scoreFresh(consider, nullptr);
   }
   top.reserve(beam.Size());
   for (const uint64_t key : beam) top.push_back(Hit{ScoreOfKey(key), int32_t(uint32_t(key))});
@@ -416,7 +434,7 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
 template <typename Score>
 struct PerKey {
   Score& score;
-  void Batch(const int32_t* ids, size_t count, float* out) {
+  void Batch(const int32_t* ids, size_t count, float* out, const uint16_t* const* /*rows*/) {
     for (size_t i = 0; i < count; ++i) out[i] = score(ids[i]);
   }
 };

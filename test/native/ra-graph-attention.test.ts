@@ -7,7 +7,8 @@
 // scores are spent only where the bound allows a key into the result; the
 // scan cap stops the walk; the key-key edges raise recall per key scanned when
 // the build queries say nothing about the decode queries; keys of equal score
-// come in ascending id order; bad arguments are refused.
+// come in ascending id order; a search reads the keys it is given, the rows
+// the graph copies for every search included; bad arguments are refused.
 import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
@@ -229,6 +230,32 @@ describe('ra-graph final scores', () => {
     await RaGraph.searchBatch([{ ...b3, graph }, { ...b4, graph }]);
     expect([...b3.outIds]).toEqual([...b1.outIds]);
     expect([...b4.outIds]).toEqual([...full.outIds]);
+  });
+});
+
+describe('ra-graph keys given', () => {
+  it("reads the keys each search is given, the sample's and the entry points' rows too (copied once per keys array)", async () => {
+    // Two key arrays of the graph's shape, searched exhaustively in turn: each search returns its own
+    // array's exact top-k and log-probabilities, so the copies of the rows every search reads (the
+    // strided sample's, the entry points') follow the array. Stale copies would put the other
+    // array's logits on ~200 keys and into every partition.
+    const rng = new Rng(seed + 401);
+    const [n, d, G, k] = [20011, 24, 4, 200];
+    const scale = 1 / Math.sqrt(d);
+    const a = keysOf(rng, 'f16', n, d, 2), b = keysOf(rng, 'f16', n, d, 2);
+    const graph = await RaGraph.build({ keys: a.bits, tokens: n, headDim: d, dtype: 'f16', queries: groupRows(rng, 500, d), degree: 8, kBuild: 16 });
+    const q = groupRows(rng, G, d);
+    for (const keys of [a, b, a, b]) {
+      const ref = reference(q, G, keys.values, n, d, scale);
+      const s = args(keys.bits, n, d, 'f16', q, G, k, n);
+      expect(graph.searchSync(s)).toEqual({ count: k, scanned: n });
+      const want = ref.byAttention.slice(0, k);
+      for (let i = 0; i < k; i++) {
+        const got = s.outIds[i];
+        if (got !== want[i]) expect(Math.abs(ref.meanProb[got] - ref.meanProb[want[i]])).toBeLessThan(1e-5 * ref.meanProb[want[i]]);
+        expect(Math.abs(s.outScores[i] - Math.log(ref.meanProb[got]))).toBeLessThan(1e-3);
+      }
+    }
   });
 });
 
