@@ -166,7 +166,25 @@ void RadixSort(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp) {
 float KthLargest(std::vector<float>& v, size_t k, std::vector<float>& bin) {
   float lo = v[0], hi = v[0];
   bool nan = false;
-  for (const float x : v) lo = std::min(lo, x), hi = std::max(hi, x), nan |= x != x;
+  size_t i = 0;
+#ifdef KVR_X86_SIMD
+  // Eight lanes a step: the scalar loop's min and max chain one compare a
+  // value (which of two equal zeros is kept does not matter below).
+  if (v.size() >= 8) {
+    __m256 mn = _mm256_loadu_ps(v.data()), mx = mn, un = _mm256_cmp_ps(mn, mn, _CMP_UNORD_Q);
+    for (i = 8; i + 8 <= v.size(); i += 8) {
+      const __m256 x = _mm256_loadu_ps(v.data() + i);
+      mn = _mm256_min_ps(mn, x), mx = _mm256_max_ps(mx, x);
+      un = _mm256_or_ps(un, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    }
+    alignas(32) float a[8], b[8];
+    _mm256_store_ps(a, mn);
+    _mm256_store_ps(b, mx);
+    for (int l = 0; l < 8; ++l) lo = std::min(lo, a[l]), hi = std::max(hi, b[l]);
+    nan = _mm256_movemask_ps(un) != 0;
+  }
+#endif
+  for (; i < v.size(); ++i) lo = std::min(lo, v[i]), hi = std::max(hi, v[i]), nan |= v[i] != v[i];
   if (nan || !std::isfinite(hi - lo) || !(hi > lo)) {
     std::nth_element(v.begin(), v.begin() + (k - 1), v.end(), std::greater<float>());
     return v[k - 1];
