@@ -11,6 +11,9 @@ import { UNLIMITED, type HostBudget } from './host-budget.js';
 const MIN_CAPACITY = 256;
 /** Rows ahead of the fill are faulted in off the event loop from this many bytes per array up (fewer fault cheaply). */
 const PREFAULT_BYTES = 256 << 10;
+// Appends of at most this many words a head copy word by word (append): a
+// token or a few, where typed-array views cost more than the copy.
+const SMALL_APPEND_WORDS = 256;
 /** One fault-in at a time, in order: one libuv thread, the others free for the store's writes. */
 let prefaulting: Promise<boolean> = Promise.resolve(true);
 
@@ -64,6 +67,23 @@ export class KvSegment {
   append(k: Uint8Array, v: Uint8Array, dtype: FloatDtype, n: number, vDtype: FloatDtype = dtype): void {
     this.reserve(this.tokens + n);
     const perHead = n * this.headDim;
+    if (dtype === this.dtype && vDtype === this.dtype && perHead <= SMALL_APPEND_WORDS && (k.byteOffset & 1) === 0 && (v.byteOffset & 1) === 0) {
+      // A decode step's own token (n = 1): a word loop per head, where the
+      // views below (six a head) cost more than the copy (~10 us a token of
+      // 16 layers on the dev VM, bench/results/wave-step-host-js-vm.md).
+      const k16 = new Uint16Array(k.buffer, k.byteOffset, this.kvHeads * perHead);
+      const v16 = new Uint16Array(v.buffer, v.byteOffset, this.kvHeads * perHead);
+      const at = this.tokens * this.headDim;
+      for (let h = 0; h < this.kvHeads; h++) {
+        const dk = this.k[h], dv = this.v[h], from = h * perHead;
+        for (let i = 0; i < perHead; i++) {
+          dk[at + i] = k16[from + i];
+          dv[at + i] = v16[from + i];
+        }
+      }
+      this.tokens += n;
+      return;
+    }
     const kBytes = perHead * (dtype === 'f32' ? 4 : 2), vBytes = perHead * (vDtype === 'f32' ? 4 : 2);
     for (let h = 0; h < this.kvHeads; h++) {
       this.copyInto(this.k[h], k.subarray(h * kBytes, (h + 1) * kBytes), dtype, perHead);
