@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -197,9 +198,11 @@ class SentinelHeap {
 // bins of their order-preserving bits (the top 16: ~0.8% of a score's size
 // wide), and the bin holding the k-th best is tracked as scores arrive (it
 // only moves up). Lower() and Upper() are that bin's ends; Exact() selects
-// within the bin, kept until a score lands in or above it. The binary heap
-// of the k best this replaces sifted 14 levels at random for about half the
-// keys scored: ~15% of a search at 1M keys capped at 3%.
+// within the bin, kept until a score above it lands in its bin or above
+// (past a budget linear in the scores, it falls back to a heap of the k
+// best). The binary heap of the k best that this replaces sifted 14 levels
+// at random for about half the keys scored: ~15% of a search at 1M keys
+// capped at 3%.
 class KthScore {
  public:
   void Begin(size_t k) {
@@ -207,18 +210,30 @@ class KthScore {
     touched_.clear();
     vals_.clear();
     next_.clear();
+    best_.clear();
     k_ = k;
+    n_ = 0;
+    work_ = 0;
     top_ = 0;
+    heap_ = false;
   }
   void Add(float s) {
+    ++n_;
+    if (heap_) {
+      if (s > best_.front()) {
+        std::pop_heap(best_.begin(), best_.end(), std::greater<float>());
+        best_.back() = s;
+        std::push_heap(best_.begin(), best_.end(), std::greater<float>());
+      }
+      return;
+    }
     const uint32_t j = Mono(s) >> 16;
     if (count_[j]++ == 0) touched_.push_back(j), head_[j] = -1, top_ = std::max(top_, j);
     next_.push_back(head_[j]);
     head_[j] = int32_t(vals_.size());
     vals_.push_back(s);
-    const size_t n = vals_.size();
-    if (n < k_) return;
-    if (n == k_) {  // the k-th's bin, found from the top
+    if (n_ < k_) return;
+    if (n_ == k_) {  // the k-th's bin, found from the top
       b_ = top_;
       above_ = 0;
       while (above_ + count_[b_] < k_) above_ += count_[b_--];
@@ -232,19 +247,33 @@ class KthScore {
         } while (above_ >= k_);
       }
       exact_ = false;
-    } else if (j == b_) {
+    } else if (j == b_ && s > kth_) {  // one at or below the k-th leaves it where it is
       exact_ = false;
     }
   }
-  bool Known() const { return vals_.size() >= k_; }
-  float Lower() const { return Unmono(b_ << 16); }
-  float Upper() const { return Unmono((b_ << 16) | 0xffffu); }
+  bool Known() const { return n_ >= k_; }
+  float Lower() const { return heap_ ? best_.front() : Unmono(b_ << 16); }
+  float Upper() const { return heap_ ? best_.front() : Unmono((b_ << 16) | 0xffffu); }
   float Exact() {
+    if (heap_) return best_.front();
     if (!exact_) {
       bin_.clear();
       for (int32_t i = head_[b_]; i >= 0; i = next_[size_t(i)]) bin_.push_back(vals_[size_t(i)]);
+      work_ += bin_.size();
+      // Scores crowded into the k-th's bin, asked for often (a margin
+      // narrower than a bin): selecting in the bin again and again would
+      // grow with the square of the keys scored. Past a linear budget, the
+      // k best as a heap from here on, as before the bins.
+      if (work_ > 4 * n_ + 65536) {
+        best_.assign(vals_.begin(), vals_.end());
+        std::nth_element(best_.begin(), best_.begin() + (k_ - 1), best_.end(), std::greater<float>());
+        best_.resize(k_);
+        std::make_heap(best_.begin(), best_.end(), std::greater<float>());
+        heap_ = true;
+        return best_.front();
+      }
       const size_t r = k_ - above_;  // 1-based, from the top of the bin
-      std::nth_element(bin_.begin(), bin_.begin() + (r - 1), bin_.end(), [](float a, float b) { return a > b; });
+      std::nth_element(bin_.begin(), bin_.begin() + (r - 1), bin_.end(), std::greater<float>());
       kth_ = bin_[r - 1];
       exact_ = true;
     }
@@ -266,12 +295,12 @@ class KthScore {
   std::vector<uint32_t> count_ = std::vector<uint32_t>(65536, 0);
   std::vector<int32_t> head_ = std::vector<int32_t>(65536, -1);
   std::vector<uint32_t> touched_;
-  std::vector<float> vals_, bin_;
+  std::vector<float> vals_, bin_, best_;
   std::vector<int32_t> next_;  // the previous score added to the same bin, -1 at its first
-  size_t k_ = 0, above_ = 0;    // above_: scores in bins above b_
+  size_t k_ = 0, n_ = 0, above_ = 0, work_ = 0;  // above_: scores in bins above b_; work_: scores gathered by Exact
   uint32_t b_ = 0, top_ = 0;
   float kth_ = 0;
-  bool exact_ = false;
+  bool exact_ = false, heap_ = false;
 };
 
 // The walk scores keys through `scorer.Batch(ids, count, out, rows)`: out[i]

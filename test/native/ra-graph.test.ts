@@ -304,6 +304,26 @@ describe('ra-graph quality', () => {
     expect(() => graph.searchSync({ ...ok, margin: Number.NaN })).toThrow(RangeError);
   });
 
+  it('stops on the bound exactly when the scores crowd together (a margin narrower than their spread)', async () => {
+    // Every key one row plus noise in its last bits: all scores within ~0.1% of each other, where the
+    // walk's k-th best is kept as counts in bins ~0.8% wide, so margin 0 asks for the exact k-th at
+    // almost every pop (native/indexes/ra_graph_beam.h, KthScore, and its fallback to a heap).
+    const rng = new Rng(seed + 67);
+    const [n, d, G, k] = [3001, 32, 2, 600];
+    const base = Float64Array.from({ length: d }, () => rng.normal());
+    const bits = new Uint16Array(n * d);
+    for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) bits[t * d + j] = bitsOf('f16')(base[j] + 0.004 * rng.normal());
+    const graph = await RaGraph.build({ keys: bits, tokens: n, headDim: d, dtype: 'f16', queries: queryRows(rng, 800, d), degree: 8, kBuild: 16 });
+    for (let trial = 0; trial < 4; trial++) {
+      const q = Float32Array.from({ length: G * d }, (_, i) => 3 * base[i % d] + 0.05 * rng.normal());
+      const fixed = searchArgs(bits, n, d, 'f16', q, G, k, k), m0 = { ...searchArgs(bits, n, d, 'f16', q, G, k, n), margin: 0 };
+      const rf = graph.searchSync(fixed), r0 = graph.searchSync(m0);
+      expect(r0).toEqual(rf);
+      expect([...m0.outIds]).toEqual([...fixed.outIds]);
+      expect(m0.outScores[0] - m0.outScores[k - 1]).toBeLessThan(0.01 * Math.abs(m0.outScores[0]));
+    }
+  });
+
   it('beats a key-only graph on clustered keys with shifted queries at the same scanned count', async () => {
     const rng = new Rng(seed + 70);
     const [n, d, G, k, clusters] = [20011, 64, 4, 50, 32];
