@@ -177,10 +177,11 @@ export interface WaveGpuStepResult {
   /** ms per stage: in, score, clusters, rescore, topk, exact, partial, tiles (the estimate's and the attended rows'), merge, out. */
   stages: Record<string, number>;
   /**
-   * Host ms around the stream: queue (the call to the work's start on a
-   * worker thread), prep, launch, wait (the stream), copy (outputs read
-   * back), back (the work's end to the answer's conversion on the event
-   * loop), convert.
+   * Host ms around the stream: parse (the arguments read, on the calling
+   * thread), queue (the call to the work's start on a worker thread), prep,
+   * launch, overlap (the own tokens, with `own`), wait (the stream), copy
+   * (outputs read back), back (the work's end to the answer's writing on the
+   * event loop), convert (the answer written into the caller's arrays).
    */
   host: Record<string, number>;
   /** Graphs the store has captured so far: one per shape while the shape holds. */
@@ -256,23 +257,39 @@ export interface WaveGpuBytes {
   cacheRows: number;
 }
 
-/** The binding's arguments: the step's and rest's own where they pass as they are, flattened where they do not. */
-type NativeStepArgs = Omit<WaveGpuStepArgs, 'probe' | 'target' | 'ranking' | 'skip'> & {
+/**
+ * The binding's arguments: the step's and rest's own where they pass as they
+ * are, flattened where they do not. A step's per-head counts travel as one
+ * Float64Array (`plan`) and its answer comes back in the caller's arrays
+ * (`out`, `lse`, `meta`): through N-API each number read or property made is
+ * a call, ~40 of them a step, and the answer's objects alone held the loop
+ * 0.021 ms (bench/results/decode-prof-h200.md).
+ */
+type NativeStepArgs = Omit<WaveGpuStepArgs, 'probe' | 'target' | 'ranking' | 'skip' | 'budget' | 'keep'> & {
   ranking: WaveGpuRanking['kind'];
   spread?: number;
   normTerms?: Float32Array;
-  target: number[];
-  maxClusters: number[];
+  /** budget, target, maxClusters[, keep], kvHeads each. */
+  plan: Float64Array;
   skip?: number[];
   sync?: boolean;
+  out: Float32Array;
+  lse: Float32Array;
+  /** idCounts, candidates, estimated (kvHeads each), then STEP_META's slots. */
+  meta: Float64Array;
 };
+
+/** native/bindings/wave_gpu_binding.cc's kStepMeta: meta's slots after the three per-head runs. */
+export const STEP_META = ['width', 'ms', 'graphCaptures', 'misses', 'bytesIn', 'workMs', 'parse', 'queue', 'back', 'convert',
+  'prep', 'launch', 'overlap', 'wait', 'copy'] as const;
+const META_AT = Object.fromEntries(STEP_META.map((k, i) => [k, i])) as Record<(typeof STEP_META)[number], number>;
+/** The host phases a step reports (WaveGpuStepResult.host), in meta's order. */
+const HOST_PHASES = ['parse', 'queue', 'prep', 'launch', 'overlap', 'wait', 'copy', 'back', 'convert'] as const;
 type NativeRestArgs = Omit<WaveGpuRestArgs, 'blocks' | 'beside'> & { blocks?: Int32Array[]; blockSize?: number; sync?: boolean };
 
 interface NativeStore {
-  step(a: NativeStepArgs): Promise<{
-    width: number; ids?: Int32Array; idCounts: number[]; candidates: number[]; out: Float32Array; lse: Float32Array; estimated: number[];
-    ms: number; stages: Record<string, number>; host: Record<string, number>; graphCaptures: number; misses: number; bytesIn: number; workMs: number;
-  }>;
+  /** The answer is in a.out, a.lse and a.meta; only the kept ids (asked for) and the stages' times come as objects. */
+  step(a: NativeStepArgs): Promise<{ ids?: Int32Array; stages: Record<string, number> } | undefined>;
   rest(a: NativeRestArgs): Promise<WaveGpuRestResult>;
   bytes(): WaveGpuBytes;
   close(): void;
@@ -344,18 +361,25 @@ export class WaveGpuStore {
     // the average cluster size, twice over), the same for every head.
     const target = a.target ?? a.budget.map((k) => a.probe * k);
     const want = Math.max(...target.map((t, h) => Math.min(this.clusters[h], Math.ceil((2 * t * this.clusters[h]) / Math.max(1, tokens)) + 8)));
-    const r = await deviceCall(this.stepTimer.expect(), (sync) => this.store.step({
+    const H = kvHeads;
+    const plan = new Float64Array((a.keep ? 4 : 3) * H);
+    for (let h = 0; h < H; h++) {
+      plan[h] = a.budget[h];
+      plan[H + h] = target[h];
+      plan[2 * H + h] = want;
+      if (a.keep) plan[3 * H + h] = a.keep[h];
+    }
+    const out = new Float32Array(a.qHeads * d), lse = new Float32Array(a.qHeads);
+    const meta = new Float64Array(3 * H + STEP_META.length);
+    const extra = await deviceCall(this.stepTimer.expect(), (sync) => this.store.step({
       q: a.q,
       qHeads: a.qHeads,
       scale: a.scale,
       ranking: rk.kind,
       spread: rk.kind === 'spread' ? rk.spread : undefined,
       normTerms,
-      budget: a.budget,
-      target,
-      maxClusters: new Array<number>(kvHeads).fill(want),
+      plan,
       exact: a.exact,
-      keep: a.keep,
       skip: a.skip?.flat(),
       estimate: a.estimate,
       attend: a.attend,
@@ -365,23 +389,36 @@ export class WaveGpuStore {
       graph: a.graph,
       own: a.own,
       sync,
+      out,
+      lse,
+      meta,
     }));
-    this.stepTimer.record(r.workMs);
-    const ids = r.ids;
+    const m = 3 * H;
+    const workMs = meta[m + META_AT.workMs];
+    this.stepTimer.record(workMs);
+    const kept: number[] = [], scanned: number[] = [], estimated: number[] = [];
+    for (let h = 0; h < H; h++) {
+      kept.push(meta[h]);
+      scanned.push(this.clusters[h] + meta[H + h]);
+      estimated.push(meta[2 * H + h]);
+    }
+    const host: Record<string, number> = {};
+    for (const k of HOST_PHASES) host[k] = meta[m + META_AT[k]];
+    const width = meta[m + META_AT.width], ids = extra?.ids;
     return {
-      ...(ids && { ids: r.idCounts.map((n, h) => ids.subarray(h * r.width, h * r.width + n)) }),
-      kept: r.idCounts,
-      scanned: r.candidates.map((m, h) => this.clusters[h] + m),
-      out: r.out,
-      lse: r.lse,
-      estimated: r.estimated,
-      ms: r.ms,
-      stages: r.stages,
-      host: r.host,
-      graphCaptures: r.graphCaptures,
-      misses: r.misses,
-      bytesIn: r.bytesIn,
-      workMs: r.workMs,
+      ...(ids && { ids: kept.map((n, h) => ids.subarray(h * width, h * width + n)) }),
+      kept,
+      scanned,
+      out,
+      lse,
+      estimated,
+      ms: meta[m + META_AT.ms],
+      stages: extra?.stages ?? {},
+      host,
+      graphCaptures: meta[m + META_AT.graphCaptures],
+      misses: meta[m + META_AT.misses],
+      bytesIn: meta[m + META_AT.bytesIn],
+      workMs,
     };
   }
 

@@ -442,8 +442,8 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `| the same: host wall time around the await | ${f(r.engineCall.ungraphed.hostWallMs.p50)} | ${f(r.engineCall.ungraphed.hostWallMs.p90)} |`,
     '',
     'Host stages (p50 ms) of the selection-and-estimate step: ' + Object.entries(r.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') +
-      ' (queue: the call to the work\'s start on a worker thread; prep: the inputs laid out; launch: every launch issued; wait: the stream; ' +
-      'copy: the outputs read back; back: the work\'s end to the answer\'s conversion on the event loop). The engine\'s call: ' +
+      ' (parse: the arguments read, before the hop; queue: the call to the work\'s start on a worker thread; prep: the inputs laid out; launch: every launch issued; wait: the stream; ' +
+      'copy: the outputs read back; back: the work\'s end to the answer\'s writing on the event loop; convert: the answer written). The engine\'s call: ' +
       Object.entries(r.engineCall.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '; launched one by one: ' +
       Object.entries(r.engineCall.ungraphed.hostStagesP50Ms).map(([k, v]) => `${k} ${f(v)}`).join(', ') + '.',
     '',

@@ -44,7 +44,7 @@ import { writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { deviceCallRuns } from '../addon/device-calls.js';
 import { nativeThreads } from '../addon/kernels.js';
-import { WaveGpuStore, waveStepBucket as stepBucket, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
+import { STEP_META, WaveGpuStore, waveStepBucket as stepBucket, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import type { ModelShape } from '../core/model.js';
 import { attendOnHost } from '../engine/cache/residency.js';
 import type { HeldWaveStore } from '../engine/cache/device-wave.js';
@@ -104,11 +104,14 @@ function standInStore(): WaveGpuStore {
   const lru: string[] = [], seen: string[] = [], eager = process.env.KVRECALL_STEP_GRAPH_EAGER?.startsWith('1') ?? false;
   let captures = 0;
   const native = {
-    step(a: { q: Float32Array; scale: number; exact?: Int32Array; budget: number[]; target: number[]; ids?: boolean; estimate?: boolean; graph?: boolean; own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number } }) {
+    step(a: { q: Float32Array; scale: number; exact?: Int32Array; plan: Float64Array; ids?: boolean; estimate?: boolean; graph?: boolean; own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number };
+              out: Float32Array; lse: Float32Array; meta: Float64Array }) {
+      // The binding's plan: budget, target, maxClusters[, keep] per kv head.
+      const budget = Array.from(a.plan.subarray(0, kvHeads)), target = Array.from(a.plan.subarray(kvHeads, 2 * kvHeads));
       // Asleep, not spinning: on this 2-core VM a spinning hold took the core the pool's thread needs (a GPU host has cores to spare).
       if (holdMs > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, holdMs);
       const most = (xs: number[]) => stepBucket(Math.min(TOKENS, Math.max(0, ...xs)));
-      const key = `${stepBucket(a.exact?.length ?? 0)}|${most(a.budget)}|${most(a.target)}|${a.ids}|${a.estimate}`;
+      const key = `${stepBucket(a.exact?.length ?? 0)}|${most(budget)}|${most(target)}|${a.ids}|${a.estimate}`;
       let at = a.graph === false ? -2 : lru.indexOf(key);
       if (at === -1 && !eager && !seen.includes(key)) {
         // A key's first sighting runs one by one (native/cuda/step_graph.cuh's Capture::kOnRepeat).
@@ -122,11 +125,15 @@ function standInStore(): WaveGpuStore {
         if (lru.length === GRAPHS) lru.shift();
       }
       if (at !== -2) lru.push(key);
-      const n = (x: number) => Array.from({ length: kvHeads }, () => x);
-      const answer = {
-        width: a.budget[0], idCounts: n(a.budget[0]), candidates: n(a.target[0]), out: new Float32Array(qHeads * d).fill(0.01), lse: new Float32Array(qHeads).fill(3),
-        estimated: n(TOKENS - a.budget[0]), misses: 0, bytesIn: 0, ms: 0, graphCaptures: captures, stages: {}, host: {}, workMs: 0.7,
-      };
+      // As the binding answers: into the caller's arrays (meta: idCounts, candidates, estimated per kv head, then STEP_META's slots).
+      a.out.fill(0.01);
+      a.lse.fill(3);
+      a.meta.fill(budget[0], 0, kvHeads).fill(target[0], kvHeads, 2 * kvHeads).fill(TOKENS - budget[0], 2 * kvHeads, 3 * kvHeads);
+      const slot = (k: (typeof STEP_META)[number]) => 3 * kvHeads + STEP_META.indexOf(k);
+      a.meta[slot('width')] = budget[0];
+      a.meta[slot('graphCaptures')] = captures;
+      a.meta[slot('workMs')] = 0.7;
+      const answer = undefined;
       // The own tokens, as the binding attends them within the call (their merge left out).
       if (!a.own) return Promise.resolve(answer);
       const segment = { k: a.own.k, v: a.own.v, tokens: a.own.tokens } as unknown as KvSegment;

@@ -13,6 +13,8 @@
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+// A run that passed no --cluster-size ran at the documents' default (index/wave/cluster-build.ts DEFAULT_CLUSTER_OPTIONS).
+const DEFAULT_CLUSTER_SIZE = 16;
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 const README = join(ROOT, 'README.md');
@@ -427,7 +429,7 @@ const BLOCKS = {
   'decode-full': () => {
     // The current full runs: every wave layer held on the device, the server in its own process, one stream.
     // Older runs (block methods before wave, HTTP) stay in bench/results/ and are named below the table.
-    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll-at.json', 'bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.json',
+    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll.json', 'bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.json',
       'bench/results/decode-full-llama3-8b-h200-8layers-cs16-poll.json'].filter((f) => existsSync(f));
     const runs = files.map((f) => ({ f, j: json(f) }));
     const rows = [];
@@ -458,7 +460,7 @@ const BLOCKS = {
     return [
       `**Decode end to end on the GPU machines** (\`npm run bench:decode -- --full\`, ${j1.backend.toUpperCase()} backend, the card named per run, the server in`,
       `its own process on the machine's host (${machine(j1.machine)}), \`wave\` layers held on the device; per generated token = one \`attend\``,
-      `frame per layer on one WebSocket stream (stream-spin: the client's loop polling for each answer), summed; the server started with \`--poll-us 1000\`; budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window, clusters of ${j1.options.clusterSize};`,
+      `frame per layer on one WebSocket stream (stream-spin: the client's loop polling for each answer), summed; the server started with \`--poll-us 1000\`; budget ${pct(j1.options.budget)} + ${j1.options.sinks} sinks + ${j1.options.window} window, clusters of ${j1.options.clusterSize ?? DEFAULT_CLUSTER_SIZE};`,
       `ms per token; RPC = client wall − server ms (its share of the token); server = retrieval + attention; output error`,
       `against the exact session's answers, mean (worst head), every layer and step):`,
       '',

@@ -6,8 +6,9 @@
 //                   heads: [{centroids, valueMeans, keyAxes, axisScales, keyVars, varScales, varianceShare?, counts, tokenCluster,
 //                            keys, values, clusters}] (kvHeads)})
 //   .step({q, qHeads, scale, ranking?: 'spread' | 'radius', spread (with 'spread'),
-//          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖), budget: number[kvHeads],
-//          target: number[kvHeads], maxClusters: number[kvHeads], exact?: Int32Array, keep?: number[kvHeads], skip?: number[] (flat [lo, hi) pairs, at most two),
+//          normTerms: Float32Array[qHeads] (with 'radius': share·‖q‖),
+//          plan: Float64Array[3·kvHeads or 4·kvHeads] (budget, target, maxClusters[, keep] per kv head),
+//          exact?: Int32Array, skip?: number[] (flat [lo, hi) pairs, at most two),
 //          estimate?, attend?, ids? (default true; false: the kept ids stay on the device, only their counts
 //          come back), stages? (default true; false: no per-stage event times), graph? (default true; with
 //          stages: false the launches are replayed from a captured CUDA graph; false: launched one by one),
@@ -15,11 +16,12 @@
 //          own logits, the default, or by their moments),
 //          own?: {k: Uint16Array[kvHeads], v: Uint16Array[kvHeads], tokens} (rows [0, tokens) of each, the
 //          store's dtype: a session's own tokens, attended on the step's thread while the device works and
-//          merged into out/lse by log-sum-exp, as engine/cache/merge.ts's mergeInto(ownOut, ownLse, out, lse))})
-//     -> Promise<{width, ids?: Int32Array[kvHeads*width] (absent with ids: false), idCounts: number[], candidates: number[],
-//                 out: Float32Array, lse: Float32Array, estimated: number[], ms, stages: {name: ms}, graphCaptures,
-//                 host: {queue, prep, launch, wait, copy, back, convert} (host ms around the stream),
-//                 workMs (the work's own host time, queue and back excluded)}>
+//          merged into out/lse by log-sum-exp, as engine/cache/merge.ts's mergeInto(ownOut, ownLse, out, lse)),
+//          out: Float32Array[qHeads·headDim], lse: Float32Array[qHeads], meta: Float64Array[3·kvHeads + 15]
+//          (the answer is written there: idCounts, candidates, estimated per kv head, then kStepMeta's slots:
+//          width, ms, graphCaptures, misses, bytesIn, workMs and the host ms parse, queue, back, convert, prep,
+//          launch, overlap, wait, copy)})
+//     -> Promise<undefined | {ids?: Int32Array[kvHeads*width] (with ids), stages: {name: ms}}>
 //   .rest({q, qHeads, scale, ranges: Int32Array[] (kvHeads; flat [lo, hi) pairs of rows attended exactly),
 //          blocks?: Int32Array[] (kvHeads; block ids, rows [b·blockSize, (b+1)·blockSize) within the tokens),
 //          blockSize? (with blocks), ids?: Int32Array[] (kvHeads; more rows attended exactly),
@@ -68,11 +70,48 @@ namespace {
 
 #ifdef KVR_CUDA
 
+// The entry's name is built only for an error: a step reads these every call.
 std::vector<int64_t> Ints(const Napi::Object& o, const char* key, size_t n, int64_t lo, int64_t hi) {
   Napi::Array a = ArrayOf(o, key, n);
   std::vector<int64_t> v;
-  for (uint32_t i = 0; i < a.Length(); ++i) v.push_back(IntValue(a.Get(i), std::string(key) + "[" + std::to_string(i) + "]", lo, hi));
+  v.reserve(n);
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    const Napi::Value x = a.Get(i);
+    // The range first: the cast is defined only for a finite value in range (NaN fails both compares).
+    const double d = x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : NAN;
+    if (d >= double(lo) && d <= double(hi) && d == double(int64_t(d))) v.push_back(int64_t(d));
+    else v.push_back(IntValue(x, std::string(key) + "[" + std::to_string(i) + "]", lo, hi));  // throws
+  }
   return v;
+}
+
+// A step's per-kv-head counts from one Float64Array, `plan`: [budget, target,
+// maxClusters] per kv head, then keep per head when it holds 4 · kvHeads
+// entries. One typed array in place of three or four arrays of numbers, each
+// entry a property read (bench/results/decode-prof-h200.md).
+std::vector<int64_t> PlanPart(Napi::Env env, const double* plan, size_t part, size_t H, int64_t hi) {
+  static const char* const names[] = {"budget", "target", "maxClusters", "keep"};
+  std::vector<int64_t> v(H);
+  for (size_t h = 0; h < H; ++h) {
+    const double d = plan[part * H + h];
+    if (!(d >= 0 && d <= double(hi) && d == double(int64_t(d))))  // NaN fails the range before the cast
+      throw Napi::RangeError::New(env, std::string("plan: ") + names[part] + "[" + std::to_string(h) + "] must be an integer in [0, " +
+                                           std::to_string(hi) + "]");
+    v[h] = int64_t(d);
+  }
+  return v;
+}
+
+// Where a step's answer goes when the caller passes its arrays (out, lse,
+// meta): meta's slots, after idCounts, candidates and estimated (kvHeads each).
+// addon/wave-gpu.ts's STEP_META restates this order.
+constexpr const char* kStepMeta[] = {"width", "ms", "graphCaptures", "misses", "bytesIn", "workMs", "parse", "queue", "back", "convert",
+                                     "prep", "launch", "overlap", "wait", "copy"};
+constexpr size_t kStepMetaCount = sizeof(kStepMeta) / sizeof(kStepMeta[0]);
+size_t MetaSlot(const std::string& name) {
+  for (size_t i = 0; i < kStepMetaCount; ++i)
+    if (name == kStepMeta[i]) return i;
+  return kStepMetaCount;
 }
 
 using Clock = std::chrono::steady_clock;
@@ -241,6 +280,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
   }
 
   Napi::Value Step(const Napi::CallbackInfo& info) {
+    const auto entry = std::chrono::steady_clock::now();
     Napi::Env env = info.Env();
     Napi::Object o = ArgObject(info);
     std::shared_ptr<cuda::WaveStore> store = Store(env);
@@ -271,10 +311,14 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
       throw Napi::RangeError::New(env, "ranking must be 'spread' or 'radius'");
     }
     const int64_t big = (int64_t(1) << 40);
-    a->budget = Ints(o, "budget", size_t(c.kvHeads), 0, big);
-    a->target = Ints(o, "target", size_t(c.kvHeads), 0, big);
-    a->maxClusters = Ints(o, "maxClusters", size_t(c.kvHeads), 0, big);
-    if (!Absent(o.Get("keep"))) a->keep = Ints(o, "keep", size_t(c.kvHeads), 0, big);
+    const size_t H0 = size_t(c.kvHeads);
+    auto plan = TypedAt<double>(o, "plan", 3 * H0);
+    if (plan.ElementLength() != 3 * H0 && plan.ElementLength() != 4 * H0)
+      throw Napi::RangeError::New(env, "plan must hold 3 or 4 entries per kv head (budget, target, maxClusters[, keep])");
+    a->budget = PlanPart(env, plan.Data(), 0, H0, big);
+    a->target = PlanPart(env, plan.Data(), 1, H0, big);
+    a->maxClusters = PlanPart(env, plan.Data(), 2, H0, big);
+    if (plan.ElementLength() == 4 * H0) a->keep = PlanPart(env, plan.Data(), 3, H0, big);
     if (!Absent(o.Get("skip"))) {
       // Flat [lo0, hi0, lo1, hi1, ...]: at most two ranges of segment rows.
       if (!o.Get("skip").IsArray()) throw Napi::TypeError::New(env, "skip must be an array of [lo, hi) pairs, flat");
@@ -327,13 +371,29 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     }
     // sync: the work runs now on this thread (addon/device-calls.ts: a short step skips libuv's two wake-ups).
     const bool now = Flag(o, "sync", false);
+    // The answer goes into the caller's arrays (out, lse and meta: counts and
+    // times, kStepMeta), not into new objects: building ~40 properties and
+    // two external buffers through N-API was 0.021 ms of every call, held on
+    // the loop (bench/results/decode-prof-h200.md). Their memory is
+    // kept alive by `keep` until the answer is written on the loop's thread.
+    auto outArr = TypedAt<float>(o, "out", size_t(a->qHeads) * d);
+    auto lseArr = TypedAt<float>(o, "lse", size_t(a->qHeads));
+    auto metaArr = TypedAt<double>(o, "meta", 3 * size_t(H) + kStepMetaCount);
+    float* outTo = outArr.Data();
+    float* lseTo = lseArr.Data();
+    double* metaTo = metaArr.Data();
+    keep.push_back(outArr);
+    keep.push_back(lseArr);
+    keep.push_back(metaArr);
     auto result = std::make_shared<cuda::WaveStepResult>();
     // The hop onto the worker thread and back (queue: this call to the
-    // work's start; convert: the answer's objects) beside the step's own
-    // host stages, so a bench sees where the wall time outside the stream goes.
+    // work's start; convert: the answer written) beside the step's own host
+    // stages, and parse (the arguments read, before the hop), so a bench sees
+    // where the wall time outside the stream goes.
     using Clock = std::chrono::steady_clock;
     auto times = std::make_shared<std::array<Clock::time_point, 3>>();
     (*times)[0] = Clock::now();
+    const double parseMs = double(std::chrono::duration<float, std::milli>((*times)[0] - entry).count());
     return RunNowOrAsync(
         env, now, std::move(keep),
         [store, a, qCopy, normCopy, exact, result, times, own]() {
@@ -353,23 +413,42 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           if (!own->segments.empty()) MergeOwn(*result, ownOut, ownLse, size_t(own->headDim));
           (*times)[2] = Clock::now();
         },
-        [result, H, times, wantIds = a->ids](Napi::Env e) -> Napi::Value {
+        [result, H, times, parseMs, outTo, lseTo, metaTo, wantIds = a->ids](Napi::Env e) -> Napi::Value {
           const Clock::time_point c0 = Clock::now();
           cuda::WaveStepResult& r = *result;
-          Napi::Object out = Napi::Object::New(e);
-          out.Set("width", Napi::Number::New(e, double(r.width)));
-          if (wantIds) out.Set("ids", Adopt(e, std::move(r.ids)));
-          out.Set("idCounts", NumberArray(e, r.idCounts));
-          out.Set("candidates", NumberArray(e, r.candidates));
-          out.Set("out", Adopt(e, std::move(r.out)));
-          out.Set("lse", Adopt(e, std::move(r.lse)));
-          Napi::Array est = Napi::Array::New(e, size_t(H));
-          for (int h = 0; h < H; ++h) est.Set(uint32_t(h), Napi::Number::New(e, r.estimated[size_t(h)]));
-          out.Set("estimated", est);
-          out.Set("misses", Napi::Number::New(e, double(r.misses)));
-          out.Set("bytesIn", Napi::Number::New(e, double(r.bytesIn)));
-          SetTimes(e, out, r.ms, r.graphCaptures, r.stages, r.host, *times, c0);
-          return out;
+          std::copy(r.out.begin(), r.out.end(), outTo);
+          std::copy(r.lse.begin(), r.lse.end(), lseTo);
+          const size_t Hs = size_t(H);
+          for (size_t h = 0; h < Hs; ++h) {
+            metaTo[h] = double(r.idCounts[h]);
+            metaTo[Hs + h] = double(r.candidates[h]);
+            metaTo[2 * Hs + h] = double(r.estimated[h]);
+          }
+          double* m = metaTo + 3 * Hs;
+          const auto ms = [](Clock::time_point x, Clock::time_point y) { return double(std::chrono::duration<float, std::milli>(y - x).count()); };
+          m[MetaSlot("width")] = double(r.width);
+          m[MetaSlot("ms")] = double(r.ms);
+          m[MetaSlot("graphCaptures")] = double(r.graphCaptures);
+          m[MetaSlot("misses")] = double(r.misses);
+          m[MetaSlot("bytesIn")] = double(r.bytesIn);
+          m[MetaSlot("workMs")] = ms((*times)[1], (*times)[2]);
+          m[MetaSlot("parse")] = parseMs;
+          m[MetaSlot("queue")] = ms((*times)[0], (*times)[1]);
+          m[MetaSlot("back")] = ms((*times)[2], c0);
+          for (const auto& x : r.host)
+            if (MetaSlot(x.first) < kStepMetaCount) m[MetaSlot(x.first)] = double(x.second);
+          // Only what has no fixed size comes back as objects: the kept ids, asked for, and the stages' times.
+          Napi::Value extra = e.Undefined();
+          if (wantIds || !r.stages.empty()) {
+            Napi::Object x = Napi::Object::New(e);
+            if (wantIds) x.Set("ids", Adopt(e, std::move(r.ids)));
+            Napi::Object st = Napi::Object::New(e);
+            for (const auto& y : r.stages) st.Set(y.first, Napi::Number::New(e, double(y.second)));
+            x.Set("stages", st);
+            extra = x;
+          }
+          m[MetaSlot("convert")] = ms(c0, Clock::now());
+          return extra;
         });
   }
 
