@@ -305,17 +305,30 @@ describe('ra-graph quality', () => {
   });
 
   it('stops on the bound exactly when the scores crowd together (a margin narrower than their spread)', async () => {
-    // Every key one row plus noise in its last bits: all scores within ~0.1% of each other, where the
-    // walk's k-th best is kept as counts in bins ~0.8% wide, so margin 0 asks for the exact k-th at
-    // almost every pop (native/indexes/ra_graph_beam.h, KthScore, and its fallback to a heap).
+    // Every key the same large row but for its first channel, which holds a distinct f16 value (0.5 up to ~3.9,
+    // shuffled over the keys): all scores within ~0.6% of each other, where the walk's k-th best is kept as counts
+    // in bins ~0.8% wide, so margin 0 asks for the exact k-th at almost every pop (native/indexes/ra_graph_beam.h,
+    // KthScore, and its fallback to a heap). The first channel's steps (>= 40 * 2^-11 in the score, ~10 float32
+    // ulps of it) keep every score distinct: with a tie at the k-th, margin 0 expands a key the beam's id
+    // tie-break keeps off (random rows of f16 noise tied there for 1 in 5 seeds, the heap before the bins alike).
     const rng = new Rng(seed + 67);
     const [n, d, G, k] = [3001, 32, 2, 600];
-    const base = Float64Array.from({ length: d }, () => rng.normal());
+    const base = Float64Array.from({ length: d }, () => 16 + 0.5 * rng.normal());
+    const order = Array.from({ length: n }, (_, t) => t);
+    for (let t = n - 1; t > 0; t--) {
+      const j = rng.int(t + 1);
+      [order[t], order[j]] = [order[j], order[t]];
+    }
     const bits = new Uint16Array(n * d);
-    for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) bits[t * d + j] = bitsOf('f16')(base[j] + 0.004 * rng.normal());
+    for (let t = 0; t < n; t++) {
+      for (let j = 1; j < d; j++) bits[t * d + j] = bitsOf('f16')(base[j]);
+      bits[t * d] = 0x3800 + order[t];  // f16 0.5 and up, one step apart
+    }
     const graph = await RaGraph.build({ keys: bits, tokens: n, headDim: d, dtype: 'f16', queries: queryRows(rng, 800, d), degree: 8, kBuild: 16 });
-    for (let trial = 0; trial < 4; trial++) {
-      const q = Float32Array.from({ length: G * d }, (_, i) => 3 * base[i % d] + 0.05 * rng.normal());
+    // About a third of the queries take the walk past the bins' budget into the heap (checked: a heap that
+    // keeps the worst scores fails 19 seeds of 22 with 12 queries).
+    for (let trial = 0; trial < 12; trial++) {
+      const q = Float32Array.from({ length: G * d }, (_, i) => (i % d === 0 ? 40 + rng.normal() : 3 * base[i % d] + 0.05 * rng.normal()));
       const fixed = searchArgs(bits, n, d, 'f16', q, G, k, k), m0 = { ...searchArgs(bits, n, d, 'f16', q, G, k, n), margin: 0 };
       const rf = graph.searchSync(fixed), r0 = graph.searchSync(m0);
       expect(r0).toEqual(rf);
