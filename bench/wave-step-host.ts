@@ -47,7 +47,6 @@ import { nativeThreads } from '../addon/kernels.js';
 import { STEP_META, WaveGpuStore, waveStepBucket as stepBucket, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import type { ModelShape } from '../core/model.js';
 import { attendOnHost } from '../engine/cache/residency.js';
-import type { HeldWaveStore } from '../engine/cache/device-wave.js';
 import { GpuBackend } from '../engine/cache/gpu-pool.js';
 import type { CudaDevice } from '../addon/cuda.js';
 import { decodeStep } from '../engine/decode-step.js';

@@ -75,7 +75,7 @@ export async function decodeStep(session: Session, req: AttendRequest): Promise<
     // selects, attends the document and estimates its rest; the own tokens
     // are merged in (engine/wave-on-device.ts). Otherwise hostStep.
     const wantIds = req.want.has('selection') || req.want.has('kv');
-    const device = await waveOnDevice(session, ctx, params, req.q, req.scale, undefined, undefined, wantIds);
+    const device = await waveOnDevice(session, ctx, params, req.q, req.scale, wantIds);
     if (device) return deviceAnswer(session, req, ctx, device, t0, t1, wantIds);
     return await hostStep(session, req, ctx, params, t0, t1, wantIds);
   } catch (e) {

@@ -26,7 +26,7 @@ export interface DeviceStep {
   kernelMs: number;
   /** The native call's host stages (addon/wave-gpu.ts WaveGpuStepResult.host) and the own tokens' attend, ms: built when asked (`return: ['timing']`). */
   host: () => Record<string, number>;
-  /** The step's answer: the `out` and `lse` given, written; without them, the device call's own arrays. */
+  /** The step's answer: the device call's own arrays (no copy), or, where the own tokens were attended beside it, their merge. */
   out: Float32Array;
   lse: Float32Array;
 }
@@ -88,12 +88,11 @@ const mean = (xs: number[]) => {
  * Runs the step on the device when it can: a `wave` session on the GPU,
  * one document, whose layer the device holds (or can be made to). Returns
  * undefined otherwise, having done nothing: the host path runs. The answer
- * goes into `out` and `lse` where given; without them the step returns the
- * device call's own arrays (no copy; the own tokens' 'beside' and 'after'
- * attends make their own).
+ * is the device call's own arrays (no copy; the own tokens' 'beside' and
+ * 'after' attends make their own).
  */
 export async function waveOnDevice(session: Session, ctx: LayerContext, p: SearchParams, q: Float32Array, scale: number,
-                                   out: Float32Array | undefined, lse: Float32Array | undefined, wantIds: boolean): Promise<DeviceStep | undefined> {
+                                   wantIds: boolean): Promise<DeviceStep | undefined> {
   const gpu = session.gpu, heads = ctx.indexes[0] as ClusterIndex[] | undefined;
   if (!gpu || session.method.name !== WAVE || ctx.segments.length !== 2 || !heads) return undefined;
   const doc = ctx.segments[0], own = ctx.segments[1];
@@ -119,17 +118,14 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
       return undefined;
     }
     const t0 = performance.now();
-    let r: WaveGpuStepResult, ownMs = 0, deviceMs: number;
+    let r: WaveGpuStepResult, ownMs = 0, deviceMs: number, out: Float32Array, lse: Float32Array;
     if (native || !ownPart) {
       // One native call and nothing beside it (the default; the own tokens, with 'native', inside it): awaited as it
       // is, not through Promise.allSettled and an async wrapper (~1 µs a step); a refusal thrown at once leaves
       // through the finally below as its rejection did, and nothing else is running to wait for.
       r = await stepDocument(held.store, args);
       deviceMs = performance.now() - t0;
-      if (out) out.set(r.out);
-      else out = r.out;
-      if (lse) lse.set(r.lse);
-      else lse = r.lse;
+      ({ out, lse } = r);
     } else {
       // The own tokens, on the host as on every path (never pooled), beside the
       // device's work on the document: neither reads what the other writes.
@@ -138,7 +134,7 @@ export async function waveOnDevice(session: Session, ctx: LayerContext, p: Searc
       // loop's thread (a short call, addon/device-calls.ts); 'after': after the
       // device call. Both settle before the store is released (a failure of one
       // must not free it while the other reads it).
-      const o = (out ??= new Float32Array(ctx.qHeads * ctx.headDim)), l = (lse ??= new Float32Array(ctx.qHeads));
+      const o = (out = new Float32Array(ctx.qHeads * ctx.headDim)), l = (lse = new Float32Array(ctx.qHeads));
       const hostOwn = (beside: boolean) =>
         session.cache.attend([ownPart], { layer: ctx.layer, q, scale, out: o, lse: l }, beside).then((x) => ((ownMs = performance.now() - t0), x));
       const ownAttend = ownMode === 'beside' ? hostOwn(true) : undefined;

@@ -105,10 +105,10 @@ describe('wave on the device: the host half beside it', () => {
     const log: string[] = [], exact: Int32Array[] = [];
     const store = standInStore(doc.seg, ids, { delay: 30, log, exact });
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
-    const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
     setOwnAttend(mode);
-    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), out, lse, wantIds).finally(() => setOwnAttend('native'));
+    const r = await waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 1 / Math.sqrt(d), wantIds).finally(() => setOwnAttend('native'));
     expect(r).toBeDefined();
+    const out = r!.out;
     // Native: the own tokens went into the device call; beside: the host half started before the device's finished. The store was released last.
     if (mode === 'native') expect(log.slice(0, 2)).toEqual(['device start with own', 'device done']);
     else expect(log.indexOf('host start beside')).toBeLessThan(log.indexOf('device done'));
@@ -135,13 +135,13 @@ describe('wave on the device: the host half beside it', () => {
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
     const run = async (mode?: OwnAttend) => {
       if (mode !== undefined) setOwnAttend(mode);
-      const log: string[] = [], out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads);
+      const log: string[] = [];
       try {
-        await waveOnDevice(sessionWith(standInStore(doc.seg, ids, { delay: 5, log }), own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, out, lse, false);
+        const r = await waveOnDevice(sessionWith(standInStore(doc.seg, ids, { delay: 5, log }), own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, false);
+        return { log, out: r!.out, lse: r!.lse };
       } finally {
         setOwnAttend('native');
       }
-      return { log, out, lse };
     };
     const [after, at, byDefault] = [await run('after'), await run('beside'), await run()];
     expect(at.log.slice(0, 2)).toEqual(['host start beside', 'device start']);
@@ -165,7 +165,7 @@ describe('wave on the device: the host half beside it', () => {
     // group · (headDim + 8) past the 12288 floats the device step holds in shared memory (its binding refuses it).
     const group = Math.floor(12288 / (d + 8)) + 1, wide = { ...contextOf(doc.seg, own.seg), qHeads: kvHeads * group } as LayerContext;
     const n = kvHeads * group;
-    expect(await waveOnDevice(session, wide, params, new Float32Array(n * d), 0.25, new Float32Array(n * d), new Float32Array(n), false)).toBeUndefined();
+    expect(await waveOnDevice(session, wide, params, new Float32Array(n * d), 0.25, false)).toBeUndefined();
     expect(log).toEqual([]);
   });
 
@@ -181,7 +181,7 @@ describe('wave on the device: the host half beside it', () => {
     const run = async (cacheRows: number) => {
       gpu.waveLayer = () => ({ store: standInStore(doc.seg, [Int32Array.of(5), Int32Array.of(6)], { delay: 0, log }), release: () => log.push('released'),
         countOverCache: () => log.push('over cache'), cacheRows, largestCluster: DOC });
-      return waveOnDevice(session, ctx, params, Float32Array.from({ length: qHeads * d }, () => rng.normal()), 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), false);
+      return waveOnDevice(session, ctx, params, Float32Array.from({ length: qHeads * d }, () => rng.normal()), 0.25, false);
     };
     expect(await run(2 * DOC - 1)).toBeUndefined();
     expect(log).toEqual(['over cache', 'released']);
@@ -204,7 +204,7 @@ describe('wave on the device: the host half beside it', () => {
     const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
     setOwnAttend('beside');
     try {
-      await expect(waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), false)).rejects.toThrow(/device refused at once/);
+      await expect(waveOnDevice(sessionWith(store, own.seg, log), contextOf(doc.seg, own.seg), params, q, 0.25, false)).rejects.toThrow(/device refused at once/);
     } finally {
       setOwnAttend('native');
     }
@@ -221,7 +221,7 @@ describe('wave on the device: the host half beside it', () => {
       const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
       // The own tokens on the host (beside): the path with two halves.
       setOwnAttend('beside');
-      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, new Float32Array(qHeads * d), new Float32Array(qHeads), true).finally(() => setOwnAttend('native'))).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
+      await expect(waveOnDevice(sessionWith(store, own.seg, log, failing === 'host'), contextOf(doc.seg, own.seg), params, q, 0.25, true).finally(() => setOwnAttend('native'))).rejects.toThrow(failing === 'device' ? /device step failed/ : /host attend failed/);
       expect(log[log.length - 1]).toBe('released');
       expect(log).toContain(failing === 'device' ? 'device failed' : 'device done');
     });
