@@ -90,6 +90,12 @@ export interface RaGraphSearchArgs {
    * ef and margin say; it may pass the cap by one neighbour list.
    */
   maxScanned?: number;
+  /**
+   * Candidates the walk expands a round, their new neighbours scored as one
+   * stream (1..1024; absent: 8, native/indexes/ra_graph.h). 1 is the walk
+   * one candidate at a time, the ids it returned before the option.
+   */
+  expandWidth?: number;
   /** Report where an 'attention' search's time went (result.profile); timing each key costs ~10%. */
   profile?: boolean;
   /**

@@ -17,7 +17,10 @@
 // probability, k = 1% of tokens, as bench/retrieval.ts does) and a
 // fingerprint of every id returned, so a change that should leave answers
 // alone can be checked (before/after fingerprints equal). With
-// `--profile` the native search's phase times are summed and shown too.
+// `--profile` the native search's phase times are summed and shown too;
+// `--width W` sets the walk's expandWidth (absent: the native default; 1 is
+// the walk one candidate at a time, whose ids the fingerprints of earlier
+// rounds are).
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -38,6 +41,7 @@ const reps = Number(get('reps', '3'));
 const out = get('out', '');
 const only = get('configs', '');
 const profile = argv.includes('--profile');
+const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
 const G = 4, d = 128, sinks = 16, window = 256, budget = 0.01;
 const want = Math.round(tokens * budget), asked = want + sinks + window;
 // bench/retrieval.ts's machine line (importing it would run that bench).
@@ -136,6 +140,7 @@ const args = (c: Config, s: number, ids: Int32Array, scores: Float32Array): RaGr
   ef: c.ef,
   margin: c.margin,
   maxScanned: c.maxScanned,
+  ...(width !== undefined && { expandWidth: width }),
   aggregate: 'attention',
   outIds: ids,
   outScores: scores,
@@ -188,7 +193,7 @@ for (const c of configs) {
 const md = [
   `### RetrievalAttention graph search at ${tokens.toLocaleString('en-US')} keys (bench/ra-search.ts)`,
   '',
-  `${machine()}; one kv head, GQA group 4, d=128, f16, k = ${asked} asked (1% + ${sinks} sinks + ${window} window), ranking by the group's attention; ${steps} decode steps' query groups, ${reps} reps. per group = searchSync on the calling thread (median over steps × reps), wall and CPU time (process.cpuUsage: under load the wall time includes waiting for a core); layer-step = searchBatch of the ${steps} groups at once on the native pool (median over reps), and the process's CPU time in it per search. load = 1-minute load average at each rep.`,
+  `${machine()}; one kv head, GQA group 4, d=128, f16, k = ${asked} asked (1% + ${sinks} sinks + ${window} window), ranking by the group's attention; walk expandWidth ${width ?? 'default (8)'}; ${steps} decode steps' query groups, ${reps} reps. per group = searchSync on the calling thread (median over steps × reps), wall and CPU time (process.cpuUsage: under load the wall time includes waiting for a core); layer-step = searchBatch of the ${steps} groups at once on the native pool (median over reps), and the process's CPU time in it per search. load = 1-minute load average at each rep.`,
   '',
   `| configuration | scanned | top-k recall (group) | ms per group | CPU ms per group | ms per layer-step (${steps} searches) | CPU ms per search in the batch | ids fingerprint | load |${profile ? ' phases, ms per search |' : ''}`,
   `| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |${profile ? ' --- |' : ''}`,
@@ -197,6 +202,6 @@ const md = [
 process.stdout.write(md);
 if (out) {
   writeFileSync(out, md);
-  writeFileSync(out.replace(/\.md$/, '.json'), JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, steps, reps, rows: json }, null, 2));
+  writeFileSync(out.replace(/\.md$/, '.json'), JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, steps, reps, expandWidth: width ?? null, rows: json }, null, 2));
 }
 graph.dispose();

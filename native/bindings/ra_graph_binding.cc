@@ -12,7 +12,8 @@
 //        the caller attends in full anyway, not counted as scanned and left out of the result; margin: the
 //        quality-bound stop in score units, absent = none; aggregate: 0 max over the group's rows,
 //        1 the group's attention, with scale: the softmax scale, absent = 1/sqrt(headDim); maxScanned:
-//        a cap on the keys scored, 0 or absent = none; profile: true adds {sampleMs, walkMs, scoreMs,
+//        a cap on the keys scored, 0 or absent = none; expandWidth: candidates expanded a round of the
+//        walk, 1..1024, absent = RaSearchOptions' default; profile: true adds {sampleMs, walkMs, scoreMs,
 //        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
 //     searchSync(same) -> {count, scanned}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
@@ -65,6 +66,7 @@ struct SearchJob {
   RaAggregate aggregate = RaAggregate::kMax;
   float scale = 0.f;
   int64_t maxScanned = 0;
+  int expandWidth = RaSearchOptions().expandWidth;
   bool profiled = false;
   RaSearchProfile profile;
   RaSearchResult result;
@@ -79,6 +81,7 @@ struct SearchJob {
     opt.aggregate = aggregate;
     opt.scale = scale;
     opt.maxScanned = maxScanned;
+    opt.expandWidth = expandWidth;
     if (profiled) opt.profile = &profile;
     result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
   }
@@ -115,6 +118,7 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
     job.scale = sc;
   }
   job.maxScanned = OptInt(o, "maxScanned", 0, kMaxSafeInt, 0);
+  job.expandWidth = int(OptInt(o, "expandWidth", 1, 1024, job.expandWidth));
   job.profiled = o.Get("profile").ToBoolean().Value();
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);

@@ -80,7 +80,7 @@ constexpr double kPreemptedMs = 0.05;
 constexpr size_t kRankBatch = 8;
 // The walk's batches (ra_graph_beam.h) go to Ranks whole: at 16 they overran
 // its arrays (the ids changed from run to run).
-static_assert(ragraph::kPrefetchAhead <= kRankBatch, "a walk batch must fit Ranks' arrays");
+static_assert(ragraph::kScoreBatch <= kRankBatch, "a walk batch must fit Ranks' arrays");
 #ifdef KVR_X86_SIMD
 // max over the four lanes, as std::max folded from -inf gives it (no NaN
 // here: with one it could differ).
@@ -380,7 +380,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
       ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), S.seeds.data(),
       S.seeds.size(), beam, keys, d, scorer, S.top, size_t(keep), opt.margin,
       opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0, opt.freeSeeds, opt.freeSeedCount,
-      fixed->data() + size_t(m) * d);
+      fixed->data() + size_t(m) * d, size_t(std::max(1, opt.expandWidth)));
   // The free start keys were scored first: the walk's first `freeKeys`
   // entries. Their logits stay in the partitions (step 3); the result and
   // the scanned count leave them out.

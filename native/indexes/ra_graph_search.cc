@@ -55,7 +55,8 @@ RaSearchResult RaGraph::Search(const uint16_t* keys, Dtype dtype, const float* q
         }
         return s;
       },
-      top, size_t(keep), opt.margin, std::max<int64_t>(0, opt.maxScanned), opt.freeSeeds, opt.freeSeedCount);
+      top, size_t(keep), opt.margin, std::max<int64_t>(0, opt.maxScanned), opt.freeSeeds, opt.freeSeedCount,
+      size_t(std::max(1, opt.expandWidth)));
   res.count = WriteBest(top, keep, outIds, outScores);
   return res;
 }
