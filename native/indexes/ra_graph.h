@@ -132,8 +132,10 @@ struct RaSearchOptions {
   // Candidates expanded a round of the walk (ra_graph_beam.h): their new
   // neighbours are scored as one stream. 1 is the walk one candidate at a
   // time, as before this option (the same ids); values below 1 count as 1.
-  // The default 8: at 1M keys the same recall at the same scanned share,
-  // ~12% less CPU a search on the 2-core VM
+  // The default 8: at 1M keys the same scanned share and recall (to 3-4
+  // digits) for 0.89-0.92 of the one-at-a-time walk's CPU a search on the
+  // 2-core VM in one process (0.92-0.95 across processes); at 64K capped at
+  // 3% a little less recall, 0.318 against 0.324
   // (bench/results/ra-search-1048576-vm-r5.md).
   int expandWidth = 8;
 };

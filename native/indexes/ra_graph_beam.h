@@ -337,8 +337,9 @@ class KthScore {
 // when the best one fails), their lists read together and all their new
 // neighbours scored as one stream, rows prefetched ahead across the lists.
 // One at a time (width 1, the build's walks) each expansion's rows wait
-// behind its pop and its list, ~5 new keys each at 1M keys: width 8 scores
-// the same share of keys ~12% faster on the 2-core VM, the recall the same
+// behind its pop and its list, ~5 new keys each at 1M keys: width 8 takes
+// 0.89-0.92 of that walk's CPU a search there on the 2-core VM, the
+// scanned share and recall the same to 3-4 digits
 // (bench/results/ra-search-1048576-vm-r5.md). Width 1 is the walk as it
 // was, key for key.
 //
