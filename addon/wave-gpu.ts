@@ -247,6 +247,11 @@ export interface WaveGpuBytes {
   summaries: number;
   /** Of `summaries`: the key axes and variances. */
   moments: number;
+  /**
+   * Of `summaries`: the member lists and token-to-cluster maps, 2 bytes a row each where the clusters
+   * were numbered segment by segment (as every build numbers them), else 4 (native/cuda/wave_step_kernels.cuh's ClusterMaps).
+   */
+  maps: number;
   /** The K and V rows held on the device (0 for a paged store). */
   kv: number;
   /** Per-step buffers. */

@@ -105,15 +105,19 @@ export interface DeviceWaveStats {
 
 /**
  * Device bytes a layer's store takes (native/cuda/wave_step.cu's and
- * wave_cache.cuh's layouts, before alignment): summaries and member lists,
- * then K and V whole, or with `cacheRows` > 0 (paged) the row cache: its
- * slots' K and V (one more: the dump slot), owners, stamps and miss list,
- * and the row-to-slot map.
+ * wave_cache.cuh's layouts, before alignment): summaries, member lists and
+ * token->cluster map, then K and V whole, or with `cacheRows` > 0 (paged)
+ * the row cache: its slots' K and V (one more: the dump slot), owners,
+ * stamps and miss list, and the row-to-slot map. The member lists and map
+ * at 2 bytes a row and a base per 4096-token tile: the store's layout for
+ * clusters numbered segment by segment, as every build numbers them (4
+ * bytes a row otherwise: wave_step_kernels.cuh's ClusterMaps).
  */
 export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: number, cacheRows = 0): number {
   let b = 0;
   // Per cluster: centroid row and value mean (16-bit words), key axis and variances (8-bit codes and two f32 scales), count and member start.
-  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + headDim * 2 + 2 * headDim + 8 + 8) + tokens * (cacheRows > 0 ? 12 : 8 + 4 * headDim);
+  const maps = tokens * 4 + Math.ceil(tokens / 4096) * 4;
+  for (const h of heads) b += h.clusters * ((headDim + 8) * 2 + headDim * 2 + 2 * headDim + 8 + 8) + maps + tokens * (cacheRows > 0 ? 4 : 4 * headDim);
   return cacheRows > 0 ? b + (cacheRows + 1) * 4 * headDim + cacheRows * 12 : b;
 }
 

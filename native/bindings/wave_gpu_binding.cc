@@ -30,7 +30,7 @@
 //   step and rest take sync?: boolean (default false): the work runs on the calling thread and the
 //   promise comes back settled, the same answer or the same rejection (common/binding_args.h's RunNowOrAsync)
 //     the estimate of what another method's selection leaves out (wave_step.h's WaveRestArgs)
-//   .bytes() -> {summaries, moments, kv (0 when paged), scratch, cache, cacheRows}
+//   .bytes() -> {summaries, moments, maps, kv (0 when paged), scratch, cache, cacheRows}
 // cacheRows (constructor, optional, > 0): the paged store (wave_cache.cuh);
 // a step's answer then has misses and bytesIn (host to device, K and V).
 //   .close()
@@ -560,6 +560,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     Napi::Object o = Napi::Object::New(env);
     o.Set("summaries", Napi::Number::New(env, double(b.summaries)));
     o.Set("moments", Napi::Number::New(env, double(b.moments)));
+    o.Set("maps", Napi::Number::New(env, double(b.maps)));
     o.Set("kv", Napi::Number::New(env, double(b.kv)));
     o.Set("scratch", Napi::Number::New(env, double(b.scratch)));
     o.Set("cache", Napi::Number::New(env, double(b.cache)));

@@ -86,7 +86,8 @@ struct CacheParams {
   unsigned long long* counters;  // [kCacheCounters]
   uint16_t *cacheK, *cacheV;     // [rows + 1, d] (device): row 0 zeroed, slot s at row s + 1
   const uint16_t *hostK, *hostV; // [H·N, d] (mapped host memory)
-  const int32_t *counts, *memberStart, *members, *tokCl, *exact;
+  const int32_t *counts, *memberStart, *exact;
+  ClusterMaps maps;
   const int64_t *base, *cnt;
   int64_t rows, N, cmax, exactCount;  // exactCount: the step's bucket (the grid); its own count at exactN (null: exactCount)
   const int64_t* exactN;
@@ -115,12 +116,12 @@ __global__ void CacheNeed(CacheParams c) {
   if (i < c.cmax) {
     if (i < c.base[h + 1] - b && c.cnt[b + i] > 0) cl = b + i;
   } else if (i < c.cmax + (c.exactN ? *c.exactN : c.exactCount)) {
-    cl = b + c.tokCl[size_t(h) * c.N + c.exact[i - c.cmax]];
+    cl = b + TokenCluster(c.maps, c.N, h, c.exact[i - c.cmax]);
   }
   if (cl < 0) return;
   const int32_t step = c.state[0], n = c.counts[cl];
-  const int32_t* mem = c.members + size_t(h) * c.N + c.memberStart[cl];
-  for (int32_t k = sub; k < n; k += kLanes) NeedRow(c, int64_t(h) * c.N + mem[k], step);
+  const int32_t start = c.memberStart[cl];
+  for (int32_t k = sub; k < n; k += kLanes) NeedRow(c, int64_t(h) * c.N + MemberToken(c.maps, c.N, h, start + k), step);
 }
 
 // Miss `key` takes slot s: the slot's old row unmapped, the slot stamped
@@ -371,7 +372,7 @@ struct RowCache {
   void Enqueue(const StepParams& p, int H, unsigned long long* counters, cudaStream_t s, bool timed) {
     CacheParams k = c;
     k.counters = counters;
-    k.counts = p.counts, k.memberStart = p.memberStart, k.members = p.members, k.tokCl = p.tokCl, k.exact = p.exact;
+    k.counts = p.counts, k.memberStart = p.memberStart, k.maps = p.maps, k.exact = p.exact;
     k.base = p.base, k.cnt = p.cnt, k.cmax = p.cmax, k.exactCount = p.exactCount, k.exactN = p.exactN;
     Check(cudaMemsetAsync(counters, 0, kCacheCounters * 8, s), "memset");
     const auto mark = [&](int i) {

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32, 8) PartialLogitsFromDots(S
 #pragma unroll
         for (int s = 0; s < kSlots; ++s) {
           const bool in = on[s] && i < n[s];
-          u[s] = in ? p.members[size_t(h) * p.N + first[s] + i] : 0;
+          u[s] = in ? MemberToken(p.maps, p.N, h, first[s] + i) : 0;
           // The cluster's first member among the head's candidates: cum - n.
           const float* dg = p.dots + (size_t(h) * p.group + g0) * p.dotStride + (cum[s] - n[s]) + i;
 #pragma unroll

@@ -503,15 +503,14 @@ __global__ void GatherCandidates(StepParams p, const CutState* cuts, const int64
   const int64_t at = PlaceInHead<int64_t>(take, tiles + size_t(h) * size_t(Tiles(p.cmax)));
   if (r < len) p.cum[i] = at + take;
   if (take == 0) return;
-  const int32_t* src = p.members + size_t(h) * p.N + start;
   int32_t* dst = p.cand + size_t(h) * p.tmax + at;
   // kCopyBatch loads in flight before their stores: one at a time, each a
-  // round trip (the compiler cannot move a load of src past a store to dst).
+  // round trip (the compiler cannot move a load of the list past a store to dst).
   constexpr int kCopyBatch = 8;
   for (int64_t k0 = 0; k0 < take; k0 += kCopyBatch) {
     int32_t v[kCopyBatch];
 #pragma unroll
-    for (int u = 0; u < kCopyBatch; ++u) v[u] = k0 + u < take ? __ldg(src + k0 + u) : 0;
+    for (int u = 0; u < kCopyBatch; ++u) v[u] = k0 + u < take ? MemberToken(p.maps, p.N, h, start + k0 + u) : 0;
 #pragma unroll
     for (int u = 0; u < kCopyBatch; ++u)
       if (k0 + u < take) dst[k0 + u] = v[u];

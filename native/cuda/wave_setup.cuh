@@ -1,10 +1,12 @@
 // What a wave store's constructor (wave_step.cu) does once: the kernels'
-// shared-memory limits raised, and each head's members grouped per cluster.
+// shared-memory limits raised, each head's members grouped per cluster, and
+// the maps narrowed to 16 bits where they fit.
 // Included by wave_step.cu after every kernel.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -63,6 +65,72 @@ inline void GroupMembers(const WaveHeadHost* heads, int H, int64_t N, const std:
     for (int64_t t = 0; t < N; ++t) members[size_t(h) * N + size_t(at[size_t(heads[h].tokenCluster[t])]++)] = int32_t(t);
   }
 }
+
+// The maps in 16 bits (ClusterMaps, wave_step_kernels.cuh): members16[h·N
+// + pos] = members[h·N + pos] - pos, tokCl16[h·N + t] = tokenCluster[t] -
+// tileBase[h·tiles + t / 4096]. False, and nothing meaningful written, where
+// a value does not fit (clusters not numbered segment by segment).
+inline bool NarrowMaps(const WaveHeadHost* heads, int H, int64_t N, const std::vector<int32_t>& members, std::vector<int16_t>& members16,
+                       std::vector<uint16_t>& tokCl16, std::vector<int32_t>& tileBase) {
+  const int64_t tile = int64_t(1) << kMapTileShift, tiles = (N + tile - 1) / tile;
+  members16.resize(size_t(H) * N), tokCl16.resize(size_t(H) * N), tileBase.resize(size_t(H) * tiles);
+  for (size_t i = 0; i < members.size(); ++i) {
+    const int64_t off = int64_t(members[i]) - int64_t(i % size_t(N));
+    if (off < INT16_MIN || off > INT16_MAX) return false;
+    members16[i] = int16_t(off);
+  }
+  for (int h = 0; h < H; ++h)
+    for (int64_t t0 = 0; t0 < N; t0 += tile) {
+      const int32_t* cl = heads[h].tokenCluster;
+      const int64_t t1 = std::min(N, t0 + tile);
+      const int32_t lo = *std::min_element(cl + t0, cl + t1);
+      tileBase[size_t(h) * tiles + size_t(t0 / tile)] = lo;
+      for (int64_t t = t0; t < t1; ++t) {
+        if (int64_t(cl[t]) - lo > UINT16_MAX) return false;
+        tokCl16[size_t(h) * N + t] = uint16_t(cl[t] - lo);
+      }
+    }
+  return true;
+}
+
+// A store's member lists and token->cluster map as made on the host, then
+// placed in the store's layout and copied (wave_step.cu's constructor).
+struct HostMaps {
+  std::vector<int32_t> memberStart, members;
+  std::vector<int16_t> members16;
+  std::vector<uint16_t> tokCl16;
+  std::vector<int32_t> tileBase;
+  int H;
+  int64_t N;
+  bool wide;
+  HostMaps(const WaveHeadHost* heads, int kvHeads, int64_t tokens, const std::vector<int64_t>& base)
+      : memberStart(size_t(base.back())), members(size_t(kvHeads) * tokens), H(kvHeads), N(tokens) {
+    GroupMembers(heads, H, N, base, memberStart, members);
+    wide = !NarrowMaps(heads, H, N, members, members16, tokCl16, tileBase);
+  }
+  size_t Word() const { return wide ? 4 : 2; }
+  size_t TileBytes() const { return wide ? 0 : tileBase.size() * 4; }
+  // The kernels' view of the maps at these device addresses.
+  ClusterMaps Place(void* memberRows, void* tokenRows, int32_t* tiles) const {
+    ClusterMaps m{};
+    m.wide = wide;
+    m.tiles = int64_t(tileBase.size()) / H;
+    if (wide) m.members32 = static_cast<int32_t*>(memberRows), m.tokCl32 = static_cast<int32_t*>(tokenRows);
+    else m.members16 = static_cast<int16_t*>(memberRows), m.tokCl16 = static_cast<uint16_t*>(tokenRows), m.tileBase = tiles;
+    return m;
+  }
+  // Copies them there; put(dst, src, bytes) copies host to device.
+  template <typename Put>
+  void Copy(const ClusterMaps& m, const WaveHeadHost* heads, Put put) const {
+    if (wide) {
+      put(m.members32, members.data(), members.size() * 4);
+      for (int h = 0; h < H; ++h) put(m.tokCl32 + size_t(h) * N, heads[h].tokenCluster, size_t(N) * 4);
+      return;
+    }
+    put(m.members16, members16.data(), members16.size() * 2), put(m.tokCl16, tokCl16.data(), tokCl16.size() * 2);
+    put(m.tileBase, tileBase.data(), tileBase.size() * 4);
+  }
+};
 
 }  // namespace
 }  // namespace cuda

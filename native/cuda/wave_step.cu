@@ -76,7 +76,7 @@ struct WaveStore::Impl {
   cudaEvent_t ev[13] = {};
   DevBuf store, fixed, work, in, out;
   HostBuf hin, hout;
-  size_t summaryBytes = 0, momentBytes = 0, kvBytes = 0;
+  size_t summaryBytes = 0, momentBytes = 0, mapBytes = 0, kvBytes = 0;
   StepParams p{};  // the store's and the fixed scratch's pointers
   // the cuts' scratch (wave_select.cuh): the cluster cut's bin gathered, the histogram, per head the two cuts
   uint64_t* buf1 = nullptr;
@@ -121,18 +121,18 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   I.ctot = I.base[H];
   if (I.ctot >= (int64_t(1) << 31) || int64_t(H) * N >= (int64_t(1) << 31))
     throw std::runtime_error("wave store: more than 2^31 clusters or rows");
-  std::vector<int32_t> memberStart(size_t(I.ctot)), members(size_t(H) * N);
-  GroupMembers(heads, H, N, I.base, memberStart, members);
+  const HostMaps maps(heads, H, N, I.base);
   Check(cudaSetDevice(0), "cudaSetDevice");
   Check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "stream");
   for (auto& e : I.ev) Check(cudaEventCreate(&e), "event");
   Layout L;
   const size_t oCent = L.Add(size_t(I.ctot) * I.stride * 2), oMeans = L.Add(size_t(I.ctot) * d * 2),
                oAxes = L.Add(size_t(I.ctot) * d), oVars = L.Add(size_t(I.ctot) * d), oScales = L.Add(size_t(I.ctot) * 8),
-               oCounts = L.Add(size_t(I.ctot) * 4), oStart = L.Add(size_t(I.ctot) * 4), oMembers = L.Add(size_t(H) * N * 4),
-               oTok = L.Add(size_t(H) * N * 4), oBase = L.Add(size_t(H + 1) * 8), oShares = L.Add(size_t(H) * 4);
+               oCounts = L.Add(size_t(I.ctot) * 4), oStart = L.Add(size_t(I.ctot) * 4), oMembers = L.Add(size_t(H) * N * maps.Word()),
+               oTok = L.Add(size_t(H) * N * maps.Word()), oTiles = L.Add(maps.TileBytes()), oBase = L.Add(size_t(H + 1) * 8), oShares = L.Add(size_t(H) * 4);
   I.summaryBytes = L.at;
   I.momentBytes = oCounts - oAxes;
+  I.mapBytes = oBase - oMembers;
   const size_t oKeys = L.Add(paged ? 0 : size_t(H) * N * d * 2), oValues = L.Add(paged ? 0 : size_t(H) * N * d * 2);
   I.kvBytes = L.at - I.summaryBytes;
   I.store.Need(L.at, "cudaMalloc (wave store)");
@@ -145,8 +145,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   p.axisScales = Layout::At<float>(S, oScales), p.varScales = p.axisScales + I.ctot;
   p.counts = Layout::At<int32_t>(S, oCounts);
   p.memberStart = Layout::At<int32_t>(S, oStart);
-  p.members = Layout::At<int32_t>(S, oMembers);
-  p.tokCl = Layout::At<int32_t>(S, oTok);
+  p.maps = maps.Place(Layout::At<void>(S, oMembers), Layout::At<void>(S, oTok), Layout::At<int32_t>(S, oTiles));
   p.base = Layout::At<int64_t>(S, oBase);
   p.shares = Layout::At<float>(S, oShares);
   p.keys = Layout::At<uint16_t>(S, oKeys);
@@ -161,14 +160,13 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
     put(p.axes + b * d, heads[h].keyAxes, C * d), put(p.axisScales + b, heads[h].axisScales, C * 4);
     put(p.vars + b * d, heads[h].keyVars, C * d), put(p.varScales + b, heads[h].varScales, C * 4);
     put(p.counts + b, heads[h].counts, C * 4);
-    put(p.tokCl + size_t(h) * N, heads[h].tokenCluster, size_t(N) * 4);
     if (!paged) put(p.keys + size_t(h) * N * d, heads[h].keys, size_t(N) * d * 2);
     if (!paged) put(p.values + size_t(h) * N * d, heads[h].values, size_t(N) * d * 2);
   }
   p.rowSlot = nullptr;
   if (paged) I.cache.Setup(cfg, heads, p);  // keys, values and rowSlot: the cache's
-  put(p.memberStart, memberStart.data(), memberStart.size() * 4);
-  put(p.members, members.data(), members.size() * 4);
+  put(p.memberStart, maps.memberStart.data(), maps.memberStart.size() * 4);
+  maps.Copy(p.maps, heads, put);
   put(p.base, I.base.data(), I.base.size() * 8);
   std::vector<float> shares(static_cast<size_t>(H));
   for (int h = 0; h < H; ++h) shares[size_t(h)] = heads[h].varianceShare;
@@ -212,6 +210,7 @@ WaveStoreBytes WaveStore::Bytes() const {
   WaveStoreBytes b;
   b.summaries = int64_t(I.summaryBytes);
   b.moments = int64_t(I.momentBytes);
+  b.maps = int64_t(I.mapBytes);
   b.kv = int64_t(I.kvBytes);
   b.cache = int64_t(I.cache.dev.bytes);
   b.cacheRows = I.cache.rows;

@@ -191,6 +191,7 @@ struct WaveRestResult {
 struct WaveStoreBytes {
   int64_t summaries = 0;  // centroids, value means, key axes and variances, counts, member lists, token->cluster
   int64_t moments = 0;    // of which the key axes and variances (what kSpread adds)
+  int64_t maps = 0;       // of which the member lists and token->cluster maps (2 bytes a row each where they fit, else 4)
   int64_t kv = 0;         // the K and V rows held for rescoring and exact rows (0 for a paged store)
   int64_t cache = 0;      // the paged store's row cache: its slots' K and V, the row->slot map, the slots' owners and stamps, the miss list
   int64_t cacheRows = 0;  // its slots

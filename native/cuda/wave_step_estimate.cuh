@@ -31,7 +31,7 @@ __device__ __forceinline__ void ExactRowAt(const StepParams& p, int h, int64_t j
   if (j >= kept + ExactCount(p)) return;
   const int32_t t = ExactRow(p, h, j, kept);
   int32_t* owner = p.owner + size_t(h) * p.N + t;
-  const int32_t cl = p.tokCl[size_t(h) * p.N + t];
+  const int32_t cl = TokenCluster(p.maps, p.N, h, t);
   const int64_t c = p.base[h] + cl;
   if (kMode == 0) atomicMin(owner, int32_t(j));
   if (kMode == 1 && *owner == int32_t(j) && atomicAdd(p.removed + c, 1) == 0) {
@@ -100,7 +100,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
   const int32_t* own = p.owner + size_t(h) * p.N;
   float* mean = rest;
   float* var = mean + p.d;
-  const int32_t* mem = p.members + size_t(h) * p.N + p.memberStart[c];
+  const int32_t start = p.memberStart[c];  // the cluster's members: MemberToken(.., start + i)
   const uint16_t* cent = p.cent + size_t(c) * p.stride;
   const uint8_t* kv = p.vars + size_t(c) * p.d;
   const float varScale = p.varScales[c];
@@ -123,7 +123,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
       for (int g = 0; g < kGC; ++g) m[g] = -INFINITY, sum[g] = 0.f;
       for (int32_t i0 = 0; i0 < n; i0 += 16) {
         const int32_t i = i0 + (lane >> 1);
-        const int32_t u = i < n ? mem[i] : 0;
+        const int32_t u = i < n ? MemberToken(p.maps, p.N, h, start + i) : 0;
         const bool live = i < n && own[u] == kNoOwner;
         float acc[kGC][8];
         Zero(acc);
@@ -152,7 +152,7 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
     double s1 = __dmul_rn(whole, m);
     double s2 = __dmul_rn(whole, fma(m, m, double(DecodeVar(kv[ch], varScale))));
     for (int32_t i = 0; i < n; ++i) {
-      const int32_t u = mem[i];
+      const int32_t u = MemberToken(p.maps, p.N, h, start + i);
       if (own[u] == kNoOwner) continue;
       const double k = double(WidenWord<kBf16>(p.keys[KvRow<kPaged>(p, h, u) + ch]));
       s1 = __dsub_rn(s1, k);
@@ -302,7 +302,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int 
     } else if (at < kept + ExactCount(p)) {
       const int32_t t = ExactRow(p, h, at, kept);
       if (p.owner[size_t(h) * p.N + t] == int32_t(at)) {
-        const int32_t c = p.tokCl[size_t(h) * p.N + t], n = p.counts[b + c], r = p.removed[b + c];
+        const int32_t c = TokenCluster(p.maps, p.N, h, t), n = p.counts[b + c], r = p.removed[b + c];
         if (n > 0 && r < n) src[k] = KvRow<kPaged>(p, h, t), lc[k] = c, wn[k] = 1.f;
       }
     }

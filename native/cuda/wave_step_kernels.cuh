@@ -145,6 +145,35 @@ __device__ __forceinline__ float SecondOrderLogit(float scale, float share, floa
   return cap < w ? cap : w;  // std::min(w, cap)
 }
 
+// Each head's member lists (its tokens grouped by cluster) and token->cluster
+// map, in 16 bits where they fit (issue #13's "GPU memory for the layer <=
+// 20% of its K/V": at 4 bytes each they were 1.6 points of it). A member
+// is stored as its token less its position in the head's list: a build
+// numbers clusters segment by segment (index/wave/cluster-build.ts), so both
+// lie in one segment of 8K tokens. A token's cluster is stored less the
+// least cluster of its tile of 4096 tokens (tileBase). Where either does not fit
+// (clusters made otherwise), both stay 32-bit (wide): one uniform branch.
+constexpr int kMapTileShift = 12;
+struct ClusterMaps {
+  const int32_t* members32;  // wide: [kvHeads, N] tokens
+  const int32_t* tokCl32;    // wide: [kvHeads, N] clusters within the head
+  const int16_t* members16;  // [kvHeads, N]: token - position
+  const uint16_t* tokCl16;   // [kvHeads, N]: cluster - tileBase
+  const int32_t* tileBase;   // [kvHeads, tiles]: the least cluster of each tile
+  int64_t tiles;
+  bool wide;
+};
+// The token at position pos of head h's member list (pos = memberStart + i).
+__device__ __forceinline__ int32_t MemberToken(const ClusterMaps& m, int64_t N, int h, int64_t pos) {
+  const size_t at = size_t(h) * N + pos;
+  return m.wide ? __ldg(m.members32 + at) : int32_t(pos) + int32_t(__ldg(m.members16 + at));
+}
+// Token t's cluster within head h.
+__device__ __forceinline__ int32_t TokenCluster(const ClusterMaps& m, int64_t N, int h, int32_t t) {
+  const size_t at = size_t(h) * N + t;
+  return m.wide ? __ldg(m.tokCl32 + at) : __ldg(m.tileBase + size_t(h) * m.tiles + (t >> kMapTileShift)) + int32_t(__ldg(m.tokCl16 + at));
+}
+
 struct Add { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
 struct Max { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
 
@@ -154,7 +183,8 @@ struct StepParams {
   const int8_t* axes;   // [ctot, d]: scaled principal axes, 8-bit codes (common/moment_code.h)
   const uint8_t* vars;  // [ctot, d]: per-channel key variances, 8-bit codes
   const float *axisScales, *varScales;  // [ctot]: their scales
-  const int32_t *counts, *memberStart, *members, *tokCl;
+  const int32_t *counts, *memberStart;
+  ClusterMaps maps;
   const int64_t* base;  // [kvHeads + 1]: head h's clusters are base[h] .. base[h+1]
   const float* shares;  // [kvHeads]: the second-order term's share per head
   int64_t N, cmax;

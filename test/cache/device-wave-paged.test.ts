@@ -45,7 +45,8 @@ describe('paged device wave stores', () => {
     // Written out: each head's summaries (centroid + radius row and value mean: 2 bytes a word; axis and variances: a
     // byte a channel and an f32 scale each; count and member start) and token->cluster and member lists; dense adds K
     // and V (4d bytes a row), paged the row->slot map (4 bytes a row) and R + 1 slots of K and V with R owners, stamps and miss entries.
-    const summaries = heads.reduce((b, h) => b + h.clusters * ((d + 8) * 2 + d * 2 + 2 * (d + 4) + 8) + N * 8, 0);
+    // The lists and map take 2 bytes a row each and a cluster base per 4096-token tile: a build's clusters (wave_step_kernels.cuh's ClusterMaps).
+    const summaries = heads.reduce((b, h) => b + h.clusters * ((d + 8) * 2 + d * 2 + 2 * (d + 4) + 8) + N * 4 + Math.ceil(N / 4096) * 4, 0);
     expect(dense).toBe(summaries + H * N * 4 * d);
     expect(waveStoreBytes(heads, N, d, R)).toBe(summaries + H * N * 4 + (R + 1) * 4 * d + R * 12);
     expect(waveStoreBytes(heads, N, d, R)).toBeLessThan(dense / 2);

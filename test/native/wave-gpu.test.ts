@@ -98,6 +98,59 @@ describe.skipIf(!info.ok)('a wave store made and freed off the event loop', () =
   }, 120_000);
 });
 
+// Member lists and token->cluster maps take 2 bytes a row where a build
+// numbered the clusters segment by segment, 4 where not (ClusterMaps,
+// native/cuda/wave_step_kernels.cuh). The same clusters under another
+// numbering are the same selection and estimate: the two layouts answer
+// alike (ids as sets; out and lse summed in another cluster order).
+describe.skipIf(!info.ok)('a wave store\'s member lists and token maps', () => {
+  it('are 16-bit for a build\'s clusters, 32-bit for clusters numbered otherwise, and answer the same (dense and paged)', async () => {
+    const rng = new Rng(seed ^ 0x77);
+    const kvHeads = 2, qHeads = 8, d = 64, N = 65536;
+    const o = await layer(rng, kvHeads, N, d);
+    // Each head's clusters relabelled by a random permutation: a cluster's
+    // members then sit far from their tokens in the head's list.
+    const shuffled = { ...o, heads: o.heads.map((h) => {
+      const C = h.counts.length, perm = Int32Array.from({ length: C }, (_, i) => i);
+      for (let i = C - 1; i > 0; i--) { const j = rng.int(i + 1); [perm[i], perm[j]] = [perm[j]!, perm[i]!]; }
+      const rows = <T extends Uint16Array | Int8Array | Uint8Array | Float32Array | Int32Array>(a: T, w: number): T => {
+        const out = a.slice() as T;
+        for (let c = 0; c < C; c++) out.set(a.subarray(c * w, (c + 1) * w), perm[c]! * w);
+        return out;
+      };
+      return { ...h, centroids: rows(h.centroids, d + 8), valueMeans: rows(h.valueMeans, d), keyAxes: rows(h.keyAxes, d), keyVars: rows(h.keyVars, d),
+        axisScales: rows(h.axisScales, 1), varScales: rows(h.varScales, 1), counts: rows(h.counts, 1), tokenCluster: h.tokenCluster.map((c) => perm[c]!) };
+    }) };
+    const q = Float32Array.from({ length: qHeads * d }, () => rng.normal());
+    const ranges: [number, number][] = [[0, 16], [N - 64, N]];
+    const exact = new Int32Array(80);
+    for (let i = 0; i < 80; i++) exact[i] = i < 16 ? i : N - 64 + (i - 16);
+    const searchK = 656 + 80, fill = (x: number) => new Array<number>(kvHeads).fill(x);
+    const args = { q, qHeads, scale: 1 / Math.sqrt(d), budget: fill(searchK), probe: PROBE, target: fill(candidateTokens(searchK, 0, true)),
+      ranking: { kind: 'spread' as const, spread: SPREAD }, exact, skip: ranges, keep: fill(656), estimate: true, attend: true,
+      rest: 'rows' as const, ids: true, stages: false, graph: false };
+    for (const cacheRows of [0, kvHeads * N]) {
+      const [narrow, wide] = [o, shuffled].map((x) => WaveGpuStore.create({ ...x, ...(cacheRows > 0 && { cacheRows }) }));
+      try {
+        const rowMaps = 2 * kvHeads * N;  // two maps of kvHeads·N rows
+        expect(narrow.bytes().maps, `cacheRows ${cacheRows}: 2 bytes a row and the tiles' bases`).toBeLessThan(2 * rowMaps + 4096);
+        expect(narrow.bytes().maps).toBeGreaterThanOrEqual(2 * rowMaps);
+        expect(wide.bytes().maps, `cacheRows ${cacheRows}: 4 bytes a row`).toBeGreaterThanOrEqual(4 * rowMaps);
+        expect(wide.bytes().summaries - narrow.bytes().summaries).toBe(wide.bytes().maps - narrow.bytes().maps);
+        const [a, b] = [await narrow.step(args), await wide.step(args)];
+        const sets = (r: typeof a) => r.ids!.map((x) => Array.from(x).sort((u, v) => u - v));
+        expect(sets(b)).toEqual(sets(a));
+        expect(b.kept).toEqual(a.kept);
+        expect(b.estimated).toEqual(a.estimated);
+        for (let i = 0; i < a.out.length; i++) expect(Math.abs(b.out[i]! - a.out[i]!)).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(a.out[i]!)));
+        for (let i = 0; i < a.lse.length; i++) expect(Math.abs(b.lse[i]! - a.lse[i]!)).toBeLessThanOrEqual(1e-5 * (1 + Math.abs(a.lse[i]!)));
+      } finally {
+        narrow.close(), wide.close();
+      }
+    }
+  }, 240_000);
+});
+
 describe.skipIf(!info.ok)('the wave step\'s CUDA graphs (native/cuda/step_graph.cuh)', () => {
   // KVRECALL_STEP_GRAPH_EAGER=1 (the A/B switch) captures every key at once: nothing to check here then.
   it.skipIf(process.env.KVRECALL_STEP_GRAPH_EAGER === '1')('capture a key when it comes back, not at its first step, then replay it, the same bits either way', async () => {
