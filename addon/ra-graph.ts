@@ -92,8 +92,9 @@ export interface RaGraphSearchArgs {
   maxScanned?: number;
   /**
    * Candidates the walk expands a round, their new neighbours scored as one
-   * stream (1..1024; absent: 8, native/indexes/ra_graph.h). 1 is the walk
-   * one candidate at a time, the ids it returned before the option.
+   * stream (1..1024; absent: 1, native/indexes/ra_graph.h: the walk one
+   * candidate at a time, the ids it returned before the option; 8 paid on
+   * the 2-core VM, not on the 16-core GPU host).
    */
   expandWidth?: number;
   /** Report where an 'attention' search's time went (result.profile); timing each key costs ~10%. */

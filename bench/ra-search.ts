@@ -193,7 +193,7 @@ for (const c of configs) {
 const md = [
   `### RetrievalAttention graph search at ${tokens.toLocaleString('en-US')} keys (bench/ra-search.ts)`,
   '',
-  `${machine()}; one kv head, GQA group 4, d=128, f16, k = ${asked} asked (1% + ${sinks} sinks + ${window} window), ranking by the group's attention; walk expandWidth ${width ?? 'default (8)'}; ${steps} decode steps' query groups, ${reps} reps. per group = searchSync on the calling thread (median over steps × reps), wall and CPU time (process.cpuUsage: under load the wall time includes waiting for a core); layer-step = searchBatch of the ${steps} groups at once on the native pool (median over reps), and the process's CPU time in it per search. load = 1-minute load average at each rep.`,
+  `${machine()}; one kv head, GQA group 4, d=128, f16, k = ${asked} asked (1% + ${sinks} sinks + ${window} window), ranking by the group's attention; walk expandWidth ${width ?? 'default (1)'}; ${steps} decode steps' query groups, ${reps} reps. per group = searchSync on the calling thread (median over steps × reps), wall and CPU time (process.cpuUsage: under load the wall time includes waiting for a core); layer-step = searchBatch of the ${steps} groups at once on the native pool (median over reps), and the process's CPU time in it per search. load = 1-minute load average at each rep.`,
   '',
   `| configuration | scanned | top-k recall (group) | ms per group | CPU ms per group | ms per layer-step (${steps} searches) | CPU ms per search in the batch | ids fingerprint | load |${profile ? ' phases, ms per search |' : ''}`,
   `| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |${profile ? ' --- |' : ''}`,

@@ -132,12 +132,12 @@ struct RaSearchOptions {
   // Candidates expanded a round of the walk (ra_graph_beam.h): their new
   // neighbours are scored as one stream. 1 is the walk one candidate at a
   // time, as before this option (the same ids); values below 1 count as 1.
-  // The default 8: at 1M keys the same scanned share and recall (to 3-4
-  // digits) for 0.89-0.92 of the one-at-a-time walk's CPU a search on the
-  // 2-core VM in one process (0.92-0.95 across processes); at 64K capped at
-  // 3% a little less recall, 0.318 against 0.324
-  // (bench/results/ra-search-1048576-vm-r5.md).
-  int expandWidth = 8;
+  // The default 1, the one-at-a-time walk. 8 took 0.89-0.92 of its CPU a
+  // search at 1M on the 2-core VM (bench/results/ra-search-1048576-vm-r5.md)
+  // but 1.13 of its layer-step capped at 3% on the 16-core GPU host, 10
+  // pairs alternated (ra-search-1048576-h100-r5.md): not the default where
+  // the target is set.
+  int expandWidth = 1;
 };
 
 struct RaSearchResult {
