@@ -336,12 +336,13 @@ class KthScore {
 // them is left where it is and tried again after the round; the walk ends
 // when the best one fails), their lists read together and all their new
 // neighbours scored as one stream, rows prefetched ahead across the lists.
-// One at a time (width 1, the build's walks) each expansion's rows wait
-// behind its pop and its list, ~5 new keys each at 1M keys: width 8 takes
-// 0.89-0.92 of that walk's CPU a search there on the 2-core VM, the
-// scanned share and recall the same to 3-4 digits
-// (bench/results/ra-search-1048576-vm-r5.md). Width 1 is the walk as it
-// was, key for key.
+// One at a time (width 1, the default and the build's walks) each
+// expansion's rows wait behind its pop and its list, ~5 new keys each at 1M
+// keys: width 8 takes 0.89-0.92 of that walk's CPU a search there on the
+// 2-core VM, the scanned share and recall the same to 3-4 digits
+// (bench/results/ra-search-1048576-vm-r5.md), but 1.13 of its capped
+// layer-step on the 16-core GPU host (ra-search-1048576-h100-r5.md).
+// Width 1 is the walk as it was, key for key.
 //
 // Cost at 1M keys (bench/ra-search.ts): most of it is reading the scored keys'
 // rows from memory; the bookkeeping is kept off that path: `top` becomes a
