@@ -132,7 +132,7 @@ struct RaSearchOptions {
   // Candidates expanded a round of the walk (ra_graph_beam.h): their new
   // neighbours are scored as one stream. 1 is the walk one candidate at a
   // time, as before this option (the same ids); values below 1 count as 1.
-  // The default 1, the one-at-a-time walk. 8 took 0.89-0.92 of its CPU a
+  // The default. 8 took 0.89-0.92 of its CPU a
   // search at 1M on the 2-core VM (bench/results/ra-search-1048576-vm-r5.md)
   // but 1.13 of its layer-step capped at 3% on the 16-core GPU host, 10
   // pairs alternated (ra-search-1048576-h100-r5.md): not the default where

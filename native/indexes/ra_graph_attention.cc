@@ -80,7 +80,7 @@ constexpr double kPreemptedMs = 0.05;
 constexpr size_t kRankBatch = 8;
 // The walk's batches (ra_graph_beam.h) go to Ranks whole: at 16 they overran
 // its arrays (the ids changed from run to run).
-static_assert(ragraph::kScoreBatch <= kRankBatch, "a walk batch must fit Ranks' arrays");
+static_assert(ragraph::kScoreBatch <= kRankBatch && ragraph::kPrefetchAhead <= kRankBatch, "a walk batch must fit Ranks' arrays");
 #ifdef KVR_X86_SIMD
 // max over the four lanes, as std::max folded from -inf gives it (no NaN
 // here: with one it could differ).

@@ -308,7 +308,7 @@ class KthScore {
 
 // The walk scores keys through `scorer.Batch(ids, count, out, rows)`: out[i]
 // = the score of ids[i] (its row at rows[i] where rows is not null, else the
-// keys' own), for up to kScoreBatch keys at a time, always in the
+// keys' own), for up to kPrefetchAhead keys at a time (kScoreBatch in rounds), always in the
 // order the walk meets them (a scorer may keep per-key state in that order,
 // as the attention search's partition sums do). A batch is part of a
 // round's new keys: their rows are loaded and scored side by side, and the
@@ -410,17 +410,21 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
     // are never popped (~29K pushes, ~5K pops capped at 3% at 1M keys).
     if (W == 1) graph.PrefetchHead(id);
   };
-  float batch[kScoreBatch];
-  // Scores fresh[0..) in the order given, kScoreBatch keys a batch, the rows
+  float batch[kPrefetchAhead];
+  // Scores fresh[0..) in the order given, `per` keys a batch, the rows
   // kPrefetchAhead keys ahead prefetched before each batch (prefetching them
   // all at once stalls on the core's outstanding-miss limit); the first
   // kPrefetchAhead rows are prefetched by the caller. With `at` the rows are
-  // at[i], not the keys' rows.
+  // at[i], not the keys' rows. One at a time (W = 1) a batch is
+  // kPrefetchAhead keys, the next batch's rows prefetched whole, as before
+  // the rounds: kScoreBatch there took 1.11 of the CPU a search capped at 3%
+  // at 1M on the 2-core VM, the same ids (4 pairs alternated).
+  const size_t per = W == 1 ? kPrefetchAhead : kScoreBatch;
   auto scoreFresh = [&](auto each, const uint16_t* const* at) {
     size_t ahead = std::min(fresh.size(), kPrefetchAhead);  // rows prefetched so far
-    for (size_t i0 = 0; i0 < fresh.size(); i0 += kScoreBatch) {
-      const size_t count = std::min(kScoreBatch, fresh.size() - i0);
-      for (; ahead < std::min(fresh.size(), i0 + kScoreBatch + kPrefetchAhead); ++ahead)
+    for (size_t i0 = 0; i0 < fresh.size(); i0 += per) {
+      const size_t count = std::min(per, fresh.size() - i0);
+      for (; ahead < std::min(fresh.size(), i0 + per + kPrefetchAhead); ++ahead)
         PrefetchRow(at ? at[ahead] : keys + size_t(fresh[ahead]) * d, d);
       scorer.Batch(fresh.data() + i0, count, batch, at ? at + i0 : nullptr);
       for (size_t i = 0; i < count; ++i) each(fresh[i0 + i], batch[i]);
