@@ -37,6 +37,7 @@
         "native/indexes/ra_graph_codec.cc",
         "native/indexes/ra_graph_keys.cc",
         "native/indexes/ra_graph_search.cc",
+        "native/indexes/ra_key_codes.cc",
         "native/kernels/attention.cc",
         "native/kernels/attention_mass.cc",
         "native/kernels/block_choose.cc",

@@ -100,6 +100,28 @@ export interface RaGraphSearchArgs {
   /** Report where an 'attention' search's time went (result.profile); timing each key costs ~10%. */
   profile?: boolean;
   /**
+   * The code-gated walk ('attention' only; native/indexes/ra_graph.h, RaSearchOptions::codeWalk) instead of
+   * the beam walk: each key met is read first as its 4-bit code (made from `keys` on the graph's first such
+   * search: ~0.3 s and 64 MB a head at 1M keys, d = 128, held until the graph is disposed or searched with
+   * another keys array) and scored exactly only if the code's approximate walk score is >= τ − codeDelta,
+   * τ the strided sample's (codeQuantile × 1%)-quantile of it; the rest are queued by the approximate score.
+   * ef, margin and expandWidth do not apply: `maxScanned` (keys scored exactly) and `maxCodes` (codes read)
+   * stop it, or else every reachable key is met. codeQuantile, codeDelta, maxCodes and codeWidth are errors
+   * without it.
+   */
+  codeWalk?: boolean;
+  /** q in (0, 100] (default 1). */
+  codeQuantile?: number;
+  /** δ in logits, >= 0 (default 0.5; Infinity: every key met is scored exactly). */
+  codeDelta?: number;
+  /** A cap on the codes read (0 or absent: none); passed by at most one round's neighbour lists. */
+  maxCodes?: number;
+  /**
+   * Candidates the code walk expands a round (1..1024; absent: 8): their lists and codes are fetched side by side.
+   * At 1M keys on the 2-core VM 8 took ~half the CPU of 1, the same recall (native/indexes/ra_graph.h).
+   */
+  codeWidth?: number;
+  /**
    * At least min(k, tokens) entries each; best first (score desc, id asc).
    * Scores: q·k for 'max'; for 'attention' the log of the group's mean
    * probability as estimated.
@@ -132,8 +154,10 @@ const AGGREGATE_CODE: Record<RaAggregate, number> = { max: 0, attention: 1 };
 export interface RaGraphSearchResult {
   /** Ids written: min(k, tokens). */
   count: number;
-  /** Keys whose score was computed (scanned fraction = scanned / tokens). */
+  /** Keys whose score was computed exactly (scanned fraction = scanned / tokens). */
   scanned: number;
+  /** With codeWalk: the keys read as 4-bit codes, not counted in `scanned`. */
+  codesRead?: number;
   /** With `profile` and the 'attention' ranking: where the search's time went. */
   profile?: RaSearchProfile;
 }
@@ -167,6 +191,24 @@ export interface RaGraphBuildStats {
   connectSeconds: number;
 }
 
+/** The keys' 4-bit codes as the code walk reads them (native/indexes/ra_key_codes.h). */
+export interface RaKeyCodes {
+  /** [tokens, ceil(headDim/2)] bytes: byte i of a row holds channel i (low nibble) and channel i + ceil(headDim/2). */
+  codes: Uint8Array;
+  /** [headDim]: level c of channel j stands for low[j] + (c + 0.5)·step[j]; low = mean − 3σ, step = 6σ/16. */
+  low: Float32Array;
+  step: Float32Array;
+}
+
+export interface RaKeyCodesArgs {
+  keys: Uint16Array;
+  tokens: number;
+  headDim: number;
+  dtype: KvDtype;
+}
+
+type NativeCodesArgs = Omit<RaKeyCodesArgs, 'dtype'> & { dtype: number };
+
 type NativeSearchArgs = Omit<RaGraphSearchArgs, 'dtype' | 'aggregate'> & { dtype: number; aggregate: number };
 
 interface NativeRaGraph {
@@ -185,6 +227,8 @@ interface NativeRaGraph {
   readonly memoryBytes: number;
   readonly buildStats: RaGraphBuildStats | null;
   save(): Uint8Array;
+  keyCodes(a: NativeCodesArgs): RaKeyCodes;
+  codeLogits(a: NativeCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number }): Float32Array;
   search(a: NativeSearchArgs): Promise<RaGraphSearchResult>;
   searchSync(a: NativeSearchArgs): RaGraphSearchResult;
   dispose(): void;
@@ -271,6 +315,16 @@ export class RaGraph {
     this.native.dispose();
   }
 
+  /** The codes the code walk reads for these keys (made now if the graph has none of them). A copy; for tests and tools. */
+  keyCodes(args: RaKeyCodesArgs): RaKeyCodes {
+    return this.native.keyCodes({ ...args, dtype: DTYPE_CODE[args.dtype] });
+  }
+
+  /** The code walk's approximate scaled logits of keys `ids` for q [group, headDim]: [ids.length, group] f32. */
+  codeLogits(args: RaKeyCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number }): Float32Array {
+    return this.native.codeLogits({ ...args, dtype: DTYPE_CODE[args.dtype] });
+  }
+
   get tokens(): number {
     return this.native.tokens;
   }
@@ -310,7 +364,7 @@ export class RaGraph {
   get keyNeighbors(): number {
     return this.native.keyNeighbors;
   }
-  /** Native bytes held (0 after dispose). */
+  /** Native bytes held (0 after dispose): the graph and, after a code walk, its keys' codes. */
   get memoryBytes(): number {
     return this.native.memoryBytes;
   }

@@ -15,7 +15,11 @@
 //        a cap on the keys scored, 0 or absent = none; expandWidth: candidates expanded a round of the
 //        walk, 1..1024, absent = RaSearchOptions' default; profile: true adds {sampleMs, walkMs, scoreMs,
 //        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
-//     searchSync(same) -> {count, scanned}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
+//       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0,
+//       maxCodes >= 0, codeWidth 1..1024; the result then has codesRead)
+//     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?})
+//       -> Float32Array [ids, group]   (the codes the code walk reads and its approximate logits: tests, tools)
+//     searchSync(same) -> {count, scanned, codesRead}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
 //
@@ -67,6 +71,10 @@ struct SearchJob {
   float scale = 0.f;
   int64_t maxScanned = 0;
   int expandWidth = RaSearchOptions().expandWidth;
+  bool codeWalk = false;
+  float codeQuantile = RaSearchOptions().codeQuantile, codeDelta = RaSearchOptions().codeDelta;
+  int64_t maxCodes = 0;
+  int codeWidth = RaSearchOptions().codeWidth;
   bool profiled = false;
   RaSearchProfile profile;
   RaSearchResult result;
@@ -82,6 +90,11 @@ struct SearchJob {
     opt.scale = scale;
     opt.maxScanned = maxScanned;
     opt.expandWidth = expandWidth;
+    opt.codeWalk = codeWalk;
+    opt.codeQuantile = codeQuantile;
+    opt.codeDelta = codeDelta;
+    opt.maxCodes = maxCodes;
+    opt.codeWidth = codeWidth;
     if (profiled) opt.profile = &profile;
     result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
   }
@@ -120,6 +133,26 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   job.maxScanned = OptInt(o, "maxScanned", 0, kMaxSafeInt, 0);
   job.expandWidth = int(OptInt(o, "expandWidth", 1, 1024, job.expandWidth));
   job.profiled = o.Get("profile").ToBoolean().Value();
+  // The code-gated walk (ra_graph.h, RaSearchOptions::codeWalk): its knobs
+  // only with it, so that a knob given without it is not silently ignored.
+  job.codeWalk = Flag(o, "codeWalk", false);
+  if (job.codeWalk && job.aggregate != RaAggregate::kAttention)
+    throw Napi::RangeError::New(env, "codeWalk needs aggregate 'attention'");
+  for (const char* knob : {"codeQuantile", "codeDelta", "maxCodes", "codeWidth"})
+    if (!job.codeWalk && !Absent(o.Get(knob)))
+      throw Napi::RangeError::New(env, std::string(knob) + " is an option of the code walk: set codeWalk");
+  if (!Absent(o.Get("codeQuantile"))) {
+    const double v = Double(o, "codeQuantile");
+    if (!(v > 0 && v <= 100)) throw Napi::RangeError::New(env, "codeQuantile must be a number in (0, 100]");
+    job.codeQuantile = float(v);
+  }
+  if (!Absent(o.Get("codeDelta"))) {
+    const double v = Double(o, "codeDelta");
+    if (!(v >= 0)) throw Napi::RangeError::New(env, "codeDelta must be a number >= 0 (Infinity: score every key met)");
+    job.codeDelta = float(v);
+  }
+  job.maxCodes = OptInt(o, "maxCodes", 0, kMaxSafeInt, 0);
+  job.codeWidth = int(OptInt(o, "codeWidth", 1, 1024, job.codeWidth));
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);
@@ -150,6 +183,7 @@ Napi::Object ResultObject(Napi::Env env, const SearchJob& job) {
   Napi::Object res = Napi::Object::New(env);
   res.Set("count", Napi::Number::New(env, double(r.count)));
   res.Set("scanned", Napi::Number::New(env, double(r.scanned)));
+  if (job.codeWalk) res.Set("codesRead", Napi::Number::New(env, double(r.codesRead)));
   if (job.profiled) {
     const RaSearchProfile& p = job.profile;
     Napi::Object o = Napi::Object::New(env);
@@ -172,7 +206,8 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
         {StaticMethod<&RaGraphJs::Build>("build"), StaticMethod<&RaGraphJs::Load>("load"),
          StaticMethod<&RaGraphJs::SearchBatch>("searchBatch"), InstanceMethod<&RaGraphJs::Save>("save"),
          InstanceMethod<&RaGraphJs::Search>("search"), InstanceMethod<&RaGraphJs::SearchSync>("searchSync"),
-         InstanceMethod<&RaGraphJs::Dispose>("dispose"), InstanceAccessor<&RaGraphJs::TokensJs>("tokens"),
+         InstanceMethod<&RaGraphJs::Dispose>("dispose"), InstanceMethod<&RaGraphJs::KeyCodes>("keyCodes"),
+         InstanceMethod<&RaGraphJs::CodeLogits>("codeLogits"), InstanceAccessor<&RaGraphJs::TokensJs>("tokens"),
          InstanceAccessor<&RaGraphJs::HeadDimJs>("headDim"), InstanceAccessor<&RaGraphJs::DegreeJs>("degree"),
          InstanceAccessor<&RaGraphJs::KBuildJs>("kBuild"), InstanceAccessor<&RaGraphJs::MaxQueriesJs>("maxQueries"),
          InstanceAccessor<&RaGraphJs::SeedJs>("seed"), InstanceAccessor<&RaGraphJs::QueriesUsedJs>("queriesUsed"),
@@ -314,6 +349,54 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     return ResultObject(env, job);
   }
 
+  // The graph's codes of {keys, tokens, headDim, dtype} (made now if it has
+  // none of these keys): {codes: [tokens, ceil(headDim/2)] bytes, low, step:
+  // [headDim] f32}. For tests and tools: it copies the codes.
+  Napi::Value KeyCodes(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    const std::shared_ptr<const RaKeyCodes> codes = CodesOf(env, o);
+    Napi::Object res = Napi::Object::New(env);
+    auto bytes = Napi::Uint8Array::New(env, size_t(codes->tokens()) * codes->rowBytes());
+    if (codes->tokens() > 0) std::copy_n(codes->Row(0), bytes.ElementLength(), bytes.Data());
+    res.Set("codes", bytes);
+    res.Set("low", Adopt(env, std::vector<float>(codes->low())));
+    res.Set("step", Adopt(env, std::vector<float>(codes->step())));
+    return res;
+  }
+
+  // The approximate scaled logits the code walk computes, for {keys, tokens,
+  // headDim, dtype, q [group, headDim], group, ids, scale?}: [ids, group] f32.
+  Napi::Value CodeLogits(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    const std::shared_ptr<const RaKeyCodes> codes = CodesOf(env, o);
+    const int group = int(Int(o, "group", 1, 1024));
+    const int d = codes->headDim();
+    auto q = TypedAt<float>(o, "q", size_t(group) * d);
+    auto ids = TypedAt<int32_t>(o, "ids");
+    CheckIds(ids, codes->tokens(), "ids");
+    float scale = 1.f / std::sqrt(float(d));
+    if (!Absent(o.Get("scale"))) {
+      scale = Float(o, "scale");
+      if (!(scale > 0) || !std::isfinite(scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
+    }
+    RaCodeQuery cq;
+    codes->Prepare(q.Data(), group, scale, cq);
+    std::vector<float> out(ids.ElementLength() * size_t(group));
+    for (size_t i = 0; i < ids.ElementLength(); ++i) codes->Logits(cq, codes->Row(ids[i]), out.data() + i * group);
+    return Adopt(env, std::move(out));
+  }
+
+  std::shared_ptr<const RaKeyCodes> CodesOf(Napi::Env env, const Napi::Object& o) const {
+    const RaGraph& g = *Live(env);
+    if (Int(o, "tokens", 0, kMaxTokens) != g.tokens() || Int(o, "headDim", 1, 1 << 16) != g.headDim())
+      throw Napi::RangeError::New(env, "tokens and headDim must be the graph's");
+    auto keys = TypedAt<uint16_t>(o, "keys", size_t(g.tokens()) * g.headDim());
+    const Dtype dtype = KeyDtype(o);
+    return Guard(env, [&] { return g.KeyCodesFor(keys.Data(), dtype); });
+  }
+
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     Release();
     return info.Env().Undefined();
@@ -356,7 +439,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     return Napi::Number::New(info.Env(), double(Live(info.Env())->entries().size()));
   }
   Napi::Value MemoryBytesJs(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), graph_ ? double(GraphBytes(*graph_)) : 0.0);
+    return Napi::Number::New(info.Env(), graph_ ? double(GraphBytes(*graph_) + graph_->KeyCodeBytes()) : 0.0);
   }
   Napi::Value BuildStatsJs(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();

@@ -15,7 +15,8 @@
 // Code: ra_graph_build.cc (Build), ra_graph_search.cc (Search),
 // ra_graph_codec.cc (Serialize, Deserialize), ra_graph_beam.h (the beam
 // search that Search and Build's connectivity pass share),
-// ra_graph_attention.cc (Search ranked by the group's attention).
+// ra_graph_attention.cc (Search ranked by the group's attention),
+// ra_graph_code_walk.h and ra_key_codes.h (its code-gated walk).
 #pragma once
 
 #include <cstddef>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "common/half.h"
+#include "indexes/ra_key_codes.h"
 
 namespace kvr {
 
@@ -138,11 +140,36 @@ struct RaSearchOptions {
   // pairs alternated (ra-search-1048576-h100-r5.md): not the default where
   // the target is set.
   int expandWidth = 1;
+  // The code-gated walk (kAttention only; ra_graph_code_walk.h) in place of
+  // the beam walk: each key met is read first as its 4-bit code
+  // (ra_key_codes.h, made from the keys on the first such search) and scored
+  // exactly only if the code's approximate walk score is >= τ − codeDelta,
+  // τ being the strided sample's (codeQuantile · 1%)-quantile of that score;
+  // the others are queued by the approximate score. ef, margin and
+  // expandWidth do not apply (codeWidth does): it runs until maxScanned (keys scored exactly)
+  // or maxCodes (codes read) stops it, or every reachable key was met. On the
+  // generator at 1M keys (q = 1, δ = 0.5, caps 3% / 40%) it recalls 0.93-0.94
+  // of the group's top 1% with 2.2-2.4% scored exactly, as
+  // bench/retrieval-code-walk.ts's simulation did, where the beam walk capped
+  // at 3% recalls 0.24-0.27; but it takes ~62 ms of CPU a search on the
+  // 2-core VM against ~8.6 ms (bench/results/ra-search-1048576-vm-codes.md):
+  // ~420K codes read, each a random line. Off by default.
+  bool codeWalk = false;
+  float codeQuantile = 1.f;  // in (0, 100]
+  float codeDelta = 0.5f;    // logits, >= 0; +inf: every key met is scored exactly
+  int64_t maxCodes = 0;      // a cap on the codes read (0 = none)
+  // Candidates the code walk expands a round, their lists and codes fetched
+  // side by side (values below 1 count as 1). It reads ~10 codes an
+  // expansion, each a miss: one at a time took ~150 ms a search at 1M keys
+  // (caps 3% / 40%) on the 2-core VM, 8 at a time ~80 ms, 16 no less, the
+  // same recall to 3 digits.
+  int codeWidth = 8;
 };
 
 struct RaSearchResult {
-  int64_t count = 0;    // ids written: min(k, tokens)
-  int64_t scanned = 0;  // keys whose score was computed
+  int64_t count = 0;      // ids written: min(k, tokens)
+  int64_t scanned = 0;    // keys whose score was computed (exactly)
+  int64_t codesRead = 0;  // keys read as codes (codeWalk; not counted in scanned)
 };
 
 class RaGraph {
@@ -218,6 +245,25 @@ class RaGraph {
   std::shared_ptr<const std::vector<uint16_t>> FixedRowsFor(const uint16_t* keys, int64_t m, int64_t off,
                                                             int64_t stride) const;
 
+  // The keys' 4-bit codes for the code-gated walk, made from the keys on the
+  // first search that asks (not stored with the graph: one pass over the
+  // keys makes them, ~0.3 s a head at 1M keys on 2 cores, where the blob
+  // would grow by 64 MB a head) and again when a search brings another keys
+  // pointer or dtype. Searches wait for the one that makes them. 64 MB a head at 1M keys, d = 128.
+  struct CodeCache {
+    std::mutex lock;
+    const uint16_t* keys = nullptr;
+    Dtype dtype = Dtype::kF16;
+    std::shared_ptr<const RaKeyCodes> codes;
+  };
+
+ public:
+  // The codes of `keys` (made now if this graph has none of them yet).
+  std::shared_ptr<const RaKeyCodes> KeyCodesFor(const uint16_t* keys, Dtype dtype) const;
+  // Bytes of the codes held now (0 before a code-gated search).
+  size_t KeyCodeBytes() const;
+
+ private:
   int64_t n_ = 0;
   int d_ = 0;
   RaGraphParams params_;
@@ -226,6 +272,7 @@ class RaGraph {
   std::vector<int32_t> neighbors_;  // [offsets_[n]]
   std::vector<int32_t> entries_;
   std::shared_ptr<FixedRows> fixed_ = std::make_shared<FixedRows>();
+  std::shared_ptr<CodeCache> codes_ = std::make_shared<CodeCache>();
 };
 
 }  // namespace kvr

@@ -19,6 +19,7 @@
 #include "common/simd_math.h"
 #include "indexes/ra_graph.h"
 #include "indexes/ra_graph_beam.h"
+#include "indexes/ra_graph_code_walk.h"
 #include "indexes/ra_graph_dot.h"
 #include "indexes/ra_graph_exp.h"
 
@@ -208,7 +209,9 @@ float KthLargest(std::vector<float>& v, size_t k, std::vector<float>& bin) {
 // search fills ~72K entries of each walk array) and looked up once: every
 // thread_local access in this shared library is a call (__tls_get_addr).
 struct AttentionScratch {
-  std::vector<float> row, sampleX, sampleRank, walkX, walkRank, ranks, uppers, bin;
+  std::vector<float> row, sampleX, sampleRank, walkX, walkRank, ranks, uppers, bin, codeX, codeRank;
+  RaCodeQuery cq;
+  ragraph::CodeWalkScratch codeWalk;
   std::vector<const float*> finalX;
   std::vector<uint8_t> sampleReached;
   std::vector<int32_t> walkIds, seeds;
@@ -376,11 +379,37 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
       }
     }
   } scorer{S, logits, logitsAt, sampleIndex, c0, reachedSum, reusedSample, G, prof};
-  const int64_t walked = ragraph::BeamSearchBatched(
-      ragraph::CsrView{offsets_.data(), neighbors_.data()}, n, entries_.data(), entries_.size(), S.seeds.data(),
-      S.seeds.size(), beam, keys, d, scorer, S.top, size_t(keep), opt.margin,
-      opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0, opt.freeSeeds, opt.freeSeedCount,
-      fixed->data() + size_t(m) * d, size_t(std::max(1, opt.expandWidth)));
+  // The code-gated walk instead (ra_graph_code_walk.h): the keys read as codes
+  // only enter step 3's partitions at their approximate logits (codeSum).
+  int64_t walked = 0, codesRead = 0, codedOnly = 0;  // codedOnly: read as codes, never scored exactly
+  ragraph::LogSums codeSum(G);
+  const ragraph::CsrView csr{offsets_.data(), neighbors_.data()};
+  const int64_t maxWalk = opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0;
+  if (opt.codeWalk) {
+    const std::shared_ptr<const RaKeyCodes> codes = KeyCodesFor(keys, dtype);
+    auto rank = [&](const float* x, size_t count, float* out) { Ranks(x, count, G, c0, out); };
+    codes->Prepare(q, G, scale, S.cq);
+    const float cut = ragraph::CodeCut(*codes, S.cq, off, stride, m, rank, opt.codeQuantile, opt.codeDelta, S.codeX,
+                                       S.codeRank);
+    ragraph::CodeScorer<decltype(rank)> approx{*codes, S.cq, rank, codeSum, S.codeX};
+    // The queue's fine range: the sample's walk scores, widened below and
+    // above (the top keys lie beyond a 1-in-512 sample's best).
+    float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+    for (const float r : S.sampleRank) lo = std::min(lo, r), hi = std::max(hi, r);
+    const ragraph::CodeWalkCounts counts = ragraph::CodeGatedWalk(
+        csr, n, entries_.data(), entries_.size(), fixed->data() + size_t(m) * d, S.seeds.data(), S.seeds.size(),
+        opt.freeSeeds, opt.freeSeedCount, keys, d, scorer, approx, [&](int32_t id) { return sampleIndex(id) >= 0; },
+        [&](int32_t id) { return codes->Row(id); }, cut, lo - 8.f, hi + 24.f, maxWalk, opt.maxCodes,
+        size_t(std::max(1, opt.codeWidth)), S.codeWalk);
+    walked = counts.exact;
+    codesRead = counts.codes;
+    codedOnly = counts.codedOnly;
+  } else {
+    walked = ragraph::BeamSearchBatched(
+        csr, n, entries_.data(), entries_.size(), S.seeds.data(), S.seeds.size(), beam, keys, d, scorer, S.top,
+        size_t(keep), opt.margin, maxWalk, opt.freeSeeds, opt.freeSeedCount, fixed->data() + size_t(m) * d,
+        size_t(std::max(1, opt.expandWidth)));
+  }
   // The free start keys were scored first: the walk's first `freeKeys`
   // entries. Their logits stay in the partitions (step 3); the result and
   // the scanned count leave them out.
@@ -388,15 +417,17 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   int64_t reusedFree = 0;
   for (int64_t i = 0; i < freeKeys; ++i) reusedFree += sampleIndex(S.walkIds[size_t(i)]) >= 0 ? 1 : 0;
   res.scanned = m + walked - (reusedSample - reusedFree);
+  res.codesRead = codesRead;
   if (prof) prof->walkMs += CpuMs() - t0, t0 = CpuMs();
 
   // 3. lse_h refined: the walk's keys exactly, the sample's unreached keys
-  //    exactly, and the rest of the unreached keys at the unreached sample's
-  //    mean (they are, like it, a uniform draw from what the walk missed).
+  //    exactly, the keys read only as codes at their approximate logits, and
+  //    the rest of the unreached keys at the unreached sample's mean (they
+  //    are, like it, a uniform draw from what the walk missed).
   const int64_t reached = int64_t(S.walkIds.size());
   int64_t unreachedSample = 0;
   for (int64_t j = 0; j < m; ++j) unreachedSample += S.sampleReached[size_t(j)] ? 0 : 1;
-  const int64_t rest = n - reached - unreachedSample;
+  const int64_t rest = n - reached - codedOnly - unreachedSample;
   LogSum miss[kMaxGroup];
   if (unreachedSample > 0)
     for (int64_t j = 0; j < m; ++j)
@@ -407,6 +438,12 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     LogSum all;
     all.ref = reachedSum.ref[h];
     all.sum = reachedSum.sum[h];
+    if (codedOnly > 0) {
+      LogSum coded;
+      coded.ref = codeSum.ref[h];
+      coded.sum = codeSum.sum[h];
+      all.Add(coded.Value());
+    }
     if (unreachedSample > 0) {
       all.Add(miss[h].Value());
       if (rest > 0) all.AddScaled(miss[h].Value(), double(rest) / double(unreachedSample));

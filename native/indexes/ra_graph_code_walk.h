@@ -1,0 +1,249 @@
+// Internal to ra_graph_attention.cc: the code-gated walk
+// (RaSearchOptions::codeWalk), the walk bench/retrieval-code-walk.ts
+// simulated, over the graph's CSR.
+//
+// Each neighbour the walk meets is read first as its 4-bit code
+// (ra_key_codes.h), whose approximate walk score says whether the key is
+// worth its exact score: at or above `cut` (τ − δ) it is scored exactly and
+// queued by that score, below it is queued by the approximate score alone,
+// so the walk still crosses keys outside the top on its way to others. One
+// queue holds both kinds of score. The result is the best k of the keys
+// scored exactly (the caller's step 4). There is no beam and no margin here:
+// the walk runs until the caps stop it or nothing is left, which with no
+// caps is every key reachable from the start keys, each scored exactly when
+// δ is infinite (an exhaustive search).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "indexes/ra_graph_beam.h"
+#include "indexes/ra_graph_exp.h"
+#include "indexes/ra_key_codes.h"
+
+namespace kvr {
+namespace ragraph {
+
+// The approximate walk scores of keys from their codes: the G approximate
+// logits of each (RaKeyCodes::Logits) ranked as exact logits are
+// (rank(x, count, out)). Queued(i) adds key i of the last batch to `sum`,
+// per row: a key read only as a code enters the refined partitions at its
+// approximate logits, where an unmet key enters at the unreached sample's
+// mean (the keys the walk met lie near what it sought, above that mean); a
+// key scored exactly enters at its exact ones (the scorer's sums).
+template <typename Rank>
+struct CodeScorer {
+  const RaKeyCodes& codes;
+  const RaCodeQuery& cq;
+  Rank& rank;
+  LogSums& sum;
+  std::vector<float>& x;
+  void Batch(const int32_t* ids, size_t count, float* out) {
+    const size_t G = size_t(cq.G);
+    x.resize(count * G);
+    for (size_t i = 0; i < count; ++i) codes.Logits(cq, codes.Row(ids[i]), x.data() + i * G);
+    rank(x.data(), count, out);
+  }
+  void Queued(size_t i) { sum.Add(x.data() + i * size_t(cq.G), cq.G); }
+};
+
+// τ − δ: τ the (quantile · 1%)-quantile from the top of the approximate walk
+// scores of the strided sample (keys off + j·stride, j < m), as
+// bench/retrieval-code-walk.ts takes it (the score of index
+// floor(m · quantile / 100) in descending order). The sample's exact scores
+// are known, but the gate compares codes with codes: τ sits where the
+// codes' own errors put the top.
+template <typename Rank>
+float CodeCut(const RaKeyCodes& codes, const RaCodeQuery& cq, int64_t off, int64_t stride, int64_t m, Rank& rank,
+              float quantile, float delta, std::vector<float>& x, std::vector<float>& r) {
+  const size_t G = size_t(cq.G);
+  x.resize(size_t(m) * G);
+  r.resize(size_t(m));
+  for (int64_t j = 0; j < m; ++j) {
+    if (j + int64_t(kPrefetchAhead) < m) Prefetch(codes.Row(off + (j + int64_t(kPrefetchAhead)) * stride));
+    codes.Logits(cq, codes.Row(off + j * stride), x.data() + size_t(j) * G);
+  }
+  for (int64_t j = 0; j < m; j += int64_t(kPrefetchAhead))
+    rank(x.data() + size_t(j) * G, size_t(std::min<int64_t>(int64_t(kPrefetchAhead), m - j)), r.data() + j);
+  const size_t at = std::min(size_t(m) - 1, size_t(double(m) * double(quantile) / 100.0));
+  std::nth_element(r.begin(), r.begin() + at, r.end(), std::greater<float>());
+  return r[at] - delta;
+}
+
+// The walk's candidates: a max-priority queue over scores binned finely
+// (kBins bins over [lo, hi], ends clamped; last in, first out within a bin).
+// The walk queues every key it meets, ~10 for each one it expands (at 1M
+// keys, caps 3% / 40%: ~420K queued, ~40K expanded): a binary heap of them
+// (3 MB) spent ~40% of the search sifting its pops down 19 levels out of
+// cache, and bins as linked lists chained each pop's miss to the last. A
+// bin is its own array here: a push appends, a pop takes the last, and the
+// order differs from the exact one only within a bin (~0.003 logits at 1M
+// keys). The arrays keep their capacity from search to search. (4,096 bins,
+// and the visited bits of a round prefetched before they are tested, took
+// the same time at 1M on the 2-core VM, 3 pairs alternated.)
+class BinQueue {
+ public:
+  static constexpr int kBins = 16384;
+  void Begin(float lo, float hi) {
+    for (size_t w = 0; w < bits_.size(); ++w)
+      for (uint64_t b = bits_[w]; b; b &= b - 1) bins_[w * 64 + size_t(__builtin_ctzll(b))].clear();
+    std::fill(bits_.begin(), bits_.end(), 0);
+    top_ = -1;
+    lo_ = lo;
+    scale_ = hi > lo && std::isfinite(hi - lo) ? float(kBins - 1) / (hi - lo) : 0.f;
+  }
+  bool Empty() const { return top_ < 0; }
+  void Push(float s, int32_t id) {
+    const float f = (s - lo_) * scale_;
+    // NaN and below the range: bin 0; above it: the top bin.
+    const int b = f >= float(kBins - 1) ? kBins - 1 : (f > 0.f ? int(f) : 0);
+    bins_[size_t(b)].push_back(id);
+    bits_[size_t(b) >> 6] |= uint64_t(1) << (b & 63);
+    top_ = std::max(top_, b);
+  }
+  int32_t Pop() {
+    std::vector<int32_t>& bin = bins_[size_t(top_)];
+    const int32_t id = bin.back();
+    bin.pop_back();
+    if (bin.empty()) {  // the next lower bin that is not empty
+      size_t w = size_t(top_) >> 6;
+      uint64_t b = bits_[w] & ~(uint64_t(1) << (top_ & 63));
+      bits_[w] = b;
+      while (b == 0 && w > 0) b = bits_[--w];
+      top_ = b ? int(w * 64) + 63 - __builtin_clzll(b) : -1;
+    }
+    return id;
+  }
+
+ private:
+  std::vector<std::vector<int32_t>> bins_ = std::vector<std::vector<int32_t>>(kBins);
+  std::vector<uint64_t> bits_ = std::vector<uint64_t>(kBins / 64, 0);  // bins that are not empty
+  int top_ = -1;
+  float lo_ = 0, scale_ = 0;
+};
+
+// The walk's working memory, kept by the caller across searches (its
+// thread's scratch, looked up once: every thread_local access in the shared
+// library is a call).
+struct CodeWalkScratch {
+  BinQueue cand;
+  std::vector<int32_t> exact, coded, nodes;
+  std::vector<const uint16_t*> rows;
+};
+
+// Code rows prefetched ahead of the one read: a row is one line where an
+// exact key's is four, so more of them fit the core's outstanding misses.
+constexpr size_t kCodesAhead = 16;
+
+struct CodeWalkCounts {
+  int64_t exact = 0;  // keys scored exactly (free start keys not included)
+  int64_t codes = 0;  // codes read
+  int64_t codedOnly = 0;  // of them, keys not then scored exactly
+};
+
+// scorer.Batch(ids, count, out, rows) as BeamSearchBatched's scorer (at most
+// kPrefetchAhead keys a call); approx.Batch(ids, count, out) the approximate
+// walk scores of up to kPrefetchAhead keys from their codes, approx.Queued(i)
+// told of each of them queued by that score alone; inSample(id)
+// whether the key was scored before the walk (its exact score costs nothing:
+// it is not read as a code). codeRow(id) the address of a key's code row.
+// [lo, hi]: the range of walk scores the queue resolves finely (BinQueue).
+// `width` candidates are expanded a round, their lists and codes fetched
+// together. Stops expanding once maxExact keys are scored exactly or maxCodes
+// codes read (0 = no cap): either may be passed by one round's lists.
+template <typename Scorer, typename Approx, typename InSample, typename CodeRow>
+CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* entries, size_t entryCount,
+                             const uint16_t* entryRows, const int32_t* seeds, size_t seedCount,
+                             const int32_t* freeSeeds, size_t freeCount, const uint16_t* keys, int d,
+                             Scorer& scorer, Approx& approx, InSample inSample, CodeRow codeRow, float cut,
+                             float lo, float hi, int64_t maxExact, int64_t maxCodes, size_t width,
+                             CodeWalkScratch& scratch) {
+  CodeWalkCounts counts;
+  BinQueue& cand = scratch.cand;
+  std::vector<int32_t>& exact = scratch.exact;
+  std::vector<int32_t>& coded = scratch.coded;
+  cand.Begin(lo, hi);
+  Visited& seen = Visited::Local(n);
+  float out[kPrefetchAhead];
+  // Scores `exact` (rows at `at` where given) kPrefetchAhead keys a batch,
+  // the next batch's rows prefetched before it, as the beam walk at width 1
+  // does; queues each by its exact score.
+  auto scoreExact = [&](const uint16_t* const* at, bool counted) {
+    const size_t total = exact.size();
+    for (size_t i = 0; i < std::min(total, kPrefetchAhead); ++i)
+      PrefetchRow(at ? at[i] : keys + size_t(exact[i]) * d, d);
+    for (size_t i0 = 0; i0 < total; i0 += kPrefetchAhead) {
+      const size_t count = std::min(kPrefetchAhead, total - i0);
+      for (size_t i = i0 + kPrefetchAhead; i < std::min(total, i0 + 2 * kPrefetchAhead); ++i)
+        PrefetchRow(at ? at[i] : keys + size_t(exact[i]) * d, d);
+      scorer.Batch(exact.data() + i0, count, out, at ? at + i0 : nullptr);
+      for (size_t i = 0; i < count; ++i) cand.Push(out[i], exact[i0 + i]);
+    }
+    if (counted) counts.exact += int64_t(total);
+    exact.clear();
+  };
+  auto startKeys = [&](const int32_t* ids, size_t count) {
+    for (size_t e = 0; e < count; ++e)
+      if (ids[e] >= 0 && ids[e] < n && !seen.TestAndSet(ids[e])) exact.push_back(ids[e]);
+  };
+  exact.clear();
+  startKeys(freeSeeds, freeCount);
+  scoreExact(nullptr, false);
+  auto& rows = scratch.rows;
+  rows.clear();
+  for (size_t e = 0; e < entryCount; ++e)
+    if (!seen.TestAndSet(entries[e]))
+      exact.push_back(entries[e]), rows.push_back(entryRows ? entryRows + e * size_t(d) : keys + size_t(entries[e]) * d);
+  scoreExact(rows.data(), true);
+  startKeys(seeds, seedCount);
+  scoreExact(nullptr, true);
+  std::vector<int32_t>& nodes = scratch.nodes;
+  const size_t W = std::max<size_t>(1, width);
+  while (!cand.Empty()) {
+    if (maxExact > 0 && counts.exact >= maxExact) break;
+    if (maxCodes > 0 && counts.codes >= maxCodes) break;
+    // A round: the best W candidates, their lists fetched side by side.
+    nodes.clear();
+    while (nodes.size() < W && !cand.Empty()) nodes.push_back(cand.Pop()), graph.PrefetchHead(nodes.back());
+    for (const int32_t u : nodes) graph.PrefetchList(u);
+    coded.clear();
+    for (const int32_t u : nodes) {
+      const auto nb = graph.List(u);
+      for (size_t i = 0; i < nb.second; ++i) {
+        const int32_t v = nb.first[i];
+        if (seen.TestAndSet(v)) continue;
+        if (inSample(v)) exact.push_back(v);
+        else coded.push_back(v);
+      }
+    }
+    // A code row (64 bytes at d = 128) is one line: kCodesAhead of them in
+    // flight ahead of the batch read.
+    for (size_t i = 0; i < std::min(coded.size(), kCodesAhead); ++i) Prefetch(codeRow(coded[i]));
+    for (size_t i0 = 0; i0 < coded.size(); i0 += kPrefetchAhead) {
+      const size_t count = std::min(kPrefetchAhead, coded.size() - i0);
+      for (size_t i = i0 + kCodesAhead; i < std::min(coded.size(), i0 + kPrefetchAhead + kCodesAhead); ++i)
+        Prefetch(codeRow(coded[i]));
+      approx.Batch(coded.data() + i0, count, out);
+      for (size_t i = 0; i < count; ++i) {
+        const int32_t v = coded[i0 + i];
+        if (out[i] >= cut) {
+          exact.push_back(v);
+        } else {
+          approx.Queued(i);
+          ++counts.codedOnly;
+          cand.Push(out[i], v);
+        }
+      }
+    }
+    counts.codes += int64_t(coded.size());
+    scoreExact(nullptr, true);
+  }
+  return counts;
+}
+
+}  // namespace ragraph
+}  // namespace kvr

@@ -1,0 +1,191 @@
+// RaKeyCodes (ra_key_codes.h): building the codes and the approximate logits.
+#include "indexes/ra_key_codes.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+
+#include "indexes/ra_graph.h"
+#include "common/thread_pool.h"
+#include "indexes/ra_graph_dot.h"
+
+namespace kvr {
+namespace {
+
+// Rows per task: enough to amortise a task's per-channel sums, few enough
+// that 2..16 cores share the work evenly.
+constexpr int64_t kRowsPerTask = 8192;
+
+}  // namespace
+
+RaKeyCodes RaKeyCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype) {
+  if (n < 0 || d <= 0) throw std::invalid_argument("RaKeyCodes: bad shape");
+  RaKeyCodes kc;
+  kc.n_ = n;
+  kc.d_ = d;
+  kc.half_ = size_t(d + 1) / 2;
+  const size_t D = size_t(d);
+  const size_t tasks = size_t((n + kRowsPerTask - 1) / kRowsPerTask);
+  ThreadPool& pool = ThreadPool::Get();
+  // Sums per task in double, added in task order afterwards: the result does
+  // not depend on which thread ran what. The spread is summed about the mean
+  // (a second pass): outlier channels have means many σ from zero, where
+  // Σx² − n·μ² loses the σ to cancellation.
+  std::vector<double> part(tasks * D, 0.0);
+  auto sums = [&](const double* mu) {
+    std::fill(part.begin(), part.end(), 0.0);
+    pool.ParallelFor(tasks, [&](size_t t) {
+      std::vector<float> row(D);
+      double* s = part.data() + t * D;
+      const int64_t end = std::min<int64_t>(n, int64_t(t + 1) * kRowsPerTask);
+      for (int64_t i = int64_t(t) * kRowsPerTask; i < end; ++i) {
+        WidenRow(keys + size_t(i) * D, dtype, D, row.data());
+        if (mu) {
+          for (size_t j = 0; j < D; ++j) s[j] += (double(row[j]) - mu[j]) * (double(row[j]) - mu[j]);
+        } else {
+          for (size_t j = 0; j < D; ++j) s[j] += double(row[j]);
+        }
+      }
+    });
+    std::vector<double> total(D, 0.0);
+    for (size_t t = 0; t < tasks; ++t)
+      for (size_t j = 0; j < D; ++j) total[j] += part[t * D + j];
+    for (double& x : total) x /= double(std::max<int64_t>(n, 1));
+    return total;
+  };
+  const std::vector<double> mu = sums(nullptr);
+  const std::vector<double> var = sums(mu.data());
+  kc.low_.resize(D);
+  kc.step_.resize(D);
+  std::vector<float> inv(D);
+  for (size_t j = 0; j < D; ++j) {
+    const double sd = std::sqrt(var[j]);
+    kc.low_[j] = float(mu[j] - kSigmas * sd);
+    kc.step_[j] = float(2 * kSigmas * sd / kLevels);
+    inv[j] = kc.step_[j] > 0 ? 1.f / kc.step_[j] : 0.f;  // a constant channel: every key at level 0, its value
+  }
+  kc.bytes_ = size_t(n) * kc.half_;
+  const size_t huge = size_t(2) << 20, alloc = (kc.bytes_ + huge - 1) / huge * huge;
+  uint8_t* mem = alloc > 0 ? static_cast<uint8_t*>(std::aligned_alloc(huge, alloc)) : nullptr;
+  if (alloc > 0 && mem == nullptr) throw std::bad_alloc();
+  kc.codes_.reset(mem);
+  if (mem) {
+    madvise(mem, alloc, MADV_HUGEPAGE);  // advice only: 4 KB pages if refused
+    std::memset(mem, 0, kc.bytes_);
+  }
+  pool.ParallelFor(tasks, [&](size_t t) {
+    std::vector<float> row(D);
+    const int64_t end = std::min<int64_t>(n, int64_t(t + 1) * kRowsPerTask);
+    for (int64_t i = int64_t(t) * kRowsPerTask; i < end; ++i) {
+      WidenRow(keys + size_t(i) * D, dtype, D, row.data());
+      uint8_t* out = kc.codes_.get() + size_t(i) * kc.half_;
+      for (size_t j = 0; j < D; ++j) {
+        const float f = std::floor((row[j] - kc.low_[j]) * inv[j]);
+        // NaN and ±inf clamp too (the comparisons fail towards 0 or 15).
+        const int c = f >= float(kLevels - 1) ? kLevels - 1 : (f >= 0.f ? int(f) : 0);
+        if (j < kc.half_) out[j] |= uint8_t(c);
+        else out[j - kc.half_] |= uint8_t(c << 4);
+      }
+    }
+  });
+  return kc;
+}
+
+void RaKeyCodes::Free::operator()(uint8_t* p) const { std::free(p); }
+
+void RaKeyCodes::Prepare(const float* q, int G, float scale, RaCodeQuery& out) const {
+  const size_t D = size_t(d_);
+  out.G = G;
+  out.width = 2 * half_;
+  out.w.assign(size_t(G) * out.width, 0.f);
+  out.bias.assign(size_t(G), 0.f);
+  for (int h = 0; h < G; ++h) {
+    const float* qh = q + size_t(h) * D;
+    double b = 0;
+    // Nibble order is channel order: low nibbles are channels 0..half-1, high ones half..2·half-1.
+    for (size_t j = 0; j < D; ++j) {
+      out.w[size_t(h) * out.width + j] = scale * qh[j] * step_[j];
+      b += double(qh[j]) * (double(low_[j]) + 0.5 * double(step_[j]));
+    }
+    out.bias[size_t(h)] = float(double(scale) * b);
+  }
+}
+
+namespace {
+#ifdef KVR_X86_SIMD
+// The C rows' sums over a row of codes, 8 bytes (16 channels) a step: the
+// nibbles widened to floats once and fed to every row's accumulators.
+template <int C>
+inline void CodeDots(const float* w, size_t width, const uint8_t* row, size_t half, float* out) {
+  __m256 a0[C], a1[C];
+  for (int c = 0; c < C; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
+  const __m128i mask = _mm_set1_epi8(15);
+  for (size_t i = 0; i < half; i += 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + i));
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask)));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+    for (int c = 0; c < C; ++c) {
+      a0[c] = _mm256_fmadd_ps(_mm256_loadu_ps(w + c * width + i), lo, a0[c]);
+      a1[c] = _mm256_fmadd_ps(_mm256_loadu_ps(w + c * width + half + i), hi, a1[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) out[c] = ragraph::HorizontalSum(a0[c], a1[c]);
+}
+#endif
+}  // namespace
+
+void RaKeyCodes::Logits(const RaCodeQuery& cq, const uint8_t* row, float* x) const {
+  const int G = cq.G;
+  const size_t W = cq.width;
+#ifdef KVR_X86_SIMD
+  if (half_ % 8 == 0) {
+    int h = 0;
+    for (; h + 4 <= G; h += 4) CodeDots<4>(cq.w.data() + size_t(h) * W, W, row, half_, x + h);
+    switch (G - h) {
+      case 3: CodeDots<3>(cq.w.data() + size_t(h) * W, W, row, half_, x + h); break;
+      case 2: CodeDots<2>(cq.w.data() + size_t(h) * W, W, row, half_, x + h); break;
+      case 1: CodeDots<1>(cq.w.data() + size_t(h) * W, W, row, half_, x + h); break;
+      default: break;
+    }
+    for (int g = 0; g < G; ++g) x[g] += cq.bias[size_t(g)];
+    return;
+  }
+#endif
+  for (int h = 0; h < G; ++h) {
+    const float* w = cq.w.data() + size_t(h) * W;
+    float s = 0;
+    for (size_t i = 0; i < half_; ++i) s += w[i] * float(row[i] & 15) + w[half_ + i] * float(row[i] >> 4);
+    x[h] = cq.bias[size_t(h)] + s;
+  }
+}
+
+}  // namespace kvr
+
+// RaGraph's cache of its keys' codes (ra_graph.h, CodeCache): here, beside
+// what it holds, not in the graph's search files.
+namespace kvr {
+
+std::shared_ptr<const RaKeyCodes> RaGraph::KeyCodesFor(const uint16_t* keys, Dtype dtype) const {
+  std::lock_guard<std::mutex> hold(codes_->lock);
+  if (codes_->keys != keys || codes_->dtype != dtype || !codes_->codes) {
+    codes_->codes.reset();  // the old codes freed before the new ones are made
+    codes_->codes = std::make_shared<const RaKeyCodes>(RaKeyCodes::Build(keys, n_, d_, dtype));
+    codes_->keys = keys;
+    codes_->dtype = dtype;
+  }
+  return codes_->codes;
+}
+
+size_t RaGraph::KeyCodeBytes() const {
+  std::lock_guard<std::mutex> hold(codes_->lock);
+  return codes_->codes ? codes_->codes->Bytes() : 0;
+}
+
+}  // namespace kvr

@@ -1,0 +1,85 @@
+// 4-bit codes of one kv head's keys, for the retrieval-attention graph's
+// code-gated walk (ra_graph_code_walk.h, RaSearchOptions::codeWalk).
+//
+// A walk that scores every neighbour it meets exactly finds ~1 key of the
+// group's top 1% per 11 scored at 1M keys (bench/results/retrieval-misses-vm.md):
+// to reach the top at <= 3% scored, it must look at many more keys than it
+// scores. A code is a quarter of the key's f16 bytes and, read first, says
+// which keys are worth the exact score (bench/retrieval-code-walk.ts: the
+// walk's score of a key's code correlates ~0.99 with the key's).
+//
+// Each channel j is quantized to 16 levels spread uniformly over its mean
+// ± 3σ over the head's keys: level c stands for low_j + (c + ½)·step_j with
+// low_j = μ_j − 3σ_j, step_j = 6σ_j / 16. A key value inside [low_j, low_j +
+// 16·step_j] is then within step_j / 2 of its level; one outside is clamped
+// to the end level. Memory: ceil(d/2) bytes a key (64 MB a head at 1M keys,
+// d = 128: 1/4 of the f16 keys), plus 2·d floats.
+//
+// Layout: a key's row is ceil(d/2) bytes; byte i holds channel i in its low
+// nibble and channel i + ceil(d/2) in its high one, so a SIMD load of 8 bytes
+// gives two runs of 8 consecutive channels with one mask and one shift.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/half.h"
+
+namespace kvr {
+
+// A query group's weights for the approximate logits (RaKeyCodes::Prepare):
+// x̂_h = bias_h + Σ_j w_hj · c_j, the scaled q_h · (dequantized key).
+struct RaCodeQuery {
+  int G = 0;
+  size_t width = 0;       // 2·ceil(d/2): channels as the row's nibbles lay them out (zero-padded)
+  std::vector<float> w;   // [G, width]: scale · q_hj · step_j, in nibble order
+  std::vector<float> bias;  // [G]: scale · Σ_j q_hj · (low_j + step_j / 2), summed in double
+};
+
+class RaKeyCodes {
+ public:
+  static constexpr int kLevels = 16;
+  static constexpr double kSigmas = 3.0;
+
+  // Two passes over the keys (the channels' mean, then their spread and the
+  // codes) on the native pool: ~0.3 s for 1M keys, d = 128 on 2 cores.
+  static RaKeyCodes Build(const uint16_t* keys, int64_t n, int d, Dtype dtype);
+
+  int64_t tokens() const { return n_; }
+  int headDim() const { return d_; }
+  size_t rowBytes() const { return half_; }
+  const uint8_t* Row(int64_t id) const { return codes_.get() + size_t(id) * half_; }
+  const std::vector<float>& low() const { return low_; }
+  const std::vector<float>& step() const { return step_; }
+  size_t Bytes() const { return bytes_ + (low_.size() + step_.size()) * sizeof(float); }
+
+  // The level of channel j in a row (for tests and tools).
+  int Level(const uint8_t* row, int j) const {
+    const size_t i = size_t(j) < half_ ? size_t(j) : size_t(j) - half_;
+    return size_t(j) < half_ ? (row[i] & 15) : (row[i] >> 4);
+  }
+
+  // The weights of G query rows q [G, d] at softmax scale `scale`.
+  void Prepare(const float* q, int G, float scale, RaCodeQuery& out) const;
+  // x[h] = the approximate scaled logit of query row h against the key whose
+  // code row is `row`: within float rounding of scale · q_h · (dequantized key).
+  void Logits(const RaCodeQuery& cq, const uint8_t* row, float* x) const;
+
+ private:
+  int64_t n_ = 0;
+  int d_ = 0;
+  size_t half_ = 0;  // ceil(d/2): bytes a row
+  std::vector<float> low_, step_;  // [d]
+  // [n, half_], in 2 MB pages where the kernel gives them (MADV_HUGEPAGE):
+  // the walk reads ~40% of the rows at random, and with 4 KB pages most
+  // reads also missed the TLB (64 MB: 16K pages).
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  std::unique_ptr<uint8_t[], Free> codes_;
+  size_t bytes_ = 0;
+};
+
+}  // namespace kvr

@@ -1,0 +1,195 @@
+// The retrieval-attention graph's code-gated walk (native/indexes/ra_graph_code_walk.h,
+// RaSearchOptions::codeWalk) and the 4-bit key codes it reads (ra_key_codes.h):
+// the codes dequantize within half a level of each key value inside the
+// channel's mean ± 3σ (float64 reference), the approximate logits are those of
+// the dequantized key (float64), an uncapped walk that scores every key met
+// returns the exact top-k of the group's mean probability, the two caps
+// stop it, and bad options are refused.
+import { describe, expect, it } from 'vitest';
+import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
+import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+
+const seed = freshSeed();
+console.log(`native ra-graph code walk tests: seed ${seed}`);
+
+/** Keys as storage words and their exact values: N(0, 1) scaled and shifted per channel (outlier channels included). */
+function keysOf(rng: Rng, dt: Dt, n: number, d: number) {
+  const bits = new Uint16Array(n * d), values = new Float64Array(n * d);
+  const mean = Array.from({ length: d }, (_, j) => (j % 5 === 0 ? 6 : 0.3) * rng.normal());
+  const sd = Array.from({ length: d }, (_, j) => (j === 1 ? 0 : 0.2 + 2 * rng.next()));
+  for (let i = 0; i < n * d; i++) {
+    bits[i] = bitsOf(dt)(mean[i % d] + sd[i % d] * rng.normal());
+    values[i] = valueOf(dt)(bits[i]);
+  }
+  return { bits, values };
+}
+
+/** Float64 mean and population σ of each channel. */
+function channelStats(values: Float64Array, n: number, d: number) {
+  const mu = new Float64Array(d), sd = new Float64Array(d);
+  for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) mu[j] += values[t * d + j] / n;
+  for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) sd[j] += (values[t * d + j] - mu[j]) ** 2 / n;
+  for (let j = 0; j < d; j++) sd[j] = Math.sqrt(sd[j]);
+  return { mu, sd };
+}
+
+/** Channel j's level in a row of codes (byte i: channel i low, channel i + ceil(d/2) high). */
+function level(codes: Uint8Array, t: number, j: number, d: number): number {
+  const half = Math.ceil(d / 2), b = codes[t * half + (j < half ? j : j - half)];
+  return j < half ? b & 15 : b >> 4;
+}
+
+/** The group's mean probability of every key (float64) and the keys by it, best first (ties by id). */
+function meanProbOrder(q: Float32Array, G: number, keys: Float64Array, n: number, d: number) {
+  const scale = 1 / Math.sqrt(d), meanProb = new Float64Array(n);
+  for (let g = 0; g < G; g++) {
+    const x = Float64Array.from({ length: n }, (_, t) => {
+      let s = 0;
+      for (let j = 0; j < d; j++) s += q[g * d + j] * keys[t * d + j];
+      return s * scale;
+    });
+    const m = Math.max(...x);
+    let z = 0;
+    for (let t = 0; t < n; t++) z += Math.exp(x[t] - m);
+    for (let t = 0; t < n; t++) meanProb[t] += Math.exp(x[t] - m) / z / G;
+  }
+  return { meanProb, order: Array.from({ length: n }, (_, t) => t).sort((a, b) => meanProb[b] - meanProb[a] || a - b) };
+}
+
+function queries(rng: Rng, rows: number, d: number): Float32Array {
+  return Float32Array.from({ length: rows * d }, () => 0.8 * rng.normal());
+}
+
+async function graphOf(rng: Rng, dt: Dt, n: number, d: number) {
+  const keys = keysOf(rng, dt, n, d);
+  const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 200, d), degree: 8, kBuild: 16 });
+  return { keys, graph };
+}
+
+function walkArgs(keys: Uint16Array, n: number, d: number, dt: Dt, q: Float32Array, G: number, k: number): RaGraphSearchArgs {
+  const keep = Math.min(k, n);
+  return { keys, tokens: n, headDim: d, dtype: dt, q, group: G, k, ef: k, outIds: new Int32Array(keep), outScores: new Float32Array(keep), aggregate: 'attention', codeWalk: true };
+}
+
+describe('ra-graph key codes', () => {
+  for (const [dt, n, d] of [['f16', 3000, 128], ['bf16', 2000, 24], ['f16', 500, 7]] as const)
+    it(`dequantize within half a level inside mean ± 3σ, and the approximate logits are the dequantized key's (${dt}, d=${d})`, async () => {
+      const rng = new Rng(seed + d);
+      const { keys, graph } = await graphOf(rng, dt, n, d);
+      const { codes, low, step } = graph.keyCodes({ keys: keys.bits, tokens: n, headDim: d, dtype: dt });
+      expect(codes.length).toBe(n * Math.ceil(d / 2));
+      const { mu, sd } = channelStats(keys.values, n, d);
+      let inside = 0, clamped = 0;
+      for (let j = 0; j < d; j++) {
+        // The range is the channel's float64 mean − 3σ, 16 levels over 6σ (stored as f32).
+        expect(Math.abs(low[j] - (mu[j] - 3 * sd[j]))).toBeLessThanOrEqual(1e-6 * (Math.abs(mu[j]) + 3 * sd[j]) + 1e-6);
+        expect(Math.abs(step[j] - (6 * sd[j]) / 16)).toBeLessThanOrEqual(1e-6 * sd[j] + 1e-9);
+        for (let t = 0; t < n; t++) {
+          const v = keys.values[t * d + j], c = level(codes, t, j, d);
+          const deq = low[j] + (c + 0.5) * step[j];
+          if (v >= low[j] && v <= low[j] + 16 * step[j]) {
+            inside++;
+            expect(Math.abs(v - deq)).toBeLessThanOrEqual(0.5 * step[j] * (1 + 1e-5) + 1e-6 * Math.abs(v));
+          } else {
+            clamped++;
+            expect(c).toBe(v < low[j] ? 0 : 15);
+          }
+        }
+      }
+      expect(clamped).toBeGreaterThan(0); // normal tails pass 3σ: the clamp is exercised
+      expect(clamped).toBeLessThan(0.01 * inside);
+
+      const G = 3, q = queries(rng, G, d), scale = 1 / Math.sqrt(d);
+      const ids = Int32Array.from({ length: 200 }, () => rng.int(n));
+      const x = graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, q, group: G, ids });
+      expect(x.length).toBe(ids.length * G);
+      ids.forEach((t, i) => {
+        for (let g = 0; g < G; g++) {
+          let want = 0, size = 0;
+          for (let j = 0; j < d; j++) {
+            const term = q[g * d + j] * (low[j] + (level(codes, t, j, d) + 0.5) * step[j]);
+            want += term;
+            size += Math.abs(term);
+          }
+          // f32 sums of d terms (the bias in double): a few ulps of the terms' magnitude.
+          expect(Math.abs(x[i * G + g] - scale * want)).toBeLessThanOrEqual(1e-5 * scale * size + 1e-6);
+        }
+      });
+      graph.dispose();
+    });
+});
+
+describe('ra-graph code-gated walk', () => {
+  for (const [dt, n, d, G] of [['f16', 3001, 32, 4], ['bf16', 1500, 24, 2], ['f16', 900, 64, 1]] as const)
+    it(`uncapped and scoring every key met, returns the exact top-k of the group's mean probability (${dt}, n=${n}, G=${G})`, async () => {
+      const rng = new Rng(seed + n);
+      const { keys, graph } = await graphOf(rng, dt, n, d);
+      const k = 40;
+      for (let trial = 0; trial < 2; trial++) {
+        const q = queries(rng, G, d);
+        const ref = meanProbOrder(q, G, keys.values, n, d);
+        const a = { ...walkArgs(keys.bits, n, d, dt, q, G, k), codeDelta: Infinity };
+        const r = graph.searchSync(a);
+        expect(r.count).toBe(k);
+        expect(r.scanned).toBe(n); // every key reached and scored exactly
+        expect(r.codesRead).toBeGreaterThan(0);
+        for (let i = 0; i < k; i++) {
+          const got = a.outIds[i], want = ref.order[i];
+          // Ranks may swap only where f32 and f64 disagree.
+          if (got !== want) expect(Math.abs(ref.meanProb[got] - ref.meanProb[want])).toBeLessThan(1e-5 * ref.meanProb[want]);
+          expect(Math.abs(a.outScores[i] - Math.log(ref.meanProb[got]))).toBeLessThan(1e-3);
+        }
+        // A gate at δ = 0 scores fewer keys exactly and reads the rest as codes: every key is still met.
+        const gated = graph.searchSync({ ...walkArgs(keys.bits, n, d, dt, q, G, k), codeDelta: 0 });
+        expect(gated.scanned).toBeLessThan(n);
+        expect(gated.scanned + gated.codesRead!).toBeGreaterThanOrEqual(n);
+      }
+      graph.dispose();
+    });
+
+  it("stops at the caps on keys scored exactly and on codes read, passing each by at most one round's lists", async () => {
+    const rng = new Rng(seed + 17);
+    const [n, d, G] = [20000, 32, 4];
+    const { keys, graph } = await graphOf(rng, 'f16', n, d);
+    for (const codeWidth of [1, 8]) {
+      for (let trial = 0; trial < 3; trial++) {
+        const list = codeWidth * graph.maxDegree;
+        const q = queries(rng, G, d);
+        const maxCodes = 1000 + 500 * trial;
+        const byCodes = graph.searchSync({ ...walkArgs(keys.bits, n, d, 'f16', q, G, 100), maxCodes, codeWidth });
+        expect(byCodes.codesRead).toBeGreaterThanOrEqual(maxCodes);
+        expect(byCodes.codesRead).toBeLessThanOrEqual(maxCodes + list);
+        expect(byCodes.scanned).toBeLessThan(n);
+        const maxScanned = 300 + 100 * trial;
+        const byExact = graph.searchSync({ ...walkArgs(keys.bits, n, d, 'f16', q, G, 100), maxScanned, codeDelta: Infinity, codeWidth });
+        // The sample keys the walk meets again are scored once: the count may stop a few short of the cap.
+        expect(byExact.scanned).toBeGreaterThanOrEqual(0.8 * maxScanned);
+        expect(byExact.scanned).toBeLessThanOrEqual(maxScanned + list);
+      }
+    }
+    // The codes are held with the graph (64 bytes a key at d = 128; here 16).
+    expect(graph.memoryBytes).toBeGreaterThanOrEqual(n * (d / 2));
+    graph.dispose();
+  });
+
+  it('refuses bad options', async () => {
+    const rng = new Rng(seed + 29);
+    const [n, d] = [300, 16];
+    const { keys, graph } = await graphOf(rng, 'f16', n, d);
+    const base = walkArgs(keys.bits, n, d, 'f16', queries(rng, 2, d), 2, 10);
+    expect(() => graph.searchSync({ ...base, aggregate: 'max' })).toThrow(/codeWalk needs aggregate 'attention'/);
+    for (const codeQuantile of [0, -1, 100.5, NaN]) expect(() => graph.searchSync({ ...base, codeQuantile })).toThrow(/codeQuantile must be a number in \(0, 100\]/);
+    for (const codeDelta of [-0.1, NaN]) expect(() => graph.searchSync({ ...base, codeDelta })).toThrow(/codeDelta must be a number >= 0/);
+    expect(() => graph.searchSync({ ...base, maxCodes: -1 })).toThrow(/maxCodes/);
+    expect(() => graph.searchSync({ ...base, maxCodes: 1.5 })).toThrow(/maxCodes/);
+    for (const codeWidth of [0, 1025, 2.5]) expect(() => graph.searchSync({ ...base, codeWidth })).toThrow(/codeWidth must be an integer in \[1, 1024\]/);
+    for (const knob of ['codeQuantile', 'codeDelta', 'maxCodes', 'codeWidth'] as const)
+      expect(() => graph.searchSync({ ...base, codeWalk: false, [knob]: 1 })).toThrow(new RegExp(`${knob} is an option of the code walk`));
+    expect(() => graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', q: base.q, group: 2, ids: Int32Array.of(n) })).toThrow(/ids\[0\] = 300 is outside/);
+    // A valid search still runs after the refusals, and the plain search reports no codes.
+    expect(graph.searchSync({ ...base, codeQuantile: 100, codeDelta: 0, maxCodes: 0 }).count).toBe(10);
+    expect(graph.searchSync({ ...base, codeWalk: undefined }).codesRead).toBeUndefined();
+    graph.dispose();
+  });
+});
