@@ -77,14 +77,14 @@ float CodeCut(const RaKeyCodes& codes, const RaCodeQuery& cq, int64_t off, int64
 // The walk's candidates: a max-priority queue over scores binned finely
 // (kBins bins over [lo, hi], ends clamped; last in, first out within a bin).
 // The walk queues every key it meets, ~10 for each one it expands (at 1M
-// keys, caps 3% / 40%: ~420K queued, ~40K expanded): a binary heap of them
-// (3 MB) spent ~40% of the search sifting its pops down 19 levels out of
-// cache, and bins as linked lists chained each pop's miss to the last. A
-// bin is its own array here: a push appends, a pop takes the last, and the
-// order differs from the exact one only within a bin (~0.003 logits at 1M
-// keys). The arrays keep their capacity from search to search. (4,096 bins,
-// and the visited bits of a round prefetched before they are tested, took
-// the same time at 1M on the 2-core VM, 3 pairs alternated.)
+// keys, caps 3% / 40%: ~420K queued): a binary heap of them (3 MB) sifts
+// each pop down 19 levels out of cache; at 8 candidates a round it took
+// 1.27 of these bins' time a search (2-core VM, 3 pairs alternated, the
+// same recall). A bin is an array: a push appends, a pop takes the last;
+// the order differs from the exact one only within a bin (~0.003 logits at
+// 1M keys). The arrays keep their capacity from search to search. (4,096
+// bins, and the visited bits of a round prefetched before they are tested,
+// took the same time at 1M on the 2-core VM, 3 pairs alternated.)
 class BinQueue {
  public:
   static constexpr int kBins = 16384;

@@ -1,19 +1,17 @@
 // RaKeyCodes (ra_key_codes.h): building the codes and the approximate logits.
 #include "indexes/ra_key_codes.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <new>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <stdexcept>
 
-#include "indexes/ra_graph.h"
 #include "common/thread_pool.h"
+#include "indexes/ra_graph.h"
 #include "indexes/ra_graph_dot.h"
 
 namespace kvr {
@@ -72,13 +70,11 @@ RaKeyCodes RaKeyCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype
     inv[j] = kc.step_[j] > 0 ? 1.f / kc.step_[j] : 0.f;  // a constant channel: every key at level 0, its value
   }
   kc.bytes_ = size_t(n) * kc.half_;
-  const size_t huge = size_t(2) << 20, alloc = (kc.bytes_ + huge - 1) / huge * huge;
-  uint8_t* mem = alloc > 0 ? static_cast<uint8_t*>(std::aligned_alloc(huge, alloc)) : nullptr;
-  if (alloc > 0 && mem == nullptr) throw std::bad_alloc();
-  kc.codes_.reset(mem);
-  if (mem) {
-    madvise(mem, alloc, MADV_HUGEPAGE);  // advice only: 4 KB pages if refused
-    std::memset(mem, 0, kc.bytes_);
+  constexpr size_t kLine = 64;
+  if (kc.bytes_ > 0) {
+    kc.codes_.reset(static_cast<uint8_t*>(std::aligned_alloc(kLine, (kc.bytes_ + kLine - 1) / kLine * kLine)));
+    if (!kc.codes_) throw std::bad_alloc();
+    std::memset(kc.codes_.get(), 0, kc.bytes_);
   }
   pool.ParallelFor(tasks, [&](size_t t) {
     std::vector<float> row(D);
