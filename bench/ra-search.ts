@@ -20,7 +20,11 @@
 // `--profile` the native search's phase times are summed and shown too;
 // `--width W` sets the walk's expandWidth (absent: the native default; 1 is
 // the walk one candidate at a time, whose ids the fingerprints of earlier
-// rounds are).
+// rounds are). The code-gated walk (RaSearchOptions::codeWalk) runs at
+// bench/retrieval-code-walk.ts's settings beside the beam walk: its codes
+// are made on its first search, timed apart (codesBuildMs in the json);
+// `codes read` is its share of keys read as 4-bit codes; `--code-width W`
+// sets its codeWidth (absent: the native default).
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -42,6 +46,7 @@ const out = get('out', '');
 const only = get('configs', '');
 const profile = argv.includes('--profile');
 const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
+const codeWidth = argv.includes('--code-width') ? Number(get('code-width', '')) : undefined;
 const G = 4, d = 128, sinks = 16, window = 256, budget = 0.01;
 const want = Math.round(tokens * budget), asked = want + sinks + window;
 // bench/retrieval.ts's machine line (importing it would run that bench).
@@ -124,11 +129,20 @@ interface Config {
   ef: number;
   margin?: number;
   maxScanned?: number;
+  /** The code-gated walk (RaSearchOptions::codeWalk): q, δ, the cap on codes read. */
+  code?: { q: number; delta: number; maxCodes: number };
 }
 const configs: Config[] = [
   { name: 'ef = k', ef: asked },
   { name: 'margin 0.5, ef 8k (the session default with no free seeds; with them: effort() in index/retrieval-attention.ts)', ef: 8 * asked, margin: 0.5 },
   { name: 'capped at 3% scanned', ef: 8 * asked, margin: 3, maxScanned: Math.round(0.03 * tokens) },
+  // The code-gated walk at bench/retrieval-code-walk.ts's settings: ≤ 3% scored exactly, codes of ≤ 20% / 40% read.
+  ...[[1, 0.5, 0.2], [1, 0.5, 0.4], [3, 0, 0.4]].map(([q, delta, codes]) => ({
+    name: `code walk q ${q}, δ ${delta}, ≤ 3% exact, ≤ ${codes * 100}% codes`,
+    ef: asked,
+    maxScanned: Math.round(0.03 * tokens),
+    code: { q, delta, maxCodes: Math.round(codes * tokens) },
+  })),
 ].filter((c) => !only || only.split(',').some((o) => c.name.startsWith(o)));
 
 type Phases = Record<string, number>;
@@ -140,7 +154,9 @@ const args = (c: Config, s: number, ids: Int32Array, scores: Float32Array): RaGr
   ef: c.ef,
   margin: c.margin,
   maxScanned: c.maxScanned,
-  ...(width !== undefined && { expandWidth: width }),
+  ...(width !== undefined && !c.code && { expandWidth: width }),
+  ...(c.code && { codeWalk: true, codeQuantile: c.code.q, codeDelta: c.code.delta, maxCodes: c.code.maxCodes }),
+  ...(c.code && codeWidth !== undefined && { codeWidth }),
   aggregate: 'attention',
   outIds: ids,
   outScores: scores,
@@ -153,11 +169,20 @@ function fnv(h: number, ids: Int32Array): number {
 }
 
 const rows: string[] = [];
+let codesBuilt: number | undefined;
 const json: unknown[] = [];
 for (const c of configs) {
   const ids = Array.from({ length: steps }, () => new Int32Array(asked));
   const scores = Array.from({ length: steps }, () => new Float32Array(asked));
-  const single: number[] = [], batch: number[] = [], cpu: number[] = [], batchCpu: number[] = [], scanned: number[] = [], recall: number[] = [];
+  const single: number[] = [], batch: number[] = [], cpu: number[] = [], batchCpu: number[] = [], scanned: number[] = [], recall: number[] = [], codes: number[] = [];
+  // The graph makes its keys' codes on the first code walk: timed apart, not in the searches'.
+  let codesMs: number | undefined;
+  if (c.code && codesBuilt === undefined) {
+    const t = performance.now();
+    graph.searchSync(args(c, 0, ids[0], scores[0]));
+    codesMs = codesBuilt = performance.now() - t;
+    progress(`codes made (first code walk) in ${codesMs.toFixed(0)} ms`);
+  }
   const phases: Phases = {};
   let print = 2166136261;
   const loads: number[] = [];
@@ -171,6 +196,7 @@ for (const c of configs) {
       cpu.push((du.user + du.system) / 1000);
       if (r === 0) {
         scanned.push(res.scanned / tokens);
+        codes.push((res.codesRead ?? 0) / tokens);
         recall.push(groupRecall(ids[s].subarray(0, res.count), s));
         print = fnv(print, ids[s].subarray(0, res.count));
       }
@@ -185,23 +211,23 @@ for (const c of configs) {
   const mean = (x: number[]) => x.reduce((a, b) => a + b, 0) / x.length;
   const load = `${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}`;
   const ph = Object.entries(phases).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(', ');
-  rows.push(`| ${c.name} | ${(mean(scanned) * 100).toFixed(2)}% | ${mean(recall).toFixed(3)} | ${median(single).toFixed(2)} | ${median(cpu).toFixed(2)} | ${median(batch).toFixed(2)} | ${median(batchCpu).toFixed(2)} | ${print.toString(16).padStart(8, '0')} | ${load} |${profile ? ` ${ph} |` : ''}`);
-  json.push({ config: c, scanned: mean(scanned), groupTopKRecall: mean(recall), singleMs: single, singleCpuMs: cpu, batchMs: batch, batchCpuMsPerSearch: batchCpu, fingerprint: print, load: loads, phases });
+  rows.push(`| ${c.name} | ${(mean(scanned) * 100).toFixed(2)}% | ${c.code ? `${(mean(codes) * 100).toFixed(1)}%` : '—'} | ${mean(recall).toFixed(3)} | ${median(single).toFixed(2)} | ${median(cpu).toFixed(2)} | ${median(batch).toFixed(2)} | ${median(batchCpu).toFixed(2)} | ${print.toString(16).padStart(8, '0')} | ${load} |${profile ? ` ${ph} |` : ''}`);
+  json.push({ config: c, scanned: mean(scanned), codesRead: mean(codes), codesBuildMs: codesMs ?? null, groupTopKRecall: mean(recall), singleMs: single, singleCpuMs: cpu, batchMs: batch, batchCpuMsPerSearch: batchCpu, fingerprint: print, load: loads, phases });
   progress(rows[rows.length - 1]);
 }
 
 const md = [
   `### RetrievalAttention graph search at ${tokens.toLocaleString('en-US')} keys (bench/ra-search.ts)`,
   '',
-  `${machine()}; one kv head, GQA group 4, d=128, f16, k = ${asked} asked (1% + ${sinks} sinks + ${window} window), ranking by the group's attention; walk expandWidth ${width ?? 'default (1)'}; ${steps} decode steps' query groups, ${reps} reps. per group = searchSync on the calling thread (median over steps × reps), wall and CPU time (process.cpuUsage: under load the wall time includes waiting for a core); layer-step = searchBatch of the ${steps} groups at once on the native pool (median over reps), and the process's CPU time in it per search. load = 1-minute load average at each rep.`,
+  `${machine()}; one kv head, GQA group 4, d=128, f16, k = ${asked} asked (1% + ${sinks} sinks + ${window} window), ranking by the group's attention; walk expandWidth ${width ?? 'default (1)'}, code walk codeWidth ${codeWidth ?? 'default (8)'}; scanned = keys scored exactly (the sample included), codes read = keys read as 4-bit codes (code walk); ${steps} decode steps' query groups, ${reps} reps. per group = searchSync on the calling thread (median over steps × reps), wall and CPU time (process.cpuUsage: under load the wall time includes waiting for a core); layer-step = searchBatch of the ${steps} groups at once on the native pool (median over reps), and the process's CPU time in it per search. load = 1-minute load average at each rep.`,
   '',
-  `| configuration | scanned | top-k recall (group) | ms per group | CPU ms per group | ms per layer-step (${steps} searches) | CPU ms per search in the batch | ids fingerprint | load |${profile ? ' phases, ms per search |' : ''}`,
-  `| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |${profile ? ' --- |' : ''}`,
+  `| configuration | scanned | codes read | top-k recall (group) | ms per group | CPU ms per group | ms per layer-step (${steps} searches) | CPU ms per search in the batch | ids fingerprint | load |${profile ? ' phases, ms per search |' : ''}`,
+  `| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |${profile ? ' --- |' : ''}`,
   ...rows,
 ].join('\n') + '\n';
 process.stdout.write(md);
 if (out) {
   writeFileSync(out, md);
-  writeFileSync(out.replace(/\.md$/, '.json'), JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, steps, reps, expandWidth: width ?? null, rows: json }, null, 2));
+  writeFileSync(out.replace(/\.md$/, '.json'), JSON.stringify({ machine: machine(), date: new Date().toISOString(), tokens, steps, reps, expandWidth: width ?? null, codeWidth: codeWidth ?? null, rows: json }, null, 2));
 }
 graph.dispose();

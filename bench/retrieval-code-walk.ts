@@ -18,6 +18,11 @@
 // It stops when `exact` keys are scored or `codes` codes read. Reported:
 // recall of T (the exact top 1%), the shares of keys scored exactly and of
 // codes read, and the bytes read in f16-key equivalents (exact + codes × bits / 16).
+// Beside each setting (4 bits only), the native code walk (RaSearchOptions::codeWalk, the same
+// q, δ and caps, on the same graph and steps, the steady zone as free start
+// keys) and its CPU time a search (searchSync on this thread; process
+// CPU time, so a busy machine's other work is not in it), as for the native
+// beam walk's two rows.
 // The walk ranks by each head's partition estimated from the steady keys
 // and the sample, as the native walk does; the best k of the keys scored
 // exactly are taken by the exact partitions (the native search refines its
@@ -86,6 +91,8 @@ class Heap {
   }
 }
 
+const nativeLabel = (q: number, delta: number, exactCap: number, codeCap: number) => `native code walk ${q} ${delta} ${exactCap} ${codeCap}`;
+
 function codeWalk(g: Csr, exact: Float64Array, approx: Float64Array, tau: number, delta: number, exactCap: number, codeCap: number, steady: Int32Array, inSample: Uint8Array, sampleCount: number): { scored: Uint8Array; exact: number; codes: number } {
   const { n, off, nbr, entries } = g;
   const seen = new Uint8Array(n), scored = new Uint8Array(n), cand = new Heap();
@@ -142,7 +149,7 @@ async function main(): Promise<void> {
     const isSteady = new Uint8Array(n);
     for (const id of steady) isSteady[id] = 1;
     const corr: number[] = [];
-    const native: { label: string; recall: number; scanned: number; error: number; oracleError: number }[] = [];
+    const native: { label: string; recall: number; scanned: number; codes?: number; cpuMs?: number; error: number; oracleError: number }[] = [];
     for (let s = 0; s < steps; s++) {
       const q = wl.decodeQ[s].subarray(0, G * d);
       const ex = exactAttention(q, G, K, V, { headDim: d });
@@ -191,14 +198,30 @@ async function main(): Promise<void> {
         const cmp = compareWithOracle(ex, S, want);
         rows.push({ step: s, q: qf, delta, exactCap, codeCap, recall, exact: w.exact, codes: w.codes, bytes: w.exact + (w.codes * BITS) / 16, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
       }
+      // The native code walk at each setting (4-bit codes: what it reads).
+      if (BITS === 4)
+        for (const [qf, delta, exactCap, codeCap] of SETTINGS) {
+          const outIds = new Int32Array(want), outScores = new Float32Array(want);
+          const a = { keys: wl.keys[0], tokens, headDim: d, dtype: 'f16' as const, q, group: G, k: want, ef: want, outIds, outScores, aggregate: 'attention' as const, freeSeeds: steady, codeWalk: true, codeQuantile: qf, codeDelta: delta, maxScanned: Math.round(exactCap * n), maxCodes: Math.round(codeCap * n) };
+          if (s === 0 && native.length === 0) graph.searchSync(a); // the graph makes its codes on its first code walk: not timed
+          const u = process.cpuUsage();
+          const r = graph.searchSync(a);
+          const du = process.cpuUsage(u);
+          const S = Int32Array.from([...steady, ...outIds.subarray(0, r.count)]);
+          const got = new Set(S);
+          const cmp = compareWithOracle(ex, S, want);
+          native.push({ label: nativeLabel(qf, delta, exactCap, codeCap), recall: T.filter((t) => got.has(t)).length / want, scanned: r.scanned / n, codes: (r.codesRead ?? 0) / n, cpuMs: (du.user + du.system) / 1000, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
+        }
       // The native search on the same graph and step, as the session searches (margin 0.5) and capped at 3%.
       for (const [label, margin, cap] of [['native, margin 0.5', 0.5, 0], ['native, ≤ 3% scanned', 3, 0.03]] as const) {
         const outIds = new Int32Array(want), outScores = new Float32Array(want);
+        const u = process.cpuUsage();
         const r = graph.searchSync({ keys: wl.keys[0], tokens, headDim: d, dtype: 'f16', q, group: G, k: want, ef: 8 * want, outIds, outScores, margin, aggregate: 'attention', maxScanned: cap ? Math.round(cap * n) : undefined, freeSeeds: steady });
+        const du = process.cpuUsage(u);
         const S = Int32Array.from([...steady, ...outIds.subarray(0, r.count)]);
         const got = new Set(S);
         const cmp = compareWithOracle(ex, S, want);
-        native.push({ label, recall: T.filter((t) => got.has(t)).length / want, scanned: r.scanned / n, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
+        native.push({ label, recall: T.filter((t) => got.has(t)).length / want, scanned: r.scanned / n, cpuMs: (du.user + du.system) / 1000, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
       }
       process.stderr.write(`[bench:retrieval-code-walk] ${tokens} step ${s} done\n`);
     }
@@ -211,15 +234,19 @@ async function main(): Promise<void> {
       '',
       `${machine()}; \`npm run bench:retrieval-code-walk -- --tokens ${tokens} --steps ${steps}${broad ? ' --broad' : ''}${BITS !== 4 ? ` --bits ${BITS}` : ''}\` (bench/retrieval-code-walk.ts: what it simulates and simplifies); seed 7, 1 kv head, GQA group 4, d=128, f16; the graph at its defaults; T = the exact top ${want.toLocaleString('en-US')} (1%) of the group's attention; ${steps} steps. The walk's score of a key's ${BITS}-bit code correlates ${range(corr, f)} with that of the key (over all keys). τ = the sample's (q × 1%)-quantile of the approximate score; a key met is scored exactly if its code scores ≥ τ − δ. Bytes = exact + codes × ${BITS}/16, in f16 keys. For comparison, the native search on the same graph: ${broad ? BROAD_NATIVE : DEFAULT_NATIVE} (bench/results/retrieval-misses-vm.md).`,
       '',
-      '| q | δ | exact cap | code cap | recall of T | scored exactly | codes read | bytes (f16 keys) | output error (mean) | oracle error |',
-      '| ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: |',
+      `| q | δ | exact cap | code cap | recall of T | scored exactly | codes read | bytes (f16 keys) | output error (mean) | oracle error |${BITS === 4 ? ' CPU ms a search (native) |' : ''}`,
+      `| ---: | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: |${BITS === 4 ? ' ---: |' : ''}`,
       ...SETTINGS.map(([qf, delta, exactCap, codeCap]) => {
         const rs = rows.filter((r) => r.q === qf && r.delta === delta && r.exactCap === exactCap && r.codeCap === codeCap);
-        return `| ${qf} | ${delta} | ${pct(exactCap)} | ${pct(codeCap)} | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.exact), pct)} | ${range(rs.map((r) => r.codes), pct)} | ${range(rs.map((r) => r.bytes), pct)} | ${pct(rs.reduce((a, r) => a + r.error, 0) / rs.length)} | ${pct(rs.reduce((a, r) => a + r.oracleError, 0) / rs.length)} |`;
+        const sim = `| ${qf} | ${delta} | ${pct(exactCap)} | ${pct(codeCap)} | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.exact), pct)} | ${range(rs.map((r) => r.codes), pct)} | ${range(rs.map((r) => r.bytes), pct)} | ${pct(rs.reduce((a, r) => a + r.error, 0) / rs.length)} | ${pct(rs.reduce((a, r) => a + r.oracleError, 0) / rs.length)} |${BITS === 4 ? ' — |' : ''}`;
+        const nr = native.filter((r) => r.label === nativeLabel(qf, delta, exactCap, codeCap));
+        if (nr.length === 0) return sim;
+        const bytes = nr.map((r) => r.scanned + (r.codes! * BITS) / 16);
+        return [sim, `| native code walk | | | | ${range(nr.map((r) => r.recall), f)} | ${range(nr.map((r) => r.scanned), pct)} | ${range(nr.map((r) => r.codes!), pct)} | ${range(bytes, pct)} | ${pct(nr.reduce((a, r) => a + r.error, 0) / nr.length)} | ${pct(nr.reduce((a, r) => a + r.oracleError, 0) / nr.length)} | ${range(nr.map((r) => r.cpuMs!), (x) => x.toFixed(1))} |`].join('\n');
       }),
       ...['native, margin 0.5', 'native, ≤ 3% scanned'].map((label) => {
         const rs = native.filter((r) => r.label === label);
-        return `| ${label} | | | | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.scanned), pct)} | — | ${range(rs.map((r) => r.scanned), pct)} | ${pct(rs.reduce((a, r) => a + r.error, 0) / rs.length)} | ${pct(rs.reduce((a, r) => a + r.oracleError, 0) / rs.length)} |`;
+        return `| ${label} | | | | ${range(rs.map((r) => r.recall), f)} | ${range(rs.map((r) => r.scanned), pct)} | — | ${range(rs.map((r) => r.scanned), pct)} | ${pct(rs.reduce((a, r) => a + r.error, 0) / rs.length)} | ${pct(rs.reduce((a, r) => a + r.oracleError, 0) / rs.length)} |${BITS === 4 ? ` ${range(rs.map((r) => r.cpuMs!), (x) => x.toFixed(1))} |` : ''}`;
       }),
       '',
     ].join('\n');
