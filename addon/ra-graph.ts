@@ -102,7 +102,7 @@ export interface RaGraphSearchArgs {
   /**
    * The code-gated walk ('attention' only; native/indexes/ra_graph.h, RaSearchOptions::codeWalk) instead of
    * the beam walk: each key met is read first as its 4-bit code (made from `keys` on the graph's first such
-   * search: ~0.3 s and 64 MB a head at 1M keys, d = 128, held until the graph is disposed or searched with
+   * search: 0.34 s and 64 MB a head at 1M keys, d = 128, held until the graph is disposed or searched with
    * another keys array) and scored exactly only if the code's approximate walk score is >= τ − codeDelta,
    * τ the strided sample's (codeQuantile × 1%)-quantile of it; the rest are queued by the approximate score.
    * ef, margin and expandWidth do not apply: `maxScanned` (keys scored exactly) and `maxCodes` (codes read)

@@ -43,8 +43,9 @@ class RaKeyCodes {
   static constexpr int kLevels = 16;
   static constexpr double kSigmas = 3.0;
 
-  // Two passes over the keys (the channels' mean, then their spread and the
-  // codes) on the native pool: ~0.3 s for 1M keys, d = 128 on 2 cores.
+  // Three passes over the keys (the channels' mean, their spread, the codes)
+  // on the native pool: the first code walk at 1M keys, d = 128 took 0.34 s
+  // with them on the 2-core VM (bench/results/ra-search-1048576-vm-codes.json).
   static RaKeyCodes Build(const uint16_t* keys, int64_t n, int d, Dtype dtype);
 
   int64_t tokens() const { return n_; }
