@@ -118,6 +118,21 @@ describe('ra-graph key codes', () => {
       });
       graph.dispose();
     });
+
+  it('follow the keys a call brings: another keys array gets its own codes', async () => {
+    const rng = new Rng(seed + 5);
+    const [n, d] = [700, 16];
+    const { keys, graph } = await graphOf(rng, 'f16', n, d);
+    const args = { tokens: n, headDim: d, dtype: 'f16' as const };
+    const first = graph.keyCodes({ ...args, keys: keys.bits });
+    // The same values shifted by 4 in every channel: the same spread, every level's range moved.
+    const shifted = Uint16Array.from({ length: n * d }, (_, i) => bitsOf('f16')(keys.values[i] + 4));
+    const second = graph.keyCodes({ ...args, keys: shifted });
+    // f16 rounds each shifted value by up to half a unit in its last place (1/128 near 16).
+    for (let j = 0; j < d; j++) expect(Math.abs(second.low[j] - first.low[j] - 4)).toBeLessThan(0.05);
+    expect(graph.keyCodes({ ...args, keys: keys.bits }).low).toEqual(first.low);
+    graph.dispose();
+  });
 });
 
 describe('ra-graph code-gated walk', () => {
