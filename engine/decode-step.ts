@@ -38,6 +38,8 @@ export interface AttendResult {
     /** Tokens covered by estimates, per kv head (sessions that estimate). */
     estimated?: number;
     scanned: number;
+    /** Keys read as 4-bit codes, per kv head (a retrieval-attention session's code walk; those it then scored exactly are in scanned too). */
+    codes?: number;
     ms: number;
     selectMs: number;
     attendMs: number;
@@ -147,7 +149,7 @@ async function hostStep(session: Session, req: AttendRequest, ctx: LayerContext,
   const { backend, blocks, gpu } = residency;
 
   const attended = attendedCount(selection, m.kvHeads);
-  const stats = { tokens: ctx.tokens, attended, scanned, ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
+  const stats = { tokens: ctx.tokens, attended, scanned, ...(selection.codes !== undefined && { codes: selection.codes }), ...(estimated !== undefined && { estimated }), ms: 0, selectMs: t2 - t1, attendMs: t3 - t2, backend, ...(blocks && { blocks }), ...(gpu && { gpu }) };
   return answer(session, req, ctx, { out, lse, stats }, selection, wantIds, t0);
 }
 
@@ -165,6 +167,7 @@ function answer(session: Session, req: AttendRequest, ctx: LayerContext, result:
   session.stats.attendMs += stats.ms;
   session.stats.selected += stats.attended;
   session.stats.scanned += stats.scanned;
+  if (stats.codes !== undefined) session.stats.codes = (session.stats.codes ?? 0) + stats.codes;
   session.stats.contextTokens = ctx.tokens;
   return result;
 }

@@ -3,6 +3,7 @@
 // optional per-layer policy. Everything is checked before anything is
 // created, so a bad body changes nothing.
 import { budgetTokens, type SearchParams } from '../index/method.js';
+import { DEFAULT_CODE_SHARE, RETRIEVAL_ATTENTION } from '../index/retrieval-attention.js';
 import { invalid } from '../core/errors.js';
 
 /** What a layer's steps use: its budget (tokens, or a fraction below 1 of the context) and whether it estimates. */
@@ -21,8 +22,8 @@ function budgetValue(v: unknown): number | undefined {
   return Number.isInteger(v) && v >= 0 && v <= 1 << 30 ? v : undefined;
 }
 
-/** The search parameters in the body over the method's defaults. */
-export function parseSearchParams(body: Record<string, unknown>, defaults: SearchParams): SearchParams {
+/** The search parameters in the body over the method's defaults (`method`: the session's method's name). */
+export function parseSearchParams(body: Record<string, unknown>, defaults: SearchParams, method = ''): SearchParams {
   const params = { ...defaults };
   for (const key of ['budget', 'sinks', 'window', 'ef', 'chunk', 'span'] as const) {
     const v = body[key];
@@ -31,7 +32,36 @@ export function parseSearchParams(body: Record<string, unknown>, defaults: Searc
     if (!ok) throw invalid(key === 'budget' ? `budget must be ${BUDGET_RULE}` : `${key} must be a non-negative integer`);
     params[key] = v as number;
   }
+  parseWalk(body, params, method);
   return params;
+}
+
+const isShare = (v: unknown): v is number => typeof v === 'number' && v > 0 && v <= 1;
+
+/**
+ * retrieval-attention's walk (SearchParams.codeWalk, codeShare, scanShare).
+ * Unlike ef, chunk and span, which methods that do not use them ignore, these
+ * are refused for any other method: a session that asked to trade speed
+ * for recall should not silently get the usual search. With the code walk on,
+ * codeShare is filled in (DEFAULT_CODE_SHARE) so the session says what it
+ * reads; scanShare stays absent unless given (its default depends on each
+ * search's k: index/retrieval-attention.ts, walkOptions).
+ */
+function parseWalk(body: Record<string, unknown>, params: SearchParams, method: string): void {
+  const { codeWalk, codeShare, scanShare } = body;
+  const given = (['codeWalk', 'codeShare', 'scanShare'] as const).find((k) => body[k] !== undefined);
+  if (given === undefined) return;
+  if (method !== RETRIEVAL_ATTENTION) throw invalid(`${given} is an option of ${RETRIEVAL_ATTENTION}'s graph search, not of method ${method}`);
+  if (codeWalk !== undefined && typeof codeWalk !== 'boolean') throw invalid('codeWalk must be true or false');
+  if (codeShare !== undefined && !isShare(codeShare)) throw invalid('codeShare must be a share in (0, 1] of a document\'s tokens (the codes its search reads at most)');
+  if (scanShare !== undefined && !isShare(scanShare)) throw invalid('scanShare must be a share in (0, 1] of a document\'s tokens (the keys its search scores exactly at most)');
+  if (codeShare !== undefined && codeWalk !== true) throw invalid('codeShare caps the code walk: set codeWalk: true');
+  if (codeWalk === true && params.ef > 0) throw invalid(`ef ${params.ef} sets the beam walk's width; the code walk has none (its caps are codeShare and scanShare): leave ef at 0`);
+  if (codeWalk === true) {
+    params.codeWalk = true;
+    params.codeShare = codeShare ?? DEFAULT_CODE_SHARE;
+  }
+  if (scanShare !== undefined) params.scanShare = scanShare;
 }
 
 /**

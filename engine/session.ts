@@ -17,6 +17,8 @@ export interface SessionStats {
   attendMs: number;
   selected: number;
   scanned: number;
+  /** Keys read as 4-bit codes, summed as scanned is (a code-walk session's; absent otherwise). */
+  codes?: number;
   contextTokens: number;
 }
 

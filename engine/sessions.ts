@@ -63,7 +63,7 @@ export class Sessions {
     const methodName = body.method ?? 'exact';
     const method = typeof methodName === 'string' ? findMethod(methodName) : undefined;
     if (!method) throw invalid(`method must be one of: ${[...methodNames].join(', ')}`);
-    const params = parseSearchParams(body, { ...DEFAULT_PARAMS, ...METHOD_DEFAULTS[method.name] });
+    const params = parseSearchParams(body, { ...DEFAULT_PARAMS, ...METHOD_DEFAULTS[method.name] }, method.name);
     const docIds = body.documents ?? [];
     if (!Array.isArray(docIds) || docIds.some((d) => typeof d !== 'string')) throw invalid('documents must be a list of ids');
     // A document's layer is one segment, and a step tells its parts apart by segment: a second copy's

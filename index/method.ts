@@ -88,7 +88,20 @@ export interface SearchParams {
    * the candidates).
    */
   estimate?: boolean;
+  /**
+   * retrieval-attention only (engine/session-params.ts refuses them for other
+   * methods): the code-gated walk instead of the beam (index/retrieval-attention.ts,
+   * walkOptions), reading at most `codeShare` of a document's tokens as 4-bit codes;
+   * `scanShare` caps the keys scored exactly, as a share of the document's tokens,
+   * for either walk (absent: the code walk's default, none for the beam).
+   */
+  codeWalk?: boolean;
+  codeShare?: number;
+  scanShare?: number;
 }
+
+/** The part of a session's parameters a graph search reads besides ef (SearchParams). */
+export type WalkParams = Pick<SearchParams, 'codeWalk' | 'codeShare' | 'scanShare'>;
 
 /**
  * Whole blocks of one segment, per kv head: block b stands for rows
@@ -119,6 +132,11 @@ export interface Selection {
   parts: SelectionPart[];
   /** Keys (or block/centroid representatives) whose score the method computed, averaged over kv heads. */
   scanned: number;
+  /**
+   * Keys read as 4-bit codes, averaged over kv heads; only a code walk's. Those whose code passed the gate were
+   * then scored exactly as well and are in `scanned` too; a code is a quarter of an f16 key's bytes.
+   */
+  codes?: number;
   /**
    * Puts the context's memo back as it was before this select, for a step
    * that fails after it (the decode step calls it, once, before the next
@@ -162,6 +180,8 @@ export interface SearchResult {
   ids: Int32Array;
   /** Keys scored to find them. */
   scanned: number;
+  /** Keys read as 4-bit codes (a code walk's; those then scored exactly are in scanned as well). */
+  codes?: number;
 }
 
 export interface HeadIndex {
@@ -188,7 +208,7 @@ export interface HeadIndexBuilder {
    * with query rows h*group ..), off the main thread and in parallel; the
    * loaded indexes are this builder's.
    */
-  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, estimate?: boolean): Promise<SearchResult[]>;
+  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, estimate?: boolean, walk?: WalkParams): Promise<SearchResult[]>;
   /** Optional: builds a seal may run at once (default 1: one after another). */
   concurrency?: number;
 }

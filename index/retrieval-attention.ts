@@ -44,8 +44,16 @@
 // old default's on kvrecall-code-13M (16K, 32K) and the generator (64K, 256K)
 // for -2% to +8% scanned (bench/results/retrieval-margin-vm.md); at 1M
 // (k = 10486) it is 0.519.
+//
+// A session may choose recall over speed (`codeWalk: true`): the code-gated
+// walk (native/indexes/ra_graph_code_walk.h) reads each key it meets as a
+// 4-bit code first and scores exactly only those whose code passes a cutoff,
+// under two caps, codes read and keys scored exactly (walkOptions). It starts
+// from the same keys (entry points, the last step's ids, the steady zone
+// free); its codes are made from the keys on a graph's first code walk and
+// held with the loaded index (64 MB a head at 1M keys, d = 128).
 import { RaGraph } from '../addon/ra-graph.js';
-import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchMemo, SearchResult } from './method.js';
+import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchMemo, SearchResult, WalkParams } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 
 /** The quality-bound stop in logits when a session leaves `ef` at 0 (bench/results/retrieval-graph-v4-vm.md). */
@@ -61,6 +69,46 @@ export function effort(ef: number, k: number, free = 0): { ef: number; margin?: 
   if (ef > 0) return { ef: Math.max(ef, k), aggregate: 'attention' };
   const margin = DEFAULT_MARGIN + (free > 0 && k > 0 ? STEADY_MARGIN * Math.log1p(free / k) : 0);
   return { ef: 8 * (k + free), margin, aggregate: 'attention' };
+}
+
+export const RETRIEVAL_ATTENTION = 'retrieval-attention';
+
+/**
+ * The code walk's defaults (a session's codeWalk: true; DESIGN.md's methods
+ * table). At 1M keys, budget 1%, the walk capped at 40% of the keys read as
+ * codes and 3% scored exactly recalled 0.93-0.94 of the group's top 1%, the
+ * codes' cap stopping it at 2.2-2.4% scored exactly, where 20% of codes
+ * recalled 0.79 and 10% 0.58-0.61 (bench/results/retrieval-code-walk-1048576-vm.md);
+ * 40% costs ~62 ms of CPU a group-search on the 2-core VM against 8.6 for the
+ * beam capped at 3% (bench/results/ra-search-1048576-vm-codes.md).
+ */
+export const DEFAULT_CODE_SHARE = 0.4;
+/** The exact cap without a session's scanShare: 3% of the document's tokens, or SCAN_PER_K × the k searched where more. */
+export const DEFAULT_SCAN_SHARE = 0.03;
+/**
+ * 3% is 3k at the measured budget of 1%; a budget that is a larger share
+ * would otherwise ask for more keys than the walk may score (it returns at
+ * most the keys it scored exactly), where the walk needed ~2.3k of them.
+ */
+export const SCAN_PER_K = 3;
+
+/**
+ * The native search options for a search of k ids over a graph of `tokens` keys, `free` steady keys outside the k:
+ * effort()'s beam and margin, capped at the session's scanShare where given; or, with the session's codeWalk, the
+ * code-gated walk (addon/ra-graph.ts codeWalk: no beam, no margin) capped at codeShare of the keys read as codes
+ * and scanShare (default DEFAULT_SCAN_SHARE, at least SCAN_PER_K·k) scored exactly. codeQuantile, codeDelta and
+ * codeWidth stay at the native defaults the results above were measured at (1, 0.5, 8).
+ */
+export function walkOptions(ef: number, k: number, free: number, tokens: number, walk: WalkParams = {}) {
+  const maxScanned = walk.scanShare !== undefined ? Math.max(1, Math.ceil(walk.scanShare * tokens)) : undefined;
+  if (!walk.codeWalk) return { ...effort(ef, k, free), ...(maxScanned !== undefined && { maxScanned }) };
+  return {
+    ef: k,
+    aggregate: 'attention' as const,
+    codeWalk: true,
+    maxScanned: maxScanned ?? Math.max(Math.ceil(DEFAULT_SCAN_SHARE * tokens), SCAN_PER_K * k),
+    maxCodes: Math.max(1, Math.ceil((walk.codeShare ?? DEFAULT_CODE_SHARE) * tokens)),
+  };
 }
 
 class GraphHead implements HeadIndex {
@@ -93,7 +141,7 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
   // another, each also from the ids its head found at the session's last step
   // and from the steady zone (memo.steady: attended in full, so free start
   // keys outside the k searched for).
-  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo): Promise<SearchResult[]> {
+  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, _estimate?: boolean, walk?: WalkParams): Promise<SearchResult[]> {
     const d = (heads[0] as GraphHead).keys.headDim;
     const steady = memo?.steady && memo.steady.length > 0 ? memo.steady : undefined;
     const items = heads.map((head, h) => {
@@ -101,13 +149,13 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
       const free = steady?.length ?? 0;
       const n = Math.max(0, Math.min(k[h] - free, keys.tokens - free));
       const seeds = memo?.last?.[h];
-      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...effort(ef, n, free), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }), ...(steady && { freeSeeds: steady }) };
+      return { ...keys, graph, q: q.subarray(h * group * d, (h + 1) * group * d), group, k: n, ...walkOptions(ef, n, free, keys.tokens, walk), outIds: new Int32Array(n), outScores: new Float32Array(n), ...(seeds && { seeds }), ...(steady && { freeSeeds: steady }) };
     });
     const res = await RaGraph.searchBatch(items);
     const ids = res.map((r, h) => items[h].outIds.subarray(0, r.count));
     if (memo) memo.last = ids;
-    return ids.map((found, h) => ({ ids: found, scanned: res[h].scanned }));
+    return ids.map((found, h) => ({ ids: found, scanned: res[h].scanned, ...(res[h].codesRead !== undefined && { codes: res[h].codesRead }) }));
   },
 };
 
-export const retrievalAttention = staticPlusRetrieved('retrieval-attention', retrievalAttentionBuilder);
+export const retrievalAttention = staticPlusRetrieved(RETRIEVAL_ATTENTION, retrievalAttentionBuilder);

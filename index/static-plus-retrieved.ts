@@ -230,7 +230,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
     const G = ctx.qHeads / ctx.kvHeads, d = ctx.headDim;
     const shares = budgetShares(ctx, p.budget);
     const parts: SelectionPart[] = [];
-    let scanned = 0;
+    let scanned = 0, codes: number | undefined;
     for (let s = 0; s < ctx.segments.length; s++) {
       const segment = ctx.segments[s];
       const ranges = staticRanges(ctx, s, p);
@@ -245,10 +245,11 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
       memo.steady = idsOf(ranges, covered, memo.steady);
       searched.push([memo, memo.last]);
       const results = builder.searchHeads
-        ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate)
+        ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate, p)
         : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
       const ids = results.map((res) => {
         scanned += res.scanned / ctx.kvHeads;
+        if (res.codes !== undefined) codes = (codes ?? 0) + res.codes / ctx.kvHeads;
         const kept = new Int32Array(want);
         let n = 0;
         for (const id of res.ids) if (n < want && !inside(ranges, id)) kept[n++] = id;
@@ -256,6 +257,6 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
       });
       parts.push({ segment, ids });
     }
-    return { parts, scanned };
+    return codes === undefined ? { parts, scanned } : { parts, scanned, codes };
   }
 }

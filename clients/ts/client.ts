@@ -87,6 +87,15 @@ export interface SessionSpec {
   ef?: number;
   chunk?: number;
   span?: number;
+  /**
+   * retrieval-attention only: search over the keys' 4-bit codes (more recall
+   * for several times the CPU a step), reading at most `codeShare` of a
+   * document's tokens as codes (default 0.4); `scanShare` caps the keys scored
+   * exactly (either walk; the code walk's default: 3%, or 3× the keys asked).
+   */
+  codeWalk?: boolean;
+  codeShare?: number;
+  scanShare?: number;
   /** Estimate what the method leaves out from the documents' clusters (default: on for `wave`). */
   estimate?: boolean;
   /**
@@ -138,7 +147,7 @@ export interface AttendReply<Out extends OutArray = Float32Array> {
   lse: Float32Array;
   selection?: Int32Array[];
   kv?: { k: Tensor[]; v: Tensor[] };
-  stats: { tokens: number; attended: number; estimated?: number; scanned: number; ms: number; selectMs: number; attendMs: number; backend: 'cpu' | 'cuda'; blocks?: { selected: number; hits: number; bytesIn: number } };
+  stats: { tokens: number; attended: number; estimated?: number; scanned: number; codes?: number; ms: number; selectMs: number; attendMs: number; backend: 'cpu' | 'cuda'; blocks?: { selected: number; hits: number; bytesIn: number } };
 }
 
 export interface DocumentInfo {
