@@ -52,6 +52,7 @@ import { infiniretriBuilder, KeptHead, mergeKept } from '../index/infiniretri.js
 import { encodeKept } from '../index/infiniretri-artifact.js';
 import { readChunks } from '../index/infiniretri-read.js';
 import { findMethod } from '../index/registry.js';
+import { DEFAULT_CODE_SHARE, walkOptions } from '../index/retrieval-attention.js';
 import type { HeadIndex, SearchResult } from '../index/method.js';
 import { machine } from './host.js';
 import { strFlag } from './args.js';
@@ -137,6 +138,10 @@ interface Row {
   cap: number | null;
   /** The steady zone (sinks + window) as free start keys, not counted as scanned, outside the k asked. */
   steady: boolean;
+  /** The code walk (a session's codeWalk) with this codeShare, or null for the beam walk. */
+  codes: number | null;
+  /** Keys read as 4-bit codes, as a share of the tokens (mean), or null for the beam walk. */
+  codesRead: number | null;
   buildSeconds: number;
   artifactMB: number;
   loadMs: number;
@@ -155,6 +160,30 @@ interface Row {
   selected: number;
 }
 
+/**
+ * Issue #15's comparison: hnsw at the ef of its least output error against retrieval-attention as a session searches
+ * (margin 0.5, the steady zone free), capped at 3% scanned, and with the code walk: error, scanned, codes read,
+ * the group's top-k recall. Empty without both methods in the run.
+ */
+function versusHnsw(rows: Row[], pct: (x: number) => string): string[] {
+  const hnsw = rows.filter((r) => r.method === 'hnsw').sort((a, b) => a.outputError - b.outputError)[0];
+  const ra = rows.filter((r) => r.method === 'retrieval-attention' && r.steady && r.aggregate === 'attention');
+  const picks = ra.filter((r) => r.codes !== null || (r.cap === 0.03 && !r.seeded) || (!r.seeded && r.cap === null && r.margin === 0.5));
+  if (!hnsw || picks.length === 0) return [];
+  const line = (name: string, r: Row) =>
+    `| ${name} | ${pct(r.outputError)} | ${pct(r.scanned)} | ${r.codesRead === null ? '—' : pct(r.codesRead)} | ${r.groupTopKRecall.toFixed(3)} | ${(r.scanned / hnsw.scanned).toFixed(2)} | ${r.searchMs.toFixed(2)} | ${r.needleHits} |`;
+  return [
+    '',
+    `Against hnsw at the ef of its least error (ef ${hnsw.ef}), steady zone free for retrieval-attention, at the same attended count (estimate off):`,
+    '',
+    '| search | output error | scanned | codes read | top-k recall (group) | scanned / hnsw\'s | search ms | needles |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    line(`hnsw, ef ${hnsw.ef}`, hnsw),
+    ...picks.map((r) =>
+      line(`retrieval-attention${r.codes !== null ? `, code walk (codes ≤ ${pct(r.codes)})` : r.cap ? `, ≤ ${pct(r.cap)} scanned` : `, margin ${r.margin}`}${r.seeded ? ', seeded' : ''}`, r)),
+  ];
+}
+
 /** Sinks + window + retrieved (minus what the static part covers), as one id list. */
 function selection(tokens: number, retrieved: Int32Array, o: Options, want: number): Int32Array {
   const isStatic = (t: number) => t < o.sinks || t >= tokens - o.window;
@@ -170,7 +199,7 @@ function selection(tokens: number, retrieved: Int32Array, o: Options, want: numb
  * Search efforts swept per method, given the ids asked for (k) and the
  * tokens: beam widths for the graphs, lists probed for ivf (nlist = 4·√n).
  */
-type Effort = [ef: number, margin: number | null, aggregate: RaAggregate | null, seeded?: boolean, cap?: number, steady?: boolean];
+type Effort = [ef: number, margin: number | null, aggregate: RaAggregate | null, seeded?: boolean, cap?: number, steady?: boolean, codes?: number];
 
 function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate): Effort[] {
   const nlist = Math.round(4 * Math.sqrt(tokens));
@@ -196,6 +225,11 @@ function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate
         ...[0.02, 0.03, 0.05].map((cap): Effort => [8 * k, 3, ranking, false, cap, true]),
         ...[0, 0.5, 1].map((m): Effort => [8 * k, m, ranking, false, undefined, true]),
         ...[0.02, 0.03, 0.05].map((cap): Effort => [8 * k, 3, ranking, true, cap, true]),
+        // The code walk as a session with codeWalk: true searches (index/retrieval-attention.ts walkOptions: codes
+        // of codeShare of the keys read at most, 3% or 3k scored exactly at most), steady zone free; seeded as the
+        // session is from its second step, and at half the default codeShare.
+        ...[false, true].map((seeded): Effort => [0, null, 'attention', seeded, undefined, true, DEFAULT_CODE_SHARE]),
+        [0, null, 'attention', true, undefined, true, DEFAULT_CODE_SHARE / 2],
         [tokens, null, 'attention', false, undefined, true],
         [tokens, null, 'attention'],
         [tokens, null, 'max'],
@@ -228,7 +262,7 @@ function marginSweep(margins: string[], want: number, asked: number, tokens: num
 }
 
 /** Per kv head, something that answers "the tokens to attend for this step". */
-type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null, aggregate: RaAggregate | null, seeds?: Int32Array, cap?: number, steady?: Int32Array) => Promise<SearchResult>;
+type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null, aggregate: RaAggregate | null, seeds?: Int32Array, cap?: number, steady?: Int32Array, codes?: number) => Promise<SearchResult>;
 
 interface Prepared {
   search: Searcher;
@@ -297,10 +331,16 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
       buildSeconds,
       artifactMB: bytes.reduce((n, a) => n + a.byteLength, 0) / o.heads / 2 ** 20,
       loadMs,
-      search: async (h, _s, q, k, ef, margin, aggregate, seeds, cap, steady) => {
+      search: async (h, _s, q, k, ef, margin, aggregate, seeds, cap, steady, codes) => {
         // Free start keys are outside the k asked (k counts them, as the session's does).
         const free = steady?.length ?? 0;
         const n = Math.min(k - free, tokens - free), outIds = new Int32Array(n), outScores = new Float32Array(n);
+        if (codes !== undefined) {
+          // The session's own options for its code walk.
+          const walk = walkOptions(0, n, free, tokens, { codeWalk: true, codeShare: codes, ...(cap && { scanShare: cap }) });
+          const r = loaded[h].searchSync({ ...keysOf(h), q, group: G, k: n, outIds, outScores, seeds, ...(steady && { freeSeeds: steady }), ...walk });
+          return { ids: outIds.subarray(0, r.count), scanned: r.scanned, codes: r.codesRead };
+        }
         // Margins are stated in logits; the 'max' ranking's scores are unscaled q·k.
         const units = aggregate === 'max' ? Math.sqrt(d) : 1;
         const r = loaded[h].searchSync({ ...keysOf(h), q, group: G, k: n, ef: Math.max(ef >= tokens ? tokens : ef - free, n), outIds, outScores, margin: margin === null ? undefined : margin * units, aggregate: aggregate ?? 'attention', seeds, maxScanned: cap ? Math.round(cap * tokens) : undefined, ...(steady && { freeSeeds: steady }) });
@@ -346,14 +386,15 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
   );
   const steadyIds = Int32Array.from({ length: o.sinks + o.window }, (_, i) => (i < o.sinks ? i : tokens - o.window + (i - o.sinks)));
   const sweep = o.margins && name === 'retrieval-attention' ? marginSweep(o.margins, want, asked, tokens, o.ranking) : efSweep(name, asked, tokens, o.ranking);
-  for (const [ef, margin, aggregate, seeded, cap, steady] of sweep) {
-    const times: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], gtopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
+  for (const [ef, margin, aggregate, seeded, cap, steady, codes] of sweep) {
+    const times: number[] = [], codesRead: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], gtopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)
       for (let s = 0, prev: Int32Array | undefined; s < o.steps; s++) {
         const q = wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d);
         const t = performance.now();
-        const res = await p.search(h, s, q, asked, ef, margin, aggregate, seeded ? prev : undefined, cap, steady ? steadyIds : undefined);
+        const res = await p.search(h, s, q, asked, ef, margin, aggregate, seeded ? prev : undefined, cap, steady ? steadyIds : undefined, codes);
+        if (res.codes !== undefined) codesRead.push(res.codes / tokens);
         prev = Int32Array.from(res.ids);
         times.push(performance.now() - t);
         const own = exactTop[h][s][aggregate === 'max' ? 'max' : 'attention'];
@@ -392,6 +433,8 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       seeded: seeded ?? false,
       cap: cap ?? null,
       steady: steady ?? false,
+      codes: codes ?? null,
+      codesRead: codesRead.length ? mean(codesRead) : null,
       buildSeconds: p.buildSeconds,
       artifactMB: p.artifactMB,
       loadMs: p.loadMs,
@@ -408,7 +451,7 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       needleHits: `${hits}/${needles}`,
       selected: count / (o.heads * o.steps),
     });
-    progress(`${name} budget ${budget} ef=${ef} margin=${margin} ${aggregate ?? ''}${seeded ? ' seeded' : ''}${steady ? ' steady free' : ''}${cap ? ` cap ${cap}` : ''}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), group top-k recall ${mean(gtopk).toFixed(3)}, search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
+    progress(`${name} budget ${budget} ef=${ef} margin=${margin} ${aggregate ?? ''}${seeded ? ' seeded' : ''}${steady ? ' steady free' : ''}${cap ? ` cap ${cap}` : ''}${codes ? ` code walk ≤ ${codes} (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), group top-k recall ${mean(gtopk).toFixed(3)}, search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
   }
   return { rows, prepared: p };
 }
@@ -424,8 +467,9 @@ function markdown(tokens: number, rows: Row[], o: Options): string {
     '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...rows.map(
       (r) =>
-        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.aggregate ?? '—'}${r.seeded ? ', seeded' : ''}${r.steady ? ', steady free' : ''}${r.cap ? `, ≤ ${pct(r.cap)} scanned` : ''} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.groupTopKRecall.toFixed(3)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
+        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.aggregate ?? '—'}${r.seeded ? ', seeded' : ''}${r.steady ? ', steady free' : ''}${r.cap ? `, ≤ ${pct(r.cap)} scanned` : ''}${r.codes ? `, code walk (codes ≤ ${pct(r.codes)}, read ${pct(r.codesRead ?? 0)})` : ''} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.groupTopKRecall.toFixed(3)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
     ),
+    ...versusHnsw(rows, pct),
   ].join('\n') + '\n';
 }
 

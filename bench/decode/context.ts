@@ -10,6 +10,7 @@ import { decodeSteps } from './loop.js';
 import { gpuPool, serverMemory } from './machine.js';
 import type { Options, Via } from './options.js';
 import { Preloader } from './preload.js';
+import { RETRIEVAL_ATTENTION } from '../../index/retrieval-attention.js';
 import { baselines, type ContextResult, type Preload, type TransportResult } from './results.js';
 import { Run } from './run.js';
 import { fmtBytes, fmtTokens, log, now } from './util.js';
@@ -61,6 +62,10 @@ export class Bench {
         ...(o.ef !== undefined && { ef: o.ef }),
         ...(o.chunk !== undefined && { chunk: o.chunk }),
         ...(o.span !== undefined && { span: o.span }),
+        // The walk's options are retrieval-attention's alone: the server refuses them for the other methods.
+        ...(method === RETRIEVAL_ATTENTION && o.codeWalk && { codeWalk: true }),
+        ...(method === RETRIEVAL_ATTENTION && o.codeShare !== undefined && { codeShare: o.codeShare }),
+        ...(method === RETRIEVAL_ATTENTION && o.scanShare !== undefined && { scanShare: o.scanShare }),
       };
       const t = now();
       try {

@@ -50,6 +50,10 @@ export interface Options {
   sinks: number;
   window: number;
   ef?: number;
+  /** retrieval-attention's sessions: the code walk (codeWalk), its codeShare and the exact cap scanShare (absent: the server's defaults). */
+  codeWalk?: boolean;
+  codeShare?: number;
+  scanShare?: number;
   /** The document's `clusterSize` at PUT (wave's clusters; the server's default when absent). */
   clusterSize?: number;
   chunk?: number;
@@ -98,6 +102,9 @@ const USAGE = `npm run bench:decode -- [--quick | --full] [options]
                          block summaries; exact, the dense baseline, is always added)
   --budget B             session budget: tokens (≥ 1) or fraction of document tokens (default 0.01)
   --sinks N --window N --ef N --chunk N --span N   session parameters
+  --code-walk [--code-share F] [--scan-share F]   retrieval-attention's sessions search with the code walk (more recall
+                         for more CPU; codes read at most F of the tokens, default 0.4); --scan-share caps the keys it
+                         scores exactly (either walk; default with the code walk 3% or 3x the budget)
   --cluster-size N       the document's clusterSize at PUT (wave's tokens per cluster; the server's default, 16, when absent)
   --query-stride N       document keeps prefill queries of 1 token in N (quick 4, full 16)
   --prefill-q on|off     upload prefill queries (default on when an indexed method is requested)
@@ -131,7 +138,7 @@ function parseCount(s: string, name: string): number {
 
 /** Splits argv into the boolean flags seen and the --name value pairs; --help prints USAGE and exits. */
 function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, string> } {
-  const flags = new Set(['quick', 'full', 'help', 'timing']);
+  const flags = new Set(['quick', 'full', 'help', 'timing', 'code-walk']);
   const values = new Map<string, string>();
   const seen = new Set<string>();
   for (let i = 0; i < argv.length; i++) {
@@ -154,7 +161,7 @@ function readArgv(argv: string[]): { seen: Set<string>; values: Map<string, stri
   const known = [
     'url', 'token', 'data', 'server-pid', 'preset', 'layers', 'q-heads', 'kv-heads', 'head-dim', 'tokens', 'steps', 'sweep',
     'sweep-steps', 'methods', 'budget', 'sinks', 'window', 'ef', 'chunk', 'span', 'query-stride', 'prefill-q', 'layer-data',
-    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via', 'cluster-size', 'exact',
+    'sample-layers', 'seed', 'upload-mib', 'concurrency', 'out', 'tag', 'via', 'cluster-size', 'exact', 'code-share', 'scan-share',
   ];
   for (const k of values.keys()) if (!known.includes(k)) throw new Error(`unknown option --${k}\n${USAGE}`);
   if (seen.has('quick') && seen.has('full')) throw new Error('--quick and --full exclude each other');
@@ -248,6 +255,13 @@ export function parseArgs(argv: string[]): Options {
   const tag = get('tag');
   if (tag !== undefined && !/^[A-Za-z0-9._-]+$/.test(tag)) throw new Error('--tag: letters, digits, . _ - only');
   const opt = (k: string) => (get(k) === undefined ? undefined : parseCount(get(k)!, k));
+  // Checked by the server (422); here only that it is a number.
+  const share = (k: string) => {
+    if (get(k) === undefined) return undefined;
+    const v = Number(get(k));
+    if (!Number.isFinite(v)) throw new Error(`--${k} must be a number in (0, 1]`);
+    return v;
+  };
   return {
     mode: quick ? 'quick' : 'full',
     url: get('url'),
@@ -265,6 +279,9 @@ export function parseArgs(argv: string[]): Options {
     sinks: int('sinks', 16),
     window: int('window', 256),
     ef: opt('ef'),
+    ...(seen.has('code-walk') && { codeWalk: true }),
+    ...(share('code-share') !== undefined && { codeShare: share('code-share') }),
+    ...(share('scan-share') !== undefined && { scanShare: share('scan-share') }),
     clusterSize: opt('cluster-size'),
     chunk: opt('chunk'),
     span: opt('span'),

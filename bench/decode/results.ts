@@ -122,6 +122,8 @@ export interface MethodResult {
   };
   /** Mean over calls (the warm-up pass included) of stats.scanned / stats.tokens. */
   scannedFraction: number;
+  /** A code-walk session's (retrieval-attention with --code-walk): mean of stats.codes / stats.tokens over the timed calls. */
+  codesFraction?: number;
   /** Mean tokens attended per kv head per call. */
   attended: number;
   /** The GPU block pool's work per call (stats.blocks): measured with the cuda backend, simulated by block methods without it. */

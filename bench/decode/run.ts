@@ -41,6 +41,8 @@ export class Run {
   /** Every timed call, in order (the per-call splits by CallKind). */
   readonly calls: CallRecord[] = [];
   scanned: number[] = [];
+  /** stats.codes / stats.tokens of the calls that report codes (a code-walk session's). */
+  codes: number[] = [];
   attended: number[] = [];
   blocksSelected = 0;
   blocksHits = 0;
@@ -83,6 +85,7 @@ export class Run {
     this.attendK[step] += st.attendMs ?? 0;
     this.transfer[step] += st.gpu?.residentMs ?? 0;
     if (st.tokens > 0) this.scanned.push((st.scanned ?? 0) / st.tokens);
+    if (st.tokens > 0 && st.codes !== undefined) this.codes.push(st.codes / st.tokens);
     this.attended.push(st.attended ?? 0);
     if (st.blocks) {
       this.blocksCalls++;
@@ -155,6 +158,7 @@ export class Run {
         ratioToExact: p50 / exactP50,
       },
       scannedFraction: mean(this.scanned),
+      ...(this.codes.length > 0 && { codesFraction: mean(this.codes) }),
       attended: mean(this.attended),
       ...(this.blocksCalls > 0 && {
         blocks: {
