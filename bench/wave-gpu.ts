@@ -90,30 +90,39 @@ export interface CompareResult {
   /** Max over q heads of |lse_gpu - lse_cpu| / max(1, |lse_cpu|) (0 where both are -Infinity). */
   lseRel: number;
   estimatedEqual: boolean;
+  /** Min over heads of |gpu ∩ host| / |gpu ∪ host| of the ids (1 where both are empty). */
+  idsOverlap: number;
   ok: boolean;
 }
 
 /**
  * The GPU step against searchHeads + estimateClusters on the same heads and
  * query: with 'spread' the host's default path (second-order estimate), with
- * 'radius' the older one (first order).
+ * 'radius' the older one (first order). own: the reference is the host's
+ * estimate and float64 attention over the GPU's own selection (its ids),
+ * not the host's search: for a path whose scores are not the host's bit for
+ * bit (native/cuda/wave_score_mma.cuh), where a cluster at the cut may fall
+ * the other side of it; its ids against the host's are in idsOverlap.
  */
 export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: Float32Array, G: number, d: number, dt: KvDtype,
                               scale: number, budget: number[], exact: Int32Array, ranking: ClusterRanking, rest: 'rows' | 'moments' = 'rows',
-                              attended?: { keys: Uint16Array[]; values: Uint16Array[] }, filter?: KeptFilter): Promise<CompareResult> {
-  const cpu = (await ClusterIndex.searchHeads(heads, q, G, budget, ranking)).map((r, h) => (filter ? { ...r, ids: keptIds(r.ids, filter, h) } : r));
-  let idsDiffer = 0, firstDiff: string | undefined;
+                              attended?: { keys: Uint16Array[]; values: Uint16Array[] }, filter?: KeptFilter, own = false): Promise<CompareResult> {
+  const host = (await ClusterIndex.searchHeads(heads, q, G, budget, ranking)).map((r, h) => (filter ? { ...r, ids: keptIds(r.ids, filter, h) } : r));
+  let idsDiffer = 0, firstDiff: string | undefined, idsOverlap = 1;
   const gpuIds = gpu.ids;
   if (!gpuIds) throw new Error('compare needs the step\'s ids (ids: true)');
+  const cpu = own ? host.map((r, h) => ({ ...r, ids: Int32Array.from(gpuIds[h]) })) : host;
   heads.forEach((_, h) => {
-    const a = Array.from(gpuIds[h]).sort((x, y) => x - y), b = Array.from(cpu[h].ids).sort((x, y) => x - y);
+    const a = Array.from(gpuIds[h]).sort((x, y) => x - y), b = Array.from(host[h].ids).sort((x, y) => x - y);
+    const inB = new Set(b), both = a.filter((x) => inB.has(x)).length;
+    idsOverlap = Math.min(idsOverlap, a.length + b.length === 0 ? 1 : both / (a.length + b.length - both));
     if (a.length !== b.length || a.some((x, i) => x !== b[i])) {
       idsDiffer++;
       const at = a.findIndex((x, i) => x !== b[i]);
       firstDiff ??= `head ${h}: gpu ${a.length} ids, cpu ${b.length}; first difference at ${at}: ${a[at]} vs ${b[at]}`;
     }
   });
-  const scannedEqual = heads.every((_, h) => gpu.scanned[h] === cpu[h].scanned);
+  const scannedEqual = heads.every((_, h) => gpu.scanned[h] === host[h].scanned);
   const qHeads = heads.length * G;
   const out = new Float32Array(qHeads * d), lse = new Float32Array(qHeads), estimated = new Float32Array(heads.length);
   const segment = heads.map((h, i) => h.estimateArgs(Int32Array.from([...cpu[i].ids, ...exact]), ranking === 'radius' ? 'first' : rest));
@@ -122,7 +131,7 @@ export async function compare(heads: ClusterIndex[], gpu: WaveGpuStepResult, q: 
   const { outRel, lseRel } = answerDiff(gpu, out, lse, qHeads, d);
   const estimatedEqual = heads.every((_, h) => gpu.estimated[h] === estimated[h]);
   const ok = idsDiffer === 0 && scannedEqual && outRel <= TOL.out && lseRel <= TOL.lse && estimatedEqual;
-  return { idsDiffer, firstDiff, scannedEqual, outRel, lseRel, estimatedEqual, ok };
+  return { idsDiffer, firstDiff, scannedEqual, outRel, lseRel, estimatedEqual, idsOverlap, ok };
 }
 
 /** The GPU step's skip and keep, as staticPlusRetrieved applies them to a search's ids. */

@@ -45,6 +45,10 @@ struct StepPaths {
   // launches), the exact rows' owners taken in ScatterPack where pack runs.
   bool range;
   bool owners;
+  // KVRECALL_WAVE_MMA=1 (off by default): ScoreClusters on the tensor cores
+  // (wave_score_mma.cuh) where it applies; its scores are not the host's
+  // bit for bit (that file says why), so neither are the step's ids.
+  bool mma;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
 };
 
@@ -68,6 +72,7 @@ inline StepPaths ReadStepPaths(int d) {
   s.owners = s.pack;
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
   s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
+  s.mma = !s.legacy && is("KVRECALL_WAVE_MMA", '1');
   return s;
 }
 

@@ -16,6 +16,7 @@
 #include "cuda/wave_step_attend.cuh"
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_step_kernels.cuh"
+#include "cuda/wave_score_mma.cuh"
 #include "cuda/wave_step.h"
 
 namespace kvr {
@@ -42,6 +43,7 @@ inline void SetWaveKernelAttributes() {
                   ScoreClusters<false, true, kScoreRows, true>, ScoreClusters<true, true, kScoreRows, true>,
                   ScoreClusters<false, true, kScoreRows, true, true>, ScoreClusters<true, true, kScoreRows, true, true>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kStagedSmem)), "cudaFuncSetAttribute");
+  SetMmaScoreAttributes();
 }
 
 // Every head's members grouped per cluster, ascending (a counting sort of

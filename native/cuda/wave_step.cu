@@ -51,6 +51,7 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/wave_step.h"
 #include "cuda/wave_step_kernels.cuh"
+#include "cuda/wave_score_mma.cuh"
 #include "cuda/wave_rescore.cuh"
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_partial.cuh"
@@ -382,7 +383,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     Check(cudaMemcpyAsync(I.in.p, I.hin.p, In.at, cudaMemcpyHostToDevice, s), "copy in");
     L.Other();
     mark(1, s);
-    LaunchScoreClusters(p, bf16, legacy, P.swizzle, P.fuse, qSmem, I.cmax, H, s);
+    if (!(P.mma && LaunchScoreClustersMma(p, bf16, I.cmax, H, s))) LaunchScoreClusters(p, bf16, legacy, P.swizzle, P.fuse, qSmem, I.cmax, H, s);
     L.Kernel();
     mark(2, s);
     // The clusters probed: the cut where their tokens reach the target (wave_select.cuh).
