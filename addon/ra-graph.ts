@@ -110,9 +110,9 @@ export interface RaGraphSearchArgs {
    * without it.
    */
   codeWalk?: boolean;
-  /** q in (0, 100] (default 1). */
+  /** q in (0, 100] (default 1.5: index/retrieval-attention.ts DEFAULT_CODE_QUANTILE says why). */
   codeQuantile?: number;
-  /** δ in logits, >= 0 (default 0.5; Infinity: every key met is scored exactly). */
+  /** δ in logits, >= 0 (default 0.25; Infinity: every key met is scored exactly). */
   codeDelta?: number;
   /** A cap on the codes read (0 or absent: none); passed by at most one round's neighbour lists. */
   maxCodes?: number;

@@ -83,6 +83,22 @@ export const RETRIEVAL_ATTENTION = 'retrieval-attention';
  * beam capped at 3% (bench/results/ra-search-1048576-vm-codes.md).
  */
 export const DEFAULT_CODE_SHARE = 0.4;
+/**
+ * The code walk's cutoff: a key met is scored exactly if its code's walk
+ * score is >= τ − δ, τ the strided sample's (q × 1%)-quantile of it. The
+ * native defaults (q 1, δ 0.5) were set at 1M, where the codes' cap stops
+ * the walk; at 64K-256K they let too many keys through per code read, so the
+ * exact cap stopped the walk first, at 0.88 of the group's top 1% in the
+ * default configuration. A stricter cut in δ alone (q 1, δ 0.2-0.3) met
+ * 0.91 at 64K but 0.80-0.84 at 256K, where the codes' cap then stopped it;
+ * q 1.5, δ 0.25 recalls 0.91 / 0.975 (default / broad) at 64K, 0.907 / 0.960
+ * at 256K and 0.948 at 1M (q 1, δ 0.5: 0.949), output error within 0.03
+ * points of it or lower, with δ 0.2 and 0.3 either side >= 0.90 too
+ * (bench/results/retrieval-code-cut-*-vm.md). At 64K the sample (128 keys)
+ * puts q 1 and 1.5 on the same key: there only δ changes.
+ */
+export const DEFAULT_CODE_QUANTILE = 1.5;
+export const DEFAULT_CODE_DELTA = 0.25;
 /** The exact cap without a session's scanShare: 3% of the document's tokens, or SCAN_PER_K × the k searched where more. */
 export const DEFAULT_SCAN_SHARE = 0.03;
 /**
@@ -96,8 +112,9 @@ export const SCAN_PER_K = 3;
  * The native search options for a search of k ids over a graph of `tokens` keys, `free` steady keys outside the k:
  * effort()'s beam and margin, capped at the session's scanShare where given; or, with the session's codeWalk, the
  * code-gated walk (addon/ra-graph.ts codeWalk: no beam, no margin) capped at codeShare of the keys read as codes
- * and scanShare (default DEFAULT_SCAN_SHARE, at least SCAN_PER_K·k) scored exactly. codeQuantile, codeDelta and
- * codeWidth stay at the native defaults the results above were measured at (1, 0.5, 8).
+ * and scanShare (default DEFAULT_SCAN_SHARE, at least SCAN_PER_K·k) scored exactly, at the cutoff
+ * DEFAULT_CODE_QUANTILE / DEFAULT_CODE_DELTA (passed explicitly, so a session's walk does not move with the
+ * native defaults); codeWidth stays at the native default (8).
  */
 export function walkOptions(ef: number, k: number, free: number, tokens: number, walk: WalkParams = {}) {
   const maxScanned = walk.scanShare !== undefined ? Math.max(1, Math.ceil(walk.scanShare * tokens)) : undefined;
@@ -108,6 +125,8 @@ export function walkOptions(ef: number, k: number, free: number, tokens: number,
     codeWalk: true,
     maxScanned: maxScanned ?? Math.max(Math.ceil(DEFAULT_SCAN_SHARE * tokens), SCAN_PER_K * k),
     maxCodes: Math.max(1, Math.ceil((walk.codeShare ?? DEFAULT_CODE_SHARE) * tokens)),
+    codeQuantile: DEFAULT_CODE_QUANTILE,
+    codeDelta: DEFAULT_CODE_DELTA,
   };
 }
 

@@ -154,9 +154,14 @@ struct RaSearchOptions {
   // at 3% recalls 0.24-0.27; but it takes ~62 ms of CPU a search on the
   // 2-core VM against ~8.6 ms (bench/results/ra-search-1048576-vm-codes.md):
   // ~420K codes read, each a random line. Off by default.
+  // The cutoff: q 1, δ 0.5 let too many keys be scored exactly per code read
+  // at 64K-256K, where the exact cap then stopped the walk first (0.88 of the
+  // top 1% in the generator's default configuration); q 1.5, δ 0.25 meets
+  // 0.9 in both configurations at 64K and 256K and holds 0.948 at 1M
+  // (bench/results/retrieval-code-cut-*-vm.md; index/retrieval-attention.ts).
   bool codeWalk = false;
-  float codeQuantile = 1.f;  // in (0, 100]
-  float codeDelta = 0.5f;    // logits, >= 0; +inf: every key met is scored exactly
+  float codeQuantile = 1.5f;  // in (0, 100]
+  float codeDelta = 0.25f;    // logits, >= 0; +inf: every key met is scored exactly
   int64_t maxCodes = 0;      // a cap on the codes read (0 = none)
   // Candidates the code walk expands a round, their lists and codes fetched
   // side by side (values below 1 count as 1). It reads ~10 codes an
