@@ -106,14 +106,20 @@ export interface RaGraphSearchArgs {
    * another keys array) and scored exactly only if the code's approximate walk score is >= τ − codeDelta,
    * τ the strided sample's (codeQuantile × 1%)-quantile of it; the rest are queued by the approximate score.
    * ef, margin and expandWidth do not apply: `maxScanned` (keys scored exactly) and `maxCodes` (codes read)
-   * stop it, or else every reachable key is met. codeQuantile, codeDelta, maxCodes and codeWidth are errors
+   * stop it, or else every reachable key is met. codeQuantile, codeDelta, codeAdapt, maxCodes and codeWidth are errors
    * without it.
    */
   codeWalk?: boolean;
-  /** q in (0, 100] (default 1.5: index/retrieval-attention.ts DEFAULT_CODE_QUANTILE says why). */
+  /** q in (0, 100] (default 1). */
   codeQuantile?: number;
-  /** δ in logits, >= 0 (default 0.25; Infinity: every key met is scored exactly). */
+  /** δ in logits, >= 0 (default 1; Infinity: every key met is scored exactly). */
   codeDelta?: number;
+  /**
+   * Logits, finite, >= 0 (default 2; 0: the cutoff stays τ − δ): each round's cutoff is τ − δ + codeAdapt × (the share
+   * of maxScanned the walk has used − the share of maxCodes read), where both caps are given, so that the walk meets
+   * both caps near together (native/indexes/ra_graph.h says why; index/retrieval-attention.ts DEFAULT_CODE_ADAPT).
+   */
+  codeAdapt?: number;
   /** A cap on the codes read (0 or absent: none); passed by at most one round's neighbour lists. */
   maxCodes?: number;
   /**

@@ -15,7 +15,7 @@
 //        a cap on the keys scored, 0 or absent = none; expandWidth: candidates expanded a round of the
 //        walk, 1..1024, absent = RaSearchOptions' default; profile: true adds {sampleMs, walkMs, scoreMs,
 //        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
-//       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0,
+//       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0, codeAdapt >= 0 (finite),
 //       maxCodes >= 0, codeWidth 1..1024; the result then has codesRead)
 //     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?})
 //       -> Float32Array [ids, group]   (the codes the code walk reads and its approximate logits: tests, tools)
@@ -72,7 +72,8 @@ struct SearchJob {
   int64_t maxScanned = 0;
   int expandWidth = RaSearchOptions().expandWidth;
   bool codeWalk = false;
-  float codeQuantile = RaSearchOptions().codeQuantile, codeDelta = RaSearchOptions().codeDelta;
+  float codeQuantile = RaSearchOptions().codeQuantile, codeDelta = RaSearchOptions().codeDelta,
+        codeAdapt = RaSearchOptions().codeAdapt;
   int64_t maxCodes = 0;
   int codeWidth = RaSearchOptions().codeWidth;
   bool profiled = false;
@@ -93,6 +94,7 @@ struct SearchJob {
     opt.codeWalk = codeWalk;
     opt.codeQuantile = codeQuantile;
     opt.codeDelta = codeDelta;
+    opt.codeAdapt = codeAdapt;
     opt.maxCodes = maxCodes;
     opt.codeWidth = codeWidth;
     if (profiled) opt.profile = &profile;
@@ -138,7 +140,7 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   job.codeWalk = Flag(o, "codeWalk", false);
   if (job.codeWalk && job.aggregate != RaAggregate::kAttention)
     throw Napi::RangeError::New(env, "codeWalk needs aggregate 'attention'");
-  for (const char* knob : {"codeQuantile", "codeDelta", "maxCodes", "codeWidth"})
+  for (const char* knob : {"codeQuantile", "codeDelta", "codeAdapt", "maxCodes", "codeWidth"})
     if (!job.codeWalk && !Absent(o.Get(knob)))
       throw Napi::RangeError::New(env, std::string(knob) + " is an option of the code walk: set codeWalk");
   if (!Absent(o.Get("codeQuantile"))) {
@@ -150,6 +152,11 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
     const double v = Double(o, "codeDelta");
     if (!(v >= 0)) throw Napi::RangeError::New(env, "codeDelta must be a number >= 0 (Infinity: score every key met)");
     job.codeDelta = float(v);
+  }
+  if (!Absent(o.Get("codeAdapt"))) {
+    const double v = Double(o, "codeAdapt");
+    if (!(v >= 0 && std::isfinite(v))) throw Napi::RangeError::New(env, "codeAdapt must be a finite number >= 0");
+    job.codeAdapt = float(v);
   }
   job.maxCodes = OptInt(o, "maxCodes", 0, kMaxSafeInt, 0);
   job.codeWidth = int(OptInt(o, "codeWidth", 1, 1024, job.codeWidth));

@@ -154,14 +154,21 @@ struct RaSearchOptions {
   // at 3% recalls 0.24-0.27; but it takes ~62 ms of CPU a search on the
   // 2-core VM against ~8.6 ms (bench/results/ra-search-1048576-vm-codes.md):
   // ~420K codes read, each a random line. Off by default.
-  // The cutoff: q 1, δ 0.5 let too many keys be scored exactly per code read
-  // at 64K-256K, where the exact cap then stopped the walk first (0.88 of the
-  // top 1% in the generator's default configuration); q 1.5, δ 0.25 meets
-  // 0.9 in both configurations at 64K and 256K and holds 0.948 at 1M
-  // (bench/results/retrieval-code-cut-*-vm.md; index/retrieval-attention.ts).
+  // The cutoff moves with the caps (codeAdapt): τ − δ + codeAdapt · (the
+  // share of the exact cap the walk has used − the share of the codes' cap),
+  // so it tightens while keys scored exactly run ahead of the codes read and
+  // loosens while they lag, and the walk meets both caps near together. A
+  // fixed cutoff's best setting moved with size, configuration and seed: q 1,
+  // δ 0.5 let the exact cap stop the walk first at 64K-256K (0.88 of the top
+  // 1%), and a stricter one let the codes' cap stop it first elsewhere (0.78
+  // on a second seed); q 1, δ 1, codeAdapt 2 recalls 0.93-0.99 in both
+  // configurations at 64K-256K on two seeds and 0.954 / 0.975 at 1M, at
+  // 1M as much CPU (bench/results/retrieval-code-cut-*-vm.md;
+  // index/retrieval-attention.ts). codeAdapt 0: the fixed cutoff τ − δ.
   bool codeWalk = false;
-  float codeQuantile = 1.5f;  // in (0, 100]
-  float codeDelta = 0.25f;    // logits, >= 0; +inf: every key met is scored exactly
+  float codeQuantile = 1.f;  // in (0, 100]
+  float codeDelta = 1.f;     // logits, >= 0; +inf: every key met is scored exactly
+  float codeAdapt = 2.f;     // logits, >= 0: 0 keeps the cutoff fixed; needs both caps
   int64_t maxCodes = 0;      // a cap on the codes read (0 = none)
   // Candidates the code walk expands a round, their lists and codes fetched
   // side by side (values below 1 count as 1). It reads ~10 codes an

@@ -400,7 +400,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
         csr, n, entries_.data(), entries_.size(), fixed->data() + size_t(m) * d, S.seeds.data(), S.seeds.size(),
         opt.freeSeeds, opt.freeSeedCount, keys, d, scorer, approx, [&](int32_t id) { return sampleIndex(id) >= 0; },
         [&](int32_t id) { return codes->Row(id); }, cut, lo - 8.f, hi + 24.f, maxWalk, opt.maxCodes,
-        size_t(std::max(1, opt.codeWidth)), S.codeWalk);
+        size_t(std::max(1, opt.codeWidth)), opt.codeAdapt, S.codeWalk);
     walked = counts.exact;
     codesRead = counts.codes;
     codedOnly = counts.codedOnly;

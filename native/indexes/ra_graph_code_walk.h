@@ -159,14 +159,18 @@ struct CodeWalkCounts {
 // [lo, hi]: the range of walk scores the queue resolves finely (BinQueue).
 // `width` candidates are expanded a round, their lists and codes fetched
 // together. Stops expanding once maxExact keys are scored exactly or maxCodes
-// codes read (0 = no cap): either may be passed by one round's lists.
+// codes read (0 = no cap): either may be passed by one round's lists. With
+// both caps and adapt > 0 each round's cutoff is cut + adapt · (the share of
+// maxExact the walk has used since its start keys − the share of maxCodes
+// read): it tightens while exact scoring runs ahead of the codes read and
+// loosens while it lags (ra_graph.h, RaSearchOptions::codeAdapt).
 template <typename Scorer, typename Approx, typename InSample, typename CodeRow>
 CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* entries, size_t entryCount,
                              const uint16_t* entryRows, const int32_t* seeds, size_t seedCount,
                              const int32_t* freeSeeds, size_t freeCount, const uint16_t* keys, int d,
                              Scorer& scorer, Approx& approx, InSample inSample, CodeRow codeRow, float cut,
                              float lo, float hi, int64_t maxExact, int64_t maxCodes, size_t width,
-                             CodeWalkScratch& scratch) {
+                             float adapt, CodeWalkScratch& scratch) {
   CodeWalkCounts counts;
   BinQueue& cand = scratch.cand;
   std::vector<int32_t>& exact = scratch.exact;
@@ -208,9 +212,14 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
   scoreExact(nullptr, true);
   std::vector<int32_t>& nodes = scratch.nodes;
   const size_t W = std::max<size_t>(1, width);
+  const int64_t exact0 = counts.exact;
+  const bool adapting = adapt > 0 && maxExact > exact0 && maxCodes > 0;
   while (!cand.Empty()) {
     if (maxExact > 0 && counts.exact >= maxExact) break;
     if (maxCodes > 0 && counts.codes >= maxCodes) break;
+    const float gate = adapting ? cut + adapt * (float(counts.exact - exact0) / float(maxExact - exact0) -
+                                                 float(counts.codes) / float(maxCodes))
+                                : cut;
     // A round: the best W candidates, their lists fetched side by side.
     nodes.clear();
     while (nodes.size() < W && !cand.Empty()) nodes.push_back(cand.Pop()), graph.PrefetchHead(nodes.back());
@@ -235,7 +244,7 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
       approx.Batch(coded.data() + i0, count, out);
       for (size_t i = 0; i < count; ++i) {
         const int32_t v = coded[i0 + i];
-        if (out[i] >= cut) {
+        if (out[i] >= gate) {
           exact.push_back(v);
         } else {
           approx.Queued(i);

@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import type { RaGraph } from '../../addon/ra-graph.js';
 import { tensor } from '../../clients/ts/client.js';
 import type { HeadKeys } from '../../index/method.js';
-import { DEFAULT_CODE_DELTA, DEFAULT_CODE_QUANTILE, DEFAULT_CODE_SHARE, walkOptions } from '../../index/retrieval-attention.js';
+import { DEFAULT_CODE_ADAPT, DEFAULT_CODE_DELTA, DEFAULT_CODE_QUANTILE, DEFAULT_CODE_SHARE, walkOptions } from '../../index/retrieval-attention.js';
 import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, referenceAttention } from '../helpers/reference.js';
@@ -64,8 +64,8 @@ describe('retrieval-attention session with codeWalk', () => {
     const opts = walkOptions(0, BUDGET, steady.length, N, { codeWalk: true, codeShare: DEFAULT_CODE_SHARE });
     expect(opts).toMatchObject({ codeWalk: true, maxScanned: Math.ceil(0.03 * N), maxCodes: Math.ceil(0.4 * N) });
     // The session's cutoff is passed explicitly, at the defaults bench/results/retrieval-code-cut-*-vm.md chose.
-    expect(opts).toMatchObject({ codeQuantile: 1.5, codeDelta: 0.25 });
-    expect([DEFAULT_CODE_QUANTILE, DEFAULT_CODE_DELTA]).toEqual([1.5, 0.25]);
+    expect(opts).toMatchObject({ codeQuantile: 1, codeDelta: 1, codeAdapt: 2 });
+    expect([DEFAULT_CODE_QUANTILE, DEFAULT_CODE_DELTA, DEFAULT_CODE_ADAPT]).toEqual([1, 1, 2]);
     // Either cap may be passed by one round's lists: 8 candidates (codeWidth's default) of at most maxDegree each.
     const slack = 8 * Math.max(...graphs.map((g) => g.graph.maxDegree));
     let total = 0;

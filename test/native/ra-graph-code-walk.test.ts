@@ -196,10 +196,11 @@ describe('ra-graph code-gated walk', () => {
     expect(() => graph.searchSync({ ...base, aggregate: 'max' })).toThrow(/codeWalk needs aggregate 'attention'/);
     for (const codeQuantile of [0, -1, 100.5, NaN]) expect(() => graph.searchSync({ ...base, codeQuantile })).toThrow(/codeQuantile must be a number in \(0, 100\]/);
     for (const codeDelta of [-0.1, NaN]) expect(() => graph.searchSync({ ...base, codeDelta })).toThrow(/codeDelta must be a number >= 0/);
+    for (const codeAdapt of [-0.1, NaN, Infinity]) expect(() => graph.searchSync({ ...base, codeAdapt })).toThrow(/codeAdapt must be a finite number >= 0/);
     expect(() => graph.searchSync({ ...base, maxCodes: -1 })).toThrow(/maxCodes/);
     expect(() => graph.searchSync({ ...base, maxCodes: 1.5 })).toThrow(/maxCodes/);
     for (const codeWidth of [0, 1025, 2.5]) expect(() => graph.searchSync({ ...base, codeWidth })).toThrow(/codeWidth must be an integer in \[1, 1024\]/);
-    for (const knob of ['codeQuantile', 'codeDelta', 'maxCodes', 'codeWidth'] as const)
+    for (const knob of ['codeQuantile', 'codeDelta', 'codeAdapt', 'maxCodes', 'codeWidth'] as const)
       expect(() => graph.searchSync({ ...base, codeWalk: false, [knob]: 1 })).toThrow(new RegExp(`${knob} is an option of the code walk`));
     expect(() => graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', q: base.q, group: 2, ids: Int32Array.of(n) })).toThrow(/ids\[0\] = 300 is outside/);
     // A valid search still runs after the refusals, and the plain search reports no codes.
