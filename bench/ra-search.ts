@@ -155,7 +155,8 @@ const args = (c: Config, s: number, ids: Int32Array, scores: Float32Array): RaGr
   margin: c.margin,
   maxScanned: c.maxScanned,
   ...(width !== undefined && !c.code && { expandWidth: width }),
-  ...(c.code && { codeWalk: true, codeQuantile: c.code.q, codeDelta: c.code.delta, maxCodes: c.code.maxCodes }),
+  // codeAdapt 0: the fixed cutoff these rows were measured at (the session's moves with the caps: walkOptions).
+  ...(c.code && { codeWalk: true, codeQuantile: c.code.q, codeDelta: c.code.delta, codeAdapt: 0, maxCodes: c.code.maxCodes }),
   ...(c.code && codeWidth !== undefined && { codeWidth }),
   aggregate: 'attention',
   outIds: ids,

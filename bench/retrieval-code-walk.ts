@@ -198,11 +198,12 @@ async function main(): Promise<void> {
         const cmp = compareWithOracle(ex, S, want);
         rows.push({ step: s, q: qf, delta, exactCap, codeCap, recall, exact: w.exact, codes: w.codes, bytes: w.exact + (w.codes * BITS) / 16, error: cmp.method.outputError, oracleError: cmp.oracle.outputError });
       }
-      // The native code walk at each setting (4-bit codes: what it reads).
+      // The native code walk at each setting (4-bit codes: what it reads), its cutoff fixed (codeAdapt 0) as the
+      // simulation's is.
       if (BITS === 4)
         for (const [qf, delta, exactCap, codeCap] of SETTINGS) {
           const outIds = new Int32Array(want), outScores = new Float32Array(want);
-          const a = { keys: wl.keys[0], tokens, headDim: d, dtype: 'f16' as const, q, group: G, k: want, ef: want, outIds, outScores, aggregate: 'attention' as const, freeSeeds: steady, codeWalk: true, codeQuantile: qf, codeDelta: delta, maxScanned: Math.round(exactCap * n), maxCodes: Math.round(codeCap * n) };
+          const a = { keys: wl.keys[0], tokens, headDim: d, dtype: 'f16' as const, q, group: G, k: want, ef: want, outIds, outScores, aggregate: 'attention' as const, freeSeeds: steady, codeWalk: true, codeQuantile: qf, codeDelta: delta, codeAdapt: 0, maxScanned: Math.round(exactCap * n), maxCodes: Math.round(codeCap * n) };
           if (s === 0 && native.length === 0) graph.searchSync(a); // the graph makes its codes on its first code walk: not timed
           const u = process.cpuUsage();
           const r = graph.searchSync(a);
