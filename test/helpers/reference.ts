@@ -60,3 +60,25 @@ export function maxRelErrorScalar(a: ArrayLike<number>, b: ArrayLike<number>): n
   for (let i = 0; i < b.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]) / Math.max(Math.abs(b[i]), 1));
   return worst;
 }
+
+/**
+ * A GQA group's float64 attention over n keys ([n, d] row-major, already
+ * widened): each of the G q rows' softmax of scale·q·k, and per key the
+ * group's mean probability and its largest logit over the rows (what the
+ * graph search's two rankings order by).
+ */
+export function groupMeanProb(q: Float32Array, G: number, keys: Float64Array, n: number, d: number, scale: number): { meanProb: Float64Array; maxLogit: Float64Array } {
+  const meanProb = new Float64Array(n), maxLogit = new Float64Array(n).fill(-Infinity);
+  for (let g = 0; g < G; g++) {
+    const x = Float64Array.from({ length: n }, (_, t) => {
+      let s = 0;
+      for (let j = 0; j < d; j++) s += q[g * d + j] * keys[t * d + j];
+      return s * scale;
+    });
+    const m = Math.max(...x);
+    let z = 0;
+    for (let t = 0; t < n; t++) z += Math.exp(x[t] - m);
+    for (let t = 0; t < n; t++) (meanProb[t] += Math.exp(x[t] - m) / z / G), (maxLogit[t] = Math.max(maxLogit[t], x[t]));
+  }
+  return { meanProb, maxLogit };
+}

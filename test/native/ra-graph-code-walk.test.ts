@@ -9,6 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
+import { groupMeanProb } from '../helpers/reference.js';
 
 const seed = freshSeed();
 console.log(`native ra-graph code walk tests: seed ${seed}`);
@@ -42,18 +43,7 @@ function level(codes: Uint8Array, t: number, j: number, d: number): number {
 
 /** The group's mean probability of every key (float64) and the keys by it, best first (ties by id). */
 function meanProbOrder(q: Float32Array, G: number, keys: Float64Array, n: number, d: number) {
-  const scale = 1 / Math.sqrt(d), meanProb = new Float64Array(n);
-  for (let g = 0; g < G; g++) {
-    const x = Float64Array.from({ length: n }, (_, t) => {
-      let s = 0;
-      for (let j = 0; j < d; j++) s += q[g * d + j] * keys[t * d + j];
-      return s * scale;
-    });
-    const m = Math.max(...x);
-    let z = 0;
-    for (let t = 0; t < n; t++) z += Math.exp(x[t] - m);
-    for (let t = 0; t < n; t++) meanProb[t] += Math.exp(x[t] - m) / z / G;
-  }
+  const { meanProb } = groupMeanProb(q, G, keys, n, d, 1 / Math.sqrt(d));
   return { meanProb, order: Array.from({ length: n }, (_, t) => t).sort((a, b) => meanProb[b] - meanProb[a] || a - b) };
 }
 

@@ -9,6 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaAggregate, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
+import { groupMeanProb } from '../helpers/reference.js';
 
 const seed = freshSeed();
 console.log(`native ra-graph free-seeds tests: seed ${seed}`);
@@ -21,21 +22,7 @@ function keysOf(rng: Rng, n: number, d: number, lean: (t: number) => boolean = (
 }
 
 /** Float64 logits per row, the group's mean probability (over all n keys) and the max logit per key. */
-function reference(q: Float32Array, G: number, keys: Float64Array, n: number, d: number, scale: number) {
-  const meanProb = new Float64Array(n), maxLogit = new Float64Array(n).fill(-Infinity);
-  for (let g = 0; g < G; g++) {
-    const x = Float64Array.from({ length: n }, (_, t) => {
-      let s = 0;
-      for (let j = 0; j < d; j++) s += q[g * d + j] * keys[t * d + j];
-      return s * scale;
-    });
-    const m = Math.max(...x);
-    let z = 0;
-    for (let t = 0; t < n; t++) z += Math.exp(x[t] - m);
-    for (let t = 0; t < n; t++) (meanProb[t] += Math.exp(x[t] - m) / z / G), (maxLogit[t] = Math.max(maxLogit[t], x[t]));
-  }
-  return { meanProb, maxLogit };
-}
+const reference = groupMeanProb;
 
 function args(keys: Uint16Array, n: number, d: number, q: Float32Array, G: number, k: number, ef: number, aggregate: RaAggregate): RaGraphSearchArgs {
   return { keys, tokens: n, headDim: d, dtype: 'f16', q, group: G, k, ef, outIds: new Int32Array(k), outScores: new Float32Array(k), aggregate };
@@ -60,7 +47,7 @@ describe('ra-graph free start keys', () => {
           // premise: the plain top-k holds free keys, so leaving them out changes the answer. A draw misses it now
           // and then (seed 230028506's first 'max' draw at n=3001: no free key in the top 40), so the rows are
           // drawn again until it holds (at most 20 draws; each holds with probability well over 1/2).
-          let q = new Float32Array(0), by = new Float64Array(0), order: number[] = [];
+          let q = new Float32Array(0), by: Float64Array = new Float64Array(0), order: number[] = [];
           let ref!: ReturnType<typeof reference>;
           for (let draw = 0; draw < 20; draw++) {
             q = Float32Array.from({ length: G * d }, (_, i) => (i % d < 2 ? 1.2 : 0) + rng.normal());
