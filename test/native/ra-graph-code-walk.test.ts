@@ -4,7 +4,7 @@
 // channel's mean ± 3σ (float64 reference), the approximate logits are those of
 // the dequantized key (float64), an uncapped walk that scores every key met
 // returns the exact top-k of the group's mean probability, the two caps
-// stop it, and bad options are refused.
+// stop it, the moving cutoff (codeAdapt) brings both caps' shares together, and bad options are refused.
 import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
@@ -175,6 +175,64 @@ describe('ra-graph code-gated walk', () => {
     }
     // The codes are held with the graph (64 bytes a key at d = 128; here 16).
     expect(graph.memoryBytes).toBeGreaterThanOrEqual(n * (d / 2));
+    graph.dispose();
+  });
+
+  // The moving cutoff (codeAdapt = κ): each round's gate is cut + κ·D, D = X − C, X the share of the walk's exact cap
+  // Mx used since its E0 start keys ((E − E0) / (Mx − E0)), C the share of maxCodes Mc read. Every walk score s
+  // lies within h·κ of cut, h = (span + ln G + δ) / κ (span: a row's approximate-logit range; s = log Σ_g exp(x_g − c0_g)).
+  // A round reads c ≤ L new codes and scores g ≤ c of them plus any sample keys met (always exact), so, from D = 0:
+  // while D ≥ h no code passes the gate and D rises only by sample keys: D ≤ h + (L + m) / (Mx − E0); while D < −h
+  // every code passes, and with Mx − E0 ≤ Mc D does not fall: D ≥ −h − L / Mc. The walk ends at a cap (X ≥ 1 or
+  // C ≥ 1), so both shares end near 1. κ = 0 with a loose δ scores nearly every key met instead: about one code is
+  // read per key scored exactly, and the exact cap stops the walk with half the codes' cap unread.
+  it('with codeAdapt, meets both caps near together, where a fixed loose cutoff spends the exact cap first; no cap passed by more than a round', async () => {
+    const rng = new Rng(seed + 41);
+    const [n, d, G] = [20000, 32, 4];
+    const { keys, graph } = await graphOf(rng, 'f16', n, d);
+    // The strided sample as ra_graph_attention.cc takes it: m keys scored first, counted in `scanned`
+    // (S = m + E − R, R ≤ m the sample keys the walk scores again); the walk's exact cap is maxScanned − m.
+    const stride = Math.floor(n / Math.min(n, 4096, Math.max(64, Math.floor(n / 512)))), m = Math.ceil((n - Math.floor(stride / 2)) / stride);
+    const Mx = 2500, Mc = 5000, codeWidth = 1, L = codeWidth * graph.maxDegree, delta = 4, kappa = 1e4;
+    // E0: the entry points (distinct) and at most 16 best sample keys, scored before the first round.
+    const P = graph.entryPoints;
+    expect(Mx - P).toBeLessThanOrEqual(Mc);
+    const ids = Int32Array.from({ length: n }, (_, i) => i);
+    for (let trial = 0; trial < 4; trial++) {
+      const q = queries(rng, G, d);
+      const run = (codeAdapt: number) =>
+        graph.searchSync({ ...walkArgs(keys.bits, n, d, 'f16', q, G, 100), maxScanned: m + Mx, maxCodes: Mc, codeWidth, codeDelta: delta, codeAdapt });
+      const x = graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', q, group: G, ids });
+      let span = 0;
+      for (let g = 0; g < G; g++) {
+        let lo = Infinity, hi = -Infinity;
+        for (let t = 0; t < n; t++) (lo = Math.min(lo, x[t * G + g])), (hi = Math.max(hi, x[t * G + g]));
+        span = Math.max(span, hi - lo);
+      }
+      const h = (span + Math.log(G) + delta + 1e-3) / kappa;
+      // X's bounds from S: E − E0 in [S − m − P − 16, S − P], Mx − E0 in [Mx − P − 16, Mx − P].
+      const shares = (r: { scanned: number; codesRead?: number }) =>
+        ({ xLo: (r.scanned - m - P - 16) / (Mx - P), xHi: (r.scanned - P) / (Mx - P - 16), c: r.codesRead! / Mc });
+      const up = (L + m) / (Mx - P - 16) + h, down = L / Mc + h;
+
+      const moving = shares(run(kappa));
+      expect(moving.xLo - moving.c).toBeLessThanOrEqual(up);
+      expect(moving.xHi - moving.c).toBeGreaterThanOrEqual(-down);
+      expect(moving.c).toBeGreaterThanOrEqual(1 - up);
+      expect(moving.xHi).toBeGreaterThanOrEqual(1 - down);
+
+      const fixed = shares(run(0));
+      expect(fixed.c).toBeLessThan(1); // the exact cap stopped it
+      expect(fixed.xLo).toBeGreaterThanOrEqual(1 - (m + 16) / (Mx - P)); // S >= Mx: not every key met
+      expect(fixed.c).toBeLessThanOrEqual(fixed.xLo - 0.3);
+
+      // Whatever κ, each cap is passed by at most one round's lists.
+      for (const codeAdapt of [0, 0.5, 2, kappa]) {
+        const r = run(codeAdapt);
+        expect(r.scanned).toBeLessThan(m + Mx + L);
+        expect(r.codesRead).toBeLessThan(Mc + L);
+      }
+    }
     graph.dispose();
   });
 
