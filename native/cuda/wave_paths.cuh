@@ -49,6 +49,10 @@ struct StepPaths {
   // (wave_score_mma.cuh) where it applies; its scores are not the host's
   // bit for bit (that file says why), so neither are the step's ids.
   bool mma;
+  // KVRECALL_WAVE_MMA_TILES=1 (off by default): AttendAndClusters' tiles'
+  // numerators on the tensor cores (wave_tile_mma.cuh) where it applies;
+  // their sums are not TileNumerators' bit for bit (that file says why).
+  bool mmaTiles;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
 };
 
@@ -73,6 +77,7 @@ inline StepPaths ReadStepPaths(int d) {
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
   s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
   s.mma = !s.legacy && is("KVRECALL_WAVE_MMA", '1');
+  s.mmaTiles = !s.legacy && is("KVRECALL_WAVE_MMA_TILES", '1');
   return s;
 }
 

@@ -29,6 +29,7 @@
 #pragma once
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/mma_fragments.cuh"
 #include "cuda/wave_step_kernels.cuh"
 
 #include <cuda_fp16.h>
@@ -55,17 +56,6 @@ __host__ __device__ constexpr size_t MmaScoreSmem(int d, int stride) {
 }
 inline bool MmaScoreApplies(bool bf16, bool spread, int group, int d, int stride) {
   return !bf16 && spread && group == kMmaGroup && (d == 64 || d == 128) && stride == d + 8;
-}
-
-__device__ __forceinline__ void Mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&a)[4], const void* smem) {
-  const uint32_t at = uint32_t(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
 }
 
 // Two int8 axis codes (the low byte first) as an f16 pair, exactly: each

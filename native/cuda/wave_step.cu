@@ -475,7 +475,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     // the attention's tiles last (wave_step_attend.cuh).
     const bool together = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
     if (together)
-      kinds([&](auto B, auto G) { L(AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads, kEstimateSmem, p, nAtt, nMain, H); });
+      kinds([&](auto B, auto G) {
+        L(P.mmaTiles && MmaTilesApply(d) ? AttendAndClusters<B(), G(), true> : AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads,
+          kEstimateSmem, p, nAtt, nMain, H);
+      });
     if (a.estimate && !together) {
       // The cluster tiles read no K/V row: one instantiation for both stores.
       L(bf16 ? EstimatePart<true, false> : EstimatePart<false, false>, dim3(unsigned(nMain), unsigned(H)), kThreads, kEstimateSmem, p);

@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) ExactDots(StepParams p) {
 // ExactDots), without this kernel's own accumulators (registers: see the
 // launch); else the dots run here, a thread pair per row (the step's other
 // dots' layout), the same sums.
-template <bool kBf16, bool kDots, bool kPaged>
+template <bool kBf16, bool kDots, bool kPaged, bool kMma = false>
 __device__ __forceinline__ void AttendTile(const StepParams& p, int tile, int h) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);    // [kTile] the row's first word in keys and values, compacted
@@ -136,7 +136,7 @@ __device__ __forceinline__ void AttendTile(const StepParams& p, int tile, int h)
       p.pm[(qh0 + threadIdx.x) * p.parts + part] = mx[threadIdx.x];
       p.pden[(qh0 + threadIdx.x) * p.parts + part] = den[threadIdx.x];
     }
-    TileNumerators<kBf16>(p, p.values, sSrc, sE, sRed, live, gc, qh0, part, 1.f);
+    Numerators<kBf16, kMma>(p, p.values, sSrc, sE, sRed, live, gc, qh0, part, 1.f);
   }
 }
 
@@ -167,16 +167,18 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 // H100 against the two launches, EstimatePart's and AttendAndRows', under
 // KVRECALL_WAVE_TILES=0, session 18 visit AC; that switch and AttendAndRows
 // were removed after it.)
-template <bool kBf16, bool kPaged = false>
-__global__ void __launch_bounds__(kThreads, 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
+//
+// kMma: every tile's numerators on the tensor cores (wave_tile_mma.cuh).
+template <bool kBf16, bool kPaged = false, bool kMma = false>
+__global__ void __launch_bounds__(kThreads, kMma ? kMmaTileMinBlocks : 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
   AfterPrior();
   const int b = blockIdx.x;
   if (b < nMain * H) {  // uniform over the block, as every branch below
-    EstimateTile<kBf16, false, kPaged>(p, b % nMain, b / nMain);  // reads no K/V row
+    EstimateTile<kBf16, false, kPaged, kMma>(p, b % nMain, b / nMain);  // reads no K/V row
   } else {
     const int a = b - nMain * H;
-    AttendTile<kBf16, true, kPaged>(p, a % nAtt, a / nAtt);  // ends on a barrier: its shared memory is free
-    EstimateTile<kBf16, true, kPaged>(p, a % nAtt, a / nAtt);
+    AttendTile<kBf16, true, kPaged, kMma>(p, a % nAtt, a / nAtt);  // ends on a barrier: its shared memory is free
+    EstimateTile<kBf16, true, kPaged, kMma>(p, a % nAtt, a / nAtt);
   }
 }
 

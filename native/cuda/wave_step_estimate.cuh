@@ -3,6 +3,7 @@
 #pragma once
 
 #include "cuda/wave_step_kernels.cuh"
+#include "cuda/wave_tile_mma.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -267,6 +268,15 @@ __device__ void TileNumerators(const StepParams& p, const uint16_t* rows, const 
   __syncthreads();
 }
 
+// A tile's numerators by TileNumerators, or on the tensor cores (kMma: the
+// launch checked MmaTilesApply).
+template <bool kBf16, bool kMma>
+__device__ __forceinline__ void Numerators(const StepParams& p, const uint16_t* rows, const int64_t* sSrc, const float* sE, float* sRed, int live,
+                                           int gc, size_t qh0, int part, float sign) {
+  if constexpr (kMma) TileNumeratorsMma<kBf16>(p, rows, sSrc, sE, sRed, live, gc, qh0, part, sign);
+  else TileNumerators<kBf16>(p, rows, sSrc, sE, sRed, live, gc, qh0, part, sign);
+}
+
 // One tile's partial estimate for every q head of kv head h: the
 // tile's max logit m, the normaliser and numerator shifted by it. kRows: the
 // exact rows of partly kept clusters, each -e·v (their count already left the
@@ -276,7 +286,7 @@ static_assert(kTile == 2 * kThreads, "two tile rows per thread");
 // The body of EstimatePart, for tile `tile` (EstimatePart's blockIdx.x;
 // AttendAndClusters runs a kRows tile after the attention tile of the same
 // positions) of kv head h (its blockIdx.y).
-template <bool kBf16, bool kRows, bool kPaged>
+template <bool kBf16, bool kRows, bool kPaged, bool kMma = false>
 __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int h) {
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
@@ -344,7 +354,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int 
       p.pm[(qh0 + threadIdx.x) * p.parts + part] = mx[threadIdx.x];
       p.pden[(qh0 + threadIdx.x) * p.parts + part] = den[threadIdx.x];
     }
-    TileNumerators<kBf16>(p, kRows ? p.values : p.means, sSrc, sE, sRed, live, gc, qh0, part, kRows ? -1.f : 1.f);
+    Numerators<kBf16, kMma>(p, kRows ? p.values : p.means, sSrc, sE, sRed, live, gc, qh0, part, kRows ? -1.f : 1.f);
   }
 }
 template <bool kBf16, bool kRows, bool kPaged = false>
