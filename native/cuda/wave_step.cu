@@ -476,8 +476,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     const bool together = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
     if (together)
       kinds([&](auto B, auto G) {
-        L(P.mmaTiles && MmaTilesApply(d) ? AttendAndClusters<B(), G(), true> : AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads,
-          kEstimateSmem, p, nAtt, nMain, H);
+        const bool mma = P.mmaTiles && MmaTilesApply(d);
+        L(mma ? AttendAndClusters<B(), G(), true> : AttendAndClusters<B(), G()>, unsigned((nAtt + nMain) * H), kThreads,
+          mma ? MmaTileSmem(d) : kEstimateSmem, p, nAtt, nMain, H);
       });
     if (a.estimate && !together) {
       // The cluster tiles read no K/V row: one instantiation for both stores.
