@@ -305,7 +305,7 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int 
     const int64_t at = int64_t(tile) * kTile + 2 * threadIdx.x + k;
     if (!kRows) {
       if (at < C) {
-        if (p.prefetchRows && (!kMma || kMmaTilePrefetch)) PrefetchRow(p.means + (b + at) * p.d, p.d * 2);  // the tile's 128 KiB, while its setup runs
+        if (p.prefetchRows && (!kMma || at - int64_t(tile) * kTile < kMmaTilePrefetch)) PrefetchRow(p.means + (b + at) * p.d, p.d * 2);  // the tile's 128 KiB, while its setup runs
         const int32_t n = p.counts[b + at], r = p.removed[b + at];
         if (n > 0 && r < n) src[k] = (b + at) * p.d, lc[k] = int32_t(at), wd[k] = float(n - r), wn[k] = float(n), est += n - r;
       }

@@ -53,8 +53,9 @@ inline bool MmaTilesApply(int d) { return d == 64 || d == 128; }
 // AttendAndClusters' CTAs an SM with the tiles on (its __launch_bounds__):
 // 3, as without, caps a thread at 80 registers.
 constexpr int kMmaTileMinBlocks = 3;
-// Whether its cluster tiles ask L2 for their value means first, as without.
-constexpr bool kMmaTilePrefetch = true;
+// How many of a cluster tile's first rows ask L2 for their value means
+// first (all: as without the tiles on).
+constexpr int kMmaTilePrefetch = kTile;
 // Its shared memory: EstimateTile's sources and weights, and the warps' sums
 // (kTileWarps × kGC × d floats, not TileNumerators' row groups').
 inline size_t MmaTileSmem(int d) { return size_t(kTile) * 8 + size_t(kGC) * kTile * 4 + size_t(kTileWarps) * kGC * size_t(d) * 4; }
