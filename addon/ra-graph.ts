@@ -234,7 +234,7 @@ interface NativeRaGraph {
   readonly buildStats: RaGraphBuildStats | null;
   save(): Uint8Array;
   keyCodes(a: NativeCodesArgs): RaKeyCodes;
-  codeLogits(a: NativeCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number }): Float32Array;
+  codeLogits(a: NativeCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number; quantized?: boolean }): Float32Array;
   search(a: NativeSearchArgs): Promise<RaGraphSearchResult>;
   searchSync(a: NativeSearchArgs): RaGraphSearchResult;
   dispose(): void;
@@ -326,8 +326,12 @@ export class RaGraph {
     return this.native.keyCodes({ ...args, dtype: DTYPE_CODE[args.dtype] });
   }
 
-  /** The code walk's approximate scaled logits of keys `ids` for q [group, headDim]: [ids.length, group] f32. */
-  codeLogits(args: RaKeyCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number }): Float32Array {
+  /**
+   * Approximate scaled logits of keys `ids` for q [group, headDim] from their codes: [ids.length, group] f32.
+   * Those of the dequantized keys, or with `quantized` the int8 form's that the code walk ranks by
+   * (native/indexes/ra_key_codes.h, RaCodeQuery).
+   */
+  codeLogits(args: RaKeyCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number; quantized?: boolean }): Float32Array {
     return this.native.codeLogits({ ...args, dtype: DTYPE_CODE[args.dtype] });
   }
 

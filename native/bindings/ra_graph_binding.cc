@@ -17,8 +17,9 @@
 //        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
 //       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0, codeAdapt >= 0 (finite),
 //       maxCodes >= 0, codeWidth 1..1024; the result then has codesRead)
-//     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?})
-//       -> Float32Array [ids, group]   (the codes the code walk reads and its approximate logits: tests, tools)
+//     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?, quantized?})
+//       -> Float32Array [ids, group]   (the codes the code walk reads and the dequantized keys' logits, or with
+//       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools)
 //     searchSync(same) -> {count, scanned, codesRead}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
@@ -388,10 +389,20 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
       scale = Float(o, "scale");
       if (!(scale > 0) || !std::isfinite(scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
     }
+    const bool quantized = Flag(o, "quantized", false);
     RaCodeQuery cq;
     codes->Prepare(q.Data(), group, scale, cq);
-    std::vector<float> out(ids.ElementLength() * size_t(group));
-    for (size_t i = 0; i < ids.ElementLength(); ++i) codes->Logits(cq, codes->Row(ids[i]), out.data() + i * group);
+    const size_t count = ids.ElementLength();
+    std::vector<float> out(count * size_t(group));
+    if (quantized) {
+      // QuantLogits writes row-major by head: transposed to [ids, group].
+      std::vector<float> byHead(size_t(group) * count);
+      codes->QuantLogits(cq, ids.Data(), count, byHead.data(), count);
+      for (size_t i = 0; i < count; ++i)
+        for (int h = 0; h < group; ++h) out[i * group + h] = byHead[size_t(h) * count + i];
+    } else {
+      for (size_t i = 0; i < count; ++i) codes->Logits(cq, codes->Row(ids[i]), out.data() + i * group);
+    }
     return Adopt(env, std::move(out));
   }
 

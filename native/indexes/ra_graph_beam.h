@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -25,10 +26,13 @@ namespace ragraph {
 // stays in L1), cleared at the start of each search.
 class Visited {
  public:
+  // On the heap, reached through a thread_local pointer: a reference to a
+  // thread_local object itself is an address GCC recomputes (a call to
+  // __tls_get_addr in this shared library) at each use inside the walks' loops.
   static Visited& Local(int64_t n) {
-    thread_local Visited v;
-    v.Begin(n);
-    return v;
+    thread_local std::unique_ptr<Visited> v(new Visited);
+    v->Begin(n);
+    return *v;
   }
   bool Test(int32_t i) const { return (bits_[size_t(i) >> 6] >> (i & 63)) & 1; }
   bool TestAndSet(int32_t i) {

@@ -19,9 +19,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include "indexes/ra_graph_beam.h"
+#include "indexes/ra_code_ranks.h"
 #include "indexes/ra_graph_exp.h"
 #include "indexes/ra_key_codes.h"
 
@@ -29,29 +31,44 @@ namespace kvr {
 namespace ragraph {
 
 // The approximate walk scores of keys from their codes: the G approximate
-// logits of each (RaKeyCodes::Logits) ranked as exact logits are
-// (rank(x, count, out)). Queued(i) adds key i of the last batch to `sum`,
-// per row: a key read only as a code enters the refined partitions at its
+// logits of each (RaKeyCodes::QuantLogits, the int8 form) ranked as exact
+// logits are, in float (CodeRanks). Batch(ids, count, out, gate) also adds
+// each key scoring below `gate` (queued by its code alone) to `sum`, per
+// row: a key read only as a code enters the refined partitions at its
 // approximate logits, where an unmet key enters at the unreached sample's
 // mean (the keys the walk met lie near what it sought, above that mean); a
 // key scored exactly enters at its exact ones (the scorer's sums). On the
 // generator at 1M (bench/retrieval-code-walk.ts) the output error was the
 // same to 0.01 points either way: the walk's exact keys and the free steady
 // keys hold most of the partitions there.
-template <typename Rank>
-struct CodeScorer {
-  const RaKeyCodes& codes;
-  const RaCodeQuery& cq;
-  Rank& rank;
-  LogSums& sum;
-  std::vector<float>& x;
-  void Batch(const int32_t* ids, size_t count, float* out) {
-    const size_t G = size_t(cq.G);
-    x.resize(count * G);
-    for (size_t i = 0; i < count; ++i) codes.Logits(cq, codes.Row(ids[i]), x.data() + i * G);
-    rank(x.data(), count, out);
+class CodeScorer {
+ public:
+  // sum: the rows' sums over the keys queued by their codes, each kept
+  // relative to c0_h (their terms are the keys' shares of the estimated
+  // partitions, CodeRanks): begun here.
+  CodeScorer(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, LogSums& sum, std::vector<float>& xs)
+      : codes_(codes), cq_(cq), c0_(c0), sum_(sum), xs_(xs) {
+    for (int h = 0; h < cq.G; ++h) sum_.ref[h] = c0[h], sum_.sum[h] = 0;
   }
-  void Queued(size_t i) { sum.Add(x.data() + i * size_t(cq.G), cq.G); }
+  const RaKeyCodes& codes() const { return codes_; }
+  void Batch(const int32_t* ids, size_t count, float* out, float gate) {
+    const int G = cq_.G;
+    const size_t ld = (count + 7) / 8 * 8;
+    xs_.resize(size_t(G) * ld);
+    codes_.QuantLogits(cq_, ids, count, xs_.data(), ld);
+    for (int h = 0; h < G; ++h)
+      std::fill(xs_.begin() + ptrdiff_t(size_t(h) * ld + count), xs_.begin() + ptrdiff_t(size_t(h + 1) * ld), 0.f);
+    float part[kCodeRankRows];
+    CodeRanks(xs_.data(), ld, count, G, c0_, gate, out, part);
+    for (int h = 0; h < G; ++h) sum_.sum[h] += double(part[h]);
+  }
+
+ private:
+  const RaKeyCodes& codes_;
+  const RaCodeQuery& cq_;
+  const float* c0_;  // [G]: the rows' log-partitions before the walk (the ranks' offsets)
+  LogSums& sum_;
+  std::vector<float>& xs_;
 };
 
 // τ − δ: τ the (quantile · 1%)-quantile from the top of the approximate walk
@@ -60,22 +77,18 @@ struct CodeScorer {
 // floor(m · quantile / 100) in descending order). The sample's exact scores
 // are known, but the gate compares codes with codes: τ sits where the
 // codes' own errors put the top.
-template <typename Rank>
-float CodeCut(const RaKeyCodes& codes, const RaCodeQuery& cq, int64_t off, int64_t stride, int64_t m, Rank& rank,
-              float quantile, float delta, std::vector<float>& x, std::vector<float>& r) {
-  const size_t G = size_t(cq.G);
-  x.resize(size_t(m) * G);
+inline float CodeCut(CodeScorer& approx, int64_t off, int64_t stride, int64_t m, float quantile, float delta,
+                     std::vector<int32_t>& ids, std::vector<float>& r) {
+  ids.resize(size_t(m));
   r.resize(size_t(m));
-  for (int64_t j = 0; j < m; ++j) {
-    if (j + int64_t(kPrefetchAhead) < m) Prefetch(codes.Row(off + (j + int64_t(kPrefetchAhead)) * stride));
-    codes.Logits(cq, codes.Row(off + j * stride), x.data() + size_t(j) * G);
-  }
-  for (int64_t j = 0; j < m; j += int64_t(kPrefetchAhead))
-    rank(x.data() + size_t(j) * G, size_t(std::min<int64_t>(int64_t(kPrefetchAhead), m - j)), r.data() + j);
+  for (int64_t j = 0; j < m; ++j) ids[size_t(j)] = int32_t(off + j * stride);
+  for (int64_t j = 0; j < m; ++j) Prefetch(approx.codes().Row(ids[size_t(j)]));
+  // A gate of −∞ queues none: the sample's codes stay out of the sums.
+  approx.Batch(ids.data(), size_t(m), r.data(), -std::numeric_limits<float>::infinity());
   // quantile in (0, 100] (the binding's check); anything else clamps.
   const double share = quantile > 0 ? std::min(double(quantile), 100.0) / 100.0 : 0.0;
   const size_t at = std::min(size_t(m) - 1, size_t(double(m) * share));
-  std::nth_element(r.begin(), r.begin() + at, r.end(), std::greater<float>());
+  std::nth_element(r.begin(), r.begin() + ptrdiff_t(at), r.end(), std::greater<float>());
   return r[at] - delta;
 }
 
@@ -138,11 +151,8 @@ struct CodeWalkScratch {
   BinQueue cand;
   std::vector<int32_t> exact, coded, nodes;
   std::vector<const uint16_t*> rows;
+  std::vector<float> ranks;
 };
-
-// Code rows prefetched ahead of the one read: a row is one line where an
-// exact key's is four, so more of them fit the core's outstanding misses.
-constexpr size_t kCodesAhead = 16;
 
 struct CodeWalkCounts {
   int64_t exact = 0;  // keys scored exactly (free start keys not included)
@@ -151,9 +161,9 @@ struct CodeWalkCounts {
 };
 
 // scorer.Batch(ids, count, out, rows) as BeamSearchBatched's scorer (at most
-// kPrefetchAhead keys a call); approx.Batch(ids, count, out) the approximate
-// walk scores of up to kPrefetchAhead keys from their codes, approx.Queued(i)
-// told of each of them queued by that score alone; inSample(id)
+// kPrefetchAhead keys a call); approx.Batch(ids, count, out, gate) the
+// approximate walk scores of a round's keys from their codes (CodeScorer),
+// told that those below `gate` are queued by that score alone; inSample(id)
 // whether the key was scored before the walk (its exact score costs nothing:
 // it is not read as a code). codeRow(id) the address of a key's code row.
 // [lo, hi]: the range of walk scores the queue resolves finely (BinQueue).
@@ -223,34 +233,43 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
     // A round: the best W candidates, their lists fetched side by side.
     nodes.clear();
     while (nodes.size() < W && !cand.Empty()) nodes.push_back(cand.Pop()), graph.PrefetchHead(nodes.back());
-    for (const int32_t u : nodes) graph.PrefetchList(u);
+    // Every line of each list (~26 ids at 1M keys, two or three lines):
+    // with the first alone requested the others were read one wait each
+    // (the walk took 1/0.94 of the time, 2-core VM).
+    for (const int32_t u : nodes) {
+      const auto nb = graph.List(u);
+      const uintptr_t end = reinterpret_cast<uintptr_t>(nb.first + nb.second);
+      for (uintptr_t line = reinterpret_cast<uintptr_t>(nb.first) & ~uintptr_t(63); line < end; line += 64)
+        Prefetch(reinterpret_cast<const void*>(line));
+    }
     coded.clear();
     for (const int32_t u : nodes) {
       const auto nb = graph.List(u);
       for (size_t i = 0; i < nb.second; ++i) {
         const int32_t v = nb.first[i];
         if (seen.TestAndSet(v)) continue;
-        if (inSample(v)) exact.push_back(v);
-        else coded.push_back(v);
-      }
-    }
-    // A code row (64 bytes at d = 128) is one line: kCodesAhead of them in
-    // flight ahead of the batch read.
-    for (size_t i = 0; i < std::min(coded.size(), kCodesAhead); ++i) Prefetch(codeRow(coded[i]));
-    for (size_t i0 = 0; i0 < coded.size(); i0 += kPrefetchAhead) {
-      const size_t count = std::min(kPrefetchAhead, coded.size() - i0);
-      for (size_t i = i0 + kCodesAhead; i < std::min(coded.size(), i0 + kPrefetchAhead + kCodesAhead); ++i)
-        Prefetch(codeRow(coded[i]));
-      approx.Batch(coded.data() + i0, count, out);
-      for (size_t i = 0; i < count; ++i) {
-        const int32_t v = coded[i0 + i];
-        if (out[i] >= gate) {
+        if (inSample(v)) {
           exact.push_back(v);
         } else {
-          approx.Queued(i);
-          ++counts.codedOnly;
-          cand.Push(out[i], v);
+          // A code row (64 bytes at d = 128) is one line: the round's rows
+          // all requested as the lists are read, where 16 ahead of the one
+          // scored left the first of each round waiting.
+          coded.push_back(v);
+          Prefetch(codeRow(v));
         }
+      }
+    }
+    std::vector<float>& ranks = scratch.ranks;
+    ranks.resize(coded.size());
+    approx.Batch(coded.data(), coded.size(), ranks.data(), gate);
+    for (size_t i = 0; i < coded.size(); ++i) {
+      const int32_t v = coded[i];
+      if (ranks[i] < gate) {  // as CodeRanks tells queued keys
+        ++counts.codedOnly;
+        cand.Push(ranks[i], v);
+      } else {
+        exact.push_back(v);
+        PrefetchRow(keys + size_t(v) * d, d);  // scored at the round's end
       }
     }
     counts.codes += int64_t(coded.size());

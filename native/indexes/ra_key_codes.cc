@@ -10,6 +10,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include <sys/mman.h>
+
 #include "common/thread_pool.h"
 #include "indexes/ra_graph.h"
 #include "indexes/ra_graph_dot.h"
@@ -70,10 +72,14 @@ RaKeyCodes RaKeyCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype
     inv[j] = kc.step_[j] > 0 ? 1.f / kc.step_[j] : 0.f;  // a constant channel: every key at level 0, its value
   }
   kc.bytes_ = size_t(n) * kc.half_;
-  constexpr size_t kLine = 64;
   if (kc.bytes_ > 0) {
-    kc.codes_.reset(static_cast<uint8_t*>(std::aligned_alloc(kLine, (kc.bytes_ + kLine - 1) / kLine * kLine)));
+    // 2 MB pages (ra_key_codes.h) where the rounding wastes at most an eighth.
+    constexpr size_t kLine = 64, kHuge = size_t(2) << 20;
+    const bool huge = kc.bytes_ >= 8 * kHuge;
+    const size_t align = huge ? kHuge : kLine, total = (kc.bytes_ + align - 1) / align * align;
+    kc.codes_.reset(static_cast<uint8_t*>(std::aligned_alloc(align, total)));
     if (!kc.codes_) throw std::bad_alloc();
+    if (huge) madvise(kc.codes_.get(), total, MADV_HUGEPAGE);
     std::memset(kc.codes_.get(), 0, kc.bytes_);
   }
   pool.ParallelFor(tasks, [&](size_t t) {
@@ -111,6 +117,28 @@ void RaKeyCodes::Prepare(const float* q, int G, float scale, RaCodeQuery& out) c
       b += double(qh[j]) * (double(low_[j]) + 0.5 * double(step_[j]));
     }
     out.bias[size_t(h)] = float(double(scale) * b);
+  }
+  // The int8 form (RaCodeQuery): each head's weights over its largest.
+  out.G4 = (G + 3) / 4 * 4;
+  out.w8.assign(size_t(out.G4) * out.width, 0);
+  out.qscale.assign(size_t(out.G4), 0.f);
+  out.qbias.assign(size_t(out.G4), 0.f);
+  for (int h = 0; h < G; ++h) {
+    const float* w = out.w.data() + size_t(h) * out.width;
+    float top = 0;
+    for (size_t j = 0; j < D; ++j) top = std::max(top, std::fabs(w[j]));
+    const float s = top / 127.f;
+    double b = double(out.bias[size_t(h)]);
+    if (s > 0) {
+      for (size_t j = 0; j < D; ++j) {
+        const float r = std::nearbyint(w[j] / s);
+        const int v = int(std::max(-127.f, std::min(127.f, r)));
+        out.w8[size_t(h) * out.width + j] = int8_t(v);
+        b += (double(w[j]) - double(s) * v) * (0.5 * (kLevels - 1));
+      }
+    }
+    out.qscale[size_t(h)] = s;
+    out.qbias[size_t(h)] = float(b);
   }
 }
 
@@ -159,6 +187,73 @@ void RaKeyCodes::Logits(const RaCodeQuery& cq, const uint8_t* row, float* x) con
     float s = 0;
     for (size_t i = 0; i < half_; ++i) s += w[i] * float(row[i] & 15) + w[half_ + i] * float(row[i] >> 4);
     x[h] = cq.bias[size_t(h)] + s;
+  }
+}
+
+namespace {
+#ifdef KVR_X86_SIMD
+// Four heads' int32 sums over a row of 32·chunks bytes: each chunk's low and
+// high nibbles against their weights (u8 × s8, pairs added in s16: at most
+// 2·15·127 = 3810 a lane), two chunks' worth added in s16 (15240 at most)
+// before they widen to s32, so no sum saturates.
+inline __m128i QuantDots4(const int8_t* w, size_t width, const uint8_t* row, size_t half) {
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256i acc[4];
+  for (int c = 0; c < 4; ++c) acc[c] = _mm256_setzero_si256();
+  for (size_t i = 0; i < half; i += 64) {
+    const bool two = i + 64 <= half;
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+    const __m256i lo0 = _mm256_and_si256(b0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), mask);
+    __m256i lo1 = _mm256_setzero_si256(), hi1 = lo1;
+    if (two) {
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 32));
+      lo1 = _mm256_and_si256(b1, mask);
+      hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), mask);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const int8_t* wc = w + size_t(c) * width + i;
+      auto ld = [](const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+      __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, ld(wc)), _mm256_maddubs_epi16(hi0, ld(wc + half)));
+      if (two)
+        s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(lo1, ld(wc + 32)),
+                                                  _mm256_maddubs_epi16(hi1, ld(wc + half + 32))));
+      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(s, ones));
+    }
+  }
+  // [h0 h1 h2 h3] per 128-bit half, then the halves added.
+  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+}
+#endif
+}  // namespace
+
+void RaKeyCodes::QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t count, float* x, size_t ld) const {
+  const size_t W = cq.width;
+  const int G = cq.G;
+#ifdef KVR_X86_SIMD
+  if (half_ % 32 == 0) {
+    alignas(16) float v[4];
+    for (int h0 = 0; h0 < G; h0 += 4) {
+      const __m128 s = _mm_loadu_ps(cq.qscale.data() + h0), b = _mm_loadu_ps(cq.qbias.data() + h0);
+      const int8_t* w = cq.w8.data() + size_t(h0) * W;
+      const int heads = std::min(4, G - h0);
+      for (size_t i = 0; i < count; ++i) {
+        const __m128i dots = QuantDots4(w, W, Row(ids[i]), half_);
+        _mm_store_ps(v, _mm_fmadd_ps(_mm_cvtepi32_ps(dots), s, b));
+        for (int c = 0; c < heads; ++c) x[size_t(h0 + c) * ld + i] = v[c];
+      }
+    }
+    return;
+  }
+#endif
+  for (size_t i = 0; i < count; ++i) {
+    const uint8_t* row = Row(ids[i]);
+    for (int h = 0; h < G; ++h) {
+      const int8_t* w = cq.w8.data() + size_t(h) * W;
+      int32_t dot = 0;
+      for (size_t k = 0; k < half_; ++k) dot += int32_t(row[k] & 15) * w[k] + int32_t(row[k] >> 4) * w[half_ + k];
+      x[size_t(h) * ld + i] = std::fma(float(dot), cq.qscale[size_t(h)], cq.qbias[size_t(h)]);
+    }
   }
 }
 

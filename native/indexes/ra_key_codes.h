@@ -31,11 +31,25 @@ namespace kvr {
 
 // A query group's weights for the approximate logits (RaKeyCodes::Prepare):
 // x̂_h = bias_h + Σ_j w_hj · c_j, the scaled q_h · (dequantized key).
+//
+// The walk scores codes with the weights rounded to int8 (QuantLogits):
+// x̃_h = qbias_h + qscale_h · Σ_j w8_hj · c_j, the sum exact in int32, so
+// that a row is 16 u8 × s8 multiply-adds a head (AVX2) where the float form
+// widened every nibble to a float; at 1M keys the float form was ~30% of the
+// code walk's CPU (2-core VM). qscale_h = max_j |w_hj| / 127, and qbias_h
+// adds Σ_j (w_hj − qscale_h · w8_hj) · 7.5 (the rounding's error at the
+// middle level), so what is left, Σ_j (w_hj − qscale_h · w8_hj)(c_j − 7.5),
+// is at most qscale_h / 2 · Σ_j |c_j − 7.5| (real arithmetic; float
+// rounding adds a few ulps), and 4–7% of the codes' own error (rms) on the
+// tests' keys, which hold it to that bound against float64.
 struct RaCodeQuery {
   int G = 0;
   size_t width = 0;       // 2·ceil(d/2): channels as the row's nibbles lay them out (zero-padded)
   std::vector<float> w;   // [G, width]: scale · q_hj · step_j, in nibble order
   std::vector<float> bias;  // [G]: scale · Σ_j q_hj · (low_j + step_j / 2), summed in double
+  int G4 = 0;             // G rounded up to 4: the int8 form's heads (the extra ones zero)
+  std::vector<int8_t> w8;   // [G4, width]: round(w_hj / qscale_h), in nibble order
+  std::vector<float> qscale, qbias;  // [G4]
 };
 
 class RaKeyCodes {
@@ -67,6 +81,10 @@ class RaKeyCodes {
   // x[h] = the approximate scaled logit of query row h against the key whose
   // code row is `row`: within float rounding of scale · q_h · (dequantized key).
   void Logits(const RaCodeQuery& cq, const uint8_t* row, float* x) const;
+  // x[h·ld + i] = the int8 form's approximate logit of query row h against
+  // key ids[i], for i < count, h < G (the code walk's scores). The same
+  // integers with or without AVX2, then one fma each: the same floats.
+  void QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t count, float* x, size_t ld) const;
 
  private:
   int64_t n_ = 0;
@@ -76,7 +94,10 @@ class RaKeyCodes {
   // [n, half_], 64-byte aligned: a 64-byte row (d = 128) is then one cache
   // line. In a std::vector (16-byte aligned) most rows straddled two and the
   // code walk took ~1.4x the time at 1M keys (2-core VM, 3 pairs
-  // alternated); 2 MB pages (MADV_HUGEPAGE) changed nothing there.
+  // alternated). From 16 MB up in 2 MB pages (MADV_HUGEPAGE: advice, small
+  // pages where the kernel gives none): since a round's code rows are
+  // requested at once (ra_graph_code_walk.h), 0.95 of the walk's time at 1M,
+  // 3 pairs alternated; with 16 rows in flight they had changed nothing.
   struct Free {
     void operator()(uint8_t* p) const;
   };

@@ -109,6 +109,63 @@ describe('ra-graph key codes', () => {
       graph.dispose();
     });
 
+  // The walk ranks codes by an int8 form of the weights (ra_key_codes.h, RaCodeQuery): w_hj = scale·q_hj·step_j
+  // (f32), s_h = max_j |w_hj| / 127, r_hj = w_hj / s_h rounded (half to even), x̃_h = b̃_h + s_h·Σ_j r_hj·c_j with
+  // b̃_h = the dequantized key's bias + Σ_j (w_hj − s_h·r_hj)·7.5. Its distance from the dequantized key's logit
+  // (float64) is at most s_h/2 · Σ_j |c_j − 7.5|. d = 128 and 64 take the AVX2 path, 24 and 7 the scalar one: both
+  // must give these numbers; G = 3 and 5 leave a partial group of four heads.
+  for (const [dt, n, d, G] of [['f16', 3000, 128, 5], ['f16', 1000, 64, 3], ['bf16', 2000, 24, 4], ['f16', 500, 7, 3]] as const)
+    it(`int8 form: the stated integers, within its bound of the dequantized key's logits (${dt}, d=${d}, G=${G})`, async () => {
+      const rng = new Rng(seed + 3 * d + G);
+      const { keys, graph } = await graphOf(rng, dt, n, d);
+      const args = { keys: keys.bits, tokens: n, headDim: d, dtype: dt };
+      const { codes, low, step } = graph.keyCodes(args);
+      const q = queries(rng, G, d), scale = 1 / Math.sqrt(d), f = Math.fround;
+      const ids = Int32Array.from({ length: 300 }, () => rng.int(n));
+      const got = graph.codeLogits({ ...args, q, group: G, ids, quantized: true });
+      const deq = graph.codeLogits({ ...args, q, group: G, ids });
+      expect(got.length).toBe(ids.length * G);
+      const roundEven = (v: number) => (Math.abs(v - Math.trunc(v)) === 0.5 ? 2 * Math.round(v / 2) : Math.round(v));
+      let quantErr = 0, codeErr = 0;
+      for (let g = 0; g < G; g++) {
+        const w = Array.from({ length: d }, (_, j) => f(f(f(scale) * q[g * d + j]) * step[j]));
+        const s = f(Math.max(...w.map(Math.abs)) / 127);
+        const r = w.map((v) => Math.max(-127, Math.min(127, roundEven(f(v / s)))));
+        let bias = 0, biasSize = 0;
+        for (let j = 0; j < d; j++) {
+          const term = q[g * d + j] * (low[j] + 0.5 * step[j]);
+          bias += term;
+          biasSize += Math.abs(term);
+        }
+        bias *= scale;
+        for (let j = 0; j < d; j++) bias += (w[j] - s * r[j]) * 7.5;
+        ids.forEach((t, i) => {
+          let dot = 0, spread = 0, want = 0, exact = 0;
+          for (let j = 0; j < d; j++) {
+            const c = level(codes, t, j, d);
+            dot += r[j] * c;
+            spread += Math.abs(c - 7.5);
+            want += q[g * d + j] * (low[j] + (c + 0.5) * step[j]);
+            exact += q[g * d + j] * keys.values[t * d + j];
+          }
+          want *= scale;
+          exact *= scale;
+          const x = got[i * G + g];
+          // The integers exactly, the bias and the fused step within f32 rounding of their sizes.
+          expect(Math.abs(x - (bias + s * dot))).toBeLessThanOrEqual(1e-6 * (scale * biasSize + Math.abs(s * dot)) + 1e-6);
+          // Within the bound (real arithmetic) of the dequantized key's logit, plus the f32 rounding of both.
+          expect(Math.abs(x - want)).toBeLessThanOrEqual(0.5 * s * spread + 1e-5 * (scale * biasSize + Math.abs(s * dot)) + 1e-5);
+          expect(Math.abs(deq[i * G + g] - want)).toBeLessThanOrEqual(1e-5 * (scale * biasSize + Math.abs(s * dot)) + 1e-5);
+          quantErr += (x - want) ** 2;
+          codeErr += (want - exact) ** 2;
+        });
+      }
+      // And in practice a small part of the codes' own error
+      // (0.04-0.07 here; the keys have outlier channels, which widen s.)
+      expect(Math.sqrt(quantErr / codeErr)).toBeLessThan(0.15);
+      graph.dispose();
+    });
+
   it('follow the keys a call brings: another keys array gets its own codes', async () => {
     const rng = new Rng(seed + 5);
     const [n, d] = [700, 16];
@@ -149,6 +206,48 @@ describe('ra-graph code-gated walk', () => {
         const gated = graph.searchSync({ ...walkArgs(keys.bits, n, d, dt, q, G, k), codeDelta: 0 });
         expect(gated.scanned).toBeLessThan(n);
         expect(gated.scanned + gated.codesRead!).toBeGreaterThanOrEqual(n);
+      }
+      graph.dispose();
+    });
+
+  // With no caps the walk meets every key; one read as a code is scored exactly iff its walk score from the int8 form,
+  // log Σ_g exp(x̃_g − c0_g) (c0_g: the strided sample's exact log-partition), is >= τ − δ, τ the sample keys' such
+  // score at quantile q. So the keys scored exactly are the sample, the entry points (P of them) and those at or
+  // above the cut: the ranks and the gate checked against float64 (keys within 1e-3 of the cut either way).
+  for (const [n, d, G, q, delta] of [[20000, 64, 4, 5, 0.5], [12000, 32, 3, 5, 1]] as const)
+    it(`uncapped, scores exactly the keys whose code's walk score passes the cut, as float64 has it (n=${n}, d=${d}, G=${G})`, async () => {
+      const rng = new Rng(seed + 7 * d + G);
+      const { keys, graph } = await graphOf(rng, 'f16', n, d);
+      const stride = Math.floor(n / Math.min(n, 4096, Math.max(64, Math.floor(n / 512)))), off = Math.floor(stride / 2);
+      const m = Math.ceil((n - off) / stride), P = graph.entryPoints, scale = 1 / Math.sqrt(d);
+      const ids = Int32Array.from({ length: n }, (_, i) => i);
+      for (let trial = 0; trial < 2; trial++) {
+        const qs = queries(rng, G, d);
+        const x = graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', q: qs, group: G, ids, quantized: true });
+        const c0 = Array.from({ length: G }, (_, g) => {
+          const logits = Array.from({ length: m }, (_, j) => {
+            let s = 0;
+            for (let c = 0; c < d; c++) s += qs[g * d + c] * keys.values[(off + j * stride) * d + c];
+            return scale * s;
+          });
+          const top = Math.max(...logits);
+          return top + Math.log(logits.reduce((a, v) => a + Math.exp(v - top), 0)) + Math.log(n / m);
+        });
+        const rank = (t: number) => Math.log(c0.reduce((a, c, g) => a + Math.exp(x[t * G + g] - c), 0));
+        const sample = Array.from({ length: m }, (_, j) => rank(off + j * stride)).sort((a, b) => b - a);
+        const cut = sample[Math.min(m - 1, Math.floor((m * q) / 100))] - delta;
+        let above = 0, near = 0;
+        for (let t = 0; t < n; t++) {
+          if (t >= off && (t - off) % stride === 0) continue;
+          const r = rank(t);
+          if (Math.abs(r - cut) < 1e-3) near++;
+          else if (r > cut) above++;
+        }
+        const r = graph.searchSync({ ...walkArgs(keys.bits, n, d, 'f16', qs, G, 40), codeQuantile: q, codeDelta: delta, codeAdapt: 0 });
+        expect(above).toBeGreaterThan(10 * P); // the gate, not the entry points, decides the count
+        expect(r.scanned - m).toBeGreaterThanOrEqual(above);
+        expect(r.scanned - m).toBeLessThanOrEqual(above + near + P);
+        expect(r.scanned + r.codesRead!).toBeGreaterThanOrEqual(n); // every key met
       }
       graph.dispose();
     });
@@ -202,7 +301,7 @@ describe('ra-graph code-gated walk', () => {
       const q = queries(rng, G, d);
       const run = (codeAdapt: number) =>
         graph.searchSync({ ...walkArgs(keys.bits, n, d, 'f16', q, G, 100), maxScanned: m + Mx, maxCodes: Mc, codeWidth, codeDelta: delta, codeAdapt });
-      const x = graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', q, group: G, ids });
+      const x = graph.codeLogits({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', q, group: G, ids, quantized: true });
       let span = 0;
       for (let g = 0; g < G; g++) {
         let lo = Infinity, hi = -Infinity;
