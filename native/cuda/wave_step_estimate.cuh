@@ -183,27 +183,6 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
   }
 }
 
-// kGC values reduced over the block at once; every thread gets the results.
-template <typename Op>
-__device__ void BlockReduceGC(float (&v)[kGC], Op op, float* scratch /* [32 * kGC] */) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-#pragma unroll
-  for (int g = 0; g < kGC; ++g)
-    for (int o = 16; o > 0; o >>= 1) v[g] = op(v[g], __shfl_down_sync(0xffffffffu, v[g], o));
-  __syncthreads();
-  if (lane == 0)
-#pragma unroll
-    for (int g = 0; g < kGC; ++g) scratch[warp * kGC + g] = v[g];
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < kGC; ++g) {
-    float r = scratch[g];
-    for (int w = 1; w < warps; ++w) r = op(r, scratch[w * kGC + g]);
-    v[g] = r;
-  }
-  __syncthreads();
-}
-
 // The tile rows this thread holds (src[k] >= 0: two per thread) compacted
 // into sSrc in thread order, so a tile's sums do not depend on timing;
 // at[k]: each one's place. Returns the tile's rows. Every thread calls it.
@@ -288,6 +267,10 @@ static_assert(kTile == 2 * kThreads, "two tile rows per thread");
 // positions) of kv head h (its blockIdx.y).
 template <bool kBf16, bool kRows, bool kPaged, bool kMma = false>
 __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int h) {
+  if constexpr (kMma && !kRows && kMmaClusterTiles) {
+    ClusterTileMma<kBf16>(p, tile, h);
+    return;
+  }
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
   float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] its numerator weight n·e (or e)

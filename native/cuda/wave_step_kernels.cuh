@@ -537,6 +537,27 @@ __device__ int BlockExclusiveScan(int x, int* scratch /* [32] */, int& total) {
   return before + inc - x;
 }
 
+// kGC values reduced over the block at once; every thread gets the results.
+template <typename Op>
+__device__ void BlockReduceGC(float (&v)[kGC], Op op, float* scratch /* [32 * kGC] */) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+#pragma unroll
+  for (int g = 0; g < kGC; ++g)
+    for (int o = 16; o > 0; o >>= 1) v[g] = op(v[g], __shfl_down_sync(0xffffffffu, v[g], o));
+  __syncthreads();
+  if (lane == 0)
+#pragma unroll
+    for (int g = 0; g < kGC; ++g) scratch[warp * kGC + g] = v[g];
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < kGC; ++g) {
+    float r = scratch[g];
+    for (int w = 1; w < warps; ++w) r = op(r, scratch[w * kGC + g]);
+    v[g] = r;
+  }
+  __syncthreads();
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace kvr
