@@ -123,8 +123,8 @@ export interface RaGraphSearchArgs {
   /** A cap on the codes read (0 or absent: none); passed by at most one round's neighbour lists. */
   maxCodes?: number;
   /**
-   * Candidates the code walk expands a round (1..1024; absent: 8): their lists and codes are fetched side by side.
-   * At 1M keys on the 2-core VM 8 took ~half the CPU of 1, the same recall (native/indexes/ra_graph.h).
+   * Candidates the code walk expands a round (1..1024; absent: 16): their lists and codes are fetched side by side.
+   * At 1M keys on the 2-core VM 8 took ~half the CPU of 1 and 16 0.86-0.92 of 8, the same recall (native/indexes/ra_graph.h).
    */
   codeWidth?: number;
   /**

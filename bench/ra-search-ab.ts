@@ -1,13 +1,14 @@
-// node dist/bench/ra-search-ab.js --run 'LABEL|TREE' [--run ...] [--tokens 1048576 --reps 5
+// node dist/bench/ra-search-ab.js --run 'LABEL|TREE[|ARGS]' [--run ...] [--tokens 1048576 --reps 5
 //   --configs 'capped,code walk' --out bench/results/ra-search-1048576-vm-codes-ab.md]
 //
 // Graph searches before and after a change, alternated in one sitting, so
 // that the load of a shared machine falls on every variant alike: each rep
 // runs every `--run` once, in the order given, as a fresh process of
 // TREE/dist/bench/ra-search.js (one rep of its steps; `--configs` passed
-// on: comma-separated prefixes of its configuration names). TREE is a
-// built checkout (`.` for this one): its addon and its bench, so an older
-// one answers with the code it had. Every run shares bench/ra-search.ts's
+// on: comma-separated prefixes of its configuration names; ARGS, split at
+// spaces, after them: e.g. `--code-width 16`). TREE is a built checkout
+// (`.` for this one): its addon and its bench, so an older one answers
+// with the code it had. Every run shares bench/ra-search.ts's
 // cached graph, keys and exact top-k (one workload). Per configuration and
 // variant: the median over reps × steps of one group-search's CPU time on
 // the calling thread, of a layer-step's wall time (the steps' searches at
@@ -27,9 +28,9 @@ const get = (name: string, def: string) => (args.includes(`--${name}`) ? args[ar
 const tokens = Number(get('tokens', '1048576')), reps = Number(get('reps', '5'));
 const configs = get('configs', 'capped,code walk'), out = get('out', '');
 const runs = args.flatMap((a, i) => (a === '--run' ? [args[i + 1]] : [])).map((spec) => {
-  const [label, tree] = spec.split('|');
-  if (!label || !tree) throw new Error(`--run 'LABEL|TREE', got ${spec}`);
-  return { label, tree: resolve(tree) };
+  const [label, tree, extra] = spec.split('|');
+  if (!label || !tree) throw new Error(`--run 'LABEL|TREE[|ARGS]', got ${spec}`);
+  return { label, tree: resolve(tree), extra: extra ? extra.split(' ').filter((a) => a) : [] };
 });
 if (runs.length === 0) throw new Error("give at least one --run 'LABEL|TREE'");
 
@@ -49,7 +50,7 @@ for (let rep = 0; rep < reps; rep++)
   for (const [i, r] of runs.entries()) {
     const load = loadavg()[0];
     const file = join(tmpdir(), `kvrecall-ra-search-ab-${process.pid}-${i}.md`);
-    execFileSync(process.execPath, [join(r.tree, 'dist', 'bench', 'ra-search.js'), '--tokens', String(tokens), '--reps', '1', '--configs', configs, '--out', file], {
+    execFileSync(process.execPath, [join(r.tree, 'dist', 'bench', 'ra-search.js'), '--tokens', String(tokens), '--reps', '1', '--configs', configs, '--out', file, ...r.extra], {
       cwd: r.tree,
       stdio: ['ignore', 'ignore', 'inherit'],
     });
@@ -89,7 +90,7 @@ const loads = results.map((x) => x.load);
 const md = [
   `### Graph searches at ${tokens.toLocaleString('en-US')} keys, variants alternated (bench/ra-search-ab.ts)`,
   '',
-  `${m}; each rep ran every variant once in this order, each a fresh process of its tree's bench/ra-search.ts (${reps} reps; one kv head, GQA group 4, d=128, f16, 8 decode steps, the bench's cached graph and workload). Variants: ${runs.map((r) => `${r.label} (${r.tree})`).join(', ')}. CPU ms = one group-search on the calling thread (median over reps × steps); layer-step = the 8 steps' searches at once on the native pool (wall, median over reps); ratios to ${runs[0].label}: of the medians, and the median of each rep's ratio (its pair back to back). scanned = keys scored exactly, codes = keys read as 4-bit codes, recall = the group's top-1% recall (bench/ra-search.ts). 1-minute load ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}.`,
+  `${m}; each rep ran every variant once in this order, each a fresh process of its tree's bench/ra-search.ts (${reps} reps; one kv head, GQA group 4, d=128, f16, 8 decode steps, the bench's cached graph and workload). Variants: ${runs.map((r) => `${r.label} (${r.tree}${r.extra.length ? ` ${r.extra.join(' ')}` : ''})`).join(', ')}. CPU ms = one group-search on the calling thread (median over reps × steps); layer-step = the 8 steps' searches at once on the native pool (wall, median over reps); ratios to ${runs[0].label}: of the medians, and the median of each rep's ratio (its pair back to back). scanned = keys scored exactly, codes = keys read as 4-bit codes, recall = the group's top-1% recall (bench/ra-search.ts). 1-minute load ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}.`,
   '',
   '| configuration | variant | CPU ms a group | × | × per rep (median) | ms a layer-step | × | scanned | codes read | top-1% recall (group) | ids fingerprint |',
   '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |',

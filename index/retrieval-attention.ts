@@ -117,7 +117,7 @@ export const SCAN_PER_K = 3;
  * code-gated walk (addon/ra-graph.ts codeWalk: no beam, no margin) capped at codeShare of the keys read as codes
  * and scanShare (default DEFAULT_SCAN_SHARE, at least SCAN_PER_K·k) scored exactly, at the cutoff
  * DEFAULT_CODE_QUANTILE / DEFAULT_CODE_DELTA / DEFAULT_CODE_ADAPT (passed explicitly, so a session's walk does not move with the
- * native defaults); codeWidth stays at the native default (8).
+ * native defaults); codeWidth stays at the native default (16).
  */
 export function walkOptions(ef: number, k: number, free: number, tokens: number, walk: WalkParams = {}) {
   const maxScanned = walk.scanShare !== undefined ? Math.max(1, Math.ceil(walk.scanShare * tokens)) : undefined;

@@ -174,8 +174,11 @@ struct RaSearchOptions {
   // side by side (values below 1 count as 1). It reads ~10 codes an
   // expansion, each a miss: one at a time took ~150 ms a search at 1M keys
   // (caps 3% / 40%) on the 2-core VM, 8 at a time ~80 ms, 16 no less, the
-  // same recall to 3 digits.
-  int codeWidth = 8;
+  // same recall to 3 digits. Since the codes are scored in int8 (~30 ms at
+  // 8), each round's waits on its lists weigh more: 16 took 0.86-0.92 of 8's
+  // CPU at 1M and 0.91-0.96 at 256K, about the same at 64K, alternated
+  // (bench/results/ra-search-codewidth-*-vm.md), the same recall to 3 digits.
+  int codeWidth = 16;
 };
 
 struct RaSearchResult {

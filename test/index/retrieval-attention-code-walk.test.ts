@@ -66,8 +66,8 @@ describe('retrieval-attention session with codeWalk', () => {
     // The session's cutoff is passed explicitly, at the defaults bench/results/retrieval-code-cut-*-vm.md chose.
     expect(opts).toMatchObject({ codeQuantile: 1, codeDelta: 1, codeAdapt: 2 });
     expect([DEFAULT_CODE_QUANTILE, DEFAULT_CODE_DELTA, DEFAULT_CODE_ADAPT]).toEqual([1, 1, 2]);
-    // Either cap may be passed by one round's lists: 8 candidates (codeWidth's default) of at most maxDegree each.
-    const slack = 8 * Math.max(...graphs.map((g) => g.graph.maxDegree));
+    // Either cap may be passed by one round's lists: 16 candidates (codeWidth's default) of at most maxDegree each.
+    const slack = 16 * Math.max(...graphs.map((g) => g.graph.maxDegree));
     let total = 0;
     for (let s = 0; s < STEPS; s++) {
       const r = await attend(sid, queries[s]);
