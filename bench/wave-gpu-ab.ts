@@ -41,6 +41,7 @@ import type { WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
 import { quantile } from './stats.js';
 import { benchSetup } from './wave-gpu.js';
+import { setPath } from './wave-paths.js';
 
 /** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
 // FIND=1 and PDL=1 time HistogramFind and early launches (off by default) against the default; ROUND2=0 the paths before round 2.
@@ -92,6 +93,9 @@ async function main(): Promise<void> {
   const info = cudaAvailable();
   console.log(`device: ${deviceName(info)}`);
   if (!info.ok) process.exit(2);
+  // The paths compared bit for bit sum in the host's order: the tensor-core
+  // paths (on by default; bench/wave-gpu-mma.ts compares them) off in both.
+  setPath('plain');
   const { store, qs, step } = await benchSetup(
     { tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize, budgetShare: 0.02, sinks: 16, window: 64, steps, probes: [] }, console.log);
   const engine = (q: Float32Array) => step(q, true, 'spread', true, true, probe, true);

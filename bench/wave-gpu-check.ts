@@ -8,6 +8,7 @@ import { PROBE, type ClusterRanking } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
 import { compare, type CompareResult, gpuRanking, type KeptFilter, queries, staticRows, type WaveCase } from './wave-gpu.js';
 import { caseHeads } from './wave-gpu-heads.js';
+import { withPath } from './wave-paths.js';
 
 /**
  * The engine's call (ids left on the device, no stage times) against the full one: `kept` the ids' lengths, no ids,
@@ -36,8 +37,17 @@ async function launchesSame(store: WaveGpuStore, args: Parameters<WaveGpuStore['
   return runs.every((r) => key(r) === key(a) && r.out.every((x, i) => close(x, a.out[i])) && r.lse.every((x, i) => close(x, a.lse[i])));
 }
 
-/** Builds the case's clusters on the host (k-means), runs one GPU step per ranking and compares each with the host's. */
-export async function checkWaveCase(c: WaveCase, seed: number): Promise<Record<string, CompareResult & { ms: number; leanSame?: boolean; leanFailed?: string; pathsSame?: boolean }>> {
+type WaveCaseCheck = Record<string, CompareResult & { ms: number; leanSame?: boolean; leanFailed?: string; pathsSame?: boolean }>;
+
+/**
+ * Builds the case's clusters on the host (k-means), runs one GPU step per
+ * ranking and compares each with the host's: on the `plain` path
+ * (bench/wave-paths.ts), whose ids are the host's bit for bit.
+ */
+export async function checkWaveCase(c: WaveCase, seed: number): Promise<WaveCaseCheck> {
+  return withPath('plain', () => checkPlainCase(c, seed));
+}
+async function checkPlainCase(c: WaveCase, seed: number): Promise<WaveCaseCheck> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);

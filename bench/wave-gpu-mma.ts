@@ -1,14 +1,15 @@
-// The wave step's tensor-core paths against the default path (needs a CUDA
-// device): ScoreClusters on the tensor cores (KVRECALL_WAVE_MMA=1,
-// native/cuda/wave_score_mma.cuh) and the estimate's and attention's tile
-// numerators on them (KVRECALL_WAVE_MMA_TILES=1, wave_tile_mma.cuh). Their
-// sums are not the host's bit for bit, so they are checked differently from
-// the default path (bench/wave-gpu-check.ts):
+// The wave step's tensor-core paths (bench/wave-paths.ts; both on by
+// default) against the plain path (needs a CUDA device): ScoreClusters on the
+// tensor cores (KVRECALL_WAVE_MMA, native/cuda/wave_score_mma.cuh) and the
+// estimate's and attention's tile numerators on them
+// (KVRECALL_WAVE_MMA_TILES, wave_tile_mma.cuh). Their sums are not the
+// host's bit for bit, so they are checked differently from the plain path
+// (bench/wave-gpu-check.ts):
 //
 //   --check  per case (f16, 4 q heads a kv head, d = 128 and 64, q scaled
 //            so that |q|² passes f16's range and so that it is tiny; with
 //            the tiles on also bf16 and 8 and 2 q heads a kv head): the
-//            default path first, which must equal the host's search and
+//            plain path first, which must equal the host's search and
 //            estimate (ids bit for bit, out and lse within TOL); then the
 //            path (--path score | tiles | both, default both), whose answer
 //            must equal the host's estimate and float64 attention over the
@@ -37,40 +38,18 @@ import { machine } from './host.js';
 import { quantile } from './stats.js';
 import { benchSetup, compare, type CompareResult, gpuRanking, type KeptFilter, queries, staticRows, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads } from './wave-gpu-heads.js';
+import { isPath, PATHS, type PathName, withPath } from './wave-paths.js';
 
-/** The step's kernel paths by name: the switches each sets (wave_paths.cuh; the step reads them at each call). */
-export const PATHS = {
-  plain: {},
-  score: { KVRECALL_WAVE_MMA: '1' },
-  tiles: { KVRECALL_WAVE_MMA_TILES: '1' },
-  both: { KVRECALL_WAVE_MMA: '1', KVRECALL_WAVE_MMA_TILES: '1' },
-} as const satisfies Record<string, Record<string, string>>;
-export type PathName = keyof typeof PATHS;
-const SWITCHES = ['KVRECALL_WAVE_MMA', 'KVRECALL_WAVE_MMA_TILES'];
+export type { PathName } from './wave-paths.js';
+
 const PATH_LABEL: Record<PathName, string> = {
-  plain: 'default (the host\'s scores bit for bit)',
+  plain: 'plain (the host\'s sums bit for bit)',
   score: 'ScoreClusters on the tensor cores',
   tiles: 'tile numerators on the tensor cores',
-  both: 'both on the tensor cores',
+  both: 'both on the tensor cores (the default)',
 };
-export const isPath = (x: string | undefined): x is PathName => x !== undefined && Object.hasOwn(PATHS, x);
 /** The mma path's ids against the host's, per head (Jaccard): a cluster at the cut may fall the other side of it. */
 export const MIN_OVERLAP = 0.9;
-
-/** Runs f with the path's switches on and the others off. */
-async function withPath<T>(path: PathName, f: () => Promise<T>): Promise<T> {
-  const before = SWITCHES.map((k) => process.env[k]);
-  for (const k of SWITCHES) delete process.env[k];
-  Object.assign(process.env, PATHS[path]);
-  try {
-    return await f();
-  } finally {
-    SWITCHES.forEach((k, i) => {
-      if (before[i] === undefined) delete process.env[k];
-      else process.env[k] = before[i];
-    });
-  }
-}
 
 export interface MmaCase extends WaveCase {
   /** q is the keys' queries (bench/wave-gpu.ts queries) times this; the softmax scale divided by it. */

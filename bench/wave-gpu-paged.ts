@@ -49,6 +49,7 @@ import { defaultKnobs, Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
 import { caseName, compare, gpuRanking, keyRows, staticRows, syntheticHead, waveCases, type KeptFilter, type WaveCase } from './wave-gpu.js';
+import { withPath } from './wave-paths.js';
 
 /**
  * Decode queries that drift as the generator's do (workload/queries.ts): per
@@ -126,8 +127,15 @@ export interface PagedCheck {
   afterOverflowSame: boolean;
 }
 
-/** One case: dense and paged stores over the same heads, `steps` drifting steps, the repeat, the overflow. */
+/**
+ * One case: dense and paged stores over the same heads, `steps` drifting
+ * steps, the repeat, the overflow; on the `plain` path (bench/wave-paths.ts),
+ * whose ids the host's are checked against bit for bit.
+ */
 export async function checkPagedCase(c: WaveCase, seed: number, steps = 24): Promise<PagedCheck> {
+  return withPath('plain', () => checkPlainPagedCase(c, seed, steps));
+}
+async function checkPlainPagedCase(c: WaveCase, seed: number, steps: number): Promise<PagedCheck> {
   const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);

@@ -45,13 +45,18 @@ struct StepPaths {
   // launches), the exact rows' owners taken in ScatterPack where pack runs.
   bool range;
   bool owners;
-  // KVRECALL_WAVE_MMA=1 (off by default): ScoreClusters on the tensor cores
-  // (wave_score_mma.cuh) where it applies; its scores are not the host's
-  // bit for bit (that file says why), so neither are the step's ids.
+  // KVRECALL_WAVE_MMA=0 turns off (on by default): ScoreClusters on the
+  // tensor cores (wave_score_mma.cuh) where it applies; its scores are not
+  // the host's bit for bit (that file says why), so neither are the step's
+  // ids: a cluster at the cut may fall the other side of it.
   bool mma;
-  // KVRECALL_WAVE_MMA_TILES=1 (off by default): AttendAndClusters' tiles'
-  // numerators on the tensor cores (wave_tile_mma.cuh) where it applies;
-  // their sums are not TileNumerators' bit for bit (that file says why).
+  // KVRECALL_WAVE_MMA_TILES=0 turns off (on by default): AttendAndClusters'
+  // tiles on the tensor cores (wave_tile_mma.cuh) where they apply; their
+  // sums are not TileNumerators' bit for bit (that file says why).
+  // Both on, the engine's call at the issue's shape on an H100 took 0.922x
+  // the time of both off (bench/results/wave-tiles-h100-s27.md).
+  // The checks that compare ids with the host's bit for bit turn both off
+  // (bench/wave-paths.ts: the plain path).
   bool mmaTiles;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
 };
@@ -76,8 +81,8 @@ inline StepPaths ReadStepPaths(int d) {
   s.owners = s.pack;
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
   s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
-  s.mma = !s.legacy && is("KVRECALL_WAVE_MMA", '1');
-  s.mmaTiles = !s.legacy && is("KVRECALL_WAVE_MMA_TILES", '1');
+  s.mma = !s.legacy && !is("KVRECALL_WAVE_MMA", '0');
+  s.mmaTiles = !s.legacy && !is("KVRECALL_WAVE_MMA_TILES", '0');
   return s;
 }
 

@@ -1,4 +1,4 @@
-// ScoreClusters on the tensor cores (KVRECALL_WAVE_MMA=1, wave_paths.cuh):
+// ScoreClusters on the tensor cores (on by default; KVRECALL_WAVE_MMA=0 turns it off, wave_paths.cuh):
 // every cluster's spread rank key and second-order estimate logits, as
 // ScoreClusters<kFuse> computes them, from three small matrix products per
 // tile of clusters: centroids · q, axis codes · q, variance codes · q².

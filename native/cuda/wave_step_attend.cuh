@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) AttendPart(StepParams p) {
 //
 // kMma: every tile's numerators on the tensor cores (wave_tile_mma.cuh).
 template <bool kBf16, bool kPaged = false, bool kMma = false>
-__global__ void __launch_bounds__(kThreads, kMma ? kMmaTileMinBlocks : 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
+__global__ void __launch_bounds__(kThreads, 3) AttendAndClusters(StepParams p, int nAtt, int nMain, int H) {
   AfterPrior();
   const int b = blockIdx.x;
   if (b < nMain * H) {  // uniform over the block, as every branch below

@@ -267,10 +267,6 @@ static_assert(kTile == 2 * kThreads, "two tile rows per thread");
 // positions) of kv head h (its blockIdx.y).
 template <bool kBf16, bool kRows, bool kPaged, bool kMma = false>
 __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int h) {
-  if constexpr (kMma && !kRows && kMmaClusterTiles) {
-    ClusterTileMma<kBf16>(p, tile, h);
-    return;
-  }
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* sSrc = reinterpret_cast<int64_t*>(smem);  // [kTile] first word of each row left, compacted
   float* sE = reinterpret_cast<float*>(sSrc + kTile);  // [kGC, kTile] its numerator weight n·e (or e)
@@ -288,7 +284,10 @@ __device__ __forceinline__ void EstimateTile(const StepParams& p, int tile, int 
     const int64_t at = int64_t(tile) * kTile + 2 * threadIdx.x + k;
     if (!kRows) {
       if (at < C) {
-        if (p.prefetchRows && (!kMma || at - int64_t(tile) * kTile < kMmaTilePrefetch)) PrefetchRow(p.means + (b + at) * p.d, p.d * 2);  // the tile's 128 KiB, while its setup runs
+        // The tile's 128 KiB asked of L2 while its setup runs; not with the
+        // tiles on the tensor cores, where it measured slower (0.151 ->
+        // 0.140 ms a step's tiles without: bench/results/wave-tiles-h100-s27.md).
+        if (p.prefetchRows && !kMma) PrefetchRow(p.means + (b + at) * p.d, p.d * 2);
         const int32_t n = p.counts[b + at], r = p.removed[b + at];
         if (n > 0 && r < n) src[k] = (b + at) * p.d, lc[k] = int32_t(at), wd[k] = float(n - r), wn[k] = float(n), est += n - r;
       }

@@ -1,5 +1,5 @@
-// A tile's numerators on the tensor cores (KVRECALL_WAVE_MMA_TILES=1,
-// wave_paths.cuh): what TileNumerators (wave_step_estimate.cuh) sums, sign ·
+// A tile's numerators on the tensor cores (on by default; KVRECALL_WAVE_MMA_TILES=0
+// turns it off, wave_paths.cuh): what TileNumerators (wave_step_estimate.cuh) sums, sign ·
 // Σ_i e[g, i] · row_i for the q heads g of a pass, as one matrix product a
 // tile: [d × rows] · [rows × heads], the rows' channels in the mma's M, the
 // rows in its K, the heads' weights in its N.
@@ -50,16 +50,6 @@ static_assert(kGC == 4, "the q heads' hi and lo parts fill the mma's 8 columns")
 static_assert(size_t(kTileWarps) * kGC * 128 <= size_t(kThreads) * 8 * kGC, "the warps' sums fit TileNumerators' scratch at d = 128");
 
 inline bool MmaTilesApply(int d) { return d == 64 || d == 128; }
-// AttendAndClusters' CTAs an SM with the tiles on (its __launch_bounds__):
-// 3, as without, caps a thread at 80 registers.
-constexpr int kMmaTileMinBlocks = 3;
-// How many of a cluster tile's first rows ask L2 for their value means
-// first (all: as without the tiles on).
-constexpr int kMmaTilePrefetch = kTile;
-// The cluster tiles by ClusterTileMma (their reads issued at once), not EstimateTile.
-constexpr bool kMmaClusterTiles = true;
-// Each k-step's loads issued a k-step ahead of its mma.
-constexpr bool kMmaTileDoubleBuffer = false;
 // Its shared memory: EstimateTile's sources and weights, and the warps' sums
 // (kTileWarps × kGC × d floats, not TileNumerators' row groups').
 inline size_t MmaTileSmem(int d) { return size_t(kTile) * 8 + size_t(kGC) * kTile * 4 + size_t(kTileWarps) * kGC * size_t(d) * 4; }
@@ -86,19 +76,11 @@ __device__ __forceinline__ void LoadStep(uint4 (&x)[4], const uint16_t* base, Sr
   }
 }
 
-// One k-step's mma over the rows in x (rows past `live`, or set in skip, as
-// zeros) with the weights of rows i0 .. i0 + 15 from e.
+// One k-step's mma over the rows in x (zeros past `live`) with the weights
+// of rows i0 .. i0 + 15 from e.
 template <bool kBf16>
-__device__ __forceinline__ void MmaStep(float (&acc)[4][4], uint4 (&x)[4], const float* e, const uint32_t* skip, bool on, bool lo, int i0, int live,
-                                        int t) {
+__device__ __forceinline__ void MmaStep(float (&acc)[4][4], const uint4 (&x)[4], const float* e, bool on, bool lo, int i0, int live, int t) {
   const int ia = i0 + 2 * t, ib = ia + 8;
-  if (skip) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int i = ia + (r & 1) + 8 * (r >> 1);
-      if (i < live && (skip[i >> 5] >> (i & 31) & 1u)) x[r] = make_uint4(0, 0, 0, 0);
-    }
-  }
   // Rows past `live` hold stale weights: 0 there (their values are 0 too).
   const float w0 = on && ia < live ? e[ia] : 0.f, w1 = on && ia + 1 < live ? e[ia + 1] : 0.f;
   const float w2 = on && ib < live ? e[ib] : 0.f, w3 = on && ib + 1 < live ? e[ib + 1] : 0.f;
@@ -119,13 +101,15 @@ __device__ __forceinline__ void MmaStep(float (&acc)[4][4], uint4 (&x)[4], const
 }
 
 // A warp takes one 64-channel block (kB of them) and every kW-th k-step:
-// 16 accumulators a thread at any d, and one k-step's loads (16 registers;
-// with kMmaTileDoubleBuffer the next one's too). x: the warp's first
-// k-step's rows where `preloaded` (ClusterTileMma issues them before its
-// reductions). skip: rows to take as zeros (nullptr: none).
+// 16 accumulators and one k-step's loads (16 registers) a thread at any d.
+// Two k-steps' loads at once spilled ~140 bytes a thread at AttendAndClusters'
+// 80 registers (ptxas), and issuing a tile's reads at once (its counts,
+// logits and first rows together, the rows not compacted) measured no faster
+// (visit 4, bench/results/wave-tiles-h100-s27.md). src(i): row
+// i's first word in rows.
 template <bool kBf16, int kB, class Src>
-__device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Src src, bool preloaded, uint4 (&x)[4], const uint32_t* skip,
-                                   const float* sE, float* sRed, int live, int gc, size_t qh0, int part, float sign) {
+__device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Src src, const float* sE, float* sRed, int live, int gc, size_t qh0,
+                                   int part, float sign) {
   constexpr int kW = kTileWarps / kB;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int block = warp / kW;
@@ -139,20 +123,10 @@ __device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Sr
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[m][j] = 0.f;
   const int steps = (live + 15) / 16;
-  bool have = preloaded;
   for (int s = warp % kW; s < steps; s += kW) {  // uniform over the warp
-    if (!have) LoadStep(x, base, src, s, live, t);
-    have = false;
-    if (kMmaTileDoubleBuffer && s + kW < steps) {
-      uint4 next[4];
-      LoadStep(next, base, src, s + kW, live, t);
-      MmaStep<kBf16>(acc, x, e, skip, on, lo, s * 16, live, t);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) x[r] = next[r];
-      have = true;
-    } else {
-      MmaStep<kBf16>(acc, x, e, skip, on, lo, s * 16, live, t);
-    }
+    uint4 x[4];
+    LoadStep(x, base, src, s, live, t);
+    MmaStep<kBf16>(acc, x, e, on, lo, s * 16, live, t);
   }
   // Columns 2t, 2t+1 of lanes t = 2, 3 are the lo parts of t - 2's heads.
 #pragma unroll
@@ -180,114 +154,13 @@ __device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Sr
 }
 
 // TileNumerators' contract (every thread of the CTA calls it; it ends on a
-// barrier), for d = 64 and 128 (MmaTilesApply): rows + sSrc[i], compacted.
+// barrier), for d = 64 and 128 (MmaTilesApply): rows + sSrc[i].
 template <bool kBf16>
 __device__ void TileNumeratorsMma(const StepParams& p, const uint16_t* rows, const int64_t* sSrc, const float* sE, float* sRed, int live,
                                   int gc, size_t qh0, int part, float sign) {
   const auto src = [sSrc](int i) { return sSrc[i]; };
-  uint4 x[4];
-  if (p.d == 64) TileNumeratorsMmaD<kBf16, 1>(p, rows, src, false, x, nullptr, sE, sRed, live, gc, qh0, part, sign);
-  else TileNumeratorsMmaD<kBf16, 2>(p, rows, src, false, x, nullptr, sE, sRed, live, gc, qh0, part, sign);
-}
-
-// The estimate's cluster tile `tile` of kv head h (EstimateTile<kRows =
-// false>) on the tensor cores, its reads issued at once. EstimateTile reads
-// the tile's counts, then (after two block reductions and a compaction) its
-// logits, then its value means four k-steps deep a warp: three round trips
-// to memory in a row before the first mma, ~1,200 CTAs of them at 1M. Here
-// the counts, the first pass's logits and each warp's first k-step of value
-// means are all in flight together: the tile's rows are its clusters in
-// order, not compacted (a cluster with nothing left to estimate, n = 0 or
-// all removed, weighs 0 and its row is read as zeros), so where each row is
-// does not wait for the counts. The same sums as EstimateTile's otherwise
-// (max, exps, n·e and (n - r)·e, its part): the estimate's est too.
-template <bool kBf16, int kB>
-__device__ __forceinline__ void ClusterTileMmaD(const StepParams& p, int tile, int h) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* sE = reinterpret_cast<float*>(smem + size_t(kTile) * 8);  // EstimateTile's layout: [kGC, kTile]
-  float* sRed = sE + kGC * kTile;
-  __shared__ float fScratch[32 * kGC];
-  __shared__ long long iScratch[32];
-  __shared__ uint32_t sSkip[kTile / 32];
-  const int64_t b = p.base[h], C = p.base[h + 1] - b, first = int64_t(tile) * kTile;
-  const int live = int(C - first < kTile ? C - first : int64_t(kTile));
-  const int64_t d = p.d;
-  const auto src = [b, first, d](int i) { return (b + first + i) * d; };
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int32_t n[2] = {0, 0}, r[2] = {0, 0};
-  float w[kGC][2];
-  int gc = min(kGC, p.group);
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const int64_t at = first + 2 * threadIdx.x + k;
-    if (at < C) n[k] = p.counts[b + at], r[k] = p.removed[b + at];
-#pragma unroll
-    for (int g = 0; g < kGC; ++g) w[g][k] = g < gc && at < C ? p.logits[(size_t(h) * p.group + g) * p.cmax + first + 2 * threadIdx.x + k] : -INFINITY;
-  }
-  uint4 x[4];
-  {
-    constexpr int kW = kTileWarps / kB;
-    const int s = warp % kW;
-    if (s * 16 < live) LoadStep(x, p.means + 64 * (warp / kW) + 8 * (lane >> 2), src, s, live, lane & 3);
-  }
-  if (threadIdx.x < kTile / 32) sSkip[threadIdx.x] = 0;
-  long long est = 0;
-  bool left[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    left[k] = n[k] > 0 && r[k] < n[k];
-    if (left[k]) est += n[k] - r[k];
-  }
-  est = BlockReduce(est, Add(), iScratch);  // its barriers publish sSkip's zeros
-  if (threadIdx.x == 0) p.pest[size_t(h) * p.nMain + tile] = est;
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const int i = 2 * threadIdx.x + k;
-    if (i < live && !left[k]) atomicOr(sSkip + (i >> 5), 1u << (i & 31));
-  }
-  for (int g0 = 0; g0 < p.group; g0 += kGC) {
-    gc = min(kGC, p.group - g0);
-    const size_t qh0 = size_t(h) * p.group + g0;
-    if (g0 > 0) {
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-#pragma unroll
-        for (int g = 0; g < kGC; ++g) {
-          const int64_t at = first + 2 * threadIdx.x + k;
-          w[g][k] = g < gc && at < C ? p.logits[(qh0 + g) * p.cmax + at] : -INFINITY;
-        }
-    }
-    float mx[kGC], den[kGC];
-#pragma unroll
-    for (int g = 0; g < kGC; ++g) {
-      mx[g] = -INFINITY;
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-        if (left[k]) mx[g] = fmaxf(mx[g], w[g][k]);
-    }
-    BlockReduceGC(mx, Max(), fScratch);
-#pragma unroll
-    for (int g = 0; g < kGC; ++g) {
-      den[g] = 0;
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const float e = g < gc && left[k] ? expf(w[g][k] - mx[g]) : 0.f;
-        sE[g * kTile + 2 * threadIdx.x + k] = e * float(n[k]);
-        den[g] += e * float(n[k] - r[k]);
-      }
-    }
-    BlockReduceGC(den, Add(), fScratch);  // its barriers publish sE and sSkip too
-    if (threadIdx.x < gc) {
-      p.pm[(qh0 + threadIdx.x) * p.parts + tile] = mx[threadIdx.x];
-      p.pden[(qh0 + threadIdx.x) * p.parts + tile] = den[threadIdx.x];
-    }
-    TileNumeratorsMmaD<kBf16, kB>(p, p.means, src, g0 == 0, x, sSkip, sE, sRed, live, gc, qh0, tile, 1.f);
-  }
-}
-template <bool kBf16>
-__device__ __forceinline__ void ClusterTileMma(const StepParams& p, int tile, int h) {
-  if (p.d == 64) ClusterTileMmaD<kBf16, 1>(p, tile, h);
-  else ClusterTileMmaD<kBf16, 2>(p, tile, h);
+  if (p.d == 64) TileNumeratorsMmaD<kBf16, 1>(p, rows, src, sE, sRed, live, gc, qh0, part, sign);
+  else TileNumeratorsMmaD<kBf16, 2>(p, rows, src, sE, sRed, live, gc, qh0, part, sign);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ import { concatValues, randomKv, randomQ, type KvChunk } from '../helpers/kv-dat
 import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, maxRelErrorScalar, referenceAttention } from '../helpers/reference.js';
 import { startInProcess, tempDataDir } from '../helpers/server.js';
+import { setPath } from '../../bench/wave-paths.js';
 
 const seed = freshSeed();
 console.log(`gpu-wave: seed ${seed}`);
@@ -31,7 +32,12 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
   let onGpu: RunningServer, onCpu: RunningServer, onPaged: RunningServer;
   const chunks: KvChunk[] = [];
 
+  // The device's ids are compared with the CPU server's bit for bit: the
+  // plain path's (bench/wave-paths.ts; the tensor-core paths, on by default,
+  // are checked in test/native/wave-gpu-mma.test.ts).
+  let restorePath = () => {};
   beforeAll(async () => {
+    restorePath = setPath('plain');
     onGpu = await startInProcess(dirs[0].dir, { gpuWaveBudget: 4 * 2 ** 30 });
     onCpu = await startInProcess(dirs[1].dir, { gpuBudget: 0 });
     // 75% of a layer's rows: above what a step of the sessions below reads (per head: under the 2080-row target at
@@ -49,6 +55,7 @@ describe.skipIf(!gpu.ok)('wave on the GPU (server)', () => {
     }
   }, 240_000);
   afterAll(async () => {
+    restorePath();
     setOwnAttend('native');
     for (const s of [onGpu, onCpu, onPaged]) await s?.close();
     for (const t of dirs) t.cleanup();

@@ -1,0 +1,38 @@
+// The wave step's kernel paths by name, as the switches the native step reads
+// at each call (native/cuda/wave_paths.cuh): `plain` sums every score and tile
+// in the host's order (its ids are the CPU path's bit for bit), `score` runs
+// ScoreClusters on the tensor cores, `tiles` the tiles' numerators on them,
+// `both` (the default) both. The checks that compare the device's ids with
+// the host's bit for bit run under `plain`; the tensor-core paths are checked
+// against float64 with tolerances (bench/wave-gpu-mma.ts).
+export const PATHS = {
+  plain: { KVRECALL_WAVE_MMA: '0', KVRECALL_WAVE_MMA_TILES: '0' },
+  score: { KVRECALL_WAVE_MMA: '1', KVRECALL_WAVE_MMA_TILES: '0' },
+  tiles: { KVRECALL_WAVE_MMA: '0', KVRECALL_WAVE_MMA_TILES: '1' },
+  both: { KVRECALL_WAVE_MMA: '1', KVRECALL_WAVE_MMA_TILES: '1' },
+} as const satisfies Record<string, Record<string, string>>;
+export type PathName = keyof typeof PATHS;
+export const isPath = (x: string | undefined): x is PathName => x !== undefined && Object.hasOwn(PATHS, x);
+
+/** Sets the path's switches in this process's environment; returns what puts the old values back. */
+export function setPath(path: PathName): () => void {
+  const names = Object.keys(PATHS[path]) as (keyof (typeof PATHS)[PathName])[];
+  const before = names.map((k) => process.env[k]);
+  Object.assign(process.env, PATHS[path]);
+  return () =>
+    names.forEach((k, i) => {
+      const v = before[i];
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    });
+}
+
+/** Runs f with the path's switches set, then puts the old ones back. */
+export async function withPath<T>(path: PathName, f: () => Promise<T>): Promise<T> {
+  const restore = setPath(path);
+  try {
+    return await f();
+  } finally {
+    restore();
+  }
+}
