@@ -1,8 +1,9 @@
-// The wave step's tensor-core paths (bench/wave-paths.ts; both on by
+// The wave step's tensor-core paths (bench/wave-paths.ts; all on by
 // default) against the plain path (needs a CUDA device): ScoreClusters on the
-// tensor cores (KVRECALL_WAVE_MMA, native/cuda/wave_score_mma.cuh) and the
+// tensor cores (KVRECALL_WAVE_MMA, native/cuda/wave_score_mma.cuh), the
 // estimate's and attention's tile numerators on them
-// (KVRECALL_WAVE_MMA_TILES, wave_tile_mma.cuh). Their sums are not the
+// (KVRECALL_WAVE_MMA_TILES, wave_tile_mma.cuh) and the candidates' dots
+// (KVRECALL_WAVE_MMA_RESCORE, wave_rescore_mma.cuh). Their sums are not the
 // host's bit for bit, so they are checked differently from the plain path
 // (bench/wave-gpu-check.ts):
 //
@@ -11,7 +12,7 @@
 //            the tiles on also bf16 and 8 and 2 q heads a kv head): the
 //            plain path first, which must equal the host's search and
 //            estimate (ids bit for bit, out and lse within TOL); then the
-//            path (--path score | tiles | both, default both), whose answer
+//            path (--path score | tiles | rescore | both | all, default all), whose answer
 //            must equal the host's estimate and float64 attention over the
 //            path's own selection within the same TOL, and whose ids must
 //            overlap the host's by at least MIN_OVERLAP per head; and its
@@ -46,7 +47,9 @@ const PATH_LABEL: Record<PathName, string> = {
   plain: 'plain (the host\'s sums bit for bit)',
   score: 'ScoreClusters on the tensor cores',
   tiles: 'tile numerators on the tensor cores',
-  both: 'both on the tensor cores (the default)',
+  rescore: 'candidates\' dots on the tensor cores',
+  both: 'ScoreClusters and the tiles on the tensor cores',
+  all: 'all three on the tensor cores (the default)',
 };
 /** The mma path's ids against the host's, per head (Jaccard): a cluster at the cut may fall the other side of it. */
 export const MIN_OVERLAP = 0.9;
@@ -63,7 +66,7 @@ export interface MmaCase extends WaveCase {
  */
 export function mmaCases(path: PathName = 'score'): MmaCase[] {
   const base = { dt: 'f16' as const, G: 4, sinks: 16, window: 64 };
-  const tiles: MmaCase[] = path === 'tiles' || path === 'both' ? [
+  const tiles: MmaCase[] = path === 'tiles' || path === 'both' || path === 'all' ? [
     { ...base, dt: 'bf16', kvHeads: 2, d: 128, tokens: 20011, clusterSize: 16, budget: [500, 801], scale: 1 / Math.sqrt(128), qScale: 1 },
     { ...base, kvHeads: 2, G: 8, d: 64, tokens: 12011, clusterSize: 8, budget: [301, 250], scale: 0.125, qScale: 1 },
     { ...base, dt: 'bf16', kvHeads: 3, G: 2, d: 64, tokens: 9011, clusterSize: 16, budget: [200, 97, 403], scale: 0.125, qScale: 1 },
@@ -200,7 +203,7 @@ async function main(): Promise<void> {
   if (!info.ok) process.exit(2);
   let failed = 0;
   if (args.includes('--check') || !args.includes('--bench')) {
-    const path = pathOpt('--path', 'both');
+    const path = pathOpt('--path', 'all');
     let seed = Date.now() % 1_000_000;
     for (const c of mmaCases(path)) {
       const r = await checkMmaCase(c, seed++, path);

@@ -58,6 +58,11 @@ struct StepPaths {
   // The checks that compare ids with the host's bit for bit turn both off
   // (bench/wave-paths.ts: the plain path).
   bool mmaTiles;
+  // KVRECALL_WAVE_MMA_RESCORE=0 turns off (on by default): RescoreHeld on
+  // the tensor cores (wave_rescore_mma.cuh) where it applies; its dots are
+  // not the host's bit for bit, so a candidate at the cut may fall the
+  // other side of it.
+  bool mmaRescore;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
 };
 
@@ -83,6 +88,7 @@ inline StepPaths ReadStepPaths(int d) {
   s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
   s.mma = !s.legacy && !is("KVRECALL_WAVE_MMA", '0');
   s.mmaTiles = !s.legacy && !is("KVRECALL_WAVE_MMA_TILES", '0');
+  s.mmaRescore = !s.legacy && !is("KVRECALL_WAVE_MMA_RESCORE", '0');
   return s;
 }
 

@@ -52,6 +52,7 @@
 #include "cuda/wave_step.h"
 #include "cuda/wave_step_kernels.cuh"
 #include "cuda/wave_score_mma.cuh"
+#include "cuda/wave_rescore_mma.cuh"
 #include "cuda/wave_rescore.cuh"
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_partial.cuh"
@@ -422,10 +423,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     const bool heldDots = tmax > 0 && P.held;
     if (tmax > 0) {
       const dim3 grid(unsigned(Cdiv(tmax, kRowsPerCta) + (heldDots ? exactCtas : 0)), unsigned(H));
-      kinds([&](auto B, auto G) {
-        if (P.held) L(RescoreHeld<B(), G()>, grid, kThreads, qSmem, p);
-        else L(RescoreCandidates<B(), G()>, grid, kThreads, qSmem, p);
-      });
+      kinds([&](auto B, auto G) { LaunchRescore<B(), G()>(L, P, p, d, grid, qSmem); });
     }
     if (exactCtas > 0 && !heldDots)
       kinds([&](auto B, auto G) { L(ExactDots<B(), G()>, dim3(unsigned(exactCtas), unsigned(H)), kThreads, qSmem, p); });

@@ -1,10 +1,11 @@
 // The wave step's tensor-core paths on a device: ScoreClusters
 // (KVRECALL_WAVE_MMA=1, native/cuda/wave_score_mma.cuh), the tiles'
-// numerators (KVRECALL_WAVE_MMA_TILES=1, wave_tile_mma.cuh) and both. Their
+// numerators (KVRECALL_WAVE_MMA_TILES=1, wave_tile_mma.cuh), the candidates'
+// dots (KVRECALL_WAVE_MMA_RESCORE=1, wave_rescore_mma.cuh) and all three. Their
 // sums are not the host's bit for bit, so each answer is checked against the host's estimate and
 // float64 attention over the path's own selection (within bench/wave-gpu.ts's
 // TOL), its ids against the host's search (overlap >= MIN_OVERLAP a head),
-// with q far past f16's range and far below it; the default path on the same
+// with q far past f16's range and far below it; the plain path on the same
 // store still equals the host bit for bit in its ids. Skips where no CUDA
 // device answers (here and in CI); `node dist/bench/wave-gpu-mma.js --check`
 // runs the same without vitest.
@@ -17,7 +18,7 @@ import { freshSeed } from '../helpers/random.js';
 const info = cudaAvailable();
 const seed = freshSeed();
 
-const paths: PathName[] = ['score', 'tiles', 'both'];
+const paths: PathName[] = ['score', 'tiles', 'rescore', 'all'];
 
 describe.skipIf(!info.ok).each(paths)('the wave step with the %s path on the tensor cores', (path) => {
   console.log(`wave-gpu-mma: seed ${seed}`);
