@@ -53,8 +53,8 @@ struct StepPaths {
   // KVRECALL_WAVE_MMA_TILES=0 turns off (on by default): AttendAndClusters'
   // tiles on the tensor cores (wave_tile_mma.cuh) where they apply; their
   // sums are not TileNumerators' bit for bit (that file says why).
-  // Both on, the engine's call on an H100 took 0.894x the time of both off
-  // at the issue's shape, 0.865x at llama3.2-1b's (bench/results/wave-tiles-h100-s27.md).
+  // With mmaRescore too, the engine's call on an H100 took 0.873x the time
+  // of all three off at the issue's shape (bench/results/wave-tiles-h100-s27.md).
   // The checks that compare ids with the host's bit for bit turn both off
   // (bench/wave-paths.ts: the plain path).
   bool mmaTiles;
