@@ -470,7 +470,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     mark(9, s);
     // The exact rows' estimate tiles with their attention tiles (the same
     // positions) where both run, and the cluster tiles, on a grid of one row:
-    // the attention's tiles last (wave_step_attend.cuh).
+    // the attention's tiles last, first with the tiles on the tensor cores (wave_step_attend.cuh).
     const bool together = !legacy && a.estimate && a.attend && nSub > 0 && nSub == nAtt;
     if (together)
       kinds([&](auto B, auto G) {
