@@ -50,7 +50,7 @@ static_assert(kGC == 4, "the q heads' hi and lo parts fill the mma's 8 columns")
 static_assert(size_t(kTileWarps) * kGC * 128 <= size_t(kThreads) * 8 * kGC, "the warps' sums fit TileNumerators' scratch at d = 128");
 
 inline bool MmaTilesApply(int d) { return d == 64 || d == 128; }
-// Its shared memory: EstimateTile's sources and weights, and the warps' sums
+// AttendAndClusters' shared memory with the tiles on: EstimateTile's sources and weights, and the warps' sums
 // (kTileWarps × kGC × d floats, not TileNumerators' row groups').
 inline size_t MmaTileSmem(int d) { return size_t(kTile) * 8 + size_t(kGC) * kTile * 4 + size_t(kTileWarps) * kGC * size_t(d) * 4; }
 
