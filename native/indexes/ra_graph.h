@@ -27,6 +27,7 @@
 
 #include "common/half.h"
 #include "indexes/ra_key_codes.h"
+#include "indexes/ra_walk_order.h"
 
 namespace kvr {
 
@@ -271,11 +272,24 @@ class RaGraph {
     const uint16_t* keys = nullptr;
     Dtype dtype = Dtype::kF16;
     std::shared_ptr<const RaKeyCodes> codes;
+    // The walk's numbering (RaWalkOrder) and the codes in it, made with
+    // them when KVR_RA_WALK_ORDER names one ("bfs"; "token": the identity,
+    // the numbering's own cost; unset: none, the walk in token ids).
+    std::shared_ptr<const RaWalkOrder> order;
+    std::shared_ptr<const RaKeyCodes> walkCodes;
   };
 
  public:
   // The codes of `keys` (made now if this graph has none of them yet).
   std::shared_ptr<const RaKeyCodes> KeyCodesFor(const uint16_t* keys, Dtype dtype) const;
+  // The code walk's codes and numbering: codes in the numbering's order, or
+  // in token order with no numbering (order null). The sample (sampleOff +
+  // j·stride, j < m) is the search's; it is the same in every search.
+  struct WalkCodes {
+    std::shared_ptr<const RaKeyCodes> codes;
+    std::shared_ptr<const RaWalkOrder> order;
+  };
+  WalkCodes WalkCodesFor(const uint16_t* keys, Dtype dtype, int64_t sampleOff, int64_t stride, int64_t m) const;
   // Bytes of the codes held now (0 before a code-gated search).
   size_t KeyCodeBytes() const;
 

@@ -77,11 +77,12 @@ class CodeScorer {
 // floor(m · quantile / 100) in descending order). The sample's exact scores
 // are known, but the gate compares codes with codes: τ sits where the
 // codes' own errors put the top.
+// walk: token id -> the codes' row (RaWalkOrder::walk), or null (the same).
 inline float CodeCut(CodeScorer& approx, int64_t off, int64_t stride, int64_t m, float quantile, float delta,
-                     std::vector<int32_t>& ids, std::vector<float>& r) {
+                     std::vector<int32_t>& ids, std::vector<float>& r, const int32_t* walk = nullptr) {
   ids.resize(size_t(m));
   r.resize(size_t(m));
-  for (int64_t j = 0; j < m; ++j) ids[size_t(j)] = int32_t(off + j * stride);
+  for (int64_t j = 0; j < m; ++j) ids[size_t(j)] = walk ? walk[off + j * stride] : int32_t(off + j * stride);
   for (int64_t j = 0; j < m; ++j) Prefetch(approx.codes().Row(ids[size_t(j)]));
   // A gate of −∞ queues none: the sample's codes stay out of the sums.
   approx.Batch(ids.data(), size_t(m), r.data(), -std::numeric_limits<float>::infinity());
@@ -149,7 +150,7 @@ class BinQueue {
 // library is a call).
 struct CodeWalkScratch {
   BinQueue cand;
-  std::vector<int32_t> exact, coded, nodes;
+  std::vector<int32_t> exact, exactKey, coded, nodes;
   std::vector<const uint16_t*> rows;
   std::vector<float> ranks;
 };
@@ -174,11 +175,16 @@ struct CodeWalkCounts {
 // maxExact the walk has used since its start keys − the share of maxCodes
 // read): it tightens while exact scoring runs ahead of the codes read and
 // loosens while it lags (ra_graph.h, RaSearchOptions::codeAdapt).
-template <typename Scorer, typename Approx, typename InSample, typename CodeRow>
+//
+// The walk's ids (the graph's, entries, seeds, the queue, the visited bits,
+// inSample, codeRow, approx) may be a numbering of their own
+// (RaWalkOrder): keyOf(v) is key v's token id, by which its row is read and
+// scorer.Batch is told it.
+template <typename Scorer, typename Approx, typename InSample, typename CodeRow, typename KeyOf>
 CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* entries, size_t entryCount,
                              const uint16_t* entryRows, const int32_t* seeds, size_t seedCount,
                              const int32_t* freeSeeds, size_t freeCount, const uint16_t* keys, int d,
-                             Scorer& scorer, Approx& approx, InSample inSample, CodeRow codeRow, float cut,
+                             Scorer& scorer, Approx& approx, InSample inSample, CodeRow codeRow, KeyOf keyOf, float cut,
                              float lo, float hi, int64_t maxExact, int64_t maxCodes, size_t width,
                              float adapt, CodeWalkScratch& scratch) {
   CodeWalkCounts counts;
@@ -191,15 +197,18 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
   // Scores `exact` (rows at `at` where given) kPrefetchAhead keys a batch,
   // the next batch's rows prefetched before it, as the beam walk at width 1
   // does; queues each by its exact score.
+  std::vector<int32_t>& exactKey = scratch.exactKey;
   auto scoreExact = [&](const uint16_t* const* at, bool counted) {
     const size_t total = exact.size();
+    exactKey.resize(total);
+    for (size_t i = 0; i < total; ++i) exactKey[i] = keyOf(exact[i]);
     for (size_t i = 0; i < std::min(total, kPrefetchAhead); ++i)
-      PrefetchRow(at ? at[i] : keys + size_t(exact[i]) * d, d);
+      PrefetchRow(at ? at[i] : keys + size_t(exactKey[i]) * d, d);
     for (size_t i0 = 0; i0 < total; i0 += kPrefetchAhead) {
       const size_t count = std::min(kPrefetchAhead, total - i0);
       for (size_t i = i0 + kPrefetchAhead; i < std::min(total, i0 + 2 * kPrefetchAhead); ++i)
-        PrefetchRow(at ? at[i] : keys + size_t(exact[i]) * d, d);
-      scorer.Batch(exact.data() + i0, count, out, at ? at + i0 : nullptr);
+        PrefetchRow(at ? at[i] : keys + size_t(exactKey[i]) * d, d);
+      scorer.Batch(exactKey.data() + i0, count, out, at ? at + i0 : nullptr);
       for (size_t i = 0; i < count; ++i) cand.Push(out[i], exact[i0 + i]);
     }
     if (counted) counts.exact += int64_t(total);
@@ -216,7 +225,7 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
   rows.clear();
   for (size_t e = 0; e < entryCount; ++e)
     if (!seen.TestAndSet(entries[e]))
-      exact.push_back(entries[e]), rows.push_back(entryRows ? entryRows + e * size_t(d) : keys + size_t(entries[e]) * d);
+      exact.push_back(entries[e]), rows.push_back(entryRows ? entryRows + e * size_t(d) : keys + size_t(keyOf(entries[e])) * d);
   scoreExact(rows.data(), true);
   startKeys(seeds, seedCount);
   scoreExact(nullptr, true);
@@ -269,7 +278,7 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
         cand.Push(ranks[i], v);
       } else {
         exact.push_back(v);
-        PrefetchRow(keys + size_t(v) * d, d);  // scored at the round's end
+        PrefetchRow(keys + size_t(keyOf(v)) * d, d);  // scored at the round's end
       }
     }
     counts.codes += int64_t(coded.size());
