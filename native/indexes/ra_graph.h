@@ -273,8 +273,9 @@ class RaGraph {
     Dtype dtype = Dtype::kF16;
     std::shared_ptr<const RaKeyCodes> codes;
     // The walk's numbering (RaWalkOrder) and the codes in it, made with
-    // them when KVR_RA_WALK_ORDER names one ("bfs"; "token": the identity,
-    // the numbering's own cost; unset: none, the walk in token ids).
+    // them when KVR_RA_WALK_ORDER names one ("bfs"; "shuffled": a seeded
+    // shuffle; "token": the identity, the maps' own cost; unset: none, the
+    // walk in token ids).
     std::shared_ptr<const RaWalkOrder> order;
     std::shared_ptr<const RaKeyCodes> walkCodes;
   };

@@ -280,7 +280,7 @@ RaGraph::WalkCodes RaGraph::WalkCodesFor(const uint16_t* keys, Dtype dtype, int6
                                           int64_t m) const {
   const char* env = std::getenv("KVR_RA_WALK_ORDER");
   const std::string mode = env ? env : "";
-  if (mode != "bfs" && mode != "token") return WalkCodes{KeyCodesFor(keys, dtype), nullptr};
+  if (mode != "bfs" && mode != "token" && mode != "shuffled") return WalkCodes{KeyCodesFor(keys, dtype), nullptr};
   std::lock_guard<std::mutex> hold(codes_->lock);
   if (codes_->keys != keys || codes_->dtype != dtype) {
     codes_->codes.reset(), codes_->walkCodes.reset(), codes_->order.reset();
@@ -289,8 +289,9 @@ RaGraph::WalkCodes RaGraph::WalkCodesFor(const uint16_t* keys, Dtype dtype, int6
   }
   if (!codes_->walkCodes) {
     auto order = std::make_shared<const RaWalkOrder>(
-        mode == "bfs" ? RaWalkOrder::Bfs(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m)
-                      : RaWalkOrder::Identity(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m));
+        mode == "bfs"        ? RaWalkOrder::Bfs(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m)
+        : mode == "shuffled" ? RaWalkOrder::Shuffled(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m)
+                             : RaWalkOrder::Identity(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m));
     codes_->walkCodes = std::make_shared<const RaKeyCodes>(RaKeyCodes::Build(keys, n_, d_, dtype, order->key.data()));
     codes_->order = std::move(order);
   }

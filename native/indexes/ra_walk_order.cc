@@ -1,6 +1,7 @@
 // RaWalkOrder (ra_walk_order.h).
 #include "indexes/ra_walk_order.h"
 
+#include <random>
 #include <stdexcept>
 
 namespace kvr {
@@ -37,6 +38,19 @@ RaWalkOrder RaWalkOrder::Identity(const int64_t* off, const int32_t* nbr, int64_
   o.key.resize(size_t(n));
   o.walk.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) o.key[size_t(i)] = o.walk[size_t(i)] = int32_t(i);
+  o.Finish(off, nbr, n, entries, sampleOff, stride, m);
+  return o;
+}
+
+RaWalkOrder RaWalkOrder::Shuffled(const int64_t* off, const int32_t* nbr, int64_t n,
+                                  const std::vector<int32_t>& entries, int64_t sampleOff, int64_t stride, int64_t m) {
+  RaWalkOrder o;
+  o.key.resize(size_t(n));
+  o.walk.resize(size_t(n));
+  for (int64_t i = 0; i < n; ++i) o.key[size_t(i)] = int32_t(i);
+  std::mt19937_64 rng(7);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(o.key[size_t(i)], o.key[size_t(rng() % uint64_t(i + 1))]);
+  for (int64_t i = 0; i < n; ++i) o.walk[size_t(o.key[size_t(i)])] = int32_t(i);
   o.Finish(off, nbr, n, entries, sampleOff, stride, m);
   return o;
 }

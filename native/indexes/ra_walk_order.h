@@ -30,6 +30,9 @@ struct RaWalkOrder {
   // neighbours get the numbers beside it. O(edges).
   static RaWalkOrder Bfs(const int64_t* off, const int32_t* nbr, int64_t n, const std::vector<int32_t>& entries,
                          int64_t sampleOff, int64_t stride, int64_t m);
+  // A seeded shuffle: no locality at all (the other end, for A/B).
+  static RaWalkOrder Shuffled(const int64_t* off, const int32_t* nbr, int64_t n, const std::vector<int32_t>& entries,
+                              int64_t sampleOff, int64_t stride, int64_t m);
   // Token order (the identity), the same structures: for tests and A/B.
   static RaWalkOrder Identity(const int64_t* off, const int32_t* nbr, int64_t n, const std::vector<int32_t>& entries,
                               int64_t sampleOff, int64_t stride, int64_t m);
