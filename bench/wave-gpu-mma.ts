@@ -39,9 +39,9 @@ import { machine } from './host.js';
 import { quantile } from './stats.js';
 import { benchSetup, compare, type CompareResult, gpuRanking, type KeptFilter, queries, staticRows, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads } from './wave-gpu-heads.js';
-import { isPath, PATHS, type PathName, withPath } from './wave-paths.js';
+import { isPath, MIN_OVERLAP, PATHS, type PathName, withPath } from './wave-paths.js';
 
-export type { PathName } from './wave-paths.js';
+export { MIN_OVERLAP, type PathName } from './wave-paths.js';
 
 const PATH_LABEL: Record<PathName, string> = {
   plain: 'plain (the host\'s sums bit for bit)',
@@ -51,8 +51,6 @@ const PATH_LABEL: Record<PathName, string> = {
   both: 'ScoreClusters and the tiles on the tensor cores',
   all: 'all three on the tensor cores (the default)',
 };
-/** The mma path's ids against the host's, per head (Jaccard): a cluster at the cut may fall the other side of it. */
-export const MIN_OVERLAP = 0.9;
 
 export interface MmaCase extends WaveCase {
   /** q is the keys' queries (bench/wave-gpu.ts queries) times this; the softmax scale divided by it. */

@@ -19,6 +19,9 @@ export const PATHS = {
 export type PathName = keyof typeof PATHS;
 export const isPath = (x: string | undefined): x is PathName => x !== undefined && Object.hasOwn(PATHS, x);
 
+/** A tensor-core path's ids against the host's, per head (Jaccard): a cluster or candidate at a cut may fall the other side of it. */
+export const MIN_OVERLAP = 0.9;
+
 /** Sets the path's switches in this process's environment; returns what puts the old values back. */
 export function setPath(path: PathName): () => void {
   const names = Object.keys(PATHS[path]) as (keyof (typeof PATHS)[PathName])[];

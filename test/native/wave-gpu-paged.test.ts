@@ -8,14 +8,18 @@
 // (float64, bench/wave-gpu.ts's compare) on the first and last; a step
 // repeated unchanged copies nothing; a step whose rows exceed the cache
 // rejects with the overflow error and the next step answers as the dense
-// store. Half the steps run graphed, half launched one by one. The
-// comparisons live in bench/wave-gpu-paged.ts (`--check` runs them without
-// vitest). Skips where no CUDA device answers.
+// store. Half the steps run graphed, half launched one by one. Each case
+// runs on the plain path (the host's ids bit for bit) and on the default
+// one, every tensor-core path on (the host's estimate and float64 attention
+// over the step's own ids within TOL). The comparisons live in
+// bench/wave-gpu-paged.ts (`--check` runs them without vitest). Skips where
+// no CUDA device answers.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
 import { checkPagedCase } from '../../bench/wave-gpu-paged.js';
 import { caseName, waveCases } from '../../bench/wave-gpu.js';
+import type { PathName } from '../../bench/wave-paths.js';
 import { freshSeed } from '../helpers/random.js';
 
 const info = cudaAvailable();
@@ -23,9 +27,10 @@ const seed = freshSeed();
 
 describe.skipIf(!info.ok)('paged wave store on the GPU', () => {
   console.log(`wave-gpu-paged: seed ${seed}`);
-  waveCases().forEach((c, i) =>
-    it(caseName(c), async () => {
-      const r = await checkPagedCase(c, seed + i);
+  const paths: PathName[] = ['plain', 'all'];
+  paths.forEach((path, j) => waveCases().forEach((c, i) =>
+    it(`${caseName(c)}, ${path} path`, async () => {
+      const r = await checkPagedCase(c, seed + i + 1000 * j, 24, path);
       expect(r.firstDiff ?? '').toBe('');
       expect(r.same, 'steps answered as the dense store').toBe(r.steps);
       expect(r.hostOk, 'the host\'s answer, first and last step').toBe(true);
@@ -35,7 +40,7 @@ describe.skipIf(!info.ok)('paged wave store on the GPU', () => {
       expect(r.overflowRejected, 'a step past the cache rejects').toBe(true);
       expect(r.afterOverflowSame, 'the step after the overflow').toBe(true);
     }, 240_000),
-  );
+  ));
 
   it('reports the cache on its own line, no K/V, and refuses rest', async () => {
     const d = 8, N = 4, w = new Uint16Array(N * (d + 8));
