@@ -374,7 +374,7 @@ export class RaGraph {
   get keyNeighbors(): number {
     return this.native.keyNeighbors;
   }
-  /** Native bytes held (0 after dispose): the graph and, after a code walk, its keys' codes. */
+  /** Native bytes held (0 after dispose): the graph and, after a code walk, its keys' codes and its lists' slots (64 bytes a key). */
   get memoryBytes(): number {
     return this.native.memoryBytes;
   }

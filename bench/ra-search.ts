@@ -24,9 +24,10 @@
 // bench/retrieval-code-walk.ts's settings beside the beam walk: its codes
 // are made on its first search, timed apart (codesBuildMs in the json);
 // `codes read` is its share of keys read as 4-bit codes; `--code-width W`
-// sets its codeWidth (absent: the native default). `--walk-order O` sets
-// KVR_RA_WALK_ORDER (the code walk's numbering, ra_walk_order.h: bfs,
-// token; absent: the environment's).
+// sets its codeWidth (absent: the native default). `--walk-lists csr`
+// sets KVR_RA_WALK_LISTS: the code walk reads the graph's CSR rather than
+// its lists' slots (ra_walk_lists.h). (`--walk-order O`, at commit
+// ea05509 only: the walk's own numbering of the keys, measured, not kept.)
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -49,7 +50,7 @@ const only = get('configs', '');
 const profile = argv.includes('--profile');
 const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
 const codeWidth = argv.includes('--code-width') ? Number(get('code-width', '')) : undefined;
-if (argv.includes('--walk-order')) process.env.KVR_RA_WALK_ORDER = get('walk-order', '');
+if (argv.includes('--walk-lists')) process.env.KVR_RA_WALK_LISTS = get('walk-lists', '');
 const G = 4, d = 128, sinks = 16, window = 256, budget = 0.01;
 const want = Math.round(tokens * budget), asked = want + sinks + window;
 // bench/retrieval.ts's machine line (importing it would run that bench).

@@ -457,7 +457,7 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     return Napi::Number::New(info.Env(), double(Live(info.Env())->entries().size()));
   }
   Napi::Value MemoryBytesJs(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), graph_ ? double(GraphBytes(*graph_) + graph_->KeyCodeBytes()) : 0.0);
+    return Napi::Number::New(info.Env(), graph_ ? double(GraphBytes(*graph_) + graph_->KeyCodeBytes() + graph_->WalkListBytes()) : 0.0);
   }
   Napi::Value BuildStatsJs(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();

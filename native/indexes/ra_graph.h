@@ -16,7 +16,8 @@
 // ra_graph_codec.cc (Serialize, Deserialize), ra_graph_beam.h (the beam
 // search that Search and Build's connectivity pass share),
 // ra_graph_attention.cc (Search ranked by the group's attention),
-// ra_graph_code_walk.h and ra_key_codes.h (its code-gated walk).
+// ra_graph_code_walk.h, ra_key_codes.h and ra_walk_lists.h (its code-gated
+// walk).
 #pragma once
 
 #include <cstddef>
@@ -27,7 +28,7 @@
 
 #include "common/half.h"
 #include "indexes/ra_key_codes.h"
-#include "indexes/ra_walk_order.h"
+#include "indexes/ra_walk_lists.h"
 
 namespace kvr {
 
@@ -272,27 +273,18 @@ class RaGraph {
     const uint16_t* keys = nullptr;
     Dtype dtype = Dtype::kF16;
     std::shared_ptr<const RaKeyCodes> codes;
-    // The walk's numbering (RaWalkOrder) and the codes in it, made with
-    // them when KVR_RA_WALK_ORDER names one ("bfs"; "shuffled": a seeded
-    // shuffle; "token": the identity, the maps' own cost; unset: none, the
-    // walk in token ids).
-    std::shared_ptr<const RaWalkOrder> order;
-    std::shared_ptr<const RaKeyCodes> walkCodes;
   };
 
  public:
   // The codes of `keys` (made now if this graph has none of them yet).
   std::shared_ptr<const RaKeyCodes> KeyCodesFor(const uint16_t* keys, Dtype dtype) const;
-  // The code walk's codes and numbering: codes in the numbering's order, or
-  // in token order with no numbering (order null). The sample (sampleOff +
-  // j·stride, j < m) is the search's; it is the same in every search.
-  struct WalkCodes {
-    std::shared_ptr<const RaKeyCodes> codes;
-    std::shared_ptr<const RaWalkOrder> order;
-  };
-  WalkCodes WalkCodesFor(const uint16_t* keys, Dtype dtype, int64_t sampleOff, int64_t stride, int64_t m) const;
   // Bytes of the codes held now (0 before a code-gated search).
   size_t KeyCodeBytes() const;
+  // The lists in the code walk's slots (ra_walk_lists.h), made on the first
+  // call; null where they cannot hold the graph (the walk reads the CSR).
+  std::shared_ptr<const RaWalkLists> WalkListsFor() const;
+  // Bytes of those slots held now (0 before a code-gated search).
+  size_t WalkListBytes() const;
 
  private:
   int64_t n_ = 0;
@@ -304,6 +296,12 @@ class RaGraph {
   std::vector<int32_t> entries_;
   std::shared_ptr<FixedRows> fixed_ = std::make_shared<FixedRows>();
   std::shared_ptr<CodeCache> codes_ = std::make_shared<CodeCache>();
+  struct ListCache {
+    std::mutex lock;
+    bool tried = false;
+    std::shared_ptr<const RaWalkLists> lists;
+  };
+  std::shared_ptr<ListCache> lists_ = std::make_shared<ListCache>();
 };
 
 }  // namespace kvr

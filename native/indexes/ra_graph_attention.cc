@@ -215,7 +215,7 @@ struct AttentionScratch {
   ragraph::CodeWalkScratch codeWalk;
   std::vector<const float*> finalX;
   std::vector<uint8_t> sampleReached;
-  std::vector<int32_t> walkIds, seeds, codeIds, walkSeeds, walkFree;
+  std::vector<int32_t> walkIds, seeds, codeIds;
   std::vector<Hit> top, all, best;
   std::vector<uint64_t> order, sortTmp;
 };
@@ -394,40 +394,25 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   const ragraph::CsrView csr{offsets_.data(), neighbors_.data()};
   const int64_t maxWalk = opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0;
   if (opt.codeWalk) {
-    const RaGraph::WalkCodes wc = WalkCodesFor(keys, dtype, off, stride, m);
-    const RaKeyCodes& codes = *wc.codes;
-    const RaWalkOrder* order = wc.order.get();
-    codes.Prepare(q, G, scale, S.cq);
-    ragraph::CodeScorer approx{codes, S.cq, c0, codeSum, S.codeX};
-    const float cut = ragraph::CodeCut(approx, off, stride, m, opt.codeQuantile, opt.codeDelta, S.codeIds, S.codeRank,
-                                       order ? order->walk.data() : nullptr);
+    const std::shared_ptr<const RaKeyCodes> codes = KeyCodesFor(keys, dtype);
+    codes->Prepare(q, G, scale, S.cq);
+    ragraph::CodeScorer approx{*codes, S.cq, c0, codeSum, S.codeX};
+    const float cut = ragraph::CodeCut(approx, off, stride, m, opt.codeQuantile, opt.codeDelta, S.codeIds, S.codeRank);
     // The queue's fine range: the sample's walk scores, widened below and
     // above (the top keys lie beyond a 1-in-512 sample's best).
     float lo = std::numeric_limits<float>::infinity(), hi = -lo;
     for (const float r : S.sampleRank) lo = std::min(lo, r), hi = std::max(hi, r);
-    auto walk = [&](const ragraph::CsrView& g, const int32_t* entries, const int32_t* seeds, const int32_t* freeSeeds,
-                    auto inSample, auto keyOf) {
+    auto walk = [&](const auto& graph) {
       return ragraph::CodeGatedWalk(
-          g, n, entries, entries_.size(), fixed->data() + size_t(m) * d, seeds, S.seeds.size(), freeSeeds,
-          opt.freeSeedCount, keys, d, scorer, approx, inSample, [&](int32_t id) { return codes.Row(id); }, keyOf, cut,
-          lo - 8.f, hi + 24.f, maxWalk, opt.maxCodes, size_t(std::max(1, opt.codeWidth)), opt.codeAdapt, S.codeWalk);
+          graph, n, entries_.data(), entries_.size(), fixed->data() + size_t(m) * d, S.seeds.data(), S.seeds.size(),
+          opt.freeSeeds, opt.freeSeedCount, keys, d, scorer, approx, [&](int32_t id) { return sampleIndex(id) >= 0; },
+          [&](int32_t id) { return codes->Row(id); }, cut, lo - 8.f, hi + 24.f, maxWalk, opt.maxCodes,
+          size_t(std::max(1, opt.codeWidth)), opt.codeAdapt, S.codeWalk);
     };
-    ragraph::CodeWalkCounts counts;
-    if (order) {
-      // The start keys in the walk's numbering (ids outside [0, n) stay so).
-      auto toWalk = [&](const int32_t* ids, size_t count, std::vector<int32_t>& out) {
-        out.resize(count);
-        for (size_t i = 0; i < count; ++i) out[i] = ids[i] >= 0 && ids[i] < n ? order->walk[size_t(ids[i])] : -1;
-        return out.data();
-      };
-      const int32_t* seeds = toWalk(S.seeds.data(), S.seeds.size(), S.walkSeeds);
-      const int32_t* freeSeeds = toWalk(opt.freeSeeds, opt.freeSeedCount, S.walkFree);
-      counts = walk(ragraph::CsrView{order->off.data(), order->nbr.data()}, order->entries.data(), seeds, freeSeeds,
-                    [&](int32_t v) { return order->InSample(v); }, [&](int32_t v) { return order->key[size_t(v)]; });
-    } else {
-      counts = walk(csr, entries_.data(), S.seeds.data(), opt.freeSeeds, [&](int32_t id) { return sampleIndex(id) >= 0; },
-                    [](int32_t id) { return id; });
-    }
+    // The lists in slots (ra_walk_lists.h) where they hold the graph.
+    const std::shared_ptr<const RaWalkLists> lists = WalkListsFor();
+    const ragraph::CodeWalkCounts counts =
+        lists ? walk(ragraph::SlotWalkView{lists->slots.get(), lists->overflow.data()}) : walk(ragraph::CsrWalkView{csr});
     walked = counts.exact;
     codesRead = counts.codes;
     codedOnly = counts.codedOnly;

@@ -26,6 +26,7 @@
 #include "indexes/ra_code_ranks.h"
 #include "indexes/ra_graph_exp.h"
 #include "indexes/ra_key_codes.h"
+#include "indexes/ra_walk_lists.h"
 
 namespace kvr {
 namespace ragraph {
@@ -77,12 +78,11 @@ class CodeScorer {
 // floor(m · quantile / 100) in descending order). The sample's exact scores
 // are known, but the gate compares codes with codes: τ sits where the
 // codes' own errors put the top.
-// walk: token id -> the codes' row (RaWalkOrder::walk), or null (the same).
 inline float CodeCut(CodeScorer& approx, int64_t off, int64_t stride, int64_t m, float quantile, float delta,
-                     std::vector<int32_t>& ids, std::vector<float>& r, const int32_t* walk = nullptr) {
+                     std::vector<int32_t>& ids, std::vector<float>& r) {
   ids.resize(size_t(m));
   r.resize(size_t(m));
-  for (int64_t j = 0; j < m; ++j) ids[size_t(j)] = walk ? walk[off + j * stride] : int32_t(off + j * stride);
+  for (int64_t j = 0; j < m; ++j) ids[size_t(j)] = int32_t(off + j * stride);
   for (int64_t j = 0; j < m; ++j) Prefetch(approx.codes().Row(ids[size_t(j)]));
   // A gate of −∞ queues none: the sample's codes stay out of the sums.
   approx.Batch(ids.data(), size_t(m), r.data(), -std::numeric_limits<float>::infinity());
@@ -92,6 +92,59 @@ inline float CodeCut(CodeScorer& approx, int64_t off, int64_t stride, int64_t m,
   std::nth_element(r.begin(), r.begin() + ptrdiff_t(at), r.end(), std::greater<float>());
   return r[at] - delta;
 }
+
+// The graph's lists as the code walk reads them: PrefetchHead(u) for a
+// round's nodes, then PrefetchRest(u), then List(u)[i], i < size(), in the
+// CSR's order.
+struct CsrWalkView {
+  CsrView csr;
+  struct List {
+    const int32_t* ids;
+    size_t count;
+    size_t size() const { return count; }
+    int32_t operator[](size_t i) const { return ids[i]; }
+  };
+  void PrefetchHead(int32_t u) const { csr.PrefetchHead(u); }
+  // Every line of the list (~11 ids at 1M keys, 1.6 lines on average):
+  // with the first alone requested the others were read one wait each
+  // (the walk took 1/0.94 of the time, 2-core VM).
+  // (A loop of prefetches alone: GCC 12 -O3 dropped it here as a loop with
+  // no effect (the walk took 1.4x the CPU at 1M keys), hence the asm.)
+  void PrefetchRest(int32_t u) const {
+    const auto nb = csr.List(u);
+    const uintptr_t end = reinterpret_cast<uintptr_t>(nb.first + nb.second);
+    for (uintptr_t line = reinterpret_cast<uintptr_t>(nb.first) & ~uintptr_t(63); line < end; line += 64) {
+#ifdef KVR_X86_SIMD
+      asm volatile("prefetcht0 %0" : : "m"(*reinterpret_cast<const char*>(line)));
+#endif
+    }
+  }
+  List ListOf(int32_t u) const {
+    const auto nb = csr.List(u);
+    return {nb.first, nb.second};
+  }
+};
+// RaWalkLists' slots: the head is the list (its first kInline ids).
+struct SlotWalkView {
+  const int32_t* slots;
+  const int32_t* overflow;
+  struct List {
+    const int32_t* ids;   // the slot's ids
+    const int32_t* more;  // the rest, in overflow
+    size_t count;
+    size_t size() const { return count; }
+    int32_t operator[](size_t i) const {
+      return i < size_t(RaWalkLists::kInline) ? ids[i] : more[i - size_t(RaWalkLists::kInline)];
+    }
+  };
+  void PrefetchHead(int32_t u) const { Prefetch(slots + size_t(u) * RaWalkLists::kSlot); }
+  void PrefetchRest(int32_t) const {}
+  List ListOf(int32_t u) const {
+    const int32_t* s = slots + size_t(u) * RaWalkLists::kSlot;
+    const uint32_t head = uint32_t(s[0]);
+    return {s + 1, overflow + (head >> RaWalkLists::kCountBits), size_t(head & ((1u << RaWalkLists::kCountBits) - 1))};
+  }
+};
 
 // The walk's candidates: a max-priority queue over scores binned finely
 // (kBins bins over [lo, hi], ends clamped; last in, first out within a bin).
@@ -150,7 +203,7 @@ class BinQueue {
 // library is a call).
 struct CodeWalkScratch {
   BinQueue cand;
-  std::vector<int32_t> exact, exactKey, coded, nodes;
+  std::vector<int32_t> exact, coded, nodes;
   std::vector<const uint16_t*> rows;
   std::vector<float> ranks;
 };
@@ -161,7 +214,7 @@ struct CodeWalkCounts {
   int64_t codedOnly = 0;  // of them, keys not then scored exactly
 };
 
-// scorer.Batch(ids, count, out, rows) as BeamSearchBatched's scorer (at most
+// graph: CsrWalkView or SlotWalkView. scorer.Batch(ids, count, out, rows) as BeamSearchBatched's scorer (at most
 // kPrefetchAhead keys a call); approx.Batch(ids, count, out, gate) the
 // approximate walk scores of a round's keys from their codes (CodeScorer),
 // told that those below `gate` are queued by that score alone; inSample(id)
@@ -175,16 +228,11 @@ struct CodeWalkCounts {
 // maxExact the walk has used since its start keys − the share of maxCodes
 // read): it tightens while exact scoring runs ahead of the codes read and
 // loosens while it lags (ra_graph.h, RaSearchOptions::codeAdapt).
-//
-// The walk's ids (the graph's, entries, seeds, the queue, the visited bits,
-// inSample, codeRow, approx) may be a numbering of their own
-// (RaWalkOrder): keyOf(v) is key v's token id, by which its row is read and
-// scorer.Batch is told it.
-template <typename Scorer, typename Approx, typename InSample, typename CodeRow, typename KeyOf>
-CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* entries, size_t entryCount,
+template <typename Graph, typename Scorer, typename Approx, typename InSample, typename CodeRow>
+CodeWalkCounts CodeGatedWalk(const Graph& graph, int64_t n, const int32_t* entries, size_t entryCount,
                              const uint16_t* entryRows, const int32_t* seeds, size_t seedCount,
                              const int32_t* freeSeeds, size_t freeCount, const uint16_t* keys, int d,
-                             Scorer& scorer, Approx& approx, InSample inSample, CodeRow codeRow, KeyOf keyOf, float cut,
+                             Scorer& scorer, Approx& approx, InSample inSample, CodeRow codeRow, float cut,
                              float lo, float hi, int64_t maxExact, int64_t maxCodes, size_t width,
                              float adapt, CodeWalkScratch& scratch) {
   CodeWalkCounts counts;
@@ -197,18 +245,15 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
   // Scores `exact` (rows at `at` where given) kPrefetchAhead keys a batch,
   // the next batch's rows prefetched before it, as the beam walk at width 1
   // does; queues each by its exact score.
-  std::vector<int32_t>& exactKey = scratch.exactKey;
   auto scoreExact = [&](const uint16_t* const* at, bool counted) {
     const size_t total = exact.size();
-    exactKey.resize(total);
-    for (size_t i = 0; i < total; ++i) exactKey[i] = keyOf(exact[i]);
     for (size_t i = 0; i < std::min(total, kPrefetchAhead); ++i)
-      PrefetchRow(at ? at[i] : keys + size_t(exactKey[i]) * d, d);
+      PrefetchRow(at ? at[i] : keys + size_t(exact[i]) * d, d);
     for (size_t i0 = 0; i0 < total; i0 += kPrefetchAhead) {
       const size_t count = std::min(kPrefetchAhead, total - i0);
       for (size_t i = i0 + kPrefetchAhead; i < std::min(total, i0 + 2 * kPrefetchAhead); ++i)
-        PrefetchRow(at ? at[i] : keys + size_t(exactKey[i]) * d, d);
-      scorer.Batch(exactKey.data() + i0, count, out, at ? at + i0 : nullptr);
+        PrefetchRow(at ? at[i] : keys + size_t(exact[i]) * d, d);
+      scorer.Batch(exact.data() + i0, count, out, at ? at + i0 : nullptr);
       for (size_t i = 0; i < count; ++i) cand.Push(out[i], exact[i0 + i]);
     }
     if (counted) counts.exact += int64_t(total);
@@ -225,7 +270,7 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
   rows.clear();
   for (size_t e = 0; e < entryCount; ++e)
     if (!seen.TestAndSet(entries[e]))
-      exact.push_back(entries[e]), rows.push_back(entryRows ? entryRows + e * size_t(d) : keys + size_t(keyOf(entries[e])) * d);
+      exact.push_back(entries[e]), rows.push_back(entryRows ? entryRows + e * size_t(d) : keys + size_t(entries[e]) * d);
   scoreExact(rows.data(), true);
   startKeys(seeds, seedCount);
   scoreExact(nullptr, true);
@@ -242,20 +287,12 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
     // A round: the best W candidates, their lists fetched side by side.
     nodes.clear();
     while (nodes.size() < W && !cand.Empty()) nodes.push_back(cand.Pop()), graph.PrefetchHead(nodes.back());
-    // Every line of each list (~26 ids at 1M keys, two or three lines):
-    // with the first alone requested the others were read one wait each
-    // (the walk took 1/0.94 of the time, 2-core VM).
-    for (const int32_t u : nodes) {
-      const auto nb = graph.List(u);
-      const uintptr_t end = reinterpret_cast<uintptr_t>(nb.first + nb.second);
-      for (uintptr_t line = reinterpret_cast<uintptr_t>(nb.first) & ~uintptr_t(63); line < end; line += 64)
-        Prefetch(reinterpret_cast<const void*>(line));
-    }
+    for (const int32_t u : nodes) graph.PrefetchRest(u);
     coded.clear();
     for (const int32_t u : nodes) {
-      const auto nb = graph.List(u);
-      for (size_t i = 0; i < nb.second; ++i) {
-        const int32_t v = nb.first[i];
+      const auto nb = graph.ListOf(u);
+      for (size_t i = 0; i < nb.size(); ++i) {
+        const int32_t v = nb[i];
         if (seen.TestAndSet(v)) continue;
         if (inSample(v)) {
           exact.push_back(v);
@@ -278,7 +315,7 @@ CodeWalkCounts CodeGatedWalk(const CsrView& graph, int64_t n, const int32_t* ent
         cand.Push(ranks[i], v);
       } else {
         exact.push_back(v);
-        PrefetchRow(keys + size_t(keyOf(v)) * d, d);  // scored at the round's end
+        PrefetchRow(keys + size_t(v) * d, d);  // scored at the round's end
       }
     }
     counts.codes += int64_t(coded.size());

@@ -9,7 +9,6 @@
 #include <new>
 #include <mutex>
 #include <stdexcept>
-#include <string>
 
 #include <sys/mman.h>
 
@@ -26,7 +25,7 @@ constexpr int64_t kRowsPerTask = 8192;
 
 }  // namespace
 
-RaKeyCodes RaKeyCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype, const int32_t* order) {
+RaKeyCodes RaKeyCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype) {
   if (n < 0 || d <= 0) throw std::invalid_argument("RaKeyCodes: bad shape");
   RaKeyCodes kc;
   kc.n_ = n;
@@ -87,7 +86,7 @@ RaKeyCodes RaKeyCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype
     std::vector<float> row(D);
     const int64_t end = std::min<int64_t>(n, int64_t(t + 1) * kRowsPerTask);
     for (int64_t i = int64_t(t) * kRowsPerTask; i < end; ++i) {
-      WidenRow(keys + size_t(order ? order[i] : i) * D, dtype, D, row.data());
+      WidenRow(keys + size_t(i) * D, dtype, D, row.data());
       uint8_t* out = kc.codes_.get() + size_t(i) * kc.half_;
       for (size_t j = 0; j < D; ++j) {
         const float f = std::floor((row[j] - kc.low_[j]) * inv[j]);
@@ -266,42 +265,18 @@ namespace kvr {
 
 std::shared_ptr<const RaKeyCodes> RaGraph::KeyCodesFor(const uint16_t* keys, Dtype dtype) const {
   std::lock_guard<std::mutex> hold(codes_->lock);
-  if (codes_->keys != keys || codes_->dtype != dtype) {
-    // the old codes freed before the new ones are made
-    codes_->codes.reset(), codes_->walkCodes.reset(), codes_->order.reset();
+  if (codes_->keys != keys || codes_->dtype != dtype || !codes_->codes) {
+    codes_->codes.reset();  // the old codes freed before the new ones are made
+    codes_->codes = std::make_shared<const RaKeyCodes>(RaKeyCodes::Build(keys, n_, d_, dtype));
     codes_->keys = keys;
     codes_->dtype = dtype;
   }
-  if (!codes_->codes) codes_->codes = std::make_shared<const RaKeyCodes>(RaKeyCodes::Build(keys, n_, d_, dtype));
   return codes_->codes;
-}
-
-RaGraph::WalkCodes RaGraph::WalkCodesFor(const uint16_t* keys, Dtype dtype, int64_t sampleOff, int64_t stride,
-                                          int64_t m) const {
-  const char* env = std::getenv("KVR_RA_WALK_ORDER");
-  const std::string mode = env ? env : "";
-  if (mode != "bfs" && mode != "token" && mode != "shuffled") return WalkCodes{KeyCodesFor(keys, dtype), nullptr};
-  std::lock_guard<std::mutex> hold(codes_->lock);
-  if (codes_->keys != keys || codes_->dtype != dtype) {
-    codes_->codes.reset(), codes_->walkCodes.reset(), codes_->order.reset();
-    codes_->keys = keys;
-    codes_->dtype = dtype;
-  }
-  if (!codes_->walkCodes) {
-    auto order = std::make_shared<const RaWalkOrder>(
-        mode == "bfs"        ? RaWalkOrder::Bfs(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m)
-        : mode == "shuffled" ? RaWalkOrder::Shuffled(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m)
-                             : RaWalkOrder::Identity(offsets_.data(), neighbors_.data(), n_, entries_, sampleOff, stride, m));
-    codes_->walkCodes = std::make_shared<const RaKeyCodes>(RaKeyCodes::Build(keys, n_, d_, dtype, order->key.data()));
-    codes_->order = std::move(order);
-  }
-  return WalkCodes{codes_->walkCodes, codes_->order};
 }
 
 size_t RaGraph::KeyCodeBytes() const {
   std::lock_guard<std::mutex> hold(codes_->lock);
-  return (codes_->codes ? codes_->codes->Bytes() : 0) + (codes_->walkCodes ? codes_->walkCodes->Bytes() : 0) +
-         (codes_->order ? codes_->order->Bytes() : 0);
+  return codes_->codes ? codes_->codes->Bytes() : 0;
 }
 
 }  // namespace kvr

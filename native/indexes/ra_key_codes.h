@@ -60,9 +60,7 @@ class RaKeyCodes {
   // Three passes over the keys (the channels' mean, their spread, the codes)
   // on the native pool: the first code walk at 1M keys, d = 128 took 0.34 s
   // with them on the 2-core VM (bench/results/ra-search-1048576-vm-codes.json).
-  // With `order` ([n], a permutation) row i is the code of key order[i]
-  // (RaWalkOrder's numbering); the levels are the same either way.
-  static RaKeyCodes Build(const uint16_t* keys, int64_t n, int d, Dtype dtype, const int32_t* order = nullptr);
+  static RaKeyCodes Build(const uint16_t* keys, int64_t n, int d, Dtype dtype);
 
   int64_t tokens() const { return n_; }
   int headDim() const { return d_; }

@@ -3,7 +3,8 @@
 // the codes dequantize within half a level of each key value inside the
 // channel's mean ± 3σ (float64 reference), the approximate logits are those of
 // the dequantized key (float64), an uncapped walk that scores every key met
-// returns the exact top-k of the group's mean probability, the two caps
+// returns the exact top-k of the group's mean probability, its lists read
+// from their 64-byte slots (ra_walk_lists.h) as from the CSR, the two caps
 // stop it, the moving cutoff (codeAdapt) brings both caps' shares together, and bad options are refused.
 import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
@@ -275,6 +276,49 @@ describe('ra-graph code-gated walk', () => {
     // The codes are held with the graph (64 bytes a key at d = 128; here 16).
     expect(graph.memoryBytes).toBeGreaterThanOrEqual(n * (d / 2));
     graph.dispose();
+  });
+
+  // The walk reads each list from a 64-byte slot (ra_walk_lists.h: 15 ids inline, the rest of a longer list
+  // elsewhere); KVR_RA_WALK_LISTS=csr, read when a graph makes its slots, keeps it on the CSR. The walk's
+  // every step follows its lists in order, so a slot that lost, added or reordered a neighbour moves the ids,
+  // the keys scored or the codes read of some capped walk: the two graphs (one blob) must agree on all of them.
+  it('reads the lists from their slots as from the CSR: the same ids, scanned and codes read; the slots counted in memoryBytes', async () => {
+    const rng = new Rng(seed + 29);
+    const [n, d, G] = [20000, 32, 4];
+    const { keys, graph } = await graphOf(rng, 'f16', n, d);
+    expect(graph.maxDegree).toBeGreaterThan(15); // some lists spill past a slot
+    const blob = graph.save();
+    graph.dispose();
+    const before = process.env.KVR_RA_WALK_LISTS;
+    const withLists = (mode: string) => {
+      process.env.KVR_RA_WALK_LISTS = mode;
+      try {
+        const g = RaGraph.load(blob);
+        g.searchSync(walkArgs(keys.bits, n, d, 'f16', queries(rng, G, d), G, 10)); // its first code walk chooses
+        return g;
+      } finally {
+        if (before === undefined) delete process.env.KVR_RA_WALK_LISTS;
+        else process.env.KVR_RA_WALK_LISTS = before;
+      }
+    };
+    const csr = withLists('csr'), slots = withLists('slots');
+    expect(slots.memoryBytes - csr.memoryBytes).toBeGreaterThanOrEqual(n * 64);
+    for (const codeWidth of [1, 16])
+      for (let trial = 0; trial < 3; trial++) {
+        const q = queries(rng, G, d);
+        const caps = [{ maxCodes: 800 + 900 * trial }, { maxScanned: 300 + 200 * trial, codeDelta: Infinity }, { maxCodes: 2000, maxScanned: 400 + 100 * trial }];
+        for (const cap of caps) {
+          const a = { ...walkArgs(keys.bits, n, d, 'f16', q, G, 100), codeWidth, ...cap };
+          const b = { ...a, outIds: new Int32Array(100), outScores: new Float32Array(100) };
+          const ra = csr.searchSync(a), rb = slots.searchSync(b);
+          expect([rb.scanned, rb.codesRead]).toEqual([ra.scanned, ra.codesRead]);
+          expect([...b.outIds]).toEqual([...a.outIds]);
+        }
+        // Uncapped and scoring every key met: the slots reach every key.
+        expect(slots.searchSync({ ...walkArgs(keys.bits, n, d, 'f16', q, G, 10), codeDelta: Infinity, codeWidth }).scanned).toBe(n);
+      }
+    csr.dispose();
+    slots.dispose();
   });
 
   // The moving cutoff (codeAdapt = κ): each round's gate is cut + κ·D, D = X − C, X the share of the walk's exact cap
