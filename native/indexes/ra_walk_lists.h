@@ -9,7 +9,10 @@
 // layer-steps of 8 searches on the 2 cores 0.96-1.01), the same ids
 // (bench/results/ra-search-1048576-vm-walk-lists.md): the lists were one
 // of several waits (the code rows, the keys scored exactly, the visited
-// bits, the queue).
+// bits, the queue). At 64K-512K keys, where the CSR mostly sits in the
+// 32 MB L3, the same within the sittings' noise (0.87-1.09 of the CSR's
+// medians, the CSR itself 0.71-1.03 of the commit before;
+// ra-search-{65536,262144,524288}-vm-walk-lists*.md).
 //
 // The rest of a longer list (3% of the keys at 1M: degree 16 + positional +
 // key neighbours reach 26) lies in `overflow`. 64 bytes a key (64 MB at 1M
