@@ -28,8 +28,6 @@
 //            bench/results/wave-gpu-mma-<card>[-d<d>][-<tag>].{md,json}.
 //
 //   node dist/bench/wave-gpu-mma.js [--check] [--path P] [--bench] [--base P] [--new P] [--steps 50] [--tag T]
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { type WaveGpuStepResult, WaveGpuStore } from '../addon/wave-gpu.js';
@@ -40,6 +38,7 @@ import { quantile } from './stats.js';
 import { benchSetup, compare, type CompareResult, gpuRanking, type KeptFilter, queries, staticRows, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads } from './wave-gpu-heads.js';
 import { isPath, MIN_OVERLAP, PATHS, type PathName, withPath } from './wave-paths.js';
+import { cardName, saveDeviceResult } from './device-results.js';
 
 export { MIN_OVERLAP, type PathName } from './wave-paths.js';
 
@@ -218,13 +217,8 @@ async function main(): Promise<void> {
     }, console.log);
     const md = markdown(r, deviceName(info));
     console.log(md);
-    const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu', tag = opt('--tag');
-    for (const dir of ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])]) {
-      mkdirSync(dir, { recursive: true });
-      const name = `wave-gpu-mma-${card}${r.config.d === 128 ? '' : `-d${r.config.d}`}${tag ? `-${tag}` : ''}`;
-      writeFileSync(join(dir, `${name}.json`), JSON.stringify(r, null, 2) + '\n');
-      writeFileSync(join(dir, `${name}.md`), md);
-    }
+    const tag = opt('--tag');
+    saveDeviceResult(`wave-gpu-mma-${cardName(info.device)}${r.config.d === 128 ? '' : `-d${r.config.d}`}${tag ? `-${tag}` : ''}`, r, md);
   }
   process.exit(failed ? 1 : 0);
 }

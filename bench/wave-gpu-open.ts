@@ -14,12 +14,11 @@
 // each variant's wall time. The two variants alternate (sync, async, sync,
 // ...), R rounds of each.
 // Results: bench/results/wave-gpu-open-<card>.{json,md} (also to $OUT when set).
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { loadavg } from 'node:os';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { WaveGpuStore, type WaveGpuStoreOptions } from '../addon/wave-gpu.js';
 import { centroidStride } from '../index/wave/cluster-codec.js';
+import { cardName, saveDeviceResult } from './device-results.js';
 
 interface Row { variant: 'sync' | 'async'; makeMs: number; makeGapMs: number; freeMs: number; freeGapMs: number }
 
@@ -85,13 +84,7 @@ async function main() {
     '',
   ].join('\n');
   console.log(md);
-  for (const dir of ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])]) {
-    mkdirSync(dir, { recursive: true });
-    const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu';
-    const name = `wave-gpu-open-${share > 0 ? 'paged-' : ''}${card}`;
-    writeFileSync(join(dir, `${name}.json`), JSON.stringify({ tokens, kvHeads, d, share, rows, date: new Date().toISOString() }, null, 2) + '\n');
-    writeFileSync(join(dir, `${name}.md`), md);
-  }
+  saveDeviceResult(`wave-gpu-open-${share > 0 ? 'paged-' : ''}${cardName(info.device)}`, { tokens, kvHeads, d, share, rows, date: new Date().toISOString() }, md);
   process.exit(0);
 }
 

@@ -40,8 +40,6 @@
 // bench/results/wave-gpu-paged-ab-*.)
 // --thp: each cache also a store whose pinned host copy asked for huge pages
 // (KVRECALL_WAVE_HOST_THP=1: fewer translations for the random row reads).
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import type { KvDtype } from '../addon/kernels.js';
@@ -52,6 +50,7 @@ import { quantile } from './stats.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
 import { caseName, compare, gpuRanking, keyRows, staticRows, syntheticHead, TOL, waveCases, type KeptFilter, type WaveCase } from './wave-gpu.js';
 import { MIN_OVERLAP, type PathName, withPath } from './wave-paths.js';
+import { cardName, saveDeviceResult } from './device-results.js';
 
 /**
  * Decode queries that drift as the generator's do (workload/queries.ts): per
@@ -459,14 +458,8 @@ async function main() {
     steps: Number(opt('--steps') ?? 64), probe: Number(opt('--probe') ?? PROBE_ESTIMATED), caches: (opt('--caches') ?? '1,2,4').split(',').map(Number),
     stays: (opt('--stays') ?? `${defaultKnobs(1).topicStay},1`).split(',').map(Number),
   });
-  const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu', tag = opt('--tag');
-  const save = (name: string, json: unknown, md: string) => {
-    for (const dir of ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])]) {
-      mkdirSync(dir, { recursive: true });
-      writeFileSync(join(dir, `${name}${tag ? `-${tag}` : ''}.json`), JSON.stringify(json, null, 2) + '\n');
-      writeFileSync(join(dir, `${name}${tag ? `-${tag}` : ''}.md`), md);
-    }
-  };
+  const card = cardName(info.device), tag = opt('--tag');
+  const save = (name: string, json: unknown, md: string) => saveDeviceResult(`${name}${tag ? `-${tag}` : ''}`, json, md);
   if (args.includes('--kernels')) {
     const cfg = benchCfg();
     const r = await runKernels(cfg, console.log, args.includes('--thp'));

@@ -24,8 +24,6 @@
 // same rows, alternated step by step; p50/p90 wall ms of each (awaited), the
 // device's stream ms, and the first step's answers compared.
 // Results: bench/results/wave-gpu-rest-<card>.{json,md} (also to $OUT when set).
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
@@ -37,6 +35,7 @@ import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { answerDiff, gpuRanking, keyRows, queries, staticRows, syntheticHead, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
+import { cardName, saveDeviceResult } from './device-results.js';
 
 export interface RestCase extends WaveCase {
   blockSize: number;
@@ -268,12 +267,7 @@ async function main() {
     console.log(JSON.stringify(r, null, 2));
     console.log(md);
     if (!r.check?.ok) failed++;
-    for (const dir of ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])]) {
-      mkdirSync(dir, { recursive: true });
-      const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu';
-      writeFileSync(join(dir, `wave-gpu-rest-${card}.json`), JSON.stringify({ ...r, date: new Date().toISOString() }, null, 2) + '\n');
-      writeFileSync(join(dir, `wave-gpu-rest-${card}.md`), md);
-    }
+    saveDeviceResult(`wave-gpu-rest-${cardName(info.device)}`, { ...r, date: new Date().toISOString() }, md);
   }
   process.exit(failed ? 1 : 0);
 }

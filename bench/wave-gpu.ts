@@ -25,8 +25,6 @@
 // 'radius', and the device memory of the summaries as a share of the layer's
 // K/V. One step is also checked against the host's default path.
 // Results: bench/results/wave-gpu-h200.{json,md} (also copied to $OUT when set).
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
@@ -38,6 +36,7 @@ import { ClusterIndex, PROBE, PROBE_ESTIMATED, RADIUS_SHARE, SPREAD, type Cluste
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { words } from './wave-gpu-heads.js';
+import { cardName, saveDeviceResult } from './device-results.js';
 
 export const TOL = { out: 1e-4, lse: 1e-4 };
 
@@ -516,14 +515,8 @@ async function main() {
     const md = markdown(r);
     console.log(JSON.stringify(r, null, 2));
     console.log(md);
-    const dirs = ['bench/results', ...(process.env.OUT ? [process.env.OUT] : [])];
-    for (const dir of dirs) {
-      mkdirSync(dir, { recursive: true });
-      const card = /H\d00/.exec(info.device ?? '')?.[0].toLowerCase() ?? 'gpu', tag = opt('--tag');
-      const name = `wave-gpu-${card}${clusterSize === 8 ? '' : `-cs${clusterSize}`}${tag ? `-${tag}` : ''}`;
-      writeFileSync(join(dir, `${name}.json`), JSON.stringify(r, null, 2) + '\n');
-      writeFileSync(join(dir, `${name}.md`), md);
-    }
+    const tag = opt('--tag');
+    saveDeviceResult(`wave-gpu-${cardName(info.device)}${clusterSize === 8 ? '' : `-cs${clusterSize}`}${tag ? `-${tag}` : ''}`, r, md);
   }
   process.exit(failed ? 1 : 0);
 }
