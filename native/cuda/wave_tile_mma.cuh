@@ -66,13 +66,12 @@ __device__ __forceinline__ uint32_t WeightPart(float x, bool lo) {
 }
 
 // Rows 16s + 2t, +1, +8, +9 (k-step s) of a warp's channel block, 16
-// bytes each (src(i): row i's first word), or zeros past `live`.
-template <class Src>
-__device__ __forceinline__ void LoadStep(uint4 (&x)[4], const uint16_t* base, Src src, int s, int live, int t) {
+// bytes each (sSrc[i]: row i's first word), or zeros past `live`.
+__device__ __forceinline__ void LoadStep(uint4 (&x)[4], const uint16_t* base, const int64_t* sSrc, int s, int live, int t) {
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = s * 16 + 2 * t + (r & 1) + 8 * (r >> 1);
-    x[r] = i < live ? __ldg(reinterpret_cast<const uint4*>(base + src(i))) : make_uint4(0, 0, 0, 0);
+    x[r] = i < live ? __ldg(reinterpret_cast<const uint4*>(base + sSrc[i])) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -105,10 +104,10 @@ __device__ __forceinline__ void MmaStep(float (&acc)[4][4], const uint4 (&x)[4],
 // Two k-steps' loads at once spilled ~140 bytes a thread at AttendAndClusters'
 // 80 registers (ptxas), and issuing a tile's reads at once (its counts,
 // logits and first rows together, the rows not compacted) measured no faster
-// (visit 4, bench/results/wave-tiles-h100-s27.md). src(i): row
-// i's first word in rows.
-template <bool kBf16, int kB, class Src>
-__device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Src src, const float* sE, float* sRed, int live, int gc, size_t qh0,
+// (visit 4, bench/results/wave-tiles-h100-s27.md). sSrc[i]: row i's first
+// word in rows (compacted by the tile).
+template <bool kBf16, int kB>
+__device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, const int64_t* sSrc, const float* sE, float* sRed, int live, int gc, size_t qh0,
                                    int part, float sign) {
   constexpr int kW = kTileWarps / kB;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -125,7 +124,7 @@ __device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Sr
   const int steps = (live + 15) / 16;
   for (int s = warp % kW; s < steps; s += kW) {  // uniform over the warp
     uint4 x[4];
-    LoadStep(x, base, src, s, live, t);
+    LoadStep(x, base, sSrc, s, live, t);
     MmaStep<kBf16>(acc, x, e, on, lo, s * 16, live, t);
   }
   // Columns 2t, 2t+1 of lanes t = 2, 3 are the lo parts of t - 2's heads.
@@ -158,9 +157,8 @@ __device__ void TileNumeratorsMmaD(const StepParams& p, const uint16_t* rows, Sr
 template <bool kBf16>
 __device__ void TileNumeratorsMma(const StepParams& p, const uint16_t* rows, const int64_t* sSrc, const float* sE, float* sRed, int live,
                                   int gc, size_t qh0, int part, float sign) {
-  const auto src = [sSrc](int i) { return sSrc[i]; };
-  if (p.d == 64) TileNumeratorsMmaD<kBf16, 1>(p, rows, src, sE, sRed, live, gc, qh0, part, sign);
-  else TileNumeratorsMmaD<kBf16, 2>(p, rows, src, sE, sRed, live, gc, qh0, part, sign);
+  if (p.d == 64) TileNumeratorsMmaD<kBf16, 1>(p, rows, sSrc, sE, sRed, live, gc, qh0, part, sign);
+  else TileNumeratorsMmaD<kBf16, 2>(p, rows, sSrc, sE, sRed, live, gc, qh0, part, sign);
 }
 
 }  // namespace
