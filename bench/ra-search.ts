@@ -28,14 +28,12 @@
 // sets KVR_RA_WALK_LISTS: the code walk reads the graph's CSR rather than
 // its lists' slots (ra_walk_lists.h). (`--walk-order O`, at commit
 // ea05509 only: the walk's own numbering of the keys, measured, not kept.)
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { loadavg, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { RA_GRAPH_DEFAULTS, RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
-import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
+import { writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
+import { RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
 import { machine } from './host.js';
+import { fnv, G, D as d, groupRecall as recallOf, raSearchData, SINKS as sinks, WINDOW as window } from './ra-search-data.js';
 import { median } from './stats.js';
-import { defaultKnobs, generateWorkload } from '../workload/index.js';
 
 const argv = process.argv.slice(2);
 const get = (name: string, dflt: string) => {
@@ -51,82 +49,13 @@ const profile = argv.includes('--profile');
 const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
 const codeWidth = argv.includes('--code-width') ? Number(get('code-width', '')) : undefined;
 if (argv.includes('--walk-lists')) process.env.KVR_RA_WALK_LISTS = get('walk-lists', '');
-const G = 4, d = 128, sinks = 16, window = 256, budget = 0.01;
-const want = Math.round(tokens * budget), asked = want + sinks + window;
-// bench/retrieval.ts's machine line (importing it would run that bench).
 const progress = (msg: string) => process.stderr.write(`[bench:ra-search] ${msg}\n`);
 
-// The keys and decode queries are cached with the graph (generating 1M keys takes ~1 min here).
-const cacheDir = join(tmpdir(), 'kvrecall-ra-search');
-mkdirSync(cacheDir, { recursive: true });
-const stem = join(cacheDir, `s7-${tokens}-${steps}`);
-const spec = { seed: 7, tokens, kvHeads: 1, qHeads: G, headDim: d, steps, needles: steps, knobs: defaultKnobs(tokens, {}) };
-let keys: Uint16Array, decodeQ: Float32Array[], prefillQ: Float32Array | undefined;
-if (existsSync(`${stem}.keys`) && existsSync(`${stem}.q`)) {
-  keys = new Uint16Array(readFileSync(`${stem}.keys`).buffer.slice(0));
-  const q = new Float32Array(readFileSync(`${stem}.q`).buffer.slice(0));
-  decodeQ = Array.from({ length: steps }, (_, s) => q.subarray(s * G * d, (s + 1) * G * d));
-} else {
-  const wl = generateWorkload(spec);
-  if (wl.dtype !== 'f16') throw new Error('the workload is expected in f16');
-  keys = wl.keys[0];
-  decodeQ = wl.decodeQ.map((q) => q.subarray(0, G * d));
-  prefillQ = wl.prefillQ[0];
-  writeFileSync(`${stem}.keys`, keys);
-  const q = new Float32Array(steps * G * d);
-  decodeQ.forEach((x, s) => q.set(x, s * G * d));
-  writeFileSync(`${stem}.q`, q);
-}
-progress('workload ready');
+// The workload, graph and exact top-k, cached (bench/ra-search-data.ts).
+const data = await raSearchData(tokens, steps, progress);
+const { keys, decodeQ, graph, asked } = data;
 const keyArgs = { keys, tokens, headDim: d, dtype: 'f16' as const };
-
-// The cache is keyed by the workload and the graph's defaults; a stale blob (older version) is rebuilt.
-const graphFile = `${stem}-${Object.values(RA_GRAPH_DEFAULTS).join('-')}.graph`;
-let graph: RaGraph | undefined;
-if (existsSync(graphFile)) {
-  try {
-    graph = RaGraph.load(new Uint8Array(readFileSync(graphFile)));
-  } catch (e) {
-    progress(`cached graph refused (${(e as Error).message}); rebuilding`);
-  }
-}
-if (!graph) {
-  const t0 = performance.now();
-  prefillQ ??= generateWorkload(spec).prefillQ[0];
-  graph = await RaGraph.build({ ...keyArgs, queries: prefillQ });
-  progress(`built in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-  writeFileSync(graphFile, graph.save());
-}
-
-// The exact top-k of the group's attention per step.
-let groupTop: Int32Array[];
-if (existsSync(`${stem}.topk`)) {
-  const all = new Int32Array(readFileSync(`${stem}.topk`).buffer.slice(0));
-  groupTop = Array.from({ length: steps }, (_, s) => all.subarray(s * want, (s + 1) * want));
-} else {
-  const K = widen(keys, 'f16');
-  groupTop = [];
-  for (let s = 0; s < steps; s++) {
-    const ex = exactAttention(decodeQ[s], G, K, K, { headDim: d, outputs: false });
-    groupTop.push(topKIndices(meanProbs(ex), want));
-    progress(`exact top-k step ${s}`);
-  }
-  const all = new Int32Array(steps * want);
-  groupTop.forEach((t, s) => all.set(t, s * want));
-  writeFileSync(`${stem}.topk`, all);
-}
-
-/** Sinks + window + retrieved (as bench/retrieval.ts's selection) against the group's exact top-k. */
-function groupRecall(ids: Int32Array, s: number): number {
-  const sel = new Set<number>();
-  for (let t = 0; t < sinks; t++) sel.add(t);
-  for (let t = tokens - window; t < tokens; t++) sel.add(t);
-  let n = 0;
-  for (const id of ids) if (n < want && id >= sinks && id < tokens - window) sel.add(id), n++;
-  let hit = 0;
-  for (const id of groupTop[s]) hit += sel.has(id) ? 1 : 0;
-  return hit / want;
-}
+const groupRecall = (ids: Int32Array, s: number) => recallOf(data, ids, s);
 
 interface Config {
   name: string;
@@ -168,11 +97,6 @@ const args = (c: Config, s: number, ids: Int32Array, scores: Float32Array): RaGr
   ...(profile && { profile: true }),
 });
 
-function fnv(h: number, ids: Int32Array): number {
-  for (const id of ids) h = Math.imul(h ^ id, 16777619) >>> 0;
-  return h;
-}
-
 const rows: string[] = [];
 let codesBuilt: number | undefined;
 const json: unknown[] = [];
@@ -208,7 +132,7 @@ for (const c of configs) {
       for (const [k, v] of Object.entries(res.profile ?? {})) phases[k] = (phases[k] ?? 0) + v / (reps * steps);
     }
     const t = performance.now(), u = process.cpuUsage();
-    await RaGraph.searchBatch(Array.from({ length: steps }, (_, s) => ({ ...args(c, s, ids[s], scores[s]), graph: graph! })));
+    await RaGraph.searchBatch(Array.from({ length: steps }, (_, s) => ({ ...args(c, s, ids[s], scores[s]), graph })));
     batch.push(performance.now() - t);
     const du = process.cpuUsage(u);
     batchCpu.push((du.user + du.system) / 1000 / steps);
