@@ -63,6 +63,10 @@ struct StepPaths {
   // not the host's bit for bit, so a candidate at the cut may fall the
   // other side of it.
   bool mmaRescore;
+  // KVRECALL_WAVE_FOLD=0 turns off (on where clear runs): each cut in four
+  // launches, FindBin and TakeWeights folded into the kernels beside them
+  // (wave_cut_fold.cuh); the same ids and answers bit for bit.
+  bool fold;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
 };
 
@@ -79,7 +83,8 @@ inline StepPaths ReadStepPaths(int d) {
   s.fuse = round2 && s.swizzle && on("KVRECALL_WAVE_SCORE_FUSE");
   s.split = s.fuse && on("KVRECALL_WAVE_SCORE_SPLIT");
   s.clear = round2 && on("KVRECALL_WAVE_CLEAR");
-  s.find = s.clear && is("KVRECALL_WAVE_FIND", '1');
+  s.fold = s.clear && on("KVRECALL_WAVE_FOLD");
+  s.find = s.clear && !s.fold && is("KVRECALL_WAVE_FIND", '1');
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
   s.range = s.clear;
