@@ -10,7 +10,8 @@ import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 import { concatInto } from './typed-concat.js';
 
-interface NativeBlockScores {
+/** The addon's object behind a DeviceBlockScores (exported for stand-ins: a bench's run on a host without a device). */
+export interface NativeBlockScores {
   topk(a: {
     q: Float32Array;
     group: number;
@@ -23,6 +24,7 @@ interface NativeBlockScores {
     reps?: number;
     sync?: boolean;
     times?: boolean;
+    deviceTime?: boolean;
   }): number | Promise<number>;
   bytes(): number;
   lastTimes(): BlockTopKTimes;
@@ -42,6 +44,8 @@ export interface BlockTopKTimes {
   /** The scoring and the selection kernel (CUDA events; 0 unless the step asked for `times`). */
   scoreMs: number;
   selectMs: number;
+  /** The whole call on the device: its copies, kernels and the gaps between them (CUDA events around them; 0 unless the step asked for `deviceTime`). */
+  deviceMs: number;
   /** On the host: staging the inputs, issuing copies and launches, waiting for the stream, copying the outputs out. */
   prepMs: number;
   issueMs: number;
@@ -80,6 +84,14 @@ export interface BlockTopKArgs {
    * is replayed from a CUDA graph captured once per shape: one launch.
    */
   times?: boolean;
+  /**
+   * The whole call's device time in lastTimes.deviceMs: two CUDA events
+   * around its copies and kernels, recorded as the device reaches them
+   * (replayed: nodes of a graph of their own), so the host's issue before
+   * them is not in it: what a select's device call costs the device, apart
+   * from the host's issue and wait.
+   */
+  deviceTime?: boolean;
 }
 
 /** Whether this build and host can score blocks of this shape on the device (never throws). */
@@ -113,6 +125,14 @@ export class DeviceBlockScores {
   static create(o: { means: Uint16Array[]; blocks: number; headDim: number; dtype: KvDtype }): DeviceBlockScores {
     const native = new addon.BlockScores({ heads: o.means, blocks: o.blocks, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype] });
     return new DeviceBlockScores(native, o.means.length, o.blocks, o.headDim);
+  }
+
+  /**
+   * The wrapper over another native object of the same contract: a bench's
+   * stand-in for the device, so the wrapper's JS is what it times.
+   */
+  static over(native: NativeBlockScores, o: { heads: number; blocks: number; headDim: number }): DeviceBlockScores {
+    return new DeviceBlockScores(native, o.heads, o.blocks, o.headDim);
   }
 
   /**
@@ -175,6 +195,7 @@ export class DeviceBlockScores {
     }
     const native: Parameters<NativeBlockScores['topk']>[0] = {
       q: a.q, group: a.group, k: a.k, outIds, outScores, extraIds, extraCounts, extraScores, reps: reps !== 1 ? reps : undefined, sync: undefined, times: a.times ? true : undefined,
+      deviceTime: a.deviceTime ? true : undefined,
     };
     return { native, outIds, outScores, extraCounts, extraScores };
   }

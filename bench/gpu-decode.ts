@@ -28,6 +28,11 @@
 // heads / batch run one way (default batch).
 // --gap MS sleeps that long before each step (an LLM's own work between a
 // layer's calls: the pool's wake-ups cost most after an idle).
+// --select-stages splits a block method's select (issue #13: ≤ 0.1 ms) in the
+// loop: the device scorer's call (engine/cache/device-block-scores.ts with
+// timeSteps: its graph with two event nodes), of it the host's wait and the
+// call's time on the device, and the JS around the call; files
+// gpu-decode-[<configs>-]select-stages-<device>.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
@@ -46,6 +51,7 @@ import { relativeErrors } from './quality.js';
 import { generateWorkload } from '../workload/index.js';
 import { mean, quantile } from './stats.js';
 import { deviceCallRuns, GPU_SYNC_US, setGpuSyncUs } from '../addon/device-calls.js';
+import { deviceBlockScorer } from '../engine/cache/device-block-scores.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:gpu decode] ${msg}\n`);
 
@@ -67,6 +73,10 @@ interface StepRow {
   deviceSync: boolean;
   callsOnLoop: number;
   callsOnPool: number;
+  /** With --select-stages, a step whose select called the device scorer: the call's wall ms, its host wait, its device time (NaN otherwise). */
+  scorerCallMs: number;
+  scorerWaitMs: number;
+  scorerDeviceMs: number;
 }
 
 const pct = (xs: number[], p: number) => quantile(xs, p, 'low');
@@ -90,11 +100,13 @@ export type DeviceSync = 'loop' | 'pool' | 'ab';
 /** A step's block lists: 'heads' a pool call a kv head, 'batch' one for all, 'ab' both, alternating step by step. */
 export type UploadPath = 'heads' | 'batch' | 'ab';
 
-export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath; deviceSync?: DeviceSync; uploadPath?: UploadPath; gapMs?: number }): Promise<void> {
+export async function runDecodeBench(opts: { tokens: number; steps: number; device: string; configs?: string[]; poolPath?: PoolPath; deviceSync?: DeviceSync; uploadPath?: UploadPath; gapMs?: number; selectStages?: boolean }): Promise<void> {
   const { tokens, steps } = opts;
   if ([opts.poolPath, opts.deviceSync, opts.uploadPath].filter((x) => x === 'ab').length > 1) throw new Error('--pool-path, --device-sync, --upload-path: one A/B at a time');
   const syncCap = Number(process.env.KVRECALL_GPU_SYNC_US ?? GPU_SYNC_US);
   const gapMs = opts.gapMs ?? 0;
+  const scorer = deviceBlockScorer(), selectStages = opts.selectStages === true;
+  scorer.timeSteps = selectStages;
   const model: ModelShape = { layers: 1, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'f16', blockSize: 64 };
   const { kvHeads, headDim: d } = model;
   progress(`generating ${tokens} tokens × ${kvHeads} kv heads, ${steps} decode steps`);
@@ -182,9 +194,10 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       setGpuSyncUs(deviceSync ? syncCap : 0);
       if (gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
       const q = w.decodeQ[s];
-      const calls = deviceCallRuns();
+      const calls = deviceCallRuns(), scored = scorer.stats.steps;
       const r = await decodeStep(session, { layer: 0, q, scale: w.scale, want: new Set(['out']) });
       const callsAfter = deviceCallRuns();
+      const call = selectStages && scorer.stats.steps > scored ? scorer.lastStep : undefined;
       if (cfg.method === 'exact') denseOut.push(r.out);
       rows.push({
         ms: r.stats.ms, selectMs: r.stats.selectMs, attendMs: r.stats.attendMs, residentMs: r.stats.gpu?.residentMs ?? NaN, kernelMs: r.stats.gpu?.kernelMs ?? NaN,
@@ -193,6 +206,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
         rangeTables: gpu.rangeTables,
         batchUploads: gpu.batchUploads,
         deviceSync, callsOnLoop: callsAfter.loop - calls.loop, callsOnPool: callsAfter.pool - calls.pool,
+        scorerCallMs: call?.callMs ?? NaN, scorerWaitMs: call?.native.waitMs ?? NaN, scorerDeviceMs: call?.native.deviceMs ?? NaN,
       });
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
       if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
@@ -236,6 +250,8 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
         firstStepBytesIn: group[0].bytesIn,
         outErrorMean: mean(warm.map((r) => r.outError)),
         outErrorMax: Math.max(...warm.map((r) => r.outError)),
+        // --select-stages: the select's device scorer call, its wait and device time, and the JS around it (steps that called it).
+        ...(selectStages && selectSplit(warm)),
       };
       console.log(JSON.stringify(summary));
       results.push({ ...summary, steps: group });
@@ -282,14 +298,39 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       `${f(r.blocksSelectedPerStep, 0)} | ${f(r.hitRate, 3)} | ${f(Number(r.bytesInPerStepMean) / 2 ** 20)} / ${f(Number(r.bytesInPerStepP99) / 2 ** 20)} | ${f(r.outErrorMean, 3)} / ${f(r.outErrorMax, 3)} |` +
       (opts.deviceSync === 'ab' ? ` ${f(r.callsOnLoopPerStep, 1)} / ${f(r.callsOnPoolPerStep, 1)} |` : '')),
     '',
+    ...(selectStages
+      ? [
+          '| config | select ms | of it, the device scorer\'s call | of the call, the host\'s wait | of the call, on the device (events) | the select\'s JS around the call | steps with a call |',
+          '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+          ...results.filter((r) => Number(r.selectCalls) > 0).map((r) =>
+            `| ${r.config} | ${f(r.selectMsP50, 3)} | ${f(r.scorerCallMsP50, 3)} | ${f(r.scorerWaitMsP50, 3)} | ${f(r.scorerDeviceMsP50, 3)} | ${f(r.selectJsMsP50, 3)} | ${r.selectCalls} |`),
+          '',
+          'Select split (--select-stages, p50 of the steps whose select called the device scorer, each column its own p50): the scorer\'s call is engine/cache/device-block-scores.ts\'s wall time around ' +
+            'the addon call (its JS, the native call, the wait); on the device: two CUDA events in the call\'s graph around its copies and kernels; the JS around the call: the select less the call.',
+          '',
+        ]
+      : []),
   ].join('\n');
   const dir = join('bench', 'results');
   mkdirSync(dir, { recursive: true });
   for (const d of [dir, process.env.OUT].filter(Boolean) as string[]) {
     // A run of some configurations (--configs) has its own file: the README renders the full one.
-    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${opts.deviceSync === 'ab' ? `sync-ab-${gapMs > 0 ? `gap${gapMs}-` : ''}` : ''}${opts.uploadPath === 'ab' ? 'upload-ab-' : ''}${deviceTag(opts.device)}`;
+    const name = `gpu-decode-${opts.configs ? `${opts.configs.join('-')}-` : ''}${selectStages ? 'select-stages-' : ''}${opts.poolPath === 'ab' ? 'pool-ab-' : ''}${opts.deviceSync === 'ab' ? `sync-ab-${gapMs > 0 ? `gap${gapMs}-` : ''}` : ''}${opts.uploadPath === 'ab' ? 'upload-ab-' : ''}${deviceTag(opts.device)}`;
     writeFileSync(join(d, `${name}.json`), JSON.stringify(result, null, 2) + '\n');
     writeFileSync(join(d, `${name}.md`), md);
   }
   console.log(md);
+}
+
+/** The select's split over the steps that called the device scorer: each stage's p50, and their count. */
+function selectSplit(rows: StepRow[]): Record<string, number> {
+  const called = rows.filter((r) => !Number.isNaN(r.scorerCallMs));
+  const p50 = (xs: number[]) => (xs.length ? pct(xs, 0.5) : NaN);
+  return {
+    selectCalls: called.length,
+    scorerCallMsP50: p50(called.map((r) => r.scorerCallMs)),
+    scorerWaitMsP50: p50(called.map((r) => r.scorerWaitMs)),
+    scorerDeviceMsP50: p50(called.map((r) => r.scorerDeviceMs)),
+    selectJsMsP50: p50(called.map((r) => r.selectMs - r.scorerCallMs)),
+  };
 }

@@ -2,7 +2,7 @@
 //
 //   npm run bench:gpu                 (or: node dist/bench/gpu.js [--check] [--bench] [--decode [--configs wave,nosa,...]
 //                                      [--pool-path old|new|ab] [--device-sync loop|pool|ab] [--upload-path heads|batch|ab]
-//                                      [--gap MS]] [--quick])
+//                                      [--gap MS] [--select-stages]] [--quick])
 //
 // --check runs the same comparisons as test/native/gpu.test.ts without vitest:
 // the split-K kernel over block tables against the CPU `attend` and a float64
@@ -418,7 +418,8 @@ async function main(): Promise<void> {
   if (uploadPath !== undefined && !['heads', 'batch', 'ab'].includes(uploadPath)) throw new Error(`--upload-path: heads, batch or ab, not ${uploadPath}`);
   if (decode || !bench)
     await runDecodeBench({ tokens: get('--tokens') ?? (quick ? 131072 : 1048576), steps: get('--steps') ?? (quick ? 32 : 256), device: info.device, configs, poolPath: poolPath as PoolPath | undefined,
-      deviceSync: deviceSync as DeviceSync | undefined, uploadPath: uploadPath as UploadPath | undefined, gapMs: get('--gap') });
+      deviceSync: deviceSync as DeviceSync | undefined, uploadPath: uploadPath as UploadPath | undefined, gapMs: get('--gap'),
+      selectStages: argv.includes('--select-stages') });
 }
 
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {

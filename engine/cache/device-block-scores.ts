@@ -17,8 +17,9 @@
 // deleted or dropped). When the device cannot take a copy (its memory is the
 // pool's), that (document, layer) is scored on the host from then on; an
 // error in a step falls back to the host for that step.
-import { DeviceBlockScores, deviceBlockScoresSupported, deviceRanksGroups, type HeadTopBlocks } from '../../addon/block-scores.js';
+import { DeviceBlockScores, deviceBlockScoresSupported, deviceRanksGroups, type BlockTopKTimes, type HeadTopBlocks } from '../../addon/block-scores.js';
 import type { BlockMeans, BlockScorer } from '../../index/method.js';
+import type { KvDtype } from '../../addon/kernels.js';
 
 interface Uploaded {
   heads: readonly BlockMeans[];
@@ -38,16 +39,45 @@ export interface DeviceBlockScorerStats {
   ms: number;
 }
 
+/** The last step's device call, split (with DeviceBlockScorer.timeSteps). */
+export interface DeviceBlockScorerStep {
+  /** Wall ms of the call: the wrapper's JS (arguments, answer views), the native call and its wait. */
+  callMs: number;
+  /** The native call's split: host prep / issue / wait / copy-out, and deviceMs, the call on the device (CUDA events). */
+  native: BlockTopKTimes;
+}
+
+/** How a scorer makes its device copies and asks what the build supports: the addon's, unless a bench stands in for the device. */
+export interface DeviceBlockScorerBackend {
+  create(o: { means: Uint16Array[]; blocks: number; headDim: number; dtype: KvDtype }): DeviceBlockScores;
+  supported(headDim: number, group: number): boolean;
+}
+
+const ADDON_BACKEND: DeviceBlockScorerBackend = { create: (o) => DeviceBlockScores.create(o), supported: deviceBlockScoresSupported };
+
 export class DeviceBlockScorer implements BlockScorer {
   /** By the first head's summary: a (document, layer)'s means on the device. */
   private readonly uploaded = new WeakMap<BlockMeans, Uploaded>();
   readonly stats: DeviceBlockScorerStats = { steps: 0, uploads: 0, bytes: 0, failures: 0, ms: 0 };
   /** Whether a block's rows are ranked as one group on the device (false: the k·reps best rows; for A/B benches). */
   groupRows = true;
+  /**
+   * Whether each step's call is split into lastStep (a bench's question: the
+   * call's graph with two event nodes, a graph of its own, and the native
+   * split read back, a few microseconds a step; off in the engine).
+   */
+  timeSteps = false;
+  lastStep?: DeviceBlockScorerStep;
+  /** The last shape asked about (headDim, group) and the build's answer: an N-API call a step otherwise. */
+  private askedDim = 0;
+  private askedGroup = 0;
+  private shapeOk = false;
+
+  constructor(private readonly backend: DeviceBlockScorerBackend = ADDON_BACKEND) {}
 
   async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps = 1): Promise<HeadTopBlocks[] | undefined> {
     const first = heads[0];
-    if (!first || !deviceBlockScoresSupported(first.headDim, group)) return undefined;
+    if (!first || !this.supports(first.headDim, group)) return undefined;
     if (heads.some((s) => s.blocks !== first.blocks || s.headDim !== first.headDim || s.dtype !== first.dtype)) return undefined;
     let up = this.uploaded.get(first);
     if (!up || up.heads.length !== heads.length || up.heads.some((s, h) => s !== heads[h])) {
@@ -61,9 +91,11 @@ export class DeviceBlockScorer implements BlockScorer {
       // chooser reads k ids a head, not k·reps. Otherwise the k·reps best rows (the same blocks first).
       const grouped = this.groupRows && reps > 1 && deviceRanksGroups(first.blocks, reps);
       const t0 = performance.now();
-      const r = up.device.topk({ q, group, k: grouped ? k : k * reps, extra, reps: grouped ? reps : undefined });
-      this.stats.ms += performance.now() - t0;
+      const r = up.device.topk({ q, group, k: grouped ? k : k * reps, extra, reps: grouped ? reps : undefined, deviceTime: this.timeSteps });
+      const callMs = performance.now() - t0;
+      this.stats.ms += callMs;
       this.stats.steps++;
+      if (this.timeSteps) this.lastStep = { callMs, native: up.device.lastTimes };
       return r;
     } catch (e) {
       this.stats.failures++;
@@ -72,10 +104,19 @@ export class DeviceBlockScorer implements BlockScorer {
     }
   }
 
+  private supports(headDim: number, group: number): boolean {
+    if (this.askedDim !== headDim || this.askedGroup !== group) {
+      this.askedDim = headDim;
+      this.askedGroup = group;
+      this.shapeOk = this.backend.supported(headDim, group);
+    }
+    return this.shapeOk;
+  }
+
   private upload(heads: readonly BlockMeans[]): Uploaded {
     const { blocks, headDim, dtype } = heads[0];
     try {
-      const device = DeviceBlockScores.create({ means: heads.map((s) => s.means.subarray(0, blocks * headDim)), blocks, headDim, dtype });
+      const device = this.backend.create({ means: heads.map((s) => s.means.subarray(0, blocks * headDim)), blocks, headDim, dtype });
       this.stats.uploads++;
       this.stats.bytes += device.bytes;
       return { heads: [...heads], device };

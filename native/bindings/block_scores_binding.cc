@@ -11,13 +11,15 @@
 //   .topk({q: Float32Array [heads*group*headDim], group, k,
 //          outIds: Int32Array [heads*kk], outScores: Float32Array [heads*kk],
 //          extraIds?: Int32Array, extraCounts?: Int32Array [heads], extraScores?: Float32Array,
-//          reps?: number, sync?: boolean}) -> Promise<kk> (sync: kk), kk = min(k, blocks / reps)
+//          reps?: number, sync?: boolean, times?: boolean, deviceTime?: boolean}) -> Promise<kk> (sync: kk),
+//          kk = min(k, blocks / reps)
 //     head h's best kk blocks at outIds[h*kk ..], best first (ties: lower id); with reps (a power of two
 //     in [1, 16] dividing blocks) its best kk groups of reps rows, each ranked by its best row, as the
 //     group's first row (group * reps) with that row's score (extra ids stay rows);
 //     extraScores[i]: the score of extraIds[i], head by head (extraCounts).
 //   .bytes() -> device bytes held / .close()
-//   .lastTimes() -> {scoreMs, selectMs (kernels, events), prepMs, issueMs, waitMs, copyOutMs (host)} of the last topk
+//   .lastTimes() -> {scoreMs, selectMs (kernels, events; with times), deviceMs (the call on the device, events; with
+//     deviceTime), prepMs, issueMs, waitMs, copyOutMs (host)} of the last topk
 #include <napi.h>
 
 #include <algorithm>
@@ -111,6 +113,7 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
       hold.insert(hold.end(), {*ids, counts, out});
     }
     a.times = Flag(o, "times", false);
+    a.deviceTime = Flag(o, "deviceTime", false);
     if (Flag(o, "sync", false)) return Napi::Number::New(env, double(Guard(env, [&] { return s->TopK(a); })));
     auto count = std::make_shared<int64_t>(0);
     return RunAsync(
@@ -132,6 +135,7 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
     Napi::Object o = Napi::Object::New(env);
     o.Set("scoreMs", Napi::Number::New(env, t.scoreMs));
     o.Set("selectMs", Napi::Number::New(env, t.selectMs));
+    o.Set("deviceMs", Napi::Number::New(env, t.deviceMs));
     o.Set("prepMs", Napi::Number::New(env, t.prepMs));
     o.Set("issueMs", Napi::Number::New(env, t.issueMs));
     o.Set("waitMs", Napi::Number::New(env, t.waitMs));

@@ -200,6 +200,7 @@ struct BlockScores::Impl {
   std::mutex mu;
   cudaStream_t stream = nullptr;
   cudaEvent_t kStart = nullptr, kMid = nullptr, kStop = nullptr;
+  cudaEvent_t callStart = nullptr, callStop = nullptr;  // around a step's copies and kernels (args.deviceTime)
   uint16_t* means = nullptr;  // [heads, blocks, d]
   float* scores = nullptr;    // [heads, blocks]
   float* groupScores = nullptr;  // [heads, blocks / reps] for steps that rank groups of rows (made at the first)
@@ -221,7 +222,7 @@ struct BlockScores::Impl {
       if (p) cudaFree(p);
     if (hostIn) cudaFreeHost(hostIn);
     if (hostOut) cudaFreeHost(hostOut);
-    for (cudaEvent_t e : {kStart, kMid, kStop})
+    for (cudaEvent_t e : {kStart, kMid, kStop, callStart, callStop})
       if (e) cudaEventDestroy(e);
     if (stream) cudaStreamDestroy(stream);
     cudaGetLastError();
@@ -265,6 +266,8 @@ BlockScores::BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* me
   Check(cudaEventCreate(&I.kStart), "event");
   Check(cudaEventCreate(&I.kMid), "event");
   Check(cudaEventCreate(&I.kStop), "event");
+  Check(cudaEventCreate(&I.callStart), "event");
+  Check(cudaEventCreate(&I.callStop), "event");
   const size_t headWords = size_t(cfg.blocks) * cfg.headDim;
   Check(cudaMalloc(reinterpret_cast<void**>(&I.means), size_t(cfg.heads) * headWords * 2), "cudaMalloc (block means)");
   Check(cudaMalloc(reinterpret_cast<void**>(&I.scores), size_t(cfg.heads) * cfg.blocks * 4), "cudaMalloc (block scores)");
@@ -352,8 +355,17 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
     int64_t haveExtra;
     const void* groupScores;
     int64_t reps;
-  } key{{I.devIn, I.devOut, I.hostIn, I.hostOut, I.sortKeys, I.scores}, kk, p2, a.group, inBytes, outBytes, haveExtra ? 1 : 0, groupScores, a.reps};
+    int64_t deviceTime;
+  } key{{I.devIn, I.devOut, I.hostIn, I.hostOut, I.sortKeys, I.scores}, kk, p2, a.group, inBytes, outBytes, haveExtra ? 1 : 0, groupScores, a.reps,
+        a.deviceTime ? 1 : 0};
+  // The call's device time: events around its copies and kernels, recorded by the device when it reaches them,
+  // so a host's late launch is not in it. In a capture they are the graph's own nodes (External: a record, not a
+  // dependency); a graph of their own, so the engine's steps (deviceTime off) replay one without them.
+  const auto record = [&](cudaEvent_t e, cudaStream_t s, bool capturing) {
+    Check(capturing ? cudaEventRecordWithFlags(e, s, cudaEventRecordExternal) : cudaEventRecord(e, s), "event");
+  };
   const auto enqueue = [&](cudaStream_t s, bool events) {
+    if (a.deviceTime) record(I.callStart, s, !events);
     Check(cudaMemcpyAsync(I.devIn, I.hostIn, inBytes, cudaMemcpyHostToDevice, s), "H2D (step inputs)");
     if (events) Check(cudaEventRecord(I.kStart, s), "event");
     const float* dq = reinterpret_cast<const float*>(I.devIn);
@@ -379,6 +391,7 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
     }
     if (events) Check(cudaEventRecord(I.kStop, s), "event");
     if (outBytes > 0) Check(cudaMemcpyAsync(I.hostOut, I.devOut, outBytes, cudaMemcpyDeviceToHost, s), "D2H (top blocks)");
+    if (a.deviceTime) record(I.callStop, s, !events);
   };
   if (a.times)
     enqueue(I.stream, true);
@@ -388,9 +401,10 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   Check(cudaStreamSynchronize(I.stream), "block top-k");
   const Clock::time_point t3 = Clock::now();
   BlockTopKTimes& t = I.last;
-  t.scoreMs = t.selectMs = 0;
+  t.scoreMs = t.selectMs = t.deviceMs = 0;
   if (a.times && (cudaEventElapsedTime(&t.scoreMs, I.kStart, I.kMid) != cudaSuccess || cudaEventElapsedTime(&t.selectMs, I.kMid, I.kStop) != cudaSuccess))
     cudaGetLastError();
+  if (a.deviceTime && cudaEventElapsedTime(&t.deviceMs, I.callStart, I.callStop) != cudaSuccess) cudaGetLastError();
   const size_t n = size_t(c.heads) * kk;
   if (n > 0) {
     std::memcpy(a.outIds, I.hostOut, n * 4);

@@ -56,13 +56,22 @@ struct BlockTopKArgs {
   // (cuda/step_graph.cuh), one launch instead of five, and the kernel
   // times read 0.
   bool times = false;
+  // The whole call's device time in LastTimes().deviceMs: two CUDA events
+  // around the step's copies and kernels (nodes of its graph when replayed:
+  // a graph of their own), recorded when the device reaches them, so the
+  // gaps between them are in it and the host's issue before them is not: a
+  // bench tells the device's share of a select from the host's without
+  // launching one by one. Off (the engine): 0.
+  bool deviceTime = false;
 };
 
 // Where the last TopK's time went, milliseconds: its two kernels (CUDA
-// events; 0 unless args.times) and, on the host, staging the inputs, issuing the copies and
+// events; 0 unless args.times), the whole call on the device (0 unless
+// args.deviceTime) and, on the host, staging the inputs, issuing the copies and
 // launches, waiting for the stream, and copying the outputs out.
 struct BlockTopKTimes {
   float scoreMs = 0, selectMs = 0;
+  float deviceMs = 0;
   float prepMs = 0, issueMs = 0, waitMs = 0, copyOutMs = 0;
 };
 

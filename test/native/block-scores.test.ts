@@ -288,6 +288,37 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
     }
   });
 
+  it('deviceTime: the call\'s time on the device from events in its own graph, or around the kernels launched one by one; the same answers', async () => {
+    const rng = new Rng(seed + 13);
+    const heads = 2, rows = 4096, d = 136, G = 4, reps = 4, k = 50;
+    const means = randomMeans(rng, heads, rows, d, 'f16');
+    const dev = DeviceBlockScores.create({ means, blocks: rows, headDim: d, dtype: 'f16' });
+    try {
+      for (let step = 0; step < 3; step++) {
+        const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+        const extra = Array.from({ length: heads }, () => Int32Array.from({ length: 30 }, () => rng.int(rows)));
+        const plain = dev.topk({ q, group: G, k, extra, reps });
+        expect(dev.lastTimes.deviceMs).toBe(0);
+        const timed = dev.topk({ q, group: G, k, extra, reps, deviceTime: true });
+        expect(dev.lastTimes.deviceMs).toBeGreaterThan(0);
+        const oneByOne = dev.topk({ q, group: G, k, extra, reps, times: true, deviceTime: true });
+        const t = dev.lastTimes;
+        // The call's events bracket its kernels' on one stream (event resolution ~0.5 us).
+        expect(t.deviceMs).toBeGreaterThanOrEqual(t.scoreMs + t.selectMs - 0.005);
+        for (const got of [timed, oneByOne])
+          for (let h = 0; h < heads; h++) {
+            expect(Array.from(got[h].ids)).toEqual(Array.from(plain[h].ids));
+            expect(Array.from(got[h].scores)).toEqual(Array.from(plain[h].scores));
+            expect(Array.from(got[h].extraScores)).toEqual(Array.from(plain[h].extraScores));
+          }
+      }
+      // The engine's graph and the timed one (its event nodes), each captured once.
+      expect(dev.graphCaptures).toBe(2);
+    } finally {
+      dev.close();
+    }
+  });
+
   it('a top-k larger than shared memory sorts in global memory, the same', async () => {
     const rng = new Rng(seed + 5);
     const blocks = 20011, d = 64, G = 2, k = 12000;
