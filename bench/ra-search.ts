@@ -49,6 +49,12 @@ const profile = argv.includes('--profile');
 const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
 const codeWidth = argv.includes('--code-width') ? Number(get('code-width', '')) : undefined;
 if (argv.includes('--walk-lists')) process.env.KVR_RA_WALK_LISTS = get('walk-lists', '');
+// `--env NAME=VALUE` (repeatable): a native switch read at the first search (an experiment's, for ra-search-ab.ts's ARGS).
+argv.forEach((a, i) => {
+  if (a !== '--env') return;
+  const [k, ...v] = argv[i + 1].split('=');
+  process.env[k] = v.join('=');
+});
 const progress = (msg: string) => process.stderr.write(`[bench:ra-search] ${msg}\n`);
 
 // The workload, graph and exact top-k, cached (bench/ra-search-data.ts).

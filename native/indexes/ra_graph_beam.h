@@ -370,7 +370,13 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
     std::vector<int32_t> fresh, nodes;  // a round's new keys; its expanded candidates
     std::vector<const uint16_t*> rows;  // the fresh entry points' rows, given entryRows
   };
-  thread_local Scratch scratch;
+  // On the heap, reached through a thread_local pointer (Visited::Local says
+  // why): with the Scratch itself thread_local, the walk's pushes onto
+  // `fresh` each called __tls_get_addr (44 calls in this function at -O3;
+  // the walk took 0.93-0.94 of the CPU a group-search at 1M keys without
+  // them, bench/results/ra-search-1048576-vm-r6.md).
+  thread_local std::unique_ptr<Scratch> held(new Scratch);
+  Scratch& scratch = *held;
   auto& cand = scratch.cand;
   auto& beam = scratch.beam;
   auto& kbest = scratch.kbest;
