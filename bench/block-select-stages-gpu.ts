@@ -196,7 +196,9 @@ async function main(): Promise<void> {
         if (!keep) continue;
         const n = st.native, call = st.callMs - standInMs, inNative = n.prepMs + n.issueMs + n.waitMs + n.copyOutMs;
         const row: Record<Stage, number> = {
-          select: ms - standInMs, jsAround: ms - st.callMs, call, wrapperJs: call - inNative, prep: n.prepMs, issue: n.issueMs, wait: n.waitMs, copyOut: n.copyOutMs,
+          select: ms - standInMs, jsAround: ms - st.callMs, call, wrapperJs: call - inNative,
+          // The stand-in has no native stages: blank, not 0.
+          prep: native ? NaN : n.prepMs, issue: native ? NaN : n.issueMs, wait: native ? NaN : n.waitMs, copyOut: native ? NaN : n.copyOutMs,
           device: native ? NaN : n.deviceMs, beyondDevice: native ? NaN : n.issueMs + n.waitMs - n.deviceMs,
         };
         for (const stage of STAGES) times[m][pass].get(stage)!.push(row[stage]);
@@ -244,7 +246,7 @@ async function main(): Promise<void> {
       `(1%), sinks ${params.sinks}, window ${params.window}; random summaries (bench/block-layer-context.ts). ${steps} steps after ${warmup}. ` +
       `Each method selects through the engine's device scorer (engine/cache/device-block-scores.ts, timeSteps) twice a step in two contexts making ` +
       `the same choices: cold, after the host wrote ${flushMiB} MiB${gapMs > 0 ? ` and slept ${gapMs} ms` : ''}; warm, at once after it. ` +
-      (native ? 'Stand-in: the native call answers on the host from a precomputed pass (its time taken out), so the device rows are absent. ' : '') +
+      (native ? 'Stand-in: the native call answers on the host from a precomputed pass (its time taken out), so the native and device rows are blank. ' : '') +
       `Mismatches (cold against warm, the replay, and the host path, no scorer, in a third context every step): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
     '',
     `| stage | ${stages.map((x) => `${x.method} cold | ${x.method} warm`).join(' | ')} |`,

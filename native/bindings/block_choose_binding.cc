@@ -123,7 +123,7 @@ class BlockChooserJs : public Napi::ObjectWrap<BlockChooserJs> {
       c.byImportance = order_[size_t(h)], c.importanceRank = rank_[size_t(h)];
       c.out = out + h * cap, c.cls = cls + h * cap, c.outRows = rows + h * cap * R;
     }
-    for (int64_t h = 0; h < H; ++h) counts[h] = int32_t(ChooseStepBlocks(s, heads[size_t(h)]));
+    ChooseStepBlocksHeads(s, heads.data(), H, counts);
     return env.Undefined();
   }
 

@@ -42,17 +42,28 @@ __attribute__((noinline)) Scratch& ThreadScratch() {
   thread_local Scratch t;
   return t;
 }
-}  // namespace
 
-int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
-  // Bound once (ThreadScratch is not inlined): in the addon (a shared object, -fPIC) an access to a
-  // thread_local is a __tls_get_addr call, which GCC repeats in every loop below rather than keep the address
-  // in a register (perf on the 2-core VM: once or twice per candidate).
-  Scratch& t = ThreadScratch();
-  if (t.flags.size() < size_t(s.blocks)) t.flags.resize(size_t(s.blocks), 0);
-  uint8_t* f = t.flags.data();
+// The flags scratch of the calling thread, `blocks` long and zero, and the scratch bound once (ThreadScratch is
+// not inlined): in the addon (a shared object, -fPIC) an access to a thread_local is a __tls_get_addr call,
+// which GCC repeats in every loop rather than keep the address in a register (perf on the 2-core VM: once or
+// twice per candidate).
+uint8_t* FlagsFor(Scratch& t, int64_t blocks) {
+  if (t.flags.size() < size_t(blocks)) t.flags.resize(size_t(blocks), 0);
+  return t.flags.data();
+}
+
+void MarkExcluded(const BlockStep& s, uint8_t* f) {
+  for (int64_t i = 0; i < s.excludeN; ++i) f[s.exclude[i]] = kExcluded;
+}
+
+void ClearExcluded(const BlockStep& s, uint8_t* f) {
+  for (int64_t i = 0; i < s.excludeN; ++i) f[s.exclude[i]] = 0;
+}
+
+// One head's choice with the step's excluded blocks already marked in f (and nothing else set); it leaves f as
+// it found it.
+int64_t ChooseHead(const BlockStep& s, const BlockStepHead& h, Scratch& t, uint8_t* f) {
   const int64_t R = s.reps;
-  for (int64_t i = 0; i < s.excludeN; ++i) f[s.exclude[i]] |= kExcluded;
   // The top rows' first `reach` distinct blocks, best first; the excluded ones among them are dropped.
   t.seen.clear(), t.top.clear();
   const size_t want = size_t(std::min(s.reach, s.blocks));
@@ -61,10 +72,11 @@ int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
   for (int64_t i = 0; i < h.topRowsN && t.seen.size() < want; ++i) {
     const uint32_t row = uint32_t(h.topRows[i]);
     const int32_t b = int32_t(shift >= 0 ? row >> shift : row / uint32_t(R));
-    if (f[b] & kSeen) continue;
-    f[b] |= kSeen;
+    const uint8_t fb = f[b];  // read once: the store below would be read back after the vector's
+    if (fb & kSeen) continue;
+    f[b] = fb | kSeen;
     t.seen.push_back(b);
-    if (!(f[b] & kExcluded)) t.top.push_back(b);
+    if (!(fb & kExcluded)) t.top.push_back(b);
   }
   // The previous blocks still allowed, each scored as the best of its rows.
   t.prev.clear(), t.prevScores.clear();
@@ -108,14 +120,35 @@ int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
   std::sort(h.out, h.out + n);
   for (int64_t i = 0; i < n; ++i)
     h.cls[i] = s.protectAgnostic && (classByWalk ? (f[h.out[i]] & kClass) != 0 : h.importanceRank[h.out[i]] < s.agnosticClass) ? 1 : 0;
-  for (int64_t i = 0; i < s.excludeN; ++i) f[s.exclude[i]] = 0;
-  for (int32_t b : t.seen) f[b] = 0;
+  // Back to the excluded marks alone (seen blocks may be excluded ones; prev and out never are).
+  for (int32_t b : t.seen) f[b] &= kExcluded;
   for (int32_t b : t.prev) f[b] = 0;
   for (int64_t i = 0; i < n; ++i) f[h.out[i]] = 0;
   if (h.outRows)
     for (int64_t i = 0; i < n; ++i)
       for (int64_t r = 0; r < R; ++r) h.outRows[i * R + r] = int32_t(int64_t(h.out[i]) * R + r);
   return n;
+}
+
+}  // namespace
+
+int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
+  Scratch& t = ThreadScratch();
+  uint8_t* f = FlagsFor(t, s.blocks);
+  MarkExcluded(s, f);
+  const int64_t n = ChooseHead(s, h, t, f);
+  ClearExcluded(s, f);
+  return n;
+}
+
+void ChooseStepBlocksHeads(const BlockStep& s, const BlockStepHead* heads, int64_t count, int32_t* chosen) {
+  // The excluded blocks are the step's, not a head's: marked once for every head (8 at the shape, ~130
+  // blocks each at 1M: the window extended back), where each head marked and cleared them.
+  Scratch& t = ThreadScratch();
+  uint8_t* f = FlagsFor(t, s.blocks);
+  MarkExcluded(s, f);
+  for (int64_t h = 0; h < count; ++h) chosen[h] = int32_t(ChooseHead(s, heads[h], t, f));
+  ClearExcluded(s, f);
 }
 
 // The sum of squares is JS's bit for bit: a float's square is exact in double, so each step rounds once

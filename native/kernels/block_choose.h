@@ -48,6 +48,8 @@ struct BlockStepHead {
 
 // Returns how many blocks were chosen (written to out ascending, cls and outRows).
 int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h);
+// ChooseStepBlocks for `count` heads of one step: head h's count in chosen[h].
+void ChooseStepBlocksHeads(const BlockStep& s, const BlockStepHead* heads, int64_t count, int32_t* chosen);
 
 // The query rows a step scores the summary rows with (index/block-summary.ts): row i of q [rows, headDim] as
 // [q_i, share_h · ‖q_i‖, √headDim, 0 ...] at stride headDim + 8, share_h = shares[i / group]; out zeroed by
