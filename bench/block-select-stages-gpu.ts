@@ -14,13 +14,17 @@
 //     kernels and its device time (copies and gaps: device − both kernels);
 //   - nosa's select again with the device's answer replayed (no device
 //     call before it): the host's own work.
+// The same call is launched one by one again with the score kernel pipelined
+// (KVRECALL_BLOCK_SCORES_PIPED=1, block_score_kernels.cuh ScoreBlocksPiped),
+// its answer checked against the staged kernel's and the engine's.
 // Each method selects twice a step in two contexts making the same choices:
 // `cold`, right after the host writes --flush-mib MiB (caches emptied: the
 // worst of what the rest of a decode step does between two selects; plus
 // --gap MS asleep, an idle GPU), then `warm`, at once after it. The host
 // path (no scorer) selects every step in a third context, after the timed
 // ones, and all must agree (mismatches, exit code 1).
-//   node dist/bench/block-select-stages-gpu.js [--tokens N] [--steps S] [--flush-mib M] [--gap MS] [--stand-in]
+//   node dist/bench/block-select-stages-gpu.js [--tokens N] [--steps S] [--flush-mib M] [--gap MS] [--stand-in] [--profile]
+// --profile: no result files (a run under Nsight Compute: bench/gpu-visit.sh's ncu-blocks stage).
 // --stand-in (any host, no device): the native call is a host stand-in
 // answering what the device does (precomputed before the step by the host's
 // pass over every summary row, its own time taken out of the call), so the
@@ -45,7 +49,7 @@ const progress = (msg: string) => process.stderr.write(`[bench:block-select-stag
 const argv = process.argv;
 const tokens = numFlag('--tokens', argv) ?? 1 << 20, steps = numFlag('--steps', argv) ?? 300, warmup = 20;
 const flushMiB = numFlag('--flush-mib', argv) ?? 64, gapMs = numFlag('--gap', argv) ?? 0;
-const standIn = argv.includes('--stand-in');
+const standIn = argv.includes('--stand-in'), profile = argv.includes('--profile');
 const kvHeads = 8, qHeads = 32, d = 128, G = qHeads / kvHeads, blockSize = 64, reps = SUMMARY_REPS;
 const blocks = Math.ceil(tokens / blockSize), stride = summaryStride(d), rows = blocks * reps;
 
@@ -160,15 +164,22 @@ async function main(): Promise<void> {
     : new DeviceBlockScorer();
   scorer.timeSteps = true;
   const recording = new RecordingScorer(scorer), replay = new ReplayScorer();
-  // The kernels launched one by one: a second device copy of the same rows (the scorer's own is private).
-  const oneByOne = native ? undefined : DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: rows, headDim: stride, dtype: 'f16' });
+  // The kernels launched one by one: a second device copy of the same rows (the scorer's own is private), and a
+  // third whose score kernel overlaps its copies with its sums (KVRECALL_BLOCK_SCORES_PIPED=1, read when made).
+  const copy = () => DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: rows, headDim: stride, dtype: 'f16' });
+  const oneByOne = native ? undefined : copy();
+  const pipedBefore = process.env.KVRECALL_BLOCK_SCORES_PIPED;
+  process.env.KVRECALL_BLOCK_SCORES_PIPED = '1';
+  const oneByOnePiped = native ? undefined : copy();
+  if (pipedBefore === undefined) delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
+  else process.env.KVRECALL_BLOCK_SCORES_PIPED = pipedBefore;
   const ctx = (by?: BlockScorer) => blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, new Map(), by);
   const methods: RetrievalMethod[] = [nosa, topkBlocks];
   const ctxs = methods.map(() => ({ cold: ctx(recording), warm: ctx(recording), host: ctx() }));
   const replayCtx = ctx(replay);
   const flush = new Uint8Array(flushMiB << 20);
   const times = methods.map(() => ({ cold: new Map<Stage, number[]>(STAGES.map((s) => [s, []])), warm: new Map<Stage, number[]>(STAGES.map((s) => [s, []])) }));
-  const kernels = { score: [] as number[], select: [] as number[], device: [] as number[], copiesAndGaps: [] as number[] };
+  const kernels = { score: [] as number[], select: [] as number[], device: [] as number[], copiesAndGaps: [] as number[], pipedScore: [] as number[], pipedDevice: [] as number[] };
   const replayed: number[] = [];
   let mismatches = 0;
   const load = loadavg()[0];
@@ -206,10 +217,18 @@ async function main(): Promise<void> {
       if (blocksOf(picked.cold!) !== blocksOf(picked.warm!)) mismatches++;
       if (method === nosa) {
         const call = recording.last!;
-        if (oneByOne && keep) {
-          oneByOne.topk({ q: call.q, group: call.group, k: call.k, extra: call.extra, reps: call.reps, times: true, deviceTime: true });
-          const t = oneByOne.lastTimes;
-          kernels.score.push(t.scoreMs), kernels.select.push(t.selectMs), kernels.device.push(t.deviceMs), kernels.copiesAndGaps.push(t.deviceMs - t.scoreMs - t.selectMs);
+        if (oneByOne && oneByOnePiped) {
+          const args = { q: call.q, group: call.group, k: call.k, extra: call.extra, reps: call.reps, times: true, deviceTime: true };
+          const a = oneByOne.topk(args), t = oneByOne.lastTimes;
+          const b = oneByOnePiped.topk(args), tp = oneByOnePiped.lastTimes;
+          if (keep) {
+            kernels.score.push(t.scoreMs), kernels.select.push(t.selectMs), kernels.device.push(t.deviceMs), kernels.copiesAndGaps.push(t.deviceMs - t.scoreMs - t.selectMs);
+            kernels.pipedScore.push(tp.scoreMs), kernels.pipedDevice.push(tp.deviceMs);
+          }
+          // The pipelined kernel's answer must be the staged one's, bit for bit (and both the engine's).
+          const same = (x: HeadTopBlocks[], y: HeadTopBlocks[]) =>
+            x.every((r, h) => ['ids', 'scores', 'extraScores'].every((f) => { const u = r[f as 'ids'], v = y[h][f as 'ids']; return u.length === v.length && u.every((e, i) => Object.is(e, v[i])); }));
+          if (!same(a, b) || (call.answer && !same(a, call.answer))) mismatches++;
         }
         replay.answer = call;
         replay.ms = 0;
@@ -224,6 +243,7 @@ async function main(): Promise<void> {
     if (s % 100 === 99) progress(`step ${s + 1}/${warmup + steps}`);
   }
   oneByOne?.close();
+  oneByOnePiped?.close();
   const stat = (xs: number[]) => ({ p50: quantile(xs, 0.5, 'nearest'), p99: quantile(xs, 0.99, 'nearest') });
   const stages = methods.map((method, m) => ({
     method: method.name,
@@ -247,7 +267,7 @@ async function main(): Promise<void> {
       `Each method selects through the engine's device scorer (engine/cache/device-block-scores.ts, timeSteps) twice a step in two contexts making ` +
       `the same choices: cold, after the host wrote ${flushMiB} MiB${gapMs > 0 ? ` and slept ${gapMs} ms` : ''}; warm, at once after it. ` +
       (native ? 'Stand-in: the native call answers on the host from a precomputed pass (its time taken out), so the native and device rows are blank. ' : '') +
-      `Mismatches (cold against warm, the replay, and the host path, no scorer, in a third context every step): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
+      `Mismatches (cold against warm, the replay, the host path, no scorer, in a third context every step, and the pipelined score kernel's answers against the staged one's): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
     '',
     `| stage | ${stages.map((x) => `${x.method} cold | ${x.method} warm`).join(' | ')} |`,
     `| --- | ${stages.map(() => '---: | ---:').join(' | ')} |`,
@@ -263,13 +283,15 @@ async function main(): Promise<void> {
           `| select kernel (top k groups a head, extra rows' scores) | ${cell(oneByOneMs.select)} |`,
           `| the call on the device (copies, kernels, gaps) | ${cell(oneByOneMs.device)} |`,
           `| of it, the copies and gaps | ${cell(oneByOneMs.copiesAndGaps)} |`,
+          `| score kernel, its copies overlapping its sums (KVRECALL_BLOCK_SCORES_PIPED=1; the same answers) | ${cell(oneByOneMs.pipedScore)} |`,
+          `| the call on the device with it | ${cell(oneByOneMs.pipedDevice)} |`,
           '',
         ]
       : []),
     `nosa's select again with its device answer replayed (no device call before it): the host's own work ${cell(result.replayedHostMs)} ms.`,
     '',
   ].join('\n');
-  saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}`, result, md);
+  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}`, result, md);
   console.log(md);
   if (mismatches > 0) process.exitCode = 1;
 }

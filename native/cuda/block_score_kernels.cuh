@@ -4,8 +4,10 @@
 #pragma once
 
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/cuda_common.cuh"
@@ -210,13 +212,113 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocksStaged(const uint16_
   WriteScores(best, row, live, half, h, blocks, scores, groupScores, reps);
 }
 
+// ScoreBlocksStaged with its loads overlapping its sums (KVRECALL_BLOCK_SCORES_PIPED=1, an A/B until a device
+// measures it). A staged CTA loads its 128 rows, waits, sums, and exits; the ~4 CTAs an SM holds (64 registers a
+// thread) start together and so load together and sum together, the memory idle while they sum (~1.2 us of
+// every ~5.5 at 1M, 8 waves: 63 us for 142 MB, ~2.3 TB/s on the H100). Here grid.x CTAs a head, as many as the
+// device holds at once, walk the head's 128-row tiles; a warp copies its 16 rows of the next tile into a second
+// shared buffer (cp.async, no registers) while it sums this one, so the loads of the next tile are in flight
+// during the sums. The same words into the same sums in the same order as ScoreBlocksStaged: the same bits.
+// Each warp reads only its own rows, so a tile needs no CTA barrier, only the warp's.
+template <bool kBf16, int kGC>
+__global__ void __launch_bounds__(kScoreThreads) ScoreBlocksPiped(const uint16_t* __restrict__ means, const float* __restrict__ q,
+                                                                  float* __restrict__ scores, int64_t blocks, int d, int group,
+                                                                  float* __restrict__ groupScores, int reps) {
+  extern __shared__ uint4 smem4[];  // [group · d / 4] float4 query rows, then per warp two buffers of [16 · d / 8] chunks
+  const int h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, half = threadIdx.x & 1;
+  const int chunks = 16 * d / 8;
+  const int64_t tiles = (blocks + kRowsPerCta - 1) / kRowsPerCta;
+  float4* qs4 = reinterpret_cast<float4*>(smem4);
+  uint4* const buffers = smem4 + group * d / 4 + warp * 2 * chunks;
+  const uint16_t* headMeans = means + size_t(h) * blocks * d;
+  // The copies of this warp's 16 rows of tile t into buffer b, as one group; chunks past the head's rows zeroed.
+  const auto fetch = [&](int64_t t, int b) {
+    uint4* dst = buffers + b * chunks;
+    const int64_t warpRow = t * kRowsPerCta + warp * 16, left = blocks - warpRow;
+    const int liveChunks = int(left <= 0 ? 0 : left < 16 ? left : 16) * d / 8;
+    const uint4* src = reinterpret_cast<const uint4*>(headMeans + size_t(liveChunks > 0 ? warpRow : 0) * d);
+    for (int c = lane; c < chunks; c += 32) {
+      if (c < liveChunks)
+        __pipeline_memcpy_async(dst + c, src + c, 16);
+      else
+        dst[c] = make_uint4(0, 0, 0, 0);
+    }
+    __pipeline_commit();
+  };
+  int64_t t = blockIdx.x;
+  if (t < tiles) fetch(t, 0);
+  const float4* qh = reinterpret_cast<const float4*>(q + size_t(h) * group * d);
+  for (int i = threadIdx.x; i < group * d / 4; i += blockDim.x) qs4[i] = qh[i];
+  __syncthreads();
+  const int strides = d / 16;
+  const int loads = strides + ((d % 16) == 8 && half == 0 ? 1 : 0);
+  const int d4 = d / 4;
+  for (int b = 0; t < tiles; t += gridDim.x, b ^= 1) {
+    if (t + gridDim.x < tiles)
+      fetch(t + gridDim.x, b ^ 1);
+    else
+      __pipeline_commit();  // an empty group, so that "all but the last group" below is this tile's
+    __pipeline_wait_prior(1);
+    __syncwarp();  // the warp's copies (and zeroed chunks) seen by every lane
+    const int64_t row = t * kRowsPerCta + (threadIdx.x >> 1);
+    const bool live = row < blocks;
+    const uint4* mine = buffers + b * chunks + (lane >> 1) * (d / 8) + half;  // load u: chunk 2u of the row, + half
+    float best = -INFINITY;
+    for (int g0 = 0; g0 < group; g0 += kGC) {
+      float acc[kGC][8];
+#pragma unroll
+      for (int g = 0; g < kGC; ++g)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+      for (int u = 0; u < loads; ++u) {
+        float kf[8];
+        Widen8Words<kBf16>(mine[2 * u], kf);
+        const float4* qr = qs4 + u * 4 + half * 2;
+#pragma unroll
+        for (int g = 0; g < kGC; ++g) {
+          if (g0 + g >= group) break;
+          const float4 a = qr[(g0 + g) * d4], c = qr[(g0 + g) * d4 + 1];
+          acc[g][0] = fmaf(a.x, kf[0], acc[g][0]);
+          acc[g][1] = fmaf(a.y, kf[1], acc[g][1]);
+          acc[g][2] = fmaf(a.z, kf[2], acc[g][2]);
+          acc[g][3] = fmaf(a.w, kf[3], acc[g][3]);
+          acc[g][4] = fmaf(c.x, kf[4], acc[g][4]);
+          acc[g][5] = fmaf(c.y, kf[5], acc[g][5]);
+          acc[g][6] = fmaf(c.z, kf[6], acc[g][6]);
+          acc[g][7] = fmaf(c.w, kf[7], acc[g][7]);
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < kGC; ++g) {
+        if (g0 + g >= group) break;
+        float a[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a[j] = __fadd_rn(acc[g][j], __shfl_xor_sync(0xffffffffu, acc[g][j], 1));
+        const float h0 = __fadd_rn(a[0], a[4]), h1 = __fadd_rn(a[1], a[5]), h2 = __fadd_rn(a[2], a[6]), h3 = __fadd_rn(a[3], a[7]);
+        const float sum = __fadd_rn(__fadd_rn(h0, h2), __fadd_rn(h1, h3));
+        if (best < sum) best = sum;
+      }
+    }
+    WriteScores(best, row, live, half, h, blocks, scores, groupScores, reps);
+    __syncwarp();  // every lane done with buffer b before the next tile's copies refill it
+  }
+}
+
 // Whether ScoreBlocksStaged takes the shape, and its dynamic shared memory (query rows, then each warp's rows).
 bool StagedFits(int d, int group) { return group == 4 && d <= kStagedMaxD; }
 size_t StagedShared(int d, int group) { return size_t(group) * d * 4 + size_t(kScoreThreads / 32) * 16 * d * 2; }
+// ScoreBlocksPiped's: the query rows, then each warp's two buffers.
+size_t PipedShared(int d, int group) { return size_t(group) * d * 4 + size_t(kScoreThreads / 32) * 2 * 16 * d * 2; }
 
+// pipedCtas > 0: the staged shapes run ScoreBlocksPiped with that many CTAs a head (grid.x), not a CTA a tile.
 template <bool kBf16>
 void LaunchScore(dim3 grid, size_t shared, cudaStream_t stream, const uint16_t* means, const float* q, float* scores, int64_t blocks, int d,
-                 int group, float* groupScores, int reps) {
+                 int group, float* groupScores, int reps, int pipedCtas = 0) {
+  if (StagedFits(d, group) && pipedCtas > 0) {
+    const dim3 piped(unsigned(std::min<int64_t>(pipedCtas, (blocks + kRowsPerCta - 1) / kRowsPerCta)), grid.y);
+    ScoreBlocksPiped<kBf16, 4><<<piped, kScoreThreads, PipedShared(d, group), stream>>>(means, q, scores, blocks, d, group, groupScores, reps);
+    return;
+  }
   if (StagedFits(d, group)) {
     ScoreBlocksStaged<kBf16, 4><<<grid, kScoreThreads, StagedShared(d, group), stream>>>(means, q, scores, blocks, d, group, groupScores, reps);
     return;

@@ -214,6 +214,9 @@ struct BlockScores::Impl {
   size_t sortCap = 0;
   BlockTopKTimes last;
   StepGraph graph{StepGraph::Capture::kAtOnce};  // one key while the ids fit their buffers
+  // KVRECALL_BLOCK_SCORES_PIPED=1 (read at construction, an A/B): the staged shapes' score kernel walks tiles in
+  // this many CTAs a head, its copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped); 0: off.
+  int pipedCtas = 0;
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
@@ -278,8 +281,19 @@ BlockScores::BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* me
   std::call_once(attr, [] {
     cudaFuncSetAttribute(SelectTop<kHeldKeys>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
     cudaFuncSetAttribute(SelectTop<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
+    cudaFuncSetAttribute(ScoreBlocksPiped<false, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PipedShared(kStagedMaxD, 4)));
+    cudaFuncSetAttribute(ScoreBlocksPiped<true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PipedShared(kStagedMaxD, 4)));
   });
   Check(cudaGetLastError(), "cudaFuncSetAttribute");
+  const char* piped = std::getenv("KVRECALL_BLOCK_SCORES_PIPED");
+  if (piped && std::strcmp(piped, "1") == 0) {
+    // As many CTAs as the device holds at once, shared by the heads (each walks its head's tiles).
+    int sms = 0, perSm = 0;
+    Check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
+    const auto fn = cfg.dtype == Dtype::kBf16 ? ScoreBlocksPiped<true, 4> : ScoreBlocksPiped<false, 4>;
+    Check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, fn, kScoreThreads, PipedShared(cfg.headDim, 4)), "occupancy (piped scores)");
+    I.pipedCtas = std::max(1, sms * std::max(1, perSm) / cfg.heads);
+  }
 }
 
 BlockScores::~BlockScores() = default;
@@ -370,9 +384,9 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
     if (events) Check(cudaEventRecord(I.kStart, s), "event");
     const float* dq = reinterpret_cast<const float*>(I.devIn);
     if (c.dtype == Dtype::kBf16)
-      LaunchScore<true>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group, groupScores, a.reps);
+      LaunchScore<true>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group, groupScores, a.reps, I.pipedCtas);
     else
-      LaunchScore<false>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group, groupScores, a.reps);
+      LaunchScore<false>(scoreGrid, qShared, s, I.means, dq, I.scores, c.blocks, c.headDim, a.group, groupScores, a.reps, I.pipedCtas);
     Check(cudaGetLastError(), "ScoreBlocks launch");
     if (events) Check(cudaEventRecord(I.kMid, s), "event");
     if (kk > 0 || haveExtra) {

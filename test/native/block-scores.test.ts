@@ -319,6 +319,48 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
     }
   });
 
+  // KVRECALL_BLOCK_SCORES_PIPED=1 (read when a copy is made): the staged shapes' score kernel walks tiles with its
+  // copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped). The host's ids and scores bit for bit,
+  // at a 1M-token head's rows, odd sizes (a part tile, fewer tiles than CTAs), reps 1 and 4, f16 and bf16.
+  for (const [dtype, d, rows, reps] of [['f16', 136, 65536, 4], ['bf16', 136, 4099 * 4, 4], ['f16', 128, 31, 1], ['bf16', 64, 1000, 1], ['f16', 144, 130, 1]] as [KvDtype, number, number, number][])
+    it(`KVRECALL_BLOCK_SCORES_PIPED=1, ${dtype} d=${d} rows=${rows} reps=${reps}: the pipelined score kernel gives the host's ids and scores`, async () => {
+      const rng = new Rng(seed + 17 + rows + d);
+      const heads = 3, G = 4, groups = rows / reps;
+      const means = randomMeans(rng, heads, rows, d, dtype);
+      const before = process.env.KVRECALL_BLOCK_SCORES_PIPED;
+      process.env.KVRECALL_BLOCK_SCORES_PIPED = '1';
+      let dev: DeviceBlockScores;
+      try {
+        dev = DeviceBlockScores.create({ means, blocks: rows, headDim: d, dtype });
+      } finally {
+        if (before === undefined) delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
+        else process.env.KVRECALL_BLOCK_SCORES_PIPED = before;
+      }
+      try {
+        for (const k of [1, 40, groups]) {
+          const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+          const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 5 + h * 20 }, () => rng.int(rows)));
+          const host = await hostTopk(means, rows, d, dtype, q, G, rows);
+          for (const got of [dev.topk({ q, group: G, k, extra, reps }), dev.topk({ q, group: G, k, extra, reps, times: true })])
+            for (let h = 0; h < heads; h++) {
+              const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
+              for (const r of host[h].ids) {
+                const g = Math.floor(r / reps);
+                if (seen.has(g) || ids.length >= k) continue;
+                seen.add(g);
+                ids.push(g * reps);
+                scores.push(host[h].all[r]);
+              }
+              expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
+              expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
+              expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
+            }
+        }
+      } finally {
+        dev.close();
+      }
+    });
+
   it('a top-k larger than shared memory sorts in global memory, the same', async () => {
     const rng = new Rng(seed + 5);
     const blocks = 20011, d = 64, G = 2, k = 12000;
