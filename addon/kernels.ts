@@ -88,6 +88,7 @@ interface Addon {
   convert(a: { src: Uint8Array; from: number; dst: Uint8Array; to: number; count: number }): void;
   firstNonFinite(a: { src: Uint8Array; dtype: number; count: number }): number;
   prefault(a: ArrayBufferView[]): Promise<boolean>;
+  collapseHugePages(a: ArrayBufferView[]): Promise<number>;
   attend(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Promise<void>;
   attendSync(a: Omit<AttendArgs, 'dtype'> & { dtype: number }): Error | undefined;
   topk(a: Omit<TopkArgs, 'dtype'> & { dtype: number }): Promise<number>;
@@ -137,6 +138,17 @@ export function firstNonFinite(src: Uint8Array, dtype: FloatDtype, count: number
  */
 export function prefault(views: ArrayBufferView[]): Promise<boolean> {
   return addon.prefault(views);
+}
+
+/**
+ * The 2 MiB-aligned part of each array collapsed into 2 MiB pages now, on a
+ * libuv thread (Linux 6.1+; the contents unchanged): resolves the bytes
+ * collapsed, 0 where the kernel cannot. For measurements only
+ * (bench/ra-search-layer.ts --huge-keys: the graph search's random key rows
+ * without a TLB miss each); the engine does not call it.
+ */
+export function collapseHugePages(views: ArrayBufferView[]): Promise<number> {
+  return addon.collapseHugePages(views);
 }
 
 /**
