@@ -1,5 +1,5 @@
 // node dist/bench/ra-search-layer.js [--tokens 1048576 --heads 8 --reps 4 --single-reps 2 --configs capped,code
-//   --huge-keys --tag s28]
+//   --huge-keys --width 8 --tag s28]
 //
 // Issue #15's target as the engine meets it: the graph searches of ALL kv
 // heads of one layer-step, at once on the native pool (RaGraph.searchBatch,
@@ -62,6 +62,7 @@ const singleReps = Number(get('single-reps', '2'));
 const only = get('configs', '');
 const tag = get('tag', '');
 const hugeKeys = argv.includes('--huge-keys');
+const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
 const t0 = performance.now();
 const at = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
 const progress = (msg: string) => process.stderr.write(`[bench:ra-search-layer] ${msg}\n`);
@@ -94,11 +95,14 @@ interface Config {
   name: string;
   opts: Partial<RaGraphSearchArgs>;
 }
-const configs: Config[] = [
+const configs: Config[] = ([
   { name: 'beam capped at 3% scanned', opts: { ef: 8 * asked, margin: 3, maxScanned: Math.round(0.03 * tokens), aggregate: 'attention' as const } },
   { name: 'beam, session default (margin 0.5, ef 8k)', opts: effort(0, asked) },
   { name: 'code walk, session defaults (3% exact, 40% codes)', opts: walkOptions(0, asked, 0, tokens, { codeWalk: true }) },
-].filter((c) => !only || only.split(',').some((o) => c.name.includes(o)));
+] as Config[])
+  .filter((c) => !only || only.split(',').some((o) => c.name.includes(o)))
+  // --width W: the beams' expandWidth (absent: the native default, 1).
+  .map((c) => (width !== undefined && !c.opts.codeWalk ? { name: `${c.name}, width ${width}`, opts: { ...c.opts, expandWidth: width } } : c));
 
 const search = (head: Head[], c: Config, h: number, s: number, ids: Int32Array): RaGraphSearchArgs & { graph: RaGraph } => ({
   keys: head[h].keys,
