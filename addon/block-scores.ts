@@ -29,6 +29,7 @@ export interface NativeBlockScores {
   bytes(): number;
   lastTimes(): BlockTopKTimes;
   graphCaptures(): number;
+  pipedScores(): boolean;
   close(): void;
 }
 
@@ -162,6 +163,11 @@ export class DeviceBlockScores {
   /** CUDA graphs captured so far: one for a layer's steady shape (steps with `times` capture none). */
   get graphCaptures(): number {
     return this.native.graphCaptures();
+  }
+
+  /** Whether the score kernel overlaps its copies with its sums where the shape fits (KVRECALL_BLOCK_SCORES_PIPED=1 when made: an A/B). */
+  get pipedScores(): boolean {
+    return this.native.pipedScores();
   }
 
   /** Where the last step's time went (kernels from CUDA events, host phases from a steady clock). */

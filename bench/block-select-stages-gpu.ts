@@ -29,7 +29,8 @@
 // answering what the device does (precomputed before the step by the host's
 // pass over every summary row, its own time taken out of the call), so the
 // JS rows are this host's and the device rows are absent.
-// Results: bench/results/block-select-stages-gpu-<card>.{json,md} (stand-in: -standin-<host>).
+// Results: bench/results/block-select-stages-gpu-<card>.{json,md} (stand-in: -standin-<host>; with
+// KVRECALL_BLOCK_SCORES_PIPED=1 in the environment, the engine's scorer pipelined too: -piped).
 import { availableParallelism, loadavg } from 'node:os';
 import { cudaAvailable } from '../addon/cuda.js';
 import { DeviceBlockScores, type BlockTopKTimes, type HeadTopBlocks, type NativeBlockScores } from '../addon/block-scores.js';
@@ -104,6 +105,9 @@ class StandInNative implements NativeBlockScores {
   graphCaptures(): number {
     return 0;
   }
+  pipedScores(): boolean {
+    return false;
+  }
   close(): void {}
 }
 
@@ -165,14 +169,21 @@ async function main(): Promise<void> {
   scorer.timeSteps = true;
   const recording = new RecordingScorer(scorer), replay = new ReplayScorer();
   // The kernels launched one by one: a second device copy of the same rows (the scorer's own is private), and a
-  // third whose score kernel overlaps its copies with its sums (KVRECALL_BLOCK_SCORES_PIPED=1, read when made).
-  const copy = () => DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: rows, headDim: stride, dtype: 'f16' });
-  const oneByOne = native ? undefined : copy();
-  const pipedBefore = process.env.KVRECALL_BLOCK_SCORES_PIPED;
-  process.env.KVRECALL_BLOCK_SCORES_PIPED = '1';
-  const oneByOnePiped = native ? undefined : copy();
-  if (pipedBefore === undefined) delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
-  else process.env.KVRECALL_BLOCK_SCORES_PIPED = pipedBefore;
+  // third whose score kernel overlaps its copies with its sums (KVRECALL_BLOCK_SCORES_PIPED=1, read when made; the
+  // engine's scorer takes the variable as the process has it).
+  const copy = (piped: boolean) => {
+    const before = process.env.KVRECALL_BLOCK_SCORES_PIPED;
+    if (piped) process.env.KVRECALL_BLOCK_SCORES_PIPED = '1';
+    else delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
+    try {
+      return DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: rows, headDim: stride, dtype: 'f16' });
+    } finally {
+      if (before === undefined) delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
+      else process.env.KVRECALL_BLOCK_SCORES_PIPED = before;
+    }
+  };
+  const oneByOne = native ? undefined : copy(false), oneByOnePiped = native ? undefined : copy(true);
+  if (oneByOnePiped && !oneByOnePiped.pipedScores) throw new Error('KVRECALL_BLOCK_SCORES_PIPED=1 did not give the pipelined score kernel');
   const ctx = (by?: BlockScorer) => blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, new Map(), by);
   const methods: RetrievalMethod[] = [nosa, topkBlocks];
   const ctxs = methods.map(() => ({ cold: ctx(recording), warm: ctx(recording), host: ctx() }));
@@ -254,7 +265,7 @@ async function main(): Promise<void> {
   const card = info.ok ? info.device : 'no device';
   const device = native ? `stand-in on a ${availableParallelism()}-core host` : card;
   const result = {
-    device, standIn, shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d, stride }, params: { budget: params.budget, sinks: params.sinks, window: params.window },
+    device, standIn, enginePiped: process.env.KVRECALL_BLOCK_SCORES_PIPED === '1', shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d, stride }, params: { budget: params.budget, sinks: params.sinks, window: params.window },
     steps, warmup, flushMiB, gapMs, load: [load, loadavg()[0]], mismatches, stages, oneByOne: oneByOneMs, replayedHostMs: stat(replayed), date: new Date().toISOString(),
   };
   const f = (x: number) => (Number.isNaN(x) ? '' : x.toFixed(3));
@@ -267,6 +278,7 @@ async function main(): Promise<void> {
       `Each method selects through the engine's device scorer (engine/cache/device-block-scores.ts, timeSteps) twice a step in two contexts making ` +
       `the same choices: cold, after the host wrote ${flushMiB} MiB${gapMs > 0 ? ` and slept ${gapMs} ms` : ''}; warm, at once after it. ` +
       (native ? 'Stand-in: the native call answers on the host from a precomputed pass (its time taken out), so the native and device rows are blank. ' : '') +
+      (result.enginePiped ? "The engine's scorer runs the pipelined score kernel (KVRECALL_BLOCK_SCORES_PIPED=1). " : '') +
       `Mismatches (cold against warm, the replay, the host path, no scorer, in a third context every step, and the pipelined score kernel's answers against the staged one's): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
     '',
     `| stage | ${stages.map((x) => `${x.method} cold | ${x.method} warm`).join(' | ')} |`,
@@ -291,7 +303,7 @@ async function main(): Promise<void> {
     `nosa's select again with its device answer replayed (no device call before it): the host's own work ${cell(result.replayedHostMs)} ms.`,
     '',
   ].join('\n');
-  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}`, result, md);
+  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}${result.enginePiped ? '-piped' : ''}`, result, md);
   console.log(md);
   if (mismatches > 0) process.exitCode = 1;
 }

@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups block-stages dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof ncu-wave ncu-blocks ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups block-stages decode-select-stages dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof ncu-wave ncu-blocks ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -65,10 +65,12 @@ for s in $stages; do
       step 150 block-groups-tests node node_modules/vitest/vitest.mjs run test/native/block-scores.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-rest.test.ts
       step 90 block-groups node dist/bench/block-select-groups-gpu.js --steps 200
       step 300 decode-block-groups node dist/bench/gpu.js --decode --tokens 1048576 --steps 32 --configs nosa,topk-blocks --pool-path ab ;;
-    block-stages)  # issue #13's block selection, split (bench/block-select-stages-gpu.ts: the select's JS, the device call's host stages, its time on the device, the kernels one by one, cold and warm), its GPU tests first, then the decode loop's select split the same way (limits 510 s: one device command)
+    block-stages)  # issue #13's block selection, split (bench/block-select-stages-gpu.ts: the select's JS, the device call's host stages, its time on the device, the kernels one by one with the pipelined score kernel beside the staged one, cold and warm), its GPU tests first, then the same with the engine's scorer pipelined (KVRECALL_BLOCK_SCORES_PIPED=1; limits 360 s)
       step 120 block-stages-tests node node_modules/vitest/vitest.mjs run test/native/block-scores.test.ts test/cache/device-block-scorer.test.ts test/integration/gpu-backend.test.ts
       step 120 block-stages node dist/bench/block-select-stages-gpu.js --steps 300
-      step 270 decode-select-stages node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs nosa,topk-blocks --select-stages ;;
+      step 120 block-stages-piped env KVRECALL_BLOCK_SCORES_PIPED=1 node dist/bench/block-select-stages-gpu.js --steps 300 ;;
+    decode-select-stages)  # the decode loop's block selects at 1M split the same way (gpu.js --decode --select-stages: the scorer's call, its wait, its device time, the JS around it)
+      step 300 decode-select-stages node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs nosa,topk-blocks --select-stages ;;
     dense)
       step 90 sdpa python3 bench/sdpa_reference.py --out "$OUT/sdpa.json"
       step 120 dense node dist/bench/dense-vs-sdpa.js --sdpa "$OUT/sdpa.json" ;;

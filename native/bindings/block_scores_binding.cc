@@ -18,6 +18,7 @@
 //     group's first row (group * reps) with that row's score (extra ids stay rows);
 //     extraScores[i]: the score of extraIds[i], head by head (extraCounts).
 //   .bytes() -> device bytes held / .close()
+//   .pipedScores() -> whether the score kernel is ScoreBlocksPiped where it fits (KVRECALL_BLOCK_SCORES_PIPED=1)
 //   .lastTimes() -> {scoreMs, selectMs (kernels, events; with times), deviceMs (the call on the device, events; with
 //     deviceTime), prepMs, issueMs, waitMs, copyOutMs (host)} of the last topk
 #include <napi.h>
@@ -50,6 +51,7 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
     return DefineClass(env, "BlockScores",
                        {InstanceMethod("topk", &BlockScoresJs::TopK), InstanceMethod("bytes", &BlockScoresJs::Bytes),
                         InstanceMethod("lastTimes", &BlockScoresJs::LastTimes), InstanceMethod("graphCaptures", &BlockScoresJs::GraphCaptures),
+                        InstanceMethod("pipedScores", &BlockScoresJs::PipedScores),
                         InstanceMethod("close", &BlockScoresJs::Close)});
   }
 
@@ -127,6 +129,10 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
 
   Napi::Value GraphCaptures(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), scores_ ? double(scores_->GraphCaptures()) : 0.0);
+  }
+
+  Napi::Value PipedScores(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), scores_ ? scores_->PipedScores() : false);
   }
 
   Napi::Value LastTimes(const Napi::CallbackInfo& info) {

@@ -286,13 +286,15 @@ BlockScores::BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* me
   });
   Check(cudaGetLastError(), "cudaFuncSetAttribute");
   const char* piped = std::getenv("KVRECALL_BLOCK_SCORES_PIPED");
-  if (piped && std::strcmp(piped, "1") == 0) {
-    // As many CTAs as the device holds at once, shared by the heads (each walks its head's tiles).
+  if (piped && std::strcmp(piped, "1") == 0 && cfg.headDim <= kStagedMaxD) {
+    // As many CTAs as the device holds at once, shared by the heads (each walks its head's tiles). A query that
+    // fails leaves the staged kernel in place.
     int sms = 0, perSm = 0;
-    Check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
     const auto fn = cfg.dtype == Dtype::kBf16 ? ScoreBlocksPiped<true, 4> : ScoreBlocksPiped<false, 4>;
-    Check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, fn, kScoreThreads, PipedShared(cfg.headDim, 4)), "occupancy (piped scores)");
-    I.pipedCtas = std::max(1, sms * std::max(1, perSm) / cfg.heads);
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) == cudaSuccess &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, fn, kScoreThreads, PipedShared(cfg.headDim, 4)) == cudaSuccess && perSm > 0)
+      I.pipedCtas = std::max(1, sms * perSm / cfg.heads);
+    cudaGetLastError();
   }
 }
 
@@ -305,6 +307,8 @@ int64_t BlockScores::DeviceBytes() const { return impl_->Bytes(); }
 BlockTopKTimes BlockScores::LastTimes() const { return impl_->last; }
 
 int64_t BlockScores::GraphCaptures() const { return impl_->graph.Captures(); }
+
+bool BlockScores::PipedScores() const { return impl_->pipedCtas > 0; }
 
 int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   Impl& I = *impl_;

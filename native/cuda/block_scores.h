@@ -99,6 +99,8 @@ class BlockScores {
   BlockTopKTimes LastTimes() const;
   // Graphs captured so far (a steady shape: one; args.times steps none).
   int64_t GraphCaptures() const;
+  // Whether the staged shapes' scores run ScoreBlocksPiped (KVRECALL_BLOCK_SCORES_PIPED=1 at construction).
+  bool PipedScores() const;
 
  private:
   struct Impl;

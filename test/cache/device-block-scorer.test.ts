@@ -51,6 +51,7 @@ class StandIn implements NativeBlockScores {
   bytes = () => 0;
   lastTimes = () => ({ ...TIMES });
   graphCaptures = () => 0;
+  pipedScores = () => false;
   close(): void {}
 }
 

@@ -198,6 +198,7 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
       const means = randomMeans(rng, heads, c.blocks, c.d, c.dtype);
       const dev = DeviceBlockScores.create({ means, blocks: c.blocks, headDim: c.d, dtype: c.dtype });
       try {
+        expect(dev.pipedScores).toBe(process.env.KVRECALL_BLOCK_SCORES_PIPED === '1' && c.d <= 144);
         for (const k of [0, 1, 7, Math.max(1, c.blocks - 1), c.blocks, c.blocks + 5, 300]) {
           const q = Float32Array.from({ length: heads * c.G * c.d }, () => rng.normal() * 2);
           const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: h * 5 }, () => rng.int(c.blocks)));
@@ -337,6 +338,7 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
         else process.env.KVRECALL_BLOCK_SCORES_PIPED = before;
       }
       try {
+        expect(dev.pipedScores).toBe(true);
         for (const k of [1, 40, groups]) {
           const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
           const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 5 + h * 20 }, () => rng.int(rows)));
