@@ -211,10 +211,11 @@ async function main(): Promise<void> {
           flush.fill(s & 255);
           if (gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
         }
-        const standInBefore = native?.ms ?? 0;
+        const standInBefore = native?.ms ?? 0, calls = scorer.stats.steps;
         const t0 = performance.now();
         picked[pass] = await method.select(ctxs[m][pass], q, params);
         const ms = performance.now() - t0, st = scorer.lastStep!, standInMs = (native?.ms ?? 0) - standInBefore;
+        if (scorer.stats.steps !== calls + 1) throw new Error(`${method.name}: the select did not call the device scorer once (failures ${scorer.stats.failures})`);
         if (!keep) continue;
         const n = st.native, call = st.callMs - standInMs, inNative = n.prepMs + n.issueMs + n.waitMs + n.copyOutMs;
         const row: Record<Stage, number> = {
