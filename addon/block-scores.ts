@@ -30,6 +30,7 @@ export interface NativeBlockScores {
   lastTimes(): BlockTopKTimes;
   graphCaptures(): number;
   pipedScores(): boolean;
+  slicedSelect(): boolean;
   close(): void;
 }
 
@@ -168,6 +169,11 @@ export class DeviceBlockScores {
   /** Whether the score kernel overlaps its copies with its sums where the shape fits (KVRECALL_BLOCK_SCORES_PIPED=1 when made: an A/B). */
   get pipedScores(): boolean {
     return this.native.pipedScores();
+  }
+
+  /** Whether the select runs in two launches (slices, then the heads' candidates) where it fits (KVRECALL_BLOCK_SELECT_SLICED=1 when made: an A/B). */
+  get slicedSelect(): boolean {
+    return this.native.slicedSelect();
   }
 
   /** Where the last step's time went (kernels from CUDA events, host phases from a steady clock). */

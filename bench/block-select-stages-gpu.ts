@@ -14,9 +14,11 @@
 //     kernels and its device time (copies and gaps: device − both kernels);
 //   - nosa's select again with the device's answer replayed (no device
 //     call before it): the host's own work.
-// The same call is launched one by one again with the score kernel pipelined
-// (KVRECALL_BLOCK_SCORES_PIPED=1, block_score_kernels.cuh ScoreBlocksPiped),
-// its answer checked against the staged kernel's and the engine's.
+// The same call is launched one by one again on the new paths (the score
+// kernel pipelined, KVRECALL_BLOCK_SCORES_PIPED=1, block_score_kernels.cuh
+// ScoreBlocksPiped; the select in two launches, KVRECALL_BLOCK_SELECT_SLICED=1,
+// block_scores.cu SelectMode), its answer checked against the old paths' and
+// the engine's.
 // Each method selects twice a step in two contexts making the same choices:
 // `cold`, right after the host writes --flush-mib MiB (caches emptied: the
 // worst of what the rest of a decode step does between two selects; plus
@@ -30,7 +32,8 @@
 // pass over every summary row, its own time taken out of the call), so the
 // JS rows are this host's and the device rows are absent.
 // Results: bench/results/block-select-stages-gpu-<card>.{json,md} (stand-in: -standin-<host>; with
-// KVRECALL_BLOCK_SCORES_PIPED=1 in the environment, the engine's scorer pipelined too: -piped).
+// KVRECALL_BLOCK_SCORES_PIPED=1 / KVRECALL_BLOCK_SELECT_SLICED=1 in the environment, the engine's scorer on
+// the new paths too: -piped / -sliced).
 import { availableParallelism, loadavg } from 'node:os';
 import { cudaAvailable } from '../addon/cuda.js';
 import { DeviceBlockScores, type BlockTopKTimes, type HeadTopBlocks, type NativeBlockScores } from '../addon/block-scores.js';
@@ -108,6 +111,9 @@ class StandInNative implements NativeBlockScores {
   pipedScores(): boolean {
     return false;
   }
+  slicedSelect(): boolean {
+    return false;
+  }
   close(): void {}
 }
 
@@ -169,28 +175,29 @@ async function main(): Promise<void> {
   scorer.timeSteps = true;
   const recording = new RecordingScorer(scorer), replay = new ReplayScorer();
   // The kernels launched one by one: a second device copy of the same rows (the scorer's own is private), and a
-  // third whose score kernel overlaps its copies with its sums (KVRECALL_BLOCK_SCORES_PIPED=1, read when made; the
-  // engine's scorer takes the variable as the process has it).
-  const copy = (piped: boolean) => {
-    const before = process.env.KVRECALL_BLOCK_SCORES_PIPED;
-    if (piped) process.env.KVRECALL_BLOCK_SCORES_PIPED = '1';
-    else delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
+  // third on the new paths, each an A/B read when a copy is made: the score kernel overlapping its copies with its
+  // sums (KVRECALL_BLOCK_SCORES_PIPED=1) and the select in two launches (KVRECALL_BLOCK_SELECT_SLICED=1). The
+  // engine's scorer takes the variables as the process has them.
+  const SWITCHES = ['KVRECALL_BLOCK_SCORES_PIPED', 'KVRECALL_BLOCK_SELECT_SLICED'];
+  const copy = (on: boolean) => {
+    const before = SWITCHES.map((v) => process.env[v]);
+    for (const v of SWITCHES) if (on) process.env[v] = '1';
+    else delete process.env[v];
     try {
       return DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: rows, headDim: stride, dtype: 'f16' });
     } finally {
-      if (before === undefined) delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
-      else process.env.KVRECALL_BLOCK_SCORES_PIPED = before;
+      SWITCHES.forEach((v, i) => (before[i] === undefined ? delete process.env[v] : (process.env[v] = before[i])));
     }
   };
-  const oneByOne = native ? undefined : copy(false), oneByOnePiped = native ? undefined : copy(true);
-  if (oneByOnePiped && !oneByOnePiped.pipedScores) throw new Error('KVRECALL_BLOCK_SCORES_PIPED=1 did not give the pipelined score kernel');
+  const oneByOne = native ? undefined : copy(false), oneByOneNew = native ? undefined : copy(true);
+  if (oneByOneNew && !(oneByOneNew.pipedScores && oneByOneNew.slicedSelect)) throw new Error('the switches did not give the new paths');
   const ctx = (by?: BlockScorer) => blockLayerContext(heads, { tokens, qHeads, kvHeads, headDim: d }, new Map(), by);
   const methods: RetrievalMethod[] = [nosa, topkBlocks];
   const ctxs = methods.map(() => ({ cold: ctx(recording), warm: ctx(recording), host: ctx() }));
   const replayCtx = ctx(replay);
   const flush = new Uint8Array(flushMiB << 20);
   const times = methods.map(() => ({ cold: new Map<Stage, number[]>(STAGES.map((s) => [s, []])), warm: new Map<Stage, number[]>(STAGES.map((s) => [s, []])) }));
-  const kernels = { score: [] as number[], select: [] as number[], device: [] as number[], copiesAndGaps: [] as number[], pipedScore: [] as number[], pipedDevice: [] as number[] };
+  const kernels = { score: [] as number[], select: [] as number[], device: [] as number[], copiesAndGaps: [] as number[], pipedScore: [] as number[], slicedSelect: [] as number[], pipedDevice: [] as number[] };
   const replayed: number[] = [];
   let mismatches = 0;
   const load = loadavg()[0];
@@ -229,13 +236,13 @@ async function main(): Promise<void> {
       if (blocksOf(picked.cold!) !== blocksOf(picked.warm!)) mismatches++;
       if (method === nosa) {
         const call = recording.last!;
-        if (oneByOne && oneByOnePiped) {
+        if (oneByOne && oneByOneNew) {
           const args = { q: call.q, group: call.group, k: call.k, extra: call.extra, reps: call.reps, times: true, deviceTime: true };
           const a = oneByOne.topk(args), t = oneByOne.lastTimes;
-          const b = oneByOnePiped.topk(args), tp = oneByOnePiped.lastTimes;
+          const b = oneByOneNew.topk(args), tp = oneByOneNew.lastTimes;
           if (keep) {
             kernels.score.push(t.scoreMs), kernels.select.push(t.selectMs), kernels.device.push(t.deviceMs), kernels.copiesAndGaps.push(t.deviceMs - t.scoreMs - t.selectMs);
-            kernels.pipedScore.push(tp.scoreMs), kernels.pipedDevice.push(tp.deviceMs);
+            kernels.pipedScore.push(tp.scoreMs), kernels.slicedSelect.push(tp.selectMs), kernels.pipedDevice.push(tp.deviceMs);
           }
           // The pipelined kernel's answer must be the staged one's, bit for bit (and both the engine's).
           const same = (x: HeadTopBlocks[], y: HeadTopBlocks[]) =>
@@ -255,7 +262,7 @@ async function main(): Promise<void> {
     if (s % 100 === 99) progress(`step ${s + 1}/${warmup + steps}`);
   }
   oneByOne?.close();
-  oneByOnePiped?.close();
+  oneByOneNew?.close();
   const stat = (xs: number[]) => ({ p50: quantile(xs, 0.5, 'nearest'), p99: quantile(xs, 0.99, 'nearest') });
   const stages = methods.map((method, m) => ({
     method: method.name,
@@ -266,7 +273,7 @@ async function main(): Promise<void> {
   const card = info.ok ? info.device : 'no device';
   const device = native ? `stand-in on a ${availableParallelism()}-core host` : card;
   const result = {
-    device, standIn, enginePiped: process.env.KVRECALL_BLOCK_SCORES_PIPED === '1', shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d, stride }, params: { budget: params.budget, sinks: params.sinks, window: params.window },
+    device, standIn, enginePiped: process.env.KVRECALL_BLOCK_SCORES_PIPED === '1', engineSliced: process.env.KVRECALL_BLOCK_SELECT_SLICED === '1', shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d, stride }, params: { budget: params.budget, sinks: params.sinks, window: params.window },
     steps, warmup, flushMiB, gapMs, load: [load, loadavg()[0]], mismatches, stages, oneByOne: oneByOneMs, replayedHostMs: stat(replayed), date: new Date().toISOString(),
   };
   const f = (x: number) => (Number.isNaN(x) ? '' : x.toFixed(3));
@@ -280,7 +287,8 @@ async function main(): Promise<void> {
       `the same choices: cold, after the host wrote ${flushMiB} MiB${gapMs > 0 ? ` and slept ${gapMs} ms` : ''}; warm, at once after it. ` +
       (native ? 'Stand-in: the native call answers on the host from a precomputed pass (its time taken out), so the native and device rows are blank. ' : '') +
       (result.enginePiped ? "The engine's scorer runs the pipelined score kernel (KVRECALL_BLOCK_SCORES_PIPED=1). " : '') +
-      `Mismatches (cold against warm, the replay, the host path, no scorer, in a third context every step, and the pipelined score kernel's answers against the staged one's): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
+      (result.engineSliced ? "The engine's scorer selects in two launches (KVRECALL_BLOCK_SELECT_SLICED=1). " : '') +
+      `Mismatches (cold against warm, the replay, the host path, no scorer, in a third context every step, and the new paths' answers against the old ones'): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
     '',
     `| stage | ${stages.map((x) => `${x.method} cold | ${x.method} warm`).join(' | ')} |`,
     `| --- | ${stages.map(() => '---: | ---:').join(' | ')} |`,
@@ -296,15 +304,16 @@ async function main(): Promise<void> {
           `| select kernel (top k groups a head, extra rows' scores) | ${cell(oneByOneMs.select)} |`,
           `| the call on the device (copies, kernels, gaps) | ${cell(oneByOneMs.device)} |`,
           `| of it, the copies and gaps | ${cell(oneByOneMs.copiesAndGaps)} |`,
-          `| score kernel, its copies overlapping its sums (KVRECALL_BLOCK_SCORES_PIPED=1; the same answers) | ${cell(oneByOneMs.pipedScore)} |`,
-          `| the call on the device with it | ${cell(oneByOneMs.pipedDevice)} |`,
+          `| new paths (the same answers): score kernel, its copies overlapping its sums (KVRECALL_BLOCK_SCORES_PIPED=1) | ${cell(oneByOneMs.pipedScore)} |`,
+          `| new paths: select in two launches, slices then candidates (KVRECALL_BLOCK_SELECT_SLICED=1) | ${cell(oneByOneMs.slicedSelect)} |`,
+          `| new paths: the call on the device | ${cell(oneByOneMs.pipedDevice)} |`,
           '',
         ]
       : []),
     `nosa's select again with its device answer replayed (no device call before it): the host's own work ${cell(result.replayedHostMs)} ms.`,
     '',
   ].join('\n');
-  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}${result.enginePiped ? '-piped' : ''}`, result, md);
+  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}${result.enginePiped ? '-piped' : ''}${result.engineSliced ? '-sliced' : ''}`, result, md);
   console.log(md);
   if (mismatches > 0) process.exitCode = 1;
 }

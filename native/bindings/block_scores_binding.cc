@@ -19,6 +19,7 @@
 //     extraScores[i]: the score of extraIds[i], head by head (extraCounts).
 //   .bytes() -> device bytes held / .close()
 //   .pipedScores() -> whether the score kernel is ScoreBlocksPiped where it fits (KVRECALL_BLOCK_SCORES_PIPED=1)
+//   .slicedSelect() -> whether the select runs in two launches where it fits (KVRECALL_BLOCK_SELECT_SLICED=1)
 //   .lastTimes() -> {scoreMs, selectMs (kernels, events; with times), deviceMs (the call on the device, events; with
 //     deviceTime), prepMs, issueMs, waitMs, copyOutMs (host)} of the last topk
 #include <napi.h>
@@ -51,7 +52,7 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
     return DefineClass(env, "BlockScores",
                        {InstanceMethod("topk", &BlockScoresJs::TopK), InstanceMethod("bytes", &BlockScoresJs::Bytes),
                         InstanceMethod("lastTimes", &BlockScoresJs::LastTimes), InstanceMethod("graphCaptures", &BlockScoresJs::GraphCaptures),
-                        InstanceMethod("pipedScores", &BlockScoresJs::PipedScores),
+                        InstanceMethod("pipedScores", &BlockScoresJs::PipedScores), InstanceMethod("slicedSelect", &BlockScoresJs::SlicedSelect),
                         InstanceMethod("close", &BlockScoresJs::Close)});
   }
 
@@ -133,6 +134,10 @@ class BlockScoresJs : public Napi::ObjectWrap<BlockScoresJs> {
 
   Napi::Value PipedScores(const Napi::CallbackInfo& info) {
     return Napi::Boolean::New(info.Env(), scores_ ? scores_->PipedScores() : false);
+  }
+
+  Napi::Value SlicedSelect(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), scores_ ? scores_->SlicedSelect() : false);
   }
 
   Napi::Value LastTimes(const Napi::CallbackInfo& info) {

@@ -45,6 +45,9 @@ __device__ __forceinline__ int32_t IdOf(uint64_t key) { return int32_t(0xfffffff
 // Blocks a select thread holds in registers (blocks <= kHeldKeys *
 // kSelectThreads: 16,384, a 1M-token head); larger heads re-read scores.
 constexpr int kHeldKeys = 16;
+// The select in two launches (SelectMode): slices of kSliceKeys keys, 2 a thread; a head's candidates, 4 a thread.
+constexpr int kSliceItems = 2, kCandItems = 4;
+constexpr int64_t kSliceKeys = int64_t(kSliceItems) * kSelectThreads;
 
 // Calls f(key, valid) for every block of the head, the whole warp together
 // (f may use warp collectives): from registers when kItems > 0.
@@ -61,25 +64,43 @@ __device__ __forceinline__ void EachKey(const uint64_t* held, const float* sc, i
   }
 }
 
+// The select in one launch (kWhole), or in two (KVRECALL_BLOCK_SELECT_SLICED=1, an A/B until a device measures
+// it): kSlice, a CTA per slice of `span` keys of a head, writes the slice's best min(kk, its keys) keys to its kk
+// candidate slots (zeros after); kCands, a CTA per head, selects from the head's `span` slots (zeros are not
+// keys) as kWhole does from the scores. The head's best kk are among its slices' best kk each, so the answer is
+// kWhole's. Why: the select's time grows with the keys a CTA holds (the rows' 65,536 a head took 0.149 ms, the
+// groups' 16,384 0.034, visit AE), each pass a match and an atomic a key, and kWhole runs one CTA a head, 8 of
+// the H100's 132 SMs; slices of 2,048 spread the passes over 8 CTAs a head and leave the second launch
+// ~1,500 keys a head.
+enum SelectMode { kWhole = 0, kSlice = 1, kCands = 2 };
+
 // One CTA per kv head: the head's best kk = min(k, blocks) blocks, best
 // first, and its extra scores. The sort runs over p2 keys of shared memory
 // when p2 <= kSharedSortKeys, else over the head's p2 keys of global scratch.
-template <int kItems>
+// kSlice / kCands: SelectMode; blocks is the head's ranked keys (the scores' stride) in every mode.
+template <int kItems, int kMode = kWhole>
 __global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restrict__ scores, const float* __restrict__ extraFrom,
                                                             int64_t blocks, int idScale, int64_t kk, int64_t p2,
                                                             uint64_t* __restrict__ globalKeys, const int32_t* __restrict__ extraIds,
                                                             const int32_t* __restrict__ extraOffsets, float* __restrict__ extraScores,
-                                                            int32_t* __restrict__ outIds, float* __restrict__ outScores) {
+                                                            int32_t* __restrict__ outIds, float* __restrict__ outScores,
+                                                            uint64_t* __restrict__ cands = nullptr, int64_t span = 0) {
+  static_assert(kMode == kWhole || kItems > 0, "slices and candidates are held in registers");
   extern __shared__ uint64_t sharedKeys[];
   __shared__ unsigned hist[256];
   __shared__ uint64_t sPrefix, sMask;
   __shared__ unsigned sNeed, sCount;
   __shared__ int sDone;
-  const int h = blockIdx.x, tid = threadIdx.x, lane = tid & 31, bd = blockDim.x;
+  const int h = kMode == kSlice ? blockIdx.y : blockIdx.x, tid = threadIdx.x, lane = tid & 31, bd = blockDim.x;
   const float* sc = scores + size_t(h) * blocks;
+  // The keys this CTA scans (n; a slice's start lo) and how many it keeps.
+  const int64_t lo = kMode == kSlice ? int64_t(blockIdx.x) * span : 0;
+  const int64_t n = kMode == kWhole ? blocks : kMode == kSlice ? (blocks - lo < span ? blocks - lo : span) : span;
+  const int64_t keep = kMode == kSlice && n < kk ? n : kk;
+  const uint64_t* headCands = kMode == kCands ? cands + size_t(h) * span : nullptr;
 
   // Extra ids are rows of extraFrom (the row scores; `scores` itself unless groups of rows are ranked).
-  if (extraIds) {
+  if (kMode != kSlice && extraIds) {
     const float* ex = extraFrom + size_t(h) * blocks * idScale;
     for (int64_t e = extraOffsets[h] + tid; e < extraOffsets[h + 1]; e += bd) extraScores[e] = ex[extraIds[e]];
   }
@@ -89,20 +110,25 @@ __global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restr
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       const int64_t i = tid + int64_t(j) * bd;
-      held[j] = i < blocks ? KeyOf(sc[i], i) : uint64_t(0);
+      if constexpr (kMode == kCands)
+        held[j] = i < n ? headCands[i] : uint64_t(0);
+      else
+        held[j] = i < n ? KeyOf(sc[lo + i], lo + i) : uint64_t(0);
     }
   }
 
   // The kk-th best key T, a digit of 8 bits at a time from the top: every
   // block whose key is >= T is selected, exactly kk of them.
   uint64_t prefix = 0;
-  if (kk < blocks) {
+  if (keep < n) {
     uint64_t mask = 0;
-    unsigned need = unsigned(kk);
+    unsigned need = unsigned(keep);
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += bd) hist[i] = 0;
       __syncthreads();
-      EachKey<kItems>(held, sc, blocks, tid, bd, [&](uint64_t key, bool valid) {
+      EachKey<kItems>(held, sc, n, tid, bd, [&](uint64_t key, bool valid) {
+        // A candidate slot past its slice's keys holds 0, below every key (KeyOf's low word is 0xffffffff - id).
+        if constexpr (kMode == kCands) valid = valid && key != 0;
         const unsigned digit = valid && (key & mask) == prefix ? unsigned(key >> shift) & 255u : 256u;
         const unsigned peers = __match_any_sync(0xffffffffu, digit);
         if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], unsigned(__popc(peers)));
@@ -146,12 +172,14 @@ __global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restr
   }
 
   // Compaction of the keys >= T (warp-aggregated slots), padded with 0
-  // (below every key) to p2.
-  uint64_t* keys = p2 <= kSharedSortKeys ? sharedKeys : globalKeys + size_t(h) * p2;
+  // (below every key) to p2; a slice's into its kk candidate slots.
+  uint64_t* keys = kMode == kSlice ? cands + (size_t(h) * gridDim.x + blockIdx.x) * kk : p2 <= kSharedSortKeys ? sharedKeys : globalKeys + size_t(h) * p2;
+  const int64_t cap = kMode == kSlice ? kk : p2;
   if (tid == 0) sCount = 0;
-  for (int64_t i = tid; i < p2; i += bd) keys[i] = 0;
+  for (int64_t i = tid; i < cap; i += bd) keys[i] = 0;
   __syncthreads();
-  EachKey<kItems>(held, sc, blocks, tid, bd, [&](uint64_t key, bool valid) {
+  EachKey<kItems>(held, sc, n, tid, bd, [&](uint64_t key, bool valid) {
+    if constexpr (kMode == kCands) valid = valid && key != 0;
     const bool take = valid && key >= prefix;
     const unsigned ballot = __ballot_sync(0xffffffffu, take);
     unsigned first = 0;
@@ -159,9 +187,10 @@ __global__ void __launch_bounds__(kSelectThreads) SelectTop(const float* __restr
     first = __shfl_sync(0xffffffffu, first, 0);
     if (take) {
       const unsigned at = first + unsigned(__popc(ballot & ((1u << lane) - 1u)));
-      if (at < p2) keys[at] = key;
+      if (at < cap) keys[at] = key;
     }
   });
+  if constexpr (kMode == kSlice) return;  // unsorted: the second launch sorts the head's best
   __syncthreads();
 
   // Bitonic sort, descending.
@@ -217,11 +246,16 @@ struct BlockScores::Impl {
   // KVRECALL_BLOCK_SCORES_PIPED=1 (read at construction, an A/B): the staged shapes' score kernel walks tiles in
   // this many CTAs a head, its copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped); 0: off.
   int pipedCtas = 0;
+  // KVRECALL_BLOCK_SELECT_SLICED=1 (read at construction, an A/B): the select in two launches where it fits
+  // (SelectMode), its candidates in cands [heads, slices, kk].
+  bool sliced = false;
+  uint64_t* cands = nullptr;
+  size_t candCap = 0;
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
     for (void* p : {static_cast<void*>(means), static_cast<void*>(scores), static_cast<void*>(devIn), static_cast<void*>(devOut),
-                    static_cast<void*>(sortKeys), static_cast<void*>(groupScores)})
+                    static_cast<void*>(sortKeys), static_cast<void*>(groupScores), static_cast<void*>(cands)})
       if (p) cudaFree(p);
     if (hostIn) cudaFreeHost(hostIn);
     if (hostOut) cudaFreeHost(hostOut);
@@ -232,7 +266,7 @@ struct BlockScores::Impl {
   }
 
   int64_t Bytes() const {
-    return int64_t(size_t(cfg.heads) * cfg.blocks * cfg.headDim * 2 + size_t(cfg.heads) * cfg.blocks * 4 + inCap + outCap + sortCap + size_t(groupCap) * 4);
+    return int64_t(size_t(cfg.heads) * cfg.blocks * cfg.headDim * 2 + size_t(cfg.heads) * cfg.blocks * 4 + inCap + outCap + sortCap + size_t(groupCap) * 4 + candCap);
   }
 
   // Grows a device buffer and its pinned host mirror to `bytes`.
@@ -281,10 +315,13 @@ BlockScores::BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* me
   std::call_once(attr, [] {
     cudaFuncSetAttribute(SelectTop<kHeldKeys>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
     cudaFuncSetAttribute(SelectTop<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
+    cudaFuncSetAttribute(SelectTop<kCandItems, kCands>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSharedSortKeys * sizeof(uint64_t)));
     cudaFuncSetAttribute(ScoreBlocksPiped<false, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PipedShared(kStagedMaxD, 4)));
     cudaFuncSetAttribute(ScoreBlocksPiped<true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(PipedShared(kStagedMaxD, 4)));
   });
   Check(cudaGetLastError(), "cudaFuncSetAttribute");
+  const char* sliced = std::getenv("KVRECALL_BLOCK_SELECT_SLICED");
+  I.sliced = sliced && std::strcmp(sliced, "1") == 0;
   const char* piped = std::getenv("KVRECALL_BLOCK_SCORES_PIPED");
   if (piped && std::strcmp(piped, "1") == 0 && cfg.headDim <= kStagedMaxD) {
     // As many CTAs as the device holds at once, shared by the heads (each walks its head's tiles). A query that
@@ -309,6 +346,8 @@ BlockTopKTimes BlockScores::LastTimes() const { return impl_->last; }
 int64_t BlockScores::GraphCaptures() const { return impl_->graph.Captures(); }
 
 bool BlockScores::PipedScores() const { return impl_->pipedCtas > 0; }
+
+bool BlockScores::SlicedSelect() const { return impl_->sliced; }
 
 int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   Impl& I = *impl_;
@@ -365,6 +404,16 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
   const dim3 scoreGrid(unsigned((c.blocks + kRowsPerCta - 1) / kRowsPerCta), unsigned(c.heads));
   const size_t qShared = size_t(a.group) * c.headDim * 4;
   const size_t sortShared = p2 <= kSharedSortKeys ? size_t(p2) * 8 : 0;
+  // The select in two launches (SelectMode) where the heads' slices' candidates fit a CTA's registers.
+  const int64_t slices = (ranked + kSliceKeys - 1) / kSliceKeys;
+  const bool twoLaunches = I.sliced && kk > 0 && slices >= 2 && slices * kk <= int64_t(kCandItems) * kSelectThreads;
+  if (twoLaunches && size_t(c.heads) * slices * kk * 8 > I.candCap) {
+    if (I.cands) cudaFree(I.cands);
+    I.cands = nullptr;
+    I.candCap = 0;
+    Check(cudaMalloc(reinterpret_cast<void**>(&I.cands), size_t(c.heads) * slices * kk * 8), "cudaMalloc (select candidates)");
+    I.candCap = size_t(c.heads) * slices * kk * 8;
+  }
   // Everything a launch bakes in, for the graph's key (cuda/step_graph.cuh).
   struct Key {
     const void* ptrs[6];
@@ -374,8 +423,10 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
     const void* groupScores;
     int64_t reps;
     int64_t deviceTime;
+    int64_t slices;
+    const void* cands;
   } key{{I.devIn, I.devOut, I.hostIn, I.hostOut, I.sortKeys, I.scores}, kk, p2, a.group, inBytes, outBytes, haveExtra ? 1 : 0, groupScores, a.reps,
-        a.deviceTime ? 1 : 0};
+        a.deviceTime ? 1 : 0, twoLaunches ? slices : 0, twoLaunches ? I.cands : nullptr};
   // The call's device time: events around its copies and kernels, recorded by the device when it reaches them,
   // so a host's late launch is not in it. In a capture they are the graph's own nodes (External: a record, not a
   // dependency); a graph of their own, so the engine's steps (deviceTime off) replay one without them.
@@ -399,7 +450,14 @@ int64_t BlockScores::TopK(const BlockTopKArgs& a) {
       float* extraScores = reinterpret_cast<float*>(I.devOut + extraAt);
       const int32_t* ids = haveExtra ? reinterpret_cast<const int32_t*>(I.devIn + idsAt) : nullptr;
       const int32_t* offsets = reinterpret_cast<const int32_t*>(I.devIn + offAt);
-      if (ranked <= int64_t(kHeldKeys) * kSelectThreads)
+      if (twoLaunches) {
+        SelectTop<kSliceItems, kSlice><<<dim3(unsigned(slices), unsigned(c.heads)), kSelectThreads, 0, s>>>(
+            rankedScores, I.scores, ranked, a.reps, kk, p2, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, I.cands, kSliceKeys);
+        Check(cudaGetLastError(), "SelectTop (slices) launch");
+        SelectTop<kCandItems, kCands><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(rankedScores, I.scores, ranked, a.reps, kk, p2, I.sortKeys,
+                                                                                           ids, offsets, extraScores, outIds, outScores, I.cands,
+                                                                                           slices * kk);
+      } else if (ranked <= int64_t(kHeldKeys) * kSelectThreads)
         SelectTop<kHeldKeys><<<unsigned(c.heads), kSelectThreads, sortShared, s>>>(rankedScores, I.scores, ranked, a.reps, kk, p2, I.sortKeys,
                                                                                   ids, offsets, extraScores, outIds, outScores);
       else

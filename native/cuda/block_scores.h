@@ -101,6 +101,8 @@ class BlockScores {
   int64_t GraphCaptures() const;
   // Whether the staged shapes' scores run ScoreBlocksPiped (KVRECALL_BLOCK_SCORES_PIPED=1 at construction).
   bool PipedScores() const;
+  // Whether the select runs in two launches where it fits (KVRECALL_BLOCK_SELECT_SLICED=1 at construction).
+  bool SlicedSelect() const;
 
  private:
   struct Impl;

@@ -52,6 +52,7 @@ class StandIn implements NativeBlockScores {
   lastTimes = () => ({ ...TIMES });
   graphCaptures = () => 0;
   pipedScores = () => false;
+  slicedSelect = () => false;
   close(): void {}
 }
 

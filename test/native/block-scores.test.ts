@@ -199,6 +199,7 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
       const dev = DeviceBlockScores.create({ means, blocks: c.blocks, headDim: c.d, dtype: c.dtype });
       try {
         expect(dev.pipedScores).toBe(process.env.KVRECALL_BLOCK_SCORES_PIPED === '1' && c.d <= 144);
+        expect(dev.slicedSelect).toBe(process.env.KVRECALL_BLOCK_SELECT_SLICED === '1');
         for (const k of [0, 1, 7, Math.max(1, c.blocks - 1), c.blocks, c.blocks + 5, 300]) {
           const q = Float32Array.from({ length: heads * c.G * c.d }, () => rng.normal() * 2);
           const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: h * 5 }, () => rng.int(c.blocks)));
@@ -320,48 +321,53 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
     }
   });
 
-  // KVRECALL_BLOCK_SCORES_PIPED=1 (read when a copy is made): the staged shapes' score kernel walks tiles with its
-  // copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped). The host's ids and scores bit for bit,
-  // at a 1M-token head's rows, odd sizes (a part tile, fewer tiles than CTAs), reps 1 and 4, f16 and bf16.
-  for (const [dtype, d, rows, reps] of [['f16', 136, 65536, 4], ['bf16', 136, 4099 * 4, 4], ['f16', 128, 31, 1], ['bf16', 64, 1000, 1], ['f16', 144, 130, 1]] as [KvDtype, number, number, number][])
-    it(`KVRECALL_BLOCK_SCORES_PIPED=1, ${dtype} d=${d} rows=${rows} reps=${reps}: the pipelined score kernel gives the host's ids and scores`, async () => {
-      const rng = new Rng(seed + 17 + rows + d);
-      const heads = 3, G = 4, groups = rows / reps;
-      const means = randomMeans(rng, heads, rows, d, dtype);
-      const before = process.env.KVRECALL_BLOCK_SCORES_PIPED;
-      process.env.KVRECALL_BLOCK_SCORES_PIPED = '1';
-      let dev: DeviceBlockScores;
-      try {
-        dev = DeviceBlockScores.create({ means, blocks: rows, headDim: d, dtype });
-      } finally {
-        if (before === undefined) delete process.env.KVRECALL_BLOCK_SCORES_PIPED;
-        else process.env.KVRECALL_BLOCK_SCORES_PIPED = before;
-      }
-      try {
-        expect(dev.pipedScores).toBe(true);
-        for (const k of [1, 40, groups]) {
-          const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
-          const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 5 + h * 20 }, () => rng.int(rows)));
-          const host = await hostTopk(means, rows, d, dtype, q, G, rows);
-          for (const got of [dev.topk({ q, group: G, k, extra, reps }), dev.topk({ q, group: G, k, extra, reps, times: true })])
-            for (let h = 0; h < heads; h++) {
-              const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
-              for (const r of host[h].ids) {
-                const g = Math.floor(r / reps);
-                if (seen.has(g) || ids.length >= k) continue;
-                seen.add(g);
-                ids.push(g * reps);
-                scores.push(host[h].all[r]);
-              }
-              expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
-              expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
-              expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
-            }
+  // The A/B switches (read when a copy is made): KVRECALL_BLOCK_SCORES_PIPED=1, the staged shapes' score kernel
+  // walking tiles with its copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped);
+  // KVRECALL_BLOCK_SELECT_SLICED=1, the select in two launches (block_scores.cu SelectMode) where a head's slices'
+  // candidates fit. The host's ids and scores bit for bit, at a 1M-token head's rows, odd sizes (a part tile,
+  // fewer tiles than CTAs, a last slice of one key), reps 1 and 4, f16 and bf16, d 64-144, k past the candidates'
+  // room (the one-launch select), each switch alone and both.
+  const SWITCHES = ['KVRECALL_BLOCK_SCORES_PIPED', 'KVRECALL_BLOCK_SELECT_SLICED'] as const;
+  for (const on of [[SWITCHES[0]], [SWITCHES[1]], [...SWITCHES]])
+    for (const [dtype, d, rows, reps] of [['f16', 136, 65536, 4], ['bf16', 136, 4099 * 4, 4], ['f16', 128, 2049, 1], ['bf16', 64, 1000, 1], ['f16', 144, 130, 1]] as [KvDtype, number, number, number][])
+      it(`${on.map((v) => `${v}=1`).join(' ')}, ${dtype} d=${d} rows=${rows} reps=${reps}: the host's ids and scores`, async () => {
+        const rng = new Rng(seed + 17 + rows + d + on.length);
+        const heads = 3, G = 4, groups = rows / reps;
+        const means = randomMeans(rng, heads, rows, d, dtype);
+        const before = SWITCHES.map((v) => process.env[v]);
+        for (const v of SWITCHES) if (on.includes(v)) process.env[v] = '1';
+        else delete process.env[v];
+        let dev: DeviceBlockScores;
+        try {
+          dev = DeviceBlockScores.create({ means, blocks: rows, headDim: d, dtype });
+        } finally {
+          SWITCHES.forEach((v, i) => (before[i] === undefined ? delete process.env[v] : (process.env[v] = before[i])));
         }
-      } finally {
-        dev.close();
-      }
-    });
+        try {
+          expect([dev.pipedScores, dev.slicedSelect]).toEqual([on.includes(SWITCHES[0]), on.includes(SWITCHES[1])]);
+          for (const k of [1, 40, 185, 512, 513, groups]) {
+            const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+            const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 5 + h * 20 }, () => rng.int(rows)));
+            const host = await hostTopk(means, rows, d, dtype, q, G, rows);
+            for (const got of [dev.topk({ q, group: G, k, extra, reps }), dev.topk({ q, group: G, k, extra, reps, times: true })])
+              for (let h = 0; h < heads; h++) {
+                const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
+                for (const r of host[h].ids) {
+                  const g = Math.floor(r / reps);
+                  if (seen.has(g) || ids.length >= k) continue;
+                  seen.add(g);
+                  ids.push(g * reps);
+                  scores.push(host[h].all[r]);
+                }
+                expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
+                expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
+                expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
+              }
+          }
+        } finally {
+          dev.close();
+        }
+      });
 
   it('a top-k larger than shared memory sorts in global memory, the same', async () => {
     const rng = new Rng(seed + 5);
