@@ -153,7 +153,7 @@ const STAGE_NAMES: Record<Stage, string> = {
   issue: '    native: issue the graph launch',
   wait: '    native: wait for the stream',
   copyOut: '    native: copy the outputs out',
-  device: 'the call on the device (events: copies, 2 kernels, gaps)',
+  device: 'the call on the device (events: copies, kernels, gaps)',
   beyondDevice: 'host issue + wait beyond the device time',
 };
 
@@ -244,7 +244,7 @@ async function main(): Promise<void> {
             kernels.score.push(t.scoreMs), kernels.select.push(t.selectMs), kernels.device.push(t.deviceMs), kernels.copiesAndGaps.push(t.deviceMs - t.scoreMs - t.selectMs);
             kernels.pipedScore.push(tp.scoreMs), kernels.slicedSelect.push(tp.selectMs), kernels.pipedDevice.push(tp.deviceMs);
           }
-          // The pipelined kernel's answer must be the staged one's, bit for bit (and both the engine's).
+          // The new paths' answer must be the old ones', bit for bit, and both the engine's.
           const same = (x: HeadTopBlocks[], y: HeadTopBlocks[]) =>
             x.every((r, h) => ['ids', 'scores', 'extraScores'].every((f) => { const u = r[f as 'ids'], v = y[h][f as 'ids']; return u.length === v.length && u.every((e, i) => Object.is(e, v[i])); }));
           if (!same(a, b) || (call.answer && !same(a, call.answer))) mismatches++;
