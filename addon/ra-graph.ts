@@ -99,6 +99,8 @@ export interface RaGraphSearchArgs {
   expandWidth?: number;
   /** Report where an 'attention' search's time went (result.profile); timing each key costs ~10%. */
   profile?: boolean;
+  /** Report the 'attention' beam walk's shape (result.walk; not the code walk's); counting costs nothing measurable. */
+  walkStats?: boolean;
   /**
    * The code-gated walk ('attention' only; native/indexes/ra_graph.h, RaSearchOptions::codeWalk) instead of
    * the beam walk: each key met is read first as its 4-bit code (made from `keys` on the graph's first such
@@ -164,8 +166,25 @@ export interface RaGraphSearchResult {
   scanned: number;
   /** With codeWalk: the keys read as 4-bit codes, not counted in `scanned`. */
   codesRead?: number;
+  /** With `walkStats`, the 'attention' ranking and the beam walk: its shape. */
+  walk?: RaWalkStats;
   /** With `profile` and the 'attention' ranking: where the search's time went. */
   profile?: RaSearchProfile;
+}
+
+/**
+ * The 'attention' beam walk's shape (native/indexes/ra_graph.h, RaSearchResult):
+ * what a walk on the device would run in (bench/ra-gpu-walk.ts).
+ */
+export interface RaWalkStats {
+  /** Rounds of up to expandWidth expansions after the start: the walk's sequential depth. */
+  rounds: number;
+  /** Candidates expanded (neighbour lists read). */
+  expanded: number;
+  /** Keys scored before the first round (entry points, seeds; the strided sample is apart). */
+  startKeys: number;
+  /** The candidate heap's largest size after a round's scores. */
+  peakCandidates: number;
 }
 
 /** Milliseconds per phase of one 'attention' search (native/indexes/ra_graph.h, RaSearchProfile). */

@@ -20,7 +20,8 @@
 //     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?, quantized?})
 //       -> Float32Array [ids, group]   (the codes the code walk reads and the dequantized keys' logits, or with
 //       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools)
-//     searchSync(same) -> {count, scanned, codesRead}                    (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
+//     searchSync(same) -> {count, scanned, codesRead}   (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
+//       (walkStats: true adds walk: {rounds, expanded, startKeys, peakCandidates}, the attention ranking's beam walk's shape)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
 //
@@ -78,6 +79,7 @@ struct SearchJob {
   int64_t maxCodes = 0;
   int codeWidth = RaSearchOptions().codeWidth;
   bool profiled = false;
+  bool walkStats = false;
   RaSearchProfile profile;
   RaSearchResult result;
 
@@ -136,6 +138,7 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   job.maxScanned = OptInt(o, "maxScanned", 0, kMaxSafeInt, 0);
   job.expandWidth = int(OptInt(o, "expandWidth", 1, 1024, job.expandWidth));
   job.profiled = o.Get("profile").ToBoolean().Value();
+  job.walkStats = o.Get("walkStats").ToBoolean().Value();
   // The code-gated walk (ra_graph.h, RaSearchOptions::codeWalk): its knobs
   // only with it, so that a knob given without it is not silently ignored.
   job.codeWalk = Flag(o, "codeWalk", false);
@@ -191,7 +194,16 @@ Napi::Object ResultObject(Napi::Env env, const SearchJob& job) {
   Napi::Object res = Napi::Object::New(env);
   res.Set("count", Napi::Number::New(env, double(r.count)));
   res.Set("scanned", Napi::Number::New(env, double(r.scanned)));
-  if (job.codeWalk) res.Set("codesRead", Napi::Number::New(env, double(r.codesRead)));
+  if (job.codeWalk) {
+    res.Set("codesRead", Napi::Number::New(env, double(r.codesRead)));
+  } else if (job.walkStats && job.aggregate == RaAggregate::kAttention) {
+    Napi::Object w = Napi::Object::New(env);
+    w.Set("rounds", Napi::Number::New(env, double(r.rounds)));
+    w.Set("expanded", Napi::Number::New(env, double(r.expanded)));
+    w.Set("startKeys", Napi::Number::New(env, double(r.startKeys)));
+    w.Set("peakCandidates", Napi::Number::New(env, double(r.peakCandidates)));
+    res.Set("walk", w);
+  }
   if (job.profiled) {
     const RaSearchProfile& p = job.profile;
     Napi::Object o = Napi::Object::New(env);

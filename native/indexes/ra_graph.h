@@ -187,6 +187,15 @@ struct RaSearchResult {
   int64_t count = 0;      // ids written: min(k, tokens)
   int64_t scanned = 0;    // keys whose score was computed (exactly)
   int64_t codesRead = 0;  // keys read as codes (codeWalk; not counted in scanned)
+  // The beam walk's shape (kAttention, not the code walk; ra_graph_beam.h's
+  // WalkStats): its rounds of up to expandWidth expansions (its sequential
+  // depth), the candidates it expanded, the keys it scored before its first
+  // round (entry points and seeds; the sample is apart), and its candidate
+  // heap's largest size after a round.
+  int64_t rounds = 0;
+  int64_t expanded = 0;
+  int64_t startKeys = 0;
+  int64_t peakCandidates = 0;
 };
 
 class RaGraph {

@@ -194,6 +194,14 @@ class SentinelHeap {
   }
   const T* begin() const { return a_.data(); }
   const T* end() const { return a_.data() + Size(); }
+  // Only the first `cap` entries by Before kept (WalkStats::poolCap).
+  void KeepFirst(size_t cap) {
+    if (Size() <= cap) return;
+    std::nth_element(a_.begin(), a_.begin() + cap, a_.end() - 1, Before());
+    a_.resize(cap);
+    a_.push_back(sentinel_);
+    Heapify();
+  }
 
  private:
   T sentinel_;
@@ -310,6 +318,20 @@ class KthScore {
   bool exact_ = false, heap_ = false;
 };
 
+// The walk's shape, for the searches' results (RaSearchResult) and a GPU
+// walk's design (bench/ra-gpu-walk.ts): counted where the caller asks. In:
+// poolCap > 0 keeps only the best poolCap candidates after each round, as a
+// candidate pool of fixed size in a CTA's shared memory would (an
+// experiment: KVR_RA_POOL_CAP in ra_graph_attention.cc; 0, the default, is
+// the unbounded heap).
+struct WalkStats {
+  size_t poolCap = 0;
+  int64_t rounds = 0;          // rounds of expansions: the walk's sequential depth
+  int64_t expanded = 0;        // candidates expanded (neighbour lists read)
+  int64_t startKeys = 0;       // keys scored before the first round (entries, seeds)
+  int64_t peakCandidates = 0;  // the candidate heap's largest size after a round's scores (before a cut)
+};
+
 // The walk scores keys through `scorer.Batch(ids, count, out, rows)`: out[i]
 // = the score of ids[i] (its row at rows[i] where rows is not null, else the
 // keys' own), for up to kPrefetchAhead keys at a time (kScoreBatch in rounds), always in the
@@ -360,7 +382,7 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
                           const int32_t* seeds, size_t seedCount, size_t ef, const uint16_t* keys, int d,
                           Scorer& scorer, std::vector<Hit>& top, size_t k = 0, float margin = 3.0e38f,
                           int64_t maxScan = 0, const int32_t* freeSeeds = nullptr, size_t freeCount = 0,
-                          const uint16_t* entryRows = nullptr, size_t width = 1) {
+                          const uint16_t* entryRows = nullptr, size_t width = 1, WalkStats* stats = nullptr) {
   top.clear();
   if (n == 0 || ef == 0) return 0;
   struct Scratch {
@@ -470,6 +492,11 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
   }
   startKeys(seeds, seedCount, false);
   scoreFresh(consider, nullptr);
+  if (stats) {
+    stats->startKeys = scanned;
+    stats->peakCandidates = int64_t(cand.Size());
+    if (stats->poolCap > 0) cand.KeepFirst(stats->poolCap);
+  }
   for (;;) {
     // A round: up to W of the best candidates, each passing the stop tests.
     nodes.clear();
@@ -507,6 +534,12 @@ int64_t BeamSearchBatched(const Graph& graph, int64_t n, const int32_t* entries,
       }
     }
     scoreFresh(consider, nullptr);
+    if (stats) {
+      ++stats->rounds;
+      stats->expanded += int64_t(nodes.size());
+      stats->peakCandidates = std::max(stats->peakCandidates, int64_t(cand.Size()));
+      if (stats->poolCap > 0) cand.KeepFirst(stats->poolCap);
+    }
   }
   top.reserve(beam.Size());
   for (const uint64_t key : beam) top.push_back(Hit{ScoreOfKey(key), int32_t(uint32_t(key))});

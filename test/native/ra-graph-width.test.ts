@@ -4,7 +4,8 @@
 // every key reachable from the entry points (scanned = tokens) and returns
 // the exact top-k, for both rankings; the scan cap still holds to one
 // neighbour list; margin 0 still stops where a beam of width k would at the
-// same width; widths beyond the candidates, and the argument's checks.
+// same width; the walk's shape (walkStats) and the pool cap's experiment;
+// widths beyond the candidates, and the argument's checks.
 import { describe, expect, it } from 'vitest';
 import { topk } from '../../addon/kernels.js';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
@@ -113,6 +114,49 @@ describe('ra-graph walk rounds (expandWidth)', () => {
             expect([...m0.outIds]).toEqual([...fixed.outIds]);
           }
         }
+    }
+  });
+
+  it('reports the walk\'s shape: with ef >= tokens every key expanded once, in rounds of at most the width; a pool cap cuts the candidates', async () => {
+    const rng = new Rng(seed + 5);
+    const [n, d, G, k] = [3001, 16, 4, 40];
+    const keys = keysOf(rng, 'f16', n, d);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: rows(rng, 400, d), degree: 8, kBuild: 16 });
+    const q = rows(rng, G, d, 1.2);
+    const search = (expandWidth: number, extra: Partial<RaGraphSearchArgs> = {}) => {
+      const a = { ...args(keys.bits, n, d, 'f16', q, G, k, n), aggregate: 'attention' as const, expandWidth, walkStats: true, ...extra };
+      return { res: graph.searchSync(a), ids: [...a.outIds] };
+    };
+    for (const expandWidth of WIDTHS) {
+      const { res } = search(expandWidth);
+      const w = res.walk!;
+      // Nothing bounds the walk: every key is scored, pushed and expanded once.
+      expect(w.expanded).toBe(n);
+      if (expandWidth === 1) expect(w.rounds).toBe(n);
+      expect(w.rounds).toBeGreaterThanOrEqual(Math.ceil(n / expandWidth));
+      expect(w.rounds).toBeLessThanOrEqual(n);
+      // The entry points, plus at most the sample's 16 best as seeds.
+      expect(w.startKeys).toBeGreaterThanOrEqual(graph.entryPoints);
+      expect(w.startKeys).toBeLessThanOrEqual(graph.entryPoints + 16);
+      expect(w.peakCandidates).toBeGreaterThanOrEqual(w.startKeys);
+      expect(w.peakCandidates).toBeLessThanOrEqual(n);
+    }
+    // Absent unless asked, and never for the max ranking.
+    expect(search(8, { walkStats: false }).res.walk).toBeUndefined();
+    expect(search(8, { aggregate: 'max' }).res.walk).toBeUndefined();
+    try {
+      const free = search(8);
+      // A pool that never binds changes nothing; a small one holds the candidates to it plus a round's new keys.
+      process.env.KVR_RA_POOL_CAP = String(n);
+      const wide = search(8);
+      expect(wide.ids).toEqual(free.ids);
+      expect(wide.res.walk).toEqual(free.res.walk);
+      process.env.KVR_RA_POOL_CAP = '16';
+      const cut = search(8).res.walk!;
+      expect(cut.peakCandidates).toBeLessThanOrEqual(Math.max(cut.startKeys, 16 + 8 * graph.maxDegree));
+      expect(cut.expanded).toBeLessThan(n);
+    } finally {
+      delete process.env.KVR_RA_POOL_CAP;
     }
   });
 
