@@ -50,7 +50,8 @@ import { setPath } from './wave-paths.js';
 const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'FOLD'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
   'KVRECALL_WAVE_PDL=1', 'KVRECALL_WAVE_ROUND2=0'];
 /** Every switch wave_paths.cuh reads: a name not here would change nothing, and the two paths would be the same by default. */
-const KNOWN = new Set(['KVRECALL_WAVE_LEGACY', ...SINGLE.map((s) => s.split('=')[0])]);
+// HIST_PER and COLLECT_PER (1..64) set the cuts' Histogram and CollectTake grids: elements a thread at most.
+const KNOWN = new Set(['KVRECALL_WAVE_LEGACY', 'KVRECALL_WAVE_HIST_PER', 'KVRECALL_WAVE_COLLECT_PER', ...SINGLE.map((s) => s.split('=')[0])]);
 
 /** Sets the old path's switch (name=value) or removes it (the new path). */
 function setOld(sw: { name: string; value: string }, on: boolean): void {

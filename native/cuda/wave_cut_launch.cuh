@@ -33,17 +33,17 @@ template <typename S, typename T, typename Grid, typename Mark>
 void LaunchCut(StepLauncher& L, const StepPaths& P, const S& s, int H, const CutScratch& c, int64_t n, T* take, int64_t span, T* tiles,
                int64_t cap, Grid grid, Mark binned) {
   if (P.fold) {
-    L(Histogram<S>, grid(n, kHistPer), kThreads, 0, s, c.range, c.hist, c.coarse);
+    L(Histogram<S>, grid(n, P.histPer), kThreads, 0, s, c.range, c.hist, c.coarse);
     binned();
-    L(CollectTake<S, T>, grid(n, kScanPer), kThreads, 0, s, c.range, c.hist, c.coarse, c.binN, c.buf, c.bufW, take, span, tiles, cap);
+    L(CollectTake<S, T>, grid(n, P.collectPer), kThreads, 0, s, c.range, c.hist, c.coarse, c.binN, c.buf, c.bufW, take, span, tiles, cap);
     L(ResolveCut<S, T, true>, unsigned(H), kResolveThreads, ResolveSmem<S>(), s, c.range, c.cuts, c.buf, c.bufW, true,
       FoldOut<T>{c.hist, c.coarse, c.binN, take, tiles, cap});
     return;
   }
   if (P.find) {
-    L(HistogramFind<S>, grid(n, kHistPer), kThreads, 0, s, c.range, c.hist, c.binN, c.cuts);
+    L(HistogramFind<S>, grid(n, P.histPer), kThreads, 0, s, c.range, c.hist, c.binN, c.cuts);
   } else {
-    L(Histogram<S>, grid(n, kHistPer), kThreads, 0, s, c.range, c.hist, static_cast<uint32_t*>(nullptr));
+    L(Histogram<S>, grid(n, P.histPer), kThreads, 0, s, c.range, c.hist, static_cast<uint32_t*>(nullptr));
     L(FindBin<S>, H, kFindThreads, 0, s, c.hist, c.cuts);
   }
   binned();

@@ -58,12 +58,6 @@ template <typename S>
 __host__ __device__ constexpr int64_t ResolveHeld() { return S::kUnit ? 12288 : 6144; }
 template <typename S>
 constexpr size_t ResolveSmem() { return size_t(ResolveHeld<S>()) * (S::kUnit ? 8 : 16); }
-// Elements a thread at most in the cuts' streaming kernels (their grids,
-// wave_step.cu): OrderRange's warps each end in two atomics on the head's two
-// words, so fewer of them; Histogram's CTAs each clear and flush 32 KiB of
-// bins, so a few elements each; CollectBin and TakeWeights two (a load, a
-// compare, a store: more CTAs hide the chain).
-constexpr int kRangePer = 8, kHistPer = 4, kScanPer = 2;
 
 // Per kv head: the cut of one selection.
 struct CutState {
