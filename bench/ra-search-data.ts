@@ -5,12 +5,15 @@
 // step's group attention. Everything is cached under the OS temp directory
 // (kvrecall-ra-search/) and read back by the next run; a fresh machine (a
 // device visit) makes it all, each stage timed and reported as it goes.
+// Options: the broad configuration (cached apart) and the values (asked by
+// bench/ra-gpu-walk.ts for the output error; made again from the seed where
+// the cache holds the keys alone).
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RA_GRAPH_DEFAULTS, RaGraph, type RaGraphBuildStats } from '../addon/ra-graph.js';
 import { exactAttention, meanProbs, topKIndices, widen } from './quality.js';
-import { defaultKnobs, generateWorkload } from '../workload/index.js';
+import { broadKnobs, defaultKnobs, generateWorkload } from '../workload/index.js';
 
 export const G = 4, D = 128, SINKS = 16, WINDOW = 256, BUDGET = 0.01;
 /**
@@ -30,6 +33,8 @@ export interface RaSearchData {
   want: number;
   asked: number;
   keys: Uint16Array;
+  /** The keys' values (only with `values: true`; cached beside the keys). */
+  values?: Uint16Array;
   /** Per step: the group's G query rows [G, d]. */
   decodeQ: Float32Array[];
   graph: RaGraph;
@@ -60,19 +65,25 @@ export function fnv(h: number, ids: Int32Array): number {
   return h;
 }
 
-export async function raSearchData(tokens: number, steps: number, progress: (msg: string) => void): Promise<RaSearchData> {
+/** broad: the generator's broad configuration (workload/knobs.ts broadKnobs; cached apart); values: the values too. */
+export interface RaSearchDataOptions {
+  broad?: boolean;
+  values?: boolean;
+}
+
+export async function raSearchData(tokens: number, steps: number, progress: (msg: string) => void, opts: RaSearchDataOptions = {}): Promise<RaSearchData> {
   const t0 = performance.now();
   const at = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
   const want = Math.round(tokens * BUDGET), asked = want + SINKS + WINDOW;
   const cacheDir = join(tmpdir(), 'kvrecall-ra-search');
   mkdirSync(cacheDir, { recursive: true });
-  const stem = join(cacheDir, `s7-${tokens}-${steps}`);
-  const spec = { seed: 7, tokens, kvHeads: 1, qHeads: G, headDim: D, steps, needles: steps, knobs: defaultKnobs(tokens, {}) };
+  const stem = join(cacheDir, `s7-${tokens}-${steps}${opts.broad ? '-broad' : ''}`);
+  const spec = { seed: 7, tokens, kvHeads: 1, qHeads: G, headDim: D, steps, needles: steps, knobs: (opts.broad ? broadKnobs : defaultKnobs)(tokens, {}) };
   const seconds = { workload: 0, build: 0, topk: 0 };
   const cached = { workload: true, graph: true, topk: true };
 
   // Generating 1M keys takes ~1 min on the 2-core VM (JavaScript, one thread).
-  let keys: Uint16Array, decodeQ: Float32Array[], prefillQ: Float32Array | undefined;
+  let keys: Uint16Array, decodeQ: Float32Array[], prefillQ: Float32Array | undefined, values: Uint16Array | undefined;
   const generate = () => {
     const t = performance.now();
     let told = 0;
@@ -94,9 +105,20 @@ export async function raSearchData(tokens: number, steps: number, progress: (msg
     decodeQ = wl.decodeQ.map((q) => q.subarray(0, G * D));
     prefillQ = wl.prefillQ[0];
     writeFileSync(`${stem}.keys`, keys);
+    if (opts.values) writeFileSync(`${stem}.values`, (values = wl.values[0]));
     const q = new Float32Array(steps * G * D);
     decodeQ.forEach((x, s) => q.set(x, s * G * D));
     writeFileSync(`${stem}.q`, q);
+  }
+  if (opts.values && !values) {
+    if (existsSync(`${stem}.values`)) {
+      values = new Uint16Array(readFileSync(`${stem}.values`).buffer.slice(0));
+    } else {
+      const wl = generate();
+      values = wl.values[0];
+      prefillQ = wl.prefillQ[0];
+      writeFileSync(`${stem}.values`, values);
+    }
   }
   progress(`[${at()}] workload ready (${cached.workload ? 'cached' : `generated in ${seconds.workload.toFixed(1)} s`})`);
 
@@ -144,5 +166,5 @@ export async function raSearchData(tokens: number, steps: number, progress: (msg
     seconds.topk = (performance.now() - t) / 1000;
     cached.topk = false;
   }
-  return { tokens, steps, want, asked, keys, decodeQ, graph, groupTop, seconds, buildStats, cached };
+  return { tokens, steps, want, asked, keys, ...(opts.values && { values }), decodeQ, graph, groupTop, seconds, buildStats, cached };
 }
