@@ -23,8 +23,6 @@
 // KVRECALL_WAVE_FIND=1 (HistogramFind instead of Histogram and FindBin),
 // KVRECALL_WAVE_RESCORE_HELD=0 (RescoreCandidates instead of RescoreHeld),
 // KVRECALL_WAVE_PACK=0 (ScatterKept and PackIds instead of ScatterPack),
-// KVRECALL_WAVE_FOLD=0 (each cut's FindBin and TakeWeights in launches of
-// their own, not folded into CollectTake and ResolveCut),
 // KVRECALL_WAVE_ROUND2=0 (none of the round-2 changes, nor round 4's order
 // ranges and owners, which follow CLEAR and PACK), KVRECALL_WAVE_PDL=1 (a
 // kernel launched while the one before it ends; off by default); all in
@@ -47,11 +45,10 @@ import { setPath } from './wave-paths.js';
 
 /** The switches of single changes (native/cuda/wave_paths.cuh), each against the rest of the new path. */
 // FIND=1 and PDL=1 time HistogramFind and early launches (off by default) against the default; ROUND2=0 the paths before round 2.
-const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK', 'FOLD'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
+const SINGLE = [...['SWIZZLE', 'SCORE_FUSE', 'SCORE_SPLIT', 'CLEAR', 'RESCORE_HELD', 'PACK'].map((n) => `KVRECALL_WAVE_${n}=0`), 'KVRECALL_WAVE_FIND=1',
   'KVRECALL_WAVE_PDL=1', 'KVRECALL_WAVE_ROUND2=0'];
 /** Every switch wave_paths.cuh reads: a name not here would change nothing, and the two paths would be the same by default. */
-// HIST_PER and COLLECT_PER (1..64) set the cuts' Histogram and CollectTake grids: elements a thread at most.
-const KNOWN = new Set(['KVRECALL_WAVE_LEGACY', 'KVRECALL_WAVE_HIST_PER', 'KVRECALL_WAVE_COLLECT_PER', ...SINGLE.map((s) => s.split('=')[0])]);
+const KNOWN = new Set(['KVRECALL_WAVE_LEGACY', ...SINGLE.map((s) => s.split('=')[0])]);
 
 /** Sets the old path's switch (name=value) or removes it (the new path). */
 function setOld(sw: { name: string; value: string }, on: boolean): void {

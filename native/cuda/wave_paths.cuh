@@ -17,14 +17,6 @@ namespace kvr {
 namespace cuda {
 namespace {
 
-// Elements a thread at most in the cuts' streaming kernels (their grids:
-// wave_step.cu, wave_cut_launch.cuh): OrderRange's warps each end in two
-// atomics on the head's two words, so fewer of them; Histogram's CTAs each
-// clear and flush 32 KiB of bins, so a few elements each; CollectBin and
-// TakeWeights two (a load, a compare, a store: more CTAs hide the chain).
-// The defaults of StepPaths' histPer and collectPer.
-constexpr int kRangePer = 8, kHistPer = 4, kScanPer = 2;
-
 struct StepPaths {
   // KVRECALL_WAVE_LEGACY=1: the step before the rescored dots were kept, the
   // cuts' grids widened, ResolveCut held its keys in shared memory,
@@ -71,18 +63,7 @@ struct StepPaths {
   // not the host's bit for bit, so a candidate at the cut may fall the
   // other side of it.
   bool mmaRescore;
-  // KVRECALL_WAVE_FOLD=0 turns off (on where clear runs): each cut in four
-  // launches, FindBin and TakeWeights folded into the kernels beside them
-  // (wave_cut_fold.cuh); the same ids and answers bit for bit.
-  bool fold;
   bool pdl;      // KVRECALL_WAVE_PDL=1 (off by default): a kernel launched while the one before it ends (StepLauncher), not after
-  // Elements a thread at most in the cuts' Histogram and (fold) CollectTake
-  // launches, their grids' only say (KVRECALL_WAVE_HIST_PER, _COLLECT_PER,
-  // 1..64; default wave_select.cuh's kHistPer, kScanPer): each CTA clears
-  // and flushes its bins, or finds the cut's bin, once, so fewer CTAs pay
-  // those less often but hide their loads' latency less. Any value gives
-  // the same answers (min, integer sums, per-element writes).
-  int histPer, collectPer;
 };
 
 inline StepPaths ReadStepPaths(int d) {
@@ -98,21 +79,13 @@ inline StepPaths ReadStepPaths(int d) {
   s.fuse = round2 && s.swizzle && on("KVRECALL_WAVE_SCORE_FUSE");
   s.split = s.fuse && on("KVRECALL_WAVE_SCORE_SPLIT");
   s.clear = round2 && on("KVRECALL_WAVE_CLEAR");
-  s.fold = s.clear && on("KVRECALL_WAVE_FOLD");
-  s.find = s.clear && !s.fold && is("KVRECALL_WAVE_FIND", '1');
+  s.find = s.clear && is("KVRECALL_WAVE_FIND", '1');
   s.held = round2 && on("KVRECALL_WAVE_RESCORE_HELD") && d <= 128;
   s.pack = round2 && on("KVRECALL_WAVE_PACK");
   s.range = s.clear;
   s.owners = s.pack;
   // Off unless asked for: on the H100 it cost the engine's call 8 us (0.663 -> 0.671 ms, visit AC).
   s.pdl = !s.legacy && is("KVRECALL_WAVE_PDL", '1');
-  const auto per = [](const char* name, int otherwise) {
-    const char* v = std::getenv(name);
-    const int n = v ? std::atoi(v) : 0;
-    return n >= 1 && n <= 64 ? n : otherwise;
-  };
-  s.histPer = per("KVRECALL_WAVE_HIST_PER", kHistPer);
-  s.collectPer = per("KVRECALL_WAVE_COLLECT_PER", kScanPer);
   s.mma = !s.legacy && !is("KVRECALL_WAVE_MMA", '0');
   s.mmaTiles = !s.legacy && !is("KVRECALL_WAVE_MMA_TILES", '0');
   s.mmaRescore = !s.legacy && !is("KVRECALL_WAVE_MMA_RESCORE", '0');

@@ -38,10 +38,6 @@ namespace {
 
 constexpr int kBinBits = 12;
 constexpr int kBins = 1 << kBinBits;
-// The histogram's bins also summed 64 at a time (kCoarse of them), so that
-// a warp finds the cut's bin in two reads of 64 (FindBinWarp,
-// wave_cut_fold.cuh) where FindBin scanned all 4096 in a CTA of its own.
-constexpr int kFineBits = 6, kCoarse = kBins >> kFineBits;
 constexpr uint32_t kExcluded = 0xffffffffu;  // an order no score has (a NaN's): never taken
 constexpr int kFindThreads = 1024, kBinsPerThread = kBins / kFindThreads;
 // ResolveCut's CTA: the cut's bin can hold thousands of keys and each digit's
@@ -58,6 +54,12 @@ template <typename S>
 __host__ __device__ constexpr int64_t ResolveHeld() { return S::kUnit ? 12288 : 6144; }
 template <typename S>
 constexpr size_t ResolveSmem() { return size_t(ResolveHeld<S>()) * (S::kUnit ? 8 : 16); }
+// Elements a thread at most in the cuts' streaming kernels (their grids,
+// wave_step.cu): OrderRange's warps each end in two atomics on the head's two
+// words, so fewer of them; Histogram's CTAs each clear and flush 32 KiB of
+// bins, so a few elements each; CollectBin and TakeWeights two (a load, a
+// compare, a store: more CTAs hide the chain).
+constexpr int kRangePer = 8, kHistPer = 4, kScanPer = 2;
 
 // Per kv head: the cut of one selection.
 struct CutState {
@@ -99,9 +101,6 @@ struct ClusterCut {
   __device__ int64_t Target(int h) const { return params[h * kParams + 1]; }
   __device__ int64_t Cap(int h) const { return params[h * kParams + 2]; }
   __device__ int IndexBits(int h) const { return Len(h) > 1 ? 32 - __clz(uint32_t(Len(h) - 1)) : 0; }
-  // What CollectTake keeps beside a gathered key (the weight: the place is the key's index) and the place it gives back.
-  __device__ int64_t Carry(int64_t i, int64_t) const { return counts[i]; }
-  __device__ int64_t PlaceOf(uint64_t key, int64_t) const { return int64_t(uint32_t(key)); }
 };
 // ... or the candidates (index = token id, weight 1, the best `keep`).
 struct CandidateCut {
@@ -119,9 +118,6 @@ struct CandidateCut {
   __device__ int64_t Target(int h) const { return params[h * kParams + 3]; }
   __device__ int64_t Cap(int h) const { return params[h * kParams + 3]; }
   __device__ int IndexBits(int) const { return tokens > 1 ? 32 - __clz(uint32_t(tokens - 1)) : 0; }
-  // The key's index is a token id: CollectTake keeps the place (the weight is 1).
-  __device__ int64_t Carry(int64_t, int64_t j) const { return j; }
-  __device__ int64_t PlaceOf(uint64_t, int64_t carry) const { return carry; }
 };
 
 template <typename S>
@@ -152,7 +148,7 @@ __global__ void OrderRange(S s, uint32_t* range) {
 // hist [kvHeads, kBins, 2]: weight and count per bin, summed in shared
 // memory and added to the global bins they touched.
 template <typename S>
-__global__ void Histogram(S s, const uint32_t* range, uint32_t* hist, uint32_t* coarse /* [kvHeads, kCoarse, 2], or null */) {
+__global__ void Histogram(S s, const uint32_t* range, uint32_t* hist) {
   AfterPrior();
   __shared__ uint32_t local[kBins * 2];
   const int h = blockIdx.y;
@@ -170,21 +166,11 @@ __global__ void Histogram(S s, const uint32_t* range, uint32_t* hist, uint32_t* 
   }
   __syncthreads();
   uint32_t* hh = hist + size_t(h) * kBins * 2;
-  for (int k = threadIdx.x; k < kBins; k += blockDim.x) {  // uniform: kBins is a multiple of the CTA
-    const uint32_t w = local[k * 2], c = local[k * 2 + 1];
-    if (c) {
-      atomicAdd(hh + k * 2, w);
-      atomicAdd(hh + k * 2 + 1, c);
+  for (int k = threadIdx.x; k < kBins; k += blockDim.x)
+    if (local[k * 2 + 1]) {
+      atomicAdd(hh + k * 2, local[k * 2]);
+      atomicAdd(hh + k * 2 + 1, local[k * 2 + 1]);
     }
-    if (coarse) {  // a warp's 32 bins lie in one coarse bin
-      const uint32_t sw = __reduce_add_sync(0xffffffffu, w), sc = __reduce_add_sync(0xffffffffu, c);
-      if ((threadIdx.x & 31) == 0 && sc) {
-        uint32_t* const cb = coarse + (size_t(h) * kCoarse + (k >> kFineBits)) * 2;
-        atomicAdd(cb, sw);
-        atomicAdd(cb + 1, sc);
-      }
-    }
-  }
 }
 
 // One CTA per kv head: the first bin where the weight reaches the target or
@@ -347,6 +333,112 @@ __global__ void CollectBin(S s, const uint32_t* range, CutState* cuts, uint64_t*
   }
 }
 
+// One CTA per kv head: the exact cut among the gathered keys, digit by digit
+// below the bin's bits (keys are unique: it ends at one element, often
+// early, when a digit holds a single key).
+template <typename S>
+__global__ void __launch_bounds__(kResolveThreads) ResolveCut(S s, const uint32_t* range, CutState* cuts, const uint64_t* buf,
+                                                              const int64_t* bufW, bool stage /* false: none held (ResolveSmem not given) */) {
+  AfterPrior();
+  extern __shared__ __align__(16) unsigned long long held[];  // [ResolveHeld] keys, then (weighted) [ResolveHeld] weights
+  __shared__ unsigned long long histW[256];
+  __shared__ unsigned int histN[256];
+  __shared__ uint64_t prefix;
+  __shared__ int64_t wBefore, cBefore, wCut;
+  __shared__ int low, single;
+  const int h = blockIdx.x;
+  CutState& c = cuts[h];
+  if (c.bin == kAll || s.Target(h) <= 0 || s.Cap(h) <= 0) return;
+  const int64_t b = s.Begin(h), n = c.n, target = s.Target(h), cap = s.Cap(h);
+  const int top0 = 32 + SpanOf(range, h).shift;  // bits below the bin's
+  const int indexBits = s.IndexBits(h);
+  constexpr int64_t kHeld = ResolveHeld<S>();
+  const int64_t nHeld = stage ? min(n, kHeld) : 0;
+  for (int64_t j = threadIdx.x; j < nHeld; j += blockDim.x) {
+    held[j] = buf[b + j];
+    if (!S::kUnit) held[kHeld + j] = (unsigned long long)bufW[b + j];
+  }
+  const auto keyAt = [&](int64_t j) -> uint64_t { return j < nHeld ? uint64_t(held[j]) : buf[b + j]; };
+  const auto weightAt = [&](int64_t j) -> int64_t {
+    return S::kUnit ? 1 : j < nHeld ? int64_t(held[kHeld + j]) : bufW[b + j];
+  };
+  // A digit's weight (unit weights: its count; histW is then not kept).
+  const auto binW = [&](int k) -> int64_t { return S::kUnit ? int64_t(histN[k]) : int64_t(histW[k]); };
+  if (threadIdx.x == 0) {
+    prefix = uint64_t(uint32_t(c.bin)) << top0;
+    wBefore = c.wBefore;
+    cBefore = c.cBefore;
+    low = top0;
+    single = 0;
+    wCut = 0;
+  }
+  __syncthreads();
+  while (low > 0 && !single) {
+    const int top = low, shift = max(0, top - 8), digits = 1 << (top - shift);
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) histW[k] = 0, histN[k] = 0;
+    __syncthreads();
+    const uint64_t known = prefix, high = ~0ull << top;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const uint64_t key = keyAt(j);
+      if ((key & high) != known) continue;
+      const int digit = int((key >> shift) & uint64_t(digits - 1));
+      if (!S::kUnit) atomicAdd(&histW[digit], (unsigned long long)weightAt(j));
+      atomicAdd(&histN[digit], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {  // the first digit where the target or the cap is reached: a warp, 8 digits a lane
+      const int lane = threadIdx.x, d0 = lane * 8;
+      int64_t lw = 0, ln = 0;
+      for (int k = d0; k < d0 + 8; ++k) lw += binW(k), ln += histN[k];
+      int64_t ew = lw, en = ln;  // inclusive scans over the lanes, then exclusive
+      for (int o = 1; o < 32; o <<= 1) {
+        const int64_t yw = __shfl_up_sync(0xffffffffu, ew, o), yn = __shfl_up_sync(0xffffffffu, en, o);
+        if (lane >= o) ew += yw, en += yn;
+      }
+      int64_t w = wBefore + ew - lw, m = cBefore + en - ln;
+      int at = 256;
+      for (int k = d0; k < d0 + 8; ++k) {
+        if (histN[k] > 0 && (w + binW(k) >= target || m + int64_t(histN[k]) >= cap)) {
+          at = k;
+          break;
+        }
+        w += binW(k);
+        m += histN[k];
+      }
+      const unsigned hit = __ballot_sync(0xffffffffu, at < 256);
+      if (!hit && lane == 0) single = 1;  // cannot happen (FindBin's bin holds the cut); never loop on it
+      if (hit && lane == __ffs(hit) - 1) {
+        prefix = known | (uint64_t(at) << shift);
+        wBefore = w;
+        cBefore = m;
+        // Index bits above the largest index are 0 in every key: skip them
+        // (all keys tied on their order would otherwise crowd one digit).
+        low = shift <= 32 && shift > indexBits ? indexBits : shift;
+        single = histN[at] == 1;
+      }
+    }
+    __syncthreads();
+  }
+  // The cut's key: found whole, or the one key under the prefix.
+  __shared__ uint64_t cutKey;
+  const uint64_t want = prefix, mask = ~0ull << low;
+  if (threadIdx.x == 0) cutKey = want;
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    if ((keyAt(j) & mask) == want) {  // one key matches
+      cutKey = keyAt(j);
+      wCut = weightAt(j);
+    }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    c.cut = cutKey;
+    c.wBefore = wBefore;
+    c.cBefore = cBefore;
+    c.total = min(target, wBefore + wCut);
+    c.take = c.total - wBefore;
+  }
+}
+
 // What element i of head h takes: all of its weight before the cut, the
 // cut's share at it, nothing after.
 template <typename S>
@@ -434,7 +526,6 @@ __global__ void StepClear(StepParams p, uint32_t* range, uint32_t* hist, int H) 
   AfterPrior();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < int64_t(H) * kBins) reinterpret_cast<uint4*>(hist)[i] = make_uint4(0, 0, 0, 0);  // 2 x [H, kBins, 2] words
-  if (i < int64_t(H) * kCoarse) reinterpret_cast<uint4*>(hist)[int64_t(H) * kBins + i] = make_uint4(0, 0, 0, 0);  // then 2 x [H, kCoarse, 2]
   if (i < 4 * H) range[i] = 0xffffffffu;
   if (i < 2 * H) range[4 * H + i] = 0;  // HistogramFind's counters, [2, H] after the ranges
   if (i < 2 * H) p.sel[i] = 0, p.touchedN[i] = 0;

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "cuda/cuda_common.cuh"
-#include "cuda/wave_cut_resolve.cuh"
+#include "cuda/wave_select.cuh"
 #include "cuda/wave_step_attend.cuh"
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_step_kernels.cuh"
@@ -37,12 +37,10 @@ inline void SetWaveKernelAttributes() {
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kEstimateSmem)), "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, false>, ScoreClusters<true, false>})
     Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * kMaxQueryFloats * 4)), "cudaFuncSetAttribute");
-  for (auto fn : {ResolveCut<ClusterCut, int64_t, false>, ResolveCut<ClusterCut, int64_t, true>})
-    Check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ClusterCut>())), "cudaFuncSetAttribute");
-  Check(cudaFuncSetAttribute(ResolveCut<CandidateCut, int64_t, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(ResolveSmem<CandidateCut>())), "cudaFuncSetAttribute");
-  Check(cudaFuncSetAttribute(ResolveCut<CandidateCut, int32_t, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(ResolveSmem<CandidateCut>())), "cudaFuncSetAttribute");
+  Check(cudaFuncSetAttribute(ResolveCut<ClusterCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ClusterCut>())),
+        "cudaFuncSetAttribute");
+  Check(cudaFuncSetAttribute(ResolveCut<CandidateCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<CandidateCut>())),
+        "cudaFuncSetAttribute");
   for (auto fn : {ScoreClusters<false, true>, ScoreClusters<true, true>, ScoreClusters<false, true, kScoreRows>, ScoreClusters<true, true, kScoreRows>,
                   ScoreClusters<false, true, kScoreRows, true>, ScoreClusters<true, true, kScoreRows, true>,
                   ScoreClusters<false, true, kScoreRows, true, true>, ScoreClusters<true, true, kScoreRows, true, true>})

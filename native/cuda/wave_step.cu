@@ -57,7 +57,7 @@
 #include "cuda/wave_step_estimate.cuh"
 #include "cuda/wave_partial.cuh"
 #include "cuda/wave_step_attend.cuh"
-#include "cuda/wave_cut_launch.cuh"
+#include "cuda/wave_select.cuh"
 #include "cuda/step_graph.cuh"
 #include "cuda/wave_buffers.cuh"
 #include "cuda/wave_rest.cuh"
@@ -177,7 +177,7 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   // their scan, the cut's bin gathered, the histogram), owner and removed.
   Layout F;
   const size_t oOrd1 = F.Add(size_t(I.ctot) * 4), oCnt = F.Add(size_t(I.ctot) * 8), oCum = F.Add(size_t(I.ctot) * 8),
-               oBuf1 = F.Add(size_t(I.ctot) * 8), oBufW1 = F.Add(size_t(I.ctot) * 8), oHist = F.Add(size_t(H) * (kBins + kCoarse) * 16),
+               oBuf1 = F.Add(size_t(I.ctot) * 8), oBufW1 = F.Add(size_t(I.ctot) * 8), oHist = F.Add(size_t(H) * kBins * 16),
                oCuts = F.Add(size_t(H) * 2 * sizeof(CutState)), oRange = F.Add(size_t(H) * 6 * 4), oOwner = F.Add(size_t(H) * N * 4),
                oRemoved = F.Add(size_t(I.ctot) * 4);
   I.fixed.Need(F.at, "cudaMalloc (wave scratch)");
@@ -394,7 +394,6 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     CutState* const cuts2 = I.cuts + H;
     uint32_t* const range1 = I.range;
     uint32_t* const range2 = I.range + 2 * H;
-    uint32_t* const coarse1 = I.hist + size_t(H) * kBins * 4;  // after both cuts' bins
     // The cuts' streaming kernels over n elements a head, `per` a thread:
     // each is a short chain of loads per element, so a grid of a few CTAs a
     // head (the old 16 a head at 65536 clusters: 16 elements a thread, one
@@ -407,8 +406,12 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     clear(I.range, 0xff, size_t(H) * 16);
     clear(I.hist, 0, size_t(H) * kBins * 8);
     if (!p.range) L(OrderRange<ClusterCut>, cutGrid(I.cmax, kRangePer), kThreads, 0, cc, range1);
-    const CutScratch scratch1{range1, I.hist, coarse1, I.range + 4 * H, cuts1, I.buf1, I.bufW1};
-    LaunchCut(L, P, cc, H, scratch1, I.cmax, p.cnt, int64_t(0), tiles1, I.cmax, cutGrid, [&] { mark(3, s); });
+    if (P.find) L(HistogramFind<ClusterCut>, cutGrid(I.cmax, kHistPer), kThreads, 0, cc, range1, I.hist, I.range + 4 * H, cuts1);
+    else L(Histogram<ClusterCut>, cutGrid(I.cmax, kHistPer), kThreads, 0, cc, range1, I.hist), L(FindBin<ClusterCut>, H, kFindThreads, 0, cc, I.hist, cuts1);
+    mark(3, s);
+    L(CollectBin<ClusterCut>, cutGrid(I.cmax, kScanPer), kThreads, 0, cc, range1, cuts1, I.buf1, I.bufW1);
+    L(ResolveCut<ClusterCut>, unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
+    L(TakeWeights<ClusterCut, int64_t>, cutGrid(I.cmax, kScanPer), kThreads, 0, cc, range1, cuts1, p.cnt, int64_t(0), tiles1, I.cmax);
     if (tmax > 0) L(GatherCandidates, dim3(unsigned(Tiles(I.cmax)), unsigned(H)), kThreads, 0, p, cuts1, tiles1);
     if (I.cache.rows > 0) {  // the rows read from here on
       I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, a.stageTimes);
@@ -432,8 +435,12 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       uint32_t* const hist2 = P.clear ? I.hist + size_t(H) * kBins * 2 : I.hist;
       clear(hist2, 0, size_t(H) * kBins * 8);
       if (!(p.range && P.held)) L(OrderRange<CandidateCut>, cutGrid(tmax, kRangePer), kThreads, 0, kc, range2);
-      const CutScratch scratch2{range2, hist2, coarse1 + size_t(H) * kCoarse * 2, I.range + 5 * H, cuts2, buf2, bufW2};
-      LaunchCut(L, P, kc, H, scratch2, tmax, p.take2, tmax, p.cum2, tmax, cutGrid, [&] { mark(6, s); });
+      if (P.find) L(HistogramFind<CandidateCut>, cutGrid(tmax, kHistPer), kThreads, 0, kc, range2, hist2, I.range + 5 * H, cuts2);
+      else L(Histogram<CandidateCut>, cutGrid(tmax, kHistPer), kThreads, 0, kc, range2, hist2), L(FindBin<CandidateCut>, H, kFindThreads, 0, kc, hist2, cuts2);
+      mark(6, s);
+      L(CollectBin<CandidateCut>, cutGrid(tmax, kScanPer), kThreads, 0, kc, range2, cuts2, buf2, bufW2);
+      L(ResolveCut<CandidateCut>, unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<CandidateCut>(), kc, range2, cuts2, buf2, bufW2, !legacy);
+      L(TakeWeights<CandidateCut, int32_t>, cutGrid(tmax, kScanPer), kThreads, 0, kc, range2, cuts2, p.take2, tmax, p.cum2, tmax);
       if (P.pack) L(ScatterPack, dim3(unsigned(Cdiv(std::max({tmax, width, p.packOwners ? E : 0}), kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
       else L(ScatterKept, dim3(unsigned(Cdiv(tmax, kThreads)), unsigned(H)), kThreads, 0, p, cuts2);
     } else {
