@@ -166,12 +166,12 @@ export class DeviceBlockScores {
     return this.native.graphCaptures();
   }
 
-  /** Whether the score kernel overlaps its copies with its sums where the shape fits (KVRECALL_BLOCK_SCORES_PIPED=1 when made: an A/B). */
+  /** Whether the score kernel overlaps its copies with its sums where the shape fits (unless KVRECALL_BLOCK_SCORES_PIPED=0 when made). */
   get pipedScores(): boolean {
     return this.native.pipedScores();
   }
 
-  /** Whether the select runs in two launches (slices, then the heads' candidates) where it fits (KVRECALL_BLOCK_SELECT_SLICED=1 when made: an A/B). */
+  /** Whether the select runs in two launches (slices, then the heads' candidates) where it fits (unless KVRECALL_BLOCK_SELECT_SLICED=0 when made). */
   get slicedSelect(): boolean {
     return this.native.slicedSelect();
   }

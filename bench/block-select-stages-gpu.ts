@@ -15,10 +15,10 @@
 //   - nosa's select again with the device's answer replayed (no device
 //     call before it): the host's own work.
 // The same call is launched one by one again on the new paths (the score
-// kernel pipelined, KVRECALL_BLOCK_SCORES_PIPED=1, block_score_kernels.cuh
-// ScoreBlocksPiped; the select in two launches, KVRECALL_BLOCK_SELECT_SLICED=1,
-// block_scores.cu SelectMode), its answer checked against the old paths' and
-// the engine's.
+// kernel pipelined, block_score_kernels.cuh ScoreBlocksPiped; the select in
+// two launches, block_scores.cu SelectMode: both on by default since session
+// 28, KVRECALL_BLOCK_SCORES_PIPED=0 / KVRECALL_BLOCK_SELECT_SLICED=0 turn them
+// off), its answer checked against the old paths' and the engine's.
 // Each method selects twice a step in two contexts making the same choices:
 // `cold`, right after the host writes --flush-mib MiB (caches emptied: the
 // worst of what the rest of a decode step does between two selects; plus
@@ -32,8 +32,8 @@
 // pass over every summary row, its own time taken out of the call), so the
 // JS rows are this host's and the device rows are absent.
 // Results: bench/results/block-select-stages-gpu-<card>.{json,md} (stand-in: -standin-<host>; with
-// KVRECALL_BLOCK_SCORES_PIPED=1 / KVRECALL_BLOCK_SELECT_SLICED=1 in the environment, the engine's scorer on
-// the new paths too: -piped / -sliced).
+// KVRECALL_BLOCK_SCORES_PIPED=0 / KVRECALL_BLOCK_SELECT_SLICED=0 in the environment, the engine's scorer on
+// the old paths: -unpiped / -unsliced).
 import { availableParallelism, loadavg } from 'node:os';
 import { cudaAvailable } from '../addon/cuda.js';
 import { DeviceBlockScores, type BlockTopKTimes, type HeadTopBlocks, type NativeBlockScores } from '../addon/block-scores.js';
@@ -181,8 +181,7 @@ async function main(): Promise<void> {
   const SWITCHES = ['KVRECALL_BLOCK_SCORES_PIPED', 'KVRECALL_BLOCK_SELECT_SLICED'];
   const copy = (on: boolean) => {
     const before = SWITCHES.map((v) => process.env[v]);
-    for (const v of SWITCHES) if (on) process.env[v] = '1';
-    else delete process.env[v];
+    for (const v of SWITCHES) process.env[v] = on ? '1' : '0';
     try {
       return DeviceBlockScores.create({ means: heads.map((s) => s.rows), blocks: rows, headDim: stride, dtype: 'f16' });
     } finally {
@@ -273,7 +272,7 @@ async function main(): Promise<void> {
   const card = info.ok ? info.device : 'no device';
   const device = native ? `stand-in on a ${availableParallelism()}-core host` : card;
   const result = {
-    device, standIn, enginePiped: process.env.KVRECALL_BLOCK_SCORES_PIPED === '1', engineSliced: process.env.KVRECALL_BLOCK_SELECT_SLICED === '1', shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d, stride }, params: { budget: params.budget, sinks: params.sinks, window: params.window },
+    device, standIn, enginePiped: process.env.KVRECALL_BLOCK_SCORES_PIPED !== '0', engineSliced: process.env.KVRECALL_BLOCK_SELECT_SLICED !== '0', shape: { tokens, blocks, reps, kvHeads, qHeads, headDim: d, stride }, params: { budget: params.budget, sinks: params.sinks, window: params.window },
     steps, warmup, flushMiB, gapMs, load: [load, loadavg()[0]], mismatches, stages, oneByOne: oneByOneMs, replayedHostMs: stat(replayed), date: new Date().toISOString(),
   };
   const f = (x: number) => (Number.isNaN(x) ? '' : x.toFixed(3));
@@ -286,8 +285,8 @@ async function main(): Promise<void> {
       `Each method selects through the engine's device scorer (engine/cache/device-block-scores.ts, timeSteps) twice a step in two contexts making ` +
       `the same choices: cold, after the host wrote ${flushMiB} MiB${gapMs > 0 ? ` and slept ${gapMs} ms` : ''}; warm, at once after it. ` +
       (native ? 'Stand-in: the native call answers on the host from a precomputed pass (its time taken out), so the native and device rows are blank. ' : '') +
-      (result.enginePiped ? "The engine's scorer runs the pipelined score kernel (KVRECALL_BLOCK_SCORES_PIPED=1). " : '') +
-      (result.engineSliced ? "The engine's scorer selects in two launches (KVRECALL_BLOCK_SELECT_SLICED=1). " : '') +
+      (result.enginePiped ? "The engine's scorer runs the pipelined score kernel (the default). " : "The engine's scorer runs the staged score kernel (KVRECALL_BLOCK_SCORES_PIPED=0). ") +
+      (result.engineSliced ? "The engine's scorer selects in two launches (the default). " : "The engine's scorer selects in one launch (KVRECALL_BLOCK_SELECT_SLICED=0). ") +
       `Mismatches (cold against warm, the replay, the host path, no scorer, in a third context every step, and the new paths' answers against the old ones'): ${mismatches}. Load ${load.toFixed(2)}. p50 / p99 ms.`,
     '',
     `| stage | ${stages.map((x) => `${x.method} cold | ${x.method} warm`).join(' | ')} |`,
@@ -313,7 +312,7 @@ async function main(): Promise<void> {
     `nosa's select again with its device answer replayed (no device call before it): the host's own work ${cell(result.replayedHostMs)} ms.`,
     '',
   ].join('\n');
-  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}${result.enginePiped ? '-piped' : ''}${result.engineSliced ? '-sliced' : ''}`, result, md);
+  if (!profile) saveDeviceResult(`block-select-stages-gpu-${native ? `standin-${hostTag()}` : cardName(card)}${result.enginePiped ? '' : '-unpiped'}${result.engineSliced ? '' : '-unsliced'}`, result, md);
   console.log(md);
   if (mismatches > 0) process.exitCode = 1;
 }

@@ -65,10 +65,10 @@ for s in $stages; do
       step 150 block-groups-tests node node_modules/vitest/vitest.mjs run test/native/block-scores.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-rest.test.ts
       step 90 block-groups node dist/bench/block-select-groups-gpu.js --steps 200
       step 300 decode-block-groups node dist/bench/gpu.js --decode --tokens 1048576 --steps 32 --configs nosa,topk-blocks --pool-path ab ;;
-    block-stages)  # issue #13's block selection, split (bench/block-select-stages-gpu.ts: the select's JS, the device call's host stages, its time on the device, the kernels one by one on the old paths and the new (the pipelined score kernel, the select in two launches), cold and warm), its GPU tests first, then the same with the engine's scorer on the new paths (KVRECALL_BLOCK_SCORES_PIPED=1 KVRECALL_BLOCK_SELECT_SLICED=1; limits 360 s)
+    block-stages)  # issue #13's block selection, split (bench/block-select-stages-gpu.ts: the select's JS, the device call's host stages, its time on the device, the kernels one by one on the old paths and the new (the pipelined score kernel, the select in two launches), cold and warm), its GPU tests first, then the same with the engine's scorer on the old paths (KVRECALL_BLOCK_SCORES_PIPED=0 KVRECALL_BLOCK_SELECT_SLICED=0; the new are the default since session 28) (limits 360 s)
       step 120 block-stages-tests node node_modules/vitest/vitest.mjs run test/native/block-scores.test.ts test/cache/device-block-scorer.test.ts test/integration/gpu-backend.test.ts
       step 120 block-stages node dist/bench/block-select-stages-gpu.js --steps 300
-      step 120 block-stages-new env KVRECALL_BLOCK_SCORES_PIPED=1 KVRECALL_BLOCK_SELECT_SLICED=1 node dist/bench/block-select-stages-gpu.js --steps 300 ;;
+      step 120 block-stages-old env KVRECALL_BLOCK_SCORES_PIPED=0 KVRECALL_BLOCK_SELECT_SLICED=0 node dist/bench/block-select-stages-gpu.js --steps 300 ;;
     decode-select-stages)  # the decode loop's block selects at 1M split the same way (gpu.js --decode --select-stages: the scorer's call, its wait, its device time, the JS around it)
       step 300 decode-select-stages node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs nosa,topk-blocks --select-stages ;;
     dense)

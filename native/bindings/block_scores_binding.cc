@@ -18,8 +18,8 @@
 //     group's first row (group * reps) with that row's score (extra ids stay rows);
 //     extraScores[i]: the score of extraIds[i], head by head (extraCounts).
 //   .bytes() -> device bytes held / .close()
-//   .pipedScores() -> whether the score kernel is ScoreBlocksPiped where it fits (KVRECALL_BLOCK_SCORES_PIPED=1)
-//   .slicedSelect() -> whether the select runs in two launches where it fits (KVRECALL_BLOCK_SELECT_SLICED=1)
+//   .pipedScores() -> whether the score kernel is ScoreBlocksPiped where it fits (unless KVRECALL_BLOCK_SCORES_PIPED=0)
+//   .slicedSelect() -> whether the select runs in two launches where it fits (unless KVRECALL_BLOCK_SELECT_SLICED=0)
 //   .lastTimes() -> {scoreMs, selectMs (kernels, events; with times), deviceMs (the call on the device, events; with
 //     deviceTime), prepMs, issueMs, waitMs, copyOutMs (host)} of the last topk
 #include <napi.h>

@@ -64,8 +64,8 @@ __device__ __forceinline__ void EachKey(const uint64_t* held, const float* sc, i
   }
 }
 
-// The select in one launch (kWhole), or in two (KVRECALL_BLOCK_SELECT_SLICED=1, an A/B until a device measures
-// it): kSlice, a CTA per slice of `span` keys of a head, writes the slice's best min(kk, its keys) keys to its kk
+// The select in one launch (kWhole), or in two (by default; KVRECALL_BLOCK_SELECT_SLICED=0 keeps one: 0.034 ->
+// 0.027 ms at 1M on an H100, session 28): kSlice, a CTA per slice of `span` keys of a head, writes the slice's best min(kk, its keys) keys to its kk
 // candidate slots (zeros after); kCands, a CTA per head, selects from the head's `span` slots (zeros are not
 // keys) as kWhole does from the scores. The head's best kk are among its slices' best kk each, so the answer is
 // kWhole's. Why: the select's time grows with the keys a CTA holds (the rows' 65,536 a head took 0.149 ms, the
@@ -243,10 +243,11 @@ struct BlockScores::Impl {
   size_t sortCap = 0;
   BlockTopKTimes last;
   StepGraph graph{StepGraph::Capture::kAtOnce};  // one key while the ids fit their buffers
-  // KVRECALL_BLOCK_SCORES_PIPED=1 (read at construction, an A/B): the staged shapes' score kernel walks tiles in
+  // KVRECALL_BLOCK_SCORES_PIPED=0 turns off (read at construction; on by default since session 28's H100 visit,
+  // 0.077 -> 0.064 ms at 1M, bench/results/block-select-stages-gpu-h100.md): the staged shapes' score kernel walks tiles in
   // this many CTAs a head, its copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped); 0: off.
   int pipedCtas = 0;
-  // KVRECALL_BLOCK_SELECT_SLICED=1 (read at construction, an A/B): the select in two launches where it fits
+  // KVRECALL_BLOCK_SELECT_SLICED=0 turns off (read at construction; on by default, 0.034 -> 0.027 ms): the select in two launches where it fits
   // (SelectMode), its candidates in cands [heads, slices, kk].
   bool sliced = false;
   uint64_t* cands = nullptr;
@@ -321,9 +322,9 @@ BlockScores::BlockScores(const BlockScoresConfig& cfg, const uint16_t* const* me
   });
   Check(cudaGetLastError(), "cudaFuncSetAttribute");
   const char* sliced = std::getenv("KVRECALL_BLOCK_SELECT_SLICED");
-  I.sliced = sliced && std::strcmp(sliced, "1") == 0;
+  I.sliced = !(sliced && std::strcmp(sliced, "0") == 0);
   const char* piped = std::getenv("KVRECALL_BLOCK_SCORES_PIPED");
-  if (piped && std::strcmp(piped, "1") == 0 && cfg.headDim <= kStagedMaxD) {
+  if (!(piped && std::strcmp(piped, "0") == 0) && cfg.headDim <= kStagedMaxD) {
     // As many CTAs as the device holds at once, shared by the heads (each walks its head's tiles). A query that
     // fails leaves the staged kernel in place.
     int sms = 0, perSm = 0;

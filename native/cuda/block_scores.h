@@ -99,9 +99,9 @@ class BlockScores {
   BlockTopKTimes LastTimes() const;
   // Graphs captured so far (a steady shape: one; args.times steps none).
   int64_t GraphCaptures() const;
-  // Whether the staged shapes' scores run ScoreBlocksPiped (KVRECALL_BLOCK_SCORES_PIPED=1 at construction).
+  // Whether the staged shapes' scores run ScoreBlocksPiped (unless KVRECALL_BLOCK_SCORES_PIPED=0 at construction).
   bool PipedScores() const;
-  // Whether the select runs in two launches where it fits (KVRECALL_BLOCK_SELECT_SLICED=1 at construction).
+  // Whether the select runs in two launches where it fits (unless KVRECALL_BLOCK_SELECT_SLICED=0 at construction).
   bool SlicedSelect() const;
 
  private:

@@ -198,8 +198,8 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
       const means = randomMeans(rng, heads, c.blocks, c.d, c.dtype);
       const dev = DeviceBlockScores.create({ means, blocks: c.blocks, headDim: c.d, dtype: c.dtype });
       try {
-        expect(dev.pipedScores).toBe(process.env.KVRECALL_BLOCK_SCORES_PIPED === '1' && c.d <= 144);
-        expect(dev.slicedSelect).toBe(process.env.KVRECALL_BLOCK_SELECT_SLICED === '1');
+        expect(dev.pipedScores).toBe(process.env.KVRECALL_BLOCK_SCORES_PIPED !== '0' && c.d <= 144);
+        expect(dev.slicedSelect).toBe(process.env.KVRECALL_BLOCK_SELECT_SLICED !== '0');
         for (const k of [0, 1, 7, Math.max(1, c.blocks - 1), c.blocks, c.blocks + 5, 300]) {
           const q = Float32Array.from({ length: heads * c.G * c.d }, () => rng.normal() * 2);
           const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: h * 5 }, () => rng.int(c.blocks)));
@@ -321,22 +321,21 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
     }
   });
 
-  // The A/B switches (read when a copy is made): KVRECALL_BLOCK_SCORES_PIPED=1, the staged shapes' score kernel
+  // The switches (read when a copy is made; both on by default, =0 turns each off): KVRECALL_BLOCK_SCORES_PIPED, the staged shapes' score kernel
   // walking tiles with its copies overlapping its sums (block_score_kernels.cuh ScoreBlocksPiped);
-  // KVRECALL_BLOCK_SELECT_SLICED=1, the select in two launches (block_scores.cu SelectMode) where a head's slices'
+  // KVRECALL_BLOCK_SELECT_SLICED, the select in two launches (block_scores.cu SelectMode) where a head's slices'
   // candidates fit. The host's ids and scores bit for bit, at a 1M-token head's rows, odd sizes (a part tile,
   // fewer tiles than CTAs, a last slice of one key), reps 1 and 4, f16 and bf16, d 64-144, k past the candidates'
   // room (the one-launch select), each switch alone and both.
   const SWITCHES = ['KVRECALL_BLOCK_SCORES_PIPED', 'KVRECALL_BLOCK_SELECT_SLICED'] as const;
-  for (const on of [[SWITCHES[0]], [SWITCHES[1]], [...SWITCHES]])
+  for (const on of [[], [SWITCHES[0]], [SWITCHES[1]], [...SWITCHES]] as (typeof SWITCHES[number])[][])
     for (const [dtype, d, rows, reps] of [['f16', 136, 65536, 4], ['bf16', 136, 4099 * 4, 4], ['f16', 128, 2049, 1], ['bf16', 64, 1000, 1], ['f16', 144, 130, 1]] as [KvDtype, number, number, number][])
-      it(`${on.map((v) => `${v}=1`).join(' ')}, ${dtype} d=${d} rows=${rows} reps=${reps}: the host's ids and scores`, async () => {
+      it(`${SWITCHES.map((v) => `${v}=${on.includes(v) ? 1 : 0}`).join(' ')}, ${dtype} d=${d} rows=${rows} reps=${reps}: the host's ids and scores`, async () => {
         const rng = new Rng(seed + 17 + rows + d + on.length);
         const heads = 3, G = 4, groups = rows / reps;
         const means = randomMeans(rng, heads, rows, d, dtype);
         const before = SWITCHES.map((v) => process.env[v]);
-        for (const v of SWITCHES) if (on.includes(v)) process.env[v] = '1';
-        else delete process.env[v];
+        for (const v of SWITCHES) process.env[v] = on.includes(v) ? '1' : '0';
         let dev: DeviceBlockScores;
         try {
           dev = DeviceBlockScores.create({ means, blocks: rows, headDim: d, dtype });
