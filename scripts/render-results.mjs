@@ -429,10 +429,11 @@ const BLOCKS = {
   'decode-full': () => {
     // The current full runs: every wave layer held on the device, the server in its own process, one stream.
     // Older runs (block methods before wave, HTTP) stay in bench/results/ and are named below the table.
-    // -s27: the tensor-core paths on (session 27), another H100 host than the first file's.
-    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll.json', 'bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll-s27.json',
+    // -s27: the first two tensor-core paths on (session 27), another H100 host than the first file's; -s28: all three
+    // (session 28). The session-27 runs are named below the table.
+    const files = ['bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll.json', 'bench/results/decode-full-llama3.2-1b-h100-16layers-cs16-poll-s28.json',
       'bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.json', 'bench/results/decode-full-llama3-8b-h200-8layers-cs16-poll.json',
-      'bench/results/decode-full-llama3-8b-h100-8layers-cs16-s27.json'].filter((f) => existsSync(f));
+      'bench/results/decode-full-llama3-8b-h100-8layers-cs16-s28.json'].filter((f) => existsSync(f));
     const runs = files.map((f) => ({ f, j: json(f) }));
     const rows = [];
     for (const { f, j } of runs) {
