@@ -32,45 +32,15 @@ import { deviceBlockScorer } from '../engine/cache/device-block-scores.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
 import { nosa } from '../index/block-select.js';
 import { BlockSummary, SUMMARY_REPS, summaryStride } from '../index/block-summary.js';
-import type { BlockMeans, BlockScorer, SearchParams, Selection } from '../index/method.js';
-import type { HeadTopBlocks } from '../addon/block-scores.js';
+import type { BlockScorer, SearchParams, Selection } from '../index/method.js';
 import { blockLayerContext, randomSummaryRows } from './block-layer-context.js';
 import { Rng } from '../workload/index.js';
 import { deviceTag } from './gpu-decode.js';
 import { quantile } from './stats.js';
 import { numFlag } from './args.js';
+import { RecordingScorer, ReplayScorer } from './recorded-scorer.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:block-select-groups-gpu] ${msg}\n`);
-
-/** The device scorer, its last answer and the extra rows asked kept (references: both are fresh arrays each step). */
-class RecordingScorer implements BlockScorer {
-  last?: { extra: Int32Array[]; answer: HeadTopBlocks[] | undefined };
-  constructor(private readonly inner: BlockScorer) {}
-  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps?: number): Promise<HeadTopBlocks[] | undefined> {
-    const answer = await this.inner.topBlocks(heads, q, group, k, extra, reps);
-    this.last = { extra, answer };
-    return answer;
-  }
-}
-
-/** Hands back a recorded answer, copied into fresh arrays, if the same extra rows are asked; its own time in `ms`. */
-class ReplayScorer implements BlockScorer {
-  answer?: RecordingScorer['last'];
-  ms = 0;
-  async topBlocks(_heads: readonly BlockMeans[], _q: Float32Array, _group: number, _k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined> {
-    const t = performance.now(), r = this.answer;
-    if (!r?.answer) throw new Error('no recorded device answer to replay');
-    for (let h = 0; h < extra.length; h++) {
-      const a = extra[h], b = r.extra[h];
-      let same = a.length === b.length;
-      for (let i = 0; same && i < a.length; i++) same = a[i] === b[i];
-      if (!same) throw new Error('the replayed select asked other extra rows than the device call');
-    }
-    const out = r.answer.map((x) => ({ ids: x.ids.slice(), scores: x.scores.slice(), extraScores: x.extraScores.slice() }));
-    this.ms += performance.now() - t;
-    return out;
-  }
-}
 
 async function main(): Promise<void> {
   const info = cudaAvailable();

@@ -42,12 +42,13 @@ import { DeviceBlockScorer } from '../engine/cache/device-block-scores.js';
 import { DEFAULT_PARAMS } from '../engine/sessions.js';
 import { nosa, topkBlocks } from '../index/block-select.js';
 import { BlockSummary, SUMMARY_REPS, summaryStride } from '../index/block-summary.js';
-import type { BlockMeans, BlockScorer, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
+import type { BlockScorer, RetrievalMethod, SearchParams, Selection } from '../index/method.js';
 import { Rng } from '../workload/index.js';
 import { blockLayerContext, randomSummaryRows } from './block-layer-context.js';
 import { cardName, saveDeviceResult } from './device-results.js';
 import { numFlag } from './args.js';
 import { quantile } from './stats.js';
+import { RecordingScorer, ReplayScorer } from './recorded-scorer.js';
 
 const progress = (msg: string) => process.stderr.write(`[bench:block-select-stages-gpu] ${msg}\n`);
 const argv = process.argv;
@@ -115,31 +116,6 @@ class StandInNative implements NativeBlockScores {
     return false;
   }
   close(): void {}
-}
-
-/** The scorer's calls, the last one's arguments and answer kept (to launch it again one by one, or replay it). */
-class RecordingScorer implements BlockScorer {
-  last?: { q: Float32Array; group: number; k: number; extra: Int32Array[]; reps?: number; answer: HeadTopBlocks[] | undefined };
-  constructor(private readonly inner: BlockScorer) {}
-  async topBlocks(heads: readonly BlockMeans[], q: Float32Array, group: number, k: number, extra: Int32Array[], reps?: number): Promise<HeadTopBlocks[] | undefined> {
-    const answer = await this.inner.topBlocks(heads, q, group, k, extra, reps);
-    this.last = { q, group, k, extra, reps, answer };
-    return answer;
-  }
-}
-
-/** Hands back a recorded answer (copied, as the wrapper's outputs are fresh) when the same extra rows are asked; its time in `ms`. */
-class ReplayScorer implements BlockScorer {
-  answer?: RecordingScorer['last'];
-  ms = 0;
-  async topBlocks(_heads: readonly BlockMeans[], _q: Float32Array, _group: number, _k: number, extra: Int32Array[]): Promise<HeadTopBlocks[] | undefined> {
-    const t = performance.now(), r = this.answer;
-    if (!r?.answer) throw new Error('no recorded answer to replay');
-    if (extra.some((e, h) => e.length !== r.extra[h].length || e.some((x, i) => x !== r.extra[h][i]))) throw new Error('the replayed select asked other extra rows');
-    const out = r.answer.map((x) => ({ ids: x.ids.slice(), scores: x.scores.slice(), extraScores: x.extraScores.slice() }));
-    this.ms += performance.now() - t;
-    return out;
-  }
 }
 
 const STAGES = ['select', 'jsAround', 'call', 'wrapperJs', 'prep', 'issue', 'wait', 'copyOut', 'device', 'beyondDevice'] as const;

@@ -139,40 +139,14 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocks(const uint16_t* __r
 constexpr int kStagedChunks = 9;                 // 16-byte chunks a lane loads: 16 rows · d ≤ 144 words
 constexpr int kStagedMaxD = kStagedChunks * 32 * 8 / 16;  // 144
 
+// A thread pair's row against every q row of the group, from shared memory:
+// the best of the group's dots, each summed in the host's AVX2 order (lane j
+// of the pair's accumulators, then the pair's halves, then h0..h3 as the host
+// adds them). mine: the pair's row, its load u at mine[2u]; qs4: the group's
+// q rows as float4s, d4 of them a row. Both staged kernels call it, so they
+// give the same bits.
 template <bool kBf16, int kGC>
-__global__ void __launch_bounds__(kScoreThreads) ScoreBlocksStaged(const uint16_t* __restrict__ means, const float* __restrict__ q,
-                                                                   float* __restrict__ scores, int64_t blocks, int d, int group,
-                                                                   float* __restrict__ groupScores, int reps) {
-  extern __shared__ uint4 smem4[];  // [group · d / 4] float4 query rows, then per warp [16 · d / 8] chunks of rows
-  const int h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int half = threadIdx.x & 1;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
-  const bool live = row < blocks;
-  // The warp's rows: 16 from warpRow, `liveRows` of them in the head.
-  const int64_t warpRow = int64_t(blockIdx.x) * kRowsPerCta + warp * 16;
-  const int64_t left = blocks - warpRow, liveRows = left < 0 ? 0 : left < 16 ? left : 16;
-  const int chunks = 16 * d / 8, liveChunks = int(liveRows) * d / 8;
-  const uint4* src = reinterpret_cast<const uint4*>(means + (size_t(h) * blocks + size_t(liveRows > 0 ? warpRow : 0)) * d);
-  uint4 w[kStagedChunks];
-#pragma unroll
-  for (int i = 0; i < kStagedChunks; ++i) {
-    const int c = lane + 32 * i;
-    w[i] = c < liveChunks ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
-  }
-  float4* qs4 = reinterpret_cast<float4*>(smem4);
-  uint4* stage = smem4 + group * d / 4 + warp * chunks;
-  const float4* qh = reinterpret_cast<const float4*>(q + size_t(h) * group * d);
-  for (int i = threadIdx.x; i < group * d / 4; i += blockDim.x) qs4[i] = qh[i];
-#pragma unroll
-  for (int i = 0; i < kStagedChunks; ++i) {
-    const int c = lane + 32 * i;
-    if (c < chunks) stage[c] = w[i];
-  }
-  __syncthreads();
-  const int strides = d / 16;
-  const int loads = strides + ((d % 16) == 8 && half == 0 ? 1 : 0);
-  const uint4* mine = stage + (lane >> 1) * (d / 8) + half;  // load u: chunk 2u of the row, + half
-  const int d4 = d / 4;
+__device__ __forceinline__ float RowBest(const uint4* mine, const float4* qs4, int loads, int group, int d4, int half) {
   float best = -INFINITY;
   for (int g0 = 0; g0 < group; g0 += kGC) {
     float acc[kGC][8];
@@ -209,6 +183,43 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocksStaged(const uint16_
       if (best < s) best = s;
     }
   }
+  return best;
+}
+
+template <bool kBf16, int kGC>
+__global__ void __launch_bounds__(kScoreThreads) ScoreBlocksStaged(const uint16_t* __restrict__ means, const float* __restrict__ q,
+                                                                   float* __restrict__ scores, int64_t blocks, int d, int group,
+                                                                   float* __restrict__ groupScores, int reps) {
+  extern __shared__ uint4 smem4[];  // [group · d / 4] float4 query rows, then per warp [16 · d / 8] chunks of rows
+  const int h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int half = threadIdx.x & 1;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
+  const bool live = row < blocks;
+  // The warp's rows: 16 from warpRow, `liveRows` of them in the head.
+  const int64_t warpRow = int64_t(blockIdx.x) * kRowsPerCta + warp * 16;
+  const int64_t left = blocks - warpRow, liveRows = left < 0 ? 0 : left < 16 ? left : 16;
+  const int chunks = 16 * d / 8, liveChunks = int(liveRows) * d / 8;
+  const uint4* src = reinterpret_cast<const uint4*>(means + (size_t(h) * blocks + size_t(liveRows > 0 ? warpRow : 0)) * d);
+  uint4 w[kStagedChunks];
+#pragma unroll
+  for (int i = 0; i < kStagedChunks; ++i) {
+    const int c = lane + 32 * i;
+    w[i] = c < liveChunks ? __ldg(src + c) : make_uint4(0, 0, 0, 0);
+  }
+  float4* qs4 = reinterpret_cast<float4*>(smem4);
+  uint4* stage = smem4 + group * d / 4 + warp * chunks;
+  const float4* qh = reinterpret_cast<const float4*>(q + size_t(h) * group * d);
+  for (int i = threadIdx.x; i < group * d / 4; i += blockDim.x) qs4[i] = qh[i];
+#pragma unroll
+  for (int i = 0; i < kStagedChunks; ++i) {
+    const int c = lane + 32 * i;
+    if (c < chunks) stage[c] = w[i];
+  }
+  __syncthreads();
+  const int strides = d / 16;
+  const int loads = strides + ((d % 16) == 8 && half == 0 ? 1 : 0);
+  const uint4* mine = stage + (lane >> 1) * (d / 8) + half;  // load u: chunk 2u of the row, + half
+  const float best = RowBest<kBf16, kGC>(mine, qs4, loads, group, d / 4, half);
   WriteScores(best, row, live, half, h, blocks, scores, groupScores, reps);
 }
 
@@ -263,42 +274,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreBlocksPiped(const uint16_t
     const int64_t row = t * kRowsPerCta + (threadIdx.x >> 1);
     const bool live = row < blocks;
     const uint4* mine = buffers + b * chunks + (lane >> 1) * (d / 8) + half;  // load u: chunk 2u of the row, + half
-    float best = -INFINITY;
-    for (int g0 = 0; g0 < group; g0 += kGC) {
-      float acc[kGC][8];
-#pragma unroll
-      for (int g = 0; g < kGC; ++g)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
-      for (int u = 0; u < loads; ++u) {
-        float kf[8];
-        Widen8Words<kBf16>(mine[2 * u], kf);
-        const float4* qr = qs4 + u * 4 + half * 2;
-#pragma unroll
-        for (int g = 0; g < kGC; ++g) {
-          if (g0 + g >= group) break;
-          const float4 a = qr[(g0 + g) * d4], c = qr[(g0 + g) * d4 + 1];
-          acc[g][0] = fmaf(a.x, kf[0], acc[g][0]);
-          acc[g][1] = fmaf(a.y, kf[1], acc[g][1]);
-          acc[g][2] = fmaf(a.z, kf[2], acc[g][2]);
-          acc[g][3] = fmaf(a.w, kf[3], acc[g][3]);
-          acc[g][4] = fmaf(c.x, kf[4], acc[g][4]);
-          acc[g][5] = fmaf(c.y, kf[5], acc[g][5]);
-          acc[g][6] = fmaf(c.z, kf[6], acc[g][6]);
-          acc[g][7] = fmaf(c.w, kf[7], acc[g][7]);
-        }
-      }
-#pragma unroll
-      for (int g = 0; g < kGC; ++g) {
-        if (g0 + g >= group) break;
-        float a[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) a[j] = __fadd_rn(acc[g][j], __shfl_xor_sync(0xffffffffu, acc[g][j], 1));
-        const float h0 = __fadd_rn(a[0], a[4]), h1 = __fadd_rn(a[1], a[5]), h2 = __fadd_rn(a[2], a[6]), h3 = __fadd_rn(a[3], a[7]);
-        const float sum = __fadd_rn(__fadd_rn(h0, h2), __fadd_rn(h1, h3));
-        if (best < sum) best = sum;
-      }
-    }
+    const float best = RowBest<kBf16, kGC>(mine, qs4, loads, group, d4, half);
     WriteScores(best, row, live, half, h, blocks, scores, groupScores, reps);
     __syncwarp();  // every lane done with buffer b before the next tile's copies refill it
   }

@@ -60,6 +60,27 @@ async function hostTopk(means: Uint16Array[], blocks: number, d: number, dtype: 
 }
 
 /**
+ * The device's answer against the host's rows, head by head: the first k
+ * distinct groups of `reps` rows in the host's order, each as its first row
+ * with its best row's score, and every extra row's own score.
+ */
+function expectGroups(got: HeadTopBlocks[], host: Awaited<ReturnType<typeof hostTopk>>, k: number, reps: number, extra: Int32Array[]): void {
+  for (let h = 0; h < host.length; h++) {
+    const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
+    for (const r of host[h].ids) {
+      const g = Math.floor(r / reps);
+      if (seen.has(g) || ids.length >= k) continue;
+      seen.add(g);
+      ids.push(g * reps);
+      scores.push(host[h].all[r]);
+    }
+    expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
+    expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
+    expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
+  }
+}
+
+/**
  * A BlockScorer on the host that, like the device one, answers only the
  * candidates: the k·reps best rows, or (`grouped`, as the device answers) the
  * first k distinct groups of reps rows among them, each as its first row
@@ -238,19 +259,7 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
           const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 3 + h * 40 }, () => rng.int(rows)));
           const host = await hostTopk(means, rows, d, dtype, q, G, rows);
           for (const got of [dev.topk({ q, group: G, k, extra, reps }), dev.topk({ q, group: G, k, extra, reps, times: true })])
-            for (let h = 0; h < heads; h++) {
-              const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
-              for (const r of host[h].ids) {
-                const g = Math.floor(r / reps);
-                if (seen.has(g) || ids.length >= k) continue;
-                seen.add(g);
-                ids.push(g * reps);
-                scores.push(host[h].all[r]);
-              }
-              expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
-              expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
-              expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
-            }
+            expectGroups(got, host, k, reps, extra);
         }
         expect(() => dev.topk({ q: new Float32Array(heads * G * d), group: G, k: 4, reps: 3 })).toThrow(/reps/);
       } finally {
@@ -349,19 +358,7 @@ describe.skipIf(!gpu.ok)('device block top-k (GPU)', () => {
             const extra = Array.from({ length: heads }, (_, h) => Int32Array.from({ length: 5 + h * 20 }, () => rng.int(rows)));
             const host = await hostTopk(means, rows, d, dtype, q, G, rows);
             for (const got of [dev.topk({ q, group: G, k, extra, reps }), dev.topk({ q, group: G, k, extra, reps, times: true })])
-              for (let h = 0; h < heads; h++) {
-                const seen = new Set<number>(), ids: number[] = [], scores: number[] = [];
-                for (const r of host[h].ids) {
-                  const g = Math.floor(r / reps);
-                  if (seen.has(g) || ids.length >= k) continue;
-                  seen.add(g);
-                  ids.push(g * reps);
-                  scores.push(host[h].all[r]);
-                }
-                expect(Array.from(got[h].ids), `k=${k} head ${h}`).toEqual(ids);
-                expect(Array.from(got[h].scores), `k=${k} head ${h}`).toEqual(scores);
-                expect(Array.from(got[h].extraScores)).toEqual(Array.from(extra[h], (r) => host[h].all[r]));
-              }
+              expectGroups(got, host, k, reps, extra);
           }
         } finally {
           dev.close();
