@@ -101,6 +101,8 @@ export interface RaGraphSearchArgs {
   profile?: boolean;
   /** Report the 'attention' beam walk's shape (result.walk; not the code walk's); counting costs nothing measurable. */
   walkStats?: boolean;
+  /** The 'attention' beam walk's candidates cut to their best P after every round (a GPU walk's fixed pool; an experiment, bench/ra-gpu-walk.ts); 0 or absent: unbounded. */
+  poolCap?: number;
   /**
    * The code-gated walk ('attention' only; native/indexes/ra_graph.h, RaSearchOptions::codeWalk) instead of
    * the beam walk: each key met is read first as its 4-bit code (made from `keys` on the graph's first such

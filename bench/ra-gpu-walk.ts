@@ -25,7 +25,7 @@
 //     a time, the CPU's default): how far a GPU walk's ids may drift from the
 //     CPU's while the quality holds, so tests compare recall, not ids.
 // --pools: the same with the candidate pool cut to its best P after every
-// round (KVR_RA_POOL_CAP, an experiment switch in ra_graph_attention.cc), as
+// round (the search option poolCap, an experiment), as
 // a fixed pool in shared memory would, at the --pool-widths widths.
 // Workload: bench/ra-search-data.ts's (seed 7, one kv head, GQA 4, d 128,
 // f16), its values too (generated once and cached); --broad its broad
@@ -103,6 +103,7 @@ const args = (v: Variant, s: number, ids: Int32Array, scores: Float32Array): RaG
   outIds: ids,
   outScores: scores,
   walkStats: true,
+  poolCap: v.pool,
 });
 
 /** Sinks + window + the first `want` retrieved ids outside them: the selection bench/retrieval.ts judges. */
@@ -180,8 +181,6 @@ for (let s = 0; s < steps; s++) {
   const base = new Map<Rule, Set<number>>();
   variants.forEach((v, i) => {
     const ids = new Int32Array(asked), scores = new Float32Array(asked);
-    if (v.pool > 0) process.env.KVR_RA_POOL_CAP = String(v.pool);
-    else delete process.env.KVR_RA_POOL_CAP;
     const u = process.cpuUsage();
     const res = graph.searchSync(args(v, s, ids, scores));
     const du = process.cpuUsage(u);
@@ -204,7 +203,6 @@ for (let s = 0; s < steps; s++) {
       a.overlap.push(hit / b.size);
     }
   });
-  delete process.env.KVR_RA_POOL_CAP;
   // The code scan: approximate logits of every key, combined over the group with each row's log-partition as the
   // strided sample estimates it before the scan (the search's n/512 keys, exact logits, scaled up to n).
   const stride = tokens / sample;
@@ -304,7 +302,7 @@ const degree = graph.edges / tokens;
 const md = [
   `### The beam walk in rounds of W at ${tokens.toLocaleString('en-US')} keys${broad ? ' (broad configuration)' : ''} (bench/ra-gpu-walk.ts)`,
   '',
-  `${machine()}; one kv head of the generator (seed 7, ${broad ? 'broadKnobs' : 'default knobs'}), GQA group 4, d = 128, f16, ${steps} decode steps' query groups; k = ${asked} asked (1% = ${want} + ${SINKS} sinks + ${WINDOW} window), ranking by the group's attention. Graph: ${graph.edges.toLocaleString('en-US')} edges (${degree.toFixed(1)} a key, max ${graph.maxDegree}), ${graph.entryPoints} entry points; the sample ${sample} keys. Means over the steps. scanned = keys scored exactly (the sample and the start keys included); rounds = rounds of up to W expansions after the start (the walk's sequential depth; the start, sample + entry points, is one more, wide); expanded = lists read; start keys = entry points + the sample's seeds scored before the first round; keys a round = (scanned − sample − start keys) / rounds; peak candidates = the candidate heap's largest size after a round's scores, before any cut (the CPU's heap is unbounded; pool = it cut to its best P after every round, KVR_RA_POOL_CAP); output error = mean over the group's heads of ‖o_S − o‖/‖o‖, S = sinks + window + the first ${want} retrieved (oracle: the exact top ${want} of the group's mean probability, ${f(mean(oracleError), 3)}); overlap with W 1 = the share of W = 1's retrieved ids (same rule, unbounded) that this variant retrieved too; CPU ms = one search on the calling thread (median; the 2-core VM's, not the device's).`,
+  `${machine()}; one kv head of the generator (seed 7, ${broad ? 'broadKnobs' : 'default knobs'}), GQA group 4, d = 128, f16, ${steps} decode steps' query groups; k = ${asked} asked (1% = ${want} + ${SINKS} sinks + ${WINDOW} window), ranking by the group's attention. Graph: ${graph.edges.toLocaleString('en-US')} edges (${degree.toFixed(1)} a key, max ${graph.maxDegree}), ${graph.entryPoints} entry points; the sample ${sample} keys. Means over the steps. scanned = keys scored exactly (the sample and the start keys included); rounds = rounds of up to W expansions after the start (the walk's sequential depth; the start, sample + entry points, is one more, wide); expanded = lists read; start keys = entry points + the sample's seeds scored before the first round; keys a round = (scanned − sample − start keys) / rounds; peak candidates = the candidate heap's largest size after a round's scores, before any cut (the CPU's heap is unbounded; pool = it cut to its best P after every round, the search option poolCap); output error = mean over the group's heads of ‖o_S − o‖/‖o‖, S = sinks + window + the first ${want} retrieved (oracle: the exact top ${want} of the group's mean probability, ${f(mean(oracleError), 3)}); overlap with W 1 = the share of W = 1's retrieved ids (same rule, unbounded) that this variant retrieved too; CPU ms = one search on the calling thread (median; the 2-core VM's, not the device's).`,
   '',
   ...table((r) => r.pool === 0),
   '',

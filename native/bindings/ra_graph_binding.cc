@@ -21,7 +21,8 @@
 //       -> Float32Array [ids, group]   (the codes the code walk reads and the dequantized keys' logits, or with
 //       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools)
 //     searchSync(same) -> {count, scanned, codesRead}   (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
-//       (walkStats: true adds walk: {rounds, expanded, startKeys, peakCandidates}, the attention ranking's beam walk's shape)
+//       (walkStats: true adds walk: {rounds, expanded, startKeys, peakCandidates}, the attention ranking's beam walk's shape;
+//       poolCap: P > 0 cuts that walk's candidates to their best P after every round, an experiment)
 //     dispose(); tokens, headDim, degree, kBuild, maxQueries, seed, queriesUsed, edges, maxDegree,
 //     entryPoints, positional, keyNeighbors, memoryBytes, buildStats (getters; buildStats is null for a loaded graph)
 //
@@ -80,6 +81,7 @@ struct SearchJob {
   int codeWidth = RaSearchOptions().codeWidth;
   bool profiled = false;
   bool walkStats = false;
+  int64_t poolCap = 0;
   RaSearchProfile profile;
   RaSearchResult result;
 
@@ -94,6 +96,8 @@ struct SearchJob {
     opt.scale = scale;
     opt.maxScanned = maxScanned;
     opt.expandWidth = expandWidth;
+    opt.walkStats = walkStats;
+    opt.poolCap = poolCap;
     opt.codeWalk = codeWalk;
     opt.codeQuantile = codeQuantile;
     opt.codeDelta = codeDelta;
@@ -139,6 +143,7 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   job.expandWidth = int(OptInt(o, "expandWidth", 1, 1024, job.expandWidth));
   job.profiled = o.Get("profile").ToBoolean().Value();
   job.walkStats = o.Get("walkStats").ToBoolean().Value();
+  job.poolCap = OptInt(o, "poolCap", 0, kMaxSafeInt, 0);
   // The code-gated walk (ra_graph.h, RaSearchOptions::codeWalk): its knobs
   // only with it, so that a knob given without it is not silently ignored.
   job.codeWalk = Flag(o, "codeWalk", false);

@@ -142,6 +142,13 @@ struct RaSearchOptions {
   // pairs alternated (ra-search-1048576-h100-r5.md): not the default where
   // the target is set.
   int expandWidth = 1;
+  // The beam walk's shape counted into the result (rounds, expanded,
+  // startKeys, peakCandidates; kAttention's beam walk only), and, with
+  // poolCap > 0, its candidates cut to their best poolCap after every round,
+  // as a GPU walk's fixed pool in shared memory would (bench/ra-gpu-walk.ts:
+  // an experiment; 0, the default, the unbounded heap).
+  bool walkStats = false;
+  int64_t poolCap = 0;
   // The code-gated walk (kAttention only; ra_graph_code_walk.h) in place of
   // the beam walk: each key met is read first as its 4-bit code
   // (ra_key_codes.h, made from the keys on the first such search) and scored

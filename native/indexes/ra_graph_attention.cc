@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -40,14 +39,6 @@ constexpr int64_t kSampleShare = 512, kSampleMin = 64, kSampleMax = 4096;
 // low).
 constexpr int64_t kSampleSeeds = 16, kSampleSeedShare = 64;
 constexpr int kMaxGroup = 64;
-// KVR_RA_POOL_CAP=P: the beam walk keeps only its best P candidates after a
-// round (ragraph::WalkStats::poolCap), as a GPU walk's fixed pool in shared
-// memory would; an experiment for bench/ra-gpu-walk.ts, read at every search
-// so one process can sweep it. Unset: the unbounded heap.
-size_t PoolCap() {
-  const char* env = std::getenv("KVR_RA_POOL_CAP");
-  return env ? size_t(std::strtoull(env, nullptr, 10)) : 0;
-}
 static_assert(kMaxGroup <= ragraph::kCodeRankRows, "the code walk ranks up to kCodeRankRows rows");
 
 // log Σ exp(x_i) of a running sum kept relative to a fixed reference.
@@ -426,12 +417,14 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     codesRead = counts.codes;
     codedOnly = counts.codedOnly;
   } else {
+    // The walk's shape only where asked: the engine's searches count nothing.
     ragraph::WalkStats stats;
-    stats.poolCap = PoolCap();
+    stats.poolCap = size_t(std::max<int64_t>(0, opt.poolCap));
+    const bool counted = opt.walkStats || opt.poolCap > 0;
     walked = ragraph::BeamSearchBatched(
         csr, n, entries_.data(), entries_.size(), S.seeds.data(), S.seeds.size(), beam, keys, d, scorer, S.top,
         size_t(keep), opt.margin, maxWalk, opt.freeSeeds, opt.freeSeedCount, fixed->data() + size_t(m) * d,
-        size_t(std::max(1, opt.expandWidth)), &stats);
+        size_t(std::max(1, opt.expandWidth)), counted ? &stats : nullptr);
     res.rounds = stats.rounds;
     res.expanded = stats.expanded;
     res.startKeys = stats.startKeys;

@@ -322,8 +322,8 @@ class KthScore {
 // walk's design (bench/ra-gpu-walk.ts): counted where the caller asks. In:
 // poolCap > 0 keeps only the best poolCap candidates after each round, as a
 // candidate pool of fixed size in a CTA's shared memory would (an
-// experiment: KVR_RA_POOL_CAP in ra_graph_attention.cc; 0, the default, is
-// the unbounded heap).
+// experiment: RaSearchOptions::poolCap; 0, the default, is the unbounded
+// heap).
 struct WalkStats {
   size_t poolCap = 0;
   int64_t rounds = 0;          // rounds of expansions: the walk's sequential depth

@@ -144,20 +144,16 @@ describe('ra-graph walk rounds (expandWidth)', () => {
     // Absent unless asked, and never for the max ranking.
     expect(search(8, { walkStats: false }).res.walk).toBeUndefined();
     expect(search(8, { aggregate: 'max' }).res.walk).toBeUndefined();
-    try {
-      const free = search(8);
-      // A pool that never binds changes nothing; a small one holds the candidates to it plus a round's new keys.
-      process.env.KVR_RA_POOL_CAP = String(n);
-      const wide = search(8);
-      expect(wide.ids).toEqual(free.ids);
-      expect(wide.res.walk).toEqual(free.res.walk);
-      process.env.KVR_RA_POOL_CAP = '16';
-      const cut = search(8).res.walk!;
-      expect(cut.peakCandidates).toBeLessThanOrEqual(Math.max(cut.startKeys, 16 + 8 * graph.maxDegree));
-      expect(cut.expanded).toBeLessThan(n);
-    } finally {
-      delete process.env.KVR_RA_POOL_CAP;
-    }
+    const free = search(8);
+    // A pool that never binds changes nothing; a small one holds the candidates to it plus a round's new keys.
+    const wide = search(8, { poolCap: n });
+    expect(wide.ids).toEqual(free.ids);
+    expect(wide.res.walk).toEqual(free.res.walk);
+    const cut = search(8, { poolCap: 16 }).res.walk!;
+    expect(cut.peakCandidates).toBeLessThanOrEqual(Math.max(cut.startKeys, 16 + 8 * graph.maxDegree));
+    expect(cut.expanded).toBeLessThan(n);
+    // The cut applies whether the stats are asked or not.
+    expect(search(8, { poolCap: 16, walkStats: false }).ids).toEqual(search(8, { poolCap: 16 }).ids);
   });
 
   it('takes widths beyond the candidates on tiny graphs, defaults when absent and refuses a width outside 1..1024', async () => {
