@@ -132,15 +132,6 @@ int64_t ChooseHead(const BlockStep& s, const BlockStepHead& h, Scratch& t, uint8
 
 }  // namespace
 
-int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h) {
-  Scratch& t = ThreadScratch();
-  uint8_t* f = FlagsFor(t, s.blocks);
-  MarkExcluded(s, f);
-  const int64_t n = ChooseHead(s, h, t, f);
-  ClearExcluded(s, f);
-  return n;
-}
-
 void ChooseStepBlocksHeads(const BlockStep& s, const BlockStepHead* heads, int64_t count, int32_t* chosen) {
   // The excluded blocks are the step's, not a head's: marked once for every head (8 at the shape, ~130
   // blocks each at 1M: the window extended back), where each head marked and cleared them.

@@ -46,9 +46,8 @@ struct BlockStepHead {
   int32_t* outRows = nullptr;          // capacity · reps, or null: the chosen blocks' rows, b*reps + r (the next step's extra rows)
 };
 
-// Returns how many blocks were chosen (written to out ascending, cls and outRows).
-int64_t ChooseStepBlocks(const BlockStep& s, const BlockStepHead& h);
-// ChooseStepBlocks for `count` heads of one step: head h's count in chosen[h].
+// Each of `count` heads of one step chooses its blocks (written to its out ascending, cls and outRows); head h's
+// count of blocks chosen in chosen[h].
 void ChooseStepBlocksHeads(const BlockStep& s, const BlockStepHead* heads, int64_t count, int32_t* chosen);
 
 // The query rows a step scores the summary rows with (index/block-summary.ts): row i of q [rows, headDim] as
