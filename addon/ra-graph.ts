@@ -132,6 +132,15 @@ export interface RaGraphSearchArgs {
    */
   codeWidth?: number;
   /**
+   * The code scan ('attention' only; native/indexes/ra_graph_code_scan.h) instead of either walk: every key's 4-bit
+   * code (the code walk's, made and held as it makes them) is scored in the int8 form, ρ = max over the group's rows
+   * of (approximate logit − the row's log-partition estimated from the strided sample), and exactly the best
+   * `maxScanned` − (the sample's size) keys by ρ are scored exactly (ties towards the lower id; the graph's entry
+   * points and the seeds first, free keys never). Needs `maxScanned` > 0; not with codeWalk; ef and margin do not
+   * apply. The result's codesRead is `tokens` (0 where the entry points and seeds fill the cap alone).
+   */
+  codeScan?: boolean;
+  /**
    * At least min(k, tokens) entries each; best first (score desc, id asc).
    * Scores: q·k for 'max'; for 'attention' the log of the group's mean
    * probability as estimated.
@@ -166,7 +175,7 @@ export interface RaGraphSearchResult {
   count: number;
   /** Keys whose score was computed exactly (scanned fraction = scanned / tokens). */
   scanned: number;
-  /** With codeWalk: the keys read as 4-bit codes, not counted in `scanned`. */
+  /** With codeWalk or codeScan: the keys read as 4-bit codes, not counted in `scanned`. */
   codesRead?: number;
   /** With `walkStats`, the 'attention' ranking and the beam walk: its shape. */
   walk?: RaWalkStats;

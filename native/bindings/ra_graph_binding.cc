@@ -17,6 +17,8 @@
 //        refineMs, finalMs, finalScored}, where an 'attention' search's time went)
 //       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0, codeAdapt >= 0 (finite),
 //       maxCodes >= 0, codeWidth 1..1024; the result then has codesRead)
+//       codeScan: true scores every key's code, then the best maxScanned (> 0, required) exactly (ra_graph.h;
+//       not with codeWalk; the result has codesRead)
 //     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?, quantized?})
 //       -> Float32Array [ids, group]   (the codes the code walk reads and the dequantized keys' logits, or with
 //       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools)
@@ -79,6 +81,7 @@ struct SearchJob {
         codeAdapt = RaSearchOptions().codeAdapt;
   int64_t maxCodes = 0;
   int codeWidth = RaSearchOptions().codeWidth;
+  bool codeScan = false;
   bool profiled = false;
   bool walkStats = false;
   int64_t poolCap = 0;
@@ -104,6 +107,7 @@ struct SearchJob {
     opt.codeAdapt = codeAdapt;
     opt.maxCodes = maxCodes;
     opt.codeWidth = codeWidth;
+    opt.codeScan = codeScan;
     if (profiled) opt.profile = &profile;
     result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
   }
@@ -169,6 +173,13 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   }
   job.maxCodes = OptInt(o, "maxCodes", 0, kMaxSafeInt, 0);
   job.codeWidth = int(OptInt(o, "codeWidth", 1, 1024, job.codeWidth));
+  // The code scan (ra_graph.h, RaSearchOptions::codeScan): its only bound is maxScanned.
+  job.codeScan = Flag(o, "codeScan", false);
+  if (job.codeScan && job.aggregate != RaAggregate::kAttention)
+    throw Napi::RangeError::New(env, "codeScan needs aggregate 'attention'");
+  if (job.codeScan && job.codeWalk) throw Napi::RangeError::New(env, "codeScan and codeWalk are two searches: set one");
+  if (job.codeScan && job.maxScanned <= 0)
+    throw Napi::RangeError::New(env, "codeScan needs maxScanned > 0 (the keys it scores exactly)");
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);
@@ -199,7 +210,7 @@ Napi::Object ResultObject(Napi::Env env, const SearchJob& job) {
   Napi::Object res = Napi::Object::New(env);
   res.Set("count", Napi::Number::New(env, double(r.count)));
   res.Set("scanned", Napi::Number::New(env, double(r.scanned)));
-  if (job.codeWalk) {
+  if (job.codeWalk || job.codeScan) {
     res.Set("codesRead", Napi::Number::New(env, double(r.codesRead)));
   } else if (job.walkStats && job.aggregate == RaAggregate::kAttention) {
     Napi::Object w = Napi::Object::New(env);

@@ -188,12 +188,20 @@ struct RaSearchOptions {
   // CPU at 1M and 0.91-0.96 at 256K, about the same at 64K, alternated
   // (bench/results/ra-search-codewidth-*-vm.md), the same recall to 3 digits.
   int codeWidth = 16;
+  // The code scan (kAttention only; ra_graph_code_scan.h) in place of either
+  // walk: every key's code scored in the int8 form, then exactly the best
+  // maxScanned − (the sample's size) keys by ρ = max_h (x̃_h − c0_h), entry
+  // points and seeds first, free keys never; maxScanned must be > 0. ef,
+  // margin and the walks' knobs do not apply. On the generator at 1M keys it
+  // recalled 0.98 of the group's top 1% with 2.4% scored exactly
+  // (bench/results/ra-gpu-walk-feasibility-vm.md, section 2). Off by default.
+  bool codeScan = false;
 };
 
 struct RaSearchResult {
   int64_t count = 0;      // ids written: min(k, tokens)
   int64_t scanned = 0;    // keys whose score was computed (exactly)
-  int64_t codesRead = 0;  // keys read as codes (codeWalk; not counted in scanned)
+  int64_t codesRead = 0;  // keys read as codes (codeWalk, codeScan: n; not counted in scanned)
   // The beam walk's shape (kAttention, not the code walk; ra_graph_beam.h's
   // WalkStats): its rounds of up to expandWidth expansions (its sequential
   // depth), the candidates it expanded, the keys it scored before its first

@@ -19,6 +19,7 @@
 #include "common/simd_math.h"
 #include "indexes/ra_graph.h"
 #include "indexes/ra_graph_beam.h"
+#include "indexes/ra_graph_code_scan.h"
 #include "indexes/ra_graph_code_walk.h"
 #include "indexes/ra_graph_dot.h"
 #include "indexes/ra_graph_exp.h"
@@ -213,6 +214,7 @@ struct AttentionScratch {
   std::vector<float> row, sampleX, sampleRank, walkX, walkRank, ranks, uppers, bin, codeX, codeRank;
   RaCodeQuery cq;
   ragraph::CodeWalkScratch codeWalk;
+  ragraph::CodeScanScratch codeScan;
   std::vector<const float*> finalX;
   std::vector<uint8_t> sampleReached;
   std::vector<int32_t> walkIds, seeds, codeIds;
@@ -416,6 +418,15 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     walked = counts.exact;
     codesRead = counts.codes;
     codedOnly = counts.codedOnly;
+  } else if (opt.codeScan) {
+    // Every key's code, then the best maxScanned − m exactly (ra_graph_code_scan.h): no key is left coded only.
+    const std::shared_ptr<const RaKeyCodes> codes = KeyCodesFor(keys, dtype);
+    codes->Prepare(q, G, scale, S.cq);
+    const ragraph::CodeScanCounts counts = ragraph::CodeScan(
+        *codes, S.cq, c0, n, entries_.data(), entries_.size(), S.seeds.data(), S.seeds.size(), opt.freeSeeds,
+        opt.freeSeedCount, opt.maxScanned - m, off, stride, m, keys, d, scorer, S.codeScan);
+    walked = counts.exact;
+    codesRead = counts.codes;
   } else {
     // The walk's shape only where asked: the engine's searches count nothing.
     ragraph::WalkStats stats;

@@ -225,20 +225,21 @@ inline __m128i QuantDots4(const int8_t* w, size_t width, const uint8_t* row, siz
   return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 #endif
-}  // namespace
 
-void RaKeyCodes::QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t count, float* x, size_t ld) const {
+// QuantLogits' loop for keys whose code rows rowOf(i) gives, i < count.
+template <typename RowOf>
+void QuantLogitsOf(const RaCodeQuery& cq, size_t half, RowOf rowOf, size_t count, float* x, size_t ld) {
   const size_t W = cq.width;
   const int G = cq.G;
 #ifdef KVR_X86_SIMD
-  if (half_ % 32 == 0) {
+  if (half % 32 == 0) {
     alignas(16) float v[4];
     for (int h0 = 0; h0 < G; h0 += 4) {
       const __m128 s = _mm_loadu_ps(cq.qscale.data() + h0), b = _mm_loadu_ps(cq.qbias.data() + h0);
       const int8_t* w = cq.w8.data() + size_t(h0) * W;
       const int heads = std::min(4, G - h0);
       for (size_t i = 0; i < count; ++i) {
-        const __m128i dots = QuantDots4(w, W, Row(ids[i]), half_);
+        const __m128i dots = QuantDots4(w, W, rowOf(i), half);
         _mm_store_ps(v, _mm_fmadd_ps(_mm_cvtepi32_ps(dots), s, b));
         for (int c = 0; c < heads; ++c) x[size_t(h0 + c) * ld + i] = v[c];
       }
@@ -247,14 +248,25 @@ void RaKeyCodes::QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t c
   }
 #endif
   for (size_t i = 0; i < count; ++i) {
-    const uint8_t* row = Row(ids[i]);
+    const uint8_t* row = rowOf(i);
     for (int h = 0; h < G; ++h) {
       const int8_t* w = cq.w8.data() + size_t(h) * W;
       int32_t dot = 0;
-      for (size_t k = 0; k < half_; ++k) dot += int32_t(row[k] & 15) * w[k] + int32_t(row[k] >> 4) * w[half_ + k];
+      for (size_t k = 0; k < half; ++k) dot += int32_t(row[k] & 15) * w[k] + int32_t(row[k] >> 4) * w[half + k];
       x[size_t(h) * ld + i] = std::fma(float(dot), cq.qscale[size_t(h)], cq.qbias[size_t(h)]);
     }
   }
+}
+
+}  // namespace
+
+void RaKeyCodes::QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t count, float* x, size_t ld) const {
+  QuantLogitsOf(cq, half_, [&](size_t i) { return Row(ids[i]); }, count, x, ld);
+}
+
+void RaKeyCodes::QuantLogitsRows(const RaCodeQuery& cq, int64_t first, size_t count, float* x, size_t ld) const {
+  const uint8_t* rows = Row(first);
+  QuantLogitsOf(cq, half_, [&](size_t i) { return rows + i * half_; }, count, x, ld);
 }
 
 }  // namespace kvr

@@ -85,6 +85,9 @@ class RaKeyCodes {
   // key ids[i], for i < count, h < G (the code walk's scores). The same
   // integers with or without AVX2, then one fma each: the same floats.
   void QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t count, float* x, size_t ld) const;
+  // The same for the keys first .. first + count − 1 (the code scan reads
+  // every row in order): the same integers, the same floats.
+  void QuantLogitsRows(const RaCodeQuery& cq, int64_t first, size_t count, float* x, size_t ld) const;
 
  private:
   int64_t n_ = 0;

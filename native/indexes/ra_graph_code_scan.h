@@ -1,0 +1,169 @@
+// Internal to RaGraph::SearchAttention (ra_graph_attention.cc): the code
+// scan (RaSearchOptions::codeScan), the third way to choose the keys scored
+// exactly, beside the beam walk and the code-gated walk.
+//
+// Every key's 4-bit code (ra_key_codes.h) is scored in the int8 form the
+// code walk ranks by (RaKeyCodes::QuantLogits), its rows read in order; the
+// key's scan score is ρ(t) = max_h (x̃_h(t) − c0_h) over the group's rows,
+// c0 the rows' log-partitions estimated from the strided sample before any
+// walk. Graph entry points (the outlier keys among them) and seeds score +∞,
+// free keys −∞ (a free seed stays −∞). The candidates are the best M keys by
+// ρ, ties towards the lower id, −∞ keys never among them: an exact top-M
+// set, which the GPU's scan (native/cuda/ra_scan*) must return too. A walk
+// on the graph finds ~1 key of the group's top 1% per 11 scored at 1M keys;
+// the codes' ρ order, read whole, puts 0.98 of it in the best 2%
+// (bench/results/ra-gpu-walk-feasibility-vm.md, section 2), with no
+// sequential depth, at the price of reading every code (64 MB a head at 1M
+// keys, d = 128).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "indexes/ra_graph_beam.h"
+#include "indexes/ra_key_codes.h"
+
+namespace kvr {
+namespace ragraph {
+
+// Keys a scan block: the block's [G, kScanBlock] int8-form logits stay in
+// L1 (4 KB at G = 4) and its code rows (16 KB at d = 128) in L2.
+constexpr size_t kScanBlock = 256;
+
+struct CodeScanScratch {
+  std::vector<float> x, rho, sampleRho;
+  std::vector<uint64_t> found;  // BetterKey(ρ, id) of the keys at or above the threshold
+  std::vector<int32_t> ids, start;
+};
+
+struct CodeScanCounts {
+  int64_t exact = 0;  // keys scored exactly (free keys not included)
+  int64_t codes = 0;  // codes scored: every key's (n) when the scan ran
+};
+
+// ρ of the keys first .. first + count − 1 (count <= kScanBlock) into rho.
+inline void ScanRho(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t first, size_t count,
+                    float* x, float* rho) {
+  const int G = cq.G;
+  codes.QuantLogitsRows(cq, first, count, x, kScanBlock);
+  for (size_t i = 0; i < count; ++i) rho[i] = x[i] - c0[0];
+  for (int h = 1; h < G; ++h) {
+    const float* xh = x + size_t(h) * kScanBlock;
+    const float ch = c0[h];
+    for (size_t i = 0; i < count; ++i) rho[i] = std::max(rho[i], xh[i] - ch);
+  }
+}
+
+// The best `need` keys by ρ among those `special` does not mark (ties
+// towards the lower id; NaN never, nor −∞ unless threshold −∞ is reached),
+// appended to S.ids. Collecting every key's (ρ, id) and selecting among n
+// would write and sort 8 MB a search at 1M keys; instead the keys are
+// collected only at or above a threshold set from the strided sample's ρ
+// (the sample is a uniform draw, so the share of keys above its r-th best
+// is about r / m): r is the expected rank of the need-th key in the sample
+// plus 4 standard deviations, so one pass collects ~1.1-1.3 need keys and
+// the select runs over those. The threshold is only a guess: a pass that
+// collected fewer than `need` keys is redone with r four times deeper (down
+// to −∞, every key), so the set is the exact top whatever the guess.
+inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
+                       const Visited& special, int64_t specials, int64_t need, int64_t off, int64_t stride,
+                       int64_t m, CodeScanScratch& S) {
+  const float kNone = -std::numeric_limits<float>::infinity();
+  // The sample's ρ, for the threshold alone.
+  S.start.resize(size_t(m));
+  for (int64_t j = 0; j < m; ++j) S.start[size_t(j)] = int32_t(off + j * stride);
+  S.x.resize(size_t(cq.G) * kScanBlock);
+  S.sampleRho.resize(size_t(m));
+  for (int64_t j0 = 0; j0 < m; j0 += int64_t(kScanBlock)) {
+    const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), m - j0));
+    codes.QuantLogits(cq, S.start.data() + j0, count, S.x.data(), kScanBlock);
+    for (size_t i = 0; i < count; ++i) {
+      float r = S.x[i] - c0[0];
+      for (int h = 1; h < cq.G; ++h) r = std::max(r, S.x[size_t(h) * kScanBlock + i] - c0[h]);
+      S.sampleRho[size_t(j0) + i] = r;
+    }
+  }
+  std::sort(S.sampleRho.begin(), S.sampleRho.end(), std::greater<float>());
+  const double p = double(need) / double(std::max<int64_t>(1, n - specials));
+  double r = std::ceil(p * double(m) + 4.0 * std::sqrt(p * double(m)) + 4.0);
+  S.rho.resize(kScanBlock);
+  for (;;) {
+    const float thr = r < double(m) ? S.sampleRho[size_t(r)] : kNone;
+    S.found.clear();
+    for (int64_t t0 = 0; t0 < n; t0 += int64_t(kScanBlock)) {
+      const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), n - t0));
+      ScanRho(codes, cq, c0, t0, count, S.x.data(), S.rho.data());
+      for (size_t i = 0; i < count; ++i) {
+        const int32_t t = int32_t(t0 + int64_t(i));
+        if (S.rho[i] >= thr && !special.Test(t)) S.found.push_back(BetterKey(S.rho[i], t));
+      }
+    }
+    if (int64_t(S.found.size()) >= need) {
+      std::nth_element(S.found.begin(), S.found.begin() + (need - 1), S.found.end());
+      S.found.resize(size_t(need));
+      break;
+    }
+    if (thr == kNone) break;  // every key collected: fewer than need
+    r = 4.0 * r;
+  }
+  for (const uint64_t key : S.found) S.ids.push_back(int32_t(uint32_t(key)));
+}
+
+// The scan in place of the walk. scorer.Batch(ids, count, out, rows) as
+// BeamSearchBatched's scorer (at most kPrefetchAhead keys a call, rows may
+// be null). The free keys are scored first (uncounted, as the walks do: they
+// enter the refined partitions), then the candidates: the +∞ keys (entries,
+// then seeds; if more than M of them, the M lowest ids) and the best of the
+// rest by ρ, together the best M = max(0, maxExact) keys, scored in
+// ascending id order (the rows read forward).
+template <typename Scorer>
+CodeScanCounts CodeScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
+                        const int32_t* entries, size_t entryCount, const int32_t* seeds, size_t seedCount,
+                        const int32_t* freeSeeds, size_t freeCount, int64_t maxExact, int64_t off,
+                        int64_t stride, int64_t m, const uint16_t* keys, int d, Scorer& scorer,
+                        CodeScanScratch& S) {
+  CodeScanCounts counts;
+  Visited& special = Visited::Local(n);
+  float out[kPrefetchAhead];
+  auto score = [&](const std::vector<int32_t>& ids) {
+    const size_t total = ids.size();
+    for (size_t i = 0; i < std::min(total, kPrefetchAhead); ++i) PrefetchRow(keys + size_t(ids[i]) * d, d);
+    for (size_t i0 = 0; i0 < total; i0 += kPrefetchAhead) {
+      const size_t count = std::min(kPrefetchAhead, total - i0);
+      for (size_t i = i0 + kPrefetchAhead; i < std::min(total, i0 + 2 * kPrefetchAhead); ++i)
+        PrefetchRow(keys + size_t(ids[i]) * d, d);
+      scorer.Batch(ids.data() + i0, count, out, nullptr);
+    }
+  };
+  S.ids.clear();
+  for (size_t i = 0; i < freeCount; ++i)
+    if (freeSeeds[i] >= 0 && freeSeeds[i] < n && !special.TestAndSet(freeSeeds[i])) S.ids.push_back(freeSeeds[i]);
+  int64_t specials = int64_t(S.ids.size());
+  score(S.ids);
+  // The +∞ keys: marked, so the scan leaves them to this list.
+  S.ids.clear();
+  for (size_t e = 0; e < entryCount; ++e)
+    if (!special.TestAndSet(entries[e])) S.ids.push_back(entries[e]);
+  for (size_t e = 0; e < seedCount; ++e)
+    if (seeds[e] >= 0 && seeds[e] < n && !special.TestAndSet(seeds[e])) S.ids.push_back(seeds[e]);
+  specials += int64_t(S.ids.size());
+  const int64_t M = std::max<int64_t>(0, maxExact);
+  if (int64_t(S.ids.size()) >= M) {
+    std::sort(S.ids.begin(), S.ids.end());
+    S.ids.resize(size_t(M));
+  } else {
+    SelectScan(codes, cq, c0, n, special, specials, M - int64_t(S.ids.size()), off, stride, m, S);
+    counts.codes = n;
+    std::sort(S.ids.begin(), S.ids.end());
+  }
+  score(S.ids);
+  counts.exact = int64_t(S.ids.size());
+  return counts;
+}
+
+}  // namespace ragraph
+}  // namespace kvr

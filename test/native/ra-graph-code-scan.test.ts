@@ -1,0 +1,254 @@
+// The retrieval-attention graph's code scan (native/indexes/ra_graph_code_scan.h,
+// RaSearchOptions::codeScan) against a float64 reference of its rule: every key t gets
+// ρ(t) = max_h (x̃_h(t) − c0_h), x̃ the int8 form of the key's 4-bit code (reproduced here from the codes, the
+// channels' ranges and q, as ra-graph-code-walk.test.ts states it), c0_h the row's log-partition estimated from
+// the strided sample and the free keys; entry points and seeds rank first (+∞), free keys never (−∞); the keys
+// scored exactly are the best M = maxScanned − m by ρ (ties towards the lower id), m the sample's size. With k =
+// tokens the result is every key scored (the candidates and the sample, free keys left out), so the candidates are
+// read off it. Also: maxScanned ≥ tokens is the exhaustive top-k; a fact far along a quiet channel, which its
+// clamped code ranks low, is found (an outlier entry point); bad options are refused.
+import { describe, expect, it } from 'vitest';
+import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
+import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
+import { freshSeed, Rng } from '../helpers/random.js';
+import { groupMeanProb } from '../helpers/reference.js';
+
+const seed = freshSeed();
+console.log(`native ra-graph code scan tests: seed ${seed}`);
+const f = Math.fround;
+
+/** Keys as storage words and their exact values: N(0, 1) scaled and shifted per channel (outlier channels included). */
+function keysOf(rng: Rng, dt: Dt, n: number, d: number) {
+  const bits = new Uint16Array(n * d), values = new Float64Array(n * d);
+  const mean = Array.from({ length: d }, (_, j) => (j % 5 === 0 ? 6 : 0.3) * rng.normal());
+  const sd = Array.from({ length: d }, (_, j) => (j === 1 ? 0 : 0.2 + 2 * rng.next()));
+  for (let i = 0; i < n * d; i++) {
+    bits[i] = bitsOf(dt)(mean[i % d] + sd[i % d] * rng.normal());
+    values[i] = valueOf(dt)(bits[i]);
+  }
+  return { bits, values };
+}
+
+const queries = (rng: Rng, rows: number, d: number) => Float32Array.from({ length: rows * d }, () => 0.8 * rng.normal());
+
+/** The graph's entry points, read from its blob (ra_graph_codec.cc: ... entry points (int32), then an 8-byte checksum). */
+function entriesOf(graph: RaGraph): Int32Array {
+  const blob = graph.save(), P = graph.entryPoints;
+  return new Int32Array(blob.slice(blob.length - 8 - 4 * P, blob.length - 8).buffer);
+}
+
+/** The strided sample as ra_graph_attention.cc takes it: keys off + j·stride, j < m. */
+function sampleOf(n: number) {
+  const want = Math.min(n, 4096, Math.max(64, Math.floor(n / 512)));
+  const stride = Math.max(1, Math.floor(n / want)), off = Math.floor(stride / 2);
+  return { stride, off, m: Math.ceil((n - off) / stride) };
+}
+
+/** Every key's int8-form logits [n, G] in float64 (ra_key_codes.h, RaCodeQuery), from the codes the graph made. */
+function int8Logits(graph: RaGraph, keys: Uint16Array, dt: Dt, n: number, d: number, q: Float32Array, G: number): Float64Array {
+  const { codes, low, step } = graph.keyCodes({ keys, tokens: n, headDim: d, dtype: dt });
+  const half = Math.ceil(d / 2), scale = f(1 / f(Math.sqrt(d)));
+  const level = (t: number, j: number) => (j < half ? codes[t * half + j] & 15 : codes[t * half + j - half] >> 4);
+  const roundEven = (v: number) => (Math.abs(v - Math.trunc(v)) === 0.5 ? 2 * Math.round(v / 2) : Math.round(v));
+  const x = new Float64Array(n * G);
+  for (let g = 0; g < G; g++) {
+    const w = Array.from({ length: d }, (_, j) => f(f(scale * q[g * d + j]) * step[j]));
+    const s = f(Math.max(...w.map(Math.abs)) / 127);
+    const r = w.map((v) => (s > 0 ? Math.max(-127, Math.min(127, roundEven(f(v / s)))) : 0));
+    let bias = 0;
+    for (let j = 0; j < d; j++) bias += q[g * d + j] * (low[j] + 0.5 * step[j]);
+    bias *= scale;
+    for (let j = 0; j < d; j++) bias += (w[j] - s * r[j]) * 7.5;
+    for (let t = 0; t < n; t++) {
+      let dot = 0;
+      for (let j = 0; j < d; j++) dot += r[j] * level(t, j);
+      x[t * G + g] = bias + s * dot;
+    }
+  }
+  return x;
+}
+
+/** c0_h in float64: log(Σ_free e^x + (n − F) / S · Σ_{sample, not free} e^x), x the exact scaled logits. */
+function c0Of(values: Float64Array, n: number, d: number, q: Float32Array, G: number, free: Set<number>) {
+  const { stride, off, m } = sampleOf(n), scale = 1 / Math.sqrt(d);
+  const logit = (t: number, g: number) => {
+    let s = 0;
+    for (let j = 0; j < d; j++) s += q[g * d + j] * values[t * d + j];
+    return scale * s;
+  };
+  const sample = Array.from({ length: m }, (_, j) => off + j * stride).filter((t) => !free.has(t));
+  return Array.from({ length: G }, (_, g) => {
+    const terms = [...[...free].map((t) => logit(t, g)), ...sample.map((t) => logit(t, g) + Math.log((n - free.size) / sample.length))];
+    const top = Math.max(...terms);
+    return top + Math.log(terms.reduce((a, v) => a + Math.exp(v - top), 0));
+  });
+}
+
+function scanArgs(keys: Uint16Array, n: number, d: number, dt: Dt, q: Float32Array, G: number, maxScanned: number): RaGraphSearchArgs {
+  return { keys, tokens: n, headDim: d, dtype: dt, q, group: G, k: n, ef: 0, outIds: new Int32Array(n), outScores: new Float32Array(n), aggregate: 'attention', codeScan: true, maxScanned };
+}
+
+describe('ra-graph code scan', () => {
+  // The rule in float64. ρ here and the addon's (the same integers, then f32: x̃ within ~1e-6 of its terms' size,
+  // the bias and c0 rounded to f32 from sums of size ~10, ~1e-5 at most here) differ by far less than TOL: a key whose ρ is within TOL of the
+  // boundary's but not equal to it may fall either side. Equal ρ is an exact tie of the integers (the codes are
+  // discrete: at d = 8 many keys share a code row), broken towards the lower id by both.
+  const TOL = 1e-4;
+  for (const [dt, n, d, G] of [['f16', 3000, 8, 4], ['bf16', 5000, 24, 3], ['f16', 4000, 64, 4], ['bf16', 2500, 64, 8]] as const)
+    it(`scores exactly the best maxScanned − m keys by the int8 form's ρ, entry points and seeds first, free keys never (${dt}, n=${n}, d=${d}, G=${G})`, async () => {
+      const rng = new Rng(seed + 13 * d + G);
+      const keys = keysOf(rng, dt, n, d);
+      const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 200, d), degree: 8, kBuild: 16 });
+      const entries = entriesOf(graph);
+      expect(entries.length).toBeGreaterThan(n / 256);
+      const { stride, off, m } = sampleOf(n);
+      const inSample = (t: number) => t >= off && (t - off) % stride === 0;
+      let ambiguous = 0, decided = 0;
+      for (let trial = 0; trial < 3; trial++) {
+        const q = queries(rng, G, d);
+        // Free keys: sinks and a window, one entry point and one seed among them (free wins over +∞).
+        const seeds = Int32Array.from({ length: 6 }, () => rng.int(n));
+        const freeList = [0, 1, 2, 3, ...Array.from({ length: 16 }, (_, i) => n - 16 + i), entries[trial], seeds[0]];
+        const free = new Set(freeList), freeSeeds = Int32Array.from(freeList);
+        const c0 = c0Of(keys.values, n, d, q, G, free);
+        const x = int8Logits(graph, keys.bits, dt, n, d, q, G);
+        const rho = Float64Array.from({ length: n }, (_, t) => Math.max(...c0.map((c, g) => x[t * G + g] - c)));
+        // The sample's best min(16, m/64) by its walk rank seed the search too (+∞): at these sizes m/64 is 1.
+        expect(Math.floor(m / 64)).toBe(1);
+        const rank = (t: number) => {
+          const sc = 1 / Math.sqrt(d);
+          return Math.log(c0.reduce((a, c, g) => {
+            let s = 0;
+            for (let j = 0; j < d; j++) s += q[g * d + j] * keys.values[t * d + j];
+            return a + Math.exp(sc * s - c);
+          }, 0));
+        };
+        const bySample = Array.from({ length: m }, (_, j) => off + j * stride).sort((a, b) => rank(b) - rank(a) || a - b);
+        const inf = new Set([...entries, ...seeds, bySample[0]].filter((t) => !free.has(t)));
+        for (const share of [0.05, 0.15]) {
+          const cap = m + Math.ceil(share * n), M = cap - m;
+          const others = [...Array(n).keys()].filter((t) => !free.has(t) && !inf.has(t)).sort((a, b) => rho[b] - rho[a] || a - b);
+          const need = M - inf.size;
+          expect(need).toBeGreaterThan(0);
+          const edge = rho[others[need - 1]];
+          const near = others.filter((t) => rho[t] !== edge && Math.abs(rho[t] - edge) <= TOL);
+          ambiguous += near.length;
+          decided += need;
+          // With a near key, the boundary's own tie group may gain or lose a slot: then all of it is uncertain too.
+          const top = others.slice(0, need), tied = others.filter((t) => rho[t] === edge);
+          const sure = new Set([...inf, ...top.filter((t) => rho[t] > edge + TOL || (near.length === 0 && rho[t] === edge))]);
+          const maybe = new Set([...near, ...(near.length > 0 ? tied : [])]);
+          const a = { ...scanArgs(keys.bits, n, d, dt, q, G, cap), seeds, freeSeeds };
+          const r = graph.searchSync(a);
+          const out = Array.from(a.outIds.subarray(0, r.count));
+          expect(new Set(out).size).toBe(out.length);
+          expect(out.some((t) => free.has(t))).toBe(false);
+          // Every sample key not free is in the result, scored (its logits reused) or not.
+          const sampleKeys = Array.from({ length: m }, (_, j) => off + j * stride).filter((t) => !free.has(t));
+          const outSet = new Set(out);
+          expect(sampleKeys.every((t) => outSet.has(t))).toBe(true);
+          const scannedOutside = out.filter((t) => !inSample(t));
+          for (const t of sure) if (!inSample(t)) expect(outSet.has(t)).toBe(true);
+          for (const t of scannedOutside) expect(sure.has(t) || maybe.has(t)).toBe(true);
+          // The candidates number M: those outside the sample are read off the result, the rest are sample keys.
+          const sampleCands = M - scannedOutside.length;
+          expect(sampleCands).toBeGreaterThanOrEqual([...sure].filter(inSample).length);
+          expect(sampleCands).toBeLessThanOrEqual([...sure, ...maybe].filter(inSample).length);
+          // scanned: the sample and the candidates, a sample key scored once.
+          expect(r.scanned).toBe(m + scannedOutside.length);
+          expect(r.codesRead).toBe(n);
+        }
+        // A cap the +∞ keys fill alone: the lowest ids of them, and no code scored.
+        const fa = { ...scanArgs(keys.bits, n, d, dt, q, G, m + 3), seeds, freeSeeds };
+        const few = graph.searchSync(fa);
+        const lowest = [...inf].sort((a, b) => a - b).slice(0, 3).filter((t) => !inSample(t));
+        expect(few.codesRead).toBe(0);
+        expect(few.scanned).toBe(m + lowest.length);
+        expect(Array.from(fa.outIds.subarray(0, few.count)).filter((t) => !inSample(t)).sort((a, b) => a - b)).toEqual(lowest);
+      }
+      // Near-ties at the boundary are few (0-5 over the 6 searches, of ~1,300-2,900 keys chosen by ρ): the test
+      // checks the rule, not the tolerance.
+      expect(ambiguous).toBeLessThan(0.005 * decided);
+      graph.dispose();
+    });
+
+  for (const [dt, n, d, G] of [['f16', 3001, 32, 4], ['bf16', 1500, 16, 2]] as const)
+    it(`with maxScanned − m >= tokens returns the exact top-k of the group's mean probability (${dt}, n=${n}, G=${G})`, async () => {
+      const rng = new Rng(seed + n);
+      const keys = keysOf(rng, dt, n, d);
+      const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 200, d), degree: 8, kBuild: 16 });
+      const k = 40;
+      for (let trial = 0; trial < 2; trial++) {
+        const q = queries(rng, G, d);
+        const { meanProb } = groupMeanProb(q, G, keys.values, n, d, 1 / Math.sqrt(d));
+        const order = Array.from({ length: n }, (_, t) => t).sort((a, b) => meanProb[b] - meanProb[a] || a - b);
+        // M = maxScanned − m >= tokens: every key a candidate (at maxScanned = tokens, the m keys of lowest ρ would
+        // be left out, unless they were the sample's).
+        const a = { ...scanArgs(keys.bits, n, d, dt, q, G, n + sampleOf(n).m + trial), k, outIds: new Int32Array(k), outScores: new Float32Array(k) };
+        const r = graph.searchSync(a);
+        expect(r.count).toBe(k);
+        expect(r.scanned).toBe(n);
+        for (let i = 0; i < k; i++) {
+          const got = a.outIds[i], want = order[i];
+          if (got !== want) expect(Math.abs(meanProb[got] - meanProb[want])).toBeLessThan(1e-5 * meanProb[want]);
+          expect(Math.abs(a.outScores[i] - Math.log(meanProb[got]))).toBeLessThan(1e-3);
+        }
+      }
+      graph.dispose();
+    });
+
+  it('finds facts far along quiet channels, which their clamped codes rank low (outlier entry points)', async () => {
+    const rng = new Rng(seed + 90);
+    const [n, d, G, facts] = [12007, 32, 2, 8];
+    // Keys: N(0, 1) in half the channels, quiet (std 0.05) in the rest; a few fact keys carry content in the quiet ones.
+    const dirs = Array.from({ length: facts }, () => {
+      const v = Float64Array.from({ length: d }, (_, j) => (j >= d / 2 ? rng.normal() : 0));
+      const norm = Math.hypot(...v);
+      return v.map((x) => (3 * x) / norm);
+    });
+    const at = Array.from({ length: facts }, (_, i) => Math.floor(((i + 0.5) * n) / facts) + rng.int(100));
+    const bits = new Uint16Array(n * d), values = new Float64Array(n * d);
+    for (let t = 0; t < n; t++) {
+      const fi = at.indexOf(t);
+      for (let j = 0; j < d; j++) bits[t * d + j] = bitsOf('f16')((j < d / 2 ? rng.normal() : 0.05 * rng.normal()) + (fi >= 0 ? dirs[fi][j] : 0));
+    }
+    bits.forEach((b, i) => (values[i] = valueOf('f16')(b)));
+    const buildQ = Float32Array.from({ length: 2000 * d }, (_, i) => (i % d < d / 2 ? rng.normal() : 0));
+    const graph = await RaGraph.build({ keys: bits, tokens: n, headDim: d, dtype: 'f16', queries: buildQ, degree: 8, kBuild: 16, positional: 1 });
+    const { m } = sampleOf(n);
+    const cap = m + Math.ceil(0.02 * n);
+    let lowByCode = 0;
+    for (let fi = 0; fi < facts; fi++) {
+      const q = new Float32Array(G * d);
+      // Loud-channel noise as large as the clamped fact's part of its code's score: many keys' codes outrank it.
+      for (let g = 0; g < G; g++) for (let j = 0; j < d; j++) q[g * d + j] = (j < d / 2 ? rng.normal() : 0) + 4 * dirs[fi][j];
+      const a = { ...scanArgs(bits, n, d, 'f16', q, G, cap), k: 1, outIds: new Int32Array(1), outScores: new Float32Array(1) };
+      graph.searchSync(a);
+      expect(a.outIds[0]).toBe(at[fi]);
+      // How its code ranks it: the fact's channels clamp at the quiet channels' 3σ.
+      const x = graph.codeLogits({ keys: bits, tokens: n, headDim: d, dtype: 'f16', q, group: G, ids: Int32Array.from({ length: n }, (_, t) => t), quantized: true });
+      const c0 = c0Of(values, n, d, q, G, new Set());
+      const rho = Float64Array.from({ length: n }, (_, t) => Math.max(x[t * G] - c0[0], x[t * G + 1] - c0[1]));
+      if (rho.filter((v) => v > rho[at[fi]]).length > cap - m) lowByCode++;
+    }
+    console.log(`code scan: ${facts}/${facts} facts found; ${lowByCode} of them outside the cap by their codes' ρ`);
+    // The entry points, not the codes, found those: the rule is exercised.
+    expect(lowByCode).toBeGreaterThan(0);
+    graph.dispose();
+  });
+
+  it('refuses bad options', async () => {
+    const rng = new Rng(seed + 29);
+    const [n, d] = [300, 16];
+    const keys = keysOf(rng, 'f16', n, d);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: queries(rng, 50, d), degree: 8, kBuild: 16 });
+    const base = { ...scanArgs(keys.bits, n, d, 'f16', queries(rng, 2, d), 2, 30), k: 10, outIds: new Int32Array(10), outScores: new Float32Array(10) };
+    expect(() => graph.searchSync({ ...base, aggregate: 'max' })).toThrow(/codeScan needs aggregate 'attention'/);
+    expect(() => graph.searchSync({ ...base, codeWalk: true })).toThrow(/codeScan and codeWalk are two searches/);
+    for (const maxScanned of [0, undefined]) expect(() => graph.searchSync({ ...base, maxScanned })).toThrow(/codeScan needs maxScanned > 0/);
+    expect(() => graph.searchSync({ ...base, codeDelta: 1 })).toThrow(/codeDelta is an option of the code walk/);
+    expect(graph.searchSync(base).count).toBe(10);
+    expect(graph.searchSync({ ...base, codeScan: false }).codesRead).toBeUndefined();
+    graph.dispose();
+  });
+});
