@@ -39,7 +39,7 @@ export function parseSearchParams(body: Record<string, unknown>, defaults: Searc
 const isShare = (v: unknown): v is number => typeof v === 'number' && v > 0 && v <= 1;
 
 /**
- * retrieval-attention's walk (SearchParams.codeWalk, codeShare, scanShare).
+ * retrieval-attention's walk (SearchParams.codeWalk, codeScan, codeShare, scanShare).
  * Unlike ef, chunk and span, which methods that do not use them ignore, these
  * are refused for any other method: a session that asked to trade speed
  * for recall should not silently get the usual search. With the code walk on,
@@ -48,15 +48,19 @@ const isShare = (v: unknown): v is number => typeof v === 'number' && v > 0 && v
  * search's k: index/retrieval-attention.ts, walkOptions).
  */
 function parseWalk(body: Record<string, unknown>, params: SearchParams, method: string): void {
-  const { codeWalk, codeShare, scanShare } = body;
-  const given = (['codeWalk', 'codeShare', 'scanShare'] as const).find((k) => body[k] !== undefined);
+  const { codeWalk, codeScan, codeShare, scanShare } = body;
+  const given = (['codeWalk', 'codeScan', 'codeShare', 'scanShare'] as const).find((k) => body[k] !== undefined);
   if (given === undefined) return;
   if (method !== RETRIEVAL_ATTENTION) throw invalid(`${given} is an option of ${RETRIEVAL_ATTENTION}'s graph search, not of method ${method}`);
   if (codeWalk !== undefined && typeof codeWalk !== 'boolean') throw invalid('codeWalk must be true or false');
+  if (codeScan !== undefined && typeof codeScan !== 'boolean') throw invalid('codeScan must be true or false');
+  if (codeScan === true && codeWalk === true) throw invalid('codeScan and codeWalk are two searches over the codes: set one');
   if (codeShare !== undefined && !isShare(codeShare)) throw invalid('codeShare must be a share in (0, 1] of a document\'s tokens (the codes its search reads at most)');
   if (scanShare !== undefined && !isShare(scanShare)) throw invalid('scanShare must be a share in (0, 1] of a document\'s tokens (the keys its search scores exactly at most)');
   if (codeShare !== undefined && codeWalk !== true) throw invalid('codeShare caps the code walk: set codeWalk: true');
   if (codeWalk === true && params.ef > 0) throw invalid(`ef ${params.ef} sets the beam walk's width; the code walk has none (its caps are codeShare and scanShare): leave ef at 0`);
+  if (codeScan === true && params.ef > 0) throw invalid(`ef ${params.ef} sets the beam walk's width; the code scan has none (its cap is scanShare): leave ef at 0`);
+  if (codeScan === true) params.codeScan = true;
   if (codeWalk === true) {
     params.codeWalk = true;
     params.codeShare = codeShare ?? DEFAULT_CODE_SHARE;

@@ -94,14 +94,17 @@ export interface SearchParams {
    * walkOptions), reading at most `codeShare` of a document's tokens as 4-bit codes;
    * `scanShare` caps the keys scored exactly, as a share of the document's tokens,
    * for either walk (absent: the code walk's default, none for the beam).
+   * `codeScan`: every key's code scored, then the best scanShare (default as the code
+   * walk's) scored exactly (walkOptions; not with codeWalk).
    */
   codeWalk?: boolean;
+  codeScan?: boolean;
   codeShare?: number;
   scanShare?: number;
 }
 
 /** The part of a session's parameters a graph search reads besides ef (SearchParams). */
-export type WalkParams = Pick<SearchParams, 'codeWalk' | 'codeShare' | 'scanShare'>;
+export type WalkParams = Pick<SearchParams, 'codeWalk' | 'codeScan' | 'codeShare' | 'scanShare'>;
 
 /**
  * Whole blocks of one segment, per kv head: block b stands for rows

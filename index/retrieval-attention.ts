@@ -51,7 +51,11 @@
 // under two caps, codes read and keys scored exactly (walkOptions). It starts
 // from the same keys (entry points, the last step's ids, the steady zone
 // free); its codes are made from the keys on a graph's first code walk and
-// held with the loaded index (64 MB a head at 1M keys, d = 128).
+// held with the loaded index (64 MB a head at 1M keys, d = 128). Or
+// (`codeScan: true`) every key's code is scored and the best scanShare of the
+// keys by it exactly (native/indexes/ra_graph_code_scan.h): at 1M keys 0.98
+// of the group's top 1% at ~2.4% scored exactly, where the walk's order
+// needs its codes' cap (bench/results/ra-gpu-walk-feasibility-vm.md).
 import { RaGraph } from '../addon/ra-graph.js';
 import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchMemo, SearchResult, WalkParams } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
@@ -117,16 +121,19 @@ export const SCAN_PER_K = 3;
  * code-gated walk (addon/ra-graph.ts codeWalk: no beam, no margin) capped at codeShare of the keys read as codes
  * and scanShare (default DEFAULT_SCAN_SHARE, at least SCAN_PER_K·k) scored exactly, at the cutoff
  * DEFAULT_CODE_QUANTILE / DEFAULT_CODE_DELTA / DEFAULT_CODE_ADAPT (passed explicitly, so a session's walk does not move with the
- * native defaults); codeWidth stays at the native default (16).
+ * native defaults); codeWidth stays at the native default (16). With the session's codeScan, the code scan
+ * (addon/ra-graph.ts codeScan: no beam, no margin, every code read) at the code walk's exact cap.
  */
 export function walkOptions(ef: number, k: number, free: number, tokens: number, walk: WalkParams = {}) {
   const maxScanned = walk.scanShare !== undefined ? Math.max(1, Math.ceil(walk.scanShare * tokens)) : undefined;
+  const exactCap = maxScanned ?? Math.max(Math.ceil(DEFAULT_SCAN_SHARE * tokens), SCAN_PER_K * k);
+  if (walk.codeScan) return { ef: k, aggregate: 'attention' as const, codeScan: true, maxScanned: exactCap };
   if (!walk.codeWalk) return { ...effort(ef, k, free), ...(maxScanned !== undefined && { maxScanned }) };
   return {
     ef: k,
     aggregate: 'attention' as const,
     codeWalk: true,
-    maxScanned: maxScanned ?? Math.max(Math.ceil(DEFAULT_SCAN_SHARE * tokens), SCAN_PER_K * k),
+    maxScanned: exactCap,
     maxCodes: Math.max(1, Math.ceil((walk.codeShare ?? DEFAULT_CODE_SHARE) * tokens)),
     codeQuantile: DEFAULT_CODE_QUANTILE,
     codeDelta: DEFAULT_CODE_DELTA,

@@ -94,6 +94,8 @@ export interface SessionSpec {
    * exactly (either walk; the code walk's default: 3%, or 3× the keys asked).
    */
   codeWalk?: boolean;
+  /** retrieval-attention only, not with codeWalk: read every key's code, then score the best `scanShare` exactly. */
+  codeScan?: boolean;
   codeShare?: number;
   scanShare?: number;
   /** Estimate what the method leaves out from the documents' clusters (default: on for `wave`). */
