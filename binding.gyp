@@ -25,6 +25,7 @@
         "native/bindings/cuda_binding.cc",
         "native/bindings/faiss_binding.cc",
         "native/bindings/ra_graph_binding.cc",
+        "native/bindings/ra_scan_binding.cc",
         "native/bindings/topk_binding.cc",
         "native/bindings/wave_build_binding.cc",
         "native/bindings/wave_gpu_binding.cc",
@@ -67,7 +68,7 @@
           "rules": [{
             "rule_name": "nvcc",
             "extension": "cu",
-            "inputs": ["<(RULE_INPUT_PATH)", "native/cuda/block_pool.h", "native/cuda/block_pool_impl.cuh", "native/cuda/device_info.h", "native/cuda/decode_kernel.h", "native/cuda/block_scores.h", "native/cuda/block_score_kernels.cuh", "native/cuda/wave_step.h", "native/cuda/wave_step_kernels.cuh", "native/cuda/wave_rescore.cuh", "native/cuda/wave_step_estimate.cuh", "native/cuda/wave_partial.cuh", "native/cuda/wave_step_attend.cuh", "native/cuda/wave_select.cuh", "native/cuda/step_graph.cuh", "native/cuda/kmeans_device.h", "native/cuda/cuda_common.cuh", "native/common/half.h", "native/common/thread_pool.h", "native/cuda/wave_buffers.cuh", "native/cuda/wave_paths.cuh", "native/cuda/wave_rest.cuh", "native/cuda/wave_cache.cuh", "native/cuda/wave_setup.cuh", "native/cuda/wave_sizes.cuh", "native/cuda/wave_moments.cuh", "native/cuda/wave_score_mma.cuh", "native/cuda/wave_tile_mma.cuh", "native/cuda/wave_rescore_mma.cuh", "native/cuda/mma_fragments.cuh", "native/common/moment_code.h"],
+            "inputs": ["<(RULE_INPUT_PATH)", "native/cuda/block_pool.h", "native/cuda/block_pool_impl.cuh", "native/cuda/device_info.h", "native/cuda/decode_kernel.h", "native/cuda/block_scores.h", "native/cuda/block_score_kernels.cuh", "native/cuda/wave_step.h", "native/cuda/wave_step_kernels.cuh", "native/cuda/wave_rescore.cuh", "native/cuda/wave_step_estimate.cuh", "native/cuda/wave_partial.cuh", "native/cuda/wave_step_attend.cuh", "native/cuda/wave_select.cuh", "native/cuda/step_graph.cuh", "native/cuda/kmeans_device.h", "native/cuda/cuda_common.cuh", "native/common/half.h", "native/common/thread_pool.h", "native/cuda/wave_buffers.cuh", "native/cuda/wave_paths.cuh", "native/cuda/wave_rest.cuh", "native/cuda/wave_cache.cuh", "native/cuda/wave_setup.cuh", "native/cuda/wave_sizes.cuh", "native/cuda/wave_moments.cuh", "native/cuda/wave_score_mma.cuh", "native/cuda/wave_tile_mma.cuh", "native/cuda/wave_rescore_mma.cuh", "native/cuda/mma_fragments.cuh", "native/common/moment_code.h", "native/cuda/ra_scan.h", "native/cuda/ra_scan_kernels.cuh"],
             "outputs": ["<(INTERMEDIATE_DIR)/<(RULE_INPUT_ROOT).cu.o"],
             "action": ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-Inative", "-c", "<(RULE_INPUT_PATH)", "-o", "<@(_outputs)"],
             "message": "nvcc <(RULE_INPUT_PATH)",
@@ -76,7 +77,7 @@
           "libraries": ["-L<(cuda_lib)", "-lcudart_static", "-ldl", "-lrt"]
         }],
         ["has_cuda==1", {
-          "sources": ["native/cuda/wave_step.cu", "native/cuda/kmeans_device.cu"]
+          "sources": ["native/cuda/wave_step.cu", "native/cuda/kmeans_device.cu", "native/cuda/ra_scan.cu"]
         }]
       ]
     }

@@ -296,6 +296,11 @@ function nativeSearch(a: RaGraphSearchArgs): NativeSearchArgs {
 export class RaGraph {
   private constructor(private readonly native: NativeRaGraph) {}
 
+  /** The addon's object behind `g`, for the bindings that take a graph (addon/ra-scan.ts). */
+  static nativeOf(g: RaGraph): object {
+    return g.native;
+  }
+
   /** Exact top-kBuild keys of the (subsampled) queries, projected onto the keys; off the main thread. */
   static async build(args: RaGraphBuildArgs): Promise<RaGraph> {
     const queryCount = args.queryCount ?? (args.queries ? Math.floor(args.queries.length / args.headDim) : 0);

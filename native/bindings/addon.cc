@@ -15,6 +15,7 @@ void InitClusterRank(Napi::Env env, Napi::Object exports);
 void InitClusterSummary(Napi::Env env, Napi::Object exports);
 void InitWaveBuild(Napi::Env env, Napi::Object exports);
 void InitRaGraph(Napi::Env env, Napi::Object exports);
+void InitRaScan(Napi::Env env, Napi::Object exports);
 void InitFaiss(Napi::Env env, Napi::Object exports);
 void InitCuda(Napi::Env env, Napi::Object exports);
 void InitBlockScores(Napi::Env env, Napi::Object exports);
@@ -38,6 +39,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   kvr::InitClusterSummary(env, exports);
   kvr::InitWaveBuild(env, exports);
   kvr::InitRaGraph(env, exports);
+  kvr::InitRaScan(env, exports);
   kvr::InitFaiss(env, exports);
   kvr::InitCuda(env, exports);
   kvr::InitBlockScores(env, exports);

@@ -45,6 +45,7 @@
 #include "common/binding_args.h"
 #include "common/class_registry.h"
 #include "common/thread_pool.h"
+#include "bindings/ra_graph_handle.h"
 #include "indexes/ra_graph.h"
 
 namespace kvr {
@@ -235,6 +236,8 @@ Napi::Object ResultObject(Napi::Env env, const SearchJob& job) {
 }
 
 class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
+  friend std::shared_ptr<const RaGraph> kvr::RaGraphOf(Napi::Env env, const Napi::Value& v, const std::string& what);
+
  public:
   static Napi::Function Define(Napi::Env env) {
     Napi::Function ctor = DefineClass(
@@ -513,5 +516,11 @@ ClassRegistry RaGraphJs::registry_;
 }  // namespace
 
 void InitRaGraph(Napi::Env env, Napi::Object exports) { exports.Set("RaGraph", RaGraphJs::Define(env)); }
+
+std::shared_ptr<const RaGraph> RaGraphOf(Napi::Env env, const Napi::Value& v, const std::string& what) {
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(RaGraphJs::Constructor(env)))
+    throw Napi::TypeError::New(env, "Expected a RaGraph for " + what);
+  return RaGraphJs::Unwrap(v.As<Napi::Object>())->Live(env);
+}
 
 }  // namespace kvr

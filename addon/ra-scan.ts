@@ -1,0 +1,156 @@
+// Typed wrapper around retrieval-attention's device code scan
+// (native/bindings/ra_scan_binding.cc, kernels in native/cuda/ra_scan*.{cu,cuh}):
+// one (document, layer)'s keys, their 4-bit codes and each graph's entry
+// points resident on the GPU, and per decode step one native call that
+// searches every kv head: every key's code scored, the best scored exactly,
+// the best k of those by the group's attention, as the host's code scan
+// (RaGraph search with codeScan) does. native/cuda/ra_scan.h says how.
+import { nativeAddon } from './addon.js';
+import { DTYPE_CODE, type KvDtype } from './kernels.js';
+import { RaGraph } from './ra-graph.js';
+
+/** Where the last search's time went, milliseconds (CUDA events; the stages only with stageTimes). */
+export interface RaScanTimes {
+  totalMs: number;
+  sampleMs: number;
+  scanMs: number;
+  cutMs: number;
+  exactMs: number;
+  finalMs: number;
+  /** The call's wall time on the host (staging, the wait, the copy out). */
+  hostMs: number;
+}
+
+export interface RaScanSearchArgs {
+  /** [heads * group, headDim]: head h searches with rows h*group .. (h+1)*group. */
+  q: Float32Array;
+  group: number;
+  /** Ids wanted per head. */
+  k: number;
+  /** Keys scored exactly per head, the strided sample included (the host's maxScanned). */
+  maxScanned: number;
+  /** Softmax scale; default 1/√headDim. */
+  scale?: number;
+  /** Per kv head: extra start keys (the last step's ids), scored exactly. */
+  seeds?: Int32Array[];
+  /** Per kv head: the free keys (sinks, window): in the partitions, never in the answer. */
+  free?: Int32Array[];
+  stageTimes?: boolean;
+}
+
+export interface RaScanHeadResult {
+  /** The head's ids, a set in no order. */
+  ids: Int32Array;
+  /** Their scores: ln of the group's mean probability, as estimated. */
+  scores: Float32Array;
+  /** Keys scored exactly (the sample and the candidates, each once). */
+  scanned: number;
+}
+
+interface NativeRaScan {
+  search(a: {
+    q: Float32Array;
+    group: number;
+    k: number;
+    maxScanned: number;
+    scale?: number;
+    seeds?: Int32Array;
+    seedCounts?: Int32Array;
+    freeIds?: Int32Array;
+    freeCounts?: Int32Array;
+    outIds: Int32Array;
+    outScores: Float32Array;
+    stageTimes?: boolean;
+  }): Promise<{ counts: number[]; scanned: number[] }>;
+  bytes(): number;
+  lastTimes(): RaScanTimes;
+  close(): void;
+}
+
+interface Addon {
+  raScanSupported(headDim: number, group: number): boolean;
+  RaScanStore: new (o: { graphs: object[]; keys: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number }) => NativeRaScan;
+}
+
+const addon = nativeAddon<Addon>();
+
+/** Whether this build and host can scan keys of headDim for groups of `group` rows. */
+export function raScanSupported(headDim: number, group: number): boolean {
+  return addon.raScanSupported(headDim, group);
+}
+
+/** Per-head lists as the binding takes them: back to back, with each head's count. */
+function packLists(lists: Int32Array[] | undefined, heads: number): { ids?: Int32Array; counts?: Int32Array } {
+  if (!lists) return {};
+  if (lists.length !== heads) throw new RangeError(`expected ${heads} lists, one per kv head, got ${lists.length}`);
+  const counts = new Int32Array(heads);
+  let total = 0;
+  lists.forEach((l, h) => {
+    counts[h] = l.length;
+    total += l.length;
+  });
+  const ids = new Int32Array(total);
+  let at = 0;
+  for (const l of lists) {
+    ids.set(l, at);
+    at += l.length;
+  }
+  return { ids, counts };
+}
+
+export class RaScanStore {
+  private readonly native: NativeRaScan;
+
+  /** Uploads each graph's keys, codes (the graph's own, made now where it has none) and entry points. */
+  constructor(
+    readonly graphs: RaGraph[],
+    keys: Uint16Array[],
+    readonly tokens: number,
+    readonly headDim: number,
+    readonly dtype: KvDtype,
+    readonly maxGroup: number,
+  ) {
+    this.native = new addon.RaScanStore({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup });
+  }
+
+  get heads(): number {
+    return this.graphs.length;
+  }
+
+  async search(a: RaScanSearchArgs): Promise<RaScanHeadResult[]> {
+    const H = this.heads;
+    const outIds = new Int32Array(H * a.k);
+    const outScores = new Float32Array(H * a.k);
+    const seeds = packLists(a.seeds, H);
+    const free = packLists(a.free, H);
+    const r = await this.native.search({
+      q: a.q,
+      group: a.group,
+      k: a.k,
+      maxScanned: a.maxScanned,
+      ...(a.scale !== undefined && { scale: a.scale }),
+      ...(seeds.ids && { seeds: seeds.ids, seedCounts: seeds.counts }),
+      ...(free.ids && { freeIds: free.ids, freeCounts: free.counts }),
+      outIds,
+      outScores,
+      stageTimes: a.stageTimes ?? false,
+    });
+    return r.counts.map((c, h) => ({
+      ids: outIds.subarray(h * a.k, h * a.k + c),
+      scores: outScores.subarray(h * a.k, h * a.k + c),
+      scanned: r.scanned[h],
+    }));
+  }
+
+  bytes(): number {
+    return this.native.bytes();
+  }
+
+  lastTimes(): RaScanTimes {
+    return this.native.lastTimes();
+  }
+
+  close(): void {
+    this.native.close();
+  }
+}

@@ -1,0 +1,168 @@
+// node dist/bench/ra-scan-gpu.js [--tokens 1048576 --heads 8 --reps 4 --tag s29]
+//
+// Issue #15's search target (all kv heads of one layer-step <= 1 ms at 1M
+// keys) met on the device: retrieval-attention's code scan for every head of
+// a layer-step in one call (addon/ra-scan.ts), against the same scan on the
+// host's cores (RaGraph.searchBatch with codeScan, as the engine calls it
+// for a CPU session) in the same run. bench/ra-search-layer.ts's workload,
+// graph and heads (bench/ra-search-data.ts: one kv head of the generator at
+// 1M, its graph loaded again over a copy of its keys per head; head h at
+// step s searching with step (s + h) mod 8's query group), the session's
+// default cap (walkOptions with codeScan: the best 3% scored exactly).
+//
+// Per layer-step: the device call's time on the device (CUDA events around
+// its copies and kernels) and on the host (the awaited call), the host
+// scan's wall time, and whether the two answer alike (the share of the
+// host's ids the device returned, over every head and step; ids differ
+// only at near-ties of the cuts) and their top-1% recall of the group's
+// attention. Then the stages on the device (a pass with stage events), and
+// a pass as a decode session calls it: the sinks and window free and the
+// last step's answer as seeds.
+//
+// Writes bench/results/ra-scan-gpu-<tokens>-<card>[-<tag>].md and .json
+// (and into $OUT on a device visit). Needs a GPU.
+import { cudaAvailable } from '../addon/cuda.js';
+import { RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
+import { RaScanStore, type RaScanHeadResult, type RaScanTimes } from '../addon/ra-scan.js';
+import { walkOptions } from '../index/retrieval-attention.js';
+import { cardName, saveDeviceResult } from './device-results.js';
+import { machine } from './host.js';
+import { D, G, groupRecall, raSearchData, SINKS, WINDOW } from './ra-search-data.js';
+import { median } from './stats.js';
+
+const argv = process.argv.slice(2);
+const get = (name: string, dflt: string) => (argv.includes(`--${name}`) ? argv[argv.indexOf(`--${name}`) + 1] : dflt);
+const tokens = Number(get('tokens', '1048576'));
+const heads = Number(get('heads', '8'));
+const reps = Number(get('reps', '4'));
+const tag = get('tag', '');
+const steps = 8;
+const t0 = performance.now();
+const at = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
+const progress = (msg: string) => process.stderr.write(`[bench:ra-scan-gpu] ${msg}\n`);
+
+const info = cudaAvailable();
+if (!info.ok) throw new Error(`bench:ra-scan-gpu needs a GPU (${info.error})`);
+progress(`${machine()}, ${info.device}`);
+const data = await raSearchData(tokens, steps, progress);
+const { asked } = data;
+const blob = data.graph.save();
+const keys = Array.from({ length: heads }, (_, h) => (h === 0 ? data.keys : data.keys.slice()));
+const graphs = Array.from({ length: heads }, (_, h) => (h === 0 ? data.graph : RaGraph.load(blob)));
+let w = performance.now();
+const store = new RaScanStore(graphs, keys, tokens, D, 'f16', G);
+const storeMs = performance.now() - w;
+progress(`[${at()}] store made in ${storeMs.toFixed(0)} ms (codes made on the host for ${heads} heads, uploaded): ${(store.bytes() / 2 ** 20).toFixed(0)} MiB on the device`);
+
+const opts = walkOptions(0, asked, 0, tokens, { codeScan: true });
+const cap = opts.maxScanned ?? Math.ceil(0.03 * tokens);
+const stepQ = (s: number) => {
+  const q = new Float32Array(heads * G * D);
+  for (let h = 0; h < heads; h++) q.set(data.decodeQ[(s + h) % steps], h * G * D);
+  return q;
+};
+const qs = Array.from({ length: steps }, (_, s) => stepQ(s));
+/** A head's answer best first (the device returns a set), as groupRecall reads it. */
+const bestFirst = (r: RaScanHeadResult) =>
+  Int32Array.from([...r.ids.keys()].sort((a, b) => r.scores[b] - r.scores[a] || r.ids[a] - r.ids[b]).map((i) => r.ids[i]));
+
+// The host's scan, the engine's way (searchBatch on the native pool); its first layer-step untimed.
+const hostItems = (s: number): (RaGraphSearchArgs & { graph: RaGraph })[] =>
+  Array.from({ length: heads }, (_, h) => ({
+    keys: keys[h], tokens, headDim: D, dtype: 'f16', q: data.decodeQ[(s + h) % steps], group: G, k: asked, ...opts,
+    outIds: new Int32Array(asked), outScores: new Float32Array(asked), graph: graphs[h],
+  }));
+await RaGraph.searchBatch(hostItems(0));
+const hostMs: number[] = [], hostIds: Int32Array[][] = [];
+for (let r = 0; r < reps; r++)
+  for (let s = 0; s < steps; s++) {
+    const items = hostItems(s);
+    w = performance.now();
+    const res = await RaGraph.searchBatch(items);
+    hostMs.push(performance.now() - w);
+    if (r === 0) hostIds.push(items.map((it, h) => it.outIds.subarray(0, res[h].count)));
+  }
+progress(`[${at()}] host code scan: ${median(hostMs).toFixed(2)} ms a layer-step (p50 of ${hostMs.length})`);
+
+// The device: two untimed calls, then reps × steps timed.
+for (let s = 0; s < 2; s++) await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap });
+const devMs: number[] = [], devWall: number[] = [], devHost: number[] = [];
+let agree = 0, hostTotal = 0;
+const recall = { host: [] as number[], device: [] as number[] }, scanned: number[] = [];
+for (let r = 0; r < reps; r++)
+  for (let s = 0; s < steps; s++) {
+    w = performance.now();
+    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap });
+    devWall.push(performance.now() - w);
+    const t = store.lastTimes();
+    devMs.push(t.totalMs);
+    devHost.push(t.hostMs);
+    if (r > 0) continue;
+    res.forEach((x, h) => {
+      const mine = new Set(x.ids);
+      for (const id of hostIds[s][h]) agree += mine.has(id) ? 1 : 0;
+      hostTotal += hostIds[s][h].length;
+      scanned.push(x.scanned / tokens);
+      recall.device.push(groupRecall(data, bestFirst(x), (s + h) % steps));
+      recall.host.push(groupRecall(data, hostIds[s][h], (s + h) % steps));
+    });
+  }
+const mean = (v: number[]) => v.reduce((a, b) => a + b, 0) / v.length;
+progress(`[${at()}] device: ${median(devMs).toFixed(3)} ms on the device, ${median(devWall).toFixed(3)} ms awaited; agreement ${(agree / hostTotal).toFixed(4)}`);
+
+// The stages, and a decode session's call (free sinks + window, the last step's answer as seeds).
+const stages: RaScanTimes[] = [];
+for (let s = 0; s < steps; s++) {
+  await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, stageTimes: true });
+  stages.push(store.lastTimes());
+}
+const free = Int32Array.from([...Array.from({ length: SINKS }, (_, i) => i), ...Array.from({ length: WINDOW }, (_, i) => tokens - WINDOW + i)]);
+let last: Int32Array[] = Array.from({ length: heads }, () => new Int32Array(0));
+const sessMs: number[] = [], sessWall: number[] = [], sessRecall: number[] = [];
+for (let r = 0; r < reps; r++)
+  for (let s = 0; s < steps; s++) {
+    w = performance.now();
+    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
+    sessWall.push(performance.now() - w);
+    sessMs.push(store.lastTimes().totalMs);
+    last = res.map((x) => x.ids.slice());
+    if (r === 0) res.forEach((x, h) => sessRecall.push(groupRecall(data, bestFirst(x), (s + h) % steps)));
+  }
+const st = (k: keyof RaScanTimes) => median(stages.map((x) => x[k]));
+const f = (x: number, p = 3) => x.toFixed(p);
+const rows = {
+  hostLayerStepMs: { p50: median(hostMs), all: hostMs },
+  deviceMs: { p50: median(devMs), all: devMs },
+  deviceAwaitedMs: { p50: median(devWall), all: devWall },
+  deviceHostMs: median(devHost),
+  agreement: agree / hostTotal,
+  recall: { host: mean(recall.host), device: mean(recall.device) },
+  scanned: mean(scanned),
+  stagesMs: { sample: st('sampleMs'), scan: st('scanMs'), cut: st('cutMs'), exact: st('exactMs'), final: st('finalMs'), total: st('totalMs') },
+  session: { deviceMs: median(sessMs), awaitedMs: median(sessWall), recall: mean(sessRecall) },
+  storeMs,
+  deviceBytes: store.bytes(),
+};
+const md = [
+  `### Retrieval-attention's code scan on the device: a whole layer-step at ${tokens.toLocaleString('en-US')} keys, ${heads} kv heads in one call (bench/ra-scan-gpu.ts)`,
+  '',
+  `${machine()}, ${info.device}; ${new Date().toISOString()}. bench/ra-search-layer.ts's workload, graph and heads (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window; ${heads} heads = the graph loaded ${heads} times over copies of its keys, head h at step s with step (s + h) mod ${steps}'s group), the session's default cap (${cap} keys scored exactly, ${f((100 * cap) / tokens, 1)}%, every key's code read). Medians over ${reps} reps × ${steps} layer-steps. host = RaGraph.searchBatch with codeScan (the native pool, as the engine calls it); device = one RaScanStore.search for all heads (on the device: CUDA events around its copies and kernels; awaited: the call as JS sees it). Agreement = the share of the host's ids the device returned (rep 0, every head and step).`,
+  '',
+  '| search, a layer-step | ms (p50) | top-1% recall (group) | scanned exactly |',
+  '| --- | ---: | ---: | ---: |',
+  `| host code scan (${heads} heads on the native pool) | ${f(rows.hostLayerStepMs.p50, 2)} | ${f(rows.recall.host)} | ${f(100 * rows.scanned, 2)}% |`,
+  `| device code scan, on the device | **${f(rows.deviceMs.p50)}** | ${f(rows.recall.device)} | ${f(100 * rows.scanned, 2)}% |`,
+  `| device code scan, awaited from JS | ${f(rows.deviceAwaitedMs.p50)} | | |`,
+  `| device, as a session calls it (sinks + window free, the last step's ids as seeds), on the device | ${f(rows.session.deviceMs)} (awaited ${f(rows.session.awaitedMs)}) | ${f(rows.session.recall)} | |`,
+  '',
+  `Device over host: ${f(rows.deviceMs.p50 / rows.hostLayerStepMs.p50, 3)}× on the device, ${f(rows.deviceAwaitedMs.p50 / rows.hostLayerStepMs.p50, 3)}× awaited. Agreement with the host's ids: ${f(rows.agreement, 4)}.`,
+  `Stages on the device (ms, with stage events): sample ${f(rows.stagesMs.sample)}, scan of the codes ${f(rows.stagesMs.scan)}, the candidates' cut ${f(rows.stagesMs.cut)}, exact scores ${f(rows.stagesMs.exact)}, refine + the answer's cut ${f(rows.stagesMs.final)}; total ${f(rows.stagesMs.total)}.`,
+  `Store: made in ${f(storeMs / 1000, 1)} s (the codes made on the host, every head's codes, keys and entry points uploaded), ${(rows.deviceBytes / 2 ** 20).toFixed(0)} MiB on the device.`,
+  '',
+].join('\n');
+process.stdout.write(md);
+const name = `ra-scan-gpu-${tokens}-${cardName(info.device)}${tag ? `-${tag}` : ''}`;
+saveDeviceResult(name, { machine: machine(), device: info.device, date: new Date().toISOString(), tokens, heads, steps, reps, opts, ...rows }, md);
+progress(`[${at()}] wrote bench/results/${name}.md and .json`);
+store.close();
+for (const g of graphs) g.dispose();

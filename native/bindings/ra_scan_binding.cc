@@ -1,0 +1,249 @@
+// Retrieval-attention's device code scan for JS (native/cuda/ra_scan.{h,cu};
+// compiled by the host compiler, the kernels by nvcc when binding.gyp finds
+// it, with KVR_CUDA=1).
+//
+// raScanSupported(headDim, group) -> boolean (false in a build without CUDA)
+// new RaScanStore({graphs: RaGraph[], keys: Uint16Array[] ([tokens, headDim] each, the keys each graph was
+//                  built over), tokens, headDim, dtype, maxGroup})
+//   one kv head per graph: its keys' 4-bit codes (the graph's own, made now where it has none:
+//   RaGraph::KeyCodesFor), its keys and its entry points uploaded; throws without a device or memory.
+//   .search({q: Float32Array [heads*group*headDim], group, k, maxScanned, scale?,
+//            seeds?: Int32Array, seedCounts?: Int32Array [heads], freeIds?: Int32Array, freeCounts?: Int32Array [heads],
+//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], stageTimes?: boolean})
+//     -> Promise<{counts: number[], scanned: number[]}>
+//     head h's ids (a set) at outIds[h*k ..], counts[h] of them; ra_scan.h says what they are.
+//     Lists are per head, back to back (the counts say where each ends); ids in [0, tokens);
+//     free ids may repeat (each counts once).
+//   .bytes() -> device bytes held / .lastTimes() -> RaScanTimes / .close()
+#include <napi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/binding_args.h"
+#include "common/class_registry.h"
+
+#ifdef KVR_CUDA
+#include "bindings/ra_graph_handle.h"
+#include "cuda/ra_scan.h"
+#include "indexes/ra_key_codes.h"
+#endif
+
+namespace kvr {
+namespace {
+
+#ifdef KVR_CUDA
+
+Napi::Value Supported(const Napi::CallbackInfo& info) {
+  const int64_t d = IntArg(info, 0, "headDim", 1, 1 << 20), g = IntArg(info, 1, "group", 1, 1 << 20);
+  return Napi::Boolean::New(info.Env(), cuda::RaScanStore::Supports(int(d), int(g)));
+}
+
+// A search's inputs, owned: the JS arrays it reads are copied or held.
+struct ScanJob {
+  std::shared_ptr<cuda::RaScanStore> store;
+  std::vector<std::shared_ptr<const RaKeyCodes>> codes;
+  cuda::RaScanArgs args;
+  std::vector<float> q;
+  std::vector<int32_t> seeds, seedCounts, freeIds, freeCounts;
+  std::vector<int8_t> w8;
+  std::vector<float> qscale, qbias;
+  std::vector<int64_t> counts, scanned;
+  std::shared_ptr<std::mutex> lock;  // the store's: one search at a time on it
+
+  void Run() {
+    std::lock_guard<std::mutex> hold(*lock);
+    // Each head's int8 weights, as the host's code walk and scan make them.
+    const cuda::RaScanConfig& cfg = store->Config();
+    const int H = cfg.kvHeads, G = args.group, G4 = (G + 3) / 4 * 4, d = cfg.headDim;
+    w8.assign(size_t(H) * G4 * d, 0);
+    qscale.assign(size_t(H) * G4, 0.f);
+    qbias.assign(size_t(H) * G4, 0.f);
+    RaCodeQuery cq;
+    for (int h = 0; h < H; ++h) {
+      codes[size_t(h)]->Prepare(q.data() + size_t(h) * G * d, G, args.scale, cq);
+      std::copy(cq.w8.begin(), cq.w8.end(), w8.begin() + size_t(h) * G4 * d);
+      std::copy(cq.qscale.begin(), cq.qscale.end(), qscale.begin() + size_t(h) * G4);
+      std::copy(cq.qbias.begin(), cq.qbias.end(), qbias.begin() + size_t(h) * G4);
+    }
+    args.q = q.data();
+    args.w8 = w8.data();
+    args.qscale = qscale.data();
+    args.qbias = qbias.data();
+    args.seeds = seeds.data();
+    args.seedCounts = seedCounts.data();
+    args.freeIds = freeIds.data();
+    args.freeCounts = freeCounts.data();
+    counts.assign(size_t(H), 0);
+    scanned.assign(size_t(H), 0);
+    args.outCounts = counts.data();
+    args.outScanned = scanned.data();
+    store->Search(args);
+  }
+};
+
+// A per-head id list: its ids checked in [0, tokens) and its counts against its length.
+void ListAt(const Napi::Object& o, const char* key, const char* countsKey, int heads, int64_t tokens, bool dedupe,
+            std::vector<int32_t>& ids, std::vector<int32_t>& counts) {
+  Napi::Env env = o.Env();
+  const auto list = OptTypedAt<int32_t>(o, key);
+  const auto per = OptTypedAt<int32_t>(o, countsKey);
+  counts.assign(size_t(heads), 0);
+  ids.clear();
+  if (!list && !per) return;
+  if (!list || !per) throw Napi::TypeError::New(env, std::string(key) + " and " + countsKey + " come together");
+  if (per->ElementLength() != size_t(heads))
+    throw Napi::RangeError::New(env, std::string(countsKey) + " must have one count per kv head");
+  CheckIds(*list, tokens, key);
+  size_t at = 0;
+  for (int h = 0; h < heads; ++h) {
+    const int32_t c = (*per)[size_t(h)];
+    if (c < 0 || at + size_t(c) > list->ElementLength())
+      throw Napi::RangeError::New(env, std::string(countsKey) + " must add up to " + key + "'s length");
+    std::vector<int32_t> head(list->Data() + at, list->Data() + at + c);
+    at += size_t(c);
+    if (dedupe) {
+      std::sort(head.begin(), head.end());
+      head.erase(std::unique(head.begin(), head.end()), head.end());
+    }
+    counts[size_t(h)] = int32_t(head.size());
+    ids.insert(ids.end(), head.begin(), head.end());
+  }
+  if (at != list->ElementLength()) throw Napi::RangeError::New(env, std::string(countsKey) + " must add up to " + key + "'s length");
+}
+
+class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "RaScanStore",
+                       {InstanceMethod("search", &RaScanJs::Search), InstanceMethod("bytes", &RaScanJs::Bytes),
+                        InstanceMethod("lastTimes", &RaScanJs::LastTimes), InstanceMethod("close", &RaScanJs::Close)});
+  }
+
+  explicit RaScanJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<RaScanJs>(info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    cuda::RaScanConfig c;
+    c.tokens = Int(o, "tokens", 1, (int64_t(1) << 31) - 1);
+    c.headDim = int(Int(o, "headDim", 1, 1 << 16));
+    c.dtype = KeyDtype(o);
+    c.maxGroup = int(Int(o, "maxGroup", 1, cuda::RaScanConfig::kMaxGroup));
+    if (!cuda::RaScanStore::Supports(c.headDim, c.maxGroup))
+      throw Napi::RangeError::New(env, "headDim must be a multiple of 8 in [8, 256]");
+    Napi::Array graphs = ArrayAt(o, "graphs");
+    c.kvHeads = int(graphs.Length());
+    if (c.kvHeads < 1 || c.kvHeads > 1024) throw Napi::RangeError::New(env, "graphs must hold 1 to 1024 graphs");
+    Napi::Array keys = ArrayOf(o, "keys", graphs.Length());
+    std::vector<cuda::RaScanHead> heads(size_t(c.kvHeads));
+    for (int h = 0; h < c.kvHeads; ++h) {
+      const std::string what = "graphs entry " + std::to_string(h);
+      std::shared_ptr<const RaGraph> g = RaGraphOf(env, graphs.Get(uint32_t(h)), what);
+      if (g->tokens() != c.tokens || g->headDim() != c.headDim)
+        throw Napi::RangeError::New(env, what + " was built over another shape than tokens x headDim");
+      const uint16_t* k = Typed<uint16_t>(keys.Get(uint32_t(h)), "keys entry", size_t(c.tokens) * c.headDim).Data();
+      codes_.push_back(Guard(env, [&] { return g->KeyCodesFor(k, c.dtype); }));
+      heads[size_t(h)].codes = codes_.back()->Row(0);
+      heads[size_t(h)].keys = k;
+      heads[size_t(h)].entries = g->entries().data();
+      heads[size_t(h)].entryCount = int64_t(g->entries().size());
+      graphs_.push_back(std::move(g));
+    }
+    store_ = Guard(env, [&] { return std::make_shared<cuda::RaScanStore>(c, heads.data()); });
+  }
+
+ private:
+  std::shared_ptr<cuda::RaScanStore> store_;
+  std::vector<std::shared_ptr<const RaGraph>> graphs_;
+  std::vector<std::shared_ptr<const RaKeyCodes>> codes_;
+  std::shared_ptr<std::mutex> lock_ = std::make_shared<std::mutex>();
+
+  std::shared_ptr<cuda::RaScanStore> Live(Napi::Env env) {
+    if (!store_) throw Napi::Error::New(env, "RaScanStore is closed");
+    return store_;
+  }
+
+  Napi::Value Search(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    auto job = std::make_shared<ScanJob>();
+    job->store = Live(env);
+    job->codes = codes_;
+    job->lock = lock_;
+    const cuda::RaScanConfig& c = job->store->Config();
+    const int H = c.kvHeads, d = c.headDim;
+    cuda::RaScanArgs& a = job->args;
+    a.group = int(Int(o, "group", 1, c.maxGroup));
+    a.k = Int(o, "k", 1, c.tokens);
+    a.maxScanned = Int(o, "maxScanned", 1, c.tokens);
+    a.scale = Absent(o.Get("scale")) ? 1.f / std::sqrt(float(d)) : Float(o, "scale");
+    if (!(a.scale > 0) || !std::isfinite(a.scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
+    const size_t qn = size_t(H) * a.group * d;
+    Napi::Float32Array q = TypedAt<float>(o, "q");
+    if (q.ElementLength() != qn) throw Napi::RangeError::New(env, "q must hold heads * group * headDim floats (" + std::to_string(qn) + ")");
+    job->q.assign(q.Data(), q.Data() + qn);
+    for (const float v : job->q)
+      if (!std::isfinite(v)) throw Napi::RangeError::New(env, "q must be finite");
+    ListAt(o, "seeds", "seedCounts", H, c.tokens, false, job->seeds, job->seedCounts);
+    ListAt(o, "freeIds", "freeCounts", H, c.tokens, true, job->freeIds, job->freeCounts);
+    Napi::Int32Array outIds = TypedAt<int32_t>(o, "outIds", size_t(H) * a.k);
+    Napi::Float32Array outScores = TypedAt<float>(o, "outScores", size_t(H) * a.k);
+    a.outIds = outIds.Data();
+    a.outScores = outScores.Data();
+    a.stageTimes = Flag(o, "stageTimes", false);
+    return RunAsync(env, {outIds, outScores}, [job]() { job->Run(); }, [job](Napi::Env e) -> Napi::Value {
+      Napi::Object r = Napi::Object::New(e);
+      Napi::Array counts = Napi::Array::New(e, job->counts.size()), scanned = Napi::Array::New(e, job->scanned.size());
+      for (size_t h = 0; h < job->counts.size(); ++h) {
+        counts.Set(uint32_t(h), double(job->counts[h]));
+        scanned.Set(uint32_t(h), double(job->scanned[h]));
+      }
+      r.Set("counts", counts);
+      r.Set("scanned", scanned);
+      return r;
+    });
+  }
+
+  Napi::Value Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(Live(info.Env())->Bytes())); }
+
+  Napi::Value LastTimes(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const cuda::RaScanTimes t = Live(env)->LastTimes();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("totalMs", t.totalMs);
+    o.Set("sampleMs", t.sampleMs);
+    o.Set("scanMs", t.scanMs);
+    o.Set("cutMs", t.cutMs);
+    o.Set("exactMs", t.exactMs);
+    o.Set("finalMs", t.finalMs);
+    o.Set("hostMs", t.hostMs);
+    return o;
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    store_.reset();  // a search in flight keeps its own reference
+    return info.Env().Undefined();
+  }
+};
+
+#else
+
+Napi::Value Supported(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), false); }
+
+struct RaScanJs {
+  static Napi::Function Define(Napi::Env env) { return Unavailable::Define(env, "RaScanStore", "kvrecall was built without CUDA"); }
+};
+
+#endif
+
+}  // namespace
+
+void InitRaScan(Napi::Env env, Napi::Object exports) {
+  exports.Set("raScanSupported", Napi::Function::New(env, Supported));
+  exports.Set("RaScanStore", RaScanJs::Define(env));
+}
+
+}  // namespace kvr

@@ -1,0 +1,343 @@
+// The device code scan's store and its search (ra_scan.h): the data uploaded
+// once, a layer-step's inputs in one copy, its kernels on one stream
+// (ra_scan_kernels.cuh), its answer in one copy back.
+#include "cuda/ra_scan.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_common.cuh"
+#include "cuda/ra_scan_kernels.cuh"
+
+namespace kvr {
+namespace cuda {
+
+namespace {
+
+// The host's sample rule (native/indexes/ra_graph_attention.cc: kSampleShare,
+// kSampleMin, kSampleMax, kSampleSeeds, kSampleSeedShare).
+constexpr int64_t kSampleShare = 512, kSampleMin = 64, kSampleMax = 4096, kSampleSeedShare = 64;
+
+template <typename T>
+T* Carve(char*& at, size_t count) {
+  T* p = reinterpret_cast<T*>(at);
+  at += Align(count * sizeof(T));
+  return p;
+}
+
+struct DeviceBlock {
+  char* p = nullptr;
+  size_t bytes = 0;
+  void Ensure(size_t want, const char* what) {
+    if (want <= bytes) return;
+    if (p) cudaFree(p);
+    p = nullptr;
+    bytes = 0;
+    Check(cudaMalloc(reinterpret_cast<void**>(&p), want), what);
+    bytes = want;
+  }
+  ~DeviceBlock() {
+    if (p) cudaFree(p);
+  }
+};
+struct HostBlock {
+  char* p = nullptr;
+  size_t bytes = 0;
+  void Ensure(size_t want, const char* what) {
+    if (want <= bytes) return;
+    if (p) cudaFreeHost(p);
+    p = nullptr;
+    bytes = 0;
+    Check(cudaHostAlloc(reinterpret_cast<void**>(&p), want, cudaHostAllocDefault), what);
+    bytes = want;
+  }
+  ~HostBlock() {
+    if (p) cudaFreeHost(p);
+  }
+};
+
+}  // namespace
+
+struct RaScanStore::Impl {
+  RaScanConfig cfg;
+  int64_t words = 0;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ev[8] = {};
+  DeviceBlock data;   // codes, keys, entry bits, seed and free bits
+  DeviceBlock work;   // sized by the largest step
+  DeviceBlock in, out;
+  HostBlock hin, hout;
+  int64_t workCap = -1, workFree = -1, workK = -1;
+  uint8_t* codes = nullptr;
+  uint16_t* keys = nullptr;
+  uint32_t* entryBits = nullptr;
+  uint32_t* seedBits = nullptr;
+  uint32_t* freeBits = nullptr;
+  // Work carved from `work`.
+  float *freeX = nullptr, *sampleX = nullptr, *c0 = nullptr, *candX = nullptr, *candScore = nullptr;
+  uint8_t* reached = nullptr;
+  int32_t *sampleSeedIds = nullptr, *cand = nullptr;
+  uint32_t *ord = nullptr, *ord2 = nullptr, *range = nullptr, *hist = nullptr;
+  int64_t *finalCount = nullptr, *tiles = nullptr, *bufW = nullptr;
+  uint64_t* buf = nullptr;
+  CutState* cuts = nullptr;
+  RaScanTimes times;
+
+  ~Impl() {
+    for (cudaEvent_t e : ev)
+      if (e) cudaEventDestroy(e);
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+bool RaScanStore::Supports(int headDim, int group) {
+  return headDim >= 8 && headDim <= RaScanConfig::kMaxDim && headDim % 8 == 0 && group >= 1 && group <= RaScanConfig::kMaxGroup;
+}
+
+RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : impl_(std::make_unique<Impl>()) {
+  Impl& I = *impl_;
+  I.cfg = cfg;
+  if (cfg.kvHeads < 1 || !Supports(cfg.headDim, std::max(1, cfg.maxGroup)) || cfg.tokens < 1 || cfg.tokens >= (int64_t(1) << 31))
+    throw std::invalid_argument("RaScanStore: kvHeads >= 1, headDim a multiple of 8 in [8, 256], maxGroup in [1, 16], tokens in [1, 2^31)");
+  const int H = cfg.kvHeads, d = cfg.headDim;
+  const int64_t n = cfg.tokens;
+  I.words = (n + 31) / 32;
+  Check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "stream");
+  for (cudaEvent_t& e : I.ev) Check(cudaEventCreate(&e), "event");
+  const size_t codeBytes = size_t(n) * size_t(d / 2), keyBytes = size_t(n) * size_t(d) * 2, bitBytes = size_t(I.words) * 4;
+  I.data.Ensure(Align(codeBytes * H) + Align(keyBytes * H) + 3 * Align(bitBytes * H), "cudaMalloc (code scan data)");
+  char* at = I.data.p;
+  I.codes = Carve<uint8_t>(at, codeBytes * H);
+  I.keys = Carve<uint16_t>(at, keyBytes / 2 * H);
+  I.entryBits = Carve<uint32_t>(at, size_t(I.words) * H);
+  I.seedBits = Carve<uint32_t>(at, size_t(I.words) * H);
+  I.freeBits = Carve<uint32_t>(at, size_t(I.words) * H);
+  std::vector<uint32_t> bits(size_t(I.words));
+  for (int h = 0; h < H; ++h) {
+    const RaScanHead& hd = heads[h];
+    Check(cudaMemcpy(I.codes + codeBytes * h, hd.codes, codeBytes, cudaMemcpyHostToDevice), "copy codes");
+    Check(cudaMemcpy(I.keys + size_t(n) * d * h, hd.keys, keyBytes, cudaMemcpyHostToDevice), "copy keys");
+    std::fill(bits.begin(), bits.end(), 0u);
+    for (int64_t i = 0; i < hd.entryCount; ++i) {
+      const int32_t id = hd.entries[i];
+      if (id < 0 || id >= n) throw std::invalid_argument("RaScanStore: an entry point is out of range");
+      bits[size_t(id) >> 5] |= 1u << (id & 31);
+    }
+    Check(cudaMemcpy(I.entryBits + size_t(I.words) * h, bits.data(), bitBytes, cudaMemcpyHostToDevice), "copy entry points");
+  }
+  Check(cudaMemset(I.seedBits, 0, 2 * Align(bitBytes * H)), "clear marks");
+  // ResolveCut holds up to ResolveHeld keys of the cut's bin in shared memory (96 KiB).
+  Check(cudaFuncSetAttribute(ResolveCut<ScanCodeCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanCodeCut>())), "attribute");
+  Check(cudaFuncSetAttribute(ResolveCut<ScanFinalCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanFinalCut>())), "attribute");
+}
+
+RaScanStore::~RaScanStore() = default;
+
+const RaScanConfig& RaScanStore::Config() const { return impl_->cfg; }
+
+int64_t RaScanStore::Bytes() const {
+  const Impl& I = *impl_;
+  return int64_t(I.data.bytes + I.work.bytes + I.in.bytes + I.out.bytes);
+}
+
+RaScanTimes RaScanStore::LastTimes() const { return impl_->times; }
+
+void RaScanStore::Search(const RaScanArgs& a) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t0 = Clock::now();
+  Impl& I = *impl_;
+  const RaScanConfig& cfg = I.cfg;
+  const int H = cfg.kvHeads, d = cfg.headDim, G = a.group, G4 = (G + 3) / 4 * 4;
+  const int64_t n = cfg.tokens;
+  if (G < 1 || G > cfg.maxGroup) throw std::invalid_argument("RaScanStore: group must be in [1, maxGroup]");
+  if (a.k < 1 || a.maxScanned < 1) throw std::invalid_argument("RaScanStore: k and maxScanned must be >= 1");
+  // The sample, as the host takes it.
+  const int64_t want = std::min<int64_t>(n, std::min(kSampleMax, std::max(kSampleMin, n / kSampleShare)));
+  const int64_t stride = std::max<int64_t>(1, n / want), off = stride / 2, m = (n - off + stride - 1) / stride;
+  const int64_t cand = std::max<int64_t>(0, std::min(a.maxScanned, n) - m);
+  const int64_t cap = cand + m, k = a.k;
+  std::vector<int64_t> seedStart(size_t(H) + 1, 0), freeStart(size_t(H) + 1, 0);
+  for (int h = 0; h < H; ++h) {
+    seedStart[size_t(h) + 1] = seedStart[size_t(h)] + a.seedCounts[h];
+    freeStart[size_t(h) + 1] = freeStart[size_t(h)] + a.freeCounts[h];
+  }
+  const int64_t seeds = seedStart[size_t(H)], frees = freeStart[size_t(H)];
+  int64_t maxList = 1;
+  for (int h = 0; h < H; ++h) maxList = std::max({maxList, int64_t(a.seedCounts[h]), int64_t(a.freeCounts[h])});
+
+  // Work, grown to the largest step seen.
+  const int64_t tilesPerHead = std::max<int64_t>(Tiles(n), Tiles(cap));
+  if (cap > I.workCap || frees > I.workFree || k > I.workK) {
+    I.workCap = std::max(cap, I.workCap);
+    I.workFree = std::max(frees, I.workFree);
+    I.workK = std::max(k, I.workK);
+    const size_t C = size_t(I.workCap), Hs = size_t(H);
+    const size_t bytes = Align(size_t(I.workFree) * kScanMaxG * 4) + Align(Hs * m * kScanMaxG * 4) + Align(Hs * kScanMaxG * 4) +
+                         Align(Hs * C * kScanMaxG * 4) + Align(Hs * C * 4) + Align(Hs * m) + Align(Hs * kSeedMax * 4) +
+                         Align(Hs * C * 4) + Align(Hs * n * 4) + Align(Hs * C * 4) + Align(Hs * 4 * 4) + Align(Hs * kBins * 2 * 4) +
+                         Align(Hs * 8) + Align(Hs * size_t(tilesPerHead) * 8) + Align(Hs * size_t(std::max<int64_t>(n, C)) * 16) +
+                         Align(Hs * sizeof(CutState) * 2);
+    I.work.Ensure(bytes, "cudaMalloc (code scan work)");
+    char* at = I.work.p;
+    I.freeX = Carve<float>(at, size_t(I.workFree) * kScanMaxG);
+    I.sampleX = Carve<float>(at, Hs * m * kScanMaxG);
+    I.c0 = Carve<float>(at, Hs * kScanMaxG);
+    I.candX = Carve<float>(at, Hs * C * kScanMaxG);
+    I.candScore = Carve<float>(at, Hs * C);
+    I.reached = Carve<uint8_t>(at, Hs * m);
+    I.sampleSeedIds = Carve<int32_t>(at, Hs * kSeedMax);
+    I.cand = Carve<int32_t>(at, Hs * C);
+    I.ord = Carve<uint32_t>(at, Hs * n);
+    I.ord2 = Carve<uint32_t>(at, Hs * C);
+    I.range = Carve<uint32_t>(at, Hs * 4);
+    I.hist = Carve<uint32_t>(at, Hs * kBins * 2);
+    I.finalCount = Carve<int64_t>(at, Hs);
+    I.tiles = Carve<int64_t>(at, Hs * size_t(tilesPerHead));
+    I.buf = Carve<uint64_t>(at, Hs * size_t(std::max<int64_t>(n, C)));
+    I.bufW = Carve<int64_t>(at, Hs * size_t(std::max<int64_t>(n, C)));
+    I.cuts = Carve<CutState>(at, Hs * 2);
+  }
+
+  // The step's inputs in one copy.
+  const size_t qN = size_t(H) * G * d, w8N = size_t(H) * G4 * d, sN = size_t(H) * G4;
+  const size_t inBytes = Align(qN * 4) + Align(w8N) + 2 * Align(sN * 4) + Align(size_t(seeds) * 4 + 4) + Align(size_t(frees) * 4 + 4) +
+                         2 * Align((size_t(H) + 1) * 8);
+  I.in.Ensure(inBytes, "cudaMalloc (code scan inputs)");
+  I.hin.Ensure(inBytes, "cudaHostAlloc (code scan inputs)");
+  char* hat = I.hin.p;
+  char* dat = I.in.p;
+  const auto stage = [&](const void* src, size_t bytes) {
+    std::memcpy(hat, src, bytes);
+    void* dev = dat;
+    hat += Align(bytes);
+    dat += Align(bytes);
+    return dev;
+  };
+  ScanParams p;
+  p.H = H, p.G = G, p.G4 = G4, p.d = d, p.half = d / 2, p.n = n, p.words = I.words, p.scale = a.scale;
+  p.m = m, p.stride = stride, p.off = off, p.sampleSeeds = int(std::min<int64_t>(kSeedMax, m / kSampleSeedShare));
+  p.want = cand, p.cap = cap, p.k = k;
+  p.codes = I.codes, p.keys = I.keys, p.entryBits = I.entryBits, p.seedBits = I.seedBits, p.freeBits = I.freeBits;
+  p.q = static_cast<const float*>(stage(a.q, qN * 4));
+  p.w8 = static_cast<const int8_t*>(stage(a.w8, w8N));
+  p.qscale = static_cast<const float*>(stage(a.qscale, sN * 4));
+  p.qbias = static_cast<const float*>(stage(a.qbias, sN * 4));
+  const int32_t none = 0;  // a list's stand-in where it is empty
+  p.seeds = static_cast<const int32_t*>(stage(seeds > 0 ? a.seeds : &none, seeds > 0 ? size_t(seeds) * 4 : 4));
+  p.freeIds = static_cast<const int32_t*>(stage(frees > 0 ? a.freeIds : &none, frees > 0 ? size_t(frees) * 4 : 4));
+  p.seedStart = static_cast<const int64_t*>(stage(seedStart.data(), (size_t(H) + 1) * 8));
+  p.freeStart = static_cast<const int64_t*>(stage(freeStart.data(), (size_t(H) + 1) * 8));
+  p.freeX = I.freeX, p.sampleX = I.sampleX, p.reached = I.reached, p.c0 = I.c0, p.sampleSeedIds = I.sampleSeedIds;
+  p.ord = I.ord, p.cand = I.cand, p.candX = I.candX, p.candScore = I.candScore, p.ord2 = I.ord2, p.finalCount = I.finalCount;
+  const size_t outBytes = Align(size_t(H) * k * 4) * 2 + 2 * Align(size_t(H) * 8);
+  I.out.Ensure(outBytes, "cudaMalloc (code scan answer)");
+  I.hout.Ensure(outBytes, "cudaHostAlloc (code scan answer)");
+  char* oat = I.out.p;
+  p.outIds = Carve<int32_t>(oat, size_t(H) * k);
+  p.outScores = Carve<float>(oat, size_t(H) * k);
+  p.outCounts = Carve<int64_t>(oat, size_t(H));
+  p.outScanned = Carve<int64_t>(oat, size_t(H));
+
+  cudaStream_t s = I.stream;
+  const auto mark = [&](int i) {
+    if (a.stageTimes || i == 0 || i == 7) Check(cudaEventRecord(I.ev[i], s), "event");
+  };
+  const bool bf16 = cfg.dtype == Dtype::kBf16;
+  const size_t qSmem = size_t(G) * d * 4;
+  const unsigned T = unsigned(kThreads);
+  const auto cdiv = [](int64_t x, int64_t y) { return unsigned(std::max<int64_t>(1, (x + y - 1) / y)); };
+  mark(0);
+  Check(cudaMemcpyAsync(I.in.p, I.hin.p, size_t(hat - I.hin.p), cudaMemcpyHostToDevice, s), "copy in");
+  Check(cudaMemsetAsync(I.reached, 0, size_t(H) * m, s), "memset");
+  Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 4 * 4, s), "memset");
+  Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
+  MarkList<true><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
+  MarkList<true><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.freeBits, I.words, p.freeIds, p.freeStart);
+  const dim3 sampleGrid(cdiv(maxList + m, kScanWarps * 8), unsigned(H));
+  if (bf16) SampleLogits<true><<<sampleGrid, T, qSmem, s>>>(p);
+  else SampleLogits<false><<<sampleGrid, T, qSmem, s>>>(p);
+  SampleReduce<<<H, kReduceThreads, 0, s>>>(p);
+  mark(1);
+  ScanCodes<<<dim3(cdiv(n, int64_t(T) * kScanPerThread), H), T, 0, s>>>(p);
+  mark(2);
+  // The candidates: the best `cand` of every key's order.
+  const ScanCodeCut cc{I.ord, n, cand};
+  CutState* const cuts1 = I.cuts;
+  CutState* const cuts2 = I.cuts + H;
+  const dim3 cutGrid(cdiv(n, int64_t(T) * kHistPer), unsigned(H));
+  OrderRange<ScanCodeCut><<<dim3(cdiv(n, int64_t(T) * kRangePer), H), T, 0, s>>>(cc, I.range);
+  Histogram<ScanCodeCut><<<cutGrid, T, 0, s>>>(cc, I.range, I.hist);
+  FindBin<ScanCodeCut><<<H, kFindThreads, 0, s>>>(cc, I.hist, cuts1);
+  CollectBin<ScanCodeCut><<<dim3(cdiv(n, int64_t(T) * kScanPer), H), T, 0, s>>>(cc, I.range, cuts1, I.buf, I.bufW);
+  ResolveCut<ScanCodeCut><<<H, kResolveThreads, ResolveSmem<ScanCodeCut>(), s>>>(cc, I.range, cuts1, I.buf, I.bufW, true);
+  const dim3 tileGrid(unsigned(Tiles(n)), unsigned(H));
+  CountTaken<ScanCodeCut><<<tileGrid, T, 0, s>>>(cc, I.range, cuts1, I.tiles, tilesPerHead);
+  ScanTiles<<<H, kReduceThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, n);
+  PlaceTaken<ScanCodeCut><<<tileGrid, T, 0, s>>>(cc, I.range, cuts1, I.tiles, tilesPerHead, WriteCandidate{p});
+  mark(3);
+  const dim3 exactGrid(cdiv(cand, kScanWarps * 4), unsigned(H));
+  if (cand > 0) {
+    if (bf16) ExactCandidates<true><<<exactGrid, T, qSmem, s>>>(p, cuts1);
+    else ExactCandidates<false><<<exactGrid, T, qSmem, s>>>(p, cuts1);
+  }
+  mark(4);
+  Refine<<<H, kReduceThreads, 0, s>>>(p, cuts1);
+  // The answer: the best k of the listed keys.
+  const ScanFinalCut fc{I.ord2, I.cand, I.finalCount, cap, k, n};
+  Check(cudaMemsetAsync(I.range + size_t(H) * 2, 0xff, size_t(H) * 2 * 4, s), "memset");
+  Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
+  uint32_t* const range2 = I.range + size_t(H) * 2;
+  const dim3 finalGrid(cdiv(cap, int64_t(T) * kHistPer), unsigned(H));
+  OrderRange<ScanFinalCut><<<dim3(cdiv(cap, int64_t(T) * kRangePer), H), T, 0, s>>>(fc, range2);
+  Histogram<ScanFinalCut><<<finalGrid, T, 0, s>>>(fc, range2, I.hist);
+  FindBin<ScanFinalCut><<<H, kFindThreads, 0, s>>>(fc, I.hist, cuts2);
+  CollectBin<ScanFinalCut><<<dim3(cdiv(cap, int64_t(T) * kScanPer), H), T, 0, s>>>(fc, range2, cuts2, I.buf, I.bufW);
+  ResolveCut<ScanFinalCut><<<H, kResolveThreads, ResolveSmem<ScanFinalCut>(), s>>>(fc, range2, cuts2, I.buf, I.bufW, true);
+  const dim3 tileGrid2(unsigned(Tiles(cap)), unsigned(H));
+  CountTaken<ScanFinalCut><<<tileGrid2, T, 0, s>>>(fc, range2, cuts2, I.tiles, tilesPerHead);
+  ScanTiles<<<H, kReduceThreads, 0, s>>>(I.tiles, tilesPerHead, I.finalCount, 0);
+  PlaceTaken<ScanFinalCut><<<tileGrid2, T, 0, s>>>(fc, range2, cuts2, I.tiles, tilesPerHead, WriteAnswer{p});
+  MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
+  MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.freeBits, I.words, p.freeIds, p.freeStart);
+  Finish<<<dim3(1, H), 32, 0, s>>>(p, cuts2);
+  mark(5);
+  Check(cudaGetLastError(), "code scan launch");
+  Check(cudaMemcpyAsync(I.hout.p, I.out.p, outBytes, cudaMemcpyDeviceToHost, s), "copy out");
+  mark(7);
+  Check(cudaStreamSynchronize(s), "code scan");
+  // Copy the answer out of the pinned block.
+  const char* hp = I.hout.p;
+  const int32_t* ids = reinterpret_cast<const int32_t*>(hp);
+  const float* scores = reinterpret_cast<const float*>(hp + Align(size_t(H) * k * 4));
+  const int64_t* counts = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4));
+  const int64_t* scanned = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4) + Align(size_t(H) * 8));
+  for (int h = 0; h < H; ++h) {
+    const int64_t c = counts[h];
+    std::copy_n(ids + size_t(h) * k, c, a.outIds + size_t(h) * k);
+    std::copy_n(scores + size_t(h) * k, c, a.outScores + size_t(h) * k);
+    a.outCounts[h] = c;
+    if (a.outScanned) a.outScanned[h] = scanned[h];
+  }
+  const auto ms = [&](int i, int j) {
+    float v = 0;
+    Check(cudaEventElapsedTime(&v, I.ev[i], I.ev[j]), "elapsed");
+    return double(v);
+  };
+  I.times = RaScanTimes{};
+  I.times.totalMs = ms(0, 7);
+  if (a.stageTimes) {
+    I.times.sampleMs = ms(0, 1);
+    I.times.scanMs = ms(1, 2);
+    I.times.cutMs = ms(2, 3);
+    I.times.exactMs = ms(3, 4);
+    I.times.finalMs = ms(4, 5);
+  }
+  I.times.hostMs = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+}  // namespace cuda
+}  // namespace kvr
