@@ -69,7 +69,7 @@ interface NativeRaScan {
 
 interface Addon {
   raScanSupported(headDim: number, group: number): boolean;
-  RaScanStore: new (o: { graphs: object[]; keys: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number }) => NativeRaScan;
+  RaScanStore: { open(o: { graphs: object[]; keys: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number }): Promise<NativeRaScan> };
 }
 
 const addon = nativeAddon<Addon>();
@@ -99,18 +99,23 @@ function packLists(lists: Int32Array[] | undefined, heads: number): { ids?: Int3
 }
 
 export class RaScanStore {
-  private readonly native: NativeRaScan;
-
-  /** Uploads each graph's keys, codes (the graph's own, made now where it has none) and entry points. */
-  constructor(
+  private constructor(
+    private readonly native: NativeRaScan,
     readonly graphs: RaGraph[],
-    keys: Uint16Array[],
     readonly tokens: number,
     readonly headDim: number,
     readonly dtype: KvDtype,
     readonly maxGroup: number,
-  ) {
-    this.native = new addon.RaScanStore({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup });
+  ) {}
+
+  /**
+   * Uploads each graph's keys, codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys)
+   * and entry points, off the event loop; rejects without a device or its memory.
+   */
+  static async open(graphs: RaGraph[], keys: Uint16Array[], tokens: number, headDim: number, dtype: KvDtype, maxGroup: number): Promise<RaScanStore> {
+    if (typeof addon.RaScanStore.open !== 'function') throw new Error('RaScanStore: kvrecall was built without CUDA');
+    const native = await addon.RaScanStore.open({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup });
+    return new RaScanStore(native, graphs, tokens, headDim, dtype, maxGroup);
   }
 
   get heads(): number {

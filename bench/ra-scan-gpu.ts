@@ -50,7 +50,7 @@ const blob = data.graph.save();
 const keys = Array.from({ length: heads }, (_, h) => (h === 0 ? data.keys : data.keys.slice()));
 const graphs = Array.from({ length: heads }, (_, h) => (h === 0 ? data.graph : RaGraph.load(blob)));
 let w = performance.now();
-const store = new RaScanStore(graphs, keys, tokens, D, 'f16', G);
+const store = await RaScanStore.open(graphs, keys, tokens, D, 'f16', G);
 const storeMs = performance.now() - w;
 progress(`[${at()}] store made in ${storeMs.toFixed(0)} ms (codes made on the host for ${heads} heads, uploaded): ${(store.bytes() / 2 ** 20).toFixed(0)} MiB on the device`);
 

@@ -3,10 +3,11 @@
 // it, with KVR_CUDA=1).
 //
 // raScanSupported(headDim, group) -> boolean (false in a build without CUDA)
-// new RaScanStore({graphs: RaGraph[], keys: Uint16Array[] ([tokens, headDim] each, the keys each graph was
-//                  built over), tokens, headDim, dtype, maxGroup})
+// RaScanStore.open({graphs: RaGraph[], keys: Uint16Array[] ([tokens, headDim] each, the keys each graph was
+//                    built over), tokens, headDim, dtype, maxGroup}) -> Promise<RaScanStore>
 //   one kv head per graph: its keys' 4-bit codes (the graph's own, made now where it has none:
-//   RaGraph::KeyCodesFor), its keys and its entry points uploaded; throws without a device or memory.
+//   RaGraph::KeyCodesFor), its keys and its entry points uploaded, off the event loop; rejects without a
+//   device or memory.
 //   .search({q: Float32Array [heads*group*headDim], group, k, maxScanned, scale?,
 //            seeds?: Int32Array, seedCounts?: Int32Array [heads], freeIds?: Int32Array, freeCounts?: Int32Array [heads],
 //            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], stageTimes?: boolean})
@@ -116,15 +117,43 @@ void ListAt(const Napi::Object& o, const char* key, const char* countsKey, int h
   if (at != list->ElementLength()) throw Napi::RangeError::New(env, std::string(countsKey) + " must add up to " + key + "'s length");
 }
 
+// What open() makes on a libuv thread, handed to the constructor in an External.
+struct Made {
+  std::shared_ptr<cuda::RaScanStore> store;
+  std::vector<std::shared_ptr<const RaGraph>> graphs;
+  std::vector<std::shared_ptr<const RaKeyCodes>> codes;
+};
+
 class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "RaScanStore",
-                       {InstanceMethod("search", &RaScanJs::Search), InstanceMethod("bytes", &RaScanJs::Bytes),
-                        InstanceMethod("lastTimes", &RaScanJs::LastTimes), InstanceMethod("close", &RaScanJs::Close)});
+    Napi::Function ctor = DefineClass(env, "RaScanStore",
+                                      {StaticMethod<&RaScanJs::Open>("open"), InstanceMethod("search", &RaScanJs::Search),
+                                       InstanceMethod("bytes", &RaScanJs::Bytes), InstanceMethod("lastTimes", &RaScanJs::LastTimes),
+                                       InstanceMethod("close", &RaScanJs::Close)});
+    registry_.Add(env, ctor);
+    return ctor;
   }
 
+  // Only open() constructs.
   explicit RaScanJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<RaScanJs>(info) {
+    Made* made = FactoryArg<Made>(info, "RaScanStore is made by RaScanStore.open()");
+    store_ = std::move(made->store);
+    graphs_ = std::move(made->graphs);
+    codes_ = std::move(made->codes);
+  }
+
+ private:
+  static ClassRegistry registry_;
+  std::shared_ptr<cuda::RaScanStore> store_;
+  std::vector<std::shared_ptr<const RaGraph>> graphs_;
+  std::vector<std::shared_ptr<const RaKeyCodes>> codes_;
+  std::shared_ptr<std::mutex> lock_ = std::make_shared<std::mutex>();
+
+  // The arguments checked here; the codes made (where a graph has none of
+  // these keys yet: ~0.3 s a head at 1M keys) and everything uploaded on a
+  // libuv thread, so the server answers meanwhile.
+  static Napi::Value Open(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object o = ArgObject(info);
     cuda::RaScanConfig c;
@@ -138,28 +167,35 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     c.kvHeads = int(graphs.Length());
     if (c.kvHeads < 1 || c.kvHeads > 1024) throw Napi::RangeError::New(env, "graphs must hold 1 to 1024 graphs");
     Napi::Array keys = ArrayOf(o, "keys", graphs.Length());
-    std::vector<cuda::RaScanHead> heads(size_t(c.kvHeads));
+    auto made = std::make_shared<Made>();
+    auto keyRows = std::make_shared<std::vector<const uint16_t*>>();
+    std::vector<Napi::Value> keep;
     for (int h = 0; h < c.kvHeads; ++h) {
       const std::string what = "graphs entry " + std::to_string(h);
       std::shared_ptr<const RaGraph> g = RaGraphOf(env, graphs.Get(uint32_t(h)), what);
       if (g->tokens() != c.tokens || g->headDim() != c.headDim)
         throw Napi::RangeError::New(env, what + " was built over another shape than tokens x headDim");
-      const uint16_t* k = Typed<uint16_t>(keys.Get(uint32_t(h)), "keys entry", size_t(c.tokens) * c.headDim).Data();
-      codes_.push_back(Guard(env, [&] { return g->KeyCodesFor(k, c.dtype); }));
-      heads[size_t(h)].codes = codes_.back()->Row(0);
-      heads[size_t(h)].keys = k;
-      heads[size_t(h)].entries = g->entries().data();
-      heads[size_t(h)].entryCount = int64_t(g->entries().size());
-      graphs_.push_back(std::move(g));
+      Napi::Uint16Array k = Typed<uint16_t>(keys.Get(uint32_t(h)), "keys entry", size_t(c.tokens) * c.headDim);
+      keep.push_back(k);
+      keyRows->push_back(k.Data());
+      made->graphs.push_back(std::move(g));
     }
-    store_ = Guard(env, [&] { return std::make_shared<cuda::RaScanStore>(c, heads.data()); });
+    return RunAsync(
+        env, keep,
+        [made, keyRows, c]() {
+          std::vector<cuda::RaScanHead> heads(size_t(c.kvHeads));
+          for (int h = 0; h < c.kvHeads; ++h) {
+            const RaGraph& g = *made->graphs[size_t(h)];
+            made->codes.push_back(g.KeyCodesFor((*keyRows)[size_t(h)], c.dtype));
+            heads[size_t(h)].codes = made->codes.back()->Row(0);
+            heads[size_t(h)].keys = (*keyRows)[size_t(h)];
+            heads[size_t(h)].entries = g.entries().data();
+            heads[size_t(h)].entryCount = int64_t(g.entries().size());
+          }
+          made->store = std::make_shared<cuda::RaScanStore>(c, heads.data());
+        },
+        [made](Napi::Env e) -> Napi::Value { return registry_.Get(e, "RaScanStore").New({Napi::External<Made>::New(e, made.get())}); });
   }
-
- private:
-  std::shared_ptr<cuda::RaScanStore> store_;
-  std::vector<std::shared_ptr<const RaGraph>> graphs_;
-  std::vector<std::shared_ptr<const RaKeyCodes>> codes_;
-  std::shared_ptr<std::mutex> lock_ = std::make_shared<std::mutex>();
 
   std::shared_ptr<cuda::RaScanStore> Live(Napi::Env env) {
     if (!store_) throw Napi::Error::New(env, "RaScanStore is closed");
@@ -240,6 +276,10 @@ struct RaScanJs {
 #endif
 
 }  // namespace
+
+#ifdef KVR_CUDA
+ClassRegistry RaScanJs::registry_;
+#endif
 
 void InitRaScan(Napi::Env env, Napi::Object exports) {
   exports.Set("raScanSupported", Napi::Function::New(env, Supported));

@@ -59,7 +59,7 @@ describe.skipIf(!gpu)('device code scan', () => {
       expect(raScanSupported(d, G)).toBe(true);
       const rng = new Rng(seed + n + d);
       const layer = await layerOf(rng, dt, n, d, H);
-      const store = new RaScanStore(layer.graphs, layer.keys, n, d, dt, 8);
+      const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 8);
       let differ = 0, total = 0;
       for (const [k, cap] of [[Math.ceil(0.01 * n), Math.ceil(0.03 * n)], [200, Math.ceil(0.1 * n)], [50, 100]] as const) {
         const q = rows(rng, H * G, d);
@@ -120,7 +120,7 @@ describe.skipIf(!gpu)('device code scan', () => {
     it(`with every key a candidate answers the exact top-k of the group's mean probability (${dt}, d=${d}, G=${G})`, async () => {
       const rng = new Rng(seed + 7 * n);
       const layer = await layerOf(rng, dt, n, d, 2);
-      const store = new RaScanStore(layer.graphs, layer.keys, n, d, dt, G);
+      const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, G);
       const k = 64;
       const q = rows(rng, 2 * G, d);
       const res = await store.search({ q, group: G, k, maxScanned: 2 * n });
@@ -145,7 +145,7 @@ describe.skipIf(!gpu)('device code scan', () => {
     const rng = new Rng(seed + 3);
     const n = 3000, d = 32, G = 4;
     const layer = await layerOf(rng, 'f16', n, d, 2);
-    const store = new RaScanStore(layer.graphs, layer.keys, n, d, 'f16', G);
+    const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, 'f16', G);
     const q = rows(rng, 2 * G, d);
     await expect(store.search({ q: q.subarray(1), group: G, k: 5, maxScanned: 100 })).rejects.toThrow(/q must hold/);
     const nan = q.slice();
@@ -153,7 +153,7 @@ describe.skipIf(!gpu)('device code scan', () => {
     await expect(store.search({ q: nan, group: G, k: 5, maxScanned: 100 })).rejects.toThrow(/finite/);
     await expect(store.search({ q, group: G, k: 5, maxScanned: 100, seeds: [Int32Array.of(1), Int32Array.of(n)] })).rejects.toThrow(/seeds/);
     await expect(store.search({ q, group: G + 1, k: 5, maxScanned: 100 })).rejects.toThrow(/group/);
-    expect(() => new RaScanStore(layer.graphs, layer.keys, n + 1, d, 'f16', G)).toThrow(/shape/);
+    await expect(RaScanStore.open(layer.graphs, layer.keys, n + 1, d, 'f16', G)).rejects.toThrow(/shape/);
     // Still serving after the refusals.
     const ok = await store.search({ q, group: G, k: 5, maxScanned: 100 });
     expect(ok.map((r) => r.ids.length)).toEqual([5, 5]);
@@ -167,7 +167,7 @@ describe.skipIf(gpu)('device code scan without a device', () => {
   it('fails to make a store with a clear error', async () => {
     const rng = new Rng(seed);
     const layer = await layerOf(rng, 'f16', 500, 16, 1);
-    expect(() => new RaScanStore(layer.graphs, layer.keys, 500, 16, 'f16', 4)).toThrow(/CUDA|without CUDA|device/i);
+    await expect(RaScanStore.open(layer.graphs, layer.keys, 500, 16, 'f16', 4)).rejects.toThrow(/CUDA|without CUDA|device/i);
     layer.graphs[0].dispose();
   });
 });
