@@ -1,4 +1,4 @@
-// node dist/bench/ra-search-layer.js [--tokens 1048576 --heads 8 --reps 4 --single-reps 2 --configs capped,code
+// node dist/bench/ra-search-layer.js [--tokens 1048576 --heads 8 --reps 4 --single-reps 2 --configs capped,code,scan
 //   --huge-keys --width 8 --tag s28]
 //
 // Issue #15's target as the engine meets it: the graph searches of ALL kv
@@ -23,7 +23,9 @@
 // Configurations: the beam capped at 3% scanned (ra-search.ts's), the
 // session default beam (effort(0, k): margin 0.5, ef 8k, no cap) and the
 // code walk at the session's defaults (walkOptions(0, k, 0, tokens,
-// { codeWalk: true }): caps 3% exact / 40% codes, q 1, δ 1, κ 2). Per
+// { codeWalk: true }): caps 3% exact / 40% codes, q 1, δ 1, κ 2) and the
+// code scan at the session's default (walkOptions(0, k, 0, tokens,
+// { codeScan: true }): every key's code, the best 3% exactly). Per
 // configuration: one untimed layer-step first (the code walk makes each
 // head's codes and list slots there: timed apart), then `reps` × `steps`
 // layer-steps timed (wall, and the process's CPU per search), then
@@ -99,10 +101,11 @@ const configs: Config[] = ([
   { name: 'beam capped at 3% scanned', opts: { ef: 8 * asked, margin: 3, maxScanned: Math.round(0.03 * tokens), aggregate: 'attention' as const } },
   { name: 'beam, session default (margin 0.5, ef 8k)', opts: effort(0, asked) },
   { name: 'code walk, session defaults (3% exact, 40% codes)', opts: walkOptions(0, asked, 0, tokens, { codeWalk: true }) },
+  { name: 'code scan, session default (every code, 3% exact)', opts: walkOptions(0, asked, 0, tokens, { codeScan: true }) },
 ] as Config[])
   .filter((c) => !only || only.split(',').some((o) => c.name.includes(o)))
   // --width W: the beams' expandWidth (absent: the native default, 1).
-  .map((c) => (width !== undefined && !c.opts.codeWalk ? { name: `${c.name}, width ${width}`, opts: { ...c.opts, expandWidth: width } } : c));
+  .map((c) => (width !== undefined && !c.opts.codeWalk && !c.opts.codeScan ? { name: `${c.name}, width ${width}`, opts: { ...c.opts, expandWidth: width } } : c));
 
 const search = (head: Head[], c: Config, h: number, s: number, ids: Int32Array): RaGraphSearchArgs & { graph: RaGraph } => ({
   keys: head[h].keys,
@@ -189,7 +192,7 @@ const f = (x: number) => x.toFixed(2);
 const md = [
   `### Graph search, a whole layer-step at ${tokens.toLocaleString('en-US')} keys: ${heads} kv heads at once (bench/ra-search-layer.ts)`,
   '',
-  `${machine()}${info.ok ? `, ${info.device}` : ''}; ${new Date().toISOString()}; load ${Math.min(...rows.flatMap((r) => r.load as number[])).toFixed(1)}–${Math.max(...rows.flatMap((r) => r.load as number[])).toFixed(1)}. bench/ra-search.ts's workload and graph (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window, ranked by the group's attention); ${heads} heads = that graph loaded ${heads} times over ${heads} copies of its keys (no memory shared), head h at step s searching with step (s + h) mod ${steps}'s query group. layer-step = RaGraph.searchBatch of the ${heads} heads' searches on the native pool (wall; median, p90 over ${reps} reps × ${steps} steps), CPU a search in it = the process's CPU time / ${heads}; CPU a group = one search on the calling thread (median over ${singleReps} × ${steps}); first = the untimed first layer-step (the code walk makes each head's codes and list slots there). Fingerprint: the ids of steps 0-${steps - 1} on one head, as bench/ra-search.ts's; batch = single: every batch's ids equal the single searches'.`,
+  `${machine()}${info.ok ? `, ${info.device}` : ''}; ${new Date().toISOString()}; load ${Math.min(...rows.flatMap((r) => r.load as number[])).toFixed(1)}–${Math.max(...rows.flatMap((r) => r.load as number[])).toFixed(1)}. bench/ra-search.ts's workload and graph (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window, ranked by the group's attention); ${heads} heads = that graph loaded ${heads} times over ${heads} copies of its keys (no memory shared), head h at step s searching with step (s + h) mod ${steps}'s query group. layer-step = RaGraph.searchBatch of the ${heads} heads' searches on the native pool (wall; median, p90 over ${reps} reps × ${steps} steps), CPU a search in it = the process's CPU time / ${heads}; CPU a group = one search on the calling thread (median over ${singleReps} × ${steps}); first = the untimed first layer-step (the code walk makes each head's codes and list slots there, the code scan its codes). Fingerprint: the ids of steps 0-${steps - 1} on one head, as bench/ra-search.ts's; batch = single: every batch's ids equal the single searches'.`,
   '',
   `Made here: workload ${made('workload', s.workload)}, graph ${made('graph', s.build)}${b ? ` (top-64 of ${b.queriesUsed} queries ${b.knnSeconds.toFixed(1)} s, projection ${b.projectSeconds.toFixed(1)} s, key edges ${b.keySeconds.toFixed(1)} s, entries + connectivity ${b.connectSeconds.toFixed(1)} s)` : ''}, exact top-k ${made('topk', s.topk)}${hugeKeys ? `; keys in 2 MiB pages (--huge-keys, a second set of ${heads} heads alternated rep by rep with the first): ${((sets[1].collapsedBytes ?? 0) / 2 ** 20).toFixed(0)} of ${((heads * data.keys.byteLength) / 2 ** 20).toFixed(0)} MB collapsed` : ''}; the bench's whole wall time ${wall.toFixed(0)} s.`,
   '',
