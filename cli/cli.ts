@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // kvrecall serve   [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data [--lmdb-shards N] [--lmdb-write-back BYTES] | --store redis://HOST:PORT[,HOST:PORT...]]
 //                  [--token T] [--body-limit BYTES]
-//                  [--memory-budget BYTES] [--gpu-budget BYTES (0: CPU only)] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-kmeans 0|1]
+//                  [--memory-budget BYTES] [--gpu-budget BYTES (0: CPU only)] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-scan-budget BYTES] [--gpu-kmeans 0|1]
 //                  [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N] [--shm-dir DIR|off] [--shm-stream-bytes BYTES] [--shm-total-bytes BYTES] [--poll-us N]
 // kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T]
 //                  [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--window 2] [--timings 0|1]
@@ -10,7 +10,7 @@
 import type { PreloadTimings } from '../clients/ts/preload.js';
 
 const USAGE = `usage:
-  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data [--lmdb-shards N] [--lmdb-write-back BYTES] | --store redis://HOST:PORT[,HOST:PORT...]] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-kmeans 0|1] [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N] [--shm-dir DIR|off] [--shm-stream-bytes BYTES] [--shm-total-bytes BYTES] [--poll-us N]
+  kvrecall serve [--host 127.0.0.1] [--port 8700] [--data ./kvrecall-data [--lmdb-shards N] [--lmdb-write-back BYTES] | --store redis://HOST:PORT[,HOST:PORT...]] [--token T] [--body-limit BYTES] [--memory-budget BYTES] [--gpu-budget BYTES] [--gpu-wave-budget BYTES] [--gpu-wave-cache SHARE] [--gpu-scan-budget BYTES] [--gpu-kmeans 0|1] [--max-streams N] [--stream-idle-ms MS] [--attend-sync-work N] [--gpu-sync-us N] [--shm-dir DIR|off] [--shm-stream-bytes BYTES] [--shm-total-bytes BYTES] [--poll-us N]
   kvrecall preload <file.safetensors> --id <doc> [--url http://127.0.0.1:8700] [--token T] [--methods m1,m2] [--chunk 4096] [--q-heads N] [--dtype f16|bf16] [--window 2] [--timings 0|1]`;
 
 async function serve(args: string[]): Promise<void> {

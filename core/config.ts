@@ -31,6 +31,12 @@ export interface Config {
    */
   gpuWaveBudget?: number;
   /**
+   * Device bytes for retrieval-attention's code scan (a layer's keys and
+   * their 4-bit codes on the device: one native call per layer-step for a
+   * session with codeScan). Unset or 0: those sessions scan on the host.
+   */
+  gpuScanBudget?: number;
+  /**
    * A share of a layer's rows (0 < x <= 1): the device-wave stores are paged,
    * K and V in pinned host memory and this share of the rows cached on the
    * device (native/cuda/wave_cache.cuh), so that the wave budget holds
@@ -132,6 +138,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--memory-budget': 'memoryBudget',
   '--gpu-budget': 'gpuBudget',
   '--gpu-wave-budget': 'gpuWaveBudget',
+  '--gpu-scan-budget': 'gpuScanBudget',
   '--gpu-wave-cache': 'gpuWaveCache',
   '--gpu-kmeans': 'gpuKmeans',
   '--lmdb-shards': 'lmdbShards',
@@ -147,7 +154,7 @@ const FLAGS: Record<string, keyof Config> = {
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs', 'shmStreamBytes', 'shmTotalBytes'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuScanBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs', 'shmStreamBytes', 'shmTotalBytes'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -157,6 +164,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_STORE) cfg.store = env.KVRECALL_STORE;
   if (env.KVRECALL_GPU_BUDGET) cfg.gpuBudget = nonNegative(env.KVRECALL_GPU_BUDGET, 'KVRECALL_GPU_BUDGET');
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
+  if (env.KVRECALL_GPU_SCAN_BUDGET) cfg.gpuScanBudget = nonNegative(env.KVRECALL_GPU_SCAN_BUDGET, 'KVRECALL_GPU_SCAN_BUDGET');
   if (env.KVRECALL_GPU_WAVE_CACHE) cfg.gpuWaveCache = share(env.KVRECALL_GPU_WAVE_CACHE, 'KVRECALL_GPU_WAVE_CACHE');
   if (env.KVRECALL_GPU_KMEANS) cfg.gpuKmeans = nonNegative(env.KVRECALL_GPU_KMEANS, 'KVRECALL_GPU_KMEANS');
   // libuv's own reading: atoi, anything below 1 is 1 thread, at most 1024.

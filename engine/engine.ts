@@ -28,6 +28,8 @@ export interface EngineOptions {
   gpuBudget?: number;
   /** Device bytes for wave document layers held whole on the device (0 or unset: none; engine/cache/device-wave.ts). */
   gpuWaveBudget?: number;
+  /** Device bytes for retrieval-attention's code scan stores (0 or unset: none; engine/cache/device-key-scans.ts). */
+  gpuScanBudget?: number;
   /** A share of a layer's rows: the wave stores are paged, that share cached on the device (core/config.ts gpuWaveCache). */
   gpuWaveCache?: number;
   /** wave's k-means at seal on the device, when there is one (core/config.ts gpuKmeans). */
@@ -51,7 +53,7 @@ export class Engine {
     const { store, recovered } = await openStore(opts);
     const budget = new HostBudget(opts.memoryBudget);
     const device = cudaAvailable();
-    const gpu = given?.gpu ?? (device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget, waveCacheShare: opts.gpuWaveCache }) : undefined);
+    const gpu = given?.gpu ?? (device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget, waveCacheShare: opts.gpuWaveCache, scanBudgetBytes: opts.gpuScanBudget }) : undefined);
     const documents = new Documents(store, methodNames, budget, gpu !== undefined && opts.gpuKmeans === true, gpu);
     return new Engine(store, documents, new Sessions(documents, budget, gpu), recovered, budget, gpu);
   }

@@ -142,6 +142,8 @@ export class Session {
     const ctx: LayerContext = { layer, segments, offsets, indexes, question, memo: this.memos[layer], tokens, qHeads, kvHeads, headDim };
     // GPU sessions score block summaries on the device (the same blocks as on the host).
     if (this.gpu) ctx.blockScorer = deviceBlockScorer();
+    // And retrieval-attention's code scan, where the backend holds a budget for its stores.
+    if (this.gpu?.keyScanner) ctx.keyScanner = this.gpu.keyScanner;
     return ctx;
   }
 

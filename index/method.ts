@@ -9,6 +9,7 @@
 // next to the document, and loaded, not rebuilt, when a session attaches it.
 import type { HeadTopBlocks } from '../addon/block-scores.js';
 import type { AttendSegment, KvDtype } from '../addon/kernels.js';
+import type { RaGraph } from '../addon/ra-graph.js';
 import type { KvSegment } from '../storage/kv-segment.js';
 
 export interface LayerContext {
@@ -37,6 +38,12 @@ export interface LayerContext {
    * otherwise (the same blocks either way).
    */
   blockScorer?: BlockScorer;
+  /**
+   * Retrieval-attention's code scan on the device, offered to GPU sessions
+   * whose backend holds a budget for it: the method scans there when
+   * present and able, on the host otherwise.
+   */
+  keyScanner?: KeyScanner;
 }
 
 /** One kv head's block means, as a block scorer reads them (index/block-summary.ts's BlockSummary is one). */
@@ -46,6 +53,23 @@ export interface BlockMeans {
   readonly dtype: KvDtype;
   /** [blocks, headDim] storage-dtype words. */
   readonly means: Uint16Array;
+}
+
+/** One kv head as a key scanner takes it: the keys and the graph built over them. */
+export interface ScanHead extends HeadKeys {
+  graph: RaGraph;
+}
+
+/** Retrieval-attention's code scan (RaGraph search with codeScan) for every kv head of a step in one call. */
+export interface KeyScanner {
+  /**
+   * Per kv head h (query rows h*group ..): the best k keys by the group's
+   * attention, as the host's code scan of that head with this cap, seeds
+   * (the head's last ids) and free keys finds them, up to near-ties at its
+   * cuts; the ids come as a set (in no order). Undefined when it cannot
+   * take these heads now (the caller searches on the host).
+   */
+  scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array): Promise<SearchResult[] | undefined>;
 }
 
 /** Scores the block means of every kv head of one document's layer in one call. */
@@ -179,7 +203,7 @@ export interface BuildInput extends HeadKeys {
 }
 
 export interface SearchResult {
-  /** Rows of the head's keys, best first. */
+  /** Rows of the head's keys, best first (a device scan's: a set, in no order). */
   ids: Int32Array;
   /** Keys scored to find them. */
   scanned: number;
@@ -209,9 +233,10 @@ export interface HeadIndexBuilder {
   /**
    * Optional: HeadIndex.search for every kv head of a step at once (head h
    * with query rows h*group ..), off the main thread and in parallel; the
-   * loaded indexes are this builder's.
+   * loaded indexes are this builder's; `scanner`: the session's device
+   * key scanner, where it has one.
    */
-  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, estimate?: boolean, walk?: WalkParams): Promise<SearchResult[]>;
+  searchHeads?(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, estimate?: boolean, walk?: WalkParams, scanner?: KeyScanner): Promise<SearchResult[]>;
   /** Optional: builds a seal may run at once (default 1: one after another). */
   concurrency?: number;
 }

@@ -57,7 +57,7 @@
 // of the group's top 1% at ~2.4% scored exactly, where the walk's order
 // needs its codes' cap (bench/results/ra-gpu-walk-feasibility-vm.md).
 import { RaGraph } from '../addon/ra-graph.js';
-import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, SearchMemo, SearchResult, WalkParams } from './method.js';
+import type { BuildInput, HeadIndex, HeadIndexBuilder, HeadKeys, KeyScanner, SearchMemo, SearchResult, WalkParams } from './method.js';
 import { staticPlusRetrieved } from './static-plus-retrieved.js';
 
 /** The quality-bound stop in logits when a session leaves `ef` at 0 (bench/results/retrieval-graph-v4-vm.md). */
@@ -171,9 +171,24 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
   // another, each also from the ids its head found at the session's last step
   // and from the steady zone (memo.steady: attended in full, so free start
   // keys outside the k searched for).
-  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, _estimate?: boolean, walk?: WalkParams): Promise<SearchResult[]> {
+  async searchHeads(heads: HeadIndex[], q: Float32Array, group: number, k: number[], ef: number, memo?: SearchMemo, _estimate?: boolean, walk?: WalkParams, scanner?: KeyScanner): Promise<SearchResult[]> {
     const d = (heads[0] as GraphHead).keys.headDim;
     const steady = memo?.steady && memo.steady.length > 0 ? memo.steady : undefined;
+    // The code scan on the device where the session has a scanner and it can
+    // take these heads now (every head asks the same k there), else below.
+    if (walk?.codeScan && scanner && k.every((x) => x === k[0])) {
+      const { keys } = heads[0] as GraphHead;
+      const free = steady?.length ?? 0;
+      const n = Math.max(0, Math.min(k[0] - free, keys.tokens - free));
+      const { maxScanned } = walkOptions(ef, n, free, keys.tokens, walk);
+      const found = n > 0 && maxScanned !== undefined
+        ? await scanner.scan(heads.map((head) => ({ ...(head as GraphHead).keys, graph: (head as GraphHead).graph })), q, group, n, maxScanned, heads.map((_, h) => memo?.last?.[h]), steady)
+        : undefined;
+      if (found) {
+        if (memo) memo.last = found.map((r) => r.ids);
+        return found;
+      }
+    }
     const items = heads.map((head, h) => {
       const { graph, keys } = head as GraphHead;
       const free = steady?.length ?? 0;

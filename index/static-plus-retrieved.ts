@@ -254,7 +254,7 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
       memo.steady = idsOf(ranges, covered, memo.steady);
       searched.push([memo, memo.last]);
       const results = builder.searchHeads
-        ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate, p)
+        ? await builder.searchHeads(heads, q.subarray(0, ctx.kvHeads * G * d), G, heads.map(() => k), p.ef, memo, p.estimate, p, ctx.keyScanner)
         : heads.map((index, h) => index.search(q.subarray(h * G * d, (h + 1) * G * d), G, k, p.ef));
       const ids = results.map((res) => {
         scanned += res.scanned / ctx.kvHeads;

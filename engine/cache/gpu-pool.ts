@@ -18,6 +18,7 @@ import type { KvSegment } from '../../storage/kv-segment.js';
 import { KvrecallError } from '../../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
 import { concatRows, rangeBlocks, type PoolPart } from './selection-parts.js';
+import { DeviceKeyScans } from './device-key-scans.js';
 import { DeviceWaveStores, type DeviceWaveStats, type HeldWaveStore } from './device-wave.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -57,6 +58,11 @@ export interface GpuBackendOptions {
   waveCacheShare?: number;
   /** Pinned host bytes the paged stores' K and V may take (a copy of each layer they hold); default half the host's memory. */
   waveHostBytes?: number;
+  /**
+   * Device bytes for retrieval-attention's code scan (engine/cache/device-key-scans.ts:
+   * a layer's keys and their codes, ~2.5 bytes a key channel); 0 or unset: codeScan sessions scan on the host.
+   */
+  scanBudgetBytes?: number;
   /**
    * Range parts (sinks, window, whole documents) through the pool's range
    * tables (holdRange: no per-block host work while resident) rather than
@@ -103,6 +109,8 @@ export class GpuBackend {
   private failure?: string;
   /** Document layers of `wave` held whole on the device, when a budget allows them. */
   private readonly wave?: DeviceWaveStores;
+  /** Retrieval-attention's code scan on the device, when a budget allows its stores. */
+  readonly keyScanner?: DeviceKeyScans;
   /** Segments whose blocks steps are reading now (attend's uploads to its kernel's end), and by how many steps. */
   private readonly reading = new Map<KvSegment, number>();
   /** Segments whose device copies are to go (a deleted document's): freed once no step reads them. */
@@ -125,6 +133,7 @@ export class GpuBackend {
     this.budget = options.budgetBytes;
     this.rangeTables = options.rangeTables ?? process.env.KVRECALL_POOL_RANGES !== '0';
     this.createPool = make.pool ?? ((o) => GpuPool.create(o));
+    if ((options.scanBudgetBytes ?? 0) > 0) this.keyScanner = new DeviceKeyScans(options.scanBudgetBytes!);
     if ((options.waveBudgetBytes ?? 0) > 0)
       this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare, options.waveHostBytes ?? Math.floor(totalmem() / 2));
   }

@@ -14,6 +14,9 @@ describe('parseConfig', () => {
     expect(env.gpuBudget).toBe(0);
     expect(env.gpuWaveBudget).toBe(8589934592);
     expect(parseConfig(['--gpu-wave-budget', '7'], { KVRECALL_GPU_WAVE_BUDGET: '9' }).gpuWaveBudget).toBe(7);
+    expect(parseConfig(['--gpu-scan-budget', '3000000000'], {}).gpuScanBudget).toBe(3000000000);
+    expect(parseConfig([], { KVRECALL_GPU_SCAN_BUDGET: '12' }).gpuScanBudget).toBe(12);
+    expect(parseConfig(['--gpu-scan-budget', '7'], { KVRECALL_GPU_SCAN_BUDGET: '9' }).gpuScanBudget).toBe(7);
   });
 
   it('takes the paged wave stores\' cache as a share of a layer\'s rows in [0, 1], off unless asked', () => {
@@ -91,6 +94,8 @@ describe('parseConfig', () => {
   it('refuses a budget that is not a non-negative integer, naming where it came from', () => {
     expect(() => parseConfig(['--gpu-wave-budget', '-1'], {})).toThrow(/--gpu-wave-budget/);
     expect(() => parseConfig(['--gpu-wave-budget', '1.5'], {})).toThrow(/--gpu-wave-budget/);
+    expect(() => parseConfig(['--gpu-scan-budget', '-1'], {})).toThrow(/--gpu-scan-budget/);
+    expect(() => parseConfig([], { KVRECALL_GPU_SCAN_BUDGET: 'lots' })).toThrow(/KVRECALL_GPU_SCAN_BUDGET/);
     expect(() => parseConfig([], { KVRECALL_GPU_WAVE_BUDGET: 'lots' })).toThrow(/KVRECALL_GPU_WAVE_BUDGET/);
     expect(() => parseConfig(['--gpu-wave-budget'], {})).toThrow(/incomplete/);
   });

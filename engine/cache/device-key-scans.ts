@@ -1,0 +1,203 @@
+// The key scanner GPU sessions offer retrieval-attention (issue #15): a
+// session with `codeScan` searches every kv head of a layer-step in one
+// device call (addon/ra-scan.ts: every key's 4-bit code scored, the best
+// scored exactly, the best k by the group's attention) instead of the host
+// scan on the native pool (at 1M keys on the 16-core H100 host, milliseconds
+// a layer-step; bench/results/ra-scan-gpu-*.md).
+//
+// A (document, layer)'s store holds every kv head's keys, their codes and
+// the graph's entry points on the device: 2.5 bytes a key channel, ~2.6 GB
+// a layer at 1M keys, 8 kv heads, d = 128. Stores live within a device
+// budget of their own (GpuBackendOptions.scanBudgetBytes), shared by every
+// session of the document, the least recently used evicted first, never one
+// a step is reading. A store is made off the event loop on the first step
+// that asks (the codes, where the graph has none yet, and the upload: about
+// a second a layer at 1M); until it is made, and where it cannot be (the
+// budget, the device's memory, a shape the kernels do not take), that
+// layer's searches run on the host, which finds the same keys up to
+// near-ties at the cuts.
+import { RaScanStore, raScanSupported, type RaScanHeadResult, type RaScanSearchArgs } from '../../addon/ra-scan.js';
+import type { RaGraph } from '../../addon/ra-graph.js';
+import type { KeyScanner, ScanHead, SearchResult } from '../../index/method.js';
+
+/** What the scanner needs of a store: the addon's RaScanStore, or a bench's stand-in. */
+export interface ScanStore {
+  search(a: RaScanSearchArgs): Promise<RaScanHeadResult[]>;
+  bytes(): number;
+  close(): void;
+}
+
+/** How stores are made and which shapes they take. */
+export interface ScanStoreBackend {
+  open(heads: readonly ScanHead[], maxGroup: number): Promise<ScanStore>;
+  supported(headDim: number, group: number): boolean;
+}
+
+const MAX_GROUP = 16;  // native/cuda/ra_scan.h kMaxGroup: a store takes every group a session may bring
+
+const ADDON_BACKEND: ScanStoreBackend = {
+  open: (heads, maxGroup) => {
+    const { tokens, headDim, dtype } = heads[0];
+    return RaScanStore.open(heads.map((h) => h.graph), heads.map((h) => h.keys), tokens, headDim, dtype, maxGroup);
+  },
+  supported: raScanSupported,
+};
+
+/** Device bytes a store of these heads takes before its per-step buffers: codes, keys, three bitmaps a head. */
+export function scanStoreBytes(heads: readonly ScanHead[]): number {
+  const { tokens, headDim } = heads[0];
+  return heads.length * (tokens * headDim * 2.5 + 3 * Math.ceil(tokens / 8));
+}
+
+interface Entry {
+  heads: ScanHead[];
+  store?: ScanStore;
+  /** Set while the store is being made. */
+  opening?: Promise<void>;
+  /** The store cannot be made (too large for the budget, or it failed): the host searches. */
+  refused?: boolean;
+  /** Bytes counted against the budget (the estimate while opening, the store's once made). */
+  bytes: number;
+  /** Steps reading the store now, and when one last did (performance.now()). */
+  busy: number;
+  lastUse: number;
+}
+
+/**
+ * A store read within this many ms is not evicted for another: where the
+ * layers a token steps through do not all fit, evicting a warm store to make
+ * the next would copy gigabytes a layer-step (device-wave.ts says the same
+ * of its stores); the layers left out search on the host instead.
+ */
+const WARM_MS = 2000;
+
+export interface DeviceKeyScanStats {
+  /** Layer-steps searched on the device. */
+  steps: number;
+  /** Stores made, evicted, and refused or failed. */
+  opened: number;
+  evicted: number;
+  failures: number;
+  /** Device bytes the stores hold now. */
+  bytes: number;
+}
+
+export class DeviceKeyScans implements KeyScanner {
+  /** By the first head's graph: a (document, layer)'s store. */
+  private readonly entries = new WeakMap<RaGraph, Entry>();
+  /** Entries holding device bytes (made or being made), least recently used first. */
+  private readonly held = new Map<Entry, true>();
+  private used = 0;
+  readonly stats: DeviceKeyScanStats = { steps: 0, opened: 0, evicted: 0, failures: 0, bytes: 0 };
+
+  constructor(
+    readonly budgetBytes: number,
+    private readonly backend: ScanStoreBackend = ADDON_BACKEND,
+    private readonly warmMs = WARM_MS,
+  ) {}
+
+  async scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array): Promise<SearchResult[] | undefined> {
+    const first = heads[0];
+    if (!first || group > MAX_GROUP || !this.backend.supported(first.headDim, group)) return undefined;
+    let e = this.entries.get(first.graph);
+    if (!e || e.heads.length !== heads.length || e.heads.some((x, h) => x.graph !== heads[h].graph || x.keys !== heads[h].keys)) {
+      if (e) this.drop(e);
+      e = { heads: [...heads], bytes: 0, busy: 0, lastUse: performance.now() };
+      this.entries.set(first.graph, e);
+    }
+    if (e.refused) return undefined;
+    if (!e.store) {
+      if (!e.opening) this.open(e);
+      return undefined;  // the host searches while the store is made
+    }
+    this.held.delete(e);
+    this.held.set(e, true);
+    e.busy++;
+    e.lastUse = performance.now();
+    try {
+      const res = await e.store.search({
+        q, group, k, maxScanned,
+        ...(seeds.some((s) => s) && { seeds: seeds.map((s) => s ?? new Int32Array(0)) }),
+        ...(free && free.length > 0 && { free: heads.map(() => free) }),
+      });
+      this.stats.steps++;
+      return res.map((r) => ({ ids: r.ids, scanned: r.scanned, codes: first.tokens }));
+    } catch (err) {
+      this.stats.failures++;
+      warnOnce(`kvrecall: the device code scan failed, searching on the host: ${String(err)}`);
+      return undefined;
+    } finally {
+      e.busy--;
+    }
+  }
+
+  /** Starts making e's store where the budget allows, evicting idle stores for room. */
+  private open(e: Entry): void {
+    const need = scanStoreBytes(e.heads);
+    if (need > this.budgetBytes) {
+      e.refused = true;
+      this.stats.failures++;
+      warnOnce(`kvrecall: a layer's code scan store (${need} bytes) exceeds the device scan budget (${this.budgetBytes}): searching it on the host`);
+      return;
+    }
+    const now = performance.now();
+    for (const old of [...this.held.keys()]) {
+      if (this.used + need <= this.budgetBytes) break;
+      if (old.busy === 0 && old.store && now - old.lastUse >= this.warmMs) this.evict(old);
+    }
+    if (this.used + need > this.budgetBytes) return;  // the others warm or being made: asked again next step
+    e.bytes = need;
+    this.used += need;
+    this.held.set(e, true);
+    e.opening = this.backend.open(e.heads, MAX_GROUP).then(
+      (store) => {
+        e.opening = undefined;
+        e.lastUse = performance.now();
+        if (!this.held.has(e)) return store.close();  // dropped while being made
+        e.store = store;
+        this.used += store.bytes() - e.bytes;
+        e.bytes = store.bytes();
+        this.stats.opened++;
+        this.stats.bytes = this.used;
+      },
+      (err: unknown) => {
+        e.opening = undefined;
+        e.refused = true;
+        this.stats.failures++;
+        this.release(e);
+        warnOnce(`kvrecall: a layer's code scan store was not made, searching it on the host: ${String(err)}`);
+      },
+    );
+  }
+
+  private evict(e: Entry): void {
+    this.stats.evicted++;
+    this.drop(e);
+  }
+
+  /** Gives e's bytes back and closes its store (a step reading it keeps the native store until it ends). */
+  private drop(e: Entry): void {
+    e.store?.close();
+    e.store = undefined;
+    this.release(e);
+  }
+
+  private release(e: Entry): void {
+    if (!this.held.delete(e)) return;
+    this.used -= e.bytes;
+    e.bytes = 0;
+    this.stats.bytes = this.used;
+  }
+
+  /** Settles once every store being made now is made or failed (tests, benches). */
+  async settled(): Promise<void> {
+    await Promise.all([...this.held.keys()].map((e) => e.opening));
+  }
+}
+
+let warned = false;
+function warnOnce(msg: string): void {
+  if (warned) return;
+  warned = true;
+  console.error(msg);
+}
