@@ -141,6 +141,11 @@ export interface RaGraphSearchArgs {
    */
   codeScan?: boolean;
   /**
+   * The code scan's pass split into pool tasks of this many keys (0 or absent: one pass on the searching thread),
+   * for searches that leave cores idle (fewer kv heads than cores); the same ids either way. Only with codeScan.
+   */
+  scanChunk?: number;
+  /**
    * At least min(k, tokens) entries each; best first (score desc, id asc).
    * Scores: q·k for 'max'; for 'attention' the log of the group's mean
    * probability as estimated.

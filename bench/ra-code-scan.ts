@@ -1,5 +1,5 @@
 // npx tsc -p tsconfig.json && node dist/bench/ra-code-scan.js [--tokens 1048576] [--steps 8] [--broad]
-//     [--shares 0.02,0.03] [--reps 3] [--tag T]
+//     [--shares 0.02,0.03] [--scan-chunk 65536] [--reps 3] [--tag T]
 //
 // Issue #15's code scan on the CPU (RaSearchOptions::codeScan,
 // native/indexes/ra_graph_code_scan.h) against the two walks, over
@@ -39,6 +39,8 @@ const steps = Number(get('steps', '8'));
 const broad = argv.includes('--broad');
 const shares = get('shares', '0.02,0.03').split(',').map(Number);
 const reps = Number(get('reps', '3'));
+// The scan's pass in pool tasks of this many keys (scanChunk; 0: one pass on the calling thread).
+const scanChunk = Number(get('scan-chunk', '0'));
 const tag = get('tag', '');
 const t0 = performance.now();
 const progress = (msg: string) => process.stderr.write(`[bench:ra-code-scan] [${((performance.now() - t0) / 1000).toFixed(1)} s] ${msg}\n`);
@@ -53,7 +55,7 @@ const K = widen(keys, 'f16'), V = widen(values, 'f16');
 const rows: { name: string; opts: Partial<RaGraphSearchArgs> }[] = [
   { name: 'beam capped at 3% scanned', opts: { ef: 8 * asked, margin: 3, maxScanned: Math.round(0.03 * tokens), aggregate: 'attention' } },
   { name: 'code walk, session defaults (3% exact, 40% codes)', opts: walkOptions(0, asked, 0, tokens, { codeWalk: true }) },
-  ...shares.map((share) => ({ name: `code scan, maxScanned ${(100 * share).toFixed(1)}%`, opts: walkOptions(0, asked, 0, tokens, { codeScan: true, scanShare: share }) })),
+  ...shares.map((share) => ({ name: `code scan, maxScanned ${(100 * share).toFixed(1)}%`, opts: { ...walkOptions(0, asked, 0, tokens, { codeScan: true, scanShare: share }), ...(scanChunk > 0 && { scanChunk }) } })),
 ];
 const args = (opts: Partial<RaGraphSearchArgs>, s: number, ids: Int32Array): RaGraphSearchArgs =>
   ({ keys, tokens, headDim: D, dtype: 'f16', q: decodeQ[s], group: G, k: asked, ef: asked, ...opts, outIds: ids, outScores: new Float32Array(asked) });
@@ -68,7 +70,7 @@ function selection(ids: Int32Array): Int32Array {
   return Int32Array.from(sel);
 }
 
-const acc = rows.map(() => ({ recall: [] as number[], error: [] as number[], scanned: [] as number[], codes: [] as number[], cpuMs: [] as number[], firstMs: 0 }));
+const acc = rows.map(() => ({ recall: [] as number[], error: [] as number[], scanned: [] as number[], codes: [] as number[], cpuMs: [] as number[], wallMs: [] as number[], firstMs: 0 }));
 rows.forEach((r, i) => {
   const u = process.cpuUsage();
   graph.searchSync(args(r.opts, 0, new Int32Array(asked)));
@@ -84,8 +86,9 @@ for (let s = 0; s < steps; s++) {
   rows.forEach((r, i) => {
     for (let rep = 0; rep < reps; rep++) {
       const ids = new Int32Array(asked);
-      const u = process.cpuUsage();
+      const u = process.cpuUsage(), w = performance.now();
       const res = graph.searchSync(args(r.opts, s, ids));
+      acc[i].wallMs.push(performance.now() - w);
       const du = process.cpuUsage(u);
       acc[i].cpuMs.push((du.user + du.system) / 1000);
       if (rep > 0) continue;
@@ -104,23 +107,23 @@ const f = (x: number, p = 3) => x.toFixed(p);
 const md = [
   `### The code scan against the walks at ${tokens.toLocaleString('en-US')} keys, ${broad ? 'broad' : 'default'} configuration (bench/ra-code-scan.ts)`,
   '',
-  `${machine()}${info.ok ? `, ${info.device}` : ''}; ${new Date().toISOString()}; load ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}. bench/ra-search.ts's workload and graph (seed 7, one kv head, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window, ranked by the group's attention), ${steps} decode steps' groups, each searched on the calling thread (CPU ms: median over ${reps} × ${steps}; first: the untimed first search, the rows in this order: the code walk's makes the codes, which the scan then shares, and the list slots). Recall: of the group's exact top 1%, by sinks + window + the first k retrieved; error: mean over the group's rows of ‖o_S − o‖ / ‖o‖ for that selection (float64); the oracle (the exact top k in the same selection): ${f(mean(oracleError))}.`,
+  `${machine()}${info.ok ? `, ${info.device}` : ''}; ${new Date().toISOString()}; load ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}. bench/ra-search.ts's workload and graph (seed 7, one kv head, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window, ranked by the group's attention), ${steps} decode steps' groups, each searched on the calling thread${scanChunk > 0 ? ` (the scan's pass in pool tasks of ${scanChunk} keys, scanChunk)` : ''} (CPU ms of the process and wall ms: medians over ${reps} × ${steps}; first: the untimed first search, the rows in this order: the code walk's makes the codes, which the scan then shares, and the list slots). Recall: of the group's exact top 1%, by sinks + window + the first k retrieved; error: mean over the group's rows of ‖o_S − o‖ / ‖o‖ for that selection (float64); the oracle (the exact top k in the same selection): ${f(mean(oracleError))}.`,
   '',
-  '| search | top-1% recall | output error | scanned exactly | codes read | CPU ms a search | first ms |',
-  '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+  '| search | top-1% recall | output error | scanned exactly | codes read | CPU ms a search | wall ms | first ms |',
+  '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   ...rows.map((r, i) => {
     const a = acc[i];
-    return `| ${r.name} | ${f(mean(a.recall))} | ${f(mean(a.error))} | ${f(100 * mean(a.scanned), 2)}% | ${mean(a.codes) > 0 ? `${f(100 * mean(a.codes), 1)}%` : '—'} | ${f(median(a.cpuMs), 2)} | ${a.firstMs.toFixed(0)} |`;
+    return `| ${r.name} | ${f(mean(a.recall))} | ${f(mean(a.error))} | ${f(100 * mean(a.scanned), 2)}% | ${mean(a.codes) > 0 ? `${f(100 * mean(a.codes), 1)}%` : '—'} | ${f(median(a.cpuMs), 2)} | ${f(median(a.wallMs), 2)} | ${a.firstMs.toFixed(0)} |`;
   }),
-  `| oracle | 1 | ${f(mean(oracleError))} | | | | |`,
+  `| oracle | 1 | ${f(mean(oracleError))} | | | | | |`,
   '',
 ].join('\n');
 process.stdout.write(md);
 const name = `ra-code-scan-${tokens}${broad ? '-broad' : ''}-${where}${tag ? `-${tag}` : ''}`;
 saveDeviceResult(name, {
-  machine: machine(), device: info.ok ? info.device : null, date: new Date().toISOString(), tokens, steps, broad, reps, loads,
+  machine: machine(), device: info.ok ? info.device : null, date: new Date().toISOString(), tokens, steps, broad, reps, scanChunk, loads,
   oracleError: mean(oracleError),
-  rows: rows.map((r, i) => ({ name: r.name, opts: r.opts, recall: mean(acc[i].recall), error: mean(acc[i].error), scanned: mean(acc[i].scanned), codesRead: mean(acc[i].codes), cpuMs: { p50: median(acc[i].cpuMs), all: acc[i].cpuMs }, firstMs: acc[i].firstMs, perStep: { recall: acc[i].recall, error: acc[i].error } })),
+  rows: rows.map((r, i) => ({ name: r.name, opts: r.opts, recall: mean(acc[i].recall), error: mean(acc[i].error), scanned: mean(acc[i].scanned), codesRead: mean(acc[i].codes), cpuMs: { p50: median(acc[i].cpuMs), all: acc[i].cpuMs }, wallMs: { p50: median(acc[i].wallMs), all: acc[i].wallMs }, firstMs: acc[i].firstMs, perStep: { recall: acc[i].recall, error: acc[i].error } })),
 }, md);
 progress(`wrote bench/results/${name}.md and .json`);
 graph.dispose();

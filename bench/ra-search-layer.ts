@@ -1,5 +1,5 @@
 // node dist/bench/ra-search-layer.js [--tokens 1048576 --heads 8 --reps 4 --single-reps 2 --configs capped,code,scan
-//   --huge-keys --width 8 --tag s28]
+//   --huge-keys --width 8 --scan-chunks 0,65536 --tag s28]
 //
 // Issue #15's target as the engine meets it: the graph searches of ALL kv
 // heads of one layer-step, at once on the native pool (RaGraph.searchBatch,
@@ -65,6 +65,8 @@ const only = get('configs', '');
 const tag = get('tag', '');
 const hugeKeys = argv.includes('--huge-keys');
 const width = argv.includes('--width') ? Number(get('width', '')) : undefined;
+// --scan-chunks C1,C2,...: the code scan once per value of its scanChunk (keys a pool task; 0: one pass).
+const scanChunks = argv.includes('--scan-chunks') ? get('scan-chunks', '').split(',').map(Number) : undefined;
 const t0 = performance.now();
 const at = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
 const progress = (msg: string) => process.stderr.write(`[bench:ra-search-layer] ${msg}\n`);
@@ -105,7 +107,8 @@ const configs: Config[] = ([
 ] as Config[])
   .filter((c) => !only || only.split(',').some((o) => c.name.includes(o)))
   // --width W: the beams' expandWidth (absent: the native default, 1).
-  .map((c) => (width !== undefined && !c.opts.codeWalk && !c.opts.codeScan ? { name: `${c.name}, width ${width}`, opts: { ...c.opts, expandWidth: width } } : c));
+  .map((c) => (width !== undefined && !c.opts.codeWalk && !c.opts.codeScan ? { name: `${c.name}, width ${width}`, opts: { ...c.opts, expandWidth: width } } : c))
+  .flatMap((c) => (scanChunks && c.opts.codeScan ? scanChunks.map((scanChunk) => ({ name: `${c.name}, chunk ${scanChunk}`, opts: { ...c.opts, scanChunk } })) : [c]));
 
 const search = (head: Head[], c: Config, h: number, s: number, ids: Int32Array): RaGraphSearchArgs & { graph: RaGraph } => ({
   keys: head[h].keys,

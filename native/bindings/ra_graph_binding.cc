@@ -18,7 +18,7 @@
 //       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0, codeAdapt >= 0 (finite),
 //       maxCodes >= 0, codeWidth 1..1024; the result then has codesRead)
 //       codeScan: true scores every key's code, then the best maxScanned (> 0, required) exactly (ra_graph.h;
-//       not with codeWalk; the result has codesRead)
+//       not with codeWalk; the result has codesRead; scanChunk >= 0: its pass in pool tasks of that many keys)
 //     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?, quantized?})
 //       -> Float32Array [ids, group]   (the codes the code walk reads and the dequantized keys' logits, or with
 //       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools)
@@ -83,6 +83,7 @@ struct SearchJob {
   int64_t maxCodes = 0;
   int codeWidth = RaSearchOptions().codeWidth;
   bool codeScan = false;
+  int64_t scanChunk = 0;
   bool profiled = false;
   bool walkStats = false;
   int64_t poolCap = 0;
@@ -109,6 +110,7 @@ struct SearchJob {
     opt.maxCodes = maxCodes;
     opt.codeWidth = codeWidth;
     opt.codeScan = codeScan;
+    opt.scanChunk = scanChunk;
     if (profiled) opt.profile = &profile;
     result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
   }
@@ -181,6 +183,9 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   if (job.codeScan && job.codeWalk) throw Napi::RangeError::New(env, "codeScan and codeWalk are two searches: set one");
   if (job.codeScan && job.maxScanned <= 0)
     throw Napi::RangeError::New(env, "codeScan needs maxScanned > 0 (the keys it scores exactly)");
+  if (!job.codeScan && !Absent(o.Get("scanChunk")))
+    throw Napi::RangeError::New(env, "scanChunk is an option of the code scan: set codeScan");
+  job.scanChunk = OptInt(o, "scanChunk", 0, kMaxTokens, 0);
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);

@@ -196,6 +196,10 @@ struct RaSearchOptions {
   // recalled 0.98 of the group's top 1% with 2.4% scored exactly
   // (bench/results/ra-gpu-walk-feasibility-vm.md, section 2). Off by default.
   bool codeScan = false;
+  // The code scan's pass split into pool tasks of this many keys (0: one
+  // pass on the searching thread), for a search whose layer-step leaves
+  // cores idle (fewer kv heads than cores). The same ids either way.
+  int64_t scanChunk = 0;
 };
 
 struct RaSearchResult {

@@ -424,7 +424,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     codes->Prepare(q, G, scale, S.cq);
     const ragraph::CodeScanCounts counts = ragraph::CodeScan(
         *codes, S.cq, c0, n, entries_.data(), entries_.size(), S.seeds.data(), S.seeds.size(), opt.freeSeeds,
-        opt.freeSeedCount, opt.maxScanned - m, off, stride, m, keys, d, scorer, S.codeScan);
+        opt.freeSeedCount, opt.maxScanned - m, off, stride, m, opt.scanChunk, keys, d, scorer, S.codeScan);
     walked = counts.exact;
     codesRead = counts.codes;
   } else {

@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/thread_pool.h"
 #include "indexes/ra_graph_beam.h"
 #include "indexes/ra_key_codes.h"
 
@@ -35,8 +36,9 @@ namespace ragraph {
 constexpr size_t kScanBlock = 256;
 
 struct CodeScanScratch {
-  std::vector<float> x, rho, sampleRho;
+  std::vector<float> x, sampleRho;
   std::vector<uint64_t> found;  // BetterKey(ρ, id) of the keys at or above the threshold
+  std::vector<std::vector<uint64_t>> parts;  // found, per pool task
   std::vector<int32_t> ids, start;
 };
 
@@ -69,9 +71,13 @@ inline void ScanRho(const RaKeyCodes& codes, const RaCodeQuery& cq, const float*
 // the select runs over those. The threshold is only a guess: a pass that
 // collected fewer than `need` keys is redone with r four times deeper (down
 // to −∞, every key), so the set is the exact top whatever the guess.
+//
+// chunk > 0: the pass split into pool tasks of `chunk` keys (at least
+// kScanBlock), each collecting its own keys, merged in task order: the same
+// set whichever thread ran what (RaSearchOptions::scanChunk).
 inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
                        const Visited& special, int64_t specials, int64_t need, int64_t off, int64_t stride,
-                       int64_t m, CodeScanScratch& S) {
+                       int64_t m, int64_t chunk, CodeScanScratch& S) {
   const float kNone = -std::numeric_limits<float>::infinity();
   // The sample's ρ, for the threshold alone.
   S.start.resize(size_t(m));
@@ -90,18 +96,30 @@ inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const flo
   std::sort(S.sampleRho.begin(), S.sampleRho.end(), std::greater<float>());
   const double p = double(need) / double(std::max<int64_t>(1, n - specials));
   double r = std::ceil(p * double(m) + 4.0 * std::sqrt(p * double(m)) + 4.0);
-  S.rho.resize(kScanBlock);
+  const int64_t part = chunk > 0 ? std::max<int64_t>(chunk, int64_t(kScanBlock)) : n;
+  const size_t tasks = size_t(std::max<int64_t>(1, (n + part - 1) / part));
+  S.parts.resize(tasks);
   for (;;) {
     const float thr = r < double(m) ? S.sampleRho[size_t(r)] : kNone;
-    S.found.clear();
-    for (int64_t t0 = 0; t0 < n; t0 += int64_t(kScanBlock)) {
-      const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), n - t0));
-      ScanRho(codes, cq, c0, t0, count, S.x.data(), S.rho.data());
-      for (size_t i = 0; i < count; ++i) {
-        const int32_t t = int32_t(t0 + int64_t(i));
-        if (S.rho[i] >= thr && !special.Test(t)) S.found.push_back(BetterKey(S.rho[i], t));
+    auto scanPart = [&](size_t task) {
+      std::vector<uint64_t>& found = S.parts[task];
+      found.clear();
+      std::vector<float> x(size_t(cq.G) * kScanBlock);
+      float rho[kScanBlock];
+      const int64_t end = std::min(n, int64_t(task + 1) * part);
+      for (int64_t t0 = int64_t(task) * part; t0 < end; t0 += int64_t(kScanBlock)) {
+        const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), end - t0));
+        ScanRho(codes, cq, c0, t0, count, x.data(), rho);
+        for (size_t i = 0; i < count; ++i) {
+          const int32_t t = int32_t(t0 + int64_t(i));
+          if (rho[i] >= thr && !special.Test(t)) found.push_back(BetterKey(rho[i], t));
+        }
       }
-    }
+    };
+    if (tasks == 1) scanPart(0);
+    else ThreadPool::Get().ParallelFor(tasks, scanPart);
+    S.found.clear();
+    for (const std::vector<uint64_t>& found : S.parts) S.found.insert(S.found.end(), found.begin(), found.end());
     if (int64_t(S.found.size()) >= need) {
       std::nth_element(S.found.begin(), S.found.begin() + (need - 1), S.found.end());
       S.found.resize(size_t(need));
@@ -124,7 +142,7 @@ template <typename Scorer>
 CodeScanCounts CodeScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
                         const int32_t* entries, size_t entryCount, const int32_t* seeds, size_t seedCount,
                         const int32_t* freeSeeds, size_t freeCount, int64_t maxExact, int64_t off,
-                        int64_t stride, int64_t m, const uint16_t* keys, int d, Scorer& scorer,
+                        int64_t stride, int64_t m, int64_t chunk, const uint16_t* keys, int d, Scorer& scorer,
                         CodeScanScratch& S) {
   CodeScanCounts counts;
   Visited& special = Visited::Local(n);
@@ -156,7 +174,7 @@ CodeScanCounts CodeScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const fl
     std::sort(S.ids.begin(), S.ids.end());
     S.ids.resize(size_t(M));
   } else {
-    SelectScan(codes, cq, c0, n, special, specials, M - int64_t(S.ids.size()), off, stride, m, S);
+    SelectScan(codes, cq, c0, n, special, specials, M - int64_t(S.ids.size()), off, stride, m, chunk, S);
     counts.codes = n;
     std::sort(S.ids.begin(), S.ids.end());
   }

@@ -5,7 +5,7 @@
 // the strided sample and the free keys; entry points and seeds rank first (+∞), free keys never (−∞); the keys
 // scored exactly are the best M = maxScanned − m by ρ (ties towards the lower id), m the sample's size. With k =
 // tokens the result is every key scored (the candidates and the sample, free keys left out), so the candidates are
-// read off it. Also: maxScanned ≥ tokens is the exhaustive top-k; a fact far along a quiet channel, which its
+// read off it, the same when the pass is split into pool tasks. Also: maxScanned ≥ tokens is the exhaustive top-k; a fact far along a quiet channel, which its
 // clamped code ranks low, is found (an outlier entry point); bad options are refused.
 import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
@@ -94,18 +94,27 @@ describe('ra-graph code scan', () => {
   // boundary's but not equal to it may fall either side. Equal ρ is an exact tie of the integers (the codes are
   // discrete: at d = 8 many keys share a code row), broken towards the lower id by both.
   const TOL = 1e-4;
-  for (const [dt, n, d, G] of [['f16', 3000, 8, 4], ['bf16', 5000, 24, 3], ['f16', 4000, 64, 4], ['bf16', 2500, 64, 8]] as const)
-    it(`scores exactly the best maxScanned − m keys by the int8 form's ρ, entry points and seeds first, free keys never (${dt}, n=${n}, d=${d}, G=${G})`, async () => {
+  // planted: the strided sample's keys lifted along channel 2 and the queries aimed at it, so that the sample's ρ
+  // overstates every other key's: the threshold the scan takes from it collects too few keys, and the pass is redone.
+  for (const [dt, n, d, G, planted] of [['f16', 3000, 8, 4, false], ['bf16', 5000, 24, 3, false], ['f16', 4000, 64, 4, false], ['bf16', 2500, 64, 8, false], ['f16', 4000, 16, 2, true]] as const)
+    it(`scores exactly the best maxScanned − m keys by the int8 form's ρ, entry points and seeds first, free keys never (${dt}, n=${n}, d=${d}, G=${G}${planted ? ', the sample planted' : ''})`, async () => {
       const rng = new Rng(seed + 13 * d + G);
       const keys = keysOf(rng, dt, n, d);
+      const { stride, off, m } = sampleOf(n);
+      if (planted)
+        for (let j = 0; j < m; j++) {
+          const i = (off + j * stride) * d + 2;
+          keys.bits[i] = bitsOf(dt)(keys.values[i] + 8);
+          keys.values[i] = valueOf(dt)(keys.bits[i]);
+        }
       const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 200, d), degree: 8, kBuild: 16 });
       const entries = entriesOf(graph);
       expect(entries.length).toBeGreaterThan(n / 256);
-      const { stride, off, m } = sampleOf(n);
       const inSample = (t: number) => t >= off && (t - off) % stride === 0;
       let ambiguous = 0, decided = 0;
       for (let trial = 0; trial < 3; trial++) {
         const q = queries(rng, G, d);
+        if (planted) for (let g = 0; g < G; g++) q[g * d + 2] = 3;
         // Free keys: sinks and a window, one entry point and one seed among them (free wins over +∞).
         const seeds = Int32Array.from({ length: 6 }, () => rng.int(n));
         const freeList = [0, 1, 2, 3, ...Array.from({ length: 16 }, (_, i) => n - 16 + i), entries[trial], seeds[0]];
@@ -131,6 +140,13 @@ describe('ra-graph code scan', () => {
           const need = M - inf.size;
           expect(need).toBeGreaterThan(0);
           const edge = rho[others[need - 1]];
+          if (planted) {
+            // The first pass's threshold (the sample's ρ at its expected rank + 4 sd) passes fewer than need keys.
+            const specials = free.size + inf.size, p = need / (n - specials), r = Math.ceil(p * m + 4 * Math.sqrt(p * m) + 4);
+            const sampleRho = Array.from({ length: m }, (_, j) => rho[off + j * stride]).sort((a, b) => b - a);
+            expect(r).toBeLessThan(m);
+            expect(others.filter((t) => rho[t] >= sampleRho[r] + TOL).length).toBeLessThan(need);
+          }
           const near = others.filter((t) => rho[t] !== edge && Math.abs(rho[t] - edge) <= TOL);
           ambiguous += near.length;
           decided += need;
@@ -157,6 +173,12 @@ describe('ra-graph code scan', () => {
           // scanned: the sample and the candidates, a sample key scored once.
           expect(r.scanned).toBe(m + scannedOutside.length);
           expect(r.codesRead).toBe(n);
+          // The pass split into pool tasks (scanChunk; 300 keys a task, the last one short): the same search.
+          const split = { ...a, outIds: new Int32Array(n), outScores: new Float32Array(n), scanChunk: 300 };
+          const rs = graph.searchSync(split);
+          expect([rs.count, rs.scanned, rs.codesRead]).toEqual([r.count, r.scanned, r.codesRead]);
+          expect(split.outIds).toEqual(a.outIds);
+          expect(split.outScores).toEqual(a.outScores);
         }
         // A cap the +∞ keys fill alone: the lowest ids of them, and no code scored.
         const fa = { ...scanArgs(keys.bits, n, d, dt, q, G, m + 3), seeds, freeSeeds };
@@ -247,6 +269,8 @@ describe('ra-graph code scan', () => {
     expect(() => graph.searchSync({ ...base, codeWalk: true })).toThrow(/codeScan and codeWalk are two searches/);
     for (const maxScanned of [0, undefined]) expect(() => graph.searchSync({ ...base, maxScanned })).toThrow(/codeScan needs maxScanned > 0/);
     expect(() => graph.searchSync({ ...base, codeDelta: 1 })).toThrow(/codeDelta is an option of the code walk/);
+    expect(() => graph.searchSync({ ...base, codeScan: false, scanChunk: 1000 })).toThrow(/scanChunk is an option of the code scan/);
+    for (const scanChunk of [-1, 1.5]) expect(() => graph.searchSync({ ...base, scanChunk })).toThrow(/scanChunk/);
     expect(graph.searchSync(base).count).toBe(10);
     expect(graph.searchSync({ ...base, codeScan: false }).codesRead).toBeUndefined();
     graph.dispose();
