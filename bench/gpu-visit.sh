@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --
 stages=${*:-tests wave blocks dense decode}
 for s in $stages; do
   case $s in
-    tests) step 240 tests node node_modules/vitest/vitest.mjs run test/cache/simulated-pool.test.ts test/cache/wave-on-device.test.ts test/integration/device-release.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-rest.test.ts test/integration/gpu-wave.test.ts test/integration/rest-beside-attend.test.ts test/native/block-scores.test.ts test/native/gpu-range.test.ts test/native/gpu-sync.test.ts test/native/gpu.test.ts test/native/kmeans-device.test.ts test/native/wave-gpu-paged.test.ts test/native/wave-gpu-rest.test.ts test/native/wave-gpu.test.ts test/native/device-calls.test.ts test/native/upload-check.test.ts ;;  # every test file that needs the device (~30 s on an H100)
+    tests) step 240 tests node node_modules/vitest/vitest.mjs run test/cache/simulated-pool.test.ts test/cache/wave-on-device.test.ts test/integration/device-release.test.ts test/integration/gpu-backend.test.ts test/integration/gpu-rest.test.ts test/integration/gpu-wave.test.ts test/integration/rest-beside-attend.test.ts test/native/block-scores.test.ts test/native/gpu-range.test.ts test/native/gpu-sync.test.ts test/native/gpu.test.ts test/native/kmeans-device.test.ts test/native/wave-gpu-paged.test.ts test/native/wave-gpu-rest.test.ts test/native/wave-gpu.test.ts test/native/device-calls.test.ts test/native/upload-check.test.ts test/native/ra-scan-gpu.test.ts test/integration/gpu-scan.test.ts ;;  # every test file that needs the device (~30 s on an H100)
     wave)
       step 120 wave-check node dist/bench/wave-gpu.js --check
       step 150 wave-bench node dist/bench/wave-gpu.js --bench

@@ -189,6 +189,11 @@ export class DeviceKeyScans implements KeyScanner {
     this.stats.bytes = this.used;
   }
 
+  /** Frees every store (the backend's close); a step reading one keeps its native store until it ends. */
+  close(): void {
+    for (const e of [...this.held.keys()]) this.drop(e);
+  }
+
   /** Settles once every store being made now is made or failed (tests, benches). */
   async settled(): Promise<void> {
     await Promise.all([...this.held.keys()].map((e) => e.opening));

@@ -18,7 +18,7 @@ import type { KvSegment } from '../../storage/kv-segment.js';
 import { KvrecallError } from '../../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, type ModelShape } from '../../core/model.js';
 import { concatRows, rangeBlocks, type PoolPart } from './selection-parts.js';
-import { DeviceKeyScans } from './device-key-scans.js';
+import { DeviceKeyScans, type DeviceKeyScanStats } from './device-key-scans.js';
 import { DeviceWaveStores, type DeviceWaveStats, type HeldWaveStore } from './device-wave.js';
 import type { WaveGpuStore, WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -76,6 +76,8 @@ export interface GpuDescription {
   device: string;
   memory: number;
   wave?: DeviceWaveStats;
+  /** Retrieval-attention's code scan stores (with a scan budget). */
+  keyScan?: DeviceKeyScanStats & { budgetBytes: number };
   pool: {
     budgetBytes: number;
     blockSize: number;
@@ -389,6 +391,7 @@ export class GpuBackend {
       device: this.info.device,
       memory: this.info.memory,
       ...(this.wave && { wave: this.wave.stats() }),
+      ...(this.keyScanner && { keyScan: { ...this.keyScanner.stats, budgetBytes: this.keyScanner.budgetBytes } }),
       pool: { budgetBytes: this.budget, blockSize: POOL_BLOCK, ...this.shape, reservedBytes: this.reserved, ...(this.failure && !this.pool && { failure: this.failure }), ...this.pool?.stats() },
     };
   }
@@ -397,6 +400,7 @@ export class GpuBackend {
     this.pool?.close();
     this.pool = undefined;
     this.wave?.close();
+    this.keyScanner?.close();
   }
 }
 
