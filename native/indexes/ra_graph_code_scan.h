@@ -31,13 +31,13 @@
 namespace kvr {
 namespace ragraph {
 
-// Keys a scan block: the block's [G, kScanBlock] int8-form logits stay in
-// L1 (4 KB at G = 4) and its code rows (16 KB at d = 128) in L2.
+// Keys a scan block: their ρ (and, at G > 4, the int8-form logits) stay in
+// L1 or L2.
 constexpr size_t kScanBlock = 256;
 
 struct CodeScanScratch {
   std::vector<float> x, sampleRho;
-  std::vector<uint64_t> found;  // BetterKey(ρ, id) of the keys at or above the threshold
+  std::vector<uint64_t> found, kth;  // BetterKey(ρ, id) of the keys at or above the threshold; a copy to select in
   std::vector<std::vector<uint64_t>> parts;  // found, per pool task
   std::vector<int32_t> ids, start;
 };
@@ -47,22 +47,9 @@ struct CodeScanCounts {
   int64_t codes = 0;  // codes scored: every key's (n) when the scan ran
 };
 
-// ρ of the keys first .. first + count − 1 (count <= kScanBlock) into rho.
-inline void ScanRho(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t first, size_t count,
-                    float* x, float* rho) {
-  const int G = cq.G;
-  codes.QuantLogitsRows(cq, first, count, x, kScanBlock);
-  for (size_t i = 0; i < count; ++i) rho[i] = x[i] - c0[0];
-  for (int h = 1; h < G; ++h) {
-    const float* xh = x + size_t(h) * kScanBlock;
-    const float ch = c0[h];
-    for (size_t i = 0; i < count; ++i) rho[i] = std::max(rho[i], xh[i] - ch);
-  }
-}
-
 // The best `need` keys by ρ among those `special` does not mark (ties
 // towards the lower id; NaN never, nor −∞ unless threshold −∞ is reached),
-// appended to S.ids. Collecting every key's (ρ, id) and selecting among n
+// appended to S.ids in ascending order. Collecting every key's (ρ, id) and selecting among n
 // would write and sort 8 MB a search at 1M keys; instead the keys are
 // collected only at or above a threshold set from the strided sample's ρ
 // (the sample is a uniform draw, so the share of keys above its r-th best
@@ -104,12 +91,12 @@ inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const flo
     auto scanPart = [&](size_t task) {
       std::vector<uint64_t>& found = S.parts[task];
       found.clear();
-      std::vector<float> x(size_t(cq.G) * kScanBlock);
+      std::vector<float> x;
       float rho[kScanBlock];
       const int64_t end = std::min(n, int64_t(task + 1) * part);
       for (int64_t t0 = int64_t(task) * part; t0 < end; t0 += int64_t(kScanBlock)) {
         const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), end - t0));
-        ScanRho(codes, cq, c0, t0, count, x.data(), rho);
+        codes.MaxShiftedRows(cq, c0, t0, count, rho, x);
         for (size_t i = 0; i < count; ++i) {
           const int32_t t = int32_t(t0 + int64_t(i));
           if (rho[i] >= thr && !special.Test(t)) found.push_back(BetterKey(rho[i], t));
@@ -121,8 +108,14 @@ inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const flo
     S.found.clear();
     for (const std::vector<uint64_t>& found : S.parts) S.found.insert(S.found.end(), found.begin(), found.end());
     if (int64_t(S.found.size()) >= need) {
-      std::nth_element(S.found.begin(), S.found.begin() + (need - 1), S.found.end());
-      S.found.resize(size_t(need));
+      // The need-th best selected in a copy; the found keys, in id order as
+      // collected, kept up to it: no sort of the ids afterwards.
+      S.kth.assign(S.found.begin(), S.found.end());
+      std::nth_element(S.kth.begin(), S.kth.begin() + (need - 1), S.kth.end());
+      const uint64_t last = S.kth[size_t(need - 1)];
+      size_t kept = 0;
+      for (const uint64_t key : S.found) S.found[kept] = key, kept += key <= last ? 1 : 0;
+      S.found.resize(kept);
       break;
     }
     if (thr == kNone) break;  // every key collected: fewer than need
@@ -170,13 +163,14 @@ CodeScanCounts CodeScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const fl
     if (seeds[e] >= 0 && seeds[e] < n && !special.TestAndSet(seeds[e])) S.ids.push_back(seeds[e]);
   specials += int64_t(S.ids.size());
   const int64_t M = std::max<int64_t>(0, maxExact);
+  std::sort(S.ids.begin(), S.ids.end());
   if (int64_t(S.ids.size()) >= M) {
-    std::sort(S.ids.begin(), S.ids.end());
     S.ids.resize(size_t(M));
   } else {
-    SelectScan(codes, cq, c0, n, special, specials, M - int64_t(S.ids.size()), off, stride, m, chunk, S);
+    const size_t inf = S.ids.size();
+    SelectScan(codes, cq, c0, n, special, specials, M - int64_t(inf), off, stride, m, chunk, S);
     counts.codes = n;
-    std::sort(S.ids.begin(), S.ids.end());
+    std::inplace_merge(S.ids.begin(), S.ids.begin() + ptrdiff_t(inf), S.ids.end());
   }
   score(S.ids);
   counts.exact = int64_t(S.ids.size());

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <mutex>
@@ -196,7 +197,7 @@ namespace {
 // high nibbles against their weights (u8 × s8, pairs added in s16: at most
 // 2·15·127 = 3810 a lane), two chunks' worth added in s16 (15240 at most)
 // before they widen to s32, so no sum saturates.
-inline __m128i QuantDots4(const int8_t* w, size_t width, const uint8_t* row, size_t half) {
+inline __m256i QuantHalves4(const int8_t* w, size_t width, const uint8_t* row, size_t half) {
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256i acc[4];
   for (int c = 0; c < 4; ++c) acc[c] = _mm256_setzero_si256();
@@ -220,8 +221,11 @@ inline __m128i QuantDots4(const int8_t* w, size_t width, const uint8_t* row, siz
       acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(s, ones));
     }
   }
-  // [h0 h1 h2 h3] per 128-bit half, then the halves added.
-  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+  // [h0 h1 h2 h3] per 128-bit half: QuantDots4 adds the halves.
+  return _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+}
+inline __m128i QuantDots4(const int8_t* w, size_t width, const uint8_t* row, size_t half) {
+  const __m256i t = QuantHalves4(w, width, row, half);
   return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
 }
 #endif
@@ -267,6 +271,50 @@ void RaKeyCodes::QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t c
 void RaKeyCodes::QuantLogitsRows(const RaCodeQuery& cq, int64_t first, size_t count, float* x, size_t ld) const {
   const uint8_t* rows = Row(first);
   QuantLogitsOf(cq, half_, [&](size_t i) { return rows + i * half_; }, count, x, ld);
+}
+
+void RaKeyCodes::MaxShiftedRows(const RaCodeQuery& cq, const float* c0, int64_t first, size_t count, float* out,
+                                std::vector<float>& x) const {
+  const int G = cq.G;
+  const uint8_t* rows = Row(first);
+#ifdef KVR_X86_SIMD
+  // G <= 4: two keys a step, their four heads' sums folded together and each
+  // x̃ − c0 formed in one register (the padded heads at −∞), the max over a
+  // key's lanes: the same floats as below, without the round trip through x
+  // and with half the folds.
+  if (half_ % 32 == 0 && G <= 4) {
+    alignas(16) float c[4], pad[4];
+    for (int h = 0; h < 4; ++h) c[h] = h < G ? c0[h] : 0.f, pad[h] = h < G ? 0.f : -std::numeric_limits<float>::infinity();
+    const __m128 s1 = _mm_loadu_ps(cq.qscale.data()), b1 = _mm_loadu_ps(cq.qbias.data());
+    const __m256 s = _mm256_set_m128(s1, s1), b = _mm256_set_m128(b1, b1),
+                 cv = _mm256_set_m128(_mm_load_ps(c), _mm_load_ps(c)), pv = _mm256_set_m128(_mm_load_ps(pad), _mm_load_ps(pad));
+    const int8_t* w = cq.w8.data();
+    const size_t W = cq.width;
+    auto rho2 = [&](__m256i ta, __m256i tb, float* o) {
+      const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(ta, tb, 0x20), _mm256_permute2x128_si256(ta, tb, 0x31));
+      __m256 v = _mm256_add_ps(_mm256_sub_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), s, b), cv), pv);
+      v = _mm256_max_ps(v, _mm256_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+      v = _mm256_max_ps(v, _mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+      o[0] = _mm256_cvtss_f32(v);
+      o[1] = _mm_cvtss_f32(_mm256_extractf128_ps(v, 1));
+    };
+    size_t i = 0;
+    for (; i + 2 <= count; i += 2)
+      rho2(QuantHalves4(w, W, rows + i * half_, half_), QuantHalves4(w, W, rows + (i + 1) * half_, half_), out + i);
+    if (i < count) {
+      float o[2];
+      const __m256i t = QuantHalves4(w, W, rows + i * half_, half_);
+      rho2(t, t, o);
+      out[i] = o[0];
+    }
+    return;
+  }
+#endif
+  x.resize(size_t(G) * count);
+  QuantLogitsOf(cq, half_, [&](size_t i) { return rows + i * half_; }, count, x.data(), count);
+  for (size_t i = 0; i < count; ++i) out[i] = x[i] - c0[0];
+  for (int h = 1; h < G; ++h)
+    for (size_t i = 0; i < count; ++i) out[i] = std::max(out[i], x[size_t(h) * count + i] - c0[h]);
 }
 
 }  // namespace kvr
