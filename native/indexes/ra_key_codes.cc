@@ -268,11 +268,6 @@ void RaKeyCodes::QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t c
   QuantLogitsOf(cq, half_, [&](size_t i) { return Row(ids[i]); }, count, x, ld);
 }
 
-void RaKeyCodes::QuantLogitsRows(const RaCodeQuery& cq, int64_t first, size_t count, float* x, size_t ld) const {
-  const uint8_t* rows = Row(first);
-  QuantLogitsOf(cq, half_, [&](size_t i) { return rows + i * half_; }, count, x, ld);
-}
-
 void RaKeyCodes::MaxShiftedRows(const RaCodeQuery& cq, const float* c0, int64_t first, size_t count, float* out,
                                 std::vector<float>& x) const {
   const int G = cq.G;
@@ -281,7 +276,8 @@ void RaKeyCodes::MaxShiftedRows(const RaCodeQuery& cq, const float* c0, int64_t 
   // G <= 4: two keys a step, their four heads' sums folded together and each
   // x̃ − c0 formed in one register (the padded heads at −∞), the max over a
   // key's lanes: the same floats as below, without the round trip through x
-  // and with half the folds.
+  // and with half the folds (0.92 of the scan's CPU at 1M keys, 2-core VM,
+  // bench/results/ra-code-scan-ab-1048576-vm-two-keys.md).
   if (half_ % 32 == 0 && G <= 4) {
     alignas(16) float c[4], pad[4];
     for (int h = 0; h < 4; ++h) c[h] = h < G ? c0[h] : 0.f, pad[h] = h < G ? 0.f : -std::numeric_limits<float>::infinity();

@@ -85,12 +85,10 @@ class RaKeyCodes {
   // key ids[i], for i < count, h < G (the code walk's scores). The same
   // integers with or without AVX2, then one fma each: the same floats.
   void QuantLogits(const RaCodeQuery& cq, const int32_t* ids, size_t count, float* x, size_t ld) const;
-  // The same for the keys first .. first + count − 1 (the code scan reads
-  // every row in order): the same integers, the same floats.
-  void QuantLogitsRows(const RaCodeQuery& cq, int64_t first, size_t count, float* x, size_t ld) const;
   // out[i] = max_h (x̃_h − c0_h) over the G heads for the keys first + i,
-  // i < count, x̃ as QuantLogitsRows gives it: the code scan's ρ
-  // (ra_graph_code_scan.h). x is working memory.
+  // i < count (the code scan's ρ, ra_graph_code_scan.h: every row read in
+  // order), x̃ as QuantLogits gives it: the same integers, the same floats.
+  // x is working memory.
   void MaxShiftedRows(const RaCodeQuery& cq, const float* c0, int64_t first, size_t count, float* out,
                       std::vector<float>& x) const;
 
