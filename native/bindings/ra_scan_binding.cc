@@ -214,7 +214,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     cuda::RaScanArgs& a = job->args;
     a.group = int(Int(o, "group", 1, c.maxGroup));
     a.k = Int(o, "k", 1, c.tokens);
-    a.maxScanned = Int(o, "maxScanned", 1, c.tokens);
+    a.maxScanned = Int(o, "maxScanned", 1, (int64_t(1) << 40));
     a.scale = Absent(o.Get("scale")) ? 1.f / std::sqrt(float(d)) : Float(o, "scale");
     if (!(a.scale > 0) || !std::isfinite(a.scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
     const size_t qn = size_t(H) * a.group * d;

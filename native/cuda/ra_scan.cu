@@ -158,7 +158,8 @@ void RaScanStore::Search(const RaScanArgs& a) {
   // The sample, as the host takes it.
   const int64_t want = std::min<int64_t>(n, std::min(kSampleMax, std::max(kSampleMin, n / kSampleShare)));
   const int64_t stride = std::max<int64_t>(1, n / want), off = stride / 2, m = (n - off + stride - 1) / stride;
-  const int64_t cand = std::max<int64_t>(0, std::min(a.maxScanned, n) - m);
+  // The host's M = cap − m, at most every key (maxScanned ≥ tokens + m: every key a candidate).
+  const int64_t cand = std::min<int64_t>(n, std::max<int64_t>(0, a.maxScanned - m));
   const int64_t cap = cand + m, k = a.k;
   std::vector<int64_t> seedStart(size_t(H) + 1, 0), freeStart(size_t(H) + 1, 0);
   for (int h = 0; h < H; ++h) {
