@@ -43,10 +43,13 @@ const ADDON_BACKEND: ScanStoreBackend = {
   supported: raScanSupported,
 };
 
-/** Device bytes a store of these heads takes before its per-step buffers: codes, keys, three bitmaps a head. */
+/**
+ * Device bytes a store of these heads takes before its per-step buffers: a head's codes and keys (2.5 bytes a
+ * channel), four bitmaps, and 24 bytes a key for what a step's scan keeps and its cut's bin (native/cuda/ra_scan.cu).
+ */
 export function scanStoreBytes(heads: readonly ScanHead[]): number {
   const { tokens, headDim } = heads[0];
-  return heads.length * (tokens * headDim * 2.5 + 3 * Math.ceil(tokens / 8));
+  return heads.length * (tokens * headDim * 2.5 + 4 * Math.ceil(tokens / 8) + 24 * tokens);
 }
 
 interface Entry {

@@ -67,7 +67,7 @@ struct RaScanStore::Impl {
   int64_t words = 0;
   cudaStream_t stream = nullptr;
   cudaEvent_t ev[8] = {};
-  DeviceBlock data;   // codes, keys, entry bits, seed and free bits
+  DeviceBlock data;   // codes, keys, entry bits, seed, free and take bits, what the scan keeps
   DeviceBlock work;   // sized by the largest step
   DeviceBlock in, out;
   HostBlock hin, hout;
@@ -77,13 +77,21 @@ struct RaScanStore::Impl {
   uint32_t* entryBits = nullptr;
   uint32_t* seedBits = nullptr;
   uint32_t* freeBits = nullptr;
-  // Work carved from `work`.
-  float *freeX = nullptr, *sampleX = nullptr, *c0 = nullptr, *candX = nullptr, *candScore = nullptr;
-  uint8_t* reached = nullptr;
-  int32_t *sampleSeedIds = nullptr, *cand = nullptr;
-  uint32_t *ord = nullptr, *ord2 = nullptr, *range = nullptr, *hist = nullptr;
-  int64_t *finalCount = nullptr, *tiles = nullptr, *bufW = nullptr;
+  uint32_t* takeBits = nullptr;
+  // What the scan keeps (every key at most) and the cut's bin, per head: sized by the keys.
+  uint32_t* keptOrd = nullptr;
+  int32_t* keptIds = nullptr;
   uint64_t* buf = nullptr;
+  int64_t* bufW = nullptr;
+  // Work carved from `work`.
+  float *freeX = nullptr, *sampleX = nullptr, *c0 = nullptr, *c = nullptr, *candX = nullptr, *candScore = nullptr;
+  uint8_t* reached = nullptr;
+  int32_t *sampleSeedIds = nullptr, *cand = nullptr, *redo = nullptr;
+  uint32_t *ord2 = nullptr, *range = nullptr, *hist = nullptr, *tau = nullptr;
+  int64_t *finalCount = nullptr, *tiles = nullptr;
+  unsigned long long* keptCount = nullptr;
+  double* partial = nullptr;
+  int64_t partials = 0;
   CutState* cuts = nullptr;
   RaScanTimes times;
 
@@ -109,13 +117,20 @@ RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : imp
   Check(cudaStreamCreateWithFlags(&I.stream, cudaStreamNonBlocking), "stream");
   for (cudaEvent_t& e : I.ev) Check(cudaEventCreate(&e), "event");
   const size_t codeBytes = size_t(n) * size_t(d / 2), keyBytes = size_t(n) * size_t(d) * 2, bitBytes = size_t(I.words) * 4;
-  I.data.Ensure(Align(codeBytes * H) + Align(keyBytes * H) + 3 * Align(bitBytes * H), "cudaMalloc (code scan data)");
+  const size_t Hs = size_t(H), N = size_t(n);
+  I.data.Ensure(Align(codeBytes * Hs) + Align(keyBytes * Hs) + 4 * Align(bitBytes * Hs) + Align(Hs * N * 4) * 2 + Align(Hs * N * 8) * 2,
+                "cudaMalloc (code scan data)");
   char* at = I.data.p;
-  I.codes = Carve<uint8_t>(at, codeBytes * H);
-  I.keys = Carve<uint16_t>(at, keyBytes / 2 * H);
-  I.entryBits = Carve<uint32_t>(at, size_t(I.words) * H);
-  I.seedBits = Carve<uint32_t>(at, size_t(I.words) * H);
-  I.freeBits = Carve<uint32_t>(at, size_t(I.words) * H);
+  I.codes = Carve<uint8_t>(at, codeBytes * Hs);
+  I.keys = Carve<uint16_t>(at, keyBytes / 2 * Hs);
+  I.entryBits = Carve<uint32_t>(at, size_t(I.words) * Hs);
+  I.seedBits = Carve<uint32_t>(at, size_t(I.words) * Hs);
+  I.freeBits = Carve<uint32_t>(at, size_t(I.words) * Hs);
+  I.takeBits = Carve<uint32_t>(at, size_t(I.words) * Hs);
+  I.keptOrd = Carve<uint32_t>(at, Hs * N);
+  I.keptIds = Carve<int32_t>(at, Hs * N);
+  I.buf = Carve<uint64_t>(at, Hs * N);
+  I.bufW = Carve<int64_t>(at, Hs * N);
   std::vector<uint32_t> bits(size_t(I.words));
   for (int h = 0; h < H; ++h) {
     const RaScanHead& hd = heads[h];
@@ -129,9 +144,9 @@ RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : imp
     }
     Check(cudaMemcpy(I.entryBits + size_t(I.words) * h, bits.data(), bitBytes, cudaMemcpyHostToDevice), "copy entry points");
   }
-  Check(cudaMemset(I.seedBits, 0, 2 * Align(bitBytes * H)), "clear marks");
+  Check(cudaMemset(I.seedBits, 0, 3 * Align(bitBytes * Hs)), "clear marks");
   // ResolveCut holds up to ResolveHeld keys of the cut's bin in shared memory (96 KiB).
-  Check(cudaFuncSetAttribute(ResolveCut<ScanCodeCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanCodeCut>())), "attribute");
+  Check(cudaFuncSetAttribute(ResolveCut<KeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<KeptCut>())), "attribute");
   Check(cudaFuncSetAttribute(ResolveCut<ScanFinalCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanFinalCut>())), "attribute");
 }
 
@@ -172,34 +187,40 @@ void RaScanStore::Search(const RaScanArgs& a) {
 
   // Work, grown to the largest step seen.
   const int64_t tilesPerHead = std::max<int64_t>(Tiles(n), Tiles(cap));
-  if (cap > I.workCap || frees > I.workFree || k > I.workK) {
+  const unsigned T = unsigned(kThreads);
+  const auto cdiv = [](int64_t x, int64_t y) { return unsigned(std::max<int64_t>(1, (x + y - 1) / y)); };
+  // The exact kernel's CTAs: about four candidates a warp (each CTA's sums are one partial).
+  const unsigned exactCtas = cdiv(cand, kScanWarps * 4);
+  if (cap > I.workCap || frees > I.workFree || k > I.workK || int64_t(exactCtas) > I.partials) {
     I.workCap = std::max(cap, I.workCap);
     I.workFree = std::max(frees, I.workFree);
     I.workK = std::max(k, I.workK);
-    const size_t C = size_t(I.workCap), Hs = size_t(H);
-    const size_t bytes = Align(size_t(I.workFree) * kScanMaxG * 4) + Align(Hs * m * kScanMaxG * 4) + Align(Hs * kScanMaxG * 4) +
-                         Align(Hs * C * kScanMaxG * 4) + Align(Hs * C * 4) + Align(Hs * m) + Align(Hs * kSeedMax * 4) +
-                         Align(Hs * C * 4) + Align(Hs * n * 4) + Align(Hs * C * 4) + Align(Hs * 4 * 4) + Align(Hs * kBins * 2 * 4) +
-                         Align(Hs * 8) + Align(Hs * size_t(tilesPerHead) * 8) + Align(Hs * size_t(std::max<int64_t>(n, C)) * 16) +
-                         Align(Hs * sizeof(CutState) * 2);
+    I.partials = std::max<int64_t>(exactCtas, I.partials);
+    const size_t C = size_t(I.workCap), Hs = size_t(H), G16 = kScanMaxG;
+    const size_t bytes = Align(size_t(I.workFree) * G16 * 4) + Align(Hs * m * G16 * 4) + 2 * Align(Hs * G16 * 4) + Align(Hs * C * G16 * 4) +
+                         Align(Hs * C * 4) + Align(Hs * m) + Align(Hs * kSeedMax * 4) + Align(Hs * C * 4) + Align(Hs * 4) + Align(Hs * C * 4) +
+                         Align(Hs * 4 * 4) + Align(Hs * kBins * 2 * 4) + Align(Hs * 4) + Align(Hs * 8) + Align(Hs * size_t(tilesPerHead) * 8) +
+                         Align(Hs * 8) + Align(Hs * size_t(I.partials) * G16 * 8) + Align(Hs * sizeof(CutState) * 2);
     I.work.Ensure(bytes, "cudaMalloc (code scan work)");
     char* at = I.work.p;
-    I.freeX = Carve<float>(at, size_t(I.workFree) * kScanMaxG);
-    I.sampleX = Carve<float>(at, Hs * m * kScanMaxG);
-    I.c0 = Carve<float>(at, Hs * kScanMaxG);
-    I.candX = Carve<float>(at, Hs * C * kScanMaxG);
+    I.freeX = Carve<float>(at, size_t(I.workFree) * G16);
+    I.sampleX = Carve<float>(at, Hs * m * G16);
+    I.c0 = Carve<float>(at, Hs * G16);
+    I.c = Carve<float>(at, Hs * G16);
+    I.candX = Carve<float>(at, Hs * C * G16);
     I.candScore = Carve<float>(at, Hs * C);
     I.reached = Carve<uint8_t>(at, Hs * m);
     I.sampleSeedIds = Carve<int32_t>(at, Hs * kSeedMax);
     I.cand = Carve<int32_t>(at, Hs * C);
-    I.ord = Carve<uint32_t>(at, Hs * n);
+    I.redo = Carve<int32_t>(at, Hs);
     I.ord2 = Carve<uint32_t>(at, Hs * C);
     I.range = Carve<uint32_t>(at, Hs * 4);
     I.hist = Carve<uint32_t>(at, Hs * kBins * 2);
+    I.tau = Carve<uint32_t>(at, Hs);
     I.finalCount = Carve<int64_t>(at, Hs);
     I.tiles = Carve<int64_t>(at, Hs * size_t(tilesPerHead));
-    I.buf = Carve<uint64_t>(at, Hs * size_t(std::max<int64_t>(n, C)));
-    I.bufW = Carve<int64_t>(at, Hs * size_t(std::max<int64_t>(n, C)));
+    I.keptCount = Carve<unsigned long long>(at, Hs);
+    I.partial = Carve<double>(at, Hs * size_t(I.partials) * G16);
     I.cuts = Carve<CutState>(at, Hs * 2);
   }
 
@@ -222,7 +243,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.H = H, p.G = G, p.G4 = G4, p.d = d, p.half = d / 2, p.n = n, p.words = I.words, p.scale = a.scale;
   p.m = m, p.stride = stride, p.off = off, p.sampleSeeds = int(std::min<int64_t>(kSeedMax, m / kSampleSeedShare));
   p.want = cand, p.cap = cap, p.k = k;
-  p.codes = I.codes, p.keys = I.keys, p.entryBits = I.entryBits, p.seedBits = I.seedBits, p.freeBits = I.freeBits;
+  p.codes = I.codes, p.keys = I.keys, p.entryBits = I.entryBits, p.seedBits = I.seedBits, p.freeBits = I.freeBits, p.takeBits = I.takeBits;
   p.q = static_cast<const float*>(stage(a.q, qN * 4));
   p.w8 = static_cast<const int8_t*>(stage(a.w8, w8N));
   p.qscale = static_cast<const float*>(stage(a.qscale, sN * 4));
@@ -233,7 +254,9 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.seedStart = static_cast<const int64_t*>(stage(seedStart.data(), (size_t(H) + 1) * 8));
   p.freeStart = static_cast<const int64_t*>(stage(freeStart.data(), (size_t(H) + 1) * 8));
   p.freeX = I.freeX, p.sampleX = I.sampleX, p.reached = I.reached, p.c0 = I.c0, p.sampleSeedIds = I.sampleSeedIds;
-  p.ord = I.ord, p.cand = I.cand, p.candX = I.candX, p.candScore = I.candScore, p.ord2 = I.ord2, p.finalCount = I.finalCount;
+  p.c = I.c, p.tau = I.tau, p.keptOrd = I.keptOrd, p.keptIds = I.keptIds, p.keptCount = I.keptCount, p.redo = I.redo;
+  p.partial = I.partial, p.partials = int64_t(exactCtas);
+  p.cand = I.cand, p.candX = I.candX, p.candScore = I.candScore, p.ord2 = I.ord2, p.finalCount = I.finalCount;
   const size_t outBytes = Align(size_t(H) * k * 4) * 2 + 2 * Align(size_t(H) * 8);
   I.out.Ensure(outBytes, "cudaMalloc (code scan answer)");
   I.hout.Ensure(outBytes, "cudaHostAlloc (code scan answer)");
@@ -249,47 +272,60 @@ void RaScanStore::Search(const RaScanArgs& a) {
   };
   const bool bf16 = cfg.dtype == Dtype::kBf16;
   const size_t qSmem = size_t(G) * d * 4;
-  const unsigned T = unsigned(kThreads);
-  const auto cdiv = [](int64_t x, int64_t y) { return unsigned(std::max<int64_t>(1, (x + y - 1) / y)); };
   mark(0);
   Check(cudaMemcpyAsync(I.in.p, I.hin.p, size_t(hat - I.hin.p), cudaMemcpyHostToDevice, s), "copy in");
   Check(cudaMemsetAsync(I.reached, 0, size_t(H) * m, s), "memset");
   Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 4 * 4, s), "memset");
   Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
+  Check(cudaMemsetAsync(I.keptCount, 0, size_t(H) * 8, s), "memset");
   MarkList<true><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
   MarkList<true><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.freeBits, I.words, p.freeIds, p.freeStart);
   const dim3 sampleGrid(cdiv(maxList + m, kScanWarps * 8), unsigned(H));
   if (bf16) SampleLogits<true><<<sampleGrid, T, qSmem, s>>>(p);
   else SampleLogits<false><<<sampleGrid, T, qSmem, s>>>(p);
   SampleReduce<<<H, kReduceThreads, 0, s>>>(p);
+  SampleCut<<<H, kReduceThreads, 0, s>>>(p);
   mark(1);
-  ScanCodes<<<dim3(cdiv(n, int64_t(T) * kScanPerThread), H), T, 0, s>>>(p);
+  // The codes: every key read once, those at or above the sample's threshold kept; heads that kept too few again.
+  const int halfWords = d / 16;
+  const int lanes = halfWords % 32 == 0 ? 8 : halfWords % 16 == 0 ? 4 : halfWords % 8 == 0 ? 2 : 1;
+  const dim3 scanGrid(cdiv(n, int64_t(T / lanes) * kScanPerThread), unsigned(H));
+  const auto scan = [&](bool again) {
+    switch (lanes) {
+      case 8: ScanCodes<8><<<scanGrid, T, 0, s>>>(p, again); break;
+      case 4: ScanCodes<4><<<scanGrid, T, 0, s>>>(p, again); break;
+      case 2: ScanCodes<2><<<scanGrid, T, 0, s>>>(p, again); break;
+      default: ScanCodes<1><<<scanGrid, T, 0, s>>>(p, again); break;
+    }
+  };
+  scan(false);
+  Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p);
+  scan(true);
   mark(2);
-  // The candidates: the best `cand` of every key's order.
-  const ScanCodeCut cc{I.ord, n, cand};
+  // The candidates: the best `cand` of what the scan kept, read back in id order.
+  const KeptCut kc{I.keptOrd, I.keptIds, I.keptCount, n, cand};
   CutState* const cuts1 = I.cuts;
   CutState* const cuts2 = I.cuts + H;
-  const dim3 cutGrid(cdiv(n, int64_t(T) * kHistPer), unsigned(H));
-  OrderRange<ScanCodeCut><<<dim3(cdiv(n, int64_t(T) * kRangePer), H), T, 0, s>>>(cc, I.range);
-  Histogram<ScanCodeCut><<<cutGrid, T, 0, s>>>(cc, I.range, I.hist);
-  FindBin<ScanCodeCut><<<H, kFindThreads, 0, s>>>(cc, I.hist, cuts1);
-  CollectBin<ScanCodeCut><<<dim3(cdiv(n, int64_t(T) * kScanPer), H), T, 0, s>>>(cc, I.range, cuts1, I.buf, I.bufW);
-  ResolveCut<ScanCodeCut><<<H, kResolveThreads, ResolveSmem<ScanCodeCut>(), s>>>(cc, I.range, cuts1, I.buf, I.bufW, true);
-  const dim3 tileGrid(unsigned(Tiles(n)), unsigned(H));
-  CountTaken<ScanCodeCut><<<tileGrid, T, 0, s>>>(cc, I.range, cuts1, I.tiles, tilesPerHead);
-  ScanTiles<<<H, kReduceThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, n);
-  PlaceTaken<ScanCodeCut><<<tileGrid, T, 0, s>>>(cc, I.range, cuts1, I.tiles, tilesPerHead, WriteCandidate{p});
+  // The kept keys are a few percent of n where the threshold holds: grids for that, the kernels stride past it.
+  const int64_t keptGuess = std::min<int64_t>(n, 2 * cand + 4096);
+  OrderRange<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kRangePer), H), T, 0, s>>>(kc, I.range);
+  Histogram<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kHistPer), H), T, 0, s>>>(kc, I.range, I.hist);
+  FindBin<KeptCut><<<H, kFindThreads, 0, s>>>(kc, I.hist, cuts1);
+  CollectBin<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(kc, I.range, cuts1, I.buf, I.bufW);
+  ResolveCut<KeptCut><<<H, kResolveThreads, ResolveSmem<KeptCut>(), s>>>(kc, I.range, cuts1, I.buf, I.bufW, true);
+  MarkTaken<<<dim3(cdiv(keptGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(kc, I.range, cuts1, I.takeBits, I.words);
+  const dim3 wordGrid(unsigned(Tiles(I.words)), unsigned(H));
+  CountBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead);
+  ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, I.words);
+  PlaceBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead, I.cand, cap);
   mark(3);
-  const dim3 exactGrid(cdiv(cand, kScanWarps * 4), unsigned(H));
-  if (cand > 0) {
-    if (bf16) ExactCandidates<true><<<exactGrid, T, qSmem, s>>>(p, cuts1);
-    else ExactCandidates<false><<<exactGrid, T, qSmem, s>>>(p, cuts1);
-  }
+  if (bf16) ExactCandidates<true><<<dim3(exactCtas, H), T, qSmem, s>>>(p, cuts1);
+  else ExactCandidates<false><<<dim3(exactCtas, H), T, qSmem, s>>>(p, cuts1);
   mark(4);
   Refine<<<H, kReduceThreads, 0, s>>>(p, cuts1);
+  FinalScores<<<dim3(cdiv(cap, T), H), T, 0, s>>>(p);
   // The answer: the best k of the listed keys.
   const ScanFinalCut fc{I.ord2, I.cand, I.finalCount, cap, k, n};
-  Check(cudaMemsetAsync(I.range + size_t(H) * 2, 0xff, size_t(H) * 2 * 4, s), "memset");
   Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
   uint32_t* const range2 = I.range + size_t(H) * 2;
   const dim3 finalGrid(cdiv(cap, int64_t(T) * kHistPer), unsigned(H));
@@ -300,7 +336,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   ResolveCut<ScanFinalCut><<<H, kResolveThreads, ResolveSmem<ScanFinalCut>(), s>>>(fc, range2, cuts2, I.buf, I.bufW, true);
   const dim3 tileGrid2(unsigned(Tiles(cap)), unsigned(H));
   CountTaken<ScanFinalCut><<<tileGrid2, T, 0, s>>>(fc, range2, cuts2, I.tiles, tilesPerHead);
-  ScanTiles<<<H, kReduceThreads, 0, s>>>(I.tiles, tilesPerHead, I.finalCount, 0);
+  ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, I.finalCount, 0);
   PlaceTaken<ScanFinalCut><<<tileGrid2, T, 0, s>>>(fc, range2, cuts2, I.tiles, tilesPerHead, WriteAnswer{p});
   MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
   MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.freeBits, I.words, p.freeIds, p.freeStart);
