@@ -287,8 +287,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
   SampleCut<<<H, kReduceThreads, 0, s>>>(p);
   mark(1);
   // The codes: every key read once, those at or above the sample's threshold kept; heads that kept too few again.
-  const int halfWords = d / 16;
-  const int lanes = halfWords % 32 == 0 ? 8 : halfWords % 16 == 0 ? 4 : halfWords % 8 == 0 ? 2 : 1;
+  // L lanes a row, each 16-byte chunks of it: the largest power of two <= 8 dividing its chunks (d / 32; rows of
+  // other widths are read a word at a time by one lane).
+  const int chunks = d % 32 == 0 ? d / 32 : 0;
+  const int lanes = chunks == 0 ? 1 : chunks % 8 == 0 ? 8 : chunks % 4 == 0 ? 4 : chunks % 2 == 0 ? 2 : 1;
   const dim3 scanGrid(cdiv(n, int64_t(T / lanes) * kScanPerThread), unsigned(H));
   const auto scan = [&](bool again) {
     switch (lanes) {
