@@ -36,7 +36,9 @@
 // ids, with the steady zone (sinks + window) as free start keys (not counted
 // as scanned, outside the k asked, as the session searches), and
 // exhaustively (ef = tokens) by both rankings: the group's attention (the
-// session's) and the max over the group of q·k (v3's). "top-k recall
+// session's) and the max over the group of q·k (v3's); and as a session's code
+// walk and code scan (codeWalk / codeScan: index/retrieval-attention.ts
+// walkOptions) search, steady zone free, cold and seeded. "top-k recall
 // (group)" is |selection ∩ exact top-k of the group's attention (mean
 // probability over its heads)| / k, k = the budget: the recall target of
 // issue #15, which is the paper's recall of the exact top-k by q·k when a
@@ -47,6 +49,7 @@
 // attention top-k (budget only), which a set shared by the group cannot
 // fully cover (the oracle's own top-k recall is shown beside it).
 import { writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { RA_GRAPH_DEFAULTS, RaGraph, type RaAggregate } from '../addon/ra-graph.js';
 import { infiniretriBuilder, KeptHead, mergeKept } from '../index/infiniretri.js';
 import { encodeKept } from '../index/infiniretri-artifact.js';
@@ -140,6 +143,8 @@ interface Row {
   steady: boolean;
   /** The code walk (a session's codeWalk) with this codeShare, or null for the beam walk. */
   codes: number | null;
+  /** The code scan (a session's codeScan): every key's code scored, the best `cap` share (null: the default) exactly. */
+  codeScan: boolean;
   /** Keys read as 4-bit codes, as a share of the tokens (mean), or null for the beam walk. */
   codesRead: number | null;
   buildSeconds: number;
@@ -168,7 +173,7 @@ interface Row {
 function versusHnsw(rows: Row[], pct: (x: number) => string): string[] {
   const hnsw = rows.filter((r) => r.method === 'hnsw').sort((a, b) => a.outputError - b.outputError)[0];
   const ra = rows.filter((r) => r.method === 'retrieval-attention' && r.steady && r.aggregate === 'attention');
-  const picks = ra.filter((r) => r.codes !== null || (r.cap === 0.03 && !r.seeded) || (!r.seeded && r.cap === null && r.margin === 0.5));
+  const picks = ra.filter((r) => r.codes !== null || r.codeScan || (r.cap === 0.03 && !r.seeded) || (!r.seeded && r.cap === null && r.margin === 0.5));
   if (!hnsw || picks.length === 0) return [];
   const line = (name: string, r: Row) =>
     `| ${name} | ${pct(r.outputError)} | ${pct(r.scanned)} | ${r.codesRead === null ? '—' : pct(r.codesRead)} | ${r.groupTopKRecall.toFixed(3)} | ${(r.scanned / hnsw.scanned).toFixed(2)} | ${r.searchMs.toFixed(2)} | ${r.needleHits} |`;
@@ -180,7 +185,7 @@ function versusHnsw(rows: Row[], pct: (x: number) => string): string[] {
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     line(`hnsw, ef ${hnsw.ef}`, hnsw),
     ...picks.map((r) =>
-      line(`retrieval-attention${r.codes !== null ? `, code walk (codes ≤ ${pct(r.codes)})` : r.cap ? `, ≤ ${pct(r.cap)} scanned` : `, margin ${r.margin}`}${r.seeded ? ', seeded' : ''}`, r)),
+      line(`retrieval-attention${r.codeScan ? `, code scan (≤ ${r.cap ? pct(r.cap) : '3% / 3k'} scored exactly)` : r.codes !== null ? `, code walk (codes ≤ ${pct(r.codes)})` : r.cap ? `, ≤ ${pct(r.cap)} scanned` : `, margin ${r.margin}`}${r.seeded ? ', seeded' : ''}`, r)),
   ];
 }
 
@@ -199,7 +204,7 @@ function selection(tokens: number, retrieved: Int32Array, o: Options, want: numb
  * Search efforts swept per method, given the ids asked for (k) and the
  * tokens: beam widths for the graphs, lists probed for ivf (nlist = 4·√n).
  */
-type Effort = [ef: number, margin: number | null, aggregate: RaAggregate | null, seeded?: boolean, cap?: number, steady?: boolean, codes?: number];
+type Effort = [ef: number, margin: number | null, aggregate: RaAggregate | null, seeded?: boolean, cap?: number, steady?: boolean, codes?: number, scan?: boolean];
 
 function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate): Effort[] {
   const nlist = Math.round(4 * Math.sqrt(tokens));
@@ -230,6 +235,9 @@ function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate
         // session is from its second step, and at half the default codeShare.
         ...[false, true].map((seeded): Effort => [0, null, 'attention', seeded, undefined, true, DEFAULT_CODE_SHARE]),
         [0, null, 'attention', true, undefined, true, DEFAULT_CODE_SHARE / 2],
+        // The code scan as a session with codeScan: true searches (walkOptions: every key's code scored, the best 3%
+        // or 3k exactly; and at scanShare 2%), steady zone free, cold and seeded as the session is from its second step.
+        ...[undefined, 0.02].flatMap((cap) => [false, true].map((seeded): Effort => [0, null, 'attention', seeded, cap, true, undefined, true])),
         [tokens, null, 'attention', false, undefined, true],
         [tokens, null, 'attention'],
         [tokens, null, 'max'],
@@ -262,7 +270,7 @@ function marginSweep(margins: string[], want: number, asked: number, tokens: num
 }
 
 /** Per kv head, something that answers "the tokens to attend for this step". */
-type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null, aggregate: RaAggregate | null, seeds?: Int32Array, cap?: number, steady?: Int32Array, codes?: number) => Promise<SearchResult>;
+type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null, aggregate: RaAggregate | null, seeds?: Int32Array, cap?: number, steady?: Int32Array, codes?: number, scan?: boolean) => Promise<SearchResult>;
 
 interface Prepared {
   search: Searcher;
@@ -331,13 +339,13 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
       buildSeconds,
       artifactMB: bytes.reduce((n, a) => n + a.byteLength, 0) / o.heads / 2 ** 20,
       loadMs,
-      search: async (h, _s, q, k, ef, margin, aggregate, seeds, cap, steady, codes) => {
+      search: async (h, _s, q, k, ef, margin, aggregate, seeds, cap, steady, codes, scan) => {
         // Free start keys are outside the k asked (k counts them, as the session's does).
         const free = steady?.length ?? 0;
         const n = Math.min(k - free, tokens - free), outIds = new Int32Array(n), outScores = new Float32Array(n);
-        if (codes !== undefined) {
-          // The session's own options for its code walk.
-          const walk = walkOptions(0, n, free, tokens, { codeWalk: true, codeShare: codes, ...(cap && { scanShare: cap }) });
+        if (codes !== undefined || scan) {
+          // The session's own options for its code walk or code scan.
+          const walk = walkOptions(0, n, free, tokens, scan ? { codeScan: true, ...(cap && { scanShare: cap }) } : { codeWalk: true, codeShare: codes, ...(cap && { scanShare: cap }) });
           const r = loaded[h].searchSync({ ...keysOf(h), q, group: G, k: n, outIds, outScores, seeds, ...(steady && { freeSeeds: steady }), ...walk });
           return { ids: outIds.subarray(0, r.count), scanned: r.scanned, codes: r.codesRead };
         }
@@ -386,14 +394,14 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
   );
   const steadyIds = Int32Array.from({ length: o.sinks + o.window }, (_, i) => (i < o.sinks ? i : tokens - o.window + (i - o.sinks)));
   const sweep = o.margins && name === 'retrieval-attention' ? marginSweep(o.margins, want, asked, tokens, o.ranking) : efSweep(name, asked, tokens, o.ranking);
-  for (const [ef, margin, aggregate, seeded, cap, steady, codes] of sweep) {
+  for (const [ef, margin, aggregate, seeded, cap, steady, codes, scan] of sweep) {
     const times: number[] = [], codesRead: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], gtopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)
       for (let s = 0, prev: Int32Array | undefined; s < o.steps; s++) {
         const q = wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d);
         const t = performance.now();
-        const res = await p.search(h, s, q, asked, ef, margin, aggregate, seeded ? prev : undefined, cap, steady ? steadyIds : undefined, codes);
+        const res = await p.search(h, s, q, asked, ef, margin, aggregate, seeded ? prev : undefined, cap, steady ? steadyIds : undefined, codes, scan);
         if (res.codes !== undefined) codesRead.push(res.codes / tokens);
         prev = Int32Array.from(res.ids);
         times.push(performance.now() - t);
@@ -434,6 +442,7 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       cap: cap ?? null,
       steady: steady ?? false,
       codes: codes ?? null,
+      codeScan: scan ?? false,
       codesRead: codesRead.length ? mean(codesRead) : null,
       buildSeconds: p.buildSeconds,
       artifactMB: p.artifactMB,
@@ -451,23 +460,23 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       needleHits: `${hits}/${needles}`,
       selected: count / (o.heads * o.steps),
     });
-    progress(`${name} budget ${budget} ef=${ef} margin=${margin} ${aggregate ?? ''}${seeded ? ' seeded' : ''}${steady ? ' steady free' : ''}${cap ? ` cap ${cap}` : ''}${codes ? ` code walk ≤ ${codes} (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), group top-k recall ${mean(gtopk).toFixed(3)}, search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
+    progress(`${name} budget ${budget} ef=${ef} margin=${margin} ${aggregate ?? ''}${seeded ? ' seeded' : ''}${steady ? ' steady free' : ''}${cap ? ` cap ${cap}` : ''}${codes ? ` code walk ≤ ${codes} (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}${scan ? ` code scan (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), group top-k recall ${mean(gtopk).toFixed(3)}, search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
   }
   return { rows, prepared: p };
 }
 
-function markdown(tokens: number, rows: Row[], o: Options): string {
+function markdown(tokens: number, rows: Row[], o: Options, loads: number[]): string {
   const pct = (x: number) => `${(x * 100).toFixed(2)}%`;
   return [
     `### ${o.suite === 'documents' ? 'Documents' : 'Retrieval'} at ${tokens.toLocaleString('en-US')} tokens per kv head${o.broad ? ' (broad configuration)' : ''}${o.hard ? ' (hard knobs)' : ''}`,
     '',
-    `${machine()}; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}${o.hard ? ` + HARD_KNOBS (unasked ${HARD_KNOBS.unasked}, decodeShift ${HARD_KNOBS.decodeShift})` : ''}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + ${o.keyNeighbors ?? RA_GRAPH_DEFAULTS.keyNeighbors} key-key edges (beam ${o.keyEf ?? RA_GRAPH_DEFAULTS.keyEf}) + positional edges ${o.positional} each side, kBuild ${o.kBuild ?? RA_GRAPH_DEFAULTS.kBuild}, build queries ≤ ${o.maxQueries ?? RA_GRAPH_DEFAULTS.maxQueries}; margin = the quality-bound stop in logits (— = fixed beam); "≤ x% scanned" = the walk capped at that share of keys scored (maxScanned); ef = tokens is the exhaustive ceiling; ranking = how the group's 4 q heads rank a key: attention = the key's probability summed over the heads (each head's log-partition estimated from a strided sample of n/512 keys, counted as scanned), max = the largest q·k. Top-k recall (group): the selection against the exact top-k of the group's attention (mean probability over the group's heads, the oracle's ranking), k = the budget: the index's recall target. Top-k recall: against each head's own top-k, which one set shared by the group cannot cover (the oracle's beside it). Search recall: against the exact top-k by the row's own ranking (the group's attention for the other methods), k = budget + sinks + window. Prefill query rows per kv head: ${o.prefill ?? 'tokens/16'}. "steady free" = the ${o.sinks + o.window} sinks + window keys are the search's free start keys: scored, NOT counted as scanned (the attention over them computes those dot products anyway), and outside the k asked (the budget alone).${o.methods.some((m) => m.startsWith('infiniretri')) ? ' infiniretri: build = the seal\'s read by the prefill queries (artifact = its kept set, 1% of tokens); the question = the decode steps\' query rows, read once (scanned = every key, amortised over the steps); one kept set serves every step; -seal = the seal\'s evidence alone, -question = the question\'s read alone.' : ''}`,
+    `${machine()}; load average (1 min) ${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)} at the run's start and after each method; ${o.heads} kv head(s) × ${o.steps} decode steps, GQA group 4, d=128, f16; workload knobs: ${o.broad ? 'broadKnobs' : 'defaults'}${o.hard ? ` + HARD_KNOBS (unasked ${HARD_KNOBS.unasked}, decodeShift ${HARD_KNOBS.decodeShift})` : ''}; selection = ${o.sinks} sinks + ${o.window} window + the method's tokens (budget = kept fraction of tokens). Oracle = the exact top tokens by attention, same count. retrieval-attention: degree ${o.degree} + ${o.keyNeighbors ?? RA_GRAPH_DEFAULTS.keyNeighbors} key-key edges (beam ${o.keyEf ?? RA_GRAPH_DEFAULTS.keyEf}) + positional edges ${o.positional} each side, kBuild ${o.kBuild ?? RA_GRAPH_DEFAULTS.kBuild}, build queries ≤ ${o.maxQueries ?? RA_GRAPH_DEFAULTS.maxQueries}; margin = the quality-bound stop in logits (— = fixed beam); "≤ x% scanned" = the walk capped at that share of keys scored (maxScanned); ef = tokens is the exhaustive ceiling; ranking = how the group's 4 q heads rank a key: attention = the key's probability summed over the heads (each head's log-partition estimated from a strided sample of n/512 keys, counted as scanned), max = the largest q·k. Top-k recall (group): the selection against the exact top-k of the group's attention (mean probability over the group's heads, the oracle's ranking), k = the budget: the index's recall target. Top-k recall: against each head's own top-k, which one set shared by the group cannot cover (the oracle's beside it). Search recall: against the exact top-k by the row's own ranking (the group's attention for the other methods), k = budget + sinks + window. Prefill query rows per kv head: ${o.prefill ?? 'tokens/16'}. "steady free" = the ${o.sinks + o.window} sinks + window keys are the search's free start keys: scored, NOT counted as scanned (the attention over them computes those dot products anyway), and outside the k asked (the budget alone).${o.methods.some((m) => m.startsWith('infiniretri')) ? ' infiniretri: build = the seal\'s read by the prefill queries (artifact = its kept set, 1% of tokens); the question = the decode steps\' query rows, read once (scanned = every key, amortised over the steps); one kept set serves every step; -seal = the seal\'s evidence alone, -question = the question\'s read alone.' : ''}`,
     '',
     '| method | kept | ef | margin | ranking | build s/head | artifact MB/head | load ms/head | search ms | scanned | attention recall | oracle recall | top-k recall (group) | search recall | top-k recall | oracle top-k recall | output error | oracle error | needles |',
     '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...rows.map(
       (r) =>
-        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.aggregate ?? '—'}${r.seeded ? ', seeded' : ''}${r.steady ? ', steady free' : ''}${r.cap ? `, ≤ ${pct(r.cap)} scanned` : ''}${r.codes ? `, code walk (codes ≤ ${pct(r.codes)}, read ${pct(r.codesRead ?? 0)})` : ''} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.groupTopKRecall.toFixed(3)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
+        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.aggregate ?? '—'}${r.seeded ? ', seeded' : ''}${r.steady ? ', steady free' : ''}${r.cap ? `, ≤ ${pct(r.cap)} scanned` : ''}${r.codes ? `, code walk (codes ≤ ${pct(r.codes)}, read ${pct(r.codesRead ?? 0)})` : ''}${r.codeScan ? `, code scan (${r.cap ? '' : '≤ 3% / 3k scored, '}codes read ${pct(r.codesRead ?? 0)})` : ''} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.groupTopKRecall.toFixed(3)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
     ),
     ...versusHnsw(rows, pct),
   ].join('\n') + '\n';
@@ -490,11 +499,14 @@ async function main(): Promise<void> {
       }
     }
     const rows: Row[] = [];
+    // The machine may be shared: its load beside the timings.
+    const loads = [loadavg()[0]];
     const write = () => {
-      const md = markdown(tokens, rows, o);
+      loads.push(loadavg()[0]);
+      const md = markdown(tokens, rows, o, loads);
       const name = `${o.suite}${o.broad ? '-broad' : ''}${o.hard ? '-hard' : ''}-${tokens}${process.env.KVRECALL_BENCH_TAG ?? ''}`;
       writeFileSync(`${out}/${name}.md`, md);
-      writeFileSync(`${out}/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), options: o, rows }, null, 2));
+      writeFileSync(`${out}/${name}.json`, JSON.stringify({ machine: machine(), date: new Date().toISOString(), loads, options: o, rows }, null, 2));
       return md;
     };
     for (const name of o.methods) {
