@@ -12,6 +12,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/ra_scan_kernels.cuh"
+#include "cuda/step_graph.cuh"
 
 namespace kvr {
 namespace cuda {
@@ -21,6 +22,12 @@ namespace {
 // The host's sample rule (native/indexes/ra_graph_attention.cc: kSampleShare,
 // kSampleMin, kSampleMax, kSampleSeeds, kSampleSeedShare).
 constexpr int64_t kSampleShare = 512, kSampleMin = 64, kSampleMax = 4096, kSampleSeedShare = 64;
+
+uint32_t FloatBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 template <typename T>
 T* Carve(char*& at, size_t count) {
@@ -94,6 +101,8 @@ struct RaScanStore::Impl {
   int64_t partials = 0;
   CutState* cuts = nullptr;
   RaScanTimes times;
+  // A session's steps keep their shape (k, cap, list sizes): captured once a shape comes back.
+  StepGraph graph;
 
   ~Impl() {
     for (cudaEvent_t e : ev)
@@ -266,14 +275,17 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.outCounts = Carve<int64_t>(oat, size_t(H));
   p.outScanned = Carve<int64_t>(oat, size_t(H));
 
-  cudaStream_t s = I.stream;
-  const auto mark = [&](int i) {
-    if (a.stageTimes || i == 0 || i == 7) Check(cudaEventRecord(I.ev[i], s), "event");
-  };
   const bool bf16 = cfg.dtype == Dtype::kBf16;
-  const size_t qSmem = size_t(G) * d * 4;
-  mark(0);
-  Check(cudaMemcpyAsync(I.in.p, I.hin.p, size_t(hat - I.hin.p), cudaMemcpyHostToDevice, s), "copy in");
+  const size_t qSmem = size_t(G) * d * 4, copyBytes = size_t(hat - I.hin.p);
+  // A stage's end, with stage times only (a graph replays none).
+  const auto mark = [&](int i, cudaStream_t s) {
+    if (a.stageTimes) Check(cudaEventRecord(I.ev[i], s), "event");
+  };
+  // The step's ~35 copies, memsets and launches: replayed from a CUDA graph
+  // where the shape comes back (native/cuda/step_graph.cuh), one by one with
+  // stage times.
+  const auto enqueue = [&](cudaStream_t s) {
+  Check(cudaMemcpyAsync(I.in.p, I.hin.p, copyBytes, cudaMemcpyHostToDevice, s), "copy in");
   Check(cudaMemsetAsync(I.reached, 0, size_t(H) * m, s), "memset");
   Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 4 * 4, s), "memset");
   Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
@@ -285,7 +297,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   else SampleLogits<false><<<sampleGrid, T, qSmem, s>>>(p);
   SampleReduce<<<H, kReduceThreads, 0, s>>>(p);
   SampleCut<<<H, kReduceThreads, 0, s>>>(p);
-  mark(1);
+  mark(1, s);
   // The codes: every key read once, those at or above the sample's threshold kept; heads that kept too few again.
   // L lanes a row, each 16-byte chunks of it: the largest power of two <= 8 dividing its chunks (d / 32; rows of
   // other widths are read a word at a time by one lane).
@@ -303,7 +315,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   scan(false);
   Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p);
   scan(true);
-  mark(2);
+  mark(2, s);
   // The candidates: the best `cand` of what the scan kept, read back in id order.
   const KeptCut kc{I.keptOrd, I.keptIds, I.keptCount, n, cand};
   CutState* const cuts1 = I.cuts;
@@ -320,10 +332,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
   CountBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead);
   ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, I.words);
   PlaceBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead, I.cand, cap);
-  mark(3);
+  mark(3, s);
   if (bf16) ExactCandidates<true><<<dim3(exactCtas, H), T, qSmem, s>>>(p, cuts1);
   else ExactCandidates<false><<<dim3(exactCtas, H), T, qSmem, s>>>(p, cuts1);
-  mark(4);
+  mark(4, s);
   Refine<<<H, kReduceThreads, 0, s>>>(p, cuts1);
   FinalScores<<<dim3(cdiv(cap, T), H), T, 0, s>>>(p);
   // The answer: the best k of the listed keys.
@@ -343,10 +355,25 @@ void RaScanStore::Search(const RaScanArgs& a) {
   MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
   MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.freeBits, I.words, p.freeIds, p.freeStart);
   Finish<<<dim3(1, H), 32, 0, s>>>(p, cuts2);
-  mark(5);
+  mark(5, s);
   Check(cudaGetLastError(), "code scan launch");
   Check(cudaMemcpyAsync(I.hout.p, I.out.p, outBytes, cudaMemcpyDeviceToHost, s), "copy out");
-  mark(7);
+  };
+  cudaStream_t s = I.stream;
+  Check(cudaEventRecord(I.ev[0], s), "event");
+  if (a.stageTimes) {
+    enqueue(s);
+  } else {
+    // Everything a launch bakes in: the buffers (their pointers), the sizes that set grids and copies, and the
+    // by-value arguments (ScanParams' scalars follow from these).
+    const struct {
+      const void *in, *out, *work, *hin, *hout;
+      int64_t G, k, cap, seeds, frees, maxList, exact, inBytes, outBytes, scaleBits;  // no padding: compared as bytes
+    } key{I.in.p, I.out.p, I.work.p, I.hin.p, I.hout.p, G, k, cap, seeds, frees, maxList, int64_t(exactCtas), int64_t(copyBytes), int64_t(outBytes),
+          int64_t(FloatBits(a.scale))};
+    I.graph.Run(s, &key, sizeof(key), enqueue);
+  }
+  Check(cudaEventRecord(I.ev[7], s), "event");
   Check(cudaStreamSynchronize(s), "code scan");
   // Copy the answer out of the pinned block.
   const char* hp = I.hout.p;
