@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -302,7 +303,14 @@ void RaScanStore::Search(const RaScanArgs& a) {
   // L lanes a row, each 16-byte chunks of it: the largest power of two <= 8 dividing its chunks (d / 32; rows of
   // other widths are read a word at a time by one lane).
   const int chunks = d % 32 == 0 ? d / 32 : 0;
-  const int lanes = chunks == 0 ? 1 : chunks % 8 == 0 ? 8 : chunks % 4 == 0 ? 4 : chunks % 2 == 0 ? 2 : 1;
+  // One lane a row by default: at d = 128 four lanes a row (16 bytes each, coalesced) took the scan from 0.31 to
+  // 0.64 ms on an H100 at 1M keys, 8 heads (bench/results/ra-scan-gpu-1048576-h100-s29c.md, with an atomic a warp
+  // on the head's count); KVRECALL_SCAN_LANES=1 puts them back for an A/B.
+  static const bool kLanesAb = [] {
+    const char* v = std::getenv("KVRECALL_SCAN_LANES");
+    return v && v[0] == '1';
+  }();
+  const int lanes = !kLanesAb || chunks == 0 ? 1 : chunks % 8 == 0 ? 8 : chunks % 4 == 0 ? 4 : chunks % 2 == 0 ? 2 : 1;
   const dim3 scanGrid(cdiv(n, int64_t(T / lanes) * kScanPerThread), unsigned(H));
   const auto scan = [&](bool again) {
     switch (lanes) {

@@ -354,6 +354,8 @@ __global__ void __launch_bounds__(kThreads) ScanCodes(ScanParams p, bool again) 
   AfterPrior();
   __shared__ int32_t sw[kScanMaxG * (RaScanConfig::kMaxDim / 4)];
   __shared__ float sScale[kScanMaxG], sBias[kScanMaxG], sC0[kScanMaxG];
+  __shared__ int warpKept[kThreads / 32];
+  __shared__ unsigned long long warpBase[kThreads / 32];
   const int h = blockIdx.y;
   if (again && !p.redo[h]) return;
   LoadWeights(p, h, sw, sScale, sBias, sC0);
@@ -386,12 +388,27 @@ __global__ void __launch_bounds__(kThreads) ScanCodes(ScanParams p, bool again) 
       order = TestBit(entry, t) || TestBit(seed, t) ? top : RankOrder(Rho(acc, p.G, sScale, sBias, sC0));
       keep = order <= tau;
     }
+    // The CTA's kept keys take one atomic on the head's count (one a warp was ~40K a head at 1M, on one
+    // address): each warp's count, their scan by warp 0, one atomic, each warp's place after those before it.
     const unsigned mask = __ballot_sync(0xffffffffu, keep);
-    if (!mask) continue;
-    unsigned long long at = 0;
-    if (lane == __ffs(mask) - 1) at = atomicAdd(p.keptCount + h, (unsigned long long)__popc(mask));
-    at = __shfl_sync(0xffffffffu, at, __ffs(mask) - 1) + __popc(mask & ((1u << lane) - 1));
+    if (lane == 0) warpKept[threadIdx.x >> 5] = __popc(mask);
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const int mine = threadIdx.x < int(blockDim.x >> 5) ? warpKept[threadIdx.x] : 0;
+      int incl = mine;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (threadIdx.x >= o) incl += y;
+      }
+      const int all = __shfl_sync(0xffffffffu, incl, 31);
+      unsigned long long base = 0;
+      if (threadIdx.x == 0 && all > 0) base = atomicAdd(p.keptCount + h, (unsigned long long)all);
+      base = __shfl_sync(0xffffffffu, base, 0);
+      if (threadIdx.x < int(blockDim.x >> 5)) warpBase[threadIdx.x] = base + (incl - mine);
+    }
+    __syncthreads();
     if (keep) {
+      const unsigned long long at = warpBase[threadIdx.x >> 5] + __popc(mask & ((1u << lane) - 1));
       keptOrd[at] = order;
       keptIds[at] = int32_t(t);
     }
@@ -438,9 +455,11 @@ __global__ void ExactCandidates(ScanParams p, const CutState* cuts) {
     float x[kScanMaxG];
     WarpLogits<kBf16>(keys + size_t(id) * p.d, sq, p.G, p.d, p.scale, x);
     float* dst = p.candX + (size_t(h) * p.cap + i) * p.G;
+    // Lane g takes row g's logit (a select, not a branch a row: one exp a lane, all lanes at once).
+    float own = 0.f;
 #pragma unroll
-    for (int g = 0; g < kScanMaxG; ++g)
-      if (g == lane && g < p.G) dst[g] = x[g], mine += exp(double(x[g]) - c0);
+    for (int g = 0; g < kScanMaxG; ++g) own = g == lane ? x[g] : own;
+    if (lane < p.G) dst[lane] = own, mine += exp(double(own) - c0);
     if (lane == 0) {
       const int64_t j = SampleIndex(p, id);
       if (j >= 0) p.reached[size_t(h) * p.m + j] = 1;
