@@ -13,6 +13,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/ra_scan_kernels.cuh"
+#include "cuda/wave_buffers.cuh"
 #include "cuda/step_graph.cuh"
 
 namespace kvr {
@@ -37,37 +38,6 @@ T* Carve(char*& at, size_t count) {
   return p;
 }
 
-struct DeviceBlock {
-  char* p = nullptr;
-  size_t bytes = 0;
-  void Ensure(size_t want, const char* what) {
-    if (want <= bytes) return;
-    if (p) cudaFree(p);
-    p = nullptr;
-    bytes = 0;
-    Check(cudaMalloc(reinterpret_cast<void**>(&p), want), what);
-    bytes = want;
-  }
-  ~DeviceBlock() {
-    if (p) cudaFree(p);
-  }
-};
-struct HostBlock {
-  char* p = nullptr;
-  size_t bytes = 0;
-  void Ensure(size_t want, const char* what) {
-    if (want <= bytes) return;
-    if (p) cudaFreeHost(p);
-    p = nullptr;
-    bytes = 0;
-    Check(cudaHostAlloc(reinterpret_cast<void**>(&p), want, cudaHostAllocDefault), what);
-    bytes = want;
-  }
-  ~HostBlock() {
-    if (p) cudaFreeHost(p);
-  }
-};
-
 }  // namespace
 
 struct RaScanStore::Impl {
@@ -75,10 +45,10 @@ struct RaScanStore::Impl {
   int64_t words = 0;
   cudaStream_t stream = nullptr;
   cudaEvent_t ev[8] = {};
-  DeviceBlock data;   // codes, keys, entry bits, seed, free and take bits, what the scan keeps
-  DeviceBlock work;   // sized by the largest step
-  DeviceBlock in, out;
-  HostBlock hin, hout;
+  DevBuf data;   // codes, keys, entry bits, seed, free and take bits, what the scan keeps
+  DevBuf work;   // sized by the largest step
+  DevBuf in, out;
+  HostBuf hin, hout;
   int64_t workCap = -1, workFree = -1, workK = -1;
   uint8_t* codes = nullptr;
   uint16_t* keys = nullptr;
@@ -128,9 +98,9 @@ RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : imp
   for (cudaEvent_t& e : I.ev) Check(cudaEventCreate(&e), "event");
   const size_t codeBytes = size_t(n) * size_t(d / 2), keyBytes = size_t(n) * size_t(d) * 2, bitBytes = size_t(I.words) * 4;
   const size_t Hs = size_t(H), N = size_t(n);
-  I.data.Ensure(Align(codeBytes * Hs) + Align(keyBytes * Hs) + 4 * Align(bitBytes * Hs) + Align(Hs * N * 4) * 2 + Align(Hs * N * 8) * 2,
+  I.data.Need(Align(codeBytes * Hs) + Align(keyBytes * Hs) + 4 * Align(bitBytes * Hs) + Align(Hs * N * 4) * 2 + Align(Hs * N * 8) * 2,
                 "cudaMalloc (code scan data)");
-  char* at = I.data.p;
+  char* at = static_cast<char*>(I.data.p);
   I.codes = Carve<uint8_t>(at, codeBytes * Hs);
   I.keys = Carve<uint16_t>(at, keyBytes / 2 * Hs);
   I.entryBits = Carve<uint32_t>(at, size_t(I.words) * Hs);
@@ -211,8 +181,8 @@ void RaScanStore::Search(const RaScanArgs& a) {
                          Align(Hs * C * 4) + Align(Hs * m) + Align(Hs * kSeedMax * 4) + Align(Hs * C * 4) + Align(Hs * 4) + Align(Hs * C * 4) +
                          Align(Hs * 4 * 4) + Align(Hs * kBins * 2 * 4) + Align(Hs * 4) + Align(Hs * 8) + Align(Hs * size_t(tilesPerHead) * 8) +
                          Align(Hs * 8) + Align(Hs * size_t(I.partials) * G16 * 8) + Align(Hs * sizeof(CutState) * 2);
-    I.work.Ensure(bytes, "cudaMalloc (code scan work)");
-    char* at = I.work.p;
+    I.work.Need(bytes, "cudaMalloc (code scan work)");
+    char* at = static_cast<char*>(I.work.p);
     I.freeX = Carve<float>(at, size_t(I.workFree) * G16);
     I.sampleX = Carve<float>(at, Hs * m * G16);
     I.c0 = Carve<float>(at, Hs * G16);
@@ -238,10 +208,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
   const size_t qN = size_t(H) * G * d, w8N = size_t(H) * G4 * d, sN = size_t(H) * G4;
   const size_t inBytes = Align(qN * 4) + Align(w8N) + 2 * Align(sN * 4) + Align(size_t(seeds) * 4 + 4) + Align(size_t(frees) * 4 + 4) +
                          2 * Align((size_t(H) + 1) * 8);
-  I.in.Ensure(inBytes, "cudaMalloc (code scan inputs)");
-  I.hin.Ensure(inBytes, "cudaHostAlloc (code scan inputs)");
-  char* hat = I.hin.p;
-  char* dat = I.in.p;
+  I.in.Need(inBytes, "cudaMalloc (code scan inputs)");
+  I.hin.Need(inBytes, "cudaHostAlloc (code scan inputs)");
+  char* hat = static_cast<char*>(I.hin.p);
+  char* dat = static_cast<char*>(I.in.p);
   const auto stage = [&](const void* src, size_t bytes) {
     std::memcpy(hat, src, bytes);
     void* dev = dat;
@@ -268,16 +238,16 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.partial = I.partial, p.partials = int64_t(exactCtas);
   p.cand = I.cand, p.candX = I.candX, p.candScore = I.candScore, p.ord2 = I.ord2, p.finalCount = I.finalCount;
   const size_t outBytes = Align(size_t(H) * k * 4) * 2 + 2 * Align(size_t(H) * 8);
-  I.out.Ensure(outBytes, "cudaMalloc (code scan answer)");
-  I.hout.Ensure(outBytes, "cudaHostAlloc (code scan answer)");
-  char* oat = I.out.p;
+  I.out.Need(outBytes, "cudaMalloc (code scan answer)");
+  I.hout.Need(outBytes, "cudaHostAlloc (code scan answer)");
+  char* oat = static_cast<char*>(I.out.p);
   p.outIds = Carve<int32_t>(oat, size_t(H) * k);
   p.outScores = Carve<float>(oat, size_t(H) * k);
   p.outCounts = Carve<int64_t>(oat, size_t(H));
   p.outScanned = Carve<int64_t>(oat, size_t(H));
 
   const bool bf16 = cfg.dtype == Dtype::kBf16;
-  const size_t qSmem = size_t(G) * d * 4, copyBytes = size_t(hat - I.hin.p);
+  const size_t qSmem = size_t(G) * d * 4, copyBytes = size_t(hat - static_cast<char*>(I.hin.p));
   // A stage's end, with stage times only (a graph replays none).
   const auto mark = [&](int i, cudaStream_t s) {
     if (a.stageTimes) Check(cudaEventRecord(I.ev[i], s), "event");
@@ -384,7 +354,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   Check(cudaEventRecord(I.ev[7], s), "event");
   Check(cudaStreamSynchronize(s), "code scan");
   // Copy the answer out of the pinned block.
-  const char* hp = I.hout.p;
+  const char* hp = static_cast<const char*>(I.hout.p);
   const int32_t* ids = reinterpret_cast<const int32_t*>(hp);
   const float* scores = reinterpret_cast<const float*>(hp + Align(size_t(H) * k * 4));
   const int64_t* counts = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4));

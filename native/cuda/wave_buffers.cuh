@@ -1,5 +1,6 @@
 // The wave step's buffers on the device and the host, and how a step carves
-// them (wave_step.cu's Step, wave_rest.cuh's Rest). Included by wave_step.cu.
+// them (wave_step.cu's Step, wave_rest.cuh's Rest). Included by wave_step.cu,
+// and by ra_scan.cu for its grow-only buffers.
 #pragma once
 
 #include <cuda_runtime.h>

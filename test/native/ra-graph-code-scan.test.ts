@@ -10,6 +10,7 @@
 import { describe, expect, it } from 'vitest';
 import { RaGraph, type RaGraphSearchArgs } from '../../addon/ra-graph.js';
 import { bitsOf, valueOf, type Dt } from '../helpers/half.js';
+import { channelKeys } from '../helpers/channel-keys.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 import { groupMeanProb } from '../helpers/reference.js';
 
@@ -17,17 +18,7 @@ const seed = freshSeed();
 console.log(`native ra-graph code scan tests: seed ${seed}`);
 const f = Math.fround;
 
-/** Keys as storage words and their exact values: N(0, 1) scaled and shifted per channel (outlier channels included). */
-function keysOf(rng: Rng, dt: Dt, n: number, d: number) {
-  const bits = new Uint16Array(n * d), values = new Float64Array(n * d);
-  const mean = Array.from({ length: d }, (_, j) => (j % 5 === 0 ? 6 : 0.3) * rng.normal());
-  const sd = Array.from({ length: d }, (_, j) => (j === 1 ? 0 : 0.2 + 2 * rng.next()));
-  for (let i = 0; i < n * d; i++) {
-    bits[i] = bitsOf(dt)(mean[i % d] + sd[i % d] * rng.normal());
-    values[i] = valueOf(dt)(bits[i]);
-  }
-  return { bits, values };
-}
+const keysOf = channelKeys;
 
 const queries = (rng: Rng, rows: number, d: number) => Float32Array.from({ length: rows * d }, () => 0.8 * rng.normal());
 
