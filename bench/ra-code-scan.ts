@@ -29,7 +29,7 @@ import { walkOptions } from '../index/retrieval-attention.js';
 import { cardName, saveDeviceResult } from './device-results.js';
 import { machine } from './host.js';
 import { exactAttention, outputError, widen } from './quality.js';
-import { D, G, groupRecall, raSearchData, SINKS, WINDOW } from './ra-search-data.js';
+import { D, G, groupRecall, raSearchData, steadySelection } from './ra-search-data.js';
 import { median } from './stats.js';
 
 const argv = process.argv.slice(2);
@@ -60,15 +60,7 @@ const rows: { name: string; opts: Partial<RaGraphSearchArgs> }[] = [
 const args = (opts: Partial<RaGraphSearchArgs>, s: number, ids: Int32Array): RaGraphSearchArgs =>
   ({ keys, tokens, headDim: D, dtype: 'f16', q: decodeQ[s], group: G, k: asked, ef: asked, ...opts, outIds: ids, outScores: new Float32Array(asked) });
 
-/** Sinks + window + the first `want` retrieved ids outside them: the selection bench/retrieval.ts judges. */
-function selection(ids: Int32Array): Int32Array {
-  const sel: number[] = [];
-  for (let t = 0; t < SINKS; t++) sel.push(t);
-  for (let t = tokens - WINDOW; t < tokens; t++) sel.push(t);
-  let n = 0;
-  for (const id of ids) if (n < want && id >= SINKS && id < tokens - WINDOW) sel.push(id), n++;
-  return Int32Array.from(sel);
-}
+const selection = (ids: Int32Array) => steadySelection(data, ids);
 
 const acc = rows.map(() => ({ recall: [] as number[], error: [] as number[], scanned: [] as number[], codes: [] as number[], cpuMs: [] as number[], wallMs: [] as number[], firstMs: 0 }));
 rows.forEach((r, i) => {

@@ -34,7 +34,7 @@ import { writeFileSync } from 'node:fs';
 import { RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
 import { machine } from './host.js';
 import { exactAttention, meanProbs, outputError, widen } from './quality.js';
-import { D, G, groupRecall, raSearchData, SINKS, WINDOW } from './ra-search-data.js';
+import { D, G, groupRecall, raSearchData, SINKS, steadySelection, WINDOW } from './ra-search-data.js';
 import { median } from './stats.js';
 
 const argv = process.argv.slice(2);
@@ -106,15 +106,7 @@ const args = (v: Variant, s: number, ids: Int32Array, scores: Float32Array): RaG
   poolCap: v.pool,
 });
 
-/** Sinks + window + the first `want` retrieved ids outside them: the selection bench/retrieval.ts judges. */
-function selection(ids: Int32Array): Int32Array {
-  const sel: number[] = [];
-  for (let t = 0; t < SINKS; t++) sel.push(t);
-  for (let t = tokens - WINDOW; t < tokens; t++) sel.push(t);
-  let n = 0;
-  for (const id of ids) if (n < want && id >= SINKS && id < tokens - WINDOW) sel.push(id), n++;
-  return Int32Array.from(sel);
-}
+const selection = (ids: Int32Array) => steadySelection(data, ids);
 /** The retrieved ids (outside sinks + window, the first `want`) as a set. */
 function retrieved(ids: Int32Array): Set<number> {
   const s = new Set<number>();

@@ -59,6 +59,17 @@ export function groupRecall(data: RaSearchData, ids: Int32Array, s: number): num
   return hit / want;
 }
 
+/** Sinks + window + the first `want` retrieved ids outside them: the selection bench/retrieval.ts judges. */
+export function steadySelection(data: RaSearchData, ids: Int32Array): Int32Array {
+  const { tokens, want } = data;
+  const sel: number[] = [];
+  for (let t = 0; t < SINKS; t++) sel.push(t);
+  for (let t = tokens - WINDOW; t < tokens; t++) sel.push(t);
+  let n = 0;
+  for (const id of ids) if (n < want && id >= SINKS && id < tokens - WINDOW) sel.push(id), n++;
+  return Int32Array.from(sel);
+}
+
 /** FNV-1a over ids: equal fingerprints, equal answers. */
 export function fnv(h: number, ids: Int32Array): number {
   for (const id of ids) h = Math.imul(h ^ id, 16777619) >>> 0;

@@ -7,47 +7,12 @@
 // per kv head the ranking is q·k, so the float64 top-k is exact.
 import { describe, expect, it } from 'vitest';
 import type { RaGraph } from '../../addon/ra-graph.js';
-import { tensor } from '../../clients/ts/client.js';
 import type { HeadKeys } from '../../index/method.js';
 import { walkOptions } from '../../index/retrieval-attention.js';
-import { f32Tensor, randomKv, randomQ } from '../helpers/kv-data.js';
-import { freshSeed, Rng } from '../helpers/random.js';
 import { maxRelError, referenceAttention } from '../helpers/reference.js';
-import { useServer } from '../helpers/server.js';
+import { raCodeSession } from '../helpers/ra-code-session.js';
 
-const seed = freshSeed();
-console.log(`retrieval-attention-code-scan: seed ${seed}`);
-const model = { layers: 1, qHeads: 2, kvHeads: 2, headDim: 32, dtype: 'f16' as const };
-const N = 8192, BUDGET = 82, SINKS = 4, WINDOW = 16, STEPS = 6, d = model.headDim;
-const live = useServer();
-const rng = new Rng(seed);
-const kv = randomKv(rng, 'f16', model.kvHeads, N, d);
-const queries = Array.from({ length: STEPS }, () => randomQ(rng, model.qHeads, d, 2.5));
-const isSteady = (t: number) => t < SINKS || t >= N - WINDOW;
-
-let ready: Promise<void> | undefined;
-/** The document, once: keys N(0, 1), prefill queries of another draw (every 4th token kept). */
-function documentReady(): Promise<void> {
-  ready ??= (async () => {
-    const client = live.client();
-    await client.createDocument('doc', model, { methods: ['retrieval-attention'], queryStride: 4 });
-    const q = new Float32Array(model.qHeads * (N / 4) * d).map(() => rng.normal());
-    await client.uploadDocumentKv('doc', { layer: 0, start: 0, k: kv.k, v: kv.v, queryStride: 4, q: f32Tensor([model.qHeads, N / 4, d], q) });
-    await client.sealDocument('doc');
-  })();
-  return ready;
-}
-
-const session = async (extra: Record<string, unknown>) =>
-  (await live.client().createSession({ model, documents: ['doc'], method: 'retrieval-attention', budget: BUDGET, sinks: SINKS, window: WINDOW, ...extra })).id;
-const attend = (sid: string, q: Float32Array) => live.client().attend(sid, { layer: 0, q: tensor('f32', [model.qHeads, d], q), return: ['out', 'selection'] });
-
-/** The exact top BUDGET of the non-steady keys of kv head h for q (one q head per kv head). */
-function exactTop(q: Float32Array, h: number): Set<number> {
-  const k = kv.kValues[h], score = new Float64Array(N);
-  for (let t = 0; t < N; t++) for (let j = 0; j < d; j++) score[t] += q[h * d + j] * k[t * d + j];
-  return new Set([...Array(N).keys()].filter((t) => !isSteady(t)).sort((a, b) => score[b] - score[a] || a - b).slice(0, BUDGET));
-}
+const { model, N, BUDGET, STEPS, d, live, kv, queries, isSteady, documentReady, session, attend, exactTop } = raCodeSession('retrieval-attention-code-scan');
 
 describe('retrieval-attention session with codeScan', () => {
   it("answers as float64 attention over its selection; its first ids, scanned and codes are the native code scan's", async () => {
