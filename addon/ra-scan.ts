@@ -8,6 +8,7 @@
 import { nativeAddon } from './addon.js';
 import { DTYPE_CODE, type KvDtype } from './kernels.js';
 import { RaGraph } from './ra-graph.js';
+import { deviceCall, DeviceTimer } from './device-calls.js';
 
 /** Where the last search's time went, milliseconds (CUDA events; the stages only with stageTimes). */
 export interface RaScanTimes {
@@ -54,14 +55,15 @@ interface NativeRaScan {
     k: number;
     maxScanned: number;
     scale?: number;
-    seeds?: Int32Array;
-    seedCounts?: Int32Array;
-    freeIds?: Int32Array;
-    freeCounts?: Int32Array;
+    seeds?: Int32Array[];
+    free?: Int32Array[];
     outIds: Int32Array;
     outScores: Float32Array;
+    /** [2 * heads + 1]: ids written per head, keys scored exactly per head, the call's device ms. */
+    meta: Float64Array;
     stageTimes?: boolean;
-  }): Promise<{ counts: number[]; scanned: number[] }>;
+    sync: boolean;
+  }): Promise<undefined>;
   bytes(): number;
   lastTimes(): RaScanTimes;
   close(): void;
@@ -79,26 +81,10 @@ export function raScanSupported(headDim: number, group: number): boolean {
   return addon.raScanSupported(headDim, group);
 }
 
-/** Per-head lists as the binding takes them: back to back, with each head's count. */
-function packLists(lists: Int32Array[] | undefined, heads: number): { ids?: Int32Array; counts?: Int32Array } {
-  if (!lists) return {};
-  if (lists.length !== heads) throw new RangeError(`expected ${heads} lists, one per kv head, got ${lists.length}`);
-  const counts = new Int32Array(heads);
-  let total = 0;
-  lists.forEach((l, h) => {
-    counts[h] = l.length;
-    total += l.length;
-  });
-  const ids = new Int32Array(total);
-  let at = 0;
-  for (const l of lists) {
-    ids.set(l, at);
-    at += l.length;
-  }
-  return { ids, counts };
-}
-
 export class RaScanStore {
+  /** The last search's device time: where the next one runs (addon/device-calls.ts). */
+  private readonly timer = new DeviceTimer();
+
   private constructor(
     private readonly native: NativeRaScan,
     readonly graphs: RaGraph[],
@@ -124,26 +110,32 @@ export class RaScanStore {
 
   async search(a: RaScanSearchArgs): Promise<RaScanHeadResult[]> {
     const H = this.heads;
+    if (a.seeds && a.seeds.length !== H) throw new RangeError(`expected ${H} seed lists, one per kv head, got ${a.seeds.length}`);
+    if (a.free && a.free.length !== H) throw new RangeError(`expected ${H} free lists, one per kv head, got ${a.free.length}`);
     const outIds = new Int32Array(H * a.k);
     const outScores = new Float32Array(H * a.k);
-    const seeds = packLists(a.seeds, H);
-    const free = packLists(a.free, H);
-    const r = await this.native.search({
+    const meta = new Float64Array(2 * H + 1);
+    // On the loop's thread where the last search's device time fits the turn's cap: the pool's two
+    // cross-thread wake-ups were most of the gap between the device's time and the awaited call's.
+    await deviceCall(this.timer.expect(), (sync) => this.native.search({
       q: a.q,
       group: a.group,
       k: a.k,
       maxScanned: a.maxScanned,
       ...(a.scale !== undefined && { scale: a.scale }),
-      ...(seeds.ids && { seeds: seeds.ids, seedCounts: seeds.counts }),
-      ...(free.ids && { freeIds: free.ids, freeCounts: free.counts }),
+      ...(a.seeds && { seeds: a.seeds }),
+      ...(a.free && { free: a.free }),
       outIds,
       outScores,
+      meta,
       stageTimes: a.stageTimes ?? false,
-    });
-    return r.counts.map((c, h) => ({
-      ids: outIds.subarray(h * a.k, h * a.k + c),
-      scores: outScores.subarray(h * a.k, h * a.k + c),
-      scanned: r.scanned[h],
+      sync,
+    }));
+    this.timer.record(meta[2 * H]);
+    return Array.from({ length: H }, (_, h) => ({
+      ids: outIds.subarray(h * a.k, h * a.k + meta[h]),
+      scores: outScores.subarray(h * a.k, h * a.k + meta[h]),
+      scanned: meta[H + h],
     }));
   }
 

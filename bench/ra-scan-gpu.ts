@@ -24,6 +24,7 @@
 import { cudaAvailable } from '../addon/cuda.js';
 import { RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
 import { RaScanStore, type RaScanHeadResult, type RaScanTimes } from '../addon/ra-scan.js';
+import { deviceCallRuns, gpuSyncUs, setGpuSyncUs } from '../addon/device-calls.js';
 import { walkOptions } from '../index/retrieval-attention.js';
 import { cardName, saveDeviceResult } from './device-results.js';
 import { machine } from './host.js';
@@ -128,6 +129,18 @@ for (let r = 0; r < reps; r++)
     last = res.map((x) => x.ids.slice());
     if (r === 0) res.forEach((x, h) => sessRecall.push(groupRecall(data, bestFirst(x), (s + h) % steps)));
   }
+// The same session calls with every call on libuv's pool (--gpu-sync-us 0): the wake-ups the loop's thread saves.
+const cap0 = gpuSyncUs();
+setGpuSyncUs(0);
+const poolWall: number[] = [];
+for (let s = 0; s < steps; s++) {
+  w = performance.now();
+  const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
+  poolWall.push(performance.now() - w);
+  last = res.map((x) => x.ids.slice());
+}
+setGpuSyncUs(cap0);
+const runs = deviceCallRuns();
 const st = (k: keyof RaScanTimes) => median(stages.map((x) => x[k]));
 const f = (x: number, p = 3) => x.toFixed(p);
 const rows = {
@@ -139,14 +152,17 @@ const rows = {
   recall: { host: mean(recall.host), device: mean(recall.device) },
   scanned: mean(scanned),
   stagesMs: { sample: st('sampleMs'), scan: st('scanMs'), cut: st('cutMs'), exact: st('exactMs'), final: st('finalMs'), total: st('totalMs') },
-  session: { deviceMs: median(sessMs), awaitedMs: median(sessWall), recall: mean(sessRecall) },
+  session: { deviceMs: median(sessMs), awaitedMs: median(sessWall), recall: mean(sessRecall), poolAwaitedMs: median(poolWall) },
+  /** Searches run on the event loop's thread and on libuv's pool (addon/device-calls.ts; the cap ${cap0} µs a turn). */
+  runs,
+  gpuSyncUs: cap0,
   storeMs,
   deviceBytes: store.bytes(),
 };
 const md = [
   `### Retrieval-attention's code scan on the device: a whole layer-step at ${tokens.toLocaleString('en-US')} keys, ${heads} kv heads in one call (bench/ra-scan-gpu.ts)`,
   '',
-  `${machine()}, ${info.device}; ${new Date().toISOString()}. bench/ra-search-layer.ts's workload, graph and heads (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window; ${heads} heads = the graph loaded ${heads} times over copies of its keys, head h at step s with step (s + h) mod ${steps}'s group), the session's default cap (${cap} keys scored exactly, ${f((100 * cap) / tokens, 1)}%, every key's code read). Medians over ${reps} reps × ${steps} layer-steps. host = RaGraph.searchBatch with codeScan (the native pool, as the engine calls it); device = one RaScanStore.search for all heads (on the device: CUDA events around its copies and kernels; awaited: the call as JS sees it). Agreement = the share of the host's ids the device returned (rep 0, every head and step).`,
+  `${machine()}, ${info.device}; ${new Date().toISOString()}. bench/ra-search-layer.ts's workload, graph and heads (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window; ${heads} heads = the graph loaded ${heads} times over copies of its keys, head h at step s with step (s + h) mod ${steps}'s group), the session's default cap (${cap} keys scored exactly, ${f((100 * cap) / tokens, 1)}%, every key's code read). Medians over ${reps} reps × ${steps} layer-steps. host = RaGraph.searchBatch with codeScan (the native pool, as the engine calls it); device = one RaScanStore.search for all heads (on the device: CUDA events around its copies and kernels; awaited: the call as JS sees it, run on the event loop's thread where the last call's device time fits --gpu-sync-us ${cap0} µs, else on libuv's pool: ${runs.loop} calls on the loop, ${runs.pool} on the pool). Agreement = the share of the host's ids the device returned (rep 0, every head and step).`,
   '',
   '| search, a layer-step | ms (p50) | top-1% recall (group) | scanned exactly |',
   '| --- | ---: | ---: | ---: |',
@@ -154,6 +170,7 @@ const md = [
   `| device code scan, on the device | **${f(rows.deviceMs.p50)}** | ${f(rows.recall.device)} | ${f(100 * rows.scanned, 2)}% |`,
   `| device code scan, awaited from JS | ${f(rows.deviceAwaitedMs.p50)} | | |`,
   `| device, as a session calls it (sinks + window free, the last step's ids as seeds), on the device | ${f(rows.session.deviceMs)} (awaited ${f(rows.session.awaitedMs)}) | ${f(rows.session.recall)} | |`,
+  `| the same, every call on libuv's pool (--gpu-sync-us 0), awaited | ${f(rows.session.poolAwaitedMs)} | | |`,
   '',
   `Device over host: ${f(rows.deviceMs.p50 / rows.hostLayerStepMs.p50, 3)}× on the device, ${f(rows.deviceAwaitedMs.p50 / rows.hostLayerStepMs.p50, 3)}× awaited. Agreement with the host's ids: ${f(rows.agreement, 4)}.`,
   `Stages on the device (ms, with stage events): sample ${f(rows.stagesMs.sample)}, scan of the codes ${f(rows.stagesMs.scan)}, the candidates' cut ${f(rows.stagesMs.cut)}, exact scores ${f(rows.stagesMs.exact)}, refine + the answer's cut ${f(rows.stagesMs.final)}; total ${f(rows.stagesMs.total)}.`,

@@ -9,12 +9,14 @@
 //   RaGraph::KeyCodesFor), its keys and its entry points uploaded, off the event loop; rejects without a
 //   device or memory.
 //   .search({q: Float32Array [heads*group*headDim], group, k, maxScanned, scale?,
-//            seeds?: Int32Array, seedCounts?: Int32Array [heads], freeIds?: Int32Array, freeCounts?: Int32Array [heads],
-//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], stageTimes?: boolean})
-//     -> Promise<{counts: number[], scanned: number[]}>
-//     head h's ids (a set) at outIds[h*k ..], counts[h] of them; ra_scan.h says what they are.
-//     Lists are per head, back to back (the counts say where each ends); ids in [0, tokens);
-//     free ids may repeat (each counts once).
+//            seeds?: Int32Array[] [heads], free?: Int32Array[] [heads],
+//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], meta: Float64Array [2*heads + 1],
+//            stageTimes?: boolean, sync?: boolean}) -> Promise<undefined>
+//     head h's ids (a set) at outIds[h*k ..], meta[h] of them, meta[heads + h] keys scored exactly,
+//     meta[2*heads] the call's device ms (LastTimes().totalMs);
+//     ra_scan.h says what they are. Lists are one Int32Array a kv head, ids in [0, tokens); free ids
+//     may repeat (each counts once). sync: the work runs on the calling thread and the promise comes
+//     back settled (common/binding_args.h RunNowOrAsync; addon/device-calls.ts chooses).
 //   .bytes() -> device bytes held / .lastTimes() -> RaScanTimes / .close()
 #include <napi.h>
 
@@ -54,6 +56,7 @@ struct ScanJob {
   std::vector<int8_t> w8;
   std::vector<float> qscale, qbias;
   std::vector<int64_t> counts, scanned;
+  double deviceMs = 0;
   std::shared_ptr<std::mutex> lock;  // the store's: one search at a time on it
 
   void Run() {
@@ -84,38 +87,43 @@ struct ScanJob {
     args.outCounts = counts.data();
     args.outScanned = scanned.data();
     store->Search(args);
+    deviceMs = store->LastTimes().totalMs;  // under the lock: this search's
   }
 };
 
-// A per-head id list: its ids checked in [0, tokens) and its counts against its length.
-void ListAt(const Napi::Object& o, const char* key, const char* countsKey, int heads, int64_t tokens, bool dedupe,
-            std::vector<int32_t>& ids, std::vector<int32_t>& counts) {
-  Napi::Env env = o.Env();
-  const auto list = OptTypedAt<int32_t>(o, key);
-  const auto per = OptTypedAt<int32_t>(o, countsKey);
+// Per-head id lists (an array of Int32Arrays, one a kv head), ids checked in
+// [0, tokens), copied back to back into `ids` (the one copy before the
+// pinned stage: a step's seeds are ~10K ids a head at 1M) with each head's
+// count; dedupe: each head's sorted and made distinct in place.
+void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, bool dedupe, std::vector<int32_t>& ids,
+             std::vector<int32_t>& counts) {
   counts.assign(size_t(heads), 0);
   ids.clear();
-  if (!list && !per) return;
-  if (!list || !per) throw Napi::TypeError::New(env, std::string(key) + " and " + countsKey + " come together");
-  if (per->ElementLength() != size_t(heads))
-    throw Napi::RangeError::New(env, std::string(countsKey) + " must have one count per kv head");
-  CheckIds(*list, tokens, key);
+  if (Absent(o.Get(key))) return;
+  Napi::Array lists = ArrayOf(o, key, size_t(heads));
+  size_t total = 0;
+  std::vector<Napi::Int32Array> per;
+  per.reserve(size_t(heads));
+  for (int h = 0; h < heads; ++h) {
+    per.push_back(Typed<int32_t>(lists.Get(uint32_t(h)), key));
+    CheckIds(per.back(), tokens, key);
+    total += per.back().ElementLength();
+  }
+  if (total > size_t(INT32_MAX)) throw Napi::RangeError::New(o.Env(), std::string(key) + " hold too many ids");
+  ids.resize(total);
   size_t at = 0;
   for (int h = 0; h < heads; ++h) {
-    const int32_t c = (*per)[size_t(h)];
-    if (c < 0 || at + size_t(c) > list->ElementLength())
-      throw Napi::RangeError::New(env, std::string(countsKey) + " must add up to " + key + "'s length");
-    const int32_t* from = list->Data() + at;
-    at += size_t(c);
-    const size_t start = ids.size();
-    ids.insert(ids.end(), from, from + c);  // a step's seeds (~10K a head at 1M) copied once here
+    const Napi::Int32Array& l = per[size_t(h)];
+    std::copy_n(l.Data(), l.ElementLength(), ids.begin() + at);
+    size_t c = l.ElementLength();
     if (dedupe) {
-      std::sort(ids.begin() + start, ids.end());
-      ids.erase(std::unique(ids.begin() + start, ids.end()), ids.end());
+      std::sort(ids.begin() + at, ids.begin() + at + c);
+      c = size_t(std::unique(ids.begin() + at, ids.begin() + at + c) - (ids.begin() + at));
     }
-    counts[size_t(h)] = int32_t(ids.size() - start);
+    counts[size_t(h)] = int32_t(c);
+    at += c;
   }
-  if (at != list->ElementLength()) throw Napi::RangeError::New(env, std::string(countsKey) + " must add up to " + key + "'s length");
+  ids.resize(at);
 }
 
 // What open() makes on a libuv thread, handed to the constructor in an External.
@@ -224,23 +232,24 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     job->q.assign(q.Data(), q.Data() + qn);
     for (const float v : job->q)
       if (!std::isfinite(v)) throw Napi::RangeError::New(env, "q must be finite");
-    ListAt(o, "seeds", "seedCounts", H, c.tokens, false, job->seeds, job->seedCounts);
-    ListAt(o, "freeIds", "freeCounts", H, c.tokens, true, job->freeIds, job->freeCounts);
+    ListsAt(o, "seeds", H, c.tokens, false, job->seeds, job->seedCounts);
+    ListsAt(o, "free", H, c.tokens, true, job->freeIds, job->freeCounts);
     Napi::Int32Array outIds = TypedAt<int32_t>(o, "outIds", size_t(H) * a.k);
     Napi::Float32Array outScores = TypedAt<float>(o, "outScores", size_t(H) * a.k);
     a.outIds = outIds.Data();
     a.outScores = outScores.Data();
+    Napi::Float64Array meta = TypedAt<double>(o, "meta", size_t(2) * H + 1);
     a.stageTimes = Flag(o, "stageTimes", false);
-    return RunAsync(env, {outIds, outScores}, [job]() { job->Run(); }, [job](Napi::Env e) -> Napi::Value {
-      Napi::Object r = Napi::Object::New(e);
-      Napi::Array counts = Napi::Array::New(e, job->counts.size()), scanned = Napi::Array::New(e, job->scanned.size());
-      for (size_t h = 0; h < job->counts.size(); ++h) {
-        counts.Set(uint32_t(h), double(job->counts[h]));
-        scanned.Set(uint32_t(h), double(job->scanned[h]));
+    const bool now = Flag(o, "sync", false);
+    double* m = meta.Data();
+    // meta is written by the result callback, on the loop's thread, either way.
+    return RunNowOrAsync(env, now, {outIds, outScores, meta}, [job]() { job->Run(); }, [job, m, H](Napi::Env e) -> Napi::Value {
+      for (int h = 0; h < H; ++h) {
+        m[h] = double(job->counts[size_t(h)]);
+        m[H + h] = double(job->scanned[size_t(h)]);
       }
-      r.Set("counts", counts);
-      r.Set("scanned", scanned);
-      return r;
+      m[2 * H] = job->deviceMs;
+      return e.Undefined();
     });
   }
 

@@ -4,9 +4,11 @@
 // alone — the same ids up to near-ties at the cuts, the same scores and scanned counts within float rounding —
 // over f16 and bf16, d 32..128, groups of 1, 4 and 8, with seeds, free keys (repeated ones too) and a cap
 // the +∞ keys fill; with every key a candidate its answer is the exact top-k of the group's mean probability
-// (float64); bad arguments are refused before anything runs. Without a GPU, making a store fails clearly.
+// (float64); on the event loop's thread and on libuv's pool it answers the same; bad arguments are refused
+// before anything runs. Without a GPU, making a store fails clearly.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
+import { deviceCallRuns, gpuSyncUs, setGpuSyncUs } from '../../addon/device-calls.js';
 import type { KvDtype } from '../../addon/kernels.js';
 import { RaGraph } from '../../addon/ra-graph.js';
 import { RaScanStore, raScanSupported } from '../../addon/ra-scan.js';
@@ -140,6 +142,43 @@ describe.skipIf(!gpu)('device code scan', () => {
       store.close();
       for (const g of layer.graphs) g.dispose();
     }, 60_000);
+
+  it("answers the same on the event loop's thread as on libuv's pool", async () => {
+    const rng = new Rng(seed + 5);
+    const n = 20000, d = 64, G = 4, H = 2;
+    const layer = await layerOf(rng, 'f16', n, d, H);
+    const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, 'f16', G);
+    const q = rows(rng, H * G, d);
+    const seeds = Array.from({ length: H }, () => Int32Array.from({ length: 40 }, () => rng.int(n)));
+    const args = { q, group: G, k: 200, maxScanned: 600, seeds, free: Array.from({ length: H }, () => Int32Array.of(0, 1, n - 1)) };
+    const cap = gpuSyncUs();
+    try {
+      setGpuSyncUs(0);
+      const before = deviceCallRuns();
+      const pooled = await store.search(args);
+      expect(deviceCallRuns().pool).toBe(before.pool + 1);
+      setGpuSyncUs(1e6);
+      await store.search(args);  // the first search on the loop needs the last one's time: it has one now
+      const mid = deviceCallRuns();
+      const onLoop = await store.search(args);
+      expect(deviceCallRuns().loop).toBe(mid.loop + 1);
+      // The same call either way: the same set and scores (within float rounding, should a sum's order differ).
+      const byId = (r: { ids: Int32Array; scores: Float32Array }) => new Map(Array.from(r.ids, (id, i) => [id, r.scores[i]]));
+      for (let h = 0; h < H; h++) {
+        const a = byId(onLoop[h]), b = byId(pooled[h]);
+        expect([...a.keys()].sort((x, y) => x - y)).toEqual([...b.keys()].sort((x, y) => x - y));
+        for (const [id, x] of a) expect(x).toBeCloseTo(b.get(id) ?? NaN, 5);
+        expect(onLoop[h].scanned).toBe(pooled[h].scanned);
+      }
+      // A refusal on the loop's path rejects as the pool's does, and the store still serves.
+      await expect(store.search({ ...args, seeds: [Int32Array.of(n), Int32Array.of(1)] })).rejects.toThrow(/seeds/);
+      expect((await store.search(args))[0].ids.length).toBe(200);
+    } finally {
+      setGpuSyncUs(cap);
+      store.close();
+      for (const g of layer.graphs) g.dispose();
+    }
+  });
 
   it('refuses bad arguments before anything runs', async () => {
     const rng = new Rng(seed + 3);
