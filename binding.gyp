@@ -39,6 +39,7 @@
         "native/indexes/ra_graph_keys.cc",
         "native/indexes/ra_graph_search.cc",
         "native/indexes/ra_key_codes.cc",
+        "native/indexes/ra_pq_codes.cc",
         "native/indexes/ra_walk_lists.cc",
         "native/kernels/attention.cc",
         "native/kernels/attention_mass.cc",
@@ -68,7 +69,7 @@
           "rules": [{
             "rule_name": "nvcc",
             "extension": "cu",
-            "inputs": ["<(RULE_INPUT_PATH)", "native/cuda/block_pool.h", "native/cuda/block_pool_impl.cuh", "native/cuda/device_info.h", "native/cuda/decode_kernel.h", "native/cuda/block_scores.h", "native/cuda/block_score_kernels.cuh", "native/cuda/wave_step.h", "native/cuda/wave_step_kernels.cuh", "native/cuda/wave_rescore.cuh", "native/cuda/wave_step_estimate.cuh", "native/cuda/wave_partial.cuh", "native/cuda/wave_step_attend.cuh", "native/cuda/wave_select.cuh", "native/cuda/step_graph.cuh", "native/cuda/kmeans_device.h", "native/cuda/cuda_common.cuh", "native/common/half.h", "native/common/thread_pool.h", "native/cuda/wave_buffers.cuh", "native/cuda/wave_paths.cuh", "native/cuda/wave_rest.cuh", "native/cuda/wave_cache.cuh", "native/cuda/wave_setup.cuh", "native/cuda/wave_sizes.cuh", "native/cuda/wave_moments.cuh", "native/cuda/wave_score_mma.cuh", "native/cuda/wave_tile_mma.cuh", "native/cuda/wave_rescore_mma.cuh", "native/cuda/mma_fragments.cuh", "native/common/moment_code.h", "native/cuda/ra_scan.h", "native/cuda/ra_scan_kernels.cuh", "native/cuda/ra_scan_select.cuh"],
+            "inputs": ["<(RULE_INPUT_PATH)", "native/cuda/block_pool.h", "native/cuda/block_pool_impl.cuh", "native/cuda/device_info.h", "native/cuda/decode_kernel.h", "native/cuda/block_scores.h", "native/cuda/block_score_kernels.cuh", "native/cuda/wave_step.h", "native/cuda/wave_step_kernels.cuh", "native/cuda/wave_rescore.cuh", "native/cuda/wave_step_estimate.cuh", "native/cuda/wave_partial.cuh", "native/cuda/wave_step_attend.cuh", "native/cuda/wave_select.cuh", "native/cuda/step_graph.cuh", "native/cuda/kmeans_device.h", "native/cuda/cuda_common.cuh", "native/common/half.h", "native/common/thread_pool.h", "native/cuda/wave_buffers.cuh", "native/cuda/wave_paths.cuh", "native/cuda/wave_rest.cuh", "native/cuda/wave_cache.cuh", "native/cuda/wave_setup.cuh", "native/cuda/wave_sizes.cuh", "native/cuda/wave_moments.cuh", "native/cuda/wave_score_mma.cuh", "native/cuda/wave_tile_mma.cuh", "native/cuda/wave_rescore_mma.cuh", "native/cuda/mma_fragments.cuh", "native/common/moment_code.h", "native/cuda/ra_scan.h", "native/cuda/ra_scan_kernels.cuh", "native/cuda/ra_scan_select.cuh", "native/cuda/ra_attend_rows.cuh"],
             "outputs": ["<(INTERMEDIATE_DIR)/<(RULE_INPUT_ROOT).cu.o"],
             "action": ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-Inative", "-c", "<(RULE_INPUT_PATH)", "-o", "<@(_outputs)"],
             "message": "nvcc <(RULE_INPUT_PATH)",

@@ -20,6 +20,18 @@ export interface RaScanTimes {
   finalMs: number;
   /** The call's wall time on the host (staging, the wait, the copy out). */
   hostMs: number;
+  /** The last attend on the device (events). */
+  attendMs: number;
+}
+
+/** A search's host stages, milliseconds. */
+export interface RaScanHostMs {
+  /** The arguments read and copied (the binding, on the loop's thread). */
+  parseMs: number;
+  /** The query's int8 weights for the codes (RaKeyCodes::Prepare, every head). */
+  prepareMs: number;
+  /** The store's Search on the host: staging, launch, the wait for the device, the answer copied out. */
+  searchMs: number;
 }
 
 export interface RaScanSearchArgs {
@@ -59,11 +71,13 @@ interface NativeRaScan {
     free?: Int32Array[];
     outIds: Int32Array;
     outScores: Float32Array;
-    /** [2 * heads + 1]: ids written per head, keys scored exactly per head, the call's device ms. */
+    /** [2 * heads + 4]: ids written per head, keys scored exactly per head, the call's device ms, its host stages (RaScanHostMs). */
     meta: Float64Array;
     stageTimes?: boolean;
     sync: boolean;
   }): Promise<undefined>;
+  attend(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[]; out: Float32Array; lse: Float32Array; meta: Float64Array; sync: boolean }): Promise<undefined>;
+  hasValues(): boolean;
   bytes(): number;
   lastTimes(): RaScanTimes;
   close(): void;
@@ -71,7 +85,7 @@ interface NativeRaScan {
 
 interface Addon {
   raScanSupported(headDim: number, group: number): boolean;
-  RaScanStore: { open(o: { graphs: object[]; keys: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number }): Promise<NativeRaScan> };
+  RaScanStore: { open(o: { graphs: object[]; keys: Uint16Array[]; values?: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number }): Promise<NativeRaScan> };
 }
 
 const addon = nativeAddon<Addon>();
@@ -82,8 +96,11 @@ export function raScanSupported(headDim: number, group: number): boolean {
 }
 
 export class RaScanStore {
-  /** The last search's device time: where the next one runs (addon/device-calls.ts). */
+  /** The last search's and attend's device times: where the next one runs (addon/device-calls.ts). */
   private readonly timer = new DeviceTimer();
+  private readonly attendTimer = new DeviceTimer();
+  /** The last search's host stages (a bench's question). */
+  lastHost: RaScanHostMs = { parseMs: 0, prepareMs: 0, searchMs: 0 };
 
   private constructor(
     private readonly native: NativeRaScan,
@@ -95,12 +112,13 @@ export class RaScanStore {
   ) {}
 
   /**
-   * Uploads each graph's keys, codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys)
-   * and entry points, off the event loop; rejects without a device or its memory.
+   * Uploads each graph's keys, codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys),
+   * values where given (`attend` needs them) and entry points, off the event loop; rejects without a device or
+   * its memory.
    */
-  static async open(graphs: RaGraph[], keys: Uint16Array[], tokens: number, headDim: number, dtype: KvDtype, maxGroup: number): Promise<RaScanStore> {
+  static async open(graphs: RaGraph[], keys: Uint16Array[], tokens: number, headDim: number, dtype: KvDtype, maxGroup: number, values?: Uint16Array[]): Promise<RaScanStore> {
     if (typeof addon.RaScanStore.open !== 'function') throw new Error('RaScanStore: kvrecall was built without CUDA');
-    const native = await addon.RaScanStore.open({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup });
+    const native = await addon.RaScanStore.open({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, ...(values && { values }), tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup });
     return new RaScanStore(native, graphs, tokens, headDim, dtype, maxGroup);
   }
 
@@ -114,7 +132,7 @@ export class RaScanStore {
     if (a.free && a.free.length !== H) throw new RangeError(`expected ${H} free lists, one per kv head, got ${a.free.length}`);
     const outIds = new Int32Array(H * a.k);
     const outScores = new Float32Array(H * a.k);
-    const meta = new Float64Array(2 * H + 1);
+    const meta = new Float64Array(2 * H + 4);
     // On the loop's thread where the last search's device time fits the turn's cap: the pool's two
     // cross-thread wake-ups were most of the gap between the device's time and the awaited call's.
     await deviceCall(this.timer.expect(), (sync) => this.native.search({
@@ -132,11 +150,33 @@ export class RaScanStore {
       sync,
     }));
     this.timer.record(meta[2 * H]);
+    this.lastHost = { parseMs: meta[2 * H + 1], prepareMs: meta[2 * H + 2], searchMs: meta[2 * H + 3] };
     return Array.from({ length: H }, (_, h) => ({
       ids: outIds.subarray(h * a.k, h * a.k + meta[h]),
       scores: outScores.subarray(h * a.k, h * a.k + meta[h]),
       scanned: meta[H + h],
     }));
+  }
+
+  /** Whether the store holds values (opened with them): `attend` needs them. */
+  get hasValues(): boolean {
+    return this.native.hasValues();
+  }
+
+  /**
+   * Each q row's attention over its kv head's listed rows, from the keys and values the store holds
+   * (native/cuda/ra_attend_rows.cuh): `ids[h]` rows of kv head h, in [0, tokens); q [heads * group, headDim].
+   * out [heads * group, headDim] and lse [heads * group], a head with no rows -Infinity and zeros: merged by
+   * log-sum-exp with what else the step attends.
+   */
+  async attend(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }> {
+    const H = this.heads;
+    if (a.ids.length !== H) throw new RangeError(`expected ${H} id lists, one per kv head, got ${a.ids.length}`);
+    const out = new Float32Array(H * a.group * this.headDim), lse = new Float32Array(H * a.group);
+    const meta = new Float64Array(1);
+    await deviceCall(this.attendTimer.expect(), (sync) => this.native.attend({ q: a.q, group: a.group, scale: a.scale, ids: a.ids, out, lse, meta, sync }));
+    this.attendTimer.record(meta[0]);
+    return { out, lse };
   }
 
   bytes(): number {

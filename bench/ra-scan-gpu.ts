@@ -17,13 +17,15 @@
 // only at near-ties of the cuts) and their top-1% recall of the group's
 // attention. Then the stages on the device (a pass with stage events), and
 // a pass as a decode session calls it: the sinks and window free and the
-// last step's answer as seeds.
+// last step's answer as seeds; then that answer's rows attended on the
+// device from the store and on the host, as before the store held values.
 //
 // Writes bench/results/ra-scan-gpu-<tokens>-<card>[-<tag>].md and .json
 // (and into $OUT on a device visit). Needs a GPU.
 import { cudaAvailable } from '../addon/cuda.js';
+import { attend } from '../addon/kernels.js';
 import { RaGraph, type RaGraphSearchArgs } from '../addon/ra-graph.js';
-import { RaScanStore, type RaScanHeadResult, type RaScanTimes } from '../addon/ra-scan.js';
+import { RaScanStore, type RaScanHeadResult, type RaScanHostMs, type RaScanTimes } from '../addon/ra-scan.js';
 import { deviceCallRuns, gpuSyncUs, setGpuSyncUs } from '../addon/device-calls.js';
 import { walkOptions } from '../index/retrieval-attention.js';
 import { cardName, saveDeviceResult } from './device-results.js';
@@ -51,7 +53,8 @@ const blob = data.graph.save();
 const keys = Array.from({ length: heads }, (_, h) => (h === 0 ? data.keys : data.keys.slice()));
 const graphs = Array.from({ length: heads }, (_, h) => (h === 0 ? data.graph : RaGraph.load(blob)));
 let w = performance.now();
-const store = await RaScanStore.open(graphs, keys, tokens, D, 'f16', G);
+// Values: the keys again (the bench times the attend; a session's store holds the layer's own values).
+const store = await RaScanStore.open(graphs, keys, tokens, D, 'f16', G, keys);
 const storeMs = performance.now() - w;
 progress(`[${at()}] store made in ${storeMs.toFixed(0)} ms (codes made on the host for ${heads} heads, uploaded): ${(store.bytes() / 2 ** 20).toFixed(0)} MiB on the device`);
 
@@ -119,16 +122,39 @@ for (let s = 0; s < steps; s++) {
 }
 const free = Int32Array.from([...Array.from({ length: SINKS }, (_, i) => i), ...Array.from({ length: WINDOW }, (_, i) => tokens - WINDOW + i)]);
 let last: Int32Array[] = Array.from({ length: heads }, () => new Int32Array(0));
-const sessMs: number[] = [], sessWall: number[] = [], sessRecall: number[] = [];
+const sessMs: number[] = [], sessWall: number[] = [], sessRecall: number[] = [], sessHost: RaScanHostMs[] = [];
 for (let r = 0; r < reps; r++)
   for (let s = 0; s < steps; s++) {
     w = performance.now();
     const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
     sessWall.push(performance.now() - w);
     sessMs.push(store.lastTimes().totalMs);
+    sessHost.push(store.lastHost);
     last = res.map((x) => x.ids.slice());
     if (r === 0) res.forEach((x, h) => sessRecall.push(groupRecall(data, bestFirst(x), (s + h) % steps)));
   }
+// The selected rows attended: on the device from the store (RaScanStore.attend, as a GPU session's residency
+// does), and on the host (the native kernel over the same ids, as before the store held values).
+const scale = 1 / Math.sqrt(D);
+const attDev: number[] = [], attWall: number[] = [], attHost: number[] = [];
+let attErr = 0;
+for (let r = 0; r < reps; r++)
+  for (let s = 0; s < steps; s++) {
+    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
+    last = res.map((x) => x.ids.slice());
+    w = performance.now();
+    const dev = await store.attend({ q: qs[s], group: G, scale, ids: last });
+    attWall.push(performance.now() - w);
+    attDev.push(store.lastTimes().attendMs);
+    const out = new Float32Array(heads * G * D), lse = new Float32Array(heads * G);
+    w = performance.now();
+    await attend({ q: qs[s], qHeads: heads * G, kvHeads: heads, headDim: D, dtype: 'f16', scale, segments: [{ k: keys, v: keys, tokens, ids: last }], out, lse });
+    attHost.push(performance.now() - w);
+    for (let i = 0; i < lse.length; i++) attErr = Math.max(attErr, Math.abs(lse[i] - dev.lse[i]));
+    for (let i = 0; i < out.length; i++) attErr = Math.max(attErr, Math.abs(out[i] - dev.out[i]) / (Math.abs(out[i]) + 1e-3));
+  }
+progress(`[${at()}] attend: ${median(attDev).toFixed(3)} ms on the device (awaited ${median(attWall).toFixed(3)}), ${median(attHost).toFixed(3)} ms on the host; max difference ${attErr.toExponential(1)}`);
+
 // The same session calls with every call on libuv's pool (--gpu-sync-us 0): the wake-ups the loop's thread saves.
 const cap0 = gpuSyncUs();
 setGpuSyncUs(0);
@@ -152,10 +178,14 @@ const rows = {
   recall: { host: mean(recall.host), device: mean(recall.device) },
   scanned: mean(scanned),
   stagesMs: { sample: st('sampleMs'), scan: st('scanMs'), cut: st('cutMs'), exact: st('exactMs'), final: st('finalMs'), total: st('totalMs') },
-  session: { deviceMs: median(sessMs), awaitedMs: median(sessWall), recall: mean(sessRecall), poolAwaitedMs: median(poolWall) },
+  session: {
+    deviceMs: median(sessMs), awaitedMs: median(sessWall), recall: mean(sessRecall), poolAwaitedMs: median(poolWall),
+    host: { parseMs: median(sessHost.map((x) => x.parseMs)), prepareMs: median(sessHost.map((x) => x.prepareMs)), searchMs: median(sessHost.map((x) => x.searchMs)) },
+  },
   /** Searches run on the event loop's thread and on libuv's pool (addon/device-calls.ts; the cap ${cap0} µs a turn). */
   runs,
   gpuSyncUs: cap0,
+  attend: { deviceMs: median(attDev), awaitedMs: median(attWall), hostMs: median(attHost), maxDiff: attErr },
   storeMs,
   deviceBytes: store.bytes(),
 };
@@ -171,10 +201,14 @@ const md = [
   `| device code scan, awaited from JS | ${f(rows.deviceAwaitedMs.p50)} | | |`,
   `| device, as a session calls it (sinks + window free, the last step's ids as seeds), on the device | ${f(rows.session.deviceMs)} (awaited ${f(rows.session.awaitedMs)}) | ${f(rows.session.recall)} | |`,
   `| the same, every call on libuv's pool (--gpu-sync-us 0), awaited | ${f(rows.session.poolAwaitedMs)} | | |`,
+  `| the session's selected rows attended (${asked} a head), on the device from the store | ${f(rows.attend.deviceMs)} (awaited ${f(rows.attend.awaitedMs)}) | | |`,
+  `| the same rows attended on the host (the native kernel, ${heads} heads) | ${f(rows.attend.hostMs)} | | |`,
   '',
+  `A session's search on the host (p50 ms): the arguments read ${f(rows.session.host.parseMs)}, the query's code weights ${f(rows.session.host.prepareMs)}, the store's Search (staging, launch, the wait, the answer copied out) ${f(rows.session.host.searchMs)}; the rest of the awaited call is the JS around it and, on the pool, the wake-ups.`,
+  `The device's attend against the host's: max difference ${rows.attend.maxDiff.toExponential(1)} (lse absolute, out relative to |out| + 1e-3).`,
   `Device over host: ${f(rows.deviceMs.p50 / rows.hostLayerStepMs.p50, 3)}× on the device, ${f(rows.deviceAwaitedMs.p50 / rows.hostLayerStepMs.p50, 3)}× awaited. Agreement with the host's ids: ${f(rows.agreement, 4)}.`,
   `Stages on the device (ms, with stage events): sample ${f(rows.stagesMs.sample)}, scan of the codes ${f(rows.stagesMs.scan)}, the candidates' cut ${f(rows.stagesMs.cut)}, exact scores ${f(rows.stagesMs.exact)}, refine + the answer's cut ${f(rows.stagesMs.final)}; total ${f(rows.stagesMs.total)}.`,
-  `Store: made in ${f(storeMs / 1000, 1)} s (the codes made on the host, every head's codes, keys and entry points uploaded), ${(rows.deviceBytes / 2 ** 20).toFixed(0)} MiB on the device.`,
+  `Store: made in ${f(storeMs / 1000, 1)} s (the codes made on the host, every head's codes, keys, values and entry points uploaded), ${(rows.deviceBytes / 2 ** 20).toFixed(0)} MiB on the device.`,
   '',
 ].join('\n');
 process.stdout.write(md);

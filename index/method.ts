@@ -72,6 +72,19 @@ export interface KeyScanner {
   scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array): Promise<SearchResult[] | undefined>;
 }
 
+/**
+ * One document layer's keys and values as a device store holds them (a key
+ * scanner's, where it holds values): the cache attends a part's listed rows
+ * there (`SelectionPart.device`) rather than gathering them on the host.
+ */
+export interface DeviceRows {
+  /**
+   * Each q row's attention over its kv head's rows `ids[h]` (q [kvHeads * group, headDim]): out and lse per q
+   * row, a head with no rows -Infinity; undefined where the store no longer holds them (the host attends).
+   */
+  attend(ids: readonly Int32Array[], q: Float32Array, group: number, scale: number): Promise<{ out: Float32Array; lse: Float32Array } | undefined>;
+}
+
 /** Scores the block means of every kv head of one document's layer in one call. */
 export interface BlockScorer {
   /**
@@ -151,8 +164,8 @@ export interface BlockList {
  * per-kv-head whole blocks.
  */
 export type SelectionPart = { segment: KvSegment } & (
-  | (Pick<AttendSegment, 'begin' | 'end' | 'ids'> & { blocks?: undefined })
-  | { blocks: BlockList; begin?: undefined; end?: undefined; ids?: undefined }
+  | (Pick<AttendSegment, 'begin' | 'end' | 'ids'> & { blocks?: undefined; device?: DeviceRows })
+  | { blocks: BlockList; begin?: undefined; end?: undefined; ids?: undefined; device?: undefined }
 );
 
 export interface Selection {
@@ -205,6 +218,8 @@ export interface BuildInput extends HeadKeys {
 export interface SearchResult {
   /** Rows of the head's keys, best first (a device scan's: a set, in no order). */
   ids: Int32Array;
+  /** Where a device holds the head's keys and values (a key scanner's store): a part of these rows is attended there. */
+  rows?: DeviceRows;
   /** Keys scored to find them. */
   scanned: number;
   /** Keys read as 4-bit codes (a code walk's; those then scored exactly are in scanned as well). */

@@ -264,7 +264,9 @@ export function staticPlusRetrieved(name: string, builder: HeadIndexBuilder): Re
         for (const id of res.ids) if (n < want && !inside(ranges, id)) kept[n++] = id;
         return kept.subarray(0, n);
       });
-      parts.push({ segment, ids });
+      // Rows a device store holds (a key scanner's): the cache attends them there.
+      const device = results[0]?.rows;
+      parts.push(device ? { segment, ids, device } : { segment, ids });
     }
     return codes === undefined ? { parts, scanned } : { parts, scanned, codes };
   }

@@ -5,9 +5,12 @@
 // scan on the native pool (at 1M keys on the 16-core H100 host, milliseconds
 // a layer-step; bench/results/ra-scan-gpu-*.md).
 //
-// A (document, layer)'s store holds every kv head's keys, their codes and
-// the graph's entry points on the device: 2.5 bytes a key channel, ~2.6 GB
-// a layer at 1M keys, 8 kv heads, d = 128. Stores live within a device
+// A (document, layer)'s store holds every kv head's keys, their codes, their
+// values and the graph's entry points on the device: 4.5 bytes a key
+// channel, ~4.7 GB a layer at 1M keys, 8 kv heads, d = 128. With the values
+// there the step's selected rows are attended on the device too
+// (index/method.ts DeviceRows): gathered on the host they were ~86K rows of
+// 512 bytes a layer-step at 1M. Stores live within a device
 // budget of their own (GpuBackendOptions.scanBudgetBytes), shared by every
 // session of the document, the least recently used evicted first, never one
 // a step is reading. A store is made off the event loop on the first step
@@ -18,11 +21,14 @@
 // near-ties at the cuts.
 import { RaScanStore, raScanSupported, type RaScanHeadResult, type RaScanSearchArgs } from '../../addon/ra-scan.js';
 import type { RaGraph } from '../../addon/ra-graph.js';
-import type { KeyScanner, ScanHead, SearchResult } from '../../index/method.js';
+import type { DeviceRows, KeyScanner, ScanHead, SearchResult } from '../../index/method.js';
 
 /** What the scanner needs of a store: the addon's RaScanStore, or a bench's stand-in. */
 export interface ScanStore {
   search(a: RaScanSearchArgs): Promise<RaScanHeadResult[]>;
+  /** Attention over listed rows (a store opened with values; RaScanStore.attend). */
+  attend?(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }>;
+  readonly hasValues?: boolean;
   bytes(): number;
   close(): void;
 }
@@ -38,18 +44,23 @@ const MAX_GROUP = 16;  // native/cuda/ra_scan.h kMaxGroup: a store takes every g
 const ADDON_BACKEND: ScanStoreBackend = {
   open: (heads, maxGroup) => {
     const { tokens, headDim, dtype } = heads[0];
-    return RaScanStore.open(heads.map((h) => h.graph), heads.map((h) => h.keys), tokens, headDim, dtype, maxGroup);
+    const values = withValues(heads) ? heads.map((h) => h.values!) : undefined;
+    return RaScanStore.open(heads.map((h) => h.graph), heads.map((h) => h.keys), tokens, headDim, dtype, maxGroup, values);
   },
   supported: raScanSupported,
 };
 
+/** Whether every head brings its values: the store then holds them and attends the rows a step selects. */
+const withValues = (heads: readonly ScanHead[]) => heads.every((h) => h.values !== undefined && h.values.length >= h.tokens * h.headDim);
+
 /**
  * Device bytes a store of these heads takes before its per-step buffers: a head's codes and keys (2.5 bytes a
- * channel), four bitmaps, and 24 bytes a key for what a step's scan keeps and its cut's bin (native/cuda/ra_scan.cu).
+ * channel), its values where it holds them (2 more), four bitmaps, and 24 bytes a key for what a step's scan keeps
+ * and its cut's bin (native/cuda/ra_scan.cu).
  */
 export function scanStoreBytes(heads: readonly ScanHead[]): number {
   const { tokens, headDim } = heads[0];
-  return heads.length * (tokens * headDim * 2.5 + 4 * Math.ceil(tokens / 8) + 24 * tokens);
+  return heads.length * (tokens * headDim * (withValues(heads) ? 4.5 : 2.5) + 4 * Math.ceil(tokens / 8) + 24 * tokens);
 }
 
 interface Entry {
@@ -64,6 +75,8 @@ interface Entry {
   /** Steps reading the store now, and when one last did (performance.now()). */
   busy: number;
   lastUse: number;
+  /** The store's rows as the cache attends them (made once the store holds values). */
+  rows?: DeviceRows;
 }
 
 /**
@@ -75,8 +88,9 @@ interface Entry {
 const WARM_MS = 2000;
 
 export interface DeviceKeyScanStats {
-  /** Layer-steps searched on the device. */
+  /** Layer-steps searched on the device, and those whose selected rows were attended there. */
   steps: number;
+  attends: number;
   /** Stores made, evicted, and refused or failed. */
   opened: number;
   evicted: number;
@@ -91,7 +105,7 @@ export class DeviceKeyScans implements KeyScanner {
   /** Entries holding device bytes (made or being made), least recently used first. */
   private readonly held = new Map<Entry, true>();
   private used = 0;
-  readonly stats: DeviceKeyScanStats = { steps: 0, opened: 0, evicted: 0, failures: 0, bytes: 0 };
+  readonly stats: DeviceKeyScanStats = { steps: 0, attends: 0, opened: 0, evicted: 0, failures: 0, bytes: 0 };
 
   constructor(
     readonly budgetBytes: number,
@@ -124,7 +138,8 @@ export class DeviceKeyScans implements KeyScanner {
         ...(free && free.length > 0 && { free: heads.map(() => free) }),
       });
       this.stats.steps++;
-      return res.map((r) => ({ ids: r.ids, scanned: r.scanned, codes: first.tokens }));
+      const rows = e.store.hasValues && e.store.attend ? (e.rows ??= this.rowsOf(e)) : undefined;
+      return res.map((r) => (rows ? { ids: r.ids, scanned: r.scanned, codes: first.tokens, rows } : { ids: r.ids, scanned: r.scanned, codes: first.tokens }));
     } catch (err) {
       this.stats.failures++;
       warnOnce(`kvrecall: the device code scan failed, searching on the host: ${String(err)}`);
@@ -132,6 +147,32 @@ export class DeviceKeyScans implements KeyScanner {
     } finally {
       e.busy--;
     }
+  }
+
+  /**
+   * e's keys and values as the cache attends them: on e's store while it holds them (read like a search: not
+   * evicted meanwhile), else undefined (the host attends; a failed call is counted and warned of once).
+   */
+  private rowsOf(e: Entry): DeviceRows {
+    return {
+      attend: async (ids, q, group, scale) => {
+        const store = e.store;
+        if (!store?.attend) return undefined;
+        e.busy++;
+        e.lastUse = performance.now();
+        try {
+          const r = await store.attend({ q, group, scale, ids: [...ids] });
+          this.stats.attends++;
+          return r;
+        } catch (err) {
+          this.stats.failures++;
+          warnOnce(`kvrecall: attending the code scan store's rows failed, attending on the host: ${String(err)}`);
+          return undefined;
+        } finally {
+          e.busy--;
+        }
+      },
+    };
   }
 
   /** Starts making e's store where the budget allows, evicting idle stores for room. */

@@ -60,7 +60,8 @@ export interface GpuBackendOptions {
   waveHostBytes?: number;
   /**
    * Device bytes for retrieval-attention's code scan (engine/cache/device-key-scans.ts:
-   * a layer's keys and their codes, ~2.5 bytes a key channel); 0 or unset: codeScan sessions scan on the host.
+   * a layer's keys, their codes and values, ~4.5 bytes a key channel: the step's selected rows are attended there
+   * too); 0 or unset: codeScan sessions scan and attend on the host.
    */
   scanBudgetBytes?: number;
   /**

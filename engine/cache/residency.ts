@@ -46,6 +46,25 @@ export class SessionCache {
   /** `beside`: parts attended on the host run on libuv's pool, beside a call that holds the loop's thread (addon/kernels.ts attend). */
   async attend(parts: SelectionPart[], a: AttendInput, beside = false): Promise<Residency> {
     const m = this.model, gpu = this.gpu;
+    // Parts whose rows a device store holds (a key scanner's: index/method.ts DeviceRows) are attended there,
+    // started first, and merged in after the rest; a store that no longer holds them leaves them to the host.
+    if (parts.some((p) => p.device)) {
+      const onDevice = parts.filter((p) => p.device);
+      const started = onDevice.map((p) => p.device!.attend(p.ids!, a.q, m.qHeads / m.kvHeads, a.scale));
+      const [rest, ...got] = await Promise.allSettled([this.attend(parts.filter((p) => !p.device), a, beside), ...started]);
+      if (rest.status === 'rejected') throw rest.reason;
+      const left: SelectionPart[] = [];
+      got.forEach((r, i) => {
+        if (r.status === 'fulfilled' && r.value) mergeInto(a.out, a.lse, r.value.out, r.value.lse, m.headDim);
+        else left.push({ segment: onDevice[i].segment, ids: onDevice[i].ids });
+      });
+      if (left.length > 0) {
+        const host = { out: new Float32Array(a.out.length), lse: new Float32Array(a.lse.length) };
+        await attendOnHost(m, left, { ...a, out: host.out, lse: host.lse }, beside);
+        mergeInto(a.out, a.lse, host.out, host.lse, m.headDim);
+      }
+      return rest.value;
+    }
     if (gpu) {
       const own = this.own[a.layer];
       const split = splitForPool(parts, (seg) => seg !== own, POOL_BLOCK, m.kvHeads, RANGE_PRIORITY);

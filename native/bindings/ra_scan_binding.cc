@@ -4,23 +4,31 @@
 //
 // raScanSupported(headDim, group) -> boolean (false in a build without CUDA)
 // RaScanStore.open({graphs: RaGraph[], keys: Uint16Array[] ([tokens, headDim] each, the keys each graph was
-//                    built over), tokens, headDim, dtype, maxGroup}) -> Promise<RaScanStore>
+//                    built over), values?: Uint16Array[] (the same shape: attend needs them), tokens, headDim,
+//                    dtype, maxGroup}) -> Promise<RaScanStore>
 //   one kv head per graph: its keys' 4-bit codes (the graph's own, made now where it has none:
 //   RaGraph::KeyCodesFor), its keys and its entry points uploaded, off the event loop; rejects without a
 //   device or memory.
 //   .search({q: Float32Array [heads*group*headDim], group, k, maxScanned, scale?,
 //            seeds?: Int32Array[] [heads], free?: Int32Array[] [heads],
-//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], meta: Float64Array [2*heads + 1],
+//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], meta: Float64Array [2*heads + 4],
 //            stageTimes?: boolean, sync?: boolean}) -> Promise<undefined>
 //     head h's ids (a set) at outIds[h*k ..], meta[h] of them, meta[heads + h] keys scored exactly,
-//     meta[2*heads] the call's device ms (LastTimes().totalMs);
+//     meta[2*heads] the call's device ms (LastTimes().totalMs), then the host's ms: the arguments read,
+//     the query's int8 weights made, the store's Search (staging, the wait, the copy out);
 //     ra_scan.h says what they are. Lists are one Int32Array a kv head, ids in [0, tokens); free ids
 //     may repeat (each counts once). sync: the work runs on the calling thread and the promise comes
 //     back settled (common/binding_args.h RunNowOrAsync; addon/device-calls.ts chooses).
+//   .attend({q: Float32Array [heads*group*headDim], group, scale, ids: Int32Array[] [heads], out: Float32Array
+//            [heads*group*headDim], lse: Float32Array [heads*group], meta: Float64Array [1], sync?: boolean})
+//     -> Promise<undefined>: each q row's attention over its kv head's listed rows (ra_scan.h RaAttendArgs),
+//     meta[0] the call's device ms; a store opened with values only.
+//   .hasValues() -> boolean
 //   .bytes() -> device bytes held / .lastTimes() -> RaScanTimes / .close()
 #include <napi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <mutex>
@@ -56,11 +64,12 @@ struct ScanJob {
   std::vector<int8_t> w8;
   std::vector<float> qscale, qbias;
   std::vector<int64_t> counts, scanned;
-  double deviceMs = 0;
+  double deviceMs = 0, parseMs = 0, prepareMs = 0, searchHostMs = 0;
   std::shared_ptr<std::mutex> lock;  // the store's: one search at a time on it
 
   void Run() {
     std::lock_guard<std::mutex> hold(*lock);
+    const auto t0 = std::chrono::steady_clock::now();
     // Each head's int8 weights, as the host's code walk and scan make them.
     const cuda::RaScanConfig& cfg = store->Config();
     const int H = cfg.kvHeads, G = args.group, G4 = (G + 3) / 4 * 4, d = cfg.headDim;
@@ -86,8 +95,11 @@ struct ScanJob {
     scanned.assign(size_t(H), 0);
     args.outCounts = counts.data();
     args.outScanned = scanned.data();
+    prepareMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     store->Search(args);
-    deviceMs = store->LastTimes().totalMs;  // under the lock: this search's
+    const cuda::RaScanTimes t = store->LastTimes();  // under the lock: this search's
+    deviceMs = t.totalMs;
+    searchHostMs = t.hostMs;
   }
 };
 
@@ -126,6 +138,25 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
   ids.resize(at);
 }
 
+// An attend's inputs, owned.
+struct AttendJob {
+  std::shared_ptr<cuda::RaScanStore> store;
+  cuda::RaAttendArgs args;
+  std::vector<float> q;
+  std::vector<int32_t> ids, counts;
+  std::shared_ptr<std::mutex> lock;
+  double deviceMs = 0;
+
+  void Run() {
+    std::lock_guard<std::mutex> hold(*lock);
+    args.q = q.data();
+    args.ids = ids.data();
+    args.counts = counts.data();
+    store->Attend(args);
+    deviceMs = store->LastTimes().attendMs;
+  }
+};
+
 // What open() makes on a libuv thread, handed to the constructor in an External.
 struct Made {
   std::shared_ptr<cuda::RaScanStore> store;
@@ -138,6 +169,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
   static Napi::Function Define(Napi::Env env) {
     Napi::Function ctor = DefineClass(env, "RaScanStore",
                                       {StaticMethod<&RaScanJs::Open>("open"), InstanceMethod("search", &RaScanJs::Search),
+                                       InstanceMethod("attend", &RaScanJs::Attend), InstanceMethod("hasValues", &RaScanJs::HasValues),
                                        InstanceMethod("bytes", &RaScanJs::Bytes), InstanceMethod("lastTimes", &RaScanJs::LastTimes),
                                        InstanceMethod("close", &RaScanJs::Close)});
     registry_.Add(env, ctor);
@@ -176,8 +208,11 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     c.kvHeads = int(graphs.Length());
     if (c.kvHeads < 1 || c.kvHeads > 1024) throw Napi::RangeError::New(env, "graphs must hold 1 to 1024 graphs");
     Napi::Array keys = ArrayOf(o, "keys", graphs.Length());
+    const bool withValues = !Absent(o.Get("values"));
+    Napi::Array values = withValues ? ArrayOf(o, "values", graphs.Length()) : Napi::Array();
     auto made = std::make_shared<Made>();
     auto keyRows = std::make_shared<std::vector<const uint16_t*>>();
+    auto valueRows = std::make_shared<std::vector<const uint16_t*>>();
     std::vector<Napi::Value> keep;
     for (int h = 0; h < c.kvHeads; ++h) {
       const std::string what = "graphs entry " + std::to_string(h);
@@ -187,17 +222,23 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
       Napi::Uint16Array k = Typed<uint16_t>(keys.Get(uint32_t(h)), "keys entry", size_t(c.tokens) * c.headDim);
       keep.push_back(k);
       keyRows->push_back(k.Data());
+      if (withValues) {
+        Napi::Uint16Array v = Typed<uint16_t>(values.Get(uint32_t(h)), "values entry", size_t(c.tokens) * c.headDim);
+        keep.push_back(v);
+        valueRows->push_back(v.Data());
+      }
       made->graphs.push_back(std::move(g));
     }
     return RunAsync(
         env, keep,
-        [made, keyRows, c]() {
+        [made, keyRows, valueRows, c]() {
           std::vector<cuda::RaScanHead> heads(size_t(c.kvHeads));
           for (int h = 0; h < c.kvHeads; ++h) {
             const RaGraph& g = *made->graphs[size_t(h)];
             made->codes.push_back(g.KeyCodesFor((*keyRows)[size_t(h)], c.dtype));
             heads[size_t(h)].codes = made->codes.back()->Row(0);
             heads[size_t(h)].keys = (*keyRows)[size_t(h)];
+            if (!valueRows->empty()) heads[size_t(h)].values = (*valueRows)[size_t(h)];
             heads[size_t(h)].entries = g.entries().data();
             heads[size_t(h)].entryCount = int64_t(g.entries().size());
           }
@@ -213,6 +254,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
 
   Napi::Value Search(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    const auto t0 = std::chrono::steady_clock::now();
     Napi::Object o = ArgObject(info);
     auto job = std::make_shared<ScanJob>();
     job->store = Live(env);
@@ -238,10 +280,11 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     Napi::Float32Array outScores = TypedAt<float>(o, "outScores", size_t(H) * a.k);
     a.outIds = outIds.Data();
     a.outScores = outScores.Data();
-    Napi::Float64Array meta = TypedAt<double>(o, "meta", size_t(2) * H + 1);
+    Napi::Float64Array meta = TypedAt<double>(o, "meta", size_t(2) * H + 4);
     a.stageTimes = Flag(o, "stageTimes", false);
     const bool now = Flag(o, "sync", false);
     double* m = meta.Data();
+    job->parseMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     // meta is written by the result callback, on the loop's thread, either way.
     return RunNowOrAsync(env, now, {outIds, outScores, meta}, [job]() { job->Run(); }, [job, m, H](Napi::Env e) -> Napi::Value {
       for (int h = 0; h < H; ++h) {
@@ -249,9 +292,48 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
         m[H + h] = double(job->scanned[size_t(h)]);
       }
       m[2 * H] = job->deviceMs;
+      m[2 * H + 1] = job->parseMs;
+      m[2 * H + 2] = job->prepareMs;
+      m[2 * H + 3] = job->searchHostMs;
       return e.Undefined();
     });
   }
+
+  // Attention over listed rows: the inputs copied here, the work where `sync` says (as Search).
+  Napi::Value Attend(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    auto job = std::make_shared<AttendJob>();
+    job->store = Live(env);
+    job->lock = lock_;
+    const cuda::RaScanConfig& c = job->store->Config();
+    if (!job->store->HasValues()) throw Napi::Error::New(env, "RaScanStore: this store was opened without values");
+    const int H = c.kvHeads, d = c.headDim;
+    cuda::RaAttendArgs& a = job->args;
+    a.group = int(Int(o, "group", 1, c.maxGroup));
+    a.scale = Float(o, "scale");
+    if (!(a.scale > 0) || !std::isfinite(a.scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
+    const size_t qn = size_t(H) * a.group * d;
+    Napi::Float32Array q = TypedAt<float>(o, "q");
+    if (q.ElementLength() != qn) throw Napi::RangeError::New(env, "q must hold heads * group * headDim floats (" + std::to_string(qn) + ")");
+    job->q.assign(q.Data(), q.Data() + qn);
+    for (const float v : job->q)
+      if (!std::isfinite(v)) throw Napi::RangeError::New(env, "q must be finite");
+    if (Absent(o.Get("ids"))) throw Napi::TypeError::New(env, "ids: one Int32Array a kv head");
+    ListsAt(o, "ids", H, c.tokens, false, job->ids, job->counts);
+    Napi::Float32Array out = TypedAt<float>(o, "out", qn);
+    Napi::Float32Array lse = TypedAt<float>(o, "lse", size_t(H) * a.group);
+    Napi::Float64Array meta = TypedAt<double>(o, "meta", 1);
+    a.out = out.Data();
+    a.lse = lse.Data();
+    double* m = meta.Data();
+    return RunNowOrAsync(env, Flag(o, "sync", false), {out, lse, meta}, [job]() { job->Run(); }, [job, m](Napi::Env e) -> Napi::Value {
+      m[0] = job->deviceMs;
+      return e.Undefined();
+    });
+  }
+
+  Napi::Value HasValues(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), Live(info.Env())->HasValues()); }
 
   Napi::Value Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(Live(info.Env())->Bytes())); }
 
@@ -266,6 +348,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     o.Set("exactMs", t.exactMs);
     o.Set("finalMs", t.finalMs);
     o.Set("hostMs", t.hostMs);
+    o.Set("attendMs", t.attendMs);
     return o;
   }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cuda/cuda_common.cuh"
+#include "cuda/ra_attend_rows.cuh"
 #include "cuda/ra_scan_kernels.cuh"
 #include "cuda/wave_buffers.cuh"
 #include "cuda/step_graph.cuh"
@@ -44,11 +45,15 @@ struct RaScanStore::Impl {
   RaScanConfig cfg;
   int64_t words = 0;
   cudaStream_t stream = nullptr;
-  cudaEvent_t ev[8] = {};
+  cudaEvent_t ev[10] = {};  // 0-7 the search's, 8-9 Attend's
   DevBuf data;   // codes, keys, entry bits, seed, free and take bits, what the scan keeps
   DevBuf work;   // sized by the largest step
   DevBuf in, out;
   HostBuf hin, hout;
+  // Attend's own: the search's graph bakes in the pointers of the buffers above.
+  DevBuf vals, ain, aout, apartial;
+  HostBuf ahin, ahout;
+  uint16_t* values = nullptr;
   int64_t workCap = -1, workFree = -1, workK = -1;
   uint8_t* codes = nullptr;
   uint16_t* keys = nullptr;
@@ -125,6 +130,18 @@ RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : imp
     Check(cudaMemcpy(I.entryBits + size_t(I.words) * h, bits.data(), bitBytes, cudaMemcpyHostToDevice), "copy entry points");
   }
   Check(cudaMemset(I.seedBits, 0, 3 * Align(bitBytes * Hs)), "clear marks");
+  const bool withValues = heads[0].values != nullptr;
+  for (int h = 0; h < H; ++h)
+    if ((heads[h].values != nullptr) != withValues) throw std::invalid_argument("RaScanStore: values for every head or for none");
+  if (withValues) {
+    I.vals.Need(keyBytes * Hs, "cudaMalloc (code scan values)");
+    I.values = static_cast<uint16_t*>(I.vals.p);
+    for (int h = 0; h < H; ++h)
+      Check(cudaMemcpy(I.values + size_t(n) * d * h, heads[h].values, keyBytes, cudaMemcpyHostToDevice), "copy values");
+    // At d = 256 a CTA's q rows and partial sums pass the default 48 KiB.
+    Check(cudaFuncSetAttribute(AttendRows<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(AttendSmem(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim))), "attribute");
+    Check(cudaFuncSetAttribute(AttendRows<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(AttendSmem(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim))), "attribute");
+  }
   // ResolveCut holds up to ResolveHeld keys of the cut's bin in shared memory (96 KiB).
   Check(cudaFuncSetAttribute(ResolveCut<KeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<KeptCut>())), "attribute");
   Check(cudaFuncSetAttribute(ResolveCut<ScanFinalCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanFinalCut>())), "attribute");
@@ -136,10 +153,74 @@ const RaScanConfig& RaScanStore::Config() const { return impl_->cfg; }
 
 int64_t RaScanStore::Bytes() const {
   const Impl& I = *impl_;
-  return int64_t(I.data.bytes + I.work.bytes + I.in.bytes + I.out.bytes);
+  return int64_t(I.data.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.vals.bytes + I.ain.bytes + I.aout.bytes + I.apartial.bytes);
 }
 
 RaScanTimes RaScanStore::LastTimes() const { return impl_->times; }
+
+bool RaScanStore::HasValues() const { return impl_->values != nullptr; }
+
+// A handful of launches and two copies, launched one by one: the list sizes
+// change with the method's trim, and the step is short.
+void RaScanStore::Attend(const RaAttendArgs& a) {
+  Impl& I = *impl_;
+  const RaScanConfig& cfg = I.cfg;
+  const int H = cfg.kvHeads, d = cfg.headDim, G = a.group;
+  if (!I.values) throw std::invalid_argument("RaScanStore: this store holds no values to attend");
+  if (G < 1 || G > cfg.maxGroup) throw std::invalid_argument("RaScanStore: group must be in [1, maxGroup]");
+  std::vector<int64_t> start(size_t(H) + 1, 0);
+  int64_t longest = 0;
+  for (int h = 0; h < H; ++h) {
+    start[size_t(h) + 1] = start[size_t(h)] + a.counts[h];
+    longest = std::max<int64_t>(longest, a.counts[h]);
+  }
+  const int64_t total = start[size_t(H)], R = AttendRowsPerCta(d), tiles = std::max<int64_t>(1, (longest + R - 1) / R);
+  const size_t qN = size_t(H) * G * d;
+  const size_t inBytes = Align(qN * 4) + Align(size_t(total) * 4 + 4) + Align((size_t(H) + 1) * 8);
+  I.ain.Need(inBytes, "cudaMalloc (attend inputs)");
+  I.ahin.Need(inBytes, "cudaHostAlloc (attend inputs)");
+  char* hat = static_cast<char*>(I.ahin.p);
+  char* dat = static_cast<char*>(I.ain.p);
+  const auto stage = [&](const void* src, size_t bytes) {
+    if (bytes > 0) std::memcpy(hat, src, bytes);
+    void* dev = dat;
+    hat += Align(bytes);
+    dat += Align(bytes);
+    return dev;
+  };
+  AttendParams p;
+  p.H = H, p.G = G, p.d = d, p.scale = a.scale, p.keys = I.keys, p.values = I.values, p.n = cfg.tokens, p.tiles = tiles;
+  p.q = static_cast<const float*>(stage(a.q, qN * 4));
+  p.ids = static_cast<const int32_t*>(stage(a.ids, size_t(total) * 4));
+  p.start = static_cast<const int64_t*>(stage(start.data(), (size_t(H) + 1) * 8));
+  const size_t copyBytes = size_t(hat - static_cast<char*>(I.ahin.p));
+  I.apartial.Need(size_t(H) * tiles * G * (d + 2) * 4, "cudaMalloc (attend partials)");
+  p.partial = static_cast<float*>(I.apartial.p);
+  const size_t outBytes = Align(qN * 4) + Align(size_t(H) * G * 4);
+  I.aout.Need(outBytes, "cudaMalloc (attend answer)");
+  I.ahout.Need(outBytes, "cudaHostAlloc (attend answer)");
+  p.out = static_cast<float*>(I.aout.p);
+  p.lse = reinterpret_cast<float*>(static_cast<char*>(I.aout.p) + Align(qN * 4));
+  cudaStream_t s = I.stream;
+  Check(cudaEventRecord(I.ev[8], s), "event");
+  Check(cudaMemcpyAsync(I.ain.p, I.ahin.p, copyBytes, cudaMemcpyHostToDevice, s), "copy in");
+  if (total > 0) {
+    const size_t smem = AttendSmem(G, d);
+    if (cfg.dtype == Dtype::kBf16) AttendRows<true><<<dim3(unsigned(tiles), unsigned(H)), kAttendThreads, smem, s>>>(p);
+    else AttendRows<false><<<dim3(unsigned(tiles), unsigned(H)), kAttendThreads, smem, s>>>(p);
+  }
+  MergeRows<<<unsigned(H * G), unsigned(std::min(d, 256)), 0, s>>>(p);
+  Check(cudaGetLastError(), "attend launch");
+  Check(cudaMemcpyAsync(I.ahout.p, I.aout.p, outBytes, cudaMemcpyDeviceToHost, s), "copy out");
+  Check(cudaEventRecord(I.ev[9], s), "event");
+  Check(cudaStreamSynchronize(s), "attend");
+  const char* hp = static_cast<const char*>(I.ahout.p);
+  std::memcpy(a.out, hp, qN * 4);
+  std::memcpy(a.lse, hp + Align(qN * 4), size_t(H) * G * 4);
+  float v = 0;
+  Check(cudaEventElapsedTime(&v, I.ev[8], I.ev[9]), "elapsed");
+  I.times.attendMs = double(v);
+}
 
 void RaScanStore::Search(const RaScanArgs& a) {
   using Clock = std::chrono::steady_clock;

@@ -41,6 +41,7 @@ namespace cuda {
 struct RaScanHead {
   const uint8_t* codes = nullptr;    // [tokens, headDim / 2]: ra_key_codes.h's rows
   const uint16_t* keys = nullptr;    // [tokens, headDim]
+  const uint16_t* values = nullptr;  // [tokens, headDim]; every head's or none (the store then attends nothing)
   const int32_t* entries = nullptr;  // the graph's entry points, each in [0, tokens)
   int64_t entryCount = 0;
 };
@@ -80,17 +81,32 @@ struct RaScanArgs {
   bool stageTimes = false;
 };
 
+// Attention over listed rows of every kv head (RaScanStore::Attend): head
+// h's G query rows over its rows ids[start_h .. start_h + counts[h]), each
+// row's logit scale·q·k, normalised over the head's rows alone (the caller
+// merges other parts by log-sum-exp). A row listed twice is attended twice.
+struct RaAttendArgs {
+  int group = 0;
+  float scale = 0.f;
+  const float* q = nullptr;          // [kvHeads * G, headDim]
+  const int32_t* ids = nullptr;      // heads' lists back to back, each id in [0, tokens)
+  const int32_t* counts = nullptr;   // [kvHeads]
+  float* out = nullptr;              // [kvHeads * G, headDim]: Σ p·v; zero for a head with no rows
+  float* lse = nullptr;              // [kvHeads * G]: ln Σ exp(logit); -inf for a head with no rows
+};
+
 struct RaScanTimes {
   double totalMs = 0;  // the call on the device: copies in, kernels, copies out (events)
   double sampleMs = 0, scanMs = 0, cutMs = 0, exactMs = 0, finalMs = 0;  // with stageTimes
   double hostMs = 0;   // the call's wall time on the host
+  double attendMs = 0;  // the last Attend on the device (events)
 };
 
 class RaScanStore {
  public:
   static bool Supports(int headDim, int group);
-  // Uploads every head's codes, keys and entry points; throws without a
-  // device or memory.
+  // Uploads every head's codes, keys, values (where given) and entry points;
+  // throws without a device or memory.
   RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads);
   ~RaScanStore();
   RaScanStore(const RaScanStore&) = delete;
@@ -100,8 +116,11 @@ class RaScanStore {
   // Device bytes held: the data, then the per-step buffers sized by the
   // largest (k, maxScanned, lists) seen so far.
   int64_t Bytes() const;
-  // Not thread-safe: one search at a time on a store (the binding queues them).
+  // Not thread-safe: one search or attend at a time on a store (the binding queues them).
   void Search(const RaScanArgs& a);
+  // Whether the store holds values (every head's were given): Attend needs them.
+  bool HasValues() const;
+  void Attend(const RaAttendArgs& a);
   RaScanTimes LastTimes() const;
 
  private:

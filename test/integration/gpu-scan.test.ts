@@ -1,7 +1,9 @@
 // Retrieval-attention's code scan on the GPU (engine/cache/device-key-scans.ts): a server with a scan budget
 // searches a codeScan session's layer-steps on the device once the layer's store is made (the first step
-// searches on the host while it is; the ids it selects are attended on the host, as a CPU server's), and selects what a CPU-only server selects, up to near-ties at the scan's
-// cuts; with the estimate off it answers as float64 attention over the ids it selected. Skipped without a CUDA
+// searches on the host while it is), attends the ids it selected on the device from the same store (which holds
+// the layer's values too; the host attended them before the store was made), and selects what a CPU-only
+// server selects, up to near-ties at the scan's cuts; with the estimate off it answers as float64 attention
+// over the ids it selected. Skipped without a CUDA
 // device (here and in CI): the GPU visit runs it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
@@ -16,7 +18,7 @@ const seed = freshSeed();
 console.log(`gpu-scan: seed ${seed}`);
 const gpu = cudaAvailable();
 
-type Health = { gpu: { keyScan?: { steps: number; opened: number; failures: number; bytes: number } } };
+type Health = { gpu: { keyScan?: { steps: number; attends: number; opened: number; failures: number; bytes: number } } };
 
 describe.skipIf(!gpu.ok)('retrieval-attention code scan on the GPU (server)', () => {
   const model = { layers: 2, qHeads: 16, kvHeads: 4, headDim: 128, dtype: 'f16' as const };
@@ -59,7 +61,7 @@ describe.skipIf(!gpu.ok)('retrieval-attention code scan on the GPU (server)', ()
         const q = randomQ(rng, qHeads, d, 2);
         const body = { layer, q: tensor('f32', [qHeads, d], q), k: { ...tok.k, shape: [kvHeads, d] }, v: { ...tok.v, shape: [kvHeads, d] }, return: ['out', 'selection'] as ('out' | 'selection')[] };
         const [g, c] = await Promise.all(sessions.map((s) => s.c.attend(s.id, body)));
-        // The attention itself: scattered ids are attended on the host by either server (the pool takes whole blocks).
+        // The CPU server attends every part on the host.
         expect(c.stats.backend).toBe('cpu');
         for (let h = 0; h < kvHeads; h++) {
           const mine = new Set(g.selection![h]), theirs = new Set(c.selection![h]);
@@ -82,6 +84,8 @@ describe.skipIf(!gpu.ok)('retrieval-attention code scan on the GPU (server)', ()
     expect(h.gpu.keyScan?.opened).toBe(model.layers);
     expect(h.gpu.keyScan?.failures).toBe(0);
     expect(h.gpu.keyScan?.steps).toBeGreaterThanOrEqual(model.layers * 3);
-    expect(h.gpu.keyScan?.bytes).toBeGreaterThan(model.layers * kvHeads * DOC * d * 2.5);
+    // Every step searched on the device attended its retrieved ids there too (the store holds the values).
+    expect(h.gpu.keyScan?.attends).toBe(h.gpu.keyScan?.steps);
+    expect(h.gpu.keyScan?.bytes).toBeGreaterThan(model.layers * kvHeads * DOC * d * 4.5);
   }, 240_000);
 });

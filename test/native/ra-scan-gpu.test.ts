@@ -4,7 +4,7 @@
 // alone — the same ids up to near-ties at the cuts, the same scores and scanned counts within float rounding —
 // over f16 and bf16, d 32..128, groups of 1, 4 and 8, with seeds, free keys (repeated ones too) and a cap
 // the +∞ keys fill; with every key a candidate its answer is the exact top-k of the group's mean probability
-// (float64); on the event loop's thread and on libuv's pool it answers the same; bad arguments are refused
+// (float64); listed rows are attended as float64 attention over them; on the event loop's thread and on libuv's pool it answers the same; bad arguments are refused
 // before anything runs. Without a GPU, making a store fails clearly.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
@@ -14,7 +14,7 @@ import { RaGraph } from '../../addon/ra-graph.js';
 import { RaScanStore, raScanSupported } from '../../addon/ra-scan.js';
 import { bitsOf, valueOf } from '../helpers/half.js';
 import { freshSeed, Rng } from '../helpers/random.js';
-import { groupMeanProb } from '../helpers/reference.js';
+import { groupMeanProb, maxRelError, referenceAttention } from '../helpers/reference.js';
 
 const seed = freshSeed();
 console.log(`ra-scan-gpu: seed ${seed}`);
@@ -140,6 +140,41 @@ describe.skipIf(!gpu)('device code scan', () => {
         }
       }
       store.close();
+      for (const g of layer.graphs) g.dispose();
+    }, 60_000);
+
+  for (const [dt, n, d, G, H] of [['f16', 5000, 64, 4, 3], ['bf16', 4001, 128, 8, 2], ['f16', 3000, 256, 16, 2], ['f16', 2500, 40, 1, 2]] as const)
+    it(`attends listed rows as float64 attention over them (${dt}, d=${d}, G=${G}, ${H} heads)`, async () => {
+      const rng = new Rng(seed + 11 + d);
+      const layer = await layerOf(rng, dt, n, d, H);
+      const vals = Array.from({ length: H }, () => keysOf(rng, dt, n, d));
+      const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 16, vals.map((v) => v.bits));
+      expect(store.hasValues).toBe(true);
+      // Lists longer than a CTA's tile and shorter, a repeated row (attended twice), and an empty list (-inf, zeros).
+      const lists = Array.from({ length: H }, (_, h) => (h === H - 1 ? [] : Array.from({ length: h === 0 ? 1500 : 37 }, () => rng.int(n))));
+      lists[0][5] = lists[0][6];
+      const q = rows(rng, H * G, d);
+      for (const scale of [1 / Math.sqrt(d), 0.4]) {
+        const r = await store.attend({ q, group: G, scale, ids: lists.map((l) => Int32Array.from(l)) });
+        const ref = referenceAttention(q, layer.values, vals.map((v) => v.values), H * G, d, scale, lists);
+        for (let row = 0; row < H * G; row++) {
+          if (lists[Math.floor(row / G)].length === 0) {
+            expect(r.lse[row]).toBe(-Infinity);
+            expect(r.out.subarray(row * d, (row + 1) * d).every((x) => x === 0)).toBe(true);
+            continue;
+          }
+          expect(Math.abs(r.lse[row] - ref.lse[row])).toBeLessThan(1e-4 * Math.max(1, Math.abs(ref.lse[row])));
+          expect(maxRelError(r.out.subarray(row * d, (row + 1) * d), ref.out.subarray(row * d, (row + 1) * d), 1)).toBeLessThan(1e-4);
+        }
+      }
+      // Bad ids are refused and the store still attends; a store opened without values attends nothing.
+      await expect(store.attend({ q, group: G, scale: 0.1, ids: lists.map(() => Int32Array.of(n)) })).rejects.toThrow(/ids/);
+      expect((await store.attend({ q, group: G, scale: 0.1, ids: lists.map(() => Int32Array.of(0)) })).lse.every(Number.isFinite)).toBe(true);
+      store.close();
+      const bare = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 16);
+      expect(bare.hasValues).toBe(false);
+      await expect(bare.attend({ q, group: G, scale: 0.1, ids: lists.map(() => Int32Array.of(0)) })).rejects.toThrow(/values/);
+      bare.close();
       for (const g of layer.graphs) g.dispose();
     }, 60_000);
 
