@@ -37,6 +37,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { blockSummaryBuilder } from '../index/block-select.js';
 import { clusterIndexBuilder } from '../index/wave/wave.js';
+import { retrievalAttentionBuilder } from '../index/retrieval-attention.js';
 import { findMethod } from '../index/registry.js';
 import type { HeadIndex, SearchParams } from '../index/method.js';
 import { decodeStep } from '../engine/decode-step.js';
@@ -146,13 +147,17 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     // document with wave's index does by default): on the host (no wave budget: engine/estimate.ts) and on
     // the device (the layer's wave store held: engine/rest-on-device.ts), one after the other. Asked for by
     // key (--configs nosa-estimate,topk-blocks-estimate).
+    // Retrieval-attention with the code scan on the device (engine/cache/device-key-scans.ts): the layer's keys,
+    // codes and values held there, the search and the selected rows' attention both on the device, the pool for
+    // sinks and window. Asked for by key (--configs ra-scan).
+    { name: 'retrieval-attention (device scan)', key: 'ra-scan', method: 'retrieval-attention', poolBytes: Math.floor(layerBytes * poolShare), scanBytes: 16 * 2 ** 30, params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256, codeScan: true, estimate: false }, optIn: true },
     ...(['nosa', 'topk-blocks'] as const).flatMap((method) => [
       { name: `${method} + estimate (host)`, key: `${method}-estimate`, method, estimate: 'host' as const, poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 }, optIn: true },
       { name: `${method} + estimate (device)`, key: `${method}-estimate`, method, estimate: 'device' as const, poolBytes: Math.floor(layerBytes * poolShare), waveBytes: 16 * 2 ** 30, params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 }, optIn: true },
     ]),
   ];
   // --configs picks by method (dense always runs first: the others' error is against it); wave only when asked.
-  const configs = all.filter((c) => (opts.configs ? c.method === 'exact' || opts.configs.includes('key' in c ? c.key : c.method) : !('optIn' in c)));
+  const configs = all.filter((c) => (opts.configs ? c.method === 'exact' || opts.configs.includes('key' in c && c.key ? c.key : c.method) : !('optIn' in c)));
   let waveHeads: HeadIndex[] | undefined;
   let waveBuildS: number | undefined;
   const clustersOf = async () => {
@@ -169,6 +174,18 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     progress(`wave clusters built (${waveBuildS.toFixed(1)} s)`);
     return waveHeads;
   };
+  const graphsOf = async () => {
+    const t = performance.now();
+    // Each head's graph from its prefill queries, one after another (each build uses the native pool).
+    const out: HeadIndex[] = [];
+    for (let h = 0; h < kvHeads; h++) {
+      const keys = { keys: w.keys[h], values: w.values[h], tokens, headDim: d, dtype: 'f16' as const };
+      const queries = w.prefillQ[h];
+      out.push(retrievalAttentionBuilder.load(await retrievalAttentionBuilder.build({ ...keys, queries, queryCount: queries.length / d }), keys));
+    }
+    progress(`retrieval-attention graphs built (${((performance.now() - t) / 1e3).toFixed(1)} s)`);
+    return out;
+  };
   const denseOut: Float32Array[] = [];
   const results: Record<string, unknown>[] = [];
   for (const cfg of configs) {
@@ -176,10 +193,11 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     // The estimating configs' clusters, built (k-means on the device) before this config's pool is opened.
     const estimating = 'estimate' in cfg;
     const estimateHeads = estimating ? await clustersOf() : undefined;
-    const gpu = GpuBackend.open({ budgetBytes: cfg.poolBytes, stagingBytes: 256 << 20, waveBudgetBytes: waveBytes });
+    const scanBytes = 'scanBytes' in cfg ? cfg.scanBytes : undefined;
+    const gpu = GpuBackend.open({ budgetBytes: cfg.poolBytes, stagingBytes: 256 << 20, waveBudgetBytes: waveBytes, scanBudgetBytes: scanBytes });
     if (!gpu) throw new Error('no CUDA device');
     const method = findMethod(cfg.method)!;
-    const heads = cfg.method === 'wave' ? await clustersOf() : summaries;
+    const heads = cfg.method === 'wave' ? await clustersOf() : cfg.method === 'retrieval-attention' ? await graphsOf() : summaries;
     const indexes = method.builder ? [[heads]] : [];
     const reserved = gpu.admit(model, cfg.method, cfg.params as SearchParams, tokens);
     const session = new Session({
@@ -199,6 +217,8 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       const callsAfter = deviceCallRuns();
       const call = selectStages && scorer.stats.steps > scored ? scorer.lastStep : undefined;
       if (cfg.method === 'exact') denseOut.push(r.out);
+      // The scan's store is made in the background on the first step (that step searches on the host): wait for it.
+      if (s === 0 && gpu.keyScanner) await gpu.keyScanner.settled();
       rows.push({
         ms: r.stats.ms, selectMs: r.stats.selectMs, attendMs: r.stats.attendMs, residentMs: r.stats.gpu?.residentMs ?? NaN, kernelMs: r.stats.gpu?.kernelMs ?? NaN,
         selected: r.stats.blocks?.selected ?? 0, hits: r.stats.blocks?.hits ?? 0, bytesIn: r.stats.blocks?.bytesIn ?? 0,
@@ -211,6 +231,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
       if (s % 64 === 63) progress(`${cfg.name}: step ${s + 1}/${steps}, ${r.stats.ms.toFixed(2)} ms`);
     }
+    if (scanBytes && gpu.keyScanner?.stats.attends !== steps - 1) throw new Error(`${cfg.name}: ${gpu.keyScanner?.stats.attends ?? 0} of ${steps - 1} steps attended on the device`);
     if (cfg.method === 'wave' && !gpu.describe().wave?.stores) throw new Error('wave (device): the layer was not held on the device (the host path ran)');
     if (estimating && cfg.estimate === 'device' && gpu.describe().wave?.rests !== steps) throw new Error(`${cfg.name}: ${gpu.describe().wave?.rests ?? 0} of ${steps} estimates ran on the device`);
     session.release();
