@@ -39,6 +39,7 @@
         "native/indexes/ra_graph_keys.cc",
         "native/indexes/ra_graph_search.cc",
         "native/indexes/ra_key_codes.cc",
+        "native/indexes/ra_pq_codes.cc",
         "native/indexes/ra_walk_lists.cc",
         "native/kernels/attention.cc",
         "native/kernels/attention_mass.cc",

@@ -146,6 +146,14 @@ export interface RaGraphSearchArgs {
    */
   scanChunk?: number;
   /**
+   * The code scan's first pass on product-quantized codes (native/indexes/ra_pq_codes.h: 4 bits per 4 channels,
+   * 1/16 of an f16 key's bytes; made and held beside the 4-bit codes on the first search that asks): every key's PQ
+   * code ranked by ρ, the best max(scanKeep · tokens, maxScanned − the sample's size) ranked again by their 4-bit
+   * codes, the best of those scored exactly. In (0, 1]; absent: every key's 4-bit code (the scan above). Only with
+   * codeScan; the result then has codesKept.
+   */
+  scanKeep?: number;
+  /**
    * At least min(k, tokens) entries each; best first (score desc, id asc).
    * Scores: q·k for 'max'; for 'attention' the log of the group's mean
    * probability as estimated.
@@ -182,6 +190,8 @@ export interface RaGraphSearchResult {
   scanned: number;
   /** With codeWalk or codeScan: the keys read as 4-bit codes, not counted in `scanned`. */
   codesRead?: number;
+  /** With scanKeep: the keys whose 4-bit code was read after their PQ code (among codesRead). */
+  codesKept?: number;
   /** With `walkStats`, the 'attention' ranking and the beam walk: its shape. */
   walk?: RaWalkStats;
   /** With `profile` and the 'attention' ranking: where the search's time went. */
@@ -248,6 +258,16 @@ export interface RaKeyCodesArgs {
   dtype: KvDtype;
 }
 
+/** The keys' PQ codes as the code scan's first pass reads them (scanKeep; native/indexes/ra_pq_codes.h). */
+export interface RaPqCodes {
+  /** [tokens, ceil(ceil(headDim/4)/2)] bytes: byte i of a row holds subspace 2i (low nibble) and 2i + 1. */
+  codes: Uint8Array;
+  /** [ceil(headDim/4), 16, 4]: subspace s's centroids over channels 4s..4s+3 (those past headDim 0). */
+  centroids: Float32Array;
+  /** Keys with a channel more than 5σ from its mean over the keys (ascending): the first pass keeps them whatever their code. */
+  outliers: Int32Array;
+}
+
 type NativeCodesArgs = Omit<RaKeyCodesArgs, 'dtype'> & { dtype: number };
 
 type NativeSearchArgs = Omit<RaGraphSearchArgs, 'dtype' | 'aggregate'> & { dtype: number; aggregate: number };
@@ -268,8 +288,8 @@ interface NativeRaGraph {
   readonly memoryBytes: number;
   readonly buildStats: RaGraphBuildStats | null;
   save(): Uint8Array;
-  keyCodes(a: NativeCodesArgs): RaKeyCodes;
-  codeLogits(a: NativeCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number; quantized?: boolean }): Float32Array;
+  keyCodes(a: NativeCodesArgs & { pq?: boolean }): RaKeyCodes | RaPqCodes;
+  codeLogits(a: NativeCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number; quantized?: boolean; pq?: boolean }): Float32Array;
   search(a: NativeSearchArgs): Promise<RaGraphSearchResult>;
   searchSync(a: NativeSearchArgs): RaGraphSearchResult;
   dispose(): void;
@@ -363,15 +383,21 @@ export class RaGraph {
 
   /** The codes the code walk reads for these keys (made now if the graph has none of them). A copy; for tests and tools. */
   keyCodes(args: RaKeyCodesArgs): RaKeyCodes {
-    return this.native.keyCodes({ ...args, dtype: DTYPE_CODE[args.dtype] });
+    return this.native.keyCodes({ ...args, dtype: DTYPE_CODE[args.dtype] }) as RaKeyCodes;
+  }
+
+  /** The PQ codes the code scan's first pass reads (scanKeep; made now if the graph has none of them). A copy; for tests and tools. */
+  pqCodes(args: RaKeyCodesArgs): RaPqCodes {
+    return this.native.keyCodes({ ...args, dtype: DTYPE_CODE[args.dtype], pq: true }) as RaPqCodes;
   }
 
   /**
    * Approximate scaled logits of keys `ids` for q [group, headDim] from their codes: [ids.length, group] f32.
    * Those of the dequantized keys, or with `quantized` the int8 form's that the code walk ranks by
-   * (native/indexes/ra_key_codes.h, RaCodeQuery).
+   * (native/indexes/ra_key_codes.h, RaCodeQuery); with `pq` the PQ codes' integer form that scanKeep's first pass
+   * ranks by (native/indexes/ra_pq_codes.h, RaPqQuery).
    */
-  codeLogits(args: RaKeyCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number; quantized?: boolean }): Float32Array {
+  codeLogits(args: RaKeyCodesArgs & { q: Float32Array; group: number; ids: Int32Array; scale?: number; quantized?: boolean; pq?: boolean }): Float32Array {
     return this.native.codeLogits({ ...args, dtype: DTYPE_CODE[args.dtype] });
   }
 
@@ -414,7 +440,7 @@ export class RaGraph {
   get keyNeighbors(): number {
     return this.native.keyNeighbors;
   }
-  /** Native bytes held (0 after dispose): the graph and, after a code walk, its keys' codes and its lists' slots (64 bytes a key). */
+  /** Native bytes held (0 after dispose): the graph and, after a code walk or scan, its keys' codes and its lists' slots (64 bytes a key), and after a scan with scanKeep its PQ codes (d/8 bytes a key). */
   get memoryBytes(): number {
     return this.native.memoryBytes;
   }

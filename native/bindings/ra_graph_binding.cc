@@ -18,10 +18,12 @@
 //       codeWalk: true walks over the keys' 4-bit codes (ra_graph.h), with codeQuantile (0, 100], codeDelta >= 0, codeAdapt >= 0 (finite),
 //       maxCodes >= 0, codeWidth 1..1024; the result then has codesRead)
 //       codeScan: true scores every key's code, then the best maxScanned (> 0, required) exactly (ra_graph.h;
-//       not with codeWalk; the result has codesRead; scanChunk >= 0: its pass in pool tasks of that many keys)
+//       not with codeWalk; the result has codesRead; scanChunk >= 0: its pass in pool tasks of that many keys;
+//       scanKeep in (0, 1]: a first pass on PQ codes keeps that share for the 4-bit codes, the result has codesKept)
 //     keyCodes({keys, tokens, headDim, dtype}) -> {codes, low, step}; codeLogits({..., q, group, ids, scale?, quantized?})
 //       -> Float32Array [ids, group]   (the codes the code walk reads and the dequantized keys' logits, or with
-//       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools)
+//       quantized: true the int8 form's the walk ranks by, RaKeyCodes::QuantLogits: tests, tools; pq: true,
+//       in both, the PQ codes of scanKeep and their integer form, ra_pq_codes.h)
 //     searchSync(same) -> {count, scanned, codesRead}   (on the calling thread: 0.5-3 ms at 64K keys, 12-24 ms at 1M)
 //       (walkStats: true adds walk: {rounds, expanded, startKeys, peakCandidates}, the attention ranking's beam walk's shape;
 //       poolCap: P > 0 cuts that walk's candidates to their best P after every round, an experiment)
@@ -84,6 +86,7 @@ struct SearchJob {
   int codeWidth = RaSearchOptions().codeWidth;
   bool codeScan = false;
   int64_t scanChunk = 0;
+  double scanKeep = 0;
   bool profiled = false;
   bool walkStats = false;
   int64_t poolCap = 0;
@@ -111,6 +114,7 @@ struct SearchJob {
     opt.codeWidth = codeWidth;
     opt.codeScan = codeScan;
     opt.scanChunk = scanChunk;
+    opt.scanKeep = scanKeep;
     if (profiled) opt.profile = &profile;
     result = graph->Search(keys, dtype, q, group, k, ef, outIds, outScores, opt);
   }
@@ -186,6 +190,12 @@ SearchJob ParseSearch(Napi::Env env, const Napi::Object& o, std::shared_ptr<cons
   if (!job.codeScan && !Absent(o.Get("scanChunk")))
     throw Napi::RangeError::New(env, "scanChunk is an option of the code scan: set codeScan");
   job.scanChunk = OptInt(o, "scanChunk", 0, kMaxTokens, 0);
+  if (!Absent(o.Get("scanKeep"))) {
+    if (!job.codeScan) throw Napi::RangeError::New(env, "scanKeep is an option of the code scan: set codeScan");
+    const double v = Double(o, "scanKeep");
+    if (!(v > 0 && v <= 1)) throw Napi::RangeError::New(env, "scanKeep must be a number in (0, 1]");
+    job.scanKeep = v;
+  }
   const size_t keep_n = size_t(std::min<int64_t>(job.k, tokens));
   auto keys = TypedAt<uint16_t>(o, "keys", size_t(tokens) * d);
   auto q = TypedAt<float>(o, "q", size_t(job.group) * d);
@@ -218,6 +228,7 @@ Napi::Object ResultObject(Napi::Env env, const SearchJob& job) {
   res.Set("scanned", Napi::Number::New(env, double(r.scanned)));
   if (job.codeWalk || job.codeScan) {
     res.Set("codesRead", Napi::Number::New(env, double(r.codesRead)));
+    if (job.scanKeep > 0) res.Set("codesKept", Napi::Number::New(env, double(r.codesKept)));
   } else if (job.walkStats && job.aggregate == RaAggregate::kAttention) {
     Napi::Object w = Napi::Object::New(env);
     w.Set("rounds", Napi::Number::New(env, double(r.rounds)));
@@ -396,9 +407,23 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
   // The graph's codes of {keys, tokens, headDim, dtype} (made now if it has
   // none of these keys): {codes: [tokens, ceil(headDim/2)] bytes, low, step:
   // [headDim] f32}. For tests and tools: it copies the codes.
+  // With pq: true the PQ codes (ra_pq_codes.h): {codes: [tokens, ceil(ceil(headDim/4)/2)]
+  // bytes, centroids: [ceil(headDim/4), 16, 4] f32, outliers: ascending ids}.
   Napi::Value KeyCodes(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object o = ArgObject(info);
+    if (Flag(o, "pq", false)) {
+      const std::shared_ptr<const RaPqCodes> pq = PqCodesOf(env, o);
+      Napi::Object res = Napi::Object::New(env);
+      auto bytes = Napi::Uint8Array::New(env, size_t(pq->tokens()) * pq->rowBytes());
+      if (pq->tokens() > 0) std::copy_n(pq->Row(0), bytes.ElementLength(), bytes.Data());
+      res.Set("codes", bytes);
+      res.Set("centroids", Adopt(env, std::vector<float>(pq->centroids())));
+      auto outliers = Napi::Int32Array::New(env, pq->outliers().size());
+      std::copy(pq->outliers().begin(), pq->outliers().end(), outliers.Data());
+      res.Set("outliers", outliers);
+      return res;
+    }
     const std::shared_ptr<const RaKeyCodes> codes = CodesOf(env, o);
     Napi::Object res = Napi::Object::New(env);
     auto bytes = Napi::Uint8Array::New(env, size_t(codes->tokens()) * codes->rowBytes());
@@ -411,24 +436,38 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
 
   // The approximate scaled logits the code walk computes, for {keys, tokens,
   // headDim, dtype, q [group, headDim], group, ids, scale?}: [ids, group] f32.
+  // With pq: true the PQ codes' integer form (RaPqQuery's x̃).
   Napi::Value CodeLogits(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object o = ArgObject(info);
-    const std::shared_ptr<const RaKeyCodes> codes = CodesOf(env, o);
+    const bool pqForm = Flag(o, "pq", false);
+    if (pqForm && Flag(o, "quantized", false)) throw Napi::RangeError::New(env, "pq and quantized are two forms: set one");
+    const std::shared_ptr<const RaPqCodes> pq = pqForm ? PqCodesOf(env, o) : nullptr;
+    const std::shared_ptr<const RaKeyCodes> codes = pqForm ? nullptr : CodesOf(env, o);
     const int group = int(Int(o, "group", 1, 1024));
-    const int d = codes->headDim();
+    const int d = Live(env)->headDim();
+    const int64_t tokens = Live(env)->tokens();
     auto q = TypedAt<float>(o, "q", size_t(group) * d);
     auto ids = TypedAt<int32_t>(o, "ids");
-    CheckIds(ids, codes->tokens(), "ids");
+    CheckIds(ids, tokens, "ids");
     float scale = 1.f / std::sqrt(float(d));
     if (!Absent(o.Get("scale"))) {
       scale = Float(o, "scale");
       if (!(scale > 0) || !std::isfinite(scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
     }
+    const size_t count = ids.ElementLength();
+    if (pq) {
+      RaPqQuery pqq;
+      pq->Prepare(q.Data(), group, scale, pqq);
+      std::vector<float> byHead(size_t(group) * count), out(count * size_t(group));
+      pq->Logits(pqq, ids.Data(), count, byHead.data(), count);
+      for (size_t i = 0; i < count; ++i)
+        for (int h = 0; h < group; ++h) out[i * group + h] = byHead[size_t(h) * count + i];
+      return Adopt(env, std::move(out));
+    }
     const bool quantized = Flag(o, "quantized", false);
     RaCodeQuery cq;
     codes->Prepare(q.Data(), group, scale, cq);
-    const size_t count = ids.ElementLength();
     std::vector<float> out(count * size_t(group));
     if (quantized) {
       // QuantLogits writes row-major by head: transposed to [ids, group].
@@ -449,6 +488,15 @@ class RaGraphJs : public Napi::ObjectWrap<RaGraphJs> {
     auto keys = TypedAt<uint16_t>(o, "keys", size_t(g.tokens()) * g.headDim());
     const Dtype dtype = KeyDtype(o);
     return Guard(env, [&] { return g.KeyCodesFor(keys.Data(), dtype); });
+  }
+
+  std::shared_ptr<const RaPqCodes> PqCodesOf(Napi::Env env, const Napi::Object& o) const {
+    const RaGraph& g = *Live(env);
+    if (Int(o, "tokens", 0, kMaxTokens) != g.tokens() || Int(o, "headDim", 1, 1 << 16) != g.headDim())
+      throw Napi::RangeError::New(env, "tokens and headDim must be the graph's");
+    auto keys = TypedAt<uint16_t>(o, "keys", size_t(g.tokens()) * g.headDim());
+    const Dtype dtype = KeyDtype(o);
+    return Guard(env, [&] { return g.PqCodesFor(keys.Data(), dtype); });
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {

@@ -213,6 +213,7 @@ float KthLargest(std::vector<float>& v, size_t k, std::vector<float>& bin) {
 struct AttentionScratch {
   std::vector<float> row, sampleX, sampleRank, walkX, walkRank, ranks, uppers, bin, codeX, codeRank;
   RaCodeQuery cq;
+  RaPqQuery pqq;
   ragraph::CodeWalkScratch codeWalk;
   ragraph::CodeScanScratch codeScan;
   std::vector<const float*> finalX;
@@ -391,7 +392,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   } scorer{S, logits, logitsAt, sampleIndex, c0, reachedSum, reusedSample, G, prof};
   // The code-gated walk instead (ra_graph_code_walk.h): the keys read as codes
   // only enter step 3's partitions at their approximate logits (codeSum).
-  int64_t walked = 0, codesRead = 0, codedOnly = 0;  // codedOnly: read as codes, never scored exactly
+  int64_t walked = 0, codesRead = 0, codedOnly = 0, codesKept = 0;  // codedOnly: read as codes, never scored exactly
   ragraph::LogSums codeSum(G);
   const ragraph::CsrView csr{offsets_.data(), neighbors_.data()};
   const int64_t maxWalk = opt.maxScanned > 0 ? std::max<int64_t>(1, opt.maxScanned - m) : 0;
@@ -422,11 +423,15 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
     // Every key's code, then the best maxScanned − m exactly (ra_graph_code_scan.h): no key is left coded only.
     const std::shared_ptr<const RaKeyCodes> codes = KeyCodesFor(keys, dtype);
     codes->Prepare(q, G, scale, S.cq);
+    const std::shared_ptr<const RaPqCodes> pq = opt.scanKeep > 0 ? PqCodesFor(keys, dtype) : nullptr;  // scanKeep
+    if (pq) pq->Prepare(q, G, scale, S.pqq);
     const ragraph::CodeScanCounts counts = ragraph::CodeScan(
         *codes, S.cq, c0, n, entries_.data(), entries_.size(), S.seeds.data(), S.seeds.size(), opt.freeSeeds,
-        opt.freeSeedCount, opt.maxScanned - m, off, stride, m, opt.scanChunk, keys, d, scorer, S.codeScan);
+        opt.freeSeedCount, opt.maxScanned - m, off, stride, m, opt.scanChunk, keys, d, scorer, S.codeScan,
+        pq.get(), &S.pqq, opt.scanKeep);
     walked = counts.exact;
     codesRead = counts.codes;
+    codesKept = counts.kept;
   } else {
     // The walk's shape only where asked: the engine's searches count nothing.
     ragraph::WalkStats stats;
@@ -449,6 +454,7 @@ RaSearchResult RaGraph::SearchAttention(const uint16_t* keys, Dtype dtype, const
   for (int64_t i = 0; i < freeKeys; ++i) reusedFree += sampleIndex(S.walkIds[size_t(i)]) >= 0 ? 1 : 0;
   res.scanned = m + walked - (reusedSample - reusedFree);
   res.codesRead = codesRead;
+  res.codesKept = codesKept;
   if (prof) prof->walkMs += CpuMs() - t0, t0 = CpuMs();
 
   // 3. lse_h refined: the walk's keys exactly, the sample's unreached keys

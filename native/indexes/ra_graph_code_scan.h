@@ -27,6 +27,7 @@
 #include "common/thread_pool.h"
 #include "indexes/ra_graph_beam.h"
 #include "indexes/ra_key_codes.h"
+#include "indexes/ra_pq_codes.h"
 
 namespace kvr {
 namespace ragraph {
@@ -45,12 +46,15 @@ struct CodeScanScratch {
 struct CodeScanCounts {
   int64_t exact = 0;  // keys scored exactly (free keys not included)
   int64_t codes = 0;  // codes scored: every key's (n) when the scan ran
+  int64_t kept = 0;   // the two-pass form: keys whose 4-bit code was read after their PQ code
 };
 
 // The best `need` keys by ρ among those `special` does not mark (ties
 // towards the lower id; NaN never, nor −∞ unless threshold −∞ is reached),
-// appended to S.ids in ascending order. Collecting every key's (ρ, id) and selecting among n
-// would write and sort 8 MB a search at 1M keys; instead the keys are
+// left in S.found as BetterKey(ρ, id) in ascending id order. ρ is what
+// sampleRho(ids, count, out) and rowsRho(first, count, out) give (the 4-bit
+// codes' or the PQ codes'). Collecting every key's (ρ, id) and selecting
+// among n would write and sort 8 MB a search at 1M keys; instead the keys are
 // collected only at or above a threshold set from the strided sample's ρ
 // (the sample is a uniform draw, so the share of keys above its r-th best
 // is about r / m): r is the expected rank of the need-th key in the sample
@@ -62,23 +66,18 @@ struct CodeScanCounts {
 // chunk > 0: the pass split into pool tasks of `chunk` keys (at least
 // kScanBlock), each collecting its own keys, merged in task order: the same
 // set whichever thread ran what (RaSearchOptions::scanChunk).
-inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
-                       const Visited& special, int64_t specials, int64_t need, int64_t off, int64_t stride,
-                       int64_t m, int64_t chunk, CodeScanScratch& S) {
+template <typename SampleRho, typename RowsRho>
+inline void SelectTop(const SampleRho& sampleRho, const RowsRho& rowsRho, int64_t n, const Visited& special,
+                      int64_t specials, int64_t need, int64_t off, int64_t stride, int64_t m, int64_t chunk,
+                      CodeScanScratch& S) {
   const float kNone = -std::numeric_limits<float>::infinity();
   // The sample's ρ, for the threshold alone.
   S.start.resize(size_t(m));
   for (int64_t j = 0; j < m; ++j) S.start[size_t(j)] = int32_t(off + j * stride);
-  S.x.resize(size_t(cq.G) * kScanBlock);
   S.sampleRho.resize(size_t(m));
   for (int64_t j0 = 0; j0 < m; j0 += int64_t(kScanBlock)) {
     const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), m - j0));
-    codes.QuantLogits(cq, S.start.data() + j0, count, S.x.data(), kScanBlock);
-    for (size_t i = 0; i < count; ++i) {
-      float r = S.x[i] - c0[0];
-      for (int h = 1; h < cq.G; ++h) r = std::max(r, S.x[size_t(h) * kScanBlock + i] - c0[h]);
-      S.sampleRho[size_t(j0) + i] = r;
-    }
+    sampleRho(S.start.data() + j0, count, S.sampleRho.data() + j0);
   }
   std::sort(S.sampleRho.begin(), S.sampleRho.end(), std::greater<float>());
   const double p = double(need) / double(std::max<int64_t>(1, n - specials));
@@ -96,7 +95,7 @@ inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const flo
       const int64_t end = std::min(n, int64_t(task + 1) * part);
       for (int64_t t0 = int64_t(task) * part; t0 < end; t0 += int64_t(kScanBlock)) {
         const size_t count = size_t(std::min<int64_t>(int64_t(kScanBlock), end - t0));
-        codes.MaxShiftedRows(cq, c0, t0, count, rho, x);
+        rowsRho(t0, count, rho, x);
         for (size_t i = 0; i < count; ++i) {
           const int32_t t = int32_t(t0 + int64_t(i));
           if (rho[i] >= thr && !special.Test(t)) found.push_back(BetterKey(rho[i], t));
@@ -121,7 +120,86 @@ inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const flo
     if (thr == kNone) break;  // every key collected: fewer than need
     r = 4.0 * r;
   }
+}
+
+// ρ over the 4-bit codes: for the sample's rows, and for runs of rows.
+inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
+                       const Visited& special, int64_t specials, int64_t need, int64_t off, int64_t stride,
+                       int64_t m, int64_t chunk, CodeScanScratch& S) {
+  S.x.resize(size_t(cq.G) * kScanBlock);
+  auto sampleRho = [&](const int32_t* ids, size_t count, float* out) {
+    codes.QuantLogits(cq, ids, count, S.x.data(), kScanBlock);
+    for (size_t i = 0; i < count; ++i) {
+      float r = S.x[i] - c0[0];
+      for (int h = 1; h < cq.G; ++h) r = std::max(r, S.x[size_t(h) * kScanBlock + i] - c0[h]);
+      out[i] = r;
+    }
+  };
+  auto rowsRho = [&](int64_t first, size_t count, float* out, std::vector<float>& x) {
+    codes.MaxShiftedRows(cq, c0, first, count, out, x);
+  };
+  SelectTop(sampleRho, rowsRho, n, special, specials, need, off, stride, m, chunk, S);
   for (const uint64_t key : S.found) S.ids.push_back(int32_t(uint32_t(key)));
+}
+
+// The two-pass form (RaSearchOptions::scanKeep): the best max(need, keep)
+// keys by the PQ codes' ρ and the PQ codes' outliers, then the best `need`
+// of those by the 4-bit codes' ρ (the scan's own ranking), appended to S.ids
+// in ascending order. Returns the keys whose 4-bit code was read.
+inline int64_t SelectScanPq(const RaPqCodes& pq, const RaPqQuery& pqq, const RaKeyCodes& codes,
+                            const RaCodeQuery& cq, const float* c0, int64_t n, const Visited& special,
+                            int64_t specials, int64_t need, int64_t keep, int64_t off, int64_t stride, int64_t m,
+                            int64_t chunk, CodeScanScratch& S) {
+  auto sampleRho = [&](const int32_t* ids, size_t count, float* out) { pq.MaxShiftedIds(pqq, c0, ids, count, out); };
+  auto rowsRho = [&](int64_t first, size_t count, float* out, std::vector<float>&) {
+    pq.MaxShiftedRows(pqq, c0, first, count, out);
+  };
+  SelectTop(sampleRho, rowsRho, n, special, specials, std::max(need, keep), off, stride, m, chunk, S);
+  // The kept keys and the PQ codes' outliers (ra_pq_codes.h: kept whatever
+  // their PQ code says), in id order, ranked again by their 4-bit codes as
+  // the one-pass scan ranks every key.
+  S.start.clear();
+  const std::vector<int32_t>& outliers = pq.outliers();
+  size_t o = 0;
+  for (const uint64_t key : S.found) {
+    const int32_t t = int32_t(uint32_t(key));
+    for (; o < outliers.size() && outliers[o] <= t; ++o)
+      if (outliers[o] < t && !special.Test(outliers[o])) S.start.push_back(outliers[o]);
+    S.start.push_back(t);
+  }
+  for (; o < outliers.size(); ++o)
+    if (!special.Test(outliers[o])) S.start.push_back(outliers[o]);
+  const size_t kept = S.start.size();
+  S.found.resize(kept);
+  S.x.resize(size_t(cq.G) * kScanBlock);
+  // Their rows are scattered: a run of kAhead requested ahead of the run scored.
+  constexpr size_t kAhead = 64;
+  const size_t rb = codes.rowBytes();
+  auto ask = [&](size_t from) {
+    for (size_t i = from; i < std::min(kept, from + kAhead); ++i)
+      for (size_t b = 0; b < rb; b += 64) Prefetch(codes.Row(S.start[i]) + b);
+  };
+  ask(0);
+  for (size_t i0 = 0; i0 < kept; i0 += kAhead) {
+    const size_t count = std::min(kAhead, kept - i0);
+    ask(i0 + kAhead);
+    codes.QuantLogits(cq, S.start.data() + i0, count, S.x.data(), kScanBlock);
+    for (size_t i = 0; i < count; ++i) {
+      float r = S.x[i] - c0[0];
+      for (int h = 1; h < cq.G; ++h) r = std::max(r, S.x[size_t(h) * kScanBlock + i] - c0[h]);
+      S.found[i0 + i] = BetterKey(r, S.start[i0 + i]);
+    }
+  }
+  if (int64_t(kept) > need) {
+    S.kth.assign(S.found.begin(), S.found.end());
+    std::nth_element(S.kth.begin(), S.kth.begin() + (need - 1), S.kth.end());
+    const uint64_t last = S.kth[size_t(need - 1)];
+    for (const uint64_t key : S.found)
+      if (key <= last) S.ids.push_back(int32_t(uint32_t(key)));
+  } else {
+    for (const uint64_t key : S.found) S.ids.push_back(int32_t(uint32_t(key)));
+  }
+  return int64_t(kept);
 }
 
 // The scan in place of the walk. scorer.Batch(ids, count, out, rows) as
@@ -130,13 +208,15 @@ inline void SelectScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const flo
 // enter the refined partitions), then the candidates: the +∞ keys (entries,
 // then seeds; if more than M of them, the M lowest ids) and the best of the
 // rest by ρ, together the best M = max(0, maxExact) keys, scored in
-// ascending id order (the rows read forward).
+// ascending id order (the rows read forward). With pq (and its query pqq):
+// the rest chosen in two passes (SelectScanPq), keepShare · n kept by the first.
 template <typename Scorer>
 CodeScanCounts CodeScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const float* c0, int64_t n,
                         const int32_t* entries, size_t entryCount, const int32_t* seeds, size_t seedCount,
                         const int32_t* freeSeeds, size_t freeCount, int64_t maxExact, int64_t off,
                         int64_t stride, int64_t m, int64_t chunk, const uint16_t* keys, int d, Scorer& scorer,
-                        CodeScanScratch& S) {
+                        CodeScanScratch& S, const RaPqCodes* pq = nullptr, const RaPqQuery* pqq = nullptr,
+                        double keepShare = 0) {
   CodeScanCounts counts;
   Visited& special = Visited::Local(n);
   float out[kPrefetchAhead];
@@ -168,7 +248,11 @@ CodeScanCounts CodeScan(const RaKeyCodes& codes, const RaCodeQuery& cq, const fl
     S.ids.resize(size_t(M));
   } else {
     const size_t inf = S.ids.size();
-    SelectScan(codes, cq, c0, n, special, specials, M - int64_t(inf), off, stride, m, chunk, S);
+    if (pq)
+      counts.kept = SelectScanPq(*pq, *pqq, codes, cq, c0, n, special, specials, M - int64_t(inf),
+                                 int64_t(std::ceil(std::min(1.0, keepShare) * double(n))), off, stride, m, chunk, S);
+    else
+      SelectScan(codes, cq, c0, n, special, specials, M - int64_t(inf), off, stride, m, chunk, S);
     counts.codes = n;
     std::inplace_merge(S.ids.begin(), S.ids.begin() + ptrdiff_t(inf), S.ids.end());
   }

@@ -332,7 +332,18 @@ std::shared_ptr<const RaKeyCodes> RaGraph::KeyCodesFor(const uint16_t* keys, Dty
 
 size_t RaGraph::KeyCodeBytes() const {
   std::lock_guard<std::mutex> hold(codes_->lock);
-  return codes_->codes ? codes_->codes->Bytes() : 0;
+  return (codes_->codes ? codes_->codes->Bytes() : 0) + (codes_->pq ? codes_->pq->Bytes() : 0);
+}
+
+std::shared_ptr<const RaPqCodes> RaGraph::PqCodesFor(const uint16_t* keys, Dtype dtype) const {
+  std::lock_guard<std::mutex> hold(codes_->lock);
+  if (codes_->pqKeys != keys || codes_->pqDtype != dtype || !codes_->pq) {
+    codes_->pq.reset();
+    codes_->pq = std::make_shared<const RaPqCodes>(RaPqCodes::Build(keys, n_, d_, dtype));
+    codes_->pqKeys = keys;
+    codes_->pqDtype = dtype;
+  }
+  return codes_->pq;
 }
 
 }  // namespace kvr

@@ -268,3 +268,232 @@ describe('ra-graph code scan', () => {
     graph.dispose();
   });
 });
+
+// scanKeep (native/indexes/ra_pq_codes.h): the PQ codes against float64 (each key's nearest centroid a subspace,
+// the outliers those with a channel past 5σ, the integer form within M·Δ/2 of the tables' logits), and the two-pass
+// rule: the best max(need, keep) keys by the PQ form's ρ plus the outliers, then the best need of those by the int8
+// form's ρ. At G = 1, ρ is the logit less one constant, so each pass's order is the order of the forms' own floats
+// (codeLogits: pq, quantized), which the tests above and below hold to float64; near-ties (floats that differ by
+// less than the subtraction's rounding) are counted, not judged.
+describe('ra-graph code scan, PQ first pass (scanKeep)', () => {
+  const pqArgs = (bits: Uint16Array, n: number, d: number, dt: Dt) => ({ keys: bits, tokens: n, headDim: d, dtype: dt });
+  /** Channels' mean and σ over the keys, in float64. */
+  const moments = (values: Float64Array, n: number, d: number) => {
+    const mu = new Float64Array(d), sd = new Float64Array(d);
+    for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) mu[j] += values[t * d + j] / n;
+    for (let t = 0; t < n; t++) for (let j = 0; j < d; j++) sd[j] += (values[t * d + j] - mu[j]) ** 2 / n;
+    return { mu, sd: sd.map(Math.sqrt) };
+  };
+  /** Keys with a few planted far along one channel (12σ), as storage words and exact values. */
+  function plantedKeys(rng: Rng, dt: Dt, n: number, d: number, planted: number[]) {
+    const keys = keysOf(rng, dt, n, d);
+    const { mu, sd } = moments(keys.values, n, d);
+    for (const t of planted) {
+      const j = 2 + (t % (d - 2));
+      keys.bits[t * d + j] = bitsOf(dt)(mu[j] + 12 * Math.max(sd[j], 0.1));
+      keys.values[t * d + j] = valueOf(dt)(keys.bits[t * d + j]);
+    }
+    return keys;
+  }
+
+  for (const [dt, n, d] of [['f16', 3000, 64], ['bf16', 2001, 10]] as const)
+    it(`PQ codes: each key's nearest centroid a subspace, the outliers those with a channel past 5σ (${dt}, n=${n}, d=${d})`, async () => {
+      const rng = new Rng(seed + 7 * d);
+      const keys = plantedKeys(rng, dt, n, d, [5, 77, 1000, n - 3]);
+      const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 100, d), degree: 8, kBuild: 16 });
+      const { codes, centroids, outliers } = graph.pqCodes(pqArgs(keys.bits, n, d, dt));
+      const M = Math.ceil(d / 4), rb = Math.ceil(M / 2);
+      expect(codes.length).toBe(n * rb);
+      expect(centroids.length).toBe(M * 16 * 4);
+      for (let s = 0; s < M; s++) for (let c = 0; c < 16; c++) for (let j = 0; j < 4; j++) if (4 * s + j >= d) expect(centroids[(s * 16 + c) * 4 + j]).toBe(0);
+      const code = (t: number, s: number) => (s & 1 ? codes[t * rb + (s >> 1)] >> 4 : codes[t * rb + (s >> 1)] & 15);
+      const dist = (t: number, s: number, c: number) => {
+        let e = 0;
+        for (let j = 0; j < 4 && 4 * s + j < d; j++) e += (keys.values[t * d + 4 * s + j] - centroids[(s * 16 + c) * 4 + j]) ** 2;
+        return e;
+      };
+      let err = 0, spread = 0;
+      const { mu, sd } = moments(keys.values, n, d);
+      for (let t = 0; t < n; t++) {
+        if (M % 2 === 1) expect(codes[t * rb + rb - 1] >> 4).toBe(0);
+        for (let s = 0; s < M; s++) {
+          const best = Math.min(...Array.from({ length: 16 }, (_, c) => dist(t, s, c)));
+          expect(dist(t, s, code(t, s))).toBeLessThanOrEqual(best + 1e-5 * (1 + best));
+          err += dist(t, s, code(t, s));
+        }
+        for (let j = 0; j < d; j++) spread += (keys.values[t * d + j] - mu[j]) ** 2;
+      }
+      // Trained: 16 centroids in 4 channels leave ~0.3 of the keys' spread (k-means; random keys as centroids ~2x that).
+      expect(err / spread).toBeLessThan(0.45);
+      // The outliers, away from the 5σ boundary (|z − 5| > 1e-6: float32 sums there).
+      const z = (t: number) => Math.max(...Array.from({ length: d }, (_, j) => (sd[j] > 0 ? Math.abs(keys.values[t * d + j] - mu[j]) / sd[j] : 0)));
+      const got = new Set(outliers);
+      expect(Array.from(outliers)).toEqual([...outliers].sort((a, b) => a - b));
+      for (const t of [5, 77, 1000, n - 3]) expect(got.has(t)).toBe(true);
+      for (let t = 0; t < n; t++) if (Math.abs(z(t) - 5) > 1e-6) expect(got.has(t)).toBe(z(t) > 5);
+      graph.dispose();
+    });
+
+  for (const [dt, n, d, G] of [['f16', 2000, 64, 3], ['bf16', 1500, 10, 6]] as const)
+    it(`PQ integer form: within M·Δ/2 of the tables' logits in float64 (${dt}, d=${d}, G=${G})`, async () => {
+      const rng = new Rng(seed + 11 * d + G);
+      const keys = keysOf(rng, dt, n, d);
+      const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 100, d), degree: 8, kBuild: 16 });
+      const { codes, centroids } = graph.pqCodes(pqArgs(keys.bits, n, d, dt));
+      const M = Math.ceil(d / 4), rb = Math.ceil(M / 2), L = Math.min(255, Math.floor(65535 / M)), scale = 1 / Math.sqrt(d);
+      const ids = Int32Array.from({ length: n }, (_, t) => t);
+      let worst = 0, rms = 0;
+      for (let trial = 0; trial < 2; trial++) {
+        const q = queries(rng, G, d);
+        const x = graph.codeLogits({ ...pqArgs(keys.bits, n, d, dt), q, group: G, ids, pq: true });
+        for (let h = 0; h < G; h++) {
+          const T = Array.from({ length: M }, (_, s) => Array.from({ length: 16 }, (_, c) => {
+            let v = 0;
+            for (let j = 0; j < 4 && 4 * s + j < d; j++) v += q[h * d + 4 * s + j] * centroids[(s * 16 + c) * 4 + j];
+            return scale * v;
+          }));
+          const delta = Math.max(...T.map((row) => Math.max(...row) - Math.min(...row))) / L;
+          for (let t = 0; t < n; t++) {
+            let ref = 0;
+            for (let s = 0; s < M; s++) ref += T[s][s & 1 ? codes[t * rb + (s >> 1)] >> 4 : codes[t * rb + (s >> 1)] & 15];
+            const e = Math.abs(x[t * G + h] - ref);
+            expect(e).toBeLessThanOrEqual((M * delta) / 2 + 1e-5 * (1 + Math.abs(ref)));
+            worst = Math.max(worst, e / ((M * delta) / 2));
+            rms += e * e;
+          }
+        }
+      }
+      console.log(`PQ integer form (d=${d}, G=${G}): worst error ${worst.toFixed(3)} of the bound, rms ${Math.sqrt(rms / (2 * G * n)).toExponential(2)}`);
+      graph.dispose();
+    });
+
+  for (const [dt, n, d] of [['f16', 4001, 64], ['bf16', 3000, 24]] as const)
+    it(`two passes: the best need by the int8 form among the best max(need, keep) by the PQ form and the outliers (${dt}, n=${n}, d=${d}, G=1)`, async () => {
+      const rng = new Rng(seed + 5 * d);
+      // More outliers than the graph's outlier entry points (n / 256): some are kept by the outlier rule alone.
+      const keys = plantedKeys(rng, dt, n, d, Array.from({ length: 40 }, (_, i) => 50 + Math.floor((i * (n - 100)) / 40)));
+      const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: dt, queries: queries(rng, 200, d), degree: 8, kBuild: 16 });
+      const entries = entriesOf(graph);
+      const { outliers } = graph.pqCodes(pqArgs(keys.bits, n, d, dt));
+      expect(outliers.length).toBeGreaterThanOrEqual(40);
+      let byOutliers = 0;
+      const { stride, off, m } = sampleOf(n);
+      expect(Math.floor(m / 64)).toBe(1);
+      const inSample = (t: number) => t >= off && (t - off) % stride === 0;
+      const ids = Int32Array.from({ length: n }, (_, t) => t);
+      const TOL = 1e-5;
+      let judged = 0, skipped = 0;
+      for (let trial = 0; trial < 3; trial++) {
+        const q = queries(rng, 1, d);
+        const seeds = Int32Array.from({ length: 6 }, () => rng.int(n));
+        const freeList = [0, 1, 2, 3, ...Array.from({ length: 16 }, (_, i) => n - 16 + i), entries[trial], seeds[0]];
+        const free = new Set(freeList), freeSeeds = Int32Array.from(freeList);
+        const x1 = graph.codeLogits({ ...pqArgs(keys.bits, n, d, dt), q, group: 1, ids, pq: true });
+        const x2 = graph.codeLogits({ ...pqArgs(keys.bits, n, d, dt), q, group: 1, ids, quantized: true });
+        // The sample's best by its exact logit seeds the search (+∞), as the one-pass test's rank does at G = 1.
+        const exact = (t: number) => q.reduce((a, v, j) => a + v * keys.values[t * d + j], 0);
+        const bySample = Array.from({ length: m }, (_, j) => off + j * stride).sort((a, b) => exact(b) - exact(a) || a - b);
+        const inf = new Set([...entries, ...seeds, bySample[0]].filter((t) => !free.has(t)));
+        const others = [...Array(n).keys()].filter((t) => !free.has(t) && !inf.has(t));
+        // The best `count` by x (ties towards the lower id), and whether a near-tie makes the boundary uncertain.
+        const best = (list: number[], x: Float32Array, count: number) => {
+          const sorted = [...list].sort((a, b) => x[b] - x[a] || a - b), edge = x[sorted[count - 1]];
+          return { top: sorted.slice(0, count), unsure: list.some((t) => x[t] !== edge && Math.abs(x[t] - edge) <= TOL * (1 + Math.abs(edge))) };
+        };
+        for (const [share, keep] of [[0.03, 0.1], [0.05, 0.02], [0.03, 1]] as const) {
+          const cap = m + Math.ceil(share * n), need = cap - m - inf.size;
+          const first = best(others, x1, Math.min(others.length, Math.max(need, Math.ceil(keep * n))));
+          const kept = [...new Set([...first.top, ...Array.from(outliers).filter((t) => !free.has(t) && !inf.has(t))])];
+          byOutliers += kept.length - first.top.length;
+          const second = best(kept, x2, need);
+          const a = { ...scanArgs(keys.bits, n, d, dt, q, 1, cap), seeds, freeSeeds, scanKeep: keep };
+          const r = graph.searchSync(a);
+          expect(r.codesRead).toBe(n);
+          const outside = Array.from(a.outIds.subarray(0, r.count)).filter((t) => !inSample(t)).sort((u, v) => u - v);
+          expect(r.scanned).toBe(m + outside.length);
+          if (first.unsure || second.unsure) {
+            skipped++;
+            continue;
+          }
+          judged++;
+          expect(r.codesKept).toBe(kept.length);
+          expect(outside).toEqual([...new Set([...inf, ...second.top])].filter((t) => !inSample(t)).sort((u, v) => u - v));
+          // Split into pool tasks: the same search.
+          const split = { ...a, outIds: new Int32Array(n), outScores: new Float32Array(n), scanChunk: 500 };
+          const rs = graph.searchSync(split);
+          expect([rs.scanned, rs.codesKept]).toEqual([r.scanned, r.codesKept]);
+          expect(split.outIds).toEqual(a.outIds);
+          if (keep === 1) {
+            // Every key kept: the one-pass scan's search.
+            const one = { ...scanArgs(keys.bits, n, d, dt, q, 1, cap), seeds, freeSeeds };
+            const r1 = graph.searchSync(one);
+            expect(r1.scanned).toBe(r.scanned);
+            expect(one.outIds).toEqual(a.outIds);
+            expect(one.outScores).toEqual(a.outScores);
+          }
+        }
+      }
+      expect(skipped).toBeLessThanOrEqual(1);
+      expect(judged).toBeGreaterThan(0);
+      expect(byOutliers).toBeGreaterThan(0);
+      graph.dispose();
+    });
+
+  it('keeps a fact its PQ code loses: far along a few channels, an outlier', async () => {
+    const rng = new Rng(seed + 91);
+    const [n, d, G, facts] = [12007, 32, 2, 6];
+    const at = Array.from({ length: facts }, (_, i) => Math.floor(((i + 0.5) * n) / facts) + rng.int(100));
+    // N(0, 1) keys; fact fi adds ±9 (9σ) to the 4 channels of subspace 1 + fi / 2, where the centroids nearest it, of
+    // ordinary keys, stand ~1σ out a channel along that direction: its PQ code drops most of it, its 4-bit code clamps
+    // at 3σ. No entry point finds a fact: the build queries look at channels 16..31 only, so facts are no hubs, and
+    // keys that stand out more (20 in the 4 channels of subspace 0, which no query looks at) take the graph's outlier
+    // entry points (n / 256 by Σ z²).
+    const sub = (fi: number) => 1 + (fi >> 1), sign = (fi: number) => (fi & 1 ? -1 : 1);
+    const loud = new Set(Array.from({ length: Math.ceil(n / 256) + 12 }, () => rng.int(n)).filter((t) => !at.includes(t)));
+    const bits = new Uint16Array(n * d);
+    for (let t = 0; t < n; t++) {
+      const fi = at.indexOf(t);
+      for (let j = 0; j < d; j++)
+        bits[t * d + j] = bitsOf('f16')(rng.normal() + (fi >= 0 && j >> 2 === sub(fi) ? 9 * sign(fi) : 0) + (loud.has(t) && j < 4 ? 20 : 0));
+    }
+    const buildQ = Float32Array.from({ length: 2000 * d }, (_, i) => (i % d >= 16 ? rng.normal() : 0));
+    const graph = await RaGraph.build({ keys: bits, tokens: n, headDim: d, dtype: 'f16', queries: buildQ, degree: 8, kBuild: 16, positional: 1 });
+    const entries = new Set(entriesOf(graph));
+    const { outliers } = graph.pqCodes(pqArgs(bits, n, d, 'f16'));
+    const { m } = sampleOf(n);
+    const keep = 0.03, cap = m + Math.ceil(0.02 * n);
+    let lostByPq = 0;
+    for (let fi = 0; fi < facts; fi++) {
+      expect(Array.from(outliers)).toContain(at[fi]);
+      expect(entries.has(at[fi])).toBe(false);
+      const q = new Float32Array(G * d);
+      for (let g = 0; g < G; g++) for (let j = 0; j < d; j++) q[g * d + j] = j >= 16 ? rng.normal() : j >> 2 === sub(fi) ? 1.5 * sign(fi) : 0;
+      const a = { ...scanArgs(bits, n, d, 'f16', q, G, cap), k: 1, outIds: new Int32Array(1), outScores: new Float32Array(1), scanKeep: keep };
+      graph.searchSync(a);
+      expect(a.outIds[0]).toBe(at[fi]);
+      // Its PQ form's rank (max over the rows of x̃: the rows' c0 differ little here) beyond what the first pass keeps.
+      const x = graph.codeLogits({ ...pqArgs(bits, n, d, 'f16'), q, group: G, ids: Int32Array.from({ length: n }, (_, t) => t), pq: true });
+      const rho = Float64Array.from({ length: n }, (_, t) => Math.max(x[t * G], x[t * G + 1]));
+      if (rho.filter((v) => v > rho[at[fi]]).length > 2 * keep * n) lostByPq++;
+    }
+    console.log(`scanKeep: ${facts}/${facts} facts found; by their PQ codes alone ${lostByPq} ranked below twice what the first pass keeps`);
+    expect(lostByPq).toBeGreaterThan(0);
+    graph.dispose();
+  });
+
+  it('refuses bad options', async () => {
+    const rng = new Rng(seed + 31);
+    const [n, d] = [300, 16];
+    const keys = keysOf(rng, 'f16', n, d);
+    const graph = await RaGraph.build({ keys: keys.bits, tokens: n, headDim: d, dtype: 'f16', queries: queries(rng, 50, d), degree: 8, kBuild: 16 });
+    const base = { ...scanArgs(keys.bits, n, d, 'f16', queries(rng, 2, d), 2, 200), k: 10, outIds: new Int32Array(10), outScores: new Float32Array(10) };
+    expect(() => graph.searchSync({ ...base, codeScan: false, scanKeep: 0.1 })).toThrow(/scanKeep is an option of the code scan/);
+    for (const scanKeep of [0, -0.1, 1.5, NaN]) expect(() => graph.searchSync({ ...base, scanKeep })).toThrow(/scanKeep must be a number in \(0, 1\]/);
+    expect(() => graph.codeLogits({ ...pqArgs(keys.bits, n, d, 'f16'), q: queries(rng, 1, d), group: 1, ids: Int32Array.from([0]), pq: true, quantized: true })).toThrow(/pq and quantized/);
+    const r = graph.searchSync({ ...base, scanKeep: 0.5 });
+    expect(r.count).toBe(10);
+    expect(r.codesKept).toBeGreaterThan(0);
+    expect(graph.searchSync(base).codesKept).toBeUndefined();
+    graph.dispose();
+  });
+});
