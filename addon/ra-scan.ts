@@ -99,8 +99,9 @@ export class RaScanStore {
   /** The last search's and attend's device times: where the next one runs (addon/device-calls.ts). */
   private readonly timer = new DeviceTimer();
   private readonly attendTimer = new DeviceTimer();
-  /** The last search's host stages (a bench's question). */
+  /** The last search's host stages and its time on the device (a bench's question). */
   lastHost: RaScanHostMs = { parseMs: 0, prepareMs: 0, searchMs: 0 };
+  lastDeviceMs = 0;
 
   private constructor(
     private readonly native: NativeRaScan,
@@ -150,6 +151,7 @@ export class RaScanStore {
       sync,
     }));
     this.timer.record(meta[2 * H]);
+    this.lastDeviceMs = meta[2 * H];
     this.lastHost = { parseMs: meta[2 * H + 1], prepareMs: meta[2 * H + 2], searchMs: meta[2 * H + 3] };
     return Array.from({ length: H }, (_, h) => ({
       ids: outIds.subarray(h * a.k, h * a.k + meta[h]),

@@ -76,6 +76,9 @@ interface StepRow {
   callsOnPool: number;
   /** With --select-stages, a step whose select called the device scorer: the call's wall ms, its host wait, its device time (NaN otherwise). */
   scorerCallMs: number;
+  /** A device key scan's search this step: awaited and on the device (NaN: none). */
+  scanAwaitedMs: number;
+  scanDeviceMs: number;
   scorerWaitMs: number;
   scorerDeviceMs: number;
 }
@@ -213,7 +216,9 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       if (gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
       const q = w.decodeQ[s];
       const calls = deviceCallRuns(), scored = scorer.stats.steps;
+      const scans = gpu.keyScanner?.stats.steps ?? 0;
       const r = await decodeStep(session, { layer: 0, q, scale: w.scale, want: new Set(['out']) });
+      const scan = gpu.keyScanner && gpu.keyScanner.stats.steps > scans ? gpu.keyScanner.lastSearch : undefined;
       const callsAfter = deviceCallRuns();
       const call = selectStages && scorer.stats.steps > scored ? scorer.lastStep : undefined;
       if (cfg.method === 'exact') denseOut.push(r.out);
@@ -226,6 +231,7 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
         rangeTables: gpu.rangeTables,
         batchUploads: gpu.batchUploads,
         deviceSync, callsOnLoop: callsAfter.loop - calls.loop, callsOnPool: callsAfter.pool - calls.pool,
+        scanAwaitedMs: scan?.awaitedMs ?? NaN, scanDeviceMs: scan?.deviceMs ?? NaN,
         scorerCallMs: call?.callMs ?? NaN, scorerWaitMs: call?.native.waitMs ?? NaN, scorerDeviceMs: call?.native.deviceMs ?? NaN,
       });
       if (r.stats.backend !== 'cuda') throw new Error(`${cfg.name}: step ${s} ran on the host (pool too small?)`);
@@ -273,6 +279,8 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
         outErrorMax: Math.max(...warm.map((r) => r.outError)),
         // --select-stages: the select's device scorer call, its wait and device time, and the JS around it (steps that called it).
         ...(selectStages && selectSplit(warm)),
+        // A device key scan's call (retrieval-attention's): of the select, the search awaited and on the device.
+        ...(scanBytes && { scanAwaitedMsP50: pct(warm.map((r) => r.scanAwaitedMs), 0.5), scanDeviceMsP50: pct(warm.map((r) => r.scanDeviceMs), 0.5) }),
       };
       console.log(JSON.stringify(summary));
       results.push({ ...summary, steps: group });
@@ -318,6 +326,9 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       `| ${r.config} | ${f(Number(r.poolShareOfKv) * 100, 0)}% | ${f(r.stepMsP50)} / ${f(r.stepMsP99)} | ${f(r.selectMsP50)} | ${f(r.attendMsP50)} | ${f(r.residentMsP50)} | ${f(r.kernelMsP50, 3)} | ` +
       `${f(r.blocksSelectedPerStep, 0)} | ${f(r.hitRate, 3)} | ${f(Number(r.bytesInPerStepMean) / 2 ** 20)} / ${f(Number(r.bytesInPerStepP99) / 2 ** 20)} | ${f(r.outErrorMean, 3)} / ${f(r.outErrorMax, 3)} |` +
       (opts.deviceSync === 'ab' ? ` ${f(r.callsOnLoopPerStep, 1)} / ${f(r.callsOnPoolPerStep, 1)} |` : '')),
+    '',
+    ...results.filter((r) => r.scanAwaitedMsP50 !== undefined).map((r) =>
+      `${r.config}: of the select, the device key scan's search ${f(r.scanAwaitedMsP50, 3)} ms awaited (p50), ${f(r.scanDeviceMsP50, 3)} on the device; GPU calls a step ${f(r.callsOnLoopPerStep, 1)} on the loop's thread, ${f(r.callsOnPoolPerStep, 1)} on libuv's pool.`),
     '',
     ...(selectStages
       ? [

@@ -220,6 +220,8 @@ export interface SearchResult {
   ids: Int32Array;
   /** Where a device holds the head's keys and values (a key scanner's store): a part of these rows is attended there. */
   rows?: DeviceRows;
+  /** Set where no id is in the search memo's steady zone (a search that took it as free start keys): nothing to drop. */
+  outsideSteady?: boolean;
   /** Keys scored to find them. */
   scanned: number;
   /** Keys read as 4-bit codes (a code walk's; those then scored exactly are in scanned as well). */

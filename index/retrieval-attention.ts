@@ -186,6 +186,8 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
         : undefined;
       if (found) {
         if (memo) memo.last = found.map((r) => r.ids);
+        // The scan's free keys (the steady zone) are never in its answer.
+        for (const r of found) r.outsideSteady = true;
         return found;
       }
     }
@@ -199,7 +201,8 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
     const res = await RaGraph.searchBatch(items);
     const ids = res.map((r, h) => items[h].outIds.subarray(0, r.count));
     if (memo) memo.last = ids;
-    return ids.map((found, h) => ({ ids: found, scanned: res[h].scanned, ...(res[h].codesRead !== undefined && { codes: res[h].codesRead }) }));
+    // freeSeeds (the steady zone) are never in a search's answer.
+    return ids.map((found, h) => ({ ids: found, scanned: res[h].scanned, outsideSteady: true, ...(res[h].codesRead !== undefined && { codes: res[h].codesRead }) }));
   },
 };
 

@@ -29,6 +29,8 @@ export interface ScanStore {
   /** Attention over listed rows (a store opened with values; RaScanStore.attend). */
   attend?(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }>;
   readonly hasValues?: boolean;
+  /** The last search's time on the device, ms (where the store measures it). */
+  readonly lastDeviceMs?: number;
   bytes(): number;
   close(): void;
 }
@@ -105,6 +107,8 @@ export class DeviceKeyScans implements KeyScanner {
   /** Entries holding device bytes (made or being made), least recently used first. */
   private readonly held = new Map<Entry, true>();
   private used = 0;
+  /** The last device search: awaited as the method sees it, and on the device (a bench's question). */
+  lastSearch = { awaitedMs: 0, deviceMs: NaN };
   readonly stats: DeviceKeyScanStats = { steps: 0, attends: 0, opened: 0, evicted: 0, failures: 0, bytes: 0 };
 
   constructor(
@@ -131,6 +135,7 @@ export class DeviceKeyScans implements KeyScanner {
     this.held.set(e, true);
     e.busy++;
     e.lastUse = performance.now();
+    const t0 = performance.now();
     try {
       const res = await e.store.search({
         q, group, k, maxScanned,
@@ -138,6 +143,7 @@ export class DeviceKeyScans implements KeyScanner {
         ...(free && free.length > 0 && { free: heads.map(() => free) }),
       });
       this.stats.steps++;
+      this.lastSearch = { awaitedMs: performance.now() - t0, deviceMs: e.store.lastDeviceMs ?? NaN };
       const rows = e.store.hasValues && e.store.attend ? (e.rows ??= this.rowsOf(e)) : undefined;
       return res.map((r) => (rows ? { ids: r.ids, scanned: r.scanned, codes: first.tokens, rows } : { ids: r.ids, scanned: r.scanned, codes: first.tokens }));
     } catch (err) {

@@ -118,7 +118,6 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
   per.reserve(size_t(heads));
   for (int h = 0; h < heads; ++h) {
     per.push_back(Typed<int32_t>(lists.Get(uint32_t(h)), key));
-    CheckIds(per.back(), tokens, key);
     total += per.back().ElementLength();
   }
   if (total > size_t(INT32_MAX)) throw Napi::RangeError::New(o.Env(), std::string(key) + " hold too many ids");
@@ -126,8 +125,18 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
   size_t at = 0;
   for (int h = 0; h < heads; ++h) {
     const Napi::Int32Array& l = per[size_t(h)];
-    std::copy_n(l.Data(), l.ElementLength(), ids.begin() + at);
     size_t c = l.ElementLength();
+    // Checked while copied, one pass over raw memory (~86K seeds a step at 1M: CheckIds' element access and a
+    // second pass were ~0.25 ms on the H100 host).
+    const int32_t* src = l.Data();
+    int32_t* dst = ids.data() + at;
+    bool bad = false;
+    for (size_t i = 0; i < c; ++i) {
+      const int32_t v = src[i];
+      bad |= v < 0 || v >= tokens;
+      dst[i] = v;
+    }
+    if (bad) CheckIds(l, tokens, key);  // names the first bad id
     if (dedupe) {
       std::sort(ids.begin() + at, ids.begin() + at + c);
       c = size_t(std::unique(ids.begin() + at, ids.begin() + at + c) - (ids.begin() + at));

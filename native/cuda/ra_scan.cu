@@ -245,6 +245,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
   const int64_t seeds = seedStart[size_t(H)], frees = freeStart[size_t(H)];
   int64_t maxList = 1;
   for (int h = 0; h < H; ++h) maxList = std::max({maxList, int64_t(a.seedCounts[h]), int64_t(a.freeCounts[h])});
+  // The lists' grids for the longest list rounded up (the kernels stride over each head's own count, read from
+  // the device), and the lists' staged sizes in the graph key as the stage aligns them: a session's document
+  // window shrinks a row a step as its own tokens grow, and exact sizes in the key made every step a new one.
+  maxList = (maxList + 1023) / 1024 * 1024;
 
   // Work, grown to the largest step seen.
   const int64_t tilesPerHead = std::max<int64_t>(Tiles(n), Tiles(cap));
@@ -428,7 +432,8 @@ void RaScanStore::Search(const RaScanArgs& a) {
     const struct {
       const void *in, *out, *work, *hin, *hout;
       int64_t G, k, cap, seeds, frees, maxList, exact, inBytes, outBytes, scaleBits;  // no padding: compared as bytes
-    } key{I.in.p, I.out.p, I.work.p, I.hin.p, I.hout.p, G, k, cap, seeds, frees, maxList, int64_t(exactCtas), int64_t(copyBytes), int64_t(outBytes),
+    } key{I.in.p, I.out.p, I.work.p, I.hin.p, I.hout.p, G, k, cap, int64_t(Align(seeds > 0 ? size_t(seeds) * 4 : 4)),
+          int64_t(Align(frees > 0 ? size_t(frees) * 4 : 4)), maxList, int64_t(exactCtas), int64_t(copyBytes), int64_t(outBytes),
           int64_t(FloatBits(a.scale))};
     I.graph.Run(s, &key, sizeof(key), enqueue);
   }
