@@ -5,12 +5,12 @@
 // the kernel's answer by log-sum-exp; without one, everything is attended on
 // the host and the simulated pool reports what the device pool would move.
 import { attend, type KvDtype } from '../../addon/kernels.js';
-import type { SelectionPart } from '../../index/method.js';
+import type { DeviceRows, SelectionPart } from '../../index/method.js';
 import type { KvSegment } from '../../storage/kv-segment.js';
 import { POOL_BLOCK, RANGE_PRIORITY, type GpuBackend } from './gpu-pool.js';
 import type { BlockStats } from './block-stats.js';
 import { mergeInto } from './merge.js';
-import { splitForPool, toAttendSegment } from './selection-parts.js';
+import { concatRows, rowsOf, splitForPool, toAttendSegment } from './selection-parts.js';
 import { SimulatedPool } from './simulated-pool.js';
 import type { ModelShape } from '../../core/model.js';
 
@@ -46,24 +46,29 @@ export class SessionCache {
   /** `beside`: parts attended on the host run on libuv's pool, beside a call that holds the loop's thread (addon/kernels.ts attend). */
   async attend(parts: SelectionPart[], a: AttendInput, beside = false): Promise<Residency> {
     const m = this.model, gpu = this.gpu;
-    // Parts whose rows a device store holds (a key scanner's: index/method.ts DeviceRows) are attended there,
-    // started first, and merged in after the rest; a store that no longer holds them leaves them to the host.
+    // Parts whose rows a device store holds (a key scanner's: index/method.ts DeviceRows) are attended there with
+    // the ranges of the same segment (sinks, window: the store holds every row of it), started first and merged in
+    // after the rest (the own tokens); a store that no longer holds them leaves them to the host.
     if (parts.some((p) => p.device)) {
-      const onDevice = parts.filter((p) => p.device);
-      const started = onDevice.map((p) => p.device!.attend(p.ids!, a.q, m.qHeads / m.kvHeads, a.scale));
-      const [rest, ...got] = await Promise.allSettled([this.attend(parts.filter((p) => !p.device), a, beside), ...started]);
-      if (rest.status === 'rejected') throw rest.reason;
+      const { groups, rest } = deviceGroups(parts, m.kvHeads);
+      const started = groups.map((g) => g.rows.attend(g.ids, a.q, m.qHeads / m.kvHeads, a.scale));
+      const [others, ...got] = await Promise.allSettled([this.attend(rest, a, beside), ...started]);
+      if (others.status === 'rejected') throw others.reason;
       const left: SelectionPart[] = [];
+      let onDevice = false;
       got.forEach((r, i) => {
-        if (r.status === 'fulfilled' && r.value) mergeInto(a.out, a.lse, r.value.out, r.value.lse, m.headDim);
-        else left.push({ segment: onDevice[i].segment, ids: onDevice[i].ids });
+        if (r.status === 'fulfilled' && r.value) {
+          mergeInto(a.out, a.lse, r.value.out, r.value.lse, m.headDim);
+          onDevice = true;
+        } else left.push(...groups[i].parts.map((p): SelectionPart => (p.ids ? { segment: p.segment, ids: p.ids } : p)));
       });
       if (left.length > 0) {
         const host = { out: new Float32Array(a.out.length), lse: new Float32Array(a.lse.length) };
         await attendOnHost(m, left, { ...a, out: host.out, lse: host.lse }, beside);
         mergeInto(a.out, a.lse, host.out, host.lse, m.headDim);
       }
-      return rest.value;
+      // A step whose document rows the device attended ran there, whatever attended the own tokens.
+      return onDevice ? { ...others.value, backend: 'cuda' } : others.value;
     }
     if (gpu) {
       const own = this.own[a.layer];
@@ -89,6 +94,24 @@ export class SessionCache {
     const blocks = this.simulated[a.layer].step(parts, m.headDim);
     return { backend: 'cpu', ...(blocks && { blocks }) };
   }
+}
+
+/**
+ * The parts a device store attends, grouped by store: its listed rows and the range parts of the same segment
+ * (disjoint from them: a method's parts never overlap), as one id list a kv head; `rest`: every other part.
+ */
+export function deviceGroups(parts: SelectionPart[], kvHeads: number): { groups: { rows: DeviceRows; ids: Int32Array[]; parts: SelectionPart[] }[]; rest: SelectionPart[] } {
+  const groups: { rows: DeviceRows; ids: Int32Array[]; parts: SelectionPart[] }[] = [];
+  const taken = new Set<SelectionPart>();
+  for (const p of parts) {
+    if (!p.device || !p.ids) continue;
+    const ranges = parts.filter((r) => r.segment === p.segment && !r.device && !r.ids && !r.blocks && !taken.has(r));
+    const lists = Array.from({ length: kvHeads }, (_, h) => concatRows([...ranges.map((r) => rowsOf(r, h)), p.ids![h]]));
+    groups.push({ rows: p.device, ids: lists, parts: [p, ...ranges] });
+    taken.add(p);
+    for (const r of ranges) taken.add(r);
+  }
+  return { groups, rest: parts.filter((p) => !taken.has(p)) };
 }
 
 /** The host kernel over every part, combined by log-sum-exp (`beside`: on libuv's pool, addon/kernels.ts attend). */

@@ -4,10 +4,11 @@
 // kernel is checked against float64 in test/native/ra-scan-gpu.test.ts on a
 // GPU). Here the store is a stand-in answering float64 attention over the
 // rows it is given, so that the test checks what the residency does with
-// it: the part is handed to the store (its ids, every q row, the group and
-// scale), the other parts are attended as before, and the step is float64
-// attention over every part's rows; a store that no longer holds the rows
-// (undefined) leaves the part to the host, with the same answer.
+// it: the part is handed to the store with the same segment's ranges (sinks,
+// window) as one id list a head (every q row, the group and scale), the
+// other parts (the own tokens) are attended as before, and the step is
+// float64 attention over every part's rows; a store that no longer holds the
+// rows (undefined) leaves them to the host, with the same answer.
 import { describe, expect, it } from 'vitest';
 import { SessionCache } from '../../engine/cache/residency.js';
 import type { DeviceRows, SelectionPart } from '../../index/method.js';
@@ -67,15 +68,24 @@ describe('a part whose rows a device store holds', () => {
       rows.gone = gone;
       const q = randomQ(rng, qHeads, d), scale = 1 / Math.sqrt(d);
       const out = new Float32Array(qHeads * d).fill(NaN), lse = new Float32Array(qHeads).fill(NaN);
-      await cache.attend(parts, { layer: 0, q, scale, out, lse });
+      const r = await cache.attend(parts, { layer: 0, q, scale, out, lse });
+      // Where the store attended, the step ran on the device; where it did not, every part on the host.
+      expect(r.backend).toBe(gone ? 'cpu' : 'cuda');
+      // The store is asked for the same segment's ranges (sinks, window) with the listed rows; the own tokens stay.
       const call = rows.calls.at(-1)!;
-      expect(call.ids.map((x) => Array.from(x))).toEqual(picked);
+      const steady = [0, 1, 2, 3, ...Array.from({ length: 16 }, (_, i) => DOC - 16 + i)];
+      expect(call.ids.map((x) => Array.from(x))).toEqual(picked.map((ids) => [...steady, ...ids]));
       expect([call.group, call.scale]).toEqual([G, scale]);
       const ref = referenceAttention(q, kAll, vAll, qHeads, d, scale, every);
       expect(maxRelError(out, ref.out, qHeads)).toBeLessThan(1e-4);
       expect(maxRelErrorScalar(lse, ref.lse)).toBeLessThan(1e-4);
     }
     expect(rows.calls.length).toBe(2);
+
+    // Two documents: the store takes only its own segment's ranges.
+    const other = segmentOf(randomKv(rng, 'f16', kvHeads, 50, d), 50);
+    await cache.attend([{ segment: other, begin: 0, end: 4 }, ...parts], { layer: 0, q: randomQ(rng, qHeads, d), scale: 0.2, out: new Float32Array(qHeads * d), lse: new Float32Array(qHeads) });
+    expect(rows.calls.at(-1)!.ids[0].length).toBe(4 + 16 + picked[0].length);
 
     // Only the device's part: a head with no rows there is out 0, lse −∞ (the others float64's).
     rows.gone = false;
