@@ -39,17 +39,18 @@ export function parseSearchParams(body: Record<string, unknown>, defaults: Searc
 const isShare = (v: unknown): v is number => typeof v === 'number' && v > 0 && v <= 1;
 
 /**
- * retrieval-attention's walk (SearchParams.codeWalk, codeScan, codeShare, scanShare).
+ * retrieval-attention's walk (SearchParams.codeWalk, codeScan, codeShare, scanShare, scanKeep).
  * Unlike ef, chunk and span, which methods that do not use them ignore, these
  * are refused for any other method: a session that asked to trade speed
  * for recall should not silently get the usual search. With the code walk on,
  * codeShare is filled in (DEFAULT_CODE_SHARE) so the session says what it
  * reads; scanShare stays absent unless given (its default depends on each
- * search's k: index/retrieval-attention.ts, walkOptions).
+ * search's k: index/retrieval-attention.ts, walkOptions), and so does scanKeep
+ * (absent: the code scan's one pass over the 4-bit codes).
  */
 function parseWalk(body: Record<string, unknown>, params: SearchParams, method: string): void {
-  const { codeWalk, codeScan, codeShare, scanShare } = body;
-  const given = (['codeWalk', 'codeScan', 'codeShare', 'scanShare'] as const).find((k) => body[k] !== undefined);
+  const { codeWalk, codeScan, codeShare, scanShare, scanKeep } = body;
+  const given = (['codeWalk', 'codeScan', 'codeShare', 'scanShare', 'scanKeep'] as const).find((k) => body[k] !== undefined);
   if (given === undefined) return;
   if (method !== RETRIEVAL_ATTENTION) throw invalid(`${given} is an option of ${RETRIEVAL_ATTENTION}'s graph search, not of method ${method}`);
   if (codeWalk !== undefined && typeof codeWalk !== 'boolean') throw invalid('codeWalk must be true or false');
@@ -57,7 +58,9 @@ function parseWalk(body: Record<string, unknown>, params: SearchParams, method: 
   if (codeScan === true && codeWalk === true) throw invalid('codeScan and codeWalk are two searches over the codes: set one');
   if (codeShare !== undefined && !isShare(codeShare)) throw invalid('codeShare must be a share in (0, 1] of a document\'s tokens (the codes its search reads at most)');
   if (scanShare !== undefined && !isShare(scanShare)) throw invalid('scanShare must be a share in (0, 1] of a document\'s tokens (the keys its search scores exactly at most)');
+  if (scanKeep !== undefined && !isShare(scanKeep)) throw invalid('scanKeep must be a share in (0, 1] of a document\'s tokens (the keys the code scan\'s PQ first pass keeps for the 4-bit codes)');
   if (codeShare !== undefined && codeWalk !== true) throw invalid('codeShare caps the code walk: set codeWalk: true');
+  if (scanKeep !== undefined && codeScan !== true) throw invalid('scanKeep is the code scan\'s PQ first pass: set codeScan: true');
   if (codeWalk === true && params.ef > 0) throw invalid(`ef ${params.ef} sets the beam walk's width; the code walk has none (its caps are codeShare and scanShare): leave ef at 0`);
   if (codeScan === true && params.ef > 0) throw invalid(`ef ${params.ef} sets the beam walk's width; the code scan has none (its cap is scanShare): leave ef at 0`);
   if (codeScan === true) params.codeScan = true;
@@ -66,6 +69,7 @@ function parseWalk(body: Record<string, unknown>, params: SearchParams, method: 
     params.codeShare = codeShare ?? DEFAULT_CODE_SHARE;
   }
   if (scanShare !== undefined) params.scanShare = scanShare;
+  if (scanKeep !== undefined) params.scanKeep = scanKeep;
 }
 
 /**

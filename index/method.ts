@@ -132,16 +132,19 @@ export interface SearchParams {
    * `scanShare` caps the keys scored exactly, as a share of the document's tokens,
    * for either walk (absent: the code walk's default, none for the beam).
    * `codeScan`: every key's code scored, then the best scanShare (default as the code
-   * walk's) scored exactly (walkOptions; not with codeWalk).
+   * walk's) scored exactly (walkOptions; not with codeWalk). `scanKeep` (codeScan
+   * only): a first pass on PQ codes keeps that share of the keys (and the PQ codes'
+   * outliers) for the 4-bit codes (addon/ra-graph.ts scanKeep); absent, one pass.
    */
   codeWalk?: boolean;
   codeScan?: boolean;
   codeShare?: number;
   scanShare?: number;
+  scanKeep?: number;
 }
 
 /** The part of a session's parameters a graph search reads besides ef (SearchParams). */
-export type WalkParams = Pick<SearchParams, 'codeWalk' | 'codeScan' | 'codeShare' | 'scanShare'>;
+export type WalkParams = Pick<SearchParams, 'codeWalk' | 'codeScan' | 'codeShare' | 'scanShare' | 'scanKeep'>;
 
 /**
  * Whole blocks of one segment, per kv head: block b stands for rows

@@ -122,12 +122,13 @@ export const SCAN_PER_K = 3;
  * and scanShare (default DEFAULT_SCAN_SHARE, at least SCAN_PER_K·k) scored exactly, at the cutoff
  * DEFAULT_CODE_QUANTILE / DEFAULT_CODE_DELTA / DEFAULT_CODE_ADAPT (passed explicitly, so a session's walk does not move with the
  * native defaults); codeWidth stays at the native default (16). With the session's codeScan, the code scan
- * (addon/ra-graph.ts codeScan: no beam, no margin, every code read) at the code walk's exact cap.
+ * (addon/ra-graph.ts codeScan: no beam, no margin, every code read) at the code walk's exact cap, with the session's
+ * scanKeep (a first pass on PQ codes) where given.
  */
 export function walkOptions(ef: number, k: number, free: number, tokens: number, walk: WalkParams = {}) {
   const maxScanned = walk.scanShare !== undefined ? Math.max(1, Math.ceil(walk.scanShare * tokens)) : undefined;
   const exactCap = maxScanned ?? Math.max(Math.ceil(DEFAULT_SCAN_SHARE * tokens), SCAN_PER_K * k);
-  if (walk.codeScan) return { ef: k, aggregate: 'attention' as const, codeScan: true, maxScanned: exactCap };
+  if (walk.codeScan) return { ef: k, aggregate: 'attention' as const, codeScan: true, maxScanned: exactCap, ...(walk.scanKeep !== undefined && { scanKeep: walk.scanKeep }) };
   if (!walk.codeWalk) return { ...effort(ef, k, free), ...(maxScanned !== undefined && { maxScanned }) };
   return {
     ef: k,
@@ -176,7 +177,10 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
     const steady = memo?.steady && memo.steady.length > 0 ? memo.steady : undefined;
     // The code scan on the device where the session has a scanner and it can
     // take these heads now (every head asks the same k there), else below.
-    if (walk?.codeScan && scanner && k.every((x) => x === k[0])) {
+    // The device scan has no PQ first pass: a session with scanKeep below 1
+    // searches on the host, so that it reads what it asked for (scanKeep 1
+    // keeps every key for the 4-bit codes, as the one pass reads them).
+    if (walk?.codeScan && scanner && (walk.scanKeep === undefined || walk.scanKeep === 1) && k.every((x) => x === k[0])) {
       const { keys } = heads[0] as GraphHead;
       const free = steady?.length ?? 0;
       const n = Math.max(0, Math.min(k[0] - free, keys.tokens - free));

@@ -371,7 +371,8 @@ class Client:
     ) -> Dict[str, Any]:
         """`budget` is tokens or a fraction (< 1) of the context; `layers`, a per-layer policy: one map per model
         layer, each with an optional `budget` and `estimate` overriding the session's in that layer. Other
-        parameters (ef, chunk, span, estimate; retrieval-attention's codeWalk, codeScan, codeShare, scanShare) pass through as
+        parameters (ef, chunk, span, estimate; retrieval-attention's codeWalk, codeScan, codeShare, scanShare, and
+        scanKeep, the code scan's PQ first pass, a share in (0, 1] of the keys kept for the 4-bit codes) pass through as
         keywords."""
         body: Dict[str, Any] = {"model": model}
         if documents is not None:
