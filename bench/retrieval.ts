@@ -37,7 +37,8 @@
 // as scanned, outside the k asked, as the session searches), and
 // exhaustively (ef = tokens) by both rankings: the group's attention (the
 // session's) and the max over the group of q·k (v3's); and as a session's code
-// walk and code scan (codeWalk / codeScan: index/retrieval-attention.ts
+// walk and code scan (codeWalk / codeScan, the code scan also with a first pass
+// on PQ codes keeping 8% of the keys, scanKeep 0.08: index/retrieval-attention.ts
 // walkOptions) search, steady zone free, cold and seeded. "top-k recall
 // (group)" is |selection ∩ exact top-k of the group's attention (mean
 // probability over its heads)| / k, k = the budget: the recall target of
@@ -145,8 +146,12 @@ interface Row {
   codes: number | null;
   /** The code scan (a session's codeScan): every key's code scored, the best `cap` share (null: the default) exactly. */
   codeScan: boolean;
+  /** The code scan's PQ first pass (a session's scanKeep): the share of the keys it keeps for the 4-bit codes, or null. */
+  scanKeep: number | null;
   /** Keys read as 4-bit codes, as a share of the tokens (mean), or null for the beam walk. */
   codesRead: number | null;
+  /** The keys' bytes read (mean share of n·2d): a 4-bit code d/2 bytes, a PQ code d/8, an exact row 2d; null for the beam walk. */
+  bytesRead: number | null;
   buildSeconds: number;
   artifactMB: number;
   loadMs: number;
@@ -175,19 +180,24 @@ function versusHnsw(rows: Row[], pct: (x: number) => string): string[] {
   const ra = rows.filter((r) => r.method === 'retrieval-attention' && r.steady && r.aggregate === 'attention');
   const picks = ra.filter((r) => r.codes !== null || r.codeScan || (r.cap === 0.03 && !r.seeded) || (!r.seeded && r.cap === null && r.margin === 0.5));
   if (!hnsw || picks.length === 0) return [];
+  // Key bytes: the codes read and the rows scored exactly (Row.bytesRead); a walk without codes reads the rows it scores.
+  const bytes = (r: Row) => r.bytesRead ?? r.scanned;
   const line = (name: string, r: Row) =>
-    `| ${name} | ${pct(r.outputError)} | ${pct(r.scanned)} | ${r.codesRead === null ? '—' : pct(r.codesRead)} | ${r.groupTopKRecall.toFixed(3)} | ${(r.scanned / hnsw.scanned).toFixed(2)} | ${r.searchMs.toFixed(2)} | ${r.needleHits} |`;
+    `| ${name} | ${pct(r.outputError)} | ${pct(r.scanned)} | ${r.codesRead === null ? '—' : pct(r.codesRead)} | ${pct(bytes(r))} | ${r.groupTopKRecall.toFixed(3)} | ${(r.scanned / hnsw.scanned).toFixed(2)} | ${(bytes(r) / bytes(hnsw)).toFixed(2)} | ${r.searchMs.toFixed(2)} | ${r.needleHits} |`;
   return [
     '',
-    `Against hnsw at the ef of its least error (ef ${hnsw.ef}), steady zone free for retrieval-attention, at the same attended count (estimate off):`,
+    `Against hnsw at the ef of its least error (ef ${hnsw.ef}), steady zone free for retrieval-attention, at the same attended count (estimate off). Key bytes read: the keys scored exactly (2d bytes each) plus the codes read (a 4-bit code d/2 bytes, a PQ code d/8; with scanKeep every key's PQ code and the kept keys' 4-bit codes), over the f16 keys' bytes; neighbour lists left out (hnsw's and the walks'):`,
     '',
-    '| search | output error | scanned | codes read | top-k recall (group) | scanned / hnsw\'s | search ms | needles |',
-    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| search | output error | scanned | codes read | key bytes read | top-k recall (group) | scanned / hnsw\'s | bytes / hnsw\'s | search ms | needles |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     line(`hnsw, ef ${hnsw.ef}`, hnsw),
     ...picks.map((r) =>
-      line(`retrieval-attention${r.codeScan ? `, code scan (≤ ${r.cap ? pct(r.cap) : '3% / 3k'} scored exactly)` : r.codes !== null ? `, code walk (codes ≤ ${pct(r.codes)})` : r.cap ? `, ≤ ${pct(r.cap)} scanned` : `, margin ${r.margin}`}${r.seeded ? ', seeded' : ''}`, r)),
+      line(`retrieval-attention${r.codeScan ? `, code scan (≤ ${r.cap ? pct(r.cap) : '3% / 3k'} scored exactly${r.scanKeep ? `, scanKeep ${r.scanKeep}` : ''})` : r.codes !== null ? `, code walk (codes ≤ ${pct(r.codes)})` : r.cap ? `, ≤ ${pct(r.cap)} scanned` : `, margin ${r.margin}`}${r.seeded ? ', seeded' : ''}`, r)),
   ];
 }
+
+/** The code scan's PQ first pass in the swept rows (a session's scanKeep): issue #15's bytes setting at 1M. */
+const SCAN_KEEP = 0.08;
 
 /** Sinks + window + retrieved (minus what the static part covers), as one id list. */
 function selection(tokens: number, retrieved: Int32Array, o: Options, want: number): Int32Array {
@@ -204,7 +214,7 @@ function selection(tokens: number, retrieved: Int32Array, o: Options, want: numb
  * Search efforts swept per method, given the ids asked for (k) and the
  * tokens: beam widths for the graphs, lists probed for ivf (nlist = 4·√n).
  */
-type Effort = [ef: number, margin: number | null, aggregate: RaAggregate | null, seeded?: boolean, cap?: number, steady?: boolean, codes?: number, scan?: boolean];
+type Effort = [ef: number, margin: number | null, aggregate: RaAggregate | null, seeded?: boolean, cap?: number, steady?: boolean, codes?: number, scan?: boolean, keep?: number];
 
 function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate): Effort[] {
   const nlist = Math.round(4 * Math.sqrt(tokens));
@@ -238,6 +248,9 @@ function efSweep(method: string, k: number, tokens: number, ranking: RaAggregate
         // The code scan as a session with codeScan: true searches (walkOptions: every key's code scored, the best 3%
         // or 3k exactly; and at scanShare 2%), steady zone free, cold and seeded as the session is from its second step.
         ...[undefined, 0.02].flatMap((cap) => [false, true].map((seeded): Effort => [0, null, 'attention', seeded, cap, true, undefined, true])),
+        // With the session's scanKeep: a first pass on PQ codes keeps 8% of the keys (and the PQ codes' outliers) for the
+        // 4-bit codes, the setting that read 11.2% of the keys' bytes at 1M (bench/results/ra-code-scan-1048576-vm-pq.md).
+        ...[false, true].map((seeded): Effort => [0, null, 'attention', seeded, undefined, true, undefined, true, SCAN_KEEP]),
         [tokens, null, 'attention', false, undefined, true],
         [tokens, null, 'attention'],
         [tokens, null, 'max'],
@@ -270,7 +283,7 @@ function marginSweep(margins: string[], want: number, asked: number, tokens: num
 }
 
 /** Per kv head, something that answers "the tokens to attend for this step". */
-type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null, aggregate: RaAggregate | null, seeds?: Int32Array, cap?: number, steady?: Int32Array, codes?: number, scan?: boolean) => Promise<SearchResult>;
+type Searcher = (h: number, step: number, q: Float32Array, k: number, ef: number, margin: number | null, aggregate: RaAggregate | null, seeds?: Int32Array, cap?: number, steady?: Int32Array, codes?: number, scan?: boolean, keep?: number) => Promise<SearchResult & { kept?: number }>;
 
 interface Prepared {
   search: Searcher;
@@ -339,15 +352,15 @@ async function prepare(name: string, wl: Workload, exact: ExactAttention[][], o:
       buildSeconds,
       artifactMB: bytes.reduce((n, a) => n + a.byteLength, 0) / o.heads / 2 ** 20,
       loadMs,
-      search: async (h, _s, q, k, ef, margin, aggregate, seeds, cap, steady, codes, scan) => {
+      search: async (h, _s, q, k, ef, margin, aggregate, seeds, cap, steady, codes, scan, keep) => {
         // Free start keys are outside the k asked (k counts them, as the session's does).
         const free = steady?.length ?? 0;
         const n = Math.min(k - free, tokens - free), outIds = new Int32Array(n), outScores = new Float32Array(n);
         if (codes !== undefined || scan) {
           // The session's own options for its code walk or code scan.
-          const walk = walkOptions(0, n, free, tokens, scan ? { codeScan: true, ...(cap && { scanShare: cap }) } : { codeWalk: true, codeShare: codes, ...(cap && { scanShare: cap }) });
+          const walk = walkOptions(0, n, free, tokens, scan ? { codeScan: true, ...(cap && { scanShare: cap }), ...(keep && { scanKeep: keep }) } : { codeWalk: true, codeShare: codes, ...(cap && { scanShare: cap }) });
           const r = loaded[h].searchSync({ ...keysOf(h), q, group: G, k: n, outIds, outScores, seeds, ...(steady && { freeSeeds: steady }), ...walk });
-          return { ids: outIds.subarray(0, r.count), scanned: r.scanned, codes: r.codesRead };
+          return { ids: outIds.subarray(0, r.count), scanned: r.scanned, codes: r.codesRead, ...(r.codesKept !== undefined && { kept: r.codesKept }) };
         }
         // Margins are stated in logits; the 'max' ranking's scores are unscaled q·k.
         const units = aggregate === 'max' ? Math.sqrt(d) : 1;
@@ -394,15 +407,18 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
   );
   const steadyIds = Int32Array.from({ length: o.sinks + o.window }, (_, i) => (i < o.sinks ? i : tokens - o.window + (i - o.sinks)));
   const sweep = o.margins && name === 'retrieval-attention' ? marginSweep(o.margins, want, asked, tokens, o.ranking) : efSweep(name, asked, tokens, o.ranking);
-  for (const [ef, margin, aggregate, seeded, cap, steady, codes, scan] of sweep) {
-    const times: number[] = [], codesRead: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], gtopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
+  for (const [ef, margin, aggregate, seeded, cap, steady, codes, scan, keep] of sweep) {
+    const times: number[] = [], codesRead: number[] = [], bytesRead: number[] = [], scanned: number[] = [], rec: number[] = [], orc: number[] = [], topk: number[] = [], otopk: number[] = [], gtopk: number[] = [], srec: number[] = [], err: number[] = [], oerr: number[] = [];
     let hits = 0, needles = 0, count = 0;
     for (let h = 0; h < o.heads; h++)
       for (let s = 0, prev: Int32Array | undefined; s < o.steps; s++) {
         const q = wl.decodeQ[s].subarray(h * G * d, (h + 1) * G * d);
         const t = performance.now();
-        const res = await p.search(h, s, q, asked, ef, margin, aggregate, seeded ? prev : undefined, cap, steady ? steadyIds : undefined, codes, scan);
+        const res = await p.search(h, s, q, asked, ef, margin, aggregate, seeded ? prev : undefined, cap, steady ? steadyIds : undefined, codes, scan, keep);
         if (res.codes !== undefined) codesRead.push(res.codes / tokens);
+        // With scanKeep every key's PQ code (d/8 bytes) is read and the kept keys' 4-bit codes (d/2; codesRead counts
+        // every PQ code, codesKept the 4-bit ones); else every code read is 4-bit. The keys scored exactly, 2d bytes each.
+        if (res.codes !== undefined) bytesRead.push(((res.kept !== undefined ? res.codes * (d / 8) + res.kept * (d / 2) : res.codes * (d / 2)) + res.scanned * 2 * d) / (tokens * 2 * d));
         prev = Int32Array.from(res.ids);
         times.push(performance.now() - t);
         const own = exactTop[h][s][aggregate === 'max' ? 'max' : 'attention'];
@@ -443,7 +459,9 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       steady: steady ?? false,
       codes: codes ?? null,
       codeScan: scan ?? false,
+      scanKeep: keep ?? null,
       codesRead: codesRead.length ? mean(codesRead) : null,
+      bytesRead: bytesRead.length ? mean(bytesRead) : null,
       buildSeconds: p.buildSeconds,
       artifactMB: p.artifactMB,
       loadMs: p.loadMs,
@@ -460,7 +478,7 @@ async function runMethod(name: string, wl: Workload, exact: ExactAttention[][], 
       needleHits: `${hits}/${needles}`,
       selected: count / (o.heads * o.steps),
     });
-    progress(`${name} budget ${budget} ef=${ef} margin=${margin} ${aggregate ?? ''}${seeded ? ' seeded' : ''}${steady ? ' steady free' : ''}${cap ? ` cap ${cap}` : ''}${codes ? ` code walk ≤ ${codes} (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}${scan ? ` code scan (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), group top-k recall ${mean(gtopk).toFixed(3)}, search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
+    progress(`${name} budget ${budget} ef=${ef} margin=${margin} ${aggregate ?? ''}${seeded ? ' seeded' : ''}${steady ? ' steady free' : ''}${cap ? ` cap ${cap}` : ''}${codes ? ` code walk ≤ ${codes} (read ${(mean(codesRead) * 100).toFixed(1)}%)` : ''}${scan ? ` code scan${keep ? ` scanKeep ${keep}` : ''} (read ${(mean(codesRead) * 100).toFixed(1)}%, key bytes ${(mean(bytesRead) * 100).toFixed(1)}%)` : ''}: recall ${mean(rec).toFixed(3)} (oracle ${mean(orc).toFixed(3)}), group top-k recall ${mean(gtopk).toFixed(3)}, search recall ${mean(srec).toFixed(3)}, error ${mean(err).toFixed(3)}, scanned ${(mean(scanned) * 100).toFixed(2)}%, ${median(times).toFixed(2)} ms`);
   }
   return { rows, prepared: p };
 }
@@ -476,7 +494,7 @@ function markdown(tokens: number, rows: Row[], o: Options, loads: number[]): str
     '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...rows.map(
       (r) =>
-        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.aggregate ?? '—'}${r.seeded ? ', seeded' : ''}${r.steady ? ', steady free' : ''}${r.cap ? `, ≤ ${pct(r.cap)} scanned` : ''}${r.codes ? `, code walk (codes ≤ ${pct(r.codes)}, read ${pct(r.codesRead ?? 0)})` : ''}${r.codeScan ? `, code scan (${r.cap ? '' : '≤ 3% / 3k scored, '}codes read ${pct(r.codesRead ?? 0)})` : ''} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.groupTopKRecall.toFixed(3)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
+        `| ${r.method} | ${pct(r.budget)} | ${r.ef} | ${r.margin ?? '—'} | ${r.aggregate ?? '—'}${r.seeded ? ', seeded' : ''}${r.steady ? ', steady free' : ''}${r.cap ? `, ≤ ${pct(r.cap)} scanned` : ''}${r.codes ? `, code walk (codes ≤ ${pct(r.codes)}, read ${pct(r.codesRead ?? 0)})` : ''}${r.codeScan ? `, code scan (${r.cap ? '' : '≤ 3% / 3k scored, '}${r.scanKeep ? `scanKeep ${r.scanKeep}, PQ codes read ${pct(r.codesRead ?? 0)}, key bytes ${pct(r.bytesRead ?? 0)}` : `codes read ${pct(r.codesRead ?? 0)}`})` : ''} | ${r.buildSeconds.toFixed(2)} | ${r.artifactMB.toFixed(2)} | ${r.loadMs.toFixed(1)} | ${r.searchMs.toFixed(3)} | ${pct(r.scanned)} | ${r.attentionRecall.toFixed(4)} | ${r.oracleRecall.toFixed(4)} | ${r.groupTopKRecall.toFixed(3)} | ${r.searchRecall.toFixed(3)} | ${r.topKRecall.toFixed(3)} | ${r.oracleTopKRecall.toFixed(3)} | ${pct(r.outputError)} | ${pct(r.oracleError)} | ${r.needleHits} |`,
     ),
     ...versusHnsw(rows, pct),
   ].join('\n') + '\n';
