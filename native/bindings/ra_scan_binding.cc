@@ -166,6 +166,18 @@ struct AttendJob {
   }
 };
 
+// A call's scale checked and its query rows copied (`qn` floats, each finite); returns qn.
+size_t QueryAt(const Napi::Object& o, float scale, size_t qn, std::vector<float>& q) {
+  Napi::Env env = o.Env();
+  if (!(scale > 0) || !std::isfinite(scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
+  Napi::Float32Array from = TypedAt<float>(o, "q");
+  if (from.ElementLength() != qn) throw Napi::RangeError::New(env, "q must hold heads * group * headDim floats (" + std::to_string(qn) + ")");
+  q.assign(from.Data(), from.Data() + qn);
+  for (const float v : q)
+    if (!std::isfinite(v)) throw Napi::RangeError::New(env, "q must be finite");
+  return qn;
+}
+
 // What open() makes on a libuv thread, handed to the constructor in an External.
 struct Made {
   std::shared_ptr<cuda::RaScanStore> store;
@@ -276,13 +288,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     a.k = Int(o, "k", 1, c.tokens);
     a.maxScanned = Int(o, "maxScanned", 1, (int64_t(1) << 40));
     a.scale = Absent(o.Get("scale")) ? 1.f / std::sqrt(float(d)) : Float(o, "scale");
-    if (!(a.scale > 0) || !std::isfinite(a.scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
-    const size_t qn = size_t(H) * a.group * d;
-    Napi::Float32Array q = TypedAt<float>(o, "q");
-    if (q.ElementLength() != qn) throw Napi::RangeError::New(env, "q must hold heads * group * headDim floats (" + std::to_string(qn) + ")");
-    job->q.assign(q.Data(), q.Data() + qn);
-    for (const float v : job->q)
-      if (!std::isfinite(v)) throw Napi::RangeError::New(env, "q must be finite");
+    QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     ListsAt(o, "seeds", H, c.tokens, false, job->seeds, job->seedCounts);
     ListsAt(o, "free", H, c.tokens, true, job->freeIds, job->freeCounts);
     Napi::Int32Array outIds = TypedAt<int32_t>(o, "outIds", size_t(H) * a.k);
@@ -321,13 +327,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     cuda::RaAttendArgs& a = job->args;
     a.group = int(Int(o, "group", 1, c.maxGroup));
     a.scale = Float(o, "scale");
-    if (!(a.scale > 0) || !std::isfinite(a.scale)) throw Napi::RangeError::New(env, "scale must be a finite number > 0");
-    const size_t qn = size_t(H) * a.group * d;
-    Napi::Float32Array q = TypedAt<float>(o, "q");
-    if (q.ElementLength() != qn) throw Napi::RangeError::New(env, "q must hold heads * group * headDim floats (" + std::to_string(qn) + ")");
-    job->q.assign(q.Data(), q.Data() + qn);
-    for (const float v : job->q)
-      if (!std::isfinite(v)) throw Napi::RangeError::New(env, "q must be finite");
+    const size_t qn = QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     if (Absent(o.Get("ids"))) throw Napi::TypeError::New(env, "ids: one Int32Array a kv head");
     ListsAt(o, "ids", H, c.tokens, false, job->ids, job->counts);
     Napi::Float32Array out = TypedAt<float>(o, "out", qn);
