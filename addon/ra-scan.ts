@@ -76,7 +76,7 @@ interface NativeRaScan {
     stageTimes?: boolean;
     sync: boolean;
   }): Promise<undefined>;
-  attend(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[]; out: Float32Array; lse: Float32Array; meta: Float64Array; sync: boolean }): Promise<undefined>;
+  attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; out: Float32Array; lse: Float32Array; meta: Float64Array; sync: boolean }): Promise<undefined>;
   hasValues(): boolean;
   bytes(): number;
   lastTimes(): RaScanTimes;
@@ -100,7 +100,7 @@ export class RaScanStore {
   private readonly timer = new DeviceTimer();
   private readonly attendTimer = new DeviceTimer();
   /** The last search's host stages and its time on the device (a bench's question). */
-  lastHost: RaScanHostMs = { parseMs: 0, prepareMs: 0, searchMs: 0 };
+  readonly lastHost: RaScanHostMs = { parseMs: 0, prepareMs: 0, searchMs: 0 };
   lastDeviceMs = 0;
 
   private constructor(
@@ -152,7 +152,10 @@ export class RaScanStore {
     }));
     this.timer.record(meta[2 * H]);
     this.lastDeviceMs = meta[2 * H];
-    this.lastHost = { parseMs: meta[2 * H + 1], prepareMs: meta[2 * H + 2], searchMs: meta[2 * H + 3] };
+    // Written in place: the bench keeps its own copies; a step allocates nothing for it.
+    this.lastHost.parseMs = meta[2 * H + 1];
+    this.lastHost.prepareMs = meta[2 * H + 2];
+    this.lastHost.searchMs = meta[2 * H + 3];
     return Array.from({ length: H }, (_, h) => ({
       ids: outIds.subarray(h * a.k, h * a.k + meta[h]),
       scores: outScores.subarray(h * a.k, h * a.k + meta[h]),
@@ -171,7 +174,7 @@ export class RaScanStore {
    * out [heads * group, headDim] and lse [heads * group], a head with no rows -Infinity and zeros: merged by
    * log-sum-exp with what else the step attends.
    */
-  async attend(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }> {
+  async attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }> {
     const H = this.heads;
     if (a.ids.length !== H) throw new RangeError(`expected ${H} id lists, one per kv head, got ${a.ids.length}`);
     const out = new Float32Array(H * a.group * this.headDim), lse = new Float32Array(H * a.group);

@@ -129,7 +129,7 @@ for (let r = 0; r < reps; r++)
     const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
     sessWall.push(performance.now() - w);
     sessMs.push(store.lastTimes().totalMs);
-    sessHost.push(store.lastHost);
+    sessHost.push({ ...store.lastHost });
     last = res.map((x) => x.ids.slice());
     if (r === 0) res.forEach((x, h) => sessRecall.push(groupRecall(data, bestFirst(x), (s + h) % steps)));
   }

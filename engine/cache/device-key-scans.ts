@@ -27,7 +27,7 @@ import type { DeviceRows, KeyScanner, ScanHead, SearchResult } from '../../index
 export interface ScanStore {
   search(a: RaScanSearchArgs): Promise<RaScanHeadResult[]>;
   /** Attention over listed rows (a store opened with values; RaScanStore.attend). */
-  attend?(a: { q: Float32Array; group: number; scale: number; ids: Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }>;
+  attend?(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }>;
   readonly hasValues?: boolean;
   /** The last search's time on the device, ms (where the store measures it). */
   readonly lastDeviceMs?: number;
@@ -108,7 +108,7 @@ export class DeviceKeyScans implements KeyScanner {
   private readonly held = new Map<Entry, true>();
   private used = 0;
   /** The last device search: awaited as the method sees it, and on the device (a bench's question). */
-  lastSearch = { awaitedMs: 0, deviceMs: NaN };
+  readonly lastSearch = { awaitedMs: 0, deviceMs: NaN };
   readonly stats: DeviceKeyScanStats = { steps: 0, attends: 0, opened: 0, evicted: 0, failures: 0, bytes: 0 };
 
   constructor(
@@ -143,7 +143,8 @@ export class DeviceKeyScans implements KeyScanner {
         ...(free && free.length > 0 && { free: heads.map(() => free) }),
       });
       this.stats.steps++;
-      this.lastSearch = { awaitedMs: performance.now() - t0, deviceMs: e.store.lastDeviceMs ?? NaN };
+      this.lastSearch.awaitedMs = performance.now() - t0;
+      this.lastSearch.deviceMs = e.store.lastDeviceMs ?? NaN;
       const rows = e.store.hasValues && e.store.attend ? (e.rows ??= this.rowsOf(e)) : undefined;
       return res.map((r) => (rows ? { ids: r.ids, scanned: r.scanned, codes: first.tokens, rows } : { ids: r.ids, scanned: r.scanned, codes: first.tokens }));
     } catch (err) {
@@ -167,7 +168,7 @@ export class DeviceKeyScans implements KeyScanner {
         e.busy++;
         e.lastUse = performance.now();
         try {
-          const r = await store.attend({ q, group, scale, ids: [...ids] });
+          const r = await store.attend({ q, group, scale, ids });
           this.stats.attends++;
           return r;
         } catch (err) {
