@@ -443,11 +443,14 @@ describe('ra-graph code scan, PQ first pass (scanKeep)', () => {
     const rng = new Rng(seed + 91);
     const [n, d, G, facts] = [12007, 32, 2, 6];
     const at = Array.from({ length: facts }, (_, i) => Math.floor(((i + 0.5) * n) / facts) + rng.int(100));
-    // N(0, 1) keys; fact fi adds ±9 (9σ) to the 4 channels of subspace 1 + fi / 2, where the centroids nearest it, of
-    // ordinary keys, stand ~1σ out a channel along that direction: its PQ code drops most of it, its 4-bit code clamps
-    // at 3σ. No entry point finds a fact: the build queries look at channels 16..31 only, so facts are no hubs, and
-    // keys that stand out more (20 in the 4 channels of subspace 0, which no query looks at) take the graph's outlier
-    // entry points (n / 256 by Σ z²).
+    // N(0, 1) keys; fact fi adds ±9 (9σ) to the 4 channels of subspace 1 + fi / 2. Its PQ code is the centroid of
+    // ordinary keys that stands out most along that direction (~1σ a channel), which ~1/16 of the keys share: the first
+    // pass, keeping the best ~60 by PQ, ranks it among them by chance and loses most facts. Its 4-bit code clamps at
+    // 3σ, still far above every ordinary key's (the queries' other channels are weak), so once kept it is found. No
+    // outlier entry point finds a fact: the build queries look at channels 16..31 only, and keys that stand out more
+    // (20 in the 4 channels of subspace 0, which no query looks at) take the graph's outlier entry points (n / 256 by
+    // Σ z²). A fact that is one of the other entry points (the keys most often a build query's nearest, by chance
+    // here) is found whatever the scan does, so it is not judged.
     const sub = (fi: number) => 1 + (fi >> 1), sign = (fi: number) => (fi & 1 ? -1 : 1);
     const loud = new Set(Array.from({ length: Math.ceil(n / 256) + 12 }, () => rng.int(n)).filter((t) => !at.includes(t)));
     const bits = new Uint16Array(n * d);
@@ -461,22 +464,27 @@ describe('ra-graph code scan, PQ first pass (scanKeep)', () => {
     const entries = new Set(entriesOf(graph));
     const { outliers } = graph.pqCodes(pqArgs(bits, n, d, 'f16'));
     const { m } = sampleOf(n);
-    const keep = 0.03, cap = m + Math.ceil(0.02 * n);
-    let lostByPq = 0;
+    // The entry points score +∞ and take the first of the cap's places; `rest` are left to the scan.
+    const keep = 0.005, rest = Math.ceil(0.005 * n), cap = m + entries.size + rest;
+    const firstPass = Math.max(rest, Math.ceil(keep * n));
+    let judged = 0, lostByPq = 0;
     for (let fi = 0; fi < facts; fi++) {
       expect(Array.from(outliers)).toContain(at[fi]);
-      expect(entries.has(at[fi])).toBe(false);
+      if (entries.has(at[fi])) continue;
+      judged++;
       const q = new Float32Array(G * d);
-      for (let g = 0; g < G; g++) for (let j = 0; j < d; j++) q[g * d + j] = j >= 16 ? rng.normal() : j >> 2 === sub(fi) ? 1.5 * sign(fi) : 0;
+      for (let g = 0; g < G; g++) for (let j = 0; j < d; j++) q[g * d + j] = j >= 16 ? 0.5 * rng.normal() : j >> 2 === sub(fi) ? 1.5 * sign(fi) : 0;
       const a = { ...scanArgs(bits, n, d, 'f16', q, G, cap), k: 1, outIds: new Int32Array(1), outScores: new Float32Array(1), scanKeep: keep };
-      graph.searchSync(a);
+      const r = graph.searchSync(a);
       expect(a.outIds[0]).toBe(at[fi]);
-      // Its PQ form's rank (max over the rows of x̃: the rows' c0 differ little here) beyond what the first pass keeps.
+      expect(r.codesKept).toBeLessThanOrEqual(firstPass + outliers.length);
+      // Its PQ form's rank (max over the rows of x̃: the rows' c0 differ little here) well beyond what the first pass keeps.
       const x = graph.codeLogits({ ...pqArgs(bits, n, d, 'f16'), q, group: G, ids: Int32Array.from({ length: n }, (_, t) => t), pq: true });
       const rho = Float64Array.from({ length: n }, (_, t) => Math.max(x[t * G], x[t * G + 1]));
-      if (rho.filter((v) => v > rho[at[fi]]).length > 2 * keep * n) lostByPq++;
+      if (rho.filter((v) => v > rho[at[fi]]).length > 1.5 * firstPass) lostByPq++;
     }
-    console.log(`scanKeep: ${facts}/${facts} facts found; by their PQ codes alone ${lostByPq} ranked below twice what the first pass keeps`);
+    console.log(`scanKeep: ${judged}/${facts} facts judged (the rest entry points), all found; by their PQ codes alone ${lostByPq} ranked beyond 1.5x what the first pass keeps`);
+    expect(judged).toBeGreaterThanOrEqual(facts - 2);
     expect(lostByPq).toBeGreaterThan(0);
     graph.dispose();
   });
