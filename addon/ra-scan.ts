@@ -28,7 +28,7 @@ export interface RaScanTimes {
 export interface RaScanHostMs {
   /** The arguments read and copied (the binding, on the loop's thread). */
   parseMs: number;
-  /** The query's int8 weights for the codes (RaKeyCodes::Prepare, every head). */
+  /** The query's int8 weights for the codes (RaKeyCodes::Prepare, every head), and its PQ tables with scanKeep. */
   prepareMs: number;
   /** The store's Search on the host: staging, launch, the wait for the device, the answer copied out. */
   searchMs: number;
@@ -48,6 +48,11 @@ export interface RaScanSearchArgs {
   seeds?: Int32Array[];
   /** Per kv head: the free keys (sinks, window): in the partitions, never in the answer. */
   free?: Int32Array[];
+  /**
+   * A share in (0, 1]: a first pass on the keys' PQ codes keeps at least ceil(scanKeep * tokens) of them, and the
+   * PQ codes' outliers, for the 4-bit codes (the host's scanKeep: the same keys); absent, every key's 4-bit code.
+   */
+  scanKeep?: number;
   stageTimes?: boolean;
 }
 
@@ -58,6 +63,8 @@ export interface RaScanHeadResult {
   scores: Float32Array;
   /** Keys scored exactly (the sample and the candidates, each once). */
   scanned: number;
+  /** With scanKeep: the keys whose 4-bit code was read (the entry points and seeds not counted). */
+  codesKept?: number;
 }
 
 interface NativeRaScan {
@@ -69,9 +76,13 @@ interface NativeRaScan {
     scale?: number;
     seeds?: Int32Array[];
     free?: Int32Array[];
+    scanKeep?: number;
     outIds: Int32Array;
     outScores: Float32Array;
-    /** [2 * heads + 4]: ids written per head, keys scored exactly per head, the call's device ms, its host stages (RaScanHostMs). */
+    /**
+     * [3 * heads + 4]: ids written per head, keys scored exactly per head, the call's device ms, its host stages
+     * (RaScanHostMs), the 4-bit codes read per head (scanKeep).
+     */
     meta: Float64Array;
     stageTimes?: boolean;
     sync: boolean;
@@ -113,7 +124,7 @@ export class RaScanStore {
   ) {}
 
   /**
-   * Uploads each graph's keys, codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys),
+   * Uploads each graph's keys, 4-bit and PQ codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys),
    * values where given (`attend` needs them) and entry points, off the event loop; rejects without a device or
    * its memory.
    */
@@ -133,7 +144,7 @@ export class RaScanStore {
     if (a.free && a.free.length !== H) throw new RangeError(`expected ${H} free lists, one per kv head, got ${a.free.length}`);
     const outIds = new Int32Array(H * a.k);
     const outScores = new Float32Array(H * a.k);
-    const meta = new Float64Array(2 * H + 4);
+    const meta = new Float64Array(3 * H + 4);
     // On the loop's thread where the last search's device time fits the turn's cap: the pool's two
     // cross-thread wake-ups were most of the gap between the device's time and the awaited call's.
     await deviceCall(this.timer.expect(), (sync) => this.native.search({
@@ -144,6 +155,7 @@ export class RaScanStore {
       ...(a.scale !== undefined && { scale: a.scale }),
       ...(a.seeds && { seeds: a.seeds }),
       ...(a.free && { free: a.free }),
+      ...(a.scanKeep !== undefined && { scanKeep: a.scanKeep }),
       outIds,
       outScores,
       meta,
@@ -160,6 +172,7 @@ export class RaScanStore {
       ids: outIds.subarray(h * a.k, h * a.k + meta[h]),
       scores: outScores.subarray(h * a.k, h * a.k + meta[h]),
       scanned: meta[H + h],
+      ...(a.scanKeep !== undefined && { codesKept: meta[2 * H + 4 + h] }),
     }));
   }
 

@@ -152,8 +152,10 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     // key (--configs nosa-estimate,topk-blocks-estimate).
     // Retrieval-attention with the code scan on the device (engine/cache/device-key-scans.ts): the layer's keys,
     // codes and values held there, the search and the selected rows' attention both on the device, the pool for
-    // sinks and window. Asked for by key (--configs ra-scan).
+    // sinks and window. Asked for by key (--configs ra-scan); ra-scan-keep with the PQ first pass (scanKeep 0.08:
+    // a sixteenth of each key's bytes read, a quarter for the 8% it keeps).
     { name: 'retrieval-attention (device scan)', key: 'ra-scan', method: 'retrieval-attention', poolBytes: Math.floor(layerBytes * poolShare), scanBytes: 16 * 2 ** 30, params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256, codeScan: true, estimate: false }, optIn: true },
+    { name: 'retrieval-attention (device scan, scanKeep 0.08)', key: 'ra-scan-keep', method: 'retrieval-attention', poolBytes: Math.floor(layerBytes * poolShare), scanBytes: 16 * 2 ** 30, params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256, codeScan: true, scanKeep: 0.08, estimate: false }, optIn: true },
     ...(['nosa', 'topk-blocks'] as const).flatMap((method) => [
       { name: `${method} + estimate (host)`, key: `${method}-estimate`, method, estimate: 'host' as const, poolBytes: Math.floor(layerBytes * poolShare), params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 }, optIn: true },
       { name: `${method} + estimate (device)`, key: `${method}-estimate`, method, estimate: 'device' as const, poolBytes: Math.floor(layerBytes * poolShare), waveBytes: 16 * 2 ** 30, params: { ...DEFAULT_PARAMS, budget: sparseBudget, sinks: 64, window: 256 }, optIn: true },

@@ -1,4 +1,4 @@
-// node dist/bench/ra-scan-gpu.js [--tokens 1048576 --heads 8 --reps 4 --tag s29]
+// node dist/bench/ra-scan-gpu.js [--tokens 1048576 --heads 8 --reps 4 --keep 0.08 --tag s29]
 //
 // Issue #15's search target (all kv heads of one layer-step <= 1 ms at 1M
 // keys) met on the device: retrieval-attention's code scan for every head of
@@ -20,7 +20,11 @@
 // last step's answer as seeds; then that answer's rows attended on the
 // device from the store and on the host, as before the store held values.
 //
-// Writes bench/results/ra-scan-gpu-<tokens>-<card>[-<tag>].md and .json
+// --keep SHARE: the PQ first pass (a session's scanKeep) on both sides, and
+// the bytes each reads a key: every PQ code, the 4-bit codes it keeps, the
+// keys scored exactly.
+//
+// Writes bench/results/ra-scan-gpu-<tokens>-<card>[-keep<SHARE>][-<tag>].md and .json
 // (and into $OUT on a device visit). Needs a GPU.
 import { cudaAvailable } from '../addon/cuda.js';
 import { attend } from '../addon/kernels.js';
@@ -38,7 +42,9 @@ const get = (name: string, dflt: string) => (argv.includes(`--${name}`) ? argv[a
 const tokens = Number(get('tokens', '1048576'));
 const heads = Number(get('heads', '8'));
 const reps = Number(get('reps', '4'));
-const tag = get('tag', '');
+const keep = argv.includes('--keep') ? Number(get('keep', '1')) : undefined;
+const tag = [keep !== undefined ? `keep${keep}` : '', get('tag', '')].filter(Boolean).join('-');
+const keepArg = keep !== undefined ? { scanKeep: keep } : {};
 const steps = 8;
 const t0 = performance.now();
 const at = () => `${((performance.now() - t0) / 1000).toFixed(1)} s`;
@@ -58,7 +64,7 @@ const store = await RaScanStore.open(graphs, keys, tokens, D, 'f16', G, keys);
 const storeMs = performance.now() - w;
 progress(`[${at()}] store made in ${storeMs.toFixed(0)} ms (codes made on the host for ${heads} heads, uploaded): ${(store.bytes() / 2 ** 20).toFixed(0)} MiB on the device`);
 
-const opts = walkOptions(0, asked, 0, tokens, { codeScan: true });
+const opts = walkOptions(0, asked, 0, tokens, { codeScan: true, ...keepArg });
 const cap = opts.maxScanned ?? Math.ceil(0.03 * tokens);
 const stepQ = (s: number) => {
   const q = new Float32Array(heads * G * D);
@@ -89,14 +95,14 @@ for (let r = 0; r < reps; r++)
 progress(`[${at()}] host code scan: ${median(hostMs).toFixed(2)} ms a layer-step (p50 of ${hostMs.length})`);
 
 // The device: two untimed calls, then reps × steps timed.
-for (let s = 0; s < 2; s++) await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap });
+for (let s = 0; s < 2; s++) await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg });
 const devMs: number[] = [], devWall: number[] = [], devHost: number[] = [];
 let agree = 0, hostTotal = 0;
-const recall = { host: [] as number[], device: [] as number[] }, scanned: number[] = [];
+const recall = { host: [] as number[], device: [] as number[] }, scanned: number[] = [], kept: number[] = [];
 for (let r = 0; r < reps; r++)
   for (let s = 0; s < steps; s++) {
     w = performance.now();
-    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap });
+    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg });
     devWall.push(performance.now() - w);
     const t = store.lastTimes();
     devMs.push(t.totalMs);
@@ -107,6 +113,7 @@ for (let r = 0; r < reps; r++)
       for (const id of hostIds[s][h]) agree += mine.has(id) ? 1 : 0;
       hostTotal += hostIds[s][h].length;
       scanned.push(x.scanned / tokens);
+      if (x.codesKept !== undefined) kept.push(x.codesKept / tokens);
       recall.device.push(groupRecall(data, bestFirst(x), (s + h) % steps));
       recall.host.push(groupRecall(data, hostIds[s][h], (s + h) % steps));
     });
@@ -117,7 +124,7 @@ progress(`[${at()}] device: ${median(devMs).toFixed(3)} ms on the device, ${medi
 // The stages, and a decode session's call (free sinks + window, the last step's answer as seeds).
 const stages: RaScanTimes[] = [];
 for (let s = 0; s < steps; s++) {
-  await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, stageTimes: true });
+  await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg, stageTimes: true });
   stages.push(store.lastTimes());
 }
 const free = Int32Array.from([...Array.from({ length: SINKS }, (_, i) => i), ...Array.from({ length: WINDOW }, (_, i) => tokens - WINDOW + i)]);
@@ -126,7 +133,7 @@ const sessMs: number[] = [], sessWall: number[] = [], sessRecall: number[] = [],
 for (let r = 0; r < reps; r++)
   for (let s = 0; s < steps; s++) {
     w = performance.now();
-    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
+    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg, free: Array(heads).fill(free), seeds: last });
     sessWall.push(performance.now() - w);
     sessMs.push(store.lastTimes().totalMs);
     sessHost.push({ ...store.lastHost });
@@ -140,7 +147,7 @@ const attDev: number[] = [], attWall: number[] = [], attHost: number[] = [];
 let attErr = 0;
 for (let r = 0; r < reps; r++)
   for (let s = 0; s < steps; s++) {
-    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
+    const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg, free: Array(heads).fill(free), seeds: last });
     last = res.map((x) => x.ids.slice());
     w = performance.now();
     const dev = await store.attend({ q: qs[s], group: G, scale, ids: last });
@@ -161,7 +168,7 @@ setGpuSyncUs(0);
 const poolWall: number[] = [];
 for (let s = 0; s < steps; s++) {
   w = performance.now();
-  const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, free: Array(heads).fill(free), seeds: last });
+  const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg, free: Array(heads).fill(free), seeds: last });
   poolWall.push(performance.now() - w);
   last = res.map((x) => x.ids.slice());
 }
@@ -177,6 +184,10 @@ const rows = {
   agreement: agree / hostTotal,
   recall: { host: mean(recall.host), device: mean(recall.device) },
   scanned: mean(scanned),
+  /** With --keep: the share of keys whose 4-bit code was read (the entry points and seeds not counted). */
+  ...(keep !== undefined && { scanKeep: keep, kept: mean(kept) }),
+  /** Bytes read a key, over the f16 key's 2d: every key's PQ code (d/8) and the kept ones' 4-bit codes (d/2) with --keep, else every 4-bit code; the keys scored exactly (2d). */
+  bytesShare: ((keep !== undefined ? D / 8 + mean(kept) * (D / 2) : D / 2) + mean(scanned) * 2 * D) / (2 * D),
   stagesMs: { sample: st('sampleMs'), scan: st('scanMs'), cut: st('cutMs'), exact: st('exactMs'), final: st('finalMs'), total: st('totalMs') },
   session: {
     deviceMs: median(sessMs), awaitedMs: median(sessWall), recall: mean(sessRecall), poolAwaitedMs: median(poolWall),
@@ -192,7 +203,7 @@ const rows = {
 const md = [
   `### Retrieval-attention's code scan on the device: a whole layer-step at ${tokens.toLocaleString('en-US')} keys, ${heads} kv heads in one call (bench/ra-scan-gpu.ts)`,
   '',
-  `${machine()}, ${info.device}; ${new Date().toISOString()}. bench/ra-search-layer.ts's workload, graph and heads (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window; ${heads} heads = the graph loaded ${heads} times over copies of its keys, head h at step s with step (s + h) mod ${steps}'s group), the session's default cap (${cap} keys scored exactly, ${f((100 * cap) / tokens, 1)}%, every key's code read). Medians over ${reps} reps × ${steps} layer-steps. host = RaGraph.searchBatch with codeScan (the native pool, as the engine calls it); device = one RaScanStore.search for all heads (on the device: CUDA events around its copies and kernels; awaited: the call as JS sees it, run on the event loop's thread where the last call's device time fits --gpu-sync-us ${cap0} µs, else on libuv's pool: ${runs.loop} calls on the loop, ${runs.pool} on the pool). Agreement = the share of the host's ids the device returned (rep 0, every head and step).`,
+  `${machine()}, ${info.device}; ${new Date().toISOString()}. bench/ra-search-layer.ts's workload, graph and heads (one kv head of the generator, seed 7, GQA group 4, d = 128, f16, k = ${asked} asked: 1% + 16 sinks + 256 window; ${heads} heads = the graph loaded ${heads} times over copies of its keys, head h at step s with step (s + h) mod ${steps}'s group), the session's default cap (${cap} keys scored exactly, ${f((100 * cap) / tokens, 1)}%, ${keep !== undefined ? `scanKeep ${keep}: every key's PQ code read, then the 4-bit codes of the ${f(100 * rows.kept!, 2)}% it kept` : "every key's 4-bit code read"}). Medians over ${reps} reps × ${steps} layer-steps. host = RaGraph.searchBatch with codeScan (the native pool, as the engine calls it); device = one RaScanStore.search for all heads (on the device: CUDA events around its copies and kernels; awaited: the call as JS sees it, run on the event loop's thread where the last call's device time fits --gpu-sync-us ${cap0} µs, else on libuv's pool: ${runs.loop} calls on the loop, ${runs.pool} on the pool). Agreement = the share of the host's ids the device returned (rep 0, every head and step).`,
   '',
   '| search, a layer-step | ms (p50) | top-1% recall (group) | scanned exactly |',
   '| --- | ---: | ---: | ---: |',
@@ -208,6 +219,7 @@ const md = [
   `The device's attend against the host's: max difference ${rows.attend.maxDiff.toExponential(1)} (lse absolute, out relative to |out| + 1e-3).`,
   `Device over host: ${f(rows.deviceMs.p50 / rows.hostLayerStepMs.p50, 3)}× on the device, ${f(rows.deviceAwaitedMs.p50 / rows.hostLayerStepMs.p50, 3)}× awaited. Agreement with the host's ids: ${f(rows.agreement, 4)}.`,
   `Stages on the device (ms, with stage events): sample ${f(rows.stagesMs.sample)}, scan of the codes ${f(rows.stagesMs.scan)}, the candidates' cut ${f(rows.stagesMs.cut)}, exact scores ${f(rows.stagesMs.exact)}, refine + the answer's cut ${f(rows.stagesMs.final)}; total ${f(rows.stagesMs.total)}.`,
+  `Bytes read a key: ${f(100 * rows.bytesShare, 1)}% of the f16 key's (${keep !== undefined ? "PQ codes, the kept keys' 4-bit codes" : '4-bit codes'} and the keys scored exactly).`,
   `Store: made in ${f(storeMs / 1000, 1)} s (the codes made on the host, every head's codes, keys, values and entry points uploaded), ${(rows.deviceBytes / 2 ** 20).toFixed(0)} MiB on the device.`,
   '',
 ].join('\n');

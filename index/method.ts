@@ -66,10 +66,12 @@ export interface KeyScanner {
    * Per kv head h (query rows h*group ..): the best k keys by the group's
    * attention, as the host's code scan of that head with this cap, seeds
    * (the head's last ids) and free keys finds them, up to near-ties at its
-   * cuts; the ids come as a set (in no order). Undefined when it cannot
-   * take these heads now (the caller searches on the host).
+   * cuts; the ids come as a set (in no order). `scanKeep` below 1: the
+   * host's PQ first pass (SearchParams.scanKeep), the same keys kept.
+   * Undefined when it cannot take these heads now (the caller searches on
+   * the host).
    */
-  scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array): Promise<SearchResult[] | undefined>;
+  scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array, scanKeep?: number): Promise<SearchResult[] | undefined>;
 }
 
 /**

@@ -176,17 +176,17 @@ export const retrievalAttentionBuilder: HeadIndexBuilder = {
     const d = (heads[0] as GraphHead).keys.headDim;
     const steady = memo?.steady && memo.steady.length > 0 ? memo.steady : undefined;
     // The code scan on the device where the session has a scanner and it can
-    // take these heads now (every head asks the same k there), else below.
-    // The device scan has no PQ first pass: a session with scanKeep below 1
-    // searches on the host, so that it reads what it asked for (scanKeep 1
-    // keeps every key for the 4-bit codes, as the one pass reads them).
-    if (walk?.codeScan && scanner && (walk.scanKeep === undefined || walk.scanKeep === 1) && k.every((x) => x === k[0])) {
+    // take these heads now (every head asks the same k there), else below;
+    // with scanKeep below 1 both make the PQ first pass (scanKeep 1 keeps
+    // every key for the 4-bit codes: the one pass, which the device reads so).
+    if (walk?.codeScan && scanner && k.every((x) => x === k[0])) {
+      const keep = walk.scanKeep !== undefined && walk.scanKeep < 1 ? walk.scanKeep : undefined;
       const { keys } = heads[0] as GraphHead;
       const free = steady?.length ?? 0;
       const n = Math.max(0, Math.min(k[0] - free, keys.tokens - free));
       const { maxScanned } = walkOptions(ef, n, free, keys.tokens, walk);
       const found = n > 0 && maxScanned !== undefined
-        ? await scanner.scan(heads.map((head) => ({ ...(head as GraphHead).keys, graph: (head as GraphHead).graph })), q, group, n, maxScanned, heads.map((_, h) => memo?.last?.[h]), steady)
+        ? await scanner.scan(heads.map((head) => ({ ...(head as GraphHead).keys, graph: (head as GraphHead).graph })), q, group, n, maxScanned, heads.map((_, h) => memo?.last?.[h]), steady, keep)
         : undefined;
       if (found) {
         if (memo) memo.last = found.map((r) => r.ids);

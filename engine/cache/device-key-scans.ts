@@ -57,12 +57,12 @@ const withValues = (heads: readonly ScanHead[]) => heads.every((h) => h.values !
 
 /**
  * Device bytes a store of these heads takes before its per-step buffers: a head's codes and keys (2.5 bytes a
- * channel), its values where it holds them (2 more), four bitmaps, and 24 bytes a key for what a step's scan keeps
- * and its cut's bin (native/cuda/ra_scan.cu).
+ * channel), its values where it holds them (2 more), its PQ codes (1/8 byte a channel), five bitmaps, and 24 bytes
+ * a key for what a step's scan keeps and its cut's bin (native/cuda/ra_scan.cu).
  */
 export function scanStoreBytes(heads: readonly ScanHead[]): number {
   const { tokens, headDim } = heads[0];
-  return heads.length * (tokens * headDim * (withValues(heads) ? 4.5 : 2.5) + 4 * Math.ceil(tokens / 8) + 24 * tokens);
+  return heads.length * (tokens * headDim * ((withValues(heads) ? 4.5 : 2.5) + 0.125) + 5 * Math.ceil(tokens / 8) + 24 * tokens);
 }
 
 interface Entry {
@@ -117,7 +117,7 @@ export class DeviceKeyScans implements KeyScanner {
     private readonly warmMs = WARM_MS,
   ) {}
 
-  async scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array): Promise<SearchResult[] | undefined> {
+  async scan(heads: readonly ScanHead[], q: Float32Array, group: number, k: number, maxScanned: number, seeds: readonly (Int32Array | undefined)[], free?: Int32Array, scanKeep?: number): Promise<SearchResult[] | undefined> {
     const first = heads[0];
     if (!first || group > MAX_GROUP || !this.backend.supported(first.headDim, group)) return undefined;
     let e = this.entries.get(first.graph);
@@ -141,6 +141,7 @@ export class DeviceKeyScans implements KeyScanner {
         q, group, k, maxScanned,
         ...(seeds.some((s) => s) && { seeds: seeds.map((s) => s ?? new Int32Array(0)) }),
         ...(free && free.length > 0 && { free: heads.map(() => free) }),
+        ...(scanKeep !== undefined && { scanKeep }),
       });
       this.stats.steps++;
       this.lastSearch.awaitedMs = performance.now() - t0;

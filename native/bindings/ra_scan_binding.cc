@@ -6,16 +6,18 @@
 // RaScanStore.open({graphs: RaGraph[], keys: Uint16Array[] ([tokens, headDim] each, the keys each graph was
 //                    built over), values?: Uint16Array[] (the same shape: attend needs them), tokens, headDim,
 //                    dtype, maxGroup}) -> Promise<RaScanStore>
-//   one kv head per graph: its keys' 4-bit codes (the graph's own, made now where it has none:
-//   RaGraph::KeyCodesFor), its keys and its entry points uploaded, off the event loop; rejects without a
-//   device or memory.
+//   one kv head per graph: its keys' 4-bit and PQ codes (the graph's own, made now where it has none:
+//   RaGraph::KeyCodesFor, PqCodesFor), the PQ codes' outliers, its keys and its entry points uploaded, off
+//   the event loop; rejects without a device or memory.
 //   .search({q: Float32Array [heads*group*headDim], group, k, maxScanned, scale?,
-//            seeds?: Int32Array[] [heads], free?: Int32Array[] [heads],
-//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], meta: Float64Array [2*heads + 4],
+//            seeds?: Int32Array[] [heads], free?: Int32Array[] [heads], scanKeep?: number in (0, 1],
+//            outIds: Int32Array [heads*k], outScores: Float32Array [heads*k], meta: Float64Array [3*heads + 4],
 //            stageTimes?: boolean, sync?: boolean}) -> Promise<undefined>
 //     head h's ids (a set) at outIds[h*k ..], meta[h] of them, meta[heads + h] keys scored exactly,
 //     meta[2*heads] the call's device ms (LastTimes().totalMs), then the host's ms: the arguments read,
-//     the query's int8 weights made, the store's Search (staging, the wait, the copy out);
+//     the query's int8 weights (and PQ tables) made, the store's Search (staging, the wait, the copy
+//     out); then meta[2*heads + 4 + h] the keys whose 4-bit code was read (scanKeep: the PQ first pass,
+//     ceil(scanKeep * tokens) kept at least, as the host's scanKeep; else 0);
 //     ra_scan.h says what they are. Lists are one Int32Array a kv head, ids in [0, tokens); free ids
 //     may repeat (each counts once). sync: the work runs on the calling thread and the promise comes
 //     back settled (common/binding_args.h RunNowOrAsync; addon/device-calls.ts chooses).
@@ -42,6 +44,7 @@
 #include "bindings/ra_graph_handle.h"
 #include "cuda/ra_scan.h"
 #include "indexes/ra_key_codes.h"
+#include "indexes/ra_pq_codes.h"
 #endif
 
 namespace kvr {
@@ -58,12 +61,14 @@ Napi::Value Supported(const Napi::CallbackInfo& info) {
 struct ScanJob {
   std::shared_ptr<cuda::RaScanStore> store;
   std::vector<std::shared_ptr<const RaKeyCodes>> codes;
+  std::vector<std::shared_ptr<const RaPqCodes>> pq;
   cuda::RaScanArgs args;
   std::vector<float> q;
   std::vector<int32_t> seeds, seedCounts, freeIds, freeCounts;
   std::vector<int8_t> w8;
-  std::vector<float> qscale, qbias;
-  std::vector<int64_t> counts, scanned;
+  std::vector<float> qscale, qbias, pqBase, pqDelta;
+  std::vector<uint64_t> pqLut;
+  std::vector<int64_t> counts, scanned, kept;
   double deviceMs = 0, parseMs = 0, prepareMs = 0, searchHostMs = 0;
   std::shared_ptr<std::mutex> lock;  // the store's: one search at a time on it
 
@@ -83,6 +88,20 @@ struct ScanJob {
       std::copy(cq.qscale.begin(), cq.qscale.end(), qscale.begin() + size_t(h) * G4);
       std::copy(cq.qbias.begin(), cq.qbias.end(), qbias.begin() + size_t(h) * G4);
     }
+    if (args.keep > 0) {
+      // Each head's PQ tables, as the host's scanKeep makes them (the nibble tables: the device sums those).
+      RaPqQuery pqq;
+      for (int h = 0; h < H; ++h) {
+        pq[size_t(h)]->Prepare(q.data() + size_t(h) * G * d, G, args.scale, pqq, false);
+        if (h == 0) pqLut.assign(size_t(H) * pqq.lut.size(), 0), pqBase.assign(size_t(H) * G4, 0.f), pqDelta.assign(size_t(H) * G4, 0.f);
+        std::copy(pqq.lut.begin(), pqq.lut.end(), pqLut.begin() + size_t(h) * pqq.lut.size());
+        std::copy(pqq.base.begin(), pqq.base.end(), pqBase.begin() + size_t(h) * G4);
+        std::copy(pqq.delta.begin(), pqq.delta.end(), pqDelta.begin() + size_t(h) * G4);
+      }
+      args.pqLut = pqLut.data();
+      args.pqBase = pqBase.data();
+      args.pqDelta = pqDelta.data();
+    }
     args.q = q.data();
     args.w8 = w8.data();
     args.qscale = qscale.data();
@@ -93,8 +112,10 @@ struct ScanJob {
     args.freeCounts = freeCounts.data();
     counts.assign(size_t(H), 0);
     scanned.assign(size_t(H), 0);
+    kept.assign(size_t(H), 0);
     args.outCounts = counts.data();
     args.outScanned = scanned.data();
+    args.outKept = kept.data();
     prepareMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     store->Search(args);
     const cuda::RaScanTimes t = store->LastTimes();  // under the lock: this search's
@@ -183,6 +204,7 @@ struct Made {
   std::shared_ptr<cuda::RaScanStore> store;
   std::vector<std::shared_ptr<const RaGraph>> graphs;
   std::vector<std::shared_ptr<const RaKeyCodes>> codes;
+  std::vector<std::shared_ptr<const RaPqCodes>> pq;
 };
 
 class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
@@ -203,6 +225,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     store_ = std::move(made->store);
     graphs_ = std::move(made->graphs);
     codes_ = std::move(made->codes);
+    pq_ = std::move(made->pq);
   }
 
  private:
@@ -210,6 +233,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
   std::shared_ptr<cuda::RaScanStore> store_;
   std::vector<std::shared_ptr<const RaGraph>> graphs_;
   std::vector<std::shared_ptr<const RaKeyCodes>> codes_;
+  std::vector<std::shared_ptr<const RaPqCodes>> pq_;
   std::shared_ptr<std::mutex> lock_ = std::make_shared<std::mutex>();
 
   // The arguments checked here; the codes made (where a graph has none of
@@ -258,6 +282,10 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
             const RaGraph& g = *made->graphs[size_t(h)];
             made->codes.push_back(g.KeyCodesFor((*keyRows)[size_t(h)], c.dtype));
             heads[size_t(h)].codes = made->codes.back()->Row(0);
+            made->pq.push_back(g.PqCodesFor((*keyRows)[size_t(h)], c.dtype));
+            heads[size_t(h)].pq = made->pq.back()->Row(0);
+            heads[size_t(h)].outliers = made->pq.back()->outliers().data();
+            heads[size_t(h)].outlierCount = int64_t(made->pq.back()->outliers().size());
             heads[size_t(h)].keys = (*keyRows)[size_t(h)];
             if (!valueRows->empty()) heads[size_t(h)].values = (*valueRows)[size_t(h)];
             heads[size_t(h)].entries = g.entries().data();
@@ -280,6 +308,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     auto job = std::make_shared<ScanJob>();
     job->store = Live(env);
     job->codes = codes_;
+    job->pq = pq_;
     job->lock = lock_;
     const cuda::RaScanConfig& c = job->store->Config();
     const int H = c.kvHeads, d = c.headDim;
@@ -291,11 +320,16 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     ListsAt(o, "seeds", H, c.tokens, false, job->seeds, job->seedCounts);
     ListsAt(o, "free", H, c.tokens, true, job->freeIds, job->freeCounts);
+    if (!Absent(o.Get("scanKeep"))) {
+      const double keep = Double(o, "scanKeep");
+      if (!(keep > 0 && keep <= 1)) throw Napi::RangeError::New(env, "scanKeep must be a number in (0, 1]");
+      a.keep = int64_t(std::ceil(keep * double(c.tokens)));  // the host's ceil(min(1, scanKeep) * n)
+    }
     Napi::Int32Array outIds = TypedAt<int32_t>(o, "outIds", size_t(H) * a.k);
     Napi::Float32Array outScores = TypedAt<float>(o, "outScores", size_t(H) * a.k);
     a.outIds = outIds.Data();
     a.outScores = outScores.Data();
-    Napi::Float64Array meta = TypedAt<double>(o, "meta", size_t(2) * H + 4);
+    Napi::Float64Array meta = TypedAt<double>(o, "meta", size_t(3) * H + 4);
     a.stageTimes = Flag(o, "stageTimes", false);
     const bool now = Flag(o, "sync", false);
     double* m = meta.Data();
@@ -310,6 +344,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
       m[2 * H + 1] = job->parseMs;
       m[2 * H + 2] = job->prepareMs;
       m[2 * H + 3] = job->searchHostMs;
+      for (int h = 0; h < H; ++h) m[2 * H + 4 + h] = double(job->kept[size_t(h)]);
       return e.Undefined();
     });
   }

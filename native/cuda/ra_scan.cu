@@ -14,6 +14,7 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/ra_attend_rows.cuh"
 #include "cuda/ra_scan_kernels.cuh"
+#include "cuda/ra_scan_pq.cuh"
 #include "cuda/wave_buffers.cuh"
 #include "cuda/step_graph.cuh"
 
@@ -54,6 +55,11 @@ struct RaScanStore::Impl {
   DevBuf vals, ain, aout, apartial;
   HostBuf ahin, ahout;
   uint16_t* values = nullptr;
+  // The PQ codes and their outliers' bits (searches with keep), where the heads brought them.
+  DevBuf pqData;
+  uint8_t* pqCodes = nullptr;
+  uint32_t* outlierBits = nullptr;
+  int pqM = 0, pqRowBytes = 0;
   int64_t workCap = -1, workFree = -1, workK = -1;
   uint8_t* codes = nullptr;
   uint16_t* keys = nullptr;
@@ -71,8 +77,8 @@ struct RaScanStore::Impl {
   uint8_t* reached = nullptr;
   int32_t *sampleSeedIds = nullptr, *cand = nullptr, *redo = nullptr;
   uint32_t *ord2 = nullptr, *range = nullptr, *hist = nullptr, *tau = nullptr;
-  int64_t *finalCount = nullptr, *tiles = nullptr;
-  unsigned long long* keptCount = nullptr;
+  int64_t *finalCount = nullptr, *tiles = nullptr, *pqNeed = nullptr;
+  unsigned long long *keptCount = nullptr, *pqInf = nullptr, *pqListed = nullptr;
   double* partial = nullptr;
   int64_t partials = 0;
   CutState* cuts = nullptr;
@@ -142,9 +148,38 @@ RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : imp
     Check(cudaFuncSetAttribute(AttendRows<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(AttendSmem(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim))), "attribute");
     Check(cudaFuncSetAttribute(AttendRows<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(AttendSmem(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim))), "attribute");
   }
+  const bool withPq = heads[0].pq != nullptr;
+  for (int h = 0; h < H; ++h)
+    if ((heads[h].pq != nullptr) != withPq) throw std::invalid_argument("RaScanStore: PQ codes for every head or for none");
+  if (withPq) {
+    I.pqM = d / 4;
+    I.pqRowBytes = d / 8;
+    const size_t pqBytes = size_t(n) * size_t(I.pqRowBytes);
+    I.pqData.Need(Align(pqBytes * Hs) + Align(bitBytes * Hs), "cudaMalloc (code scan PQ codes)");
+    char* pat = static_cast<char*>(I.pqData.p);
+    I.pqCodes = Carve<uint8_t>(pat, pqBytes * Hs);
+    I.outlierBits = Carve<uint32_t>(pat, size_t(I.words) * Hs);
+    for (int h = 0; h < H; ++h) {
+      Check(cudaMemcpy(I.pqCodes + pqBytes * h, heads[h].pq, pqBytes, cudaMemcpyHostToDevice), "copy PQ codes");
+      std::fill(bits.begin(), bits.end(), 0u);
+      for (int64_t i = 0; i < heads[h].outlierCount; ++i) {
+        const int32_t id = heads[h].outliers[i];
+        if (id < 0 || id >= n) throw std::invalid_argument("RaScanStore: an outlier is out of range");
+        bits[size_t(id) >> 5] |= 1u << (id & 31);
+      }
+      Check(cudaMemcpy(I.outlierBits + size_t(I.words) * h, bits.data(), bitBytes, cudaMemcpyHostToDevice), "copy outliers");
+    }
+    // The tables (4 quads at G = 16, 64 subspaces at d = 256: 32 KiB) beside PqSampleCut's sample orders pass the default 48 KiB.
+    const int lutBytes = int(PqLutBytes(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim));
+    for (const void* f : {(const void*)PqSampleCut<0>, (const void*)PqSampleCut<2>, (const void*)PqSampleCut<4>, (const void*)PqSampleCut<8>,
+                          (const void*)PqScan<0>, (const void*)PqScan<2>, (const void*)PqScan<4>, (const void*)PqScan<8>})
+      Check(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, lutBytes), "attribute");
+  }
   // ResolveCut holds up to ResolveHeld keys of the cut's bin in shared memory (96 KiB).
   Check(cudaFuncSetAttribute(ResolveCut<KeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<KeptCut>())), "attribute");
   Check(cudaFuncSetAttribute(ResolveCut<ScanFinalCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanFinalCut>())), "attribute");
+  if (withPq)
+    Check(cudaFuncSetAttribute(ResolveCut<PqKeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<PqKeptCut>())), "attribute");
 }
 
 RaScanStore::~RaScanStore() = default;
@@ -153,12 +188,14 @@ const RaScanConfig& RaScanStore::Config() const { return impl_->cfg; }
 
 int64_t RaScanStore::Bytes() const {
   const Impl& I = *impl_;
-  return int64_t(I.data.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.vals.bytes + I.ain.bytes + I.aout.bytes + I.apartial.bytes);
+  return int64_t(I.data.bytes + I.pqData.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.vals.bytes + I.ain.bytes + I.aout.bytes + I.apartial.bytes);
 }
 
 RaScanTimes RaScanStore::LastTimes() const { return impl_->times; }
 
 bool RaScanStore::HasValues() const { return impl_->values != nullptr; }
+
+bool RaScanStore::HasPq() const { return impl_->pqCodes != nullptr; }
 
 // A handful of launches and two copies, launched one by one: the list sizes
 // change with the method's trim, and the step is short.
@@ -231,6 +268,9 @@ void RaScanStore::Search(const RaScanArgs& a) {
   const int64_t n = cfg.tokens;
   if (G < 1 || G > cfg.maxGroup) throw std::invalid_argument("RaScanStore: group must be in [1, maxGroup]");
   if (a.k < 1 || a.maxScanned < 1) throw std::invalid_argument("RaScanStore: k and maxScanned must be >= 1");
+  const bool pq = a.keep > 0;
+  if (pq && !I.pqCodes) throw std::invalid_argument("RaScanStore: this store holds no PQ codes (a search with keep needs them)");
+  if (pq && (!a.pqLut || !a.pqBase || !a.pqDelta)) throw std::invalid_argument("RaScanStore: a search with keep needs the PQ tables");
   // The sample, as the host takes it.
   const int64_t want = std::min<int64_t>(n, std::min(kSampleMax, std::max(kSampleMin, n / kSampleShare)));
   const int64_t stride = std::max<int64_t>(1, n / want), off = stride / 2, m = (n - off + stride - 1) / stride;
@@ -264,8 +304,8 @@ void RaScanStore::Search(const RaScanArgs& a) {
     const size_t C = size_t(I.workCap), Hs = size_t(H), G16 = kScanMaxG;
     const size_t bytes = Align(size_t(I.workFree) * G16 * 4) + Align(Hs * m * G16 * 4) + 2 * Align(Hs * G16 * 4) + Align(Hs * C * G16 * 4) +
                          Align(Hs * C * 4) + Align(Hs * m) + Align(Hs * kSeedMax * 4) + Align(Hs * C * 4) + Align(Hs * 4) + Align(Hs * C * 4) +
-                         Align(Hs * 4 * 4) + Align(Hs * kBins * 2 * 4) + Align(Hs * 4) + Align(Hs * 8) + Align(Hs * size_t(tilesPerHead) * 8) +
-                         Align(Hs * 8) + Align(Hs * size_t(I.partials) * G16 * 8) + Align(Hs * sizeof(CutState) * 2);
+                         Align(Hs * 6 * 4) + Align(Hs * kBins * 2 * 4) + Align(Hs * 4) + Align(Hs * 8) + Align(Hs * size_t(tilesPerHead) * 8) +
+                         Align(Hs * 8) + Align(Hs * size_t(I.partials) * G16 * 8) + Align(Hs * sizeof(CutState) * 3) + 3 * Align(Hs * 8);
     I.work.Need(bytes, "cudaMalloc (code scan work)");
     char* at = static_cast<char*>(I.work.p);
     I.freeX = Carve<float>(at, size_t(I.workFree) * G16);
@@ -279,20 +319,24 @@ void RaScanStore::Search(const RaScanArgs& a) {
     I.cand = Carve<int32_t>(at, Hs * C);
     I.redo = Carve<int32_t>(at, Hs);
     I.ord2 = Carve<uint32_t>(at, Hs * C);
-    I.range = Carve<uint32_t>(at, Hs * 4);
+    I.range = Carve<uint32_t>(at, Hs * 6);  // the candidates', the answer's and the PQ pass's cuts
     I.hist = Carve<uint32_t>(at, Hs * kBins * 2);
     I.tau = Carve<uint32_t>(at, Hs);
     I.finalCount = Carve<int64_t>(at, Hs);
     I.tiles = Carve<int64_t>(at, Hs * size_t(tilesPerHead));
     I.keptCount = Carve<unsigned long long>(at, Hs);
     I.partial = Carve<double>(at, Hs * size_t(I.partials) * G16);
-    I.cuts = Carve<CutState>(at, Hs * 2);
+    I.cuts = Carve<CutState>(at, Hs * 3);
+    I.pqInf = Carve<unsigned long long>(at, Hs);
+    I.pqListed = Carve<unsigned long long>(at, Hs);
+    I.pqNeed = Carve<int64_t>(at, Hs);
   }
 
   // The step's inputs in one copy.
   const size_t qN = size_t(H) * G * d, w8N = size_t(H) * G4 * d, sN = size_t(H) * G4;
+  const size_t lutN = pq ? size_t(H) * PqLutBytes(G, d) / 8 : 0;
   const size_t inBytes = Align(qN * 4) + Align(w8N) + 2 * Align(sN * 4) + Align(size_t(seeds) * 4 + 4) + Align(size_t(frees) * 4 + 4) +
-                         2 * Align((size_t(H) + 1) * 8);
+                         2 * Align((size_t(H) + 1) * 8) + (pq ? Align(lutN * 8) + 2 * Align(sN * 4) : 0);
   I.in.Need(inBytes, "cudaMalloc (code scan inputs)");
   I.hin.Need(inBytes, "cudaHostAlloc (code scan inputs)");
   char* hat = static_cast<char*>(I.hin.p);
@@ -318,11 +362,21 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.freeIds = static_cast<const int32_t*>(stage(frees > 0 ? a.freeIds : &none, frees > 0 ? size_t(frees) * 4 : 4));
   p.seedStart = static_cast<const int64_t*>(stage(seedStart.data(), (size_t(H) + 1) * 8));
   p.freeStart = static_cast<const int64_t*>(stage(freeStart.data(), (size_t(H) + 1) * 8));
+  PqParams pp;
+  if (pq) {
+    pp.quads = G4 / 4, pp.M = I.pqM, pp.rowBytes = I.pqRowBytes, pp.keep = a.keep;
+    pp.codes = I.pqCodes, pp.outlierBits = I.outlierBits;
+    pp.lut = static_cast<const uint64_t*>(stage(a.pqLut, lutN * 8));
+    pp.base = static_cast<const float*>(stage(a.pqBase, sN * 4));
+    pp.delta = static_cast<const float*>(stage(a.pqDelta, sN * 4));
+    pp.inf = I.pqInf, pp.need = I.pqNeed, pp.listed = I.pqListed;
+    pp.list = reinterpret_cast<int32_t*>(I.buf), pp.listCap = 2 * n;  // buf's n words a head, free between the cuts
+  }
   p.freeX = I.freeX, p.sampleX = I.sampleX, p.reached = I.reached, p.c0 = I.c0, p.sampleSeedIds = I.sampleSeedIds;
   p.c = I.c, p.tau = I.tau, p.keptOrd = I.keptOrd, p.keptIds = I.keptIds, p.keptCount = I.keptCount, p.redo = I.redo;
   p.partial = I.partial, p.partials = int64_t(exactCtas);
   p.cand = I.cand, p.candX = I.candX, p.candScore = I.candScore, p.ord2 = I.ord2, p.finalCount = I.finalCount;
-  const size_t outBytes = Align(size_t(H) * k * 4) * 2 + 2 * Align(size_t(H) * 8);
+  const size_t outBytes = Align(size_t(H) * k * 4) * 2 + 3 * Align(size_t(H) * 8);
   I.out.Need(outBytes, "cudaMalloc (code scan answer)");
   I.hout.Need(outBytes, "cudaHostAlloc (code scan answer)");
   char* oat = static_cast<char*>(I.out.p);
@@ -330,6 +384,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.outScores = Carve<float>(oat, size_t(H) * k);
   p.outCounts = Carve<int64_t>(oat, size_t(H));
   p.outScanned = Carve<int64_t>(oat, size_t(H));
+  int64_t* const outKept = Carve<int64_t>(oat, size_t(H));
 
   const bool bf16 = cfg.dtype == Dtype::kBf16;
   const size_t qSmem = size_t(G) * d * 4, copyBytes = size_t(hat - static_cast<char*>(I.hin.p));
@@ -343,7 +398,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   const auto enqueue = [&](cudaStream_t s) {
   Check(cudaMemcpyAsync(I.in.p, I.hin.p, copyBytes, cudaMemcpyHostToDevice, s), "copy in");
   Check(cudaMemsetAsync(I.reached, 0, size_t(H) * m, s), "memset");
-  Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 4 * 4, s), "memset");
+  Check(cudaMemsetAsync(I.range, 0xff, size_t(H) * 6 * 4, s), "memset");
   Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
   Check(cudaMemsetAsync(I.keptCount, 0, size_t(H) * 8, s), "memset");
   MarkList<true><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
@@ -352,7 +407,23 @@ void RaScanStore::Search(const RaScanArgs& a) {
   if (bf16) SampleLogits<true><<<sampleGrid, T, qSmem, s>>>(p);
   else SampleLogits<false><<<sampleGrid, T, qSmem, s>>>(p);
   SampleReduce<<<H, kReduceThreads, 0, s>>>(p);
-  SampleCut<<<H, kReduceThreads, 0, s>>>(p);
+  const dim3 wordGrid(unsigned(Tiles(I.words)), unsigned(H));
+  // The PQ pass's kernels for the row's width (ra_scan_pq.cuh PqRho).
+  const int pqWords = I.pqRowBytes == 8 || I.pqRowBytes == 16 || I.pqRowBytes == 32 ? I.pqRowBytes / 4 : 0;
+  const size_t lutSmem = PqLutBytes(G, d);
+  if (pq) {
+    Check(cudaMemsetAsync(I.pqInf, 0, size_t(H) * 8, s), "memset");
+    Check(cudaMemsetAsync(I.pqListed, 0, size_t(H) * 8, s), "memset");
+    PqSpecials<<<wordGrid, T, 0, s>>>(p, pp);
+    switch (pqWords) {
+      case 2: PqSampleCut<2><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
+      case 4: PqSampleCut<4><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
+      case 8: PqSampleCut<8><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
+      default: PqSampleCut<0><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
+    }
+  } else {
+    SampleCut<<<H, kReduceThreads, 0, s>>>(p);
+  }
   mark(1, s);
   // The codes: every key read once, those at or above the sample's threshold kept; heads that kept too few again.
   // L lanes a row, each 16-byte chunks of it: the largest power of two <= 8 dividing its chunks (d / 32; rows of
@@ -375,23 +446,56 @@ void RaScanStore::Search(const RaScanArgs& a) {
       default: ScanCodes<1><<<scanGrid, T, 0, s>>>(p, again); break;
     }
   };
-  scan(false);
-  Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p);
-  scan(true);
+  // The kept keys are a few percent of n where the threshold holds: grids for that, the kernels stride past it.
+  const int64_t keptGuess = std::min<int64_t>(n, 2 * cand + 4096);
+  if (pq) {
+    const dim3 pqGrid(cdiv(n, int64_t(T) * kScanPerThread), unsigned(H));
+    const auto pqScan = [&](bool again) {
+      switch (pqWords) {
+        case 2: PqScan<2><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
+        case 4: PqScan<4><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
+        case 8: PqScan<8><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
+        default: PqScan<0><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
+      }
+    };
+    pqScan(false);
+    Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p, I.pqNeed);
+    pqScan(true);
+    // The first pass's cut (its own range and state), its keys and the outliers and +inf keys listed in id order
+    // for the 4-bit pass, which keeps every one.
+    const PqKeptCut pk{I.keptOrd, I.keptIds, I.keptCount, I.pqNeed, n};
+    uint32_t* const range3 = I.range + size_t(H) * 4;
+    CutState* const cuts3 = I.cuts + 2 * H;
+    const int64_t pqGuess = std::min<int64_t>(n, 2 * std::max(cand, a.keep) + 4096);
+    OrderRange<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kRangePer), H), T, 0, s>>>(pk, range3);
+    Histogram<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kHistPer), H), T, 0, s>>>(pk, range3, I.hist);
+    FindBin<PqKeptCut><<<H, kFindThreads, 0, s>>>(pk, I.hist, cuts3);
+    CollectBin<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(pk, range3, cuts3, I.buf, I.bufW);
+    ResolveCut<PqKeptCut><<<H, kResolveThreads, ResolveSmem<PqKeptCut>(), s>>>(pk, range3, cuts3, I.buf, I.bufW, true);
+    MarkTaken<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(pk, range3, cuts3, I.takeBits, I.words);
+    PqMarkSecond<<<wordGrid, T, 0, s>>>(p, pp);
+    CountBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead);
+    ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, I.words);
+    PlaceBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead, pp.list, pp.listCap);
+    Check(cudaMemsetAsync(I.keptCount, 0, size_t(H) * 8, s), "memset");
+    Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
+    PqScanListed<<<dim3(cdiv(pqGuess + cand, T), H), T, 0, s>>>(p, pp);
+  } else {
+    scan(false);
+    Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p, nullptr);
+    scan(true);
+  }
   mark(2, s);
   // The candidates: the best `cand` of what the scan kept, read back in id order.
   const KeptCut kc{I.keptOrd, I.keptIds, I.keptCount, n, cand};
   CutState* const cuts1 = I.cuts;
   CutState* const cuts2 = I.cuts + H;
-  // The kept keys are a few percent of n where the threshold holds: grids for that, the kernels stride past it.
-  const int64_t keptGuess = std::min<int64_t>(n, 2 * cand + 4096);
   OrderRange<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kRangePer), H), T, 0, s>>>(kc, I.range);
   Histogram<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kHistPer), H), T, 0, s>>>(kc, I.range, I.hist);
   FindBin<KeptCut><<<H, kFindThreads, 0, s>>>(kc, I.hist, cuts1);
   CollectBin<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(kc, I.range, cuts1, I.buf, I.bufW);
   ResolveCut<KeptCut><<<H, kResolveThreads, ResolveSmem<KeptCut>(), s>>>(kc, I.range, cuts1, I.buf, I.bufW, true);
   MarkTaken<<<dim3(cdiv(keptGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(kc, I.range, cuts1, I.takeBits, I.words);
-  const dim3 wordGrid(unsigned(Tiles(I.words)), unsigned(H));
   CountBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead);
   ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, I.words);
   PlaceBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead, I.cand, cap);
@@ -418,6 +522,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.seedBits, I.words, p.seeds, p.seedStart);
   MarkList<false><<<dim3(cdiv(maxList, T), H), T, 0, s>>>(I.freeBits, I.words, p.freeIds, p.freeStart);
   Finish<<<dim3(1, H), 32, 0, s>>>(p, cuts2);
+  if (pq) PqFinish<<<1, unsigned(std::max(32, H)), 0, s>>>(p, pp, outKept);
   mark(5, s);
   Check(cudaGetLastError(), "code scan launch");
   Check(cudaMemcpyAsync(I.hout.p, I.out.p, outBytes, cudaMemcpyDeviceToHost, s), "copy out");
@@ -431,10 +536,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
     // by-value arguments (ScanParams' scalars follow from these).
     const struct {
       const void *in, *out, *work, *hin, *hout;
-      int64_t G, k, cap, seeds, frees, maxList, exact, inBytes, outBytes, scaleBits;  // no padding: compared as bytes
+      int64_t G, k, cap, seeds, frees, maxList, exact, inBytes, outBytes, scaleBits, keep;  // no padding: compared as bytes
     } key{I.in.p, I.out.p, I.work.p, I.hin.p, I.hout.p, G, k, cap, int64_t(Align(seeds > 0 ? size_t(seeds) * 4 : 4)),
           int64_t(Align(frees > 0 ? size_t(frees) * 4 : 4)), maxList, int64_t(exactCtas), int64_t(copyBytes), int64_t(outBytes),
-          int64_t(FloatBits(a.scale))};
+          int64_t(FloatBits(a.scale)), a.keep};
     I.graph.Run(s, &key, sizeof(key), enqueue);
   }
   Check(cudaEventRecord(I.ev[7], s), "event");
@@ -445,12 +550,14 @@ void RaScanStore::Search(const RaScanArgs& a) {
   const float* scores = reinterpret_cast<const float*>(hp + Align(size_t(H) * k * 4));
   const int64_t* counts = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4));
   const int64_t* scanned = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4) + Align(size_t(H) * 8));
+  const int64_t* kept = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4) + 2 * Align(size_t(H) * 8));
   for (int h = 0; h < H; ++h) {
     const int64_t c = counts[h];
     std::copy_n(ids + size_t(h) * k, c, a.outIds + size_t(h) * k);
     std::copy_n(scores + size_t(h) * k, c, a.outScores + size_t(h) * k);
     a.outCounts[h] = c;
     if (a.outScanned) a.outScanned[h] = scanned[h];
+    if (a.outKept) a.outKept[h] = pq ? kept[h] : 0;
   }
   const auto ms = [&](int i, int j) {
     float v = 0;

@@ -19,7 +19,13 @@
 //  2. every key's rank ρ = max_g (x̃_g − c0_g), x̃ the int8 form's code logits
 //     (RaKeyCodes::QuantLogits: the same integers, one fmaf); entry points
 //     and seeds rank +inf, free keys not at all; the best cap − m keys
-//     (ties towards the lower id) scored exactly;
+//     (ties towards the lower id) scored exactly. With `keep` (the host's
+//     scanKeep, ra_graph_code_scan.h SelectScanPq) ρ comes in two passes:
+//     every key's 16-byte PQ code (ra_pq_codes.h: the same integer sums, one
+//     fmaf) keeps the best max(cap − m − the +inf keys, keep) keys that are
+//     not +inf or free, then those, the PQ codes' outliers and the +inf keys
+//     are ranked by their 4-bit codes as above: a sixteenth of the key's
+//     bytes read for every key, a quarter for a few percent of them;
 //  3. the log-partitions refined: the keys scored, the free keys, the sample
 //     keys not scored, and the rest of the keys at those's mean;
 //  4. the best k of the keys scored (not free) and the sample's, by
@@ -44,6 +50,12 @@ struct RaScanHead {
   const uint16_t* values = nullptr;  // [tokens, headDim]; every head's or none (the store then attends nothing)
   const int32_t* entries = nullptr;  // the graph's entry points, each in [0, tokens)
   int64_t entryCount = 0;
+  // The keys' PQ codes (RaPqCodes rows, [tokens, headDim / 8]) and their
+  // outliers (ids in [0, tokens)); every head's or none (searches then take
+  // no `keep`).
+  const uint8_t* pq = nullptr;
+  const int32_t* outliers = nullptr;
+  int64_t outlierCount = 0;
 };
 
 struct RaScanConfig {
@@ -73,10 +85,19 @@ struct RaScanArgs {
   const int32_t* seedCounts = nullptr;  // [kvHeads]
   const int32_t* freeIds = nullptr;  // free keys, distinct within a head, in [0, tokens)
   const int32_t* freeCounts = nullptr;  // [kvHeads]
+  // The two-pass form where keep > 0 (a store holding PQ codes): at least
+  // `keep` keys kept by the PQ codes for the 4-bit ones; RaPqCodes::Prepare's
+  // integer tables per head, lut [kvHeads, quads, headDim / 4, 16] (quads =
+  // G rounded up to 4, over 4), base and delta [kvHeads, 4 · quads].
+  int64_t keep = 0;
+  const uint64_t* pqLut = nullptr;
+  const float* pqBase = nullptr;
+  const float* pqDelta = nullptr;
   int32_t* outIds = nullptr;     // [kvHeads, k]: head h's ids (a set, in no order) ...
   float* outScores = nullptr;    // [kvHeads, k]: ... with their scores (step 4's)
   int64_t* outCounts = nullptr;  // [kvHeads]: ids written, min(k, keys scored that are not free)
   int64_t* outScanned = nullptr;  // [kvHeads]: keys scored exactly (sample + candidates, each once)
+  int64_t* outKept = nullptr;     // [kvHeads], with keep: keys whose 4-bit code was read (the +inf keys not counted)
   // Per-stage CUDA event times in LastTimes (a bench's question).
   bool stageTimes = false;
 };
@@ -120,6 +141,8 @@ class RaScanStore {
   void Search(const RaScanArgs& a);
   // Whether the store holds values (every head's were given): Attend needs them.
   bool HasValues() const;
+  // Whether the store holds PQ codes (every head's were given): searches with keep need them.
+  bool HasPq() const;
   void Attend(const RaAttendArgs& a);
   RaScanTimes LastTimes() const;
 

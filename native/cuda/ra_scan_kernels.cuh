@@ -292,6 +292,34 @@ __device__ __forceinline__ float Rho(const int32_t (&acc)[kScanMaxG], int G, con
   return rho;
 }
 
+// The r-th smallest (1-based) of ord[0 .. m), eight bits at a time from the
+// top, by the whole CTA (every thread calls it after writing ord; thread 0's
+// return is the answer).
+__device__ uint32_t RthSmallest(const uint32_t* ord, int64_t m, int64_t r) {
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t prefix, rest;
+  __syncthreads();
+  if (threadIdx.x == 0) prefix = 0, rest = uint32_t(r);
+  __syncthreads();
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const uint32_t known = prefix;
+    for (int64_t j = threadIdx.x; j < m; j += blockDim.x)
+      if (shift == 24 || (ord[j] >> (shift + 8)) == (known >> (shift + 8))) atomicAdd(&hist[(ord[j] >> shift) & 255u], 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t left = rest;
+      int digit = 0;
+      for (; digit < 255 && hist[digit] < left; ++digit) left -= hist[digit];
+      prefix = known | (uint32_t(digit) << shift);
+      rest = left;
+    }
+    __syncthreads();
+  }
+  return prefix;
+}
+
 // The scan's threshold, one CTA a head: the sample's code ranks, and the
 // order of its r-th best for r a little above the share of them `want`
 // would take (its expectation + 4 standard deviations + 2), found digit by
@@ -302,8 +330,6 @@ __global__ void __launch_bounds__(kReduceThreads) SampleCut(ScanParams p) {
   __shared__ int32_t sw[kScanMaxG * (RaScanConfig::kMaxDim / 4)];
   __shared__ float sScale[kScanMaxG], sBias[kScanMaxG], sC0[kScanMaxG];
   __shared__ uint32_t ord[kSampleMaxKeys];
-  __shared__ uint32_t hist[256];
-  __shared__ uint32_t prefix, rest;
   const int h = blockIdx.x;
   LoadWeights(p, h, sw, sScale, sBias, sC0);
   const double expect = double(p.m) * double(p.want) / double(p.n);
@@ -322,26 +348,39 @@ __global__ void __launch_bounds__(kReduceThreads) SampleCut(ScanParams p) {
     CodeDots(reinterpret_cast<const uint32_t*>(codes + size_t(t) * p.half), 0, halfWords, (p.half & 15) == 0, sw, p.d / 4, halfWords, p.G, acc);
     ord[j] = RankOrder(Rho(acc, p.G, sScale, sBias, sC0));
   }
-  if (threadIdx.x == 0) prefix = 0, rest = uint32_t(r);
+  if (threadIdx.x == 0) p.tau[h] = RthSmallest(ord, p.m, r);
+}
+
+// Appends the keys this CTA keeps (keep, with their orders) to a head's
+// list: one atomic on its count a CTA (one a warp was ~40K a head at 1M, on
+// one address): each warp's count, their scan by warp 0, one atomic, each
+// warp's place after those before it. Every thread of the CTA calls it.
+__device__ __forceinline__ void AppendKept(bool keep, uint32_t order, int32_t t, unsigned long long* count, uint32_t* keptOrd, int32_t* keptIds) {
+  __shared__ int warpKept[kThreads / 32];
+  __shared__ unsigned long long warpBase[kThreads / 32];
+  const int lane = threadIdx.x & 31;
+  const unsigned mask = __ballot_sync(0xffffffffu, keep);
+  if (lane == 0) warpKept[threadIdx.x >> 5] = __popc(mask);
   __syncthreads();
-  // The r-th smallest order (1-based), eight bits at a time from the top.
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
-    const uint32_t known = prefix;
-    for (int64_t j = threadIdx.x; j < p.m; j += blockDim.x)
-      if (shift == 24 || (ord[j] >> (shift + 8)) == (known >> (shift + 8))) atomicAdd(&hist[(ord[j] >> shift) & 255u], 1u);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      uint32_t left = rest;
-      int digit = 0;
-      for (; digit < 255 && hist[digit] < left; ++digit) left -= hist[digit];
-      prefix = known | (uint32_t(digit) << shift);
-      rest = left;
+  if (threadIdx.x < 32) {
+    const int mine = threadIdx.x < int(blockDim.x >> 5) ? warpKept[threadIdx.x] : 0;
+    int incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (threadIdx.x >= o) incl += y;
     }
-    __syncthreads();
+    const int all = __shfl_sync(0xffffffffu, incl, 31);
+    unsigned long long base = 0;
+    if (threadIdx.x == 0 && all > 0) base = atomicAdd(count, (unsigned long long)all);
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (threadIdx.x < int(blockDim.x >> 5)) warpBase[threadIdx.x] = base + (incl - mine);
   }
-  if (threadIdx.x == 0) p.tau[h] = prefix;
+  __syncthreads();
+  if (keep) {
+    const unsigned long long at = warpBase[threadIdx.x >> 5] + __popc(mask & ((1u << lane) - 1));
+    keptOrd[at] = order;
+    keptIds[at] = t;
+  }
 }
 
 // Step 2: every key's code rank; the keys kept (ρ's order at most tau, entry
@@ -354,8 +393,6 @@ __global__ void __launch_bounds__(kThreads) ScanCodes(ScanParams p, bool again) 
   AfterPrior();
   __shared__ int32_t sw[kScanMaxG * (RaScanConfig::kMaxDim / 4)];
   __shared__ float sScale[kScanMaxG], sBias[kScanMaxG], sC0[kScanMaxG];
-  __shared__ int warpKept[kThreads / 32];
-  __shared__ unsigned long long warpBase[kThreads / 32];
   const int h = blockIdx.y;
   if (again && !p.redo[h]) return;
   LoadWeights(p, h, sw, sScale, sBias, sC0);
@@ -388,39 +425,17 @@ __global__ void __launch_bounds__(kThreads) ScanCodes(ScanParams p, bool again) 
       order = TestBit(entry, t) || TestBit(seed, t) ? top : RankOrder(Rho(acc, p.G, sScale, sBias, sC0));
       keep = order <= tau;
     }
-    // The CTA's kept keys take one atomic on the head's count (one a warp was ~40K a head at 1M, on one
-    // address): each warp's count, their scan by warp 0, one atomic, each warp's place after those before it.
-    const unsigned mask = __ballot_sync(0xffffffffu, keep);
-    if (lane == 0) warpKept[threadIdx.x >> 5] = __popc(mask);
-    __syncthreads();
-    if (threadIdx.x < 32) {
-      const int mine = threadIdx.x < int(blockDim.x >> 5) ? warpKept[threadIdx.x] : 0;
-      int incl = mine;
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (threadIdx.x >= o) incl += y;
-      }
-      const int all = __shfl_sync(0xffffffffu, incl, 31);
-      unsigned long long base = 0;
-      if (threadIdx.x == 0 && all > 0) base = atomicAdd(p.keptCount + h, (unsigned long long)all);
-      base = __shfl_sync(0xffffffffu, base, 0);
-      if (threadIdx.x < int(blockDim.x >> 5)) warpBase[threadIdx.x] = base + (incl - mine);
-    }
-    __syncthreads();
-    if (keep) {
-      const unsigned long long at = warpBase[threadIdx.x >> 5] + __popc(mask & ((1u << lane) - 1));
-      keptOrd[at] = order;
-      keptIds[at] = int32_t(t);
-    }
+    AppendKept(keep, order, int32_t(t), p.keptCount + h, keptOrd, keptIds);
   }
 }
 
-// Heads whose threshold kept fewer keys than their candidates are scanned again, keeping every key.
-__global__ void Decide(ScanParams p) {
+// Heads whose threshold kept fewer keys than they need (their candidates, or
+// need[h] where given) are scanned again, keeping every key.
+__global__ void Decide(ScanParams p, const int64_t* need) {
   AfterPrior();
   const int h = threadIdx.x;
   if (h >= p.H) return;
-  const bool again = int64_t(p.keptCount[h]) < p.want;
+  const bool again = int64_t(p.keptCount[h]) < (need ? need[h] : p.want);
   p.redo[h] = again;
   if (again) p.keptCount[h] = 0;
 }

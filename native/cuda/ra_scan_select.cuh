@@ -54,8 +54,9 @@ struct ScanFinalCut {
   __device__ int IndexBits(int) const { return IdBits(n); }
 };
 
-// The kept keys the candidates' cut takes, as bits of head h's bitmap.
-__global__ void MarkTaken(KeptCut s, const uint32_t* range, const CutState* cuts, uint32_t* bits, int64_t words) {
+// The kept keys a cut takes (the candidates', or the PQ pass's), as bits of head h's bitmap.
+template <typename S>
+__global__ void MarkTaken(S s, const uint32_t* range, const CutState* cuts, uint32_t* bits, int64_t words) {
   AfterPrior();
   const int h = blockIdx.y;
   const uint32_t low = SpanOf(range, h).low;

@@ -142,7 +142,7 @@ RaPqCodes RaPqCodes::Build(const uint16_t* keys, int64_t n, int d, Dtype dtype) 
   return pc;
 }
 
-void RaPqCodes::Prepare(const float* q, int G, float scale, RaPqQuery& out) const {
+void RaPqCodes::Prepare(const float* q, int G, float scale, RaPqQuery& out, bool pairs) const {
   const size_t M = size_t(M_), D = size_t(d_);
   out.G = G;
   out.M = M_;
@@ -180,6 +180,10 @@ void RaPqCodes::Prepare(const float* q, int G, float scale, RaPqQuery& out) cons
         out.lut[(size_t(quad) * M + s) * C + size_t(k)] |= v << (16 * lane);
       }
     }
+  }
+  if (!pairs) {
+    out.pairs.clear();
+    return;
   }
   const size_t R = rowBytes_;
   out.pairs.assign(size_t(out.quads) * R * 256, 0);

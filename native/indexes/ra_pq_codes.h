@@ -95,7 +95,9 @@ class RaPqCodes {
     return codes_.size() + centroids_.size() * sizeof(float) + outliers_.size() * sizeof(int32_t);
   }
 
-  void Prepare(const float* q, int G, float scale, RaPqQuery& out) const;
+  // pairs: the byte tables the host's scan sums by (RaPqQuery::pairs); the
+  // device scan sums the nibble tables and leaves them out.
+  void Prepare(const float* q, int G, float scale, RaPqQuery& out, bool pairs = true) const;
   // x[h·ld + i] = x̃_h of key ids[i] (the integer form above), i < count.
   void Logits(const RaPqQuery& pq, const int32_t* ids, size_t count, float* x, size_t ld) const;
   // out[i] = max_h (x̃_h − c0_h) for key ids[i] / for the keys first + i.

@@ -3,7 +3,7 @@
 // so that it runs here: the device store answers as that scan does up to near-ties (test/native/ra-scan-gpu),
 // which the GPU visit checks. Here: a session's searchHeads with codeScan asks the scanner, searches on the host
 // while the layer's store is made, then takes the scanner's answers, which equal the host path's given the
-// same seeds (the last step's ids), free keys (the steady zone), k and cap; a store larger than the budget is
+// same seeds (the last step's ids), free keys (the steady zone), k, cap and scanKeep (the PQ first pass); a store larger than the budget is
 // never made; idle stores are evicted for another layer's, warm ones and busy ones are not; a store that fails
 // to open leaves its layer on the host with its bytes given back.
 import { describe, expect, it } from 'vitest';
@@ -31,9 +31,9 @@ class HostScanStore implements ScanStore {
       const r = h.graph.searchSync({
         keys: h.keys, tokens: h.tokens, headDim: h.headDim, dtype: h.dtype, q: a.q.subarray(i * a.group * d, (i + 1) * a.group * d),
         group: a.group, k: a.k, ef: 0, aggregate: 'attention', codeScan: true, maxScanned: a.maxScanned, outIds, outScores,
-        ...(a.seeds?.[i].length && { seeds: a.seeds[i] }), ...(a.free && { freeSeeds: a.free[i] }),
+        ...(a.seeds?.[i].length && { seeds: a.seeds[i] }), ...(a.free && { freeSeeds: a.free[i] }), ...(a.scanKeep !== undefined && { scanKeep: a.scanKeep }),
       });
-      return { ids: outIds.subarray(0, r.count), scores: outScores.subarray(0, r.count), scanned: r.scanned };
+      return { ids: outIds.subarray(0, r.count), scores: outScores.subarray(0, r.count), scanned: r.scanned, ...(r.codesKept !== undefined && { codesKept: r.codesKept }) };
     });
   }
   bytes() {
@@ -73,38 +73,41 @@ const steady = Int32Array.from({ length: 4 + 64 }, (_, i) => (i < 4 ? i : n - 64
 const walk = { codeScan: true };
 
 describe('device key scans', () => {
-  it('scans on the host while the store is made, then answers through it as the host path does', async () => {
-    const rng = new Rng(seed);
-    const idx = await layer(rng);
-    const { b, made } = backend();
-    const scans = new DeviceKeyScans(1e12, b);
-    const k = 60 + steady.length;
-    const memoA: SearchMemo = { steady }, memoB: SearchMemo = { steady };
-    for (let step = 0; step < 4; step++) {
-      const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
-      const viaScanner = await retrievalAttentionBuilder.searchHeads!(idx, q, G, [k, k], 0, memoA, false, walk, scans);
-      const onHost = await retrievalAttentionBuilder.searchHeads!(idx, q, G, [k, k], 0, memoB, false, walk);
-      // Same ids as sets (the device's come unordered), the same scanned counts and codes read.
-      for (let h = 0; h < heads; h++) {
-        expect([...viaScanner[h].ids].sort((x, y) => x - y)).toEqual([...onHost[h].ids].sort((x, y) => x - y));
-        expect(viaScanner[h].scanned).toBe(onHost[h].scanned);
-        expect(viaScanner[h].codes).toBe(n);
+  for (const scanKeep of [undefined, 0.1])
+    it(`scans on the host while the store is made, then answers through it as the host path does${scanKeep ? ` (scanKeep ${scanKeep})` : ''}`, async () => {
+      const rng = new Rng(seed);
+      const walk = { codeScan: true, ...(scanKeep !== undefined && { scanKeep }) };
+      const idx = await layer(rng);
+      const { b, made } = backend();
+      const scans = new DeviceKeyScans(1e12, b);
+      const k = 60 + steady.length;
+      const memoA: SearchMemo = { steady }, memoB: SearchMemo = { steady };
+      for (let step = 0; step < 4; step++) {
+        const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+        const viaScanner = await retrievalAttentionBuilder.searchHeads!(idx, q, G, [k, k], 0, memoA, false, walk, scans);
+        const onHost = await retrievalAttentionBuilder.searchHeads!(idx, q, G, [k, k], 0, memoB, false, walk);
+        // Same ids as sets (the device's come unordered), the same scanned counts and codes read.
+        for (let h = 0; h < heads; h++) {
+          expect([...viaScanner[h].ids].sort((x, y) => x - y)).toEqual([...onHost[h].ids].sort((x, y) => x - y));
+          expect(viaScanner[h].scanned).toBe(onHost[h].scanned);
+          expect(viaScanner[h].codes).toBe(n);
+        }
+        expect(memoA.last?.map((x) => x.length)).toEqual([60, 60]);
+        if (step === 0) {
+          expect(scans.stats.steps).toBe(0);  // made in the background, the host searched
+          await scans.settled();
+          expect(scans.stats.opened).toBe(1);
+        } else expect(scans.stats.steps).toBe(step);
       }
-      expect(memoA.last?.map((x) => x.length)).toEqual([60, 60]);
-      if (step === 0) {
-        expect(scans.stats.steps).toBe(0);  // made in the background, the host searched
-        await scans.settled();
-        expect(scans.stats.opened).toBe(1);
-      } else expect(scans.stats.steps).toBe(step);
-    }
-    // The store was asked with the session's seeds (the last step's ids), its steady zone free, k and the cap.
-    const last = made[0].searches.at(-1)!;
-    expect(last.k).toBe(60);
-    expect(last.free?.[0]).toBe(steady);
-    expect(last.seeds?.length).toBe(heads);
-    expect(last.maxScanned).toBe(Math.max(Math.ceil(0.03 * n), 3 * 60));
-    expect(scans.stats.bytes).toBe(scanStoreBytes(headsOf(idx).map((x) => ({ ...x.keys, graph: x.graph }))));
-  });
+      // The store was asked with the session's seeds (the last step's ids), its steady zone free, k and the cap.
+      const last = made[0].searches.at(-1)!;
+      expect(last.k).toBe(60);
+      expect(last.free?.[0]).toBe(steady);
+      expect(last.seeds?.length).toBe(heads);
+      expect(last.maxScanned).toBe(Math.max(Math.ceil(0.03 * n), 3 * 60));
+      expect(last.scanKeep).toBe(scanKeep);
+      expect(scans.stats.bytes).toBe(scanStoreBytes(headsOf(idx).map((x) => ({ ...x.keys, graph: x.graph }))));
+    });
 
   it('never makes a store larger than its budget, and gives back the bytes of one that failed', async () => {
     const rng = new Rng(seed + 1);

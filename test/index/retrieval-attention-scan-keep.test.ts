@@ -2,8 +2,9 @@
 // walkOptions), through the real server on 127.0.0.1: its answer is float64 attention over what it selected, every
 // step's selection the steady zone plus `budget` distinct other keys; its first step's ids are the native two-pass
 // scan's at the session's options on the server's own graph (which differ from the one-pass scan's somewhere, so
-// the option reaches the search); a key scanner (the device's) is not asked for such a session, whose search the
-// host makes, unless scanKeep is 1 (every key kept: the one pass's answer, checked on the host); bad values are refused (422, as the other walk options) and create nothing.
+// the option reaches the search); a key scanner (the device's) is handed the share below 1 (at 1, every key kept: the
+// one pass's answer, checked on the host, so none), and where it declines the host searches; bad values are refused
+// (422, as the other walk options) and create nothing.
 import { describe, expect, it } from 'vitest';
 import type { RaGraph } from '../../addon/ra-graph.js';
 import type { HeadIndex, HeadKeys, KeyScanner, SearchResult } from '../../index/method.js';
@@ -67,21 +68,22 @@ describe('retrieval-attention session with codeScan and scanKeep', () => {
     expect(differ).toBeGreaterThan(0);
   });
 
-  it('asks a key scanner only without scanKeep or at scanKeep 1 (the device scan has no first pass)', async () => {
+  it("hands a key scanner the session's scanKeep below 1 (absent or 1: the one pass), the host's answer where it declines", async () => {
     await documentReady();
     const heads = await serverHeads();
     const steady = Int32Array.from([...Array(N).keys()].filter(isSteady));
     const k = BUDGET + steady.length;
     const marker: SearchResult[] = heads.map(() => ({ ids: Int32Array.of(N / 2), scanned: 1 }));
-    let asked = 0;
-    const scanner: KeyScanner = { scan: async () => (asked++, marker.map((r) => ({ ...r }))) };
+    const asked: (number | undefined)[] = [];
+    const scanner: KeyScanner = { scan: async (...args) => (asked.push(args[7]), marker.map((r) => ({ ...r }))) };
     const search = (walk: { scanKeep?: number }, sc?: KeyScanner) =>
       retrievalAttentionBuilder.searchHeads!(heads, queries[0], 1, [k, k], 0, { steady }, false, { codeScan: true, ...walk }, sc);
-    expect((await search({}, scanner)).map((r) => Array.from(r.ids))).toEqual([[N / 2], [N / 2]]);
-    expect((await search({ scanKeep: 1 }, scanner)).map((r) => Array.from(r.ids))).toEqual([[N / 2], [N / 2]]);
-    expect(asked).toBe(2);
-    const viaHost = await search({ scanKeep: KEEP }, scanner);
-    expect(asked).toBe(2);
+    for (const walk of [{}, { scanKeep: 1 }, { scanKeep: KEEP }])
+      expect((await search(walk, scanner)).map((r) => Array.from(r.ids))).toEqual([[N / 2], [N / 2]]);
+    expect(asked).toEqual([undefined, undefined, KEEP]);
+    // A scanner that cannot take these heads now: the host's two-pass search.
+    const declines: KeyScanner = { scan: async () => undefined };
+    const viaHost = await search({ scanKeep: KEEP }, declines);
     const host = await search({ scanKeep: KEEP });
     expect(viaHost.map((r) => Array.from(r.ids))).toEqual(host.map((r) => Array.from(r.ids)));
     expect(host.every((r) => r.ids.length === BUDGET)).toBe(true);

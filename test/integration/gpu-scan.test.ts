@@ -3,7 +3,7 @@
 // searches on the host while it is), attends the ids it selected on the device from the same store (which holds
 // the layer's values too; the host attended them before the store was made), and selects what a CPU-only
 // server selects, up to near-ties at the scan's cuts; with the estimate off it answers as float64 attention
-// over the ids it selected. Skipped without a CUDA
+// over the ids it selected; the same with the PQ first pass (scanKeep). Skipped without a CUDA
 // device (here and in CI): the GPU visit runs it.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { RunningServer } from '../../api/server.js';
@@ -45,47 +45,52 @@ describe.skipIf(!gpu.ok)('retrieval-attention code scan on the GPU (server)', ()
     for (const t of dirs) t.cleanup();
   });
 
-  it('selects the CPU server\'s ids up to near-ties and answers as float64 attention over them, step after step', async () => {
-    const rng = new Rng(seed + 1);
-    const params = { method: 'retrieval-attention', budget: 300, sinks: 16, window: 64, estimate: false, codeScan: true };
-    const sessions = await Promise.all([onGpu, onCpu].map(async (s) => {
-      const c = new KvrecallClient({ url: s.url });
-      return { c, id: (await c.createSession({ model, documents: ['doc'], ...params })).id };
-    }));
-    const own: KvChunk[][] = Array.from({ length: model.layers }, () => []);
-    let differ = 0, total = 0;
-    for (let step = 0; step < 5; step++) {
-      for (let layer = 0; layer < model.layers; layer++) {
-        const tok = randomKv(rng, 'f16', kvHeads, 1, d);
-        own[layer].push(tok);
-        const q = randomQ(rng, qHeads, d, 2);
-        const body = { layer, q: tensor('f32', [qHeads, d], q), k: { ...tok.k, shape: [kvHeads, d] }, v: { ...tok.v, shape: [kvHeads, d] }, return: ['out', 'selection'] as ('out' | 'selection')[] };
-        const [g, c] = await Promise.all(sessions.map((s) => s.c.attend(s.id, body)));
-        // The CPU server attends every part on the host.
-        expect(c.stats.backend).toBe('cpu');
-        for (let h = 0; h < kvHeads; h++) {
-          const mine = new Set(g.selection![h]), theirs = new Set(c.selection![h]);
-          expect(mine.size).toBe(theirs.size);
-          for (const id of theirs) differ += mine.has(id) ? 0 : 1;
-          total += theirs.size;
+  // One pass over every key's 4-bit code, then the PQ first pass (scanKeep: the stores made for the first sessions
+  // serve the second's from its first step).
+  for (const scanKeep of [undefined, 0.08])
+    it(`selects the CPU server's ids up to near-ties and answers as float64 attention over them, step after step${scanKeep ? ` (scanKeep ${scanKeep})` : ''}`, async () => {
+      const rng = new Rng(seed + 1 + (scanKeep ? 1 : 0));
+      const params = { method: 'retrieval-attention', budget: 300, sinks: 16, window: 64, estimate: false, codeScan: true, ...(scanKeep !== undefined && { scanKeep }) };
+      const before = ((await new KvrecallClient({ url: onGpu.url }).health()) as unknown as Health).gpu.keyScan;
+      const sessions = await Promise.all([onGpu, onCpu].map(async (s) => {
+        const c = new KvrecallClient({ url: s.url });
+        return { c, id: (await c.createSession({ model, documents: ['doc'], ...params })).id };
+      }));
+      const own: KvChunk[][] = Array.from({ length: model.layers }, () => []);
+      let differ = 0, total = 0;
+      for (let step = 0; step < 5; step++) {
+        for (let layer = 0; layer < model.layers; layer++) {
+          const tok = randomKv(rng, 'f16', kvHeads, 1, d);
+          own[layer].push(tok);
+          const q = randomQ(rng, qHeads, d, 2);
+          const body = { layer, q: tensor('f32', [qHeads, d], q), k: { ...tok.k, shape: [kvHeads, d] }, v: { ...tok.v, shape: [kvHeads, d] }, return: ['out', 'selection'] as ('out' | 'selection')[] };
+          const [g, c] = await Promise.all(sessions.map((s) => s.c.attend(s.id, body)));
+          // The CPU server attends every part on the host.
+          expect(c.stats.backend).toBe('cpu');
+          for (let h = 0; h < kvHeads; h++) {
+            const mine = new Set(g.selection![h]), theirs = new Set(c.selection![h]);
+            expect(mine.size).toBe(theirs.size);
+            for (const id of theirs) differ += mine.has(id) ? 0 : 1;
+            total += theirs.size;
+          }
+          const all = [chunks[layer], ...own[layer]];
+          const rows = g.selection!.map((ids) => Array.from(ids));
+          const ref = referenceAttention(q, concatValues(all, 'kValues'), concatValues(all, 'vValues'), qHeads, d, 1 / Math.sqrt(d), rows);
+          expect(maxRelError(g.out, ref.out, qHeads)).toBeLessThan(1e-4);
+          expect(maxRelErrorScalar(g.lse, ref.lse)).toBeLessThan(1e-4);
         }
-        const all = [chunks[layer], ...own[layer]];
-        const rows = g.selection!.map((ids) => Array.from(ids));
-        const ref = referenceAttention(q, concatValues(all, 'kValues'), concatValues(all, 'vValues'), qHeads, d, 1 / Math.sqrt(d), rows);
-        expect(maxRelError(g.out, ref.out, qHeads)).toBeLessThan(1e-4);
-        expect(maxRelErrorScalar(g.lse, ref.lse)).toBeLessThan(1e-4);
+        // The seeds are each session's own last ids, which near-ties may have made differ a little: the sets may drift
+        // apart a few ids a step, no more.
       }
-      // The seeds are each session's own last ids, which near-ties may have made differ a little: the sets may drift
-      // apart a few ids a step, no more.
-    }
-    expect(differ).toBeLessThanOrEqual(Math.max(4, 0.01 * total));
-    const h = (await sessions[0].c.health()) as unknown as Health;
-    // Each layer's first step searched on the host while its store was made; the rest on the device.
-    expect(h.gpu.keyScan?.opened).toBe(model.layers);
-    expect(h.gpu.keyScan?.failures).toBe(0);
-    expect(h.gpu.keyScan?.steps).toBeGreaterThanOrEqual(model.layers * 3);
-    // Every step searched on the device attended its retrieved ids there too (the store holds the values).
-    expect(h.gpu.keyScan?.attends).toBe(h.gpu.keyScan?.steps);
-    expect(h.gpu.keyScan?.bytes).toBeGreaterThan(model.layers * kvHeads * DOC * d * 4.5);
-  }, 240_000);
+      expect(differ).toBeLessThanOrEqual(Math.max(4, 0.01 * total));
+      const h = (await sessions[0].c.health()) as unknown as Health;
+      // Each layer's first step searched on the host while its store was made; the rest on the device.
+      const steps = h.gpu.keyScan!.steps - (before?.steps ?? 0);
+      expect(h.gpu.keyScan?.opened).toBe(model.layers);
+      expect(h.gpu.keyScan?.failures).toBe(0);
+      expect(steps).toBeGreaterThanOrEqual(model.layers * 3);
+      // Every step searched on the device attended its retrieved ids there too (the store holds the values).
+      expect(h.gpu.keyScan!.attends - (before?.attends ?? 0)).toBe(steps);
+      expect(h.gpu.keyScan?.bytes).toBeGreaterThan(model.layers * kvHeads * DOC * d * 4.5);
+    }, 240_000);
 });

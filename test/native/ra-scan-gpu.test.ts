@@ -4,7 +4,8 @@
 // alone — the same ids up to near-ties at the cuts, the same scores and scanned counts within float rounding —
 // over f16 and bf16, d 32..128, groups of 1, 4 and 8, with seeds, free keys (repeated ones too) and a cap
 // the +∞ keys fill; with every key a candidate its answer is the exact top-k of the group's mean probability
-// (float64); listed rows are attended as float64 attention over them; on the event loop's thread and on libuv's pool it answers the same; bad arguments are refused
+// (float64); with scanKeep (the PQ first pass) it answers as the host's two-pass scan, reading as many 4-bit codes;
+// listed rows are attended as float64 attention over them; on the event loop's thread and on libuv's pool it answers the same; bad arguments are refused
 // before anything runs. Without a GPU, making a store fails clearly.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
@@ -38,10 +39,16 @@ interface Layer {
   keys: Uint16Array[];
   values: Float64Array[];
 }
-async function layerOf(rng: Rng, dt: KvDtype, n: number, d: number, heads: number): Promise<Layer> {
+/** `outliers` keys a head with one channel moved 24 out (13 or more spreads: past the PQ codes' 5). */
+async function layerOf(rng: Rng, dt: KvDtype, n: number, d: number, heads: number, outliers = 0): Promise<Layer> {
   const graphs: RaGraph[] = [], keys: Uint16Array[] = [], values: Float64Array[] = [];
   for (let h = 0; h < heads; h++) {
     const kv = keysOf(rng, dt, n, d);
+    for (let i = 0; i < outliers; i++) {
+      const at = rng.int(n) * d + rng.int(d);
+      kv.bits[at] = bitsOf(dt)(kv.values[at] + (i % 2 ? -24 : 24));
+      kv.values[at] = valueOf(dt)(kv.bits[at]);
+    }
     keys.push(kv.bits);
     values.push(kv.values);
     graphs.push(await RaGraph.build({ keys: kv.bits, tokens: n, headDim: d, dtype: dt, queries: rows(rng, 256, d), degree: 8, kBuild: 16 }));
@@ -114,6 +121,59 @@ describe.skipIf(!gpu)('device code scan', () => {
         expect([...few[h].ids].sort((a, b) => a - b)).toEqual([...outIds.subarray(0, host.count)].sort((a, b) => a - b));
       }
       expect(store.bytes()).toBeGreaterThan(n * d * 2.5 * H);
+      store.close();
+      for (const g of layer.graphs) g.dispose();
+    }, 120_000);
+
+  // The PQ first pass (scanKeep): rows of 8, 16 and 32 bytes (d 64, 128, 256: words in registers) and of 5 (d 40, a
+  // byte at a time); one quad of heads and four (G 16); outliers planted, which the PQ codes lose and the first pass
+  // keeps for the 4-bit one; shares that keep a few percent, more than the cap, and every key.
+  for (const [dt, n, d, G, H] of [['f16', 30011, 128, 4, 2], ['bf16', 20000, 64, 8, 2], ['f16', 9000, 40, 1, 2], ['f16', 6000, 256, 16, 2]] as const)
+    it(`with scanKeep answers each head as the host's two-pass scan does (${dt}, n=${n}, d=${d}, G=${G}, ${H} heads)`, async () => {
+      const rng = new Rng(seed + 3 * n + d);
+      const layer = await layerOf(rng, dt, n, d, H, 12);
+      const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 16);
+      let differ = 0, total = 0, keptDiffer = 0;
+      for (const scanKeep of [0.04, 0.2, 1]) {
+        const k = Math.ceil(0.01 * n), cap = Math.ceil(0.03 * n);
+        const q = rows(rng, H * G, d);
+        const freeList = Int32Array.from([0, 1, 2, 3, ...Array.from({ length: 32 }, (_, i) => n - 32 + i)]);
+        const seeds = Array.from({ length: H }, () => Int32Array.from({ length: 40 }, () => rng.int(n)));
+        const dev = await store.search({ q, group: G, k, maxScanned: cap, seeds, free: Array.from({ length: H }, () => freeList), scanKeep });
+        for (let h = 0; h < H; h++) {
+          const outIds = new Int32Array(k), outScores = new Float32Array(k);
+          const host = layer.graphs[h].searchSync({
+            keys: layer.keys[h], tokens: n, headDim: d, dtype: dt, q: q.subarray(h * G * d, (h + 1) * G * d), group: G, k, ef: 0,
+            outIds, outScores, aggregate: 'attention', codeScan: true, maxScanned: cap, seeds: seeds[h], freeSeeds: freeList, scanKeep,
+          });
+          const got = dev[h];
+          expect(got.ids.length).toBe(host.count);
+          expect(host.codesKept).toBeGreaterThan(0);
+          // The 4-bit codes read: the same count, but for a near-tie at the first cut moving an outlier in or out.
+          expect(Math.abs(got.codesKept! - host.codesKept!)).toBeLessThanOrEqual(1);
+          keptDiffer += got.codesKept === host.codesKept ? 0 : 1;
+          const hostScore = new Map<number, number>();
+          for (let i = 0; i < host.count; i++) hostScore.set(outIds[i], outScores[i]);
+          const kth = outScores[host.count - 1];
+          expect(new Set(got.ids).size).toBe(got.ids.length);
+          for (let i = 0; i < got.ids.length; i++) {
+            const s = hostScore.get(got.ids[i]);
+            if (s !== undefined) expect(Math.abs(got.scores[i] - s)).toBeLessThan(2e-3);
+            else {
+              differ++;
+              expect(got.scores[i]).toBeLessThan(kth + 2e-3);
+            }
+          }
+          total += got.ids.length;
+          expect(Math.abs(got.scanned - host.scanned)).toBeLessThanOrEqual(Math.max(2, 0.002 * cap));
+        }
+      }
+      expect(differ).toBeLessThanOrEqual(Math.max(3, 0.005 * total));
+      expect(keptDiffer).toBeLessThanOrEqual(1);
+      // A share out of (0, 1] is refused before anything runs, and the store still searches.
+      for (const scanKeep of [0, 1.5, Number.NaN])
+        await expect(store.search({ q: rows(rng, H * G, d), group: G, k: 5, maxScanned: 50, scanKeep })).rejects.toThrow(/scanKeep/);
+      expect((await store.search({ q: rows(rng, H * G, d), group: G, k: 5, maxScanned: 50, scanKeep: 0.1 }))[0].ids.length).toBe(5);
       store.close();
       for (const g of layer.graphs) g.dispose();
     }, 120_000);
