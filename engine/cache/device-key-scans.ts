@@ -19,13 +19,14 @@
 // budget, the device's memory, a shape the kernels do not take), that
 // layer's searches run on the host, which finds the same keys up to
 // near-ties at the cuts.
-import { RaScanStore, raScanSupported, type RaScanHeadResult, type RaScanSearchArgs } from '../../addon/ra-scan.js';
+import { RaScanStore, raScanSupported, type RaScanHeadIds, type RaScanSearchArgs } from '../../addon/ra-scan.js';
 import type { RaGraph } from '../../addon/ra-graph.js';
 import type { DeviceRows, KeyScanner, ScanHead, SearchResult } from '../../index/method.js';
 
 /** What the scanner needs of a store: the addon's RaScanStore, or a bench's stand-in. */
 export interface ScanStore {
-  search(a: RaScanSearchArgs): Promise<RaScanHeadResult[]>;
+  /** The answer's ids (RaScanStore.searchIds: no scores, which a session does not read). */
+  searchIds(a: RaScanSearchArgs): Promise<RaScanHeadIds[]>;
   /** Attention over listed rows (a store opened with values; RaScanStore.attend). */
   attend?(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }>;
   readonly hasValues?: boolean;
@@ -137,7 +138,7 @@ export class DeviceKeyScans implements KeyScanner {
     e.lastUse = performance.now();
     const t0 = performance.now();
     try {
-      const res = await e.store.search({
+      const res = await e.store.searchIds({
         q, group, k, maxScanned,
         ...(seeds.some((s) => s) && { seeds: seeds.map((s) => s ?? new Int32Array(0)) }),
         ...(free && free.length > 0 && { free: heads.map(() => free) }),

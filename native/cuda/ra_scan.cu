@@ -554,7 +554,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   for (int h = 0; h < H; ++h) {
     const int64_t c = counts[h];
     std::copy_n(ids + size_t(h) * k, c, a.outIds + size_t(h) * k);
-    std::copy_n(scores + size_t(h) * k, c, a.outScores + size_t(h) * k);
+    if (a.outScores) std::copy_n(scores + size_t(h) * k, c, a.outScores + size_t(h) * k);
     a.outCounts[h] = c;
     if (a.outScanned) a.outScanned[h] = scanned[h];
     if (a.outKept) a.outKept[h] = pq ? kept[h] : 0;

@@ -94,7 +94,7 @@ struct RaScanArgs {
   const float* pqBase = nullptr;
   const float* pqDelta = nullptr;
   int32_t* outIds = nullptr;     // [kvHeads, k]: head h's ids (a set, in no order) ...
-  float* outScores = nullptr;    // [kvHeads, k]: ... with their scores (step 4's)
+  float* outScores = nullptr;    // [kvHeads, k]: ... with their scores (step 4's), where given
   int64_t* outCounts = nullptr;  // [kvHeads]: ids written, min(k, keys scored that are not free)
   int64_t* outScanned = nullptr;  // [kvHeads]: keys scored exactly (sample + candidates, each once)
   int64_t* outKept = nullptr;     // [kvHeads], with keep: keys whose 4-bit code was read (the +inf keys not counted)

@@ -24,7 +24,7 @@ class HostScanStore implements ScanStore {
   closed = false;
   searches: RaScanSearchArgs[] = [];
   constructor(readonly heads: readonly ScanHead[]) {}
-  async search(a: RaScanSearchArgs) {
+  async searchIds(a: RaScanSearchArgs) {
     this.searches.push(a);
     return this.heads.map((h, i) => {
       const outIds = new Int32Array(a.k), outScores = new Float32Array(a.k);

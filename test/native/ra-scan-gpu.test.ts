@@ -265,6 +265,12 @@ describe.skipIf(!gpu)('device code scan', () => {
         for (const [id, x] of a) expect(x).toBeCloseTo(b.get(id) ?? NaN, 5);
         expect(onLoop[h].scanned).toBe(pooled[h].scanned);
       }
+      // The ids alone (a session's call): the same sets, no scores.
+      const idsOnly = await store.searchIds(args);
+      for (let h = 0; h < H; h++) {
+        expect([...idsOnly[h].ids].sort((x, y) => x - y)).toEqual([...onLoop[h].ids].sort((x, y) => x - y));
+        expect('scores' in idsOnly[h]).toBe(false);
+      }
       // A refusal on the loop's path rejects as the pool's does, and the store still serves.
       await expect(store.search({ ...args, seeds: [Int32Array.of(n), Int32Array.of(1)] })).rejects.toThrow(/seeds/);
       expect((await store.search(args))[0].ids.length).toBe(200);
