@@ -90,7 +90,7 @@ interface NativeRaScan {
     stageTimes?: boolean;
     sync: boolean;
   }): Promise<undefined>;
-  attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; out: Float32Array; lse: Float32Array; meta: Float64Array; sync: boolean }): Promise<undefined>;
+  attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; ranges?: Int32Array; out: Float32Array; lse: Float32Array; meta: Float64Array; sync: boolean }): Promise<undefined>;
   hasValues(): boolean;
   bytes(): number;
   lastTimes(): RaScanTimes;
@@ -198,16 +198,17 @@ export class RaScanStore {
 
   /**
    * Each q row's attention over its kv head's listed rows, from the keys and values the store holds
-   * (native/cuda/ra_attend_rows.cuh): `ids[h]` rows of kv head h, in [0, tokens); q [heads * group, headDim].
-   * out [heads * group, headDim] and lse [heads * group], a head with no rows -Infinity and zeros: merged by
-   * log-sum-exp with what else the step attends.
+   * (native/cuda/ra_attend_rows.cuh): the rows of `ranges` ([begin, end) pairs, every head's) and `ids[h]`
+   * rows of kv head h, in [0, tokens); q [heads * group, headDim]. out [heads * group, headDim] and lse
+   * [heads * group], a head with no rows -Infinity and zeros: merged by log-sum-exp with what else the step
+   * attends. The lists are read where they lie until the call settles: leave them unchanged meanwhile.
    */
-  async attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }> {
+  async attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; ranges?: Int32Array }): Promise<{ out: Float32Array; lse: Float32Array }> {
     const H = this.heads;
     if (a.ids.length !== H) throw new RangeError(`expected ${H} id lists, one per kv head, got ${a.ids.length}`);
     const out = new Float32Array(H * a.group * this.headDim), lse = new Float32Array(H * a.group);
     const meta = new Float64Array(1);
-    await deviceCall(this.attendTimer.expect(), (sync) => this.native.attend({ q: a.q, group: a.group, scale: a.scale, ids: a.ids, out, lse, meta, sync }));
+    await deviceCall(this.attendTimer.expect(), (sync) => this.native.attend({ q: a.q, group: a.group, scale: a.scale, ids: a.ids, ...(a.ranges && { ranges: a.ranges }), out, lse, meta, sync }));
     this.attendTimer.record(meta[0]);
     return { out, lse };
   }

@@ -28,7 +28,7 @@ export interface ScanStore {
   /** The answer's ids (RaScanStore.searchIds: no scores, which a session does not read). */
   searchIds(a: RaScanSearchArgs): Promise<RaScanHeadIds[]>;
   /** Attention over listed rows (a store opened with values; RaScanStore.attend). */
-  attend?(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[] }): Promise<{ out: Float32Array; lse: Float32Array }>;
+  attend?(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; ranges?: Int32Array }): Promise<{ out: Float32Array; lse: Float32Array }>;
   readonly hasValues?: boolean;
   /** The last search's time on the device, ms (where the store measures it). */
   readonly lastDeviceMs?: number;
@@ -164,13 +164,13 @@ export class DeviceKeyScans implements KeyScanner {
    */
   private rowsOf(e: Entry): DeviceRows {
     return {
-      attend: async (ids, q, group, scale) => {
+      attend: async (ids, q, group, scale, ranges) => {
         const store = e.store;
         if (!store?.attend) return undefined;
         e.busy++;
         e.lastUse = performance.now();
         try {
-          const r = await store.attend({ q, group, scale, ids });
+          const r = await store.attend({ q, group, scale, ids, ...(ranges && ranges.length > 0 && { ranges }) });
           this.stats.attends++;
           return r;
         } catch (err) {

@@ -10,7 +10,7 @@ import type { KvSegment } from '../../storage/kv-segment.js';
 import { POOL_BLOCK, RANGE_PRIORITY, type GpuBackend } from './gpu-pool.js';
 import type { BlockStats } from './block-stats.js';
 import { mergeInto } from './merge.js';
-import { concatRows, rowsOf, splitForPool, toAttendSegment } from './selection-parts.js';
+import { splitForPool, toAttendSegment } from './selection-parts.js';
 import { SimulatedPool } from './simulated-pool.js';
 import type { ModelShape } from '../../core/model.js';
 
@@ -50,8 +50,8 @@ export class SessionCache {
     // the ranges of the same segment (sinks, window: the store holds every row of it), started first and merged in
     // after the rest (the own tokens); a store that no longer holds them leaves them to the host.
     if (parts.some((p) => p.device)) {
-      const { groups, rest } = deviceGroups(parts, m.kvHeads);
-      const started = groups.map((g) => g.rows.attend(g.ids, a.q, m.qHeads / m.kvHeads, a.scale));
+      const { groups, rest } = deviceGroups(parts);
+      const started = groups.map((g) => g.rows.attend(g.ids, a.q, m.qHeads / m.kvHeads, a.scale, g.ranges));
       const [others, ...got] = await Promise.allSettled([this.attend(rest, a, beside), ...started]);
       if (others.status === 'rejected') throw others.reason;
       const left: SelectionPart[] = [];
@@ -96,18 +96,29 @@ export class SessionCache {
   }
 }
 
+/** A device store's share of a step: its listed rows (a list a kv head) and the same segment's ranges. */
+export interface DeviceGroup {
+  rows: DeviceRows;
+  ids: readonly Int32Array[];
+  /** [begin, end) pairs every kv head attends besides its ids (sinks, window). */
+  ranges: Int32Array;
+  parts: SelectionPart[];
+}
+
 /**
  * The parts a device store attends, grouped by store: its listed rows and the range parts of the same segment
- * (disjoint from them: a method's parts never overlap), as one id list a kv head; `rest`: every other part.
+ * (disjoint from them: a method's parts never overlap); `rest`: every other part.
  */
-export function deviceGroups(parts: SelectionPart[], kvHeads: number): { groups: { rows: DeviceRows; ids: Int32Array[]; parts: SelectionPart[] }[]; rest: SelectionPart[] } {
-  const groups: { rows: DeviceRows; ids: Int32Array[]; parts: SelectionPart[] }[] = [];
+export function deviceGroups(parts: SelectionPart[]): { groups: DeviceGroup[]; rest: SelectionPart[] } {
+  const groups: DeviceGroup[] = [];
   const taken = new Set<SelectionPart>();
   for (const p of parts) {
     if (!p.device || !p.ids) continue;
     const ranges = parts.filter((r) => r.segment === p.segment && !r.device && !r.ids && !r.blocks && !taken.has(r));
-    const lists = Array.from({ length: kvHeads }, (_, h) => concatRows([...ranges.map((r) => rowsOf(r, h)), p.ids![h]]));
-    groups.push({ rows: p.device, ids: lists, parts: [p, ...ranges] });
+    // The ranges as pairs and the ids as they are: the store expands and gathers them into its stage (a step's
+    // ~86K ids at 1M were concatenated with the ranges here, then copied again by the binding).
+    const pairs = Int32Array.from(ranges.flatMap((r) => [r.begin ?? 0, r.end ?? r.segment.tokens]));
+    groups.push({ rows: p.device, ids: p.ids, ranges: pairs, parts: [p, ...ranges] });
     taken.add(p);
     for (const r of ranges) taken.add(r);
   }

@@ -21,10 +21,12 @@
 //     ra_scan.h says what they are. Lists are one Int32Array a kv head, ids in [0, tokens); free ids
 //     may repeat (each counts once). sync: the work runs on the calling thread and the promise comes
 //     back settled (common/binding_args.h RunNowOrAsync; addon/device-calls.ts chooses).
-//   .attend({q: Float32Array [heads*group*headDim], group, scale, ids: Int32Array[] [heads], out: Float32Array
-//            [heads*group*headDim], lse: Float32Array [heads*group], meta: Float64Array [1], sync?: boolean})
-//     -> Promise<undefined>: each q row's attention over its kv head's listed rows (ra_scan.h RaAttendArgs),
-//     meta[0] the call's device ms; a store opened with values only.
+//   .attend({q: Float32Array [heads*group*headDim], group, scale, ids: Int32Array[] [heads], ranges?: Int32Array
+//            ([begin, end) pairs every head attends too), out: Float32Array [heads*group*headDim], lse: Float32Array
+//            [heads*group], meta: Float64Array [1], sync?: boolean})
+//     -> Promise<undefined>: each q row's attention over its kv head's ranges and listed rows (ra_scan.h
+//     RaAttendArgs), meta[0] the call's device ms; a store opened with values only. Seeds and ids are read
+//     where they lie until the promise settles: the caller leaves them unchanged meanwhile.
 //   .hasValues() -> boolean
 //   .bytes() -> device bytes held / .lastTimes() -> RaScanTimes / .close()
 #include <napi.h>
@@ -64,7 +66,8 @@ struct ScanJob {
   std::vector<std::shared_ptr<const RaPqCodes>> pq;
   cuda::RaScanArgs args;
   std::vector<float> q;
-  std::vector<int32_t> seeds, seedCounts, freeIds, freeCounts;
+  std::vector<const int32_t*> seeds;  // the JS lists, held by the call
+  std::vector<int32_t> seedCounts, freeIds, freeCounts;
   std::vector<int8_t> w8;
   std::vector<float> qscale, qbias, pqBase, pqDelta;
   std::vector<uint64_t> pqLut;
@@ -125,9 +128,9 @@ struct ScanJob {
 };
 
 // Per-head id lists (an array of Int32Arrays, one a kv head), ids checked in
-// [0, tokens), copied back to back into `ids` (the one copy before the
-// pinned stage: a step's seeds are ~10K ids a head at 1M) with each head's
-// count; dedupe: each head's sorted and made distinct in place.
+// [0, tokens), copied back to back into `ids` with each head's count;
+// dedupe: each head's sorted and made distinct in place (the free keys: a
+// few hundred a head).
 void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, bool dedupe, std::vector<int32_t>& ids,
              std::vector<int32_t>& counts) {
   counts.assign(size_t(heads), 0);
@@ -168,12 +171,41 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
   ids.resize(at);
 }
 
-// An attend's inputs, owned.
+// Per-head id lists read where they lie (an array of Int32Arrays, one a kv
+// head): each checked in [0, tokens) in one read pass, its data pointer and
+// count recorded, the array held by the call (`keep`) until it settles. The
+// store gathers them straight into its pinned stage: a step's seeds or
+// selected rows (~86K ids at 1M) were copied twice, once into a zeroed
+// vector here.
+void ListViews(const Napi::Object& o, const char* key, int heads, int64_t tokens, std::vector<const int32_t*>& ptrs,
+               std::vector<int32_t>& counts, std::vector<Napi::Value>& keep) {
+  ptrs.assign(size_t(heads), nullptr);
+  counts.assign(size_t(heads), 0);
+  if (Absent(o.Get(key))) return;
+  Napi::Array lists = ArrayOf(o, key, size_t(heads));
+  size_t total = 0;
+  for (int h = 0; h < heads; ++h) {
+    Napi::Int32Array l = Typed<int32_t>(lists.Get(uint32_t(h)), key);
+    const size_t c = l.ElementLength();
+    total += c;
+    if (total > size_t(INT32_MAX)) throw Napi::RangeError::New(o.Env(), std::string(key) + " hold too many ids");
+    const int32_t* src = l.Data();
+    bool bad = false;
+    for (size_t i = 0; i < c; ++i) bad |= src[i] < 0 || src[i] >= tokens;
+    if (bad) CheckIds(l, tokens, key);  // names the first bad id
+    ptrs[size_t(h)] = src;
+    counts[size_t(h)] = int32_t(c);
+    keep.push_back(l);
+  }
+}
+
+// An attend's inputs: q copied, the id lists held (ListViews).
 struct AttendJob {
   std::shared_ptr<cuda::RaScanStore> store;
   cuda::RaAttendArgs args;
   std::vector<float> q;
-  std::vector<int32_t> ids, counts;
+  std::vector<const int32_t*> ids;
+  std::vector<int32_t> counts, ranges;
   std::shared_ptr<std::mutex> lock;
   double deviceMs = 0;
 
@@ -182,6 +214,8 @@ struct AttendJob {
     args.q = q.data();
     args.ids = ids.data();
     args.counts = counts.data();
+    args.ranges = ranges.data();
+    args.rangePairs = int64_t(ranges.size() / 2);
     store->Attend(args);
     deviceMs = store->LastTimes().attendMs;
   }
@@ -318,7 +352,8 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     a.maxScanned = Int(o, "maxScanned", 1, (int64_t(1) << 40));
     a.scale = Absent(o.Get("scale")) ? 1.f / std::sqrt(float(d)) : Float(o, "scale");
     QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
-    ListsAt(o, "seeds", H, c.tokens, false, job->seeds, job->seedCounts);
+    std::vector<Napi::Value> keep;
+    ListViews(o, "seeds", H, c.tokens, job->seeds, job->seedCounts, keep);
     ListsAt(o, "free", H, c.tokens, true, job->freeIds, job->freeCounts);
     if (!Absent(o.Get("scanKeep"))) {
       const double keep = Double(o, "scanKeep");
@@ -338,7 +373,8 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     double* m = meta.Data();
     job->parseMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     // meta is written by the result callback, on the loop's thread, either way.
-    std::vector<Napi::Value> keep{outIds, meta};
+    keep.push_back(outIds);
+    keep.push_back(meta);
     if (withScores) keep.push_back(outScores);
     return RunNowOrAsync(env, now, keep, [job]() { job->Run(); }, [job, m, H](Napi::Env e) -> Napi::Value {
       for (int h = 0; h < H; ++h) {
@@ -369,14 +405,33 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     a.scale = Float(o, "scale");
     const size_t qn = QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     if (Absent(o.Get("ids"))) throw Napi::TypeError::New(env, "ids: one Int32Array a kv head");
-    ListsAt(o, "ids", H, c.tokens, false, job->ids, job->counts);
+    std::vector<Napi::Value> keep;
+    ListViews(o, "ids", H, c.tokens, job->ids, job->counts, keep);
+    if (!Absent(o.Get("ranges"))) {
+      Napi::Int32Array r = TypedAt<int32_t>(o, "ranges");
+      const size_t len = r.ElementLength();
+      if (len % 2 != 0) throw Napi::RangeError::New(env, "ranges must hold [begin, end) pairs");
+      job->ranges.assign(r.Data(), r.Data() + len);
+      int64_t rows = 0;
+      for (size_t i = 0; i < len; i += 2) {
+        const int32_t b = job->ranges[i], e = job->ranges[i + 1];
+        if (b < 0 || e < b || e > c.tokens) throw Napi::RangeError::New(env, "ranges must lie within [0, tokens) with begin <= end");
+        rows += e - b;
+      }
+      int64_t longest = 0;
+      for (const int32_t n : job->counts) longest = std::max<int64_t>(longest, n);
+      if (rows + longest > int64_t(INT32_MAX)) throw Napi::RangeError::New(env, "ranges and ids hold too many rows");
+    }
     Napi::Float32Array out = TypedAt<float>(o, "out", qn);
     Napi::Float32Array lse = TypedAt<float>(o, "lse", size_t(H) * a.group);
     Napi::Float64Array meta = TypedAt<double>(o, "meta", 1);
     a.out = out.Data();
     a.lse = lse.Data();
     double* m = meta.Data();
-    return RunNowOrAsync(env, Flag(o, "sync", false), {out, lse, meta}, [job]() { job->Run(); }, [job, m](Napi::Env e) -> Napi::Value {
+    keep.push_back(out);
+    keep.push_back(lse);
+    keep.push_back(meta);
+    return RunNowOrAsync(env, Flag(o, "sync", false), keep, [job]() { job->Run(); }, [job, m](Napi::Env e) -> Napi::Value {
       m[0] = job->deviceMs;
       return e.Undefined();
     });

@@ -33,6 +33,19 @@ uint32_t FloatBits(float f) {
   return u;
 }
 
+// Head lists back to back into dst: each head's `ranges` rows ([begin, end)
+// pairs, every head's), then its own list; returns the ids written.
+int64_t GatherLists(int32_t* dst, int H, const int32_t* const* lists, const int32_t* counts, const int32_t* ranges, int64_t rangePairs) {
+  int64_t at = 0;
+  for (int h = 0; h < H; ++h) {
+    for (int64_t r = 0; r < rangePairs; ++r)
+      for (int32_t t = ranges[2 * r]; t < ranges[2 * r + 1]; ++t) dst[at++] = t;
+    if (counts[h] > 0) std::memcpy(dst + at, lists[h], size_t(counts[h]) * 4);
+    at += counts[h];
+  }
+  return at;
+}
+
 template <typename T>
 T* Carve(char*& at, size_t count) {
   T* p = reinterpret_cast<T*>(at);
@@ -205,11 +218,17 @@ void RaScanStore::Attend(const RaAttendArgs& a) {
   const int H = cfg.kvHeads, d = cfg.headDim, G = a.group;
   if (!I.values) throw std::invalid_argument("RaScanStore: this store holds no values to attend");
   if (G < 1 || G > cfg.maxGroup) throw std::invalid_argument("RaScanStore: group must be in [1, maxGroup]");
+  int64_t rangeRows = 0;
+  for (int64_t r = 0; r < a.rangePairs; ++r) {
+    const int32_t b = a.ranges[2 * r], e = a.ranges[2 * r + 1];
+    if (b < 0 || e < b || e > cfg.tokens) throw std::invalid_argument("RaScanStore: a range must lie within [0, tokens), begin <= end");
+    rangeRows += e - b;
+  }
   std::vector<int64_t> start(size_t(H) + 1, 0);
   int64_t longest = 0;
   for (int h = 0; h < H; ++h) {
-    start[size_t(h) + 1] = start[size_t(h)] + a.counts[h];
-    longest = std::max<int64_t>(longest, a.counts[h]);
+    start[size_t(h) + 1] = start[size_t(h)] + rangeRows + a.counts[h];
+    longest = std::max<int64_t>(longest, rangeRows + a.counts[h]);
   }
   const int64_t total = start[size_t(H)], R = AttendRowsPerCta(d), tiles = std::max<int64_t>(1, (longest + R - 1) / R);
   const size_t qN = size_t(H) * G * d;
@@ -228,7 +247,10 @@ void RaScanStore::Attend(const RaAttendArgs& a) {
   AttendParams p;
   p.H = H, p.G = G, p.d = d, p.scale = a.scale, p.keys = I.keys, p.values = I.values, p.n = cfg.tokens, p.tiles = tiles;
   p.q = static_cast<const float*>(stage(a.q, qN * 4));
-  p.ids = static_cast<const int32_t*>(stage(a.ids, size_t(total) * 4));
+  p.ids = reinterpret_cast<const int32_t*>(dat);
+  GatherLists(reinterpret_cast<int32_t*>(hat), H, a.ids, a.counts, a.ranges, a.rangePairs);
+  hat += Align(size_t(total) * 4 + 4);
+  dat += Align(size_t(total) * 4 + 4);
   p.start = static_cast<const int64_t*>(stage(start.data(), (size_t(H) + 1) * 8));
   const size_t copyBytes = size_t(hat - static_cast<char*>(I.ahin.p));
   I.apartial.Need(size_t(H) * tiles * G * (d + 2) * 4, "cudaMalloc (attend partials)");
@@ -274,6 +296,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   // The sample, as the host takes it.
   const int64_t want = std::min<int64_t>(n, std::min(kSampleMax, std::max(kSampleMin, n / kSampleShare)));
   const int64_t stride = std::max<int64_t>(1, n / want), off = stride / 2, m = (n - off + stride - 1) / stride;
+  if (m > kSampleMaxKeys) throw std::logic_error("RaScanStore: the sample outgrows the kernels' shared arrays");
   // The host's M = cap − m, at most every key (maxScanned ≥ tokens + m: every key a candidate).
   const int64_t cand = std::min<int64_t>(n, std::max<int64_t>(0, a.maxScanned - m));
   const int64_t cap = cand + m, k = a.k;
@@ -358,7 +381,11 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.qscale = static_cast<const float*>(stage(a.qscale, sN * 4));
   p.qbias = static_cast<const float*>(stage(a.qbias, sN * 4));
   const int32_t none = 0;  // a list's stand-in where it is empty
-  p.seeds = static_cast<const int32_t*>(stage(seeds > 0 ? a.seeds : &none, seeds > 0 ? size_t(seeds) * 4 : 4));
+  p.seeds = reinterpret_cast<const int32_t*>(dat);
+  if (seeds > 0) GatherLists(reinterpret_cast<int32_t*>(hat), H, a.seeds, a.seedCounts, nullptr, 0);
+  else std::memcpy(hat, &none, 4);
+  hat += Align(seeds > 0 ? size_t(seeds) * 4 : 4);
+  dat += Align(seeds > 0 ? size_t(seeds) * 4 : 4);
   p.freeIds = static_cast<const int32_t*>(stage(frees > 0 ? a.freeIds : &none, frees > 0 ? size_t(frees) * 4 : 4));
   p.seedStart = static_cast<const int64_t*>(stage(seedStart.data(), (size_t(H) + 1) * 8));
   p.freeStart = static_cast<const int64_t*>(stage(freeStart.data(), (size_t(H) + 1) * 8));
@@ -407,23 +434,8 @@ void RaScanStore::Search(const RaScanArgs& a) {
   if (bf16) SampleLogits<true><<<sampleGrid, T, qSmem, s>>>(p);
   else SampleLogits<false><<<sampleGrid, T, qSmem, s>>>(p);
   SampleReduce<<<H, kReduceThreads, 0, s>>>(p);
-  const dim3 wordGrid(unsigned(Tiles(I.words)), unsigned(H));
-  // The PQ pass's kernels for the row's width (ra_scan_pq.cuh PqRho).
-  const int pqWords = I.pqRowBytes == 8 || I.pqRowBytes == 16 || I.pqRowBytes == 32 ? I.pqRowBytes / 4 : 0;
-  const size_t lutSmem = PqLutBytes(G, d);
-  if (pq) {
-    Check(cudaMemsetAsync(I.pqInf, 0, size_t(H) * 8, s), "memset");
-    Check(cudaMemsetAsync(I.pqListed, 0, size_t(H) * 8, s), "memset");
-    PqSpecials<<<wordGrid, T, 0, s>>>(p, pp);
-    switch (pqWords) {
-      case 2: PqSampleCut<2><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
-      case 4: PqSampleCut<4><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
-      case 8: PqSampleCut<8><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
-      default: PqSampleCut<0><<<H, kReduceThreads, lutSmem, s>>>(p, pp); break;
-    }
-  } else {
-    SampleCut<<<H, kReduceThreads, 0, s>>>(p);
-  }
+  if (pq) EnqueuePqThreshold(s, p, pp, H);
+  else SampleCut<<<H, kReduceThreads, 0, s>>>(p);
   mark(1, s);
   // The codes: every key read once, those at or above the sample's threshold kept; heads that kept too few again.
   // L lanes a row, each 16-byte chunks of it: the largest power of two <= 8 dividing its chunks (d / 32; rows of
@@ -449,37 +461,8 @@ void RaScanStore::Search(const RaScanArgs& a) {
   // The kept keys are a few percent of n where the threshold holds: grids for that, the kernels stride past it.
   const int64_t keptGuess = std::min<int64_t>(n, 2 * cand + 4096);
   if (pq) {
-    const dim3 pqGrid(cdiv(n, int64_t(T) * kScanPerThread), unsigned(H));
-    const auto pqScan = [&](bool again) {
-      switch (pqWords) {
-        case 2: PqScan<2><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
-        case 4: PqScan<4><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
-        case 8: PqScan<8><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
-        default: PqScan<0><<<pqGrid, T, lutSmem, s>>>(p, pp, again); break;
-      }
-    };
-    pqScan(false);
-    Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p, I.pqNeed);
-    pqScan(true);
-    // The first pass's cut (its own range and state), its keys and the outliers and +inf keys listed in id order
-    // for the 4-bit pass, which keeps every one.
-    const PqKeptCut pk{I.keptOrd, I.keptIds, I.keptCount, I.pqNeed, n};
-    uint32_t* const range3 = I.range + size_t(H) * 4;
-    CutState* const cuts3 = I.cuts + 2 * H;
-    const int64_t pqGuess = std::min<int64_t>(n, 2 * std::max(cand, a.keep) + 4096);
-    OrderRange<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kRangePer), H), T, 0, s>>>(pk, range3);
-    Histogram<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kHistPer), H), T, 0, s>>>(pk, range3, I.hist);
-    FindBin<PqKeptCut><<<H, kFindThreads, 0, s>>>(pk, I.hist, cuts3);
-    CollectBin<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(pk, range3, cuts3, I.buf, I.bufW);
-    ResolveCut<PqKeptCut><<<H, kResolveThreads, ResolveSmem<PqKeptCut>(), s>>>(pk, range3, cuts3, I.buf, I.bufW, true);
-    MarkTaken<PqKeptCut><<<dim3(cdiv(pqGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(pk, range3, cuts3, I.takeBits, I.words);
-    PqMarkSecond<<<wordGrid, T, 0, s>>>(p, pp);
-    CountBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead);
-    ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, I.words);
-    PlaceBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead, pp.list, pp.listCap);
-    Check(cudaMemsetAsync(I.keptCount, 0, size_t(H) * 8, s), "memset");
-    Check(cudaMemsetAsync(I.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
-    PqScanListed<<<dim3(cdiv(pqGuess + cand, T), H), T, 0, s>>>(p, pp);
+    EnqueuePqPasses(s, p, pp, PqWork{I.keptOrd, I.keptIds, I.keptCount, I.range + size_t(H) * 4, I.cuts + 2 * H, I.buf, I.bufW, I.hist,
+                                     I.takeBits, I.tiles, tilesPerHead}, H, cand);
   } else {
     scan(false);
     Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p, nullptr);
@@ -496,6 +479,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   CollectBin<KeptCut><<<dim3(cdiv(keptGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(kc, I.range, cuts1, I.buf, I.bufW);
   ResolveCut<KeptCut><<<H, kResolveThreads, ResolveSmem<KeptCut>(), s>>>(kc, I.range, cuts1, I.buf, I.bufW, true);
   MarkTaken<<<dim3(cdiv(keptGuess, int64_t(T) * kScanPer), H), T, 0, s>>>(kc, I.range, cuts1, I.takeBits, I.words);
+  const dim3 wordGrid(unsigned(Tiles(I.words)), unsigned(H));
   CountBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead);
   ScanTiles<<<H, kTileThreads, 0, s>>>(I.tiles, tilesPerHead, nullptr, I.words);
   PlaceBits<<<wordGrid, T, 0, s>>>(I.takeBits, I.words, I.tiles, tilesPerHead, I.cand, cap);

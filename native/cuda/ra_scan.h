@@ -81,7 +81,10 @@ struct RaScanArgs {
   const int8_t* w8 = nullptr;
   const float* qscale = nullptr;
   const float* qbias = nullptr;
-  const int32_t* seeds = nullptr;   // extra start keys (the last step's ids), in [0, tokens)
+  // Extra start keys (the last step's ids), in [0, tokens): a list a head
+  // (seedCounts[h] ids at seeds[h]), read where they lie (the binding's JS
+  // arrays: ~86K ids a step at 1M, copied once, into the pinned stage).
+  const int32_t* const* seeds = nullptr;
   const int32_t* seedCounts = nullptr;  // [kvHeads]
   const int32_t* freeIds = nullptr;  // free keys, distinct within a head, in [0, tokens)
   const int32_t* freeCounts = nullptr;  // [kvHeads]
@@ -103,15 +106,21 @@ struct RaScanArgs {
 };
 
 // Attention over listed rows of every kv head (RaScanStore::Attend): head
-// h's G query rows over its rows ids[start_h .. start_h + counts[h]), each
-// row's logit scale·q·k, normalised over the head's rows alone (the caller
-// merges other parts by log-sum-exp). A row listed twice is attended twice.
+// h's G query rows over the rows of `ranges` and its list ids[h] (counts[h]
+// of them), each row's logit scale·q·k, normalised over the head's rows
+// alone (the caller merges other parts by log-sum-exp). A row listed twice
+// is attended twice.
 struct RaAttendArgs {
   int group = 0;
   float scale = 0.f;
   const float* q = nullptr;          // [kvHeads * G, headDim]
-  const int32_t* ids = nullptr;      // heads' lists back to back, each id in [0, tokens)
+  const int32_t* const* ids = nullptr;  // a list a head, each id in [0, tokens), read where it lies
   const int32_t* counts = nullptr;   // [kvHeads]
+  // [begin, end) pairs every head attends besides its list (a document's
+  // sinks and window), each within [0, tokens): expanded on the host into
+  // the staged lists, never made as id arrays in JS.
+  const int32_t* ranges = nullptr;
+  int64_t rangePairs = 0;
   float* out = nullptr;              // [kvHeads * G, headDim]: Σ p·v; zero for a head with no rows
   float* lse = nullptr;              // [kvHeads * G]: ln Σ exp(logit); -inf for a head with no rows
 };

@@ -23,7 +23,9 @@ constexpr int kScanWarps = kThreads / 32;  // rows scored at once by a CTA of th
 constexpr int kScanPerThread = 4;          // keys a lane group in ScanCodes, at most
 constexpr int kReduceThreads = 512;        // SampleReduce, SampleCut and Refine: one CTA a head
 constexpr int kSeedMax = 16;               // the sample's seeds at most (kSampleSeeds on the host)
-constexpr int kSampleMaxKeys = 4096;       // the host's kSampleMax
+// The host's kSampleMax, plus the rounding: m = ceil((n − off) / stride),
+// stride = floor(n / 4096), reaches 4104 (at n = 2,195,395).
+constexpr int kSampleMaxKeys = 4096 + 8;
 
 struct ScanParams {
   int H = 0, G = 0, G4 = 0, d = 0, half = 0;
@@ -348,7 +350,8 @@ __global__ void __launch_bounds__(kReduceThreads) SampleCut(ScanParams p) {
     CodeDots(reinterpret_cast<const uint32_t*>(codes + size_t(t) * p.half), 0, halfWords, (p.half & 15) == 0, sw, p.d / 4, halfWords, p.G, acc);
     ord[j] = RankOrder(Rho(acc, p.G, sScale, sBias, sC0));
   }
-  if (threadIdx.x == 0) p.tau[h] = RthSmallest(ord, p.m, r);
+  const uint32_t tau = RthSmallest(ord, p.m, r);  // by the whole CTA: it counts and syncs
+  if (threadIdx.x == 0) p.tau[h] = tau;
 }
 
 // Appends the keys this CTA keeps (keep, with their orders) to a head's
@@ -435,7 +438,8 @@ __global__ void Decide(ScanParams p, const int64_t* need) {
   AfterPrior();
   const int h = threadIdx.x;
   if (h >= p.H) return;
-  const bool again = int64_t(p.keptCount[h]) < (need ? need[h] : p.want);
+  // Not where the threshold already kept every key (fewer keys than needed exist).
+  const bool again = int64_t(p.keptCount[h]) < (need ? need[h] : p.want) && p.tau[h] != kExcluded - 1;
   p.redo[h] = again;
   if (again) p.keptCount[h] = 0;
 }

@@ -12,6 +12,7 @@
 // keys, through the same cuts as the one pass (ra_scan_select.cuh).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace kvr {
@@ -244,11 +245,89 @@ __global__ void __launch_bounds__(kThreads) PqScanListed(ScanParams p, PqParams 
   }
 }
 
-// outKept[h]: the keys whose 4-bit code was read, the +∞ keys not counted (the host's counts.kept).
+// outKept[h]: the keys whose 4-bit code was read, the +∞ keys not counted
+// (the host's counts.kept; 0 where the +∞ keys fill the candidates: the
+// host then makes no pass, and the device's passes change nothing).
 __global__ void PqFinish(ScanParams p, PqParams q, int64_t* outKept) {
   AfterPrior();
   const int h = threadIdx.x;
-  if (h < p.H) outKept[h] = int64_t(q.listed[h]) - int64_t(q.inf[h]);
+  if (h < p.H) outKept[h] = int64_t(q.inf[h]) >= p.want ? 0 : int64_t(q.listed[h]) - int64_t(q.inf[h]);
+}
+
+// The store's buffers the passes share with the one pass's steps
+// (ra_scan.cu's Impl): what a pass keeps, the first pass's cut (its own
+// range and state), the bitmap and tiles that list the 4-bit pass's keys.
+struct PqWork {
+  uint32_t* keptOrd;
+  int32_t* keptIds;
+  unsigned long long* keptCount;
+  uint32_t* range;
+  CutState* cuts;
+  uint64_t* buf;
+  int64_t* bufW;
+  uint32_t* hist;
+  uint32_t* takeBits;
+  int64_t* tiles;
+  int64_t tilesPerHead;
+};
+
+__host__ inline unsigned PqBlocks(int64_t x, int64_t y) { return unsigned(std::max<int64_t>(1, (x + y - 1) / y)); }
+
+// The kernels for a row of q.rowBytes (PqRho's kWords).
+__host__ inline int PqRowWords(const PqParams& q) { return q.rowBytes == 8 || q.rowBytes == 16 || q.rowBytes == 32 ? q.rowBytes / 4 : 0; }
+
+// Step 1's end with keep, in place of SampleCut: the +∞ keys counted, the
+// first pass's need and threshold.
+__host__ inline void EnqueuePqThreshold(cudaStream_t s, const ScanParams& p, const PqParams& q, int H) {
+  Check(cudaMemsetAsync(q.inf, 0, size_t(H) * 8, s), "memset");
+  Check(cudaMemsetAsync(q.listed, 0, size_t(H) * 8, s), "memset");
+  PqSpecials<<<dim3(unsigned(Tiles(p.words)), unsigned(H)), kThreads, 0, s>>>(p, q);
+  const size_t smem = PqLutBytes(p.G, p.d);
+  switch (PqRowWords(q)) {
+    case 2: PqSampleCut<2><<<H, kReduceThreads, smem, s>>>(p, q); break;
+    case 4: PqSampleCut<4><<<H, kReduceThreads, smem, s>>>(p, q); break;
+    case 8: PqSampleCut<8><<<H, kReduceThreads, smem, s>>>(p, q); break;
+    default: PqSampleCut<0><<<H, kReduceThreads, smem, s>>>(p, q); break;
+  }
+}
+
+// Step 2 with keep, in place of the one pass's scans: the first pass (again
+// for the heads that kept too few), its cut, the 4-bit pass's keys listed
+// in id order and ranked, every one kept for the candidates' cut (which
+// follows as for the one pass, over w.keptOrd / keptIds).
+__host__ inline void EnqueuePqPasses(cudaStream_t s, const ScanParams& p, const PqParams& q, const PqWork& w, int H, int64_t want) {
+  const unsigned T = kThreads;
+  const size_t smem = PqLutBytes(p.G, p.d);
+  const dim3 grid(PqBlocks(p.n, int64_t(T) * kScanPerThread), unsigned(H));
+  const auto scan = [&](bool again) {
+    switch (PqRowWords(q)) {
+      case 2: PqScan<2><<<grid, T, smem, s>>>(p, q, again); break;
+      case 4: PqScan<4><<<grid, T, smem, s>>>(p, q, again); break;
+      case 8: PqScan<8><<<grid, T, smem, s>>>(p, q, again); break;
+      default: PqScan<0><<<grid, T, smem, s>>>(p, q, again); break;
+    }
+  };
+  scan(false);
+  Decide<<<1, unsigned(std::max(32, H)), 0, s>>>(p, q.need);
+  scan(true);
+  const PqKeptCut pk{w.keptOrd, w.keptIds, w.keptCount, q.need, p.n};
+  // What the first pass keeps is a few percent of n: grids for that, the kernels stride past it.
+  const int64_t guess = std::min<int64_t>(p.n, 2 * std::max(want, q.keep) + 4096);
+  OrderRange<PqKeptCut><<<dim3(PqBlocks(guess, int64_t(T) * kRangePer), H), T, 0, s>>>(pk, w.range);
+  Histogram<PqKeptCut><<<dim3(PqBlocks(guess, int64_t(T) * kHistPer), H), T, 0, s>>>(pk, w.range, w.hist);
+  FindBin<PqKeptCut><<<H, kFindThreads, 0, s>>>(pk, w.hist, w.cuts);
+  CollectBin<PqKeptCut><<<dim3(PqBlocks(guess, int64_t(T) * kScanPer), H), T, 0, s>>>(pk, w.range, w.cuts, w.buf, w.bufW);
+  ResolveCut<PqKeptCut><<<H, kResolveThreads, ResolveSmem<PqKeptCut>(), s>>>(pk, w.range, w.cuts, w.buf, w.bufW, true);
+  MarkTaken<PqKeptCut><<<dim3(PqBlocks(guess, int64_t(T) * kScanPer), H), T, 0, s>>>(pk, w.range, w.cuts, w.takeBits, p.words);
+  const dim3 words(unsigned(Tiles(p.words)), unsigned(H));
+  PqMarkSecond<<<words, T, 0, s>>>(p, q);
+  CountBits<<<words, T, 0, s>>>(w.takeBits, p.words, w.tiles, w.tilesPerHead);
+  ScanTiles<<<H, kTileThreads, 0, s>>>(w.tiles, w.tilesPerHead, nullptr, p.words);
+  PlaceBits<<<words, T, 0, s>>>(w.takeBits, p.words, w.tiles, w.tilesPerHead, q.list, q.listCap);
+  // The list, in buf, is read before the candidates' cut collects its bin there; the counts and bins start anew.
+  Check(cudaMemsetAsync(w.keptCount, 0, size_t(H) * 8, s), "memset");
+  Check(cudaMemsetAsync(w.hist, 0, size_t(H) * kBins * 2 * 4, s), "memset");
+  PqScanListed<<<dim3(PqBlocks(guess + want, T), H), T, 0, s>>>(p, q);
 }
 
 }  // namespace

@@ -34,8 +34,11 @@ class StandInRows implements DeviceRows {
   calls: { ids: Int32Array[]; group: number; scale: number }[] = [];
   gone = false;
   constructor(private readonly doc: KvChunk) {}
-  async attend(ids: readonly Int32Array[], q: Float32Array, group: number, scale: number) {
-    this.calls.push({ ids: [...ids], group, scale });
+  async attend(listed: readonly Int32Array[], q: Float32Array, group: number, scale: number, ranges?: Int32Array) {
+    // The ranges' rows first, then each head's list, as the device's store gathers them.
+    const steady = Array.from({ length: (ranges?.length ?? 0) / 2 }, (_, r) => Array.from({ length: ranges![2 * r + 1] - ranges![2 * r] }, (_, i) => ranges![2 * r] + i)).flat();
+    const ids = listed.map((l) => Int32Array.from([...steady, ...l]));
+    this.calls.push({ ids, group, scale });
     if (this.gone) return undefined;
     const ref = referenceAttention(q, this.doc.kValues, this.doc.vValues, ids.length * group, d, scale, ids.map((x) => Array.from(x)));
     return { out: Float32Array.from(ref.out), lse: Float32Array.from(ref.lse) };

@@ -227,8 +227,20 @@ describe.skipIf(!gpu)('device code scan', () => {
           expect(maxRelError(r.out.subarray(row * d, (row + 1) * d), ref.out.subarray(row * d, (row + 1) * d), 1)).toBeLessThan(1e-4);
         }
       }
-      // Bad ids are refused and the store still attends; a store opened without values attends nothing.
+      // Ranges every head attends besides its list (sinks and a window, as the residency passes them): their rows
+      // first, then the list's; the head with an empty list attends the ranges alone.
+      const ranges = Int32Array.of(0, 3, n - 5, n);
+      const steady = [0, 1, 2, n - 5, n - 4, n - 3, n - 2, n - 1];
+      const withRanges = await store.attend({ q, group: G, scale: 0.3, ids: lists.map((l) => Int32Array.from(l)), ranges });
+      const refRanges = referenceAttention(q, layer.values, vals.map((v) => v.values), H * G, d, 0.3, lists.map((l) => [...steady, ...l]));
+      for (let row = 0; row < H * G; row++) {
+        expect(Math.abs(withRanges.lse[row] - refRanges.lse[row])).toBeLessThan(1e-4 * Math.max(1, Math.abs(refRanges.lse[row])));
+        expect(maxRelError(withRanges.out.subarray(row * d, (row + 1) * d), refRanges.out.subarray(row * d, (row + 1) * d), 1)).toBeLessThan(1e-4);
+      }
+      // Bad ids and ranges are refused and the store still attends; a store opened without values attends nothing.
       await expect(store.attend({ q, group: G, scale: 0.1, ids: lists.map(() => Int32Array.of(n)) })).rejects.toThrow(/ids/);
+      for (const bad of [Int32Array.of(0, n + 1), Int32Array.of(5, 2), Int32Array.of(-1, 3), Int32Array.of(0, 3, 7)])
+        await expect(store.attend({ q, group: G, scale: 0.1, ids: lists.map(() => Int32Array.of(0)), ranges: bad })).rejects.toThrow(/ranges/);
       expect((await store.attend({ q, group: G, scale: 0.1, ids: lists.map(() => Int32Array.of(0)) })).lse.every(Number.isFinite)).toBe(true);
       store.close();
       const bare = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 16);
