@@ -216,6 +216,10 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
       const deviceSync = opts.deviceSync === 'ab' ? s % 2 === 1 : opts.deviceSync !== 'pool';
       setGpuSyncUs(deviceSync ? syncCap : 0);
       if (gapMs > 0) await new Promise((r) => setTimeout(r, gapMs));
+      // A loop turn a step, as a server's request has: the per-turn cap of device calls on the loop
+      // (addon/device-calls.ts) starts afresh. Back to back in one turn, a step's calls found it spent by the last
+      // step's (0.7 calls a step went to libuv's pool in session 30's ra-scan run).
+      else await new Promise((r) => setImmediate(r));
       const q = w.decodeQ[s];
       const calls = deviceCallRuns(), scored = scorer.stats.steps;
       const scans = gpu.keyScanner?.stats.steps ?? 0;
@@ -302,7 +306,8 @@ export async function runDecodeBench(opts: { tokens: number; steps: number; devi
     ...(waveBuildS !== undefined && { waveClustersBuildS: waveBuildS }),
     date: new Date().toISOString(),
   };
-  const f = (x: unknown, n = 2) => Number(x).toFixed(n);
+  // NaN (a stage the config does not have: no pool for retrieval-attention's device scan) as a dash.
+  const f = (x: unknown, n = 2) => (Number.isNaN(Number(x)) ? '—' : Number(x).toFixed(n));
   const md = [
     `# GPU decode loop at ${tokens} tokens per layer (${opts.device})`,
     '',
