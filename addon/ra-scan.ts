@@ -92,6 +92,8 @@ interface NativeRaScan {
   }): Promise<undefined>;
   attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; ranges?: Int32Array; out: Float32Array; lse: Float32Array; meta: Float64Array; sync: boolean }): Promise<undefined>;
   hasValues(): boolean;
+  hasPq(): boolean;
+  addPq(a: { keys: Uint16Array[] }): Promise<undefined>;
   bytes(): number;
   lastTimes(): RaScanTimes;
   close(): void;
@@ -99,7 +101,7 @@ interface NativeRaScan {
 
 interface Addon {
   raScanSupported(headDim: number, group: number): boolean;
-  RaScanStore: { open(o: { graphs: object[]; keys: Uint16Array[]; values?: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number }): Promise<NativeRaScan> };
+  RaScanStore: { open(o: { graphs: object[]; keys: Uint16Array[]; values?: Uint16Array[]; tokens: number; headDim: number; dtype: number; maxGroup: number; pq?: boolean }): Promise<NativeRaScan> };
 }
 
 const addon = nativeAddon<Addon>();
@@ -120,6 +122,7 @@ export class RaScanStore {
   private constructor(
     private readonly native: NativeRaScan,
     readonly graphs: RaGraph[],
+    private readonly keys: Uint16Array[],
     readonly tokens: number,
     readonly headDim: number,
     readonly dtype: KvDtype,
@@ -127,14 +130,25 @@ export class RaScanStore {
   ) {}
 
   /**
-   * Uploads each graph's keys, 4-bit and PQ codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys),
-   * values where given (`attend` needs them) and entry points, off the event loop; rejects without a device or
-   * its memory.
+   * Uploads each graph's keys, 4-bit codes (the graph's own, made now where it has none: ~0.3 s a head at 1M keys),
+   * values where given (`attend` needs them), entry points and, with `pq`, the PQ codes searches with scanKeep
+   * read (~1.3 s a head to make at 1M on the 2-core VM; addPq adds them later), off the event loop; rejects without
+   * a device or its memory.
    */
-  static async open(graphs: RaGraph[], keys: Uint16Array[], tokens: number, headDim: number, dtype: KvDtype, maxGroup: number, values?: Uint16Array[]): Promise<RaScanStore> {
+  static async open(graphs: RaGraph[], keys: Uint16Array[], tokens: number, headDim: number, dtype: KvDtype, maxGroup: number, values?: Uint16Array[], pq = false): Promise<RaScanStore> {
     if (typeof addon.RaScanStore.open !== 'function') throw new Error('RaScanStore: kvrecall was built without CUDA');
-    const native = await addon.RaScanStore.open({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, ...(values && { values }), tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup });
-    return new RaScanStore(native, graphs, tokens, headDim, dtype, maxGroup);
+    const native = await addon.RaScanStore.open({ graphs: graphs.map((g) => RaGraph.nativeOf(g)), keys, ...(values && { values }), tokens, headDim, dtype: DTYPE_CODE[dtype], maxGroup, pq });
+    return new RaScanStore(native, graphs, keys, tokens, headDim, dtype, maxGroup);
+  }
+
+  /** Whether searches may take scanKeep (the store holds the PQ codes). */
+  get hasPq(): boolean {
+    return this.native.hasPq();
+  }
+
+  /** Makes (off the event loop) and uploads the PQ codes of a store opened without them; scanKeep is taken after. */
+  async addPq(): Promise<void> {
+    await this.native.addPq({ keys: this.keys });
   }
 
   get heads(): number {

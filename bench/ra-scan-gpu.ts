@@ -60,7 +60,7 @@ const keys = Array.from({ length: heads }, (_, h) => (h === 0 ? data.keys : data
 const graphs = Array.from({ length: heads }, (_, h) => (h === 0 ? data.graph : RaGraph.load(blob)));
 let w = performance.now();
 // Values: the keys again (the bench times the attend; a session's store holds the layer's own values).
-const store = await RaScanStore.open(graphs, keys, tokens, D, 'f16', G, keys);
+const store = await RaScanStore.open(graphs, keys, tokens, D, 'f16', G, keys, keep !== undefined);
 const storeMs = performance.now() - w;
 progress(`[${at()}] store made in ${storeMs.toFixed(0)} ms (codes made on the host for ${heads} heads, uploaded): ${(store.bytes() / 2 ** 20).toFixed(0)} MiB on the device`);
 

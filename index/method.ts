@@ -81,10 +81,10 @@ export interface KeyScanner {
  */
 export interface DeviceRows {
   /**
-   * Each q row's attention over its kv head's rows: those of `ranges` ([begin, end) pairs, every head's: a
-   * document's sinks and window) and `ids[h]` (q [kvHeads * group, headDim]): out and lse per q row, a head
-   * with no rows -Infinity; undefined where the store no longer holds them (the host attends). The lists are
-   * read until the promise settles.
+   * Each q row's attention over its kv head's rows: those of `ranges` ([begin, end) pairs, every head's,
+   * ascending and disjoint, and disjoint from the ids: a document's sinks and window) and `ids[h]` (q
+   * [kvHeads * group, headDim]): out and lse per q row, a head with no rows -Infinity; undefined where the
+   * store no longer holds them (the host attends). The lists are read until the promise settles.
    */
   attend(ids: readonly Int32Array[], q: Float32Array, group: number, scale: number, ranges?: Int32Array): Promise<{ out: Float32Array; lse: Float32Array } | undefined>;
 }

@@ -30,6 +30,9 @@ export interface ScanStore {
   /** Attention over listed rows (a store opened with values; RaScanStore.attend). */
   attend?(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; ranges?: Int32Array }): Promise<{ out: Float32Array; lse: Float32Array }>;
   readonly hasValues?: boolean;
+  /** Whether searches may take scanKeep (the store holds the PQ codes), and how to add them to one made without. */
+  readonly hasPq?: boolean;
+  addPq?(): Promise<void>;
   /** The last search's time on the device, ms (where the store measures it). */
   readonly lastDeviceMs?: number;
   bytes(): number;
@@ -38,17 +41,18 @@ export interface ScanStore {
 
 /** How stores are made and which shapes they take. */
 export interface ScanStoreBackend {
-  open(heads: readonly ScanHead[], maxGroup: number): Promise<ScanStore>;
+  /** `pq`: with the PQ codes a search with scanKeep reads. */
+  open(heads: readonly ScanHead[], maxGroup: number, pq: boolean): Promise<ScanStore>;
   supported(headDim: number, group: number): boolean;
 }
 
 const MAX_GROUP = 16;  // native/cuda/ra_scan.h kMaxGroup: a store takes every group a session may bring
 
 const ADDON_BACKEND: ScanStoreBackend = {
-  open: (heads, maxGroup) => {
+  open: (heads, maxGroup, pq) => {
     const { tokens, headDim, dtype } = heads[0];
     const values = withValues(heads) ? heads.map((h) => h.values!) : undefined;
-    return RaScanStore.open(heads.map((h) => h.graph), heads.map((h) => h.keys), tokens, headDim, dtype, maxGroup, values);
+    return RaScanStore.open(heads.map((h) => h.graph), heads.map((h) => h.keys), tokens, headDim, dtype, maxGroup, values, pq);
   },
   supported: raScanSupported,
 };
@@ -58,12 +62,18 @@ const withValues = (heads: readonly ScanHead[]) => heads.every((h) => h.values !
 
 /**
  * Device bytes a store of these heads takes before its per-step buffers: a head's codes and keys (2.5 bytes a
- * channel), its values where it holds them (2 more), its PQ codes (1/8 byte a channel), five bitmaps, and 24 bytes
- * a key for what a step's scan keeps and its cut's bin (native/cuda/ra_scan.cu).
+ * channel), its values where it holds them (2 more), four bitmaps, 24 bytes a key for what a step's scan keeps and
+ * its cut's bin (native/cuda/ra_scan.cu), and with `pq` the PQ codes and their outliers' bitmap (scanPqBytes).
  */
-export function scanStoreBytes(heads: readonly ScanHead[]): number {
+export function scanStoreBytes(heads: readonly ScanHead[], pq = false): number {
   const { tokens, headDim } = heads[0];
-  return heads.length * (tokens * headDim * ((withValues(heads) ? 4.5 : 2.5) + 0.125) + 5 * Math.ceil(tokens / 8) + 24 * tokens);
+  return heads.length * (tokens * headDim * (withValues(heads) ? 4.5 : 2.5) + 4 * Math.ceil(tokens / 8) + 24 * tokens) + (pq ? scanPqBytes(heads) : 0);
+}
+
+/** The PQ codes' device bytes (1/8 byte a key channel) and their outliers' bitmap. */
+export function scanPqBytes(heads: readonly ScanHead[]): number {
+  const { tokens, headDim } = heads[0];
+  return heads.length * (tokens * (headDim / 8) + Math.ceil(tokens / 8));
 }
 
 interface Entry {
@@ -80,6 +90,10 @@ interface Entry {
   lastUse: number;
   /** The store's rows as the cache attends them (made once the store holds values). */
   rows?: DeviceRows;
+  /** Set while the PQ codes are added to a store made without them (its searches and attends go to the host). */
+  addingPq?: Promise<void>;
+  /** The PQ codes cannot be added (the budget, or it failed): sessions with scanKeep search on the host. */
+  pqRefused?: boolean;
 }
 
 /**
@@ -129,8 +143,14 @@ export class DeviceKeyScans implements KeyScanner {
     }
     if (e.refused) return undefined;
     if (!e.store) {
-      if (!e.opening) this.open(e);
+      if (!e.opening) this.open(e, scanKeep !== undefined);
       return undefined;  // the host searches while the store is made
+    }
+    if (e.addingPq) return undefined;  // the upload holds the store's lock: the host searches meanwhile
+    if (scanKeep !== undefined && !e.store.hasPq) {
+      // Made for sessions without scanKeep: the PQ codes are added once a session asks (the host searches meanwhile).
+      if (!e.pqRefused) this.addPq(e, e.store);
+      return undefined;
     }
     this.held.delete(e);
     this.held.set(e, true);
@@ -166,7 +186,7 @@ export class DeviceKeyScans implements KeyScanner {
     return {
       attend: async (ids, q, group, scale, ranges) => {
         const store = e.store;
-        if (!store?.attend) return undefined;
+        if (!store?.attend || e.addingPq) return undefined;  // the PQ codes' upload holds its lock: the host attends
         e.busy++;
         e.lastUse = performance.now();
         try {
@@ -184,25 +204,63 @@ export class DeviceKeyScans implements KeyScanner {
     };
   }
 
-  /** Starts making e's store where the budget allows, evicting idle stores for room. */
-  private open(e: Entry): void {
-    const need = scanStoreBytes(e.heads);
+  /** Adds the PQ codes to e's store where the budget allows (idle stores evicted for room), else refuses them for good. */
+  private addPq(e: Entry, store: ScanStore): void {
+    const extra = scanPqBytes(e.heads);
+    if (!store.addPq || !this.room(extra, e)) {
+      e.pqRefused = true;
+      warnOnce(`kvrecall: a layer's code scan store has no room for its PQ codes (${extra} bytes): sessions with scanKeep search it on the host`);
+      return;
+    }
+    this.used += extra;
+    e.bytes += extra;
+    this.stats.bytes = this.used;
+    e.addingPq = store.addPq().then(
+      () => {
+        e.addingPq = undefined;
+        if (e.store !== store) return;  // dropped meanwhile: its bytes were given back
+        this.used += store.bytes() - e.bytes;
+        e.bytes = store.bytes();
+        this.stats.bytes = this.used;
+      },
+      (err: unknown) => {
+        e.addingPq = undefined;
+        e.pqRefused = true;
+        if (e.store === store && this.held.has(e)) {
+          this.used -= extra;
+          e.bytes -= extra;
+          this.stats.bytes = this.used;
+        }
+        this.stats.failures++;
+        warnOnce(`kvrecall: a layer's PQ codes were not added, sessions with scanKeep search it on the host: ${String(err)}`);
+      },
+    );
+  }
+
+  /** Whether `bytes` more fit the budget, evicting idle stores (not `keep`) for room. */
+  private room(bytes: number, keep?: Entry): boolean {
+    const now = performance.now();
+    for (const old of [...this.held.keys()]) {
+      if (this.used + bytes <= this.budgetBytes) break;
+      if (old !== keep && old.busy === 0 && old.store && !old.addingPq && now - old.lastUse >= this.warmMs) this.evict(old);
+    }
+    return this.used + bytes <= this.budgetBytes;
+  }
+
+  /** Starts making e's store (with the PQ codes where the asking session has scanKeep) where the budget allows, evicting idle stores for room. */
+  private open(e: Entry, pq: boolean): void {
+    const need = scanStoreBytes(e.heads, pq);
     if (need > this.budgetBytes) {
       e.refused = true;
       this.stats.failures++;
       warnOnce(`kvrecall: a layer's code scan store (${need} bytes) exceeds the device scan budget (${this.budgetBytes}): searching it on the host`);
       return;
     }
-    const now = performance.now();
-    for (const old of [...this.held.keys()]) {
-      if (this.used + need <= this.budgetBytes) break;
-      if (old.busy === 0 && old.store && now - old.lastUse >= this.warmMs) this.evict(old);
-    }
-    if (this.used + need > this.budgetBytes) return;  // the others warm or being made: asked again next step
+    if (!this.room(need)) return;  // the others warm or being made: asked again next step
     e.bytes = need;
     this.used += need;
     this.held.set(e, true);
-    e.opening = this.backend.open(e.heads, MAX_GROUP).then(
+    e.opening = this.backend.open(e.heads, MAX_GROUP, pq).then(
       (store) => {
         e.opening = undefined;
         e.lastUse = performance.now();

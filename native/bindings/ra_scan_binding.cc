@@ -5,10 +5,12 @@
 // raScanSupported(headDim, group) -> boolean (false in a build without CUDA)
 // RaScanStore.open({graphs: RaGraph[], keys: Uint16Array[] ([tokens, headDim] each, the keys each graph was
 //                    built over), values?: Uint16Array[] (the same shape: attend needs them), tokens, headDim,
-//                    dtype, maxGroup}) -> Promise<RaScanStore>
-//   one kv head per graph: its keys' 4-bit and PQ codes (the graph's own, made now where it has none:
-//   RaGraph::KeyCodesFor, PqCodesFor), the PQ codes' outliers, its keys and its entry points uploaded, off
-//   the event loop; rejects without a device or memory.
+//                    dtype, maxGroup, pq?: boolean}) -> Promise<RaScanStore>
+//   one kv head per graph: its keys' 4-bit codes (the graph's own, made now where it has none:
+//   RaGraph::KeyCodesFor), with pq its PQ codes and their outliers (PqCodesFor: searches with scanKeep need
+//   them), its keys and its entry points uploaded, off the event loop; rejects without a device or memory.
+//   .addPq({keys: Uint16Array[]}) -> Promise<undefined>: the PQ codes of a store opened without them, made
+//     off the loop and uploaded (the same keys as open's); .hasPq() -> boolean
 //   .search({q: Float32Array [heads*group*headDim], group, k, maxScanned, scale?,
 //            seeds?: Int32Array[] [heads], free?: Int32Array[] [heads], scanKeep?: number in (0, 1],
 //            outIds: Int32Array [heads*k], outScores?: Float32Array [heads*k], meta: Float64Array [3*heads + 4],
@@ -172,13 +174,14 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
 }
 
 // Per-head id lists read where they lie (an array of Int32Arrays, one a kv
-// head): each checked in [0, tokens) in one read pass, its data pointer and
-// count recorded, the array held by the call (`keep`) until it settles. The
-// store gathers them straight into its pinned stage: a step's seeds or
-// selected rows (~86K ids at 1M) were copied twice, once into a zeroed
-// vector here.
-void ListViews(const Napi::Object& o, const char* key, int heads, int64_t tokens, std::vector<const int32_t*>& ptrs,
-               std::vector<int32_t>& counts, std::vector<Napi::Value>& keep) {
+// head): each one's data pointer and count recorded, the array held by the
+// call (`keep`) until it settles. The store gathers them straight into its
+// pinned stage and checks each id in [0, tokens) as it copies it
+// (ra_scan.cu GatherLists: a refusal rejects the call, nothing queued): a
+// step's seeds or selected rows (~86K ids at 1M) were checked here, then
+// copied twice, once into a zeroed vector here.
+void ListViews(const Napi::Object& o, const char* key, int heads, std::vector<const int32_t*>& ptrs, std::vector<int32_t>& counts,
+               std::vector<Napi::Value>& keep) {
   ptrs.assign(size_t(heads), nullptr);
   counts.assign(size_t(heads), 0);
   if (Absent(o.Get(key))) return;
@@ -189,11 +192,7 @@ void ListViews(const Napi::Object& o, const char* key, int heads, int64_t tokens
     const size_t c = l.ElementLength();
     total += c;
     if (total > size_t(INT32_MAX)) throw Napi::RangeError::New(o.Env(), std::string(key) + " hold too many ids");
-    const int32_t* src = l.Data();
-    bool bad = false;
-    for (size_t i = 0; i < c; ++i) bad |= src[i] < 0 || src[i] >= tokens;
-    if (bad) CheckIds(l, tokens, key);  // names the first bad id
-    ptrs[size_t(h)] = src;
+    ptrs[size_t(h)] = l.Data();
     counts[size_t(h)] = int32_t(c);
     keep.push_back(l);
   }
@@ -233,6 +232,21 @@ size_t QueryAt(const Napi::Object& o, float scale, size_t qn, std::vector<float>
   return qn;
 }
 
+// Each graph's PQ codes of its keys (made where it has none: ~1.3 s a head
+// at 1M keys on the 2-core VM), set into heads' pq and outliers.
+std::vector<std::shared_ptr<const RaPqCodes>> PqHeads(const std::vector<std::shared_ptr<const RaGraph>>& graphs,
+                                                      const std::vector<const uint16_t*>& keys, Dtype dtype,
+                                                      std::vector<cuda::RaScanHead>& heads) {
+  std::vector<std::shared_ptr<const RaPqCodes>> pq;
+  for (size_t h = 0; h < graphs.size(); ++h) {
+    pq.push_back(graphs[h]->PqCodesFor(keys[h], dtype));
+    heads[h].pq = pq.back()->Row(0);
+    heads[h].outliers = pq.back()->outliers().data();
+    heads[h].outlierCount = int64_t(pq.back()->outliers().size());
+  }
+  return pq;
+}
+
 // What open() makes on a libuv thread, handed to the constructor in an External.
 struct Made {
   std::shared_ptr<cuda::RaScanStore> store;
@@ -247,6 +261,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     Napi::Function ctor = DefineClass(env, "RaScanStore",
                                       {StaticMethod<&RaScanJs::Open>("open"), InstanceMethod("search", &RaScanJs::Search),
                                        InstanceMethod("attend", &RaScanJs::Attend), InstanceMethod("hasValues", &RaScanJs::HasValues),
+                                       InstanceMethod("hasPq", &RaScanJs::HasPq), InstanceMethod("addPq", &RaScanJs::AddPq),
                                        InstanceMethod("bytes", &RaScanJs::Bytes), InstanceMethod("lastTimes", &RaScanJs::LastTimes),
                                        InstanceMethod("close", &RaScanJs::Close)});
     registry_.Add(env, ctor);
@@ -287,7 +302,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     c.kvHeads = int(graphs.Length());
     if (c.kvHeads < 1 || c.kvHeads > 1024) throw Napi::RangeError::New(env, "graphs must hold 1 to 1024 graphs");
     Napi::Array keys = ArrayOf(o, "keys", graphs.Length());
-    const bool withValues = !Absent(o.Get("values"));
+    const bool withValues = !Absent(o.Get("values")), withPq = Flag(o, "pq", false);
     Napi::Array values = withValues ? ArrayOf(o, "values", graphs.Length()) : Napi::Array();
     auto made = std::make_shared<Made>();
     auto keyRows = std::make_shared<std::vector<const uint16_t*>>();
@@ -310,16 +325,13 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     }
     return RunAsync(
         env, keep,
-        [made, keyRows, valueRows, c]() {
+        [made, keyRows, valueRows, c, withPq]() {
           std::vector<cuda::RaScanHead> heads(size_t(c.kvHeads));
+          if (withPq) made->pq = PqHeads(made->graphs, *keyRows, c.dtype, heads);
           for (int h = 0; h < c.kvHeads; ++h) {
             const RaGraph& g = *made->graphs[size_t(h)];
             made->codes.push_back(g.KeyCodesFor((*keyRows)[size_t(h)], c.dtype));
             heads[size_t(h)].codes = made->codes.back()->Row(0);
-            made->pq.push_back(g.PqCodesFor((*keyRows)[size_t(h)], c.dtype));
-            heads[size_t(h)].pq = made->pq.back()->Row(0);
-            heads[size_t(h)].outliers = made->pq.back()->outliers().data();
-            heads[size_t(h)].outlierCount = int64_t(made->pq.back()->outliers().size());
             heads[size_t(h)].keys = (*keyRows)[size_t(h)];
             if (!valueRows->empty()) heads[size_t(h)].values = (*valueRows)[size_t(h)];
             heads[size_t(h)].entries = g.entries().data();
@@ -353,12 +365,13 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     a.scale = Absent(o.Get("scale")) ? 1.f / std::sqrt(float(d)) : Float(o, "scale");
     QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     std::vector<Napi::Value> keep;
-    ListViews(o, "seeds", H, c.tokens, job->seeds, job->seedCounts, keep);
+    ListViews(o, "seeds", H, job->seeds, job->seedCounts, keep);
     ListsAt(o, "free", H, c.tokens, true, job->freeIds, job->freeCounts);
     if (!Absent(o.Get("scanKeep"))) {
-      const double keep = Double(o, "scanKeep");
-      if (!(keep > 0 && keep <= 1)) throw Napi::RangeError::New(env, "scanKeep must be a number in (0, 1]");
-      a.keep = int64_t(std::ceil(keep * double(c.tokens)));  // the host's ceil(min(1, scanKeep) * n)
+      const double share = Double(o, "scanKeep");
+      if (!(share > 0 && share <= 1)) throw Napi::RangeError::New(env, "scanKeep must be a number in (0, 1]");
+      if (job->pq.empty()) throw Napi::Error::New(env, "RaScanStore: this store holds no PQ codes (open it with pq, or addPq) for scanKeep");
+      a.keep = int64_t(std::ceil(share * double(c.tokens)));  // the host's ceil(min(1, scanKeep) * n)
     }
     Napi::Int32Array outIds = TypedAt<int32_t>(o, "outIds", size_t(H) * a.k);
     // The scores only where asked: a session takes the ids alone, and a second 344 KB array a call at 1M (k ~10.7K,
@@ -406,21 +419,20 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     const size_t qn = QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     if (Absent(o.Get("ids"))) throw Napi::TypeError::New(env, "ids: one Int32Array a kv head");
     std::vector<Napi::Value> keep;
-    ListViews(o, "ids", H, c.tokens, job->ids, job->counts, keep);
+    ListViews(o, "ids", H, job->ids, job->counts, keep);
     if (!Absent(o.Get("ranges"))) {
       Napi::Int32Array r = TypedAt<int32_t>(o, "ranges");
       const size_t len = r.ElementLength();
       if (len % 2 != 0) throw Napi::RangeError::New(env, "ranges must hold [begin, end) pairs");
       job->ranges.assign(r.Data(), r.Data() + len);
-      int64_t rows = 0;
+      // Ascending and disjoint (the residency's sinks and window are): their rows at most the tokens.
+      int32_t last = 0;
       for (size_t i = 0; i < len; i += 2) {
         const int32_t b = job->ranges[i], e = job->ranges[i + 1];
-        if (b < 0 || e < b || e > c.tokens) throw Napi::RangeError::New(env, "ranges must lie within [0, tokens) with begin <= end");
-        rows += e - b;
+        if (b < last || e < b || e > c.tokens)
+          throw Napi::RangeError::New(env, "ranges must be ascending, disjoint [begin, end) pairs within [0, tokens)");
+        last = e;
       }
-      int64_t longest = 0;
-      for (const int32_t n : job->counts) longest = std::max<int64_t>(longest, n);
-      if (rows + longest > int64_t(INT32_MAX)) throw Napi::RangeError::New(env, "ranges and ids hold too many rows");
     }
     Napi::Float32Array out = TypedAt<float>(o, "out", qn);
     Napi::Float32Array lse = TypedAt<float>(o, "lse", size_t(H) * a.group);
@@ -438,6 +450,42 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
   }
 
   Napi::Value HasValues(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), Live(info.Env())->HasValues()); }
+
+  // Whether searches may take scanKeep: the PQ codes made and uploaded (open's pq, or addPq settled).
+  Napi::Value HasPq(const Napi::CallbackInfo& info) {
+    Live(info.Env());
+    return Napi::Boolean::New(info.Env(), !pq_.empty());
+  }
+
+  // The PQ codes of a store opened without them: made off the loop (each graph's own, of the keys it was opened
+  // with), then uploaded under the store's lock (no search meanwhile); scanKeep is taken once the promise settles.
+  Napi::Value AddPq(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = ArgObject(info);
+    std::shared_ptr<cuda::RaScanStore> store = Live(env);
+    const cuda::RaScanConfig& c = store->Config();
+    Napi::Array keys = ArrayOf(o, "keys", graphs_.size());
+    auto keyRows = std::make_shared<std::vector<const uint16_t*>>();
+    std::vector<Napi::Value> keep{info.This()};
+    for (int h = 0; h < c.kvHeads; ++h) {
+      Napi::Uint16Array k = Typed<uint16_t>(keys.Get(uint32_t(h)), "keys entry", size_t(c.tokens) * c.headDim);
+      keep.push_back(k);
+      keyRows->push_back(k.Data());
+    }
+    auto made = std::make_shared<std::vector<std::shared_ptr<const RaPqCodes>>>();
+    return RunAsync(
+        env, keep,
+        [store, graphs = graphs_, keyRows, made, lock = lock_, dtype = c.dtype]() {
+          std::vector<cuda::RaScanHead> heads(graphs.size());
+          *made = PqHeads(graphs, *keyRows, dtype, heads);
+          std::lock_guard<std::mutex> hold(*lock);
+          store->AddPq(heads.data());
+        },
+        [this, made](Napi::Env e) -> Napi::Value {
+          pq_ = *made;
+          return e.Undefined();
+        });
+  }
 
   Napi::Value Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(Live(info.Env())->Bytes())); }
 

@@ -34,16 +34,32 @@ uint32_t FloatBits(float f) {
 }
 
 // Head lists back to back into dst: each head's `ranges` rows ([begin, end)
-// pairs, every head's), then its own list; returns the ids written.
-int64_t GatherLists(int32_t* dst, int H, const int32_t* const* lists, const int32_t* counts, const int32_t* ranges, int64_t rangePairs) {
+// pairs, every head's), then its own list, each id checked in [0, n) as it
+// is copied: the lists are the caller's memory, read here (the binding's
+// check of them ran earlier, on another thread where the work is pooled),
+// and an id past the store's rows would set bits or read rows outside it.
+// Throws before anything is queued.
+void GatherLists(int32_t* dst, int H, const int32_t* const* lists, const int32_t* counts, const int32_t* ranges, int64_t rangePairs, int64_t n,
+                 const char* what) {
   int64_t at = 0;
+  bool bad = false;
   for (int h = 0; h < H; ++h) {
     for (int64_t r = 0; r < rangePairs; ++r)
       for (int32_t t = ranges[2 * r]; t < ranges[2 * r + 1]; ++t) dst[at++] = t;
-    if (counts[h] > 0) std::memcpy(dst + at, lists[h], size_t(counts[h]) * 4);
+    const int32_t* src = lists[h];
+    for (int32_t i = 0; i < counts[h]; ++i) {
+      const int32_t v = src[i];
+      bad |= v < 0 || v >= n;
+      dst[at + i] = v;
+    }
     at += counts[h];
   }
-  return at;
+  if (!bad) return;
+  for (int h = 0; h < H; ++h)
+    for (int32_t i = 0; i < counts[h]; ++i)
+      if (lists[h][i] < 0 || lists[h][i] >= n)
+        throw std::invalid_argument(std::string("RaScanStore: ") + what + "[" + std::to_string(h) + "][" + std::to_string(i) + "] = " +
+                                    std::to_string(lists[h][i]) + " is outside [0, tokens)");
 }
 
 template <typename T>
@@ -161,38 +177,46 @@ RaScanStore::RaScanStore(const RaScanConfig& cfg, const RaScanHead* heads) : imp
     Check(cudaFuncSetAttribute(AttendRows<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(AttendSmem(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim))), "attribute");
     Check(cudaFuncSetAttribute(AttendRows<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(AttendSmem(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim))), "attribute");
   }
-  const bool withPq = heads[0].pq != nullptr;
-  for (int h = 0; h < H; ++h)
-    if ((heads[h].pq != nullptr) != withPq) throw std::invalid_argument("RaScanStore: PQ codes for every head or for none");
-  if (withPq) {
-    I.pqM = d / 4;
-    I.pqRowBytes = d / 8;
-    const size_t pqBytes = size_t(n) * size_t(I.pqRowBytes);
-    I.pqData.Need(Align(pqBytes * Hs) + Align(bitBytes * Hs), "cudaMalloc (code scan PQ codes)");
-    char* pat = static_cast<char*>(I.pqData.p);
-    I.pqCodes = Carve<uint8_t>(pat, pqBytes * Hs);
-    I.outlierBits = Carve<uint32_t>(pat, size_t(I.words) * Hs);
-    for (int h = 0; h < H; ++h) {
-      Check(cudaMemcpy(I.pqCodes + pqBytes * h, heads[h].pq, pqBytes, cudaMemcpyHostToDevice), "copy PQ codes");
-      std::fill(bits.begin(), bits.end(), 0u);
-      for (int64_t i = 0; i < heads[h].outlierCount; ++i) {
-        const int32_t id = heads[h].outliers[i];
-        if (id < 0 || id >= n) throw std::invalid_argument("RaScanStore: an outlier is out of range");
-        bits[size_t(id) >> 5] |= 1u << (id & 31);
-      }
-      Check(cudaMemcpy(I.outlierBits + size_t(I.words) * h, bits.data(), bitBytes, cudaMemcpyHostToDevice), "copy outliers");
-    }
-    // The tables (4 quads at G = 16, 64 subspaces at d = 256: 32 KiB) beside PqSampleCut's sample orders pass the default 48 KiB.
-    const int lutBytes = int(PqLutBytes(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim));
-    for (const void* f : {(const void*)PqSampleCut<0>, (const void*)PqSampleCut<2>, (const void*)PqSampleCut<4>, (const void*)PqSampleCut<8>,
-                          (const void*)PqScan<0>, (const void*)PqScan<2>, (const void*)PqScan<4>, (const void*)PqScan<8>})
-      Check(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, lutBytes), "attribute");
-  }
   // ResolveCut holds up to ResolveHeld keys of the cut's bin in shared memory (96 KiB).
   Check(cudaFuncSetAttribute(ResolveCut<KeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<KeptCut>())), "attribute");
   Check(cudaFuncSetAttribute(ResolveCut<ScanFinalCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<ScanFinalCut>())), "attribute");
-  if (withPq)
-    Check(cudaFuncSetAttribute(ResolveCut<PqKeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<PqKeptCut>())), "attribute");
+  if (heads[0].pq) AddPq(heads);
+}
+
+void RaScanStore::AddPq(const RaScanHead* heads) {
+  Impl& I = *impl_;
+  if (I.pqCodes) return;
+  const int H = I.cfg.kvHeads, d = I.cfg.headDim;
+  const int64_t n = I.cfg.tokens;
+  for (int h = 0; h < H; ++h)
+    if (!heads[h].pq) throw std::invalid_argument("RaScanStore: PQ codes for every head or for none");
+  const size_t Hs = size_t(H), pqBytes = size_t(n) * size_t(d / 8), bitBytes = size_t(I.words) * 4;
+  I.pqData.Need(Align(pqBytes * Hs) + Align(bitBytes * Hs), "cudaMalloc (code scan PQ codes)");
+  char* at = static_cast<char*>(I.pqData.p);
+  uint8_t* codes = Carve<uint8_t>(at, pqBytes * Hs);
+  uint32_t* outlierBits = Carve<uint32_t>(at, size_t(I.words) * Hs);
+  std::vector<uint32_t> bits(size_t(I.words));
+  for (int h = 0; h < H; ++h) {
+    Check(cudaMemcpy(codes + pqBytes * h, heads[h].pq, pqBytes, cudaMemcpyHostToDevice), "copy PQ codes");
+    std::fill(bits.begin(), bits.end(), 0u);
+    for (int64_t i = 0; i < heads[h].outlierCount; ++i) {
+      const int32_t id = heads[h].outliers[i];
+      if (id < 0 || id >= n) throw std::invalid_argument("RaScanStore: an outlier is out of range");
+      bits[size_t(id) >> 5] |= 1u << (id & 31);
+    }
+    Check(cudaMemcpy(outlierBits + size_t(I.words) * h, bits.data(), bitBytes, cudaMemcpyHostToDevice), "copy outliers");
+  }
+  // The tables (4 quads at G = 16, 64 subspaces at d = 256: 32 KiB) beside PqSampleCut's sample orders pass the default 48 KiB.
+  const int lutBytes = int(PqLutBytes(RaScanConfig::kMaxGroup, RaScanConfig::kMaxDim));
+  for (const void* f : {(const void*)PqSampleCut<0>, (const void*)PqSampleCut<2>, (const void*)PqSampleCut<4>, (const void*)PqSampleCut<8>,
+                        (const void*)PqScan<0>, (const void*)PqScan<2>, (const void*)PqScan<4>, (const void*)PqScan<8>})
+    Check(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, lutBytes), "attribute");
+  Check(cudaFuncSetAttribute(ResolveCut<PqKeptCut>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(ResolveSmem<PqKeptCut>())), "attribute");
+  // Set last: a search with keep sees the codes whole or not at all.
+  I.pqM = d / 4;
+  I.pqRowBytes = d / 8;
+  I.outlierBits = outlierBits;
+  I.pqCodes = codes;
 }
 
 RaScanStore::~RaScanStore() = default;
@@ -221,7 +245,8 @@ void RaScanStore::Attend(const RaAttendArgs& a) {
   int64_t rangeRows = 0;
   for (int64_t r = 0; r < a.rangePairs; ++r) {
     const int32_t b = a.ranges[2 * r], e = a.ranges[2 * r + 1];
-    if (b < 0 || e < b || e > cfg.tokens) throw std::invalid_argument("RaScanStore: a range must lie within [0, tokens), begin <= end");
+    if (b < (r > 0 ? a.ranges[2 * r - 1] : 0) || e < b || e > cfg.tokens)
+      throw std::invalid_argument("RaScanStore: ranges must be ascending, disjoint [begin, end) pairs within [0, tokens)");
     rangeRows += e - b;
   }
   std::vector<int64_t> start(size_t(H) + 1, 0);
@@ -248,7 +273,7 @@ void RaScanStore::Attend(const RaAttendArgs& a) {
   p.H = H, p.G = G, p.d = d, p.scale = a.scale, p.keys = I.keys, p.values = I.values, p.n = cfg.tokens, p.tiles = tiles;
   p.q = static_cast<const float*>(stage(a.q, qN * 4));
   p.ids = reinterpret_cast<const int32_t*>(dat);
-  GatherLists(reinterpret_cast<int32_t*>(hat), H, a.ids, a.counts, a.ranges, a.rangePairs);
+  GatherLists(reinterpret_cast<int32_t*>(hat), H, a.ids, a.counts, a.ranges, a.rangePairs, cfg.tokens, "ids");
   hat += Align(size_t(total) * 4 + 4);
   dat += Align(size_t(total) * 4 + 4);
   p.start = static_cast<const int64_t*>(stage(start.data(), (size_t(H) + 1) * 8));
@@ -382,7 +407,7 @@ void RaScanStore::Search(const RaScanArgs& a) {
   p.qbias = static_cast<const float*>(stage(a.qbias, sN * 4));
   const int32_t none = 0;  // a list's stand-in where it is empty
   p.seeds = reinterpret_cast<const int32_t*>(dat);
-  if (seeds > 0) GatherLists(reinterpret_cast<int32_t*>(hat), H, a.seeds, a.seedCounts, nullptr, 0);
+  if (seeds > 0) GatherLists(reinterpret_cast<int32_t*>(hat), H, a.seeds, a.seedCounts, nullptr, 0, n, "seeds");
   else std::memcpy(hat, &none, 4);
   hat += Align(seeds > 0 ? size_t(seeds) * 4 : 4);
   dat += Align(seeds > 0 ? size_t(seeds) * 4 : 4);

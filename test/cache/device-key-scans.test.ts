@@ -3,13 +3,14 @@
 // so that it runs here: the device store answers as that scan does up to near-ties (test/native/ra-scan-gpu),
 // which the GPU visit checks. Here: a session's searchHeads with codeScan asks the scanner, searches on the host
 // while the layer's store is made, then takes the scanner's answers, which equal the host path's given the
-// same seeds (the last step's ids), free keys (the steady zone), k, cap and scanKeep (the PQ first pass); a store larger than the budget is
+// same seeds (the last step's ids), free keys (the steady zone), k, cap and scanKeep (the PQ first pass: a store is
+// made with the PQ codes for a session that asks it, or has them added later where the budget has room); a store larger than the budget is
 // never made; idle stores are evicted for another layer's, warm ones and busy ones are not; a store that fails
 // to open leaves its layer on the host with its bytes given back.
 import { describe, expect, it } from 'vitest';
 import { RaGraph } from '../../addon/ra-graph.js';
 import type { RaScanSearchArgs } from '../../addon/ra-scan.js';
-import { DeviceKeyScans, scanStoreBytes, type ScanStore, type ScanStoreBackend } from '../../engine/cache/device-key-scans.js';
+import { DeviceKeyScans, scanPqBytes, scanStoreBytes, type ScanStore, type ScanStoreBackend } from '../../engine/cache/device-key-scans.js';
 import type { HeadIndex, ScanHead, SearchMemo } from '../../index/method.js';
 import { retrievalAttentionBuilder } from '../../index/retrieval-attention.js';
 import { bitsOf } from '../helpers/half.js';
@@ -22,9 +23,16 @@ const d = 32, n = 6000, heads = 2, G = 4;
 /** The host's code scan head by head, as a store (what the device's answers are checked against). */
 class HostScanStore implements ScanStore {
   closed = false;
+  pqAdded = 0;
   searches: RaScanSearchArgs[] = [];
-  constructor(readonly heads: readonly ScanHead[]) {}
+  constructor(readonly heads: readonly ScanHead[], public hasPq: boolean) {}
+  async addPq() {
+    this.pqAdded++;
+    this.hasPq = true;
+  }
   async searchIds(a: RaScanSearchArgs) {
+    // As the binding: scanKeep needs the PQ codes.
+    if (a.scanKeep !== undefined && !this.hasPq) throw new Error('RaScanStore: this store holds no PQ codes');
     this.searches.push(a);
     return this.heads.map((h, i) => {
       const outIds = new Int32Array(a.k), outScores = new Float32Array(a.k);
@@ -37,7 +45,7 @@ class HostScanStore implements ScanStore {
     });
   }
   bytes() {
-    return scanStoreBytes(this.heads);
+    return scanStoreBytes(this.heads, this.hasPq);
   }
   close() {
     this.closed = true;
@@ -47,9 +55,9 @@ class HostScanStore implements ScanStore {
 function backend(fail = false) {
   const made: HostScanStore[] = [];
   const b: ScanStoreBackend = {
-    open: async (hs) => {
+    open: async (hs, _maxGroup, pq) => {
       if (fail) throw new Error('no device memory');
-      const s = new HostScanStore(hs);
+      const s = new HostScanStore(hs, pq);
       made.push(s);
       return s;
     },
@@ -106,7 +114,9 @@ describe('device key scans', () => {
       expect(last.seeds?.length).toBe(heads);
       expect(last.maxScanned).toBe(Math.max(Math.ceil(0.03 * n), 3 * 60));
       expect(last.scanKeep).toBe(scanKeep);
-      expect(scans.stats.bytes).toBe(scanStoreBytes(headsOf(idx).map((x) => ({ ...x.keys, graph: x.graph }))));
+      // Made with the PQ codes where the session that asked first has scanKeep.
+      expect(made[0].hasPq).toBe(scanKeep !== undefined);
+      expect(scans.stats.bytes).toBe(scanStoreBytes(headsOf(idx).map((x) => ({ ...x.keys, graph: x.graph })), scanKeep !== undefined));
     });
 
   it('never makes a store larger than its budget, and gives back the bytes of one that failed', async () => {
@@ -129,6 +139,39 @@ describe('device key scans', () => {
     const r = await retrievalAttentionBuilder.searchHeads!(idx, q, G, [100, 100], 0, { steady }, false, walk, scans);
     expect(r[0].ids.length).toBe(100 - steady.length);
     expect(scans.stats.steps).toBe(0);
+  });
+
+  it('adds the PQ codes to a store made without them once a session asks scanKeep, where the budget has room', async () => {
+    const rng = new Rng(seed + 3);
+    const idx = await layer(rng);
+    const hs = headsOf(idx).map((x) => ({ ...x.keys, graph: x.graph }));
+    const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+    const ask = (s: DeviceKeyScans, scanKeep?: number) =>
+      retrievalAttentionBuilder.searchHeads!(idx, q, G, [100, 100], 0, { steady }, false, { codeScan: true, ...(scanKeep !== undefined && { scanKeep }) }, s);
+    for (const room of [true, false]) {
+      const { b, made } = backend();
+      const scans = new DeviceKeyScans(scanStoreBytes(hs) + (room ? scanPqBytes(hs) : 0), b);
+      await ask(scans);
+      await scans.settled();
+      await ask(scans);
+      expect(scans.stats.steps).toBe(1);
+      expect(made[0].hasPq).toBe(false);
+      // A session with scanKeep: the host answers (the host's two-pass search) while the codes are added, or for good
+      // where they do not fit; sessions without it keep the store.
+      const host = await retrievalAttentionBuilder.searchHeads!(idx, q, G, [100, 100], 0, { steady }, false, { codeScan: true, scanKeep: 0.2 });
+      const first = await ask(scans, 0.2);
+      expect(first.map((r) => Array.from(r.ids))).toEqual(host.map((r) => Array.from(r.ids)));
+      expect(scans.stats.steps).toBe(1);
+      const again = await ask(scans, 0.2);
+      expect(made[0].pqAdded).toBe(room ? 1 : 0);
+      expect(scans.stats.steps).toBe(room ? 2 : 1);
+      expect(made[0].searches.at(-1)?.scanKeep).toBe(room ? 0.2 : undefined);
+      expect(again.map((r) => [...r.ids].sort((x, y) => x - y))).toEqual(host.map((r) => [...r.ids].sort((x, y) => x - y)));
+      expect(scans.stats.bytes).toBe(scanStoreBytes(hs, room));
+      await ask(scans);
+      expect(scans.stats.steps).toBe(room ? 3 : 2);
+      expect(made.length).toBe(1);
+    }
   });
 
   it('evicts an idle store for another layer\'s, never a warm one', async () => {

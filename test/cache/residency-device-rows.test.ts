@@ -31,14 +31,14 @@ function segmentOf(c: KvChunk, n: number): KvSegment {
 
 /** A store holding the document's rows: float64 attention over the rows asked for, or undefined when `gone`. */
 class StandInRows implements DeviceRows {
-  calls: { ids: Int32Array[]; group: number; scale: number }[] = [];
+  calls: { ids: Int32Array[]; ranges: number[]; group: number; scale: number }[] = [];
   gone = false;
   constructor(private readonly doc: KvChunk) {}
   async attend(listed: readonly Int32Array[], q: Float32Array, group: number, scale: number, ranges?: Int32Array) {
     // The ranges' rows first, then each head's list, as the device's store gathers them.
     const steady = Array.from({ length: (ranges?.length ?? 0) / 2 }, (_, r) => Array.from({ length: ranges![2 * r + 1] - ranges![2 * r] }, (_, i) => ranges![2 * r] + i)).flat();
     const ids = listed.map((l) => Int32Array.from([...steady, ...l]));
-    this.calls.push({ ids, group, scale });
+    this.calls.push({ ids, ranges: Array.from(ranges ?? []), group, scale });
     if (this.gone) return undefined;
     const ref = referenceAttention(q, this.doc.kValues, this.doc.vValues, ids.length * group, d, scale, ids.map((x) => Array.from(x)));
     return { out: Float32Array.from(ref.out), lse: Float32Array.from(ref.lse) };
@@ -78,6 +78,8 @@ describe('a part whose rows a device store holds', () => {
       const call = rows.calls.at(-1)!;
       const steady = [0, 1, 2, 3, ...Array.from({ length: 16 }, (_, i) => DOC - 16 + i)];
       expect(call.ids.map((x) => Array.from(x))).toEqual(picked.map((ids) => [...steady, ...ids]));
+      // As [begin, end) pairs, the store expanding them: the residency makes no id arrays of them.
+      expect(call.ranges).toEqual([0, 4, DOC - 16, DOC]);
       expect([call.group, call.scale]).toEqual([G, scale]);
       const ref = referenceAttention(q, kAll, vAll, qHeads, d, scale, every);
       expect(maxRelError(out, ref.out, qHeads)).toBeLessThan(1e-4);

@@ -132,7 +132,17 @@ describe.skipIf(!gpu)('device code scan', () => {
     it(`with scanKeep answers each head as the host's two-pass scan does (${dt}, n=${n}, d=${d}, G=${G}, ${H} heads)`, async () => {
       const rng = new Rng(seed + 3 * n + d);
       const layer = await layerOf(rng, dt, n, d, H, 12);
-      const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 16);
+      // Opened with the PQ codes (the first two shapes) or without them, then added (the others).
+      const withPq = d >= 64;
+      const store = await RaScanStore.open(layer.graphs, layer.keys, n, d, dt, 16, undefined, withPq);
+      expect(store.hasPq).toBe(withPq);
+      if (!withPq) {
+        await expect(store.search({ q: rows(rng, H * G, d), group: G, k: 5, maxScanned: 50, scanKeep: 0.1 })).rejects.toThrow(/PQ codes/);
+        const before = store.bytes();
+        await store.addPq();
+        expect(store.hasPq).toBe(true);
+        expect(store.bytes()).toBeGreaterThanOrEqual(before + H * n * (d / 8));
+      }
       let differ = 0, total = 0, keptDiffer = 0;
       for (const scanKeep of [0.04, 0.2, 1]) {
         const k = Math.ceil(0.01 * n), cap = Math.ceil(0.03 * n);
