@@ -45,8 +45,9 @@ describe.skipIf(!gpu.ok)('retrieval-attention code scan on the GPU (server)', ()
     for (const t of dirs) t.cleanup();
   });
 
-  // One pass over every key's 4-bit code, then the PQ first pass (scanKeep: the stores made for the first sessions
-  // serve the second's from its first step).
+  // One pass over every key's 4-bit code, then the PQ first pass (scanKeep: the stores made for the first sessions,
+  // without PQ codes, have them added on each layer's first step, which the host searches with the steps until
+  // they are; more steps, so that at least 3 a layer run on the device).
   for (const scanKeep of [undefined, 0.08])
     it(`selects the CPU server's ids up to near-ties and answers as float64 attention over them, step after step${scanKeep ? ` (scanKeep ${scanKeep})` : ''}`, async () => {
       const rng = new Rng(seed + 1 + (scanKeep ? 1 : 0));
@@ -58,7 +59,7 @@ describe.skipIf(!gpu.ok)('retrieval-attention code scan on the GPU (server)', ()
       }));
       const own: KvChunk[][] = Array.from({ length: model.layers }, () => []);
       let differ = 0, total = 0;
-      for (let step = 0; step < 5; step++) {
+      for (let step = 0; step < (scanKeep ? 10 : 5); step++) {
         for (let layer = 0; layer < model.layers; layer++) {
           const tok = randomKv(rng, 'f16', kvHeads, 1, d);
           own[layer].push(tok);
