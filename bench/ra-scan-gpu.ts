@@ -140,8 +140,10 @@ for (let r = 0; r < reps; r++)
     last = res.map((x) => x.ids.slice());
     if (r === 0) res.forEach((x, h) => sessRecall.push(groupRecall(data, bestFirst(x), (s + h) % steps)));
   }
-// The selected rows attended: on the device from the store (RaScanStore.attend, as a GPU session's residency
-// does), and on the host (the native kernel over the same ids, as before the store held values).
+// The selected rows attended with the sinks and window: on the device from the store (RaScanStore.attend with
+// the ranges, as a GPU session's residency does), and on the host (the native kernel over the same rows, as before
+// the store held values).
+const steadyRanges = Int32Array.of(0, SINKS, tokens - WINDOW, tokens);
 const scale = 1 / Math.sqrt(D);
 const attDev: number[] = [], attWall: number[] = [], attHost: number[] = [];
 let attErr = 0;
@@ -150,12 +152,12 @@ for (let r = 0; r < reps; r++)
     const res = await store.search({ q: qs[s], group: G, k: asked, maxScanned: cap, ...keepArg, free: Array(heads).fill(free), seeds: last });
     last = res.map((x) => x.ids.slice());
     w = performance.now();
-    const dev = await store.attend({ q: qs[s], group: G, scale, ids: last });
+    const dev = await store.attend({ q: qs[s], group: G, scale, ids: last, ranges: steadyRanges });
     attWall.push(performance.now() - w);
     attDev.push(store.lastTimes().attendMs);
     const out = new Float32Array(heads * G * D), lse = new Float32Array(heads * G);
     w = performance.now();
-    await attend({ q: qs[s], qHeads: heads * G, kvHeads: heads, headDim: D, dtype: 'f16', scale, segments: [{ k: keys, v: keys, tokens, ids: last }], out, lse });
+    await attend({ q: qs[s], qHeads: heads * G, kvHeads: heads, headDim: D, dtype: 'f16', scale, segments: [{ k: keys, v: keys, tokens, begin: 0, end: SINKS }, { k: keys, v: keys, tokens, begin: tokens - WINDOW, end: tokens }, { k: keys, v: keys, tokens, ids: last }], out, lse });
     attHost.push(performance.now() - w);
     for (let i = 0; i < lse.length; i++) attErr = Math.max(attErr, Math.abs(lse[i] - dev.lse[i]));
     for (let i = 0; i < out.length; i++) attErr = Math.max(attErr, Math.abs(out[i] - dev.out[i]) / (Math.abs(out[i]) + 1e-3));
@@ -212,7 +214,7 @@ const md = [
   `| device code scan, awaited from JS | ${f(rows.deviceAwaitedMs.p50)} | | |`,
   `| device, as a session calls it (sinks + window free, the last step's ids as seeds), on the device | ${f(rows.session.deviceMs)} (awaited ${f(rows.session.awaitedMs)}) | ${f(rows.session.recall)} | |`,
   `| the same, every call on libuv's pool (--gpu-sync-us 0), awaited | ${f(rows.session.poolAwaitedMs)} | | |`,
-  `| the session's selected rows attended (${asked} a head), on the device from the store | ${f(rows.attend.deviceMs)} (awaited ${f(rows.attend.awaitedMs)}) | | |`,
+  `| the session's selected rows attended (${asked} a head, with the sinks and window as ranges), on the device from the store | ${f(rows.attend.deviceMs)} (awaited ${f(rows.attend.awaitedMs)}) | | |`,
   `| the same rows attended on the host (the native kernel, ${heads} heads) | ${f(rows.attend.hostMs)} | | |`,
   '',
   `A session's search on the host (p50 ms): the arguments read ${f(rows.session.host.parseMs)}, the query's code weights ${f(rows.session.host.prepareMs)}, the store's Search (staging, launch, the wait, the answer copied out) ${f(rows.session.host.searchMs)}; the rest of the awaited call is the JS around it and, on the pool, the wake-ups.`,
