@@ -8,6 +8,7 @@
 // never made; idle stores are evicted for another layer's, warm ones and busy ones are not; a store that fails
 // to open leaves its layer on the host with its bytes given back.
 import { describe, expect, it } from 'vitest';
+import { attend } from '../../addon/kernels.js';
 import { RaGraph } from '../../addon/ra-graph.js';
 import type { RaScanSearchArgs } from '../../addon/ra-scan.js';
 import { DeviceKeyScans, scanPqBytes, scanStoreBytes, type ScanStore, type ScanStoreBackend } from '../../engine/cache/device-key-scans.js';
@@ -43,6 +44,17 @@ class HostScanStore implements ScanStore {
       });
       return { ids: outIds.subarray(0, r.count), scores: outScores.subarray(0, r.count), scanned: r.scanned, ...(r.codesKept !== undefined && { codesKept: r.codesKept }) };
     });
+  }
+  /** The host kernel over the ranges' rows and the lists', as the device's store attends them. */
+  readonly hasValues = true;
+  attends = 0;
+  async attend(a: { q: Float32Array; group: number; scale: number; ids: readonly Int32Array[]; ranges?: Int32Array }) {
+    this.attends++;
+    const H = this.heads.length, out = new Float32Array(H * a.group * d), lse = new Float32Array(H * a.group);
+    const k = this.heads.map((h) => h.keys), v = this.heads.map((h) => h.values!);
+    const ranges = Array.from({ length: (a.ranges?.length ?? 0) / 2 }, (_, r) => ({ k, v, tokens: n, begin: a.ranges![2 * r], end: a.ranges![2 * r + 1] }));
+    await attend({ q: a.q, qHeads: H * a.group, kvHeads: H, headDim: d, dtype: 'f16', scale: a.scale, segments: [...ranges, { k, v, tokens: n, ids: [...a.ids] }], out, lse });
+    return { out, lse };
   }
   bytes() {
     return scanStoreBytes(this.heads, this.hasPq);
@@ -172,6 +184,39 @@ describe('device key scans', () => {
       expect(scans.stats.steps).toBe(room ? 3 : 2);
       expect(made.length).toBe(1);
     }
+  });
+
+  it("hands its answer the store's rows, which attend the ranges and lists there, or decline while the PQ codes are added", async () => {
+    const rng = new Rng(seed + 4);
+    const idx = await layer(rng);
+    const { b, made } = backend();
+    const scans = new DeviceKeyScans(1e12, b);
+    const q = Float32Array.from({ length: heads * G * d }, () => rng.normal());
+    const ask = (scanKeep?: number) =>
+      retrievalAttentionBuilder.searchHeads!(idx, q, G, [100, 100], 0, { steady }, false, { codeScan: true, ...(scanKeep !== undefined && { scanKeep }) }, scans);
+    await ask();
+    await scans.settled();
+    const [res] = await ask();
+    const rows = res.rows!;
+    expect(rows).toBeDefined();
+    // Sinks and window as pairs, then the ids: the host kernel over the same rows (keys = values here).
+    const ids = idx.map(() => res.ids), ranges = Int32Array.of(0, 4, n - 64, n);
+    const got = (await rows.attend(ids, q, G, 0.1, ranges))!;
+    const keys = headsOf(idx).map((x) => x.keys.keys);
+    const out = new Float32Array(heads * G * d), lse = new Float32Array(heads * G);
+    await attend({ q, qHeads: heads * G, kvHeads: heads, headDim: d, dtype: 'f16', scale: 0.1, segments: [{ k: keys, v: keys, tokens: n, begin: 0, end: 4 }, { k: keys, v: keys, tokens: n, begin: n - 64, end: n }, { k: keys, v: keys, tokens: n, ids }], out, lse });
+    expect(Array.from(got.lse)).toEqual(Array.from(lse));
+    expect(Array.from(got.out)).toEqual(Array.from(out));
+    expect([made[0].attends, scans.stats.attends]).toEqual([1, 1]);
+    // A session with scanKeep has the PQ codes added; meanwhile the store's rows decline (the host attends them).
+    let release!: () => void;
+    made[0].addPq = () => new Promise<void>((r) => (release = () => ((made[0].hasPq = true), r())));
+    await ask(0.2);
+    expect(await rows.attend(ids, q, G, 0.1, ranges)).toBeUndefined();
+    release();
+    await new Promise((r) => setImmediate(r));
+    expect(await rows.attend(ids, q, G, 0.1, ranges)).toBeDefined();
+    expect(made[0].attends).toBe(2);
   });
 
   it('evicts an idle store for another layer\'s, never a warm one', async () => {
