@@ -14,6 +14,7 @@
 // --policy lru replays a least-recently-read policy instead of the device's
 // clock: how much an age-aware allocation could save.
 import { writeFileSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
 import { rankClusterHeads } from '../addon/cluster-rank.js';
 import type { KvDtype } from '../addon/kernels.js';
 import { waveCacheRowsBound } from '../addon/wave-gpu.js';
@@ -25,7 +26,7 @@ import { keyRows, staticRows, syntheticHead } from './wave-gpu.js';
 import { words } from './wave-gpu-heads.js';
 
 /** A row cache over `rows` slots: which (head, row) each holds and the last step that read it; the policies below differ only in which free slots a step's misses take. */
-abstract class RowCacheModel {
+export abstract class RowCacheModel {
   protected readonly owner: Int32Array;
   protected readonly stamp: Int32Array;
   private readonly slotOf = new Map<number, number>();
@@ -46,6 +47,10 @@ abstract class RowCacheModel {
     this.step++;
     return given < misses.length ? -1 : misses.length;
   }
+  /** Whether (head, row) `key` holds a slot (bench/wave-code-rescore.ts's miss-capped choice asks). */
+  has(key: number): boolean {
+    return this.slotOf.has(key);
+  }
   /** Gives the misses slots not read this step (`give`), in the policy's order; returns how many got one. */
   protected abstract allocate(misses: number[]): number;
   protected give(s: number, key: number): void {
@@ -57,7 +62,7 @@ abstract class RowCacheModel {
 }
 
 /** CacheAllocate's policy: a row read this step keeps its slot; a missing one takes the next slot from the hand not read this step. */
-class ClockCache extends RowCacheModel {
+export class ClockCache extends RowCacheModel {
   private hand = 0;
   protected allocate(misses: number[]): number {
     let given = 0, last = -1;
@@ -73,7 +78,7 @@ class ClockCache extends RowCacheModel {
 }
 
 /** The least recently read slots first (by the last step that read them): what a policy with ages could reach beside the clock's. */
-class LruCache extends RowCacheModel {
+export class LruCache extends RowCacheModel {
   protected allocate(misses: number[]): number {
     // Slots by their last step (-1: never), oldest first: a counting sort over the steps so far.
     const byAge: number[][] = Array.from({ length: this.step + 1 }, () => []);
@@ -179,7 +184,8 @@ async function main() {
   }
 }
 
-main().catch((e) => {
+// Run only as the entry: bench/wave-code-rescore.ts imports the cache models.
+if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) main().catch((e) => {
   console.error(e);
   process.exit(1);
 });
