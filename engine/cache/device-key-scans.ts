@@ -18,7 +18,10 @@
 // a second a layer at 1M); until it is made, and where it cannot be (the
 // budget, the device's memory, a shape the kernels do not take), that
 // layer's searches run on the host, which finds the same keys up to
-// near-ties at the cuts.
+// near-ties at the cuts. A session with scanKeep needs the PQ codes too
+// (1/8 byte a key channel, ~1.3 s a head to make at 1M on the 2-core VM):
+// made with the store where such a session makes it, else added when one
+// asks (the host searches meanwhile), or never where the budget has no room.
 import { RaScanStore, raScanSupported, type RaScanHeadIds, type RaScanSearchArgs } from '../../addon/ra-scan.js';
 import type { RaGraph } from '../../addon/ra-graph.js';
 import type { DeviceRows, KeyScanner, ScanHead, SearchResult } from '../../index/method.js';

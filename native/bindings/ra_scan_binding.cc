@@ -129,12 +129,11 @@ struct ScanJob {
   }
 };
 
-// Per-head id lists (an array of Int32Arrays, one a kv head), ids checked in
-// [0, tokens), copied back to back into `ids` with each head's count;
-// dedupe: each head's sorted and made distinct in place (the free keys: a
-// few hundred a head).
-void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, bool dedupe, std::vector<int32_t>& ids,
-             std::vector<int32_t>& counts) {
+// Per-head sets of ids (an array of Int32Arrays, one a kv head: the free
+// keys, a few hundred a head), ids checked in [0, tokens), copied back to
+// back into `ids`, each head's sorted and made distinct in place, with each
+// head's count.
+void SetsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, std::vector<int32_t>& ids, std::vector<int32_t>& counts) {
   counts.assign(size_t(heads), 0);
   ids.clear();
   if (Absent(o.Get(key))) return;
@@ -152,8 +151,7 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
   for (int h = 0; h < heads; ++h) {
     const Napi::Int32Array& l = per[size_t(h)];
     size_t c = l.ElementLength();
-    // Checked while copied, one pass over raw memory (~86K seeds a step at 1M: CheckIds' element access and a
-    // second pass were ~0.25 ms on the H100 host).
+    // Checked while copied, one pass over raw memory.
     const int32_t* src = l.Data();
     int32_t* dst = ids.data() + at;
     bool bad = false;
@@ -163,10 +161,8 @@ void ListsAt(const Napi::Object& o, const char* key, int heads, int64_t tokens, 
       dst[i] = v;
     }
     if (bad) CheckIds(l, tokens, key);  // names the first bad id
-    if (dedupe) {
-      std::sort(ids.begin() + at, ids.begin() + at + c);
-      c = size_t(std::unique(ids.begin() + at, ids.begin() + at + c) - (ids.begin() + at));
-    }
+    std::sort(ids.begin() + at, ids.begin() + at + c);
+    c = size_t(std::unique(ids.begin() + at, ids.begin() + at + c) - (ids.begin() + at));
     counts[size_t(h)] = int32_t(c);
     at += c;
   }
@@ -366,7 +362,7 @@ class RaScanJs : public Napi::ObjectWrap<RaScanJs> {
     QueryAt(o, a.scale, size_t(H) * a.group * d, job->q);
     std::vector<Napi::Value> keep;
     ListViews(o, "seeds", H, job->seeds, job->seedCounts, keep);
-    ListsAt(o, "free", H, c.tokens, true, job->freeIds, job->freeCounts);
+    SetsAt(o, "free", H, c.tokens, job->freeIds, job->freeCounts);
     if (!Absent(o.Get("scanKeep"))) {
       const double share = Double(o, "scanKeep");
       if (!(share > 0 && share <= 1)) throw Napi::RangeError::New(env, "scanKeep must be a number in (0, 1]");
