@@ -232,8 +232,6 @@ RaScanTimes RaScanStore::LastTimes() const { return impl_->times; }
 
 bool RaScanStore::HasValues() const { return impl_->values != nullptr; }
 
-bool RaScanStore::HasPq() const { return impl_->pqCodes != nullptr; }
-
 // A handful of launches and two copies, launched one by one: the list sizes
 // change with the method's trim, and the step is short.
 void RaScanStore::Attend(const RaAttendArgs& a) {

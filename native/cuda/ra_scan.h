@@ -150,11 +150,9 @@ class RaScanStore {
   void Search(const RaScanArgs& a);
   // Whether the store holds values (every head's were given): Attend needs them.
   bool HasValues() const;
-  // Whether the store holds PQ codes (every head's were given, at its making
-  // or by AddPq): searches with keep need them.
-  bool HasPq() const;
   // Uploads every head's PQ codes and outliers (RaScanHead's pq, outliers)
-  // to a store made without them; nothing where it holds them. Not
+  // to a store made without them; nothing where it holds them (searches
+  // with keep need them: the binding knows whether it gave them). Not
   // thread-safe, as Search.
   void AddPq(const RaScanHead* heads);
   void Attend(const RaAttendArgs& a);
