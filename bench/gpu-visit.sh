@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups block-stages decode-select-stages dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof ncu-wave ncu-blocks ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups block-stages decode-select-stages dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof decode-scan ncu-wave ncu-blocks ra-scan ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -140,6 +140,14 @@ for s in $stages; do
       step 300 ncu-wave /usr/local/cuda/bin/ncu --target-processes all --kernel-name-base function --kernel-name 'regex:Score|Histogram|FindBin|CollectBin|Resolve|TakeWeights|Gather|Rescore|Partial|Attend|Estimate|Merge|Scatter|Pack|Exact|StepClear|OrderRange' --launch-skip 30 --launch-count 40 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --log-file "$OUT/ncu-wave.csv" node dist/bench/wave-gpu.js --profile --steps 2 --cluster-size 16 --head-dim 64 --budget-share 0.01 --window 256 ;;
     ncu-blocks)  # the block scorer's kernels (ScoreBlocksStaged, SelectTop) under Nsight Compute at 1M, 8 kv heads, 4 rows a block: the engine's replayed graph and the kernels launched one by one (bench/block-select-stages-gpu.ts --profile writes no results)
       step 300 ncu-blocks /usr/local/cuda/bin/ncu --target-processes all --kernel-name-base function --kernel-name 'regex:ScoreBlocks|SelectTop' --launch-skip 40 --launch-count 12 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats --csv --log-file "$OUT/ncu-blocks.csv" node dist/bench/block-select-stages-gpu.js --steps 4 --profile ;;
+    ra-scan)  # issue #15's device code scan (native/cuda/ra_scan*.cu*): its GPU tests (the scanKeep PQ pass against the host's two-pass scan included), the scan test under compute-sanitizer's synccheck and racecheck (barriers and shared memory of the cuts), then the 1M layer-step, one pass and --keep 0.08 (the first run builds the workload and graph, cached in /tmp; limits 560 s: one device command)
+      step 120 scan-tests node node_modules/vitest/vitest.mjs run test/native/ra-scan-gpu.test.ts test/integration/gpu-scan.test.ts
+      for tool in synccheck racecheck; do
+        step 90 scan-$tool /usr/local/cuda/bin/compute-sanitizer --tool $tool --target-processes all --error-exitcode 9 node node_modules/vitest/vitest.mjs run test/native/ra-scan-gpu.test.ts -t scanKeep
+      done
+      step 200 ra-scan-gpu node dist/bench/ra-scan-gpu.js --reps 3 --tag ${TAG:-visit}
+      step 90 ra-scan-gpu-keep node dist/bench/ra-scan-gpu.js --reps 3 --keep 0.08 --tag ${TAG:-visit} ;;
+    decode-scan) step 300 decode-scan node dist/bench/gpu.js --decode --tokens 1048576 --steps 64 --configs ra-scan,ra-scan-keep ;;
     ra-search) step 420 ra-search node dist/bench/ra-search.js --reps 3 --out bench/results/ra-search-1048576-host.md ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
