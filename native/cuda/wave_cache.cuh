@@ -16,7 +16,9 @@
 //     PartialLogits reads when one of its rows is kept) and of every `exact`
 //     row's cluster (PartialLogits reads those clusters' members, the
 //     attention and the estimate the exact rows): a superset of every row a
-//     later kernel reads. A cached row's slot is stamped with the step; a
+//     later kernel reads. With a page cap (WaveStoreConfig::pageCapBytes)
+//     the cap's need runs here instead (wave_page_cap.cuh): the same rows
+//     until the cap applies, then at most the cap's. A cached row's slot is stamped with the step; a
 //     missing one is claimed (atomicCAS -1 -> kPending, so a row listed
 //     twice is appended once) and appended to the miss list.
 //  2. CacheCountFree then CacheAssign, a CTA per span of slots from the
@@ -40,7 +42,8 @@
 // bench/results/wave-gpu-paged-ab-h100-cs16-p4.md); that switch and the
 // kernels only it ran were removed after it.
 // The later kernels read the same words as the dense store's (only their
-// addresses differ), so the answers are bit for bit the dense store's.
+// addresses differ), so the answers are bit for bit the dense store's
+// (uncapped, or while every row the cut takes is cached).
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
