@@ -9,7 +9,8 @@
 // and a capped one (8 rows a kv head a step from step 2), the cache the
 // bound of a step's rows, over drifting steps with every head's target moved
 // at the middle step: (1) the cap-off store answers as the dense store
-// (sameAnswer: ids and counts exactly, out/lse within 1e-6) every step;
+// (sameAnswer: ids and counts exactly, out/lse within 1e-6) every step, and
+// so does the capped one before the cap applies;
 // (2) from step 2 on the capped store never copies more than the cap, and
 // the cap binds (some step rescores fewer candidates than the cut took);
 // (3) each capped answer equals float64 attention over exactly the rows it
@@ -94,8 +95,9 @@ export interface CapCheck {
   steps: number;
   capBytes: number;
   capFrom: number;
-  /** (1) Steps the cap-off paged store answered as the dense store. */
+  /** (1) Steps the cap-off paged store answered as the dense store; steps before capFrom the capped one did (it pages every row until then). */
   offSame: number;
+  earlySame: number;
   /**
    * (2) Steps from capFrom on whose bytes copied exceeded the cap, the most copied there, the steps where the cap
    * left candidates unrescored, and those from capFrom on where the cap-off store copied more than the cap (where
@@ -134,7 +136,7 @@ async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promi
   const capped = WaveGpuStore.create({ ...base, pageCapBytes: capBytes, pageCapFrom: capFrom });
   const again = WaveGpuStore.create({ ...base, pageCapBytes: capBytes, pageCapFrom: 1 });
   const kv = { keys: gpuHeads.map((g) => g.keys), values: gpuHeads.map((g) => g.values) };
-  const r: CapCheck = { steps, capBytes, capFrom, offSame: 0, overCap: 0, offOverCap: 0, maxBytesCapped: 0, capBound: 0, refOk: 0, worstOut: 0, worstLse: 0,
+  const r: CapCheck = { steps, capBytes, capFrom, offSame: 0, earlySame: 0, overCap: 0, offOverCap: 0, maxBytesCapped: 0, capBound: 0, refOk: 0, worstOut: 0, worstLse: 0,
     cached: { bytesIn: -1, allRescored: false, same: false } };
   try {
     const qs = driftingQueries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G, steps, [steps >> 1]);
@@ -148,7 +150,11 @@ async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promi
       const v = sameAnswer(or, dr);
       if (v.same) r.offSame++;
       else r.firstDiff ??= `step ${s}, cap off against dense: ${v.why}`;
-      if (s >= capFrom) {
+      if (s < capFrom) {
+        const e = sameAnswer(cr, dr);
+        if (e.same) r.earlySame++;
+        else r.firstDiff ??= `step ${s}, capped before the cap against dense: ${e.why}`;
+      } else {
         r.maxBytesCapped = Math.max(r.maxBytesCapped, cr.bytesIn);
         if (cr.bytesIn > capBytes) r.overCap++;
         if (or.bytesIn > capBytes) r.offOverCap++;
@@ -178,7 +184,7 @@ async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promi
 }
 
 export const capCheckOk = (r: CapCheck) =>
-  r.offSame === r.steps && r.overCap === 0 && (r.offOverCap === 0 || r.capBound > 0) && r.refOk === r.steps && r.cached.bytesIn === 0 && r.cached.allRescored && r.cached.same;
+  r.offSame === r.steps && r.earlySame === r.capFrom && r.overCap === 0 && (r.offOverCap === 0 || r.capBound > 0) && r.refOk === r.steps && r.cached.bytesIn === 0 && r.cached.allRescored && r.cached.same;
 
 // ---------------------------------------------------------------- benchmark
 
