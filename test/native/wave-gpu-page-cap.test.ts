@@ -3,15 +3,17 @@
 // drifting steps with every head's target moved at the middle step, on the
 // plain path and the default one (bench/wave-gpu-page-cap.ts's checkCapCase,
 // which `--check` runs without vitest): (1) with the cap off the paged store
-// answers as the dense store every step; (2) capped (8 rows a kv head from
-// step 2), no step from step 2 on copies more than the cap, and where the
-// cap-off store copies more than it the cap binds on some step; (3) every capped answer equals float64 attention over
-// exactly the rows the step attended (its ids and the sinks/window rows)
-// merged with the host's estimate of the rest (partly attended clusters the
-// step names in momentClusters by their moments, the others by their rows)
-// within TOL, the estimate's token counts exactly; (4) a capped step whose
-// candidates are all cached copies nothing, rescores every candidate and
-// answers as the dense store. Skips where no CUDA device answers.
+// answers as the dense store every step, and so does the capped one before
+// its cap applies; (2) capped (8 rows a kv head from step 2), no step from
+// step 2 on copies more than the cap, and where the cap-off store copies more
+// than it the cap binds on some step; (3) every capped answer equals float64
+// attention over exactly the rows the step attended (its ids and the
+// sinks/window rows) merged with the host's estimate of the rest (partly
+// attended clusters the step names in momentClusters by their moments, the
+// others by their rows) within TOL, the estimate's token counts exactly; (4)
+// a capped step whose candidates are all cached copies nothing, rescores
+// every candidate and answers as the dense store. Skips where no CUDA device
+// answers.
 import { describe, expect, it } from 'vitest';
 import { cudaAvailable } from '../../addon/cuda.js';
 import { WaveGpuStore } from '../../addon/wave-gpu.js';
@@ -31,6 +33,7 @@ describe.skipIf(!info.ok)('paged wave store with a cap on the rows a step pages'
       const r = await checkCapCase(c, seed + i + 1000 * j, 16, path);
       expect(r.firstDiff ?? '').toBe('');
       expect(r.offSame, 'cap off: every step as the dense store').toBe(r.steps);
+      expect(r.earlySame, 'capped, before the cap applies: as the dense store').toBe(r.capFrom);
       expect(r.overCap, `steps from ${r.capFrom} on that copied more than ${r.capBytes} bytes (most: ${r.maxBytesCapped})`).toBe(0);
       if (r.offOverCap > 0) expect(r.capBound, 'steps where the cap left candidates unrescored').toBeGreaterThan(0);
       expect(r.refOk, 'capped steps as the host answers over their own rows').toBe(r.steps);
