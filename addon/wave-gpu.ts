@@ -68,7 +68,19 @@ export interface WaveGpuStoreOptions {
    * cache rejects (waveCacheRowsBound sizes it); `rest` rejects on a paged store.
    */
   cacheRows?: number;
+  /**
+   * The paged store only: > 0, the bytes (K and V) a step may copy into the
+   * cache from step `pageCapFrom` (default 16) on, each kv head an equal
+   * share (native/cuda/wave_page_cap.cuh): what the cache lacks past it is not
+   * rescored and is left to the estimate. 0 or unset: every row the step
+   * reads is paged (the store's behaviour before the cap, bit for bit).
+   */
+  pageCapBytes?: number;
+  pageCapFrom?: number;
 }
+
+/** The paged store's default cap (issue #13: <= 2 MiB host->device a layer-step after the first 16 steps). */
+export const WAVE_PAGE_CAP_DEFAULT = 2 * 1024 * 1024;
 
 /**
  * Slots a paged store needs so that no step overflows: per kv head, the
@@ -158,6 +170,8 @@ export interface WaveGpuStepArgs {
    * not copied, until the step settles.
    */
   own?: { k: Uint16Array[]; v: Uint16Array[]; tokens: number };
+  /** A capped paged store: the result's momentClusters (a test's or a bench's question). */
+  detail?: boolean;
 }
 
 export interface WaveGpuStepResult {
@@ -189,6 +203,19 @@ export interface WaveGpuStepResult {
   /** A paged store's rows copied from the host into its cache this step, and their bytes (K and V); 0 for a dense store. */
   misses: number;
   bytesIn: number;
+  /**
+   * A capped paged store (pageCapBytes > 0), with ids, stages or detail: per
+   * kv head, the candidates rescored (those cached or paged; the rest were
+   * left to the estimate) and the rows the sinks/window rows' clusters paged.
+   */
+  rescored?: number[];
+  exactMisses?: number[];
+  /**
+   * With detail on a capped store: per kv head, the partly attended clusters
+   * whose rest the estimate took from their moments because the cap left
+   * some of their rows unread (the others: their rows' own logits).
+   */
+  momentClusters?: Int32Array[];
   /** The work's own host ms (queue and back excluded), on whichever thread ran it (addon/device-calls.ts). */
   workMs: number;
 }
@@ -294,7 +321,7 @@ type NativeRestArgs = Omit<WaveGpuRestArgs, 'blocks' | 'beside'> & { blocks?: In
 
 interface NativeStore {
   /** The answer is in a.out, a.lse and a.meta; only the kept ids (asked for) and the stages' times come as objects. */
-  step(a: NativeStepArgs): Promise<{ ids?: Int32Array; stages: Record<string, number> } | undefined>;
+  step(a: NativeStepArgs): Promise<{ ids?: Int32Array; stages: Record<string, number>; rescored?: number[]; exactMisses?: number[]; momentClusters?: Int32Array[] } | undefined>;
   rest(a: NativeRestArgs): Promise<WaveGpuRestResult>;
   bytes(): WaveGpuBytes;
   close(): void;
@@ -342,8 +369,10 @@ export class WaveGpuStore {
   private static made(o: WaveGpuStoreOptions, defer: boolean): WaveGpuStore {
     const heads = o.heads.map((h) => ({ ...h, clusters: h.counts.length }));
     const cacheRows = o.cacheRows ?? 0;
-    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads, cacheRows, ...(defer && { defer }) });
-    return new WaveGpuStore(store, { kvHeads: o.kvHeads, headDim: o.headDim, dtype: o.dtype, tokens: o.tokens, cacheRows }, heads.map((h) => h.clusters));
+    if ((o.pageCapBytes ?? 0) > 0 && cacheRows <= 0) throw new RangeError('pageCapBytes needs the paged store (cacheRows > 0)');
+    const cap = (o.pageCapBytes ?? 0) > 0 ? { pageCapBytes: o.pageCapBytes, ...(o.pageCapFrom !== undefined && { pageCapFrom: o.pageCapFrom }) } : {};
+    const store = new addon.WaveGpuStore({ kvHeads: o.kvHeads, headDim: o.headDim, dtype: DTYPE_CODE[o.dtype], tokens: o.tokens, heads, cacheRows, ...cap, ...(defer && { defer }) });
+    return new WaveGpuStore(store, { kvHeads: o.kvHeads, headDim: o.headDim, dtype: o.dtype, tokens: o.tokens, cacheRows, ...cap }, heads.map((h) => h.clusters));
   }
 
   /** Whether K and V stay on the host with a row cache on the device (cacheRows > 0). */
@@ -393,6 +422,7 @@ export class WaveGpuStore {
       stages: a.stages,
       graph: a.graph,
       own: a.own,
+      detail: a.detail,
       sync,
       out,
       lse,
@@ -423,6 +453,8 @@ export class WaveGpuStore {
       graphCaptures: meta[m + META_AT.graphCaptures],
       misses: meta[m + META_AT.misses],
       bytesIn: meta[m + META_AT.bytesIn],
+      ...(extra?.rescored && { rescored: extra.rescored, exactMisses: extra.exactMisses }),
+      ...(extra?.momentClusters && { momentClusters: extra.momentClusters }),
       workMs,
     };
   }

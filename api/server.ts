@@ -29,7 +29,7 @@ export async function startServer(cfg: Config, given?: Parameters<typeof Engine.
   // Process-wide (the kernels' own setting): the last server started in a process sets it.
   if (cfg.attendSyncWork !== undefined) setAttendSyncWork(cfg.attendSyncWork);
   if (cfg.gpuSyncUs !== undefined) setGpuSyncUs(cfg.gpuSyncUs);
-  const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, lmdbWriteBack: cfg.lmdbWriteBack, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuScanBudget: cfg.gpuScanBudget, gpuWaveCache: cfg.gpuWaveCache, gpuKmeans: cfg.gpuKmeans === 1 }, given);
+  const engine = await Engine.open({ dataDir: cfg.dataDir, store: cfg.store, lmdbShards: cfg.lmdbShards, lmdbWriteBack: cfg.lmdbWriteBack, threadPool: cfg.threadPool, memoryBudget: cfg.memoryBudget, gpuBudget: cfg.gpuBudget, gpuWaveBudget: cfg.gpuWaveBudget, gpuScanBudget: cfg.gpuScanBudget, gpuWaveCache: cfg.gpuWaveCache, gpuWavePageCap: cfg.gpuWavePageCap, gpuKmeans: cfg.gpuKmeans === 1 }, given);
   const metrics = new Metrics();
   const app = createApp(engine, { token: cfg.token, bodyLimit: cfg.bodyLimit }, metrics);
   let server: ServerType;

@@ -210,7 +210,7 @@ export const pagedCheckOk = (r: PagedCheck) =>
 
 // ---------------------------------------------------------------- benchmark
 
-interface PagedBenchConfig {
+export interface PagedBenchConfig {
   tokens: number; kvHeads: number; G: number; d: number; clusterSize: number; budgetShare: number; sinks: number; window: number; steps: number; probe: number;
   caches: number[];
   /** Query regimes, each its own run of `steps` over the same stores: the probability a head's target stays a step (the generator's 0.9; 1: drift only). */
@@ -221,7 +221,7 @@ const p = (xs: number[], q: number) => quantile(xs, q);
 const MiB = 1 << 20;
 
 /** bench/wave-gpu.ts's synthetic layer, the engine's call on it and the cache bound. */
-function buildLayer(cfg: PagedBenchConfig) {
+export function buildLayer(cfg: PagedBenchConfig) {
   const { tokens: N, kvHeads: H, G, d } = cfg, dt: KvDtype = 'f16';
   const rng = new Rng(20260513);
   const noise = new Float32Array(N * d);

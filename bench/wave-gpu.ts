@@ -149,7 +149,7 @@ function keptIds(ids: Int32Array, f: KeptFilter, h: number): Int32Array {
  * merged by log-sum-exp into (out, lse): what the GPU step's `attend` adds
  * to the estimate.
  */
-function mergeAttended(out: Float32Array, lse: Float32Array, q: Float32Array, G: number, d: number, dt: KvDtype, scale: number,
+export function mergeAttended(out: Float32Array, lse: Float32Array, q: Float32Array, G: number, d: number, dt: KvDtype, scale: number,
                        rows: Int32Array[], kv: { keys: Uint16Array[]; values: Uint16Array[] }): void {
   const widen = (w: Uint16Array, t: number) => {
     const f = new Float32Array(d);

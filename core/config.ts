@@ -45,6 +45,14 @@ export interface Config {
    */
   gpuWaveCache?: number;
   /**
+   * With gpuWaveCache: the bytes (K and V) a paged store's layer-step may
+   * copy into its cache after its first 16 steps, each kv head an equal
+   * share; the rows the cache lacks past it are not rescored and are left to
+   * the estimate (native/cuda/wave_page_cap.cuh). Unset: 2 MiB (issue #13's
+   * target); 0: no cap, every row the step reads copied.
+   */
+  gpuWavePageCap?: number;
+  /**
    * 1: the seal's k-means for `wave` runs on the GPU when the server has one
    * (native/cuda/kmeans_device.h); its clusters are not faiss's, so a
    * document then answers a little differently than on a CPU server.
@@ -140,6 +148,7 @@ const FLAGS: Record<string, keyof Config> = {
   '--gpu-wave-budget': 'gpuWaveBudget',
   '--gpu-scan-budget': 'gpuScanBudget',
   '--gpu-wave-cache': 'gpuWaveCache',
+  '--gpu-wave-page-cap': 'gpuWavePageCap',
   '--gpu-kmeans': 'gpuKmeans',
   '--lmdb-shards': 'lmdbShards',
   '--lmdb-write-back': 'lmdbWriteBack',
@@ -154,7 +163,7 @@ const FLAGS: Record<string, keyof Config> = {
 };
 
 /** The settings that take a non-negative integer. */
-const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuScanBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs', 'shmStreamBytes', 'shmTotalBytes'] as const;
+const INTEGERS = ['port', 'bodyLimit', 'memoryBudget', 'gpuBudget', 'gpuWaveBudget', 'gpuWavePageCap', 'gpuScanBudget', 'gpuKmeans', 'lmdbShards', 'lmdbWriteBack', 'threadPool', 'maxStreams', 'streamIdleMs', 'attendSyncWork', 'gpuSyncUs', 'pollUs', 'shmStreamBytes', 'shmTotalBytes'] as const;
 const isInteger = (key: keyof Config): key is (typeof INTEGERS)[number] => (INTEGERS as readonly string[]).includes(key);
 
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
@@ -166,6 +175,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv): Config {
   if (env.KVRECALL_GPU_WAVE_BUDGET) cfg.gpuWaveBudget = nonNegative(env.KVRECALL_GPU_WAVE_BUDGET, 'KVRECALL_GPU_WAVE_BUDGET');
   if (env.KVRECALL_GPU_SCAN_BUDGET) cfg.gpuScanBudget = nonNegative(env.KVRECALL_GPU_SCAN_BUDGET, 'KVRECALL_GPU_SCAN_BUDGET');
   if (env.KVRECALL_GPU_WAVE_CACHE) cfg.gpuWaveCache = share(env.KVRECALL_GPU_WAVE_CACHE, 'KVRECALL_GPU_WAVE_CACHE');
+  if (env.KVRECALL_GPU_WAVE_PAGE_CAP) cfg.gpuWavePageCap = nonNegative(env.KVRECALL_GPU_WAVE_PAGE_CAP, 'KVRECALL_GPU_WAVE_PAGE_CAP');
   if (env.KVRECALL_GPU_KMEANS) cfg.gpuKmeans = nonNegative(env.KVRECALL_GPU_KMEANS, 'KVRECALL_GPU_KMEANS');
   // libuv's own reading: atoi, anything below 1 is 1 thread, at most 1024.
   if (env.UV_THREADPOOL_SIZE !== undefined) cfg.threadPool = Math.min(1024, Math.max(1, Number.parseInt(env.UV_THREADPOOL_SIZE, 10) || 1));

@@ -32,6 +32,8 @@ export interface EngineOptions {
   gpuScanBudget?: number;
   /** A share of a layer's rows: the wave stores are paged, that share cached on the device (core/config.ts gpuWaveCache). */
   gpuWaveCache?: number;
+  /** With gpuWaveCache: the bytes a paged store's layer-step may copy after its first 16 steps (core/config.ts gpuWavePageCap; unset: 2 MiB, 0: no cap). */
+  gpuWavePageCap?: number;
   /** wave's k-means at seal on the device, when there is one (core/config.ts gpuKmeans). */
   gpuKmeans?: boolean;
 }
@@ -53,7 +55,7 @@ export class Engine {
     const { store, recovered } = await openStore(opts);
     const budget = new HostBudget(opts.memoryBudget);
     const device = cudaAvailable();
-    const gpu = given?.gpu ?? (device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget, waveCacheShare: opts.gpuWaveCache, scanBudgetBytes: opts.gpuScanBudget }) : undefined);
+    const gpu = given?.gpu ?? (device.ok ? GpuBackend.open({ budgetBytes: opts.gpuBudget ?? Math.floor((device.freeMemory ?? 0) * 0.8), waveBudgetBytes: opts.gpuWaveBudget, waveCacheShare: opts.gpuWaveCache, wavePageCapBytes: opts.gpuWavePageCap, scanBudgetBytes: opts.gpuScanBudget }) : undefined);
     const documents = new Documents(store, methodNames, budget, gpu !== undefined && opts.gpuKmeans === true, gpu);
     return new Engine(store, documents, new Sessions(documents, budget, gpu), recovered, budget, gpu);
   }

@@ -37,7 +37,11 @@
 // of a dense layer's device bytes, a budget holds ~4x its size of them. They
 // live within a host budget of their own (hostBudgetBytes; GpuBackend: half
 // the host's memory unless told), evicted as the device bytes are.
-import { WaveGpuStore, waveCacheRowsBound, type WaveGpuRanking, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
+// A paged store's layer-step copies at most pageCapBytes (--gpu-wave-page-cap,
+// default WAVE_PAGE_CAP_DEFAULT, 2 MiB) after its first 16 steps, each kv
+// head an equal share: the rows its cache lacks past that are not rescored
+// and are left to the estimate (native/cuda/wave_page_cap.cuh); 0: no cap.
+import { WAVE_PAGE_CAP_DEFAULT, WaveGpuStore, waveCacheRowsBound, type WaveGpuRanking, type WaveGpuStepResult, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
 import { candidateTokens, PROBE, SPREAD, type ClusterIndex } from '../../index/wave/cluster-index.js';
 
@@ -96,6 +100,8 @@ export interface DeviceWaveStats {
   rests: number;
   /** The share of a layer's rows a paged store caches (0: stores hold K and V whole). */
   cacheShare: number;
+  /** Paged stores: the bytes a layer-step may copy after its first 16 steps (0: no cap, or dense stores). */
+  pageCapBytes: number;
   /** Steps that ran on the host because their rows could exceed their paged store's cache (pagedStepFits). */
   overCache: number;
   /** Pinned host bytes paged stores may take (their K and V), and take now. */
@@ -124,6 +130,14 @@ export function waveStoreBytes(heads: ClusterIndex[], tokens: number, headDim: n
 /** Pinned host bytes a paged store takes: K and V of every row (wave_cache.cuh's copy); 0 for a dense one. */
 export function wavePinnedBytes(kvHeads: number, tokens: number, headDim: number, cacheRows: number): number {
   return cacheRows > 0 ? kvHeads * tokens * headDim * 4 : 0;
+}
+
+/**
+ * A paged store's cap for a layer of this shape: at least one row of K and V
+ * a kv head (what the native store refuses below), else the cap asked for.
+ */
+export function wavePageCap(bytes: number, model: Pick<ModelShape, 'kvHeads' | 'headDim'>): number {
+  return Math.max(bytes, model.kvHeads * model.headDim * 4);
 }
 
 /** A paged store's slots for a share of the layer's rows (every kv head's). */
@@ -189,6 +203,8 @@ export class DeviceWaveStores {
     readonly cacheShare = 0,
     /** Pinned host bytes for paged stores' K and V (see the top). */
     readonly hostBudgetBytes = Infinity,
+    /** Paged stores: the bytes a layer-step may copy after its first 16 steps (see the top); 0: no cap. */
+    readonly pageCapBytes = WAVE_PAGE_CAP_DEFAULT,
   ) {}
 
   /**
@@ -229,6 +245,7 @@ export class DeviceWaveStores {
           varianceShare: h.arrays.varianceShare, counts: h.arrays.counts, tokenCluster: h.arrays.tokenCluster, keys: h.keys, values: h.values,
         })),
         ...(cacheRows > 0 && { cacheRows }),
+        ...(cacheRows > 0 && this.pageCapBytes > 0 && { pageCapBytes: wavePageCap(this.pageCapBytes, model) }),
       };
       const entry: Entry = { key, state: 'waiting', options, bytes, hostBytes, cacheRows, largestCluster, pins: 0, usedAt: this.now() };
       entry.ready = new Promise<void>((r) => (entry.settle = r));
@@ -421,7 +438,7 @@ export class DeviceWaveStores {
     for (const e of this.lru.values()) if (e.state === 'live') stores++;
     else creating++;
     return { budgetBytes: this.budgetBytes, usedBytes: this.used, stores, refused: this.refused, evictions: this.evictions, rests: this.rests,
-      creating, freeing: this.freeingStores, cacheShare: this.cacheShare, overCache: this.overCache, hostBudgetBytes: this.hostBudgetBytes, hostUsedBytes: this.hostUsed };
+      creating, freeing: this.freeingStores, cacheShare: this.cacheShare, pageCapBytes: this.cacheShare > 0 ? this.pageCapBytes : 0, overCache: this.overCache, hostBudgetBytes: this.hostBudgetBytes, hostUsedBytes: this.hostUsed };
   }
 
   /**

@@ -56,6 +56,8 @@ export interface GpuBackendOptions {
   waveBudgetBytes?: number;
   /** A share of a layer's rows (0 < x <= 1): the wave stores are paged, K and V on the host, that share cached on the device (device-wave.ts). */
   waveCacheShare?: number;
+  /** With waveCacheShare: the bytes a paged store's layer-step may copy after its first 16 steps (device-wave.ts; unset: WAVE_PAGE_CAP_DEFAULT, 0: no cap). */
+  wavePageCapBytes?: number;
   /** Pinned host bytes the paged stores' K and V may take (a copy of each layer they hold); default half the host's memory. */
   waveHostBytes?: number;
   /**
@@ -138,7 +140,8 @@ export class GpuBackend {
     this.createPool = make.pool ?? ((o) => GpuPool.create(o));
     if ((options.scanBudgetBytes ?? 0) > 0) this.keyScanner = new DeviceKeyScans(options.scanBudgetBytes!);
     if ((options.waveBudgetBytes ?? 0) > 0)
-      this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare, options.waveHostBytes ?? Math.floor(totalmem() / 2));
+      this.wave = new DeviceWaveStores(options.waveBudgetBytes!, make.waveStore, undefined, options.waveCacheShare, options.waveHostBytes ?? Math.floor(totalmem() / 2),
+        options.wavePageCapBytes);
   }
 
   /** A backend whose device parts `make` makes (a host model where no device runs); `open` makes the native ones. */

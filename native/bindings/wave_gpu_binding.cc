@@ -33,6 +33,10 @@
 //   .bytes() -> {summaries, moments, maps, kv (0 when paged), scratch, cache, cacheRows}
 // cacheRows (constructor, optional, > 0): the paged store (wave_cache.cuh);
 // a step's answer then has misses and bytesIn (host to device, K and V).
+// pageCapBytes (> 0, paged only), pageCapFrom (default 16): a cap on the
+// bytes a step pages from that step on (wave_page_cap.cuh); a step's extra
+// answer (with ids, stages or detail) then has rescored and exactMisses per
+// kv head, and with detail: true momentClusters (Int32Array per kv head).
 //   .close()
 // defer: true (constructor): the arguments are checked and nothing is
 // copied; .open() -> Promise<void> then makes the device store on libuv's
@@ -183,6 +187,12 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     c.tokens = Int(o, "tokens", 1, (int64_t(1) << 31) - 1);
     // > 0: the paged store (K/V in mapped host memory, this many rows cached on the device).
     if (!Absent(o.Get("cacheRows"))) c.cacheRows = Int(o, "cacheRows", 0, int64_t(c.kvHeads) * c.tokens);
+    // > 0 (paged only): the bytes a step may page from step pageCapFrom on (wave_page_cap.cuh).
+    if (!Absent(o.Get("pageCapBytes"))) c.pageCapBytes = Int(o, "pageCapBytes", 0, int64_t(1) << 50);
+    if (!Absent(o.Get("pageCapFrom"))) c.pageCapFrom = int(Int(o, "pageCapFrom", 0, (int64_t(1) << 31) - 1));
+    if (c.pageCapBytes > 0 && c.cacheRows <= 0) throw Napi::RangeError::New(env, "pageCapBytes needs cacheRows > 0 (the paged store)");
+    if (c.pageCapBytes > 0 && c.pageCapBytes < int64_t(c.kvHeads) * c.headDim * 4)
+      throw Napi::RangeError::New(env, "pageCapBytes must allow every kv head one row of K and V");
     const size_t N = size_t(c.tokens), d = size_t(c.headDim), stride = d + 8;
     Napi::Array heads = ArrayOf(o, "heads", size_t(c.kvHeads));
     std::vector<cuda::WaveHeadHost> host(size_t(c.kvHeads));
@@ -335,6 +345,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
     a->ids = Flag(o, "ids", true);
     a->stageTimes = Flag(o, "stages", true);
     a->graph = Flag(o, "graph", true);
+    a->detail = Flag(o, "detail", false);
     if (!Absent(o.Get("rest"))) {
       const Napi::Value r = o.Get("rest");
       const std::string rest = r.IsString() ? r.As<Napi::String>().Utf8Value() : "";
@@ -413,7 +424,7 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
           if (!own->segments.empty()) MergeOwn(*result, ownOut, ownLse, size_t(own->headDim));
           (*times)[2] = Clock::now();
         },
-        [result, H, times, parseMs, outTo, lseTo, metaTo, wantIds = a->ids](Napi::Env e) -> Napi::Value {
+        [result, H, times, parseMs, outTo, lseTo, metaTo, wantIds = a->ids, detail = a->detail](Napi::Env e) -> Napi::Value {
           const Clock::time_point c0 = Clock::now();
           cuda::WaveStepResult& r = *result;
           std::copy(r.out.begin(), r.out.end(), outTo);
@@ -439,9 +450,19 @@ class WaveGpuStore : public Napi::ObjectWrap<WaveGpuStore> {
             if (MetaSlot(x.first) < kStepMetaCount) m[MetaSlot(x.first)] = double(x.second);
           // Only what has no fixed size comes back as objects: the kept ids, asked for, and the stages' times.
           Napi::Value extra = e.Undefined();
-          if (wantIds || !r.stages.empty()) {
+          if (wantIds || !r.stages.empty() || detail) {
             Napi::Object x = Napi::Object::New(e);
             if (wantIds) x.Set("ids", Adopt(e, std::move(r.ids)));
+            // A capped paged store's (wave_step.h): per kv head.
+            if (!r.rescored.empty()) {
+              x.Set("rescored", NumberArray(e, r.rescored));
+              x.Set("exactMisses", NumberArray(e, r.exactMisses));
+            }
+            if (!r.momentClusters.empty()) {
+              Napi::Array mc = Napi::Array::New(e, r.momentClusters.size());
+              for (size_t h = 0; h < r.momentClusters.size(); ++h) mc.Set(uint32_t(h), Adopt(e, std::move(r.momentClusters[h])));
+              x.Set("momentClusters", mc);
+            }
             Napi::Object st = Napi::Object::New(e);
             for (const auto& y : r.stages) st.Set(y.first, Napi::Number::New(e, double(y.second)));
             x.Set("stages", st);

@@ -16,7 +16,9 @@
 //     PartialLogits reads when one of its rows is kept) and of every `exact`
 //     row's cluster (PartialLogits reads those clusters' members, the
 //     attention and the estimate the exact rows): a superset of every row a
-//     later kernel reads. A cached row's slot is stamped with the step; a
+//     later kernel reads. With a page cap (WaveStoreConfig::pageCapBytes)
+//     the cap's need runs here instead (wave_page_cap.cuh): the same rows
+//     until the cap applies, then at most the cap's. A cached row's slot is stamped with the step; a
 //     missing one is claimed (atomicCAS -1 -> kPending, so a row listed
 //     twice is appended once) and appended to the miss list.
 //  2. CacheCountFree then CacheAssign, a CTA per span of slots from the
@@ -40,7 +42,8 @@
 // bench/results/wave-gpu-paged-ab-h100-cs16-p4.md); that switch and the
 // kernels only it ran were removed after it.
 // The later kernels read the same words as the dense store's (only their
-// addresses differ), so the answers are bit for bit the dense store's.
+// addresses differ), so the answers are bit for bit the dense store's
+// (uncapped, or while every row the cut takes is cached).
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -94,14 +97,17 @@ struct CacheParams {
   int d;
 };
 
-__device__ __forceinline__ void NeedRow(const CacheParams& c, int64_t key, int32_t step) {
+// Whether this call listed the row as a miss (the capped need counts them, wave_page_cap.cuh).
+__device__ __forceinline__ bool NeedRow(const CacheParams& c, int64_t key, int32_t step) {
   const int32_t r = c.rowSlot[key];
   if (r > 0) {
     c.stamp[r - 1] = step;  // no slot changes owner before CacheAssign
   } else if (r == -1 && atomicCAS(&c.rowSlot[key], -1, kPending) == -1) {
     const unsigned long long i = atomicAdd(&c.counters[0], 1ull);
     if (i < (unsigned long long)c.rows) c.miss[i] = int32_t(key);
+    return true;
   }
+  return false;
 }
 
 // blockIdx.y: the kv head; x: kLanes lanes for each of its clusters (those
@@ -366,26 +372,40 @@ struct RowCache {
     }
   };
 
-  // The step's need, allocate and copy, after the clusters' cut (p.cnt set);
-  // with events around each (timed: a step launched one by one), Times()
-  // reads them after the step.
-  void Enqueue(const StepParams& p, int H, unsigned long long* counters, cudaStream_t s, bool timed) {
+  // The step's parameters for the cache's kernels (counters: the step's, in its output buffer).
+  CacheParams For(const StepParams& p, unsigned long long* counters) const {
     CacheParams k = c;
     k.counters = counters;
     k.counts = p.counts, k.memberStart = p.memberStart, k.maps = p.maps, k.exact = p.exact;
     k.base = p.base, k.cnt = p.cnt, k.cmax = p.cmax, k.exactCount = p.exactCount, k.exactN = p.exactN;
-    Check(cudaMemsetAsync(counters, 0, kCacheCounters * 8, s), "memset");
+    return k;
+  }
+
+  // The step's need, allocate and copy, after the clusters' cut (p.cnt set);
+  // with events around each (timed: a step launched one by one), Times()
+  // reads them after the step. need(k) launches the need (CacheNeed where
+  // no cap applies; the capped one is wave_page_cap.cuh's); nCounters: the
+  // step's counters (kCacheCounters, and the cap's after them), cleared here.
+  template <class Need>
+  void Enqueue(const StepParams& p, int H, unsigned long long* counters, int nCounters, cudaStream_t s, bool timed, Need&& need) {
+    const CacheParams k = For(p, counters);
+    Check(cudaMemsetAsync(counters, 0, size_t(nCounters) * 8, s), "memset");
     const auto mark = [&](int i) {
       if (timed) Check(cudaEventRecord(ev[i], s), "event");
     };
     mark(0);
-    CacheNeed<kNeedLanes><<<dim3(unsigned(Cdiv((p.cmax + p.exactCount) * kNeedLanes, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
+    need(k);
     mark(1);
     CacheCountFree<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
     CacheAssign<<<unsigned(c.allocCtas), kSlotThreads, 0, s>>>(k);
     mark(2);
     CacheCopy<<<unsigned(c.copyCtas), kCopyThreads, 0, s>>>(k);
     mark(3);
+  }
+  void Enqueue(const StepParams& p, int H, unsigned long long* counters, cudaStream_t s, bool timed) {
+    Enqueue(p, H, counters, kCacheCounters, s, timed, [&](const CacheParams& k) {
+      CacheNeed<kNeedLanes><<<dim3(unsigned(Cdiv((p.cmax + p.exactCount) * kNeedLanes, kThreads)), unsigned(H)), kThreads, 0, s>>>(k);
+    });
   }
 
   // The cache kernels' times of a timed step (after it synchronised).

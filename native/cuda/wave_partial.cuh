@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kPartialWarps * 32, 8) PartialLogitsFromDots(S
     int32_t nMax = 0;
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
-      on[s] = cl[s] >= 0 && removed[s] > 0 && removed[s] < n[s] && p.dotsOn && p.restRows && cnt[s] == n[s];  // FromDots
+      on[s] = cl[s] >= 0 && removed[s] > 0 && removed[s] < n[s] && p.dotsOn && p.restRows && cnt[s] == n[s] && PagedWhole(p, c[s]);  // FromDots
       if (on[s]) nMax = max(nMax, n[s]);
     }
     nMax = __reduce_max_sync(0xffffffffu, nMax);

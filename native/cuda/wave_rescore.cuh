@@ -19,8 +19,11 @@ __global__ void __launch_bounds__(kThreads) RescoreCandidates(StepParams p) {
   __syncthreads();
   const int half = threadIdx.x & 1;
   const int64_t j = int64_t(blockIdx.x) * kRowsPerCta + (threadIdx.x >> 1);
-  const bool live = j < p.sel[h * 2 + 1];
-  const int32_t t = live ? p.cand[size_t(h) * p.tmax + j] : 0;
+  // kPaged: a candidate the page cap left unread is listed as ~t (wave_page_cap.cuh): not rescored.
+  const bool listed = j < p.sel[h * 2 + 1];
+  const int32_t t0 = listed ? p.cand[size_t(h) * p.tmax + j] : 0;
+  const bool live = listed && (!kPaged || t0 >= 0);
+  const int32_t t = live ? t0 : 0;
   const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   float best = -INFINITY;
   for (int g0 = 0; g0 < p.group; g0 += kGC) {
@@ -66,8 +69,10 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeld(StepParams p) {
   const int64_t candCtas = (p.tmax + kRowsPerCta - 1) / kRowsPerCta;
   const bool exact = blockIdx.x >= candCtas;  // uniform over the block
   const int64_t j = (blockIdx.x - (exact ? candCtas : 0)) * kRowsPerCta + (threadIdx.x >> 1), col = exact ? p.tmax + j : j;
-  const bool live = exact ? j < ExactCount(p) : j < p.sel[h * 2 + 1];
-  const int32_t t = !live ? 0 : exact ? p.exact[j] : p.cand[size_t(h) * p.tmax + j];
+  const bool listed = exact ? j < ExactCount(p) : j < p.sel[h * 2 + 1];
+  const int32_t t0 = !listed ? 0 : exact ? p.exact[j] : p.cand[size_t(h) * p.tmax + j];
+  const bool live = listed && (!kPaged || t0 >= 0);  // as RescoreCandidates
+  const int32_t t = live ? t0 : 0;
   const uint16_t* row = p.keys + KvRow<kPaged>(p, h, t);
   uint4 w[kLoads];
 #pragma unroll

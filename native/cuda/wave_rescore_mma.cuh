@@ -54,14 +54,16 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeldMma(StepParams p) {
   const int64_t limit = exact ? ExactCount(p) : p.sel[h * 2 + 1];
   // This lane's two rows (g, g + 8), their tokens and chunks, loaded first.
   int64_t j[2];
-  int32_t tok[2];
+  int32_t tok[2];  // kPaged: -1 for a candidate the page cap left unread (listed ~t), not rescored
   uint4 x[2][kChunks];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     j[r] = r0 + g + 8 * r;
-    const bool live = j[r] < limit;
-    tok[r] = !live ? 0 : exact ? p.exact[j[r]] : p.cand[size_t(h) * p.tmax + j[r]];
-    const uint16_t* row = p.keys + KvRow<kPaged>(p, h, tok[r]);
+    const bool listed = j[r] < limit;
+    const int32_t t0 = !listed ? 0 : exact ? p.exact[j[r]] : p.cand[size_t(h) * p.tmax + j[r]];
+    const bool live = listed && (!kPaged || t0 >= 0);  // as RescoreCandidates
+    tok[r] = kPaged && !live ? -1 : t0;
+    const uint16_t* row = p.keys + KvRow<kPaged>(p, h, live ? t0 : 0);
 #pragma unroll
     for (int m = 0; m < kChunks; ++m) x[r][m] = live ? __ldg(reinterpret_cast<const uint4*>(row + 8 * (t + 4 * m))) : make_uint4(0, 0, 0, 0);
   }
@@ -121,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 3) RescoreHeldMma(StepParams p) {
     const int64_t jr = t ? j[1] : j[0];  // selects, not an index: the arrays stay in registers
     const int32_t u = t ? tok[1] : tok[0];
     const bool skipped = (u >= p.skip[0] && u < p.skip[1]) || (u >= p.skip[2] && u < p.skip[3]);  // as RescoreCandidates
-    order = jr < limit && !skipped ? RankOrder(t ? best[1] : best[0]) : 0xffffffffu;
+    order = jr < limit && (!kPaged || u >= 0) && !skipped ? RankOrder(t ? best[1] : best[0]) : 0xffffffffu;
     if (!exact && jr < p.tmax) p.ord2[size_t(h) * p.tmax + jr] = order;
   }
   if (p.range && !exact) TakeRange(p.range + 2 * gridDim.y, h, order);  // uniform over the block

@@ -63,6 +63,7 @@
 #include "cuda/wave_rest.cuh"
 #include "cuda/wave_paths.cuh"
 #include "cuda/wave_cache.cuh"
+#include "cuda/wave_page_cap.cuh"
 #include "cuda/wave_setup.cuh"
 #include "cuda/wave_sizes.cuh"
 
@@ -89,6 +90,7 @@ struct WaveStore::Impl {
   StepGraph graph;  // the lean step's launches (WaveStepArgs::graph)
   RestState rest;   // Rest's buffers and graphs (wave_rest.cuh)
   RowCache cache;   // the paged store's (cfg.cacheRows > 0; wave_cache.cuh)
+  PageCap cap;      // its cap on the rows a step pages (cfg.pageCapBytes > 0; wave_page_cap.cuh)
   std::mutex mu;
   ~Impl() {
     for (auto& e : ev)
@@ -107,6 +109,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   if (!IsWordDtype(cfg.dtype)) throw std::runtime_error("wave store: dtype must be f16 or bf16");
   if (cfg.cacheRows < 0) throw std::runtime_error("wave store: cacheRows must be >= 0");
   const bool paged = cfg.cacheRows > 0;
+  if (cfg.pageCapBytes < 0 || cfg.pageCapFrom < 0) throw std::runtime_error("wave store: pageCapBytes and pageCapFrom must be >= 0");
+  if (cfg.pageCapBytes > 0 && !paged) throw std::runtime_error("wave store: pageCapBytes needs the paged store (cacheRows > 0)");
   for (int h = 0; h < cfg.kvHeads; ++h)
     if (!heads[h].keyAxes || !heads[h].keyVars || !heads[h].axisScales || !heads[h].varScales)
       throw std::runtime_error("wave store: every head needs keyAxes, keyVars and their scales");
@@ -167,6 +171,8 @@ WaveStore::WaveStore(const WaveStoreConfig& cfg, const WaveHeadHost* heads) : im
   }
   p.rowSlot = nullptr;
   if (paged) I.cache.Setup(cfg, heads, p);  // keys, values and rowSlot: the cache's
+  p.capMis = p.capAdm = nullptr;
+  if (paged && cfg.pageCapBytes > 0) I.cap.Setup(cfg, I.ctot, I.cmax, p);
   put(p.memberStart, maps.memberStart.data(), maps.memberStart.size() * 4);
   maps.Copy(p.maps, heads, put);
   put(p.base, I.base.data(), I.base.size() * 8);
@@ -216,7 +222,7 @@ WaveStoreBytes WaveStore::Bytes() const {
   b.kv = int64_t(I.kvBytes);
   b.cache = int64_t(I.cache.dev.bytes);
   b.cacheRows = I.cache.rows;
-  b.scratch = int64_t(I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.rest.work.bytes + I.rest.in.bytes + I.rest.out.bytes);
+  b.scratch = int64_t(I.cap.dev.bytes + I.fixed.bytes + I.work.bytes + I.in.bytes + I.out.bytes + I.rest.work.bytes + I.rest.in.bytes + I.rest.out.bytes);
   return b;
 }
 
@@ -354,9 +360,13 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.exactN = Layout::At<int64_t>(I.in.p, oExactN);
   Layout Out;
   // The ids last: without args.ids the copy back stops before them.
+  // The cache's counters, the cap's after them; with detail, momentList after the ids (wave_page_cap.cuh).
+  const bool capped = I.cap.share > 0, detail = capped && a.detail;
+  const int nCounters = I.cache.rows > 0 ? kCacheCounters + (capped ? CapCounters(H) : 0) : 0;
   const size_t oCounts = Out.Add(size_t(H) * 16), oOut = Out.Add(size_t(Q) * d * 4), oLse = Out.Add(size_t(Q) * 4),
-               oEst = Out.Add(size_t(H) * 8), oCache = Out.Add(I.cache.rows > 0 ? kCacheCounters * 8 : 0),
-               oIds = Out.Add(size_t(H) * width * 4);
+               oEst = Out.Add(size_t(H) * 8), oCache = Out.Add(size_t(nCounters) * 8),
+               oIds = Out.Add(size_t(H) * width * 4), oMoments = Out.Add(detail ? size_t(H) * rowsMax * 4 : 0);
+  const size_t outBytes = detail ? Out.at : a.ids ? oMoments : oIds;
   I.out.Need(Out.at, "cudaMalloc (wave outputs)");
   I.hout.Need(Out.at, "cudaHostAlloc (wave outputs)");
   p.outIds = Layout::At<int32_t>(I.out.p, oIds);
@@ -364,6 +374,8 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
   p.out = Layout::At<float>(I.out.p, oOut);
   p.lse = Layout::At<float>(I.out.p, oLse);
   p.est = Layout::At<int64_t>(I.out.p, oEst);
+  p.momentList = detail ? Layout::At<int32_t>(I.out.p, oMoments) : nullptr, p.momentN = nullptr;
+  if (capped) p.momentN = Layout::At<unsigned long long>(I.out.p, oCache) + kCacheCounters + 2 * H;
 
   Check(cudaSetDevice(0), "cudaSetDevice");
   const bool bf16 = I.cfg.dtype == Dtype::kBf16;
@@ -413,8 +425,10 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     L(ResolveCut<ClusterCut>, unsigned(H), kResolveThreads, legacy ? 0 : ResolveSmem<ClusterCut>(), cc, range1, cuts1, I.buf1, I.bufW1, !legacy);
     L(TakeWeights<ClusterCut, int64_t>, cutGrid(I.cmax, kScanPer), kThreads, 0, cc, range1, cuts1, p.cnt, int64_t(0), tiles1, I.cmax);
     if (tmax > 0) L(GatherCandidates, dim3(unsigned(Tiles(I.cmax)), unsigned(H)), kThreads, 0, p, cuts1, tiles1);
-    if (I.cache.rows > 0) {  // the rows read from here on
-      I.cache.Enqueue(p, H, Layout::At<unsigned long long>(I.out.p, oCache), s, a.stageTimes);
+    if (I.cache.rows > 0) {  // the rows read from here on (capped: at most the cap's)
+      unsigned long long* const counters = Layout::At<unsigned long long>(I.out.p, oCache);
+      if (capped) I.cache.Enqueue(p, H, counters, nCounters, s, a.stageTimes, [&](const CacheParams& k) { I.cap.Need(k, p, H, I.cmax, I.hist, I.buf1, I.bufW1, s); });
+      else I.cache.Enqueue(p, H, counters, s, a.stageTimes);
       L.Other();
     }
     mark(4, s);
@@ -462,8 +476,9 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
       // With dots, the clusters the cut took whole first, from their members'
       // dots; then the others: the cut's own and those of sinks/window rows
       // only, at most E + 1 a head (the grid is only speed: warps stride).
+      // (Capped, a cluster taken whole with rows left unread is among the others: the full grid.)
       const bool fromDots = p.dotsOn && p.restRows;
-      const dim3 partGrid(fromDots ? unsigned(std::min<int64_t>(Cdiv(E + 1, kPartialWarps), 512)) : grid.x, unsigned(H));
+      const dim3 partGrid(fromDots && !capped ? unsigned(std::min<int64_t>(Cdiv(E + 1, kPartialWarps), 512)) : grid.x, unsigned(H));
       if (fromDots) L(PartialLogitsFromDots, grid, kPartialWarps * 32, 0, p);
       kinds([&](auto B, auto G) { L(PartialLogits<B(), G()>, partGrid, kPartialWarps * 32, smem, p); });
     }
@@ -499,7 +514,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     }
     Check(cudaGetLastError(), "wave step launch");
     mark(11, s);
-    Check(cudaMemcpyAsync(I.hout.p, I.out.p, a.ids ? Out.at : oIds, cudaMemcpyDeviceToHost, s), "copy out");
+    Check(cudaMemcpyAsync(I.hout.p, I.out.p, outBytes, cudaMemcpyDeviceToHost, s), "copy out");
   };
   RowCache::StepGuard cacheGuard{I.cache, I.stream};
   Check(cudaEventRecord(I.ev[0], I.stream), "event");
@@ -518,7 +533,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
     std::memset(&k, 0, sizeof k);
     std::memcpy(&k.p, &p, sizeof p);
     k.in = I.in.p, k.hin = I.hin.p, k.out = I.out.p, k.hout = I.hout.p, k.tiles1 = tiles1;
-    k.inBytes = In.at, k.outBytes = a.ids ? Out.at : oIds;
+    k.inBytes = In.at, k.outBytes = outBytes;
     k.nSub = nSub, k.nAtt = nAtt;
     k.estimate = a.estimate, k.attend = a.attend, k.ids = a.ids, k.paths = P;
     I.graph.Run(I.stream, &k, sizeof k, enqueue);
@@ -552,6 +567,7 @@ WaveStepResult WaveStore::Step(const WaveStepArgs& a) {
                                std::to_string(I.cache.rows) + " rows; the cache was emptied (size it by CacheRowsBound)");
     }
     r.misses = int64_t(cc[3]), r.bytesIn = int64_t(cc[2]);
+    if (capped) PageCap::Read(cc, H, detail ? Layout::At<int32_t>(I.hout.p, oMoments) : nullptr, rowsMax, r);
   }
   r.width = widthOwn;
   if (a.ids) {

@@ -56,6 +56,13 @@ struct WaveStoreConfig {
   // A step whose rows exceed it fails (CacheRowsBound sizes it; Rest is
   // refused on a paged store).
   int64_t cacheRows = 0;
+  // The paged store only: > 0, the bytes (K and V) a step may copy into the
+  // cache from step pageCapFrom on (counted from the store's construction,
+  // or the cache's last emptying), each kv head an equal share; what the
+  // cache lacks past it is not rescored and is left to the estimate
+  // (native/cuda/wave_page_cap.cuh). 0: every row the step reads is paged.
+  int64_t pageCapBytes = 0;
+  int pageCapFrom = 16;
 };
 
 // One kv head's clusters as the wave artifact holds them, and its rows.
@@ -124,6 +131,9 @@ struct WaveStepArgs {
   // another thread (engine/wave-on-device.ts). What it throws is thrown
   // after the stream has been waited for.
   std::function<void()> overlap;
+  // A capped paged store's per-step detail (a test's or a bench's question):
+  // momentClusters in the result.
+  bool detail = false;
 };
 
 struct WaveStepResult {
@@ -145,6 +155,17 @@ struct WaveStepResult {
   // The paged store: rows this step copied from the host into the cache, and their bytes (K and V); 0 for the dense store.
   int64_t misses = 0;
   int64_t bytesIn = 0;
+  // A capped paged store (pageCapBytes > 0): per kv head, the candidates
+  // rescored (those the cache held or the step paged; `candidates` less the
+  // rest), and the rows the sinks/window rows' clusters paged (outside the
+  // share, before it). Empty otherwise.
+  std::vector<int64_t> rescored;
+  std::vector<int64_t> exactMisses;
+  // With args.detail on a capped store: per kv head, the partly attended
+  // clusters (indices within the head) whose rest the estimate took from
+  // their moments because the cap left some of their rows unread (the
+  // others' rest: their rows' own logits, as uncapped).
+  std::vector<std::vector<int32_t>> momentClusters;
 };
 
 // The estimation zone of another method's selection (issue #13 items 3-4):

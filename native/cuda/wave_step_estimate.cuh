@@ -14,7 +14,7 @@ namespace {
 // restRows logit from the dots RescoreCandidates kept (PartialLogitsFromDots);
 // PartialLogits does the others.
 __device__ __forceinline__ bool FromDots(const StepParams& p, int64_t c, int32_t n) {
-  return p.dotsOn && p.restRows && p.cnt[c] == n;
+  return p.dotsOn && p.restRows && p.cnt[c] == n && PagedWhole(p, c);  // capped: every member rescored
 }
 
 // kMode 0: owner[t] = the first position listing t; 1: that position counts
@@ -107,7 +107,10 @@ __device__ __forceinline__ void PartialLogit(const StepParams& p, int h, int32_t
   const float varScale = p.varScales[c];
   const double whole = double(n), left = double(n - removed);
   const int nd = p.d / 8;
-  if (p.restRows) {
+  const bool rowsRead = PagedWhole(p, c);  // the page cap may have left some rows unread: then the moments
+  if (p.restRows && !rowsRead && p.momentList && lane == 0)
+    p.momentList[size_t(h) * p.rowsMax + atomicAdd(p.momentN + h, 1ull)] = cl;
+  if (p.restRows && rowsRead) {
     // The rows left by their own logits s·q·k, as one logit per cluster:
     // log(Σ exp(s·q·k_r) / left), so that the tile's (n − removed)·exp(logit)
     // is their mass and its numerator the rest's value sum times mass / left,

@@ -246,6 +246,17 @@ struct StepParams {
   // rows, row t of head h at rowSlot[h·N + t] (from 1; not positive: row 0,
   // the zeroed dump, read only by a step that fails); null: the dense store.
   const int32_t* rowSlot;
+  // The paged store's cap on the rows a step pages (wave_page_cap.cuh), per
+  // cluster: its members the cache lacked and how many of them this step
+  // paged; null: no cap (every member paged). A cluster with capAdm < capMis
+  // has rows unread: its candidates among them are not rescored (cand ~t)
+  // and a partly attended one's rest takes its moments (PagedWhole).
+  const int32_t *capMis, *capAdm;
+  // With the step's detail (capped): [kvHeads, rowsMax] the partly attended
+  // clusters whose rest took moments for want of rows, counted per head in
+  // momentN; null: not reported.
+  int32_t* momentList;
+  unsigned long long* momentN;
   // Where the orders are written (ScoreClusters: the clusters', RescoreHeld:
   // the candidates'), each warp's minima are taken into the cuts' order
   // ranges ([2, kvHeads, 2], wave_select.cuh's OrderRange), which StepClear
@@ -291,6 +302,10 @@ __device__ __forceinline__ int64_t KvRow(const StepParams& p, int h, int64_t t) 
   const int64_t i = int64_t(h) * p.N + t;
   return (kPaged ? int64_t(max(p.rowSlot[i], 0)) : i) * p.d;
 }
+
+// Whether every member of cluster c (an index into the store's clusters) is
+// on the device this step: always, unless the paged store's cap left some unread.
+__device__ __forceinline__ bool PagedWhole(const StepParams& p, int64_t c) { return !p.capAdm || p.capAdm[c] == p.capMis[c]; }
 
 // The exact rows (sinks/window) the step attends: its own count, not the bucket.
 __device__ __forceinline__ int64_t ExactCount(const StepParams& p) { return p.exactN ? *p.exactN : p.exactCount; }

@@ -7,9 +7,9 @@
 // here); test/native/wave-gpu-paged.test.ts runs the real ones on a GPU.
 import { describe, expect, it } from 'vitest';
 import { bytesOf, convert } from '../../addon/kernels.js';
-import { waveCacheRowsBound, type WaveGpuStore, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
+import { WAVE_PAGE_CAP_DEFAULT, waveCacheRowsBound, type WaveGpuStore, type WaveGpuStoreOptions } from '../../addon/wave-gpu.js';
 import type { ModelShape } from '../../core/model.js';
-import { DeviceWaveStores, pagedStepFits, WARM_MS, waveCacheRows, wavePinnedBytes, waveStoreBytes } from '../../engine/cache/device-wave.js';
+import { DeviceWaveStores, pagedStepFits, WARM_MS, waveCacheRows, wavePageCap, wavePinnedBytes, waveStoreBytes } from '../../engine/cache/device-wave.js';
 import { buildClusters } from '../../index/wave/cluster-build.js';
 import { decodeClusters } from '../../index/wave/cluster-codec.js';
 import { candidateTokens, ClusterIndex } from '../../index/wave/cluster-index.js';
@@ -73,6 +73,24 @@ describe('paged device wave stores', () => {
     expect((await pagedStores.acquire(`a:${fit}`, heads, model))).toBeUndefined();
     expect(made.slice(1).every((o) => o.cacheRows === 400)).toBe(true);
     expect(pagedStores.stats()).toMatchObject({ cacheShare: 0.1, stores: fit, usedBytes: fit * paged });
+  });
+
+  it('caps what a paged store\'s step copies at 2 MiB unless told otherwise, never a dense store\'s, at least a row a kv head', async () => {
+    const heads = await layerHeads(new Rng(seed + 4));
+    const made: WaveGpuStoreOptions[] = [];
+    const create = async (o: WaveGpuStoreOptions) => (made.push(o), { close: () => undefined, closeAsync: async () => undefined } as unknown as WaveGpuStore);
+    const budget = 100 * waveStoreBytes(heads, N, model.headDim);
+    expect(WAVE_PAGE_CAP_DEFAULT).toBe(2 * 1024 * 1024);
+    await new DeviceWaveStores(budget, create, () => 0, 0.1).acquire('a:0', heads, model);
+    await new DeviceWaveStores(budget, create, () => 0, 0.1, Infinity, 0).acquire('a:0', heads, model);
+    await new DeviceWaveStores(budget, create, () => 0, 0.1, Infinity, 100).acquire('a:0', heads, model);
+    await new DeviceWaveStores(budget, create).acquire('a:0', heads, model);
+    expect(made.map((o) => o.pageCapBytes)).toEqual([WAVE_PAGE_CAP_DEFAULT, undefined, model.kvHeads * model.headDim * 4, undefined]);
+    expect(made.map((o) => o.pageCapFrom)).toEqual([undefined, undefined, undefined, undefined]);  // the native default: step 16
+    expect(wavePageCap(3000, { kvHeads: 8, headDim: 128 })).toBe(8 * 128 * 4);
+    expect(wavePageCap(2 ** 21, { kvHeads: 8, headDim: 128 })).toBe(2 ** 21);
+    expect(new DeviceWaveStores(budget, create, () => 0, 0.1).stats().pageCapBytes).toBe(WAVE_PAGE_CAP_DEFAULT);
+    expect(new DeviceWaveStores(budget, create).stats().pageCapBytes).toBe(0);
   });
 
   it("holds paged stores' pinned host copies of K and V within a host budget: a store past it waits for an idle one to go", async () => {

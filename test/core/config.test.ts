@@ -30,6 +30,15 @@ describe('parseConfig', () => {
     expect(() => parseConfig([], { KVRECALL_GPU_WAVE_CACHE: 'tenth' })).toThrow(/KVRECALL_GPU_WAVE_CACHE/);
   });
 
+  it('takes the paged wave stores\' cap on a step\'s bytes from --gpu-wave-page-cap or KVRECALL_GPU_WAVE_PAGE_CAP, unset unless asked', () => {
+    expect(parseConfig([], {}).gpuWavePageCap).toBeUndefined();
+    expect(parseConfig(['--gpu-wave-page-cap', '1048576'], {}).gpuWavePageCap).toBe(1048576);
+    expect(parseConfig([], { KVRECALL_GPU_WAVE_PAGE_CAP: '0' }).gpuWavePageCap).toBe(0);
+    expect(parseConfig(['--gpu-wave-page-cap', '5'], { KVRECALL_GPU_WAVE_PAGE_CAP: '9' }).gpuWavePageCap).toBe(5);
+    expect(() => parseConfig(['--gpu-wave-page-cap', '-1'], {})).toThrow(/--gpu-wave-page-cap/);
+    expect(() => parseConfig([], { KVRECALL_GPU_WAVE_PAGE_CAP: '2MiB' })).toThrow(/KVRECALL_GPU_WAVE_PAGE_CAP/);
+  });
+
   it('takes the shared-memory directory from --shm-dir or KVRECALL_SHM_DIR, /dev/shm unless set, off as off', () => {
     expect(parseConfig([], {}).shmDir).toBe('/dev/shm');
     expect(parseConfig(['--shm-dir', '/run/kv'], {}).shmDir).toBe('/run/kv');
