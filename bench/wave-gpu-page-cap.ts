@@ -12,7 +12,9 @@
 // (sameAnswer: ids and counts exactly, out/lse within 1e-6) every step, and
 // so does the capped one before the cap applies;
 // (2) from step 2 on the capped store never copies more than the cap, and
-// the cap binds (some step rescores fewer candidates than the cut took);
+// the cap binds (some step rescores fewer candidates than the cut took), and
+// where it binds it is used up (a head that left candidates unrescored paged
+// its whole share: the step copied at least that share for each such head);
 // (3) each capped answer equals float64 attention over exactly the rows it
 // attended (its kept ids and the sinks/window rows) merged with the host's
 // estimate of the rest (index/wave's estimateClusters: a partly attended
@@ -105,6 +107,13 @@ export interface CapCheck {
    */
   overCap: number;
   offOverCap: number;
+  /**
+   * Steps from capFrom on that copied less than a kv head's share of the cap (capBytes / kvHeads) for each head
+   * that left candidates unrescored: such a head's miss cut reached its target, so it paged its whole share.
+   */
+  underUsed: number;
+  /** Steps whose answer took some cluster's rest from its moments for want of rows (reported: the check exercises that branch where > 0). */
+  momentSteps: number;
   maxBytesCapped: number;
   capBound: number;
   /** (3) Capped steps within TOL of the host's answer over the rows they attended (and the estimate's token counts equal). */
@@ -136,7 +145,7 @@ async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promi
   const capped = WaveGpuStore.create({ ...base, pageCapBytes: capBytes, pageCapFrom: capFrom });
   const again = WaveGpuStore.create({ ...base, pageCapBytes: capBytes, pageCapFrom: 1 });
   const kv = { keys: gpuHeads.map((g) => g.keys), values: gpuHeads.map((g) => g.values) };
-  const r: CapCheck = { steps, capBytes, capFrom, offSame: 0, earlySame: 0, overCap: 0, offOverCap: 0, maxBytesCapped: 0, capBound: 0, refOk: 0, worstOut: 0, worstLse: 0,
+  const r: CapCheck = { steps, capBytes, capFrom, offSame: 0, earlySame: 0, overCap: 0, offOverCap: 0, underUsed: 0, momentSteps: 0, maxBytesCapped: 0, capBound: 0, refOk: 0, worstOut: 0, worstLse: 0,
     cached: { bytesIn: -1, allRescored: false, same: false } };
   try {
     const qs = driftingQueries(rng, (h, t) => keysF[h].subarray(t * d, (t + 1) * d), H, N, d, G, steps, [steps >> 1]);
@@ -161,7 +170,13 @@ async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promi
       }
       const taken = cr.scanned.map((n, h) => n - heads[h].clusters);
       if (!cr.rescored || !cr.momentClusters || !cr.ids) throw new Error('a capped step with detail reports rescored, momentClusters and ids');
-      if (cr.rescored.some((n, h) => n < taken[h])) r.capBound++;
+      const binding = cr.rescored.filter((n, h) => n < taken[h]).length;
+      if (binding > 0) r.capBound++;
+      if (s >= capFrom && cr.bytesIn < binding * (capBytes / H)) {
+        r.underUsed++;
+        r.firstDiff ??= `step ${s}, capped: ${binding} heads left candidates unrescored but the step copied ${cr.bytesIn} bytes (each head's share: ${capBytes / H})`;
+      }
+      if (cr.momentClusters.some((m) => m.length > 0)) r.momentSteps++;
       const ref = await cappedReference(heads, cr.ids, cr.momentClusters, qs[s], G, d, dt, c.scale, exact, kv);
       const diff = answerDiff(cr, ref.out, ref.lse, H * G, d);
       r.worstOut = Math.max(r.worstOut, diff.outRel);
@@ -184,7 +199,7 @@ async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promi
 }
 
 export const capCheckOk = (r: CapCheck) =>
-  r.offSame === r.steps && r.earlySame === r.capFrom && r.overCap === 0 && (r.offOverCap === 0 || r.capBound > 0) && r.refOk === r.steps && r.cached.bytesIn === 0 && r.cached.allRescored && r.cached.same;
+  r.offSame === r.steps && r.earlySame === r.capFrom && r.overCap === 0 && r.underUsed === 0 && (r.offOverCap === 0 || r.capBound > 0) && r.refOk === r.steps && r.cached.bytesIn === 0 && r.cached.allRescored && r.cached.same;
 
 // ---------------------------------------------------------------- benchmark
 
@@ -285,7 +300,7 @@ async function main() {
       const ok = capCheckOk(r);
       if (!ok) failed++;
       console.log(`${ok ? 'ok  ' : 'FAIL'} cap ${caseName(c)} (${path}): off=dense ${r.offSame}/${r.steps}, over cap ${r.overCap} (max ${r.maxBytesCapped} of ${r.capBytes}), ` +
-        `bound ${r.capBound} (uncapped over it ${r.offOverCap}), host ${r.refOk}/${r.steps} (out ${r.worstOut.toExponential(2)} lse ${r.worstLse.toExponential(2)}), cached ${JSON.stringify(r.cached)}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
+        `bound ${r.capBound} (uncapped over it ${r.offOverCap}, share unused ${r.underUsed}), moments ${r.momentSteps}, host ${r.refOk}/${r.steps} (out ${r.worstOut.toExponential(2)} lse ${r.worstLse.toExponential(2)}), cached ${JSON.stringify(r.cached)}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
     }
   }
   if (all || args.includes('--bench')) {

@@ -6,7 +6,8 @@
 // answers as the dense store every step, and so does the capped one before
 // its cap applies; (2) capped (8 rows a kv head from step 2), no step from
 // step 2 on copies more than the cap, and where the cap-off store copies more
-// than it the cap binds on some step; (3) every capped answer equals float64
+// than it the cap binds on some step, and a head that leaves candidates
+// unrescored has paged its whole share; (3) every capped answer equals float64
 // attention over exactly the rows the step attended (its ids and the
 // sinks/window rows) merged with the host's estimate of the rest (partly
 // attended clusters the step names in momentClusters by their moments, the
@@ -35,6 +36,7 @@ describe.skipIf(!info.ok)('paged wave store with a cap on the rows a step pages'
       expect(r.offSame, 'cap off: every step as the dense store').toBe(r.steps);
       expect(r.earlySame, 'capped, before the cap applies: as the dense store').toBe(r.capFrom);
       expect(r.overCap, `steps from ${r.capFrom} on that copied more than ${r.capBytes} bytes (most: ${r.maxBytesCapped})`).toBe(0);
+      expect(r.underUsed, 'steps where a head left candidates unrescored without paging its share of the cap').toBe(0);
       if (r.offOverCap > 0) expect(r.capBound, 'steps where the cap left candidates unrescored').toBeGreaterThan(0);
       expect(r.refOk, 'capped steps as the host answers over their own rows').toBe(r.steps);
       expect(r.cached.bytesIn, 'all cached: nothing copied').toBe(0);
