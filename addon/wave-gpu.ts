@@ -179,7 +179,7 @@ export interface WaveGpuStepResult {
   ids?: Int32Array[];
   /** Per kv head: how many rows were kept. */
   kept: number[];
-  /** Per kv head: clusters + members scored (searchHeads' `scanned`). */
+  /** Per kv head: clusters + members scored (searchHeads' `scanned`); on a capped paged store, members taken by the cut, of which `rescored` were scored. */
   scanned: number[];
   /** [qHeads, headDim] and [qHeads]: the estimate (with attend, merged with the exact rows' attention), -Infinity where empty. */
   out: Float32Array;
