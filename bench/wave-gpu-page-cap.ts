@@ -228,7 +228,7 @@ async function runBench(cfg: CapBenchConfig, log: (s: string) => void) {
       // The reference: the native kernel's attention over every row (f32, the host's threads).
       const ref = new Float32Array(H * G * d), refLse = new Float32Array(H * G);
       await attend({ q: qs[s], qHeads: H * G, kvHeads: H, headDim: d, dtype: dt, scale: 1 / Math.sqrt(d),
-        segments: [{ k: heads.map((h) => h.keys), v: heads.map((h) => h.values), tokens: N }], out: ref, lse: refLse });
+        segments: [{ k: heads.map((h) => h.keys), v: heads.map((h) => h.values), tokens: N, begin: 0, end: N }], out: ref, lse: refLse });
       for (let k = 0; k < stores.length; k++) {
         const i = (k + s) % stores.length, a = acc[i];
         const r: WaveGpuStepResult = await stores[i].store.step({ ...args(qs[s]), stages: true });  // stages: the extra answer (rescored) comes back
