@@ -2,7 +2,7 @@
 // native/cuda/wave_page_cap.cuh; issue #13: "<= 2 MiB host->device per step
 // after the first 16 steps"). Needs a CUDA device.
 //
-//   node dist/bench/wave-gpu-page-cap.js [--check] [--bench] [--steps 48] [--cap-mib 2] [--cap-from 16] [--stays 0.9] [--cache 1] [--tag T]
+//   node dist/bench/wave-gpu-page-cap.js [--check] [--bench [--graph]] [--steps 48] [--cap-mib 2] [--cap-from 16] [--stays 0.9] [--cache 1] [--tag T]
 //
 // --check (test/native/wave-gpu-page-cap.test.ts runs it): on bench/wave-gpu.ts's
 // small cases, a dense store, a paged store with the cap off (pageCapBytes 0)
@@ -32,7 +32,9 @@
 // --cap-from, and after: mean / p99 / max), the candidates rescored, and the
 // mean output error (relative L2 per q head) against the native kernel's
 // attention over every row (f32, on the host) over all steps and steps 16+.
-// Results: bench/results/wave-gpu-page-cap-<card>.{json,md} (also $OUT).
+// --graph: the steps replayed from the stores' CUDA graphs, as the engine runs them (the
+// device ms then the step's, not the sum of kernels launched one by one).
+// Results: bench/results/wave-gpu-page-cap-<card>[-<tag>].{json,md} (also $OUT).
 import { pathToFileURL } from 'node:url';
 import { cudaAvailable, deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
@@ -206,6 +208,8 @@ export const capCheckOk = (r: CapCheck) =>
 interface CapBenchConfig extends PagedBenchConfig {
   capBytes: number;
   capFrom: number;
+  /** Steps replayed from the store's CUDA graph (the engine's way; the ids asked, so rescored comes back) rather than launched one by one with stage events. */
+  graph: boolean;
 }
 
 async function runBench(cfg: CapBenchConfig, log: (s: string) => void) {
@@ -231,7 +235,8 @@ async function runBench(cfg: CapBenchConfig, log: (s: string) => void) {
         segments: [{ k: heads.map((h) => h.keys), v: heads.map((h) => h.values), tokens: N, begin: 0, end: N }], out: ref, lse: refLse });
       for (let k = 0; k < stores.length; k++) {
         const i = (k + s) % stores.length, a = acc[i];
-        const r: WaveGpuStepResult = await stores[i].store.step({ ...args(qs[s]), stages: true });  // stages: the extra answer (rescored) comes back
+        // stages or ids: the extra answer (rescored) comes back; with ids the step is still the graph's.
+        const r: WaveGpuStepResult = await stores[i].store.step({ ...args(qs[s]), ...(cfg.graph ? { ids: true } : { stages: true }) });
         const e = relativeErrors(r.out, ref, H * G);
         a.mib.push(r.bytesIn / MiB);
         a.ms.push(r.ms);
@@ -273,7 +278,7 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
     `probe ${c.probe} (target ${c.target} rows a head), the engine's call (attend, estimate, rest 'rows'), ${c.steps} drifting steps, the stores alternated step by step;`,
     `cache ${c.cacheRows} rows (${c.caches[0]} x the bound). Error: relative L2 per q head against the native kernel's attention over every row (f32).`,
     '',
-    '| topicStay | store | device (summaries + cache) | H2D MiB/step before the cap: mean / max | after: mean / p50 / p99 / max | candidates rescored | error mean | steps 16+ | p90 | device ms p50 (stage times on) |',
+    `| topicStay | store | device (summaries + cache) | H2D MiB/step before the cap: mean / max | after: mean / p50 / p99 / max | candidates rescored | error mean | steps 16+ | p90 | device ms p50 (${r.config.graph ? 'the graph replayed' : 'stage times on'}) |`,
     '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
     ...r.regimes.flatMap((g) => g.stores.map((s) =>
       `| ${g.topicStay} | ${s.name} | ${f(100 * s.deviceShare, 1)}% | ${f(s.h2dMiBBeforeCap.mean, 2)} / ${f(s.h2dMiBBeforeCap.max, 2)} | ` +
@@ -308,7 +313,7 @@ async function main() {
       tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: 16, budgetShare: 0.02, sinks: 16, window: 64,
       steps: Number(opt('--steps') ?? 48), probe: PROBE_ESTIMATED, caches: [Number(opt('--cache') ?? 1)],
       stays: (opt('--stays') ?? `${defaultKnobs(1).topicStay}`).split(',').map(Number),
-      capBytes: Math.round(Number(opt('--cap-mib') ?? 2) * MiB), capFrom: Number(opt('--cap-from') ?? 16),
+      capBytes: Math.round(Number(opt('--cap-mib') ?? 2) * MiB), capFrom: Number(opt('--cap-from') ?? 16), graph: args.includes('--graph'),
     };
     const r = await runBench(cfg, console.log);
     const md = markdown(r);

@@ -74,21 +74,6 @@ namespace {
 
 #ifdef KVR_CUDA
 
-// The entry's name is built only for an error: a step reads these every call.
-std::vector<int64_t> Ints(const Napi::Object& o, const char* key, size_t n, int64_t lo, int64_t hi) {
-  Napi::Array a = ArrayOf(o, key, n);
-  std::vector<int64_t> v;
-  v.reserve(n);
-  for (uint32_t i = 0; i < a.Length(); ++i) {
-    const Napi::Value x = a.Get(i);
-    // The range first: the cast is defined only for a finite value in range (NaN fails both compares).
-    const double d = x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : NAN;
-    if (d >= double(lo) && d <= double(hi) && d == double(int64_t(d))) v.push_back(int64_t(d));
-    else v.push_back(IntValue(x, std::string(key) + "[" + std::to_string(i) + "]", lo, hi));  // throws
-  }
-  return v;
-}
-
 // A step's per-kv-head counts from one Float64Array, `plan`: [budget, target,
 // maxClusters] per kv head, then keep per head when it holds 4 · kvHeads
 // entries. One typed array in place of three or four arrays of numbers, each

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -207,6 +208,22 @@ inline Napi::Array ArrayOf(const Napi::Object& o, const char* key, size_t length
   if (a.Length() != length)
     throw Napi::RangeError::New(o.Env(), std::string(key) + " must have " + std::to_string(length) + " entries");
   return a;
+}
+
+// o[key]: an array of n integers in [lo, hi]. The entry's name is built only
+// for an error: a decode step reads these every call.
+inline std::vector<int64_t> Ints(const Napi::Object& o, const char* key, size_t n, int64_t lo, int64_t hi) {
+  Napi::Array a = ArrayOf(o, key, n);
+  std::vector<int64_t> v;
+  v.reserve(n);
+  for (uint32_t i = 0; i < a.Length(); ++i) {
+    const Napi::Value x = a.Get(i);
+    // The range first: the cast is defined only for a finite value in range (NaN fails both compares).
+    const double d = x.IsNumber() ? x.As<Napi::Number>().DoubleValue() : NAN;
+    if (d >= double(lo) && d <= double(hi) && d == double(int64_t(d))) v.push_back(int64_t(d));
+    else v.push_back(IntValue(x, std::string(key) + "[" + std::to_string(i) + "]", lo, hi));  // throws
+  }
+  return v;
 }
 
 // A typed array over the vector's own memory: the vector moves into the

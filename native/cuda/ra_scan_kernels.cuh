@@ -229,6 +229,7 @@ __global__ void __launch_bounds__(kReduceThreads) SampleReduce(ScanParams p) {
       const int32_t os = __shfl_xor_sync(0xffffffffu, slot, o);
       if (better(v, at, ov, oj)) v = ov, at = oj, slot = os;
     }
+    __syncwarp();  // every lane's reads of warpJ before lane 0 marks one taken (the shuffles order no memory)
     if (lane == 0) {
       const int32_t id = at < p.m ? int32_t(p.off + at * p.stride) : -1;
       p.sampleSeedIds[h * kSeedMax + t] = id;

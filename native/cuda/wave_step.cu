@@ -18,22 +18,8 @@
 // ScoreClusters wrote); EstimatePart over cluster tiles (rows left:
 // (n-r)·e to the normaliser, n·e·v̄ to the numerator) and over the exact
 // rows of partly kept clusters (-e·v), tiles merged in float64; the outputs
-// in one copy back.
-//
-// Scores are summed in the host's AVX2 Dot order (common/simd_math.h): lane
-// j of accumulator a takes words 8c + j of the chunks c with c % 2 == a, one
-// FMA each, c ascending; then acc = acc0 + acc1, h_j = acc_j + acc_{j+4},
-// s = (h0 + h2) + (h1 + h3). A thread pair holds accumulators 0 and 1 of a
-// row. headDim % 8 == 0 makes the centroid's first headDim words the same
-// chunks as the plain dot, so one pass gives both of kRadius's scores.
-// kSpread's three dots (q·mu, q·a, q²·var) are each summed so, and combined
-// as the host's cluster_rank.cc is compiled: GCC (C++, -O3 -mfma, where
-// floating-point contraction is on by default) turns along·along + channels
-// and dot + spread·sd into FMAs, so the kernel calls fmaf there and
-// __fmul_rn/__fsqrt_rn elsewhere (nvcc would contract on its own terms). A
-// host compiler that contracts differently would move a score by an ulp and,
-// rarely, a cluster across the cut; making the host's FMAs explicit
-// (std::fma) would pin it.
+// in one copy back. How scores are summed: wave_step_kernels.cuh.
+
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
