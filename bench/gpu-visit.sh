@@ -56,9 +56,10 @@ for s in $stages; do
       step 180 wave-paged-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-paged.test.ts test/integration/gpu-wave.test.ts
       step 120 wave-paged-check node dist/bench/wave-gpu-paged.js --check
       step 240 wave-paged-bench node dist/bench/wave-gpu-paged.js --bench ;;
-    wave-page-cap)  # the paged store's cap on the bytes a step pages (native/cuda/wave_page_cap.cuh): its GPU test and the paged store's (the cap off must not move it), then at 1M the host-to-device MiB a step and the error against attention over every row, capped (2 MiB from step 16) and uncapped (limits 530 s: one device command)
+    wave-page-cap)  # the paged store's cap on the bytes a step pages (native/cuda/wave_page_cap.cuh): its GPU test and the paged store's (the cap off must not move it), then at 1M the host-to-device MiB a step and the error against attention over every row, capped (2 MiB from step 16) and uncapped (limits 560 s: one device command; --graph times the steps as the engine runs them)
       step 240 wave-page-cap-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-page-cap.test.ts test/native/wave-gpu-paged.test.ts
-      step 290 wave-page-cap-bench node dist/bench/wave-gpu-page-cap.js --bench --steps 48 ;;
+      step 200 wave-page-cap-bench node dist/bench/wave-gpu-page-cap.js --bench --steps 48
+      step 120 wave-page-cap-graph node dist/bench/wave-gpu-page-cap.js --bench --graph --steps 40 --stays 0.9,1 --tag graph ;;
     rest)  # non-wave methods' estimate on the device (engine/rest-on-device.ts): its checks, the call against the host's estimate at 1M, the decode loop's nosa/topk-blocks estimating on the host and on the device
       step 150 rest-tests node node_modules/vitest/vitest.mjs run test/native/wave-gpu-rest.test.ts test/integration/gpu-rest.test.ts
       step 150 rest-bench node dist/bench/wave-gpu-rest.js --bench --steps 30
