@@ -27,7 +27,9 @@
 #   (bench/transport-dim.ts; CPU backend, the step's time set by the
 #   document's length), then the same attends on the CUDA backend (the
 #   GPU pool's exact; no floor); TAG names the host, default h200: issue
-#   #13's 8b-shape RPC, bytes or wait.
+#   #13's 8b-shape RPC, bytes or wait; and each process's CPU a call at both
+#   head dims at the shortest step, with the JS stages of a call's bytes
+#   timed apart (bench/transport-dim-cost.ts), CPU and CUDA backends.
 # Each stage has its own time limit; the log and every results file written
 # land in $OUT (results/), to commit from the development machine.
 OUT=${OUT:-/tmp/transport-visit}
@@ -58,7 +60,9 @@ for s in ${*:-transport cuda preload python}; do
       fi ;;
     dim)
       step 100 transport-dim env KVRECALL_BENCH_TAG="${TAG:-h200}" node dist/bench/transport-dim.js --tokens 16,2048,8192,16384,32768,65536 --holds 0.1,0.3,0.45,0.5,0.65,0.7,1,1.5,3 --calls 150 --rounds 5
-      step 70 transport-dim-cuda env KVRECALL_BENCH_TAG="${TAG:-h200}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport-dim.js --tokens 16,32768,65536,131072,196608,262144 --floor 0 --calls 120 --rounds 4 ;;
+      step 70 transport-dim-cuda env KVRECALL_BENCH_TAG="${TAG:-h200}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport-dim.js --tokens 16,32768,65536,131072,196608,262144 --floor 0 --calls 120 --rounds 4
+      step 40 transport-dim-cost env KVRECALL_BENCH_TAG="${TAG:-h200}-poll1000" node dist/bench/transport-dim-cost.js --calls 4000 --rounds 40
+      step 40 transport-dim-cost-cuda env KVRECALL_BENCH_TAG="${TAG:-h200}-cuda-poll1000" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport-dim-cost.js --calls 4000 --rounds 40 ;;
     ts-stacked) step 150 ts-stacked env KVRECALL_BENCH_TAG="${TAG:-h100}-cuda" KVRECALL_GPU_BUDGET=8589934592 node dist/bench/transport.js --stacked --calls 300 ;;
     *) echo "unknown stage $s" | tee -a "$L" ;;
   esac
