@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/thread_pool.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/ra_attend_rows.cuh"
 #include "cuda/ra_scan_kernels.cuh"
@@ -35,28 +36,32 @@ uint32_t FloatBits(float f) {
 
 // Head lists back to back into dst: each head's `ranges` rows ([begin, end)
 // pairs, every head's), then its own list, each id checked in [0, n) as it
-// is copied: the lists are the caller's memory, read here (the binding's
-// check of them ran earlier, on another thread where the work is pooled),
-// and an id past the store's rows would set bits or read rows outside it.
-// Throws before anything is queued.
+// is copied (the caller's memory: an id past the store's rows would set bits
+// or read rows outside it). A head a task on the native pool: a step's seeds
+// or rows are ~86K ids at 1M, all on the awaited path. Throws before
+// anything is queued.
 void GatherLists(int32_t* dst, int H, const int32_t* const* lists, const int32_t* counts, const int32_t* ranges, int64_t rangePairs, int64_t n,
                  const char* what) {
-  int64_t at = 0;
-  bool bad = false;
-  for (int h = 0; h < H; ++h) {
+  int64_t rangeRows = 0;
+  for (int64_t r = 0; r < rangePairs; ++r) rangeRows += ranges[2 * r + 1] - ranges[2 * r];
+  std::vector<int64_t> at(size_t(H) + 1, 0);
+  for (int h = 0; h < H; ++h) at[size_t(h) + 1] = at[size_t(h)] + rangeRows + counts[h];
+  std::vector<uint8_t> bad(size_t(H), 0);
+  ThreadPool::Get().ParallelFor(size_t(H), [&](size_t h) {
+    int32_t* out = dst + at[h];
     for (int64_t r = 0; r < rangePairs; ++r)
-      for (int32_t t = ranges[2 * r]; t < ranges[2 * r + 1]; ++t) dst[at++] = t;
+      for (int32_t t = ranges[2 * r]; t < ranges[2 * r + 1]; ++t) *out++ = t;
     const int32_t* src = lists[h];
+    bool b = false;
     for (int32_t i = 0; i < counts[h]; ++i) {
       const int32_t v = src[i];
-      bad |= v < 0 || v >= n;
-      dst[at + i] = v;
+      b |= v < 0 || v >= n;
+      out[i] = v;
     }
-    at += counts[h];
-  }
-  if (!bad) return;
+    bad[h] = b;
+  });
   for (int h = 0; h < H; ++h)
-    for (int32_t i = 0; i < counts[h]; ++i)
+    for (int32_t i = 0; bad[size_t(h)] && i < counts[h]; ++i)
       if (lists[h][i] < 0 || lists[h][i] >= n)
         throw std::invalid_argument(std::string("RaScanStore: ") + what + "[" + std::to_string(h) + "][" + std::to_string(i) + "] = " +
                                     std::to_string(lists[h][i]) + " is outside [0, tokens)");
@@ -532,7 +537,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
   if (pq) PqFinish<<<1, unsigned(std::max(32, H)), 0, s>>>(p, pp, outKept);
   mark(5, s);
   Check(cudaGetLastError(), "code scan launch");
-  Check(cudaMemcpyAsync(I.hout.p, I.out.p, outBytes, cudaMemcpyDeviceToHost, s), "copy out");
+  // The scores only where asked (a session's search takes the ids alone): half the answer's bytes at 1M.
+  const size_t idBytes = Align(size_t(H) * k * 4), skip = a.outScores ? 0 : 2 * idBytes;
+  if (skip > 0) Check(cudaMemcpyAsync(I.hout.p, I.out.p, idBytes, cudaMemcpyDeviceToHost, s), "copy out");
+  Check(cudaMemcpyAsync(static_cast<char*>(I.hout.p) + skip, static_cast<char*>(I.out.p) + skip, outBytes - skip, cudaMemcpyDeviceToHost, s), "copy out");
   };
   cudaStream_t s = I.stream;
   Check(cudaEventRecord(I.ev[0], s), "event");
@@ -543,10 +551,10 @@ void RaScanStore::Search(const RaScanArgs& a) {
     // by-value arguments (ScanParams' scalars follow from these).
     const struct {
       const void *in, *out, *work, *hin, *hout;
-      int64_t G, k, cap, seeds, frees, maxList, exact, inBytes, outBytes, scaleBits, keep;  // no padding: compared as bytes
+      int64_t G, k, cap, seeds, frees, maxList, exact, inBytes, outBytes, scaleBits, keep, scores;  // no padding: compared as bytes
     } key{I.in.p, I.out.p, I.work.p, I.hin.p, I.hout.p, G, k, cap, int64_t(Align(seeds > 0 ? size_t(seeds) * 4 : 4)),
           int64_t(Align(frees > 0 ? size_t(frees) * 4 : 4)), maxList, int64_t(exactCtas), int64_t(copyBytes), int64_t(outBytes),
-          int64_t(FloatBits(a.scale)), a.keep};
+          int64_t(FloatBits(a.scale)), a.keep, int64_t(a.outScores != nullptr)};
     I.graph.Run(s, &key, sizeof(key), enqueue);
   }
   Check(cudaEventRecord(I.ev[7], s), "event");
@@ -558,11 +566,14 @@ void RaScanStore::Search(const RaScanArgs& a) {
   const int64_t* counts = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4));
   const int64_t* scanned = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4) + Align(size_t(H) * 8));
   const int64_t* kept = reinterpret_cast<const int64_t*>(hp + 2 * Align(size_t(H) * k * 4) + 2 * Align(size_t(H) * 8));
-  for (int h = 0; h < H; ++h) {
+  // A head a task (as GatherLists): ~86K ids at 1M.
+  ThreadPool::Get().ParallelFor(size_t(H), [&](size_t h) {
     const int64_t c = counts[h];
-    std::copy_n(ids + size_t(h) * k, c, a.outIds + size_t(h) * k);
-    if (a.outScores) std::copy_n(scores + size_t(h) * k, c, a.outScores + size_t(h) * k);
-    a.outCounts[h] = c;
+    std::copy_n(ids + h * size_t(k), c, a.outIds + h * size_t(k));
+    if (a.outScores) std::copy_n(scores + h * size_t(k), c, a.outScores + h * size_t(k));
+  });
+  for (int h = 0; h < H; ++h) {
+    a.outCounts[h] = counts[h];
     if (a.outScanned) a.outScanned[h] = scanned[h];
     if (a.outKept) a.outKept[h] = pq ? kept[h] : 0;
   }
