@@ -123,7 +123,7 @@ for s in $stages; do
       done
       [ -n "$tr" ] && (cd "$tr" && python3 "$OLDPWD/bench/decode-rpc-trace.py" 'tr-*.json' | tee -a "$L")
       uptime | tee -a "$L" ;;
-    decode-16|decode-8b|decode-prof)  # issue #13's decode targets, bench:decode --full at 1M, the server in its own process (its loop polling by default on a GPU host of 8 cores or more). decode-16: the end to end (<= 8 ms a token including RPC, H200), 16 layers of the llama3.2-1b shape, exact + wave, --poll-us 1000 given, two lanes (the plain stream; the client's loop polling too); ~5 min (bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.md). decode-8b: llama3-8b (<= 0.6 ms a layer-step including RPC, >= 8 layers), 8 layers, exact + wave. decode-prof: 2 layers of the llama3.2-1b shape, wave alone, 256 steps, the server under V8's sampling profiler (100 us) to find the JS time around a device step (bench/results/decode-prof-h200.md; read with bench/cpuprofile-summary.py). Limits 540 s: one device command each
+    decode-16|decode-8b|decode-prof)  # issue #13's decode targets, bench:decode --full at 1M, the server in its own process (its loop polling by default on a GPU host of 8 cores or more). decode-16: the end to end (<= 8 ms a token including RPC, H200), 16 layers of the llama3.2-1b shape, exact + wave, --poll-us 1000 given, two lanes (the plain stream; the client's loop polling too); ~5 min (bench/results/decode-full-llama3.2-1b-h200-16layers-cs16-poll.md). decode-8b: llama3-8b (<= 0.6 ms a layer-step including RPC, >= 8 layers), 8 layers, exact + wave, the same two lanes (a host's RPC with the client asleep was 0.09-0.28 ms a call, session 33). decode-prof: 2 layers of the llama3.2-1b shape, wave alone, 256 steps, the server under V8's sampling profiler (100 us) to find the JS time around a device step (bench/results/decode-prof-h200.md; read with bench/cpuprofile-summary.py). Limits 540 s: one device command each
       g=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z); g=${g:-gpu}
       data=/tmp/kvd-$s; rm -rf /tmp/kvd-*; prof="" poll=""
       [ "$s" = decode-prof ] && prof="--cpu-prof --cpu-prof-dir $OUT/prof --cpu-prof-interval 100"
@@ -134,7 +134,7 @@ for s in $stages; do
       run="node dist/bench/decode.js --full --url http://127.0.0.1:8711 --data $data --server-pid $pid --tokens 1M --sweep none --sample-layers none"
       case $s in
         decode-16) step 500 decode-16 $run --layers 16 --steps 64 --methods exact,wave --via stream,stream-spin --tag $g-16layers-cs16-poll${TAGX:-} ;;
-        decode-8b) step 500 decode-8b $run --preset llama3-8b --layers 8 --steps 64 --methods exact,wave --via stream --tag $g-8layers-cs16 ;;
+        decode-8b) step 500 decode-8b $run --preset llama3-8b --layers 8 --steps 64 --methods exact,wave --via stream,stream-spin --tag $g-8layers-cs16${TAGX:-} ;;
         *) step 400 decode-prof $run --layers 2 --steps 256 --methods wave --via stream --timing --tag $g-2layers-prof ;;
       esac
       kill -INT $pid; wait $pid; rm -rf "$data"
