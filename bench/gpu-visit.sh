@@ -11,7 +11,7 @@
 # `xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export
 # PATH=/tmp:$PATH && tar -xJf .device/nm-full.tar.xz && bash bench/gpu-visit.sh`.
 #
-#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups block-stages decode-select-stages dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof decode-scan ncu-wave ncu-blocks ra-scan ra-search preload-shards (default: tests wave blocks dense decode)
+#   bash bench/gpu-visit.sh [stage ...]   stages: tests wave wave16 wave-probes wave-ab wave-paged rest blocks block-groups block-stages decode-select-stages dense decode decode-wave decode-rpc decode-rpc-trace pool-ranges device-sync device-sync-gap decode-16 decode-8b decode-prof decode-scan ncu-wave ncu-wave128 ncu-blocks ra-scan ra-search preload-shards (default: tests wave blocks dense decode)
 #
 # ra-search needs no GPU but the 16-core host's CPUs: issue #15's search
 # target (8 kv heads of one layer-step at 1M) is set there. Its first run
@@ -140,8 +140,9 @@ for s in $stages; do
       kill -INT $pid; wait $pid; rm -rf "$data"
       [ -d "$OUT/prof" ] && xz -T4 "$OUT"/prof/*.cpuprofile
       uptime | tee -a "$L" ;;
-    ncu-wave)  # the wave step's kernels one by one under Nsight Compute at the llama3.2-1b shape (bench/results/wave-step-ncu-d64-h100-b2.md: how to read it)
-      step 300 ncu-wave /usr/local/cuda/bin/ncu --target-processes all --kernel-name-base function --kernel-name 'regex:Score|Histogram|FindBin|CollectBin|Resolve|TakeWeights|Gather|Rescore|Partial|Attend|Estimate|Merge|Scatter|Pack|Exact|StepClear|OrderRange' --launch-skip 30 --launch-count 40 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --log-file "$OUT/ncu-wave.csv" node dist/bench/wave-gpu.js --profile --steps 2 --cluster-size 16 --head-dim 64 --budget-share 0.01 --window 256 ;;
+    ncu-wave|ncu-wave128)  # the wave step's kernels one by one under Nsight Compute at the llama3.2-1b shape (bench/results/wave-step-ncu-d64-h100-b2.md: how to read it); ncu-wave128: at the issue's and llama3-8b's d = 128, budget 1% as the decode runs it (is rescoring, ~0.16 ms there, bound by its scattered K rows? it reads them by token through the member map)
+      hd=64; [ "$s" = ncu-wave128 ] && hd=128
+      step 300 $s /usr/local/cuda/bin/ncu --target-processes all --kernel-name-base function --kernel-name 'regex:Score|Histogram|FindBin|CollectBin|Resolve|TakeWeights|Gather|Rescore|Partial|Attend|Estimate|Merge|Scatter|Pack|Exact|StepClear|OrderRange' --launch-skip 30 --launch-count 40 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --log-file "$OUT/$s.csv" node dist/bench/wave-gpu.js --profile --steps 2 --cluster-size 16 --head-dim $hd --budget-share 0.01 --window 256 ;;
     ncu-blocks)  # the block scorer's kernels (ScoreBlocksStaged, SelectTop) under Nsight Compute at 1M, 8 kv heads, 4 rows a block: the engine's replayed graph and the kernels launched one by one (bench/block-select-stages-gpu.ts --profile writes no results)
       step 300 ncu-blocks /usr/local/cuda/bin/ncu --target-processes all --kernel-name-base function --kernel-name 'regex:ScoreBlocks|SelectTop' --launch-skip 40 --launch-count 12 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats --csv --log-file "$OUT/ncu-blocks.csv" node dist/bench/block-select-stages-gpu.js --steps 4 --profile ;;
     ra-scan)  # issue #15's device code scan (native/cuda/ra_scan*.cu*): its GPU tests (the scanKeep PQ pass against the host's two-pass scan included), the scan test under compute-sanitizer's synccheck and racecheck (barriers and shared memory of the cuts), then the 1M layer-step, one pass and --keep 0.08 (the first run builds the workload and graph, cached in /tmp; limits 560 s: one device command)
