@@ -36,7 +36,7 @@
 // stage times, graphs) for each path, per-stage p50s of the full call (ids,
 // stage times) for each, and whether every answer is the same bit for bit:
 // ids and counts, out, lse, estimated. Exits 1 when any differs.
-import { cudaAvailable, deviceName } from '../addon/cuda.js';
+import { requireDevice } from './device-results.js';
 import type { WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
 import { quantile } from './stats.js';
@@ -90,9 +90,7 @@ async function main(): Promise<void> {
     if (!KNOWN.has(m[1])) throw new Error(`--old: native/cuda/wave_paths.cuh reads no ${m[1]} (it reads ${[...KNOWN].join(', ')})`);
     return { name: m[1], value: m[2] };
   });
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  requireDevice();
   // The paths compared bit for bit sum in the host's order: the tensor-core
   // paths (on by default; bench/wave-gpu-mma.ts compares them) off in both.
   setPath('plain');

@@ -29,7 +29,7 @@
 //
 //   node dist/bench/wave-gpu-mma.js [--check] [--path P] [--bench] [--base P] [--new P] [--steps 50] [--tag T]
 import { pathToFileURL } from 'node:url';
-import { cudaAvailable, deviceName } from '../addon/cuda.js';
+import { deviceName } from '../addon/cuda.js';
 import { type WaveGpuStepResult, WaveGpuStore } from '../addon/wave-gpu.js';
 import { PROBE, PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
 import { Rng } from '../workload/index.js';
@@ -38,7 +38,7 @@ import { quantile } from './stats.js';
 import { benchSetup, compare, type CompareResult, gpuRanking, type KeptFilter, queries, staticRows, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads } from './wave-gpu-heads.js';
 import { isPath, MIN_OVERLAP, PATHS, type PathName, withPath } from './wave-paths.js';
-import { cardName, saveDeviceResult } from './device-results.js';
+import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
 export { MIN_OVERLAP, type PathName } from './wave-paths.js';
 
@@ -195,9 +195,7 @@ async function main(): Promise<void> {
     if (!isPath(v)) throw new Error(`${name} ${v}: one of ${Object.keys(PATHS).join(', ')}`);
     return v;
   };
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  const info = requireDevice();
   let failed = 0;
   if (args.includes('--check') || !args.includes('--bench')) {
     const path = pathOpt('--path', 'all');

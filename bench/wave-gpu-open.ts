@@ -15,10 +15,10 @@
 // ...), R rounds of each.
 // Results: bench/results/wave-gpu-open-<card>.{json,md} (also to $OUT when set).
 import { loadavg } from 'node:os';
-import { cudaAvailable, deviceName } from '../addon/cuda.js';
+import { deviceName } from '../addon/cuda.js';
 import { WaveGpuStore, type WaveGpuStoreOptions } from '../addon/wave-gpu.js';
 import { centroidStride } from '../index/wave/cluster-codec.js';
-import { cardName, saveDeviceResult } from './device-results.js';
+import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
 interface Row { variant: 'sync' | 'async'; makeMs: number; makeGapMs: number; freeMs: number; freeGapMs: number }
 
@@ -57,9 +57,7 @@ async function main() {
   const args = process.argv.slice(2);
   const arg = (k: string, def: number) => (args.includes(k) ? Number(args[args.indexOf(k) + 1]) : def);
   const tokens = arg('--tokens', 1 << 20), kvHeads = arg('--kv-heads', 8), d = arg('--head-dim', 128), rounds = arg('--rounds', 3), share = arg('--cache-share', 0);
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  const info = requireDevice();
   const o = layerOptions(tokens, kvHeads, d, 16, share);
   const rows: Row[] = [];
   for (let r = 0; r < rounds; r++)

@@ -49,7 +49,7 @@ import { caseHeads } from './wave-gpu-heads.js';
 import { answerDiff, caseName, gpuRanking, keyRows, mergeAttended, staticRows, TOL, waveCases, type KeptFilter, type WaveCase } from './wave-gpu.js';
 import { buildLayer, driftingQueries, sameAnswer, type PagedBenchConfig } from './wave-gpu-paged.js';
 import { type PathName, withPath } from './wave-paths.js';
-import { cardName, saveDeviceResult } from './device-results.js';
+import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
 const MiB = 1 << 20;
 
@@ -294,9 +294,7 @@ async function main() {
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
   const all = !args.includes('--check') && !args.includes('--bench');
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  const info = requireDevice();
   let failed = 0;
   if (all || args.includes('--check')) {
     let seed = Date.now() % 1_000_000;

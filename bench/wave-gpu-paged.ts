@@ -50,7 +50,7 @@ import { quantile } from './stats.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
 import { caseName, compare, gpuRanking, keyRows, staticRows, syntheticHead, TOL, waveCases, type KeptFilter, type WaveCase } from './wave-gpu.js';
 import { MIN_OVERLAP, type PathName, withPath } from './wave-paths.js';
-import { cardName, saveDeviceResult } from './device-results.js';
+import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
 /**
  * Decode queries that drift as the generator's do (workload/queries.ts): per
@@ -439,9 +439,7 @@ async function main() {
   const args = process.argv.slice(2);
   const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
   const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--kernels');
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  const info = requireDevice();
   let failed = 0;
   if (all || args.includes('--check')) {
     let seed = Date.now() % 1_000_000;

@@ -25,7 +25,7 @@
 // device's stream ms, and the first step's answers compared.
 // Results: bench/results/wave-gpu-rest-<card>.{json,md} (also to $OUT when set).
 import { pathToFileURL } from 'node:url';
-import { cudaAvailable, deviceName } from '../addon/cuda.js';
+import { deviceName } from '../addon/cuda.js';
 import { estimateClusters } from '../addon/estimate.js';
 import type { KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, type WaveGpuRestArgs, type WaveGpuRestResult } from '../addon/wave-gpu.js';
@@ -35,7 +35,7 @@ import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { answerDiff, gpuRanking, keyRows, queries, staticRows, syntheticHead, TOL, type WaveCase } from './wave-gpu.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
-import { cardName, saveDeviceResult } from './device-results.js';
+import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
 export interface RestCase extends WaveCase {
   blockSize: number;
@@ -236,9 +236,7 @@ async function main() {
   const args = process.argv.slice(2);
   const all = !args.includes('--check') && !args.includes('--bench');
   const steps = args.includes('--steps') ? Number(args[args.indexOf('--steps') + 1]) : 30;
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  const info = requireDevice();
   let failed = 0;
   if (all || args.includes('--check')) {
     let seed = Date.now() % 1_000_000;

@@ -36,7 +36,7 @@ import { ClusterIndex, PROBE, PROBE_ESTIMATED, RADIUS_SHARE, SPREAD, type Cluste
 import { Rng } from '../workload/index.js';
 import { quantile } from './stats.js';
 import { words } from './wave-gpu-heads.js';
-import { cardName, saveDeviceResult } from './device-results.js';
+import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
 export const TOL = { out: 1e-4, lse: 1e-4 };
 
@@ -486,9 +486,7 @@ async function main() {
   const args = process.argv.slice(2);
   const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--profile');
   const steps = args.includes('--steps') ? Number(args[args.indexOf('--steps') + 1]) : 50;
-  const info = cudaAvailable();
-  console.log(`device: ${deviceName(info)}`);
-  if (!info.ok) process.exit(2);
+  const info = requireDevice();
   let failed = 0;
   if (all || args.includes('--check')) {
     let seed = Date.now() % 1_000_000;
