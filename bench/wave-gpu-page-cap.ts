@@ -42,12 +42,12 @@ import { attend, type KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, waveCacheRowsBound, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { centroidStride } from '../index/wave/cluster-codec.js';
 import { ClusterIndex, PROBE, PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
-import { defaultKnobs, Rng } from '../workload/index.js';
+import { defaultKnobs } from '../workload/index.js';
+import { strFlag } from './args.js';
 import { relativeErrors } from './quality.js';
 import { quantile } from './stats.js';
-import { caseHeads } from './wave-gpu-heads.js';
-import { answerDiff, caseName, gpuRanking, keyRows, mergeAttended, staticRows, TOL, waveCases, type KeptFilter, type WaveCase } from './wave-gpu.js';
-import { buildLayer, driftingQueries, sameAnswer, type PagedBenchConfig } from './wave-gpu-paged.js';
+import { answerDiff, caseName, gpuRanking, keyRows, mergeAttended, TOL, type WaveCase } from './wave-gpu.js';
+import { buildLayer, checkEveryCase, driftingQueries, pagedCaseSetup, sameAnswer, type PagedBenchConfig } from './wave-gpu-paged.js';
 import { type PathName, withPath } from './wave-paths.js';
 import { cardName, saveDeviceResult, requireDevice } from './device-results.js';
 
@@ -132,13 +132,8 @@ export async function checkCapCase(c: WaveCase, seed: number, steps = 16, path: 
   return withPath(path, () => checkPathCapCase(c, seed, steps));
 }
 async function checkPathCapCase(c: WaveCase, seed: number, steps: number): Promise<CapCheck> {
-  const rng = new Rng(seed);
   const { dt, d, tokens: N, kvHeads: H, G } = c;
-  const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
-  const exact = staticRows(N, c.sinks, c.window);
-  const skip: [number, number][] = [[0, Math.min(c.sinks, N)], [Math.max(0, N - c.window), N]];
-  const filter: KeptFilter = { skip, keep: c.budget.map((k) => Math.max(0, k - exact.length)) };
-  const largestCluster = Math.max(...heads.map((h) => Math.max(...h.arrays.counts)));
+  const { rng, keysF, heads, gpuHeads, exact, filter, largestCluster } = await pagedCaseSetup(c, seed);
   const cacheRows = waveCacheRowsBound({ kvHeads: H, tokens: N, target: Math.max(...c.budget.map((b) => PROBE * b)), largestCluster, exactRows: exact.length });
   const capFrom = 2, capBytes = H * 4 * d * 8;  // 8 rows of K and V a kv head a step
   const base = { kvHeads: H, headDim: d, dtype: dt, tokens: N, heads: gpuHeads, cacheRows };
@@ -292,19 +287,14 @@ function markdown(r: Awaited<ReturnType<typeof runBench>>): string {
 
 async function main() {
   const args = process.argv.slice(2);
-  const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+  const opt = (name: string) => strFlag(name, args);
   const all = !args.includes('--check') && !args.includes('--bench');
   const info = requireDevice();
   let failed = 0;
   if (all || args.includes('--check')) {
-    let seed = Date.now() % 1_000_000;
-    for (const path of ['plain', 'all'] as const) for (const c of waveCases()) {
-      const r = await checkCapCase(c, seed++, 16, path);
-      const ok = capCheckOk(r);
-      if (!ok) failed++;
-      console.log(`${ok ? 'ok  ' : 'FAIL'} cap ${caseName(c)} (${path}): off=dense ${r.offSame}/${r.steps}, over cap ${r.overCap} (max ${r.maxBytesCapped} of ${r.capBytes}), ` +
-        `bound ${r.capBound} (uncapped over it ${r.offOverCap}, share unused ${r.underUsed}), moments ${r.momentSteps}, host ${r.refOk}/${r.steps} (out ${r.worstOut.toExponential(2)} lse ${r.worstLse.toExponential(2)}), cached ${JSON.stringify(r.cached)}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
-    }
+    failed += await checkEveryCase((c, seed, path) => checkCapCase(c, seed, 16, path), capCheckOk, (c, path, r) =>
+      `cap ${caseName(c)} (${path}): off=dense ${r.offSame}/${r.steps}, over cap ${r.overCap} (max ${r.maxBytesCapped} of ${r.capBytes}), ` +
+      `bound ${r.capBound} (uncapped over it ${r.offOverCap}, share unused ${r.underUsed}), moments ${r.momentSteps}, host ${r.refOk}/${r.steps} (out ${r.worstOut.toExponential(2)} lse ${r.worstLse.toExponential(2)}), cached ${JSON.stringify(r.cached)}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
   }
   if (all || args.includes('--bench')) {
     const cfg: CapBenchConfig = {

@@ -46,6 +46,7 @@ import type { KvDtype } from '../addon/kernels.js';
 import { WaveGpuStore, waveCacheRowsBound, type WaveGpuStepArgs, type WaveGpuStepResult } from '../addon/wave-gpu.js';
 import { PROBE, PROBE_ESTIMATED } from '../index/wave/cluster-index.js';
 import { defaultKnobs, Rng } from '../workload/index.js';
+import { strFlag } from './args.js';
 import { quantile } from './stats.js';
 import { caseHeads, words } from './wave-gpu-heads.js';
 import { caseName, compare, gpuRanking, keyRows, staticRows, syntheticHead, TOL, waveCases, type KeptFilter, type WaveCase } from './wave-gpu.js';
@@ -139,16 +140,25 @@ export interface PagedCheck {
 export async function checkPagedCase(c: WaveCase, seed: number, steps = 24, path: PathName = 'plain'): Promise<PagedCheck> {
   return withPath(path, () => checkPathPagedCase(c, seed, steps, path));
 }
-async function checkPathPagedCase(c: WaveCase, seed: number, steps: number, path: PathName): Promise<PagedCheck> {
+/**
+ * A check case's heads and the step's fixed parts, as the paged checks take them: the sinks/window rows (exact),
+ * the kept filter that leaves them out of the budget, and the largest cluster (the cache bound's slack).
+ */
+export async function pagedCaseSetup(c: WaveCase, seed: number) {
   const rng = new Rng(seed);
-  const { dt, d, tokens: N, kvHeads: H, G } = c;
   const { keysF, heads, gpuHeads } = await caseHeads(c, rng, seed);
-  const exact = staticRows(N, c.sinks, c.window);
+  const N = c.tokens, exact = staticRows(N, c.sinks, c.window);
   const skip: [number, number][] = [[0, Math.min(c.sinks, N)], [Math.max(0, N - c.window), N]];
   const filter: KeptFilter = { skip, keep: c.budget.map((k) => Math.max(0, k - exact.length)) };
+  const largestCluster = Math.max(...heads.map((h) => Math.max(...h.arrays.counts)));
+  return { rng, keysF, heads, gpuHeads, exact, filter, largestCluster };
+}
+
+async function checkPathPagedCase(c: WaveCase, seed: number, steps: number, path: PathName): Promise<PagedCheck> {
+  const { dt, d, tokens: N, kvHeads: H, G } = c;
+  const { rng, keysF, heads, gpuHeads, exact, filter, largestCluster } = await pagedCaseSetup(c, seed);
   // The cache: the rows a step can read at most (engine/cache/device-wave.ts pagedStepFits' count: per head the cut's
   // clusters, under target + the largest cluster, and the exact rows' clusters once each), so that steps evict.
-  const largestCluster = Math.max(...heads.map((h) => Math.max(...h.arrays.counts)));
   const maxTarget = Math.max(...c.budget.map((b) => PROBE * b));
   let cacheRows = 0;
   heads.forEach((h, i) => {
@@ -435,21 +445,31 @@ function kernelsMarkdown(r: Awaited<ReturnType<typeof runKernels>>): string {
   ].join('\n');
 }
 
+/**
+ * A paged check over every wave case on both kernel paths (plain, all), each
+ * case its own seed from the clock: prints a line a case, returns the failures.
+ */
+export async function checkEveryCase<R>(check: (c: WaveCase, seed: number, path: PathName) => Promise<R>, ok: (r: R) => boolean, line: (c: WaveCase, path: PathName, r: R) => string): Promise<number> {
+  let seed = Date.now() % 1_000_000, failed = 0;
+  for (const path of ['plain', 'all'] as const) for (const c of waveCases()) {
+    const r = await check(c, seed++, path);
+    const good = ok(r);
+    if (!good) failed++;
+    console.log(`${good ? 'ok  ' : 'FAIL'} ${line(c, path, r)}`);
+  }
+  return failed;
+}
+
 async function main() {
   const args = process.argv.slice(2);
-  const opt = (name: string) => (args.includes(name) ? args[args.indexOf(name) + 1] : undefined);
+  const opt = (name: string) => strFlag(name, args);
   const all = !args.includes('--check') && !args.includes('--bench') && !args.includes('--kernels');
   const info = requireDevice();
   let failed = 0;
   if (all || args.includes('--check')) {
-    let seed = Date.now() % 1_000_000;
-    for (const path of ['plain', 'all'] as const) for (const c of waveCases()) {
-      const r = await checkPagedCase(c, seed++, 24, path);
-      const ok = pagedCheckOk(r);
-      if (!ok) failed++;
-      console.log(`${ok ? 'ok  ' : 'FAIL'} paged ${caseName(c)} (${path} path): same ${r.same}/${r.steps} (bitwise ${r.bitwise}) host ${r.hostOk} cache ${r.cacheRows} misses ${r.misses} ` +
-        `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
-    }
+    failed += await checkEveryCase((c, seed, path) => checkPagedCase(c, seed, 24, path), pagedCheckOk, (c, path, r) =>
+      `paged ${caseName(c)} (${path} path): same ${r.same}/${r.steps} (bitwise ${r.bitwise}) host ${r.hostOk} cache ${r.cacheRows} misses ${r.misses} ` +
+      `repeat bytesIn ${r.repeatBytesIn.join(' -> ')} overflow ${r.overflowRejected} after ${r.afterOverflowSame}${r.firstDiff ? ` (${r.firstDiff})` : ''}`);
   }
   const benchCfg = (): PagedBenchConfig => ({
     tokens: 1 << 20, kvHeads: 8, G: 4, d: 128, clusterSize: Number(opt('--cluster-size') ?? 16), budgetShare: 0.02, sinks: 16, window: 64,
