@@ -1,7 +1,7 @@
 // k-means problems side by side, as wave's seal runs them (a segment of 8K
 // keys per problem, clusters of 16): wall and process CPU time. Run it with
 // and without OPENBLAS_NUM_THREADS=1 to see what OpenBLAS's own threads cost
-// (native/indexes/faiss_common.h, SingleThreadBlas).
+// (native/indexes/faiss_common.h, BlasScope).
 //
 //   node dist/bench/kmeans-many.js [--problems 16] [--tokens 8192] [--rounds 2]
 import { cpus } from 'node:os';

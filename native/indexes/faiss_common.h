@@ -1,5 +1,6 @@
 // Shared helpers for the faiss-backed code (ivf_index, kmeans): widening
-// 16-bit keys to f32 and scoping the OpenMP thread count that faiss uses.
+// 16-bit keys to f32, scoping the OpenMP thread count that faiss uses, and
+// the gate every BLAS-reaching faiss call passes.
 //
 // OpenMP's thread count (nthreads-var) belongs to the calling thread, so a
 // scope set on one libuv thread never changes what faiss uses on another.
@@ -9,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -31,55 +33,85 @@ class OmpThreads {
   int previous_;
 };
 
-// OpenBLAS on one thread while any scope lives. faiss's assignment step is
-// an sgemm; when several k-means problems run side by side on the native
-// pool, each sgemm would also fan out over OpenBLAS's own pool of one thread
-// a core (the pthread build ignores OpenMP's count), oversubscribing the
-// cores: on the 2-core VM 16 problems took 22-27% longer and 15-19% more CPU
-// time than with OPENBLAS_NUM_THREADS=1. OpenBLAS's count is process-wide,
-// so scopes are counted: the first saves and sets it, the last restores it.
-// Found by name at run time, so a faiss linked to another BLAS is untouched.
-class SingleThreadBlas {
+// Who may call into BLAS (faiss's k-means and IVF training and adds are
+// sgemms) and with how many OpenBLAS threads. Debian's OpenBLAS 0.3.21
+// (pthread build) has one process-wide thread count and one pool of its own
+// threads, and it is not safe against overlapping calls: changing the count
+// while another thread's sgemm is in flight, or two callers' multithreaded
+// calls sharing its pool, can corrupt results (OpenMathLib/OpenBLAS #5836,
+// whose per-kernel locks were only made one lock in 2026). A corrupted sgemm
+// gives faiss NaN distances, and its k-means then aborts the process on an
+// assertion (a CI run crashed so, twice at once, in session 33).
+//
+// So every BLAS-reaching faiss call holds a scope of one of two kinds:
+// - kWide: OpenBLAS's own threads at the count it started with (one large
+//   problem: a head's IVF training, squeezed's k-means). Runs alone.
+// - kNarrow: OpenBLAS on one thread (many small problems side by side on
+//   the native pool: a wave head's segments; their own threads would
+//   oversubscribe the cores, 22-27% slower on the 2-core VM). Runs beside
+//   other narrow scopes, never beside a wide one.
+// The count is changed only while no scope is held, so it never changes
+// under a call in flight. A waiting wide scope holds back new narrow ones
+// (seals' trainings are not starved by a stream of segment batches).
+// The OpenBLAS functions are found by name at run time, so a faiss linked to
+// another BLAS only gets the serialisation.
+class BlasScope {
  public:
-  SingleThreadBlas() {
-    if (!Set() || !Get()) return;
-    std::lock_guard<std::mutex> lock(Mutex());
-    if (Depth()++ == 0) {
-      Saved() = Get()();
-      Set()(1);
+  enum class Kind { kWide, kNarrow };
+
+  explicit BlasScope(Kind kind) : kind_(kind) {
+    Gate& g = TheGate();
+    std::unique_lock<std::mutex> lock(g.mutex);
+    if (kind_ == Kind::kWide) {
+      ++g.wideWaiting;
+      g.changed.wait(lock, [&] { return !g.wide && g.narrow == 0; });
+      --g.wideWaiting;
+      g.wide = true;
+      g.SetThreads(g.startThreads);
+    } else {
+      g.changed.wait(lock, [&] { return !g.wide && g.wideWaiting == 0; });
+      if (g.narrow++ == 0) g.SetThreads(1);
     }
   }
-  ~SingleThreadBlas() {
-    if (!Set() || !Get()) return;
-    std::lock_guard<std::mutex> lock(Mutex());
-    if (--Depth() == 0) Set()(Saved());
+  ~BlasScope() {
+    Gate& g = TheGate();
+    {
+      std::lock_guard<std::mutex> lock(g.mutex);
+      if (kind_ == Kind::kWide) {
+        g.wide = false;
+      } else if (--g.narrow == 0) {
+        g.SetThreads(g.startThreads);
+      }
+    }
+    g.changed.notify_all();
   }
-  SingleThreadBlas(const SingleThreadBlas&) = delete;
-  SingleThreadBlas& operator=(const SingleThreadBlas&) = delete;
+  BlasScope(const BlasScope&) = delete;
+  BlasScope& operator=(const BlasScope&) = delete;
 
  private:
   using SetFn = void (*)(int);
   using GetFn = int (*)();
-  static SetFn Set() {
-    static const SetFn fn = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
-    return fn;
+  struct Gate {
+    std::mutex mutex;
+    std::condition_variable changed;
+    bool wide = false;
+    int narrow = 0, wideWaiting = 0;
+    SetFn set = reinterpret_cast<SetFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+    GetFn get = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+    int startThreads = set && get ? get() : 0;
+    int threads = startThreads;
+    // Called with the mutex held and no scope's call in flight.
+    void SetThreads(int n) {
+      if (!set || n < 1 || n == threads) return;
+      set(n);
+      threads = n;
+    }
+  };
+  static Gate& TheGate() {
+    static Gate gate;
+    return gate;
   }
-  static GetFn Get() {
-    static const GetFn fn = reinterpret_cast<GetFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
-    return fn;
-  }
-  static std::mutex& Mutex() {
-    static std::mutex m;
-    return m;
-  }
-  static int& Depth() {
-    static int depth = 0;
-    return depth;
-  }
-  static int& Saved() {
-    static int saved = 1;
-    return saved;
-  }
+  Kind kind_;
 };
 
 // Threads for one heavy faiss call (training, adding, k-means): the

@@ -191,6 +191,7 @@ std::unique_ptr<IvfIndex> IvfIndex::Build(const uint16_t* keys, int64_t n, int d
     throw std::invalid_argument("need 1 <= tokens < 2^31 and headDim >= 1");
   if (nlist < 1 || nlist > n) throw std::invalid_argument("nlist must be in [1, tokens]");
   OmpThreads omp(FaissThreads());
+  BlasScope blas(BlasScope::Kind::kWide);  // training and adds are sgemms
 
   auto quantizer = std::make_unique<faiss::IndexFlatIP>(d);
   auto index = std::make_unique<faiss::IndexIVFFlat>(quantizer.get(), size_t(d), size_t(nlist),
@@ -348,7 +349,11 @@ IvfSearchResult IvfIndex::SearchFaiss(const float* q, int group, int64_t keep, i
 
   std::vector<idx_t> probe(size_t(group) * np);
   std::vector<float> coarse(size_t(group) * np);
-  index_->quantizer->search(group, q, np, coarse.data(), probe.data());
+  // A row at a time: faiss's flat search takes its sgemm path from 20 rows,
+  // and a search must neither wait behind a seal's training at the BLAS gate
+  // nor overlap it (faiss_common.h).
+  for (int g = 0; g < group; ++g)
+    index_->quantizer->search(1, q + size_t(g) * d, np, coarse.data() + size_t(g) * np, probe.data() + size_t(g) * np);
   for (idx_t l : probe)
     if (l >= 0) res.scanned += int64_t(index_->invlists->list_size(size_t(l)));
 

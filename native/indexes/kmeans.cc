@@ -7,7 +7,6 @@
 #include <cstring>
 #include <exception>
 #include <limits>
-#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -15,7 +14,10 @@
 
 namespace kvr {
 
-double Kmeans(const KmeansProblem& p) {
+namespace {
+
+// One problem, inside the caller's BlasScope.
+double KmeansScoped(const KmeansProblem& p) {
   const int64_t n = p.tokens;
   const int d = p.headDim, c = p.clusters;
   if (!IsWordDtype(p.dtype)) throw std::invalid_argument("keys must be f16 or bf16");
@@ -60,19 +62,26 @@ double Kmeans(const KmeansProblem& p) {
   return objective;
 }
 
+}  // namespace
+
+double Kmeans(const KmeansProblem& p) {
+  BlasScope blas(BlasScope::Kind::kWide);
+  return KmeansScoped(p);
+}
+
 void KmeansMany(std::vector<KmeansProblem>& problems) {
   if (problems.empty()) return;
   const int each = std::max(1, FaissThreads() / int(problems.size()));
-  // With a thread a problem the problems fill the pool themselves; with
-  // fewer problems than threads OpenBLAS keeps its own to spread each sgemm.
-  std::optional<SingleThreadBlas> blas;
-  if (each == 1) blas.emplace();
+  // One problem alone uses OpenBLAS's threads; problems side by side fill the
+  // pool themselves, each sgemm on one BLAS thread (the only way OpenBLAS
+  // 0.3.21 runs overlapping calls safely: faiss_common.h).
+  BlasScope blas(problems.size() == 1 ? BlasScope::Kind::kWide : BlasScope::Kind::kNarrow);
   for (KmeansProblem& p : problems) p.threads = each;
   // The pool does not carry exceptions across threads: the first is kept and rethrown here.
   std::vector<std::exception_ptr> failed(problems.size());
   ThreadPool::Get().ParallelFor(problems.size(), [&](size_t i) {
     try {
-      Kmeans(problems[i]);
+      KmeansScoped(problems[i]);
     } catch (...) {
       failed[i] = std::current_exception();
     }

@@ -1,9 +1,13 @@
 // kmeansMany (several k-means side by side, as a wave head's segments are
 // built) against kmeans run on each problem alone: the same centroids,
 // assignments and sizes, bit for bit, whatever the problems' sizes and
-// however many share the pool.
+// however many share the pool; and every BLAS-reaching faiss call (k-means
+// alone, k-means side by side, IVF training) in flight at once, as a server
+// sealing several documents runs them, answering as each does alone
+// (native/indexes/faiss_common.h's BlasScope: OpenBLAS's thread count never
+// changes under a call in flight, and its own threads serve one call at a time).
 import { describe, expect, it } from 'vitest';
-import { kmeans, kmeansMany, type KmeansArgs } from '../../addon/faiss.js';
+import { IvfIndex, kmeans, kmeansMany, type KmeansArgs } from '../../addon/faiss.js';
 import { clusteredKeys } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -34,6 +38,31 @@ describe('native kmeansMany', () => {
     }
     // Different seeds did give different answers (the comparison above is not of one answer with itself).
     expect(many[0].assign).not.toEqual(many[1].assign);
+  });
+
+  it('answers alike with k-means alone, side by side and IVF training all in flight at once', async () => {
+    const rng = new Rng(seed + 2);
+    const d = 32;
+    // Big enough that faiss takes its sgemm path (>= 20 rows a search) and OpenBLAS its own threads.
+    const big: KmeansArgs = { keys: clusteredKeys(rng, 6000, d, 'f16'), tokens: 6000, headDim: d, dtype: 'f16', clusters: 96, iterations: 4, seed: 3 };
+    const segments: KmeansArgs[] = [0, 1, 2, 3].map((i) => ({ keys: clusteredKeys(rng, 2048, d, 'f16'), tokens: 2048, headDim: d, dtype: 'f16', clusters: 128, iterations: 4, seed: 20 + i }));
+    const ivfArgs = { keys: big.keys, tokens: big.tokens, headDim: d, dtype: 'f16' as const, nlist: 64, seed: 4 };
+    const q = Float32Array.from({ length: 4 * d }, () => rng.normal());
+    const probe = (index: IvfIndex) => {
+      const outIds = new Int32Array(4 * 50), outScores = new Float32Array(4 * 50);
+      index.search({ q, group: 4, k: 50, nprobe: 8, outIds, outScores });
+      index.dispose();
+      return outIds;
+    };
+    const alone = { big: await kmeans(big), many: await kmeansMany(segments), ivf: probe(await IvfIndex.build(ivfArgs)) };
+    for (let round = 0; round < 3; round++) {
+      const [b, m1, m2, ivf] = await Promise.all([kmeans(big), kmeansMany(segments), kmeansMany(segments.slice(1)), IvfIndex.build(ivfArgs)]);
+      expect(b.assign).toEqual(alone.big.assign);
+      expect(b.centroids).toEqual(alone.big.centroids);
+      for (const [i, r] of m1.entries()) expect(r.centroids).toEqual(alone.many[i].centroids);
+      for (const [i, r] of m2.entries()) expect(r.assign).toEqual(alone.many[i + 1].assign);
+      expect(probe(ivf)).toEqual(alone.ivf);
+    }
   });
 
   it('takes no problems, and refuses a bad one before any work', async () => {
