@@ -91,7 +91,13 @@ export async function buildArtifacts(
     while (next < jobs.length) {
       const i = next++, { layer, head } = jobs[i];
       const q = queries?.rows(layer, head) ?? { queries: new Float32Array(0), queryCount: 0 };
-      const bytes = await builder.build({ ...headKeys(layers[layer], head), ...q, clusterSize, device });
+      let bytes: Uint8Array;
+      try {
+        bytes = await builder.build({ ...headKeys(layers[layer], head), ...q, clusterSize, device });
+      } catch (e) {
+        // Keys the index cannot hold (native RangeError: beyond what f32 k-means clusters): the seal is refused (422), naming where.
+        throw e instanceof RangeError ? new RangeError(`${method} index of layer ${layer}, kv head ${head}: ${e.message}`) : e;
+      }
       out[i] = { method, layer, head, bytes };
       onProgress(++done);
     }

@@ -6,8 +6,9 @@
 #include <napi.h>
 
 #include <algorithm>
-#include <optional>
 #include <cmath>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -273,21 +274,35 @@ class PromiseWorker : public Napi::AsyncWorker {
     keep_ = Napi::Persistent(held);
   }
   Napi::Promise Promise() const { return deferred_.Promise(); }
+  // std::invalid_argument (arguments or data the native code refuses: keys
+  // beyond what k-means can cluster, a bad seed) rejects as a RangeError,
+  // as a synchronous check's would (HTTP 422 at the edge); anything else
+  // as an Error.
   void Execute() override {
     try {
       work_();
+    } catch (const std::invalid_argument& e) {
+      refused_ = true;
+      SetError(e.what());
     } catch (const std::exception& e) {
       SetError(e.what());
     }
   }
   void OnOK() override { deferred_.Resolve(result_(Env())); }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  void OnError(const Napi::Error& e) override {
+    if (refused_) {
+      deferred_.Reject(Napi::RangeError::New(Env(), e.Message()).Value());
+    } else {
+      deferred_.Reject(e.Value());
+    }
+  }
 
  private:
   Napi::Promise::Deferred deferred_;
   Work work_;
   Result result_;
   Napi::Reference<Napi::Array> keep_;
+  bool refused_ = false;
 };
 
 template <typename Work, typename Result>

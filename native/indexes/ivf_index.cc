@@ -216,6 +216,7 @@ std::unique_ptr<IvfIndex> IvfIndex::Build(const uint16_t* keys, int64_t n, int d
     for (int64_t r0 = 0; r0 < n; r0 += kAddChunk) {
       const int64_t r1 = std::min(n, r0 + kAddChunk);
       WidenRows(keys, dtype, d, r0, r1, chunk.data());
+      CheckClusterable(chunk.data(), (r1 - r0) * d);
       for (int64_t i = 0; i < (r1 - r0) * d; ++i) sum[size_t(i % d)] += chunk[size_t(i)];
     }
     for (int j = 0; j < d; ++j) mean[size_t(j)] = float(sum[size_t(j)] / double(n));

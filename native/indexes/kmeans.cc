@@ -29,6 +29,7 @@ double KmeansScoped(const KmeansProblem& p) {
 
   std::vector<float> x(size_t(n) * d);
   WidenRows(p.keys, p.dtype, d, 0, n, x.data());
+  CheckClusterable(x.data(), n * d);
 
   faiss::ClusteringParameters cp;
   cp.niter = p.iterations;
