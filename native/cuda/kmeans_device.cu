@@ -26,6 +26,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/kmeans_device.h"
+#include "indexes/key_range.h"
 
 namespace kvr {
 namespace cuda {
@@ -266,6 +267,7 @@ void KmeansManyDevice(std::vector<KmeansProblem>& problems) {
     if (q.headDim != a.headDim || q.dtype != a.dtype || q.iterations != a.iterations)
       throw std::runtime_error("k-means on the device: every problem needs the same headDim, dtype and iterations");
     if (q.tokens < 1 || q.clusters < 1 || q.clusters > q.tokens) throw std::runtime_error("k-means on the device: clusters must be in [1, tokens]");
+    CheckClusterableKeys(q.keys, q.dtype, q.tokens * q.headDim);  // as the host's k-means refuses them
   }
   if (a.dtype == Dtype::kBf16) Run<true>(problems, a.headDim, a.iterations);
   else Run<false>(problems, a.headDim, a.iterations);

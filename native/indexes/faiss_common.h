@@ -10,13 +10,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdio>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
-#include <stdexcept>
 #include <vector>
 
 #include "common/half.h"
@@ -116,33 +113,6 @@ class BlasScope {
   }
   Kind kind_;
 };
-
-// The largest |value| a key may hold for faiss's f32 k-means and IVF: with
-// |x| <= 2^50, a squared norm (<= 1024 * 2^100), a cluster's sum of up to
-// 2^31 keys and any dot product stay far inside f32. Beyond it (finite bf16
-// keys reach 3.4e38) faiss's sums overflow to Inf, its centroids turn NaN and
-// an assertion in its k-means aborts the process: such keys are refused.
-constexpr float kMaxClusteredMagnitude = 0x1p50f;
-
-// Throws std::invalid_argument (a RangeError in JS) where any of x's count
-// values lies beyond kMaxClusteredMagnitude; x was widened from finite keys.
-inline void CheckClusterable(const float* x, int64_t count) {
-  constexpr int64_t kTask = int64_t(1) << 18;
-  const int64_t tasks = (count + kTask - 1) / kTask;
-  std::vector<float> peak(size_t(std::max<int64_t>(tasks, 1)), 0.0f);
-  ThreadPool::Get().ParallelFor(size_t(tasks), [&](size_t t) {
-    const int64_t i1 = std::min(count, int64_t(t + 1) * kTask);
-    float m = 0;
-    for (int64_t i = int64_t(t) * kTask; i < i1; ++i) m = std::max(m, std::fabs(x[i]));
-    peak[t] = m;
-  });
-  const float m = *std::max_element(peak.begin(), peak.end());
-  if (m > kMaxClusteredMagnitude) {
-    char text[160];
-    std::snprintf(text, sizeof(text), "keys hold a value of magnitude %.3g, beyond the 2^50 (%.3g) that k-means and IVF in float32 cluster without overflow", double(m), double(kMaxClusteredMagnitude));
-    throw std::invalid_argument(text);
-  }
-}
 
 // Threads for one heavy faiss call (training, adding, k-means): the
 // machine's cores, counted as the native thread pool counts them.

@@ -22,6 +22,7 @@
 #include "common/simd_math.h"
 #include "common/thread_pool.h"
 #include "indexes/faiss_common.h"
+#include "indexes/key_range.h"
 #include "indexes/ivf_tasks.h"
 
 namespace kvr {
@@ -190,6 +191,7 @@ std::unique_ptr<IvfIndex> IvfIndex::Build(const uint16_t* keys, int64_t n, int d
   if (d < 1 || n < 1 || n > std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("need 1 <= tokens < 2^31 and headDim >= 1");
   if (nlist < 1 || nlist > n) throw std::invalid_argument("nlist must be in [1, tokens]");
+  CheckClusterableKeys(keys, dtype, n * d);
   OmpThreads omp(FaissThreads());
   BlasScope blas(BlasScope::Kind::kWide);  // training and adds are sgemms
 
@@ -216,7 +218,6 @@ std::unique_ptr<IvfIndex> IvfIndex::Build(const uint16_t* keys, int64_t n, int d
     for (int64_t r0 = 0; r0 < n; r0 += kAddChunk) {
       const int64_t r1 = std::min(n, r0 + kAddChunk);
       WidenRows(keys, dtype, d, r0, r1, chunk.data());
-      CheckClusterable(chunk.data(), (r1 - r0) * d);
       for (int64_t i = 0; i < (r1 - r0) * d; ++i) sum[size_t(i % d)] += chunk[size_t(i)];
     }
     for (int j = 0; j < d; ++j) mean[size_t(j)] = float(sum[size_t(j)] / double(n));

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "indexes/faiss_common.h"
+#include "indexes/key_range.h"
 
 namespace kvr {
 
@@ -25,11 +26,11 @@ double KmeansScoped(const KmeansProblem& p) {
     throw std::invalid_argument("need 1 <= tokens < 2^31 and headDim >= 1");
   if (c < 1 || c > n) throw std::invalid_argument("clusters must be in [1, tokens]");
   if (p.iterations < 1) throw std::invalid_argument("iterations must be >= 1");
+  CheckClusterableKeys(p.keys, p.dtype, n * d);
   OmpThreads omp(p.threads > 0 ? p.threads : FaissThreads());
 
   std::vector<float> x(size_t(n) * d);
   WidenRows(p.keys, p.dtype, d, 0, n, x.data());
-  CheckClusterable(x.data(), n * d);
 
   faiss::ClusteringParameters cp;
   cp.niter = p.iterations;

@@ -3,7 +3,10 @@
 // an assertion in its k-means used to abort the whole server) refuse the
 // seal: 422 naming the method, layer and kv head; the document stays loading
 // with its blocks, a second seal answers the same, the server goes on, and
-// the same keys seal under a method that clusters nothing.
+// the same keys seal under a method that clusters nothing. (Session 33's CI
+// crash: dtype-range's wave document of keys ~1e20 reached faiss's k-means,
+// which aborted the server for some seeds before the wave build's own check
+// of its moments could refuse them.)
 import { describe, expect, it } from 'vitest';
 import { KvrecallRequestError, type KvrecallClient } from '../../clients/ts/client.js';
 import { bf16Bits } from '../helpers/half.js';
@@ -42,13 +45,14 @@ describe(`keys beyond what clustering holds (seed ${seed})`, () => {
       for (let attempt = 0; attempt < 2; attempt++) {
         const e = await refusal(client.sealDocument(id));
         expect(e.status).toBe(422);
-        expect(e.message).toMatch(new RegExp(`${method} index of layer 1, kv head 1: keys hold a value of magnitude 1.18e\\+21`));
-        expect((await client.getDocument(id)).status).toBe('loading');
+        expect(e.message).toMatch(new RegExp(`${method} index of layer 1, kv head 1: keys hold a value of magnitude 1\\.181e\\+21`));
+        expect(await client.getDocument(id)).toMatchObject({ status: 'loading', tokens: N });
       }
-      // The server goes on: a document of ordinary keys seals with the same method.
-      await client.createDocument(`${id}-ok`, model, { methods: [method] });
-      await upload(client, `${id}-ok`, 0.5);
-      expect((await client.sealDocument(`${id}-ok`)).status).toBe('ready');
+      // The server goes on: the id deleted and made again with ordinary keys seals with the same method.
+      await client.deleteDocument(id);
+      await client.createDocument(id, model, { methods: [method] });
+      await upload(client, id, 0.5);
+      expect(await client.sealDocument(id)).toMatchObject({ status: 'ready', tokens: N });
     });
   }
 

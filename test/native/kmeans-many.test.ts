@@ -8,6 +8,7 @@
 // changes under a call in flight, and its own threads serve one call at a time).
 import { describe, expect, it } from 'vitest';
 import { IvfIndex, kmeans, kmeansMany, type KmeansArgs } from '../../addon/faiss.js';
+import { bf16Bits } from '../helpers/half.js';
 import { clusteredKeys } from '../helpers/kv-data.js';
 import { freshSeed, Rng } from '../helpers/random.js';
 
@@ -63,6 +64,24 @@ describe('native kmeansMany', () => {
       for (const [i, r] of m2.entries()) expect(r.assign).toEqual(alone.many[i + 1].assign);
       expect(probe(ivf)).toEqual(alone.ivf);
     }
+  });
+
+  it('refuses bf16 keys past 2^50 (a RangeError), on its own and side by side, and takes 2^50 itself', async () => {
+    const rng = new Rng(seed + 3);
+    const d = 16, n = 400;
+    const withKey = (x: number) => {
+      const keys = clusteredKeys(rng, n, d, 'bf16');
+      keys[137 * d + 3] = bf16Bits(x);
+      return { keys, tokens: n, headDim: d, dtype: 'bf16' as const, clusters: 25, iterations: 3, seed: 2 };
+    };
+    const edge = 2 ** 50, past = 2 ** 50 * (1 + 2 ** -7);  // the next bf16 up
+    expect((await kmeans(withKey(-edge))).sizes.reduce((s, x) => s + x, 0)).toBe(n);
+    (await IvfIndex.build({ ...withKey(edge), nlist: 8, seed: 1 })).dispose();
+    const refused = /keys hold a value of magnitude 1\.135e\+15, beyond the 2\^50/;
+    await expect(kmeans(withKey(-past))).rejects.toThrow(RangeError);
+    await expect(kmeans(withKey(past))).rejects.toThrow(refused);
+    await expect(kmeansMany([withKey(1), withKey(-past)])).rejects.toThrow(refused);
+    await expect(IvfIndex.build({ ...withKey(past), nlist: 8, seed: 1 })).rejects.toThrow(RangeError);
   });
 
   it('takes no problems, and refuses a bad one before any work', async () => {
