@@ -40,8 +40,9 @@ class OmpThreads {
 // while another thread's sgemm is in flight, or two callers' multithreaded
 // calls sharing its pool, can corrupt results (OpenMathLib/OpenBLAS #5836,
 // whose per-kernel locks were only made one lock in 2026). A corrupted sgemm
-// gives faiss NaN distances, and its k-means then aborts the process on an
-// assertion (a CI run crashed so, twice at once, in session 33).
+// would give faiss NaN distances, and its k-means then aborts the process on
+// an assertion. (Not seen here: session 33's CI abort on that assertion was
+// keys past what f32 clusters, key_range.h; this closes the other way in.)
 //
 // So every BLAS-reaching faiss call holds a scope of one of two kinds:
 // - kWide: OpenBLAS's own threads at the count it started with (one large
