@@ -17,7 +17,7 @@ namespace kvr {
 
 namespace {
 
-// One problem, inside the caller's BlasScope.
+// One problem, inside the caller's BlasScope, its keys' range checked.
 double KmeansScoped(const KmeansProblem& p) {
   const int64_t n = p.tokens;
   const int d = p.headDim, c = p.clusters;
@@ -26,7 +26,6 @@ double KmeansScoped(const KmeansProblem& p) {
     throw std::invalid_argument("need 1 <= tokens < 2^31 and headDim >= 1");
   if (c < 1 || c > n) throw std::invalid_argument("clusters must be in [1, tokens]");
   if (p.iterations < 1) throw std::invalid_argument("iterations must be >= 1");
-  CheckClusterableKeys(p.keys, p.dtype, n * d);
   OmpThreads omp(p.threads > 0 ? p.threads : FaissThreads());
 
   std::vector<float> x(size_t(n) * d);
@@ -67,12 +66,14 @@ double KmeansScoped(const KmeansProblem& p) {
 }  // namespace
 
 double Kmeans(const KmeansProblem& p) {
+  CheckClusterableKeys(p.keys, p.dtype, p.tokens * p.headDim);
   BlasScope blas(BlasScope::Kind::kWide);
   return KmeansScoped(p);
 }
 
 void KmeansMany(std::vector<KmeansProblem>& problems) {
   if (problems.empty()) return;
+  for (const KmeansProblem& p : problems) CheckClusterableKeys(p.keys, p.dtype, p.tokens * p.headDim);  // before any work
   const int each = std::max(1, FaissThreads() / int(problems.size()));
   // One problem alone uses OpenBLAS's threads; problems side by side fill the
   // pool themselves, each sgemm on one BLAS thread (the only way OpenBLAS
