@@ -67,8 +67,7 @@ class BlasScope {
       ++g.wideWaiting;
       g.changed.wait(lock, [&] { return !g.wide && g.narrow == 0; });
       --g.wideWaiting;
-      g.wide = true;
-      g.SetThreads(g.startThreads);
+      g.wide = true;  // at startThreads: the last narrow scope restored it
     } else {
       g.changed.wait(lock, [&] { return !g.wide && g.wideWaiting == 0; });
       if (g.narrow++ == 0) g.SetThreads(1);
